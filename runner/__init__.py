@@ -1,0 +1,52 @@
+"""runner: batch generation and scoring for Hugging Face causal LMs, resumable overnight on Colab.
+
+    import runner
+    job = runner.submit("prompts.jsonl", model="gpt2", params=runner.GenerationParams(max_new_tokens=64))
+    runner.run_job(job)
+    df = runner.load_results(job.id)
+
+Heavy libraries (torch, transformers, pyarrow) are imported by the functions that need them, so that
+`import runner` and `runner --help` answer at once.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import InputError, ModelLoadError, ParamError, RunnerError  # noqa: E402
+from .params import EngineOptions, GenerationParams  # noqa: E402
+
+__all__ = [
+    "EngineOptions",
+    "GenerationParams",
+    "InputError",
+    "ModelLoadError",
+    "ParamError",
+    "RunnerError",
+    "__version__",
+    "load_results",
+    "run",
+    "run_job",
+    "submit",
+]
+
+
+def __getattr__(name: str):
+    # Lazy: these modules pull in pyarrow/torch only when first used.
+    if name == "load_results":
+        from .results import load_results
+
+        return load_results
+    if name == "submit":
+        from .jobs import create_job
+
+        return create_job
+    if name in ("run", "run_job"):
+        from . import worker
+
+        return getattr(worker, name)
+    if name == "Job":
+        from .jobs import Job
+
+        return Job
+    raise AttributeError(f"module 'runner' has no attribute {name!r}")

@@ -1,0 +1,334 @@
+"""Load a causal LM and generate for one left-padded batch, with raw log-probs computed inside the loop.
+
+batching.py (token ids) -> `Engine.generate` -> `Completion`s -> worker.py (Parquet shards)
+
+The decode loop is our own rather than `model.generate` for four reasons, each a requirement:
+  * log-probs come from the raw next-token distribution (log_softmax of the unprocessed logits, vLLM's
+    default), gathered step by step: extra memory O(batch x vocab), never O(batch x steps x vocab);
+  * each sample draws its randomness from its own generator, seeded from (job seed, row id, sample), so a
+    row's result does not depend on which batch it landed in: batched == unbatched, and a job killed and
+    resumed with other batches reproduces itself;
+  * rows that finish (EOS, stop string) leave the batch and the KV cache at once, so one long generation
+    does not make the whole batch keep paying for finished rows;
+  * stop strings are found on decoded text and cut from `text`, with `stop_reason` naming the string.
+The logits processors themselves (repetition penalty, temperature, top-k, top-p) are transformers' own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .batching import left_pad
+from .errors import ModelLoadError, RunnerError
+from .params import EngineOptions, GenerationParams
+
+DETOKENIZE_CONTEXT = (
+    4  # prompt tokens decoded with the generation, so a leading space survives (SentencePiece)
+)
+
+
+@dataclass
+class Completion:
+    """One generated sample. `token_ids` includes the EOS token when one ended the sample."""
+
+    token_ids: list[int]
+    token_logprobs: list[float]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
+    stop_reason: str | None  # the stop string that ended it; None for EOS or length
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return float(math.fsum(self.token_logprobs))
+
+
+class NumericalError(RunnerError):
+    """The model produced NaN or infinite logits for some rows (fp16 overflow is the usual cause)."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__(f"non-finite logits in {len(rows)} row(s) of the batch")
+        self.rows = rows
+
+
+def pick_device(option: str) -> Any:
+    import torch
+
+    if option == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if option.startswith("cuda") and not torch.cuda.is_available():
+        raise RunnerError(f"--device {option}: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(option)
+
+
+def pick_dtype(option: str, device: Any) -> Any:
+    """auto: float32 on CPU (half precision is slow and inexact there), bfloat16 on GPUs that have it
+    (Ampere and newer), float16 on older ones such as Colab's T4."""
+    import torch
+
+    if option != "auto":
+        return getattr(torch, option)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    from .models import resolve_model
+
+    path = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of model {spec!r}: {_first_line(e)}") from e
+    return tok
+
+
+def load_config(spec: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    from .models import resolve_model
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load model {spec!r}: {_first_line(e)}") from e
+
+
+def context_window(config: Any, tokenizer: Any = None) -> int | None:
+    """Most tokens (prompt + generation) the model can attend to, or None when it states no limit."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**8 else None
+
+
+def eos_token_ids(config: Any, generation_config: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a sample: generation_config's, config's and the tokenizer's EOS (they differ for
+    chat models, e.g. <|im_end|> vs <|endoftext|>)."""
+    ids: list[int] = []
+    for source in (
+        getattr(generation_config, "eos_token_id", None),
+        getattr(config, "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def peak_memory_bytes(device: Any) -> int:
+    """Peak memory of this process so far: GPU allocations on CUDA, resident set size on CPU."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class Engine:
+    """A loaded model + tokenizer on one device, ready to generate batches."""
+
+    def __init__(self, model: str, options: EngineOptions | None = None, trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .models import resolve_model
+
+        self.spec = model
+        self.options = options or EngineOptions()
+        self.device = pick_device(self.options.device)
+        self.dtype = pick_dtype(self.options.dtype, self.device)
+        self.tokenizer = load_tokenizer(model, trust_remote_code)
+        path = resolve_model(model)
+        t0 = time.perf_counter()
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "trust_remote_code": trust_remote_code}
+        try:
+            try:
+                self.model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+            except (ValueError, ImportError) as e:
+                if "sdpa" not in str(e).lower() and "attn_implementation" not in str(e):
+                    raise
+                self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs)  # no sdpa for this model
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"cannot load model {model!r}: {_first_line(e)}") from e
+        self.model.to(self.device).eval()
+        self.load_seconds = time.perf_counter() - t0
+        cfg = self.model.config
+        self.eos_ids = eos_token_ids(cfg, getattr(self.model, "generation_config", None), self.tokenizer)
+        if not self.eos_ids:
+            raise ModelLoadError(
+                f"model {model!r} defines no EOS token (config, generation_config, tokenizer)"
+            )
+        pad = self.tokenizer.pad_token_id
+        # GPT-2 has no pad token: pad with EOS. Safe because padding is known from the attention mask only.
+        self.pad_id = pad if pad is not None else self.eos_ids[0]
+        self.context_window = context_window(cfg, self.tokenizer)
+        self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._eos = torch.tensor(self.eos_ids, device=self.device)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def generate(
+        self, prompts: list[list[int]], params: GenerationParams, seeds: list[int] | None = None
+    ) -> list[Completion]:
+        """Generate one sample per prompt. `prompts`: token ids per row (any lengths); `seeds`: one per row,
+        required when sampling. Returns completions in the order of `prompts`."""
+        import torch
+
+        if params.do_sample and (seeds is None or len(seeds) != len(prompts)):
+            raise ValueError("sampling needs one seed per prompt")
+        with torch.inference_mode():
+            return self._generate(prompts, params, seeds)
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
+        """One forward pass. Returns (logits of the last position [batch, vocab] float32, cache)."""
+        kwargs = {"logits_to_keep": 1} if (last_only and self._keep_arg) else {}
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **kwargs,
+        )
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def _generate(self, prompts, params, seeds):
+        import numpy as np
+        import torch
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        dev = self.device
+        n = len(prompts)
+        ids, mask = left_pad(prompts, self.pad_id, dev)
+        # Position ids count real tokens only: with left padding, GPT-2 and friends would otherwise give the
+        # first real token of a short prompt position 5 instead of 0 and generate something else.
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        processors = LogitsProcessorList()
+        if params.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if params.do_sample:
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+        history = None
+        if params.repetition_penalty != 1.0:
+            # The penalty looks at every token id in `history`; pad slots repeat the row's first real token
+            # so that padding (often EOS) is never penalised in one row but not in its unpadded twin.
+            first_real = ids.gather(1, (mask.argmax(-1, keepdim=True)))
+            history = torch.where(mask.bool(), ids, first_real)
+        rngs = [np.random.default_rng(s) for s in seeds] if params.do_sample else None
+
+        rows = list(range(n))  # batch slot -> original row
+        out_ids: list[list[int]] = [[] for _ in range(n)]
+        out_lps: list[list[float]] = [[] for _ in range(n)]
+        finish: list[tuple[str, str | None] | None] = [None] * n
+        stop_pos: list[int | None] = [None] * n
+        prefixes = [p[-DETOKENIZE_CONTEXT:] for p in prompts]
+        scanned = [0] * n  # characters of decoded text already searched for stop strings
+        longest_stop = max((len(s) for s in params.stop), default=0)
+
+        logits, cache = self._forward(ids, mask, pos, None, last_only=True)
+        next_pos = pos[:, -1] + 1
+        for step in range(params.max_new_tokens):
+            logprobs = torch.log_softmax(logits, dim=-1)
+            scores = processors(history, logits.clone()) if len(processors) else logits
+            if step < params.min_new_tokens:
+                scores = scores.clone() if scores is logits else scores
+                scores[:, self._eos] = -math.inf
+            if params.do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                cdf = probs.cumsum(-1)
+                u = torch.tensor([rngs[r].random() for r in rows], dtype=cdf.dtype, device=dev)
+                tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+                tok = tok.clamp(max=scores.shape[-1] - 1)
+            else:
+                tok = scores.argmax(-1)
+            chosen = logprobs.gather(1, tok.unsqueeze(-1)).squeeze(-1)
+            bad = ~torch.isfinite(chosen)
+            if bool(bad.any()):
+                raise NumericalError([rows[i] for i in bad.nonzero().flatten().tolist()])
+            is_eos = torch.isin(tok, self._eos).tolist()
+            tok_list, lp_list = tok.tolist(), chosen.tolist()
+            keep: list[int] = []
+            for slot, r in enumerate(rows):
+                out_ids[r].append(tok_list[slot])
+                out_lps[r].append(lp_list[slot])
+                if is_eos[slot]:
+                    finish[r] = ("stop", None)
+                elif params.stop and step + 1 >= params.min_new_tokens:
+                    text = self._detok(prefixes[r], out_ids[r])
+                    start = max(0, scanned[r] - longest_stop + 1)
+                    hits = [(text.find(s, start), s) for s in params.stop]
+                    hits = [(i, s) for i, s in hits if i >= 0]
+                    scanned[r] = len(text)
+                    if hits:
+                        i, s = min(hits)
+                        finish[r], stop_pos[r] = ("stop", s), i
+                if finish[r] is None and len(out_ids[r]) >= params.max_new_tokens:
+                    finish[r] = ("length", None)
+                if finish[r] is None:
+                    keep.append(slot)
+            if not keep:
+                break
+            tok_in = tok.unsqueeze(-1)
+            if history is not None:
+                history = torch.cat([history, tok_in], dim=-1)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            if len(keep) < len(rows):
+                # Finished rows leave the batch and the KV cache now instead of riding along to the end.
+                idx = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(idx)
+                mask, tok_in, next_pos = mask[idx], tok_in[idx], next_pos[idx]
+                if history is not None:
+                    history = history[idx]
+                rows = [rows[s] for s in keep]
+            logits, cache = self._forward(tok_in, mask, next_pos.unsqueeze(-1), cache, last_only=False)
+            next_pos = next_pos + 1
+
+        results = []
+        for r in range(n):
+            text = self._detok(prefixes[r], out_ids[r])
+            if stop_pos[r] is not None:
+                text = text[: stop_pos[r]]
+            reason, stop = finish[r] or ("length", None)
+            results.append(Completion(out_ids[r], out_lps[r], text, reason, stop))
+        return results
+
+    def _detok(self, prefix: list[int], generated: list[int]) -> str:
+        """Text of `generated` as it reads after the prompt. Decoding it alone would lose a leading space
+        with SentencePiece tokenizers ("▁Paris" -> "Paris"), so decode it after the prompt's last few tokens
+        and cut the prefix's text off."""
+        dec = self.tokenizer.decode
+        head = dec(prefix, skip_special_tokens=True)
+        full = dec(prefix + generated, skip_special_tokens=True)
+        if full.startswith(head):
+            return full[len(head) :]
+        return dec(generated, skip_special_tokens=True)

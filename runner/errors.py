@@ -1,0 +1,57 @@
+"""User-facing errors. The CLI prints their message (no traceback); everything else is a bug.
+
+Every module raises these instead of bare exceptions so that `runner/cli.py` can turn them into
+`Error: ...` lines with exit code 1, and so that tests can match the exact words a user sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RunnerError(Exception):
+    """An error the user can fix; its message is shown as is."""
+
+
+class ParamError(RunnerError, ValueError):
+    """A generation or engine setting is out of range. `param` names the field (``top_p``)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+    @property
+    def option(self) -> str:
+        """The command-line spelling of the field, for messages: ``top_p`` -> ``--top-p``."""
+        return "--" + self.param.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad input row: where it is and what is wrong with it."""
+
+    file: str
+    line: int  # 1-based line of a JSONL file, or 1-based row of a Parquet/CSV file
+    field: str | None
+    message: str
+    id: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class InputError(RunnerError):
+    """A prompt file has problems. Shows up to `shown` of them, one per line, then a count of the rest."""
+
+    def __init__(self, problems: list[Problem], shown: int = 20, header: str | None = None):
+        self.problems = problems
+        lines = [str(p) for p in problems[:shown]]
+        if len(problems) > shown:
+            lines.append(f"... and {len(problems) - shown} more problems")
+        head = header or f"{len(problems)} invalid row(s); nothing was run"
+        super().__init__(head + ":\n" + "\n".join(lines) + "\n(use --skip-invalid to run the valid rows)")
+
+
+class ModelLoadError(RunnerError):
+    """The model or tokenizer could not be found or loaded."""

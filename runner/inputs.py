@@ -1,0 +1,327 @@
+"""Read and validate prompt files (JSONL, Parquet, CSV): the first stage of the flow.
+
+input file -> `read_prompts` -> `PromptSet` (valid `PromptRow`s + `Problem`s) -> job (jobs.py)
+
+The whole file is checked before any model work, and every problem names the file, the line (JSONL) or row
+(Parquet/CSV, 1-based) and the field. A row gives its prompt in one of three ways:
+  * a `--template` with `{column}` placeholders filled from the row's columns,
+  * a string column (`prompt` by default, `--prompt-field` to pick another),
+  * an OpenAI-style `messages` list, rendered later with the tokenizer's chat template.
+Every other column passes through to the results unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, ParamError, Problem
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_LINE_BYTES = 64 * 1024 * 1024  # a line this long is surely a broken file, not a prompt
+SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class PromptRow:
+    """One valid input row. `prompt` is None exactly when `messages` is set."""
+
+    line: int
+    id: str
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PromptSet:
+    path: str
+    rows: list[PromptRow]
+    problems: list[Problem]
+    columns: list[str]  # passthrough column names, in first-seen order
+
+
+class Template:
+    """`str.format`-style `{column}` placeholders, and nothing else: no attribute access, indexing,
+    conversions or format specs, so a template can never run code or reach into Python objects."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.parts: list[tuple[str, str | None]] = []  # (literal, placeholder or None)
+        try:
+            parsed = list(string.Formatter().parse(text))
+        except ValueError as e:
+            raise ParamError(
+                "template", f"template is not valid: {e} (write literal braces as {{{{ and }}}})."
+            ) from e
+        for literal, name, spec, conversion in parsed:
+            if name is not None:
+                if name == "":
+                    raise ParamError(
+                        "template", "template placeholder {} must name a column, like {question}."
+                    )
+                if "." in name or "[" in name or spec or conversion:
+                    raise ParamError(
+                        "template",
+                        f"template placeholder {{{name}{'!' + conversion if conversion else ''}"
+                        f"{':' + spec if spec else ''}}} is not allowed: use plain {{column}} placeholders.",
+                    )
+            self.parts.append((literal, name))
+        self.fields = [n for _, n in self.parts if n is not None]
+        if not self.fields:
+            raise ParamError("template", "template has no {column} placeholder.")
+
+    def render(self, row: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+        """Return (text, None, None) or (None, bad_field, reason)."""
+        out = []
+        for literal, name in self.parts:
+            out.append(literal)
+            if name is None:
+                continue
+            if name not in row or row[name] is None:
+                return None, name, f"missing field {name!r} used by --template"
+            value = row[name]
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                return None, name, f"must be a string or number to fill --template, got {_kind(value)}"
+            out.append(str(value))
+        return "".join(out), None, None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """Yield (line number, object, None) or (line number, None, reason); blank lines are skipped.
+    Reads in binary so that bad UTF-8 is reported per line, and streams so memory stays flat."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                yield lineno, None, f"line is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit"
+                continue
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark, as Windows editors write
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, f"invalid UTF-8 at byte {e.start + 1} of the line"
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text, parse_constant=_reject_constant)
+            except ValueError as e:
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+                yield lineno, None, f"invalid JSON ({msg})"
+                continue
+            if not isinstance(obj, dict):
+                yield lineno, None, f"expected a JSON object per line, got {_kind(obj)}"
+                continue
+            if _has_surrogate(obj):
+                yield lineno, None, "contains a lone surrogate escape (such as \\ud800), not valid Unicode"
+                continue
+            yield lineno, obj, None
+
+
+def _iter_arrow(
+    path: Path, fmt: str, text_columns: tuple[str, ...] = ()
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    import csv
+
+    import pyarrow as pa
+
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            batches = pf.iter_batches(batch_size=4096)
+        else:
+            import pyarrow.csv as pcsv
+
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                header = next(csv.reader(f), [])
+            # The id and prompt columns stay text: a CSV id of 007 must not become 7.
+            types = {c: pa.string() for c in header if c in text_columns}
+            batches = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(column_types=types))
+        rowno = 0
+        for batch in batches:
+            for obj in batch.to_pylist():
+                rowno += 1
+                # CSV rows are numbered by file line (the header is line 1), Parquet rows from 1.
+                yield (rowno + 1 if fmt == "csv" else rowno), obj, None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        what = "Parquet" if fmt == "parquet" else "CSV"
+        raise InputError(
+            [Problem(str(path), 0, None, f"not a readable {what} file ({e})")],
+            header="cannot read the prompt file",
+        ) from e
+
+
+def input_format(path: str | os.PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ParamError(
+            "input", f"{path}: unknown file type {suffix or '(none)'!r}; use .jsonl, .parquet or .csv."
+        )
+    return SUFFIXES[suffix]
+
+
+def read_prompts(
+    path: str | os.PathLike,
+    prompt_field: str = "prompt",
+    template: str | None = None,
+    id_field: str = "id",
+    messages_field: str = "messages",
+    skip_invalid: bool = False,
+    max_problems_shown: int = 20,
+) -> PromptSet:
+    """Read and validate a whole prompt file. Raises `InputError` listing every problem unless
+    `skip_invalid`, in which case the problems come back in `PromptSet.problems` for the errors file."""
+    path = Path(path)
+    fmt = input_format(path)
+    if not path.is_file():
+        raise InputError([Problem(str(path), 0, None, "no such file")], header="cannot read the prompt file")
+    tmpl = Template(template) if template is not None else None
+    name = str(path)
+    rows: list[PromptRow] = []
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    columns: dict[str, None] = {}
+    text_columns = (id_field, prompt_field, *(tmpl.fields if tmpl else ()))
+    source = iter_jsonl(path) if fmt == "jsonl" else _iter_arrow(path, fmt, text_columns)
+    for lineno, obj, reason in source:
+        if obj is None:
+            problems.append(Problem(name, lineno, None, reason or "unreadable"))
+            continue
+        row, problem = _validate_row(name, lineno, obj, prompt_field, tmpl, id_field, messages_field)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        assert row is not None
+        if row.id in seen:
+            problems.append(
+                Problem(
+                    name, lineno, id_field, f"duplicate id {row.id!r} (first on line {seen[row.id]})", row.id
+                )
+            )
+            continue
+        seen[row.id] = lineno
+        for key in row.extra:
+            columns.setdefault(key, None)
+        rows.append(row)
+    if not rows and not problems:
+        problems.append(Problem(name, 0, None, "the file has no rows"))
+    if problems and (not skip_invalid or not rows):
+        if skip_invalid:
+            raise InputError(problems, max_problems_shown, header=f"no valid rows in {name}")
+        raise InputError(problems, max_problems_shown)
+    return PromptSet(name, rows, problems, list(columns))
+
+
+def _validate_row(
+    name: str,
+    lineno: int,
+    obj: dict[str, Any],
+    prompt_field: str,
+    tmpl: Template | None,
+    id_field: str,
+    messages_field: str,
+) -> tuple[PromptRow | None, Problem | None]:
+    def bad(fld: str | None, msg: str, rid: str | None = None) -> tuple[None, Problem]:
+        return None, Problem(name, lineno, fld, msg, rid)
+
+    # id: a non-empty string, or an integer (kept as its decimal string); absent -> the line number.
+    rid: str
+    raw_id = obj.get(id_field)
+    if id_field not in obj or raw_id is None:
+        rid = str(lineno)
+    elif isinstance(raw_id, str):
+        if not raw_id.strip():
+            return bad(id_field, "must be a non-empty string")
+        rid = raw_id
+    elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
+        rid = str(raw_id)
+    else:
+        return bad(id_field, f"must be a string or an integer, got {_kind(raw_id)}")
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    consumed = {id_field}
+    if tmpl is not None:
+        prompt, fld, reason = tmpl.render(obj)
+        if prompt is None:
+            return bad(fld, reason or "cannot fill --template", rid)
+    elif prompt_field in obj and obj[prompt_field] is not None:
+        value = obj[prompt_field]
+        if not isinstance(value, str):
+            return bad(prompt_field, f"must be a string, got {_kind(value)}", rid)
+        prompt = value
+        consumed.add(prompt_field)
+        if messages_field in obj and obj[messages_field] is not None:
+            return bad(messages_field, f"give either {prompt_field!r} or {messages_field!r}, not both", rid)
+    elif messages_field in obj and obj[messages_field] is not None:
+        messages, reason = _check_messages(obj[messages_field])
+        if messages is None:
+            return bad(messages_field, reason or "invalid", rid)
+        consumed.add(messages_field)
+    else:
+        return bad(prompt_field, f"missing (each row needs {prompt_field!r} or {messages_field!r})", rid)
+    if prompt is not None and not prompt.strip():
+        return bad(prompt_field if tmpl is None else "template", "prompt is empty", rid)
+    for key, value in obj.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return bad(key, f"must be a finite number, got {value}", rid)
+    extra = {k: v for k, v in obj.items() if k not in consumed}
+    return PromptRow(lineno, rid, prompt, messages, extra), None
+
+
+def _check_messages(value: Any) -> tuple[list[dict[str, str]] | None, str | None]:
+    if not isinstance(value, list) or not value:
+        return None, f"must be a non-empty list of {{role, content}} objects, got {_kind(value)}"
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            return None, f"item {i} must be an object with role and content, got {_kind(m)}"
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            return None, f"item {i}: role must be one of {', '.join(ROLES)}, got {role!r}"
+        if not isinstance(content, str):
+            return None, f"item {i}: content must be a string, got {_kind(content)}"
+        out.append({"role": role, "content": content})
+    if not any(m["content"].strip() for m in out):
+        return None, "all messages are empty"
+    return out, None

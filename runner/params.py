@@ -1,0 +1,154 @@
+"""Generation settings and engine options: one validated object each, checked before any model work.
+
+Flow: the CLI (or a Python caller) builds `GenerationParams` and `EngineOptions`; both validate every field in
+`__post_init__` and raise `ParamError(field, message)` naming the field, its allowed range and the bad value.
+A job stores them as plain dicts (`to_dict`) so it can be resumed without the original command line.
+
+Names follow transformers' `GenerationConfig` so that Colab users can carry their `model.generate(...)` habits
+over unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ParamError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+TRUNCATE = ("none", "left")
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamError(name, f"{name} must be an integer, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ParamError(name, f"{name} must be {rng}, got {value}.")
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamError(name, f"{name} must be a number, got {value!r}.")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ParamError(name, f"{name} must be a finite number, got {value}.")
+    return value
+
+
+@dataclass
+class GenerationParams:
+    """How to generate. Every field is checked on construction."""
+
+    max_new_tokens: int = 64
+    """Tokens to generate per sample, >= 1 (counts an EOS token if one is produced)."""
+    min_new_tokens: int = 0
+    """EOS and stop strings are suppressed until this many tokens exist, in [0, max_new_tokens]."""
+    do_sample: bool | None = None
+    """Sample (True) or greedy (False). None: sample iff temperature/top_p/top_k or n > 1 ask for it."""
+    temperature: float = 1.0
+    """Softmax temperature, >= 0; 0 means greedy (as in vLLM and the OpenAI API)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]; 1 disables it."""
+    top_k: int = 0
+    """Keep only the k most likely tokens, >= 0; 0 disables it."""
+    repetition_penalty: float = 1.0
+    """CTRL-style penalty on tokens already in prompt or generation, > 0; 1 disables it."""
+    num_return_sequences: int = 1
+    """Samples per prompt (`-n`), in [1, 1024]; more than 1 needs sampling."""
+    seed: int | None = None
+    """Random seed, in [0, 2**63-1]. Same seed, file and settings give identical results. A job picks one
+    (and records it) when none is given."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: generation of a sample ends at the first one; it is not included in `text`."""
+
+    def __post_init__(self) -> None:
+        # Normalise first (a single stop string becomes a list, ints become floats), then verify.
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, (list, tuple)):
+            self.stop = list(self.stop)
+        else:
+            raise ParamError("stop", f"stop must be a string or a list of strings, got {self.stop!r}.")
+        _check_int("max_new_tokens", self.max_new_tokens, 1, 1_000_000)
+        _check_int("min_new_tokens", self.min_new_tokens, 0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ParamError(
+                "min_new_tokens",
+                f"min_new_tokens must be <= max_new_tokens={self.max_new_tokens}, got {self.min_new_tokens}.",
+            )
+        self.temperature = _check_float("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ParamError("temperature", f"temperature must be >= 0, got {self.temperature}.")
+        self.top_p = _check_float("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p}.")
+        _check_int("top_k", self.top_k, 0)
+        self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ParamError(
+                "repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}."
+            )
+        _check_int("num_return_sequences", self.num_return_sequences, 1, 1024)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**63 - 1)
+        for s in self.stop:
+            if not isinstance(s, str) or s == "":
+                raise ParamError("stop", f"stop strings must be non-empty strings, got {s!r}.")
+        if self.do_sample is None:
+            asked = self.temperature != 1.0 or self.top_p != 1.0 or self.top_k != 0
+            self.do_sample = (asked or self.num_return_sequences > 1) and self.temperature != 0
+        elif not isinstance(self.do_sample, bool):
+            raise ParamError("do_sample", f"do_sample must be true or false, got {self.do_sample!r}.")
+        if self.do_sample and self.temperature == 0:
+            raise ParamError("temperature", "temperature must be > 0 when sampling (do_sample), got 0.0.")
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise ParamError(
+                "num_return_sequences",
+                f"num_return_sequences > 1 needs sampling (do_sample or temperature > 0), "
+                f"got num_return_sequences={self.num_return_sequences} with greedy decoding.",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ParamError(unknown[0], f"unknown generation setting {unknown[0]!r}.")
+        return cls(**data)
+
+
+@dataclass
+class EngineOptions:
+    """Where and how the model runs. These never change results beyond float rounding, so a job may be
+    resumed with other values (a Colab T4 tonight, an A100 tomorrow)."""
+
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N. auto picks cuda when available."""
+    dtype: str = "auto"
+    """auto, float32, float16 or bfloat16. auto: float32 on CPU, bfloat16 on GPUs that support it, else float16."""
+    batch_size: int = 64
+    """Most sequences in one forward pass, >= 1."""
+    max_batch_tokens: int | None = None
+    """Most tokens (rows x (longest prompt + max_new_tokens)) in one batch, >= 1; None picks from the device."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda", "mps")
+            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
+            raise ParamError("device", f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+        if self.dtype not in DTYPES:
+            raise ParamError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        _check_int("batch_size", self.batch_size, 1)
+        if self.max_batch_tokens is not None:
+            _check_int("max_batch_tokens", self.max_batch_tokens, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,65 @@
+"""Progress lines for long work: done/total, tok/s, ETA.
+
+Plain lines at a fixed interval rather than a redrawn bar: they read the same in a Colab cell, a terminal and
+a log file (a `\\r` bar turns a log file into one enormous line).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class Progress:
+    """Counts finished sequences and generated tokens since `start`; `line()` renders them."""
+
+    def __init__(
+        self,
+        total: int,
+        done: int = 0,
+        echo: Callable[[str], None] | None = None,
+        interval: float = 10.0,
+        unit: str = "rows",
+    ):
+        self.total, self.done_before, self.done = total, done, done
+        self.tokens = 0
+        self.echo = echo
+        self.interval = interval
+        self.unit = unit
+        self.start = time.perf_counter()
+        self._last = self.start
+
+    def update(self, rows: int, tokens: int) -> None:
+        self.done += rows
+        self.tokens += tokens
+        now = time.perf_counter()
+        if self.echo and now - self._last >= self.interval:
+            self._last = now
+            self.echo(self.line())
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        elapsed = self.elapsed
+        new = self.done - self.done_before
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        rate = new / elapsed if elapsed > 0 else 0.0
+        remaining = self.total - self.done
+        eta = fmt_duration(remaining / rate) if rate > 0 else "?"
+        return (
+            f"{self.done:,}/{self.total:,} {self.unit} ({pct:.1f}%) | {self.tokens_per_second:,.1f} tok/s | "
+            f"{rate:,.2f} {self.unit}/s | elapsed {fmt_duration(elapsed)} | ETA {eta}"
+        )

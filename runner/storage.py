@@ -1,0 +1,132 @@
+"""File-system primitives for the job home, written for a Google Drive mount that misbehaves.
+
+Everything that writes into a job folder goes through here:
+  * `atomic_write` writes a small file through a temp name + rename, so a reader sees all of it or none;
+  * `publish` copies a finished local file into the job home the same way (write locally first, so a slow
+    or failing mount never holds a half-built Parquet file);
+  * `retry` re-runs an operation on transient errors (EIO, ENOTCONN "Transport endpoint is not connected",
+    EAGAIN, ...) with exponential backoff, and gives up with a clear `StorageError` on anything else.
+Temp files start with "." so folder listings that look for results never see them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import RunnerError
+
+T = TypeVar("T")
+
+TRANSIENT = {errno.EIO, errno.ENOTCONN, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR}
+RETRY_DELAYS = (0.2, 0.5, 1, 2, 4, 8, 15, 30)  # about a minute in all: long enough for Drive to come back
+
+
+class StorageError(RunnerError):
+    """The job home cannot be written or read (after retries for transient errors)."""
+
+
+def retry(op: Callable[[], T], what: str, delays: tuple[float, ...] = RETRY_DELAYS) -> T:
+    """Run `op`, retrying transient OS errors with backoff; raise StorageError naming `what` otherwise."""
+    for attempt in range(len(delays) + 1):
+        try:
+            return op()
+        except OSError as e:
+            if e.errno in TRANSIENT and attempt < len(delays):
+                time.sleep(delays[attempt])
+                continue
+            raise StorageError(f"cannot {what}: {e.strerror or e} (errno {e.errno})") from e
+    raise AssertionError("unreachable")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # some file systems (and Windows) cannot open a directory; the rename is still done
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write(target: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` to `target` so that readers never see a partial file."""
+    target = Path(target)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+
+    def op() -> None:
+        tmp = _tmp_name(target)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        _fsync_dir(target.parent)
+
+    retry(op, f"write {target}")
+
+
+def write_json(target: str | os.PathLike, obj: Any) -> None:
+    atomic_write(target, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    def op() -> Any:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    return retry(op, f"read {path}")
+
+
+def publish(local: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy a finished local file to `target` (temp name + rename); the local file is left in place."""
+    target = Path(target)
+
+    def op() -> None:
+        tmp = _tmp_name(target)
+        try:
+            with open(local, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        _fsync_dir(target.parent)
+
+    retry(op, f"write {target}")
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line (a log or errors entry). A torn last line is tolerated by the readers."""
+
+    def op() -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+
+    retry(op, f"append to {path}")
+
+
+def listdir(path: str | os.PathLike) -> list[str]:
+    p = Path(path)
+    return retry(lambda: sorted(os.listdir(p)) if p.is_dir() else [], f"list {p}")

@@ -1,0 +1,161 @@
+"""Reading and validating prompt files: every problem names file, line and field; valid rows are kept."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runner import InputError, ParamError
+from runner.inputs import Template, read_prompts
+
+
+def write_jsonl(path, lines):
+    path.write_bytes(b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\n" for ln in lines))
+    return path
+
+
+def problems_of(path, **kw):
+    with pytest.raises(InputError) as info:
+        read_prompts(path, **kw)
+    return [str(p) for p in info.value.problems], str(info.value)
+
+
+def test_reads_prompts_ids_and_passthrough(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [
+        '{"id": "a", "prompt": "Hello", "topic": "greeting", "score": 1}',
+        "",
+        '{"prompt": "吾輩は猫である。", "topic": null}',
+        '{"id": 7, "messages": [{"role": "user", "content": "What is the capital of France?"}]}',
+    ])  # fmt: skip
+    ps = read_prompts(f)
+    assert [r.id for r in ps.rows] == ["a", "3", "7"]  # missing id -> line number; integer id -> its string
+    assert [r.line for r in ps.rows] == [1, 3, 4]
+    assert ps.rows[0].prompt == "Hello" and ps.rows[0].extra == {"topic": "greeting", "score": 1}
+    assert ps.rows[2].prompt is None and ps.rows[2].messages[0]["role"] == "user"
+    assert ps.columns == ["topic", "score"] and ps.problems == []
+
+
+BAD_LINES = [
+    ('{"prompt": "ok",}', "p.jsonl:1: invalid JSON (Expecting property name enclosed in double quotes)"),
+    ('["a", "b"]', "p.jsonl:1: expected a JSON object per line, got array"),
+    ('{"prompt": NaN}', "p.jsonl:1: invalid JSON (NaN is not valid JSON)"),
+    ('{"prompt": 42}', "p.jsonl:1: prompt: must be a string, got number"),
+    ('{"prompt": "   "}', "p.jsonl:1: prompt: prompt is empty"),
+    ('{"text": "no prompt here"}', "p.jsonl:1: prompt: missing (each row needs 'prompt' or 'messages')"),
+    ('{"id": 1.5, "prompt": "x"}', "p.jsonl:1: id: must be a string or an integer, got number"),
+    ('{"id": "", "prompt": "x"}', "p.jsonl:1: id: must be a non-empty string"),
+    ('{"prompt": "\\ud800"}', "p.jsonl:1: contains a lone surrogate escape (such as \\ud800), not valid Unicode"),
+    ('{"messages": [{"role": "wizard", "content": "hi"}]}',
+     "p.jsonl:1: messages: item 0: role must be one of system, user, assistant, tool, developer, got 'wizard'"),
+    ('{"messages": "hi"}', "p.jsonl:1: messages: must be a non-empty list of {role, content} objects, got string"),
+    ('{"messages": [{"role": "user", "content": 3}]}', "p.jsonl:1: messages: item 0: content must be a string, got number"),
+    ('{"prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
+     "p.jsonl:1: messages: give either 'prompt' or 'messages', not both"),
+    (b'{"prompt": "caf\xe9"}', "p.jsonl:1: invalid UTF-8 at byte 16 of the line"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("line", "expected"), BAD_LINES)
+def test_each_bad_line_is_named(tmp_path, line, expected):
+    f = write_jsonl(tmp_path / "p.jsonl", [line])
+    problems, message = problems_of(f)
+    assert [p.replace(str(tmp_path) + "/", "") for p in problems] == [expected]
+    assert "nothing was run" in message or "no valid rows" in message
+
+
+def test_every_problem_is_reported_and_capped(tmp_path):
+    lines = ['{"prompt": "fine"}'] + ['{"prompt": 1}'] * 30 + ['{"id": "x", "prompt": "a"}', '{"id": "x", "prompt": "b"}']
+    f = write_jsonl(tmp_path / "p.jsonl", lines)
+    problems, message = problems_of(f)
+    assert len(problems) == 31
+    assert problems[-1].endswith("p.jsonl:33: id: duplicate id 'x' (first on line 32)")
+    assert "... and 11 more problems" in message and "--skip-invalid" in message
+
+
+def test_bom_and_blank_lines_are_fine(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\n\n   \n{"prompt": "second"}\n')
+    assert [r.prompt for r in read_prompts(f).rows] == ["first", "second"]
+
+
+def test_skip_invalid_keeps_valid_rows_and_returns_problems(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", ['{"prompt": "a"}', "{oops", '{"prompt": "b"}'])
+    ps = read_prompts(f, skip_invalid=True)
+    assert [r.prompt for r in ps.rows] == ["a", "b"]
+    assert [(p.line, p.message.split(" (")[0]) for p in ps.problems] == [(2, "invalid JSON")]
+    with pytest.raises(InputError, match="no valid rows"):
+        read_prompts(write_jsonl(tmp_path / "bad.jsonl", ["{oops"]), skip_invalid=True)
+
+
+def test_template_fills_columns_and_names_missing_ones(tmp_path):
+    f = write_jsonl(tmp_path / "qa.jsonl", [
+        json.dumps({"context": "Paris is in France.", "question": "Where is Paris?"}),
+        json.dumps({"context": "x"}),
+        json.dumps({"context": "x", "question": ["a list"]}),
+    ])  # fmt: skip
+    tmpl = "Context: {context}\nQuestion: {question}\nAnswer:"
+    ps = read_prompts(f, template=tmpl, skip_invalid=True)
+    assert ps.rows[0].prompt == "Context: Paris is in France.\nQuestion: Where is Paris?\nAnswer:"
+    assert ps.rows[0].extra == {"context": "Paris is in France.", "question": "Where is Paris?"}
+    assert [str(p).split("qa.jsonl:")[1] for p in ps.problems] == [
+        "2: question: missing field 'question' used by --template",
+        "3: question: must be a string or number to fill --template, got array",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{x.__class__}", r"placeholder \{x.__class__\} is not allowed"),
+        ("{x[0]}", r"placeholder \{x\[0\]\} is not allowed"),
+        ("{x!r}", r"placeholder \{x!r\} is not allowed"),
+        ("{x:>10}", r"placeholder \{x:>10\} is not allowed"),
+        ("{}", r"must name a column"),
+        ("no placeholders", r"template has no \{column\} placeholder"),
+        ("{unclosed", r"template is not valid"),
+    ],
+)
+def test_templates_fill_placeholders_only(template, message):
+    with pytest.raises(ParamError, match=message) as info:
+        Template(template)
+    assert info.value.option == "--template"
+
+
+def test_template_keeps_escaped_braces():
+    assert Template('{{"q": "{q}"}}').render({"q": "hi"})[0] == '{"q": "hi"}'
+
+
+def test_prompt_field_option(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", ['{"question": "Why?", "prompt": "other"}'])
+    row = read_prompts(f, prompt_field="question").rows[0]
+    assert row.prompt == "Why?" and row.extra == {"prompt": "other"}
+
+
+def test_parquet_and_csv(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["Hello", "World"], "n": [1, 2]}), tmp_path / "p.parquet")
+    ps = read_prompts(tmp_path / "p.parquet")
+    assert [(r.id, r.prompt, r.extra, r.line) for r in ps.rows] == [("a", "Hello", {"n": 1}, 1), ("b", "World", {"n": 2}, 2)]
+    (tmp_path / "p.csv").write_text('id,prompt\n007,"Hello, world"\n008,\n', encoding="utf-8")
+    problems, _ = problems_of(tmp_path / "p.csv")
+    assert [p.split("p.csv:")[1] for p in problems] == ["3: prompt: prompt is empty"]
+    rows = read_prompts(tmp_path / "p.csv", skip_invalid=True).rows
+    assert [(r.id, r.prompt, r.line) for r in rows] == [("007", "Hello, world", 2)]
+
+
+def test_parquet_wrong_types_and_truncated_file(tmp_path):
+    pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "ints.parquet")
+    problems, _ = problems_of(tmp_path / "ints.parquet")
+    assert [p.split("ints.parquet:")[1] for p in problems] == ["1: prompt: must be a string, got number", "2: prompt: must be a string, got number"]
+    pq.write_table(pa.table({"prompt": [["nested"]]}), tmp_path / "nested.parquet")
+    assert problems_of(tmp_path / "nested.parquet")[0][0].endswith("prompt: must be a string, got array")
+    data = (tmp_path / "ints.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    problems, message = problems_of(tmp_path / "cut.parquet")
+    assert "not a readable Parquet file" in problems[0] and "cannot read the prompt file" in message
+
+
+def test_missing_file_and_unknown_type(tmp_path):
+    assert "no such file" in problems_of(tmp_path / "nope.jsonl")[0][0]
+    with pytest.raises(ParamError, match=r"unknown file type '\.txt'"):
+        read_prompts(tmp_path / "p.txt")

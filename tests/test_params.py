@@ -1,0 +1,75 @@
+"""GenerationParams / EngineOptions: every field validated up front, messages naming the option and range."""
+
+import pytest
+
+from runner import EngineOptions, GenerationParams, ParamError
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_new_tokens", 0, r"max_new_tokens must be in \[1, 1000000\], got 0\."),
+        ("max_new_tokens", 2.5, r"max_new_tokens must be an integer, got 2\.5\."),
+        ("max_new_tokens", True, r"max_new_tokens must be an integer, got True\."),
+        ("min_new_tokens", -1, r"min_new_tokens must be >= 0, got -1\."),
+        ("min_new_tokens", 100, r"min_new_tokens must be <= max_new_tokens=64, got 100\."),
+        ("temperature", -0.5, r"temperature must be >= 0, got -0\.5\."),
+        ("temperature", float("nan"), r"temperature must be a finite number, got nan\."),
+        ("temperature", "hot", r"temperature must be a number, got 'hot'\."),
+        ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1\.5\."),
+        ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0\.0\."),
+        ("top_k", -3, r"top_k must be >= 0, got -3\."),
+        ("repetition_penalty", 0.0, r"repetition_penalty must be > 0, got 0\.0\."),
+        ("num_return_sequences", 0, r"num_return_sequences must be in \[1, 1024\], got 0\."),
+        ("seed", -1, r"seed must be in \[0, 9223372036854775807\], got -1\."),
+        ("stop", [""], r"stop strings must be non-empty strings, got ''\."),
+        ("stop", 5, r"stop must be a string or a list of strings, got 5\."),
+        ("do_sample", "yes", r"do_sample must be true or false, got 'yes'\."),
+    ],
+)
+def test_each_field_is_checked(field, value, message):
+    with pytest.raises(ParamError, match=message) as info:
+        GenerationParams(**{field: value})
+    assert info.value.param == field
+    assert info.value.option == "--" + field.replace("_", "-")
+
+
+def test_cross_field_checks():
+    with pytest.raises(ParamError, match="num_return_sequences > 1 needs sampling") as info:
+        GenerationParams(num_return_sequences=4, do_sample=False)
+    assert info.value.param == "num_return_sequences"
+    with pytest.raises(ParamError, match=r"temperature must be > 0 when sampling"):
+        GenerationParams(do_sample=True, temperature=0)
+
+
+def test_normalisation_and_sampling_default():
+    p = GenerationParams(stop="\n")
+    assert p.stop == ["\n"] and p.do_sample is False  # greedy unless something asks for sampling
+    assert GenerationParams(temperature=0.8).do_sample is True
+    assert GenerationParams(num_return_sequences=4).do_sample is True
+    assert GenerationParams(top_k=50).do_sample is True
+    assert GenerationParams(temperature=0).do_sample is False  # temperature 0 means greedy, as in vLLM
+    assert GenerationParams(temperature=1).temperature == 1.0 and isinstance(GenerationParams(top_p=1).top_p, float)
+
+
+def test_round_trip_through_dict():
+    p = GenerationParams(max_new_tokens=8, temperature=0.7, top_p=0.9, seed=3, stop=["。", "\n"], num_return_sequences=2)
+    assert GenerationParams.from_dict(p.to_dict()) == p
+    with pytest.raises(ParamError, match="unknown generation setting 'beams'"):
+        GenerationParams.from_dict({**p.to_dict(), "beams": 4})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("device", "gpu", r"device must be auto, cpu, cuda or cuda:N, got 'gpu'\."),
+        ("device", "cuda:x", r"device must be auto, cpu, cuda or cuda:N, got 'cuda:x'\."),
+        ("dtype", "fp8", r"dtype must be one of auto, float32, float16, bfloat16, got 'fp8'\."),
+        ("batch_size", 0, r"batch_size must be >= 1, got 0\."),
+        ("max_batch_tokens", -5, r"max_batch_tokens must be >= 1, got -5\."),
+    ],
+)
+def test_engine_options_are_checked(field, value, message):
+    with pytest.raises(ParamError, match=message):
+        EngineOptions(**{field: value})
+    EngineOptions(device="cuda:1", dtype="bfloat16", batch_size=8, max_batch_tokens=4096)  # valid ones pass
