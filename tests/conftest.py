@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny real models built in-process, and a job home / cache per test session."""
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+from tiny_models import build_tiny_gpt2, build_tiny_llama_chat  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def runner_home(tmp_path, monkeypatch):
+    """Every test gets its own job home, so nothing lands in ./jobs."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("RUNNER_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runner_cache(tmp_path_factory):
+    """One model cache for the session (the demo model converts once); RUNNER_TEST_CACHE reuses one across runs."""
+    import os
+
+    path = os.environ.get("RUNNER_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("RUNNER_CACHE")
+    os.environ["RUNNER_CACHE"] = path
+    yield pathlib.Path(path)
+    if old is None:
+        os.environ.pop("RUNNER_CACHE", None)
+    else:
+        os.environ["RUNNER_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """A 2-layer GPT-2 with a byte-level BPE tokenizer: no pad token, EOS id 0, no chat template."""
+    return str(build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2")))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer Llama with a sentencepiece tokenizer (rinna-style), a pad token and a chat template."""
+    return str(build_tiny_llama_chat(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def gpt2_engine(tiny_gpt2):
+    from runner.engine import Engine
+
+    return Engine(tiny_gpt2)
+
+
+@pytest.fixture(scope="session")
+def llama_engine(tiny_llama):
+    from runner.engine import Engine
+
+    return Engine(tiny_llama)

@@ -1,0 +1,162 @@
+"""The decode loop on tiny real models: batched == unbatched, raw log-probs, sampling seeds, stops, EOS."""
+
+import math
+
+import pytest
+import torch
+
+from runner import GenerationParams
+from runner.batching import encode, left_pad, plan_batches
+
+PROMPTS = [
+    "The quick brown fox",
+    "Hello",
+    "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
+    "A language model reads the whole sentence and then",
+    "My friend",
+    "現在も行方不明のまま。",
+]
+
+
+def ids_of(engine, texts=PROMPTS):
+    return [encode(engine.tokenizer, t, chat=False) for t in texts]
+
+
+def assert_same(batched, single, tol=1e-4):
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert [c.finish_reason for c in batched] == [c.finish_reason for c in single]
+    for b, s in zip(batched, single, strict=True):
+        assert max(abs(x - y) for x, y in zip(b.token_logprobs, s.token_logprobs, strict=True)) < tol
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_batched_greedy_equals_one_at_a_time(request, engine_name, penalty):
+    engine = request.getfixturevalue(engine_name)
+    prompts = ids_of(engine)
+    assert len({len(p) for p in prompts}) > 3  # really mixed lengths, so padding is exercised
+    params = GenerationParams(max_new_tokens=12, repetition_penalty=penalty)
+    batched = engine.generate(prompts, params)
+    single = [engine.generate([p], params)[0] for p in prompts]
+    assert_same(batched, single)
+    assert len({tuple(c.token_ids) for c in batched}) > 1  # the model is not degenerate
+
+
+def test_logprobs_match_a_plain_forward_pass(gpt2_engine):
+    engine = gpt2_engine
+    prompts = ids_of(engine)
+    for prompt, comp in zip(prompts, engine.generate(prompts, GenerationParams(max_new_tokens=10)), strict=True):
+        full = torch.tensor([prompt + comp.token_ids])
+        with torch.no_grad():
+            logits = engine.model(full).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        expected = [lp[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(comp.token_ids)]
+        assert comp.token_logprobs == pytest.approx(expected, abs=1e-4)
+        assert comp.cumulative_logprob == pytest.approx(sum(expected), abs=1e-3)
+
+
+def test_logprobs_are_raw_not_processed(gpt2_engine):
+    """Temperature and repetition penalty change which token is picked, never the reported log-prob."""
+    engine = gpt2_engine
+    prompt = ids_of(engine)[:1]
+    comp = engine.generate(prompt, GenerationParams(max_new_tokens=6, temperature=0.3, repetition_penalty=2.0), [1])[0]
+    full = torch.tensor([prompt[0] + comp.token_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(engine.model(full).logits[0].float(), -1)
+    expected = [lp[len(prompt[0]) - 1 + t, tok].item() for t, tok in enumerate(comp.token_ids)]
+    assert comp.token_logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_sampling_is_seeded_per_row_not_per_batch(gpt2_engine):
+    engine = gpt2_engine
+    prompts = ids_of(engine)
+    params = GenerationParams(max_new_tokens=10, temperature=1.5, top_k=50, top_p=0.95)
+    seeds = [11, 22, 33, 44, 55, 66]
+    first = engine.generate(prompts, params, seeds)
+    again = engine.generate(prompts, params, seeds)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    single = [engine.generate([p], params, [s])[0] for p, s in zip(prompts, seeds, strict=True)]
+    assert_same(first, single)
+    other = engine.generate(prompts, params, [s + 1 for s in seeds])
+    assert [c.token_ids for c in other] != [c.token_ids for c in first]
+
+
+def test_top_k_one_sampling_is_greedy(gpt2_engine):
+    prompts = ids_of(gpt2_engine)
+    greedy = gpt2_engine.generate(prompts, GenerationParams(max_new_tokens=8))
+    sampled = gpt2_engine.generate(prompts, GenerationParams(max_new_tokens=8, top_k=1), list(range(6)))
+    assert [c.token_ids for c in sampled] == [c.token_ids for c in greedy]
+
+
+def test_stop_string_cuts_text_and_names_the_string(gpt2_engine):
+    engine = gpt2_engine
+    prompts = ids_of(engine)
+    free = engine.generate(prompts, GenerationParams(max_new_tokens=16))
+    # A stop string taken from the middle of row 0's own greedy text, so it is sure to occur.
+    text0 = free[0].text
+    stop = text0[len(text0) // 2 : len(text0) // 2 + 2]
+    assert stop.strip(), f"pick another slice of {text0!r}"
+    params = GenerationParams(max_new_tokens=16, stop=[stop])
+    stopped = engine.generate(prompts, params)
+    c = stopped[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert c.text == text0[: text0.index(stop)]
+    assert c.token_ids == free[0].token_ids[: len(c.token_ids)] and len(c.token_ids) < 16
+    # The other rows are unaffected by row 0 leaving the batch early, and match one-at-a-time runs.
+    assert_same(stopped, [engine.generate([p], params)[0] for p in prompts])
+    for free_c, stop_c in zip(free, stopped, strict=True):
+        if stop_c.stop_reason is None:
+            assert stop_c.token_ids == free_c.token_ids and stop_c.finish_reason == "length"
+
+
+def test_eos_ends_a_row_and_min_new_tokens_holds_it_back(tiny_gpt2):
+    from runner.engine import Engine
+
+    engine = Engine(tiny_gpt2)
+    prompts = ids_of(engine)
+    free = engine.generate(prompts, GenerationParams(max_new_tokens=8))
+    # Make row 0's third greedy token an EOS token of this engine, as if the model had chosen to stop.
+    eos = free[0].token_ids[2]
+    engine.eos_ids = [*engine.eos_ids, eos]
+    engine._eos = torch.tensor(engine.eos_ids)
+    out = engine.generate(prompts, GenerationParams(max_new_tokens=8))
+    assert out[0].token_ids == free[0].token_ids[:3]  # the EOS token is kept in token_ids...
+    assert out[0].finish_reason == "stop" and out[0].stop_reason is None
+    assert len(out[0].token_logprobs) == 3 and out[0].token_logprobs == pytest.approx(free[0].token_logprobs[:3], abs=1e-5)
+    held = engine.generate(prompts[:1], GenerationParams(max_new_tokens=8, min_new_tokens=5))[0]
+    assert len(held.token_ids) >= 5 and eos not in held.token_ids[:5]
+
+
+def test_length_finish_and_padding_equal_to_eos(gpt2_engine):
+    """GPT-2 pads with its EOS id; padding must never be read as a finished row."""
+    engine = gpt2_engine
+    assert engine.tokenizer.pad_token is None and engine.pad_id == engine.eos_ids[0]
+    out = engine.generate(ids_of(engine), GenerationParams(max_new_tokens=5))
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 5 for c in out if c.stop_reason is None)
+
+
+def test_sentencepiece_keeps_the_leading_space(llama_engine):
+    engine = llama_engine
+    prompt = encode(engine.tokenizer, "The old man said", chat=False)
+    c = engine.generate([prompt], GenerationParams(max_new_tokens=6))[0]
+    whole = engine.tokenizer.decode(prompt + c.token_ids, skip_special_tokens=True)
+    assert whole.endswith(c.text) and whole == engine.tokenizer.decode(prompt, skip_special_tokens=True) + c.text
+
+
+def test_plan_batches_respects_size_and_token_budget():
+    lengths = [5, 50, 7, 48, 6, 49, 3]
+    plan = plan_batches(lengths, batch_size=3, max_batch_tokens=150, max_new_tokens=10)
+    assert sorted(i for b in plan for i in b) == list(range(7))
+    for b in plan:
+        assert len(b) <= 3
+        assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 10) <= 150
+    assert plan[0] == [1, 5]  # longest first; a third ~50-token row would make 180 > 150 tokens
+    assert plan == plan_batches(lengths, 3, 150, 10)  # deterministic
+    assert plan_batches([500], 4, 10, 10) == [[0]]  # a row over the budget still runs, alone
+
+
+def test_left_pad_shapes():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == torch.long and not math.isnan(float(ids.sum()))

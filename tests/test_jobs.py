@@ -1,0 +1,166 @@
+"""Jobs end to end on the tiny model: job folder, Parquet schema, load_results order, resume, bad shards."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import runner
+from runner import GenerationParams, InputError, ParamError, RunnerError
+from runner.jobs import Job, create_job
+from runner.results import done_keys, valid_shards
+from runner.worker import run_job
+
+
+def write_prompts(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+ROWS = [
+    {"id": "fox", "prompt": "The quick brown fox", "lang": "en"},
+    {"id": "cat", "prompt": "吾輩は猫である。名前はまだ無い。", "lang": "ja"},
+    {"id": "hi", "prompt": "Hello", "lang": "en", "text": "a colliding column"},
+    {"id": "lm", "prompt": "A language model reads the whole sentence and then", "lang": "en"},
+    {"id": "friend", "prompt": "My friend", "lang": "en"},
+]
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    return write_prompts(tmp_path / "prompts.jsonl", ROWS)
+
+
+def test_run_writes_schema_and_results_in_input_order(tmp_path, prompts_file, tiny_gpt2, gpt2_engine):
+    params = GenerationParams(max_new_tokens=6, temperature=0.9, num_return_sequences=2, seed=1)
+    job, summary = runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "out", engine=gpt2_engine, echo=None)
+    assert summary.finished and summary.done == 10 and summary.errors == 0
+    df = runner.load_results(tmp_path / "out")
+    assert list(df["id"]) == ["fox", "fox", "cat", "cat", "hi", "hi", "lm", "lm", "friend", "friend"]
+    assert list(df["sample"]) == [0, 1] * 5
+    assert list(df.columns[:11]) == [
+        "id", "sample", "prompt", "text", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens",
+        "token_ids", "token_logprobs", "cumulative_logprob",
+    ]  # fmt: skip
+    assert list(df["lang"]) == [r["lang"] for r in ROWS for _ in range(2)]
+    assert df.loc[4, "input_text"] == "a colliding column"  # an input column named like an output is renamed
+    schema = pq.read_schema(valid_shards(job.dir)[0])
+    assert schema.field("token_ids").type == pa.list_(pa.int32())
+    assert schema.field("token_logprobs").type == pa.list_(pa.float32())
+    assert schema.field("cumulative_logprob").type == pa.float64()
+    for _, row in df.iterrows():
+        assert row.completion_tokens == len(row.token_ids) == len(row.token_logprobs)
+        assert row.cumulative_logprob == pytest.approx(float(sum(row.token_logprobs)), abs=1e-4)
+        assert row.finish_reason in ("stop", "length")
+    assert df.loc[0, "prompt"] == "The quick brown fox"
+    # Same job id or name finds it through the job home as well; stats sit beside the data.
+    stats = json.loads((job.dir / "stats.json").read_text())
+    assert stats["tokens"] == int(df["completion_tokens"].sum()) and stats["runs"][0]["peak_memory_bytes"] > 0
+    meta = json.loads((job.dir / "job.json").read_text())
+    assert meta["model"] == tiny_gpt2 and meta["params"]["num_return_sequences"] == 2 and meta["seed"] == 1
+    assert pq.read_metadata(valid_shards(job.dir)[0]).metadata[b"runner.job"] == job.id.encode()
+
+
+def test_same_seed_same_results_and_resume_equals_uninterrupted(tmp_path, prompts_file, tiny_gpt2, gpt2_engine):
+    params = GenerationParams(max_new_tokens=6, temperature=1.2, num_return_sequences=3, seed=7)
+    ref_job, _ = runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "ref", engine=gpt2_engine, echo=None)
+    ref = runner.load_results(ref_job.dir)
+
+    job = create_job(prompts_file, tiny_gpt2, params, runner.EngineOptions(batch_size=2), job_dir=tmp_path / "cut")
+    calls = []
+    summary = run_job(job, gpt2_engine, echo=None, shard_rows=1, should_stop=lambda: calls.append(1) or len(calls) > 2)
+    assert not summary.finished and 0 < summary.done < 15
+    partial = runner.load_results(job.dir)
+    assert len(partial) == summary.done
+    summary = run_job(Job.open(job.dir), gpt2_engine, echo=None)  # the resume generates only the rest
+    assert summary.finished and summary.generated == 15 - len(partial)
+    resumed = runner.load_results(job.dir)
+    cols = ["id", "sample", "text", "token_ids", "finish_reason"]
+    assert resumed[cols].to_json() == ref[cols].to_json()
+    for a, b in zip(resumed["token_logprobs"], ref["token_logprobs"], strict=True):
+        assert list(a) == pytest.approx(list(b), abs=1e-4)  # other batches: same tokens, float rounding only
+
+
+def test_rerun_with_same_output_resumes_and_other_settings_are_refused(tmp_path, prompts_file, tiny_gpt2, gpt2_engine):
+    params = GenerationParams(max_new_tokens=4)
+    job, _ = runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "out", engine=gpt2_engine, echo=None)
+    again, summary = runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "out", engine=gpt2_engine, echo=None)
+    assert again.id == job.id and summary.generated == 0 and summary.finished
+    with pytest.raises(RunnerError, match="holds a job with other inputs or settings"):
+        runner.run(prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=5), output=tmp_path / "out", echo=None)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("x")
+    with pytest.raises(RunnerError, match="exists and is not a runner job folder"):
+        create_job(prompts_file, tiny_gpt2, params, job_dir=tmp_path / "junk")
+
+
+@pytest.mark.parametrize("damage", ["zero-byte", "truncated", "marker-torn", "marker-missing"])
+def test_damaged_shards_are_not_counted_and_are_redone(tmp_path, prompts_file, tiny_gpt2, gpt2_engine, damage):
+    params = GenerationParams(max_new_tokens=4)
+    job, _ = runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "ref", engine=gpt2_engine, echo=None)
+    ref = runner.load_results(job.dir)
+    job = create_job(prompts_file, tiny_gpt2, params, runner.EngineOptions(batch_size=2), job_dir=tmp_path / "out")
+    run_job(job, gpt2_engine, echo=None, shard_rows=2)
+    shards = valid_shards(job.dir)
+    assert len(shards) == 3
+    victim = shards[1]
+    marker = job.dir / "done" / (victim.stem + ".json")
+    if damage == "zero-byte":
+        victim.write_bytes(b"")
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:-20])
+    elif damage == "marker-torn":
+        marker.write_text('{"shard": ')
+    else:
+        marker.unlink()
+    assert len(valid_shards(job.dir)) == 2 and len(done_keys(job.dir)) == 3
+    summary = run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    assert summary.generated == 2 and summary.finished
+    out = runner.load_results(job.dir)
+    assert out[["id", "text"]].to_json() == ref[["id", "text"]].to_json()
+
+
+def test_invalid_rows_are_refused_or_skipped_into_errors_file(tmp_path, tiny_gpt2, gpt2_engine):
+    f = write_prompts(tmp_path / "p.jsonl", [{"prompt": "good"}, {"prompt": ""}, {"prompt": "also good"}])
+    with pytest.raises(InputError, match=r"p.jsonl:2: prompt: prompt is empty"):
+        create_job(f, tiny_gpt2)
+    assert not any((tmp_path / "home").glob("*")) if (tmp_path / "home").exists() else True  # nothing queued
+    job, summary = runner.run(f, tiny_gpt2, GenerationParams(max_new_tokens=2), skip_invalid=True,
+                              engine=gpt2_engine, echo=None)  # fmt: skip
+    errors = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    assert errors == [{"id": "2", "line": 2, "field": "prompt", "stage": "validate", "error": "invalid_input",
+                       "message": "prompt is empty"}]  # fmt: skip
+    assert list(runner.load_results(job.id)["id"]) == ["1", "3"]
+
+
+def test_context_window_is_checked_and_truncate_left_keeps_the_end(tmp_path, tiny_gpt2, gpt2_engine):
+    long = " ".join(["word"] * 400)  # the tiny GPT-2 has 256 positions
+    f = write_prompts(tmp_path / "p.jsonl", [{"id": "long", "prompt": long}, {"id": "short", "prompt": "Hi"}])
+    with pytest.raises(InputError, match=r"p.jsonl:1: prompt: prompt is \d+ tokens; with max_new_tokens=16 it exceeds "
+                                         r"the model's context window of 256 tokens"):  # fmt: skip
+        create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=16))
+    job = create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=16), truncate="left")
+    assert job.prompts().column("prompt_tokens").to_pylist()[0] == 240
+    with pytest.raises(ParamError, match="leaves no room for a prompt"):
+        create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=300))
+
+
+def test_chat_messages_use_the_chat_template(tmp_path, tiny_llama, tiny_gpt2):
+    f = write_prompts(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hello there"}]}])
+    job = create_job(f, tiny_llama, GenerationParams(max_new_tokens=3))
+    prompt = job.prompts().column("prompt")[0].as_py()
+    assert prompt == "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(InputError, match=r"chat.jsonl:1: messages: .*no chat template"):
+        create_job(f, tiny_gpt2)
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, prompts_file):
+    with pytest.raises(RunnerError, match=r"cannot load model '.*no-such-model'"):
+        create_job(prompts_file, str(tmp_path / "no-such-model"))
+
+
+def test_job_refs_cannot_escape_the_home(prompts_file):
+    for bad in ("../x", "/etc", "a/b", "..", ".hidden"):
+        with pytest.raises(RunnerError, match="invalid job id or name"):
+            runner.load_results(bad) if "/" not in bad else runner.jobs.find_job(bad)
