@@ -138,5 +138,228 @@ def run(ctx: click.Context, input_path: str, model: str, output: str | None, **k
     click.echo(str(job.dir))
 
 
+def _warn_if_not_on_drive(home: str | None) -> None:
+    """On Colab, a job home on the VM's own disk dies with the VM: say so before hours of work go there."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from .jobs import default_home
+
+    if "google.colab" not in sys.modules and not os.environ.get("COLAB_RELEASE_TAG"):
+        return
+    path = Path(home) if home else default_home()
+    if not str(path.resolve()).startswith("/content/drive"):
+        _echo(
+            f"WARNING: the job home {path.resolve()} is not on Google Drive; it vanishes with this Colab VM. "
+            "Mount Drive and use --home /content/drive/MyDrive/runner-jobs (or set RUNNER_HOME)."
+        )
+
+
+@cli.command()
+@job_options
+@click.option("--name", help="A name to refer to the job by (instead of its id).")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.pass_context
+@handle_errors
+def submit(
+    ctx: click.Context, input_path: str, model: str, name: str | None, priority: int, **kw: Any
+) -> None:
+    """Validate INPUT and the settings (and that the model's config and tokenizer load) and queue a job.
+
+    Prints the job id. Nothing invalid is ever queued. Start the work with `runner work`.
+    """
+    from .jobs import create_job
+
+    _warn_if_not_on_drive(ctx.obj["home"])
+    params, options = build_settings(kw)
+    job = create_job(
+        input_path, model, params, options,
+        prompt_field=kw["prompt_field"], template=kw["template"], skip_invalid=kw["skip_invalid"],
+        truncate=kw["truncate"], trust_remote_code=kw["trust_remote_code"],
+        home=ctx.obj["home"], name=name, priority=priority,
+    )  # fmt: skip
+    invalid = job.meta["input"]["invalid"]
+    _echo(
+        f"queued job {job.id}: {job.meta['input']['rows']:,} prompts x {params.num_return_sequences} "
+        f"= {job.total:,} rows" + (f"; {invalid} invalid row(s) listed in errors.jsonl" if invalid else "")
+    )
+    click.echo(job.id)
+
+
+def _deadline(hours: float | None, until: str | None) -> float | None:
+    import datetime as dt
+    import time
+
+    if hours is not None and until is not None:
+        raise click.UsageError("give --hours or --until, not both")
+    if hours is not None:
+        if hours <= 0:
+            raise click.BadParameter("must be > 0", param_hint="--hours")
+        return time.time() + hours * 3600
+    if until is not None:
+        try:
+            hh, mm = (int(x) for x in until.split(":"))
+            now = dt.datetime.now()
+            end = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+        except ValueError as e:
+            raise click.BadParameter(f"expected HH:MM, got {until!r}", param_hint="--until") from e
+        if end <= now:
+            end += dt.timedelta(days=1)
+        return end.timestamp()
+    return None
+
+
+@cli.command()
+@click.option("--hours", type=float, help="Stop starting new batches so as to finish within this many hours.")
+@click.option("--until", help="Stop by this local time (HH:MM).")
+@click.option("--job", "job_ref", help="Work on this job only.")
+@click.option("--once", is_flag=True, help="Stop after one job.")
+@click.pass_context
+@handle_errors
+def work(ctx: click.Context, hours: float | None, until: str | None, job_ref: str | None, once: bool) -> None:
+    """Run queued jobs: interrupted ones first, then by priority and age, until the queue is empty or the
+    deadline. Ctrl-C (or the deadline) finishes and writes the current batch, then stops; run it again to carry on.
+    """
+    import signal
+
+    from .worker import work as work_loop
+
+    deadline = _deadline(hours, until)
+    _warn_if_not_on_drive(ctx.obj["home"])
+    stop = {"requested": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        _echo("stopping after the current batch (Ctrl-C again to stop at once; finished shards are kept)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        summaries = work_loop(
+            ctx.obj["home"],
+            job=job_ref,
+            deadline=deadline,
+            once=once,
+            stop=lambda: stop["requested"],
+            echo=_echo,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if not summaries:
+        _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else ""))
+    elif not all(s.finished for s in summaries):
+        _echo("stopped; run `runner work` again to carry on")
+
+
+@cli.command()
+@click.argument("job_ref", metavar="[JOB]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
+    """Show all jobs as a table (state, done/total, tok/s, ETA, errors), or one JOB in detail."""
+    import json
+
+    from .jobs import Job, all_jobs, find_job
+    from .status import job_status, status_table
+
+    if job_ref is None:
+        statuses = [job_status(j) for j in all_jobs(ctx.obj["home"])]
+        if as_json:
+            click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
+        elif statuses:
+            click.echo(status_table(statuses))
+        else:
+            click.echo("no jobs")
+        return
+    job = Job.open(find_job(job_ref, ctx.obj["home"]))
+    s = job_status(job)
+    if as_json:
+        click.echo(json.dumps({**s.as_dict(), "job": job.meta}, indent=2, ensure_ascii=False))
+        return
+    p = job.meta["params"]
+    lines = [
+        f"job:      {s.id}" + (f" ({s.name})" if s.name else ""),
+        f"state:    {s.state}" + (f" - {s.message}" if s.message else "") + (f" [worker {s.worker}]" if s.worker else ""),
+        f"progress: {s.done:,}/{s.total:,} rows, {s.errors} row errors, {s.invalid} invalid input rows",
+        f"speed:    {s.tokens_per_second or '-'} tok/s, ETA {s.eta}",
+        f"model:    {s.model}",
+        f"input:    {job.meta['input']['path']} ({job.meta['input']['rows']:,} prompts)",
+        "settings: " + ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "seed" and v not in (None, [])) + f", seed={job.seed}",
+        f"folder:   {job.dir}",
+    ]  # fmt: skip
+    click.echo("\n".join(lines))
+
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
+@click.option("--to", "to_path", type=click.Path(dir_okay=False), help="Write to .jsonl, .csv or .parquet.")
+@click.pass_context
+@handle_errors
+def results(ctx: click.Context, job_ref: str, to_path: str | None) -> None:
+    """Export a job's results (in input order) to a file, or preview them."""
+    from pathlib import Path
+
+    from .results import load_results
+
+    df = load_results(job_ref, ctx.obj["home"])
+    if to_path is None:
+        click.echo(
+            df[["id", "sample", "finish_reason", "completion_tokens", "text"]]
+            .head(20)
+            .to_string(max_colwidth=60)
+        )
+        click.echo(f"({len(df):,} rows; --to FILE to export)")
+        return
+    suffix = Path(to_path).suffix.lower()
+    if suffix == ".parquet":
+        df.to_parquet(to_path, index=False)
+    elif suffix in (".jsonl", ".json"):
+        df.to_json(to_path, orient="records", lines=True, force_ascii=False)
+    elif suffix == ".csv":
+        df.to_csv(to_path, index=False)
+    else:
+        raise click.BadParameter(
+            f"unknown type {suffix or '(none)'!r}; use .jsonl, .csv or .parquet", param_hint="--to"
+        )
+    _echo(f"wrote {len(df):,} rows to {to_path}")
+
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
+@click.pass_context
+@handle_errors
+def cancel(ctx: click.Context, job_ref: str) -> None:
+    """Cancel a queued or running job; rows already finished are kept (`runner retry` re-queues it)."""
+    from pathlib import Path
+
+    from .jobs import find_job
+    from .leases import cancel_job
+
+    path = Path(find_job(job_ref, ctx.obj["home"]))
+    was = cancel_job(path)
+    _echo(f"cancelled job {path.name} (was {was})")
+
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
+@click.pass_context
+@handle_errors
+def retry(ctx: click.Context, job_ref: str) -> None:
+    """Re-queue a failed or cancelled job (finished rows are kept; rows that failed are tried again)."""
+    from pathlib import Path
+
+    from .jobs import find_job
+    from .leases import retry_job
+
+    path = Path(find_job(job_ref, ctx.obj["home"]))
+    cleared = retry_job(path)
+    _echo(
+        f"re-queued job {path.name}" + (f"; {cleared} failed row(s) will be tried again" if cleared else "")
+    )
+
+
 def main() -> None:
     cli(prog_name="runner")

@@ -147,8 +147,11 @@ class Engine:
     def __init__(self, model: str, options: EngineOptions | None = None, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
         from .models import resolve_model
+
+        hf_logging.disable_progress_bar()  # a bar per weight file garbles Colab cells and log files
 
         self.spec = model
         self.options = options or EngineOptions()

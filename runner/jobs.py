@@ -114,6 +114,12 @@ def find_job(ref: str, home: str | os.PathLike | None = None) -> Path:
     raise RunnerError(f"no job {ref!r} in {root}")
 
 
+def all_jobs(home: str | os.PathLike | None = None) -> list[Job]:
+    """Every job in the home, oldest first (ids sort by creation time)."""
+    root = Path(home) if home is not None else default_home()
+    return [Job.open(p) for p in _job_dirs(root)]
+
+
 def _job_dirs(root: Path) -> list[Path]:
     return [
         root / n for n in storage.listdir(root) if not n.startswith(".") and (root / n / JOB_FILE).is_file()

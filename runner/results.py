@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .errors import RunnerError
+from .faults import fault_point
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -147,6 +148,7 @@ def write_shard(job_dir: Path, table: pa.Table, worker: str, metadata: dict[str,
         }
         target = job_dir / SHARDS / f"{name}.parquet"
         storage.publish(local, target)
+    fault_point("after_shard")  # the shard is in place, its marker is not: it must not count
     storage.write_json(job_dir / MARKERS / f"{name}.json", marker)
     return name
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import RunnerError
+from .faults import fault_point
 
 T = TypeVar("T")
 
@@ -104,6 +105,10 @@ def publish(local: str | os.PathLike, target: str | os.PathLike) -> None:
         tmp = _tmp_name(target)
         try:
             with open(local, "rb") as src, open(tmp, "wb") as dst:
+                data = src.read(os.path.getsize(local) // 2)
+                dst.write(data)
+                dst.flush()
+                fault_point("mid_write")  # half the bytes are in the job home under the temp name
                 shutil.copyfileobj(src, dst, 1024 * 1024)
                 dst.flush()
                 os.fsync(dst.fileno())

@@ -22,9 +22,12 @@ from . import storage
 from .batching import plan_batches
 from .engine import Completion, Engine, NumericalError, peak_memory_bytes
 from .errors import RunnerError
+from .faults import fault_point
 from .jobs import Job
+from .leases import Lease
 from .progress import Progress
 from .results import GeneratedRow, completions_table, done_keys, read_errors, write_shard
+from .storage import StorageError
 
 SHARD_ROWS = 1000  # a shard is written at least every this many result rows...
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
@@ -75,10 +78,13 @@ def run_job(
     shard_rows: int = SHARD_ROWS,
     shard_seconds: float = SHARD_SECONDS,
     should_stop: Callable[[], bool] | None = None,
+    deadline: float | None = None,
+    lease: Lease | None = None,
     progress_interval: float = 10.0,
 ) -> RunSummary:
-    """Generate every missing result row of `job`. Returns when all are done or `should_stop()` says so
-    (checked between batches; the rows finished so far are written first)."""
+    """Generate every missing result row of `job`. Returns when all are done, or early (rows finished so far
+    written first) when `should_stop()` says so, when the next batch would not end before `deadline` (a
+    `time.time()` value), or when `lease` is no longer ours. Checked between batches."""
     params = job.params
     n = params.num_return_sequences
     prompts = job.prompts()
@@ -114,18 +120,31 @@ def run_job(
     last_flush = time.perf_counter()
     generated = tokens = errors = 0
 
+    lost = False
+
     def flush() -> None:
-        nonlocal buffer, last_flush
+        nonlocal buffer, last_flush, lost
         if buffer:
-            write_shard(job.dir, completions_table(prompts, buffer), worker, {"job": job.id})
+            if lease is not None and not lease.held():
+                # Another worker took the job over (ours went stale): its plan includes these rows.
+                lost = True
+                say(f"lease on job {job.id} was taken over by another worker; {len(buffer)} rows discarded")
+            else:
+                write_shard(job.dir, completions_table(prompts, buffer), worker, {"job": job.id})
             buffer = []
         last_flush = time.perf_counter()
 
     stopped = False
+    slowest = 0.0
     for batch in plan:
-        if should_stop is not None and should_stop():
+        if (
+            lost
+            or (should_stop is not None and should_stop())
+            or (deadline is not None and time.time() + slowest * 1.5 > deadline)
+        ):
             stopped = True
             break
+        started = time.perf_counter()
         keys = [todo[i] for i in batch]
         outcomes = _generate_isolating(engine, keys, input_ids, ids, job.seed, params)
         for (r, s), out in zip(keys, outcomes, strict=True):
@@ -139,9 +158,21 @@ def run_job(
                     {"id": ids[r], "line": prompts.column("line")[r].as_py(), "row": r, "sample": s,
                      "stage": "generate", "error": out[0], "message": out[1]}, ensure_ascii=False))  # fmt: skip
         progress.update(len(keys), sum(len(o.token_ids) for o in outcomes if isinstance(o, Completion)))
+        slowest = max(slowest, time.perf_counter() - started)
+        fault_point("after_generate")
         if len(buffer) >= shard_rows or time.perf_counter() - last_flush >= shard_seconds:
             flush()
+            if lease is not None:
+                lease.info.update(
+                    done=progress.done,
+                    total=job.total,
+                    tokens_per_second=round(progress.tokens_per_second, 2),
+                    rows_per_second=round(
+                        (progress.done - progress.done_before) / max(progress.elapsed, 1e-9), 4
+                    ),
+                )
     flush()
+    stopped = stopped or lost
     seconds = time.perf_counter() - t0
     say(progress.line())
     _record_stats(job, engine, generated, tokens, seconds)
@@ -261,3 +292,151 @@ def run(
 
     job = create_job(input_path, model, params, options, job_dir=output, **job_kwargs)
     return job, run_job(job, engine, echo=echo)
+
+
+@dataclass
+class Candidate:
+    job: Job
+    state: str
+    interrupted: bool
+
+
+def queue(home: Any = None, only: str | None = None) -> list[Candidate]:
+    """Jobs a worker may take, in the order it takes them: interrupted jobs first (a worker died or stopped
+    in them), then queued jobs by priority (high first), then age. Jobs whose lease another worker keeps
+    fresh are left out."""
+    from .jobs import all_jobs, find_job
+    from .leases import lease_is_fresh, read_lease, read_state
+
+    jobs = [Job.open(find_job(only, home))] if only else all_jobs(home)
+    out = []
+    for job in jobs:
+        state = read_state(job.dir)
+        if state["state"] not in ("queued", "running"):
+            continue
+        if lease_is_fresh(read_lease(job.dir)):
+            continue
+        interrupted = state["state"] == "running" or bool(state.get("interrupted"))
+        out.append(Candidate(job, state["state"], interrupted))
+    out.sort(key=lambda c: (not c.interrupted, -int(c.job.meta.get("priority", 0)), c.job.id))
+    return out
+
+
+def _stop_watch(job: Job, stop: Callable[[], bool] | None, every: float = 5.0) -> Callable[[], bool]:
+    """True once `stop()` is, or once the job has been cancelled (state.json looked at every few seconds:
+    reading it on Drive for every batch would be wasteful)."""
+    from .leases import read_state
+
+    last = [0.0]
+
+    def check() -> bool:
+        if stop and stop():
+            return True
+        now = time.time()
+        if now - last[0] > every:
+            last[0] = now
+            return read_state(job.dir)["state"] == "cancelled"
+        return False
+
+    return check
+
+
+def work(
+    home: Any = None,
+    *,
+    job: str | None = None,
+    deadline: float | None = None,
+    once: bool = False,
+    stop: Callable[[], bool] | None = None,
+    echo: Callable[[str], None] | None = print,
+    lease_ttl: float | None = None,
+    shard_rows: int = SHARD_ROWS,
+    shard_seconds: float = SHARD_SECONDS,
+) -> list[RunSummary]:
+    """Work through the queue until it is empty, `deadline` (time.time()) is near, or `stop()` is true.
+    `job` restricts the worker to one job; `once` stops after one job. Loaded models are reused across jobs."""
+    from .engine import load_config
+    from .jobs import model_fingerprint
+    from .leases import LEASE_TTL, Heartbeat, Lease, new_worker_id, read_state, set_state
+
+    worker = new_worker_id()
+    engines: dict[tuple[Any, ...], Engine] = {}
+    summaries: list[RunSummary] = []
+    tried: set[str] = set()
+    while True:
+        if (stop and stop()) or (deadline is not None and time.time() >= deadline):
+            break
+        candidates = [c for c in queue(home, job) if c.job.id not in tried]
+        if not candidates:
+            break
+        cand = candidates[0]
+        tried.add(cand.job.id)
+        lease = Lease(cand.job.dir, worker, ttl=lease_ttl or LEASE_TTL)
+        if not lease.acquire():
+            continue
+        j = cand.job
+        should_stop = _stop_watch(j, stop)
+
+        try:
+            if echo:
+                echo(
+                    f"{'resuming' if cand.interrupted else 'starting'} job {j.id}"
+                    + (f" ({j.meta['name']})" if j.meta.get("name") else "")
+                )
+            set_state(j.dir, "running", worker=worker)
+            with Heartbeat(lease) as beat:
+                key = (
+                    j.meta["model"],
+                    j.options.device,
+                    j.options.dtype,
+                    j.meta.get("trust_remote_code", False),
+                )
+                if key not in engines:
+                    engines.clear()  # one model in memory at a time
+                    engines[key] = Engine(j.meta["model"], j.options, trust_remote_code=key[3])
+                engine = engines[key]
+                fp = model_fingerprint(j.meta["model"], load_config(j.meta["model"], key[3]))
+                if fp != j.meta.get("model_fingerprint"):
+                    raise RunnerError(
+                        f"the model {j.meta['model']!r} is not the one job {j.id} was submitted with (its files or "
+                        "config changed); resuming with a different model is refused"
+                    )
+                summary = run_job(
+                    j, engine, echo=echo, should_stop=lambda w=should_stop, b=beat: w() or b.lost, deadline=deadline,
+                    lease=lease, shard_rows=shard_rows, shard_seconds=shard_seconds,
+                )  # fmt: skip
+                if beat.error is not None:
+                    raise beat.error
+        except RunnerError as e:
+            set_state(j.dir, "failed", error=str(e))
+            lease.release()
+            j.log(f"failed: {e}")
+            if echo:
+                echo(f"job {j.id} failed: {e}")
+            if isinstance(e, StorageError):
+                raise
+            continue
+        except BaseException:
+            # Ctrl-C twice, or a bug: leave the job as interrupted; its shards are consistent by construction.
+            set_state(j.dir, "queued", interrupted=True)
+            lease.release()
+            raise
+        summaries.append(summary)
+        current = read_state(j.dir)["state"]
+        if current == "cancelled":
+            lease.release()
+            if echo:
+                echo(f"job {j.id} was cancelled; its finished rows are kept")
+            continue
+        if summary.finished:
+            set_state(j.dir, "completed", done=summary.done, errors=summary.errors, total=summary.total)
+            if echo:
+                echo(
+                    f"job {j.id} completed: {summary.done:,}/{summary.total:,} rows, {summary.errors} errors"
+                )
+        else:
+            set_state(j.dir, "queued", interrupted=True)
+        lease.release()
+        if once or not summary.finished:
+            break
+    return summaries
