@@ -215,9 +215,31 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
 @click.option("--until", help="Stop by this local time (HH:MM).")
 @click.option("--job", "job_ref", help="Work on this job only.")
 @click.option("--once", is_flag=True, help="Stop after one job.")
+@click.option(
+    "--shard-rows",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Write a results shard at least every this many rows...",
+)
+@click.option(
+    "--shard-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="...and every this many minutes: the most work a kill can lose.",
+)
 @click.pass_context
 @handle_errors
-def work(ctx: click.Context, hours: float | None, until: str | None, job_ref: str | None, once: bool) -> None:
+def work(
+    ctx: click.Context,
+    hours: float | None,
+    until: str | None,
+    job_ref: str | None,
+    once: bool,
+    shard_rows: int,
+    shard_minutes: float,
+) -> None:
     """Run queued jobs: interrupted ones first, then by priority and age, until the queue is empty or the
     deadline. Ctrl-C (or the deadline) finishes and writes the current batch, then stops; run it again to carry on.
     """
@@ -242,6 +264,8 @@ def work(ctx: click.Context, hours: float | None, until: str | None, job_ref: st
             job=job_ref,
             deadline=deadline,
             once=once,
+            shard_rows=shard_rows,
+            shard_seconds=shard_minutes * 60,
             stop=lambda: stop["requested"],
             echo=_echo,
         )

@@ -56,7 +56,23 @@ def read_lease(job_dir: Path) -> dict[str, Any] | None:
 
 
 def lease_is_fresh(lease: dict[str, Any] | None, now: float | None = None) -> bool:
-    return bool(lease) and float(lease.get("expires", 0)) > (time.time() if now is None else now)
+    """A lease counts until it expires, unless its worker ran on this machine and is plainly gone (its pid
+    no longer exists): then a restarted `runner work` need not wait for the lease to go stale."""
+    if not lease or float(lease.get("expires", 0)) <= (time.time() if now is None else now):
+        return False
+    return not (lease.get("host") == socket.gethostname() and not _pid_alive(lease.get("pid")))
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: assume alive and let the expiry decide
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists but is not ours to signal
+    return True
 
 
 class Lease:

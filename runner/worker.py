@@ -322,6 +322,24 @@ def queue(home: Any = None, only: str | None = None) -> list[Candidate]:
     return out
 
 
+def _held_elsewhere(home: Any, only: str | None, worker: str) -> list[tuple[str, float, str]]:
+    """(job id, lease expiry, worker) of unfinished jobs whose fresh lease belongs to another worker."""
+    from .jobs import all_jobs, find_job
+    from .leases import lease_is_fresh, read_lease, read_state
+
+    jobs = [Job.open(find_job(only, home))] if only else all_jobs(home)
+    out = []
+    for j in jobs:
+        lease = read_lease(j.dir)
+        if (
+            read_state(j.dir)["state"] in ("queued", "running")
+            and lease_is_fresh(lease)
+            and lease.get("worker") != worker
+        ):
+            out.append((j.id, float(lease["expires"]), str(lease.get("worker"))))
+    return out
+
+
 def _stop_watch(job: Job, stop: Callable[[], bool] | None, every: float = 5.0) -> Callable[[], bool]:
     """True once `stop()` is, or once the job has been cancelled (state.json looked at every few seconds:
     reading it on Drive for every batch would be wasteful)."""
@@ -352,6 +370,7 @@ def work(
     lease_ttl: float | None = None,
     shard_rows: int = SHARD_ROWS,
     shard_seconds: float = SHARD_SECONDS,
+    poll: float = 15.0,
 ) -> list[RunSummary]:
     """Work through the queue until it is empty, `deadline` (time.time()) is near, or `stop()` is true.
     `job` restricts the worker to one job; `once` stops after one job. Loaded models are reused across jobs."""
@@ -368,7 +387,21 @@ def work(
             break
         candidates = [c for c in queue(home, job) if c.job.id not in tried]
         if not candidates:
-            break
+            held = _held_elsewhere(home, job, worker)
+            if not held:
+                break
+            # Another worker's lease is fresh: it is working, or it died and the lease has yet to go stale
+            # (a new Colab VM after a crash). Wait and take the job over when the lease expires.
+            wait = min(poll, max(0.5, min(h[1] for h in held) - time.time()))
+            if echo:
+                j, expires, who = min(held, key=lambda h: h[1])
+                echo(f"job {j} is held by worker {who}; waiting up to {max(0, expires - time.time()):.0f} s for its "
+                     "lease to be released or to go stale")  # fmt: skip
+            if deadline is not None and time.time() + wait >= deadline:
+                break
+            time.sleep(wait)
+            tried = {t for t in tried if t not in {h[0] for h in held}}
+            continue
         cand = candidates[0]
         tried.add(cand.job.id)
         lease = Lease(cand.job.dir, worker, ttl=lease_ttl or LEASE_TTL)

@@ -44,7 +44,11 @@ def test_fresh_lease_is_respected_and_stale_lease_taken_over(prompts_file, tiny_
     assert other.acquire()
     set_state(job.dir, "running", worker="other-worker")
     assert queue(runner_home) == []
-    assert work(runner_home, echo=None) == []  # nothing taken while the other worker's lease is fresh
+    said = []
+    started = time.time()
+    # Nothing is taken while the other worker's lease is fresh: the worker waits for it, up to its deadline.
+    assert work(runner_home, echo=said.append, deadline=time.time() + 1.5, poll=0.2) == []
+    assert time.time() - started >= 1.0 and "is held by worker other-worker" in said[0]
     assert not Lease(job.dir, "me", settle=0).acquire()
     # The other worker dies: no more heartbeats, its lease goes stale, and the job is taken over.
     lease = read_lease(job.dir)
@@ -58,7 +62,7 @@ def test_fresh_lease_is_respected_and_stale_lease_taken_over(prompts_file, tiny_
 def test_two_workers_never_run_one_job_at_once(prompts_file, tiny_gpt2, runner_home):
     jobs = [submit(prompts_file, tiny_gpt2) for _ in range(4)]
     results = []
-    threads = [threading.Thread(target=lambda: results.append(work(runner_home, echo=None))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: results.append(work(runner_home, echo=None, poll=0.2))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:

@@ -1,0 +1,152 @@
+"""Kill a real `runner work` process with SIGKILL (as Colab does) at random and at named instants, run it
+again, and check the results are exactly-once and equal to an uninterrupted run."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import runner
+from runner import EngineOptions, GenerationParams
+from runner.jobs import create_job
+from runner.leases import read_state
+from runner.results import valid_shards
+from runner.worker import run_job
+
+N_PROMPTS, N_SAMPLES = 24, 2
+PARAMS = GenerationParams(max_new_tokens=12, temperature=1.0, num_return_sequences=N_SAMPLES, seed=1234)
+OPTIONS = EngineOptions(batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_gpt2):
+    """A submitted job that nothing has run yet (copied per trial), and the uninterrupted reference results."""
+    root = tmp_path_factory.mktemp("kill")
+    prompts = root / "p.jsonl"
+    words = "the old man said that every student reads a language model slowly".split()
+    prompts.write_text("".join(
+        json.dumps({"id": f"r{i:02d}", "prompt": " ".join(words[: 2 + i % len(words)]), "n": i}) + "\n"
+        for i in range(N_PROMPTS)
+    ))  # fmt: skip
+    template = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "template")
+    ref_job = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "reference")
+    run_job(ref_job, echo=None)
+    return template.dir, runner.load_results(ref_job.dir)
+
+
+def fresh_home(tmp_path, prepared):
+    home = tmp_path / "home"
+    home.mkdir(parents=True)
+    shutil.copytree(prepared[0], home / "job")
+    return home, home / "job"
+
+
+def start_worker(home, *extra, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", "--home", str(home), "work", "--shard-rows", "2", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+    )  # fmt: skip
+
+
+def wait_for_generation(job_dir: Path, before: int, proc, timeout=60.0):
+    """Block until this process has logged that it started generating (so a kill lands in the real work)."""
+    log = job_dir / "log.txt"
+    end = time.time() + timeout
+    while time.time() < end:
+        if log.exists() and "rows to generate" in log.read_text()[before:]:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    raise AssertionError("worker did not start generating in time")
+
+
+def log_size(job_dir):
+    log = job_dir / "log.txt"
+    return len(log.read_text()) if log.exists() else 0
+
+
+def assert_exactly_once_and_equal(job_dir, ref, complete=True):
+    df = runner.load_results(job_dir)
+    keys = list(zip(df["id"], df["sample"], strict=True))
+    assert len(keys) == len(set(keys)), "a result row appears twice"
+    merged = df.merge(ref, on=["id", "sample"], suffixes=("", "_ref"))
+    assert len(merged) == len(df)
+    for a, b in zip(merged["token_ids"], merged["token_ids_ref"], strict=True):
+        assert list(a) == list(b)
+    assert (merged["text"] == merged["text_ref"]).all()
+    if complete:
+        assert len(df) == len(ref) == N_PROMPTS * N_SAMPLES
+        assert list(df["id"]) == list(ref["id"]) and list(df["sample"]) == list(ref["sample"])
+    return len(df)
+
+
+def finish(home, job_dir, ref):
+    proc = start_worker(home)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert read_state(job_dir)["state"] == "completed", out
+    assert_exactly_once_and_equal(job_dir, ref)
+
+
+def test_sigkill_at_random_instants(tmp_path, prepared):
+    rng = random.Random(20261122)
+    kills = progressed = 0
+    rounds = 0
+    while kills < 20:
+        rounds += 1
+        home, job_dir = fresh_home(tmp_path / f"round{rounds}", prepared)
+        for _ in range(5):
+            before = log_size(job_dir)
+            proc = start_worker(home)
+            if not wait_for_generation(job_dir, before, proc):
+                proc.wait()
+                break  # the job finished before this start reached generation: nothing left to kill
+            time.sleep(rng.uniform(0, 0.8))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            if proc.returncode == -signal.SIGKILL:
+                kills += 1
+            done = assert_exactly_once_and_equal(job_dir, prepared[1], complete=False)
+            progressed += done > 0
+        finish(home, job_dir, prepared[1])
+    assert kills >= 20 and progressed > 0
+
+
+@pytest.mark.parametrize("point", ["after_generate", "mid_write", "after_shard"])
+def test_sigkill_at_named_points(tmp_path, prepared, point):
+    home, job_dir = fresh_home(tmp_path, prepared)
+    proc = start_worker(home, env_extra={"RUNNER_FAULT": f"{point}:3"})
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, out
+    counted = {s.name for s in valid_shards(job_dir)}
+    on_disk = {p.name for p in (job_dir / "shards").iterdir()}
+    if point == "after_shard":
+        assert len(on_disk - counted) == 1  # the shard without its marker is on disk and does not count
+    if point == "mid_write":
+        assert any(p.startswith(".") for p in on_disk)  # a half-copied temp file, never counted
+    assert_exactly_once_and_equal(job_dir, prepared[1], complete=False)
+    finish(home, job_dir, prepared[1])
+
+
+def test_ctrl_c_finishes_the_batch_and_stops_cleanly(tmp_path, prepared):
+    home, job_dir = fresh_home(tmp_path, prepared)
+    proc = start_worker(home)
+    assert wait_for_generation(job_dir, 0, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    if "completed" not in out:  # unless the whole job beat the signal
+        assert "stopping after the current batch" in out and "run `runner work` again" in out
+        state = read_state(job_dir)
+        assert state["state"] == "queued" and state["interrupted"]
+        assert not (job_dir / "lease.json").exists()
+    finish(home, job_dir, prepared[1])
