@@ -117,20 +117,18 @@ def run(ctx: click.Context, input_path: str, model: str, output: str | None, **k
       runner run examples/prompts.jsonl --model smollm2-135m-instruct --max-new-tokens 64 -o out/
       python -c "import runner; print(runner.load_results('out/').head())"
     """
-    from .jobs import create_job
-    from .worker import run_job
+    from .worker import run as run_api
 
     params, options = build_settings(kw)
-    job = create_job(
-        input_path, model, params, options,
+    _warn_if_not_on_drive(ctx.obj["home"] if output is None else output)
+    job, summary = run_api(
+        input_path, model, params, options, output=output, echo=_echo,
         prompt_field=kw["prompt_field"], template=kw["template"], skip_invalid=kw["skip_invalid"],
-        truncate=kw["truncate"], trust_remote_code=kw["trust_remote_code"],
-        home=ctx.obj["home"], job_dir=output,
+        truncate=kw["truncate"], trust_remote_code=kw["trust_remote_code"], home=ctx.obj["home"],
     )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     if invalid:
         _echo(f"{invalid} invalid row(s) skipped; see {job.dir / 'errors.jsonl'}")
-    summary = run_job(job, echo=_echo)
     _echo(
         f"done: {summary.done:,}/{summary.total:,} rows, {summary.errors} errors, "
         f"{summary.tokens_per_second:,.1f} tok/s"

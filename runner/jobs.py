@@ -126,14 +126,6 @@ def _job_dirs(root: Path) -> list[Path]:
     ]
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_fingerprint(spec: str, config: Any) -> str:
     """Identifies the model's weights well enough to refuse resuming a job on a different model: the config
     plus weight file names and sizes for a local folder, the hub commit for a hub id."""
@@ -206,7 +198,7 @@ def create_job(
         input_path, prompt_field=prompt_field, template=template, skip_invalid=skip_invalid
     )
     identity = {
-        "input_sha256": file_sha256(input_path),
+        "input_sha256": storage.file_sha256(input_path),
         "prompt_field": prompt_field,
         "template": template,
         "skip_invalid": skip_invalid,

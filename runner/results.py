@@ -10,7 +10,6 @@ files that are ignored and whose rows are generated again: nothing is lost and n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -103,14 +102,6 @@ def completions_table(prompts: pa.Table, generated: list[GeneratedRow]) -> pa.Ta
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def next_shard_name(job_dir: Path, worker: str) -> str:
     """`NNNNN-worker`: sortable, and unique even if two workers ever raced on one job."""
     used = [
@@ -143,7 +134,7 @@ def write_shard(job_dir: Path, table: pa.Table, worker: str, metadata: dict[str,
             "shard": f"{name}.parquet",
             "rows": table.num_rows,
             "bytes": local.stat().st_size,
-            "sha256": _sha256(local),
+            "sha256": storage.file_sha256(local),
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         target = job_dir / SHARDS / f"{name}.parquet"

@@ -12,6 +12,7 @@ Temp files start with "." so folder listings that look for results never see the
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -64,16 +65,14 @@ def _tmp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def atomic_write(target: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` to `target` so that readers never see a partial file."""
-    target = Path(target)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+def _replace_into(target: Path, fill: Callable[[Any], None], what: str) -> None:
+    """Write `target` through a temp file (`fill(fileobj)` writes the bytes) + fsync + rename, retried."""
 
     def op() -> None:
         tmp = _tmp_name(target)
         try:
             with open(tmp, "wb") as f:
-                f.write(payload)
+                fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
@@ -82,7 +81,13 @@ def atomic_write(target: str | os.PathLike, data: bytes | str) -> None:
                 tmp.unlink()
         _fsync_dir(target.parent)
 
-    retry(op, f"write {target}")
+    retry(op, what)
+
+
+def atomic_write(target: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` to `target` so that readers never see a partial file."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    _replace_into(Path(target), lambda f: f.write(payload), f"write {target}")
 
 
 def write_json(target: str | os.PathLike, obj: Any) -> None:
@@ -99,26 +104,23 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def publish(local: str | os.PathLike, target: str | os.PathLike) -> None:
     """Copy a finished local file to `target` (temp name + rename); the local file is left in place."""
-    target = Path(target)
 
-    def op() -> None:
-        tmp = _tmp_name(target)
-        try:
-            with open(local, "rb") as src, open(tmp, "wb") as dst:
-                data = src.read(os.path.getsize(local) // 2)
-                dst.write(data)
-                dst.flush()
-                fault_point("mid_write")  # half the bytes are in the job home under the temp name
-                shutil.copyfileobj(src, dst, 1024 * 1024)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        _fsync_dir(target.parent)
+    def fill(dst: Any) -> None:
+        with open(local, "rb") as src:
+            dst.write(src.read(os.path.getsize(local) // 2))
+            dst.flush()
+            fault_point("mid_write")  # half the bytes are in the job home under the temp name
+            shutil.copyfileobj(src, dst, 1024 * 1024)
 
-    retry(op, f"write {target}")
+    _replace_into(Path(target), fill, f"write {target}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

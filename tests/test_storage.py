@@ -1,0 +1,67 @@
+"""The job home misbehaving like a Drive mount: transient errors are retried, permanent ones stop cleanly."""
+
+import errno
+import os
+
+import pytest
+
+from runner import storage
+from runner.storage import StorageError, atomic_write, publish, retry
+
+
+class Flaky:
+    """Wraps a function: raises OSError(code) for the first `fails` calls, then behaves."""
+
+    def __init__(self, fn, code, fails):
+        self.fn, self.code, self.fails, self.calls = fn, code, fails, 0
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise OSError(self.code, os.strerror(self.code))
+        return self.fn(*a, **kw)
+
+
+@pytest.fixture(autouse=True)
+def no_sleep(monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOTCONN, errno.EAGAIN, errno.ESTALE])
+def test_transient_errors_are_retried(tmp_path, monkeypatch, code):
+    flaky = Flaky(os.replace, code, fails=3)
+    monkeypatch.setattr(storage.os, "replace", flaky)
+    atomic_write(tmp_path / "state.json", '{"ok": true}')
+    assert (tmp_path / "state.json").read_text() == '{"ok": true}' and flaky.calls == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp files left behind
+
+
+def test_permanent_errors_stop_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage.os, "replace", Flaky(os.replace, errno.ENOSPC, fails=99))
+    with pytest.raises(StorageError, match=r"cannot write .*state.json: No space left on device \(errno 28\)"):
+        atomic_write(tmp_path / "state.json", "x")
+    assert not (tmp_path / "state.json").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_mount_that_never_comes_back_gives_up(tmp_path):
+    calls = []
+
+    def op():
+        calls.append(1)
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    with pytest.raises(StorageError, match="Transport endpoint is not connected"):
+        retry(op, "list the job home", delays=(0, 0, 0))
+    assert len(calls) == 4
+
+
+def test_publish_copies_under_a_temp_name_then_renames(tmp_path, monkeypatch):
+    src = tmp_path / "local.parquet"
+    src.write_bytes(b"x" * 10_000)
+    seen = []
+    real = os.replace
+    monkeypatch.setattr(storage.os, "replace", lambda a, b: (seen.append((os.path.basename(a), os.path.getsize(a))), real(a, b)))
+    (tmp_path / "home").mkdir()
+    publish(src, tmp_path / "home" / "00001-w.parquet")
+    assert seen[0][0].startswith(".00001-w.parquet.") and seen[0][1] == 10_000
+    assert (tmp_path / "home" / "00001-w.parquet").read_bytes() == src.read_bytes()
