@@ -17,7 +17,7 @@ from .errors import ParamError, RunnerError
 
 GEN_FIELDS = (
     "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
-    "num_return_sequences", "seed", "stop",
+    "num_return_sequences", "seed", "stop", "logprobs", "prompt_logprobs",
 )  # fmt: skip
 ENGINE_FIELDS = ("device", "dtype", "batch_size", "max_batch_tokens")
 
@@ -64,6 +64,8 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("-n", "--num-return-sequences", type=int, help="Samples per prompt [default: 1]."),
         click.option("--seed", type=int, help="Random seed; the same seed gives the same results."),
         click.option("--stop", multiple=True, help='Stop string, repeatable (e.g. --stop "\\n"). Escapes \\n \\t work.'),
+        click.option("--logprobs", type=int, help="Also keep the K most likely alternatives of each token (0-20)."),
+        click.option("--prompt-logprobs", is_flag=True, default=None, help="Also keep the log-prob of every prompt token."),
         click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto]."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
                      help="Weights and compute precision [default: auto: fp32 on CPU, bf16/fp16 on GPU]."),

@@ -40,6 +40,10 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
     stop_reason: str | None  # the stop string that ended it; None for EOS or length
+    # Per generated token, the alternatives as (token_id, logprob, rank), most likely first, the chosen token
+    # included even when it is not among the top K (then last, with its true rank). Only with `logprobs`.
+    top_logprobs: list[list[tuple[int, float, int]]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
 
     @property
     def cumulative_logprob(self) -> float:
@@ -258,7 +262,17 @@ class Engine:
         scanned = [0] * n  # characters of decoded text already searched for stop strings
         longest_stop = max((len(s) for s in params.stop), default=0)
 
-        logits, cache = self._forward(ids, mask, pos, None, last_only=True)
+        want_top = params.logprobs is not None
+        tops: list[list[tuple[int, float, int]]] = [[] for _ in range(n)]
+        prompt_lps: list[list[float | None]] | None = None
+        if params.prompt_logprobs:
+            # Every position's logits, for this one batch: O(batch x prompt x vocab), asked for explicitly.
+            full, cache = self._forward_all(ids, mask, pos)
+            prompt_lps = self._prompt_logprobs(full, ids, mask)
+            logits = full[:, -1, :].float()
+            del full
+        else:
+            logits, cache = self._forward(ids, mask, pos, None, last_only=True)
         next_pos = pos[:, -1] + 1
         for step in range(params.max_new_tokens):
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -280,6 +294,8 @@ class Engine:
                 raise NumericalError([rows[i] for i in bad.nonzero().flatten().tolist()])
             is_eos = torch.isin(tok, self._eos).tolist()
             tok_list, lp_list = tok.tolist(), chosen.tolist()
+            if want_top:
+                self._collect_top(logprobs, tok, chosen, params.logprobs, rows, tops)
             keep: list[int] = []
             for slot, r in enumerate(rows):
                 out_ids[r].append(tok_list[slot])
@@ -322,8 +338,53 @@ class Engine:
             if stop_pos[r] is not None:
                 text = text[: stop_pos[r]]
             reason, stop = finish[r] or ("length", None)
-            results.append(Completion(out_ids[r], out_lps[r], text, reason, stop))
+            results.append(
+                Completion(
+                    out_ids[r], out_lps[r], text, reason, stop,
+                    top_logprobs=tops[r] if want_top else None,
+                    prompt_logprobs=prompt_lps[r] if prompt_lps is not None else None,
+                )
+            )  # fmt: skip
         return results
+
+    def _forward_all(self, input_ids, attention_mask, position_ids):
+        """Prefill keeping every position's logits: ([batch, seq, vocab] float32, cache)."""
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True
+        )
+        return out.logits.float(), out.past_key_values
+
+    @staticmethod
+    def _prompt_logprobs(full, ids, mask) -> list[list[float | None]]:
+        """log P(prompt token i | tokens < i) for the real (unpadded) tokens of each row; the first is None."""
+        import torch
+
+        lp = torch.log_softmax(full[:, :-1, :], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        out = []
+        for r in range(ids.shape[0]):
+            start = int(mask[r].argmax())  # first real token (left padding)
+            out.append([None, *lp[r, start:].tolist()])
+        return out
+
+    @staticmethod
+    def _collect_top(logprobs, tok, chosen, k, rows, tops) -> None:
+        """Append this step's top-k alternatives (plus the chosen token, if not among them) for each row.
+        Keeps [batch, k] per step, never the vocabulary."""
+        if k:
+            top_lp, top_id = logprobs.topk(k, dim=-1)
+            top_lp, top_id = top_lp.tolist(), top_id.tolist()
+        else:
+            top_lp = top_id = [[] for _ in rows]
+        # rank of the chosen token: 1 + how many tokens are strictly more likely
+        ranks = ((logprobs > chosen.unsqueeze(-1)).sum(-1) + 1).tolist()
+        tok_list, ch_list = tok.tolist(), chosen.tolist()
+        for slot, r in enumerate(rows):
+            entry = [
+                (i, lp, rank) for rank, (i, lp) in enumerate(zip(top_id[slot], top_lp[slot], strict=True), 1)
+            ]
+            if tok_list[slot] not in top_id[slot]:
+                entry.append((tok_list[slot], ch_list[slot], ranks[slot]))
+            tops[r].append(entry)
 
     def _detok(self, prefix: list[int], generated: list[int]) -> str:
         """Text of `generated` as it reads after the prompt. Decoding it alone would lose a leading space

@@ -62,6 +62,11 @@ class GenerationParams:
     (and records it) when none is given."""
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation of a sample ends at the first one; it is not included in `text`."""
+    logprobs: int | None = None
+    """Also return the K most likely alternatives of each generated token, in [0, 20] (as vLLM and the
+    OpenAI API; the chosen token is always included). None: only the chosen token's log-prob."""
+    prompt_logprobs: bool = False
+    """Also return the log-prob of every prompt token (the first one has none)."""
 
     def __post_init__(self) -> None:
         # Normalise first (a single stop string becomes a list, ints become floats), then verify.
@@ -93,6 +98,12 @@ class GenerationParams:
                 "repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}."
             )
         _check_int("num_return_sequences", self.num_return_sequences, 1, 1024)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, 20)
+        if not isinstance(self.prompt_logprobs, bool):
+            raise ParamError(
+                "prompt_logprobs", f"prompt_logprobs must be true or false, got {self.prompt_logprobs!r}."
+            )
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**63 - 1)
         for s in self.stop:

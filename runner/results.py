@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,10 +45,20 @@ def passthrough_columns(prompts_schema: pa.Schema) -> list[str]:
     return [n for n in prompts_schema.names if n not in PROMPT_COLUMNS]
 
 
-def generation_schema() -> pa.Schema:
+def top_logprobs_type() -> pa.DataType:
     import pyarrow as pa
 
-    return pa.schema(
+    entry = pa.struct(
+        [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32()), ("rank", pa.int32())]
+    )
+    return pa.list_(pa.list_(entry))
+
+
+def generation_schema(top_logprobs: bool = False, prompt_logprobs: bool = False) -> pa.Schema:
+    """Result columns of a generation job; the optional ones exist when the job asked for them."""
+    import pyarrow as pa
+
+    schema = pa.schema(
         [
             (ORDER, pa.int64()),
             ("id", pa.string()),
@@ -63,6 +74,11 @@ def generation_schema() -> pa.Schema:
             ("cumulative_logprob", pa.float64()),
         ]
     )
+    if top_logprobs:
+        schema = schema.append(pa.field("top_logprobs", top_logprobs_type()))
+    if prompt_logprobs:
+        schema = schema.append(pa.field("prompt_logprobs", pa.list_(pa.float32())))
+    return schema
 
 
 @dataclass
@@ -72,9 +88,14 @@ class GeneratedRow:
     completion: Any  # engine.Completion
 
 
-def completions_table(prompts: pa.Table, generated: list[GeneratedRow]) -> pa.Table:
+def completions_table(
+    prompts: pa.Table,
+    generated: list[GeneratedRow],
+    token_text: Callable[[list[int]], list[str]] | None = None,
+) -> pa.Table:
     """One result row per (prompt, sample): generated columns, then the row's passthrough columns.
-    `prompts` is the job's prompts table (jobs.py), indexed by `GeneratedRow.row`."""
+    `prompts` is the job's prompts table (jobs.py), indexed by `GeneratedRow.row`; `token_text` decodes
+    token ids one by one, for the `token` field of `top_logprobs`."""
     import pyarrow as pa
 
     idx = pa.array([g.row for g in generated], pa.int64())
@@ -94,7 +115,19 @@ def completions_table(prompts: pa.Table, generated: list[GeneratedRow]) -> pa.Ta
         "token_logprobs": pa.array([c.token_logprobs for c in comps], pa.list_(pa.float32())),
         "cumulative_logprob": pa.array([c.cumulative_logprob for c in comps], pa.float64()),
     }
-    schema = generation_schema()
+    has_top = bool(comps) and comps[0].top_logprobs is not None
+    has_prompt = bool(comps) and comps[0].prompt_logprobs is not None
+    if has_top:
+        flat = sorted({t for c in comps for step in c.top_logprobs for t, _, _ in step})
+        text = dict(zip(flat, token_text(flat) if token_text else [None] * len(flat), strict=True))
+        cols["top_logprobs"] = pa.array(
+            [[[{"token_id": t, "token": text[t], "logprob": lp, "rank": rk} for t, lp, rk in step]
+              for step in c.top_logprobs] for c in comps],
+            top_logprobs_type(),
+        )  # fmt: skip
+    if has_prompt:
+        cols["prompt_logprobs"] = pa.array([c.prompt_logprobs for c in comps], pa.list_(pa.float32()))
+    schema = generation_schema(has_top, has_prompt)
     arrays = [cols[f.name].cast(f.type) for f in schema]
     for name in passthrough_columns(prompts.schema):
         schema = schema.append(prompts.schema.field(name))
@@ -190,7 +223,8 @@ def read_results_table(job_dir: Path) -> pa.Table:
     shards = valid_shards(job_dir)
     if not shards:
         prompts_schema = pq.read_schema(job_dir / PROMPTS)
-        schema = generation_schema()
+        params = storage.read_json(job_dir / "job.json").get("params", {})
+        schema = generation_schema(params.get("logprobs") is not None, bool(params.get("prompt_logprobs")))
         for name in passthrough_columns(prompts_schema):
             schema = schema.append(prompts_schema.field(name))
         return schema.empty_table()

@@ -122,6 +122,9 @@ def run_job(
 
     lost = False
 
+    def token_text(ids: list[int]) -> list[str]:
+        return engine.tokenizer.batch_decode([[i] for i in ids])
+
     def flush() -> None:
         nonlocal buffer, last_flush, lost
         if buffer:
@@ -130,7 +133,8 @@ def run_job(
                 lost = True
                 say(f"lease on job {job.id} was taken over by another worker; {len(buffer)} rows discarded")
             else:
-                write_shard(job.dir, completions_table(prompts, buffer), worker, {"job": job.id})
+                table = completions_table(prompts, buffer, token_text)
+                write_shard(job.dir, table, worker, {"job": job.id})
             buffer = []
         last_flush = time.perf_counter()
 

@@ -18,7 +18,9 @@ def invoke(*args):
 @pytest.fixture
 def prompts(tmp_path):
     p = tmp_path / "prompts.jsonl"
-    p.write_text('{"id": "a", "prompt": "The quick brown fox"}\n{"id": "b", "prompt": "Hello"}\n', encoding="utf-8")
+    p.write_text(
+        '{"id": "a", "prompt": "The quick brown fox"}\n{"id": "b", "prompt": "Hello"}\n', encoding="utf-8"
+    )
     return p
 
 
@@ -37,10 +39,16 @@ def test_run_generates_and_prints_the_job_folder(tmp_path, prompts, tiny_gpt2):
     ("args", "message"),
     [
         (["--top-p", "1.5"], "Error: --top-p: top_p must be in (0, 1], got 1.5."),
-        (["--max-new-tokens", "0"], "Error: --max-new-tokens: max_new_tokens must be in [1, 1000000], got 0."),
+        (
+            ["--max-new-tokens", "0"],
+            "Error: --max-new-tokens: max_new_tokens must be in [1, 1000000], got 0.",
+        ),
         (["-n", "3", "--greedy"], "Error: --num-return-sequences: num_return_sequences > 1 needs sampling"),
         (["--device", "tpu"], "Error: --device: device must be auto, cpu, cuda or cuda:N, got 'tpu'."),
-        (["--template", "{x.__class__}"], "Error: --template: template placeholder {x.__class__} is not allowed"),
+        (
+            ["--template", "{x.__class__}"],
+            "Error: --template: template placeholder {x.__class__} is not allowed",
+        ),
     ],
 )
 def test_bad_settings_name_the_option(prompts, tiny_gpt2, args, message):

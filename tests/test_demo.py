@@ -19,6 +19,8 @@ def test_greedy_answer_to_the_capital_of_france_is_paris(tmp_path):
     df = runner.load_results(tmp_path / "out")
     fr = df.set_index("id").loc["fr"]
     assert "Paris" in fr.text, fr.text
-    assert fr.finish_reason == "stop" and df.stop_reason.isna().all()  # ended by <|im_end|>, which is not in the text
+    assert (
+        fr.finish_reason == "stop" and df.stop_reason.isna().all()
+    )  # ended by <|im_end|>, which is not in the text
     assert "<|im_end|>" not in fr.text and fr.prompt.startswith("<|im_start|>")
     assert fr.cumulative_logprob < 0 and len(fr.token_logprobs) == fr.completion_tokens

@@ -46,7 +46,9 @@ def test_batched_greedy_equals_one_at_a_time(request, engine_name, penalty):
 def test_logprobs_match_a_plain_forward_pass(gpt2_engine):
     engine = gpt2_engine
     prompts = ids_of(engine)
-    for prompt, comp in zip(prompts, engine.generate(prompts, GenerationParams(max_new_tokens=10)), strict=True):
+    for prompt, comp in zip(
+        prompts, engine.generate(prompts, GenerationParams(max_new_tokens=10)), strict=True
+    ):
         full = torch.tensor([prompt + comp.token_ids])
         with torch.no_grad():
             logits = engine.model(full).logits[0].float()
@@ -60,7 +62,9 @@ def test_logprobs_are_raw_not_processed(gpt2_engine):
     """Temperature and repetition penalty change which token is picked, never the reported log-prob."""
     engine = gpt2_engine
     prompt = ids_of(engine)[:1]
-    comp = engine.generate(prompt, GenerationParams(max_new_tokens=6, temperature=0.3, repetition_penalty=2.0), [1])[0]
+    comp = engine.generate(
+        prompt, GenerationParams(max_new_tokens=6, temperature=0.3, repetition_penalty=2.0), [1]
+    )[0]
     full = torch.tensor([prompt[0] + comp.token_ids])
     with torch.no_grad():
         lp = torch.log_softmax(engine.model(full).logits[0].float(), -1)
@@ -123,7 +127,9 @@ def test_eos_ends_a_row_and_min_new_tokens_holds_it_back(tiny_gpt2):
     out = engine.generate(prompts, GenerationParams(max_new_tokens=8))
     assert out[0].token_ids == free[0].token_ids[:3]  # the EOS token is kept in token_ids...
     assert out[0].finish_reason == "stop" and out[0].stop_reason is None
-    assert len(out[0].token_logprobs) == 3 and out[0].token_logprobs == pytest.approx(free[0].token_logprobs[:3], abs=1e-5)
+    assert len(out[0].token_logprobs) == 3 and out[0].token_logprobs == pytest.approx(
+        free[0].token_logprobs[:3], abs=1e-5
+    )
     held = engine.generate(prompts[:1], GenerationParams(max_new_tokens=8, min_new_tokens=5))[0]
     assert len(held.token_ids) >= 5 and eos not in held.token_ids[:5]
 
@@ -141,7 +147,9 @@ def test_sentencepiece_keeps_the_leading_space(llama_engine):
     prompt = encode(engine.tokenizer, "The old man said", chat=False)
     c = engine.generate([prompt], GenerationParams(max_new_tokens=6))[0]
     whole = engine.tokenizer.decode(prompt + c.token_ids, skip_special_tokens=True)
-    assert whole.endswith(c.text) and whole == engine.tokenizer.decode(prompt, skip_special_tokens=True) + c.text
+    assert (
+        whole.endswith(c.text) and whole == engine.tokenizer.decode(prompt, skip_special_tokens=True) + c.text
+    )
 
 
 def test_plan_batches_respects_size_and_token_budget():
@@ -160,3 +168,42 @@ def test_left_pad_shapes():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert ids.dtype == torch.long and not math.isnan(float(ids.sum()))
+
+
+def test_top_logprobs_include_the_chosen_token_and_match_the_distribution(gpt2_engine):
+    engine = gpt2_engine
+    prompts = ids_of(engine)[:3]
+    params = GenerationParams(max_new_tokens=5, temperature=1.5, logprobs=3)
+    out = engine.generate(prompts, params, [1, 2, 3])
+    for prompt, c in zip(prompts, out, strict=True):
+        full = torch.tensor([prompt + c.token_ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(engine.model(full).logits[0].float(), -1)
+        assert len(c.top_logprobs) == len(c.token_ids)
+        for t, (tok, step) in enumerate(zip(c.token_ids, c.top_logprobs, strict=True)):
+            dist = lp[len(prompt) - 1 + t]
+            best = dist.topk(3)
+            assert [e[0] for e in step[:3]] == best.indices.tolist() and [e[2] for e in step[:3]] == [1, 2, 3]
+            assert [e[1] for e in step[:3]] == pytest.approx(best.values.tolist(), abs=1e-4)
+            chosen = [e for e in step if e[0] == tok]
+            assert len(chosen) == 1 and chosen[0][2] == int((dist > dist[tok]).sum()) + 1
+            assert len(step) == (3 if tok in best.indices.tolist() else 4)
+    assert any(
+        len(step) == 4 for c in out for step in c.top_logprobs
+    )  # sampling picked outside the top 3 at least once
+    no_alternatives = engine.generate(prompts, GenerationParams(max_new_tokens=5, logprobs=0))
+    assert all(len(step) == 1 and step[0][2] >= 1 for c in no_alternatives for step in c.top_logprobs)
+
+
+def test_prompt_logprobs_match_a_forward_pass_and_do_not_change_generation(gpt2_engine):
+    engine = gpt2_engine
+    prompts = ids_of(engine)
+    plain = engine.generate(prompts, GenerationParams(max_new_tokens=4))
+    with_prompt = engine.generate(prompts, GenerationParams(max_new_tokens=4, prompt_logprobs=True))
+    assert [c.token_ids for c in with_prompt] == [c.token_ids for c in plain]
+    for prompt, c in zip(prompts, with_prompt, strict=True):
+        with torch.no_grad():
+            lp = torch.log_softmax(engine.model(torch.tensor([prompt])).logits[0].float(), -1)
+        expected = [lp[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+        assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(prompt)
+        assert c.prompt_logprobs[1:] == pytest.approx(expected, abs=1e-4)

@@ -65,7 +65,11 @@ def test_each_bad_line_is_named(tmp_path, line, expected):
 
 
 def test_every_problem_is_reported_and_capped(tmp_path):
-    lines = ['{"prompt": "fine"}'] + ['{"prompt": 1}'] * 30 + ['{"id": "x", "prompt": "a"}', '{"id": "x", "prompt": "b"}']
+    lines = (
+        ['{"prompt": "fine"}']
+        + ['{"prompt": 1}'] * 30
+        + ['{"id": "x", "prompt": "a"}', '{"id": "x", "prompt": "b"}']
+    )
     f = write_jsonl(tmp_path / "p.jsonl", lines)
     problems, message = problems_of(f)
     assert len(problems) == 31
@@ -133,9 +137,14 @@ def test_prompt_field_option(tmp_path):
 
 
 def test_parquet_and_csv(tmp_path):
-    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["Hello", "World"], "n": [1, 2]}), tmp_path / "p.parquet")
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "prompt": ["Hello", "World"], "n": [1, 2]}), tmp_path / "p.parquet"
+    )
     ps = read_prompts(tmp_path / "p.parquet")
-    assert [(r.id, r.prompt, r.extra, r.line) for r in ps.rows] == [("a", "Hello", {"n": 1}, 1), ("b", "World", {"n": 2}, 2)]
+    assert [(r.id, r.prompt, r.extra, r.line) for r in ps.rows] == [
+        ("a", "Hello", {"n": 1}, 1),
+        ("b", "World", {"n": 2}, 2),
+    ]
     (tmp_path / "p.csv").write_text('id,prompt\n007,"Hello, world"\n008,\n', encoding="utf-8")
     problems, _ = problems_of(tmp_path / "p.csv")
     assert [p.split("p.csv:")[1] for p in problems] == ["3: prompt: prompt is empty"]
@@ -146,7 +155,10 @@ def test_parquet_and_csv(tmp_path):
 def test_parquet_wrong_types_and_truncated_file(tmp_path):
     pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "ints.parquet")
     problems, _ = problems_of(tmp_path / "ints.parquet")
-    assert [p.split("ints.parquet:")[1] for p in problems] == ["1: prompt: must be a string, got number", "2: prompt: must be a string, got number"]
+    assert [p.split("ints.parquet:")[1] for p in problems] == [
+        "1: prompt: must be a string, got number",
+        "2: prompt: must be a string, got number",
+    ]
     pq.write_table(pa.table({"prompt": [["nested"]]}), tmp_path / "nested.parquet")
     assert problems_of(tmp_path / "nested.parquet")[0][0].endswith("prompt: must be a string, got array")
     data = (tmp_path / "ints.parquet").read_bytes()

@@ -1,6 +1,7 @@
 """Jobs end to end on the tiny model: job folder, Parquet schema, load_results order, resume, bad shards."""
 
 import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,7 +35,9 @@ def prompts_file(tmp_path):
 
 def test_run_writes_schema_and_results_in_input_order(tmp_path, prompts_file, tiny_gpt2, gpt2_engine):
     params = GenerationParams(max_new_tokens=6, temperature=0.9, num_return_sequences=2, seed=1)
-    job, summary = runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "out", engine=gpt2_engine, echo=None)
+    job, summary = runner.run(
+        prompts_file, tiny_gpt2, params, output=tmp_path / "out", engine=gpt2_engine, echo=None
+    )
     assert summary.finished and summary.done == 10 and summary.errors == 0
     df = runner.load_results(tmp_path / "out")
     assert list(df["id"]) == ["fox", "fox", "cat", "cat", "hi", "hi", "lm", "lm", "friend", "friend"]
@@ -62,14 +65,22 @@ def test_run_writes_schema_and_results_in_input_order(tmp_path, prompts_file, ti
     assert pq.read_metadata(valid_shards(job.dir)[0]).metadata[b"runner.job"] == job.id.encode()
 
 
-def test_same_seed_same_results_and_resume_equals_uninterrupted(tmp_path, prompts_file, tiny_gpt2, gpt2_engine):
+def test_same_seed_same_results_and_resume_equals_uninterrupted(
+    tmp_path, prompts_file, tiny_gpt2, gpt2_engine
+):
     params = GenerationParams(max_new_tokens=6, temperature=1.2, num_return_sequences=3, seed=7)
-    ref_job, _ = runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "ref", engine=gpt2_engine, echo=None)
+    ref_job, _ = runner.run(
+        prompts_file, tiny_gpt2, params, output=tmp_path / "ref", engine=gpt2_engine, echo=None
+    )
     ref = runner.load_results(ref_job.dir)
 
-    job = create_job(prompts_file, tiny_gpt2, params, runner.EngineOptions(batch_size=2), job_dir=tmp_path / "cut")
+    job = create_job(
+        prompts_file, tiny_gpt2, params, runner.EngineOptions(batch_size=2), job_dir=tmp_path / "cut"
+    )
     calls = []
-    summary = run_job(job, gpt2_engine, echo=None, shard_rows=1, should_stop=lambda: calls.append(1) or len(calls) > 2)
+    summary = run_job(
+        job, gpt2_engine, echo=None, shard_rows=1, should_stop=lambda: calls.append(1) or len(calls) > 2
+    )
     assert not summary.finished and 0 < summary.done < 15
     partial = runner.load_results(job.dir)
     assert len(partial) == summary.done
@@ -82,13 +93,21 @@ def test_same_seed_same_results_and_resume_equals_uninterrupted(tmp_path, prompt
         assert list(a) == pytest.approx(list(b), abs=1e-4)  # other batches: same tokens, float rounding only
 
 
-def test_rerun_with_same_output_resumes_and_other_settings_are_refused(tmp_path, prompts_file, tiny_gpt2, gpt2_engine):
+def test_rerun_with_same_output_resumes_and_other_settings_are_refused(
+    tmp_path, prompts_file, tiny_gpt2, gpt2_engine
+):
     params = GenerationParams(max_new_tokens=4)
-    job, _ = runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "out", engine=gpt2_engine, echo=None)
-    again, summary = runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "out", engine=gpt2_engine, echo=None)
+    job, _ = runner.run(
+        prompts_file, tiny_gpt2, params, output=tmp_path / "out", engine=gpt2_engine, echo=None
+    )
+    again, summary = runner.run(
+        prompts_file, tiny_gpt2, params, output=tmp_path / "out", engine=gpt2_engine, echo=None
+    )
     assert again.id == job.id and summary.generated == 0 and summary.finished
     with pytest.raises(RunnerError, match="holds a job with other inputs or settings"):
-        runner.run(prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=5), output=tmp_path / "out", echo=None)
+        runner.run(
+            prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=5), output=tmp_path / "out", echo=None
+        )
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(RunnerError, match="exists and is not a runner job folder"):
@@ -96,11 +115,17 @@ def test_rerun_with_same_output_resumes_and_other_settings_are_refused(tmp_path,
 
 
 @pytest.mark.parametrize("damage", ["zero-byte", "truncated", "marker-torn", "marker-missing"])
-def test_damaged_shards_are_not_counted_and_are_redone(tmp_path, prompts_file, tiny_gpt2, gpt2_engine, damage):
+def test_damaged_shards_are_not_counted_and_are_redone(
+    tmp_path, prompts_file, tiny_gpt2, gpt2_engine, damage
+):
     params = GenerationParams(max_new_tokens=4)
-    job, _ = runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "ref", engine=gpt2_engine, echo=None)
+    job, _ = runner.run(
+        prompts_file, tiny_gpt2, params, output=tmp_path / "ref", engine=gpt2_engine, echo=None
+    )
     ref = runner.load_results(job.dir)
-    job = create_job(prompts_file, tiny_gpt2, params, runner.EngineOptions(batch_size=2), job_dir=tmp_path / "out")
+    job = create_job(
+        prompts_file, tiny_gpt2, params, runner.EngineOptions(batch_size=2), job_dir=tmp_path / "out"
+    )
     run_job(job, gpt2_engine, echo=None, shard_rows=2)
     shards = valid_shards(job.dir)
     assert len(shards) == 3
@@ -164,3 +189,19 @@ def test_job_refs_cannot_escape_the_home(prompts_file):
     for bad in ("../x", "/etc", "a/b", "..", ".hidden"):
         with pytest.raises(RunnerError, match="invalid job id or name"):
             runner.load_results(bad) if "/" not in bad else runner.jobs.find_job(bad)
+
+
+def test_top_and_prompt_logprobs_columns(tmp_path, prompts_file, tiny_gpt2, gpt2_engine):
+    params = GenerationParams(max_new_tokens=3, logprobs=2, prompt_logprobs=True)
+    job, _ = runner.run(
+        prompts_file, tiny_gpt2, params, output=tmp_path / "out", engine=gpt2_engine, echo=None
+    )
+    df = runner.load_results(job.dir)
+    first = df.loc[0]
+    assert len(first.top_logprobs) == first.completion_tokens
+    step = list(first.top_logprobs[0])
+    assert set(step[0]) == {"token_id", "token", "logprob", "rank"} and step[0]["rank"] == 1
+    assert step[0]["token"] == gpt2_engine.tokenizer.decode([step[0]["token_id"]])
+    assert len(first.prompt_logprobs) == first.prompt_tokens and math.isnan(
+        first.prompt_logprobs[0]
+    )  # null in Arrow

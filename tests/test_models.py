@@ -71,7 +71,8 @@ def test_gguf_cache_is_keyed_by_file_and_survives_failed_conversions(tmp_path, m
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError):
         resolve_model(str(gguf), cache_dir=cache, progress=None)
-    assert [p.suffix for p in (cache / "models").iterdir()] == [".lock"]  # nothing half made is left or counts
+    # nothing half made is left behind or counts as a cache
+    assert [p.suffix for p in (cache / "models").iterdir()] == [".lock"]
 
     said = []
     first = resolve_model(str(gguf), cache_dir=cache, progress=said.append)

@@ -13,8 +13,12 @@ def test_colab_notebook_runs_top_to_bottom(tmp_path, tiny_gpt2, monkeypatch):
     monkeypatch.setenv("RUNNER_NOTEBOOK_MODEL", tiny_gpt2)
     monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    outputs = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
     assert "not Colab" in outputs
     assert "completed: 6/6 rows" in outputs
     assert any(p.name == "job.json" for p in (tmp_path / "home").rglob("job.json"))

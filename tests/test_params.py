@@ -49,11 +49,15 @@ def test_normalisation_and_sampling_default():
     assert GenerationParams(num_return_sequences=4).do_sample is True
     assert GenerationParams(top_k=50).do_sample is True
     assert GenerationParams(temperature=0).do_sample is False  # temperature 0 means greedy, as in vLLM
-    assert GenerationParams(temperature=1).temperature == 1.0 and isinstance(GenerationParams(top_p=1).top_p, float)
+    assert GenerationParams(temperature=1).temperature == 1.0 and isinstance(
+        GenerationParams(top_p=1).top_p, float
+    )
 
 
 def test_round_trip_through_dict():
-    p = GenerationParams(max_new_tokens=8, temperature=0.7, top_p=0.9, seed=3, stop=["。", "\n"], num_return_sequences=2)
+    p = GenerationParams(
+        max_new_tokens=8, temperature=0.7, top_p=0.9, seed=3, stop=["。", "\n"], num_return_sequences=2
+    )
     assert GenerationParams.from_dict(p.to_dict()) == p
     with pytest.raises(ParamError, match="unknown generation setting 'beams'"):
         GenerationParams.from_dict({**p.to_dict(), "beams": 4})

@@ -38,7 +38,9 @@ def test_transient_errors_are_retried(tmp_path, monkeypatch, code):
 
 def test_permanent_errors_stop_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(storage.os, "replace", Flaky(os.replace, errno.ENOSPC, fails=99))
-    with pytest.raises(StorageError, match=r"cannot write .*state.json: No space left on device \(errno 28\)"):
+    with pytest.raises(
+        StorageError, match=r"cannot write .*state.json: No space left on device \(errno 28\)"
+    ):
         atomic_write(tmp_path / "state.json", "x")
     assert not (tmp_path / "state.json").exists() and list(tmp_path.iterdir()) == []
 
@@ -60,7 +62,11 @@ def test_publish_copies_under_a_temp_name_then_renames(tmp_path, monkeypatch):
     src.write_bytes(b"x" * 10_000)
     seen = []
     real = os.replace
-    monkeypatch.setattr(storage.os, "replace", lambda a, b: (seen.append((os.path.basename(a), os.path.getsize(a))), real(a, b)))
+    monkeypatch.setattr(
+        storage.os,
+        "replace",
+        lambda a, b: (seen.append((os.path.basename(a), os.path.getsize(a))), real(a, b)),
+    )
     (tmp_path / "home").mkdir()
     publish(src, tmp_path / "home" / "00001-w.parquet")
     assert seen[0][0].startswith(".00001-w.parquet.") and seen[0][1] == 10_000

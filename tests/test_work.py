@@ -18,12 +18,16 @@ from runner.worker import queue, run_job, work
 @pytest.fixture
 def prompts_file(tmp_path):
     p = tmp_path / "p.jsonl"
-    p.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"The old man said {i}"}) + "\n" for i in range(6)))
+    p.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": f"The old man said {i}"}) + "\n" for i in range(6))
+    )
     return p
 
 
 def submit(prompts_file, model, **kw):
-    return create_job(prompts_file, model, GenerationParams(max_new_tokens=3), runner.EngineOptions(batch_size=2), **kw)
+    return create_job(
+        prompts_file, model, GenerationParams(max_new_tokens=3), runner.EngineOptions(batch_size=2), **kw
+    )
 
 
 def test_queue_order_interrupted_then_priority_then_age(prompts_file, tiny_gpt2, runner_home):
@@ -38,7 +42,9 @@ def test_queue_order_interrupted_then_priority_then_age(prompts_file, tiny_gpt2,
     assert [c.job.id for c in queue(runner_home)] == [broken.id, urgent.id, old.id, newer.id]
 
 
-def test_fresh_lease_is_respected_and_stale_lease_taken_over(prompts_file, tiny_gpt2, gpt2_engine, runner_home):
+def test_fresh_lease_is_respected_and_stale_lease_taken_over(
+    prompts_file, tiny_gpt2, gpt2_engine, runner_home
+):
     job = submit(prompts_file, tiny_gpt2)
     other = Lease(job.dir, "other-worker", ttl=60, settle=0)
     assert other.acquire()
@@ -62,7 +68,10 @@ def test_fresh_lease_is_respected_and_stale_lease_taken_over(prompts_file, tiny_
 def test_two_workers_never_run_one_job_at_once(prompts_file, tiny_gpt2, runner_home):
     jobs = [submit(prompts_file, tiny_gpt2) for _ in range(4)]
     results = []
-    threads = [threading.Thread(target=lambda: results.append(work(runner_home, echo=None, poll=0.2))) for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(work(runner_home, echo=None, poll=0.2)))
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -111,7 +120,16 @@ def test_status_counts_and_table(prompts_file, tiny_gpt2, gpt2_engine, runner_ho
     s = job_status(Job.open(job.dir))
     assert (s.done, s.total, s.errors, s.state) == (4, 6, 0, "queued (interrupted)")
     table = status_table([s])
-    assert table.splitlines()[0].split() == ["JOB", "NAME", "STATE", "DONE/TOTAL", "TOK/S", "ETA", "ERRORS", "MODEL"]
+    assert table.splitlines()[0].split() == [
+        "JOB",
+        "NAME",
+        "STATE",
+        "DONE/TOTAL",
+        "TOK/S",
+        "ETA",
+        "ERRORS",
+        "MODEL",
+    ]
     assert "nightly" in table and "4/6" in table
 
 
