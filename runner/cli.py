@@ -19,7 +19,7 @@ GEN_FIELDS = (
     "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
     "num_return_sequences", "seed", "stop", "logprobs", "prompt_logprobs",
 )  # fmt: skip
-ENGINE_FIELDS = ("device", "dtype", "batch_size", "max_batch_tokens")
+ENGINE_FIELDS = ("device", "dtype", "batch_size", "max_batch_tokens", "trust_remote_code", "allow_pickle")
 
 
 def _echo(line: str) -> None:
@@ -73,6 +73,8 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-batch-tokens", type=int,
                      help="Most tokens per batch, rows x (longest prompt + max new tokens) [default: from device]."),
         click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run."),
+        click.option("--allow-pickle-weights", "allow_pickle", is_flag=True,
+                     help="Allow pickle-based weights (pytorch_model.bin); only safetensors/GGUF otherwise."),
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
@@ -126,7 +128,7 @@ def run(ctx: click.Context, input_path: str, model: str, output: str | None, **k
     job, summary = run_api(
         input_path, model, params, options, output=output, echo=_echo,
         prompt_field=kw["prompt_field"], template=kw["template"], skip_invalid=kw["skip_invalid"],
-        truncate=kw["truncate"], trust_remote_code=kw["trust_remote_code"], home=ctx.obj["home"],
+        truncate=kw["truncate"], home=ctx.obj["home"],
     )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     if invalid:
@@ -176,8 +178,7 @@ def submit(
     job = create_job(
         input_path, model, params, options,
         prompt_field=kw["prompt_field"], template=kw["template"], skip_invalid=kw["skip_invalid"],
-        truncate=kw["truncate"], trust_remote_code=kw["trust_remote_code"],
-        home=ctx.obj["home"], name=name, priority=priority,
+        truncate=kw["truncate"], home=ctx.obj["home"], name=name, priority=priority,
     )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     _echo(

@@ -20,6 +20,7 @@ import inspect
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .batching import left_pad
@@ -129,6 +130,13 @@ def eos_token_ids(config: Any, generation_config: Any, tokenizer: Any) -> list[i
     return ids
 
 
+def _only_pickle_weights(folder: Path) -> bool:
+    names = {p.name for p in folder.iterdir()}
+    has_safe = any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names)
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    return has_pickle and not has_safe
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
@@ -148,7 +156,7 @@ def peak_memory_bytes(device: Any) -> int:
 class Engine:
     """A loaded model + tokenizer on one device, ready to generate batches."""
 
-    def __init__(self, model: str, options: EngineOptions | None = None, trust_remote_code: bool = False):
+    def __init__(self, model: str, options: EngineOptions | None = None):
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -161,10 +169,18 @@ class Engine:
         self.options = options or EngineOptions()
         self.device = pick_device(self.options.device)
         self.dtype = pick_dtype(self.options.dtype, self.device)
+        trust_remote_code = self.options.trust_remote_code
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         path = resolve_model(model)
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"dtype": self.dtype, "trust_remote_code": trust_remote_code}
+        if not self.options.allow_pickle and Path(path).is_dir() and _only_pickle_weights(Path(path)):
+            raise ModelLoadError(
+                f"model {model!r} has only pickle-based weights (pytorch_model.bin), which can run code when "
+                "loaded; convert them to safetensors, or pass --allow-pickle-weights if you trust the source"
+            )
+        if not self.options.allow_pickle:
+            kwargs["use_safetensors"] = True
         try:
             try:
                 self.model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
@@ -173,7 +189,10 @@ class Engine:
                     raise
                 self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs)  # no sdpa for this model
         except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"cannot load model {model!r}: {_first_line(e)}") from e
+            hint = ""
+            if not self.options.allow_pickle and "safetensors" in str(e).lower():
+                hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
+            raise ModelLoadError(f"cannot load model {model!r}: {_first_line(e)}{hint}") from e
         self.model.to(self.device).eval()
         self.load_seconds = time.perf_counter() - t0
         cfg = self.model.config

@@ -172,7 +172,6 @@ def create_job(
     priority: int = 0,
     home: str | os.PathLike | None = None,
     job_dir: str | os.PathLike | None = None,
-    trust_remote_code: bool = False,
 ) -> Job:
     """Validate everything and store a queued job. Nothing invalid is ever stored.
 
@@ -217,8 +216,8 @@ def create_job(
                 )
             return existing
 
-    config = load_config(model, trust_remote_code)
-    tokenizer = load_tokenizer(model, trust_remote_code)
+    config = load_config(model, options.trust_remote_code)
+    tokenizer = load_tokenizer(model, options.trust_remote_code)
     window = context_window(config, tokenizer)
     budget = None if window is None else window - params.max_new_tokens
     if budget is not None and budget < 1:
@@ -309,7 +308,6 @@ def create_job(
         "params": params.to_dict(),
         "seed": seed,
         "engine": options.to_dict(),
-        "trust_remote_code": trust_remote_code,
         "fingerprint": _fingerprint(identity),
     }
     target = Path(job_dir) if job_dir is not None else (Path(home) if home else default_home()) / job_id

@@ -148,6 +148,11 @@ class EngineOptions:
     """Most sequences in one forward pass, >= 1."""
     max_batch_tokens: int | None = None
     """Most tokens (rows x (longest prompt + max_new_tokens)) in one batch, >= 1; None picks from the device."""
+    trust_remote_code: bool = False
+    """Let a hub model run its own Python code (off unless asked for)."""
+    allow_pickle: bool = False
+    """Load pickle-based weights (pytorch_model.bin), which can run code when loaded; safetensors and GGUF
+    need no such trust."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not (
@@ -160,6 +165,9 @@ class EngineOptions:
         _check_int("batch_size", self.batch_size, 1)
         if self.max_batch_tokens is not None:
             _check_int("max_batch_tokens", self.max_batch_tokens, 1)
+        for name in ("trust_remote_code", "allow_pickle"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

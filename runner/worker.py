@@ -103,9 +103,7 @@ def run_job(
         return summarize(job, 0, 0, 0.0, finished=True)
     if engine is None:
         say(f"loading model {job.meta['model']} ...")
-        engine = Engine(
-            job.meta["model"], job.options, trust_remote_code=job.meta.get("trust_remote_code", False)
-        )
+        engine = Engine(job.meta["model"], job.options)
     budget = job.options.max_batch_tokens or default_batch_tokens(engine)
     plan = plan_batches(
         [len(input_ids[r]) for r, _ in todo], job.options.batch_size, budget, params.max_new_tokens
@@ -140,6 +138,7 @@ def run_job(
 
     stopped = False
     slowest = 0.0
+    fits: dict[str, int | None] = {"rows": None}  # after an out-of-memory, the batch size that worked
     for batch in plan:
         if (
             lost
@@ -150,7 +149,7 @@ def run_job(
             break
         started = time.perf_counter()
         keys = [todo[i] for i in batch]
-        outcomes = _generate_isolating(engine, keys, input_ids, ids, job.seed, params)
+        outcomes = _generate_isolating(engine, keys, input_ids, ids, job.seed, params, fits)
         for (r, s), out in zip(keys, outcomes, strict=True):
             if isinstance(out, Completion):
                 buffer.append(GeneratedRow(r, s, out))
@@ -212,10 +211,16 @@ def _generate_isolating(
     ids: list[str],
     job_seed: int,
     params: Any,
+    fits: dict[str, int | None],
 ) -> list[Completion | tuple[str, str]]:
     """Generate a batch; on out-of-memory or non-finite logits split it in halves and retry, so that only a
     row that fails alone becomes a row error (error type, message) and the rest complete. Splitting never
-    changes results: every sample carries its own seed."""
+    changes results: every sample carries its own seed. After an out-of-memory, `fits["rows"]` remembers the
+    size that then worked, so later batches start there instead of failing first."""
+    cap = fits["rows"]
+    if cap is not None and len(keys) > cap:
+        return [o for i in range(0, len(keys), cap)
+                for o in _generate_isolating(engine, keys[i : i + cap], input_ids, ids, job_seed, params, fits)]  # fmt: skip
     seeds = [sample_seed(job_seed, ids[r], s) for r, s in keys]
     try:
         return list(engine.generate([input_ids[r] for r, _ in keys], params, seeds))
@@ -226,13 +231,16 @@ def _generate_isolating(
         if not is_out_of_memory(e):
             raise
         _free_memory(engine)
+        fits["rows"] = (
+            max(1, len(keys) // 2) if fits["rows"] is None else min(fits["rows"], max(1, len(keys) // 2))
+        )
         if len(keys) == 1:
             return [("out_of_memory", "this row does not fit in memory even alone (shorten the prompt or "
                                       "lower --max-new-tokens)")]  # fmt: skip
     half = len(keys) // 2
-    return _generate_isolating(engine, keys[:half], input_ids, ids, job_seed, params) + _generate_isolating(
-        engine, keys[half:], input_ids, ids, job_seed, params
-    )
+    return _generate_isolating(
+        engine, keys[:half], input_ids, ids, job_seed, params, fits
+    ) + _generate_isolating(engine, keys[half:], input_ids, ids, job_seed, params, fits)
 
 
 def _free_memory(engine: Engine) -> None:
@@ -439,13 +447,14 @@ def work(
                     j.meta["model"],
                     j.options.device,
                     j.options.dtype,
-                    j.meta.get("trust_remote_code", False),
+                    j.options.trust_remote_code,
+                    j.options.allow_pickle,
                 )
                 if engine is not None:
                     engines[key] = engine  # the caller's (tests, notebooks): reused for every job
                 if key not in engines:
                     engines.clear()  # one model in memory at a time
-                    engines[key] = Engine(j.meta["model"], j.options, trust_remote_code=key[3])
+                    engines[key] = Engine(j.meta["model"], j.options)
                 loaded = engines[key]
                 fp = model_fingerprint(j.meta["model"], load_config(j.meta["model"], key[3]))
                 if fp != j.meta.get("model_fingerprint"):

@@ -1,0 +1,145 @@
+"""Runtime faults and hostile input: OOM, NaN logits, pickle weights, fuzzed JSONL. Nothing is lost."""
+
+import json
+import math
+import string
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import runner
+import runner.status
+from runner import EngineOptions, GenerationParams, InputError, ModelLoadError
+from runner.engine import Engine, NumericalError
+from runner.inputs import read_prompts
+from runner.jobs import create_job
+from runner.worker import run_job
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "prompt": "The old man said " * (1 + i % 4)}) + "\n" for i in range(8)
+        )
+    )
+    return p
+
+
+def test_out_of_memory_splits_the_batch_and_loses_nothing(
+    tmp_path, prompts_file, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    params = GenerationParams(max_new_tokens=4, temperature=1.0, seed=5)
+    ref, _ = runner.run(
+        prompts_file, tiny_gpt2, params, output=tmp_path / "ref", engine=gpt2_engine, echo=None
+    )
+    real = Engine.generate
+    sizes = []
+
+    def generate(self, prompts, params, seeds=None):
+        sizes.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self._poison in prompts:
+            raise torch.OutOfMemoryError("CUDA out of memory even alone")
+        return real(self, prompts, params, seeds)
+
+    monkeypatch.setattr(Engine, "generate", generate)
+    gpt2_engine._poison = None
+    job = create_job(prompts_file, tiny_gpt2, params, job_dir=tmp_path / "oom")
+    summary = run_job(job, gpt2_engine, echo=None)
+    assert summary.finished and summary.done == 8 and summary.errors == 0
+    assert sizes == [8, 4, 2, 2, 2, 2]  # halved until it fits; the rest starts at the size that worked
+    out = runner.load_results(job.dir)
+    ref_df = runner.load_results(ref.dir)
+    assert out[["id", "text"]].to_json() == ref_df[["id", "text"]].to_json()
+
+    # Rows that cannot fit even alone become row errors; the job still completes with them counted.
+    gpt2_engine._poison = job.prompts().column("input_ids")[7].as_py()  # rows r3 and r7 share this prompt
+    job2 = create_job(prompts_file, tiny_gpt2, params, job_dir=tmp_path / "oom2")
+    summary = run_job(job2, gpt2_engine, echo=None)
+    assert summary.finished and summary.done == 6 and summary.errors == 2
+    errors = [json.loads(line) for line in (job2.dir / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == ["r3", "r7"]
+    assert {(e["error"], e["stage"]) for e in errors} == {("out_of_memory", "generate")}
+    assert not {"r3", "r7"} & set(runner.load_results(job2.dir)["id"])
+    assert runner.status.job_status(job2).errors == 2
+
+
+def test_nan_logits_never_reach_the_results(tmp_path, prompts_file, tiny_gpt2, monkeypatch):
+    engine = Engine(tiny_gpt2)
+    bad_prompt = engine.tokenizer("The old man said The old man said The old man said ")["input_ids"]
+    real_forward = engine._forward
+
+    def forward(input_ids, attention_mask, position_ids, cache, last_only):
+        logits, cache = real_forward(input_ids, attention_mask, position_ids, cache, last_only)
+        for r in range(input_ids.shape[0] if last_only else 0):  # prefill: a row with bad_prompt overflows
+            row = input_ids[r][attention_mask[r].bool()].tolist()
+            if row == bad_prompt:
+                logits[r] = float("nan")
+        return logits, cache
+
+    monkeypatch.setattr(engine, "_forward", forward)
+    with pytest.raises(NumericalError):
+        engine.generate([bad_prompt], GenerationParams(max_new_tokens=2))
+    job = create_job(prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=3), job_dir=tmp_path / "nan")
+    summary = run_job(job, engine, echo=None)
+    assert summary.finished and summary.errors == 2 and summary.done == 6  # rows r2 and r6 have that prompt
+    df = runner.load_results(job.dir)
+    assert all(math.isfinite(x) for lps in df["token_logprobs"] for x in lps)
+    errors = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == ["r2", "r6"] and {e["error"] for e in errors} == {
+        "numerical_error"
+    }
+
+
+def test_pickle_weights_need_an_explicit_opt_in(tmp_path, prompts_file):
+    from tiny_models import build_tiny_gpt2
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_gpt2(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    (path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), path / "pytorch_model.bin")  # how older fine-tuned GPT-2 folders look
+    with pytest.raises(ModelLoadError, match="only pickle-based weights .* --allow-pickle-weights"):
+        Engine(str(path))
+    assert Engine(str(path), EngineOptions(allow_pickle=True)).num_parameters > 0
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+rows = st.one_of(
+    st.fixed_dictionaries(
+        {"prompt": st.text(min_size=1, max_size=20)}, optional={"id": st.text(max_size=6) | st.integers()}
+    ),
+    st.dictionaries(st.sampled_from(["prompt", "id", "messages", "x"]), json_values, max_size=4),
+    json_values,
+)
+raw_lines = st.one_of(
+    rows.map(lambda r: json.dumps(r).encode()),
+    st.binary(max_size=30),
+    st.text(alphabet=string.printable, max_size=30).map(str.encode),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(raw_lines, min_size=1, max_size=12))
+def test_fuzzed_jsonl_never_crashes_and_every_line_is_accounted_for(tmp_path, lines):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ").replace(b"\r", b" ") for line in lines) + b"\n")
+    try:
+        ps = read_prompts(path, skip_invalid=True)
+        kept, problems = {r.line for r in ps.rows}, {p.line for p in ps.problems}
+    except InputError as e:  # no valid row at all: every problem is still reported
+        kept, problems = set(), {p.line for p in e.problems}
+    assert not kept & problems
+    content = path.read_bytes().split(b"\n")[:-1]
+    non_blank = {i + 1 for i, ln in enumerate(content) if ln.strip(b" \t\x0b\x0c\xef\xbb\xbf")}
+    # Every non-blank line is either kept or reported by its number (a file with no rows at all reports line 0).
+    assert non_blank <= kept | problems or problems == {0}
