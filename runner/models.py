@@ -111,7 +111,9 @@ def _convert(gguf: Path, out: Path) -> None:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our one progress line says what is happening; bars garble log files
     folder, file = str(gguf.parent), gguf.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
