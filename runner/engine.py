@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,9 @@ from .batching import left_pad
 from .errors import ModelLoadError, RunnerError
 from .params import EngineOptions, GenerationParams
 
-DETOKENIZE_CONTEXT = (
-    4  # prompt tokens decoded with the generation, so a leading space survives (SentencePiece)
-)
+_LOAD_LOCK = threading.Lock()  # from_pretrained is not thread-safe (two at once can see meta tensors)
+# Prompt tokens decoded with the generation, so that a leading space survives (SentencePiece).
+DETOKENIZE_CONTEXT = 4
 
 
 @dataclass
@@ -181,18 +182,23 @@ class Engine:
             )
         if not self.options.allow_pickle:
             kwargs["use_safetensors"] = True
-        try:
+        with _LOAD_LOCK:
             try:
-                self.model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
-            except (ValueError, ImportError) as e:
-                if "sdpa" not in str(e).lower() and "attn_implementation" not in str(e):
-                    raise
-                self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs)  # no sdpa for this model
-        except (OSError, ValueError, KeyError) as e:
-            hint = ""
-            if not self.options.allow_pickle and "safetensors" in str(e).lower():
-                hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
-            raise ModelLoadError(f"cannot load model {model!r}: {_first_line(e)}{hint}") from e
+                try:
+                    self.model = AutoModelForCausalLM.from_pretrained(
+                        path, attn_implementation="sdpa", **kwargs
+                    )
+                except (ValueError, ImportError) as e:
+                    if "sdpa" not in str(e).lower() and "attn_implementation" not in str(e):
+                        raise
+                    self.model = AutoModelForCausalLM.from_pretrained(
+                        path, **kwargs
+                    )  # no sdpa for this model
+            except (OSError, ValueError, KeyError) as e:
+                hint = ""
+                if not self.options.allow_pickle and "safetensors" in str(e).lower():
+                    hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
+                raise ModelLoadError(f"cannot load model {model!r}: {_first_line(e)}{hint}") from e
         self.model.to(self.device).eval()
         self.load_seconds = time.perf_counter() - t0
         cfg = self.model.config

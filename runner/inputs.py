@@ -34,9 +34,10 @@ class PromptRow:
 
     line: int
     id: str
-    prompt: str | None
+    prompt: str | None  # the prompt, the text to score/embed, or the context of a continuation
     messages: list[dict[str, str]] | None
     extra: dict[str, Any] = field(default_factory=dict)
+    continuation: str | None = None  # scoring rows with context + continuation fields
 
 
 @dataclass
@@ -205,12 +206,16 @@ def read_prompts(
     prompt_field: str = "prompt",
     template: str | None = None,
     id_field: str = "id",
-    messages_field: str = "messages",
+    messages_field: str | None = "messages",
     skip_invalid: bool = False,
     max_problems_shown: int = 20,
+    pair_fields: tuple[str, str] | None = None,
 ) -> PromptSet:
     """Read and validate a whole prompt file. Raises `InputError` listing every problem unless
-    `skip_invalid`, in which case the problems come back in `PromptSet.problems` for the errors file."""
+    `skip_invalid`, in which case the problems come back in `PromptSet.problems` for the errors file.
+
+    `messages_field=None` refuses chat rows (scoring and embedding take plain text). `pair_fields`
+    (context, continuation) lets a row give a context and a continuation to score instead of a text."""
     path = Path(path)
     fmt = input_format(path)
     if not path.is_file():
@@ -227,7 +232,9 @@ def read_prompts(
         if obj is None:
             problems.append(Problem(name, lineno, None, reason or "unreadable"))
             continue
-        row, problem = _validate_row(name, lineno, obj, prompt_field, tmpl, id_field, messages_field)
+        row, problem = _validate_row(
+            name, lineno, obj, prompt_field, tmpl, id_field, messages_field, pair_fields
+        )
         if problem is not None:
             problems.append(problem)
             continue
@@ -259,7 +266,8 @@ def _validate_row(
     prompt_field: str,
     tmpl: Template | None,
     id_field: str,
-    messages_field: str,
+    messages_field: str | None,
+    pair_fields: tuple[str, str] | None = None,
 ) -> tuple[PromptRow | None, Problem | None]:
     def bad(fld: str | None, msg: str, rid: str | None = None) -> tuple[None, Problem]:
         return None, Problem(name, lineno, fld, msg, rid)
@@ -281,6 +289,23 @@ def _validate_row(
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     consumed = {id_field}
+    if pair_fields and obj.get(pair_fields[1]) is not None:
+        ctx_field, cont_field = pair_fields
+        context, cont = obj.get(ctx_field), obj[cont_field]
+        if not isinstance(context, str):
+            return bad(
+                ctx_field,
+                f"must be a string (may be empty) next to {cont_field!r}, got {_kind(context)}",
+                rid,
+            )
+        if not isinstance(cont, str) or not cont:
+            return bad(
+                cont_field,
+                f"must be a non-empty string, got {_kind(cont) if cont != '' else 'an empty string'}",
+                rid,
+            )
+        consumed.update(pair_fields)
+        return _finish_row(name, lineno, obj, rid, context, None, consumed, cont)
     if tmpl is not None:
         prompt, fld, reason = tmpl.render(obj)
         if prompt is None:
@@ -291,22 +316,39 @@ def _validate_row(
             return bad(prompt_field, f"must be a string, got {_kind(value)}", rid)
         prompt = value
         consumed.add(prompt_field)
-        if messages_field in obj and obj[messages_field] is not None:
+        if messages_field and obj.get(messages_field) is not None:
             return bad(messages_field, f"give either {prompt_field!r} or {messages_field!r}, not both", rid)
-    elif messages_field in obj and obj[messages_field] is not None:
+    elif messages_field and obj.get(messages_field) is not None:
         messages, reason = _check_messages(obj[messages_field])
         if messages is None:
             return bad(messages_field, reason or "invalid", rid)
         consumed.add(messages_field)
     else:
-        return bad(prompt_field, f"missing (each row needs {prompt_field!r} or {messages_field!r})", rid)
+        wanted = [prompt_field] + ([messages_field] if messages_field else [])
+        if pair_fields:
+            wanted.append(" + ".join(pair_fields))
+        return bad(prompt_field, "missing (each row needs " + " or ".join(repr(w) for w in wanted) + ")", rid)
     if prompt is not None and not prompt.strip():
         return bad(prompt_field if tmpl is None else "template", "prompt is empty", rid)
+    return _finish_row(name, lineno, obj, rid, prompt, messages, consumed)
+
+
+def _finish_row(
+    name: str,
+    lineno: int,
+    obj: dict[str, Any],
+    rid: str,
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+    consumed: set[str],
+    continuation: str | None = None,
+) -> tuple[PromptRow | None, Problem | None]:
+    """Last checks on the passthrough columns, then the row."""
     for key, value in obj.items():
         if isinstance(value, float) and not math.isfinite(value):
-            return bad(key, f"must be a finite number, got {value}", rid)
+            return None, Problem(name, lineno, key, f"must be a finite number, got {value}", rid)
     extra = {k: v for k, v in obj.items() if k not in consumed}
-    return PromptRow(lineno, rid, prompt, messages, extra), None
+    return PromptRow(lineno, rid, prompt, messages, extra, continuation), None
 
 
 def _check_messages(value: Any) -> tuple[list[dict[str, str]] | None, str | None]:

@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, storage
 from .errors import InputError, ParamError, Problem, RunnerError
 from .inputs import read_prompts
-from .params import EngineOptions, GenerationParams
-from .results import GENERATION_COLUMNS, ORDER, PROMPTS
+from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+from .results import ORDER, OUTPUT_COLUMNS, PROMPTS
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 JOB_FILE = "job.json"
+KINDS = {GenerationParams: "generate", ScoreParams: "score", EmbedParams: "embed"}
 
 
 def default_home() -> Path:
@@ -73,8 +74,20 @@ class Job:
         return self.meta["id"]
 
     @property
-    def params(self) -> GenerationParams:
-        return GenerationParams.from_dict(self.meta["params"])
+    def kind(self) -> str:
+        return self.meta.get("kind", "generate")
+
+    @property
+    def params(self) -> Any:
+        """GenerationParams, ScoreParams or EmbedParams, by the job's kind."""
+        if self.kind == "generate":
+            return GenerationParams.from_dict(self.meta["params"])
+        return (ScoreParams if self.kind == "score" else EmbedParams)(**self.meta["params"])
+
+    @property
+    def samples(self) -> int:
+        """Result rows per prompt."""
+        return self.params.num_return_sequences if self.kind == "generate" else 1
 
     @property
     def options(self) -> EngineOptions:
@@ -87,7 +100,7 @@ class Job:
     @property
     def total(self) -> int:
         """Result rows the job will have when done: valid prompts x samples."""
-        return int(self.meta["input"]["rows"]) * self.params.num_return_sequences
+        return int(self.meta["input"]["rows"]) * self.samples
 
     def prompts(self) -> pa.Table:
         import pyarrow.parquet as pq
@@ -161,10 +174,10 @@ def _passthrough_array(name: str, values: list[Any]) -> tuple[pa.Array, bool]:
 def create_job(
     input_path: str | os.PathLike,
     model: str,
-    params: GenerationParams | None = None,
+    params: GenerationParams | ScoreParams | EmbedParams | None = None,
     options: EngineOptions | None = None,
     *,
-    prompt_field: str = "prompt",
+    prompt_field: str | None = None,
     template: str | None = None,
     skip_invalid: bool = False,
     truncate: str = "none",
@@ -175,16 +188,24 @@ def create_job(
 ) -> Job:
     """Validate everything and store a queued job. Nothing invalid is ever stored.
 
+    The kind of job follows from `params`: GenerationParams (generate; the default), ScoreParams (score the
+    log-probability of texts, or of a continuation given a context) or EmbedParams (one vector per text).
+    `prompt_field` is the column holding the prompt/text: `prompt` for generation, `text` otherwise.
+
     `job_dir` puts the job in that folder (as `runner run -o DIR`); an existing job there with the same
     inputs and settings is returned as is (to be resumed); one with other settings is refused.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .batching import encode, render_prompt
     from .engine import context_window, load_config, load_tokenizer
 
     params = params or GenerationParams()
+    kind = KINDS.get(type(params))
+    if kind is None:
+        raise TypeError(
+            f"params must be GenerationParams, ScoreParams or EmbedParams, not {type(params).__name__}"
+        )
     options = options or EngineOptions()
     if truncate not in ("none", "left"):
         raise ParamError("truncate", f"truncate must be none or left, got {truncate!r}.")
@@ -193,9 +214,13 @@ def create_job(
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ParamError("priority", f"priority must be an integer, got {priority!r}.")
     input_path = Path(input_path)
+    if prompt_field is None:
+        prompt_field = "prompt" if kind == "generate" else "text"
     prompt_set = read_prompts(
-        input_path, prompt_field=prompt_field, template=template, skip_invalid=skip_invalid
-    )
+        input_path, prompt_field=prompt_field, template=template, skip_invalid=skip_invalid,
+        messages_field="messages" if kind == "generate" else None,
+        pair_fields=("context", "continuation") if kind == "score" else None,
+    )  # fmt: skip
     identity = {
         "input_sha256": storage.file_sha256(input_path),
         "prompt_field": prompt_field,
@@ -219,46 +244,24 @@ def create_job(
     config = load_config(model, options.trust_remote_code)
     tokenizer = load_tokenizer(model, options.trust_remote_code)
     window = context_window(config, tokenizer)
-    budget = None if window is None else window - params.max_new_tokens
-    if budget is not None and budget < 1:
+    if kind == "generate" and window is not None and window - params.max_new_tokens < 1:
         raise ParamError(
             "max_new_tokens",
             f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in the model's "
             f"context window of {window} tokens.",
         )
     problems: list[Problem] = list(prompt_set.problems)
-    kept, texts, ids_list = [], [], []
+    kept, texts, ids_list, froms = [], [], [], []
     for row in prompt_set.rows:
         try:
-            text = render_prompt(row.prompt, row.messages, tokenizer)
-        except RunnerError as e:
-            problems.append(Problem(prompt_set.path, row.line, "messages", str(e), row.id))
-            continue
-        ids = encode(tokenizer, text, chat=row.messages is not None)
-        if budget is not None and len(ids) > budget:
-            if truncate == "left":
-                ids = ids[-budget:]  # keep the end of the prompt: the part the answer follows
-            else:
-                problems.append(
-                    Problem(
-                        prompt_set.path,
-                        row.line,
-                        row.messages and "messages" or prompt_field,
-                        f"prompt is {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} it exceeds "
-                        f"the model's context window of {window} tokens (shorten it, lower --max-new-tokens, "
-                        f"or pass --truncate left)",
-                        row.id,
-                    )  # fmt: skip
-                )
-                continue
-        if not ids:
-            problems.append(
-                Problem(prompt_set.path, row.line, prompt_field, "prompt encodes to no tokens", row.id)
-            )
+            text, ids, score_from = _prepare_row(kind, row, tokenizer, params, window, truncate)
+        except _RowProblem as e:
+            problems.append(Problem(prompt_set.path, row.line, e.field or prompt_field, str(e), row.id))
             continue
         kept.append(row)
         texts.append(text)
         ids_list.append(ids)
+        froms.append(score_from)
     if problems and (not skip_invalid or not kept):
         raise InputError(problems)
 
@@ -270,10 +273,13 @@ def create_job(
         "input_ids": pa.array(ids_list, pa.list_(pa.int32())),
         "prompt_tokens": pa.array([len(i) for i in ids_list], pa.int32()),
     }
+    if kind == "score":
+        columns["score_from"] = pa.array(froms, pa.int32())
+        columns["continuation"] = pa.array([r.continuation for r in kept], pa.string())
     json_columns, renamed = [], {}
     for col in prompt_set.columns:
         # An input column named like an output column (say `text`) keeps its data as `input_text`.
-        out_name = f"input_{col}" if col in GENERATION_COLUMNS or col in columns else col
+        out_name = f"input_{col}" if col in OUTPUT_COLUMNS[kind] or col in columns else col
         if out_name != col:
             renamed[col] = out_name
         arr, as_json = _passthrough_array(col, [r.extra.get(col) for r in kept])
@@ -287,13 +293,14 @@ def create_job(
     meta = {
         "id": job_id,
         "name": name,
-        "kind": "generate",
+        "kind": kind,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "priority": priority,
         "runner_version": __version__,
         "model": model,
         "model_fingerprint": model_fingerprint(model, config),
         "context_window": window,
+        "embedding_dim": _hidden_size(config) if kind == "embed" else None,
         "input": {
             "path": str(input_path.resolve()),
             "sha256": identity["input_sha256"],
@@ -336,6 +343,58 @@ def create_job(
         f"created job {job_id}: {len(kept)} prompts x {params.num_return_sequences} samples, model {model}"
     )
     return job
+
+
+def _hidden_size(config: Any) -> int | None:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+
+
+class _RowProblem(Exception):
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def _prepare_row(kind: str, row: Any, tokenizer: Any, params: Any, window: int | None, truncate: str):
+    """(text sent to the model, token ids, index of the first token to score) for one row; raises
+    _RowProblem naming the field when the row cannot be done."""
+    from .batching import encode, render_prompt
+
+    if kind == "score":
+        from .scoring import split_context, tokenize_text
+
+        if row.continuation is not None:
+            ctx, cont = split_context(tokenizer, row.prompt, row.continuation)
+            if window is not None and len(ctx) + len(cont) > window:
+                if len(cont) >= window:
+                    raise _RowProblem(f"continuation is {len(cont)} tokens, over the context window of {window}",
+                                      "continuation")  # fmt: skip
+                ctx = ctx[len(ctx) + len(cont) - window :]  # as lm-eval: keep the end of the context
+            return row.prompt, ctx + cont, len(ctx)
+        ids = tokenize_text(tokenizer, row.prompt, add_bos=params.add_bos, add_eos=params.add_eos)
+        if len(ids) < 2:
+            raise _RowProblem("text has no token to score (it needs a context token before it)")
+        return row.prompt, ids, 1  # longer than the window: scored in strided windows at work time
+    try:
+        text = render_prompt(row.prompt, row.messages, tokenizer)
+    except RunnerError as e:
+        raise _RowProblem(str(e), "messages") from e
+    ids = encode(tokenizer, text, chat=row.messages is not None)
+    budget = None if window is None else window - (params.max_new_tokens if kind == "generate" else 0)
+    if budget is not None and len(ids) > budget:
+        if truncate != "left":
+            need = f"; with max_new_tokens={params.max_new_tokens} it" if kind == "generate" else ", which"
+            lower = ", lower --max-new-tokens" if kind == "generate" else ""
+            raise _RowProblem(
+                f"prompt is {len(ids)} tokens{need} exceeds the model's context window of {window} tokens "
+                f"(shorten it{lower}, or pass --truncate left)",
+                "messages" if row.messages else None,
+            )
+        ids = ids[-budget:]  # keep the end of the prompt: the part the answer follows
+    if not ids:
+        raise _RowProblem("prompt encodes to no tokens")
+    return text, ids, 0
 
 
 def _existing_job(path: Path) -> Job | None:

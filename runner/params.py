@@ -171,3 +171,42 @@ class EngineOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class ScoreParams:
+    """How to score texts (`runner score`). Like gpt2-score: the log-probability of each text under the model."""
+
+    add_bos: bool = True
+    """Prepend the BOS token (EOS for models without one, as GPT-2) as context, so the first word is scored
+    too; the BOS itself is never scored."""
+    add_eos: bool = False
+    """Append EOS and score it too: "and then the text ends" (gpt2-score scores it unless --exclude-end)."""
+    stride: int | None = None
+    """Texts longer than the context window are scored in windows advancing by this many tokens, each token
+    scored once with as much context as fits; None: half the window."""
+
+    def __post_init__(self) -> None:
+        for name in ("add_bos", "add_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.stride is not None:
+            _check_int("stride", self.stride, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EmbedParams:
+    """How to embed texts (`runner embed`), as seed gpt2-transform does: one vector per text."""
+
+    pooling: str = "mean"
+    """mean: average of the last hidden states over the real tokens; last: the last real token's state."""
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("mean", "last"):
+            raise ParamError("pooling", f"pooling must be mean or last, got {self.pooling!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

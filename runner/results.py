@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 SHARDS, MARKERS, PROMPTS = "shards", "done", "prompts.parquet"
 ORDER = "_row"  # input order of the row (0-based over valid rows); sorts results, dropped by load_results
 # Columns of a job's prompts table (jobs.py) that are not passed through to the results as they are.
-PROMPT_COLUMNS = (ORDER, "line", "id", "prompt", "input_ids", "prompt_tokens")
+PROMPT_COLUMNS = (ORDER, "line", "id", "prompt", "input_ids", "prompt_tokens", "score_from", "continuation")
 
 # Output columns of a generation job, in order; passthrough input columns follow them.
 GENERATION_COLUMNS = (
@@ -135,6 +135,89 @@ def completions_table(
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+SCORE_COLUMNS = (
+    "id", "text", "context", "continuation", "logprob", "mean_logprob", "perplexity", "num_tokens", "is_greedy",
+    "token_ids", "tokens", "token_logprobs",
+)  # fmt: skip
+EMBED_COLUMNS = ("id", "text", "num_tokens", "embedding")
+OUTPUT_COLUMNS = {"generate": GENERATION_COLUMNS, "score": SCORE_COLUMNS, "embed": EMBED_COLUMNS}
+
+
+def score_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([
+        (ORDER, pa.int64()), ("id", pa.string()), ("sample", pa.int32()), ("text", pa.string()),
+        ("context", pa.string()), ("continuation", pa.string()), ("logprob", pa.float64()),
+        ("mean_logprob", pa.float64()), ("perplexity", pa.float64()), ("num_tokens", pa.int32()),
+        ("is_greedy", pa.bool_()), ("token_ids", pa.list_(pa.int32())), ("tokens", pa.list_(pa.string())),
+        ("token_logprobs", pa.list_(pa.float32())),
+    ])  # fmt: skip
+
+
+def embed_schema(dim: int) -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([
+        (ORDER, pa.int64()), ("id", pa.string()), ("sample", pa.int32()), ("text", pa.string()),
+        ("num_tokens", pa.int32()), ("embedding", pa.list_(pa.float32(), dim)),
+    ])  # fmt: skip
+
+
+def _with_passthrough(schema: pa.Schema, cols: dict[str, Any], prompts: pa.Table, base: pa.Table) -> pa.Table:
+    import pyarrow as pa
+
+    arrays = [cols[f.name].cast(f.type) if hasattr(cols[f.name], "cast") else pa.array(cols[f.name], f.type)
+              for f in schema]  # fmt: skip
+    for name in passthrough_columns(prompts.schema):
+        schema = schema.append(prompts.schema.field(name))
+        arrays.append(base.column(name))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def score_table(
+    prompts: pa.Table, scored: list[GeneratedRow], token_text: Callable[[list[int]], list[str]]
+) -> pa.Table:
+    """One row per scored text: `completion` of each GeneratedRow is a scoring.TextScore."""
+    import math
+
+    import pyarrow as pa
+
+    base = prompts.take(pa.array([g.row for g in scored], pa.int64()))
+    conts = base.column("continuation").to_pylist()
+    texts = base.column("prompt").to_pylist()
+    res = [g.completion for g in scored]
+    cols = {
+        ORDER: base.column(ORDER), "id": base.column("id"), "sample": [0] * len(scored),
+        "text": [None if c is not None else t for t, c in zip(texts, conts, strict=True)],
+        "context": [t if c is not None else None for t, c in zip(texts, conts, strict=True)],
+        "continuation": conts,
+        "logprob": [r.logprob for r in res],
+        "mean_logprob": [r.logprob / len(r.token_logprobs) for r in res],
+        "perplexity": [math.exp(-r.logprob / len(r.token_logprobs)) for r in res],
+        "num_tokens": [len(r.token_ids) for r in res],
+        "is_greedy": [r.is_greedy for r in res],
+        "token_ids": [r.token_ids for r in res],
+        "tokens": [token_text(r.token_ids) for r in res],
+        "token_logprobs": [r.token_logprobs for r in res],
+    }  # fmt: skip
+    return _with_passthrough(score_schema(), cols, prompts, base)
+
+
+def embed_table(prompts: pa.Table, embedded: list[GeneratedRow]) -> pa.Table:
+    """One row per text: `completion` of each GeneratedRow is its vector (list of floats)."""
+    import pyarrow as pa
+
+    base = prompts.take(pa.array([g.row for g in embedded], pa.int64()))
+    dim = len(embedded[0].completion)
+    cols = {
+        ORDER: base.column(ORDER), "id": base.column("id"), "sample": [0] * len(embedded),
+        "text": base.column("prompt"), "num_tokens": base.column("prompt_tokens"),
+        "embedding": [g.completion for g in embedded],
+    }  # fmt: skip
+    return _with_passthrough(embed_schema(dim), cols, prompts, base)
+
+
 def next_shard_name(job_dir: Path, worker: str) -> str:
     """`NNNNN-worker`: sortable, and unique even if two workers ever raced on one job."""
     used = [
@@ -223,8 +306,16 @@ def read_results_table(job_dir: Path) -> pa.Table:
     shards = valid_shards(job_dir)
     if not shards:
         prompts_schema = pq.read_schema(job_dir / PROMPTS)
-        params = storage.read_json(job_dir / "job.json").get("params", {})
-        schema = generation_schema(params.get("logprobs") is not None, bool(params.get("prompt_logprobs")))
+        meta = storage.read_json(job_dir / "job.json")
+        params, kind = meta.get("params", {}), meta.get("kind", "generate")
+        if kind == "score":
+            schema = score_schema()
+        elif kind == "embed":
+            schema = embed_schema(int(meta.get("embedding_dim") or 0))
+        else:
+            schema = generation_schema(
+                params.get("logprobs") is not None, bool(params.get("prompt_logprobs"))
+            )
         for name in passthrough_columns(prompts_schema):
             schema = schema.append(prompts_schema.field(name))
         return schema.empty_table()

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import storage
 from .batching import plan_batches
-from .engine import Completion, Engine, NumericalError, peak_memory_bytes
+from .engine import Engine, NumericalError, peak_memory_bytes
 from .errors import RunnerError
 from .faults import fault_point
 from .jobs import Job
@@ -85,13 +85,11 @@ def run_job(
     """Generate every missing result row of `job`. Returns when all are done, or early (rows finished so far
     written first) when `should_stop()` says so, when the next batch would not end before `deadline` (a
     `time.time()` value), or when `lease` is no longer ours. Checked between batches."""
-    params = job.params
-    n = params.num_return_sequences
     prompts = job.prompts()
     ids = prompts.column("id").to_pylist()
     input_ids = prompts.column("input_ids").to_pylist()
     done = done_keys(job.dir) | failed_keys(job)
-    todo = [(r, s) for r in range(len(ids)) for s in range(n) if (r, s) not in done]
+    todo = [(r, s) for r in range(len(ids)) for s in range(job.samples) if (r, s) not in done]
     t0 = time.perf_counter()
 
     def say(line: str) -> None:
@@ -104,12 +102,11 @@ def run_job(
     if engine is None:
         say(f"loading model {job.meta['model']} ...")
         engine = Engine(job.meta["model"], job.options)
+    task = make_task(job, engine, prompts)
     budget = job.options.max_batch_tokens or default_batch_tokens(engine)
-    plan = plan_batches(
-        [len(input_ids[r]) for r, _ in todo], job.options.batch_size, budget, params.max_new_tokens
-    )
+    plan = plan_batches([len(input_ids[r]) for r, _ in todo], job.options.batch_size, budget, task.new_tokens)
     say(
-        f"job {job.id}: {len(todo):,} of {job.total:,} rows to generate in {len(plan):,} batches "
+        f"job {job.id}: {len(todo):,} of {job.total:,} rows to {job.kind} in {len(plan):,} batches "
         f"on {engine.device} ({str(engine.dtype).replace('torch.', '')})"
     )
     worker = secrets.token_hex(2)
@@ -131,7 +128,7 @@ def run_job(
                 lost = True
                 say(f"lease on job {job.id} was taken over by another worker; {len(buffer)} rows discarded")
             else:
-                table = completions_table(prompts, buffer, token_text)
+                table = task.table(prompts, buffer, token_text)
                 write_shard(job.dir, table, worker, {"job": job.id})
             buffer = []
         last_flush = time.perf_counter()
@@ -149,18 +146,20 @@ def run_job(
             break
         started = time.perf_counter()
         keys = [todo[i] for i in batch]
-        outcomes = _generate_isolating(engine, keys, input_ids, ids, job.seed, params, fits)
+        outcomes = _isolating(engine, task.compute, keys, fits)
+        batch_tokens = 0
         for (r, s), out in zip(keys, outcomes, strict=True):
-            if isinstance(out, Completion):
-                buffer.append(GeneratedRow(r, s, out))
-                generated += 1
-                tokens += len(out.token_ids)
-            else:
+            if isinstance(out, RowError):
                 errors += 1
                 storage.append_line(job.dir / "errors.jsonl", json.dumps(
                     {"id": ids[r], "line": prompts.column("line")[r].as_py(), "row": r, "sample": s,
-                     "stage": "generate", "error": out[0], "message": out[1]}, ensure_ascii=False))  # fmt: skip
-        progress.update(len(keys), sum(len(o.token_ids) for o in outcomes if isinstance(o, Completion)))
+                     "stage": "generate", "error": out.error, "message": out.message}, ensure_ascii=False))  # fmt: skip
+            else:
+                buffer.append(GeneratedRow(r, s, out))
+                generated += 1
+                batch_tokens += task.tokens(out)
+        tokens += batch_tokens
+        progress.update(len(keys), batch_tokens)
         slowest = max(slowest, time.perf_counter() - started)
         fault_point("after_generate")
         if len(buffer) >= shard_rows or time.perf_counter() - last_flush >= shard_seconds:
@@ -204,43 +203,85 @@ def default_batch_tokens(engine: Engine) -> int:
     return max(1024, int(0.5 * free / max(per_token, 1)))
 
 
-def _generate_isolating(
+@dataclass
+class RowError:
+    """A row that could not be done, recorded in errors.jsonl instead of the results."""
+
+    error: str
+    message: str
+
+
+@dataclass
+class Task:
+    """What a job kind does with a batch of (row, sample) keys, and how its results become a table."""
+
+    compute: Callable[[list[tuple[int, int]]], list[Any]]
+    table: Callable[..., Any]
+    tokens: Callable[[Any], int]  # tokens produced or read for one result, for tok/s
+    new_tokens: int  # tokens each sequence grows by, for the batch budget
+
+
+def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
+    params = job.params
+    ids = prompts.column("id").to_pylist()
+    input_ids = prompts.column("input_ids").to_pylist()
+    if job.kind == "generate":
+
+        def generate(keys: list[tuple[int, int]]) -> list[Any]:
+            seeds = [sample_seed(job.seed, ids[r], s) for r, s in keys]
+            return engine.generate([input_ids[r] for r, _ in keys], params, seeds)
+
+        return Task(generate, completions_table, lambda c: len(c.token_ids), params.max_new_tokens)
+    from . import scoring
+    from .results import embed_table, score_table
+
+    if job.kind == "score":
+        froms = prompts.column("score_from").to_pylist()
+        stride = params.stride
+
+        def score(keys: list[tuple[int, int]]) -> list[Any]:
+            rows = [r for r, _ in keys]
+            return scoring.score_rows(engine, [input_ids[r] for r in rows], [froms[r] for r in rows], stride)
+
+        return Task(score, score_table, lambda res: len(res.token_ids), 0)
+
+    def embed(keys: list[tuple[int, int]]) -> list[Any]:
+        return scoring.embed_batch(engine, [input_ids[r] for r, _ in keys], params.pooling)
+
+    return Task(embed, lambda p, rows, _t: embed_table(p, rows), lambda v: 0, 0)
+
+
+def _isolating(
     engine: Engine,
+    compute: Callable[[list[tuple[int, int]]], list[Any]],
     keys: list[tuple[int, int]],
-    input_ids: list[list[int]],
-    ids: list[str],
-    job_seed: int,
-    params: Any,
     fits: dict[str, int | None],
-) -> list[Completion | tuple[str, str]]:
-    """Generate a batch; on out-of-memory or non-finite logits split it in halves and retry, so that only a
-    row that fails alone becomes a row error (error type, message) and the rest complete. Splitting never
-    changes results: every sample carries its own seed. After an out-of-memory, `fits["rows"]` remembers the
-    size that then worked, so later batches start there instead of failing first."""
+) -> list[Any]:
+    """Run `compute` on a batch; on out-of-memory or non-finite logits split it in halves and retry, so that
+    only a row that fails alone becomes a `RowError` and the rest complete. Splitting never changes results:
+    every sample carries its own seed. After an out-of-memory, `fits["rows"]` remembers the size that then
+    worked, so later batches start there instead of failing first."""
     cap = fits["rows"]
     if cap is not None and len(keys) > cap:
-        return [o for i in range(0, len(keys), cap)
-                for o in _generate_isolating(engine, keys[i : i + cap], input_ids, ids, job_seed, params, fits)]  # fmt: skip
-    seeds = [sample_seed(job_seed, ids[r], s) for r, s in keys]
+        return [
+            o for i in range(0, len(keys), cap) for o in _isolating(engine, compute, keys[i : i + cap], fits)
+        ]
     try:
-        return list(engine.generate([input_ids[r] for r, _ in keys], params, seeds))
+        return list(compute(keys))
     except NumericalError:
         if len(keys) == 1:
-            return [("numerical_error", "the model produced NaN/inf logits (try --dtype float32)")]
+            return [RowError("numerical_error", "the model produced NaN/inf logits (try --dtype float32)")]
     except Exception as e:
         if not is_out_of_memory(e):
             raise
         _free_memory(engine)
-        fits["rows"] = (
-            max(1, len(keys) // 2) if fits["rows"] is None else min(fits["rows"], max(1, len(keys) // 2))
-        )
+        half = max(1, len(keys) // 2)
+        fits["rows"] = half if fits["rows"] is None else min(fits["rows"], half)
         if len(keys) == 1:
-            return [("out_of_memory", "this row does not fit in memory even alone (shorten the prompt or "
-                                      "lower --max-new-tokens)")]  # fmt: skip
+            return [RowError("out_of_memory", "this row does not fit in memory even alone (shorten the prompt "
+                                              "or lower --max-new-tokens)")]  # fmt: skip
     half = len(keys) // 2
-    return _generate_isolating(
-        engine, keys[:half], input_ids, ids, job_seed, params, fits
-    ) + _generate_isolating(engine, keys[half:], input_ids, ids, job_seed, params, fits)
+    return _isolating(engine, compute, keys[:half], fits) + _isolating(engine, compute, keys[half:], fits)
 
 
 def _free_memory(engine: Engine) -> None:
