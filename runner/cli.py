@@ -41,44 +41,73 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Input, model, generation and engine options shared by `run` and `submit`."""
-    options = [
-        click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False)),
-        click.option("-m", "--model", required=True,
-                     help="Hub id (gpt2), local model folder, .gguf file, or the offline demo smollm2-135m-instruct."),
-        click.option("--prompt-field", default="prompt", show_default=True, help="Column holding the prompt."),
-        click.option("--template", help='Prompt template filled from columns, e.g. "Q: {question}\\nA:".'),
-        click.option("--skip-invalid", is_flag=True,
-                     help="Run the valid rows; list invalid ones with reasons in the job's errors.jsonl."),
-        click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
-                     help="Prompts over the context window: refuse (none) or keep their end (left)."),
-        click.option("--max-new-tokens", type=int, help="Tokens to generate per sample [default: 64]."),
-        click.option("--min-new-tokens", type=int, help="Suppress EOS/stop strings until this many tokens."),
-        click.option("--do-sample/--greedy", default=None,
-                     help="Sample or decode greedily [default: sample iff --temperature/--top-p/--top-k/-n ask]."),
-        click.option("--temperature", type=float, help="Sampling temperature; 0 = greedy [default: 1.0]."),
-        click.option("--top-p", type=float, help="Nucleus sampling mass in (0, 1] [default: 1.0]."),
-        click.option("--top-k", type=int, help="Sample from the k most likely tokens; 0 = off [default: 0]."),
-        click.option("--repetition-penalty", type=float, help="Penalty > 0 for repeated tokens [default: 1.0]."),
-        click.option("-n", "--num-return-sequences", type=int, help="Samples per prompt [default: 1]."),
-        click.option("--seed", type=int, help="Random seed; the same seed gives the same results."),
-        click.option("--stop", multiple=True, help='Stop string, repeatable (e.g. --stop "\\n"). Escapes \\n \\t work.'),
-        click.option("--logprobs", type=int, help="Also keep the K most likely alternatives of each token (0-20)."),
-        click.option("--prompt-logprobs", is_flag=True, default=None, help="Also keep the log-prob of every prompt token."),
-        click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto]."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-                     help="Weights and compute precision [default: auto: fp32 on CPU, bf16/fp16 on GPU]."),
-        click.option("--batch-size", type=int, help="Most sequences per batch [default: 64]."),
-        click.option("--max-batch-tokens", type=int,
-                     help="Most tokens per batch, rows x (longest prompt + max new tokens) [default: from device]."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run."),
-        click.option("--allow-pickle-weights", "allow_pickle", is_flag=True,
-                     help="Allow pickle-based weights (pytorch_model.bin); only safetensors/GGUF otherwise."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _apply(options: list[Callable[..., Any]]) -> Callable[..., Any]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+input_options = _apply([
+    click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False)),
+    click.option("-m", "--model", required=True,
+                 help="Hub id (gpt2), local model folder, .gguf file, or the offline demo smollm2-135m-instruct."),
+    click.option("--prompt-field", "--text-field", "prompt_field",
+                 help="Column holding the prompt (generate) or the text (score, embed) [default: prompt / text]."),
+    click.option("--template", help='Prompt template filled from columns, e.g. "Q: {question}\\nA:".'),
+    click.option("--skip-invalid", is_flag=True,
+                 help="Run the valid rows; list invalid ones with reasons in the job's errors.jsonl."),
+    click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
+                 help="Prompts over the context window: refuse (none) or keep their end (left)."),
+])  # fmt: skip
+
+generation_options = _apply([
+    click.option("--max-new-tokens", type=int, help="Tokens to generate per sample [default: 64]."),
+    click.option("--min-new-tokens", type=int, help="Suppress EOS/stop strings until this many tokens."),
+    click.option("--do-sample/--greedy", default=None,
+                 help="Sample or decode greedily [default: sample iff --temperature/--top-p/--top-k/-n ask]."),
+    click.option("--temperature", type=float, help="Sampling temperature; 0 = greedy [default: 1.0]."),
+    click.option("--top-p", type=float, help="Nucleus sampling mass in (0, 1] [default: 1.0]."),
+    click.option("--top-k", type=int, help="Sample from the k most likely tokens; 0 = off [default: 0]."),
+    click.option("--repetition-penalty", type=float, help="Penalty > 0 for repeated tokens [default: 1.0]."),
+    click.option("-n", "--num-return-sequences", type=int, help="Samples per prompt [default: 1]."),
+    click.option("--seed", type=int, help="Random seed; the same seed gives the same results."),
+    click.option("--stop", multiple=True, help='Stop string, repeatable (e.g. --stop "\\n"). Escapes \\n \\t work.'),
+    click.option("--logprobs", type=int, help="Also keep the K most likely alternatives of each token (0-20)."),
+    click.option("--prompt-logprobs", is_flag=True, default=None, help="Also keep the log-prob of every prompt token."),
+])  # fmt: skip
+
+score_options = _apply([
+    click.option("--add-bos/--no-add-bos", default=None,
+                 help="Score the first token given BOS (EOS for GPT-2) as context [default: on]."),
+    click.option("--add-eos/--no-add-eos", default=None,
+                 help="Also score the end of the text (EOS), as gpt2-score does without --exclude-end [default: off]."),
+    click.option("--stride", type=int, help="Texts over the context window: window step in tokens [default: half]."),
+])  # fmt: skip
+
+embed_options = _apply([
+    click.option("--pooling", type=click.Choice(["mean", "last"]),
+                 help="Mean of the last hidden states over the text, or the last token's [default: mean]."),
+])  # fmt: skip
+
+engine_options = _apply([
+    click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto]."),
+    click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+                 help="Weights and compute precision [default: auto: fp32 on CPU, bf16/fp16 on GPU]."),
+    click.option("--batch-size", type=int, help="Most sequences per batch [default: 64]."),
+    click.option("--max-batch-tokens", type=int,
+                 help="Most tokens per batch, rows x (longest prompt + max new tokens) [default: from device]."),
+    click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run."),
+    click.option("--allow-pickle-weights", "allow_pickle", is_flag=True,
+                 help="Allow pickle-based weights (pytorch_model.bin); only safetensors/GGUF otherwise."),
+])  # fmt: skip
+
+output_option = click.option(
+    "-o", "--output", type=click.Path(file_okay=False),
+    help="Job folder for this run (default: a new job in the job home). Run again to resume.",
+)  # fmt: skip
 
 
 def _unescape(s: str) -> str:
@@ -86,14 +115,24 @@ def _unescape(s: str) -> str:
     return s.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in s else s
 
 
-def build_settings(kw: dict[str, Any]) -> tuple[Any, Any]:
-    from .params import EngineOptions, GenerationParams
+KIND_FIELDS = {"generate": GEN_FIELDS, "score": ("add_bos", "add_eos", "stride"), "embed": ("pooling",)}
 
-    gen = {k: kw[k] for k in GEN_FIELDS if kw.get(k) not in (None, ())}
-    if "stop" in gen:
-        gen["stop"] = [_unescape(s) for s in gen["stop"]]
+
+def build_settings(kw: dict[str, Any], kind: str = "generate") -> tuple[Any, Any]:
+    """The kind's settings object and the engine options from the given options; options that belong to
+    another kind of job are refused rather than silently ignored."""
+    from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+
+    given = {k for fields in KIND_FIELDS.values() for k in fields if kw.get(k) not in (None, ())}
+    stray = sorted(given - set(KIND_FIELDS[kind]))
+    if stray:
+        raise ParamError(stray[0], f"not used by {kind} jobs.")
+    values = {k: kw[k] for k in KIND_FIELDS[kind] if kw.get(k) not in (None, ())}
+    if "stop" in values:
+        values["stop"] = [_unescape(s) for s in values["stop"]]
     eng = {k: kw[k] for k in ENGINE_FIELDS if kw.get(k) is not None}
-    return GenerationParams(**gen), EngineOptions(**eng)
+    cls = {"generate": GenerationParams, "score": ScoreParams, "embed": EmbedParams}[kind]
+    return cls(**values), EngineOptions(**eng)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -107,23 +146,12 @@ def cli(ctx: click.Context, home: str | None) -> None:
     ctx.obj = {"home": home}
 
 
-@cli.command()
-@job_options
-@click.option("-o", "--output", type=click.Path(file_okay=False),
-              help="Job folder for this run (default: a new job in the job home). Run again to resume.")  # fmt: skip
-@click.pass_context
-@handle_errors
-def run(ctx: click.Context, input_path: str, model: str, output: str | None, **kw: Any) -> None:
-    """Validate INPUT, generate for every row and write the results (submit + work on one job).
-
-    \b
-    Example:
-      runner run examples/prompts.jsonl --model smollm2-135m-instruct --max-new-tokens 64 -o out/
-      python -c "import runner; print(runner.load_results('out/').head())"
-    """
+def _run_kind(
+    ctx: click.Context, kind: str, input_path: str, model: str, output: str | None, kw: dict[str, Any]
+) -> None:
     from .worker import run as run_api
 
-    params, options = build_settings(kw)
+    params, options = build_settings(kw, kind)
     _warn_if_not_on_drive(ctx.obj["home"] if output is None else output)
     job, summary = run_api(
         input_path, model, params, options, output=output, echo=_echo,
@@ -138,6 +166,60 @@ def run(ctx: click.Context, input_path: str, model: str, output: str | None, **k
         f"{summary.tokens_per_second:,.1f} tok/s"
     )
     click.echo(str(job.dir))
+
+
+@cli.command()
+@input_options
+@generation_options
+@engine_options
+@output_option
+@click.pass_context
+@handle_errors
+def run(ctx: click.Context, input_path: str, model: str, output: str | None, **kw: Any) -> None:
+    """Validate INPUT, generate for every row and write the results (submit + work on one job).
+
+    \b
+    Example:
+      runner run examples/prompts.jsonl --model smollm2-135m-instruct --max-new-tokens 64 -o out/
+      python -c "import runner; print(runner.load_results('out/').head())"
+    """
+    _run_kind(ctx, "generate", input_path, model, output, kw)
+
+
+@cli.command()
+@input_options
+@score_options
+@engine_options
+@output_option
+@click.pass_context
+@handle_errors
+def score(ctx: click.Context, input_path: str, model: str, output: str | None, **kw: Any) -> None:
+    """Score texts: the log-probability of each row's `text` under the model (sum, mean, perplexity and
+    per token), or of its `continuation` given its `context` (with `is_greedy`), as gpt2-score and lm-eval.
+
+    \b
+    Example:
+      runner score examples/score.jsonl --model smollm2-135m-instruct -o out/score
+    """
+    _run_kind(ctx, "score", input_path, model, output, kw)
+
+
+@cli.command()
+@input_options
+@embed_options
+@engine_options
+@output_option
+@click.pass_context
+@handle_errors
+def embed(ctx: click.Context, input_path: str, model: str, output: str | None, **kw: Any) -> None:
+    """Embed texts: one vector per row's `text` (mean of the last hidden states, or the last token's), as a
+    fixed-size float32 column `embedding`, like gpt2-transform.
+
+    \b
+    Example:
+      runner embed examples/score.jsonl --model smollm2-135m-instruct -o out/embed
+    """
+    _run_kind(ctx, "embed", input_path, model, output, kw)
 
 
 def _warn_if_not_on_drive(home: str | None) -> None:
@@ -159,13 +241,24 @@ def _warn_if_not_on_drive(home: str | None) -> None:
 
 
 @cli.command()
-@job_options
+@input_options
+@click.option(
+    "--kind",
+    type=click.Choice(["generate", "score", "embed"]),
+    default="generate",
+    show_default=True,
+    help="What the job does with each row.",
+)
+@generation_options
+@score_options
+@embed_options
+@engine_options
 @click.option("--name", help="A name to refer to the job by (instead of its id).")
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
 @click.pass_context
 @handle_errors
 def submit(
-    ctx: click.Context, input_path: str, model: str, name: str | None, priority: int, **kw: Any
+    ctx: click.Context, input_path: str, model: str, kind: str, name: str | None, priority: int, **kw: Any
 ) -> None:
     """Validate INPUT and the settings (and that the model's config and tokenizer load) and queue a job.
 
@@ -174,7 +267,7 @@ def submit(
     from .jobs import create_job
 
     _warn_if_not_on_drive(ctx.obj["home"])
-    params, options = build_settings(kw)
+    params, options = build_settings(kw, kind)
     job = create_job(
         input_path, model, params, options,
         prompt_field=kw["prompt_field"], template=kw["template"], skip_invalid=kw["skip_invalid"],
@@ -182,8 +275,9 @@ def submit(
     )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     _echo(
-        f"queued job {job.id}: {job.meta['input']['rows']:,} prompts x {params.num_return_sequences} "
-        f"= {job.total:,} rows" + (f"; {invalid} invalid row(s) listed in errors.jsonl" if invalid else "")
+        f"queued {kind} job {job.id}: {job.meta['input']['rows']:,} rows"
+        + (f" x {job.samples} samples = {job.total:,} results" if job.samples > 1 else "")
+        + (f"; {invalid} invalid row(s) listed in errors.jsonl" if invalid else "")
     )
     click.echo(job.id)
 

@@ -289,7 +289,8 @@ def create_job(
     table = pa.table(columns)
 
     job_id = new_job_id()
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    seed = getattr(params, "seed", None)
+    seed = seed if seed is not None else secrets.randbits(63)
     meta = {
         "id": job_id,
         "name": name,
@@ -339,9 +340,7 @@ def create_job(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     job = Job(target, meta)
-    job.log(
-        f"created job {job_id}: {len(kept)} prompts x {params.num_return_sequences} samples, model {model}"
-    )
+    job.log(f"created {kind} job {job_id}: {len(kept)} rows x {job.samples} samples, model {model}")
     return job
 
 

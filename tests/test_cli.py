@@ -85,7 +85,10 @@ def test_job_life_cycle_through_the_cli(prompts, tiny_gpt2, runner_home, tmp_pat
     result = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 3, "--name", "night1")
     assert result.exit_code == 0, result.output
     job_id = result.stdout.strip()
-    assert "queued job" in result.stderr and (runner_home / job_id / "job.json").is_file()
+    assert (
+        f"queued generate job {job_id}: 2 rows" in result.stderr
+        and (runner_home / job_id / "job.json").is_file()
+    )
     table = invoke("status").stdout
     assert "night1" in table and "queued" in table and "0/2" in table
     assert invoke("cancel", "night1").exit_code == 0
