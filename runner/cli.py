@@ -425,11 +425,9 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None) -> None:
 
     df = load_results(job_ref, ctx.obj["home"])
     if to_path is None:
-        click.echo(
-            df[["id", "sample", "finish_reason", "completion_tokens", "text"]]
-            .head(20)
-            .to_string(max_colwidth=60)
-        )
+        preview = ["id", "sample", "finish_reason", "completion_tokens", "logprob", "perplexity", "num_tokens",
+                   "context", "continuation", "text"]  # fmt: skip
+        click.echo(df[[c for c in preview if c in df.columns]].head(20).to_string(max_colwidth=60))
         click.echo(f"({len(df):,} rows; --to FILE to export)")
         return
     suffix = Path(to_path).suffix.lower()

@@ -123,10 +123,17 @@ def test_cli_score_embed_and_submit_kind(tmp_path, texts, tiny_gpt2, runner_home
     r = CliRunner().invoke(cli, ["score", str(texts), "-m", tiny_gpt2, "-o", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
     assert len(runner.load_results(tmp_path / "s")) == 4
+    preview = CliRunner().invoke(cli, ["results", str(tmp_path / "s")])
+    assert (
+        preview.exit_code == 0
+        and "perplexity" in preview.output
+        and "(4 rows; --to FILE to export)" in preview.output
+    )
     r = CliRunner().invoke(
         cli, ["embed", str(texts), "-m", tiny_gpt2, "--skip-invalid", "-o", str(tmp_path / "e")]
     )
     assert r.exit_code == 0, r.output
+    assert CliRunner().invoke(cli, ["results", str(tmp_path / "e")]).exit_code == 0
     r = CliRunner().invoke(
         cli, ["submit", str(texts), "-m", tiny_gpt2, "--kind", "score", "--temperature", "0.5"]
     )
