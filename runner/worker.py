@@ -103,6 +103,8 @@ def run_job(
         say(f"loading model {job.meta['model']} ...")
         engine = Engine(job.meta["model"], job.options)
     task = make_task(job, engine, prompts)
+    # Stated in every shard too, so a results file says how it was made (e.g. whether BOS/EOS were scored).
+    params_json = json.dumps({**job.meta["params"], "model": job.meta["model"]}, ensure_ascii=False)
     budget = job.options.max_batch_tokens or default_batch_tokens(engine)
     plan = plan_batches([len(input_ids[r]) for r, _ in todo], job.options.batch_size, budget, task.new_tokens)
     say(
@@ -129,7 +131,7 @@ def run_job(
                 say(f"lease on job {job.id} was taken over by another worker; {len(buffer)} rows discarded")
             else:
                 table = task.table(prompts, buffer, token_text)
-                write_shard(job.dir, table, worker, {"job": job.id})
+                write_shard(job.dir, table, worker, {"job": job.id, "kind": job.kind, "params": params_json})
             buffer = []
         last_flush = time.perf_counter()
 
@@ -509,14 +511,22 @@ def work(
                 )  # fmt: skip
                 if beat.error is not None:
                     raise beat.error
+        except StorageError as e:
+            # The job home itself is failing (Drive gone): not the job's fault. Leave it resumable, as far as
+            # the file system still lets us, and stop this worker with the message.
+            try:
+                set_state(j.dir, "queued", interrupted=True)
+                lease.release()
+            except (RunnerError, OSError):
+                pass  # its lease goes stale on its own
+            raise StorageError(f"stopped: the job home cannot be written ({e}); job {j.id} is consistent and "
+                               "resumes with the next `runner work`") from e  # fmt: skip
         except RunnerError as e:
             set_state(j.dir, "failed", error=str(e))
             lease.release()
             j.log(f"failed: {e}")
             if echo:
                 echo(f"job {j.id} failed: {e}")
-            if isinstance(e, StorageError):
-                raise
             continue
         except BaseException:
             # Ctrl-C twice, or a bug: leave the job as interrupted; its shards are consistent by construction.

@@ -75,6 +75,8 @@ def test_add_eos_scores_the_end_of_text(tmp_path, texts, tiny_gpt2, gpt2_engine)
         and a.loc[0, "token_ids"][-1] == gpt2_engine.eos_ids[0]
     )
     assert a.loc[0, "logprob"] < b.loc[0, "logprob"]
+    meta = pq.read_metadata(valid_shards(with_end.dir)[0]).metadata
+    assert json.loads(meta[b"runner.params"])["add_eos"] is True and meta[b"runner.kind"] == b"score"
 
 
 def test_texts_longer_than_the_window_are_scored_in_strides(tmp_path, tiny_gpt2, gpt2_engine):

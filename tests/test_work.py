@@ -144,3 +144,33 @@ def test_a_changed_model_is_refused_on_resume(prompts_file, tmp_path, runner_hom
     assert work(runner_home, echo=None) == []
     state = read_state(job.dir)
     assert state["state"] == "failed" and "is not the one job" in state["error"]
+
+
+def test_a_failing_job_home_stops_the_worker_and_leaves_the_job_resumable(
+    prompts_file, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    import runner.worker as worker_module
+    from runner.storage import StorageError
+
+    job = submit(prompts_file, tiny_gpt2)
+    real = worker_module.write_shard
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise StorageError(
+                "cannot write shards/00001-x.parquet: Transport endpoint is not connected (errno 107)"
+            )
+        return real(*a, **kw)
+
+    monkeypatch.setattr(worker_module, "write_shard", failing)
+    with pytest.raises(
+        StorageError, match=r"stopped: the job home cannot be written .* resumes with the next"
+    ):
+        work(runner_home, echo=None, engine=gpt2_engine, shard_rows=1)
+    state = read_state(job.dir)
+    assert state["state"] == "queued" and state["interrupted"] and read_lease(job.dir) is None
+    monkeypatch.setattr(worker_module, "write_shard", real)
+    assert work(runner_home, echo=None, engine=gpt2_engine)[0].finished
+    assert list(runner.load_results(job.dir)["id"]) == [f"r{i}" for i in range(6)]
