@@ -92,6 +92,12 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load the tokenizer of model {spec!r}: {_first_line(e)}") from e
+    # A folder without tokenizer files can still yield an empty tokenizer that silently encodes nothing.
+    if len(tok) == 0 or not tok("Hello world", add_special_tokens=False)["input_ids"]:
+        raise ModelLoadError(
+            f"cannot load the tokenizer of model {spec!r}: it has no vocabulary (are the tokenizer files missing? "
+            "save them with tokenizer.save_pretrained next to the model)"
+        )
     return tok
 
 
@@ -104,6 +110,19 @@ def load_config(spec: str, trust_remote_code: bool = False) -> Any:
         return AutoConfig.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load model {spec!r}: {_first_line(e)}") from e
+
+
+def check_causal_lm(spec: str, config: Any) -> None:
+    """Refuse, before anything is queued, a model that AutoModelForCausalLM cannot load (T5, BERT encoders...)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if getattr(config, "auto_map", None) and "AutoModelForCausalLM" in config.auto_map:
+        return  # the model's own code provides it (--trust-remote-code)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelLoadError(
+            f"model {spec!r} ({type(config).__name__}) has no causal language-model head: AutoModelForCausalLM "
+            "cannot load it (runner needs a decoder model such as GPT-2, Llama, Qwen, rinna/japanese-gpt2)"
+        )
 
 
 def context_window(config: Any, tokenizer: Any = None) -> int | None:

@@ -198,7 +198,7 @@ def create_job(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .engine import context_window, load_config, load_tokenizer
+    from .engine import check_causal_lm, context_window, load_config, load_tokenizer
 
     params = params or GenerationParams()
     kind = KINDS.get(type(params))
@@ -242,6 +242,7 @@ def create_job(
             return existing
 
     config = load_config(model, options.trust_remote_code)
+    check_causal_lm(model, config)
     tokenizer = load_tokenizer(model, options.trust_remote_code)
     window = context_window(config, tokenizer)
     if kind == "generate" and window is not None and window - params.max_new_tokens < 1:

@@ -143,3 +143,22 @@ def test_fuzzed_jsonl_never_crashes_and_every_line_is_accounted_for(tmp_path, li
     non_blank = {i + 1 for i, ln in enumerate(content) if ln.strip(b" \t\x0b\x0c\xef\xbb\xbf")}
     # Every non-blank line is either kept or reported by its number (a file with no rows at all reports line 0).
     assert non_blank <= kept | problems or problems == {0}
+
+
+def test_models_that_cannot_run_are_refused_before_queueing(tmp_path, prompts_file, tiny_gpt2, runner_home):
+    import shutil
+
+    from transformers import T5Config
+
+    T5Config(vocab_size=100, d_model=8, num_layers=1, num_heads=1, d_ff=8, d_kv=8).save_pretrained(
+        tmp_path / "t5"
+    )
+    with pytest.raises(ModelLoadError, match=r"\(T5Config\) has no causal language-model head"):
+        create_job(prompts_file, str(tmp_path / "t5"))
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_gpt2, no_tok)
+    for f in no_tok.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(ModelLoadError, match="cannot load the tokenizer of model"):
+        create_job(prompts_file, str(no_tok))
+    assert not runner_home.exists() or not any(runner_home.iterdir())  # nothing was queued
