@@ -28,6 +28,7 @@ __all__ = [
     "run",
     "run_job",
     "submit",
+    "work",
 ]
 
 
@@ -41,10 +42,14 @@ def __getattr__(name: str):
         from .jobs import create_job
 
         return create_job
-    if name in ("run", "run_job"):
-        from . import worker
+    if name == "run_job":
+        from .worker import run_job
 
-        return getattr(worker, name)
+        return run_job
+    if name in ("run", "work"):
+        from . import scheduler
+
+        return getattr(scheduler, name)
     if name == "Job":
         from .jobs import Job
 

@@ -149,7 +149,7 @@ def cli(ctx: click.Context, home: str | None) -> None:
 def _run_kind(
     ctx: click.Context, kind: str, input_path: str, model: str, output: str | None, kw: dict[str, Any]
 ) -> None:
-    from .worker import run as run_api
+    from .scheduler import run as run_api
 
     params, options = build_settings(kw, kind)
     _warn_if_not_on_drive(ctx.obj["home"] if output is None else output)
@@ -340,7 +340,7 @@ def work(
     """
     import signal
 
-    from .worker import work as work_loop
+    from .scheduler import work as work_loop
 
     deadline = _deadline(hours, until)
     _warn_if_not_on_drive(ctx.obj["home"])

@@ -11,8 +11,9 @@ from runner import GenerationParams, RunnerError
 from runner.jobs import Job, create_job
 from runner.leases import Lease, cancel_job, read_lease, read_state, retry_job, set_state
 from runner.results import valid_shards
+from runner.scheduler import queue, work
 from runner.status import job_status, status_table
-from runner.worker import queue, run_job, work
+from runner.worker import run_job
 
 
 @pytest.fixture
