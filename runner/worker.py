@@ -1,7 +1,8 @@
-"""Run a job: generate what is not done yet, in batches, and write it out in verified shards.
+"""Run one job: do what is not done yet, in batches, and write it out in verified shards.
 
-job folder (jobs.py) -> remaining (row, sample) pairs -> batching.plan_batches -> engine.generate
--> results.write_shard every `shard_rows` rows or `shard_seconds` seconds -> stats.json
+job folder (jobs.py) -> remaining (row, sample) pairs -> batching.plan_batches -> a `Task` per job kind
+(engine.generate, scoring.score_rows, scoring.embed_batch) -> results.write_shard every `shard_rows` rows or
+`shard_seconds` seconds -> stats.json. Which job runs, under which lease, is scheduler.py.
 
 Resuming is the normal path, not a special case: a worker always starts by asking which (row, sample) pairs are
 in counted shards and generates only the rest. Each sample's randomness is seeded from (job seed, row id,
