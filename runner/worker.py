@@ -31,7 +31,8 @@ from .results import GeneratedRow, completions_table, done_keys, read_errors, wr
 
 SHARD_ROWS = 1000  # a shard is written at least every this many result rows...
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
-CPU_BATCH_TOKENS = 48 * 1024
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 64
+CPU_BATCH_TOKENS = 16 * 1024
 
 
 def sample_seed(job_seed: int, row_id: str, sample: int) -> int:
@@ -106,7 +107,9 @@ def run_job(
     # Stated in every shard too, so a results file says how it was made (e.g. whether BOS/EOS were scored).
     params_json = json.dumps({**job.meta["params"], "model": job.meta["model"]}, ensure_ascii=False)
     budget = job.options.max_batch_tokens or default_batch_tokens(engine)
-    plan = plan_batches([len(input_ids[r]) for r, _ in todo], job.options.batch_size, budget, task.new_tokens)
+    plan = plan_batches(
+        [len(input_ids[r]) for r, _ in todo], default_batch_size(engine, job.options), budget, task.new_tokens
+    )
     say(
         f"job {job.id}: {len(todo):,} of {job.total:,} rows to {job.kind} in {len(plan):,} batches "
         f"on {engine.device} ({str(engine.dtype).replace('torch.', '')})"
@@ -181,6 +184,13 @@ def run_job(
     say(progress.line())
     _record_stats(job, engine, generated, tokens, seconds)
     return summarize(job, generated, tokens, seconds, finished=not stopped, new_errors=errors)
+
+
+def default_batch_size(engine: Engine, options: Any) -> int:
+    """The --batch-size given, else what benchmarks/RESULTS.md measured best for the device kind."""
+    if options.batch_size is not None:
+        return options.batch_size
+    return GPU_BATCH_SIZE if engine.device.type == "cuda" else CPU_BATCH_SIZE
 
 
 def default_batch_tokens(engine: Engine) -> int:
