@@ -1,48 +1,93 @@
-"""Scoring and embedding: log-probs of given texts, continuations given a context, and text vectors.
+"""Scoring and embedding: log-probs of given texts, of continuations given a context, and text vectors.
 
-job rows (jobs.py: token ids + the index of the first token to score) -> `score_rows` / `embed_batch`
--> `TextScore`s / vectors -> results.score_table / embed_table
+job rows (jobs.py: text -> `tokenize_text` / `split_context` -> token ids + index of the first scored token)
+-> `score_rows` / `embed_batch` (one batch) -> `TextScore`s / vectors -> results.score_table / embed_table.
+From Python, `score_texts`, `score_continuations` and `embed_texts` do the same on lists, batched by
+`in_batches` (length-sorted, token-budgeted) with results in input order.
 
-One forward pass per batch, left-padded with position ids that skip the padding (as in generation), so a row
-scores the same whatever batch it is in. Only the logits of positions that are scored are computed
-(`logits_to_keep`), and log-probs are gathered as logit - logsumexp without a full log_softmax copy.
+Padding is on the left with position ids that skip it, as in generation (engine.py), so a row scores the
+same whatever batch it lands in. A row's last token is only predicted, never fed, as in lm-evaluation-harness:
+a sequence may be one token longer than the context window. Only the logits of scored positions are computed
+(`logits_to_keep`), and log-probs are gathered as logit - logsumexp(logits) in float32, a few positions at a
+time, never as a full log_softmax copy: beyond the model's own logits, extra memory is O(batch x vocab x
+positions per chunk).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .batching import left_pad
+from .batching import encode, left_pad, plan_batches
 from .engine import NumericalError
+from .errors import RunnerError
+
+BATCH_SIZE, BATCH_TOKENS = 16, 16 * 1024  # the CPU defaults of worker.py
+FLOAT_CHUNK = 1 << 25  # float32 logits converted at once: 128 MiB
+PIECE_CONTEXT = 8  # tokens decoded before each token in `token_pieces` (a UTF-8 character is <= 4 bytes)
 
 
 @dataclass
 class TextScore:
-    """Scored tokens of one row: `token_logprobs[i]` = log P(token_ids[i] | everything before it)."""
+    """The scored tokens of one row: `token_logprobs[i]` = log P(token_ids[i] | every token before it) under
+    the raw model distribution (no temperature), `greedy[i]`: token_ids[i] is that distribution's argmax."""
 
     token_ids: list[int]
     token_logprobs: list[float]
-    is_greedy: bool  # every scored token is the model's argmax: greedy decoding would produce exactly these
+    greedy: list[bool]
+
+    @property
+    def is_greedy(self) -> bool:
+        """Greedy decoding from the context would produce exactly these tokens (lm-eval's `is_greedy`)."""
+        return all(self.greedy)
 
     @property
     def logprob(self) -> float:
         return math.fsum(self.token_logprobs)
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / self.num_tokens if self.num_tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.mean_logprob) if self.num_tokens else math.nan
+
+    @classmethod
+    def concat(cls, parts: Sequence[TextScore]) -> TextScore:
+        """One score from consecutive parts (the windows of a rolling score)."""
+        return cls(
+            [t for p in parts for t in p.token_ids],
+            [lp for p in parts for lp in p.token_logprobs],
+            [g for p in parts for g in p.greedy],
+        )
+
+
+ScoredTokens = TextScore
+
+
+# --- tokenizing -------------------------------------------------------------------------------------------
+
 
 def prefix_token_id(tokenizer: Any) -> int | None:
     """The token a text is scored after: BOS, or EOS for models without one (GPT-2's <|endoftext|>), as
-    lm-evaluation-harness does."""
+    lm-evaluation-harness's `prefix_token_id`."""
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 def tokenize_text(tokenizer: Any, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
-    """Token ids to score: [BOS] + text (+ [EOS]). The BOS is context only (scoring starts at index 1), so
-    the first word gets a score; a tokenizer that adds BOS itself (Llama) does not get a second one."""
-    ids = list(tokenizer(text, add_special_tokens=add_bos)["input_ids"])
+    """Token ids to score: [BOS] + text (+ [EOS]). The BOS is context only (score from index 1) so that the
+    first word gets a score too; it is added once, whether or not the tokenizer adds it itself (Llama's <s>).
+    add_eos scores "and then the text ends" too (gpt2-score does unless --exclude-end)."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = prefix_token_id(tokenizer)
-    if add_bos and bos is not None and (not ids or ids[0] != bos):
+    if add_bos and bos is not None:
         ids = [bos, *ids]
     if add_eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
@@ -50,62 +95,138 @@ def tokenize_text(tokenizer: Any, text: str, add_bos: bool = True, add_eos: bool
 
 
 def split_context(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) with lm-evaluation-harness's rule: trailing whitespace of the context
-    moves to the start of the continuation, the pair is encoded together, and the continuation is whatever
-    follows the context's own encoding. An empty context becomes the BOS (EOS) token."""
+    """(context ids, continuation ids) as lm-evaluation-harness's `_encode_pair`: trailing whitespace of the
+    context moves to the start of the continuation, the pair is encoded together, and the continuation is
+    whatever follows the length of the context's own encoding. An empty context becomes [BOS] (EOS)."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         continuation = context[-spaces:] + continuation
         context = context[:-spaces]
+    enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     if not context:
-        return [prefix_token_id(tokenizer)], list(
-            tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        )
-    whole = list(tokenizer(context + continuation, add_special_tokens=False)["input_ids"])
-    ctx = list(tokenizer(context, add_special_tokens=False)["input_ids"])
-    return ctx, whole[len(ctx) :]
+        return [prefix_token_id(tokenizer)], enc(continuation)
+    ctx = enc(context)
+    return ctx, enc(context + continuation)[len(ctx) :]
+
+
+def fit_context(context: list[int], continuation: list[int], window: int | None) -> list[int]:
+    """The context cut from the left so that context + continuation fits `window` fed tokens (+1 predicted
+    only), as lm-eval's `(context + continuation)[-(max_length + 1):]`."""
+    if window is None or len(context) + len(continuation) <= window + 1:
+        return context
+    if len(continuation) > window:
+        raise RunnerError(f"continuation is {len(continuation)} tokens, over the context window of {window}")
+    return context[len(context) + len(continuation) - window - 1 :]
+
+
+def token_pieces(tokenizer: Any, ids: Sequence[int], prefix: Sequence[int] = ()) -> list[str]:
+    """The text of each token as it reads in place, leading space included (SentencePiece's "▁Paris" ->
+    " Paris", which decoding the id alone loses): each token is decoded after the few before it (`prefix`
+    first) and the text of those cut off. A character split over several byte tokens shows whole on its
+    last token and as "" on the others, so the pieces join back into the text; special tokens show as
+    themselves ("</s>")."""
+    seq = [*prefix[-PIECE_CONTEXT:], *ids]
+    off = len(seq) - len(ids)
+    starts = [max(0, off + i - PIECE_CONTEXT) for i in range(len(ids))]
+    dec = lambda rows: tokenizer.batch_decode(rows, skip_special_tokens=True)  # noqa: E731
+    heads = dec([seq[s : off + i] for i, s in enumerate(starts)])
+    fulls = dec([seq[s : off + i + 1] for i, s in enumerate(starts)])
+    special = set(tokenizer.all_special_ids)
+    pieces = []
+    for i, (head, full) in enumerate(zip(heads, fulls, strict=True)):
+        if ids[i] in special:
+            pieces.append(tokenizer.convert_ids_to_tokens(ids[i]))
+            continue
+        # "\ufffd" is an incomplete character: at the end, wait for its last byte; at the start (the
+        # window began inside a character) it is the same in both and not this token's text.
+        head = head.rstrip("\ufffd")
+        if i < len(ids) - 1:
+            full = full.rstrip("\ufffd")
+        if starts[i] > 0:
+            head, full = head.lstrip("\ufffd"), full.lstrip("\ufffd")
+        pieces.append(full[len(head) :] if full.startswith(head) else tokenizer.decode([ids[i]]))
+    return pieces
+
+
+def score_record(tokenizer: Any, score: TextScore, prefix: Sequence[int] = ()) -> dict[str, Any]:
+    """A result row's score fields: logprob (sum), mean_logprob, perplexity (exp(-mean)), num_tokens,
+    is_greedy, and per token token_ids, tokens (`token_pieces`; `prefix`: the ids before the first scored
+    token, for its leading space) and token_logprobs."""
+    return {
+        "logprob": score.logprob,
+        "mean_logprob": score.mean_logprob,
+        "perplexity": score.perplexity,
+        "num_tokens": score.num_tokens,
+        "is_greedy": score.is_greedy,
+        "token_ids": score.token_ids,
+        "tokens": token_pieces(tokenizer, score.token_ids, prefix),
+        "token_logprobs": score.token_logprobs,
+    }
+
+
+# --- one batch --------------------------------------------------------------------------------------------
 
 
 def score_batch(engine: Any, seqs: list[list[int]], score_from: list[int]) -> list[TextScore]:
-    """Score tokens score_from[r].. of each sequence in one forward pass.
+    """Score tokens score_from[r]..len-1 of each row in one forward pass.
 
-    seqs: token ids per row (any lengths, each within the context window); score_from[r] >= 1.
-    Left padding aligns every row's end at the last column, so the scored positions are the last
-    max(len - score_from) columns: only their logits are computed.
+    seqs: token ids per row, any lengths up to the context window + 1 (the last token is never fed);
+    score_from[r] in [1, len(seqs[r])]: tokens before it are context only.
+    The model sees seq[:-1] left-padded, input_ids [batch, width] int64, so that row ends align: the logits
+    of the last n columns predict a row's last n tokens, and only max(n) columns of logits are computed.
     """
     import torch
 
-    ids, mask = left_pad(seqs, engine.pad_id, engine.device)  # [batch, width]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     n_scored = [len(s) - f for s, f in zip(seqs, score_from, strict=True)]
-    keep = max(n_scored) + 1  # logits at column c predict the token at c + 1
+    if any(f < 1 or n < 0 for f, n in zip(score_from, n_scored, strict=True)):
+        raise ValueError(
+            f"score_from must be in [1, len(seq)], got {score_from} for lengths {[len(s) for s in seqs]}"
+        )
+    keep = max(n_scored, default=0)
+    if keep == 0:
+        return [TextScore([], [], []) for _ in seqs]
+    ids, mask = left_pad([s[:-1] for s in seqs], engine.pad_id, engine.device)  # [batch, width]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # position ids skip the padding, or GPT-2 shifts every row
+    targets = left_pad([s[-keep:] for s in seqs], engine.pad_id, engine.device)[0]  # [batch, keep]
     kwargs = {"logits_to_keep": keep} if engine._keep_arg else {}
     with torch.inference_mode():
         out = engine.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
-        logits = out.logits[:, -keep:-1, :].float()  # [batch, keep - 1, vocab]
-        targets = ids[:, ids.shape[1] - keep + 1 :]  # [batch, keep - 1]
-        lps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        greedy = logits.argmax(-1) == targets
-    results = []
-    bad = []
+        lps, greedy = _gather_logprobs(out.logits[:, -keep:, :], targets)  # [batch, keep] each
+    del out
+    results, bad = [], []
     for r, n in enumerate(n_scored):
-        row_lps = lps[r, lps.shape[1] - n :]
+        row_lps = lps[r, keep - n :]
         if not bool(torch.isfinite(row_lps).all()):
             bad.append(r)
         results.append(
-            TextScore(
-                seqs[r][len(seqs[r]) - n :], row_lps.tolist(), bool(greedy[r, greedy.shape[1] - n :].all())
-            )
+            TextScore(seqs[r][len(seqs[r]) - n :], row_lps.tolist(), greedy[r, keep - n :].tolist())
         )
     if bad:
         raise NumericalError(bad)
     return results
 
 
+def _gather_logprobs(logits: Any, targets: Any) -> tuple[Any, Any]:
+    """logits [batch, keep, vocab] (model dtype), targets [batch, keep] int64 -> (log P(target) [batch, keep]
+    float32, target == argmax [batch, keep] bool). Converts to float32 a chunk of positions at a time."""
+    import torch
+
+    batch, keep, vocab = logits.shape
+    step = max(1, FLOAT_CHUNK // max(1, batch * vocab))
+    lps, greedy = [], []
+    for a in range(0, keep, step):
+        chunk = logits[:, a : a + step, :].float()  # no copy when the model runs in float32
+        tgt = targets[:, a : a + step].unsqueeze(-1)
+        lps.append(chunk.gather(-1, tgt).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
+        greedy.append(chunk.argmax(-1) == tgt.squeeze(-1))
+    return torch.cat(lps, 1), torch.cat(greedy, 1)
+
+
 def rolling_windows(ids: list[int], max_len: int, stride: int, first: int = 1) -> list[tuple[list[int], int]]:
-    """Windows of at most `max_len` tokens advancing by `stride` (HF's perplexity recipe), each scoring only
-    the tokens no earlier window scored: every token from `first` on is scored exactly once, with up to
-    max_len - 1 tokens of context. Returns (window ids, index of the first token to score in it)."""
+    """Windows of at most `max_len` tokens advancing by `stride` (HF's perplexity guide), each scoring only
+    the tokens no earlier window scored, the rest of it being context: every token from `first` on is scored
+    exactly once, with at least max_len - stride tokens of context (stride is kept below max_len).
+    Returns [(window ids, index in the window of its first scored token)]; one window when the ids fit."""
     stride = max(1, min(stride, max_len - 1))
     windows, begin, scored_to = [], 0, first
     while scored_to < len(ids):
@@ -118,52 +239,160 @@ def rolling_windows(ids: list[int], max_len: int, stride: int, first: int = 1) -
 
 
 def score_rows(
-    engine: Any, seqs: list[list[int]], score_from: list[int], stride: int | None = None
+    engine: Any,
+    seqs: list[list[int]],
+    score_from: list[int],
+    stride: int | None = None,
+    batch_size: int = BATCH_SIZE,
+    max_batch_tokens: int = BATCH_TOKENS,
 ) -> list[TextScore]:
-    """Score a batch of rows; rows longer than the context window are scored in strided windows."""
+    """Score a batch of rows (`score_batch`); a row longer than the context window (+1) is scored in rolling
+    windows advancing by `stride` tokens (default: half the window), its windows batched by
+    `batch_size` / `max_batch_tokens`, and their scores joined in order."""
     window = engine.context_window
-    fits = [i for i, s in enumerate(seqs) if window is None or len(s) <= window]
+    long = [i for i, s in enumerate(seqs) if window is not None and len(s) > window + 1]
+    fits = sorted(set(range(len(seqs))) - set(long))
     out: list[TextScore | None] = [None] * len(seqs)
-    if fits:
-        for i, res in zip(
-            fits, score_batch(engine, [seqs[i] for i in fits], [score_from[i] for i in fits]), strict=True
-        ):
-            out[i] = res
-    for i in (i for i in range(len(seqs)) if out[i] is None):
-        assert window is not None
-        parts = rolling_windows(seqs[i], window, stride or window // 2, score_from[i])
-        scored = score_batch(engine, [w for w, _ in parts], [f for _, f in parts])
-        out[i] = TextScore(
-            [t for s in scored for t in s.token_ids],
-            [lp for s in scored for lp in s.token_logprobs],
-            all(s.is_greedy for s in scored),
+    for i, res in zip(
+        fits, score_batch(engine, [seqs[i] for i in fits], [score_from[i] for i in fits]), strict=True
+    ):
+        out[i] = res
+    for i in long:
+        parts = rolling_windows(seqs[i], window + 1, stride or window // 2, score_from[i])
+        scored = in_batches(
+            lambda w, f: score_batch(engine, w, f),
+            [w for w, _ in parts],
+            [f for _, f in parts],
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
         )
+        out[i] = TextScore.concat(scored)
     return out  # type: ignore[return-value]
 
 
 def embed_batch(engine: Any, seqs: list[list[int]], pooling: str = "mean") -> list[list[float]]:
-    """One vector per sequence from the last hidden state [batch, seq, hidden]: the mean over real tokens,
-    or the last token's (with left padding, the last column of every row)."""
+    """One float32 vector [hidden] per row from the last hidden state [batch, width, hidden] (after the final
+    norm): the mean over the row's real tokens, or its last token's (with left padding, the last column)."""
     import torch
 
-    ids, mask = left_pad(seqs, engine.pad_id, engine.device)
+    if pooling not in ("mean", "last"):
+        raise ValueError(f"pooling must be mean or last, got {pooling!r}")
+    if any(not s for s in seqs):
+        raise ValueError("cannot embed an empty token sequence")
+    ids, mask = left_pad(seqs, engine.pad_id, engine.device)  # [batch, width]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    kwargs = {"logits_to_keep": 1} if engine._keep_arg else {}
     with torch.inference_mode():
-        out = engine.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            use_cache=False,
-            output_hidden_states=True,
-            **kwargs,
-        )
-        hidden = out.hidden_states[-1].float()  # [batch, seq, hidden]
+        hidden = _last_hidden(engine, ids, mask, pos).float()  # [batch, width, hidden]
         if pooling == "last":
             vectors = hidden[:, -1, :]
-        else:
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            vectors = (hidden * m).sum(1) / m.sum(1)
-    if not bool(torch.isfinite(vectors).all()):
-        raise NumericalError([r for r in range(len(seqs)) if not bool(torch.isfinite(vectors[r]).all())])
+        else:  # where, not multiply: padding positions may hold NaN (fully masked attention rows)
+            real = mask.bool().unsqueeze(-1)
+            vectors = torch.where(real, hidden, 0.0).sum(1) / real.sum(1)
+    finite = torch.isfinite(vectors).all(-1).tolist()
+    if not all(finite):
+        raise NumericalError([r for r, ok in enumerate(finite) if not ok])
     return vectors.tolist()
+
+
+def _last_hidden(engine: Any, ids: Any, mask: Any, pos: Any) -> Any:
+    """The last hidden state [batch, width, hidden]: from the base model (no logits, no per-layer states)
+    when the causal LM has one, else from output_hidden_states."""
+    model = engine.model
+    base = getattr(model, "base_model", model)
+    if base is not model:
+        out = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        if getattr(out, "last_hidden_state", None) is not None:
+            return out.last_hidden_state
+    kwargs = {"logits_to_keep": 1} if engine._keep_arg else {}
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        use_cache=False,
+        output_hidden_states=True,
+        **kwargs,
+    )
+    return out.hidden_states[-1]
+
+
+# --- many rows --------------------------------------------------------------------------------------------
+
+
+def in_batches(
+    fn: Callable[..., list[Any]],
+    seqs: list[list[int]],
+    *columns: Sequence[Any],
+    batch_size: int = BATCH_SIZE,
+    max_batch_tokens: int = BATCH_TOKENS,
+) -> list[Any]:
+    """fn(batch seqs, *batch columns) -> one result per row, run over length-sorted batches planned as for
+    generation with no new tokens (`plan_batches`); returns the results in the order of `seqs`."""
+    out: list[Any] = [None] * len(seqs)
+    for batch in plan_batches([len(s) for s in seqs], batch_size, max_batch_tokens, 0):
+        results = fn([seqs[i] for i in batch], *([col[i] for i in batch] for col in columns))
+        for i, res in zip(batch, results, strict=True):
+            out[i] = res
+    return out
+
+
+def score_texts(
+    engine: Any,
+    texts: list[str],
+    add_bos: bool = True,
+    add_eos: bool = False,
+    stride: int | None = None,
+    batch_size: int = BATCH_SIZE,
+    max_batch_tokens: int = BATCH_TOKENS,
+) -> list[TextScore]:
+    """Log-probs of whole texts (gpt2-score), rolling over texts longer than the context window."""
+    seqs = [tokenize_text(engine.tokenizer, t, add_bos, add_eos) for t in texts]
+    for i, s in enumerate(seqs):
+        if not s:
+            raise RunnerError(f"texts[{i}] has no token to score")
+    return in_batches(
+        lambda b, f: score_rows(engine, b, f, stride, batch_size, max_batch_tokens),
+        seqs,
+        [1] * len(seqs),
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+    )
+
+
+def score_continuations(
+    engine: Any,
+    pairs: list[tuple[str, str]],
+    batch_size: int = BATCH_SIZE,
+    max_batch_tokens: int = BATCH_TOKENS,
+) -> list[TextScore]:
+    """log P(continuation | context) and is_greedy per (context, continuation) pair, as lm-eval's
+    `loglikelihood`: `split_context`, then the context cut from the left to fit the window."""
+    seqs, froms = [], []
+    for context, continuation in pairs:
+        ctx, cont = split_context(engine.tokenizer, context, continuation)
+        ctx = fit_context(ctx, cont, engine.context_window)
+        seqs.append(ctx + cont)
+        froms.append(len(ctx))
+    return in_batches(
+        lambda b, f: score_batch(engine, b, f),
+        seqs,
+        froms,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+    )
+
+
+def embed_texts(
+    engine: Any,
+    texts: list[str],
+    pooling: str = "mean",
+    batch_size: int = BATCH_SIZE,
+    max_batch_tokens: int = BATCH_TOKENS,
+) -> list[list[float]]:
+    """One vector per text, each encoded as a plain prompt (with the BOS the tokenizer adds, if any)."""
+    seqs = [encode(engine.tokenizer, t, chat=False) for t in texts]
+    return in_batches(
+        lambda b: embed_batch(engine, b, pooling),
+        seqs,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+    )

@@ -1,0 +1,286 @@
+"""runner.scoring against plain, unbatched, unpadded forward passes of the tiny models (and one demo-model check)."""
+
+import math
+
+import pytest
+
+from runner import GenerationParams
+from runner.errors import RunnerError
+from runner.scoring import (
+    TextScore,
+    embed_batch,
+    embed_texts,
+    fit_context,
+    in_batches,
+    rolling_windows,
+    score_batch,
+    score_continuations,
+    score_record,
+    score_rows,
+    score_texts,
+    split_context,
+    token_pieces,
+    tokenize_text,
+)
+
+ENGINES = ["gpt2_engine", "llama_engine"]
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello",
+    "吾輩は猫である。名前はまだ無い。",
+    "My friend said that every student learns from a long story.",
+    "Hi there",
+]
+
+
+def plain(engine, ids):
+    """(log P(ids[i] | ids[:i]) for i >= 1, argmax == ids[i]) from one unpadded forward pass of ids[:-1]
+    (the last token is only predicted), without position ids or attention mask."""
+    import torch
+
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([ids[:-1]], device=engine.device)).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    lps = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    greedy = [int(logits[i - 1].argmax()) == ids[i] for i in range(1, len(ids))]
+    return lps, greedy
+
+
+def long_ids(engine, n_min):
+    text, ids = "", []
+    while len(ids) <= n_min:
+        text += " ".join(SENTENCES) + " "
+        ids = tokenize_text(engine.tokenizer, text)
+    return ids
+
+
+# --- tokenizing ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_tokenize_text_adds_one_bos_as_context_and_eos_on_request(request, name):
+    tok = request.getfixturevalue(name).tokenizer
+    bos = tok.bos_token_id  # GPT-2: <|endoftext|> is both BOS and EOS
+    plain_ids = tok("Hello world", add_special_tokens=False)["input_ids"]
+    assert tokenize_text(tok, "Hello world") == [bos, *plain_ids]  # never doubled (Llama adds <s> itself)
+    assert tokenize_text(tok, "Hello world", add_bos=False) == plain_ids
+    assert tokenize_text(tok, "Hello world", add_eos=True) == [bos, *plain_ids, tok.eos_token_id]
+
+
+def test_lm_eval_moves_trailing_whitespace_to_the_continuation(gpt2_engine, llama_engine):
+    tok = gpt2_engine.tokenizer
+    ctx, cont = split_context(tok, "The capital of France is ", "Paris")
+    assert tok.decode(ctx) == "The capital of France is" and tok.decode(cont) == " Paris"
+    assert tok.decode(cont[:1]).startswith(" ")  # the continuation starts with the space
+    assert ctx + cont == tok("The capital of France is Paris", add_special_tokens=False)["input_ids"]
+    assert split_context(tok, "", "Hello") == ([tok.eos_token_id], tok("Hello")["input_ids"])  # no BOS: EOS
+    sp = llama_engine.tokenizer
+    ctx, cont = split_context(sp, "The capital of France is ", "Paris")
+    assert sp.convert_ids_to_tokens(cont)[0].startswith("▁") and sp.decode(ctx) == "The capital of France is"
+    assert split_context(sp, "  ", "Hello")[0] == [sp.bos_token_id]  # whitespace-only context is empty
+
+
+def test_fit_context_keeps_the_end_of_the_context_as_lm_eval():
+    assert fit_context([1, 2, 3], [4, 5], None) == [1, 2, 3]
+    assert fit_context([1, 2, 3], [4, 5], 4) == [1, 2, 3]  # 5 tokens, 4 fed: the last is only predicted
+    assert fit_context([1, 2, 3], [4, 5], 3) == [2, 3]
+    assert fit_context([1, 2, 3], [4, 5], 2) == [3]
+    with pytest.raises(RunnerError, match="continuation is 2 tokens, over the context window of 1"):
+        fit_context([1, 2, 3], [4, 5], 1)
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_token_pieces_read_in_place_and_join_back_into_the_text(request, name):
+    tok = request.getfixturevalue(name).tokenizer
+    for text in ["The capital of France is Paris.", "猫が好きです。 😀 café", "a  b\n\nc"]:
+        ids = tokenize_text(tok, text, add_eos=True)
+        pieces = token_pieces(tok, ids[1:], ids[:1])
+        assert "".join(pieces[:-1]) == text and pieces[-1] == tok.eos_token
+    ids = tokenize_text(tok, "The capital of")
+    assert token_pieces(tok, ids[-1:], ids[:-1]) == [" of"]  # "▁of" keeps its space, unlike decode([id])
+
+
+# --- scoring --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_batched_scores_equal_plain_unpadded_forward_passes(request, name):
+    engine = request.getfixturevalue(name)
+    seqs = [tokenize_text(engine.tokenizer, s) for s in SENTENCES]
+    froms = [1, 1, 3, 5, 2]  # some rows keep more context unscored
+    assert len({len(s) for s in seqs}) == len(seqs)
+    scored = score_batch(engine, seqs, froms)
+    for ids, start, res in zip(seqs, froms, scored, strict=True):
+        lps, greedy = plain(engine, ids)
+        assert res.token_ids == ids[start:]
+        assert res.token_logprobs == pytest.approx(lps[start - 1 :], abs=1e-4)
+        assert res.greedy == greedy[start - 1 :]
+    alone = [score_batch(engine, [s], [f])[0] for s, f in zip(seqs, froms, strict=True)]
+    for a, b in zip(alone, scored, strict=True):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-5) and a.greedy == b.greedy
+
+
+def test_score_batch_edge_cases(gpt2_engine):
+    ids = tokenize_text(gpt2_engine.tokenizer, "Hello world")
+    assert score_batch(gpt2_engine, [], []) == []
+    assert (
+        score_batch(gpt2_engine, [ids, [0]], [len(ids), 1]) == [TextScore([], [], [])] * 2
+    )  # nothing to score
+    one = score_batch(gpt2_engine, [ids, [0]], [1, 1])
+    assert one[1] == TextScore([], [], []) and one[0].num_tokens == len(ids) - 1
+    with pytest.raises(ValueError, match="score_from must be in"):
+        score_batch(gpt2_engine, [ids], [0])
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_continuation_score_equals_the_greedy_generation(request, name):
+    engine = request.getfixturevalue(name)
+    ctx = engine.tokenizer("The old man said")["input_ids"]
+    gen = engine.generate([ctx], GenerationParams(max_new_tokens=6))[0]
+    res = score_batch(engine, [ctx + gen.token_ids], [len(ctx)])[0]
+    assert res.token_ids == gen.token_ids and res.is_greedy
+    assert res.token_logprobs == pytest.approx(gen.token_logprobs, abs=1e-4)
+    assert res.logprob == pytest.approx(gen.cumulative_logprob, abs=1e-4)
+    other = gen.token_ids[:-1] + [(gen.token_ids[-1] + 1) % len(engine.tokenizer)]
+    changed = score_batch(engine, [ctx + other], [len(ctx)])[0]
+    assert not changed.is_greedy and changed.greedy == [True] * (len(other) - 1) + [False]
+
+
+def test_score_continuations_scores_the_continuation_tokens(gpt2_engine):
+    tok = gpt2_engine.tokenizer
+    pairs = [("The capital of France is ", "Paris"), ("", "Hello world"), ("A small bird", " reads")]
+    got = score_continuations(gpt2_engine, pairs, batch_size=2)
+    for (context, continuation), res in zip(pairs, got, strict=True):
+        ctx, cont = split_context(tok, context, continuation)
+        lps, _ = plain(gpt2_engine, ctx + cont)
+        assert res.token_ids == cont and res.logprob == pytest.approx(sum(lps[len(ctx) - 1 :]), abs=1e-4)
+
+
+# --- rolling windows ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [1, 2, 50, 64, 65, 300])
+@pytest.mark.parametrize(("max_len", "stride"), [(64, 32), (64, 63), (64, 64), (64, 500), (100, 7), (2, 1)])
+def test_rolling_windows_score_every_token_exactly_once(length, max_len, stride):
+    ids = list(range(1000, 1000 + length))
+    scored = []
+    for window, start in rolling_windows(ids, max_len, stride):
+        assert len(window) <= max_len and 1 <= start < len(window)
+        assert window == ids[ids.index(window[0]) :][: len(window)]
+        scored += window[start:]
+    assert scored == ids[1:]
+    if length <= max_len:
+        assert rolling_windows(ids, max_len, stride) == ([(ids, 1)] if length > 1 else [])
+
+
+def test_a_window_as_long_as_the_text_is_plain_scoring(gpt2_engine):
+    ids = tokenize_text(gpt2_engine.tokenizer, " ".join(SENTENCES))
+    lps, _ = plain(gpt2_engine, ids)
+    for max_len in (len(ids), len(ids) + 10):
+        [(window, start)] = rolling_windows(ids, max_len, stride=max_len - 1)
+        assert score_batch(gpt2_engine, [window], [start])[0].token_logprobs == pytest.approx(lps, abs=1e-4)
+    assert score_rows(gpt2_engine, [ids], [1], stride=8)[0].token_logprobs == pytest.approx(lps, abs=1e-4)
+
+
+@pytest.mark.parametrize("stride", [None, 100, 256])
+def test_a_text_longer_than_the_context_is_scored_token_by_token_in_windows(gpt2_engine, stride):
+    engine = gpt2_engine
+    assert engine.context_window == 256
+    ids = long_ids(engine, 600)
+    res = score_rows(engine, [ids, ids[:20]], [1, 1], stride=stride, max_batch_tokens=600)
+    assert res[0].token_ids == ids[1:] and len(res[0].token_logprobs) == len(ids) - 1
+    assert res[1].token_ids == ids[1:20]
+    expected = []  # each token scored by a plain pass over its own window: 256 fed (+1 predicted only)
+    for window, start in rolling_windows(ids, 257, stride or 128):
+        lps, _ = plain(engine, window)
+        expected += lps[start - 1 :]
+    assert res[0].token_logprobs == pytest.approx(expected, abs=1e-4)
+    assert all(math.isfinite(x) for x in res[0].token_logprobs)
+
+
+def test_score_texts_batches_rows_in_input_order(gpt2_engine):
+    texts = [*SENTENCES, " ".join(SENTENCES) * 12]  # the last is over the window
+    got = score_texts(gpt2_engine, texts, add_eos=True, batch_size=2)
+    for text, res in zip(texts[:-1], got[:-1], strict=True):
+        ids = tokenize_text(gpt2_engine.tokenizer, text, add_eos=True)
+        assert res.token_ids == ids[1:]
+        assert res.token_logprobs == pytest.approx(plain(gpt2_engine, ids)[0], abs=1e-4)
+    assert got[-1].num_tokens == len(tokenize_text(gpt2_engine.tokenizer, texts[-1], add_eos=True)) - 1
+    with pytest.raises(RunnerError, match=r"texts\[0\] has no token to score"):
+        score_texts(gpt2_engine, [""], add_bos=False)
+
+
+def test_score_record_summarises_a_score(llama_engine):
+    ids = tokenize_text(llama_engine.tokenizer, "The capital of France is Paris.")
+    res = score_batch(llama_engine, [ids], [1])[0]
+    rec = score_record(llama_engine.tokenizer, res, ids[:1])
+    assert rec["logprob"] == pytest.approx(sum(res.token_logprobs)) and rec["num_tokens"] == len(ids) - 1
+    assert rec["mean_logprob"] == pytest.approx(rec["logprob"] / rec["num_tokens"])
+    assert rec["perplexity"] == pytest.approx(math.exp(-rec["mean_logprob"]))
+    assert "".join(rec["tokens"]) == "The capital of France is Paris." and rec["token_ids"] == ids[1:]
+    empty = TextScore([], [], [])
+    assert empty.logprob == 0 and math.isnan(empty.mean_logprob) and empty.is_greedy
+
+
+def test_in_batches_plans_by_length_and_returns_input_order():
+    seqs = [[0] * n for n in (3, 9, 1, 9, 5)]
+    seen = []
+
+    def fn(batch, tags):
+        seen.append(tags)
+        return [f"{t}:{len(s)}" for s, t in zip(batch, tags, strict=True)]
+
+    out = in_batches(fn, seqs, list("abcde"), batch_size=2, max_batch_tokens=100)
+    assert out == ["a:3", "b:9", "c:1", "d:9", "e:5"]
+    assert seen == [["b", "d"], ["e", "a"], ["c"]]  # longest first, at most 2 per batch
+
+
+# --- embeddings -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("name", ENGINES)
+def test_embeddings_equal_a_plain_pass_alone_or_padded(request, name, pooling):
+    import numpy as np
+    import torch
+
+    engine = request.getfixturevalue(name)
+    seqs = [tokenize_text(engine.tokenizer, s) for s in SENTENCES]
+    together = np.array(embed_batch(engine, seqs, pooling))
+    alone = np.array([embed_batch(engine, [s], pooling)[0] for s in seqs])
+    hidden = engine.model.config.hidden_size
+    assert together.shape == (len(seqs), hidden) and np.abs(together - alone).max() < 1e-5
+    for ids, vec in zip(seqs, together, strict=True):
+        with torch.no_grad():
+            states = engine.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+        ref = states.mean(0) if pooling == "mean" else states[-1]
+        assert np.abs(vec - ref.float().numpy()).max() < 1e-5
+    assert np.abs(together[0] - together[1]).max() > 1e-3
+    texts = np.array(embed_texts(engine, SENTENCES[:2], pooling, batch_size=1))
+    direct = np.array(embed_batch(engine, [engine.tokenizer(s)["input_ids"] for s in SENTENCES[:2]], pooling))
+    assert np.abs(texts - direct).max() < 1e-5
+
+
+def test_embed_batch_refuses_bad_input(gpt2_engine):
+    with pytest.raises(ValueError, match="pooling must be mean or last, got 'max'"):
+        embed_batch(gpt2_engine, [[1, 2]], "max")
+    with pytest.raises(ValueError, match="empty token sequence"):
+        embed_batch(gpt2_engine, [[1, 2], []])
+
+
+# --- the demo model -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_model_prefers_the_true_sentence():
+    from runner.engine import Engine
+
+    engine = Engine("smollm2-135m-instruct")
+    paris, berlin = score_texts(
+        engine, ["The capital of France is Paris.", "The capital of France is Berlin."]
+    )
+    assert paris.logprob > berlin.logprob + 1.0
+    [cont_paris, cont_berlin] = score_continuations(
+        engine, [("The capital of France is ", "Paris"), ("The capital of France is ", "Berlin")]
+    )
+    assert cont_paris.logprob > cont_berlin.logprob and cont_paris.is_greedy
