@@ -251,6 +251,44 @@ def _rss() -> int:
         return int(m.group(1)) * 1024 if m else 0
 
 
+def tune_malloc() -> bool:
+    """Keep freed memory in the process (glibc): no mmap for large blocks, no trimming of the heap top. Without
+    this, every tensor over 32 MiB (KV-cache `torch.cat` results, big prefill activations) is mmap'ed and unmapped
+    again, so each use pays fresh page faults - tens of seconds of kernel time per run on a VM. Same as
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge> MALLOC_TOP_PAD_=1GiB in the environment."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+        ok = libc.mallopt(m_mmap_max, 0) == 1
+        ok &= libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)) == 1
+        ok &= libc.mallopt(m_top_pad, ctypes.c_int(1 << 30)) == 1
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
+class Usage:
+    """CPU time (user, system) and minor page faults of this process during a `with` block."""
+
+    def __enter__(self):
+        import resource
+
+        self._r0 = resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def __exit__(self, *exc):
+        import resource
+
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        self.user = r1.ru_utime - self._r0.ru_utime
+        self.sys = r1.ru_stime - self._r0.ru_stime
+        self.minflt = r1.ru_minflt - self._r0.ru_minflt
+        return False
+
+
 def sync(device) -> None:
     import torch
 
@@ -651,6 +689,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=0, help="init seed of the gpt2-random model")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument(
+        "--malloc",
+        choices=["default", "tuned"],
+        default="default",
+        help="tuned: glibc mallopt so freed memory stays in the process (no mmap/munmap page-fault churn "
+        "for tensors over 32 MiB); applies to every method of the run",
+    )
+    ap.add_argument(
+        "--profile-batch-size", type=int, default=0, help="batch size to profile (0: runner's default)"
+    )
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args(argv)
     if args.quick:
@@ -660,6 +708,12 @@ def main(argv: list[str] | None = None) -> int:
         args.lp_repeats = min(args.lp_repeats, 1)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    malloc_tuned = tune_malloc() if args.malloc == "tuned" else False
+    if args.malloc == "tuned" and not malloc_tuned:
+        print(
+            "warning: --malloc tuned: mallopt is not available (not glibc?); running with the default",
+            file=sys.stderr,
+        )
     import torch
     import transformers
 
@@ -716,6 +770,9 @@ def main(argv: list[str] | None = None) -> int:
             "japanese": japanese,
         },
         "max_new_tokens": n_new,
+        "malloc": "tuned (mallopt: mmap_max 0, trim_threshold 2 GiB, top_pad 1 GiB)"
+        if malloc_tuned
+        else "default",
         "methods": [],
     }
 
@@ -732,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{mm['linear_rows64_flops'] / 1e9:.1f} GFLOP/s"
     )
 
-    def record(name, outs, seconds, mem, pad_frac, n_batches, batch_size, extra=None):
+    def record(name, outs, seconds, mem, pad_frac, n_batches, batch_size, extra=None, usage=None):
         gen = sum(len(o) for o in outs)
         row = {
             "name": name,
@@ -752,6 +809,9 @@ def main(argv: list[str] | None = None) -> int:
             * (gen + sum(lengths))
             / seconds
             / mm["peak_flops"],
+            "cpu_user_seconds": usage.user if usage else None,
+            "cpu_sys_seconds": usage.sys if usage else None,
+            "minor_page_faults": usage.minflt if usage else None,
             **(extra or {}),
         }
         res["methods"].append(row)
@@ -759,6 +819,11 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"  {name}: {seconds:.1f} s, {row['tokens_per_second']:.1f} tok/s, {row['prompts_per_second']:.2f} "
             f"prompts/s, padding {pad_frac:.1%}, peak {fmt_bytes(mem.peak)}"
+            + (
+                f", cpu user {usage.user:.0f} s sys {usage.sys:.0f} s, {usage.minflt:,} page faults"
+                if usage
+                else ""
+            )
         )
         return row
 
@@ -774,10 +839,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"runner: default batch_size {default_bs}, token budget {budget}; sweep {sweep}")
     run_runner(engine, ids[:4], 2, 4, budget)  # warm-up
     for bs in sweep:
-        with PeakMemory(dev) as mem:
+        with PeakMemory(dev) as mem, Usage() as use:
             outs, secs, plan = run_runner(engine, ids, n_new, bs, budget)
         name = "runner (default)" if bs == default_bs else f"runner bs={bs}"
-        record(name, outs, secs, mem, padding_fraction(lengths, plan), len(plan), bs)
+        record(name, outs, secs, mem, padding_fraction(lengths, plan), len(plan), bs, usage=use)
         outputs[name] = outs
 
     # -- log-prob overhead ----------------------------------------------------------------------------------
@@ -818,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"pipeline batch_size={pbs} ...")
         pipe = make_pipeline(model, model_dir, pad_id, pbs)
         run_pipeline(pipe, texts[:2], 2, eos_ids, pad_id, dev)  # warm-up
-        with PeakMemory(dev) as mem:
+        with PeakMemory(dev) as mem, Usage() as use:
             outs, p_prompts, secs = run_pipeline(pipe, texts, n_new, eos_ids, pad_id, dev)
         p_tok = pipe.tokenizer
         p_lengths = [len(p_tok(s, add_special_tokens=True)["input_ids"]) for s in texts]
@@ -833,6 +898,7 @@ def main(argv: list[str] | None = None) -> int:
             len(chunks),
             pbs,
             {"same_prompt_ids_as_runner": same_inputs},
+            usage=use,
         )
         outputs["pipeline"] = outs
         del pipe
@@ -842,15 +908,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_naive:
         log(f"naive model.generate, one prompt at a time ({len(ids)} prompts) ...")
         run_naive(model, ids[:1], 2, eos_ids, pad_id, dev)  # warm-up
-        with PeakMemory(dev) as mem:
+        with PeakMemory(dev) as mem, Usage() as use:
             outs, secs = run_naive(model, ids, n_new, eos_ids, pad_id, dev)
-        record("naive generate bs=1", outs, secs, mem, 0.0, len(ids), 1)
+        record("naive generate bs=1", outs, secs, mem, 0.0, len(ids), 1, usage=use)
         outputs["naive"] = outs
 
     # -- profile --------------------------------------------------------------------------------------------
     if args.profile:
         log("profiling runner default ...")
-        res["profile"] = profile_runner(engine, ids, n_new, default_bs, budget)
+        res["profile"] = profile_runner(engine, ids, n_new, args.profile_batch_size or default_bs, budget)
 
     # -- comparisons ----------------------------------------------------------------------------------------
     ref = outputs["runner (default)"]
@@ -928,7 +994,7 @@ def print_report(res: dict[str, Any]) -> None:
     print()
     hdr = (
         "| method | batches | seconds | output tok/s | prompts/s | padding | peak mem | mem above start "
-        "| roofline (out tok) | roofline (all tok) |"
+        "| roofline (out tok) | roofline (all tok) | cpu user / sys s | page faults |"
     )
     print(hdr)
     print("|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|")
@@ -937,10 +1003,15 @@ def print_report(res: dict[str, Any]) -> None:
             f"| {r['name']} | {r['batches']} | {r['seconds']:.1f} | {r['tokens_per_second']:.1f} | "
             f"{r['prompts_per_second']:.2f} | {r['padding_fraction']:.1%} | {fmt_bytes(r['peak_memory_bytes'])} | "
             f"{fmt_bytes(r['memory_above_start_bytes'])} | {r['roofline_fraction']:.1%} | "
-            f"{r['roofline_fraction_all_tokens']:.1%} |"
+            f"{r['roofline_fraction_all_tokens']:.1%} | "
+            + (
+                f"{r['cpu_user_seconds']:.0f} / {r['cpu_sys_seconds']:.0f} | {r['minor_page_faults'] / 1e6:.1f}M |"
+                if r.get("cpu_user_seconds") is not None
+                else "| |"
+            )
         )
     print()
-    print(f"memory: {res.get('memory_method', '')}")
+    print(f"memory: {res.get('memory_method', '')}; malloc: {res.get('malloc', 'default')}")
     if res["ratios"]:
         print("ratios (output tok/s): " + "; ".join(f"{k} = {v:.2f}x" for k, v in res["ratios"].items()))
     print(f"best runner batch size: {res['best_runner']['batch_size']}")
