@@ -685,6 +685,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument(
+        "--skip-plain-engine",
+        action="store_true",
+        help="skip runner's engine without grouped prefill and in-place KV cache",
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="torch.profiler breakdown of the runner default path"
     )
     ap.add_argument("--seed", type=int, default=0, help="init seed of the gpt2-random model")
@@ -845,6 +850,22 @@ def main(argv: list[str] | None = None) -> int:
         record(name, outs, secs, mem, padding_fraction(lengths, plan), len(plan), bs, usage=use)
         outputs[name] = outs
 
+    # The same engine without its prefill grouping and in-place KV cache (one padded prefill per batch, then
+    # transformers' DynamicCache, which copies the whole cache at every step): what those levers are worth.
+    if not args.skip_plain_engine:
+        import runner.engine as engine_mod
+
+        saved = (engine.prefill_tokens, engine._merge_caches, engine_mod.PREFILL_MIN_FILL)
+        engine.prefill_tokens, engine._merge_caches, engine_mod.PREFILL_MIN_FILL = 10**12, False, 0.0
+        try:
+            with PeakMemory(dev) as mem, Usage() as use:
+                outs, secs, plan = run_runner(engine, ids, n_new, default_bs, budget)
+        finally:
+            engine.prefill_tokens, engine._merge_caches, engine_mod.PREFILL_MIN_FILL = saved
+        name = "runner default, one prefill + DynamicCache"
+        record(name, outs, secs, mem, padding_fraction(lengths, plan), len(plan), default_bs, usage=use)
+        outputs[name] = outs
+
     # -- log-prob overhead ----------------------------------------------------------------------------------
     if args.lp_repeats > 0:
         log("log-prob overhead (runner default, with vs without log_softmax) ...")
@@ -933,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
     if "naive" in outputs and "pipeline" in outputs:
         res["matches"]["pipeline vs naive"] = compare(outputs["pipeline"], outputs["naive"])
     for name, outs in outputs.items():
-        if name.startswith("runner bs="):
+        if name.startswith("runner") and name != "runner (default)":
             res["matches"][f"{name} vs runner (default)"] = compare(outs, ref)
     ratios = {}
     naive_row = byname.get("naive generate bs=1")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import kvcache
 from .batching import left_pad
 from .errors import ModelLoadError, RunnerError
 from .params import EngineOptions, GenerationParams
@@ -31,6 +32,10 @@ from .params import EngineOptions, GenerationParams
 _LOAD_LOCK = threading.Lock()  # from_pretrained is not thread-safe (two at once can see meta tensors)
 # Prompt tokens decoded with the generation, so that a leading space survives (SentencePiece).
 DETOKENIZE_CONTEXT = 4
+# Most padded tokens in one prefill forward pass. A batch is prefilled in groups of similar length under this
+# budget, then decoded as one (kvcache.py); on CPU, small groups cost no matmul efficiency and waste no padding.
+PREFILL_TOKENS_CPU, PREFILL_TOKENS_GPU = 2048, 16384
+PREFILL_MIN_FILL = 0.9  # a prefill group's real tokens / padded tokens
 
 
 @dataclass
@@ -58,6 +63,33 @@ class NumericalError(RunnerError):
     def __init__(self, rows: list[int]):
         super().__init__(f"non-finite logits in {len(rows)} row(s) of the batch")
         self.rows = rows
+
+
+def _positions(mask: Any) -> Any:
+    """Position ids that count real tokens only: with left padding, GPT-2 and friends would otherwise give the
+    first real token of a short prompt position 5 instead of 0 and generate something else."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill_groups(lengths: list[int], budget: int, min_fill: float | None = None) -> list[list[int]]:
+    """Indices of `lengths` in prefill groups: longest first, each group at most `budget` padded tokens (or one
+    row) and at least `min_fill` real tokens, so the prompt pass computes almost no padding."""
+    min_fill = PREFILL_MIN_FILL if min_fill is None else min_fill
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        g = groups[-1] if groups else None
+        if g is not None:
+            width = lengths[g[0]]
+            padded = width * (len(g) + 1)
+            if padded <= budget and (real + lengths[i]) >= min_fill * padded:
+                g.append(i)
+                real += lengths[i]
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
 
 
 def pick_device(option: str) -> Any:
@@ -230,7 +262,12 @@ class Engine:
         # GPT-2 has no pad token: pad with EOS. Safe because padding is known from the attention mask only.
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.context_window = context_window(cfg, self.tokenizer)
-        self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._keep_arg = "logits_to_keep" in forward_params
+        # transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning)
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        self.prefill_tokens = PREFILL_TOKENS_GPU if self.device.type == "cuda" else PREFILL_TOKENS_CPU
+        self._merge_caches: bool | None = None  # whether this model's cache can be merged (kvcache.py)
         self._eos = torch.tensor(self.eos_ids, device=self.device)
 
     @property
@@ -256,11 +293,11 @@ class Engine:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_arg: cache},
             **kwargs,
         )
-        return out.logits[:, -1, :].float(), out.past_key_values
+        return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)
 
     def _generate(self, prompts, params, seeds):
         import numpy as np
@@ -275,10 +312,21 @@ class Engine:
 
         dev = self.device
         n = len(prompts)
-        ids, mask = left_pad(prompts, self.pad_id, dev)
-        # Position ids count real tokens only: with left padding, GPT-2 and friends would otherwise give the
-        # first real token of a short prompt position 5 instead of 0 and generate something else.
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        prompt_lps: list[list[float | None]] | None = None
+        if params.prompt_logprobs:
+            # Every position's logits, for this one batch: O(batch x prompt x vocab), asked for explicitly.
+            order = list(range(n))
+            ids, mask = left_pad(prompts, self.pad_id, dev)
+            full, cache = self._forward_all(ids, mask, _positions(mask))
+            prompt_lps = self._prompt_logprobs(full, ids, mask)
+            logits = full[:, -1, :].float()
+            del full
+            cache = self._decode_cache([cache], params.max_new_tokens)
+        else:
+            logits, cache, order = self._prefill(prompts, params.max_new_tokens)
+            # The decode batch: rows in the order the prefill groups put them (slot -> row is `rows` below).
+            ids, mask = left_pad([prompts[r] for r in order], self.pad_id, dev)
+        pos = _positions(mask)
         processors = LogitsProcessorList()
         if params.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
@@ -297,7 +345,7 @@ class Engine:
             history = torch.where(mask.bool(), ids, first_real)
         rngs = [np.random.default_rng(s) for s in seeds] if params.do_sample else None
 
-        rows = list(range(n))  # batch slot -> original row
+        rows = list(order)  # batch slot -> original row
         out_ids: list[list[int]] = [[] for _ in range(n)]
         out_lps: list[list[float]] = [[] for _ in range(n)]
         finish: list[tuple[str, str | None] | None] = [None] * n
@@ -308,15 +356,6 @@ class Engine:
 
         want_top = params.logprobs is not None
         tops: list[list[tuple[int, float, int]]] = [[] for _ in range(n)]
-        prompt_lps: list[list[float | None]] | None = None
-        if params.prompt_logprobs:
-            # Every position's logits, for this one batch: O(batch x prompt x vocab), asked for explicitly.
-            full, cache = self._forward_all(ids, mask, pos)
-            prompt_lps = self._prompt_logprobs(full, ids, mask)
-            logits = full[:, -1, :].float()
-            del full
-        else:
-            logits, cache = self._forward(ids, mask, pos, None, last_only=True)
         next_pos = pos[:, -1] + 1
         for step in range(params.max_new_tokens):
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -391,12 +430,47 @@ class Engine:
             )  # fmt: skip
         return results
 
+    def _prefill(self, prompts: list[list[int]], extra: int):
+        """Prefill a batch in groups of similar length (`prefill_groups`), then merge the groups' caches into
+        one for decoding. Returns (last-position logits [batch, vocab] in decode order, cache, decode order)."""
+        import torch
+
+        groups = prefill_groups([len(p) for p in prompts], self.prefill_tokens)
+        if len(groups) > 1 and self._merge_caches is not False:
+            logits, caches = [], []
+            for g in groups:
+                g_ids, g_mask = left_pad([prompts[r] for r in g], self.pad_id, self.device)
+                lg, c = self._forward(g_ids, g_mask, _positions(g_mask), None, last_only=True)
+                self._merge_caches = self._merge_caches or kvcache.mergeable(c)
+                if not self._merge_caches:
+                    break  # e.g. sliding-window layers: prefill the batch as one, as transformers expects
+                logits.append(lg)
+                caches.append(c)
+            else:
+                return (
+                    torch.cat(logits),
+                    kvcache.merge_prefills(caches, extra),
+                    [r for g in groups for r in g],
+                )
+        order = list(range(len(prompts)))
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        logits, cache = self._forward(ids, mask, _positions(mask), None, last_only=True)
+        return logits, self._decode_cache([cache], extra), order
+
+    def _decode_cache(self, caches: list[Any], extra: int) -> Any:
+        """The caches as one growing cache (appends in place) when the model's cache allows it, else as is."""
+        if self._merge_caches is None:
+            self._merge_caches = kvcache.mergeable(caches[0])
+        if self._merge_caches:
+            return kvcache.merge_prefills(caches, extra)
+        return caches[0]
+
     def _forward_all(self, input_ids, attention_mask, position_ids):
         """Prefill keeping every position's logits: ([batch, seq, vocab] float32, cache)."""
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True
         )
-        return out.logits.float(), out.past_key_values
+        return out.logits.float(), getattr(out, self._cache_arg)
 
     @staticmethod
     def _prompt_logprobs(full, ids, mask) -> list[list[float | None]]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from runner import GenerationParams
+from runner import engine as engine_mod
 from runner.batching import encode, left_pad, plan_batches
 
 PROMPTS = [
@@ -41,6 +42,59 @@ def test_batched_greedy_equals_one_at_a_time(request, engine_name, penalty):
     single = [engine.generate([p], params)[0] for p in prompts]
     assert_same(batched, single)
     assert len({tuple(c.token_ids) for c in batched}) > 1  # the model is not degenerate
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+@pytest.mark.parametrize("how", ["row_per_group", "one_group", "grow_every_3", "transformers_cache"])
+def test_grouped_prefill_and_growing_cache_change_nothing(request, monkeypatch, engine_name, how):
+    """However the batch is prefilled (a group per row, one group) and however its KV cache grows (in place
+    in small chunks, or transformers' own cache), every row gets what it gets alone."""
+    from runner import kvcache
+
+    engine = request.getfixturevalue(engine_name)
+    prompts = ids_of(engine)
+    params = GenerationParams(max_new_tokens=12, repetition_penalty=1.2)
+    single = [engine.generate([p], params)[0] for p in prompts]
+    if how == "row_per_group":
+        monkeypatch.setattr(engine, "prefill_tokens", 1)
+    elif how == "one_group":
+        monkeypatch.setattr(engine, "prefill_tokens", 10**6)
+        monkeypatch.setattr("runner.engine.PREFILL_MIN_FILL", 0.0)
+    elif how == "grow_every_3":
+        monkeypatch.setattr(kvcache, "GROW_TOKENS", 3)
+        monkeypatch.setattr(engine, "prefill_tokens", 1)
+    else:
+        monkeypatch.setattr(engine, "_merge_caches", False)
+    groups = engine_mod.prefill_groups([len(p) for p in prompts], engine.prefill_tokens)
+    assert len(groups) == {"row_per_group": len(prompts), "one_group": 1}.get(how, len(groups))
+    assert_same(engine.generate(prompts, params), single)
+
+
+def test_prefill_groups_cover_every_row_once_within_budget():
+    lengths = [3, 200, 40, 41, 199, 5, 4, 120, 1, 60]
+    for budget in (1, 100, 400, 2048):
+        groups = engine_mod.prefill_groups(lengths, budget)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            width = max(lengths[i] for i in g)
+            assert len(g) == 1 or width * len(g) <= budget
+            assert sum(lengths[i] for i in g) >= 0.9 * width * len(g)
+    assert engine_mod.prefill_groups(lengths, 1) == [
+        [i] for i in sorted(range(10), key=lambda i: -lengths[i])
+    ]
+
+
+def test_merged_cache_is_used_for_plain_attention_models(gpt2_engine, llama_engine):
+    from runner import kvcache
+
+    for engine in (gpt2_engine, llama_engine):
+        ids, mask = left_pad(ids_of(engine)[:2], engine.pad_id, engine.device)
+        with torch.inference_mode():
+            _, cache = engine._forward(ids, mask, engine_mod._positions(mask), None, last_only=True)
+        assert kvcache.mergeable(cache)
+        merged = kvcache.merge_prefills([cache], 5)
+        assert merged.get_seq_length() == ids.shape[1]
+        assert type(merged.layers[0]).__name__ == "GrowingLayer"
 
 
 def test_logprobs_match_a_plain_forward_pass(gpt2_engine):
