@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
@@ -47,7 +48,9 @@ def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, torch.OutOfMemoryError):
         return True
     text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    return isinstance(e, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "cublas_status_alloc_failed" in text
+    )
 
 
 @dataclass
@@ -112,13 +115,23 @@ def run_job(
     )
     say(
         f"job {job.id}: {len(todo):,} of {job.total:,} rows to {job.kind} in {len(plan):,} batches "
-        f"on {engine.device} ({str(engine.dtype).replace('torch.', '')})"
+        f"on {engine.device} ({_dtype_name(engine)})"
     )
     worker = secrets.token_hex(2)
+
+    def compute(keys: list[tuple[int, int]]) -> list[Any]:
+        outcomes = list(task.compute(keys))
+        # The engine checks the log-probs it samples from; this checks everything that would be written
+        # (prompt log-probs, alternatives, scores, vectors), so no NaN ever reaches a shard.
+        bad = [i for i, out in enumerate(outcomes) if not task.finite(out)]
+        if bad:
+            raise NumericalError(bad)
+        return outcomes
+
     progress = Progress(job.total, job.total - len(todo), echo=say, interval=progress_interval)
     buffer: list[GeneratedRow] = []
     last_flush = time.perf_counter()
-    generated = tokens = errors = 0
+    generated = tokens = errors = retried = 0
 
     lost = False
 
@@ -140,7 +153,7 @@ def run_job(
 
     stopped = False
     slowest = 0.0
-    fits: dict[str, int | None] = {"rows": None}  # after an out-of-memory, the batch size that worked
+    iso = Isolation()
     for batch in plan:
         if (
             lost
@@ -151,7 +164,12 @@ def run_job(
             break
         started = time.perf_counter()
         keys = [todo[i] for i in batch]
-        outcomes = _isolating(engine, task.compute, keys, fits)
+        outcomes = _isolating(engine, compute, keys, iso)
+        for r, s in iso.float32_retried[retried:]:
+            say(
+                f"row {ids[r]} (sample {s}): non-finite logits in {_dtype_name(engine)}; recomputed in float32"
+            )
+        retried = len(iso.float32_retried)
         batch_tokens = 0
         for (r, s), out in zip(keys, outcomes, strict=True):
             if isinstance(out, RowError):
@@ -182,7 +200,7 @@ def run_job(
     stopped = stopped or lost
     seconds = time.perf_counter() - t0
     say(progress.line())
-    _record_stats(job, engine, generated, tokens, seconds)
+    _record_stats(job, engine, generated, tokens, seconds, float32_retries=retried)
     return summarize(job, generated, tokens, seconds, finished=not stopped, new_errors=errors)
 
 
@@ -231,6 +249,19 @@ class Task:
     table: Callable[..., Any]
     tokens: Callable[[Any], int]  # tokens produced or read for one result, for tok/s
     new_tokens: int  # tokens each sequence grows by, for the batch budget
+    finite: Callable[[Any], bool]  # every number of one result is finite (no NaN/inf log-prob is written)
+
+
+def _all_finite(values: Iterable[float | None]) -> bool:
+    return all(v is None or math.isfinite(v) for v in values)
+
+
+def _completion_finite(c: Any) -> bool:
+    return (
+        _all_finite(c.token_logprobs)
+        and _all_finite(c.prompt_logprobs or ())
+        and all(_all_finite(lp for _, lp, _ in step) for step in c.top_logprobs or ())
+    )
 
 
 def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
@@ -243,7 +274,9 @@ def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
             seeds = [sample_seed(job.seed, ids[r], s) for r, s in keys]
             return engine.generate([input_ids[r] for r, _ in keys], params, seeds)
 
-        return Task(generate, completions_table, lambda c: len(c.token_ids), params.max_new_tokens)
+        return Task(
+            generate, completions_table, lambda c: len(c.token_ids), params.max_new_tokens, _completion_finite
+        )
     from . import scoring
     from .results import embed_table, score_table
 
@@ -255,45 +288,101 @@ def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
             rows = [r for r, _ in keys]
             return scoring.score_rows(engine, [input_ids[r] for r in rows], [froms[r] for r in rows], stride)
 
-        return Task(score, score_table, lambda res: len(res.token_ids), 0)
+        return Task(
+            score, score_table, lambda res: len(res.token_ids), 0, lambda r: _all_finite(r.token_logprobs)
+        )
 
     def embed(keys: list[tuple[int, int]]) -> list[Any]:
         return scoring.embed_batch(engine, [input_ids[r] for r, _ in keys], params.pooling)
 
-    return Task(embed, lambda p, rows, _t: embed_table(p, rows), lambda v: 0, 0)
+    return Task(embed, lambda p, rows, _t: embed_table(p, rows), lambda v: 0, 0, _all_finite)
+
+
+@dataclass
+class Isolation:
+    """What `_isolating` learnt so far in this run."""
+
+    rows: int | None = None  # after an out-of-memory, the batch size that worked
+    float32_retried: list[tuple[int, int]] = field(default_factory=list)  # keys recomputed in float32
 
 
 def _isolating(
     engine: Engine,
     compute: Callable[[list[tuple[int, int]]], list[Any]],
     keys: list[tuple[int, int]],
-    fits: dict[str, int | None],
+    iso: Isolation,
 ) -> list[Any]:
-    """Run `compute` on a batch; on out-of-memory or non-finite logits split it in halves and retry, so that
+    """Run `compute` on a batch; on out-of-memory or non-finite logits retry in smaller batches, so that
     only a row that fails alone becomes a `RowError` and the rest complete. Splitting never changes results:
-    every sample carries its own seed. After an out-of-memory, `fits["rows"]` remembers the size that then
-    worked, so later batches start there instead of failing first."""
-    cap = fits["rows"]
+    every sample carries its own seed. After an out-of-memory, `iso.rows` remembers the size that then
+    worked, so later batches start there instead of failing first. Rows named by a `NumericalError` are
+    retried alone and the others together; a row that is non-finite alone in float16/bfloat16 is recomputed
+    with the model in float32 (`_retry_in_float32`)."""
+    cap = iso.rows
     if cap is not None and len(keys) > cap:
         return [
-            o for i in range(0, len(keys), cap) for o in _isolating(engine, compute, keys[i : i + cap], fits)
+            o for i in range(0, len(keys), cap) for o in _isolating(engine, compute, keys[i : i + cap], iso)
         ]
     try:
         return list(compute(keys))
-    except NumericalError:
+    except NumericalError as e:
         if len(keys) == 1:
-            return [RowError("numerical_error", "the model produced NaN/inf logits (try --dtype float32)")]
+            return [_retry_in_float32(engine, compute, keys, iso)]
+        # e.rows are positions in this batch as far as the computation knows them; used as a hint only
+        # (the batch is split either way, so a wrong hint costs time, never a result).
+        bad = {r for r in e.rows if 0 <= r < len(keys)}
+        if bad and len(bad) < len(keys):
+            rest = [i for i in range(len(keys)) if i not in bad]
+            got = dict(zip(rest, _isolating(engine, compute, [keys[i] for i in rest], iso), strict=True))
+            for i in sorted(bad):
+                got[i] = _isolating(engine, compute, [keys[i]], iso)[0]
+            return [got[i] for i in range(len(keys))]
     except Exception as e:
         if not is_out_of_memory(e):
             raise
         _free_memory(engine)
         half = max(1, len(keys) // 2)
-        fits["rows"] = half if fits["rows"] is None else min(fits["rows"], half)
+        iso.rows = half if iso.rows is None else min(iso.rows, half)
         if len(keys) == 1:
             return [RowError("out_of_memory", "this row does not fit in memory even alone (shorten the prompt "
                                               "or lower --max-new-tokens)")]  # fmt: skip
     half = len(keys) // 2
-    return _isolating(engine, compute, keys[:half], fits) + _isolating(engine, compute, keys[half:], fits)
+    return _isolating(engine, compute, keys[:half], iso) + _isolating(engine, compute, keys[half:], iso)
+
+
+def _retry_in_float32(
+    engine: Engine,
+    compute: Callable[[list[tuple[int, int]]], list[Any]],
+    keys: list[tuple[int, int]],
+    iso: Isolation,
+) -> Any:
+    """One row whose logits are NaN/inf on its own: fp16 overflow is the usual cause, so compute it again
+    with the model upcast to float32 (exact, and undone afterwards). A row that is non-finite even then, or
+    whose retry does not fit in memory, becomes a RowError."""
+    import torch
+
+    dtype = _dtype_name(engine)
+    if engine.dtype == torch.float32:
+        return RowError("numerical_error", "the model produced NaN/inf logits for this row in float32")
+    try:
+        with engine.in_float32():
+            out = compute(keys)[0]
+    except NumericalError:
+        return RowError("numerical_error", f"the model produced NaN/inf logits for this row in {dtype} "
+                                           "and again in float32")  # fmt: skip
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        _free_memory(engine)
+        return RowError("numerical_error", f"NaN/inf logits in {dtype}, and the model does not fit in memory "
+                                           "in float32 to retry (try --dtype float32 on a larger device)")  # fmt: skip
+    _free_memory(engine)
+    iso.float32_retried.extend(keys)
+    return out
+
+
+def _dtype_name(engine: Engine) -> str:
+    return str(engine.dtype).replace("torch.", "")
 
 
 def _free_memory(engine: Engine) -> None:
@@ -306,7 +395,9 @@ def _free_memory(engine: Engine) -> None:
         torch.cuda.empty_cache()
 
 
-def _record_stats(job: Job, engine: Engine, generated: int, tokens: int, seconds: float) -> None:
+def _record_stats(
+    job: Job, engine: Engine, generated: int, tokens: int, seconds: float, float32_retries: int = 0
+) -> None:
     path = job.dir / "stats.json"
     try:
         stats = storage.read_json(path) if path.exists() else {"runs": []}
@@ -316,13 +407,14 @@ def _record_stats(job: Job, engine: Engine, generated: int, tokens: int, seconds
         {
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "device": str(engine.device),
-            "dtype": str(engine.dtype).replace("torch.", ""),
+            "dtype": _dtype_name(engine),
             "model_load_seconds": round(engine.load_seconds, 3),
             "rows": generated,
             "tokens": tokens,
             "seconds": round(seconds, 3),
             "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
             "peak_memory_bytes": peak_memory_bytes(engine.device),
+            "float32_retries": float32_retries,  # rows whose logits overflowed, recomputed in float32
         }
     )
     stats["tokens"] = sum(r["tokens"] for r in stats["runs"])
