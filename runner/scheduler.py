@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .crashes import DeviceError
 from .engine import Engine
 from .errors import RunnerError
 from .jobs import Job
@@ -211,6 +212,15 @@ def work(
                 pass  # its lease goes stale on its own
             raise StorageError(f"stopped: the job home cannot be written ({e}); job {j.id} is consistent and "
                                "resumes with the next `runner work`") from e  # fmt: skip
+        except DeviceError:
+            # The GPU is unusable for this process (worker.py wrote what was finished and recorded the rows
+            # in flight): not the job's fault. Leave it resumable and stop; the next worker isolates the row.
+            try:
+                set_state(j.dir, "queued", interrupted=True)
+                lease.release()
+            except (RunnerError, OSError):
+                pass  # its lease goes stale on its own
+            raise
         except RunnerError as e:
             set_state(j.dir, "failed", error=str(e))
             lease.release()

@@ -11,6 +11,7 @@ sample), so a resumed job produces the same results as an uninterrupted one, wha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,9 +23,17 @@ from typing import Any
 
 from . import storage
 from .batching import plan_batches
+from .crashes import (
+    DeviceError,
+    InFlight,
+    Suspect,
+    device_crash_message,
+    first_line,
+    is_device_error,
+)
 from .engine import Engine, NumericalError, peak_memory_bytes
 from .errors import RunnerError
-from .faults import fault_point
+from .faults import fault_point, row_fault
 from .jobs import Job
 from .leases import Lease
 from .progress import Progress
@@ -88,20 +97,38 @@ def run_job(
 ) -> RunSummary:
     """Generate every missing result row of `job`. Returns when all are done, or early (rows finished so far
     written first) when `should_stop()` says so, when the next batch would not end before `deadline` (a
-    `time.time()` value), or when `lease` is no longer ours. Checked between batches."""
+    `time.time()` value), or when `lease` is no longer ours. Checked between batches.
+
+    Rows a dead worker was computing run first, one at a time (crashes.py); a device error that leaves the
+    process unusable writes what is finished and raises `DeviceError`."""
     prompts = job.prompts()
     ids = prompts.column("id").to_pylist()
+    lines = prompts.column("line").to_pylist()
     input_ids = prompts.column("input_ids").to_pylist()
     done = done_keys(job.dir) | failed_keys(job)
     todo = [(r, s) for r in range(len(ids)) for s in range(job.samples) if (r, s) not in done]
     t0 = time.perf_counter()
+    worker = secrets.token_hex(2)
 
     def say(line: str) -> None:
         if echo:
             echo(line)
         job.log(line)
 
+    def row_error(r: int, s: int, error: str, message: str) -> None:
+        storage.append_line(job.dir / "errors.jsonl", json.dumps(
+            {"id": ids[r], "line": lines[r], "row": r, "sample": s, "stage": "generate", "error": error,
+             "message": message}, ensure_ascii=False))  # fmt: skip
+
+    flight = InFlight(job.dir, worker)
+    recovery = flight.recover(set(todo))
+    for (r, s), message in recovery.culprits:
+        row_error(r, s, "worker_crash", message)
+        say(f"row {ids[r]} (line {lines[r]}, sample {s}) set aside in errors.jsonl: {message}")
+    if recovery.culprits:
+        todo = [k for k in todo if k not in {c for c, _ in recovery.culprits}]
     if not todo:
+        flight.settle([])
         return summarize(job, 0, 0, 0.0, finished=True)
     if engine is None:
         say(f"loading model {job.meta['model']} ...")
@@ -110,16 +137,33 @@ def run_job(
     # Stated in every shard too, so a results file says how it was made (e.g. whether BOS/EOS were scored).
     params_json = json.dumps({**job.meta["params"], "model": job.meta["model"]}, ensure_ascii=False)
     budget = job.options.max_batch_tokens or default_batch_tokens(engine)
+    alone = {x.key for x in recovery.first + recovery.last}
+    rest = [k for k in todo if k not in alone]
     plan = plan_batches(
-        [len(input_ids[r]) for r, _ in todo], default_batch_size(engine, job.options), budget, task.new_tokens
+        [len(input_ids[r]) for r, _ in rest], default_batch_size(engine, job.options), budget, task.new_tokens
     )
+    # (keys, the suspect when a key runs alone): suspects of a dead batch first, then the batches, then keys
+    # that already died alone once, so that a row which kills workers holds up no other row.
+    steps: list[tuple[list[tuple[int, int]], Suspect | None]] = [
+        *(([x.key], x) for x in recovery.first),
+        *(([rest[i] for i in batch], None) for batch in plan),
+        *(([x.key], x) for x in recovery.last),
+    ]
+    pending = recovery.first + recovery.last  # suspects not run yet, in the order they run
     say(
-        f"job {job.id}: {len(todo):,} of {job.total:,} rows to {job.kind} in {len(plan):,} batches "
+        f"job {job.id}: {len(todo):,} of {job.total:,} rows to {job.kind} in {len(steps):,} batches "
         f"on {engine.device} ({_dtype_name(engine)})"
     )
-    worker = secrets.token_hex(2)
+    if recovery.first:
+        why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died"
+        say(f"{len(recovery.first)} row(s) were being computed when a worker {why}: running them one at a "
+            "time first")  # fmt: skip
+    if recovery.last:
+        say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them alone "
+            "again at the end")  # fmt: skip
 
     def compute(keys: list[tuple[int, int]]) -> list[Any]:
+        row_fault([ids[r] for r, _ in keys])
         outcomes = list(task.compute(keys))
         # The engine checks the log-probs it samples from; this checks everything that would be written
         # (prompt log-probs, alternatives, scores, vectors), so no NaN ever reaches a shard.
@@ -154,7 +198,7 @@ def run_job(
     stopped = False
     slowest = 0.0
     iso = Isolation()
-    for batch in plan:
+    for keys, suspect in steps:
         if (
             lost
             or (should_stop is not None and should_stop())
@@ -163,8 +207,40 @@ def run_job(
             stopped = True
             break
         started = time.perf_counter()
-        keys = [todo[i] for i in batch]
-        outcomes = _isolating(engine, compute, keys, iso)
+        if suspect is not None:
+            pending.remove(suspect)
+        crashes = suspect.crashes if suspect is not None else 0
+        flight.running(keys, pending, alone=suspect is not None, crashes=crashes)
+        try:
+            outcomes = _isolating(engine, compute, keys, iso)
+        except BaseException as e:
+            if not (isinstance(e, Exception) and is_device_error(e)):
+                flight.settle(([suspect] if suspect is not None else []) + pending)  # not a crash
+                raise
+            cause = first_line(e)
+            flight.running(keys, pending, alone=suspect is not None, crashes=crashes, error=cause)
+            if suspect is not None:
+                (r, s) = keys[0]
+                row_error(r, s, "worker_crash", device_crash_message(cause))
+                flight.settle(pending)
+                message = (
+                    f"row {ids[r]} (line {lines[r]}, sample {s}) of job {job.id} makes the device fail on its own "
+                    f"({cause}); it is set aside in errors.jsonl. This process cannot use the device any more: "
+                    "run `runner work` again to carry on"
+                )
+            else:
+                message = (
+                    f"the device failed while computing a batch of {len(keys)} rows of job {job.id} ({cause}); "
+                    "this process cannot use it any more. Finished rows are saved: run `runner work` again, it "
+                    "runs those rows one at a time and sets aside the one that fails"
+                )
+            flush()
+            job.log(message)
+            with contextlib.suppress(RunnerError):  # the device error is the news, not a stats file
+                _record_stats(
+                    job, engine, generated, tokens, time.perf_counter() - t0, retried, poisoned=True
+                )
+            raise DeviceError(message) from None
         for r, s in iso.float32_retried[retried:]:
             say(
                 f"row {ids[r]} (sample {s}): non-finite logits in {_dtype_name(engine)}; recomputed in float32"
@@ -174,13 +250,12 @@ def run_job(
         for (r, s), out in zip(keys, outcomes, strict=True):
             if isinstance(out, RowError):
                 errors += 1
-                storage.append_line(job.dir / "errors.jsonl", json.dumps(
-                    {"id": ids[r], "line": prompts.column("line")[r].as_py(), "row": r, "sample": s,
-                     "stage": "generate", "error": out.error, "message": out.message}, ensure_ascii=False))  # fmt: skip
+                row_error(r, s, out.error, out.message)
             else:
                 buffer.append(GeneratedRow(r, s, out))
                 generated += 1
                 batch_tokens += task.tokens(out)
+        flight.settle(pending)  # the outcome is buffered: these keys are no longer in flight
         tokens += batch_tokens
         progress.update(len(keys), batch_tokens)
         slowest = max(slowest, time.perf_counter() - started)
@@ -198,6 +273,8 @@ def run_job(
                 )
     flush()
     stopped = stopped or lost
+    if not lost:  # a worker that took the job over owns the record now
+        flight.settle(pending)
     seconds = time.perf_counter() - t0
     say(progress.line())
     _record_stats(job, engine, generated, tokens, seconds, float32_retries=retried)
@@ -396,8 +473,16 @@ def _free_memory(engine: Engine) -> None:
 
 
 def _record_stats(
-    job: Job, engine: Engine, generated: int, tokens: int, seconds: float, float32_retries: int = 0
+    job: Job,
+    engine: Engine,
+    generated: int,
+    tokens: int,
+    seconds: float,
+    float32_retries: int = 0,
+    poisoned: bool = False,
 ) -> None:
+    """Append this run to stats.json. After a device error (`poisoned`) the device is not asked for its peak
+    memory: the call itself could fail."""
     path = job.dir / "stats.json"
     try:
         stats = storage.read_json(path) if path.exists() else {"runs": []}
@@ -413,7 +498,7 @@ def _record_stats(
             "tokens": tokens,
             "seconds": round(seconds, 3),
             "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
-            "peak_memory_bytes": peak_memory_bytes(engine.device),
+            "peak_memory_bytes": None if poisoned else peak_memory_bytes(engine.device),
             "float32_retries": float32_retries,  # rows whose logits overflowed, recomputed in float32
         }
     )
