@@ -65,6 +65,12 @@ def _tmp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def is_temp_name(name: str) -> bool:
+    """A name `_tmp_name` makes: `.{name}.{8 hex}.tmp`."""
+    parts = name.rsplit(".", 2)
+    return name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and len(parts[1]) == 8
+
+
 def _replace_into(target: Path, fill: Callable[[Any], None], what: str, durable: bool = True) -> None:
     """Write `target` through a temp file (`fill(fileobj)` writes the bytes) + fsync + rename, retried.
     `durable=False` skips the fsyncs: the file then survives the process being killed, not the machine."""

@@ -37,7 +37,14 @@ from .faults import fault_point, row_fault
 from .jobs import Job
 from .leases import Lease
 from .progress import Progress
-from .results import GeneratedRow, completions_table, done_keys, read_errors, write_shard
+from .results import (
+    GeneratedRow,
+    completions_table,
+    done_keys,
+    read_errors,
+    remove_stale_temps,
+    write_shard,
+)
 
 SHARD_ROWS = 1000  # a shard is written at least every this many result rows...
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
@@ -130,6 +137,8 @@ def run_job(
     if not todo:
         flight.settle([])
         return summarize(job, 0, 0, 0.0, finished=True)
+    if remove_stale_temps(job.dir):
+        job.log("removed temp files left by killed workers in shards/ and done/")
     if engine is None:
         say(f"loading model {job.meta['model']} ...")
         engine = Engine(job.meta["model"], job.options)
