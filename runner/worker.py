@@ -204,6 +204,34 @@ def run_job(
             buffer = []
         last_flush = time.perf_counter()
 
+    def device_failed(e: Exception, keys: list[tuple[int, int]], suspect: Suspect | None) -> DeviceError:
+        """The device is broken for this process: record what was in flight (and set the row aside if it
+        failed alone: conclusive), write the finished rows, and say what to do, in one line."""
+        cause = first_line(e)
+        crashes = suspect.crashes if suspect is not None else 0
+        flight.running(keys, pending, alone=suspect is not None, crashes=crashes, error=cause)
+        again = "run `runner work` (or the same `runner run`) again"
+        if suspect is not None:
+            r, s = keys[0]
+            row_error(r, s, "worker_crash", device_crash_message(cause))
+            flight.settle(pending)
+            message = (
+                f"row {ids[r]} (line {lines[r]}, sample {s}) of job {job.id} makes the device fail on its own "
+                f"({cause}); it is set aside in errors.jsonl. This process cannot use the device any more: "
+                f"{again} to carry on"
+            )
+        else:
+            message = (
+                f"the device failed while computing a batch of {len(keys)} rows of job {job.id} ({cause}); this "
+                f"process cannot use it any more. Finished rows are saved: {again}; it runs those rows one at a "
+                "time and sets aside the one that fails"
+            )
+        flush()
+        job.log(message)
+        with contextlib.suppress(RunnerError):  # the device error is the news, not a stats file
+            _record_stats(job, engine, generated, tokens, time.perf_counter() - t0, retried, poisoned=True)
+        return DeviceError(message)
+
     stopped = False
     slowest = 0.0
     iso = Isolation()
@@ -226,30 +254,7 @@ def run_job(
             if not (isinstance(e, Exception) and is_device_error(e)):
                 flight.settle(([suspect] if suspect is not None else []) + pending)  # not a crash
                 raise
-            cause = first_line(e)
-            flight.running(keys, pending, alone=suspect is not None, crashes=crashes, error=cause)
-            if suspect is not None:
-                (r, s) = keys[0]
-                row_error(r, s, "worker_crash", device_crash_message(cause))
-                flight.settle(pending)
-                message = (
-                    f"row {ids[r]} (line {lines[r]}, sample {s}) of job {job.id} makes the device fail on its own "
-                    f"({cause}); it is set aside in errors.jsonl. This process cannot use the device any more: "
-                    "run `runner work` again to carry on"
-                )
-            else:
-                message = (
-                    f"the device failed while computing a batch of {len(keys)} rows of job {job.id} ({cause}); "
-                    "this process cannot use it any more. Finished rows are saved: run `runner work` again, it "
-                    "runs those rows one at a time and sets aside the one that fails"
-                )
-            flush()
-            job.log(message)
-            with contextlib.suppress(RunnerError):  # the device error is the news, not a stats file
-                _record_stats(
-                    job, engine, generated, tokens, time.perf_counter() - t0, retried, poisoned=True
-                )
-            raise DeviceError(message) from None
+            raise device_failed(e, keys, suspect) from None
         for r, s in iso.float32_retried[retried:]:
             say(
                 f"row {ids[r]} (sample {s}): non-finite logits in {_dtype_name(engine)}; recomputed in float32"

@@ -57,7 +57,8 @@ def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job
         .splitlines()[-1]
         .startswith(
             f"Error: the device failed while computing a batch of 4 rows of job {job.id} (CUDA error: device-side "
-            "assert triggered); this process cannot use it any more. Finished rows are saved: run `runner work` again"
+            "assert triggered); this process cannot use it any more. Finished rows are saved: run `runner work` (or "
+            "the same `runner run`) again; it runs those rows one at a time"
         )
     ), out
     state = read_state(job.dir)
@@ -74,7 +75,7 @@ def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job
     assert out.strip().splitlines()[-1] == (
         f"Error: row {BAD} (line 8, sample 0) of job {job.id} makes the device fail on its own (CUDA error: "
         "device-side assert triggered); it is set aside in errors.jsonl. This process cannot use the device any "
-        "more: run `runner work` again to carry on"
+        "more: run `runner work` (or the same `runner run`) again to carry on"
     )
     code, out = run_worker(home, env_extra=fault)
     assert code == 0 and read_state(job.dir)["state"] == "completed", out
