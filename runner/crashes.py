@@ -10,15 +10,17 @@ crash in native code kills the process without a word. Re-running the same batch
   * Before computing a batch the worker records its (row, sample) keys here, and clears the record once their
     outcome is buffered: a worker that dies in between leaves the record behind.
   * A recognised device error (`is_device_error`) is recorded with the keys; the worker writes the rows it
-    has finished and stops with a one-line `DeviceError` (the process cannot use the GPU any more).
-  * The next worker runs the keys of that batch first, one at a time, each recorded as running alone.
-  * A key that fails alone with a device error is recorded in errors.jsonl as a `worker_crash`: conclusive.
-  * A worker that dies silently while running a key alone (SIGKILL, segfault) proves little, because a Colab
-    kill looks exactly the same. The key goes to the end of the job and runs alone again; only when a worker
-    dies on it alone a second time (`SILENT_CRASHES`) is it recorded as a `worker_crash`. So a good row
-    becomes an error only if two kills land on its own single-row runs: one right after its batch died and
-    one at the very end of the job, after all other rows. A row that really crashes workers costs three
-    restarts, and holds up no other row.
+    has finished and stops with a one-line `DeviceError` (the process cannot use the GPU any more). The next
+    worker runs those keys first, one at a time; the one that fails alone with a device error is recorded in
+    errors.jsonl as a `worker_crash` (conclusive) and that worker stops too; the one after carries on.
+  * A silent death (SIGKILL, segfault) proves little, because a Colab kill looks exactly the same, and it is
+    by far the likelier of the two. So a batch whose worker died silently runs again first, as a batch (a
+    plain kill costs nothing more); only when it kills a second worker do its keys run one at a time. A key
+    whose worker died silently while running it alone goes to the end of the job and runs alone once more;
+    dying alone a second time (`SILENT_CRASHES`) sets it aside as a `worker_crash`.
+So plain kills set a good row aside only if four in a row land while it is computed: twice in its batch, then
+alone, then alone again at the very end of the job. A row that really crashes workers silently costs four
+restarts, and holds up no other row; one that trips a device error, two.
 A worker that stops cleanly (Ctrl-C, deadline, an ordinary error) keeps the suspects it has not run yet and
 does not count the batch it was computing as a crash.
 """
@@ -36,7 +38,7 @@ from . import storage
 from .errors import RunnerError
 
 INFLIGHT = "inflight.json"
-SILENT_CRASHES = 2  # silent deaths of workers running one key alone before the key is set aside
+SILENT_CRASHES = 2  # silent deaths of workers computing the same keys: a batch is split, a lone key set aside
 # What torch raises once the device is broken for this process (sticky CUDA errors). Out-of-memory errors
 # also say "CUDA error" at times; those are not poison: the worker splits the batch and goes on.
 DEVICE_ERRORS = (
@@ -71,20 +73,24 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 
 @dataclass
 class Suspect:
-    """A key to run alone because a worker died while computing it."""
+    """Keys to run before or after the rest of the job because a worker died while computing them: a batch to
+    run again as it was, or one key to run alone."""
 
-    key: Key
-    crashes: int = 0  # workers that died silently while running this key alone
+    keys: list[Key]
+    crashes: int = 0  # workers that died silently while computing exactly these keys together
 
 
 @dataclass
 class Recovery:
     """What a dead worker's record means for this run (`InFlight.recover`)."""
 
-    first: list[Suspect] = field(default_factory=list)  # from a batch that died: alone, before anything else
-    last: list[Suspect] = field(default_factory=list)  # died alone once already: alone again, after the rest
+    first: list[Suspect] = field(default_factory=list)  # run before anything else
+    last: list[Suspect] = field(
+        default_factory=list
+    )  # keys that died alone once: alone again, after the rest
     culprits: list[tuple[Key, str]] = field(default_factory=list)  # set aside: (key, errors.jsonl message)
     cause: str | None = None  # the device error the dead worker recorded, if any
+    retried_batch: bool = False  # `first` starts with a batch that died once, run again as it was
 
 
 def device_crash_message(cause: str) -> str:
@@ -129,40 +135,44 @@ class InFlight:
         if rec is None:
             return out
         try:
-            running = [k for k in (_key(x) for x in rec.get("running", [])) if k in todo]
+            recorded = [_key(x) for x in rec.get("running", [])]
+            running = [k for k in recorded if k in todo]
             out.cause = rec.get("error") or None
-            if rec.get("alone") and len(running) == 1:
-                crashes = int(rec.get("crashes", 0)) + (0 if out.cause else 1)
+            crashes = int(rec.get("crashes", 0)) + (0 if out.cause else 1)
+            if len(recorded) == 1 and running:  # it was alone
                 if out.cause:
                     out.culprits.append((running[0], device_crash_message(out.cause)))
                 elif crashes >= SILENT_CRASHES:
                     out.culprits.append((running[0], silent_crash_message(crashes)))
                 else:
-                    out.last.append(Suspect(running[0], crashes))
-            else:
-                out.first.extend(Suspect(k) for k in running)
+                    out.last.append(Suspect(running, crashes))
+            elif out.cause or crashes >= SILENT_CRASHES or len(running) == 1:
+                out.first.extend(Suspect([k]) for k in running)  # one at a time
+            elif running:
+                out.first.append(Suspect(running, crashes))  # most likely a plain kill: the same batch again
+                out.retried_batch = True
             seen = set(running)
             for entry in rec.get("suspects", []):
-                k, crashes = _key(entry), int(entry[2])
-                if k in todo and k not in seen:
-                    seen.add(k)
-                    (out.last if crashes else out.first).append(Suspect(k, crashes))
-        except (TypeError, ValueError, IndexError, AttributeError):
+                keys = [k for k in (_key(x) for x in entry["keys"]) if k in todo and k not in seen]
+                seen.update(keys)
+                if keys:
+                    group = Suspect(keys, int(entry["crashes"]))
+                    (out.last if len(keys) == 1 and group.crashes else out.first).append(group)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError):
             return Recovery()  # a record from another version: run everything normally
         return out
 
     def running(
-        self, keys: list[Key], suspects: list[Suspect], *, alone: bool = False, crashes: int = 0,
-        error: str | None = None,
-    ) -> None:  # fmt: skip
-        """Record that `keys` are being computed now (`alone`: a suspect by itself); `suspects` are still to
-        run alone after them. Written before each batch, so cheap: no fsync (a killed process's writes are
-        in the page cache for the next one; only a machine crash could lose it, and then nothing is lost
-        either: the rows are run again)."""
+        self, keys: list[Key], suspects: list[Suspect], *, crashes: int = 0, error: str | None = None
+    ) -> None:
+        """Record that `keys` are being computed now (`crashes`: silent deaths of workers computing them
+        together before); `suspects` are still to run after them. Written before each batch, so cheap: no
+        fsync (a killed process's writes are in the page cache for the next one; only a machine crash could
+        lose it, and then nothing is lost either: the rows are run again)."""
         rec: dict[str, Any] = {
             "worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(), "updated": time.time(),
-            "running": [list(k) for k in keys], "alone": alone, "crashes": crashes,
-            "suspects": [[*s.key, s.crashes] for s in suspects],
+            "running": [list(k) for k in keys], "crashes": crashes,
+            "suspects": [{"keys": [list(k) for k in s.keys], "crashes": s.crashes} for s in suspects],
         }  # fmt: skip
         if error:
             rec["error"] = error
@@ -170,7 +180,7 @@ class InFlight:
         self._on_disk = True
 
     def settle(self, suspects: list[Suspect]) -> None:
-        """Nothing is being computed: keep only the suspects still to run alone (no file when none)."""
+        """Nothing is being computed: keep only the suspects still to run (no file when none)."""
         if suspects:
             self.running([], suspects)
         elif self._on_disk:

@@ -106,8 +106,8 @@ def run_job(
     written first) when `should_stop()` says so, when the next batch would not end before `deadline` (a
     `time.time()` value), or when `lease` is no longer ours. Checked between batches.
 
-    Rows a dead worker was computing run first, one at a time (crashes.py); a device error that leaves the
-    process unusable writes what is finished and raises `DeviceError`."""
+    What a dead worker was computing runs first, as the same batch again or one row at a time (crashes.py);
+    a device error that leaves the process unusable writes what is finished and raises `DeviceError`."""
     prompts = job.prompts()
     ids = prompts.column("id").to_pylist()
     lines = prompts.column("line").to_pylist()
@@ -146,25 +146,28 @@ def run_job(
     # Stated in every shard too, so a results file says how it was made (e.g. whether BOS/EOS were scored).
     params_json = json.dumps({**job.meta["params"], "model": job.meta["model"]}, ensure_ascii=False)
     budget = job.options.max_batch_tokens or default_batch_tokens(engine)
-    alone = {x.key for x in recovery.first + recovery.last}
-    rest = [k for k in todo if k not in alone]
+    suspected = {k for x in recovery.first + recovery.last for k in x.keys}
+    rest = [k for k in todo if k not in suspected]
     plan = plan_batches(
         [len(input_ids[r]) for r, _ in rest], default_batch_size(engine, job.options), budget, task.new_tokens
     )
-    # (keys, the suspect when a key runs alone): suspects of a dead batch first, then the batches, then keys
-    # that already died alone once, so that a row which kills workers holds up no other row.
+    # (keys, the suspect they are): what a dead worker was computing first, then the batches, then keys that
+    # already died alone once, so that a row which kills workers holds up no other row.
     steps: list[tuple[list[tuple[int, int]], Suspect | None]] = [
-        *(([x.key], x) for x in recovery.first),
+        *((x.keys, x) for x in recovery.first),
         *(([rest[i] for i in batch], None) for batch in plan),
-        *(([x.key], x) for x in recovery.last),
+        *((x.keys, x) for x in recovery.last),
     ]
     pending = recovery.first + recovery.last  # suspects not run yet, in the order they run
     say(
         f"job {job.id}: {len(todo):,} of {job.total:,} rows to {job.kind} in {len(steps):,} batches "
         f"on {engine.device} ({_dtype_name(engine)})"
     )
-    if recovery.first:
-        why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died"
+    if recovery.retried_batch:
+        say(f"a worker died while computing a batch of {len(recovery.first[0].keys)} rows (most likely it was "
+            "killed): running that batch again first")  # fmt: skip
+    elif recovery.first:
+        why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died twice"
         say(f"{len(recovery.first)} row(s) were being computed when a worker {why}: running them one at a "
             "time first")  # fmt: skip
     if recovery.last:
@@ -209,9 +212,9 @@ def run_job(
         failed alone: conclusive), write the finished rows, and say what to do, in one line."""
         cause = first_line(e)
         crashes = suspect.crashes if suspect is not None else 0
-        flight.running(keys, pending, alone=suspect is not None, crashes=crashes, error=cause)
+        flight.running(keys, pending, crashes=crashes, error=cause)
         again = "run `runner work` (or the same `runner run`) again"
-        if suspect is not None:
+        if len(keys) == 1:  # alone: conclusive
             r, s = keys[0]
             row_error(r, s, "worker_crash", device_crash_message(cause))
             flight.settle(pending)
@@ -246,8 +249,7 @@ def run_job(
         started = time.perf_counter()
         if suspect is not None:
             pending.remove(suspect)
-        crashes = suspect.crashes if suspect is not None else 0
-        flight.running(keys, pending, alone=suspect is not None, crashes=crashes)
+        flight.running(keys, pending, crashes=suspect.crashes if suspect is not None else 0)
         try:
             outcomes = _isolating(engine, compute, keys, iso)
         except BaseException as e:

@@ -88,17 +88,20 @@ def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job
 
 
 def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, reference):
-    """SIGKILL while a row is computed, as a crash in native code does, and as a Colab kill does too: dying in
-    its batch and alone once is not enough to set a row aside; dying alone twice is."""
+    """SIGKILL while a row is computed, as a crash in native code does, and as a Colab kill does too. Its batch
+    dying twice and the row dying alone once is not enough to set the row aside; dying alone twice is."""
     import shutil
 
     home, fault = job.dir.parent, {"RUNNER_FAULT": f"poison_kill:{BAD}"}
-    for _ in range(SILENT_CRASHES):  # its batch, then alone right after
-        code, out = run_worker(home, env_extra=fault)
-        assert code == -signal.SIGKILL, out
+    code, out = run_worker(home, env_extra=fault)
+    assert code == -signal.SIGKILL, out
+    code, out = run_worker(home, env_extra=fault)  # most likely a plain kill: the same batch again, first
+    assert code == -signal.SIGKILL and "running that batch again first" in out, out
+    code, out = run_worker(home, env_extra=fault)  # it died twice: its rows one at a time, first
+    assert code == -signal.SIGKILL and "when a worker died twice: running them one at a time first" in out
     assert json.loads((job.dir / INFLIGHT).read_text())["running"] == [[int(BAD[1:]), 0]]
 
-    # Had those been two Colab kills, the row is fine: it runs alone at the end and completes.
+    # Had those been three Colab kills, the row is fine: it runs alone at the end and completes.
     plain = job.dir.parent.parent / "plain"
     shutil.copytree(home, plain)
     code, out = run_worker(plain)
@@ -121,39 +124,50 @@ def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, refer
     assert not (job.dir / INFLIGHT).exists()
 
 
+def _group(*rows, crashes=0):
+    return {"keys": [[r, 0] for r in rows], "crashes": crashes}
+
+
 @pytest.mark.parametrize(
     ("record", "first", "last", "culprits"),
     [
-        # a batch died (killed, or stopped on a device error): all its rows run alone first
-        ({"running": [[1, 0], [2, 0]]}, [(1, 0), (2, 0)], [], []),
-        ({"running": [[1, 0], [2, 0]], "error": "CUDA error: x"}, [(1, 0), (2, 0)], [], []),
-        # a row died alone once, silently: alone again at the end, the other suspects first
-        ({"running": [[2, 0]], "alone": True, "suspects": [[3, 0, 0]]}, [(3, 0)], [(2, 0)], []),
-        # ... twice: set aside
-        ({"running": [[2, 0]], "alone": True, "crashes": 1}, [], [], [(2, 0)]),
+        # a batch died silently: most likely a plain kill, so the same batch again, first
+        ({"running": [[1, 0], [2, 0]]}, [[1, 2]], [], []),
+        # ... a second time, or on a device error: its rows one at a time, first
+        ({"running": [[1, 0], [2, 0]], "crashes": 1}, [[1], [2]], [], []),
+        ({"running": [[1, 0], [2, 0]], "error": "CUDA error: x"}, [[1], [2]], [], []),
+        # a row died alone, silently: alone again at the end, the other suspects first
+        ({"running": [[2, 0]], "suspects": [_group(3)]}, [[3]], [[2]], []),
+        # ... a second time: set aside
+        ({"running": [[2, 0]], "crashes": 1}, [], [], [(2, 0)]),
         # a device error alone: set aside at once
-        ({"running": [[2, 0]], "alone": True, "error": "CUDA error: x"}, [], [], [(2, 0)]),
+        ({"running": [[2, 0]], "error": "CUDA error: x"}, [], [], [(2, 0)]),
         # stopped cleanly between batches: only the suspects are left, with their counts
-        ({"running": [], "suspects": [[4, 0, 1], [5, 0, 0]]}, [(5, 0)], [(4, 0)], []),
-        # rows done meanwhile (or unknown) are ignored
-        ({"running": [[8, 0], [9, 0]]}, [(8, 0)], [], []),
+        ({"running": [], "suspects": [_group(4, crashes=1), _group(5, 6, crashes=1)]}, [[5, 6]], [[4]], []),
+        # rows done meanwhile (or unknown) are ignored; a lone survivor of a batch was not alone
+        ({"running": [[8, 0], [9, 0]]}, [[8]], [], []),
         ({"running": "garbage"}, [], [], []),
     ],
 )
 def test_the_isolation_rule(tmp_path, record, first, last, culprits):
     (tmp_path / INFLIGHT).write_text(json.dumps(record))
     rec = InFlight(tmp_path, "w").recover({(r, 0) for r in range(9)})
-    assert [s.key for s in rec.first] == first and [s.key for s in rec.last] == last
+    assert [[r for r, _ in x.keys] for x in rec.first] == first
+    assert [[r for r, _ in x.keys] for x in rec.last] == last
     assert [k for k, _ in rec.culprits] == culprits
 
 
 def test_a_clean_stop_keeps_the_suspects_and_does_not_count_a_crash(job, reference, gpt2_engine):
-    InFlight(job.dir, "dead").running([(7, 0)], [Suspect((2, 0)), Suspect((5, 0), 1)], alone=True, crashes=0)
+    suspects = [Suspect([(2, 0)]), Suspect([(5, 0)], 1)]
+    InFlight(job.dir, "dead").running([(7, 0)], suspects)
     calls = []
     run_job(job, gpt2_engine, echo=None, should_stop=lambda: calls.append(1) or len(calls) > 1)
     record = json.loads((job.dir / INFLIGHT).read_text())
     # (2, 0) ran; (7, 0) died alone once so it waits at the end with (5, 0); nothing is running now
-    assert record["running"] == [] and record["suspects"] == [[7, 0, 1], [5, 0, 1]]
+    assert record["running"] == [] and record["suspects"] == [
+        {"keys": [[7, 0]], "crashes": 1},
+        {"keys": [[5, 0]], "crashes": 1},
+    ]
     run_job(job, gpt2_engine, echo=None)
     assert not (job.dir / INFLIGHT).exists() and read_errors(job.dir) == []
     assert assert_each_row_once(job.dir, reference[1]) == N_ROWS
