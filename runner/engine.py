@@ -16,10 +16,12 @@ The logits processors themselves (repetition penalty, temperature, top-k, top-p)
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -514,3 +516,28 @@ class Engine:
         if full.startswith(head):
             return full[len(head) :]
         return dec(generated, skip_special_tokens=True)
+
+    @contextlib.contextmanager
+    def in_float32(self) -> Iterator[None]:
+        """Run the model in float32 inside the block, then put every weight back exactly as it was.
+
+        For rows whose logits overflow in float16/bfloat16 (worker.py retries them here, one at a time).
+        Upcasting is exact, so casting back restores the weights bit for bit. Only tensors not already in
+        float32 are touched: Llama keeps its rotary `inv_freq` buffer in float32 inside a bf16 model, and a
+        blanket `model.to(dtype)` on the way back would round it. Needs the weights' memory in float32 while
+        the block runs; an out-of-memory while upcasting puts back what was upcast and reaches the caller.
+        Not for use while another thread generates with this engine."""
+        import torch
+
+        changed: list[tuple[Any, Any]] = []  # (tensor, its dtype before)
+        try:
+            with torch.no_grad():
+                for t in [*self.model.parameters(), *self.model.buffers()]:  # tied weights appear once
+                    if t.is_floating_point() and t.dtype != torch.float32:
+                        changed.append((t, t.dtype))
+                        t.data = t.data.float()
+            yield
+        finally:
+            with torch.no_grad():
+                for t, dtype in changed:
+                    t.data = t.data.to(dtype)

@@ -3,7 +3,8 @@
 A kill test that only raises an exception proves less than a real SIGKILL, which runs no `finally` and no
 `atexit`, exactly like Colab reclaiming a VM. The points sit where a kill is most dangerous: after generating
 but before writing, in the middle of copying a shard into the job home, and after the shard but before its
-completion marker. With no RUNNER_FAULT set, `fault_point` costs one dictionary lookup.
+completion marker. `row_fault` makes one row poison the process whenever it is computed (crash isolation,
+crashes.py). With no RUNNER_FAULT set, each costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -29,3 +30,23 @@ def fault_point(name: str) -> None:
 
 
 _visits: dict[str, int] = {}
+
+
+def row_fault(row_ids: list[str]) -> None:
+    """Make a row break the process whenever it is computed, in every process (as a row that trips a CUDA
+    device-side assert does): `RUNNER_FAULT=poison_row:ID` raises the RuntimeError torch raises then, when
+    row ID is in the batch about to be computed; `poison_kill:ID` SIGKILLs the process there instead, like
+    a crash in native code."""
+    wanted = os.environ.get(ENV)
+    if not wanted:
+        return
+    point, _, row = wanted.partition(":")
+    if point not in ("poison_row", "poison_kill") or row not in row_ids:
+        return
+    if point == "poison_kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(
+        "CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously reported at some "
+        "other API call, so the stacktrace below might be incorrect.\nFor debugging consider passing "
+        "CUDA_LAUNCH_BLOCKING=1"
+    )

@@ -260,6 +260,30 @@ def write_shard(job_dir: Path, table: pa.Table, worker: str, metadata: dict[str,
     return name
 
 
+TEMP_MAX_AGE = 600.0  # seconds: a temp file left alone this long has no live writer (leases go stale in 120)
+
+
+def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
+    """Delete temp files that killed workers left in shards/ and done/ (a publish killed half way, or a rename
+    that a FUSE / Drive mount does as copy + delete, killed after the copy). They never count, but a shard's
+    temp is as big as the shard, and on Drive it would use quota for ever. Only files untouched for
+    `max_age` seconds go: a worker still writing one keeps it fresh. Returns how many were deleted."""
+    removed = 0
+    now = time.time()
+    for folder in (job_dir / SHARDS, job_dir / MARKERS):
+        for name in storage.listdir(folder):
+            if not storage.is_temp_name(name):
+                continue
+            try:
+                if now - (folder / name).stat().st_mtime < max_age:
+                    continue
+            except FileNotFoundError:
+                continue
+            storage.remove(folder / name)
+            removed += 1
+    return removed
+
+
 def valid_shards(job_dir: Path) -> list[Path]:
     """Shards vouched for by a marker that agrees with them (size, footer row count), in name order.
     A shard without a marker, a marker without its shard, or any disagreement: not counted."""

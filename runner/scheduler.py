@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .crashes import DeviceError
 from .engine import Engine
 from .errors import RunnerError
 from .jobs import Job
@@ -97,6 +98,13 @@ def _held_elsewhere(home: Any, only: str | None, worker: str) -> list[tuple[str,
     return out
 
 
+def _stopped(e: StorageError, job: Job) -> StorageError:
+    return StorageError(
+        f"stopped: the job home cannot be written ({e}); job {job.id} is consistent and resumes with the next "
+        "`runner work`"
+    )
+
+
 def _stop_watch(job: Job, stop: Callable[[], bool] | None, every: float = 5.0) -> Callable[[], bool]:
     """True once `stop()` is, or once the job has been cancelled (state.json looked at every few seconds:
     reading it on Drive for every batch would be wasteful)."""
@@ -163,8 +171,11 @@ def work(
         cand = candidates[0]
         tried.add(cand.job.id)
         lease = Lease(cand.job.dir, worker, ttl=lease_ttl or LEASE_TTL)
-        if not lease.acquire():
-            continue
+        try:
+            if not lease.acquire():
+                continue
+        except StorageError as e:  # a read-only or full mount: nothing was changed, the job is as it was
+            raise _stopped(e, cand.job) from e
         j = cand.job
         should_stop = _stop_watch(j, stop)
 
@@ -209,8 +220,16 @@ def work(
                 lease.release()
             except (RunnerError, OSError):
                 pass  # its lease goes stale on its own
-            raise StorageError(f"stopped: the job home cannot be written ({e}); job {j.id} is consistent and "
-                               "resumes with the next `runner work`") from e  # fmt: skip
+            raise _stopped(e, j) from e
+        except DeviceError:
+            # The GPU is unusable for this process (worker.py wrote what was finished and recorded the rows
+            # in flight): not the job's fault. Leave it resumable and stop; the next worker isolates the row.
+            try:
+                set_state(j.dir, "queued", interrupted=True)
+                lease.release()
+            except (RunnerError, OSError):
+                pass  # its lease goes stale on its own
+            raise
         except RunnerError as e:
             set_state(j.dir, "failed", error=str(e))
             lease.release()

@@ -65,8 +65,15 @@ def _tmp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _replace_into(target: Path, fill: Callable[[Any], None], what: str) -> None:
-    """Write `target` through a temp file (`fill(fileobj)` writes the bytes) + fsync + rename, retried."""
+def is_temp_name(name: str) -> bool:
+    """A name `_tmp_name` makes: `.{name}.{8 hex}.tmp`."""
+    parts = name.rsplit(".", 2)
+    return name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and len(parts[1]) == 8
+
+
+def _replace_into(target: Path, fill: Callable[[Any], None], what: str, durable: bool = True) -> None:
+    """Write `target` through a temp file (`fill(fileobj)` writes the bytes) + fsync + rename, retried.
+    `durable=False` skips the fsyncs: the file then survives the process being killed, not the machine."""
 
     def op() -> None:
         tmp = _tmp_name(target)
@@ -74,24 +81,26 @@ def _replace_into(target: Path, fill: Callable[[Any], None], what: str) -> None:
             with open(tmp, "wb") as f:
                 fill(f)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, target)
         finally:
             if tmp.exists():
                 tmp.unlink()
-        _fsync_dir(target.parent)
+        if durable:
+            _fsync_dir(target.parent)
 
     retry(op, what)
 
 
-def atomic_write(target: str | os.PathLike, data: bytes | str) -> None:
+def atomic_write(target: str | os.PathLike, data: bytes | str, durable: bool = True) -> None:
     """Write `data` to `target` so that readers never see a partial file."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    _replace_into(Path(target), lambda f: f.write(payload), f"write {target}")
+    _replace_into(Path(target), lambda f: f.write(payload), f"write {target}", durable)
 
 
-def write_json(target: str | os.PathLike, obj: Any) -> None:
-    atomic_write(target, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+def write_json(target: str | os.PathLike, obj: Any, durable: bool = True) -> None:
+    atomic_write(target, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", durable)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -132,6 +141,11 @@ def append_line(path: str | os.PathLike, line: str) -> None:
             f.flush()
 
     retry(op, f"append to {path}")
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file if it exists."""
+    retry(lambda: Path(path).unlink(missing_ok=True), f"delete {path}")
 
 
 def listdir(path: str | os.PathLike) -> list[str]:

@@ -11,23 +11,40 @@ sample), so a resumed job produces the same results as an uninterrupted one, wha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
 from .batching import plan_batches
+from .crashes import (
+    DeviceError,
+    InFlight,
+    Suspect,
+    device_crash_message,
+    first_line,
+    is_device_error,
+)
 from .engine import Engine, NumericalError, peak_memory_bytes
 from .errors import RunnerError
-from .faults import fault_point
+from .faults import fault_point, row_fault
 from .jobs import Job
 from .leases import Lease
 from .progress import Progress
-from .results import GeneratedRow, completions_table, done_keys, read_errors, write_shard
+from .results import (
+    GeneratedRow,
+    completions_table,
+    done_keys,
+    read_errors,
+    remove_stale_temps,
+    write_shard,
+)
 
 SHARD_ROWS = 1000  # a shard is written at least every this many result rows...
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
@@ -47,7 +64,9 @@ def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, torch.OutOfMemoryError):
         return True
     text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    return isinstance(e, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "cublas_status_alloc_failed" in text
+    )
 
 
 @dataclass
@@ -85,21 +104,41 @@ def run_job(
 ) -> RunSummary:
     """Generate every missing result row of `job`. Returns when all are done, or early (rows finished so far
     written first) when `should_stop()` says so, when the next batch would not end before `deadline` (a
-    `time.time()` value), or when `lease` is no longer ours. Checked between batches."""
+    `time.time()` value), or when `lease` is no longer ours. Checked between batches.
+
+    What a dead worker was computing runs first, as the same batch again or one row at a time (crashes.py);
+    a device error that leaves the process unusable writes what is finished and raises `DeviceError`."""
     prompts = job.prompts()
     ids = prompts.column("id").to_pylist()
+    lines = prompts.column("line").to_pylist()
     input_ids = prompts.column("input_ids").to_pylist()
     done = done_keys(job.dir) | failed_keys(job)
     todo = [(r, s) for r in range(len(ids)) for s in range(job.samples) if (r, s) not in done]
     t0 = time.perf_counter()
+    worker = secrets.token_hex(2)
 
     def say(line: str) -> None:
         if echo:
             echo(line)
         job.log(line)
 
+    def row_error(r: int, s: int, error: str, message: str) -> None:
+        storage.append_line(job.dir / "errors.jsonl", json.dumps(
+            {"id": ids[r], "line": lines[r], "row": r, "sample": s, "stage": "generate", "error": error,
+             "message": message}, ensure_ascii=False))  # fmt: skip
+
+    flight = InFlight(job.dir, worker)
+    recovery = flight.recover(set(todo))
+    for (r, s), message in recovery.culprits:
+        row_error(r, s, "worker_crash", message)
+        say(f"row {ids[r]} (line {lines[r]}, sample {s}) set aside in errors.jsonl: {message}")
+    if recovery.culprits:
+        todo = [k for k in todo if k not in {c for c, _ in recovery.culprits}]
     if not todo:
+        flight.settle([])
         return summarize(job, 0, 0, 0.0, finished=True)
+    if remove_stale_temps(job.dir):
+        job.log("removed temp files left by killed workers in shards/ and done/")
     if engine is None:
         say(f"loading model {job.meta['model']} ...")
         engine = Engine(job.meta["model"], job.options)
@@ -107,18 +146,48 @@ def run_job(
     # Stated in every shard too, so a results file says how it was made (e.g. whether BOS/EOS were scored).
     params_json = json.dumps({**job.meta["params"], "model": job.meta["model"]}, ensure_ascii=False)
     budget = job.options.max_batch_tokens or default_batch_tokens(engine)
+    suspected = {k for x in recovery.first + recovery.last for k in x.keys}
+    rest = [k for k in todo if k not in suspected]
     plan = plan_batches(
-        [len(input_ids[r]) for r, _ in todo], default_batch_size(engine, job.options), budget, task.new_tokens
+        [len(input_ids[r]) for r, _ in rest], default_batch_size(engine, job.options), budget, task.new_tokens
     )
+    # (keys, the suspect they are): what a dead worker was computing first, then the batches, then keys that
+    # already died alone once, so that a row which kills workers holds up no other row.
+    steps: list[tuple[list[tuple[int, int]], Suspect | None]] = [
+        *((x.keys, x) for x in recovery.first),
+        *(([rest[i] for i in batch], None) for batch in plan),
+        *((x.keys, x) for x in recovery.last),
+    ]
+    pending = recovery.first + recovery.last  # suspects not run yet, in the order they run
     say(
-        f"job {job.id}: {len(todo):,} of {job.total:,} rows to {job.kind} in {len(plan):,} batches "
-        f"on {engine.device} ({str(engine.dtype).replace('torch.', '')})"
+        f"job {job.id}: {len(todo):,} of {job.total:,} rows to {job.kind} in {len(steps):,} batches "
+        f"on {engine.device} ({_dtype_name(engine)})"
     )
-    worker = secrets.token_hex(2)
+    if recovery.retried_batch:
+        say(f"a worker died while computing a batch of {len(recovery.first[0].keys)} rows (most likely it was "
+            "killed): running that batch again first")  # fmt: skip
+    elif recovery.first:
+        why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died twice"
+        say(f"{len(recovery.first)} row(s) were being computed when a worker {why}: running them one at a "
+            "time first")  # fmt: skip
+    if recovery.last:
+        say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them alone "
+            "again at the end")  # fmt: skip
+
+    def compute(keys: list[tuple[int, int]]) -> list[Any]:
+        row_fault([ids[r] for r, _ in keys])
+        outcomes = list(task.compute(keys))
+        # The engine checks the log-probs it samples from; this checks everything that would be written
+        # (prompt log-probs, alternatives, scores, vectors), so no NaN ever reaches a shard.
+        bad = [i for i, out in enumerate(outcomes) if not task.finite(out)]
+        if bad:
+            raise NumericalError(bad)
+        return outcomes
+
     progress = Progress(job.total, job.total - len(todo), echo=say, interval=progress_interval)
     buffer: list[GeneratedRow] = []
     last_flush = time.perf_counter()
-    generated = tokens = errors = 0
+    generated = tokens = errors = retried = 0
 
     lost = False
 
@@ -138,10 +207,38 @@ def run_job(
             buffer = []
         last_flush = time.perf_counter()
 
+    def device_failed(e: Exception, keys: list[tuple[int, int]], suspect: Suspect | None) -> DeviceError:
+        """The device is broken for this process: record what was in flight (and set the row aside if it
+        failed alone: conclusive), write the finished rows, and say what to do, in one line."""
+        cause = first_line(e)
+        crashes = suspect.crashes if suspect is not None else 0
+        flight.running(keys, pending, crashes=crashes, error=cause)
+        again = "run `runner work` (or the same `runner run`) again"
+        if len(keys) == 1:  # alone: conclusive
+            r, s = keys[0]
+            row_error(r, s, "worker_crash", device_crash_message(cause))
+            flight.settle(pending)
+            message = (
+                f"row {ids[r]} (line {lines[r]}, sample {s}) of job {job.id} makes the device fail on its own "
+                f"({cause}); it is set aside in errors.jsonl. This process cannot use the device any more: "
+                f"{again} to carry on"
+            )
+        else:
+            message = (
+                f"the device failed while computing a batch of {len(keys)} rows of job {job.id} ({cause}); this "
+                f"process cannot use it any more. Finished rows are saved: {again}; it runs those rows one at a "
+                "time and sets aside the one that fails"
+            )
+        flush()
+        job.log(message)
+        with contextlib.suppress(RunnerError):  # the device error is the news, not a stats file
+            _record_stats(job, engine, generated, tokens, time.perf_counter() - t0, retried, poisoned=True)
+        return DeviceError(message)
+
     stopped = False
     slowest = 0.0
-    fits: dict[str, int | None] = {"rows": None}  # after an out-of-memory, the batch size that worked
-    for batch in plan:
+    iso = Isolation()
+    for keys, suspect in steps:
         if (
             lost
             or (should_stop is not None and should_stop())
@@ -150,19 +247,31 @@ def run_job(
             stopped = True
             break
         started = time.perf_counter()
-        keys = [todo[i] for i in batch]
-        outcomes = _isolating(engine, task.compute, keys, fits)
+        if suspect is not None:
+            pending.remove(suspect)
+        flight.running(keys, pending, crashes=suspect.crashes if suspect is not None else 0)
+        try:
+            outcomes = _isolating(engine, compute, keys, iso)
+        except BaseException as e:
+            if not (isinstance(e, Exception) and is_device_error(e)):
+                flight.settle(([suspect] if suspect is not None else []) + pending)  # not a crash
+                raise
+            raise device_failed(e, keys, suspect) from None
+        for r, s in iso.float32_retried[retried:]:
+            say(
+                f"row {ids[r]} (sample {s}): non-finite logits in {_dtype_name(engine)}; recomputed in float32"
+            )
+        retried = len(iso.float32_retried)
         batch_tokens = 0
         for (r, s), out in zip(keys, outcomes, strict=True):
             if isinstance(out, RowError):
                 errors += 1
-                storage.append_line(job.dir / "errors.jsonl", json.dumps(
-                    {"id": ids[r], "line": prompts.column("line")[r].as_py(), "row": r, "sample": s,
-                     "stage": "generate", "error": out.error, "message": out.message}, ensure_ascii=False))  # fmt: skip
+                row_error(r, s, out.error, out.message)
             else:
                 buffer.append(GeneratedRow(r, s, out))
                 generated += 1
                 batch_tokens += task.tokens(out)
+        flight.settle(pending)  # the outcome is buffered: these keys are no longer in flight
         tokens += batch_tokens
         progress.update(len(keys), batch_tokens)
         slowest = max(slowest, time.perf_counter() - started)
@@ -180,9 +289,11 @@ def run_job(
                 )
     flush()
     stopped = stopped or lost
+    if not lost:  # a worker that took the job over owns the record now
+        flight.settle(pending)
     seconds = time.perf_counter() - t0
     say(progress.line())
-    _record_stats(job, engine, generated, tokens, seconds)
+    _record_stats(job, engine, generated, tokens, seconds, float32_retries=retried)
     return summarize(job, generated, tokens, seconds, finished=not stopped, new_errors=errors)
 
 
@@ -231,6 +342,19 @@ class Task:
     table: Callable[..., Any]
     tokens: Callable[[Any], int]  # tokens produced or read for one result, for tok/s
     new_tokens: int  # tokens each sequence grows by, for the batch budget
+    finite: Callable[[Any], bool]  # every number of one result is finite (no NaN/inf log-prob is written)
+
+
+def _all_finite(values: Iterable[float | None]) -> bool:
+    return all(v is None or math.isfinite(v) for v in values)
+
+
+def _completion_finite(c: Any) -> bool:
+    return (
+        _all_finite(c.token_logprobs)
+        and _all_finite(c.prompt_logprobs or ())
+        and all(_all_finite(lp for _, lp, _ in step) for step in c.top_logprobs or ())
+    )
 
 
 def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
@@ -243,7 +367,9 @@ def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
             seeds = [sample_seed(job.seed, ids[r], s) for r, s in keys]
             return engine.generate([input_ids[r] for r, _ in keys], params, seeds)
 
-        return Task(generate, completions_table, lambda c: len(c.token_ids), params.max_new_tokens)
+        return Task(
+            generate, completions_table, lambda c: len(c.token_ids), params.max_new_tokens, _completion_finite
+        )
     from . import scoring
     from .results import embed_table, score_table
 
@@ -255,45 +381,101 @@ def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
             rows = [r for r, _ in keys]
             return scoring.score_rows(engine, [input_ids[r] for r in rows], [froms[r] for r in rows], stride)
 
-        return Task(score, score_table, lambda res: len(res.token_ids), 0)
+        return Task(
+            score, score_table, lambda res: len(res.token_ids), 0, lambda r: _all_finite(r.token_logprobs)
+        )
 
     def embed(keys: list[tuple[int, int]]) -> list[Any]:
         return scoring.embed_batch(engine, [input_ids[r] for r, _ in keys], params.pooling)
 
-    return Task(embed, lambda p, rows, _t: embed_table(p, rows), lambda v: 0, 0)
+    return Task(embed, lambda p, rows, _t: embed_table(p, rows), lambda v: 0, 0, _all_finite)
+
+
+@dataclass
+class Isolation:
+    """What `_isolating` learnt so far in this run."""
+
+    rows: int | None = None  # after an out-of-memory, the batch size that worked
+    float32_retried: list[tuple[int, int]] = field(default_factory=list)  # keys recomputed in float32
 
 
 def _isolating(
     engine: Engine,
     compute: Callable[[list[tuple[int, int]]], list[Any]],
     keys: list[tuple[int, int]],
-    fits: dict[str, int | None],
+    iso: Isolation,
 ) -> list[Any]:
-    """Run `compute` on a batch; on out-of-memory or non-finite logits split it in halves and retry, so that
+    """Run `compute` on a batch; on out-of-memory or non-finite logits retry in smaller batches, so that
     only a row that fails alone becomes a `RowError` and the rest complete. Splitting never changes results:
-    every sample carries its own seed. After an out-of-memory, `fits["rows"]` remembers the size that then
-    worked, so later batches start there instead of failing first."""
-    cap = fits["rows"]
+    every sample carries its own seed. After an out-of-memory, `iso.rows` remembers the size that then
+    worked, so later batches start there instead of failing first. Rows named by a `NumericalError` are
+    retried alone and the others together; a row that is non-finite alone in float16/bfloat16 is recomputed
+    with the model in float32 (`_retry_in_float32`)."""
+    cap = iso.rows
     if cap is not None and len(keys) > cap:
         return [
-            o for i in range(0, len(keys), cap) for o in _isolating(engine, compute, keys[i : i + cap], fits)
+            o for i in range(0, len(keys), cap) for o in _isolating(engine, compute, keys[i : i + cap], iso)
         ]
     try:
         return list(compute(keys))
-    except NumericalError:
+    except NumericalError as e:
         if len(keys) == 1:
-            return [RowError("numerical_error", "the model produced NaN/inf logits (try --dtype float32)")]
+            return [_retry_in_float32(engine, compute, keys, iso)]
+        # e.rows are positions in this batch as far as the computation knows them; used as a hint only
+        # (the batch is split either way, so a wrong hint costs time, never a result).
+        bad = {r for r in e.rows if 0 <= r < len(keys)}
+        if bad and len(bad) < len(keys):
+            rest = [i for i in range(len(keys)) if i not in bad]
+            got = dict(zip(rest, _isolating(engine, compute, [keys[i] for i in rest], iso), strict=True))
+            for i in sorted(bad):
+                got[i] = _isolating(engine, compute, [keys[i]], iso)[0]
+            return [got[i] for i in range(len(keys))]
     except Exception as e:
         if not is_out_of_memory(e):
             raise
         _free_memory(engine)
         half = max(1, len(keys) // 2)
-        fits["rows"] = half if fits["rows"] is None else min(fits["rows"], half)
+        iso.rows = half if iso.rows is None else min(iso.rows, half)
         if len(keys) == 1:
             return [RowError("out_of_memory", "this row does not fit in memory even alone (shorten the prompt "
                                               "or lower --max-new-tokens)")]  # fmt: skip
     half = len(keys) // 2
-    return _isolating(engine, compute, keys[:half], fits) + _isolating(engine, compute, keys[half:], fits)
+    return _isolating(engine, compute, keys[:half], iso) + _isolating(engine, compute, keys[half:], iso)
+
+
+def _retry_in_float32(
+    engine: Engine,
+    compute: Callable[[list[tuple[int, int]]], list[Any]],
+    keys: list[tuple[int, int]],
+    iso: Isolation,
+) -> Any:
+    """One row whose logits are NaN/inf on its own: fp16 overflow is the usual cause, so compute it again
+    with the model upcast to float32 (exact, and undone afterwards). A row that is non-finite even then, or
+    whose retry does not fit in memory, becomes a RowError."""
+    import torch
+
+    dtype = _dtype_name(engine)
+    if engine.dtype == torch.float32:
+        return RowError("numerical_error", "the model produced NaN/inf logits for this row in float32")
+    try:
+        with engine.in_float32():
+            out = compute(keys)[0]
+    except NumericalError:
+        return RowError("numerical_error", f"the model produced NaN/inf logits for this row in {dtype} "
+                                           "and again in float32")  # fmt: skip
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        _free_memory(engine)
+        return RowError("numerical_error", f"NaN/inf logits in {dtype}, and the model does not fit in memory "
+                                           "in float32 to retry (try --dtype float32 on a larger device)")  # fmt: skip
+    _free_memory(engine)
+    iso.float32_retried.extend(keys)
+    return out
+
+
+def _dtype_name(engine: Engine) -> str:
+    return str(engine.dtype).replace("torch.", "")
 
 
 def _free_memory(engine: Engine) -> None:
@@ -306,7 +488,17 @@ def _free_memory(engine: Engine) -> None:
         torch.cuda.empty_cache()
 
 
-def _record_stats(job: Job, engine: Engine, generated: int, tokens: int, seconds: float) -> None:
+def _record_stats(
+    job: Job,
+    engine: Engine,
+    generated: int,
+    tokens: int,
+    seconds: float,
+    float32_retries: int = 0,
+    poisoned: bool = False,
+) -> None:
+    """Append this run to stats.json. After a device error (`poisoned`) the device is not asked for its peak
+    memory: the call itself could fail."""
     path = job.dir / "stats.json"
     try:
         stats = storage.read_json(path) if path.exists() else {"runs": []}
@@ -316,13 +508,14 @@ def _record_stats(job: Job, engine: Engine, generated: int, tokens: int, seconds
         {
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "device": str(engine.device),
-            "dtype": str(engine.dtype).replace("torch.", ""),
+            "dtype": _dtype_name(engine),
             "model_load_seconds": round(engine.load_seconds, 3),
             "rows": generated,
             "tokens": tokens,
             "seconds": round(seconds, 3),
             "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
-            "peak_memory_bytes": peak_memory_bytes(engine.device),
+            "peak_memory_bytes": None if poisoned else peak_memory_bytes(engine.device),
+            "float32_retries": float32_retries,  # rows whose logits overflowed, recomputed in float32
         }
     )
     stats["tokens"] = sum(r["tokens"] for r in stats["runs"])

@@ -162,3 +162,176 @@ def test_models_that_cannot_run_are_refused_before_queueing(tmp_path, prompts_fi
     with pytest.raises(ModelLoadError, match="cannot load the tokenizer of model"):
         create_job(prompts_file, str(no_tok))
     assert not runner_home.exists() or not any(runner_home.iterdir())  # nothing was queued
+
+
+# --- fp16 overflow: rows retried in float32 --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def half_exact_gpt2(tmp_path_factory, tiny_gpt2):
+    """The tiny GPT-2 with weights rounded to float16 values and saved in float32: loaded in float16 and
+    upcast, or loaded in float32, it is the same model, so a float32 retry can be compared exactly."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("half-exact") / "gpt2"
+    shutil.copytree(tiny_gpt2, path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.half().float().save_pretrained(path)
+    return str(path)
+
+
+def _trigger_tokens(job, ids):
+    """For each row id, a token id that only that row's prompt contains."""
+    table = job.prompts()
+    rows = dict(zip(table.column("id").to_pylist(), table.column("input_ids").to_pylist(), strict=True))
+    out = []
+    for i in ids:
+        others = {t for r, toks in rows.items() if r != i for t in toks}
+        out.append(next(t for t in rows[i] if t not in others))
+    return out
+
+
+def _overflow_hook(engine, overflow_token, nan_token, calls):
+    """At prefill, a row holding `overflow_token` gets inf logits unless the model runs in float32 (an fp16
+    overflow); a row holding `nan_token` gets NaN logits in any dtype."""
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs["input_ids"]
+        if kwargs.get("past_key_values") is not None:
+            return
+        calls.append((ids.shape[0], output.logits.dtype))  # one per prefill: (rows, dtype)
+        over = (ids == overflow_token).any(-1) & (output.logits.dtype != torch.float32)
+        output.logits[over] = float("inf")
+        output.logits[(ids == nan_token).any(-1)] = float("nan")
+
+    return engine.model.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.fixture
+def words_file(tmp_path):
+    p = tmp_path / "w.jsonl"
+    words = ["apple", "river", "yellow", "morning", "coffee", "library"]
+    p.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"The old man said {w}"}) + "\n"
+                         for i, w in enumerate(words)))  # fmt: skip
+    return p
+
+
+def test_in_float32_restores_every_weight_bit_for_bit(tiny_llama, monkeypatch):
+    engine = Engine(tiny_llama, EngineOptions(dtype="bfloat16"))
+    tensors = {**dict(engine.model.named_parameters()), **dict(engine.model.named_buffers())}
+    before = {n: (t.dtype, t.detach().clone()) for n, t in tensors.items()}
+    assert before["model.rotary_emb.inv_freq"][0] == torch.float32  # kept in float32 inside a bf16 model
+    prompt = [[5, 6, 7, 8]]
+    in_bf16 = engine.generate(prompt, GenerationParams(max_new_tokens=4))
+    with engine.in_float32():
+        assert {t.dtype for t in engine.model.parameters()} == {torch.float32}
+        engine.generate(prompt, GenerationParams(max_new_tokens=4))
+    for n, t in {**dict(engine.model.named_parameters()), **dict(engine.model.named_buffers())}.items():
+        assert t.dtype == before[n][0] and torch.equal(t, before[n][1]), n
+    assert engine.generate(prompt, GenerationParams(max_new_tokens=4)) == in_bf16
+
+    # Out of memory half way through upcasting: what was upcast is put back, and the error reaches the caller.
+    real_float, calls = torch.Tensor.float, []
+
+    def float_(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_float(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "float", float_)
+    with pytest.raises(torch.OutOfMemoryError), engine.in_float32():
+        pass
+    monkeypatch.undo()
+    for n, t in {**dict(engine.model.named_parameters()), **dict(engine.model.named_buffers())}.items():
+        assert t.dtype == before[n][0] and torch.equal(t, before[n][1]), n
+
+
+def test_fp16_overflow_is_retried_in_float32_and_only_rows_nan_in_float32_are_errors(
+    tmp_path, words_file, half_exact_gpt2
+):
+    from runner.leases import read_state
+
+    params = GenerationParams(max_new_tokens=6)
+    ref, _ = runner.run(words_file, half_exact_gpt2, params, EngineOptions(dtype="float32"),
+                        output=tmp_path / "fp32", echo=None)  # fmt: skip
+    engine = Engine(half_exact_gpt2, EngineOptions(dtype="float16"))
+    overflow, nan = _trigger_tokens(ref, ["r1", "r4"])
+    calls = []
+    hook = _overflow_hook(engine, overflow, nan, calls)
+    job, summary = runner.run(words_file, half_exact_gpt2, params, EngineOptions(dtype="float16"),
+                              output=tmp_path / "fp16", engine=engine, echo=None)  # fmt: skip
+    hook.remove()
+    # The batch of 6 fails (r1, r4 named); the 4 others run together, then r1 and r4 alone, each again in
+    # float32: r1 (an fp16 overflow) completes there, r4 (NaN in any precision) becomes a row error.
+    f16, f32 = torch.float16, torch.float32
+    assert calls == [(6, f16), (4, f16), (1, f16), (1, f32), (1, f16), (1, f32)]
+    assert summary.finished and summary.done == 5 and summary.errors == 1
+    state = read_state(job.dir)
+    assert state["state"] == "completed" and state["errors"] == 1
+
+    df = runner.load_results(job.dir)
+    assert sorted(df["id"]) == ["r0", "r1", "r2", "r3", "r5"]
+    assert all(math.isfinite(x) for lps in df["token_logprobs"] for x in lps)
+    retried = df.set_index("id").loc["r1"]
+    expected = runner.load_results(ref.dir).set_index("id").loc["r1"]
+    assert list(retried["token_ids"]) == list(expected["token_ids"]) and retried["text"] == expected["text"]
+    assert retried["token_logprobs"] == pytest.approx(list(expected["token_logprobs"]), abs=1e-5)
+
+    errors = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    assert [(e["id"], e["stage"], e["error"]) for e in errors] == [("r4", "generate", "numerical_error")]
+    assert "in float16 and again in float32" in errors[0]["message"]
+    stats = json.loads((job.dir / "stats.json").read_text())
+    assert stats["runs"][-1]["float32_retries"] == 1 and stats["runs"][-1]["dtype"] == "float16"
+    assert (
+        "row r1 (sample 0): non-finite logits in float16; recomputed in float32"
+        in (job.dir / "log.txt").read_text()
+    )
+    assert {p.dtype for p in engine.model.parameters()} == {torch.float16}  # put back after the retry
+
+
+def test_a_float32_retry_that_does_not_fit_is_a_row_error(tmp_path, words_file, half_exact_gpt2, monkeypatch):
+    import contextlib
+
+    engine = Engine(half_exact_gpt2, EngineOptions(dtype="float16"))
+    overflow = _trigger_tokens(create_job(words_file, half_exact_gpt2, job_dir=tmp_path / "probe"), ["r2"])[0]
+    hook = _overflow_hook(engine, overflow, -1, [])
+
+    @contextlib.contextmanager
+    def no_room():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+        yield
+
+    monkeypatch.setattr(engine, "in_float32", no_room)
+    job, summary = runner.run(words_file, half_exact_gpt2, GenerationParams(max_new_tokens=3),
+                              EngineOptions(dtype="float16"), output=tmp_path / "j", engine=engine, echo=None)  # fmt: skip
+    hook.remove()
+    assert summary.finished and summary.done == 5 and summary.errors == 1
+    (error,) = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    assert error["id"] == "r2" and error["error"] == "numerical_error"
+    assert "does not fit in memory in float32" in error["message"]
+
+
+def test_nan_prompt_logprobs_are_never_written(tmp_path, words_file, tiny_gpt2):
+    """The engine checks the log-prob of each sampled token; a NaN elsewhere in what is written (here a
+    prompt position) is caught before the shard."""
+    engine = Engine(tiny_gpt2)
+    trigger = _trigger_tokens(create_job(words_file, tiny_gpt2, job_dir=tmp_path / "probe"), ["r3"])[0]
+
+    def hook(module, args, kwargs, output):
+        if kwargs.get("past_key_values") is None:
+            # the logits that predict the last prompt token: a real position even with left padding
+            output.logits[(kwargs["input_ids"] == trigger).any(-1), -2, :] = float("nan")
+
+    handle = engine.model.register_forward_hook(hook, with_kwargs=True)
+    params = GenerationParams(max_new_tokens=3, prompt_logprobs=True)
+    job, summary = runner.run(words_file, tiny_gpt2, params, output=tmp_path / "j", engine=engine, echo=None)
+    handle.remove()
+    assert summary.finished and summary.done == 5 and summary.errors == 1
+    df = runner.load_results(job.dir)
+    assert "r3" not in set(df["id"])
+    assert all(math.isfinite(x) for lps in df["prompt_logprobs"] for x in lps[1:])  # the first is null
+    (error,) = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    assert error["id"] == "r3" and "in float32" in error["message"]

@@ -2,16 +2,14 @@
 again, and check the results are exactly-once and equal to an uninterrupted run."""
 
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import workers
 
 import runner
 from runner import EngineOptions, GenerationParams
@@ -49,11 +47,7 @@ def fresh_home(tmp_path, prepared):
 
 
 def start_worker(home, *extra, env_extra=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "runner", "--home", str(home), "work", "--shard-rows", "2", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-    )  # fmt: skip
+    return workers.start_worker(home, *extra, env_extra=env_extra)
 
 
 def wait_for_generation(job_dir: Path, before: int, proc, timeout=60.0):

@@ -1,0 +1,192 @@
+"""Rows that crash workers: what a worker was computing when it died, so that the next one isolates the row.
+
+worker.py, before each batch -> `InFlight.running` -> inflight.json in the job folder -> `InFlight.settle`
+once the batch's outcome is buffered. The next worker starts with `InFlight.recover`.
+
+Some failures take the process down with them. A CUDA device-side assert (an out-of-range token id in a
+custom model, a kernel bug) leaves the CUDA context unusable: every later batch of that process fails too. A
+crash in native code kills the process without a word. Re-running the same batch would fail forever, so:
+
+  * Before computing a batch the worker records its (row, sample) keys here, and clears the record once their
+    outcome is buffered: a worker that dies in between leaves the record behind.
+  * A recognised device error (`is_device_error`) is recorded with the keys; the worker writes the rows it
+    has finished and stops with a one-line `DeviceError` (the process cannot use the GPU any more). The next
+    worker runs those keys first, one at a time; the one that fails alone with a device error is recorded in
+    errors.jsonl as a `worker_crash` (conclusive) and that worker stops too; the one after carries on.
+  * A silent death (SIGKILL, segfault) proves little, because a Colab kill looks exactly the same, and it is
+    by far the likelier of the two. So a batch whose worker died silently runs again first, as a batch (a
+    plain kill costs nothing more); only when it kills a second worker do its keys run one at a time. A key
+    whose worker died silently while running it alone goes to the end of the job and runs alone once more;
+    dying alone a second time (`SILENT_CRASHES`) sets it aside as a `worker_crash`.
+So plain kills set a good row aside only if four in a row land while it is computed: twice in its batch, then
+alone, then alone again at the very end of the job. A row that really crashes workers silently costs four
+restarts, and holds up no other row; one that trips a device error, two.
+A worker that stops cleanly (Ctrl-C, deadline, an ordinary error) keeps the suspects it has not run yet and
+does not count the batch it was computing as a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import storage
+from .errors import RunnerError
+
+INFLIGHT = "inflight.json"
+SILENT_CRASHES = 2  # silent deaths of workers computing the same keys: a batch is split, a lone key set aside
+# What torch raises once the device is broken for this process (sticky CUDA errors). Out-of-memory errors
+# also say "CUDA error" at times; those are not poison: the worker splits the batch and goes on.
+DEVICE_ERRORS = (
+    "CUDA error",
+    "device-side assert",
+    "cudaErrorLaunchFailure",
+    "CUBLAS_STATUS",
+    "illegal memory access",
+)
+
+Key = tuple[int, int]  # (row, sample)
+
+
+class DeviceError(RunnerError):
+    """The device failed in a way that leaves this process unable to use it; the job stays resumable."""
+
+
+def is_device_error(e: BaseException) -> bool:
+    """A RuntimeError that poisons the process (device-side assert, illegal memory access, ...), not OOM."""
+    if not isinstance(e, RuntimeError):
+        return False
+    text = str(e)
+    if "out of memory" in text.lower() or "ALLOC_FAILED" in text:
+        return False
+    return any(marker in text for marker in DEVICE_ERRORS)
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class Suspect:
+    """Keys to run before or after the rest of the job because a worker died while computing them: a batch to
+    run again as it was, or one key to run alone."""
+
+    keys: list[Key]
+    crashes: int = 0  # workers that died silently while computing exactly these keys together
+
+
+@dataclass
+class Recovery:
+    """What a dead worker's record means for this run (`InFlight.recover`)."""
+
+    first: list[Suspect] = field(default_factory=list)  # run before anything else
+    last: list[Suspect] = field(
+        default_factory=list
+    )  # keys that died alone once: alone again, after the rest
+    culprits: list[tuple[Key, str]] = field(default_factory=list)  # set aside: (key, errors.jsonl message)
+    cause: str | None = None  # the device error the dead worker recorded, if any
+    retried_batch: bool = False  # `first` starts with a batch that died once, run again as it was
+
+
+def device_crash_message(cause: str) -> str:
+    return (
+        f"this row made the device fail when computed alone ({cause}), and the worker had to stop; likely an "
+        "out-of-range token id or a bug in the model's kernels (`runner retry` tries it again)"
+    )
+
+
+def silent_crash_message(crashes: int) -> str:
+    return (
+        f"{crashes} workers died while computing this row alone, with no error message (a crash in native "
+        "code, or the system's out-of-memory killer); set aside so that the job can finish"
+    )
+
+
+class InFlight:
+    """This worker's in-flight record in one job folder."""
+
+    def __init__(self, job_dir: Path, worker: str):
+        self.path = Path(job_dir) / INFLIGHT
+        self.worker = worker
+        self._on_disk = self.path.exists()
+
+    def read(self) -> dict[str, Any] | None:
+        if not self._on_disk:
+            return None
+        try:
+            rec = storage.read_json(self.path)
+        except ValueError:
+            return None  # torn (it is written without fsync): nothing to isolate, the rows simply run again
+        except storage.StorageError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return None
+            raise
+        return rec if isinstance(rec, dict) else None
+
+    def recover(self, todo: set[Key]) -> Recovery:
+        """Read a dead worker's record (keys no longer to do are ignored) and apply the rule above."""
+        out = Recovery()
+        rec = self.read()
+        if rec is None:
+            return out
+        try:
+            recorded = [_key(x) for x in rec.get("running", [])]
+            running = [k for k in recorded if k in todo]
+            out.cause = rec.get("error") or None
+            crashes = int(rec.get("crashes", 0)) + (0 if out.cause else 1)
+            if len(recorded) == 1 and running:  # it was alone
+                if out.cause:
+                    out.culprits.append((running[0], device_crash_message(out.cause)))
+                elif crashes >= SILENT_CRASHES:
+                    out.culprits.append((running[0], silent_crash_message(crashes)))
+                else:
+                    out.last.append(Suspect(running, crashes))
+            elif out.cause or crashes >= SILENT_CRASHES or len(running) == 1:
+                out.first.extend(Suspect([k]) for k in running)  # one at a time
+            elif running:
+                out.first.append(Suspect(running, crashes))  # most likely a plain kill: the same batch again
+                out.retried_batch = True
+            seen = set(running)
+            for entry in rec.get("suspects", []):
+                keys = [k for k in (_key(x) for x in entry["keys"]) if k in todo and k not in seen]
+                seen.update(keys)
+                if keys:
+                    group = Suspect(keys, int(entry["crashes"]))
+                    (out.last if len(keys) == 1 and group.crashes else out.first).append(group)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+            return Recovery()  # a record from another version: run everything normally
+        return out
+
+    def running(
+        self, keys: list[Key], suspects: list[Suspect], *, crashes: int = 0, error: str | None = None
+    ) -> None:
+        """Record that `keys` are being computed now (`crashes`: silent deaths of workers computing them
+        together before); `suspects` are still to run after them. Written before each batch, so cheap: no
+        fsync (a killed process's writes are in the page cache for the next one; only a machine crash could
+        lose it, and then nothing is lost either: the rows are run again)."""
+        rec: dict[str, Any] = {
+            "worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(), "updated": time.time(),
+            "running": [list(k) for k in keys], "crashes": crashes,
+            "suspects": [{"keys": [list(k) for k in s.keys], "crashes": s.crashes} for s in suspects],
+        }  # fmt: skip
+        if error:
+            rec["error"] = error
+        storage.write_json(self.path, rec, durable=False)
+        self._on_disk = True
+
+    def settle(self, suspects: list[Suspect]) -> None:
+        """Nothing is being computed: keep only the suspects still to run (no file when none)."""
+        if suspects:
+            self.running([], suspects)
+        elif self._on_disk:
+            storage.remove(self.path)
+            self._on_disk = False
+
+
+def _key(entry: Any) -> Key:
+    return (int(entry[0]), int(entry[1]))

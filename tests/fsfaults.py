@@ -1,0 +1,174 @@
+"""A misbehaving job home for tests: slow, renames done as copy + delete, and permanent errors.
+
+Only paths under one folder (the job home) are affected; everything else (the model, pytest's own files,
+pyarrow's local temp shards) runs at full speed. What is patched is what runner uses to write the job home:
+`open` as seen by runner.storage, and os.replace / os.fsync / os.listdir / os.unlink / os.mkdir.
+
+  * slow: every write, rename, fsync, delete and listing takes `slow` seconds (a Drive mount on a bad day);
+  * copy_rename: os.replace copies the bytes to the destination, then deletes the source, as some FUSE / Drive
+    mounts do; `kill` SIGKILLs the process at the N-th such rename into a sub-folder, after the copy and
+    before the delete of the temp file ("after_copy"), or with half of the bytes copied ("mid_copy");
+  * fail: an errno name (EROFS, ENOSPC): every write, rename, delete and mkdir fails with it, from the start
+    or (`fail_from` = a sub-folder) once a file has been written into that sub-folder (a disk that fills up).
+
+In-process: `FsFaults(home, slow=0.25).install(monkeypatch.setattr)`. In a worker process: run this file as
+the program, with the settings as JSON in $RUNNER_TEST_FSFAULTS (`command(...)` builds both):
+`python tests/fsfaults.py --home H work ...` installs the faults, then runs the `runner` command.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+ENV = "RUNNER_TEST_FSFAULTS"
+HERE = Path(__file__).resolve()
+
+
+class FsFaults:
+    def __init__(
+        self, root, *, slow: float = 0.0, copy_rename: bool = False, kill: dict | None = None,
+        fail: str | None = None, fail_from: str | None = None,
+    ):  # fmt: skip
+        self.root = os.path.realpath(root)
+        self.slow, self.copy_rename, self.kill = slow, copy_rename, kill
+        self.fail = getattr(errno, fail) if fail else None
+        self.fail_from = fail_from
+        self.failing = fail is not None and fail_from is None
+        self.slowed = 0  # operations that were slowed down
+        self.renames: dict[str, int] = {}  # copy-renames per destination sub-folder
+        self._lock = threading.Lock()
+        self.real = {n: getattr(os, n) for n in ("replace", "fsync", "listdir", "unlink", "mkdir")}
+        self.real_open = builtins.open
+
+    def settings(self) -> str:
+        fail = errno.errorcode[self.fail] if self.fail else None
+        return json.dumps({"root": self.root, "slow": self.slow, "copy_rename": self.copy_rename,
+                           "kill": self.kill, "fail": fail, "fail_from": self.fail_from})  # fmt: skip
+
+    # --- which paths, and what happens to them -----------------------------------------------------------
+
+    def _ours(self, path) -> bool:
+        if isinstance(path, int):
+            try:
+                path = os.readlink(f"/proc/self/fd/{path}")
+            except OSError:
+                return False
+        p = os.path.realpath(os.fsdecode(path))
+        return p == self.root or p.startswith(self.root + os.sep)
+
+    @staticmethod
+    def _sub(path) -> str:
+        """The name of the folder holding `path` (shards, done, or the job's own folder)."""
+        return os.path.basename(os.path.dirname(os.path.realpath(os.fsdecode(path))))
+
+    def _slow(self) -> None:
+        if self.slow:
+            with self._lock:
+                self.slowed += 1
+            time.sleep(self.slow)
+
+    def _check_fail(self, path) -> None:
+        if self.failing:
+            raise OSError(self.fail, os.strerror(self.fail), os.fsdecode(path))
+
+    def _wrote(self, path) -> None:
+        if self.fail_from is not None and self._sub(path) == self.fail_from:
+            self.failing = True  # the disk is full from now on
+
+    # --- the patched calls -------------------------------------------------------------------------------
+
+    def open(self, file, mode="r", *args, **kwargs):
+        if not isinstance(file, int) and self._ours(file) and any(c in mode for c in "wax+"):
+            self._slow()
+            self._check_fail(file)
+        return self.real_open(file, mode, *args, **kwargs)
+
+    def replace(self, src, dst, **kwargs):
+        if not self._ours(dst):
+            return self.real["replace"](src, dst, **kwargs)
+        self._slow()
+        self._check_fail(dst)
+        if not self.copy_rename or os.path.isdir(src):
+            self.real["replace"](src, dst, **kwargs)
+        else:
+            self._copy_then_delete(src, dst)
+        self._wrote(dst)
+
+    def _copy_then_delete(self, src, dst) -> None:
+        sub = self._sub(dst)
+        self.renames[sub] = self.renames.get(sub, 0) + 1
+        kill = (
+            self.kill
+            if self.kill and self.kill["dir"] == sub and self.kill["nth"] == self.renames[sub]
+            else None
+        )
+        with self.real_open(src, "rb") as a, self.real_open(dst, "wb") as b:
+            data = a.read()
+            if kill and kill["at"] == "mid_copy":
+                b.write(data[: len(data) // 2])
+                b.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            b.write(data)
+        if kill:  # the destination is whole, the temp file is still there
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.real["unlink"](src)
+
+    def fsync(self, fd):
+        if self._ours(fd):
+            self._slow()
+        return self.real["fsync"](fd)
+
+    def listdir(self, path="."):
+        if self._ours(path):
+            self._slow()
+        return self.real["listdir"](path)
+
+    def unlink(self, path, *args, **kwargs):
+        if self._ours(path):
+            self._slow()
+            self._check_fail(path)
+        return self.real["unlink"](path, *args, **kwargs)
+
+    def mkdir(self, path, *args, **kwargs):
+        if self._ours(path):
+            self._check_fail(path)
+        return self.real["mkdir"](path, *args, **kwargs)
+
+    def install(self, monkeypatch=None) -> FsFaults:
+        """Patch the calls (through pytest's `monkeypatch` in a test, so that they are put back afterwards)."""
+        import runner.storage
+
+        patches = [(os, name, getattr(self, name)) for name in self.real] + [
+            (runner.storage, "open", self.open)
+        ]
+        for obj, name, value in patches:
+            if monkeypatch is not None:
+                monkeypatch.setattr(obj, name, value, raising=False)
+            else:
+                setattr(obj, name, value)
+        return self
+
+
+def command(faults: FsFaults) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(prefix, env) for workers.start_worker: run a worker process with these faults installed."""
+    return (str(HERE),), {ENV: faults.settings()}
+
+
+def main() -> None:
+    cfg = json.loads(os.environ[ENV])
+    root = cfg.pop("root")
+    FsFaults(root, **cfg).install()
+    from runner.cli import cli
+
+    cli(prog_name="runner")
+
+
+if __name__ == "__main__":
+    main()

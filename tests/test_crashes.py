@@ -1,0 +1,190 @@
+"""Rows that poison the process: a CUDA device-side assert, or a silent crash in native code. Real worker
+processes are run again and again; the bad row ends up in errors.jsonl once, every other row in the results
+exactly once, and no good row is ever set aside because of a plain kill."""
+
+import json
+import signal
+
+import pytest
+from workers import run_worker
+
+import runner
+from runner import EngineOptions, GenerationParams
+from runner.crashes import INFLIGHT, SILENT_CRASHES, InFlight, Suspect, is_device_error
+from runner.jobs import Job, create_job
+from runner.leases import read_state
+from runner.results import read_errors
+from runner.status import job_status
+from runner.worker import run_job
+
+N_ROWS = 10
+PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, seed=7)
+OPTIONS = EngineOptions(batch_size=4)
+BAD = "r07"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_gpt2):
+    root = tmp_path_factory.mktemp("crash")
+    prompts = root / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"r{i:02d}", "prompt": f"The old man said {i} times"}) + "\n"
+                               for i in range(N_ROWS)))  # fmt: skip
+    ref = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "reference")
+    run_job(ref, echo=None)
+    return prompts, runner.load_results(ref.dir)
+
+
+@pytest.fixture
+def job(tmp_path, reference, tiny_gpt2):
+    return create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "home" / "job")
+
+
+def assert_each_row_once(job_dir, ref, missing=()):
+    """Every row but `missing` is in the results exactly once, equal to the uninterrupted run."""
+    df = runner.load_results(job_dir)
+    assert sorted(df["id"]) == sorted(set(ref["id"]) - set(missing)), "a row is missing or appears twice"
+    merged = df.merge(ref, on=["id", "sample"], suffixes=("", "_ref"))
+    assert len(merged) == len(df) and (merged["text"] == merged["text_ref"]).all()
+    return len(df)
+
+
+def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job, reference):
+    home, fault = job.dir.parent, {"RUNNER_FAULT": f"poison_row:{BAD}"}
+    code, out = run_worker(home, env_extra=fault)
+    assert code == 1 and "Traceback" not in out, out
+    assert (
+        out.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"Error: the device failed while computing a batch of 4 rows of job {job.id} (CUDA error: device-side "
+            "assert triggered); this process cannot use it any more. Finished rows are saved: run `runner work` (or "
+            "the same `runner run`) again; it runs those rows one at a time"
+        )
+    ), out
+    state = read_state(job.dir)
+    assert state["state"] == "queued" and state["interrupted"] and not (job.dir / "lease.json").exists()
+    record = json.loads((job.dir / INFLIGHT).read_text())
+    assert len(record["running"]) == 4 and record["error"].startswith("CUDA error: device-side assert")
+    assert_each_row_once(job.dir, reference[1], missing=[r for r in reference[1]["id"] if r >= "r04"])
+
+    # The batch's rows run one at a time: the good ones complete, the bad one fails alone, is set aside at
+    # once (a device error alone is conclusive), and the process, whose GPU would now be unusable, stops.
+    code, out = run_worker(home, env_extra=fault)
+    assert code == 1 and "Traceback" not in out, out
+    assert "4 row(s) were being computed when a worker stopped on a device error" in out
+    assert out.strip().splitlines()[-1] == (
+        f"Error: row {BAD} (line 8, sample 0) of job {job.id} makes the device fail on its own (CUDA error: "
+        "device-side assert triggered); it is set aside in errors.jsonl. This process cannot use the device any "
+        "more: run `runner work` (or the same `runner run`) again to carry on"
+    )
+    code, out = run_worker(home, env_extra=fault)
+    assert code == 0 and read_state(job.dir)["state"] == "completed", out
+    errors = read_errors(job.dir)
+    assert [(e["id"], e["stage"], e["error"]) for e in errors] == [(BAD, "generate", "worker_crash")]
+    assert "made the device fail when computed alone (CUDA error: device-side assert" in errors[0]["message"]
+    assert assert_each_row_once(job.dir, reference[1], missing=[BAD]) == N_ROWS - 1
+    assert not (job.dir / INFLIGHT).exists()
+    assert job_status(Job.open(job.dir)).errors == 1
+
+
+def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, reference):
+    """SIGKILL while a row is computed, as a crash in native code does, and as a Colab kill does too. Its batch
+    dying twice and the row dying alone once is not enough to set the row aside; dying alone twice is."""
+    import shutil
+
+    home, fault = job.dir.parent, {"RUNNER_FAULT": f"poison_kill:{BAD}"}
+    code, out = run_worker(home, env_extra=fault)
+    assert code == -signal.SIGKILL, out
+    code, out = run_worker(home, env_extra=fault)  # most likely a plain kill: the same batch again, first
+    assert code == -signal.SIGKILL and "running that batch again first" in out, out
+    code, out = run_worker(home, env_extra=fault)  # it died twice: its rows one at a time, first
+    assert code == -signal.SIGKILL and "when a worker died twice: running them one at a time first" in out
+    assert json.loads((job.dir / INFLIGHT).read_text())["running"] == [[int(BAD[1:]), 0]]
+
+    # Had those been three Colab kills, the row is fine: it runs alone at the end and completes.
+    plain = job.dir.parent.parent / "plain"
+    shutil.copytree(home, plain)
+    code, out = run_worker(plain)
+    assert code == 0 and read_state(plain / "job")["state"] == "completed", out
+    assert "were being computed alone when a worker died: running them alone again at the end" in out
+    assert read_errors(plain / "job") == [] and not (plain / "job" / INFLIGHT).exists()
+    assert assert_each_row_once(plain / "job", reference[1]) == N_ROWS
+
+    # The row really crashes workers: it dies alone again, at the very end (every other row is done by
+    # then), and the next worker sets it aside and completes the job.
+    code, out = run_worker(home, env_extra=fault)
+    assert code == -signal.SIGKILL, out
+    assert assert_each_row_once(job.dir, reference[1], missing=[BAD]) == N_ROWS - 1
+    code, out = run_worker(home, env_extra=fault)
+    assert code == 0 and read_state(job.dir)["state"] == "completed", out
+    errors = read_errors(job.dir)
+    assert [(e["id"], e["stage"], e["error"]) for e in errors] == [(BAD, "generate", "worker_crash")]
+    assert f"{SILENT_CRASHES} workers died while computing this row alone" in errors[0]["message"]
+    assert assert_each_row_once(job.dir, reference[1], missing=[BAD]) == N_ROWS - 1
+    assert not (job.dir / INFLIGHT).exists()
+
+
+def _group(*rows, crashes=0):
+    return {"keys": [[r, 0] for r in rows], "crashes": crashes}
+
+
+@pytest.mark.parametrize(
+    ("record", "first", "last", "culprits"),
+    [
+        # a batch died silently: most likely a plain kill, so the same batch again, first
+        ({"running": [[1, 0], [2, 0]]}, [[1, 2]], [], []),
+        # ... a second time, or on a device error: its rows one at a time, first
+        ({"running": [[1, 0], [2, 0]], "crashes": 1}, [[1], [2]], [], []),
+        ({"running": [[1, 0], [2, 0]], "error": "CUDA error: x"}, [[1], [2]], [], []),
+        # a row died alone, silently: alone again at the end, the other suspects first
+        ({"running": [[2, 0]], "suspects": [_group(3)]}, [[3]], [[2]], []),
+        # ... a second time: set aside
+        ({"running": [[2, 0]], "crashes": 1}, [], [], [(2, 0)]),
+        # a device error alone: set aside at once
+        ({"running": [[2, 0]], "error": "CUDA error: x"}, [], [], [(2, 0)]),
+        # stopped cleanly between batches: only the suspects are left, with their counts
+        ({"running": [], "suspects": [_group(4, crashes=1), _group(5, 6, crashes=1)]}, [[5, 6]], [[4]], []),
+        # rows done meanwhile (or unknown) are ignored; a lone survivor of a batch was not alone
+        ({"running": [[8, 0], [9, 0]]}, [[8]], [], []),
+        ({"running": "garbage"}, [], [], []),
+    ],
+)
+def test_the_isolation_rule(tmp_path, record, first, last, culprits):
+    (tmp_path / INFLIGHT).write_text(json.dumps(record))
+    rec = InFlight(tmp_path, "w").recover({(r, 0) for r in range(9)})
+    assert [[r for r, _ in x.keys] for x in rec.first] == first
+    assert [[r for r, _ in x.keys] for x in rec.last] == last
+    assert [k for k, _ in rec.culprits] == culprits
+
+
+def test_a_clean_stop_keeps_the_suspects_and_does_not_count_a_crash(job, reference, gpt2_engine):
+    suspects = [Suspect([(2, 0)]), Suspect([(5, 0)], 1)]
+    InFlight(job.dir, "dead").running([(7, 0)], suspects)
+    calls = []
+    run_job(job, gpt2_engine, echo=None, should_stop=lambda: calls.append(1) or len(calls) > 1)
+    record = json.loads((job.dir / INFLIGHT).read_text())
+    # (2, 0) ran; (7, 0) died alone once so it waits at the end with (5, 0); nothing is running now
+    assert record["running"] == [] and record["suspects"] == [
+        {"keys": [[7, 0]], "crashes": 1},
+        {"keys": [[5, 0]], "crashes": 1},
+    ]
+    run_job(job, gpt2_engine, echo=None)
+    assert not (job.dir / INFLIGHT).exists() and read_errors(job.dir) == []
+    assert assert_each_row_once(job.dir, reference[1]) == N_ROWS
+
+
+@pytest.mark.parametrize(
+    ("error", "poison"),
+    [
+        (RuntimeError("CUDA error: device-side assert triggered"), True),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+        (RuntimeError("CUDA error: unspecified launch failure (cudaErrorLaunchFailure)"), True),
+        (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, ...`"), True),
+        (RuntimeError("CUDA error: out of memory"), False),  # the batch is split instead
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), False),
+        (RuntimeError("Expected all tensors to be on the same device"), False),
+        (ValueError("CUDA error: device-side assert triggered"), False),
+    ],
+)
+def test_errors_that_poison_the_process_are_recognised(error, poison):
+    assert is_device_error(error) is poison

@@ -1,0 +1,135 @@
+"""The job home misbehaving under a whole job: slow, renames that are really copy + delete (killed half way),
+and writes that fail for good. Every row ends up in the results exactly once; a shard never counts twice."""
+
+import json
+import os
+import signal
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from fsfaults import FsFaults, command
+from workers import run_worker
+
+import runner
+from runner import EngineOptions, GenerationParams
+from runner.jobs import Job, create_job
+from runner.leases import read_state
+from runner.results import ORDER, valid_shards
+from runner.scheduler import work
+from runner.status import job_status
+from runner.worker import run_job
+
+N_ROWS = 6
+PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, seed=11)
+OPTIONS = EngineOptions(batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_gpt2):
+    root = tmp_path_factory.mktemp("fs")
+    prompts = root / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Every student reads {i} books"}) + "\n"
+                               for i in range(N_ROWS)))  # fmt: skip
+    ref = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "reference")
+    run_job(ref, echo=None)
+    return prompts, runner.load_results(ref.dir)
+
+
+@pytest.fixture
+def job(tmp_path, reference, tiny_gpt2):
+    return create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "home" / "job")
+
+
+def counted_keys(job_dir):
+    """(row, sample) of every row in counted shards, duplicates kept (load_results would drop them)."""
+    keys = []
+    for shard in valid_shards(job_dir):
+        t = pq.read_table(shard, columns=[ORDER, "sample"])
+        keys += zip(t.column(ORDER).to_pylist(), t.column("sample").to_pylist(), strict=True)
+    return keys
+
+
+def assert_exactly_once(job_dir, ref, complete=True):
+    keys = counted_keys(job_dir)
+    assert len(keys) == len(set(keys)), f"a row counts twice: {sorted(keys)}"
+    assert job_status(Job.open(job_dir)).done == len(keys)  # what the markers say agrees
+    df = runner.load_results(job_dir)
+    merged = df.merge(ref, on=["id", "sample"], suffixes=("", "_ref"))
+    assert len(merged) == len(df) and (merged["text"] == merged["text_ref"]).all()
+    if complete:
+        assert sorted(df["id"]) == sorted(ref["id"]) and len(keys) == N_ROWS
+    return len(keys)
+
+
+def test_a_slow_job_home_still_completes_every_row_once(job, reference, gpt2_engine, monkeypatch):
+    home = job.dir.parent
+    faults = FsFaults(home, slow=0.25).install(monkeypatch)
+    started = time.monotonic()
+    # A short lease: its heartbeat renews it every second through the slow mount while the job runs.
+    summaries = work(home, engine=gpt2_engine, echo=None, lease_ttl=4, shard_rows=1000)
+    took = time.monotonic() - started
+    monkeypatch.undo()
+    assert summaries[0].finished and read_state(job.dir)["state"] == "completed"
+    assert faults.slowed >= 20 and took >= 20 * 0.25  # it really was slow (the heartbeat's writes overlap)
+    assert assert_exactly_once(job.dir, reference[1]) == N_ROWS
+
+
+@pytest.mark.parametrize(
+    ("folder", "at"),
+    [
+        ("shards", "after_copy"),  # a whole shard under its final name, no marker: must not count
+        ("done", "after_copy"),  # a whole marker, the temp marker still beside it: must count once
+        ("done", "mid_copy"),  # half a marker under its final name: must not count
+    ],
+)
+def test_a_rename_done_as_copy_and_delete_killed_half_way(
+    job, reference, gpt2_engine, monkeypatch, folder, at
+):
+    home = job.dir.parent
+    faults = FsFaults(home, copy_rename=True, kill={"dir": folder, "nth": 2, "at": at})
+    prefix, env = command(faults)
+    code, out = run_worker(home, prefix=prefix, env_extra=env)
+    assert code == -signal.SIGKILL, out
+    (left,) = [p for p in (job.dir / folder).iterdir() if p.name.startswith(".")]  # never deleted
+    before = assert_exactly_once(job.dir, reference[1], complete=False)
+    assert before == (4 if folder == "done" and at == "after_copy" else 2)
+
+    # Later, the worker that resumes deletes the temp file, which nobody has touched for a while; a fresh
+    # one (say, of a worker that still writes) stays.
+    os.utime(left, (time.time() - 3600,) * 2)
+    fresh = job.dir / folder / ".00042-beef.parquet.0123abcd.tmp"
+    fresh.write_bytes(b"still being written")
+    FsFaults(home, copy_rename=True).install(monkeypatch)
+    summaries = work(home, engine=gpt2_engine, echo=None)
+    assert summaries[0].finished and summaries[0].generated == N_ROWS - before
+    assert assert_exactly_once(job.dir, reference[1]) == N_ROWS
+    assert not left.exists() and fresh.exists()
+
+
+@pytest.mark.parametrize(
+    ("fail", "fail_from", "message"),
+    [
+        ("EROFS", None, "Read-only file system (errno 30)"),  # the mount is read-only from the start
+        ("ENOSPC", "done", "No space left on device (errno 28)"),  # full after the first shard
+    ],
+)
+def test_a_job_home_that_cannot_be_written_stops_the_worker_cleanly(
+    job, reference, gpt2_engine, fail, fail_from, message
+):
+    home = job.dir.parent
+    prefix, env = command(FsFaults(home, fail=fail, fail_from=fail_from))
+    code, out = run_worker(home, prefix=prefix, env_extra=env)
+    assert code == 1 and "Traceback" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert (
+        last.startswith("Error: stopped: the job home cannot be written (cannot write ") and message in last
+    )
+    assert last.endswith(f"job {job.id} is consistent and resumes with the next `runner work`"), out
+    done = assert_exactly_once(job.dir, reference[1], complete=False)
+    assert done == (2 if fail_from else 0)
+
+    summaries = work(home, engine=gpt2_engine, echo=None)  # the mount is back
+    assert summaries[0].finished and summaries[0].generated == N_ROWS - done
+    assert read_state(job.dir)["state"] == "completed"
+    assert assert_exactly_once(job.dir, reference[1]) == N_ROWS

@@ -1,0 +1,36 @@
+"""Real `runner` processes for the kill, crash and file-system tests.
+
+They run with this checkout first on PYTHONPATH, so that a test run from a worktree exercises the worktree's
+code even when the virtualenv has another checkout installed in editable mode.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def start_worker(home, *extra, env_extra=None, shard_rows=2, prefix=()) -> subprocess.Popen:
+    """`runner --home HOME work --shard-rows N ...`; `prefix` replaces `-m runner` (say, by a wrapper script
+    that installs file-system faults first)."""
+    return subprocess.Popen(
+        [sys.executable, *(prefix or ("-m", "runner")), "--home", str(home), "work", "--shard-rows",
+         str(shard_rows), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=worker_env(env_extra), text=True,
+    )  # fmt: skip
+
+
+def run_worker(home, *extra, timeout=120, **kw) -> tuple[int, str]:
+    proc = start_worker(home, *extra, **kw)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
