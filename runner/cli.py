@@ -96,7 +96,7 @@ engine_options = _apply([
     click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto]."),
     click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
                  help="Weights and compute precision [default: auto: fp32 on CPU, bf16/fp16 on GPU]."),
-    click.option("--batch-size", type=int, help="Most sequences per batch [default: 16 on CPU, 64 on GPU]."),
+    click.option("--batch-size", type=int, help="Most sequences per batch [default: 64]."),
     click.option("--max-batch-tokens", type=int,
                  help="Most tokens per batch, rows x (longest prompt + max new tokens) [default: from device]."),
     click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run."),

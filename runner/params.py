@@ -145,8 +145,8 @@ class EngineOptions:
     dtype: str = "auto"
     """auto, float32, float16 or bfloat16. auto: float32 on CPU, bfloat16 on GPUs that support it, else float16."""
     batch_size: int | None = None
-    """Most sequences in one forward pass, >= 1. None picks from the device: 16 on CPU (larger CPU batches
-    were slower in benchmarks/: more padding, and matmuls no faster), 64 on a GPU."""
+    """Most sequences decoded together, >= 1. None: 64 (benchmarks/RESULTS.md). The prompts of a batch are
+    prefilled in smaller groups of similar length, so a bigger batch adds no padding to the prompt pass."""
     max_batch_tokens: int | None = None
     """Most tokens (rows x (longest prompt + max_new_tokens)) in one batch, >= 1; None picks from the device."""
     trust_remote_code: bool = False

@@ -48,8 +48,10 @@ from .results import (
 
 SHARD_ROWS = 1000  # a shard is written at least every this many result rows...
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
-CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 64
-CPU_BATCH_TOKENS = 16 * 1024
+# Measured best on the 2-core CPU with grouped prefill (benchmarks/RESULTS.md); decode rows share each step's
+# per-layer overhead, and prefill groups keep padding out of the prompt pass.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 64, 64
+CPU_BATCH_TOKENS = 32 * 1024
 
 
 def sample_seed(job_seed: int, row_id: str, sample: int) -> int:
