@@ -1,8 +1,12 @@
 """Run one job: do what is not done yet, in batches, and write it out in verified shards.
 
-job folder (jobs.py) -> remaining (row, sample) pairs -> batching.plan_batches -> a `Task` per job kind
-(engine.generate, scoring.score_rows, scoring.embed_batch) -> results.write_shard every `shard_rows` rows or
-`shard_seconds` seconds -> stats.json. Which job runs, under which lease, is scheduler.py.
+job folder (jobs.py) -> windows of prompts.parquet with their remaining (row, sample) pairs ->
+batching.plan_batches -> a `Task` per job kind (engine.generate, scoring.score_rows, scoring.embed_batch) ->
+results.write_shard every `shard_rows` rows or `shard_seconds` seconds -> stats.json. Which job runs, under
+which lease, is scheduler.py.
+
+Memory is bounded by a window of `WINDOW_ROWS` prompts, not by the job: the prompts are read a window at a
+time, and what is done is one byte per (row, sample) (results.done_mask).
 
 Resuming is the normal path, not a special case: a worker always starts by asking which (row, sample) pairs are
 in counted shards and generates only the rest. Each sample's randomness is seeded from (job seed, row id,
@@ -15,7 +19,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +31,9 @@ from .faults import fault_point
 from .jobs import Job
 from .leases import Lease
 from .progress import Progress
-from .results import GeneratedRow, completions_table, done_keys, read_errors, write_shard
+from .results import PROMPTS, GeneratedRow, completions_table, done_mask, iter_errors, write_shard
 
+WINDOW_ROWS = 20_000  # prompts read, planned (length-sorted) and looked up at a time
 SHARD_ROWS = 1000  # a shard is written at least every this many result rows...
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 64
@@ -68,7 +73,62 @@ class RunSummary:
 
 def failed_keys(job: Job) -> set[tuple[int, int]]:
     """(row, sample) pairs recorded as errors at run time: finished, with a reason, not retried."""
-    return {(e["row"], e["sample"]) for e in read_errors(job.dir) if e.get("stage") == "generate"}
+    return {(e["row"], e["sample"]) for e in iter_errors(job.dir) if e.get("stage") == "generate"}
+
+
+def failed_mask(job: Job) -> Any:
+    """`failed_keys` as a [rows, samples] numpy bool array, like results.done_mask."""
+    import numpy as np
+
+    mask = np.zeros((int(job.meta["input"]["rows"]), job.samples), dtype=bool)
+    for e in iter_errors(job.dir):
+        if e.get("stage") == "generate":
+            mask[e["row"], e["sample"]] = True
+    return mask
+
+
+def remaining_mask(job: Job) -> Any:
+    """[rows, samples] bool: the pairs neither in a counted shard nor recorded as failed."""
+    return ~(done_mask(job.dir, int(job.meta["input"]["rows"]), job.samples) | failed_mask(job))
+
+
+@dataclass
+class Window:
+    """Consecutive prompts of a job: rows `start` .. `start + len(table) - 1` of prompts.parquet."""
+
+    start: int
+    table: Any  # pa.Table, that slice of prompts.parquet
+    todo: list[tuple[int, int]]  # its (row, sample) pairs still to do, rows numbered over the whole job
+
+    def id(self, row: int) -> str:
+        return self.table.column("id")[row - self.start].as_py()
+
+    def line(self, row: int) -> int:
+        return self.table.column("line")[row - self.start].as_py()
+
+
+def windows(job: Job, remaining: Any, size: int | None = None) -> Iterator[Window]:
+    """The prompts with something left to do, `size` (default WINDOW_ROWS) rows at a time, in row order.
+    Row groups with nothing left are skipped without being read."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    size = size or WINDOW_ROWS
+    pf = pq.ParquetFile(job.dir / PROMPTS)
+    start = 0
+    for group in range(pf.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
+        if remaining[start : start + n].any():
+            at = start
+            for batch in pf.iter_batches(batch_size=size, row_groups=[group]):
+                left = remaining[at : at + batch.num_rows]
+                if left.any():
+                    r, s = np.nonzero(left)  # row-major: (row, sample) in order, as generated
+                    todo = list(zip((r + at).tolist(), s.tolist(), strict=True))
+                    yield Window(at, pa.Table.from_batches([batch]), todo)
+                at += batch.num_rows
+        start += n
 
 
 def run_job(
@@ -86,11 +146,10 @@ def run_job(
     """Generate every missing result row of `job`. Returns when all are done, or early (rows finished so far
     written first) when `should_stop()` says so, when the next batch would not end before `deadline` (a
     `time.time()` value), or when `lease` is no longer ours. Checked between batches."""
-    prompts = job.prompts()
-    ids = prompts.column("id").to_pylist()
-    input_ids = prompts.column("input_ids").to_pylist()
-    done = done_keys(job.dir) | failed_keys(job)
-    todo = [(r, s) for r in range(len(ids)) for s in range(job.samples) if (r, s) not in done]
+    import pyarrow as pa
+
+    remaining = remaining_mask(job)
+    todo = int(remaining.sum())
     t0 = time.perf_counter()
 
     def say(line: str) -> None:
@@ -103,20 +162,29 @@ def run_job(
     if engine is None:
         say(f"loading model {job.meta['model']} ...")
         engine = Engine(job.meta["model"], job.options)
-    task = make_task(job, engine, prompts)
     # Stated in every shard too, so a results file says how it was made (e.g. whether BOS/EOS were scored).
     params_json = json.dumps({**job.meta["params"], "model": job.meta["model"]}, ensure_ascii=False)
     budget = job.options.max_batch_tokens or default_batch_tokens(engine)
-    plan = plan_batches(
-        [len(input_ids[r]) for r, _ in todo], default_batch_size(engine, job.options), budget, task.new_tokens
-    )
+    batch_size = default_batch_size(engine, job.options)
+
+    def plan() -> Iterator[tuple[Window, Task, list[tuple[int, int]]]]:
+        """Each window's remaining pairs in batches, planned within the window (length-sorted, budgeted)."""
+        for win in windows(job, remaining):
+            task = make_task(job, engine, win.table, win.start)
+            lengths = win.table.column("prompt_tokens").to_pylist()
+            sizes = [lengths[r - win.start] for r, _ in win.todo]
+            for batch in plan_batches(sizes, batch_size, budget, task.new_tokens):
+                yield win, task, [win.todo[i] for i in batch]
+
     say(
-        f"job {job.id}: {len(todo):,} of {job.total:,} rows to {job.kind} in {len(plan):,} batches "
+        f"job {job.id}: {todo:,} of {job.total:,} rows to {job.kind} "
         f"on {engine.device} ({str(engine.dtype).replace('torch.', '')})"
     )
     worker = secrets.token_hex(2)
-    progress = Progress(job.total, job.total - len(todo), echo=say, interval=progress_interval)
-    buffer: list[GeneratedRow] = []
+    progress = Progress(job.total, job.total - todo, echo=say, interval=progress_interval)
+    win: Window | None = None  # the window being generated
+    buffer: list[GeneratedRow] = []  # its results, rows numbered within it
+    pending: list[Any] = []  # result tables of earlier windows, not in a shard yet
     last_flush = time.perf_counter()
     generated = tokens = errors = 0
 
@@ -125,23 +193,33 @@ def run_job(
     def token_text(ids: list[int]) -> list[str]:
         return engine.tokenizer.batch_decode([[i] for i in ids])
 
-    def flush() -> None:
-        nonlocal buffer, last_flush, lost
+    def collect() -> None:
+        """The window's results as a table, while its prompts (passthrough columns) are at hand."""
+        nonlocal buffer
         if buffer:
+            assert win is not None
+            pending.append(task.table(win.table, buffer, token_text))
+            buffer = []
+
+    def flush() -> None:
+        nonlocal pending, last_flush, lost
+        collect()
+        if pending:
+            rows = sum(t.num_rows for t in pending)
             if lease is not None and not lease.held():
                 # Another worker took the job over (ours went stale): its plan includes these rows.
                 lost = True
-                say(f"lease on job {job.id} was taken over by another worker; {len(buffer)} rows discarded")
+                say(f"lease on job {job.id} was taken over by another worker; {rows} rows discarded")
             else:
-                table = task.table(prompts, buffer, token_text)
+                table = pending[0] if len(pending) == 1 else pa.concat_tables(pending)
                 write_shard(job.dir, table, worker, {"job": job.id, "kind": job.kind, "params": params_json})
-            buffer = []
+            pending = []
         last_flush = time.perf_counter()
 
     stopped = False
     slowest = 0.0
     fits: dict[str, int | None] = {"rows": None}  # after an out-of-memory, the batch size that worked
-    for batch in plan:
+    for batch_win, task, keys in plan():
         if (
             lost
             or (should_stop is not None and should_stop())
@@ -149,25 +227,30 @@ def run_job(
         ):
             stopped = True
             break
+        if batch_win is not win:
+            collect()  # (task.table depends on the job's kind only, not on the window)
+            win = batch_win
         started = time.perf_counter()
-        keys = [todo[i] for i in batch]
         outcomes = _isolating(engine, task.compute, keys, fits)
         batch_tokens = 0
         for (r, s), out in zip(keys, outcomes, strict=True):
             if isinstance(out, RowError):
                 errors += 1
                 storage.append_line(job.dir / "errors.jsonl", json.dumps(
-                    {"id": ids[r], "line": prompts.column("line")[r].as_py(), "row": r, "sample": s,
+                    {"id": batch_win.id(r), "line": batch_win.line(r), "row": r, "sample": s,
                      "stage": "generate", "error": out.error, "message": out.message}, ensure_ascii=False))  # fmt: skip
             else:
-                buffer.append(GeneratedRow(r, s, out))
+                buffer.append(GeneratedRow(r - batch_win.start, s, out))
                 generated += 1
                 batch_tokens += task.tokens(out)
         tokens += batch_tokens
         progress.update(len(keys), batch_tokens)
         slowest = max(slowest, time.perf_counter() - started)
         fault_point("after_generate")
-        if len(buffer) >= shard_rows or time.perf_counter() - last_flush >= shard_seconds:
+        if (
+            len(buffer) + sum(t.num_rows for t in pending) >= shard_rows
+            or time.perf_counter() - last_flush >= shard_seconds
+        ):
             flush()
             if lease is not None:
                 lease.info.update(
@@ -233,15 +316,17 @@ class Task:
     new_tokens: int  # tokens each sequence grows by, for the batch budget
 
 
-def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
+def make_task(job: Job, engine: Engine, prompts: Any, start: int = 0) -> Task:
+    """The job kind's Task over `prompts`, a window of the job's prompts table whose first row is row `start`
+    of the job; `compute` takes (row, sample) keys numbered over the whole job."""
     params = job.params
     ids = prompts.column("id").to_pylist()
     input_ids = prompts.column("input_ids").to_pylist()
     if job.kind == "generate":
 
         def generate(keys: list[tuple[int, int]]) -> list[Any]:
-            seeds = [sample_seed(job.seed, ids[r], s) for r, s in keys]
-            return engine.generate([input_ids[r] for r, _ in keys], params, seeds)
+            seeds = [sample_seed(job.seed, ids[r - start], s) for r, s in keys]
+            return engine.generate([input_ids[r - start] for r, _ in keys], params, seeds)
 
         return Task(generate, completions_table, lambda c: len(c.token_ids), params.max_new_tokens)
     from . import scoring
@@ -252,13 +337,13 @@ def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
         stride = params.stride
 
         def score(keys: list[tuple[int, int]]) -> list[Any]:
-            rows = [r for r, _ in keys]
+            rows = [r - start for r, _ in keys]
             return scoring.score_rows(engine, [input_ids[r] for r in rows], [froms[r] for r in rows], stride)
 
         return Task(score, score_table, lambda res: len(res.token_ids), 0)
 
     def embed(keys: list[tuple[int, int]]) -> list[Any]:
-        return scoring.embed_batch(engine, [input_ids[r] for r, _ in keys], params.pooling)
+        return scoring.embed_batch(engine, [input_ids[r - start] for r, _ in keys], params.pooling)
 
     return Task(embed, lambda p, rows, _t: embed_table(p, rows), lambda v: 0, 0)
 
@@ -333,8 +418,9 @@ def _record_stats(job: Job, engine: Engine, generated: int, tokens: int, seconds
 def summarize(
     job: Job, generated: int, tokens: int, seconds: float, finished: bool, new_errors: int = 0
 ) -> RunSummary:
-    done = len(done_keys(job.dir))
-    errors = len(failed_keys(job))
+    rows, samples = int(job.meta["input"]["rows"]), job.samples
+    done = int(done_mask(job.dir, rows, samples).sum())
+    errors = int(failed_mask(job).sum())
     return RunSummary(
         job.id, done, job.total, generated, tokens, seconds, errors, finished and done + errors >= job.total
     )
