@@ -112,6 +112,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every line (json.loads with options builds a new one per call: ~10% of reading a file).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _loads(text: str) -> Any:
+    """json.loads(text, parse_constant=_reject_constant), BOM check included."""
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _DECODER.decode(text)
+
+
 def _has_surrogate(value: Any) -> bool:
     if isinstance(value, str):
         try:
@@ -144,7 +155,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text, parse_constant=_reject_constant)
+                obj = _loads(text)
             except ValueError as e:
                 msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
                 yield lineno, None, f"invalid JSON ({msg})"
@@ -152,7 +163,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
             if not isinstance(obj, dict):
                 yield lineno, None, f"expected a JSON object per line, got {_kind(obj)}"
                 continue
-            if _has_surrogate(obj):
+            if "\\u" in text and _has_surrogate(obj):  # only a \u escape can make a lone surrogate
                 yield lineno, None, "contains a lone surrogate escape (such as \\ud800), not valid Unicode"
                 continue
             yield lineno, obj, None
@@ -252,10 +263,12 @@ class SeenIds:
         if new.any():
             self._runs.append((s1[new], s2[new], line[order[new]]))
         while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
-            (a1, a2, al), (b1, b2, bl) = self._runs.pop(-2), self._runs.pop()
-            m1 = np.concatenate((a1, b1))
-            merge = np.argsort(m1, kind="stable")  # two sorted runs: timsort merges them in linear time
-            self._runs.append((m1[merge], np.concatenate((a2, b2))[merge], np.concatenate((al, bl))[merge]))
+            a, b = list(self._runs.pop(-2)), list(self._runs.pop())
+            # Two sorted runs: a stable argsort (timsort) merges them in linear time. Column by column, each
+            # old column let go once merged, so that merging needs ~24 bytes a row more, not ~56.
+            merge = np.argsort(np.concatenate((a[0], b[0])), kind="stable")
+            merged = [np.concatenate((a.pop(0), b.pop(0)))[merge] for _ in range(3)]
+            self._runs.append((merged[0], merged[1], merged[2]))
         out = np.empty(n, dtype=np.int64)
         out[order] = first
         return [None if f < 0 else f for f in out.tolist()]

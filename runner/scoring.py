@@ -103,7 +103,10 @@ def tokenize_texts(
 def _encode_plain(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    enc = tokenizer(
+        list(texts), add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+    )
+    return [ids if isinstance(ids, list) else list(ids) for ids in enc["input_ids"]]
 
 
 def split_context(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
