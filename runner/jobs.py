@@ -1,7 +1,11 @@
 """Jobs: the job home, job ids, and creating a self-contained job folder from a prompt file.
 
-input file -> inputs.read_prompts -> `create_job` (render chat templates, tokenize once, check lengths against
-the context window, store settings + a validated copy of the prompts) -> job folder -> worker.py
+input file -> inputs.PromptReader (chunks) -> `create_job` (render chat templates, tokenize once, check lengths
+against the context window, store settings + a validated copy of the prompts) -> job folder -> worker.py
+
+The input is streamed: each chunk of `ROW_GROUP_ROWS` rows is validated, tokenized (one tokenizer call) and
+written as one row group of prompts.parquet before the next is read, so a file of any size is submitted in
+memory bounded by a chunk.
 
 A job folder holds everything needed to run, resume, inspect or move the job without the original file:
 
