@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 JOB_FILE = "job.json"
 KINDS = {GenerationParams: "generate", ScoreParams: "score", EmbedParams: "embed"}
-ROW_GROUP_ROWS = 20_000  # rows read, checked, tokenized and written at a time; a row group of prompts.parquet
+ROW_GROUP_ROWS = 10_000  # rows read, checked, tokenized and written at a time; a row group of prompts.parquet
 PROBLEMS_KEPT = 1000  # invalid rows held for the error message; all are counted, and listed in errors.jsonl
 
 

@@ -33,7 +33,7 @@ from .leases import Lease
 from .progress import Progress
 from .results import PROMPTS, GeneratedRow, completions_table, done_mask, iter_errors, write_shard
 
-WINDOW_ROWS = 20_000  # prompts read, planned (length-sorted) and looked up at a time
+WINDOW_ROWS = 10_000  # prompts read, planned (length-sorted) and looked up at a time (at most a row group)
 SHARD_ROWS = 1000  # a shard is written at least every this many result rows...
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 64
