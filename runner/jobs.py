@@ -109,6 +109,7 @@ class Job:
         return int(self.meta["input"]["rows"]) * self.samples
 
     def prompts(self) -> pa.Table:
+        """The whole prompts table, to look at; the worker reads it a window at a time instead."""
         import pyarrow.parquet as pq
 
         return pq.read_table(self.dir / PROMPTS)
