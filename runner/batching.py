@@ -39,6 +39,17 @@ def encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
 
 
+def encode_many(tokenizer: Any, texts: Sequence[str], chat: bool) -> list[list[int]]:
+    """`encode` of each text, in one tokenizer call: a fast (Rust) tokenizer encodes a list many times faster
+    than the same texts one by one, which is most of what submitting a big file costs."""
+    if not texts:
+        return []
+    ids = tokenizer(
+        list(texts), add_special_tokens=not chat, return_attention_mask=False, return_token_type_ids=False
+    )["input_ids"]  # the masks would cost a third of the time, for nothing
+    return [i if isinstance(i, list) else list(i) for i in ids]
+
+
 def plan_batches(
     lengths: Sequence[int],
     batch_size: int,

@@ -42,14 +42,18 @@ class Problem:
 
 
 class InputError(RunnerError):
-    """A prompt file has problems. Shows up to `shown` of them, one per line, then a count of the rest."""
+    """A prompt file has problems. Shows up to `shown` of them, one per line, then a count of the rest.
+    `total` counts them all when `problems` holds only the first few (a big file may have millions)."""
 
-    def __init__(self, problems: list[Problem], shown: int = 20, header: str | None = None):
+    def __init__(
+        self, problems: list[Problem], shown: int = 20, header: str | None = None, total: int | None = None
+    ):
         self.problems = problems
+        self.total = len(problems) if total is None else total
         lines = [str(p) for p in problems[:shown]]
-        if len(problems) > shown:
-            lines.append(f"... and {len(problems) - shown} more problems")
-        head = header or f"{len(problems)} invalid row(s); nothing was run"
+        if self.total > len(lines):
+            lines.append(f"... and {self.total - len(lines)} more problems")
+        head = header or f"{self.total} invalid row(s); nothing was run"
         super().__init__(head + ":\n" + "\n".join(lines) + "\n(use --skip-invalid to run the valid rows)")
 
 

@@ -1,7 +1,11 @@
 """Jobs: the job home, job ids, and creating a self-contained job folder from a prompt file.
 
-input file -> inputs.read_prompts -> `create_job` (render chat templates, tokenize once, check lengths against
-the context window, store settings + a validated copy of the prompts) -> job folder -> worker.py
+input file -> inputs.PromptReader (chunks) -> `create_job` (render chat templates, tokenize once, check lengths
+against the context window, store settings + a validated copy of the prompts) -> job folder -> worker.py
+
+The input is streamed: each chunk of `ROW_GROUP_ROWS` rows is validated, tokenized (one tokenizer call) and
+written as one row group of prompts.parquet before the next is read, so a file of any size is submitted in
+memory bounded by a chunk.
 
 A job folder holds everything needed to run, resume, inspect or move the job without the original file:
 
@@ -29,15 +33,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, storage
 from .errors import InputError, ParamError, Problem, RunnerError
-from .inputs import read_prompts
+from .inputs import PromptReader, PromptRow
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
-from .results import ORDER, OUTPUT_COLUMNS, PROMPTS
+from .results import ORDER, OUTPUT_COLUMNS, PROMPT_COLUMNS, PROMPTS
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 JOB_FILE = "job.json"
 KINDS = {GenerationParams: "generate", ScoreParams: "score", EmbedParams: "embed"}
+ROW_GROUP_ROWS = 10_000  # rows read, checked, tokenized and written at a time; a row group of prompts.parquet
+PROBLEMS_KEPT = 1000  # invalid rows held for the error message; all are counted, and listed in errors.jsonl
 
 
 def default_home() -> Path:
@@ -103,6 +109,7 @@ class Job:
         return int(self.meta["input"]["rows"]) * self.samples
 
     def prompts(self) -> pa.Table:
+        """The whole prompts table, to look at; the worker reads it a window at a time instead."""
         import pyarrow.parquet as pq
 
         return pq.read_table(self.dir / PROMPTS)
@@ -159,18 +166,6 @@ def _fingerprint(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _passthrough_array(name: str, values: list[Any]) -> tuple[pa.Array, bool]:
-    """Arrow array of a passthrough column; columns of mixed JSON types are kept as JSON text."""
-    import pyarrow as pa
-
-    try:
-        return pa.array(values), False
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-        return pa.array(
-            [None if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string()
-        ), True
-
-
 def create_job(
     input_path: str | os.PathLike,
     model: str,
@@ -194,10 +189,10 @@ def create_job(
 
     `job_dir` puts the job in that folder (as `runner run -o DIR`); an existing job there with the same
     inputs and settings is returned as is (to be resumed); one with other settings is refused.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    The file is read, checked, tokenized and written `ROW_GROUP_ROWS` rows at a time, so memory is bounded by
+    that chunk whatever the file's size (plus 24 bytes a row to find duplicate ids: inputs.SeenIds).
+    """
     from .engine import check_causal_lm, context_window, load_config, load_tokenizer
 
     params = params or GenerationParams()
@@ -216,8 +211,8 @@ def create_job(
     input_path = Path(input_path)
     if prompt_field is None:
         prompt_field = "prompt" if kind == "generate" else "text"
-    prompt_set = read_prompts(
-        input_path, prompt_field=prompt_field, template=template, skip_invalid=skip_invalid,
+    reader = PromptReader(
+        input_path, prompt_field=prompt_field, template=template,
         messages_field="messages" if kind == "generate" else None,
         pair_fields=("context", "continuation") if kind == "score" else None,
     )  # fmt: skip
@@ -251,74 +246,8 @@ def create_job(
             f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in the model's "
             f"context window of {window} tokens.",
         )
-    problems: list[Problem] = list(prompt_set.problems)
-    kept, texts, ids_list, froms = [], [], [], []
-    for row in prompt_set.rows:
-        try:
-            text, ids, score_from = _prepare_row(kind, row, tokenizer, params, window, truncate)
-        except _RowProblem as e:
-            problems.append(Problem(prompt_set.path, row.line, e.field or prompt_field, str(e), row.id))
-            continue
-        kept.append(row)
-        texts.append(text)
-        ids_list.append(ids)
-        froms.append(score_from)
-    if problems and (not skip_invalid or not kept):
-        raise InputError(problems)
-
-    columns: dict[str, Any] = {
-        ORDER: pa.array(range(len(kept)), pa.int64()),
-        "line": pa.array([r.line for r in kept], pa.int64()),
-        "id": pa.array([r.id for r in kept], pa.string()),
-        "prompt": pa.array(texts, pa.string()),
-        "input_ids": pa.array(ids_list, pa.list_(pa.int32())),
-        "prompt_tokens": pa.array([len(i) for i in ids_list], pa.int32()),
-    }
-    if kind == "score":
-        columns["score_from"] = pa.array(froms, pa.int32())
-        columns["continuation"] = pa.array([r.continuation for r in kept], pa.string())
-    json_columns, renamed = [], {}
-    for col in prompt_set.columns:
-        # An input column named like an output column (say `text`) keeps its data as `input_text`.
-        out_name = f"input_{col}" if col in OUTPUT_COLUMNS[kind] or col in columns else col
-        if out_name != col:
-            renamed[col] = out_name
-        arr, as_json = _passthrough_array(col, [r.extra.get(col) for r in kept])
-        columns[out_name] = arr
-        if as_json:
-            json_columns.append(out_name)
-    table = pa.table(columns)
 
     job_id = new_job_id()
-    seed = getattr(params, "seed", None)
-    seed = seed if seed is not None else secrets.randbits(63)
-    meta = {
-        "id": job_id,
-        "name": name,
-        "kind": kind,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "priority": priority,
-        "runner_version": __version__,
-        "model": model,
-        "model_fingerprint": model_fingerprint(model, config),
-        "context_window": window,
-        "embedding_dim": _hidden_size(config) if kind == "embed" else None,
-        "input": {
-            "path": str(input_path.resolve()),
-            "sha256": identity["input_sha256"],
-            "rows": len(kept),
-            "invalid": len(problems),
-            "prompt_field": prompt_field,
-            "template": template,
-            "truncate": truncate,
-            "json_columns": json_columns,
-            "renamed_columns": renamed,
-        },
-        "params": params.to_dict(),
-        "seed": seed,
-        "engine": options.to_dict(),
-        "fingerprint": _fingerprint(identity),
-    }
     target = Path(job_dir) if job_dir is not None else (Path(home) if home else default_home()) / job_id
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
@@ -326,13 +255,37 @@ def create_job(
     try:
         for sub in ("shards", "done"):
             (tmp / sub).mkdir()
-        pq.write_table(table, tmp / PROMPTS, compression="zstd")
-        for p in problems:
-            storage.append_line(
-                tmp / "errors.jsonl",
-                json.dumps({"id": p.id, "line": p.line, "field": p.field, "stage": "validate",
-                            "error": "invalid_input", "message": p.message}, ensure_ascii=False),
-            )  # fmt: skip
+        prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field)
+        written = _write_prompts(reader, prep, tmp, skip_invalid)
+        seed = getattr(params, "seed", None)
+        seed = seed if seed is not None else secrets.randbits(63)
+        meta = {
+            "id": job_id,
+            "name": name,
+            "kind": kind,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "priority": priority,
+            "runner_version": __version__,
+            "model": model,
+            "model_fingerprint": model_fingerprint(model, config),
+            "context_window": window,
+            "embedding_dim": _hidden_size(config) if kind == "embed" else None,
+            "input": {
+                "path": str(input_path.resolve()),
+                "sha256": identity["input_sha256"],
+                "rows": written.rows,
+                "invalid": written.invalid,
+                "prompt_field": prompt_field,
+                "template": template,
+                "truncate": truncate,
+                "json_columns": written.json_columns,
+                "renamed_columns": written.renamed,
+            },
+            "params": params.to_dict(),
+            "seed": seed,
+            "engine": options.to_dict(),
+            "fingerprint": _fingerprint(identity),
+        }
         storage.write_json(tmp / JOB_FILE, meta)
         if target.exists():
             target.rmdir()  # an empty -o folder the user made beforehand (anything else was refused above)
@@ -341,7 +294,7 @@ def create_job(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     job = Job(target, meta)
-    job.log(f"created {kind} job {job_id}: {len(kept)} rows x {job.samples} samples, model {model}")
+    job.log(f"created {kind} job {job_id}: {written.rows} rows x {job.samples} samples, model {model}")
     return job
 
 
@@ -350,51 +303,370 @@ def _hidden_size(config: Any) -> int | None:
     return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
 
 
+# --- the prompts file, a chunk at a time -----------------------------------------------------------------
+
+
+@dataclass
+class _Written:
+    rows: int
+    invalid: int
+    json_columns: list[str]
+    renamed: dict[str, str]
+
+
+class _Problems:
+    """Every invalid row of the file: counted, the first `PROBLEMS_KEPT` held for the error message, and, when
+    the valid rows run anyway (--skip-invalid), each written to errors.jsonl as it is found, so a file with
+    millions of bad rows needs no memory for them."""
+
+    def __init__(self, errors_path: Path | None):
+        self.count = 0
+        self.kept: list[Problem] = []
+        self.path = errors_path
+
+    def add(self, problems: list[Problem]) -> None:
+        if not problems:
+            return
+        self.count += len(problems)
+        self.kept.extend(problems[: max(0, PROBLEMS_KEPT - len(self.kept))])
+        if self.path is not None:
+            storage.append_line(self.path, "\n".join(
+                json.dumps({"id": p.id, "line": p.line, "field": p.field, "stage": "validate",
+                            "error": "invalid_input", "message": p.message}, ensure_ascii=False)
+                for p in problems
+            ))  # fmt: skip
+
+
+def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_invalid: bool) -> _Written:
+    """Read, check and tokenize the input a chunk at a time and write prompts.parquet into `folder` one row
+    group per chunk. Raises InputError (after reading the whole file, so that every problem is listed) when
+    a row is invalid and not `skip_invalid`, or when no row is valid.
+
+    Once such a refusal is certain, later chunks are only validated: nothing will be written, and the file's
+    own problems come back as fast as reading allows (as before streaming, when a file with invalid rows was
+    refused before any tokenizing)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    problems = _Problems(folder / "errors.jsonl" if skip_invalid else None)
+    columns = _Passthrough(prep.kind, prep.fixed_names)
+    writer: pq.ParquetWriter | None = None
+    rows = 0
+    try:
+        for chunk in reader.chunks(ROW_GROUP_ROWS):
+            columns.register(chunk.columns)
+            if problems.count and not skip_invalid:
+                problems.add(chunk.problems)
+                continue
+            prepared, token_problems = prep.prepare(reader.name, chunk.rows)
+            problems.add(sorted(chunk.problems + token_problems, key=lambda p: p.line))
+            if not prepared or (problems.count and not skip_invalid):
+                continue
+            table = prep.table(prepared, rows)
+            extra = columns.arrays([row for row, *_ in prepared])
+            if writer is None:
+                columns.freeze()
+                schema = pa.schema([*table.schema, *columns.fields()])
+                writer = pq.ParquetWriter(folder / PROMPTS, schema, compression="zstd")
+            for f, arr in zip(columns.fields(), columns.written_arrays(extra, len(prepared)), strict=True):
+                table = table.append_column(f, arr)
+            writer.write_table(table, row_group_size=len(prepared))
+            rows += len(prepared)
+    finally:
+        if writer is not None:
+            writer.close()
+    if not rows and not problems.count:
+        problems.add([Problem(reader.name, 0, None, "the file has no rows")])
+    if problems.count and (not skip_invalid or not rows):
+        header = f"no valid rows in {reader.name}" if skip_invalid else None
+        raise InputError(problems.kept, header=header, total=problems.count)
+    if columns.rewrite:
+        _rewrite_passthrough(reader, folder / PROMPTS, columns)
+    return _Written(rows, problems.count, columns.json_columns(), columns.renamed())
+
+
+class _Passthrough:
+    """The passthrough columns: their names in the results, and their Arrow types, decided across chunks as
+    one `pa.array` call over the whole column decides them: ints and floats make floats, nulls go with
+    anything, structs merge their fields; a column whose values share no type is JSON text in every row.
+
+    prompts.parquet is opened with the types of the first chunk. A later chunk that needs another type or
+    brings a new column cannot change the row groups already written: from then on the passthrough columns
+    are written as nulls and `rewrite` is set, and `_rewrite_passthrough` fills them in at the end, reading
+    the values from the input again. A file whose columns keep their types (the usual case) is written once."""
+
+    def __init__(self, kind: str, fixed: tuple[str, ...]):
+        self.kind, self.fixed = kind, fixed
+        self.types: dict[str, Any] = {}  # input name -> Arrow type so far (None: JSON text), first-seen order
+        self.out: dict[str, str] = {}  # input name -> name in prompts.parquet and the results
+        self.frozen: dict[str, Any] | None = None  # the types prompts.parquet was opened with
+        self.rewrite = False
+
+    def register(self, names: list[str]) -> None:
+        import pyarrow as pa
+
+        for col in names:
+            if col in self.types:
+                continue
+            self.types[col] = pa.null()
+            # An input column named like an output column (say `text`) keeps its data as `input_text`.
+            out = col
+            while out in OUTPUT_COLUMNS[self.kind] or out in self.fixed or out in self.out.values():
+                out = f"input_{out}"
+            self.out[col] = out
+
+    def arrays(self, rows: list[PromptRow]) -> dict[str, Any]:
+        """This chunk's column arrays, with the types updated by its values."""
+        out = {}
+        for col, typ in self.types.items():
+            values = [r.extra.get(col) for r in rows]
+            arr = _infer_array(values) if typ is not None else None
+            merged = _unify(typ, arr.type) if arr is not None else None
+            if merged is None:
+                self.types[col] = None
+                out[col] = _json_array(values)
+            else:
+                self.types[col] = merged
+                out[col] = arr if arr.type == merged else _cast(arr, values, merged)
+        return out
+
+    def freeze(self) -> None:
+        self.frozen = dict(self.types)
+
+    def fields(self) -> list[Any]:
+        import pyarrow as pa
+
+        assert self.frozen is not None
+        return [pa.field(self.out[c], t if t is not None else pa.string()) for c, t in self.frozen.items()]
+
+    def written_arrays(self, arrays: dict[str, Any], n: int) -> list[Any]:
+        """The arrays to write under the frozen types: this chunk's own while every column keeps its type,
+        nulls once a type has changed (the rewrite fills them in)."""
+        import pyarrow as pa
+
+        self.rewrite = self.rewrite or self.types != self.frozen
+        if self.rewrite:
+            return [pa.nulls(n, f.type) for f in self.fields()]
+        return [arrays[c] for c in self.frozen]  # type: ignore[union-attr]
+
+    def json_columns(self) -> list[str]:
+        return [self.out[c] for c, t in self.types.items() if t is None]
+
+    def renamed(self) -> dict[str, str]:
+        return {c: o for c, o in self.out.items() if c != o}
+
+
+def _infer_array(values: list[Any]) -> Any:
+    """`pa.array(values)`, or None when the values share no Arrow type."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return None
+
+
+def _unify(a: Any, b: Any) -> Any:
+    """The type both `a` and `b` values fit, as `pa.array` would infer it over both; None if there is none."""
+    import pyarrow as pa
+
+    if a == b:
+        return a
+    try:
+        both = [pa.schema([("c", a)]), pa.schema([("c", b)])]
+        schema = pa.unify_schemas(both, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+    return schema.field("c").type
+
+
+def _cast(arr: Any, values: list[Any], typ: Any) -> Any:
+    import pyarrow as pa
+
+    try:
+        return arr.cast(typ, safe=False)  # int -> float loses what pa.array([2**60, 0.5]) loses, no more
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return pa.array(values, typ)
+
+
+def _json_array(values: list[Any]) -> Any:
+    import pyarrow as pa
+
+    return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string())
+
+
+class _Retype(Exception):
+    """A passthrough column's values do not fit the type decided for it: make it JSON text and start over."""
+
+    def __init__(self, column: str):
+        self.column = column
+
+
+def _rewrite_passthrough(reader: PromptReader, path: Path, columns: _Passthrough) -> None:
+    """Rewrite prompts.parquet with every passthrough column in its final type, a row group at a time, taking
+    the values from the input file again (read a second time, never held whole). Only files whose columns
+    change type along the way get here."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    fixed = [f for f in pf.schema_arrow if f.name not in columns.out.values()]
+    out_path = path.with_name(f".{path.name}.rewrite")
+    while True:  # more than once only if a column's values do not fit its unified type after all
+        schema = pa.schema(fixed + [pa.field(columns.out[c], t if t is not None else pa.string())
+                                    for c, t in columns.types.items()])  # fmt: skip
+        valid = (r for r in reader.rows() if isinstance(r, PromptRow))
+        try:
+            with pq.ParquetWriter(out_path, schema, compression="zstd") as writer:
+                for g in range(pf.num_row_groups):
+                    table = pf.read_row_group(g, columns=[f.name for f in fixed])
+                    extras = []
+                    for line in table.column("line").to_pylist():
+                        row = next((r for r in valid if r.line == line), None)
+                        if row is None:
+                            raise RunnerError(f"{reader.name} changed while it was read; submit it again")
+                        extras.append(row.extra)
+                    for col, typ in columns.types.items():
+                        values = [e.get(col) for e in extras]
+                        if typ is None:
+                            arr = _json_array(values)
+                        else:
+                            try:
+                                arr = pa.array(values, typ)
+                            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+                                raise _Retype(col) from None
+                        table = table.append_column(schema.field(columns.out[col]), arr)
+                    writer.write_table(table, row_group_size=table.num_rows)
+        except _Retype as e:
+            columns.types[e.column] = None
+            continue
+        break
+    pf.close()
+    os.replace(out_path, path)
+
+
+# A row that can be done: (row, text sent to the model, token ids, index of the first token to score).
+_Prepared = tuple[PromptRow, str, list[int], int]
+
+
+class _Preparer:
+    """Turns a chunk of valid rows into what a job runs: the text sent to the model, its token ids (one
+    tokenizer call per chunk), and for scoring the first scored token; a row that cannot be done becomes a
+    Problem naming its field."""
+
+    def __init__(self, kind: str, tokenizer: Any, params: Any, window: int | None, truncate: str, field: str):
+        self.kind, self.tokenizer, self.params = kind, tokenizer, params
+        self.window, self.truncate, self.field = window, truncate, field
+        # Input columns are renamed away from every prompts.parquet column name, not only this kind's: a
+        # `continuation` column of a generation job is passed through as `input_continuation`.
+        self.fixed_names = PROMPT_COLUMNS
+
+    def prepare(self, name: str, rows: list[PromptRow]) -> tuple[list[_Prepared], list[Problem]]:
+        """The rows that can be done, as (row, text, token ids, first scored token), and the problems of
+        the others."""
+        out, problems = [], []
+        for row, result in zip(rows, self._prepare(rows), strict=True):
+            if isinstance(result, _RowProblem):
+                problems.append(Problem(name, row.line, result.field or self.field, str(result), row.id))
+            else:
+                out.append((row, *result))
+        return out, problems
+
+    def table(self, prepared: list[_Prepared], first: int) -> Any:
+        """The fixed columns of prompts.parquet for these rows; `first` is the `_row` of the first."""
+        import pyarrow as pa
+
+        rows = [p[0] for p in prepared]
+        ids = [p[2] for p in prepared]
+        columns: dict[str, Any] = {
+            ORDER: pa.array(range(first, first + len(rows)), pa.int64()),
+            "line": pa.array([r.line for r in rows], pa.int64()),
+            "id": pa.array([r.id for r in rows], pa.string()),
+            "prompt": pa.array([p[1] for p in prepared], pa.string()),
+            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+            "prompt_tokens": pa.array([len(i) for i in ids], pa.int32()),
+        }
+        if self.kind == "score":
+            columns["score_from"] = pa.array([p[3] for p in prepared], pa.int32())
+            columns["continuation"] = pa.array([r.continuation for r in rows], pa.string())
+        return pa.table(columns)
+
+    def _prepare(self, rows: list[PromptRow]) -> list[tuple[str, list[int], int] | _RowProblem]:
+        """(text sent to the model, token ids, index of the first token to score) per row, or a _RowProblem
+        naming the field when the row cannot be done."""
+        if self.kind == "score":
+            return self._prepare_score(rows)
+        from .batching import encode_many, render_prompt
+
+        texts: list[str | _RowProblem] = []
+        for row in rows:
+            try:
+                texts.append(render_prompt(row.prompt, row.messages, self.tokenizer))
+            except RunnerError as e:
+                texts.append(_RowProblem(str(e), "messages"))
+        encoded: dict[int, list[int]] = {}
+        for chat in (False, True):  # rendered chat templates hold their special tokens already
+            todo = [i for i, t in enumerate(texts) if isinstance(t, str) and bool(rows[i].messages) == chat]
+            ids = encode_many(self.tokenizer, [texts[i] for i in todo], chat)  # type: ignore[misc]
+            encoded.update(zip(todo, ids, strict=True))
+        window, params = self.window, self.params
+        generate = self.kind == "generate"
+        budget = None if window is None else window - (params.max_new_tokens if generate else 0)
+        out: list[tuple[str, list[int], int] | _RowProblem] = []
+        for i, (row, text) in enumerate(zip(rows, texts, strict=True)):
+            if isinstance(text, _RowProblem):
+                out.append(text)
+                continue
+            ids = encoded[i]
+            if budget is not None and len(ids) > budget:
+                if self.truncate != "left":
+                    need = f"; with max_new_tokens={params.max_new_tokens} it" if generate else ", which"
+                    lower = ", lower --max-new-tokens" if generate else ""
+                    out.append(_RowProblem(
+                        f"prompt is {len(ids)} tokens{need} exceeds the model's context window of {window} tokens "
+                        f"(shorten it{lower}, or pass --truncate left)",
+                        "messages" if row.messages else None,
+                    ))  # fmt: skip
+                    continue
+                ids = ids[-budget:]  # keep the end of the prompt: the part the answer follows
+            out.append(_RowProblem("prompt encodes to no tokens") if not ids else (text, ids, 0))
+        return out
+
+    def _prepare_score(self, rows: list[PromptRow]) -> list[tuple[str, list[int], int] | _RowProblem]:
+        from .scoring import split_contexts, tokenize_texts
+
+        pairs = [r for r in rows if r.continuation is not None]
+        texts = [r for r in rows if r.continuation is None]
+        split = iter(split_contexts(self.tokenizer, [(r.prompt or "", r.continuation or "") for r in pairs]))
+        plain = iter(tokenize_texts(self.tokenizer, [r.prompt or "" for r in texts],
+                                    add_bos=self.params.add_bos, add_eos=self.params.add_eos))  # fmt: skip
+        window = self.window
+        out: list[tuple[str, list[int], int] | _RowProblem] = []
+        for row in rows:
+            assert row.prompt is not None
+            if row.continuation is not None:
+                ctx, cont = next(split)
+                if window is not None and len(ctx) + len(cont) > window:
+                    if len(cont) >= window:
+                        out.append(_RowProblem(
+                            f"continuation is {len(cont)} tokens, over the context window of {window}", "continuation"
+                        ))  # fmt: skip
+                        continue
+                    ctx = ctx[len(ctx) + len(cont) - window :]  # as lm-eval: keep the end of the context
+                out.append((row.prompt, ctx + cont, len(ctx)))
+                continue
+            ids = next(plain)
+            if len(ids) < 2:
+                out.append(_RowProblem("text has no token to score (it needs a context token before it)"))
+            else:  # a text longer than the window is scored in strided windows at work time
+                out.append((row.prompt, ids, 1))
+        return out
+
+
 class _RowProblem(Exception):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
-
-
-def _prepare_row(kind: str, row: Any, tokenizer: Any, params: Any, window: int | None, truncate: str):
-    """(text sent to the model, token ids, index of the first token to score) for one row; raises
-    _RowProblem naming the field when the row cannot be done."""
-    from .batching import encode, render_prompt
-
-    if kind == "score":
-        from .scoring import split_context, tokenize_text
-
-        if row.continuation is not None:
-            ctx, cont = split_context(tokenizer, row.prompt, row.continuation)
-            if window is not None and len(ctx) + len(cont) > window:
-                if len(cont) >= window:
-                    raise _RowProblem(f"continuation is {len(cont)} tokens, over the context window of {window}",
-                                      "continuation")  # fmt: skip
-                ctx = ctx[len(ctx) + len(cont) - window :]  # as lm-eval: keep the end of the context
-            return row.prompt, ctx + cont, len(ctx)
-        ids = tokenize_text(tokenizer, row.prompt, add_bos=params.add_bos, add_eos=params.add_eos)
-        if len(ids) < 2:
-            raise _RowProblem("text has no token to score (it needs a context token before it)")
-        return row.prompt, ids, 1  # longer than the window: scored in strided windows at work time
-    try:
-        text = render_prompt(row.prompt, row.messages, tokenizer)
-    except RunnerError as e:
-        raise _RowProblem(str(e), "messages") from e
-    ids = encode(tokenizer, text, chat=row.messages is not None)
-    budget = None if window is None else window - (params.max_new_tokens if kind == "generate" else 0)
-    if budget is not None and len(ids) > budget:
-        if truncate != "left":
-            need = f"; with max_new_tokens={params.max_new_tokens} it" if kind == "generate" else ", which"
-            lower = ", lower --max-new-tokens" if kind == "generate" else ""
-            raise _RowProblem(
-                f"prompt is {len(ids)} tokens{need} exceeds the model's context window of {window} tokens "
-                f"(shorten it{lower}, or pass --truncate left)",
-                "messages" if row.messages else None,
-            )
-        ids = ids[-budget:]  # keep the end of the prompt: the part the answer follows
-    if not ids:
-        raise _RowProblem("prompt encodes to no tokens")
-    return text, ids, 0
 
 
 def _existing_job(path: Path) -> Job | None:

@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -310,8 +310,21 @@ def valid_shards(job_dir: Path) -> list[Path]:
     return found
 
 
+def done_mask(job_dir: Path, rows: int, samples: int) -> Any:
+    """Which (row, sample) pairs are in counted shards, as a [rows, samples] numpy bool array: one byte per
+    result row, where a set of (row, sample) tuples takes ~100."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    mask = np.zeros((rows, samples), dtype=bool)
+    for shard in valid_shards(job_dir):
+        t = pq.read_table(shard, columns=[ORDER, "sample"])
+        mask[t.column(ORDER).to_numpy(), t.column("sample").to_numpy()] = True
+    return mask
+
+
 def done_keys(job_dir: Path) -> set[tuple[int, int]]:
-    """(row, sample) pairs already in counted shards."""
+    """(row, sample) pairs already in counted shards (for small jobs and tests; workers use `done_mask`)."""
     import pyarrow.parquet as pq
 
     keys: set[tuple[int, int]] = set()
@@ -383,12 +396,17 @@ def load_results(source: str | os.PathLike, home: str | os.PathLike | None = Non
 
 def read_errors(job_dir: Path) -> list[dict[str, Any]]:
     """Entries of the job's errors.jsonl (rows that could not be done, with the reason)."""
+    return list(iter_errors(job_dir))
+
+
+def iter_errors(job_dir: Path) -> Iterator[dict[str, Any]]:
+    """`read_errors` one entry at a time: a big file submitted with --skip-invalid may list millions."""
     path = job_dir / "errors.jsonl"
-    out = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
             try:
-                out.append(json.loads(line))
+                yield json.loads(line)
             except ValueError:
                 continue  # a line torn by a kill mid-append
-    return out

@@ -85,28 +85,56 @@ def tokenize_text(tokenizer: Any, text: str, add_bos: bool = True, add_eos: bool
     """Token ids to score: [BOS] + text (+ [EOS]). The BOS is context only (score from index 1) so that the
     first word gets a score too; it is added once, whether or not the tokenizer adds it itself (Llama's <s>).
     add_eos scores "and then the text ends" too (gpt2-score does unless --exclude-end)."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    bos = prefix_token_id(tokenizer)
-    if add_bos and bos is not None:
-        ids = [bos, *ids]
-    if add_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    return tokenize_texts(tokenizer, [text], add_bos, add_eos)[0]
+
+
+def tokenize_texts(
+    tokenizer: Any, texts: Sequence[str], add_bos: bool = True, add_eos: bool = False
+) -> list[list[int]]:
+    """`tokenize_text` of each text, in one tokenizer call (much faster on a list with a fast tokenizer)."""
+    bos = prefix_token_id(tokenizer) if add_bos else None
+    eos = tokenizer.eos_token_id if add_eos else None
+    return [
+        ([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else [])
+        for ids in _encode_plain(tokenizer, texts)
+    ]
+
+
+def _encode_plain(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    enc = tokenizer(
+        list(texts), add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+    )
+    return [ids if isinstance(ids, list) else list(ids) for ids in enc["input_ids"]]
 
 
 def split_context(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-evaluation-harness's `_encode_pair`: trailing whitespace of the
     context moves to the start of the continuation, the pair is encoded together, and the continuation is
     whatever follows the length of the context's own encoding. An empty context becomes [BOS] (EOS)."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        continuation = context[-spaces:] + continuation
-        context = context[:-spaces]
-    enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    if not context:
-        return [prefix_token_id(tokenizer)], enc(continuation)
-    ctx = enc(context)
-    return ctx, enc(context + continuation)[len(ctx) :]
+    return split_contexts(tokenizer, [(context, continuation)])[0]
+
+
+def split_contexts(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """`split_context` of each (context, continuation) pair, with all the encoding in one tokenizer call."""
+    texts: list[str] = []
+    for context, continuation in pairs:
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            continuation = context[-spaces:] + continuation
+            context = context[:-spaces]
+        # An empty context encodes the continuation alone; otherwise the context, then context + continuation.
+        texts.extend([continuation] if not context else [context, context + continuation])
+    encoded = iter(_encode_plain(tokenizer, texts))
+    out = []
+    for context, _ in pairs:
+        if not context.rstrip():
+            out.append(([prefix_token_id(tokenizer)], next(encoded)))
+        else:
+            ctx = next(encoded)
+            out.append((ctx, next(encoded)[len(ctx) :]))
+    return out
 
 
 def fit_context(context: list[int], continuation: list[int], window: int | None) -> list[int]:

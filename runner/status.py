@@ -13,7 +13,7 @@ from . import storage
 from .jobs import Job
 from .leases import lease_is_fresh, read_lease, read_state
 from .progress import fmt_duration
-from .results import read_errors, valid_shards
+from .results import iter_errors, valid_shards
 
 
 @dataclass
@@ -54,7 +54,7 @@ def job_status(job: Job) -> JobStatus:
     lease = read_lease(job.dir)
     running = lease_is_fresh(lease)
     done = done_count(job)
-    errors = [e for e in read_errors(job.dir) if e.get("stage") != "validate"]
+    errors = sum(1 for e in iter_errors(job.dir) if e.get("stage") != "validate")  # not held: may be millions
     tps = eta = None
     name = state["state"]
     if name == "running" and not running:
@@ -63,7 +63,7 @@ def job_status(job: Job) -> JobStatus:
         tps = lease.get("tokens_per_second")
         rate = lease.get("rows_per_second")
         if rate:
-            eta = (job.total - done - len(errors)) / rate
+            eta = (job.total - done - errors) / rate
     else:
         stats_path = job.dir / "stats.json"
         if stats_path.exists():
@@ -81,7 +81,7 @@ def job_status(job: Job) -> JobStatus:
         ),
         done=done,
         total=job.total,
-        errors=len(errors),
+        errors=errors,
         invalid=int(job.meta["input"].get("invalid", 0)),
         tokens_per_second=tps,
         eta_seconds=eta,

@@ -1,8 +1,12 @@
 """Run one job: do what is not done yet, in batches, and write it out in verified shards.
 
-job folder (jobs.py) -> remaining (row, sample) pairs -> batching.plan_batches -> a `Task` per job kind
-(engine.generate, scoring.score_rows, scoring.embed_batch) -> results.write_shard every `shard_rows` rows or
-`shard_seconds` seconds -> stats.json. Which job runs, under which lease, is scheduler.py.
+job folder (jobs.py) -> windows of prompts.parquet with their remaining (row, sample) pairs ->
+batching.plan_batches -> a `Task` per job kind (engine.generate, scoring.score_rows, scoring.embed_batch) ->
+results.write_shard every `shard_rows` rows or `shard_seconds` seconds -> stats.json. Which job runs, under
+which lease, is scheduler.py.
+
+Memory is bounded by a window of `WINDOW_ROWS` prompts, not by the job: the prompts are read a window at a
+time, and what is done is one byte per (row, sample) (results.done_mask).
 
 Resuming is the normal path, not a special case: a worker always starts by asking which (row, sample) pairs are
 in counted shards and generates only the rest. Each sample's randomness is seeded from (job seed, row id,
@@ -17,7 +21,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,14 +42,16 @@ from .jobs import Job
 from .leases import Lease
 from .progress import Progress
 from .results import (
+    PROMPTS,
     GeneratedRow,
     completions_table,
-    done_keys,
-    read_errors,
+    done_mask,
+    iter_errors,
     remove_stale_temps,
     write_shard,
 )
 
+WINDOW_ROWS = 10_000  # prompts read, planned (length-sorted) and looked up at a time (at most a row group)
 SHARD_ROWS = 1000  # a shard is written at least every this many result rows...
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
 # Measured best on the 2-core CPU with grouped prefill (benchmarks/RESULTS.md); decode rows share each step's
@@ -89,7 +95,100 @@ class RunSummary:
 
 def failed_keys(job: Job) -> set[tuple[int, int]]:
     """(row, sample) pairs recorded as errors at run time: finished, with a reason, not retried."""
-    return {(e["row"], e["sample"]) for e in read_errors(job.dir) if e.get("stage") == "generate"}
+    return {(e["row"], e["sample"]) for e in iter_errors(job.dir) if e.get("stage") == "generate"}
+
+
+def failed_mask(job: Job) -> Any:
+    """`failed_keys` as a [rows, samples] numpy bool array, like results.done_mask."""
+    import numpy as np
+
+    mask = np.zeros((int(job.meta["input"]["rows"]), job.samples), dtype=bool)
+    for e in iter_errors(job.dir):
+        if e.get("stage") == "generate":
+            mask[e["row"], e["sample"]] = True
+    return mask
+
+
+def remaining_mask(job: Job) -> Any:
+    """[rows, samples] bool: the pairs neither in a counted shard nor recorded as failed."""
+    return ~(done_mask(job.dir, int(job.meta["input"]["rows"]), job.samples) | failed_mask(job))
+
+
+@dataclass
+class Window:
+    """Consecutive prompts of a job: rows `start` .. `start + len(table) - 1` of prompts.parquet."""
+
+    start: int
+    table: Any  # pa.Table, that slice of prompts.parquet
+    todo: list[tuple[int, int]]  # its (row, sample) pairs still to do, rows numbered over the whole job
+
+    def id(self, row: int) -> str:
+        return self.table.column("id")[row - self.start].as_py()
+
+    def line(self, row: int) -> int:
+        return self.table.column("line")[row - self.start].as_py()
+
+
+def windows(job: Job, remaining: Any, size: int | None = None) -> Iterator[Window]:
+    """The prompts with something left to do, `size` (default WINDOW_ROWS) rows at a time, in row order.
+    Row groups with nothing left are skipped without being read."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    size = size or WINDOW_ROWS
+    pf = pq.ParquetFile(job.dir / PROMPTS)
+    start = 0
+    for group in range(pf.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
+        if remaining[start : start + n].any():
+            at = start
+            for batch in pf.iter_batches(batch_size=size, row_groups=[group]):
+                left = remaining[at : at + batch.num_rows]
+                if left.any():
+                    r, s = np.nonzero(left)  # row-major: (row, sample) in order, as generated
+                    todo = list(zip((r + at).tolist(), s.tolist(), strict=True))
+                    yield Window(at, pa.Table.from_batches([batch]), todo)
+                at += batch.num_rows
+        start += n
+
+
+class _MaskKeys:
+    """`(row, sample) in keys` for the True cells of a [rows, samples] bool array, without listing them."""
+
+    def __init__(self, mask: Any):
+        self.mask = mask
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            r, s = key  # type: ignore[misc]
+            return 0 <= r < self.mask.shape[0] and 0 <= s < self.mask.shape[1] and bool(self.mask[r, s])
+        except (TypeError, ValueError):
+            return False
+
+
+def _keys_mask(shape: tuple[int, int], keys: Iterable[tuple[int, int]]) -> Any:
+    import numpy as np
+
+    mask = np.zeros(shape, dtype=bool)
+    for r, s in keys:
+        mask[r, s] = True
+    return mask
+
+
+def _row_id_line(job: Job, row: int) -> tuple[str, int]:
+    """(id, line) of one row of prompts.parquet, reading only the row group that holds it."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(job.dir / PROMPTS)
+    start = 0
+    for group in range(pf.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
+        if row < start + n:
+            t = pf.read_row_group(group, columns=["id", "line"])
+            return t.column("id")[row - start].as_py(), t.column("line")[row - start].as_py()
+        start += n
+    raise IndexError(f"row {row} is not in {job.dir / PROMPTS}")
 
 
 def run_job(
@@ -110,32 +209,38 @@ def run_job(
 
     What a dead worker was computing runs first, as the same batch again or one row at a time (crashes.py);
     a device error that leaves the process unusable writes what is finished and raises `DeviceError`."""
-    prompts = job.prompts()
-    ids = prompts.column("id").to_pylist()
-    lines = prompts.column("line").to_pylist()
-    input_ids = prompts.column("input_ids").to_pylist()
-    done = done_keys(job.dir) | failed_keys(job)
-    todo = [(r, s) for r in range(len(ids)) for s in range(job.samples) if (r, s) not in done]
+    import pyarrow as pa
+
+    remaining = remaining_mask(job)
     t0 = time.perf_counter()
     worker = secrets.token_hex(2)
+    win: Window | None = None  # the window being generated
 
     def say(line: str) -> None:
         if echo:
             echo(line)
         job.log(line)
 
+    def where(r: int) -> tuple[str, int]:
+        """(id, line) of row `r`: from the window at hand, else read from prompts.parquet (rare: errors)."""
+        if win is not None and win.start <= r < win.start + win.table.num_rows:
+            return win.id(r), win.line(r)
+        return _row_id_line(job, r)
+
     def row_error(r: int, s: int, error: str, message: str) -> None:
+        rid, line = where(r)
         storage.append_line(job.dir / "errors.jsonl", json.dumps(
-            {"id": ids[r], "line": lines[r], "row": r, "sample": s, "stage": "generate", "error": error,
+            {"id": rid, "line": line, "row": r, "sample": s, "stage": "generate", "error": error,
              "message": message}, ensure_ascii=False))  # fmt: skip
 
     flight = InFlight(job.dir, worker)
-    recovery = flight.recover(set(todo))
+    recovery = flight.recover(_MaskKeys(remaining))
     for (r, s), message in recovery.culprits:
         row_error(r, s, "worker_crash", message)
-        say(f"row {ids[r]} (line {lines[r]}, sample {s}) set aside in errors.jsonl: {message}")
-    if recovery.culprits:
-        todo = [k for k in todo if k not in {c for c, _ in recovery.culprits}]
+        remaining[r, s] = False
+        rid, line = where(r)
+        say(f"row {rid} (line {line}, sample {s}) set aside in errors.jsonl: {message}")
+    todo = int(remaining.sum())
     if not todo:
         flight.settle([])
         return summarize(job, 0, 0, 0.0, finished=True)
@@ -144,26 +249,38 @@ def run_job(
     if engine is None:
         say(f"loading model {job.meta['model']} ...")
         engine = Engine(job.meta["model"], job.options)
-    task = make_task(job, engine, prompts)
     # Stated in every shard too, so a results file says how it was made (e.g. whether BOS/EOS were scored).
     params_json = json.dumps({**job.meta["params"], "model": job.meta["model"]}, ensure_ascii=False)
     budget = job.options.max_batch_tokens or default_batch_tokens(engine)
-    suspected = {k for x in recovery.first + recovery.last for k in x.keys}
-    rest = [k for k in todo if k not in suspected]
-    plan = plan_batches(
-        [len(input_ids[r]) for r, _ in rest], default_batch_size(engine, job.options), budget, task.new_tokens
-    )
-    # (keys, the suspect they are): what a dead worker was computing first, then the batches, then keys that
-    # already died alone once, so that a row which kills workers holds up no other row.
-    steps: list[tuple[list[tuple[int, int]], Suspect | None]] = [
-        *((x.keys, x) for x in recovery.first),
-        *(([rest[i] for i in batch], None) for batch in plan),
-        *((x.keys, x) for x in recovery.last),
-    ]
-    pending = recovery.first + recovery.last  # suspects not run yet, in the order they run
+    batch_size = default_batch_size(engine, job.options)
+    rest = remaining.copy()
+    for x in recovery.first + recovery.last:
+        for r, s in x.keys:
+            rest[r, s] = False
+
+    def suspects(
+        group: list[Suspect],
+    ) -> Iterator[tuple[Window, Task, list[tuple[int, int]], Suspect | None]]:
+        for x in group:
+            only = _keys_mask(remaining.shape, x.keys)
+            for w in windows(job, only):
+                yield w, make_task(job, engine, w.table, w.start), w.todo, x
+
+    def plan() -> Iterator[tuple[Window, Task, list[tuple[int, int]], Suspect | None]]:
+        """What a dead worker was computing first, then each window's remaining pairs in batches planned
+        within the window (length-sorted, budgeted), then keys that already died alone once, so that a row
+        which kills workers holds up no other row."""
+        yield from suspects(recovery.first)
+        for w in windows(job, rest):
+            task = make_task(job, engine, w.table, w.start)
+            lengths = w.table.column("prompt_tokens").to_pylist()
+            sizes = [lengths[r - w.start] for r, _ in w.todo]
+            for batch in plan_batches(sizes, batch_size, budget, task.new_tokens):
+                yield w, task, [w.todo[i] for i in batch], None
+        yield from suspects(recovery.last)
+
     say(
-        f"job {job.id}: {len(todo):,} of {job.total:,} rows to {job.kind} in {len(steps):,} batches "
-        f"on {engine.device} ({_dtype_name(engine)})"
+        f"job {job.id}: {todo:,} of {job.total:,} rows to {job.kind} on {engine.device} ({_dtype_name(engine)})"
     )
     if recovery.retried_batch:
         say(f"a worker died while computing a batch of {len(recovery.first[0].keys)} rows (most likely it was "
@@ -175,19 +292,24 @@ def run_job(
     if recovery.last:
         say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them alone "
             "again at the end")  # fmt: skip
+    suspected = recovery.first + recovery.last  # suspects not run yet, in the order they run
 
-    def compute(keys: list[tuple[int, int]]) -> list[Any]:
-        row_fault([ids[r] for r, _ in keys])
-        outcomes = list(task.compute(keys))
-        # The engine checks the log-probs it samples from; this checks everything that would be written
-        # (prompt log-probs, alternatives, scores, vectors), so no NaN ever reaches a shard.
-        bad = [i for i, out in enumerate(outcomes) if not task.finite(out)]
-        if bad:
-            raise NumericalError(bad)
-        return outcomes
+    def checked(task: Task, w: Window) -> Callable[[list[tuple[int, int]]], list[Any]]:
+        def compute(keys: list[tuple[int, int]]) -> list[Any]:
+            row_fault([w.id(r) for r, _ in keys])
+            outcomes = list(task.compute(keys))
+            # The engine checks the log-probs it samples from; this checks everything that would be written
+            # (prompt log-probs, alternatives, scores, vectors), so no NaN ever reaches a shard.
+            bad = [i for i, out in enumerate(outcomes) if not task.finite(out)]
+            if bad:
+                raise NumericalError(bad)
+            return outcomes
 
-    progress = Progress(job.total, job.total - len(todo), echo=say, interval=progress_interval)
-    buffer: list[GeneratedRow] = []
+        return compute
+
+    progress = Progress(job.total, job.total - todo, echo=say, interval=progress_interval)
+    buffer: list[GeneratedRow] = []  # the window's results, rows numbered within it
+    tables: list[Any] = []  # result tables of earlier windows, not in a shard yet
     last_flush = time.perf_counter()
     generated = tokens = errors = retried = 0
 
@@ -196,17 +318,27 @@ def run_job(
     def token_text(ids: list[int]) -> list[str]:
         return engine.tokenizer.batch_decode([[i] for i in ids])
 
-    def flush() -> None:
-        nonlocal buffer, last_flush, lost
+    def collect() -> None:
+        """The window's results as a table, while its prompts (passthrough columns) are at hand."""
+        nonlocal buffer
         if buffer:
+            assert win is not None and win_task is not None
+            tables.append(win_task.table(win.table, buffer, token_text))
+            buffer = []
+
+    def flush() -> None:
+        nonlocal tables, last_flush, lost
+        collect()
+        if tables:
+            rows = sum(t.num_rows for t in tables)
             if lease is not None and not lease.held():
                 # Another worker took the job over (ours went stale): its plan includes these rows.
                 lost = True
-                say(f"lease on job {job.id} was taken over by another worker; {len(buffer)} rows discarded")
+                say(f"lease on job {job.id} was taken over by another worker; {rows} rows discarded")
             else:
-                table = task.table(prompts, buffer, token_text)
+                table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
                 write_shard(job.dir, table, worker, {"job": job.id, "kind": job.kind, "params": params_json})
-            buffer = []
+            tables = []
         last_flush = time.perf_counter()
 
     def device_failed(e: Exception, keys: list[tuple[int, int]], suspect: Suspect | None) -> DeviceError:
@@ -214,14 +346,15 @@ def run_job(
         failed alone: conclusive), write the finished rows, and say what to do, in one line."""
         cause = first_line(e)
         crashes = suspect.crashes if suspect is not None else 0
-        flight.running(keys, pending, crashes=crashes, error=cause)
+        flight.running(keys, suspected, crashes=crashes, error=cause)
         again = "run `runner work` (or the same `runner run`) again"
         if len(keys) == 1:  # alone: conclusive
             r, s = keys[0]
+            rid, line = where(r)
             row_error(r, s, "worker_crash", device_crash_message(cause))
-            flight.settle(pending)
+            flight.settle(suspected)
             message = (
-                f"row {ids[r]} (line {lines[r]}, sample {s}) of job {job.id} makes the device fail on its own "
+                f"row {rid} (line {line}, sample {s}) of job {job.id} makes the device fail on its own "
                 f"({cause}); it is set aside in errors.jsonl. This process cannot use the device any more: "
                 f"{again} to carry on"
             )
@@ -240,7 +373,8 @@ def run_job(
     stopped = False
     slowest = 0.0
     iso = Isolation()
-    for keys, suspect in steps:
+    win_task: Task | None = None
+    for batch_win, task, keys, suspect in plan():
         if (
             lost
             or (should_stop is not None and should_stop())
@@ -248,21 +382,23 @@ def run_job(
         ):
             stopped = True
             break
+        if batch_win is not win:
+            collect()  # the results so far become a table while their window's prompts are at hand
+            win, win_task = batch_win, task
         started = time.perf_counter()
-        if suspect is not None:
-            pending.remove(suspect)
-        flight.running(keys, pending, crashes=suspect.crashes if suspect is not None else 0)
+        if suspect is not None and suspect in suspected:
+            suspected.remove(suspect)
+        flight.running(keys, suspected, crashes=suspect.crashes if suspect is not None else 0)
         try:
-            outcomes = _isolating(engine, compute, keys, iso)
+            outcomes = _isolating(engine, checked(task, batch_win), keys, iso)
         except BaseException as e:
             if not (isinstance(e, Exception) and is_device_error(e)):
-                flight.settle(([suspect] if suspect is not None else []) + pending)  # not a crash
+                flight.settle(([suspect] if suspect is not None else []) + suspected)  # not a crash
                 raise
             raise device_failed(e, keys, suspect) from None
         for r, s in iso.float32_retried[retried:]:
-            say(
-                f"row {ids[r]} (sample {s}): non-finite logits in {_dtype_name(engine)}; recomputed in float32"
-            )
+            rid, _ = where(r)
+            say(f"row {rid} (sample {s}): non-finite logits in {_dtype_name(engine)}; recomputed in float32")
         retried = len(iso.float32_retried)
         batch_tokens = 0
         for (r, s), out in zip(keys, outcomes, strict=True):
@@ -270,15 +406,18 @@ def run_job(
                 errors += 1
                 row_error(r, s, out.error, out.message)
             else:
-                buffer.append(GeneratedRow(r, s, out))
+                buffer.append(GeneratedRow(r - batch_win.start, s, out))
                 generated += 1
                 batch_tokens += task.tokens(out)
-        flight.settle(pending)  # the outcome is buffered: these keys are no longer in flight
+        flight.settle(suspected)  # the outcome is buffered: these keys are no longer in flight
         tokens += batch_tokens
         progress.update(len(keys), batch_tokens)
         slowest = max(slowest, time.perf_counter() - started)
         fault_point("after_generate")
-        if len(buffer) >= shard_rows or time.perf_counter() - last_flush >= shard_seconds:
+        if (
+            len(buffer) + sum(t.num_rows for t in tables) >= shard_rows
+            or time.perf_counter() - last_flush >= shard_seconds
+        ):
             flush()
             if lease is not None:
                 lease.info.update(
@@ -292,7 +431,7 @@ def run_job(
     flush()
     stopped = stopped or lost
     if not lost:  # a worker that took the job over owns the record now
-        flight.settle(pending)
+        flight.settle(suspected)
     seconds = time.perf_counter() - t0
     say(progress.line())
     _record_stats(job, engine, generated, tokens, seconds, float32_retries=retried)
@@ -359,15 +498,17 @@ def _completion_finite(c: Any) -> bool:
     )
 
 
-def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
+def make_task(job: Job, engine: Engine, prompts: Any, start: int = 0) -> Task:
+    """The job kind's Task over `prompts`, a window of the job's prompts table whose first row is row `start`
+    of the job; `compute` takes (row, sample) keys numbered over the whole job."""
     params = job.params
     ids = prompts.column("id").to_pylist()
     input_ids = prompts.column("input_ids").to_pylist()
     if job.kind == "generate":
 
         def generate(keys: list[tuple[int, int]]) -> list[Any]:
-            seeds = [sample_seed(job.seed, ids[r], s) for r, s in keys]
-            return engine.generate([input_ids[r] for r, _ in keys], params, seeds)
+            seeds = [sample_seed(job.seed, ids[r - start], s) for r, s in keys]
+            return engine.generate([input_ids[r - start] for r, _ in keys], params, seeds)
 
         return Task(
             generate, completions_table, lambda c: len(c.token_ids), params.max_new_tokens, _completion_finite
@@ -380,7 +521,7 @@ def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
         stride = params.stride
 
         def score(keys: list[tuple[int, int]]) -> list[Any]:
-            rows = [r for r, _ in keys]
+            rows = [r - start for r, _ in keys]
             return scoring.score_rows(engine, [input_ids[r] for r in rows], [froms[r] for r in rows], stride)
 
         return Task(
@@ -388,7 +529,7 @@ def make_task(job: Job, engine: Engine, prompts: Any) -> Task:
         )
 
     def embed(keys: list[tuple[int, int]]) -> list[Any]:
-        return scoring.embed_batch(engine, [input_ids[r] for r, _ in keys], params.pooling)
+        return scoring.embed_batch(engine, [input_ids[r - start] for r, _ in keys], params.pooling)
 
     return Task(embed, lambda p, rows, _t: embed_table(p, rows), lambda v: 0, 0, _all_finite)
 
@@ -528,8 +669,9 @@ def _record_stats(
 def summarize(
     job: Job, generated: int, tokens: int, seconds: float, finished: bool, new_errors: int = 0
 ) -> RunSummary:
-    done = len(done_keys(job.dir))
-    errors = len(failed_keys(job))
+    rows, samples = int(job.meta["input"]["rows"]), job.samples
+    done = int(done_mask(job.dir, rows, samples).sum())
+    errors = int(failed_mask(job).sum())
     return RunSummary(
         job.id, done, job.total, generated, tokens, seconds, errors, finished and done + errors >= job.total
     )

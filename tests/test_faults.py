@@ -199,7 +199,7 @@ def _overflow_hook(engine, overflow_token, nan_token, calls):
 
     def hook(module, args, kwargs, output):
         ids = kwargs["input_ids"]
-        if kwargs.get("past_key_values") is not None:
+        if _cache_of(kwargs) is not None:
             return
         calls.append((ids.shape[0], output.logits.dtype))  # one per prefill: (rows, dtype)
         over = (ids == overflow_token).any(-1) & (output.logits.dtype != torch.float32)
@@ -250,7 +250,7 @@ def test_in_float32_restores_every_weight_bit_for_bit(tiny_llama, monkeypatch):
 
 
 def test_fp16_overflow_is_retried_in_float32_and_only_rows_nan_in_float32_are_errors(
-    tmp_path, words_file, half_exact_gpt2
+    tmp_path, words_file, half_exact_gpt2, monkeypatch
 ):
     from runner.leases import read_state
 
@@ -258,6 +258,9 @@ def test_fp16_overflow_is_retried_in_float32_and_only_rows_nan_in_float32_are_er
     ref, _ = runner.run(words_file, half_exact_gpt2, params, EngineOptions(dtype="float32"),
                         output=tmp_path / "fp32", echo=None)  # fmt: skip
     engine = Engine(half_exact_gpt2, EngineOptions(dtype="float16"))
+    # One prefill per batch (no length groups), so the calls below show the batch splits one for one.
+    monkeypatch.setattr(engine, "prefill_tokens", 10**9)
+    monkeypatch.setattr("runner.engine.PREFILL_MIN_FILL", 0.0)
     overflow, nan = _trigger_tokens(ref, ["r1", "r4"])
     calls = []
     hook = _overflow_hook(engine, overflow, nan, calls)
@@ -321,7 +324,7 @@ def test_nan_prompt_logprobs_are_never_written(tmp_path, words_file, tiny_gpt2):
     trigger = _trigger_tokens(create_job(words_file, tiny_gpt2, job_dir=tmp_path / "probe"), ["r3"])[0]
 
     def hook(module, args, kwargs, output):
-        if kwargs.get("past_key_values") is None:
+        if _cache_of(kwargs) is None:
             # the logits that predict the last prompt token: a real position even with left padding
             output.logits[(kwargs["input_ids"] == trigger).any(-1), -2, :] = float("nan")
 
@@ -335,3 +338,8 @@ def test_nan_prompt_logprobs_are_never_written(tmp_path, words_file, tiny_gpt2):
     assert all(math.isfinite(x) for lps in df["prompt_logprobs"] for x in lps[1:])  # the first is null
     (error,) = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
     assert error["id"] == "r3" and "in float32" in error["message"]
+
+
+def _cache_of(kwargs):
+    """The KV cache a forward call got (`cache` in transformers 5, `past_key_values` before): None in prefill."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner import InputError, ParamError
-from runner.inputs import Template, read_prompts
+from runner.inputs import PromptReader, SeenIds, Template, read_prompts
 
 
 def write_jsonl(path, lines):
@@ -171,3 +171,44 @@ def test_missing_file_and_unknown_type(tmp_path):
     assert "no such file" in problems_of(tmp_path / "nope.jsonl")[0][0]
     with pytest.raises(ParamError, match=r"unknown file type '\.txt'"):
         read_prompts(tmp_path / "p.txt")
+
+
+def test_seen_ids_finds_every_repeat_and_its_first_line():
+    import random
+
+    rng = random.Random(1)
+    for _ in range(200):
+        ids = [str(rng.randint(0, rng.choice([5, 50, 1000]))) for _ in range(rng.randint(0, 300))]
+        seen, first, got, want = SeenIds(), {}, [], []
+        pos = 0
+        while pos < len(ids):  # chunks of random sizes: repeats within a chunk and across chunks
+            part = ids[pos : pos + rng.randint(1, 40)]
+            lines = list(range(pos + 1, pos + 1 + len(part)))
+            got += seen.add(part, lines)
+            for i, line in zip(part, lines, strict=True):
+                want.append(first.get(i))
+                first.setdefault(i, line)
+            pos += len(part)
+        assert got == want and len(seen) == len(first)
+
+
+def test_chunks_report_duplicates_across_chunks_in_line_order(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [
+        '{"id": "a", "prompt": "1"}', '{"id": "b", "prompt": "2"}', "{oops",
+        '{"id": "a", "prompt": "4"}', '{"id": "c", "prompt": "5"}', '{"id": "c", "prompt": "6"}',
+        '{"id": "b", "prompt": 7}', '{"id": "b", "prompt": "8"}',
+    ])  # fmt: skip
+    chunks = list(PromptReader(f).chunks(3))
+    assert [[r.line for r in c.rows] for c in chunks] == [
+        [1, 2],
+        [5],
+        [],
+    ]
+    problems = [str(p).split("p.jsonl:")[1] for c in chunks for p in c.problems]
+    assert problems == [
+        "3: invalid JSON (Expecting property name enclosed in double quotes)",
+        "4: id: duplicate id 'a' (first on line 1)",
+        "6: id: duplicate id 'c' (first on line 5)",
+        "7: prompt: must be a string, got number",
+        "8: id: duplicate id 'b' (first on line 2)",
+    ]

@@ -8,12 +8,14 @@ import signal
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import workers
 
 import runner
+import runner.jobs as jobs
 from runner import EngineOptions, GenerationParams
-from runner.jobs import create_job
+from runner.jobs import Job, create_job
 from runner.leases import read_state
 from runner.results import valid_shards
 from runner.worker import run_job
@@ -37,6 +39,17 @@ def prepared(tmp_path_factory, tiny_gpt2):
     ref_job = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "reference")
     run_job(ref_job, echo=None)
     return template.dir, runner.load_results(ref_job.dir)
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory, prepared, tiny_gpt2):
+    """The same job with its prompts in row groups of 5, so a worker goes through it in 5 windows."""
+    root = tmp_path_factory.mktemp("kill-windows")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(jobs, "ROW_GROUP_ROWS", 5)
+        job = create_job(Job.open(prepared[0]).meta["input"]["path"], tiny_gpt2, PARAMS, OPTIONS,
+                         job_dir=root / "template")  # fmt: skip
+    return job.dir, prepared[1]
 
 
 def fresh_home(tmp_path, prepared):
@@ -91,13 +104,17 @@ def finish(home, job_dir, ref):
     assert_exactly_once_and_equal(job_dir, ref)
 
 
-def test_sigkill_at_random_instants(tmp_path, prepared):
+def test_sigkill_at_random_instants(tmp_path, prepared, windowed):
+    """Every other round runs the job with its prompts in 5 row groups, so kills land in and between the
+    worker's windows too; the results match the run of the whole table as one window."""
     rng = random.Random(20261122)
-    kills = progressed = 0
+    kills = progressed = windowed_kills = 0
     rounds = 0
     while kills < 20:
         rounds += 1
-        home, job_dir = fresh_home(tmp_path / f"round{rounds}", prepared)
+        template = windowed if rounds % 2 == 0 else prepared
+        home, job_dir = fresh_home(tmp_path / f"round{rounds}", template)
+        assert pq.read_metadata(job_dir / "prompts.parquet").num_row_groups == (5 if rounds % 2 == 0 else 1)
         for _ in range(5):
             before = log_size(job_dir)
             proc = start_worker(home)
@@ -109,10 +126,11 @@ def test_sigkill_at_random_instants(tmp_path, prepared):
             proc.wait()
             if proc.returncode == -signal.SIGKILL:
                 kills += 1
+                windowed_kills += template is windowed
             done = assert_exactly_once_and_equal(job_dir, prepared[1], complete=False)
             progressed += done > 0
         finish(home, job_dir, prepared[1])
-    assert kills >= 20 and progressed > 0
+    assert kills >= 20 and progressed > 0 and windowed_kills > 0
 
 
 @pytest.mark.parametrize("point", ["after_generate", "mid_write", "after_shard"])

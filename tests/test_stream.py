@@ -1,0 +1,241 @@
+"""Big files in bounded memory: submit reads, checks and writes the prompts a chunk at a time, the worker reads
+them a window at a time; nothing about the results changes. Chunk and window sizes are shrunk so that a few
+thousand rows make many of them."""
+
+import json
+import tracemalloc
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import runner
+import runner.jobs as jobs
+import runner.worker as worker
+from runner import EngineOptions, GenerationParams, InputError
+from runner.jobs import Job, create_job
+from runner.results import PROMPTS, valid_shards
+from runner.worker import run_job
+
+WORDS = "the old man said that every student reads a language model slowly".split()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return path
+
+
+def rows(n, note_chars=0):
+    return [
+        {"id": f"r{i:06d}", "prompt": " ".join(WORDS[: 2 + i % 10]), "n": i, "note": "x" * note_chars}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Row groups of 64 prompts at submit, windows of 40 in the worker (so windows split row groups too)."""
+    monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 64)
+    monkeypatch.setattr(worker, "WINDOW_ROWS", 40)
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model runs fastest on one thread, and this keeps the test quick on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_memory_grows_with_the_chunk_not_the_file(
+    tmp_path, tiny_gpt2, gpt2_engine, small_chunks, one_thread, monkeypatch
+):
+    """Submit + run N and 4N rows under tracemalloc: the peak must not grow with the file. Before streaming it
+    grew by ~1.7 KB a row at submit (every row, text and token id in Python lists) and ~1.3 KB a row in the
+    worker (ids, token ids, the todo list and the done set), and this test failed on that code; now the only
+    per-row costs are 24 bytes of duplicate-id index at submit and a few bytes per (row, sample) in the
+    worker. (tracemalloc sees Python and numpy memory, not Arrow's: that the worker never reads the whole
+    prompts table is checked directly.)"""
+
+    def whole_table(self):
+        raise AssertionError("the worker read the whole prompts table")
+
+    params, options = GenerationParams(max_new_tokens=1), EngineOptions(batch_size=64)
+
+    def peaks(n):
+        # ~1 KB of passthrough text a row: a file of N rows is over 1 MB, so the input hash's 1 MB read
+        # buffer is the same for N and 4N.
+        path = write_jsonl(tmp_path / f"p{n}.jsonl", rows(n, note_chars=1000))
+        tracemalloc.start()
+        try:
+            job = create_job(path, tiny_gpt2, params, options, job_dir=tmp_path / f"job{n}")
+            submit = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            with monkeypatch.context() as m:
+                m.setattr(Job, "prompts", whole_table)
+                summary = run_job(job, gpt2_engine, echo=None, shard_rows=500)
+            work = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert summary.finished and summary.done == n
+        meta = pq.read_metadata(job.dir / PROMPTS)
+        assert meta.num_row_groups == -(-n // 64) and meta.row_group(0).num_rows == 64
+        return submit, work
+
+    peaks(100)  # first-time allocations (caches, lazy imports) are not the file's
+    n = 1000
+    submit_n, work_n = peaks(n)
+    submit_4n, work_4n = peaks(4 * n)
+    per_row = 200  # bytes a row allowed; the code before streaming used 1,300-1,700
+    assert submit_4n - submit_n < 3 * n * per_row, (submit_n, submit_4n)
+    assert work_4n - work_n < 3 * n * per_row, (work_n, work_4n)
+    df = runner.load_results(tmp_path / f"job{4 * n}")
+    assert list(df["id"]) == [f"r{i:06d}" for i in range(4 * n)] and (df["note"].str.len() == 1000).all()
+
+
+def test_stopped_between_and_inside_windows_every_row_once(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch, one_thread
+):
+    """Stop after every few batches, over and over, across windows of 3 prompts in row groups of 4 (and
+    shards of 5 rows that straddle windows): every (id, sample) ends up exactly once, with the same results as
+    an uninterrupted run of the whole file as one window."""
+    path = write_jsonl(tmp_path / "p.jsonl", rows(22))
+    params = GenerationParams(max_new_tokens=4, temperature=1.0, num_return_sequences=2, seed=3)
+    options = EngineOptions(batch_size=2)
+    ref_job = create_job(path, tiny_gpt2, params, options, job_dir=tmp_path / "ref")
+    run_job(ref_job, gpt2_engine, echo=None)
+    ref = runner.load_results(ref_job.dir)
+
+    monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(worker, "WINDOW_ROWS", 3)
+    job = create_job(path, tiny_gpt2, params, options, job_dir=tmp_path / "cut")
+    assert pq.read_metadata(job.dir / PROMPTS).num_row_groups == 6
+
+    def stop_after(batches):
+        calls = []
+        return lambda: calls.append(1) or len(calls) > batches
+
+    runs = 0
+    while True:
+        runs += 1
+        summary = run_job(
+            Job.open(job.dir), gpt2_engine, echo=None, shard_rows=5, should_stop=stop_after(1 + runs % 3)
+        )
+        if summary.finished:
+            break
+        assert runs < 100
+    assert runs > 5 and summary.done == 44
+    df = runner.load_results(job.dir)
+    keys = list(zip(df["id"], df["sample"], strict=True))
+    assert len(keys) == len(set(keys)) == 44
+    cols = ["id", "sample", "text", "token_ids", "n"]
+    assert df[cols].to_json() == ref[cols].to_json()
+    assert sum(pq.read_metadata(s).num_rows for s in valid_shards(job.dir)) == 44
+
+
+# A column per way of changing type between chunks of 4 rows.
+def changing_rows():
+    out = []
+    for i in range(12):
+        chunk = i // 4
+        out.append({
+            "id": f"c{i}",
+            "prompt": f"row {i}",
+            "num": i if chunk == 0 else i + 0.5,  # int, then float: float for every row
+            "tag": "a" if chunk < 2 else 7,  # string, then number: JSON text for every row
+            "sparse": None if chunk == 0 else i,  # null, then int
+            "obj": {"a": i} if chunk == 0 else {"b": str(i)},  # struct fields merge
+            "late": f"late {i}" if chunk == 2 else None,  # absent in the first chunks
+            "steady": f"s{i}",
+            "text": f"input {i}",  # named like an output column: passed through as input_text
+            **({"new": [i, i]} if i == 10 else {}),  # a column that appears in the last chunk
+        })  # fmt: skip
+    return out
+
+
+def whole_file_column(values):
+    """What the code before streaming stored: one pa.array over the whole column, or JSON text for all."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+
+
+def test_passthrough_columns_that_change_type_between_chunks(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch, one_thread
+):
+    data = changing_rows()
+    path = write_jsonl(tmp_path / "p.jsonl", data)
+    monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 4)
+    job, summary = runner.run(path, tiny_gpt2, GenerationParams(max_new_tokens=1), output=tmp_path / "out",
+                              engine=gpt2_engine, echo=None)  # fmt: skip
+    assert summary.finished
+    prompts = pq.read_table(job.dir / PROMPTS)
+    assert pq.read_metadata(job.dir / PROMPTS).num_row_groups == 3
+    names = ["num", "tag", "sparse", "obj", "late", "steady", "input_text", "new"]
+    assert prompts.column_names[6:] == names
+    for name in names:
+        col = "text" if name == "input_text" else name
+        assert prompts.column(name).combine_chunks() == whole_file_column([r.get(col) for r in data]), name
+    assert prompts.schema.field("num").type == pa.float64() and prompts.column("tag")[0].as_py() == '"a"'
+    assert job.meta["input"]["json_columns"] == ["tag"]
+    assert job.meta["input"]["renamed_columns"] == {"text": "input_text"}
+    df = runner.load_results(job.dir)
+    assert list(df["num"]) == [r["num"] for r in data] and list(df["tag"]) == ['"a"'] * 8 + ["7"] * 4
+    assert df["obj"][5] == {"a": None, "b": "5"} and df["new"][10].tolist() == [10, 10]
+
+    # One chunk for the whole file gives the same prompts table.
+    monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 1000)
+    whole = create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=1), job_dir=tmp_path / "whole")
+    assert pq.read_table(whole.dir / PROMPTS).equals(prompts)
+
+
+def test_columns_that_keep_their_types_are_written_once(tmp_path, tiny_gpt2, monkeypatch):
+    def no_rewrite(*a, **kw):
+        raise AssertionError("prompts.parquet was rewritten")
+
+    monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(jobs, "_rewrite_passthrough", no_rewrite)
+    data = [
+        {"prompt": f"row {i}", "mixed": [1, "x"] if i % 2 else "y", "f": 0.5 if i == 0 else i, "none": None}
+        for i in range(10)
+    ]  # JSON text from the first chunk on; float first, then ints; never a value
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", data), tiny_gpt2, job_dir=tmp_path / "job")
+    prompts = job.prompts()
+    assert prompts.column("mixed").to_pylist()[:2] == ['"y"', '[1, "x"]']
+    assert prompts.column("f").to_pylist() == [0.5] + [float(i) for i in range(1, 10)]
+    assert prompts.schema.field("none").type == pa.null()
+
+
+def test_problems_are_counted_all_kept_few_and_listed_in_order(tmp_path, tiny_gpt2, monkeypatch):
+    monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 5)
+    monkeypatch.setattr(jobs, "PROBLEMS_KEPT", 10)
+    lines = []
+    for i in range(60):
+        if i % 3 == 0:
+            lines.append('{"prompt": 1}')
+        elif i == 7:
+            lines.append(json.dumps({"id": "dup", "prompt": " ".join(["word"] * 300)}))  # too long
+        elif i in (8, 52):
+            lines.append(json.dumps({"id": "dup", "prompt": "again"}))  # line 8's id (too long, but valid)
+        else:
+            lines.append(json.dumps({"id": f"ok{i}", "prompt": "fine"}))
+    path = write_jsonl(tmp_path / "p.jsonl", lines)
+    with pytest.raises(InputError) as info:
+        create_job(path, tiny_gpt2)
+    e = info.value
+    # Every third row and the duplicate ids (lines 9 and 53) are counted; once line 1 has made the file a
+    # refusal, later chunks are only validated, not tokenized, so line 8 (too long) is not looked at.
+    assert e.total == 20 + 2 and len(e.problems) == 10
+    assert str(e).startswith("22 invalid row(s); nothing was run:") and "... and 12 more problems" in str(e)
+    job = create_job(path, tiny_gpt2, skip_invalid=True)
+    errors = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    assert [x["line"] for x in errors] == sorted([i + 1 for i in range(0, 60, 3)] + [8, 9, 53])
+    assert {x["line"]: x["message"] for x in errors}[53] == "duplicate id 'dup' (first on line 8)"
+    assert "exceeds the model's context window" in {x["line"]: x["message"] for x in errors}[8]
+    assert job.meta["input"]["invalid"] == 23 and job.meta["input"]["rows"] == 37
