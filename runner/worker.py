@@ -93,13 +93,9 @@ class RunSummary:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def failed_keys(job: Job) -> set[tuple[int, int]]:
-    """(row, sample) pairs recorded as errors at run time: finished, with a reason, not retried."""
-    return {(e["row"], e["sample"]) for e in iter_errors(job.dir) if e.get("stage") == "generate"}
-
-
 def failed_mask(job: Job) -> Any:
-    """`failed_keys` as a [rows, samples] numpy bool array, like results.done_mask."""
+    """[rows, samples] bool: the pairs recorded as errors at run time (finished, with a reason, not retried),
+    like results.done_mask."""
     import numpy as np
 
     mask = np.zeros((int(job.meta["input"]["rows"]), job.samples), dtype=bool)

@@ -6,7 +6,7 @@ import json
 import signal
 
 import pytest
-from workers import run_worker
+from workers import reference_run, run_worker
 
 import runner
 from runner import EngineOptions, GenerationParams
@@ -25,13 +25,8 @@ BAD = "r07"
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_gpt2):
-    root = tmp_path_factory.mktemp("crash")
-    prompts = root / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"r{i:02d}", "prompt": f"The old man said {i} times"}) + "\n"
-                               for i in range(N_ROWS)))  # fmt: skip
-    ref = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "reference")
-    run_job(ref, echo=None)
-    return prompts, runner.load_results(ref.dir)
+    rows = [(f"r{i:02d}", f"The old man said {i} times") for i in range(N_ROWS)]
+    return reference_run(tmp_path_factory.mktemp("crash"), tiny_gpt2, rows, PARAMS, OPTIONS)
 
 
 @pytest.fixture

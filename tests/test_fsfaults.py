@@ -1,7 +1,6 @@
 """The job home misbehaving under a whole job: slow, renames that are really copy + delete (killed half way),
 and writes that fail for good. Every row ends up in the results exactly once; a shard never counts twice."""
 
-import json
 import os
 import signal
 import time
@@ -9,7 +8,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from fsfaults import FsFaults, command
-from workers import run_worker
+from workers import reference_run, run_worker
 
 import runner
 from runner import EngineOptions, GenerationParams
@@ -18,7 +17,6 @@ from runner.leases import read_state
 from runner.results import ORDER, valid_shards
 from runner.scheduler import work
 from runner.status import job_status
-from runner.worker import run_job
 
 N_ROWS = 6
 PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, seed=11)
@@ -27,13 +25,8 @@ OPTIONS = EngineOptions(batch_size=2)
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_gpt2):
-    root = tmp_path_factory.mktemp("fs")
-    prompts = root / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Every student reads {i} books"}) + "\n"
-                               for i in range(N_ROWS)))  # fmt: skip
-    ref = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "reference")
-    run_job(ref, echo=None)
-    return prompts, runner.load_results(ref.dir)
+    rows = [(f"r{i}", f"Every student reads {i} books") for i in range(N_ROWS)]
+    return reference_run(tmp_path_factory.mktemp("fs"), tiny_gpt2, rows, PARAMS, OPTIONS)
 
 
 @pytest.fixture

@@ -34,3 +34,19 @@ def run_worker(home, *extra, timeout=120, **kw) -> tuple[int, str]:
     proc = start_worker(home, *extra, **kw)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
+
+
+def reference_run(root: Path, model: str, texts: list[tuple[str, str]], params, options):
+    """Write (id, prompt) rows to ROOT/p.jsonl and run them as one uninterrupted job: the prompts file and
+    the results every faulted run of the same prompts must equal."""
+    import json
+
+    import runner
+    from runner.jobs import create_job
+    from runner.worker import run_job
+
+    prompts = root / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in texts))
+    ref = create_job(prompts, model, params, options, job_dir=root / "reference")
+    run_job(ref, echo=None)
+    return prompts, runner.load_results(ref.dir)
