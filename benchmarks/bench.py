@@ -441,6 +441,49 @@ def run_pipeline(
     return gens, prompts, seconds
 
 
+LEVERS = {
+    "onednn": "oneDNN for decode matmuls (runner/kernels.py)",
+    "fused_gelu": "fused GELU for gelu_new (runner/kernels.py)",
+    "grouped_decode": "decode attention per length group (kvcache.GroupedCache)",
+    "prefill_and_cache": "grouped prefill + in-place KV cache (kvcache.GrowingLayer)",
+}
+
+
+@contextlib.contextmanager
+def levers_off(engine, *which: str):
+    """The engine with some of its speed levers switched off (see LEVERS), restored on exit. With all of them
+    off and attention back to plain sdpa, `engine.model` is the model exactly as transformers loaded it."""
+    import runner.engine as engine_mod
+    from runner import kernels
+
+    model = engine.model
+    swapped = [
+        k for lever, k in (("onednn", "onednn_linear"), ("fused_gelu", "fused_gelu")) if lever in which
+    ]
+    saved = (engine.prefill_tokens, engine._merge_caches, engine._grouped, engine_mod.PREFILL_MIN_FILL)
+    attn = model.config._attn_implementation
+    try:
+        kernels.uninstall(model, tuple(swapped))
+        if "grouped_decode" in which:
+            engine._grouped = False
+        if "prefill_and_cache" in which:
+            engine.prefill_tokens, engine._merge_caches, engine_mod.PREFILL_MIN_FILL = 10**12, False, 0.0
+        if "attention" in which and attn != "sdpa":
+            model.set_attn_implementation("sdpa")
+        yield
+    finally:
+        engine.prefill_tokens, engine._merge_caches, engine._grouped, engine_mod.PREFILL_MIN_FILL = saved
+        if model.config._attn_implementation != attn:
+            model.set_attn_implementation(attn)
+        if swapped:
+            kernels.install(model)
+
+
+def plain_transformers(engine):
+    """`engine.model` as transformers loaded it (sdpa, MKL linears): for the naive and pipeline baselines."""
+    return levers_off(engine, *LEVERS, "attention")
+
+
 def run_runner(engine, ids, n_new, batch_size, budget) -> tuple[list[list[int]], float, list[list[int]]]:
     from runner.batching import plan_batches
     from runner.params import GenerationParams
@@ -567,33 +610,31 @@ def _bucketize(prof, device) -> tuple[dict[str, float], float, list[tuple[str, f
     )
 
 
-def _prefills(engine, ids, plan, padded: bool) -> float:
-    """Seconds for the prefill forward passes alone: per planned batch, left-padded as the engine does
-    (padded=True), or one prompt at a time with no padding (padded=False)."""
+def _prefills(engine, ids, plan, n_new: int, as_engine: bool) -> float:
+    """Seconds for the prompt pass alone: per planned batch as the engine does it (grouped prefill, caches
+    merged for decoding; as_engine=True), or one prompt at a time without padding (as_engine=False)."""
     import torch
 
-    from runner.batching import left_pad
-
-    groups = (
-        [[ids[i] for i in b] for b in plan] if padded else [[p] for b in plan for p in (ids[i] for i in b)]
-    )
     kw = {"logits_to_keep": 1} if engine._keep_arg else {}
     sync(engine.device)
     t = time.perf_counter()
     with torch.inference_mode():
-        for g in groups:
-            x, m = left_pad(g, engine.pad_id, engine.device)
-            pos = (m.cumsum(-1) - 1).clamp(min=0)
-            engine.model(input_ids=x, attention_mask=m, position_ids=pos, use_cache=True, **kw)
+        for batch in plan:
+            if as_engine:
+                engine._prefill([ids[i] for i in batch], n_new)
+                continue
+            for i in batch:
+                x = torch.tensor([ids[i]], device=engine.device)
+                engine.model(input_ids=x, use_cache=True, **kw)
     sync(engine.device)
     return time.perf_counter() - t
 
 
 def profile_runner(engine, ids, n_new, batch_size, budget) -> dict[str, Any]:
-    """torch.profiler over one runner pass, and over its prefill forward passes alone; decode = the difference.
+    """torch.profiler over one runner pass, and over its prompt pass alone (Engine._prefill); decode = the rest.
     Ops are bucketed by self time; 'python + framework overhead' is wall time minus all ops' self time (HF module
     code, the engine's Python loop, the dispatcher, and the profiler's own overhead). Unprofiled, also times the
-    prefills left-padded as planned vs one prompt at a time without padding."""
+    engine's prompt pass (grouped prefill + cache merge) vs one prompt at a time without padding."""
     from torch.profiler import ProfilerActivity, profile
 
     from runner.batching import plan_batches
@@ -605,7 +646,7 @@ def profile_runner(engine, ids, n_new, batch_size, budget) -> dict[str, Any]:
     total_b, total_ops, top, calls = _bucketize(prof, engine.device)
     with profile(activities=acts) as prof:
         t = time.perf_counter()
-        _prefills(engine, ids, plan, padded=True)
+        _prefills(engine, ids, plan, n_new, as_engine=True)
         pre_wall = time.perf_counter() - t
     pre_b, pre_ops, _, pre_calls = _bucketize(prof, engine.device)
     ovh = "python + framework overhead (wall - ops)"
@@ -624,8 +665,8 @@ def profile_runner(engine, ids, n_new, batch_size, budget) -> dict[str, Any]:
         "decode_steps": len(plan) * (n_new - 1),
         "buckets_seconds": rows,
         "top_ops_self_seconds": top,
-        "prefill_padded_seconds": _prefills(engine, ids, plan, padded=True),
-        "prefill_unpadded_seconds": _prefills(engine, ids, plan, padded=False),
+        "prefill_engine_seconds": _prefills(engine, ids, plan, n_new, as_engine=True),
+        "prefill_unpadded_seconds": _prefills(engine, ids, plan, n_new, as_engine=False),
     }
 
 
@@ -685,9 +726,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument(
-        "--skip-plain-engine",
-        action="store_true",
-        help="skip runner's engine without grouped prefill and in-place KV cache",
+        "--skip-plain-engine", action="store_true", help="skip runner's engine with every speed lever off"
+    )
+    ap.add_argument(
+        "--skip-ablations", action="store_true", help="skip the runs with one speed lever off at a time"
     )
     ap.add_argument(
         "--profile", action="store_true", help="torch.profiler breakdown of the runner default path"
@@ -842,7 +884,9 @@ def main(argv: list[str] | None = None) -> int:
     res["runner_defaults"] = {"batch_size": default_bs, "max_batch_tokens": budget}
     sweep = sorted({default_bs, *(int(x) for x in args.batch_sizes.split(",") if x.strip())})
     log(f"runner: default batch_size {default_bs}, token budget {budget}; sweep {sweep}")
-    run_runner(engine, ids[:4], 2, 4, budget)  # warm-up
+    # Warm-up: one whole pass, so that every runner row is timed in steady state, as in a long job (the first
+    # pass over a new shape also grows the heap: ~0.5M page faults here, 10% of a run).
+    run_runner(engine, ids, n_new, default_bs, budget)
     for bs in sweep:
         with PeakMemory(dev) as mem, Usage() as use:
             outs, secs, plan = run_runner(engine, ids, n_new, bs, budget)
@@ -850,19 +894,20 @@ def main(argv: list[str] | None = None) -> int:
         record(name, outs, secs, mem, padding_fraction(lengths, plan), len(plan), bs, usage=use)
         outputs[name] = outs
 
-    # The same engine without its prefill grouping and in-place KV cache (one padded prefill per batch, then
-    # transformers' DynamicCache, which copies the whole cache at every step): what those levers are worth.
+    # What each lever is worth, in the same run: the default path with one lever off at a time, then with all off
+    # (one padded prefill per batch, transformers' DynamicCache, the model's own layers).
+    ablations = [] if args.skip_ablations else [(f"runner default without {LEVERS[k]}", (k,)) for k in LEVERS]
     if not args.skip_plain_engine:
-        import runner.engine as engine_mod
-
-        saved = (engine.prefill_tokens, engine._merge_caches, engine_mod.PREFILL_MIN_FILL)
-        engine.prefill_tokens, engine._merge_caches, engine_mod.PREFILL_MIN_FILL = 10**12, False, 0.0
-        try:
+        ablations.append(
+            ("runner default, all levers off (one prefill + DynamicCache, stock layers)", tuple(LEVERS))
+        )
+    for name, which in ablations:
+        kernel = {"onednn": "onednn_linear", "fused_gelu": "fused_gelu"}.get(which[0])
+        if len(which) == 1 and kernel and not engine.kernels[kernel]:
+            continue  # not in use for this model and device: nothing to switch off
+        with levers_off(engine, *which):
             with PeakMemory(dev) as mem, Usage() as use:
                 outs, secs, plan = run_runner(engine, ids, n_new, default_bs, budget)
-        finally:
-            engine.prefill_tokens, engine._merge_caches, engine_mod.PREFILL_MIN_FILL = saved
-        name = "runner default, one prefill + DynamicCache"
         record(name, outs, secs, mem, padding_fraction(lengths, plan), len(plan), default_bs, usage=use)
         outputs[name] = outs
 
@@ -903,9 +948,10 @@ def main(argv: list[str] | None = None) -> int:
         pbs = args.pipeline_batch_size
         log(f"pipeline batch_size={pbs} ...")
         pipe = make_pipeline(model, model_dir, pad_id, pbs)
-        run_pipeline(pipe, texts[:2], 2, eos_ids, pad_id, dev)  # warm-up
-        with PeakMemory(dev) as mem, Usage() as use:
-            outs, p_prompts, secs = run_pipeline(pipe, texts, n_new, eos_ids, pad_id, dev)
+        with plain_transformers(engine):
+            run_pipeline(pipe, texts[:2], 2, eos_ids, pad_id, dev)  # warm-up
+            with PeakMemory(dev) as mem, Usage() as use:
+                outs, p_prompts, secs = run_pipeline(pipe, texts, n_new, eos_ids, pad_id, dev)
         p_tok = pipe.tokenizer
         p_lengths = [len(p_tok(s, add_special_tokens=True)["input_ids"]) for s in texts]
         same_inputs = all(q[len(q) - len(p) :] == p for q, p in zip(p_prompts, ids, strict=True))
@@ -928,9 +974,10 @@ def main(argv: list[str] | None = None) -> int:
     # -- naive ----------------------------------------------------------------------------------------------
     if not args.skip_naive:
         log(f"naive model.generate, one prompt at a time ({len(ids)} prompts) ...")
-        run_naive(model, ids[:1], 2, eos_ids, pad_id, dev)  # warm-up
-        with PeakMemory(dev) as mem, Usage() as use:
-            outs, secs = run_naive(model, ids, n_new, eos_ids, pad_id, dev)
+        with plain_transformers(engine):
+            run_naive(model, ids[:1], 2, eos_ids, pad_id, dev)  # warm-up
+            with PeakMemory(dev) as mem, Usage() as use:
+                outs, secs = run_naive(model, ids, n_new, eos_ids, pad_id, dev)
         record("naive generate bs=1", outs, secs, mem, 0.0, len(ids), 1, usage=use)
         outputs["naive"] = outs
 
@@ -1087,8 +1134,8 @@ def print_report(res: dict[str, Any]) -> None:
             + ", ".join(f"{k} {v:.2f}s" for k, v in prof["top_ops_self_seconds"][:10])
         )
         print(
-            f"prefill (unprofiled): left-padded as planned {prof['prefill_padded_seconds']:.2f} s = "
-            f"{prof['prefill_padded_seconds'] / run['seconds']:.0%} of the runner run ({run['seconds']:.2f} s); "
+            f"prefill (unprofiled): as the engine does it {prof['prefill_engine_seconds']:.2f} s = "
+            f"{prof['prefill_engine_seconds'] / run['seconds']:.0%} of the runner run ({run['seconds']:.2f} s); "
             f"one prompt at a time without padding {prof['prefill_unpadded_seconds']:.2f} s"
         )
 

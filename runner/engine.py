@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import kvcache
+from . import kernels, kvcache
 from .batching import left_pad
 from .errors import ModelLoadError, RunnerError
 from .params import EngineOptions, GenerationParams
@@ -38,6 +39,11 @@ DETOKENIZE_CONTEXT = 4
 # budget, then decoded as one (kvcache.py); on CPU, small groups cost no matmul efficiency and waste no padding.
 PREFILL_TOKENS_CPU, PREFILL_TOKENS_GPU = 2048, 16384
 PREFILL_MIN_FILL = 0.9  # a prefill group's real tokens / padded tokens
+# Most groups of similar length a batch is decoded in, each with its own KV cache (kvcache.GroupedCache), so that
+# decode attention does not read the padding of a batch of mixed lengths. Each group costs a small attention
+# call per layer per step: cheap next to a CPU step; on GPUs, where small models' steps are launch-bound, it is
+# off until measured there.
+DECODE_GROUPS_CPU, DECODE_GROUPS_GPU = 8, 1
 
 
 @dataclass
@@ -91,6 +97,19 @@ def prefill_groups(lengths: list[int], budget: int, min_fill: float | None = Non
                 continue
         groups.append([i])
         real = lengths[i]
+    return groups
+
+
+def decode_groups(lengths: list[int], most: int) -> list[list[int]]:
+    """Indices of `lengths` in at most `most` groups of similar length, longest first: `prefill_groups` with no
+    token budget, then the adjacent pair that adds the least padding merged until few enough remain."""
+    groups = prefill_groups(lengths, sys.maxsize)
+    while len(groups) > max(1, most):
+        i = min(
+            range(len(groups) - 1),
+            key=lambda i: len(groups[i + 1]) * (lengths[groups[i][0]] - lengths[groups[i + 1][0]]),
+        )
+        groups[i : i + 2] = [groups[i] + groups[i + 1]]
     return groups
 
 
@@ -253,6 +272,8 @@ class Engine:
                     hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
                 raise ModelLoadError(f"cannot load model {model!r}: {_first_line(e)}{hint}") from e
         self.model.to(self.device).eval()
+        # Same functions, faster kernels (kernels.py): oneDNN for small CPU matmuls, a fused GELU for GPT-2.
+        self.kernels = kernels.install(self.model)
         self.load_seconds = time.perf_counter() - t0
         cfg = self.model.config
         self.eos_ids = eos_token_ids(cfg, getattr(self.model, "generation_config", None), self.tokenizer)
@@ -270,6 +291,10 @@ class Engine:
         self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
         self.prefill_tokens = PREFILL_TOKENS_GPU if self.device.type == "cuda" else PREFILL_TOKENS_CPU
         self._merge_caches: bool | None = None  # whether this model's cache can be merged (kvcache.py)
+        self.decode_groups = DECODE_GROUPS_GPU if self.device.type == "cuda" else DECODE_GROUPS_CPU
+        # Decode attention group by group (kvcache.grouped_attention, sdpa otherwise): only for sdpa models.
+        self._grouped = self.decode_groups > 1 and kvcache.install_grouped_attention(self.model)
+        self._grouped_verified = False  # set by the first grouped decode step that works
         self._eos = torch.tensor(self.eos_ids, device=self.device)
 
     @property
@@ -286,19 +311,38 @@ class Engine:
         if params.do_sample and (seeds is None or len(seeds) != len(prompts)):
             raise ValueError("sampling needs one seed per prompt")
         with torch.inference_mode():
-            return self._generate(prompts, params, seeds)
+            try:
+                return self._generate(prompts, params, seeds)
+            except kvcache.GroupingUnsupported:
+                # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
+                self._grouped = False
+                return self._generate(prompts, params, seeds)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
         """One forward pass. Returns (logits of the last position [batch, vocab] float32, cache)."""
+        import torch
+
         kwargs = {"logits_to_keep": 1} if (last_only and self._keep_arg) else {}
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self._cache_arg: cache},
-            **kwargs,
-        )
+        grouped = kvcache.is_grouped(cache)
+        try:
+            # A grouped cache is active (its attention runs group by group) only inside its `with` block.
+            with cache if grouped else contextlib.nullcontext():
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=True,
+                    **{self._cache_arg: cache},
+                    **kwargs,
+                )
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            # Until a grouped step has worked once, a failure inside one is taken as this model's attention
+            # not going through kvcache.grouped_attention (custom code): `generate` decodes merged instead.
+            if not grouped or self._grouped_verified or isinstance(e, (torch.OutOfMemoryError, RunnerError)):
+                raise
+            raise kvcache.GroupingUnsupported(f"grouped decode failed: {_first_line(e)}") from e
+        if grouped:
+            self._grouped_verified = True
         return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)
 
     def _generate(self, prompts, params, seeds):
@@ -433,27 +477,36 @@ class Engine:
         return results
 
     def _prefill(self, prompts: list[list[int]], extra: int):
-        """Prefill a batch in groups of similar length (`prefill_groups`), then merge the groups' caches into
-        one for decoding. Returns (last-position logits [batch, vocab] in decode order, cache, decode order)."""
+        """Prefill a batch in groups of similar length (`prefill_groups`), then merge the groups' caches for
+        decoding: into one cache, or, with grouped decode, into one cache per `decode_groups` group.
+        Returns (last-position logits [batch, vocab] in decode order, cache, decode order)."""
         import torch
 
-        groups = prefill_groups([len(p) for p in prompts], self.prefill_tokens)
-        if len(groups) > 1 and self._merge_caches is not False:
-            logits, caches = [], []
-            for g in groups:
-                g_ids, g_mask = left_pad([prompts[r] for r in g], self.pad_id, self.device)
-                lg, c = self._forward(g_ids, g_mask, _positions(g_mask), None, last_only=True)
-                self._merge_caches = self._merge_caches or kvcache.mergeable(c)
+        lengths = [len(p) for p in prompts]
+        if self._merge_caches is not False:
+            whole = [list(range(len(prompts)))]
+            groups = decode_groups(lengths, self.decode_groups) if self._grouped else whole
+            logits, merged, pads, order = [], [], [], []
+            for group in groups:
+                caches = []
+                for chunk in prefill_groups([lengths[r] for r in group], self.prefill_tokens):
+                    rows = [group[i] for i in chunk]
+                    g_ids, g_mask = left_pad([prompts[r] for r in rows], self.pad_id, self.device)
+                    lg, c = self._forward(g_ids, g_mask, _positions(g_mask), None, last_only=True)
+                    self._merge_caches = self._merge_caches or kvcache.mergeable(c)
+                    if not self._merge_caches:
+                        break  # e.g. sliding-window layers: prefill the batch as one, as transformers expects
+                    logits.append(lg)
+                    caches.append(c)
+                    order.extend(rows)
                 if not self._merge_caches:
-                    break  # e.g. sliding-window layers: prefill the batch as one, as transformers expects
-                logits.append(lg)
-                caches.append(c)
+                    break
+                merged.append(kvcache.merge_prefills(caches, extra))
+                width = max(lengths[r] for r in group)
+                pads.append([width - lengths[r] for r in order[len(order) - len(group) :]])
             else:
-                return (
-                    torch.cat(logits),
-                    kvcache.merge_prefills(caches, extra),
-                    [r for g in groups for r in g],
-                )
+                cache = merged[0] if len(merged) == 1 else kvcache.grouped(merged, pads)
+                return torch.cat(logits), cache, order
         order = list(range(len(prompts)))
         ids, mask = left_pad(prompts, self.pad_id, self.device)
         logits, cache = self._forward(ids, mask, _positions(mask), None, last_only=True)

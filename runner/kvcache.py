@@ -12,6 +12,7 @@ transformers and decoded as one prefill, as before.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 GROW_TOKENS = 64  # buffer slots added at a time; a decode step writes into a free slot, no copy
@@ -105,7 +106,8 @@ def mergeable(cache: Any) -> bool:
 
 def merge_prefills(caches: list[Any], extra: int) -> Any:
     """One cache for the rows of all `caches` (in order), left-padded to the longest, with room for `extra`
-    more tokens. Padded slots are zeros; the caller's attention mask excludes them."""
+    more tokens. Padded slots are zeros; the caller's attention mask excludes them. Slots past the prompts are
+    left unset: a layer's keys/values are views of its first `length` slots only."""
     import torch
     from transformers.cache_utils import DynamicCache
 
@@ -120,11 +122,14 @@ def merge_prefills(caches: list[Any], extra: int) -> Any:
         parts = [(c.layers[i].keys, c.layers[i].values) for c in caches]
         k0 = parts[0][0]
         _, h, _, d = k0.shape
-        buf_k = torch.zeros((rows, h, capacity, d), dtype=k0.dtype, device=k0.device)
-        buf_v = torch.zeros_like(buf_k)
+        buf_k = torch.empty((rows, h, capacity, d), dtype=k0.dtype, device=k0.device)
+        buf_v = torch.empty_like(buf_k)
         r = 0
         for (k, v), n in zip(parts, lengths, strict=True):
             b = k.shape[0]
+            if n < longest:  # masked, but must be finite: 0 attention x NaN would still be NaN
+                buf_k[r : r + b, :, : longest - n] = 0
+                buf_v[r : r + b, :, : longest - n] = 0
             buf_k[r : r + b, :, longest - n : longest] = k
             buf_v[r : r + b, :, longest - n : longest] = v
             r += b
@@ -133,3 +138,173 @@ def merge_prefills(caches: list[Any], extra: int) -> Any:
             c.layers[i].keys = c.layers[i].values = None
     merged.layers = layers
     return merged
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouped decode: each prefill group keeps its own cache, and attention runs group by group
+# ----------------------------------------------------------------------------------------------------------------
+#
+# Merged into one left-padded cache, a batch of mixed lengths makes every decode step read the padding too: with
+# prompts of 3..229 tokens, two thirds of the keys/values read were padding, and on a CPU decode attention is
+# bound by exactly those reads. A GroupedCache keeps the rows in groups of similar length (each group a merged
+# cache of its own, >= 90% real tokens). The linear layers still run on the whole batch at once; only attention
+# goes group by group, through `grouped_attention`, which the engine installs as the model's attention function
+# (transformers' AttentionInterface) under the name ATTENTION. Outside a grouped decode step that function *is*
+# transformers' sdpa, so prefill, scoring and anything else compute exactly what sdpa computes.
+
+ATTENTION = "runner_sdpa"
+_ACTIVE = threading.local()  # .cache: the GroupedCache of the decode step running in this thread
+
+
+class GroupingUnsupported(RuntimeError):
+    """The model did not route every layer's attention through `grouped_attention` (a custom attention path):
+    the step's output would be wrong, so the caller must decode this batch with one merged cache instead."""
+
+
+def install_grouped_attention(model: Any) -> bool:
+    """Make `model` use `grouped_attention` (sdpa unless a grouped decode is active). True when installed; False
+    for models not on transformers' sdpa (eager-only or custom attention), which keep their own."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(ATTENTION, grouped_attention)
+    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # same masks as sdpa
+    try:
+        model.set_attn_implementation(ATTENTION)
+    except (ValueError, ImportError, AttributeError):
+        return False
+    return model.config._attn_implementation == ATTENTION
+
+
+def grouped_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
+    """transformers' sdpa attention, run group by group over a GroupedCache's own keys/values while one is
+    active (a decode step: one query token per row), ignoring the merged `key`/`value`/`attention_mask`."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cache = getattr(_ACTIVE, "cache", None)
+    if cache is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    layer_idx = getattr(module, "layer_idx", None)
+    if query.shape[2] != 1 or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(cache.layers):
+        raise GroupingUnsupported(f"attention call the grouped cache cannot serve ({type(module).__name__})")
+    layer = cache.layers[layer_idx]
+    outs = []
+    for g, ((start, end), sub) in enumerate(zip(cache.bounds, layer.subs, strict=True)):
+        out, _ = sdpa_attention_forward(
+            module, query[start:end], sub.keys, sub.values, cache.mask(g, sub.length), **kwargs
+        )
+        outs.append(out)
+    cache.calls += 1
+    return torch.cat(outs) if len(outs) > 1 else outs[0], None
+
+
+def _grouped_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GroupedLayer(DynamicLayer):
+        """One model layer of a GroupedCache: a GrowingLayer per group. `update` appends each group's rows of
+        the new token to that group's buffer; the length it reports is that of the merged (padded) layout."""
+
+        def __init__(self, subs: list[Any], cache: Any):
+            super().__init__()
+            self.subs, self.cache = subs, cache
+            self.length = max(s.length for s in subs)
+            self.is_initialized = True
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            for (start, end), sub in zip(self.cache.bounds, self.subs, strict=True):
+                sub.update(key_states[start:end], value_states[start:end])
+            self.length += key_states.shape[-2]
+            return key_states, value_states  # grouped_attention reads the groups' buffers, not these
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: Any) -> None:
+            raise NotImplementedError("GroupedCache.batch_select_indices selects for all layers at once")
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("a grouped cache is for decoding forward only")
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise NotImplementedError("a grouped cache is for decoding forward only")
+
+    return GroupedLayer
+
+
+def is_grouped(cache: Any) -> bool:
+    return _GROUPED_CLASSES is not None and isinstance(cache, _GROUPED_CLASSES[0])
+
+
+def grouped(caches: list[Any], pads: list[list[int]]) -> Any:
+    """One cache for the rows of all `caches` (merged caches from `merge_prefills`, in decode-batch order),
+    kept apart per group. `pads[g]`: left-padding slots of each row in group g's buffer."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    global _GROUPED_CLASSES
+    if _GROUPED_CLASSES is None:
+
+        class GroupedCache(DynamicCache):
+            def batch_select_indices(self, indices: Any) -> None:
+                """Keep the decode-batch slots `indices` (ascending), group by group; empty groups go."""
+                keep = indices.tolist()
+                bounds, kept_groups, new_pads = [], [], []
+                at = 0
+                for g, (start, end) in enumerate(self.bounds):
+                    local = [i - start for i in keep if start <= i < end]
+                    if not local:
+                        continue
+                    if len(local) < end - start:
+                        sel = torch.tensor(local, device=indices.device)
+                        for layer in self.layers:
+                            layer.subs[g].batch_select_indices(sel)
+                        self.pads[g] = self.pads[g][sel]
+                    kept_groups.append(g)
+                    new_pads.append(self.pads[g])
+                    bounds.append((at, at + len(local)))
+                    at += len(local)
+                for layer in self.layers:
+                    layer.subs = [layer.subs[g] for g in kept_groups]
+                self.bounds, self.pads, self._masks = bounds, new_pads, {}
+
+            def mask(self, g: int, length: int) -> Any:
+                """Group g's attention mask [rows, 1, 1, length]: True where a row has a real token."""
+                hit = self._masks.get(g)
+                if hit is None or hit[0] != length:
+                    pads = self.pads[g]
+                    m = torch.arange(length, device=pads.device)[None, :] >= pads[:, None]
+                    hit = self._masks[g] = (length, m[:, None, None, :])
+                return hit[1]
+
+            def __enter__(self):
+                _ACTIVE.cache = self
+                self.calls = 0
+                return self
+
+            def __exit__(self, *exc: Any) -> None:
+                _ACTIVE.cache = None
+                if exc[0] is None and self.calls != len(self.layers):
+                    raise GroupingUnsupported(
+                        f"only {self.calls} of {len(self.layers)} layers used the grouped attention"
+                    )
+
+        _GROUPED_CLASSES = (GroupedCache, _grouped_layer_class())
+    cache_cls, layer_cls = _GROUPED_CLASSES
+    device = caches[0].layers[0].keys.device
+    cache = cache_cls()
+    cache.bounds, at = [], 0
+    for c in caches:
+        rows = c.layers[0].keys.shape[0]
+        cache.bounds.append((at, at + rows))
+        at += rows
+    cache.pads = [torch.tensor(p, device=device) for p in pads]
+    cache._masks, cache.calls = {}, 0
+    cache.layers = [layer_cls([c.layers[i] for c in caches], cache) for i in range(len(caches[0].layers))]
+    return cache
+
+
+_GROUPED_CLASSES = None

@@ -1,0 +1,198 @@
+"""The CPU decode levers: attention per length group (kvcache.GroupedCache) and oneDNN for small matmuls
+(kernels.py). Each must be in use where it applies, and change nothing a row gets."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from runner import GenerationParams, kernels, kvcache
+from runner import engine as engine_mod
+from runner.batching import encode
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun",
+    "Hello",
+    "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
+    "A language model reads the whole sentence and then",
+    "My friend",
+    "現在も行方不明のまま。",
+    "Once upon a time there was a",
+]
+
+
+def ids_of(engine):
+    return [encode(engine.tokenizer, t, chat=False) for t in PROMPTS]
+
+
+def assert_same(batched, single, tol=1e-4):
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+    assert [c.finish_reason for c in batched] == [c.finish_reason for c in single]
+    for b, s in zip(batched, single, strict=True):
+        assert max(abs(x - y) for x, y in zip(b.token_logprobs, s.token_logprobs, strict=True)) < tol
+
+
+@pytest.fixture
+def spy_groups(monkeypatch):
+    """Records the group sizes of every grouped cache the engine builds."""
+    seen: list[list[int]] = []
+    real = kvcache.grouped
+
+    def spy(caches, pads):
+        seen.append([len(p) for p in pads])
+        return real(caches, pads)
+
+    monkeypatch.setattr(kvcache, "grouped", spy)
+    return seen
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+def test_grouped_decode_is_used_and_equals_one_at_a_time(request, spy_groups, engine_name):
+    engine = request.getfixturevalue(engine_name)
+    assert engine._grouped and engine.model.config._attn_implementation == kvcache.ATTENTION
+    prompts = ids_of(engine)
+    params = GenerationParams(max_new_tokens=10, repetition_penalty=1.2)
+    single = [engine.generate([p], params)[0] for p in prompts]
+    assert not spy_groups  # one row: one group, no grouped cache
+    batched = engine.generate(prompts, params)
+    assert len(spy_groups) == 1 and len(spy_groups[0]) > 1 and sum(spy_groups[0]) == len(prompts)
+    assert_same(batched, single)
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+def test_rows_leaving_a_grouped_batch_at_different_steps(request, monkeypatch, spy_groups, engine_name):
+    """Rows end at different steps (EOS), emptying whole groups and thinning others: the rest are unaffected."""
+    engine = request.getfixturevalue(engine_name)
+    monkeypatch.setattr(engine, "decode_groups", 100)
+    monkeypatch.setattr(engine_mod, "PREFILL_MIN_FILL", 1.0)  # a group per distinct length
+    prompts = ids_of(engine)
+    params = GenerationParams(max_new_tokens=9)
+    free = engine.generate(prompts, params)
+    # Make some rows' k-th greedy token an EOS token, k different per row, as if the model chose to stop there.
+    extra = {c.token_ids[k] for c, k in zip(free, [1, 3, 5, 2, 6], strict=False)}
+    monkeypatch.setattr(engine, "eos_ids", [*engine.eos_ids, *sorted(extra)])
+    monkeypatch.setattr(engine, "_eos", torch.tensor(engine.eos_ids))
+    spy_groups.clear()
+    out = engine.generate(prompts, params)
+    assert len(spy_groups[0]) == len({len(p) for p in prompts}) > 3
+    assert len({len(c.token_ids) for c in out}) > 2  # rows really ended at different steps
+    assert_same(out, [engine.generate([p], params)[0] for p in prompts])
+
+
+def test_a_model_that_bypasses_grouped_attention_falls_back(tiny_gpt2):
+    """If some layer does not call the grouped attention (custom model code), the batch is decoded again with
+    one merged cache, and the engine stops grouping: nothing wrong reaches the caller."""
+    engine = engine_mod.Engine(tiny_gpt2)
+    prompts = ids_of(engine)
+    params = GenerationParams(max_new_tokens=8)
+    single = [engine.generate([p], params)[0] for p in prompts]
+    engine.model.set_attn_implementation("sdpa")  # attention no longer goes through runner's function
+    assert engine._grouped
+    out = engine.generate(prompts, params)
+    assert not engine._grouped
+    assert_same(out, single)
+
+
+def test_grouped_cache_select_keeps_rows_and_drops_empty_groups():
+    cls = kvcache.growing_layer_class()
+
+    def group(rows, length, base):
+        k = torch.arange(rows * length, dtype=torch.float32).view(rows, 1, length, 1) + base
+        return k, k + 0.5
+
+    caches = []
+    for rows, length, base in ((2, 4, 0.0), (1, 3, 100.0), (3, 2, 200.0)):
+        k, v = group(rows, length, base)
+        caches.append(SimpleNamespace(layers=[cls(k.clone(), v.clone(), length)]))
+    cache = kvcache.grouped(caches, [[0, 1], [0], [0, 0, 1]])
+    assert cache.bounds == [(0, 2), (2, 3), (3, 6)] and cache.get_seq_length() == 4
+    cache.batch_select_indices(torch.tensor([1, 3, 5]))  # group 1 (slot 2) empties
+    assert cache.bounds == [(0, 1), (1, 3)]
+    sub0, sub2 = cache.layers[0].subs
+    assert torch.equal(sub0.keys, group(2, 4, 0.0)[0][1:])
+    assert torch.equal(sub2.keys, group(3, 2, 200.0)[0][[0, 2]])
+    assert [p.tolist() for p in cache.pads] == [[1], [0, 1]]
+    assert cache.mask(1, 2)[:, 0, 0].tolist() == [[True, True], [False, True]]
+
+
+def test_decode_groups_cover_every_row_and_merge_the_cheapest_neighbours():
+    lengths = [3, 200, 40, 41, 199, 5, 4, 120, 1, 60]
+    free = engine_mod.decode_groups(lengths, 100)
+    assert free == engine_mod.prefill_groups(lengths, 10**9)
+    for most in (1, 2, 3, 5):
+        groups = engine_mod.decode_groups(lengths, most)
+        assert len(groups) == min(most, len(free))
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            assert [lengths[i] for i in g] == sorted((lengths[i] for i in g), reverse=True)
+    # Free groups {200,199} {120} {60} {41,40} {5,4,3} {1}. Merging adds (rows of the shorter) x (width gap)
+    # padded slots: {5,4,3}+{1} 4, then {60}+{41,40} 38, then {200,199}+{120} 80 (cheaper than 180 or 220).
+    assert [sorted(lengths[i] for i in g) for g in engine_mod.decode_groups(lengths, 3)] == [
+        [120, 199, 200],
+        [40, 41, 60],
+        [1, 3, 4, 5],
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# oneDNN linear
+# ------------------------------------------------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not kernels.available(), reason="this torch has no usable oneDNN linear")
+
+
+@needs_onednn
+def test_onednn_layers_compute_what_the_layers_compute(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8, bias=False), Conv1D(12, 8))
+    x_small = torch.randn(5, 1, 16)
+    x_big = torch.randn(kernels.SMALL_ROWS + 1, 16)
+    with torch.inference_mode():
+        want = [model(x_small), model(x_big)]
+    calls = []
+    real = kernels._onednn
+    monkeypatch.setattr(kernels, "_onednn", lambda x, w, b: calls.append(x.shape[0]) or real(x, w, b))
+    assert kernels.install(model) == {"onednn_linear": 3, "fused_gelu": 0}
+    calls.clear()  # install's own probe
+    with torch.inference_mode():
+        got = [model(x_small), model(x_big)]
+    assert calls == [5, 5, 5]  # small calls went to oneDNN, the big one stayed with the layers' own forward
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and torch.allclose(g, w, atol=1e-5)
+    out = model(x_small)  # with gradients on: the layers' own forward, differentiable
+    assert out.requires_grad and calls == [5, 5, 5]
+    kernels.uninstall(model)
+    assert all("forward" not in m.__dict__ for m in model)
+
+
+@needs_onednn
+def test_engine_on_cpu_uses_onednn_and_stays_exact(gpt2_engine, monkeypatch):
+    engine = gpt2_engine
+    assert engine.kernels["onednn_linear"] > 0
+    prompts = ids_of(engine)
+    params = GenerationParams(max_new_tokens=8)
+    with_onednn = engine.generate(prompts, params)
+    kernels.uninstall(engine.model, ("onednn_linear",))
+    try:
+        without = engine.generate(prompts, params)
+    finally:
+        kernels.install(engine.model)
+    assert_same(with_onednn, without)
+
+
+def test_gpt2_gelu_is_fused_and_computes_gelu_new(gpt2_engine):
+    from transformers.activations import NewGELUActivation
+
+    engine = gpt2_engine
+    assert engine.kernels["fused_gelu"] == engine.model.config.n_layer
+    act = next(m for m in engine.model.modules() if type(m) is NewGELUActivation)
+    x = torch.linspace(-8, 8, 4001)
+    with torch.inference_mode():
+        fused = act(x)
+        kernels.uninstall(engine.model, ("fused_gelu",))
+        try:
+            stock = act(x)
+        finally:
+            kernels.install(engine.model)
+    assert torch.allclose(fused, stock, atol=1e-6) and not torch.equal(act.forward(x), x)
