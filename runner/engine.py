@@ -298,6 +298,11 @@ class Engine:
         self._eos = torch.tensor(self.eos_ids, device=self.device)
 
     @property
+    def speedups(self) -> dict[str, Any]:
+        """Which speed levers this engine uses (stats.json records them with each run)."""
+        return {**self.kernels, "grouped_decode": self._grouped}
+
+    @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 

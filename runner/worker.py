@@ -655,6 +655,7 @@ def _record_stats(
             "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
             "peak_memory_bytes": None if poisoned else peak_memory_bytes(engine.device),
             "float32_retries": float32_retries,  # rows whose logits overflowed, recomputed in float32
+            "speedups": engine.speedups,
         }
     )
     stats["tokens"] = sum(r["tokens"] for r in stats["runs"])

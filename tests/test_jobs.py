@@ -60,6 +60,7 @@ def test_run_writes_schema_and_results_in_input_order(tmp_path, prompts_file, ti
     # Same job id or name finds it through the job home as well; stats sit beside the data.
     stats = json.loads((job.dir / "stats.json").read_text())
     assert stats["tokens"] == int(df["completion_tokens"].sum()) and stats["runs"][0]["peak_memory_bytes"] > 0
+    assert stats["runs"][0]["speedups"]["fused_gelu"] == 2 and stats["runs"][0]["speedups"]["grouped_decode"]
     meta = json.loads((job.dir / "job.json").read_text())
     assert meta["model"] == tiny_gpt2 and meta["params"]["num_return_sequences"] == 2 and meta["seed"] == 1
     assert pq.read_metadata(valid_shards(job.dir)[0]).metadata[b"runner.job"] == job.id.encode()
