@@ -12,6 +12,11 @@ The decode loop is our own rather than `model.generate` for four reasons, each a
     does not make the whole batch keep paying for finished rows;
   * stop strings are found on decoded text and cut from `text`, with `stop_reason` naming the string.
 The logits processors themselves (repetition penalty, temperature, top-k, top-p) are transformers' own.
+
+Speed (benchmarks/RESULTS.md measures each lever by switching it off): prompts are prefilled in groups of
+similar length; the decode batch keeps its KV cache in preallocated buffers (kvcache.GrowingLayer) and, on CPU,
+in one cache per length group with attention run group by group (kvcache.GroupedCache), so no step reads
+padding; kernels.py swaps in faster kernels for the same functions (oneDNN small matmuls, fused GELU).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ _LOAD_LOCK = threading.Lock()  # from_pretrained is not thread-safe (two at once
 # Prompt tokens decoded with the generation, so that a leading space survives (SentencePiece).
 DETOKENIZE_CONTEXT = 4
 # Most padded tokens in one prefill forward pass. A batch is prefilled in groups of similar length under this
-# budget, then decoded as one (kvcache.py); on CPU, small groups cost no matmul efficiency and waste no padding.
+# budget, then decoded together (kvcache.py); on CPU, small groups cost no matmul efficiency and waste no padding.
 PREFILL_TOKENS_CPU, PREFILL_TOKENS_GPU = 2048, 16384
 PREFILL_MIN_FILL = 0.9  # a prefill group's real tokens / padded tokens
 # Most groups of similar length a batch is decoded in, each with its own KV cache (kvcache.GroupedCache), so that
