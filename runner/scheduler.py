@@ -101,7 +101,7 @@ def _held_elsewhere(home: Any, only: str | None, worker: str) -> list[tuple[str,
 def _stopped(e: StorageError, job: Job) -> StorageError:
     return StorageError(
         f"stopped: the job home cannot be written ({e}); job {job.id} is consistent and resumes with the next "
-        "`runner work`"
+        "`runner work` (or the same `runner run` again)"
     )
 
 

@@ -118,7 +118,9 @@ def test_a_job_home_that_cannot_be_written_stops_the_worker_cleanly(
     assert (
         last.startswith("Error: stopped: the job home cannot be written (cannot write ") and message in last
     )
-    assert last.endswith(f"job {job.id} is consistent and resumes with the next `runner work`"), out
+    assert last.endswith(
+        f"job {job.id} is consistent and resumes with the next `runner work` (or the same `runner run` again)"
+    ), out
     done = assert_exactly_once(job.dir, reference[1], complete=False)
     assert done == (2 if fail_from else 0)
 
