@@ -441,6 +441,7 @@ def run_pipeline(
     return gens, prompts, seconds
 
 
+KERNEL_OF_LEVER = {"onednn": "onednn_linear", "fused_gelu": "fused_gelu"}  # runner/kernels.py's names
 LEVERS = {
     "onednn": "oneDNN for decode matmuls (runner/kernels.py)",
     "fused_gelu": "fused GELU for gelu_new (runner/kernels.py)",
@@ -457,9 +458,7 @@ def levers_off(engine, *which: str):
     from runner import kernels
 
     model = engine.model
-    swapped = [
-        k for lever, k in (("onednn", "onednn_linear"), ("fused_gelu", "fused_gelu")) if lever in which
-    ]
+    swapped = [KERNEL_OF_LEVER[lever] for lever in which if lever in KERNEL_OF_LEVER]
     saved = (engine.prefill_tokens, engine._merge_caches, engine._grouped, engine_mod.PREFILL_MIN_FILL)
     attn = model.config._attn_implementation
     try:
@@ -480,7 +479,7 @@ def levers_off(engine, *which: str):
 
 
 def plain_transformers(engine):
-    """`engine.model` as transformers loaded it (sdpa, MKL linears): for the naive and pipeline baselines."""
+    """`engine.model` as transformers loaded it (sdpa, stock layers): for the naive and pipeline baselines."""
     return levers_off(engine, *LEVERS, "attention")
 
 
@@ -902,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
             ("runner default, all levers off (one prefill + DynamicCache, stock layers)", tuple(LEVERS))
         )
     for name, which in ablations:
-        kernel = {"onednn": "onednn_linear", "fused_gelu": "fused_gelu"}.get(which[0])
+        kernel = KERNEL_OF_LEVER.get(which[0])
         if len(which) == 1 and kernel and not engine.kernels[kernel]:
             continue  # not in use for this model and device: nothing to switch off
         with levers_off(engine, *which):

@@ -490,37 +490,41 @@ class Engine:
         """Prefill a batch in groups of similar length (`prefill_groups`), then merge the groups' caches for
         decoding: into one cache, or, with grouped decode, into one cache per `decode_groups` group.
         Returns (last-position logits [batch, vocab] in decode order, cache, decode order)."""
-        import torch
-
-        lengths = [len(p) for p in prompts]
         if self._merge_caches is not False:
-            whole = [list(range(len(prompts)))]
-            groups = decode_groups(lengths, self.decode_groups) if self._grouped else whole
-            logits, merged, pads, order = [], [], [], []
-            for group in groups:
-                caches = []
-                for chunk in prefill_groups([lengths[r] for r in group], self.prefill_tokens):
-                    rows = [group[i] for i in chunk]
-                    g_ids, g_mask = left_pad([prompts[r] for r in rows], self.pad_id, self.device)
-                    lg, c = self._forward(g_ids, g_mask, _positions(g_mask), None, last_only=True)
-                    self._merge_caches = self._merge_caches or kvcache.mergeable(c)
-                    if not self._merge_caches:
-                        break  # e.g. sliding-window layers: prefill the batch as one, as transformers expects
-                    logits.append(lg)
-                    caches.append(c)
-                    order.extend(rows)
-                if not self._merge_caches:
-                    break
-                merged.append(kvcache.merge_prefills(caches, extra))
-                width = max(lengths[r] for r in group)
-                pads.append([width - lengths[r] for r in order[len(order) - len(group) :]])
-            else:
-                cache = merged[0] if len(merged) == 1 else kvcache.grouped(merged, pads)
-                return torch.cat(logits), cache, order
+            done = self._prefill_grouped(prompts, extra)
+            if done is not None:
+                return done
+        # The model's cache cannot be merged (e.g. sliding-window layers): prefill the batch as one.
         order = list(range(len(prompts)))
         ids, mask = left_pad(prompts, self.pad_id, self.device)
         logits, cache = self._forward(ids, mask, _positions(mask), None, last_only=True)
         return logits, self._decode_cache([cache], extra), order
+
+    def _prefill_grouped(self, prompts: list[list[int]], extra: int):
+        """`_prefill` in groups, or None (and `_merge_caches` False) once the model's cache proves unmergeable."""
+        import torch
+
+        lengths = [len(p) for p in prompts]
+        groups = decode_groups(lengths, self.decode_groups) if self._grouped else [list(range(len(prompts)))]
+        logits, merged, pads, order = [], [], [], []
+        for group in groups:
+            caches, group_order = [], []
+            for chunk in prefill_groups([lengths[r] for r in group], self.prefill_tokens):
+                rows = [group[i] for i in chunk]
+                g_ids, g_mask = left_pad([prompts[r] for r in rows], self.pad_id, self.device)
+                lg, c = self._forward(g_ids, g_mask, _positions(g_mask), None, last_only=True)
+                self._merge_caches = self._merge_caches or kvcache.mergeable(c)
+                if not self._merge_caches:
+                    return None
+                logits.append(lg)
+                caches.append(c)
+                group_order.extend(rows)
+            merged.append(kvcache.merge_prefills(caches, extra))
+            width = max(lengths[r] for r in group)
+            pads.append([width - lengths[r] for r in group_order])
+            order.extend(group_order)
+        cache = merged[0] if len(merged) == 1 else kvcache.grouped(merged, pads)
+        return torch.cat(logits), cache, order
 
     def _decode_cache(self, caches: list[Any], extra: int) -> Any:
         """The caches as one growing cache (appends in place) when the model's cache allows it, else as is."""

@@ -2,13 +2,12 @@
 
 `install` changes, per layer instance (never the classes, never the weights), two things:
 
-* oneDNN for the small matmuls of decoding on a CPU. A decode step multiplies every weight matrix by only one row per sequence of the batch (64 rows by default).
-PyTorch sends a float32 CPU linear layer to MKL's sgemm, which on the project's 2-core dev machine (AMD EPYC,
-AVX2) reaches 40-80 GFLOP/s at 64 rows; oneDNN's kernel (`torch.ops.mkldnn._linear_pointwise`, the one
-torch.compile's CPU backend emits) reaches 85-100 on the same weights, read in place. `install` points the
-model's Linear layers (and GPT-2's Conv1D) at oneDNN for calls of up to SMALL_ROWS rows; bigger calls (the
-prompt pass) stay with MKL, which is faster there. No weight is copied or converted.
-
+* oneDNN for the small matmuls of decoding on a CPU. A decode step multiplies every weight matrix by only one
+  row per sequence of the batch (64 rows by default). PyTorch sends a float32 CPU linear layer to MKL's sgemm,
+  which on the project's 2-core dev machine (AMD EPYC, AVX2) reaches 40-80 GFLOP/s at 64 rows; oneDNN's kernel
+  (`torch.ops.mkldnn._linear_pointwise`, the one torch.compile's CPU backend emits) reaches 85-100 on the same
+  weights, read in place. The model's Linear layers (and GPT-2's Conv1D) go to oneDNN for calls of up to
+  SMALL_ROWS rows; bigger calls (the prompt pass) stay with MKL, which is faster there. No weight is copied.
   Float32 on CPU only, and only where the op exists and agrees with `torch.nn.functional.linear` on a probe.
 * GPT-2's activation, "gelu_new" (transformers' NewGELUActivation: seven elementwise ops, each a pass over
   memory), as PyTorch's fused `gelu(approximate="tanh")`: the same formula, which transformers itself ships as
@@ -78,14 +77,14 @@ def _gelu_forward(self: Any, x: Any) -> Any:
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
-def install(model: Any, onednn: bool = True) -> dict[str, int]:
-    """Swap the kernels described above into `model`; `onednn=False` leaves its linear layers alone.
-    Returns how many layers got each: {"onednn_linear": n, "fused_gelu": m}."""
+def install(model: Any) -> dict[str, int]:
+    """Swap the kernels described above into `model`. Returns how many layers got each:
+    {"onednn_linear": n, "fused_gelu": m}."""
     import torch
     from transformers.activations import NewGELUActivation
     from transformers.pytorch_utils import Conv1D
 
-    use_onednn = onednn and available()
+    use_onednn = available()
     counts = {"onednn_linear": 0, "fused_gelu": 0}
     for module in model.modules():
         kind = type(module)  # exact types: subclasses (quantized, LoRA...) keep their own forward

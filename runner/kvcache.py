@@ -12,6 +12,7 @@ transformers and decoded as one prefill, as before.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -72,14 +73,9 @@ def _new_layer_class():
     return GrowingLayer
 
 
-_LAYER_CLASS = None
-
-
+@functools.cache
 def growing_layer_class():
-    global _LAYER_CLASS
-    if _LAYER_CLASS is None:
-        _LAYER_CLASS = _new_layer_class()
-    return _LAYER_CLASS
+    return _new_layer_class()
 
 
 def _grow(buf: Any, length: int, capacity: int) -> Any:
@@ -201,7 +197,8 @@ def grouped_attention(module: Any, query: Any, key: Any, value: Any, attention_m
     return torch.cat(outs) if len(outs) > 1 else outs[0], None
 
 
-def _grouped_layer_class():
+@functools.cache
+def grouped_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class GroupedLayer(DynamicLayer):
@@ -235,67 +232,73 @@ def _grouped_layer_class():
     return GroupedLayer
 
 
+@functools.cache
+def grouped_cache_class():
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    class GroupedCache(DynamicCache):
+        """A DynamicCache of GroupedLayers; `bounds[g]` are group g's decode-batch slots, `pads[g]` its rows'
+        left padding. Used as a context manager around a decode step: active for `grouped_attention` inside."""
+
+        def batch_select_indices(self, indices: Any) -> None:
+            """Keep the decode-batch slots `indices` (ascending), group by group; empty groups go."""
+            keep = indices.tolist()
+            bounds, kept_groups, new_pads = [], [], []
+            at = 0
+            for g, (start, end) in enumerate(self.bounds):
+                local = [i - start for i in keep if start <= i < end]
+                if not local:
+                    continue
+                if len(local) < end - start:
+                    sel = torch.tensor(local, device=indices.device)
+                    for layer in self.layers:
+                        layer.subs[g].batch_select_indices(sel)
+                    self.pads[g] = self.pads[g][sel]
+                kept_groups.append(g)
+                new_pads.append(self.pads[g])
+                bounds.append((at, at + len(local)))
+                at += len(local)
+            for layer in self.layers:
+                layer.subs = [layer.subs[g] for g in kept_groups]
+            self.bounds, self.pads, self._masks = bounds, new_pads, {}
+
+        def mask(self, g: int, length: int) -> Any:
+            """Group g's attention mask [rows, 1, 1, length]: True where a row has a real token."""
+            hit = self._masks.get(g)
+            if hit is None or hit[0] != length:
+                pads = self.pads[g]
+                m = torch.arange(length, device=pads.device)[None, :] >= pads[:, None]
+                hit = self._masks[g] = (length, m[:, None, None, :])
+            return hit[1]
+
+        def __enter__(self):
+            _ACTIVE.cache = self
+            self.calls = 0
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            _ACTIVE.cache = None
+            if exc[0] is None and self.calls != len(self.layers):
+                raise GroupingUnsupported(
+                    f"only {self.calls} of {len(self.layers)} layers used the grouped attention"
+                )
+
+    return GroupedCache
+
+
 def is_grouped(cache: Any) -> bool:
-    return _GROUPED_CLASSES is not None and isinstance(cache, _GROUPED_CLASSES[0])
+    return isinstance(cache, grouped_cache_class())
 
 
 def grouped(caches: list[Any], pads: list[list[int]]) -> Any:
     """One cache for the rows of all `caches` (merged caches from `merge_prefills`, in decode-batch order),
     kept apart per group. `pads[g]`: left-padding slots of each row in group g's buffer."""
     import torch
-    from transformers.cache_utils import DynamicCache
 
-    global _GROUPED_CLASSES
-    if _GROUPED_CLASSES is None:
-
-        class GroupedCache(DynamicCache):
-            def batch_select_indices(self, indices: Any) -> None:
-                """Keep the decode-batch slots `indices` (ascending), group by group; empty groups go."""
-                keep = indices.tolist()
-                bounds, kept_groups, new_pads = [], [], []
-                at = 0
-                for g, (start, end) in enumerate(self.bounds):
-                    local = [i - start for i in keep if start <= i < end]
-                    if not local:
-                        continue
-                    if len(local) < end - start:
-                        sel = torch.tensor(local, device=indices.device)
-                        for layer in self.layers:
-                            layer.subs[g].batch_select_indices(sel)
-                        self.pads[g] = self.pads[g][sel]
-                    kept_groups.append(g)
-                    new_pads.append(self.pads[g])
-                    bounds.append((at, at + len(local)))
-                    at += len(local)
-                for layer in self.layers:
-                    layer.subs = [layer.subs[g] for g in kept_groups]
-                self.bounds, self.pads, self._masks = bounds, new_pads, {}
-
-            def mask(self, g: int, length: int) -> Any:
-                """Group g's attention mask [rows, 1, 1, length]: True where a row has a real token."""
-                hit = self._masks.get(g)
-                if hit is None or hit[0] != length:
-                    pads = self.pads[g]
-                    m = torch.arange(length, device=pads.device)[None, :] >= pads[:, None]
-                    hit = self._masks[g] = (length, m[:, None, None, :])
-                return hit[1]
-
-            def __enter__(self):
-                _ACTIVE.cache = self
-                self.calls = 0
-                return self
-
-            def __exit__(self, *exc: Any) -> None:
-                _ACTIVE.cache = None
-                if exc[0] is None and self.calls != len(self.layers):
-                    raise GroupingUnsupported(
-                        f"only {self.calls} of {len(self.layers)} layers used the grouped attention"
-                    )
-
-        _GROUPED_CLASSES = (GroupedCache, _grouped_layer_class())
-    cache_cls, layer_cls = _GROUPED_CLASSES
+    layer_cls = grouped_layer_class()
     device = caches[0].layers[0].keys.device
-    cache = cache_cls()
+    cache = grouped_cache_class()()
     cache.bounds, at = [], 0
     for c in caches:
         rows = c.layers[0].keys.shape[0]
@@ -305,6 +308,3 @@ def grouped(caches: list[Any], pads: list[list[int]]) -> Any:
     cache._masks, cache.calls = {}, 0
     cache.layers = [layer_cls([c.layers[i] for c in caches], cache) for i in range(len(caches[0].layers))]
     return cache
-
-
-_GROUPED_CLASSES = None
