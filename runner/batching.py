@@ -42,11 +42,19 @@ def encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
 def encode_many(tokenizer: Any, texts: Sequence[str], chat: bool) -> list[list[int]]:
     """`encode` of each text, in one tokenizer call: a fast (Rust) tokenizer encodes a list many times faster
     than the same texts one by one, which is most of what submitting a big file costs."""
+    return encode_texts(tokenizer, texts, add_special_tokens=not chat)
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    """The token ids of each text, from one tokenizer call (`encode_many`; scoring.py without special tokens)."""
     if not texts:
         return []
     ids = tokenizer(
-        list(texts), add_special_tokens=not chat, return_attention_mask=False, return_token_type_ids=False
-    )["input_ids"]  # the masks would cost a third of the time, for nothing
+        list(texts),
+        add_special_tokens=add_special_tokens,
+        return_attention_mask=False,  # the masks would cost a third of the time, for nothing
+        return_token_type_ids=False,
+    )["input_ids"]
     return [i if isinstance(i, list) else list(i) for i in ids]
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .batching import encode, left_pad, plan_batches
+from .batching import encode, encode_texts, left_pad, plan_batches
 from .engine import NumericalError
 from .errors import RunnerError
 
@@ -96,17 +96,8 @@ def tokenize_texts(
     eos = tokenizer.eos_token_id if add_eos else None
     return [
         ([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else [])
-        for ids in _encode_plain(tokenizer, texts)
+        for ids in encode_texts(tokenizer, texts, add_special_tokens=False)
     ]
-
-
-def _encode_plain(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    enc = tokenizer(
-        list(texts), add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
-    )
-    return [ids if isinstance(ids, list) else list(ids) for ids in enc["input_ids"]]
 
 
 def split_context(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -126,7 +117,7 @@ def split_contexts(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tup
             context = context[:-spaces]
         # An empty context encodes the continuation alone; otherwise the context, then context + continuation.
         texts.extend([continuation] if not context else [context, context + continuation])
-    encoded = iter(_encode_plain(tokenizer, texts))
+    encoded = iter(encode_texts(tokenizer, texts, add_special_tokens=False))
     out = []
     for context, _ in pairs:
         if not context.rstrip():
