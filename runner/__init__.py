@@ -24,9 +24,15 @@ __all__ = [
     "ParamError",
     "RunnerError",
     "__version__",
+    "cancel",
     "load_results",
+    "open_job",
+    "read_errors",
+    "repair",
+    "retry",
     "run",
     "run_job",
+    "status",
     "submit",
     "work",
 ]
@@ -50,8 +56,16 @@ def __getattr__(name: str):
         from . import scheduler
 
         return getattr(scheduler, name)
-    if name == "Job":
-        from .jobs import Job
+    if name in ("status", "cancel", "retry", "repair"):
+        from . import api
 
-        return Job
+        return getattr(api, name)
+    if name in ("Job", "open_job"):
+        from . import jobdir
+
+        return getattr(jobdir, name)
+    if name == "read_errors":
+        from .results import read_errors
+
+        return read_errors
     raise AttributeError(f"module 'runner' has no attribute {name!r}")

@@ -135,15 +135,29 @@ def build_settings(kw: dict[str, Any], kind: str = "generate") -> tuple[Any, Any
     return cls(**values), EngineOptions(**eng)
 
 
+def _set_home(ctx: click.Context, param: Any, value: str | None) -> str | None:
+    if value is not None:
+        ctx.ensure_object(dict)["home"] = value
+    return value
+
+
+HOME_HELP = "Job home folder [env RUNNER_HOME; default ./jobs]."
+
+
+def home_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--home DIR` after the command as well as before it (`runner status --home DIR`)."""
+    return click.option("--home", type=click.Path(file_okay=False), expose_value=False, callback=_set_home,
+                        is_eager=True, help=HOME_HELP)(fn)  # fmt: skip
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="runner")
-@click.option("--home", envvar="RUNNER_HOME", type=click.Path(file_okay=False),
-              help="Job home folder [env RUNNER_HOME; default ./jobs].")  # fmt: skip
+@click.option("--home", envvar="RUNNER_HOME", type=click.Path(file_okay=False), help=HOME_HELP)
 @click.pass_context
 def cli(ctx: click.Context, home: str | None) -> None:
     """Batch text generation for Hugging Face causal LMs: validate a prompt file, generate in left-padded
     batches with log-probs, write Parquet, resume after any interruption."""
-    ctx.obj = {"home": home}
+    ctx.ensure_object(dict).setdefault("home", home)
 
 
 def _run_kind(
@@ -173,6 +187,7 @@ def _run_kind(
 @generation_options
 @engine_options
 @output_option
+@home_option
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, input_path: str, model: str, output: str | None, **kw: Any) -> None:
@@ -191,6 +206,7 @@ def run(ctx: click.Context, input_path: str, model: str, output: str | None, **k
 @score_options
 @engine_options
 @output_option
+@home_option
 @click.pass_context
 @handle_errors
 def score(ctx: click.Context, input_path: str, model: str, output: str | None, **kw: Any) -> None:
@@ -209,6 +225,7 @@ def score(ctx: click.Context, input_path: str, model: str, output: str | None, *
 @embed_options
 @engine_options
 @output_option
+@home_option
 @click.pass_context
 @handle_errors
 def embed(ctx: click.Context, input_path: str, model: str, output: str | None, **kw: Any) -> None:
@@ -228,7 +245,7 @@ def _warn_if_not_on_drive(home: str | None) -> None:
     import sys
     from pathlib import Path
 
-    from .jobs import default_home
+    from .jobdir import default_home
 
     if "google.colab" not in sys.modules and not os.environ.get("COLAB_RELEASE_TAG"):
         return
@@ -255,6 +272,7 @@ def _warn_if_not_on_drive(home: str | None) -> None:
 @engine_options
 @click.option("--name", help="A name to refer to the job by (instead of its id).")
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@home_option
 @click.pass_context
 @handle_errors
 def submit(
@@ -308,42 +326,42 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
 @cli.command()
 @click.option("--hours", type=float, help="Stop starting new batches so as to finish within this many hours.")
 @click.option("--until", help="Stop by this local time (HH:MM).")
-@click.option("--job", "job_ref", help="Work on this job only.")
+@click.option("--job", "job_ref", help="Work on this job only (id, name or folder).")
 @click.option("--once", is_flag=True, help="Stop after one job.")
-@click.option(
-    "--shard-rows",
-    type=click.IntRange(min=1),
-    default=1000,
-    show_default=True,
-    help="Write a results shard at least every this many rows...",
-)
-@click.option(
-    "--shard-minutes",
-    type=click.FloatRange(min=0, min_open=True),
-    default=5.0,
-    show_default=True,
-    help="...and every this many minutes: the most work a kill can lose.",
-)
+@click.option("--shard-rows", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Write a results shard at least every this many rows...")
+@click.option("--shard-minutes", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="...and every this many minutes: the most work a kill can lose.")
+@click.option("--device", help="Run on this device instead of the jobs' own (cpu, cuda, cuda:N).")
+@click.option("--gpus", help="One worker process per local GPU: 'all' or a count (each on its own cuda:i).")
+@click.option("--workers", "n_workers", type=click.IntRange(min=1), help="Run this many worker processes.")
+@home_option
 @click.pass_context
 @handle_errors
 def work(
-    ctx: click.Context,
-    hours: float | None,
-    until: str | None,
-    job_ref: str | None,
-    once: bool,
-    shard_rows: int,
-    shard_minutes: float,
-) -> None:
+    ctx: click.Context, hours: float | None, until: str | None, job_ref: str | None, once: bool, shard_rows: int,
+    shard_minutes: float, device: str | None, gpus: str | None, n_workers: int | None,
+) -> None:  # fmt: skip
     """Run queued jobs: interrupted ones first, then by priority and age, until the queue is empty or the
-    deadline. Ctrl-C (or the deadline) finishes and writes the current batch, then stops; run it again to carry on.
-    """
+    deadline. Several workers (processes, GPUs, machines sharing the folder) share a job by units.
+    Ctrl-C (or the deadline) finishes and writes the current batch, then stops; run it again to carry on.
+    Under `torchrun` / `accelerate launch` each process works on its own GPU (LOCAL_RANK)."""
+    deadline = _deadline(hours, until)
+    _warn_if_not_on_drive(ctx.obj["home"])
+    args = ["--shard-rows", str(shard_rows), "--shard-minutes", str(shard_minutes)]
+    args += (["--job", job_ref] if job_ref else []) + (["--once"] if once else [])
+    args += ["--until", until] if until else (["--hours", str(hours)] if hours else [])
+    if gpus is not None or n_workers is not None:
+        devices = _worker_devices(gpus, n_workers, device)
+        raise SystemExit(_run_processes(ctx.obj["home"], args, devices))
+    _work_here(ctx.obj["home"], job_ref, deadline, once, shard_rows, shard_minutes, device)
+
+
+def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device) -> None:  # noqa: ANN001
     import signal
 
     from .scheduler import work as work_loop
 
-    deadline = _deadline(hours, until)
-    _warn_if_not_on_drive(ctx.obj["home"])
     stop = {"requested": False}
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -354,67 +372,106 @@ def work(
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        summaries = work_loop(
-            ctx.obj["home"],
-            job=job_ref,
-            deadline=deadline,
-            once=once,
-            shard_rows=shard_rows,
-            shard_seconds=shard_minutes * 60,
-            stop=lambda: stop["requested"],
-            echo=_echo,
-        )
+        summaries = work_loop(home, job=job_ref, deadline=deadline, once=once, shard_rows=shard_rows,
+                              shard_seconds=shard_minutes * 60, stop=lambda: stop["requested"], echo=_echo,
+                              device=device)  # fmt: skip
     finally:
         signal.signal(signal.SIGINT, previous)
     if not summaries:
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else ""))
-    elif not all(s.finished for s in summaries):
+    elif not all(s.finished or s.others for s in summaries):
         _echo("stopped; run `runner work` again to carry on")
+
+
+def _worker_devices(gpus: str | None, n_workers: int | None, device: str | None) -> list[str | None]:
+    """The device of each worker process: cuda:0..N-1 with --gpus, else the jobs' own (or --device)."""
+    if gpus is None:
+        return [device] * (n_workers or 1)
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise RunnerError("--gpus: no CUDA GPU is visible to this process (use --workers N for CPU processes)")
+    want = count if gpus == "all" else int(gpus) if gpus.isdigit() and int(gpus) > 0 else None
+    if want is None or want > count:
+        raise click.BadParameter(f"expected 'all' or a count in 1..{count}, got {gpus!r}", param_hint="--gpus")
+    return [f"cuda:{i}" for i in range(want)]
+
+
+def _run_processes(home: str | None, args: list[str], devices: list[str | None]) -> int:
+    """One `runner work` process per device, all on the same home; waits for all, forwards Ctrl-C. Exit code:
+    the first non-zero one of the workers (0 when all are)."""
+    import signal
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "runner"] + (["--home", home] if home else []) + ["work", *args]
+    procs = [subprocess.Popen(base + (["--device", d] if d else [])) for d in devices]
+    _echo(f"started {len(procs)} worker processes" + (f" on {', '.join(d for d in devices if d)}" if devices[0] else ""))
+    previous = signal.signal(signal.SIGINT, lambda *_: [p.send_signal(signal.SIGINT) for p in procs])
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return next((c for c in codes if c), 0)
 
 
 @cli.command()
 @click.argument("job_ref", metavar="[JOB]", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@home_option
 @click.pass_context
 @handle_errors
 def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
-    """Show all jobs as a table (state, done/total, tok/s, ETA, errors), or one JOB in detail."""
+    """Show all jobs as a table (state, done/total, tok/s, ETA, errors, workers), or one JOB (id, name or
+    folder) in detail. A job whose files are damaged shows as `broken`, with the reason."""
     import json
 
-    from .jobs import Job, all_jobs, find_job
-    from .status import job_status, status_table
+    from . import api
+    from .job_status import status_table
 
     if job_ref is None:
-        statuses = [job_status(j) for j in all_jobs(ctx.obj["home"])]
+        statuses = api.status(home=ctx.obj["home"])
         if as_json:
             click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
-        elif statuses:
-            click.echo(status_table(statuses))
         else:
-            click.echo("no jobs")
+            click.echo(status_table(statuses) if statuses else "no jobs")
         return
-    job = Job.open(find_job(job_ref, ctx.obj["home"]))
-    s = job_status(job)
+    s = api.status(job_ref, ctx.obj["home"])
     if as_json:
-        click.echo(json.dumps({**s.as_dict(), "job": job.meta}, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(s.as_dict(), indent=2, ensure_ascii=False))
         return
-    p = job.meta["params"]
+    click.echo("\n".join(_detail(s)))
+
+
+def _detail(s: Any) -> list[str]:
+    from .jobdir import Job
+
     lines = [
         f"job:      {s.id}" + (f" ({s.name})" if s.name else ""),
-        f"state:    {s.state}" + (f" - {s.message}" if s.message else "") + (f" [worker {s.worker}]" if s.worker else ""),
+        f"state:    {s.state}" + (f" - {s.message}" if s.message else ""),
+    ]
+    if s.state == "broken" and not s.total:
+        return lines + [f"folder:   {s.folder}"]
+    job = Job.open(s.folder)
+    p = job.meta["params"]
+    workers = [f"{w['worker']} on {w['device'] or '?'}: {w['tokens_per_second'] or 0:,.1f} tok/s" for w in s.workers]
+    return lines + [
         f"progress: {s.done:,}/{s.total:,} rows, {s.errors} row errors, {s.invalid} invalid input rows",
         f"speed:    {s.tokens_per_second or '-'} tok/s, ETA {s.eta}",
+        f"workers:  {'; '.join(workers) if workers else '-'}",
         f"model:    {s.model}",
-        f"input:    {job.meta['input']['path']} ({job.meta['input']['rows']:,} prompts)",
-        "settings: " + ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "seed" and v not in (None, [])) + f", seed={job.seed}",
+        f"input:    {job.meta['input']['path']} ({job.spec.rows:,} prompts)",
+        "settings: " + ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "seed" and v not in (None, []))
+        + f", seed={job.seed}",
         f"folder:   {job.dir}",
     ]  # fmt: skip
-    click.echo("\n".join(lines))
 
 
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
 @click.option("--to", "to_path", type=click.Path(dir_okay=False), help="Write to .jsonl, .csv or .parquet.")
+@home_option
 @click.pass_context
 @handle_errors
 def results(ctx: click.Context, job_ref: str, to_path: str | None) -> None:
@@ -446,36 +503,48 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None) -> None:
 
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
+@home_option
 @click.pass_context
 @handle_errors
 def cancel(ctx: click.Context, job_ref: str) -> None:
-    """Cancel a queued or running job; rows already finished are kept (`runner retry` re-queues it)."""
-    from pathlib import Path
+    """Cancel a queued or running JOB (id, name or folder); finished rows are kept (`runner retry` resumes it)."""
+    from . import api
 
-    from .jobs import find_job
-    from .leases import cancel_job
-
-    path = Path(find_job(job_ref, ctx.obj["home"]))
-    was = cancel_job(path)
-    _echo(f"cancelled job {path.name} (was {was})")
+    was = api.cancel(job_ref, ctx.obj["home"])
+    _echo(f"cancelled job {job_ref} (was {was}); `runner retry {job_ref}` resumes it")
 
 
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
+@home_option
 @click.pass_context
 @handle_errors
 def retry(ctx: click.Context, job_ref: str) -> None:
-    """Re-queue a failed or cancelled job (finished rows are kept; rows that failed are tried again)."""
-    from pathlib import Path
+    """Re-queue a failed or cancelled JOB (finished rows are kept; rows that failed are tried again)."""
+    from . import api
 
-    from .jobs import find_job
-    from .leases import retry_job
+    cleared = api.retry(job_ref, ctx.obj["home"])
+    _echo(f"re-queued job {job_ref}" + (f"; {cleared} failed row(s) will be tried again" if cleared else "")
+          + "; run `runner work` to carry on")  # fmt: skip
 
-    path = Path(find_job(job_ref, ctx.obj["home"]))
-    cleared = retry_job(path)
-    _echo(
-        f"re-queued job {path.name}" + (f"; {cleared} failed row(s) will be tried again" if cleared else "")
-    )
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
+@home_option
+@click.pass_context
+@handle_errors
+def repair(ctx: click.Context, job_ref: str) -> None:
+    """Bring a damaged JOB back from what still verifies: restore job.json from its backup, quarantine
+    shards that fail their checksum, rewrite a damaged state.json, and re-queue the rows that are missing."""
+    from . import api
+
+    r = api.repair(job_ref, ctx.obj["home"])
+    if r.restored_spec:
+        _echo("job.json restored from job.backup.json")
+    for name, why in r.quarantined:
+        _echo(f"quarantined commit {name}: {why}")
+    _echo(f"state {r.state_was} -> {r.state_now}; {r.done:,}/{r.total:,} rows verified"
+          + ("; run `runner work` to compute the rest" if r.state_now == "queued" else ""))  # fmt: skip
 
 
 def main() -> None:

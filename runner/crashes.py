@@ -1,6 +1,6 @@
 """Rows that crash workers: what a worker was computing when it died, so that the next one isolates the row.
 
-worker.py, before each batch -> `InFlight.running` -> inflight.json in the job folder -> `InFlight.settle`
+worker.py, before each batch -> `InFlight.running` -> inflight/UUUUU.json for the unit -> `InFlight.settle`
 once the batch's outcome is buffered. The next worker starts with `InFlight.recover`.
 
 Some failures take the process down with them. A CUDA device-side assert (an out-of-range token id in a
@@ -37,7 +37,6 @@ from typing import Any
 from . import storage
 from .errors import RunnerError
 
-INFLIGHT = "inflight.json"
 SILENT_CRASHES = 2  # silent deaths of workers computing the same keys: a batch is split, a lone key set aside
 # What torch raises once the device is broken for this process (sticky CUDA errors). Out-of-memory errors
 # also say "CUDA error" at times; those are not poison: the worker splits the batch and goes on.
@@ -110,8 +109,8 @@ def silent_crash_message(crashes: int) -> str:
 class InFlight:
     """This worker's in-flight record in one job folder."""
 
-    def __init__(self, job_dir: Path, worker: str):
-        self.path = Path(job_dir) / INFLIGHT
+    def __init__(self, path: Path, worker: str):
+        self.path = Path(path)  # inflight/UUUUU.json: the record of one unit of a job
         self.worker = worker
         self._on_disk = self.path.exists()
 
@@ -176,6 +175,7 @@ class InFlight:
         }  # fmt: skip
         if error:
             rec["error"] = error
+        self.path.parent.mkdir(exist_ok=True)
         storage.write_json(self.path, rec, durable=False)
         self._on_disk = True
 

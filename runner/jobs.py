@@ -1,4 +1,4 @@
-"""Jobs: the job home, job ids, and creating a self-contained job folder from a prompt file.
+"""Submit: create a self-contained job folder from a prompt file (what the folder holds is jobdir.py).
 
 input file -> inputs.PromptReader (chunks) -> `create_job` (render chat templates, tokenize once, check lengths
 against the context window, store settings + a validated copy of the prompts) -> job folder -> worker.py
@@ -7,16 +7,9 @@ The input is streamed: each chunk of `ROW_GROUP_ROWS` rows is validated, tokeniz
 written as one row group of prompts.parquet before the next is read, so a file of any size is submitted in
 memory bounded by a chunk.
 
-A job folder holds everything needed to run, resume, inspect or move the job without the original file:
-
-    job.json          settings, model, fingerprints, seed: written once, at creation
-    prompts.parquet   validated prompts: _row, line, id, prompt (final text), input_ids, prompt_tokens, passthrough
-    errors.jsonl      rows that could not be done, with file/line/stage/reason
-    shards/NNNNN-W.parquet, done/NNNNN-W.json   results and their completion markers (results.py)
-    stats.json, log.txt
-
-The job is built in a hidden temp folder and renamed into place, so a kill during submit never leaves a
-half-made job that a worker would pick up.
+The job is built in a hidden temp folder (with an owner record, so that the temp folder of a killed submit is
+cleaned up by the next one) and renamed into place, so a kill during submit never leaves a half-made job that
+a worker would pick up.
 """
 
 from __future__ import annotations
@@ -27,123 +20,23 @@ import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, storage
+from . import __version__, jobdir, storage
 from .errors import InputError, ParamError, Problem, RunnerError
 from .inputs import PromptReader, PromptRow
+from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, check_name, default_home, new_job_id
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
-from .results import ORDER, OUTPUT_COLUMNS, PROMPT_COLUMNS, PROMPTS
+from .results import OUTPUT_COLUMNS, PROMPT_COLUMNS
 
 if TYPE_CHECKING:
-    import pyarrow as pa
+    pass
 
-JOB_FILE = "job.json"
-KINDS = {GenerationParams: "generate", ScoreParams: "score", EmbedParams: "embed"}
 ROW_GROUP_ROWS = 10_000  # rows read, checked, tokenized and written at a time; a row group of prompts.parquet
 PROBLEMS_KEPT = 1000  # invalid rows held for the error message; all are counted, and listed in errors.jsonl
-
-
-def default_home() -> Path:
-    """$RUNNER_HOME, else ./jobs."""
-    return Path(os.environ.get("RUNNER_HOME") or "jobs")
-
-
-def new_job_id() -> str:
-    """Time-sortable and unique: 20261122-184455-3f9a."""
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-
-
-def check_job_ref(ref: str) -> str:
-    """A job id or name must be a plain folder name: no separators, no '..', nothing absolute."""
-    if not ref or ref in (".", "..") or "/" in ref or "\\" in ref or ref.startswith(".") or "\0" in ref:
-        raise RunnerError(f"invalid job id or name {ref!r}: use letters, digits, '-', '_' and '.'")
-    return ref
-
-
-@dataclass
-class Job:
-    dir: Path
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, path: str | os.PathLike) -> Job:
-        path = Path(path)
-        if not (path / JOB_FILE).is_file():
-            raise RunnerError(f"{path} is not a runner job folder (no {JOB_FILE})")
-        return cls(path, storage.read_json(path / JOB_FILE))
-
-    @property
-    def id(self) -> str:
-        return self.meta["id"]
-
-    @property
-    def kind(self) -> str:
-        return self.meta.get("kind", "generate")
-
-    @property
-    def params(self) -> Any:
-        """GenerationParams, ScoreParams or EmbedParams, by the job's kind."""
-        if self.kind == "generate":
-            return GenerationParams.from_dict(self.meta["params"])
-        return (ScoreParams if self.kind == "score" else EmbedParams)(**self.meta["params"])
-
-    @property
-    def samples(self) -> int:
-        """Result rows per prompt."""
-        return self.params.num_return_sequences if self.kind == "generate" else 1
-
-    @property
-    def options(self) -> EngineOptions:
-        return EngineOptions(**self.meta["engine"])
-
-    @property
-    def seed(self) -> int:
-        return int(self.meta["seed"])
-
-    @property
-    def total(self) -> int:
-        """Result rows the job will have when done: valid prompts x samples."""
-        return int(self.meta["input"]["rows"]) * self.samples
-
-    def prompts(self) -> pa.Table:
-        """The whole prompts table, to look at; the worker reads it a window at a time instead."""
-        import pyarrow.parquet as pq
-
-        return pq.read_table(self.dir / PROMPTS)
-
-    def log(self, line: str) -> None:
-        storage.append_line(self.dir / "log.txt", time.strftime("%Y-%m-%d %H:%M:%S ") + line)
-
-
-def find_job(ref: str, home: str | os.PathLike | None = None) -> Path:
-    """The folder of a job given its id or name, in `home` (default: $RUNNER_HOME or ./jobs)."""
-    check_job_ref(ref)
-    root = Path(home) if home is not None else default_home()
-    if (root / ref / JOB_FILE).is_file():
-        return root / ref
-    named = [p for p in _job_dirs(root) if storage.read_json(p / JOB_FILE).get("name") == ref]
-    if len(named) == 1:
-        return named[0]
-    if len(named) > 1:
-        raise RunnerError(
-            f"several jobs are named {ref!r}; use the job id ({', '.join(p.name for p in named)})"
-        )
-    raise RunnerError(f"no job {ref!r} in {root}")
-
-
-def all_jobs(home: str | os.PathLike | None = None) -> list[Job]:
-    """Every job in the home, oldest first (ids sort by creation time)."""
-    root = Path(home) if home is not None else default_home()
-    return [Job.open(p) for p in _job_dirs(root)]
-
-
-def _job_dirs(root: Path) -> list[Path]:
-    return [
-        root / n for n in storage.listdir(root) if not n.startswith(".") and (root / n / JOB_FILE).is_file()
-    ]
+KINDS = {GenerationParams: "generate", ScoreParams: "score", EmbedParams: "embed"}
 
 
 def model_fingerprint(spec: str, config: Any) -> str:
@@ -180,6 +73,7 @@ def create_job(
     priority: int = 0,
     home: str | os.PathLike | None = None,
     job_dir: str | os.PathLike | None = None,
+    unit_rows: int | None = None,
 ) -> Job:
     """Validate everything and store a queued job. Nothing invalid is ever stored.
 
@@ -188,7 +82,11 @@ def create_job(
     `prompt_field` is the column holding the prompt/text: `prompt` for generation, `text` otherwise.
 
     `job_dir` puts the job in that folder (as `runner run -o DIR`); an existing job there with the same
-    inputs and settings is returned as is (to be resumed); one with other settings is refused.
+    inputs and settings is returned as is (to be resumed); one with other settings is refused. So is a `name`
+    already taken in the home: the same inputs and settings return that job (running a notebook's cells again
+    never submits twice), other ones are refused.
+
+    `unit_rows` is the number of prompts a worker claims at a time (several workers share a job by units).
 
     The file is read, checked, tokenized and written `ROW_GROUP_ROWS` rows at a time, so memory is bounded by
     that chunk whatever the file's size (plus 24 bytes a row to find duplicate ids: inputs.SeenIds).
@@ -205,7 +103,10 @@ def create_job(
     if truncate not in ("none", "left"):
         raise ParamError("truncate", f"truncate must be none or left, got {truncate!r}.")
     if name is not None:
-        check_job_ref(name)
+        check_name(name, "job name")
+    unit_rows = jobdir.UNIT_ROWS if unit_rows is None else unit_rows
+    if isinstance(unit_rows, bool) or not isinstance(unit_rows, int) or unit_rows < 1:
+        raise ParamError("unit_rows", f"unit_rows must be an integer >= 1, got {unit_rows!r}.")
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ParamError("priority", f"priority must be an integer, got {priority!r}.")
     input_path = Path(input_path)
@@ -235,6 +136,16 @@ def create_job(
                     f"(use another -o folder, or run `runner work --job {job_dir}` to finish it as it was)"
                 )
             return existing
+    root = Path(home) if home is not None else default_home()
+    if name is not None and job_dir is None:
+        existing = _named_job(root, name)
+        if existing is not None:
+            if existing.meta.get("fingerprint") != _fingerprint(identity):
+                raise RunnerError(
+                    f"the name {name!r} is taken by job {existing.id}, submitted with other inputs or settings; "
+                    "choose another --name"
+                )
+            return existing
 
     config = load_config(model, options.trust_remote_code)
     check_causal_lm(model, config)
@@ -248,18 +159,21 @@ def create_job(
         )
 
     job_id = new_job_id()
-    target = Path(job_dir) if job_dir is not None else (Path(home) if home else default_home()) / job_id
+    target = Path(job_dir) if job_dir is not None else root / job_id
     target.parent.mkdir(parents=True, exist_ok=True)
+    jobdir.remove_dead_submits(target.parent)
     tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
-        for sub in ("shards", "done"):
+        storage.write_json(tmp / ".owner.json", jobdir.Owner.me("submit").as_dict(), durable=False)
+        for sub in jobdir.FOLDERS:
             (tmp / sub).mkdir()
         prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field)
         written = _write_prompts(reader, prep, tmp, skip_invalid)
         seed = getattr(params, "seed", None)
         seed = seed if seed is not None else secrets.randbits(63)
         meta = {
+            "format": jobdir.FORMAT,
             "id": job_id,
             "name": name,
             "kind": kind,
@@ -284,16 +198,20 @@ def create_job(
             "params": params.to_dict(),
             "seed": seed,
             "engine": options.to_dict(),
+            "unit_rows": unit_rows,
+            "prompts_sha256": storage.file_sha256(tmp / PROMPTS),
             "fingerprint": _fingerprint(identity),
         }
+        storage.write_json(tmp / JOB_BACKUP, meta)
         storage.write_json(tmp / JOB_FILE, meta)
+        storage.remove(tmp / ".owner.json")
         if target.exists():
             target.rmdir()  # an empty -o folder the user made beforehand (anything else was refused above)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    job = Job(target, meta)
+    job = Job.open(target)
     job.log(f"created {kind} job {job_id}: {written.rows} rows x {job.samples} samples, model {model}")
     return job
 
@@ -670,8 +588,20 @@ class _RowProblem(Exception):
 
 
 def _existing_job(path: Path) -> Job | None:
-    if (path / JOB_FILE).is_file():
+    if (path / JOB_FILE).is_file() or (path / JOB_BACKUP).is_file():
         return Job.open(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise RunnerError(f"{path} exists and is not a runner job folder; choose an empty or new -o folder")
+    return None
+
+
+def _named_job(root: Path, name: str) -> Job | None:
+    """The job in the home whose id or name is `name`, if any (a name never equals another job's id)."""
+    for path in jobdir.job_folders(root):
+        try:
+            job = Job.open(path)
+        except RunnerError:
+            continue
+        if job.id == name or job.name == name:
+            return job
     return None

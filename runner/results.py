@@ -10,10 +10,9 @@ files that are ignored and whose rows are generated again: nothing is lost and n
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,14 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .errors import RunnerError
-from .faults import fault_point
+from .jobdir import ORDER, PROMPTS
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-SHARDS, MARKERS, PROMPTS = "shards", "done", "prompts.parquet"
-ORDER = "_row"  # input order of the row (0-based over valid rows); sorts results, dropped by load_results
 # Columns of a job's prompts table (jobs.py) that are not passed through to the results as they are.
 PROMPT_COLUMNS = (ORDER, "line", "id", "prompt", "input_ids", "prompt_tokens", "score_from", "continuation")
 
@@ -218,164 +215,107 @@ def embed_table(prompts: pa.Table, embedded: list[GeneratedRow]) -> pa.Table:
     return _with_passthrough(embed_schema(dim), cols, prompts, base)
 
 
-def next_shard_name(job_dir: Path, worker: str) -> str:
-    """`NNNNN-worker`: sortable, and unique even if two workers ever raced on one job."""
-    used = [
-        n.split("-", 1)[0] for n in storage.listdir(job_dir / SHARDS) + storage.listdir(job_dir / MARKERS)
-    ]
-    nums = [int(n) for n in used if n.isdigit()]
-    return f"{max(nums, default=-1) + 1:05d}-{worker}"
-
-
-def write_shard(job_dir: Path, table: pa.Table, worker: str, metadata: dict[str, str] | None = None) -> str:
-    """Write `table` as the job's next shard and vouch for it with a marker. Returns the shard's name.
-
-    The shard is written and verified on local disk, copied into the job home under a temp name and renamed,
-    and only then is the marker written (itself atomically). Killed anywhere in here, the job counts either
-    the whole shard or none of it.
-    """
+@contextlib.contextmanager
+def write_local_shard(table: pa.Table, metadata: dict[str, str] | None = None) -> Iterator[tuple[Path, str]]:
+    """Write `table` as a Parquet file on local disk, check it reads back with its row count, and yield
+    (path, sha256) while the file exists: the caller copies it into the job home (storage.publish)."""
     import pyarrow.parquet as pq
 
-    name = next_shard_name(job_dir, worker)
     meta = {b"runner.rows": str(table.num_rows).encode()}
     for k, v in (metadata or {}).items():
         meta[f"runner.{k}".encode()] = v.encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
     with tempfile.TemporaryDirectory(prefix="runner-shard-") as tmp:
-        local = Path(tmp) / f"{name}.parquet"
+        local = Path(tmp) / "shard.parquet"
         pq.write_table(table, local, compression="zstd")
         if pq.read_metadata(local).num_rows != table.num_rows:
-            raise RunnerError(f"shard {name} did not verify after writing (row count mismatch)")
-        marker = {
-            "shard": f"{name}.parquet",
-            "rows": table.num_rows,
-            "bytes": local.stat().st_size,
-            "sha256": storage.file_sha256(local),
-            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        target = job_dir / SHARDS / f"{name}.parquet"
-        storage.publish(local, target)
-    fault_point("after_shard")  # the shard is in place, its marker is not: it must not count
-    storage.write_json(job_dir / MARKERS / f"{name}.json", marker)
-    return name
-
-
-TEMP_MAX_AGE = 600.0  # seconds: a temp file left alone this long has no live writer (leases go stale in 120)
-
-
-def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
-    """Delete temp files that killed workers left in shards/ and done/ (a publish killed half way, or a rename
-    that a FUSE / Drive mount does as copy + delete, killed after the copy). They never count, but a shard's
-    temp is as big as the shard, and on Drive it would use quota for ever. Only files untouched for
-    `max_age` seconds go: a worker still writing one keeps it fresh. Returns how many were deleted."""
-    removed = 0
-    now = time.time()
-    for folder in (job_dir / SHARDS, job_dir / MARKERS):
-        for name in storage.listdir(folder):
-            if not storage.is_temp_name(name):
-                continue
-            try:
-                if now - (folder / name).stat().st_mtime < max_age:
-                    continue
-            except FileNotFoundError:
-                continue
-            storage.remove(folder / name)
-            removed += 1
-    return removed
+            raise RunnerError("a results shard did not verify after writing (row count mismatch)")
+        yield local, storage.file_sha256(local)
 
 
 def valid_shards(job_dir: Path) -> list[Path]:
-    """Shards vouched for by a marker that agrees with them (size, footer row count), in name order.
-    A shard without a marker, a marker without its shard, or any disagreement: not counted."""
-    import pyarrow.parquet as pq
+    """Shard files of the commits that count (accepted and verified), in name order."""
+    from .jobdir import SHARDS, Job, read_ledger
 
-    found = []
-    for entry in storage.listdir(job_dir / MARKERS):
-        if entry.startswith(".") or not entry.endswith(".json"):
-            continue
-        try:
-            marker = storage.read_json(job_dir / MARKERS / entry)
-            shard = job_dir / SHARDS / marker["shard"]
-            if shard.stat().st_size != marker["bytes"]:
-                continue
-            if pq.read_metadata(shard).num_rows != marker["rows"]:
-                continue
-        except (OSError, ValueError, KeyError, TypeError, RunnerError):
-            continue  # torn marker, missing or truncated shard: its rows are simply not done
-        except Exception as e:  # pyarrow's ArrowInvalid on a half-written file
-            if type(e).__name__.startswith("Arrow"):
-                continue
-            raise
-        found.append(shard)
-    return found
-
-
-def done_mask(job_dir: Path, rows: int, samples: int) -> Any:
-    """Which (row, sample) pairs are in counted shards, as a [rows, samples] numpy bool array: one byte per
-    result row, where a set of (row, sample) tuples takes ~100."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    mask = np.zeros((rows, samples), dtype=bool)
-    for shard in valid_shards(job_dir):
-        t = pq.read_table(shard, columns=[ORDER, "sample"])
-        mask[t.column(ORDER).to_numpy(), t.column("sample").to_numpy()] = True
-    return mask
+    job = Job.open(job_dir)
+    return [job.dir / SHARDS / c.shard for c in read_ledger(job).commits if c.shard]
 
 
 def done_keys(job_dir: Path) -> set[tuple[int, int]]:
-    """(row, sample) pairs already in counted shards (for small jobs and tests; workers use `done_mask`)."""
+    """(row, sample) keys done (for small jobs and tests; workers use the ledger's masks)."""
+    import numpy as np
+
+    from .jobdir import Job, read_ledger
+
+    rows, samples = np.nonzero(read_ledger(Job.open(job_dir)).done_mask())
+    return set(zip(rows.tolist(), samples.tolist(), strict=True))
+
+
+def empty_results(job: Any) -> pa.Table:
+    """The schema of a job's results, with no rows."""
     import pyarrow.parquet as pq
 
-    keys: set[tuple[int, int]] = set()
-    for shard in valid_shards(job_dir):
-        t = pq.read_table(shard, columns=[ORDER, "sample"])
-        keys.update(zip(t.column(ORDER).to_pylist(), t.column("sample").to_pylist(), strict=True))
-    return keys
+    prompts_schema = pq.read_schema(job.dir / PROMPTS)
+    params, kind = job.meta.get("params", {}), job.kind
+    if kind == "score":
+        schema = score_schema()
+    elif kind == "embed":
+        schema = embed_schema(int(job.meta.get("embedding_dim") or 0))
+    else:
+        schema = generation_schema(params.get("logprobs") is not None, bool(params.get("prompt_logprobs")))
+    for name in passthrough_columns(prompts_schema):
+        schema = schema.append(prompts_schema.field(name))
+    return schema.empty_table()
 
 
 def read_results_table(job_dir: Path) -> pa.Table:
-    """All counted rows of a job, in input order, as one Arrow table (with the `_row` column)."""
+    """All counted rows of a job, in input order, as one Arrow table (with the `_row` column). Every shard is
+    read once and checked against its marker's checksum and keys as it is read: a shard that fails is left
+    out (with a warning naming it; `runner repair` quarantines it and `runner work` redoes its rows). Keys
+    are unique: a key committed twice (identical by construction) is kept once."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    shards = valid_shards(job_dir)
-    if not shards:
-        prompts_schema = pq.read_schema(job_dir / PROMPTS)
-        meta = storage.read_json(job_dir / "job.json")
-        params, kind = meta.get("params", {}), meta.get("kind", "generate")
-        if kind == "score":
-            schema = score_schema()
-        elif kind == "embed":
-            schema = embed_schema(int(meta.get("embedding_dim") or 0))
-        else:
-            schema = generation_schema(
-                params.get("logprobs") is not None, bool(params.get("prompt_logprobs"))
-            )
-        for name in passthrough_columns(prompts_schema):
-            schema = schema.append(prompts_schema.field(name))
-        return schema.empty_table()
-    table = pa.concat_tables([pq.read_table(s) for s in shards], promote_options="default")
-    table = table.replace_schema_metadata(None)
+    from .jobdir import SHARDS, Job, check_shard_bytes, read_ledger, read_shard_bytes
+
+    job = Job.open(job_dir)
+    tables = []
+    for c in read_ledger(job, verify=False).commits:
+        if not c.shard:
+            continue
+        path = job.dir / SHARDS / c.shard
+        try:
+            data = storage.retry(lambda p=path: p.read_bytes(), f"read {path}")
+        except storage.StorageError as e:
+            if not isinstance(e.__cause__, FileNotFoundError):
+                raise
+            data = None
+        why = "its shard is missing" if data is None else check_shard_bytes(data, c, job.samples)
+        if why is not None:
+            warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair {job.dir}`)",
+                          stacklevel=2)  # fmt: skip
+            continue
+        tables.append(read_shard_bytes(data))
+    if not tables:
+        return empty_results(job)
+    table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)
     order = pc.sort_indices(table, sort_keys=[(ORDER, "ascending"), ("sample", "ascending")])
     table = table.take(order)
-    keys = list(zip(table.column(ORDER).to_pylist(), table.column("sample").to_pylist(), strict=True))
-    if len(set(keys)) != len(keys):  # cannot happen by construction; never show a row twice if it did
-        warnings.warn(f"{job_dir}: duplicate result rows found and dropped", stacklevel=2)
-        first = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
-        table = table.take(pa.array(first))
-    return table
+    flat = table.column(ORDER).to_numpy() * job.samples + table.column("sample").to_numpy()
+    first = np.ones(len(flat), dtype=bool)
+    first[1:] = flat[1:] != flat[:-1]
+    return table if first.all() else table.filter(pa.array(first))
 
 
 def resolve_source(source: str | os.PathLike, home: str | os.PathLike | None = None) -> Path:
     """A job folder, a results Parquet file, or a job id / name in the job home."""
     p = Path(source)
-    if p.is_file() or (p / "job.json").is_file():
+    if p.is_file():
         return p
-    from .jobs import find_job
+    from .jobdir import find_job
 
-    return find_job(str(source), home)
+    return find_job(source, home)
 
 
 def load_results(source: str | os.PathLike, home: str | os.PathLike | None = None) -> pd.DataFrame:
@@ -394,19 +334,10 @@ def load_results(source: str | os.PathLike, home: str | os.PathLike | None = Non
     return table.to_pandas()
 
 
-def read_errors(job_dir: Path) -> list[dict[str, Any]]:
-    """Entries of the job's errors.jsonl (rows that could not be done, with the reason)."""
-    return list(iter_errors(job_dir))
+def read_errors(source: str | os.PathLike, home: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Rows of a job that could not be done: invalid input rows (stage `validate`), then rows that failed at
+    run time (out of memory alone, NaN/inf even in float32, a row that crashes workers), each with id, line,
+    row, sample, stage, error and message."""
+    from . import jobdir
 
-
-def iter_errors(job_dir: Path) -> Iterator[dict[str, Any]]:
-    """`read_errors` one entry at a time: a big file submitted with --skip-invalid may list millions."""
-    path = job_dir / "errors.jsonl"
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except ValueError:
-                continue  # a line torn by a kill mid-append
+    return jobdir.read_errors(jobdir.open_job(source, home))

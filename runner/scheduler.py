@@ -1,24 +1,27 @@
-"""The queue: which job a worker takes next, leases around it, deadlines, and `run` (submit + work).
+"""The queue: which job a worker takes next, how its outcome settles the job, deadlines, and `run`.
 
-jobs in the home -> `queue` (interrupted first, then priority, then age; fresh leases skipped) -> `work`
-(lease + heartbeat, state transitions) -> worker.run_job for each job
+jobs in the home (jobdir.py) -> `queue` (interrupted first, then priority, then age; jobs with no unit free
+to claim left out; broken ones skipped) -> `work`: take next -> `run_leased` (engine, fingerprint check,
+worker.run_job) -> `settle` (one table from outcome to what happens to the job and the worker).
 
-Everything here is about *which* job runs and *whether* it may; how a job runs is worker.py.
+Everything here is about *which* job runs; how a job runs, unit by unit and fenced, is worker.py.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import jobdir
 from .crashes import DeviceError
 from .engine import Engine
 from .errors import RunnerError
-from .jobs import Job
+from .jobdir import BrokenJob, Job, JobState, Owner
 from .storage import StorageError
-from .worker import SHARD_ROWS, SHARD_SECONDS, RunSummary, run_job, summarize
+from .worker import SHARD_ROWS, SHARD_SECONDS, RunSummary, run_job
 
 
 def run(
@@ -32,96 +35,136 @@ def run(
     echo: Callable[[str], None] | None = print,
     **job_kwargs: Any,
 ) -> tuple[Job, RunSummary]:
-    """Submit `input_path` as a job (in `output` if given, else in the job home) and work on it (with a lease,
-    like `runner work --job`) to the end. Running it again with the same `output` resumes where it stopped."""
+    """Submit `input_path` as a job (in `output` if given, else in the job home) and work on it to the end.
+    Running it again with the same `output` resumes where it stopped."""
     from .jobs import create_job
-    from .leases import read_state
 
     job = create_job(input_path, model, params, options, job_dir=output, **job_kwargs)
     summaries = work(job=job, engine=engine, echo=echo, once=True)
     if summaries:
-        return job, summaries[0]
-    state = read_state(job.dir)
-    if state["state"] in ("failed", "cancelled"):
-        reason = f": {state['error']}" if state.get("error") else ""
-        raise RunnerError(f"job {job.id} is {state['state']}{reason} (`runner retry {job.id}` re-queues it)")
-    return job, summarize(job, 0, 0, 0.0, finished=True)
+        return job, summaries[-1]
+    state = job.state()
+    if state.state in (JobState.FAILED, JobState.CANCELLED):
+        reason = f": {state.error}" if state.error else ""
+        raise RunnerError(f"job {job.id} is {state.state}{reason} (`runner retry {job.dir}` re-queues it)")
+    progress = jobdir.job_progress(job)
+    return job, RunSummary(job.id, progress.done, progress.total, 0, 0, 0.0, progress.failed, progress.complete)
 
 
 @dataclass
 class Candidate:
     job: Job
-    state: str
-    interrupted: bool
+    interrupted: bool  # some of it is done or was claimed: a worker died or stopped in it
 
 
 def _jobs(home: Any, only: str | Job | None) -> list[Job]:
-    from .jobs import all_jobs, find_job
-
+    """The jobs to consider; broken ones are left out (status shows them)."""
     if isinstance(only, Job):
         return [Job.open(only.dir)]
-    return [Job.open(find_job(only, home))] if only else all_jobs(home)
-
-
-def queue(home: Any = None, only: str | Job | None = None) -> list[Candidate]:
-    """Jobs a worker may take, in the order it takes them: interrupted jobs first (a worker died or stopped
-    in them), then queued jobs by priority (high first), then age. Jobs whose lease another worker keeps
-    fresh are left out."""
-    from .leases import lease_is_fresh, read_lease, read_state
-
+    if only:
+        return [jobdir.open_job(only, home)]
+    root = home if home is not None else jobdir.default_home()
     out = []
-    for job in _jobs(home, only):
-        state = read_state(job.dir)
-        if state["state"] not in ("queued", "running"):
-            continue
-        if lease_is_fresh(read_lease(job.dir)):
-            continue
-        interrupted = state["state"] == "running" or bool(state.get("interrupted"))
-        out.append(Candidate(job, state["state"], interrupted))
-    out.sort(key=lambda c: (not c.interrupted, -int(c.job.meta.get("priority", 0)), c.job.id))
+    for path in jobdir.job_folders(root):
+        try:
+            out.append(Job.open(path))
+        except RunnerError:
+            continue  # broken: it breaks only itself
     return out
 
 
-def _held_elsewhere(home: Any, only: str | None, worker: str) -> list[tuple[str, float, str]]:
-    """(job id, lease expiry, worker) of unfinished jobs whose fresh lease belongs to another worker."""
-    from .leases import lease_is_fresh, read_lease, read_state
-
+def queue(home: Any = None, only: str | Job | None = None) -> list[Candidate]:
+    """Jobs a worker may take, in the order it takes them: interrupted jobs first, then queued jobs by
+    priority (high first), then age. Jobs with no unit free to claim (done, or all held by live workers),
+    and cancelled, failed, completed or broken jobs, are left out."""
     out = []
-    for j in _jobs(home, only):
-        lease = read_lease(j.dir)
-        if (
-            read_state(j.dir)["state"] in ("queued", "running")
-            and lease_is_fresh(lease)
-            and lease.get("worker") != worker
-        ):
-            out.append((j.id, float(lease["expires"]), str(lease.get("worker"))))
+    for job in _jobs(home, only):
+        try:
+            if job.state().state is not JobState.QUEUED:
+                continue
+            progress = jobdir.job_progress(job)
+        except BrokenJob:
+            continue
+        if progress.claimable or (progress.complete and not progress.live):
+            out.append(Candidate(job, progress.started))
+    out.sort(key=lambda c: (not c.interrupted, -c.job.spec.priority, c.job.id))
+    return out
+
+
+def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[str, float, str]]:
+    """(job id, earliest heartbeat expiry, worker) of queued jobs whose units left are all held by others."""
+    out = []
+    for job in _jobs(home, only):
+        try:
+            if job.state().state is not JobState.QUEUED:
+                continue
+            progress = jobdir.job_progress(job)
+        except BrokenJob:
+            continue
+        others = {w: hb for w, hb in progress.live.items() if w != me}
+        if progress.units_left and others:
+            who, hb = min(others.items(), key=lambda kv: float(kv[1].get("expires", 0)))
+            out.append((job.id, float(hb.get("expires", 0)), who))
     return out
 
 
 def _stopped(e: StorageError, job: Job) -> StorageError:
     return StorageError(
-        f"stopped: the job home cannot be written ({e}); job {job.id} is consistent and resumes with the next "
-        "`runner work` (or the same `runner run` again)"
+        f"stopped: the job home cannot be written ({e}); job {job.id} is consistent and resumes with the "
+        "next `runner work` (or the same `runner run` again)"
     )
 
 
-def _stop_watch(job: Job, stop: Callable[[], bool] | None, every: float = 5.0) -> Callable[[], bool]:
-    """True once `stop()` is, or once the job has been cancelled (state.json looked at every few seconds:
-    reading it on Drive for every batch would be wasteful)."""
-    from .leases import read_state
+def lease_seconds() -> float:
+    """How long a worker's claims outlive its last heartbeat: $RUNNER_LEASE_TTL (seconds), else 120. Shorter
+    means a dead worker's units are taken over sooner, and a worker frozen that long is taken over too."""
+    raw = os.environ.get("RUNNER_LEASE_TTL")
+    if not raw:
+        return jobdir.LEASE_TTL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 1.0 <= value <= 86400:
+        raise RunnerError(f"RUNNER_LEASE_TTL must be a number of seconds in [1, 86400], got {raw!r}")
+    return value
 
-    last = [0.0]
 
-    def check() -> bool:
-        if stop and stop():
-            return True
-        now = time.time()
-        if now - last[0] > every:
-            last[0] = now
-            return read_state(job.dir)["state"] == "cancelled"
-        return False
+def local_device() -> str | None:
+    """Under torchrun or `accelerate launch` (LOCAL_RANK set), each process uses its own GPU, `cuda:LOCAL_RANK`;
+    on a machine without GPUs the job's own device. No collectives: the processes share the job by units."""
+    rank = os.environ.get("LOCAL_RANK")
+    if rank is None or not rank.isdigit():
+        return None
+    import torch
 
-    return check
+    per_process = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(per_process)
+    return f"cuda:{rank}" if torch.cuda.is_available() else None
+
+
+class Engines:
+    """Loaded models, reused across jobs: one in memory at a time (or the caller's, for every job)."""
+
+    def __init__(self, engine: Engine | None, device: str | None):
+        self.given, self.device = engine, device
+        self.loaded: dict[tuple[Any, ...], Engine] = {}
+
+    def options(self, job: Job) -> Any:
+        import dataclasses
+
+        opts = job.options
+        return dataclasses.replace(opts, device=self.device) if self.device else opts
+
+    def get(self, job: Job) -> Engine:
+        if self.given is not None:
+            return self.given
+        o = self.options(job)
+        key = (job.spec.model, o.device, o.dtype, o.trust_remote_code, o.allow_pickle)
+        if key not in self.loaded:
+            self.loaded.clear()
+            self.loaded[key] = Engine(job.spec.model, o)
+        return self.loaded[key]
 
 
 def work(
@@ -137,127 +180,104 @@ def work(
     shard_seconds: float = SHARD_SECONDS,
     poll: float = 15.0,
     engine: Engine | None = None,
+    device: str | None = None,
 ) -> list[RunSummary]:
     """Work through the queue until it is empty, `deadline` (time.time()) is near, or `stop()` is true.
-    `job` restricts the worker to one job; `once` stops after one job. Loaded models are reused across jobs."""
-    from .engine import load_config
-    from .jobs import model_fingerprint
-    from .leases import LEASE_TTL, Heartbeat, Lease, new_worker_id, read_state, set_state
-
-    worker = new_worker_id()
-    engines: dict[tuple[Any, ...], Engine] = {}
+    `job` restricts the worker to one job; `once` stops after one job; `device` overrides the jobs' device
+    (`cuda:1` for the second GPU). Several workers may run at once, on one job or many."""
+    owner = Owner.me()
+    engines = Engines(engine, device or local_device())
+    lease_ttl = lease_ttl or lease_seconds()
+    run_opts = dict(echo=echo, shard_rows=shard_rows, shard_seconds=shard_seconds, deadline=deadline,
+                    owner=owner, lease_ttl=lease_ttl)  # fmt: skip
     summaries: list[RunSummary] = []
-    tried: set[str] = set()
-    while True:
-        if (stop and stop()) or (deadline is not None and time.time() >= deadline):
-            break
-        candidates = [c for c in queue(home, job) if c.job.id not in tried]
-        if not candidates:
-            held = _held_elsewhere(home, job, worker)
-            if not held:
+    failed: set[str] = set()
+    if job is None:
+        jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
+    while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
+        cand = next((c for c in queue(home, job) if c.job.id not in failed), None)
+        if cand is None:
+            if not _wait_for_others(home, job, owner.worker, poll, deadline, echo):
                 break
-            # Another worker's lease is fresh: it is working, or it died and the lease has yet to go stale
-            # (a new Colab VM after a crash). Wait and take the job over when the lease expires.
-            wait = min(poll, max(0.5, min(h[1] for h in held) - time.time()))
-            if echo:
-                j, expires, who = min(held, key=lambda h: h[1])
-                echo(f"job {j} is held by worker {who}; waiting up to {max(0, expires - time.time()):.0f} s for its "
-                     "lease to be released or to go stale")  # fmt: skip
-            if deadline is not None and time.time() + wait >= deadline:
-                break
-            time.sleep(wait)
-            tried = {t for t in tried if t not in {h[0] for h in held}}
             continue
-        cand = candidates[0]
-        tried.add(cand.job.id)
-        lease = Lease(cand.job.dir, worker, ttl=lease_ttl or LEASE_TTL)
-        try:
-            if not lease.acquire():
-                continue
-        except StorageError as e:  # a read-only or full mount: nothing was changed, the job is as it was
-            raise _stopped(e, cand.job) from e
-        j = cand.job
-        should_stop = _stop_watch(j, stop)
-
-        try:
-            if echo:
-                echo(
-                    f"{'resuming' if cand.interrupted else 'starting'} job {j.id}"
-                    + (f" ({j.meta['name']})" if j.meta.get("name") else "")
-                )
-            set_state(j.dir, "running", worker=worker)
-            with Heartbeat(lease) as beat:
-                key = (
-                    j.meta["model"],
-                    j.options.device,
-                    j.options.dtype,
-                    j.options.trust_remote_code,
-                    j.options.allow_pickle,
-                )
-                if engine is not None:
-                    engines[key] = engine  # the caller's (tests, notebooks): reused for every job
-                if key not in engines:
-                    engines.clear()  # one model in memory at a time
-                    engines[key] = Engine(j.meta["model"], j.options)
-                loaded = engines[key]
-                fp = model_fingerprint(j.meta["model"], load_config(j.meta["model"], key[3]))
-                if fp != j.meta.get("model_fingerprint"):
-                    raise RunnerError(
-                        f"the model {j.meta['model']!r} is not the one job {j.id} was submitted with (its files or "
-                        "config changed); resuming with a different model is refused"
-                    )
-                summary = run_job(
-                    j, loaded, echo=echo, should_stop=lambda w=should_stop, b=beat: w() or b.lost, deadline=deadline,
-                    lease=lease, shard_rows=shard_rows, shard_seconds=shard_seconds,
-                )  # fmt: skip
-                if beat.error is not None:
-                    raise beat.error
-        except StorageError as e:
-            # The job home itself is failing (Drive gone): not the job's fault. Leave it resumable, as far as
-            # the file system still lets us, and stop this worker with the message.
-            try:
-                set_state(j.dir, "queued", interrupted=True)
-                lease.release()
-            except (RunnerError, OSError):
-                pass  # its lease goes stale on its own
-            raise _stopped(e, j) from e
-        except DeviceError:
-            # The GPU is unusable for this process (worker.py wrote what was finished and recorded the rows
-            # in flight): not the job's fault. Leave it resumable and stop; the next worker isolates the row.
-            try:
-                set_state(j.dir, "queued", interrupted=True)
-                lease.release()
-            except (RunnerError, OSError):
-                pass  # its lease goes stale on its own
-            raise
-        except RunnerError as e:
-            set_state(j.dir, "failed", error=str(e))
-            lease.release()
-            j.log(f"failed: {e}")
-            if echo:
-                echo(f"job {j.id} failed: {e}")
+        summary = run_leased(cand, engines, stop, run_opts, echo)
+        if summary is None:
+            failed.add(cand.job.id)
             continue
-        except BaseException:
-            # Ctrl-C twice, or a bug: leave the job as interrupted; its shards are consistent by construction.
-            set_state(j.dir, "queued", interrupted=True)
-            lease.release()
-            raise
         summaries.append(summary)
-        current = read_state(j.dir)["state"]
-        if current == "cancelled":
-            lease.release()
-            if echo:
-                echo(f"job {j.id} was cancelled; its finished rows are kept")
-            continue
-        if summary.finished:
-            set_state(j.dir, "completed", done=summary.done, errors=summary.errors, total=summary.total)
-            if echo:
-                echo(
-                    f"job {j.id} completed: {summary.done:,}/{summary.total:,} rows, {summary.errors} errors"
-                )
-        else:
-            set_state(j.dir, "queued", interrupted=True)
-        lease.release()
-        if once or not summary.finished:
+        if once or (summary.stopped and cand.job.state().state is not JobState.CANCELLED):
             break
     return summaries
+
+
+def _wait_for_others(home: Any, job: Any, me: str, poll: float, deadline: float | None, echo: Any) -> bool:
+    """Jobs whose remaining units other live workers hold: wait for them to finish or go stale (a dead
+    worker's units are then taken over). False when there is nothing to wait for, or no time."""
+    held = _held_elsewhere(home, job, me)
+    if not held:
+        return False
+    wait = min(poll, max(0.5, min(h[1] for h in held) - time.time()))
+    if deadline is not None and time.time() + wait >= deadline:
+        return False
+    if echo:
+        j, expires, who = min(held, key=lambda h: h[1])
+        echo(f"job {j}: the rest is held by worker {who}; waiting up to {max(0, expires - time.time()):.0f} s "
+             "for it to finish or for its claim to go stale")  # fmt: skip
+    time.sleep(wait)
+    return True
+
+
+def run_leased(cand: Candidate, engines: Engines, stop: Any, run_opts: dict[str, Any], echo: Any) -> RunSummary | None:
+    """Run one job and settle its outcome: a summary, or None when the job failed (recorded) or is broken."""
+    j = cand.job
+    if echo:
+        echo(f"{'resuming' if cand.interrupted else 'starting'} job {j.id}" + (f" ({j.name})" if j.name else ""))
+    try:
+        engine = engines.get(j) if not jobdir.job_progress(j).complete else None
+        if engine is not None:
+            _check_model(j)
+        summary = run_job(j, engine, should_stop=stop, **run_opts)
+    except StorageError as e:  # the job home itself is failing (Drive gone): not the job's fault
+        raise _stopped(e, j) from e
+    except DeviceError:  # the GPU is unusable for this process; the next worker isolates the row
+        raise
+    except BrokenJob as e:
+        if echo:
+            echo(f"job {j.id} is broken ({e}); skipped (`runner repair {j.dir}` brings it back)")
+        return None
+    except RunnerError as e:
+        _settle_failure(j, e, echo)
+        return None
+    return _settle(j, summary, echo)
+
+
+def _check_model(j: Job) -> None:
+    from .engine import load_config
+    from .jobs import model_fingerprint
+
+    fp = model_fingerprint(j.spec.model, load_config(j.spec.model, j.options.trust_remote_code))
+    if fp != j.meta.get("model_fingerprint"):
+        raise RunnerError(
+            f"the model {j.spec.model!r} is not the one job {j.id} was submitted with (its files or config "
+            "changed); resuming with a different model is refused"
+        )
+
+
+def _settle_failure(j: Job, e: RunnerError, echo: Any) -> None:
+    old = j.state()
+    jobdir.write_state(j.dir, jobdir.StateRecord(JobState.FAILED, old.generation, str(e)))
+    j.log(f"failed: {e}")
+    if echo:
+        echo(f"job {j.id} failed: {e}")
+
+
+def _settle(j: Job, summary: RunSummary, echo: Any) -> RunSummary:
+    """What the run's end means, said once: completed, cancelled, others still on it, or stopped."""
+    state = j.state().state
+    if echo and state is JobState.CANCELLED:
+        echo(f"job {j.id} was cancelled; its finished rows are kept (`runner retry {j.dir}` resumes it)")
+    elif echo and summary.finished:
+        echo(f"job {j.id} completed: {summary.done:,}/{summary.total:,} rows, {summary.errors} errors")
+    elif echo and summary.others:
+        echo(f"job {j.id}: {summary.others} other worker(s) are computing the rest")
+    return summary

@@ -83,6 +83,7 @@ def _replace_into(target: Path, fill: Callable[[Any], None], what: str, durable:
                 f.flush()
                 if durable:
                     os.fsync(f.fileno())
+            fault_point("before_replace")  # the new bytes are whole under the temp name; the old file stands
             os.replace(tmp, target)
         finally:
             if tmp.exists():

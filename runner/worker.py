@@ -1,80 +1,48 @@
-"""Run one job: do what is not done yet, in batches, and write it out in verified shards.
+"""Run one job as one worker: claim a unit of work, compute what it lacks in batches, commit it, repeat.
 
-job folder (jobs.py) -> windows of prompts.parquet with their remaining (row, sample) pairs ->
-batching.plan_batches -> a `Task` per job kind (engine.generate, scoring.score_rows, scoring.embed_batch) ->
-results.write_shard every `shard_rows` rows or `shard_seconds` seconds -> stats.json. Which job runs, under
-which lease, is scheduler.py.
+job folder (jobdir.py) -> `JobRun.next_unit` (claim the next free unit: fenced by its epoch) -> the unit's
+remaining (row, sample) keys -> batching.plan_batches -> tasks.make_task(...).compute (engine / scoring) ->
+`JobRun.commit` (shard + marker, every `shard_rows` rows or `shard_seconds` seconds and at the end of the
+unit) -> next unit -> stats.json, and "completed" once every key is done or failed. Which job runs is
+scheduler.py.
 
-Memory is bounded by a window of `WINDOW_ROWS` prompts, not by the job: the prompts are read a window at a
-time, and what is done is one byte per (row, sample) (results.done_mask).
-
-Resuming is the normal path, not a special case: a worker always starts by asking which (row, sample) pairs are
-in counted shards and generates only the rest. Each sample's randomness is seeded from (job seed, row id,
-sample), so a resumed job produces the same results as an uninterrupted one, whatever the batches.
+Several workers (processes, GPUs, machines sharing a folder) can run one job at once: each takes other
+units. Resuming is the normal path: a worker always asks the job's ledger which keys are done. Each sample is
+seeded from (job seed, row id, sample), so a resumed or shared job equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import math
-import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import storage
+from . import jobdir, storage
 from .batching import plan_batches
-from .crashes import (
-    DeviceError,
-    InFlight,
-    Suspect,
-    device_crash_message,
-    first_line,
-    is_device_error,
-)
+from .crashes import DeviceError, InFlight, Suspect, device_crash_message, first_line, is_device_error
 from .engine import Engine, NumericalError, peak_memory_bytes
 from .errors import RunnerError
 from .faults import fault_point, row_fault
-from .jobs import Job
-from .leases import Lease
+from .jobdir import ClaimLost, Heartbeat, Job, JobState, Owner
 from .progress import Progress
-from .results import (
-    PROMPTS,
-    GeneratedRow,
-    completions_table,
-    done_mask,
-    iter_errors,
-    remove_stale_temps,
-    write_shard,
+from .results import GeneratedRow, write_local_shard
+from .tasks import (
+    CPU_BATCH_SIZE,
+    CPU_BATCH_TOKENS,
+    GPU_BATCH_SIZE,
+    Isolation,
+    RowError,
+    Task,
+    dtype_name,
+    isolating,
+    make_task,
 )
 
-WINDOW_ROWS = 10_000  # prompts read, planned (length-sorted) and looked up at a time (at most a row group)
-SHARD_ROWS = 1000  # a shard is written at least every this many result rows...
+SHARD_ROWS = 1000  # a shard is committed at least every this many result rows...
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
-# Measured best on the 2-core CPU with grouped prefill (benchmarks/RESULTS.md); decode rows share each step's
-# per-layer overhead, and prefill groups keep padding out of the prompt pass.
-CPU_BATCH_SIZE, GPU_BATCH_SIZE = 64, 64
-CPU_BATCH_TOKENS = 32 * 1024
-
-
-def sample_seed(job_seed: int, row_id: str, sample: int) -> int:
-    """The seed of one sample's generator: depends on the job seed, the row's id and the sample index only."""
-    digest = hashlib.blake2b(f"{job_seed}\0{row_id}\0{sample}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    import torch
-
-    if isinstance(e, torch.OutOfMemoryError):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text or "cublas_status_alloc_failed" in text
-    )
+CANCEL_CHECK_SECONDS = 5.0  # how often state.json is looked at for a cancel (reading it per batch is wasteful)
 
 
 @dataclass
@@ -87,36 +55,27 @@ class RunSummary:
     seconds: float
     errors: int
     finished: bool  # every row is done or recorded as an error
+    others: int = 0  # live workers still holding units of this job
+    stopped: bool = False  # ended early: a stop request, the deadline or a cancel
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def failed_mask(job: Job) -> Any:
-    """[rows, samples] bool: the pairs recorded as errors at run time (finished, with a reason, not retried),
-    like results.done_mask."""
-    import numpy as np
-
-    mask = np.zeros((int(job.meta["input"]["rows"]), job.samples), dtype=bool)
-    for e in iter_errors(job.dir):
-        if e.get("stage") == "generate":
-            mask[e["row"], e["sample"]] = True
-    return mask
-
-
-def remaining_mask(job: Job) -> Any:
-    """[rows, samples] bool: the pairs neither in a counted shard nor recorded as failed."""
-    return ~(done_mask(job.dir, int(job.meta["input"]["rows"]), job.samples) | failed_mask(job))
-
-
 @dataclass
-class Window:
-    """Consecutive prompts of a job: rows `start` .. `start + len(table) - 1` of prompts.parquet."""
+class Unit:
+    """The unit being computed: rows `start` .. of the job, held at `epoch`."""
 
+    index: int
+    epoch: int
     start: int
-    table: Any  # pa.Table, that slice of prompts.parquet
-    todo: list[tuple[int, int]]  # its (row, sample) pairs still to do, rows numbered over the whole job
+    table: Any  # pa.Table: those rows of prompts.parquet
+    task: Task
+    todo: list[tuple[int, int]]  # its (row, sample) keys still to do
+    results: list[GeneratedRow] = field(default_factory=list)  # rows numbered within the unit
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    seq: int = 0
 
     def id(self, row: int) -> str:
         return self.table.column("id")[row - self.start].as_py()
@@ -125,32 +84,8 @@ class Window:
         return self.table.column("line")[row - self.start].as_py()
 
 
-def windows(job: Job, remaining: Any, size: int | None = None) -> Iterator[Window]:
-    """The prompts with something left to do, `size` (default WINDOW_ROWS) rows at a time, in row order.
-    Row groups with nothing left are skipped without being read."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    size = size or WINDOW_ROWS
-    pf = pq.ParquetFile(job.dir / PROMPTS)
-    start = 0
-    for group in range(pf.num_row_groups):
-        n = pf.metadata.row_group(group).num_rows
-        if remaining[start : start + n].any():
-            at = start
-            for batch in pf.iter_batches(batch_size=size, row_groups=[group]):
-                left = remaining[at : at + batch.num_rows]
-                if left.any():
-                    r, s = np.nonzero(left)  # row-major: (row, sample) in order, as generated
-                    todo = list(zip((r + at).tolist(), s.tolist(), strict=True))
-                    yield Window(at, pa.Table.from_batches([batch]), todo)
-                at += batch.num_rows
-        start += n
-
-
-class _MaskKeys:
-    """`(row, sample) in keys` for the True cells of a [rows, samples] bool array, without listing them."""
+class _KeySet:
+    """`(row, sample) in keys` for the True cells of a [rows, samples] bool array."""
 
     def __init__(self, mask: Any):
         self.mask = mask
@@ -163,30 +98,6 @@ class _MaskKeys:
             return False
 
 
-def _keys_mask(shape: tuple[int, int], keys: Iterable[tuple[int, int]]) -> Any:
-    import numpy as np
-
-    mask = np.zeros(shape, dtype=bool)
-    for r, s in keys:
-        mask[r, s] = True
-    return mask
-
-
-def _row_id_line(job: Job, row: int) -> tuple[str, int]:
-    """(id, line) of one row of prompts.parquet, reading only the row group that holds it."""
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(job.dir / PROMPTS)
-    start = 0
-    for group in range(pf.num_row_groups):
-        n = pf.metadata.row_group(group).num_rows
-        if row < start + n:
-            t = pf.read_row_group(group, columns=["id", "line"])
-            return t.column("id")[row - start].as_py(), t.column("line")[row - start].as_py()
-        start += n
-    raise IndexError(f"row {row} is not in {job.dir / PROMPTS}")
-
-
 def run_job(
     job: Job,
     engine: Engine | None = None,
@@ -196,242 +107,390 @@ def run_job(
     shard_seconds: float = SHARD_SECONDS,
     should_stop: Callable[[], bool] | None = None,
     deadline: float | None = None,
-    lease: Lease | None = None,
+    owner: Owner | None = None,
+    lease_ttl: float = jobdir.LEASE_TTL,
     progress_interval: float = 10.0,
 ) -> RunSummary:
-    """Generate every missing result row of `job`. Returns when all are done, or early (rows finished so far
-    written first) when `should_stop()` says so, when the next batch would not end before `deadline` (a
-    `time.time()` value), or when `lease` is no longer ours. Checked between batches.
+    """Work on `job` until no unit is left to claim. Returns early (finished work committed first) when
+    `should_stop()` says so, when the next batch would not end before `deadline` (a `time.time()` value), or
+    when the job is cancelled; checked between batches. A device error that leaves the process unusable
+    commits what is finished and raises `DeviceError`."""
+    return JobRun(job, engine, echo, shard_rows, shard_seconds, should_stop, deadline, owner, lease_ttl,
+                  progress_interval).run()  # fmt: skip
 
-    What a dead worker was computing runs first, as the same batch again or one row at a time (crashes.py);
-    a device error that leaves the process unusable writes what is finished and raises `DeviceError`."""
-    import pyarrow as pa
 
-    remaining = remaining_mask(job)
-    t0 = time.perf_counter()
-    worker = secrets.token_hex(2)
-    win: Window | None = None  # the window being generated
+class JobRun:
+    """One worker's run of one job. `run` is the skeleton; each step is a method below it."""
 
-    def say(line: str) -> None:
-        if echo:
-            echo(line)
-        job.log(line)
+    def __init__(self, job, engine, echo, shard_rows, shard_seconds, should_stop, deadline, owner, ttl, interval):
+        self.job, self.engine, self.echo = job, engine, echo
+        self.shard_rows, self.shard_seconds = shard_rows, shard_seconds
+        self.user_stop, self.deadline, self.ttl = should_stop, deadline, ttl
+        self.owner = owner or Owner.me()
+        self.interval = interval
+        self.verifier = jobdir.Verifier(job)
+        self.iso = Isolation()
+        self.generated = self.tokens = self.errors = self.retried = 0
+        self.slowest = 0.0
+        self.stopped = False
+        self.cancel_checked = 0.0
+        self.t0 = time.perf_counter()
+        self.last_commit = self.t0
+        self.suspected: list[Suspect] = []
+        self.progress: Progress | None = None
+        self.beat: Heartbeat | None = None
 
-    def where(r: int) -> tuple[str, int]:
-        """(id, line) of row `r`: from the window at hand, else read from prompts.parquet (rare: errors)."""
-        if win is not None and win.start <= r < win.start + win.table.num_rows:
-            return win.id(r), win.line(r)
-        return _row_id_line(job, r)
+    def run(self) -> RunSummary:
+        self.check_prompts()
+        before = jobdir.job_progress(self.job, self.ledger())
+        self.tidy(before)
+        if before.complete or not before.claimable:
+            return self.finish(ran=False)
+        self.progress = Progress(self.job.total, before.done + before.failed, echo=self.say, interval=self.interval)
+        with Heartbeat(self.job, self.owner, self.ttl) as self.beat:
+            while not self.stopped and (unit := self.next_unit()) is not None:
+                self.load_engine()
+                self.run_unit(unit)
+            if self.beat.error is not None:
+                raise self.beat.error
+        return self.finish(ran=True)
 
-    def row_error(r: int, s: int, error: str, message: str) -> None:
-        rid, line = where(r)
-        storage.append_line(job.dir / "errors.jsonl", json.dumps(
-            {"id": rid, "line": line, "row": r, "sample": s, "stage": "generate", "error": error,
-             "message": message}, ensure_ascii=False))  # fmt: skip
+    # --- before: is the job sound, what is left ---------------------------------------------------------
 
-    flight = InFlight(job.dir, worker)
-    recovery = flight.recover(_MaskKeys(remaining))
-    for (r, s), message in recovery.culprits:
-        row_error(r, s, "worker_crash", message)
-        remaining[r, s] = False
-        rid, line = where(r)
-        say(f"row {rid} (line {line}, sample {s}) set aside in errors.jsonl: {message}")
-    todo = int(remaining.sum())
-    if not todo:
-        flight.settle([])
-        return summarize(job, 0, 0, 0.0, finished=True)
-    if remove_stale_temps(job.dir):
-        job.log("removed temp files left by killed workers in shards/ and done/")
-    if engine is None:
-        say(f"loading model {job.meta['model']} ...")
-        engine = Engine(job.meta["model"], job.options)
-    # Stated in every shard too, so a results file says how it was made (e.g. whether BOS/EOS were scored).
-    params_json = json.dumps({**job.meta["params"], "model": job.meta["model"]}, ensure_ascii=False)
-    budget = job.options.max_batch_tokens or default_batch_tokens(engine)
-    batch_size = default_batch_size(engine, job.options)
-    rest = remaining.copy()
-    for x in recovery.first + recovery.last:
-        for r, s in x.keys:
-            rest[r, s] = False
+    def say(self, line: str) -> None:
+        if self.echo:
+            self.echo(line)
+        self.job.log(line)
 
-    def suspects(
-        group: list[Suspect],
-    ) -> Iterator[tuple[Window, Task, list[tuple[int, int]], Suspect | None]]:
-        for x in group:
-            only = _keys_mask(remaining.shape, x.keys)
-            for w in windows(job, only):
-                yield w, make_task(job, engine, w.table, w.start), w.todo, x
+    def ledger(self, seal: bool = False) -> jobdir.Ledger:
+        return jobdir.read_ledger(self.job, seal=seal, verifier=self.verifier)
 
-    def plan() -> Iterator[tuple[Window, Task, list[tuple[int, int]], Suspect | None]]:
-        """What a dead worker was computing first, then each window's remaining pairs in batches planned
-        within the window (length-sorted, budgeted), then keys that already died alone once, so that a row
-        which kills workers holds up no other row."""
-        yield from suspects(recovery.first)
-        for w in windows(job, rest):
-            task = make_task(job, engine, w.table, w.start)
-            lengths = w.table.column("prompt_tokens").to_pylist()
-            sizes = [lengths[r - w.start] for r, _ in w.todo]
-            for batch in plan_batches(sizes, batch_size, budget, task.new_tokens):
-                yield w, task, [w.todo[i] for i in batch], None
-        yield from suspects(recovery.last)
+    def check_prompts(self) -> None:
+        """prompts.parquet must be the file submit wrote: a damaged one fails the job, with the reason."""
+        expected = self.job.spec.prompts_sha256
+        path = self.job.dir / jobdir.PROMPTS
+        st = storage.retry(lambda: path.stat(), f"read {path}")
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected]
+        if expected is None or self.verifier.cache.get(jobdir.PROMPTS) == stamp:
+            return
+        if storage.retry(lambda: storage.file_sha256(path), f"read {path}") != expected:
+            raise RunnerError(f"prompts.parquet of job {self.job.id} is damaged (it does not match its checksum); "
+                              "submit the file again")  # fmt: skip
+        self.verifier.cache[jobdir.PROMPTS] = stamp
+        self.verifier.dirty = True
 
-    say(
-        f"job {job.id}: {todo:,} of {job.total:,} rows to {job.kind} on {engine.device} ({_dtype_name(engine)})"
-    )
-    if recovery.retried_batch:
-        say(f"a worker died while computing a batch of {len(recovery.first[0].keys)} rows (most likely it was "
-            "killed): running that batch again first")  # fmt: skip
-    elif recovery.first:
-        why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died twice"
-        say(f"{len(recovery.first)} row(s) were being computed when a worker {why}: running them one at a "
-            "time first")  # fmt: skip
-    if recovery.last:
-        say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them alone "
-            "again at the end")  # fmt: skip
-    suspected = recovery.first + recovery.last  # suspects not run yet, in the order they run
+    def tidy(self, progress: jobdir.Progress) -> None:
+        """Quarantine commits that fail verification (their keys are then simply not done) and delete temp
+        files killed writers left."""
+        for name, why in progress.bad:
+            jobdir.quarantine(self.job, name, why)
+        if jobdir.remove_stale_temps(self.job.dir):
+            self.job.log("removed temp files left by killed workers")
 
-    def checked(task: Task, w: Window) -> Callable[[list[tuple[int, int]]], list[Any]]:
+    def load_engine(self) -> None:
+        if self.engine is None:
+            self.say(f"loading model {self.job.spec.model} ...")
+            self.engine = Engine(self.job.spec.model, self.job.options)
+
+    # --- claiming a unit ------------------------------------------------------------------------------------
+
+    def next_unit(self) -> Unit | None:
+        """Claim the first unit with keys left that no live worker holds; None when there is none."""
+        ledger = self.ledger()
+        progress = jobdir.job_progress(self.job, ledger)
+        for u in progress.claimable:
+            epoch = jobdir.take_unit(self.job, u, self.owner, ledger.current.get(u, -1))
+            if epoch is not None:
+                return self.open_unit(u, epoch)
+        return None
+
+    def open_unit(self, index: int, epoch: int) -> Unit | None:
+        """The unit's keys still to do, read after its older epochs are sealed (so nobody can add to them)."""
+        ledger = self.ledger(seal=True)
+        for name, why in ledger.bad:
+            if name.startswith(f"{index:05d}-"):
+                jobdir.quarantine(self.job, name, why)
+        rows = self.job.spec.unit_rows_range(index)
+        left = ~(ledger.done_mask() | ledger.failed_mask())
+        table = self.job.read_rows(rows.start, rows.stop)
+        self.load_engine()
+        assert self.engine is not None
+        task = make_task(self.job, self.engine, table, rows.start)
+        import numpy as np
+
+        r, s = np.nonzero(left[rows.start : rows.stop])
+        todo = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))
+        return Unit(index, epoch, rows.start, table, task, todo)
+
+    # --- computing a unit ---------------------------------------------------------------------------------
+
+    def run_unit(self, unit: Unit | None) -> None:
+        if unit is None or not unit.todo:
+            return
+        self.flight = InFlight(self.job.dir / jobdir.INFLIGHT / f"{unit.index:05d}.json", self.owner.worker)
+        self.say(f"job {self.job.id}: unit {unit.index}: {len(unit.todo):,} of {self.job.total:,} rows to "
+                 f"{self.job.kind} on {self.engine.device} ({dtype_name(self.engine)})")  # fmt: skip
+        try:
+            for keys, suspect in self.plan(unit):
+                if self.should_stop():
+                    self.stopped = True
+                    break
+                self.compute(unit, keys, suspect)
+                if self.due(unit):
+                    self.commit(unit)
+            self.commit(unit)
+            self.flight.settle(self.suspected)
+        except ClaimLost:
+            self.say(f"the claim on unit {unit.index} of job {self.job.id} was taken over by another worker "
+                     "(this one was thought dead); its uncommitted rows are discarded")  # fmt: skip
+
+    def plan(self, unit: Unit) -> Iterator[tuple[list[tuple[int, int]], Suspect | None]]:
+        """What a dead worker was computing in this unit first (as the same batch, or one row at a time), then
+        the rest in length-sorted, budgeted batches, then rows that already died alone once."""
+        recovery = self.flight.recover(_KeySet(self.left_mask(unit)))
+        for (r, s), message in recovery.culprits:
+            self.row_error(unit, r, s, "worker_crash", message)
+            self.say(f"row {unit.id(r)} (line {unit.line(r)}, sample {s}) set aside as an error: {message}")
+        self.announce(recovery)
+        self.suspected = recovery.first + recovery.last
+        held = {k for x in self.suspected for k in x.keys} | {(r, s) for (r, s), _ in recovery.culprits}
+        for x in recovery.first:
+            yield x.keys, x
+        rest = [k for k in unit.todo if k not in held]
+        lengths = unit.table.column("prompt_tokens").to_pylist()
+        sizes = [lengths[r - unit.start] for r, _ in rest]
+        budget = self.job.options.max_batch_tokens or default_batch_tokens(self.engine)
+        for batch in plan_batches(sizes, default_batch_size(self.engine, self.job.options), budget,
+                                  unit.task.new_tokens):  # fmt: skip
+            yield [rest[i] for i in batch], None
+        for x in recovery.last:
+            yield x.keys, x
+
+    def left_mask(self, unit: Unit) -> Any:
+        import numpy as np
+
+        mask = np.zeros((self.job.spec.rows, self.job.spec.samples), dtype=bool)
+        for r, s in unit.todo:
+            mask[r, s] = True
+        return mask
+
+    def announce(self, recovery: Any) -> None:
+        if recovery.retried_batch:
+            self.say(f"a worker died while computing a batch of {len(recovery.first[0].keys)} rows (most likely "
+                     "it was killed): running that batch again first")  # fmt: skip
+        elif recovery.first:
+            why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died twice"
+            self.say(f"{len(recovery.first)} row(s) were being computed when a worker {why}: running them one at "
+                     "a time first")  # fmt: skip
+        if recovery.last:
+            self.say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them "
+                     "alone again at the end")  # fmt: skip
+
+    def compute(self, unit: Unit, keys: list[tuple[int, int]], suspect: Suspect | None) -> None:
+        """One batch: record it as in flight, compute it (splitting on OOM / NaN), buffer its outcomes."""
+        started = time.perf_counter()
+        if suspect is not None and suspect in self.suspected:
+            self.suspected.remove(suspect)
+        self.flight.running(keys, self.suspected, crashes=suspect.crashes if suspect is not None else 0)
+        try:
+            outcomes = isolating(self.engine, self.checked(unit), keys, self.iso)
+        except BaseException as e:
+            if not (isinstance(e, Exception) and is_device_error(e)):
+                self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)  # not a crash
+                raise
+            raise self.device_failed(unit, e, keys, suspect) from None
+        for r, s in self.iso.float32_retried[self.retried :]:
+            self.say(f"row {unit.id(r)} (sample {s}): non-finite logits in {dtype_name(self.engine)}; "
+                     "recomputed in float32")  # fmt: skip
+        self.retried = len(self.iso.float32_retried)
+        batch_tokens = 0
+        for (r, s), out in zip(keys, outcomes, strict=True):
+            if isinstance(out, RowError):
+                self.row_error(unit, r, s, out.error, out.message)
+            else:
+                unit.results.append(GeneratedRow(r - unit.start, s, out))
+                self.generated += 1
+                batch_tokens += unit.task.tokens(out)
+        self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
+        self.tokens += batch_tokens
+        assert self.progress is not None
+        self.progress.update(len(keys), batch_tokens)
+        self.slowest = max(self.slowest, time.perf_counter() - started)
+        fault_point("after_generate")
+
+    def checked(self, unit: Unit) -> Callable[[list[tuple[int, int]]], list[Any]]:
         def compute(keys: list[tuple[int, int]]) -> list[Any]:
-            row_fault([w.id(r) for r, _ in keys])
-            outcomes = list(task.compute(keys))
+            row_fault([unit.id(r) for r, _ in keys])
+            outcomes = list(unit.task.compute(keys))
             # The engine checks the log-probs it samples from; this checks everything that would be written
             # (prompt log-probs, alternatives, scores, vectors), so no NaN ever reaches a shard.
-            bad = [i for i, out in enumerate(outcomes) if not task.finite(out)]
+            bad = [i for i, out in enumerate(outcomes) if not unit.task.finite(out)]
             if bad:
                 raise NumericalError(bad)
             return outcomes
 
         return compute
 
-    progress = Progress(job.total, job.total - todo, echo=say, interval=progress_interval)
-    buffer: list[GeneratedRow] = []  # the window's results, rows numbered within it
-    tables: list[Any] = []  # result tables of earlier windows, not in a shard yet
-    last_flush = time.perf_counter()
-    generated = tokens = errors = retried = 0
+    def row_error(self, unit: Unit, r: int, s: int, error: str, message: str) -> None:
+        self.errors += 1
+        unit.errors.append({"id": unit.id(r), "line": unit.line(r), "row": r, "sample": s, "stage": "generate",
+                            "error": error, "message": message})  # fmt: skip
 
-    lost = False
+    # --- committing -----------------------------------------------------------------------------------------
 
-    def token_text(ids: list[int]) -> list[str]:
-        return engine.tokenizer.batch_decode([[i] for i in ids])
+    def due(self, unit: Unit) -> bool:
+        return (
+            len(unit.results) + len(unit.errors) >= self.shard_rows
+            or time.perf_counter() - self.last_commit >= self.shard_seconds
+        )
 
-    def collect() -> None:
-        """The window's results as a table, while its prompts (passthrough columns) are at hand."""
-        nonlocal buffer
-        if buffer:
-            assert win is not None and win_task is not None
-            tables.append(win_task.table(win.table, buffer, token_text))
-            buffer = []
+    def commit(self, unit: Unit) -> None:
+        """Publish the unit's buffered results and row errors as one commit (shard, then marker), if this
+        worker still holds the unit: checked before the shard and again right before the marker. A commit
+        that lands after another worker took the unit over is ignored by construction (the seal)."""
+        self.last_commit = time.perf_counter()
+        if not unit.results and not unit.errors:
+            return
+        if not jobdir.still_holds(self.job, unit.index, unit.epoch):
+            raise ClaimLost(unit.index)
+        name = jobdir.commit_name(unit.index, unit.epoch, unit.seq)
+        marker = self.publish(unit, name)
+        fault_point("after_shard")  # the shard is in place, its marker is not: it must not count
+        if not jobdir.still_holds(self.job, unit.index, unit.epoch):
+            raise ClaimLost(unit.index)
+        jobdir.write_marker(self.job, unit.index, unit.epoch, unit.seq, marker)
+        self.verifier.remember(jobdir.Commit(name, unit.index, unit.epoch, marker))
+        unit.seq += 1
+        unit.results, unit.errors = [], []
+        self.update_heartbeat()
 
-    def flush() -> None:
-        nonlocal tables, last_flush, lost
-        collect()
-        if tables:
-            rows = sum(t.num_rows for t in tables)
-            if lease is not None and not lease.held():
-                # Another worker took the job over (ours went stale): its plan includes these rows.
-                lost = True
-                say(f"lease on job {job.id} was taken over by another worker; {rows} rows discarded")
-            else:
-                table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-                write_shard(job.dir, table, worker, {"job": job.id, "kind": job.kind, "params": params_json})
-            tables = []
-        last_flush = time.perf_counter()
+    def publish(self, unit: Unit, name: str) -> dict[str, Any]:
+        """Write the shard (locally, checked, then copied in under a temp name and renamed) and return the
+        marker that vouches for it."""
+        flat = sorted(self.job.spec.samples * (g.row + unit.start) + g.sample for g in unit.results)
+        marker: dict[str, Any] = {
+            "format": jobdir.FORMAT, "unit": unit.index, "epoch": unit.epoch, "seq": unit.seq,
+            "worker": self.owner.worker, "generation": self.job.state().generation,
+            "shard": None, "rows": len(flat), "keys": jobdir.key_ranges(flat), "errors": unit.errors,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }  # fmt: skip
+        if unit.results:
+            assert self.engine is not None
+            table = unit.task.table(unit.table, unit.results, self.token_text)
+            params = json.dumps({**self.job.meta["params"], "model": self.job.spec.model}, ensure_ascii=False)
+            meta = {"job": self.job.id, "kind": self.job.kind, "params": params}
+            with write_local_shard(table, meta) as (local, digest):
+                storage.publish(local, self.job.dir / jobdir.SHARDS / f"{name}.parquet")
+                marker.update(shard=f"{name}.parquet", bytes=local.stat().st_size, sha256=digest)
+        return marker
 
-    def device_failed(e: Exception, keys: list[tuple[int, int]], suspect: Suspect | None) -> DeviceError:
+    def token_text(self, ids: list[int]) -> list[str]:
+        assert self.engine is not None
+        return self.engine.tokenizer.batch_decode([[i] for i in ids])
+
+    def update_heartbeat(self) -> None:
+        if self.beat is None or self.progress is None:
+            return
+        p = self.progress
+        self.beat.info.update(
+            device=str(self.engine.device) if self.engine is not None else None,
+            rows=p.done - p.done_before,
+            tokens_per_second=round(p.tokens_per_second, 2),
+            rows_per_second=round((p.done - p.done_before) / max(p.elapsed, 1e-9), 4),
+        )
+
+    # --- stopping -------------------------------------------------------------------------------------------
+
+    def should_stop(self) -> bool:
+        if self.user_stop is not None and self.user_stop():
+            return True
+        if self.deadline is not None and time.time() + self.slowest * 1.5 > self.deadline:
+            return True
+        if self.beat is not None and self.beat.error is not None:
+            return True
+        now = time.time()
+        if now - self.cancel_checked >= CANCEL_CHECK_SECONDS:
+            self.cancel_checked = now
+            return self.job.state().state is JobState.CANCELLED
+        return False
+
+    def device_failed(self, unit: Unit, e: Exception, keys: list[tuple[int, int]], suspect: Suspect | None):
         """The device is broken for this process: record what was in flight (and set the row aside if it
-        failed alone: conclusive), write the finished rows, and say what to do, in one line."""
+        failed alone: conclusive), commit the finished rows, and say what to do, in one line."""
         cause = first_line(e)
         crashes = suspect.crashes if suspect is not None else 0
-        flight.running(keys, suspected, crashes=crashes, error=cause)
+        self.flight.running(keys, self.suspected, crashes=crashes, error=cause)
         again = "run `runner work` (or the same `runner run`) again"
         if len(keys) == 1:  # alone: conclusive
             r, s = keys[0]
-            rid, line = where(r)
-            row_error(r, s, "worker_crash", device_crash_message(cause))
-            flight.settle(suspected)
+            self.row_error(unit, r, s, "worker_crash", device_crash_message(cause))
+            self.flight.settle(self.suspected)
             message = (
-                f"row {rid} (line {line}, sample {s}) of job {job.id} makes the device fail on its own "
-                f"({cause}); it is set aside in errors.jsonl. This process cannot use the device any more: "
-                f"{again} to carry on"
+                f"row {unit.id(r)} (line {unit.line(r)}, sample {s}) of job {self.job.id} makes the device fail "
+                f"on its own ({cause}); it is set aside as a row error. This process cannot use the device any "
+                f"more: {again} to carry on"
             )
         else:
             message = (
-                f"the device failed while computing a batch of {len(keys)} rows of job {job.id} ({cause}); this "
-                f"process cannot use it any more. Finished rows are saved: {again}; it runs those rows one at a "
-                "time and sets aside the one that fails"
+                f"the device failed while computing a batch of {len(keys)} rows of job {self.job.id} ({cause}); "
+                f"this process cannot use it any more. Finished rows are saved: {again}; it runs those rows one "
+                "at a time and sets aside the one that fails"
             )
-        flush()
-        job.log(message)
-        with contextlib.suppress(RunnerError):  # the device error is the news, not a stats file
-            _record_stats(job, engine, generated, tokens, time.perf_counter() - t0, retried, poisoned=True)
+        try:
+            self.commit(unit)
+        except ClaimLost:
+            pass
+        self.job.log(message)
+        try:
+            self.record_stats(poisoned=True)
+        except RunnerError:
+            pass  # the device error is the news, not a stats file
         return DeviceError(message)
 
-    stopped = False
-    slowest = 0.0
-    iso = Isolation()
-    win_task: Task | None = None
-    for batch_win, task, keys, suspect in plan():
-        if (
-            lost
-            or (should_stop is not None and should_stop())
-            or (deadline is not None and time.time() + slowest * 1.5 > deadline)
-        ):
-            stopped = True
-            break
-        if batch_win is not win:
-            collect()  # the results so far become a table while their window's prompts are at hand
-            win, win_task = batch_win, task
-        started = time.perf_counter()
-        if suspect is not None and suspect in suspected:
-            suspected.remove(suspect)
-        flight.running(keys, suspected, crashes=suspect.crashes if suspect is not None else 0)
-        try:
-            outcomes = _isolating(engine, checked(task, batch_win), keys, iso)
-        except BaseException as e:
-            if not (isinstance(e, Exception) and is_device_error(e)):
-                flight.settle(([suspect] if suspect is not None else []) + suspected)  # not a crash
-                raise
-            raise device_failed(e, keys, suspect) from None
-        for r, s in iso.float32_retried[retried:]:
-            rid, _ = where(r)
-            say(f"row {rid} (sample {s}): non-finite logits in {_dtype_name(engine)}; recomputed in float32")
-        retried = len(iso.float32_retried)
-        batch_tokens = 0
-        for (r, s), out in zip(keys, outcomes, strict=True):
-            if isinstance(out, RowError):
-                errors += 1
-                row_error(r, s, out.error, out.message)
-            else:
-                buffer.append(GeneratedRow(r - batch_win.start, s, out))
-                generated += 1
-                batch_tokens += task.tokens(out)
-        flight.settle(suspected)  # the outcome is buffered: these keys are no longer in flight
-        tokens += batch_tokens
-        progress.update(len(keys), batch_tokens)
-        slowest = max(slowest, time.perf_counter() - started)
-        fault_point("after_generate")
-        if (
-            len(buffer) + sum(t.num_rows for t in tables) >= shard_rows
-            or time.perf_counter() - last_flush >= shard_seconds
-        ):
-            flush()
-            if lease is not None:
-                lease.info.update(
-                    done=progress.done,
-                    total=job.total,
-                    tokens_per_second=round(progress.tokens_per_second, 2),
-                    rows_per_second=round(
-                        (progress.done - progress.done_before) / max(progress.elapsed, 1e-9), 4
-                    ),
-                )
-    flush()
-    stopped = stopped or lost
-    if not lost:  # a worker that took the job over owns the record now
-        flight.settle(suspected)
-    seconds = time.perf_counter() - t0
-    say(progress.line())
-    _record_stats(job, engine, generated, tokens, seconds, float32_retries=retried)
-    return summarize(job, generated, tokens, seconds, finished=not stopped, new_errors=errors)
+    # --- after ------------------------------------------------------------------------------------------------
+
+    def finish(self, ran: bool) -> RunSummary:
+        """Stats of this run, and "completed" once every key of the job is done or failed (whoever finishes
+        the last unit writes it; writing it twice writes the same)."""
+        seconds = time.perf_counter() - self.t0
+        if ran and self.progress is not None:
+            self.say(self.progress.line())
+            self.record_stats()
+        self.verifier.save()
+        progress = jobdir.job_progress(self.job, self.ledger())
+        if progress.complete:
+            state = self.job.state()
+            if state.state is JobState.QUEUED:
+                jobdir.write_state(self.job.dir, jobdir.StateRecord(JobState.COMPLETED, state.generation))
+        others = len([w for w in progress.live if w != self.owner.worker])
+        return RunSummary(self.job.id, progress.done, progress.total, self.generated, self.tokens, seconds,
+                          progress.failed, progress.complete, others, self.stopped)  # fmt: skip
+
+    def record_stats(self, poisoned: bool = False) -> None:
+        """Append this run to stats.json. After a device error (`poisoned`) the device is not asked for its
+        peak memory: the call itself could fail."""
+        engine = self.engine
+        if engine is None:
+            return
+        seconds = time.perf_counter() - self.t0
+        stats = self.job.read_stats()
+        stats["runs"].append({
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "worker": self.owner.worker,
+            "device": str(engine.device),
+            "dtype": dtype_name(engine),
+            "model_load_seconds": round(engine.load_seconds, 3),
+            "rows": self.generated,
+            "tokens": self.tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_second": round(self.tokens / seconds, 2) if seconds > 0 else None,
+            "peak_memory_bytes": None if poisoned else peak_memory_bytes(engine.device),
+            "float32_retries": self.retried,  # rows whose logits overflowed, recomputed in float32
+            "speedups": engine.speedups,
+        })  # fmt: skip
+        stats["tokens"] = sum(int(r.get("tokens") or 0) for r in stats["runs"])
+        stats["seconds"] = round(sum(float(r.get("seconds") or 0) for r in stats["runs"]), 3)
+        storage.write_json(self.job.dir / jobdir.STATS_FILE, stats)
 
 
 def default_batch_size(engine: Engine, options: Any) -> int:
@@ -462,213 +521,3 @@ def default_batch_tokens(engine: Engine) -> int:
     free, _ = torch.cuda.mem_get_info(engine.device)
     return max(1024, int(0.5 * free / max(per_token, 1)))
 
-
-@dataclass
-class RowError:
-    """A row that could not be done, recorded in errors.jsonl instead of the results."""
-
-    error: str
-    message: str
-
-
-@dataclass
-class Task:
-    """What a job kind does with a batch of (row, sample) keys, and how its results become a table."""
-
-    compute: Callable[[list[tuple[int, int]]], list[Any]]
-    table: Callable[..., Any]
-    tokens: Callable[[Any], int]  # tokens produced or read for one result, for tok/s
-    new_tokens: int  # tokens each sequence grows by, for the batch budget
-    finite: Callable[[Any], bool]  # every number of one result is finite (no NaN/inf log-prob is written)
-
-
-def _all_finite(values: Iterable[float | None]) -> bool:
-    return all(v is None or math.isfinite(v) for v in values)
-
-
-def _completion_finite(c: Any) -> bool:
-    return (
-        _all_finite(c.token_logprobs)
-        and _all_finite(c.prompt_logprobs or ())
-        and all(_all_finite(lp for _, lp, _ in step) for step in c.top_logprobs or ())
-    )
-
-
-def make_task(job: Job, engine: Engine, prompts: Any, start: int = 0) -> Task:
-    """The job kind's Task over `prompts`, a window of the job's prompts table whose first row is row `start`
-    of the job; `compute` takes (row, sample) keys numbered over the whole job."""
-    params = job.params
-    ids = prompts.column("id").to_pylist()
-    input_ids = prompts.column("input_ids").to_pylist()
-    if job.kind == "generate":
-
-        def generate(keys: list[tuple[int, int]]) -> list[Any]:
-            seeds = [sample_seed(job.seed, ids[r - start], s) for r, s in keys]
-            return engine.generate([input_ids[r - start] for r, _ in keys], params, seeds)
-
-        return Task(
-            generate, completions_table, lambda c: len(c.token_ids), params.max_new_tokens, _completion_finite
-        )
-    from . import scoring
-    from .results import embed_table, score_table
-
-    if job.kind == "score":
-        froms = prompts.column("score_from").to_pylist()
-        stride = params.stride
-
-        def score(keys: list[tuple[int, int]]) -> list[Any]:
-            rows = [r - start for r, _ in keys]
-            return scoring.score_rows(engine, [input_ids[r] for r in rows], [froms[r] for r in rows], stride)
-
-        return Task(
-            score, score_table, lambda res: len(res.token_ids), 0, lambda r: _all_finite(r.token_logprobs)
-        )
-
-    def embed(keys: list[tuple[int, int]]) -> list[Any]:
-        return scoring.embed_batch(engine, [input_ids[r - start] for r, _ in keys], params.pooling)
-
-    return Task(embed, lambda p, rows, _t: embed_table(p, rows), lambda v: 0, 0, _all_finite)
-
-
-@dataclass
-class Isolation:
-    """What `_isolating` learnt so far in this run."""
-
-    rows: int | None = None  # after an out-of-memory, the batch size that worked
-    float32_retried: list[tuple[int, int]] = field(default_factory=list)  # keys recomputed in float32
-
-
-def _isolating(
-    engine: Engine,
-    compute: Callable[[list[tuple[int, int]]], list[Any]],
-    keys: list[tuple[int, int]],
-    iso: Isolation,
-) -> list[Any]:
-    """Run `compute` on a batch; on out-of-memory or non-finite logits retry in smaller batches, so that
-    only a row that fails alone becomes a `RowError` and the rest complete. Splitting never changes results:
-    every sample carries its own seed. After an out-of-memory, `iso.rows` remembers the size that then
-    worked, so later batches start there instead of failing first. Rows named by a `NumericalError` are
-    retried alone and the others together; a row that is non-finite alone in float16/bfloat16 is recomputed
-    with the model in float32 (`_retry_in_float32`)."""
-    cap = iso.rows
-    if cap is not None and len(keys) > cap:
-        return [
-            o for i in range(0, len(keys), cap) for o in _isolating(engine, compute, keys[i : i + cap], iso)
-        ]
-    try:
-        return list(compute(keys))
-    except NumericalError as e:
-        if len(keys) == 1:
-            return [_retry_in_float32(engine, compute, keys, iso)]
-        # e.rows are positions in this batch as far as the computation knows them; used as a hint only
-        # (the batch is split either way, so a wrong hint costs time, never a result).
-        bad = {r for r in e.rows if 0 <= r < len(keys)}
-        if bad and len(bad) < len(keys):
-            rest = [i for i in range(len(keys)) if i not in bad]
-            got = dict(zip(rest, _isolating(engine, compute, [keys[i] for i in rest], iso), strict=True))
-            for i in sorted(bad):
-                got[i] = _isolating(engine, compute, [keys[i]], iso)[0]
-            return [got[i] for i in range(len(keys))]
-    except Exception as e:
-        if not is_out_of_memory(e):
-            raise
-        _free_memory(engine)
-        half = max(1, len(keys) // 2)
-        iso.rows = half if iso.rows is None else min(iso.rows, half)
-        if len(keys) == 1:
-            return [RowError("out_of_memory", "this row does not fit in memory even alone (shorten the prompt "
-                                              "or lower --max-new-tokens)")]  # fmt: skip
-    half = len(keys) // 2
-    return _isolating(engine, compute, keys[:half], iso) + _isolating(engine, compute, keys[half:], iso)
-
-
-def _retry_in_float32(
-    engine: Engine,
-    compute: Callable[[list[tuple[int, int]]], list[Any]],
-    keys: list[tuple[int, int]],
-    iso: Isolation,
-) -> Any:
-    """One row whose logits are NaN/inf on its own: fp16 overflow is the usual cause, so compute it again
-    with the model upcast to float32 (exact, and undone afterwards). A row that is non-finite even then, or
-    whose retry does not fit in memory, becomes a RowError."""
-    import torch
-
-    dtype = _dtype_name(engine)
-    if engine.dtype == torch.float32:
-        return RowError("numerical_error", "the model produced NaN/inf logits for this row in float32")
-    try:
-        with engine.in_float32():
-            out = compute(keys)[0]
-    except NumericalError:
-        return RowError("numerical_error", f"the model produced NaN/inf logits for this row in {dtype} "
-                                           "and again in float32")  # fmt: skip
-    except Exception as e:
-        if not is_out_of_memory(e):
-            raise
-        _free_memory(engine)
-        return RowError("numerical_error", f"NaN/inf logits in {dtype}, and the model does not fit in memory "
-                                           "in float32 to retry (try --dtype float32 on a larger device)")  # fmt: skip
-    _free_memory(engine)
-    iso.float32_retried.extend(keys)
-    return out
-
-
-def _dtype_name(engine: Engine) -> str:
-    return str(engine.dtype).replace("torch.", "")
-
-
-def _free_memory(engine: Engine) -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if engine.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _record_stats(
-    job: Job,
-    engine: Engine,
-    generated: int,
-    tokens: int,
-    seconds: float,
-    float32_retries: int = 0,
-    poisoned: bool = False,
-) -> None:
-    """Append this run to stats.json. After a device error (`poisoned`) the device is not asked for its peak
-    memory: the call itself could fail."""
-    path = job.dir / "stats.json"
-    try:
-        stats = storage.read_json(path) if path.exists() else {"runs": []}
-    except (RunnerError, ValueError):
-        stats = {"runs": []}
-    stats["runs"].append(
-        {
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "device": str(engine.device),
-            "dtype": _dtype_name(engine),
-            "model_load_seconds": round(engine.load_seconds, 3),
-            "rows": generated,
-            "tokens": tokens,
-            "seconds": round(seconds, 3),
-            "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
-            "peak_memory_bytes": None if poisoned else peak_memory_bytes(engine.device),
-            "float32_retries": float32_retries,  # rows whose logits overflowed, recomputed in float32
-            "speedups": engine.speedups,
-        }
-    )
-    stats["tokens"] = sum(r["tokens"] for r in stats["runs"])
-    stats["seconds"] = round(sum(r["seconds"] for r in stats["runs"]), 3)
-    storage.write_json(path, stats)
-
-
-def summarize(
-    job: Job, generated: int, tokens: int, seconds: float, finished: bool, new_errors: int = 0
-) -> RunSummary:
-    rows, samples = int(job.meta["input"]["rows"]), job.samples
-    done = int(done_mask(job.dir, rows, samples).sum())
-    errors = int(failed_mask(job).sum())
-    return RunSummary(
-        job.id, done, job.total, generated, tokens, seconds, errors, finished and done + errors >= job.total
-    )

@@ -2,14 +2,18 @@
 
 Only paths under one folder (the job home) are affected; everything else (the model, pytest's own files,
 pyarrow's local temp shards) runs at full speed. What is patched is what runner uses to write the job home:
-`open` as seen by runner.storage, and os.replace / os.fsync / os.listdir / os.unlink / os.mkdir.
+`open` as seen by runner.storage and runner.jobdir, and os.replace / fsync / listdir / scandir / unlink / mkdir
+/ link.
 
   * slow: every write, rename, fsync, delete and listing takes `slow` seconds (a Drive mount on a bad day);
   * copy_rename: os.replace copies the bytes to the destination, then deletes the source, as some FUSE / Drive
     mounts do; `kill` SIGKILLs the process at the N-th such rename into a sub-folder, after the copy and
     before the delete of the temp file ("after_copy"), or with half of the bytes copied ("mid_copy");
   * fail: an errno name (EROFS, ENOSPC): every write, rename, delete and mkdir fails with it, from the start
-    or (`fail_from` = a sub-folder) once a file has been written into that sub-folder (a disk that fills up).
+    or (`fail_from` = a sub-folder) once a file has been written into that sub-folder (a disk that fills up);
+  * eio: the chance that a listing of, or a read of a file in, one of the sub-folders `eio_dirs` fails with a
+    transient EIO or ENOTCONN (a Drive mount dropping a request). Each failure is transient: the next access
+    to the same path succeeds. `eio_seed` seeds the choices; each failure is appended as a line to `eio_log`.
 
 In-process: `FsFaults(home, slow=0.25).install(monkeypatch.setattr)`. In a worker process: run this file as
 the program, with the settings as JSON in $RUNNER_TEST_FSFAULTS (`command(...)` builds both):
@@ -22,6 +26,7 @@ import builtins
 import errno
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -34,9 +39,14 @@ HERE = Path(__file__).resolve()
 class FsFaults:
     def __init__(
         self, root, *, slow: float = 0.0, copy_rename: bool = False, kill: dict | None = None,
-        fail: str | None = None, fail_from: str | None = None,
+        fail: str | None = None, fail_from: str | None = None, eio: float = 0.0,
+        eio_dirs: tuple[str, ...] = ("done", "claims", "shards"), eio_seed: int = 0, eio_log: str | None = None,
     ):  # fmt: skip
         self.root = os.path.realpath(root)
+        self.eio, self.eio_dirs, self.eio_seed, self.eio_log = eio, tuple(eio_dirs), eio_seed, eio_log
+        self.eio_rng = random.Random(eio_seed)
+        self.eio_failed: set[str] = set()  # paths whose last access failed: the next one succeeds
+        self.eio_count = 0
         self.slow, self.copy_rename, self.kill = slow, copy_rename, kill
         self.fail = getattr(errno, fail) if fail else None
         self.fail_from = fail_from
@@ -44,13 +54,15 @@ class FsFaults:
         self.slowed = 0  # operations that were slowed down
         self.renames: dict[str, int] = {}  # copy-renames per destination sub-folder
         self._lock = threading.Lock()
-        self.real = {n: getattr(os, n) for n in ("replace", "fsync", "listdir", "unlink", "mkdir")}
+        self.real = {n: getattr(os, n) for n in ("replace", "fsync", "listdir", "scandir", "unlink", "mkdir", "link")}
         self.real_open = builtins.open
 
     def settings(self) -> str:
         fail = errno.errorcode[self.fail] if self.fail else None
         return json.dumps({"root": self.root, "slow": self.slow, "copy_rename": self.copy_rename,
-                           "kill": self.kill, "fail": fail, "fail_from": self.fail_from})  # fmt: skip
+                           "kill": self.kill, "fail": fail, "fail_from": self.fail_from, "eio": self.eio,
+                           "eio_dirs": list(self.eio_dirs), "eio_seed": self.eio_seed,
+                           "eio_log": self.eio_log})  # fmt: skip
 
     # --- which paths, and what happens to them -----------------------------------------------------------
 
@@ -78,6 +90,28 @@ class FsFaults:
         if self.failing:
             raise OSError(self.fail, os.strerror(self.fail), os.fsdecode(path))
 
+    def _transient(self, path, listing: bool) -> None:
+        """Fail this read of the done-set once, at random, with EIO or ENOTCONN (see `eio`)."""
+        if not self.eio or isinstance(path, int) or not self._ours(path):
+            return
+        p = os.path.realpath(os.fsdecode(path))
+        folder = p if listing else os.path.dirname(p)
+        if os.path.dirname(folder) != self.root or os.path.basename(folder) not in self.eio_dirs:
+            return
+        with self._lock:
+            if p in self.eio_failed:
+                self.eio_failed.discard(p)  # the retry succeeds
+                return
+            if self.eio_rng.random() >= self.eio:
+                return
+            self.eio_failed.add(p)
+            self.eio_count += 1
+            code = self.eio_rng.choice((errno.EIO, errno.ENOTCONN))
+            if self.eio_log:
+                with self.real_open(self.eio_log, "a") as f:
+                    f.write(f"{errno.errorcode[code]} {'list' if listing else 'read'} {p}\n")
+        raise OSError(code, os.strerror(code), os.fsdecode(path))
+
     def _wrote(self, path) -> None:
         if self.fail_from is not None and self._sub(path) == self.fail_from:
             self.failing = True  # the disk is full from now on
@@ -88,6 +122,8 @@ class FsFaults:
         if not isinstance(file, int) and self._ours(file) and any(c in mode for c in "wax+"):
             self._slow()
             self._check_fail(file)
+        elif not isinstance(file, int):
+            self._transient(file, listing=False)
         return self.real_open(file, mode, *args, **kwargs)
 
     def replace(self, src, dst, **kwargs):
@@ -128,7 +164,20 @@ class FsFaults:
     def listdir(self, path="."):
         if self._ours(path):
             self._slow()
+            self._transient(path, listing=True)
         return self.real["listdir"](path)
+
+    def scandir(self, path="."):
+        if self._ours(path):
+            self._slow()
+            self._transient(path, listing=True)
+        return self.real["scandir"](path)
+
+    def link(self, src, dst, *args, **kwargs):
+        if self._ours(dst):
+            self._slow()
+            self._check_fail(dst)
+        return self.real["link"](src, dst, *args, **kwargs)
 
     def unlink(self, path, *args, **kwargs):
         if self._ours(path):
@@ -143,10 +192,11 @@ class FsFaults:
 
     def install(self, monkeypatch=None) -> FsFaults:
         """Patch the calls (through pytest's `monkeypatch` in a test, so that they are put back afterwards)."""
+        import runner.jobdir
         import runner.storage
 
         patches = [(os, name, getattr(self, name)) for name in self.real] + [
-            (runner.storage, "open", self.open)
+            (runner.storage, "open", self.open), (runner.jobdir, "open", self.open),
         ]
         for obj, name, value in patches:
             if monkeypatch is not None:

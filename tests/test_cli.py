@@ -104,7 +104,7 @@ def test_job_life_cycle_through_the_cli(prompts, tiny_gpt2, runner_home, tmp_pat
     assert [r["id"] for r in lines] == ["a", "b"] and all("token_logprobs" in r for r in lines)
     assert invoke("results", "night1", "--to", tmp_path / "x.txt").exit_code == 2
     result = invoke("status", "../etc")
-    assert result.exit_code == 1 and "invalid job id or name" in result.output
+    assert result.exit_code == 1 and "no job folder ../etc" in result.output
 
 
 def test_work_deadline_options_are_checked(runner_home):

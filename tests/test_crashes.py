@@ -10,14 +10,15 @@ from workers import reference_run, run_worker
 
 import runner
 from runner import EngineOptions, GenerationParams
-from runner.crashes import INFLIGHT, SILENT_CRASHES, InFlight, Suspect, is_device_error
+from runner.crashes import SILENT_CRASHES, InFlight, Suspect, is_device_error
+from runner.job_status import job_status
+from runner.jobdir import read_state
 from runner.jobs import Job, create_job
-from runner.leases import read_state
 from runner.results import read_errors
-from runner.status import job_status
 from runner.worker import run_job
 
 N_ROWS = 10
+INFLIGHT = "inflight/00000.json"  # the crash record of the job's only unit
 PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, seed=7)
 OPTIONS = EngineOptions(batch_size=4)
 BAD = "r07"
@@ -56,8 +57,8 @@ def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job
             "the same `runner run`) again; it runs those rows one at a time"
         )
     ), out
-    state = read_state(job.dir)
-    assert state["state"] == "queued" and state["interrupted"] and not (job.dir / "lease.json").exists()
+    assert read_state(job.dir).state == "queued" and runner.status(job.dir).state == "queued (interrupted)"
+    assert not list((job.dir / "workers").iterdir())
     record = json.loads((job.dir / INFLIGHT).read_text())
     assert len(record["running"]) == 4 and record["error"].startswith("CUDA error: device-side assert")
     assert_each_row_once(job.dir, reference[1], missing=[r for r in reference[1]["id"] if r >= "r04"])
@@ -69,11 +70,11 @@ def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job
     assert "4 row(s) were being computed when a worker stopped on a device error" in out
     assert out.strip().splitlines()[-1] == (
         f"Error: row {BAD} (line 8, sample 0) of job {job.id} makes the device fail on its own (CUDA error: "
-        "device-side assert triggered); it is set aside in errors.jsonl. This process cannot use the device any "
+        "device-side assert triggered); it is set aside as a row error. This process cannot use the device any "
         "more: run `runner work` (or the same `runner run`) again to carry on"
     )
     code, out = run_worker(home, env_extra=fault)
-    assert code == 0 and read_state(job.dir)["state"] == "completed", out
+    assert code == 0 and read_state(job.dir).state == "completed", out
     errors = read_errors(job.dir)
     assert [(e["id"], e["stage"], e["error"]) for e in errors] == [(BAD, "generate", "worker_crash")]
     assert "made the device fail when computed alone (CUDA error: device-side assert" in errors[0]["message"]
@@ -100,7 +101,7 @@ def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, refer
     plain = job.dir.parent.parent / "plain"
     shutil.copytree(home, plain)
     code, out = run_worker(plain)
-    assert code == 0 and read_state(plain / "job")["state"] == "completed", out
+    assert code == 0 and read_state(plain / "job").state == "completed", out
     assert "were being computed alone when a worker died: running them alone again at the end" in out
     assert read_errors(plain / "job") == [] and not (plain / "job" / INFLIGHT).exists()
     assert assert_each_row_once(plain / "job", reference[1]) == N_ROWS
@@ -111,7 +112,7 @@ def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, refer
     assert code == -signal.SIGKILL, out
     assert assert_each_row_once(job.dir, reference[1], missing=[BAD]) == N_ROWS - 1
     code, out = run_worker(home, env_extra=fault)
-    assert code == 0 and read_state(job.dir)["state"] == "completed", out
+    assert code == 0 and read_state(job.dir).state == "completed", out
     errors = read_errors(job.dir)
     assert [(e["id"], e["stage"], e["error"]) for e in errors] == [(BAD, "generate", "worker_crash")]
     assert f"{SILENT_CRASHES} workers died while computing this row alone" in errors[0]["message"]
@@ -145,8 +146,9 @@ def _group(*rows, crashes=0):
     ],
 )
 def test_the_isolation_rule(tmp_path, record, first, last, culprits):
+    (tmp_path / INFLIGHT).parent.mkdir()
     (tmp_path / INFLIGHT).write_text(json.dumps(record))
-    rec = InFlight(tmp_path, "w").recover({(r, 0) for r in range(9)})
+    rec = InFlight(tmp_path / INFLIGHT, "w").recover({(r, 0) for r in range(9)})
     assert [[r for r, _ in x.keys] for x in rec.first] == first
     assert [[r for r, _ in x.keys] for x in rec.last] == last
     assert [k for k, _ in rec.culprits] == culprits
@@ -154,7 +156,7 @@ def test_the_isolation_rule(tmp_path, record, first, last, culprits):
 
 def test_a_clean_stop_keeps_the_suspects_and_does_not_count_a_crash(job, reference, gpt2_engine):
     suspects = [Suspect([(2, 0)]), Suspect([(5, 0)], 1)]
-    InFlight(job.dir, "dead").running([(7, 0)], suspects)
+    InFlight(job.dir / INFLIGHT, "dead").running([(7, 0)], suspects)
     calls = []
     run_job(job, gpt2_engine, echo=None, should_stop=lambda: calls.append(1) or len(calls) > 1)
     record = json.loads((job.dir / INFLIGHT).read_text())

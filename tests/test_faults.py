@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import runner
-import runner.status
+import runner.job_status
 from runner import EngineOptions, GenerationParams, InputError, ModelLoadError
 from runner.engine import Engine, NumericalError
 from runner.inputs import read_prompts
@@ -62,11 +62,11 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(
     job2 = create_job(prompts_file, tiny_gpt2, params, job_dir=tmp_path / "oom2")
     summary = run_job(job2, gpt2_engine, echo=None)
     assert summary.finished and summary.done == 6 and summary.errors == 2
-    errors = [json.loads(line) for line in (job2.dir / "errors.jsonl").read_text().splitlines()]
+    errors = runner.read_errors(job2.dir)
     assert sorted(e["id"] for e in errors) == ["r3", "r7"]
     assert {(e["error"], e["stage"]) for e in errors} == {("out_of_memory", "generate")}
     assert not {"r3", "r7"} & set(runner.load_results(job2.dir)["id"])
-    assert runner.status.job_status(job2).errors == 2
+    assert runner.job_status.job_status(job2).errors == 2
 
 
 def test_nan_logits_never_reach_the_results(tmp_path, prompts_file, tiny_gpt2, monkeypatch):
@@ -90,7 +90,7 @@ def test_nan_logits_never_reach_the_results(tmp_path, prompts_file, tiny_gpt2, m
     assert summary.finished and summary.errors == 2 and summary.done == 6  # rows r2 and r6 have that prompt
     df = runner.load_results(job.dir)
     assert all(math.isfinite(x) for lps in df["token_logprobs"] for x in lps)
-    errors = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    errors = runner.read_errors(job.dir)
     assert sorted(e["id"] for e in errors) == ["r2", "r6"] and {e["error"] for e in errors} == {
         "numerical_error"
     }
@@ -252,8 +252,6 @@ def test_in_float32_restores_every_weight_bit_for_bit(tiny_llama, monkeypatch):
 def test_fp16_overflow_is_retried_in_float32_and_only_rows_nan_in_float32_are_errors(
     tmp_path, words_file, half_exact_gpt2, monkeypatch
 ):
-    from runner.leases import read_state
-
     params = GenerationParams(max_new_tokens=6)
     ref, _ = runner.run(words_file, half_exact_gpt2, params, EngineOptions(dtype="float32"),
                         output=tmp_path / "fp32", echo=None)  # fmt: skip
@@ -272,8 +270,8 @@ def test_fp16_overflow_is_retried_in_float32_and_only_rows_nan_in_float32_are_er
     f16, f32 = torch.float16, torch.float32
     assert calls == [(6, f16), (4, f16), (1, f16), (1, f32), (1, f16), (1, f32)]
     assert summary.finished and summary.done == 5 and summary.errors == 1
-    state = read_state(job.dir)
-    assert state["state"] == "completed" and state["errors"] == 1
+    status = runner.status(job.dir)
+    assert status.state == "completed" and status.errors == 1
 
     df = runner.load_results(job.dir)
     assert sorted(df["id"]) == ["r0", "r1", "r2", "r3", "r5"]
@@ -283,7 +281,7 @@ def test_fp16_overflow_is_retried_in_float32_and_only_rows_nan_in_float32_are_er
     assert list(retried["token_ids"]) == list(expected["token_ids"]) and retried["text"] == expected["text"]
     assert retried["token_logprobs"] == pytest.approx(list(expected["token_logprobs"]), abs=1e-5)
 
-    errors = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    errors = runner.read_errors(job.dir)
     assert [(e["id"], e["stage"], e["error"]) for e in errors] == [("r4", "generate", "numerical_error")]
     assert "in float16 and again in float32" in errors[0]["message"]
     stats = json.loads((job.dir / "stats.json").read_text())
@@ -312,7 +310,7 @@ def test_a_float32_retry_that_does_not_fit_is_a_row_error(tmp_path, words_file, 
                               EngineOptions(dtype="float16"), output=tmp_path / "j", engine=engine, echo=None)  # fmt: skip
     hook.remove()
     assert summary.finished and summary.done == 5 and summary.errors == 1
-    (error,) = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    (error,) = runner.read_errors(job.dir)
     assert error["id"] == "r2" and error["error"] == "numerical_error"
     assert "does not fit in memory in float32" in error["message"]
 
@@ -336,7 +334,7 @@ def test_nan_prompt_logprobs_are_never_written(tmp_path, words_file, tiny_gpt2):
     df = runner.load_results(job.dir)
     assert "r3" not in set(df["id"])
     assert all(math.isfinite(x) for lps in df["prompt_logprobs"] for x in lps[1:])  # the first is null
-    (error,) = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    (error,) = runner.read_errors(job.dir)
     assert error["id"] == "r3" and "in float32" in error["message"]
 
 

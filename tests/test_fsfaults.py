@@ -12,11 +12,11 @@ from workers import reference_run, run_worker
 
 import runner
 from runner import EngineOptions, GenerationParams
+from runner.job_status import job_status
+from runner.jobdir import read_state
 from runner.jobs import Job, create_job
-from runner.leases import read_state
 from runner.results import ORDER, valid_shards
 from runner.scheduler import work
-from runner.status import job_status
 
 N_ROWS = 6
 PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, seed=11)
@@ -63,7 +63,7 @@ def test_a_slow_job_home_still_completes_every_row_once(job, reference, gpt2_eng
     summaries = work(home, engine=gpt2_engine, echo=None, lease_ttl=4, shard_rows=1000)
     took = time.monotonic() - started
     monkeypatch.undo()
-    assert summaries[0].finished and read_state(job.dir)["state"] == "completed"
+    assert summaries[0].finished and read_state(job.dir).state == "completed"
     assert faults.slowed >= 20 and took >= 20 * 0.25  # it really was slow (the heartbeat's writes overlap)
     assert assert_exactly_once(job.dir, reference[1]) == N_ROWS
 
@@ -126,5 +126,5 @@ def test_a_job_home_that_cannot_be_written_stops_the_worker_cleanly(
 
     summaries = work(home, engine=gpt2_engine, echo=None)  # the mount is back
     assert summaries[0].finished and summaries[0].generated == N_ROWS - done
-    assert read_state(job.dir)["state"] == "completed"
+    assert read_state(job.dir).state == "completed"
     assert assert_exactly_once(job.dir, reference[1]) == N_ROWS

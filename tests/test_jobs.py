@@ -154,7 +154,7 @@ def test_invalid_rows_are_refused_or_skipped_into_errors_file(tmp_path, tiny_gpt
     assert not any((tmp_path / "home").glob("*")) if (tmp_path / "home").exists() else True  # nothing queued
     job, summary = runner.run(f, tiny_gpt2, GenerationParams(max_new_tokens=2), skip_invalid=True,
                               engine=gpt2_engine, echo=None)  # fmt: skip
-    errors = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    errors = runner.read_errors(job.dir)
     assert errors == [{"id": "2", "line": 2, "field": "prompt", "stage": "validate", "error": "invalid_input",
                        "message": "prompt is empty"}]  # fmt: skip
     assert list(runner.load_results(job.id)["id"]) == ["1", "3"]
@@ -186,10 +186,14 @@ def test_unknown_model_is_a_clear_error(tmp_path, prompts_file):
         create_job(prompts_file, str(tmp_path / "no-such-model"))
 
 
-def test_job_refs_cannot_escape_the_home(prompts_file):
-    for bad in ("../x", "/etc", "a/b", "..", ".hidden"):
+def test_job_refs_are_names_in_the_home_or_explicit_folders(prompts_file):
+    for bad in ("..", ".hidden", "a" * 101, "x y"):
         with pytest.raises(RunnerError, match="invalid job id or name"):
-            runner.load_results(bad) if "/" not in bad else runner.jobs.find_job(bad)
+            runner.load_results(bad)
+    with pytest.raises(RunnerError, match="not a runner job folder"):
+        runner.open_job("/etc")
+    with pytest.raises(RunnerError, match="no job folder"):
+        runner.open_job("../no-such-folder")
 
 
 def test_top_and_prompt_logprobs_columns(tmp_path, prompts_file, tiny_gpt2, gpt2_engine):

@@ -15,8 +15,8 @@ import workers
 import runner
 import runner.jobs as jobs
 from runner import EngineOptions, GenerationParams
+from runner.jobdir import read_state
 from runner.jobs import Job, create_job
-from runner.leases import read_state
 from runner.results import valid_shards
 from runner.worker import run_job
 
@@ -100,7 +100,7 @@ def finish(home, job_dir, ref):
     proc = start_worker(home)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    assert read_state(job_dir)["state"] == "completed", out
+    assert read_state(job_dir).state == "completed", out
     assert_exactly_once_and_equal(job_dir, ref)
 
 
@@ -158,7 +158,7 @@ def test_ctrl_c_finishes_the_batch_and_stops_cleanly(tmp_path, prepared):
     assert proc.returncode == 0, out
     if "completed" not in out:  # unless the whole job beat the signal
         assert "stopping after the current batch" in out and "run `runner work` again" in out
-        state = read_state(job_dir)
-        assert state["state"] == "queued" and state["interrupted"]
-        assert not (job_dir / "lease.json").exists()
+        assert read_state(job_dir).state == "queued"
+        assert runner.status(job_dir).state == "queued (interrupted)"
+        assert not list((job_dir / "workers").iterdir())  # its heartbeat went with it
     finish(home, job_dir, prepared[1])

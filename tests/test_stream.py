@@ -11,8 +11,7 @@ import pytest
 
 import runner
 import runner.jobs as jobs
-import runner.worker as worker
-from runner import EngineOptions, GenerationParams, InputError
+from runner import EngineOptions, GenerationParams, InputError, jobdir
 from runner.jobs import Job, create_job
 from runner.results import PROMPTS, valid_shards
 from runner.worker import run_job
@@ -36,9 +35,9 @@ def rows(n, note_chars=0):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Row groups of 64 prompts at submit, windows of 40 in the worker (so windows split row groups too)."""
+    """Row groups of 64 prompts at submit, units of 40 in the worker (so units split row groups too)."""
     monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 64)
-    monkeypatch.setattr(worker, "WINDOW_ROWS", 40)
+    monkeypatch.setattr(jobdir, "UNIT_ROWS", 40)
 
 
 @pytest.fixture
@@ -112,7 +111,7 @@ def test_stopped_between_and_inside_windows_every_row_once(
     ref = runner.load_results(ref_job.dir)
 
     monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 4)
-    monkeypatch.setattr(worker, "WINDOW_ROWS", 3)
+    monkeypatch.setattr(jobdir, "UNIT_ROWS", 3)
     job = create_job(path, tiny_gpt2, params, options, job_dir=tmp_path / "cut")
     assert pq.read_metadata(job.dir / PROMPTS).num_row_groups == 6
 
@@ -234,7 +233,7 @@ def test_problems_are_counted_all_kept_few_and_listed_in_order(tmp_path, tiny_gp
     assert e.total == 20 + 2 and len(e.problems) == 10
     assert str(e).startswith("22 invalid row(s); nothing was run:") and "... and 12 more problems" in str(e)
     job = create_job(path, tiny_gpt2, skip_invalid=True)
-    errors = [json.loads(line) for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    errors = runner.read_errors(job.dir)
     assert [x["line"] for x in errors] == sorted([i + 1 for i in range(0, 60, 3)] + [8, 9, 53])
     assert {x["line"]: x["message"] for x in errors}[53] == "duplicate id 'dup' (first on line 8)"
     assert "exceeds the model's context window" in {x["line"]: x["message"] for x in errors}[8]

@@ -1,0 +1,43 @@
+"""The commands as Python calls: `runner.status`, `runner.cancel`, `runner.retry`, `runner.repair`.
+
+Each takes a job id, name or folder path (and the job home, default $RUNNER_HOME or ./jobs), exactly as the
+command line does; cli.py only parses options and prints what these return.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import jobdir
+from .job_status import JobStatus, home_status, job_status
+
+Ref = str | os.PathLike
+
+
+def status(job: Ref | None = None, home: Ref | None = None) -> JobStatus | list[JobStatus]:
+    """One job's status, or every job's in the home (broken ones included, with their reason)."""
+    if job is None:
+        return home_status(home)
+    path = jobdir.find_job(job, home)
+    try:
+        return job_status(jobdir.Job.open(path))
+    except jobdir.BrokenJob as e:
+        from .job_status import broken_status
+
+        return broken_status(path, str(e))
+
+
+def cancel(job: Ref, home: Ref | None = None) -> str:
+    """Cancel a queued or running job; finished rows are kept. Returns the state it was in."""
+    return jobdir.cancel(jobdir.open_job(job, home)).value
+
+
+def retry(job: Ref, home: Ref | None = None) -> int:
+    """Re-queue a failed or cancelled job, or one with row errors. Returns how many row errors were cleared."""
+    return jobdir.retry(jobdir.open_job(job, home))
+
+
+def repair(job: Ref, home: Ref | None = None) -> Any:
+    """Bring a job back from what is still verifiable (see jobdir.repair)."""
+    return jobdir.repair(jobdir.find_job(job, home))

@@ -1,0 +1,121 @@
+"""What `runner status` shows: one summary per job (state, done/total, tok/s, ETA, errors, workers).
+
+Read-only: counts are keys of the commits that count (jobdir.Ledger), verified through the checksum cache;
+a job whose metadata cannot be read shows as `broken` with the reason, and the other jobs are unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import jobdir
+from .errors import RunnerError
+from .jobdir import BrokenJob, Job, JobState
+from .progress import fmt_duration
+
+
+@dataclass
+class JobStatus:
+    id: str
+    name: str | None
+    state: str
+    done: int
+    total: int
+    errors: int
+    invalid: int
+    tokens_per_second: float | None
+    eta_seconds: float | None
+    model: str
+    created: str
+    worker: str | None
+    message: str | None
+    workers: list[dict[str, Any]] = field(default_factory=list)  # live workers: id, device, tok/s, rows
+    folder: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def eta(self) -> str:
+        return fmt_duration(self.eta_seconds) if self.eta_seconds is not None else "-"
+
+
+def broken_status(path: Path, reason: str) -> JobStatus:
+    return JobStatus(id=path.name, name=None, state=JobState.BROKEN.value, done=0, total=0, errors=0, invalid=0,
+                     tokens_per_second=None, eta_seconds=None, model="-", created="", worker=None,
+                     message=f"{reason} (`runner repair {path}`)", folder=str(path))  # fmt: skip
+
+
+def job_status(job: Job) -> JobStatus:
+    try:
+        state = job.state()
+        ledger = jobdir.read_ledger(job)
+        progress = jobdir.job_progress(job, ledger)
+    except BrokenJob as e:
+        return broken_status(job.dir, str(e))
+    name, message = state.state.value, state.error
+    if state.state is JobState.QUEUED:
+        name = "running" if progress.live else ("queued (interrupted)" if progress.started else "queued")
+    if state.state is JobState.COMPLETED and not progress.complete:
+        missing = progress.total - progress.done - progress.failed
+        name = JobState.BROKEN.value
+        message = (f"completed, but {missing:,} result row(s) are missing or failed verification "
+                   f"(`runner repair {job.dir}` re-queues them)")  # fmt: skip
+    elif progress.bad:
+        message = (f"{len(progress.bad)} commit(s) failed verification; their rows are computed again "
+                   "(`runner repair` quarantines them now)")  # fmt: skip
+    workers = [_worker_row(w, hb) for w, hb in sorted(progress.live.items())]
+    tps = sum(w["tokens_per_second"] or 0 for w in workers) or None
+    rate = sum(float(hb.get("rows_per_second") or 0) for hb in progress.live.values())
+    eta = (progress.total - progress.done - progress.failed) / rate if rate > 0 else None
+    if not workers:
+        runs = job.read_stats()["runs"]
+        tps = runs[-1].get("tokens_per_second") if runs else None
+    return JobStatus(
+        id=job.id, name=job.name, state=name, done=progress.done, total=progress.total, errors=progress.failed,
+        invalid=int(job.meta.get("input", {}).get("invalid", 0) or 0), tokens_per_second=tps, eta_seconds=eta,
+        model=job.spec.model, created=job.spec.created, worker=workers[0]["worker"] if workers else None,
+        message=message, workers=workers, folder=str(job.dir),
+    )  # fmt: skip
+
+
+def _worker_row(worker: str, hb: dict[str, Any]) -> dict[str, Any]:
+    def num(key: str) -> float | None:
+        try:
+            return float(hb[key])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    return {"worker": worker, "host": hb.get("host"), "device": hb.get("device"),
+            "tokens_per_second": num("tokens_per_second"), "rows": num("rows")}  # fmt: skip
+
+
+def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
+    """Every job of the home, oldest first; broken ones (and links, never followed) with their reason."""
+    root = Path(home) if home is not None else jobdir.default_home()
+    out = []
+    for path in jobdir.job_folders(root):
+        try:
+            out.append(job_status(Job.open(path)))
+        except RunnerError as e:
+            out.append(broken_status(path, str(e)))
+    for name in jobdir.linked_entries(root):
+        out.append(broken_status(root / name, "a symbolic link in the job home; runner does not follow links"))
+    return out
+
+
+def status_table(statuses: list[JobStatus]) -> str:
+    """A fixed-width table that reads the same in a terminal, a Colab cell and a log file."""
+    head = ("JOB", "NAME", "STATE", "DONE/TOTAL", "TOK/S", "ETA", "ERRORS", "WORKERS", "MODEL")
+    rows = [head]
+    for s in statuses:
+        rows.append((
+            s.id, s.name or "-", s.state, f"{s.done:,}/{s.total:,}",
+            f"{s.tokens_per_second:,.1f}" if s.tokens_per_second else "-", s.eta, str(s.errors),
+            str(len(s.workers)), s.model,
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

@@ -1,0 +1,1153 @@
+"""The job folder: every path in it, its parsed spec, its states, its error log, its claims and its results.
+
+This module is the one place that knows what a job folder holds and what each file means. Everything else
+(submit in jobs.py, the run loop in worker.py, the queue in scheduler.py, status.py, results.load_results)
+asks it.
+
+    job.json          the spec, written once at submit: model, kind, settings, seed, rows, unit size, checksums
+    job.backup.json   a copy of job.json, so `runner repair` can restore a damaged one
+    prompts.parquet   the validated prompts (its sha256 is in job.json)
+    errors.jsonl      input rows found invalid at submit (--skip-invalid); never changed afterwards
+    state.json        what the user asked for and how it ended: queued, cancelled, completed, failed (+ retry
+                      generation). Workers never write "running": running is a fact about live workers.
+    claims/UUUUU-EEEEEEEE.json       the claim of epoch E on unit U (created exclusively: one owner per epoch)
+    claims/UUUUU-EEEEEEEE.seal.json  the commits accepted from epoch E, fixed when epoch E+1 takes the unit
+    workers/WORKER.json              each worker's heartbeat (and throughput, for status)
+    shards/UUUUU-EEEEEEEE-SSSS.parquet, done/UUUUU-EEEEEEEE-SSSS.json   results and their commit markers
+    inflight/UUUUU.json              the batch a worker is computing in a unit (crash isolation)
+    quarantine/       shards and markers that failed verification, kept aside
+    verified.json     cache of shard checksums already verified (by size and times)
+    stats.json, log.txt
+
+The ownership and integrity model, so that exactly-once holds by construction:
+  * Work is split into units (row ranges x all samples). A worker owns a unit by creating the next epoch's
+    claim file exclusively; a claim is live while its worker's heartbeat is fresh (or, on the same boot and
+    PID namespace, while its process exists).
+  * Fencing: whoever takes epoch E+1 first seals epoch E: it lists E's commit markers and writes that list
+    once. Only the markers of a unit's newest epoch, and those listed in the seals of older ones, count. A
+    stale worker (frozen past its lease) that commits after the seal commits nothing: its files are ignored.
+  * Keyed: a commit names its (row, sample) keys; the done-set is a set of keys, so the same key computed
+    twice never counts twice. Results are deterministic given the seed, so copies are identical anyway.
+  * Verified: a commit counts only if its shard matches the marker (size, sha256, keys); one that does not is
+    quarantined by the next worker and its keys done again.
+  * Transient read errors (EIO, ENOTCONN, ESTALE...) are retried and then stop the worker; they never read as
+    "not done".
+  * Every state change is one atomic file write (or one exclusive create), so a kill at any instant leaves
+    the old state or the new one. Row errors live in the commit markers (fenced like results); `retry`
+    clears them by bumping the retry generation in state.json, one write.
+  * Nothing follows a symbolic link: listings skip links, and a job whose folders are links is broken.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from . import storage
+from .errors import RunnerError
+from .faults import fault_point
+from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+
+FORMAT = 2  # job folder layout version
+JOB_FILE, JOB_BACKUP, PROMPTS, INVALID = "job.json", "job.backup.json", "prompts.parquet", "errors.jsonl"
+STATE_FILE, STATS_FILE, LOG_FILE, VERIFIED = "state.json", "stats.json", "log.txt", "verified.json"
+SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, QUARANTINE = (
+    "shards", "done", "claims", "workers", "inflight", "quarantine",
+)  # fmt: skip
+FOLDERS = (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, QUARANTINE)
+ORDER = "_row"  # input order of a row (0-based over valid rows)
+LEASE_TTL = 120.0  # seconds without a heartbeat before a worker's claims may be taken over
+UNIT_ROWS = 1024  # prompts per unit of work (all their samples): what one worker claims at a time
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+COMMIT_RE = re.compile(r"(\d{5,})-(\d{8})-(\d{4,})")
+CLAIM_RE = re.compile(r"(\d{5,})-(\d{8})\.json")
+SEAL_RE = re.compile(r"(\d{5,})-(\d{8})\.seal\.json")
+KINDS = {"generate": GenerationParams, "score": ScoreParams, "embed": EmbedParams}
+
+
+class BrokenJob(RunnerError):
+    """A job folder whose metadata cannot be read or makes no sense; the job is `broken`, others go on."""
+
+
+class ClaimLost(RunnerError):
+    """This worker's claim on a unit was taken over (it was thought dead): its work there is discarded."""
+
+
+# --- the home and job references -------------------------------------------------------------------------
+
+
+def default_home() -> Path:
+    """$RUNNER_HOME, else ./jobs."""
+    return Path(os.environ.get("RUNNER_HOME") or "jobs")
+
+
+def new_job_id() -> str:
+    """Time-sortable and unique: 20261122-184455-3f9a1c."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def check_name(ref: str, what: str = "job id or name") -> str:
+    """A job id or name: letters, digits, '-', '_' and '.', at most 100 characters, not starting with '.'."""
+    if not isinstance(ref, str) or not NAME_RE.fullmatch(ref):
+        raise RunnerError(
+            f"invalid {what} {ref!r}: use letters, digits, '-', '_' and '.' (at most 100 characters, "
+            "starting with a letter or digit)"
+        )
+    return ref
+
+
+def open_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> Job:
+    """The job a command names: a job folder path (anything with a '/' or an existing folder holding
+    job.json), else a job id or name in `home` (default: $RUNNER_HOME, else ./jobs)."""
+    return Job.open(find_job(ref, home))
+
+
+def find_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> Path:
+    """The folder of the job `ref` names (see `open_job`); does not read the job."""
+    text = os.fspath(ref)
+    path = Path(text)
+    if (path / JOB_FILE).is_file() or (path / JOB_BACKUP).is_file() or os.sep in text or "/" in text:
+        if not path.is_dir():
+            raise RunnerError(f"no job folder {text}")
+        return path
+    check_name(text)
+    root = Path(home) if home is not None else default_home()
+    if (root / text).is_dir() and not (root / text).is_symlink():
+        return root / text
+    named = [p for p, spec in _named(root) if spec.get("name") == text]
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        ids = ", ".join(p.name for p in named)
+        raise RunnerError(f"several jobs are named {text!r}; use the job id ({ids})")
+    raise RunnerError(f"no job {text!r} in {root}")
+
+
+def _named(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in job_folders(root):
+        try:
+            meta = storage.read_json(path / JOB_FILE)
+        except (RunnerError, ValueError):
+            continue
+        if isinstance(meta, dict):
+            yield path, meta
+
+
+def job_folders(root: str | os.PathLike) -> list[Path]:
+    """Folders of the home that look like jobs (hold job.json or its backup), in name (= age) order. Links
+    are not followed; temp folders of submits in progress are not jobs."""
+    root = Path(root)
+    out = []
+    for entry in scan(root, dirs=True):
+        if entry.startswith("."):
+            continue
+        p = root / entry
+        if _lexists(p / JOB_FILE) or _lexists(p / JOB_BACKUP):
+            out.append(p)
+    return out
+
+
+def linked_entries(root: str | os.PathLike) -> list[str]:
+    """Names of symbolic links in the home: never followed, reported by status."""
+    root = Path(root)
+    try:
+        with os.scandir(root) as it:
+            return sorted(e.name for e in it if e.is_symlink() and not e.name.startswith("."))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise storage.StorageError(f"cannot list {root}: {e.strerror or e}") from e
+
+
+def _lexists(p: Path) -> bool:
+    try:
+        return not p.is_symlink() and p.exists()
+    except OSError:
+        return False
+
+
+def scan(folder: Path, dirs: bool = False) -> list[str]:
+    """Names of the plain files (or folders, with `dirs`) in `folder`, sorted; links are skipped, a missing
+    folder is empty. Transient errors are retried, others raise StorageError (never "empty")."""
+
+    def op() -> list[str]:
+        try:
+            with os.scandir(folder) as it:
+                return sorted(
+                    e.name for e in it
+                    if not e.is_symlink() and (e.is_dir(follow_symlinks=False) if dirs else e.is_file(follow_symlinks=False))
+                )  # fmt: skip
+        except FileNotFoundError:
+            return []
+
+    return storage.retry(op, f"list {folder}")
+
+
+# --- this process, as an owner of claims ----------------------------------------------------------------
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _pid_ns() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _pid_start(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot), to tell it from a later one with its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a claim: enough to decide whether it can still be alive."""
+
+    worker: str
+    host: str
+    pid: int
+    boot: str | None
+    pidns: str | None
+    start: str | None
+
+    @classmethod
+    def me(cls, worker: str | None = None) -> Owner:
+        pid = os.getpid()
+        host = socket.gethostname()
+        worker = worker or new_worker_id()
+        return cls(worker, host, pid, _boot_id(), _pid_ns(), _pid_start(pid))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"worker": self.worker, "host": self.host, "pid": self.pid, "boot": self.boot,
+                "pidns": self.pidns, "start": self.start}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Owner | None:
+        try:
+            return cls(str(d["worker"]), str(d.get("host", "")), int(d.get("pid", 0)), d.get("boot"),
+                       d.get("pidns"), d.get("start"))  # fmt: skip
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+
+    def provably_dead(self) -> bool:
+        """True only when the owner shares this machine's boot and PID namespace and its process is gone
+        (or its pid now belongs to a later process). Anywhere else only the heartbeat can tell."""
+        if not self.boot or self.boot != _boot_id() or not self.pidns or self.pidns != _pid_ns():
+            return False
+        if self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass  # exists, not ours to signal
+        return self.start is not None and _pid_start(self.pid) not in (None, self.start)
+
+
+def new_worker_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+# --- the spec ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """job.json, parsed and checked once."""
+
+    id: str
+    name: str | None
+    kind: str
+    model: str
+    params: Any  # GenerationParams, ScoreParams or EmbedParams
+    options: EngineOptions
+    seed: int
+    rows: int
+    samples: int
+    unit_rows: int
+    priority: int
+    created: str
+    prompts_sha256: str | None
+    meta: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def total(self) -> int:
+        """Result rows the job has when done: valid prompts x samples."""
+        return self.rows * self.samples
+
+    @property
+    def units(self) -> int:
+        return -(-self.rows // self.unit_rows)
+
+    def unit_rows_range(self, unit: int) -> range:
+        return range(unit * self.unit_rows, min(self.rows, (unit + 1) * self.unit_rows))
+
+    @classmethod
+    def parse(cls, meta: Any) -> JobSpec:
+        if not isinstance(meta, dict):
+            raise BrokenJob("job.json is not a JSON object")
+        try:
+            fmt = meta["format"]
+            if fmt != FORMAT:
+                raise BrokenJob(f"job.json has layout version {fmt}; this runner reads version {FORMAT} "
+                                "(submit the file again)")  # fmt: skip
+            kind = meta["kind"]
+            if kind not in KINDS:
+                raise BrokenJob(f"job.json: unknown kind {kind!r}")
+            raw = meta["params"]
+            params = GenerationParams.from_dict(raw) if kind == "generate" else KINDS[kind](**raw)
+            options = EngineOptions(**meta["engine"])
+            rows = int(meta["input"]["rows"])
+            samples = params.num_return_sequences if kind == "generate" else 1
+            unit_rows = int(meta["unit_rows"])
+            if rows < 1 or unit_rows < 1:
+                raise BrokenJob("job.json: rows and unit_rows must be >= 1")
+            check_name(str(meta["id"]))
+            return cls(
+                id=str(meta["id"]), name=meta.get("name"), kind=kind, model=str(meta["model"]), params=params,
+                options=options, seed=int(meta["seed"]), rows=rows, samples=samples, unit_rows=unit_rows,
+                priority=int(meta.get("priority", 0)), created=str(meta.get("created", "")),
+                prompts_sha256=meta.get("prompts_sha256"), meta=meta,
+            )  # fmt: skip
+        except BrokenJob:
+            raise
+        except (KeyError, TypeError, ValueError, RunnerError) as e:
+            raise BrokenJob(f"job.json is invalid ({type(e).__name__}: {e})") from None
+
+
+# --- states ------------------------------------------------------------------------------------------------
+
+
+class JobState(str, Enum):
+    """The states a job shows. Stored in state.json: queued, cancelled, completed, failed. Derived: running
+    (a live worker holds a unit), broken (its metadata cannot be read)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    BROKEN = "broken"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STORED_STATES = (JobState.QUEUED, JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class StateRecord:
+    state: JobState = JobState.QUEUED
+    generation: int = 0  # bumped by `retry`: row errors committed under older generations no longer count
+    error: str | None = None
+    updated: float = 0.0
+
+    def __getitem__(self, key: str) -> Any:  # record["state"], as the JSON reads
+        return getattr(self, key)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state": self.state.value, "generation": self.generation, "error": self.error,
+                "updated": self.updated}  # fmt: skip
+
+
+def read_state(job_dir: Path) -> StateRecord:
+    """state.json (absent: queued). Unreadable or invalid: BrokenJob, never a guess."""
+    path = Path(job_dir) / STATE_FILE
+    if not _lexists(path):
+        if path.is_symlink():
+            raise BrokenJob("state.json is a symbolic link")
+        return StateRecord()
+    try:
+        d = storage.read_json(path)
+    except ValueError as e:
+        raise BrokenJob(f"state.json is damaged ({e})") from None
+    try:
+        state = JobState(d["state"])
+        if state not in STORED_STATES:
+            raise ValueError(f"state {state.value!r} is never stored")
+        gen = d.get("generation", 0)
+        if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
+            raise ValueError(f"generation {gen!r}")
+        error = d.get("error")
+        return StateRecord(state, gen, error if isinstance(error, str) else None, float(d.get("updated", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise BrokenJob(f"state.json is invalid ({type(e).__name__}: {e})") from None
+
+
+def write_state(job_dir: Path, record: StateRecord) -> None:
+    """One atomic write: the job is in the old state or the new one, whatever kills the process."""
+    storage.write_json(Path(job_dir) / STATE_FILE, {**record.as_dict(), "updated": time.time()})
+
+
+# --- the job handle ------------------------------------------------------------------------------------------
+
+
+class Job:
+    """A job folder with its parsed spec. `Job.open` checks everything a command relies on, or raises
+    BrokenJob naming what is wrong."""
+
+    def __init__(self, path: str | os.PathLike, spec: JobSpec):
+        self.dir = Path(path)
+        self.spec = spec
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Job:
+        path = Path(path)
+        if path.is_symlink():
+            raise BrokenJob(f"{path} is a symbolic link; runner does not follow links")
+        if not _lexists(path / JOB_FILE):
+            if _lexists(path / JOB_BACKUP):
+                raise BrokenJob("job.json is missing (`runner repair` restores it from job.backup.json)")
+            raise RunnerError(f"{path} is not a runner job folder (no {JOB_FILE})")
+        try:
+            meta = storage.read_json(path / JOB_FILE)
+        except ValueError as e:
+            raise BrokenJob(f"job.json is damaged ({e}); `runner repair` restores it from its backup") from None
+        spec = JobSpec.parse(meta)
+        for sub in FOLDERS:
+            if (path / sub).is_symlink():
+                raise BrokenJob(f"{sub}/ is a symbolic link; runner does not follow links out of the job")
+        if not _lexists(path / PROMPTS):
+            raise BrokenJob("prompts.parquet is missing")
+        return cls(path, spec)
+
+    # the spec, for callers that read it through the job
+    id = property(lambda self: self.spec.id)
+    name = property(lambda self: self.spec.name)
+    kind = property(lambda self: self.spec.kind)
+    params = property(lambda self: self.spec.params)
+    options = property(lambda self: self.spec.options)
+    seed = property(lambda self: self.spec.seed)
+    samples = property(lambda self: self.spec.samples)
+    total = property(lambda self: self.spec.total)
+    meta = property(lambda self: self.spec.meta)
+
+    def state(self) -> StateRecord:
+        return read_state(self.dir)
+
+    def set_state(self, state: JobState, error: str | None = None, generation: int | None = None) -> None:
+        old = self.state()
+        gen = old.generation if generation is None else generation
+        write_state(self.dir, StateRecord(JobState(state), gen, error))
+
+    def prompts(self) -> Any:
+        """The whole prompts table, to look at; workers read a unit's rows at a time."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.dir / PROMPTS)
+
+    def log(self, line: str) -> None:
+        storage.append_line(self.dir / LOG_FILE, time.strftime("%Y-%m-%d %H:%M:%S ") + line)
+
+    def invalid_rows(self) -> Iterator[dict[str, Any]]:
+        """Input rows found invalid at submit (errors.jsonl), one at a time (there may be millions)."""
+        path = self.dir / INVALID
+        if not _lexists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict):
+                    yield entry
+
+    def read_stats(self) -> dict[str, Any]:
+        """stats.json, or an empty record when it is missing or damaged (it is only informative)."""
+        path = self.dir / STATS_FILE
+        try:
+            stats = storage.read_json(path) if _lexists(path) else {}
+        except (ValueError, RunnerError):
+            stats = {}
+        runs = stats.get("runs") if isinstance(stats, dict) else None
+        return {"runs": [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []}
+
+    def read_rows(self, start: int, stop: int) -> Any:
+        """Rows [start, stop) of prompts.parquet as a table, reading only the row groups that hold them."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(self.dir / PROMPTS)
+        parts, at = [], 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if at < stop and at + n > start:
+                t = pf.read_row_group(g)
+                parts.append(t.slice(max(0, start - at), min(stop, at + n) - max(start, at)))
+            at += n
+        pf.close()
+        return pa.concat_tables(parts) if len(parts) != 1 else parts[0]
+
+
+# --- claims, seals and heartbeats ---------------------------------------------------------------------------
+
+
+def claim_name(unit: int, epoch: int) -> str:
+    return f"{unit:05d}-{epoch:08d}.json"
+
+
+def seal_name(unit: int, epoch: int) -> str:
+    return f"{unit:05d}-{epoch:08d}.seal.json"
+
+
+def create_exclusive(path: Path, obj: Any) -> bool:
+    """Create `path` holding `obj` as JSON, whole, unless it exists: True if this call created it. The bytes
+    go to a temp file first and are hard-linked into place (atomic, and fails if the name exists); where
+    links are not supported, O_EXCL creates it and the content follows."""
+    data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+    def op() -> bool:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            fault_point("before_create")  # the whole file is under the temp name; the exclusive name is free
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+                    raise
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    return storage.retry(op, f"create {path}")
+
+
+def _read_json_or_none(path: Path) -> Any:
+    """A small metadata file: its JSON, or None when missing or damaged (transient errors still retry)."""
+    try:
+        return storage.read_json(path)
+    except ValueError:
+        return None
+    except storage.StorageError as e:
+        if isinstance(e.__cause__, (FileNotFoundError, IsADirectoryError)):
+            return None
+        raise
+
+
+@dataclass
+class Heartbeat:
+    """This worker's heartbeat in one job (workers/WORKER.json), renewed from a thread while it works there.
+    Deleting it releases every claim of the worker at once."""
+
+    job: Job
+    owner: Owner
+    ttl: float = LEASE_TTL
+    info: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.path = self.job.dir / WORKERS / f"{self.owner.worker}.json"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        now = time.time()
+        storage.write_json(self.path, {**self.owner.as_dict(), "heartbeat": now, "expires": now + self.ttl,
+                                       **self.info}, durable=False)  # fmt: skip
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.5, self.ttl / 4)):
+            try:
+                self.beat()
+            except RunnerError as e:
+                self.error = e
+                return
+
+    def __enter__(self) -> Heartbeat:
+        (self.job.dir / WORKERS).mkdir(exist_ok=True)
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="runner-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            storage.remove(self.path)  # releases this worker's claims for the next one at once
+        except RunnerError:
+            pass  # it goes stale on its own
+
+
+def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]]:
+    """Heartbeats of the job's workers that may be alive: fresh and not provably dead."""
+    now = time.time() if now is None else now
+    out = {}
+    for name in scan(job.dir / WORKERS):
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        hb = _read_json_or_none(job.dir / WORKERS / name)
+        owner = Owner.from_dict(hb) if isinstance(hb, dict) else None
+        if owner is None or owner.worker + ".json" != name:
+            continue
+        try:
+            fresh = float(hb["expires"]) > now
+        except (KeyError, TypeError, ValueError):
+            fresh = False
+        if fresh and not owner.provably_dead():
+            out[owner.worker] = hb
+    return out
+
+
+@dataclass
+class Claim:
+    unit: int
+    epoch: int
+    owner: Owner | None  # None: the claim file is damaged (its owner is unknown, so it counts as gone)
+
+
+# --- commits: markers, shards, verification ------------------------------------------------------------
+
+
+def commit_name(unit: int, epoch: int, seq: int) -> str:
+    return f"{unit:05d}-{epoch:08d}-{seq:04d}"
+
+
+def key_ranges(flat: list[int]) -> list[list[int]]:
+    """Sorted flat keys (row * samples + sample) as [start, stop) runs."""
+    runs: list[list[int]] = []
+    for k in flat:
+        if runs and runs[-1][1] == k:
+            runs[-1][1] = k + 1
+        else:
+            runs.append([k, k + 1])
+    return runs
+
+
+@dataclass
+class Commit:
+    """A verified (or yet to verify) commit marker: the keys of its shard and its row errors."""
+
+    name: str
+    unit: int
+    epoch: int
+    marker: dict[str, Any]
+
+    @property
+    def shard(self) -> str | None:
+        return self.marker.get("shard")
+
+    def keys(self) -> Iterator[int]:
+        for a, b in self.marker["keys"]:
+            yield from range(a, b)
+
+
+def _check_marker(name: str, marker: Any, spec: JobSpec) -> str | None:
+    """Why a marker makes no sense for this job (None: it does)."""
+    m = COMMIT_RE.fullmatch(name)
+    if m is None or not isinstance(marker, dict):
+        return "not a commit marker"
+    unit, epoch = int(m.group(1)), int(m.group(2))
+    if marker.get("unit") != unit or marker.get("epoch") != epoch:
+        return "its unit/epoch disagree with its name"
+    rows = spec.unit_rows_range(unit)
+    if not rows:
+        return f"unit {unit} is not in the job"
+    lo, hi = rows.start * spec.samples, rows.stop * spec.samples
+    try:
+        keys = marker["keys"]
+        n = 0
+        for a, b in keys:
+            if not (isinstance(a, int) and isinstance(b, int) and lo <= a < b <= hi):
+                return "a key is outside its unit"
+            n += b - a
+        if n != marker["rows"]:
+            return "its keys do not add up to its rows"
+        shard = marker.get("shard")
+        if (shard is None) != (n == 0) or (shard is not None and shard != name + ".parquet"):
+            return "its shard name is wrong"
+        if shard is not None and not (isinstance(marker["bytes"], int) and isinstance(marker["sha256"], str)):
+            return "no size or checksum"
+        for e in marker.get("errors", []):
+            if not (isinstance(e, dict) and lo <= e["row"] * spec.samples + e["sample"] < hi):
+                return "an error is outside its unit"
+        if not isinstance(marker.get("generation", 0), int):
+            return "bad generation"
+    except (KeyError, TypeError, ValueError):
+        return "missing or malformed fields"
+    return None
+
+
+class Verifier:
+    """Checks shards against their markers: size, sha256 and keys. Results are cached by (size, mtime,
+    ctime) in verified.json so a resume does not re-read every shard; any change to a file re-checks it."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.cache: dict[str, Any] = {}
+        self.markers: dict[str, Any] = {}  # commit name -> its marker, as read once by this process
+        self.trusted: set[str] = set()  # commits verified or written by this process
+        raw = _read_json_or_none(job.dir / VERIFIED)
+        if isinstance(raw, dict):
+            self.cache = raw
+        self.dirty = False
+
+    def check(self, commit: Commit) -> str | None:
+        """None if the shard matches its marker, else why not. Transient read errors raise StorageError."""
+        if commit.shard is None or commit.name in self.trusted:
+            return None
+        path = self.job.dir / SHARDS / commit.shard
+        try:
+            st = storage.retry(lambda: os.lstat(path), f"read {path}")
+        except storage.StorageError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return "its shard is missing"
+            raise
+        import stat as st_mod
+
+        if not st_mod.S_ISREG(st.st_mode):
+            return "its shard is not a plain file"
+        if st.st_size != commit.marker["bytes"]:
+            return f"its shard has {st.st_size} bytes, the marker says {commit.marker['bytes']}"
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, commit.marker["sha256"]]
+        if self.cache.get(commit.name) == stamp:
+            self.trusted.add(commit.name)
+            return None
+        data = storage.retry(lambda: path.read_bytes(), f"read {path}")
+        why = check_shard_bytes(data, commit, self.job.spec.samples)
+        if why is None:
+            self.cache[commit.name] = stamp
+            self.trusted.add(commit.name)
+            self.dirty = True
+        return why
+
+    def remember(self, commit: Commit) -> None:
+        """A shard this worker just wrote and checked: no need to read it again."""
+        self.markers[commit.name] = commit.marker
+        if commit.shard is None:
+            return
+        self.trusted.add(commit.name)
+        try:
+            st = os.lstat(self.job.dir / SHARDS / commit.shard)
+        except OSError:
+            return
+        self.cache[commit.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, commit.marker["sha256"]]
+        self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            try:
+                storage.write_json(self.job.dir / VERIFIED, self.cache, durable=False)
+            except RunnerError:
+                pass  # only a cache
+            self.dirty = False
+
+
+def check_shard_bytes(data: bytes, commit: Commit, samples: int) -> str | None:
+    """Why these bytes are not the shard the marker vouches for (None: they are)."""
+    if hashlib.sha256(data).hexdigest() != commit.marker["sha256"]:
+        return "its shard does not match its checksum"
+    try:
+        table = read_shard_bytes(data, columns=[ORDER, "sample"])
+    except Exception as e:  # pyarrow raises its own types on a damaged file
+        return f"its shard cannot be read ({type(e).__name__})"
+    flat = (table.column(ORDER).to_numpy() * samples + table.column("sample").to_numpy()).tolist()
+    if sorted(flat) != list(commit.keys()):
+        return "its shard holds other keys than its marker"
+    return None
+
+
+def read_shard_bytes(data: bytes, columns: list[str] | None = None) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(data), columns=columns)
+
+
+@dataclass
+class Ledger:
+    """What a job has done, from its commits: the accepted, verified commits; which keys are done; which
+    failed (under the current retry generation); and the commits that failed verification."""
+
+    job: Job
+    commits: list[Commit]
+    bad: list[tuple[str, str]]  # (commit name, why) of markers/shards that failed verification
+    generation: int
+    current: dict[int, int]  # unit -> newest epoch
+    claims: dict[int, Claim]  # unit -> its newest claim
+
+    def done_mask(self) -> Any:
+        """[rows, samples] bool: keys in accepted, verified shards."""
+        import numpy as np
+
+        spec = self.job.spec
+        flat = np.zeros(spec.total, dtype=bool)
+        for c in self.commits:
+            for a, b in c.marker["keys"]:
+                flat[a:b] = True
+        return flat.reshape(spec.rows, spec.samples)
+
+    def errors(self) -> Iterator[dict[str, Any]]:
+        """Row errors of the current generation for keys not done since, one per key."""
+        done = self.done_mask().reshape(-1)
+        seen: set[tuple[int, int]] = set()
+        for c in self.commits:
+            if c.marker.get("generation", 0) != self.generation:
+                continue
+            for e in c.marker.get("errors", []):
+                key = (e["row"], e["sample"])
+                if key in seen or done[e["row"] * self.job.spec.samples + e["sample"]]:
+                    continue
+                seen.add(key)
+                yield e
+
+    def failed_mask(self) -> Any:
+        import numpy as np
+
+        mask = np.zeros((self.job.spec.rows, self.job.spec.samples), dtype=bool)
+        for e in self.errors():
+            mask[e["row"], e["sample"]] = True
+        return mask
+
+    def unit_left(self) -> Any:
+        """[units] int: keys neither done nor failed, per unit."""
+        import numpy as np
+
+        spec = self.job.spec
+        left = ~(self.done_mask() | self.failed_mask())
+        per_row = left.sum(axis=1)
+        return np.add.reduceat(per_row, np.arange(0, spec.rows, spec.unit_rows))
+
+
+def read_ledger(
+    job: Job, *, seal: bool = False, verifier: Verifier | None = None, verify: bool = True
+) -> Ledger:
+    """Read every commit of the job and keep those that count: markers of each unit's newest epoch and those
+    listed in the seals of older epochs, whose shards verify. `seal`: fix the seal of each superseded
+    epoch that has none (workers do; readers only look). Transient errors raise StorageError."""
+    generation = read_state(job.dir).generation
+    claims, seals, current = _read_claims(job)
+    names = [n[:-5] for n in scan(job.dir / MARKERS) if n.endswith(".json") and COMMIT_RE.fullmatch(n[:-5])]
+    by_unit: dict[int, list[tuple[int, str]]] = {}
+    for n in names:
+        m = COMMIT_RE.fullmatch(n)
+        assert m is not None
+        unit, epoch = int(m.group(1)), int(m.group(2))
+        by_unit.setdefault(unit, []).append((epoch, n))
+        current[unit] = max(current.get(unit, -1), epoch)
+    verifier = verifier or Verifier(job)
+    commits, bad = [], []
+    for unit, entries in sorted(by_unit.items()):
+        for epoch, n in sorted(entries):
+            if epoch < current[unit]:
+                accepted = seals.get((unit, epoch))
+                if accepted is None and seal:
+                    accepted = seal_epoch(job, unit, epoch)
+                if accepted is not None and n not in accepted:
+                    continue  # committed after its epoch was sealed: a stale worker's, never counted
+            marker = verifier.markers.get(n)
+            if marker is None:
+                marker = _read_json_or_none(job.dir / MARKERS / f"{n}.json")
+                if isinstance(marker, dict):
+                    verifier.markers[n] = marker
+            why = _check_marker(n, marker, job.spec)
+            commit = Commit(n, unit, epoch, marker if isinstance(marker, dict) else {})
+            if why is None and verify:
+                why = verifier.check(commit)
+            if why is None:
+                commits.append(commit)
+            else:
+                bad.append((n, why))
+    if seal:
+        verifier.save()
+    return Ledger(job, commits, bad, generation, current, claims)
+
+
+def _read_claims(job: Job) -> tuple[dict[int, Claim], dict[tuple[int, int], set[str] | None], dict[int, int]]:
+    """(unit -> newest claim, (unit, epoch) -> accepted commit names of its seal, unit -> newest epoch).
+    A damaged seal accepts every commit of its epoch (counting a commit twice cannot happen: keys)."""
+    claims: dict[int, Claim] = {}
+    seals: dict[tuple[int, int], set[str] | None] = {}
+    current: dict[int, int] = {}
+    for n in scan(job.dir / CLAIMS):
+        if m := SEAL_RE.fullmatch(n):
+            raw = _read_json_or_none(job.dir / CLAIMS / n)
+            ok = isinstance(raw, dict) and isinstance(raw.get("commits"), list)
+            seals[(int(m.group(1)), int(m.group(2)))] = set(raw["commits"]) if ok else None
+        elif m := CLAIM_RE.fullmatch(n):
+            unit, epoch = int(m.group(1)), int(m.group(2))
+            if epoch > current.get(unit, -1):
+                current[unit] = epoch
+                raw = _read_json_or_none(job.dir / CLAIMS / n)
+                claims[unit] = Claim(unit, epoch, Owner.from_dict(raw) if isinstance(raw, dict) else None)
+    # a damaged seal (None) accepts everything: drop it from the map so callers see "no restriction"
+    return claims, {k: v for k, v in seals.items() if v is not None}, current
+
+
+def seal_epoch(job: Job, unit: int, epoch: int) -> set[str] | None:
+    """Fix which commits of a superseded epoch count: the markers there now. Written once (first writer
+    wins); returns the seal in force, or None when it is damaged (then every commit of the epoch counts)."""
+    prefix = f"{unit:05d}-{epoch:08d}-"
+    present = [n[:-5] for n in scan(job.dir / MARKERS) if n.startswith(prefix) and n.endswith(".json")]
+    path = job.dir / CLAIMS / seal_name(unit, epoch)
+    if create_exclusive(path, {"unit": unit, "epoch": epoch, "commits": present, "sealed": time.time()}):
+        return set(present)
+    raw = _read_json_or_none(path)
+    return set(raw["commits"]) if isinstance(raw, dict) and isinstance(raw.get("commits"), list) else None
+
+
+def claim_is_live(claim: Claim | None, live: dict[str, dict[str, Any]]) -> bool:
+    return claim is not None and claim.owner is not None and claim.owner.worker in live
+
+
+def take_unit(job: Job, unit: int, owner: Owner, after: int) -> int | None:
+    """Claim epoch `after + 1` of `unit` for `owner` (exclusive create), then seal every older epoch. Returns
+    the epoch, or None if another worker claimed it first."""
+    epoch = after + 1
+    (job.dir / CLAIMS).mkdir(exist_ok=True)
+    record = {**owner.as_dict(), "unit": unit, "epoch": epoch, "claimed": time.time()}
+    if not create_exclusive(job.dir / CLAIMS / claim_name(unit, epoch), record):
+        return None
+    names = scan(job.dir / CLAIMS)
+    for e in range(epoch):  # a taker that died before sealing leaves its predecessor to the next one
+        if seal_name(unit, e) not in names:
+            seal_epoch(job, unit, e)
+    return epoch
+
+
+def still_holds(job: Job, unit: int, epoch: int) -> bool:
+    """No later epoch of the unit exists: checked right before each commit."""
+    path = job.dir / CLAIMS / claim_name(unit, epoch + 1)
+
+    def op() -> bool:
+        try:
+            os.lstat(path)
+            return False
+        except FileNotFoundError:
+            return True
+
+    return storage.retry(op, f"read {path}")
+
+
+def write_marker(job: Job, unit: int, epoch: int, seq: int, marker: dict[str, Any]) -> None:
+    storage.write_json(job.dir / MARKERS / f"{commit_name(unit, epoch, seq)}.json", marker)
+
+
+def quarantine(job: Job, name: str, why: str) -> None:
+    """Move a commit that failed verification (marker and shard) into quarantine/, keeping it for a look."""
+    q = job.dir / QUARANTINE
+    q.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for src in (job.dir / MARKERS / f"{name}.json", job.dir / SHARDS / f"{name}.parquet"):
+        if src.is_symlink() or not src.exists():
+            continue
+        try:
+            storage.retry(lambda s=src: os.replace(s, q / f"{stamp}-{s.name}"), f"move {src}")
+        except storage.StorageError:
+            pass  # it stays ignored where it is
+    job.log(f"quarantined commit {name}: {why}; its rows are computed again")
+
+
+# --- status of a job, as the scheduler and `runner status` need it ----------------------------------------
+
+
+@dataclass
+class Progress:
+    """A job's standing from its folder: counts of keys, units left, who works on it."""
+
+    done: int
+    failed: int
+    total: int
+    units_left: list[int]  # units with keys neither done nor failed
+    claimable: list[int]  # of those, units no live worker holds
+    live: dict[str, dict[str, Any]]  # live workers' heartbeats
+    bad: list[tuple[str, str]]
+    started: bool  # some commit or claim exists
+
+    @property
+    def complete(self) -> bool:
+        return not self.units_left
+
+
+def job_progress(job: Job, ledger: Ledger | None = None) -> Progress:
+    ledger = ledger or read_ledger(job)
+    done = int(ledger.done_mask().sum())
+    failed = int(ledger.failed_mask().sum())
+    left = [u for u, n in enumerate(ledger.unit_left().tolist()) if n > 0]
+    live = live_workers(job)
+    claimable = [u for u in left if not claim_is_live(ledger.claims.get(u), live)]
+    started = bool(ledger.commits or ledger.claims or ledger.bad)
+    return Progress(done, failed, job.spec.total, left, claimable, live, ledger.bad, started)
+
+
+def read_errors(job: Job, ledger: Ledger | None = None) -> list[dict[str, Any]]:
+    """Rows that could not be done: invalid input rows (stage validate), then row errors of the current
+    retry generation (stage generate / score / embed), each with id, line, stage, error and message."""
+    out = list(job.invalid_rows())
+    out.extend((ledger or read_ledger(job)).errors())
+    return out
+
+
+# --- transitions ------------------------------------------------------------------------------------------
+
+
+def cancel(job: Job) -> JobState:
+    """Cancel a queued or running job (running workers stop between batches, keeping finished rows). One
+    write of state.json: a worker never writes over it, since workers do not write "running"."""
+    old = job.state()
+    if old.state in (JobState.COMPLETED, JobState.CANCELLED):
+        raise RunnerError(f"job {job.id} is already {old.state}")
+    write_state(job.dir, StateRecord(JobState.CANCELLED, old.generation))
+    return old.state
+
+
+def retry(job: Job) -> int:
+    """Re-queue a failed or cancelled job, or one with row errors: finished rows are kept, failed rows are
+    tried again. One write of state.json (the retry generation goes up, so older row errors stop counting).
+    Returns how many row errors were cleared."""
+    old = job.state()
+    cleared = sum(1 for _ in read_ledger(job).errors())
+    if old.state not in (JobState.FAILED, JobState.CANCELLED) and not cleared:
+        raise RunnerError(
+            f"job {job.id} is {old.state}; only failed or cancelled jobs, or jobs with row errors, can be retried"
+        )
+    write_state(job.dir, StateRecord(JobState.QUEUED, old.generation + 1))
+    return cleared
+
+
+@dataclass
+class RepairReport:
+    restored_spec: bool = False
+    state_was: str | None = None
+    state_now: str | None = None
+    quarantined: list[tuple[str, str]] = field(default_factory=list)
+    done: int = 0
+    total: int = 0
+
+
+def repair(path: str | os.PathLike) -> RepairReport:
+    """Bring a job back from whatever is still verifiable: restore job.json from its backup, quarantine
+    commits that fail verification, seal what a dead taker left unsealed, and set the state from the facts
+    (completed if every row is done or failed, else queued so `runner work` redoes what is missing)."""
+    path = Path(path)
+    report = RepairReport()
+    try:
+        job = Job.open(path)
+    except BrokenJob:
+        job = _restore_spec(path)
+        report.restored_spec = True
+    try:
+        old = read_state(job.dir)
+        report.state_was = old.state.value
+        generation = old.generation
+    except BrokenJob as e:
+        report.state_was = f"broken ({e})"
+        generation = 0
+    write_state(job.dir, StateRecord(JobState.QUEUED, generation))  # readable again, for the ledger
+    ledger = read_ledger(job, seal=True)
+    for name, why in ledger.bad:
+        quarantine(job, name, why)
+        report.quarantined.append((name, why))
+    progress = job_progress(job, read_ledger(job))
+    final = JobState.COMPLETED if progress.complete else JobState.QUEUED
+    if final is JobState.QUEUED and report.state_was in ("cancelled", "failed"):
+        final = JobState(report.state_was)
+    write_state(job.dir, StateRecord(final, generation))
+    report.state_now, report.done, report.total = final.value, progress.done, progress.total
+    remove_stale_temps(job.dir, max_age=0 if not progress.live else TEMP_MAX_AGE)
+    job.log(f"repaired: state {report.state_was} -> {final.value}, {len(report.quarantined)} commit(s) "
+            f"quarantined, {progress.done:,}/{progress.total:,} rows done")  # fmt: skip
+    return report
+
+
+def _restore_spec(path: Path) -> Job:
+    backup = path / JOB_BACKUP
+    raw = _read_json_or_none(backup) if _lexists(backup) else None
+    if raw is None:
+        raise BrokenJob(f"{path}: job.json is damaged and its backup is missing or damaged too; submit the "
+                        "file again")  # fmt: skip
+    JobSpec.parse(raw)  # the backup itself must make sense
+    storage.write_json(path / JOB_FILE, raw)
+    return Job.open(path)
+
+
+# --- housekeeping ------------------------------------------------------------------------------------------
+
+TEMP_MAX_AGE = 600.0  # seconds: a temp file untouched this long has no live writer (leases go stale in 120)
+
+
+def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
+    """Delete temp files killed writers left in the job's folders (never followed through links: `scan`
+    lists plain files only, and a job whose folders are links is broken before it gets here)."""
+    removed = 0
+    now = time.time()
+    for sub in (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT):
+        folder = job_dir / sub
+        if folder.is_symlink():
+            continue
+        for name in scan(folder):
+            if not storage.is_temp_name(name):
+                continue
+            try:
+                if now - os.lstat(folder / name).st_mtime < max_age:
+                    continue
+            except FileNotFoundError:
+                continue
+            storage.remove(folder / name)
+            removed += 1
+    return removed
+
+
+def remove_dead_submits(root: str | os.PathLike) -> int:
+    """Delete temp folders of submits that were killed (their owner is provably gone, or a day passed)."""
+    root = Path(root)
+    removed = 0
+    for name in scan(root, dirs=True):
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        folder = root / name
+        owner = Owner.from_dict(_read_json_or_none(folder / ".owner.json"))
+        try:
+            age = time.time() - os.lstat(folder).st_mtime
+        except FileNotFoundError:
+            continue
+        if (owner is not None and owner.provably_dead()) or age > 86400 or (owner is None and age > 3600):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed

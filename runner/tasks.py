@@ -1,0 +1,237 @@
+"""What a job computes for a batch of (row, sample) keys, per job kind, and how a failing batch is split.
+
+worker.py hands a batch of keys to `make_task(...).compute` through `isolating`, which retries smaller
+batches on out-of-memory and NaN/inf, so that only a row that fails alone becomes a `RowError`. Each sample's
+randomness is seeded from (job seed, row id, sample) by `sample_seed`, so splitting never changes a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .engine import Engine, NumericalError
+
+if TYPE_CHECKING:
+    from .jobdir import Job
+
+# Measured best on the 2-core CPU with grouped prefill (benchmarks/RESULTS.md); decode rows share each step's
+# per-layer overhead, and prefill groups keep padding out of the prompt pass.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 64, 64
+CPU_BATCH_TOKENS = 32 * 1024
+
+
+def sample_seed(job_seed: int, row_id: str, sample: int) -> int:
+    """The seed of one sample's generator: depends on the job seed, the row's id and the sample index only."""
+    digest = hashlib.blake2b(f"{job_seed}\0{row_id}\0{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "cublas_status_alloc_failed" in text
+    )
+
+
+def default_batch_size(engine: Engine, options: Any) -> int:
+    """The --batch-size given, else what benchmarks/RESULTS.md measured best for the device kind."""
+    if options.batch_size is not None:
+        return options.batch_size
+    return GPU_BATCH_SIZE if engine.device.type == "cuda" else CPU_BATCH_SIZE
+
+
+def default_batch_tokens(engine: Engine) -> int:
+    """Token budget per batch when none is given: a fixed size on CPU, where memory is rarely the limit;
+    on a GPU, what half of the free memory holds as KV cache (2 x layers x kv heads x head dim per token)."""
+    import torch
+
+    if engine.device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    cfg = (
+        engine.model.config.get_text_config()
+        if hasattr(engine.model.config, "get_text_config")
+        else engine.model.config
+    )
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 12)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    per_token = 2 * layers * kv_heads * head_dim * torch.finfo(engine.dtype).bits // 8
+    free, _ = torch.cuda.mem_get_info(engine.device)
+    return max(1024, int(0.5 * free / max(per_token, 1)))
+
+
+@dataclass
+class RowError:
+    """A row that could not be done, recorded in errors.jsonl instead of the results."""
+
+    error: str
+    message: str
+
+
+@dataclass
+class Task:
+    """What a job kind does with a batch of (row, sample) keys, and how its results become a table."""
+
+    compute: Callable[[list[tuple[int, int]]], list[Any]]
+    table: Callable[..., Any]
+    tokens: Callable[[Any], int]  # tokens produced or read for one result, for tok/s
+    new_tokens: int  # tokens each sequence grows by, for the batch budget
+    finite: Callable[[Any], bool]  # every number of one result is finite (no NaN/inf log-prob is written)
+
+
+def _all_finite(values: Iterable[float | None]) -> bool:
+    return all(v is None or math.isfinite(v) for v in values)
+
+
+def _completion_finite(c: Any) -> bool:
+    return (
+        _all_finite(c.token_logprobs)
+        and _all_finite(c.prompt_logprobs or ())
+        and all(_all_finite(lp for _, lp, _ in step) for step in c.top_logprobs or ())
+    )
+
+
+def make_task(job: Job, engine: Engine, prompts: Any, start: int = 0) -> Task:
+    """The job kind's Task over `prompts`, a window of the job's prompts table whose first row is row `start`
+    of the job; `compute` takes (row, sample) keys numbered over the whole job."""
+    from .results import completions_table
+
+    params = job.params
+    ids = prompts.column("id").to_pylist()
+    input_ids = prompts.column("input_ids").to_pylist()
+    if job.kind == "generate":
+
+        def generate(keys: list[tuple[int, int]]) -> list[Any]:
+            seeds = [sample_seed(job.seed, ids[r - start], s) for r, s in keys]
+            return engine.generate([input_ids[r - start] for r, _ in keys], params, seeds)
+
+        return Task(
+            generate, completions_table, lambda c: len(c.token_ids), params.max_new_tokens, _completion_finite
+        )
+    from . import scoring
+    from .results import embed_table, score_table
+
+    if job.kind == "score":
+        froms = prompts.column("score_from").to_pylist()
+        stride = params.stride
+
+        def score(keys: list[tuple[int, int]]) -> list[Any]:
+            rows = [r - start for r, _ in keys]
+            return scoring.score_rows(engine, [input_ids[r] for r in rows], [froms[r] for r in rows], stride)
+
+        return Task(
+            score, score_table, lambda res: len(res.token_ids), 0, lambda r: _all_finite(r.token_logprobs)
+        )
+
+    def embed(keys: list[tuple[int, int]]) -> list[Any]:
+        return scoring.embed_batch(engine, [input_ids[r - start] for r, _ in keys], params.pooling)
+
+    return Task(embed, lambda p, rows, _t: embed_table(p, rows), lambda v: 0, 0, _all_finite)
+
+
+@dataclass
+class Isolation:
+    """What `isolating` learnt so far in this run."""
+
+    rows: int | None = None  # after an out-of-memory, the batch size that worked
+    float32_retried: list[tuple[int, int]] = field(default_factory=list)  # keys recomputed in float32
+
+
+def isolating(
+    engine: Engine,
+    compute: Callable[[list[tuple[int, int]]], list[Any]],
+    keys: list[tuple[int, int]],
+    iso: Isolation,
+) -> list[Any]:
+    """Run `compute` on a batch; on out-of-memory or non-finite logits retry in smaller batches, so that
+    only a row that fails alone becomes a `RowError` and the rest complete. Splitting never changes results:
+    every sample carries its own seed. After an out-of-memory, `iso.rows` remembers the size that then
+    worked, so later batches start there instead of failing first. Rows named by a `NumericalError` are
+    retried alone and the others together; a row that is non-finite alone in float16/bfloat16 is recomputed
+    with the model in float32 (`_retry_in_float32`)."""
+    cap = iso.rows
+    if cap is not None and len(keys) > cap:
+        return [
+            o for i in range(0, len(keys), cap) for o in isolating(engine, compute, keys[i : i + cap], iso)
+        ]
+    try:
+        return list(compute(keys))
+    except NumericalError as e:
+        if len(keys) == 1:
+            return [_retry_in_float32(engine, compute, keys, iso)]
+        # e.rows are positions in this batch as far as the computation knows them; used as a hint only
+        # (the batch is split either way, so a wrong hint costs time, never a result).
+        bad = {r for r in e.rows if 0 <= r < len(keys)}
+        if bad and len(bad) < len(keys):
+            rest = [i for i in range(len(keys)) if i not in bad]
+            got = dict(zip(rest, isolating(engine, compute, [keys[i] for i in rest], iso), strict=True))
+            for i in sorted(bad):
+                got[i] = isolating(engine, compute, [keys[i]], iso)[0]
+            return [got[i] for i in range(len(keys))]
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        free_memory(engine)
+        half = max(1, len(keys) // 2)
+        iso.rows = half if iso.rows is None else min(iso.rows, half)
+        if len(keys) == 1:
+            return [RowError("out_of_memory", "this row does not fit in memory even alone (shorten the prompt "
+                                              "or lower --max-new-tokens)")]  # fmt: skip
+    half = len(keys) // 2
+    return isolating(engine, compute, keys[:half], iso) + isolating(engine, compute, keys[half:], iso)
+
+
+def _retry_in_float32(
+    engine: Engine,
+    compute: Callable[[list[tuple[int, int]]], list[Any]],
+    keys: list[tuple[int, int]],
+    iso: Isolation,
+) -> Any:
+    """One row whose logits are NaN/inf on its own: fp16 overflow is the usual cause, so compute it again
+    with the model upcast to float32 (exact, and undone afterwards). A row that is non-finite even then, or
+    whose retry does not fit in memory, becomes a RowError."""
+    import torch
+
+    dtype = dtype_name(engine)
+    if engine.dtype == torch.float32:
+        return RowError("numerical_error", "the model produced NaN/inf logits for this row in float32")
+    try:
+        with engine.in_float32():
+            out = compute(keys)[0]
+    except NumericalError:
+        return RowError("numerical_error", f"the model produced NaN/inf logits for this row in {dtype} "
+                                           "and again in float32")  # fmt: skip
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        free_memory(engine)
+        return RowError("numerical_error", f"NaN/inf logits in {dtype}, and the model does not fit in memory "
+                                           "in float32 to retry (try --dtype float32 on a larger device)")  # fmt: skip
+    free_memory(engine)
+    iso.float32_retried.extend(keys)
+    return out
+
+
+def dtype_name(engine: Engine) -> str:
+    return str(engine.dtype).replace("torch.", "")
+
+
+def free_memory(engine: Engine) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+

@@ -1,0 +1,373 @@
+"""The job folder's ownership and integrity model (jobdir.py), case by case, in process: fenced claims, keyed
+results, verification and quarantine, transient read errors, one-write transitions, broken jobs and repair,
+liveness across PID namespaces, a slow file system, and a home that stays closed."""
+
+import errno
+import json
+import os
+import shutil
+import threading
+
+import pytest
+from fsfaults import FsFaults
+
+import runner
+from runner import EngineOptions, GenerationParams, RunnerError, jobdir, storage
+from runner.jobdir import BrokenJob, Heartbeat, Job, JobState, Owner, read_ledger, take_unit
+from runner.jobs import create_job
+from runner.worker import run_job
+
+PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, num_return_sequences=2, seed=99)
+OPTIONS = EngineOptions(batch_size=2)
+N = 8  # prompts; units of 3 rows: 3 units, 16 result rows
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_gpt2):
+    root = tmp_path_factory.mktemp("jobdir")
+    prompts = root / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"The old man said {i}"}) + "\n" for i in range(N)))
+    ref = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "ref", unit_rows=3)
+    run_job(ref, echo=None)
+    return prompts, runner.load_results(ref.dir)
+
+
+@pytest.fixture
+def job(reference, tiny_gpt2, runner_home):
+    return create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
+
+
+def assert_exactly_once(job_dir, ref, complete=True):
+    df = runner.load_results(job_dir)
+    keys = list(zip(df["id"], df["sample"], strict=True))
+    assert len(keys) == len(set(keys)), "a (row, sample) appears twice"
+    merged = df.merge(ref, on=["id", "sample"], suffixes=("", "_ref"))
+    assert len(merged) == len(df)
+    assert all(list(a) == list(b) for a, b in zip(merged["token_ids"], merged["token_ids_ref"], strict=True))
+    if complete:
+        assert len(df) == len(ref) == 2 * N
+    return len(df)
+
+
+def stop_after(n):
+    calls = []
+    return lambda: calls.append(1) or len(calls) > n
+
+
+# --- fenced ownership ---------------------------------------------------------------------------------------
+
+
+def test_a_stale_worker_that_commits_after_a_takeover_counts_for_nothing(job, reference, gpt2_engine, monkeypatch):
+    """The worker is frozen (SIGSTOP, a suspended VM) between its last check and its commit, and another
+    worker took its unit over meanwhile: the commit lands after the seal and is ignored, whatever it holds."""
+    frozen = Owner.me("frozen")
+    taken = []
+
+    def takeover_then_commit(self, unit):  # runs inside the frozen worker, right before each commit
+        if not taken:
+            taken.append(take_unit(self.job, unit.index, Owner.me("successor"), unit.epoch))
+        return original(self, unit)
+
+    import runner.worker as worker_module
+
+    original = worker_module.JobRun.commit
+    monkeypatch.setattr(worker_module.JobRun, "commit", takeover_then_commit)
+    monkeypatch.setattr(jobdir, "still_holds", lambda *a: True)  # it checked before it froze
+    run_job(job, gpt2_engine, echo=None, owner=frozen, shard_rows=2, should_stop=stop_after(1))
+    monkeypatch.undo()
+    assert taken == [1]
+    ledger = read_ledger(job)
+    late = [n for n in jobdir.scan(job.dir / "done") if n.startswith("00000-00000000-")]
+    assert late and not [c for c in ledger.commits if c.unit == 0]  # on disk, sealed out, never counted
+    assert json.loads((job.dir / "claims" / "00000-00000000.seal.json").read_text())["commits"] == []
+    assert job.state().state is JobState.QUEUED  # and it could not change the job's state
+    summary = run_job(job, gpt2_engine, echo=None)
+    assert summary.finished and assert_exactly_once(job.dir, reference[1]) == 2 * N
+
+
+def test_a_worker_whose_unit_was_taken_over_discards_its_rows(job, reference, gpt2_engine, monkeypatch):
+    said = []
+    import runner.worker as worker_module
+
+    original = worker_module.JobRun.commit
+
+    successor = Heartbeat(job, Owner.me("successor"), ttl=600)
+
+    def taken_before_commit(self, unit):
+        if unit.index == 0 and unit.epoch == 0:
+            successor.beat()  # alive, and holding the unit from now on
+            take_unit(self.job, 0, successor.owner, 0)
+        return original(self, unit)
+
+    monkeypatch.setattr(worker_module.JobRun, "commit", taken_before_commit)
+    summary = run_job(job, gpt2_engine, echo=said.append, shard_rows=100)
+    assert any("was taken over by another worker" in s for s in said)
+    assert not summary.finished and summary.others == 1  # the other units are done; unit 0 is the successor's
+    assert not [c for c in read_ledger(job).commits if c.unit == 0]
+    monkeypatch.undo()
+    successor.path.unlink()  # the successor stops (its claim is released)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert_exactly_once(job.dir, reference[1])
+
+
+def test_claiming_is_exclusive_on_a_slow_file_system(job, monkeypatch):
+    """Eight workers race for one unit through a mount where every operation takes 50 ms: one owner."""
+    FsFaults(job.dir.parent, slow=0.05).install(monkeypatch)
+    got = []
+    threads = [threading.Thread(target=lambda i=i: got.append(take_unit(job, 1, Owner.me(f"w{i}"), -1)))
+               for i in range(8)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got, key=str) == [0] + [None] * 7
+    assert jobdir.scan(job.dir / "claims") == ["00001-00000000.json"]
+
+
+# --- keyed, verified --------------------------------------------------------------------------------------
+
+
+def test_a_key_committed_twice_counts_once_and_conflict_copies_are_ignored(job, reference, gpt2_engine):
+    run_job(job, gpt2_engine, echo=None)
+    done = job.dir / "done"
+    name = sorted(done.iterdir())[0]
+    shutil.copy(name, done / (name.stem + " (1).json"))  # a Drive conflict copy
+    marker = json.loads(name.read_text())
+    shard = job.dir / "shards" / marker["shard"]
+    # the same keys committed again under another valid name (a recomputation): identical by construction
+    again = name.stem[:-4] + "0099"
+    shutil.copy(shard, job.dir / "shards" / f"{again}.parquet")
+    (done / f"{again}.json").write_text(json.dumps({**marker, "seq": 99, "shard": f"{again}.parquet"}))
+    status = runner.status(job.dir)
+    assert (status.done, status.total, status.state) == (2 * N, 2 * N, "completed")
+    assert_exactly_once(job.dir, reference[1])
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "torn-marker", "foreign-keys"])
+def test_a_damaged_commit_is_never_counted_then_quarantined_and_redone(job, reference, gpt2_engine, damage):
+    run_job(job, gpt2_engine, echo=None, shard_rows=2)
+    commits = read_ledger(job).commits
+    victim = commits[len(commits) // 2]
+    shard = job.dir / "shards" / victim.shard
+    marker = job.dir / "done" / f"{victim.name}.json"
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01  # same size: only the checksum can tell
+        shard.write_bytes(bytes(data))
+    elif damage == "truncate":
+        shard.write_bytes(bytes(data[:-7]))
+    elif damage == "delete":
+        shard.unlink()
+    elif damage == "torn-marker":
+        marker.write_text(marker.read_text()[:40])
+    else:  # a marker whose keys are not its shard's: its checksum is right, the content is someone else's
+        m = json.loads(marker.read_text())
+        other = commits[0]
+        shutil.copy(job.dir / "shards" / other.shard, shard)
+        m.update(bytes=shard.stat().st_size, sha256=storage.file_sha256(shard))
+        marker.write_text(json.dumps(m))
+    lost = victim.marker["rows"] if damage != "foreign-keys" else victim.marker["rows"]
+    with pytest.warns(UserWarning) if damage in ("flip", "truncate", "delete", "foreign-keys") else _nothing():
+        partial = runner.load_results(job.dir)  # never values from an unverified shard
+    assert len(partial) == 2 * N - lost
+    s = runner.status(job.dir)
+    assert s.state == "broken" and "runner repair" in s.message and s.done == 2 * N - lost
+    report = runner.repair(job.dir)
+    assert report.state_now == "queued" and [n for n, _ in report.quarantined] == [victim.name]
+    assert any(p.name.endswith(f"{victim.name}.json") for p in (job.dir / "quarantine").iterdir())
+    assert runner.work(job.dir.parent, echo=None)[0].generated == lost
+    assert runner.status(job.dir).state == "completed"
+    assert_exactly_once(job.dir, reference[1])
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_transient_read_errors_are_retried_and_never_mean_not_done(job, reference, gpt2_engine, monkeypatch):
+    run_job(job, gpt2_engine, echo=None, should_stop=stop_after(3), shard_rows=1)
+    done_before = runner.status(job.dir).done
+    real_scandir = os.scandir
+    failures = {"n": 0}
+
+    def flaky_scandir(path="."):  # every other listing of the done-set fails once with EIO
+        if str(path).endswith(("done", "claims", "shards")) and failures["n"] % 2 == 0:
+            failures["n"] += 1
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        failures["n"] += 1
+        return real_scandir(path)
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 8)
+    monkeypatch.setattr(os, "scandir", flaky_scandir)
+    summary = run_job(job, gpt2_engine, echo=None)
+    assert summary.finished and summary.generated == 2 * N - done_before  # nothing done twice
+    assert failures["n"] > 4
+    monkeypatch.setattr(os, "scandir", lambda path=".": (_ for _ in ()).throw(OSError(errno.ENOTCONN, "gone")))
+    with pytest.raises(storage.StorageError, match="Transport endpoint|gone"):
+        read_ledger(job)  # a mount that stays gone is an error, not an empty done-set
+    monkeypatch.undo()
+    assert_exactly_once(job.dir, reference[1])
+
+
+# --- transitions, broken jobs, repair ---------------------------------------------------------------------
+
+
+def test_cancel_and_retry_are_one_write_each(job, gpt2_engine, monkeypatch):
+    run_job(job, gpt2_engine, echo=None, should_stop=stop_after(2), shard_rows=1)
+    writes = []
+    real = storage.atomic_write
+    monkeypatch.setattr(storage, "atomic_write", lambda t, *a, **k: writes.append(os.path.basename(t)) or real(t, *a, **k))
+    assert runner.cancel(job.dir) == "queued" and writes == ["state.json"]
+    writes.clear()
+    runner.retry(job.dir)
+    assert writes == ["state.json"] and job.state().generation == 1
+
+
+def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
+    import runner.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "isolating", lambda engine, compute, keys, iso: [
+        worker_module.RowError("out_of_memory", "too big") if r == 4 else compute([(r, s)])[0] for r, s in keys
+    ])  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert [(e["row"], e["error"]) for e in runner.read_errors(job.dir)] == [(4, "out_of_memory")] * 2
+    monkeypatch.undo()
+    assert runner.retry(job.dir) == 2 and runner.read_errors(job.dir) == []
+    summary = run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    assert summary.finished and summary.generated == 2 and summary.errors == 0
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "reason"),
+    [
+        ("job.json", '{"id": "x", "kin', "job.json is damaged"),
+        ("job.json", "{}", "job.json is invalid"),
+        ("state.json", "{}", "state.json is invalid"),
+        ("state.json", '{"state": "canc', "state.json is damaged"),
+        ("state.json", '{"state": "running"}', "never stored"),
+    ],
+)
+def test_damaged_metadata_breaks_only_its_job(job, reference, tiny_gpt2, gpt2_engine, runner_home, file, content, reason):
+    other = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
+    (job.dir / file).write_text(content)
+    (job.dir / "stats.json").write_text("{}")  # informative only: never breaks anything
+    statuses = {s.id: s for s in runner.status(home=runner_home)}
+    assert statuses[job.dir.name].state == "broken" and reason in statuses[job.dir.name].message
+    assert statuses[other.id].state == "queued"
+    summaries = runner.work(runner_home, echo=None, engine=gpt2_engine)
+    assert [s.job_id for s in summaries] == [other.id] and summaries[0].finished
+    report = runner.repair(job.dir)
+    assert report.state_now == "queued" and report.restored_spec == (file == "job.json")
+    assert runner.work(runner_home, echo=None, engine=gpt2_engine)[0].finished
+    assert_exactly_once(job.dir, reference[1])
+
+
+def test_bad_heartbeats_claims_and_stats_are_ignored(job, reference, gpt2_engine, runner_home):
+    run_job(job, gpt2_engine, echo=None, should_stop=stop_after(2), shard_rows=1)
+    (job.dir / "workers" / "ghost.json").write_text('{"worker": "ghost", "expires": "soon"}')
+    (job.dir / "claims" / "00002-00000000.json").write_text("{torn")
+    (job.dir / "stats.json").write_text("[]")
+    assert runner.status(job.dir).state == "queued (interrupted)"
+    assert runner.work(runner_home, echo=None, engine=gpt2_engine)[0].finished
+    assert_exactly_once(job.dir, reference[1])
+
+
+def test_a_damaged_prompts_file_fails_its_job_and_the_others_run(job, reference, tiny_gpt2, gpt2_engine, runner_home):
+    other = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
+    data = bytearray((job.dir / "prompts.parquet").read_bytes())
+    data[100] ^= 0xFF
+    (job.dir / "prompts.parquet").write_bytes(bytes(data))
+    summaries = runner.work(runner_home, echo=None, engine=gpt2_engine)
+    assert [s.job_id for s in summaries] == [other.id]
+    s = runner.status(job.dir)
+    assert s.state == "failed" and "prompts.parquet" in s.message and "damaged" in s.message
+
+
+def test_a_completed_job_that_lost_a_shard_is_brought_back(job, reference, gpt2_engine, runner_home):
+    assert run_job(job, gpt2_engine, echo=None, shard_rows=4).finished
+    victim = read_ledger(job).commits[1]
+    (job.dir / "shards" / victim.shard).unlink()
+    s = runner.status(job.dir)
+    assert s.state == "broken" and s.done == 2 * N - victim.marker["rows"]
+    assert runner.work(runner_home, echo=None, engine=gpt2_engine) == []  # nothing to do until repaired
+    runner.repair(job.dir)
+    assert runner.work(runner_home, echo=None, engine=gpt2_engine)[0].generated == victim.marker["rows"]
+    assert runner.status(job.dir).state == "completed"
+    assert_exactly_once(job.dir, reference[1])
+
+
+# --- liveness, names, links, leftovers ---------------------------------------------------------------------
+
+
+def test_pid_liveness_only_within_the_same_boot_and_pid_namespace():
+    me = Owner.me("w")
+    dead_pid = 2**22 + 12345  # above pid_max on this machine: no such process
+    assert Owner(me.worker, me.host, dead_pid, me.boot, me.pidns, "1").provably_dead()
+    # the same host name but another PID namespace (a container) or another boot: only the heartbeat decides
+    assert not Owner(me.worker, me.host, dead_pid, me.boot, "pid:[1]", "1").provably_dead()
+    assert not Owner(me.worker, me.host, dead_pid, "other-boot", me.pidns, "1").provably_dead()
+    assert not Owner(me.worker, me.host, dead_pid, None, None, None).provably_dead()
+    # a live pid that now belongs to another process (pid reuse): its start time differs
+    assert Owner(me.worker, me.host, os.getpid(), me.boot, me.pidns, "0").provably_dead()
+    assert not me.provably_dead()
+
+
+def test_a_live_workers_heartbeat_in_another_namespace_is_respected(job):
+    other = Owner("far", "same-host", 999999, "boot-x", "pid:[1]", "7")
+    Heartbeat(job, other, ttl=60).beat()
+    assert take_unit(job, 0, other, -1) == 0
+    progress = jobdir.job_progress(job)
+    assert 0 not in progress.claimable and "far" in progress.live
+
+
+@pytest.mark.parametrize("name", ["a" * 101, "-lead", "has space", "x/y", ".hidden", ""])
+def test_names_are_plain_and_short(reference, tiny_gpt2, name):
+    with pytest.raises(RunnerError, match="invalid job name"):
+        create_job(reference[0], tiny_gpt2, PARAMS, name=name)
+
+
+def test_a_name_is_idempotent_and_never_another_jobs_id(job, reference, tiny_gpt2, runner_home):
+    named = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, name="night1", unit_rows=3)
+    again = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, name="night1", unit_rows=3)
+    assert again.id == named.id and len(jobdir.job_folders(runner_home)) == 2  # running the cell twice is safe
+    with pytest.raises(RunnerError, match="is taken by job"):
+        create_job(reference[0], tiny_gpt2, GenerationParams(max_new_tokens=2), home=runner_home, name="night1")
+    with pytest.raises(RunnerError, match="is taken by job"):
+        create_job(reference[0], tiny_gpt2, GenerationParams(max_new_tokens=2), home=runner_home, name=job.id)
+
+
+def test_links_are_never_followed_out_of_the_home(job, gpt2_engine, runner_home, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    precious = outside / ".00001-w.parquet.0123abcd.tmp"  # looks like a stale temp file
+    precious.write_text("not yours")
+    os.utime(precious, (0, 0))
+    shutil.rmtree(job.dir / "shards")
+    (job.dir / "shards").symlink_to(outside)
+    (runner_home / "elsewhere").symlink_to(outside)
+    statuses = {s.id: s for s in runner.status(home=runner_home)}
+    assert statuses[job.dir.name].state == "broken" and "symbolic link" in statuses[job.dir.name].message
+    assert statuses["elsewhere"].state == "broken"
+    assert runner.work(runner_home, echo=None, engine=gpt2_engine) == []
+    with pytest.raises(BrokenJob):
+        runner.repair(job.dir)
+    assert precious.read_text() == "not yours"
+
+
+def test_a_killed_submits_temp_folder_is_cleaned_up(reference, tiny_gpt2, runner_home):
+    runner_home.mkdir(parents=True, exist_ok=True)
+    left = runner_home / ".20260101-000000-abcdef.0123abcd.tmp"
+    left.mkdir()
+    dead = Owner.me("submit")
+    dead = Owner(dead.worker, dead.host, 2**22 + 777, dead.boot, dead.pidns, "1")
+    (left / ".owner.json").write_text(json.dumps(dead.as_dict()))
+    alive = runner_home / ".20260101-000001-abcdef.89abcdef.tmp"  # a submit still running beside us
+    alive.mkdir()
+    (alive / ".owner.json").write_text(json.dumps(Owner.me("submit").as_dict()))
+    create_job(reference[0], tiny_gpt2, PARAMS, home=runner_home)
+    assert not left.exists() and alive.exists()
+    assert [s.state for s in runner.status(home=runner_home)] == ["queued"]

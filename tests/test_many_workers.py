@@ -1,0 +1,132 @@
+"""Several workers on one job: they share it by units, the job completes once, and the results equal one
+worker's. In process (two workers in threads, with events deciding who does what), as `runner work --workers
+3`, and under torchrun (one process per LOCAL_RANK)."""
+
+import json
+import shutil
+import threading
+
+import pytest
+from workers import ROOT, worker_env
+
+import runner
+from runner import EngineOptions, GenerationParams
+from runner.engine import Engine
+from runner.jobdir import Job, Owner, read_ledger
+from runner.jobs import create_job
+from runner.worker import JobRun, run_job
+
+PARAMS = GenerationParams(max_new_tokens=5, temperature=1.0, num_return_sequences=2, seed=5)
+OPTIONS = EngineOptions(batch_size=2)
+N = 18
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_gpt2):
+    root = tmp_path_factory.mktemp("many")
+    prompts = root / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i:02d}", "prompt": f"Every student reads {i}"}) + "\n"
+                               for i in range(N)))  # fmt: skip
+    template = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "template", unit_rows=3)
+    ref = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "ref")
+    run_job(ref, echo=None)
+    return template.dir, runner.load_results(ref.dir)
+
+
+def fresh(tmp_path, prepared):
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copytree(prepared[0], home / "job")
+    return home, home / "job"
+
+
+def assert_same_as_one_worker(job_dir, ref):
+    df = runner.load_results(job_dir)
+    cols = ["id", "sample", "text", "finish_reason"]
+    assert df[cols].to_json() == ref[cols].to_json()
+    assert [list(t) for t in df["token_ids"]] == [list(t) for t in ref["token_ids"]]
+    for a, b in zip(df["token_logprobs"], ref["token_logprobs"], strict=True):
+        assert list(a) == pytest.approx(list(b), abs=1e-4)
+
+
+def test_two_workers_share_a_job_by_units_and_it_completes_once(tmp_path, prepared, tiny_gpt2, monkeypatch):
+    """Worker A holds its first batch until worker B has committed a unit: both do part of the job, status
+    shows both while they work, and the job ends completed with one worker's results."""
+    home, job_dir = fresh(tmp_path, prepared)
+    b_committed = threading.Event()
+    seen_workers = []
+    original_commit, original_compute = JobRun.commit, JobRun.compute
+
+    def commit(self, unit):
+        original_commit(self, unit)
+        if self.owner.worker == "B" and read_ledger(self.job).commits:
+            b_committed.set()
+
+    def compute(self, unit, keys, suspect):
+        if self.owner.worker == "A" and not b_committed.is_set():
+            assert b_committed.wait(120), "worker B never committed"
+            seen_workers.append(sorted(w["worker"] for w in runner.status(job_dir).workers))
+        return original_compute(self, unit, keys, suspect)
+
+    monkeypatch.setattr(JobRun, "commit", commit)
+    monkeypatch.setattr(JobRun, "compute", compute)
+    summaries = {}
+
+    def work(name):
+        engine = Engine(tiny_gpt2, OPTIONS)
+        summaries[name] = run_job(Job.open(job_dir), engine, echo=None, owner=Owner.me(name), shard_rows=2)
+
+    a = threading.Thread(target=work, args=("A",))
+    a.start()
+    while not (job_dir / "claims").exists() or not list((job_dir / "claims").iterdir()):
+        a.join(0.01)  # A has claimed its first unit; now B starts
+    b = threading.Thread(target=work, args=("B",))
+    b.start()
+    a.join()
+    b.join()
+    assert seen_workers[0] == ["A", "B"]
+    by_worker = {}
+    for c in read_ledger(Job.open(job_dir)).commits:
+        by_worker.setdefault(c.marker["worker"], set()).add(c.unit)
+    assert set(by_worker) == {"A", "B"} and not by_worker["A"] & by_worker["B"]
+    assert summaries["A"].generated + summaries["B"].generated == 2 * N  # nothing computed twice
+    assert any(s.finished for s in summaries.values())
+    assert runner.status(job_dir).state == "completed"
+    assert_same_as_one_worker(job_dir, prepared[1])
+
+
+def _run(args, home, timeout=300, **env):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        args if args[0] != "runner" else [sys.executable, "-m", "runner", "--home", str(home), *args[1:]],
+        capture_output=True, text=True, env=worker_env({"OMP_NUM_THREADS": "1", **env}), timeout=timeout, cwd=ROOT,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_three_worker_processes_finish_one_job_like_one_worker(tmp_path, prepared):
+    home, job_dir = fresh(tmp_path, prepared)
+    code, out = _run(["runner", "work", "--workers", "3", "--job", str(job_dir), "--shard-rows", "2"], home)
+    assert code == 0 and "Traceback" not in out, out
+    assert "started 3 worker processes" in out
+    assert runner.status(job_dir).state == "completed"
+    assert_same_as_one_worker(job_dir, prepared[1])
+    assert len(Job.open(job_dir).read_stats()["runs"]) >= 1
+
+
+def test_torchrun_processes_each_take_units_of_one_job(tmp_path, prepared):
+    import sys
+
+    home, job_dir = fresh(tmp_path, prepared)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "runner"]
+    code, out = _run([*torchrun, "--home", str(home), "work", "--job", "job", "--shard-rows", "2"], home)
+    assert code == 0 and "Traceback" not in out, out
+    assert runner.status(job_dir).state == "completed"
+    assert_same_as_one_worker(job_dir, prepared[1])
+
+
+def test_gpus_needs_a_gpu_and_says_so(tmp_path):
+    code, out = _run(["runner", "work", "--gpus", "all"], tmp_path)
+    assert code == 1 and "no CUDA GPU is visible" in out and "--workers N" in out
