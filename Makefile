@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build that the dev machines and CI have on disk; on a GPU box use the torch you already have.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 $(BIN)/runner: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: setup
 test: setup
 	$(BIN)/ruff check runner tests
 	$(BIN)/python -m pytest -q
+
+# The edit loop: unit, engine, input and in-process job tests; no worker processes, no demo model (< 2 min).
+test-fast: setup
+	$(BIN)/ruff check runner tests
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check runner tests

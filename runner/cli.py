@@ -461,7 +461,7 @@ def _detail(s: Any) -> list[str]:
         f"speed:    {s.tokens_per_second or '-'} tok/s, ETA {s.eta}",
         f"workers:  {'; '.join(workers) if workers else '-'}",
         f"model:    {s.model}",
-        f"input:    {job.meta['input']['path']} ({job.spec.rows:,} prompts)",
+        f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompts)",
         "settings: " + ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "seed" and v not in (None, []))
         + f", seed={job.seed}",
         f"folder:   {job.dir}",

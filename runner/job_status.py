@@ -69,11 +69,11 @@ def job_status(job: Job) -> JobStatus:
                    "(`runner repair` quarantines them now)")  # fmt: skip
     workers = [_worker_row(w, hb) for w, hb in sorted(progress.live.items())]
     tps = sum(w["tokens_per_second"] or 0 for w in workers) or None
-    rate = sum(float(hb.get("rows_per_second") or 0) for hb in progress.live.values())
+    rate = sum(_number(hb, "rows_per_second") or 0 for hb in progress.live.values())
     eta = (progress.total - progress.done - progress.failed) / rate if rate > 0 else None
     if not workers:
         runs = job.read_stats()["runs"]
-        tps = runs[-1].get("tokens_per_second") if runs else None
+        tps = _number(runs[-1], "tokens_per_second") if runs else None
     return JobStatus(
         id=job.id, name=job.name, state=name, done=progress.done, total=progress.total, errors=progress.failed,
         invalid=int(job.meta.get("input", {}).get("invalid", 0) or 0), tokens_per_second=tps, eta_seconds=eta,
@@ -82,15 +82,19 @@ def job_status(job: Job) -> JobStatus:
     )  # fmt: skip
 
 
-def _worker_row(worker: str, hb: dict[str, Any]) -> dict[str, Any]:
-    def num(key: str) -> float | None:
-        try:
-            return float(hb[key])
-        except (KeyError, TypeError, ValueError):
-            return None
+def _number(record: dict[str, Any], key: str) -> float | None:
+    """A number from a heartbeat (written by another process, possibly damaged): None unless finite and >= 0."""
+    try:
+        value = float(record[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if 0 <= value < float("inf") else None
 
-    return {"worker": worker, "host": hb.get("host"), "device": hb.get("device"),
-            "tokens_per_second": num("tokens_per_second"), "rows": num("rows")}  # fmt: skip
+
+def _worker_row(worker: str, hb: dict[str, Any]) -> dict[str, Any]:
+    text = {k: hb.get(k) if isinstance(hb.get(k), str) else None for k in ("host", "device")}
+    return {"worker": worker, **text, "tokens_per_second": _number(hb, "tokens_per_second"),
+            "rows": _number(hb, "rows")}  # fmt: skip
 
 
 def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:

@@ -70,6 +70,7 @@ SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, QUARANTINE = (
 FOLDERS = (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, QUARANTINE)
 ORDER = "_row"  # input order of a row (0-based over valid rows)
 LEASE_TTL = 120.0  # seconds without a heartbeat before a worker's claims may be taken over
+MAX_LEASE = 86400.0  # the longest lease RUNNER_LEASE_TTL may set
 UNIT_ROWS = 1024  # prompts per unit of work (all their samples): what one worker claims at a time
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 COMMIT_RE = re.compile(r"(\d{5,})-(\d{8})-(\d{4,})")
@@ -626,8 +627,8 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
         owner = Owner.from_dict(hb) if isinstance(hb, dict) else None
         if owner is None or owner.worker + ".json" != name:
             continue
-        try:
-            fresh = float(hb["expires"]) > now
+        try:  # an expiry beyond the longest lease is damage, not a lease
+            fresh = now < float(hb["expires"]) <= now + MAX_LEASE
         except (KeyError, TypeError, ValueError):
             fresh = False
         if fresh and not owner.provably_dead():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,18 +73,22 @@ def _jobs(home: Any, only: str | Job | None) -> list[Job]:
     return out
 
 
+def _queued(home: Any, only: str | Job | None) -> Iterator[tuple[Job, jobdir.Progress]]:
+    """Queued jobs with their standing; cancelled, failed, completed and broken ones are left out."""
+    for job in _jobs(home, only):
+        try:
+            if job.state().state is JobState.QUEUED:
+                yield job, jobdir.job_progress(job)
+        except BrokenJob:
+            continue
+
+
 def queue(home: Any = None, only: str | Job | None = None) -> list[Candidate]:
     """Jobs a worker may take, in the order it takes them: interrupted jobs first, then queued jobs by
     priority (high first), then age. Jobs with no unit free to claim (done, or all held by live workers),
     and cancelled, failed, completed or broken jobs, are left out."""
     out = []
-    for job in _jobs(home, only):
-        try:
-            if job.state().state is not JobState.QUEUED:
-                continue
-            progress = jobdir.job_progress(job)
-        except BrokenJob:
-            continue
+    for job, progress in _queued(home, only):
         if progress.claimable or (progress.complete and not progress.live):
             out.append(Candidate(job, progress.started))
     out.sort(key=lambda c: (not c.interrupted, -c.job.spec.priority, c.job.id))
@@ -94,13 +98,7 @@ def queue(home: Any = None, only: str | Job | None = None) -> list[Candidate]:
 def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[str, float, str]]:
     """(job id, earliest heartbeat expiry, worker) of queued jobs whose units left are all held by others."""
     out = []
-    for job in _jobs(home, only):
-        try:
-            if job.state().state is not JobState.QUEUED:
-                continue
-            progress = jobdir.job_progress(job)
-        except BrokenJob:
-            continue
+    for job, progress in _queued(home, only):
         others = {w: hb for w, hb in progress.live.items() if w != me}
         if progress.units_left and others:
             who, hb = min(others.items(), key=lambda kv: float(kv[1].get("expires", 0)))
@@ -265,6 +263,8 @@ def _check_model(j: Job) -> None:
 
 def _settle_failure(j: Job, e: RunnerError, echo: Any) -> None:
     old = j.state()
+    if old.state is not JobState.QUEUED:  # cancelled meanwhile: the user's word stands
+        return
     jobdir.write_state(j.dir, jobdir.StateRecord(JobState.FAILED, old.generation, str(e)))
     j.log(f"failed: {e}")
     if echo:

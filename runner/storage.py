@@ -35,8 +35,10 @@ class StorageError(RunnerError):
     """The job home cannot be written or read (after retries for transient errors)."""
 
 
-def retry(op: Callable[[], T], what: str, delays: tuple[float, ...] = RETRY_DELAYS) -> T:
-    """Run `op`, retrying transient OS errors with backoff; raise StorageError naming `what` otherwise."""
+def retry(op: Callable[[], T], what: str, delays: tuple[float, ...] | None = None) -> T:
+    """Run `op`, retrying transient OS errors with backoff (RETRY_DELAYS); raise StorageError naming `what`
+    otherwise."""
+    delays = RETRY_DELAYS if delays is None else delays
     for attempt in range(len(delays) + 1):
         try:
             return op()

@@ -29,12 +29,11 @@ from .jobdir import ClaimLost, Heartbeat, Job, JobState, Owner
 from .progress import Progress
 from .results import GeneratedRow, write_local_shard
 from .tasks import (
-    CPU_BATCH_SIZE,
-    CPU_BATCH_TOKENS,
-    GPU_BATCH_SIZE,
     Isolation,
     RowError,
     Task,
+    default_batch_size,
+    default_batch_tokens,
     dtype_name,
     isolating,
     make_task,
@@ -491,33 +490,3 @@ class JobRun:
         stats["tokens"] = sum(int(r.get("tokens") or 0) for r in stats["runs"])
         stats["seconds"] = round(sum(float(r.get("seconds") or 0) for r in stats["runs"]), 3)
         storage.write_json(self.job.dir / jobdir.STATS_FILE, stats)
-
-
-def default_batch_size(engine: Engine, options: Any) -> int:
-    """The --batch-size given, else what benchmarks/RESULTS.md measured best for the device kind."""
-    if options.batch_size is not None:
-        return options.batch_size
-    return GPU_BATCH_SIZE if engine.device.type == "cuda" else CPU_BATCH_SIZE
-
-
-def default_batch_tokens(engine: Engine) -> int:
-    """Token budget per batch when none is given: a fixed size on CPU, where memory is rarely the limit;
-    on a GPU, what half of the free memory holds as KV cache (2 x layers x kv heads x head dim per token)."""
-    import torch
-
-    if engine.device.type != "cuda":
-        return CPU_BATCH_TOKENS
-    cfg = (
-        engine.model.config.get_text_config()
-        if hasattr(engine.model.config, "get_text_config")
-        else engine.model.config
-    )
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 12)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    per_token = 2 * layers * kv_heads * head_dim * torch.finfo(engine.dtype).bits // 8
-    free, _ = torch.cuda.mem_get_info(engine.device)
-    return max(1024, int(0.5 * free / max(per_token, 1)))
-

@@ -17,6 +17,8 @@ from runner.jobs import Job, create_job
 from runner.results import read_errors
 from runner.worker import run_job
 
+pytestmark = pytest.mark.slow  # real worker processes or the demo model: `make test` runs it, test-fast not
+
 N_ROWS = 10
 INFLIGHT = "inflight/00000.json"  # the crash record of the job's only unit
 PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, seed=7)

@@ -2,8 +2,12 @@
 
 import json
 
+import pytest
+
 import runner
 from runner import GenerationParams
+
+pytestmark = pytest.mark.slow  # real worker processes or the demo model: `make test` runs it, test-fast not
 
 
 def test_greedy_answer_to_the_capital_of_france_is_paris(tmp_path):

@@ -18,6 +18,8 @@ from runner.jobs import Job, create_job
 from runner.results import ORDER, valid_shards
 from runner.scheduler import work
 
+pytestmark = pytest.mark.slow  # real worker processes or the demo model: `make test` runs it, test-fast not
+
 N_ROWS = 6
 PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, seed=11)
 OPTIONS = EngineOptions(batch_size=2)

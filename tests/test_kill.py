@@ -20,6 +20,8 @@ from runner.jobs import Job, create_job
 from runner.results import valid_shards
 from runner.worker import run_job
 
+pytestmark = pytest.mark.slow  # real worker processes or the demo model: `make test` runs it, test-fast not
+
 N_PROMPTS, N_SAMPLES = 24, 2
 PARAMS = GenerationParams(max_new_tokens=12, temperature=1.0, num_return_sequences=N_SAMPLES, seed=1234)
 OPTIONS = EngineOptions(batch_size=2)

@@ -106,6 +106,7 @@ def _run(args, home, timeout=300, **env):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_three_worker_processes_finish_one_job_like_one_worker(tmp_path, prepared):
     home, job_dir = fresh(tmp_path, prepared)
     code, out = _run(["runner", "work", "--workers", "3", "--job", str(job_dir), "--shard-rows", "2"], home)
@@ -116,6 +117,7 @@ def test_three_worker_processes_finish_one_job_like_one_worker(tmp_path, prepare
     assert len(Job.open(job_dir).read_stats()["runs"]) >= 1
 
 
+@pytest.mark.slow
 def test_torchrun_processes_each_take_units_of_one_job(tmp_path, prepared):
     import sys
 

@@ -84,6 +84,7 @@ def test_gguf_cache_is_keyed_by_file_and_survives_failed_conversions(tmp_path, m
     assert resolve_model(str(gguf), cache_dir=cache, progress=said.append) != first and len(said) == 2
 
 
+@pytest.mark.slow
 def test_demo_model_converts_once_then_loads_fast_and_answers(runner_cache):
     """End to end on the real demo model (about 30 s the first time in a session, shared with other tests)."""
     import torch

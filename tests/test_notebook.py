@@ -4,7 +4,10 @@ import os
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow  # real worker processes or the demo model: `make test` runs it, test-fast not
 
 NOTEBOOK = Path(__file__).parent.parent / "examples" / "colab.ipynb"
 
