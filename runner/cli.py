@@ -15,11 +15,18 @@ import click
 from . import __version__
 from .errors import ParamError, RunnerError
 
-GEN_FIELDS = (
-    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
-    "num_return_sequences", "seed", "stop", "logprobs", "prompt_logprobs",
-)  # fmt: skip
-ENGINE_FIELDS = ("device", "dtype", "batch_size", "max_batch_tokens", "trust_remote_code", "allow_pickle")
+
+def _fields(cls_name: str) -> tuple[str, ...]:
+    """The settings' own field names: the CLI options follow them, never a second list."""
+    import dataclasses
+
+    from . import params
+
+    return tuple(f.name for f in dataclasses.fields(getattr(params, cls_name)))
+
+
+GEN_FIELDS = _fields("GenerationParams")
+ENGINE_FIELDS = _fields("EngineOptions")
 
 
 def _echo(line: str) -> None:
@@ -72,6 +79,8 @@ generation_options = _apply([
     click.option("--top-p", type=float, help="Nucleus sampling mass in (0, 1] [default: 1.0]."),
     click.option("--top-k", type=int, help="Sample from the k most likely tokens; 0 = off [default: 0]."),
     click.option("--repetition-penalty", type=float, help="Penalty > 0 for repeated tokens [default: 1.0]."),
+    click.option("--presence-penalty", type=float, help="OpenAI presence penalty in [-2, 2] [default: 0]."),
+    click.option("--frequency-penalty", type=float, help="OpenAI frequency penalty in [-2, 2] [default: 0]."),
     click.option("-n", "--num-return-sequences", type=int, help="Samples per prompt [default: 1]."),
     click.option("--seed", type=int, help="Random seed; the same seed gives the same results."),
     click.option("--stop", multiple=True, help='Stop string, repeatable (e.g. --stop "\\n"). Escapes \\n \\t work.'),
@@ -115,7 +124,7 @@ def _unescape(s: str) -> str:
     return s.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in s else s
 
 
-KIND_FIELDS = {"generate": GEN_FIELDS, "score": ("add_bos", "add_eos", "stride"), "embed": ("pooling",)}
+KIND_FIELDS = {"generate": GEN_FIELDS, "score": _fields("ScoreParams"), "embed": _fields("EmbedParams")}
 
 
 def build_settings(kw: dict[str, Any], kind: str = "generate") -> tuple[Any, Any]:

@@ -11,7 +11,8 @@ The decode loop is our own rather than `model.generate` for four reasons, each a
   * rows that finish (EOS, stop string) leave the batch and the KV cache at once, so one long generation
     does not make the whole batch keep paying for finished rows;
   * stop strings are found on decoded text and cut from `text`, with `stop_reason` naming the string.
-The logits processors themselves (repetition penalty, temperature, top-k, top-p) are transformers' own.
+The logits processors (sampling.py) compute what transformers' processors of the same names compute, with
+each row's own settings as tensors, so that rows with different settings share a batch.
 
 Speed (benchmarks/RESULTS.md measures each lever by switching it off): prompts are prefilled in groups of
 similar length; the decode batch keeps its KV cache in preallocated buffers (kvcache.GrowingLayer) and, on CPU,
@@ -28,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,36 @@ class NumericalError(RunnerError):
     def __init__(self, rows: list[int]):
         super().__init__(f"non-finite logits in {len(rows)} row(s) of the batch")
         self.rows = rows
+
+
+@dataclass
+class _Decode:
+    """The state of one batch's decode loop. Per row (input order): settings, generators, outputs. Per slot
+    (the rows still decoding, in batch order; `rows[slot]` is the row): logits, cache, mask, positions."""
+
+    params: list[GenerationParams]
+    rows: list[int]
+    logits: Any  # [slots, vocab] float32: the next-token logits of each slot
+    cache: Any
+    mask: Any  # [slots, seq] attention mask, left-padded
+    next_pos: Any  # [slots] position id of the next token
+    settings: Any  # sampling.RowSettings, in slot order
+    rngs: list[Any]
+    prefixes: list[list[int]]
+    prompt_lps: list[list[float | None]] | None
+    n: int
+    history: Any = None  # [slots, seq] token ids seen, for the repetition penalty
+    counts: Any = None  # [slots, vocab] generated-token counts, for presence/frequency penalties
+    keep: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.steps = max(p.max_new_tokens for p in self.params)
+        self.out_ids: list[list[int]] = [[] for _ in range(self.n)]
+        self.out_lps: list[list[float]] = [[] for _ in range(self.n)]
+        self.finish: list[tuple[str, str | None] | None] = [None] * self.n
+        self.stop_pos: list[int | None] = [None] * self.n
+        self.scanned = [0] * self.n  # characters of decoded text already searched for stop strings
+        self.tops: list[list[list[tuple[int, float, int]]]] = [[] for _ in range(self.n)]
 
 
 def _positions(mask: Any) -> Any:
@@ -312,13 +343,20 @@ class Engine:
         return sum(p.numel() for p in self.model.parameters())
 
     def generate(
-        self, prompts: list[list[int]], params: GenerationParams, seeds: list[int] | None = None
+        self,
+        prompts: list[list[int]],
+        params: GenerationParams | list[GenerationParams],
+        seeds: list[int] | None = None,
     ) -> list[Completion]:
-        """Generate one sample per prompt. `prompts`: token ids per row (any lengths); `seeds`: one per row,
-        required when sampling. Returns completions in the order of `prompts`."""
+        """Generate one sample per prompt. `prompts`: token ids per row (any lengths); `params`: the settings
+        of every row, or one per row (rows with different settings share the batch); `seeds`: one per row,
+        required when a row samples. Returns completions in the order of `prompts`."""
         import torch
 
-        if params.do_sample and (seeds is None or len(seeds) != len(prompts)):
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("one GenerationParams per prompt, or one for all")
+        if any(p.do_sample for p in params) and (seeds is None or len(seeds) != len(prompts)):
             raise ValueError("sampling needs one seed per prompt")
         with torch.inference_mode():
             try:
@@ -356,134 +394,148 @@ class Engine:
         return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)
 
     def _generate(self, prompts, params, seeds):
+        """The decode loop: prefill, then per step pick a token for every row, record it (finishing rows on
+        EOS, a stop string or their length), drop finished rows and run one forward step."""
+        st = self._start(prompts, params, seeds)
+        for step in range(st.steps):
+            tok, chosen, logprobs = self._pick(st, step)
+            if not self._record(st, step, tok, chosen, logprobs):
+                break
+            self._advance(st, tok)
+        return self._completions(st)
+
+    def _start(self, prompts, params, seeds) -> _Decode:
+        """Prefill the batch and set up the per-row decode state."""
         import numpy as np
         import torch
-        from transformers.generation.logits_process import (
-            LogitsProcessorList,
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
 
-        dev = self.device
+        from .sampling import RowSettings
+
         n = len(prompts)
-        prompt_lps: list[list[float | None]] | None = None
-        if params.prompt_logprobs:
+        extra = max(p.max_new_tokens for p in params)
+        prompt_lps = None
+        if any(p.prompt_logprobs for p in params):
             # Every position's logits, for this one batch: O(batch x prompt x vocab), asked for explicitly.
             order = list(range(n))
-            ids, mask = left_pad(prompts, self.pad_id, dev)
+            ids, mask = left_pad(prompts, self.pad_id, self.device)
             full, cache = self._forward_all(ids, mask, _positions(mask))
             prompt_lps = self._prompt_logprobs(full, ids, mask)
             logits = full[:, -1, :].float()
             del full
-            cache = self._decode_cache([cache], params.max_new_tokens)
+            cache = self._decode_cache([cache], extra)
         else:
-            logits, cache, order = self._prefill(prompts, params.max_new_tokens)
+            logits, cache, order = self._prefill(prompts, extra)
             # The decode batch: rows in the order the prefill groups put them (slot -> row is `rows` below).
-            ids, mask = left_pad([prompts[r] for r in order], self.pad_id, dev)
-        pos = _positions(mask)
-        processors = LogitsProcessorList()
-        if params.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-        if params.do_sample:
-            if params.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_k:
-                processors.append(TopKLogitsWarper(params.top_k))
-            if params.top_p < 1.0:
-                processors.append(TopPLogitsWarper(params.top_p))
-        history = None
-        if params.repetition_penalty != 1.0:
+            ids, mask = left_pad([prompts[r] for r in order], self.pad_id, self.device)
+        st = _Decode(
+            params=params, rows=list(order), logits=logits, cache=cache, mask=mask,
+            next_pos=_positions(mask)[:, -1] + 1, settings=RowSettings.of([params[r] for r in order], self.device),
+            rngs=[np.random.default_rng(s) if p.do_sample else None for p, s in zip(params, seeds or [None] * n, strict=True)],
+            prefixes=[p[-DETOKENIZE_CONTEXT:] for p in prompts], prompt_lps=prompt_lps, n=n,
+        )  # fmt: skip
+        if st.settings.needs_history:
             # The penalty looks at every token id in `history`; pad slots repeat the row's first real token
             # so that padding (often EOS) is never penalised in one row but not in its unpadded twin.
             first_real = ids.gather(1, (mask.argmax(-1, keepdim=True)))
-            history = torch.where(mask.bool(), ids, first_real)
-        rngs = [np.random.default_rng(s) for s in seeds] if params.do_sample else None
+            st.history = torch.where(mask.bool(), ids, first_real)
+        if st.settings.needs_counts:
+            st.counts = logits.new_zeros(logits.shape)
+        return st
 
-        rows = list(order)  # batch slot -> original row
-        out_ids: list[list[int]] = [[] for _ in range(n)]
-        out_lps: list[list[float]] = [[] for _ in range(n)]
-        finish: list[tuple[str, str | None] | None] = [None] * n
-        stop_pos: list[int | None] = [None] * n
-        prefixes = [p[-DETOKENIZE_CONTEXT:] for p in prompts]
-        scanned = [0] * n  # characters of decoded text already searched for stop strings
-        longest_stop = max((len(s) for s in params.stop), default=0)
+    def _pick(self, st: _Decode, step: int):
+        """This step's token per slot ([batch] long), its raw log-prob ([batch] float32) and the raw
+        log-softmax ([batch, vocab]) it came from."""
+        import torch
 
-        want_top = params.logprobs is not None
-        tops: list[list[tuple[int, float, int]]] = [[] for _ in range(n)]
-        next_pos = pos[:, -1] + 1
-        for step in range(params.max_new_tokens):
-            logprobs = torch.log_softmax(logits, dim=-1)
-            scores = processors(history, logits.clone()) if len(processors) else logits
-            if step < params.min_new_tokens:
-                scores = scores.clone() if scores is logits else scores
-                scores[:, self._eos] = -math.inf
-            if params.do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                cdf = probs.cumsum(-1)
-                u = torch.tensor([rngs[r].random() for r in rows], dtype=cdf.dtype, device=dev)
-                tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-                tok = tok.clamp(max=scores.shape[-1] - 1)
-            else:
-                tok = scores.argmax(-1)
-            chosen = logprobs.gather(1, tok.unsqueeze(-1)).squeeze(-1)
-            bad = ~torch.isfinite(chosen)
-            if bool(bad.any()):
-                raise NumericalError([rows[i] for i in bad.nonzero().flatten().tolist()])
-            is_eos = torch.isin(tok, self._eos).tolist()
-            tok_list, lp_list = tok.tolist(), chosen.tolist()
-            if want_top:
-                self._collect_top(logprobs, tok, chosen, params.logprobs, rows, tops)
-            keep: list[int] = []
-            for slot, r in enumerate(rows):
-                out_ids[r].append(tok_list[slot])
-                out_lps[r].append(lp_list[slot])
-                if is_eos[slot]:
-                    finish[r] = ("stop", None)
-                elif params.stop and step + 1 >= params.min_new_tokens:
-                    text = self._detok(prefixes[r], out_ids[r])
-                    start = max(0, scanned[r] - longest_stop + 1)
-                    hits = [(text.find(s, start), s) for s in params.stop]
-                    hits = [(i, s) for i, s in hits if i >= 0]
-                    scanned[r] = len(text)
-                    if hits:
-                        i, s = min(hits)
-                        finish[r], stop_pos[r] = ("stop", s), i
-                if finish[r] is None and len(out_ids[r]) >= params.max_new_tokens:
-                    finish[r] = ("length", None)
-                if finish[r] is None:
-                    keep.append(slot)
-            if not keep:
-                break
-            tok_in = tok.unsqueeze(-1)
-            if history is not None:
-                history = torch.cat([history, tok_in], dim=-1)
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-            if len(keep) < len(rows):
-                # Finished rows leave the batch and the KV cache now instead of riding along to the end.
-                idx = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(idx)
-                mask, tok_in, next_pos = mask[idx], tok_in[idx], next_pos[idx]
-                if history is not None:
-                    history = history[idx]
-                rows = [rows[s] for s in keep]
-            logits, cache = self._forward(tok_in, mask, next_pos.unsqueeze(-1), cache, last_only=False)
-            next_pos = next_pos + 1
+        from .sampling import pick, process
 
+        logprobs = torch.log_softmax(st.logits, dim=-1)
+        scores = process(st.logits, st.history, st.counts, st.settings)
+        held = [slot for slot, r in enumerate(st.rows) if step < st.params[r].min_new_tokens]
+        if held:  # EOS is not allowed before min_new_tokens
+            scores = scores.clone() if scores is st.logits else scores
+            scores[torch.tensor(held, device=self.device).unsqueeze(-1), self._eos.unsqueeze(0)] = -math.inf
+        draws = [st.rngs[r].random() if st.rngs[r] is not None else 0.0 for r in st.rows]
+        tok = pick(scores, st.settings, torch.tensor(draws, dtype=torch.float64, device=self.device))
+        chosen = logprobs.gather(1, tok.unsqueeze(-1)).squeeze(-1)
+        bad = ~torch.isfinite(chosen)
+        if bool(bad.any()):
+            raise NumericalError([st.rows[i] for i in bad.nonzero().flatten().tolist()])
+        return tok, chosen, logprobs
+
+    def _record(self, st: _Decode, step: int, tok, chosen, logprobs) -> bool:
+        """Append each slot's token and log-prob (and alternatives) to its row, decide which rows are finished;
+        `st.keep` lists the slots that go on. False when none does."""
+        import torch
+
+        is_eos = torch.isin(tok, self._eos).tolist()
+        tok_list, lp_list = tok.tolist(), chosen.tolist()
+        ks = [st.params[r].logprobs for r in st.rows]
+        if any(k is not None for k in ks):
+            self._collect_top(logprobs, tok, chosen, ks, st.rows, st.tops)
+        st.keep = []
+        for slot, r in enumerate(st.rows):
+            st.out_ids[r].append(tok_list[slot])
+            st.out_lps[r].append(lp_list[slot])
+            p = st.params[r]
+            if is_eos[slot]:
+                st.finish[r] = ("stop", None)
+            elif p.stop and step + 1 >= p.min_new_tokens:
+                self._scan_stops(st, r)
+            if st.finish[r] is None and len(st.out_ids[r]) >= p.max_new_tokens:
+                st.finish[r] = ("length", None)
+            if st.finish[r] is None:
+                st.keep.append(slot)
+        return bool(st.keep)
+
+    def _scan_stops(self, st: _Decode, r: int) -> None:
+        """Look for the row's stop strings in the text decoded since the last look (and a stop string's
+        length back, for one that straddles two steps)."""
+        stops = st.params[r].stop
+        text = self._detok(st.prefixes[r], st.out_ids[r])
+        start = max(0, st.scanned[r] - max(len(s) for s in stops) + 1)
+        hits = [(i, s) for i, s in ((text.find(s, start), s) for s in stops) if i >= 0]
+        st.scanned[r] = len(text)
+        if hits:
+            i, s = min(hits)
+            st.finish[r], st.stop_pos[r] = ("stop", s), i
+
+    def _advance(self, st: _Decode, tok) -> None:
+        """Drop finished rows from the batch and its KV cache, then one forward step on the new tokens."""
+        import torch
+
+        tok_in = tok.unsqueeze(-1)  # [batch, 1]
+        if st.history is not None:
+            st.history = torch.cat([st.history, tok_in], dim=-1)
+        if st.counts is not None:
+            st.counts.scatter_add_(1, tok_in, torch.ones_like(tok_in, dtype=st.counts.dtype))
+        st.mask = torch.cat([st.mask, st.mask.new_ones((st.mask.shape[0], 1))], dim=-1)
+        if len(st.keep) < len(st.rows):
+            # Finished rows leave the batch and the KV cache now instead of riding along to the end.
+            idx = torch.tensor(st.keep, device=self.device)
+            st.cache.batch_select_indices(idx)
+            st.mask, tok_in, st.next_pos = st.mask[idx], tok_in[idx], st.next_pos[idx]
+            st.settings = st.settings.select(idx)
+            if st.history is not None:
+                st.history = st.history[idx]
+            if st.counts is not None:
+                st.counts = st.counts[idx]
+            st.rows = [st.rows[s] for s in st.keep]
+        st.logits, st.cache = self._forward(tok_in, st.mask, st.next_pos.unsqueeze(-1), st.cache, last_only=False)
+        st.next_pos = st.next_pos + 1
+
+    def _completions(self, st: _Decode) -> list[Completion]:
         results = []
-        for r in range(n):
-            text = self._detok(prefixes[r], out_ids[r])
-            if stop_pos[r] is not None:
-                text = text[: stop_pos[r]]
-            reason, stop = finish[r] or ("length", None)
-            results.append(
-                Completion(
-                    out_ids[r], out_lps[r], text, reason, stop,
-                    top_logprobs=tops[r] if want_top else None,
-                    prompt_logprobs=prompt_lps[r] if prompt_lps is not None else None,
-                )
-            )  # fmt: skip
+        for r in range(st.n):
+            text = self._detok(st.prefixes[r], st.out_ids[r])
+            if st.stop_pos[r] is not None:
+                text = text[: st.stop_pos[r]]
+            reason, stop = st.finish[r] or ("length", None)
+            results.append(Completion(
+                st.out_ids[r], st.out_lps[r], text, reason, stop,
+                top_logprobs=st.tops[r] if st.params[r].logprobs is not None else None,
+                prompt_logprobs=st.prompt_lps[r] if st.prompt_lps is not None and st.params[r].prompt_logprobs else None,
+            ))  # fmt: skip
         return results
 
     def _prefill(self, prompts: list[list[int]], extra: int):
@@ -554,18 +606,23 @@ class Engine:
         return out
 
     @staticmethod
-    def _collect_top(logprobs, tok, chosen, k, rows, tops) -> None:
-        """Append this step's top-k alternatives (plus the chosen token, if not among them) for each row.
-        Keeps [batch, k] per step, never the vocabulary."""
-        if k:
-            top_lp, top_id = logprobs.topk(k, dim=-1)
+    def _collect_top(logprobs, tok, chosen, ks, rows, tops) -> None:
+        """Append this step's top-k alternatives (plus the chosen token, if not among them) for each row that
+        asked for them (`ks`: k per slot, None for none). Keeps [batch, k] per step, never the vocabulary."""
+        kmax = max((k for k in ks if k), default=0)
+        if kmax:
+            top_lp, top_id = logprobs.topk(kmax, dim=-1)
             top_lp, top_id = top_lp.tolist(), top_id.tolist()
+            top_lp = [lp[: k or 0] for lp, k in zip(top_lp, ks, strict=True)]
+            top_id = [i[: k or 0] for i, k in zip(top_id, ks, strict=True)]
         else:
             top_lp = top_id = [[] for _ in rows]
         # rank of the chosen token: 1 + how many tokens are strictly more likely
         ranks = ((logprobs > chosen.unsqueeze(-1)).sum(-1) + 1).tolist()
         tok_list, ch_list = tok.tolist(), chosen.tolist()
         for slot, r in enumerate(rows):
+            if ks[slot] is None:
+                continue
             entry = [
                 (i, lp, rank) for rank, (i, lp) in enumerate(zip(top_id[slot], top_lp[slot], strict=True), 1)
             ]

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import openai_batch
 from .errors import InputError, ParamError, Problem
+from .params import ROW_SETTINGS, row_overrides
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_LINE_BYTES = 64 * 1024 * 1024  # a line this long is surely a broken file, not a prompt
@@ -39,6 +41,9 @@ class PromptRow:
     messages: list[dict[str, str]] | None
     extra: dict[str, Any] = field(default_factory=dict)
     continuation: str | None = None  # scoring rows with context + continuation fields
+    settings: dict[str, Any] | None = None  # the row's own generation settings (GenerationParams fields)
+    request: dict[str, Any] | None = None  # an OpenAI Batch request: url, model, echo
+    raw_settings: dict[str, Any] | None = None  # the setting fields as the row spelled them
 
 
 @dataclass
@@ -301,8 +306,13 @@ class PromptReader:
         id_field: str = "id",
         messages_field: str | None = "messages",
         pair_fields: tuple[str, str] | None = None,
+        row_settings: bool = False,
+        batch: tuple[str, tuple[str, ...]] | None = None,
     ):
+        """`row_settings`: rows may carry their own generation settings (params.ROW_SETTINGS fields). `batch`:
+        (job kind, model names) to read OpenAI Batch request lines against."""
         self.path = Path(path)
+        self.row_settings, self.batch = row_settings, batch
         self.format = input_format(self.path)
         if not self.path.is_file():
             raise InputError(
@@ -326,11 +336,33 @@ class PromptReader:
             if obj is None:
                 yield Problem(self.name, lineno, None, reason or "unreadable")
                 continue
+            request = None
+            if self.batch is not None and openai_batch.is_request(obj):
+                obj, fld, why = openai_batch.request_row(obj, *self.batch)
+                if obj is None:
+                    yield Problem(self.name, lineno, fld, why)
+                    continue
+                request = obj.pop("_request")
             row, problem = _validate_row(
                 self.name, lineno, obj, self.prompt_field, self.template, self.id_field,
                 self.messages_field, self.pair_fields,
             )  # fmt: skip
+            if row is not None:
+                row.request = request
+                row, problem = self._settings(row)
             yield row if row is not None else problem  # type: ignore[misc]
+
+    def _settings(self, row: PromptRow) -> tuple[PromptRow | None, Problem | None]:
+        """Move the row's setting fields out of its passthrough columns (generate jobs only)."""
+        if not self.row_settings:
+            return row, None
+        raw = {k: row.extra.pop(k) for k in list(row.extra) if k in ROW_SETTINGS}
+        row.raw_settings = raw or None
+        try:
+            row.settings = row_overrides(raw) or None
+        except ParamError as e:
+            return None, Problem(self.name, row.line, e.param, str(e).split(": ", 1)[-1], row.id)
+        return row, None
 
     def chunks(self, size: int) -> Iterator[PromptChunk]:
         """The file in chunks of `size` rows (valid or not), in order, with duplicate ids reported on the

@@ -298,8 +298,13 @@ class JobSpec:
 
     @property
     def total(self) -> int:
-        """Result rows the job has when done: valid prompts x samples."""
-        return self.rows * self.samples
+        """Result rows the job has when done: each prompt's samples, summed."""
+        return int(self.meta.get("results") or self.rows * self.samples)
+
+    @property
+    def per_row_n(self) -> bool:
+        """Some row asks for its own number of samples: (row, sample) keys past a row's n do not exist."""
+        return bool(self.meta.get("per_row_n"))
 
     @property
     def units(self) -> int:
@@ -324,7 +329,7 @@ class JobSpec:
             params = GenerationParams.from_dict(raw) if kind == "generate" else KINDS[kind](**raw)
             options = EngineOptions(**meta["engine"])
             rows = int(meta["input"]["rows"])
-            samples = params.num_return_sequences if kind == "generate" else 1
+            samples = int(meta.get("samples") or (params.num_return_sequences if kind == "generate" else 1))
             unit_rows = int(meta["unit_rows"])
             if rows < 1 or unit_rows < 1:
                 raise BrokenJob("job.json: rows and unit_rows must be >= 1")
@@ -489,6 +494,19 @@ class Job:
             stats = {}
         runs = stats.get("runs") if isinstance(stats, dict) else None
         return {"runs": [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []}
+
+    def absent_mask(self) -> Any:
+        """[rows, samples] bool: keys that are not part of the job (samples past a row's own n), or None
+        when every row has the same number of samples."""
+        if not self.spec.per_row_n:
+            return None
+        if getattr(self, "_absent", None) is None:
+            import numpy as np
+            import pyarrow.parquet as pq
+
+            n = pq.read_table(self.dir / PROMPTS, columns=["n"]).column("n").to_numpy()
+            self._absent = np.arange(self.spec.samples)[None, :] >= n[:, None]
+        return self._absent
 
     def read_rows(self, start: int, stop: int) -> Any:
         """Rows [start, stop) of prompts.parquet as a table, reading only the row groups that hold them."""
@@ -846,12 +864,18 @@ class Ledger:
             mask[e["row"], e["sample"]] = True
         return mask
 
+    def left_mask(self) -> Any:
+        """[rows, samples] bool: keys of the job neither done nor failed."""
+        left = ~(self.done_mask() | self.failed_mask())
+        absent = self.job.absent_mask()
+        return left if absent is None else left & ~absent
+
     def unit_left(self) -> Any:
         """[units] int: keys neither done nor failed, per unit."""
         import numpy as np
 
         spec = self.job.spec
-        left = ~(self.done_mask() | self.failed_mask())
+        left = self.left_mask()
         per_row = left.sum(axis=1)
         return np.add.reduceat(per_row, np.arange(0, spec.rows, spec.unit_rows))
 

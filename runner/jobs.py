@@ -20,7 +20,7 @@ import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +74,7 @@ def create_job(
     home: str | os.PathLike | None = None,
     job_dir: str | os.PathLike | None = None,
     unit_rows: int | None = None,
+    served_model_names: tuple[str, ...] = (),
 ) -> Job:
     """Validate everything and store a queued job. Nothing invalid is ever stored.
 
@@ -87,6 +88,10 @@ def create_job(
     never submits twice), other ones are refused.
 
     `unit_rows` is the number of prompts a worker claims at a time (several workers share a job by units).
+
+    A generation row may carry its own settings (params.ROW_SETTINGS: `temperature`, `max_tokens`, `n`, ...);
+    OpenAI Batch request lines are read as rows (openai_batch.py), their `body.model` being `model`, its folder
+    name, or one of `served_model_names`.
 
     The file is read, checked, tokenized and written `ROW_GROUP_ROWS` rows at a time, so memory is bounded by
     that chunk whatever the file's size (plus 24 bytes a row to find duplicate ids: inputs.SeenIds).
@@ -112,10 +117,12 @@ def create_job(
     input_path = Path(input_path)
     if prompt_field is None:
         prompt_field = "prompt" if kind == "generate" else "text"
+    models = tuple(dict.fromkeys((model, Path(model).name, *served_model_names)))
     reader = PromptReader(
         input_path, prompt_field=prompt_field, template=template,
         messages_field="messages" if kind == "generate" else None,
         pair_fields=("context", "continuation") if kind == "score" else None,
+        row_settings=kind == "generate", batch=(kind, models),
     )  # fmt: skip
     identity = {
         "input_sha256": storage.file_sha256(input_path),
@@ -125,6 +132,7 @@ def create_job(
         "truncate": truncate,
         "model": model,
         "params": params.to_dict(),
+        "served_model_names": list(served_model_names),
     }
     if job_dir is not None:
         job_dir = Path(job_dir)
@@ -168,7 +176,8 @@ def create_job(
         storage.write_json(tmp / ".owner.json", jobdir.Owner.me("submit").as_dict(), durable=False)
         for sub in jobdir.FOLDERS:
             (tmp / sub).mkdir()
-        prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field)
+        sample_auto = kind == "generate" and _sample_auto(params)
+        prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field, sample_auto)
         written = _write_prompts(reader, prep, tmp, skip_invalid)
         seed = getattr(params, "seed", None)
         seed = seed if seed is not None else secrets.randbits(63)
@@ -196,6 +205,11 @@ def create_job(
                 "renamed_columns": written.renamed,
             },
             "params": params.to_dict(),
+            "sample_auto": sample_auto,
+            "samples": written.samples or getattr(params, "num_return_sequences", 1),
+            "results": written.results,
+            "per_row_n": written.per_row_n,
+            "outputs": written.outputs,
             "seed": seed,
             "engine": options.to_dict(),
             "unit_rows": unit_rows,
@@ -230,6 +244,15 @@ class _Written:
     invalid: int
     json_columns: list[str]
     renamed: dict[str, str]
+    samples: int = 0  # the most samples a row asks for
+    results: int = 0  # result rows when done: sum of each row's samples
+    per_row_n: bool = False  # some row asks for its own number of samples
+    outputs: dict[str, bool] = field(default_factory=dict)  # optional result columns some row asks for
+
+
+def _sample_auto(params: Any) -> bool:
+    """The user left sampling to be decided by the other settings (do_sample not given)."""
+    return getattr(params, "_do_sample_given", None) is None
 
 
 class _Problems:
@@ -293,6 +316,7 @@ def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_inv
     finally:
         if writer is not None:
             writer.close()
+    written_extra = prep.summary
     if not rows and not problems.count:
         problems.add([Problem(reader.name, 0, None, "the file has no rows")])
     if problems.count and (not skip_invalid or not rows):
@@ -300,7 +324,7 @@ def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_inv
         raise InputError(problems.kept, header=header, total=problems.count)
     if columns.rewrite:
         _rewrite_passthrough(reader, folder / PROMPTS, columns)
-    return _Written(rows, problems.count, columns.json_columns(), columns.renamed())
+    return _Written(rows, problems.count, columns.json_columns(), columns.renamed(), **written_extra())
 
 
 class _Passthrough:
@@ -472,12 +496,29 @@ class _Preparer:
     tokenizer call per chunk), and for scoring the first scored token; a row that cannot be done becomes a
     Problem naming its field."""
 
-    def __init__(self, kind: str, tokenizer: Any, params: Any, window: int | None, truncate: str, field: str):
+    def __init__(self, kind: str, tokenizer: Any, params: Any, window: int | None, truncate: str, field: str,
+                 sample_auto: bool = False):  # fmt: skip
         self.kind, self.tokenizer, self.params = kind, tokenizer, params
         self.window, self.truncate, self.field = window, truncate, field
+        self.sample_auto = sample_auto
         # Input columns are renamed away from every prompts.parquet column name, not only this kind's: a
         # `continuation` column of a generation job is passed through as `input_continuation`.
         self.fixed_names = PROMPT_COLUMNS
+        self.max_n, self.results, self.per_row_n = 0, 0, False
+        self.outputs = {"top_logprobs": getattr(params, "logprobs", None) is not None,
+                        "prompt_logprobs": bool(getattr(params, "prompt_logprobs", False)), "settings": False}  # fmt: skip
+
+    def summary(self) -> dict[str, Any]:
+        return {"samples": self.max_n, "results": self.results, "per_row_n": self.per_row_n,
+                "outputs": self.outputs}  # fmt: skip
+
+    def row_params(self, row: PromptRow) -> Any:
+        """The row's own GenerationParams (the job's when it sets none); ParamError names the row's field."""
+        from .params import row_params
+
+        if not row.settings:
+            return self.params
+        return row_params(self.params, self.sample_auto, row.settings)
 
     def prepare(self, name: str, rows: list[PromptRow]) -> tuple[list[_Prepared], list[Problem]]:
         """The rows that can be done, as (row, text, token ids, first scored token), and the problems of
@@ -488,7 +529,21 @@ class _Preparer:
                 problems.append(Problem(name, row.line, result.field or self.field, str(result), row.id))
             else:
                 out.append((row, *result))
+                self._count(row)
         return out, problems
+
+    def _count(self, row: PromptRow) -> None:
+        """Samples and optional outputs this row adds to the job."""
+        if self.kind != "generate":
+            self.max_n, self.results = 1, self.results + 1
+            return
+        p = self.row_params(row)
+        n = p.num_return_sequences
+        self.per_row_n = self.per_row_n or n != self.params.num_return_sequences
+        self.max_n, self.results = max(self.max_n, n), self.results + n
+        self.outputs["top_logprobs"] |= p.logprobs is not None
+        self.outputs["prompt_logprobs"] |= p.prompt_logprobs
+        self.outputs["settings"] |= bool(row.settings)
 
     def table(self, prepared: list[_Prepared], first: int) -> Any:
         """The fixed columns of prompts.parquet for these rows; `first` is the `_row` of the first."""
@@ -507,6 +562,10 @@ class _Preparer:
         if self.kind == "score":
             columns["score_from"] = pa.array([p[3] for p in prepared], pa.int32())
             columns["continuation"] = pa.array([r.continuation for r in rows], pa.string())
+        if self.kind == "generate":
+            columns["settings"] = pa.array([_json(r.settings) for r in rows], pa.string())
+            columns["n"] = pa.array([self.row_params(r).num_return_sequences for r in rows], pa.int32())
+        columns["request"] = pa.array([_json(r.request) for r in rows], pa.string())
         return pa.table(columns)
 
     def _prepare(self, rows: list[PromptRow]) -> list[tuple[str, list[int], int] | _RowProblem]:
@@ -527,13 +586,22 @@ class _Preparer:
             todo = [i for i, t in enumerate(texts) if isinstance(t, str) and bool(rows[i].messages) == chat]
             ids = encode_many(self.tokenizer, [texts[i] for i in todo], chat)  # type: ignore[misc]
             encoded.update(zip(todo, ids, strict=True))
-        window, params = self.window, self.params
+        window = self.window
         generate = self.kind == "generate"
-        budget = None if window is None else window - (params.max_new_tokens if generate else 0)
         out: list[tuple[str, list[int], int] | _RowProblem] = []
         for i, (row, text) in enumerate(zip(rows, texts, strict=True)):
             if isinstance(text, _RowProblem):
                 out.append(text)
+                continue
+            try:
+                params = self.row_params(row) if generate else self.params
+            except ParamError as e:
+                out.append(_RowProblem(str(e), _row_field(row, e.param)))
+                continue
+            budget = None if window is None else window - (params.max_new_tokens if generate else 0)
+            if budget is not None and budget < 1:
+                out.append(_RowProblem(f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in "
+                                       f"the model's context window of {window} tokens", _row_field(row, "max_new_tokens")))  # fmt: skip
                 continue
             ids = encoded[i]
             if budget is not None and len(ids) > budget:
@@ -579,6 +647,18 @@ class _Preparer:
             else:  # a text longer than the window is scored in strided windows at work time
                 out.append((row.prompt, ids, 1))
         return out
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _row_field(row: PromptRow, param: str) -> str:
+    """The field of the input row a setting came from (its own spelling), for the error message."""
+    from .params import ROW_SETTINGS
+
+    spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in (row.raw_settings or {})]
+    return spelled[0] if spelled else param
 
 
 class _RowProblem(Exception):

@@ -55,6 +55,12 @@ class GenerationParams:
     """Keep only the k most likely tokens, >= 0; 0 disables it."""
     repetition_penalty: float = 1.0
     """CTRL-style penalty on tokens already in prompt or generation, > 0; 1 disables it."""
+    presence_penalty: float = 0.0
+    """OpenAI / vLLM presence penalty, in [-2, 2]: subtracted once from the logit of every token already
+    generated in this sample; 0 disables it."""
+    frequency_penalty: float = 0.0
+    """OpenAI / vLLM frequency penalty, in [-2, 2]: subtracted from a token's logit once per time it was
+    generated in this sample; 0 disables it."""
     num_return_sequences: int = 1
     """Samples per prompt (`-n`), in [1, 1024]; more than 1 needs sampling."""
     seed: int | None = None
@@ -97,6 +103,11 @@ class GenerationParams:
             raise ParamError(
                 "repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}."
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _check_float(name, getattr(self, name))
+            if not -2 <= value <= 2:
+                raise ParamError(name, f"{name} must be in [-2, 2], got {value}.")
+            setattr(self, name, value)
         _check_int("num_return_sequences", self.num_return_sequences, 1, 1024)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, 20)
@@ -109,6 +120,7 @@ class GenerationParams:
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise ParamError("stop", f"stop strings must be non-empty strings, got {s!r}.")
+        self._do_sample_given = self.do_sample  # None: decided here from the other settings (row_params redoes it)
         if self.do_sample is None:
             asked = self.temperature != 1.0 or self.top_p != 1.0 or self.top_k != 0
             self.do_sample = (asked or self.num_return_sequences > 1) and self.temperature != 0
@@ -212,3 +224,45 @@ class EmbedParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Input-row fields that set a row's own generation settings (OpenAI and vLLM spellings too), and the
+# GenerationParams field each sets.
+ROW_SETTINGS = {
+    "max_new_tokens": "max_new_tokens", "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+    "min_new_tokens": "min_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty", "n": "num_return_sequences",
+    "num_return_sequences": "num_return_sequences", "seed": "seed", "stop": "stop", "logprobs": "logprobs",
+    "top_logprobs": "logprobs", "prompt_logprobs": "prompt_logprobs", "do_sample": "do_sample",
+}  # fmt: skip
+
+
+def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
+    """An input row's setting fields as GenerationParams fields. Raises ParamError naming the row's own field
+    when two spellings of one setting are given or a value has the wrong shape."""
+    out: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for name, value in raw.items():
+        target = ROW_SETTINGS[name]
+        if target in given and not (target == "logprobs" and {name, given[target]} == {"logprobs", "top_logprobs"}):
+            raise ParamError(name, f"{name}: give one of {given[target]!r} and {name!r}, not both.")
+        given.setdefault(target, name)
+        if name == "logprobs" and isinstance(value, bool):  # OpenAI chat: logprobs true/false (+ top_logprobs)
+            value = 0 if value else None
+            if target in out:
+                continue
+        out[target] = value
+    return out
+
+
+def row_params(base: GenerationParams, sample_auto: bool, overrides: dict[str, Any]) -> GenerationParams:
+    """The settings of a row: the job's, with the row's overrides (GenerationParams fields). When the job left
+    sampling to be decided (`sample_auto`), it is decided again for the row, so a row asking for a temperature
+    samples. Every value is checked; errors name the field."""
+    if not overrides:
+        return base
+    values = {**base.to_dict(), **overrides}
+    if sample_auto and "do_sample" not in overrides:
+        values["do_sample"] = None
+    return GenerationParams(**values)

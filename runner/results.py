@@ -28,7 +28,10 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 # Columns of a job's prompts table (jobs.py) that are not passed through to the results as they are.
-PROMPT_COLUMNS = (ORDER, "line", "id", "prompt", "input_ids", "prompt_tokens", "score_from", "continuation")
+PROMPT_COLUMNS = (
+    ORDER, "line", "id", "prompt", "input_ids", "prompt_tokens", "score_from", "continuation", "settings", "n",
+    "request",
+)  # fmt: skip
 
 # Output columns of a generation job, in order; passthrough input columns follow them.
 GENERATION_COLUMNS = (
@@ -51,7 +54,7 @@ def top_logprobs_type() -> pa.DataType:
     return pa.list_(pa.list_(entry))
 
 
-def generation_schema(top_logprobs: bool = False, prompt_logprobs: bool = False) -> pa.Schema:
+def generation_schema(top_logprobs: bool = False, prompt_logprobs: bool = False, settings: bool = False) -> pa.Schema:
     """Result columns of a generation job; the optional ones exist when the job asked for them."""
     import pyarrow as pa
 
@@ -75,6 +78,8 @@ def generation_schema(top_logprobs: bool = False, prompt_logprobs: bool = False)
         schema = schema.append(pa.field("top_logprobs", top_logprobs_type()))
     if prompt_logprobs:
         schema = schema.append(pa.field("prompt_logprobs", pa.list_(pa.float32())))
+    if settings:
+        schema = schema.append(pa.field("settings", pa.string()))  # the row's own settings, as JSON
     return schema
 
 
@@ -89,10 +94,14 @@ def completions_table(
     prompts: pa.Table,
     generated: list[GeneratedRow],
     token_text: Callable[[list[int]], list[str]] | None = None,
+    outputs: dict[str, bool] | None = None,
+    settings: list[str | None] | None = None,
 ) -> pa.Table:
     """One result row per (prompt, sample): generated columns, then the row's passthrough columns.
     `prompts` is the job's prompts table (jobs.py), indexed by `GeneratedRow.row`; `token_text` decodes
-    token ids one by one, for the `token` field of `top_logprobs`."""
+    token ids one by one, for the `token` field of `top_logprobs`. `outputs` says which optional columns the
+    job has (the same in every shard; rows that did not ask for one get null); `settings` is each prompt
+    row's own settings (JSON), kept in a `settings` column when `outputs["settings"]`."""
     import pyarrow as pa
 
     idx = pa.array([g.row for g in generated], pa.int64())
@@ -112,19 +121,24 @@ def completions_table(
         "token_logprobs": pa.array([c.token_logprobs for c in comps], pa.list_(pa.float32())),
         "cumulative_logprob": pa.array([c.cumulative_logprob for c in comps], pa.float64()),
     }
-    has_top = bool(comps) and comps[0].top_logprobs is not None
-    has_prompt = bool(comps) and comps[0].prompt_logprobs is not None
+    if outputs is None:
+        outputs = {"top_logprobs": any(c.top_logprobs is not None for c in comps),
+                   "prompt_logprobs": any(c.prompt_logprobs is not None for c in comps)}  # fmt: skip
+    has_top, has_prompt = bool(outputs.get("top_logprobs")), bool(outputs.get("prompt_logprobs"))
     if has_top:
-        flat = sorted({t for c in comps for step in c.top_logprobs for t, _, _ in step})
+        flat = sorted({t for c in comps for step in c.top_logprobs or () for t, _, _ in step})
         text = dict(zip(flat, token_text(flat) if token_text else [None] * len(flat), strict=True))
         cols["top_logprobs"] = pa.array(
-            [[[{"token_id": t, "token": text[t], "logprob": lp, "rank": rk} for t, lp, rk in step]
+            [None if c.top_logprobs is None else
+             [[{"token_id": t, "token": text[t], "logprob": lp, "rank": rk} for t, lp, rk in step]
               for step in c.top_logprobs] for c in comps],
             top_logprobs_type(),
         )  # fmt: skip
     if has_prompt:
         cols["prompt_logprobs"] = pa.array([c.prompt_logprobs for c in comps], pa.list_(pa.float32()))
-    schema = generation_schema(has_top, has_prompt)
+    if outputs.get("settings") and settings is not None:
+        cols["settings"] = pa.array([settings[g.row] for g in generated], pa.string())
+    schema = generation_schema(has_top, has_prompt, bool(outputs.get("settings") and settings is not None))
     arrays = [cols[f.name].cast(f.type) for f in schema]
     for name in passthrough_columns(prompts.schema):
         schema = schema.append(prompts.schema.field(name))
@@ -262,7 +276,10 @@ def empty_results(job: Any) -> pa.Table:
     elif kind == "embed":
         schema = embed_schema(int(job.meta.get("embedding_dim") or 0))
     else:
-        schema = generation_schema(params.get("logprobs") is not None, bool(params.get("prompt_logprobs")))
+        outputs = job.meta.get("outputs") or {}
+        schema = generation_schema(bool(outputs.get("top_logprobs", params.get("logprobs") is not None)),
+                                   bool(outputs.get("prompt_logprobs", params.get("prompt_logprobs"))),
+                                   bool(outputs.get("settings")))  # fmt: skip
     for name in passthrough_columns(prompts_schema):
         schema = schema.append(prompts_schema.field(name))
     return schema.empty_table()

@@ -101,6 +101,29 @@ def _completion_finite(c: Any) -> bool:
     )
 
 
+def _row_params(job: Job, prompts: Any) -> Callable[[int], Any]:
+    """Row i of `prompts` -> its GenerationParams: the job's, or the job's with the row's own settings (one
+    object per distinct setting, made once)."""
+    import json
+
+    from .params import row_params
+
+    base = job.params
+    raw = prompts.column("settings").to_pylist() if "settings" in prompts.column_names else [None] * prompts.num_rows
+    auto = bool(job.meta.get("sample_auto"))
+    made: dict[str, Any] = {}
+
+    def get(i: int) -> Any:
+        text = raw[i]
+        if not text:
+            return base
+        if text not in made:
+            made[text] = row_params(base, auto, json.loads(text))
+        return made[text]
+
+    return get
+
+
 def make_task(job: Job, engine: Engine, prompts: Any, start: int = 0) -> Task:
     """The job kind's Task over `prompts`, a window of the job's prompts table whose first row is row `start`
     of the job; `compute` takes (row, sample) keys numbered over the whole job."""
@@ -110,14 +133,23 @@ def make_task(job: Job, engine: Engine, prompts: Any, start: int = 0) -> Task:
     ids = prompts.column("id").to_pylist()
     input_ids = prompts.column("input_ids").to_pylist()
     if job.kind == "generate":
+        per_row = _row_params(job, prompts)
 
         def generate(keys: list[tuple[int, int]]) -> list[Any]:
-            seeds = [sample_seed(job.seed, ids[r - start], s) for r, s in keys]
-            return engine.generate([input_ids[r - start] for r, _ in keys], params, seeds)
+            rows = [per_row(r - start) for r, _ in keys]
+            # a row's own seed, else the job's (recorded in job.json when none was given)
+            seeds = [sample_seed(job.seed if p.seed is None else p.seed, ids[r - start], s)
+                     for p, (r, s) in zip(rows, keys, strict=True)]  # fmt: skip
+            return engine.generate([input_ids[r - start] for r, _ in keys], rows, seeds)
 
-        return Task(
-            generate, completions_table, lambda c: len(c.token_ids), params.max_new_tokens, _completion_finite
-        )
+        outputs = job.meta.get("outputs") or {}
+        settings = prompts.column("settings").to_pylist() if "settings" in prompts.column_names else None
+
+        def table(prompts_: Any, generated: list[Any], token_text: Any) -> Any:
+            return completions_table(prompts_, generated, token_text, outputs, settings)
+
+        longest = max([params.max_new_tokens] + [per_row(i).max_new_tokens for i in range(prompts.num_rows)])
+        return Task(generate, table, lambda c: len(c.token_ids), longest, _completion_finite)
     from . import scoring
     from .results import embed_table, score_table
 

@@ -72,6 +72,7 @@ class Unit:
     table: Any  # pa.Table: those rows of prompts.parquet
     task: Task
     todo: list[tuple[int, int]]  # its (row, sample) keys still to do
+    planned: list[tuple[int, int]]  # every key of the unit that is to be computed at all (done ones too)
     results: list[GeneratedRow] = field(default_factory=list)  # rows numbered within the unit
     errors: list[dict[str, Any]] = field(default_factory=list)
     seq: int = 0
@@ -210,7 +211,7 @@ class JobRun:
             if name.startswith(f"{index:05d}-"):
                 jobdir.quarantine(self.job, name, why)
         rows = self.job.spec.unit_rows_range(index)
-        left = ~(ledger.done_mask() | ledger.failed_mask())
+        left = ledger.left_mask()
         table = self.job.read_rows(rows.start, rows.stop)
         self.load_engine()
         assert self.engine is not None
@@ -219,7 +220,10 @@ class JobRun:
 
         r, s = np.nonzero(left[rows.start : rows.stop])
         todo = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))
-        return Unit(index, epoch, rows.start, table, task, todo)
+        exists = ~(ledger.failed_mask() if self.job.absent_mask() is None else ledger.failed_mask() | self.job.absent_mask())
+        r, s = np.nonzero(exists[rows.start : rows.stop])
+        planned = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))
+        return Unit(index, epoch, rows.start, table, task, todo, planned)
 
     # --- computing a unit ---------------------------------------------------------------------------------
 
@@ -230,11 +234,11 @@ class JobRun:
         self.say(f"job {self.job.id}: unit {unit.index}: {len(unit.todo):,} of {self.job.total:,} rows to "
                  f"{self.job.kind} on {self.engine.device} ({dtype_name(self.engine)})")  # fmt: skip
         try:
-            for keys, suspect in self.plan(unit):
+            for keys, wanted, suspect in self.plan(unit):
                 if self.should_stop():
                     self.stopped = True
                     break
-                self.compute(unit, keys, suspect)
+                self.compute(unit, keys, wanted, suspect)
                 if self.due(unit):
                     self.commit(unit)
             self.commit(unit)
@@ -243,9 +247,14 @@ class JobRun:
             self.say(f"the claim on unit {unit.index} of job {self.job.id} was taken over by another worker "
                      "(this one was thought dead); its uncommitted rows are discarded")  # fmt: skip
 
-    def plan(self, unit: Unit) -> Iterator[tuple[list[tuple[int, int]], Suspect | None]]:
-        """What a dead worker was computing in this unit first (as the same batch, or one row at a time), then
-        the rest in length-sorted, budgeted batches, then rows that already died alone once."""
+    def plan(self, unit: Unit) -> Iterator[tuple[list[tuple[int, int]], set[tuple[int, int]], Suspect | None]]:
+        """(keys to compute together, the ones among them to keep, suspect): what a dead worker was computing
+        in this unit first (as the same batch, or one row at a time), then the rest, then rows that already
+        died alone once.
+
+        The rest is batched over the whole unit, done keys included, and a batch runs only if it holds a key
+        still to do. Commits hold whole batches, so after any interruption the batches that run are the ones
+        an uninterrupted run ran: same companions, same float rounding, byte-identical log-probs."""
         recovery = self.flight.recover(_KeySet(self.left_mask(unit)))
         for (r, s), message in recovery.culprits:
             self.row_error(unit, r, s, "worker_crash", message)
@@ -254,16 +263,19 @@ class JobRun:
         self.suspected = recovery.first + recovery.last
         held = {k for x in self.suspected for k in x.keys} | {(r, s) for (r, s), _ in recovery.culprits}
         for x in recovery.first:
-            yield x.keys, x
-        rest = [k for k in unit.todo if k not in held]
+            yield x.keys, set(x.keys), x
+        todo = set(unit.todo) - held
         lengths = unit.table.column("prompt_tokens").to_pylist()
-        sizes = [lengths[r - unit.start] for r, _ in rest]
+        sizes = [lengths[r - unit.start] for r, _ in unit.planned]
         budget = self.job.options.max_batch_tokens or default_batch_tokens(self.engine)
         for batch in plan_batches(sizes, default_batch_size(self.engine, self.job.options), budget,
                                   unit.task.new_tokens):  # fmt: skip
-            yield [rest[i] for i in batch], None
+            keys = [unit.planned[i] for i in batch]
+            wanted = todo.intersection(keys)
+            if wanted:
+                yield keys, wanted, None
         for x in recovery.last:
-            yield x.keys, x
+            yield x.keys, set(x.keys), x
 
     def left_mask(self, unit: Unit) -> Any:
         import numpy as np
@@ -285,8 +297,10 @@ class JobRun:
             self.say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them "
                      "alone again at the end")  # fmt: skip
 
-    def compute(self, unit: Unit, keys: list[tuple[int, int]], suspect: Suspect | None) -> None:
-        """One batch: record it as in flight, compute it (splitting on OOM / NaN), buffer its outcomes."""
+    def compute(self, unit: Unit, keys: list[tuple[int, int]], wanted: set[tuple[int, int]],
+                suspect: Suspect | None) -> None:  # fmt: skip
+        """One batch: record it as in flight, compute it (splitting on OOM / NaN), buffer the outcomes of the
+        `wanted` keys (the others are done already)."""
         started = time.perf_counter()
         if suspect is not None and suspect in self.suspected:
             self.suspected.remove(suspect)
@@ -304,6 +318,8 @@ class JobRun:
         self.retried = len(self.iso.float32_retried)
         batch_tokens = 0
         for (r, s), out in zip(keys, outcomes, strict=True):
+            if (r, s) not in wanted:
+                continue
             if isinstance(out, RowError):
                 self.row_error(unit, r, s, out.error, out.message)
             else:
@@ -313,7 +329,7 @@ class JobRun:
         self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
         self.tokens += batch_tokens
         assert self.progress is not None
-        self.progress.update(len(keys), batch_tokens)
+        self.progress.update(len(wanted), batch_tokens)
         self.slowest = max(self.slowest, time.perf_counter() - started)
         fault_point("after_generate")
 

@@ -34,7 +34,7 @@ def prepared(tmp_path_factory, tiny_gpt2):
     prompts = root / "p.jsonl"
     words = "the old man said that every student reads a language model slowly".split()
     prompts.write_text("".join(
-        json.dumps({"id": f"r{i:02d}", "prompt": " ".join(words[: 2 + i % len(words)]), "n": i}) + "\n"
+        json.dumps({"id": f"r{i:02d}", "prompt": " ".join(words[: 2 + i % len(words)]), "k": i}) + "\n"
         for i in range(N_PROMPTS)
     ))  # fmt: skip
     template = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "template")

@@ -62,11 +62,11 @@ def test_two_workers_share_a_job_by_units_and_it_completes_once(tmp_path, prepar
         if self.owner.worker == "B" and read_ledger(self.job).commits:
             b_committed.set()
 
-    def compute(self, unit, keys, suspect):
+    def compute(self, unit, keys, wanted, suspect):
         if self.owner.worker == "A" and not b_committed.is_set():
             assert b_committed.wait(120), "worker B never committed"
             seen_workers.append(sorted(w["worker"] for w in runner.status(job_dir).workers))
-        return original_compute(self, unit, keys, suspect)
+        return original_compute(self, unit, keys, wanted, suspect)
 
     monkeypatch.setattr(JobRun, "commit", commit)
     monkeypatch.setattr(JobRun, "compute", compute)

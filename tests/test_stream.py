@@ -28,7 +28,7 @@ def write_jsonl(path, rows):
 
 def rows(n, note_chars=0):
     return [
-        {"id": f"r{i:06d}", "prompt": " ".join(WORDS[: 2 + i % 10]), "n": i, "note": "x" * note_chars}
+        {"id": f"r{i:06d}", "prompt": " ".join(WORDS[: 2 + i % 10]), "k": i, "note": "x" * note_chars}
         for i in range(n)
     ]
 
@@ -132,7 +132,7 @@ def test_stopped_between_and_inside_windows_every_row_once(
     df = runner.load_results(job.dir)
     keys = list(zip(df["id"], df["sample"], strict=True))
     assert len(keys) == len(set(keys)) == 44
-    cols = ["id", "sample", "text", "token_ids", "n"]
+    cols = ["id", "sample", "text", "token_ids", "k"]
     assert df[cols].to_json() == ref[cols].to_json()
     assert sum(pq.read_metadata(s).num_rows for s in valid_shards(job.dir)) == 44
 
@@ -177,7 +177,7 @@ def test_passthrough_columns_that_change_type_between_chunks(
     prompts = pq.read_table(job.dir / PROMPTS)
     assert pq.read_metadata(job.dir / PROMPTS).num_row_groups == 3
     names = ["num", "tag", "sparse", "obj", "late", "steady", "input_text", "new"]
-    assert prompts.column_names[6:] == names
+    assert prompts.column_names[9:] == names  # after the fixed columns (settings, n, request included)
     for name in names:
         col = "text" if name == "input_text" else name
         assert prompts.column(name).combine_chunks() == whole_file_column([r.get(col) for r in data]), name

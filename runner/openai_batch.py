@@ -1,0 +1,322 @@
+"""OpenAI Batch files: request lines in (as input rows), response lines out (from a job's results).
+
+inputs.PromptReader (a line with custom_id / method / url / body) -> `request_row` -> a plain input row with
+its per-row settings -> the usual job. results -> `export` -> one Batch output line per request, shaped as
+the OpenAI Batch API writes them (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`).
+
+Every body field is either honoured or refused at submit, naming the line and the field: nothing is dropped
+silently. Output ids are derived from the job and the custom_id, and `created` is the job's creation time, so
+a resumed job writes the same file byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+URLS = (CHAT, COMPLETIONS, EMBEDDINGS)
+# Body field -> input row field (our per-row settings; see params.ROW_SETTINGS), per endpoint.
+_SAMPLING = {
+    "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "stop",
+    "seed": "seed", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+    # vLLM's extra sampling parameters, as `vllm run-batch` accepts them
+    "top_k": "top_k", "repetition_penalty": "repetition_penalty", "min_tokens": "min_new_tokens",
+}  # fmt: skip
+FIELDS = {
+    CHAT: {**_SAMPLING, "max_completion_tokens": "max_completion_tokens", "messages": "messages"},
+    COMPLETIONS: {**_SAMPLING, "prompt": "prompt"},
+    EMBEDDINGS: {"input": "text"},
+}
+HARMLESS = {"model", "user", "metadata", "store", "stream"}  # checked or carry nothing that changes output
+
+
+def is_request(obj: dict[str, Any]) -> bool:
+    """A Batch request line (rather than a plain input row)."""
+    return "custom_id" in obj and ("body" in obj or "url" in obj or "method" in obj)
+
+
+def request_row(obj: dict[str, Any], kind: str, models: tuple[str, ...]) -> tuple[dict[str, Any] | None, str | None, str]:
+    """The input row a Batch request line stands for, or (None, field, problem). `models`: the names
+    `body.model` may take (the model given with --model, its folder name, and --served-model-name)."""
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        return None, "custom_id", "must be a non-empty string (every Batch request has one)"
+    extra = sorted(set(obj) - {"custom_id", "method", "url", "body"})
+    if extra:
+        return None, extra[0], "is not a field of a Batch request line (custom_id, method, url, body)"
+    if obj.get("method") != "POST":
+        return None, "method", f"must be POST, got {obj.get('method')!r}"
+    url = obj.get("url")
+    if url not in URLS:
+        return None, "url", f"must be one of {', '.join(URLS)}, got {url!r}"
+    if (url == EMBEDDINGS) != (kind == "embed") or kind == "score":
+        need = "an embed job (`runner embed`, or `runner submit --kind embed`)" if url == EMBEDDINGS else "a generate job"
+        return None, "url", f"{url} requests need {need}"
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        return None, "body", "must be a JSON object"
+    return _body_row(cid, url, body, models)
+
+
+def _body_row(cid: str, url: str, body: dict[str, Any], models: tuple[str, ...]) -> tuple[Any, str | None, str]:
+    model = body.get("model")
+    if not isinstance(model, str) or model not in models:
+        names = " or ".join(repr(m) for m in models)
+        return None, "body.model", (f"{model!r} is not the model this job runs ({names}); pass "
+                                    f"--served-model-name {model} to answer to that name") if isinstance(model, str) else "is missing"  # fmt: skip
+    if body.get("stream") not in (None, False):
+        return None, "body.stream", "streaming is not available in a batch"
+    allowed = FIELDS[url]
+    special = {"logprobs", "top_logprobs", "echo", "encoding_format", "best_of"}
+    for key in body:
+        if key not in allowed and key not in HARMLESS and key not in special:
+            return None, f"body.{key}", f"is not supported by runner for {url} (it would be ignored)"
+    row: dict[str, Any] = {"id": cid}
+    for key, field in allowed.items():
+        if key in body and body[key] is not None:
+            row[field] = body[key]
+    if url != EMBEDDINGS and body.get("temperature", 1) != 0:
+        row["do_sample"] = True  # the API samples at temperature 1 unless told otherwise
+    problem = _special_fields(url, body, row)
+    if problem:
+        return None, problem[0], problem[1]
+    if url == COMPLETIONS and not isinstance(body.get("prompt"), str):
+        return None, "body.prompt", "must be one string (lists of prompts or of token ids: one request each)"
+    if url == EMBEDDINGS and not isinstance(body.get("input"), str):
+        return None, "body.input", "must be one string (a list of inputs: one request each)"
+    if url == CHAT and "messages" not in row:
+        return None, "body.messages", "is missing"
+    row["_request"] = {"url": url, "model": model, "echo": bool(body.get("echo"))}
+    return row, None, ""
+
+
+def _special_fields(url: str, body: dict[str, Any], row: dict[str, Any]) -> tuple[str, str] | None:
+    """logprobs / top_logprobs / echo / best_of / encoding_format: each endpoint spells them its own way."""
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if url == CHAT:
+        if lp not in (None, True, False):
+            return "body.logprobs", "must be true or false"
+        if top is not None and not lp:
+            return "body.top_logprobs", "needs logprobs: true"
+        if lp:
+            row["logprobs"] = top if top is not None else 0
+    elif url == COMPLETIONS:
+        if top is not None:
+            return "body.top_logprobs", f"is not a field of {url} (use logprobs: N)"
+        if lp is not None:
+            row["logprobs"] = lp
+        if body.get("echo") not in (None, True, False):
+            return "body.echo", "must be true or false"
+        if body.get("echo"):
+            row["prompt_logprobs"] = lp is not None
+        if body.get("best_of") not in (None, body.get("n", 1)):
+            return "body.best_of", "is not supported (only best_of = n)"
+    else:
+        for key in ("logprobs", "top_logprobs", "echo", "best_of"):
+            if key in body:
+                return f"body.{key}", f"is not a field of {url}"
+        if body.get("encoding_format") not in (None, "float"):
+            return "body.encoding_format", "only float is supported"
+    if url != EMBEDDINGS and "encoding_format" in body:
+        return "body.encoding_format", f"is not a field of {url}"
+    return None
+
+
+# --- output ------------------------------------------------------------------------------------------------
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | None = None) -> tuple[int, int]:
+    """Write the job's results as Batch output lines (one per request, in input order) to `out`, and the
+    requests that could not be done as Batch error lines to `errors_out` (default: beside `out`, `.errors`
+    inserted before the suffix). Both files are written whole or not at all. Returns (lines, error lines)."""
+    from . import jobdir, storage
+    from .results import load_results
+
+    df = load_results(job.dir)
+    created = _created(job)
+    lines, errors = [], []
+    groups = {rid: g for rid, g in df.groupby("id", sort=False)} if len(df) else {}
+    failed = {e["id"]: e for e in jobdir.read_errors(job)}
+    pieces = _Pieces(job) if job.kind == "generate" else None
+    for cid, req, prompt_ids in _requests(job):
+        if cid in groups:
+            lines.append(_line(job, cid, req, groups[cid], created, pieces, prompt_ids))
+        elif cid in failed:
+            errors.append(_error_line(job, cid, failed[cid]))
+    out = Path(out)
+    errors_out = Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
+    storage.atomic_write(out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    storage.atomic_write(errors_out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in errors))
+    return len(lines), len(errors)
+
+
+class _Pieces:
+    """Token texts as they read in place (scoring.token_pieces), from the job's tokenizer."""
+
+    def __init__(self, job: Any):
+        from .engine import load_tokenizer
+
+        self.tokenizer = load_tokenizer(job.spec.model, job.options.trust_remote_code)
+
+    def __call__(self, ids: list[int], prefix: list[int] = ()) -> list[str]:
+        from .scoring import token_pieces
+
+        return token_pieces(self.tokenizer, list(ids), list(prefix)) if len(ids) else []
+
+
+def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int]]]:
+    """(custom_id, request info, prompt token ids) of every valid request, in input order."""
+    import pyarrow.parquet as pq
+
+    from .jobdir import PROMPTS
+
+    pf = pq.ParquetFile(job.dir / PROMPTS)
+    cols = ["id", "input_ids"] + (["request"] if "request" in pf.schema_arrow.names else [])
+    for batch in pf.iter_batches(columns=cols):
+        ids, prompts = batch.column("id").to_pylist(), batch.column("input_ids").to_pylist()
+        reqs = batch.column("request").to_pylist() if "request" in cols else [None] * len(ids)
+        for cid, req, prompt_ids in zip(ids, reqs, prompts, strict=True):
+            info = json.loads(req) if req else {"url": CHAT if job.kind == "generate" else EMBEDDINGS,
+                                                "model": job.spec.model, "echo": False}  # fmt: skip
+            yield cid, info, prompt_ids
+
+
+def _created(job: Any) -> int:
+    try:
+        return int(time.mktime(time.strptime(job.spec.created[:19], "%Y-%m-%dT%H:%M:%S")))
+    except ValueError:
+        return 0
+
+
+def _line(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int, pieces: Any, prompt_ids: list[int]) -> dict[str, Any]:
+    url = req["url"]
+    if url == EMBEDDINGS:
+        body = _embedding(job, cid, req, rows, created)
+    else:
+        body = _completion(job, cid, req, rows, created, pieces, prompt_ids)
+    return {
+        "id": f"batch_req_{_digest(job.id, cid, 'line')}",
+        "custom_id": cid,
+        "response": {"status_code": 200, "request_id": _digest(job.id, cid, "request"), "body": body},
+        "error": None,
+    }
+
+
+def _error_line(job: Any, cid: str, error: dict[str, Any]) -> dict[str, Any]:
+    invalid = error.get("stage") == "validate"
+    body = {"error": {"message": str(error.get("message", "")), "type": "invalid_request_error" if invalid else "server_error",
+                      "param": error.get("field"), "code": str(error.get("error", "error"))}}  # fmt: skip
+    return {
+        "id": f"batch_req_{_digest(job.id, cid, 'line')}",
+        "custom_id": cid,
+        "response": {"status_code": 400 if invalid else 500, "request_id": _digest(job.id, cid, "request"),
+                     "body": body},  # fmt: skip
+        "error": None,
+    }
+
+
+def _completion(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int, pieces: Any,
+                prompt_ids: list[int]) -> dict[str, Any]:  # fmt: skip
+    chat = req["url"] == CHAT
+    choices = []
+    for _, r in rows.iterrows():
+        toks = pieces(r["token_ids"], prompt_ids)
+        if chat:
+            lp = _chat_logprobs(r, toks)
+        else:
+            lp = _text_logprobs(r, req, toks, pieces(prompt_ids) if req.get("echo") else [])
+        if chat:
+            choices.append({"index": int(r["sample"]), "message": {"role": "assistant", "content": r["text"],
+                            "refusal": None}, "finish_reason": r["finish_reason"], "logprobs": lp})  # fmt: skip
+        else:
+            text = (r["prompt"] + r["text"]) if req.get("echo") else r["text"]
+            choices.append({"index": int(r["sample"]), "text": text, "finish_reason": r["finish_reason"], "logprobs": lp})
+    prompt_tokens = int(rows["prompt_tokens"].iloc[0])
+    completion_tokens = int(rows["completion_tokens"].sum())
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{_digest(job.id, cid)}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": req["model"],
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},  # fmt: skip
+    }
+
+
+def _tops(r: Any) -> list[list[dict[str, Any]]] | None:
+    tops = r.get("top_logprobs") if hasattr(r, "get") else None
+    if tops is None or (hasattr(tops, "__len__") and len(tops) == 0 and r["completion_tokens"]):
+        return None
+    return [[dict(t) for t in step] for step in tops]
+
+
+def _chat_logprobs(r: Any, pieces: list[str]) -> dict[str, Any] | None:
+    tops = _tops(r)
+    if tops is None:
+        return None
+    content = []
+    for i, lp in enumerate(r["token_logprobs"]):
+        tok = pieces[i] if i < len(pieces) else ""
+        alts = [t for t in tops[i] if t["rank"] <= len(tops[i]) and t["token_id"] != -1] if i < len(tops) else []
+        alts = sorted([t for t in alts if t["rank"] <= _k(tops[i])], key=lambda t: t["rank"])
+        content.append({"token": tok, "logprob": float(lp), "bytes": list(tok.encode("utf-8")),
+                        "top_logprobs": [{"token": t["token"], "logprob": float(t["logprob"]),
+                                          "bytes": list(t["token"].encode("utf-8"))} for t in alts]})  # fmt: skip
+    return {"content": content, "refusal": None}
+
+
+def _k(step: list[dict[str, Any]]) -> int:
+    """The K alternatives asked for: the entries with consecutive ranks 1..K (the chosen token, appended when
+    it is not among them, has a larger rank)."""
+    k = 0
+    for t in sorted(step, key=lambda t: t["rank"]):
+        if t["rank"] == k + 1:
+            k += 1
+    return k
+
+
+def _text_logprobs(r: Any, req: dict[str, Any], pieces: list[str], prompt_pieces: list[str]) -> dict[str, Any] | None:
+    tops = _tops(r)
+    if tops is None:
+        return None
+    tokens, lps, top_list, offsets = [], [], [], []
+    at = len(r["prompt"]) if req.get("echo") else 0
+    if req.get("echo") and r.get("prompt_logprobs") is not None:
+        for j, lp in enumerate(r["prompt_logprobs"]):
+            tok = prompt_pieces[j] if j < len(prompt_pieces) else ""
+            tokens.append(tok)
+            lps.append(None if lp is None or lp != lp else float(lp))
+            top_list.append(None)
+            offsets.append(sum(len(p) for p in prompt_pieces[:j]))
+    for i, lp in enumerate(r["token_logprobs"]):
+        tok = pieces[i] if i < len(pieces) else ""
+        tokens.append(tok)
+        lps.append(float(lp))
+        step = tops[i] if i < len(tops) else []
+        top_list.append({t["token"]: float(t["logprob"]) for t in sorted(step, key=lambda t: t["rank"])
+                         if t["rank"] <= _k(step)})  # fmt: skip
+        offsets.append(at)
+        at += len(tok)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_list, "text_offset": offsets}
+
+
+def _embedding(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int) -> dict[str, Any]:
+    r = rows.iloc[0]
+    n = int(r["num_tokens"])
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [float(x) for x in r["embedding"]]}],
+        "model": req["model"],
+        "usage": {"prompt_tokens": n, "total_tokens": n},
+    }

@@ -1,0 +1,124 @@
+"""Per-row logits processing and sampling for one decode batch, as tensors.
+
+engine.py's decode loop -> `RowSettings.of(params per row)` -> each step: `process(logits, ...)` -> `pick(...)`
+
+Every row of a batch may carry its own settings (an OpenAI Batch file mixes temperatures, top-p, penalties
+and greedy rows), so each processor takes a [batch, 1] tensor of its parameter instead of one number. Each is
+written to compute exactly what transformers' processor of the same name computes for that row alone, and a
+row whose setting is "off" (temperature 1, top-k 0, top-p 1, penalty 1 or 0) is left bit for bit unchanged,
+so a row's tokens never depend on the other rows of its batch. The order is transformers' (repetition penalty,
+then temperature, top-k, top-p), with the OpenAI presence/frequency penalties next to the repetition penalty,
+as vLLM applies them: on the tokens generated so far.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class RowSettings:
+    """The sampling settings of the rows in the decode batch, in slot order: [batch] or [batch, 1] tensors."""
+
+    sample: Any  # [batch] bool: sampled (else greedy)
+    temperature: Any  # [batch, 1] float: 1 where off or greedy
+    top_k: Any  # [batch] long: 0 where off or greedy
+    top_p: Any  # [batch, 1] float: 1 where off or greedy
+    repetition: Any  # [batch, 1] float: 1 where off
+    presence: Any  # [batch, 1] float: 0 where off
+    frequency: Any  # [batch, 1] float: 0 where off
+
+    @classmethod
+    def of(cls, params: list[Any], device: Any) -> RowSettings:
+        import torch
+
+        def col(values: list[float]) -> Any:
+            return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(-1)
+
+        sample = [bool(p.do_sample) for p in params]
+        return cls(
+            sample=torch.tensor(sample, device=device),
+            temperature=col([p.temperature if s else 1.0 for p, s in zip(params, sample, strict=True)]),
+            top_k=torch.tensor([p.top_k if s else 0 for p, s in zip(params, sample, strict=True)], device=device),
+            top_p=col([p.top_p if s else 1.0 for p, s in zip(params, sample, strict=True)]),
+            repetition=col([p.repetition_penalty for p in params]),
+            presence=col([p.presence_penalty for p in params]),
+            frequency=col([p.frequency_penalty for p in params]),
+        )
+
+    def select(self, idx: Any) -> RowSettings:
+        """The settings of the slots that stay in the batch (`idx`: their positions)."""
+        return RowSettings(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    @property
+    def needs_history(self) -> bool:
+        return bool((self.repetition != 1.0).any())
+
+    @property
+    def needs_counts(self) -> bool:
+        return bool(((self.presence != 0) | (self.frequency != 0)).any())
+
+
+def process(logits: Any, history: Any, counts: Any, s: RowSettings) -> Any:
+    """Scores to choose the next token from. `logits`: [batch, vocab] float32 (left unchanged); `history`:
+    [batch, seq] token ids seen (prompt and generation) or None; `counts`: [batch, vocab] how often each token
+    was generated, or None."""
+    import torch
+
+    scores = logits
+    if history is not None and s.needs_history:
+        # transformers' RepetitionPenaltyLogitsProcessor, with the penalty per row
+        seen = torch.gather(scores, 1, history)
+        seen = torch.where(seen < 0, seen * s.repetition, seen / s.repetition)
+        scores = scores.scatter(1, history, seen)
+    if counts is not None and s.needs_counts:
+        # OpenAI / vLLM: logit -= frequency x count + presence x (count > 0), over generated tokens
+        scores = scores - s.frequency * counts - s.presence * (counts > 0).to(scores.dtype)
+    if not bool(s.sample.any()):
+        return scores
+    if bool((s.temperature != 1.0).any()):
+        scores = scores / s.temperature
+    if bool((s.top_k > 0).any()):
+        scores = _top_k(scores, s.top_k)
+    if bool((s.top_p < 1.0).any()):
+        scores = _top_p(scores, s.top_p)
+    return scores
+
+
+def _top_k(scores: Any, k: Any) -> Any:
+    """transformers' TopKLogitsWarper per row (k = 0: off)."""
+    import torch
+
+    kmax = int(min(int(k.max()), scores.shape[-1]))
+    kth = torch.topk(scores, kmax, dim=-1).values.gather(1, (k.clamp(min=1, max=kmax) - 1).unsqueeze(-1))
+    remove = (scores < kth) & (k > 0).unsqueeze(-1)
+    return scores.masked_fill(remove, -math.inf)
+
+
+def _top_p(scores: Any, p: Any) -> Any:
+    """transformers' TopPLogitsWarper per row (p = 1: off): drop the least likely tokens whose cumulative
+    probability stays within 1 - p, always keeping the most likely one."""
+    sorted_logits, sorted_idx = scores.sort(dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = (cumulative <= (1 - p)) & (p < 1.0)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    return scores.masked_fill(remove, -math.inf)
+
+
+def pick(scores: Any, s: RowSettings, uniforms: Any) -> Any:
+    """The next token of each row: [batch] long. Sampled rows invert their CDF at their own uniform draw
+    (`uniforms`: [batch], from each sample's own generator); greedy rows take the argmax."""
+    import torch
+
+    greedy = scores.argmax(-1)
+    if not bool(s.sample.any()):
+        return greedy
+    probs = torch.softmax(scores, dim=-1)
+    cdf = probs.cumsum(-1)
+    u = uniforms.to(cdf.dtype)
+    sampled = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    sampled = sampled.clamp(max=scores.shape[-1] - 1)
+    return torch.where(s.sample, sampled, greedy)
