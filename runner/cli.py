@@ -68,6 +68,8 @@ input_options = _apply([
                  help="Run the valid rows; list invalid ones with reasons in the job's errors.jsonl."),
     click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
                  help="Prompts over the context window: refuse (none) or keep their end (left)."),
+    click.option("--served-model-name", "served_model_names", multiple=True,
+                 help="OpenAI Batch input: a body.model name to answer to (besides --model), repeatable."),
 ])  # fmt: skip
 
 generation_options = _apply([
@@ -179,7 +181,7 @@ def _run_kind(
     job, summary = run_api(
         input_path, model, params, options, output=output, echo=_echo,
         prompt_field=kw["prompt_field"], template=kw["template"], skip_invalid=kw["skip_invalid"],
-        truncate=kw["truncate"], home=ctx.obj["home"],
+        truncate=kw["truncate"], home=ctx.obj["home"], served_model_names=kw["served_model_names"],
     )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     if invalid:
@@ -299,6 +301,7 @@ def submit(
         input_path, model, params, options,
         prompt_field=kw["prompt_field"], template=kw["template"], skip_invalid=kw["skip_invalid"],
         truncate=kw["truncate"], home=ctx.obj["home"], name=name, priority=priority,
+        served_model_names=kw["served_model_names"],
     )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     _echo(
@@ -480,15 +483,27 @@ def _detail(s: Any) -> list[str]:
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
 @click.option("--to", "to_path", type=click.Path(dir_okay=False), help="Write to .jsonl, .csv or .parquet.")
+@click.option("--format", "fmt", type=click.Choice(["table", "openai"]), default="table", show_default=True,
+              help="openai: one OpenAI Batch output line per request (--to FILE.jsonl).")
+@click.option("--errors-to", type=click.Path(dir_okay=False),
+              help="With --format openai: the Batch error file [default: beside --to, .errors.jsonl].")
 @home_option
 @click.pass_context
 @handle_errors
-def results(ctx: click.Context, job_ref: str, to_path: str | None) -> None:
+def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, errors_to: str | None) -> None:
     """Export a job's results (in input order) to a file, or preview them."""
     from pathlib import Path
 
     from .results import load_results
 
+    if fmt == "openai":
+        from . import jobdir, openai_batch
+
+        if to_path is None:
+            raise click.UsageError("--format openai needs --to FILE.jsonl")
+        lines, errors = openai_batch.export(jobdir.open_job(job_ref, ctx.obj["home"]), to_path, errors_to)
+        _echo(f"wrote {lines:,} responses to {to_path}" + (f" and {errors:,} errors beside it" if errors else ""))
+        return
     df = load_results(job_ref, ctx.obj["home"])
     if to_path is None:
         preview = ["id", "sample", "finish_reason", "completion_tokens", "logprob", "perplexity", "num_tokens",
@@ -554,6 +569,43 @@ def repair(ctx: click.Context, job_ref: str) -> None:
         _echo(f"quarantined commit {name}: {why}")
     _echo(f"state {r.state_was} -> {r.state_now}; {r.done:,}/{r.total:,} rows verified"
           + ("; run `runner work` to compute the rest" if r.state_now == "queued" else ""))  # fmt: skip
+
+
+@cli.command("run-batch")
+@click.option("-i", "--input-file", "input_path", required=True, type=click.Path(dir_okay=False),
+              help="OpenAI Batch input file (JSONL of custom_id / method / url / body).")
+@click.option("-o", "--output-file", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="Batch output file, written (atomically) once every request is done.")
+@click.option("-m", "--model", required=True, help="Hub id, local model folder, .gguf file, or the demo model.")
+@click.option("--served-model-name", "served_model_names", multiple=True,
+              help="A body.model name to answer to (besides --model), repeatable.")
+@click.option("--max-new-tokens", type=int,
+              help="For requests that set no max_tokens [default: 256, or half the context window if smaller].")
+@click.option("--job-dir", type=click.Path(file_okay=False), help="The job folder [default: OUTPUT.job].")
+@engine_options
+@click.pass_context
+@handle_errors
+def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str, served_model_names: tuple[str, ...],
+              max_new_tokens: int, job_dir: str | None, **kw: Any) -> None:  # fmt: skip
+    """Run an OpenAI Batch file, as `vllm run-batch` does, and resume when run again: the output file (and
+    an .errors.jsonl beside it) appears, whole, when every request is done.
+
+    \b
+    Example:
+      runner run-batch -i requests.jsonl -o responses.jsonl --model smollm2-135m-instruct
+    """
+    from . import openai_batch
+
+    kind = openai_batch.file_kind(input_path)
+    if kind == "generate" and max_new_tokens is None:
+        max_new_tokens = openai_batch.default_max_tokens(model, kw.get("trust_remote_code") or False)
+    params, options = build_settings({**kw, **({"max_new_tokens": max_new_tokens} if kind == "generate" else {})}, kind)
+    job, summary = openai_batch.run_batch(input_path, output_path, model, params, options, job_dir=job_dir,
+                                          served_model_names=served_model_names, echo=_echo)  # fmt: skip
+    if not summary.finished:
+        raise RunnerError(f"stopped with {summary.done:,}/{summary.total:,} requests done; run the same command "
+                          "again to carry on (the output file is written when all are done)")  # fmt: skip
+    _echo(f"done: {summary.done:,} responses, {summary.errors} errors -> {output_path}")
 
 
 def main() -> None:

@@ -313,6 +313,7 @@ class PromptReader:
         (job kind, model names) to read OpenAI Batch request lines against."""
         self.path = Path(path)
         self.row_settings, self.batch = row_settings, batch
+        self._requests: bool | None = None  # an OpenAI Batch file (decided by its first row)
         self.format = input_format(self.path)
         if not self.path.is_file():
             raise InputError(
@@ -337,7 +338,9 @@ class PromptReader:
                 yield Problem(self.name, lineno, None, reason or "unreadable")
                 continue
             request = None
-            if self.batch is not None and openai_batch.is_request(obj):
+            if self.batch is not None and self._requests is None:
+                self._requests = openai_batch.is_request(obj)  # the first row says what the file is
+            if self._requests:
                 obj, fld, why = openai_batch.request_row(obj, *self.batch)
                 if obj is None:
                     yield Problem(self.name, lineno, fld, why)
@@ -361,7 +364,7 @@ class PromptReader:
         try:
             row.settings = row_overrides(raw) or None
         except ParamError as e:
-            return None, Problem(self.name, row.line, e.param, str(e).split(": ", 1)[-1], row.id)
+            return None, Problem(self.name, row.line, e.param, str(e), row.id)
         return row, None
 
     def chunks(self, size: int) -> Iterator[PromptChunk]:

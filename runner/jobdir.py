@@ -836,7 +836,7 @@ class Ledger:
         import numpy as np
 
         spec = self.job.spec
-        flat = np.zeros(spec.total, dtype=bool)
+        flat = np.zeros(spec.rows * spec.samples, dtype=bool)  # the key grid; absent keys stay False
         for c in self.commits:
             for a, b in c.marker["keys"]:
                 flat[a:b] = True

@@ -196,6 +196,7 @@ def create_job(
             "input": {
                 "path": str(input_path.resolve()),
                 "sha256": identity["input_sha256"],
+                "mtime": int(input_path.stat().st_mtime),
                 "rows": written.rows,
                 "invalid": written.invalid,
                 "prompt_field": prompt_field,

@@ -37,8 +37,8 @@ HARMLESS = {"model", "user", "metadata", "store", "stream"}  # checked or carry 
 
 
 def is_request(obj: dict[str, Any]) -> bool:
-    """A Batch request line (rather than a plain input row)."""
-    return "custom_id" in obj and ("body" in obj or "url" in obj or "method" in obj)
+    """A Batch request line (rather than a plain input row): the first line of a file decides for all."""
+    return bool({"custom_id", "method", "url", "body"} & set(obj)) and not {"prompt", "messages"} & set(obj)
 
 
 def request_row(obj: dict[str, Any], kind: str, models: tuple[str, ...]) -> tuple[dict[str, Any] | None, str | None, str]:
@@ -135,6 +135,12 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
+def _key(job: Any) -> str:
+    """What response ids derive from: the job's inputs and settings (its fingerprint), so a resumed job and a
+    new run of the same file with the same settings write the same ids."""
+    return str(job.meta.get("fingerprint") or job.id)
+
+
 def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | None = None) -> tuple[int, int]:
     """Write the job's results as Batch output lines (one per request, in input order) to `out`, and the
     requests that could not be done as Batch error lines to `errors_out` (default: beside `out`, `.errors`
@@ -171,7 +177,7 @@ class _Pieces:
     def __call__(self, ids: list[int], prefix: list[int] = ()) -> list[str]:
         from .scoring import token_pieces
 
-        return token_pieces(self.tokenizer, list(ids), list(prefix)) if len(ids) else []
+        return token_pieces(self.tokenizer, [int(i) for i in ids], [int(i) for i in prefix]) if len(ids) else []
 
 
 def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int]]]:
@@ -181,17 +187,26 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int]]]:
     from .jobdir import PROMPTS
 
     pf = pq.ParquetFile(job.dir / PROMPTS)
-    cols = ["id", "input_ids"] + (["request"] if "request" in pf.schema_arrow.names else [])
+    names = pf.schema_arrow.names
+    cols = ["id", "input_ids"] + [c for c in ("request", "settings") if c in names]
+    default_k = job.meta.get("params", {}).get("logprobs")
     for batch in pf.iter_batches(columns=cols):
         ids, prompts = batch.column("id").to_pylist(), batch.column("input_ids").to_pylist()
         reqs = batch.column("request").to_pylist() if "request" in cols else [None] * len(ids)
-        for cid, req, prompt_ids in zip(ids, reqs, prompts, strict=True):
+        sets = batch.column("settings").to_pylist() if "settings" in cols else [None] * len(ids)
+        for cid, req, prompt_ids, own in zip(ids, reqs, prompts, sets, strict=True):
             info = json.loads(req) if req else {"url": CHAT if job.kind == "generate" else EMBEDDINGS,
                                                 "model": job.spec.model, "echo": False}  # fmt: skip
+            info["k"] = json.loads(own).get("logprobs", default_k) if own else default_k
             yield cid, info, prompt_ids
 
 
 def _created(job: Any) -> int:
+    """`created` of every response: when the request file was last written (recorded at submit), so the same
+    requests give the same bytes in a resumed job and in a new run of the same file alike."""
+    mtime = job.meta.get("input", {}).get("mtime")
+    if isinstance(mtime, (int, float)):
+        return int(mtime)
     try:
         return int(time.mktime(time.strptime(job.spec.created[:19], "%Y-%m-%dT%H:%M:%S")))
     except ValueError:
@@ -205,9 +220,9 @@ def _line(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int, piec
     else:
         body = _completion(job, cid, req, rows, created, pieces, prompt_ids)
     return {
-        "id": f"batch_req_{_digest(job.id, cid, 'line')}",
+        "id": f"batch_req_{_digest(_key(job), cid, 'line')}",
         "custom_id": cid,
-        "response": {"status_code": 200, "request_id": _digest(job.id, cid, "request"), "body": body},
+        "response": {"status_code": 200, "request_id": _digest(_key(job), cid, "request"), "body": body},
         "error": None,
     }
 
@@ -217,9 +232,9 @@ def _error_line(job: Any, cid: str, error: dict[str, Any]) -> dict[str, Any]:
     body = {"error": {"message": str(error.get("message", "")), "type": "invalid_request_error" if invalid else "server_error",
                       "param": error.get("field"), "code": str(error.get("error", "error"))}}  # fmt: skip
     return {
-        "id": f"batch_req_{_digest(job.id, cid, 'line')}",
+        "id": f"batch_req_{_digest(_key(job), cid, 'line')}",
         "custom_id": cid,
-        "response": {"status_code": 400 if invalid else 500, "request_id": _digest(job.id, cid, "request"),
+        "response": {"status_code": 400 if invalid else 500, "request_id": _digest(_key(job), cid, "request"),
                      "body": body},  # fmt: skip
         "error": None,
     }
@@ -232,7 +247,7 @@ def _completion(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int
     for _, r in rows.iterrows():
         toks = pieces(r["token_ids"], prompt_ids)
         if chat:
-            lp = _chat_logprobs(r, toks)
+            lp = _chat_logprobs(r, toks, req["k"] or 0)
         else:
             lp = _text_logprobs(r, req, toks, pieces(prompt_ids) if req.get("echo") else [])
         if chat:
@@ -244,7 +259,7 @@ def _completion(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int
     prompt_tokens = int(rows["prompt_tokens"].iloc[0])
     completion_tokens = int(rows["completion_tokens"].sum())
     return {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{_digest(job.id, cid)}",
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{_digest(_key(job), cid)}",
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": req["model"],
@@ -261,29 +276,18 @@ def _tops(r: Any) -> list[list[dict[str, Any]]] | None:
     return [[dict(t) for t in step] for step in tops]
 
 
-def _chat_logprobs(r: Any, pieces: list[str]) -> dict[str, Any] | None:
+def _chat_logprobs(r: Any, pieces: list[str], k: int) -> dict[str, Any] | None:
     tops = _tops(r)
     if tops is None:
         return None
     content = []
     for i, lp in enumerate(r["token_logprobs"]):
         tok = pieces[i] if i < len(pieces) else ""
-        alts = [t for t in tops[i] if t["rank"] <= len(tops[i]) and t["token_id"] != -1] if i < len(tops) else []
-        alts = sorted([t for t in alts if t["rank"] <= _k(tops[i])], key=lambda t: t["rank"])
+        alts = tops[i][:k] if i < len(tops) else []  # the K most likely (the chosen token follows them)
         content.append({"token": tok, "logprob": float(lp), "bytes": list(tok.encode("utf-8")),
                         "top_logprobs": [{"token": t["token"], "logprob": float(t["logprob"]),
                                           "bytes": list(t["token"].encode("utf-8"))} for t in alts]})  # fmt: skip
     return {"content": content, "refusal": None}
-
-
-def _k(step: list[dict[str, Any]]) -> int:
-    """The K alternatives asked for: the entries with consecutive ranks 1..K (the chosen token, appended when
-    it is not among them, has a larger rank)."""
-    k = 0
-    for t in sorted(step, key=lambda t: t["rank"]):
-        if t["rank"] == k + 1:
-            k += 1
-    return k
 
 
 def _text_logprobs(r: Any, req: dict[str, Any], pieces: list[str], prompt_pieces: list[str]) -> dict[str, Any] | None:
@@ -293,19 +297,21 @@ def _text_logprobs(r: Any, req: dict[str, Any], pieces: list[str], prompt_pieces
     tokens, lps, top_list, offsets = [], [], [], []
     at = len(r["prompt"]) if req.get("echo") else 0
     if req.get("echo") and r.get("prompt_logprobs") is not None:
+        # The prompt's tokens come first. The first one has no log-prob (nothing before it): the openai
+        # types allow no null there, so it is left out, as are alternatives we do not compute for prompts.
         for j, lp in enumerate(r["prompt_logprobs"]):
-            tok = prompt_pieces[j] if j < len(prompt_pieces) else ""
-            tokens.append(tok)
-            lps.append(None if lp is None or lp != lp else float(lp))
-            top_list.append(None)
+            if lp is None or lp != lp:
+                continue
+            tokens.append(prompt_pieces[j] if j < len(prompt_pieces) else "")
+            lps.append(float(lp))
+            top_list.append({})
             offsets.append(sum(len(p) for p in prompt_pieces[:j]))
     for i, lp in enumerate(r["token_logprobs"]):
         tok = pieces[i] if i < len(pieces) else ""
         tokens.append(tok)
         lps.append(float(lp))
-        step = tops[i] if i < len(tops) else []
-        top_list.append({t["token"]: float(t["logprob"]) for t in sorted(step, key=lambda t: t["rank"])
-                         if t["rank"] <= _k(step)})  # fmt: skip
+        step = tops[i][: req["k"] or 0] if i < len(tops) else []
+        top_list.append({t["token"]: float(t["logprob"]) for t in step})
         offsets.append(at)
         at += len(tok)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_list, "text_offset": offsets}
@@ -320,3 +326,44 @@ def _embedding(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int)
         "model": req["model"],
         "usage": {"prompt_tokens": n, "total_tokens": n},
     }
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """The job kind a Batch file needs: embed for /v1/embeddings requests, else generate (from its first
+    request line; a line of the other kind is then refused with its line number)."""
+    from .inputs import iter_jsonl
+
+    for _, obj, _ in iter_jsonl(Path(path)):
+        if isinstance(obj, dict) and obj.get("url") == EMBEDDINGS:
+            return "embed"
+        if obj is not None:
+            break
+    return "generate"
+
+
+def default_max_tokens(model: str, trust_remote_code: bool = False) -> int:
+    """max_tokens for requests that set none: 256, or half the model's context window if that is smaller."""
+    from .engine import context_window, load_config
+
+    window = context_window(load_config(model, trust_remote_code))
+    return min(256, window // 2) if window else 256
+
+
+def run_batch(input_path: Any, output_path: Any, model: str, params: Any, options: Any, *, job_dir: Any = None,
+              served_model_names: tuple[str, ...] = (), echo: Any = print) -> tuple[Any, Any]:  # fmt: skip
+    """`runner run-batch`: submit the file as a job in `job_dir` (default OUTPUT.job), work on it, and write
+    the output file (and OUTPUT.errors.jsonl) once every request is done. Run again, it resumes."""
+    import dataclasses
+
+    from .scheduler import run
+    from .storage import file_sha256
+
+    out = Path(output_path)
+    folder = Path(job_dir) if job_dir else out.with_name(out.name + ".job")
+    if getattr(params, "seed", 0) is None:  # requests without a seed: one from the file, so a rerun is identical
+        params = dataclasses.replace(params, seed=int(file_sha256(input_path)[:15], 16))
+    job, summary = run(input_path, model, params, options, output=folder, echo=echo,
+                       served_model_names=tuple(served_model_names))  # fmt: skip
+    if summary.finished:
+        export(job, out)
+    return job, summary

@@ -246,7 +246,7 @@ def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     for name, value in raw.items():
         target = ROW_SETTINGS[name]
         if target in given and not (target == "logprobs" and {name, given[target]} == {"logprobs", "top_logprobs"}):
-            raise ParamError(name, f"{name}: give one of {given[target]!r} and {name!r}, not both.")
+            raise ParamError(name, f"give one of {given[target]!r} and {name!r}, not both.")
         given.setdefault(target, name)
         if name == "logprobs" and isinstance(value, bool):  # OpenAI chat: logprobs true/false (+ top_logprobs)
             value = 0 if value else None

@@ -1,0 +1,248 @@
+"""OpenAI Batch files in and out, and per-row settings: every output line is a real openai-package object,
+a mixed batch equals each row run alone, bad lines are refused before any model work, and `run-batch`
+killed at any point and rerun writes the same bytes."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+from workers import ROOT, worker_env
+
+import runner
+from runner import GenerationParams, InputError
+from runner.jobdir import Job
+from runner.jobs import create_job
+from runner.tasks import _row_params, sample_seed
+from runner.worker import run_job
+
+openai = pytest.importorskip("openai")
+
+
+def request(cid, url, body):
+    return {"custom_id": cid, "method": "POST", "url": url, "body": body}
+
+
+def mixed_requests(model):
+    """Chat and completions requests with different temperatures, n, stop, max_tokens and log-probs."""
+    chat, comp = "/v1/chat/completions", "/v1/completions"
+    msgs = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    return [
+        request("c1", chat, {"model": model, "messages": msgs("Hello there"), "max_tokens": 6, "temperature": 0}),
+        request("c2", chat, {"model": model, "messages": msgs("Tell me a story"), "max_tokens": 8,
+                             "temperature": 0.7, "n": 2, "logprobs": True, "top_logprobs": 2}),
+        request("c3", chat, {"model": model, "messages": msgs("Count"), "max_completion_tokens": 5,
+                             "top_p": 0.9, "seed": 3, "stop": ["e"], "presence_penalty": 0.5}),
+        request("p1", comp, {"model": model, "prompt": "The old man", "max_tokens": 7, "temperature": 1.3,
+                             "logprobs": 3, "frequency_penalty": 1.0}),
+        request("p2", comp, {"model": model, "prompt": "Every student", "max_tokens": 4, "echo": True,
+                             "logprobs": 0, "temperature": 0}),
+        request("p3", comp, {"model": model, "prompt": "A language model", "max_tokens": 6, "n": 3,
+                             "top_k": 5, "repetition_penalty": 1.3}),
+    ]  # fmt: skip
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def assert_real_openai_object(obj):
+    """No field the openai types do not know, at any depth (their models accept extras silently)."""
+    from pydantic import BaseModel
+
+    if isinstance(obj, BaseModel):
+        assert not obj.model_extra, f"{type(obj).__name__} has unknown fields {sorted(obj.model_extra)}"
+        for name in type(obj).model_fields:
+            assert_real_openai_object(getattr(obj, name))
+    elif isinstance(obj, list):
+        for x in obj:
+            assert_real_openai_object(x)
+
+
+def check_output_line(line):
+    from openai.types import Completion, CreateEmbeddingResponse
+    from openai.types.chat import ChatCompletion
+    from openai.types.shared import ErrorObject
+
+    assert set(line) == {"id", "custom_id", "response", "error"} and line["id"].startswith("batch_req_")
+    response = line["response"]
+    assert set(response) == {"status_code", "request_id", "body"}
+    body = response["body"]
+    if response["status_code"] != 200:
+        assert_real_openai_object(ErrorObject.model_validate(body["error"]))
+        return None
+    cls = {"chat.completion": ChatCompletion, "text_completion": Completion, "list": CreateEmbeddingResponse}
+    parsed = cls[body["object"]].model_validate(body)
+    assert_real_openai_object(parsed)
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def mixed_job(tmp_path_factory, tiny_llama):
+    from runner.engine import Engine
+
+    root = tmp_path_factory.mktemp("batch")
+    path = write_jsonl(root / "requests.jsonl", mixed_requests("tiny"))
+    job = create_job(path, tiny_llama, GenerationParams(max_new_tokens=16), runner.EngineOptions(batch_size=64),
+                     job_dir=root / "job", served_model_names=("tiny",))  # fmt: skip
+    engine = Engine(tiny_llama)
+    assert run_job(job, engine, echo=None).finished
+    return job, engine, root
+
+
+def test_every_output_line_is_an_openai_object(mixed_job):
+    job, _, root = mixed_job
+    out = root / "out.jsonl"
+    from runner.openai_batch import export
+
+    assert export(job, out) == (6, 0)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["c1", "c2", "c3", "p1", "p2", "p3"]
+    parsed = {x["custom_id"]: check_output_line(x) for x in lines}
+    assert [len(parsed[c].choices) for c in ("c1", "c2", "c3", "p1", "p2", "p3")] == [1, 2, 1, 1, 1, 3]
+    c2 = parsed["c2"].choices[0]
+    assert len(c2.logprobs.content) == len(c2.message.content and c2.logprobs.content)
+    assert all(len(t.top_logprobs) == 2 for t in c2.logprobs.content)
+    assert parsed["c1"].choices[0].logprobs is None
+    p1 = parsed["p1"].choices[0].logprobs
+    assert len(p1.tokens) == len(p1.token_logprobs) == len(p1.text_offset) == len(p1.top_logprobs)
+    assert all(len(t) <= 3 for t in p1.top_logprobs)
+    p2 = parsed["p2"].choices[0]
+    assert p2.text.startswith("Every student") and p2.logprobs.text_offset[0] > 0  # echo: prompt first (from its 2nd token)
+    usage = parsed["c2"].usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert parsed["c3"].choices[0].finish_reason in ("stop", "length") and parsed["c1"].model == "tiny"
+    assert parsed["c1"].created == parsed["p3"].created > 0
+
+
+def test_a_mixed_batch_equals_each_row_run_alone(mixed_job):
+    """Rows with different settings share batches (one batch of 6 rows here); each row's samples equal the
+    row generated alone with its own settings and seeds."""
+    job, engine, _ = mixed_job
+    df = runner.load_results(job.dir)
+    prompts = job.prompts()
+    per_row = _row_params(job, prompts)
+    ids = prompts.column("id").to_pylist()
+    input_ids = prompts.column("input_ids").to_pylist()
+    assert len({json.dumps(per_row(i).to_dict()) for i in range(len(ids))}) == 6  # six different settings
+    for _, r in df.iterrows():
+        i = ids.index(r["id"])
+        p = per_row(i)
+        seed = sample_seed(job.seed if p.seed is None else p.seed, r["id"], int(r["sample"]))
+        alone = engine.generate([input_ids[i]], [p], [seed])[0]
+        assert list(r["token_ids"]) == alone.token_ids, r["id"]
+        assert list(r["token_logprobs"]) == pytest.approx(alone.token_logprobs, abs=1e-4)
+        assert r["text"] == alone.text and r["finish_reason"] == alone.finish_reason
+    c3 = df[df["id"] == "c3"].iloc[0]
+    assert json.loads(c3["settings"])["presence_penalty"] == 0.5 and c3["completion_tokens"] <= 5
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "message"),
+    [
+        ({"method": "POST", "url": "/v1/completions", "body": {}}, "custom_id", "must be a non-empty string"),
+        ({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}, "method", "must be POST"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": {}}, "url", "must be one of"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": [1]}, "body", "must be a JSON object"),
+        (request("a", "/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {}}), "body.logit_bias",
+         "is not supported by runner"),
+        (request("a", "/v1/completions", {"model": "gpt-4o-mini", "prompt": "x"}), "body.model",
+         "is not the model this job runs"),
+        (request("a", "/v1/chat/completions", {"model": "tiny", "messages": "hi"}), "messages", "must be a non-empty list"),
+        (request("a", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}), "body.prompt", "must be one string"),
+        (request("a", "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}), "temperature",
+         "temperature must be >= 0"),
+        (request("a", "/v1/embeddings", {"model": "tiny", "input": "x"}), "url", "need an embed job"),
+    ],
+)
+def test_bad_batch_lines_are_refused_with_line_and_field(tmp_path, tiny_gpt2, line, field, message):
+    good = request("ok", "/v1/completions", {"model": "tiny", "prompt": "Hello"})
+    path = write_jsonl(tmp_path / "b.jsonl", [good, line])
+    with pytest.raises(InputError) as err:
+        create_job(path, tiny_gpt2, served_model_names=("tiny",), home=tmp_path / "home")
+    assert f"b.jsonl:2: {field}: " in str(err.value) and message in str(err.value), str(err.value)
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").iterdir())
+
+
+def test_duplicate_custom_ids_are_refused(tmp_path, tiny_gpt2):
+    body = {"model": "tiny", "prompt": "Hello"}
+    path = write_jsonl(tmp_path / "b.jsonl", [request("x", "/v1/completions", body)] * 2)
+    with pytest.raises(InputError, match=r"b.jsonl:2: id: duplicate id 'x' \(first on line 1\)"):
+        create_job(path, tiny_gpt2, served_model_names=("tiny",))
+
+
+def test_plain_rows_carry_their_own_settings_checked_per_row(tmp_path, tiny_gpt2, gpt2_engine):
+    rows = [{"id": "a", "prompt": "Hello", "temperature": 0.5, "max_tokens": 3},
+            {"id": "b", "prompt": "World", "n": 0}, {"id": "c", "prompt": "Hi", "top_p": 2},
+            {"id": "d", "prompt": "Yo", "max_tokens": 3, "max_new_tokens": 4}]  # fmt: skip
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(InputError) as err:
+        create_job(path, tiny_gpt2)
+    text = str(err.value)
+    assert "p.jsonl:2: n: num_return_sequences must be in [1, 1024], got 0." in text
+    assert "p.jsonl:3: top_p: top_p must be in (0, 1], got 2.0." in text
+    assert "p.jsonl:4: max_new_tokens: give one of 'max_tokens' and 'max_new_tokens', not both." in text
+    ok = write_jsonl(tmp_path / "ok.jsonl", [rows[0], {"id": "b", "prompt": "World", "n": 3, "temperature": 1.1}])
+    job, summary = runner.run(ok, tiny_gpt2, GenerationParams(max_new_tokens=5), engine=gpt2_engine, echo=None)
+    df = runner.load_results(job.dir)
+    assert summary.finished and summary.total == 4 and list(df["id"]) == ["a", "b", "b", "b"]
+    assert df.iloc[0]["completion_tokens"] <= 3 and runner.status(job.dir).total == 4
+
+
+def test_embeddings_batch(tmp_path, tiny_gpt2):
+    from runner.openai_batch import export
+    from runner.params import EmbedParams
+
+    reqs = [request(f"e{i}", "/v1/embeddings", {"model": "tiny-gpt2", "input": f"text {i}"}) for i in range(3)]
+    path = write_jsonl(tmp_path / "e.jsonl", reqs)
+    job, summary = runner.run(path, tiny_gpt2, EmbedParams(), output=tmp_path / "job", echo=None,
+                              served_model_names=("tiny-gpt2",))  # fmt: skip
+    assert summary.finished
+    export(Job.open(job.dir), tmp_path / "out.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [check_output_line(x).data[0].index for x in lines] == [0, 0, 0]
+
+
+def _run_batch(tmp_path, model, inp, out, fault=None):
+    env = worker_env({"OMP_NUM_THREADS": "1", **({"RUNNER_FAULT": fault} if fault else {})})
+    cmd = [sys.executable, "-m", "runner", "run-batch", "-i", str(inp), "-o", str(out), "--model", model,
+           "--served-model-name", "tiny", "--batch-size", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_run_batch_killed_and_rerun_writes_the_same_bytes(tmp_path, tiny_llama):
+    inp = write_jsonl(tmp_path / "in.jsonl", mixed_requests("tiny"))
+    code, log = _run_batch(tmp_path, tiny_llama, inp, tmp_path / "ref.jsonl")
+    assert code == 0 and "Traceback" not in log, log
+    reference = (tmp_path / "ref.jsonl").read_bytes()
+    assert (tmp_path / "ref.errors.jsonl").read_bytes() == b""
+    for n, point in enumerate(["after_generate:1", "after_shard:1", "after_generate:2", "before_replace:2"]):
+        out = tmp_path / f"out{n}.jsonl"
+        code, log = _run_batch(tmp_path, tiny_llama, inp, out, fault=point)
+        assert code == -signal.SIGKILL and not out.exists(), log  # killed: no output file, not half of one
+        code, log = _run_batch(tmp_path, tiny_llama, inp, out)
+        assert code == 0 and "Traceback" not in log, log
+        assert out.read_bytes() == reference, point
+
+
+def test_run_batch_through_the_cli_and_results_format_openai(tmp_path, tiny_gpt2):
+    from click.testing import CliRunner
+
+    from runner.cli import cli
+
+    reqs = [request(f"r{i}", "/v1/completions", {"model": "tiny", "prompt": f"Every student {i}", "max_tokens": 3,
+                                                  "temperature": 0}) for i in range(4)]  # fmt: skip
+    inp = write_jsonl(tmp_path / "in.jsonl", reqs)
+    result = CliRunner().invoke(cli, ["run-batch", "-i", str(inp), "-o", str(tmp_path / "out.jsonl"), "--model",
+                                      tiny_gpt2, "--served-model-name", "tiny"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert [json.loads(x)["custom_id"] for x in lines] == ["r0", "r1", "r2", "r3"]
+    result = CliRunner().invoke(cli, ["results", str(tmp_path / "out.jsonl.job"), "--format", "openai", "--to",
+                                      str(tmp_path / "again.jsonl")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
