@@ -245,7 +245,7 @@ def embed(ctx: click.Context, input_path: str, model: str, output: str | None, *
 
     \b
     Example:
-      runner embed examples/score.jsonl --model smollm2-135m-instruct -o out/embed
+      runner embed examples/texts.jsonl --model smollm2-135m-instruct -o out/embed
     """
     _run_kind(ctx, "embed", input_path, model, output, kw)
 

@@ -1,0 +1,59 @@
+"""The README's own commands work exactly as printed: every `runner ...` line that runs offline (on the demo
+model and the files in examples/) is run as typed, in a copy of the repository's examples, in order."""
+
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from workers import ROOT, worker_env
+
+pytestmark = pytest.mark.slow  # the demo model: `make test` runs it, test-fast not
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def offline_commands() -> list[str]:
+    """`runner` lines of the README's code blocks that need no model hub (the demo model) and no file the
+    reader must bring (only examples/)."""
+    lines, inside = [], False
+    for ln in README.splitlines():
+        if ln.startswith("```"):
+            inside = not inside
+        elif inside:
+            lines.append(ln.split("  #")[0].strip())
+    out = []
+    for ln in lines:
+        if not ln.startswith("runner ") or "smollm2-135m-instruct" not in ln:
+            continue
+        files = [a for a in shlex.split(ln) if a.endswith((".jsonl", ".parquet", ".csv")) and not a.startswith("out/")]
+        if all(f.startswith("examples/") for f in files):
+            out.append(ln)
+    return out
+
+
+def test_the_readme_shows_offline_commands():
+    cmds = offline_commands()
+    assert any(c.startswith("runner run ") for c in cmds) and any(c.startswith("runner run-batch ") for c in cmds)
+    assert any(c.startswith("runner score ") for c in cmds) and any(c.startswith("runner embed ") for c in cmds)
+
+
+def test_readme_commands_run_as_printed(tmp_path):
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    env = worker_env({"RUNNER_HOME": str(tmp_path / "jobs")})
+    for line in offline_commands():
+        args = shlex.split(line)
+        proc = subprocess.run([sys.executable, "-m", "runner", *args[1:]], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"{line}\n{proc.stderr[-3000:]}"
+    # what the README says those commands leave behind
+    import runner
+
+    demo = runner.load_results(tmp_path / "out" / "demo")
+    assert len(demo) == 8 and any("Paris" in t for t in demo["text"])
+    assert (tmp_path / "out" / "responses.jsonl").read_text().count('"custom_id"') == 3
+    assert (tmp_path / "out" / "responses.errors.jsonl").read_text() == ""
+    assert len(runner.load_results(tmp_path / "out" / "score")) == 6
+    assert Path(tmp_path / "out" / "embed" / "job.json").is_file()
