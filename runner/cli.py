@@ -44,6 +44,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(f"{e.option}: {e}") from e
         except RunnerError as e:
             raise click.ClickException(str(e)) from e
+        except OSError as e:  # a file-system error no layer above named: still one line, never a traceback
+            raise click.ClickException(f"cannot read or write {e.filename or 'the job home'}: {e.strerror or e}") from e
 
     return wrapper
 

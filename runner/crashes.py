@@ -112,7 +112,7 @@ class InFlight:
     def __init__(self, path: Path, worker: str):
         self.path = Path(path)  # inflight/UUUUU.json: the record of one unit of a job
         self.worker = worker
-        self._on_disk = self.path.exists()
+        self._on_disk = storage.kind(self.path) == "file"
 
     def read(self) -> dict[str, Any] | None:
         if not self._on_disk:

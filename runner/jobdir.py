@@ -120,13 +120,13 @@ def find_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> P
     """The folder of the job `ref` names (see `open_job`); does not read the job."""
     text = os.fspath(ref)
     path = Path(text)
-    if (path / JOB_FILE).is_file() or (path / JOB_BACKUP).is_file() or os.sep in text or "/" in text:
-        if not path.is_dir():
+    if _lexists(path / JOB_FILE) or _lexists(path / JOB_BACKUP) or os.sep in text or "/" in text:
+        if storage.kind(path) not in ("dir", "link"):
             raise RunnerError(f"no job folder {text}")
         return path
     check_name(text)
     root = Path(home) if home is not None else default_home()
-    if (root / text).is_dir() and not (root / text).is_symlink():
+    if storage.kind(root / text) == "dir":
         return root / text
     named = [p for p, spec in _named(root) if spec.get("name") == text]
     if len(named) == 1:
@@ -174,10 +174,12 @@ def linked_entries(root: str | os.PathLike) -> list[str]:
 
 
 def _lexists(p: Path) -> bool:
-    try:
-        return not p.is_symlink() and p.exists()
-    except OSError:
-        return False
+    """A file or folder is there, and is not a link (transient errors retried, never "absent")."""
+    return storage.kind(p) in ("file", "dir")
+
+
+def _is_link(p: Path) -> bool:
+    return storage.kind(p) == "link"
 
 
 def scan(folder: Path, dirs: bool = False) -> list[str]:
@@ -317,6 +319,9 @@ class JobSpec:
     def parse(cls, meta: Any) -> JobSpec:
         if not isinstance(meta, dict):
             raise BrokenJob("job.json is not a JSON object")
+        if meta.get("spec_sha256") != spec_checksum(meta):
+            raise BrokenJob("job.json does not match its checksum (damaged or edited); `runner repair` restores it "
+                            "from job.backup.json")  # fmt: skip
         try:
             fmt = meta["format"]
             if fmt != FORMAT:
@@ -344,6 +349,12 @@ class JobSpec:
             raise
         except (KeyError, TypeError, ValueError, RunnerError) as e:
             raise BrokenJob(f"job.json is invalid ({type(e).__name__}: {e})") from None
+
+
+def spec_checksum(meta: dict[str, Any]) -> str:
+    """sha256 of job.json's content (all but this field), so that a changed byte is noticed, not obeyed."""
+    body = {k: v for k, v in meta.items() if k != "spec_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 # --- states ------------------------------------------------------------------------------------------------
@@ -386,7 +397,7 @@ def read_state(job_dir: Path) -> StateRecord:
     """state.json (absent: queued). Unreadable or invalid: BrokenJob, never a guess."""
     path = Path(job_dir) / STATE_FILE
     if not _lexists(path):
-        if path.is_symlink():
+        if _is_link(path):
             raise BrokenJob("state.json is a symbolic link")
         return StateRecord()
     try:
@@ -425,7 +436,7 @@ class Job:
     @classmethod
     def open(cls, path: str | os.PathLike) -> Job:
         path = Path(path)
-        if path.is_symlink():
+        if _is_link(path):
             raise BrokenJob(f"{path} is a symbolic link; runner does not follow links")
         if not _lexists(path / JOB_FILE):
             if _lexists(path / JOB_BACKUP):
@@ -437,7 +448,7 @@ class Job:
             raise BrokenJob(f"job.json is damaged ({e}); `runner repair` restores it from its backup") from None
         spec = JobSpec.parse(meta)
         for sub in FOLDERS:
-            if (path / sub).is_symlink():
+            if _is_link(path / sub):
                 raise BrokenJob(f"{sub}/ is a symbolic link; runner does not follow links out of the job")
         if not _lexists(path / PROMPTS):
             raise BrokenJob("prompts.parquet is missing")
@@ -510,6 +521,9 @@ class Job:
 
     def read_rows(self, start: int, stop: int) -> Any:
         """Rows [start, stop) of prompts.parquet as a table, reading only the row groups that hold them."""
+        return storage.retry(lambda: self._read_rows(start, stop), f"read {self.dir / PROMPTS}")
+
+    def _read_rows(self, start: int, stop: int) -> Any:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -1000,8 +1014,8 @@ def quarantine(job: Job, name: str, why: str) -> None:
     q.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for src in (job.dir / MARKERS / f"{name}.json", job.dir / SHARDS / f"{name}.parquet"):
-        if src.is_symlink() or not src.exists():
-            continue
+        if storage.kind(src) is None:
+            continue  # (a link is moved as a link: never followed)
         try:
             storage.retry(lambda s=src: os.replace(s, q / f"{stamp}-{s.name}"), f"move {src}")
         except storage.StorageError:
@@ -1144,7 +1158,7 @@ def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
     now = time.time()
     for sub in (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT):
         folder = job_dir / sub
-        if folder.is_symlink():
+        if _is_link(folder):
             continue
         for name in scan(folder):
             if not storage.is_temp_name(name):

@@ -217,6 +217,7 @@ def create_job(
             "prompts_sha256": storage.file_sha256(tmp / PROMPTS),
             "fingerprint": _fingerprint(identity),
         }
+        meta["spec_sha256"] = jobdir.spec_checksum(meta)
         storage.write_json(tmp / JOB_BACKUP, meta)
         storage.write_json(tmp / JOB_FILE, meta)
         storage.remove(tmp / ".owner.json")

@@ -146,6 +146,23 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     retry(op, f"append to {path}")
 
 
+def kind(path: str | os.PathLike) -> str | None:
+    """What is at `path` without following a link: "file", "dir", "link", "other", or None when nothing is.
+    Transient errors are retried and then raise StorageError: an unreadable mount never reads as "absent"."""
+    import stat
+
+    def op() -> str | None:
+        try:
+            mode = os.lstat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISLNK(mode):
+            return "link"
+        return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
+
+    return retry(op, f"read {path}")
+
+
 def remove(path: str | os.PathLike) -> None:
     """Delete a file if it exists."""
     retry(lambda: Path(path).unlink(missing_ok=True), f"delete {path}")

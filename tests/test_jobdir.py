@@ -245,7 +245,8 @@ def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
     ("file", "content", "reason"),
     [
         ("job.json", '{"id": "x", "kin', "job.json is damaged"),
-        ("job.json", "{}", "job.json is invalid"),
+        ("job.json", "{}", "job.json does not match its checksum"),
+        ("job.json", "SEED", "job.json does not match its checksum"),
         ("state.json", "{}", "state.json is invalid"),
         ("state.json", '{"state": "canc', "state.json is damaged"),
         ("state.json", '{"state": "running"}', "never stored"),
@@ -253,6 +254,10 @@ def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
 )
 def test_damaged_metadata_breaks_only_its_job(job, reference, tiny_gpt2, gpt2_engine, runner_home, file, content, reason):
     other = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
+    if content == "SEED":  # one digit changed, still valid JSON: noticed, not obeyed (results would change)
+        meta = json.loads((job.dir / file).read_text())
+        meta["seed"] += 1
+        content = json.dumps(meta)
     (job.dir / file).write_text(content)
     (job.dir / "stats.json").write_text("{}")  # informative only: never breaks anything
     statuses = {s.id: s for s in runner.status(home=runner_home)}
