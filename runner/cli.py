@@ -65,7 +65,7 @@ input_options = _apply([
                  help="Hub id (gpt2), local model folder, .gguf file, or the offline demo smollm2-135m-instruct."),
     click.option("--prompt-field", "--text-field", "prompt_field",
                  help="Column holding the prompt (generate) or the text (score, embed) [default: prompt / text]."),
-    click.option("--template", help='Prompt template filled from columns, e.g. "Q: {question}\\nA:".'),
+    click.option("--template", help='Prompt template filled from columns, e.g. "Q: {question}\\nA:" (escapes \\n \\t work).'),
     click.option("--skip-invalid", is_flag=True,
                  help="Run the valid rows; list invalid ones with reasons in the job's errors.jsonl."),
     click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
@@ -121,6 +121,11 @@ output_option = click.option(
     "-o", "--output", type=click.Path(file_okay=False),
     help="Job folder for this run (default: a new job in the job home). Run again to resume.",
 )  # fmt: skip
+
+
+def _template(text: str | None) -> str | None:
+    """`--template` takes the same escapes as `--stop`: "Q: {q}\\nA:" as typed in a shell means a newline."""
+    return None if text is None else _unescape(text)
 
 
 def _unescape(s: str) -> str:
@@ -182,7 +187,7 @@ def _run_kind(
     _warn_if_not_on_drive(ctx.obj["home"] if output is None else output)
     job, summary = run_api(
         input_path, model, params, options, output=output, echo=_echo,
-        prompt_field=kw["prompt_field"], template=kw["template"], skip_invalid=kw["skip_invalid"],
+        prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
         truncate=kw["truncate"], home=ctx.obj["home"], served_model_names=kw["served_model_names"],
     )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
@@ -301,7 +306,7 @@ def submit(
     params, options = build_settings(kw, kind)
     job = create_job(
         input_path, model, params, options,
-        prompt_field=kw["prompt_field"], template=kw["template"], skip_invalid=kw["skip_invalid"],
+        prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
         truncate=kw["truncate"], home=ctx.obj["home"], name=name, priority=priority,
         served_model_names=kw["served_model_names"],
     )  # fmt: skip
@@ -395,6 +400,8 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else ""))
     elif not all(s.finished or s.others for s in summaries):
         _echo("stopped; run `runner work` again to carry on")
+    if stop["requested"]:
+        raise SystemExit(130)  # interrupted: scripts and notebooks can tell
 
 
 def _worker_devices(gpus: str | None, n_workers: int | None, device: str | None) -> list[str | None]:
@@ -484,7 +491,8 @@ def _detail(s: Any) -> list[str]:
 
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
-@click.option("--to", "to_path", type=click.Path(dir_okay=False), help="Write to .jsonl, .csv or .parquet.")
+@click.option("--to", "to_path", type=click.Path(dir_okay=False),
+              help="Write to .jsonl, .json (one array), .csv (lists as JSON) or .parquet.")
 @click.option("--format", "fmt", type=click.Choice(["table", "openai"]), default="table", show_default=True,
               help="openai: one OpenAI Batch output line per request (--to FILE.jsonl).")
 @click.option("--errors-to", type=click.Path(dir_okay=False),
@@ -516,15 +524,43 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
     suffix = Path(to_path).suffix.lower()
     if suffix == ".parquet":
         df.to_parquet(to_path, index=False)
-    elif suffix in (".jsonl", ".json"):
+    elif suffix == ".jsonl":
         df.to_json(to_path, orient="records", lines=True, force_ascii=False)
+    elif suffix == ".json":
+        df.to_json(to_path, orient="records", force_ascii=False)  # one JSON array, as the name says
     elif suffix == ".csv":
-        df.to_csv(to_path, index=False)
+        _as_json_text(df).to_csv(to_path, index=False)
     else:
         raise click.BadParameter(
-            f"unknown type {suffix or '(none)'!r}; use .jsonl, .csv or .parquet", param_hint="--to"
+            f"unknown type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .parquet", param_hint="--to"
         )
     _echo(f"wrote {len(df):,} rows to {to_path}")
+
+
+def _as_json_text(df: Any) -> Any:
+    """List and struct columns as JSON text (a CSV cell cannot hold a list; pandas would write a truncated
+    numpy repr such as `[276 438 ... 221]`)."""
+    import json
+
+    import numpy as np
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            return [plain(x) for x in v.tolist()]
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v.item() if isinstance(v, np.generic) else v
+
+    def cell(v: Any) -> Any:
+        return json.dumps(plain(v), ensure_ascii=False) if isinstance(v, (np.ndarray, list, dict)) else v
+
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object:
+            out[col] = out[col].map(cell)
+    return out
 
 
 @cli.command()
@@ -611,4 +647,8 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
 
 
 def main() -> None:
-    cli(prog_name="runner")
+    try:
+        cli(prog_name="runner")
+    except KeyboardInterrupt:
+        click.echo("[runner] interrupted; finished shards are kept: run the same command again to carry on", err=True)
+        raise SystemExit(130) from None

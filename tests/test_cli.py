@@ -118,3 +118,37 @@ def test_colab_warns_when_the_home_is_not_on_drive(prompts, tiny_gpt2, monkeypat
     result = invoke("submit", prompts, "--model", tiny_gpt2)
     assert result.exit_code == 0
     assert "WARNING: the job home" in result.stderr and "not on Google Drive" in result.stderr
+
+
+def test_template_takes_the_same_escapes_as_stop(tmp_path, tiny_gpt2, runner_home):
+    """The README's QA example: `--template "...\\nAnswer:"` typed in a shell sends a newline, not "\\n"."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "q", "context": "Paris is in France.", "question": "Where?"}) + "\n")
+    result = invoke("submit", qa, "--model", tiny_gpt2, "--template", "Context: {context}\\nQuestion: {question}\\nAnswer:")
+    assert result.exit_code == 0, result.output
+    import runner
+
+    prompt = runner.open_job(result.stdout.strip()).prompts().column("prompt")[0].as_py()
+    assert prompt == "Context: Paris is in France.\nQuestion: Where?\nAnswer:"
+
+
+def test_results_export_lists_as_json_in_csv_and_an_array_in_json(prompts, tiny_gpt2, tmp_path, runner_home):
+    import csv
+
+    result = invoke("run", prompts, "--model", tiny_gpt2, "--max-new-tokens", 3, "--logprobs", 1, "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert invoke("results", tmp_path / "o", "--to", tmp_path / "r.csv").exit_code == 0
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert json.loads(rows[0]["token_ids"]) and all(isinstance(i, int) for i in json.loads(rows[0]["token_ids"]))
+    assert json.loads(rows[0]["top_logprobs"])[0][0]["rank"] == 1
+    assert invoke("results", tmp_path / "o", "--to", tmp_path / "r.json").exit_code == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert isinstance(data, list) and [r["id"] for r in data] == ["a", "b"]
+
+
+def test_home_is_taken_after_the_command_too(tmp_path, prompts, tiny_gpt2, monkeypatch):
+    monkeypatch.delenv("RUNNER_HOME")
+    home = tmp_path / "elsewhere"
+    assert invoke("submit", prompts, "--model", tiny_gpt2, "--home", home).exit_code == 0
+    result = invoke("status", "--home", home)
+    assert result.exit_code == 0 and "queued" in result.stdout
