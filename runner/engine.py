@@ -28,7 +28,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,10 @@ class Completion:
     @property
     def cumulative_logprob(self) -> float:
         return float(math.fsum(self.token_logprobs))
+
+
+class Stopped(RunnerError):
+    """A batch abandoned between decode steps because its job was cancelled."""
 
 
 class NumericalError(RunnerError):
@@ -347,10 +351,13 @@ class Engine:
         prompts: list[list[int]],
         params: GenerationParams | list[GenerationParams],
         seeds: list[int] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> list[Completion]:
         """Generate one sample per prompt. `prompts`: token ids per row (any lengths); `params`: the settings
         of every row, or one per row (rows with different settings share the batch); `seeds`: one per row,
-        required when a row samples. Returns completions in the order of `prompts`."""
+        required when a row samples; `stop()`, asked between decode steps, abandons the batch (raises
+        `Stopped`: a cancelled job stops within a step, not a whole batch). Returns completions in the order
+        of `prompts`."""
         import torch
 
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -360,11 +367,11 @@ class Engine:
             raise ValueError("sampling needs one seed per prompt")
         with torch.inference_mode():
             try:
-                return self._generate(prompts, params, seeds)
+                return self._generate(prompts, params, seeds, stop)
             except kvcache.GroupingUnsupported:
                 # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
                 self._grouped = False
-                return self._generate(prompts, params, seeds)
+                return self._generate(prompts, params, seeds, stop)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
         """One forward pass. Returns (logits of the last position [batch, vocab] float32, cache)."""
@@ -393,11 +400,13 @@ class Engine:
             self._grouped_verified = True
         return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)
 
-    def _generate(self, prompts, params, seeds):
+    def _generate(self, prompts, params, seeds, stop=None):
         """The decode loop: prefill, then per step pick a token for every row, record it (finishing rows on
         EOS, a stop string or their length), drop finished rows and run one forward step."""
         st = self._start(prompts, params, seeds)
         for step in range(st.steps):
+            if stop is not None and stop():
+                raise Stopped("stopped between decode steps")
             tok, chosen, logprobs = self._pick(st, step)
             if not self._record(st, step, tok, chosen, logprobs):
                 break

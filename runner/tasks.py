@@ -124,9 +124,10 @@ def _row_params(job: Job, prompts: Any) -> Callable[[int], Any]:
     return get
 
 
-def make_task(job: Job, engine: Engine, prompts: Any, start: int = 0) -> Task:
+def make_task(job: Job, engine: Engine, prompts: Any, start: int = 0, stop: Callable[[], bool] | None = None) -> Task:
     """The job kind's Task over `prompts`, a window of the job's prompts table whose first row is row `start`
-    of the job; `compute` takes (row, sample) keys numbered over the whole job."""
+    of the job; `compute` takes (row, sample) keys numbered over the whole job; `stop()` may abandon a
+    generation batch between decode steps (engine.Stopped)."""
     from .results import completions_table
 
     params = job.params
@@ -140,7 +141,7 @@ def make_task(job: Job, engine: Engine, prompts: Any, start: int = 0) -> Task:
             # a row's own seed, else the job's (recorded in job.json when none was given)
             seeds = [sample_seed(job.seed if p.seed is None else p.seed, ids[r - start], s)
                      for p, (r, s) in zip(rows, keys, strict=True)]  # fmt: skip
-            return engine.generate([input_ids[r - start] for r, _ in keys], rows, seeds)
+            return engine.generate([input_ids[r - start] for r, _ in keys], rows, seeds, stop=stop)
 
         outputs = job.meta.get("outputs") or {}
         settings = prompts.column("settings").to_pylist() if "settings" in prompts.column_names else None

@@ -22,7 +22,7 @@ from typing import Any
 from . import jobdir, storage
 from .batching import plan_batches
 from .crashes import DeviceError, InFlight, Suspect, device_crash_message, first_line, is_device_error
-from .engine import Engine, NumericalError, peak_memory_bytes
+from .engine import Engine, NumericalError, Stopped, peak_memory_bytes
 from .errors import RunnerError
 from .faults import fault_point, row_fault
 from .jobdir import ClaimLost, Heartbeat, Job, JobState, Owner
@@ -133,7 +133,7 @@ class JobRun:
         self.generated = self.tokens = self.errors = self.retried = 0
         self.slowest = 0.0
         self.stopped = False
-        self.cancel_checked = 0.0
+        self.cancel_checked, self.was_cancelled = 0.0, False
         self.t0 = time.perf_counter()
         self.last_commit = self.t0
         self.suspected: list[Suspect] = []
@@ -215,7 +215,7 @@ class JobRun:
         table = self.job.read_rows(rows.start, rows.stop)
         self.load_engine()
         assert self.engine is not None
-        task = make_task(self.job, self.engine, table, rows.start)
+        task = make_task(self.job, self.engine, table, rows.start, stop=self.cancelled)
         import numpy as np
 
         r, s = np.nonzero(left[rows.start : rows.stop])
@@ -235,7 +235,7 @@ class JobRun:
                  f"{self.job.kind} on {self.engine.device} ({dtype_name(self.engine)})")  # fmt: skip
         try:
             for keys, wanted, suspect in self.plan(unit):
-                if self.should_stop():
+                if self.stopped or self.should_stop():
                     self.stopped = True
                     break
                 self.compute(unit, keys, wanted, suspect)
@@ -307,6 +307,10 @@ class JobRun:
         self.flight.running(keys, self.suspected, crashes=suspect.crashes if suspect is not None else 0)
         try:
             outcomes = isolating(self.engine, self.checked(unit), keys, self.iso)
+        except Stopped:  # cancelled mid-batch: nothing of this batch is kept, nothing else is lost
+            self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)
+            self.stopped = True
+            return
         except BaseException as e:
             if not (isinstance(e, Exception) and is_device_error(e)):
                 self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)  # not a crash
@@ -423,11 +427,15 @@ class JobRun:
             return True
         if self.beat is not None and self.beat.error is not None:
             return True
+        return self.cancelled()
+
+    def cancelled(self) -> bool:
+        """The job was cancelled: state.json is looked at every few seconds (also between decode steps)."""
         now = time.time()
         if now - self.cancel_checked >= CANCEL_CHECK_SECONDS:
             self.cancel_checked = now
-            return self.job.state().state is JobState.CANCELLED
-        return False
+            self.was_cancelled = self.job.state().state is JobState.CANCELLED
+        return self.was_cancelled
 
     def device_failed(self, unit: Unit, e: Exception, keys: list[tuple[int, int]], suspect: Suspect | None):
         """The device is broken for this process: record what was in flight (and set the row aside if it

@@ -184,3 +184,29 @@ def test_a_failing_job_home_stops_the_worker_and_leaves_the_job_resumable(
     monkeypatch.setattr(storage_module, "publish", real)
     assert work(runner_home, echo=None, engine=gpt2_engine)[0].finished
     assert list(runner.load_results(job.dir)["id"]) == [f"r{i}" for i in range(6)]
+
+
+def test_a_cancel_stops_a_running_batch_between_decode_steps(prompts_file, tiny_gpt2, gpt2_engine, monkeypatch):
+    """The cancel lands at the third decode step of a batch of 64 new tokens: the worker stops there, keeps
+    what was committed before, and says how to resume."""
+    import runner.worker as worker_module
+
+    job = create_job(prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=64, min_new_tokens=64),
+                     runner.EngineOptions(batch_size=6))  # fmt: skip
+    monkeypatch.setattr(worker_module, "CANCEL_CHECK_SECONDS", 0.0)
+    steps = []
+
+    def hook(module, args, kwargs, output):
+        steps.append(1)
+        if len(steps) == 3:
+            cancel_job(job.dir)
+
+    handle = gpt2_engine.model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        summary = run_job(job, gpt2_engine, echo=None)
+    finally:
+        handle.remove()
+    assert summary.stopped and summary.generated == 0 and len(steps) < 10  # not 64 steps
+    assert job_status(job).state == "cancelled"
+    retry_job(job.dir)
+    assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
