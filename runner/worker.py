@@ -270,7 +270,8 @@ class JobRun:
         budget = self.job.options.max_batch_tokens or default_batch_tokens(self.engine)
         for batch in plan_batches(sizes, default_batch_size(self.engine, self.job.options), budget,
                                   unit.task.new_tokens):  # fmt: skip
-            keys = [unit.planned[i] for i in batch]
+            # keys that crashed a worker run on their own (above or below), never beside others again
+            keys = [unit.planned[i] for i in batch if unit.planned[i] not in held]
             wanted = todo.intersection(keys)
             if wanted:
                 yield keys, wanted, None
