@@ -782,7 +782,12 @@ class Verifier:
         if self.cache.get(commit.name) == stamp:
             self.trusted.add(commit.name)
             return None
-        data = storage.retry(lambda: path.read_bytes(), f"read {path}")
+        try:
+            data = storage.retry(lambda: path.read_bytes(), f"read {path}")
+        except storage.StorageError as e:
+            if isinstance(e.__cause__, FileNotFoundError):  # quarantined by another worker meanwhile
+                return "its shard is missing"
+            raise
         why = check_shard_bytes(data, commit, self.job.spec.samples)
         if why is None:
             self.cache[commit.name] = stamp
@@ -895,12 +900,13 @@ class Ledger:
 
 
 def read_ledger(
-    job: Job, *, seal: bool = False, verifier: Verifier | None = None, verify: bool = True
+    job: Job, *, seal: bool = False, verifier: Verifier | None = None, verify: bool = True,
+    generation: int | None = None,
 ) -> Ledger:
     """Read every commit of the job and keep those that count: markers of each unit's newest epoch and those
     listed in the seals of older epochs, whose shards verify. `seal`: fix the seal of each superseded
     epoch that has none (workers do; readers only look). Transient errors raise StorageError."""
-    generation = read_state(job.dir).generation
+    generation = read_state(job.dir).generation if generation is None else generation
     claims, seals, current = _read_claims(job)
     names = [n[:-5] for n in scan(job.dir / MARKERS) if n.endswith(".json") and COMMIT_RE.fullmatch(n[:-5])]
     by_unit: dict[int, list[tuple[int, str]]] = {}
@@ -925,6 +931,8 @@ def read_ledger(
                 marker = _read_json_or_none(job.dir / MARKERS / f"{n}.json")
                 if isinstance(marker, dict):
                     verifier.markers[n] = marker
+                elif storage.kind(job.dir / MARKERS / f"{n}.json") is None:
+                    continue  # moved to quarantine by another worker since the listing
             why = _check_marker(n, marker, job.spec)
             commit = Commit(n, unit, epoch, marker if isinstance(marker, dict) else {})
             if why is None and verify:
@@ -1118,12 +1126,11 @@ def repair(path: str | os.PathLike) -> RepairReport:
     except BrokenJob as e:
         report.state_was = f"broken ({e})"
         generation = 0
-    write_state(job.dir, StateRecord(JobState.QUEUED, generation))  # readable again, for the ledger
-    ledger = read_ledger(job, seal=True)
+    ledger = read_ledger(job, seal=True, generation=generation)
     for name, why in ledger.bad:
         quarantine(job, name, why)
         report.quarantined.append((name, why))
-    progress = job_progress(job, read_ledger(job))
+    progress = job_progress(job, read_ledger(job, generation=generation))
     final = JobState.COMPLETED if progress.complete else JobState.QUEUED
     if final is JobState.QUEUED and report.state_was in ("cancelled", "failed"):
         final = JobState(report.state_was)
@@ -1173,12 +1180,25 @@ def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
     return removed
 
 
+def namespace_tag() -> str:
+    """8 hex digits naming this boot and PID namespace: a pid means the same process only under the same tag."""
+    return hashlib.sha256(f"{_boot_id()}\0{_pid_ns()}".encode()).hexdigest()[:8]
+
+
+def submit_temp_name(target: str) -> str:
+    """The temp folder a submit builds its job in: `.TARGET.PID-TAG.HEX.tmp`, so that whether its submit is
+    still alive can be told from the name alone, even if it was killed before writing anything inside."""
+    return f".{target}.{os.getpid()}-{namespace_tag()}.{secrets.token_hex(4)}.tmp"
+
+
 def remove_dead_submits(root: str | os.PathLike) -> int:
-    """Delete temp folders of submits that were killed (their owner is provably gone, or a day passed)."""
+    """Delete temp folders of submits that were killed: their process is provably gone (same boot and PID
+    namespace, pid gone or reused), or a day passed. Returns how many were deleted."""
     root = Path(root)
     removed = 0
     for name in scan(root, dirs=True):
-        if not (name.startswith(".") and name.endswith(".tmp")):
+        m = re.fullmatch(r"\..+\.(\d+)-([0-9a-f]{8})\.[0-9a-f]{8}\.tmp", name)
+        if not m:
             continue
         folder = root / name
         owner = Owner.from_dict(_read_json_or_none(folder / ".owner.json"))
@@ -1186,7 +1206,19 @@ def remove_dead_submits(root: str | os.PathLike) -> int:
             age = time.time() - os.lstat(folder).st_mtime
         except FileNotFoundError:
             continue
-        if (owner is not None and owner.provably_dead()) or age > 86400 or (owner is None and age > 3600):
+        same_ns = m.group(2) == namespace_tag()
+        gone = same_ns and (owner.provably_dead() if owner is not None else not _pid_exists(int(m.group(1))))
+        if gone or age > 86400:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True

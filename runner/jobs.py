@@ -170,7 +170,7 @@ def create_job(
     target = Path(job_dir) if job_dir is not None else root / job_id
     target.parent.mkdir(parents=True, exist_ok=True)
     jobdir.remove_dead_submits(target.parent)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    tmp = target.parent / jobdir.submit_temp_name(target.name)
     tmp.mkdir()
     try:
         storage.write_json(tmp / ".owner.json", jobdir.Owner.me("submit").as_dict(), durable=False)

@@ -365,14 +365,19 @@ def test_links_are_never_followed_out_of_the_home(job, gpt2_engine, runner_home,
 
 def test_a_killed_submits_temp_folder_is_cleaned_up(reference, tiny_gpt2, runner_home):
     runner_home.mkdir(parents=True, exist_ok=True)
-    left = runner_home / ".20260101-000000-abcdef.0123abcd.tmp"
+    tag = jobdir.namespace_tag()
+    dead_pid = 2**22 + 777  # above pid_max: no such process
+    left = runner_home / f".20260101-000000-abcdef.{dead_pid}-{tag}.0123abcd.tmp"  # killed before writing anything
     left.mkdir()
-    dead = Owner.me("submit")
-    dead = Owner(dead.worker, dead.host, 2**22 + 777, dead.boot, dead.pidns, "1")
-    (left / ".owner.json").write_text(json.dumps(dead.as_dict()))
-    alive = runner_home / ".20260101-000001-abcdef.89abcdef.tmp"  # a submit still running beside us
+    reused = runner_home / f".20260101-000002-abcdef.{os.getpid()}-{tag}.0123abce.tmp"  # its pid now someone else's
+    reused.mkdir()
+    me = Owner.me("submit")
+    (reused / ".owner.json").write_text(json.dumps(Owner(me.worker, me.host, me.pid, me.boot, me.pidns, "1").as_dict()))
+    alive = runner_home / f".20260101-000001-abcdef.{os.getpid()}-{tag}.89abcdef.tmp"  # a submit still running
     alive.mkdir()
-    (alive / ".owner.json").write_text(json.dumps(Owner.me("submit").as_dict()))
+    (alive / ".owner.json").write_text(json.dumps(me.as_dict()))
+    elsewhere = runner_home / f".20260101-000003-abcdef.{dead_pid}-00000000.0123abcf.tmp"  # another namespace
+    elsewhere.mkdir()
     create_job(reference[0], tiny_gpt2, PARAMS, home=runner_home)
-    assert not left.exists() and alive.exists()
+    assert not left.exists() and not reused.exists() and alive.exists() and elsewhere.exists()
     assert [s.state for s in runner.status(home=runner_home)] == ["queued"]
