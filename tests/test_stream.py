@@ -199,7 +199,7 @@ def test_columns_that_keep_their_types_are_written_once(tmp_path, tiny_gpt2, mon
         raise AssertionError("prompts.parquet was rewritten")
 
     monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 4)
-    monkeypatch.setattr(jobs, "_rewrite_passthrough", no_rewrite)
+    monkeypatch.setattr(jobs, "rewrite_passthrough", no_rewrite)
     data = [
         {"prompt": f"row {i}", "mixed": [1, "x"] if i % 2 else "y", "f": 0.5 if i == 0 else i, "none": None}
         for i in range(10)

@@ -1,0 +1,176 @@
+"""Passthrough columns: the input columns a job carries to its results unchanged, and their Arrow types.
+
+jobs.py (submit, a chunk at a time) -> `Passthrough.register` / `arrays` / `written_arrays` -> prompts.parquet;
+`rewrite_passthrough` when a column's type changed after the first chunk was written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import RunnerError
+from .inputs import PromptReader, PromptRow
+from .results import OUTPUT_COLUMNS
+
+
+class Passthrough:
+    """The passthrough columns: their names in the results, and their Arrow types, decided across chunks as
+    one `pa.array` call over the whole column decides them: ints and floats make floats, nulls go with
+    anything, structs merge their fields; a column whose values share no type is JSON text in every row.
+
+    prompts.parquet is opened with the types of the first chunk. A later chunk that needs another type or
+    brings a new column cannot change the row groups already written: from then on the passthrough columns
+    are written as nulls and `rewrite` is set, and `rewrite_passthrough` fills them in at the end, reading
+    the values from the input again. A file whose columns keep their types (the usual case) is written once."""
+
+    def __init__(self, kind: str, fixed: tuple[str, ...]):
+        self.kind, self.fixed = kind, fixed
+        self.types: dict[str, Any] = {}  # input name -> Arrow type so far (None: JSON text), first-seen order
+        self.out: dict[str, str] = {}  # input name -> name in prompts.parquet and the results
+        self.frozen: dict[str, Any] | None = None  # the types prompts.parquet was opened with
+        self.rewrite = False
+
+    def register(self, names: list[str]) -> None:
+        import pyarrow as pa
+
+        for col in names:
+            if col in self.types:
+                continue
+            self.types[col] = pa.null()
+            # An input column named like an output column (say `text`) keeps its data as `input_text`.
+            out = col
+            while out in OUTPUT_COLUMNS[self.kind] or out in self.fixed or out in self.out.values():
+                out = f"input_{out}"
+            self.out[col] = out
+
+    def arrays(self, rows: list[PromptRow]) -> dict[str, Any]:
+        """This chunk's column arrays, with the types updated by its values."""
+        out = {}
+        for col, typ in self.types.items():
+            values = [r.extra.get(col) for r in rows]
+            arr = _infer_array(values) if typ is not None else None
+            merged = _unify(typ, arr.type) if arr is not None else None
+            if merged is None:
+                self.types[col] = None
+                out[col] = _json_array(values)
+            else:
+                self.types[col] = merged
+                out[col] = arr if arr.type == merged else _cast(arr, values, merged)
+        return out
+
+    def freeze(self) -> None:
+        self.frozen = dict(self.types)
+
+    def fields(self) -> list[Any]:
+        import pyarrow as pa
+
+        assert self.frozen is not None
+        return [pa.field(self.out[c], t if t is not None else pa.string()) for c, t in self.frozen.items()]
+
+    def written_arrays(self, arrays: dict[str, Any], n: int) -> list[Any]:
+        """The arrays to write under the frozen types: this chunk's own while every column keeps its type,
+        nulls once a type has changed (the rewrite fills them in)."""
+        import pyarrow as pa
+
+        self.rewrite = self.rewrite or self.types != self.frozen
+        if self.rewrite:
+            return [pa.nulls(n, f.type) for f in self.fields()]
+        return [arrays[c] for c in self.frozen]  # type: ignore[union-attr]
+
+    def json_columns(self) -> list[str]:
+        return [self.out[c] for c, t in self.types.items() if t is None]
+
+    def renamed(self) -> dict[str, str]:
+        return {c: o for c, o in self.out.items() if c != o}
+
+
+def _infer_array(values: list[Any]) -> Any:
+    """`pa.array(values)`, or None when the values share no Arrow type."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return None
+
+
+def _unify(a: Any, b: Any) -> Any:
+    """The type both `a` and `b` values fit, as `pa.array` would infer it over both; None if there is none."""
+    import pyarrow as pa
+
+    if a == b:
+        return a
+    try:
+        both = [pa.schema([("c", a)]), pa.schema([("c", b)])]
+        schema = pa.unify_schemas(both, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+    return schema.field("c").type
+
+
+def _cast(arr: Any, values: list[Any], typ: Any) -> Any:
+    import pyarrow as pa
+
+    try:
+        return arr.cast(typ, safe=False)  # int -> float loses what pa.array([2**60, 0.5]) loses, no more
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return pa.array(values, typ)
+
+
+def _json_array(values: list[Any]) -> Any:
+    import pyarrow as pa
+
+    return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string())
+
+
+class _Retype(Exception):
+    """A passthrough column's values do not fit the type decided for it: make it JSON text and start over."""
+
+    def __init__(self, column: str):
+        self.column = column
+
+
+def rewrite_passthrough(reader: PromptReader, path: Path, columns: Passthrough) -> None:
+    """Rewrite prompts.parquet with every passthrough column in its final type, a row group at a time, taking
+    the values from the input file again (read a second time, never held whole). Only files whose columns
+    change type along the way get here."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    fixed = [f for f in pf.schema_arrow if f.name not in columns.out.values()]
+    out_path = path.with_name(f".{path.name}.rewrite")
+    while True:  # more than once only if a column's values do not fit its unified type after all
+        schema = pa.schema(fixed + [pa.field(columns.out[c], t if t is not None else pa.string())
+                                    for c, t in columns.types.items()])  # fmt: skip
+        valid = (r for r in reader.rows() if isinstance(r, PromptRow))
+        try:
+            with pq.ParquetWriter(out_path, schema, compression="zstd") as writer:
+                for g in range(pf.num_row_groups):
+                    table = pf.read_row_group(g, columns=[f.name for f in fixed])
+                    extras = []
+                    for line in table.column("line").to_pylist():
+                        row = next((r for r in valid if r.line == line), None)
+                        if row is None:
+                            raise RunnerError(f"{reader.name} changed while it was read; submit it again")
+                        extras.append(row.extra)
+                    for col, typ in columns.types.items():
+                        values = [e.get(col) for e in extras]
+                        if typ is None:
+                            arr = _json_array(values)
+                        else:
+                            try:
+                                arr = pa.array(values, typ)
+                            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+                                raise _Retype(col) from None
+                        table = table.append_column(schema.field(columns.out[col]), arr)
+                    writer.write_table(table, row_group_size=table.num_rows)
+        except _Retype as e:
+            columns.types[e.column] = None
+            continue
+        break
+    pf.close()
+    os.replace(out_path, path)
