@@ -25,6 +25,7 @@ __all__ = [
     "RunnerError",
     "__version__",
     "cancel",
+    "generate",
     "load_results",
     "open_job",
     "read_errors",
@@ -56,6 +57,10 @@ def __getattr__(name: str):
         from . import scheduler
 
         return getattr(scheduler, name)
+    if name == "generate":
+        from .quick import generate
+
+        return generate
     if name in ("status", "cancel", "retry", "repair"):
         from . import api
 

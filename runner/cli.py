@@ -72,6 +72,8 @@ input_options = _apply([
                  help="Prompts over the context window: refuse (none) or keep their end (left)."),
     click.option("--served-model-name", "served_model_names", multiple=True,
                  help="OpenAI Batch input: a body.model name to answer to (besides --model), repeatable."),
+    click.option("--chat", is_flag=True,
+                 help="Generate: send each plain prompt as a user message through the model's chat template."),
 ])  # fmt: skip
 
 generation_options = _apply([
@@ -189,6 +191,7 @@ def _run_kind(
         input_path, model, params, options, output=output, echo=_echo,
         prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
         truncate=kw["truncate"], home=ctx.obj["home"], served_model_names=kw["served_model_names"],
+        chat=kw["chat"],
     )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     if invalid:
@@ -308,8 +311,12 @@ def submit(
         input_path, model, params, options,
         prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
         truncate=kw["truncate"], home=ctx.obj["home"], name=name, priority=priority,
-        served_model_names=kw["served_model_names"],
+        served_model_names=kw["served_model_names"], chat=kw["chat"],
     )  # fmt: skip
+    from .jobs import submit_warnings
+
+    for line in submit_warnings(job):
+        _echo(line)
     invalid = job.meta["input"]["invalid"]
     _echo(
         f"queued {kind} job {job.id}: {job.meta['input']['rows']:,} rows"
@@ -607,6 +614,35 @@ def repair(ctx: click.Context, job_ref: str) -> None:
         _echo(f"quarantined commit {name}: {why}")
     _echo(f"state {r.state_was} -> {r.state_now}; {r.done:,}/{r.total:,} rows verified"
           + ("; run `runner work` to compute the rest" if r.state_now == "queued" else ""))  # fmt: skip
+
+
+@cli.command()
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("-m", "--model", required=True, help="Hub id, local model folder, .gguf file, or the demo model.")
+@click.option("--chat", is_flag=True, help="Send each prompt as a user message through the chat template.")
+@click.option("--show-logprobs", is_flag=True, help="Also print each token with its log-prob.")
+@generation_options
+@engine_options
+@handle_errors
+def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bool, **kw: Any) -> None:
+    """Generate for PROMPTS at once and print the text: a quick try of settings before a night's job. A
+    prompt may be '-' (one per line of standard input) or a .txt file (one per line). Nothing is saved.
+
+    \b
+    Example:
+      runner generate "The capital of France is" -m smollm2-135m-instruct --max-new-tokens 8
+      runner generate "Write a haiku" -m smollm2-135m-instruct --chat --temperature 0.8 -n 2
+    """
+    from . import quick
+
+    params, options = build_settings(kw)
+    texts = quick.read_prompts_arg(prompts)
+    for text, samples in zip(texts, quick.generate(texts, model, params, options, chat=chat), strict=True):
+        for s, c in enumerate(samples):
+            head = f"[{text[:40]}]" + (f" #{s}" if len(samples) > 1 else "")
+            click.echo(f"{head} {c.text}")
+            if show_logprobs:
+                click.echo("    " + " ".join(f"{t}:{lp:.2f}" for t, lp in zip(c.token_ids, c.token_logprobs, strict=True)))
 
 
 @cli.command("run-batch")

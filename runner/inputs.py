@@ -308,12 +308,15 @@ class PromptReader:
         pair_fields: tuple[str, str] | None = None,
         row_settings: bool = False,
         batch: tuple[str, tuple[str, ...]] | None = None,
+        chat: bool = False,
     ):
         """`row_settings`: rows may carry their own generation settings (params.ROW_SETTINGS fields). `batch`:
         (job kind, model names) to read OpenAI Batch request lines against."""
         self.path = Path(path)
         self.row_settings, self.batch = row_settings, batch
         self._requests: bool | None = None  # an OpenAI Batch file (decided by its first row)
+        self.chat = chat  # plain prompts go through the chat template as one user message
+        self.saw_messages = False
         self.format = input_format(self.path)
         if not self.path.is_file():
             raise InputError(
@@ -352,6 +355,9 @@ class PromptReader:
             )  # fmt: skip
             if row is not None:
                 row.request = request
+                if self.chat and row.messages is None and row.prompt is not None:
+                    row.messages, row.prompt = [{"role": "user", "content": row.prompt}], None
+                self.saw_messages = self.saw_messages or row.messages is not None
                 row, problem = self._settings(row)
             yield row if row is not None else problem  # type: ignore[misc]
 

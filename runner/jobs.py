@@ -76,6 +76,7 @@ def create_job(
     job_dir: str | os.PathLike | None = None,
     unit_rows: int | None = None,
     served_model_names: tuple[str, ...] = (),
+    chat: bool = False,
 ) -> Job:
     """Validate everything and store a queued job. Nothing invalid is ever stored.
 
@@ -87,6 +88,10 @@ def create_job(
     inputs and settings is returned as is (to be resumed); one with other settings is refused. So is a `name`
     already taken in the home: the same inputs and settings return that job (running a notebook's cells again
     never submits twice), other ones are refused.
+
+    `chat` sends each plain prompt as one user message through the model's chat template (instruct models
+    answer raw text poorly); `meta["input"]["raw_prompts_to_chat_model"]` says when it was not asked for but the
+    model has a chat template and every row was a plain prompt.
 
     `unit_rows` is the number of prompts a worker claims at a time (several workers share a job by units).
 
@@ -123,8 +128,10 @@ def create_job(
         input_path, prompt_field=prompt_field, template=template,
         messages_field="messages" if kind == "generate" else None,
         pair_fields=("context", "continuation") if kind == "score" else None,
-        row_settings=kind == "generate", batch=(kind, models),
+        row_settings=kind == "generate", batch=(kind, models), chat=chat,
     )  # fmt: skip
+    if chat and kind != "generate":
+        raise ParamError("chat", f"chat is for generate jobs, not {kind} jobs.")
     identity = {
         "input_sha256": storage.file_sha256(input_path),
         "prompt_field": prompt_field,
@@ -134,6 +141,7 @@ def create_job(
         "model": model,
         "params": params.to_dict(),
         "served_model_names": list(served_model_names),
+        **({"chat": True} if chat else {}),
     }
     if job_dir is not None:
         job_dir = Path(job_dir)
@@ -205,6 +213,9 @@ def create_job(
                 "truncate": truncate,
                 "json_columns": written.json_columns,
                 "renamed_columns": written.renamed,
+                "chat": chat,
+                "raw_prompts_to_chat_model": bool(kind == "generate" and not reader.saw_messages
+                                                  and getattr(tokenizer, "chat_template", None)),  # fmt: skip
             },
             "params": params.to_dict(),
             "sample_auto": sample_auto,
@@ -508,6 +519,18 @@ class _RowProblem(Exception):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+def submit_warnings(job: Job) -> list[str]:
+    """What a user should hear about a job just submitted, before it runs."""
+    out = []
+    if job.meta.get("input", {}).get("raw_prompts_to_chat_model"):
+        out.append(
+            "WARNING: the model has a chat template (an instruct/chat model) but every row is a raw prompt; such "
+            "models often answer raw text with nothing useful. Pass --chat to send each prompt as a user message "
+            "(or give `messages` rows)."
+        )
+    return out
 
 
 def _existing_job(path: Path) -> Job | None:

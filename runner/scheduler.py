@@ -37,9 +37,11 @@ def run(
 ) -> tuple[Job, RunSummary]:
     """Submit `input_path` as a job (in `output` if given, else in the job home) and work on it to the end.
     Running it again with the same `output` resumes where it stopped."""
-    from .jobs import create_job
+    from .jobs import create_job, submit_warnings
 
     job = create_job(input_path, model, params, options, job_dir=output, **job_kwargs)
+    for line in submit_warnings(job) if echo else ():
+        echo(line)
     summaries = work(job=job, engine=engine, echo=echo, once=True)
     if summaries:
         return job, summaries[-1]

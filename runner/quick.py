@@ -1,0 +1,61 @@
+"""A quick try: generate for a few prompts at once, printed, no job folder (`runner generate`).
+
+prompts (arguments, stdin lines or a .txt file) -> chat template if asked -> engine.Engine.generate -> text.
+For trying settings before submitting a night's job; the same engine and seeds as a job, so the settings
+behave the same there. Nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import RunnerError
+from .params import EngineOptions, GenerationParams
+
+
+def read_prompts_arg(items: Iterable[str]) -> list[str]:
+    """Each item is a prompt, `-` (one prompt per line of standard input) or a .txt file (one per line)."""
+    import sys
+
+    out: list[str] = []
+    for item in items:
+        if item == "-":
+            out.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
+        elif item.endswith(".txt") and Path(item).is_file():
+            out.extend(line for line in Path(item).read_text(encoding="utf-8").splitlines() if line.strip())
+        else:
+            out.append(item)
+    if not out:
+        raise RunnerError("no prompt given (a prompt, '-' for standard input, or a .txt file)")
+    return out
+
+
+def generate(
+    prompts: list[str],
+    model: str,
+    params: GenerationParams | None = None,
+    options: EngineOptions | None = None,
+    *,
+    chat: bool = False,
+    engine: Any = None,
+) -> list[list[Any]]:
+    """Generate for `prompts` at once: one list of `num_return_sequences` completions (engine.Completion) per
+    prompt. `chat`: send each prompt as one user message through the model's chat template. Seeds are per
+    (prompt number, sample) from `params.seed` (0 when none), so a try is repeatable."""
+    from .batching import encode, render_prompt
+    from .engine import Engine
+    from .tasks import sample_seed
+
+    params = params or GenerationParams()
+    engine = engine or Engine(model, options or EngineOptions())
+    ids = []
+    for text in prompts:
+        messages = [{"role": "user", "content": text}] if chat else None
+        ids.append(encode(engine.tokenizer, render_prompt(text, messages, engine.tokenizer), chat))
+    n = params.num_return_sequences
+    keys = [(i, s) for i in range(len(prompts)) for s in range(n)]
+    seed = params.seed if params.seed is not None else 0
+    done = engine.generate([ids[i] for i, _ in keys], params, [sample_seed(seed, str(i), s) for i, s in keys])
+    return [done[i * n : (i + 1) * n] for i in range(len(prompts))]
