@@ -1163,8 +1163,7 @@ def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
     lists plain files only, and a job whose folders are links is broken before it gets here)."""
     removed = 0
     now = time.time()
-    for sub in (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT):
-        folder = job_dir / sub
+    for folder in (job_dir, *(job_dir / sub for sub in (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT))):
         if _is_link(folder):
             continue
         for name in scan(folder):

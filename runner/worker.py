@@ -195,10 +195,12 @@ class JobRun:
     # --- claiming a unit ------------------------------------------------------------------------------------
 
     def next_unit(self) -> Unit | None:
-        """Claim the first unit with keys left that no live worker holds; None when there is none."""
+        """Claim the first unit with keys left that no other live worker holds (one this worker claimed
+        before, say a unit whose commit was quarantined since, it takes again); None when there is none."""
         ledger = self.ledger()
         progress = jobdir.job_progress(self.job, ledger)
-        for u in progress.claimable:
+        mine = [u for u in progress.units_left if (c := ledger.claims.get(u)) and c.owner and c.owner.worker == self.owner.worker]
+        for u in sorted(set(progress.claimable) | set(mine)):
             epoch = jobdir.take_unit(self.job, u, self.owner, ledger.current.get(u, -1))
             if epoch is not None:
                 return self.open_unit(u, epoch)

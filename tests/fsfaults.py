@@ -13,7 +13,9 @@ pyarrow's local temp shards) runs at full speed. What is patched is what runner 
     or (`fail_from` = a sub-folder) once a file has been written into that sub-folder (a disk that fills up);
   * eio: the chance that a listing of, or a read of a file in, one of the sub-folders `eio_dirs` fails with a
     transient EIO or ENOTCONN (a Drive mount dropping a request). Each failure is transient: the next access
-    to the same path succeeds. `eio_seed` seeds the choices; each failure is appended as a line to `eio_log`.
+    to the same path succeeds. `eio_seed` seeds the choices; each failure is appended as a line to `eio_log`;
+  * retry_delays: runner.storage.RETRY_DELAYS for the process (short ones, so that many transient errors cost
+    a test little time).
 
 In-process: `FsFaults(home, slow=0.25).install(monkeypatch.setattr)`. In a worker process: run this file as
 the program, with the settings as JSON in $RUNNER_TEST_FSFAULTS (`command(...)` builds both):
@@ -41,9 +43,11 @@ class FsFaults:
         self, root, *, slow: float = 0.0, copy_rename: bool = False, kill: dict | None = None,
         fail: str | None = None, fail_from: str | None = None, eio: float = 0.0,
         eio_dirs: tuple[str, ...] = ("done", "claims", "shards"), eio_seed: int = 0, eio_log: str | None = None,
+        retry_delays: list[float] | None = None,
     ):  # fmt: skip
         self.root = os.path.realpath(root)
         self.eio, self.eio_dirs, self.eio_seed, self.eio_log = eio, tuple(eio_dirs), eio_seed, eio_log
+        self.retry_delays = retry_delays
         self.eio_rng = random.Random(eio_seed)
         self.eio_failed: set[str] = set()  # paths whose last access failed: the next one succeeds
         self.eio_count = 0
@@ -62,7 +66,7 @@ class FsFaults:
         return json.dumps({"root": self.root, "slow": self.slow, "copy_rename": self.copy_rename,
                            "kill": self.kill, "fail": fail, "fail_from": self.fail_from, "eio": self.eio,
                            "eio_dirs": list(self.eio_dirs), "eio_seed": self.eio_seed,
-                           "eio_log": self.eio_log})  # fmt: skip
+                           "eio_log": self.eio_log, "retry_delays": self.retry_delays})  # fmt: skip
 
     # --- which paths, and what happens to them -----------------------------------------------------------
 
@@ -198,6 +202,8 @@ class FsFaults:
         patches = [(os, name, getattr(self, name)) for name in self.real] + [
             (runner.storage, "open", self.open), (runner.jobdir, "open", self.open),
         ]
+        if self.retry_delays is not None:
+            patches.append((runner.storage, "RETRY_DELAYS", tuple(self.retry_delays)))
         for obj, name, value in patches:
             if monkeypatch is not None:
                 monkeypatch.setattr(obj, name, value, raising=False)

@@ -39,13 +39,13 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(
     real = Engine.generate
     sizes = []
 
-    def generate(self, prompts, params, seeds=None):
+    def generate(self, prompts, params, seeds=None, stop=None):
         sizes.append(len(prompts))
         if len(prompts) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if self._poison in prompts:
             raise torch.OutOfMemoryError("CUDA out of memory even alone")
-        return real(self, prompts, params, seeds)
+        return real(self, prompts, params, seeds, stop)
 
     monkeypatch.setattr(Engine, "generate", generate)
     gpt2_engine._poison = None
