@@ -555,7 +555,7 @@ def create_exclusive(path: Path, obj: Any) -> bool:
     go to a temp file first and are hard-linked into place (atomic, and fails if the name exists); where
     links are not supported, O_EXCL creates it and the content follows."""
     data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = storage.temp_name(path)  # a plain string (see there)
 
     def op() -> bool:
         try:

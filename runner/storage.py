@@ -63,12 +63,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _tmp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+def temp_name(target: Path) -> str:
+    """A fresh temp name beside `target`, as a plain string: pathlib (3.11) interns every path component it
+    parses, so a long-running worker that made a Path of each unique temp name would grow the interpreter's
+    interned-string table for ever."""
+    folder, name = os.path.split(os.fspath(target))
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def is_temp_name(name: str) -> bool:
-    """A name `_tmp_name` makes: `.{name}.{8 hex}.tmp`."""
+    """A name `temp_name` makes: `.{name}.{8 hex}.tmp`."""
     parts = name.rsplit(".", 2)
     return name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and len(parts[1]) == 8
 
@@ -78,7 +82,7 @@ def _replace_into(target: Path, fill: Callable[[Any], None], what: str, durable:
     `durable=False` skips the fsyncs: the file then survives the process being killed, not the machine."""
 
     def op() -> None:
-        tmp = _tmp_name(target)
+        tmp = temp_name(target)
         try:
             with open(tmp, "wb") as f:
                 fill(f)
@@ -88,8 +92,8 @@ def _replace_into(target: Path, fill: Callable[[Any], None], what: str, durable:
             fault_point("before_replace")  # the new bytes are whole under the temp name; the old file stands
             os.replace(tmp, target)
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
         if durable:
             _fsync_dir(target.parent)
 

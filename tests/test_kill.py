@@ -65,7 +65,24 @@ def start_worker(home, *extra, env_extra=None):
     return workers.start_worker(home, *extra, env_extra=env_extra)
 
 
-def wait_for_generation(job_dir: Path, before: int, proc, timeout=60.0):
+def commits(job_dir: Path) -> int:
+    done = job_dir / "done"
+    return len([p for p in done.iterdir() if p.suffix == ".json"]) if done.exists() else 0
+
+
+def wait_for_commits(job_dir: Path, target: int, proc, timeout=120.0) -> bool:
+    """Block until the job has `target` commit markers (progress, not time); False if the worker ended first."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if commits(job_dir) >= target:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    raise AssertionError("the worker made no progress in time")
+
+
+def wait_for_generation(job_dir: Path, before: int, proc, timeout=120.0):
     """Block until this process has logged that it started generating (so a kill lands in the real work)."""
     log = job_dir / "log.txt"
     end = time.time() + timeout
@@ -108,7 +125,9 @@ def finish(home, job_dir, ref):
 
 def test_sigkill_at_random_instants(tmp_path, prepared, windowed):
     """Every other round runs the job with its prompts in 5 row groups, so kills land in and between the
-    worker's windows too; the results match the run of the whole table as one window."""
+    worker's windows too; the results match the run of the whole table as one window. Kills are triggered by
+    progress (0-3 new commits after the worker starts generating), then land a random instant later inside
+    the next batch or commit: never on a timer alone, so a slow machine changes nothing but the wait."""
     rng = random.Random(20261122)
     kills = progressed = windowed_kills = 0
     rounds = 0
@@ -123,7 +142,10 @@ def test_sigkill_at_random_instants(tmp_path, prepared, windowed):
             if not wait_for_generation(job_dir, before, proc):
                 proc.wait()
                 break  # the job finished before this start reached generation: nothing left to kill
-            time.sleep(rng.uniform(0, 0.8))
+            if not wait_for_commits(job_dir, commits(job_dir) + rng.randint(0, 3), proc):
+                proc.wait()
+                break  # it finished before that much progress: nothing left to kill
+            time.sleep(rng.uniform(0, 0.05))  # jitter only: where in the next batch or commit it lands
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             if proc.returncode == -signal.SIGKILL:
