@@ -45,7 +45,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except RunnerError as e:
             raise click.ClickException(str(e)) from e
         except OSError as e:  # a file-system error no layer above named: still one line, never a traceback
-            raise click.ClickException(f"cannot read or write {e.filename or 'the job home'}: {e.strerror or e}") from e
+            raise click.ClickException(
+                f"cannot read or write {e.filename or 'the job home'}: {e.strerror or e}"
+            ) from e
 
     return wrapper
 
@@ -354,10 +356,20 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
 @click.option("--until", help="Stop by this local time (HH:MM).")
 @click.option("--job", "job_ref", help="Work on this job only (id, name or folder).")
 @click.option("--once", is_flag=True, help="Stop after one job.")
-@click.option("--shard-rows", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Write a results shard at least every this many rows...")
-@click.option("--shard-minutes", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
-              help="...and every this many minutes: the most work a kill can lose.")
+@click.option(
+    "--shard-rows",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Write a results shard at least every this many rows...",
+)
+@click.option(
+    "--shard-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="...and every this many minutes: the most work a kill can lose.",
+)
 @click.option("--device", help="Run on this device instead of the jobs' own (cpu, cuda, cuda:N).")
 @click.option("--gpus", help="One worker process per local GPU: 'all' or a count (each on its own cuda:i).")
 @click.option("--workers", "n_workers", type=click.IntRange(min=1), help="Run this many worker processes.")
@@ -419,10 +431,14 @@ def _worker_devices(gpus: str | None, n_workers: int | None, device: str | None)
 
     count = torch.cuda.device_count()
     if count == 0:
-        raise RunnerError("--gpus: no CUDA GPU is visible to this process (use --workers N for CPU processes)")
+        raise RunnerError(
+            "--gpus: no CUDA GPU is visible to this process (use --workers N for CPU processes)"
+        )
     want = count if gpus == "all" else int(gpus) if gpus.isdigit() and int(gpus) > 0 else None
     if want is None or want > count:
-        raise click.BadParameter(f"expected 'all' or a count in 1..{count}, got {gpus!r}", param_hint="--gpus")
+        raise click.BadParameter(
+            f"expected 'all' or a count in 1..{count}, got {gpus!r}", param_hint="--gpus"
+        )
     return [f"cuda:{i}" for i in range(want)]
 
 
@@ -435,7 +451,10 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
 
     base = [sys.executable, "-m", "runner"] + (["--home", home] if home else []) + ["work", *args]
     procs = [subprocess.Popen(base + (["--device", d] if d else [])) for d in devices]
-    _echo(f"started {len(procs)} worker processes" + (f" on {', '.join(d for d in devices if d)}" if devices[0] else ""))
+    _echo(
+        f"started {len(procs)} worker processes"
+        + (f" on {', '.join(d for d in devices if d)}" if devices[0] else "")
+    )
     previous = signal.signal(signal.SIGINT, lambda *_: [p.send_signal(signal.SIGINT) for p in procs])
     try:
         codes = [p.wait() for p in procs]
@@ -483,7 +502,9 @@ def _detail(s: Any) -> list[str]:
         return lines + [f"folder:   {s.folder}"]
     job = Job.open(s.folder)
     p = job.meta["params"]
-    workers = [f"{w['worker']} on {w['device'] or '?'}: {w['tokens_per_second'] or 0:,.1f} tok/s" for w in s.workers]
+    workers = [
+        f"{w['worker']} on {w['device'] or '?'}: {w['tokens_per_second'] or 0:,.1f} tok/s" for w in s.workers
+    ]
     return lines + [
         f"progress: {s.done:,}/{s.total:,} rows, {s.errors} row errors, {s.invalid} invalid input rows",
         f"speed:    {s.tokens_per_second or '-'} tok/s, ETA {s.eta}",
@@ -498,12 +519,25 @@ def _detail(s: Any) -> list[str]:
 
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
-@click.option("--to", "to_path", type=click.Path(dir_okay=False),
-              help="Write to .jsonl, .json (one array), .csv (lists as JSON) or .parquet.")
-@click.option("--format", "fmt", type=click.Choice(["table", "openai"]), default="table", show_default=True,
-              help="openai: one OpenAI Batch output line per request (--to FILE.jsonl).")
-@click.option("--errors-to", type=click.Path(dir_okay=False),
-              help="With --format openai: the Batch error file [default: beside --to, .errors.jsonl].")
+@click.option(
+    "--to",
+    "to_path",
+    type=click.Path(dir_okay=False),
+    help="Write to .jsonl, .json (one array), .csv (lists as JSON) or .parquet.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "openai"]),
+    default="table",
+    show_default=True,
+    help="openai: one OpenAI Batch output line per request (--to FILE.jsonl).",
+)
+@click.option(
+    "--errors-to",
+    type=click.Path(dir_okay=False),
+    help="With --format openai: the Batch error file [default: beside --to, .errors.jsonl].",
+)
 @home_option
 @click.pass_context
 @handle_errors
@@ -519,7 +553,10 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
         if to_path is None:
             raise click.UsageError("--format openai needs --to FILE.jsonl")
         lines, errors = openai_batch.export(jobdir.open_job(job_ref, ctx.obj["home"]), to_path, errors_to)
-        _echo(f"wrote {lines:,} responses to {to_path}" + (f" and {errors:,} errors beside it" if errors else ""))
+        _echo(
+            f"wrote {lines:,} responses to {to_path}"
+            + (f" and {errors:,} errors beside it" if errors else "")
+        )
         return
     df = load_results(job_ref, ctx.obj["home"])
     if to_path is None:
@@ -618,7 +655,9 @@ def repair(ctx: click.Context, job_ref: str) -> None:
 
 @cli.command()
 @click.argument("prompts", nargs=-1, required=True)
-@click.option("-m", "--model", required=True, help="Hub id, local model folder, .gguf file, or the demo model.")
+@click.option(
+    "-m", "--model", required=True, help="Hub id, local model folder, .gguf file, or the demo model."
+)
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message through the chat template.")
 @click.option("--show-logprobs", is_flag=True, help="Also print each token with its log-prob.")
 @generation_options
@@ -642,19 +681,43 @@ def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bo
             head = f"[{text[:40]}]" + (f" #{s}" if len(samples) > 1 else "")
             click.echo(f"{head} {c.text}")
             if show_logprobs:
-                click.echo("    " + " ".join(f"{t}:{lp:.2f}" for t, lp in zip(c.token_ids, c.token_logprobs, strict=True)))
+                click.echo(
+                    "    "
+                    + " ".join(f"{t}:{lp:.2f}" for t, lp in zip(c.token_ids, c.token_logprobs, strict=True))
+                )
 
 
 @cli.command("run-batch")
-@click.option("-i", "--input-file", "input_path", required=True, type=click.Path(dir_okay=False),
-              help="OpenAI Batch input file (JSONL of custom_id / method / url / body).")
-@click.option("-o", "--output-file", "output_path", required=True, type=click.Path(dir_okay=False),
-              help="Batch output file, written (atomically) once every request is done.")
-@click.option("-m", "--model", required=True, help="Hub id, local model folder, .gguf file, or the demo model.")
-@click.option("--served-model-name", "served_model_names", multiple=True,
-              help="A body.model name to answer to (besides --model), repeatable.")
-@click.option("--max-new-tokens", type=int,
-              help="For requests that set no max_tokens [default: 256, or half the context window if smaller].")
+@click.option(
+    "-i",
+    "--input-file",
+    "input_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="OpenAI Batch input file (JSONL of custom_id / method / url / body).",
+)
+@click.option(
+    "-o",
+    "--output-file",
+    "output_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Batch output file, written (atomically) once every request is done.",
+)
+@click.option(
+    "-m", "--model", required=True, help="Hub id, local model folder, .gguf file, or the demo model."
+)
+@click.option(
+    "--served-model-name",
+    "served_model_names",
+    multiple=True,
+    help="A body.model name to answer to (besides --model), repeatable.",
+)
+@click.option(
+    "--max-new-tokens",
+    type=int,
+    help="For requests that set no max_tokens [default: 256, or half the context window if smaller].",
+)
 @click.option("--job-dir", type=click.Path(file_okay=False), help="The job folder [default: OUTPUT.job].")
 @engine_options
 @click.pass_context
@@ -673,7 +736,9 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
     kind = openai_batch.file_kind(input_path)
     if kind == "generate" and max_new_tokens is None:
         max_new_tokens = openai_batch.default_max_tokens(model, kw.get("trust_remote_code") or False)
-    params, options = build_settings({**kw, **({"max_new_tokens": max_new_tokens} if kind == "generate" else {})}, kind)
+    params, options = build_settings(
+        {**kw, **({"max_new_tokens": max_new_tokens} if kind == "generate" else {})}, kind
+    )
     job, summary = openai_batch.run_batch(input_path, output_path, model, params, options, job_dir=job_dir,
                                           served_model_names=served_model_names, echo=_echo)  # fmt: skip
     if not summary.finished:
@@ -686,5 +751,7 @@ def main() -> None:
     try:
         cli(prog_name="runner")
     except KeyboardInterrupt:
-        click.echo("[runner] interrupted; finished shards are kept: run the same command again to carry on", err=True)
+        click.echo(
+            "[runner] interrupted; finished shards are kept: run the same command again to carry on", err=True
+        )
         raise SystemExit(130) from None

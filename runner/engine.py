@@ -530,7 +530,9 @@ class Engine:
             if st.counts is not None:
                 st.counts = st.counts[idx]
             st.rows = [st.rows[s] for s in st.keep]
-        st.logits, st.cache = self._forward(tok_in, st.mask, st.next_pos.unsqueeze(-1), st.cache, last_only=False)
+        st.logits, st.cache = self._forward(
+            tok_in, st.mask, st.next_pos.unsqueeze(-1), st.cache, last_only=False
+        )
         st.next_pos = st.next_pos + 1
 
     def _completions(self, st: _Decode) -> list[Completion]:

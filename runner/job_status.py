@@ -107,7 +107,9 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
         except RunnerError as e:
             out.append(broken_status(path, str(e)))
     for name in jobdir.linked_entries(root):
-        out.append(broken_status(root / name, "a symbolic link in the job home; runner does not follow links"))
+        out.append(
+            broken_status(root / name, "a symbolic link in the job home; runner does not follow links")
+        )
     return out
 
 

@@ -445,7 +445,9 @@ class Job:
         try:
             meta = storage.read_json(path / JOB_FILE)
         except ValueError as e:
-            raise BrokenJob(f"job.json is damaged ({e}); `runner repair` restores it from its backup") from None
+            raise BrokenJob(
+                f"job.json is damaged ({e}); `runner repair` restores it from its backup"
+            ) from None
         spec = JobSpec.parse(meta)
         for sub in FOLDERS:
             if _is_link(path / sub):
@@ -900,7 +902,11 @@ class Ledger:
 
 
 def read_ledger(
-    job: Job, *, seal: bool = False, verifier: Verifier | None = None, verify: bool = True,
+    job: Job,
+    *,
+    seal: bool = False,
+    verifier: Verifier | None = None,
+    verify: bool = True,
     generation: int | None = None,
 ) -> Ledger:
     """Read every commit of the job and keep those that count: markers of each unit's newest epoch and those

@@ -214,8 +214,11 @@ def create_job(
                 "json_columns": written.json_columns,
                 "renamed_columns": written.renamed,
                 "chat": chat,
-                "raw_prompts_to_chat_model": bool(kind == "generate" and not reader.saw_messages
-                                                  and getattr(tokenizer, "chat_template", None)),  # fmt: skip
+                "raw_prompts_to_chat_model": bool(
+                    kind == "generate"
+                    and not reader.saw_messages
+                    and getattr(tokenizer, "chat_template", None)
+                ),  # fmt: skip
             },
             "params": params.to_dict(),
             "sample_auto": sample_auto,

@@ -41,7 +41,9 @@ def is_request(obj: dict[str, Any]) -> bool:
     return bool({"custom_id", "method", "url", "body"} & set(obj)) and not {"prompt", "messages"} & set(obj)
 
 
-def request_row(obj: dict[str, Any], kind: str, models: tuple[str, ...]) -> tuple[dict[str, Any] | None, str | None, str]:
+def request_row(
+    obj: dict[str, Any], kind: str, models: tuple[str, ...]
+) -> tuple[dict[str, Any] | None, str | None, str]:
     """The input row a Batch request line stands for, or (None, field, problem). `models`: the names
     `body.model` may take (the model given with --model, its folder name, and --served-model-name)."""
     cid = obj.get("custom_id")
@@ -56,7 +58,11 @@ def request_row(obj: dict[str, Any], kind: str, models: tuple[str, ...]) -> tupl
     if url not in URLS:
         return None, "url", f"must be one of {', '.join(URLS)}, got {url!r}"
     if (url == EMBEDDINGS) != (kind == "embed") or kind == "score":
-        need = "an embed job (`runner embed`, or `runner submit --kind embed`)" if url == EMBEDDINGS else "a generate job"
+        need = (
+            "an embed job (`runner embed`, or `runner submit --kind embed`)"
+            if url == EMBEDDINGS
+            else "a generate job"
+        )
         return None, "url", f"{url} requests need {need}"
     body = obj.get("body")
     if not isinstance(body, dict):
@@ -64,7 +70,9 @@ def request_row(obj: dict[str, Any], kind: str, models: tuple[str, ...]) -> tupl
     return _body_row(cid, url, body, models)
 
 
-def _body_row(cid: str, url: str, body: dict[str, Any], models: tuple[str, ...]) -> tuple[Any, str | None, str]:
+def _body_row(
+    cid: str, url: str, body: dict[str, Any], models: tuple[str, ...]
+) -> tuple[Any, str | None, str]:
     model = body.get("model")
     if not isinstance(model, str) or model not in models:
         names = " or ".join(repr(m) for m in models)
@@ -160,7 +168,9 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
         elif cid in failed:
             errors.append(_error_line(job, cid, failed[cid]))
     out = Path(out)
-    errors_out = Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
+    errors_out = (
+        Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
+    )
     storage.atomic_write(out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     storage.atomic_write(errors_out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in errors))
     return len(lines), len(errors)
@@ -177,7 +187,9 @@ class _Pieces:
     def __call__(self, ids: list[int], prefix: list[int] = ()) -> list[str]:
         from .scoring import token_pieces
 
-        return token_pieces(self.tokenizer, [int(i) for i in ids], [int(i) for i in prefix]) if len(ids) else []
+        return (
+            token_pieces(self.tokenizer, [int(i) for i in ids], [int(i) for i in prefix]) if len(ids) else []
+        )
 
 
 def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int]]]:
@@ -213,7 +225,9 @@ def _created(job: Any) -> int:
         return 0
 
 
-def _line(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int, pieces: Any, prompt_ids: list[int]) -> dict[str, Any]:
+def _line(
+    job: Any, cid: str, req: dict[str, Any], rows: Any, created: int, pieces: Any, prompt_ids: list[int]
+) -> dict[str, Any]:
     url = req["url"]
     if url == EMBEDDINGS:
         body = _embedding(job, cid, req, rows, created)
@@ -234,8 +248,11 @@ def _error_line(job: Any, cid: str, error: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": f"batch_req_{_digest(_key(job), cid, 'line')}",
         "custom_id": cid,
-        "response": {"status_code": 400 if invalid else 500, "request_id": _digest(_key(job), cid, "request"),
-                     "body": body},  # fmt: skip
+        "response": {
+            "status_code": 400 if invalid else 500,
+            "request_id": _digest(_key(job), cid, "request"),
+            "body": body,
+        },  # fmt: skip
         "error": None,
     }
 
@@ -255,7 +272,9 @@ def _completion(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int
                             "refusal": None}, "finish_reason": r["finish_reason"], "logprobs": lp})  # fmt: skip
         else:
             text = (r["prompt"] + r["text"]) if req.get("echo") else r["text"]
-            choices.append({"index": int(r["sample"]), "text": text, "finish_reason": r["finish_reason"], "logprobs": lp})
+            choices.append(
+                {"index": int(r["sample"]), "text": text, "finish_reason": r["finish_reason"], "logprobs": lp}
+            )
     prompt_tokens = int(rows["prompt_tokens"].iloc[0])
     completion_tokens = int(rows["completion_tokens"].sum())
     return {
@@ -264,8 +283,11 @@ def _completion(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int
         "created": created,
         "model": req["model"],
         "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},  # fmt: skip
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },  # fmt: skip
     }
 
 
@@ -290,7 +312,9 @@ def _chat_logprobs(r: Any, pieces: list[str], k: int) -> dict[str, Any] | None:
     return {"content": content, "refusal": None}
 
 
-def _text_logprobs(r: Any, req: dict[str, Any], pieces: list[str], prompt_pieces: list[str]) -> dict[str, Any] | None:
+def _text_logprobs(
+    r: Any, req: dict[str, Any], pieces: list[str], prompt_pieces: list[str]
+) -> dict[str, Any] | None:
     tops = _tops(r)
     if tops is None:
         return None
@@ -360,7 +384,9 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
 
     out = Path(output_path)
     folder = Path(job_dir) if job_dir else out.with_name(out.name + ".job")
-    if getattr(params, "seed", 0) is None:  # requests without a seed: one from the file, so a rerun is identical
+    if (
+        getattr(params, "seed", 0) is None
+    ):  # requests without a seed: one from the file, so a rerun is identical
         params = dataclasses.replace(params, seed=int(file_sha256(input_path)[:15], 16))
     job, summary = run(input_path, model, params, options, output=folder, echo=echo,
                        served_model_names=tuple(served_model_names))  # fmt: skip

@@ -120,7 +120,9 @@ class GenerationParams:
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise ParamError("stop", f"stop strings must be non-empty strings, got {s!r}.")
-        self._do_sample_given = self.do_sample  # None: decided here from the other settings (row_params redoes it)
+        self._do_sample_given = (
+            self.do_sample
+        )  # None: decided here from the other settings (row_params redoes it)
         if self.do_sample is None:
             asked = self.temperature != 1.0 or self.top_p != 1.0 or self.top_k != 0
             self.do_sample = (asked or self.num_return_sequences > 1) and self.temperature != 0
@@ -245,10 +247,14 @@ def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     given: dict[str, str] = {}
     for name, value in raw.items():
         target = ROW_SETTINGS[name]
-        if target in given and not (target == "logprobs" and {name, given[target]} == {"logprobs", "top_logprobs"}):
+        if target in given and not (
+            target == "logprobs" and {name, given[target]} == {"logprobs", "top_logprobs"}
+        ):
             raise ParamError(name, f"give one of {given[target]!r} and {name!r}, not both.")
         given.setdefault(target, name)
-        if name == "logprobs" and isinstance(value, bool):  # OpenAI chat: logprobs true/false (+ top_logprobs)
+        if name == "logprobs" and isinstance(
+            value, bool
+        ):  # OpenAI chat: logprobs true/false (+ top_logprobs)
             value = 0 if value else None
             if target in out:
                 continue

@@ -54,7 +54,9 @@ def top_logprobs_type() -> pa.DataType:
     return pa.list_(pa.list_(entry))
 
 
-def generation_schema(top_logprobs: bool = False, prompt_logprobs: bool = False, settings: bool = False) -> pa.Schema:
+def generation_schema(
+    top_logprobs: bool = False, prompt_logprobs: bool = False, settings: bool = False
+) -> pa.Schema:
     """Result columns of a generation job; the optional ones exist when the job asked for them."""
     import pyarrow as pa
 

@@ -41,7 +41,9 @@ class RowSettings:
         return cls(
             sample=torch.tensor(sample, device=device),
             temperature=col([p.temperature if s else 1.0 for p, s in zip(params, sample, strict=True)]),
-            top_k=torch.tensor([p.top_k if s else 0 for p, s in zip(params, sample, strict=True)], device=device),
+            top_k=torch.tensor(
+                [p.top_k if s else 0 for p, s in zip(params, sample, strict=True)], device=device
+            ),
             top_p=col([p.top_p if s else 1.0 for p, s in zip(params, sample, strict=True)]),
             repetition=col([p.repetition_penalty for p in params]),
             presence=col([p.presence_penalty for p in params]),

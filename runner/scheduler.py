@@ -50,7 +50,9 @@ def run(
         reason = f": {state.error}" if state.error else ""
         raise RunnerError(f"job {job.id} is {state.state}{reason} (`runner retry {job.dir}` re-queues it)")
     progress = jobdir.job_progress(job)
-    return job, RunSummary(job.id, progress.done, progress.total, 0, 0, 0.0, progress.failed, progress.complete)
+    return job, RunSummary(
+        job.id, progress.done, progress.total, 0, 0, 0.0, progress.failed, progress.complete
+    )
 
 
 @dataclass
@@ -227,11 +229,16 @@ def _wait_for_others(home: Any, job: Any, me: str, poll: float, deadline: float 
     return True
 
 
-def run_leased(cand: Candidate, engines: Engines, stop: Any, run_opts: dict[str, Any], echo: Any) -> RunSummary | None:
+def run_leased(
+    cand: Candidate, engines: Engines, stop: Any, run_opts: dict[str, Any], echo: Any
+) -> RunSummary | None:
     """Run one job and settle its outcome: a summary, or None when the job failed (recorded) or is broken."""
     j = cand.job
     if echo:
-        echo(f"{'resuming' if cand.interrupted else 'starting'} job {j.id}" + (f" ({j.name})" if j.name else ""))
+        echo(
+            f"{'resuming' if cand.interrupted else 'starting'} job {j.id}"
+            + (f" ({j.name})" if j.name else "")
+        )
     try:
         engine = engines.get(j) if not jobdir.job_progress(j).complete else None
         if engine is not None:

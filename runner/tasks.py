@@ -109,7 +109,11 @@ def _row_params(job: Job, prompts: Any) -> Callable[[int], Any]:
     from .params import row_params
 
     base = job.params
-    raw = prompts.column("settings").to_pylist() if "settings" in prompts.column_names else [None] * prompts.num_rows
+    raw = (
+        prompts.column("settings").to_pylist()
+        if "settings" in prompts.column_names
+        else [None] * prompts.num_rows
+    )
     auto = bool(job.meta.get("sample_auto"))
     made: dict[str, Any] = {}
 
@@ -124,7 +128,9 @@ def _row_params(job: Job, prompts: Any) -> Callable[[int], Any]:
     return get
 
 
-def make_task(job: Job, engine: Engine, prompts: Any, start: int = 0, stop: Callable[[], bool] | None = None) -> Task:
+def make_task(
+    job: Job, engine: Engine, prompts: Any, start: int = 0, stop: Callable[[], bool] | None = None
+) -> Task:
     """The job kind's Task over `prompts`, a window of the job's prompts table whose first row is row `start`
     of the job; `compute` takes (row, sample) keys numbered over the whole job; `stop()` may abandon a
     generation batch between decode steps (engine.Stopped)."""
@@ -267,4 +273,3 @@ def free_memory(engine: Engine) -> None:
     gc.collect()
     if engine.device.type == "cuda":
         torch.cuda.empty_cache()
-

@@ -41,7 +41,9 @@ from .tasks import (
 
 SHARD_ROWS = 1000  # a shard is committed at least every this many result rows...
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
-CANCEL_CHECK_SECONDS = 5.0  # how often state.json is looked at for a cancel (reading it per batch is wasteful)
+CANCEL_CHECK_SECONDS = (
+    5.0  # how often state.json is looked at for a cancel (reading it per batch is wasteful)
+)
 
 
 @dataclass
@@ -122,7 +124,9 @@ def run_job(
 class JobRun:
     """One worker's run of one job. `run` is the skeleton; each step is a method below it."""
 
-    def __init__(self, job, engine, echo, shard_rows, shard_seconds, should_stop, deadline, owner, ttl, interval):
+    def __init__(
+        self, job, engine, echo, shard_rows, shard_seconds, should_stop, deadline, owner, ttl, interval
+    ):
         self.job, self.engine, self.echo = job, engine, echo
         self.shard_rows, self.shard_seconds = shard_rows, shard_seconds
         self.user_stop, self.deadline, self.ttl = should_stop, deadline, ttl
@@ -146,7 +150,9 @@ class JobRun:
         self.tidy(before)
         if before.complete or not before.claimable:
             return self.finish(ran=False)
-        self.progress = Progress(self.job.total, before.done + before.failed, echo=self.say, interval=self.interval)
+        self.progress = Progress(
+            self.job.total, before.done + before.failed, echo=self.say, interval=self.interval
+        )
         with Heartbeat(self.job, self.owner, self.ttl) as self.beat:
             while not self.stopped and (unit := self.next_unit()) is not None:
                 self.load_engine()
@@ -199,7 +205,11 @@ class JobRun:
         before, say a unit whose commit was quarantined since, it takes again); None when there is none."""
         ledger = self.ledger()
         progress = jobdir.job_progress(self.job, ledger)
-        mine = [u for u in progress.units_left if (c := ledger.claims.get(u)) and c.owner and c.owner.worker == self.owner.worker]
+        mine = [
+            u
+            for u in progress.units_left
+            if (c := ledger.claims.get(u)) and c.owner and c.owner.worker == self.owner.worker
+        ]
         for u in sorted(set(progress.claimable) | set(mine)):
             epoch = jobdir.take_unit(self.job, u, self.owner, ledger.current.get(u, -1))
             if epoch is not None:
@@ -222,7 +232,11 @@ class JobRun:
 
         r, s = np.nonzero(left[rows.start : rows.stop])
         todo = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))
-        exists = ~(ledger.failed_mask() if self.job.absent_mask() is None else ledger.failed_mask() | self.job.absent_mask())
+        exists = ~(
+            ledger.failed_mask()
+            if self.job.absent_mask() is None
+            else ledger.failed_mask() | self.job.absent_mask()
+        )
         r, s = np.nonzero(exists[rows.start : rows.stop])
         planned = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))
         return Unit(index, epoch, rows.start, table, task, todo, planned)
@@ -249,7 +263,9 @@ class JobRun:
             self.say(f"the claim on unit {unit.index} of job {self.job.id} was taken over by another worker "
                      "(this one was thought dead); its uncommitted rows are discarded")  # fmt: skip
 
-    def plan(self, unit: Unit) -> Iterator[tuple[list[tuple[int, int]], set[tuple[int, int]], Suspect | None]]:
+    def plan(
+        self, unit: Unit
+    ) -> Iterator[tuple[list[tuple[int, int]], set[tuple[int, int]], Suspect | None]]:
         """(keys to compute together, the ones among them to keep, suspect): what a dead worker was computing
         in this unit first (as the same batch, or one row at a time), then the rest, then rows that already
         died alone once.

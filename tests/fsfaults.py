@@ -58,7 +58,9 @@ class FsFaults:
         self.slowed = 0  # operations that were slowed down
         self.renames: dict[str, int] = {}  # copy-renames per destination sub-folder
         self._lock = threading.Lock()
-        self.real = {n: getattr(os, n) for n in ("replace", "fsync", "listdir", "scandir", "unlink", "mkdir", "link")}
+        self.real = {
+            n: getattr(os, n) for n in ("replace", "fsync", "listdir", "scandir", "unlink", "mkdir", "link")
+        }
         self.real_open = builtins.open
 
     def settings(self) -> str:
@@ -200,7 +202,8 @@ class FsFaults:
         import runner.storage
 
         patches = [(os, name, getattr(self, name)) for name in self.real] + [
-            (runner.storage, "open", self.open), (runner.jobdir, "open", self.open),
+            (runner.storage, "open", self.open),
+            (runner.jobdir, "open", self.open),
         ]
         if self.retry_delays is not None:
             patches.append((runner.storage, "RETRY_DELAYS", tuple(self.retry_delays)))

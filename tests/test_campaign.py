@@ -50,7 +50,9 @@ from runner.jobs import create_job
 from runner.worker import run_job
 
 SEED = 20261130
-pytestmark = pytest.mark.slow  # real worker processes, a few minutes: `make test` (and CI) runs it, test-fast not
+pytestmark = (
+    pytest.mark.slow
+)  # real worker processes, a few minutes: `make test` (and CI) runs it, test-fast not
 
 TARGET = int(os.environ.get("CAMPAIGN_TARGET", 200))  # faults counted before the campaign stops
 MAX_ROUNDS = 40
@@ -561,7 +563,9 @@ class Round:
         for w in self.live():
             if w.out.read_text().count("resuming job") >= SPIN_RUNS:
                 self.note(f"worker {self.workers.index(w)} spins: killed")
-                self.anomaly(f"worker {self.workers.index(w)} re-ran the job {SPIN_RUNS} times without finishing it")
+                self.anomaly(
+                    f"worker {self.workers.index(w)} re-ran the job {SPIN_RUNS} times without finishing it"
+                )
                 w.spun = True
                 w.proc.kill()
 
@@ -976,4 +980,6 @@ def test_a_worker_takes_again_a_unit_it_claimed_itself(tmp_path, prepared, gpt2_
     runs = []
     summaries = scheduler.work(job=Job.open(job.dir), engine=gpt2_engine, echo=runs.append, shard_rows=2,
                                stop=lambda: len(runs) > 200)  # (a spinning worker says "resuming" each time)  # fmt: skip
-    assert summaries and summaries[-1].finished and len(summaries) == 1, f"{len(summaries)} runs, unit 0 not done"
+    assert summaries and summaries[-1].finished and len(summaries) == 1, (
+        f"{len(summaries)} runs, unit 0 not done"
+    )

@@ -124,7 +124,14 @@ def test_template_takes_the_same_escapes_as_stop(tmp_path, tiny_gpt2, runner_hom
     """The README's QA example: `--template "...\\nAnswer:"` typed in a shell sends a newline, not "\\n"."""
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"id": "q", "context": "Paris is in France.", "question": "Where?"}) + "\n")
-    result = invoke("submit", qa, "--model", tiny_gpt2, "--template", "Context: {context}\\nQuestion: {question}\\nAnswer:")
+    result = invoke(
+        "submit",
+        qa,
+        "--model",
+        tiny_gpt2,
+        "--template",
+        "Context: {context}\\nQuestion: {question}\\nAnswer:",
+    )
     assert result.exit_code == 0, result.output
     import runner
 
@@ -135,11 +142,15 @@ def test_template_takes_the_same_escapes_as_stop(tmp_path, tiny_gpt2, runner_hom
 def test_results_export_lists_as_json_in_csv_and_an_array_in_json(prompts, tiny_gpt2, tmp_path, runner_home):
     import csv
 
-    result = invoke("run", prompts, "--model", tiny_gpt2, "--max-new-tokens", 3, "--logprobs", 1, "-o", tmp_path / "o")
+    result = invoke(
+        "run", prompts, "--model", tiny_gpt2, "--max-new-tokens", 3, "--logprobs", 1, "-o", tmp_path / "o"
+    )
     assert result.exit_code == 0, result.output
     assert invoke("results", tmp_path / "o", "--to", tmp_path / "r.csv").exit_code == 0
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
-    assert json.loads(rows[0]["token_ids"]) and all(isinstance(i, int) for i in json.loads(rows[0]["token_ids"]))
+    assert json.loads(rows[0]["token_ids"]) and all(
+        isinstance(i, int) for i in json.loads(rows[0]["token_ids"])
+    )
     assert json.loads(rows[0]["top_logprobs"])[0][0]["rank"] == 1
     assert invoke("results", tmp_path / "o", "--to", tmp_path / "r.json").exit_code == 0
     data = json.loads((tmp_path / "r.json").read_text())

@@ -26,7 +26,9 @@ N = 8  # prompts; units of 3 rows: 3 units, 16 result rows
 def reference(tmp_path_factory, tiny_gpt2):
     root = tmp_path_factory.mktemp("jobdir")
     prompts = root / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"The old man said {i}"}) + "\n" for i in range(N)))
+    prompts.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": f"The old man said {i}"}) + "\n" for i in range(N))
+    )
     ref = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "ref", unit_rows=3)
     run_job(ref, echo=None)
     return prompts, runner.load_results(ref.dir)
@@ -57,7 +59,9 @@ def stop_after(n):
 # --- fenced ownership ---------------------------------------------------------------------------------------
 
 
-def test_a_stale_worker_that_commits_after_a_takeover_counts_for_nothing(job, reference, gpt2_engine, monkeypatch):
+def test_a_stale_worker_that_commits_after_a_takeover_counts_for_nothing(
+    job, reference, gpt2_engine, monkeypatch
+):
     """The worker is frozen (SIGSTOP, a suspended VM) between its last check and its commit, and another
     worker took its unit over meanwhile: the commit lands after the seal and is ignored, whatever it holds."""
     frozen = Owner.me("frozen")
@@ -167,7 +171,9 @@ def test_a_damaged_commit_is_never_counted_then_quarantined_and_redone(job, refe
         m.update(bytes=shard.stat().st_size, sha256=storage.file_sha256(shard))
         marker.write_text(json.dumps(m))
     lost = victim.marker["rows"] if damage != "foreign-keys" else victim.marker["rows"]
-    with pytest.warns(UserWarning) if damage in ("flip", "truncate", "delete", "foreign-keys") else _nothing():
+    with (
+        pytest.warns(UserWarning) if damage in ("flip", "truncate", "delete", "foreign-keys") else _nothing()
+    ):
         partial = runner.load_results(job.dir)  # never values from an unverified shard
     assert len(partial) == 2 * N - lost
     s = runner.status(job.dir)
@@ -206,7 +212,9 @@ def test_transient_read_errors_are_retried_and_never_mean_not_done(job, referenc
     summary = run_job(job, gpt2_engine, echo=None)
     assert summary.finished and summary.generated == 2 * N - done_before  # nothing done twice
     assert failures["n"] > 4
-    monkeypatch.setattr(os, "scandir", lambda path=".": (_ for _ in ()).throw(OSError(errno.ENOTCONN, "gone")))
+    monkeypatch.setattr(
+        os, "scandir", lambda path=".": (_ for _ in ()).throw(OSError(errno.ENOTCONN, "gone"))
+    )
     with pytest.raises(storage.StorageError, match="Transport endpoint|gone"):
         read_ledger(job)  # a mount that stays gone is an error, not an empty done-set
     monkeypatch.undo()
@@ -220,7 +228,9 @@ def test_cancel_and_retry_are_one_write_each(job, gpt2_engine, monkeypatch):
     run_job(job, gpt2_engine, echo=None, should_stop=stop_after(2), shard_rows=1)
     writes = []
     real = storage.atomic_write
-    monkeypatch.setattr(storage, "atomic_write", lambda t, *a, **k: writes.append(os.path.basename(t)) or real(t, *a, **k))
+    monkeypatch.setattr(
+        storage, "atomic_write", lambda t, *a, **k: writes.append(os.path.basename(t)) or real(t, *a, **k)
+    )
     assert runner.cancel(job.dir) == "queued" and writes == ["state.json"]
     writes.clear()
     runner.retry(job.dir)
@@ -252,7 +262,9 @@ def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
         ("state.json", '{"state": "running"}', "never stored"),
     ],
 )
-def test_damaged_metadata_breaks_only_its_job(job, reference, tiny_gpt2, gpt2_engine, runner_home, file, content, reason):
+def test_damaged_metadata_breaks_only_its_job(
+    job, reference, tiny_gpt2, gpt2_engine, runner_home, file, content, reason
+):
     other = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
     if content == "SEED":  # one digit changed, still valid JSON: noticed, not obeyed (results would change)
         meta = json.loads((job.dir / file).read_text())
@@ -281,7 +293,9 @@ def test_bad_heartbeats_claims_and_stats_are_ignored(job, reference, gpt2_engine
     assert_exactly_once(job.dir, reference[1])
 
 
-def test_a_damaged_prompts_file_fails_its_job_and_the_others_run(job, reference, tiny_gpt2, gpt2_engine, runner_home):
+def test_a_damaged_prompts_file_fails_its_job_and_the_others_run(
+    job, reference, tiny_gpt2, gpt2_engine, runner_home
+):
     other = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
     data = bytearray((job.dir / "prompts.parquet").read_bytes())
     data[100] ^= 0xFF
@@ -338,9 +352,13 @@ def test_names_are_plain_and_short(reference, tiny_gpt2, name):
 def test_a_name_is_idempotent_and_never_another_jobs_id(job, reference, tiny_gpt2, runner_home):
     named = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, name="night1", unit_rows=3)
     again = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, name="night1", unit_rows=3)
-    assert again.id == named.id and len(jobdir.job_folders(runner_home)) == 2  # running the cell twice is safe
+    assert (
+        again.id == named.id and len(jobdir.job_folders(runner_home)) == 2
+    )  # running the cell twice is safe
     with pytest.raises(RunnerError, match="is taken by job"):
-        create_job(reference[0], tiny_gpt2, GenerationParams(max_new_tokens=2), home=runner_home, name="night1")
+        create_job(
+            reference[0], tiny_gpt2, GenerationParams(max_new_tokens=2), home=runner_home, name="night1"
+        )
     with pytest.raises(RunnerError, match="is taken by job"):
         create_job(reference[0], tiny_gpt2, GenerationParams(max_new_tokens=2), home=runner_home, name=job.id)
 
@@ -367,13 +385,21 @@ def test_a_killed_submits_temp_folder_is_cleaned_up(reference, tiny_gpt2, runner
     runner_home.mkdir(parents=True, exist_ok=True)
     tag = jobdir.namespace_tag()
     dead_pid = 2**22 + 777  # above pid_max: no such process
-    left = runner_home / f".20260101-000000-abcdef.{dead_pid}-{tag}.0123abcd.tmp"  # killed before writing anything
+    left = (
+        runner_home / f".20260101-000000-abcdef.{dead_pid}-{tag}.0123abcd.tmp"
+    )  # killed before writing anything
     left.mkdir()
-    reused = runner_home / f".20260101-000002-abcdef.{os.getpid()}-{tag}.0123abce.tmp"  # its pid now someone else's
+    reused = (
+        runner_home / f".20260101-000002-abcdef.{os.getpid()}-{tag}.0123abce.tmp"
+    )  # its pid now someone else's
     reused.mkdir()
     me = Owner.me("submit")
-    (reused / ".owner.json").write_text(json.dumps(Owner(me.worker, me.host, me.pid, me.boot, me.pidns, "1").as_dict()))
-    alive = runner_home / f".20260101-000001-abcdef.{os.getpid()}-{tag}.89abcdef.tmp"  # a submit still running
+    (reused / ".owner.json").write_text(
+        json.dumps(Owner(me.worker, me.host, me.pid, me.boot, me.pidns, "1").as_dict())
+    )
+    alive = (
+        runner_home / f".20260101-000001-abcdef.{os.getpid()}-{tag}.89abcdef.tmp"
+    )  # a submit still running
     alive.mkdir()
     (alive / ".owner.json").write_text(json.dumps(me.as_dict()))
     elsewhere = runner_home / f".20260101-000003-abcdef.{dead_pid}-00000000.0123abcf.tmp"  # another namespace

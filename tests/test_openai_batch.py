@@ -110,7 +110,9 @@ def test_every_output_line_is_an_openai_object(mixed_job):
     assert len(p1.tokens) == len(p1.token_logprobs) == len(p1.text_offset) == len(p1.top_logprobs)
     assert all(len(t) <= 3 for t in p1.top_logprobs)
     p2 = parsed["p2"].choices[0]
-    assert p2.text.startswith("Every student") and p2.logprobs.text_offset[0] > 0  # echo: prompt first (from its 2nd token)
+    assert (
+        p2.text.startswith("Every student") and p2.logprobs.text_offset[0] > 0
+    )  # echo: prompt first (from its 2nd token)
     usage = parsed["c2"].usage
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert parsed["c3"].choices[0].finish_reason in ("stop", "length") and parsed["c1"].model == "tiny"
@@ -145,15 +147,36 @@ def test_a_mixed_batch_equals_each_row_run_alone(mixed_job):
         ({"method": "POST", "url": "/v1/completions", "body": {}}, "custom_id", "must be a non-empty string"),
         ({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}, "method", "must be POST"),
         ({"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": {}}, "url", "must be one of"),
-        ({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": [1]}, "body", "must be a JSON object"),
-        (request("a", "/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {}}), "body.logit_bias",
-         "is not supported by runner"),
-        (request("a", "/v1/completions", {"model": "gpt-4o-mini", "prompt": "x"}), "body.model",
-         "is not the model this job runs"),
-        (request("a", "/v1/chat/completions", {"model": "tiny", "messages": "hi"}), "messages", "must be a non-empty list"),
-        (request("a", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}), "body.prompt", "must be one string"),
-        (request("a", "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}), "temperature",
-         "temperature must be >= 0"),
+        (
+            {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": [1]},
+            "body",
+            "must be a JSON object",
+        ),
+        (
+            request("a", "/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {}}),
+            "body.logit_bias",
+            "is not supported by runner",
+        ),
+        (
+            request("a", "/v1/completions", {"model": "gpt-4o-mini", "prompt": "x"}),
+            "body.model",
+            "is not the model this job runs",
+        ),
+        (
+            request("a", "/v1/chat/completions", {"model": "tiny", "messages": "hi"}),
+            "messages",
+            "must be a non-empty list",
+        ),
+        (
+            request("a", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}),
+            "body.prompt",
+            "must be one string",
+        ),
+        (
+            request("a", "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}),
+            "temperature",
+            "temperature must be >= 0",
+        ),
         (request("a", "/v1/embeddings", {"model": "tiny", "input": "x"}), "url", "need an embed job"),
     ],
 )
@@ -184,8 +207,12 @@ def test_plain_rows_carry_their_own_settings_checked_per_row(tmp_path, tiny_gpt2
     assert "p.jsonl:2: n: num_return_sequences must be in [1, 1024], got 0." in text
     assert "p.jsonl:3: top_p: top_p must be in (0, 1], got 2.0." in text
     assert "p.jsonl:4: max_new_tokens: give one of 'max_tokens' and 'max_new_tokens', not both." in text
-    ok = write_jsonl(tmp_path / "ok.jsonl", [rows[0], {"id": "b", "prompt": "World", "n": 3, "temperature": 1.1}])
-    job, summary = runner.run(ok, tiny_gpt2, GenerationParams(max_new_tokens=5), engine=gpt2_engine, echo=None)
+    ok = write_jsonl(
+        tmp_path / "ok.jsonl", [rows[0], {"id": "b", "prompt": "World", "n": 3, "temperature": 1.1}]
+    )
+    job, summary = runner.run(
+        ok, tiny_gpt2, GenerationParams(max_new_tokens=5), engine=gpt2_engine, echo=None
+    )
     df = runner.load_results(job.dir)
     assert summary.finished and summary.total == 4 and list(df["id"]) == ["a", "b", "b", "b"]
     assert df.iloc[0]["completion_tokens"] <= 3 and runner.status(job.dir).total == 4
@@ -195,7 +222,9 @@ def test_embeddings_batch(tmp_path, tiny_gpt2):
     from runner.openai_batch import export
     from runner.params import EmbedParams
 
-    reqs = [request(f"e{i}", "/v1/embeddings", {"model": "tiny-gpt2", "input": f"text {i}"}) for i in range(3)]
+    reqs = [
+        request(f"e{i}", "/v1/embeddings", {"model": "tiny-gpt2", "input": f"text {i}"}) for i in range(3)
+    ]
     path = write_jsonl(tmp_path / "e.jsonl", reqs)
     job, summary = runner.run(path, tiny_gpt2, EmbedParams(), output=tmp_path / "job", echo=None,
                               served_model_names=("tiny-gpt2",))  # fmt: skip

@@ -28,7 +28,11 @@ def offline_commands() -> list[str]:
     for ln in lines:
         if not ln.startswith("runner ") or "smollm2-135m-instruct" not in ln:
             continue
-        files = [a for a in shlex.split(ln) if a.endswith((".jsonl", ".parquet", ".csv")) and not a.startswith("out/")]
+        files = [
+            a
+            for a in shlex.split(ln)
+            if a.endswith((".jsonl", ".parquet", ".csv")) and not a.startswith("out/")
+        ]
         if all(f.startswith("examples/") for f in files):
             out.append(ln)
     return out
@@ -36,8 +40,12 @@ def offline_commands() -> list[str]:
 
 def test_the_readme_shows_offline_commands():
     cmds = offline_commands()
-    assert any(c.startswith("runner run ") for c in cmds) and any(c.startswith("runner run-batch ") for c in cmds)
-    assert any(c.startswith("runner score ") for c in cmds) and any(c.startswith("runner embed ") for c in cmds)
+    assert any(c.startswith("runner run ") for c in cmds) and any(
+        c.startswith("runner run-batch ") for c in cmds
+    )
+    assert any(c.startswith("runner score ") for c in cmds) and any(
+        c.startswith("runner embed ") for c in cmds
+    )
 
 
 def test_readme_commands_run_as_printed(tmp_path):

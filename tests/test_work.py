@@ -56,7 +56,9 @@ def test_queue_order_interrupted_then_priority_then_age(prompts_file, tiny_gpt2,
     assert [c.job.id for c in queue(runner_home)] == [broken.id, urgent.id, old.id, newer.id]
 
 
-def test_live_claim_is_respected_and_stale_claim_taken_over(prompts_file, tiny_gpt2, gpt2_engine, runner_home):
+def test_live_claim_is_respected_and_stale_claim_taken_over(
+    prompts_file, tiny_gpt2, gpt2_engine, runner_home
+):
     job = submit(prompts_file, tiny_gpt2)
     other = Owner.me("other-worker")
     beat = Heartbeat(job, other, ttl=60)
@@ -180,13 +182,17 @@ def test_a_failing_job_home_stops_the_worker_and_leaves_the_job_resumable(
     ):
         work(runner_home, echo=None, engine=gpt2_engine, shard_rows=1)
     assert read_state(job.dir).state == "queued" and job_status(job).state == "queued (interrupted)"
-    assert not list((job.dir / "workers").iterdir())  # its heartbeat is gone: the next worker takes over at once
+    assert not list(
+        (job.dir / "workers").iterdir()
+    )  # its heartbeat is gone: the next worker takes over at once
     monkeypatch.setattr(storage_module, "publish", real)
     assert work(runner_home, echo=None, engine=gpt2_engine)[0].finished
     assert list(runner.load_results(job.dir)["id"]) == [f"r{i}" for i in range(6)]
 
 
-def test_a_cancel_stops_a_running_batch_between_decode_steps(prompts_file, tiny_gpt2, gpt2_engine, monkeypatch):
+def test_a_cancel_stops_a_running_batch_between_decode_steps(
+    prompts_file, tiny_gpt2, gpt2_engine, monkeypatch
+):
     """The cancel lands at the third decode step of a batch of 64 new tokens: the worker stops there, keeps
     what was committed before, and says how to resume."""
     import runner.worker as worker_module
