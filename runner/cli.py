@@ -61,10 +61,18 @@ def _apply(options: list[Callable[..., Any]]) -> Callable[..., Any]:
     return decorate
 
 
+model_option = click.option(
+    "-m", "--model", required=True,
+    help="Hub id (gpt2), local model folder, .gguf file, or the offline demo smollm2-135m-instruct.",
+)  # fmt: skip
+served_names_option = click.option(
+    "--served-model-name", "served_model_names", multiple=True,
+    help="OpenAI Batch input: a body.model name to answer to (besides --model), repeatable.",
+)  # fmt: skip
+
 input_options = _apply([
     click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False)),
-    click.option("-m", "--model", required=True,
-                 help="Hub id (gpt2), local model folder, .gguf file, or the offline demo smollm2-135m-instruct."),
+    model_option,
     click.option("--prompt-field", "--text-field", "prompt_field",
                  help="Column holding the prompt (generate) or the text (score, embed) [default: prompt / text]."),
     click.option("--template", help='Prompt template filled from columns, e.g. "Q: {question}\\nA:" (escapes \\n \\t work).'),
@@ -72,8 +80,7 @@ input_options = _apply([
                  help="Run the valid rows; list invalid ones with reasons in the job's errors.jsonl."),
     click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
                  help="Prompts over the context window: refuse (none) or keep their end (left)."),
-    click.option("--served-model-name", "served_model_names", multiple=True,
-                 help="OpenAI Batch input: a body.model name to answer to (besides --model), repeatable."),
+    served_names_option,
     click.option("--chat", is_flag=True,
                  help="Generate: send each plain prompt as a user message through the model's chat template."),
 ])  # fmt: skip
@@ -655,9 +662,7 @@ def repair(ctx: click.Context, job_ref: str) -> None:
 
 @cli.command()
 @click.argument("prompts", nargs=-1, required=True)
-@click.option(
-    "-m", "--model", required=True, help="Hub id, local model folder, .gguf file, or the demo model."
-)
+@model_option
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message through the chat template.")
 @click.option("--show-logprobs", is_flag=True, help="Also print each token with its log-prob.")
 @generation_options
@@ -704,15 +709,8 @@ def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bo
     type=click.Path(dir_okay=False),
     help="Batch output file, written (atomically) once every request is done.",
 )
-@click.option(
-    "-m", "--model", required=True, help="Hub id, local model folder, .gguf file, or the demo model."
-)
-@click.option(
-    "--served-model-name",
-    "served_model_names",
-    multiple=True,
-    help="A body.model name to answer to (besides --model), repeatable.",
-)
+@model_option
+@served_names_option
 @click.option(
     "--max-new-tokens",
     type=int,
