@@ -7,6 +7,8 @@ Each command parses options, builds the settings objects, calls the library and 
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -271,8 +273,6 @@ def embed(ctx: click.Context, input_path: str, model: str, output: str | None, *
 
 def _warn_if_not_on_drive(home: str | None) -> None:
     """On Colab, a job home on the VM's own disk dies with the VM: say so before hours of work go there."""
-    import os
-    import sys
     from pathlib import Path
 
     from .jobdir import default_home
@@ -454,7 +454,6 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
     the first non-zero one of the workers (0 when all are)."""
     import signal
     import subprocess
-    import sys
 
     base = [sys.executable, "-m", "runner"] + (["--home", home] if home else []) + ["work", *args]
     procs = [subprocess.Popen(base + (["--device", d] if d else [])) for d in devices]
@@ -746,10 +745,35 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
 
 
 def main() -> None:
+    """The `runner` command. It ends the process with os._exit once its work is done and its output flushed:
+    pyarrow's and torch's native thread pools can abort the interpreter's own teardown ("terminate called
+    without an active exception", exit -6, apache/arrow#34314) after everything succeeded."""
     try:
         cli(prog_name="runner")
+        code: Any = 0
+    except SystemExit as e:
+        code = e.code
     except KeyboardInterrupt:
         click.echo(
             "[runner] interrupted; finished shards are kept: run the same command again to carry on", err=True
         )
-        raise SystemExit(130) from None
+        code = 130
+    _exit_now(code)
+
+
+def _exit_now(code: Any) -> None:
+    """Exit with `code` (None, an int or a message, as SystemExit takes) without the interpreter's teardown;
+    inside a notebook or an interactive session, a plain SystemExit."""
+    if "ipykernel" in sys.modules or hasattr(sys, "ps1") or sys.flags.interactive:
+        raise SystemExit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`runner status | head`)
+            code = code or 1
+    os._exit(code)

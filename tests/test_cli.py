@@ -2,6 +2,8 @@
 
 import json
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,46 @@ def test_home_is_taken_after_the_command_too(tmp_path, prompts, tiny_gpt2, monke
     assert invoke("submit", prompts, "--model", tiny_gpt2, "--home", home).exit_code == 0
     result = invoke("status", "--home", home)
     assert result.exit_code == 0 and "queued" in result.stdout
+
+
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "argv, code, where",
+    [
+        (["runner", "--version"], 0, "out"),
+        (["runner", "status", "no-such-job"], 1, "err"),
+        (["runner", "--no-such-option"], 2, "err"),
+    ],
+)
+def test_the_command_ends_without_the_interpreter_teardown(argv, code, where, monkeypatch, capsys, tmp_path):
+    """pyarrow's native thread pools can abort the teardown after a successful command (exit -6 in the fault
+    campaign): `runner` flushes its output and leaves with os._exit and its own exit code."""
+    from runner import cli as cli_mod
+
+    def fake_exit(rc):
+        raise _Exited(rc)
+
+    monkeypatch.setattr(cli_mod.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli_mod.sys, "argv", argv)
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    with pytest.raises(_Exited) as e:
+        cli_mod.main()
+    assert e.value.args == (code,)
+    out, err = capsys.readouterr()
+    assert (out if where == "out" else err).strip()
+
+
+def test_inside_a_notebook_the_command_raises_system_exit(monkeypatch, tmp_path):
+    from runner import cli as cli_mod
+
+    monkeypatch.setattr(cli_mod.os, "_exit", lambda rc: pytest.fail("os._exit inside a notebook kernel"))
+    monkeypatch.setattr(cli_mod.sys, "argv", ["runner", "status", "no-such-job"])
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    with pytest.raises(SystemExit) as e:
+        cli_mod.main()
+    assert e.value.code == 1
