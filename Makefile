@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build that the dev machines and CI have on disk; on a GPU box use the torch you already have.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast test-compat gpu-check-dry lint clean
 
 $(BIN)/runner: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,9 +31,20 @@ test-fast: setup
 	$(BIN)/ruff check runner tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The engine tests on the lowest transformers runner claims (runner/versions.py LOWEST), in a second venv.
+COMPAT ?= .venv-compat
+TRANSFORMERS_LOWEST = $(shell sed -n 's/^LOWEST = "\(.*\)".*/\1/p' runner/versions.py)
+test-compat:
+	test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q "$(TORCH_SPEC)" "transformers==$(TRANSFORMERS_LOWEST)"
+	$(COMPAT)/bin/pip install -q -e ".[dev]" "transformers==$(TRANSFORMERS_LOWEST)"
+	$(COMPAT)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_engine.py \
+		tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py
+
 lint: setup
 	$(BIN)/ruff check runner tests
 	$(BIN)/ruff format --check runner tests
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(COMPAT) out

@@ -58,6 +58,56 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool)
     return [i if isinstance(i, list) else list(i) for i in ids]
 
 
+# --- how big a batch is ---------------------------------------------------------------------------------
+# Measured best on the 2-core CPU with grouped prefill (benchmarks/RESULTS.md); decode rows share each step's
+# per-layer overhead, and prefill groups keep padding out of the prompt pass. On a GPU the token budget, not
+# the row count, is what keeps a batch inside memory (`tokens_in_memory`).
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 64, 64
+CPU_BATCH_TOKENS = 32 * 1024
+MEMORY_SHARE = 0.5  # of the GPU's free memory, for one batch's KV cache or activations
+MIN_BATCH_TOKENS = 1024
+
+
+def default_batch_size(engine: Any, batch_size: int | None = None) -> int:
+    """`batch_size` when given, else the measured default for the engine's device kind."""
+    if batch_size is not None:
+        return batch_size
+    return GPU_BATCH_SIZE if engine.device.type == "cuda" else CPU_BATCH_SIZE
+
+
+def default_batch_tokens(engine: Any, kind: str = "generate") -> int:
+    """Token budget per batch when none is given: a fixed size on CPU, where memory is rarely the limit; on a
+    GPU, what `MEMORY_SHARE` of its free memory holds (`tokens_in_memory`)."""
+    import torch
+
+    if engine.device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    free, _ = torch.cuda.mem_get_info(engine.device)
+    return tokens_in_memory(engine.model.config, engine.dtype, free, kind)
+
+
+def tokens_in_memory(config: Any, dtype: Any, free_bytes: int, kind: str) -> int:
+    """How many batch tokens fit in `MEMORY_SHARE` of `free_bytes`. generate: the KV cache, 2 x layers x kv
+    heads x head dim values per token, kept for the whole batch. score / embed: no cache, but one layer's
+    activations per token at a time (residual, q/k/v/output, the MLP's gate/up/act); their logits are
+    computed a chunk of positions at a time (scoring.FLOAT_CHUNK), so the vocabulary does not count here."""
+    import torch
+
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 12)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    width = torch.finfo(dtype).bits // 8
+    if kind == "generate":
+        per_token = 2 * layers * kv_heads * head_dim * width
+    else:
+        per_token = (6 * hidden + 3 * inner) * width
+    return max(MIN_BATCH_TOKENS, int(MEMORY_SHARE * free_bytes / max(per_token, 1)))
+
+
 def plan_batches(
     lengths: Sequence[int],
     batch_size: int,

@@ -176,10 +176,14 @@ def pick_dtype(option: str, device: Any) -> Any:
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer. Every submit and every Engine starts here, so this is where a transformers
+    version outside the tested range is refused (versions.py)."""
     from transformers import AutoTokenizer
 
     from .models import resolve_model
+    from .versions import check_transformers
 
+    check_transformers()
     path = resolve_model(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -433,6 +433,10 @@ class Job:
         self.dir = Path(path)
         self.spec = spec
 
+    def __fspath__(self) -> str:
+        """A Job stands for its folder wherever a path or job reference is taken (`runner.load_results(job)`)."""
+        return str(self.dir)
+
     @classmethod
     def open(cls, path: str | os.PathLike) -> Job:
         path = Path(path)

@@ -7,10 +7,10 @@ From Python, `score_texts`, `score_continuations` and `embed_texts` do the same 
 
 Padding is on the left with position ids that skip it, as in generation (engine.py), so a row scores the
 same whatever batch it lands in. A row's last token is only predicted, never fed, as in lm-evaluation-harness:
-a sequence may be one token longer than the context window. Only the logits of scored positions are computed
-(`logits_to_keep`), and log-probs are gathered as logit - logsumexp(logits) in float32, a few positions at a
-time, never as a full log_softmax copy: beyond the model's own logits, extra memory is O(batch x vocab x
-positions per chunk).
+a sequence may be one token longer than the context window. Only the logits of scored positions are computed,
+and a chunk of positions at a time: the model runs once for its hidden states, its output layer then runs per
+chunk, and log-probs are gathered as logit - logsumexp(logits) in float32, never as a full log_softmax copy,
+so memory beyond the model is O(batch x vocab x positions per chunk) however long the texts.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .batching import encode, encode_texts, left_pad, plan_batches
+from .batching import default_batch_size, default_batch_tokens, encode, encode_texts, left_pad, plan_batches
 from .engine import NumericalError
 from .errors import RunnerError
 
-BATCH_SIZE, BATCH_TOKENS = 16, 16 * 1024  # the CPU defaults of worker.py
 FLOAT_CHUNK = 1 << 25  # float32 logits converted at once: 128 MiB
 PIECE_CONTEXT = 8  # tokens decoded before each token in `token_pieces` (a UTF-8 character is <= 4 bytes)
 
@@ -207,11 +206,8 @@ def score_batch(engine: Any, seqs: list[list[int]], score_from: list[int]) -> li
     ids, mask = left_pad([s[:-1] for s in seqs], engine.pad_id, engine.device)  # [batch, width]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # position ids skip the padding, or GPT-2 shifts every row
     targets = left_pad([s[-keep:] for s in seqs], engine.pad_id, engine.device)[0]  # [batch, keep]
-    kwargs = {"logits_to_keep": keep} if engine._keep_arg else {}
     with torch.inference_mode():
-        out = engine.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
-        lps, greedy = _gather_logprobs(out.logits[:, -keep:, :], targets)  # [batch, keep] each
-    del out
+        lps, greedy = _scored_logprobs(engine, ids, mask, pos, targets)  # [batch, keep] each
     results, bad = [], []
     for r, n in enumerate(n_scored):
         row_lps = lps[r, keep - n :]
@@ -223,6 +219,66 @@ def score_batch(engine: Any, seqs: list[list[int]], score_from: list[int]) -> li
     if bad:
         raise NumericalError(bad)
     return results
+
+
+def _scored_logprobs(engine: Any, ids: Any, mask: Any, pos: Any, targets: Any) -> tuple[Any, Any]:
+    """(log P(target) [batch, keep] float32, target == argmax [batch, keep] bool) for the last `keep` columns.
+    The model runs once for its hidden states; its output layer then runs a chunk of positions at a time
+    (`_head_in_chunks`), so memory is O(batch x chunk x vocab) however long the rows. A model whose logits are
+    more than its output layer (softcapping, a logit scale) gets them whole from its own forward instead."""
+    keep = targets.shape[1]
+    if getattr(engine, "_head_only", None) is not False:  # None: not known yet for this model
+        hidden, last = _hidden_states(engine, ids, mask, pos, keep)  # [batch, keep, hidden], [batch, vocab]
+        head = engine.model.get_output_embeddings()
+        engine._head_only = hidden is not None and _head_is_the_logits(head, hidden, last)
+        if engine._head_only:
+            return _head_in_chunks(head, hidden, targets)
+    kwargs = {"logits_to_keep": keep} if engine._keep_arg else {}
+    out = engine.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
+    return _gather_logprobs(out.logits[:, -keep:, :], targets)
+
+
+def _hidden_states(engine: Any, ids: Any, mask: Any, pos: Any, keep: int) -> tuple[Any, Any]:
+    """The final hidden states of the last `keep` columns [batch, keep, hidden] (None if the model has no
+    output layer to hook) and the model's own logits of the last column [batch, vocab]: one forward pass
+    whose output layer is handed only the last column."""
+    head = engine.model.get_output_embeddings()
+    if head is None:
+        return None, None
+    seen: dict[str, Any] = {}
+
+    def last_column_only(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        seen["hidden"] = args[0][:, -keep:, :]
+        return (args[0][:, -1:, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(last_column_only)
+    try:
+        kwargs = {"logits_to_keep": keep} if engine._keep_arg else {}
+        out = engine.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
+    finally:
+        handle.remove()
+    return seen.get("hidden"), out.logits[:, -1, :]
+
+
+def _head_is_the_logits(head: Any, hidden: Any, last: Any) -> bool:
+    """Whether the output layer alone gives the model's logits (checked on the last column, bit for bit)."""
+    import torch
+
+    return bool(torch.equal(head(hidden[:, -1:, :])[:, -1, :], last))
+
+
+def _head_in_chunks(head: Any, hidden: Any, targets: Any) -> tuple[Any, Any]:
+    """hidden [batch, keep, hidden] -> the output layer and `_gather_logprobs` a chunk of positions at a time."""
+    import torch
+
+    batch, keep, _ = hidden.shape
+    vocab = head.weight.shape[0] if getattr(head, "weight", None) is not None else 1
+    step = max(1, FLOAT_CHUNK // max(1, batch * vocab))
+    parts = [
+        _gather_logprobs(head(hidden[:, a : a + step, :]), targets[:, a : a + step])
+        for a in range(0, keep, step)
+    ]
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
 
 def _gather_logprobs(logits: Any, targets: Any) -> tuple[Any, Any]:
@@ -262,12 +318,13 @@ def score_rows(
     seqs: list[list[int]],
     score_from: list[int],
     stride: int | None = None,
-    batch_size: int = BATCH_SIZE,
-    max_batch_tokens: int = BATCH_TOKENS,
+    batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
 ) -> list[TextScore]:
     """Score a batch of rows (`score_batch`); a row longer than the context window (+1) is scored in rolling
     windows advancing by `stride` tokens (default: half the window), its windows batched by
-    `batch_size` / `max_batch_tokens`, and their scores joined in order."""
+    `batch_size` / `max_batch_tokens` (default: as `runner score`), and their scores joined in order."""
+    batch_size, max_batch_tokens = _sizes(engine, batch_size, max_batch_tokens, "score")
     window = engine.context_window
     long = [i for i, s in enumerate(seqs) if window is not None and len(s) > window + 1]
     fits = sorted(set(range(len(seqs))) - set(long))
@@ -341,8 +398,8 @@ def in_batches(
     fn: Callable[..., list[Any]],
     seqs: list[list[int]],
     *columns: Sequence[Any],
-    batch_size: int = BATCH_SIZE,
-    max_batch_tokens: int = BATCH_TOKENS,
+    batch_size: int,
+    max_batch_tokens: int,
 ) -> list[Any]:
     """fn(batch seqs, *batch columns) -> one result per row, run over length-sorted batches planned as for
     generation with no new tokens (`plan_batches`); returns the results in the order of `seqs`."""
@@ -354,16 +411,23 @@ def in_batches(
     return out
 
 
+def _sizes(engine: Any, batch_size: int | None, max_batch_tokens: int | None, kind: str) -> tuple[int, int]:
+    """The batch size and token budget a job of `kind` would use on this engine, unless given."""
+    return default_batch_size(engine, batch_size), max_batch_tokens or default_batch_tokens(engine, kind)
+
+
 def score_texts(
     engine: Any,
     texts: list[str],
     add_bos: bool = True,
     add_eos: bool = False,
     stride: int | None = None,
-    batch_size: int = BATCH_SIZE,
-    max_batch_tokens: int = BATCH_TOKENS,
+    batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
 ) -> list[TextScore]:
-    """Log-probs of whole texts (gpt2-score), rolling over texts longer than the context window."""
+    """Log-probs of whole texts (gpt2-score), rolling over texts longer than the context window. Batches:
+    `batch_size` / `max_batch_tokens`, by default what `runner score` uses on the engine's device."""
+    batch_size, max_batch_tokens = _sizes(engine, batch_size, max_batch_tokens, "score")
     seqs = [tokenize_text(engine.tokenizer, t, add_bos, add_eos) for t in texts]
     for i, s in enumerate(seqs):
         if not s:
@@ -380,11 +444,12 @@ def score_texts(
 def score_continuations(
     engine: Any,
     pairs: list[tuple[str, str]],
-    batch_size: int = BATCH_SIZE,
-    max_batch_tokens: int = BATCH_TOKENS,
+    batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
 ) -> list[TextScore]:
     """log P(continuation | context) and is_greedy per (context, continuation) pair, as lm-eval's
     `loglikelihood`: `split_context`, then the context cut from the left to fit the window."""
+    batch_size, max_batch_tokens = _sizes(engine, batch_size, max_batch_tokens, "score")
     seqs, froms = [], []
     for context, continuation in pairs:
         ctx, cont = split_context(engine.tokenizer, context, continuation)
@@ -404,10 +469,11 @@ def embed_texts(
     engine: Any,
     texts: list[str],
     pooling: str = "mean",
-    batch_size: int = BATCH_SIZE,
-    max_batch_tokens: int = BATCH_TOKENS,
+    batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
 ) -> list[list[float]]:
     """One vector per text, each encoded as a plain prompt (with the BOS the tokenizer adds, if any)."""
+    batch_size, max_batch_tokens = _sizes(engine, batch_size, max_batch_tokens, "embed")
     seqs = [encode(engine.tokenizer, t, chat=False) for t in texts]
     return in_batches(
         lambda b: embed_batch(engine, b, pooling),

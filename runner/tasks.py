@@ -18,12 +18,6 @@ from .engine import Engine, NumericalError
 if TYPE_CHECKING:
     from .jobdir import Job
 
-# Measured best on the 2-core CPU with grouped prefill (benchmarks/RESULTS.md); decode rows share each step's
-# per-layer overhead, and prefill groups keep padding out of the prompt pass.
-CPU_BATCH_SIZE, GPU_BATCH_SIZE = 64, 64
-CPU_BATCH_TOKENS = 32 * 1024
-
-
 def sample_seed(job_seed: int, row_id: str, sample: int) -> int:
     """The seed of one sample's generator: depends on the job seed, the row's id and the sample index only."""
     digest = hashlib.blake2b(f"{job_seed}\0{row_id}\0{sample}".encode(), digest_size=8).digest()
@@ -39,35 +33,6 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and (
         "out of memory" in text or "can't allocate memory" in text or "cublas_status_alloc_failed" in text
     )
-
-
-def default_batch_size(engine: Engine, options: Any) -> int:
-    """The --batch-size given, else what benchmarks/RESULTS.md measured best for the device kind."""
-    if options.batch_size is not None:
-        return options.batch_size
-    return GPU_BATCH_SIZE if engine.device.type == "cuda" else CPU_BATCH_SIZE
-
-
-def default_batch_tokens(engine: Engine) -> int:
-    """Token budget per batch when none is given: a fixed size on CPU, where memory is rarely the limit;
-    on a GPU, what half of the free memory holds as KV cache (2 x layers x kv heads x head dim per token)."""
-    import torch
-
-    if engine.device.type != "cuda":
-        return CPU_BATCH_TOKENS
-    cfg = (
-        engine.model.config.get_text_config()
-        if hasattr(engine.model.config, "get_text_config")
-        else engine.model.config
-    )
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 12)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    per_token = 2 * layers * kv_heads * head_dim * torch.finfo(engine.dtype).bits // 8
-    free, _ = torch.cuda.mem_get_info(engine.device)
-    return max(1024, int(0.5 * free / max(per_token, 1)))
 
 
 @dataclass

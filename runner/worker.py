@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import jobdir, storage
-from .batching import plan_batches
+from .batching import default_batch_size, default_batch_tokens, plan_batches
 from .crashes import DeviceError, InFlight, Suspect, device_crash_message, first_line, is_device_error
 from .engine import Engine, NumericalError, Stopped, peak_memory_bytes
 from .errors import RunnerError
@@ -32,8 +32,6 @@ from .tasks import (
     Isolation,
     RowError,
     Task,
-    default_batch_size,
-    default_batch_tokens,
     dtype_name,
     isolating,
     make_task,
@@ -285,8 +283,8 @@ class JobRun:
         todo = set(unit.todo) - held
         lengths = unit.table.column("prompt_tokens").to_pylist()
         sizes = [lengths[r - unit.start] for r, _ in unit.planned]
-        budget = self.job.options.max_batch_tokens or default_batch_tokens(self.engine)
-        for batch in plan_batches(sizes, default_batch_size(self.engine, self.job.options), budget,
+        budget = self.job.options.max_batch_tokens or default_batch_tokens(self.engine, self.job.spec.kind)
+        for batch in plan_batches(sizes, default_batch_size(self.engine, self.job.options.batch_size), budget,
                                   unit.task.new_tokens):  # fmt: skip
             # keys that crashed a worker run on their own (above or below), never beside others again
             keys = [unit.planned[i] for i in batch if unit.planned[i] not in held]

@@ -46,14 +46,24 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gpt2_engine(tiny_gpt2):
-    from runner.engine import Engine
+def test_device():
+    """Where the engine tests run: RUNNER_TEST_DEVICE (benchmarks/gpu_check.sh sets cuda), else cpu."""
+    import os
 
-    return Engine(tiny_gpt2)
+    return os.environ.get("RUNNER_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
-def llama_engine(tiny_llama):
+def gpt2_engine(tiny_gpt2, test_device):
     from runner.engine import Engine
+    from runner.params import EngineOptions
 
-    return Engine(tiny_llama)
+    return Engine(tiny_gpt2, EngineOptions(device=test_device))
+
+
+@pytest.fixture(scope="session")
+def llama_engine(tiny_llama, test_device):
+    from runner.engine import Engine
+    from runner.params import EngineOptions
+
+    return Engine(tiny_llama, EngineOptions(device=test_device))

@@ -103,7 +103,7 @@ def test_logprobs_match_a_plain_forward_pass(gpt2_engine):
     for prompt, comp in zip(
         prompts, engine.generate(prompts, GenerationParams(max_new_tokens=10)), strict=True
     ):
-        full = torch.tensor([prompt + comp.token_ids])
+        full = torch.tensor([prompt + comp.token_ids], device=engine.device)
         with torch.no_grad():
             logits = engine.model(full).logits[0].float()
         lp = torch.log_softmax(logits, -1)
@@ -119,7 +119,7 @@ def test_logprobs_are_raw_not_processed(gpt2_engine):
     comp = engine.generate(
         prompt, GenerationParams(max_new_tokens=6, temperature=0.3, repetition_penalty=2.0), [1]
     )[0]
-    full = torch.tensor([prompt[0] + comp.token_ids])
+    full = torch.tensor([prompt[0] + comp.token_ids], device=engine.device)
     with torch.no_grad():
         lp = torch.log_softmax(engine.model(full).logits[0].float(), -1)
     expected = [lp[len(prompt[0]) - 1 + t, tok].item() for t, tok in enumerate(comp.token_ids)]
@@ -230,7 +230,7 @@ def test_top_logprobs_include_the_chosen_token_and_match_the_distribution(gpt2_e
     params = GenerationParams(max_new_tokens=5, temperature=1.5, logprobs=3)
     out = engine.generate(prompts, params, [1, 2, 3])
     for prompt, c in zip(prompts, out, strict=True):
-        full = torch.tensor([prompt + c.token_ids])
+        full = torch.tensor([prompt + c.token_ids], device=engine.device)
         with torch.no_grad():
             lp = torch.log_softmax(engine.model(full).logits[0].float(), -1)
         assert len(c.top_logprobs) == len(c.token_ids)
@@ -257,7 +257,40 @@ def test_prompt_logprobs_match_a_forward_pass_and_do_not_change_generation(gpt2_
     assert [c.token_ids for c in with_prompt] == [c.token_ids for c in plain]
     for prompt, c in zip(prompts, with_prompt, strict=True):
         with torch.no_grad():
-            lp = torch.log_softmax(engine.model(torch.tensor([prompt])).logits[0].float(), -1)
+            lp = torch.log_softmax(
+                engine.model(torch.tensor([prompt], device=engine.device)).logits[0].float(), -1
+            )
         expected = [lp[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
         assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(prompt)
         assert c.prompt_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+
+
+def test_gpu_token_budgets_from_free_memory_for_generation_and_for_scoring(monkeypatch):
+    """On a GPU the token budget is what half the free memory holds: the KV cache per token for generation,
+    one layer's activations per token for scoring (whose logits are chunked, so the vocabulary is not
+    counted); faked here with a made-up free-memory figure."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from runner import batching
+
+    cfg = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                      intermediate_size=1536, vocab_size=49152)  # fmt: skip  # SmolLM2-135M's shape
+    free = 40 * 2**30
+    kv = 2 * 30 * 3 * 64 * 2  # bytes per token in bfloat16
+    assert batching.tokens_in_memory(cfg, torch.bfloat16, free, "generate") == int(0.5 * free / kv)
+    act = (6 * 576 + 3 * 1536) * 4
+    assert batching.tokens_in_memory(cfg, torch.float32, free, "score") == int(0.5 * free / act)
+    assert batching.tokens_in_memory(cfg, torch.float32, 1000, "score") == batching.MIN_BATCH_TOKENS
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    gpu = SimpleNamespace(
+        device=torch.device("cuda"), model=SimpleNamespace(config=cfg), dtype=torch.bfloat16
+    )
+    assert batching.default_batch_tokens(gpu, "generate") == int(0.5 * free / kv)
+    assert batching.default_batch_tokens(gpu, "embed") == int(0.5 * free / (act // 2))
+    assert batching.default_batch_size(gpu) == batching.GPU_BATCH_SIZE
+    cpu = SimpleNamespace(device=torch.device("cpu"), model=gpu.model, dtype=torch.float32)
+    assert batching.default_batch_tokens(cpu, "score") == batching.CPU_BATCH_TOKENS
+    assert batching.default_batch_size(cpu, 8) == 8

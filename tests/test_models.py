@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import runner.models as models
-from runner.errors import ModelLoadError
+from runner.errors import ModelLoadError, RunnerError
 from runner.models import DEMO_HINT, DEMO_MODEL, ModelNotFoundError, cache_root, demo_gguf, resolve_model
 
 
@@ -117,3 +117,40 @@ def test_demo_model_converts_once_then_loads_fast_and_answers(runner_cache):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    "version, ok",
+    [("5.0.0", True), ("5.24.0", True), ("5.24.3", True), ("5.17.0", True), ("4.57.6", False),
+     ("5.25.0", False), ("5.25.0.dev0", False), ("6.0.0", False), ("5.3.0+cu121", True)],
+)  # fmt: skip
+def test_transformers_outside_the_tested_range_is_refused_with_what_to_install(version, ok, monkeypatch):
+    from runner import versions
+
+    monkeypatch.setattr(versions, "LOWEST", "5.0.0")
+    monkeypatch.setattr(versions, "NEWEST", "5.24.0")
+    monkeypatch.delenv(versions.ALLOW_ENV, raising=False)
+    if ok:
+        versions.check_transformers(version)
+        return
+    with pytest.raises(
+        RunnerError, match=r"tested with transformers 5\.0\.0 to 5\.24\.x.*'transformers>=5\.0\.0,<5\.25'"
+    ):
+        versions.check_transformers(version)
+    monkeypatch.setenv(versions.ALLOW_ENV, "1")
+    versions.check_transformers(version)  # a warning only
+
+
+def test_the_installed_transformers_is_in_the_tested_range_and_pyproject_says_the_same():
+    import transformers
+
+    tomllib = pytest.importorskip("tomllib")
+
+    from runner import versions
+
+    assert versions.supported(transformers.__version__)
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "dependencies"
+    ]
+    spec = next(d for d in deps if d.startswith("transformers"))
+    assert spec == f"transformers>={versions.LOWEST},<{versions._next_minor(versions.NEWEST)}"

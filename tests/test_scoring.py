@@ -252,9 +252,11 @@ def test_embeddings_equal_a_plain_pass_alone_or_padded(request, name, pooling):
     assert together.shape == (len(seqs), hidden) and np.abs(together - alone).max() < 1e-5
     for ids, vec in zip(seqs, together, strict=True):
         with torch.no_grad():
-            states = engine.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+            states = engine.model(
+                torch.tensor([ids], device=engine.device), output_hidden_states=True
+            ).hidden_states[-1][0]
         ref = states.mean(0) if pooling == "mean" else states[-1]
-        assert np.abs(vec - ref.float().numpy()).max() < 1e-5
+        assert np.abs(vec - ref.float().cpu().numpy()).max() < 1e-5
     assert np.abs(together[0] - together[1]).max() > 1e-3
     texts = np.array(embed_texts(engine, SENTENCES[:2], pooling, batch_size=1))
     direct = np.array(embed_batch(engine, [engine.tokenizer(s)["input_ids"] for s in SENTENCES[:2]], pooling))
@@ -284,3 +286,56 @@ def test_demo_model_prefers_the_true_sentence():
         engine, [("The capital of France is ", "Paris"), ("The capital of France is ", "Berlin")]
     )
     assert cont_paris.logprob > cont_berlin.logprob and cont_paris.is_greedy
+
+
+# --- bounded memory -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_the_output_layer_runs_a_few_positions_at_a_time(request, name, monkeypatch):
+    """Scoring never holds [batch, positions, vocab] logits: the model's output layer sees the last column
+    once (the check that it alone makes the logits), then chunks of at most FLOAT_CHUNK / (batch x vocab)
+    positions; the scores are those of plain forward passes."""
+    from runner import scoring
+
+    engine = request.getfixturevalue(name)
+    engine._head_only = None
+    seqs = [tokenize_text(engine.tokenizer, s) for s in SENTENCES]
+    vocab = engine.model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(scoring, "FLOAT_CHUNK", 3 * len(seqs) * vocab)  # 3 positions per chunk
+    widths = []
+    head = engine.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: widths.append(out.shape[1]))  # logits computed
+    try:
+        scored = score_batch(engine, seqs, [1] * len(seqs))
+    finally:
+        handle.remove()
+    assert engine._head_only is True
+    assert widths[:2] == [1, 1]  # the model's own last column, and the check
+    assert max(widths) <= 3 and sum(widths[2:]) == max(len(s) for s in seqs) - 1
+    for ids, res in zip(seqs, scored, strict=True):
+        lps, greedy = plain(engine, ids)
+        assert res.token_logprobs == pytest.approx(lps, abs=1e-4) and res.greedy == greedy
+
+
+def test_a_model_whose_logits_are_more_than_its_output_layer_is_scored_from_its_own_logits(tiny_gpt2):
+    """A final softcap / logit scale (Gemma 2, Cohere) lives in the model's forward, after the output layer:
+    the head-only check fails and scoring takes the model's own logits."""
+    import torch
+
+    from runner.engine import Engine
+
+    engine = Engine(tiny_gpt2)
+
+    def softcap(module, args, output):
+        output.logits = 5.0 * torch.tanh(output.logits / 5.0)
+
+    handle = engine.model.register_forward_hook(softcap)
+    try:
+        seqs = [tokenize_text(engine.tokenizer, s) for s in SENTENCES]
+        scored = score_batch(engine, seqs, [1] * len(seqs))
+        assert engine._head_only is False
+        for ids, res in zip(seqs, scored, strict=True):
+            assert res.token_logprobs == pytest.approx(plain(engine, ids)[0], abs=1e-4)
+    finally:
+        handle.remove()

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The one-shot GPU check: on a machine that already has CUDA torch and transformers (Colab, most GPU images),
+# from the repository root:
+#
+#   bash benchmarks/gpu_check.sh                    # the check: tests on cuda, then the benchmark (< 8 min)
+#   bash benchmarks/gpu_check.sh --prepare          # on a machine WITH network, before going to one without:
+#                                                   # wheels of what the GPU image lacks -> .whl/, model
+#                                                   # shapes and tokenizer -> .gpu/ (carry both along)
+#   bash benchmarks/gpu_check.sh --device cpu --quick   # dry run on CPU (CI runs this so the script cannot rot)
+#
+# It installs only what is missing (from .whl/ when there, else pip), runs the engine / scoring / dtype tests
+# on the device (RUNNER_TEST_DEVICE), then benchmarks/bench.py at GPU batch sizes on the GPT-2-shaped and the
+# SmolLM2-shaped models, and prints RESULTS.md-ready tables. Everything it prints also goes to $OUT (or
+# benchmarks/results/gpu-check/): check.log, tests.log and one JSON per benchmark run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${PYTHON:-python3}
+DEVICE=cuda
+QUICK=0
+PREPARE=0
+WHEELS=.whl
+SHAPES=.gpu
+DEST=${OUT:-benchmarks/results/gpu-check}
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE=$2; shift 2 ;;
+        --quick) QUICK=1; shift ;;
+        --prepare) PREPARE=1; shift ;;
+        --wheels) WHEELS=$2; shift 2 ;;
+        --out) DEST=$2; shift 2 ;;
+        -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+        *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+# Python module -> pip name, for what runner and its tests import. torch and transformers are the GPU image's.
+NEEDED="datasets:datasets pyarrow:pyarrow accelerate:accelerate click:click pandas:pandas gguf:gguf
+safetensors:safetensors filelock:filelock pytest:pytest hypothesis:hypothesis sentencepiece:sentencepiece
+tokenizers:tokenizers google.protobuf:protobuf"
+
+missing() {
+    local out=""
+    for pair in $NEEDED; do
+        "$PY" -c "import ${pair%%:*}" 2>/dev/null || out="$out ${pair##*:}"
+    done
+    echo "$out"
+}
+
+if [ "$PREPARE" = 1 ]; then
+    # Wheels for a Python 3.12 x86-64 GPU image (the device README's recipe), and the SmolLM2 shape.
+    mkdir -p "$WHEELS" "$SHAPES"
+    for name in datasets gguf dill multiprocess xxhash; do
+        "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            --platform any -d "$WHEELS" "$name" || echo "warning: no wheel for $name" >&2
+    done
+    PYTHONPATH=$REPO "$PY" benchmarks/bench.py --export-shapes "$SHAPES"
+    du -sh "$WHEELS" "$SHAPES"
+    exit 0
+fi
+
+mkdir -p "$DEST"
+exec > >(tee "$DEST/check.log") 2>&1
+echo "== gpu_check $(date -u +%FT%TZ) device=$DEVICE quick=$QUICK"
+lack=$(missing)
+if [ -n "$lack" ]; then
+    SITE=${TMPDIR:-/tmp}/runner-site
+    if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+        echo "installing from $WHEELS:$lack"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl
+    else
+        echo "installing with pip:$lack"
+        "$PY" -m pip install -q --target "$SITE" $lack
+    fi
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export RUNNER_CACHE=${RUNNER_CACHE:-${TMPDIR:-/tmp}/runner-gpu-check-cache}
+[ -d "$SHAPES" ] && export RUNNER_BENCH_SHAPES=$REPO/$SHAPES
+"$PY" - "$DEVICE" <<'EOF'
+import sys, torch, transformers
+from runner.versions import check_transformers
+dev = sys.argv[1]
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")
+check_transformers()
+if dev.startswith("cuda"):
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: torch sees no CUDA device (use --device cpu for a dry run)")
+    p = torch.cuda.get_device_properties(0)
+    print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, "
+          f"bf16 {torch.cuda.is_bf16_supported()}")
+EOF
+
+echo "== tests on $DEVICE"
+TESTS="tests/test_engine.py tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py"
+SELECT=(-m "not slow")
+[ "$QUICK" = 1 ] && SELECT=(-m "not slow" -k "batched or half_precision or output_layer")
+set +e
+RUNNER_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -x -p no:cacheprovider "${SELECT[@]}" $TESTS 2>&1 | tee "$DEST/tests.log" | tail -15
+tests_rc=${PIPESTATUS[0]}
+set -e
+echo "tests exit code: $tests_rc"
+
+echo "== benchmark on $DEVICE"
+if [ "$QUICK" = 1 ]; then
+    SIZES=(--num-prompts 8 --max-new-tokens 4 --batch-sizes 4,8 --naive-prompts 2 --lp-repeats 0)
+    MODELS="gpt2-random"
+else
+    SIZES=(--num-prompts 1024 --max-new-tokens 32 --batch-sizes 64,256,1024 --naive-prompts 32 --lp-repeats 0)
+    MODELS="gpt2-random smollm2-random"
+fi
+for model in $MODELS; do
+    "$PY" benchmarks/bench.py --model "$model" --device "$DEVICE" "${SIZES[@]}" --skip-plain-engine \
+        --skip-ablations --json-out "$DEST/$model-$DEVICE.json"
+done
+echo "== done: tests exit code $tests_rc; tables above go into benchmarks/RESULTS.md; logs in $DEST"
+exit "$tests_rc"

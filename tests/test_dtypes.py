@@ -1,0 +1,131 @@
+"""Half precision, as a GPU runs it, on CPU: the engine, scoring and embeddings in bfloat16 and float16 on the
+tiny models. Batched == unbatched within the dtype's tolerance, every number finite, float32 only where the
+engine means it (log-softmax, sampling), and a whole job in half precision writes no NaN.
+
+The tolerance: bfloat16 keeps 8 bits of mantissa, float16 11, so padding that changes the order of a sum
+moves a log-prob by ~1e-2 (bf16) / ~2e-3 (fp16) on these models. Greedy tokens may then differ where two
+tokens were tied within that tolerance; `assert_close_runs` checks that every divergence is such a tie."""
+
+import math
+
+import pytest
+import torch
+
+import runner
+from runner import GenerationParams
+from runner.batching import encode
+from runner.engine import Engine
+from runner.params import EngineOptions, ScoreParams
+from runner.scoring import embed_batch, score_batch, tokenize_text
+
+DTYPES = {"bfloat16": 0.08, "float16": 0.02}  # dtype -> log-prob tolerance, batched vs alone
+
+PROMPTS = [
+    "The quick brown fox",
+    "Hello",
+    "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
+    "A language model reads the whole sentence and then",
+    "My friend",
+]
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture(scope="module", params=["tiny_gpt2", "tiny_llama"])
+def half_engine(request, dtype, test_device):
+    return Engine(request.getfixturevalue(request.param), EngineOptions(device=test_device, dtype=dtype))
+
+
+def assert_close_runs(a, b, tol):
+    """Two generations of one prompt agree token by token until, at most, a step where both chosen tokens
+    were within `tol` of each other (a tie at this precision); every log-prob is finite and <= 0."""
+    for c in (a, b):
+        assert all(math.isfinite(x) and x <= 1e-6 for x in c.token_logprobs)
+    for i, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids, strict=False)):
+        assert abs(a.token_logprobs[i] - b.token_logprobs[i]) < tol, (i, a.token_logprobs, b.token_logprobs)
+        if ta != tb:
+            return
+    assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+
+
+def test_the_model_really_runs_in_half_precision(half_engine, dtype):
+    assert half_engine.dtype == getattr(torch, dtype)
+    assert {p.dtype for p in half_engine.model.parameters() if p.is_floating_point()} == {half_engine.dtype}
+    ids = encode(half_engine.tokenizer, "Hello", chat=False)
+    dev = half_engine.device
+    logits, _ = half_engine._forward(torch.tensor([ids], device=dev), torch.ones(1, len(ids), dtype=torch.long, device=dev),
+                                     torch.arange(len(ids), device=dev).unsqueeze(0), None, last_only=True)  # fmt: skip
+    assert logits.dtype == torch.float32  # picked and log-softmaxed in float32 whatever the model's dtype
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_batched_greedy_equals_alone_within_the_dtype(half_engine, dtype, penalty):
+    prompts = [encode(half_engine.tokenizer, t, chat=False) for t in PROMPTS]
+    params = GenerationParams(max_new_tokens=10, repetition_penalty=penalty, logprobs=3)
+    batched = half_engine.generate(prompts, params)
+    alone = [half_engine.generate([p], params)[0] for p in prompts]
+    for b, a in zip(batched, alone, strict=True):
+        assert_close_runs(b, a, DTYPES[dtype])
+        for step in b.top_logprobs:
+            assert all(math.isfinite(lp) for _, lp, _ in step)
+
+
+def test_seeded_sampling_is_finite_and_per_row(half_engine):
+    prompts = [encode(half_engine.tokenizer, t, chat=False) for t in PROMPTS]
+    params = GenerationParams(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, top_k=20)
+    seeds = list(range(100, 100 + len(prompts)))
+    batched = half_engine.generate(prompts, params, seeds)
+    again = half_engine.generate(prompts, params, seeds)
+    assert [c.token_ids for c in batched] == [c.token_ids for c in again]  # same batch, same seeds: same run
+    for c in batched:
+        assert all(math.isfinite(x) for x in c.token_logprobs)
+
+
+def test_scores_batched_equal_alone_and_float32_within_the_dtype(request, half_engine, dtype, test_device):
+    seqs = [tokenize_text(half_engine.tokenizer, t) for t in PROMPTS]
+    froms = [1] * len(seqs)
+    batched = score_batch(half_engine, seqs, froms)
+    alone = [score_batch(half_engine, [s], [1])[0] for s in seqs]
+    name = "tiny_gpt2" if half_engine.model.config.model_type == "gpt2" else "tiny_llama"
+    full = Engine(request.getfixturevalue(name), EngineOptions(device=test_device, dtype="float32"))
+    exact = score_batch(full, seqs, froms)
+    for b, a, f in zip(batched, alone, exact, strict=True):
+        assert b.token_ids == a.token_ids == f.token_ids
+        assert all(math.isfinite(x) for x in b.token_logprobs)
+        assert b.token_logprobs == pytest.approx(a.token_logprobs, abs=DTYPES[dtype])
+        # Against float32: the weights are rounded too, so a looser bound (a bf16 model is another model).
+        assert b.token_logprobs == pytest.approx(f.token_logprobs, abs=10 * DTYPES[dtype])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_embeddings_batched_equal_alone_within_the_dtype(half_engine, dtype, pooling):
+    import numpy as np
+
+    seqs = [tokenize_text(half_engine.tokenizer, t) for t in PROMPTS]
+    together = np.array(embed_batch(half_engine, seqs, pooling))
+    alone = np.array([embed_batch(half_engine, [s], pooling)[0] for s in seqs])
+    assert together.dtype == np.float64 and np.isfinite(together).all()  # float32 vectors, as lists
+    scale = np.abs(alone).max()
+    assert np.abs(together - alone).max() <= DTYPES[dtype] * max(1.0, scale)
+
+
+def test_a_half_precision_job_writes_finite_results(tiny_llama, dtype, tmp_path, test_device):
+    """Generation and scoring jobs end to end in half precision: every row done, every number finite."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"id": "r{i}", "prompt": "{t}"}}\n' for i, t in enumerate(PROMPTS)),
+                       encoding="utf-8")  # fmt: skip
+    options = EngineOptions(device=test_device, dtype=dtype, batch_size=3)
+    params = GenerationParams(max_new_tokens=6, do_sample=True, seed=7, num_return_sequences=2, logprobs=2)
+    job, summary = runner.run(prompts, tiny_llama, params, options, output=tmp_path / "gen", echo=None)
+    df = runner.load_results(job)
+    assert len(df) == 2 * len(PROMPTS) and summary.errors == 0
+    assert all(math.isfinite(x) for lps in df["token_logprobs"] for x in lps)
+    texts = tmp_path / "t.jsonl"
+    texts.write_text(prompts.read_text(encoding="utf-8").replace('"prompt"', '"text"'), encoding="utf-8")
+    job, _ = runner.run(texts, tiny_llama, ScoreParams(), options, output=tmp_path / "score", echo=None)
+    scores = runner.load_results(job)
+    assert len(scores) == len(PROMPTS)
+    assert all(math.isfinite(x) for lps in scores["token_logprobs"] for x in lps)
