@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import default_batch_size, default_batch_tokens, encode, encode_texts, left_pad, plan_batches
-from .engine import NumericalError
+from .engine import NumericalError, prefill_groups
 from .errors import RunnerError
 
 FLOAT_CHUNK = 1 << 25  # float32 logits converted at once: 128 MiB
@@ -186,28 +186,48 @@ def score_record(tokenizer: Any, score: TextScore, prefix: Sequence[int] = ()) -
 
 
 def score_batch(engine: Any, seqs: list[list[int]], score_from: list[int]) -> list[TextScore]:
-    """Score tokens score_from[r]..len-1 of each row in one forward pass.
+    """Score tokens score_from[r]..len-1 of each row.
 
     seqs: token ids per row, any lengths up to the context window + 1 (the last token is never fed);
-    score_from[r] in [1, len(seqs[r])]: tokens before it are context only.
-    The model sees seq[:-1] left-padded, input_ids [batch, width] int64, so that row ends align: the logits
-    of the last n columns predict a row's last n tokens, and only max(n) columns of logits are computed.
-    """
-    import torch
-
+    score_from[r] in [1, len(seqs[r])]: tokens before it are context only. Rows run in groups of similar
+    length (engine.prefill_groups, as generation's prompt pass), so padding costs almost nothing."""
     n_scored = [len(s) - f for s, f in zip(seqs, score_from, strict=True)]
     if any(f < 1 or n < 0 for f, n in zip(score_from, n_scored, strict=True)):
         raise ValueError(
             f"score_from must be in [1, len(seq)], got {score_from} for lengths {[len(s) for s in seqs]}"
         )
-    keep = max(n_scored, default=0)
-    if keep == 0:
-        return [TextScore([], [], []) for _ in seqs]
+    out: list[TextScore] = [TextScore([], [], []) for _ in seqs]
+    todo = [r for r, n in enumerate(n_scored) if n > 0]
+    bad: list[int] = []
+    for group in prefill_groups([len(seqs[r]) - 1 for r in todo], engine.prefill_tokens):
+        rows = [todo[i] for i in group]
+        try:
+            scores = _score_group(engine, [seqs[r] for r in rows], [n_scored[r] for r in rows])
+        except NumericalError as e:
+            bad.extend(rows[i] for i in e.rows)
+            continue
+        for r, score in zip(rows, scores, strict=True):
+            out[r] = score
+    if bad:
+        raise NumericalError(sorted(bad))
+    return out
+
+
+def _score_group(engine: Any, seqs: list[list[int]], n_scored: list[int]) -> list[TextScore]:
+    """One forward pass over rows of similar length: the model sees seq[:-1] left-padded (input_ids
+    [batch, width] int64), so that row ends align and the last n columns predict a row's last n tokens."""
+    import torch
+
+    keep = max(n_scored)
     ids, mask = left_pad([s[:-1] for s in seqs], engine.pad_id, engine.device)  # [batch, width]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # position ids skip the padding, or GPT-2 shifts every row
     targets = left_pad([s[-keep:] for s in seqs], engine.pad_id, engine.device)[0]  # [batch, keep]
+    scored = (
+        torch.arange(keep, device=engine.device)[None, :]
+        >= (keep - torch.tensor(n_scored, device=engine.device))[:, None]
+    )
     with torch.inference_mode():
-        lps, greedy = _scored_logprobs(engine, ids, mask, pos, targets)  # [batch, keep] each
+        lps, greedy = _scored_logprobs(engine, ids, mask, pos, targets, scored)  # [batch, keep] each
     results, bad = [], []
     for r, n in enumerate(n_scored):
         row_lps = lps[r, keep - n :]
@@ -221,18 +241,21 @@ def score_batch(engine: Any, seqs: list[list[int]], score_from: list[int]) -> li
     return results
 
 
-def _scored_logprobs(engine: Any, ids: Any, mask: Any, pos: Any, targets: Any) -> tuple[Any, Any]:
-    """(log P(target) [batch, keep] float32, target == argmax [batch, keep] bool) for the last `keep` columns.
-    The model runs once for its hidden states; its output layer then runs a chunk of positions at a time
-    (`_head_in_chunks`), so memory is O(batch x chunk x vocab) however long the rows. A model whose logits are
-    more than its output layer (softcapping, a logit scale) gets them whole from its own forward instead."""
+def _scored_logprobs(
+    engine: Any, ids: Any, mask: Any, pos: Any, targets: Any, scored: Any
+) -> tuple[Any, Any]:
+    """(log P(target) [batch, keep] float32, target == argmax [batch, keep] bool) for the last `keep` columns,
+    computed where `scored` [batch, keep] is True (elsewhere 0 / False). The model runs once for its hidden
+    states; its output layer then runs on the scored positions only, a chunk at a time (`_head_in_chunks`),
+    so memory is O(chunk x vocab) however long the rows. A model whose logits are more than its output layer
+    (softcapping, a logit scale) gets them whole from its own forward instead."""
     keep = targets.shape[1]
     if getattr(engine, "_head_only", None) is not False:  # None: not known yet for this model
         hidden, last = _hidden_states(engine, ids, mask, pos, keep)  # [batch, keep, hidden], [batch, vocab]
         head = engine.model.get_output_embeddings()
         engine._head_only = hidden is not None and _head_is_the_logits(head, hidden, last)
         if engine._head_only:
-            return _head_in_chunks(head, hidden, targets)
+            return _head_in_chunks(head, hidden, targets, scored)
     kwargs = {"logits_to_keep": keep} if engine._keep_arg else {}
     out = engine.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
     return _gather_logprobs(out.logits[:, -keep:, :], targets)
@@ -267,18 +290,23 @@ def _head_is_the_logits(head: Any, hidden: Any, last: Any) -> bool:
     return bool(torch.equal(head(hidden[:, -1:, :])[:, -1, :], last))
 
 
-def _head_in_chunks(head: Any, hidden: Any, targets: Any) -> tuple[Any, Any]:
-    """hidden [batch, keep, hidden] -> the output layer and `_gather_logprobs` a chunk of positions at a time."""
+def _head_in_chunks(head: Any, hidden: Any, targets: Any, scored: Any) -> tuple[Any, Any]:
+    """hidden [batch, keep, hidden] -> the output layer and `_gather_logprobs` on the `scored` positions
+    only, FLOAT_CHUNK / vocab of them at a time; results scattered back to [batch, keep]."""
     import torch
 
-    batch, keep, _ = hidden.shape
     vocab = head.weight.shape[0] if getattr(head, "weight", None) is not None else 1
-    step = max(1, FLOAT_CHUNK // max(1, batch * vocab))
+    h, tgt = hidden[scored], targets[scored]  # [n, hidden], [n]
+    step = max(1, FLOAT_CHUNK // max(1, vocab))
     parts = [
-        _gather_logprobs(head(hidden[:, a : a + step, :]), targets[:, a : a + step])
-        for a in range(0, keep, step)
+        _gather_logprobs(head(h[None, a : a + step]), tgt[None, a : a + step])
+        for a in range(0, len(tgt), step)
     ]
-    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    lps = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
+    greedy = torch.zeros(scored.shape, dtype=torch.bool, device=hidden.device)
+    lps[scored] = torch.cat([p[0][0] for p in parts])
+    greedy[scored] = torch.cat([p[1][0] for p in parts])
+    return lps, greedy
 
 
 def _gather_logprobs(logits: Any, targets: Any) -> tuple[Any, Any]:

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from runner import GenerationParams
+from runner.engine import PREFILL_MIN_FILL
 from runner.errors import RunnerError
 from runner.scoring import (
     TextScore,
@@ -293,29 +294,52 @@ def test_demo_model_prefers_the_true_sentence():
 
 @pytest.mark.parametrize("name", ENGINES)
 def test_the_output_layer_runs_a_few_positions_at_a_time(request, name, monkeypatch):
-    """Scoring never holds [batch, positions, vocab] logits: the model's output layer sees the last column
-    once (the check that it alone makes the logits), then chunks of at most FLOAT_CHUNK / (batch x vocab)
-    positions; the scores are those of plain forward passes."""
+    """Scoring never holds [batch, positions, vocab] logits: the output layer runs on scored positions only
+    (no padding), at most FLOAT_CHUNK / vocab of them at a time; the scores are those of plain passes."""
     from runner import scoring
 
     engine = request.getfixturevalue(name)
     engine._head_only = None
     seqs = [tokenize_text(engine.tokenizer, s) for s in SENTENCES]
     vocab = engine.model.get_output_embeddings().weight.shape[0]
-    monkeypatch.setattr(scoring, "FLOAT_CHUNK", 3 * len(seqs) * vocab)  # 3 positions per chunk
-    widths = []
-    head = engine.model.get_output_embeddings()
-    handle = head.register_forward_hook(lambda m, args, out: widths.append(out.shape[1]))  # logits computed
-    try:
-        scored = score_batch(engine, seqs, [1] * len(seqs))
-    finally:
-        handle.remove()
+    monkeypatch.setattr(scoring, "FLOAT_CHUNK", 3 * vocab)  # 3 positions per chunk
+    shapes = []
+    gather = scoring._gather_logprobs
+    monkeypatch.setattr(
+        scoring, "_gather_logprobs", lambda lg, t: shapes.append(tuple(lg.shape)) or gather(lg, t)
+    )
+    scored = score_batch(engine, seqs, [1] * len(seqs))
     assert engine._head_only is True
-    assert widths[:2] == [1, 1]  # the model's own last column, and the check
-    assert max(widths) <= 3 and sum(widths[2:]) == max(len(s) for s in seqs) - 1
+    assert all(b == 1 and w <= 3 and v == vocab for b, w, v in shapes)
+    assert sum(w for _, w, _ in shapes) == sum(
+        len(s) - 1 for s in seqs
+    )  # every scored token once, no padding
     for ids, res in zip(seqs, scored, strict=True):
         lps, greedy = plain(engine, ids)
         assert res.token_logprobs == pytest.approx(lps, abs=1e-4) and res.greedy == greedy
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_rows_are_scored_in_groups_of_similar_length(request, name, monkeypatch):
+    """A batch of very different lengths is not padded to its longest row: each forward pass holds rows
+    whose padding is at most 1 - PREFILL_MIN_FILL of it, and every row scores as alone."""
+    engine = request.getfixturevalue(name)
+    short = [tokenize_text(engine.tokenizer, s) for s in SENTENCES]
+    seqs = short + [long_ids(engine, 60)]
+    fills = []  # (rows, real tokens / padded tokens) per forward pass
+    hook = engine.model.register_forward_pre_hook(
+        lambda m, args, kw: fills.append(
+            (len(kw["attention_mask"]), kw["attention_mask"].float().mean().item())
+        ),
+        with_kwargs=True,
+    )
+    try:
+        together = score_batch(engine, seqs, [1] * len(seqs))
+    finally:
+        hook.remove()
+    assert len(fills) >= 2 and all(rows == 1 or fill >= PREFILL_MIN_FILL - 1e-6 for rows, fill in fills)
+    for s, res in zip(seqs, together, strict=True):
+        assert res.token_logprobs == pytest.approx(score_batch(engine, [s], [1])[0].token_logprobs, abs=1e-4)
 
 
 def test_a_model_whose_logits_are_more_than_its_output_layer_is_scored_from_its_own_logits(tiny_gpt2):
