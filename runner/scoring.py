@@ -375,14 +375,30 @@ def score_rows(
 
 
 def embed_batch(engine: Any, seqs: list[list[int]], pooling: str = "mean") -> list[list[float]]:
-    """One float32 vector [hidden] per row from the last hidden state [batch, width, hidden] (after the final
-    norm): the mean over the row's real tokens, or its last token's (with left padding, the last column)."""
-    import torch
-
+    """One float32 vector [hidden] per row from the last hidden state (after the final norm): the mean over
+    the row's real tokens, or its last token's. Rows run in groups of similar length, as in `score_batch`."""
     if pooling not in ("mean", "last"):
         raise ValueError(f"pooling must be mean or last, got {pooling!r}")
     if any(not s for s in seqs):
         raise ValueError("cannot embed an empty token sequence")
+    out: list[list[float]] = [[] for _ in seqs]
+    bad: list[int] = []
+    for group in prefill_groups([len(s) for s in seqs], engine.prefill_tokens):
+        vectors, finite = _embed_group(engine, [seqs[r] for r in group], pooling)
+        for r, vec, ok in zip(group, vectors, finite, strict=True):
+            out[r] = vec
+            if not ok:
+                bad.append(r)
+    if bad:
+        raise NumericalError(sorted(bad))
+    return out
+
+
+def _embed_group(engine: Any, seqs: list[list[int]], pooling: str) -> tuple[list[list[float]], list[bool]]:
+    """(vectors, finite) of rows of similar length, from one forward pass over them left-padded
+    ([batch, width, hidden]; with left padding a row's last token is the last column)."""
+    import torch
+
     ids, mask = left_pad(seqs, engine.pad_id, engine.device)  # [batch, width]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
@@ -392,10 +408,7 @@ def embed_batch(engine: Any, seqs: list[list[int]], pooling: str = "mean") -> li
         else:  # where, not multiply: padding positions may hold NaN (fully masked attention rows)
             real = mask.bool().unsqueeze(-1)
             vectors = torch.where(real, hidden, 0.0).sum(1) / real.sum(1)
-    finite = torch.isfinite(vectors).all(-1).tolist()
-    if not all(finite):
-        raise NumericalError([r for r, ok in enumerate(finite) if not ok])
-    return vectors.tolist()
+    return vectors.tolist(), torch.isfinite(vectors).all(-1).tolist()
 
 
 def _last_hidden(engine: Any, ids: Any, mask: Any, pos: Any) -> Any:

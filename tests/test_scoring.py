@@ -320,7 +320,7 @@ def test_the_output_layer_runs_a_few_positions_at_a_time(request, name, monkeypa
 
 
 @pytest.mark.parametrize("name", ENGINES)
-def test_rows_are_scored_in_groups_of_similar_length(request, name, monkeypatch):
+def test_rows_are_scored_and_embedded_in_groups_of_similar_length(request, name, monkeypatch):
     """A batch of very different lengths is not padded to its longest row: each forward pass holds rows
     whose padding is at most 1 - PREFILL_MIN_FILL of it, and every row scores as alone."""
     engine = request.getfixturevalue(name)
@@ -335,9 +335,13 @@ def test_rows_are_scored_in_groups_of_similar_length(request, name, monkeypatch)
     )
     try:
         together = score_batch(engine, seqs, [1] * len(seqs))
+        scored_passes = len(fills)
+        vectors = embed_batch(engine, seqs)
     finally:
         hook.remove()
-    assert len(fills) >= 2 and all(rows == 1 or fill >= PREFILL_MIN_FILL - 1e-6 for rows, fill in fills)
+    assert scored_passes >= 2 and len(fills) - scored_passes >= 2  # embedding groups rows the same way
+    assert all(rows == 1 or fill >= PREFILL_MIN_FILL - 1e-6 for rows, fill in fills)
+    assert vectors[-1] == pytest.approx(embed_batch(engine, seqs[-1:])[0], abs=1e-5)
     for s, res in zip(seqs, together, strict=True):
         assert res.token_logprobs == pytest.approx(score_batch(engine, [s], [1])[0].token_logprobs, abs=1e-4)
 
