@@ -327,7 +327,7 @@ def test_rows_are_scored_and_embedded_in_groups_of_similar_length(request, name,
     short = [tokenize_text(engine.tokenizer, s) for s in SENTENCES]
     seqs = short + [long_ids(engine, 60)]
     fills = []  # (rows, real tokens / padded tokens) per forward pass
-    hook = engine.model.register_forward_pre_hook(
+    hook = engine.model.base_model.register_forward_pre_hook(  # the body: scoring and embedding go through it
         lambda m, args, kw: fills.append(
             (len(kw["attention_mask"]), kw["attention_mask"].float().mean().item())
         ),
