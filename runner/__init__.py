@@ -11,7 +11,15 @@ Heavy libraries (torch, transformers, pyarrow) are imported by the functions tha
 
 from __future__ import annotations
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# OpenMP threads that wait by sleeping, not spinning: on a shared CPU (Colab, a busy 2-core VM) spinning
+# threads burn the core another process needs, and generation at load 5 ran 3-16x slower with the default
+# policy (benchmarks/RESULTS.md, "Under load"). Read once, when torch starts its OpenMP runtime, so it only
+# takes effect if runner is imported first (the `runner` command always is); a value already set is kept.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import InputError, ModelLoadError, ParamError, RunnerError  # noqa: E402
 from .params import EngineOptions, GenerationParams  # noqa: E402

@@ -208,3 +208,18 @@ def test_inside_a_notebook_the_command_raises_system_exit(monkeypatch, tmp_path)
     with pytest.raises(SystemExit) as e:
         cli_mod.main()
     assert e.value.code == 1
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_wait_passively_unless_told_otherwise(given, expected):
+    """Spinning OpenMP threads starve other processes on a shared CPU: `import runner` (which the command
+    and every worker do before torch) makes them sleep-wait, unless the user chose a policy."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import runner, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
