@@ -102,27 +102,12 @@ def create_job(
     The file is read, checked, tokenized and written `ROW_GROUP_ROWS` rows at a time, so memory is bounded by
     that chunk whatever the file's size (plus 24 bytes a row to find duplicate ids: inputs.SeenIds).
     """
-    from .engine import check_causal_lm, context_window, load_config, load_tokenizer
-
     params = params or GenerationParams()
-    kind = KINDS.get(type(params))
-    if kind is None:
-        raise TypeError(
-            f"params must be GenerationParams, ScoreParams or EmbedParams, not {type(params).__name__}"
-        )
     options = options or EngineOptions()
-    if truncate not in ("none", "left"):
-        raise ParamError("truncate", f"truncate must be none or left, got {truncate!r}.")
-    if name is not None:
-        check_name(name, "job name")
+    kind = _check_args(params, truncate, name, unit_rows, priority, chat)
     unit_rows = jobdir.UNIT_ROWS if unit_rows is None else unit_rows
-    if isinstance(unit_rows, bool) or not isinstance(unit_rows, int) or unit_rows < 1:
-        raise ParamError("unit_rows", f"unit_rows must be an integer >= 1, got {unit_rows!r}.")
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise ParamError("priority", f"priority must be an integer, got {priority!r}.")
     input_path = Path(input_path)
-    if prompt_field is None:
-        prompt_field = "prompt" if kind == "generate" else "text"
+    prompt_field = prompt_field or ("prompt" if kind == "generate" else "text")
     models = tuple(dict.fromkeys((model, Path(model).name, *served_model_names)))
     reader = PromptReader(
         input_path, prompt_field=prompt_field, template=template,
@@ -130,8 +115,6 @@ def create_job(
         pair_fields=("context", "continuation") if kind == "score" else None,
         row_settings=kind == "generate", batch=(kind, models), chat=chat,
     )  # fmt: skip
-    if chat and kind != "generate":
-        raise ParamError("chat", f"chat is for generate jobs, not {kind} jobs.")
     identity = {
         "input_sha256": storage.file_sha256(input_path),
         "prompt_field": prompt_field,
@@ -143,26 +126,81 @@ def create_job(
         "served_model_names": list(served_model_names),
         **({"chat": True} if chat else {}),
     }
-    if job_dir is not None:
-        job_dir = Path(job_dir)
-        existing = _existing_job(job_dir)
-        if existing is not None:
-            if existing.meta.get("fingerprint") != _fingerprint(identity):
-                raise RunnerError(
-                    f"{job_dir} holds a job with other inputs or settings; resuming it with these is refused "
-                    f"(use another -o folder, or run `runner work --job {job_dir}` to finish it as it was)"
-                )
-            return existing
     root = Path(home) if home is not None else default_home()
-    if name is not None and job_dir is None:
-        existing = _named_job(root, name)
-        if existing is not None:
-            if existing.meta.get("fingerprint") != _fingerprint(identity):
-                raise RunnerError(
-                    f"the name {name!r} is taken by job {existing.id}, submitted with other inputs or settings; "
-                    "choose another --name"
-                )
-            return existing
+    existing = _already_submitted(job_dir, root, name, _fingerprint(identity))
+    if existing is not None:
+        return existing
+    config, tokenizer, window = _model_facts(model, options, kind, params)
+    target = Path(job_dir) if job_dir is not None else root / new_job_id()
+    meta = {
+        "id": target.name if job_dir is None else new_job_id(), "name": name, "kind": kind,
+        "priority": priority, "model": model, "model_fingerprint": model_fingerprint(model, config),
+        "context_window": window, "embedding_dim": _hidden_size(config) if kind == "embed" else None,
+        "params": params.to_dict(), "engine": options.to_dict(), "unit_rows": unit_rows,
+        "fingerprint": _fingerprint(identity),
+        "input": {"path": str(input_path.resolve()), "sha256": identity["input_sha256"],
+                  "mtime": int(input_path.stat().st_mtime), "prompt_field": prompt_field,
+                  "template": template, "truncate": truncate, "chat": chat},
+    }  # fmt: skip
+    prep = _Preparer(
+        kind, tokenizer, params, window, truncate, prompt_field, kind == "generate" and _sample_auto(params)
+    )
+    _write_job(target, meta, reader, prep, skip_invalid, tokenizer)
+    job = Job.open(target)
+    job.log(f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}")
+    return job
+
+
+def _check_args(
+    params: Any, truncate: str, name: str | None, unit_rows: Any, priority: Any, chat: bool
+) -> str:
+    """The job kind `params` stands for, once every submit argument is checked (ParamError naming it)."""
+    kind = KINDS.get(type(params))
+    if kind is None:
+        raise TypeError(
+            f"params must be GenerationParams, ScoreParams or EmbedParams, not {type(params).__name__}"
+        )
+    if truncate not in ("none", "left"):
+        raise ParamError("truncate", f"truncate must be none or left, got {truncate!r}.")
+    if name is not None:
+        check_name(name, "job name")
+    if unit_rows is not None and (
+        isinstance(unit_rows, bool) or not isinstance(unit_rows, int) or unit_rows < 1
+    ):
+        raise ParamError("unit_rows", f"unit_rows must be an integer >= 1, got {unit_rows!r}.")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ParamError("priority", f"priority must be an integer, got {priority!r}.")
+    if chat and kind != "generate":
+        raise ParamError("chat", f"chat is for generate jobs, not {kind} jobs.")
+    return kind
+
+
+def _already_submitted(job_dir: Any, root: Path, name: str | None, fingerprint: str) -> Job | None:
+    """The job this submit repeats (same folder or same name, same inputs and settings), to be resumed; a
+    different job in that folder or under that name is refused."""
+    if job_dir is not None:
+        existing = _existing_job(Path(job_dir))
+        if existing is not None and existing.meta.get("fingerprint") != fingerprint:
+            raise RunnerError(
+                f"{job_dir} holds a job with other inputs or settings; resuming it with these is refused "
+                f"(use another -o folder, or run `runner work --job {job_dir}` to finish it as it was)"
+            )
+        return existing
+    if name is None:
+        return None
+    existing = _named_job(root, name)
+    if existing is not None and existing.meta.get("fingerprint") != fingerprint:
+        raise RunnerError(
+            f"the name {name!r} is taken by job {existing.id}, submitted with other inputs or settings; "
+            "choose another --name"
+        )
+    return existing
+
+
+def _model_facts(model: str, options: EngineOptions, kind: str, params: Any) -> tuple[Any, Any, int | None]:
+    """(config, tokenizer, context window) of a causal LM, refusing a generation that leaves no room for a
+    prompt in the window."""
+    from .engine import check_causal_lm, context_window, load_config, load_tokenizer
 
     config = load_config(model, options.trust_remote_code)
     check_causal_lm(model, config)
@@ -174,9 +212,14 @@ def create_job(
             f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in the model's "
             f"context window of {window} tokens.",
         )
+    return config, tokenizer, window
 
-    job_id = new_job_id()
-    target = Path(job_dir) if job_dir is not None else root / job_id
+
+def _write_job(
+    target: Path, meta: dict[str, Any], reader: Any, prep: Any, skip_invalid: bool, tokenizer: Any
+) -> None:
+    """Write the job in a temp folder beside `target` (prompts.parquet, errors.jsonl, job.json and its backup),
+    then move it into place in one rename: a killed submit leaves no half job."""
     target.parent.mkdir(parents=True, exist_ok=True)
     jobdir.remove_dead_submits(target.parent)
     tmp = target.parent / jobdir.submit_temp_name(target.name)
@@ -185,53 +228,23 @@ def create_job(
         storage.write_json(tmp / ".owner.json", jobdir.Owner.me("submit").as_dict(), durable=False)
         for sub in jobdir.FOLDERS:
             (tmp / sub).mkdir()
-        sample_auto = kind == "generate" and _sample_auto(params)
-        prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field, sample_auto)
         written = _write_prompts(reader, prep, tmp, skip_invalid)
+        params = prep.params
         seed = getattr(params, "seed", None)
-        seed = seed if seed is not None else secrets.randbits(63)
-        meta = {
-            "format": jobdir.FORMAT,
-            "id": job_id,
-            "name": name,
-            "kind": kind,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "priority": priority,
-            "runner_version": __version__,
-            "model": model,
-            "model_fingerprint": model_fingerprint(model, config),
-            "context_window": window,
-            "embedding_dim": _hidden_size(config) if kind == "embed" else None,
-            "input": {
-                "path": str(input_path.resolve()),
-                "sha256": identity["input_sha256"],
-                "mtime": int(input_path.stat().st_mtime),
-                "rows": written.rows,
-                "invalid": written.invalid,
-                "prompt_field": prompt_field,
-                "template": template,
-                "truncate": truncate,
-                "json_columns": written.json_columns,
-                "renamed_columns": written.renamed,
-                "chat": chat,
-                "raw_prompts_to_chat_model": bool(
-                    kind == "generate"
-                    and not reader.saw_messages
-                    and getattr(tokenizer, "chat_template", None)
-                ),  # fmt: skip
-            },
-            "params": params.to_dict(),
-            "sample_auto": sample_auto,
-            "samples": written.samples or getattr(params, "num_return_sequences", 1),
-            "results": written.results,
-            "per_row_n": written.per_row_n,
-            "outputs": written.outputs,
-            "seed": seed,
-            "engine": options.to_dict(),
-            "unit_rows": unit_rows,
+        meta = {"format": jobdir.FORMAT, **meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "runner_version": __version__}  # fmt: skip
+        meta["input"].update({
+            "rows": written.rows, "invalid": written.invalid, "json_columns": written.json_columns,
+            "renamed_columns": written.renamed,
+            "raw_prompts_to_chat_model": bool(meta["kind"] == "generate" and not reader.saw_messages
+                                              and getattr(tokenizer, "chat_template", None)),
+        })  # fmt: skip
+        meta.update({
+            "sample_auto": prep.sample_auto, "samples": written.samples or getattr(params, "num_return_sequences", 1),
+            "results": written.results, "per_row_n": written.per_row_n, "outputs": written.outputs,
+            "seed": seed if seed is not None else secrets.randbits(63),
             "prompts_sha256": storage.file_sha256(tmp / PROMPTS),
-            "fingerprint": _fingerprint(identity),
-        }
+        })  # fmt: skip
         meta["spec_sha256"] = jobdir.spec_checksum(meta)
         storage.write_json(tmp / JOB_BACKUP, meta)
         storage.write_json(tmp / JOB_FILE, meta)
@@ -242,9 +255,6 @@ def create_job(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    job = Job.open(target)
-    job.log(f"created {kind} job {job_id}: {written.rows} rows x {job.samples} samples, model {model}")
-    return job
 
 
 def _hidden_size(config: Any) -> int | None:
