@@ -7,11 +7,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
+from helpers import invoke, write_jsonl
 
 import runner
 from runner import EngineOptions
-from runner.cli import cli
 from runner.jobs import Job, create_job
 from runner.params import EmbedParams, ScoreParams
 from runner.results import valid_shards
@@ -27,9 +26,7 @@ ROWS = [
 
 @pytest.fixture
 def texts(tmp_path):
-    p = tmp_path / "texts.jsonl"
-    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
-    return p
+    return write_jsonl(tmp_path / "texts.jsonl", ROWS)
 
 
 def test_score_job_columns_and_values(tmp_path, texts, tiny_gpt2, gpt2_engine):
@@ -122,27 +119,23 @@ def test_score_jobs_resume_like_generation(tmp_path, texts, tiny_gpt2, gpt2_engi
 
 
 def test_cli_score_embed_and_submit_kind(tmp_path, texts, tiny_gpt2, runner_home):
-    r = CliRunner().invoke(cli, ["score", str(texts), "-m", tiny_gpt2, "-o", str(tmp_path / "s")])
+    r = invoke("score", texts, "-m", tiny_gpt2, "-o", tmp_path / "s")
     assert r.exit_code == 0, r.output
     assert len(runner.load_results(tmp_path / "s")) == 4
-    preview = CliRunner().invoke(cli, ["results", str(tmp_path / "s")])
+    preview = invoke("results", tmp_path / "s")
     assert (
         preview.exit_code == 0
         and "perplexity" in preview.output
         and "(4 rows; --to FILE to export)" in preview.output
     )
-    r = CliRunner().invoke(
-        cli, ["embed", str(texts), "-m", tiny_gpt2, "--skip-invalid", "-o", str(tmp_path / "e")]
-    )
+    r = invoke("embed", texts, "-m", tiny_gpt2, "--skip-invalid", "-o", tmp_path / "e")
     assert r.exit_code == 0, r.output
-    assert CliRunner().invoke(cli, ["results", str(tmp_path / "e")]).exit_code == 0
-    r = CliRunner().invoke(
-        cli, ["submit", str(texts), "-m", tiny_gpt2, "--kind", "score", "--temperature", "0.5"]
-    )
+    assert invoke("results", tmp_path / "e").exit_code == 0
+    r = invoke("submit", texts, "-m", tiny_gpt2, "--kind", "score", "--temperature", "0.5")
     assert r.exit_code == 1 and r.output.startswith("Error: --temperature: not used by score jobs.")
-    r = CliRunner().invoke(cli, ["submit", str(texts), "-m", tiny_gpt2, "--kind", "score", "--no-add-bos"])
+    r = invoke("submit", texts, "-m", tiny_gpt2, "--kind", "score", "--no-add-bos")
     assert r.exit_code == 0 and "queued score job" in r.stderr
-    r = CliRunner().invoke(cli, ["run", str(texts), "-m", tiny_gpt2])
+    r = invoke("run", texts, "-m", tiny_gpt2)
     assert r.exit_code == 1 and "prompt: missing" in r.output  # a text file is not a prompt file
 
 
@@ -245,9 +238,8 @@ def test_embeddings_do_not_depend_on_batch_or_padding(llama_engine, pooling):
 
 
 def test_demo_model_prefers_the_true_sentence(tmp_path):
-    p = tmp_path / "paris.jsonl"
-    p.write_text(json.dumps({"id": "paris", "text": "The capital of France is Paris."}) + "\n"
-                 + json.dumps({"id": "berlin", "text": "The capital of France is Berlin."}) + "\n")  # fmt: skip
+    p = write_jsonl(tmp_path / "paris.jsonl", [{"id": "paris", "text": "The capital of France is Paris."},
+                                               {"id": "berlin", "text": "The capital of France is Berlin."}])  # fmt: skip
     job, _ = runner.run(p, "smollm2-135m-instruct", ScoreParams(), output=tmp_path / "out", echo=None)
     df = runner.load_results(job.dir).set_index("id")
     assert df.loc["paris", "logprob"] > df.loc["berlin", "logprob"] + 1.0
