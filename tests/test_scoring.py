@@ -97,6 +97,8 @@ def test_batched_scores_equal_plain_unpadded_forward_passes(request, name):
     seqs = [tokenize_text(engine.tokenizer, s) for s in SENTENCES]
     froms = [1, 1, 3, 5, 2]  # some rows keep more context unscored
     assert len({len(s) for s in seqs}) == len(seqs)
+    bos = engine.tokenizer.bos_token_id  # GPT-2: <|endoftext|> is both BOS and EOS
+    assert all(s[0] == bos and s[1] != bos for s in seqs)  # one BOS, never doubled (Llama adds <s> itself)
     scored = score_batch(engine, seqs, froms)
     for ids, start, res in zip(seqs, froms, scored, strict=True):
         lps, greedy = plain_logprobs(engine, ids)
