@@ -1,20 +1,29 @@
 #!/usr/bin/env python
 """Throughput benchmark: runner's engine vs `model.generate` one prompt at a time vs `transformers.pipeline`.
 
-One process, one loaded model, one fixed prompt set, greedy decoding with exactly --max-new-tokens tokens per prompt
-(min_new_tokens = max_new_tokens, so every method does the same work); every row of a run is timed there, so its
-ratios are read from one run (benchmarks/README.md):
+One process, one loaded model, one fixed prompt set; every row of a run is timed there, so its ratios are read
+from one run (benchmarks/README.md):
+
+  --workload fixed      (default) greedy, exactly --max-new-tokens tokens per prompt (min_new_tokens =
+                        max_new_tokens), so every method does the same work; runner's batch-size sweep, its speed
+                        levers switched off one at a time, its log-prob cost, token agreement, --profile
+  --workload realistic  sampled (temperature 0.8, top_p 0.95, a seed per row), EOS allowed, max_new_tokens per
+                        row drawn from 8..--max-new-tokens (default 128); runner as a whole job
+  --tasks score,embed   runner.scoring over the same prompts (tokens/s, peak memory); scoring also as a plain
+                        transformers script does it
 
   naive     model.generate(...) one prompt at a time (batch 1, no padding)
   pipeline  transformers.pipeline("text-generation", batch_size=16), left padding
   runner    length-sorted, budgeted batches with the engine's defaults (EngineOptions().batch_size,
             worker.default_batch_tokens), including the raw log-prob (log_softmax + gather) runner always computes
 
-The parts: prompts.py (the prompt set), workloads.py (what the workload runs and compares), runner_paths.py
-(runner's side), baselines.py (transformers' side), measure.py, profiling.py, report.py.
+The parts: prompts.py (the prompt set, realistic per-row settings), workloads.py (what each workload runs and
+compares), runner_paths.py (runner's side), baselines.py (transformers' side), measure.py, profiling.py,
+report.py.
 
     python benchmarks/bench.py --model smollm2 --device cpu --json-out benchmarks/results-smollm2.json
     python benchmarks/bench.py --model gpt2-random --device cpu
+    python benchmarks/bench.py --model smollm2 --workload realistic --tasks generate,score,embed --num-prompts 32
     python benchmarks/bench.py --model smollm2 --device cuda --batch-sizes 16,64,128,256
 """
 
@@ -34,16 +43,25 @@ import workloads
 from measure import machine_info, matmul_flops, param_counts, tune_malloc
 
 MODELS = ("smollm2", "gpt2-random")
+TASKS = ("generate", "score", "embed")
+DEFAULT_NEW_TOKENS = {"fixed": 32, "realistic": 128}
+QUICK_NEW_TOKENS = {"fixed": 8, "realistic": 16}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     malloc_tuned = set_up_process(args)
     b = load(args, malloc_tuned)
-    workloads.roofline(b)
-    workloads.fixed(b)
-    b.res["matmul_end"] = matmul_flops(b.engine.device, b.engine.dtype, True)
-    b.res["loadavg_end"] = os.getloadavg()
+    if "generate" in args.tasks:
+        workloads.roofline(b)
+        workloads.WORKLOADS[args.workload](b)
+    if "score" in args.tasks:
+        workloads.score(b)
+    if "embed" in args.tasks:
+        workloads.embed(b)
+    if "matmul" in b.res:
+        b.res["matmul_end"] = matmul_flops(b.engine.device, b.engine.dtype, True)
+        b.res["loadavg_end"] = os.getloadavg()
     report.print_report(b.res)
     report.write_json(b.res, args.json_out, b.log)
     return 0
@@ -56,9 +74,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--dtype", default="auto", help="auto (float32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16"
     )
+    ap.add_argument(
+        "--workload",
+        choices=sorted(workloads.WORKLOADS),
+        default="fixed",
+        help="fixed: greedy, exactly --max-new-tokens each; realistic: sampled, EOS allowed, mixed lengths",
+    )
+    ap.add_argument(
+        "--tasks", default="generate", help=f"comma-separated, of {', '.join(TASKS)} (default generate)"
+    )
     ap.add_argument("--num-prompts", type=int, default=128)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--pipeline-batch-size", type=int, default=16)
+    ap.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="fixed: tokens per prompt (default 32); realistic: the longest answer (default 128)",
+    )
+    ap.add_argument(
+        "--pipeline-batch-size",
+        type=int,
+        default=16,
+        help="batch size of the pipeline and of the plain scoring script",
+    )
     ap.add_argument(
         "--batch-sizes", default="8,16,32,64,96,128", help="runner batch sizes to sweep (comma-separated)"
     )
@@ -95,12 +132,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Check the values argparse cannot, and apply --quick."""
+    """Check the values argparse cannot, and fill the defaults that depend on the workload and --quick."""
     if args.model not in MODELS and not Path(args.model).is_dir():
         ap.error(f"--model must be one of {', '.join(MODELS)} or a model folder, got {args.model!r}")
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.tasks or set(args.tasks) - set(TASKS):
+        ap.error(
+            f"--tasks must be a comma-separated list of {', '.join(TASKS)}, got {','.join(args.tasks)!r}"
+        )
+    if args.max_new_tokens is None:
+        args.max_new_tokens = DEFAULT_NEW_TOKENS[args.workload]
     if args.quick:
         args.num_prompts = min(args.num_prompts, 16)
-        args.max_new_tokens = min(args.max_new_tokens, 8)
+        args.max_new_tokens = min(args.max_new_tokens, QUICK_NEW_TOKENS[args.workload])
         args.batch_sizes = "8,16"
         args.lp_repeats = min(args.lp_repeats, 1)
     return args
@@ -166,9 +210,12 @@ def results_header(args, engine, model_dir, texts, ids, counts, malloc_tuned) ->
                   "hidden": cfg.hidden_size},
         "prompts": {"count": len(ids), "prompt_tokens": sum(lengths), "min": min(lengths), "max": max(lengths),
                     "median": statistics.median(lengths), "japanese": japanese},
+        "workload": args.workload if "generate" in args.tasks else None,
         "max_new_tokens": args.max_new_tokens,
         "malloc": malloc,
         "methods": [],
+        "tasks": [],
+        "task_ratios": {},
     }  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 """What the workloads feed the model: a fixed, deterministic prompt set of mixed lengths (a few words .. ~200
-tokens, about 1/6 Japanese)."""
+tokens, about 1/6 Japanese), and the per-row settings of the realistic workload (sampled, answer lengths drawn
+with a fixed seed, one seed per row)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,28 @@ def build_prompts(n: int, count_tokens) -> list[str]:
         prompts.append(text)
     rng.shuffle(prompts)  # file order mixes lengths, as a real input file does
     return prompts
+
+
+# The realistic workload samples as a chat product would, and lets EOS end a row (no min_new_tokens).
+TEMPERATURE, TOP_P = 0.8, 0.95
+SAMPLING = {"do_sample": True, "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": 0}  # for model.generate
+ANSWER_LENGTHS = (8, 16, 32, 64, 128)  # max_new_tokens a row may get (up to the cap)
+
+
+def answer_lengths(n: int, cap: int, seed: int = 4321) -> list[int]:
+    """max_new_tokens per row: drawn with a fixed seed from ANSWER_LENGTHS up to CAP (and CAP itself), so rows
+    finish at very different steps; few distinct values, so a pipeline script runs each as one call."""
+    choices = sorted({v for v in ANSWER_LENGTHS if v < cap} | {cap})
+    rng = random.Random(seed)
+    return [rng.choice(choices) for _ in range(n)]
+
+
+def row_seeds(n: int) -> list[int]:
+    """One sampling seed per row, the same for every method."""
+    return [1000 + i for i in range(n)]
+
+
+def realistic_rows(texts: list[str], lengths: list[int], seeds: list[int]) -> list[dict]:
+    """The realistic prompts as a runner input file: each row with its own max_tokens and seed."""
+    return [{"id": f"p{i:05d}", "prompt": t, "max_tokens": n, "seed": s}
+            for i, (t, n, s) in enumerate(zip(texts, lengths, seeds, strict=True))]  # fmt: skip

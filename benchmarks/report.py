@@ -13,8 +13,11 @@ def print_report(res: dict[str, Any]) -> None:
     if res["methods"]:
         methods_table(res)
         ratios(res)
-        fixed_details(res)
+        if res.get("workload") == "fixed":
+            fixed_details(res)
         profile(res)
+    if res.get("tasks"):
+        tasks_table(res)
 
 
 def write_json(res: dict[str, Any], path: Path | None, log) -> None:
@@ -50,7 +53,15 @@ def header(res: dict[str, Any]) -> None:
 
 
 def generation_settings(res: dict[str, Any]) -> str:
-    return f"; {res['max_new_tokens']} new tokens each, greedy, min_new_tokens = max_new_tokens"
+    if not res["methods"]:
+        return ""
+    if res.get("workload") != "realistic":
+        return f"; {res['max_new_tokens']} new tokens each, greedy, min_new_tokens = max_new_tokens"
+    r = res["realistic"]
+    s = r["sampling"]
+    lengths = ", ".join(f"{n} x{k}" for n, k in r["answer_lengths"].items())
+    return (f"; sampled (temperature {s['temperature']}, top_p {s['top_p']}, a seed per row), EOS allowed, "
+            f"max_new_tokens per row: {lengths}")  # fmt: skip
 
 
 def methods_table(res: dict[str, Any]) -> None:
@@ -74,6 +85,9 @@ def methods_table(res: dict[str, Any]) -> None:
 def ratios(res: dict[str, Any]) -> None:
     if res.get("ratios"):
         print("ratios (output tok/s): " + "; ".join(f"{k} = {v:.2f}x" for k, v in res["ratios"].items()))
+    r = res.get("realistic")
+    if r and not r["ab_option_present"]:
+        print(f"(runner.params.EngineOptions has no field {r['ab_option']}: one runner row, no A/B)")
 
 
 def fixed_details(res: dict[str, Any]) -> None:
@@ -119,3 +133,19 @@ def profile(res: dict[str, Any]) -> None:
     print(f"prefill (unprofiled): as the engine does it {prof['prefill_engine_seconds']:.2f} s = "
           f"{prof['prefill_engine_seconds'] / run['seconds']:.0%} of the runner run ({run['seconds']:.2f} s); "
           f"one prompt at a time without padding {prof['prefill_unpadded_seconds']:.2f} s")  # fmt: skip
+
+
+def tasks_table(res: dict[str, Any]) -> None:
+    print()
+    print("| task | method | batches | seconds | tokens/s | peak mem | mem above start | cpu user / sys s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in res["tasks"]:
+        print(f"| {r['task']} | {r['method']} | {r['batches']} | {r['seconds']:.2f} | {r['tokens_per_second']:.0f} "
+              f"| {fmt_bytes(r['peak_memory_bytes'])} | {fmt_bytes(r['memory_above_start_bytes'])} | "
+              f"{r['cpu_user_seconds']:.1f} / {r['cpu_sys_seconds']:.1f} |")  # fmt: skip
+    print()
+    if res.get("task_ratios"):
+        print("ratios (tokens/s): " + "; ".join(f"{k} = {v:.2f}x" for k, v in res["task_ratios"].items()))
+    if "score_max_abs_diff" in res:
+        print(f"score agreement: runner vs plain transformers, max |log-prob difference| "
+              f"{res['score_max_abs_diff']:.2e}")  # fmt: skip

@@ -1,6 +1,9 @@
 """runner's side of every row: the code paths the benchmark times, and its speed levers switched off.
 
-* `run_runner`: plan_batches + Engine.generate per batch, greedy with a fixed length;
+* `run_runner`: plan_batches + Engine.generate per batch, greedy with a fixed length (the fixed workload);
+* `run_as_job`: a whole job, submitted then run by a worker, as `runner run` does (the realistic workload, so
+  that any engine option, whichever layer reads it, takes effect);
+* `score_seqs` / `embed_seqs`: runner.scoring as `runner score` / `runner embed` batch it;
 * `levers_off` / `plain_transformers`: the engine without some of its speed levers, or the model exactly as
   transformers loaded it (for the baselines); `no_logprobs`: runner without its log-prob, for timing only.
 """
@@ -8,7 +11,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import time
+from pathlib import Path
 
 from measure import sync
 
@@ -69,6 +75,69 @@ def run_runner(engine, ids, n_new, batch_size, budget) -> tuple[list[list[int]],
             outs[i] = list(c.token_ids)
     sync(engine.device)
     return outs, time.perf_counter() - t0, plan
+
+
+def run_as_job(engine, rows: list[dict], params, options, folder: Path) -> tuple[list[int], float]:
+    """Submit ROWS (prompt dicts, per-row settings allowed) as a job in FOLDER, untimed, then time one worker
+    running it with ENGINE, the job's own options on the engine while it runs (so an engine option counts
+    whether the engine or the worker reads it). Returns (completion tokens of every result row, seconds)."""
+    import runner
+    from runner.jobs import create_job
+    from runner.worker import run_job
+
+    folder.mkdir(parents=True)
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    job = create_job(prompts, engine.spec, params, options, job_dir=folder / "job")
+    with engine_options(engine, options):
+        sync(engine.device)
+        t0 = time.perf_counter()
+        summary = run_job(job, engine, echo=None)
+        sync(engine.device)
+        seconds = time.perf_counter() - t0
+    if not summary.finished or summary.errors:
+        raise RuntimeError(f"the benchmark job did not finish cleanly: {summary}")
+    return [int(n) for n in runner.load_results(job.dir)["completion_tokens"]], seconds
+
+
+@contextlib.contextmanager
+def engine_options(engine, options):
+    """ENGINE with OPTIONS' fields (those it has) as its `options` while the block runs."""
+    saved = engine.options
+    fields = {f.name for f in dataclasses.fields(saved)}
+    engine.options = dataclasses.replace(saved, **{k: v for k, v in vars(options).items() if k in fields})
+    try:
+        yield
+    finally:
+        engine.options = saved
+
+
+def score_seqs(
+    engine, seqs: list[list[int]], batch_size: int, budget: int
+) -> tuple[list[list[float]], float]:
+    """Every token of SEQS after the first scored as a score job does (scoring.score_rows over length-sorted,
+    budgeted batches): (log-probs per row, seconds)."""
+    from runner import scoring
+
+    sync(engine.device)
+    t0 = time.perf_counter()
+    scores = scoring.in_batches(lambda b, f: scoring.score_rows(engine, b, f, None, batch_size, budget), seqs,
+                                [1] * len(seqs), batch_size=batch_size, max_batch_tokens=budget)  # fmt: skip
+    sync(engine.device)
+    return [s.token_logprobs for s in scores], time.perf_counter() - t0
+
+
+def embed_seqs(engine, seqs: list[list[int]], batch_size: int, budget: int) -> tuple[int, float]:
+    """A mean-pooled vector per row of SEQS as an embed job makes it (scoring.embed_batch over length-sorted,
+    budgeted batches): (number of vectors, seconds)."""
+    from runner import scoring
+
+    sync(engine.device)
+    t0 = time.perf_counter()
+    vectors = scoring.in_batches(lambda b: scoring.embed_batch(engine, b, "mean"), seqs, batch_size=batch_size,
+                                 max_batch_tokens=budget)  # fmt: skip
+    sync(engine.device)
+    return len(vectors), time.perf_counter() - t0
 
 
 @contextlib.contextmanager

@@ -1,23 +1,35 @@
 """The workloads: which rows a run measures, in which order, and what it compares. Every row of a run is timed in
 the same process on the same loaded model and prompts, so its ratios are read from one run.
 
-* `fixed`: greedy, exactly --max-new-tokens tokens per prompt (min_new_tokens = max_new_tokens), so every method
-  does the same work: runner at its default and other batch sizes, with each speed lever off, the log-prob
-  overhead, the pipeline and naive generate, token agreement.
+* `fixed` (the default): greedy, exactly --max-new-tokens tokens per prompt (min_new_tokens = max_new_tokens),
+  so every method does the same work: runner at its default and other batch sizes, with each speed lever off,
+  the log-prob overhead, the pipeline and naive generate, token agreement.
+* `realistic`: sampled (temperature 0.8, top_p 0.95, a seed per row), EOS allowed, max_new_tokens per row drawn
+  with a fixed seed, so rows finish at different steps: runner as a whole job (`runner run`), once per value of
+  the engine option AB_OPTION when EngineOptions has it, then the pipeline and naive generate.
+* `score` and `embed` (--tasks): runner.scoring over the same prompts; scoring also as a plain script does it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
+import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import baselines
+import prompts
 import runner_paths
 from measure import PeakMemory, Usage, compare, linear_flops, matmul_flops, padding_fraction
 from profiling import profile_runner
 from runner_paths import KERNEL_OF_LEVER, LEVERS, levers_off, plain_transformers, run_runner
+
+# An EngineOptions field (another change may add it): when it exists, the realistic runner row runs per value.
+AB_OPTION = "continuous_batching"
 
 
 @dataclass
@@ -237,3 +249,155 @@ def baseline_ratios(res: dict, rows: list[tuple[str, dict]]) -> dict[str, float]
             if other:
                 ratios[f"{label} / {base}"] = row["tokens_per_second"] / other["tokens_per_second"]
     return ratios
+
+
+# --- realistic: sampled, EOS allowed, mixed answer lengths ----------------------------------------------------
+
+
+def ab_variants() -> list[tuple[str, dict[str, bool]]]:
+    """(row name, EngineOptions changes) of the realistic runner rows: AB_OPTION off and on when EngineOptions
+    has that field, else runner's defaults alone."""
+    from runner.params import EngineOptions
+
+    if AB_OPTION not in {f.name for f in dataclasses.fields(EngineOptions)}:
+        return [("runner (default)", {})]
+    return [(f"runner ({AB_OPTION}={v})", {AB_OPTION: v}) for v in (False, True)]
+
+
+def realistic(b: Bench) -> None:
+    n, cap = len(b.texts), b.args.max_new_tokens
+    lengths, seeds = prompts.answer_lengths(n, cap), prompts.row_seeds(n)
+    b.res["realistic"] = {"sampling": prompts.SAMPLING, "answer_lengths": dict(sorted(Counter(lengths).items())),
+                          "ab_option": AB_OPTION, "ab_option_present": len(ab_variants()) > 1}  # fmt: skip
+    b.log(f"realistic: sampled, EOS allowed, max_new_tokens per row {b.res['realistic']['answer_lengths']}")
+    b.defaults()
+    with tempfile.TemporaryDirectory(prefix="runner-bench-") as tmp:
+        runner_jobs(b, Path(tmp), lengths, seeds)
+    if not b.args.skip_pipeline:
+        pipeline_realistic(b, lengths, seeds)
+    if not b.args.skip_naive:
+        naive_realistic(b, lengths, seeds)
+    realistic_ratios(b)
+
+
+def runner_jobs(b: Bench, tmp: Path, lengths: list[int], seeds: list[int]) -> None:
+    """runner as `runner run` runs the prompts (per-row max_tokens and seed), once per variant of ab_variants()
+    after a warm-up job over the same prompts with 2 new tokens each (every prefill shape, little decoding)."""
+    from runner.params import EngineOptions, GenerationParams
+
+    params = GenerationParams(max_new_tokens=b.args.max_new_tokens, temperature=prompts.TEMPERATURE,
+                              top_p=prompts.TOP_P, seed=0)  # fmt: skip
+    warm = prompts.realistic_rows(b.texts, [min(2, n) for n in lengths], seeds)
+    options = EngineOptions(device=b.args.device, dtype=b.args.dtype)
+    runner_paths.run_as_job(b.engine, warm, params, options, tmp / "warm-up")
+    rows = prompts.realistic_rows(b.texts, lengths, seeds)
+    for i, (name, change) in enumerate(ab_variants()):
+        options = EngineOptions(device=b.args.device, dtype=b.args.dtype, **change)
+        with PeakMemory(b.engine.device) as mem, Usage() as use:
+            new, secs = runner_paths.run_as_job(b.engine, rows, params, options, tmp / f"run{i}")
+        b.record(
+            name, new, secs, mem, use, None, None, b.res["runner_defaults"]["batch_size"], {"options": change}
+        )
+
+
+def pipeline_realistic(b: Bench, lengths: list[int], seeds: list[int]) -> None:
+    e, pbs = b.engine, b.args.pipeline_batch_size
+    b.log(f"pipeline batch_size={pbs}, one call per max_new_tokens value ...")
+    pipe, eos = baselines.make_pipeline(e.model, b.model_dir, e.pad_id, pbs), list(e.eos_ids)
+    with plain_transformers(e):
+        baselines.run_pipeline(pipe, b.texts[:2], 2, eos, e.pad_id, e.device)  # warm-up
+        with PeakMemory(e.device) as mem, Usage() as use:
+            new, secs, batches = baselines.run_pipeline_sampled(pipe, pbs, b.texts, b.ids, lengths, seeds,
+                                                                prompts.SAMPLING, eos, e.pad_id, e.device)  # fmt: skip
+    b.record(f"pipeline bs={pbs}", new, secs, mem, use, None, batches, pbs)
+    del pipe
+    gc.collect()
+
+
+def naive_realistic(b: Bench, lengths: list[int], seeds: list[int]) -> None:
+    e = b.engine
+    b.log(f"naive model.generate, one prompt at a time ({len(b.ids)} prompts) ...")
+    with plain_transformers(e):
+        baselines.run_naive(e.model, b.ids[:1], 2, list(e.eos_ids), e.pad_id, e.device)  # warm-up
+        with PeakMemory(e.device) as mem, Usage() as use:
+            new, secs = baselines.run_naive_sampled(e.model, b.ids, lengths, seeds, prompts.SAMPLING,
+                                                    list(e.eos_ids), e.pad_id, e.device)  # fmt: skip
+    b.record("naive generate bs=1", new, secs, mem, use, 0.0, len(b.ids), 1)
+
+
+def realistic_ratios(b: Bench) -> None:
+    """Each runner row over the baselines and, with two variants, AB_OPTION on over off."""
+    runner_rows = [(m["name"], m) for m in b.res["methods"] if m["name"].startswith("runner")]
+    ratios = baseline_ratios(b.res, runner_rows)
+    if len(runner_rows) == 2:
+        (_, off), (_, on) = runner_rows
+        ratios[f"runner {AB_OPTION}=True / {AB_OPTION}=False"] = (
+            on["tokens_per_second"] / off["tokens_per_second"]
+        )
+    b.res["ratios"] = ratios
+
+
+# --- score and embed ------------------------------------------------------------------------------------------
+
+
+def record_task(
+    b: Bench, task: str, method: str, tokens: int, seconds: float, mem, usage, batches: int
+) -> dict:
+    row = {
+        "task": task, "method": method, "rows": len(b.texts), "tokens": tokens, "seconds": seconds,
+        "tokens_per_second": tokens / seconds, "batches": batches, "peak_memory_bytes": mem.peak,
+        "memory_above_start_bytes": max(0, mem.peak - mem.base), "cpu_user_seconds": usage.user,
+        "cpu_sys_seconds": usage.sys,
+    }  # fmt: skip
+    b.res["tasks"].append(row)
+    b.res["memory_method"] = mem.method
+    b.log(f"  {task} / {method}: {seconds:.2f} s, {row['tokens_per_second']:.0f} tok/s, peak "
+          f"{mem.peak / 2**20:,.0f} MiB")  # fmt: skip
+    return row
+
+
+def score(b: Bench) -> None:
+    """Every token of every prompt after the first scored given the ones before it (BOS as context): runner's
+    batches, then a plain script's (file order, right padding, log_softmax over the whole vocabulary)."""
+    from runner.batching import plan_batches
+    from runner.scoring import tokenize_text
+
+    e, pbs = b.engine, b.args.pipeline_batch_size
+    bs, budget = b.defaults()
+    seqs = [tokenize_text(e.tokenizer, t) for t in b.texts]
+    tokens = sum(len(s) - 1 for s in seqs)
+    b.log(f"score: {len(seqs)} texts, {tokens} tokens to score ...")
+    runner_paths.score_seqs(e, seqs[:bs], bs, budget)  # warm-up
+    with PeakMemory(e.device) as mem, Usage() as use:
+        ours, secs = runner_paths.score_seqs(e, seqs, bs, budget)
+    batches = len(plan_batches([len(s) for s in seqs], bs, budget, 0))
+    runner_row = record_task(b, "score", "runner", tokens, secs, mem, use, batches)
+    with plain_transformers(e):
+        baselines.score_plain(e.model, seqs[:pbs], pbs, e.pad_id, e.device)  # warm-up
+        with PeakMemory(e.device) as mem, Usage() as use:
+            plain, secs = baselines.score_plain(e.model, seqs, pbs, e.pad_id, e.device)
+    plain_row = record_task(
+        b, "score", f"plain transformers bs={pbs}", tokens, secs, mem, use, -(-len(seqs) // pbs)
+    )
+    b.res["task_ratios"]["score: runner / plain transformers"] = (
+        runner_row["tokens_per_second"] / plain_row["tokens_per_second"]
+    )
+    diffs = [abs(x - y) for a, p in zip(ours, plain, strict=True) for x, y in zip(a, p, strict=True)]
+    b.res["score_max_abs_diff"] = max(diffs, default=0.0)
+
+
+def embed(b: Bench) -> None:
+    """A mean-pooled vector per prompt (runner.scoring.embed_batch in runner's batches)."""
+    from runner.batching import plan_batches
+
+    e = b.engine
+    bs, budget = b.defaults()
+    tokens = sum(b.lengths)
+    b.log(f"embed: {len(b.ids)} texts, {tokens} tokens ...")
+    runner_paths.embed_seqs(e, b.ids[:bs], bs, budget)  # warm-up
+    with PeakMemory(e.device) as mem, Usage() as use:
+        _, secs = runner_paths.embed_seqs(e, b.ids, bs, budget)
+    record_task(b, "embed", "runner", tokens, secs, mem, use, len(plan_batches(b.lengths, bs, budget, 0)))
+
+
+WORKLOADS = {"fixed": fixed, "realistic": realistic}
