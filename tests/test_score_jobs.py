@@ -142,6 +142,7 @@ def test_cli_score_embed_and_submit_kind(tmp_path, texts, tiny_gpt2, runner_home
 # --- the demo model (the scoring math itself is tested in test_scoring.py) ------------------------------
 
 
+@pytest.mark.slow  # the demo model (converted once per session, ~1 minute): `make test` runs it, test-fast not
 def test_demo_model_prefers_the_true_sentence(tmp_path):
     p = write_jsonl(tmp_path / "paris.jsonl", [{"id": "paris", "text": "The capital of France is Paris."},
                                                {"id": "berlin", "text": "The capital of France is Berlin."}])  # fmt: skip
