@@ -23,12 +23,12 @@ demo: setup
 	$(BIN)/python -c "import runner; df = runner.load_results('out/demo'); print(df[['id', 'finish_reason', 'completion_tokens', 'cumulative_logprob', 'text']].to_string(max_colwidth=60))"
 
 test: setup
-	$(BIN)/ruff check runner tests
+	$(BIN)/ruff check runner tests benchmarks
 	$(BIN)/python -m pytest -q
 
 # The edit loop: unit, engine, input and in-process job tests; no worker processes, no demo model (< 2 min).
 test-fast: setup
-	$(BIN)/ruff check runner tests
+	$(BIN)/ruff check runner tests benchmarks
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The engine tests on the lowest transformers runner claims (runner/versions.py LOWEST), in a second venv.
@@ -43,8 +43,8 @@ test-compat:
 		tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py
 
 lint: setup
-	$(BIN)/ruff check runner tests
-	$(BIN)/ruff format --check runner tests
+	$(BIN)/ruff check runner tests benchmarks
+	$(BIN)/ruff format --check runner tests benchmarks
 
 clean:
 	rm -rf $(VENV) $(COMPAT) out

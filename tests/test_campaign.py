@@ -42,6 +42,7 @@ import fsfaults
 import pyarrow.parquet as pq
 import pytest
 import workers
+from helpers import write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, jobdir
@@ -106,12 +107,8 @@ def prepared(tmp_path_factory, tiny_gpt2, gpt2_engine):
     words = "the old man said that every student reads a language model slowly".split()
 
     def prompts(name, n):
-        path = root / name
-        path.write_text("".join(
-            json.dumps({"id": f"{name[0]}{i:02d}", "prompt": " ".join(words[i % 5 : 2 + i % 11])}) + "\n"
-            for i in range(n)
-        ))  # fmt: skip
-        return path
+        return write_jsonl(root / name, ({"id": f"{name[0]}{i:02d}", "prompt": " ".join(words[i % 5 : 2 + i % 11])}
+                                         for i in range(n)))  # fmt: skip
 
     main, side, small = prompts("p.jsonl", N_PROMPTS), prompts("b.jsonl", 6), prompts("s.jsonl", 2)
     job = create_job(main, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "job", unit_rows=UNIT_ROWS)

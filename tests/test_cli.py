@@ -7,23 +7,16 @@ import types
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from helpers import invoke, write_jsonl
 
 import runner
 from runner.cli import cli
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
 @pytest.fixture
 def prompts(tmp_path):
-    p = tmp_path / "prompts.jsonl"
-    p.write_text(
-        '{"id": "a", "prompt": "The quick brown fox"}\n{"id": "b", "prompt": "Hello"}\n', encoding="utf-8"
-    )
-    return p
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"id": "a", "prompt": "The quick brown fox"},
+                                                    {"id": "b", "prompt": "Hello"}])  # fmt: skip
 
 
 def test_run_generates_and_prints_the_job_folder(tmp_path, prompts, tiny_gpt2):

@@ -6,7 +6,8 @@ import json
 import signal
 
 import pytest
-from workers import reference_run, run_worker
+from helpers import assert_exactly_once, reference_run
+from workers import run_worker
 
 import runner
 from runner import EngineOptions, GenerationParams
@@ -28,22 +29,13 @@ BAD = "r07"
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_gpt2):
-    rows = [(f"r{i:02d}", f"The old man said {i} times") for i in range(N_ROWS)]
+    rows = [{"id": f"r{i:02d}", "prompt": f"The old man said {i} times"} for i in range(N_ROWS)]
     return reference_run(tmp_path_factory.mktemp("crash"), tiny_gpt2, rows, PARAMS, OPTIONS)
 
 
 @pytest.fixture
 def job(tmp_path, reference, tiny_gpt2):
     return create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "home" / "job")
-
-
-def assert_each_row_once(job_dir, ref, missing=()):
-    """Every row but `missing` is in the results exactly once, equal to the uninterrupted run."""
-    df = runner.load_results(job_dir)
-    assert sorted(df["id"]) == sorted(set(ref["id"]) - set(missing)), "a row is missing or appears twice"
-    merged = df.merge(ref, on=["id", "sample"], suffixes=("", "_ref"))
-    assert len(merged) == len(df) and (merged["text"] == merged["text_ref"]).all()
-    return len(df)
 
 
 def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job, reference):
@@ -63,7 +55,7 @@ def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job
     assert not list((job.dir / "workers").iterdir())
     record = json.loads((job.dir / INFLIGHT).read_text())
     assert len(record["running"]) == 4 and record["error"].startswith("CUDA error: device-side assert")
-    assert_each_row_once(job.dir, reference[1], missing=[r for r in reference[1]["id"] if r >= "r04"])
+    assert_exactly_once(job.dir, reference[1], missing=[r for r in reference[1]["id"] if r >= "r04"])
 
     # The batch's rows run one at a time: the good ones complete, the bad one fails alone, is set aside at
     # once (a device error alone is conclusive), and the process, whose GPU would now be unusable, stops.
@@ -80,7 +72,7 @@ def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job
     errors = read_errors(job.dir)
     assert [(e["id"], e["stage"], e["error"]) for e in errors] == [(BAD, "generate", "worker_crash")]
     assert "made the device fail when computed alone (CUDA error: device-side assert" in errors[0]["message"]
-    assert assert_each_row_once(job.dir, reference[1], missing=[BAD]) == N_ROWS - 1
+    assert assert_exactly_once(job.dir, reference[1], missing=[BAD]) == N_ROWS - 1
     assert not (job.dir / INFLIGHT).exists()
     assert job_status(Job.open(job.dir)).errors == 1
 
@@ -106,19 +98,19 @@ def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, refer
     assert code == 0 and read_state(plain / "job").state == "completed", out
     assert "were being computed alone when a worker died: running them alone again at the end" in out
     assert read_errors(plain / "job") == [] and not (plain / "job" / INFLIGHT).exists()
-    assert assert_each_row_once(plain / "job", reference[1]) == N_ROWS
+    assert assert_exactly_once(plain / "job", reference[1]) == N_ROWS
 
     # The row really crashes workers: it dies alone again, at the very end (every other row is done by
     # then), and the next worker sets it aside and completes the job.
     code, out = run_worker(home, env_extra=fault)
     assert code == -signal.SIGKILL, out
-    assert assert_each_row_once(job.dir, reference[1], missing=[BAD]) == N_ROWS - 1
+    assert assert_exactly_once(job.dir, reference[1], missing=[BAD]) == N_ROWS - 1
     code, out = run_worker(home, env_extra=fault)
     assert code == 0 and read_state(job.dir).state == "completed", out
     errors = read_errors(job.dir)
     assert [(e["id"], e["stage"], e["error"]) for e in errors] == [(BAD, "generate", "worker_crash")]
     assert f"{SILENT_CRASHES} workers died while computing this row alone" in errors[0]["message"]
-    assert assert_each_row_once(job.dir, reference[1], missing=[BAD]) == N_ROWS - 1
+    assert assert_exactly_once(job.dir, reference[1], missing=[BAD]) == N_ROWS - 1
     assert not (job.dir / INFLIGHT).exists()
 
 
@@ -169,7 +161,7 @@ def test_a_clean_stop_keeps_the_suspects_and_does_not_count_a_crash(job, referen
     ]
     run_job(job, gpt2_engine, echo=None)
     assert not (job.dir / INFLIGHT).exists() and read_errors(job.dir) == []
-    assert assert_each_row_once(job.dir, reference[1]) == N_ROWS
+    assert assert_exactly_once(job.dir, reference[1]) == N_ROWS
 
 
 @pytest.mark.parametrize(

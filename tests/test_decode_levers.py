@@ -5,11 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import assert_same_completions, ids_of
 from transformers.pytorch_utils import Conv1D
 
 from runner import GenerationParams, kernels, kvcache
 from runner import engine as engine_mod
-from runner.batching import encode
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun",
@@ -20,17 +20,6 @@ PROMPTS = [
     "現在も行方不明のまま。",
     "Once upon a time there was a",
 ]
-
-
-def ids_of(engine):
-    return [encode(engine.tokenizer, t, chat=False) for t in PROMPTS]
-
-
-def assert_same(batched, single, tol=1e-4):
-    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
-    assert [c.finish_reason for c in batched] == [c.finish_reason for c in single]
-    for b, s in zip(batched, single, strict=True):
-        assert max(abs(x - y) for x, y in zip(b.token_logprobs, s.token_logprobs, strict=True)) < tol
 
 
 @pytest.fixture
@@ -51,13 +40,13 @@ def spy_groups(monkeypatch):
 def test_grouped_decode_is_used_and_equals_one_at_a_time(request, spy_groups, engine_name):
     engine = request.getfixturevalue(engine_name)
     assert engine._grouped and engine.model.config._attn_implementation == kvcache.ATTENTION
-    prompts = ids_of(engine)
+    prompts = ids_of(engine, PROMPTS)
     params = GenerationParams(max_new_tokens=10, repetition_penalty=1.2)
     single = [engine.generate([p], params)[0] for p in prompts]
     assert not spy_groups  # one row: one group, no grouped cache
     batched = engine.generate(prompts, params)
     assert len(spy_groups) == 1 and len(spy_groups[0]) > 1 and sum(spy_groups[0]) == len(prompts)
-    assert_same(batched, single)
+    assert_same_completions(batched, single)
 
 
 @pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
@@ -66,7 +55,7 @@ def test_rows_leaving_a_grouped_batch_at_different_steps(request, monkeypatch, s
     engine = request.getfixturevalue(engine_name)
     monkeypatch.setattr(engine, "decode_groups", 100)
     monkeypatch.setattr(engine_mod, "PREFILL_MIN_FILL", 1.0)  # a group per distinct length
-    prompts = ids_of(engine)
+    prompts = ids_of(engine, PROMPTS)
     params = GenerationParams(max_new_tokens=9)
     free = engine.generate(prompts, params)
     # Make some rows' k-th greedy token an EOS token, k different per row, as if the model chose to stop there.
@@ -77,21 +66,21 @@ def test_rows_leaving_a_grouped_batch_at_different_steps(request, monkeypatch, s
     out = engine.generate(prompts, params)
     assert len(spy_groups[0]) == len({len(p) for p in prompts}) > 3
     assert len({len(c.token_ids) for c in out}) > 2  # rows really ended at different steps
-    assert_same(out, [engine.generate([p], params)[0] for p in prompts])
+    assert_same_completions(out, [engine.generate([p], params)[0] for p in prompts])
 
 
 def test_a_model_that_bypasses_grouped_attention_falls_back(tiny_gpt2):
     """If some layer does not call the grouped attention (custom model code), the batch is decoded again with
     one merged cache, and the engine stops grouping: nothing wrong reaches the caller."""
     engine = engine_mod.Engine(tiny_gpt2)
-    prompts = ids_of(engine)
+    prompts = ids_of(engine, PROMPTS)
     params = GenerationParams(max_new_tokens=8)
     single = [engine.generate([p], params)[0] for p in prompts]
     engine.model.set_attn_implementation("sdpa")  # attention no longer goes through runner's function
     assert engine._grouped
     out = engine.generate(prompts, params)
     assert not engine._grouped
-    assert_same(out, single)
+    assert_same_completions(out, single)
 
 
 def test_grouped_cache_select_keeps_rows_and_drops_empty_groups():
@@ -116,23 +105,24 @@ def test_grouped_cache_select_keeps_rows_and_drops_empty_groups():
     assert cache.mask(1, 2)[:, 0, 0].tolist() == [[True, True], [False, True]]
 
 
-def test_decode_groups_cover_every_row_and_merge_the_cheapest_neighbours():
+@pytest.mark.parametrize("most", [1, 2, 3, 5])
+def test_decode_groups_cover_every_row_and_merge_the_cheapest_neighbours(most):
     lengths = [3, 200, 40, 41, 199, 5, 4, 120, 1, 60]
     free = engine_mod.decode_groups(lengths, 100)
     assert free == engine_mod.prefill_groups(lengths, 10**9)
-    for most in (1, 2, 3, 5):
-        groups = engine_mod.decode_groups(lengths, most)
-        assert len(groups) == min(most, len(free))
-        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-        for g in groups:
-            assert [lengths[i] for i in g] == sorted((lengths[i] for i in g), reverse=True)
+    groups = engine_mod.decode_groups(lengths, most)
+    assert len(groups) == min(most, len(free))
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert [lengths[i] for i in g] == sorted((lengths[i] for i in g), reverse=True)
     # Free groups {200,199} {120} {60} {41,40} {5,4,3} {1}. Merging adds (rows of the shorter) x (width gap)
     # padded slots: {5,4,3}+{1} 4, then {60}+{41,40} 38, then {200,199}+{120} 80 (cheaper than 180 or 220).
-    assert [sorted(lengths[i] for i in g) for g in engine_mod.decode_groups(lengths, 3)] == [
-        [120, 199, 200],
-        [40, 41, 60],
-        [1, 3, 4, 5],
-    ]
+    if most == 3:
+        assert [sorted(lengths[i] for i in g) for g in groups] == [
+            [120, 199, 200],
+            [40, 41, 60],
+            [1, 3, 4, 5],
+        ]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -170,7 +160,7 @@ def test_onednn_layers_compute_what_the_layers_compute(monkeypatch):
 def test_engine_on_cpu_uses_onednn_and_stays_exact(gpt2_engine, monkeypatch):
     engine = gpt2_engine
     assert engine.kernels["onednn_linear"] > 0
-    prompts = ids_of(engine)
+    prompts = ids_of(engine, PROMPTS)
     params = GenerationParams(max_new_tokens=8)
     with_onednn = engine.generate(prompts, params)
     kernels.uninstall(engine.model, ("onednn_linear",))
@@ -178,7 +168,7 @@ def test_engine_on_cpu_uses_onednn_and_stays_exact(gpt2_engine, monkeypatch):
         without = engine.generate(prompts, params)
     finally:
         kernels.install(engine.model)
-    assert_same(with_onednn, without)
+    assert_same_completions(with_onednn, without)
 
 
 def test_gpt2_gelu_is_fused_and_computes_gelu_new(gpt2_engine):

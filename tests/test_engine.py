@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_same_completions, ids_of, plain_logprobs
 
 from runner import GenerationParams
 from runner import engine as engine_mod
@@ -19,28 +20,16 @@ PROMPTS = [
 ]
 
 
-def ids_of(engine, texts=PROMPTS):
-    return [encode(engine.tokenizer, t, chat=False) for t in texts]
-
-
-def assert_same(batched, single, tol=1e-4):
-    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
-    assert [c.text for c in batched] == [c.text for c in single]
-    assert [c.finish_reason for c in batched] == [c.finish_reason for c in single]
-    for b, s in zip(batched, single, strict=True):
-        assert max(abs(x - y) for x, y in zip(b.token_logprobs, s.token_logprobs, strict=True)) < tol
-
-
 @pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_batched_greedy_equals_one_at_a_time(request, engine_name, penalty):
     engine = request.getfixturevalue(engine_name)
-    prompts = ids_of(engine)
+    prompts = ids_of(engine, PROMPTS)
     assert len({len(p) for p in prompts}) > 3  # really mixed lengths, so padding is exercised
     params = GenerationParams(max_new_tokens=12, repetition_penalty=penalty)
     batched = engine.generate(prompts, params)
     single = [engine.generate([p], params)[0] for p in prompts]
-    assert_same(batched, single)
+    assert_same_completions(batched, single)
     assert len({tuple(c.token_ids) for c in batched}) > 1  # the model is not degenerate
 
 
@@ -52,7 +41,7 @@ def test_grouped_prefill_and_growing_cache_change_nothing(request, monkeypatch, 
     from runner import kvcache
 
     engine = request.getfixturevalue(engine_name)
-    prompts = ids_of(engine)
+    prompts = ids_of(engine, PROMPTS)
     params = GenerationParams(max_new_tokens=12, repetition_penalty=1.2)
     single = [engine.generate([p], params)[0] for p in prompts]
     if how == "row_per_group":
@@ -67,47 +56,46 @@ def test_grouped_prefill_and_growing_cache_change_nothing(request, monkeypatch, 
         monkeypatch.setattr(engine, "_merge_caches", False)
     groups = engine_mod.prefill_groups([len(p) for p in prompts], engine.prefill_tokens)
     assert len(groups) == {"row_per_group": len(prompts), "one_group": 1}.get(how, len(groups))
-    assert_same(engine.generate(prompts, params), single)
+    assert_same_completions(engine.generate(prompts, params), single)
 
 
-def test_prefill_groups_cover_every_row_once_within_budget():
-    lengths = [3, 200, 40, 41, 199, 5, 4, 120, 1, 60]
-    for budget in (1, 100, 400, 2048):
-        groups = engine_mod.prefill_groups(lengths, budget)
-        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-        for g in groups:
-            width = max(lengths[i] for i in g)
-            assert len(g) == 1 or width * len(g) <= budget
-            assert sum(lengths[i] for i in g) >= 0.9 * width * len(g)
-    assert engine_mod.prefill_groups(lengths, 1) == [
-        [i] for i in sorted(range(10), key=lambda i: -lengths[i])
-    ]
+GROUP_LENGTHS = [3, 200, 40, 41, 199, 5, 4, 120, 1, 60]
 
 
-def test_merged_cache_is_used_for_plain_attention_models(gpt2_engine, llama_engine):
+@pytest.mark.parametrize("budget", [1, 100, 400, 2048])
+def test_prefill_groups_cover_every_row_once_within_budget(budget):
+    lengths = GROUP_LENGTHS
+    groups = engine_mod.prefill_groups(lengths, budget)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        width = max(lengths[i] for i in g)
+        assert len(g) == 1 or width * len(g) <= budget
+        assert sum(lengths[i] for i in g) >= 0.9 * width * len(g)
+    if budget == 1:
+        assert groups == [[i] for i in sorted(range(10), key=lambda i: -lengths[i])]
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+def test_merged_cache_is_used_for_plain_attention_models(request, engine_name):
     from runner import kvcache
 
-    for engine in (gpt2_engine, llama_engine):
-        ids, mask = left_pad(ids_of(engine)[:2], engine.pad_id, engine.device)
-        with torch.inference_mode():
-            _, cache = engine._forward(ids, mask, engine_mod._positions(mask), None, last_only=True)
-        assert kvcache.mergeable(cache)
-        merged = kvcache.merge_prefills([cache], 5)
-        assert merged.get_seq_length() == ids.shape[1]
-        assert type(merged.layers[0]).__name__ == "GrowingLayer"
+    engine = request.getfixturevalue(engine_name)
+    ids, mask = left_pad(ids_of(engine, PROMPTS)[:2], engine.pad_id, engine.device)
+    with torch.inference_mode():
+        _, cache = engine._forward(ids, mask, engine_mod._positions(mask), None, last_only=True)
+    assert kvcache.mergeable(cache)
+    merged = kvcache.merge_prefills([cache], 5)
+    assert merged.get_seq_length() == ids.shape[1]
+    assert type(merged.layers[0]).__name__ == "GrowingLayer"
 
 
 def test_logprobs_match_a_plain_forward_pass(gpt2_engine):
     engine = gpt2_engine
-    prompts = ids_of(engine)
+    prompts = ids_of(engine, PROMPTS)
     for prompt, comp in zip(
         prompts, engine.generate(prompts, GenerationParams(max_new_tokens=10)), strict=True
     ):
-        full = torch.tensor([prompt + comp.token_ids], device=engine.device)
-        with torch.no_grad():
-            logits = engine.model(full).logits[0].float()
-        lp = torch.log_softmax(logits, -1)
-        expected = [lp[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(comp.token_ids)]
+        expected = plain_logprobs(engine, prompt + comp.token_ids)[0][len(prompt) - 1 :]
         assert comp.token_logprobs == pytest.approx(expected, abs=1e-4)
         assert comp.cumulative_logprob == pytest.approx(sum(expected), abs=1e-3)
 
@@ -115,33 +103,30 @@ def test_logprobs_match_a_plain_forward_pass(gpt2_engine):
 def test_logprobs_are_raw_not_processed(gpt2_engine):
     """Temperature and repetition penalty change which token is picked, never the reported log-prob."""
     engine = gpt2_engine
-    prompt = ids_of(engine)[:1]
+    prompt = ids_of(engine, PROMPTS)[:1]
     comp = engine.generate(
         prompt, GenerationParams(max_new_tokens=6, temperature=0.3, repetition_penalty=2.0), [1]
     )[0]
-    full = torch.tensor([prompt[0] + comp.token_ids], device=engine.device)
-    with torch.no_grad():
-        lp = torch.log_softmax(engine.model(full).logits[0].float(), -1)
-    expected = [lp[len(prompt[0]) - 1 + t, tok].item() for t, tok in enumerate(comp.token_ids)]
+    expected = plain_logprobs(engine, prompt[0] + comp.token_ids)[0][len(prompt[0]) - 1 :]
     assert comp.token_logprobs == pytest.approx(expected, abs=1e-4)
 
 
 def test_sampling_is_seeded_per_row_not_per_batch(gpt2_engine):
     engine = gpt2_engine
-    prompts = ids_of(engine)
+    prompts = ids_of(engine, PROMPTS)
     params = GenerationParams(max_new_tokens=10, temperature=1.5, top_k=50, top_p=0.95)
     seeds = [11, 22, 33, 44, 55, 66]
     first = engine.generate(prompts, params, seeds)
     again = engine.generate(prompts, params, seeds)
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
     single = [engine.generate([p], params, [s])[0] for p, s in zip(prompts, seeds, strict=True)]
-    assert_same(first, single)
+    assert_same_completions(first, single)
     other = engine.generate(prompts, params, [s + 1 for s in seeds])
     assert [c.token_ids for c in other] != [c.token_ids for c in first]
 
 
 def test_top_k_one_sampling_is_greedy(gpt2_engine):
-    prompts = ids_of(gpt2_engine)
+    prompts = ids_of(gpt2_engine, PROMPTS)
     greedy = gpt2_engine.generate(prompts, GenerationParams(max_new_tokens=8))
     sampled = gpt2_engine.generate(prompts, GenerationParams(max_new_tokens=8, top_k=1), list(range(6)))
     assert [c.token_ids for c in sampled] == [c.token_ids for c in greedy]
@@ -149,7 +134,7 @@ def test_top_k_one_sampling_is_greedy(gpt2_engine):
 
 def test_stop_string_cuts_text_and_names_the_string(gpt2_engine):
     engine = gpt2_engine
-    prompts = ids_of(engine)
+    prompts = ids_of(engine, PROMPTS)
     free = engine.generate(prompts, GenerationParams(max_new_tokens=16))
     # A stop string taken from the middle of row 0's own greedy text, so it is sure to occur.
     text0 = free[0].text
@@ -162,7 +147,7 @@ def test_stop_string_cuts_text_and_names_the_string(gpt2_engine):
     assert c.text == text0[: text0.index(stop)]
     assert c.token_ids == free[0].token_ids[: len(c.token_ids)] and len(c.token_ids) < 16
     # The other rows are unaffected by row 0 leaving the batch early, and match one-at-a-time runs.
-    assert_same(stopped, [engine.generate([p], params)[0] for p in prompts])
+    assert_same_completions(stopped, [engine.generate([p], params)[0] for p in prompts])
     for free_c, stop_c in zip(free, stopped, strict=True):
         if stop_c.stop_reason is None:
             assert stop_c.token_ids == free_c.token_ids and stop_c.finish_reason == "length"
@@ -172,7 +157,7 @@ def test_eos_ends_a_row_and_min_new_tokens_holds_it_back(tiny_gpt2):
     from runner.engine import Engine
 
     engine = Engine(tiny_gpt2)
-    prompts = ids_of(engine)
+    prompts = ids_of(engine, PROMPTS)
     free = engine.generate(prompts, GenerationParams(max_new_tokens=8))
     # Make row 0's third greedy token an EOS token of this engine, as if the model had chosen to stop.
     eos = free[0].token_ids[2]
@@ -192,7 +177,7 @@ def test_length_finish_and_padding_equal_to_eos(gpt2_engine):
     """GPT-2 pads with its EOS id; padding must never be read as a finished row."""
     engine = gpt2_engine
     assert engine.tokenizer.pad_token is None and engine.pad_id == engine.eos_ids[0]
-    out = engine.generate(ids_of(engine), GenerationParams(max_new_tokens=5))
+    out = engine.generate(ids_of(engine, PROMPTS), GenerationParams(max_new_tokens=5))
     assert all(c.finish_reason == "length" and len(c.token_ids) == 5 for c in out if c.stop_reason is None)
 
 
@@ -226,7 +211,7 @@ def test_left_pad_shapes():
 
 def test_top_logprobs_include_the_chosen_token_and_match_the_distribution(gpt2_engine):
     engine = gpt2_engine
-    prompts = ids_of(engine)[:3]
+    prompts = ids_of(engine, PROMPTS)[:3]
     params = GenerationParams(max_new_tokens=5, temperature=1.5, logprobs=3)
     out = engine.generate(prompts, params, [1, 2, 3])
     for prompt, c in zip(prompts, out, strict=True):
@@ -251,16 +236,12 @@ def test_top_logprobs_include_the_chosen_token_and_match_the_distribution(gpt2_e
 
 def test_prompt_logprobs_match_a_forward_pass_and_do_not_change_generation(gpt2_engine):
     engine = gpt2_engine
-    prompts = ids_of(engine)
+    prompts = ids_of(engine, PROMPTS)
     plain = engine.generate(prompts, GenerationParams(max_new_tokens=4))
     with_prompt = engine.generate(prompts, GenerationParams(max_new_tokens=4, prompt_logprobs=True))
     assert [c.token_ids for c in with_prompt] == [c.token_ids for c in plain]
     for prompt, c in zip(prompts, with_prompt, strict=True):
-        with torch.no_grad():
-            lp = torch.log_softmax(
-                engine.model(torch.tensor([prompt], device=engine.device)).logits[0].float(), -1
-            )
-        expected = [lp[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+        expected = plain_logprobs(engine, prompt)[0]
         assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(prompt)
         assert c.prompt_logprobs[1:] == pytest.approx(expected, abs=1e-4)
 

@@ -6,6 +6,7 @@ import string
 
 import pytest
 import torch
+from helpers import write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,13 +21,8 @@ from runner.worker import run_job
 
 @pytest.fixture
 def prompts_file(tmp_path):
-    p = tmp_path / "p.jsonl"
-    p.write_text(
-        "".join(
-            json.dumps({"id": f"r{i}", "prompt": "The old man said " * (1 + i % 4)}) + "\n" for i in range(8)
-        )
-    )
-    return p
+    rows = ({"id": f"r{i}", "prompt": "The old man said " * (1 + i % 4)} for i in range(8))
+    return write_jsonl(tmp_path / "p.jsonl", rows)
 
 
 def test_out_of_memory_splits_the_batch_and_loses_nothing(
@@ -211,11 +207,11 @@ def _overflow_hook(engine, overflow_token, nan_token, calls):
 
 @pytest.fixture
 def words_file(tmp_path):
-    p = tmp_path / "w.jsonl"
     words = ["apple", "river", "yellow", "morning", "coffee", "library"]
-    p.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"The old man said {w}"}) + "\n"
-                         for i, w in enumerate(words)))  # fmt: skip
-    return p
+    return write_jsonl(
+        tmp_path / "w.jsonl",
+        ({"id": f"r{i}", "prompt": f"The old man said {w}"} for i, w in enumerate(words)),
+    )
 
 
 def test_in_float32_restores_every_weight_bit_for_bit(tiny_llama, monkeypatch):

@@ -5,14 +5,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_jsonl
 
 from runner import InputError, ParamError
 from runner.inputs import PromptReader, SeenIds, Template, read_prompts
-
-
-def write_jsonl(path, lines):
-    path.write_bytes(b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\n" for ln in lines))
-    return path
 
 
 def problems_of(path, **kw):

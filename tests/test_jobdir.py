@@ -10,6 +10,7 @@ import threading
 
 import pytest
 from fsfaults import FsFaults
+from helpers import assert_exactly_once, reference_run
 
 import runner
 from runner import EngineOptions, GenerationParams, RunnerError, jobdir, storage
@@ -24,31 +25,17 @@ N = 8  # prompts; units of 3 rows: 3 units, 16 result rows
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_gpt2):
-    root = tmp_path_factory.mktemp("jobdir")
-    prompts = root / "p.jsonl"
-    prompts.write_text(
-        "".join(json.dumps({"id": f"r{i}", "prompt": f"The old man said {i}"}) + "\n" for i in range(N))
+    rows = [{"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(N)]
+    prompts, ref = reference_run(
+        tmp_path_factory.mktemp("jobdir"), tiny_gpt2, rows, PARAMS, OPTIONS, unit_rows=3
     )
-    ref = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "ref", unit_rows=3)
-    run_job(ref, echo=None)
-    return prompts, runner.load_results(ref.dir)
+    assert len(ref) == 2 * N
+    return prompts, ref
 
 
 @pytest.fixture
 def job(reference, tiny_gpt2, runner_home):
     return create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
-
-
-def assert_exactly_once(job_dir, ref, complete=True):
-    df = runner.load_results(job_dir)
-    keys = list(zip(df["id"], df["sample"], strict=True))
-    assert len(keys) == len(set(keys)), "a (row, sample) appears twice"
-    merged = df.merge(ref, on=["id", "sample"], suffixes=("", "_ref"))
-    assert len(merged) == len(df)
-    assert all(list(a) == list(b) for a, b in zip(merged["token_ids"], merged["token_ids_ref"], strict=True))
-    if complete:
-        assert len(df) == len(ref) == 2 * N
-    return len(df)
 
 
 def stop_after(n):

@@ -6,18 +6,13 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_jsonl
 
 import runner
 from runner import GenerationParams, InputError, ParamError, RunnerError
 from runner.jobs import Job, create_job
 from runner.results import done_keys, valid_shards
 from runner.worker import run_job
-
-
-def write_prompts(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
 
 ROWS = [
     {"id": "fox", "prompt": "The quick brown fox", "lang": "en"},
@@ -30,7 +25,7 @@ ROWS = [
 
 @pytest.fixture
 def prompts_file(tmp_path):
-    return write_prompts(tmp_path / "prompts.jsonl", ROWS)
+    return write_jsonl(tmp_path / "prompts.jsonl", ROWS)
 
 
 def test_run_writes_schema_and_results_in_input_order(tmp_path, prompts_file, tiny_gpt2, gpt2_engine):
@@ -148,7 +143,7 @@ def test_damaged_shards_are_not_counted_and_are_redone(
 
 
 def test_invalid_rows_are_refused_or_skipped_into_errors_file(tmp_path, tiny_gpt2, gpt2_engine):
-    f = write_prompts(tmp_path / "p.jsonl", [{"prompt": "good"}, {"prompt": ""}, {"prompt": "also good"}])
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "good"}, {"prompt": ""}, {"prompt": "also good"}])
     with pytest.raises(InputError, match=r"p.jsonl:2: prompt: prompt is empty"):
         create_job(f, tiny_gpt2)
     assert not any((tmp_path / "home").glob("*")) if (tmp_path / "home").exists() else True  # nothing queued
@@ -162,7 +157,7 @@ def test_invalid_rows_are_refused_or_skipped_into_errors_file(tmp_path, tiny_gpt
 
 def test_context_window_is_checked_and_truncate_left_keeps_the_end(tmp_path, tiny_gpt2, gpt2_engine):
     long = " ".join(["word"] * 400)  # the tiny GPT-2 has 256 positions
-    f = write_prompts(tmp_path / "p.jsonl", [{"id": "long", "prompt": long}, {"id": "short", "prompt": "Hi"}])
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": "long", "prompt": long}, {"id": "short", "prompt": "Hi"}])
     with pytest.raises(InputError, match=r"p.jsonl:1: prompt: prompt is \d+ tokens; with max_new_tokens=16 it exceeds "
                                          r"the model's context window of 256 tokens"):  # fmt: skip
         create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=16))
@@ -173,7 +168,7 @@ def test_context_window_is_checked_and_truncate_left_keeps_the_end(tmp_path, tin
 
 
 def test_chat_messages_use_the_chat_template(tmp_path, tiny_llama, tiny_gpt2):
-    f = write_prompts(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hello there"}]}])
+    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hello there"}]}])
     job = create_job(f, tiny_llama, GenerationParams(max_new_tokens=3))
     prompt = job.prompts().column("prompt")[0].as_py()
     assert prompt == "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"

@@ -1,9 +1,7 @@
 """Kill a real `runner work` process with SIGKILL (as Colab does) at random and at named instants, run it
 again, and check the results are exactly-once and equal to an uninterrupted run."""
 
-import json
 import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -11,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import workers
+from helpers import assert_exactly_once, fresh_copy, reference_run
 
 import runner
 import runner.jobs as jobs
@@ -18,7 +17,6 @@ from runner import EngineOptions, GenerationParams
 from runner.jobdir import read_state
 from runner.jobs import Job, create_job
 from runner.results import valid_shards
-from runner.worker import run_job
 
 pytestmark = pytest.mark.slow  # real worker processes or the demo model: `make test` runs it, test-fast not
 
@@ -31,16 +29,14 @@ OPTIONS = EngineOptions(batch_size=2)
 def prepared(tmp_path_factory, tiny_gpt2):
     """A submitted job that nothing has run yet (copied per trial), and the uninterrupted reference results."""
     root = tmp_path_factory.mktemp("kill")
-    prompts = root / "p.jsonl"
     words = "the old man said that every student reads a language model slowly".split()
-    prompts.write_text("".join(
-        json.dumps({"id": f"r{i:02d}", "prompt": " ".join(words[: 2 + i % len(words)]), "k": i}) + "\n"
-        for i in range(N_PROMPTS)
-    ))  # fmt: skip
+    rows = [
+        {"id": f"r{i:02d}", "prompt": " ".join(words[: 2 + i % len(words)]), "k": i} for i in range(N_PROMPTS)
+    ]
+    prompts, ref = reference_run(root, tiny_gpt2, rows, PARAMS, OPTIONS)
+    assert len(ref) == N_PROMPTS * N_SAMPLES
     template = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "template")
-    ref_job = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "reference")
-    run_job(ref_job, echo=None)
-    return template.dir, runner.load_results(ref_job.dir)
+    return template.dir, ref
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +48,6 @@ def windowed(tmp_path_factory, prepared, tiny_gpt2):
         job = create_job(Job.open(prepared[0]).meta["input"]["path"], tiny_gpt2, PARAMS, OPTIONS,
                          job_dir=root / "template")  # fmt: skip
     return job.dir, prepared[1]
-
-
-def fresh_home(tmp_path, prepared):
-    home = tmp_path / "home"
-    home.mkdir(parents=True)
-    shutil.copytree(prepared[0], home / "job")
-    return home, home / "job"
-
-
-def start_worker(home, *extra, env_extra=None):
-    return workers.start_worker(home, *extra, env_extra=env_extra)
 
 
 def commits(job_dir: Path) -> int:
@@ -100,27 +85,12 @@ def log_size(job_dir):
     return len(log.read_text()) if log.exists() else 0
 
 
-def assert_exactly_once_and_equal(job_dir, ref, complete=True):
-    df = runner.load_results(job_dir)
-    keys = list(zip(df["id"], df["sample"], strict=True))
-    assert len(keys) == len(set(keys)), "a result row appears twice"
-    merged = df.merge(ref, on=["id", "sample"], suffixes=("", "_ref"))
-    assert len(merged) == len(df)
-    for a, b in zip(merged["token_ids"], merged["token_ids_ref"], strict=True):
-        assert list(a) == list(b)
-    assert (merged["text"] == merged["text_ref"]).all()
-    if complete:
-        assert len(df) == len(ref) == N_PROMPTS * N_SAMPLES
-        assert list(df["id"]) == list(ref["id"]) and list(df["sample"]) == list(ref["sample"])
-    return len(df)
-
-
 def finish(home, job_dir, ref):
-    proc = start_worker(home)
+    proc = workers.start_worker(home)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert read_state(job_dir).state == "completed", out
-    assert_exactly_once_and_equal(job_dir, ref)
+    assert_exactly_once(job_dir, ref)
 
 
 def test_sigkill_at_random_instants(tmp_path, prepared, windowed):
@@ -134,11 +104,11 @@ def test_sigkill_at_random_instants(tmp_path, prepared, windowed):
     while kills < 20:
         rounds += 1
         template = windowed if rounds % 2 == 0 else prepared
-        home, job_dir = fresh_home(tmp_path / f"round{rounds}", template)
+        home, job_dir = fresh_copy(tmp_path / f"round{rounds}", template[0])
         assert pq.read_metadata(job_dir / "prompts.parquet").num_row_groups == (5 if rounds % 2 == 0 else 1)
         for _ in range(5):
             before = log_size(job_dir)
-            proc = start_worker(home)
+            proc = workers.start_worker(home)
             if not wait_for_generation(job_dir, before, proc):
                 proc.wait()
                 break  # the job finished before this start reached generation: nothing left to kill
@@ -151,7 +121,7 @@ def test_sigkill_at_random_instants(tmp_path, prepared, windowed):
             if proc.returncode == -signal.SIGKILL:
                 kills += 1
                 windowed_kills += template is windowed
-            done = assert_exactly_once_and_equal(job_dir, prepared[1], complete=False)
+            done = assert_exactly_once(job_dir, prepared[1], complete=False)
             progressed += done > 0
         finish(home, job_dir, prepared[1])
     assert kills >= 20 and progressed > 0 and windowed_kills > 0
@@ -159,8 +129,8 @@ def test_sigkill_at_random_instants(tmp_path, prepared, windowed):
 
 @pytest.mark.parametrize("point", ["after_generate", "mid_write", "after_shard"])
 def test_sigkill_at_named_points(tmp_path, prepared, point):
-    home, job_dir = fresh_home(tmp_path, prepared)
-    proc = start_worker(home, env_extra={"RUNNER_FAULT": f"{point}:3"})
+    home, job_dir = fresh_copy(tmp_path, prepared[0])
+    proc = workers.start_worker(home, env_extra={"RUNNER_FAULT": f"{point}:3"})
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, out
     counted = {s.name for s in valid_shards(job_dir)}
@@ -169,13 +139,13 @@ def test_sigkill_at_named_points(tmp_path, prepared, point):
         assert len(on_disk - counted) == 1  # the shard without its marker is on disk and does not count
     if point == "mid_write":
         assert any(p.startswith(".") for p in on_disk)  # a half-copied temp file, never counted
-    assert_exactly_once_and_equal(job_dir, prepared[1], complete=False)
+    assert_exactly_once(job_dir, prepared[1], complete=False)
     finish(home, job_dir, prepared[1])
 
 
 def test_ctrl_c_finishes_the_batch_and_stops_cleanly(tmp_path, prepared):
-    home, job_dir = fresh_home(tmp_path, prepared)
-    proc = start_worker(home)
+    home, job_dir = fresh_copy(tmp_path, prepared[0])
+    proc = workers.start_worker(home)
     assert wait_for_generation(job_dir, 0, proc)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)

@@ -2,12 +2,11 @@
 worker's. In process (two workers in threads, with events deciding who does what), as `runner work --workers
 3`, and under torchrun (one process per LOCAL_RANK)."""
 
-import json
-import shutil
 import threading
 
 import pytest
-from workers import ROOT, worker_env
+from helpers import assert_exactly_once, fresh_copy, reference_run
+from workers import run_runner
 
 import runner
 from runner import EngineOptions, GenerationParams
@@ -19,40 +18,22 @@ from runner.worker import JobRun, run_job
 PARAMS = GenerationParams(max_new_tokens=5, temperature=1.0, num_return_sequences=2, seed=5)
 OPTIONS = EngineOptions(batch_size=2)
 N = 18
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_gpt2):
     root = tmp_path_factory.mktemp("many")
-    prompts = root / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"q{i:02d}", "prompt": f"Every student reads {i}"}) + "\n"
-                               for i in range(N)))  # fmt: skip
+    rows = [{"id": f"q{i:02d}", "prompt": f"Every student reads {i}"} for i in range(N)]
+    prompts, ref = reference_run(root, tiny_gpt2, rows, PARAMS, OPTIONS)
     template = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "template", unit_rows=3)
-    ref = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "ref")
-    run_job(ref, echo=None)
-    return template.dir, runner.load_results(ref.dir)
-
-
-def fresh(tmp_path, prepared):
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copytree(prepared[0], home / "job")
-    return home, home / "job"
-
-
-def assert_same_as_one_worker(job_dir, ref):
-    df = runner.load_results(job_dir)
-    cols = ["id", "sample", "text", "finish_reason"]
-    assert df[cols].to_json() == ref[cols].to_json()
-    assert [list(t) for t in df["token_ids"]] == [list(t) for t in ref["token_ids"]]
-    for a, b in zip(df["token_logprobs"], ref["token_logprobs"], strict=True):
-        assert list(a) == pytest.approx(list(b), abs=1e-4)
+    return template.dir, ref
 
 
 def test_two_workers_share_a_job_by_units_and_it_completes_once(tmp_path, prepared, tiny_gpt2, monkeypatch):
     """Worker A holds its first batch until worker B has committed a unit: both do part of the job, status
     shows both while they work, and the job ends completed with one worker's results."""
-    home, job_dir = fresh(tmp_path, prepared)
+    home, job_dir = fresh_copy(tmp_path, prepared[0])
     b_committed = threading.Event()
     seen_workers = []
     original_commit, original_compute = JobRun.commit, JobRun.compute
@@ -92,43 +73,34 @@ def test_two_workers_share_a_job_by_units_and_it_completes_once(tmp_path, prepar
     assert summaries["A"].generated + summaries["B"].generated == 2 * N  # nothing computed twice
     assert any(s.finished for s in summaries.values())
     assert runner.status(job_dir).state == "completed"
-    assert_same_as_one_worker(job_dir, prepared[1])
-
-
-def _run(args, home, timeout=300, **env):
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        args if args[0] != "runner" else [sys.executable, "-m", "runner", "--home", str(home), *args[1:]],
-        capture_output=True, text=True, env=worker_env({"OMP_NUM_THREADS": "1", **env}), timeout=timeout, cwd=ROOT,
-    )  # fmt: skip
-    return proc.returncode, proc.stdout + proc.stderr
+    assert_exactly_once(job_dir, prepared[1])
 
 
 @pytest.mark.slow
 def test_three_worker_processes_finish_one_job_like_one_worker(tmp_path, prepared):
-    home, job_dir = fresh(tmp_path, prepared)
-    code, out = _run(["runner", "work", "--workers", "3", "--job", str(job_dir), "--shard-rows", "2"], home)
+    home, job_dir = fresh_copy(tmp_path, prepared[0])
+    code, out = run_runner(
+        "--home", home, "work", "--workers", 3, "--job", job_dir, "--shard-rows", 2, env_extra=ONE_THREAD
+    )
     assert code == 0 and "Traceback" not in out, out
     assert "started 3 worker processes" in out
     assert runner.status(job_dir).state == "completed"
-    assert_same_as_one_worker(job_dir, prepared[1])
+    assert_exactly_once(job_dir, prepared[1])
     assert len(Job.open(job_dir).read_stats()["runs"]) >= 1
 
 
 @pytest.mark.slow
 def test_torchrun_processes_each_take_units_of_one_job(tmp_path, prepared):
-    import sys
-
-    home, job_dir = fresh(tmp_path, prepared)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "runner"]
-    code, out = _run([*torchrun, "--home", str(home), "work", "--job", "job", "--shard-rows", "2"], home)
+    home, job_dir = fresh_copy(tmp_path, prepared[0])
+    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "runner")
+    code, out = run_runner(
+        "--home", home, "work", "--job", "job", "--shard-rows", 2, prefix=torchrun, env_extra=ONE_THREAD
+    )
     assert code == 0 and "Traceback" not in out, out
     assert runner.status(job_dir).state == "completed"
-    assert_same_as_one_worker(job_dir, prepared[1])
+    assert_exactly_once(job_dir, prepared[1])
 
 
 def test_gpus_needs_a_gpu_and_says_so(tmp_path):
-    code, out = _run(["runner", "work", "--gpus", "all"], tmp_path)
+    code, out = run_runner("--home", tmp_path, "work", "--gpus", "all", env_extra=ONE_THREAD)
     assert code == 1 and "no CUDA GPU is visible" in out and "--workers N" in out

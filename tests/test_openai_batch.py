@@ -4,11 +4,10 @@ killed at any point and rerun writes the same bytes."""
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
-from workers import ROOT, worker_env
+from helpers import invoke, write_jsonl
+from workers import run_runner
 
 import runner
 from runner import GenerationParams, InputError
@@ -41,11 +40,6 @@ def mixed_requests(model):
         request("p3", comp, {"model": model, "prompt": "A language model", "max_tokens": 6, "n": 3,
                              "top_k": 5, "repetition_penalty": 1.3}),
     ]  # fmt: skip
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def assert_real_openai_object(obj):
@@ -234,44 +228,39 @@ def test_embeddings_batch(tmp_path, tiny_gpt2):
     assert [check_output_line(x).data[0].index for x in lines] == [0, 0, 0]
 
 
-def _run_batch(tmp_path, model, inp, out, fault=None):
-    env = worker_env({"OMP_NUM_THREADS": "1", **({"RUNNER_FAULT": fault} if fault else {})})
-    cmd = [sys.executable, "-m", "runner", "run-batch", "-i", str(inp), "-o", str(out), "--model", model,
-           "--served-model-name", "tiny", "--batch-size", "2"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    return proc.returncode, proc.stdout + proc.stderr
+def _run_batch(model, inp, out, fault=None):
+    env = {"OMP_NUM_THREADS": "1", **({"RUNNER_FAULT": fault} if fault else {})}
+    return run_runner("run-batch", "-i", inp, "-o", out, "--model", model, "--served-model-name", "tiny",
+                      "--batch-size", 2, env_extra=env)  # fmt: skip
 
 
 @pytest.mark.slow
 def test_run_batch_killed_and_rerun_writes_the_same_bytes(tmp_path, tiny_llama):
     inp = write_jsonl(tmp_path / "in.jsonl", mixed_requests("tiny"))
-    code, log = _run_batch(tmp_path, tiny_llama, inp, tmp_path / "ref.jsonl")
+    code, log = _run_batch(tiny_llama, inp, tmp_path / "ref.jsonl")
     assert code == 0 and "Traceback" not in log, log
     reference = (tmp_path / "ref.jsonl").read_bytes()
     assert (tmp_path / "ref.errors.jsonl").read_bytes() == b""
     for n, point in enumerate(["after_generate:1", "after_shard:1", "after_generate:2", "before_replace:2"]):
         out = tmp_path / f"out{n}.jsonl"
-        code, log = _run_batch(tmp_path, tiny_llama, inp, out, fault=point)
+        code, log = _run_batch(tiny_llama, inp, out, fault=point)
         assert code == -signal.SIGKILL and not out.exists(), log  # killed: no output file, not half of one
-        code, log = _run_batch(tmp_path, tiny_llama, inp, out)
+        code, log = _run_batch(tiny_llama, inp, out)
         assert code == 0 and "Traceback" not in log, log
         assert out.read_bytes() == reference, point
 
 
 def test_run_batch_through_the_cli_and_results_format_openai(tmp_path, tiny_gpt2):
-    from click.testing import CliRunner
-
-    from runner.cli import cli
-
     reqs = [request(f"r{i}", "/v1/completions", {"model": "tiny", "prompt": f"Every student {i}", "max_tokens": 3,
                                                   "temperature": 0}) for i in range(4)]  # fmt: skip
     inp = write_jsonl(tmp_path / "in.jsonl", reqs)
-    result = CliRunner().invoke(cli, ["run-batch", "-i", str(inp), "-o", str(tmp_path / "out.jsonl"), "--model",
-                                      tiny_gpt2, "--served-model-name", "tiny"])  # fmt: skip
+    result = invoke("run-batch", "-i", inp, "-o", tmp_path / "out.jsonl", "--model", tiny_gpt2, "--served-model-name",
+                    "tiny")  # fmt: skip
     assert result.exit_code == 0, result.output
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert [json.loads(x)["custom_id"] for x in lines] == ["r0", "r1", "r2", "r3"]
-    result = CliRunner().invoke(cli, ["results", str(tmp_path / "out.jsonl.job"), "--format", "openai", "--to",
-                                      str(tmp_path / "again.jsonl")])  # fmt: skip
+    result = invoke(
+        "results", tmp_path / "out.jsonl.job", "--format", "openai", "--to", tmp_path / "again.jsonl"
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()

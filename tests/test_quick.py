@@ -1,12 +1,9 @@
 """`runner generate` (a quick try, nothing saved) and `--chat` (plain prompts through the chat template)."""
 
-import json
-
-from click.testing import CliRunner
+from helpers import invoke, write_jsonl
 
 import runner
 from runner import GenerationParams
-from runner.cli import cli
 
 
 def test_generate_prints_text_and_matches_the_engine(tiny_gpt2, gpt2_engine):
@@ -17,9 +14,7 @@ def test_generate_prints_text_and_matches_the_engine(tiny_gpt2, gpt2_engine):
         [c.token_ids for c in s] for s in again
     ]  # repeatable
     assert [len(s) for s in first] == [2, 2]
-    result = CliRunner().invoke(
-        cli, ["generate", "The old man", "-m", tiny_gpt2, "--max-new-tokens", "5", "--greedy"]
-    )
+    result = invoke("generate", "The old man", "-m", tiny_gpt2, "--max-new-tokens", 5, "--greedy")
     assert result.exit_code == 0, result.output
     greedy = gpt2_engine.generate(
         [gpt2_engine.tokenizer("The old man")["input_ids"]], GenerationParams(max_new_tokens=5)
@@ -29,8 +24,9 @@ def test_generate_prints_text_and_matches_the_engine(tiny_gpt2, gpt2_engine):
 
 def test_generate_reads_stdin_and_txt_files(tmp_path, tiny_gpt2):
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
-    result = CliRunner().invoke(cli, ["generate", "-", str(tmp_path / "p.txt"), "-m", tiny_gpt2, "--max-new-tokens", "2"],
-                                input="zero\n")  # fmt: skip
+    result = invoke(
+        "generate", "-", tmp_path / "p.txt", "-m", tiny_gpt2, "--max-new-tokens", 2, input="zero\n"
+    )
     assert result.exit_code == 0, result.output
     assert [ln.split("]")[0] for ln in result.output.splitlines()] == ["[zero", "[one", "[two"]
 
@@ -38,20 +34,19 @@ def test_generate_reads_stdin_and_txt_files(tmp_path, tiny_gpt2):
 def test_chat_wraps_plain_prompts_and_a_raw_prompt_to_a_chat_model_is_warned(
     tmp_path, tiny_llama, runner_home
 ):
-    p = tmp_path / "p.jsonl"
-    p.write_text(json.dumps({"id": "a", "prompt": "Hello there"}) + "\n")
-    result = CliRunner().invoke(cli, ["submit", str(p), "-m", tiny_llama])
+    p = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello there"}])
+    result = invoke("submit", p, "-m", tiny_llama)
     assert (
         result.exit_code == 0
         and "WARNING: the model has a chat template" in result.stderr
         and "--chat" in result.stderr
     )
-    result = CliRunner().invoke(cli, ["submit", str(p), "-m", tiny_llama, "--chat"])
+    result = invoke("submit", p, "-m", tiny_llama, "--chat")
     assert result.exit_code == 0 and "WARNING" not in result.stderr
     job = runner.open_job(result.stdout.strip())
     assert (
         job.prompts().column("prompt")[0].as_py()
         == "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
     )
-    result = CliRunner().invoke(cli, ["submit", str(p), "-m", tiny_llama, "--chat", "--kind", "score"])
+    result = invoke("submit", p, "-m", tiny_llama, "--chat", "--kind", "score")
     assert result.exit_code == 1 and "--chat: chat is for generate jobs" in result.output

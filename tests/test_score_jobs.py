@@ -7,11 +7,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
+from helpers import invoke, write_jsonl
 
 import runner
 from runner import EngineOptions
-from runner.cli import cli
 from runner.jobs import Job, create_job
 from runner.params import EmbedParams, ScoreParams
 from runner.results import valid_shards
@@ -27,9 +26,7 @@ ROWS = [
 
 @pytest.fixture
 def texts(tmp_path):
-    p = tmp_path / "texts.jsonl"
-    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
-    return p
+    return write_jsonl(tmp_path / "texts.jsonl", ROWS)
 
 
 def test_score_job_columns_and_values(tmp_path, texts, tiny_gpt2, gpt2_engine):
@@ -122,132 +119,33 @@ def test_score_jobs_resume_like_generation(tmp_path, texts, tiny_gpt2, gpt2_engi
 
 
 def test_cli_score_embed_and_submit_kind(tmp_path, texts, tiny_gpt2, runner_home):
-    r = CliRunner().invoke(cli, ["score", str(texts), "-m", tiny_gpt2, "-o", str(tmp_path / "s")])
+    r = invoke("score", texts, "-m", tiny_gpt2, "-o", tmp_path / "s")
     assert r.exit_code == 0, r.output
     assert len(runner.load_results(tmp_path / "s")) == 4
-    preview = CliRunner().invoke(cli, ["results", str(tmp_path / "s")])
+    preview = invoke("results", tmp_path / "s")
     assert (
         preview.exit_code == 0
         and "perplexity" in preview.output
         and "(4 rows; --to FILE to export)" in preview.output
     )
-    r = CliRunner().invoke(
-        cli, ["embed", str(texts), "-m", tiny_gpt2, "--skip-invalid", "-o", str(tmp_path / "e")]
-    )
+    r = invoke("embed", texts, "-m", tiny_gpt2, "--skip-invalid", "-o", tmp_path / "e")
     assert r.exit_code == 0, r.output
-    assert CliRunner().invoke(cli, ["results", str(tmp_path / "e")]).exit_code == 0
-    r = CliRunner().invoke(
-        cli, ["submit", str(texts), "-m", tiny_gpt2, "--kind", "score", "--temperature", "0.5"]
-    )
+    assert invoke("results", tmp_path / "e").exit_code == 0
+    r = invoke("submit", texts, "-m", tiny_gpt2, "--kind", "score", "--temperature", "0.5")
     assert r.exit_code == 1 and r.output.startswith("Error: --temperature: not used by score jobs.")
-    r = CliRunner().invoke(cli, ["submit", str(texts), "-m", tiny_gpt2, "--kind", "score", "--no-add-bos"])
+    r = invoke("submit", texts, "-m", tiny_gpt2, "--kind", "score", "--no-add-bos")
     assert r.exit_code == 0 and "queued score job" in r.stderr
-    r = CliRunner().invoke(cli, ["run", str(texts), "-m", tiny_gpt2])
+    r = invoke("run", texts, "-m", tiny_gpt2)
     assert r.exit_code == 1 and "prompt: missing" in r.output  # a text file is not a prompt file
 
 
-# --- the scoring math itself -----------------------------------------------------------------------------
-
-SENTENCES = [
-    "The quick brown fox",
-    "Hello",
-    "吾輩は猫である。名前はまだ無い。どこで生れたか",
-    "My friend said that every",
-]
+# --- the demo model (the scoring math itself is tested in test_scoring.py) ------------------------------
 
 
-def plain_logprobs(engine, ids):
-    import torch
-
-    with torch.no_grad():
-        lp = torch.log_softmax(engine.model(torch.tensor([ids])).logits[0].float(), -1)
-    return [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
-
-
-@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
-def test_batched_scores_equal_a_plain_unpadded_forward_pass(request, engine_name):
-    from runner.scoring import score_batch, tokenize_text
-
-    engine = request.getfixturevalue(engine_name)
-    seqs = [tokenize_text(engine.tokenizer, s) for s in SENTENCES]
-    assert len({len(s) for s in seqs}) == len(seqs)
-    scored = score_batch(engine, seqs, [1] * len(seqs))
-    for ids, res in zip(seqs, scored, strict=True):
-        assert res.token_ids == ids[1:]
-        assert res.token_logprobs == pytest.approx(plain_logprobs(engine, ids), abs=1e-4)
-    bos = (
-        engine.tokenizer.bos_token_id
-        if engine.tokenizer.bos_token_id is not None
-        else engine.tokenizer.eos_token_id
-    )
-    assert all(s[0] == bos and s[1] != bos for s in seqs)  # one BOS, never doubled (Llama adds <s> itself)
-
-
-def test_continuation_score_agrees_with_generation_and_is_greedy(gpt2_engine):
-    from runner import GenerationParams
-    from runner.scoring import score_batch
-
-    engine = gpt2_engine
-    ctx = engine.tokenizer("The old man said")["input_ids"]
-    gen = engine.generate([ctx], GenerationParams(max_new_tokens=6))[0]
-    res = score_batch(engine, [ctx + gen.token_ids], [len(ctx)])[0]
-    assert res.token_ids == gen.token_ids and res.is_greedy
-    assert res.logprob == pytest.approx(gen.cumulative_logprob, abs=1e-4)
-    other = gen.token_ids[:-1] + [(gen.token_ids[-1] + 1) % 500]
-    assert not score_batch(engine, [ctx + other], [len(ctx)])[0].is_greedy
-
-
-def test_lm_eval_moves_trailing_whitespace_to_the_continuation(gpt2_engine):
-    from runner.scoring import split_context
-
-    tok = gpt2_engine.tokenizer
-    ctx, cont = split_context(tok, "The capital of France is ", "Paris")
-    assert tok.decode(ctx) == "The capital of France is" and tok.decode(cont) == " Paris"
-    empty_ctx, cont2 = split_context(tok, "", "Hello")
-    assert empty_ctx == [tok.eos_token_id] and tok.decode(cont2) == "Hello"
-
-
-def test_rolling_windows_score_every_token_once():
-    from runner.scoring import rolling_windows
-
-    ids = list(range(1000, 1300))
-    for max_len, stride in [(64, 32), (64, 63), (64, 64), (100, 7), (400, 50)]:
-        scored = []
-        for window, start in rolling_windows(ids, max_len, stride):
-            assert len(window) <= max_len and start >= 1
-            scored += window[start:]
-        assert scored == ids[1:]
-    assert rolling_windows(ids[:50], 64, 32) == [(ids[:50], 1)]  # fits: one window, the plain score
-
-
-def test_rolling_equals_plain_scoring_when_the_window_is_large(gpt2_engine):
-    from runner.scoring import score_batch, score_rows, tokenize_text
-
-    ids = tokenize_text(gpt2_engine.tokenizer, "The quick brown fox " * 20)
-    assert len(ids) < 256
-    assert score_rows(gpt2_engine, [ids], [1], stride=64)[0].token_logprobs == pytest.approx(
-        score_batch(gpt2_engine, [ids], [1])[0].token_logprobs, abs=1e-5
-    )
-
-
-@pytest.mark.parametrize("pooling", ["mean", "last"])
-def test_embeddings_do_not_depend_on_batch_or_padding(llama_engine, pooling):
-    import numpy as np
-
-    from runner.batching import encode
-    from runner.scoring import embed_batch
-
-    seqs = [encode(llama_engine.tokenizer, s, chat=False) for s in SENTENCES]
-    together = np.array(embed_batch(llama_engine, seqs, pooling))
-    alone = np.array([embed_batch(llama_engine, [s], pooling)[0] for s in seqs])
-    assert together.shape == (len(seqs), 64) and np.abs(together - alone).max() < 1e-5
-    assert np.abs(together[0] - together[1]).max() > 1e-3
-
-
+@pytest.mark.slow  # the demo model (converted once per session, ~1 minute): `make test` runs it, test-fast not
 def test_demo_model_prefers_the_true_sentence(tmp_path):
-    p = tmp_path / "paris.jsonl"
-    p.write_text(json.dumps({"id": "paris", "text": "The capital of France is Paris."}) + "\n"
-                 + json.dumps({"id": "berlin", "text": "The capital of France is Berlin."}) + "\n")  # fmt: skip
+    p = write_jsonl(tmp_path / "paris.jsonl", [{"id": "paris", "text": "The capital of France is Paris."},
+                                               {"id": "berlin", "text": "The capital of France is Berlin."}])  # fmt: skip
     job, _ = runner.run(p, "smollm2-135m-instruct", ScoreParams(), output=tmp_path / "out", echo=None)
     df = runner.load_results(job.dir).set_index("id")
     assert df.loc["paris", "logprob"] > df.loc["berlin", "logprob"] + 1.0

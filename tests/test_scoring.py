@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from helpers import plain_logprobs
 
 from runner import GenerationParams
 from runner.engine import PREFILL_MIN_FILL
@@ -32,19 +33,6 @@ SENTENCES = [
     "My friend said that every student learns from a long story.",
     "Hi there",
 ]
-
-
-def plain(engine, ids):
-    """(log P(ids[i] | ids[:i]) for i >= 1, argmax == ids[i]) from one unpadded forward pass of ids[:-1]
-    (the last token is only predicted), without position ids or attention mask."""
-    import torch
-
-    with torch.no_grad():
-        logits = engine.model(torch.tensor([ids[:-1]], device=engine.device)).logits[0].float()
-    lp = torch.log_softmax(logits, -1)
-    lps = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
-    greedy = [int(logits[i - 1].argmax()) == ids[i] for i in range(1, len(ids))]
-    return lps, greedy
 
 
 def long_ids(engine, n_min):
@@ -110,9 +98,11 @@ def test_batched_scores_equal_plain_unpadded_forward_passes(request, name):
     seqs = [tokenize_text(engine.tokenizer, s) for s in SENTENCES]
     froms = [1, 1, 3, 5, 2]  # some rows keep more context unscored
     assert len({len(s) for s in seqs}) == len(seqs)
+    bos = engine.tokenizer.bos_token_id  # GPT-2: <|endoftext|> is both BOS and EOS
+    assert all(s[0] == bos and s[1] != bos for s in seqs)  # one BOS, never doubled (Llama adds <s> itself)
     scored = score_batch(engine, seqs, froms)
     for ids, start, res in zip(seqs, froms, scored, strict=True):
-        lps, greedy = plain(engine, ids)
+        lps, greedy = plain_logprobs(engine, ids)
         assert res.token_ids == ids[start:]
         assert res.token_logprobs == pytest.approx(lps[start - 1 :], abs=1e-4)
         assert res.greedy == greedy[start - 1 :]
@@ -153,7 +143,7 @@ def test_score_continuations_scores_the_continuation_tokens(gpt2_engine):
     got = score_continuations(gpt2_engine, pairs, batch_size=2)
     for (context, continuation), res in zip(pairs, got, strict=True):
         ctx, cont = split_context(tok, context, continuation)
-        lps, _ = plain(gpt2_engine, ctx + cont)
+        lps, _ = plain_logprobs(gpt2_engine, ctx + cont)
         assert res.token_ids == cont and res.logprob == pytest.approx(sum(lps[len(ctx) - 1 :]), abs=1e-4)
 
 
@@ -176,7 +166,7 @@ def test_rolling_windows_score_every_token_exactly_once(length, max_len, stride)
 
 def test_a_window_as_long_as_the_text_is_plain_scoring(gpt2_engine):
     ids = tokenize_text(gpt2_engine.tokenizer, " ".join(SENTENCES))
-    lps, _ = plain(gpt2_engine, ids)
+    lps, _ = plain_logprobs(gpt2_engine, ids)
     for max_len in (len(ids), len(ids) + 10):
         [(window, start)] = rolling_windows(ids, max_len, stride=max_len - 1)
         assert score_batch(gpt2_engine, [window], [start])[0].token_logprobs == pytest.approx(lps, abs=1e-4)
@@ -193,7 +183,7 @@ def test_a_text_longer_than_the_context_is_scored_token_by_token_in_windows(gpt2
     assert res[1].token_ids == ids[1:20]
     expected = []  # each token scored by a plain pass over its own window: 256 fed (+1 predicted only)
     for window, start in rolling_windows(ids, 257, stride or 128):
-        lps, _ = plain(engine, window)
+        lps, _ = plain_logprobs(engine, window)
         expected += lps[start - 1 :]
     assert res[0].token_logprobs == pytest.approx(expected, abs=1e-4)
     assert all(math.isfinite(x) for x in res[0].token_logprobs)
@@ -205,7 +195,7 @@ def test_score_texts_batches_rows_in_input_order(gpt2_engine):
     for text, res in zip(texts[:-1], got[:-1], strict=True):
         ids = tokenize_text(gpt2_engine.tokenizer, text, add_eos=True)
         assert res.token_ids == ids[1:]
-        assert res.token_logprobs == pytest.approx(plain(gpt2_engine, ids)[0], abs=1e-4)
+        assert res.token_logprobs == pytest.approx(plain_logprobs(gpt2_engine, ids)[0], abs=1e-4)
     assert got[-1].num_tokens == len(tokenize_text(gpt2_engine.tokenizer, texts[-1], add_eos=True)) - 1
     with pytest.raises(RunnerError, match=r"texts\[0\] has no token to score"):
         score_texts(gpt2_engine, [""], add_bos=False)
@@ -315,7 +305,7 @@ def test_the_output_layer_runs_a_few_positions_at_a_time(request, name, monkeypa
         len(s) - 1 for s in seqs
     )  # every scored token once, no padding
     for ids, res in zip(seqs, scored, strict=True):
-        lps, greedy = plain(engine, ids)
+        lps, greedy = plain_logprobs(engine, ids)
         assert res.token_logprobs == pytest.approx(lps, abs=1e-4) and res.greedy == greedy
 
 
@@ -364,6 +354,6 @@ def test_a_model_whose_logits_are_more_than_its_output_layer_is_scored_from_its_
         scored = score_batch(engine, seqs, [1] * len(seqs))
         assert engine._head_only is False
         for ids, res in zip(seqs, scored, strict=True):
-            assert res.token_logprobs == pytest.approx(plain(engine, ids)[0], abs=1e-4)
+            assert res.token_logprobs == pytest.approx(plain_logprobs(engine, ids)[0], abs=1e-4)
     finally:
         handle.remove()

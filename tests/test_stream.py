@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_jsonl
 from workers import ROOT
 
 import runner
@@ -20,13 +21,6 @@ from runner.results import PROMPTS, valid_shards
 from runner.worker import run_job
 
 WORDS = "the old man said that every student reads a language model slowly".split()
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
-    return path
 
 
 def rows(n, note_chars=0):

@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from helpers import write_jsonl
 
 import runner
 from runner import GenerationParams, RunnerError, jobdir
@@ -17,11 +18,9 @@ from runner.worker import run_job
 
 @pytest.fixture
 def prompts_file(tmp_path):
-    p = tmp_path / "p.jsonl"
-    p.write_text(
-        "".join(json.dumps({"id": f"r{i}", "prompt": f"The old man said {i}"}) + "\n" for i in range(6))
+    return write_jsonl(
+        tmp_path / "p.jsonl", ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(6))
     )
-    return p
 
 
 def cancel_job(path):

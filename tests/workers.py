@@ -1,4 +1,5 @@
-"""Real `runner` processes for the kill, crash and file-system tests.
+"""Real `runner` processes for the kill, crash, file-system and many-worker tests (the plain helpers are in
+helpers.py).
 
 They run with this checkout first on PYTHONPATH, so that a test run from a worktree exercises the worktree's
 code even when the virtualenv has another checkout installed in editable mode.
@@ -36,17 +37,9 @@ def run_worker(home, *extra, timeout=120, **kw) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def reference_run(root: Path, model: str, texts: list[tuple[str, str]], params, options):
-    """Write (id, prompt) rows to ROOT/p.jsonl and run them as one uninterrupted job: the prompts file and
-    the results every faulted run of the same prompts must equal."""
-    import json
-
-    import runner
-    from runner.jobs import create_job
-    from runner.worker import run_job
-
-    prompts = root / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in texts))
-    ref = create_job(prompts, model, params, options, job_dir=root / "reference")
-    run_job(ref, echo=None)
-    return prompts, runner.load_results(ref.dir)
+def run_runner(*args, env_extra=None, timeout=300, prefix=("-m", "runner")) -> tuple[int, str]:
+    """`python -m runner ARGS...` (or `python PREFIX... ARGS...`, say torchrun) run to its end from the
+    repository root: (exit code, stdout and stderr interleaved)."""
+    proc = subprocess.run([sys.executable, *prefix, *map(str, args)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=worker_env(env_extra), timeout=timeout, cwd=ROOT)  # fmt: skip
+    return proc.returncode, proc.stdout

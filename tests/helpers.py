@@ -1,0 +1,116 @@
+"""The plain helper functions the test files share; the one home for them (fixtures live in conftest.py, real
+`runner` processes in workers.py, the tiny models in tiny_models.py).
+
+* input files: `write_jsonl`;
+* reference runs and copies of a prepared job: `reference_run`, `fresh_copy`;
+* the properties tests assert again and again: `assert_exactly_once` (a job's results against an uninterrupted
+  run), `assert_same_completions` (batched == one at a time), `plain_logprobs` (what one unpadded forward
+  pass says);
+* `ids_of` (prompt texts -> token ids as a job encodes them), `invoke` (a CLI command through click's runner).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def write_jsonl(path: Path, rows: Iterable) -> Path:
+    """One line per row, UTF-8: a str or bytes row is written as given (to write broken lines), anything else
+    as its JSON (non-ASCII kept as is). Returns `path`."""
+    lines = []
+    for r in rows:
+        line = r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r, ensure_ascii=False))
+        lines.append(line if isinstance(line, bytes) else line.encode("utf-8"))
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def reference_run(root: Path, model: str, rows: list[dict], params, options, unit_rows: int | None = None):
+    """Write ROWS to ROOT/p.jsonl and run them as one uninterrupted job (ROOT/reference): the prompts file, and
+    the results every interrupted, faulted or shared run of the same prompts must equal."""
+    import runner
+    from runner.jobs import create_job
+    from runner.worker import run_job
+
+    prompts = write_jsonl(root / "p.jsonl", rows)
+    ref = create_job(prompts, model, params, options, job_dir=root / "reference", unit_rows=unit_rows)
+    run_job(ref, echo=None)
+    return prompts, runner.load_results(ref.dir)
+
+
+def fresh_copy(root: Path, template: Path) -> tuple[Path, Path]:
+    """A copy of a prepared job folder as the only job of the home ROOT/home: (home, job folder)."""
+    home = root / "home"
+    home.mkdir(parents=True)
+    shutil.copytree(template, home / "job")
+    return home, home / "job"
+
+
+def assert_exactly_once(job_dir, ref, complete: bool = True, missing: Iterable[str] = ()) -> int:
+    """The results of JOB_DIR hold each (id, sample) at most once, and each equals the reference run's: token
+    ids, text, finish reason, and log-probs within 1e-4 (batches may differ, so float rounding may). With
+    `complete`, they are all of the reference's rows but the ids in `missing`, in the reference's order.
+    Returns the number of result rows."""
+    import pytest
+
+    import runner
+
+    df = runner.load_results(job_dir)
+    keys = list(zip(df["id"], df["sample"].astype(int), strict=True))
+    assert len(keys) == len(set(keys)), f"a (row, sample) appears twice: {sorted(keys)}"
+    merged = df.merge(ref, on=["id", "sample"], suffixes=("", "_ref"))
+    assert len(merged) == len(df), "a result row that the reference does not have"
+    assert [list(t) for t in merged["token_ids"]] == [list(t) for t in merged["token_ids_ref"]]
+    assert (merged["text"] == merged["text_ref"]).all()
+    assert (merged["finish_reason"] == merged["finish_reason_ref"]).all()
+    for got, want in zip(merged["token_logprobs"], merged["token_logprobs_ref"], strict=True):
+        assert list(got) == pytest.approx(list(want), abs=1e-4)
+    if complete:
+        want = ref[~ref["id"].isin(list(missing))]
+        assert keys == list(zip(want["id"], want["sample"].astype(int), strict=True)), "a row is missing"
+    return len(df)
+
+
+def ids_of(engine, texts: list[str]) -> list[list[int]]:
+    """Token ids of plain prompts, as a job encodes them (special tokens, no chat template)."""
+    from runner.batching import encode
+
+    return [encode(engine.tokenizer, t, chat=False) for t in texts]
+
+
+def assert_same_completions(batched, single, tol: float = 1e-4) -> None:
+    """Completions of one batch equal those of the same prompts generated one at a time: tokens, text and
+    finish reason exactly, log-probs within `tol`."""
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert [c.finish_reason for c in batched] == [c.finish_reason for c in single]
+    for b, s in zip(batched, single, strict=True):
+        assert max(abs(x - y) for x, y in zip(b.token_logprobs, s.token_logprobs, strict=True)) < tol
+
+
+def plain_logprobs(engine, ids: list[int]) -> tuple[list[float], list[bool]]:
+    """(log P(ids[i] | ids[:i]) for i >= 1, argmax == ids[i]) from one unpadded forward pass of ids[:-1] (the
+    last token is only predicted), without position ids or attention mask: the reference for batched ones."""
+    import torch
+
+    if len(ids) < 2:
+        return [], []  # nothing is predicted
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([ids[:-1]], device=engine.device)).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    lps = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    greedy = [int(logits[i - 1].argmax()) == ids[i] for i in range(1, len(ids))]
+    return lps, greedy
+
+
+def invoke(*args, input: str | None = None):
+    """`runner ARGS...` through click's CliRunner (arguments turned to strings); exceptions are not caught, so an
+    unexpected one fails the test with its traceback."""
+    from click.testing import CliRunner
+
+    from runner.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
