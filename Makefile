@@ -42,6 +42,10 @@ test-compat:
 	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_engine.py \
 		tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py
 
+# The one-shot GPU check, as a dry run on CPU (benchmarks/gpu_check.sh; CI runs it inside `make test`).
+gpu-check-dry: setup
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --device cpu --quick
+
 lint: setup
 	$(BIN)/ruff check runner tests benchmarks
 	$(BIN)/ruff format --check runner tests benchmarks

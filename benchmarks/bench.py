@@ -42,7 +42,10 @@ import report
 import workloads
 from measure import machine_info, matmul_flops, param_counts, tune_malloc
 
-MODELS = ("smollm2", "gpt2-random")
+MODELS = ("smollm2", "gpt2-random", "smollm2-random")
+SHAPES_ENV = (
+    "RUNNER_BENCH_SHAPES"  # a folder from --export-shapes: SmolLM2's tokenizer and config, no weights
+)
 TASKS = ("generate", "score", "embed")
 DEFAULT_NEW_TOKENS = {"fixed": 32, "realistic": 128}
 QUICK_NEW_TOKENS = {"fixed": 8, "realistic": 16}
@@ -50,6 +53,9 @@ QUICK_NEW_TOKENS = {"fixed": 8, "realistic": 16}
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.export_shapes:
+        export_shapes(args.export_shapes)
+        return 0
     malloc_tuned = set_up_process(args)
     b = load(args, malloc_tuned)
     if "generate" in args.tasks:
@@ -69,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2", help="smollm2, gpt2-random, or a local model folder")
+    ap.add_argument(
+        "--model", default="smollm2", help="smollm2, gpt2-random, smollm2-random, or a local model folder"
+    )
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument(
         "--dtype", default="auto", help="auto (float32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16"
@@ -104,6 +112,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 prompts, 8 new tokens, small sweep")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument(
+        "--naive-prompts", type=int, default=0, help="naive generate on the first N prompts only (0: all)"
+    )
+    ap.add_argument(
+        "--export-shapes",
+        type=Path,
+        help=f"write SmolLM2's tokenizer and config (no weights) to this folder and exit; with {SHAPES_ENV} "
+        "pointing at it, gpt2-random and smollm2-random need no demo model (a GPU machine without network)",
+    )
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument(
         "--skip-plain-engine", action="store_true", help="skip runner's engine with every speed lever off"
@@ -227,6 +244,8 @@ def model_folder(args: argparse.Namespace) -> str:
         return smollm2_dir()
     if args.model == "gpt2-random":
         return gpt2_random_dir(args.seed)
+    if args.model == "smollm2-random":
+        return smollm2_random_dir(args.seed)
     return args.model
 
 
@@ -234,6 +253,52 @@ def smollm2_dir() -> str:
     from runner.models import DEMO_MODEL, resolve_model
 
     return resolve_model(DEMO_MODEL)
+
+
+def smollm2_shape() -> str:
+    """A folder with SmolLM2's tokenizer and config.json: the exported shapes (SHAPES_ENV) when set, else the
+    demo model itself."""
+    shapes = os.environ.get(SHAPES_ENV)
+    return str(Path(shapes) / "smollm2") if shapes else smollm2_dir()
+
+
+def export_shapes(dest: Path) -> None:
+    """SmolLM2's tokenizer files, config.json and generation_config.json (a few MB) into DEST/smollm2."""
+    import shutil
+
+    src, out = Path(smollm2_dir()), dest / "smollm2"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".gguf")):
+            shutil.copy2(f, out / f.name)
+    log(f"wrote {sorted(p.name for p in out.iterdir())} to {out}")
+
+
+def smollm2_random_dir(seed: int) -> str:
+    """A SmolLM2-135M-shaped Llama (its config.json: 30 layers, hidden 576, 9 heads / 3 KV heads, vocab 49,152)
+    with random weights from a fixed seed, saved once as safetensors: the speed of SmolLM2 without its weights,
+    so a GPU machine needs only the exported shapes. Its text is noise; the fixed workload forces every token."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from runner.models import cache_root
+
+    shape = smollm2_shape()
+    target = cache_root() / "bench" / f"smollm2-random-seed{seed}"
+    if (target / "config.json").is_file():
+        return str(target)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shape), dtype=torch.float32).eval()
+    _save(model, AutoTokenizer.from_pretrained(shape), target)
+    return str(target)
+
+
+def _save(model: Any, tok: Any, target: Path) -> None:
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)
 
 
 def gpt2_random_dir(seed: int) -> str:
@@ -245,7 +310,7 @@ def gpt2_random_dir(seed: int) -> str:
 
     from runner.models import cache_root
 
-    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    tok = AutoTokenizer.from_pretrained(smollm2_shape())
     target = cache_root() / "bench" / f"gpt2-random-seed{seed}-v{len(tok)}"
     if (target / "config.json").is_file():
         return str(target)
@@ -260,11 +325,7 @@ def gpt2_random_dir(seed: int) -> str:
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
-    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, target)
+    _save(model, tok, target)
     return str(target)
 
 

@@ -61,7 +61,8 @@ class Bench:
 
     def record(self, name, new_tokens, seconds, mem, usage, padding, batches, batch_size, extra=None) -> dict:
         """One generation row (a method): NEW_TOKENS per prompt, in SECONDS, with the memory and CPU use."""
-        gen, prompt_tokens, peak = sum(new_tokens), sum(self.lengths), self.res["matmul"]["peak_flops"]
+        gen, peak = sum(new_tokens), self.res["matmul"]["peak_flops"]
+        prompt_tokens = sum(self.lengths[: len(new_tokens)])  # the prompts it ran (naive may run the first few)
         row = {
             "name": name, "batch_size": batch_size, "batches": batches, "seconds": seconds,
             "generated_tokens": gen, "prompt_tokens": prompt_tokens, "tokens_per_second": gen / seconds,
@@ -201,13 +202,17 @@ def pipeline_fixed(b: Bench) -> None:
 
 
 def naive_fixed(b: Bench) -> None:
+    """model.generate one prompt at a time, on all prompts or the first --naive-prompts (its tok/s compares
+    as is: every prompt gets the same number of new tokens)."""
     e, n_new = b.engine, b.args.max_new_tokens
-    b.log(f"naive model.generate, one prompt at a time ({len(b.ids)} prompts) ...")
+    ids = b.ids[: b.args.naive_prompts or len(b.ids)]
+    b.log(f"naive model.generate, one prompt at a time ({len(ids)} prompts) ...")
     with plain_transformers(e):
-        baselines.run_naive(e.model, b.ids[:1], 2, list(e.eos_ids), e.pad_id, e.device)  # warm-up
+        baselines.run_naive(e.model, ids[:1], 2, list(e.eos_ids), e.pad_id, e.device)  # warm-up
         with PeakMemory(e.device) as mem, Usage() as use:
-            outs, secs = baselines.run_naive(e.model, b.ids, n_new, list(e.eos_ids), e.pad_id, e.device)
-    b.record("naive generate bs=1", [len(o) for o in outs], secs, mem, use, 0.0, len(b.ids), 1)
+            outs, secs = baselines.run_naive(e.model, ids, n_new, list(e.eos_ids), e.pad_id, e.device)
+    name = "naive generate bs=1" + (f" (first {len(ids)} prompts)" if len(ids) < len(b.ids) else "")
+    b.record(name, [len(o) for o in outs], secs, mem, use, 0.0, len(ids), 1)
     b.outputs["naive"] = outs
 
 
@@ -218,11 +223,14 @@ def fixed_comparisons(b: Bench) -> None:
     runner_rows = [m for m in res["methods"] if m["name"].startswith("runner")]
     best = max(runner_rows, key=lambda m: m["tokens_per_second"])
     res["best_runner"] = {"name": best["name"], "batch_size": best["batch_size"]}
-    res["matches"] = {
-        f"runner vs {o}": compare(ref, outputs[o]) for o in ("naive", "pipeline") if o in outputs
+    res["matches"] = {  # over the prompts both ran (naive may have run the first --naive-prompts only)
+        f"runner vs {o}": compare(ref[: len(outputs[o])], outputs[o])
+        for o in ("naive", "pipeline")
+        if o in outputs
     }
     if "naive" in outputs and "pipeline" in outputs:
-        res["matches"]["pipeline vs naive"] = compare(outputs["pipeline"], outputs["naive"])
+        naive = outputs["naive"]
+        res["matches"]["pipeline vs naive"] = compare(outputs["pipeline"][: len(naive)], naive)
     for name, outs in outputs.items():
         if name.startswith("runner") and name != "runner (default)":
             res["matches"][f"{name} vs runner (default)"] = compare(outs, ref)

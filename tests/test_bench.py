@@ -115,3 +115,32 @@ def test_fixed_workload_rows(bench, tiny_gpt2, tmp_path):
     )
     assert res["logprob_overhead"]["with_seconds"] > 0
     assert all(m["same_prompt_ids_as_runner"] for m in res["methods"] if m["name"].startswith("pipeline"))
+
+
+def test_naive_on_the_first_prompts_only_compares_over_those(bench, tiny_gpt2, tmp_path):
+    res = run_bench(bench, tmp_path, "--model", tiny_gpt2, "--naive-prompts", "3", "--skip-pipeline",
+                    "--skip-ablations", "--skip-plain-engine", "--lp-repeats", "0")  # fmt: skip
+    naive = next(m for m in res["methods"] if m["name"].startswith("naive"))
+    assert naive["name"] == "naive generate bs=1 (first 3 prompts)" and naive["batches"] == 3
+    assert res["matches"]["runner vs naive"]["seq"] == 1.0  # greedy, float32: the same tokens on those 3
+    assert "runner default / naive" in res["ratios"]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --device cpu --quick: the one-shot GPU check, end to end on CPU, so that the
+    script a GPU session runs first cannot rot (its tests on the device, then the benchmark, table and JSON)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "check"
+    env = {**os.environ, "PYTHON": sys.executable, "RUNNER_CACHE": os.environ["RUNNER_CACHE"]}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "check.log").read_text()
+    assert "tests exit code: 0" in log and "| runner (default) |" in log
+    res = json.loads((out / "gpt2-random-cpu.json").read_text())
+    assert any(m["name"] == "runner (default)" and m["tokens_per_second"] > 0 for m in res["methods"])
+    assert " passed" in (out / "tests.log").read_text()
