@@ -73,7 +73,7 @@ served_names_option = click.option(
 )  # fmt: skip
 
 input_options = _apply([
-    click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False)),
+    click.argument("input_path", metavar="INPUT", type=click.Path()),
     model_option,
     click.option("--prompt-field", "--text-field", "prompt_field",
                  help="Column holding the prompt (generate) or the text (score, embed) [default: prompt / text]."),

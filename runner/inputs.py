@@ -13,10 +13,12 @@ Every other column passes through to the results unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import string
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,11 +211,99 @@ def _iter_arrow(
         ) from e
 
 
+# --- Hugging Face datasets as input ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def input_file(source: Any) -> Iterator[Path]:
+    """The prompt file `source` stands for, as a path, for the time of a submit. A path is itself. A Hugging
+    Face `datasets.Dataset`, a dataset folder written by `save_to_disk`, or `hf:NAME[:CONFIG][@SPLIT]` (a
+    dataset on the Hub, through `datasets.load_dataset`) is written to a temporary Parquet file, batch by
+    batch (`Dataset.to_parquet`), and read from there like any Parquet file; the job keeps its own validated
+    copy, so the temporary file goes when the submit ends."""
+    dataset = _as_dataset(source)
+    if dataset is None:
+        yield Path(source)
+        return
+    import datasets
+
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # one bar per write garbles a Colab cell; runner prints its own progress
+    try:
+        with tempfile.TemporaryDirectory(prefix="runner-input-") as tmp:
+            path = Path(tmp) / f"{_dataset_label(source)}.parquet"
+            dataset.to_parquet(str(path))
+            yield path
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
+def _as_dataset(source: Any) -> Any:
+    """`source` as a datasets.Dataset, or None when it is a plain file path."""
+    if type(source).__module__.split(".")[0] == "datasets":
+        return _one_split(source, None, repr(source)[:60])
+    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    if text is None:
+        raise ParamError(
+            "input", f"input must be a file path or a datasets.Dataset, not {type(source).__name__}"
+        )
+    if text.startswith("hf:"):
+        return _hub_dataset(text)
+    folder = Path(text)
+    if folder.is_dir() and any((folder / f).is_file() for f in ("state.json", "dataset_dict.json")):
+        import datasets
+
+        return _one_split(datasets.load_from_disk(str(folder)), None, text)
+    return None
+
+
+def _hub_dataset(spec: str) -> Any:
+    """hf:NAME[:CONFIG][@SPLIT] -> datasets.load_dataset(NAME, CONFIG, split=SPLIT)."""
+    import datasets
+
+    name, _, split = spec[3:].partition("@")
+    name, _, config = name.partition(":")
+    if not name:
+        raise ParamError(
+            "input", f"{spec}: expected hf:NAME[:CONFIG][@SPLIT], such as hf:openai/gsm8k:main@test"
+        )
+    try:
+        loaded = datasets.load_dataset(name, config or None, split=split or None)
+    except Exception as e:  # the Hub, the network or the dataset's own loading code
+        raise InputError([Problem(spec, 0, None, f"cannot load the dataset: {str(e).splitlines()[0]}")],
+                         header="cannot read the prompt dataset") from e  # fmt: skip
+    return _one_split(loaded, split, spec)
+
+
+def _one_split(loaded: Any, split: str | None, name: str) -> Any:
+    """A Dataset as is; a DatasetDict with one split, that split; with several, an error listing them."""
+    import datasets
+
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise ParamError("input", f"{name}: a {type(loaded).__name__} cannot be read; give a datasets.Dataset "
+                                  "(a streaming dataset: take what you need into a Dataset first)")  # fmt: skip
+    splits = list(loaded.keys())
+    if len(splits) == 1:
+        return loaded[splits[0]]
+    raise ParamError("input", f"{name} has the splits {', '.join(splits)}: name one (hf:NAME@SPLIT, or "
+                              "pass dataset[SPLIT] from Python)")  # fmt: skip
+
+
+def _dataset_label(source: Any) -> str:
+    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "dataset"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[-80:] or "dataset"
+
+
 def input_format(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
         raise ParamError(
-            "input", f"{path}: unknown file type {suffix or '(none)'!r}; use .jsonl, .parquet or .csv."
+            "input",
+            f"{path}: unknown file type {suffix or '(none)'!r}; use .jsonl, .parquet or .csv (or a Hugging Face "
+            "dataset: a save_to_disk folder, hf:NAME[:CONFIG][@SPLIT], or a datasets.Dataset from Python).",
         )
     return SUFFIXES[suffix]
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, jobdir, storage
 from .errors import InputError, ParamError, Problem, RunnerError
-from .inputs import PromptReader, PromptRow
+from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, check_name, default_home, new_job_id
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 from .passthrough import Passthrough, rewrite_passthrough
@@ -106,49 +106,64 @@ def create_job(
     options = options or EngineOptions()
     kind = _check_args(params, truncate, name, unit_rows, priority, chat)
     unit_rows = jobdir.UNIT_ROWS if unit_rows is None else unit_rows
-    input_path = Path(input_path)
-    prompt_field = prompt_field or ("prompt" if kind == "generate" else "text")
-    models = tuple(dict.fromkeys((model, Path(model).name, *served_model_names)))
-    reader = PromptReader(
-        input_path, prompt_field=prompt_field, template=template,
-        messages_field="messages" if kind == "generate" else None,
-        pair_fields=("context", "continuation") if kind == "score" else None,
-        row_settings=kind == "generate", batch=(kind, models), chat=chat,
-    )  # fmt: skip
-    identity = {
-        "input_sha256": storage.file_sha256(input_path),
-        "prompt_field": prompt_field,
-        "template": template,
-        "skip_invalid": skip_invalid,
-        "truncate": truncate,
-        "model": model,
-        "params": params.to_dict(),
-        "served_model_names": list(served_model_names),
-        **({"chat": True} if chat else {}),
-    }
-    root = Path(home) if home is not None else default_home()
-    existing = _already_submitted(job_dir, root, name, _fingerprint(identity))
-    if existing is not None:
-        return existing
-    config, tokenizer, window = _model_facts(model, options, kind, params)
-    target = Path(job_dir) if job_dir is not None else root / new_job_id()
-    meta = {
-        "id": target.name if job_dir is None else new_job_id(), "name": name, "kind": kind,
-        "priority": priority, "model": model, "model_fingerprint": model_fingerprint(model, config),
-        "context_window": window, "embedding_dim": _hidden_size(config) if kind == "embed" else None,
-        "params": params.to_dict(), "engine": options.to_dict(), "unit_rows": unit_rows,
-        "fingerprint": _fingerprint(identity),
-        "input": {"path": str(input_path.resolve()), "sha256": identity["input_sha256"],
-                  "mtime": int(input_path.stat().st_mtime), "prompt_field": prompt_field,
-                  "template": template, "truncate": truncate, "chat": chat},
-    }  # fmt: skip
-    prep = _Preparer(
-        kind, tokenizer, params, window, truncate, prompt_field, kind == "generate" and _sample_auto(params)
-    )
-    _write_job(target, meta, reader, prep, skip_invalid, tokenizer)
-    job = Job.open(target)
-    job.log(f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}")
-    return job
+    source = input_path
+    with input_file(source) as input_path:
+        prompt_field = prompt_field or ("prompt" if kind == "generate" else "text")
+        models = tuple(dict.fromkeys((model, Path(model).name, *served_model_names)))
+        reader = PromptReader(
+            input_path, prompt_field=prompt_field, template=template,
+            messages_field="messages" if kind == "generate" else None,
+            pair_fields=("context", "continuation") if kind == "score" else None,
+            row_settings=kind == "generate", batch=(kind, models), chat=chat,
+        )  # fmt: skip
+        identity = {
+            "input_sha256": storage.file_sha256(input_path),
+            "prompt_field": prompt_field,
+            "template": template,
+            "skip_invalid": skip_invalid,
+            "truncate": truncate,
+            "model": model,
+            "params": params.to_dict(),
+            "served_model_names": list(served_model_names),
+            **({"chat": True} if chat else {}),
+        }
+        root = Path(home) if home is not None else default_home()
+        existing = _already_submitted(job_dir, root, name, _fingerprint(identity))
+        if existing is not None:
+            return existing
+        config, tokenizer, window = _model_facts(model, options, kind, params)
+        target = Path(job_dir) if job_dir is not None else root / new_job_id()
+        meta = {
+            "id": target.name if job_dir is None else new_job_id(), "name": name, "kind": kind,
+            "priority": priority, "model": model, "model_fingerprint": model_fingerprint(model, config),
+            "context_window": window, "embedding_dim": _hidden_size(config) if kind == "embed" else None,
+            "params": params.to_dict(), "engine": options.to_dict(), "unit_rows": unit_rows,
+            "fingerprint": _fingerprint(identity),
+            "input": {"path": _describe(source, input_path), "sha256": identity["input_sha256"],
+                      "mtime": int(input_path.stat().st_mtime), "prompt_field": prompt_field,
+                      "template": template, "truncate": truncate, "chat": chat},
+        }  # fmt: skip
+        prep = _Preparer(
+            kind,
+            tokenizer,
+            params,
+            window,
+            truncate,
+            prompt_field,
+            kind == "generate" and _sample_auto(params),
+        )
+        _write_job(target, meta, reader, prep, skip_invalid, tokenizer)
+        job = Job.open(target)
+        job.log(f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}")
+        return job
+
+
+def _describe(source: Any, path: Path) -> str:
+    """What job.json says the input was: the file's absolute path, or the dataset it was read from."""
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        return text if text.startswith("hf:") else str(Path(text).resolve())
+    return f"{type(source).__name__} ({getattr(source, 'num_rows', '?')} rows)"
 
 
 def _check_args(

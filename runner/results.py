@@ -337,8 +337,15 @@ def resolve_source(source: str | os.PathLike, home: str | os.PathLike | None = N
     return find_job(source, home)
 
 
-def load_results(source: str | os.PathLike, home: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Results as a pandas DataFrame, one row per (prompt, sample), in input order.
+RESULT_FORMATS = ("pandas", "arrow", "datasets")
+
+
+def load_results(
+    source: str | os.PathLike, home: str | os.PathLike | None = None, format: str = "pandas"
+) -> pd.DataFrame | pa.Table | Any:
+    """Results, one row per (prompt, sample), in input order: a pandas DataFrame, or with `format="arrow"` a
+    pyarrow Table (no copy: for results larger than a DataFrame comfortably holds), or with
+    `format="datasets"` a Hugging Face `datasets.Dataset` on that table (`.map`, `.push_to_hub`, ...).
 
     `source` is a job id or name (looked up in the job home: `home`, else $RUNNER_HOME, else ./jobs), a job
     folder (such as `runner run -o out/`), or a Parquet file of results. Rows not generated yet are absent;
@@ -346,10 +353,18 @@ def load_results(source: str | os.PathLike, home: str | os.PathLike | None = Non
     """
     import pyarrow.parquet as pq
 
+    if format not in RESULT_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(RESULT_FORMATS)}, got {format!r}")
     path = resolve_source(source, home)
     table = pq.read_table(path) if path.is_file() else read_results_table(path)
     if ORDER in table.column_names:
         table = table.drop([ORDER])
+    if format == "arrow":
+        return table
+    if format == "datasets":
+        import datasets
+
+        return datasets.Dataset(table)
     return table.to_pandas()
 
 

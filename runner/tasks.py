@@ -18,6 +18,7 @@ from .engine import Engine, NumericalError
 if TYPE_CHECKING:
     from .jobdir import Job
 
+
 def sample_seed(job_seed: int, row_id: str, sample: int) -> int:
     """The seed of one sample's generator: depends on the job seed, the row's id and the sample index only."""
     digest = hashlib.blake2b(f"{job_seed}\0{row_id}\0{sample}".encode(), digest_size=8).digest()

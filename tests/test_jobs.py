@@ -205,3 +205,66 @@ def test_top_and_prompt_logprobs_columns(tmp_path, prompts_file, tiny_gpt2, gpt2
     assert len(first.prompt_logprobs) == first.prompt_tokens and math.isnan(
         first.prompt_logprobs[0]
     )  # null in Arrow
+
+
+# --- Hugging Face datasets in and out --------------------------------------------------------------------
+
+
+def test_a_dataset_object_a_saved_dataset_folder_and_hf_names_are_inputs(tmp_path, tiny_gpt2, monkeypatch):
+    """From Python a datasets.Dataset, from the command line a `save_to_disk` folder or hf:NAME[:CONFIG]@SPLIT
+    (datasets.load_dataset; faked here, there is no Hub): each is read as Parquet and gives the same job."""
+    import datasets
+
+    import runner
+    from runner.params import GenerationParams
+
+    rows = {"id": ["a", "b", "c"], "prompt": ["Hello", "The quick brown fox", "My friend"]}
+    ds = datasets.Dataset.from_dict(rows)
+    params = GenerationParams(max_new_tokens=3)
+    job, _ = runner.run(ds, tiny_gpt2, params, output=tmp_path / "obj", echo=None)
+    ref = runner.load_results(job)
+    assert list(ref["id"]) == ["a", "b", "c"] and job.spec.rows == 3
+
+    datasets.DatasetDict({"test": ds, "train": ds.select([0])}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(runner.ParamError, match="has the splits test, train: name one"):
+        runner.submit(tmp_path / "saved", tiny_gpt2, params)
+    ds.save_to_disk(str(tmp_path / "one"))
+    job2, _ = runner.run(tmp_path / "one", tiny_gpt2, params, output=tmp_path / "folder", echo=None)
+    assert runner.load_results(job2)["text"].tolist() == ref["text"].tolist()
+    from helpers import invoke
+
+    cli = invoke("run", tmp_path / "one", "--model", tiny_gpt2, "--max-new-tokens", "3", "-o", tmp_path / "cli")
+    assert cli.exit_code == 0, cli.output
+    assert runner.load_results(tmp_path / "cli")["text"].tolist() == ref["text"].tolist()
+
+    asked = []
+
+    def fake_load(name, config=None, split=None):
+        asked.append((name, config, split))
+        return datasets.DatasetDict({"test": ds}) if split is None else ds
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    job3, _ = runner.run("hf:owner/prompts:main@test", tiny_gpt2, params, output=tmp_path / "hub", echo=None)
+    assert asked == [("owner/prompts", "main", "test")]
+    assert runner.load_results(job3)["text"].tolist() == ref["text"].tolist()
+    assert job3.meta["input"]["path"] == "hf:owner/prompts:main@test"
+
+
+def test_results_as_arrow_and_as_a_dataset(tmp_path, tiny_gpt2):
+    import datasets
+    import pyarrow as pa
+
+    import runner
+    from runner.params import GenerationParams
+
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"id": "a", "prompt": "Hello"}\n{"id": "b", "prompt": "My friend"}\n', encoding="utf-8")
+    job, _ = runner.run(p, tiny_gpt2, GenerationParams(max_new_tokens=3), output=tmp_path / "j", echo=None)
+    df = runner.load_results(job)
+    table = runner.load_results(job, format="arrow")
+    ds = runner.load_results(job.dir, format="datasets")
+    assert isinstance(table, pa.Table) and isinstance(ds, datasets.Dataset)
+    assert table.column_names == list(df.columns) == ds.column_names  # no _row: the same columns everywhere
+    assert table.column("text").to_pylist() == df["text"].tolist() == ds["text"]
+    with pytest.raises(ValueError, match="format must be one of pandas, arrow, datasets"):
+        runner.load_results(job, format="polars")
