@@ -128,6 +128,8 @@ engine_options = _apply([
     click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run."),
     click.option("--allow-pickle-weights", "allow_pickle", is_flag=True,
                  help="Allow pickle-based weights (pytorch_model.bin); only safetensors/GGUF otherwise."),
+    click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+                 help="Spread a model too large for one GPU over the GPUs and CPU memory (accelerate)."),
 ])  # fmt: skip
 
 output_option = click.option(

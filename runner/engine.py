@@ -298,6 +298,8 @@ class Engine:
             )
         if not self.options.allow_pickle:
             kwargs["use_safetensors"] = True
+        if self.options.device_map:  # accelerate places the layers; inputs go where the embeddings are
+            kwargs["device_map"] = self.options.device_map
         with _LOAD_LOCK:
             try:
                 try:
@@ -315,7 +317,11 @@ class Engine:
                 if not self.options.allow_pickle and "safetensors" in str(e).lower():
                     hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
                 raise ModelLoadError(f"cannot load model {model!r}: {_first_line(e)}{hint}") from e
-        self.model.to(self.device).eval()
+        if self.options.device_map:
+            self.device = self.model.get_input_embeddings().weight.device
+            self.model.eval()
+        else:
+            self.model.to(self.device).eval()
         # Same functions, faster kernels (kernels.py): oneDNN for small CPU matmuls, a fused GELU for GPT-2.
         self.kernels = kernels.install(self.model)
         self.load_seconds = time.perf_counter() - t0
@@ -402,7 +408,8 @@ class Engine:
             raise kvcache.GroupingUnsupported(f"grouped decode failed: {_first_line(e)}") from e
         if grouped:
             self._grouped_verified = True
-        return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)
+        # .to: with a device_map the output layer may sit on another GPU than the inputs (a no-op otherwise)
+        return out.logits[:, -1, :].float().to(self.device), getattr(out, self._cache_arg)
 
     def _generate(self, prompts, params, seeds, stop=None):
         """The decode loop: prefill, then per step pick a token for every row, record it (finishing rows on
@@ -606,7 +613,7 @@ class Engine:
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True
         )
-        return out.logits.float(), getattr(out, self._cache_arg)
+        return out.logits.float().to(self.device), getattr(out, self._cache_arg)
 
     @staticmethod
     def _prompt_logprobs(full, ids, mask) -> list[list[float | None]]:

@@ -149,6 +149,9 @@ class GenerationParams:
         return cls(**data)
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 @dataclass
 class EngineOptions:
     """Where and how the model runs. These never change results beyond float rounding, so a job may be
@@ -168,6 +171,9 @@ class EngineOptions:
     allow_pickle: bool = False
     """Load pickle-based weights (pytorch_model.bin), which can run code when loaded; safetensors and GGUF
     need no such trust."""
+    device_map: str | None = None
+    """auto, balanced, balanced_low_0 or sequential: spread a model too large for one GPU over the GPUs (then
+    CPU memory) with accelerate, as from_pretrained's device_map does. None: the whole model on `device`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not (
@@ -181,6 +187,10 @@ class EngineOptions:
             _check_int("batch_size", self.batch_size, 1)
         if self.max_batch_tokens is not None:
             _check_int("max_batch_tokens", self.max_batch_tokens, 1)
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise ParamError(
+                "device_map", f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}."
+            )
         for name in ("trust_remote_code", "allow_pickle"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}.")

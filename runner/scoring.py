@@ -296,7 +296,8 @@ def _head_in_chunks(head: Any, hidden: Any, targets: Any, scored: Any) -> tuple[
     import torch
 
     vocab = head.weight.shape[0] if getattr(head, "weight", None) is not None else 1
-    h, tgt = hidden[scored], targets[scored]  # [n, hidden], [n]
+    scored = scored.to(hidden.device)  # with a device_map, the last layer may sit on another GPU
+    h, tgt = hidden[scored], targets.to(hidden.device)[scored]  # [n, hidden], [n]
     step = max(1, FLOAT_CHUNK // max(1, vocab))
     parts = [
         _gather_logprobs(head(h[None, a : a + step]), tgt[None, a : a + step])
@@ -403,6 +404,7 @@ def _embed_group(engine: Any, seqs: list[list[int]], pooling: str) -> tuple[list
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
         hidden = _last_hidden(engine, ids, mask, pos).float()  # [batch, width, hidden]
+        mask = mask.to(hidden.device)  # with a device_map, the last layer may sit on another GPU
         if pooling == "last":
             vectors = hidden[:, -1, :]
         else:  # where, not multiply: padding positions may hold NaN (fully masked attention rows)

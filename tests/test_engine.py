@@ -275,3 +275,31 @@ def test_gpu_token_budgets_from_free_memory_for_generation_and_for_scoring(monke
     cpu = SimpleNamespace(device=torch.device("cpu"), model=gpu.model, dtype=torch.float32)
     assert batching.default_batch_tokens(cpu, "score") == batching.CPU_BATCH_TOKENS
     assert batching.default_batch_size(cpu, 8) == 8
+
+
+def test_device_map_loads_through_accelerate_and_changes_nothing(tiny_llama, llama_engine, monkeypatch):
+    """--device-map (accelerate's placement, for a model larger than one GPU) on a CPU-only machine puts every
+    layer on the CPU: the model is loaded with the map, and generation and scoring equal the plain engine."""
+    from transformers import AutoModelForCausalLM
+
+    from runner.engine import Engine
+    from runner.params import EngineOptions, ParamError
+    from runner.scoring import score_batch
+
+    maps = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **kw: maps.append(kw.get("device_map")) or real(*a, **kw))  # fmt: skip
+    engine = Engine(tiny_llama, EngineOptions(device="cpu", device_map="auto"))
+    assert maps == ["auto"] and engine.device.type == "cpu"
+    prompts = ids_of(llama_engine, PROMPTS)
+    params = GenerationParams(max_new_tokens=6)
+    assert_same_completions(engine.generate(prompts, params), llama_engine.generate(prompts, params))
+    a, b = (
+        score_batch(engine, prompts, [1] * len(prompts)),
+        score_batch(llama_engine, prompts, [1] * len(prompts)),
+    )
+    for x, y in zip(a, b, strict=True):
+        assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-5)
+    with pytest.raises(ParamError, match="device_map must be one of auto, balanced"):
+        EngineOptions(device_map="everywhere")
