@@ -128,6 +128,9 @@ engine_options = _apply([
     click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run."),
     click.option("--allow-pickle-weights", "allow_pickle", is_flag=True,
                  help="Allow pickle-based weights (pytorch_model.bin); only safetensors/GGUF otherwise."),
+    click.option("--continuous-batching/--no-continuous-batching", default=None,
+                 help="Generate: prompts join the running batch as rows end, instead of each batch running "
+                      "until its longest row ends [default: off]."),
 ])  # fmt: skip
 
 output_option = click.option(

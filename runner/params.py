@@ -168,6 +168,12 @@ class EngineOptions:
     allow_pickle: bool = False
     """Load pickle-based weights (pytorch_model.bin), which can run code when loaded; safetensors and GGUF
     need no such trust."""
+    continuous_batching: bool = False
+    """Refill the decode batch as rows end: a generate job's worker hands the engine several planned batches at
+    once (tasks.REFILL_BATCHES), at most a batch's worth of rows decode together, and when rows end (EOS, stop
+    string, their own max_new_tokens) waiting prompts are prefilled and join the running batch, instead of the
+    batch running on until its longest row ends. Each row's result is what it gets alone, as with static
+    batches."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not (
@@ -181,7 +187,7 @@ class EngineOptions:
             _check_int("batch_size", self.batch_size, 1)
         if self.max_batch_tokens is not None:
             _check_int("max_batch_tokens", self.max_batch_tokens, 1)
-        for name in ("trust_remote_code", "allow_pickle"):
+        for name in ("trust_remote_code", "allow_pickle", "continuous_batching"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}.")
 

@@ -1,12 +1,17 @@
 """Continuous batching: waiting rows join the running batch as rows end, and every row still gets exactly what it
 gets alone, whatever joined beside it (tokens, text, finish, log-probs, alternatives, prompt log-probs)."""
 
+import json
+
 import pytest
 import torch
 
-from runner import GenerationParams
+import runner
+from runner import EngineOptions, GenerationParams
 from runner import engine as engine_mod
 from runner.batching import encode
+from runner.jobs import create_job
+from runner.worker import run_job
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun",
@@ -169,3 +174,45 @@ def test_rows_start_longest_first_and_report_as_they_end(gpt2_engine):
     ended = []
     gpt2_engine.generate(prompts, params, max_active=2, on_finish=lambda r, n: ended.append((r, n)))
     assert ended == [(2, 3), (0, 5), (3, 2), (1, 1)]
+
+
+@pytest.fixture
+def mixed_file(tmp_path):
+    p = tmp_path / "mixed.jsonl"
+    rows = [
+        {"id": f"r{i}", "prompt": t, "max_tokens": n, **({"temperature": 0.5} if i % 2 else {})}
+        for i, (t, n) in enumerate(zip(PROMPTS, NEW_TOKENS, strict=True))
+    ]
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return p
+
+
+def test_a_job_with_continuous_batching_equals_one_without(
+    tmp_path, mixed_file, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """The worker hands the engine windows of REFILL_BATCHES planned batches with a batch's worth of slots;
+    results equal the static job's, and the progress line counts each row as it ends, not each window."""
+    params = GenerationParams(max_new_tokens=8, temperature=1.1, num_return_sequences=2, seed=3)
+    static, _ = runner.run(mixed_file, tiny_gpt2, params, EngineOptions(batch_size=2), output=tmp_path / "static",
+                           engine=gpt2_engine, echo=None)  # fmt: skip
+    calls = []
+    real = engine_mod.Engine.generate
+
+    def generate(self, prompts, params, seeds=None, stop=None, max_active=None, on_finish=None):
+        calls.append((len(prompts), max_active))
+        return real(self, prompts, params, seeds, stop, max_active, on_finish)
+
+    monkeypatch.setattr(engine_mod.Engine, "generate", generate)
+    lines = []
+    job = create_job(mixed_file, tiny_gpt2, params, EngineOptions(batch_size=2, continuous_batching=True),
+                     job_dir=tmp_path / "refill")  # fmt: skip
+    summary = run_job(job, gpt2_engine, echo=lines.append, progress_interval=0)
+    assert summary.finished and summary.done == 22
+    assert calls == [(8, 2), (8, 2), (6, 2)]  # 11 prompts x 2 samples = 11 planned batches of 2: windows of 4
+    cols = ["id", "sample", "text", "token_ids", "finish_reason"]
+    got, want = runner.load_results(job.dir), runner.load_results(static.dir)
+    assert got[cols].to_json() == want[cols].to_json()
+    for a, b in zip(got["token_logprobs"], want["token_logprobs"], strict=True):
+        assert list(a) == pytest.approx(list(b), abs=1e-4)
+    counts = [int(ln.split("/")[0].replace(",", "")) for ln in lines if " rows (" in ln and "tok/s" in ln]
+    assert counts[:22] == list(range(1, 23))  # one line per sample as it ends
