@@ -130,6 +130,9 @@ engine_options = _apply([
                  help="Allow pickle-based weights (pytorch_model.bin); only safetensors/GGUF otherwise."),
     click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
                  help="Spread a model too large for one GPU over the GPUs and CPU memory (accelerate)."),
+    click.option("--continuous-batching/--no-continuous-batching", default=None,
+                 help="Generate: prompts join the running batch as rows end, instead of each batch running "
+                      "until its longest row ends [default: off]."),
 ])  # fmt: skip
 
 output_option = click.option(

@@ -1,4 +1,4 @@
-"""Load a causal LM and generate for one left-padded batch, with raw log-probs computed inside the loop.
+"""Load a causal LM and generate for a batch of prompts, with raw log-probs computed inside the loop.
 
 batching.py (token ids) -> `Engine.generate` -> `Completion`s -> worker.py (Parquet shards)
 
@@ -9,7 +9,9 @@ The decode loop is our own rather than `model.generate` for four reasons, each a
     row's result does not depend on which batch it landed in: batched == unbatched, and a job killed and
     resumed with other batches reproduces itself;
   * rows that finish (EOS, stop string) leave the batch and the KV cache at once, so one long generation
-    does not make the whole batch keep paying for finished rows;
+    does not make the whole batch keep paying for finished rows; with `max_active` (continuous batching)
+    waiting rows are prefilled and join the running batch in their place, their KV caches joined to its
+    cache (as new groups of a kvcache.GroupedCache, or copied into the one merged cache);
   * stop strings are found on decoded text and cut from `text`, with `stop_reason` naming the string.
 The logits processors (sampling.py) compute what transformers' processors of the same names compute, with
 each row's own settings as tensors, so that rows with different settings share a batch.
@@ -50,6 +52,9 @@ PREFILL_MIN_FILL = 0.9  # a prefill group's real tokens / padded tokens
 # call per layer per step: cheap next to a CPU step; on GPUs, where small models' steps are launch-bound, it is
 # off until measured there.
 DECODE_GROUPS_CPU, DECODE_GROUPS_GPU = 8, 1
+# Continuous batching (`generate(..., max_active=)`): a running batch takes waiting rows once this share of its
+# slots is free, so that the joiners' prefill is shared and they form a few decode groups, not one per row.
+REFILL_SHARE = 0.125
 
 
 @dataclass
@@ -85,38 +90,92 @@ class NumericalError(RunnerError):
 
 @dataclass
 class _Decode:
-    """The state of one batch's decode loop. Per row (input order): settings, generators, outputs. Per slot
-    (the rows still decoding, in batch order; `rows[slot]` is the row): logits, cache, mask, positions."""
+    """The state of one `generate` call's decode loop. Per row (input order): prompt, settings, generator,
+    outputs. Per slot (the rows decoding now, in batch order; `rows[slot]` is the row): logits, KV cache,
+    lengths, penalty state. Rows not started yet wait in `waiting`, the next to be admitted first."""
 
+    prompts: list[list[int]]
     params: list[GenerationParams]
-    rows: list[int]
-    logits: Any  # [slots, vocab] float32: the next-token logits of each slot
-    cache: Any
-    mask: Any  # [slots, seq] attention mask, left-padded
-    next_pos: Any  # [slots] position id of the next token
-    settings: Any  # sampling.RowSettings, in slot order
     rngs: list[Any]
-    prefixes: list[list[int]]
-    prompt_lps: list[list[float | None]] | None
-    n: int
+    max_active: int  # most slots decoding at once
+    waiting: list[int]
+    prompt_lps: list[list[float | None] | None] | None  # per row, when some row asks for them
+    track_history: bool  # some row has a repetition penalty: keep `history`
+    track_counts: bool  # some row has a presence/frequency penalty: keep `counts`
+    on_finish: Callable[[int, int], None] | None = None
+    rows: list[int] = field(default_factory=list)
+    logits: Any = None  # [slots, vocab] float32: the next-token logits of each slot
+    cache: Any = None  # the slots' KV cache: each slot's tokens right-aligned, left padding (kvcache.py)
+    lens: Any = None  # [slots] long: each slot's tokens in the cache = the position id of its next token
+    settings: Any = None  # sampling.RowSettings, in slot order
     history: Any = None  # [slots, seq] token ids seen, for the repetition penalty
     counts: Any = None  # [slots, vocab] generated-token counts, for presence/frequency penalties
-    keep: list[int] = field(default_factory=list)
+    keep: list[int] = field(default_factory=list)  # the slots that go on after this step
 
     def __post_init__(self) -> None:
-        self.steps = max(p.max_new_tokens for p in self.params)
-        self.out_ids: list[list[int]] = [[] for _ in range(self.n)]
-        self.out_lps: list[list[float]] = [[] for _ in range(self.n)]
-        self.finish: list[tuple[str, str | None] | None] = [None] * self.n
-        self.stop_pos: list[int | None] = [None] * self.n
-        self.scanned = [0] * self.n  # characters of decoded text already searched for stop strings
-        self.tops: list[list[list[tuple[int, float, int]]]] = [[] for _ in range(self.n)]
+        n = len(self.prompts)
+        self.prefixes = [p[-DETOKENIZE_CONTEXT:] for p in self.prompts]
+        self.out_ids: list[list[int]] = [[] for _ in range(n)]
+        self.out_lps: list[list[float]] = [[] for _ in range(n)]
+        self.finish: list[tuple[str, str | None] | None] = [None] * n
+        self.stop_pos: list[int | None] = [None] * n
+        self.scanned = [0] * n  # characters of decoded text already searched for stop strings
+        self.tops: list[list[list[tuple[int, float, int]]]] = [[] for _ in range(n)]
+
+    def keep_slots(self, idx: Any) -> None:
+        """Keep the slots `st.keep` (`idx`: the same as a tensor) of everything but the cache and the logits
+        (the engine selects the cache; the next forward step replaces the logits)."""
+        self.rows = [self.rows[s] for s in self.keep]
+        self.lens, self.settings = self.lens[idx], self.settings.select(idx)
+        if self.history is not None:
+            self.history = self.history[idx]
+        if self.counts is not None:
+            self.counts = self.counts[idx]
+
+    def add_slots(
+        self, rows: list[int], logits: Any, lens: Any, settings: Any, history: Any, counts: Any
+    ) -> None:
+        """Append slots for newly prefilled `rows` after the running ones (the engine joins their caches)."""
+        import torch
+
+        from .sampling import RowSettings
+
+        if not self.rows:
+            self.rows, self.logits, self.lens, self.settings = rows, logits, lens, settings
+            self.history, self.counts = history, counts
+            return
+        self.rows = self.rows + rows
+        self.logits, self.lens = torch.cat([self.logits, logits]), torch.cat([self.lens, lens])
+        self.settings = RowSettings.cat([self.settings, settings])
+        if self.history is not None:
+            self.history = _cat_history(self.history, history)
+        if self.counts is not None:
+            self.counts = torch.cat([self.counts, counts])
+
+
+def _cat_history(a: Any, b: Any) -> Any:
+    """Two [rows, seq] histories as one, the narrower left-padded with repeats of its rows' first column (a
+    token each row has seen: repeating it changes no penalty)."""
+    import torch
+
+    width = max(a.shape[1], b.shape[1])
+    a, b = (torch.cat([h[:, :1].expand(-1, width - h.shape[1]), h], dim=1) for h in (a, b))
+    return torch.cat([a, b])
 
 
 def _positions(mask: Any) -> Any:
     """Position ids that count real tokens only: with left padding, GPT-2 and friends would otherwise give the
     first real token of a short prompt position 5 instead of 0 and generate something else."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _step_mask(lens: Any, width: int) -> Any:
+    """[slots, width] attention mask of a decode step: each slot's `lens` cached tokens (right-aligned in the
+    cache's width - 1 columns, padding before them) and the new token in the last column."""
+    import torch
+
+    cols = torch.arange(width, device=lens.device)
+    return (cols[None, :] >= (width - 1 - lens)[:, None]).long()
 
 
 def prefill_groups(lengths: list[int], budget: int, min_fill: float | None = None) -> list[list[int]]:
@@ -362,12 +421,16 @@ class Engine:
         params: GenerationParams | list[GenerationParams],
         seeds: list[int] | None = None,
         stop: Callable[[], bool] | None = None,
+        max_active: int | None = None,
+        on_finish: Callable[[int, int], None] | None = None,
     ) -> list[Completion]:
         """Generate one sample per prompt. `prompts`: token ids per row (any lengths); `params`: the settings
         of every row, or one per row (rows with different settings share the batch); `seeds`: one per row,
         required when a row samples; `stop()`, asked between decode steps, abandons the batch (raises
-        `Stopped`: a cancelled job stops within a step, not a whole batch). Returns completions in the order
-        of `prompts`."""
+        `Stopped`: a cancelled job stops within a step, not a whole batch). `max_active`: most rows decoding
+        at once (None: all); the others wait and join the running batch as rows finish (continuous batching).
+        `on_finish(row, tokens)` is called as each row ends (again if the batch has to be recomputed).
+        Returns completions in the order of `prompts`; a row's completion does not depend on its companions."""
         import torch
 
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -375,13 +438,17 @@ class Engine:
             raise ValueError("one GenerationParams per prompt, or one for all")
         if any(p.do_sample for p in params) and (seeds is None or len(seeds) != len(prompts)):
             raise ValueError("sampling needs one seed per prompt")
+        if max_active is not None and (
+            isinstance(max_active, bool) or not isinstance(max_active, int) or max_active < 1
+        ):
+            raise ValueError(f"max_active must be an integer >= 1, got {max_active!r}")
         with torch.inference_mode():
             try:
-                return self._generate(prompts, params, seeds, stop)
+                return self._generate(prompts, params, seeds, stop, max_active, on_finish)
             except kvcache.GroupingUnsupported:
                 # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
                 self._grouped = False
-                return self._generate(prompts, params, seeds, stop)
+                return self._generate(prompts, params, seeds, stop, max_active, on_finish)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
         """One forward pass. Returns (logits of the last position [batch, vocab] float32, cache)."""
@@ -411,58 +478,38 @@ class Engine:
         # .to: with a device_map the output layer may sit on another GPU than the inputs (a no-op otherwise)
         return out.logits[:, -1, :].float().to(self.device), getattr(out, self._cache_arg)
 
-    def _generate(self, prompts, params, seeds, stop=None):
-        """The decode loop: prefill, then per step pick a token for every row, record it (finishing rows on
-        EOS, a stop string or their length), drop finished rows and run one forward step."""
-        st = self._start(prompts, params, seeds)
-        for step in range(st.steps):
+    def _generate(self, prompts, params, seeds, stop=None, max_active=None, on_finish=None):
+        """The decode loop: admit the first rows (prefill), then per step pick a token for every slot, record it
+        (finishing rows on EOS, a stop string or their length) and advance: finished rows leave, the others
+        take one forward step, waiting rows join in the freed slots."""
+        st = self._start(prompts, params, seeds, max_active, on_finish)
+        while st.rows:
             if stop is not None and stop():
                 raise Stopped("stopped between decode steps")
-            tok, chosen, logprobs = self._pick(st, step)
-            if not self._record(st, step, tok, chosen, logprobs):
-                break
+            tok, chosen, logprobs = self._pick(st)
+            self._record(st, tok, chosen, logprobs)
             self._advance(st, tok)
         return self._completions(st)
 
-    def _start(self, prompts, params, seeds) -> _Decode:
-        """Prefill the batch and set up the per-row decode state."""
+    def _start(self, prompts, params, seeds, max_active, on_finish) -> _Decode:
+        """The per-row decode state, with the first rows admitted. Rows wait most new tokens first (the long
+        ones start early, short ones fill the tail), then longest prompt first (joiners of similar length)."""
         import numpy as np
-        import torch
-
-        from .sampling import RowSettings
 
         n = len(prompts)
-        extra = max(p.max_new_tokens for p in params)
-        prompt_lps = None
-        if any(p.prompt_logprobs for p in params):
-            # Every position's logits, for this one batch: O(batch x prompt x vocab), asked for explicitly.
-            order = list(range(n))
-            ids, mask = left_pad(prompts, self.pad_id, self.device)
-            full, cache = self._forward_all(ids, mask, _positions(mask))
-            prompt_lps = self._prompt_logprobs(full, ids, mask)
-            logits = full[:, -1, :].float()
-            del full
-            cache = self._decode_cache([cache], extra)
-        else:
-            logits, cache, order = self._prefill(prompts, extra)
-            # The decode batch: rows in the order the prefill groups put them (slot -> row is `rows` below).
-            ids, mask = left_pad([prompts[r] for r in order], self.pad_id, self.device)
+        waiting = sorted(range(n), key=lambda r: (-params[r].max_new_tokens, -len(prompts[r]), r))
         st = _Decode(
-            params=params, rows=list(order), logits=logits, cache=cache, mask=mask,
-            next_pos=_positions(mask)[:, -1] + 1, settings=RowSettings.of([params[r] for r in order], self.device),
+            prompts=prompts, params=params, max_active=min(n, max_active or n), waiting=waiting,
             rngs=[np.random.default_rng(s) if p.do_sample else None for p, s in zip(params, seeds or [None] * n, strict=True)],
-            prefixes=[p[-DETOKENIZE_CONTEXT:] for p in prompts], prompt_lps=prompt_lps, n=n,
+            prompt_lps=[None] * n if any(p.prompt_logprobs for p in params) else None,
+            track_history=any(p.repetition_penalty != 1.0 for p in params),
+            track_counts=any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params),
+            on_finish=on_finish,
         )  # fmt: skip
-        if st.settings.needs_history:
-            # The penalty looks at every token id in `history`; pad slots repeat the row's first real token
-            # so that padding (often EOS) is never penalised in one row but not in its unpadded twin.
-            first_real = ids.gather(1, (mask.argmax(-1, keepdim=True)))
-            st.history = torch.where(mask.bool(), ids, first_real)
-        if st.settings.needs_counts:
-            st.counts = logits.new_zeros(logits.shape)
+        self._refill(st)
         return st
 
-    def _pick(self, st: _Decode, step: int):
+    def _pick(self, st: _Decode):
         """This step's token per slot ([batch] long), its raw log-prob ([batch] float32) and the raw
         log-softmax ([batch, vocab]) it came from."""
         import torch
@@ -471,7 +518,7 @@ class Engine:
 
         logprobs = torch.log_softmax(st.logits, dim=-1)
         scores = process(st.logits, st.history, st.counts, st.settings)
-        held = [slot for slot, r in enumerate(st.rows) if step < st.params[r].min_new_tokens]
+        held = [slot for slot, r in enumerate(st.rows) if len(st.out_ids[r]) < st.params[r].min_new_tokens]
         if held:  # EOS is not allowed before min_new_tokens
             scores = scores.clone() if scores is st.logits else scores
             scores[torch.tensor(held, device=self.device).unsqueeze(-1), self._eos.unsqueeze(0)] = -math.inf
@@ -483,9 +530,9 @@ class Engine:
             raise NumericalError([st.rows[i] for i in bad.nonzero().flatten().tolist()])
         return tok, chosen, logprobs
 
-    def _record(self, st: _Decode, step: int, tok, chosen, logprobs) -> bool:
+    def _record(self, st: _Decode, tok, chosen, logprobs) -> None:
         """Append each slot's token and log-prob (and alternatives) to its row, decide which rows are finished;
-        `st.keep` lists the slots that go on. False when none does."""
+        `st.keep` lists the slots that go on."""
         import torch
 
         is_eos = torch.isin(tok, self._eos).tolist()
@@ -500,13 +547,14 @@ class Engine:
             p = st.params[r]
             if is_eos[slot]:
                 st.finish[r] = ("stop", None)
-            elif p.stop and step + 1 >= p.min_new_tokens:
+            elif p.stop and len(st.out_ids[r]) >= p.min_new_tokens:
                 self._scan_stops(st, r)
             if st.finish[r] is None and len(st.out_ids[r]) >= p.max_new_tokens:
                 st.finish[r] = ("length", None)
             if st.finish[r] is None:
                 st.keep.append(slot)
-        return bool(st.keep)
+            elif st.on_finish is not None:
+                st.on_finish(r, len(st.out_ids[r]))
 
     def _scan_stops(self, st: _Decode, r: int) -> None:
         """Look for the row's stop strings in the text decoded since the last look (and a stop string's
@@ -521,34 +569,93 @@ class Engine:
             st.finish[r], st.stop_pos[r] = ("stop", s), i
 
     def _advance(self, st: _Decode, tok) -> None:
-        """Drop finished rows from the batch and its KV cache, then one forward step on the new tokens."""
+        """Finished rows leave the batch and its KV cache, the others take one forward step on their new
+        token, then waiting rows join in the freed slots (`_refill`)."""
         import torch
 
-        tok_in = tok.unsqueeze(-1)  # [batch, 1]
+        tok_in = tok.unsqueeze(-1)  # [slots, 1]
         if st.history is not None:
             st.history = torch.cat([st.history, tok_in], dim=-1)
         if st.counts is not None:
             st.counts.scatter_add_(1, tok_in, torch.ones_like(tok_in, dtype=st.counts.dtype))
-        st.mask = torch.cat([st.mask, st.mask.new_ones((st.mask.shape[0], 1))], dim=-1)
-        if len(st.keep) < len(st.rows):
+        if not st.keep:
+            st.rows, st.cache = [], None  # the next rows admitted start a new batch
+        elif len(st.keep) < len(st.rows):
             # Finished rows leave the batch and the KV cache now instead of riding along to the end.
             idx = torch.tensor(st.keep, device=self.device)
             st.cache.batch_select_indices(idx)
-            st.mask, tok_in, st.next_pos = st.mask[idx], tok_in[idx], st.next_pos[idx]
-            st.settings = st.settings.select(idx)
-            if st.history is not None:
-                st.history = st.history[idx]
-            if st.counts is not None:
-                st.counts = st.counts[idx]
-            st.rows = [st.rows[s] for s in st.keep]
-        st.logits, st.cache = self._forward(
-            tok_in, st.mask, st.next_pos.unsqueeze(-1), st.cache, last_only=False
-        )
-        st.next_pos = st.next_pos + 1
+            st.keep_slots(idx)
+            tok_in = tok_in[idx]
+        if st.rows:
+            width = st.cache.get_seq_length() + 1  # the cached columns and the new token
+            st.logits, st.cache = self._forward(
+                tok_in, _step_mask(st.lens, width), st.lens.unsqueeze(-1), st.cache, last_only=False
+            )
+            st.lens = st.lens + 1
+        self._refill(st)
+
+    def _refill(self, st: _Decode) -> None:
+        """Admit waiting rows into the free slots: into an empty batch always; into a running one when its
+        cache takes joiners (`_merge_caches`: merged or grouped caches) and at least REFILL_SHARE of the slots
+        are free (or every waiting row fits), so that a prefill is not paid for each row that ends. A model
+        whose cache cannot be merged (sliding-window layers...) thus runs static batches of `max_active`:
+        each starts when the one before has ended. Rows asking for prompt log-probs join like the others
+        (`_prefill_all`)."""
+        free = st.max_active - len(st.rows)
+        if not st.waiting or free <= 0:
+            return
+        enough = min(len(st.waiting), max(1, math.ceil(REFILL_SHARE * st.max_active)))
+        if st.rows and not (self._merge_caches and free >= enough):
+            return
+        rows, st.waiting = st.waiting[:free], st.waiting[free:]
+        self._admit(st, rows)
+
+    def _admit(self, st: _Decode, rows: list[int]) -> None:
+        """Prefill `rows` and add them to the decode batch as new slots after the running ones, their KV
+        caches joined to the running cache (`_join`)."""
+        import torch
+
+        from .sampling import RowSettings
+
+        extra = max(st.params[r].max_new_tokens for r in rows)
+        if st.prompt_lps is not None and any(st.params[r].prompt_logprobs for r in rows):
+            logits, cache, order = self._prefill_all(st, rows, extra)
+        else:
+            most = max(1, self.decode_groups - kvcache.group_count(st.cache))  # groups left for the joiners
+            logits, cache, order = self._prefill([st.prompts[r] for r in rows], extra, most)
+        order = [rows[i] for i in order]  # decode order
+        lens = torch.tensor([len(st.prompts[r]) for r in order], device=self.device)
+        st.cache = self._join(st.cache, st.lens, cache, lens, extra) if st.rows else cache
+        st.add_slots(
+            order, logits, lens, RowSettings.of([st.params[r] for r in order], self.device),
+            self._history([st.prompts[r] for r in order]) if st.track_history else None,
+            logits.new_zeros(logits.shape) if st.track_counts else None,
+        )  # fmt: skip
+
+    def _join(self, old, old_lens, new, new_lens, extra: int) -> Any:
+        """One decode cache for the running slots (`old`) then the joiners (`new`). Grouped decode: the
+        joiners' groups beside the running ones, nothing copied. One merged cache: both copied, left-padded,
+        into a new buffer, without the leading columns that are padding in every running row (the rows that
+        had the longest prompts may have left)."""
+        if self._grouped:
+            parts = kvcache.groups_of(old, old_lens) + kvcache.groups_of(new, new_lens)
+            return kvcache.grouped([c for c, _ in parts], [p for _, p in parts])
+        kvcache.drop_front(old, old.get_seq_length() - int(old_lens.max()))
+        return kvcache.merge_prefills([old, new], extra)
+
+    def _history(self, prompts: list[list[int]]) -> Any:
+        """[rows, seq] the prompts' token ids for the repetition penalty, which looks at every id in it: pad
+        slots repeat the row's first real token, so that padding (often EOS) is never penalised in one row
+        but not in its unpadded twin."""
+        import torch
+
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        first_real = ids.gather(1, mask.argmax(-1, keepdim=True))
+        return torch.where(mask.bool(), ids, first_real)
 
     def _completions(self, st: _Decode) -> list[Completion]:
         results = []
-        for r in range(st.n):
+        for r in range(len(st.prompts)):
             text = self._detok(st.prefixes[r], st.out_ids[r])
             if st.stop_pos[r] is not None:
                 text = text[: st.stop_pos[r]]
@@ -560,26 +667,27 @@ class Engine:
             ))  # fmt: skip
         return results
 
-    def _prefill(self, prompts: list[list[int]], extra: int):
-        """Prefill a batch in groups of similar length (`prefill_groups`), then merge the groups' caches for
-        decoding: into one cache, or, with grouped decode, into one cache per `decode_groups` group.
-        Returns (last-position logits [batch, vocab] in decode order, cache, decode order)."""
+    def _prefill(self, prompts: list[list[int]], extra: int, most: int | None = None):
+        """Prefill rows in groups of similar length (`prefill_groups`), then merge the groups' caches for
+        decoding: into one cache, or, with grouped decode, into one cache per `decode_groups` group (at most
+        `most`, default `decode_groups`). Returns (last-position logits [rows, vocab] in decode order, cache,
+        decode order: indices of `prompts`)."""
         if self._merge_caches is not False:
-            done = self._prefill_grouped(prompts, extra)
+            done = self._prefill_grouped(prompts, extra, self.decode_groups if most is None else most)
             if done is not None:
                 return done
-        # The model's cache cannot be merged (e.g. sliding-window layers): prefill the batch as one.
+        # The model's cache cannot be merged (e.g. sliding-window layers): prefill the rows as one batch.
         order = list(range(len(prompts)))
         ids, mask = left_pad(prompts, self.pad_id, self.device)
         logits, cache = self._forward(ids, mask, _positions(mask), None, last_only=True)
         return logits, self._decode_cache([cache], extra), order
 
-    def _prefill_grouped(self, prompts: list[list[int]], extra: int):
+    def _prefill_grouped(self, prompts: list[list[int]], extra: int, most: int):
         """`_prefill` in groups, or None (and `_merge_caches` False) once the model's cache proves unmergeable."""
         import torch
 
         lengths = [len(p) for p in prompts]
-        groups = decode_groups(lengths, self.decode_groups) if self._grouped else [list(range(len(prompts)))]
+        groups = decode_groups(lengths, most) if self._grouped else [list(range(len(prompts)))]
         logits, merged, pads, order = [], [], [], []
         for group in groups:
             caches, group_order = [], []
@@ -599,6 +707,17 @@ class Engine:
             order.extend(group_order)
         cache = merged[0] if len(merged) == 1 else kvcache.grouped(merged, pads)
         return torch.cat(logits), cache, order
+
+    def _prefill_all(self, st: _Decode, rows: list[int], extra: int):
+        """`_prefill` for rows some of which ask for prompt log-probs: one pass over them all keeping every
+        position's logits (O(rows x prompt x vocab), asked for explicitly), rows in the order given."""
+        ids, mask = left_pad([st.prompts[r] for r in rows], self.pad_id, self.device)
+        full, cache = self._forward_all(ids, mask, _positions(mask))
+        for r, lps in zip(rows, self._prompt_logprobs(full, ids, mask), strict=True):
+            st.prompt_lps[r] = lps
+        logits = full[:, -1, :].float()
+        del full
+        return logits, self._decode_cache([cache], extra), list(range(len(rows)))
 
     def _decode_cache(self, caches: list[Any], extra: int) -> Any:
         """The caches as one growing cache (appends in place) when the model's cache allows it, else as is."""

@@ -70,6 +70,12 @@ def _new_layer_class():
             self.length = 0
             self._views()
 
+        def drop_front(self, n: int) -> None:
+            """Forget the first `n` slots (padding in every row): views of the same buffer, nothing copied."""
+            self.buf_k, self.buf_v = self.buf_k[:, :, n:], self.buf_v[:, :, n:]
+            self.length -= n
+            self._views()
+
     return GrowingLayer
 
 
@@ -134,6 +140,14 @@ def merge_prefills(caches: list[Any], extra: int) -> Any:
             c.layers[i].keys = c.layers[i].values = None
     merged.layers = layers
     return merged
+
+
+def drop_front(cache: Any, n: int) -> None:
+    """Drop the first `n` slots of every layer of a merged cache (`merge_prefills`): columns that are padding in
+    every row, left by rows that had longer prompts and left the batch."""
+    if n > 0:
+        for layer in cache.layers:
+            layer.drop_front(n)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,9 +305,30 @@ def is_grouped(cache: Any) -> bool:
     return isinstance(cache, grouped_cache_class())
 
 
-def grouped(caches: list[Any], pads: list[list[int]]) -> Any:
+def group_count(cache: Any) -> int:
+    """Groups of a decode cache: a GroupedCache's, 1 for any other cache, 0 for none."""
+    if cache is None:
+        return 0
+    return len(cache.bounds) if is_grouped(cache) else 1
+
+
+def groups_of(cache: Any, lens: Any) -> list[tuple[Any, Any]]:
+    """(merged cache, left padding per row [rows] long) of each group of a decode cache, in slot order: a
+    GroupedCache's groups, or a merged cache (`merge_prefills`) as one group, whose rows hold `lens` tokens
+    each, right-aligned. For `grouped`, which joins them again with other groups (continuous batching)."""
+    from types import SimpleNamespace
+
+    if is_grouped(cache):
+        return [
+            (SimpleNamespace(layers=[layer.subs[g] for layer in cache.layers]), cache.pads[g])
+            for g in range(len(cache.bounds))
+        ]
+    return [(cache, cache.get_seq_length() - lens)]
+
+
+def grouped(caches: list[Any], pads: list[Any]) -> Any:
     """One cache for the rows of all `caches` (merged caches from `merge_prefills`, in decode-batch order),
-    kept apart per group. `pads[g]`: left-padding slots of each row in group g's buffer."""
+    kept apart per group. `pads[g]`: left-padding slots of each row in group g's buffer (a list or a tensor)."""
     import torch
 
     layer_cls = grouped_layer_class()
@@ -304,7 +339,7 @@ def grouped(caches: list[Any], pads: list[list[int]]) -> Any:
         rows = c.layers[0].keys.shape[0]
         cache.bounds.append((at, at + rows))
         at += rows
-    cache.pads = [torch.tensor(p, device=device) for p in pads]
+    cache.pads = [torch.as_tensor(p, dtype=torch.long, device=device) for p in pads]
     cache._masks, cache.calls = {}, 0
     cache.layers = [layer_cls([c.layers[i] for c in caches], cache) for i in range(len(caches[0].layers))]
     return cache

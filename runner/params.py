@@ -174,6 +174,12 @@ class EngineOptions:
     device_map: str | None = None
     """auto, balanced, balanced_low_0 or sequential: spread a model too large for one GPU over the GPUs (then
     CPU memory) with accelerate, as from_pretrained's device_map does. None: the whole model on `device`."""
+    continuous_batching: bool = False
+    """Refill the decode batch as rows end: a generate job's worker hands the engine several planned batches at
+    once (tasks.REFILL_BATCHES), at most a batch's worth of rows decode together, and when rows end (EOS, stop
+    string, their own max_new_tokens) waiting prompts are prefilled and join the running batch, instead of the
+    batch running on until its longest row ends. Each row's result is what it gets alone, as with static
+    batches."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not (
@@ -191,7 +197,7 @@ class EngineOptions:
             raise ParamError(
                 "device_map", f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}."
             )
-        for name in ("trust_remote_code", "allow_pickle"):
+        for name in ("trust_remote_code", "allow_pickle", "continuous_batching"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}.")
 

@@ -54,6 +54,13 @@ class RowSettings:
         """The settings of the slots that stay in the batch (`idx`: their positions)."""
         return RowSettings(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    @classmethod
+    def cat(cls, parts: list[RowSettings]) -> RowSettings:
+        """The settings of the slots of `parts`, one after the other (rows joining a running batch)."""
+        import torch
+
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
     @property
     def needs_history(self) -> bool:
         return bool((self.repetition != 1.0).any())

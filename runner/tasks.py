@@ -13,10 +13,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .batching import default_batch_size, default_batch_tokens
 from .engine import Engine, NumericalError
 
 if TYPE_CHECKING:
     from .jobdir import Job
+
+# With continuous batching a generate call takes this many planned batches and decodes at most one batch's worth
+# of rows at once, the others joining as rows end: the longer the window, the less of it is the tail where slots
+# empty with nobody left to join; but it is also what a kill loses and what a crash record holds.
+REFILL_BATCHES = 4
 
 
 def sample_seed(job_seed: int, row_id: str, sample: int) -> int:
@@ -34,6 +40,12 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and (
         "out of memory" in text or "can't allocate memory" in text or "cublas_status_alloc_failed" in text
     )
+
+
+def decode_slots(lengths: list[int], batch_size: int, budget: int, new_tokens: int) -> int:
+    """Rows of prompts of `lengths` that may decode at once: as many as `batching.plan_batches` puts in its first
+    batch, the one of the longest prompts, so that any of them together stay within the token budget."""
+    return max(1, min(batch_size, len(lengths), budget // (max(lengths) + new_tokens)))
 
 
 @dataclass
@@ -95,11 +107,17 @@ def _row_params(job: Job, prompts: Any) -> Callable[[int], Any]:
 
 
 def make_task(
-    job: Job, engine: Engine, prompts: Any, start: int = 0, stop: Callable[[], bool] | None = None
+    job: Job,
+    engine: Engine,
+    prompts: Any,
+    start: int = 0,
+    stop: Callable[[], bool] | None = None,
+    finished: Callable[[tuple[int, int], int], None] | None = None,
 ) -> Task:
     """The job kind's Task over `prompts`, a window of the job's prompts table whose first row is row `start`
     of the job; `compute` takes (row, sample) keys numbered over the whole job; `stop()` may abandon a
-    generation batch between decode steps (engine.Stopped)."""
+    generation batch between decode steps (engine.Stopped); `finished(key, tokens)` hears of each generated
+    sample as it ends, before its batch does (progress)."""
     from .results import completions_table
 
     params = job.params
@@ -107,13 +125,20 @@ def make_task(
     input_ids = prompts.column("input_ids").to_pylist()
     if job.kind == "generate":
         per_row = _row_params(job, prompts)
+        longest = max([params.max_new_tokens] + [per_row(i).max_new_tokens for i in range(prompts.num_rows)])
+        batch_size = default_batch_size(engine, job.options.batch_size)
+        budget = job.options.max_batch_tokens or default_batch_tokens(engine, "generate")
 
         def generate(keys: list[tuple[int, int]]) -> list[Any]:
             rows = [per_row(r - start) for r, _ in keys]
             # a row's own seed, else the job's (recorded in job.json when none was given)
             seeds = [sample_seed(job.seed if p.seed is None else p.seed, ids[r - start], s)
                      for p, (r, s) in zip(rows, keys, strict=True)]  # fmt: skip
-            return engine.generate([input_ids[r - start] for r, _ in keys], rows, seeds, stop=stop)
+            batch = [input_ids[r - start] for r, _ in keys]
+            # More keys than a batch (continuous batching): the rest join as rows end.
+            active = decode_slots([len(p) for p in batch], batch_size, budget, longest)
+            on_finish = None if finished is None else (lambda i, tokens: finished(keys[i], tokens))
+            return engine.generate(batch, rows, seeds, stop=stop, max_active=active, on_finish=on_finish)
 
         outputs = job.meta.get("outputs") or {}
         settings = prompts.column("settings").to_pylist() if "settings" in prompts.column_names else None
@@ -121,7 +146,6 @@ def make_task(
         def table(prompts_: Any, generated: list[Any], token_text: Any) -> Any:
             return completions_table(prompts_, generated, token_text, outputs, settings)
 
-        longest = max([params.max_new_tokens] + [per_row(i).max_new_tokens for i in range(prompts.num_rows)])
         return Task(generate, table, lambda c: len(c.token_ids), longest, _completion_finite)
     from . import scoring
     from .results import embed_table, score_table

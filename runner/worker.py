@@ -29,6 +29,7 @@ from .jobdir import ClaimLost, Heartbeat, Job, JobState, Owner
 from .progress import Progress
 from .results import GeneratedRow, write_local_shard
 from .tasks import (
+    REFILL_BATCHES,
     Isolation,
     RowError,
     Task,
@@ -141,6 +142,9 @@ class JobRun:
         self.suspected: list[Suspect] = []
         self.progress: Progress | None = None
         self.beat: Heartbeat | None = None
+        # The batch computing now: its keys not in the progress yet, and the rows and tokens already in it.
+        self.uncounted: set[tuple[int, int]] = set()
+        self.counted = [0, 0]
 
     def run(self) -> RunSummary:
         self.check_prompts()
@@ -225,7 +229,9 @@ class JobRun:
         table = self.job.read_rows(rows.start, rows.stop)
         self.load_engine()
         assert self.engine is not None
-        task = make_task(self.job, self.engine, table, rows.start, stop=self.cancelled)
+        task = make_task(
+            self.job, self.engine, table, rows.start, stop=self.cancelled, finished=self.finished
+        )
         import numpy as np
 
         r, s = np.nonzero(left[rows.start : rows.stop])
@@ -270,7 +276,10 @@ class JobRun:
 
         The rest is batched over the whole unit, done keys included, and a batch runs only if it holds a key
         still to do. Commits hold whole batches, so after any interruption the batches that run are the ones
-        an uninterrupted run ran: same companions, same float rounding, byte-identical log-probs."""
+        an uninterrupted run ran: same companions, same float rounding, byte-identical log-probs. With
+        continuous batching a "batch" is a window of REFILL_BATCHES planned batches, which the engine decodes
+        a planned batch's worth of rows at a time, refilling as rows end (tasks.make_task); its schedule
+        depends on the window alone, so the same holds."""
         recovery = self.flight.recover(_KeySet(self.left_mask(unit)))
         for (r, s), message in recovery.culprits:
             self.row_error(unit, r, s, "worker_crash", message)
@@ -284,10 +293,13 @@ class JobRun:
         lengths = unit.table.column("prompt_tokens").to_pylist()
         sizes = [lengths[r - unit.start] for r, _ in unit.planned]
         budget = self.job.options.max_batch_tokens or default_batch_tokens(self.engine, self.job.spec.kind)
-        for batch in plan_batches(sizes, default_batch_size(self.engine, self.job.options.batch_size), budget,
-                                  unit.task.new_tokens):  # fmt: skip
+        batches = plan_batches(sizes, default_batch_size(self.engine, self.job.options.batch_size), budget,
+                               unit.task.new_tokens)  # fmt: skip
+        per = REFILL_BATCHES if self.job.kind == "generate" and self.job.options.continuous_batching else 1
+        for at in range(0, len(batches), per):
+            window = [unit.planned[i] for batch in batches[at : at + per] for i in batch]
             # keys that crashed a worker run on their own (above or below), never beside others again
-            keys = [unit.planned[i] for i in batch if unit.planned[i] not in held]
+            keys = [k for k in window if k not in held]
             wanted = todo.intersection(keys)
             if wanted:
                 yield keys, wanted, None
@@ -322,11 +334,14 @@ class JobRun:
         if suspect is not None and suspect in self.suspected:
             self.suspected.remove(suspect)
         self.flight.running(keys, self.suspected, crashes=suspect.crashes if suspect is not None else 0)
+        self.uncounted, self.counted = set(wanted), [0, 0]
         try:
             outcomes = isolating(self.engine, self.checked(unit), keys, self.iso)
         except Stopped:  # cancelled mid-batch: nothing of this batch is kept, nothing else is lost
             self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)
             self.stopped = True
+            assert self.progress is not None
+            self.progress.update(-self.counted[0], -self.counted[1])  # nor counted
             return
         except BaseException as e:
             if not (isinstance(e, Exception) and is_device_error(e)):
@@ -350,9 +365,22 @@ class JobRun:
         self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
         self.tokens += batch_tokens
         assert self.progress is not None
-        self.progress.update(len(wanted), batch_tokens)
+        rest = (len(wanted) - self.counted[0], batch_tokens - self.counted[1])  # not counted as they ended
+        if rest != (0, 0):
+            self.progress.update(*rest)
+        self.uncounted, self.counted = set(), [0, 0]
         self.slowest = max(self.slowest, time.perf_counter() - started)
         fault_point("after_generate")
+
+    def finished(self, key: tuple[int, int], tokens: int) -> None:
+        """A sample of the batch being computed ended (the engine says so before the batch ends): count it in
+        the progress now, so that a long batch moves the progress line; `compute` settles the exact figures
+        once the batch is done."""
+        if key in self.uncounted and self.progress is not None:
+            self.uncounted.discard(key)
+            self.counted[0] += 1
+            self.counted[1] += tokens
+            self.progress.update(1, tokens)
 
     def checked(self, unit: Unit) -> Callable[[list[tuple[int, int]]], list[Any]]:
         def compute(keys: list[tuple[int, int]]) -> list[Any]:

@@ -38,7 +38,10 @@ def assert_positive(row, *fields):
         assert row[f] > 0, (row.get("name") or row["method"], f, row[f])
 
 
-def test_realistic_workload_with_score_and_embed_rows(bench, tiny_gpt2, tmp_path, capsys):
+def test_realistic_workload_with_score_and_embed_rows(bench, tiny_gpt2, tmp_path, capsys, monkeypatch):
+    import workloads
+
+    monkeypatch.setattr(workloads, "AB_OPTION", "no_such_option")  # the one-row path (A/B: the test below)
     res = run_bench(bench, tmp_path, "--model", tiny_gpt2, "--workload", "realistic", "--tasks",
                     "generate,score,embed", "--num-prompts", 6, "--max-new-tokens", 16)  # fmt: skip
     lengths = {int(k): n for k, n in res["realistic"]["answer_lengths"].items()}
@@ -67,23 +70,19 @@ def test_realistic_workload_with_score_and_embed_rows(bench, tiny_gpt2, tmp_path
     report = capsys.readouterr().out
     for line in ("| runner (default) | n/a |", "| naive generate bs=1 | 6 |", "| score | runner | 1 |",
                  "| embed | runner | 1 |", "ratios (output tok/s): runner (default) / naive = ",
-                 "EngineOptions has no field continuous_batching: one runner row"):  # fmt: skip
+                 "EngineOptions has no field no_such_option: one runner row"):  # fmt: skip
         assert line in report, line
 
 
 def test_realistic_runner_rows_per_value_of_the_ab_option(bench, tiny_gpt2, tmp_path, monkeypatch):
-    """When EngineOptions has the A/B field, runner runs once with it off and once on, the value in the job's
-    options and on the engine while the job runs, and the ratio is reported. continuous_batching does not exist
-    yet, so a harmless existing bool field stands in for it."""
-    import workloads
-
+    """EngineOptions has the A/B field (continuous_batching): runner runs once with it off and once on, the
+    value in the job's options and on the engine while the job runs, and the ratio is reported."""
     import runner.worker
 
-    monkeypatch.setattr(workloads, "AB_OPTION", "allow_pickle")
     seen, real = [], runner.worker.run_job
 
     def run_job(job, engine, **kw):
-        seen.append((job.options.allow_pickle, engine.options.allow_pickle))
+        seen.append((job.options.continuous_batching, engine.options.continuous_batching))
         return real(job, engine, **kw)
 
     monkeypatch.setattr(runner.worker, "run_job", run_job)
@@ -91,12 +90,12 @@ def test_realistic_runner_rows_per_value_of_the_ab_option(bench, tiny_gpt2, tmp_
                     "--skip-naive", "--skip-pipeline")  # fmt: skip
     assert seen == [(False, False), (False, False), (True, True)]  # the warm-up, then off, then on
     assert [m["name"] for m in res["methods"]] == [
-        "runner (allow_pickle=False)",
-        "runner (allow_pickle=True)",
+        "runner (continuous_batching=False)",
+        "runner (continuous_batching=True)",
     ]
     for m in res["methods"]:
         assert_positive(m, "generated_tokens", "tokens_per_second")
-    assert res["ratios"]["runner allow_pickle=True / allow_pickle=False"] > 0
+    assert res["ratios"]["runner continuous_batching=True / continuous_batching=False"] > 0
 
 
 def test_fixed_workload_rows(bench, tiny_gpt2, tmp_path):

@@ -76,6 +76,19 @@ def test_every_command_has_help_and_is_in_the_readme():
         assert invoke(name, "--help").exit_code == 0
 
 
+@pytest.mark.parametrize("command", ["run", "submit", "score", "embed", "generate", "run-batch"])
+def test_every_engine_option_is_a_command_line_option(command):
+    from runner.cli import ENGINE_FIELDS, build_settings
+
+    names = {p.name for p in cli.commands[command].params}
+    assert set(ENGINE_FIELDS) <= names
+    assert "--continuous-batching / --no-continuous-batching" in invoke(command, "--help").output
+    _, options = build_settings({"continuous_batching": True, "batch_size": 8})
+    assert options.continuous_batching and options.batch_size == 8
+    default = runner.EngineOptions().continuous_batching
+    assert build_settings({"continuous_batching": None})[1].continuous_batching is default  # not given
+
+
 def test_job_life_cycle_through_the_cli(prompts, tiny_gpt2, runner_home, tmp_path):
     result = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 3, "--name", "night1")
     assert result.exit_code == 0, result.output

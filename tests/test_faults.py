@@ -35,13 +35,13 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(
     real = Engine.generate
     sizes = []
 
-    def generate(self, prompts, params, seeds=None, stop=None):
+    def generate(self, prompts, params, seeds=None, stop=None, **kw):
         sizes.append(len(prompts))
         if len(prompts) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if self._poison in prompts:
             raise torch.OutOfMemoryError("CUDA out of memory even alone")
-        return real(self, prompts, params, seeds, stop)
+        return real(self, prompts, params, seeds, stop, **kw)
 
     monkeypatch.setattr(Engine, "generate", generate)
     gpt2_engine._poison = None
@@ -65,7 +65,12 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(
     assert runner.job_status.job_status(job2).errors == 2
 
 
-def test_nan_logits_never_reach_the_results(tmp_path, prompts_file, tiny_gpt2, monkeypatch):
+@pytest.mark.parametrize(
+    "options",
+    [EngineOptions(), EngineOptions(batch_size=2, continuous_batching=True)],
+    ids=["static", "refill"],
+)
+def test_nan_logits_never_reach_the_results(tmp_path, prompts_file, tiny_gpt2, monkeypatch, options):
     engine = Engine(tiny_gpt2)
     bad_prompt = engine.tokenizer("The old man said The old man said The old man said ")["input_ids"]
     real_forward = engine._forward
@@ -81,7 +86,9 @@ def test_nan_logits_never_reach_the_results(tmp_path, prompts_file, tiny_gpt2, m
     monkeypatch.setattr(engine, "_forward", forward)
     with pytest.raises(NumericalError):
         engine.generate([bad_prompt], GenerationParams(max_new_tokens=2))
-    job = create_job(prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=3), job_dir=tmp_path / "nan")
+    job = create_job(
+        prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=3), options, job_dir=tmp_path / "nan"
+    )
     summary = run_job(job, engine, echo=None)
     assert summary.finished and summary.errors == 2 and summary.done == 6  # rows r2 and r6 have that prompt
     df = runner.load_results(job.dir)

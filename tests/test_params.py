@@ -71,6 +71,7 @@ def test_round_trip_through_dict():
         ("dtype", "fp8", r"dtype must be one of auto, float32, float16, bfloat16, got 'fp8'\."),
         ("batch_size", 0, r"batch_size must be >= 1, got 0\."),
         ("max_batch_tokens", -5, r"max_batch_tokens must be >= 1, got -5\."),
+        ("continuous_batching", "yes", r"continuous_batching must be true or false, got 'yes'\."),
     ],
 )
 def test_engine_options_are_checked(field, value, message):
