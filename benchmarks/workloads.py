@@ -62,7 +62,9 @@ class Bench:
     def record(self, name, new_tokens, seconds, mem, usage, padding, batches, batch_size, extra=None) -> dict:
         """One generation row (a method): NEW_TOKENS per prompt, in SECONDS, with the memory and CPU use."""
         gen, peak = sum(new_tokens), self.res["matmul"]["peak_flops"]
-        prompt_tokens = sum(self.lengths[: len(new_tokens)])  # the prompts it ran (naive may run the first few)
+        prompt_tokens = sum(
+            self.lengths[: len(new_tokens)]
+        )  # the prompts it ran (naive may run the first few)
         row = {
             "name": name, "batch_size": batch_size, "batches": batches, "seconds": seconds,
             "generated_tokens": gen, "prompt_tokens": prompt_tokens, "tokens_per_second": gen / seconds,

@@ -233,7 +233,9 @@ def test_a_dataset_object_a_saved_dataset_folder_and_hf_names_are_inputs(tmp_pat
     assert runner.load_results(job2)["text"].tolist() == ref["text"].tolist()
     from helpers import invoke
 
-    cli = invoke("run", tmp_path / "one", "--model", tiny_gpt2, "--max-new-tokens", "3", "-o", tmp_path / "cli")
+    cli = invoke(
+        "run", tmp_path / "one", "--model", tiny_gpt2, "--max-new-tokens", "3", "-o", tmp_path / "cli"
+    )
     assert cli.exit_code == 0, cli.output
     assert runner.load_results(tmp_path / "cli")["text"].tolist() == ref["text"].tolist()
 
