@@ -14,12 +14,14 @@ from one run (benchmarks/README.md):
 
   naive     model.generate(...) one prompt at a time (batch 1, no padding)
   pipeline  transformers.pipeline("text-generation", batch_size=16), left padding
+  peers     --peers openvino,ctranslate2: OpenVINO GenAI's continuous-batching pipeline and CTranslate2, each in
+            its own venv (benchmarks/peers/setup.sh), on runner's token ids (cpu_peers.py)
   runner    length-sorted, budgeted batches with the engine's defaults (EngineOptions().batch_size,
             batching.default_batch_tokens), including the raw log-prob (log_softmax + gather) runner always computes
 
 The parts: prompts.py (the prompt set, realistic per-row settings), workloads.py (what each workload runs and
-compares), runner_paths.py (runner's side), baselines.py (transformers' side), measure.py, profiling.py,
-report.py.
+compares), runner_paths.py (runner's side), baselines.py (transformers' side), cpu_peers.py (the CPU peers, run
+by peers/run_peer.py in their venv), measure.py, profiling.py, report.py.
 
     python benchmarks/bench.py --model smollm2 --device cpu --json-out benchmarks/results-smollm2.json
     python benchmarks/bench.py --model gpt2-random --device cpu
@@ -38,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cpu_peers
 import report
 import workloads
 from measure import machine_info, matmul_flops, param_counts, tune_malloc
@@ -123,6 +126,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument(
+        "--peers",
+        default="",
+        help="fixed workload: CPU peers to add as rows, comma-separated, of openvino, ctranslate2 (default none; "
+        "needs bash benchmarks/peers/setup.sh)",
+    )
+    ap.add_argument(
+        "--peers-python",
+        help=f"the peers venv's python (default ${cpu_peers.PYTHON_ENV}, else benchmarks/peers/.venv/bin/python)",
+    )
+    ap.add_argument(
         "--skip-plain-engine", action="store_true", help="skip runner's engine with every speed lever off"
     )
     ap.add_argument(
@@ -157,6 +170,12 @@ def resolve_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argpa
         ap.error(
             f"--tasks must be a comma-separated list of {', '.join(TASKS)}, got {','.join(args.tasks)!r}"
         )
+    try:
+        args.peers = cpu_peers.parse(args.peers)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.peers and (args.workload != "fixed" or "generate" not in args.tasks):
+        ap.error("--peers adds rows to the fixed workload: use it with --workload fixed and --tasks generate")
     if args.max_new_tokens is None:
         args.max_new_tokens = DEFAULT_NEW_TOKENS[args.workload]
     if args.quick:

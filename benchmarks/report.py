@@ -15,6 +15,7 @@ def print_report(res: dict[str, Any]) -> None:
         ratios(res)
         if res.get("workload") == "fixed":
             fixed_details(res)
+            peers(res)
         profile(res)
     if res.get("tasks"):
         tasks_table(res)
@@ -109,6 +110,22 @@ def fixed_details(res: dict[str, Any]) -> None:
               f"{lo['without_seconds']:.2f} s without -> {lo['measured_fraction']:.1%} measured; microbenchmark "
               f"{lo['microbench_step_seconds'] * 1e3:.2f} ms per step ([{lo['mean_rows_per_step']:.0f} x vocab]) x "
               f"{lo['decode_steps']} steps = {lo['estimated_fraction']:.1%} of runner time")  # fmt: skip
+
+
+def peers(res: dict[str, Any]) -> None:
+    """What each CPU peer row ran (versions, settings, its load and warm-up outside the timed pass), and why a
+    requested peer has no row."""
+    info = res.get("peers")
+    if not info:
+        return
+    print(f"CPU peers (--peers {','.join(info['requested'])}, run by {info['python']}):")
+    for r in (r for r in res["methods"] if r.get("peer")):
+        versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+        settings = "; ".join(f"{k} {v}" for k, v in r["settings"].items() if k != "batches")
+        print(f"  {r['name']}: {versions}; {settings}; load {r['load_seconds']:.1f} s, warm-up pass "
+              f"{r['warmup_seconds']:.1f} s (untimed)")  # fmt: skip
+    for note in info["notes"]:
+        print(f"  {note}")
 
 
 def profile(res: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@ the same process on the same loaded model and prompts, so its ratios are read fr
 
 * `fixed` (the default): greedy, exactly --max-new-tokens tokens per prompt (min_new_tokens = max_new_tokens),
   so every method does the same work: runner at its default and other batch sizes, with each speed lever off,
-  the log-prob overhead, the pipeline and naive generate, token agreement.
+  the log-prob overhead, the pipeline and naive generate, the CPU peers of --peers (cpu_peers.py), token
+  agreement.
 * `realistic`: sampled (temperature 0.8, top_p 0.95, a seed per row), EOS allowed, max_new_tokens per row drawn
   with a fixed seed, so rows finish at different steps: runner as a whole job (`runner run`), once per value of
   the engine option AB_OPTION when EngineOptions has it, then the pipeline and naive generate.
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import baselines
+import cpu_peers
 import prompts
 import runner_paths
 from measure import PeakMemory, Usage, compare, linear_flops, matmul_flops, padding_fraction
@@ -102,8 +104,8 @@ def roofline(b: Bench) -> None:
 
 
 def fixed(b: Bench) -> None:
-    """runner's batch-size sweep and ablations, its log-prob overhead, the pipeline, naive generate, --profile,
-    then the comparisons."""
+    """runner's batch-size sweep and ablations, its log-prob overhead, the pipeline, naive generate, the CPU
+    peers (--peers), --profile, then the comparisons."""
     default_bs, budget = b.defaults()
     runner_sweep(b, default_bs, budget)  # first, so a crash there shows up before the slow naive loop
     ablations(b, default_bs, budget)
@@ -113,11 +115,14 @@ def fixed(b: Bench) -> None:
         pipeline_fixed(b)
     if not b.args.skip_naive:
         naive_fixed(b)
+    if b.args.peers:
+        cpu_peers.run_all(b)
     if b.args.profile:
         b.log("profiling runner default ...")
         bs = b.args.profile_batch_size or default_bs
         b.res["profile"] = profile_runner(b.engine, b.ids, b.args.max_new_tokens, bs, budget)
     fixed_comparisons(b)
+    cpu_peers.comparisons(b)
 
 
 def timed_runner(b: Bench, name: str, batch_size: int, budget: int) -> None:

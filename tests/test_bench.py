@@ -143,3 +143,107 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     res = json.loads((out / "gpt2-random-cpu.json").read_text())
     assert any(m["name"] == "runner (default)" and m["tokens_per_second"] > 0 for m in res["methods"])
     assert " passed" in (out / "tests.log").read_text()
+
+
+# --- CPU peers (--peers): the plumbing, with a fake peer (tests/fake_peer.py) instead of an installed one -------
+
+PEER_ARGS = ("--num-prompts", 4, "--skip-naive", "--skip-pipeline", "--skip-ablations", "--skip-plain-engine",
+             "--lp-repeats", 0, "--peers", "openvino,ctranslate2")  # fmt: skip
+
+
+@pytest.fixture
+def fake_peers(tiny_gpt2, tmp_path, monkeypatch):
+    """The fake peer instead of run_peer.py, models 'converted' for both peers under a fresh RUNNER_CACHE (the
+    marker setup.sh writes last), and the fake told to answer with runner's own default-row tokens."""
+    import cpu_peers
+
+    monkeypatch.setattr(cpu_peers, "RUN_PEER", ROOT / "tests" / "fake_peer.py")
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "cache"))
+    for peer in cpu_peers.ROWS:
+        folder = cpu_peers.export_dir(tiny_gpt2, peer)
+        folder.mkdir(parents=True)
+        (folder / cpu_peers.EXPORT_MARKER).write_text("{}")
+    echo, run_all = tmp_path / "echo.json", cpu_peers.run_all
+
+    def answer_as_runner(b):
+        echo.write_text(json.dumps(b.outputs["runner (default)"]))
+        run_all(b)
+
+    monkeypatch.setattr(cpu_peers, "run_all", answer_as_runner)
+    monkeypatch.setenv("FAKE_PEER_ECHO", str(echo))
+    return echo
+
+
+def test_peer_rows_ratios_and_agreement(bench, tiny_gpt2, tmp_path, fake_peers, capsys):
+    import sys
+
+    res = run_bench(bench, tmp_path, "--model", tiny_gpt2, *PEER_ARGS, "--peers-python", sys.executable)
+    rows = {m["name"]: m for m in res["methods"]}
+    assert list(rows) == ["runner bs=8", "runner bs=16", "runner (default)", "openvino-genai cb",
+                          "ctranslate2"]  # fmt: skip
+    runner = rows["runner (default)"]
+    for name in ("openvino-genai cb", "ctranslate2"):
+        row = rows[name]
+        assert row["generated_tokens"] == 4 * 8 and row["versions"] == {"fake-peer": "1.0"}
+        assert_positive(row, "seconds", "tokens_per_second", "peak_memory_bytes", "warmup_seconds")
+        # the request carried runner's own token ids, its thread count and its default batch size
+        assert row["settings"] == {"prompts": 4, "prompt_tokens": res["prompts"]["prompt_tokens"],
+                                   "max_new_tokens": 8, "threads": 1, "batch_size": runner["batch_size"],
+                                   "batches": row["batches"]}  # fmt: skip
+        ratio = res["ratios"][f"runner default / {name}"]
+        assert ratio == pytest.approx(runner["tokens_per_second"] / row["tokens_per_second"])
+    assert rows["openvino-genai cb"]["batches"] is None and rows["ctranslate2"]["batches"] == 1
+    assert res["matches"]["runner vs openvino-genai cb"] == {"seq": 1.0, "prefix": 1.0, "token": 1.0}
+    assert res["matches"]["runner vs ctranslate2"] == {"seq": 0.0, "prefix": 7 / 8, "token": 7 / 8}
+    assert res["peers"]["notes"] == []
+    report = capsys.readouterr().out
+    for line in ("| openvino-genai cb | n/a |", "| ctranslate2 | 1 |", "runner default / openvino-genai cb = ",
+                 "  runner vs ctranslate2: seq 0.0%, prefix 87.5%, token 87.5%",
+                 f"CPU peers (--peers openvino,ctranslate2, run by {sys.executable}):",
+                 "  openvino-genai cb: fake-peer 1.0; prompts 4; "):  # fmt: skip
+        assert line in report, line
+
+
+@pytest.mark.parametrize(
+    ("case", "note"),
+    [
+        ("no venv", "peers skipped: no peers venv at {tmp}/none/python (create it with bash "
+                    "benchmarks/peers/setup.sh, or point --peers-python / RUNNER_PEERS_PYTHON at one)"),
+        ("no export", "openvino skipped: no converted model at {tmp}/cache/peers/{model}/openvino (run bash "
+                      "benchmarks/peers/setup.sh --model {model_dir})"),
+        ("peer fails", "openvino failed: run_peer.py exited with 1: KeyError: 'FAKE_PEER_ECHO'"),
+    ],
+)  # fmt: skip
+def test_a_peer_that_cannot_run_leaves_a_note(bench, tiny_gpt2, tmp_path, fake_peers, monkeypatch, capsys, case,
+                                              note):  # fmt: skip
+    import shutil
+    import sys
+
+    import cpu_peers
+
+    python = tmp_path / "none" / "python" if case == "no venv" else sys.executable
+    if case == "no export":
+        shutil.rmtree(tmp_path / "cache")
+    if case == "peer fails":
+        monkeypatch.delenv("FAKE_PEER_ECHO")
+    res = run_bench(bench, tmp_path, "--model", tiny_gpt2, *PEER_ARGS, "--peers-python", python)
+    note = note.format(tmp=tmp_path, model=cpu_peers.Path(tiny_gpt2).name, model_dir=tiny_gpt2)
+    assert res["peers"]["notes"][0] == note
+    assert len(res["peers"]["notes"]) == (1 if case == "no venv" else 2)  # else the same for ctranslate2
+    assert not any(m.get("peer") for m in res["methods"])
+    assert not any("openvino" in k or "ctranslate2" in k for k in [*res["ratios"], *res["matches"]])
+    assert f"  {note}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--peers", "openvino,vllm"], "--peers must be a comma-separated list of openvino, ctranslate2, got "
+                                       "'openvino,vllm'"),
+        (["--peers", "openvino", "--workload", "realistic"], "--peers adds rows to the fixed workload"),
+    ],
+)  # fmt: skip
+def test_peers_option_errors(bench, args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
