@@ -88,7 +88,7 @@ def test_realistic_runner_rows_per_value_of_the_ab_option(bench, tiny_gpt2, tmp_
     monkeypatch.setattr(runner.worker, "run_job", run_job)
     res = run_bench(bench, tmp_path, "--model", tiny_gpt2, "--workload", "realistic", "--num-prompts", 4,
                     "--skip-naive", "--skip-pipeline")  # fmt: skip
-    assert seen == [(False, False), (False, False), (True, True)]  # the warm-up, then off, then on
+    assert seen[1:] == [(False, False), (True, True)]  # after the warm-up: off, then on
     assert [m["name"] for m in res["methods"]] == [
         "runner (continuous_batching=False)",
         "runner (continuous_batching=True)",
