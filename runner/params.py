@@ -179,7 +179,7 @@ class EngineOptions:
     once (tasks.REFILL_BATCHES), at most a batch's worth of rows decode together, and when rows end (EOS, stop
     string, their own max_new_tokens) waiting prompts are prefilled and join the running batch, instead of the
     batch running on until its longest row ends. Each row's result is what it gets alone, as with static
-    batches. 1.90x output tok/s on a sampled, EOS-ended workload (benchmarks/RESULTS.md); off by default
+    batches. On CPU 1.03-1.27x output tok/s on sampled, EOS-ended workloads (benchmarks/RESULTS.md); off by default
     until the job tests that count commits per batch are rewritten for windows."""
 
     def __post_init__(self) -> None:
