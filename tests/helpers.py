@@ -16,6 +16,22 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+# Prompts of mixed lengths and scripts (one token to ~20, Japanese too), so that padding is exercised.
+PROMPTS = [
+    "The quick brown fox",
+    "Hello",
+    "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
+    "A language model reads the whole sentence and then",
+    "My friend",
+    "現在も行方不明のまま。",
+]
+# Longer and more varied: the decode-lever and refill tests, where rows must leave the batch at different steps.
+LONG_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun",
+    *PROMPTS[1:],
+    "Once upon a time there was a",
+]
+
 
 def write_jsonl(path: Path, rows: Iterable) -> Path:
     """One line per row, UTF-8: a str or bytes row is written as given (to write broken lines), anything else

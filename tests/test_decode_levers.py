@@ -5,21 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import assert_same_completions, ids_of
+from helpers import LONG_PROMPTS, assert_same_completions, ids_of
 from transformers.pytorch_utils import Conv1D
 
 from runner import GenerationParams, kernels, kvcache
 from runner import engine as engine_mod
 
-PROMPTS = [
-    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun",
-    "Hello",
-    "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
-    "A language model reads the whole sentence and then",
-    "My friend",
-    "現在も行方不明のまま。",
-    "Once upon a time there was a",
-]
+PROMPTS = LONG_PROMPTS
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import PROMPTS as ENGINE_PROMPTS
 
 import runner
 from runner import GenerationParams
@@ -20,13 +21,7 @@ from runner.scoring import embed_batch, score_batch, tokenize_text
 
 DTYPES = {"bfloat16": 0.08, "float16": 0.02}  # dtype -> log-prob tolerance, batched vs alone
 
-PROMPTS = [
-    "The quick brown fox",
-    "Hello",
-    "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
-    "A language model reads the whole sentence and then",
-    "My friend",
-]
+PROMPTS = ENGINE_PROMPTS[:5]
 
 
 @pytest.fixture(scope="module", params=["bfloat16", "float16"])

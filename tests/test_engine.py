@@ -4,20 +4,11 @@ import math
 
 import pytest
 import torch
-from helpers import assert_same_completions, ids_of, plain_logprobs
+from helpers import PROMPTS, assert_same_completions, ids_of, plain_logprobs
 
 from runner import GenerationParams
 from runner import engine as engine_mod
 from runner.batching import encode, left_pad, plan_batches
-
-PROMPTS = [
-    "The quick brown fox",
-    "Hello",
-    "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
-    "A language model reads the whole sentence and then",
-    "My friend",
-    "現在も行方不明のまま。",
-]
 
 
 @pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])

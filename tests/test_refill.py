@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import LONG_PROMPTS
 
 import runner
 from runner import EngineOptions, GenerationParams
@@ -14,13 +15,7 @@ from runner.jobs import create_job
 from runner.worker import run_job
 
 PROMPTS = [
-    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun",
-    "Hello",
-    "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
-    "A language model reads the whole sentence and then",
-    "My friend",
-    "現在も行方不明のまま。",
-    "Once upon a time there was a",
+    *LONG_PROMPTS,
     "To be, or not to be, that is the question.",
     "The robot",
     "今日は良い天気ですね。明日は雨が降るでしょう。",
