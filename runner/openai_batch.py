@@ -180,7 +180,7 @@ class _Pieces:
     """Token texts as they read in place (scoring.token_pieces), from the job's tokenizer."""
 
     def __init__(self, job: Any):
-        from .engine import load_tokenizer
+        from .models import load_tokenizer
 
         self.tokenizer = load_tokenizer(job.spec.model, job.options.trust_remote_code)
 
@@ -367,7 +367,7 @@ def file_kind(path: str | os.PathLike) -> str:
 
 def default_max_tokens(model: str, trust_remote_code: bool = False) -> int:
     """max_tokens for requests that set none: 256, or half the model's context window if that is smaller."""
-    from .engine import context_window, load_config
+    from .models import context_window, load_config
 
     window = context_window(load_config(model, trust_remote_code))
     return min(256, window // 2) if window else 256
