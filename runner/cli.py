@@ -692,7 +692,9 @@ def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bo
             if show_logprobs:
                 click.echo(
                     "    "
-                    + " ".join(f"{t}:{lp:.2f}" for t, lp in zip(c.token_ids, c.token_logprobs, strict=True))
+                    + " ".join(
+                        f"{t!r}:{lp:.2f}" for t, lp in zip(c.tokens or [], c.token_logprobs, strict=True)
+                    )
                 )
 
 

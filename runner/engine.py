@@ -38,6 +38,7 @@ from .batching import left_pad
 from .errors import ModelLoadError, RunnerError, first_line
 from .models import context_window, eos_token_ids, load_model, load_tokenizer, pick_device, pick_dtype
 from .params import EngineOptions, GenerationParams
+from .tokens import TokenText, hold_back_partial
 
 # Prompt tokens decoded with the generation, so that a leading space survives (SentencePiece).
 DETOKENIZE_CONTEXT = 4
@@ -68,6 +69,7 @@ class Completion:
     # included even when it is not among the top K (then last, with its true rank). Only with `logprobs`.
     top_logprobs: list[list[tuple[int, float, int]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
+    tokens: list[str] | None = None  # each token's text in place (tokens.token_pieces), when asked for
 
     @property
     def cumulative_logprob(self) -> float:
@@ -258,6 +260,7 @@ class Engine:
         # GPT-2 has no pad token: pad with EOS. Safe because padding is known from the attention mask only.
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.context_window = context_window(cfg, self.tokenizer)
+        self.texts = TokenText(self.tokenizer)  # token texts in place and their bytes, for results
         forward_params = inspect.signature(self.model.forward).parameters
         self._keep_arg = "logits_to_keep" in forward_params
         # transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning)
@@ -527,6 +530,8 @@ class Engine:
             if st.stop_pos[r] is not None:
                 text = text[: st.stop_pos[r]]
             reason, stop = st.finish[r] or ("length", None)
+            if reason == "length" and text.endswith("\ufffd"):  # the limit cut a character? hold it back
+                text = hold_back_partial(text, self.texts.bytes(st.out_ids[r][-4:]))
             results.append(Completion(
                 st.out_ids[r], st.out_lps[r], text, reason, stop,
                 top_logprobs=st.tops[r] if st.params[r].logprobs is not None else None,

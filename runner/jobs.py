@@ -28,7 +28,14 @@ from . import __version__, jobdir, storage
 from .errors import InputError, ParamError, Problem, RunnerError
 from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, check_name, default_home, new_job_id
-from .models import check_causal_lm, context_window, load_config, load_tokenizer, model_fingerprint
+from .models import (
+    check_causal_lm,
+    check_weights,
+    context_window,
+    load_config,
+    load_tokenizer,
+    model_fingerprint,
+)
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 from .passthrough import Passthrough, rewrite_passthrough
 from .results import PROMPT_COLUMNS
@@ -200,8 +207,9 @@ def _already_submitted(job_dir: Any, root: Path, name: str | None, fingerprint: 
 def _model_facts(model: str, options: EngineOptions, kind: str, params: Any) -> tuple[Any, Any, int | None]:
     """(config, tokenizer, context window) of a causal LM, refusing a generation that leaves no room for a
     prompt in the window."""
-    config = load_config(model, options.trust_remote_code)
+    config = load_config(model, options.trust_remote_code)  # refuses remote code unless --trust-remote-code
     check_causal_lm(model, config)
+    check_weights(model, options.allow_pickle)
     tokenizer = load_tokenizer(model, options.trust_remote_code)
     window = context_window(config, tokenizer)
     if kind == "generate":

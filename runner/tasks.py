@@ -143,8 +143,8 @@ def make_task(
         outputs = job.meta.get("outputs") or {}
         settings = prompts.column("settings").to_pylist() if "settings" in prompts.column_names else None
 
-        def table(prompts_: Any, generated: list[Any], token_text: Any) -> Any:
-            return completions_table(prompts_, generated, token_text, outputs, settings)
+        def table(prompts_: Any, generated: list[Any], texts: Any) -> Any:
+            return completions_table(prompts_, generated, texts, outputs, settings)
 
         return Task(generate, table, lambda c: len(c.token_ids), longest, _completion_finite)
     from . import scoring

@@ -440,17 +440,13 @@ class JobRun:
         }  # fmt: skip
         if unit.results:
             assert self.engine is not None
-            table = unit.task.table(unit.table, unit.results, self.token_text)
+            table = unit.task.table(unit.table, unit.results, self.engine.texts)
             params = json.dumps({**self.job.meta["params"], "model": self.job.spec.model}, ensure_ascii=False)
             meta = {"job": self.job.id, "kind": self.job.kind, "params": params}
             with write_local_shard(table, meta) as (local, digest):
                 storage.publish(local, self.job.dir / jobdir.SHARDS / f"{name}.parquet")
                 marker.update(shard=f"{name}.parquet", bytes=local.stat().st_size, sha256=digest)
         return marker
-
-    def token_text(self, ids: list[int]) -> list[str]:
-        assert self.engine is not None
-        return self.engine.tokenizer.batch_decode([[i] for i in ids])
 
     def update_heartbeat(self) -> None:
         if self.beat is None or self.progress is None:

@@ -12,6 +12,7 @@ import runner
 from runner import GenerationParams, InputError, ParamError, RunnerError
 from runner.jobs import Job, create_job
 from runner.results import done_keys, valid_shards
+from runner.tokens import TokenText, alternative_pieces
 from runner.worker import run_job
 
 ROWS = [
@@ -200,8 +201,14 @@ def test_top_and_prompt_logprobs_columns(tmp_path, prompts_file, tiny_gpt2, gpt2
     first = df.loc[0]
     assert len(first.top_logprobs) == first.completion_tokens
     step = list(first.top_logprobs[0])
-    assert set(step[0]) == {"token_id", "token", "logprob", "rank"} and step[0]["rank"] == 1
-    assert step[0]["token"] == gpt2_engine.tokenizer.decode([step[0]["token_id"]])
+    assert set(step[0]) == {"token_id", "token", "bytes", "logprob", "rank"} and step[0]["rank"] == 1
+    texts = TokenText(gpt2_engine.tokenizer)
+    prompt_ids = job.prompts().column("input_ids")[0].as_py()
+    for i, step in enumerate(first.top_logprobs):  # each candidate reads as it would in place, with its bytes
+        ids = [int(e["token_id"]) for e in step]
+        prefix = [*prompt_ids, *first.token_ids[:i]]
+        assert [e["token"] for e in step] == alternative_pieces(gpt2_engine.tokenizer, prefix, ids)
+        assert [bytes(list(e["bytes"])) for e in step] == texts.bytes(ids)
     assert len(first.prompt_logprobs) == first.prompt_tokens and math.isnan(
         first.prompt_logprobs[0]
     )  # null in Arrow
