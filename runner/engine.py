@@ -293,13 +293,15 @@ class Engine:
         stop: Callable[[], bool] | None = None,
         max_active: int | None = None,
         on_finish: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[Completion]:
         """Generate one sample per prompt. `prompts`: token ids per row (any lengths); `params`: the settings
         of every row, or one per row (rows with different settings share the batch); `seeds`: one per row,
         required when a row samples; `stop()`, asked between decode steps, abandons the batch (raises
         `Stopped`: a cancelled job stops within a step, not a whole batch). `max_active`: most rows decoding
         at once (None: all); the others wait and join the running batch as rows finish (continuous batching).
-        `on_finish(row, tokens)` is called as each row ends (again if the batch has to be recomputed).
+        `on_finish(row, tokens)` is called as each row ends (again if the batch has to be recomputed), and
+        `on_step(tokens)` after each decode step with the number of tokens it made (progress within a batch).
         Returns completions in the order of `prompts`; a row's completion does not depend on its companions."""
         import torch
 
@@ -314,11 +316,11 @@ class Engine:
             raise ValueError(f"max_active must be an integer >= 1, got {max_active!r}")
         with torch.inference_mode():
             try:
-                return self._generate(prompts, params, seeds, stop, max_active, on_finish)
+                return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
             except kvcache.GroupingUnsupported:
                 # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
                 self._grouped = False
-                return self._generate(prompts, params, seeds, stop, max_active, on_finish)
+                return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
         """One forward pass. Returns (logits of the last position [batch, vocab] float32, cache)."""
@@ -348,7 +350,7 @@ class Engine:
         # .to: with a device_map the output layer may sit on another GPU than the inputs (a no-op otherwise)
         return out.logits[:, -1, :].float().to(self.device), getattr(out, self._cache_arg)
 
-    def _generate(self, prompts, params, seeds, stop=None, max_active=None, on_finish=None):
+    def _generate(self, prompts, params, seeds, stop=None, max_active=None, on_finish=None, on_step=None):
         """The decode loop: admit the first rows (prefill), then per step pick a token for every slot, record it
         (finishing rows on EOS, a stop string or their length) and advance: finished rows leave, the others
         take one forward step, waiting rows join in the freed slots."""
@@ -358,6 +360,8 @@ class Engine:
                 raise Stopped("stopped between decode steps")
             tok, chosen, logprobs = self._pick(st)
             self._record(st, tok, chosen, logprobs)
+            if on_step is not None:
+                on_step(len(tok))
             self._advance(st, tok)
         return self._completions(st)
 

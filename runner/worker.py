@@ -230,7 +230,13 @@ class JobRun:
         self.load_engine()
         assert self.engine is not None
         task = make_task(
-            self.job, self.engine, table, rows.start, stop=self.cancelled, finished=self.finished
+            self.job,
+            self.engine,
+            table,
+            rows.start,
+            stop=self.cancelled,
+            finished=self.finished,
+            stepped=self.stepped,
         )
         import numpy as np
 
@@ -379,8 +385,15 @@ class JobRun:
         if key in self.uncounted and self.progress is not None:
             self.uncounted.discard(key)
             self.counted[0] += 1
+            self.progress.update(1, 0)
+
+    def stepped(self, tokens: int) -> None:
+        """A decode step made `tokens` tokens: tok/s, the progress line and the heartbeat (what `runner status`
+        shows) move within a batch, not only once a shard is written."""
+        if self.progress is not None:
             self.counted[1] += tokens
-            self.progress.update(1, tokens)
+            self.progress.update(0, tokens)
+            self.update_heartbeat()
 
     def checked(self, unit: Unit) -> Callable[[list[tuple[int, int]]], list[Any]]:
         def compute(keys: list[tuple[int, int]]) -> list[Any]:
