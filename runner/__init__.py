@@ -43,7 +43,9 @@ __all__ = [
     "run_job",
     "status",
     "submit",
+    "watch",
     "work",
+    "work_in_background",
 ]
 
 
@@ -69,7 +71,7 @@ def __getattr__(name: str):
         from .quick import generate
 
         return generate
-    if name in ("status", "cancel", "retry", "repair"):
+    if name in ("status", "cancel", "retry", "repair", "watch", "work_in_background"):
         from . import api
 
         return getattr(api, name)
