@@ -517,6 +517,10 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
     click.echo("\n".join(_detail(s)))
 
 
+def _gib(n: int | None) -> str:
+    return "-" if not n else f"{n / 2**30:.2f} GiB"
+
+
 def _detail(s: Any) -> list[str]:
     from .jobdir import Job
 
@@ -535,6 +539,7 @@ def _detail(s: Any) -> list[str]:
         f"progress: {s.done:,}/{s.total:,} rows, {s.errors} row errors, {s.invalid} invalid input rows",
         f"speed:    {s.tokens_per_second or '-'} tok/s, ETA {s.eta}",
         f"workers:  {'; '.join(workers) if workers else '-'}",
+        f"memory:   peak {_gib(s.peak_memory_bytes)} (GPU memory on CUDA, resident memory on CPU)",
         f"model:    {s.model}",
         f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompts)",
         "settings: " + ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "seed" and v not in (None, []))

@@ -470,6 +470,7 @@ class JobRun:
             rows=p.done - p.done_before,
             tokens_per_second=round(p.tokens_per_second, 2),
             rows_per_second=round((p.done - p.done_before) / max(p.elapsed, 1e-9), 4),
+            peak_memory_bytes=peak_memory_bytes(self.engine.device) if self.engine is not None else None,
         )
 
     # --- stopping -------------------------------------------------------------------------------------------

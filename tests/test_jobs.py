@@ -308,4 +308,5 @@ def test_progress_and_heartbeat_move_within_a_batch(
     before_any_row = [ln for ln in lines if ln.startswith("0/") and "tok/s" in ln]
     assert before_any_row and not before_any_row[-1].split("|")[1].strip().startswith("0.0 tok/s")
     assert any(done == 0 and info.get("tokens_per_second", 0) > 0 for done, info in beats)
+    assert all(info["peak_memory_bytes"] > 0 for _, info in beats)  # status shows live workers' peak memory
     assert summary.tokens == int(runner.load_results(job.dir)["completion_tokens"].sum())  # settled exactly
