@@ -375,7 +375,8 @@ class _Preparer:
         self.fixed_names = PROMPT_COLUMNS
         self.max_n, self.results, self.per_row_n = 0, 0, False
         self.outputs = {"top_logprobs": getattr(params, "logprobs", None) is not None,
-                        "prompt_logprobs": bool(getattr(params, "prompt_logprobs", False)), "settings": False}  # fmt: skip
+                        "prompt_logprobs": bool(getattr(params, "prompt_logprobs", False)), "settings": False,
+                        "beam_score": False}  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.max_n, "results": self.results, "per_row_n": self.per_row_n,
@@ -413,6 +414,7 @@ class _Preparer:
         self.outputs["top_logprobs"] |= p.logprobs is not None
         self.outputs["prompt_logprobs"] |= p.prompt_logprobs
         self.outputs["settings"] |= bool(row.settings)
+        self.outputs["beam_score"] |= p.num_beams > 1
 
     def table(self, prepared: list[_Prepared], first: int) -> Any:
         """The fixed columns of prompts.parquet for these rows; `first` is the `_row` of the first."""
