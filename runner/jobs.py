@@ -108,17 +108,12 @@ def create_job(
             pair_fields=("context", "continuation") if kind == "score" else None,
             row_settings=kind == "generate", batch=(kind, models), chat=chat,
         )  # fmt: skip
+        # What makes two submits the same job: the input's bytes, how it is read, the model and the settings.
         identity = {
-            "input_sha256": storage.file_sha256(input_path),
-            "prompt_field": prompt_field,
-            "template": template,
-            "skip_invalid": skip_invalid,
-            "truncate": truncate,
-            "model": model,
-            "params": params.to_dict(),
-            "served_model_names": list(served_model_names),
-            **({"chat": True} if chat else {}),
-        }
+            "input_sha256": storage.file_sha256(input_path), "prompt_field": prompt_field, "template": template,
+            "skip_invalid": skip_invalid, "truncate": truncate, "model": model, "params": params.to_dict(),
+            "served_model_names": list(served_model_names), **({"chat": True} if chat else {}),
+        }  # fmt: skip
         root = Path(home) if home is not None else default_home()
         existing = _already_submitted(job_dir, root, name, _fingerprint(identity))
         if existing is not None:
@@ -135,15 +130,8 @@ def create_job(
                       "mtime": int(input_path.stat().st_mtime), "prompt_field": prompt_field,
                       "template": template, "truncate": truncate, "chat": chat},
         }  # fmt: skip
-        prep = _Preparer(
-            kind,
-            tokenizer,
-            params,
-            window,
-            truncate,
-            prompt_field,
-            kind == "generate" and _sample_auto(params),
-        )
+        prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field,
+                         kind == "generate" and _sample_auto(params))  # fmt: skip
         _write_job(target, meta, reader, prep, skip_invalid, tokenizer)
         job = Job.open(target)
         job.log(f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}")
