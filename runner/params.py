@@ -240,8 +240,9 @@ class EngineOptions:
     once (tasks.REFILL_BATCHES), at most a batch's worth of rows decode together, and when rows end (EOS, stop
     string, their own max_new_tokens) waiting prompts are prefilled and join the running batch, instead of the
     batch running on until its longest row ends. Each row's result is what it gets alone, as with static
-    batches. On CPU 1.03-1.27x output tok/s on sampled, EOS-ended workloads (benchmarks/RESULTS.md); off by default
-    until the job tests that count commits per batch are rewritten for windows."""
+    batches. Off by default: on the 2-core CPU it was 1.2-1.3x faster at batch size 16 and 1.03x at 64
+    (benchmarks/RESULTS.md), not worth making four batches what a kill loses and a crash record holds;
+    unmeasured on GPUs, where it should gain more."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not (

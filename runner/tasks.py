@@ -238,7 +238,9 @@ def isolating(
     every sample carries its own seed. After an out-of-memory, `iso.rows` remembers the size that then
     worked, so later batches start there instead of failing first. Rows named by a `NumericalError` are
     retried alone and the others together; a row that is non-finite alone in float16/bfloat16 is recomputed
-    with the model in float32 (`_retry_in_float32`)."""
+    with the model in float32 (`_retry_in_float32`). A continuous-batching window (more keys than slots) splits
+    the same way: its halves keep the slots of a batch until they are no longer than one, so an out-of-memory
+    there takes a split or two more to fit, and the rest of the unit then runs as static batches."""
     cap = iso.rows
     if cap is not None and len(keys) > cap:
         return [
