@@ -522,6 +522,17 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
     click.echo("\n".join(_detail(s)))
 
 
+def _non_default(params: Any, stored: dict[str, Any]) -> dict[str, Any]:
+    """The settings a job changed from their defaults (the seed is shown on its own)."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(params) if f.default is not dataclasses.MISSING}
+    defaults.update({f.name: f.default_factory() for f in dataclasses.fields(params)
+                     if f.default_factory is not dataclasses.MISSING})  # fmt: skip
+    changed = {k: v for k, v in stored.items() if not (k in defaults and v == defaults[k])}
+    return {k: v for k, v in changed.items() if k != "seed" and v is not None}
+
+
 def _gib(n: int | None) -> str:
     return "-" if not n else f"{n / 2**30:.2f} GiB"
 
@@ -547,8 +558,7 @@ def _detail(s: Any) -> list[str]:
         f"memory:   peak {_gib(s.peak_memory_bytes)} (GPU memory on CUDA, resident memory on CPU)",
         f"model:    {s.model}",
         f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompts)",
-        "settings: " + ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "seed" and v not in (None, []))
-        + f", seed={job.seed}",
+        "settings: " + ", ".join(f"{k}={v!r}" for k, v in _non_default(job.params, p).items()) + f", seed={job.seed}",
         f"folder:   {job.dir}",
     ]  # fmt: skip
 

@@ -142,6 +142,7 @@ class JobRun:
         self.suspected: list[Suspect] = []
         self.progress: Progress | None = None
         self.beat: Heartbeat | None = None
+        self.beat_has_speed = False  # the heartbeat file has carried tok/s once (update_heartbeat)
         # The batch computing now: its keys not in the progress yet, and the rows and tokens already in it.
         self.uncounted: set[tuple[int, int]] = set()
         self.counted = [0, 0]
@@ -472,6 +473,12 @@ class JobRun:
             rows_per_second=round((p.done - p.done_before) / max(p.elapsed, 1e-9), 4),
             peak_memory_bytes=peak_memory_bytes(self.engine.device) if self.engine is not None else None,
         )
+        if not self.beat_has_speed and p.tokens:  # the first figures: written now, not at the next beat (30 s)
+            self.beat_has_speed = True
+            try:
+                self.beat.beat()
+            except RunnerError as e:  # as in the heartbeat's own thread: should_stop() sees it
+                self.beat.error = e
 
     # --- stopping -------------------------------------------------------------------------------------------
 
