@@ -17,7 +17,7 @@ BEAMS = GenerationParams(
 def test_beams_are_transformers_beams_with_raw_logprobs(gpt2_engine):
     prompt = gpt2_engine.tokenizer("The old man")["input_ids"]
     got = gpt2_engine.transformers_generate(prompt, BEAMS, None)
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=gpt2_engine.device)
     want = gpt2_engine.model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, num_beams=4, num_return_sequences=2,
         length_penalty=0.8, no_repeat_ngram_size=2, do_sample=False, pad_token_id=gpt2_engine.pad_id,
@@ -29,7 +29,7 @@ def test_beams_are_transformers_beams_with_raw_logprobs(gpt2_engine):
         assert new[: len(c.token_ids)] == c.token_ids and c.beam_score == pytest.approx(
             float(score), abs=1e-5
         )
-        full = torch.tensor([prompt + c.token_ids])
+        full = torch.tensor([prompt + c.token_ids], device=gpt2_engine.device)
         lps = torch.log_softmax(gpt2_engine.model(full).logits[0, len(prompt) - 1 : -1].float(), -1)
         assert c.token_logprobs == pytest.approx(
             lps.gather(1, full[0, len(prompt) :, None])[:, 0].tolist(), abs=1e-5
