@@ -514,6 +514,11 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
             click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
         else:
             click.echo(status_table(statuses) if statuses else "no jobs")
+            for (
+                st
+            ) in statuses:  # what needs the user: a broken job and how to bring it back, a failure's reason
+                if st.message and st.state in ("broken", "failed"):
+                    click.echo(f"{st.id}: {st.message}")
         return
     s = api.status(job_ref, ctx.obj["home"])
     if as_json:

@@ -449,9 +449,7 @@ class Job:
         try:
             meta = storage.read_json(path / JOB_FILE)
         except ValueError as e:
-            raise BrokenJob(
-                f"job.json is damaged ({e}); `runner repair` restores it from its backup"
-            ) from None
+            raise BrokenJob(f"job.json is damaged ({e}); its backup can restore it") from None
         spec = JobSpec.parse(meta)
         for sub in FOLDERS:
             if _is_link(path / sub):

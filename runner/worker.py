@@ -473,7 +473,9 @@ class JobRun:
             rows_per_second=round((p.done - p.done_before) / max(p.elapsed, 1e-9), 4),
             peak_memory_bytes=peak_memory_bytes(self.engine.device) if self.engine is not None else None,
         )
-        if not self.beat_has_speed and p.tokens:  # the first figures: written now, not at the next beat (30 s)
+        if (
+            not self.beat_has_speed and p.tokens
+        ):  # the first figures: written now, not at the next beat (30 s)
             self.beat_has_speed = True
             try:
                 self.beat.beat()

@@ -308,6 +308,10 @@ def test_progress_and_heartbeat_move_within_a_batch(
     assert summary.finished and all(callable(f) for f in steps)
     before_any_row = [ln for ln in lines if ln.startswith("0/") and "tok/s" in ln]
     assert before_any_row and not before_any_row[-1].split("|")[1].strip().startswith("0.0 tok/s")
-    assert any(done == 0 and disk.get("tokens_per_second", 0) > 0 for done, _, disk in beats)  # not 30 s later
-    assert all(info["peak_memory_bytes"] > 0 for _, info, _ in beats)  # status shows live workers' peak memory
+    assert any(
+        done == 0 and disk.get("tokens_per_second", 0) > 0 for done, _, disk in beats
+    )  # not 30 s later
+    assert all(
+        info["peak_memory_bytes"] > 0 for _, info, _ in beats
+    )  # status shows live workers' peak memory
     assert summary.tokens == int(runner.load_results(job.dir)["completion_tokens"].sum())  # settled exactly

@@ -147,7 +147,9 @@ def test_status_counts_and_table(prompts_file, tiny_gpt2, gpt2_engine, runner_ho
     result = invoke("--home", runner_home, "status", "nightly")
     assert f"memory:   peak {s.peak_memory_bytes / 2**30:.2f} GiB" in result.output
     settings = next(ln for ln in result.output.splitlines() if ln.startswith("settings: "))
-    assert "min_new_tokens" not in settings and "num_beams" not in settings  # only what differs from the defaults
+    assert (
+        "min_new_tokens" not in settings and "num_beams" not in settings
+    )  # only what differs from the defaults
     assert settings.endswith(f"seed={Job.open(job.dir).seed}")
 
 
