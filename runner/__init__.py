@@ -38,6 +38,7 @@ __all__ = [
     "open_job",
     "read_errors",
     "repair",
+    "report",
     "retry",
     "run",
     "run_job",
@@ -69,7 +70,7 @@ def __getattr__(name: str):
         from .quick import generate
 
         return generate
-    if name in ("status", "cancel", "retry", "repair"):
+    if name in ("status", "cancel", "retry", "repair", "report"):
         from . import api
 
         return getattr(api, name)
