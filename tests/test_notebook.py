@@ -24,5 +24,12 @@ def test_colab_notebook_runs_top_to_bottom(tmp_path, tiny_gpt2, monkeypatch):
     )
     assert "not Colab" in outputs
     assert "completed: 6/6 rows" in outputs
+    # the job's report, shown inline: the whole page in an iframe, plotly.js with it
+    pages = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+             if "text/html" in o.get("data", {})]  # fmt: skip
+    assert any(
+        p.startswith("<iframe srcdoc=") and "Plotly" in p and "Throughput over time" in p for p in pages
+    )
+    assert "report: " in outputs
     assert any(p.name == "job.json" for p in (tmp_path / "home").rglob("job.json"))
     assert os.environ["RUNNER_NOTEBOOK_MODEL"] == tiny_gpt2

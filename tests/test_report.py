@@ -143,6 +143,12 @@ def test_the_report_shows_each_section_with_the_results_own_numbers(generate_job
     assert len(samples) == 10 and len({(r[1], r[2]) for r in samples}) == 10
 
 
+def test_runner_report_is_the_function_even_after_its_module_is_imported():
+    import runner.job_report  # noqa: F401  (a submodule named `report` would replace the function here)
+
+    assert callable(runner.report) and runner.report.__module__ == "runner.api"
+
+
 def test_hostile_text_stays_text(generate_job, generate_page):
     path, page = generate_page
     html = path.read_text(encoding="utf-8")
