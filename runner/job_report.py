@@ -604,14 +604,19 @@ def _samples_section(data: ReportData) -> str:
     for label, s in shown:
         row = [label, s.id, s.sample, s.tokens, f"{s.score:.3f}", _num(math.exp(-s.score))]
         if kind == "generate":
-            row += [s.finish or "", _cut(s.prompt or "", 200)]
+            row += [s.finish or "", _tail(s.prompt or "")]
         elif context:
-            row.append(_cut(s.prompt or "", 200))
+            row.append(_tail(s.prompt or ""))
         rows.append(row + [_cut(s.text)])
-    note = _note(f"The {SAMPLES} results with the lowest and the highest mean log-prob per token "
-                 f"(texts cut at {TEXT_CHARS} characters).")  # fmt: skip
+    note = _note(f"The {SAMPLES} results with the lowest and the highest mean log-prob per token (outputs cut "
+                 f"after {TEXT_CHARS} characters, prompts shown by their last 200).")  # fmt: skip
     return _section("samples", "Sample outputs", f"{_table(head, rows, classes)}\n{note}")
 
 
 def _cut(text: str, n: int = TEXT_CHARS) -> str:
     return text if len(text) <= n else text[:n] + "…"
+
+
+def _tail(prompt: str, n: int = 200) -> str:
+    """The end of a prompt: what the output continues (a chat template puts the question last)."""
+    return prompt if len(prompt) <= n else "…" + prompt[-n:]
