@@ -241,6 +241,17 @@ def test_markers_from_before_batches_were_recorded_count_at_their_commit(generat
     )
 
 
+def test_a_long_run_is_drawn_in_bounded_points_that_keep_its_rate():
+    from runner.job_report import MAX_POINTS, _rates
+
+    # 10,000 batches of one worker, 1 s each, at 100 then 300 tokens/s: merged into time windows
+    batches = [(1e9 + i, "w", 4, 100 if i < 5000 else 300, 1.0) for i in range(10_000)]
+    times, rates = _rates(batches, 3)
+    assert len(times) == len(rates) <= MAX_POINTS
+    assert rates[0] == 100 and rates[-1] == 300 and all(100 <= r <= 300 for r in rates)
+    assert _rates(batches[:10], 2)[1] == [4.0] * 10  # few batches: each its own point (here rows/s)
+
+
 # --- in a real browser --------------------------------------------------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")
