@@ -44,7 +44,9 @@ __all__ = [
     "run_job",
     "status",
     "submit",
+    "watch",
     "work",
+    "work_in_background",
 ]
 
 
@@ -70,7 +72,7 @@ def __getattr__(name: str):
         from .quick import generate
 
         return generate
-    if name in ("status", "cancel", "retry", "repair", "report"):
+    if name in ("status", "cancel", "retry", "repair", "report", "watch", "work_in_background"):
         from . import api
 
         return getattr(api, name)

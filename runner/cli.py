@@ -385,12 +385,15 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
 @click.option("--device", help="Run on this device instead of the jobs' own (cpu, cuda, cuda:N).")
 @click.option("--gpus", help="One worker process per local GPU: 'all' or a count (each on its own cuda:i).")
 @click.option("--workers", "n_workers", type=click.IntRange(min=1), help="Run this many worker processes.")
+@click.option("--background", is_flag=True,
+              help="Start the work as a detached process (output in HOME/logs/) and return at once; "
+                   "follow it with `runner watch JOB` or `runner status`.")  # fmt: skip
 @home_option
 @click.pass_context
 @handle_errors
 def work(
     ctx: click.Context, hours: float | None, until: str | None, job_ref: str | None, once: bool, shard_rows: int,
-    shard_minutes: float, device: str | None, gpus: str | None, n_workers: int | None,
+    shard_minutes: float, device: str | None, gpus: str | None, n_workers: int | None, background: bool,
 ) -> None:  # fmt: skip
     """Run queued jobs: interrupted ones first, then by priority and age, until the queue is empty or the
     deadline. Several workers (processes, GPUs, machines sharing the folder) share a job by units.
@@ -401,6 +404,18 @@ def work(
     args = ["--shard-rows", str(shard_rows), "--shard-minutes", str(shard_minutes)]
     args += (["--job", job_ref] if job_ref else []) + (["--once"] if once else [])
     args += ["--until", until] if until else (["--hours", str(hours)] if hours else [])
+    if background:
+        from .api import work_in_background
+
+        extra = (["--device", device] if device else []) + (["--gpus", gpus] if gpus else [])
+        extra += ["--workers", str(n_workers)] if n_workers else []
+        worker = work_in_background(args + extra, ctx.obj["home"])
+        _echo(f"working in the background (pid {worker.pid}); its output: {worker.log}")
+        _echo(
+            "follow it with `runner watch JOB` or `runner status`; stop it with `runner cancel JOB` or kill "
+            + str(worker.pid)
+        )
+        return
     if gpus is not None or n_workers is not None:
         devices = _worker_devices(gpus, n_workers, device)
         raise SystemExit(_run_processes(ctx.obj["home"], args, devices))
@@ -517,6 +532,10 @@ def _report_line(job_ref: str, folder: str) -> str:
     return f"report:   runner report {shlex.quote(job_ref if same else folder)} -o report.html"
 
 
+def _gib(n: int | None) -> str:
+    return "-" if not n else f"{n / 2**30:.2f} GiB"
+
+
 def _detail(s: Any) -> list[str]:
     from .jobdir import Job
 
@@ -535,6 +554,7 @@ def _detail(s: Any) -> list[str]:
         f"progress: {s.done:,}/{s.total:,} rows, {s.errors} row errors, {s.invalid} invalid input rows",
         f"speed:    {s.tokens_per_second or '-'} tok/s, ETA {s.eta}",
         f"workers:  {'; '.join(workers) if workers else '-'}",
+        f"memory:   peak {_gib(s.peak_memory_bytes)} (GPU memory on CUDA, resident memory on CPU)",
         f"model:    {s.model}",
         f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompts)",
         "settings: " + ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "seed" and v not in (None, []))
@@ -665,6 +685,22 @@ def report(ctx: click.Context, job_ref: str, path: str) -> None:
 
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
+@click.option("--every", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds between status lines.")  # fmt: skip
+@home_option
+@click.pass_context
+@handle_errors
+def watch(ctx: click.Context, job_ref: str, every: float) -> None:
+    """Print JOB's status every few seconds until it ends (a live view while `runner work --background` runs)."""
+    from .api import watch as watch_job
+
+    s = watch_job(job_ref, ctx.obj["home"], every, echo=_echo)
+    if s.state not in ("completed",):
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
 @home_option
 @click.pass_context
 @handle_errors
@@ -737,7 +773,9 @@ def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bo
             if show_logprobs:
                 click.echo(
                     "    "
-                    + " ".join(f"{t}:{lp:.2f}" for t, lp in zip(c.token_ids, c.token_logprobs, strict=True))
+                    + " ".join(
+                        f"{t!r}:{lp:.2f}" for t, lp in zip(c.tokens or [], c.token_logprobs, strict=True)
+                    )
                 )
 
 

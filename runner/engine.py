@@ -28,19 +28,18 @@ import contextlib
 import inspect
 import math
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from . import kernels, kvcache
 from .batching import left_pad
-from .errors import ModelLoadError, RunnerError
+from .errors import ModelLoadError, RunnerError, first_line
+from .models import context_window, eos_token_ids, load_model, load_tokenizer, pick_device, pick_dtype
 from .params import EngineOptions, GenerationParams
+from .tokens import TokenText, hold_back_partial
 
-_LOAD_LOCK = threading.Lock()  # from_pretrained is not thread-safe (two at once can see meta tensors)
 # Prompt tokens decoded with the generation, so that a leading space survives (SentencePiece).
 DETOKENIZE_CONTEXT = 4
 # Most padded tokens in one prefill forward pass. A batch is prefilled in groups of similar length under this
@@ -70,6 +69,7 @@ class Completion:
     # included even when it is not among the top K (then last, with its true rank). Only with `logprobs`.
     top_logprobs: list[list[tuple[int, float, int]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
+    tokens: list[str] | None = None  # each token's text in place (tokens.token_pieces), when asked for
 
     @property
     def cumulative_logprob(self) -> float:
@@ -212,112 +212,6 @@ def decode_groups(lengths: list[int], most: int) -> list[list[int]]:
     return groups
 
 
-def pick_device(option: str) -> Any:
-    import torch
-
-    if option == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if option.startswith("cuda") and not torch.cuda.is_available():
-        raise RunnerError(f"--device {option}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(option)
-
-
-def pick_dtype(option: str, device: Any) -> Any:
-    """auto: float32 on CPU (half precision is slow and inexact there), bfloat16 on GPUs that have it
-    (Ampere and newer), float16 on older ones such as Colab's T4."""
-    import torch
-
-    if option != "auto":
-        return getattr(torch, option)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer. Every submit and every Engine starts here, so this is where a transformers
-    version outside the tested range is refused (versions.py)."""
-    from transformers import AutoTokenizer
-
-    from .models import resolve_model
-    from .versions import check_transformers
-
-    check_transformers()
-    path = resolve_model(spec)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"cannot load the tokenizer of model {spec!r}: {_first_line(e)}") from e
-    # A folder without tokenizer files can still yield an empty tokenizer that silently encodes nothing.
-    if len(tok) == 0 or not tok("Hello world", add_special_tokens=False)["input_ids"]:
-        raise ModelLoadError(
-            f"cannot load the tokenizer of model {spec!r}: it has no vocabulary (are the tokenizer files missing? "
-            "save them with tokenizer.save_pretrained next to the model)"
-        )
-    return tok
-
-
-def load_config(spec: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoConfig
-
-    from .models import resolve_model
-
-    try:
-        return AutoConfig.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"cannot load model {spec!r}: {_first_line(e)}") from e
-
-
-def check_causal_lm(spec: str, config: Any) -> None:
-    """Refuse, before anything is queued, a model that AutoModelForCausalLM cannot load (T5, BERT encoders...)."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    if getattr(config, "auto_map", None) and "AutoModelForCausalLM" in config.auto_map:
-        return  # the model's own code provides it (--trust-remote-code)
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ModelLoadError(
-            f"model {spec!r} ({type(config).__name__}) has no causal language-model head: AutoModelForCausalLM "
-            "cannot load it (runner needs a decoder model such as GPT-2, Llama, Qwen, rinna/japanese-gpt2)"
-        )
-
-
-def context_window(config: Any, tokenizer: Any = None) -> int | None:
-    """Most tokens (prompt + generation) the model can attend to, or None when it states no limit."""
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and 0 < limit < 10**8 else None
-
-
-def eos_token_ids(config: Any, generation_config: Any, tokenizer: Any) -> list[int]:
-    """Every id that ends a sample: generation_config's, config's and the tokenizer's EOS (they differ for
-    chat models, e.g. <|im_end|> vs <|endoftext|>)."""
-    ids: list[int] = []
-    for source in (
-        getattr(generation_config, "eos_token_id", None),
-        getattr(config, "eos_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-    ):
-        for i in source if isinstance(source, (list, tuple)) else [source]:
-            if isinstance(i, int) and i not in ids:
-                ids.append(i)
-    return ids
-
-
-def _only_pickle_weights(folder: Path) -> bool:
-    names = {p.name for p in folder.iterdir()}
-    has_safe = any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names)
-    has_pickle = any(n.endswith((".bin", ".pt", ".pth")) for n in names)
-    return has_pickle and not has_safe
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
 def peak_memory_bytes(device: Any) -> int:
     """Peak memory of this process so far: GPU allocations on CUDA, resident set size on CPU."""
     import torch
@@ -333,78 +227,54 @@ class Engine:
     """A loaded model + tokenizer on one device, ready to generate batches."""
 
     def __init__(self, model: str, options: EngineOptions | None = None):
-        import torch
-        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
-        from .models import resolve_model
-
         hf_logging.disable_progress_bar()  # a bar per weight file garbles Colab cells and log files
-
         self.spec = model
         self.options = options or EngineOptions()
         self.device = pick_device(self.options.device)
         self.dtype = pick_dtype(self.options.dtype, self.device)
-        trust_remote_code = self.options.trust_remote_code
-        self.tokenizer = load_tokenizer(model, trust_remote_code)
-        path = resolve_model(model)
+        self.tokenizer = load_tokenizer(model, self.options.trust_remote_code)
         t0 = time.perf_counter()
-        kwargs: dict[str, Any] = {"dtype": self.dtype, "trust_remote_code": trust_remote_code}
-        if not self.options.allow_pickle and Path(path).is_dir() and _only_pickle_weights(Path(path)):
-            raise ModelLoadError(
-                f"model {model!r} has only pickle-based weights (pytorch_model.bin), which can run code when "
-                "loaded; convert them to safetensors, or pass --allow-pickle-weights if you trust the source"
-            )
-        if not self.options.allow_pickle:
-            kwargs["use_safetensors"] = True
-        if self.options.device_map:  # accelerate places the layers; inputs go where the embeddings are
-            kwargs["device_map"] = self.options.device_map
-        with _LOAD_LOCK:
-            try:
-                try:
-                    self.model = AutoModelForCausalLM.from_pretrained(
-                        path, attn_implementation="sdpa", **kwargs
-                    )
-                except (ValueError, ImportError) as e:
-                    if "sdpa" not in str(e).lower() and "attn_implementation" not in str(e):
-                        raise
-                    self.model = AutoModelForCausalLM.from_pretrained(
-                        path, **kwargs
-                    )  # no sdpa for this model
-            except (OSError, ValueError, KeyError) as e:
-                hint = ""
-                if not self.options.allow_pickle and "safetensors" in str(e).lower():
-                    hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
-                raise ModelLoadError(f"cannot load model {model!r}: {_first_line(e)}{hint}") from e
-        if self.options.device_map:
+        self.model = load_model(model, self.options, self.device, self.dtype)
+        if self.options.device_map:  # inputs go where accelerate put the embeddings
             self.device = self.model.get_input_embeddings().weight.device
-            self.model.eval()
-        else:
-            self.model.to(self.device).eval()
         # Same functions, faster kernels (kernels.py): oneDNN for small CPU matmuls, a fused GELU for GPT-2.
         self.kernels = kernels.install(self.model)
         self.load_seconds = time.perf_counter() - t0
+        self._read_model_facts()
+        self._pick_speed_levers()
+
+    def _read_model_facts(self) -> None:
+        """EOS ids, pad id, context window, and how this model's forward names its arguments."""
+        import torch
+
         cfg = self.model.config
         self.eos_ids = eos_token_ids(cfg, getattr(self.model, "generation_config", None), self.tokenizer)
         if not self.eos_ids:
             raise ModelLoadError(
-                f"model {model!r} defines no EOS token (config, generation_config, tokenizer)"
+                f"model {self.spec!r} defines no EOS token (config, generation_config, tokenizer)"
             )
+        self._eos = torch.tensor(self.eos_ids, device=self.device)
         pad = self.tokenizer.pad_token_id
         # GPT-2 has no pad token: pad with EOS. Safe because padding is known from the attention mask only.
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.context_window = context_window(cfg, self.tokenizer)
+        self.texts = TokenText(self.tokenizer)  # token texts in place and their bytes, for results
         forward_params = inspect.signature(self.model.forward).parameters
         self._keep_arg = "logits_to_keep" in forward_params
         # transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning)
         self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
-        self.prefill_tokens = PREFILL_TOKENS_GPU if self.device.type == "cuda" else PREFILL_TOKENS_CPU
+
+    def _pick_speed_levers(self) -> None:
+        """Prefill budget, decode groups and grouped attention for this device (module constants say why)."""
+        gpu = self.device.type == "cuda"
+        self.prefill_tokens = PREFILL_TOKENS_GPU if gpu else PREFILL_TOKENS_CPU
         self._merge_caches: bool | None = None  # whether this model's cache can be merged (kvcache.py)
-        self.decode_groups = DECODE_GROUPS_GPU if self.device.type == "cuda" else DECODE_GROUPS_CPU
+        self.decode_groups = DECODE_GROUPS_GPU if gpu else DECODE_GROUPS_CPU
         # Decode attention group by group (kvcache.grouped_attention, sdpa otherwise): only for sdpa models.
         self._grouped = self.decode_groups > 1 and kvcache.install_grouped_attention(self.model)
         self._grouped_verified = False  # set by the first grouped decode step that works
-        self._eos = torch.tensor(self.eos_ids, device=self.device)
 
     @property
     def speedups(self) -> dict[str, Any]:
@@ -423,13 +293,15 @@ class Engine:
         stop: Callable[[], bool] | None = None,
         max_active: int | None = None,
         on_finish: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[Completion]:
         """Generate one sample per prompt. `prompts`: token ids per row (any lengths); `params`: the settings
         of every row, or one per row (rows with different settings share the batch); `seeds`: one per row,
         required when a row samples; `stop()`, asked between decode steps, abandons the batch (raises
         `Stopped`: a cancelled job stops within a step, not a whole batch). `max_active`: most rows decoding
         at once (None: all); the others wait and join the running batch as rows finish (continuous batching).
-        `on_finish(row, tokens)` is called as each row ends (again if the batch has to be recomputed).
+        `on_finish(row, tokens)` is called as each row ends (again if the batch has to be recomputed), and
+        `on_step(tokens)` after each decode step with the number of tokens it made (progress within a batch).
         Returns completions in the order of `prompts`; a row's completion does not depend on its companions."""
         import torch
 
@@ -444,11 +316,11 @@ class Engine:
             raise ValueError(f"max_active must be an integer >= 1, got {max_active!r}")
         with torch.inference_mode():
             try:
-                return self._generate(prompts, params, seeds, stop, max_active, on_finish)
+                return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
             except kvcache.GroupingUnsupported:
                 # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
                 self._grouped = False
-                return self._generate(prompts, params, seeds, stop, max_active, on_finish)
+                return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
         """One forward pass. Returns (logits of the last position [batch, vocab] float32, cache)."""
@@ -472,13 +344,13 @@ class Engine:
             # not going through kvcache.grouped_attention (custom code): `generate` decodes merged instead.
             if not grouped or self._grouped_verified or isinstance(e, (torch.OutOfMemoryError, RunnerError)):
                 raise
-            raise kvcache.GroupingUnsupported(f"grouped decode failed: {_first_line(e)}") from e
+            raise kvcache.GroupingUnsupported(f"grouped decode failed: {first_line(e)}") from e
         if grouped:
             self._grouped_verified = True
         # .to: with a device_map the output layer may sit on another GPU than the inputs (a no-op otherwise)
         return out.logits[:, -1, :].float().to(self.device), getattr(out, self._cache_arg)
 
-    def _generate(self, prompts, params, seeds, stop=None, max_active=None, on_finish=None):
+    def _generate(self, prompts, params, seeds, stop=None, max_active=None, on_finish=None, on_step=None):
         """The decode loop: admit the first rows (prefill), then per step pick a token for every slot, record it
         (finishing rows on EOS, a stop string or their length) and advance: finished rows leave, the others
         take one forward step, waiting rows join in the freed slots."""
@@ -488,6 +360,8 @@ class Engine:
                 raise Stopped("stopped between decode steps")
             tok, chosen, logprobs = self._pick(st)
             self._record(st, tok, chosen, logprobs)
+            if on_step is not None:
+                on_step(len(tok))
             self._advance(st, tok)
         return self._completions(st)
 
@@ -660,6 +534,8 @@ class Engine:
             if st.stop_pos[r] is not None:
                 text = text[: st.stop_pos[r]]
             reason, stop = st.finish[r] or ("length", None)
+            if reason == "length" and text.endswith("\ufffd"):  # the limit cut a character? hold it back
+                text = hold_back_partial(text, self.texts.bytes(st.out_ids[r][-4:]))
             results.append(Completion(
                 st.out_ids[r], st.out_lps[r], text, reason, stop,
                 top_logprobs=st.tops[r] if st.params[r].logprobs is not None else None,

@@ -59,3 +59,9 @@ class InputError(RunnerError):
 
 class ModelLoadError(RunnerError):
     """The model or tokenizer could not be found or loaded."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

@@ -526,6 +526,14 @@ def read_prompts(
     return PromptSet(name, rows, problems, list(columns))
 
 
+class _Bad(Exception):
+    """A row's problem while it is checked: the field and the message (row-local, never escapes this module)."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def _validate_row(
     name: str,
     lineno: int,
@@ -536,68 +544,86 @@ def _validate_row(
     messages_field: str | None,
     pair_fields: tuple[str, str] | None = None,
 ) -> tuple[PromptRow | None, Problem | None]:
-    def bad(fld: str | None, msg: str, rid: str | None = None) -> tuple[None, Problem]:
-        return None, Problem(name, lineno, fld, msg, rid)
-
-    # id: a non-empty string, or an integer (kept as its decimal string); absent -> the line number.
-    rid: str
-    raw_id = obj.get(id_field)
-    if id_field not in obj or raw_id is None:
-        rid = str(lineno)
-    elif isinstance(raw_id, str):
-        if not raw_id.strip():
-            return bad(id_field, "must be a non-empty string")
-        rid = raw_id
-    elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
-        rid = str(raw_id)
-    else:
-        return bad(id_field, f"must be a string or an integer, got {_kind(raw_id)}")
-
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    """One row checked: (the row, None), or (None, the problem naming its field)."""
+    rid: str | None = None
     consumed = {id_field}
-    if pair_fields and obj.get(pair_fields[1]) is not None:
-        ctx_field, cont_field = pair_fields
-        context, cont = obj.get(ctx_field), obj[cont_field]
-        if not isinstance(context, str):
-            return bad(
-                ctx_field,
-                f"must be a string (may be empty) next to {cont_field!r}, got {_kind(context)}",
-                rid,
-            )
-        if not isinstance(cont, str) or not cont:
-            return bad(
-                cont_field,
-                f"must be a non-empty string, got {_kind(cont) if cont != '' else 'an empty string'}",
-                rid,
-            )
-        consumed.update(pair_fields)
-        return _finish_row(name, lineno, obj, rid, context, None, consumed, cont)
+    try:
+        rid = _row_id(obj, id_field, lineno)
+        if pair_fields and obj.get(pair_fields[1]) is not None:
+            context, continuation = _pair(obj, pair_fields)
+            consumed.update(pair_fields)
+            return _finish_row(name, lineno, obj, rid, context, None, consumed, continuation)
+        prompt, messages = _prompt_or_messages(obj, prompt_field, tmpl, messages_field, pair_fields, consumed)
+    except _Bad as e:
+        return None, Problem(name, lineno, e.field, str(e), rid)
+    return _finish_row(name, lineno, obj, rid, prompt, messages, consumed)
+
+
+def _row_id(obj: dict[str, Any], id_field: str, lineno: int) -> str:
+    """A non-empty string, or an integer (kept as its decimal string); absent -> the line number."""
+    raw_id = obj.get(id_field)
+    if raw_id is None:
+        return str(lineno)
+    if isinstance(raw_id, str):
+        if not raw_id.strip():
+            raise _Bad(id_field, "must be a non-empty string")
+        return raw_id
+    if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+        return str(raw_id)
+    raise _Bad(id_field, f"must be a string or an integer, got {_kind(raw_id)}")
+
+
+def _pair(obj: dict[str, Any], pair_fields: tuple[str, str]) -> tuple[str, str]:
+    """(context, continuation) of a scoring pair: the context may be empty, the continuation not."""
+    ctx_field, cont_field = pair_fields
+    context, cont = obj.get(ctx_field), obj[cont_field]
+    if not isinstance(context, str):
+        raise _Bad(ctx_field, f"must be a string (may be empty) next to {cont_field!r}, got {_kind(context)}")
+    if not isinstance(cont, str) or not cont:
+        raise _Bad(
+            cont_field, f"must be a non-empty string, got {_kind(cont) if cont != '' else 'an empty string'}"
+        )
+    return context, cont
+
+
+def _prompt_or_messages(
+    obj: dict[str, Any],
+    prompt_field: str,
+    tmpl: Template | None,
+    messages_field: str | None,
+    pair_fields: tuple[str, str] | None,
+    consumed: set[str],
+) -> tuple[str | None, list[dict[str, str]] | None]:
+    """(prompt, None) from --template or the prompt field, or (None, messages); the fields used join `consumed`."""
     if tmpl is not None:
         prompt, fld, reason = tmpl.render(obj)
         if prompt is None:
-            return bad(fld, reason or "cannot fill --template", rid)
-    elif prompt_field in obj and obj[prompt_field] is not None:
+            raise _Bad(fld, reason or "cannot fill --template")
+        return _not_empty(prompt, "template"), None
+    if obj.get(prompt_field) is not None:
         value = obj[prompt_field]
         if not isinstance(value, str):
-            return bad(prompt_field, f"must be a string, got {_kind(value)}", rid)
-        prompt = value
+            raise _Bad(prompt_field, f"must be a string, got {_kind(value)}")
         consumed.add(prompt_field)
         if messages_field and obj.get(messages_field) is not None:
-            return bad(messages_field, f"give either {prompt_field!r} or {messages_field!r}, not both", rid)
-    elif messages_field and obj.get(messages_field) is not None:
+            raise _Bad(messages_field, f"give either {prompt_field!r} or {messages_field!r}, not both")
+        return _not_empty(value, prompt_field), None
+    if messages_field and obj.get(messages_field) is not None:
         messages, reason = _check_messages(obj[messages_field])
         if messages is None:
-            return bad(messages_field, reason or "invalid", rid)
+            raise _Bad(messages_field, reason or "invalid")
         consumed.add(messages_field)
-    else:
-        wanted = [prompt_field] + ([messages_field] if messages_field else [])
-        if pair_fields:
-            wanted.append(" + ".join(pair_fields))
-        return bad(prompt_field, "missing (each row needs " + " or ".join(repr(w) for w in wanted) + ")", rid)
-    if prompt is not None and not prompt.strip():
-        return bad(prompt_field if tmpl is None else "template", "prompt is empty", rid)
-    return _finish_row(name, lineno, obj, rid, prompt, messages, consumed)
+        return None, messages
+    wanted = [prompt_field] + ([messages_field] if messages_field else [])
+    if pair_fields:
+        wanted.append(" + ".join(pair_fields))
+    raise _Bad(prompt_field, "missing (each row needs " + " or ".join(repr(w) for w in wanted) + ")")
+
+
+def _not_empty(prompt: str, field: str) -> str:
+    if not prompt.strip():
+        raise _Bad(field, "prompt is empty")
+    return prompt
 
 
 def _finish_row(

@@ -28,6 +28,14 @@ from . import __version__, jobdir, storage
 from .errors import InputError, ParamError, Problem, RunnerError
 from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, check_name, default_home, new_job_id
+from .models import (
+    check_causal_lm,
+    check_weights,
+    context_window,
+    load_config,
+    load_tokenizer,
+    model_fingerprint,
+)
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 from .passthrough import Passthrough, rewrite_passthrough
 from .results import PROMPT_COLUMNS
@@ -38,22 +46,6 @@ if TYPE_CHECKING:
 ROW_GROUP_ROWS = 10_000  # rows read, checked, tokenized and written at a time; a row group of prompts.parquet
 PROBLEMS_KEPT = 1000  # invalid rows held for the error message; all are counted, and listed in errors.jsonl
 KINDS = {GenerationParams: "generate", ScoreParams: "score", EmbedParams: "embed"}
-
-
-def model_fingerprint(spec: str, config: Any) -> str:
-    """Identifies the model's weights well enough to refuse resuming a job on a different model: the config
-    plus weight file names and sizes for a local folder, the hub commit for a hub id."""
-    from .models import resolve_model
-
-    h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
-    path = Path(resolve_model(spec))
-    if path.is_dir():
-        for f in sorted(path.iterdir()):
-            if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
-                h.update(f"{f.name}:{f.stat().st_size}".encode())
-    else:
-        h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
-    return h.hexdigest()[:16]
 
 
 def _fingerprint(data: dict[str, Any]) -> str:
@@ -215,18 +207,13 @@ def _already_submitted(job_dir: Any, root: Path, name: str | None, fingerprint: 
 def _model_facts(model: str, options: EngineOptions, kind: str, params: Any) -> tuple[Any, Any, int | None]:
     """(config, tokenizer, context window) of a causal LM, refusing a generation that leaves no room for a
     prompt in the window."""
-    from .engine import check_causal_lm, context_window, load_config, load_tokenizer
-
-    config = load_config(model, options.trust_remote_code)
+    config = load_config(model, options.trust_remote_code)  # refuses remote code unless --trust-remote-code
     check_causal_lm(model, config)
+    check_weights(model, options.allow_pickle)
     tokenizer = load_tokenizer(model, options.trust_remote_code)
     window = context_window(config, tokenizer)
-    if kind == "generate" and window is not None and window - params.max_new_tokens < 1:
-        raise ParamError(
-            "max_new_tokens",
-            f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in the model's "
-            f"context window of {window} tokens.",
-        )
+    if kind == "generate":
+        params.prompt_budget(window)
     return config, tokenizer, window
 
 
@@ -477,13 +464,9 @@ class _Preparer:
                 continue
             try:
                 params = self.row_params(row) if generate else self.params
+                budget = params.prompt_budget(window) if generate else window
             except ParamError as e:
                 out.append(_RowProblem(str(e), _row_field(row, e.param)))
-                continue
-            budget = None if window is None else window - (params.max_new_tokens if generate else 0)
-            if budget is not None and budget < 1:
-                out.append(_RowProblem(f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in "
-                                       f"the model's context window of {window} tokens", _row_field(row, "max_new_tokens")))  # fmt: skip
                 continue
             ids = encoded[i]
             if budget is not None and len(ids) > budget:
@@ -501,7 +484,7 @@ class _Preparer:
         return out
 
     def _prepare_score(self, rows: list[PromptRow]) -> list[tuple[str, list[int], int] | _RowProblem]:
-        from .scoring import split_contexts, tokenize_texts
+        from .scoring import fit_context, split_contexts, tokenize_texts
 
         pairs = [r for r in rows if r.continuation is not None]
         texts = [r for r in rows if r.continuation is None]
@@ -514,13 +497,11 @@ class _Preparer:
             assert row.prompt is not None
             if row.continuation is not None:
                 ctx, cont = next(split)
-                if window is not None and len(ctx) + len(cont) > window:
-                    if len(cont) >= window:
-                        out.append(_RowProblem(
-                            f"continuation is {len(cont)} tokens, over the context window of {window}", "continuation"
-                        ))  # fmt: skip
-                        continue
-                    ctx = ctx[len(ctx) + len(cont) - window :]  # as lm-eval: keep the end of the context
+                try:
+                    ctx = fit_context(ctx, cont, window)  # as lm-eval: keep the end of the context
+                except RunnerError as e:
+                    out.append(_RowProblem(str(e), "continuation"))
+                    continue
                 out.append((row.prompt, ctx + cont, len(ctx)))
                 continue
             ids = next(plain)

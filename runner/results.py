@@ -14,7 +14,7 @@ import contextlib
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,8 @@ from .jobdir import ORDER, PROMPTS
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
+
+    from .tokens import TokenText
 
 # Columns of a job's prompts table (jobs.py) that are not passed through to the results as they are.
 PROMPT_COLUMNS = (
@@ -48,9 +50,11 @@ def passthrough_columns(prompts_schema: pa.Schema) -> list[str]:
 def top_logprobs_type() -> pa.DataType:
     import pyarrow as pa
 
+    BYTES = pa.list_(pa.uint8())  # a token's UTF-8 bytes as OpenAI gives them: a list of ints
     entry = pa.struct(
-        [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32()), ("rank", pa.int32())]
-    )
+        [("token_id", pa.int32()), ("token", pa.string()), ("bytes", BYTES), ("logprob", pa.float32()),
+         ("rank", pa.int32())]
+    )  # fmt: skip
     return pa.list_(pa.list_(entry))
 
 
@@ -95,13 +99,13 @@ class GeneratedRow:
 def completions_table(
     prompts: pa.Table,
     generated: list[GeneratedRow],
-    token_text: Callable[[list[int]], list[str]] | None = None,
+    texts: TokenText | None = None,
     outputs: dict[str, bool] | None = None,
     settings: list[str | None] | None = None,
 ) -> pa.Table:
     """One result row per (prompt, sample): generated columns, then the row's passthrough columns.
-    `prompts` is the job's prompts table (jobs.py), indexed by `GeneratedRow.row`; `token_text` decodes
-    token ids one by one, for the `token` field of `top_logprobs`. `outputs` says which optional columns the
+    `prompts` is the job's prompts table (jobs.py), indexed by `GeneratedRow.row`; `texts` gives the `token`
+    (in place, after the prompt and the tokens before) and `bytes` of `top_logprobs`. `outputs` says which optional columns the
     job has (the same in every shard; rows that did not ask for one get null); `settings` is each prompt
     row's own settings (JSON), kept in a `settings` column when `outputs["settings"]`."""
     import pyarrow as pa
@@ -128,14 +132,11 @@ def completions_table(
                    "prompt_logprobs": any(c.prompt_logprobs is not None for c in comps)}  # fmt: skip
     has_top, has_prompt = bool(outputs.get("top_logprobs")), bool(outputs.get("prompt_logprobs"))
     if has_top:
-        flat = sorted({t for c in comps for step in c.top_logprobs or () for t, _, _ in step})
-        text = dict(zip(flat, token_text(flat) if token_text else [None] * len(flat), strict=True))
+        prompt_ids = base.column("input_ids").to_pylist()
         cols["top_logprobs"] = pa.array(
-            [None if c.top_logprobs is None else
-             [[{"token_id": t, "token": text[t], "logprob": lp, "rank": rk} for t, lp, rk in step]
-              for step in c.top_logprobs] for c in comps],
+            [_top_entries(c, ids, texts) for c, ids in zip(comps, prompt_ids, strict=True)],
             top_logprobs_type(),
-        )  # fmt: skip
+        )
     if has_prompt:
         cols["prompt_logprobs"] = pa.array([c.prompt_logprobs for c in comps], pa.list_(pa.float32()))
     if outputs.get("settings") and settings is not None:
@@ -150,7 +151,7 @@ def completions_table(
 
 SCORE_COLUMNS = (
     "id", "text", "context", "continuation", "logprob", "mean_logprob", "perplexity", "num_tokens", "is_greedy",
-    "token_ids", "tokens", "token_logprobs",
+    "token_ids", "tokens", "token_bytes", "token_logprobs",
 )  # fmt: skip
 EMBED_COLUMNS = ("id", "text", "num_tokens", "embedding")
 OUTPUT_COLUMNS = {"generate": GENERATION_COLUMNS, "score": SCORE_COLUMNS, "embed": EMBED_COLUMNS}
@@ -164,7 +165,7 @@ def score_schema() -> pa.Schema:
         ("context", pa.string()), ("continuation", pa.string()), ("logprob", pa.float64()),
         ("mean_logprob", pa.float64()), ("perplexity", pa.float64()), ("num_tokens", pa.int32()),
         ("is_greedy", pa.bool_()), ("token_ids", pa.list_(pa.int32())), ("tokens", pa.list_(pa.string())),
-        ("token_logprobs", pa.list_(pa.float32())),
+        ("token_bytes", pa.list_(pa.list_(pa.uint8()))), ("token_logprobs", pa.list_(pa.float32())),
     ])  # fmt: skip
 
 
@@ -188,22 +189,36 @@ def _with_passthrough(schema: pa.Schema, cols: dict[str, Any], prompts: pa.Table
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def score_table(
-    prompts: pa.Table, scored: list[GeneratedRow], token_text: Callable[[list[int]], list[str]]
-) -> pa.Table:
-    """One row per scored text: `completion` of each GeneratedRow is a scoring.TextScore."""
+def _top_entries(c: Any, prompt_ids: list[int], texts: TokenText | None) -> list[list[dict[str, Any]]] | None:
+    """A sample's `top_logprobs`: per step, each candidate's id, text in place, bytes, log-prob and rank."""
+    if c.top_logprobs is None:
+        return None
+    steps = []
+    for i, step in enumerate(c.top_logprobs):
+        ids = [t for t, _, _ in step]
+        words = texts.alternatives([*prompt_ids[-8:], *c.token_ids[:i]], ids) if texts else [None] * len(ids)
+        raw = texts.bytes(ids) if texts else [None] * len(ids)
+        steps.append([{"token_id": t, "token": w, "bytes": None if b is None else list(b), "logprob": lp,
+                       "rank": rk} for (t, lp, rk), w, b in zip(step, words, raw, strict=True)])  # fmt: skip
+    return steps
+
+
+def score_table(prompts: pa.Table, scored: list[GeneratedRow], texts: TokenText) -> pa.Table:
+    """One row per scored text: `completion` of each GeneratedRow is a scoring.TextScore; `tokens` read in
+    place (after the unscored tokens before them) and `token_bytes` are each token's exact UTF-8 bytes."""
     import math
 
     import pyarrow as pa
 
     base = prompts.take(pa.array([g.row for g in scored], pa.int64()))
     conts = base.column("continuation").to_pylist()
-    texts = base.column("prompt").to_pylist()
+    prompt_ids, froms = base.column("input_ids").to_pylist(), base.column("score_from").to_pylist()
+    inputs = base.column("prompt").to_pylist()
     res = [g.completion for g in scored]
     cols = {
         ORDER: base.column(ORDER), "id": base.column("id"), "sample": [0] * len(scored),
-        "text": [None if c is not None else t for t, c in zip(texts, conts, strict=True)],
-        "context": [t if c is not None else None for t, c in zip(texts, conts, strict=True)],
+        "text": [None if c is not None else t for t, c in zip(inputs, conts, strict=True)],
+        "context": [t if c is not None else None for t, c in zip(inputs, conts, strict=True)],
         "continuation": conts,
         "logprob": [r.logprob for r in res],
         "mean_logprob": [r.logprob / len(r.token_logprobs) for r in res],
@@ -211,7 +226,8 @@ def score_table(
         "num_tokens": [len(r.token_ids) for r in res],
         "is_greedy": [r.is_greedy for r in res],
         "token_ids": [r.token_ids for r in res],
-        "tokens": [token_text(r.token_ids) for r in res],
+        "tokens": [texts.pieces(r.token_ids, ids[:f]) for r, ids, f in zip(res, prompt_ids, froms, strict=True)],
+        "token_bytes": [[list(b) for b in texts.bytes(r.token_ids)] for r in res],
         "token_logprobs": [r.token_logprobs for r in res],
     }  # fmt: skip
     return _with_passthrough(score_schema(), cols, prompts, base)

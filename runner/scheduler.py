@@ -259,8 +259,7 @@ def run_leased(
 
 
 def _check_model(j: Job) -> None:
-    from .engine import load_config
-    from .jobs import model_fingerprint
+    from .models import load_config, model_fingerprint
 
     fp = model_fingerprint(j.spec.model, load_config(j.spec.model, j.options.trust_remote_code))
     if fp != j.meta.get("model_fingerprint"):

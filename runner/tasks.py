@@ -113,11 +113,12 @@ def make_task(
     start: int = 0,
     stop: Callable[[], bool] | None = None,
     finished: Callable[[tuple[int, int], int], None] | None = None,
+    stepped: Callable[[int], None] | None = None,
 ) -> Task:
     """The job kind's Task over `prompts`, a window of the job's prompts table whose first row is row `start`
     of the job; `compute` takes (row, sample) keys numbered over the whole job; `stop()` may abandon a
     generation batch between decode steps (engine.Stopped); `finished(key, tokens)` hears of each generated
-    sample as it ends, before its batch does (progress)."""
+    sample as it ends, before its batch does, and `stepped(tokens)` of each decode step (progress)."""
     from .results import completions_table
 
     params = job.params
@@ -138,13 +139,15 @@ def make_task(
             # More keys than a batch (continuous batching): the rest join as rows end.
             active = decode_slots([len(p) for p in batch], batch_size, budget, longest)
             on_finish = None if finished is None else (lambda i, tokens: finished(keys[i], tokens))
-            return engine.generate(batch, rows, seeds, stop=stop, max_active=active, on_finish=on_finish)
+            return engine.generate(
+                batch, rows, seeds, stop=stop, max_active=active, on_finish=on_finish, on_step=stepped
+            )
 
         outputs = job.meta.get("outputs") or {}
         settings = prompts.column("settings").to_pylist() if "settings" in prompts.column_names else None
 
-        def table(prompts_: Any, generated: list[Any], token_text: Any) -> Any:
-            return completions_table(prompts_, generated, token_text, outputs, settings)
+        def table(prompts_: Any, generated: list[Any], texts: Any) -> Any:
+            return completions_table(prompts_, generated, texts, outputs, settings)
 
         return Task(generate, table, lambda c: len(c.token_ids), longest, _completion_finite)
     from . import scoring

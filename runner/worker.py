@@ -232,7 +232,13 @@ class JobRun:
         self.load_engine()
         assert self.engine is not None
         task = make_task(
-            self.job, self.engine, table, rows.start, stop=self.cancelled, finished=self.finished
+            self.job,
+            self.engine,
+            table,
+            rows.start,
+            stop=self.cancelled,
+            finished=self.finished,
+            stepped=self.stepped,
         )
         import numpy as np
 
@@ -384,8 +390,15 @@ class JobRun:
         if key in self.uncounted and self.progress is not None:
             self.uncounted.discard(key)
             self.counted[0] += 1
+            self.progress.update(1, 0)
+
+    def stepped(self, tokens: int) -> None:
+        """A decode step made `tokens` tokens: tok/s, the progress line and the heartbeat (what `runner status`
+        shows) move within a batch, not only once a shard is written."""
+        if self.progress is not None:
             self.counted[1] += tokens
-            self.progress.update(1, tokens)
+            self.progress.update(0, tokens)
+            self.update_heartbeat()
 
     def checked(self, unit: Unit) -> Callable[[list[tuple[int, int]]], list[Any]]:
         def compute(keys: list[tuple[int, int]]) -> list[Any]:
@@ -445,17 +458,13 @@ class JobRun:
         }  # fmt: skip
         if unit.results:
             assert self.engine is not None
-            table = unit.task.table(unit.table, unit.results, self.token_text)
+            table = unit.task.table(unit.table, unit.results, self.engine.texts)
             params = json.dumps({**self.job.meta["params"], "model": self.job.spec.model}, ensure_ascii=False)
             meta = {"job": self.job.id, "kind": self.job.kind, "params": params}
             with write_local_shard(table, meta) as (local, digest):
                 storage.publish(local, self.job.dir / jobdir.SHARDS / f"{name}.parquet")
                 marker.update(shard=f"{name}.parquet", bytes=local.stat().st_size, sha256=digest)
         return marker
-
-    def token_text(self, ids: list[int]) -> list[str]:
-        assert self.engine is not None
-        return self.engine.tokenizer.batch_decode([[i] for i in ids])
 
     def update_heartbeat(self) -> None:
         if self.beat is None or self.progress is None:
@@ -466,6 +475,7 @@ class JobRun:
             rows=p.done - p.done_before,
             tokens_per_second=round(p.tokens_per_second, 2),
             rows_per_second=round((p.done - p.done_before) / max(p.elapsed, 1e-9), 4),
+            peak_memory_bytes=peak_memory_bytes(self.engine.device) if self.engine is not None else None,
         )
 
     # --- stopping -------------------------------------------------------------------------------------------

@@ -53,6 +53,10 @@ def test_score_job_columns_and_values(tmp_path, texts, tiny_gpt2, gpt2_engine):
     )  # as given; tokens follow lm-eval
     assert pd.isna(pair.text) and gpt2_engine.tokenizer.decode(list(pair.token_ids)) == " hello"
     assert df.set_index("id").loc["fox", "text"] == "The quick brown fox"
+    # Japanese over byte-level tokens reads whole, not as "\ufffd" per byte; the bytes rebuild the text exactly.
+    cat = df.set_index("id").loc["cat"]
+    assert "".join(cat.tokens) == ROWS[1]["text"] and "\ufffd" not in "".join(cat.tokens)
+    assert b"".join(bytes(list(b)) for b in cat.token_bytes) == ROWS[1]["text"].encode()
     # The first word is scored given BOS: every token of the text, none of the BOS.
     fox_ids = gpt2_engine.tokenizer("The quick brown fox")["input_ids"]
     assert list(df.loc[0, "token_ids"]) == fox_ids
@@ -87,6 +91,27 @@ def test_texts_longer_than_the_window_are_scored_in_strides(tmp_path, tiny_gpt2,
     n_ids = len(gpt2_engine.tokenizer(long)["input_ids"])
     assert n_ids > 256 and row.num_tokens == n_ids  # every token once, with BOS as the first one's context
     assert all(math.isfinite(x) for x in row.token_logprobs)
+
+
+def test_a_pair_over_the_window_is_cut_as_score_continuations_cuts_it(tmp_path, tiny_gpt2, gpt2_engine):
+    """One context-window rule (scoring.fit_context) for jobs and the Python API: the context keeps its end, and
+    context + continuation may be one token over the window, since the last token is only predicted."""
+    from runner.scoring import score_continuations
+
+    context = " ".join(f"word{i % 37}" for i in range(300))
+    rows = [{"id": "long", "context": context, "continuation": " and the end"},
+            {"id": "too-long", "context": "Hi", "continuation": " x" * 300}]  # fmt: skip
+    p = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    job, _ = runner.run(p, tiny_gpt2, ScoreParams(), output=tmp_path / "r", engine=gpt2_engine, echo=None,
+                        skip_invalid=True)  # fmt: skip
+    prompts = job.prompts().to_pylist()
+    assert [r["id"] for r in prompts] == ["long"] and len(prompts[0]["input_ids"]) == 257  # window 256 + 1
+    (error,) = runner.read_errors(job.dir)
+    assert error["id"] == "too-long" and error["field"] == "continuation"
+    assert "over the context window of 256" in error["message"]
+    (expected,) = score_continuations(gpt2_engine, [(context, " and the end")])
+    row = runner.load_results(job.dir).loc[0]
+    assert list(row.token_logprobs) == pytest.approx(expected.token_logprobs, abs=1e-5)
 
 
 def test_embed_job_gives_fixed_size_vectors(tmp_path, texts, tiny_gpt2, gpt2_engine):
