@@ -74,6 +74,7 @@ class ReportData:
     errors: Counter = field(default_factory=Counter)  # (stage, error) -> rows
     error_examples: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)  # stats.json runs
+    live: dict[str, dict[str, Any]] = field(default_factory=dict)  # heartbeats of the workers running it now
 
 
 def write_report(job: Job, path: str | os.PathLike) -> Path:
@@ -90,7 +91,7 @@ def collect(job: Job) -> ReportData:
     """What the page shows, read from the job folder in one pass (read-only: a running job is not disturbed)."""
     from .job_status import job_status
 
-    data = ReportData(job, job_status(job), runs=job.read_stats()["runs"])
+    data = ReportData(job, job_status(job), runs=job.read_stats()["runs"], live=jobdir.live_workers(job))
     ledger = jobdir.read_ledger(job, verify=False)
     for commit in ledger.commits:
         _batches_of(data, commit.marker)
@@ -538,25 +539,46 @@ def _errors_section(data: ReportData) -> str:
 
 
 def _memory_section(data: ReportData) -> str:
-    recorded = [r for r in data.runs if isinstance(r.get("peak_memory_bytes"), (int, float))]
-    if not recorded:
-        why = "no run has finished yet" if not data.runs else "the runs did not record it"
+    """Each finished run (stats.json) and each worker running now (its heartbeat: peak so far)."""
+    rows, peaks = [], []
+    for r in data.runs:
+        peak = _count(r.get("peak_memory_bytes"))
+        rows.append([str(r.get("finished_at", "")), r.get("worker", ""), r.get("device", ""), r.get("dtype", ""),
+                     f"{_count(r.get('rows')) or 0:,.0f}", f"{_count(r.get('tokens_per_second')) or 0:,.1f}",
+                     _bytes(peak)])  # fmt: skip
+        peaks.append((peak, r.get("device")))
+    for worker, hb in sorted(data.live.items()):
+        peak = _count(hb.get("peak_memory_bytes"))
+        rows.append(["running now", worker, hb.get("device") or "", "", f"{_count(hb.get('rows')) or 0:,.0f}",
+                     f"{_count(hb.get('tokens_per_second')) or 0:,.1f}", _bytes(peak)])  # fmt: skip
+        peaks.append((peak, hb.get("device")))
+    known = [(p, d) for p, d in peaks if p is not None]
+    if not known:
+        why = (
+            "no run has finished yet and no worker runs it now" if not rows else "the runs did not record it"
+        )
         return _section("memory", "Peak memory", _note(f"Peak memory was not recorded: {why}."))
-    rows = [[r.get("finished_at", ""), r.get("worker", ""), r.get("device", ""), r.get("dtype", ""),
-             f"{int(r.get('rows') or 0):,}", f"{int(r.get('tokens') or 0):,}", f"{float(r.get('seconds') or 0):,.1f}",
-             f"{float(r.get('tokens_per_second') or 0):,.1f}", _bytes(r.get("peak_memory_bytes"))]
-            for r in data.runs]  # fmt: skip
-    peak = max(recorded, key=lambda r: r["peak_memory_bytes"])
-    head = f"Highest: {_bytes(peak['peak_memory_bytes'])} on {peak.get('device', '?')}."
-    table = _table(["run finished", "worker", "device", "dtype", "rows", "tokens", "seconds", "tokens / s",
-                    "peak memory"], rows, ["", "", "", "", "num", "num", "num", "num", "num"])  # fmt: skip
-    note = _note("Per run, from stats.json: on CUDA the most memory torch allocated on the GPU; on CPU the "
-                 "worker process's peak resident memory.")  # fmt: skip
+    peak, device = max(known, key=lambda x: x[0])
+    head = f"Highest: {_bytes(peak)} on {device or '?'}."
+    table = _table(["run finished", "worker", "device", "dtype", "rows", "tokens / s", "peak memory"], rows,
+                   ["", "", "", "", "num", "num", "num"])  # fmt: skip
+    note = _note("From stats.json (each finished run) and the workers' heartbeats (running now, peak so far): "
+                 "on CUDA the most memory torch allocated on the GPU; on CPU the worker process's peak resident "
+                 "memory.")  # fmt: skip
     return _section("memory", "Peak memory", f"<p>{_e(head)}</p>\n{table}\n{note}")
 
 
-def _bytes(n: Any) -> str:
-    if not isinstance(n, (int, float)):
+def _count(value: Any) -> float | None:
+    """A number from a file another process wrote (possibly damaged): None unless finite and >= 0."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if 0 <= v < float("inf") else None
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
         return "not recorded"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:

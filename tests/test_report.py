@@ -19,6 +19,7 @@ import runner
 from runner import EngineOptions, GenerationParams
 from runner.engine import Engine
 from runner.job_report import collect
+from runner.jobdir import Heartbeat, Owner
 from runner.jobs import create_job
 from runner.params import EmbedParams, ScoreParams
 from runner.worker import run_job
@@ -177,7 +178,10 @@ def test_a_job_with_no_results_yet_and_its_command_line(tmp_path, tiny_gpt2, run
     assert list(page.tables) == SECTIONS
     assert "No batch has been committed yet." in page.text["throughput"]
     assert "No results yet." in page.text["outputs"] and "No results yet." in page.text["samples"]
-    assert "Peak memory was not recorded: no run has finished yet." in page.text["memory"]
+    assert (
+        "Peak memory was not recorded: no run has finished yet and no worker runs it now."
+        in page.text["memory"]
+    )
     assert page.rows("summary")["state"] == ["queued"]
     # `runner status JOB` prints the command, and it works as typed (by name in the home, by folder outside)
     for ref in ("later", job_id, str(runner_home / job_id)):
@@ -191,6 +195,15 @@ def test_a_job_with_no_results_yet_and_its_command_line(tmp_path, tiny_gpt2, run
     line = next(ln for ln in invoke("status", outside).stdout.splitlines() if ln.startswith("report:"))
     assert line == f"report:   runner report {outside} -o report.html"
     assert invoke("report", "nope").output.startswith("Error: no job 'nope' in ")
+    # a worker running it now: its heartbeat's peak so far
+    job = runner.open_job(job_id)
+    Heartbeat(
+        job, Owner.me("w-live"), info={"device": "cuda:0", "rows": 1, "peak_memory_bytes": 3 * 2**30}
+    ).beat()
+    page = Page(runner.report(job, tmp_path / "live.html").read_text(encoding="utf-8"))
+    assert "Highest: 3.00 GiB on cuda:0." in page.text["memory"]
+    assert page.rows("memory")["running now"][:2] == ["w-live", "cuda:0"]
+    assert page.rows("summary")["state"] == ["running"]
 
 
 @pytest.mark.parametrize("kind", ["score", "embed"])
