@@ -78,8 +78,9 @@ class ReportData:
 
 
 def write_report(job: Job, path: str | os.PathLike) -> Path:
-    """Write the report of `job` to `path` (atomically) and return the path."""
+    """Write the report of `job` to `path` (atomically; its folder is made if missing) and return the path."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     storage.atomic_write(path, render(collect(job)), durable=False)
     return path
 

@@ -170,7 +170,7 @@ def test_a_job_with_no_results_yet_and_its_command_line(tmp_path, tiny_gpt2, run
     job_id = invoke(
         "submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 3, "--name", "later"
     ).stdout.strip()
-    out = tmp_path / "r.html"
+    out = tmp_path / "reports" / "r.html"  # a folder that does not exist yet
     result = invoke("report", "later", "-o", out)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out) and f"wrote the report of job later to {out}" in result.stderr
