@@ -28,10 +28,9 @@ from . import jobdir, storage
 from .jobdir import ORDER, Job
 
 SAMPLES = 5  # rows shown at each end of the sample table
-LP_LOW, LP_BIN = (
-    -30.0,
-    0.5,
-)  # per-token log-prob histogram: bins of 0.5 nats from -30 (lower ones join it) to 0
+# the per-token log-prob histogram: bins of LP_BIN nats from LP_LOW (lower log-probs join the lowest bin) to 0
+LP_LOW = -30.0
+LP_BIN = 0.5
 MAX_POINTS = 1500  # throughput points per worker before they are merged into time windows
 TEXT_CHARS = 400  # characters of a text shown in the sample table
 # the result columns each kind of job needs for its charts and sample table (shards lacking one skip it)
