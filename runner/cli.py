@@ -103,6 +103,11 @@ generation_options = _apply([
     click.option("--stop", multiple=True, help='Stop string, repeatable (e.g. --stop "\\n"). Escapes \\n \\t work.'),
     click.option("--logprobs", type=int, help="Also keep the K most likely alternatives of each token (0-20)."),
     click.option("--prompt-logprobs", is_flag=True, default=None, help="Also keep the log-prob of every prompt token."),
+    click.option("--num-beams", type=int, help="Beam search with this many beams; -n returns the n best [default: 1 = off]."),
+    click.option("--length-penalty", type=float, help="Beam search: score = log-prob / length ** this [default: 1.0]."),
+    click.option("--early-stopping", is_flag=True, default=None,
+                 help="Beam search: stop once num_beams candidates are finished [default: off]."),
+    click.option("--no-repeat-ngram-size", type=int, help="Never repeat an n-gram of this size; 0 = off [default: 0]."),
 ])  # fmt: skip
 
 score_options = _apply([

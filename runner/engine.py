@@ -70,6 +70,7 @@ class Completion:
     top_logprobs: list[list[tuple[int, float, int]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
     tokens: list[str] | None = None  # each token's text in place (tokens.token_pieces), when asked for
+    beam_score: float | None = None  # beam search: transformers' length-penalised score of this beam
 
     @property
     def cumulative_logprob(self) -> float:
@@ -321,6 +322,72 @@ class Engine:
                 # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
                 self._grouped = False
                 return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
+
+    def transformers_generate(
+        self, prompt: list[int], params: GenerationParams, seed: int | None
+    ) -> list[Completion]:
+        """Beam search (num_beams > 1) or no_repeat_ngram_size, which our loop does not host, through
+        transformers' own generate, one prompt alone: the num_return_sequences best beams, or one sample drawn
+        with its own seed. `token_logprobs` are the raw model log-probs of the chosen tokens, recomputed with one
+        forward pass, as our loop reports them; `beam_score` is transformers' length-penalised beam score."""
+        import torch
+
+        ids = torch.tensor([prompt], device=self.device)
+        with (
+            torch.inference_mode(),
+            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+        ):
+            torch.manual_seed(
+                seed if seed is not None else 0
+            )  # the sample's own seed: the same alone or batched
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=self._hf_config(params),
+                                      tokenizer=self.tokenizer if params.stop else None)  # fmt: skip
+            seqs = out.sequences[:, len(prompt) :].tolist()
+            scores = out.sequences_scores.tolist() if params.num_beams > 1 else [None] * len(seqs)
+            return [
+                self._hf_completion(prompt, new, params, score)
+                for new, score in zip(seqs, scores, strict=True)
+            ]
+
+    def _hf_config(self, params: GenerationParams) -> Any:
+        from transformers import GenerationConfig
+
+        beams = params.num_beams > 1
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens, do_sample=params.do_sample,
+            temperature=params.temperature if params.do_sample else None, top_p=params.top_p if params.do_sample else None,
+            top_k=params.top_k if params.do_sample else None, repetition_penalty=params.repetition_penalty,
+            num_beams=params.num_beams, num_return_sequences=params.num_return_sequences if beams else 1,
+            **({"length_penalty": params.length_penalty, "early_stopping": params.early_stopping} if beams else {}),
+            no_repeat_ngram_size=params.no_repeat_ngram_size or None, stop_strings=params.stop or None,
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=beams,
+        )  # fmt: skip
+
+    def _hf_completion(
+        self, prompt: list[int], new: list[int], params: GenerationParams, score: float | None
+    ) -> Completion:
+        """One sequence of transformers' generate as our Completion: cut after its EOS or its stop string
+        (the rest is padding), text without the stop string, raw log-probs of its tokens."""
+        import torch
+
+        eos_at = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
+        reason, stop = ("length", None) if eos_at is None else ("stop", None)
+        new = new if eos_at is None else new[: eos_at + 1]
+        text = self._detok(prompt[-DETOKENIZE_CONTEXT:], new)
+        found = [(text.find(x), x) for x in params.stop if x in text]
+        if found:
+            at, stop = min(found)
+            while len(new) > 1 and stop in self._detok(prompt[-DETOKENIZE_CONTEXT:], new[:-1]):
+                new = new[:-1]  # the tokens after the one that completed the stop string are padding
+            reason, text = "stop", text[:at]
+        seq = torch.tensor([prompt + new], device=self.device)
+        logits = self.model(input_ids=seq).logits[0, len(prompt) - 1 : -1].float()
+        lps = (
+            torch.log_softmax(logits, -1).gather(1, seq[0, len(prompt) :].unsqueeze(-1)).squeeze(-1).tolist()
+        )
+        if reason == "length" and text.endswith("\ufffd"):
+            text = hold_back_partial(text, self.texts.bytes(new[-4:]))
+        return Completion(new, lps, text, reason, stop, beam_score=score)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
         """One forward pass. Returns (logits of the last position [batch, vocab] float32, cache)."""

@@ -59,7 +59,10 @@ def top_logprobs_type() -> pa.DataType:
 
 
 def generation_schema(
-    top_logprobs: bool = False, prompt_logprobs: bool = False, settings: bool = False
+    top_logprobs: bool = False,
+    prompt_logprobs: bool = False,
+    settings: bool = False,
+    beam_score: bool = False,
 ) -> pa.Schema:
     """Result columns of a generation job; the optional ones exist when the job asked for them."""
     import pyarrow as pa
@@ -86,6 +89,8 @@ def generation_schema(
         schema = schema.append(pa.field("prompt_logprobs", pa.list_(pa.float32())))
     if settings:
         schema = schema.append(pa.field("settings", pa.string()))  # the row's own settings, as JSON
+    if beam_score:
+        schema = schema.append(pa.field("beam_score", pa.float64()))  # null for rows without beam search
     return schema
 
 
@@ -141,7 +146,10 @@ def completions_table(
         cols["prompt_logprobs"] = pa.array([c.prompt_logprobs for c in comps], pa.list_(pa.float32()))
     if outputs.get("settings") and settings is not None:
         cols["settings"] = pa.array([settings[g.row] for g in generated], pa.string())
-    schema = generation_schema(has_top, has_prompt, bool(outputs.get("settings") and settings is not None))
+    if outputs.get("beam_score"):
+        cols["beam_score"] = pa.array([c.beam_score for c in comps], pa.float64())
+    schema = generation_schema(has_top, has_prompt, bool(outputs.get("settings") and settings is not None),
+                               bool(outputs.get("beam_score")))  # fmt: skip
     arrays = [cols[f.name].cast(f.type) for f in schema]
     for name in passthrough_columns(prompts.schema):
         schema = schema.append(prompts.schema.field(name))
@@ -297,7 +305,7 @@ def empty_results(job: Any) -> pa.Table:
         outputs = job.meta.get("outputs") or {}
         schema = generation_schema(bool(outputs.get("top_logprobs", params.get("logprobs") is not None)),
                                    bool(outputs.get("prompt_logprobs", params.get("prompt_logprobs"))),
-                                   bool(outputs.get("settings")))  # fmt: skip
+                                   bool(outputs.get("settings")), bool(outputs.get("beam_score")))  # fmt: skip
     for name in passthrough_columns(prompts_schema):
         schema = schema.append(prompts_schema.field(name))
     return schema.empty_table()

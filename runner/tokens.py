@@ -104,13 +104,16 @@ class TokenText:
 
 def byte_level_tokenizer(tokenizer: Any) -> Any:
     """llguidance's LLTokenizer for a Hugging Face tokenizer, built once per tokenizer (None for a slow,
-    Python-only tokenizer, which it cannot read)."""
+    Python-only tokenizer or any other it cannot read)."""
     import llguidance.hf
 
     if not getattr(tokenizer, "is_fast", False):
         return None
     if tokenizer not in _BYTE_LEVEL:
-        _BYTE_LEVEL[tokenizer] = llguidance.hf.from_tokenizer(tokenizer)
+        try:
+            _BYTE_LEVEL[tokenizer] = llguidance.hf.from_tokenizer(tokenizer)
+        except Exception:  # noqa: BLE001 - a tokenizer llguidance cannot read: bytes of the text in place instead
+            _BYTE_LEVEL[tokenizer] = None
     return _BYTE_LEVEL[tokenizer]
 
 

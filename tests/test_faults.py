@@ -114,7 +114,9 @@ def test_pickle_weights_need_an_explicit_opt_in(tmp_path, prompts_file):
     home = tmp_path / "home"
     result = invoke("--home", home, "run", prompts_file, "-m", path, "--max-new-tokens", 2)
     assert result.exit_code == 1 and "--allow-pickle-weights" in result.output and not home.exists()
-    result = invoke("--home", home, "run", prompts_file, "-m", path, "--max-new-tokens", 2, "--allow-pickle-weights")
+    result = invoke(
+        "--home", home, "run", prompts_file, "-m", path, "--max-new-tokens", 2, "--allow-pickle-weights"
+    )
     assert result.exit_code == 0, result.output
 
 
