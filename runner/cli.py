@@ -524,7 +524,22 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(s.as_dict(), indent=2, ensure_ascii=False))
         return
-    click.echo("\n".join(_detail(s)))
+    click.echo("\n".join(_detail(s) + ([] if s.state == "broken" else [_report_line(job_ref, s.folder)])))
+
+
+def _report_line(job_ref: str, folder: str) -> str:
+    """The command that makes this job's report, as typed: the reference given when it finds the same job
+    without --home, else the folder."""
+    import shlex
+    from pathlib import Path
+
+    from .jobdir import find_job
+
+    try:
+        same = find_job(job_ref).resolve() == Path(folder).resolve()
+    except (RunnerError, OSError):
+        same = False
+    return f"report:   runner report {shlex.quote(job_ref if same else folder)} -o report.html"
 
 
 def _non_default(params: Any, stored: dict[str, Any]) -> dict[str, Any]:
@@ -656,6 +671,36 @@ def _as_json_text(df: Any) -> Any:
         if out[col].dtype == object:
             out[col] = out[col].map(cell)
     return out
+
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
+@click.option(
+    "-o",
+    "--output",
+    "path",
+    type=click.Path(dir_okay=False),
+    default="report.html",
+    show_default=True,
+    help="The HTML file to write.",
+)
+@home_option
+@click.pass_context
+@handle_errors
+def report(ctx: click.Context, job_ref: str, path: str) -> None:
+    """Write a report of JOB (id, name or folder) as one HTML page that needs no network: throughput over
+    time, output lengths, finish reasons, log-prob and perplexity histograms, errors by reason, peak memory,
+    settings and the lowest and highest scoring outputs. Works while the job runs, or before it has results.
+
+    \b
+    Example:
+      runner report out/demo -o report.html
+    """
+    from . import api
+
+    written = api.report(job_ref, path, ctx.obj["home"])
+    _echo(f"wrote the report of job {job_ref} to {written}")
+    click.echo(str(written))
 
 
 @cli.command()

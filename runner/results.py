@@ -311,19 +311,16 @@ def empty_results(job: Any) -> pa.Table:
     return schema.empty_table()
 
 
-def read_results_table(job_dir: Path) -> pa.Table:
-    """All counted rows of a job, in input order, as one Arrow table (with the `_row` column). Every shard is
-    read once and checked against its marker's checksum and keys as it is read: a shard that fails is left
-    out (with a warning naming it; `runner repair` quarantines it and `runner work` redoes its rows). Keys
-    are unique: a key committed twice (identical by construction) is kept once."""
-    import numpy as np
+def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[Any, pa.Table]]:
+    """(commit, its shard as a table) for each commit that counts, one shard in memory at a time. Each shard
+    is checked against its marker's checksum and keys as it is read: one that fails is left out (with a
+    warning naming it; `runner repair` quarantines it and `runner work` redoes its rows). With `columns`,
+    only those of them the shard has (and `_row`, `sample`) are decoded."""
     import pyarrow as pa
-    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    from .jobdir import SHARDS, Job, check_shard_bytes, read_ledger, read_shard_bytes
+    from .jobdir import SHARDS, check_shard_bytes, read_ledger, read_shard_bytes
 
-    job = Job.open(job_dir)
-    tables = []
     for c in read_ledger(job, verify=False).commits:
         if not c.shard:
             continue
@@ -337,9 +334,28 @@ def read_results_table(job_dir: Path) -> pa.Table:
         why = "its shard is missing" if data is None else check_shard_bytes(data, c, job.samples)
         if why is not None:
             warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair {job.dir}`)",
-                          stacklevel=2)  # fmt: skip
+                          stacklevel=3)  # fmt: skip
             continue
-        tables.append(read_shard_bytes(data))
+        want = None
+        if columns is not None:
+            names = pq.read_schema(pa.BufferReader(data)).names
+            want = [ORDER, "sample", *(n for n in columns if n in names and n not in (ORDER, "sample"))]
+        yield c, read_shard_bytes(data, want)
+
+
+def read_results_table(job_dir: Path) -> pa.Table:
+    """All counted rows of a job, in input order, as one Arrow table (with the `_row` column). Every shard is
+    read once and checked against its marker's checksum and keys as it is read: a shard that fails is left
+    out (with a warning naming it; `runner repair` quarantines it and `runner work` redoes its rows). Keys
+    are unique: a key committed twice (identical by construction) is kept once."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from .jobdir import Job
+
+    job = Job.open(job_dir)
+    tables = [table for _, table in shard_tables(job)]
     if not tables:
         return empty_results(job)
     table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)

@@ -76,6 +76,8 @@ class Unit:
     planned: list[tuple[int, int]]  # every key of the unit that is to be computed at all (done ones too)
     results: list[GeneratedRow] = field(default_factory=list)  # rows numbered within the unit
     errors: list[dict[str, Any]] = field(default_factory=list)
+    # each batch since the last commit: [end (unix time), result rows, tokens, seconds], for `runner report`
+    batches: list[list[float]] = field(default_factory=list)
     seq: int = 0
 
     def id(self, row: int) -> str:
@@ -359,7 +361,7 @@ class JobRun:
             self.say(f"row {unit.id(r)} (sample {s}): non-finite logits in {dtype_name(self.engine)}; "
                      "recomputed in float32")  # fmt: skip
         self.retried = len(self.iso.float32_retried)
-        batch_tokens = 0
+        batch_rows = batch_tokens = 0
         for (r, s), out in zip(keys, outcomes, strict=True):
             if (r, s) not in wanted:
                 continue
@@ -368,6 +370,7 @@ class JobRun:
             else:
                 unit.results.append(GeneratedRow(r - unit.start, s, out))
                 self.generated += 1
+                batch_rows += 1
                 batch_tokens += unit.task.tokens(out)
         self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
         self.tokens += batch_tokens
@@ -376,7 +379,9 @@ class JobRun:
         if rest != (0, 0):
             self.progress.update(*rest)
         self.uncounted, self.counted = set(), [0, 0]
-        self.slowest = max(self.slowest, time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.slowest = max(self.slowest, took)
+        unit.batches.append([round(time.time(), 3), batch_rows, batch_tokens, round(took, 4)])
         fault_point("after_generate")
 
     def finished(self, key: tuple[int, int], tokens: int) -> None:
@@ -439,7 +444,7 @@ class JobRun:
         jobdir.write_marker(self.job, unit.index, unit.epoch, unit.seq, marker)
         self.verifier.remember(jobdir.Commit(name, unit.index, unit.epoch, marker))
         unit.seq += 1
-        unit.results, unit.errors = [], []
+        unit.results, unit.errors, unit.batches = [], [], []
         self.update_heartbeat()
 
     def publish(self, unit: Unit, name: str) -> dict[str, Any]:
@@ -450,7 +455,7 @@ class JobRun:
             "format": jobdir.FORMAT, "unit": unit.index, "epoch": unit.epoch, "seq": unit.seq,
             "worker": self.owner.worker, "generation": self.job.state().generation,
             "shard": None, "rows": len(flat), "keys": jobdir.key_ranges(flat), "errors": unit.errors,
-            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "batches": unit.batches,
         }  # fmt: skip
         if unit.results:
             assert self.engine is not None

@@ -48,4 +48,8 @@ def test_colab_notebook_survives_a_vm_death_and_a_second_run_of_all_cells(tmp_pa
     assert len(df) == 6 and sorted(zip(df["id"], df["sample"], strict=True)) == sorted(
         (i, s) for i in ("story", "fox", "cat") for s in (0, 1)
     )
+    # the job's report, written beside the jobs and shown inline
+    assert f"report: {home / 'report.html'}" in second and "<IPython.core.display.HTML object>" in second
+    page = (home / "report.html").read_text(encoding="utf-8")
+    assert "Throughput over time" in page and "6 of 6 done" in page
     assert os.environ["RUNNER_NOTEBOOK_MODEL"] == tiny_gpt2
