@@ -324,7 +324,7 @@ def _figure(fig: Any, key: str) -> str:
         margin={"l": 60, "r": 20, "t": 40, "b": 50}, template="plotly_white", height=fig.layout.height or 360
     )
     body = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"chart-{key}",
-                       config={"displaylogo": False, "responsive": True})  # fmt: skip
+                       config={"displaylogo": False, "displayModeBar": False, "responsive": True})  # fmt: skip
     return f'<div class="chart-box" data-chart="{key}">{body}</div>'
 
 
