@@ -405,9 +405,11 @@ def apply(
     extra = dict(map_kwargs or {})
     if num_cpus is not None:
         extra["num_cpus"] = num_cpus
+    if "compute" not in extra:  # an ActorPoolStrategy in map_kwargs sizes the pool itself
+        extra["concurrency"] = concurrency
     return ds.map_batches(
         stage, fn_constructor_args=(model, params, options), fn_constructor_kwargs=stage_kwargs,
-        batch_format="pyarrow", batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, **extra,
+        batch_format="pyarrow", batch_size=batch_size, num_gpus=num_gpus, **extra,
     )  # fmt: skip
 
 

@@ -1,0 +1,254 @@
+"""runner on Ray Data (runner/ray.py), on a real local Ray instance: results equal a local `runner run` of the same
+rows with the same seed, invalid rows land in the `error` column, and a checkpointed pipeline that died resumes
+without computing its checkpointed ids again.
+
+Ray starts once for the module (2 CPUs, no dashboard). Its actors import runner from this checkout and this
+folder (for `Counting`), with the session's model cache, through the runtime environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import PROMPTS, reference_run, write_jsonl
+from workers import ROOT
+
+import runner
+import runner.ray
+from runner.params import EmbedParams, ScoreParams
+from runner.ray import Generate
+
+# Every test below starts actors on a Ray instance: `make test` runs them, test-fast not.
+slow = pytest.mark.slow
+ACTOR_CPUS = 0.5  # two actors leave a CPU of the 2 for Ray Data's read and write tasks
+
+
+def test_import_runner_does_not_import_ray():
+    code = "import sys, runner, runner.cli; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.fixture(scope="module")
+def ray_local(runner_cache):
+    pytest.importorskip("ray.data")
+    import ray
+    import ray.data
+
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {"PYTHONPATH": path, "RUNNER_CACHE": str(runner_cache), "TOKENIZERS_PARALLELISM": "false"}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
+             object_store_memory=256 * 1024**2, configure_logging=False)  # fmt: skip
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ctx.checkpoint_config = None
+    ray.shutdown()
+
+
+class Counting(Generate):
+    """Generate, telling `log` (a folder) which process computed which ids, one file per call, and so that
+    the calls spread over the actors: a call waits (up to 2 minutes) until the other actor of the pool has
+    started one too. With `fail_at=K`, the K-th call of the run waits until a block is checkpointed under
+    `checkpoint`, then raises: the pipeline dies with some blocks written and checkpointed, others not."""
+
+    def __init__(self, *args, log: str, actors: int = 2, fail_at: int | None = None, checkpoint: str = "",
+                 **kwargs):  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.log, self.actors, self.fail_at, self.checkpoint = Path(log), actors, fail_at, Path(checkpoint)
+
+    def __call__(self, batch):
+        call = self._claim_call()
+        _wait_for(lambda: len({p.name.split("-")[0] for p in self.log.glob("*-started")}) >= self.actors)
+        if call == self.fail_at:
+            _wait_for(lambda: any(p.suffixes == [".parquet"] for p in self.checkpoint.glob("*.parquet")))
+            raise RuntimeError("interrupted on purpose (the test's cluster job dies here)")
+        out = super().__call__(batch)
+        ids = [i for i, e in zip(out.column("id").to_pylist(), out.column("error").to_pylist(), strict=True)
+               if e is None]  # fmt: skip
+        (self.log / f"{os.getpid()}-{call}.json").write_text(json.dumps(sorted(set(ids))))
+        return out
+
+    def _claim_call(self) -> int:
+        n = 1
+        while True:
+            try:
+                os.close(os.open(self.log / f"call-{n}", os.O_CREAT | os.O_EXCL))
+                break
+            except FileExistsError:
+                n += 1
+        (self.log / f"{os.getpid()}-started").touch()
+        return n
+
+
+def _wait_for(cond, timeout: float = 120.0) -> None:
+    """An event, not a delay: returns as soon as `cond()` holds (the timeout only guards against a hang)."""
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.05)
+
+
+def computed(log: Path) -> tuple[list[str], set[str]]:
+    """(every id computed, as often as it was; the processes that computed them) from a `Counting` log."""
+    ids, pids = [], set()
+    for p in log.glob("*-*.json"):
+        ids += json.loads(p.read_text())
+        pids.add(p.name.split("-")[0])
+    return ids, pids
+
+
+def rows_of(n: int) -> list[dict]:
+    return [
+        {"id": f"r{i:03d}", "prompt": f"{PROMPTS[i % len(PROMPTS)]} {i}", "topic": i % 7} for i in range(n)
+    ]
+
+
+def assert_same_as(got, ref) -> None:
+    """Ray results equal the local run's: same (id, sample) keys, tokens and text exactly, log-probs within 1e-4,
+    passthrough kept."""
+    got = got.sort_values(["id", "sample"]).reset_index(drop=True)
+    ref = ref.sort_values(["id", "sample"]).reset_index(drop=True)
+    assert list(zip(got["id"], got["sample"].astype(int), strict=True)) == list(
+        zip(ref["id"], ref["sample"].astype(int), strict=True)
+    )
+    assert [list(t) for t in got["token_ids"]] == [list(t) for t in ref["token_ids"]]
+    for col in ("text", "finish_reason", "prompt", "prompt_tokens", "completion_tokens", "topic"):
+        assert got[col].tolist() == ref[col].tolist(), col
+    for a, b in zip(got["token_logprobs"], ref["token_logprobs"], strict=True):
+        assert list(a) == pytest.approx(list(b), abs=1e-4)
+    assert got["cumulative_logprob"].tolist() == pytest.approx(ref["cumulative_logprob"].tolist(), abs=1e-3)
+
+
+def through_ray(ray, tmp_path, model, rows_file, params, **kw):
+    """The rows of `rows_file` through a pool of 2 `Counting` actors: (results DataFrame, processes used)."""
+    from ray.data import ActorPoolStrategy
+
+    log = tmp_path / "log"
+    log.mkdir()
+    ds = ray.data.read_json(str(rows_file)).repartition(8)
+    out = runner.ray.apply(
+        Counting, ds, model, params, num_cpus=ACTOR_CPUS, batch_size=16, log=str(log),
+        map_kwargs={"compute": ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=1)}, **kw,
+    ).to_pandas()  # fmt: skip
+    return out, computed(log)[1]
+
+
+@slow
+def test_tiny_model_on_two_actors_equals_a_local_run_and_invalid_rows_are_error_rows(
+    ray_local, tmp_path, tiny_gpt2
+):
+    rows = rows_of(44)
+    params = runner.GenerationParams(max_new_tokens=8, temperature=0.8, num_return_sequences=2, seed=11)
+    _, ref = reference_run(tmp_path, tiny_gpt2, rows, params, runner.EngineOptions())
+    bad = [
+        {"id": "empty", "prompt": "   ", "topic": 1},
+        {"id": "hot", "prompt": "x", "temperature": -1.0, "topic": 2},
+        {"id": None, "prompt": "no id", "topic": 3},
+        {"id": "nothing", "topic": 4},
+    ]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", rows[:20] + bad + rows[20:])
+    out, pids = through_ray(ray_local, tmp_path, tiny_gpt2, mixed, params)
+    assert len(pids) == 2  # both actors computed rows
+    assert_same_as(out[out["error"].isna()], ref)
+    errors = out[out["error"].notna()].set_index("topic")["error"].to_dict()
+    assert errors == {
+        1: "prompt: prompt is empty",
+        2: "temperature: temperature must be >= 0, got -1.0.",
+        3: "id: missing: rows on Ray Data need their own id (results and checkpoints are keyed on it)",
+        4: "prompt: missing (each row needs 'prompt' or 'messages')",
+    }
+    assert out.columns.tolist() == [*ref.columns[:-1], "settings", "error", "topic"]
+
+
+@slow
+def test_checkpointed_pipeline_that_died_resumes_without_recomputing(ray_local, tmp_path, tiny_gpt2):
+    import pyarrow.parquet as pq
+    from ray.data import ActorPoolStrategy
+
+    ray = ray_local
+    rows = rows_of(48)
+    params = runner.GenerationParams(max_new_tokens=6, seed=5)
+    _, ref = reference_run(tmp_path, tiny_gpt2, rows, params, runner.EngineOptions())
+    inputs, ckpt, out = tmp_path / "in", tmp_path / "ckpt", tmp_path / "out"
+    inputs.mkdir()
+    for k in range(8):  # eight files: eight blocks, each read (and filtered) on its own
+        write_jsonl(inputs / f"part-{k}.jsonl", rows[6 * k : 6 * k + 6])
+
+    def pipeline(log: Path, **kw) -> None:
+        # On 2 CPUs: the 2 actors, Ray's CheckpointFilter actor (1 CPU; a pool of 1, not up to 10) and the
+        # read and write tasks all fit at once, so nothing waits for a CPU another stage holds.
+        log.mkdir()
+        ds = ray.data.read_json(str(inputs), ray_remote_args={"num_cpus": 0.25})
+        pool = ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=1)
+        runner.ray.apply(
+            Counting, ds, tiny_gpt2, params, num_cpus=0.25, batch_size=6, map_kwargs={"compute": pool},
+            log=str(log), actors=1, checkpoint=str(ckpt), **kw,
+        ).write_parquet(str(out), ray_remote_args={"num_cpus": 0.25})  # fmt: skip
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.checkpoint_config = runner.ray.checkpoint_config(str(ckpt))
+    ctx.checkpoint_config.checkpoint_actor_pool_max_size = 1
+    try:
+        with pytest.raises(Exception, match="interrupted on purpose"):
+            pipeline(tmp_path / "run1", fail_at=4)
+        committed = {i for p in ckpt.glob("*.parquet") if p.suffixes == [".parquet"]
+                     for i in pq.read_table(p).column("id").to_pylist()}  # fmt: skip
+        assert 0 < len(committed) < len(rows)
+        pipeline(tmp_path / "run2")
+    finally:
+        ctx.checkpoint_config = None
+    again, _ = computed(tmp_path / "run2")
+    assert not committed & set(again), "a checkpointed id was computed again"
+    assert len(again) == len(set(again)) and committed | set(again) == {r["id"] for r in rows}
+    got = pq.read_table(out).to_pandas()
+    assert sorted(got["id"]) == sorted(r["id"] for r in rows)  # every row once: nothing lost, nothing twice
+    assert_same_as(got, ref)
+    print(f"checkpointed before the interruption: {len(committed)} ids; computed after: {len(again)}")
+
+
+@slow
+def test_score_and_embed_equal_local_jobs(ray_local, tmp_path, tiny_gpt2):
+    import numpy as np
+
+    from runner.jobs import create_job
+    from runner.worker import run_job
+
+    texts = [{"id": f"t{i}", "text": f"{PROMPTS[i % len(PROMPTS)]} {i}"} for i in range(10)]
+    texts.append({"id": "pair", "context": "The quick brown", "continuation": " fox"})
+    path = write_jsonl(tmp_path / "t.jsonl", texts)
+    for params, stage in ((ScoreParams(), runner.ray.score), (EmbedParams(), runner.ray.embed)):
+        if isinstance(params, EmbedParams):
+            path = write_jsonl(tmp_path / "e.jsonl", texts[:-1])
+        job = create_job(path, tiny_gpt2, params, job_dir=tmp_path / type(params).__name__)
+        run_job(job, echo=None)
+        ref = runner.load_results(job.dir).sort_values("id").reset_index(drop=True)
+        ds = ray_local.data.read_json(str(path))
+        got = (
+            stage(ds, tiny_gpt2, params, num_cpus=ACTOR_CPUS)
+            .to_pandas()
+            .sort_values("id")
+            .reset_index(drop=True)
+        )
+        assert got["error"].isna().all() and got.columns.tolist() == [*ref.columns, "error"]
+        if isinstance(params, ScoreParams):
+            assert got["token_ids"].map(list).tolist() == ref["token_ids"].map(list).tolist()
+            assert got["logprob"].tolist() == pytest.approx(ref["logprob"].tolist(), abs=1e-4)
+            assert got["is_greedy"].tolist() == ref["is_greedy"].tolist()
+        else:
+            assert np.allclose(np.stack(got["embedding"]), np.stack(ref["embedding"]), atol=1e-4)
+
+
+@slow
+def test_demo_model_on_two_actors_equals_a_local_run(ray_local, tmp_path):
+    rows = rows_of(40)
+    params = runner.GenerationParams(max_new_tokens=6, seed=3)
+    _, ref = reference_run(tmp_path, "smollm2-135m-instruct", rows, params, runner.EngineOptions())
+    out, pids = through_ray(ray_local, tmp_path, "smollm2-135m-instruct", tmp_path / "p.jsonl", params)
+    assert len(pids) == 2 and out["error"].isna().all()
+    assert_same_as(out, ref)
