@@ -406,7 +406,10 @@ def apply(
     if num_cpus is not None:
         extra["num_cpus"] = num_cpus
     if "compute" not in extra:  # an ActorPoolStrategy in map_kwargs sizes the pool itself
-        extra["concurrency"] = concurrency
+        from ray.data import ActorPoolStrategy
+
+        low, high = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
+        extra["compute"] = ActorPoolStrategy(min_size=low, max_size=high)
     return ds.map_batches(
         stage, fn_constructor_args=(model, params, options), fn_constructor_kwargs=stage_kwargs,
         batch_format="pyarrow", batch_size=batch_size, num_gpus=num_gpus, **extra,
