@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ def test_import_runner_does_not_import_ray():
 
 
 @pytest.fixture(scope="module")
-def ray_local(runner_cache):
+def ray_instance(runner_cache):
     pytest.importorskip("ray.data")
     import ray
     import ray.data
@@ -52,11 +53,19 @@ def ray_local(runner_cache):
     ray.shutdown()
 
 
+@pytest.fixture
+def ray_local(ray_instance):
+    """The module's Ray instance, once the actors of earlier tests' pipelines have gone."""
+    idle(ray_instance)
+    return ray_instance
+
+
 class Counting(Generate):
     """Generate, telling `log` (a folder) which process computed which ids, one file per call, and so that
     the calls spread over the actors: a call waits (up to 2 minutes) until the other actor of the pool has
     started one too. With `fail_at=K`, the K-th call of the run waits until a block is checkpointed under
-    `checkpoint`, then raises: the pipeline dies with some blocks written and checkpointed, others not."""
+    `checkpoint`, then says so (`kill-now` in `log`) and waits for the test to kill the pipeline's driver:
+    it dies with some blocks written and checkpointed, others not."""
 
     def __init__(self, *args, log: str, actors: int = 2, fail_at: int | None = None, checkpoint: str = "",
                  **kwargs):  # fmt: skip
@@ -66,9 +75,11 @@ class Counting(Generate):
     def __call__(self, batch):
         call = self._claim_call()
         _wait_for(lambda: len({p.name.split("-")[0] for p in self.log.glob("*-started")}) >= self.actors)
-        if call == self.fail_at:
-            _wait_for(lambda: any(p.suffixes == [".parquet"] for p in self.checkpoint.glob("*.parquet")))
-            raise RuntimeError("interrupted on purpose (the test's cluster job dies here)")
+        if call == self.fail_at:  # the driver is killed (SIGKILL) while this call waits
+            _wait_for(lambda: bool(committed_ids(self.checkpoint)))
+            (self.log / "kill-now").touch()
+            _wait_for(lambda: False, timeout=600)
+            raise RuntimeError("the test was to kill this pipeline's driver by now")
         out = super().__call__(batch)
         ids = [i for i, e in zip(out.column("id").to_pylist(), out.column("error").to_pylist(), strict=True)
                if e is None]  # fmt: skip
@@ -85,6 +96,16 @@ class Counting(Generate):
                 n += 1
         (self.log / f"{os.getpid()}-started").touch()
         return n
+
+
+def idle(ray) -> None:
+    """Wait until the actors of pipelines that ended (or died) have gone and every CPU is free again: a dead
+    pipeline's actors go when its last references do, and a new pipeline needs their CPUs."""
+    import gc
+
+    gc.collect()
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2)
+    assert ray.available_resources().get("CPU", 0) >= 2, "actors of an earlier pipeline still hold CPUs"
 
 
 def _wait_for(cond, timeout: float = 120.0) -> None:
@@ -166,50 +187,82 @@ def test_tiny_model_on_two_actors_equals_a_local_run_and_invalid_rows_are_error_
     assert out.columns.tolist() == [*ref.columns[:-1], "settings", "error", "topic"]
 
 
-@slow
-def test_checkpointed_pipeline_that_died_resumes_without_recomputing(ray_local, tmp_path, tiny_gpt2):
+def committed_ids(ckpt: Path) -> set[str]:
+    """The ids Ray's checkpoint under `ckpt` vouches for (committed files; `.pending.parquet` ones are not)."""
     import pyarrow.parquet as pq
+
+    return {i for p in ckpt.glob("*.parquet") if p.suffixes == [".parquet"]
+            for i in pq.read_table(p).column("id").to_pylist()}  # fmt: skip
+
+
+def checkpointed_pipeline(ray, root: Path, model: str, params, log: Path, **kw) -> None:
+    """ROOT/in/*.jsonl -> `Counting` (2 actors) -> ROOT/out/*.parquet, checkpointed in ROOT/ckpt by id. On 2 CPUs:
+    the 2 actors, Ray's CheckpointFilter actor (1 CPU; a pool of 1, not up to 10) and the read and write tasks
+    all fit at once, so nothing waits for a CPU another stage holds."""
     from ray.data import ActorPoolStrategy
 
-    ray = ray_local
-    rows = rows_of(48)
-    params = runner.GenerationParams(max_new_tokens=6, seed=5)
-    _, ref = reference_run(tmp_path, tiny_gpt2, rows, params, runner.EngineOptions())
-    inputs, ckpt, out = tmp_path / "in", tmp_path / "ckpt", tmp_path / "out"
-    inputs.mkdir()
-    for k in range(8):  # eight files: eight blocks, each read (and filtered) on its own
-        write_jsonl(inputs / f"part-{k}.jsonl", rows[6 * k : 6 * k + 6])
-
-    def pipeline(log: Path, **kw) -> None:
-        # On 2 CPUs: the 2 actors, Ray's CheckpointFilter actor (1 CPU; a pool of 1, not up to 10) and the
-        # read and write tasks all fit at once, so nothing waits for a CPU another stage holds.
-        log.mkdir()
-        ds = ray.data.read_json(str(inputs), ray_remote_args={"num_cpus": 0.25})
-        pool = ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=1)
-        runner.ray.apply(
-            Counting, ds, tiny_gpt2, params, num_cpus=0.25, batch_size=6, map_kwargs={"compute": pool},
-            log=str(log), actors=1, checkpoint=str(ckpt), **kw,
-        ).write_parquet(str(out), ray_remote_args={"num_cpus": 0.25})  # fmt: skip
-
     ctx = ray.data.DataContext.get_current()
-    ctx.checkpoint_config = runner.ray.checkpoint_config(str(ckpt))
+    ctx.checkpoint_config = runner.ray.checkpoint_config(str(root / "ckpt"))
     ctx.checkpoint_config.checkpoint_actor_pool_max_size = 1
     try:
-        with pytest.raises(Exception, match="interrupted on purpose"):
-            pipeline(tmp_path / "run1", fail_at=4)
-        committed = {i for p in ckpt.glob("*.parquet") if p.suffixes == [".parquet"]
-                     for i in pq.read_table(p).column("id").to_pylist()}  # fmt: skip
-        assert 0 < len(committed) < len(rows)
-        pipeline(tmp_path / "run2")
+        log.mkdir()
+        ds = ray.data.read_json(str(root / "in"), ray_remote_args={"num_cpus": 0.25})
+        pool = ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=1)
+        runner.ray.apply(
+            Counting, ds, model, params, num_cpus=0.25, batch_size=6, map_kwargs={"compute": pool},
+            log=str(log), actors=1, checkpoint=str(root / "ckpt"), **kw,
+        ).write_parquet(str(root / "out"), ray_remote_args={"num_cpus": 0.25})  # fmt: skip
     finally:
         ctx.checkpoint_config = None
+
+
+def dying_driver(root: str, model: str) -> None:
+    """A cluster job's driver, in a process of its own (with a Ray instance of its own): the checkpointed
+    pipeline, which stops at its 4th call for the test to kill this process and its Ray."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=256 * 1024**2)  # fmt: skip
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    params = runner.GenerationParams(**CHECKPOINT_PARAMS)
+    checkpointed_pipeline(ray, Path(root), model, params, Path(root) / "run1", fail_at=4)
+
+
+CHECKPOINT_PARAMS = {"max_new_tokens": 6, "seed": 5}
+
+
+@slow
+def test_checkpointed_pipeline_whose_driver_was_killed_resumes_without_recomputing(
+    ray_local, tmp_path, tiny_gpt2
+):
+    import pyarrow.parquet as pq
+
+    rows = rows_of(48)
+    params = runner.GenerationParams(**CHECKPOINT_PARAMS)
+    _, ref = reference_run(tmp_path, tiny_gpt2, rows, params, runner.EngineOptions())
+    (tmp_path / "in").mkdir()
+    for k in range(8):  # eight files: eight blocks, each read (and filtered) on its own
+        write_jsonl(tmp_path / "in" / f"part-{k}.jsonl", rows[6 * k : 6 * k + 6])
+    code = f"import test_ray; test_ray.dying_driver({str(tmp_path)!r}, {tiny_gpt2!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    driver = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _wait_for(lambda: (tmp_path / "run1" / "kill-now").exists() or driver.poll() is not None, timeout=300)
+        assert (tmp_path / "run1" / "kill-now").exists(), driver.communicate()[1][-3000:]
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver, its Ray instance and its actors, at once
+        driver.wait()
+    committed = committed_ids(tmp_path / "ckpt")
+    assert 0 < len(committed) < len(rows)
+    checkpointed_pipeline(ray_local, tmp_path, tiny_gpt2, params, tmp_path / "run2")
     again, _ = computed(tmp_path / "run2")
     assert not committed & set(again), "a checkpointed id was computed again"
     assert len(again) == len(set(again)) and committed | set(again) == {r["id"] for r in rows}
-    got = pq.read_table(out).to_pandas()
+    got = pq.read_table(tmp_path / "out").to_pandas()
     assert sorted(got["id"]) == sorted(r["id"] for r in rows)  # every row once: nothing lost, nothing twice
     assert_same_as(got, ref)
-    print(f"checkpointed before the interruption: {len(committed)} ids; computed after: {len(again)}")
+    print(f"checkpointed when the driver was killed: {len(committed)} ids; computed after: {len(again)}")
 
 
 @slow
