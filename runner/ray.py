@@ -53,8 +53,10 @@ class _JobView:
 def actor_device(options: EngineOptions) -> EngineOptions:
     """The options with the device Ray gave this actor: `cuda` (Ray sets CUDA_VISIBLE_DEVICES to its GPUs) when
     it was assigned GPUs, else `cpu`. Outside a Ray worker, or with a device map, the options as given."""
-    import ray
-
+    try:
+        import ray
+    except ImportError:  # a stage called directly, without Ray
+        return options
     if options.device_map is not None or not ray.is_initialized():
         return options
     return replace(options, device="cuda" if ray.get_gpu_ids() else "cpu")

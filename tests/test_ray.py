@@ -36,6 +36,46 @@ def test_import_runner_does_not_import_ray():
     assert out.stdout.strip() == "False"
 
 
+def test_a_stage_checks_rows_as_submit_and_keeps_the_result_columns(tmp_path, tiny_gpt2):
+    """A stage called directly on a batch (what an actor does with each): a row asking for a column the stage
+    lacks is an error row, `outputs=` adds it, an input column named like an output one is kept renamed."""
+    import pyarrow as pa
+
+    params = runner.GenerationParams(max_new_tokens=4, seed=1)
+    rows = [{"id": "a", "prompt": "Hello", "logprobs": None, "text": "kept"},
+            {"id": "b", "prompt": "The quick brown fox", "logprobs": 2, "text": "also kept"}]  # fmt: skip
+    _, ref = reference_run(tmp_path, tiny_gpt2, rows, params, runner.EngineOptions())
+    batch = pa.Table.from_pylist(rows)
+    out = Generate(tiny_gpt2, params)(batch).to_pandas().set_index("id")
+    assert out.loc["b", "error"] == ("logprobs: this row asks for top_logprobs, a column this stage does not "
+                                     "have: pass outputs=('top_logprobs',) (a stage fixes its columns before "
+                                     "it sees rows)")  # fmt: skip
+    assert out.loc["a", "input_text"] == "kept" and pd_isna(out.loc["a", "error"])
+    out = Generate(tiny_gpt2, params, outputs=("top_logprobs",))(batch).to_pandas()
+    assert out["error"].isna().all() and out["input_text"].tolist() == ["kept", "also kept"]
+    assert [list(t) for t in out["token_ids"]] == [list(t) for t in ref["token_ids"]]
+    assert out["top_logprobs"][0] is None and ref["top_logprobs"][0] is None
+    assert [[[e["token_id"] for e in step] for step in out["top_logprobs"][1]]] == [
+        [[e["token_id"] for e in step] for step in ref["top_logprobs"][1]]
+    ]
+    scored = runner.ray.Score(tiny_gpt2)(pa.Table.from_pylist([
+        {"id": "t", "text": "Hello there", "context": None, "continuation": None},
+        {"id": "e", "text": "  ", "context": None, "continuation": None},
+        {"id": "p", "text": None, "context": "The quick", "continuation": ""},
+    ])).to_pandas().set_index("id")  # fmt: skip
+    assert scored["error"].fillna("").to_dict() == {
+        "t": "", "e": "text: prompt is empty",
+        "p": "continuation: must be a non-empty string, got an empty string",
+    }  # fmt: skip
+    assert scored.loc["t", "num_tokens"] == len(scored.loc["t", "token_ids"]) > 0
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
 @pytest.fixture(scope="module")
 def ray_instance(runner_cache):
     pytest.importorskip("ray.data")
