@@ -38,7 +38,7 @@ from .batching import left_pad
 from .errors import ModelLoadError, RunnerError, first_line
 from .models import context_window, eos_token_ids, load_model, load_tokenizer, pick_device, pick_dtype
 from .params import EngineOptions, GenerationParams
-from .tokens import TokenText, hold_back_partial
+from .tokens import TokenText, partial_tail_tokens
 
 # Prompt tokens decoded with the generation, so that a leading space survives (SentencePiece).
 DETOKENIZE_CONTEXT = 4
@@ -324,70 +324,17 @@ class Engine:
                 return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
 
     def transformers_generate(
-        self, prompt: list[int], params: GenerationParams, seed: int | None
+        self,
+        prompt: list[int],
+        params: GenerationParams,
+        seed: int | None,
+        stop: Any = None,
+        stepped: Any = None,
     ) -> list[Completion]:
-        """Beam search (num_beams > 1) or no_repeat_ngram_size, which our loop does not host, through
-        transformers' own generate, one prompt alone: the num_return_sequences best beams, or one sample drawn
-        with its own seed. `token_logprobs` are the raw model log-probs of the chosen tokens, recomputed with one
-        forward pass, as our loop reports them; `beam_score` is transformers' length-penalised beam score."""
-        import torch
+        """Beam search or no_repeat_ngram_size, which our loop does not host: hf_generate.py."""
+        from .hf_generate import generate_with_transformers
 
-        ids = torch.tensor([prompt], device=self.device)
-        with (
-            torch.inference_mode(),
-            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
-        ):
-            torch.manual_seed(
-                seed if seed is not None else 0
-            )  # the sample's own seed: the same alone or batched
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=self._hf_config(params),
-                                      tokenizer=self.tokenizer if params.stop else None)  # fmt: skip
-            seqs = out.sequences[:, len(prompt) :].tolist()
-            scores = out.sequences_scores.tolist() if params.num_beams > 1 else [None] * len(seqs)
-            return [
-                self._hf_completion(prompt, new, params, score)
-                for new, score in zip(seqs, scores, strict=True)
-            ]
-
-    def _hf_config(self, params: GenerationParams) -> Any:
-        from transformers import GenerationConfig
-
-        beams = params.num_beams > 1
-        return GenerationConfig(
-            max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens, do_sample=params.do_sample,
-            temperature=params.temperature if params.do_sample else None, top_p=params.top_p if params.do_sample else None,
-            top_k=params.top_k if params.do_sample else None, repetition_penalty=params.repetition_penalty,
-            num_beams=params.num_beams, num_return_sequences=params.num_return_sequences if beams else 1,
-            **({"length_penalty": params.length_penalty, "early_stopping": params.early_stopping} if beams else {}),
-            no_repeat_ngram_size=params.no_repeat_ngram_size or None, stop_strings=params.stop or None,
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=beams,
-        )  # fmt: skip
-
-    def _hf_completion(
-        self, prompt: list[int], new: list[int], params: GenerationParams, score: float | None
-    ) -> Completion:
-        """One sequence of transformers' generate as our Completion: cut after its EOS or its stop string
-        (the rest is padding), text without the stop string, raw log-probs of its tokens."""
-        import torch
-
-        eos_at = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
-        reason, stop = ("length", None) if eos_at is None else ("stop", None)
-        new = new if eos_at is None else new[: eos_at + 1]
-        text = self._detok(prompt[-DETOKENIZE_CONTEXT:], new)
-        found = [(text.find(x), x) for x in params.stop if x in text]
-        if found:
-            at, stop = min(found)
-            while len(new) > 1 and stop in self._detok(prompt[-DETOKENIZE_CONTEXT:], new[:-1]):
-                new = new[:-1]  # the tokens after the one that completed the stop string are padding
-            reason, text = "stop", text[:at]
-        seq = torch.tensor([prompt + new], device=self.device)
-        logits = self.model(input_ids=seq).logits[0, len(prompt) - 1 : -1].float()
-        lps = (
-            torch.log_softmax(logits, -1).gather(1, seq[0, len(prompt) :].unsqueeze(-1)).squeeze(-1).tolist()
-        )
-        if reason == "length" and text.endswith("\ufffd"):
-            text = hold_back_partial(text, self.texts.bytes(new[-4:]))
-        return Completion(new, lps, text, reason, stop, beam_score=score)
+        return generate_with_transformers(self, prompt, params, seed, stop, stepped)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
         """One forward pass. Returns (logits of the last position [batch, vocab] float32, cache)."""
@@ -489,6 +436,9 @@ class Engine:
             if is_eos[slot]:
                 st.finish[r] = ("stop", None)
             elif p.stop and len(st.out_ids[r]) >= p.min_new_tokens:
+                if len(st.out_ids[r]) == p.min_new_tokens > 1:  # stop strings count from this token's text on
+                    before = len(self._detok(st.prefixes[r], st.out_ids[r][:-1]))
+                    st.scanned[r] = before + max(len(x) for x in p.stop) - 1
                 self._scan_stops(st, r)
             if st.finish[r] is None and len(st.out_ids[r]) >= p.max_new_tokens:
                 st.finish[r] = ("length", None)
@@ -602,7 +552,7 @@ class Engine:
                 text = text[: st.stop_pos[r]]
             reason, stop = st.finish[r] or ("length", None)
             if reason == "length" and text.endswith("\ufffd"):  # the limit cut a character? hold it back
-                text = hold_back_partial(text, self.texts.bytes(st.out_ids[r][-4:]))
+                text = self._hold_back(st.prefixes[r], st.out_ids[r], text)
             results.append(Completion(
                 st.out_ids[r], st.out_lps[r], text, reason, stop,
                 top_logprobs=st.tops[r] if st.params[r].logprobs is not None else None,
@@ -713,6 +663,15 @@ class Engine:
             if tok_list[slot] not in top_id[slot]:
                 entry.append((tok_list[slot], ch_list[slot], ranks[slot]))
             tops[r].append(entry)
+
+    def _hold_back(self, prefix: list[int], generated: list[int], text: str) -> str:
+        """`text` without a character the token limit cut (its first bytes generated, not its last), as a
+        streaming decoder holds them back: the text of the tokens before them; "\ufffd" cut off when one token
+        holds both the end of a whole character and such first bytes; a U+FFFD the model wrote stays."""
+        k = partial_tail_tokens(self.texts.bytes(generated[-4:]))
+        if k is None:
+            return text[:-1]
+        return self._detok(prefix, generated[: len(generated) - k]) if k else text
 
     def _detok(self, prefix: list[int], generated: list[int]) -> str:
         """Text of `generated` as it reads after the prompt. Decoding it alone would lose a leading space

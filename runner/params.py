@@ -131,6 +131,10 @@ class GenerationParams:
         _check_int("num_beams", self.num_beams, 1, 64)
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 1024)
         self.length_penalty = _check_float("length_penalty", self.length_penalty)
+        if not -10 <= self.length_penalty <= 10:
+            raise ParamError(
+                "length_penalty", f"length_penalty must be in [-10, 10], got {self.length_penalty}."
+            )
         if not isinstance(self.early_stopping, bool):
             raise ParamError(
                 "early_stopping", f"early_stopping must be true or false, got {self.early_stopping!r}."
@@ -159,17 +163,14 @@ class GenerationParams:
             )
 
     def _check_beams(self) -> None:
-        if self.num_beams == 1:
+        if self.num_beams == 1:  # length_penalty / early_stopping are then unused (a row may turn beams off)
             return
         if self.do_sample:
             raise ParamError("num_beams", f"num_beams={self.num_beams} is beam search, which does not sample: "
-                             "drop --temperature/--top-p/--top-k/--do-sample, or use num_beams=1.")  # fmt: skip
+                             "drop the sampling settings (temperature, top_p, top_k, do_sample), or use num_beams=1.")  # fmt: skip
         if self.num_return_sequences > self.num_beams:
             raise ParamError("num_return_sequences", f"num_return_sequences must be <= num_beams={self.num_beams}"
                              f" (the n best beams), got {self.num_return_sequences}.")  # fmt: skip
-        if self.logprobs is not None or self.prompt_logprobs:
-            raise ParamError("num_beams", "logprobs / prompt_logprobs are not available with beam search "
-                             "(each beam's own token log-probs are: token_logprobs).")  # fmt: skip
 
     def _check_transformers_generate(self) -> None:
         """Settings that only our own loop has cannot go with beam search or no_repeat_ngram_size."""
@@ -179,6 +180,9 @@ class GenerationParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
                 raise ParamError(name, f"{name} is not available with {what} (use repetition_penalty).")
+        if self.logprobs is not None or self.prompt_logprobs:
+            raise ParamError(what, f"logprobs / prompt_logprobs are not available with {what} "
+                             "(each token's own log-prob is: token_logprobs).")  # fmt: skip
 
     @property
     def uses_transformers_generate(self) -> bool:

@@ -119,7 +119,7 @@ class _Stage:
         schema = self._schema(batch.schema)
         tables = []
         if done:
-            table = self._task.table(prompts, done, self._token_text)
+            table = self._task.table(prompts, done, self.engine.texts)
             at = len(self._kind_schema())
             tables.append(table.add_column(at, "error", pa.nulls(table.num_rows, pa.string())))
         ids = prompts.column("id").to_pylist()
@@ -291,9 +291,6 @@ class _Stage:
             if col not in used:
                 out[col] = output_name(col, self.kind, (*PROMPT_COLUMNS, "error"), out.values())
         return list(out.items())
-
-    def _token_text(self, ids: list[int]) -> list[str]:
-        return self.engine.tokenizer.batch_decode([[i] for i in ids])
 
 
 class Generate(_Stage):

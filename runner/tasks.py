@@ -183,7 +183,7 @@ def generate_keys(engine: Engine, keys: list[tuple[int, int]], rows: list[Any], 
                   slots: Callable[[list[list[int]]], int] | None = None) -> list[Any]:  # fmt: skip
     """One completion per (row, sample) key: our decode loop for most rows (`slots(prompts)`: how many decode at
     once), transformers' generate for beam search / no_repeat_ngram_size rows (`_through_transformers`)."""
-    out = _through_transformers(engine, keys, rows, seeds, batch, stop, finished)
+    out = _through_transformers(engine, keys, rows, seeds, batch, stop, finished, stepped)
     mine = [i for i in range(len(keys)) if i not in out]
     if mine:
         prompts = [batch[i] for i in mine]
@@ -195,7 +195,7 @@ def generate_keys(engine: Engine, keys: list[tuple[int, int]], rows: list[Any], 
 
 
 def _through_transformers(engine: Engine, keys: list[tuple[int, int]], rows: list[Any], seeds: list[int],
-                          batch: list[list[int]], stop: Any, finished: Any) -> dict[int, Any]:  # fmt: skip
+                          batch: list[list[int]], stop: Any, finished: Any, stepped: Any) -> dict[int, Any]:  # fmt: skip
     """Completions (by key position) of the keys whose settings need transformers' generate: a beam row's beams
     are searched once per batch and handed out by sample index (the n best); a sampled row draws each sample
     alone with its own seed, so batching never changes it."""
@@ -210,10 +210,10 @@ def _through_transformers(engine: Engine, keys: list[tuple[int, int]], rows: lis
             raise Stopped("stopped between prompts")
         if p.num_beams > 1:
             if r not in beams:
-                beams[r] = engine.transformers_generate(batch[i], p, None)
+                beams[r] = engine.transformers_generate(batch[i], p, None, stop, stepped)
             out[i] = beams[r][s]
         else:
-            out[i] = engine.transformers_generate(batch[i], p, seeds[i])[0]
+            out[i] = engine.transformers_generate(batch[i], p, seeds[i], stop, stepped)[0]
         if finished is not None:
             finished(keys[i], len(out[i].token_ids))
     return out

@@ -24,10 +24,76 @@ _BYTE_LEVEL: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  
 
 def token_pieces(tokenizer: Any, ids: Sequence[int], prefix: Sequence[int] = ()) -> list[str]:
     """The text of each token as it reads in place, leading space included (SentencePiece's "▁Paris" ->
-    " Paris", which decoding the id alone loses): each token is decoded after the few before it (`prefix`
-    first) and the text of those cut off. A character split over several byte tokens shows whole on its
-    last token and as "" on the others, so the pieces join back into the text; special tokens show as
-    themselves ("</s>")."""
+    " Paris", which decoding the id alone loses): each token's exact bytes (`byte_level_tokenizer`) fed to a
+    UTF-8 decoder that has read the tokens before it (`prefix` first). A character split over several byte
+    tokens shows whole on its last token and as "" on the others, so the pieces join back into the text; an
+    unfinished character at the very end shows as "\ufffd"; special tokens show as themselves ("</s>")."""
+    ll = byte_level_tokenizer(tokenizer)
+    if ll is None:
+        return _decoded_pieces(tokenizer, ids, prefix)
+    special = set(tokenizer.all_special_ids)
+    decoder = _decoder_after(ll, prefix, special)
+    pieces = []
+    for i, t in enumerate(ids):
+        if t in special:
+            pieces.append(tokenizer.convert_ids_to_tokens(t))
+            continue
+        piece = decoder.decode(ll.decode_bytes([t]))
+        pieces.append(piece + REPLACEMENT if i == len(ids) - 1 and decoder.getstate()[0] else piece)
+    return _without_dummy_prefix(tokenizer, ids, prefix, special, pieces)
+
+
+def alternative_pieces(tokenizer: Any, prefix: Sequence[int], alternatives: Sequence[int]) -> list[str]:
+    """The text each of `alternatives` would read as after `prefix` (the top log-probs of one step): in place
+    like `token_pieces`, so " Paris" keeps its space and a token that completes a character shows it."""
+    ll = byte_level_tokenizer(tokenizer)
+    if ll is None:
+        return _decoded_alternatives(tokenizer, prefix, alternatives)
+    special = set(tokenizer.all_special_ids)
+    state = _decoder_after(ll, prefix, special).getstate()
+    out = []
+    for a in alternatives:
+        if a in special:
+            out.append(tokenizer.convert_ids_to_tokens(a))
+            continue
+        decoder = _utf8()
+        decoder.setstate(state)
+        piece = decoder.decode(ll.decode_bytes([a]))
+        piece += REPLACEMENT if decoder.getstate()[0] else ""
+        out.append(_without_dummy_prefix(tokenizer, [a], prefix, special, [piece])[0])
+    return out
+
+
+def _utf8() -> Any:
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+def _decoder_after(ll: Any, prefix: Sequence[int], special: set[int]) -> Any:
+    """A UTF-8 decoder that has read the last tokens of `prefix` (holding the first bytes of an unfinished
+    character, if they end with one)."""
+    decoder = _utf8()
+    for t in prefix[-PIECE_CONTEXT:]:
+        if t not in special:
+            decoder.decode(ll.decode_bytes([t]))
+    return decoder
+
+
+def _without_dummy_prefix(
+    tokenizer: Any, ids: Sequence[int], prefix: Sequence[int], special: set[int], pieces: list[str]
+) -> list[str]:
+    """SentencePiece writes a space in front of the first word ("▁The") that decoding drops at the start of a
+    text: drop it from the first token's piece too when no real token comes before it."""
+    if any(t not in special for t in prefix):
+        return pieces
+    first = next((i for i, t in enumerate(ids) if t not in special), None)
+    if first is None or not pieces[first].startswith(" ") or tokenizer.decode([ids[first]]).startswith(" "):
+        return pieces
+    return [*pieces[:first], pieces[first][1:], *pieces[first + 1 :]]
+
+
+def _decoded_pieces(tokenizer: Any, ids: Sequence[int], prefix: Sequence[int] = ()) -> list[str]:
+    """token_pieces for a tokenizer with no byte-level view: each token decoded after the few before it and
+    the text of those cut off (exact unless a run of byte tokens decodes differently in parts)."""
     seq = [*prefix[-PIECE_CONTEXT:], *ids]
     off = len(seq) - len(ids)
     starts = [max(0, off + i - PIECE_CONTEXT) for i in range(len(ids))]
@@ -44,9 +110,7 @@ def token_pieces(tokenizer: Any, ids: Sequence[int], prefix: Sequence[int] = ())
     return pieces
 
 
-def alternative_pieces(tokenizer: Any, prefix: Sequence[int], alternatives: Sequence[int]) -> list[str]:
-    """The text each of `alternatives` would read as after `prefix` (the top log-probs of one step): in place
-    like `token_pieces`, so " Paris" keeps its space and a token that completes a character shows it."""
+def _decoded_alternatives(tokenizer: Any, prefix: Sequence[int], alternatives: Sequence[int]) -> list[str]:
     window = list(prefix[-PIECE_CONTEXT:])
     cut = len(prefix) > PIECE_CONTEXT
     (head,) = _decode(tokenizer, [window])
@@ -92,8 +156,8 @@ class TokenText:
     def bytes(self, ids: Sequence[int]) -> list[bytes]:
         """Each token's exact UTF-8 bytes (a special token's: its name)."""
         ll = self._byte_table()
-        if ll is None:  # no byte-level view of this tokenizer: the bytes of its text in place
-            return [p.encode() for p in self.pieces(ids)]
+        if ll is None:  # no byte-level view of this tokenizer: the bytes of each token's own text
+            return [self.tokenizer.decode([int(i)]).encode() for i in ids]
         return [ll.decode_bytes([int(i)]) for i in ids]
 
     def _byte_table(self) -> Any:
@@ -117,10 +181,17 @@ def byte_level_tokenizer(tokenizer: Any) -> Any:
     return _BYTE_LEVEL[tokenizer]
 
 
-def hold_back_partial(text: str, token_bytes: Sequence[bytes]) -> str:
-    """`text` without the trailing "\ufffd" that stands for a character the token limit cut (its last bytes
-    never generated), as a streaming decoder holds incomplete bytes back; a U+FFFD the model wrote stays."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+def partial_tail_tokens(token_bytes: Sequence[bytes]) -> int | None:
+    """How many trailing tokens hold only the first bytes of a character that never got its last ones (0: the
+    text ends whole; None: a token holds both the end of a whole character and such first bytes)."""
+    decoder = _utf8()
     decoder.decode(b"".join(token_bytes), final=False)
-    pending = decoder.getstate()[0]
-    return text[:-1] if pending and text.endswith(REPLACEMENT) else text
+    pending = len(decoder.getstate()[0])
+    held = 0
+    for k, raw in enumerate(reversed(token_bytes)):
+        if held == pending:
+            return k
+        held += len(raw)
+        if held > pending:
+            return None
+    return len(token_bytes) if held == pending else None

@@ -2,7 +2,7 @@
 
 import pytest
 
-from runner.tokens import TokenText, alternative_pieces, hold_back_partial, token_pieces
+from runner.tokens import TokenText, alternative_pieces, partial_tail_tokens, token_pieces
 
 ENGINES = ["gpt2_engine", "llama_engine"]  # byte-level BPE; SentencePiece with byte fallback
 TEXTS = ["吾輩は猫である。名前はまだ無い。", "The capital of France is Paris.", "café 😀 naïve"]
@@ -33,15 +33,16 @@ def test_alternatives_read_in_place(request, name):
         assert alternative_pieces(tok, ids[:-1], ids[-1:]) == ["鷲"]
 
 
-def test_a_character_cut_by_the_limit_is_held_back(gpt2_engine):
+def test_the_tokens_of_a_cut_character_are_found(gpt2_engine):
     tok = gpt2_engine.tokenizer
     texts = TokenText(tok)
-    ids = tok("猫だ", add_special_tokens=False)["input_ids"]
+    ids = tok("猫だ鷲", add_special_tokens=False)["input_ids"]
     cut = next(k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))
-    text = tok.decode(ids[:cut])
-    assert hold_back_partial(text, texts.bytes(ids[:cut])) == text[:-1]
-    assert hold_back_partial("a\ufffd", ["a\ufffd".encode()]) == "a\ufffd"  # a U+FFFD the model wrote stays
-    assert hold_back_partial("abc", [b"abc"]) == "abc"
+    k = partial_tail_tokens(texts.bytes(ids[:cut]))
+    assert k >= 1 and not tok.decode(ids[: cut - k]).endswith("\ufffd")
+    assert partial_tail_tokens(["a\ufffd".encode()]) == 0  # a U+FFFD the model wrote is whole
+    assert partial_tail_tokens([b"abc"]) == 0
+    assert partial_tail_tokens([b"\xe7\x8c\xab\xe3"]) is None  # one token ends 猫 and starts another
 
 
 def test_generated_text_cut_mid_character_does_not_end_in_a_replacement_char(gpt2_engine, monkeypatch):
