@@ -311,6 +311,9 @@ class Engine:
             raise ValueError("one GenerationParams per prompt, or one for all")
         if any(p.do_sample for p in params) and (seeds is None or len(seeds) != len(prompts)):
             raise ValueError("sampling needs one seed per prompt")
+        if any(p.uses_transformers_generate for p in params):
+            raise ValueError("num_beams > 1 / no_repeat_ngram_size rows go through transformers_generate "
+                             "(tasks.generate_keys routes each row where it belongs)")  # fmt: skip
         if max_active is not None and (
             isinstance(max_active, bool) or not isinstance(max_active, int) or max_active < 1
         ):

@@ -92,3 +92,9 @@ def test_generate_command_with_beams(tiny_gpt2, gpt2_engine):
     assert result.exit_code == 0, result.output
     beams = gpt2_engine.transformers_generate(gpt2_engine.tokenizer("The old man")["input_ids"], BEAMS, None)
     assert result.output.splitlines() == [f"[The old man] #{s} {c.text}" for s, c in enumerate(beams)]
+
+
+def test_our_loop_refuses_rows_it_does_not_host(gpt2_engine):
+    prompt = gpt2_engine.tokenizer("The old man")["input_ids"]
+    with pytest.raises(ValueError, match="go through transformers_generate"):
+        gpt2_engine.generate([prompt], GenerationParams(max_new_tokens=2, num_beams=2))
