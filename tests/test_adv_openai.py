@@ -6,6 +6,7 @@ from helpers import write_jsonl
 
 import runner
 from runner import GenerationParams
+from runner.params import ScoreParams
 from runner.jobs import create_job
 from runner.openai_batch import export
 from runner.worker import run_job
@@ -36,3 +37,19 @@ def test_echo_text_offsets_point_at_their_tokens_when_the_prompt_starts_with_bos
     assert prompt_part, lp
     for tok, off in prompt_part:
         assert text[off : off + len(tok)] == tok, (tok, off, lp["tokens"], lp["text_offset"])
+
+
+def test_results_format_openai_of_a_score_job_is_refused_clearly(tmp_path, tiny_gpt2, gpt2_engine):
+    """A score job has no OpenAI Batch form; `runner results JOB --format openai --to out.jsonl` treats its
+    rows as embeddings (the default url for a non-generate job) and dies with KeyError: 'embedding'."""
+    from click.testing import CliRunner
+
+    from runner.cli import cli
+
+    path = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "text": "吾輩は猫である"}])
+    job, summary = runner.run(path, tiny_gpt2, ScoreParams(), output=tmp_path / "job",
+                              engine=gpt2_engine, echo=None)  # fmt: skip
+    assert summary.finished
+    result = CliRunner().invoke(cli, ["results", str(job.dir), "--format", "openai", "--to", str(tmp_path / "o.jsonl")])
+    assert not isinstance(result.exception, KeyError), repr(result.exception)
+    assert result.exit_code != 0 and "score" in result.output, result.output
