@@ -14,10 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import RunnerError
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 URLS = (CHAT, COMPLETIONS, EMBEDDINGS)
@@ -156,6 +159,11 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     from . import jobdir, storage
     from .results import load_results
 
+    if job.kind not in ("generate", "embed"):
+        raise RunnerError(
+            f"job {job.id} is a {job.kind} job and OpenAI Batch has no {job.kind} endpoint, so it has no "
+            f"--format openai form; export its rows with `runner results {shlex.quote(str(job.dir))} --to FILE.jsonl`"
+        )
     df = load_results(job.dir)
     created = _created(job)
     lines, errors = [], []

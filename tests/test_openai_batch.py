@@ -3,6 +3,8 @@ a mixed batch equals each row run alone, bad lines are refused before any model 
 killed at any point and rerun writes the same bytes."""
 
 import json
+import re
+import shlex
 import signal
 
 import pytest
@@ -14,6 +16,7 @@ from runner import GenerationParams, InputError
 from runner.jobdir import Job
 from runner.jobs import create_job
 from runner.openai_batch import export
+from runner.params import ScoreParams
 from runner.tasks import _row_params, sample_seed
 from runner.worker import run_job
 
@@ -295,3 +298,22 @@ def test_echo_text_offsets_point_at_their_tokens_when_the_prompt_starts_with_bos
     assert prompt_part, lp
     for tok, off in prompt_part:
         assert text[off : off + len(tok)] == tok, (tok, off, lp["tokens"], lp["text_offset"])
+
+
+def test_results_format_openai_of_a_score_job_is_refused_clearly(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """OpenAI Batch has no scoring endpoint: refused with the export that does work, not a KeyError."""
+    monkeypatch.chdir(tmp_path)  # the suggested command writes FILE.jsonl
+    path = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "text": "吾輩は猫である"}])
+    job, summary = runner.run(path, tiny_gpt2, ScoreParams(), output=tmp_path / "job",
+                              engine=gpt2_engine, echo=None)  # fmt: skip
+    assert summary.finished
+    result = invoke("results", job.dir, "--format", "openai", "--to", tmp_path / "o.jsonl")
+    assert result.exit_code == 1 and result.output == (
+        f"Error: job {job.id} is a score job and OpenAI Batch has no score endpoint, so it has no --format openai "
+        f"form; export its rows with `runner results {job.dir} --to FILE.jsonl`\n"
+    )
+    assert not (tmp_path / "o.jsonl").exists()
+    (command,) = re.findall(r"`runner ([^`]+)`", result.output)
+    assert invoke(*shlex.split(command)).exit_code == 0 and (tmp_path / "FILE.jsonl").exists()
