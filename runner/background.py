@@ -1,7 +1,9 @@
 """`runner work --background` and `runner watch`: work that leaves the notebook kernel (or the terminal) free.
 
 `start` runs `runner work ARGS` as a detached process (its own session: closing the cell or the terminal does not
-stop it) whose output goes to a log file in the job home's `logs/` folder, with a `.pid` file beside it.
+stop it) whose output goes to a log file in the job home's `logs/` folder, with a `.pid` file beside it holding
+the worker's pid and its start time (so that a pid reused by another process, after a VM restart say, is not
+taken for the worker).
 `watch` prints one status line at a time, read from the job folder, until the job ends; it is what a notebook
 cell shows while the worker runs. Both read and write only the home, so they work from any process.
 """
@@ -9,6 +11,7 @@ cell shows while the worker runs. Both read and write only the home, so they wor
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .jobdir import JobState, default_home
+from .jobdir import JobState, _pid_start, default_home
 
 LOGS = "logs"
 FINAL = {JobState.COMPLETED.value, JobState.FAILED.value, JobState.CANCELLED.value, JobState.BROKEN.value}
@@ -28,40 +31,47 @@ IDLE_POLLS = 3  # polls in a row with no live worker before `watch` says so and 
 class BackgroundWorker:
     pid: int
     log: Path
+    started: str | None = None  # the process's start time (/proc/PID/stat field 22), None without /proc
 
     @property
     def alive(self) -> bool:
-        return _alive(self.pid)
+        return _alive(self.pid, self.started)
 
 
 def start(args: Sequence[str] = (), home: str | os.PathLike | None = None) -> BackgroundWorker:
-    """Start `runner work ARGS` detached, its output in HOME/logs/work-TIME-PID.log. Returns at once."""
+    """Start `runner work ARGS` detached, its output in HOME/logs/work-TIME-RANDOM.log (a random suffix: two
+    workers started in one second get their own log) and `PID START_TIME` in the .pid file beside it. Returns at
+    once."""
     root = Path(home) if home is not None else default_home()
     logs = root / LOGS
     logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"work-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log = logs / f"work-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.log"
     command = [sys.executable, "-m", "runner", "--home", str(root), "work", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines reach the log as they are printed
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)  # fmt: skip
     _CHILDREN.append(proc)  # kept so that a finished child is reaped (not left a zombie) when polled
-    log.with_suffix(".pid").write_text(str(proc.pid))
-    return BackgroundWorker(proc.pid, log)
+    started = _pid_start(proc.pid)
+    log.with_suffix(".pid").write_text(f"{proc.pid} {started}" if started is not None else str(proc.pid))
+    return BackgroundWorker(proc.pid, log, started)
 
 
 def running(home: str | os.PathLike | None = None) -> list[BackgroundWorker]:
-    """Background workers of this home whose process is alive."""
+    """Background workers of this home whose process is alive. Deletes the pid files of workers that are not."""
     root = Path(home) if home is not None else default_home()
     found = []
     for pid_file in sorted((root / LOGS).glob("*.pid")):
         try:
-            pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError):
+            fields = pid_file.read_text().split()
+            pid, started = int(fields[0]), (fields[1] if len(fields) > 1 else None)
+        except (OSError, ValueError, IndexError):
             continue
-        worker = BackgroundWorker(pid, pid_file.with_suffix(".log"))
+        worker = BackgroundWorker(pid, pid_file.with_suffix(".log"), started)
         if worker.alive:
             found.append(worker)
+        else:
+            pid_file.unlink(missing_ok=True)  # the log stays: it is what the worker said
     return found
 
 
@@ -98,10 +108,15 @@ def status_line(s: Any) -> str:
     tps = f"{s.tokens_per_second:,.1f} tok/s" if s.tokens_per_second else "- tok/s"
     workers = f" | {len(s.workers)} worker(s)" if s.workers else ""
     errors = f" | {s.errors} errors" if s.errors else ""
-    return f"{time.strftime('%H:%M:%S')} {s.id} {s.state}: {s.done:,}/{s.total:,} | {tps} | ETA {s.eta}{errors}{workers}"
+    why = f" | {s.message}" if s.state in FINAL and s.message else ""  # why it failed, once it has ended
+    return (f"{time.strftime('%H:%M:%S')} {s.id} {s.state}: {s.done:,}/{s.total:,} | {tps} | ETA {s.eta}"
+            f"{errors}{workers}{why}")  # fmt: skip
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: str | None = None) -> bool:
+    """Whether `pid` is still the worker that was started. With /proc (Linux) the process must not be a zombie
+    and must have the recorded start time; a pid file without one (an older runner's) must name a `runner work`
+    process. Without /proc, kill(pid, 0) is all there is."""
     for proc in _CHILDREN:
         if proc.pid == pid:
             return proc.poll() is None
@@ -110,12 +125,20 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")  # a zombie answers kill(0) but is finished
+        pass  # alive, someone else's: /proc still tells whether it is our worker
     try:
-        return stat.read_text().split(") ")[1][:1] != "Z" if stat.exists() else True
-    except (OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc: trust kill(pid, 0); with /proc, the process went away meanwhile
+        return not Path("/proc/self").exists()
+    if stat.rsplit(") ", 1)[-1][:1] == "Z":  # a zombie answers kill(0) but is finished
+        return False
+    if started is not None:
+        return _pid_start(pid) == started
+    try:  # an older pid file: the pid counts only while it is a `runner ... work` process
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
         return True
+    return b"runner" in argv and b"work" in argv
 
 
 _CHILDREN: list[subprocess.Popen] = []

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import kernels, kvcache
@@ -214,14 +215,43 @@ def decode_groups(lengths: list[int], most: int) -> list[list[int]]:
 
 
 def peak_memory_bytes(device: Any) -> int:
-    """Peak memory of this process so far: GPU allocations on CUDA, resident set size on CPU."""
-    import torch
-
+    """Peak memory since the last `reset_peak_memory` (a job run's start): GPU memory allocated on CUDA, the
+    resident set's high-water mark (VmHWM) on Linux CPU. Where /proc is absent (macOS) it is ru_maxrss, the
+    process's peak over its whole life, which may be an earlier job's."""
     if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    maxrss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory(device: Any) -> None:
+    """Start a new peak for `peak_memory_bytes` (at a job run's start, so that a job does not report an earlier
+    job's peak in the same process): the CUDA allocator's peak, or on Linux the resident set's high-water mark
+    (writing 5 to /proc/self/clear_refs). `device` None: the engine is not loaded yet, so every CUDA device an
+    earlier engine of this process used starts anew too. Does nothing where neither is possible."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    torch = sys.modules.get("torch")
+    if device is None and torch is not None and torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 class Engine:

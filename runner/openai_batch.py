@@ -14,10 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import RunnerError
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 URLS = (CHAT, COMPLETIONS, EMBEDDINGS)
@@ -156,6 +159,11 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     from . import jobdir, storage
     from .results import load_results
 
+    if job.kind not in ("generate", "embed"):
+        raise RunnerError(
+            f"job {job.id} is a {job.kind} job and OpenAI Batch has no {job.kind} endpoint, so it has no "
+            f"--format openai form; export its rows with `runner results {shlex.quote(str(job.dir))} --to FILE.jsonl`"
+        )
     df = load_results(job.dir)
     created = _created(job)
     lines, errors = [], []
@@ -258,7 +266,8 @@ def _completion(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int
         if chat:
             lp = _chat_logprobs(r, toks, texts.bytes(r["token_ids"]), req["k"] or 0)
         else:
-            lp = _text_logprobs(r, req, toks, texts.pieces(prompt_ids) if req.get("echo") else [])
+            special = set(getattr(texts.tokenizer, "all_special_tokens", ()))
+            lp = _text_logprobs(r, req, toks, texts.pieces(prompt_ids) if req.get("echo") else [], special)
         if chat:
             choices.append({"index": int(r["sample"]), "message": {"role": "assistant", "content": r["text"],
                             "refusal": None}, "finish_reason": r["finish_reason"], "logprobs": lp})  # fmt: skip
@@ -311,14 +320,17 @@ def _alt_bytes(entry: dict[str, Any]) -> list[int]:
 
 
 def _text_logprobs(
-    r: Any, req: dict[str, Any], pieces: list[str], prompt_pieces: list[str]
+    r: Any, req: dict[str, Any], pieces: list[str], prompt_pieces: list[str], special: set[str] = frozenset()
 ) -> dict[str, Any] | None:
+    """`logprobs` of a text completion; with echo the prompt's tokens come first, `text_offset` counting
+    characters of the echoed text (`special`: the tokenizer's special-token pieces, see _prompt_offsets)."""
     tops = _tops(r)
     if tops is None:
         return None
     tokens, lps, top_list, offsets = [], [], [], []
     at = len(r["prompt"]) if req.get("echo") else 0
     if req.get("echo") and r.get("prompt_logprobs") is not None:
+        starts = _prompt_offsets(r["prompt"], prompt_pieces, special)
         # The prompt's tokens come first. The first one has no log-prob (nothing before it): the openai
         # types allow no null there, so it is left out, as are alternatives we do not compute for prompts.
         for j, lp in enumerate(r["prompt_logprobs"]):
@@ -327,7 +339,7 @@ def _text_logprobs(
             tokens.append(prompt_pieces[j] if j < len(prompt_pieces) else "")
             lps.append(float(lp))
             top_list.append({})
-            offsets.append(sum(len(p) for p in prompt_pieces[:j]))
+            offsets.append(starts[j] if j < len(starts) else at)
     for i, lp in enumerate(r["token_logprobs"]):
         tok = pieces[i] if i < len(pieces) else ""
         tokens.append(tok)
@@ -337,6 +349,18 @@ def _text_logprobs(
         offsets.append(at)
         at += len(tok)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_list, "text_offset": offsets}
+
+
+def _prompt_offsets(prompt: str, pieces: list[str], special: set[str]) -> list[int]:
+    """Where each prompt piece starts in the echoed prompt text. A special token's piece that the text does not
+    hold there (the BOS the tokenizer added: "<s>" is not in "The old man") takes no room."""
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        if piece in special and not prompt.startswith(piece, at):
+            continue
+        at += len(piece)
+    return offsets
 
 
 def _embedding(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int) -> dict[str, Any]:

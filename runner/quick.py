@@ -54,6 +54,7 @@ def generate(
     for text in prompts:
         messages = [{"role": "user", "content": text}] if chat else None
         ids.append(encode(engine.tokenizer, render_prompt(text, messages, engine.tokenizer), chat))
+    _check_window(ids, params, engine.context_window)
     n = params.num_return_sequences
     keys = [(i, s) for i in range(len(prompts)) for s in range(n)]
     seed = params.seed if params.seed is not None else 0
@@ -62,3 +63,14 @@ def generate(
     for (i, _), c in zip(keys, done, strict=True):
         c.tokens = engine.texts.pieces(c.token_ids, ids[i])  # " Paris", not the id, when log-probs are shown
     return [done[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def _check_window(ids: list[list[int]], params: GenerationParams, window: int | None) -> None:
+    """Submit's context-window rule (GenerationParams.prompt_budget), for every path (our loop and beams)."""
+    budget = params.prompt_budget(window)
+    for number, prompt in enumerate(ids, 1):
+        if budget is not None and len(prompt) > budget:
+            raise RunnerError(
+                f"prompt {number} is {len(prompt)} tokens; with max_new_tokens={params.max_new_tokens} it exceeds "
+                f"the model's context window of {window} tokens (shorten it, or lower --max-new-tokens)"
+            )

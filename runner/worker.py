@@ -22,7 +22,7 @@ from typing import Any
 from . import jobdir, storage
 from .batching import default_batch_size, default_batch_tokens, plan_batches
 from .crashes import DeviceError, InFlight, Suspect, device_crash_message, first_line, is_device_error
-from .engine import Engine, NumericalError, Stopped, peak_memory_bytes
+from .engine import Engine, NumericalError, Stopped, peak_memory_bytes, reset_peak_memory
 from .errors import RunnerError
 from .faults import fault_point, row_fault
 from .jobdir import ClaimLost, Heartbeat, Job, JobState, Owner
@@ -155,6 +155,8 @@ class JobRun:
         self.tidy(before)
         if before.complete or not before.claimable:
             return self.finish(ran=False)
+        # the peak in stats.json and the heartbeat is this run's, not an earlier job's in this process
+        reset_peak_memory(self.engine.device if self.engine is not None else None)
         self.progress = Progress(
             self.job.total, before.done + before.failed, echo=self.say, interval=self.interval
         )

@@ -1,11 +1,14 @@
 """`runner work --background` (a detached worker, output in HOME/logs/) and `runner watch` (status lines until the
 job ends): the notebook kernel stays free while the work goes on."""
 
+import dataclasses
+import os
+
 import pytest
 from helpers import PROMPTS, invoke, write_jsonl
 
 import runner
-from runner import GenerationParams
+from runner import GenerationParams, background
 from runner.background import IDLE_POLLS, running
 
 
@@ -47,3 +50,71 @@ def test_watch_says_so_when_no_worker_runs_the_job(tmp_path, tiny_gpt2):
     )
     result = invoke("--home", home, "watch", job.id, "--every", 0.01)
     assert result.exit_code == 1 and "no worker is running job" in result.output
+
+
+class _FakeProc:
+    """Stands for a started worker process that is still running."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def poll(self):
+        return None
+
+
+def test_two_background_workers_started_in_the_same_second_keep_their_own_log_and_pid(tmp_path, monkeypatch):
+    """Two workers started from one kernel within one second: the log / pid names carry a random suffix (not the
+    starting process's pid), and each pid file records its own worker's pid."""
+    pids = iter([40001, 40002])
+    monkeypatch.setattr(background.subprocess, "Popen", lambda *a, **kw: _FakeProc(next(pids)))
+    monkeypatch.setattr(background.time, "strftime", lambda fmt, *a: "20260101-000000")  # the same second
+    monkeypatch.setattr(background, "_CHILDREN", [])
+    home = tmp_path / "home"
+    a = background.start(["--once"], home)
+    b = background.start(["--once"], home)
+    assert a.log != b.log
+    assert sorted(w.pid for w in background.running(home)) == [40001, 40002]
+
+
+def test_watch_is_not_kept_waiting_by_a_stale_pid_file_whose_pid_was_reused(tmp_path, tiny_gpt2):
+    """A pid file (an older runner's, with no start time) stays in HOME/logs after its worker exits; once the pid
+    is reused by an unrelated process (a VM restart on Colab starts numbering again; the home lives on Drive),
+    `watch` must not count it as a worker forever."""
+    home = tmp_path / "home"
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    job = runner.submit(f, tiny_gpt2, GenerationParams(max_new_tokens=2), home=home)
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    (home / "logs" / "work-20250101-000000-1.pid").write_text(str(os.getppid()))  # a live non-runner process
+
+    polls = []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        if len(polls) > 20:
+            raise AssertionError("watch keeps waiting for a worker that is not one")
+
+    final = background.watch(job.id, home, every=1, echo=None, sleep=sleep)
+    assert final.state == "queued" and len(polls) < background.IDLE_POLLS + 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="start times come from /proc")
+def test_a_pid_file_whose_start_time_does_not_match_is_stale_and_removed(tmp_path):
+    """The pid is alive (this process) but started at another time than the pid file says: a reused pid."""
+    logs = tmp_path / "home" / "logs"
+    logs.mkdir(parents=True)
+    started = int(background._pid_start(os.getpid()))
+    (logs / "work-20250101-000000-aaaaaa.pid").write_text(f"{os.getpid()} {started + 1}")
+    (logs / "work-20250101-000000-bbbbbb.pid").write_text(f"{os.getpid()} {started}")
+    assert [w.log.name for w in running(tmp_path / "home")] == ["work-20250101-000000-bbbbbb.log"]
+    assert sorted(p.name for p in logs.glob("*.pid")) == ["work-20250101-000000-bbbbbb.pid"]
+
+
+def test_watch_of_a_failed_job_says_why_in_its_last_line(tmp_path, tiny_gpt2, monkeypatch):
+    home = tmp_path / "home"
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    job = runner.submit(f, tiny_gpt2, GenerationParams(max_new_tokens=2), home=home)
+    failed = dataclasses.replace(runner.status(job.id, home), state="failed", message="CUDA out of memory")
+    monkeypatch.setattr(runner.api, "status", lambda *a, **kw: failed)
+    lines = []
+    assert background.watch(job.id, home, echo=lines.append).state == "failed"
+    assert lines[-1].endswith(f"{job.id} failed: 0/1 | - tok/s | ETA - | CUDA out of memory")

@@ -3,6 +3,8 @@ a mixed batch equals each row run alone, bad lines are refused before any model 
 killed at any point and rerun writes the same bytes."""
 
 import json
+import re
+import shlex
 import signal
 
 import pytest
@@ -13,6 +15,8 @@ import runner
 from runner import GenerationParams, InputError
 from runner.jobdir import Job
 from runner.jobs import create_job
+from runner.openai_batch import export
+from runner.params import ScoreParams
 from runner.tasks import _row_params, sample_seed
 from runner.worker import run_job
 
@@ -104,9 +108,11 @@ def test_every_output_line_is_an_openai_object(mixed_job):
     assert len(p1.tokens) == len(p1.token_logprobs) == len(p1.text_offset) == len(p1.top_logprobs)
     assert all(len(t) <= 3 for t in p1.top_logprobs)
     p2 = parsed["p2"].choices[0]
-    assert (
-        p2.text.startswith("Every student") and p2.logprobs.text_offset[0] > 0
-    )  # echo: prompt first (from its 2nd token)
+    # echo: the prompt first (from its 2nd token: <s>, which the echoed text does not hold, has no log-prob);
+    # every offset points at its token in the echoed text
+    assert p2.text.startswith("Every student") and p2.logprobs.text_offset[0] == 0
+    offsets = zip(p2.logprobs.tokens, p2.logprobs.text_offset, strict=True)
+    assert all(p2.text[o : o + len(t)] == t for t, o in offsets)
     usage = parsed["c2"].usage
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert parsed["c3"].choices[0].finish_reason in ("stop", "length") and parsed["c1"].model == "tiny"
@@ -264,3 +270,50 @@ def test_run_batch_through_the_cli_and_results_format_openai(tmp_path, tiny_gpt2
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
+
+
+def _echo_job(tmp_path, model, engine):
+    req = {"custom_id": "p", "method": "POST", "url": "/v1/completions",
+           "body": {"model": "tiny", "prompt": "The old man", "max_tokens": 3, "temperature": 0,
+                    "logprobs": 1, "echo": True}}  # fmt: skip
+    path = write_jsonl(tmp_path / "requests.jsonl", [req])
+    job = create_job(path, model, GenerationParams(max_new_tokens=3), runner.EngineOptions(),
+                     job_dir=tmp_path / "job", served_model_names=("tiny",))  # fmt: skip
+    assert run_job(job, engine, echo=None).finished
+    export(job, tmp_path / "out.jsonl")
+    (choice,) = json.loads((tmp_path / "out.jsonl").read_text())["response"]["body"]["choices"]
+    return choice
+
+
+def test_echo_text_offsets_point_at_their_tokens_when_the_prompt_starts_with_bos(tmp_path, tiny_llama,
+                                                                                  llama_engine):  # fmt: skip
+    """The tiny Llama adds <s>: its piece "<s>" (special tokens show as themselves) is left out of `tokens`
+    (no log-prob) and takes no room in `text_offset` (the echoed text has no "<s>")."""
+    choice = _echo_job(tmp_path, tiny_llama, llama_engine)
+    text, lp = choice["text"], choice["logprobs"]
+    assert text.startswith("The old man")
+    prompt_part = [
+        (t, o) for t, o in zip(lp["tokens"], lp["text_offset"], strict=True) if o < len("The old man")
+    ]
+    assert prompt_part, lp
+    for tok, off in prompt_part:
+        assert text[off : off + len(tok)] == tok, (tok, off, lp["tokens"], lp["text_offset"])
+
+
+def test_results_format_openai_of_a_score_job_is_refused_clearly(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """OpenAI Batch has no scoring endpoint: refused with the export that does work, not a KeyError."""
+    monkeypatch.chdir(tmp_path)  # the suggested command writes FILE.jsonl
+    path = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "text": "吾輩は猫である"}])
+    job, summary = runner.run(path, tiny_gpt2, ScoreParams(), output=tmp_path / "job",
+                              engine=gpt2_engine, echo=None)  # fmt: skip
+    assert summary.finished
+    result = invoke("results", job.dir, "--format", "openai", "--to", tmp_path / "o.jsonl")
+    assert result.exit_code == 1 and result.output == (
+        f"Error: job {job.id} is a score job and OpenAI Batch has no score endpoint, so it has no --format openai "
+        f"form; export its rows with `runner results {job.dir} --to FILE.jsonl`\n"
+    )
+    assert not (tmp_path / "o.jsonl").exists()
+    (command,) = re.findall(r"`runner ([^`]+)`", result.output)
+    assert invoke(*shlex.split(command)).exit_code == 0 and (tmp_path / "FILE.jsonl").exists()

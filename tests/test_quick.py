@@ -1,5 +1,6 @@
 """`runner generate` (a quick try, nothing saved) and `--chat` (plain prompts through the chat template)."""
 
+import pytest
 from helpers import invoke, write_jsonl
 
 import runner
@@ -60,3 +61,17 @@ def test_chat_wraps_plain_prompts_and_a_raw_prompt_to_a_chat_model_is_warned(
     )
     result = invoke("submit", p, "-m", tiny_llama, "--chat", "--kind", "score")
     assert result.exit_code == 1 and "--chat: chat is for generate jobs" in result.output
+
+
+@pytest.mark.parametrize("extra", [[], ["--num-beams", "2"]], ids=["loop", "beams"])
+def test_generate_refuses_a_prompt_over_the_context_window_as_submit_does(tiny_gpt2, gpt2_engine, extra):
+    """The same rule and message as submit (GenerationParams.prompt_budget), not an IndexError from GPT-2's
+    position embedding; for our loop and for transformers' beam search alike."""
+    prompt = "x" + " x" * 300  # 301 tokens; the tiny GPT-2 has 256 positions
+    n = len(gpt2_engine.tokenizer(prompt)["input_ids"])
+    result = invoke("generate", "ok", prompt, "-m", tiny_gpt2, "--max-new-tokens", 4, *extra)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: prompt 2 is {n} tokens; with max_new_tokens=4 it exceeds the model's context window of 256 "
+        "tokens (shorten it, or lower --max-new-tokens)\n"
+    )
