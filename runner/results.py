@@ -55,7 +55,10 @@ def top_logprobs_type() -> pa.DataType:
 
 
 def generation_schema(
-    top_logprobs: bool = False, prompt_logprobs: bool = False, settings: bool = False
+    top_logprobs: bool = False,
+    prompt_logprobs: bool = False,
+    settings: bool = False,
+    constraint: bool = False,
 ) -> pa.Schema:
     """Result columns of a generation job; the optional ones exist when the job asked for them."""
     import pyarrow as pa
@@ -76,6 +79,8 @@ def generation_schema(
             ("cumulative_logprob", pa.float64()),
         ]
     )
+    if constraint:  # structured output: whether `text` satisfies the row's constraint (null: it has none)
+        schema = schema.append(pa.field("constraint_complete", pa.bool_()))
     if top_logprobs:
         schema = schema.append(pa.field("top_logprobs", top_logprobs_type()))
     if prompt_logprobs:
@@ -125,8 +130,12 @@ def completions_table(
     }
     if outputs is None:
         outputs = {"top_logprobs": any(c.top_logprobs is not None for c in comps),
-                   "prompt_logprobs": any(c.prompt_logprobs is not None for c in comps)}  # fmt: skip
+                   "prompt_logprobs": any(c.prompt_logprobs is not None for c in comps),
+                   "constraint": any(c.constraint_complete is not None for c in comps)}  # fmt: skip
     has_top, has_prompt = bool(outputs.get("top_logprobs")), bool(outputs.get("prompt_logprobs"))
+    has_constraint = bool(outputs.get("constraint"))
+    if has_constraint:
+        cols["constraint_complete"] = pa.array([c.constraint_complete for c in comps], pa.bool_())
     if has_top:
         flat = sorted({t for c in comps for step in c.top_logprobs or () for t, _, _ in step})
         text = dict(zip(flat, token_text(flat) if token_text else [None] * len(flat), strict=True))
@@ -140,7 +149,9 @@ def completions_table(
         cols["prompt_logprobs"] = pa.array([c.prompt_logprobs for c in comps], pa.list_(pa.float32()))
     if outputs.get("settings") and settings is not None:
         cols["settings"] = pa.array([settings[g.row] for g in generated], pa.string())
-    schema = generation_schema(has_top, has_prompt, bool(outputs.get("settings") and settings is not None))
+    schema = generation_schema(
+        has_top, has_prompt, bool(outputs.get("settings") and settings is not None), has_constraint
+    )
     arrays = [cols[f.name].cast(f.type) for f in schema]
     for name in passthrough_columns(prompts.schema):
         schema = schema.append(prompts.schema.field(name))
@@ -281,7 +292,7 @@ def empty_results(job: Any) -> pa.Table:
         outputs = job.meta.get("outputs") or {}
         schema = generation_schema(bool(outputs.get("top_logprobs", params.get("logprobs") is not None)),
                                    bool(outputs.get("prompt_logprobs", params.get("prompt_logprobs"))),
-                                   bool(outputs.get("settings")))  # fmt: skip
+                                   bool(outputs.get("settings")), bool(outputs.get("constraint")))  # fmt: skip
     for name in passthrough_columns(prompts_schema):
         schema = schema.append(prompts_schema.field(name))
     return schema.empty_table()
