@@ -166,3 +166,8 @@ def tasks_table(res: dict[str, Any]) -> None:
     if "score_max_abs_diff" in res:
         print(f"score agreement: runner vs plain transformers, max |log-prob difference| "
               f"{res['score_max_abs_diff']:.2e}")  # fmt: skip
+    if "structured" in res:
+        st = res["structured"]
+        print(f"structured output: {st['overhead']:+.1%} time per token for the JSON schema at batch {st['batch_size']} "
+              f"(target <= +15%: {'met' if st['overhead'] <= 0.15 else 'NOT met'}); "
+              f"{st['complete_fraction']:.0%} of samples complete within {st['max_new_tokens']} tokens")  # fmt: skip

@@ -9,6 +9,7 @@ the same process on the same loaded model and prompts, so its ratios are read fr
   with a fixed seed, so rows finish at different steps: runner as a whole job (`runner run`), once per value of
   the engine option AB_OPTION when EngineOptions has it, then the pipeline and naive generate.
 * `score` and `embed` (--tasks): runner.scoring over the same prompts; scoring also as a plain script does it.
+* `structured` (--tasks): the same prompts under a JSON schema vs unconstrained, token for token the same work.
 """
 
 from __future__ import annotations
@@ -412,6 +413,80 @@ def embed(b: Bench) -> None:
     with PeakMemory(e.device) as mem, Usage() as use:
         _, secs = runner_paths.embed_seqs(e, b.ids, bs, budget)
     record_task(b, "embed", "runner", tokens, secs, mem, use, len(plan_batches(b.lengths, bs, budget, 0)))
+
+
+# --- structured: constrained decoding's cost ----------------------------------------------------------------
+
+# A JSON schema of the kind an extraction job uses: nested object, array, enum, required fields.
+STRUCTURED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "language": {"enum": ["en", "ja", "other"]},
+        "topics": {"type": "array", "items": {"type": "string"}},
+        "source": {"type": "object", "properties": {"author": {"type": "string"}, "year": {"type": "integer"}},
+                   "required": ["author", "year"]},
+    },
+    "required": ["title", "language", "topics", "source"],
+}  # fmt: skip
+STRUCTURED_BATCH = 64  # the batch size the overhead target (<= 15%) is stated at
+
+
+def structured(b: Bench) -> None:
+    """The same prompts generated under STRUCTURED_SCHEMA, then unconstrained with each row held to exactly the
+    tokens it generated constrained (min_new_tokens = max_new_tokens = that count), so that both runs decode
+    the same rows for the same steps and differ only by the constraint; batches of STRUCTURED_BATCH, runs
+    alternated (--lp-repeats times, at least once), the fastest of each kept. Ratio: constrained / unconstrained
+    output tok/s."""
+    from runner.params import GenerationParams
+
+    e, n_new = b.engine, b.args.max_new_tokens
+    batches = [b.ids[i : i + STRUCTURED_BATCH] for i in range(0, len(b.ids), STRUCTURED_BATCH)]
+    constrained = GenerationParams(max_new_tokens=n_new, json_schema=STRUCTURED_SCHEMA)
+    b.log(
+        f"structured: {len(b.ids)} prompts in batches of {STRUCTURED_BATCH}, JSON schema vs unconstrained ..."
+    )
+    e.generate(batches[0][:2], constrained)  # warm-up: llguidance's view of the tokenizer is built once
+    runs: dict[str, list[Any]] = {"constrained": [], "plain": []}
+    for _ in range(max(1, b.args.lp_repeats)):
+        done, secs, mem, use = _timed_batches(e, [[constrained] * len(batch) for batch in batches], batches)
+        runs["constrained"].append((secs, mem, use, done))
+        counts = iter([len(c.token_ids) for c in done])
+        held = [[GenerationParams(max_new_tokens=k, min_new_tokens=k) for k in [next(counts) for _ in batch]]
+                for batch in batches]  # fmt: skip
+        runs["plain"].append((*_timed_batches(e, held, batches)[1:], done))
+    rows = {}
+    for key, method in (
+        ("constrained", "runner, JSON schema"),
+        ("plain", "runner, unconstrained (same tokens)"),
+    ):
+        secs, mem, use, done = min(runs[key], key=lambda r: r[0])
+        tokens = sum(len(c.token_ids) for c in done)
+        rows[key] = record_task(b, "structured", method, tokens, secs, mem, use, len(batches))
+    done = runs["constrained"][0][3]
+    b.res["structured"] = {
+        "batch_size": STRUCTURED_BATCH, "max_new_tokens": n_new, "repeats": len(runs["plain"]),
+        "complete_fraction": sum(bool(c.constraint_complete) for c in done) / len(done),
+        "overhead": rows["plain"]["tokens_per_second"] / rows["constrained"]["tokens_per_second"] - 1,
+    }  # fmt: skip
+    b.res["task_ratios"]["structured: constrained / unconstrained"] = (
+        rows["constrained"]["tokens_per_second"] / rows["plain"]["tokens_per_second"]
+    )
+
+
+def _timed_batches(
+    e: Any, params: list[list[Any]], batches: list[list[list[int]]]
+) -> tuple[list, float, Any, Any]:
+    """Generate each batch with its rows' `params`: (completions, seconds, PeakMemory, Usage)."""
+    import time
+
+    done: list[Any] = []
+    with PeakMemory(e.device) as mem, Usage() as use:
+        t0 = time.perf_counter()
+        for batch, p in zip(batches, params, strict=True):
+            done.extend(e.generate(batch, p))
+        secs = time.perf_counter() - t0
+    return done, secs, mem, use
 
 
 WORKLOADS = {"fixed": fixed, "realistic": realistic}

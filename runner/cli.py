@@ -526,6 +526,12 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
     click.echo("\n".join(_detail(s)))
 
 
+def _short(value: Any, most: int = 60) -> str:
+    """A setting as status shows it: a long one (a JSON schema, a grammar) cut to its first `most` characters."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def _detail(s: Any) -> list[str]:
     from .jobdir import Job
 
@@ -546,7 +552,7 @@ def _detail(s: Any) -> list[str]:
         f"workers:  {'; '.join(workers) if workers else '-'}",
         f"model:    {s.model}",
         f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompts)",
-        "settings: " + ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "seed" and v not in (None, []))
+        "settings: " + ", ".join(f"{k}={_short(v)}" for k, v in p.items() if k != "seed" and v not in (None, []))
         + f", seed={job.seed}",
         f"folder:   {job.dir}",
     ]  # fmt: skip

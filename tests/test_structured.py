@@ -352,3 +352,26 @@ def test_demo_model_jobs_obey_their_constraint(tmp_path, demo_engine, rows, para
         else:
             assert r["constraint_complete"] is False, r["text"]
     assert (df["finish_reason"] == "stop").mean() >= 0.5  # the constraint is usable, not only safe
+
+
+def test_a_constrained_job_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path, tiny_gpt2, gpt2_engine):
+    from runner.jobdir import Job
+
+    rows = [{"id": f"r{i}", "prompt": p, **({"regex": DATE} if i % 2 else {})} for i, p in enumerate(PROMPTS)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    params = GenerationParams(
+        max_new_tokens=16, json_schema=SMALL, temperature=1.0, num_return_sequences=2, seed=5
+    )
+    ref_job, _ = runner.run(path, tiny_gpt2, params, output=tmp_path / "ref", engine=gpt2_engine, echo=None)
+    ref = runner.load_results(ref_job.dir)
+    job = create_job(path, tiny_gpt2, params, runner.EngineOptions(batch_size=2), job_dir=tmp_path / "cut")
+    calls = []
+    summary = run_job(
+        job, gpt2_engine, echo=None, shard_rows=1, should_stop=lambda: calls.append(1) or len(calls) > 2
+    )
+    assert not summary.finished and 0 < summary.done < 12
+    assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+    resumed = runner.load_results(job.dir)
+    cols = ["id", "sample", "text", "token_ids", "finish_reason", "constraint_complete"]
+    assert resumed[cols].to_json() == ref[cols].to_json()
+    assert ref["constraint_complete"].notna().all()
