@@ -22,6 +22,8 @@ import math
 import re
 from typing import Any
 
+from .errors import RunnerError
+
 # GenerationParams fields that constrain the output; at most one per row.
 FIELDS = ("json_schema", "json_object", "regex", "choices", "grammar")
 # JSON as a model writes it on one line, `{"a": 1, "b": [2, 3]}`: free whitespace lets small models loop on
@@ -70,10 +72,8 @@ def problem(params: Any) -> str | None:
     except ValueError as e:
         return str(e)
     message = None if grammar is None else _check(grammar)
-    if (
-        message and kind_of(params) != "grammar"
-    ):  # positions in the grammar made here mean nothing to the user
-        message = re.sub(r"^at \d+\(\d+\): ", "", message)
+    if message and kind_of(params) != "grammar":
+        message = re.sub(r"^at \d+\(\d+\): ", "", message)  # a place in the grammar made here: meaningless
     return message
 
 
@@ -99,8 +99,6 @@ class Constraints:
         self.matchers = [None if g is None else LLMatcher(tokenizer, g, log_level=0) for g in grammars]
         for m in self.matchers:
             if m is not None and m.is_error():
-                from .errors import RunnerError
-
                 raise RunnerError(f"cannot compile a row's constraint for this tokenizer: {m.get_error()}")
         # per row: after k generated tokens (k = 0, 1, ...), whether the text so far satisfies the constraint
         self.accepting = [[m.is_accepting()] if m is not None else [] for m in self.matchers]
@@ -166,8 +164,6 @@ def tokenizer_of(tokenizer: Any, eos_ids: list[int]) -> Any:
     """The llguidance tokenizer of a Hugging Face (fast) tokenizer, with the model's EOS ids as its EOS tokens
     (so a matcher whose text is complete allows each of them). ~0.3 s: the engine keeps it."""
     from llguidance.hf import from_tokenizer
-
-    from .errors import RunnerError
 
     try:
         return from_tokenizer(tokenizer, eos_token=list(eos_ids))

@@ -2,7 +2,7 @@
 
 batching.py (token ids) -> `Engine.generate` -> `Completion`s -> worker.py (Parquet shards)
 
-The decode loop is our own rather than `model.generate` for four reasons, each a requirement:
+The decode loop is our own rather than `model.generate` for five reasons, each a requirement:
   * log-probs come from the raw next-token distribution (log_softmax of the unprocessed logits, vLLM's
     default), gathered step by step: extra memory O(batch x vocab), never O(batch x steps x vocab);
   * each sample draws its randomness from its own generator, seeded from (job seed, row id, sample), so a
@@ -12,7 +12,9 @@ The decode loop is our own rather than `model.generate` for four reasons, each a
     does not make the whole batch keep paying for finished rows; with `max_active` (continuous batching)
     waiting rows are prefilled and join the running batch in their place, their KV caches joined to its
     cache (as new groups of a kvcache.GroupedCache, or copied into the one merged cache);
-  * stop strings are found on decoded text and cut from `text`, with `stop_reason` naming the string.
+  * stop strings are found on decoded text and cut from `text`, with `stop_reason` naming the string;
+  * structured output (constraints.py): a row's JSON schema / regex / choices / grammar masks the scores its
+    token is picked from, never the log-probs, and its matcher follows the row in and out of the batch.
 The logits processors (sampling.py) compute what transformers' processors of the same names compute, with
 each row's own settings as tensors, so that rows with different settings share a batch.
 

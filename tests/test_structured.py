@@ -108,6 +108,7 @@ def test_settings_normalise_and_rows_replace_the_jobs_constraint():
     fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": SMALL}}
     assert row_params(job, True, row_overrides({"response_format": fmt})).json_schema == SMALL
     assert row_params(job, True, row_overrides({"response_format": {"type": "json_object"}})).json_object
+    assert row_params(job, True, row_overrides({"choices": None, "response_format": None})).regex == "[0-9]+"
     plain = row_params(job, True, row_overrides({"response_format": {"type": "text"}}))
     assert plain.regex is None and not plain.json_object
     with pytest.raises(ParamError, match="response_format json_schema needs"):
