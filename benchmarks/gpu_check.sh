@@ -37,7 +37,7 @@ done
 # Python module -> pip name, for what runner and its tests import. torch and transformers are the GPU image's.
 NEEDED="datasets:datasets pyarrow:pyarrow accelerate:accelerate click:click pandas:pandas gguf:gguf
 safetensors:safetensors filelock:filelock pytest:pytest hypothesis:hypothesis sentencepiece:sentencepiece
-tokenizers:tokenizers google.protobuf:protobuf"
+tokenizers:tokenizers google.protobuf:protobuf llguidance:llguidance"
 
 missing() {
     local out=""
@@ -94,7 +94,8 @@ if dev.startswith("cuda"):
 EOF
 
 echo "== tests on $DEVICE"
-TESTS="tests/test_engine.py tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py"
+TESTS="tests/test_engine.py tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py
+      tests/test_tokens.py tests/test_beams.py"
 SELECT=(-m "not slow")
 [ "$QUICK" = 1 ] && SELECT=(-m "not slow" -k "batched or half_precision or output_layer")
 set +e

@@ -81,6 +81,11 @@ def methods_table(res: dict[str, Any]) -> None:
               f"{r['minor_page_faults'] / 1e6:.1f}M |")  # fmt: skip
     print()
     print(f"memory: {res.get('memory_method', '')}; malloc: {res.get('malloc', 'default')}")
+    if res["model"]["device"] == "cpu":
+        busy = ", ".join(f"{r['name']} {(r['cpu_user_seconds'] + r['cpu_sys_seconds']) / r['seconds']:.2f}"
+                         for r in res["methods"])  # fmt: skip
+        print(f"cores busy (cpu s / wall s, threads asked for: {res['machine']['torch_threads']}; well under means "
+              f"the machine was shared): {busy}")  # fmt: skip
 
 
 def ratios(res: dict[str, Any]) -> None:

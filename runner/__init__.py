@@ -38,12 +38,15 @@ __all__ = [
     "open_job",
     "read_errors",
     "repair",
+    "report",
     "retry",
     "run",
     "run_job",
     "status",
     "submit",
+    "watch",
     "work",
+    "work_in_background",
 ]
 
 
@@ -69,7 +72,7 @@ def __getattr__(name: str):
         from .quick import generate
 
         return generate
-    if name in ("status", "cancel", "retry", "repair"):
+    if name in ("status", "cancel", "retry", "repair", "report", "watch", "work_in_background"):
         from . import api
 
         return getattr(api, name)

@@ -1,4 +1,5 @@
-"""The commands as Python calls: `runner.status`, `runner.cancel`, `runner.retry`, `runner.repair`.
+"""The commands as Python calls: `runner.status`, `runner.cancel`, `runner.retry`, `runner.repair`,
+`runner.report`, `runner.watch`, `runner.work_in_background`.
 
 Each takes a job id, name or folder path (and the job home, default $RUNNER_HOME or ./jobs), exactly as the
 command line does; cli.py only parses options and prints what these return.
@@ -7,6 +8,7 @@ command line does; cli.py only parses options and prints what these return.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from . import jobdir
@@ -41,3 +43,26 @@ def retry(job: Ref, home: Ref | None = None) -> int:
 def repair(job: Ref, home: Ref | None = None) -> Any:
     """Bring a job back from what is still verifiable (see jobdir.repair)."""
     return jobdir.repair(jobdir.find_job(job, home))
+
+
+def report(job: Ref, path: Ref = "report.html", home: Ref | None = None) -> Path:
+    """Write a job's report, one self-contained HTML page (throughput, lengths, finish reasons, log-probs,
+    errors, peak memory, settings, sample outputs), to `path`; returns the path. Works at any point of a
+    job's life, before any result too."""
+    from .job_report import write_report
+
+    return write_report(jobdir.open_job(job, home), path)
+
+
+def watch(job: Ref, home: Ref | None = None, every: float = 10.0, echo: Any = print) -> JobStatus:
+    """Print the job's status every `every` seconds until it ends (or no worker runs it). Returns the last."""
+    from .background import watch as watch_job
+
+    return watch_job(job, home, every, echo)
+
+
+def work_in_background(args: list[str] | tuple[str, ...] = (), home: Ref | None = None) -> Any:
+    """Start `runner work ARGS` as a detached process, its output in HOME/logs/. Returns its pid and log."""
+    from .background import start
+
+    return start(args, home)

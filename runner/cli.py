@@ -112,6 +112,11 @@ generation_options = _apply([
                  help="Structured output: each sample is exactly one of these strings (repeatable)."),
     click.option("--grammar", metavar="FILE",
                  help="Structured output: each sample is a sentence of this grammar (Lark, or llama.cpp GBNF)."),
+    click.option("--num-beams", type=int, help="Beam search with this many beams; -n returns the n best [default: 1 = off]."),
+    click.option("--length-penalty", type=float, help="Beam search: score = log-prob / length ** this [default: 1.0]."),
+    click.option("--early-stopping", is_flag=True, default=None,
+                 help="Beam search: stop once num_beams candidates are finished [default: off]."),
+    click.option("--no-repeat-ngram-size", type=int, help="Never repeat an n-gram of this size; 0 = off [default: 0]."),
 ])  # fmt: skip
 
 score_options = _apply([
@@ -409,12 +414,15 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
 @click.option("--device", help="Run on this device instead of the jobs' own (cpu, cuda, cuda:N).")
 @click.option("--gpus", help="One worker process per local GPU: 'all' or a count (each on its own cuda:i).")
 @click.option("--workers", "n_workers", type=click.IntRange(min=1), help="Run this many worker processes.")
+@click.option("--background", is_flag=True,
+              help="Start the work as a detached process (output in HOME/logs/) and return at once; "
+                   "follow it with `runner watch JOB` or `runner status`.")  # fmt: skip
 @home_option
 @click.pass_context
 @handle_errors
 def work(
     ctx: click.Context, hours: float | None, until: str | None, job_ref: str | None, once: bool, shard_rows: int,
-    shard_minutes: float, device: str | None, gpus: str | None, n_workers: int | None,
+    shard_minutes: float, device: str | None, gpus: str | None, n_workers: int | None, background: bool,
 ) -> None:  # fmt: skip
     """Run queued jobs: interrupted ones first, then by priority and age, until the queue is empty or the
     deadline. Several workers (processes, GPUs, machines sharing the folder) share a job by units.
@@ -425,6 +433,18 @@ def work(
     args = ["--shard-rows", str(shard_rows), "--shard-minutes", str(shard_minutes)]
     args += (["--job", job_ref] if job_ref else []) + (["--once"] if once else [])
     args += ["--until", until] if until else (["--hours", str(hours)] if hours else [])
+    if background:
+        from .api import work_in_background
+
+        extra = (["--device", device] if device else []) + (["--gpus", gpus] if gpus else [])
+        extra += ["--workers", str(n_workers)] if n_workers else []
+        worker = work_in_background(args + extra, ctx.obj["home"])
+        _echo(f"working in the background (pid {worker.pid}); its output: {worker.log}")
+        _echo(
+            "follow it with `runner watch JOB` or `runner status`; stop it with `runner cancel JOB` or kill "
+            + str(worker.pid)
+        )
+        return
     if gpus is not None or n_workers is not None:
         devices = _worker_devices(gpus, n_workers, device)
         raise SystemExit(_run_processes(ctx.obj["home"], args, devices))
@@ -518,12 +538,47 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
             click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
         else:
             click.echo(status_table(statuses) if statuses else "no jobs")
+            for (
+                st
+            ) in statuses:  # what needs the user: a broken job and how to bring it back, a failure's reason
+                if st.message and st.state in ("broken", "failed"):
+                    click.echo(f"{st.id}: {st.message}")
         return
     s = api.status(job_ref, ctx.obj["home"])
     if as_json:
         click.echo(json.dumps(s.as_dict(), indent=2, ensure_ascii=False))
         return
-    click.echo("\n".join(_detail(s)))
+    click.echo("\n".join(_detail(s) + ([] if s.state == "broken" else [_report_line(job_ref, s.folder)])))
+
+
+def _report_line(job_ref: str, folder: str) -> str:
+    """The command that makes this job's report, as typed: the reference given when it finds the same job
+    without --home, else the folder."""
+    import shlex
+    from pathlib import Path
+
+    from .jobdir import find_job
+
+    try:
+        same = find_job(job_ref).resolve() == Path(folder).resolve()
+    except (RunnerError, OSError):
+        same = False
+    return f"report:   runner report {shlex.quote(job_ref if same else folder)} -o report.html"
+
+
+def _non_default(params: Any, stored: dict[str, Any]) -> dict[str, Any]:
+    """The settings a job changed from their defaults (the seed is shown on its own)."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(params) if f.default is not dataclasses.MISSING}
+    defaults.update({f.name: f.default_factory() for f in dataclasses.fields(params)
+                     if f.default_factory is not dataclasses.MISSING})  # fmt: skip
+    changed = {k: v for k, v in stored.items() if not (k in defaults and v == defaults[k])}
+    return {k: v for k, v in changed.items() if k != "seed" and v is not None}
+
+
+def _gib(n: int | None) -> str:
+    return "-" if not n else f"{n / 2**30:.2f} GiB"
 
 
 def _short(value: Any, most: int = 60) -> str:
@@ -550,10 +605,10 @@ def _detail(s: Any) -> list[str]:
         f"progress: {s.done:,}/{s.total:,} rows, {s.errors} row errors, {s.invalid} invalid input rows",
         f"speed:    {s.tokens_per_second or '-'} tok/s, ETA {s.eta}",
         f"workers:  {'; '.join(workers) if workers else '-'}",
+        f"memory:   peak {_gib(s.peak_memory_bytes)} (GPU memory on CUDA, resident memory on CPU)",
         f"model:    {s.model}",
         f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompts)",
-        "settings: " + ", ".join(f"{k}={_short(v)}" for k, v in p.items() if k != "seed" and v not in (None, []))
-        + f", seed={job.seed}",
+        "settings: " + ", ".join(f"{k}={_short(v)}" for k, v in _non_default(job.params, p).items()) + f", seed={job.seed}",
         f"folder:   {job.dir}",
     ]  # fmt: skip
 
@@ -650,6 +705,52 @@ def _as_json_text(df: Any) -> Any:
 
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
+@click.option(
+    "-o",
+    "--output",
+    "path",
+    type=click.Path(dir_okay=False),
+    default="report.html",
+    show_default=True,
+    help="The HTML file to write.",
+)
+@home_option
+@click.pass_context
+@handle_errors
+def report(ctx: click.Context, job_ref: str, path: str) -> None:
+    """Write a report of JOB (id, name or folder) as one HTML page that needs no network: throughput over
+    time, output lengths, finish reasons, log-prob and perplexity histograms, errors by reason, peak memory,
+    settings and the lowest and highest scoring outputs. Works while the job runs, or before it has results.
+
+    \b
+    Example:
+      runner report out/demo -o report.html
+    """
+    from . import api
+
+    written = api.report(job_ref, path, ctx.obj["home"])
+    _echo(f"wrote the report of job {job_ref} to {written}")
+    click.echo(str(written))
+
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
+@click.option("--every", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds between status lines.")  # fmt: skip
+@home_option
+@click.pass_context
+@handle_errors
+def watch(ctx: click.Context, job_ref: str, every: float) -> None:
+    """Print JOB's status every few seconds until it ends (a live view while `runner work --background` runs)."""
+    from .api import watch as watch_job
+
+    s = watch_job(job_ref, ctx.obj["home"], every, echo=_echo)
+    if s.state not in ("completed",):
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
 @home_option
 @click.pass_context
 @handle_errors
@@ -722,7 +823,9 @@ def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bo
             if show_logprobs:
                 click.echo(
                     "    "
-                    + " ".join(f"{t}:{lp:.2f}" for t, lp in zip(c.token_ids, c.token_logprobs, strict=True))
+                    + " ".join(
+                        f"{t!r}:{lp:.2f}" for t, lp in zip(c.tokens or [], c.token_logprobs, strict=True)
+                    )
                 )
 
 

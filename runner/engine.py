@@ -40,6 +40,7 @@ from .batching import left_pad
 from .errors import ModelLoadError, RunnerError, first_line
 from .models import context_window, eos_token_ids, load_model, load_tokenizer, pick_device, pick_dtype
 from .params import EngineOptions, GenerationParams
+from .tokens import TokenText, partial_tail_tokens
 
 # Prompt tokens decoded with the generation, so that a leading space survives (SentencePiece).
 DETOKENIZE_CONTEXT = 4
@@ -73,6 +74,8 @@ class Completion:
     # Structured output: whether `text` satisfies the row's constraint (a `length` finish can leave it
     # incomplete); None for a row without one.
     constraint_complete: bool | None = None
+    tokens: list[str] | None = None  # each token's text in place (tokens.token_pieces), when asked for
+    beam_score: float | None = None  # beam search: transformers' length-penalised score of this beam
 
     @property
     def cumulative_logprob(self) -> float:
@@ -265,6 +268,7 @@ class Engine:
         # GPT-2 has no pad token: pad with EOS. Safe because padding is known from the attention mask only.
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.context_window = context_window(cfg, self.tokenizer)
+        self.texts = TokenText(self.tokenizer)  # token texts in place and their bytes, for results
         forward_params = inspect.signature(self.model.forward).parameters
         self._keep_arg = "logits_to_keep" in forward_params
         # transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning)
@@ -297,13 +301,15 @@ class Engine:
         stop: Callable[[], bool] | None = None,
         max_active: int | None = None,
         on_finish: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[Completion]:
         """Generate one sample per prompt. `prompts`: token ids per row (any lengths); `params`: the settings
         of every row, or one per row (rows with different settings share the batch); `seeds`: one per row,
         required when a row samples; `stop()`, asked between decode steps, abandons the batch (raises
         `Stopped`: a cancelled job stops within a step, not a whole batch). `max_active`: most rows decoding
         at once (None: all); the others wait and join the running batch as rows finish (continuous batching).
-        `on_finish(row, tokens)` is called as each row ends (again if the batch has to be recomputed).
+        `on_finish(row, tokens)` is called as each row ends (again if the batch has to be recomputed), and
+        `on_step(tokens)` after each decode step with the number of tokens it made (progress within a batch).
         Returns completions in the order of `prompts`; a row's completion does not depend on its companions."""
         import torch
 
@@ -312,17 +318,33 @@ class Engine:
             raise ValueError("one GenerationParams per prompt, or one for all")
         if any(p.do_sample for p in params) and (seeds is None or len(seeds) != len(prompts)):
             raise ValueError("sampling needs one seed per prompt")
+        if any(p.uses_transformers_generate for p in params):
+            raise ValueError("num_beams > 1 / no_repeat_ngram_size rows go through transformers_generate "
+                             "(tasks.generate_keys routes each row where it belongs)")  # fmt: skip
         if max_active is not None and (
             isinstance(max_active, bool) or not isinstance(max_active, int) or max_active < 1
         ):
             raise ValueError(f"max_active must be an integer >= 1, got {max_active!r}")
         with torch.inference_mode():
             try:
-                return self._generate(prompts, params, seeds, stop, max_active, on_finish)
+                return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
             except kvcache.GroupingUnsupported:
                 # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
                 self._grouped = False
-                return self._generate(prompts, params, seeds, stop, max_active, on_finish)
+                return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
+
+    def transformers_generate(
+        self,
+        prompt: list[int],
+        params: GenerationParams,
+        seed: int | None,
+        stop: Any = None,
+        stepped: Any = None,
+    ) -> list[Completion]:
+        """Beam search or no_repeat_ngram_size, which our loop does not host: hf_generate.py."""
+        from .hf_generate import generate_with_transformers
+
+        return generate_with_transformers(self, prompt, params, seed, stop, stepped)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
         """One forward pass. Returns (logits of the last position [batch, vocab] float32, cache)."""
@@ -352,7 +374,7 @@ class Engine:
         # .to: with a device_map the output layer may sit on another GPU than the inputs (a no-op otherwise)
         return out.logits[:, -1, :].float().to(self.device), getattr(out, self._cache_arg)
 
-    def _generate(self, prompts, params, seeds, stop=None, max_active=None, on_finish=None):
+    def _generate(self, prompts, params, seeds, stop=None, max_active=None, on_finish=None, on_step=None):
         """The decode loop: admit the first rows (prefill), then per step pick a token for every slot, record it
         (finishing rows on EOS, a stop string or their length) and advance: finished rows leave, the others
         take one forward step, waiting rows join in the freed slots."""
@@ -362,6 +384,8 @@ class Engine:
                 raise Stopped("stopped between decode steps")
             tok, chosen, logprobs = self._pick(st)
             self._record(st, tok, chosen, logprobs)
+            if on_step is not None:
+                on_step(len(tok))
             self._advance(st, tok)
         return self._completions(st)
 
@@ -441,6 +465,9 @@ class Engine:
             if is_eos[slot]:
                 st.finish[r] = ("stop", None)
             elif p.stop and len(st.out_ids[r]) >= p.min_new_tokens:
+                if len(st.out_ids[r]) == p.min_new_tokens > 1:  # stop strings count from this token's text on
+                    before = len(self._detok(st.prefixes[r], st.out_ids[r][:-1]))
+                    st.scanned[r] = before + max(len(x) for x in p.stop) - 1
                 self._scan_stops(st, r)
             if st.finish[r] is None and over[slot]:
                 st.finish[r] = ("stop", None)
@@ -555,6 +582,8 @@ class Engine:
             if st.stop_pos[r] is not None:
                 text = text[: st.stop_pos[r]]
             reason, stop = st.finish[r] or ("length", None)
+            if reason == "length" and text.endswith("\ufffd"):  # the limit cut a character? hold it back
+                text = self._hold_back(st.prefixes[r], st.out_ids[r], text)
             results.append(Completion(
                 st.out_ids[r], st.out_lps[r], text, reason, stop,
                 top_logprobs=st.tops[r] if st.params[r].logprobs is not None else None,
@@ -678,6 +707,15 @@ class Engine:
             if tok_list[slot] not in top_id[slot]:
                 entry.append((tok_list[slot], ch_list[slot], ranks[slot]))
             tops[r].append(entry)
+
+    def _hold_back(self, prefix: list[int], generated: list[int], text: str) -> str:
+        """`text` without a character the token limit cut (its first bytes generated, not its last), as a
+        streaming decoder holds them back: the text of the tokens before them; "\ufffd" cut off when one token
+        holds both the end of a whole character and such first bytes; a U+FFFD the model wrote stays."""
+        k = partial_tail_tokens(self.texts.bytes(generated[-4:]))
+        if k is None:
+            return text[:-1]
+        return self._detok(prefix, generated[: len(generated) - k]) if k else text
 
     def _detok(self, prefix: list[int], generated: list[int]) -> str:
         """Text of `generated` as it reads after the prompt. Decoding it alone would lose a leading space

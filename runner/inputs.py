@@ -378,15 +378,81 @@ class PromptChunk:
     columns: list[str]  # passthrough column names of these rows, in first-seen order
 
 
-class PromptReader:
+class RowChecker:
+    """The checks of one input row, with the settings they depend on: what `PromptReader` applies to each row
+    of a file, and what runner.ray applies to each row of a Ray Data batch, so both refuse the same rows with
+    the same words. `name` is what a `Problem` says the row came from.
+
+    `messages_field=None` refuses chat rows (scoring and embedding take plain text). `pair_fields` (context,
+    continuation) lets a row give a context and a continuation to score instead of a text. `row_settings`:
+    rows may carry their own generation settings (params.ROW_SETTINGS fields). `batch`: (job kind, model
+    names) to read OpenAI Batch request lines against. `chat`: plain prompts go through the chat template as
+    one user message."""
+
+    def __init__(
+        self,
+        name: str,
+        prompt_field: str = "prompt",
+        template: str | None = None,
+        id_field: str = "id",
+        messages_field: str | None = "messages",
+        pair_fields: tuple[str, str] | None = None,
+        row_settings: bool = False,
+        batch: tuple[str, tuple[str, ...]] | None = None,
+        chat: bool = False,
+    ):
+        self.name = name
+        self.row_settings, self.batch = row_settings, batch
+        self._requests: bool | None = None  # an OpenAI Batch file (decided by its first row)
+        self.chat = chat
+        self.saw_messages = False
+        self.template = Template(template) if template is not None else None
+        self.prompt_field, self.id_field = prompt_field, id_field
+        self.messages_field, self.pair_fields = messages_field, pair_fields
+
+    def check(self, lineno: int, obj: dict[str, Any]) -> PromptRow | Problem:
+        """One row, already parsed: a valid `PromptRow`, or the `Problem` that makes it invalid. Duplicate ids
+        are not looked for here (`PromptReader.chunks` does)."""
+        request = None
+        if self.batch is not None and self._requests is None:
+            self._requests = openai_batch.is_request(obj)  # the first row says what the file is
+        if self._requests:
+            obj, fld, why = openai_batch.request_row(obj, *self.batch)
+            if obj is None:
+                return Problem(self.name, lineno, fld, why)
+            request = obj.pop("_request")
+        row, problem = _validate_row(
+            self.name, lineno, obj, self.prompt_field, self.template, self.id_field,
+            self.messages_field, self.pair_fields,
+        )  # fmt: skip
+        if row is not None:
+            row.request = request
+            if self.chat and row.messages is None and row.prompt is not None:
+                row.messages, row.prompt = [{"role": "user", "content": row.prompt}], None
+            self.saw_messages = self.saw_messages or row.messages is not None
+            row, problem = self._settings(row)
+        return row if row is not None else problem  # type: ignore[return-value]
+
+    def _settings(self, row: PromptRow) -> tuple[PromptRow | None, Problem | None]:
+        """Move the row's setting fields out of its passthrough columns (generate jobs only)."""
+        if not self.row_settings:
+            return row, None
+        raw = {k: row.extra.pop(k) for k in list(row.extra) if k in ROW_SETTINGS}
+        row.raw_settings = raw or None
+        try:
+            row.settings = row_overrides(raw) or None
+        except ParamError as e:
+            return None, Problem(self.name, row.line, e.param, str(e), row.id)
+        return row, None
+
+
+class PromptReader(RowChecker):
     """Reads and validates a prompt file as a stream of chunks, so that memory is bounded by a chunk and not
     by the file (JSONL line by line, Parquet by batches, CSV by blocks). Only the ids seen so far are kept
-    for duplicate detection (`SeenIds`, 24 bytes per row).
+    for duplicate detection (`SeenIds`, 24 bytes per row). Each row is checked by `RowChecker.check`.
 
     Settings are checked when the reader is made (file type, a file that is not there, the template), so a
-    caller can refuse early, before loading any model. `messages_field=None` refuses chat rows (scoring and
-    embedding take plain text). `pair_fields` (context, continuation) lets a row give a context and a
-    continuation to score instead of a text."""
+    caller can refuse early, before loading any model."""
 
     def __init__(
         self,
@@ -400,22 +466,14 @@ class PromptReader:
         batch: tuple[str, tuple[str, ...]] | None = None,
         chat: bool = False,
     ):
-        """`row_settings`: rows may carry their own generation settings (params.ROW_SETTINGS fields). `batch`:
-        (job kind, model names) to read OpenAI Batch request lines against."""
         self.path = Path(path)
-        self.row_settings, self.batch = row_settings, batch
-        self._requests: bool | None = None  # an OpenAI Batch file (decided by its first row)
-        self.chat = chat  # plain prompts go through the chat template as one user message
-        self.saw_messages = False
         self.format = input_format(self.path)
         if not self.path.is_file():
             raise InputError(
                 [Problem(str(self.path), 0, None, "no such file")], header="cannot read the prompt file"
             )
-        self.name = str(self.path)
-        self.template = Template(template) if template is not None else None
-        self.prompt_field, self.id_field = prompt_field, id_field
-        self.messages_field, self.pair_fields = messages_field, pair_fields
+        super().__init__(str(self.path), prompt_field, template, id_field, messages_field, pair_fields,
+                         row_settings, batch, chat)  # fmt: skip
 
     def _source(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         if self.format == "jsonl":
@@ -427,41 +485,11 @@ class PromptReader:
         """Each row of the file in order: a valid `PromptRow`, or the `Problem` that makes it invalid.
         Duplicate ids are not looked for here (`chunks` does)."""
         for lineno, obj, reason in self._source():
-            if obj is None:
-                yield Problem(self.name, lineno, None, reason or "unreadable")
-                continue
-            request = None
-            if self.batch is not None and self._requests is None:
-                self._requests = openai_batch.is_request(obj)  # the first row says what the file is
-            if self._requests:
-                obj, fld, why = openai_batch.request_row(obj, *self.batch)
-                if obj is None:
-                    yield Problem(self.name, lineno, fld, why)
-                    continue
-                request = obj.pop("_request")
-            row, problem = _validate_row(
-                self.name, lineno, obj, self.prompt_field, self.template, self.id_field,
-                self.messages_field, self.pair_fields,
-            )  # fmt: skip
-            if row is not None:
-                row.request = request
-                if self.chat and row.messages is None and row.prompt is not None:
-                    row.messages, row.prompt = [{"role": "user", "content": row.prompt}], None
-                self.saw_messages = self.saw_messages or row.messages is not None
-                row, problem = self._settings(row)
-            yield row if row is not None else problem  # type: ignore[misc]
-
-    def _settings(self, row: PromptRow) -> tuple[PromptRow | None, Problem | None]:
-        """Move the row's setting fields out of its passthrough columns (generate jobs only)."""
-        if not self.row_settings:
-            return row, None
-        raw = {k: row.extra.pop(k) for k in list(row.extra) if k in ROW_SETTINGS}
-        row.raw_settings = raw or None
-        try:
-            row.settings = row_overrides(raw) or None
-        except ParamError as e:
-            return None, Problem(self.name, row.line, e.param, str(e), row.id)
-        return row, None
+            yield (
+                Problem(self.name, lineno, None, reason or "unreadable")
+                if obj is None
+                else self.check(lineno, obj)
+            )
 
     def chunks(self, size: int) -> Iterator[PromptChunk]:
         """The file in chunks of `size` rows (valid or not), in order, with duplicate ids reported on the

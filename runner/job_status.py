@@ -34,6 +34,8 @@ class JobStatus:
     message: str | None
     workers: list[dict[str, Any]] = field(default_factory=list)  # live workers: id, device, tok/s, rows
     folder: str = ""
+    # Highest peak memory of any run or live worker: GPU memory allocated on CUDA, resident set size on CPU.
+    peak_memory_bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,14 +73,16 @@ def job_status(job: Job) -> JobStatus:
     tps = sum(w["tokens_per_second"] or 0 for w in workers) or None
     rate = sum(_number(hb, "rows_per_second") or 0 for hb in progress.live.values())
     eta = (progress.total - progress.done - progress.failed) / rate if rate > 0 else None
+    runs = job.read_stats()["runs"]
     if not workers:
-        runs = job.read_stats()["runs"]
         tps = _number(runs[-1], "tokens_per_second") if runs else None
+    peaks = [_number(r, "peak_memory_bytes") for r in [*runs, *progress.live.values()]]
+    peak = max((int(p) for p in peaks if p), default=None)
     return JobStatus(
         id=job.id, name=job.name, state=name, done=progress.done, total=progress.total, errors=progress.failed,
         invalid=int(job.meta.get("input", {}).get("invalid", 0) or 0), tokens_per_second=tps, eta_seconds=eta,
         model=job.spec.model, created=job.spec.created, worker=workers[0]["worker"] if workers else None,
-        message=message, workers=workers, folder=str(job.dir),
+        message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak,
     )  # fmt: skip
 
 

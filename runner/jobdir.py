@@ -14,6 +14,7 @@ asks it.
     claims/UUUUU-EEEEEEEE.seal.json  the commits accepted from epoch E, fixed when epoch E+1 takes the unit
     workers/WORKER.json              each worker's heartbeat (and throughput, for status)
     shards/UUUUU-EEEEEEEE-SSSS.parquet, done/UUUUU-EEEEEEEE-SSSS.json   results and their commit markers
+                      (a marker: keys, row errors, and each batch's end time, rows, tokens and seconds)
     inflight/UUUUU.json              the batch a worker is computing in a unit (crash isolation)
     quarantine/       shards and markers that failed verification, kept aside
     verified.json     cache of shard checksums already verified (by size and times)
@@ -449,9 +450,7 @@ class Job:
         try:
             meta = storage.read_json(path / JOB_FILE)
         except ValueError as e:
-            raise BrokenJob(
-                f"job.json is damaged ({e}); `runner repair` restores it from its backup"
-            ) from None
+            raise BrokenJob(f"job.json is damaged ({e}); its backup can restore it") from None
         spec = JobSpec.parse(meta)
         for sub in FOLDERS:
             if _is_link(path / sub):

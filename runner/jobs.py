@@ -28,7 +28,14 @@ from . import __version__, jobdir, storage
 from .errors import InputError, ParamError, Problem, RunnerError
 from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, check_name, default_home, new_job_id
-from .models import check_causal_lm, context_window, load_config, load_tokenizer, model_fingerprint
+from .models import (
+    check_causal_lm,
+    check_weights,
+    context_window,
+    load_config,
+    load_tokenizer,
+    model_fingerprint,
+)
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 from .passthrough import Passthrough, rewrite_passthrough
 from .results import PROMPT_COLUMNS
@@ -101,17 +108,12 @@ def create_job(
             pair_fields=("context", "continuation") if kind == "score" else None,
             row_settings=kind == "generate", batch=(kind, models), chat=chat,
         )  # fmt: skip
+        # What makes two submits the same job: the input's bytes, how it is read, the model and the settings.
         identity = {
-            "input_sha256": storage.file_sha256(input_path),
-            "prompt_field": prompt_field,
-            "template": template,
-            "skip_invalid": skip_invalid,
-            "truncate": truncate,
-            "model": model,
-            "params": params.to_dict(),
-            "served_model_names": list(served_model_names),
-            **({"chat": True} if chat else {}),
-        }
+            "input_sha256": storage.file_sha256(input_path), "prompt_field": prompt_field, "template": template,
+            "skip_invalid": skip_invalid, "truncate": truncate, "model": model, "params": params.to_dict(),
+            "served_model_names": list(served_model_names), **({"chat": True} if chat else {}),
+        }  # fmt: skip
         root = Path(home) if home is not None else default_home()
         existing = _already_submitted(job_dir, root, name, _fingerprint(identity))
         if existing is not None:
@@ -128,15 +130,8 @@ def create_job(
                       "mtime": int(input_path.stat().st_mtime), "prompt_field": prompt_field,
                       "template": template, "truncate": truncate, "chat": chat},
         }  # fmt: skip
-        prep = _Preparer(
-            kind,
-            tokenizer,
-            params,
-            window,
-            truncate,
-            prompt_field,
-            kind == "generate" and _sample_auto(params),
-        )
+        prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field,
+                         kind == "generate" and _sample_auto(params))  # fmt: skip
         _write_job(target, meta, reader, prep, skip_invalid, tokenizer)
         job = Job.open(target)
         job.log(f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}")
@@ -200,8 +195,9 @@ def _already_submitted(job_dir: Any, root: Path, name: str | None, fingerprint: 
 def _model_facts(model: str, options: EngineOptions, kind: str, params: Any) -> tuple[Any, Any, int | None]:
     """(config, tokenizer, context window) of a causal LM, refusing a generation that leaves no room for a
     prompt in the window."""
-    config = load_config(model, options.trust_remote_code)
+    config = load_config(model, options.trust_remote_code)  # refuses remote code unless --trust-remote-code
     check_causal_lm(model, config)
+    check_weights(model, options.allow_pickle)
     tokenizer = load_tokenizer(model, options.trust_remote_code)
     window = context_window(config, tokenizer)
     if kind == "generate":
@@ -368,7 +364,7 @@ class _Preparer:
         self.max_n, self.results, self.per_row_n = 0, 0, False
         self.outputs = {"top_logprobs": getattr(params, "logprobs", None) is not None,
                         "prompt_logprobs": bool(getattr(params, "prompt_logprobs", False)), "settings": False,
-                        "constraint": _constrained(params)}  # fmt: skip
+                        "constraint": _constrained(params), "beam_score": False}  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.max_n, "results": self.results, "per_row_n": self.per_row_n,
@@ -407,6 +403,7 @@ class _Preparer:
         self.outputs["prompt_logprobs"] |= p.prompt_logprobs
         self.outputs["settings"] |= bool(row.settings)
         self.outputs["constraint"] |= _constrained(p)
+        self.outputs["beam_score"] |= p.num_beams > 1
 
     def table(self, prepared: list[_Prepared], first: int) -> Any:
         """The fixed columns of prompts.parquet for these rows; `first` is the `_row` of the first."""

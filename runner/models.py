@@ -181,17 +181,24 @@ def only_pickle_weights(folder: Path) -> bool:
     return has_pickle and not has_safe
 
 
+def check_weights(spec: str, allow_pickle: bool) -> None:
+    """Refuse a local model folder with only pickle-based weights, which can run code when loaded, unless
+    allowed. Submit checks it too, so that a job is never stored only to fail at its first run."""
+    path = Path(resolve_model(spec))
+    if not allow_pickle and path.is_dir() and only_pickle_weights(path):
+        raise ModelLoadError(
+            f"model {spec!r} has only pickle-based weights (pytorch_model.bin), which can run code when "
+            "loaded; convert them to safetensors, or pass --allow-pickle-weights if you trust the source"
+        )
+
+
 def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> Any:
     """The model, in eval mode on `device` (or placed by accelerate with options.device_map), with sdpa
     attention where the architecture has it. Only safetensors weights unless options.allow_pickle."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec)
-    if not options.allow_pickle and Path(path).is_dir() and only_pickle_weights(Path(path)):
-        raise ModelLoadError(
-            f"model {spec!r} has only pickle-based weights (pytorch_model.bin), which can run code when "
-            "loaded; convert them to safetensors, or pass --allow-pickle-weights if you trust the source"
-        )
+    check_weights(spec, options.allow_pickle)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
     if not options.allow_pickle:
         kwargs["use_safetensors"] = True

@@ -164,10 +164,10 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     lines, errors = [], []
     groups = {rid: g for rid, g in df.groupby("id", sort=False)} if len(df) else {}
     failed = {e["id"]: e for e in jobdir.read_errors(job)}
-    pieces = _Pieces(job) if job.kind == "generate" else None
+    texts = _token_text(job) if job.kind == "generate" else None
     for cid, req, prompt_ids in _requests(job):
         if cid in groups:
-            lines.append(_line(job, cid, req, groups[cid], created, pieces, prompt_ids))
+            lines.append(_line(job, cid, req, groups[cid], created, texts, prompt_ids))
         elif cid in failed:
             errors.append(_error_line(job, cid, failed[cid]))
     out = Path(out)
@@ -179,20 +179,12 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     return len(lines), len(errors)
 
 
-class _Pieces:
-    """Token texts as they read in place (scoring.token_pieces), from the job's tokenizer."""
+def _token_text(job: Any) -> Any:
+    """Token texts in place and their bytes (tokens.TokenText), from the job's tokenizer."""
+    from .models import load_tokenizer
+    from .tokens import TokenText
 
-    def __init__(self, job: Any):
-        from .models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(job.spec.model, job.options.trust_remote_code)
-
-    def __call__(self, ids: list[int], prefix: list[int] = ()) -> list[str]:
-        from .scoring import token_pieces
-
-        return (
-            token_pieces(self.tokenizer, [int(i) for i in ids], [int(i) for i in prefix]) if len(ids) else []
-        )
+    return TokenText(load_tokenizer(job.spec.model, job.options.trust_remote_code))
 
 
 def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int]]]:
@@ -229,13 +221,13 @@ def _created(job: Any) -> int:
 
 
 def _line(
-    job: Any, cid: str, req: dict[str, Any], rows: Any, created: int, pieces: Any, prompt_ids: list[int]
+    job: Any, cid: str, req: dict[str, Any], rows: Any, created: int, texts: Any, prompt_ids: list[int]
 ) -> dict[str, Any]:
     url = req["url"]
     if url == EMBEDDINGS:
         body = _embedding(job, cid, req, rows, created)
     else:
-        body = _completion(job, cid, req, rows, created, pieces, prompt_ids)
+        body = _completion(job, cid, req, rows, created, texts, prompt_ids)
     return {
         "id": f"batch_req_{_digest(_key(job), cid, 'line')}",
         "custom_id": cid,
@@ -260,16 +252,16 @@ def _error_line(job: Any, cid: str, error: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _completion(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int, pieces: Any,
+def _completion(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int, texts: Any,
                 prompt_ids: list[int]) -> dict[str, Any]:  # fmt: skip
     chat = req["url"] == CHAT
     choices = []
     for _, r in rows.iterrows():
-        toks = pieces(r["token_ids"], prompt_ids)
+        toks = texts.pieces(r["token_ids"], prompt_ids)
         if chat:
-            lp = _chat_logprobs(r, toks, req["k"] or 0)
+            lp = _chat_logprobs(r, toks, texts.bytes(r["token_ids"]), req["k"] or 0)
         else:
-            lp = _text_logprobs(r, req, toks, pieces(prompt_ids) if req.get("echo") else [])
+            lp = _text_logprobs(r, req, toks, texts.pieces(prompt_ids) if req.get("echo") else [])
         if chat:
             choices.append({"index": int(r["sample"]), "message": {"role": "assistant", "content": r["text"],
                             "refusal": None}, "finish_reason": r["finish_reason"], "logprobs": lp})  # fmt: skip
@@ -301,18 +293,24 @@ def _tops(r: Any) -> list[list[dict[str, Any]]] | None:
     return [[dict(t) for t in step] for step in tops]
 
 
-def _chat_logprobs(r: Any, pieces: list[str], k: int) -> dict[str, Any] | None:
+def _chat_logprobs(r: Any, pieces: list[str], raw: list[bytes], k: int) -> dict[str, Any] | None:
+    """`logprobs.content`: per token its text in place, its exact bytes (a character split over tokens is
+    rebuilt by joining them) and the K most likely alternatives."""
     tops = _tops(r)
     if tops is None:
         return None
     content = []
     for i, lp in enumerate(r["token_logprobs"]):
-        tok = pieces[i] if i < len(pieces) else ""
         alts = tops[i][:k] if i < len(tops) else []  # the K most likely (the chosen token follows them)
-        content.append({"token": tok, "logprob": float(lp), "bytes": list(tok.encode("utf-8")),
+        content.append({"token": pieces[i], "logprob": float(lp), "bytes": list(raw[i]),
                         "top_logprobs": [{"token": t["token"], "logprob": float(t["logprob"]),
-                                          "bytes": list(t["token"].encode("utf-8"))} for t in alts]})  # fmt: skip
+                                          "bytes": _alt_bytes(t)} for t in alts]})  # fmt: skip
     return {"content": content, "refusal": None}
+
+
+def _alt_bytes(entry: dict[str, Any]) -> list[int]:
+    raw = entry.get("bytes")  # shards written before `bytes` was recorded have only the text
+    return [int(b) for b in raw] if raw is not None else list(entry["token"].encode("utf-8"))
 
 
 def _text_logprobs(

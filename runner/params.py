@@ -87,6 +87,17 @@ class GenerationParams:
     """Each sample is exactly one of these non-empty strings."""
     grammar: str | None = None
     """Each sample is a sentence of this grammar (Lark as llguidance reads it, from `start:`; or llama.cpp GBNF)."""
+    num_beams: int = 1
+    """Beam search with this many beams, in [1, 64]; 1 is off. Deterministic (no sampling); `-n` returns the
+    n best beams (n <= num_beams). Runs through transformers' own beam search, one prompt at a time."""
+    length_penalty: float = 1.0
+    """Beam search: the beam score is the sum of log-probs / length ** length_penalty; > 1 favours longer
+    outputs, < 1 shorter (transformers' definition)."""
+    early_stopping: bool = False
+    """Beam search: stop as soon as num_beams finished candidates exist (transformers' `early_stopping=True`)."""
+    no_repeat_ngram_size: int = 0
+    """Never repeat an n-gram of this size (prompt included, as transformers does), >= 0; 0 is off. Rows that
+    use it run through transformers' generate, one prompt at a time."""
 
     def __post_init__(self) -> None:
         # Normalise first (a single stop string becomes a list, ints become floats), then verify.
@@ -131,6 +142,17 @@ class GenerationParams:
             )
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**63 - 1)
+        _check_int("num_beams", self.num_beams, 1, 64)
+        _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 1024)
+        self.length_penalty = _check_float("length_penalty", self.length_penalty)
+        if not -10 <= self.length_penalty <= 10:
+            raise ParamError(
+                "length_penalty", f"length_penalty must be in [-10, 10], got {self.length_penalty}."
+            )
+        if not isinstance(self.early_stopping, bool):
+            raise ParamError(
+                "early_stopping", f"early_stopping must be true or false, got {self.early_stopping!r}."
+            )
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise ParamError("stop", f"stop strings must be non-empty strings, got {s!r}.")
@@ -139,12 +161,15 @@ class GenerationParams:
         )  # None: decided here from the other settings (row_params redoes it)
         if self.do_sample is None:
             asked = self.temperature != 1.0 or self.top_p != 1.0 or self.top_k != 0
-            self.do_sample = (asked or self.num_return_sequences > 1) and self.temperature != 0
+            more = self.num_return_sequences > 1 and self.num_beams == 1  # n beams are not n samples
+            self.do_sample = (asked or more) and self.temperature != 0
         elif not isinstance(self.do_sample, bool):
             raise ParamError("do_sample", f"do_sample must be true or false, got {self.do_sample!r}.")
         if self.do_sample and self.temperature == 0:
             raise ParamError("temperature", "temperature must be > 0 when sampling (do_sample), got 0.0.")
-        if self.num_return_sequences > 1 and not self.do_sample:
+        self._check_beams()
+        self._check_transformers_generate()
+        if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:
             raise ParamError(
                 "num_return_sequences",
                 f"num_return_sequences > 1 needs sampling (do_sample or temperature > 0), "
@@ -186,9 +211,41 @@ class GenerationParams:
             raise ParamError(
                 given[1], f"give one of {', '.join(constraints.FIELDS)}; got {given[0]} and {given[1]}."
             )
+        if given and (self.num_beams > 1 or self.no_repeat_ngram_size):
+            # those rows run through transformers' generate (hf_generate.py), which our constraint does not reach
+            raise ParamError(
+                given[0], f"{given[0]} cannot be combined with num_beams > 1 or no_repeat_ngram_size."
+            )
         problem = constraints.problem(self) if given else None
         if problem:
             raise ParamError(given[0], f"{given[0]} cannot be compiled: {problem}")
+
+    def _check_beams(self) -> None:
+        if self.num_beams == 1:  # length_penalty / early_stopping are then unused (a row may turn beams off)
+            return
+        if self.do_sample:
+            raise ParamError("num_beams", f"num_beams={self.num_beams} is beam search, which does not sample: "
+                             "drop the sampling settings (temperature, top_p, top_k, do_sample), or use num_beams=1.")  # fmt: skip
+        if self.num_return_sequences > self.num_beams:
+            raise ParamError("num_return_sequences", f"num_return_sequences must be <= num_beams={self.num_beams}"
+                             f" (the n best beams), got {self.num_return_sequences}.")  # fmt: skip
+
+    def _check_transformers_generate(self) -> None:
+        """Settings that only our own loop has cannot go with beam search or no_repeat_ngram_size."""
+        if not self.uses_transformers_generate:
+            return
+        what = "num_beams" if self.num_beams > 1 else "no_repeat_ngram_size"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                raise ParamError(name, f"{name} is not available with {what} (use repetition_penalty).")
+        if self.logprobs is not None or self.prompt_logprobs:
+            raise ParamError(what, f"logprobs / prompt_logprobs are not available with {what} "
+                             "(each token's own log-prob is: token_logprobs).")  # fmt: skip
+
+    @property
+    def uses_transformers_generate(self) -> bool:
+        """Beam search and no_repeat_ngram_size run through transformers' generate rather than our loop."""
+        return self.num_beams > 1 or self.no_repeat_ngram_size > 0
 
     def prompt_budget(self, window: int | None) -> int | None:
         """Most prompt tokens that leave room for max_new_tokens in the model's context window (None: no
@@ -250,8 +307,9 @@ class EngineOptions:
     once (tasks.REFILL_BATCHES), at most a batch's worth of rows decode together, and when rows end (EOS, stop
     string, their own max_new_tokens) waiting prompts are prefilled and join the running batch, instead of the
     batch running on until its longest row ends. Each row's result is what it gets alone, as with static
-    batches. On CPU 1.03-1.27x output tok/s on sampled, EOS-ended workloads (benchmarks/RESULTS.md); off by default
-    until the job tests that count commits per batch are rewritten for windows."""
+    batches. Off by default: on the 2-core CPU it was 1.2-1.3x faster at batch size 16 and 1.03x at 64
+    (benchmarks/RESULTS.md), not worth making four batches what a kill loses and a crash record holds;
+    unmeasured on GPUs, where it should gain more."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not (
@@ -329,6 +387,8 @@ ROW_SETTINGS = {
     "response_format": "json_schema", "json_schema": "json_schema", "guided_json": "json_schema",
     "regex": "regex", "guided_regex": "regex", "choices": "choices", "guided_choice": "choices",
     "grammar": "grammar", "guided_grammar": "grammar",
+    "num_beams": "num_beams", "length_penalty": "length_penalty", "early_stopping": "early_stopping",
+    "no_repeat_ngram_size": "no_repeat_ngram_size",
 }  # fmt: skip
 
 

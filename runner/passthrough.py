@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .errors import RunnerError
 from .inputs import PromptReader, PromptRow
 from .results import OUTPUT_COLUMNS
+
+
+def output_name(column: str, kind: str, fixed: Iterable[str], taken: Iterable[str]) -> str:
+    """The name of an input column in the results: an input column named like an output column of the job
+    `kind` (say `text`), like one of the `fixed` columns or like a passthrough column already `taken` keeps
+    its data as `input_text` (`input_input_text` ...)."""
+    avoid = set(OUTPUT_COLUMNS[kind]) | set(fixed) | set(taken)
+    out = column
+    while out in avoid:
+        out = f"input_{out}"
+    return out
 
 
 class Passthrough:
@@ -40,11 +52,7 @@ class Passthrough:
             if col in self.types:
                 continue
             self.types[col] = pa.null()
-            # An input column named like an output column (say `text`) keeps its data as `input_text`.
-            out = col
-            while out in OUTPUT_COLUMNS[self.kind] or out in self.fixed or out in self.out.values():
-                out = f"input_{out}"
-            self.out[col] = out
+            self.out[col] = output_name(col, self.kind, self.fixed, self.out.values())
 
     def arrays(self, rows: list[PromptRow]) -> dict[str, Any]:
         """This chunk's column arrays, with the types updated by its values."""

@@ -41,12 +41,12 @@ def generate(
     chat: bool = False,
     engine: Any = None,
 ) -> list[list[Any]]:
-    """Generate for `prompts` at once: one list of `num_return_sequences` completions (engine.Completion) per
-    prompt. `chat`: send each prompt as one user message through the model's chat template. Seeds are per
+    """Generate for `prompts` at once: one list of `num_return_sequences` completions (engine.Completion, with
+    `tokens` filled) per prompt. `chat`: send each prompt as one user message through the model's chat template. Seeds are per
     (prompt number, sample) from `params.seed` (0 when none), so a try is repeatable."""
     from .batching import encode, render_prompt
     from .engine import Engine
-    from .tasks import sample_seed
+    from .tasks import generate_keys, sample_seed
 
     params = params or GenerationParams()
     engine = engine or Engine(model, options or EngineOptions())
@@ -57,5 +57,8 @@ def generate(
     n = params.num_return_sequences
     keys = [(i, s) for i in range(len(prompts)) for s in range(n)]
     seed = params.seed if params.seed is not None else 0
-    done = engine.generate([ids[i] for i, _ in keys], params, [sample_seed(seed, str(i), s) for i, s in keys])
+    seeds = [sample_seed(seed, str(i), s) for i, s in keys]
+    done = generate_keys(engine, keys, [params] * len(keys), seeds, [ids[i] for i, _ in keys])
+    for (i, _), c in zip(keys, done, strict=True):
+        c.tokens = engine.texts.pieces(c.token_ids, ids[i])  # " Paris", not the id, when log-probs are shown
     return [done[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -14,7 +14,7 @@ import contextlib
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,8 @@ from .jobdir import ORDER, PROMPTS
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
+
+    from .tokens import TokenText
 
 # Columns of a job's prompts table (jobs.py) that are not passed through to the results as they are.
 PROMPT_COLUMNS = (
@@ -48,9 +50,11 @@ def passthrough_columns(prompts_schema: pa.Schema) -> list[str]:
 def top_logprobs_type() -> pa.DataType:
     import pyarrow as pa
 
+    BYTES = pa.list_(pa.uint8())  # a token's UTF-8 bytes as OpenAI gives them: a list of ints
     entry = pa.struct(
-        [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32()), ("rank", pa.int32())]
-    )
+        [("token_id", pa.int32()), ("token", pa.string()), ("bytes", BYTES), ("logprob", pa.float32()),
+         ("rank", pa.int32())]
+    )  # fmt: skip
     return pa.list_(pa.list_(entry))
 
 
@@ -59,6 +63,7 @@ def generation_schema(
     prompt_logprobs: bool = False,
     settings: bool = False,
     constraint: bool = False,
+    beam_score: bool = False,
 ) -> pa.Schema:
     """Result columns of a generation job; the optional ones exist when the job asked for them."""
     import pyarrow as pa
@@ -87,6 +92,8 @@ def generation_schema(
         schema = schema.append(pa.field("prompt_logprobs", pa.list_(pa.float32())))
     if settings:
         schema = schema.append(pa.field("settings", pa.string()))  # the row's own settings, as JSON
+    if beam_score:
+        schema = schema.append(pa.field("beam_score", pa.float64()))  # null for rows without beam search
     return schema
 
 
@@ -100,13 +107,13 @@ class GeneratedRow:
 def completions_table(
     prompts: pa.Table,
     generated: list[GeneratedRow],
-    token_text: Callable[[list[int]], list[str]] | None = None,
+    texts: TokenText | None = None,
     outputs: dict[str, bool] | None = None,
     settings: list[str | None] | None = None,
 ) -> pa.Table:
     """One result row per (prompt, sample): generated columns, then the row's passthrough columns.
-    `prompts` is the job's prompts table (jobs.py), indexed by `GeneratedRow.row`; `token_text` decodes
-    token ids one by one, for the `token` field of `top_logprobs`. `outputs` says which optional columns the
+    `prompts` is the job's prompts table (jobs.py), indexed by `GeneratedRow.row`; `texts` gives the `token`
+    (in place, after the prompt and the tokens before) and `bytes` of `top_logprobs`. `outputs` says which optional columns the
     job has (the same in every shard; rows that did not ask for one get null); `settings` is each prompt
     row's own settings (JSON), kept in a `settings` column when `outputs["settings"]`."""
     import pyarrow as pa
@@ -137,21 +144,19 @@ def completions_table(
     if has_constraint:
         cols["constraint_complete"] = pa.array([c.constraint_complete for c in comps], pa.bool_())
     if has_top:
-        flat = sorted({t for c in comps for step in c.top_logprobs or () for t, _, _ in step})
-        text = dict(zip(flat, token_text(flat) if token_text else [None] * len(flat), strict=True))
+        prompt_ids = base.column("input_ids").to_pylist()
         cols["top_logprobs"] = pa.array(
-            [None if c.top_logprobs is None else
-             [[{"token_id": t, "token": text[t], "logprob": lp, "rank": rk} for t, lp, rk in step]
-              for step in c.top_logprobs] for c in comps],
+            [_top_entries(c, ids, texts) for c, ids in zip(comps, prompt_ids, strict=True)],
             top_logprobs_type(),
-        )  # fmt: skip
+        )
     if has_prompt:
         cols["prompt_logprobs"] = pa.array([c.prompt_logprobs for c in comps], pa.list_(pa.float32()))
     if outputs.get("settings") and settings is not None:
         cols["settings"] = pa.array([settings[g.row] for g in generated], pa.string())
-    schema = generation_schema(
-        has_top, has_prompt, bool(outputs.get("settings") and settings is not None), has_constraint
-    )
+    if outputs.get("beam_score"):
+        cols["beam_score"] = pa.array([c.beam_score for c in comps], pa.float64())
+    schema = generation_schema(has_top, has_prompt, bool(outputs.get("settings") and settings is not None),
+                               has_constraint, bool(outputs.get("beam_score")))  # fmt: skip
     arrays = [cols[f.name].cast(f.type) for f in schema]
     for name in passthrough_columns(prompts.schema):
         schema = schema.append(prompts.schema.field(name))
@@ -161,7 +166,7 @@ def completions_table(
 
 SCORE_COLUMNS = (
     "id", "text", "context", "continuation", "logprob", "mean_logprob", "perplexity", "num_tokens", "is_greedy",
-    "token_ids", "tokens", "token_logprobs",
+    "token_ids", "tokens", "token_bytes", "token_logprobs",
 )  # fmt: skip
 EMBED_COLUMNS = ("id", "text", "num_tokens", "embedding")
 OUTPUT_COLUMNS = {"generate": GENERATION_COLUMNS, "score": SCORE_COLUMNS, "embed": EMBED_COLUMNS}
@@ -175,7 +180,7 @@ def score_schema() -> pa.Schema:
         ("context", pa.string()), ("continuation", pa.string()), ("logprob", pa.float64()),
         ("mean_logprob", pa.float64()), ("perplexity", pa.float64()), ("num_tokens", pa.int32()),
         ("is_greedy", pa.bool_()), ("token_ids", pa.list_(pa.int32())), ("tokens", pa.list_(pa.string())),
-        ("token_logprobs", pa.list_(pa.float32())),
+        ("token_bytes", pa.list_(pa.list_(pa.uint8()))), ("token_logprobs", pa.list_(pa.float32())),
     ])  # fmt: skip
 
 
@@ -199,22 +204,36 @@ def _with_passthrough(schema: pa.Schema, cols: dict[str, Any], prompts: pa.Table
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def score_table(
-    prompts: pa.Table, scored: list[GeneratedRow], token_text: Callable[[list[int]], list[str]]
-) -> pa.Table:
-    """One row per scored text: `completion` of each GeneratedRow is a scoring.TextScore."""
+def _top_entries(c: Any, prompt_ids: list[int], texts: TokenText | None) -> list[list[dict[str, Any]]] | None:
+    """A sample's `top_logprobs`: per step, each candidate's id, text in place, bytes, log-prob and rank."""
+    if c.top_logprobs is None:
+        return None
+    steps = []
+    for i, step in enumerate(c.top_logprobs):
+        ids = [t for t, _, _ in step]
+        words = texts.alternatives([*prompt_ids[-8:], *c.token_ids[:i]], ids) if texts else [None] * len(ids)
+        raw = texts.bytes(ids) if texts else [None] * len(ids)
+        steps.append([{"token_id": t, "token": w, "bytes": None if b is None else list(b), "logprob": lp,
+                       "rank": rk} for (t, lp, rk), w, b in zip(step, words, raw, strict=True)])  # fmt: skip
+    return steps
+
+
+def score_table(prompts: pa.Table, scored: list[GeneratedRow], texts: TokenText) -> pa.Table:
+    """One row per scored text: `completion` of each GeneratedRow is a scoring.TextScore; `tokens` read in
+    place (after the unscored tokens before them) and `token_bytes` are each token's exact UTF-8 bytes."""
     import math
 
     import pyarrow as pa
 
     base = prompts.take(pa.array([g.row for g in scored], pa.int64()))
     conts = base.column("continuation").to_pylist()
-    texts = base.column("prompt").to_pylist()
+    prompt_ids, froms = base.column("input_ids").to_pylist(), base.column("score_from").to_pylist()
+    inputs = base.column("prompt").to_pylist()
     res = [g.completion for g in scored]
     cols = {
         ORDER: base.column(ORDER), "id": base.column("id"), "sample": [0] * len(scored),
-        "text": [None if c is not None else t for t, c in zip(texts, conts, strict=True)],
-        "context": [t if c is not None else None for t, c in zip(texts, conts, strict=True)],
+        "text": [None if c is not None else t for t, c in zip(inputs, conts, strict=True)],
+        "context": [t if c is not None else None for t, c in zip(inputs, conts, strict=True)],
         "continuation": conts,
         "logprob": [r.logprob for r in res],
         "mean_logprob": [r.logprob / len(r.token_logprobs) for r in res],
@@ -222,7 +241,8 @@ def score_table(
         "num_tokens": [len(r.token_ids) for r in res],
         "is_greedy": [r.is_greedy for r in res],
         "token_ids": [r.token_ids for r in res],
-        "tokens": [token_text(r.token_ids) for r in res],
+        "tokens": [texts.pieces(r.token_ids, ids[:f]) for r, ids, f in zip(res, prompt_ids, froms, strict=True)],
+        "token_bytes": [[list(b) for b in texts.bytes(r.token_ids)] for r in res],
         "token_logprobs": [r.token_logprobs for r in res],
     }  # fmt: skip
     return _with_passthrough(score_schema(), cols, prompts, base)
@@ -292,25 +312,23 @@ def empty_results(job: Any) -> pa.Table:
         outputs = job.meta.get("outputs") or {}
         schema = generation_schema(bool(outputs.get("top_logprobs", params.get("logprobs") is not None)),
                                    bool(outputs.get("prompt_logprobs", params.get("prompt_logprobs"))),
-                                   bool(outputs.get("settings")), bool(outputs.get("constraint")))  # fmt: skip
+                                   bool(outputs.get("settings")), bool(outputs.get("constraint")),
+                                   bool(outputs.get("beam_score")))  # fmt: skip
     for name in passthrough_columns(prompts_schema):
         schema = schema.append(prompts_schema.field(name))
     return schema.empty_table()
 
 
-def read_results_table(job_dir: Path) -> pa.Table:
-    """All counted rows of a job, in input order, as one Arrow table (with the `_row` column). Every shard is
-    read once and checked against its marker's checksum and keys as it is read: a shard that fails is left
-    out (with a warning naming it; `runner repair` quarantines it and `runner work` redoes its rows). Keys
-    are unique: a key committed twice (identical by construction) is kept once."""
-    import numpy as np
+def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[Any, pa.Table]]:
+    """(commit, its shard as a table) for each commit that counts, one shard in memory at a time. Each shard
+    is checked against its marker's checksum and keys as it is read: one that fails is left out (with a
+    warning naming it; `runner repair` quarantines it and `runner work` redoes its rows). With `columns`,
+    only those of them the shard has (and `_row`, `sample`) are decoded."""
     import pyarrow as pa
-    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    from .jobdir import SHARDS, Job, check_shard_bytes, read_ledger, read_shard_bytes
+    from .jobdir import SHARDS, check_shard_bytes, read_ledger, read_shard_bytes
 
-    job = Job.open(job_dir)
-    tables = []
     for c in read_ledger(job, verify=False).commits:
         if not c.shard:
             continue
@@ -324,9 +342,28 @@ def read_results_table(job_dir: Path) -> pa.Table:
         why = "its shard is missing" if data is None else check_shard_bytes(data, c, job.samples)
         if why is not None:
             warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair {job.dir}`)",
-                          stacklevel=2)  # fmt: skip
+                          stacklevel=3)  # fmt: skip
             continue
-        tables.append(read_shard_bytes(data))
+        want = None
+        if columns is not None:
+            names = pq.read_schema(pa.BufferReader(data)).names
+            want = [ORDER, "sample", *(n for n in columns if n in names and n not in (ORDER, "sample"))]
+        yield c, read_shard_bytes(data, want)
+
+
+def read_results_table(job_dir: Path) -> pa.Table:
+    """All counted rows of a job, in input order, as one Arrow table (with the `_row` column). Every shard is
+    read once and checked against its marker's checksum and keys as it is read: a shard that fails is left
+    out (with a warning naming it; `runner repair` quarantines it and `runner work` redoes its rows). Keys
+    are unique: a key committed twice (identical by construction) is kept once."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from .jobdir import Job
+
+    job = Job.open(job_dir)
+    tables = [table for _, table in shard_tables(job)]
     if not tables:
         return empty_results(job)
     table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)

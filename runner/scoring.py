@@ -23,9 +23,9 @@ from typing import Any
 from .batching import default_batch_size, default_batch_tokens, encode, encode_texts, left_pad, plan_batches
 from .engine import NumericalError, prefill_groups
 from .errors import RunnerError
+from .tokens import TokenText, token_pieces
 
 FLOAT_CHUNK = 1 << 25  # float32 logits converted at once: 128 MiB
-PIECE_CONTEXT = 8  # tokens decoded before each token in `token_pieces` (a UTF-8 character is <= 4 bytes)
 
 
 @dataclass
@@ -137,35 +137,6 @@ def fit_context(context: list[int], continuation: list[int], window: int | None)
     return context[len(context) + len(continuation) - window - 1 :]
 
 
-def token_pieces(tokenizer: Any, ids: Sequence[int], prefix: Sequence[int] = ()) -> list[str]:
-    """The text of each token as it reads in place, leading space included (SentencePiece's "▁Paris" ->
-    " Paris", which decoding the id alone loses): each token is decoded after the few before it (`prefix`
-    first) and the text of those cut off. A character split over several byte tokens shows whole on its
-    last token and as "" on the others, so the pieces join back into the text; special tokens show as
-    themselves ("</s>")."""
-    seq = [*prefix[-PIECE_CONTEXT:], *ids]
-    off = len(seq) - len(ids)
-    starts = [max(0, off + i - PIECE_CONTEXT) for i in range(len(ids))]
-    dec = lambda rows: tokenizer.batch_decode(rows, skip_special_tokens=True)  # noqa: E731
-    heads = dec([seq[s : off + i] for i, s in enumerate(starts)])
-    fulls = dec([seq[s : off + i + 1] for i, s in enumerate(starts)])
-    special = set(tokenizer.all_special_ids)
-    pieces = []
-    for i, (head, full) in enumerate(zip(heads, fulls, strict=True)):
-        if ids[i] in special:
-            pieces.append(tokenizer.convert_ids_to_tokens(ids[i]))
-            continue
-        # "\ufffd" is an incomplete character: at the end, wait for its last byte; at the start (the
-        # window began inside a character) it is the same in both and not this token's text.
-        head = head.rstrip("\ufffd")
-        if i < len(ids) - 1:
-            full = full.rstrip("\ufffd")
-        if starts[i] > 0:
-            head, full = head.lstrip("\ufffd"), full.lstrip("\ufffd")
-        pieces.append(full[len(head) :] if full.startswith(head) else tokenizer.decode([ids[i]]))
-    return pieces
-
-
 def score_record(tokenizer: Any, score: TextScore, prefix: Sequence[int] = ()) -> dict[str, Any]:
     """A result row's score fields: logprob (sum), mean_logprob, perplexity (exp(-mean)), num_tokens,
     is_greedy, and per token token_ids, tokens (`token_pieces`; `prefix`: the ids before the first scored
@@ -178,6 +149,7 @@ def score_record(tokenizer: Any, score: TextScore, prefix: Sequence[int] = ()) -
         "is_greedy": score.is_greedy,
         "token_ids": score.token_ids,
         "tokens": token_pieces(tokenizer, score.token_ids, prefix),
+        "token_bytes": TokenText(tokenizer).bytes(score.token_ids),
         "token_logprobs": score.token_logprobs,
     }
 

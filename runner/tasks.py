@@ -113,50 +113,27 @@ def make_task(
     start: int = 0,
     stop: Callable[[], bool] | None = None,
     finished: Callable[[tuple[int, int], int], None] | None = None,
+    stepped: Callable[[int], None] | None = None,
 ) -> Task:
     """The job kind's Task over `prompts`, a window of the job's prompts table whose first row is row `start`
     of the job; `compute` takes (row, sample) keys numbered over the whole job; `stop()` may abandon a
     generation batch between decode steps (engine.Stopped); `finished(key, tokens)` hears of each generated
-    sample as it ends, before its batch does (progress)."""
-    from .results import completions_table
-
-    params = job.params
-    ids = prompts.column("id").to_pylist()
-    input_ids = prompts.column("input_ids").to_pylist()
+    sample as it ends, before its batch does, and `stepped(tokens)` of each decode step (progress)."""
     if job.kind == "generate":
-        per_row = _row_params(job, prompts)
-        longest = max([params.max_new_tokens] + [per_row(i).max_new_tokens for i in range(prompts.num_rows)])
-        batch_size = default_batch_size(engine, job.options.batch_size)
-        budget = job.options.max_batch_tokens or default_batch_tokens(engine, "generate")
-
-        def generate(keys: list[tuple[int, int]]) -> list[Any]:
-            rows = [per_row(r - start) for r, _ in keys]
-            # a row's own seed, else the job's (recorded in job.json when none was given)
-            seeds = [sample_seed(job.seed if p.seed is None else p.seed, ids[r - start], s)
-                     for p, (r, s) in zip(rows, keys, strict=True)]  # fmt: skip
-            batch = [input_ids[r - start] for r, _ in keys]
-            # More keys than a batch (continuous batching): the rest join as rows end.
-            active = decode_slots([len(p) for p in batch], batch_size, budget, longest)
-            on_finish = None if finished is None else (lambda i, tokens: finished(keys[i], tokens))
-            return engine.generate(batch, rows, seeds, stop=stop, max_active=active, on_finish=on_finish)
-
-        outputs = job.meta.get("outputs") or {}
-        settings = prompts.column("settings").to_pylist() if "settings" in prompts.column_names else None
-
-        def table(prompts_: Any, generated: list[Any], token_text: Any) -> Any:
-            return completions_table(prompts_, generated, token_text, outputs, settings)
-
-        return Task(generate, table, lambda c: len(c.token_ids), longest, _completion_finite)
+        return _generate_task(job, engine, prompts, start, stop, finished, stepped)
     from . import scoring
     from .results import embed_table, score_table
 
+    params = job.params
+    input_ids = prompts.column("input_ids").to_pylist()
     if job.kind == "score":
         froms = prompts.column("score_from").to_pylist()
-        stride = params.stride
 
         def score(keys: list[tuple[int, int]]) -> list[Any]:
             rows = [r - start for r, _ in keys]
-            return scoring.score_rows(engine, [input_ids[r] for r in rows], [froms[r] for r in rows], stride)
+            return scoring.score_rows(
+                engine, [input_ids[r] for r in rows], [froms[r] for r in rows], params.stride
+            )
 
         return Task(
             score, score_table, lambda res: len(res.token_ids), 0, lambda r: _all_finite(r.token_logprobs)
@@ -166,6 +143,80 @@ def make_task(
         return scoring.embed_batch(engine, [input_ids[r - start] for r, _ in keys], params.pooling)
 
     return Task(embed, lambda p, rows, _t: embed_table(p, rows), lambda v: 0, 0, _all_finite)
+
+
+def _generate_task(
+    job: Job, engine: Engine, prompts: Any, start: int, stop: Any, finished: Any, stepped: Any
+) -> Task:
+    """make_task for generation: each key's row settings and seed, our decode loop for most rows, and
+    transformers' generate for beam search / no_repeat_ngram_size rows (`_through_transformers`)."""
+    from .results import completions_table
+
+    ids = prompts.column("id").to_pylist()
+    input_ids = prompts.column("input_ids").to_pylist()
+    per_row = _row_params(job, prompts)
+    longest = max([job.params.max_new_tokens] + [per_row(i).max_new_tokens for i in range(prompts.num_rows)])
+    batch_size = default_batch_size(engine, job.options.batch_size)
+    budget = job.options.max_batch_tokens or default_batch_tokens(engine, "generate")
+
+    def generate(keys: list[tuple[int, int]]) -> list[Any]:
+        rows = [per_row(r - start) for r, _ in keys]
+        # a row's own seed, else the job's (recorded in job.json when none was given)
+        seeds = [sample_seed(job.seed if p.seed is None else p.seed, ids[r - start], s)
+                 for p, (r, s) in zip(rows, keys, strict=True)]  # fmt: skip
+        batch = [input_ids[r - start] for r, _ in keys]
+        # More keys than a batch (continuous batching): the rest join as rows end.
+        slots = lambda prompts: decode_slots([len(p) for p in prompts], batch_size, budget, longest)  # noqa: E731
+        return generate_keys(engine, keys, rows, seeds, batch, stop, finished, stepped, slots)
+
+    outputs = job.meta.get("outputs") or {}
+    settings = prompts.column("settings").to_pylist() if "settings" in prompts.column_names else None
+
+    def table(prompts_: Any, generated: list[Any], texts: Any) -> Any:
+        return completions_table(prompts_, generated, texts, outputs, settings)
+
+    return Task(generate, table, lambda c: len(c.token_ids), longest, _completion_finite)
+
+
+def generate_keys(engine: Engine, keys: list[tuple[int, int]], rows: list[Any], seeds: list[int],
+                  batch: list[list[int]], stop: Any = None, finished: Any = None, stepped: Any = None,
+                  slots: Callable[[list[list[int]]], int] | None = None) -> list[Any]:  # fmt: skip
+    """One completion per (row, sample) key: our decode loop for most rows (`slots(prompts)`: how many decode at
+    once), transformers' generate for beam search / no_repeat_ngram_size rows (`_through_transformers`)."""
+    out = _through_transformers(engine, keys, rows, seeds, batch, stop, finished, stepped)
+    mine = [i for i in range(len(keys)) if i not in out]
+    if mine:
+        prompts = [batch[i] for i in mine]
+        on_finish = None if finished is None else (lambda j, tokens: finished(keys[mine[j]], tokens))
+        done = engine.generate(prompts, [rows[i] for i in mine], [seeds[i] for i in mine], stop=stop,
+                               max_active=slots(prompts) if slots else None, on_finish=on_finish, on_step=stepped)  # fmt: skip
+        out.update(zip(mine, done, strict=True))
+    return [out[i] for i in range(len(keys))]
+
+
+def _through_transformers(engine: Engine, keys: list[tuple[int, int]], rows: list[Any], seeds: list[int],
+                          batch: list[list[int]], stop: Any, finished: Any, stepped: Any) -> dict[int, Any]:  # fmt: skip
+    """Completions (by key position) of the keys whose settings need transformers' generate: a beam row's beams
+    are searched once per batch and handed out by sample index (the n best); a sampled row draws each sample
+    alone with its own seed, so batching never changes it."""
+    from .engine import Stopped
+
+    out: dict[int, Any] = {}
+    beams: dict[int, list[Any]] = {}
+    for i, ((r, s), p) in enumerate(zip(keys, rows, strict=True)):
+        if not p.uses_transformers_generate:
+            continue
+        if stop is not None and stop():
+            raise Stopped("stopped between prompts")
+        if p.num_beams > 1:
+            if r not in beams:
+                beams[r] = engine.transformers_generate(batch[i], p, None, stop, stepped)
+            out[i] = beams[r][s]
+        else:
+            out[i] = engine.transformers_generate(batch[i], p, seeds[i], stop, stepped)[0]
+        if finished is not None:
+            finished(keys[i], len(out[i].token_ids))
+    return out
 
 
 @dataclass
@@ -187,7 +238,9 @@ def isolating(
     every sample carries its own seed. After an out-of-memory, `iso.rows` remembers the size that then
     worked, so later batches start there instead of failing first. Rows named by a `NumericalError` are
     retried alone and the others together; a row that is non-finite alone in float16/bfloat16 is recomputed
-    with the model in float32 (`_retry_in_float32`)."""
+    with the model in float32 (`_retry_in_float32`). A continuous-batching window (more keys than slots) splits
+    the same way: its halves keep the slots of a batch until they are no longer than one, so an out-of-memory
+    there takes a split or two more to fit, and the rest of the unit then runs as static batches."""
     cap = iso.rows
     if cap is not None and len(keys) > cap:
         return [

@@ -76,6 +76,8 @@ class Unit:
     planned: list[tuple[int, int]]  # every key of the unit that is to be computed at all (done ones too)
     results: list[GeneratedRow] = field(default_factory=list)  # rows numbered within the unit
     errors: list[dict[str, Any]] = field(default_factory=list)
+    # each batch since the last commit: [end (unix time), result rows, tokens, seconds], for `runner report`
+    batches: list[list[float]] = field(default_factory=list)
     seq: int = 0
 
     def id(self, row: int) -> str:
@@ -142,6 +144,7 @@ class JobRun:
         self.suspected: list[Suspect] = []
         self.progress: Progress | None = None
         self.beat: Heartbeat | None = None
+        self.beat_has_speed = False  # the heartbeat file has carried tok/s once (update_heartbeat)
         # The batch computing now: its keys not in the progress yet, and the rows and tokens already in it.
         self.uncounted: set[tuple[int, int]] = set()
         self.counted = [0, 0]
@@ -230,7 +233,13 @@ class JobRun:
         self.load_engine()
         assert self.engine is not None
         task = make_task(
-            self.job, self.engine, table, rows.start, stop=self.cancelled, finished=self.finished
+            self.job,
+            self.engine,
+            table,
+            rows.start,
+            stop=self.cancelled,
+            finished=self.finished,
+            stepped=self.stepped,
         )
         import numpy as np
 
@@ -352,7 +361,7 @@ class JobRun:
             self.say(f"row {unit.id(r)} (sample {s}): non-finite logits in {dtype_name(self.engine)}; "
                      "recomputed in float32")  # fmt: skip
         self.retried = len(self.iso.float32_retried)
-        batch_tokens = 0
+        batch_rows = batch_tokens = 0
         for (r, s), out in zip(keys, outcomes, strict=True):
             if (r, s) not in wanted:
                 continue
@@ -361,6 +370,7 @@ class JobRun:
             else:
                 unit.results.append(GeneratedRow(r - unit.start, s, out))
                 self.generated += 1
+                batch_rows += 1
                 batch_tokens += unit.task.tokens(out)
         self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
         self.tokens += batch_tokens
@@ -369,7 +379,9 @@ class JobRun:
         if rest != (0, 0):
             self.progress.update(*rest)
         self.uncounted, self.counted = set(), [0, 0]
-        self.slowest = max(self.slowest, time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.slowest = max(self.slowest, took)
+        unit.batches.append([round(time.time(), 3), batch_rows, batch_tokens, round(took, 4)])
         fault_point("after_generate")
 
     def finished(self, key: tuple[int, int], tokens: int) -> None:
@@ -379,8 +391,15 @@ class JobRun:
         if key in self.uncounted and self.progress is not None:
             self.uncounted.discard(key)
             self.counted[0] += 1
+            self.progress.update(1, 0)
+
+    def stepped(self, tokens: int) -> None:
+        """A decode step made `tokens` tokens: tok/s, the progress line and the heartbeat (what `runner status`
+        shows) move within a batch, not only once a shard is written."""
+        if self.progress is not None:
             self.counted[1] += tokens
-            self.progress.update(1, tokens)
+            self.progress.update(0, tokens)
+            self.update_heartbeat()
 
     def checked(self, unit: Unit) -> Callable[[list[tuple[int, int]]], list[Any]]:
         def compute(keys: list[tuple[int, int]]) -> list[Any]:
@@ -425,7 +444,7 @@ class JobRun:
         jobdir.write_marker(self.job, unit.index, unit.epoch, unit.seq, marker)
         self.verifier.remember(jobdir.Commit(name, unit.index, unit.epoch, marker))
         unit.seq += 1
-        unit.results, unit.errors = [], []
+        unit.results, unit.errors, unit.batches = [], [], []
         self.update_heartbeat()
 
     def publish(self, unit: Unit, name: str) -> dict[str, Any]:
@@ -436,21 +455,17 @@ class JobRun:
             "format": jobdir.FORMAT, "unit": unit.index, "epoch": unit.epoch, "seq": unit.seq,
             "worker": self.owner.worker, "generation": self.job.state().generation,
             "shard": None, "rows": len(flat), "keys": jobdir.key_ranges(flat), "errors": unit.errors,
-            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "batches": unit.batches,
         }  # fmt: skip
         if unit.results:
             assert self.engine is not None
-            table = unit.task.table(unit.table, unit.results, self.token_text)
+            table = unit.task.table(unit.table, unit.results, self.engine.texts)
             params = json.dumps({**self.job.meta["params"], "model": self.job.spec.model}, ensure_ascii=False)
             meta = {"job": self.job.id, "kind": self.job.kind, "params": params}
             with write_local_shard(table, meta) as (local, digest):
                 storage.publish(local, self.job.dir / jobdir.SHARDS / f"{name}.parquet")
                 marker.update(shard=f"{name}.parquet", bytes=local.stat().st_size, sha256=digest)
         return marker
-
-    def token_text(self, ids: list[int]) -> list[str]:
-        assert self.engine is not None
-        return self.engine.tokenizer.batch_decode([[i] for i in ids])
 
     def update_heartbeat(self) -> None:
         if self.beat is None or self.progress is None:
@@ -461,7 +476,16 @@ class JobRun:
             rows=p.done - p.done_before,
             tokens_per_second=round(p.tokens_per_second, 2),
             rows_per_second=round((p.done - p.done_before) / max(p.elapsed, 1e-9), 4),
+            peak_memory_bytes=peak_memory_bytes(self.engine.device) if self.engine is not None else None,
         )
+        if (
+            not self.beat_has_speed and p.tokens
+        ):  # the first figures: written now, not at the next beat (30 s)
+            self.beat_has_speed = True
+            try:
+                self.beat.beat()
+            except RunnerError as e:  # as in the heartbeat's own thread: should_stop() sees it
+                self.beat.error = e
 
     # --- stopping -------------------------------------------------------------------------------------------
 

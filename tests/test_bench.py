@@ -199,6 +199,7 @@ def test_peer_rows_ratios_and_agreement(bench, tiny_gpt2, tmp_path, fake_peers, 
     report = capsys.readouterr().out
     for line in ("| openvino-genai cb | n/a |", "| ctranslate2 | 1 |", "runner default / openvino-genai cb = ",
                  "  runner vs ctranslate2: seq 0.0%, prefix 87.5%, token 87.5%",
+                 "cores busy (cpu s / wall s, threads asked for: 1; well under means the machine was shared): runner bs=8 ",
                  f"CPU peers (--peers openvino,ctranslate2, run by {sys.executable}):",
                  "  openvino-genai cb: fake-peer 1.0; prompts 4; "):  # fmt: skip
         assert line in report, line
@@ -213,6 +214,7 @@ def test_peer_rows_ratios_and_agreement(bench, tiny_gpt2, tmp_path, fake_peers, 
                       "benchmarks/peers/setup.sh --model {model_dir})"),
         ("peer fails", "openvino failed: run_peer.py exited with 1: KeyError: 'FAKE_PEER_ECHO'"),
     ],
+    ids=["no venv", "no export", "peer fails"],
 )  # fmt: skip
 def test_a_peer_that_cannot_run_leaves_a_note(bench, tiny_gpt2, tmp_path, fake_peers, monkeypatch, capsys, case,
                                               note):  # fmt: skip

@@ -6,7 +6,7 @@ import string
 
 import pytest
 import torch
-from helpers import write_jsonl
+from helpers import invoke, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -110,6 +110,14 @@ def test_pickle_weights_need_an_explicit_opt_in(tmp_path, prompts_file):
     with pytest.raises(ModelLoadError, match="only pickle-based weights .* --allow-pickle-weights"):
         Engine(str(path))
     assert Engine(str(path), EngineOptions(allow_pickle=True)).num_parameters > 0
+    # Submit refuses it too, before anything is stored; the command the message suggests then works.
+    home = tmp_path / "home"
+    result = invoke("--home", home, "run", prompts_file, "-m", path, "--max-new-tokens", 2)
+    assert result.exit_code == 1 and "--allow-pickle-weights" in result.output and not home.exists()
+    result = invoke(
+        "--home", home, "run", prompts_file, "-m", path, "--max-new-tokens", 2, "--allow-pickle-weights"
+    )
+    assert result.exit_code == 0, result.output
 
 
 json_values = st.recursive(

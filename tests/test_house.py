@@ -46,7 +46,7 @@ def test_module_imports_have_no_cycle():
 def test_every_job_command_is_a_python_call():
     from runner.cli import cli
 
-    for name in ("status", "cancel", "retry", "repair", "submit", "work", "run"):
+    for name in ("status", "cancel", "retry", "repair", "report", "submit", "work", "run"):
         assert name in cli.commands
         assert callable(getattr(runner, name)), name
     assert callable(runner.load_results) and callable(runner.read_errors) and callable(runner.open_job)

@@ -12,6 +12,7 @@ import runner
 from runner import GenerationParams, InputError, ParamError, RunnerError
 from runner.jobs import Job, create_job
 from runner.results import done_keys, valid_shards
+from runner.tokens import TokenText, alternative_pieces
 from runner.worker import run_job
 
 ROWS = [
@@ -200,8 +201,14 @@ def test_top_and_prompt_logprobs_columns(tmp_path, prompts_file, tiny_gpt2, gpt2
     first = df.loc[0]
     assert len(first.top_logprobs) == first.completion_tokens
     step = list(first.top_logprobs[0])
-    assert set(step[0]) == {"token_id", "token", "logprob", "rank"} and step[0]["rank"] == 1
-    assert step[0]["token"] == gpt2_engine.tokenizer.decode([step[0]["token_id"]])
+    assert set(step[0]) == {"token_id", "token", "bytes", "logprob", "rank"} and step[0]["rank"] == 1
+    texts = TokenText(gpt2_engine.tokenizer)
+    prompt_ids = job.prompts().column("input_ids")[0].as_py()
+    for i, step in enumerate(first.top_logprobs):  # each candidate reads as it would in place, with its bytes
+        ids = [int(e["token_id"]) for e in step]
+        prefix = [*prompt_ids, *first.token_ids[:i]]
+        assert [e["token"] for e in step] == alternative_pieces(gpt2_engine.tokenizer, prefix, ids)
+        assert [bytes(list(e["bytes"])) for e in step] == texts.bytes(ids)
     assert len(first.prompt_logprobs) == first.prompt_tokens and math.isnan(
         first.prompt_logprobs[0]
     )  # null in Arrow
@@ -270,3 +277,41 @@ def test_results_as_arrow_and_as_a_dataset(tmp_path, tiny_gpt2):
     assert table.column("text").to_pylist() == df["text"].tolist() == ds["text"]
     with pytest.raises(ValueError, match="format must be one of pandas, arrow, datasets"):
         runner.load_results(job, format="polars")
+
+
+def test_progress_and_heartbeat_move_within_a_batch(
+    tmp_path, prompts_file, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """A long batch shows tok/s from its first decode steps (progress lines and the heartbeat that `runner
+    status` reads), not only once samples end or a shard is written."""
+    from runner.worker import JobRun, run_job
+
+    beats = []
+    real = JobRun.update_heartbeat
+
+    def update_heartbeat(self):
+        real(self)
+        if self.beat is not None:
+            on_disk = json.loads(self.beat.path.read_text())  # what `runner status` reads
+            beats.append((self.progress.done - self.progress.done_before, dict(self.beat.info), on_disk))
+
+    monkeypatch.setattr(JobRun, "update_heartbeat", update_heartbeat)
+    steps = []
+    real_generate = gpt2_engine.generate
+    monkeypatch.setattr(
+        gpt2_engine, "generate", lambda *a, **kw: steps.append(kw.get("on_step")) or real_generate(*a, **kw)
+    )
+    params = GenerationParams(max_new_tokens=6, min_new_tokens=6)  # every sample ends at the last step
+    job = create_job(prompts_file, tiny_gpt2, params, job_dir=tmp_path / "j")
+    lines = []
+    summary = run_job(job, gpt2_engine, echo=lines.append, progress_interval=0)
+    assert summary.finished and all(callable(f) for f in steps)
+    before_any_row = [ln for ln in lines if ln.startswith("0/") and "tok/s" in ln]
+    assert before_any_row and not before_any_row[-1].split("|")[1].strip().startswith("0.0 tok/s")
+    assert any(
+        done == 0 and disk.get("tokens_per_second", 0) > 0 for done, _, disk in beats
+    )  # not 30 s later
+    assert all(
+        info["peak_memory_bytes"] > 0 for _, info, _ in beats
+    )  # status shows live workers' peak memory
+    assert summary.tokens == int(runner.load_results(job.dir)["completion_tokens"].sum())  # settled exactly

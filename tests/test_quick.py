@@ -20,6 +20,16 @@ def test_generate_prints_text_and_matches_the_engine(tiny_gpt2, gpt2_engine):
         [gpt2_engine.tokenizer("The old man")["input_ids"]], GenerationParams(max_new_tokens=5)
     )
     assert result.output.strip() == f"[The old man] {greedy[0].text}"
+    # --show-logprobs: each token's text in place (as quoted Python strings) with its log-prob
+    result = invoke(
+        "generate", "The old man", "-m", tiny_gpt2, "--max-new-tokens", 5, "--greedy", "--show-logprobs"
+    )
+    c = greedy[0]
+    pieces = gpt2_engine.texts.pieces(c.token_ids, gpt2_engine.tokenizer("The old man")["input_ids"])
+    expected = " ".join(f"{t!r}:{lp:.2f}" for t, lp in zip(pieces, c.token_logprobs, strict=True))
+    assert result.output.splitlines()[1].strip() == expected
+    # the text holds back a character the limit cut; its token still shows, as "\ufffd"
+    assert "".join(pieces) in (c.text, c.text + "\ufffd")
 
 
 def test_generate_reads_stdin_and_txt_files(tmp_path, tiny_gpt2):

@@ -11,7 +11,7 @@ import runner
 from runner import EngineOptions, GenerationParams
 from runner import engine as engine_mod
 from runner.batching import encode
-from runner.jobs import create_job
+from runner.jobs import Job, create_job
 from runner.worker import run_job
 
 PROMPTS = [
@@ -193,9 +193,9 @@ def test_a_job_with_continuous_batching_equals_one_without(
     calls = []
     real = engine_mod.Engine.generate
 
-    def generate(self, prompts, params, seeds=None, stop=None, max_active=None, on_finish=None):
+    def generate(self, prompts, params, seeds=None, stop=None, max_active=None, on_finish=None, on_step=None):
         calls.append((len(prompts), max_active))
-        return real(self, prompts, params, seeds, stop, max_active, on_finish)
+        return real(self, prompts, params, seeds, stop, max_active, on_finish, on_step)
 
     monkeypatch.setattr(engine_mod.Engine, "generate", generate)
     lines = []
@@ -210,4 +210,25 @@ def test_a_job_with_continuous_batching_equals_one_without(
     for a, b in zip(got["token_logprobs"], want["token_logprobs"], strict=True):
         assert list(a) == pytest.approx(list(b), abs=1e-4)
     counts = [int(ln.split("/")[0].replace(",", "")) for ln in lines if " rows (" in ln and "tok/s" in ln]
-    assert counts[:22] == list(range(1, 23))  # one line per sample as it ends
+    changes = [c for i, c in enumerate(counts) if i == 0 or c != counts[i - 1]]
+    assert changes[:23] == list(
+        range(0, 23)
+    )  # lines from the first decode step on; each sample counted as it ends
+
+
+def test_a_resumed_continuous_job_equals_an_uninterrupted_one(tmp_path, mixed_file, tiny_gpt2, gpt2_engine):
+    """A commit holds whole windows, and a window's schedule (who joins when) depends on its keys alone: after a
+    stop, the windows that run are the ones an uninterrupted run ran, down to the last bit of each log-prob."""
+    params = GenerationParams(max_new_tokens=8, temperature=1.1, num_return_sequences=2, seed=3)
+    options = EngineOptions(batch_size=2, continuous_batching=True)
+    ref, _ = runner.run(mixed_file, tiny_gpt2, params, options, output=tmp_path / "ref", engine=gpt2_engine,
+                        echo=None)  # fmt: skip
+    job = create_job(mixed_file, tiny_gpt2, params, options, job_dir=tmp_path / "cut")
+    calls = []
+    stop_after_one = lambda: calls.append(1) or len(calls) > 1  # noqa: E731
+    summary = run_job(job, gpt2_engine, echo=None, shard_rows=1, should_stop=stop_after_one)
+    assert not summary.finished and summary.done == 8  # one window: 4 planned batches of 2
+    summary = run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    assert summary.finished and summary.generated == 14
+    cols = ["id", "sample", "text", "token_ids", "finish_reason", "token_logprobs"]
+    assert runner.load_results(job.dir)[cols].to_json() == runner.load_results(ref.dir)[cols].to_json()

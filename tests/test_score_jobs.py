@@ -53,6 +53,10 @@ def test_score_job_columns_and_values(tmp_path, texts, tiny_gpt2, gpt2_engine):
     )  # as given; tokens follow lm-eval
     assert pd.isna(pair.text) and gpt2_engine.tokenizer.decode(list(pair.token_ids)) == " hello"
     assert df.set_index("id").loc["fox", "text"] == "The quick brown fox"
+    # Japanese over byte-level tokens reads whole, not as "\ufffd" per byte; the bytes rebuild the text exactly.
+    cat = df.set_index("id").loc["cat"]
+    assert "".join(cat.tokens) == ROWS[1]["text"] and "\ufffd" not in "".join(cat.tokens)
+    assert b"".join(bytes(list(b)) for b in cat.token_bytes) == ROWS[1]["text"].encode()
     # The first word is scored given BOS: every token of the text, none of the BOS.
     fox_ids = gpt2_engine.tokenizer("The quick brown fox")["input_ids"]
     assert list(df.loc[0, "token_ids"]) == fox_ids

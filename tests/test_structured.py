@@ -88,6 +88,7 @@ def assert_obeyed(params_per_row, completions):
         ({"grammar": "start: nope"}, "grammar", 'grammar cannot be compiled: .*unknown name: "nope"'),
         ({"json_object": "yes"}, "json_object", "json_object must be true or false"),
         ({"regex": "a", "choices": ["a"]}, "choices", "give one of json_schema, .*; got regex and choices"),
+        ({"regex": "a", "num_beams": 2}, "regex", "regex cannot be combined with num_beams > 1"),
     ],
 )
 def test_bad_constraints_name_the_setting(kwargs, field, message):

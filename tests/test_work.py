@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from helpers import write_jsonl
+from helpers import invoke, write_jsonl
 
 import runner
 from runner import GenerationParams, RunnerError, jobdir
@@ -142,6 +142,15 @@ def test_status_counts_and_table(prompts_file, tiny_gpt2, gpt2_engine, runner_ho
         "MODEL",
     ]
     assert "nightly" in table and "4/6" in table
+    stats = Job.open(job.dir).read_stats()["runs"]
+    assert s.peak_memory_bytes == stats[-1]["peak_memory_bytes"] > 0  # what the run recorded
+    result = invoke("--home", runner_home, "status", "nightly")
+    assert f"memory:   peak {s.peak_memory_bytes / 2**30:.2f} GiB" in result.output
+    settings = next(ln for ln in result.output.splitlines() if ln.startswith("settings: "))
+    assert (
+        "min_new_tokens" not in settings and "num_beams" not in settings
+    )  # only what differs from the defaults
+    assert settings.endswith(f"seed={Job.open(job.dir).seed}")
 
 
 def test_a_changed_model_is_refused_on_resume(prompts_file, tmp_path, runner_home):

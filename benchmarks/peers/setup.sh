@@ -73,6 +73,10 @@ convert() {
 
 install_venv
 if [ -z "$MODEL" ]; then
+    if ! command -v "$PY" > /dev/null; then
+        echo "setup.sh: runner's python $PY not found: set PYTHON=... to it, or pass --model FOLDER" >&2
+        exit 2
+    fi
     MODEL=$(PYTHONPATH=$PWD "$PY" -c "from runner.models import DEMO_MODEL, resolve_model; print(resolve_model(DEMO_MODEL))")
 fi
 MODEL=$(cd "$MODEL" && pwd)

@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Continuous batching A/B: static batches vs one refilled batch, on one workload, in one process.
+
+The workload a real job looks like: chat prompts of mixed length (bench.py's prompt set through the model's chat
+template), sampled (temperature 0.8, top-p 0.95, a seed per row), EOS allowed, and each row's max_new_tokens drawn
+from 8..128 with a fixed seed, so answers end at very different steps.
+
+  static   the worker's plan without continuous batching: plan_batches (length-sorted, budgeted) of --batch-size
+           rows, one Engine.generate per batch; a batch runs until its longest row ends.
+  refill   the same rows in the same order in one Engine.generate(..., max_active=--batch-size): rows that end
+           leave and waiting rows are prefilled and join the running batch.
+
+Both run after one warm-up (alternately, --repeats times each; tok/s from the fastest run); the report gives
+wall and CPU seconds, output tok/s, the ratios, how many rows agree token for token (they should all: a row's
+result does not depend on its companions) and the load average at start and end.
+
+    RUNNER_CACHE=/tmp/rcache python benchmarks/refill.py --model smollm2 --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).with_name("bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def workload(engine, n: int, greedy: bool, seed: int):
+    """(prompt token ids, GenerationParams per row, seeds), the rows in the worker's plan order."""
+    from runner import GenerationParams
+    from runner.batching import encode, render_prompt
+    from runner.tasks import sample_seed
+
+    texts = _bench().build_prompts(n, lambda t: len(engine.tokenizer(t)["input_ids"]))
+    chat = bool(getattr(engine.tokenizer, "chat_template", None))
+    ids = []
+    for t in texts:
+        messages = [{"role": "user", "content": t}] if chat else None
+        ids.append(encode(engine.tokenizer, render_prompt(t, messages, engine.tokenizer), chat))
+    rng = random.Random(seed)
+    sampling = {"temperature": 0.0} if greedy else {"temperature": 0.8, "top_p": 0.95}
+    params = [GenerationParams(max_new_tokens=rng.randint(8, 128), **sampling) for _ in ids]
+    seeds = [sample_seed(seed, str(i), 0) for i in range(n)]
+    return ids, params, seeds
+
+
+def run_static(engine, ids, params, seeds, batch_size, budget):
+    from runner.batching import plan_batches
+
+    out = [None] * len(ids)
+    longest = max(p.max_new_tokens for p in params)
+    for batch in plan_batches([len(p) for p in ids], batch_size, budget, longest):
+        done = engine.generate([ids[i] for i in batch], [params[i] for i in batch], [seeds[i] for i in batch])
+        for i, c in zip(batch, done, strict=True):
+            out[i] = c
+    return out
+
+
+def run_refill(engine, ids, params, seeds, batch_size, budget):
+    from runner.batching import plan_batches
+
+    longest = max(p.max_new_tokens for p in params)
+    order = [i for b in plan_batches([len(p) for p in ids], batch_size, budget, longest) for i in b]
+    done = engine.generate([ids[i] for i in order], [params[i] for i in order], [seeds[i] for i in order],
+                           max_active=batch_size)  # fmt: skip
+    out = [None] * len(ids)
+    for i, c in zip(order, done, strict=True):
+        out[i] = c
+    return out
+
+
+def count_steps(engine) -> list[int]:
+    """Rows of every decode step the engine runs from now on (appended to the returned list)."""
+    rows: list[int] = []
+    real = engine._forward
+
+    def forward(input_ids, attention_mask, position_ids, cache, last_only):
+        if not last_only:
+            rows.append(input_ids.shape[0])
+        return real(input_ids, attention_mask, position_ids, cache, last_only)
+
+    engine._forward = forward
+    return rows
+
+
+def timed(fn, *args):
+    """(result, wall seconds, CPU seconds of this process): on a shared machine the CPU seconds say more about
+    the work done than the wall clock, which counts the time other processes held the cores."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def fmt(seconds: list[float]) -> str:
+    return " / ".join(f"{s:.1f}" for s in seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["smollm2", "gpt2-random"], default="smollm2")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-batch-tokens", type=int, default=32 * 1024)
+    ap.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the max_new_tokens draw and of the rows")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="run static and refill alternately this many times each"
+    )
+    ap.add_argument("--json-out")
+    args = ap.parse_args(argv)
+
+    from runner import EngineOptions
+    from runner.engine import Engine
+
+    load_start = os.getloadavg()
+    bench = _bench()
+    model = bench.smollm2_dir() if args.model == "smollm2" else bench.gpt2_random_dir(0)
+    engine = Engine(model, EngineOptions(device=args.device))
+    ids, params, seeds = workload(engine, args.num_prompts, args.greedy, args.seed)
+    engine.generate(ids[:4], params[:4], seeds[:4], max_active=2)  # warm-up: kernels, allocator, both paths
+    res = {"model": args.model, "rows": len(ids), "batch_size": args.batch_size, "greedy": args.greedy,
+           "prompt_tokens": sum(map(len, ids)), "max_new_tokens": [p.max_new_tokens for p in params],
+           "loadavg_start": load_start}  # fmt: skip
+    runs = {"static": run_static, "refill": run_refill}
+    outs = {}
+    steps = count_steps(engine)
+    for name in [*runs] * args.repeats:  # static, refill, static, refill...: load changes hit both alike
+        steps.clear()
+        outs[name], wall, cpu = timed(
+            runs[name], engine, ids, params, seeds, args.batch_size, args.max_batch_tokens
+        )
+        res.setdefault(f"{name}_seconds", []).append(wall)
+        res.setdefault(f"{name}_cpu_seconds", []).append(cpu)
+        res[f"{name}_decode_steps"] = len(steps)
+        res[f"{name}_slot_use"] = sum(steps) / (len(steps) * args.batch_size)  # busy share of the slots
+    static, refill = outs["static"], outs["refill"]
+    res["loadavg_end"] = os.getloadavg()
+    res["output_tokens"] = sum(len(c.token_ids) for c in static)
+    res["eos_rows"] = sum(c.finish_reason == "stop" for c in static)
+    for name in runs:
+        res[f"{name}_tok_per_s"] = res["output_tokens"] / min(res[f"{name}_seconds"])
+        res[f"{name}_tok_per_cpu_s"] = res["output_tokens"] / min(res[f"{name}_cpu_seconds"])
+    res["speedup"] = res["refill_tok_per_s"] / res["static_tok_per_s"]
+    res["speedup_cpu"] = res["refill_tok_per_cpu_s"] / res["static_tok_per_cpu_s"]
+    res["rows_identical"] = sum(a.token_ids == b.token_ids for a, b in zip(static, refill, strict=True))
+    res["max_logprob_diff"] = max(
+        (abs(x - y) for a, b in zip(static, refill, strict=True) if a.token_ids == b.token_ids
+         for x, y in zip(a.token_logprobs, b.token_logprobs, strict=True)),
+        default=0.0,
+    )  # fmt: skip
+    print(
+        f"{args.model}, {len(ids)} rows ({res['prompt_tokens']} prompt tokens), batch size {args.batch_size}, "
+        f"{'greedy' if args.greedy else 'sampled'}: {res['output_tokens']} output tokens, {res['eos_rows']} rows "
+        f"ended by EOS\n"
+        f"  static: {fmt(res['static_seconds'])} s, {res['static_tok_per_s']:.1f} tok/s; CPU {fmt(res['static_cpu_seconds'])} s, "
+        f"{res['static_tok_per_cpu_s']:.1f} tok/CPU-s\n"
+        f"  refill: {fmt(res['refill_seconds'])} s, {res['refill_tok_per_s']:.1f} tok/s ({res['speedup']:.2f}x); "
+        f"CPU {fmt(res['refill_cpu_seconds'])} s, {res['refill_tok_per_cpu_s']:.1f} tok/CPU-s ({res['speedup_cpu']:.2f}x)\n"
+        f"  decode steps: static {res['static_decode_steps']} ({res['static_slot_use']:.0%} of slots busy), refill "
+        f"{res['refill_decode_steps']} ({res['refill_slot_use']:.0%})\n"
+        f"  rows identical: {res['rows_identical']}/{len(ids)}, largest log-prob difference "
+        f"{res['max_logprob_diff']:.1e}\n"
+        f"  load average: start {load_start[0]:.2f}, end {res['loadavg_end'][0]:.2f}"
+    )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""`runner work --background` and `runner watch`: work that leaves the notebook kernel (or the terminal) free.
+
+`start` runs `runner work ARGS` as a detached process (its own session: closing the cell or the terminal does not
+stop it) whose output goes to a log file in the job home's `logs/` folder, with a `.pid` file beside it.
+`watch` prints one status line at a time, read from the job folder, until the job ends; it is what a notebook
+cell shows while the worker runs. Both read and write only the home, so they work from any process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .jobdir import JobState, default_home
+
+LOGS = "logs"
+FINAL = {JobState.COMPLETED.value, JobState.FAILED.value, JobState.CANCELLED.value, JobState.BROKEN.value}
+IDLE_POLLS = 3  # polls in a row with no live worker before `watch` says so and returns
+
+
+@dataclass(frozen=True)
+class BackgroundWorker:
+    pid: int
+    log: Path
+
+    @property
+    def alive(self) -> bool:
+        return _alive(self.pid)
+
+
+def start(args: Sequence[str] = (), home: str | os.PathLike | None = None) -> BackgroundWorker:
+    """Start `runner work ARGS` detached, its output in HOME/logs/work-TIME-PID.log. Returns at once."""
+    root = Path(home) if home is not None else default_home()
+    logs = root / LOGS
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"work-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    command = [sys.executable, "-m", "runner", "--home", str(root), "work", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines reach the log as they are printed
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)  # fmt: skip
+    _CHILDREN.append(proc)  # kept so that a finished child is reaped (not left a zombie) when polled
+    log.with_suffix(".pid").write_text(str(proc.pid))
+    return BackgroundWorker(proc.pid, log)
+
+
+def running(home: str | os.PathLike | None = None) -> list[BackgroundWorker]:
+    """Background workers of this home whose process is alive."""
+    root = Path(home) if home is not None else default_home()
+    found = []
+    for pid_file in sorted((root / LOGS).glob("*.pid")):
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        worker = BackgroundWorker(pid, pid_file.with_suffix(".log"))
+        if worker.alive:
+            found.append(worker)
+    return found
+
+
+def watch(
+    job: str | os.PathLike,
+    home: str | os.PathLike | None = None,
+    every: float = 10.0,
+    echo: Callable[[str], None] | None = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Any:
+    """Print the job's status every `every` seconds until it is completed, failed or cancelled, or no worker
+    has run it for a few polls (then says how to start one). Returns the last JobStatus."""
+    from .api import status
+
+    idle = 0
+    while True:
+        s = status(job, home)
+        if echo:
+            echo(status_line(s))
+        if s.state in FINAL:
+            return s
+        idle = 0 if (s.workers or running(home)) else idle + 1
+        if idle >= IDLE_POLLS:
+            if echo:
+                echo(
+                    f"no worker is running job {s.id}: start one with `runner work` (or `runner work --background`)"
+                )
+            return s
+        sleep(every)
+
+
+def status_line(s: Any) -> str:
+    """One line of a job's status, for a log or a notebook cell."""
+    tps = f"{s.tokens_per_second:,.1f} tok/s" if s.tokens_per_second else "- tok/s"
+    workers = f" | {len(s.workers)} worker(s)" if s.workers else ""
+    errors = f" | {s.errors} errors" if s.errors else ""
+    return f"{time.strftime('%H:%M:%S')} {s.id} {s.state}: {s.done:,}/{s.total:,} | {tps} | ETA {s.eta}{errors}{workers}"
+
+
+def _alive(pid: int) -> bool:
+    for proc in _CHILDREN:
+        if proc.pid == pid:
+            return proc.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")  # a zombie answers kill(0) but is finished
+    try:
+        return stat.read_text().split(") ")[1][:1] != "Z" if stat.exists() else True
+    except (OSError, IndexError):
+        return True
+
+
+_CHILDREN: list[subprocess.Popen] = []

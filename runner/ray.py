@@ -1,0 +1,426 @@
+"""Ray Data: generation, scoring and embedding as `Dataset.map_batches` stages, for jobs bigger than one machine
+(the optional extra `runner[ray]`; `import runner` never imports ray).
+
+ray.data.read_*(...) -> `Generate` / `Score` / `Embed` in an actor per GPU (the model loads once per actor) ->
+write_parquet(...). Each batch (a pyarrow Table) goes through what a local job does to its rows:
+inputs.RowChecker (the checks of submit) -> jobs._Preparer (chat template, tokens, context window) ->
+tasks.make_task + tasks.isolating (the engine, OOM / NaN splitting) -> results tables (the shard columns).
+
+The output has the columns of a local job's results (`runner.load_results`), then `error`, then the
+passthrough columns: a row that cannot be done (invalid, or out of memory / NaN alone) is an output row with
+its id, its sample (runtime errors), its passthrough columns and the reason in `error`, never a failed task.
+Seeds are per (row id, sample) as in a local job (`tasks.sample_seed(seed, id, sample)`, seed 0 when
+`params.seed` is None), so the results equal `runner run` of the same rows with the same seed, whatever the
+batches and actors.
+
+Differences from a file, because a stage sees one batch and never the whole dataset:
+* every row needs its own id (a file's line number is not known here), and ids are only checked for
+  duplicates within a batch;
+* a null field is an absent field (an Arrow column has no "absent");
+* the optional columns are decided up front: `settings` (null for rows without their own) always, for
+  generation; `top_logprobs` / `prompt_logprobs` when the params ask for them or `outputs` names them. A row
+  asking for one that is off is an error row, never dropped silently.
+
+Resuming after a cluster job dies is Ray Data's own checkpointing keyed on the id column (README, "Bigger than
+one machine"): the ids already written are filtered out at read, so finished rows are not computed again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import ParamError, Problem
+from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+
+NAME = "ray batch"  # what a Problem says the row came from
+PARAMS = {"generate": GenerationParams, "score": ScoreParams, "embed": EmbedParams}
+OPTIONAL_OUTPUTS = ("top_logprobs", "prompt_logprobs")
+
+
+@dataclass
+class _JobView:
+    """What tasks.make_task reads of a Job: a stage is a job without a folder."""
+
+    kind: str
+    params: Any
+    seed: int
+    options: EngineOptions
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def actor_device(options: EngineOptions) -> EngineOptions:
+    """The options with the device Ray gave this actor: `cuda` (Ray sets CUDA_VISIBLE_DEVICES to its GPUs) when
+    it was assigned GPUs, else `cpu`. Outside a Ray worker, or with a device map, the options as given."""
+    try:
+        import ray
+    except ImportError:  # a stage called directly, without Ray
+        return options
+    if options.device_map is not None or not ray.is_initialized():
+        return options
+    return replace(options, device="cuda" if ray.get_gpu_ids() else "cpu")
+
+
+class _Stage:
+    """A `map_batches` callable class: loads the model once (per actor), then turns each batch of input rows
+    into result rows. Subclasses fix the job kind."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        model: str,
+        params: Any = None,
+        options: EngineOptions | None = None,
+        *,
+        prompt_field: str | None = None,
+        template: str | None = None,
+        truncate: str = "none",
+        chat: bool = False,
+        id_field: str = "id",
+        outputs: Iterable[str] = (),
+    ):
+        from .engine import Engine
+        from .inputs import RowChecker
+        from .jobs import _Preparer, _sample_auto
+
+        self.params, self.outputs = _check(self.kind, params, truncate, chat, outputs)
+        self.prompt_field = prompt_field or ("prompt" if self.kind == "generate" else "text")
+        self.id_field, self.template = id_field, template
+        generate = self.kind == "generate"
+        self.checker = RowChecker(
+            NAME, self.prompt_field, template, id_field,
+            messages_field="messages" if generate else None,
+            pair_fields=("context", "continuation") if self.kind == "score" else None,
+            row_settings=generate, chat=chat,
+        )  # fmt: skip
+        self.engine = Engine(model, actor_device(options or EngineOptions()))
+        auto = generate and _sample_auto(self.params)
+        seed = getattr(self.params, "seed", None)
+        self.job = _JobView(self.kind, self.params, 0 if seed is None else seed, self.engine.options,
+                            {"sample_auto": auto, "outputs": {**self.outputs, "settings": generate}})  # fmt: skip
+        self.prep = _Preparer(self.kind, self.engine.tokenizer, self.params, self.engine.context_window,
+                              truncate, self.prompt_field, auto)  # fmt: skip
+
+    def __call__(self, batch: Any) -> Any:
+        """Result rows of a batch of input rows (a pyarrow Table; pandas and dicts of arrays are taken too), in
+        input order: a row's samples, or its error row."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        batch = _as_table(batch)
+        rows, problems = self._check(batch)
+        prepared, more = self.prep.prepare(NAME, rows)
+        prepared, refused = self._asks_known_outputs(prepared)
+        problems += more + refused
+        prompts = self._prompts_table(batch, prepared)
+        done, failed = self._compute(prompts)
+        schema = self._schema(batch.schema)
+        tables = []
+        if done:
+            table = self._task.table(prompts, done, self.engine.texts)
+            at = len(self._kind_schema())
+            tables.append(table.add_column(at, "error", pa.nulls(table.num_rows, pa.string())))
+        ids = prompts.column("id").to_pylist()
+        positions = prompts.column("_row").to_pylist()
+        errors = [(p.line - 1, None, p.id if p.id is not None else _raw_id(batch, p.line - 1, self.id_field),
+                   f"{p.field}: {p.message}" if p.field else p.message) for p in problems]  # fmt: skip
+        errors += [(positions[r], s, ids[r], f"{e.error}: {e.message}") for r, s, e in failed]
+        if errors:
+            tables.append(self._error_table(batch, schema, errors))
+        if not tables:
+            return schema.empty_table().drop(["_row"])
+        out = pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
+        out = out.take(pc.sort_indices(out, [("_row", "ascending"), ("sample", "ascending")]))
+        return out.drop(["_row"])
+
+    # --- a batch, step by step ------------------------------------------------------------------------------
+
+    def _check(self, batch: Any) -> tuple[list[Any], list[Problem]]:
+        """The valid rows (numbered by their position + 1, as `line`) and the problems of the others: the
+        checks of submit, plus an id on every row and no id twice in the batch."""
+        from .inputs import PromptRow
+
+        rows: list[PromptRow] = []
+        problems: list[Problem] = []
+        first: dict[str, int] = {}
+        for i, obj in enumerate(batch.to_pylist()):
+            obj = {k: v for k, v in obj.items() if v is not None}  # a null is an absent field
+            if obj.get(self.id_field) is None:
+                problems.append(Problem(NAME, i + 1, self.id_field, "missing: rows on Ray Data need their own "
+                                        "id (results and checkpoints are keyed on it)"))  # fmt: skip
+                continue
+            item = self.checker.check(i + 1, obj)
+            if isinstance(item, Problem):
+                problems.append(item)
+            elif item.id in first:
+                problems.append(Problem(NAME, i + 1, self.id_field,
+                                        f"duplicate id {item.id!r} (first in row {first[item.id]} of this batch)",
+                                        item.id))  # fmt: skip
+            else:
+                first[item.id] = i + 1
+                rows.append(item)
+        return rows, problems
+
+    def _asks_known_outputs(self, prepared: list[Any]) -> tuple[list[Any], list[Problem]]:
+        """Rows asking for an optional output column this stage does not have become problems."""
+        if self.kind != "generate":
+            return prepared, []
+        keep, problems = [], []
+        for item in prepared:
+            row = item[0]
+            p = self.prep.row_params(row)
+            asked = [o for o, on in (("top_logprobs", p.logprobs is not None),
+                                     ("prompt_logprobs", p.prompt_logprobs)) if on and not self.outputs[o]]  # fmt: skip
+            if asked:
+                problems.append(Problem(NAME, row.line, asked[0].replace("top_", ""),
+                                        f"this row asks for {asked[0]}, a column this stage does not have: pass "
+                                        f"outputs=({asked[0]!r},) (a stage fixes its columns before it sees rows)",
+                                        row.id))  # fmt: skip
+            else:
+                keep.append(item)
+        return keep, problems
+
+    def _prompts_table(self, batch: Any, prepared: list[Any]) -> Any:
+        """A job's prompts table (jobs.py) for the prepared rows, `_row` being their position in the batch, with
+        the passthrough columns as the batch has them."""
+        import pyarrow as pa
+
+        table = self.prep.table(prepared, 0)
+        positions = pa.array([row.line - 1 for row, *_ in prepared], pa.int64())
+        table = table.set_column(table.schema.get_field_index("_row"), "_row", positions)
+        for col, out in self._passthrough(batch.schema):
+            table = table.append_column(
+                pa.field(out, batch.schema.field(col).type), batch.column(col).take(positions)
+            )
+        return table
+
+    def _compute(self, prompts: Any) -> tuple[list[Any], list[tuple[int, int, Any]]]:
+        """Every (row, sample) of the prompts table through the engine, in planned batches as a worker runs
+        them (tasks.isolating splits a batch on OOM / NaN): (GeneratedRows, [(row, sample, RowError)])."""
+        from .batching import default_batch_size, default_batch_tokens, plan_batches
+        from .engine import NumericalError
+        from .results import GeneratedRow
+        from .tasks import REFILL_BATCHES, Isolation, RowError, isolating, make_task
+
+        self._task = task = make_task(self.job, self.engine, prompts)
+        if prompts.num_rows == 0:
+            return [], []
+        n = prompts.column("n").to_pylist() if self.kind == "generate" else [1] * prompts.num_rows
+        keys = [(r, s) for r in range(prompts.num_rows) for s in range(n[r])]
+        lengths = prompts.column("prompt_tokens").to_pylist()
+        options = self.engine.options
+        budget = options.max_batch_tokens or default_batch_tokens(self.engine, self.kind)
+        batches = plan_batches([lengths[r] for r, _ in keys], default_batch_size(self.engine, options.batch_size),
+                               budget, task.new_tokens)  # fmt: skip
+        per = REFILL_BATCHES if self.kind == "generate" and options.continuous_batching else 1
+
+        def checked(ks: list[tuple[int, int]]) -> list[Any]:
+            outcomes = list(task.compute(ks))
+            bad = [i for i, out in enumerate(outcomes) if not task.finite(out)]  # no NaN is ever written
+            if bad:
+                raise NumericalError(bad)
+            return outcomes
+
+        done, failed, iso = [], [], Isolation()
+        for at in range(0, len(batches), per):
+            ks = [keys[i] for b in batches[at : at + per] for i in b]
+            for (r, s), out in zip(ks, isolating(self.engine, checked, ks, iso), strict=True):
+                if isinstance(out, RowError):
+                    failed.append((r, s, out))
+                else:
+                    done.append(GeneratedRow(r, s, out))
+        return done, failed
+
+    def _error_table(
+        self, batch: Any, schema: Any, errors: list[tuple[int, int | None, str | None, str]]
+    ) -> Any:
+        """One row per error: position, sample, id, reason and passthrough columns; the other columns null."""
+        import pyarrow as pa
+
+        positions = pa.array([e[0] for e in errors], pa.int64())
+        cols = {"_row": positions, "sample": pa.array([e[1] for e in errors], pa.int32()),
+                "id": pa.array([e[2] for e in errors], pa.string()),
+                "error": pa.array([e[3] for e in errors], pa.string())}  # fmt: skip
+        for col, out in self._passthrough(batch.schema):
+            cols[out] = batch.column(col).take(positions)
+        return pa.table([cols[f.name] if f.name in cols else pa.nulls(len(errors), f.type) for f in schema],
+                        schema=schema)  # fmt: skip
+
+    # --- columns ----------------------------------------------------------------------------------------------
+
+    def _kind_schema(self) -> Any:
+        from .results import embed_schema, generation_schema, score_schema
+
+        if self.kind == "generate":
+            return generation_schema(
+                self.outputs["top_logprobs"], self.outputs["prompt_logprobs"], settings=True
+            )
+        if self.kind == "score":
+            return score_schema()
+        from .jobs import _hidden_size
+
+        return embed_schema(int(_hidden_size(self.engine.model.config) or 0))
+
+    def _schema(self, input_schema: Any) -> Any:
+        """The output schema for a batch of `input_schema` (with `_row`, dropped at the end)."""
+        import pyarrow as pa
+
+        schema = self._kind_schema().append(pa.field("error", pa.string()))
+        for col, out in self._passthrough(input_schema):
+            schema = schema.append(pa.field(out, input_schema.field(col).type))
+        return schema
+
+    def _passthrough(self, input_schema: Any) -> list[tuple[str, str]]:
+        """(input column, its name in the results) of the columns passed through unchanged: all but the ones
+        the rows are read from (id, prompt or text, messages, context + continuation, setting fields)."""
+        from .params import ROW_SETTINGS
+        from .passthrough import output_name
+        from .results import PROMPT_COLUMNS
+
+        used = {self.id_field}
+        if self.template is None:
+            used |= {self.prompt_field, "messages"} if self.kind == "generate" else {self.prompt_field}
+        if self.kind == "score":
+            used |= {"context", "continuation"}
+        if self.kind == "generate":
+            used |= set(ROW_SETTINGS)
+        out: dict[str, str] = {}
+        for col in input_schema.names:
+            if col not in used:
+                out[col] = output_name(col, self.kind, (*PROMPT_COLUMNS, "error"), out.values())
+        return list(out.items())
+
+
+class Generate(_Stage):
+    """`ds.map_batches(Generate, fn_constructor_args=(model, GenerationParams(...)), batch_format="pyarrow",
+    concurrency=N, num_gpus=1)`: one result row per (prompt, sample), as `runner run`."""
+
+    kind = "generate"
+
+
+class Score(_Stage):
+    """`ds.map_batches(Score, fn_constructor_args=(model, ScoreParams(...)), ...)`: as `runner score`."""
+
+    kind = "score"
+
+
+class Embed(_Stage):
+    """`ds.map_batches(Embed, fn_constructor_args=(model, EmbedParams(...)), ...)`: as `runner embed`."""
+
+    kind = "embed"
+
+
+def _check(
+    kind: str, params: Any, truncate: str, chat: bool, outputs: Iterable[str]
+) -> tuple[Any, dict[str, bool]]:
+    """The stage's params (the kind's defaults when None) and which optional columns it has, every argument
+    checked as submit checks it."""
+    from .jobs import _check_args
+
+    params = PARAMS[kind]() if params is None else params
+    if not isinstance(params, PARAMS[kind]):
+        raise TypeError(f"a {kind} stage takes {PARAMS[kind].__name__}, not {type(params).__name__}")
+    _check_args(params, truncate, None, None, 0, chat)
+    outputs = list(outputs)
+    for name in outputs:
+        if name not in OPTIONAL_OUTPUTS or kind != "generate":
+            raise ParamError("outputs", f"outputs must name {' or '.join(OPTIONAL_OUTPUTS)} (generation only), "
+                                        f"got {name!r}.")  # fmt: skip
+    on = {"top_logprobs": getattr(params, "logprobs", None) is not None,
+          "prompt_logprobs": bool(getattr(params, "prompt_logprobs", False))}  # fmt: skip
+    return params, {o: on[o] or o in outputs for o in OPTIONAL_OUTPUTS}
+
+
+def _as_table(batch: Any) -> Any:
+    import pyarrow as pa
+
+    if isinstance(batch, pa.Table):
+        return batch
+    if hasattr(batch, "to_pandas") or type(batch).__module__.startswith("pandas"):
+        return pa.Table.from_pandas(batch, preserve_index=False)
+    return pa.table({k: list(v) for k, v in batch.items()})
+
+
+def _raw_id(batch: Any, position: int, id_field: str) -> str | None:
+    """The id of an invalid row as its own column gives it (as text), so that its error row keeps it."""
+    if id_field not in batch.column_names:
+        return None
+    value = batch.column(id_field)[position].as_py()
+    return None if value is None else str(value)
+
+
+# --- the one-call helpers ---------------------------------------------------------------------------------
+
+
+def generate(ds: Any, model: str, params: GenerationParams | None = None, options: EngineOptions | None = None,
+             **kwargs: Any) -> Any:  # fmt: skip
+    """`ds` (a ray.data.Dataset of prompt rows) -> a Dataset of result rows, as `runner run` writes them, plus
+    `error`. Keyword arguments: those of `apply` below, and of the stage (`prompt_field`, `template`, `chat`,
+    `truncate`, `id_field`, `outputs`)."""
+    return apply(Generate, ds, model, params, options, **kwargs)
+
+
+def score(ds: Any, model: str, params: ScoreParams | None = None, options: EngineOptions | None = None,
+          **kwargs: Any) -> Any:  # fmt: skip
+    """`ds` -> a Dataset of scores, as `runner score` writes them, plus `error`."""
+    return apply(Score, ds, model, params, options, **kwargs)
+
+
+def embed(ds: Any, model: str, params: EmbedParams | None = None, options: EngineOptions | None = None,
+          **kwargs: Any) -> Any:  # fmt: skip
+    """`ds` -> a Dataset of vectors, as `runner embed` writes them, plus `error`."""
+    return apply(Embed, ds, model, params, options, **kwargs)
+
+
+def apply(
+    stage: type[_Stage],
+    ds: Any,
+    model: str,
+    params: Any = None,
+    options: EngineOptions | None = None,
+    *,
+    concurrency: int | tuple[int, int] = 1,
+    num_gpus: float = 0,
+    num_cpus: float | None = None,
+    batch_size: int = 64,
+    map_kwargs: dict[str, Any] | None = None,
+    **stage_kwargs: Any,
+) -> Any:
+    """`ds.map_batches(stage, ...)` with `concurrency` actors (an int, or (min, max) to autoscale), each with
+    `num_gpus` GPUs (1: one model per GPU; 0: CPU) and `num_cpus` CPUs, `batch_size` rows per call. Everything
+    that can be checked without the weights is checked here first (settings, the model's config and tokenizer,
+    max_new_tokens against the context window), so a mistake is an error now, not in every actor later.
+    `map_kwargs` go to `map_batches` as they are."""
+    from .inputs import Template
+    from .jobs import _model_facts
+
+    params, _ = _check(stage.kind, params, stage_kwargs.get("truncate", "none"), stage_kwargs.get("chat", False),
+                       stage_kwargs.get("outputs", ()))  # fmt: skip
+    if stage_kwargs.get("template") is not None:
+        Template(stage_kwargs["template"])
+    _model_facts(model, options or EngineOptions(), stage.kind, params)
+    extra = dict(map_kwargs or {})
+    if num_cpus is not None:
+        extra["num_cpus"] = num_cpus
+    if "compute" not in extra:  # an ActorPoolStrategy in map_kwargs sizes the pool itself
+        from ray.data import ActorPoolStrategy
+
+        low, high = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
+        extra["compute"] = ActorPoolStrategy(min_size=low, max_size=high)
+    return ds.map_batches(
+        stage, fn_constructor_args=(model, params, options), fn_constructor_kwargs=stage_kwargs,
+        batch_format="pyarrow", batch_size=batch_size, num_gpus=num_gpus, **extra,
+    )  # fmt: skip
+
+
+def checkpoint_config(path: str, id_column: str = "id", **kwargs: Any) -> Any:
+    """Ray Data's own checkpointing keyed on the id column, to set before the pipeline runs:
+    `ray.data.DataContext.get_current().checkpoint_config = runner.ray.checkpoint_config("/mnt/shared/ckpt")`.
+    A read_* -> generate -> write_* pipeline then writes the ids of each block it writes under `path` (a
+    folder every node sees, or s3://...) and, run again after it died, reads only rows whose id is not there.
+    The id column must be text in the input (as in the output), or the ids never match."""
+    from ray.data.checkpoint import CheckpointConfig
+
+    return CheckpointConfig(id_column=id_column, checkpoint_path=path, **kwargs)

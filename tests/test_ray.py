@@ -1,0 +1,347 @@
+"""runner on Ray Data (runner/ray.py), on a real local Ray instance: results equal a local `runner run` of the same
+rows with the same seed, invalid rows land in the `error` column, and a checkpointed pipeline that died resumes
+without computing its checkpointed ids again.
+
+Ray starts once for the module (2 CPUs, no dashboard). Its actors import runner from this checkout and this
+folder (for `Counting`), with the session's model cache, through the runtime environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import PROMPTS, reference_run, write_jsonl
+from workers import ROOT
+
+import runner
+import runner.ray
+from runner.params import EmbedParams, ScoreParams
+from runner.ray import Generate
+
+# Every test below starts actors on a Ray instance: `make test` runs them, test-fast not.
+slow = pytest.mark.slow
+ACTOR_CPUS = 0.5  # two actors leave a CPU of the 2 for Ray Data's read and write tasks
+
+
+def test_import_runner_does_not_import_ray():
+    code = "import sys, runner, runner.cli; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_stage_checks_rows_as_submit_and_keeps_the_result_columns(tmp_path, tiny_gpt2):
+    """A stage called directly on a batch (what an actor does with each): a row asking for a column the stage
+    lacks is an error row, `outputs=` adds it, an input column named like an output one is kept renamed."""
+    import pyarrow as pa
+
+    params = runner.GenerationParams(max_new_tokens=4, seed=1)
+    rows = [{"id": "a", "prompt": "Hello", "logprobs": None, "text": "kept"},
+            {"id": "b", "prompt": "The quick brown fox", "logprobs": 2, "text": "also kept"}]  # fmt: skip
+    _, ref = reference_run(tmp_path, tiny_gpt2, rows, params, runner.EngineOptions())
+    batch = pa.Table.from_pylist(rows)
+    out = Generate(tiny_gpt2, params)(batch).to_pandas().set_index("id")
+    assert out.loc["b", "error"] == ("logprobs: this row asks for top_logprobs, a column this stage does not "
+                                     "have: pass outputs=('top_logprobs',) (a stage fixes its columns before "
+                                     "it sees rows)")  # fmt: skip
+    assert out.loc["a", "input_text"] == "kept" and pd_isna(out.loc["a", "error"])
+    out = Generate(tiny_gpt2, params, outputs=("top_logprobs",))(batch).to_pandas()
+    assert out["error"].isna().all() and out["input_text"].tolist() == ["kept", "also kept"]
+    assert [list(t) for t in out["token_ids"]] == [list(t) for t in ref["token_ids"]]
+    assert out["top_logprobs"][0] is None and ref["top_logprobs"][0] is None
+    assert [[[e["token_id"] for e in step] for step in out["top_logprobs"][1]]] == [
+        [[e["token_id"] for e in step] for step in ref["top_logprobs"][1]]
+    ]
+    scored = runner.ray.Score(tiny_gpt2)(pa.Table.from_pylist([
+        {"id": "t", "text": "Hello there", "context": None, "continuation": None},
+        {"id": "e", "text": "  ", "context": None, "continuation": None},
+        {"id": "p", "text": None, "context": "The quick", "continuation": ""},
+    ])).to_pandas().set_index("id")  # fmt: skip
+    assert scored["error"].fillna("").to_dict() == {
+        "t": "", "e": "text: prompt is empty",
+        "p": "continuation: must be a non-empty string, got an empty string",
+    }  # fmt: skip
+    assert scored.loc["t", "num_tokens"] == len(scored.loc["t", "token_ids"]) > 0
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
+@pytest.fixture(scope="module")
+def ray_instance(runner_cache):
+    pytest.importorskip("ray.data")
+    import ray
+    import ray.data
+
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {"PYTHONPATH": path, "RUNNER_CACHE": str(runner_cache), "TOKENIZERS_PARALLELISM": "false"}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
+             object_store_memory=256 * 1024**2, configure_logging=False)  # fmt: skip
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ctx.checkpoint_config = None
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(ray_instance):
+    """The module's Ray instance, once the actors of earlier tests' pipelines have gone."""
+    idle(ray_instance)
+    return ray_instance
+
+
+class Counting(Generate):
+    """Generate, telling `log` (a folder) which process computed which ids, one file per call, and so that
+    the calls spread over the actors: a call waits (up to 2 minutes) until the other actor of the pool has
+    started one too. With `fail_at=K`, the K-th call of the run waits until a block is checkpointed under
+    `checkpoint`, then says so (`kill-now` in `log`) and waits for the test to kill the pipeline's driver:
+    it dies with some blocks written and checkpointed, others not."""
+
+    def __init__(self, *args, log: str, actors: int = 2, fail_at: int | None = None, checkpoint: str = "",
+                 **kwargs):  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.log, self.actors, self.fail_at, self.checkpoint = Path(log), actors, fail_at, Path(checkpoint)
+
+    def __call__(self, batch):
+        call = self._claim_call()
+        _wait_for(lambda: len({p.name.split("-")[0] for p in self.log.glob("*-started")}) >= self.actors)
+        if call == self.fail_at:  # the driver is killed (SIGKILL) while this call waits
+            _wait_for(lambda: bool(committed_ids(self.checkpoint)))
+            (self.log / "kill-now").touch()
+            _wait_for(lambda: False, timeout=600)
+            raise RuntimeError("the test was to kill this pipeline's driver by now")
+        out = super().__call__(batch)
+        ids = [i for i, e in zip(out.column("id").to_pylist(), out.column("error").to_pylist(), strict=True)
+               if e is None]  # fmt: skip
+        (self.log / f"{os.getpid()}-{call}.json").write_text(json.dumps(sorted(set(ids))))
+        return out
+
+    def _claim_call(self) -> int:
+        n = 1
+        while True:
+            try:
+                os.close(os.open(self.log / f"call-{n}", os.O_CREAT | os.O_EXCL))
+                break
+            except FileExistsError:
+                n += 1
+        (self.log / f"{os.getpid()}-started").touch()
+        return n
+
+
+def idle(ray) -> None:
+    """Wait until the actors of pipelines that ended (or died) have gone and every CPU is free again: a dead
+    pipeline's actors go when its last references do, and a new pipeline needs their CPUs."""
+    import gc
+
+    gc.collect()
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2)
+    assert ray.available_resources().get("CPU", 0) >= 2, "actors of an earlier pipeline still hold CPUs"
+
+
+def _wait_for(cond, timeout: float = 120.0) -> None:
+    """An event, not a delay: returns as soon as `cond()` holds (the timeout only guards against a hang)."""
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.05)
+
+
+def computed(log: Path) -> tuple[list[str], set[str]]:
+    """(every id computed, as often as it was; the processes that computed them) from a `Counting` log."""
+    ids, pids = [], set()
+    for p in log.glob("*-*.json"):
+        ids += json.loads(p.read_text())
+        pids.add(p.name.split("-")[0])
+    return ids, pids
+
+
+def rows_of(n: int) -> list[dict]:
+    return [
+        {"id": f"r{i:03d}", "prompt": f"{PROMPTS[i % len(PROMPTS)]} {i}", "topic": i % 7} for i in range(n)
+    ]
+
+
+def assert_same_as(got, ref) -> None:
+    """Ray results equal the local run's: same (id, sample) keys, tokens and text exactly, log-probs within 1e-4,
+    passthrough kept."""
+    got = got.sort_values(["id", "sample"]).reset_index(drop=True)
+    ref = ref.sort_values(["id", "sample"]).reset_index(drop=True)
+    assert list(zip(got["id"], got["sample"].astype(int), strict=True)) == list(
+        zip(ref["id"], ref["sample"].astype(int), strict=True)
+    )
+    assert [list(t) for t in got["token_ids"]] == [list(t) for t in ref["token_ids"]]
+    for col in ("text", "finish_reason", "prompt", "prompt_tokens", "completion_tokens", "topic"):
+        assert got[col].tolist() == ref[col].tolist(), col
+    for a, b in zip(got["token_logprobs"], ref["token_logprobs"], strict=True):
+        assert list(a) == pytest.approx(list(b), abs=1e-4)
+    assert got["cumulative_logprob"].tolist() == pytest.approx(ref["cumulative_logprob"].tolist(), abs=1e-3)
+
+
+def through_ray(ray, tmp_path, model, rows_file, params, **kw):
+    """The rows of `rows_file` through a pool of 2 `Counting` actors: (results DataFrame, processes used)."""
+    from ray.data import ActorPoolStrategy
+
+    log = tmp_path / "log"
+    log.mkdir()
+    ds = ray.data.read_json(str(rows_file)).repartition(8)
+    out = runner.ray.apply(
+        Counting, ds, model, params, num_cpus=ACTOR_CPUS, batch_size=16, log=str(log),
+        map_kwargs={"compute": ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=1)}, **kw,
+    ).to_pandas()  # fmt: skip
+    return out, computed(log)[1]
+
+
+@slow
+def test_tiny_model_on_two_actors_equals_a_local_run_and_invalid_rows_are_error_rows(
+    ray_local, tmp_path, tiny_gpt2
+):
+    rows = rows_of(44)
+    params = runner.GenerationParams(max_new_tokens=8, temperature=0.8, num_return_sequences=2, seed=11)
+    _, ref = reference_run(tmp_path, tiny_gpt2, rows, params, runner.EngineOptions())
+    bad = [
+        {"id": "empty", "prompt": "   ", "topic": 1},
+        {"id": "hot", "prompt": "x", "temperature": -1.0, "topic": 2},
+        {"id": None, "prompt": "no id", "topic": 3},
+        {"id": "nothing", "topic": 4},
+    ]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", rows[:20] + bad + rows[20:])
+    out, pids = through_ray(ray_local, tmp_path, tiny_gpt2, mixed, params)
+    assert len(pids) == 2  # both actors computed rows
+    assert_same_as(out[out["error"].isna()], ref)
+    errors = out[out["error"].notna()].set_index("topic")["error"].to_dict()
+    assert errors == {
+        1: "prompt: prompt is empty",
+        2: "temperature: temperature must be >= 0, got -1.0.",
+        3: "id: missing: rows on Ray Data need their own id (results and checkpoints are keyed on it)",
+        4: "prompt: missing (each row needs 'prompt' or 'messages')",
+    }
+    assert out.columns.tolist() == [*ref.columns[:-1], "settings", "error", "topic"]
+
+
+def committed_ids(ckpt: Path) -> set[str]:
+    """The ids Ray's checkpoint under `ckpt` vouches for (committed files; `.pending.parquet` ones are not)."""
+    import pyarrow.parquet as pq
+
+    return {i for p in ckpt.glob("*.parquet") if p.suffixes == [".parquet"]
+            for i in pq.read_table(p).column("id").to_pylist()}  # fmt: skip
+
+
+def checkpointed_pipeline(ray, root: Path, model: str, params, log: Path, **kw) -> None:
+    """ROOT/in/*.jsonl -> `Counting` (2 actors) -> ROOT/out/*.parquet, checkpointed in ROOT/ckpt by id. On 2 CPUs:
+    the 2 actors, Ray's CheckpointFilter actor (1 CPU; a pool of 1, not up to 10) and the read and write tasks
+    all fit at once, so nothing waits for a CPU another stage holds."""
+    from ray.data import ActorPoolStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.checkpoint_config = runner.ray.checkpoint_config(str(root / "ckpt"))
+    ctx.checkpoint_config.checkpoint_actor_pool_max_size = 1
+    try:
+        log.mkdir()
+        ds = ray.data.read_json(str(root / "in"), ray_remote_args={"num_cpus": 0.25})
+        pool = ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=1)
+        runner.ray.apply(
+            Counting, ds, model, params, num_cpus=0.25, batch_size=6, map_kwargs={"compute": pool},
+            log=str(log), actors=1, checkpoint=str(root / "ckpt"), **kw,
+        ).write_parquet(str(root / "out"), ray_remote_args={"num_cpus": 0.25})  # fmt: skip
+    finally:
+        ctx.checkpoint_config = None
+
+
+def dying_driver(root: str, model: str) -> None:
+    """A cluster job's driver, in a process of its own (with a Ray instance of its own): the checkpointed
+    pipeline, which stops at its 4th call for the test to kill this process and its Ray."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=256 * 1024**2)  # fmt: skip
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    params = runner.GenerationParams(**CHECKPOINT_PARAMS)
+    checkpointed_pipeline(ray, Path(root), model, params, Path(root) / "run1", fail_at=4)
+
+
+CHECKPOINT_PARAMS = {"max_new_tokens": 6, "seed": 5}
+
+
+@slow
+def test_checkpointed_pipeline_whose_driver_was_killed_resumes_without_recomputing(
+    ray_local, tmp_path, tiny_gpt2
+):
+    import pyarrow.parquet as pq
+
+    rows = rows_of(48)
+    params = runner.GenerationParams(**CHECKPOINT_PARAMS)
+    _, ref = reference_run(tmp_path, tiny_gpt2, rows, params, runner.EngineOptions())
+    (tmp_path / "in").mkdir()
+    for k in range(8):  # eight files: eight blocks, each read (and filtered) on its own
+        write_jsonl(tmp_path / "in" / f"part-{k}.jsonl", rows[6 * k : 6 * k + 6])
+    code = f"import test_ray; test_ray.dying_driver({str(tmp_path)!r}, {tiny_gpt2!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    driver = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _wait_for(lambda: (tmp_path / "run1" / "kill-now").exists() or driver.poll() is not None, timeout=300)
+        assert (tmp_path / "run1" / "kill-now").exists(), driver.communicate()[1][-3000:]
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver, its Ray instance and its actors, at once
+        driver.wait()
+    committed = committed_ids(tmp_path / "ckpt")
+    assert 0 < len(committed) < len(rows)
+    checkpointed_pipeline(ray_local, tmp_path, tiny_gpt2, params, tmp_path / "run2")
+    again, _ = computed(tmp_path / "run2")
+    assert not committed & set(again), "a checkpointed id was computed again"
+    assert len(again) == len(set(again)) and committed | set(again) == {r["id"] for r in rows}
+    got = pq.read_table(tmp_path / "out").to_pandas()
+    assert sorted(got["id"]) == sorted(r["id"] for r in rows)  # every row once: nothing lost, nothing twice
+    assert_same_as(got, ref)
+    print(f"checkpointed when the driver was killed: {len(committed)} ids; computed after: {len(again)}")
+
+
+@slow
+def test_score_and_embed_equal_local_jobs(ray_local, tmp_path, tiny_gpt2):
+    import numpy as np
+
+    from runner.jobs import create_job
+    from runner.worker import run_job
+
+    texts = [{"id": f"t{i}", "text": f"{PROMPTS[i % len(PROMPTS)]} {i}"} for i in range(10)]
+    texts.append({"id": "pair", "context": "The quick brown", "continuation": " fox"})
+    path = write_jsonl(tmp_path / "t.jsonl", texts)
+    for params, stage in ((ScoreParams(), runner.ray.score), (EmbedParams(), runner.ray.embed)):
+        if isinstance(params, EmbedParams):
+            path = write_jsonl(tmp_path / "e.jsonl", texts[:-1])
+        job = create_job(path, tiny_gpt2, params, job_dir=tmp_path / type(params).__name__)
+        run_job(job, echo=None)
+        ref = runner.load_results(job.dir).sort_values("id").reset_index(drop=True)
+        ds = ray_local.data.read_json(str(path))
+        got = (
+            stage(ds, tiny_gpt2, params, num_cpus=ACTOR_CPUS)
+            .to_pandas()
+            .sort_values("id")
+            .reset_index(drop=True)
+        )
+        assert got["error"].isna().all() and got.columns.tolist() == [*ref.columns, "error"]
+        if isinstance(params, ScoreParams):
+            assert got["token_ids"].map(list).tolist() == ref["token_ids"].map(list).tolist()
+            assert got["logprob"].tolist() == pytest.approx(ref["logprob"].tolist(), abs=1e-4)
+            assert got["is_greedy"].tolist() == ref["is_greedy"].tolist()
+        else:
+            assert np.allclose(np.stack(got["embedding"]), np.stack(ref["embedding"]), atol=1e-4)
+
+
+@slow
+def test_demo_model_on_two_actors_equals_a_local_run(ray_local, tmp_path):
+    rows = rows_of(40)
+    params = runner.GenerationParams(max_new_tokens=6, seed=3)
+    _, ref = reference_run(tmp_path, "smollm2-135m-instruct", rows, params, runner.EngineOptions())
+    out, pids = through_ray(ray_local, tmp_path, "smollm2-135m-instruct", tmp_path / "p.jsonl", params)
+    assert len(pids) == 2 and out["error"].isna().all()
+    assert_same_as(out, ref)
