@@ -11,6 +11,8 @@ from one run (benchmarks/README.md):
                         row drawn from 8..--max-new-tokens (default 128); runner as a whole job
   --tasks score,embed   runner.scoring over the same prompts (tokens/s, peak memory); scoring also as a plain
                         transformers script does it
+  --tasks structured    constrained decoding (a JSON schema) vs unconstrained on the same prompts, batch 64, the
+                        same tokens per row: the ratio of output tok/s
 
   naive     model.generate(...) one prompt at a time (batch 1, no padding)
   pipeline  transformers.pipeline("text-generation", batch_size=16), left padding
@@ -49,7 +51,7 @@ MODELS = ("smollm2", "gpt2-random", "smollm2-random")
 SHAPES_ENV = (
     "RUNNER_BENCH_SHAPES"  # a folder from --export-shapes: SmolLM2's tokenizer and config, no weights
 )
-TASKS = ("generate", "score", "embed")
+TASKS = ("generate", "score", "embed", "structured")
 DEFAULT_NEW_TOKENS = {"fixed": 32, "realistic": 128}
 QUICK_NEW_TOKENS = {"fixed": 8, "realistic": 16}
 
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         workloads.score(b)
     if "embed" in args.tasks:
         workloads.embed(b)
+    if "structured" in args.tasks:
+        workloads.structured(b)
     if "matmul" in b.res:
         b.res["matmul_end"] = matmul_flops(b.engine.device, b.engine.dtype, True)
         b.res["loadavg_end"] = os.getloadavg()

@@ -171,3 +171,11 @@ def tasks_table(res: dict[str, Any]) -> None:
     if "score_max_abs_diff" in res:
         print(f"score agreement: runner vs plain transformers, max |log-prob difference| "
               f"{res['score_max_abs_diff']:.2e}")  # fmt: skip
+    if "structured" in res:
+        st = res["structured"]
+        print(f"structured output: {st['overhead']:+.1%} time per token for the JSON schema at batch {st['batch_size']} "
+              f"(target <= +15%: {'met' if st['overhead'] <= 0.15 else 'NOT met'}); "
+              f"{st['complete_fraction']:.0%} of samples complete within {st['max_new_tokens']} tokens; the constraint's "
+              f"own work (masks, matcher updates) {st['constraint_seconds']:.2f} s = {st['constraint_fraction']:.1%} of "
+              f"the constrained run; runs (constrained / plain s): "
+              + ", ".join(f"{c:.1f} / {p:.1f}" for c, p in st["run_seconds"]))  # fmt: skip

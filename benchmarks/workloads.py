@@ -9,10 +9,12 @@ the same process on the same loaded model and prompts, so its ratios are read fr
   with a fixed seed, so rows finish at different steps: runner as a whole job (`runner run`), once per value of
   the engine option AB_OPTION when EngineOptions has it, then the pipeline and naive generate.
 * `score` and `embed` (--tasks): runner.scoring over the same prompts; scoring also as a plain script does it.
+* `structured` (--tasks): the same prompts under a JSON schema vs unconstrained, token for token the same work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -412,6 +414,123 @@ def embed(b: Bench) -> None:
     with PeakMemory(e.device) as mem, Usage() as use:
         _, secs = runner_paths.embed_seqs(e, b.ids, bs, budget)
     record_task(b, "embed", "runner", tokens, secs, mem, use, len(plan_batches(b.lengths, bs, budget, 0)))
+
+
+# --- structured: constrained decoding's cost ----------------------------------------------------------------
+
+# A JSON schema of the kind an extraction job uses: nested object, array, enum, required fields, and bounded
+# strings, so that samples go through every part of it (keys, strings, enums, numbers) within a few dozen tokens.
+STRUCTURED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "language": {"enum": ["en", "ja", "other"]},
+        "topics": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3},
+        "source": {"type": "object", "properties": {"author": {"type": "string", "maxLength": 30},
+                                                    "year": {"type": "integer"}},
+                   "required": ["author", "year"]},
+    },
+    "required": ["title", "language", "topics", "source"],
+}  # fmt: skip
+STRUCTURED_BATCH = 64  # the batch size the overhead target (<= 15%) is stated at
+
+
+def structured(b: Bench) -> None:
+    """The same prompts generated under STRUCTURED_SCHEMA, then unconstrained with each row held to exactly the
+    tokens it generated constrained (min_new_tokens = max_new_tokens = that count), so that both runs decode
+    the same rows for the same steps and differ only by the constraint; batches of STRUCTURED_BATCH, the two
+    alternated (--lp-repeats times, at least once), the fastest of each kept. Reported: the ratio of output
+    tok/s, and the time spent in the constraint's own work (masks, matcher updates) inside the constrained
+    runs, which a loaded machine disturbs far less than the difference of two wall-clock times."""
+    from runner.params import GenerationParams
+
+    e, n_new = b.engine, b.args.max_new_tokens
+    batches = [b.ids[i : i + STRUCTURED_BATCH] for i in range(0, len(b.ids), STRUCTURED_BATCH)]
+    constrained = GenerationParams(max_new_tokens=n_new, json_schema=STRUCTURED_SCHEMA)
+    b.log(
+        f"structured: {len(b.ids)} prompts in batches of {STRUCTURED_BATCH}, JSON schema vs unconstrained ..."
+    )
+    # warm-up on a whole batch: llguidance's view of the tokenizer is built once, the heap grows once
+    e.generate(batches[0], GenerationParams(max_new_tokens=4, json_schema=STRUCTURED_SCHEMA))
+    runs: dict[str, list[Any]] = {"constrained": [], "plain": []}
+    for _ in range(max(1, b.args.lp_repeats)):
+        with _constraint_timer() as inside:
+            done, secs, mem, use = _timed_batches(
+                e, [[constrained] * len(batch) for batch in batches], batches
+            )
+        runs["constrained"].append((secs, mem, use, done, inside[0]))
+        counts = iter([len(c.token_ids) for c in done])
+        held = [[GenerationParams(max_new_tokens=k, min_new_tokens=k) for k in [next(counts) for _ in batch]]
+                for batch in batches]  # fmt: skip
+        runs["plain"].append((*_timed_batches(e, held, batches)[1:], done, 0.0))
+        b.log(
+            f"  constrained {secs:.1f} s (constraint work {inside[0]:.2f} s), plain {runs['plain'][-1][0]:.1f} s"
+        )
+    best = {key: min(runs[key], key=lambda r: r[0]) for key in runs}
+    rows = {}
+    for key, method in (
+        ("constrained", "runner, JSON schema"),
+        ("plain", "runner, unconstrained (same tokens)"),
+    ):
+        secs, mem, use, done, _ = best[key]
+        tokens = sum(len(c.token_ids) for c in done)
+        rows[key] = record_task(b, "structured", method, tokens, secs, mem, use, len(batches))
+    done = best["constrained"][3]
+    b.res["structured"] = {
+        "batch_size": STRUCTURED_BATCH, "max_new_tokens": n_new, "repeats": len(runs["plain"]),
+        "complete_fraction": sum(bool(c.constraint_complete) for c in done) / len(done),
+        "overhead": rows["plain"]["tokens_per_second"] / rows["constrained"]["tokens_per_second"] - 1,
+        "constraint_seconds": best["constrained"][4],
+        "constraint_fraction": best["constrained"][4] / best["constrained"][0],
+        "run_seconds": [[c[0], p[0]] for c, p in zip(runs["constrained"], runs["plain"], strict=True)],
+    }  # fmt: skip
+    b.res["task_ratios"]["structured: constrained / unconstrained"] = (
+        rows["constrained"]["tokens_per_second"] / rows["plain"]["tokens_per_second"]
+    )
+
+
+@contextlib.contextmanager
+def _constraint_timer():
+    """Seconds spent in constraints.Constraints.mask and .advance while the block runs (a one-item list)."""
+    import time
+
+    from runner.constraints import Constraints
+
+    total = [0.0]
+    originals = {name: getattr(Constraints, name) for name in ("mask", "advance")}
+
+    def timed(fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                total[0] += time.perf_counter() - t0
+
+        return run
+
+    for name, fn in originals.items():
+        setattr(Constraints, name, timed(fn))
+    try:
+        yield total
+    finally:
+        for name, fn in originals.items():
+            setattr(Constraints, name, fn)
+
+
+def _timed_batches(
+    e: Any, params: list[list[Any]], batches: list[list[list[int]]]
+) -> tuple[list, float, Any, Any]:
+    """Generate each batch with its rows' `params`: (completions, seconds, PeakMemory, Usage)."""
+    import time
+
+    done: list[Any] = []
+    with PeakMemory(e.device) as mem, Usage() as use:
+        t0 = time.perf_counter()
+        for batch, p in zip(batches, params, strict=True):
+            done.extend(e.generate(batch, p))
+        secs = time.perf_counter() - t0
+    return done, secs, mem, use
 
 
 WORKLOADS = {"fixed": fixed, "realistic": realistic}

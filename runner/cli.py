@@ -103,6 +103,15 @@ generation_options = _apply([
     click.option("--stop", multiple=True, help='Stop string, repeatable (e.g. --stop "\\n"). Escapes \\n \\t work.'),
     click.option("--logprobs", type=int, help="Also keep the K most likely alternatives of each token (0-20)."),
     click.option("--prompt-logprobs", is_flag=True, default=None, help="Also keep the log-prob of every prompt token."),
+    click.option("--json-schema", metavar="FILE|JSON",
+                 help="Structured output: each sample is JSON satisfying this JSON schema (a file, or inline)."),
+    click.option("--json", "json_object", is_flag=True, default=None,
+                 help="Structured output: each sample is a JSON object."),
+    click.option("--regex", help="Structured output: each sample's whole text matches this regular expression."),
+    click.option("--choice", "choices", multiple=True,
+                 help="Structured output: each sample is exactly one of these strings (repeatable)."),
+    click.option("--grammar", metavar="FILE",
+                 help="Structured output: each sample is a sentence of this grammar (Lark, or llama.cpp GBNF)."),
     click.option("--num-beams", type=int, help="Beam search with this many beams; -n returns the n best [default: 1 = off]."),
     click.option("--length-penalty", type=float, help="Beam search: score = log-prob / length ** this [default: 1.0]."),
     click.option("--early-stopping", is_flag=True, default=None,
@@ -171,9 +180,24 @@ def build_settings(kw: dict[str, Any], kind: str = "generate") -> tuple[Any, Any
     values = {k: kw[k] for k in KIND_FIELDS[kind] if kw.get(k) not in (None, ())}
     if "stop" in values:
         values["stop"] = [_unescape(s) for s in values["stop"]]
+    if "json_schema" in values and not values["json_schema"].lstrip().startswith("{"):
+        values["json_schema"] = _read_option_file("json_schema", values["json_schema"])
+    if "grammar" in values:
+        values["grammar"] = _read_option_file("grammar", values["grammar"])
     eng = {k: kw[k] for k in ENGINE_FIELDS if kw.get(k) is not None}
     cls = {"generate": GenerationParams, "score": ScoreParams, "embed": EmbedParams}[kind]
     return cls(**values), EngineOptions(**eng)
+
+
+def _read_option_file(name: str, path: str) -> str:
+    """The text of the file an option names (`--json-schema schema.json`, `--grammar sql.lark`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamError(
+            name, f"cannot read {name} file {path!r}: {getattr(e, 'strerror', None) or e}."
+        ) from e
 
 
 def _set_home(ctx: click.Context, param: Any, value: str | None) -> str | None:
@@ -557,6 +581,12 @@ def _gib(n: int | None) -> str:
     return "-" if not n else f"{n / 2**30:.2f} GiB"
 
 
+def _short(value: Any, most: int = 60) -> str:
+    """A setting as status shows it: a long one (a JSON schema, a grammar) cut to its first `most` characters."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def _detail(s: Any) -> list[str]:
     from .jobdir import Job
 
@@ -578,7 +608,7 @@ def _detail(s: Any) -> list[str]:
         f"memory:   peak {_gib(s.peak_memory_bytes)} (GPU memory on CUDA, resident memory on CPU)",
         f"model:    {s.model}",
         f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompts)",
-        "settings: " + ", ".join(f"{k}={v!r}" for k, v in _non_default(job.params, p).items()) + f", seed={job.seed}",
+        "settings: " + ", ".join(f"{k}={_short(v)}" for k, v in _non_default(job.params, p).items()) + f", seed={job.seed}",
         f"folder:   {job.dir}",
     ]  # fmt: skip
 

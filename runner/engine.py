@@ -2,7 +2,7 @@
 
 batching.py (token ids) -> `Engine.generate` -> `Completion`s -> worker.py (Parquet shards)
 
-The decode loop is our own rather than `model.generate` for four reasons, each a requirement:
+The decode loop is our own rather than `model.generate` for five reasons, each a requirement:
   * log-probs come from the raw next-token distribution (log_softmax of the unprocessed logits, vLLM's
     default), gathered step by step: extra memory O(batch x vocab), never O(batch x steps x vocab);
   * each sample draws its randomness from its own generator, seeded from (job seed, row id, sample), so a
@@ -12,7 +12,9 @@ The decode loop is our own rather than `model.generate` for four reasons, each a
     does not make the whole batch keep paying for finished rows; with `max_active` (continuous batching)
     waiting rows are prefilled and join the running batch in their place, their KV caches joined to its
     cache (as new groups of a kvcache.GroupedCache, or copied into the one merged cache);
-  * stop strings are found on decoded text and cut from `text`, with `stop_reason` naming the string.
+  * stop strings are found on decoded text and cut from `text`, with `stop_reason` naming the string;
+  * structured output (constraints.py): a row's JSON schema / regex / choices / grammar masks the scores its
+    token is picked from, never the log-probs, and its matcher follows the row in and out of the batch.
 The logits processors (sampling.py) compute what transformers' processors of the same names compute, with
 each row's own settings as tensors, so that rows with different settings share a batch.
 
@@ -70,6 +72,9 @@ class Completion:
     # included even when it is not among the top K (then last, with its true rank). Only with `logprobs`.
     top_logprobs: list[list[tuple[int, float, int]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
+    # Structured output: whether `text` satisfies the row's constraint (a `length` finish can leave it
+    # incomplete); None for a row without one.
+    constraint_complete: bool | None = None
     tokens: list[str] | None = None  # each token's text in place (tokens.token_pieces), when asked for
     beam_score: float | None = None  # beam search: transformers' length-penalised score of this beam
 
@@ -105,6 +110,7 @@ class _Decode:
     track_history: bool  # some row has a repetition penalty: keep `history`
     track_counts: bool  # some row has a presence/frequency penalty: keep `counts`
     on_finish: Callable[[int, int], None] | None = None
+    constraints: Any = None  # constraints.Constraints: the matchers of the constrained rows, or None
     rows: list[int] = field(default_factory=list)
     logits: Any = None  # [slots, vocab] float32: the next-token logits of each slot
     cache: Any = None  # the slots' KV cache: each slot's tokens right-aligned, left padding (kvcache.py)
@@ -273,6 +279,7 @@ class Engine:
         # Same functions, faster kernels (kernels.py): oneDNN for small CPU matmuls, a fused GELU for GPT-2.
         self.kernels = kernels.install(self.model)
         self.load_seconds = time.perf_counter() - t0
+        self._guidance_tokenizer: Any = None  # llguidance's tokenizer, made for the first constraint
         self._read_model_facts()
         self._pick_speed_levers()
 
@@ -425,20 +432,37 @@ class Engine:
             prompt_lps=[None] * n if any(p.prompt_logprobs for p in params) else None,
             track_history=any(p.repetition_penalty != 1.0 for p in params),
             track_counts=any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params),
-            on_finish=on_finish,
+            on_finish=on_finish, constraints=self._constraints(params),
         )  # fmt: skip
         self._refill(st)
         return st
 
+    def _constraints(self, params: list[GenerationParams]) -> Any:
+        """The matchers of the rows that have a structured-output constraint (constraints.py), or None."""
+        from . import constraints
+
+        made: dict[int, str | None] = {}  # rows share settings objects: one grammar each
+        for p in params:
+            if id(p) not in made:
+                made[id(p)] = constraints.grammar_of(p)
+        grammars = [made[id(p)] for p in params]
+        if all(g is None for g in grammars):
+            return None
+        if self._guidance_tokenizer is None:
+            self._guidance_tokenizer = constraints.tokenizer_of(self.tokenizer, self.eos_ids)
+        return constraints.Constraints(self._guidance_tokenizer, grammars)
+
     def _pick(self, st: _Decode):
         """This step's token per slot ([batch] long), its raw log-prob ([batch] float32) and the raw
-        log-softmax ([batch, vocab]) it came from."""
+        log-softmax ([batch, vocab]) it came from. A constrained row's mask applies before the processors
+        (as in vLLM), so top-k/top-p choose among the tokens it allows; the log-probs stay raw."""
         import torch
 
         from .sampling import pick, process
 
         logprobs = torch.log_softmax(st.logits, dim=-1)
-        scores = process(st.logits, st.history, st.counts, st.settings)
+        logits = st.logits if st.constraints is None else st.constraints.mask(st.logits, st.rows)
+        scores = process(logits, st.history, st.counts, st.settings)
         held = [slot for slot, r in enumerate(st.rows) if len(st.out_ids[r]) < st.params[r].min_new_tokens]
         if held:  # EOS is not allowed before min_new_tokens
             scores = scores.clone() if scores is st.logits else scores
@@ -458,6 +482,8 @@ class Engine:
 
         is_eos = torch.isin(tok, self._eos).tolist()
         tok_list, lp_list = tok.tolist(), chosen.tolist()
+        # a constrained row whose text is complete and can only end (a closed JSON object, a choice) ends now
+        over = st.constraints.advance(st.rows, tok_list, is_eos) if st.constraints else [False] * len(st.rows)
         ks = [st.params[r].logprobs for r in st.rows]
         if any(k is not None for k in ks):
             self._collect_top(logprobs, tok, chosen, ks, st.rows, st.tops)
@@ -473,6 +499,8 @@ class Engine:
                     before = len(self._detok(st.prefixes[r], st.out_ids[r][:-1]))
                     st.scanned[r] = before + max(len(x) for x in p.stop) - 1
                 self._scan_stops(st, r)
+            if st.finish[r] is None and over[slot]:
+                st.finish[r] = ("stop", None)
             if st.finish[r] is None and len(st.out_ids[r]) >= p.max_new_tokens:
                 st.finish[r] = ("length", None)
             if st.finish[r] is None:
@@ -590,8 +618,21 @@ class Engine:
                 st.out_ids[r], st.out_lps[r], text, reason, stop,
                 top_logprobs=st.tops[r] if st.params[r].logprobs is not None else None,
                 prompt_logprobs=st.prompt_lps[r] if st.prompt_lps is not None and st.params[r].prompt_logprobs else None,
+                constraint_complete=self._constraint_complete(st, r, text) if st.constraints else None,
             ))  # fmt: skip
         return results
+
+    def _constraint_complete(self, st: _Decode, r: int, text: str) -> bool | None:
+        """Whether the row's returned `text` satisfies its constraint: the matcher's verdict after the tokens
+        that make up `text` (all but a final EOS; with a stop string cut, the tokens whose text is exactly what
+        is left, and False when the cut falls inside a token)."""
+        ids = st.out_ids[r]
+        n = len(ids) - (1 if ids and ids[-1] in self.eos_ids else 0)
+        if st.stop_pos[r] is not None:
+            n = next((k for k in range(n, -1, -1) if self._detok(st.prefixes[r], ids[:k]) == text), -1)
+            if n < 0:
+                return False if st.constraints.matchers[r] is not None else None
+        return st.constraints.complete(r, n)
 
     def _prefill(self, prompts: list[list[int]], extra: int, most: int | None = None):
         """Prefill rows in groups of similar length (`prefill_groups`), then merge the groups' caches for

@@ -23,7 +23,11 @@ class ParamError(RunnerError, ValueError):
     @property
     def option(self) -> str:
         """The command-line spelling of the field, for messages: ``top_p`` -> ``--top-p``."""
-        return "--" + self.param.replace("_", "-")
+        return _SPELLED.get(self.param) or "--" + self.param.replace("_", "-")
+
+
+# Settings whose option is not their name with dashes.
+_SPELLED = {"json_object": "--json", "choices": "--choice"}
 
 
 @dataclass(frozen=True)

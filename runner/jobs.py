@@ -364,7 +364,7 @@ class _Preparer:
         self.max_n, self.results, self.per_row_n = 0, 0, False
         self.outputs = {"top_logprobs": getattr(params, "logprobs", None) is not None,
                         "prompt_logprobs": bool(getattr(params, "prompt_logprobs", False)), "settings": False,
-                        "beam_score": False}  # fmt: skip
+                        "constraint": _constrained(params), "beam_score": False}  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.max_n, "results": self.results, "per_row_n": self.per_row_n,
@@ -402,6 +402,7 @@ class _Preparer:
         self.outputs["top_logprobs"] |= p.logprobs is not None
         self.outputs["prompt_logprobs"] |= p.prompt_logprobs
         self.outputs["settings"] |= bool(row.settings)
+        self.outputs["constraint"] |= _constrained(p)
         self.outputs["beam_score"] |= p.num_beams > 1
 
     def table(self, prepared: list[_Prepared], first: int) -> Any:
@@ -500,6 +501,13 @@ class _Preparer:
             else:  # a text longer than the window is scored in strided windows at work time
                 out.append((row.prompt, ids, 1))
         return out
+
+
+def _constrained(params: Any) -> bool:
+    """The settings hold a structured-output constraint (the job gets a constraint_complete column)."""
+    from .constraints import kind_of
+
+    return kind_of(params) is not None
 
 
 def _json(value: Any) -> str | None:

@@ -11,6 +11,7 @@ over unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,19 @@ class GenerationParams:
     OpenAI API; the chosen token is always included). None: only the chosen token's log-prob."""
     prompt_logprobs: bool = False
     """Also return the log-prob of every prompt token (the first one has none)."""
+    # Structured output (constraints.py): at most one of the next five. Decoding is held to the constraint token
+    # by token; the result's `constraint_complete` says whether the text satisfies it (a sample cut by
+    # max_new_tokens may not). `token_logprobs` stay the raw model's log-probs.
+    json_schema: dict[str, Any] | None = None
+    """Each sample is JSON satisfying this JSON schema (a dict, or its JSON text)."""
+    json_object: bool = False
+    """Each sample is a JSON object, any keys (OpenAI's response_format {"type": "json_object"})."""
+    regex: str | None = None
+    """Each sample's whole text matches this regular expression (Rust regex syntax: no lookaround)."""
+    choices: list[str] | None = None
+    """Each sample is exactly one of these non-empty strings."""
+    grammar: str | None = None
+    """Each sample is a sentence of this grammar (Lark as llguidance reads it, from `start:`; or llama.cpp GBNF)."""
     num_beams: int = 1
     """Beam search with this many beams, in [1, 64]; 1 is off. Deterministic (no sampling); `-n` returns the
     n best beams (n <= num_beams). Runs through transformers' own beam search, one prompt at a time."""
@@ -161,6 +175,50 @@ class GenerationParams:
                 f"num_return_sequences > 1 needs sampling (do_sample or temperature > 0), "
                 f"got num_return_sequences={self.num_return_sequences} with greedy decoding.",
             )
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        """Normalise the structured-output fields (schema text -> dict, a tuple of choices -> list), then check
+        their shapes, that at most one is set, and that llguidance compiles it."""
+        from . import constraints
+
+        if isinstance(self.json_schema, str):
+            try:
+                self.json_schema = json.loads(self.json_schema)
+            except ValueError as e:
+                raise ParamError(
+                    "json_schema", f"json_schema must be a JSON schema, got invalid JSON ({e})."
+                ) from e
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise ParamError(
+                "json_schema", f"json_schema must be a JSON schema object, got {self.json_schema!r}."
+            )
+        if not isinstance(self.json_object, bool):
+            raise ParamError("json_object", f"json_object must be true or false, got {self.json_object!r}.")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ParamError(name, f"{name} must be a non-empty string, got {value!r}.")
+        if isinstance(self.choices, tuple):
+            self.choices = list(self.choices)
+        if self.choices is not None and (
+            not isinstance(self.choices, list) or not self.choices
+            or not all(isinstance(c, str) and c for c in self.choices)
+        ):  # fmt: skip
+            raise ParamError("choices", f"choices must be a list of non-empty strings, got {self.choices!r}.")
+        given = [f for f in constraints.FIELDS if getattr(self, f) not in (None, False)]
+        if len(given) > 1:
+            raise ParamError(
+                given[1], f"give one of {', '.join(constraints.FIELDS)}; got {given[0]} and {given[1]}."
+            )
+        if given and (self.num_beams > 1 or self.no_repeat_ngram_size):
+            # those rows run through transformers' generate (hf_generate.py), which our constraint does not reach
+            raise ParamError(
+                given[0], f"{given[0]} cannot be combined with num_beams > 1 or no_repeat_ngram_size."
+            )
+        problem = constraints.problem(self) if given else None
+        if problem:
+            raise ParamError(given[0], f"{given[0]} cannot be compiled: {problem}")
 
     def _check_beams(self) -> None:
         if self.num_beams == 1:  # length_penalty / early_stopping are then unused (a row may turn beams off)
@@ -203,7 +261,12 @@ class GenerationParams:
         return window - self.max_new_tokens
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as plain data. Structured-output fields are left out when unset, so that a job made
+        before they existed keeps its fingerprint (and is resumed, not refused as other settings)."""
+        from .constraints import FIELDS
+
+        out = dataclasses.asdict(self)
+        return {k: v for k, v in out.items() if k not in FIELDS or v not in (None, False)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
@@ -320,6 +383,10 @@ ROW_SETTINGS = {
     "frequency_penalty": "frequency_penalty", "n": "num_return_sequences",
     "num_return_sequences": "num_return_sequences", "seed": "seed", "stop": "stop", "logprobs": "logprobs",
     "top_logprobs": "logprobs", "prompt_logprobs": "prompt_logprobs", "do_sample": "do_sample",
+    # structured output: OpenAI's response_format, our own fields, and vLLM's guided_* spellings
+    "response_format": "json_schema", "json_schema": "json_schema", "guided_json": "json_schema",
+    "regex": "regex", "guided_regex": "regex", "choices": "choices", "guided_choice": "choices",
+    "grammar": "grammar", "guided_grammar": "grammar",
     "num_beams": "num_beams", "length_penalty": "length_penalty", "early_stopping": "early_stopping",
     "no_repeat_ngram_size": "no_repeat_ngram_size",
 }  # fmt: skip
@@ -328,10 +395,14 @@ ROW_SETTINGS = {
 def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     """An input row's setting fields as GenerationParams fields. Raises ParamError naming the row's own field
     when two spellings of one setting are given or a value has the wrong shape."""
+    from .constraints import FIELDS
+
     out: dict[str, Any] = {}
     given: dict[str, str] = {}
     for name, value in raw.items():
         target = ROW_SETTINGS[name]
+        if value is None and target in FIELDS:  # a null constraint column (Parquet, CSV): the job's applies
+            continue
         if target in given and not (
             target == "logprobs" and {name, given[target]} == {"logprobs", "top_logprobs"}
         ):
@@ -343,17 +414,48 @@ def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
             value = 0 if value else None
             if target in out:
                 continue
+        if name == "response_format":
+            out.update(response_format(value))
+            continue
         out[target] = value
     return out
+
+
+def response_format(value: Any) -> dict[str, Any]:
+    """OpenAI's `response_format` as GenerationParams fields: {"type": "json_schema", "json_schema": {"name":
+    ..., "schema": {...}}}, {"type": "json_object"}, or {"type": "text"} (no constraint, even if the job has one)."""
+    from .constraints import FIELDS
+
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return {f: False if f == "json_object" else None for f in FIELDS}
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise ParamError(
+                "response_format", 'response_format json_schema needs {"json_schema": {"schema": {...}}}.'
+            )
+        return {"json_schema": spec["schema"]}
+    raise ParamError(
+        "response_format",
+        f'response_format must be {{"type": "json_schema" | "json_object" | "text", ...}}, got {value!r}.',
+    )
 
 
 def row_params(base: GenerationParams, sample_auto: bool, overrides: dict[str, Any]) -> GenerationParams:
     """The settings of a row: the job's, with the row's overrides (GenerationParams fields). When the job left
     sampling to be decided (`sample_auto`), it is decided again for the row, so a row asking for a temperature
     samples. Every value is checked; errors name the field."""
+    from .constraints import FIELDS
+
     if not overrides:
         return base
-    values = {**base.to_dict(), **overrides}
+    values = base.to_dict()
+    if any(f in overrides for f in FIELDS):  # the row's constraint replaces the job's
+        values = {k: v for k, v in values.items() if k not in FIELDS}
+    values.update(overrides)
     if sample_auto and "do_sample" not in overrides:
         values["do_sample"] = None
     return GenerationParams(**values)

@@ -62,6 +62,7 @@ def generation_schema(
     top_logprobs: bool = False,
     prompt_logprobs: bool = False,
     settings: bool = False,
+    constraint: bool = False,
     beam_score: bool = False,
 ) -> pa.Schema:
     """Result columns of a generation job; the optional ones exist when the job asked for them."""
@@ -83,6 +84,8 @@ def generation_schema(
             ("cumulative_logprob", pa.float64()),
         ]
     )
+    if constraint:  # structured output: whether `text` satisfies the row's constraint (null: it has none)
+        schema = schema.append(pa.field("constraint_complete", pa.bool_()))
     if top_logprobs:
         schema = schema.append(pa.field("top_logprobs", top_logprobs_type()))
     if prompt_logprobs:
@@ -134,8 +137,12 @@ def completions_table(
     }
     if outputs is None:
         outputs = {"top_logprobs": any(c.top_logprobs is not None for c in comps),
-                   "prompt_logprobs": any(c.prompt_logprobs is not None for c in comps)}  # fmt: skip
+                   "prompt_logprobs": any(c.prompt_logprobs is not None for c in comps),
+                   "constraint": any(c.constraint_complete is not None for c in comps)}  # fmt: skip
     has_top, has_prompt = bool(outputs.get("top_logprobs")), bool(outputs.get("prompt_logprobs"))
+    has_constraint = bool(outputs.get("constraint"))
+    if has_constraint:
+        cols["constraint_complete"] = pa.array([c.constraint_complete for c in comps], pa.bool_())
     if has_top:
         prompt_ids = base.column("input_ids").to_pylist()
         cols["top_logprobs"] = pa.array(
@@ -149,7 +156,7 @@ def completions_table(
     if outputs.get("beam_score"):
         cols["beam_score"] = pa.array([c.beam_score for c in comps], pa.float64())
     schema = generation_schema(has_top, has_prompt, bool(outputs.get("settings") and settings is not None),
-                               bool(outputs.get("beam_score")))  # fmt: skip
+                               has_constraint, bool(outputs.get("beam_score")))  # fmt: skip
     arrays = [cols[f.name].cast(f.type) for f in schema]
     for name in passthrough_columns(prompts.schema):
         schema = schema.append(prompts.schema.field(name))
@@ -305,7 +312,8 @@ def empty_results(job: Any) -> pa.Table:
         outputs = job.meta.get("outputs") or {}
         schema = generation_schema(bool(outputs.get("top_logprobs", params.get("logprobs") is not None)),
                                    bool(outputs.get("prompt_logprobs", params.get("prompt_logprobs"))),
-                                   bool(outputs.get("settings")), bool(outputs.get("beam_score")))  # fmt: skip
+                                   bool(outputs.get("settings")), bool(outputs.get("constraint")),
+                                   bool(outputs.get("beam_score")))  # fmt: skip
     for name in passthrough_columns(prompts_schema):
         schema = schema.append(prompts_schema.field(name))
     return schema.empty_table()

@@ -249,3 +249,20 @@ def test_peers_option_errors(bench, args, message, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_structured_task_rows_and_ratio(bench, tiny_gpt2, tmp_path, capsys):
+    res = run_bench(bench, tmp_path, "--model", tiny_gpt2, "--tasks", "structured", "--num-prompts", 6,
+                    "--max-new-tokens", 12)  # fmt: skip
+    constrained, plain = res["tasks"]
+    assert (constrained["method"], plain["method"]) == (
+        "runner, JSON schema",
+        "runner, unconstrained (same tokens)",
+    )
+    assert constrained["tokens"] == plain["tokens"] > 0  # the same work, token for token
+    for t in res["tasks"]:
+        assert_positive(t, "seconds", "tokens", "tokens_per_second")
+    assert res["task_ratios"]["structured: constrained / unconstrained"] > 0
+    assert 0 <= res["structured"]["complete_fraction"] <= 1 and res["structured"]["batch_size"] == 64
+    out = capsys.readouterr().out
+    assert "structured: constrained / unconstrained = " in out and "structured output: " in out

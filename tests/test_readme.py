@@ -69,5 +69,14 @@ def test_readme_commands_run_as_printed(tmp_path):
     assert (tmp_path / "out" / "responses.errors.jsonl").read_text() == ""
     assert len(runner.load_results(tmp_path / "out" / "score")) == 6
     assert Path(tmp_path / "out" / "embed" / "job.json").is_file()
+    import json
+
+    people = runner.load_results(tmp_path / "out" / "people")
+    done = people[people["constraint_complete"]]
+    assert len(people) == 4 and len(done) >= 2 and all(json.loads(t)["home"]["city"] for t in done["text"])
+    reviews = runner.load_results(tmp_path / "out" / "reviews")["text"].tolist()
+    assert (
+        set(reviews[:2]) <= {"positive", "negative", "neutral"} and reviews[2][4] == "-"
+    )  # the row's own regex
     page = (tmp_path / "out" / "demo-report.html").read_text(encoding="utf-8")
     assert '<section id="throughput">' in page and "8 of 8 done" in page

@@ -1,0 +1,179 @@
+"""Structured output: each sample's text held to a JSON schema, a regex, a list of choices or a grammar.
+
+params.py (`GenerationParams.json_schema`, `json_object`, `regex`, `choices`, `grammar`) -> `grammar_of` (the
+llguidance grammar, checked when the settings are made: `problem`) -> engine.py's decode loop, where
+`Constraints` holds one llguidance matcher per constrained row: each step `mask` removes the tokens a row may
+not take from the scores its token is picked from, `advance` feeds the picked tokens to the matchers, and
+`complete` says at the end whether a row's text satisfies its constraint.
+
+The engine is llguidance (Rust; used by vLLM, SGLang and outlines): a grammar compiles in well under a
+millisecond and the token masks of a batch are computed in parallel, outside the GIL, from the tokenizer's
+vocabulary, so nothing here walks the vocabulary in Python.
+
+The mask decides the token only: `token_logprobs` stay the raw model's log-probs (log_softmax of the
+unprocessed logits), so a very negative log-prob shows where the constraint forced the model's hand.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from typing import Any
+
+from .errors import RunnerError
+
+# GenerationParams fields that constrain the output; at most one per row.
+FIELDS = ("json_schema", "json_object", "regex", "choices", "grammar")
+# JSON as a model writes it on one line, `{"a": 1, "b": [2, 3]}`: free whitespace lets small models loop on
+# newlines until max_new_tokens. A schema's own "x-guidance" options override these.
+JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def kind_of(params: Any) -> str | None:
+    """The constraint field `params` sets, or None."""
+    given = [f for f in FIELDS if getattr(params, f, None) not in (None, False)]
+    return given[0] if given else None
+
+
+def grammar_of(params: Any) -> str | None:
+    """The llguidance grammar (JSON text) of the row's constraint, or None when it has none."""
+    from llguidance import LLMatcher
+
+    kind = kind_of(params)
+    if kind is None:
+        return None
+    if kind == "json_schema":
+        return LLMatcher.grammar_from_json_schema(json.dumps(params.json_schema), defaults=JSON_DEFAULTS)
+    if kind == "json_object":
+        return LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_DEFAULTS)
+    if kind == "regex":
+        return LLMatcher.grammar_from_regex(params.regex)
+    if kind == "choices":  # Lark string literals take JSON's escapes
+        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in params.choices))
+    return LLMatcher.grammar_from_lark(lark_of(params.grammar))
+
+
+def lark_of(text: str) -> str:
+    """A grammar as Lark: Lark (llguidance's dialect) as is, GBNF (llama.cpp) converted."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return any_to_lark(text)
+    except Exception as e:  # noqa: BLE001 (the converter raises plain exceptions of several kinds)
+        raise ValueError(f"cannot read it as Lark or GBNF: {e}") from e
+
+
+def problem(params: Any) -> str | None:
+    """Why the row's constraint cannot be compiled (llguidance's message), or None when it can."""
+    try:
+        grammar = grammar_of(params)
+    except ValueError as e:
+        return str(e)
+    message = None if grammar is None else _check(grammar)
+    if message and kind_of(params) != "grammar":
+        message = re.sub(r"^at \d+\(\d+\): ", "", message)  # a place in the grammar made here: meaningless
+    return message
+
+
+@functools.lru_cache(maxsize=256)
+def _check(grammar: str) -> str | None:
+    """llguidance's complaint about a grammar, on one line (without its echo of the grammar's source)."""
+    from llguidance import LLMatcher
+
+    lines = [line.strip() for line in LLMatcher.validate_grammar(grammar).splitlines()]
+    kept = [line for line in lines if line and set(line) != {"^"} and not re.match(r"\d+ \|", line)]
+    return " ".join(kept) or None
+
+
+class Constraints:
+    """The matchers of one `generate` call's constrained rows, by row (not slot), so that rows leaving and
+    joining the batch need no bookkeeping here. `tokenizer`: an llguidance LLTokenizer whose EOS tokens are
+    the model's (`tokenizer_of`)."""
+
+    def __init__(self, tokenizer: Any, grammars: list[str | None]):
+        from llguidance import LLMatcher
+
+        self.tokenizer = tokenizer
+        self.matchers = [None if g is None else LLMatcher(tokenizer, g, log_level=0) for g in grammars]
+        for m in self.matchers:
+            if m is not None and m.is_error():
+                raise RunnerError(f"cannot compile a row's constraint for this tokenizer: {m.get_error()}")
+        # per row: after k generated tokens (k = 0, 1, ...), whether the text so far satisfies the constraint
+        self.accepting = [[m.is_accepting()] if m is not None else [] for m in self.matchers]
+        self._bits: Any = None  # [rows, vocab / 32] int32: the masks of the constrained slots, reused
+
+    def mask(self, logits: Any, rows: list[int]) -> Any:
+        """`logits` [slots, vocab] float32 with the tokens each constrained slot may not take set to -inf
+        (a new tensor; `logits` is left unchanged). `rows[slot]` is the slot's row."""
+        import torch
+
+        slots = [s for s, r in enumerate(rows) if self.matchers[r] is not None]
+        if not slots:
+            return logits
+        refused = self._refused([rows[s] for s in slots], logits.shape[-1]).to(logits.device)  # [c, vocab]
+        if len(slots) == len(rows):
+            return logits.masked_fill(refused, -math.inf)
+        out = logits.clone()
+        idx = torch.tensor(slots, device=logits.device)
+        out[idx] = logits[idx].masked_fill(refused, -math.inf)
+        return out
+
+    def _refused(self, rows: list[int], vocab: int) -> Any:
+        """[len(rows), vocab] bool: the tokens each row's matcher refuses next (it allows EOS only when its
+        text is complete); ids past the tokenizer's vocabulary (a model's padded embedding rows) always."""
+        import numpy as np
+        import torch
+        from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
+
+        if self._bits is None or self._bits.shape[0] < len(rows):
+            self._bits = allocate_token_bitmask(len(self.matchers), self.tokenizer.vocab_size)
+        bits = self._bits[: len(rows)]
+        fill_next_token_bitmask_par(_executor(), [(self.matchers[r], k) for k, r in enumerate(rows)], bits)
+        # bit j of 32-bit word i is token 32 i + j (set: allowed): little-endian bytes, low bit first
+        flat = np.unpackbits((~bits.numpy()).view(np.uint8), axis=1, bitorder="little")  # [c, words * 32]
+        refused = torch.from_numpy(flat).bool()
+        if refused.shape[1] < vocab:
+            refused = torch.cat([refused, refused.new_ones(len(rows), vocab - refused.shape[1])], dim=1)
+        return refused[:, :vocab]
+
+    def advance(self, rows: list[int], tokens: list[int], eos: list[bool]) -> list[bool]:
+        """Feed each slot's picked token to its row's matcher (EOS is not fed: it ends the row). Returns per
+        slot whether the row's constraint is over: nothing but EOS may follow, or (never expected, as the mask
+        allowed the token) the matcher refused it."""
+        done = [False] * len(rows)
+        for s, (r, t) in enumerate(zip(rows, tokens, strict=True)):
+            m = self.matchers[r]
+            if m is None or eos[s]:
+                continue
+            ok = m.consume_token(t)
+            self.accepting[r].append(ok and m.is_accepting())
+            done[s] = not ok or m.is_stopped()
+        return done
+
+    def complete(self, row: int, tokens: int) -> bool | None:
+        """Whether the row's first `tokens` generated tokens (EOS not counted) satisfy its constraint; None for
+        a row without one."""
+        if self.matchers[row] is None:
+            return None
+        return self.accepting[row][tokens]
+
+
+def tokenizer_of(tokenizer: Any, eos_ids: list[int]) -> Any:
+    """The llguidance tokenizer of a Hugging Face (fast) tokenizer, with the model's EOS ids as its EOS tokens
+    (so a matcher whose text is complete allows each of them). ~0.3 s: the engine keeps it."""
+    from llguidance.hf import from_tokenizer
+
+    try:
+        return from_tokenizer(tokenizer, eos_token=list(eos_ids))
+    except ValueError as e:
+        raise RunnerError(f"structured output needs a fast (Rust) tokenizer: {e}") from e
+
+
+@functools.lru_cache(maxsize=1)
+def _executor() -> Any:
+    """llguidance's thread pool for computing a batch's masks in parallel (one per process)."""
+    from llguidance import LLExecutor
+
+    return LLExecutor()

@@ -1,0 +1,379 @@
+"""Structured output (constraints.py): every sample that ends with `stop` satisfies its JSON schema, regex or
+choices; the others are flagged incomplete; a mixed batch equals each row alone; log-probs stay raw; bad
+schemas and patterns are refused at submit naming the row. Tiny random models for the properties (a random
+model obeys a constraint only if the mask makes it), the demo model for real extraction jobs."""
+
+import json
+import re
+
+import pytest
+from helpers import assert_same_completions, ids_of, invoke, plain_logprobs, write_jsonl
+
+import runner
+from runner import GenerationParams, InputError
+from runner.errors import ParamError
+from runner.jobs import create_job
+from runner.params import row_overrides, row_params
+from runner.worker import run_job
+
+jsonschema = pytest.importorskip("jsonschema")
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "job": {"enum": ["student", "teacher", "engineer", "doctor", "other"]},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3},
+        "home": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "country": {"type": "string", "maxLength": 20},
+            },
+            "required": ["city", "country"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "age", "job", "hobbies", "home"],
+    "additionalProperties": False,
+}
+DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+SMALL = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+    "required": ["ok", "n"],
+}
+
+
+def satisfies(params: GenerationParams, text: str) -> bool:
+    if params.json_schema is not None or params.json_object:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        schema = params.json_schema or {"type": "object"}
+        return jsonschema.Draft202012Validator(schema).is_valid(value)
+    if params.regex is not None:
+        return re.fullmatch(params.regex, text) is not None
+    return text in params.choices
+
+
+def assert_obeyed(params_per_row, completions):
+    """Every `stop` sample satisfies its constraint and says so; every other one is flagged incomplete."""
+    for p, c in zip(params_per_row, completions, strict=True):
+        if c.finish_reason == "stop":
+            assert satisfies(p, c.text) and c.constraint_complete is True, (c.text, p)
+        else:
+            assert c.constraint_complete is satisfies(p, c.text), (c.text, p)
+
+
+# --- settings ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "message"),
+    [
+        ({"json_schema": "{not json"}, "json_schema", "json_schema must be a JSON schema, got invalid JSON"),
+        ({"json_schema": [1]}, "json_schema", "json_schema must be a JSON schema object"),
+        (
+            {"json_schema": {"type": "foo"}},
+            "json_schema",
+            "json_schema cannot be compiled: Invalid type: foo",
+        ),
+        ({"regex": "[a-"}, "regex", "regex cannot be compiled: .*unclosed character class"),
+        ({"regex": ""}, "regex", "regex must be a non-empty string"),
+        ({"choices": []}, "choices", "choices must be a list of non-empty strings"),
+        ({"choices": ["a", ""]}, "choices", "choices must be a list of non-empty strings"),
+        ({"grammar": "start: nope"}, "grammar", 'grammar cannot be compiled: .*unknown name: "nope"'),
+        ({"json_object": "yes"}, "json_object", "json_object must be true or false"),
+        ({"regex": "a", "choices": ["a"]}, "choices", "give one of json_schema, .*; got regex and choices"),
+        ({"regex": "a", "num_beams": 2}, "regex", "regex cannot be combined with num_beams > 1"),
+    ],
+)
+def test_bad_constraints_name_the_setting(kwargs, field, message):
+    with pytest.raises(ParamError, match=message) as e:
+        GenerationParams(**kwargs)
+    assert e.value.param == field
+
+
+def test_settings_normalise_and_rows_replace_the_jobs_constraint():
+    p = GenerationParams(json_schema=json.dumps(SMALL), choices=None)
+    assert p.json_schema == SMALL and GenerationParams(choices=("a", "b")).choices == ["a", "b"]
+    # unset constraint fields are left out of to_dict, so jobs made before them keep their fingerprint
+    assert (
+        "regex" not in GenerationParams().to_dict() and GenerationParams(regex="a").to_dict()["regex"] == "a"
+    )
+    job = GenerationParams(regex="[0-9]+")
+    assert row_params(job, True, row_overrides({"choices": ["x"]})).regex is None
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": SMALL}}
+    assert row_params(job, True, row_overrides({"response_format": fmt})).json_schema == SMALL
+    assert row_params(job, True, row_overrides({"response_format": {"type": "json_object"}})).json_object
+    assert row_params(job, True, row_overrides({"choices": None, "response_format": None})).regex == "[0-9]+"
+    plain = row_params(job, True, row_overrides({"response_format": {"type": "text"}}))
+    assert plain.regex is None and not plain.json_object
+    with pytest.raises(ParamError, match="response_format json_schema needs"):
+        row_overrides({"response_format": {"type": "json_schema", "json_schema": SMALL}})
+    with pytest.raises(ParamError, match="give one of 'response_format' and 'json_schema'"):
+        row_overrides({"response_format": fmt, "json_schema": SMALL})
+
+
+# --- the engine, on tiny random models ----------------------------------------------------------------------
+
+PROMPTS = ["The quick brown fox", "Hello", "A language model reads", "My friend", "Our team", "The robot"]
+MIXED = [
+    GenerationParams(max_new_tokens=24, json_schema=SMALL),
+    GenerationParams(max_new_tokens=12, regex=DATE, temperature=1.0, do_sample=True),
+    GenerationParams(max_new_tokens=8, choices=["yes", "no", "maybe not"], temperature=0.7),
+    GenerationParams(max_new_tokens=6),
+    GenerationParams(max_new_tokens=30, json_object=True, temperature=0.9, top_p=0.9),
+    GenerationParams(max_new_tokens=10, regex="[a-z]+( [a-z]+)*", stop=[" "]),
+]
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+def test_a_mixed_batch_obeys_and_equals_each_row_alone(engine_name, request):
+    """Rows with different constraints (and none) in one batch, also decoded a few at a time with rows joining
+    as others end: each equals the row run alone, and each obeys its constraint."""
+    engine = request.getfixturevalue(engine_name)
+    ids = ids_of(engine, PROMPTS)
+    seeds = list(range(11, 17))
+    batched = engine.generate(ids, MIXED, seeds)
+    refill = engine.generate(ids, MIXED, seeds, max_active=2)
+    alone = [engine.generate([i], [p], [s])[0] for i, p, s in zip(ids, MIXED, seeds, strict=True)]
+    assert_same_completions(batched, alone)
+    assert_same_completions(refill, alone)
+    assert [c.constraint_complete for c in batched] == [c.constraint_complete for c in alone]
+    assert batched[3].constraint_complete is None  # no constraint
+    constrained = [(p, c) for p, c in zip(MIXED, batched, strict=True) if p is not MIXED[3]]
+    assert_obeyed(*zip(*constrained, strict=True))
+    assert batched[1].finish_reason == batched[2].finish_reason == "stop"  # bounded patterns always complete
+
+
+def test_log_probs_stay_raw_and_n_samples_differ(gpt2_engine):
+    """The mask picks the token; token_logprobs are the raw model's log P(token), as one unpadded forward
+    pass gives them (a forced token may be very unlikely)."""
+    ids = ids_of(gpt2_engine, ["The old man"])[0]
+    p = GenerationParams(max_new_tokens=12, regex=DATE, num_return_sequences=3)
+    samples = gpt2_engine.generate([ids] * 3, p, [1, 2, 3])
+    assert len({c.text for c in samples}) > 1
+    for c in samples:
+        lps, _ = plain_logprobs(gpt2_engine, ids + c.token_ids)
+        assert c.token_logprobs == pytest.approx(lps[len(ids) - 1 :], abs=1e-4)
+        assert re.fullmatch(DATE, c.text) and c.constraint_complete
+
+
+def test_stop_strings_and_eos_inside_a_constraint(gpt2_engine):
+    """A stop string cuts the text: complete only when what is left satisfies the constraint. A row whose
+    constraint allows ending there may end with EOS (all of the model's EOS ids are allowed)."""
+    ids = ids_of(gpt2_engine, PROMPTS[:2])
+    cut = gpt2_engine.generate(ids, GenerationParams(max_new_tokens=12, regex=DATE, stop=["-"]))
+    for c in cut:
+        assert c.stop_reason == "-" and re.fullmatch("[0-9]{4}", c.text) and c.constraint_complete is False
+    words = GenerationParams(max_new_tokens=16, regex="[a-z]+(;[a-z]+)*", stop=[";"])
+    for c in gpt2_engine.generate(ids, words):
+        assert ";" not in c.text and (c.constraint_complete is (re.fullmatch("[a-z]+", c.text) is not None))
+
+
+# --- jobs, the command line and OpenAI Batch files -----------------------------------------------------------
+
+
+def test_per_row_constraints_in_a_job_and_the_constraint_complete_column(tmp_path, tiny_gpt2, gpt2_engine):
+    rows = [
+        {"id": "a", "prompt": "Hello", "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SMALL}}},
+        {"id": "b", "prompt": "Hello", "regex": DATE},
+        {"id": "c", "prompt": "Hello", "choices": ["red", "green"], "n": 2, "temperature": 1.0},
+        {"id": "d", "prompt": "Hello"},
+        {"id": "e", "prompt": "Hello", "json_schema": SMALL},
+        {"id": "f", "prompt": "Hello", "response_format": {"type": "json_object"}},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    job = create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=24, seed=3), job_dir=tmp_path / "job")
+    assert run_job(job, gpt2_engine, echo=None).finished
+    df = runner.load_results(job.dir).set_index(["id", "sample"])
+    assert df.loc[("d", 0), "constraint_complete"] is None
+    assert re.fullmatch(DATE, df.loc[("b", 0), "text"]) and df.loc[("b", 0), "constraint_complete"]
+    assert {df.loc[("c", s), "text"] for s in (0, 1)} <= {"red", "green"}
+    for key in [("a", 0), ("e", 0), ("f", 0)]:
+        r = df.loc[key]
+        if r["finish_reason"] == "stop":
+            assert r["constraint_complete"] and isinstance(json.loads(r["text"]), dict)
+        else:
+            assert r["constraint_complete"] is False
+
+
+def test_a_bad_row_constraint_is_refused_at_submit_naming_the_row(tmp_path, tiny_gpt2):
+    rows = [
+        {"id": "ok", "prompt": "Hello", "regex": "[0-9]+"},
+        {"id": "bad", "prompt": "Hello", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
+        {"id": "bad2", "prompt": "Hello", "regex": "(unclosed"},
+        {"id": "bad3", "prompt": "Hello", "choices": "yes"},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(InputError) as e:
+        create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=4), job_dir=tmp_path / "job")
+    text = str(e.value)
+    assert f"{path}:2: response_format: json_schema cannot be compiled: Invalid type: nope" in text
+    assert re.search(rf"{re.escape(str(path))}:3: regex: regex cannot be compiled: .*unclosed", text)
+    assert f"{path}:4: choices: choices must be a list of non-empty strings, got 'yes'" in text
+    assert not (tmp_path / "job").exists()
+
+
+def test_constraint_options_on_the_command_line(tmp_path, tiny_gpt2):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)])
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SMALL))
+    for args, check in [
+        (["--json-schema", schema], lambda t: jsonschema.validate(json.loads(t), SMALL) is None),
+        (["--json-schema", json.dumps(SMALL)], lambda t: jsonschema.validate(json.loads(t), SMALL) is None),
+        (["--regex", DATE], lambda t: re.fullmatch(DATE, t)),
+        (["--choice", "left", "--choice", "right"], lambda t: t in ("left", "right")),
+        (["--json"], lambda t: isinstance(json.loads(t), dict)),
+    ]:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        result = invoke("run", prompts, "-m", tiny_gpt2, "--max-new-tokens", 24, *args, "-o", out)
+        assert result.exit_code == 0, result.output
+        df = runner.load_results(out)
+        done = df[df["finish_reason"] == "stop"]
+        assert all(check(t) for t in done["text"]) and done["constraint_complete"].all()
+        assert not df[df["finish_reason"] == "length"]["constraint_complete"].any()
+    result = invoke("run", prompts, "-m", tiny_gpt2, "--regex", "[a-", "-o", tmp_path / "bad")
+    assert result.exit_code == 1 and result.output.startswith("Error: --regex: regex cannot be compiled: ")
+    result = invoke("run", prompts, "-m", tiny_gpt2, "--json", "--choice", "a", "-o", tmp_path / "bad")
+    assert result.exit_code == 1 and "Error: --choice: give one of" in result.output
+    result = invoke(
+        "run", prompts, "-m", tiny_gpt2, "--grammar", tmp_path / "none.lark", "-o", tmp_path / "bad"
+    )
+    assert result.exit_code == 1 and "Error: --grammar: cannot read grammar file" in result.output
+
+
+def test_a_lark_grammar_and_a_gbnf_grammar(gpt2_engine):
+    ids = ids_of(gpt2_engine, PROMPTS[:3])
+    lark = 'start: "(" num ("+" num)* ")"\nnum: /[0-9]{1,3}/'
+    gbnf = 'root ::= "(" num ("+" num)* ")"\nnum ::= [0-9] [0-9]? [0-9]?'
+    pattern = r"\([0-9]{1,3}(\+[0-9]{1,3})*\)"
+    for grammar in (lark, gbnf):
+        for c in gpt2_engine.generate(ids, GenerationParams(max_new_tokens=20, grammar=grammar)):
+            assert c.constraint_complete is (re.fullmatch(pattern, c.text) is not None)
+            assert c.finish_reason == "length" or c.constraint_complete
+
+
+def test_openai_batch_response_format(tmp_path, tiny_llama):
+    fmt = {"type": "json_schema", "json_schema": {"name": "small", "strict": True, "schema": SMALL}}
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "tiny", "messages": [{"role": "user", "content": p}], "max_tokens": 24,
+                  "temperature": 0, "response_format": fmt}}
+        for i, p in enumerate(PROMPTS[:3])
+    ] + [{"custom_id": "g", "method": "POST", "url": "/v1/completions",
+          "body": {"model": "tiny", "prompt": "Hi", "max_tokens": 8, "guided_choice": ["up", "down"]}}]  # fmt: skip
+    inp, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    result = invoke("run-batch", "-i", inp, "-o", out, "-m", tiny_llama, "--served-model-name", "tiny")
+    assert result.exit_code == 0, result.output
+    answers = {
+        x["custom_id"]: x["response"]["body"]["choices"][0]
+        for x in map(json.loads, out.read_text().splitlines())
+    }
+    assert answers["g"]["text"] in ("up", "down")
+    for i in range(3):
+        choice = answers[f"r{i}"]
+        if choice["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(choice["message"]["content"]), SMALL)
+
+
+# --- the demo model: real extraction, dates and labels, >= 50 rows each ---------------------------------------
+
+NAMES = ["Alice", "Bob", "Chen", "Dana", "Emil", "Fatima", "Goro", "Hana", "Ivan", "Julia"]
+CITIES = [
+    ("Paris", "France"),
+    ("Berlin", "Germany"),
+    ("Tokyo", "Japan"),
+    ("Lima", "Peru"),
+    ("Oslo", "Norway"),
+]
+JOBS = ["teacher", "engineer", "doctor", "student", "baker"]
+HOBBIES = ["chess", "tennis", "cooking", "hiking", "painting", "music"]
+
+
+def people(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        city, country = CITIES[i % 5]
+        text = (f"{NAMES[i % 10]} is {20 + (i * 7) % 50} years old and works as a {JOBS[i % 5]} in {city}, "
+                f"{country}. {NAMES[i % 10]} likes {HOBBIES[i % 6]} and {HOBBIES[(i + 2) % 6]}.")  # fmt: skip
+        rows.append({"id": f"p{i}", "prompt": f"Extract the person described below as JSON.\n\n{text}"})
+    return rows
+
+
+def dates(n: int) -> list[dict]:
+    events = ["New Year's Day", "Christmas Day", "the first day of spring", "Halloween", "Valentine's Day"]
+    return [{"id": f"d{i}", "prompt": f"On what date is {events[i % 5]} in {1990 + i}? Answer as YYYY-MM-DD."}
+            for i in range(n)]  # fmt: skip
+
+
+def reviews(n: int) -> list[dict]:
+    good = ["I loved it", "Great value", "Works perfectly", "Best purchase this year", "Wonderful service"]
+    bad = ["It broke after a day", "Terrible support", "Waste of money", "Arrived damaged", "Never again"]
+    texts = [(good if i % 2 else bad)[i % 5] + f" (order {i})." for i in range(n)]
+    return [
+        {"id": f"r{i}", "prompt": f"Is this review positive, negative or neutral?\n\n{t}"}
+        for i, t in enumerate(texts)
+    ]
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    from runner.engine import Engine
+
+    return Engine("smollm2-135m-instruct")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("rows", "params"),
+    [
+        (people(50), GenerationParams(max_new_tokens=80, json_schema=PERSON)),
+        (dates(50), GenerationParams(max_new_tokens=12, regex=DATE)),
+        (reviews(50), GenerationParams(max_new_tokens=6, choices=["positive", "negative", "neutral"])),
+    ],
+    ids=["json-schema", "regex-dates", "choices"],
+)
+def test_demo_model_jobs_obey_their_constraint(tmp_path, demo_engine, rows, params):
+    """50-row jobs on the demo model (--chat): every `stop` output validates (jsonschema / re.fullmatch /
+    membership) and is flagged complete; every other one is flagged incomplete."""
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    job, summary = runner.run(
+        path, "smollm2-135m-instruct", params, output=tmp_path / "job", chat=True, echo=None
+    )
+    assert summary.finished
+    df = runner.load_results(job.dir)
+    assert len(df) == 50
+    for _, r in df.iterrows():
+        if r["finish_reason"] == "stop":
+            assert satisfies(params, r["text"]) and r["constraint_complete"] is True, r["text"]
+        else:
+            assert r["constraint_complete"] is False, r["text"]
+    assert (df["finish_reason"] == "stop").mean() >= 0.5  # the constraint is usable, not only safe
+
+
+def test_a_constrained_job_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path, tiny_gpt2, gpt2_engine):
+    from runner.jobdir import Job
+
+    rows = [{"id": f"r{i}", "prompt": p, **({"regex": DATE} if i % 2 else {})} for i, p in enumerate(PROMPTS)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    params = GenerationParams(
+        max_new_tokens=16, json_schema=SMALL, temperature=1.0, num_return_sequences=2, seed=5
+    )
+    ref_job, _ = runner.run(path, tiny_gpt2, params, output=tmp_path / "ref", engine=gpt2_engine, echo=None)
+    ref = runner.load_results(ref_job.dir)
+    job = create_job(path, tiny_gpt2, params, runner.EngineOptions(batch_size=2), job_dir=tmp_path / "cut")
+    calls = []
+    summary = run_job(
+        job, gpt2_engine, echo=None, shard_rows=1, should_stop=lambda: calls.append(1) or len(calls) > 2
+    )
+    assert not summary.finished and 0 < summary.done < 12
+    assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+    resumed = runner.load_results(job.dir)
+    cols = ["id", "sample", "text", "token_ids", "finish_reason", "constraint_complete"]
+    assert resumed[cols].to_json() == ref[cols].to_json()
+    assert ref["constraint_complete"].notna().all()
