@@ -395,13 +395,12 @@ ROW_SETTINGS = {
 def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     """An input row's setting fields as GenerationParams fields. Raises ParamError naming the row's own field
     when two spellings of one setting are given or a value has the wrong shape."""
-    from .constraints import FIELDS
 
     out: dict[str, Any] = {}
     given: dict[str, str] = {}
     for name, value in raw.items():
         target = ROW_SETTINGS[name]
-        if value is None and target in FIELDS:  # a null constraint column (Parquet, CSV): the job's applies
+        if value is None:  # a null setting (a Parquet / CSV column empty in this row, JSON null): the job's
             continue
         if target in given and not (
             target == "logprobs" and {name, given[target]} == {"logprobs", "top_logprobs"}

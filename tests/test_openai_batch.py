@@ -317,3 +317,22 @@ def test_results_format_openai_of_a_score_job_is_refused_clearly(
     assert not (tmp_path / "o.jsonl").exists()
     (command,) = re.findall(r"`runner ([^`]+)`", result.output)
     assert invoke(*shlex.split(command)).exit_code == 0 and (tmp_path / "FILE.jsonl").exists()
+
+
+def test_a_null_setting_in_a_column_means_the_jobs_own(tmp_path, tiny_gpt2, gpt2_engine):
+    """A Parquet or CSV column of settings is empty where a row sets nothing: that row takes the job's setting
+    (as a JSON null does), rather than being refused as "temperature must be a number, got None"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["Hello", "World"], "temperature": [0.5, None],
+                             "max_tokens": [None, 2]}), path)  # fmt: skip
+    job, summary = runner.run(
+        path, tiny_gpt2, GenerationParams(max_new_tokens=3), engine=gpt2_engine, echo=None
+    )
+    assert summary.finished
+    settings = [json.loads(s) if s else None for s in job.prompts().column("settings").to_pylist()]
+    assert settings == [{"temperature": 0.5}, {"max_new_tokens": 2}]
+    df = runner.load_results(job.dir)
+    assert df.iloc[0]["completion_tokens"] <= 3 and df.iloc[1]["completion_tokens"] <= 2
