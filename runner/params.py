@@ -29,6 +29,11 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None
         raise ParamError(name, f"{name} must be {rng}, got {value}.")
 
 
+def _check_range(name: str, value: float, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ParamError(name, f"{name} must be {allowed}, got {value}.")
+
+
 def _check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ParamError(name, f"{name} must be a number, got {value!r}.")
@@ -101,6 +106,20 @@ class GenerationParams:
 
     def __post_init__(self) -> None:
         # Normalise first (a single stop string becomes a list, ints become floats), then verify.
+        self._normalise_stop()
+        self._check_ranges()
+        self._decide_sampling()
+        self._check_beams()
+        self._check_transformers_generate()
+        if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:
+            raise ParamError(
+                "num_return_sequences",
+                f"num_return_sequences > 1 needs sampling (do_sample or temperature > 0), "
+                f"got num_return_sequences={self.num_return_sequences} with greedy decoding.",
+            )
+        self._check_constraint()
+
+    def _normalise_stop(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is None:
@@ -109,6 +128,12 @@ class GenerationParams:
             self.stop = list(self.stop)
         else:
             raise ParamError("stop", f"stop must be a string or a list of strings, got {self.stop!r}.")
+        for s in self.stop:
+            if not isinstance(s, str) or s == "":
+                raise ParamError("stop", f"stop strings must be non-empty strings, got {s!r}.")
+
+    def _check_ranges(self) -> None:
+        """Each number in its range, each flag a bool; floats normalised."""
         _check_int("max_new_tokens", self.max_new_tokens, 1, 1_000_000)
         _check_int("min_new_tokens", self.min_new_tokens, 0)
         if self.min_new_tokens > self.max_new_tokens:
@@ -117,45 +142,31 @@ class GenerationParams:
                 f"min_new_tokens must be <= max_new_tokens={self.max_new_tokens}, got {self.min_new_tokens}.",
             )
         self.temperature = _check_float("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ParamError("temperature", f"temperature must be >= 0, got {self.temperature}.")
+        _check_range("temperature", self.temperature, self.temperature >= 0, ">= 0")
         self.top_p = _check_float("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p}.")
+        _check_range("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
         _check_int("top_k", self.top_k, 0)
         self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ParamError(
-                "repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}."
-            )
+        _check_range("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0")
         for name in ("presence_penalty", "frequency_penalty"):
             value = _check_float(name, getattr(self, name))
-            if not -2 <= value <= 2:
-                raise ParamError(name, f"{name} must be in [-2, 2], got {value}.")
+            _check_range(name, value, -2 <= value <= 2, "in [-2, 2]")
             setattr(self, name, value)
         _check_int("num_return_sequences", self.num_return_sequences, 1, 1024)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, 20)
-        if not isinstance(self.prompt_logprobs, bool):
-            raise ParamError(
-                "prompt_logprobs", f"prompt_logprobs must be true or false, got {self.prompt_logprobs!r}."
-            )
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**63 - 1)
         _check_int("num_beams", self.num_beams, 1, 64)
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 1024)
         self.length_penalty = _check_float("length_penalty", self.length_penalty)
-        if not -10 <= self.length_penalty <= 10:
-            raise ParamError(
-                "length_penalty", f"length_penalty must be in [-10, 10], got {self.length_penalty}."
-            )
-        if not isinstance(self.early_stopping, bool):
-            raise ParamError(
-                "early_stopping", f"early_stopping must be true or false, got {self.early_stopping!r}."
-            )
-        for s in self.stop:
-            if not isinstance(s, str) or s == "":
-                raise ParamError("stop", f"stop strings must be non-empty strings, got {s!r}.")
+        _check_range("length_penalty", self.length_penalty, -10 <= self.length_penalty <= 10, "in [-10, 10]")
+        for name in ("prompt_logprobs", "early_stopping"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}.")
+
+    def _decide_sampling(self) -> None:
+        """do_sample None: sample iff temperature / top_p / top_k or n > 1 (without beams) ask for it."""
         self._do_sample_given = (
             self.do_sample
         )  # None: decided here from the other settings (row_params redoes it)
@@ -167,15 +178,6 @@ class GenerationParams:
             raise ParamError("do_sample", f"do_sample must be true or false, got {self.do_sample!r}.")
         if self.do_sample and self.temperature == 0:
             raise ParamError("temperature", "temperature must be > 0 when sampling (do_sample), got 0.0.")
-        self._check_beams()
-        self._check_transformers_generate()
-        if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:
-            raise ParamError(
-                "num_return_sequences",
-                f"num_return_sequences > 1 needs sampling (do_sample or temperature > 0), "
-                f"got num_return_sequences={self.num_return_sequences} with greedy decoding.",
-            )
-        self._check_constraint()
 
     def _check_constraint(self) -> None:
         """Normalise the structured-output fields (schema text -> dict, a tuple of choices -> list), then check
