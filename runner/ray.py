@@ -36,7 +36,8 @@ from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 
 NAME = "ray batch"  # what a Problem says the row came from
 PARAMS = {"generate": GenerationParams, "score": ScoreParams, "embed": EmbedParams}
-OPTIONAL_OUTPUTS = ("top_logprobs", "prompt_logprobs")
+# Optional result columns of generation: `constraint` is the constraint_complete column of structured output.
+OPTIONAL_OUTPUTS = ("top_logprobs", "prompt_logprobs", "constraint", "beam_score")
 
 
 @dataclass
@@ -171,10 +172,9 @@ class _Stage:
         for item in prepared:
             row = item[0]
             p = self.prep.row_params(row)
-            asked = [o for o, on in (("top_logprobs", p.logprobs is not None),
-                                     ("prompt_logprobs", p.prompt_logprobs)) if on and not self.outputs[o]]  # fmt: skip
+            asked = [o for o, on in _asks(p).items() if on and not self.outputs[o]]
             if asked:
-                problems.append(Problem(NAME, row.line, asked[0].replace("top_", ""),
+                problems.append(Problem(NAME, row.line, _FIELD_OF[asked[0]],
                                         f"this row asks for {asked[0]}, a column this stage does not have: pass "
                                         f"outputs=({asked[0]!r},) (a stage fixes its columns before it sees rows)",
                                         row.id))  # fmt: skip
@@ -254,9 +254,9 @@ class _Stage:
         from .results import embed_schema, generation_schema, score_schema
 
         if self.kind == "generate":
-            return generation_schema(
-                self.outputs["top_logprobs"], self.outputs["prompt_logprobs"], settings=True
-            )
+            o = self.outputs
+            return generation_schema(o["top_logprobs"], o["prompt_logprobs"], settings=True,
+                                     constraint=o["constraint"], beam_score=o["beam_score"])  # fmt: skip
         if self.kind == "score":
             return score_schema()
         from .jobs import _hidden_size
@@ -328,9 +328,20 @@ def _check(
         if name not in OPTIONAL_OUTPUTS or kind != "generate":
             raise ParamError("outputs", f"outputs must name {' or '.join(OPTIONAL_OUTPUTS)} (generation only), "
                                         f"got {name!r}.")  # fmt: skip
-    on = {"top_logprobs": getattr(params, "logprobs", None) is not None,
-          "prompt_logprobs": bool(getattr(params, "prompt_logprobs", False))}  # fmt: skip
+    on = _asks(params) if kind == "generate" else dict.fromkeys(OPTIONAL_OUTPUTS, False)
     return params, {o: on[o] or o in outputs for o in OPTIONAL_OUTPUTS}
+
+
+_FIELD_OF = {"top_logprobs": "logprobs", "prompt_logprobs": "prompt_logprobs", "constraint": "response_format",
+             "beam_score": "num_beams"}  # fmt: skip
+
+
+def _asks(p: Any) -> dict[str, bool]:
+    """The optional result columns generation settings ask for (as jobs.py's _Preparer counts them)."""
+    from .jobs import _constrained
+
+    return {"top_logprobs": p.logprobs is not None, "prompt_logprobs": bool(p.prompt_logprobs),
+            "constraint": _constrained(p), "beam_score": p.num_beams > 1}  # fmt: skip
 
 
 def _as_table(batch: Any) -> Any:

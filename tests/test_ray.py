@@ -345,3 +345,28 @@ def test_demo_model_on_two_actors_equals_a_local_run(ray_local, tmp_path):
     out, pids = through_ray(ray_local, tmp_path, "smollm2-135m-instruct", tmp_path / "p.jsonl", params)
     assert len(pids) == 2 and out["error"].isna().all()
     assert_same_as(out, ref)
+
+
+def test_a_stage_has_the_structured_output_and_beam_columns_of_a_local_job(tmp_path, tiny_gpt2):
+    """Constrained rows get constraint_complete and beam rows beam_score, as in a local job's results; a row
+    asking for one the stage was not built with is an error row naming its field."""
+    import pyarrow as pa
+
+    params = runner.GenerationParams(max_new_tokens=6, seed=1, regex="[ab]{1,3}")
+    rows = [
+        {"id": "r", "prompt": "Hello", "choices": None},  # from_pylist takes its columns from the first row
+        {"id": "c", "prompt": "Hi", "choices": ["yes", "no"]},
+    ]
+    _, ref = reference_run(tmp_path, tiny_gpt2, rows, params, runner.EngineOptions())
+    out = Generate(tiny_gpt2, params)(pa.Table.from_pylist(rows)).to_pandas()
+    assert out["constraint_complete"].tolist() == ref["constraint_complete"].tolist()
+    assert out["text"].tolist() == ref["text"].tolist()
+    beams = runner.GenerationParams(max_new_tokens=4, num_beams=2, num_return_sequences=2)
+    brows = [{"id": "b", "prompt": "The old man"}]
+    (tmp_path / "b").mkdir()
+    _, bref = reference_run(tmp_path / "b", tiny_gpt2, brows, beams, runner.EngineOptions())
+    bout = Generate(tiny_gpt2, beams)(pa.Table.from_pylist(brows)).to_pandas()
+    assert bout["beam_score"].tolist() == pytest.approx(bref["beam_score"].tolist())
+    plain = Generate(tiny_gpt2, runner.GenerationParams(max_new_tokens=2, seed=1))
+    asking = plain(pa.Table.from_pylist([{"id": "x", "prompt": "Hi", "regex": "a+"}])).to_pandas()
+    assert asking.loc[0, "error"].startswith("response_format: this row asks for constraint")
