@@ -362,9 +362,8 @@ class _Preparer:
         # `continuation` column of a generation job is passed through as `input_continuation`.
         self.fixed_names = PROMPT_COLUMNS
         self.max_n, self.results, self.per_row_n = 0, 0, False
-        self.outputs = {"top_logprobs": getattr(params, "logprobs", None) is not None,
-                        "prompt_logprobs": bool(getattr(params, "prompt_logprobs", False)), "settings": False,
-                        "constraint": _constrained(params), "beam_score": False}  # fmt: skip
+        # The job's own settings ask for these columns (beam_score only once a row searches beams); rows add theirs.
+        self.outputs = {**asked_outputs(params), "beam_score": False, "settings": False}
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.max_n, "results": self.results, "per_row_n": self.per_row_n,
@@ -399,11 +398,9 @@ class _Preparer:
         n = p.num_return_sequences
         self.per_row_n = self.per_row_n or n != self.params.num_return_sequences
         self.max_n, self.results = max(self.max_n, n), self.results + n
-        self.outputs["top_logprobs"] |= p.logprobs is not None
-        self.outputs["prompt_logprobs"] |= p.prompt_logprobs
+        for name, on in asked_outputs(p).items():
+            self.outputs[name] |= on
         self.outputs["settings"] |= bool(row.settings)
-        self.outputs["constraint"] |= _constrained(p)
-        self.outputs["beam_score"] |= p.num_beams > 1
 
     def table(self, prepared: list[_Prepared], first: int) -> Any:
         """The fixed columns of prompts.parquet for these rows; `first` is the `_row` of the first."""
@@ -503,11 +500,14 @@ class _Preparer:
         return out
 
 
-def _constrained(params: Any) -> bool:
-    """The settings hold a structured-output constraint (the job gets a constraint_complete column)."""
+def asked_outputs(params: Any) -> dict[str, bool]:
+    """The optional result columns these settings ask for (results.generation_schema's): alternatives, prompt
+    log-probs, constraint_complete (a structured-output constraint) and beam_score (beam search)."""
     from .constraints import kind_of
 
-    return kind_of(params) is not None
+    return {"top_logprobs": getattr(params, "logprobs", None) is not None,
+            "prompt_logprobs": bool(getattr(params, "prompt_logprobs", False)),
+            "constraint": kind_of(params) is not None, "beam_score": getattr(params, "num_beams", 1) > 1}  # fmt: skip
 
 
 def _json(value: Any) -> str | None:

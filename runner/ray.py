@@ -166,13 +166,15 @@ class _Stage:
 
     def _asks_known_outputs(self, prepared: list[Any]) -> tuple[list[Any], list[Problem]]:
         """Rows asking for an optional output column this stage does not have become problems."""
+        from .jobs import asked_outputs
+
         if self.kind != "generate":
             return prepared, []
         keep, problems = [], []
         for item in prepared:
             row = item[0]
             p = self.prep.row_params(row)
-            asked = [o for o, on in _asks(p).items() if on and not self.outputs[o]]
+            asked = [o for o, on in asked_outputs(p).items() if on and not self.outputs[o]]
             if asked:
                 problems.append(Problem(NAME, row.line, _FIELD_OF[asked[0]],
                                         f"this row asks for {asked[0]}, a column this stage does not have: pass "
@@ -317,7 +319,7 @@ def _check(
 ) -> tuple[Any, dict[str, bool]]:
     """The stage's params (the kind's defaults when None) and which optional columns it has, every argument
     checked as submit checks it."""
-    from .jobs import _check_args
+    from .jobs import _check_args, asked_outputs
 
     params = PARAMS[kind]() if params is None else params
     if not isinstance(params, PARAMS[kind]):
@@ -328,20 +330,12 @@ def _check(
         if name not in OPTIONAL_OUTPUTS or kind != "generate":
             raise ParamError("outputs", f"outputs must name {' or '.join(OPTIONAL_OUTPUTS)} (generation only), "
                                         f"got {name!r}.")  # fmt: skip
-    on = _asks(params) if kind == "generate" else dict.fromkeys(OPTIONAL_OUTPUTS, False)
+    on = asked_outputs(params) if kind == "generate" else dict.fromkeys(OPTIONAL_OUTPUTS, False)
     return params, {o: on[o] or o in outputs for o in OPTIONAL_OUTPUTS}
 
 
 _FIELD_OF = {"top_logprobs": "logprobs", "prompt_logprobs": "prompt_logprobs", "constraint": "response_format",
              "beam_score": "num_beams"}  # fmt: skip
-
-
-def _asks(p: Any) -> dict[str, bool]:
-    """The optional result columns generation settings ask for (as jobs.py's _Preparer counts them)."""
-    from .jobs import _constrained
-
-    return {"top_logprobs": p.logprobs is not None, "prompt_logprobs": bool(p.prompt_logprobs),
-            "constraint": _constrained(p), "beam_score": p.num_beams > 1}  # fmt: skip
 
 
 def _as_table(batch: Any) -> Any:

@@ -208,10 +208,15 @@ def _top_entries(c: Any, prompt_ids: list[int], texts: TokenText | None) -> list
     """A sample's `top_logprobs`: per step, each candidate's id, text in place, bytes, log-prob and rank."""
     if c.top_logprobs is None:
         return None
+    from .tokens import PIECE_CONTEXT
+
     steps = []
+    head = prompt_ids[-PIECE_CONTEXT:]
     for i, step in enumerate(c.top_logprobs):
         ids = [t for t, _, _ in step]
-        words = texts.alternatives([*prompt_ids[-8:], *c.token_ids[:i]], ids) if texts else [None] * len(ids)
+        # what step i reads after: the prompt's end and the tokens before it (a window, not all i of them)
+        before = [*head, *c.token_ids[max(0, i - PIECE_CONTEXT) : i]]
+        words = texts.alternatives(before, ids) if texts else [None] * len(ids)
         raw = texts.bytes(ids) if texts else [None] * len(ids)
         steps.append([{"token_id": t, "token": w, "bytes": None if b is None else list(b), "logprob": lp,
                        "rank": rk} for (t, lp, rk), w, b in zip(step, words, raw, strict=True)])  # fmt: skip

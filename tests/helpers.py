@@ -130,3 +130,23 @@ def invoke(*args, input: str | None = None):
     from runner.cli import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def unreadable_by_llguidance(tok, monkeypatch):
+    """A stand-in for `tok` that llguidance cannot read (its byte table is refused), so tokens.py falls back to
+    decoded text: a fresh object, so the table cached for `tok` itself is not reused."""
+    import llguidance.hf
+
+    def refuse(tokenizer, *a, **kw):
+        raise ValueError("unsupported tokenizer")
+
+    monkeypatch.setattr(llguidance.hf, "from_tokenizer", refuse)
+
+    class Other:
+        is_fast = True
+        all_special_ids = tok.all_special_ids
+        batch_decode = staticmethod(tok.batch_decode)
+        decode = staticmethod(tok.decode)
+        convert_ids_to_tokens = staticmethod(tok.convert_ids_to_tokens)
+
+    return Other()

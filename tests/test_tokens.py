@@ -1,6 +1,7 @@
 """Token texts in place and exact bytes (runner/tokens.py): what results and OpenAI Batch output show."""
 
 import pytest
+from helpers import unreadable_by_llguidance
 
 from runner.tokens import TokenText, alternative_pieces, partial_tail_tokens, token_pieces
 
@@ -70,20 +71,7 @@ def test_generated_text_cut_mid_character_does_not_end_in_a_replacement_char(gpt
 
 
 def test_a_tokenizer_llguidance_cannot_read_falls_back_to_the_text_in_place(gpt2_engine, monkeypatch):
-    import llguidance.hf
-
-    def refuse(tokenizer, *a, **kw):
-        raise ValueError("unsupported tokenizer")
-
-    monkeypatch.setattr(llguidance.hf, "from_tokenizer", refuse)
     tok = gpt2_engine.tokenizer
+    other = unreadable_by_llguidance(tok, monkeypatch)
     ids = tok("The capital", add_special_tokens=False)["input_ids"]
-
-    class Other:  # a fresh tokenizer object, so the table cached for gpt2's is not reused
-        is_fast = True
-        all_special_ids = tok.all_special_ids
-        batch_decode = staticmethod(tok.batch_decode)
-        decode = staticmethod(tok.decode)
-        convert_ids_to_tokens = staticmethod(tok.convert_ids_to_tokens)
-
-    assert TokenText(Other()).bytes(ids) == [p.encode() for p in token_pieces(tok, ids)]
+    assert TokenText(other).bytes(ids) == [p.encode() for p in token_pieces(tok, ids)]

@@ -1,5 +1,7 @@
 """Token texts in place (runner/tokens.py) with SentencePiece byte fallback, a real U+FFFD, and no byte table."""
 
+from helpers import unreadable_by_llguidance
+
 from runner.tokens import TokenText, alternative_pieces, token_pieces
 
 
@@ -61,27 +63,15 @@ def test_fallback_bytes_of_alternatives_are_not_read_as_one_sequence(gpt2_engine
     `pieces(ids)`: the ids read as one sequence. results._top_entries calls it with one step's alternatives,
     which are not a sequence: an alternative that is the first byte of a character is then read as followed
     by the next alternative and reported with no bytes at all ([]), and the next one with bytes it lacks."""
-    import llguidance.hf
-
     from runner.engine import Completion
     from runner.results import _top_entries
 
-    monkeypatch.setattr(
-        llguidance.hf, "from_tokenizer", lambda *a, **kw: (_ for _ in ()).throw(ValueError("no"))
-    )
     tok = gpt2_engine.tokenizer
-
-    class Other:  # a fresh tokenizer object, so the table cached for gpt2's is not reused
-        is_fast = True
-        all_special_ids = tok.all_special_ids
-        batch_decode = staticmethod(tok.batch_decode)
-        decode = staticmethod(tok.decode)
-        convert_ids_to_tokens = staticmethod(tok.convert_ids_to_tokens)
-
+    other = unreadable_by_llguidance(tok, monkeypatch)
     a, b, _ = tok("鷲", add_special_tokens=False)["input_ids"]  # three byte tokens: E9 B7 B2
     prompt = tok("Hello", add_special_tokens=False)["input_ids"]
     c = Completion([a], [-1.0], "", "length", None, top_logprobs=[[(a, -1.0, 1), (b, -2.0, 2)]])
-    (step,) = _top_entries(c, prompt, TokenText(Other()))
+    (step,) = _top_entries(c, prompt, TokenText(other))
     for entry in step:
         assert entry["bytes"], step  # every token has at least one byte
 
