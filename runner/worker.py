@@ -40,6 +40,8 @@ from .tasks import (
 
 SHARD_ROWS = 1000  # a shard is committed at least every this many result rows...
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
+# Decode steps refresh the heartbeat's figures at most this often (the file itself is written every 30 s).
+HEARTBEAT_INFO_SECONDS = 1.0
 CANCEL_CHECK_SECONDS = (
     5.0  # how often state.json is looked at for a cancel (reading it per batch is wasteful)
 )
@@ -145,6 +147,7 @@ class JobRun:
         self.progress: Progress | None = None
         self.beat: Heartbeat | None = None
         self.beat_has_speed = False  # the heartbeat file has carried tok/s once (update_heartbeat)
+        self.info_updated = 0.0  # time.monotonic() of the last heartbeat figures a decode step gave
         # The batch computing now: its keys not in the progress yet, and the rows and tokens already in it.
         self.uncounted: set[tuple[int, int]] = set()
         self.counted = [0, 0]
@@ -401,7 +404,10 @@ class JobRun:
         if self.progress is not None:
             self.counted[1] += tokens
             self.progress.update(0, tokens)
-            self.update_heartbeat()
+            now = time.monotonic()
+            if not self.beat_has_speed or now - self.info_updated >= HEARTBEAT_INFO_SECONDS:
+                self.info_updated = now  # not every decode step: the peak-memory read is a /proc read
+                self.update_heartbeat()
 
     def checked(self, unit: Unit) -> Callable[[list[tuple[int, int]]], list[Any]]:
         def compute(keys: list[tuple[int, int]]) -> list[Any]:
