@@ -538,9 +538,8 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
             click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
         else:
             click.echo(status_table(statuses) if statuses else "no jobs")
-            for (
-                st
-            ) in statuses:  # what needs the user: a broken job and how to bring it back, a failure's reason
+            # what needs the user: a broken job and how to bring it back, a failure's reason
+            for st in statuses:
                 if st.message and st.state in ("broken", "failed"):
                     click.echo(f"{st.id}: {st.message}")
         return
@@ -745,7 +744,7 @@ def watch(ctx: click.Context, job_ref: str, every: float) -> None:
     from .api import watch as watch_job
 
     s = watch_job(job_ref, ctx.obj["home"], every, echo=_echo)
-    if s.state not in ("completed",):
+    if s.state != "completed":
         raise SystemExit(1)
 
 
