@@ -24,12 +24,12 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check runner tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 # The edit loop: unit, engine, input and in-process job tests; no worker processes, no demo model (< 2 min).
 test-fast: setup
 	$(BIN)/ruff check runner tests benchmarks
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 # The engine tests on the lowest transformers runner claims (runner/versions.py LOWEST), in a second venv.
 COMPAT ?= .venv-compat

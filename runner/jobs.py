@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import __version__, jobdir, storage
 from .errors import InputError, ParamError, Problem, RunnerError
@@ -40,9 +40,6 @@ from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 from .passthrough import Passthrough, rewrite_passthrough
 from .results import PROMPT_COLUMNS
 
-if TYPE_CHECKING:
-    pass
-
 ROW_GROUP_ROWS = 10_000  # rows read, checked, tokenized and written at a time; a row group of prompts.parquet
 PROBLEMS_KEPT = 1000  # invalid rows held for the error message; all are counted, and listed in errors.jsonl
 KINDS = {GenerationParams: "generate", ScoreParams: "score", EmbedParams: "embed"}
@@ -50,6 +47,46 @@ KINDS = {GenerationParams: "generate", ScoreParams: "score", EmbedParams: "embed
 
 def _fingerprint(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _reader(
+    input_path: Path, kind: str, prompt_field: str, template: str | None, models: tuple[str, ...], chat: bool
+) -> PromptReader:
+    """How this kind of job reads its rows: generation reads messages and per-row settings, scoring pairs."""
+    return PromptReader(
+        input_path, prompt_field=prompt_field, template=template,
+        messages_field="messages" if kind == "generate" else None,
+        pair_fields=("context", "continuation") if kind == "score" else None,
+        row_settings=kind == "generate", batch=(kind, models), chat=chat,
+    )  # fmt: skip
+
+
+def _identity(
+    input_path: Path,
+    model: str,
+    params: Any,
+    *,
+    prompt_field: str,
+    template: str | None,
+    skip_invalid: bool,
+    truncate: str,
+    served: tuple[str, ...],
+    chat: bool,
+) -> dict[str, Any]:
+    """What makes two submits the same job: the input's bytes, how it is read, the model and the settings."""
+    return {
+        "input_sha256": storage.file_sha256(input_path), "prompt_field": prompt_field, "template": template,
+        "skip_invalid": skip_invalid, "truncate": truncate, "model": model, "params": params.to_dict(),
+        "served_model_names": list(served), **({"chat": True} if chat else {}),
+    }  # fmt: skip
+
+
+def _input_meta(source: Any, input_path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """meta["input"]: where the rows came from and how they were read (as the identity says)."""
+    return {"path": _describe(source, input_path), "sha256": identity["input_sha256"],
+            "mtime": int(input_path.stat().st_mtime), "prompt_field": identity["prompt_field"],
+            "template": identity["template"], "truncate": identity["truncate"],
+            "chat": identity.get("chat", False)}  # fmt: skip
 
 
 def create_job(
@@ -102,18 +139,10 @@ def create_job(
     with input_file(source) as input_path:
         prompt_field = prompt_field or ("prompt" if kind == "generate" else "text")
         models = tuple(dict.fromkeys((model, Path(model).name, *served_model_names)))
-        reader = PromptReader(
-            input_path, prompt_field=prompt_field, template=template,
-            messages_field="messages" if kind == "generate" else None,
-            pair_fields=("context", "continuation") if kind == "score" else None,
-            row_settings=kind == "generate", batch=(kind, models), chat=chat,
-        )  # fmt: skip
-        # What makes two submits the same job: the input's bytes, how it is read, the model and the settings.
-        identity = {
-            "input_sha256": storage.file_sha256(input_path), "prompt_field": prompt_field, "template": template,
-            "skip_invalid": skip_invalid, "truncate": truncate, "model": model, "params": params.to_dict(),
-            "served_model_names": list(served_model_names), **({"chat": True} if chat else {}),
-        }  # fmt: skip
+        reader = _reader(input_path, kind, prompt_field, template, models, chat)
+        identity = _identity(input_path, model, params, prompt_field=prompt_field, template=template,
+                             skip_invalid=skip_invalid, truncate=truncate, served=served_model_names,
+                             chat=chat)  # fmt: skip
         root = Path(home) if home is not None else default_home()
         existing = _already_submitted(job_dir, root, name, _fingerprint(identity))
         if existing is not None:
@@ -125,10 +154,7 @@ def create_job(
             "priority": priority, "model": model, "model_fingerprint": model_fingerprint(model, config),
             "context_window": window, "embedding_dim": _hidden_size(config) if kind == "embed" else None,
             "params": params.to_dict(), "engine": options.to_dict(), "unit_rows": unit_rows,
-            "fingerprint": _fingerprint(identity),
-            "input": {"path": _describe(source, input_path), "sha256": identity["input_sha256"],
-                      "mtime": int(input_path.stat().st_mtime), "prompt_field": prompt_field,
-                      "template": template, "truncate": truncate, "chat": chat},
+            "fingerprint": _fingerprint(identity), "input": _input_meta(source, input_path, identity),
         }  # fmt: skip
         prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field,
                          kind == "generate" and _sample_auto(params))  # fmt: skip

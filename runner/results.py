@@ -139,29 +139,44 @@ def completions_table(
         outputs = {"top_logprobs": any(c.top_logprobs is not None for c in comps),
                    "prompt_logprobs": any(c.prompt_logprobs is not None for c in comps),
                    "constraint": any(c.constraint_complete is not None for c in comps)}  # fmt: skip
-    has_top, has_prompt = bool(outputs.get("top_logprobs")), bool(outputs.get("prompt_logprobs"))
-    has_constraint = bool(outputs.get("constraint"))
-    if has_constraint:
-        cols["constraint_complete"] = pa.array([c.constraint_complete for c in comps], pa.bool_())
-    if has_top:
-        prompt_ids = base.column("input_ids").to_pylist()
-        cols["top_logprobs"] = pa.array(
-            [_top_entries(c, ids, texts) for c, ids in zip(comps, prompt_ids, strict=True)],
-            top_logprobs_type(),
-        )
-    if has_prompt:
-        cols["prompt_logprobs"] = pa.array([c.prompt_logprobs for c in comps], pa.list_(pa.float32()))
-    if outputs.get("settings") and settings is not None:
-        cols["settings"] = pa.array([settings[g.row] for g in generated], pa.string())
-    if outputs.get("beam_score"):
-        cols["beam_score"] = pa.array([c.beam_score for c in comps], pa.float64())
-    schema = generation_schema(has_top, has_prompt, bool(outputs.get("settings") and settings is not None),
-                               has_constraint, bool(outputs.get("beam_score")))  # fmt: skip
+    outputs = {**outputs, "settings": bool(outputs.get("settings") and settings is not None)}
+    cols.update(_optional_columns(generated, base, texts, outputs, settings))
+    optional = ("top_logprobs", "prompt_logprobs", "settings", "constraint", "beam_score")
+    schema = generation_schema(**{name: bool(outputs.get(name)) for name in optional})
     arrays = [cols[f.name].cast(f.type) for f in schema]
     for name in passthrough_columns(prompts.schema):
         schema = schema.append(prompts.schema.field(name))
         arrays.append(base.column(name))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _optional_columns(
+    generated: list[GeneratedRow],
+    base: pa.Table,
+    texts: TokenText | None,
+    outputs: dict[str, bool],
+    settings: list[str | None] | None,
+) -> dict[str, Any]:
+    """The optional generation columns `outputs` asks for, by name."""
+    import pyarrow as pa
+
+    comps = [g.completion for g in generated]
+    cols: dict[str, Any] = {}
+    if outputs.get("constraint"):
+        cols["constraint_complete"] = pa.array([c.constraint_complete for c in comps], pa.bool_())
+    if outputs.get("top_logprobs"):
+        prompt_ids = base.column("input_ids").to_pylist()
+        cols["top_logprobs"] = pa.array(
+            [_top_entries(c, ids, texts) for c, ids in zip(comps, prompt_ids, strict=True)],
+            top_logprobs_type(),
+        )
+    if outputs.get("prompt_logprobs"):
+        cols["prompt_logprobs"] = pa.array([c.prompt_logprobs for c in comps], pa.list_(pa.float32()))
+    if outputs.get("settings"):
+        cols["settings"] = pa.array([settings[g.row] for g in generated], pa.string())
+    if outputs.get("beam_score"):
+        cols["beam_score"] = pa.array([c.beam_score for c in comps], pa.float64())
+    return cols
 
 
 SCORE_COLUMNS = (

@@ -1,5 +1,10 @@
-"""Shared fixtures: tiny real models built in-process, and a job home / cache per test session."""
+"""Shared fixtures: tiny real models built in-process, and a job home / cache per test session.
 
+`make test` runs the suite in two processes (pytest-xdist); each then computes on one thread, so the two never
+wait on each other's OpenMP barriers, and both share one model cache (the demo model converts once, under its lock).
+"""
+
+import os
 import pathlib
 import sys
 
@@ -8,6 +13,14 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from tiny_models import build_tiny_gpt2, build_tiny_llama_chat  # noqa: E402
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"  # this process and the workers it starts
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -20,10 +33,12 @@ def runner_home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def runner_cache(tmp_path_factory):
-    """One model cache for the session (the demo model converts once); RUNNER_TEST_CACHE reuses one across runs."""
-    import os
-
-    path = os.environ.get("RUNNER_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    """One model cache for the session (the demo model converts once); RUNNER_TEST_CACHE reuses one across runs.
+    Under xdist the folder above each worker's base is shared by all of them."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent / "cache" if os.environ.get("PYTEST_XDIST_WORKER") else base / "cache"
+    path = os.environ.get("RUNNER_TEST_CACHE") or str(shared)
+    pathlib.Path(path).mkdir(parents=True, exist_ok=True)
     old = os.environ.get("RUNNER_CACHE")
     os.environ["RUNNER_CACHE"] = path
     yield pathlib.Path(path)
@@ -48,8 +63,6 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="session")
 def test_device():
     """Where the engine tests run: RUNNER_TEST_DEVICE (benchmarks/gpu_check.sh sets cuda), else cpu."""
-    import os
-
     return os.environ.get("RUNNER_TEST_DEVICE", "cpu")
 
 

@@ -27,6 +27,7 @@ from runner.ray import Generate
 
 # Every test below starts actors on a Ray instance: `make test` runs them, test-fast not.
 slow = pytest.mark.slow
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray instance: under `pytest -n`, one process runs this module
 ACTOR_CPUS = 0.5  # two actors leave a CPU of the 2 for Ray Data's read and write tasks
 
 
