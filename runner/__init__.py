@@ -22,17 +22,20 @@ __version__ = "0.1.0"
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import InputError, ModelLoadError, ParamError, RunnerError  # noqa: E402
-from .params import EngineOptions, GenerationParams  # noqa: E402
+from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams  # noqa: E402
 
 __all__ = [
+    "EmbedParams",
     "EngineOptions",
     "GenerationParams",
     "InputError",
     "ModelLoadError",
     "ParamError",
     "RunnerError",
+    "ScoreParams",
     "__version__",
     "cancel",
+    "export_results",
     "generate",
     "load_results",
     "open_job",
@@ -41,6 +44,7 @@ __all__ = [
     "report",
     "retry",
     "run",
+    "run_batch",
     "run_job",
     "status",
     "submit",
@@ -80,8 +84,12 @@ def __getattr__(name: str):
         from . import jobdir
 
         return getattr(jobdir, name)
-    if name == "read_errors":
-        from .results import read_errors
+    if name in ("read_errors", "export_results"):
+        from . import results
 
-        return read_errors
+        return getattr(results, name)
+    if name == "run_batch":
+        from .openai_batch import run_batch
+
+        return run_batch
     raise AttributeError(f"module 'runner' has no attribute {name!r}")

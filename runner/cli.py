@@ -640,66 +640,29 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
     """Export a job's results (in input order) to a file, or preview them."""
     from pathlib import Path
 
-    from .results import load_results
+    from .results import EXPORT_SUFFIXES, export_results, load_results
 
-    if fmt == "openai":
-        from . import jobdir, openai_batch
-
-        if to_path is None:
-            raise click.UsageError("--format openai needs --to FILE.jsonl")
-        lines, errors = openai_batch.export(jobdir.open_job(job_ref, ctx.obj["home"]), to_path, errors_to)
-        _echo(
-            f"wrote {lines:,} responses to {to_path}"
-            + (f" and {errors:,} errors beside it" if errors else "")
-        )
-        return
-    df = load_results(job_ref, ctx.obj["home"])
+    if fmt == "openai" and to_path is None:
+        raise click.UsageError("--format openai needs --to FILE.jsonl")
     if to_path is None:
+        df = load_results(job_ref, ctx.obj["home"])
         preview = ["id", "sample", "finish_reason", "completion_tokens", "logprob", "perplexity", "num_tokens",
                    "context", "continuation", "text"]  # fmt: skip
         click.echo(df[[c for c in preview if c in df.columns]].head(20).to_string(max_colwidth=60))
         click.echo(f"({len(df):,} rows; --to FILE to export)")
         return
     suffix = Path(to_path).suffix.lower()
-    if suffix == ".parquet":
-        df.to_parquet(to_path, index=False)
-    elif suffix == ".jsonl":
-        df.to_json(to_path, orient="records", lines=True, force_ascii=False)
-    elif suffix == ".json":
-        df.to_json(to_path, orient="records", force_ascii=False)  # one JSON array, as the name says
-    elif suffix == ".csv":
-        _as_json_text(df).to_csv(to_path, index=False)
-    else:
+    if fmt == "table" and suffix not in EXPORT_SUFFIXES:
         raise click.BadParameter(
             f"unknown type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .parquet", param_hint="--to"
         )
-    _echo(f"wrote {len(df):,} rows to {to_path}")
-
-
-def _as_json_text(df: Any) -> Any:
-    """List and struct columns as JSON text (a CSV cell cannot hold a list; pandas would write a truncated
-    numpy repr such as `[276 438 ... 221]`)."""
-    import json
-
-    import numpy as np
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, np.ndarray):
-            return [plain(x) for x in v.tolist()]
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v.item() if isinstance(v, np.generic) else v
-
-    def cell(v: Any) -> Any:
-        return json.dumps(plain(v), ensure_ascii=False) if isinstance(v, (np.ndarray, list, dict)) else v
-
-    out = df.copy()
-    for col in out.columns:
-        if out[col].dtype == object:
-            out[col] = out[col].map(cell)
-    return out
+    rows, errors = export_results(job_ref, to_path, ctx.obj["home"], fmt, errors_to)
+    if fmt == "openai":
+        _echo(
+            f"wrote {rows:,} responses to {to_path}" + (f" and {errors:,} errors beside it" if errors else "")
+        )
+    else:
+        _echo(f"wrote {rows:,} rows to {to_path}")
 
 
 @cli.command()

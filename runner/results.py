@@ -436,6 +436,69 @@ def load_results(
     return table.to_pandas()
 
 
+EXPORT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def export_results(
+    source: str | os.PathLike,
+    to: str | os.PathLike,
+    home: str | os.PathLike | None = None,
+    format: str = "table",
+    errors_to: str | os.PathLike | None = None,
+) -> tuple[int, int]:
+    """`runner results JOB --to FILE`: write a job's results (in input order) to FILE, its type by suffix
+    (.jsonl, .json as one array, .csv with lists as JSON text, .parquet). With `format="openai"`, one OpenAI
+    Batch output line per request, and the requests that could not be done to `errors_to` (default beside it,
+    FILE.errors.jsonl). Returns (rows or lines written, error lines written)."""
+    from . import jobdir
+
+    if format == "openai":
+        from . import openai_batch
+
+        return openai_batch.export(jobdir.open_job(source, home), to, errors_to)
+    if format != "table":
+        raise ValueError(f"format must be 'table' or 'openai', got {format!r}")
+    suffix = Path(to).suffix.lower()
+    if suffix not in EXPORT_SUFFIXES:
+        raise ValueError(f"unknown type {suffix or '(none)'!r} of {to}; use .jsonl, .json, .csv or .parquet")
+    df = load_results(source, home)
+    if suffix == ".parquet":
+        df.to_parquet(to, index=False)
+    elif suffix == ".jsonl":
+        df.to_json(to, orient="records", lines=True, force_ascii=False)
+    elif suffix == ".json":
+        df.to_json(to, orient="records", force_ascii=False)  # one JSON array, as the name says
+    else:
+        _as_json_text(df).to_csv(to, index=False)
+    return len(df), 0
+
+
+def _as_json_text(df: Any) -> Any:
+    """List and struct columns as JSON text (a CSV cell cannot hold a list; pandas would write a truncated
+    numpy repr such as `[276 438 ... 221]`)."""
+    import json
+
+    import numpy as np
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            return [plain(x) for x in v.tolist()]
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v.item() if isinstance(v, np.generic) else v
+
+    def cell(v: Any) -> Any:
+        return json.dumps(plain(v), ensure_ascii=False) if isinstance(v, (np.ndarray, list, dict)) else v
+
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object:
+            out[col] = out[col].map(cell)
+    return out
+
+
 def read_errors(source: str | os.PathLike, home: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Rows of a job that could not be done: invalid input rows (stage `validate`), then rows that failed at
     run time (out of memory alone, NaN/inf even in float32, a row that crashes workers), each with id, line,

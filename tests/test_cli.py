@@ -163,6 +163,15 @@ def test_results_export_lists_as_json_in_csv_and_an_array_in_json(prompts, tiny_
     assert invoke("results", tmp_path / "o", "--to", tmp_path / "r.json").exit_code == 0
     data = json.loads((tmp_path / "r.json").read_text())
     assert isinstance(data, list) and [r["id"] for r in data] == ["a", "b"]
+    # The same export from Python; a type it cannot write is refused before anything is read.
+    import runner
+
+    assert runner.export_results(tmp_path / "o", tmp_path / "p.jsonl") == (2, 0)
+    assert [json.loads(line)["id"] for line in (tmp_path / "p.jsonl").read_text().splitlines()] == ["a", "b"]
+    with pytest.raises(ValueError, match="unknown type '.txt'"):
+        runner.export_results(tmp_path / "o", tmp_path / "p.txt")
+    bad = invoke("results", tmp_path / "o", "--to", tmp_path / "r.txt")
+    assert bad.exit_code == 2 and "unknown type '.txt'" in bad.output
 
 
 def test_home_is_taken_after_the_command_too(tmp_path, prompts, tiny_gpt2, monkeypatch):

@@ -1,4 +1,5 @@
-"""The shape of the package: module-level imports form no cycle, and every command has a Python call."""
+"""The shape of the package: module-level imports form no cycle, every command has a Python call, and every
+function reads in one screen."""
 
 import ast
 from pathlib import Path
@@ -43,10 +44,43 @@ def test_module_imports_have_no_cycle():
     assert "jobdir" in graph and "jobs" not in graph["jobdir"] and "worker" not in graph["jobdir"]
 
 
-def test_every_job_command_is_a_python_call():
+# Each `runner` command and the public call it is a thin layer over (score and embed are `run` with their params).
+COMMAND_CALLS = {
+    "status": "status", "cancel": "cancel", "retry": "retry", "repair": "repair", "report": "report",
+    "submit": "submit", "work": "work", "run": "run", "score": "run", "embed": "run", "generate": "generate",
+    "watch": "watch", "results": "export_results", "run-batch": "run_batch",
+}  # fmt: skip
+
+
+def test_every_command_is_a_python_call():
     from runner.cli import cli
 
-    for name in ("status", "cancel", "retry", "repair", "report", "submit", "work", "run"):
-        assert name in cli.commands
-        assert callable(getattr(runner, name)), name
+    assert set(cli.commands) == set(COMMAND_CALLS), "a new command needs its public call here (and in runner)"
+    for call in COMMAND_CALLS.values():
+        assert call in runner.__all__ and callable(getattr(runner, call)), call
     assert callable(runner.load_results) and callable(runner.read_errors) and callable(runner.open_job)
+
+
+def code_lines(node: ast.FunctionDef, source: list[str]) -> int:
+    """Lines of a function's body that are code: no docstring, blank line or comment line."""
+    body = node.body
+    first = body[0]
+    is_doc = (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    )
+    start = first.end_lineno + 1 if is_doc else first.lineno
+    lines = source[start - 1 : node.end_lineno]
+    return sum(1 for line in lines if line.strip() and not line.strip().startswith("#"))
+
+
+def test_every_function_reads_in_one_screen():
+    """No function (or class-making function) of the package over 60 lines of code."""
+    long = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        source = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(source))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and code_lines(node, source) > 60:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({code_lines(node, source)} lines)")
+    assert not long, long

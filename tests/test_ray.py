@@ -27,7 +27,8 @@ from runner.ray import Generate
 
 # Every test below starts actors on a Ray instance: `make test` runs them, test-fast not.
 slow = pytest.mark.slow
-pytestmark = pytest.mark.xdist_group("ray")  # one Ray instance: under `pytest -n`, one process runs this module
+# One Ray instance: under `pytest -n`, one process runs this whole module.
+pytestmark = pytest.mark.xdist_group("ray")
 ACTOR_CPUS = 0.5  # two actors leave a CPU of the 2 for Ray Data's read and write tasks
 
 
