@@ -148,6 +148,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--profile", action="store_true", help="torch.profiler breakdown of the runner default path"
     )
+    ap.add_argument(
+        "--busy-beside",
+        type=int,
+        default=0,
+        help="fixed workload: also time runner's default path beside N busy-loop processes (a shared machine), "
+        "against its fair share of the CPU",
+    )
     ap.add_argument("--seed", type=int, default=0, help="init seed of the gpt2-random model")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument(

@@ -111,6 +111,8 @@ def fixed(b: Bench) -> None:
     default_bs, budget = b.defaults()
     runner_sweep(b, default_bs, budget)  # first, so a crash there shows up before the slow naive loop
     ablations(b, default_bs, budget)
+    if b.args.busy_beside > 0:
+        beside_busy_loops(b, default_bs, budget, b.args.busy_beside)
     if b.args.lp_repeats > 0:
         logprob_overhead(b, default_bs, budget)
     if not b.args.skip_pipeline:
@@ -160,6 +162,34 @@ def ablations(b: Bench, default_bs: int, budget: int) -> None:
             continue  # not in use for this model and device: nothing to switch off
         with levers_off(b.engine, *which):
             timed_runner(b, name, default_bs, budget)
+
+
+def beside_busy_loops(b: Bench, default_bs: int, budget: int, loops: int) -> None:
+    """runner's default path again while LOOPS processes spin on the CPU (as another user's job does on a shared
+    machine or a Colab VM). Its fair share: with T threads beside N spinning processes on C cores, the
+    scheduler gives it C*T/(T+N) cores at most T; throughput should fall in proportion, not collapse."""
+    import subprocess
+    import sys
+
+    import torch
+
+    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    share = min(threads, cores * threads / (threads + loops)) / min(threads, cores)
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(loops)]
+    try:
+        timed_runner(b, f"runner (default) beside {loops} busy loop{'s' * (loops > 1)}", default_bs, budget)
+    finally:
+        for proc in spin:
+            proc.kill()
+            proc.wait()
+    alone = next(m for m in b.res["methods"] if m["name"] == "runner (default)")
+    row = b.res["methods"][-1]
+    b.res["under_load"] = {
+        "busy_loops": loops, "cores": cores, "threads": threads, "fair_share": share,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "throughput_vs_alone": row["tokens_per_second"] / alone["tokens_per_second"],
+    }  # fmt: skip
+    b.res["under_load"]["throughput_per_share"] = b.res["under_load"]["throughput_vs_alone"] / share
 
 
 def logprob_overhead(b: Bench, default_bs: int, budget: int) -> None:

@@ -98,13 +98,18 @@ def test_realistic_runner_rows_per_value_of_the_ab_option(bench, tiny_gpt2, tmp_
     assert res["ratios"]["runner continuous_batching=True / continuous_batching=False"] > 0
 
 
-def test_fixed_workload_rows(bench, tiny_gpt2, tmp_path):
-    res = run_bench(bench, tmp_path, "--model", tiny_gpt2, "--num-prompts", 4, "--lp-repeats", 1)
+def test_fixed_workload_rows(bench, tiny_gpt2, tmp_path, capsys):
+    res = run_bench(bench, tmp_path, "--model", tiny_gpt2, "--num-prompts", 4, "--lp-repeats", 1,
+                    "--busy-beside", 1)  # fmt: skip
     names = [m["name"] for m in res["methods"]]
-    assert names[:3] == ["runner bs=8", "runner bs=16", "runner (default)"] and names[-2:] == [
-        "pipeline bs=16", "naive generate bs=1"
+    assert names[:3] == ["runner bs=8", "runner bs=16", "runner (default)"] and names[-3:] == [
+        "runner (default) beside 1 busy loop", "pipeline bs=16", "naive generate bs=1"
     ]  # fmt: skip
     assert any("all levers off" in n for n in names)
+    load = res["under_load"]  # --threads 1 beside 1 loop: a whole core each on 2+ cores, half of one on 1
+    assert load["busy_loops"] == 1 and load["fair_share"] == (1.0 if load["cores"] >= 2 else 0.5)
+    assert load["throughput_per_share"] > 0 and load["omp_wait_policy"] == "PASSIVE"
+    assert "under load: runner (default) beside 1 busy loop(s) on " in capsys.readouterr().out
     for m in res["methods"]:
         assert_positive(m, "seconds", "tokens_per_second", "peak_memory_bytes")
         assert m["generated_tokens"] == 4 * 8  # exactly --max-new-tokens each (--quick: 8)
