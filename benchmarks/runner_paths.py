@@ -18,9 +18,10 @@ from pathlib import Path
 
 from measure import sync
 
-KERNEL_OF_LEVER = {"onednn": "onednn_linear", "fused_gelu": "fused_gelu"}  # runner/kernels.py's names
-LEVERS = {
-    "onednn": "oneDNN for decode matmuls (runner/kernels.py)",
+KERNEL_OF_LEVER = {"onednn": "onednn_linear", "packed_weights": "onednn_packed", "fused_gelu": "fused_gelu"}
+LEVERS = {  # KERNEL_OF_LEVER: the levers that are runner/kernels.py's, by its names
+    "onednn": "oneDNN for CPU matmuls (runner/kernels.py)",
+    "packed_weights": "weights packed for oneDNN (runner/kernels.py)",
     "fused_gelu": "fused GELU for gelu_new (runner/kernels.py)",
     "grouped_decode": "decode attention per length group (kvcache.GroupedCache)",
     "prefill_and_cache": "grouped prefill + in-place KV cache (kvcache.GrowingLayer)",
@@ -35,7 +36,10 @@ def levers_off(engine, *which: str):
     from runner import kernels
 
     model = engine.model
-    swapped = [KERNEL_OF_LEVER[lever] for lever in which if lever in KERNEL_OF_LEVER]
+    swapped = [KERNEL_OF_LEVER[lever] for lever in which if lever in ("onednn", "fused_gelu")]
+    unpacked = {} if not {"onednn", "packed_weights"} & set(which) else {  # put back on exit, not repacked
+        m: m.__dict__.pop(kernels.PACKED) for m in model.modules() if kernels.PACKED in m.__dict__
+    }
     saved = (engine.prefill_tokens, engine._merge_caches, engine._grouped, engine_mod.PREFILL_MIN_FILL)
     attn = model.config._attn_implementation
     try:
@@ -52,7 +56,9 @@ def levers_off(engine, *which: str):
         if model.config._attn_implementation != attn:
             model.set_attn_implementation(attn)
         if swapped:
-            kernels.install(model)
+            kernels.install(model, pack=False)
+        for m, packed in unpacked.items():
+            m.__dict__[kernels.PACKED] = packed
 
 
 def plain_transformers(engine):

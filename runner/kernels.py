@@ -2,13 +2,18 @@
 
 `install` changes, per layer instance (never the classes, never the weights), two things:
 
-* oneDNN for the small matmuls of decoding on a CPU. A decode step multiplies every weight matrix by only one
-  row per sequence of the batch (64 rows by default). PyTorch sends a float32 CPU linear layer to MKL's sgemm,
-  which on the project's 2-core dev machine (AMD EPYC, AVX2) reaches 40-80 GFLOP/s at 64 rows; oneDNN's kernel
-  (`torch.ops.mkldnn._linear_pointwise`, the one torch.compile's CPU backend emits) reaches 85-100 on the same
-  weights, read in place. The model's Linear layers (and GPT-2's Conv1D) go to oneDNN for calls of up to
-  SMALL_ROWS rows; bigger calls (the prompt pass) stay with MKL, which is faster there. No weight is copied.
-  Float32 on CPU only, and only where the op exists and agrees with `torch.nn.functional.linear` on a probe.
+* oneDNN for the matmuls on a CPU, with each weight packed once into oneDNN's own blocked layout. A decode step
+  multiplies every weight matrix by only one row per sequence of the batch (64 rows by default). PyTorch sends a
+  float32 CPU linear layer to MKL's sgemm, which repacks the weight on every call; on the project's 2-core dev
+  machine it reaches 40-80 GFLOP/s at 64 rows. oneDNN's kernel (`torch.ops.mkldnn._linear_pointwise`, the one
+  torch.compile's CPU backend emits) reaches 85-140 on the weights read in place, and 90-215 on weights packed
+  once by `torch.ops.mkldnn._reorder_linear_weight` (the packing inductor does), at every row count measured
+  (1 to 4,096): so a packed layer sends every call to oneDNN, the prompt pass included. The packed copy costs
+  the layer's weight size once more in memory, so layers are packed only while the machine's available memory
+  keeps twice that to spare (PACK_MEMORY_FACTOR); unpacked layers send calls of up to SMALL_ROWS rows to oneDNN
+  on the weight in place and bigger ones to MKL (faster there on an AVX2 machine). The model's own weights are
+  never changed or copied over. Float32 on CPU only, and only where the ops exist and agree with
+  `torch.nn.functional.linear` on a probe.
 * GPT-2's activation, "gelu_new" (transformers' NewGELUActivation: seven elementwise ops, each a pass over
   memory), as PyTorch's fused `gelu(approximate="tanh")`: the same formula, which transformers itself ships as
   "gelu_pytorch_tanh" ("equivalent to NewGELU ... but much faster; not an exact numerical match due to
@@ -24,7 +29,9 @@ from __future__ import annotations
 import types
 from typing import Any
 
-SMALL_ROWS = 256  # up to this many rows per call: oneDNN; more: MKL (measured: MKL wins from ~1,000 rows)
+SMALL_ROWS = 256  # unpacked layers: up to this many rows per call oneDNN, more MKL (MKL won from ~1,000 on AVX2)
+PACK_MEMORY_FACTOR = 2  # the packed copies take at most available memory / this
+PACKED = "_runner_packed_weight"  # the attribute holding a layer's packed copy
 
 
 def _onednn(x: Any, weight: Any, bias: Any) -> Any:
@@ -34,21 +41,44 @@ def _onednn(x: Any, weight: Any, bias: Any) -> Any:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def available() -> bool:
-    """Whether this torch has the oneDNN linear op and it computes what F.linear computes."""
+def _pack(weight: Any) -> Any:
+    """`weight` ([out, in], any strides) in oneDNN's blocked layout: an opaque tensor only `_onednn` reads."""
+    import torch
+
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+def available(packed: bool = False) -> bool:
+    """Whether this torch has the oneDNN linear op (and, with `packed`, its weight packing) and it computes
+    what F.linear computes."""
     import torch
 
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
+    if packed and not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
     try:
         gen = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(s, generator=gen) for s in ((3, 1, 16), (8, 16), (8,)))
+        prep = _pack if packed else (lambda t: t)
         with torch.inference_mode():
-            ok = torch.allclose(_onednn(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4)
-            ok = ok and torch.allclose(_onednn(x, w.t().contiguous().t(), None), x @ w.t(), atol=1e-4)
+            ok = torch.allclose(_onednn(x, prep(w), b), torch.nn.functional.linear(x, w, b), atol=1e-4)
+            ok = ok and torch.allclose(_onednn(x, prep(w.t().contiguous().t()), None), x @ w.t(), atol=1e-4)
         return bool(ok)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
+
+
+def _available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where unknown: then nothing is packed)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _small(x: Any) -> bool:
@@ -58,7 +88,16 @@ def _small(x: Any) -> bool:
     return x.dim() >= 2 and x.numel() // max(1, x.shape[-1]) <= SMALL_ROWS and not torch.is_grad_enabled()
 
 
+def _packed_ok(self: Any, x: Any) -> bool:
+    import torch
+
+    # inputs of another dtype or device (the model was moved after install), or gradients on: the layer's own
+    return PACKED in self.__dict__ and x.dtype == torch.float32 and not x.is_cuda and not torch.is_grad_enabled()
+
+
 def _linear_forward(self: Any, x: Any) -> Any:
+    if _packed_ok(self, x):
+        return _onednn(x, self.__dict__[PACKED], self.bias)
     if _small(x):
         return _onednn(x, self.weight, self.bias)
     return type(self).forward(self, x)
@@ -66,6 +105,8 @@ def _linear_forward(self: Any, x: Any) -> Any:
 
 def _conv1d_forward(self: Any, x: Any) -> Any:
     # transformers' Conv1D keeps its weight as [in, out]: its transpose is the [out, in] view oneDNN takes
+    if _packed_ok(self, x):
+        return _onednn(x, self.__dict__[PACKED], self.bias)
     if _small(x):
         return _onednn(x, self.weight.t(), self.bias)
     return type(self).forward(self, x)
@@ -77,29 +118,50 @@ def _gelu_forward(self: Any, x: Any) -> Any:
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
-def install(model: Any) -> dict[str, int]:
+def install(model: Any, pack: bool = True) -> dict[str, int]:
     """Swap the kernels described above into `model`. Returns how many layers got each:
-    {"onednn_linear": n, "fused_gelu": m}."""
+    {"onednn_linear": n, "onednn_packed": k (of those n), "fused_gelu": m}. `pack=False` never packs."""
     import torch
     from transformers.activations import NewGELUActivation
     from transformers.pytorch_utils import Conv1D
 
-    use_onednn = available()
-    counts = {"onednn_linear": 0, "fused_gelu": 0}
+    counts = {"onednn_linear": 0, "onednn_packed": 0, "fused_gelu": 0}
+    linears = []
     for module in model.modules():
         kind = type(module)  # exact types: subclasses (quantized, LoRA...) keep their own forward
         if kind is NewGELUActivation:
             module.forward = types.MethodType(_gelu_forward, module)
             counts["fused_gelu"] += 1
-            continue
-        if not use_onednn or kind not in (torch.nn.Linear, Conv1D):
-            continue
-        if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
-            continue
-        forward = _linear_forward if kind is torch.nn.Linear else _conv1d_forward
+        elif kind in (torch.nn.Linear, Conv1D) and module.weight.dtype == torch.float32:
+            linears += [module] if module.weight.device.type == "cpu" else []
+    if not linears or not available():
+        return counts
+    for module in linears:
+        forward = _linear_forward if type(module) is torch.nn.Linear else _conv1d_forward
         module.forward = types.MethodType(forward, module)
-        counts["onednn_linear"] += 1
+    counts["onednn_linear"] = len(linears)
+    counts["onednn_packed"] = _pack_layers(linears) if pack else 0
     return counts
+
+
+def _pack_layers(linears: list[Any]) -> int:
+    """Give each layer its packed weight while memory allows (see the module's docstring); how many got one."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if not available(packed=True):
+        return 0
+    budget = _available_memory() // PACK_MEMORY_FACTOR  # what the packed copies may take in all
+    packed = 0
+    for module in linears:
+        budget -= module.weight.numel() * module.weight.element_size()
+        if budget < 0:
+            break
+        weight = module.weight.t() if type(module) is Conv1D else module.weight
+        with torch.inference_mode():
+            module.__dict__[PACKED] = _pack(weight.detach())
+        packed += 1
+    return packed
 
 
 def uninstall(model: Any, which: tuple[str, ...] = ("onednn_linear", "fused_gelu")) -> None:
@@ -110,3 +172,4 @@ def uninstall(model: Any, which: tuple[str, ...] = ("onednn_linear", "fused_gelu
         forward = module.__dict__.get("forward")
         if getattr(forward, "__func__", None) in undo:
             del module.forward
+            module.__dict__.pop(PACKED, None)

@@ -124,34 +124,56 @@ def test_decode_groups_cover_every_row_and_merge_the_cheapest_neighbours(most):
 needs_onednn = pytest.mark.skipif(not kernels.available(), reason="this torch has no usable oneDNN linear")
 
 
-@needs_onednn
-def test_onednn_layers_compute_what_the_layers_compute(monkeypatch):
+def _three_layers():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8, bias=False), Conv1D(12, 8))
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8, bias=False), Conv1D(12, 8))
+
+
+@needs_onednn
+@pytest.mark.parametrize("pack", [False, True])
+def test_onednn_layers_compute_what_the_layers_compute(monkeypatch, pack):
+    """Unpacked: small calls to oneDNN, big ones to the layer's own forward. Packed: every call to oneDNN on the
+    packed copy. Either way the same numbers, and with gradients on the layers' own differentiable forward."""
+    model = _three_layers()
     x_small = torch.randn(5, 1, 16)
     x_big = torch.randn(kernels.SMALL_ROWS + 1, 16)
     with torch.inference_mode():
         want = [model(x_small), model(x_big)]
     calls = []
     real = kernels._onednn
-    monkeypatch.setattr(kernels, "_onednn", lambda x, w, b: calls.append(x.shape[0]) or real(x, w, b))
-    assert kernels.install(model) == {"onednn_linear": 3, "fused_gelu": 0}
-    calls.clear()  # install's own probe
+    monkeypatch.setattr(kernels, "_onednn", lambda x, w, b: calls.append((x.shape[0], w.is_mkldnn)) or real(x, w, b))
+    assert kernels.install(model, pack=pack) == {"onednn_linear": 3, "onednn_packed": 3 * pack, "fused_gelu": 0}
+    calls.clear()  # install's own probes
     with torch.inference_mode():
         got = [model(x_small), model(x_big)]
-    assert calls == [5, 5, 5]  # small calls went to oneDNN, the big one stayed with the layers' own forward
+    big = kernels.SMALL_ROWS + 1
+    assert calls == ([(5, True)] * 3 + [(big, True)] * 3 if pack else [(5, False)] * 3)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and torch.allclose(g, w, atol=1e-5)
+    calls.clear()
     out = model(x_small)  # with gradients on: the layers' own forward, differentiable
-    assert out.requires_grad and calls == [5, 5, 5]
+    assert out.requires_grad and calls == []
     kernels.uninstall(model)
-    assert all("forward" not in m.__dict__ for m in model)
+    assert all("forward" not in m.__dict__ and kernels.PACKED not in m.__dict__ for m in model)
+
+
+@needs_onednn
+def test_layers_are_packed_only_while_memory_keeps_twice_their_size_to_spare(monkeypatch):
+    model = _three_layers()
+    sizes = [m.weight.numel() * 4 for m in model]  # 16*32, 32*8 and 12*8 float32
+    monkeypatch.setattr(kernels, "_available_memory", lambda: 2 * (sizes[0] + sizes[1]))
+    assert kernels.install(model)["onednn_packed"] == 2
+    assert [kernels.PACKED in m.__dict__ for m in model] == [True, True, False]
+    kernels.uninstall(model)
+    monkeypatch.setattr(kernels, "_available_memory", lambda: 0)  # unknown: nothing packed, oneDNN still used
+    assert kernels.install(model) == {"onednn_linear": 3, "onednn_packed": 0, "fused_gelu": 0}
+    kernels.uninstall(model)
 
 
 @needs_onednn
 def test_engine_on_cpu_uses_onednn_and_stays_exact(gpt2_engine, monkeypatch):
     engine = gpt2_engine
-    assert engine.kernels["onednn_linear"] > 0
+    assert engine.kernels["onednn_linear"] > 0 and engine.kernels["onednn_packed"] == engine.kernels["onednn_linear"]
     prompts = ids_of(engine, PROMPTS)
     params = GenerationParams(max_new_tokens=8)
     with_onednn = engine.generate(prompts, params)
