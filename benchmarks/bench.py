@@ -47,6 +47,8 @@ import report
 import workloads
 from measure import machine_info, matmul_flops, param_counts, tune_malloc
 
+import runner  # noqa: F401  (before torch starts OpenMP: its thread wait setting, as the `runner` command has)
+
 MODELS = ("smollm2", "gpt2-random", "smollm2-random")
 SHAPES_ENV = (
     "RUNNER_BENCH_SHAPES"  # a folder from --export-shapes: SmolLM2's tokenizer and config, no weights

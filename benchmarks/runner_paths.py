@@ -37,9 +37,13 @@ def levers_off(engine, *which: str):
 
     model = engine.model
     swapped = [KERNEL_OF_LEVER[lever] for lever in which if lever in ("onednn", "fused_gelu")]
-    unpacked = {} if not {"onednn", "packed_weights"} & set(which) else {  # put back on exit, not repacked
-        m: m.__dict__.pop(kernels.PACKED) for m in model.modules() if kernels.PACKED in m.__dict__
-    }
+    unpacked = (
+        {}
+        if not {"onednn", "packed_weights"} & set(which)
+        else {  # put back on exit, not repacked
+            m: m.__dict__.pop(kernels.PACKED) for m in model.modules() if kernels.PACKED in m.__dict__
+        }
+    )
     saved = (engine.prefill_tokens, engine._merge_caches, engine._grouped, engine_mod.PREFILL_MIN_FILL)
     attn = model.config._attn_implementation
     try:

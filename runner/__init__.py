@@ -15,11 +15,17 @@ import os as _os
 
 __version__ = "0.1.0"
 
-# OpenMP threads that wait by sleeping, not spinning: on a shared CPU (Colab, a busy 2-core VM) spinning
-# threads burn the core another process needs, and generation at load 5 ran 3-16x slower with the default
-# policy (benchmarks/RESULTS.md, "Under load"). Read once, when torch starts its OpenMP runtime, so it only
-# takes effect if runner is imported first (the `runner` command always is); a value already set is kept.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that spin only briefly, then sleep: on a shared CPU (Colab, a busy 2-core VM) threads spinning
+# at barriers burn the core another process needs (generation beside one busy process ran at 0.11-0.14 of its
+# speed alone with libgomp's default spin, 0.41 with ACTIVE), while sleeping at once (OMP_WAIT_POLICY=PASSIVE)
+# costs ~15% on an idle machine. A 1,000-iteration spin (~10 us) keeps most of the idle speed and degrades in
+# proportion to the CPU it gets (benchmarks/RESULTS.md, "Under load"). libgomp (PyPI torch) reads
+# GOMP_SPINCOUNT; Intel OpenMP (some other builds) reads KMP_BLOCKTIME, 0 = sleep at once. Read when torch
+# starts its OpenMP runtime, so it takes effect if runner is imported first (the `runner` command and its
+# workers always do); a user's own OpenMP wait setting is kept as is.
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"} & set(_os.environ):
+    _os.environ["GOMP_SPINCOUNT"] = "1000"
+    _os.environ["KMP_BLOCKTIME"] = "0"
 
 from .errors import InputError, ModelLoadError, ParamError, RunnerError  # noqa: E402
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams  # noqa: E402

@@ -29,7 +29,9 @@ from __future__ import annotations
 import types
 from typing import Any
 
-SMALL_ROWS = 256  # unpacked layers: up to this many rows per call oneDNN, more MKL (MKL won from ~1,000 on AVX2)
+SMALL_ROWS = (
+    256  # unpacked layers: up to this many rows per call oneDNN, more MKL (MKL won from ~1,000 on AVX2)
+)
 PACK_MEMORY_FACTOR = 2  # the packed copies take at most available memory / this
 PACKED = "_runner_packed_weight"  # the attribute holding a layer's packed copy
 
@@ -92,7 +94,9 @@ def _packed_ok(self: Any, x: Any) -> bool:
     import torch
 
     # inputs of another dtype or device (the model was moved after install), or gradients on: the layer's own
-    return PACKED in self.__dict__ and x.dtype == torch.float32 and not x.is_cuda and not torch.is_grad_enabled()
+    return (
+        PACKED in self.__dict__ and x.dtype == torch.float32 and not x.is_cuda and not torch.is_grad_enabled()
+    )
 
 
 def _linear_forward(self: Any, x: Any) -> Any:

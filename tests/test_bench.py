@@ -108,7 +108,7 @@ def test_fixed_workload_rows(bench, tiny_gpt2, tmp_path, capsys):
     assert any("all levers off" in n for n in names)
     load = res["under_load"]  # --threads 1 beside 1 loop: a whole core each on 2+ cores, half of one on 1
     assert load["busy_loops"] == 1 and load["fair_share"] == (1.0 if load["cores"] >= 2 else 0.5)
-    assert load["throughput_per_share"] > 0 and load["omp_wait_policy"] == "PASSIVE"
+    assert load["throughput_per_share"] > 0 and load["openmp_wait"] == "GOMP_SPINCOUNT=1000 KMP_BLOCKTIME=0"
     assert "under load: runner (default) beside 1 busy loop(s) on " in capsys.readouterr().out
     for m in res["methods"]:
         assert_positive(m, "seconds", "tokens_per_second", "peak_memory_bytes")

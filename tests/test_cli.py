@@ -225,16 +225,24 @@ def test_inside_a_notebook_the_command_raises_system_exit(monkeypatch, tmp_path)
     assert e.value.code == 1
 
 
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_threads_wait_passively_unless_told_otherwise(given, expected):
+WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ({}, {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+        ({"GOMP_SPINCOUNT": "300000"}, {"GOMP_SPINCOUNT": "300000"}),
+    ],
+)
+def test_openmp_threads_spin_briefly_unless_told_otherwise(given, expected):
     """Spinning OpenMP threads starve other processes on a shared CPU: `import runner` (which the command
-    and every worker do before torch) makes them sleep-wait, unless the user chose a policy."""
+    and every worker do before torch) makes them spin briefly then sleep, unless the user chose a wait."""
     import os
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given:
-        env["OMP_WAIT_POLICY"] = given
-    code = "import runner, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARS} | given
+    code = f"import runner, os, torch; print({{k: os.environ[k] for k in {WAIT_VARS!r} if k in os.environ}})"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == expected
+    assert out.stdout.strip() == repr(expected)

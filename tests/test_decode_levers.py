@@ -141,8 +141,14 @@ def test_onednn_layers_compute_what_the_layers_compute(monkeypatch, pack):
         want = [model(x_small), model(x_big)]
     calls = []
     real = kernels._onednn
-    monkeypatch.setattr(kernels, "_onednn", lambda x, w, b: calls.append((x.shape[0], w.is_mkldnn)) or real(x, w, b))
-    assert kernels.install(model, pack=pack) == {"onednn_linear": 3, "onednn_packed": 3 * pack, "fused_gelu": 0}
+    monkeypatch.setattr(
+        kernels, "_onednn", lambda x, w, b: calls.append((x.shape[0], w.is_mkldnn)) or real(x, w, b)
+    )
+    assert kernels.install(model, pack=pack) == {
+        "onednn_linear": 3,
+        "onednn_packed": 3 * pack,
+        "fused_gelu": 0,
+    }
     calls.clear()  # install's own probes
     with torch.inference_mode():
         got = [model(x_small), model(x_big)]
@@ -173,7 +179,10 @@ def test_layers_are_packed_only_while_memory_keeps_twice_their_size_to_spare(mon
 @needs_onednn
 def test_engine_on_cpu_uses_onednn_and_stays_exact(gpt2_engine, monkeypatch):
     engine = gpt2_engine
-    assert engine.kernels["onednn_linear"] > 0 and engine.kernels["onednn_packed"] == engine.kernels["onednn_linear"]
+    assert (
+        engine.kernels["onednn_linear"] > 0
+        and engine.kernels["onednn_packed"] == engine.kernels["onednn_linear"]
+    )
     prompts = ids_of(engine, PROMPTS)
     params = GenerationParams(max_new_tokens=8)
     with_onednn = engine.generate(prompts, params)
