@@ -220,6 +220,25 @@ def decode_groups(lengths: list[int], most: int) -> list[list[int]]:
     return groups
 
 
+def _warn_if_threads_spin() -> None:
+    """On CPU with several threads: say so when `import runner` came after torch, so that its OpenMP threads
+    keep libgomp's ~3 ms spin at every wait (runner/__init__.py: several times slower on a shared CPU)."""
+    import warnings
+
+    import torch
+
+    import runner
+
+    if runner.OPENMP_WAIT_MISSED and torch.get_num_threads() > 1:
+        warnings.warn(
+            "torch was imported before runner, so its CPU threads spin at every wait (on a shared CPU this can "
+            "make generation several times slower): `import runner` before torch, or start Python with "
+            "GOMP_SPINCOUNT=1000 set",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def peak_memory_bytes(device: Any) -> int:
     """Peak memory since the last `reset_peak_memory` (a job run's start): GPU memory allocated on CUDA, the
     resident set's high-water mark (VmHWM) on Linux CPU. Where /proc is absent (macOS) it is ru_maxrss, the
@@ -307,6 +326,8 @@ class Engine:
     def _pick_speed_levers(self) -> None:
         """Prefill budget, decode groups and grouped attention for this device (module constants say why)."""
         gpu = self.device.type == "cuda"
+        if not gpu:
+            _warn_if_threads_spin()
         self.prefill_tokens = PREFILL_TOKENS_GPU if gpu else PREFILL_TOKENS_CPU
         self._merge_caches: bool | None = None  # whether this model's cache can be merged (kvcache.py)
         self.decode_groups = DECODE_GROUPS_GPU if gpu else DECODE_GROUPS_CPU

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+import runner  # noqa: F401  (before torch, as the `runner` command does: its OpenMP thread wait applies)
+
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from tiny_models import build_tiny_gpt2, build_tiny_llama_chat  # noqa: E402

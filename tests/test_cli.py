@@ -246,3 +246,18 @@ def test_openmp_threads_spin_briefly_unless_told_otherwise(given, expected):
     code = f"import runner, os, torch; print({{k: os.environ[k] for k in {WAIT_VARS!r} if k in os.environ}})"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == repr(expected)
+
+
+@pytest.mark.parametrize("torch_first", [True, False])
+def test_a_cpu_engine_warns_when_torch_came_first(tiny_gpt2, torch_first):
+    """In a notebook that imported torch before runner, the thread wait above comes too late: a CPU engine
+    with several threads says so (a warning, once), and says nothing when runner came first."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in (*WAIT_VARS, "OMP_NUM_THREADS")}
+    imports = "import torch, runner" if torch_first else "import runner, torch"
+    code = (f"{imports}; torch.set_num_threads(2); from runner.engine import Engine; Engine({tiny_gpt2!r}); "
+            f"Engine({tiny_gpt2!r})")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stderr.count("torch was imported before runner") == (1 if torch_first else 0), out.stderr
