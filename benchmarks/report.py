@@ -109,7 +109,7 @@ def fixed_details(res: dict[str, Any]) -> None:
     load = res.get("under_load")
     if load:
         print(f"under load: runner (default) beside {load['busy_loops']} busy loop(s) on {load['cores']} cores "
-              f"({load['threads']} threads, OpenMP wait: {load.get('openmp_wait') or load.get('omp_wait_policy')}) ran at "
+              f"({load['threads']} threads, OpenMP wait: {load['openmp_wait']}) ran at "
               f"{load['throughput_vs_alone']:.0%} of its speed alone; its fair share of the CPU is "
               f"{load['fair_share']:.0%} -> {load['throughput_per_share']:.2f} of proportional")  # fmt: skip
     pipe = next((r for r in res["methods"] if r["name"].startswith("pipeline")), None)

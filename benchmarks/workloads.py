@@ -34,11 +34,6 @@ from runner_paths import KERNEL_OF_LEVER, LEVERS, levers_off, plain_transformers
 
 # An EngineOptions field (another change may add it): when it exists, the realistic runner row runs per value.
 AB_OPTION = "continuous_batching"
-OPENMP_WAIT = (
-    "OMP_WAIT_POLICY",
-    "GOMP_SPINCOUNT",
-    "KMP_BLOCKTIME",
-)  # how OpenMP threads wait (runner/__init__.py)
 
 
 @dataclass
@@ -178,6 +173,8 @@ def beside_busy_loops(b: Bench, default_bs: int, budget: int, loops: int) -> Non
 
     import torch
 
+    from runner import OPENMP_WAIT_VARS
+
     threads, cores = torch.get_num_threads(), os.cpu_count() or 1
     share = min(threads, cores * threads / (threads + loops)) / min(threads, cores)
     spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(loops)]
@@ -191,7 +188,7 @@ def beside_busy_loops(b: Bench, default_bs: int, budget: int, loops: int) -> Non
     row = b.res["methods"][-1]
     b.res["under_load"] = {
         "busy_loops": loops, "cores": cores, "threads": threads, "fair_share": share,
-        "openmp_wait": " ".join(f"{k}={os.environ[k]}" for k in OPENMP_WAIT if k in os.environ) or "default",
+        "openmp_wait": " ".join(f"{k}={os.environ[k]}" for k in OPENMP_WAIT_VARS if k in os.environ) or "default",
         "throughput_vs_alone": row["tokens_per_second"] / alone["tokens_per_second"],
     }  # fmt: skip
     b.res["under_load"]["throughput_per_share"] = b.res["under_load"]["throughput_vs_alone"] / share

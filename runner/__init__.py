@@ -25,8 +25,13 @@ __version__ = "0.1.0"
 # workers always do); a user's own OpenMP wait setting is kept as is.
 # OPENMP_WAIT_MISSED: torch (and its OpenMP runtime) was loaded before runner, so the setting came too late
 # (engine.py warns on CPU).
+OPENMP_WAIT_VARS = (
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "KMP_BLOCKTIME",
+)  # any of them set: the user's choice
 OPENMP_WAIT_MISSED = False
-if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"} & set(_os.environ):
+if not set(OPENMP_WAIT_VARS) & set(_os.environ):
     OPENMP_WAIT_MISSED = "torch" in __import__("sys").modules
     _os.environ["GOMP_SPINCOUNT"] = "1000"
     _os.environ["KMP_BLOCKTIME"] = "0"

@@ -638,9 +638,7 @@ def _detail(s: Any) -> list[str]:
 @handle_errors
 def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, errors_to: str | None) -> None:
     """Export a job's results (in input order) to a file, or preview them."""
-    from pathlib import Path
-
-    from .results import EXPORT_SUFFIXES, export_results, load_results
+    from .results import export_results, export_type_problem, load_results
 
     if fmt == "openai" and to_path is None:
         raise click.UsageError("--format openai needs --to FILE.jsonl")
@@ -651,11 +649,9 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
         click.echo(df[[c for c in preview if c in df.columns]].head(20).to_string(max_colwidth=60))
         click.echo(f"({len(df):,} rows; --to FILE to export)")
         return
-    suffix = Path(to_path).suffix.lower()
-    if fmt == "table" and suffix not in EXPORT_SUFFIXES:
-        raise click.BadParameter(
-            f"unknown type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .parquet", param_hint="--to"
-        )
+    problem = export_type_problem(to_path) if fmt == "table" else None
+    if problem:
+        raise click.BadParameter(problem, param_hint="--to")
     rows, errors = export_results(job_ref, to_path, ctx.obj["home"], fmt, errors_to)
     if fmt == "openai":
         _echo(

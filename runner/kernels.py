@@ -29,9 +29,8 @@ from __future__ import annotations
 import types
 from typing import Any
 
-SMALL_ROWS = (
-    256  # unpacked layers: up to this many rows per call oneDNN, more MKL (MKL won from ~1,000 on AVX2)
-)
+# Unpacked layers: up to SMALL_ROWS rows per call oneDNN, more MKL (MKL won from ~1,000 rows on AVX2).
+SMALL_ROWS = 256
 PACK_MEMORY_FACTOR = 2  # the packed copies take at most available memory / this
 PACKED = "_runner_packed_weight"  # the attribute holding a layer's packed copy
 

@@ -439,6 +439,14 @@ def load_results(
 EXPORT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
+def export_type_problem(to: str | os.PathLike) -> str | None:
+    """Why `to` cannot be an export file (its suffix names no type export_results writes), else None."""
+    suffix = Path(to).suffix.lower()
+    if suffix in EXPORT_SUFFIXES:
+        return None
+    return f"unknown type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .parquet"
+
+
 def export_results(
     source: str | os.PathLike,
     to: str | os.PathLike,
@@ -458,9 +466,10 @@ def export_results(
         return openai_batch.export(jobdir.open_job(source, home), to, errors_to)
     if format != "table":
         raise ValueError(f"format must be 'table' or 'openai', got {format!r}")
+    problem = export_type_problem(to)
+    if problem:
+        raise ValueError(f"{to}: {problem}")
     suffix = Path(to).suffix.lower()
-    if suffix not in EXPORT_SUFFIXES:
-        raise ValueError(f"unknown type {suffix or '(none)'!r} of {to}; use .jsonl, .json, .csv or .parquet")
     df = load_results(source, home)
     if suffix == ".parquet":
         df.to_parquet(to, index=False)

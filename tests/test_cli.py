@@ -225,7 +225,7 @@ def test_inside_a_notebook_the_command_raises_system_exit(monkeypatch, tmp_path)
     assert e.value.code == 1
 
 
-WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+WAIT_VARS = runner.OPENMP_WAIT_VARS
 
 
 @pytest.mark.parametrize(
