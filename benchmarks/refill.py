@@ -3,7 +3,7 @@
 
 The workload a real job looks like: chat prompts of mixed length (bench.py's prompt set through the model's chat
 template), sampled (temperature 0.8, top-p 0.95, a seed per row), EOS allowed, and each row's max_new_tokens drawn
-from 8..128 with a fixed seed, so answers end at very different steps.
+from 8..128 (--max-new-tokens) with a fixed seed, so answers end at very different steps.
 
   static   the worker's plan without continuous batching: plan_batches (length-sorted, budgeted) of --batch-size
            rows, one Engine.generate per batch; a batch runs until its longest row ends.
@@ -35,13 +35,15 @@ def _bench():
     return module
 
 
-def workload(engine, n: int, greedy: bool, seed: int):
+def workload(engine, n: int, greedy: bool, seed: int, longest: int = 128):
     """(prompt token ids, GenerationParams per row, seeds), the rows in the worker's plan order."""
+    from prompts import build_prompts
+
     from runner import GenerationParams
     from runner.batching import encode, render_prompt
     from runner.tasks import sample_seed
 
-    texts = _bench().build_prompts(n, lambda t: len(engine.tokenizer(t)["input_ids"]))
+    texts = build_prompts(n, lambda t: len(engine.tokenizer(t)["input_ids"]))
     chat = bool(getattr(engine.tokenizer, "chat_template", None))
     ids = []
     for t in texts:
@@ -49,7 +51,7 @@ def workload(engine, n: int, greedy: bool, seed: int):
         ids.append(encode(engine.tokenizer, render_prompt(t, messages, engine.tokenizer), chat))
     rng = random.Random(seed)
     sampling = {"temperature": 0.0} if greedy else {"temperature": 0.8, "top_p": 0.95}
-    params = [GenerationParams(max_new_tokens=rng.randint(8, 128), **sampling) for _ in ids]
+    params = [GenerationParams(max_new_tokens=rng.randint(min(8, longest), longest), **sampling) for _ in ids]
     seeds = [sample_seed(seed, str(i), 0) for i in range(n)]
     return ids, params, seeds
 
@@ -107,10 +109,13 @@ def fmt(seconds: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["smollm2", "gpt2-random"], default="smollm2")
+    ap.add_argument("--model", default="smollm2", help="smollm2, gpt2-random or a model folder")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-batch-tokens", type=int, default=32 * 1024)
+    ap.add_argument(
+        "--max-new-tokens", type=int, default=128, help="each row's max_new_tokens is drawn from 8..this"
+    )
     ap.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
     ap.add_argument("--seed", type=int, default=0, help="seed of the max_new_tokens draw and of the rows")
     ap.add_argument("--device", default="cpu")
@@ -125,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = os.getloadavg()
     bench = _bench()
-    model = bench.smollm2_dir() if args.model == "smollm2" else bench.gpt2_random_dir(0)
+    model = {"smollm2": bench.smollm2_dir, "gpt2-random": lambda: bench.gpt2_random_dir(0)}.get(
+        args.model, lambda: args.model
+    )()
     engine = Engine(model, EngineOptions(device=args.device))
-    ids, params, seeds = workload(engine, args.num_prompts, args.greedy, args.seed)
+    ids, params, seeds = workload(engine, args.num_prompts, args.greedy, args.seed, args.max_new_tokens)
     engine.generate(ids[:4], params[:4], seeds[:4], max_active=2)  # warm-up: kernels, allocator, both paths
     res = {"model": args.model, "rows": len(ids), "batch_size": args.batch_size, "greedy": args.greedy,
            "prompt_tokens": sum(map(len, ids)), "max_new_tokens": [p.max_new_tokens for p in params],

@@ -130,6 +130,20 @@ def test_naive_on_the_first_prompts_only_compares_over_those(bench, tiny_gpt2, t
     assert "runner default / naive" in res["ratios"]
 
 
+def test_refill_ab_script(bench, tiny_gpt2, tmp_path, capsys):
+    """benchmarks/refill.py (static batches vs one refilled batch) runs end to end, and every row agrees."""
+    import refill
+
+    out = tmp_path / "refill.json"
+    args = ["--model", tiny_gpt2, "--num-prompts", "6", "--batch-size", "2", "--max-new-tokens", "16",
+            "--json-out", str(out)]  # fmt: skip
+    assert refill.main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["rows"] == 6 and res["rows_identical"] == 6 and res["output_tokens"] > 0
+    assert 0 < res["refill_decode_steps"] <= res["static_decode_steps"]
+    assert "rows identical: 6/6" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """benchmarks/gpu_check.sh --device cpu --quick: the one-shot GPU check, end to end on CPU, so that the

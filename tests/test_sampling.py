@@ -1,0 +1,79 @@
+"""sampling.py against transformers' own logits processors, row by row, on language-model-shaped scores: the
+top-p shortcut (decided from the most likely tokens) must keep exactly the tokens TopPLogitsWarper keeps."""
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from runner import sampling
+from runner.params import GenerationParams
+from runner.sampling import RowSettings, process
+
+VOCAB = 49_152  # SmolLM2's
+
+
+def lm_like_scores(rows: int, seed: int, half: bool = False) -> torch.Tensor:
+    """Zipf-shaped next-token scores, from sharply peaked (one token holds ~all the mass) to flat (the cut of
+    top-p 0.95 lies thousands of tokens deep), in random vocabulary order. `half`: rounded through bfloat16,
+    so that equal scores (ties) are common, as they are in a half-precision model's logits."""
+    g = torch.Generator().manual_seed(seed)
+    log_rank = torch.arange(1, VOCAB + 1, dtype=torch.float32).log()
+    out = []
+    for r in range(rows):
+        steep = 0.6 + 3.0 * r / max(rows - 1, 1)
+        x = 20.0 - steep * log_rank + 0.3 * torch.randn(VOCAB, generator=g)
+        out.append(x[torch.randperm(VOCAB, generator=g)])
+    scores = torch.stack(out)
+    return scores.bfloat16().float() if half else scores
+
+
+def transformers_scores(scores: torch.Tensor, p: GenerationParams) -> torch.Tensor:
+    warpers = LogitsProcessorList()
+    if p.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(p.temperature))
+    if p.top_k:
+        warpers.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(p.top_p))
+    return warpers(None, scores.clone())
+
+
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 0.99])
+def test_top_p_keeps_what_transformers_keeps(top_p, half):
+    scores = lm_like_scores(48, seed=int(top_p * 100), half=half)
+    s = RowSettings.of([GenerationParams(max_new_tokens=4, do_sample=True, top_p=top_p)] * len(scores), "cpu")
+    ours = process(scores, None, None, s)
+    expected_scores = transformers_scores(scores, GenerationParams(max_new_tokens=4, top_p=top_p))
+    for row, expected in zip(ours, expected_scores, strict=True):
+        assert torch.equal(torch.isinf(row), torch.isinf(expected))
+        assert torch.equal(row[~torch.isinf(row)], expected[~torch.isinf(expected)])
+    # both ways were taken: rows decided from the candidates, and rows that needed the full sort
+    _, clear = sampling._top_p_candidates(scores, s.top_p, sampling.TOP_P_CANDIDATES[0])
+    assert 0 < int(clear.sum()) < len(scores)
+
+
+def test_mixed_rows_match_their_own_processors():
+    """Each row with its own temperature / top-k / top-p (greedy and 'off' rows left bit for bit alone)."""
+    scores = lm_like_scores(8, seed=7)
+    params = [
+        GenerationParams(max_new_tokens=4, do_sample=True, temperature=0.8, top_p=0.95),
+        GenerationParams(max_new_tokens=4, do_sample=True, temperature=1.3, top_p=0.9, top_k=40),
+        GenerationParams(max_new_tokens=4, do_sample=True, top_k=5),
+        GenerationParams(max_new_tokens=4, do_sample=True),
+        GenerationParams(max_new_tokens=4),
+        GenerationParams(max_new_tokens=4, do_sample=True, temperature=0.5, top_p=0.5),
+        GenerationParams(max_new_tokens=4, do_sample=True, top_p=0.999),
+        GenerationParams(max_new_tokens=4, do_sample=True, temperature=2.0, top_p=0.95),
+    ]
+    ours = process(scores, None, None, RowSettings.of(params, "cpu"))
+    for i, p in enumerate(params):
+        expected = transformers_scores(
+            scores[i : i + 1], p if p.do_sample else GenerationParams(max_new_tokens=4)
+        )
+        assert torch.equal(ours[i : i + 1], expected), f"row {i}: {p}"
