@@ -40,7 +40,8 @@ test-compat:
 	$(COMPAT)/bin/pip install -q -e ".[dev]" "transformers==$(TRANSFORMERS_LOWEST)"
 	$(COMPAT)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_engine.py \
-		tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py
+		tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py \
+		tests/test_sampling.py
 
 # The one-shot GPU check, as a dry run on CPU (benchmarks/gpu_check.sh; CI runs it inside `make test`).
 gpu-check-dry: setup

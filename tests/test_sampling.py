@@ -1,5 +1,6 @@
 """sampling.py against transformers' own logits processors, row by row, on language-model-shaped scores: the
-top-p shortcut (decided from the most likely tokens) must keep exactly the tokens TopPLogitsWarper keeps."""
+top-p shortcut (decided from the most likely tokens) must keep exactly the tokens TopPLogitsWarper keeps. On the
+test device (benchmarks/gpu_check.sh runs these on cuda, where float32 sums accumulate in another order)."""
 
 import pytest
 import torch
@@ -45,9 +46,10 @@ def transformers_scores(scores: torch.Tensor, p: GenerationParams) -> torch.Tens
 
 @pytest.mark.parametrize("half", [False, True])
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 0.99])
-def test_top_p_keeps_what_transformers_keeps(top_p, half):
-    scores = lm_like_scores(48, seed=int(top_p * 100), half=half)
-    s = RowSettings.of([GenerationParams(max_new_tokens=4, do_sample=True, top_p=top_p)] * len(scores), "cpu")
+def test_top_p_keeps_what_transformers_keeps(top_p, half, test_device):
+    scores = lm_like_scores(48, seed=int(top_p * 100), half=half).to(test_device)
+    params = [GenerationParams(max_new_tokens=4, do_sample=True, top_p=top_p)] * len(scores)
+    s = RowSettings.of(params, test_device)
     ours = process(scores, None, None, s)
     expected_scores = transformers_scores(scores, GenerationParams(max_new_tokens=4, top_p=top_p))
     for row, expected in zip(ours, expected_scores, strict=True):
@@ -58,9 +60,9 @@ def test_top_p_keeps_what_transformers_keeps(top_p, half):
     assert 0 < int(clear.sum()) < len(scores)
 
 
-def test_mixed_rows_match_their_own_processors():
+def test_mixed_rows_match_their_own_processors(test_device):
     """Each row with its own temperature / top-k / top-p (greedy and 'off' rows left bit for bit alone)."""
-    scores = lm_like_scores(8, seed=7)
+    scores = lm_like_scores(8, seed=7).to(test_device)
     params = [
         GenerationParams(max_new_tokens=4, do_sample=True, temperature=0.8, top_p=0.95),
         GenerationParams(max_new_tokens=4, do_sample=True, temperature=1.3, top_p=0.9, top_k=40),
@@ -71,7 +73,7 @@ def test_mixed_rows_match_their_own_processors():
         GenerationParams(max_new_tokens=4, do_sample=True, top_p=0.999),
         GenerationParams(max_new_tokens=4, do_sample=True, temperature=2.0, top_p=0.95),
     ]
-    ours = process(scores, None, None, RowSettings.of(params, "cpu"))
+    ours = process(scores, None, None, RowSettings.of(params, test_device))
     for i, p in enumerate(params):
         expected = transformers_scores(
             scores[i : i + 1], p if p.do_sample else GenerationParams(max_new_tokens=4)
