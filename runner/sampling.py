@@ -142,10 +142,12 @@ def _top_p_candidates(scores: Any, p: Any, k: int) -> tuple[Any, Any]:
     import torch
 
     vals, idx = scores.topk(k, dim=-1)
-    probs = (vals - scores.logsumexp(-1, keepdim=True)).exp()
+    # normalised from the largest score, as softmax does (a float32 log-sum-exp loses digits at |score| > 256)
+    top = vals[:, :1]
+    probs = (vals - top).exp() / (scores - top).exp().sum(-1, keepdim=True)
     above = probs.cumsum(-1) - probs
     keep = above < p
-    kept = keep.sum(-1, keepdim=True)
+    kept = keep.sum(-1, keepdim=True).clamp(min=1)  # 0 only for a NaN or all -inf row, which stays unclear
     last, first_out = kept - 1, kept.clamp(max=k - 1)  # the last candidate kept, the first one removed
     clear = (
         (kept < k)

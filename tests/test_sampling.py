@@ -79,3 +79,31 @@ def test_mixed_rows_match_their_own_processors(test_device):
             scores[i : i + 1], p if p.do_sample else GenerationParams(max_new_tokens=4)
         )
         assert torch.equal(ours[i : i + 1], expected), f"row {i}: {p}"
+
+
+@pytest.mark.parametrize("scale", [1e3, 3e4])
+def test_top_p_on_large_scores(scale, test_device):
+    """Scores in the thousands (a low temperature on large logits): candidates' probabilities are normalised
+    from the largest score, as softmax does, so float32 rounding cannot move the cut."""
+    scores = torch.stack([-scale - s * torch.arange(1, VOCAB + 1.0).log() for s in (0.5, 1.0, 4.0)])
+    two = torch.full((1, VOCAB), -1e9)
+    two[0, :2] = torch.tensor([260.8, 259.5])  # logits 26.08 / 25.95 at temperature 0.1
+    scores = torch.cat([scores, two]).to(test_device)
+    for p in (0.5, 0.785833, 0.999999):
+        s = RowSettings.of(
+            [GenerationParams(max_new_tokens=4, do_sample=True, top_p=p)] * len(scores), test_device
+        )
+        expected = transformers_scores(scores, GenerationParams(max_new_tokens=4, top_p=p))
+        assert torch.equal(torch.isinf(process(scores, None, None, s)), torch.isinf(expected)), p
+
+
+def test_a_nan_row_does_not_break_the_others(test_device):
+    """A row with NaN (a broken model output) goes to the full sort as transformers would, without an error;
+    the engine then reports it (NumericalError) and the other rows keep their own result."""
+    scores = lm_like_scores(3, seed=1).to(test_device)
+    scores[1, 7] = float("nan")
+    s = RowSettings.of([GenerationParams(max_new_tokens=4, do_sample=True, top_p=0.9)] * 3, test_device)
+    ours = process(scores, None, None, s)
+    expected = transformers_scores(scores, GenerationParams(max_new_tokens=4, top_p=0.9))
+    for row in (0, 2):
+        assert torch.equal(ours[row], expected[row])
