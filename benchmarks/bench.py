@@ -187,8 +187,9 @@ def resolve_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argpa
         args.peers = cpu_peers.parse(args.peers)
     except ValueError as e:
         ap.error(str(e))
-    if args.peers and (args.workload != "fixed" or "generate" not in args.tasks):
-        ap.error("--peers adds rows to the fixed workload: use it with --workload fixed and --tasks generate")
+    if args.peers and not ((args.workload == "fixed" and "generate" in args.tasks) or "score" in args.tasks):
+        ap.error("--peers adds rows to the fixed workload and to the score task: use it with --workload fixed "
+                 "and --tasks generate, or with --tasks score")  # fmt: skip
     if args.max_new_tokens is None:
         args.max_new_tokens = DEFAULT_NEW_TOKENS[args.workload]
     if args.quick:

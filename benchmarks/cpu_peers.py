@@ -1,5 +1,7 @@
 """CPU peers as rows of the fixed workload (`--peers openvino,ctranslate2`): what a user without a GPU reaches for
-instead of runner, on the same prompts, greedy, float32, exactly --max-new-tokens tokens each.
+instead of runner, on the same prompts, greedy, float32, exactly --max-new-tokens tokens each. With `--tasks
+score`, a peer that has a scoring call (CTranslate2's `score_batch`) is also a row of the score task, on the same
+token ids as runner's.
 
 Nothing here imports a peer. Each one runs in its own venv (benchmarks/peers/setup.sh makes it and converts the
 model) as a subprocess: benchmarks/peers/run_peer.py reads a request (runner's prompt token ids, so every method
@@ -21,6 +23,7 @@ from types import SimpleNamespace
 from measure import compare
 
 ROWS = {"openvino": "openvino-genai cb", "ctranslate2": "ctranslate2"}  # --peers name -> row name
+SCORE_ROWS = {"ctranslate2": "ctranslate2 score_batch"}  # the peers that can score -> score row name
 HERE = Path(__file__).resolve().parent / "peers"
 RUN_PEER = HERE / "run_peer.py"
 PYTHON_ENV = "RUNNER_PEERS_PYTHON"
@@ -51,40 +54,70 @@ def export_dir(model_dir: str, peer: str) -> Path:
 
 def run_all(b) -> None:
     """Each peer of --peers as a row of the fixed workload, or a note saying why it did not run."""
+    python = ready(b)
+    for peer in b.args.peers if python else []:
+        answer = ask(b, peer, python, request(b, peer, export_dir(b.model_dir, peer)))
+        if answer is not None:
+            record(b, peer, answer)
+
+
+def scores(b, seqs: list[list[int]], batch_size: int) -> dict[str, dict]:
+    """The answer of each peer of --peers that can score, scoring runner's token ids `seqs` (every token after the
+    first, given the ones before it): {peer: answer with "outputs" = log-probs per sequence}. Notes for the rest."""
+    python = ready(b)
+    answers = {}
+    for peer in b.args.peers if python else []:
+        if peer not in SCORE_ROWS:
+            b.res["peers"]["notes"].append(f"{peer}: no score row ({ROWS[peer]} has no scoring call)")
+            continue
+        req = {"peer": peer, "task": "score", "model_dir": str(export_dir(b.model_dir, peer)), "prompts": seqs,
+               "threads": threads(), "batch_size": batch_size}  # fmt: skip
+        answer = ask(b, peer, python, req)
+        if answer is not None:
+            answers[peer] = answer
+    return answers
+
+
+def ready(b) -> Path | None:
+    """The peers venv's python, or None with a note (peers run on CPU only, from a venv setup.sh made)."""
     python = peers_python(b.args.peers_python)
-    info = b.res["peers"] = {"requested": b.args.peers, "python": str(python), "notes": []}
+    info = b.res.setdefault("peers", {"requested": b.args.peers, "python": str(python), "notes": []})
     if b.engine.device.type != "cpu":
         info["notes"].append(f"peers skipped: they run on CPU only (this run: {b.engine.device})")
-        return
+        return None
     if not python.is_file():
         info["notes"].append(f"peers skipped: no peers venv at {python} (create it with bash "
                              f"benchmarks/peers/setup.sh, or point --peers-python / {PYTHON_ENV} at one)")  # fmt: skip
-        return
-    for peer in b.args.peers:
-        run_one(b, peer, python)
+        return None
+    return python
 
 
-def run_one(b, peer: str, python: Path) -> None:
-    model = export_dir(b.model_dir, peer)
+def ask(b, peer: str, python: Path, req: dict) -> dict | None:
+    """run_peer.py's answer to REQ, or None with a note (no converted model, a failed run)."""
+    model = Path(req["model_dir"])
     if not (model / EXPORT_MARKER).is_file():
         b.res["peers"]["notes"].append(f"{peer} skipped: no converted model at {model} (run bash "
                                        f"benchmarks/peers/setup.sh --model {b.model_dir})")  # fmt: skip
-        return
-    b.log(f"peer {ROWS[peer]} ({python}) ...")
-    answer = call(python, request(b, peer, model))
+        return None
+    b.log(f"peer {ROWS[peer]} ({python}, {req.get('task', 'generate')}) ...")
+    answer = call(python, req)
     if isinstance(answer, str):
         b.res["peers"]["notes"].append(f"{peer} failed: {answer}")
         b.log(f"  {peer} failed: {answer}")
-        return
-    record(b, peer, answer)
+        return None
+    return answer
+
+
+def threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def request(b, peer: str, model: Path) -> dict:
     """What run_peer.py needs: runner's token ids, and runner's threads and default batch size."""
-    import torch
-
     return {"peer": peer, "model_dir": str(model), "prompts": b.ids, "max_new_tokens": b.args.max_new_tokens,
-            "threads": torch.get_num_threads(), "batch_size": b.defaults()[0]}  # fmt: skip
+            "threads": threads(), "batch_size": b.defaults()[0]}  # fmt: skip
 
 
 def call(python: Path, req: dict) -> dict | str:
@@ -104,9 +137,7 @@ def call(python: Path, req: dict) -> dict | str:
 def record(b, peer: str, a: dict) -> None:
     """The answer as a row (peak memory and CPU time are the peer process's, over its timed pass)."""
     outs = a["outputs"]
-    mem = SimpleNamespace(peak=a["peak_memory_bytes"], base=a["peak_memory_bytes"] - a["memory_above_start_bytes"],
-                          method=a["memory_method"])  # fmt: skip
-    use = SimpleNamespace(user=a["cpu_user_seconds"], sys=a["cpu_sys_seconds"], minflt=a["minor_page_faults"])
+    mem, use = usage(a)
     extra = {"peer": peer, "versions": a["versions"], "settings": a["settings"],
              "load_seconds": a["load_seconds"], "warmup_seconds": a["warmup_seconds"]}  # fmt: skip
     name = ROWS[peer]
@@ -116,6 +147,14 @@ def record(b, peer: str, a: dict) -> None:
     if len(outs) != len(b.ids) or short:
         b.res["peers"]["notes"].append(f"{peer}: {len(outs)} answers for {len(b.ids)} prompts, {len(short)} not "
                                        f"exactly {b.args.max_new_tokens} tokens long")  # fmt: skip
+
+
+def usage(a: dict) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """The peer's peak memory and CPU time over its timed pass, shaped as measure.PeakMemory and Usage."""
+    mem = SimpleNamespace(peak=a["peak_memory_bytes"], base=a["peak_memory_bytes"] - a["memory_above_start_bytes"],
+                          method=a["memory_method"])  # fmt: skip
+    use = SimpleNamespace(user=a["cpu_user_seconds"], sys=a["cpu_sys_seconds"], minflt=a["minor_page_faults"])
+    return mem, use
 
 
 def comparisons(b) -> None:

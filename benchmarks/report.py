@@ -177,6 +177,8 @@ def tasks_table(res: dict[str, Any]) -> None:
     if "score_max_abs_diff" in res:
         print(f"score agreement: runner vs plain transformers, max |log-prob difference| "
               f"{res['score_max_abs_diff']:.2e}")  # fmt: skip
+    for name, diff in res.get("score_max_abs_diff_peers", {}).items():
+        print(f"score agreement: runner vs {name}, max |log-prob difference| {diff:.2e}")
     if "structured" in res:
         st = res["structured"]
         print(f"structured output: {st['overhead']:+.1%} time per token for the JSON schema at batch {st['batch_size']} "

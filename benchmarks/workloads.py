@@ -430,8 +430,22 @@ def score(b: Bench) -> None:
     b.res["task_ratios"]["score: runner / plain transformers"] = (
         runner_row["tokens_per_second"] / plain_row["tokens_per_second"]
     )
-    diffs = [abs(x - y) for a, p in zip(ours, plain, strict=True) for x, y in zip(a, p, strict=True)]
-    b.res["score_max_abs_diff"] = max(diffs, default=0.0)
+    b.res["score_max_abs_diff"] = max_abs_diff(ours, plain)
+    for peer, a in (cpu_peers.scores(b, seqs, bs) if b.args.peers else {}).items():
+        name, (mem, use) = cpu_peers.SCORE_ROWS[peer], cpu_peers.usage(a)
+        row = record_task(b, "score", name, tokens, a["seconds"], mem, use, a["batches"])
+        row.update(peer=peer, versions=a["versions"], settings=a["settings"])
+        ratio = runner_row["tokens_per_second"] / row["tokens_per_second"]
+        b.res["task_ratios"][f"score: runner / {name}"] = ratio
+        b.res.setdefault("score_max_abs_diff_peers", {})[name] = max_abs_diff(ours, a["outputs"])
+
+
+def max_abs_diff(ours: list[list[float]], theirs: list[list[float]]) -> float:
+    """The largest difference between two methods' log-probs of the same tokens (inf if their counts differ)."""
+    if [len(x) for x in ours] != [len(y) for y in theirs]:
+        return float("inf")
+    pairs = (abs(x - y) for p, q in zip(ours, theirs, strict=True) for x, y in zip(p, q, strict=True))
+    return max(pairs, default=0.0)
 
 
 def embed(b: Bench) -> None:

@@ -3,8 +3,9 @@ JSON, a warm-up and a timed pass, peak memory, CPU time) around a generator that
 
 It answers with the token ids in the JSON file $FAKE_PEER_ECHO (one list per prompt: what the test wants it to
 say): as "openvino" verbatim (and no batches, as a continuous-batching pipeline), as "ctranslate2" with the last
-token of every answer changed. Its settings repeat what the request carried, so the test can check that the
-benchmark sent runner's prompts and settings.
+token of every answer changed. Asked to score (as "ctranslate2"), it gives every token after the first a
+log-prob of 0. Its settings repeat what the request carried, so the test can check that the benchmark sent
+runner's prompts and settings.
 """
 
 import json
@@ -30,5 +31,15 @@ def load_echo(req: dict):
     return generate, {"fake-peer": "1.0"}, settings
 
 
+def load_zero_scores(req: dict):
+    def score(seqs: list[list[int]]) -> list[list[float]]:
+        return [[0.0] * (len(s) - 1) for s in seqs]
+
+    settings = {"prompts": len(req["prompts"]), "prompt_tokens": sum(map(len, req["prompts"])),
+                "threads": req["threads"], "batch_size": req["batch_size"], "batches": 1}  # fmt: skip
+    return score, {"fake-peer": "1.0"}, settings
+
+
 run_peer.PEERS = dict.fromkeys(run_peer.PEERS, load_echo)
+run_peer.SCORERS = dict.fromkeys(run_peer.SCORERS, load_zero_scores)
 sys.exit(run_peer.main(sys.argv[1:]))

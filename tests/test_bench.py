@@ -224,6 +224,32 @@ def test_peer_rows_ratios_and_agreement(bench, tiny_gpt2, tmp_path, fake_peers, 
         assert line in report, line
 
 
+def test_score_peer_row_ratio_and_agreement(bench, tiny_gpt2, tmp_path, fake_peers, capsys):
+    """--tasks score --peers: CTranslate2 (here the fake, which scores every token 0) becomes a score row on
+    runner's own token ids; OpenVINO GenAI, which has no scoring call, leaves a note."""
+    import sys
+
+    res = run_bench(bench, tmp_path, "--model", tiny_gpt2, "--tasks", "score", "--num-prompts", 4, "--peers",
+                    "openvino,ctranslate2", "--peers-python", sys.executable)  # fmt: skip
+    rows = {r["method"]: r for r in res["tasks"]}
+    assert list(rows) == ["runner", "plain transformers bs=16", "ctranslate2 score_batch"]
+    peer, ours = rows["ctranslate2 score_batch"], rows["runner"]
+    assert peer["tokens"] == ours["tokens"] and peer["versions"] == {"fake-peer": "1.0"}
+    assert_positive(peer, "seconds", "tokens_per_second", "peak_memory_bytes")
+    settings = {**peer["settings"]}
+    assert settings.pop("batch_size") >= 1  # runner's own score batch size
+    assert settings == {"prompts": 4, "prompt_tokens": ours["tokens"] + 4, "threads": 1, "batches": 1}
+    ratio = res["task_ratios"]["score: runner / ctranslate2 score_batch"]
+    assert ratio == pytest.approx(ours["tokens_per_second"] / peer["tokens_per_second"])
+    # the fake's log-probs are all 0: the difference is runner's largest |log-prob|, finite and positive
+    assert 0 < res["score_max_abs_diff_peers"]["ctranslate2 score_batch"] < float("inf")
+    assert res["peers"]["notes"] == ["openvino: no score row (openvino-genai cb has no scoring call)"]
+    assert (
+        "score agreement: runner vs ctranslate2 score_batch, max |log-prob difference| "
+        in capsys.readouterr().out
+    )
+
+
 @pytest.mark.parametrize(
     ("case", "note"),
     [

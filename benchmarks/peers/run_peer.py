@@ -7,8 +7,10 @@ that no peer is ever a dependency of runner:
 
 REQUEST: {"peer": "openvino" | "ctranslate2", "model_dir": the peer's converted model (setup.sh), "prompts":
 [[token id, ...], ...] (runner's own ids, so every method tokenizes identically), "max_new_tokens": N,
-"threads": T, "batch_size": B}.
-RESPONSE: {"outputs": [[generated id, ...], ...] in prompt order, "seconds": the timed pass, "versions",
+"threads": T, "batch_size": B}; with "task": "score" (CTranslate2 only), the prompts are scored instead: every
+token after the first, given the ones before it, and there is no "max_new_tokens".
+RESPONSE: {"outputs": [[generated id, ...], ...] in prompt order (scoring: [[log-prob, ...], ...]), "seconds":
+the timed pass, "versions",
 "settings", "batches", "load_seconds", "warmup_seconds", "peak_memory_bytes", "memory_above_start_bytes",
 "memory_method", "cpu_user_seconds", "cpu_sys_seconds", "minor_page_faults"}.
 
@@ -32,11 +34,13 @@ def main(argv: list[str]) -> int:
         print("usage: run_peer.py REQUEST.json RESPONSE.json", file=sys.stderr)
         return 2
     req = json.loads(Path(argv[0]).read_text())
-    if req["peer"] not in PEERS:
-        print(f"unknown peer {req['peer']!r}; known: {', '.join(PEERS)}", file=sys.stderr)
+    loaders = SCORERS if req.get("task") == "score" else PEERS
+    if req["peer"] not in loaders:
+        print(f"unknown peer {req['peer']!r} for {req.get('task', 'generate')}; known: {', '.join(loaders)}",
+              file=sys.stderr)  # fmt: skip
         return 2
     t = time.perf_counter()
-    generate, versions, settings = PEERS[req["peer"]](req)
+    generate, versions, settings = loaders[req["peer"]](req)
     res = {"versions": versions, "settings": settings, "load_seconds": time.perf_counter() - t}
     res.update(timed(generate, req["prompts"]))
     res["batches"] = settings.get("batches")
@@ -137,7 +141,30 @@ def load_ctranslate2(req: dict):
     return generate, {"ctranslate2": ctranslate2.__version__}, settings
 
 
+def load_ctranslate2_scorer(req: dict):
+    """CTranslate2's Generator.score_batch on CPU in float32: the log-prob of every token after the first given
+    the ones before it (its own rule: inputs seq[:-1], targets seq[1:]), the prompts as token strings, sorted by
+    length and cut into batches of batch_size by CTranslate2 itself."""
+    import ctranslate2
+
+    gen = ctranslate2.Generator(req["model_dir"], device="cpu", compute_type="float32",
+                                intra_threads=req["threads"], inter_threads=1)  # fmt: skip
+    vocab = json.loads((Path(req["model_dir"]) / "vocabulary.json").read_text(encoding="utf-8"))
+    bs = req["batch_size"]
+
+    def score(seqs: list[list[int]]) -> list[list[float]]:
+        results = gen.score_batch(
+            [[vocab[i] for i in s] for s in seqs], max_batch_size=bs, max_input_length=0
+        )
+        return [list(r.log_probs) for r in results]
+
+    settings = {"compute_type": "float32", "intra_threads": req["threads"], "inter_threads": 1,
+                "max_batch_size": bs, "batches": -(-len(req["prompts"]) // bs)}  # fmt: skip
+    return score, {"ctranslate2": ctranslate2.__version__}, settings
+
+
 PEERS = {"openvino": load_openvino, "ctranslate2": load_ctranslate2}
+SCORERS = {"ctranslate2": load_ctranslate2_scorer}
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
