@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .jobdir import JobState, _pid_start, default_home
+from .jobdir import JobState, _pid_start, _stat_start, default_home
 
 LOGS = "logs"
 FINAL = {JobState.COMPLETED.value, JobState.FAILED.value, JobState.CANCELLED.value, JobState.BROKEN.value}
@@ -133,7 +133,7 @@ def _alive(pid: int, started: str | None = None) -> bool:
     if stat.rsplit(") ", 1)[-1][:1] == "Z":  # a zombie answers kill(0) but is finished
         return False
     if started is not None:
-        return _pid_start(pid) == started
+        return _stat_start(stat) == started
     try:  # an older pid file: the pid counts only while it is a `runner ... work` process
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:

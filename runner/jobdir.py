@@ -220,9 +220,16 @@ def _pid_ns() -> str | None:
 def _pid_start(pid: int) -> str | None:
     """The start time of process `pid` (clock ticks since boot), to tell it from a later one with its pid."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return _stat_start(Path(f"/proc/{pid}/stat").read_text())
+    except OSError:
+        return None
+
+
+def _stat_start(stat: str) -> str | None:
+    """The start time field of a /proc/PID/stat text (after the command name, which may hold spaces)."""
+    try:
         return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+    except IndexError:
         return None
 
 
