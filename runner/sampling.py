@@ -142,9 +142,11 @@ def _top_p_candidates(scores: Any, p: Any, k: int) -> tuple[Any, Any]:
     import torch
 
     vals, idx = scores.topk(k, dim=-1)
-    # normalised from the largest score, as softmax does (a float32 log-sum-exp loses digits at |score| > 256)
+    # exp(score - largest) / their sum: torch's CPU softmax is ~1.5e-5 off as a whole (harmless to transformers,
+    # which sums the tail, not to the mass above ~p summed here), and exp(score - log-sum-exp) in float32 loses
+    # digits at |score| > 256
     top = vals[:, :1]
-    probs = (vals - top).exp() / (scores - top).exp().sum(-1, keepdim=True)
+    probs = (vals - top).exp() / (scores - top).exp_().sum(-1, keepdim=True)
     above = probs.cumsum(-1) - probs
     keep = above < p
     kept = keep.sum(-1, keepdim=True).clamp(min=1)  # 0 only for a NaN or all -inf row, which stays unclear

@@ -107,3 +107,33 @@ def test_a_nan_row_does_not_break_the_others(test_device):
     expected = transformers_scores(scores, GenerationParams(max_new_tokens=4, top_p=0.9))
     for row in (0, 2):
         assert torch.equal(ours[row], expected[row])
+
+
+def scores_cut_by(p: float, margins: list[float], seed: int = 0) -> torch.Tensor:
+    """One row per margin m: 199 tokens hold p - m, the next most likely holds 2m (so the cut of top-p p falls
+    right after it, m from either side), and the rest share what is left; in random vocabulary order."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for m in margins:
+        q = torch.empty(VOCAB, dtype=torch.float64)
+        head = torch.linspace(1.0, 0.5, 199, dtype=torch.float64)
+        q[:199] = head / head.sum() * (p - m)
+        q[199] = 2 * m
+        q[200:] = (1 - q[:200].sum()) / (VOCAB - 200)
+        rows.append(q.log().float()[torch.randperm(VOCAB, generator=g)])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("top_p", [0.9, 0.95, 0.99])
+def test_top_p_cut_just_past_the_margin(top_p, test_device):
+    """Cuts 1.05e-5 to 5e-5 from a token's cumulative probability: decided from the candidates (they are past
+    the margin), which must be normalised as exactly as transformers' tail sum is. torch's CPU softmax is
+    ~2e-5 off as a whole; summed from the top, that alone moves these cuts."""
+    scores = scores_cut_by(top_p, [1.05e-5, 1.2e-5, 1.4e-5, 1.6e-5, 2e-5, 3e-5, 5e-5]).to(test_device)
+    s = RowSettings.of(
+        [GenerationParams(max_new_tokens=4, do_sample=True, top_p=top_p)] * len(scores), test_device
+    )
+    expected = transformers_scores(scores, GenerationParams(max_new_tokens=4, top_p=top_p))
+    assert torch.equal(torch.isinf(process(scores, None, None, s)), torch.isinf(expected))
+    _, clear = sampling._top_p_candidates(scores, s.top_p, sampling.TOP_P_CANDIDATES[0])
+    assert bool(clear.all())  # every row was decided from the candidates, not by the full sort
