@@ -110,9 +110,9 @@ def _top_k(scores: Any, k: Any) -> Any:
 # Top-p from the most likely tokens: sorting the whole vocabulary for every row at every step cost more than the
 # decode step itself (a 49k vocabulary, 64 rows: 126 ms of sort against ~230 ms of model on 2 CPU cores). The
 # kept set is decided from the most likely tokens (TOP_P_CANDIDATES, then more) wherever that is unambiguous:
-# the cut falls inside the candidates, clear of it by TOP_P_MARGIN on both sides (float32 sums differ from
-# transformers' by ~1e-7) and not between two equal scores. Any other row takes transformers' full sort, so
-# the kept set is the one TopPLogitsWarper keeps.
+# the cut falls inside the candidates, clear of it on both sides by more than transformers' own float32 softmax
+# can be off there (at least TOP_P_MARGIN), and not between two equal scores. Any other row takes
+# transformers' full sort, so the kept set is the one TopPLogitsWarper keeps.
 TOP_P_CANDIDATES = (256, 4096)
 TOP_P_MARGIN = 1e-5
 
@@ -151,11 +151,9 @@ def _top_p_candidates(scores: Any, p: Any, k: int) -> tuple[Any, Any]:
     keep = above < p
     kept = keep.sum(-1, keepdim=True).clamp(min=1)  # 0 only for a NaN or all -inf row, which stays unclear
     last, first_out = kept - 1, kept.clamp(max=k - 1)  # the last candidate kept, the first one removed
-    clear = (
-        (kept < k)
-        & (above.gather(1, last) < p - TOP_P_MARGIN)
-        & (above.gather(1, first_out) > p + TOP_P_MARGIN)
-    )
+    # transformers' own float32 softmax is off by up to ~vocab x 2^-27 of the mass it sums up to the cut
+    margin = ((1 - above.gather(1, last)) * scores.shape[-1] * 2.0**-27).clamp(min=TOP_P_MARGIN)
+    clear = (kept < k) & (above.gather(1, last) < p - margin) & (above.gather(1, first_out) > p + margin)
     clear &= vals.gather(1, last) > vals.gather(1, first_out)  # no tie across the cut
     remove = torch.ones_like(scores, dtype=torch.bool).scatter(1, idx, ~keep)
     return remove, clear.squeeze(-1)

@@ -126,10 +126,11 @@ def scores_cut_by(p: float, margins: list[float], seed: int = 0) -> torch.Tensor
 
 @pytest.mark.parametrize("top_p", [0.9, 0.95, 0.99])
 def test_top_p_cut_just_past_the_margin(top_p, test_device):
-    """Cuts 1.05e-5 to 5e-5 from a token's cumulative probability: decided from the candidates (they are past
+    """Cuts 1.05 to 5 margins from a token's cumulative probability: decided from the candidates (they are past
     the margin), which must be normalised as exactly as transformers' tail sum is. torch's CPU softmax is
-    ~2e-5 off as a whole; summed from the top, that alone moves these cuts."""
-    scores = scores_cut_by(top_p, [1.05e-5, 1.2e-5, 1.4e-5, 1.6e-5, 2e-5, 3e-5, 5e-5]).to(test_device)
+    ~2e-5 off as a whole; summed from the top, that alone moves the cuts near the 1e-5 margin."""
+    margin = max(sampling.TOP_P_MARGIN, (1 - top_p) * VOCAB * 2.0**-27)  # the shortcut's margin at this cut
+    scores = scores_cut_by(top_p, [f * margin for f in (1.05, 1.2, 1.4, 1.6, 2, 3, 5)]).to(test_device)
     s = RowSettings.of(
         [GenerationParams(max_new_tokens=4, do_sample=True, top_p=top_p)] * len(scores), test_device
     )
@@ -137,3 +138,22 @@ def test_top_p_cut_just_past_the_margin(top_p, test_device):
     assert torch.equal(torch.isinf(process(scores, None, None, s)), torch.isinf(expected))
     _, clear = sampling._top_p_candidates(scores, s.top_p, sampling.TOP_P_CANDIDATES[0])
     assert bool(clear.all())  # every row was decided from the candidates, not by the full sort
+
+
+def test_top_p_where_transformers_own_softmax_is_off(test_device):
+    """A few head tokens over a flat tail holding most of the mass: transformers' float32 softmax, summed up to
+    the cut, is ~1e-5 off the exact sum there. The shortcut must see that as ambiguous and leave the row to
+    the full sort, so that the kept set is still transformers' (found by an adversarial tester)."""
+    import math
+
+    g = torch.Generator().manual_seed(381)
+    heads = int(torch.randint(5, 250, (1,), generator=g))
+    level = float(torch.rand(1, generator=g)) * -16
+    scores = torch.full((VOCAB,), level)
+    w = torch.rand(heads, generator=g) + 0.2
+    scores[:heads] = (w / w.sum() * VOCAB * math.exp(level) * float(torch.rand(1, generator=g) * 20)).log()
+    scores = scores.unsqueeze(0).to(test_device)
+    p = 0.4003742
+    s = RowSettings.of([GenerationParams(max_new_tokens=4, do_sample=True, top_p=p)], test_device)
+    expected = transformers_scores(scores, GenerationParams(max_new_tokens=4, top_p=p))
+    assert torch.equal(torch.isinf(process(scores, None, None, s)), torch.isinf(expected))
