@@ -123,22 +123,28 @@ def _top_p(scores: Any, p: Any) -> Any:
     import torch
 
     remove = torch.zeros_like(scores, dtype=torch.bool)
-    rows = (p < 1.0).squeeze(-1).nonzero().squeeze(-1)
+    rows = (p < 1.0).squeeze(-1).nonzero().squeeze(-1)  # rows still to decide from more candidates
+    full = [
+        rows[:0]
+    ]  # rows left to the full sort: a cut too close to call does not move with more candidates
     for k in TOP_P_CANDIDATES:
         if rows.numel() == 0 or k >= scores.shape[-1]:
             break
-        decided, clear = _top_p_candidates(scores[rows], p[rows], k)
+        decided, clear, deeper = _top_p_candidates(scores[rows], p[rows], k)
         remove[rows[clear]] = decided[clear]
-        rows = rows[~clear]
+        full.append(rows[~clear & ~deeper])
+        rows = rows[deeper]
+    rows = torch.cat([*full, rows])
     if rows.numel():
         remove[rows] = _top_p_sorted(scores[rows], p[rows])
     return scores.masked_fill(remove, -math.inf)
 
 
-def _top_p_candidates(scores: Any, p: Any, k: int) -> tuple[Any, Any]:
-    """The tokens top-p removes, decided from the k most likely ([rows, vocab] bool), and whether that decision
-    is unambiguous ([rows] bool). A candidate is kept while the mass of the candidates more likely than it is
-    under p (transformers: removed where the ascending cumulative sum is <= 1 - p)."""
+def _top_p_candidates(scores: Any, p: Any, k: int) -> tuple[Any, Any, Any]:
+    """The tokens top-p removes, decided from the k most likely ([rows, vocab] bool), whether that decision
+    is unambiguous ([rows] bool), and whether the cut lies past the k candidates ([rows] bool: more might
+    decide it). A candidate is kept while the mass of the candidates more likely than it is under p
+    (transformers: removed where the ascending cumulative sum is <= 1 - p)."""
     import torch
 
     vals, idx = scores.topk(k, dim=-1)
@@ -151,12 +157,13 @@ def _top_p_candidates(scores: Any, p: Any, k: int) -> tuple[Any, Any]:
     keep = above < p
     kept = keep.sum(-1, keepdim=True).clamp(min=1)  # 0 only for a NaN or all -inf row, which stays unclear
     last, first_out = kept - 1, kept.clamp(max=k - 1)  # the last candidate kept, the first one removed
+    above_last, deeper = above.gather(1, last), kept == k
     # transformers' own float32 softmax is off by up to ~vocab x 2^-27 of the mass it sums up to the cut
-    margin = ((1 - above.gather(1, last)) * scores.shape[-1] * 2.0**-27).clamp(min=TOP_P_MARGIN)
-    clear = (kept < k) & (above.gather(1, last) < p - margin) & (above.gather(1, first_out) > p + margin)
+    margin = ((1 - above_last) * scores.shape[-1] * 2.0**-27).clamp(min=TOP_P_MARGIN)
+    clear = ~deeper & (above_last < p - margin) & (above.gather(1, first_out) > p + margin)
     clear &= vals.gather(1, last) > vals.gather(1, first_out)  # no tie across the cut
     remove = torch.ones_like(scores, dtype=torch.bool).scatter(1, idx, ~keep)
-    return remove, clear.squeeze(-1)
+    return remove, clear.squeeze(-1), deeper.squeeze(-1)
 
 
 def _top_p_sorted(scores: Any, p: Any) -> Any:

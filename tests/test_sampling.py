@@ -56,7 +56,7 @@ def test_top_p_keeps_what_transformers_keeps(top_p, half, test_device):
         assert torch.equal(torch.isinf(row), torch.isinf(expected))
         assert torch.equal(row[~torch.isinf(row)], expected[~torch.isinf(expected)])
     # both ways were taken: rows decided from the candidates, and rows that needed the full sort
-    _, clear = sampling._top_p_candidates(scores, s.top_p, sampling.TOP_P_CANDIDATES[0])
+    _, clear, _ = sampling._top_p_candidates(scores, s.top_p, sampling.TOP_P_CANDIDATES[0])
     assert 0 < int(clear.sum()) < len(scores)
 
 
@@ -136,7 +136,7 @@ def test_top_p_cut_just_past_the_margin(top_p, test_device):
     )
     expected = transformers_scores(scores, GenerationParams(max_new_tokens=4, top_p=top_p))
     assert torch.equal(torch.isinf(process(scores, None, None, s)), torch.isinf(expected))
-    _, clear = sampling._top_p_candidates(scores, s.top_p, sampling.TOP_P_CANDIDATES[0])
+    _, clear, _ = sampling._top_p_candidates(scores, s.top_p, sampling.TOP_P_CANDIDATES[0])
     assert bool(clear.all())  # every row was decided from the candidates, not by the full sort
 
 
