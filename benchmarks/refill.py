@@ -109,7 +109,9 @@ def fmt(seconds: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2", help="smollm2, gpt2-random or a model folder")
+    ap.add_argument(
+        "--model", default="smollm2", help="smollm2, gpt2-random, smollm2-random or a model folder"
+    )
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-batch-tokens", type=int, default=32 * 1024)
@@ -130,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = os.getloadavg()
     bench = _bench()
-    model = {"smollm2": bench.smollm2_dir, "gpt2-random": lambda: bench.gpt2_random_dir(0)}.get(
-        args.model, lambda: args.model
-    )()
+    model = bench.model_folder(argparse.Namespace(model=args.model, seed=0))  # --seed is the workload's
     engine = Engine(model, EngineOptions(device=args.device))
     ids, params, seeds = workload(engine, args.num_prompts, args.greedy, args.seed, args.max_new_tokens)
     engine.generate(ids[:4], params[:4], seeds[:4], max_active=2)  # warm-up: kernels, allocator, both paths

@@ -123,11 +123,7 @@ def load_ctranslate2(req: dict):
     vocabulary.json maps ids to them; it takes no ids), sorted by length and cut into batches of batch_size
     by CTranslate2 itself, the prompt forwarded at once (include_prompt_in_result=False), greedy (top-k 1),
     min_length = max_length = N new tokens."""
-    import ctranslate2
-
-    gen = ctranslate2.Generator(req["model_dir"], device="cpu", compute_type="float32",
-                                intra_threads=req["threads"], inter_threads=1)  # fmt: skip
-    vocab = json.loads((Path(req["model_dir"]) / "vocabulary.json").read_text(encoding="utf-8"))
+    gen, vocab, versions, settings = ctranslate2_generator(req)
     n, bs = req["max_new_tokens"], req["batch_size"]
 
     def generate(prompts: list[list[int]]) -> list[list[int]]:
@@ -136,20 +132,14 @@ def load_ctranslate2(req: dict):
                                      beam_size=1, include_prompt_in_result=False)  # fmt: skip
         return [list(r.sequences_ids[0]) for r in results]
 
-    settings = {"compute_type": "float32", "intra_threads": req["threads"], "inter_threads": 1,
-                "max_batch_size": bs, "batches": -(-len(req["prompts"]) // bs)}  # fmt: skip
-    return generate, {"ctranslate2": ctranslate2.__version__}, settings
+    return generate, versions, settings
 
 
 def load_ctranslate2_scorer(req: dict):
     """CTranslate2's Generator.score_batch on CPU in float32: the log-prob of every token after the first given
     the ones before it (its own rule: inputs seq[:-1], targets seq[1:]), the prompts as token strings, sorted by
     length and cut into batches of batch_size by CTranslate2 itself."""
-    import ctranslate2
-
-    gen = ctranslate2.Generator(req["model_dir"], device="cpu", compute_type="float32",
-                                intra_threads=req["threads"], inter_threads=1)  # fmt: skip
-    vocab = json.loads((Path(req["model_dir"]) / "vocabulary.json").read_text(encoding="utf-8"))
+    gen, vocab, versions, settings = ctranslate2_generator(req)
     bs = req["batch_size"]
 
     def score(seqs: list[list[int]]) -> list[list[float]]:
@@ -158,9 +148,21 @@ def load_ctranslate2_scorer(req: dict):
         )
         return [list(r.log_probs) for r in results]
 
+    return score, versions, settings
+
+
+def ctranslate2_generator(req: dict):
+    """(CTranslate2 Generator on CPU in float32 with the request's threads, its vocabulary (id -> token string),
+    versions, settings) for both of its rows."""
+    import ctranslate2
+
+    gen = ctranslate2.Generator(req["model_dir"], device="cpu", compute_type="float32",
+                                intra_threads=req["threads"], inter_threads=1)  # fmt: skip
+    vocab = json.loads((Path(req["model_dir"]) / "vocabulary.json").read_text(encoding="utf-8"))
+    bs = req["batch_size"]
     settings = {"compute_type": "float32", "intra_threads": req["threads"], "inter_threads": 1,
                 "max_batch_size": bs, "batches": -(-len(req["prompts"]) // bs)}  # fmt: skip
-    return score, {"ctranslate2": ctranslate2.__version__}, settings
+    return gen, vocab, {"ctranslate2": ctranslate2.__version__}, settings
 
 
 PEERS = {"openvino": load_openvino, "ctranslate2": load_ctranslate2}
