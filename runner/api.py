@@ -27,7 +27,7 @@ def status(job: Ref | None = None, home: Ref | None = None) -> JobStatus | list[
     except jobdir.BrokenJob as e:
         from .job_status import broken_status
 
-        return broken_status(path, str(e))
+        return broken_status(path, str(e), repairable=e.repairable)
 
 
 def cancel(job: Ref, home: Ref | None = None) -> str:

@@ -45,10 +45,13 @@ class JobStatus:
         return fmt_duration(self.eta_seconds) if self.eta_seconds is not None else "-"
 
 
-def broken_status(path: Path, reason: str) -> JobStatus:
-    return JobStatus(id=path.name, name=None, state=JobState.BROKEN.value, done=0, total=0, errors=0, invalid=0,
-                     tokens_per_second=None, eta_seconds=None, model="-", created="", worker=None,
-                     message=f"{reason} (`runner repair {path}`)", folder=str(path))  # fmt: skip
+def broken_status(path: Path, reason: str, job: Job | None = None, repairable: bool = True) -> JobStatus:
+    """A job that cannot be read; what job.json still says of it when `job` opened."""
+    hint = f" (`runner repair {path}`)" if repairable else ""
+    return JobStatus(id=path.name, name=job.name if job else None, state=JobState.BROKEN.value, done=0, total=0,
+                     errors=0, invalid=0, tokens_per_second=None, eta_seconds=None,
+                     model=job.spec.model if job else "-", created=job.spec.created if job else "", worker=None,
+                     message=reason + hint, folder=str(path))  # fmt: skip
 
 
 def job_status(job: Job) -> JobStatus:
@@ -57,7 +60,7 @@ def job_status(job: Job) -> JobStatus:
         ledger = jobdir.read_ledger(job)
         progress = jobdir.job_progress(job, ledger)
     except BrokenJob as e:
-        return broken_status(job.dir, str(e))
+        return broken_status(job.dir, str(e), job, e.repairable)
     name, message = state.state.value, state.error
     if state.state is JobState.QUEUED:
         name = "running" if progress.live else ("queued (interrupted)" if progress.started else "queued")
@@ -109,7 +112,7 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
         try:
             out.append(job_status(Job.open(path)))
         except RunnerError as e:
-            out.append(broken_status(path, str(e)))
+            out.append(broken_status(path, str(e), repairable=getattr(e, "repairable", True)))
     for name in jobdir.linked_entries(root):
         out.append(
             broken_status(root / name, "a symbolic link in the job home; runner does not follow links")

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from . import storage
-from .errors import RunnerError
+from .errors import RunnerError, first_line
 from .faults import fault_point
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 
@@ -81,7 +81,12 @@ KINDS = {"generate": GenerationParams, "score": ScoreParams, "embed": EmbedParam
 
 
 class BrokenJob(RunnerError):
-    """A job folder whose metadata cannot be read or makes no sense; the job is `broken`, others go on."""
+    """A job folder whose metadata cannot be read or makes no sense; the job is `broken`, others go on.
+    `repairable`: whether `runner repair` can mend it (not a damaged prompts file: that is submitted again)."""
+
+    def __init__(self, message: str, repairable: bool = True):
+        super().__init__(message)
+        self.repairable = repairable
 
 
 class ClaimLost(RunnerError):
@@ -525,10 +530,16 @@ class Job:
             return None
         if getattr(self, "_absent", None) is None:
             import numpy as np
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            n = pq.read_table(self.dir / PROMPTS, columns=["n"]).column("n").to_numpy()
-            self._absent = np.arange(self.spec.samples)[None, :] >= n[:, None]
+            path = self.dir / PROMPTS
+            try:
+                n = storage.retry(lambda: pq.read_table(path, columns=["n"]), f"read {path}").column("n")
+            except (pa.ArrowException, ValueError, KeyError) as e:
+                why = f"prompts.parquet is damaged ({first_line(e)}); submit the file again"
+                raise BrokenJob(why, repairable=False) from None
+            self._absent = np.arange(self.spec.samples)[None, :] >= n.to_numpy()[:, None]
         return self._absent
 
     def read_rows(self, start: int, stop: int) -> Any:
@@ -723,11 +734,20 @@ class Commit:
             yield from range(a, b)
 
 
+# every field a commit marker has (worker.publish); `check` (its checksum) is absent from older runners' markers
+MARKER_FIELDS = frozenset(("format", "unit", "epoch", "seq", "worker", "generation", "shard", "rows", "keys",
+                           "errors", "written", "batches", "bytes", "sha256", "check"))  # fmt: skip
+
+
 def _check_marker(name: str, marker: Any, spec: JobSpec) -> str | None:
     """Why a marker makes no sense for this job (None: it does)."""
     m = COMMIT_RE.fullmatch(name)
     if m is None or not isinstance(marker, dict):
         return "not a commit marker"
+    if not set(marker) <= MARKER_FIELDS:
+        return "it has fields no marker has"
+    if "check" in marker and marker["check"] != marker_checksum(marker):
+        return "it does not match its checksum (damaged)"
     unit, epoch = int(m.group(1)), int(m.group(2))
     if marker.get("unit") != unit or marker.get("epoch") != epoch:
         return "its unit/epoch disagree with its name"
@@ -750,7 +770,13 @@ def _check_marker(name: str, marker: Any, spec: JobSpec) -> str | None:
         if shard is not None and not (isinstance(marker["bytes"], int) and isinstance(marker["sha256"], str)):
             return "no size or checksum"
         for e in marker.get("errors", []):
-            if not (isinstance(e, dict) and lo <= e["row"] * spec.samples + e["sample"] < hi):
+            row, sample = e["row"], e["sample"]
+            if not (
+                isinstance(row, int)
+                and isinstance(sample, int)
+                and row in rows
+                and 0 <= sample < spec.samples
+            ):
                 return "an error is outside its unit"
         if not isinstance(marker.get("generation", 0), int):
             return "bad generation"
@@ -1029,7 +1055,17 @@ def still_holds(job: Job, unit: int, epoch: int) -> bool:
 
 
 def write_marker(job: Job, unit: int, epoch: int, seq: int, marker: dict[str, Any]) -> None:
-    storage.write_json(job.dir / MARKERS / f"{commit_name(unit, epoch, seq)}.json", marker)
+    """Write a commit marker with its own checksum (`check`), so that a changed byte in it is noticed, not obeyed."""
+    body = {k: v for k, v in marker.items() if k != "check"}
+    storage.write_json(
+        job.dir / MARKERS / f"{commit_name(unit, epoch, seq)}.json", {**body, "check": marker_checksum(body)}
+    )
+
+
+def marker_checksum(marker: dict[str, Any]) -> str:
+    """sha256 of a marker's content (all but its `check` field)."""
+    body = {k: v for k, v in marker.items() if k != "check"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def quarantine(job: Job, name: str, why: str) -> None:

@@ -158,7 +158,10 @@ def create_job(
         }  # fmt: skip
         prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field,
                          kind == "generate" and _sample_auto(params))  # fmt: skip
-        _write_job(target, meta, reader, prep, skip_invalid, tokenizer)
+        claim = name if job_dir is None else None
+        holder = _write_job(target, meta, reader, prep, skip_invalid, tokenizer, claim)
+        if holder is not None:  # a submit of the same name got there first, while this one was being written
+            return _already_submitted(None, root, name, _fingerprint(identity)) or _in_progress(name, holder)
         job = Job.open(target)
         job.log(f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}")
         return job
@@ -232,10 +235,18 @@ def _model_facts(model: str, options: EngineOptions, kind: str, params: Any) -> 
 
 
 def _write_job(
-    target: Path, meta: dict[str, Any], reader: Any, prep: Any, skip_invalid: bool, tokenizer: Any
-) -> None:
+    target: Path,
+    meta: dict[str, Any],
+    reader: Any,
+    prep: Any,
+    skip_invalid: bool,
+    tokenizer: Any,
+    name: str | None = None,
+) -> str | None:
     """Write the job in a temp folder beside `target` (prompts.parquet, errors.jsonl, job.json and its backup),
-    then move it into place in one rename: a killed submit leaves no half job."""
+    then move it into place in one rename: a killed submit leaves no half job. A job with a `name` first claims
+    it (`_claim_name`); returns the id of the job holding the name when another submit has it (nothing is
+    written then), else None."""
     target.parent.mkdir(parents=True, exist_ok=True)
     jobdir.remove_dead_submits(target.parent)
     tmp = target.parent / jobdir.submit_temp_name(target.name)
@@ -265,12 +276,65 @@ def _write_job(
         storage.write_json(tmp / JOB_BACKUP, meta)
         storage.write_json(tmp / JOB_FILE, meta)
         storage.remove(tmp / ".owner.json")
+        holder = _claim_name(target.parent, name, target.name) if name is not None else None
+        if holder is not None:
+            return holder
         if target.exists():
             target.rmdir()  # an empty -o folder the user made beforehand (anything else was refused above)
         os.replace(tmp, target)
+        return None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+NAMES = ".names"  # in the home: NAME.json, the id of the one job named NAME (written once, exclusively)
+STALE_CLAIM_SECONDS = 600  # a claim whose job never appeared is taken over after this (its submit was killed)
+
+
+def _claim_name(root: Path, name: str, job_id: str) -> str | None:
+    """Make `job_id` the job named `name` in the home by creating .names/NAME.json exclusively: two submits of
+    one name at the same time (two Colab VMs running one notebook) then store one job, not two. Returns None
+    when the claim is ours, else the id of the job that holds the name. A claim whose job never appeared is
+    taken over once its submit is provably gone or STALE_CLAIM_SECONDS old (a submit killed in between)."""
+    folder = root / NAMES
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}.json"
+    body = json.dumps({"job": job_id, "owner": jobdir.Owner.me("submit").as_dict()})
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            held = jobdir._read_json_or_none(path)
+            holder = held.get("job") if isinstance(held, dict) else None
+            if isinstance(holder, str) and holder in {p.name for p in jobdir.job_folders(root)}:
+                return holder
+            if not _stale_claim(path, held):
+                return holder if isinstance(holder, str) else "?"
+            storage.remove(path)  # its job never appeared and its submit is gone: take the name over
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    raise RunnerError(f"cannot claim the job name {name!r} in {root}: {path} keeps changing")
+
+
+def _stale_claim(path: Path, held: Any) -> bool:
+    owner = jobdir.Owner.from_dict(held.get("owner")) if isinstance(held, dict) else None
+    try:
+        age = time.time() - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return True
+    return (owner is not None and owner.provably_dead()) or age > STALE_CLAIM_SECONDS
+
+
+def _in_progress(name: str, holder: str) -> Job:
+    raise RunnerError(
+        f"another submit of the name {name!r} (job {holder}) is being written right now; run this submit again "
+        "in a moment: it then returns that job"
+    )
 
 
 def _hidden_size(config: Any) -> int | None:

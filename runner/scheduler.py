@@ -250,7 +250,8 @@ def run_leased(
         raise
     except BrokenJob as e:
         if echo:
-            echo(f"job {j.id} is broken ({e}); skipped (`runner repair {j.dir}` brings it back)")
+            hint = f" (`runner repair {j.dir}` brings it back)" if e.repairable else ""
+            echo(f"job {j.id} is broken ({e}); skipped{hint}")
         return None
     except RunnerError as e:
         _settle_failure(j, e, echo)

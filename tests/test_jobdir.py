@@ -128,7 +128,8 @@ def test_a_key_committed_twice_counts_once_and_conflict_copies_are_ignored(job, 
     # the same keys committed again under another valid name (a recomputation): identical by construction
     again = name.stem[:-4] + "0099"
     shutil.copy(shard, job.dir / "shards" / f"{again}.parquet")
-    (done / f"{again}.json").write_text(json.dumps({**marker, "seq": 99, "shard": f"{again}.parquet"}))
+    twin = {**marker, "seq": 99, "shard": f"{again}.parquet"}
+    (done / f"{again}.json").write_text(json.dumps({**twin, "check": jobdir.marker_checksum(twin)}))
     status = runner.status(job.dir)
     assert (status.done, status.total, status.state) == (2 * N, 2 * N, "completed")
     assert_exactly_once(job.dir, reference[1])
@@ -156,6 +157,7 @@ def test_a_damaged_commit_is_never_counted_then_quarantined_and_redone(job, refe
         other = commits[0]
         shutil.copy(job.dir / "shards" / other.shard, shard)
         m.update(bytes=shard.stat().st_size, sha256=storage.file_sha256(shard))
+        m["check"] = jobdir.marker_checksum(m)  # a consistent marker: only the shard's keys can tell
         marker.write_text(json.dumps(m))
     lost = victim.marker["rows"] if damage != "foreign-keys" else victim.marker["rows"]
     with (

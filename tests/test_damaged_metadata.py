@@ -1,0 +1,120 @@
+"""Damage the job folder's checks must notice rather than obey, found by an adversarial pass:
+
+* a one-bit flip in a commit marker's row-error entry: a marker carries its own checksum (`check`), so the
+  damaged marker is quarantined and its rows are computed again. Before, `"sample": 0 -> 2` crashed
+  `runner status` and `runner work` with an IndexError, and `"row": 1 -> 3` silently lost row 3;
+* a damaged prompts.parquet in a job whose rows carry their own `n`: that job is broken with the reason,
+  and `runner status` / `runner work` go on with the others (before: a pyarrow traceback for every job).
+
+The row error comes from a real poisoned row (RUNNER_FAULT=poison_row, as tests/test_crashes.py)."""
+
+import json
+
+import pytest
+from helpers import write_jsonl
+from workers import run_runner
+
+import runner
+from runner import EngineOptions, GenerationParams
+from runner.crashes import DeviceError
+from runner.jobs import create_job
+from runner.worker import run_job
+
+pytestmark = pytest.mark.slow  # real worker processes: `make test` runs it, test-fast not
+
+PARAMS = GenerationParams(max_new_tokens=3, temperature=1.0, seed=11)
+OPTIONS = EngineOptions(batch_size=4)
+ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(6)]
+BAD = "r1"  # row 1 of unit 0 (rows 0-3): it makes the "device" fail whenever it is computed
+
+
+def run_until_done(job, engine, runs=8):
+    for _ in range(runs):
+        try:
+            if run_job(job, engine, echo=None).finished:
+                return
+        except DeviceError:
+            continue  # as the user does: run `runner work` again
+    raise AssertionError("the job did not finish")
+
+
+@pytest.fixture
+def errored(tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch):
+    """A job stopped right after committing the poisoned row's error: rows 2 and 3 of its unit not done yet."""
+    monkeypatch.setenv("RUNNER_FAULT", f"poison_row:{BAD}")
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
+                     unit_rows=4)  # fmt: skip
+    for _ in range(2):  # batch 0-3 fails; then its rows run alone: r0 done, r1 fails alone -> row error
+        with pytest.raises(DeviceError):
+            run_job(job, gpt2_engine, echo=None)
+    markers = [p for p in sorted((job.dir / "done").iterdir()) if json.loads(p.read_text()).get("errors")]
+    assert len(markers) == 1
+    marker = markers[0]
+    assert [e["row"] for e in json.loads(marker.read_text())["errors"]] == [1]
+    assert "check" in json.loads(marker.read_text())
+    assert [e["id"] for e in runner.read_errors(job.dir)] == [BAD]
+    return job, marker
+
+
+def flip_in_error(marker, field, old, new):
+    """Flip the one bit that turns `"field": old` into `"field": new` inside the errors entry."""
+    text = marker.read_bytes()
+    at = text.index(b'"errors"')
+    needle = f'"{field}": {old}'.encode()
+    pos = text.index(needle, at) + len(needle) - 1
+    data = bytearray(text)
+    assert bin(data[pos] ^ ord(str(new))).count("1") == 1  # a single-bit flip
+    data[pos] = ord(str(new))
+    marker.write_bytes(bytes(data))
+
+
+def test_a_flipped_sample_digit_in_a_row_error_is_noticed(errored, runner_home):
+    job, marker = errored
+    flip_in_error(marker, "sample", 0, 2)
+    code, out = run_runner("--home", runner_home, "status", "--json")
+    assert "Traceback" not in out and code == 0, out
+    assert "1 commit(s) failed verification" in json.loads(out)[0]["message"]
+    code, out = run_runner("--home", runner_home, "work", env_extra={"RUNNER_FAULT": f"poison_row:{BAD}"})
+    assert "Traceback" not in out, out
+
+
+def test_a_flipped_row_digit_in_a_row_error_loses_no_row(errored, gpt2_engine):
+    job, marker = errored
+    flip_in_error(marker, "row", 1, 3)
+    run_until_done(job, gpt2_engine)  # the poisoned row still fails, as it would in any run
+    ids = sorted(runner.load_results(job.dir)["id"])
+    errors = [e["id"] for e in runner.read_errors(job.dir)]
+    assert (ids, errors) == (
+        ["r0", "r2", "r3", "r4", "r5"],
+        [BAD],
+    )  # every good row once, the poisoned one failed
+
+
+def damaged_per_row_n_home(tmp_path, tiny_gpt2, runner_home):
+    rows = [{"id": "a", "prompt": "hello there", "n": 2}, {"id": "b", "prompt": "the old man"}]
+    per_row = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, PARAMS, EngineOptions(),
+                         home=runner_home, name="perrow")  # fmt: skip
+    other = create_job(write_jsonl(tmp_path / "o.jsonl", [{"id": "c", "prompt": "hello"}]), tiny_gpt2, PARAMS,
+                       EngineOptions(), home=runner_home, name="other")  # fmt: skip
+    assert json.loads((per_row.dir / "job.json").read_text())["per_row_n"] is True
+    path = per_row.dir / "prompts.parquet"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a partial upload / truncated sync of the prompts file
+    return per_row, other
+
+
+def test_a_damaged_per_row_n_prompts_file_breaks_only_its_job(tmp_path, tiny_gpt2, runner_home):
+    damaged_per_row_n_home(tmp_path, tiny_gpt2, runner_home)
+    code, out = run_runner("--home", runner_home, "status", "--json")
+    assert "Traceback" not in out and code == 0, out
+    states = {e["name"]: (e["state"], e["message"]) for e in json.loads(out)}
+    assert states["other"][0] == "queued"
+    state, message = states["perrow"]
+    assert (
+        state == "broken" and "prompts.parquet is damaged" in message and "submit the file again" in message
+    )
+    assert "runner repair" not in message  # repair cannot mend it: no advice that does nothing
+    code, out = run_runner("--home", runner_home, "work")
+    assert "Traceback" not in out, out
+    code, out = run_runner("--home", runner_home, "status", "other", "--json")
+    assert '"completed"' in out, out  # the healthy job ran

@@ -1,0 +1,92 @@
+"""Two submits of one --name at the same time store one job (README: "running a notebook's cells twice never
+submits twice", also from two Colab VMs on one Drive folder). Found by an adversarial pass: the name was looked
+up before the job existed and nobody checked it again, so both submits stored a job named night1 (with
+different seeds), every later command by name failed, and `runner work` computed every row twice.
+
+A named submit now claims the name exclusively (jobs._claim_name, .names/NAME.json) before its final rename.
+Deterministic: the first submit is frozen (SIGSTOP) once its temp folder appears in the home (a progress event;
+its writes are slowed through tests/fsfaults.py only so that the folder lives long enough to be seen), the
+second runs to its end, then the first is continued."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fsfaults
+import pytest
+from helpers import write_jsonl
+from workers import run_runner, worker_env
+
+from runner import EngineOptions, GenerationParams, RunnerError, jobdir, jobs
+from runner.jobs import create_job
+
+PARAMS = GenerationParams(max_new_tokens=3)
+
+
+@pytest.mark.slow  # real submit processes
+def test_two_concurrent_submits_of_one_name_make_one_job(tmp_path, tiny_gpt2, runner_home):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"r{i}", "prompt": f"hello {i}"} for i in range(4)])
+    args = ["--home", str(runner_home), "submit", str(prompts), "-m", tiny_gpt2, "--max-new-tokens", "3",
+            "--name", "night1"]  # fmt: skip
+    runner_home.mkdir(parents=True, exist_ok=True)
+    slow = fsfaults.FsFaults(runner_home, slow=0.3)
+    first = subprocess.Popen([sys.executable, str(fsfaults.HERE), *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env=worker_env({fsfaults.ENV: slow.settings()}))  # fmt: skip
+    end = time.monotonic() + 120
+    while not any(p.name.endswith(".tmp") and p.is_dir() for p in runner_home.iterdir()):
+        assert first.poll() is None and time.monotonic() < end, (
+            "the first submit ended before its temp folder"
+        )
+        time.sleep(0.002)
+    first.send_signal(signal.SIGSTOP)  # frozen after its name check, building its job
+    try:
+        code, out = run_runner(*args)
+        assert code == 0, out
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out1, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out1
+    folders = jobdir.job_folders(runner_home)
+    assert len(folders) == 1, [p.name for p in folders]
+    assert folders[0].name in out1  # the first submit returned the job the second stored
+    assert not [p for p in runner_home.iterdir() if p.name.endswith(".tmp")]  # and left no temp folder
+    code, status = run_runner("--home", runner_home, "status", "night1")
+    assert code == 0 and "night1" in status, status
+
+
+def test_a_name_held_by_a_submit_being_written_is_refused_until_it_lands(tmp_path, tiny_gpt2, runner_home):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
+    (runner_home / jobs.NAMES).mkdir(parents=True)
+    me = jobdir.Owner.me("submit").as_dict()  # alive: this very process
+    claim = runner_home / jobs.NAMES / "night1.json"
+    claim.write_text(json.dumps({"job": "20261201-000000-abcdef", "owner": me}))
+    with pytest.raises(RunnerError, match="being written right now"):
+        create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
+    assert jobdir.job_folders(runner_home) == []
+    # the submit holding it was killed before its job landed: its claim is taken over
+    claim.write_text(json.dumps({"job": "20261201-000000-abcdef", "owner": {**me, "pid": 2**22 + 7}}))
+    job = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
+    assert json.loads(claim.read_text())["job"] == job.id
+    # or it was written on another machine (a VM since gone): taken over once it is old
+    (runner_home / job.id).rename(tmp_path / "deleted")  # the user deleted the named job
+    claim.write_text(json.dumps({"job": "20261201-000000-abcdef", "owner": {**me, "boot": "another-vm"}}))
+    with pytest.raises(RunnerError, match="being written right now"):
+        create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
+    old = time.time() - jobs.STALE_CLAIM_SECONDS - 5
+    os.utime(claim, (old, old))
+    again = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
+    assert json.loads(claim.read_text())["job"] == again.id
+
+
+def test_resubmitting_a_named_job_returns_it_through_its_claim(tmp_path, tiny_gpt2, runner_home):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
+    job = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
+    assert json.loads((runner_home / jobs.NAMES / "night1.json").read_text())["job"] == job.id
+    assert (
+        create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1").id == job.id
+    )
+    assert len(jobdir.job_folders(runner_home)) == 1
