@@ -35,8 +35,9 @@ def _bench():
     return module
 
 
-def workload(engine, n: int, greedy: bool, seed: int, longest: int = 128):
-    """(prompt token ids, GenerationParams per row, seeds), the rows in the worker's plan order."""
+def workload(engine, n: int, greedy: bool, seed: int, longest: int = 128, samples: int = 1):
+    """(prompt token ids, GenerationParams per row, seeds), the rows in the worker's plan order; with `samples`
+    > 1 each row comes `samples` times (the keys of `-n samples`), each sample with its own seed."""
     from prompts import build_prompts
 
     from runner import GenerationParams
@@ -52,8 +53,12 @@ def workload(engine, n: int, greedy: bool, seed: int, longest: int = 128):
     rng = random.Random(seed)
     sampling = {"temperature": 0.0} if greedy else {"temperature": 0.8, "top_p": 0.95}
     params = [GenerationParams(max_new_tokens=rng.randint(min(8, longest), longest), **sampling) for _ in ids]
-    seeds = [sample_seed(seed, str(i), 0) for i in range(n)]
-    return ids, params, seeds
+    keys = [(i, s) for i in range(n) for s in range(samples)]
+    return (
+        [ids[i] for i, _ in keys],
+        [params[i] for i, _ in keys],
+        [sample_seed(seed, str(i), s) for i, s in keys],
+    )
 
 
 def run_static(engine, ids, params, seeds, batch_size, budget):
@@ -79,6 +84,15 @@ def run_refill(engine, ids, params, seeds, batch_size, budget):
     for i, c in zip(order, done, strict=True):
         out[i] = c
     return out
+
+
+def run_static_unshared(engine, ids, params, seeds, batch_size, budget):
+    """run_static with every sample's prompt computed on its own (Engine.share_prompts off), as before."""
+    engine.share_prompts = False
+    try:
+        return run_static(engine, ids, params, seeds, batch_size, budget)
+    finally:
+        engine.share_prompts = True
 
 
 def count_steps(engine) -> list[int]:
@@ -119,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-new-tokens", type=int, default=128, help="each row's max_new_tokens is drawn from 8..this"
     )
     ap.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
+    ap.add_argument("--samples", type=int, default=1, help="samples per prompt (-n); > 1 adds a static run "
+                    "without shared prompt passes (static_unshared)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="seed of the max_new_tokens draw and of the rows")
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
@@ -134,12 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     bench = _bench()
     model = bench.model_folder(argparse.Namespace(model=args.model, seed=0))  # --seed is the workload's
     engine = Engine(model, EngineOptions(device=args.device))
-    ids, params, seeds = workload(engine, args.num_prompts, args.greedy, args.seed, args.max_new_tokens)
+    ids, params, seeds = workload(
+        engine, args.num_prompts, args.greedy, args.seed, args.max_new_tokens, args.samples
+    )
     engine.generate(ids[:4], params[:4], seeds[:4], max_active=2)  # warm-up: kernels, allocator, both paths
     res = {"model": args.model, "rows": len(ids), "batch_size": args.batch_size, "greedy": args.greedy,
            "prompt_tokens": sum(map(len, ids)), "max_new_tokens": [p.max_new_tokens for p in params],
            "loadavg_start": load_start}  # fmt: skip
     runs = {"static": run_static, "refill": run_refill}
+    if args.samples > 1:
+        runs["static_unshared"] = run_static_unshared
     outs = {}
     steps = count_steps(engine)
     for name in [*runs] * args.repeats:  # static, refill, static, refill...: load changes hit both alike
@@ -161,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     res["speedup"] = res["refill_tok_per_s"] / res["static_tok_per_s"]
     res["speedup_cpu"] = res["refill_tok_per_cpu_s"] / res["static_tok_per_cpu_s"]
     res["rows_identical"] = sum(a.token_ids == b.token_ids for a, b in zip(static, refill, strict=True))
+    unshared = outs.get("static_unshared")
+    if unshared is not None:
+        res["shared_speedup"] = res["static_tok_per_s"] / res["static_unshared_tok_per_s"]
+        res["unshared_rows_identical"] = sum(
+            a.token_ids == b.token_ids for a, b in zip(static, unshared, strict=True)
+        )
     res["max_logprob_diff"] = max(
         (abs(x - y) for a, b in zip(static, refill, strict=True) if a.token_ids == b.token_ids
          for x, y in zip(a.token_logprobs, b.token_logprobs, strict=True)),
@@ -176,7 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU {fmt(res['refill_cpu_seconds'])} s, {res['refill_tok_per_cpu_s']:.1f} tok/CPU-s ({res['speedup_cpu']:.2f}x)\n"
         f"  decode steps: static {res['static_decode_steps']} ({res['static_slot_use']:.0%} of slots busy), refill "
         f"{res['refill_decode_steps']} ({res['refill_slot_use']:.0%})\n"
-        f"  rows identical: {res['rows_identical']}/{len(ids)}, largest log-prob difference "
+        + (
+            f"  static without shared prompt passes: {fmt(res['static_unshared_seconds'])} s, "
+            f"{res['static_unshared_tok_per_s']:.1f} tok/s (shared: {res['shared_speedup']:.2f}x), rows identical "
+            f"{res['unshared_rows_identical']}/{len(ids)}\n"
+            if unshared is not None
+            else ""
+        )
+        + f"  rows identical: {res['rows_identical']}/{len(ids)}, largest log-prob difference "
         f"{res['max_logprob_diff']:.1e}\n"
         f"  load average: start {load_start[0]:.2f}, end {res['loadavg_end'][0]:.2f}"
     )

@@ -207,6 +207,14 @@ def prefill_groups(lengths: list[int], budget: int, min_fill: float | None = Non
     return groups
 
 
+def _copies(prompts: list[list[int]]) -> dict[int, list[int]]:
+    """Rows by prompt: the first row of each distinct prompt -> every row with that prompt, in order."""
+    same: dict[tuple[int, ...], list[int]] = {}
+    for r, p in enumerate(prompts):
+        same.setdefault(tuple(p), []).append(r)
+    return {rs[0]: rs for rs in same.values()}
+
+
 def decode_groups(lengths: list[int], most: int) -> list[list[int]]:
     """Indices of `lengths` in at most `most` groups of similar length, longest first: `prefill_groups` with no
     token budget, then the adjacent pair that adds the least padding merged until few enough remain."""
@@ -334,11 +342,12 @@ class Engine:
         # Decode attention group by group (kvcache.grouped_attention, sdpa otherwise): only for sdpa models.
         self._grouped = self.decode_groups > 1 and kvcache.install_grouped_attention(self.model)
         self._grouped_verified = False  # set by the first grouped decode step that works
+        self.share_prompts = True  # rows with the same prompt (the n samples of a row) share one prompt pass
 
     @property
     def speedups(self) -> dict[str, Any]:
         """Which speed levers this engine uses (stats.json records them with each run)."""
-        return {**self.kernels, "grouped_decode": self._grouped}
+        return {**self.kernels, "grouped_decode": self._grouped, "shared_prompts": self.share_prompts}
 
     @property
     def num_parameters(self) -> int:
@@ -671,13 +680,20 @@ class Engine:
         return logits, self._decode_cache([cache], extra), order
 
     def _prefill_grouped(self, prompts: list[list[int]], extra: int, most: int):
-        """`_prefill` in groups, or None (and `_merge_caches` False) once the model's cache proves unmergeable."""
+        """`_prefill` in groups, or None (and `_merge_caches` False) once the model's cache proves unmergeable.
+        Rows with the same prompt (the n samples of a row) share one prompt pass: its cache rows are copied."""
         import torch
 
         lengths = [len(p) for p in prompts]
-        groups = decode_groups(lengths, most) if self._grouped else [list(range(len(prompts)))]
+        copies = _copies(prompts) if self.share_prompts else {r: [r] for r in range(len(prompts))}
+        distinct = list(copies)
+        groups = (
+            decode_groups([lengths[r] for r in distinct], most)
+            if self._grouped
+            else [list(range(len(distinct)))]
+        )
         logits, merged, pads, order = [], [], [], []
-        for group in groups:
+        for group in ([distinct[i] for i in g] for g in groups):
             caches, group_order = [], []
             for chunk in prefill_groups([lengths[r] for r in group], self.prefill_tokens):
                 rows = [group[i] for i in chunk]
@@ -686,9 +702,16 @@ class Engine:
                 self._merge_caches = self._merge_caches or kvcache.mergeable(c)
                 if not self._merge_caches:
                     return None
+                expanded = [r for row in rows for r in copies[row]]
+                if len(expanded) > len(rows):
+                    idx = torch.tensor(
+                        [i for i, row in enumerate(rows) for _ in copies[row]], device=lg.device
+                    )
+                    lg = lg[idx]
+                    c.batch_select_indices(idx)
                 logits.append(lg)
                 caches.append(c)
-                group_order.extend(rows)
+                group_order.extend(expanded)
             merged.append(kvcache.merge_prefills(caches, extra))
             width = max(lengths[r] for r in group)
             pads.append([width - lengths[r] for r in group_order])

@@ -119,10 +119,12 @@ TOP_P_MARGIN = 1e-5
 
 def _top_p(scores: Any, p: Any) -> Any:
     """transformers' TopPLogitsWarper per row (p = 1: off): drop the least likely tokens whose cumulative
-    probability stays within 1 - p, always keeping the most likely one."""
+    probability stays within 1 - p, always keeping the most likely one. A row decided from its candidates
+    keeps exactly the tokens scoring at least its last kept candidate (no tie across the cut), so the whole
+    batch is cut by one comparison with a threshold per row; the other rows take the full sort."""
     import torch
 
-    remove = torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.full_like(p, -math.inf, dtype=scores.dtype)  # [batch, 1]: -inf keeps everything
     rows = (p < 1.0).squeeze(-1).nonzero().squeeze(-1)  # rows still to decide from more candidates
     full = [
         rows[:0]
@@ -130,40 +132,41 @@ def _top_p(scores: Any, p: Any) -> Any:
     for k in TOP_P_CANDIDATES:
         if rows.numel() == 0 or k >= scores.shape[-1]:
             break
-        decided, clear, deeper = _top_p_candidates(scores[rows], p[rows], k)
-        remove[rows[clear]] = decided[clear]
+        every = rows.numel() == scores.shape[0]  # all rows: no copy of the scores
+        cut, clear, deeper = _top_p_candidates(scores if every else scores[rows], p if every else p[rows], k)
+        threshold[rows[clear]] = cut[clear]
         full.append(rows[~clear & ~deeper])
         rows = rows[deeper]
     rows = torch.cat([*full, rows])
+    out = scores.masked_fill(scores < threshold, -math.inf)
     if rows.numel():
-        remove[rows] = _top_p_sorted(scores[rows], p[rows])
-    return scores.masked_fill(remove, -math.inf)
+        sub = scores[rows]
+        out[rows] = sub.masked_fill(_top_p_sorted(sub, p[rows]), -math.inf)
+    return out
 
 
 def _top_p_candidates(scores: Any, p: Any, k: int) -> tuple[Any, Any, Any]:
-    """The tokens top-p removes, decided from the k most likely ([rows, vocab] bool), whether that decision
-    is unambiguous ([rows] bool), and whether the cut lies past the k candidates ([rows] bool: more might
-    decide it). A candidate is kept while the mass of the candidates more likely than it is under p
-    (transformers: removed where the ascending cumulative sum is <= 1 - p)."""
-    import torch
-
-    vals, idx = scores.topk(k, dim=-1)
+    """Top-p decided from the k most likely tokens: the score of the last token kept ([rows, 1]; top-p keeps
+    the tokens scoring at least that), whether that decision is unambiguous ([rows] bool), and whether the
+    cut lies past the k candidates ([rows] bool: more might decide it). A candidate is kept while the mass of
+    the candidates more likely than it is under p (transformers: removed where the ascending cumulative sum
+    is <= 1 - p)."""
+    vals, _ = scores.topk(k, dim=-1)
     # exp(score - largest) / their sum: torch's CPU softmax is ~1.5e-5 off as a whole (harmless to transformers,
     # which sums the tail, not to the mass above ~p summed here), and exp(score - log-sum-exp) in float32 loses
     # digits at |score| > 256
     top = vals[:, :1]
     probs = (vals - top).exp() / (scores - top).exp_().sum(-1, keepdim=True)
     above = probs.cumsum(-1) - probs
-    keep = above < p
-    kept = keep.sum(-1, keepdim=True).clamp(min=1)  # 0 only for a NaN or all -inf row, which stays unclear
+    kept = (above < p).sum(-1, keepdim=True).clamp(min=1)  # 0 only for a NaN or all -inf row: stays unclear
     last, first_out = kept - 1, kept.clamp(max=k - 1)  # the last candidate kept, the first one removed
     above_last, deeper = above.gather(1, last), kept == k
     # transformers' own float32 softmax is off by up to ~vocab x 2^-27 of the mass it sums up to the cut
     margin = ((1 - above_last) * scores.shape[-1] * 2.0**-27).clamp(min=TOP_P_MARGIN)
     clear = ~deeper & (above_last < p - margin) & (above.gather(1, first_out) > p + margin)
-    clear &= vals.gather(1, last) > vals.gather(1, first_out)  # no tie across the cut
-    remove = torch.ones_like(scores, dtype=torch.bool).scatter(1, idx, ~keep)
-    return remove, clear.squeeze(-1), deeper.squeeze(-1)
+    cut = vals.gather(1, last)
+    clear &= cut > vals.gather(1, first_out)  # no tie across the cut
+    return cut, clear.squeeze(-1), deeper.squeeze(-1)
 
 
 def _top_p_sorted(scores: Any, p: Any) -> Any:

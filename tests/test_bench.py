@@ -135,13 +135,17 @@ def test_refill_ab_script(bench, tiny_gpt2, tmp_path, capsys):
     import refill
 
     out = tmp_path / "refill.json"
-    args = ["--model", tiny_gpt2, "--num-prompts", "6", "--batch-size", "2", "--max-new-tokens", "16",
-            "--json-out", str(out)]  # fmt: skip
+    args = ["--model", tiny_gpt2, "--num-prompts", "3", "--samples", "2", "--batch-size", "2",
+            "--max-new-tokens", "16", "--json-out", str(out)]  # fmt: skip
     assert refill.main(args) == 0
     res = json.loads(out.read_text())
     assert res["rows"] == 6 and res["rows_identical"] == 6 and res["output_tokens"] > 0
     assert 0 < res["refill_decode_steps"] <= res["static_decode_steps"]
-    assert "rows identical: 6/6" in capsys.readouterr().out
+    assert (
+        res["unshared_rows_identical"] == 6 and res["shared_speedup"] > 0
+    )  # the samples' prompts shared or not
+    printed = capsys.readouterr().out
+    assert "rows identical: 6/6" in printed and "without shared prompt passes" in printed
 
 
 @pytest.mark.slow

@@ -209,3 +209,39 @@ def test_gpt2_gelu_is_fused_and_computes_gelu_new(gpt2_engine):
         finally:
             kernels.install(engine.model)
     assert torch.allclose(fused, stock, atol=1e-6) and not torch.equal(act.forward(x), x)
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+@pytest.mark.parametrize("max_active", [None, 3])
+def test_samples_of_one_prompt_share_its_prompt_pass(request, monkeypatch, engine_name, max_active):
+    """The n samples of a row (and any rows with the same prompt) run one prompt pass between them: the prompt
+    pass sees each distinct prompt once per batch it joins, and every sample equals that sample generated alone,
+    with the refilled batch (max_active) too."""
+    engine = request.getfixturevalue(engine_name)
+    distinct = ids_of(engine, PROMPTS)
+    rows = [r for r in range(len(distinct)) for _ in range(3)]  # n = 3, the samples of a row side by side
+    prompts = [distinct[r] for r in rows]
+    params = GenerationParams(max_new_tokens=6, do_sample=True, temperature=0.9, top_p=0.95)
+    seeds = [1000 + i for i in range(len(prompts))]
+    prefilled: list[int] = []  # rows of each prompt pass
+    real_forward = engine._forward
+
+    def spy(input_ids, *args, **kwargs):
+        if input_ids.shape[1] > 1:
+            prefilled.append(input_ids.shape[0])
+        return real_forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forward", spy)
+    single = [engine.generate([p], params, [s])[0] for p, s in zip(prompts, seeds, strict=True)]
+    prefilled.clear()
+    shared = engine.generate(prompts, params, seeds, max_active=max_active)
+    assert_same_completions(shared, single)
+    assert len({tuple(c.token_ids) for c in shared}) > len(distinct)  # the samples of a row really differ
+    if max_active is None:
+        assert sum(prefilled) == len(distinct)
+    else:
+        assert sum(prefilled) < len(prompts)
+    monkeypatch.setattr(engine, "share_prompts", False)
+    prefilled.clear()
+    assert_same_completions(engine.generate(prompts, params, seeds, max_active=max_active), single)
+    assert sum(prefilled) == len(prompts)
