@@ -454,26 +454,15 @@ class PromptReader(RowChecker):
     Settings are checked when the reader is made (file type, a file that is not there, the template), so a
     caller can refuse early, before loading any model."""
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        prompt_field: str = "prompt",
-        template: str | None = None,
-        id_field: str = "id",
-        messages_field: str | None = "messages",
-        pair_fields: tuple[str, str] | None = None,
-        row_settings: bool = False,
-        batch: tuple[str, tuple[str, ...]] | None = None,
-        chat: bool = False,
-    ):
+    def __init__(self, path: str | os.PathLike, **checks: Any):
+        """`checks`: RowChecker's settings (prompt_field, template, ...), by name."""
         self.path = Path(path)
         self.format = input_format(self.path)
         if not self.path.is_file():
             raise InputError(
                 [Problem(str(self.path), 0, None, "no such file")], header="cannot read the prompt file"
             )
-        super().__init__(str(self.path), prompt_field, template, id_field, messages_field, pair_fields,
-                         row_settings, batch, chat)  # fmt: skip
+        super().__init__(str(self.path), **checks)
 
     def _source(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         if self.format == "jsonl":
@@ -536,7 +525,8 @@ def read_prompts(
     """Read and validate a whole prompt file into memory (jobs read big files in chunks with `PromptReader`
     instead). Raises `InputError` listing every problem unless `skip_invalid`, in which case the problems
     come back in `PromptSet.problems` for the errors file."""
-    reader = PromptReader(path, prompt_field, template, id_field, messages_field, pair_fields)
+    reader = PromptReader(path, prompt_field=prompt_field, template=template, id_field=id_field,
+                          messages_field=messages_field, pair_fields=pair_fields)  # fmt: skip
     rows: list[PromptRow] = []
     problems: list[Problem] = []
     columns: dict[str, None] = {}
