@@ -124,10 +124,7 @@ def _completion(engine: Any, prompt: list[int], new: list[int], params: Generati
 
 
 def _raw_logprobs(engine: Any, prompt: list[int], new: list[int]) -> list[float]:
-    """log_softmax of the unprocessed logits at each generated token, as our loop reports them."""
-    import torch
+    """log P(each generated token) under the unprocessed logits, as our loop reports them: scoring.py's."""
+    from .scoring import score_batch
 
-    seq = torch.tensor([prompt + new], device=engine.device)
-    with torch.inference_mode():
-        logits = engine.model(input_ids=seq).logits[0, len(prompt) - 1 : -1].float()
-    return torch.log_softmax(logits, -1).gather(1, seq[0, len(prompt) :].unsqueeze(-1)).squeeze(-1).tolist()
+    return score_batch(engine, [prompt + new], [len(prompt)])[0].token_logprobs if new else []
