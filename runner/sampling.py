@@ -183,12 +183,13 @@ def pick(scores: Any, s: RowSettings, uniforms: Any) -> Any:
     (`uniforms`: [batch], from each sample's own generator); greedy rows take the argmax."""
     import torch
 
-    greedy = scores.argmax(-1)
     if not bool(s.sample.any()):
-        return greedy
+        return scores.argmax(-1)
     probs = torch.softmax(scores, dim=-1)
     cdf = probs.cumsum(-1)
     u = uniforms.to(cdf.dtype)
     sampled = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     sampled = sampled.clamp(max=scores.shape[-1] - 1)
-    return torch.where(s.sample, sampled, greedy)
+    if bool(s.sample.all()):  # no greedy row: no argmax over the vocabulary
+        return sampled
+    return torch.where(s.sample, sampled, scores.argmax(-1))
