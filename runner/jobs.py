@@ -293,31 +293,29 @@ STALE_CLAIM_SECONDS = 600  # a claim whose job never appeared is taken over afte
 
 
 def _claim_name(root: Path, name: str, job_id: str) -> str | None:
-    """Make `job_id` the job named `name` in the home by creating .names/NAME.json exclusively: two submits of
-    one name at the same time (two Colab VMs running one notebook) then store one job, not two. Returns None
-    when the claim is ours, else the id of the job that holds the name. A claim whose job never appeared is
-    taken over once its submit is provably gone or STALE_CLAIM_SECONDS old (a submit killed in between)."""
+    """Make `job_id` the job named `name` in the home by creating .names/NAME.json exclusively (whole, never
+    torn: jobdir.create_exclusive): two submits of one name at the same time (two Colab VMs running one
+    notebook) then store one job, not two. Returns None when the claim is ours, else the id of the job that
+    holds the name. A claim whose job never appeared is taken over once its submit is provably gone or the
+    claim is STALE_CLAIM_SECONDS old (a submit killed in between), as is a damaged one."""
     folder = root / NAMES
+    if folder.is_symlink():
+        raise RunnerError(f"{folder} is a symbolic link; runner does not follow links out of the job home")
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}.json"
-    body = json.dumps({"job": job_id, "owner": jobdir.Owner.me("submit").as_dict()})
+    if path.is_symlink() or path.is_dir():
+        raise RunnerError(f"{path} is not a name claim runner wrote; delete it to submit the name {name!r}")
+    claim = {"job": job_id, "owner": jobdir.Owner.me("submit").as_dict()}
     for _ in range(3):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            held = jobdir._read_json_or_none(path)
-            holder = held.get("job") if isinstance(held, dict) else None
-            if isinstance(holder, str) and holder in {p.name for p in jobdir.job_folders(root)}:
-                return holder
-            if not _stale_claim(path, held):
-                return holder if isinstance(holder, str) else "?"
-            storage.remove(path)  # its job never appeared and its submit is gone: take the name over
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        return None
+        if jobdir.create_exclusive(path, claim):
+            return None
+        held = jobdir._read_json_or_none(path)
+        holder = held.get("job") if isinstance(held, dict) else None
+        if isinstance(holder, str) and holder in {p.name for p in jobdir.job_folders(root)}:
+            return holder
+        if isinstance(holder, str) and not _stale_claim(path, held):
+            return holder
+        storage.remove(path)  # damaged, or its job never appeared and its submit is gone: take the name over
     raise RunnerError(f"cannot claim the job name {name!r} in {root}: {path} keeps changing")
 
 
@@ -333,7 +331,8 @@ def _stale_claim(path: Path, held: Any) -> bool:
 def _in_progress(name: str, holder: str) -> Job:
     raise RunnerError(
         f"another submit of the name {name!r} (job {holder}) is being written right now; run this submit again "
-        "in a moment: it then returns that job"
+        f"in a moment: it then returns that job (if that submit was killed, the name frees itself within "
+        f"{STALE_CLAIM_SECONDS // 60} minutes)"
     )
 
 

@@ -82,6 +82,18 @@ def test_a_name_held_by_a_submit_being_written_is_refused_until_it_lands(tmp_pat
     assert json.loads(claim.read_text())["job"] == again.id
 
 
+def test_a_damaged_name_claim_is_taken_over_and_a_foreign_one_refused(tmp_path, tiny_gpt2, runner_home):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
+    (runner_home / jobs.NAMES).mkdir(parents=True)
+    claim = runner_home / jobs.NAMES / "night1.json"
+    claim.write_text('{"job": "2026')  # torn (a copy tool, a full disk): runner's own claims never are
+    job = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
+    assert json.loads(claim.read_text())["job"] == job.id
+    (runner_home / jobs.NAMES / "night2.json").mkdir()
+    with pytest.raises(RunnerError, match="not a name claim"):
+        create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night2")
+
+
 def test_resubmitting_a_named_job_returns_it_through_its_claim(tmp_path, tiny_gpt2, runner_home):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
     job = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
