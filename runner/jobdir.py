@@ -65,6 +65,7 @@ from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 FORMAT = 2  # job folder layout version
 JOB_FILE, JOB_BACKUP, PROMPTS, INVALID = "job.json", "job.backup.json", "prompts.parquet", "errors.jsonl"
 STATE_FILE, STATS_FILE, LOG_FILE, VERIFIED = "state.json", "stats.json", "log.txt", "verified.json"
+COMPLETED_FILE = "completed.json"  # {"generation": g}: every key done or failed under retry generation g
 SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, QUARANTINE = (
     "shards", "done", "claims", "workers", "inflight", "quarantine",
 )  # fmt: skip
@@ -407,7 +408,27 @@ class StateRecord:
 
 
 def read_state(job_dir: Path) -> StateRecord:
-    """state.json (absent: queued). Unreadable or invalid: BrokenJob, never a guess."""
+    """The job's state: state.json (absent: queued; unreadable or invalid: BrokenJob, never a guess), and
+    completed when it says queued and completed.json holds the same retry generation."""
+    record = _stored_state(job_dir)
+    if record.state is JobState.QUEUED:
+        path = Path(job_dir) / COMPLETED_FILE
+        done = _read_json_or_none(path) if _lexists(path) and not _is_link(path) else None
+        gen = done.get("generation") if isinstance(done, dict) else None
+        if type(gen) is int and gen == record.generation:
+            updated = done.get("updated")
+            return StateRecord(JobState.COMPLETED, gen, None, float(updated) if type(updated) is float else 0.0)
+    return record
+
+
+def write_completed(job_dir: Path, generation: int) -> None:
+    """Completion, written by the worker that finds every key done or failed, to a file of its own: state.json
+    is written by commands only (submit, cancel, retry, repair, a job's failure), so a `retry` or `cancel`
+    written at the same moment is never overwritten by a worker that read the state just before."""
+    storage.write_json(Path(job_dir) / COMPLETED_FILE, {"generation": generation, "updated": time.time()})
+
+
+def _stored_state(job_dir: Path) -> StateRecord:
     path = Path(job_dir) / STATE_FILE
     if not _lexists(path):
         if _is_link(path):
@@ -1177,7 +1198,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
         generation = old.generation
     except BrokenJob as e:
         report.state_was = f"broken ({e})"
-        generation = 0
+        generation = _last_generation(job)
     ledger = read_ledger(job, seal=True, generation=generation)
     for name, why in ledger.bad:
         quarantine(job, name, why)
@@ -1186,12 +1207,23 @@ def repair(path: str | os.PathLike) -> RepairReport:
     final = JobState.COMPLETED if progress.complete else JobState.QUEUED
     if final is JobState.QUEUED and report.state_was in ("cancelled", "failed"):
         final = JobState(report.state_was)
+    if final is not JobState.COMPLETED:
+        storage.remove(job.dir / COMPLETED_FILE)  # a completion that no longer holds (a shard was lost)
     write_state(job.dir, StateRecord(final, generation))
     report.state_now, report.done, report.total = final.value, progress.done, progress.total
     remove_stale_temps(job.dir, max_age=0 if not progress.live else TEMP_MAX_AGE)
     job.log(f"repaired: state {report.state_was} -> {final.value}, {len(report.quarantined)} commit(s) "
             f"quarantined, {progress.done:,}/{progress.total:,} rows done")  # fmt: skip
     return report
+
+
+def _last_generation(job: Job) -> int:
+    """The retry generation a damaged state.json held, as far as the job's other files still tell: the newest
+    one its commits and its completion were written under (a retry with nothing committed since is lost)."""
+    done = _read_json_or_none(job.dir / COMPLETED_FILE) if _lexists(job.dir / COMPLETED_FILE) else None
+    gens = [c.marker.get("generation", 0) for c in read_ledger(job, generation=0).commits]
+    gens.append(done.get("generation", 0) if isinstance(done, dict) else 0)
+    return max((g for g in gens if type(g) is int and g >= 0), default=0)
 
 
 def _restore_spec(path: Path) -> Job:

@@ -557,11 +557,12 @@ class JobRun:
             self.say(self.progress.line())
             self.record_stats()
         self.verifier.save()
-        progress = jobdir.job_progress(self.job, self.ledger())
-        if progress.complete:
-            state = self.job.state()
-            if state.state is JobState.QUEUED:
-                jobdir.write_state(self.job.dir, jobdir.StateRecord(JobState.COMPLETED, state.generation))
+        # the state first: a `retry` from elsewhere after this read raises the generation past the completion
+        state = self.job.state()
+        ledger = jobdir.read_ledger(self.job, verifier=self.verifier, generation=state.generation)
+        progress = jobdir.job_progress(self.job, ledger)
+        if progress.complete and state.state is JobState.QUEUED:
+            jobdir.write_completed(self.job.dir, state.generation)
         others = len([w for w in progress.live if w != self.owner.worker])
         return RunSummary(self.job.id, progress.done, progress.total, self.generated, self.tokens, seconds,
                           progress.failed, progress.complete, others, self.stopped)  # fmt: skip

@@ -1,0 +1,126 @@
+"""The job's state against commands that land at the worst moment, found by an adversarial pass:
+
+* `runner retry` while a worker finishes the job: the worker used to read state.json, then write "completed"
+  with the generation it had read, undoing the retry (the failed row never tried again), or to compute the
+  progress under the old generation and call the job complete under the new one (status: "broken"). Workers
+  now write completion to completed.json under the generation they read first: state.json is the commands'.
+* `runner repair` of a torn state.json restarted the retry generation at 0, so row errors of generation 1
+  counted again after the next retry. Repair now takes the newest generation the commits and the completion
+  were written under.
+
+The interleavings are deterministic: the real `jobdir.retry` (what `runner retry` calls) runs at the exact
+instant, from a patched function of the worker's path."""
+
+import inspect
+
+import pytest
+from helpers import write_jsonl
+from workers import run_runner
+
+import runner
+from runner import EngineOptions, GenerationParams, jobdir
+from runner.crashes import DeviceError
+from runner.job_status import job_status
+from runner.jobdir import Job, JobState
+from runner.jobs import create_job
+from runner.worker import run_job
+
+pytestmark = pytest.mark.slow  # `runner retry` / `runner repair` as real processes
+
+PARAMS = GenerationParams(max_new_tokens=3, temperature=1.0, seed=11)
+OPTIONS = EngineOptions(batch_size=4)
+ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(6)]
+BAD = "r1"
+
+
+def run_until_done(job, engine, runs=8):
+    for _ in range(runs):
+        try:
+            s = run_job(job, engine, echo=None)
+            if s.finished:
+                return s
+        except DeviceError:
+            continue  # as the user does: `runner work` again
+    raise AssertionError("the job did not finish")
+
+
+@pytest.fixture
+def errored(tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch):
+    """r1 poisons the device: after two runs it is a committed row error; rows r2.. are still to do."""
+    monkeypatch.setenv("RUNNER_FAULT", f"poison_row:{BAD}")
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
+                     unit_rows=4)  # fmt: skip
+    for _ in range(2):
+        with pytest.raises(DeviceError):
+            run_job(job, gpt2_engine, echo=None)
+    monkeypatch.delenv("RUNNER_FAULT")
+    assert [e["id"] for e in runner.read_errors(job.dir)] == [BAD]
+    return job
+
+
+def test_a_retry_as_the_worker_writes_completion_stands(errored, gpt2_engine, monkeypatch):
+    job = errored
+    real = jobdir.write_completed
+    fired = []
+
+    def write_completed(path, generation):
+        if not fired:  # the worker's finish(), about to write: the user's real `runner retry` lands now
+            code, out = run_runner("retry", job.dir)
+            assert code == 0 and "1 failed row(s) will be tried again" in out, out
+            fired.append(generation)
+        return real(path, generation)
+
+    monkeypatch.setattr(jobdir, "write_completed", write_completed)
+    run_job(job, gpt2_engine, echo=None)
+    assert fired == [0]
+    state = job.state()
+    assert (state.state, state.generation, runner.read_errors(job.dir)) == (JobState.QUEUED, 1, [])
+    monkeypatch.setattr(jobdir, "write_completed", real)
+    s = run_job(job, gpt2_engine, echo=None)  # r1 is tried again (and works now)
+    assert s.finished and s.errors == 0 and job.state().state is JobState.COMPLETED
+    assert sorted(runner.load_results(job.dir)["id"]) == [r["id"] for r in ROWS]
+
+
+def test_a_retry_as_the_worker_reads_its_progress_leaves_no_false_completion(
+    errored, gpt2_engine, monkeypatch
+):
+    job = errored
+    real = jobdir.job_progress
+    fired = []
+
+    def job_progress(j, ledger=None):
+        p = real(j, ledger)
+        if inspect.stack()[1].function == "finish" and p.complete and not fired:
+            fired.append(jobdir.retry(Job.open(job.dir)))  # the user's `runner retry`, at this instant
+        return p
+
+    monkeypatch.setattr(jobdir, "job_progress", job_progress)
+    run_job(job, gpt2_engine, echo=None)
+    monkeypatch.setattr(jobdir, "job_progress", real)
+    assert fired == [1]
+    assert job.state().state is JobState.QUEUED and job_status(Job.open(job.dir)).state != "broken"
+
+
+def test_a_retry_after_repairing_a_torn_state_really_retries(tmp_path, tiny_gpt2, gpt2_engine, runner_home,
+                                                              monkeypatch):  # fmt: skip
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
+                     unit_rows=4)  # fmt: skip
+    monkeypatch.setenv("RUNNER_FAULT", f"poison_row:{BAD}")
+    run_until_done(job, gpt2_engine)  # generation 0: r1 is a row error
+    code, out = run_runner("retry", job.dir)
+    assert code == 0 and "1 failed row(s)" in out, out
+    run_until_done(job, gpt2_engine)  # generation 1: r1 fails again (the fault is still there)
+    assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
+    monkeypatch.delenv("RUNNER_FAULT")  # the cause is fixed
+    state = job.dir / "state.json"
+    state.write_bytes(state.read_bytes()[:20])  # torn
+    code, out = run_runner("repair", job.dir)
+    assert code == 0 and "Traceback" not in out, out
+    assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
+    code, out = run_runner("retry", job.dir)
+    assert code == 0 and "1 failed row(s) will be tried again" in out, out
+    assert runner.read_errors(job.dir) == []
+    s = run_job(job, gpt2_engine, echo=None)
+    assert (
+        s.finished and s.errors == 0 and sorted(runner.load_results(job.dir)["id"]) == [r["id"] for r in ROWS]
+    )
