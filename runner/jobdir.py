@@ -417,7 +417,9 @@ def read_state(job_dir: Path) -> StateRecord:
         gen = done.get("generation") if isinstance(done, dict) else None
         if type(gen) is int and gen == record.generation:
             updated = done.get("updated")
-            return StateRecord(JobState.COMPLETED, gen, None, float(updated) if type(updated) is float else 0.0)
+            return StateRecord(
+                JobState.COMPLETED, gen, None, float(updated) if type(updated) is float else 0.0
+            )
     return record
 
 

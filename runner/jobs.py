@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -161,7 +162,10 @@ def create_job(
         claim = name if job_dir is None else None
         holder = _write_job(target, meta, reader, prep, skip_invalid, tokenizer, claim)
         if holder is not None:  # a submit of the same name got there first, while this one was being written
-            return _already_submitted(None, root, name, _fingerprint(identity)) or _in_progress(name, holder)
+            existing = _already_submitted(None, root, name, _fingerprint(identity))
+            if existing is None:
+                raise RunnerError(f"the job name {name!r} is held by job {holder}, which cannot be opened")
+            return existing
         job = Job.open(target)
         job.log(f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}")
         return job
@@ -288,52 +292,61 @@ def _write_job(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-NAMES = ".names"  # in the home: NAME.json, the id of the one job named NAME (written once, exclusively)
+NAMES = ".names"  # in the home: NAME.N.json, the claims on a job name; the newest (highest N) holds it
 STALE_CLAIM_SECONDS = 600  # a claim whose job never appeared is taken over after this (its submit was killed)
 
 
 def _claim_name(root: Path, name: str, job_id: str) -> str | None:
-    """Make `job_id` the job named `name` in the home by creating .names/NAME.json exclusively (whole, never
-    torn: jobdir.create_exclusive): two submits of one name at the same time (two Colab VMs running one
-    notebook) then store one job, not two. Returns None when the claim is ours, else the id of the job that
-    holds the name. A claim whose job never appeared is taken over once its submit is provably gone or the
-    claim is STALE_CLAIM_SECONDS old (a submit killed in between), as is a damaged one."""
+    """Make `job_id` the job named `name` in the home: two submits of one name at the same time (two Colab VMs
+    running one notebook) then store one job, not two. Returns None when the claim is ours, else the id of
+    the job that holds the name; RunnerError while the holder's job has not appeared yet.
+
+    A claim is a file .names/NAME.N.json created exclusively and whole (jobdir.create_exclusive); the newest
+    (highest N) is the one that counts. Its name is taken over by creating NAME.N+1.json, exclusively again,
+    once its job never appeared and its submit is provably gone or STALE_CLAIM_SECONDS old (a submit killed in
+    between), or it is damaged: two submits taking one stale claim over race for the same N+1, and only one
+    creates it. Nothing is ever deleted, so nobody can remove a claim another has just made."""
     folder = root / NAMES
     if folder.is_symlink():
         raise RunnerError(f"{folder} is a symbolic link; runner does not follow links out of the job home")
     folder.mkdir(exist_ok=True)
-    path = folder / f"{name}.json"
-    if path.is_symlink() or path.is_dir():
-        raise RunnerError(f"{path} is not a name claim runner wrote; delete it to submit the name {name!r}")
     claim = {"job": job_id, "owner": jobdir.Owner.me("submit").as_dict()}
-    for _ in range(3):
-        if jobdir.create_exclusive(path, claim):
+    for _ in range(8):
+        newest = _newest_claim(folder, name)
+        n = 0 if newest is None else newest + 1
+        if newest is not None:
+            path = folder / f"{name}.{newest}.json"
+            held = jobdir._read_json_or_none(path) if path.is_file() and not path.is_symlink() else None
+            holder = held.get("job") if isinstance(held, dict) else None
+            if isinstance(holder, str) and holder in {p.name for p in jobdir.job_folders(root)}:
+                return holder
+            if not _stale_claim(path, held):
+                raise RunnerError(
+                    f"the job name {name!r} is claimed by another submit (job {holder or '?'}) that is being written "
+                    f"right now or was killed; run this submit again in a moment (it then returns that job). A "
+                    f"killed submit's claim frees itself within {STALE_CLAIM_SECONDS // 60} minutes, or delete "
+                    f"{path} if no other submit is running"
+                )
+        if jobdir.create_exclusive(folder / f"{name}.{n}.json", claim):
             return None
-        held = jobdir._read_json_or_none(path)
-        holder = held.get("job") if isinstance(held, dict) else None
-        if isinstance(holder, str) and holder in {p.name for p in jobdir.job_folders(root)}:
-            return holder
-        if isinstance(holder, str) and not _stale_claim(path, held):
-            return holder
-        storage.remove(path)  # damaged, or its job never appeared and its submit is gone: take the name over
-    raise RunnerError(f"cannot claim the job name {name!r} in {root}: {path} keeps changing")
+    raise RunnerError(f"cannot claim the job name {name!r} in {folder}: its claims keep changing")
+
+
+def _newest_claim(folder: Path, name: str) -> int | None:
+    pattern = re.compile(re.escape(name) + r"\.(\d+)\.json")
+    numbers = [int(m.group(1)) for n in storage.listdir(folder) if (m := pattern.fullmatch(n))]
+    return max(numbers, default=None)
 
 
 def _stale_claim(path: Path, held: Any) -> bool:
+    """A claim to take over: its submit provably gone, or the claim old (a damaged one too: where hard links
+    are missing, a claim is created empty and then written, so a young unreadable claim may be on its way)."""
     owner = jobdir.Owner.from_dict(held.get("owner")) if isinstance(held, dict) else None
     try:
         age = time.time() - os.lstat(path).st_mtime
     except FileNotFoundError:
         return True
     return (owner is not None and owner.provably_dead()) or age > STALE_CLAIM_SECONDS
-
-
-def _in_progress(name: str, holder: str) -> Job:
-    raise RunnerError(
-        f"another submit of the name {name!r} (job {holder}) is being written right now; run this submit again "
-        f"in a moment: it then returns that job (if that submit was killed, the name frees itself within "
-        f"{STALE_CLAIM_SECONDS // 60} minutes)"
-    )
 
 
 def _hidden_size(config: Any) -> int | None:

@@ -70,7 +70,18 @@ RETRY_DELAYS = (0.02, 0.05, 0.1, 0.5, 1, 2, 4, 8, 15, 30)
 EIO_RATE = 0.06  # chance of a transient EIO/ENOTCONN per listing or read of done/, claims/, shards/
 # RUNNER_FAULT points a worker may carry, with the range of the visit it dies at
 POINTS = {"after_shard": 4, "before_replace": 20, "before_create": 4, "mid_write": 4, "after_generate": 4}
-TORN_KINDS = ("marker", "claim", "seal", "state", "job", "stats", "heartbeat", "inflight", "verified")
+TORN_KINDS = (
+    "marker",
+    "claim",
+    "seal",
+    "state",
+    "completed",
+    "job",
+    "stats",
+    "heartbeat",
+    "inflight",
+    "verified",
+)
 SHARD_DAMAGE = ("flip", "truncate", "delete")
 DAMAGE = (*TORN_KINDS, *SHARD_DAMAGE, "conflict")
 SUBMIT_KILLS = ("before_replace:2", "stage:prompts.parquet", "before_replace:3", "stage:.owner.json")
@@ -743,7 +754,13 @@ class Round:
     def torn_target(self, kind: str) -> Path | None:
         """The file of this kind to tear: an existing one, or (for kinds a clean run may not leave) a new one."""
         rng, job = self.rng, self.job
-        fixed = {"state": "state.json", "job": "job.json", "stats": "stats.json", "verified": "verified.json"}
+        fixed = {
+            "state": "state.json",
+            "completed": "completed.json",
+            "job": "job.json",
+            "stats": "stats.json",
+            "verified": "verified.json",
+        }
         if kind in fixed:
             return job / fixed[kind]
         claims = listing(job / "claims")

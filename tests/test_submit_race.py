@@ -58,46 +58,94 @@ def test_two_concurrent_submits_of_one_name_make_one_job(tmp_path, tiny_gpt2, ru
     assert code == 0 and "night1" in status, status
 
 
+def dead_owner():
+    """The Owner record of a process that has exited (same boot and PID namespace): provably dead."""
+    out = subprocess.run([sys.executable, "-c", "import json; from runner import jobdir; "
+                          "print(json.dumps(jobdir.Owner.me('submit').as_dict()))"],
+                         capture_output=True, text=True, env=worker_env(), check=True).stdout  # fmt: skip
+    return json.loads(out)
+
+
+def claims(home, name="night1"):
+    return sorted(p.name for p in (home / jobs.NAMES).iterdir() if p.name.startswith(name + "."))
+
+
 def test_a_name_held_by_a_submit_being_written_is_refused_until_it_lands(tmp_path, tiny_gpt2, runner_home):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
     (runner_home / jobs.NAMES).mkdir(parents=True)
     me = jobdir.Owner.me("submit").as_dict()  # alive: this very process
-    claim = runner_home / jobs.NAMES / "night1.json"
+    claim = runner_home / jobs.NAMES / "night1.0.json"
     claim.write_text(json.dumps({"job": "20261201-000000-abcdef", "owner": me}))
-    with pytest.raises(RunnerError, match="being written right now"):
+    with pytest.raises(
+        RunnerError, match="claimed by another submit .* being written right now or was killed"
+    ):
         create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
     assert jobdir.job_folders(runner_home) == []
-    # the submit holding it was killed before its job landed: its claim is taken over
-    claim.write_text(json.dumps({"job": "20261201-000000-abcdef", "owner": {**me, "pid": 2**22 + 7}}))
+    # the submit holding it was killed before its job landed: its claim is taken over by the next number
+    claim.write_text(json.dumps({"job": "20261201-000000-abcdef", "owner": dead_owner()}))
     job = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
-    assert json.loads(claim.read_text())["job"] == job.id
-    # or it was written on another machine (a VM since gone): taken over once it is old
+    assert claims(runner_home) == ["night1.0.json", "night1.1.json"]
+    assert json.loads((runner_home / jobs.NAMES / "night1.1.json").read_text())["job"] == job.id
+    # or on another machine (a VM since gone), or damaged: taken over once old
     (runner_home / job.id).rename(tmp_path / "deleted")  # the user deleted the named job
-    claim.write_text(json.dumps({"job": "20261201-000000-abcdef", "owner": {**me, "boot": "another-vm"}}))
-    with pytest.raises(RunnerError, match="being written right now"):
+    newest = runner_home / jobs.NAMES / "night1.1.json"
+    newest.write_text(json.dumps({"job": "20261201-000000-abcdef", "owner": {**me, "boot": "another-vm"}}))
+    with pytest.raises(RunnerError, match="frees itself within 10 minutes"):
         create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
     old = time.time() - jobs.STALE_CLAIM_SECONDS - 5
-    os.utime(claim, (old, old))
+    os.utime(newest, (old, old))
     again = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
-    assert json.loads(claim.read_text())["job"] == again.id
+    assert json.loads((runner_home / jobs.NAMES / "night1.2.json").read_text())["job"] == again.id
 
 
-def test_a_damaged_name_claim_is_taken_over_and_a_foreign_one_refused(tmp_path, tiny_gpt2, runner_home):
+def test_damaged_and_foreign_claims_block_no_name_for_good(tmp_path, tiny_gpt2, runner_home):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
+    names = runner_home / jobs.NAMES
+    names.mkdir(parents=True)
+    old = time.time() - jobs.STALE_CLAIM_SECONDS - 5
+    (names / "night1.0.json").write_text('{"job": "2026')  # torn (a copy tool, a full disk)
+    (names / "night2.0.json").mkdir()  # a folder in a claim's place
+    for p in (names / "night1.0.json", names / "night2.0.json"):
+        with pytest.raises(RunnerError, match="claimed by another submit"):  # young: may be on its way
+            create_job(
+                prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name=p.name.split(".")[0]
+            )
+        os.utime(p, (old, old))
+    for name in ("night1", "night2"):
+        job = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name=name)
+        assert json.loads((names / f"{name}.1.json").read_text())["job"] == job.id
+
+
+def test_two_submits_taking_over_one_stale_claim_make_one_job(tmp_path, tiny_gpt2, runner_home, monkeypatch):
+    """Submit A judges a killed submit's claim stale and is paused right there (where a SIGSTOP would freeze
+    it) while submit B, a real process, takes the same claim over and stores its job; then A goes on. Both
+    race for the next claim number, only one creates it: one job, which A returns."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"r{i}", "prompt": f"hello {i}"} for i in range(3)])
     (runner_home / jobs.NAMES).mkdir(parents=True)
-    claim = runner_home / jobs.NAMES / "night1.json"
-    claim.write_text('{"job": "2026')  # torn (a copy tool, a full disk): runner's own claims never are
-    job = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
-    assert json.loads(claim.read_text())["job"] == job.id
-    (runner_home / jobs.NAMES / "night2.json").mkdir()
-    with pytest.raises(RunnerError, match="not a name claim"):
-        create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night2")
+    (runner_home / jobs.NAMES / "night1.0.json").write_text(
+        json.dumps({"job": "20200101-000000-abcdef", "owner": dead_owner()})
+    )
+    real_stale = jobs._stale_claim
+    other = []
+
+    def stale(path, held):
+        verdict = real_stale(path, held)
+        if verdict and not other:  # A judged the claim stale; B submits now
+            other.append(run_runner("--home", runner_home, "submit", prompts, "-m", tiny_gpt2, "--max-new-tokens",
+                                    "3", "--name", "night1"))  # fmt: skip
+        return verdict
+
+    monkeypatch.setattr(jobs, "_stale_claim", stale)
+    a = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=3), home=runner_home, name="night1")
+    assert other and other[0][0] == 0, other
+    folders = jobdir.job_folders(runner_home)
+    assert [p.name for p in folders] == [a.id] and a.id in other[0][1]  # B stored it, A returned it
 
 
 def test_resubmitting_a_named_job_returns_it_through_its_claim(tmp_path, tiny_gpt2, runner_home):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
     job = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
-    assert json.loads((runner_home / jobs.NAMES / "night1.json").read_text())["job"] == job.id
+    assert json.loads((runner_home / jobs.NAMES / "night1.0.json").read_text())["job"] == job.id
     assert (
         create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1").id == job.id
     )
