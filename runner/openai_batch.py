@@ -174,10 +174,11 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     failed = {e["id"]: e for e in jobdir.read_errors(job)}
     texts = _token_text(job) if job.kind == "generate" else None
     for cid, req, prompt_ids in _requests(job):
-        if cid in groups:
+        # a request answers whole or not at all (one response per request): one failed sample fails it
+        if cid in failed:
+            errors.append(_error_line(job, cid, failed[cid], len(groups[cid]) if cid in groups else 0))
+        elif cid in groups:
             lines.append(_line(job, cid, req, groups[cid], created, texts, prompt_ids))
-        elif cid in failed:
-            errors.append(_error_line(job, cid, failed[cid]))
     out = Path(out)
     errors_out = (
         Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
@@ -244,9 +245,15 @@ def _line(
     }
 
 
-def _error_line(job: Any, cid: str, error: dict[str, Any]) -> dict[str, Any]:
+def _error_line(job: Any, cid: str, error: dict[str, Any], done: int = 0) -> dict[str, Any]:
+    """The Batch error line of a request; `done`: how many of its other samples were generated (left out)."""
     invalid = error.get("stage") == "validate"
-    body = {"error": {"message": str(error.get("message", "")), "type": "invalid_request_error" if invalid else "server_error",
+    message = str(error.get("message", ""))
+    if done:
+        message = (
+            f"sample {error.get('sample', 0) + 1} failed: {message} ({done} other sample(s) were generated)"
+        )
+    body = {"error": {"message": message, "type": "invalid_request_error" if invalid else "server_error",
                       "param": error.get("field"), "code": str(error.get("error", "error"))}}  # fmt: skip
     return {
         "id": f"batch_req_{_digest(_key(job), cid, 'line')}",

@@ -336,3 +336,33 @@ def test_a_null_setting_in_a_column_means_the_jobs_own(tmp_path, tiny_gpt2, gpt2
     assert settings == [{"temperature": 0.5}, {"max_new_tokens": 2}]
     df = runner.load_results(job.dir)
     assert df.iloc[0]["completion_tokens"] <= 3 and df.iloc[1]["completion_tokens"] <= 2
+
+
+def test_a_request_with_one_failed_sample_is_an_error_line_not_a_short_answer(tmp_path, tiny_gpt2, gpt2_engine,
+                                                                             monkeypatch):  # fmt: skip
+    """n = 2, the first sample done, then the row breaks the device whenever it is computed (its second sample
+    becomes a row error). The Batch output accounts for the request: an error line naming the failed sample,
+    not a 200 line with one choice of two. Found by an adversarial pass."""
+    from runner.crashes import DeviceError
+
+    body = {"model": "tiny", "prompt": "The old man", "max_tokens": 3, "temperature": 1.0, "n": 2}
+    inp = write_jsonl(tmp_path / "in.jsonl", [request("p1", "/v1/completions", body)])
+    job = create_job(inp, tiny_gpt2, GenerationParams(max_new_tokens=3, seed=5), runner.EngineOptions(batch_size=1),
+                     job_dir=tmp_path / "job", served_model_names=("tiny",))  # fmt: skip
+    done = job.dir / "done"
+    s = run_job(job, gpt2_engine, echo=None, shard_rows=1, should_stop=lambda: any(done.glob("*.json")))
+    assert not s.finished and len(list(done.glob("*.json"))) == 1  # stopped on the first commit, not a timer
+    monkeypatch.setenv("RUNNER_FAULT", "poison_row:p1")
+    with pytest.raises(DeviceError):
+        run_job(job, gpt2_engine, echo=None, shard_rows=1)
+    monkeypatch.delenv("RUNNER_FAULT")
+    s = run_job(job, gpt2_engine, echo=None, shard_rows=1)
+    assert s.finished and (s.done, s.errors) == (1, 1)
+    assert export(job, tmp_path / "out.jsonl") == (0, 1)
+    assert (tmp_path / "out.jsonl").read_text() == ""
+    (err,) = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert err["custom_id"] == "p1" and err["response"]["status_code"] == 500
+    assert re.match(
+        r"sample 2 failed: .*\(1 other sample\(s\) were generated\)",
+        err["response"]["body"]["error"]["message"],
+    )
