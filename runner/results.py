@@ -469,17 +469,33 @@ def export_results(
     problem = export_type_problem(to)
     if problem:
         raise ValueError(f"{to}: {problem}")
-    suffix = Path(to).suffix.lower()
     df = load_results(source, home)
-    if suffix == ".parquet":
-        df.to_parquet(to, index=False)
-    elif suffix == ".jsonl":
-        df.to_json(to, orient="records", lines=True, force_ascii=False)
-    elif suffix == ".json":
-        df.to_json(to, orient="records", force_ascii=False)  # one JSON array, as the name says
-    else:
-        _as_json_text(df).to_csv(to, index=False)
+    _write_whole(df, Path(to))
     return len(df), 0
+
+
+def _write_whole(df: Any, to: Path) -> None:
+    """`df` to `to` by its suffix, through a temp file renamed into place: a full disk, a kill or Ctrl-C
+    leaves the old file (or none), never a torn one."""
+    from . import storage
+
+    tmp = storage.temp_name(to)
+    suffix = to.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        elif suffix == ".jsonl":
+            df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        elif suffix == ".json":
+            df.to_json(tmp, orient="records", force_ascii=False)  # one JSON array, as the name says
+        else:
+            _as_json_text(df).to_csv(tmp, index=False)
+        os.replace(tmp, to)
+    except OSError as e:
+        raise RunnerError(f"cannot write {to}: {e.strerror or e}") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def _as_json_text(df: Any) -> Any:
