@@ -411,9 +411,11 @@ def read_state(job_dir: Path) -> StateRecord:
     """The job's state: state.json (absent: queued; unreadable or invalid: BrokenJob, never a guess), and
     completed when it says queued and completed.json holds the same retry generation."""
     record = _stored_state(job_dir)
+    path = Path(job_dir) / COMPLETED_FILE
+    if storage.kind(path) not in (None, "file"):
+        raise BrokenJob(f"{COMPLETED_FILE} is not a file")
     if record.state is JobState.QUEUED:
-        path = Path(job_dir) / COMPLETED_FILE
-        done = _read_json_or_none(path) if _lexists(path) and not _is_link(path) else None
+        done = _read_json_or_none(path) if _lexists(path) else None
         gen = done.get("generation") if isinstance(done, dict) else None
         if type(gen) is int and gen == record.generation:
             updated = done.get("updated")
@@ -436,6 +438,8 @@ def _stored_state(job_dir: Path) -> StateRecord:
         if _is_link(path):
             raise BrokenJob("state.json is a symbolic link")
         return StateRecord()
+    if storage.kind(path) != "file":
+        raise BrokenJob("state.json is not a file")
     try:
         d = storage.read_json(path)
     except ValueError as e:
@@ -1194,6 +1198,9 @@ def repair(path: str | os.PathLike) -> RepairReport:
     except BrokenJob:
         job = _restore_spec(path)
         report.restored_spec = True
+    for name in (STATE_FILE, COMPLETED_FILE):  # a folder or a link where the file belongs: set aside
+        if storage.kind(job.dir / name) not in (None, "file"):
+            _set_aside(job, name)
     try:
         old = read_state(job.dir)
         report.state_was = old.state.value
@@ -1217,6 +1224,15 @@ def repair(path: str | os.PathLike) -> RepairReport:
     job.log(f"repaired: state {report.state_was} -> {final.value}, {len(report.quarantined)} commit(s) "
             f"quarantined, {progress.done:,}/{progress.total:,} rows done")  # fmt: skip
     return report
+
+
+def _set_aside(job: Job, name: str) -> None:
+    """Move what stands where the job's file `name` belongs (a folder, a link) into quarantine/."""
+    q = job.dir / QUARANTINE
+    q.mkdir(exist_ok=True)
+    src = job.dir / name
+    storage.retry(lambda: os.replace(src, q / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"), f"move {src}")
+    job.log(f"repair: {name} was not a file; set aside in {QUARANTINE}/")
 
 
 def _last_generation(job: Job) -> int:

@@ -42,6 +42,7 @@ def run(
     job = create_job(input_path, model, params, options, job_dir=output, **job_kwargs)
     for line in submit_warnings(job) if echo else ():
         echo(line)
+    _heal(job, echo)
     summaries = work(job=job, engine=engine, echo=echo, once=True)
     if summaries:
         return job, summaries[-1]
@@ -53,6 +54,23 @@ def run(
     return job, RunSummary(
         job.id, progress.done, progress.total, 0, 0, 0.0, progress.failed, progress.complete
     )
+
+
+def _heal(job: Job, echo: Callable[[str], None] | None) -> None:
+    """A completed job whose results no longer all verify (a shard damaged or lost since): running the same
+    command again carries on, as it promises, by repairing the job (jobdir.repair sets the bad commits aside
+    and re-queues it), so that this run computes the missing rows again."""
+    try:
+        progress = jobdir.job_progress(job) if job.state().state is JobState.COMPLETED else None
+    except BrokenJob:
+        return  # `runner status` says what is wrong; work skips it
+    if progress is None or progress.complete:
+        return
+    report = jobdir.repair(job.dir)
+    if echo:
+        missing = progress.total - progress.done - progress.failed
+        echo(f"job {job.id} had completed, but {missing:,} result row(s) are missing or failed verification "
+             f"({len(report.quarantined)} commit(s) set aside in quarantine/): computing them again")  # fmt: skip
 
 
 @dataclass
