@@ -81,6 +81,9 @@ class Unit:
     # each batch since the last commit: [end (unix time), result rows, tokens, seconds], for `runner report`
     batches: list[list[float]] = field(default_factory=list)
     seq: int = 0
+    # the retry generation its keys were chosen under: its row errors count under that one only, so a row
+    # error computed as a `retry` lands is tried again rather than taken for one of the new generation
+    generation: int = 0
 
     def id(self, row: int) -> str:
         return self.table.column("id")[row - self.start].as_py()
@@ -257,7 +260,7 @@ class JobRun:
         )
         r, s = np.nonzero(exists[rows.start : rows.stop])
         planned = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))
-        return Unit(index, epoch, rows.start, table, task, todo, planned)
+        return Unit(index, epoch, rows.start, table, task, todo, planned, generation=ledger.generation)
 
     # --- computing a unit ---------------------------------------------------------------------------------
 
@@ -461,7 +464,7 @@ class JobRun:
         flat = sorted(self.job.spec.samples * (g.row + unit.start) + g.sample for g in unit.results)
         marker: dict[str, Any] = {
             "format": jobdir.FORMAT, "unit": unit.index, "epoch": unit.epoch, "seq": unit.seq,
-            "worker": self.owner.worker, "generation": self.job.state().generation,
+            "worker": self.owner.worker, "generation": unit.generation,
             "shard": None, "rows": len(flat), "keys": jobdir.key_ranges(flat), "errors": unit.errors,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "batches": unit.batches,
         }  # fmt: skip

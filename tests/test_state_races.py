@@ -4,6 +4,8 @@
   with the generation it had read, undoing the retry (the failed row never tried again), or to compute the
   progress under the old generation and call the job complete under the new one (status: "broken"). Workers
   now write completion to completed.json under the generation they read first: state.json is the commands'.
+* a row error computed as a `retry` lands was stamped with the new generation at commit, so the retry never
+  tried that row; it now carries the generation its unit's keys were chosen under;
 * `runner repair` of a torn state.json restarted the retry generation at 0, so row errors of generation 1
   counted again after the next retry. Repair now takes the newest generation the commits and the completion
   were written under.
@@ -23,7 +25,7 @@ from runner.crashes import DeviceError
 from runner.job_status import job_status
 from runner.jobdir import Job, JobState
 from runner.jobs import create_job
-from runner.worker import run_job
+from runner.worker import JobRun, run_job
 
 pytestmark = pytest.mark.slow  # `runner retry` / `runner repair` as real processes
 
@@ -124,3 +126,34 @@ def test_a_retry_after_repairing_a_torn_state_really_retries(tmp_path, tiny_gpt2
     assert (
         s.finished and s.errors == 0 and sorted(runner.load_results(job.dir)["id"]) == [r["id"] for r in ROWS]
     )
+
+
+def test_a_row_error_computed_as_a_retry_lands_is_tried_again(tmp_path, tiny_gpt2, gpt2_engine, runner_home,
+                                                               monkeypatch):  # fmt: skip
+    """The worker computed a row error, then a `retry` (raising the generation) lands before its commit: the
+    error belongs to the generation its unit was chosen under, so the retry tries that row again."""
+    monkeypatch.setenv("RUNNER_FAULT", f"poison_row:{BAD}")
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
+                     unit_rows=4)  # fmt: skip
+    with pytest.raises(DeviceError):
+        run_job(job, gpt2_engine, echo=None)  # the batch with r1 breaks the device; the next run isolates it
+    real = JobRun.row_error
+    fired = []
+
+    def row_error(self, unit, r, s, error, message):
+        if not fired:  # r1's error is computed; a retry lands before it is committed
+            old = jobdir.read_state(job.dir)
+            jobdir.write_state(job.dir, jobdir.StateRecord(JobState.QUEUED, old.generation + 1))
+            fired.append(old.generation)
+        return real(self, unit, r, s, error, message)
+
+    monkeypatch.setattr(JobRun, "row_error", row_error)
+    with pytest.raises(DeviceError):
+        run_job(job, gpt2_engine, echo=None)
+    marker = next(m for m in (job.dir / "done").iterdir() if '"errors": [\n' in m.read_text())
+    assert '"generation": 0' in marker.read_text()  # stamped with the generation its unit was chosen under
+    assert fired == [0] and runner.read_errors(job.dir) == []  # stamped with generation 0: it does not count
+    monkeypatch.setattr(JobRun, "row_error", real)
+    monkeypatch.delenv("RUNNER_FAULT")
+    s = run_until_done(job, gpt2_engine)
+    assert s.errors == 0 and sorted(runner.load_results(job.dir)["id"]) == [r["id"] for r in ROWS]
