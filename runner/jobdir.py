@@ -1084,6 +1084,7 @@ def still_holds(job: Job, unit: int, epoch: int) -> bool:
 def write_marker(job: Job, unit: int, epoch: int, seq: int, marker: dict[str, Any]) -> None:
     """Write a commit marker with its own checksum (`check`), so that a changed byte in it is noticed, not obeyed."""
     body = {k: v for k, v in marker.items() if k != "check"}
+    (job.dir / MARKERS).mkdir(exist_ok=True)  # lost with every marker in it: their rows are simply redone
     storage.write_json(
         job.dir / MARKERS / f"{commit_name(unit, epoch, seq)}.json", {**body, "check": marker_checksum(body)}
     )
@@ -1207,7 +1208,9 @@ def repair(path: str | os.PathLike) -> RepairReport:
         generation = old.generation
     except BrokenJob as e:
         report.state_was = f"broken ({e})"
-        generation = _last_generation(job)
+        generation = 0
+    # never below what the commits and the completion were written under (state.json torn, lost or a folder)
+    generation = max(generation, _last_generation(job))
     ledger = read_ledger(job, seal=True, generation=generation)
     for name, why in ledger.bad:
         quarantine(job, name, why)

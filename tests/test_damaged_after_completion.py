@@ -83,3 +83,40 @@ def test_a_folder_where_a_state_file_belongs_breaks_only_its_job(damaged, tmp_pa
         damaged == "completed.json"
     )
     assert any(p.name.endswith(damaged) for p in (a.dir / "quarantine").iterdir())
+
+
+@pytest.mark.parametrize("lost", ["shards", "done"])
+def test_run_again_recomputes_a_completed_job_whose_results_folder_was_lost(lost, tmp_path, tiny_gpt2,
+                                                                           gpt2_engine):  # fmt: skip
+    """shards/ or done/ deleted (by hand, by a sync client): the rerun recreates it and computes the rows again
+    (it used to stop with "the job home cannot be written" on every rerun)."""
+    import shutil
+
+    import runner
+    from runner import scheduler
+
+    rows = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(4)]
+    inp, out = write_jsonl(tmp_path / "p.jsonl", rows), tmp_path / "out"
+    job, s = scheduler.run(inp, tiny_gpt2, PARAMS, OPTIONS, output=out, engine=gpt2_engine, echo=None)
+    assert s.finished and s.done == 4
+    shutil.rmtree(out / lost)
+    job, s = scheduler.run(inp, tiny_gpt2, PARAMS, OPTIONS, output=out, engine=gpt2_engine, echo=None)
+    assert s.finished and s.done == 4 and sorted(runner.load_results(out)["id"]) == [r["id"] for r in rows]
+
+
+def test_a_healed_job_blocks_no_other_job(tmp_path, tiny_gpt2, gpt2_engine, runner_home):
+    import shutil
+
+    from runner import scheduler
+
+    rows = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(4)]
+    inp = write_jsonl(tmp_path / "a.jsonl", rows)
+    a, s = scheduler.run(inp, tiny_gpt2, PARAMS, OPTIONS, engine=gpt2_engine, echo=None, home=runner_home,
+                         name="a")  # fmt: skip
+    shutil.rmtree(a.dir / "shards")
+    b = create_job(write_jsonl(tmp_path / "b.jsonl", rows[:2]), tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
+    a, s = scheduler.run(inp, tiny_gpt2, PARAMS, OPTIONS, engine=gpt2_engine, echo=None, home=runner_home,
+                         name="a")  # fmt: skip
+    assert s.finished and s.done == 4
+    scheduler.work(home=runner_home, engine=gpt2_engine, echo=None, once=True)
+    assert (a.state().state, b.state().state) == (JobState.COMPLETED, JobState.COMPLETED)

@@ -103,8 +103,9 @@ def test_a_retry_as_the_worker_reads_its_progress_leaves_no_false_completion(
     assert job.state().state is JobState.QUEUED and job_status(Job.open(job.dir)).state != "broken"
 
 
-def test_a_retry_after_repairing_a_torn_state_really_retries(tmp_path, tiny_gpt2, gpt2_engine, runner_home,
-                                                              monkeypatch):  # fmt: skip
+@pytest.mark.parametrize("damage", ["torn", "folder", "deleted"])
+def test_a_retry_after_repairing_a_damaged_state_really_retries(damage, tmp_path, tiny_gpt2, gpt2_engine,
+                                                                runner_home, monkeypatch):  # fmt: skip
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
                      unit_rows=4)  # fmt: skip
     monkeypatch.setenv("RUNNER_FAULT", f"poison_row:{BAD}")
@@ -115,7 +116,12 @@ def test_a_retry_after_repairing_a_torn_state_really_retries(tmp_path, tiny_gpt2
     assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
     monkeypatch.delenv("RUNNER_FAULT")  # the cause is fixed
     state = job.dir / "state.json"
-    state.write_bytes(state.read_bytes()[:20])  # torn
+    if damage == "torn":
+        state.write_bytes(state.read_bytes()[:20])
+    else:
+        state.unlink()
+        if damage == "folder":
+            state.mkdir()  # a folder where state.json belongs: repair sets it aside
     code, out = run_runner("repair", job.dir)
     assert code == 0 and "Traceback" not in out, out
     assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
