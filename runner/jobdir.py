@@ -66,6 +66,7 @@ FORMAT = 2  # job folder layout version
 JOB_FILE, JOB_BACKUP, PROMPTS, INVALID = "job.json", "job.backup.json", "prompts.parquet", "errors.jsonl"
 STATE_FILE, STATS_FILE, LOG_FILE, VERIFIED = "state.json", "stats.json", "log.txt", "verified.json"
 COMPLETED_FILE = "completed.json"  # {"generation": g}: every key done or failed under retry generation g
+FAILED_FILE = "failed.json"  # {"generation": g, "error": ...}: the job itself failed under retry generation g
 SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, QUARANTINE = (
     "shards", "done", "claims", "workers", "inflight", "quarantine",
 )  # fmt: skip
@@ -408,28 +409,37 @@ class StateRecord:
 
 
 def read_state(job_dir: Path) -> StateRecord:
-    """The job's state: state.json (absent: queued; unreadable or invalid: BrokenJob, never a guess), and
-    completed when it says queued and completed.json holds the same retry generation."""
+    """The job's state: state.json (absent: queued; unreadable or invalid: BrokenJob, never a guess); where it
+    says queued, a worker's outcome of the same retry generation: completed.json, else failed.json."""
     record = _stored_state(job_dir)
-    path = Path(job_dir) / COMPLETED_FILE
-    if storage.kind(path) not in (None, "file"):
-        raise BrokenJob(f"{COMPLETED_FILE} is not a file")
-    if record.state is JobState.QUEUED:
-        done = _read_json_or_none(path) if _lexists(path) else None
-        gen = done.get("generation") if isinstance(done, dict) else None
+    for state, name in ((JobState.COMPLETED, COMPLETED_FILE), (JobState.FAILED, FAILED_FILE)):
+        path = Path(job_dir) / name
+        if storage.kind(path) not in (None, "file"):
+            raise BrokenJob(f"{name} is not a file")
+        if record.state is not JobState.QUEUED or not _lexists(path):
+            continue
+        outcome = _read_json_or_none(path)
+        gen = outcome.get("generation") if isinstance(outcome, dict) else None
         if type(gen) is int and gen == record.generation:
-            updated = done.get("updated")
-            return StateRecord(
-                JobState.COMPLETED, gen, None, float(updated) if type(updated) is float else 0.0
-            )
+            error, updated = outcome.get("error"), outcome.get("updated")
+            return StateRecord(state, gen, error if isinstance(error, str) else None,
+                               float(updated) if type(updated) is float else 0.0)  # fmt: skip
     return record
 
 
 def write_completed(job_dir: Path, generation: int) -> None:
     """Completion, written by the worker that finds every key done or failed, to a file of its own: state.json
-    is written by commands only (submit, cancel, retry, repair, a job's failure), so a `retry` or `cancel`
-    written at the same moment is never overwritten by a worker that read the state just before."""
+    is written by commands only (submit, cancel, retry, repair), so a `retry` or `cancel` written at the same
+    moment is never overwritten by a worker that read the state just before (`generation`: the one it read)."""
     storage.write_json(Path(job_dir) / COMPLETED_FILE, {"generation": generation, "updated": time.time()})
+
+
+def write_failed(job_dir: Path, generation: int, error: str) -> None:
+    """A job-level failure (a damaged prompts file, a model that changed), written by a worker to a file of its
+    own, as `write_completed`: a `cancel` landing at that moment stands, a `retry` re-queues past it."""
+    storage.write_json(
+        Path(job_dir) / FAILED_FILE, {"generation": generation, "error": error, "updated": time.time()}
+    )
 
 
 def _stored_state(job_dir: Path) -> StateRecord:
@@ -1199,7 +1209,11 @@ def repair(path: str | os.PathLike) -> RepairReport:
     except BrokenJob:
         job = _restore_spec(path)
         report.restored_spec = True
-    for name in (STATE_FILE, COMPLETED_FILE):  # a folder or a link where the file belongs: set aside
+    for name in (
+        STATE_FILE,
+        COMPLETED_FILE,
+        FAILED_FILE,
+    ):  # a folder or a link where a file belongs: set aside
         if storage.kind(job.dir / name) not in (None, "file"):
             _set_aside(job, name)
     try:

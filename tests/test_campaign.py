@@ -76,6 +76,7 @@ TORN_KINDS = (
     "seal",
     "state",
     "completed",
+    "failed",
     "job",
     "stats",
     "heartbeat",
@@ -757,6 +758,7 @@ class Round:
         fixed = {
             "state": "state.json",
             "completed": "completed.json",
+            "failed": "failed.json",
             "job": "job.json",
             "stats": "stats.json",
             "verified": "verified.json",

@@ -4,6 +4,8 @@
   with the generation it had read, undoing the retry (the failed row never tried again), or to compute the
   progress under the old generation and call the job complete under the new one (status: "broken"). Workers
   now write completion to completed.json under the generation they read first: state.json is the commands'.
+* `runner cancel` as a worker records the job's own failure was overwritten by "failed": failures go to
+  failed.json the same way;
 * a row error computed as a `retry` lands was stamped with the new generation at commit, so the retry never
   tried that row; it now carries the generation its unit's keys were chosen under;
 * `runner repair` of a torn state.json restarted the retry generation at 0, so row errors of generation 1
@@ -163,3 +165,32 @@ def test_a_row_error_computed_as_a_retry_lands_is_tried_again(tmp_path, tiny_gpt
     monkeypatch.delenv("RUNNER_FAULT")
     s = run_until_done(job, gpt2_engine)
     assert s.errors == 0 and sorted(runner.load_results(job.dir)["id"]) == [r["id"] for r in ROWS]
+
+
+def test_a_cancel_or_retry_as_a_job_fails_stands(tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch):
+    """The worker finds the job itself failing (its prompts file no longer matches its checksum) and is about
+    to say so as the user cancels: the cancel stands (it used to be overwritten by "failed"). Then a retry
+    re-queues past the failure, and the next failure is recorded under the new generation."""
+    from runner import scheduler
+
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
+    data = bytearray((job.dir / "prompts.parquet").read_bytes())
+    data[100] ^= 0xFF
+    (job.dir / "prompts.parquet").write_bytes(bytes(data))
+    real = jobdir.write_failed
+    fired = []
+
+    def write_failed(path, generation, error):
+        if not fired:  # the user's `runner cancel`, at this instant
+            fired.append(jobdir.cancel(Job.open(job.dir)))
+        return real(path, generation, error)
+
+    monkeypatch.setattr(jobdir, "write_failed", write_failed)
+    scheduler.work(home=runner_home, engine=gpt2_engine, echo=None, once=True)
+    assert fired == [JobState.QUEUED] and job.state().state is JobState.CANCELLED
+    monkeypatch.setattr(jobdir, "write_failed", real)
+    jobdir.retry(Job.open(job.dir))
+    scheduler.work(home=runner_home, engine=gpt2_engine, echo=None, once=True)
+    state = job.state()
+    assert (state.state, state.generation) == (JobState.FAILED, 1) and "damaged" in state.error
+    assert jobdir.retry(Job.open(job.dir)) == 0 and job.state().state is JobState.QUEUED  # retry re-queues it
