@@ -42,6 +42,10 @@ def run(
     job = create_job(input_path, model, params, options, job_dir=output, **job_kwargs)
     for line in submit_warnings(job) if echo else ():
         echo(line)
+    kept = _kept_options(job, options)
+    if kept and echo:
+        echo(f"job {job.id} keeps the engine options it was submitted with: {kept}; a new -o folder (or --name) "
+             "runs with the new ones")  # fmt: skip
     _heal(job, echo)
     summaries = work(job=job, engine=engine, echo=echo, once=True)
     if summaries:
@@ -54,6 +58,18 @@ def run(
     return job, RunSummary(
         job.id, progress.done, progress.total, 0, 0, 0.0, progress.failed, progress.complete
     )
+
+
+def _kept_options(job: Job, options: Any) -> str:
+    """The engine options asked for now (set away from their defaults) that differ from those the job was
+    submitted with: a rerun resumes the job as it was, so they do not apply (said, never silently dropped)."""
+    from .params import EngineOptions
+
+    if options is None:
+        return ""
+    given, default, stored = options.to_dict(), EngineOptions().to_dict(), job.meta.get("engine") or {}
+    return ", ".join(f"{k} {stored.get(k)!r} (asked: {v!r})" for k, v in given.items()
+                     if v != default.get(k) and k in stored and stored[k] != v)  # fmt: skip
 
 
 def _heal(job: Job, echo: Callable[[str], None] | None) -> None:

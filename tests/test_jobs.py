@@ -315,3 +315,28 @@ def test_progress_and_heartbeat_move_within_a_batch(
         info["peak_memory_bytes"] > 0 for _, info, _ in beats
     )  # status shows live workers' peak memory
     assert summary.tokens == int(runner.load_results(job.dir)["completion_tokens"].sum())  # settled exactly
+
+
+def test_a_rerun_says_which_engine_options_it_does_not_apply(tmp_path, prompts_file, tiny_gpt2, gpt2_engine):
+    """`runner run -o out` again with other engine options resumes the job as submitted: the options asked for
+    now are named, not silently dropped (those left at their defaults are not)."""
+    from runner import EngineOptions
+
+    params = GenerationParams(max_new_tokens=2)
+    out = tmp_path / "out"
+    runner.run(prompts_file, tiny_gpt2, params, EngineOptions(batch_size=2), output=out, engine=gpt2_engine,
+               echo=None)  # fmt: skip
+    lines: list[str] = []
+    runner.run(prompts_file, tiny_gpt2, params, EngineOptions(batch_size=4, dtype="float32"), output=out,
+               engine=gpt2_engine, echo=lines.append)  # fmt: skip
+    kept = [line for line in lines if "keeps the engine options" in line]
+    assert (
+        len(kept) == 1
+        and "batch_size 2 (asked: 4)" in kept[0]
+        and "dtype 'auto' (asked: 'float32')" in kept[0]
+    )
+    lines.clear()
+    runner.run(
+        prompts_file, tiny_gpt2, params, EngineOptions(), output=out, engine=gpt2_engine, echo=lines.append
+    )
+    assert not [line for line in lines if "keeps the engine options" in line]  # defaults: nothing asked
