@@ -412,7 +412,7 @@ def read_state(job_dir: Path) -> StateRecord:
     """The job's state: state.json (absent: queued; unreadable or invalid: BrokenJob, never a guess); where it
     says queued, a worker's outcome of the same retry generation: completed.json, else failed.json."""
     record = _stored_state(job_dir)
-    for state, name in ((JobState.COMPLETED, COMPLETED_FILE), (JobState.FAILED, FAILED_FILE)):
+    for state, name in _outcome_files().items():
         path = Path(job_dir) / name
         if storage.kind(path) not in (None, "file"):
             raise BrokenJob(f"{name} is not a file")
@@ -431,15 +431,27 @@ def write_completed(job_dir: Path, generation: int) -> None:
     """Completion, written by the worker that finds every key done or failed, to a file of its own: state.json
     is written by commands only (submit, cancel, retry, repair), so a `retry` or `cancel` written at the same
     moment is never overwritten by a worker that read the state just before (`generation`: the one it read)."""
-    storage.write_json(Path(job_dir) / COMPLETED_FILE, {"generation": generation, "updated": time.time()})
+    _write_outcome(job_dir, JobState.COMPLETED, generation)
 
 
 def write_failed(job_dir: Path, generation: int, error: str) -> None:
     """A job-level failure (a damaged prompts file, a model that changed), written by a worker to a file of its
     own, as `write_completed`: a `cancel` landing at that moment stands, a `retry` re-queues past it."""
-    storage.write_json(
-        Path(job_dir) / FAILED_FILE, {"generation": generation, "error": error, "updated": time.time()}
-    )
+    _write_outcome(job_dir, JobState.FAILED, generation, error)
+
+
+def _outcome_files() -> dict[JobState, str]:
+    """The files a worker writes its outcome for the job to (read_state reads them in this order)."""
+    return {JobState.COMPLETED: COMPLETED_FILE, JobState.FAILED: FAILED_FILE}
+
+
+def _write_outcome(job_dir: Path, state: JobState, generation: int, error: str | None = None) -> None:
+    record = {
+        "generation": generation,
+        "updated": time.time(),
+        **({"error": error} if error is not None else {}),
+    }
+    storage.write_json(Path(job_dir) / _outcome_files()[state], record)
 
 
 def _stored_state(job_dir: Path) -> StateRecord:
@@ -1093,11 +1105,9 @@ def still_holds(job: Job, unit: int, epoch: int) -> bool:
 
 def write_marker(job: Job, unit: int, epoch: int, seq: int, marker: dict[str, Any]) -> None:
     """Write a commit marker with its own checksum (`check`), so that a changed byte in it is noticed, not obeyed."""
-    body = {k: v for k, v in marker.items() if k != "check"}
     (job.dir / MARKERS).mkdir(exist_ok=True)  # lost with every marker in it: their rows are simply redone
-    storage.write_json(
-        job.dir / MARKERS / f"{commit_name(unit, epoch, seq)}.json", {**body, "check": marker_checksum(body)}
-    )
+    path = job.dir / MARKERS / f"{commit_name(unit, epoch, seq)}.json"
+    storage.write_json(path, {**marker, "check": marker_checksum(marker)})
 
 
 def marker_checksum(marker: dict[str, Any]) -> str:
@@ -1211,8 +1221,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
         report.restored_spec = True
     for name in (
         STATE_FILE,
-        COMPLETED_FILE,
-        FAILED_FILE,
+        *_outcome_files().values(),
     ):  # a folder or a link where a file belongs: set aside
         if storage.kind(job.dir / name) not in (None, "file"):
             _set_aside(job, name)

@@ -316,7 +316,7 @@ def _claim_name(root: Path, name: str, job_id: str) -> str | None:
         n = 0 if newest is None else newest + 1
         if newest is not None:
             path = folder / f"{name}.{newest}.json"
-            held = jobdir._read_json_or_none(path) if path.is_file() and not path.is_symlink() else None
+            held = jobdir._read_json_or_none(path) if storage.kind(path) == "file" else None
             holder = held.get("job") if isinstance(held, dict) else None
             if isinstance(holder, str) and holder in {p.name for p in jobdir.job_folders(root)}:
                 return holder

@@ -181,8 +181,8 @@ class JobRun:
             self.echo(line)
         self.job.log(line)
 
-    def ledger(self, seal: bool = False) -> jobdir.Ledger:
-        return jobdir.read_ledger(self.job, seal=seal, verifier=self.verifier)
+    def ledger(self, seal: bool = False, generation: int | None = None) -> jobdir.Ledger:
+        return jobdir.read_ledger(self.job, seal=seal, verifier=self.verifier, generation=generation)
 
     def check_prompts(self) -> None:
         """prompts.parquet must be the file submit wrote: a damaged one fails the job, with the reason."""
@@ -563,8 +563,7 @@ class JobRun:
         self.verifier.save()
         # the state first: a `retry` from elsewhere after this read raises the generation past the completion
         state = self.job.state()
-        ledger = jobdir.read_ledger(self.job, verifier=self.verifier, generation=state.generation)
-        progress = jobdir.job_progress(self.job, ledger)
+        progress = jobdir.job_progress(self.job, self.ledger(generation=state.generation))
         if progress.complete and state.state is JobState.QUEUED:
             jobdir.write_completed(self.job.dir, state.generation)
         others = len([w for w in progress.live if w != self.owner.worker])
