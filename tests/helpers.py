@@ -150,3 +150,32 @@ def unreadable_by_llguidance(tok, monkeypatch):
         convert_ids_to_tokens = staticmethod(tok.convert_ids_to_tokens)
 
     return Other()
+
+
+def run_until_done(job, engine, runs: int = 8):
+    """Run the job until it finishes, again after each DeviceError (as a user runs `runner work` again after a
+    row broke the device); the last run's summary."""
+    from runner.crashes import DeviceError
+    from runner.worker import run_job
+
+    for _ in range(runs):
+        try:
+            summary = run_job(job, engine, echo=None)
+            if summary.finished:
+                return summary
+        except DeviceError:
+            continue
+    raise AssertionError("the job did not finish")
+
+
+def commit_row_error(job, engine) -> None:
+    """Under RUNNER_FAULT=poison_row:ID, two runs: the batch holding the row breaks the device, then the row
+    run alone fails again and is committed as a row error (each run stops with DeviceError)."""
+    import pytest
+
+    from runner.crashes import DeviceError
+    from runner.worker import run_job
+
+    for _ in range(2):
+        with pytest.raises(DeviceError):
+            run_job(job, engine, echo=None)

@@ -11,14 +11,12 @@ The row error comes from a real poisoned row (RUNNER_FAULT=poison_row, as tests/
 import json
 
 import pytest
-from helpers import write_jsonl
+from helpers import commit_row_error, run_until_done, write_jsonl
 from workers import run_runner
 
 import runner
 from runner import EngineOptions, GenerationParams
-from runner.crashes import DeviceError
 from runner.jobs import create_job
-from runner.worker import run_job
 
 pytestmark = pytest.mark.slow  # real worker processes: `make test` runs it, test-fast not
 
@@ -28,25 +26,13 @@ ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(
 BAD = "r1"  # row 1 of unit 0 (rows 0-3): it makes the "device" fail whenever it is computed
 
 
-def run_until_done(job, engine, runs=8):
-    for _ in range(runs):
-        try:
-            if run_job(job, engine, echo=None).finished:
-                return
-        except DeviceError:
-            continue  # as the user does: run `runner work` again
-    raise AssertionError("the job did not finish")
-
-
 @pytest.fixture
 def errored(tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch):
     """A job stopped right after committing the poisoned row's error: rows 2 and 3 of its unit not done yet."""
     monkeypatch.setenv("RUNNER_FAULT", f"poison_row:{BAD}")
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
                      unit_rows=4)  # fmt: skip
-    for _ in range(2):  # batch 0-3 fails; then its rows run alone: r0 done, r1 fails alone -> row error
-        with pytest.raises(DeviceError):
-            run_job(job, gpt2_engine, echo=None)
+    commit_row_error(job, gpt2_engine)  # batch 0-3 fails; then its rows run alone: r0 done, r1 fails -> error
     markers = [p for p in sorted((job.dir / "done").iterdir()) if json.loads(p.read_text()).get("errors")]
     assert len(markers) == 1
     marker = markers[0]

@@ -18,7 +18,7 @@ instant, from a patched function of the worker's path."""
 import inspect
 
 import pytest
-from helpers import write_jsonl
+from helpers import commit_row_error, run_until_done, write_jsonl
 from workers import run_runner
 
 import runner
@@ -37,26 +37,13 @@ ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(
 BAD = "r1"
 
 
-def run_until_done(job, engine, runs=8):
-    for _ in range(runs):
-        try:
-            s = run_job(job, engine, echo=None)
-            if s.finished:
-                return s
-        except DeviceError:
-            continue  # as the user does: `runner work` again
-    raise AssertionError("the job did not finish")
-
-
 @pytest.fixture
 def errored(tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch):
     """r1 poisons the device: after two runs it is a committed row error; rows r2.. are still to do."""
     monkeypatch.setenv("RUNNER_FAULT", f"poison_row:{BAD}")
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
                      unit_rows=4)  # fmt: skip
-    for _ in range(2):
-        with pytest.raises(DeviceError):
-            run_job(job, gpt2_engine, echo=None)
+    commit_row_error(job, gpt2_engine)
     monkeypatch.delenv("RUNNER_FAULT")
     assert [e["id"] for e in runner.read_errors(job.dir)] == [BAD]
     return job
