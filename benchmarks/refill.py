@@ -87,12 +87,13 @@ def run_refill(engine, ids, params, seeds, batch_size, budget):
 
 
 def run_static_unshared(engine, ids, params, seeds, batch_size, budget):
-    """run_static with every sample's prompt computed on its own (Engine.share_prompts off), as before."""
-    engine.share_prompts = False
+    """run_static with every row's prompt computed whole and on its own (Engine.share_prompts and
+    Engine.share_prefix off): no prompt pass shared by the samples of a row, no shared start, as before."""
+    engine.share_prompts = engine.share_prefix = False
     try:
         return run_static(engine, ids, params, seeds, batch_size, budget)
     finally:
-        engine.share_prompts = True
+        engine.share_prompts = engine.share_prefix = True
 
 
 def count_steps(engine) -> list[int]:
@@ -133,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         "--max-new-tokens", type=int, default=128, help="each row's max_new_tokens is drawn from 8..this"
     )
     ap.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
-    ap.add_argument("--samples", type=int, default=1, help="samples per prompt (-n); > 1 adds a static run "
-                    "without shared prompt passes (static_unshared)")  # fmt: skip
+    ap.add_argument("--samples", type=int, default=1, help="samples per prompt (-n); > 1 implies --unshared")
+    ap.add_argument("--unshared", action="store_true", help="add a static run without shared prompt work "
+                    "(static_unshared: no shared prompt passes, no shared start)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="seed of the max_new_tokens draw and of the rows")
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
@@ -155,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     engine.generate(ids[:4], params[:4], seeds[:4], max_active=2)  # warm-up: kernels, allocator, both paths
     res = {"model": args.model, "rows": len(ids), "batch_size": args.batch_size, "greedy": args.greedy,
-           "prompt_tokens": sum(map(len, ids)), "max_new_tokens": [p.max_new_tokens for p in params],
+           "prompt_tokens": sum(map(len, ids)), "shared_start": len(os.path.commonprefix(ids)),
+           "max_new_tokens": [p.max_new_tokens for p in params],
            "loadavg_start": load_start}  # fmt: skip
     runs = {"static": run_static, "refill": run_refill}
-    if args.samples > 1:
+    if args.samples > 1 or args.unshared:
         runs["static_unshared"] = run_static_unshared
     outs = {}
     steps = count_steps(engine)
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
     )  # fmt: skip
     print(
-        f"{args.model}, {len(ids)} rows ({res['prompt_tokens']} prompt tokens), batch size {args.batch_size}, "
+        f"{args.model}, {len(ids)} rows ({res['prompt_tokens']} prompt tokens, {res['shared_start']} of each shared "
+        f"by all), batch size {args.batch_size}, "
         f"{'greedy' if args.greedy else 'sampled'}: {res['output_tokens']} output tokens, {res['eos_rows']} rows "
         f"ended by EOS\n"
         f"  static: {fmt(res['static_seconds'])} s, {res['static_tok_per_s']:.1f} tok/s; CPU {fmt(res['static_cpu_seconds'])} s, "
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  decode steps: static {res['static_decode_steps']} ({res['static_slot_use']:.0%} of slots busy), refill "
         f"{res['refill_decode_steps']} ({res['refill_slot_use']:.0%})\n"
         + (
-            f"  static without shared prompt passes: {fmt(res['static_unshared_seconds'])} s, "
+            f"  static without shared prompt work: {fmt(res['static_unshared_seconds'])} s, "
             f"{res['static_unshared_tok_per_s']:.1f} tok/s (shared: {res['shared_speedup']:.2f}x), rows identical "
             f"{res['unshared_rows_identical']}/{len(ids)}\n"
             if unshared is not None

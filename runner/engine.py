@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +50,14 @@ DETOKENIZE_CONTEXT = 4
 # budget, then decoded together (kvcache.py); on CPU, small groups cost no matmul efficiency and waste no padding.
 PREFILL_TOKENS_CPU, PREFILL_TOKENS_GPU = 2048, 16384
 PREFILL_MIN_FILL = 0.9  # a prefill group's real tokens / padded tokens
+# The start all prompts of a batch share (a chat template's system prompt, a few-shot instruction, a --template's
+# head) is prefilled once and its keys/values copied into every row (`Engine._shared_prefix`), when it is at
+# least this many tokens: a shorter one does not pay for its own forward pass and the copies.
+SHARED_PREFIX_MIN = 16
+# The first batch prefilled after a shared start is checked against one of its rows prefilled alone: a model
+# whose forward ignores the position ids or the attention mask of a cache would give other logits. Log-prob
+# distance allowed (the top tokens of that row): float rounding of a batch stays far below it.
+PREFIX_CHECK_TOL = {"float32": 1e-2, "other": 0.3}
 # Most groups of similar length a batch is decoded in, each with its own KV cache (kvcache.GroupedCache), so that
 # decode attention does not read the padding of a batch of mixed lengths. Each group costs a small attention
 # call per layer per step: cheap next to a CPU step; on GPUs, where small models' steps are launch-bound, it is
@@ -343,11 +352,19 @@ class Engine:
         self._grouped = self.decode_groups > 1 and kvcache.install_grouped_attention(self.model)
         self._grouped_verified = False  # set by the first grouped decode step that works
         self.share_prompts = True  # rows with the same prompt (the n samples of a row) share one prompt pass
+        self.share_prefix = True  # the start all prompts share is prefilled once (SHARED_PREFIX_MIN)
+        self._prefix_checked = False  # set once a prefill after a shared start matched its row alone
+        self._prefix_memo: tuple[Any, Any] | None = None  # (key, cache) of the last shared start prefilled
 
     @property
     def speedups(self) -> dict[str, Any]:
         """Which speed levers this engine uses (stats.json records them with each run)."""
-        return {**self.kernels, "grouped_decode": self._grouped, "shared_prompts": self.share_prompts}
+        return {
+            **self.kernels,
+            "grouped_decode": self._grouped,
+            "shared_prompts": self.share_prompts,
+            "shared_prefix": self.share_prefix,
+        }
 
     @property
     def num_parameters(self) -> int:
@@ -692,13 +709,13 @@ class Engine:
             if self._grouped
             else [list(range(len(distinct)))]
         )
+        prefix = self._shared_prefix([prompts[r] for r in distinct])
         logits, merged, pads, order = [], [], [], []
         for group in ([distinct[i] for i in g] for g in groups):
             caches, group_order = [], []
             for chunk in prefill_groups([lengths[r] for r in group], self.prefill_tokens):
                 rows = [group[i] for i in chunk]
-                g_ids, g_mask = left_pad([prompts[r] for r in rows], self.pad_id, self.device)
-                lg, c = self._forward(g_ids, g_mask, _positions(g_mask), None, last_only=True)
+                lg, c = self._prefill_chunk([prompts[r] for r in rows], prefix)
                 self._merge_caches = self._merge_caches or kvcache.mergeable(c)
                 if not self._merge_caches:
                     return None
@@ -718,6 +735,73 @@ class Engine:
             order.extend(group_order)
         cache = merged[0] if len(merged) == 1 else kvcache.grouped(merged, pads)
         return torch.cat(logits), cache, order
+
+    def _shared_prefix(self, prompts: list[list[int]]) -> tuple[int, Any] | None:
+        """(length, one-row cache) of the start all `prompts` share, when it is worth sharing: at least
+        SHARED_PREFIX_MIN tokens, each prompt keeping one token of its own (its last position's logits). The
+        last start is kept: the next batch of the job, or a few rows joining a running batch, start with it too."""
+        import torch
+
+        if not self.share_prefix:
+            return None
+        n = None
+        if len(prompts) > 1:
+            n = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
+        memo = self._prefix_memo
+        if memo is not None and memo[0][1] == self.model.dtype and n in (None, len(memo[0][0])):
+            start = memo[0][0]
+            if all(len(p) > len(start) and tuple(p[: len(start)]) == start for p in prompts):
+                return len(start), memo[1]
+        if n is None or n < SHARED_PREFIX_MIN:
+            return None
+        self._prefix_memo = None
+        ids = torch.tensor([prompts[0][:n]], device=self.device)
+        mask = torch.ones_like(ids)
+        _, cache = self._forward(ids, mask, _positions(mask), None, last_only=True)
+        if not kvcache.mergeable(cache):
+            return None
+        self._prefix_memo = ((tuple(prompts[0][:n]), self.model.dtype), cache)
+        return n, cache
+
+    def _prefill_chunk(self, prompts: list[list[int]], prefix: tuple[int, Any] | None):
+        """One prompt pass over `prompts`, left-padded: (last-position logits, cache). After a shared start
+        (`_shared_prefix`), only each prompt's own tokens run, on a copy of the start's cache; the cache's
+        slots are then put in the usual left-padded order (kvcache.pads_first)."""
+        import torch
+
+        if prefix is None or not self.share_prefix:
+            ids, mask = left_pad(prompts, self.pad_id, self.device)
+            return self._forward(ids, mask, _positions(mask), None, last_only=True)
+        n, shared = prefix
+        ids, mask = left_pad([p[n:] for p in prompts], self.pad_id, self.device)
+        full = torch.cat([mask.new_ones(len(prompts), n), mask], dim=1)
+        cache = kvcache.repeat_rows(shared, len(prompts))
+        logits, cache = self._forward(ids, full, _positions(full)[:, n:], cache, last_only=True)
+        pads = (mask == 0).sum(1)
+        if (
+            not self._prefix_checked
+            and int(pads.max()) > 0
+            and not self._prefix_matches(prompts, pads, logits)
+        ):
+            self.share_prefix = False  # this model's forward does not take a shared start as given
+            return self._prefill_chunk(prompts, None)
+        kvcache.pads_first(cache, n, pads)
+        return logits, cache
+
+    def _prefix_matches(self, prompts: list[list[int]], pads: Any, logits: Any) -> bool:
+        """Whether the most padded row of a prefill after a shared start got the logits it gets alone (its top
+        tokens' log-probs within PREFIX_CHECK_TOL). Padding is what a wrong position or mask would show in."""
+        import torch
+
+        r = int(pads.argmax())
+        ids = torch.tensor([prompts[r]], device=self.device)
+        mask = torch.ones_like(ids)
+        alone, _ = self._forward(ids, mask, _positions(mask), None, last_only=True)
+        want, got = alone[0].log_softmax(-1), logits[r].log_softmax(-1)
+        top = want.topk(min(20, want.shape[-1])).indices
+        tol = PREFIX_CHECK_TOL["float32" if self.model.dtype == torch.float32 else "other"]
+        self._prefix_checked = bool((want[top] - got[top]).abs().max() <= tol)
+        return self._prefix_checked
 
     def _prefill_all(self, st: _Decode, rows: list[int], extra: int):
         """`_prefill` for rows some of which ask for prompt log-probs: one pass over them all keeping every

@@ -343,3 +343,36 @@ def grouped(caches: list[Any], pads: list[Any]) -> Any:
     cache._masks, cache.calls = {}, 0
     cache.layers = [layer_cls([c.layers[i] for c in caches], cache) for i in range(len(caches[0].layers))]
     return cache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A shared prompt start: prefilled once, its keys/values copied into every row
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def repeat_rows(cache: Any, rows: int) -> Any:
+    """A new DynamicCache holding `rows` copies of the one row of `cache` (a plain one: `mergeable`)."""
+    from transformers.cache_utils import DynamicCache
+
+    shape = (rows, -1, -1, -1)
+    return DynamicCache(
+        ddp_cache_data=[(lay.keys.expand(shape), lay.values.expand(shape)) for lay in cache.layers]
+    )
+
+
+def pads_first(cache: Any, shared: int, pads: Any) -> None:
+    """Put each row's padding in front of its keys/values. A prefill after a shared start of `shared` tokens
+    leaves row r as [shared start, pads[r] padding slots, its own tokens]; afterwards it is [padding, shared
+    start, own tokens], the left padding every other cache of the engine has (the tokens' positions were given
+    explicitly, so only the slots move)."""
+    import torch
+
+    keys = cache.layers[0].keys
+    width = keys.shape[2]
+    t = torch.arange(width, device=keys.device)[None, :]
+    pads = pads[:, None].to(keys.device)
+    src = torch.where(t < pads, shared + t, torch.where(t < pads + shared, t - pads, t))
+    for layer in cache.layers:  # with a device_map, layers live on several devices
+        index = src[:, None, :, None].to(layer.keys.device).expand(layer.keys.shape)
+        layer.keys = layer.keys.gather(2, index)
+        layer.values = layer.values.gather(2, index)

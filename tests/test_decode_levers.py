@@ -1,6 +1,7 @@
 """The CPU decode levers: attention per length group (kvcache.GroupedCache) and oneDNN for small matmuls
 (kernels.py). Each must be in use where it applies, and change nothing a row gets."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -242,6 +243,111 @@ def test_samples_of_one_prompt_share_its_prompt_pass(request, monkeypatch, engin
     else:
         assert sum(prefilled) < len(prompts)
     monkeypatch.setattr(engine, "share_prompts", False)
+    monkeypatch.setattr(engine, "share_prefix", False)  # else the copies share all but their last token
     prefilled.clear()
     assert_same_completions(engine.generate(prompts, params, seeds, max_active=max_active), single)
     assert sum(prefilled) == len(prompts)
+
+
+# A start every prompt shares, as a chat template's system prompt or a few-shot instruction gives
+SHARED_START = (
+    "Answer in one short sentence and do not repeat the question. Be kind, be brief and be exact.\n"
+)
+
+
+def _prompt_passes(
+    monkeypatch, engine, drop_positions_with_cache: bool = False
+) -> list[tuple[int, int, bool]]:
+    """Spy on the engine's forward passes: (rows, input tokens, after a cache) of every prompt pass. With
+    `drop_positions_with_cache`, a pass that continues a cache gets no position ids, as a model whose forward
+    counts positions from its cache would compute them."""
+    passes: list[tuple[int, int, bool]] = []
+    real_forward = engine._forward
+
+    def spy(input_ids, attention_mask, position_ids, cache, last_only):
+        if input_ids.shape[1] > 1:
+            passes.append((input_ids.shape[0], input_ids.shape[1], cache is not None))
+            if drop_positions_with_cache and cache is not None:
+                position_ids = None
+        return real_forward(input_ids, attention_mask, position_ids, cache, last_only)
+
+    monkeypatch.setattr(engine, "_forward", spy)
+    monkeypatch.setattr(engine, "_prefix_memo", None)
+    return passes
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+@pytest.mark.parametrize("max_active", [None, 3])
+def test_a_shared_prompt_start_is_prefilled_once(request, monkeypatch, engine_name, max_active):
+    """The start all prompts share is prefilled once (and kept for the rows that join later), each row's own
+    tokens after it; every row equals itself generated alone, samples of a row included."""
+    engine = request.getfixturevalue(engine_name)
+    monkeypatch.setattr(engine, "_prefix_checked", True)  # the check's own pass is tested below
+    prompts = ids_of(engine, [SHARED_START + p for p in PROMPTS for _ in range(2)])
+    start = len(os.path.commonprefix(prompts))
+    assert start >= engine_mod.SHARED_PREFIX_MIN
+    params = GenerationParams(max_new_tokens=6, do_sample=True, temperature=0.9, top_p=0.95)
+    seeds = [2000 + i for i in range(len(prompts))]
+    single = [engine.generate([p], params, [s])[0] for p, s in zip(prompts, seeds, strict=True)]
+    passes = _prompt_passes(monkeypatch, engine)
+    shared = engine.generate(prompts, params, seeds, max_active=max_active)
+    assert_same_completions(shared, single)
+    assert passes[0] == (1, start, False)  # the shared start, once
+    assert all(cont and width <= max(map(len, prompts)) - start for _, width, cont in passes[1:])
+    own = sum(rows for rows, _, _ in passes[1:])  # each distinct prompt once (refill: per batch it joins)
+    assert own == len(PROMPTS) if max_active is None else own < len(prompts)
+    assert engine.speedups["shared_prefix"]
+    monkeypatch.setattr(engine, "share_prefix", False)
+    passes.clear()
+    assert_same_completions(engine.generate(prompts, params, seeds, max_active=max_active), single)
+    assert not any(cont for _, _, cont in passes)
+
+
+def test_no_shared_start_when_it_is_short_or_a_prompt_is_all_start(llama_engine, monkeypatch):
+    """A start shorter than SHARED_PREFIX_MIN is not worth a pass of its own; a prompt that is nothing but the
+    shared start keeps its last token as its own (its logits come from that position)."""
+    monkeypatch.setattr(llama_engine, "_prefix_checked", True)
+    params = GenerationParams(max_new_tokens=4)
+    short = ids_of(llama_engine, ["The " + p for p in PROMPTS])
+    passes = _prompt_passes(monkeypatch, llama_engine)
+    llama_engine.generate(short, params)
+    assert not any(cont for _, _, cont in passes)
+    whole = ids_of(llama_engine, [SHARED_START.strip(), *(SHARED_START + p for p in PROMPTS)])
+    start = len(os.path.commonprefix(whole))
+    single = [llama_engine.generate([p], params)[0] for p in whole]
+    passes.clear()
+    monkeypatch.setattr(llama_engine, "_prefix_memo", None)
+    assert_same_completions(llama_engine.generate(whole, params), single)
+    assert passes[0] == (1, min(start, len(whole[0]) - 1), False)
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+def test_a_model_that_ignores_given_positions_is_caught_before_it_changes_a_row(
+    request, monkeypatch, engine_name
+):
+    """A model whose forward counts positions from its cache instead of taking the engine's would place the
+    padded rows' tokens wrong after a shared start: the first such batch is checked against a row alone,
+    sharing is turned off for that engine, and every row is what it is alone."""
+    engine = request.getfixturevalue(engine_name)
+    monkeypatch.setattr(engine, "_prefix_checked", False)
+    monkeypatch.setattr(engine, "share_prefix", True)
+    prompts = ids_of(engine, [SHARED_START + p for p in PROMPTS])
+    params = GenerationParams(max_new_tokens=6)
+    single = [engine.generate([p], params)[0] for p in prompts]
+    _prompt_passes(monkeypatch, engine, drop_positions_with_cache=True)
+    assert_same_completions(engine.generate(prompts, params), single)
+    assert not engine.share_prefix and not engine.speedups["shared_prefix"]
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+def test_the_check_passes_for_the_models_runner_supports(request, monkeypatch, engine_name):
+    engine = request.getfixturevalue(engine_name)
+    monkeypatch.setattr(engine, "_prefix_checked", False)
+    monkeypatch.setattr(engine, "share_prefix", True)
+    prompts = ids_of(engine, [SHARED_START + p for p in PROMPTS])
+    params = GenerationParams(max_new_tokens=6)
+    single = [engine.generate([p], params)[0] for p in prompts]
+    passes = _prompt_passes(monkeypatch, engine)
+    assert_same_completions(engine.generate(prompts, params), single)
+    assert engine._prefix_checked and engine.share_prefix
+    assert passes[0][:2] == (1, len(os.path.commonprefix(prompts)))

@@ -68,6 +68,19 @@ def test_batched_greedy_equals_alone_within_the_dtype(half_engine, dtype, penalt
             assert all(math.isfinite(lp) for _, lp, _ in step)
 
 
+def test_a_shared_prompt_start_in_half_precision(half_engine, dtype):
+    """The start all prompts share is prefilled once in half precision too: the engine's check accepts it (a
+    batch's rounding, not a wrong position), and every row is what it is alone within the dtype."""
+    start = "Answer in one short sentence and do not repeat the question. Be kind, be brief and be exact.\n"
+    prompts = [encode(half_engine.tokenizer, start + t, chat=False) for t in PROMPTS]
+    params = GenerationParams(max_new_tokens=8)
+    half_engine._prefix_checked, half_engine._prefix_memo = False, None
+    batched = half_engine.generate(prompts, params)
+    assert half_engine._prefix_checked and half_engine.share_prefix
+    for b, a in zip(batched, [half_engine.generate([p], params)[0] for p in prompts], strict=True):
+        assert_close_runs(b, a, DTYPES[dtype])
+
+
 def test_seeded_sampling_is_finite_and_per_row(half_engine):
     prompts = [encode(half_engine.tokenizer, t, chat=False) for t in PROMPTS]
     params = GenerationParams(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, top_k=20)
