@@ -434,10 +434,12 @@ class RowChecker:
         return row if row is not None else problem  # type: ignore[return-value]
 
     def _settings(self, row: PromptRow) -> tuple[PromptRow | None, Problem | None]:
-        """Move the row's setting fields out of its passthrough columns (generate jobs only)."""
+        """Move the row's setting fields out of its passthrough columns (generate jobs only). A column the
+        template uses is the template's data ("{city} is {temperature} degrees"), never a setting."""
         if not self.row_settings:
             return row, None
-        raw = {k: row.extra.pop(k) for k in list(row.extra) if k in ROW_SETTINGS}
+        data = set(self.template.fields) if self.template else set()
+        raw = {k: row.extra.pop(k) for k in list(row.extra) if k in ROW_SETTINGS and k not in data}
         row.raw_settings = raw or None
         try:
             row.settings = row_overrides(raw) or None

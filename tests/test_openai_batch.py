@@ -338,6 +338,25 @@ def test_a_null_setting_in_a_column_means_the_jobs_own(tmp_path, tiny_gpt2, gpt2
     assert df.iloc[0]["completion_tokens"] <= 3 and df.iloc[1]["completion_tokens"] <= 2
 
 
+def test_a_column_the_template_uses_is_data_not_a_setting(tmp_path, tiny_gpt2, gpt2_engine):
+    """A weather file's "temperature" column filled into --template stays the row's data (rendered into the
+    prompt and kept in the results); another setting name in the same row is still that row's setting."""
+    rows = [{"id": "a", "city": "Tokyo", "temperature": 25, "max_tokens": 2},
+            {"id": "b", "city": "Oslo", "temperature": -3}]  # fmt: skip
+    path = write_jsonl(tmp_path / "w.jsonl", rows)
+    job, summary = runner.run(path, tiny_gpt2, GenerationParams(max_new_tokens=4),
+                              template="{city} is {temperature} degrees and", engine=gpt2_engine, echo=None)  # fmt: skip
+    assert summary.finished
+    settings = [json.loads(s) if s else None for s in job.prompts().column("settings").to_pylist()]
+    assert settings == [{"max_new_tokens": 2}, None]
+    df = runner.load_results(job.dir)
+    assert list(df["temperature"]) == [25, -3] and list(df["prompt"]) == [
+        "Tokyo is 25 degrees and",
+        "Oslo is -3 degrees and",
+    ]
+    assert df.iloc[0]["completion_tokens"] <= 2 and df.iloc[1]["completion_tokens"] == 4
+
+
 def test_a_request_with_one_failed_sample_is_an_error_line_not_a_short_answer(tmp_path, tiny_gpt2, gpt2_engine,
                                                                              monkeypatch):  # fmt: skip
     """n = 2, the first sample done, then the row breaks the device whenever it is computed (its second sample
