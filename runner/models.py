@@ -220,18 +220,45 @@ def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> An
     return model.eval() if options.device_map else model.to(device).eval()
 
 
-def model_fingerprint(spec: str, config: Any) -> str:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
+FINGERPRINT_VERSION = "2"
+
+
+def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION) -> str:
     """Identifies the model's weights well enough to refuse resuming a job on a different model: the config
-    plus weight file names and sizes for a local folder, the hub commit for a hub id."""
+    plus, for a local folder, each weight file's name, size and (version 2) SAMPLES_PER_FILE pieces of its
+    bytes spread over the file, so that another checkpoint of the same architecture saved over the folder (a
+    fine-tuning run writing to the same output_dir: same names, same sizes) is told apart while reading only
+    1 MiB a file; for a hub id, its commit. Version "1" (jobs submitted before version 2) is names and sizes
+    only, and has no "1:" prefix."""
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
     path = Path(resolve_model(spec))
     if path.is_dir():
         for f in sorted(path.iterdir()):
-            if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
+            if f.suffix in WEIGHT_SUFFIXES:
                 h.update(f"{f.name}:{f.stat().st_size}".encode())
+                if version != "1":
+                    h.update(_content_sample(f))
     else:
         h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:16] if version == "1" else f"{version}:{h.hexdigest()[:16]}"
+
+
+def fingerprint_version(fingerprint: str | None) -> str:
+    """The version a stored model fingerprint was computed with ("1": no prefix)."""
+    return fingerprint.split(":", 1)[0] if fingerprint and ":" in fingerprint else "1"
+
+
+def _content_sample(f: Path) -> bytes:
+    """SAMPLES_PER_FILE pieces of SAMPLE_BYTES at evenly spaced offsets, the first at 0 and the last at the end."""
+    size = f.stat().st_size
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for i in range(SAMPLES_PER_FILE):
+            fh.seek(max(0, (size - SAMPLE_BYTES) * i // (SAMPLES_PER_FILE - 1)))
+            h.update(fh.read(SAMPLE_BYTES))
+    return h.digest()
 
 
 def _converted(

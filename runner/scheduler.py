@@ -294,10 +294,11 @@ def run_leased(
 
 
 def _check_model(j: Job) -> None:
-    from .models import load_config, model_fingerprint
+    from .models import fingerprint_version, load_config, model_fingerprint
 
-    fp = model_fingerprint(j.spec.model, load_config(j.spec.model, j.options.trust_remote_code))
-    if fp != j.meta.get("model_fingerprint"):
+    stored = j.meta.get("model_fingerprint")
+    config = load_config(j.spec.model, j.options.trust_remote_code)
+    if model_fingerprint(j.spec.model, config, fingerprint_version(stored)) != stored:
         raise RunnerError(
             f"the model {j.spec.model!r} is not the one job {j.id} was submitted with (its files or config "
             "changed); resuming with a different model is refused"

@@ -166,6 +166,47 @@ def test_a_changed_model_is_refused_on_resume(prompts_file, tmp_path, runner_hom
     assert state.state == "failed" and "is not the one job" in state.error
 
 
+def test_another_checkpoint_saved_over_the_model_folder_is_refused_on_resume(
+    prompts_file, tmp_path, runner_home
+):
+    """A fine-tuning run saving into the same output_dir: same config, same file names and sizes, other
+    weights. The job must not resume on them (its results would mix two models)."""
+    import shutil
+
+    from tiny_models import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "model", seed=0)
+    other = build_tiny_gpt2(tmp_path / "other", seed=1)
+    weights = model / "model.safetensors"
+    assert weights.stat().st_size == (other / "model.safetensors").stat().st_size
+    job = submit(prompts_file, str(model))
+    shutil.copy(other / "model.safetensors", weights)
+    assert work(runner_home, echo=None) == []
+    state = read_state(job.dir)
+    assert state.state == "failed" and "is not the one job" in state.error
+
+
+def test_a_job_fingerprinted_before_content_samples_still_resumes(prompts_file, tmp_path, runner_home):
+    """Jobs submitted before version 2 of the model fingerprint (names and sizes only, no prefix) are checked
+    the way they were fingerprinted, not refused as another model."""
+    from tiny_models import build_tiny_gpt2
+
+    from runner import storage
+    from runner.jobdir import spec_checksum
+    from runner.models import load_config, model_fingerprint
+
+    model = build_tiny_gpt2(tmp_path / "model")
+    job = submit(prompts_file, str(model))
+    assert job.meta["model_fingerprint"].startswith("2:")
+    meta = {**job.meta, "model_fingerprint": model_fingerprint(str(model), load_config(str(model)), "1")}
+    assert ":" not in meta["model_fingerprint"]
+    meta["spec_sha256"] = spec_checksum(meta)
+    for name in ("job.json", "job.backup.json"):  # as such a job's folder holds them
+        storage.write_json(job.dir / name, meta)
+    assert len(work(runner_home, echo=None)) == 1
+    assert read_state(job.dir).state == "completed"
+
+
 def test_a_failing_job_home_stops_the_worker_and_leaves_the_job_resumable(
     prompts_file, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
 ):
