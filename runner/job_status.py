@@ -15,6 +15,7 @@ from . import jobdir
 from .errors import RunnerError
 from .jobdir import BrokenJob, Job, JobState
 from .progress import fmt_duration
+from .storage import StorageError
 
 
 @dataclass
@@ -61,6 +62,10 @@ def job_status(job: Job) -> JobStatus:
         progress = jobdir.job_progress(job, ledger)
     except BrokenJob as e:
         return broken_status(job.dir, str(e), job, e.repairable)
+    except StorageError as e:
+        if not e.damaged:
+            raise
+        return broken_status(job.dir, f"its folder is damaged: {e}", job)  # a file where claims/ belongs...
     name, message = state.state.value, state.error
     if state.state is JobState.QUEUED:
         name = "running" if progress.live else ("queued (interrupted)" if progress.started else "queued")

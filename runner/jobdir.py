@@ -1080,7 +1080,10 @@ def take_unit(job: Job, unit: int, owner: Owner, after: int) -> int | None:
     epoch = after + 1
     (job.dir / CLAIMS).mkdir(exist_ok=True)
     record = {**owner.as_dict(), "unit": unit, "epoch": epoch, "claimed": time.time()}
-    if not create_exclusive(job.dir / CLAIMS / claim_name(unit, epoch), record):
+    path = job.dir / CLAIMS / claim_name(unit, epoch)
+    if not create_exclusive(path, record):
+        if storage.kind(path) not in ("file", None):  # not a claim: it would block the unit for ever
+            raise BrokenJob(f"{path} is not a file; `runner repair` sets it aside")
         return None
     names = scan(job.dir / CLAIMS)
     for e in range(epoch):  # a taker that died before sealing leaves its predecessor to the next one
@@ -1219,12 +1222,8 @@ def repair(path: str | os.PathLike) -> RepairReport:
     except BrokenJob:
         job = _restore_spec(path)
         report.restored_spec = True
-    for name in (
-        STATE_FILE,
-        *_outcome_files().values(),
-    ):  # a folder or a link where a file belongs: set aside
-        if storage.kind(job.dir / name) not in (None, "file"):
-            _set_aside(job, name)
+    for name in _wrong_kind(job):
+        _set_aside(job, name)
     try:
         old = read_state(job.dir)
         report.state_was = old.state.value
@@ -1252,13 +1251,27 @@ def repair(path: str | os.PathLike) -> RepairReport:
     return report
 
 
+def _wrong_kind(job: Job) -> list[str]:
+    """Paths in the job's folder (relative) holding something of the wrong kind where runner reads or writes:
+    a folder or a link where one of its files belongs, a file or a link where one of its folders belongs, a
+    folder where a claim, an in-flight record or a heartbeat goes (it would block that name for ever)."""
+    files = (LOG_FILE, STATE_FILE, *_outcome_files().values())
+    out = [n for n in files if storage.kind(job.dir / n) not in (None, "file")]
+    out += [n for n in FOLDERS if n != QUARANTINE and storage.kind(job.dir / n) not in (None, "dir")]
+    for sub in (CLAIMS, INFLIGHT, WORKERS):
+        if storage.kind(job.dir / sub) == "dir":
+            out += [f"{sub}/{n}" for n in scan(job.dir / sub, dirs=True)]
+    return out
+
+
 def _set_aside(job: Job, name: str) -> None:
-    """Move what stands where the job's file `name` belongs (a folder, a link) into quarantine/."""
+    """Move what stands at the job's path `name` (`_wrong_kind`) into quarantine/."""
     q = job.dir / QUARANTINE
     q.mkdir(exist_ok=True)
     src = job.dir / name
-    storage.retry(lambda: os.replace(src, q / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"), f"move {src}")
-    job.log(f"repair: {name} was not a file; set aside in {QUARANTINE}/")
+    dest = q / f"{time.strftime('%Y%m%d-%H%M%S')}-{name.replace('/', '-')}"
+    storage.retry(lambda: os.replace(src, dest), f"move {src}")
+    job.log(f"repair: {name} was not of its kind (a file or a folder); set aside in {QUARANTINE}/")
 
 
 def _last_generation(job: Job) -> int:

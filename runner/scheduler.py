@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import jobdir
+from . import jobdir, storage
 from .crashes import DeviceError
 from .engine import Engine
 from .errors import RunnerError
@@ -95,8 +95,8 @@ class Candidate:
     interrupted: bool  # some of it is done or was claimed: a worker died or stopped in it
 
 
-def _jobs(home: Any, only: str | Job | None) -> list[Job]:
-    """The jobs to consider; broken ones are left out (status shows them)."""
+def _jobs(home: Any, only: str | Job | None, broken: dict[str, Any] | None = None) -> list[Job]:
+    """The jobs to consider; broken ones are left out (and put in `broken`: folder -> (reason, repairable))."""
     if isinstance(only, Job):
         return [Job.open(only.dir)]
     if only:
@@ -106,27 +106,36 @@ def _jobs(home: Any, only: str | Job | None) -> list[Job]:
     for path in jobdir.job_folders(root):
         try:
             out.append(Job.open(path))
-        except RunnerError:
-            continue  # broken: it breaks only itself
+        except RunnerError as e:  # broken: it breaks only itself
+            if broken is not None:
+                broken[str(path)] = (str(e), getattr(e, "repairable", True))
     return out
 
 
-def _queued(home: Any, only: str | Job | None) -> Iterator[tuple[Job, jobdir.Progress]]:
-    """Queued jobs with their standing; cancelled, failed, completed and broken ones are left out."""
-    for job in _jobs(home, only):
+def _queued(
+    home: Any, only: str | Job | None, broken: dict[str, Any] | None = None
+) -> Iterator[tuple[Job, jobdir.Progress]]:
+    """Queued jobs with their standing; cancelled, failed, completed and broken ones are left out (the broken
+    ones put in `broken`: folder -> (reason, repairable))."""
+    for job in _jobs(home, only, broken):
         try:
             if job.state().state is JobState.QUEUED:
                 yield job, jobdir.job_progress(job)
-        except BrokenJob:
-            continue
+        except (BrokenJob, StorageError, OSError) as e:
+            if not isinstance(e, BrokenJob) and not _damaged(e):
+                raise
+            if broken is not None:  # a damaged folder (a file where claims/ belongs...) is broken too
+                broken[str(job.dir)] = (str(e), getattr(e, "repairable", True))
 
 
-def queue(home: Any = None, only: str | Job | None = None) -> list[Candidate]:
+def queue(
+    home: Any = None, only: str | Job | None = None, broken: dict[str, Any] | None = None
+) -> list[Candidate]:
     """Jobs a worker may take, in the order it takes them: interrupted jobs first, then queued jobs by
     priority (high first), then age. Jobs with no unit free to claim (done, or all held by live workers),
-    and cancelled, failed, completed or broken jobs, are left out."""
+    and cancelled, failed, completed or broken jobs, are left out (broken ones put in `broken`)."""
     out = []
-    for job, progress in _queued(home, only):
+    for job, progress in _queued(home, only, broken):
         if progress.claimable or (progress.complete and not progress.live):
             out.append(Candidate(job, progress.started))
     out.sort(key=lambda c: (not c.interrupted, -c.job.spec.priority, c.job.id))
@@ -228,10 +237,16 @@ def work(
                     owner=owner, lease_ttl=lease_ttl)  # fmt: skip
     summaries: list[RunSummary] = []
     failed: set[str] = set()
+    broken: dict[str, Any] = {}  # folder -> (why, repairable): said once per worker
     if job is None:
         jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
     while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
-        cand = next((c for c in queue(home, job) if c.job.id not in failed), None)
+        seen = set(broken)
+        cand = next((c for c in queue(home, job, broken) if c.job.id not in failed), None)
+        for folder in (f for f in broken if f not in seen and echo):
+            why, repairable = broken[folder]
+            hint = f" (`runner repair {folder}` brings it back)" if repairable else ""
+            echo(f"job {os.path.basename(folder)} is broken ({why}); skipped{hint}")
         if cand is None:
             if not _wait_for_others(home, job, owner.worker, poll, deadline, echo):
                 break
@@ -278,19 +293,32 @@ def run_leased(
         if engine is not None:
             _check_model(j)
         summary = run_job(j, engine, should_stop=stop, **run_opts)
-    except StorageError as e:  # the job home itself is failing (Drive gone): not the job's fault
-        raise _stopped(e, j) from e
+    except (StorageError, OSError) as e:
+        if _damaged(e):  # something of the wrong kind in this job's folder: this job is broken, not the home
+            return _skip_broken(j, BrokenJob(f"its folder is damaged: {e}"), echo)
+        if isinstance(e, StorageError):  # the job home itself is failing (Drive gone): not the job's fault
+            raise _stopped(e, j) from e
+        raise
     except DeviceError:  # the GPU is unusable for this process; the next worker isolates the row
         raise
     except BrokenJob as e:
-        if echo:
-            hint = f" (`runner repair {j.dir}` brings it back)" if e.repairable else ""
-            echo(f"job {j.id} is broken ({e}); skipped{hint}")
-        return None
+        return _skip_broken(j, e, echo)
     except RunnerError as e:
         _settle_failure(j, e, echo)
         return None
     return _settle(j, summary, echo)
+
+
+def _damaged(e: Exception) -> bool:
+    """An OS or storage error saying that something of the wrong kind stands in a job's folder."""
+    return getattr(e, "damaged", False) or (isinstance(e, OSError) and e.errno in storage.DAMAGED)
+
+
+def _skip_broken(j: Job, e: BrokenJob, echo: Any) -> None:
+    if echo:
+        hint = f" (`runner repair {j.dir}` brings it back)" if e.repairable else ""
+        echo(f"job {j.id} is broken ({e}); skipped{hint}")
+    return None
 
 
 def _check_model(j: Job) -> None:

@@ -31,8 +31,22 @@ TRANSIENT = {errno.EIO, errno.ENOTCONN, errno.EAGAIN, errno.EBUSY, errno.ETIMEDO
 RETRY_DELAYS = (0.2, 0.5, 1, 2, 4, 8, 15, 30)  # about a minute in all: long enough for Drive to come back
 
 
+# Something of the wrong kind stands where runner reads or writes (a folder where a file belongs, a file where a
+# folder belongs, a link loop): that job's folder is damaged, not the home; the job is broken, the others run.
+DAMAGED = {errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.ELOOP}
+
+
 class StorageError(RunnerError):
-    """The job home cannot be written or read (after retries for transient errors)."""
+    """The job home cannot be written or read (after retries for transient errors). `errno`: the OS error's."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.errno = errno_
+
+    @property
+    def damaged(self) -> bool:
+        """The error says one job folder's layout is damaged (DAMAGED), not that the home is failing."""
+        return self.errno in DAMAGED
 
 
 def retry(op: Callable[[], T], what: str, delays: tuple[float, ...] | None = None) -> T:
@@ -46,7 +60,7 @@ def retry(op: Callable[[], T], what: str, delays: tuple[float, ...] | None = Non
             if e.errno in TRANSIENT and attempt < len(delays):
                 time.sleep(delays[attempt])
                 continue
-            raise StorageError(f"cannot {what}: {e.strerror or e} (errno {e.errno})") from e
+            raise StorageError(f"cannot {what}: {e.strerror or e} (errno {e.errno})", e.errno) from e
     raise AssertionError("unreachable")
 
 
