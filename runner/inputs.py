@@ -417,9 +417,10 @@ class RowChecker:
         if self.batch is not None and self._requests is None:
             self._requests = openai_batch.is_request(obj)  # the first row says what the file is
         if self._requests:
+            cid = obj.get("custom_id")  # where a refused line has one, it names it in the Batch error file
             obj, fld, why = openai_batch.request_row(obj, *self.batch)
             if obj is None:
-                return Problem(self.name, lineno, fld, why)
+                return Problem(self.name, lineno, fld, why, cid if isinstance(cid, str) and cid else None)
             request = obj.pop("_request")
         row, problem = _validate_row(
             self.name, lineno, obj, self.prompt_field, self.template, self.id_field,

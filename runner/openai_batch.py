@@ -171,14 +171,23 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     created = _created(job)
     lines, errors = [], []
     groups = {rid: g for rid, g in df.groupby("id", sort=False)} if len(df) else {}
-    failed = {e["id"]: e for e in jobdir.read_errors(job)}
+    # Lines refused at submit (--skip-invalid) are not requests of the job: each is an error line of its own,
+    # in input order among the others. Only a row error of the run fails a request by its id.
+    everything = jobdir.read_errors(job)
+    refused = sorted((e for e in everything if e.get("stage") == "validate"), key=_line_number)
+    failed = {e["id"]: e for e in everything if e.get("stage") != "validate"}
     texts = _token_text(job) if job.kind == "generate" else None
-    for cid, req, prompt_ids in _requests(job):
+    at = 0
+    for cid, req, prompt_ids, line in _requests(job):
+        while at < len(refused) and line is not None and _line_number(refused[at]) < line:
+            errors.append(_refused_line(job, refused[at]))
+            at += 1
         # a request answers whole or not at all (one response per request): one failed sample fails it
         if cid in failed:
             errors.append(_error_line(job, cid, failed[cid], len(groups[cid]) if cid in groups else 0))
         elif cid in groups:
             lines.append(_line(job, cid, req, groups[cid], created, texts, prompt_ids))
+    errors.extend(_refused_line(job, e) for e in refused[at:])
     out = Path(out)
     errors_out = (
         Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
@@ -196,25 +205,26 @@ def _token_text(job: Any) -> Any:
     return TokenText(load_tokenizer(job.spec.model, job.options.trust_remote_code))
 
 
-def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int]]]:
-    """(custom_id, request info, prompt token ids) of every valid request, in input order."""
+def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | None]]:
+    """(custom_id, request info, prompt token ids, input line) of every valid request, in input order."""
     import pyarrow.parquet as pq
 
     from .jobdir import PROMPTS
 
     pf = pq.ParquetFile(job.dir / PROMPTS)
     names = pf.schema_arrow.names
-    cols = ["id", "input_ids"] + [c for c in ("request", "settings") if c in names]
+    cols = ["id", "input_ids"] + [c for c in ("request", "settings", "line") if c in names]
     default_k = job.meta.get("params", {}).get("logprobs")
     for batch in pf.iter_batches(columns=cols):
         ids, prompts = batch.column("id").to_pylist(), batch.column("input_ids").to_pylist()
         reqs = batch.column("request").to_pylist() if "request" in cols else [None] * len(ids)
         sets = batch.column("settings").to_pylist() if "settings" in cols else [None] * len(ids)
-        for cid, req, prompt_ids, own in zip(ids, reqs, prompts, sets, strict=True):
+        at = batch.column("line").to_pylist() if "line" in cols else [None] * len(ids)
+        for cid, req, prompt_ids, own, line in zip(ids, reqs, prompts, sets, at, strict=True):
             info = json.loads(req) if req else {"url": CHAT if job.kind == "generate" else EMBEDDINGS,
                                                 "model": job.spec.model, "echo": False}  # fmt: skip
             info["k"] = json.loads(own).get("logprobs", default_k) if own else default_k
-            yield cid, info, prompt_ids
+            yield cid, info, prompt_ids, line
 
 
 def _created(job: Any) -> int:
@@ -237,12 +247,39 @@ def _line(
         body = _embedding(job, cid, req, rows, created)
     else:
         body = _completion(job, cid, req, rows, created, texts, prompt_ids)
+    line_id, request_id = _ids(job, cid)
     return {
-        "id": f"batch_req_{_digest(_key(job), cid, 'line')}",
+        "id": line_id,
         "custom_id": cid,
-        "response": {"status_code": 200, "request_id": _digest(_key(job), cid, "request"), "body": body},
+        "response": {"status_code": 200, "request_id": request_id, "body": body},
         "error": None,
     }
+
+
+def _line_number(error: dict[str, Any]) -> int:
+    line = error.get("line")
+    return line if type(line) is int else 0
+
+
+def _refused_line(job: Any, error: dict[str, Any]) -> dict[str, Any]:
+    """The Batch error line of a request line refused at submit (errors.jsonl): status 400, the message naming
+    the line and the field as submit did. Its custom_id is the line's own when it had a readable one (a
+    duplicate shares it with the request answered), else null; its ids derive from the line number too."""
+    cid = error.get("id") if isinstance(error.get("id"), str) else None
+    field, line = error.get("field"), _line_number(error)
+    message = f"line {line}: " + (f"{field}: " if field else "") + str(error.get("message", ""))
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": field,
+                      "code": str(error.get("error") or "invalid_input")}}  # fmt: skip
+    line_id, request_id = _ids(job, cid, line)
+    return {"id": line_id, "custom_id": cid,
+            "response": {"status_code": 400, "request_id": request_id, "body": body}, "error": None}  # fmt: skip
+
+
+def _ids(job: Any, cid: str | None, line: int | None = None) -> tuple[str, str]:
+    """(line id, request id) of a request's output line; a line refused at submit adds its line number, so that
+    a duplicate custom_id gets ids of its own."""
+    parts = (_key(job), cid or "", *((f"line {line}",) if line is not None else ()))
+    return f"batch_req_{_digest(*parts, 'line')}", _digest(*parts, "request")
 
 
 def _error_line(job: Any, cid: str, error: dict[str, Any], done: int = 0) -> dict[str, Any]:
@@ -255,14 +292,11 @@ def _error_line(job: Any, cid: str, error: dict[str, Any], done: int = 0) -> dic
         )
     body = {"error": {"message": message, "type": "invalid_request_error" if invalid else "server_error",
                       "param": error.get("field"), "code": str(error.get("error", "error"))}}  # fmt: skip
+    line_id, request_id = _ids(job, cid)
     return {
-        "id": f"batch_req_{_digest(_key(job), cid, 'line')}",
+        "id": line_id,
         "custom_id": cid,
-        "response": {
-            "status_code": 400 if invalid else 500,
-            "request_id": _digest(_key(job), cid, "request"),
-            "body": body,
-        },  # fmt: skip
+        "response": {"status_code": 400 if invalid else 500, "request_id": request_id, "body": body},
         "error": None,
     }
 

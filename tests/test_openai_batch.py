@@ -385,3 +385,36 @@ def test_a_request_with_one_failed_sample_is_an_error_line_not_a_short_answer(tm
         r"sample 2 failed: .*\(1 other sample\(s\) were generated\)",
         err["response"]["body"]["error"]["message"],
     )
+
+
+def test_lines_refused_at_submit_are_error_lines_of_their_own(tmp_path, tiny_gpt2, gpt2_engine):
+    """--skip-invalid: each line refused at submit is an error line of its own, in input order, naming the line
+    and the field; a duplicate custom_id never takes the valid request's answer away. Found by an adversarial
+    pass (the duplicate's error replaced request a's answer, and b was in neither file)."""
+    comp = "/v1/completions"
+    reqs = [
+        request("a", comp, {"model": "tiny", "prompt": "The old man", "max_tokens": 3, "temperature": 0}),
+        request("a", comp, {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0}),
+        request("b", comp, {"model": "tiny", "prompt": "My friend", "max_tokens": 3, "logit_bias": {"1": 5}}),
+        {"method": "POST", "url": comp, "body": {"model": "tiny", "prompt": "Hi"}},
+        request("c", comp, {"model": "tiny", "prompt": "Hello there", "max_tokens": 3, "temperature": 0}),
+    ]
+    inp = write_jsonl(tmp_path / "in.jsonl", reqs)
+    job = create_job(inp, tiny_gpt2, GenerationParams(max_new_tokens=3), job_dir=tmp_path / "job",
+                     served_model_names=("tiny",), skip_invalid=True)  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert export(job, tmp_path / "out.jsonl") == (2, 3)
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    errors = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert [(x["custom_id"], x["response"]["status_code"]) for x in out] == [("a", 200), ("c", 200)]
+    assert check_output_line(out[0]).usage.prompt_tokens == len(job.prompts().column("input_ids")[0])
+    assert [(x["custom_id"], x["response"]["status_code"], x["response"]["body"]["error"]["param"],
+             x["response"]["body"]["error"]["message"]) for x in errors] == [
+        ("a", 400, "id", "line 2: id: duplicate id 'a' (first on line 1)"),
+        ("b", 400, "body.logit_bias", "line 3: body.logit_bias: is not supported by runner for /v1/completions "
+                                      "(it would be ignored)"),
+        (None, 400, "custom_id", "line 4: custom_id: must be a non-empty string (every Batch request has one)"),
+    ]  # fmt: skip
+    assert all(check_output_line(x) is None for x in errors)
+    everything = out + errors
+    assert len({x["id"] for x in everything}) == len({x["response"]["request_id"] for x in everything}) == 5
