@@ -904,6 +904,24 @@ class Verifier:
             self.dirty = False
 
 
+def prompts_problem(job: Job, verifier: Verifier | None = None) -> str | None:
+    """Why prompts.parquet is not the file submit wrote (its sha256 is in job.json), else None (also for a job
+    stored before the checksum was). With a `verifier`, a file whose size and times are as its cache recorded
+    is not read again, and one read and found sound is recorded there."""
+    expected = job.spec.prompts_sha256
+    path = job.dir / PROMPTS
+    st = storage.retry(lambda: path.stat(), f"read {path}")
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected]
+    if expected is None or (verifier is not None and verifier.cache.get(PROMPTS) == stamp):
+        return None
+    if storage.retry(lambda: storage.file_sha256(path), f"read {path}") != expected:
+        return f"prompts.parquet of job {job.id} is damaged (it does not match its checksum); submit the file again"
+    if verifier is not None:
+        verifier.cache[PROMPTS] = stamp
+        verifier.dirty = True
+    return None
+
+
 def check_shard_bytes(data: bytes, commit: Commit, samples: int) -> str | None:
     """Why these bytes are not the shard the marker vouches for (None: they are)."""
     if hashlib.sha256(data).hexdigest() != commit.marker["sha256"]:

@@ -167,6 +167,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
             f"job {job.id} is a {job.kind} job and OpenAI Batch has no {job.kind} endpoint, so it has no "
             f"--format openai form; export its rows with `runner results {shlex.quote(str(job.dir))} --to FILE.jsonl`"
         )
+    _check_prompts(job)
     df = load_results(job.dir)
     created = _created(job)
     lines, errors = [], []
@@ -197,6 +198,21 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     return len(lines), len(errors)
 
 
+def _check_prompts(job: Any) -> None:
+    """The requests come from prompts.parquet (the results hold no url, model or echo): it must be the file
+    submit wrote, or the output would answer other requests, or none."""
+    from . import jobdir
+
+    why = jobdir.prompts_problem(job, jobdir.Verifier(job))  # verified.json spares re-reading a big one
+    if why:
+        raise jobdir.BrokenJob(_prompts_hint(job, why), repairable=False)
+
+
+def _prompts_hint(job: Any, why: str) -> str:
+    return (f"{why}. Its OpenAI Batch output cannot be written without it; its results are in their shards: "
+            f"`runner results {shlex.quote(str(job.dir))} --to FILE.jsonl` still exports them")  # fmt: skip
+
+
 def _token_text(job: Any) -> Any:
     """Token texts in place and their bytes (tokens.TokenText), from the job's tokenizer."""
     from .models import load_tokenizer
@@ -207,24 +223,30 @@ def _token_text(job: Any) -> Any:
 
 def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | None]]:
     """(custom_id, request info, prompt token ids, input line) of every valid request, in input order."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .jobdir import PROMPTS
+    from .errors import first_line
+    from .jobdir import PROMPTS, BrokenJob
 
-    pf = pq.ParquetFile(job.dir / PROMPTS)
-    names = pf.schema_arrow.names
-    cols = ["id", "input_ids"] + [c for c in ("request", "settings", "line") if c in names]
     default_k = job.meta.get("params", {}).get("logprobs")
-    for batch in pf.iter_batches(columns=cols):
-        ids, prompts = batch.column("id").to_pylist(), batch.column("input_ids").to_pylist()
-        reqs = batch.column("request").to_pylist() if "request" in cols else [None] * len(ids)
-        sets = batch.column("settings").to_pylist() if "settings" in cols else [None] * len(ids)
-        at = batch.column("line").to_pylist() if "line" in cols else [None] * len(ids)
-        for cid, req, prompt_ids, own, line in zip(ids, reqs, prompts, sets, at, strict=True):
-            info = json.loads(req) if req else {"url": CHAT if job.kind == "generate" else EMBEDDINGS,
-                                                "model": job.spec.model, "echo": False}  # fmt: skip
-            info["k"] = json.loads(own).get("logprobs", default_k) if own else default_k
-            yield cid, info, prompt_ids, line
+    try:
+        pf = pq.ParquetFile(job.dir / PROMPTS)
+        names = pf.schema_arrow.names
+        cols = ["id", "input_ids"] + [c for c in ("request", "settings", "line") if c in names]
+        for batch in pf.iter_batches(columns=cols):
+            ids, prompts = batch.column("id").to_pylist(), batch.column("input_ids").to_pylist()
+            reqs = batch.column("request").to_pylist() if "request" in cols else [None] * len(ids)
+            sets = batch.column("settings").to_pylist() if "settings" in cols else [None] * len(ids)
+            at = batch.column("line").to_pylist() if "line" in cols else [None] * len(ids)
+            for cid, req, prompt_ids, own, line in zip(ids, reqs, prompts, sets, at, strict=True):
+                info = json.loads(req) if req else {"url": CHAT if job.kind == "generate" else EMBEDDINGS,
+                                                    "model": job.spec.model, "echo": False}  # fmt: skip
+                info["k"] = json.loads(own).get("logprobs", default_k) if own else default_k
+                yield cid, info, prompt_ids, line
+    except (pa.ArrowException, KeyError, ValueError) as e:  # a job stored before prompts had a checksum
+        why = f"prompts.parquet of job {job.id} is damaged ({first_line(e)})"
+        raise BrokenJob(_prompts_hint(job, why), repairable=False) from None
 
 
 def _created(job: Any) -> int:

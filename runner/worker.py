@@ -186,17 +186,9 @@ class JobRun:
 
     def check_prompts(self) -> None:
         """prompts.parquet must be the file submit wrote: a damaged one fails the job, with the reason."""
-        expected = self.job.spec.prompts_sha256
-        path = self.job.dir / jobdir.PROMPTS
-        st = storage.retry(lambda: path.stat(), f"read {path}")
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected]
-        if expected is None or self.verifier.cache.get(jobdir.PROMPTS) == stamp:
-            return
-        if storage.retry(lambda: storage.file_sha256(path), f"read {path}") != expected:
-            raise RunnerError(f"prompts.parquet of job {self.job.id} is damaged (it does not match its checksum); "
-                              "submit the file again")  # fmt: skip
-        self.verifier.cache[jobdir.PROMPTS] = stamp
-        self.verifier.dirty = True
+        why = jobdir.prompts_problem(self.job, self.verifier)
+        if why:
+            raise RunnerError(why)
 
     def tidy(self, progress: jobdir.Progress) -> None:
         """Quarantine commits that fail verification (their keys are then simply not done) and delete temp

@@ -418,3 +418,44 @@ def test_lines_refused_at_submit_are_error_lines_of_their_own(tmp_path, tiny_gpt
     assert all(check_output_line(x) is None for x in errors)
     everything = out + errors
     assert len({x["id"] for x in everything}) == len({x["response"]["request_id"] for x in everything}) == 5
+
+
+def test_a_damaged_prompts_file_is_named_not_exported_as_nothing(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """The requests come from prompts.parquet: one replaced by another job's, or truncated, is checked against
+    its checksum and refused, naming the file (not 0 of 3 responses with exit 0, nor a pyarrow traceback);
+    the plain export still works, its rows being in the shards. Found by an adversarial pass."""
+    import dataclasses
+
+    from runner.jobdir import BrokenJob
+
+    monkeypatch.chdir(tmp_path)
+    comp = "/v1/completions"
+    reqs = [request(f"a{i}", comp, {"model": "tiny", "prompt": f"Hello {i}", "max_tokens": 3, "temperature": 0})
+            for i in range(3)]  # fmt: skip
+    job = create_job(write_jsonl(tmp_path / "a.jsonl", reqs), tiny_gpt2, GenerationParams(max_new_tokens=3),
+                     job_dir=tmp_path / "a", served_model_names=("tiny",))  # fmt: skip
+    other = [dict(r, custom_id=f"b{i}") for i, r in enumerate(reqs)]
+    job_b = create_job(write_jsonl(tmp_path / "b.jsonl", other), tiny_gpt2, GenerationParams(max_new_tokens=3),
+                       job_dir=tmp_path / "b", served_model_names=("tiny",))  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    prompts = job.dir / "prompts.parquet"
+    swapped = (job_b.dir / "prompts.parquet").read_bytes()
+    expected = f"prompts.parquet of job {job.id} is damaged (it does not match its checksum)"
+    for damage in (swapped, swapped[: len(swapped) // 2]):
+        prompts.write_bytes(damage)
+        with pytest.raises(BrokenJob, match=re.escape(expected)):
+            export(Job.open(job.dir), tmp_path / "out.jsonl")
+        result = invoke("results", job.dir, "--format", "openai", "--to", tmp_path / "out.jsonl")
+        assert result.exit_code == 1 and result.output.startswith(f"Error: {expected}"), result.output
+        assert "Traceback" not in result.output and not (tmp_path / "out.jsonl").exists()
+        (command,) = re.findall(r"`runner ([^`]+)`", result.output)
+        assert invoke(*shlex.split(command)).exit_code == 0
+        rows = [json.loads(x) for x in (tmp_path / "FILE.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == ["a0", "a1", "a2"]
+    # a job stored before prompts had a checksum: pyarrow's refusal becomes the same clear error
+    old = Job(job.dir, dataclasses.replace(job.spec, prompts_sha256=None))
+    with pytest.raises(BrokenJob, match=rf"prompts.parquet of job {job.id} is damaged \(.*Parquet"):
+        export(old, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
