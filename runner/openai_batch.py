@@ -168,26 +168,37 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
             f"--format openai form; export its rows with `runner results {shlex.quote(str(job.dir))} --to FILE.jsonl`"
         )
     _check_prompts(job)
+    ledger = jobdir.read_ledger(job)
+    ending = _ending(job, jobdir.job_progress(job, ledger))
     df = load_results(job.dir)
     created = _created(job)
     lines, errors = [], []
     groups = {rid: g for rid, g in df.groupby("id", sort=False)} if len(df) else {}
     # Lines refused at submit (--skip-invalid) are not requests of the job: each is an error line of its own,
     # in input order among the others. Only a row error of the run fails a request by its id.
-    everything = jobdir.read_errors(job)
+    everything = jobdir.read_errors(job, ledger)
     refused = sorted((e for e in everything if e.get("stage") == "validate"), key=_line_number)
     failed = {e["id"]: e for e in everything if e.get("stage") != "validate"}
     texts = _token_text(job) if job.kind == "generate" else None
     at = 0
-    for cid, req, prompt_ids, line in _requests(job):
+    for cid, req, prompt_ids, line, n in _requests(job):
         while at < len(refused) and line is not None and _line_number(refused[at]) < line:
             errors.append(_refused_line(job, refused[at]))
             at += 1
-        # a request answers whole or not at all (one response per request): one failed sample fails it
+        # a request answers whole or not at all (one response per request): one failed sample fails it, and
+        # one not done (a cancelled or failed job) leaves it unanswered
+        have = len(groups[cid]) if cid in groups else 0
         if cid in failed:
-            errors.append(_error_line(job, cid, failed[cid], len(groups[cid]) if cid in groups else 0))
-        elif cid in groups:
+            errors.append(_error_line(job, cid, failed[cid], have))
+        elif have >= n:
             lines.append(_line(job, cid, req, groups[cid], created, texts, prompt_ids))
+        elif ending is not None:
+            errors.append(_unfinished_line(job, cid, ending, have, n))
+        else:  # the ledger counted it done, but its shard no longer verifies
+            raise RunnerError(
+                f"job {job.id}: request {cid!r} has {have} of its {n} sample(s) in the results; "
+                f"`runner repair {shlex.quote(str(job.dir))}` re-queues what is missing, then `runner work`"
+            )
     errors.extend(_refused_line(job, e) for e in refused[at:])
     out = Path(out)
     errors_out = (
@@ -196,6 +207,49 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     storage.atomic_write(out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     storage.atomic_write(errors_out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in errors))
     return len(lines), len(errors)
+
+
+def _ending(job: Any, progress: Any) -> tuple[str, str] | None:
+    """None when every request of the job is done or failed. Else, for a cancelled (or failed) job, the
+    (code, message) of the error line of each request left unfinished, as the OpenAI Batch API marks those of
+    a cancelled or expired batch; a job still queued or running is refused (its file would leave requests out)."""
+    from .jobdir import JobState
+
+    if progress.complete:
+        return None
+    state = job.state()
+    ref = shlex.quote(str(job.dir))
+    if state.state is JobState.CANCELLED:
+        return "batch_cancelled", f"This request was not executed because job {job.id} was cancelled"
+    if state.state is JobState.FAILED:
+        why = f" ({state.error.splitlines()[0]})" if state.error else ""
+        return "batch_failed", f"This request was not executed because job {job.id} failed{why}"
+    if state.state is JobState.COMPLETED:
+        missing = progress.total - progress.done - progress.failed
+        raise RunnerError(
+            f"job {job.id} is completed, but {missing:,} result row(s) are missing or failed verification; "
+            f"`runner repair {ref}` re-queues them, then `runner work` computes them"
+        )
+    raise RunnerError(
+        f"job {job.id} is not finished ({progress.done:,}/{progress.total:,} rows); its OpenAI Batch output would "
+        f"leave requests out: finish it with `runner work`, or `runner results {ref} --to FILE.jsonl` exports "
+        "the rows done so far"
+    )
+
+
+def _unfinished_line(job: Any, cid: str, ending: tuple[str, str], have: int, n: int) -> dict[str, Any]:
+    """The error line of a request a cancelled or failed job left unfinished: `response` null and `error`
+    {code, message}, the OpenAI Batch API's shape for the requests of a cancelled or expired batch."""
+    code, message = ending
+    if have:
+        message += f" ({have} of its {n} samples were generated and are left out)"
+    line_id, _ = _ids(job, cid)
+    return {
+        "id": line_id,
+        "custom_id": cid,
+        "response": None,
+        "error": {"code": code, "message": message + "."},
+    }
 
 
 def _check_prompts(job: Any) -> None:
@@ -221,8 +275,9 @@ def _token_text(job: Any) -> Any:
     return TokenText(load_tokenizer(job.spec.model, job.options.trust_remote_code))
 
 
-def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | None]]:
-    """(custom_id, request info, prompt token ids, input line) of every valid request, in input order."""
+def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | None, int]]:
+    """(custom_id, request info, prompt token ids, input line, samples asked) of every valid request, in input
+    order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -233,17 +288,18 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | 
     try:
         pf = pq.ParquetFile(job.dir / PROMPTS)
         names = pf.schema_arrow.names
-        cols = ["id", "input_ids"] + [c for c in ("request", "settings", "line") if c in names]
+        cols = ["id", "input_ids"] + [c for c in ("request", "settings", "line", "n") if c in names]
         for batch in pf.iter_batches(columns=cols):
             ids, prompts = batch.column("id").to_pylist(), batch.column("input_ids").to_pylist()
             reqs = batch.column("request").to_pylist() if "request" in cols else [None] * len(ids)
             sets = batch.column("settings").to_pylist() if "settings" in cols else [None] * len(ids)
             at = batch.column("line").to_pylist() if "line" in cols else [None] * len(ids)
-            for cid, req, prompt_ids, own, line in zip(ids, reqs, prompts, sets, at, strict=True):
+            ns = batch.column("n").to_pylist() if "n" in cols else [job.spec.samples] * len(ids)
+            for cid, req, prompt_ids, own, line, n in zip(ids, reqs, prompts, sets, at, ns, strict=True):
                 info = json.loads(req) if req else {"url": CHAT if job.kind == "generate" else EMBEDDINGS,
                                                     "model": job.spec.model, "echo": False}  # fmt: skip
                 info["k"] = json.loads(own).get("logprobs", default_k) if own else default_k
-                yield cid, info, prompt_ids, line
+                yield cid, info, prompt_ids, line, int(n or 1)
     except (pa.ArrowException, KeyError, ValueError) as e:  # a job stored before prompts had a checksum
         why = f"prompts.parquet of job {job.id} is damaged ({first_line(e)})"
         raise BrokenJob(_prompts_hint(job, why), repairable=False) from None

@@ -459,3 +459,73 @@ def test_a_damaged_prompts_file_is_named_not_exported_as_nothing(
     with pytest.raises(BrokenJob, match=rf"prompts.parquet of job {job.id} is damaged \(.*Parquet"):
         export(old, tmp_path / "out.jsonl")
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_unfinished_job_never_answers_a_request_in_part(tmp_path, tiny_gpt2, gpt2_engine):
+    """A job stopped at its first commit (p1 with n = 3 has one sample, p2 none): while queued its Batch export
+    is refused, naming the job and its progress, and nothing is written; once cancelled (or failed) what is
+    whole is exported and every unfinished request is an error line `batch_cancelled` (`batch_failed`), the
+    OpenAI Batch API's shape for the requests of a cancelled batch; finished, it answers both. Found by an
+    adversarial pass (p1 was a 200 line with 1 choice of 3, p2 in neither file, exit 0)."""
+    from openai.types import BatchError
+
+    from runner import jobdir
+
+    body = {"model": "tiny", "prompt": "The old man", "max_tokens": 3, "temperature": 1.0}
+    reqs = [request("p1", "/v1/completions", {**body, "n": 3}), request("p2", "/v1/completions", body)]
+    inp = write_jsonl(tmp_path / "in.jsonl", reqs)
+    job = create_job(inp, tiny_gpt2, GenerationParams(max_new_tokens=3, seed=5), runner.EngineOptions(batch_size=1),
+                     job_dir=tmp_path / "job", served_model_names=("tiny",))  # fmt: skip
+    done = job.dir / "done"
+    s = run_job(job, gpt2_engine, echo=None, shard_rows=1, should_stop=lambda: any(done.glob("*.json")))
+    assert not s.finished and s.done == 1 and len(list(done.glob("*.json"))) == 1  # the first commit
+    out, errors_out = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
+
+    result = invoke("results", job.dir, "--format", "openai", "--to", out)
+    assert result.exit_code == 1 and result.output == (
+        f"Error: job {job.id} is not finished (1/4 rows); its OpenAI Batch output would leave requests out: "
+        f"finish it with `runner work`, or `runner results {job.dir} --to FILE.jsonl` exports the rows done so far\n"
+    )
+    assert not out.exists() and not errors_out.exists()
+
+    def unfinished(code):
+        lines = [json.loads(x) for x in errors_out.read_text().splitlines()]
+        assert [(x["custom_id"], x["response"], x["error"]["code"]) for x in lines] == [
+            ("p1", None, code), ("p2", None, code)
+        ]  # fmt: skip
+        assert all(x["id"].startswith("batch_req_") and set(x) == {"id", "custom_id", "response", "error"}
+                   for x in lines)  # fmt: skip
+        for x in lines:
+            assert_real_openai_object(BatchError.model_validate(x["error"]))
+        return [x["error"]["message"] for x in lines]
+
+    jobdir.write_failed(job.dir, job.state().generation, "the model changed")
+    assert export(job, out) == (0, 2) and out.read_text() == ""
+    assert unfinished("batch_failed") == [
+        f"This request was not executed because job {job.id} failed (the model changed) (1 of its 3 samples were "
+        "generated and are left out).",
+        f"This request was not executed because job {job.id} failed (the model changed).",
+    ]
+    jobdir.cancel(job)
+    assert export(job, out) == (0, 2) and out.read_text() == ""
+    cancelled = unfinished("batch_cancelled")
+    assert cancelled[1] == f"This request was not executed because job {job.id} was cancelled."
+
+    jobdir.retry(job)  # two more commits: 3 of 4 samples, so one request is whole and the other not
+    s = run_job(
+        job, gpt2_engine, echo=None, shard_rows=1, should_stop=lambda: len(list(done.glob("*.json"))) >= 3
+    )
+    assert not s.finished and s.done == 3
+    jobdir.cancel(job)
+    assert export(job, out) == (1, 1)
+    (whole,) = [json.loads(x) for x in out.read_text().splitlines()]
+    (left,) = [json.loads(x) for x in errors_out.read_text().splitlines()]
+    assert len(check_output_line(whole).choices) == (3 if whole["custom_id"] == "p1" else 1)
+    assert {whole["custom_id"], left["custom_id"]} == {"p1", "p2"}
+    assert left["error"]["code"] == "batch_cancelled"
+
+    jobdir.retry(job)
+    assert run_job(job, gpt2_engine, echo=None, shard_rows=1).finished
+    assert export(job, out) == (2, 0) and errors_out.read_text() == ""
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["custom_id"], len(check_output_line(x).choices)) for x in lines] == [("p1", 3), ("p2", 1)]
