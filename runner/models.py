@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ModelLoadError, RunnerError, first_line
+from .storage import file_sha256
 
 if TYPE_CHECKING:
     from .params import EngineOptions
@@ -221,6 +222,9 @@ def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> An
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# The tokenizer's files: results are decoded with them at run time (the prompts were tokenized at submit).
+TOKENIZER_NAMES = ("vocab.json", "merges.txt", "vocab.txt", "special_tokens_map.json", "added_tokens.json",
+                   "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
 FINGERPRINT_VERSION = "2"
 
@@ -230,8 +234,8 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     plus, for a local folder, each weight file's name, size and (version 2) SAMPLES_PER_FILE pieces of its
     bytes spread over the file, so that another checkpoint of the same architecture saved over the folder (a
     fine-tuning run writing to the same output_dir: same names, same sizes) is told apart while reading only
-    1 MiB a file; for a hub id, its commit. Version "1" (jobs submitted before version 2) is names and sizes
-    only, and has no "1:" prefix."""
+    1 MiB a file, and (version 2) the tokenizer's files; for a hub id, its commit. Version "1" (jobs
+    submitted before version 2) is weight names and sizes only, and has no "1:" prefix."""
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
     path = Path(resolve_model(spec))
     if path.is_dir():
@@ -240,6 +244,12 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
                 h.update(f"{f.name}:{f.stat().st_size}".encode())
                 if version != "1":
                     h.update(_content_sample(f))
+            elif (
+                version != "1"
+                and (f.name.startswith("tokenizer") or f.name in TOKENIZER_NAMES)
+                and f.is_file()
+            ):
+                h.update(f"{f.name}:{file_sha256(f)}".encode())  # small: all of it (a swap of two ids)
     else:
         h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
     return h.hexdigest()[:16] if version == "1" else f"{version}:{h.hexdigest()[:16]}"

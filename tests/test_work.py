@@ -186,6 +186,24 @@ def test_another_checkpoint_saved_over_the_model_folder_is_refused_on_resume(
     assert state.state == "failed" and "is not the one job" in state.error
 
 
+def test_a_changed_tokenizer_is_refused_on_resume(prompts_file, tmp_path, runner_home):
+    """Two vocabulary entries exchanged in tokenizer.json (same size, config and weights untouched): results
+    decoded with it would carry other texts for the same token ids."""
+    from tiny_models import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "model")
+    job = submit(prompts_file, str(model))
+    path = model / "tokenizer.json"
+    tj = json.loads(path.read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = sorted(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(tj))
+    assert work(runner_home, echo=None) == []
+    state = read_state(job.dir)
+    assert state.state == "failed" and "is not the one job" in state.error
+
+
 def test_a_job_fingerprinted_before_content_samples_still_resumes(prompts_file, tmp_path, runner_home):
     """Jobs submitted before version 2 of the model fingerprint (names and sizes only, no prefix) are checked
     the way they were fingerprinted, not refused as another model."""
