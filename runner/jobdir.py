@@ -128,13 +128,21 @@ def find_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> P
     """The folder of the job `ref` names (see `open_job`); does not read the job."""
     text = os.fspath(ref)
     path = Path(text)
-    if _lexists(path / JOB_FILE) or _lexists(path / JOB_BACKUP) or os.sep in text or "/" in text:
+    bare = os.sep not in text and "/" not in text
+    if _lexists(path / JOB_FILE) or _lexists(path / JOB_BACKUP) or not bare:
         if storage.kind(path) not in ("dir", "link"):
             raise RunnerError(f"no job folder {text}")
+        if bare:
+            _refuse_if_also_in_home(text, path, home)
         return path
     check_name(text)
     root = Path(home) if home is not None else default_home()
-    if storage.kind(root / text) == "dir":
+    return _in_home(text, root)
+
+
+def _in_home(text: str, root: Path) -> Path:
+    """The folder of the job whose id or name is `text` in the home `root`."""
+    if _is_job_folder(root / text):  # not any folder: HOME/logs of `runner work --background` is no job
         return root / text
     named = [p for p, spec in _named(root) if spec.get("name") == text]
     if len(named) == 1:
@@ -143,6 +151,27 @@ def find_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> P
         ids = ", ".join(p.name for p in named)
         raise RunnerError(f"several jobs are named {text!r}; use the job id ({ids})")
     raise RunnerError(f"no job {text!r} in {root}")
+
+
+def _is_job_folder(p: Path) -> bool:
+    return storage.kind(p) == "dir" and (_lexists(p / JOB_FILE) or _lexists(p / JOB_BACKUP))
+
+
+def _refuse_if_also_in_home(text: str, path: Path, home: str | os.PathLike | None) -> None:
+    """A bare word that is both a job folder here (`runner run -o night1`) and another job's id or name in the
+    home: say so rather than pick one."""
+    if not NAME_RE.fullmatch(text):
+        return
+    root = Path(home) if home is not None else default_home()
+    try:
+        other = _in_home(text, root)
+    except RunnerError:
+        return
+    if other.resolve() != path.resolve():
+        raise RunnerError(
+            f"{text!r} names both the job folder ./{text} and job {other.name} in {root}: "
+            f"say ./{text} for the folder, or the job's id ({other.name})"
+        )
 
 
 def _named(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:

@@ -192,6 +192,35 @@ def test_job_refs_are_names_in_the_home_or_explicit_folders(prompts_file):
         runner.open_job("../no-such-folder")
 
 
+def test_a_job_named_logs_is_found_though_runner_work_keeps_its_logs_beside_it(
+    tmp_path, tiny_gpt2, runner_home
+):
+    """`runner work --background` writes HOME/logs/: a job named "logs" is still found by its name."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}]), tiny_gpt2, home=runner_home,
+                     name="logs")  # fmt: skip
+    (runner_home / "logs").mkdir()
+    assert runner.open_job("logs", runner_home).dir == job.dir
+
+
+def test_a_word_naming_a_folder_here_and_a_job_in_the_home_is_refused_as_ambiguous(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """./night1 from `runner run -o night1` and a job named night1 in the home: which one is meant is asked,
+    not guessed; ./night1 and the job's id each name one."""
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    monkeypatch.chdir(tmp_path)
+    here = create_job(src, tiny_gpt2, job_dir=tmp_path / "night1")
+    named = create_job(src, tiny_gpt2, GenerationParams(max_new_tokens=3), home=runner_home, name="night1")
+    with pytest.raises(
+        RunnerError, match=r"'night1' names both the job folder ./night1 and job .* say ./night1"
+    ):
+        runner.open_job("night1", runner_home)
+    assert runner.open_job("./night1", runner_home).dir.resolve() == here.dir.resolve()
+    assert runner.open_job(named.id, runner_home).dir == named.dir
+    monkeypatch.chdir(runner_home)  # inside the home, a job's id names the same folder both ways
+    assert runner.open_job(named.id, runner_home).dir.resolve() == named.dir.resolve()
+
+
 def test_top_and_prompt_logprobs_columns(tmp_path, prompts_file, tiny_gpt2, gpt2_engine):
     params = GenerationParams(max_new_tokens=3, logprobs=2, prompt_logprobs=True)
     job, _ = runner.run(
