@@ -19,7 +19,8 @@ crash in native code kills the process without a word. Re-running the same batch
     whose worker died silently while running it alone goes to the end of the job and runs alone once more;
     dying alone a second time (`SILENT_CRASHES`) sets it aside as a `worker_crash`.
 So plain kills set a good row aside only if four in a row land while it is computed: twice in its batch, then
-alone, then alone again at the very end of the job. A row that really crashes workers silently costs four
+alone, then alone again at the very end of the job (with one row per batch, `--batch-size 1`, its batch is
+already alone: two). A row that really crashes workers silently costs four
 restarts, and holds up no other row; one that trips a device error, two.
 A worker that stops cleanly (Ctrl-C, deadline, an ordinary error) keeps the suspects it has not run yet and
 does not count the batch it was computing as a crash.
