@@ -1307,13 +1307,17 @@ def _wrong_kind(job: Job) -> list[str]:
     out += [n for n in FOLDERS if n != QUARANTINE and storage.kind(job.dir / n) not in (None, "dir")]
     for sub in (CLAIMS, INFLIGHT, WORKERS):
         if storage.kind(job.dir / sub) == "dir":
-            out += [f"{sub}/{n}" for n in scan(job.dir / sub, dirs=True)]
+            names = storage.retry(lambda sub=sub: sorted(os.listdir(job.dir / sub)), f"list {job.dir / sub}")
+            out += [f"{sub}/{n}" for n in names if storage.kind(job.dir / sub / n) not in (None, "file")]
     return out
 
 
 def _set_aside(job: Job, name: str) -> None:
     """Move what stands at the job's path `name` (`_wrong_kind`) into quarantine/."""
     q = job.dir / QUARANTINE
+    if storage.kind(q) not in (None, "dir"):  # not a folder itself: it moves aside first, under another name
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        storage.retry(lambda: os.replace(q, job.dir / f"{QUARANTINE}-{stamp}-not-a-folder"), f"move {q}")
     q.mkdir(exist_ok=True)
     src = job.dir / name
     dest = q / f"{time.strftime('%Y%m%d-%H%M%S')}-{name.replace('/', '-')}"

@@ -226,7 +226,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 TOKENIZER_NAMES = ("vocab.json", "merges.txt", "vocab.txt", "special_tokens_map.json", "added_tokens.json",
                    "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
-FINGERPRINT_VERSION = "2"
+FINGERPRINT_VERSION = "3"
 
 
 def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION) -> str:
@@ -234,30 +234,29 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     plus, for a local folder, each weight file's name, size and (version 2) SAMPLES_PER_FILE pieces of its
     bytes spread over the file, so that another checkpoint of the same architecture saved over the folder (a
     fine-tuning run writing to the same output_dir: same names, same sizes) is told apart while reading only
-    1 MiB a file, and (version 2) the tokenizer's files; for a hub id, its commit. Version "1" (jobs
-    submitted before version 2) is weight names and sizes only, and has no "1:" prefix."""
+    1 MiB a file, and (version 3) the tokenizer's files; for a hub id, its commit. Version "1" (jobs
+    submitted before version 2) is weight names and sizes only, and has no "1:" prefix. Only plain files
+    count (a folder named like a weight file is not one)."""
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
     path = Path(resolve_model(spec))
+    v = int(version)
     if path.is_dir():
-        for f in sorted(path.iterdir()):
+        for f in sorted(p for p in path.iterdir() if p.is_file()):
             if f.suffix in WEIGHT_SUFFIXES:
                 h.update(f"{f.name}:{f.stat().st_size}".encode())
-                if version != "1":
+                if v >= 2:
                     h.update(_content_sample(f))
-            elif (
-                version != "1"
-                and (f.name.startswith("tokenizer") or f.name in TOKENIZER_NAMES)
-                and f.is_file()
-            ):
+            elif v >= 3 and (f.name.startswith("tokenizer") or f.name in TOKENIZER_NAMES):
                 h.update(f"{f.name}:{file_sha256(f)}".encode())  # small: all of it (a swap of two ids)
     else:
         h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
-    return h.hexdigest()[:16] if version == "1" else f"{version}:{h.hexdigest()[:16]}"
+    return h.hexdigest()[:16] if v == 1 else f"{version}:{h.hexdigest()[:16]}"
 
 
 def fingerprint_version(fingerprint: str | None) -> str:
     """The version a stored model fingerprint was computed with ("1": no prefix)."""
-    return fingerprint.split(":", 1)[0] if fingerprint and ":" in fingerprint else "1"
+    version = fingerprint.split(":", 1)[0] if fingerprint and ":" in fingerprint else "1"
+    return version if version.isdigit() else "1"  # not runner's: compared as version 1, it cannot match
 
 
 def _content_sample(f: Path) -> bytes:

@@ -122,7 +122,7 @@ def _queued(
             if job.state().state is JobState.QUEUED:
                 yield job, jobdir.job_progress(job)
         except (BrokenJob, StorageError, OSError) as e:
-            if not isinstance(e, BrokenJob) and not _damaged(e):
+            if not isinstance(e, BrokenJob) and not _damaged(e, job):
                 raise
             if broken is not None:  # a damaged folder (a file where claims/ belongs...) is broken too
                 broken[str(job.dir)] = (str(e), getattr(e, "repairable", True))
@@ -294,7 +294,9 @@ def run_leased(
             _check_model(j)
         summary = run_job(j, engine, should_stop=stop, **run_opts)
     except (StorageError, OSError) as e:
-        if _damaged(e):  # something of the wrong kind in this job's folder: this job is broken, not the home
+        if _damaged(
+            e, j
+        ):  # something of the wrong kind in this job's folder: this job is broken, not the home
             return _skip_broken(j, BrokenJob(f"its folder is damaged: {e}"), echo)
         if isinstance(e, StorageError):  # the job home itself is failing (Drive gone): not the job's fault
             raise _stopped(e, j) from e
@@ -309,9 +311,11 @@ def run_leased(
     return _settle(j, summary, echo)
 
 
-def _damaged(e: Exception) -> bool:
-    """An OS or storage error saying that something of the wrong kind stands in a job's folder."""
-    return getattr(e, "damaged", False) or (isinstance(e, OSError) and e.errno in storage.DAMAGED)
+def _damaged(e: Exception, job: Job) -> bool:
+    """An OS or storage error saying that something of the wrong kind stands in `job`'s folder (not in its
+    model's folder, not anywhere else)."""
+    kind = getattr(e, "damaged", False) or (isinstance(e, OSError) and e.errno in storage.DAMAGED)
+    return bool(kind) and str(job.dir) in str(e)
 
 
 def _skip_broken(j: Job, e: BrokenJob, echo: Any) -> None:
@@ -325,8 +329,12 @@ def _check_model(j: Job) -> None:
     from .models import fingerprint_version, load_config, model_fingerprint
 
     stored = j.meta.get("model_fingerprint")
-    config = load_config(j.spec.model, j.options.trust_remote_code)
-    if model_fingerprint(j.spec.model, config, fingerprint_version(stored)) != stored:
+    try:  # reading the model, not the job: its OS errors are not the job folder's damage
+        config = load_config(j.spec.model, j.options.trust_remote_code)
+        now = model_fingerprint(j.spec.model, config, fingerprint_version(stored))
+    except OSError as e:
+        raise RunnerError(f"cannot read the model {j.spec.model!r} of job {j.id}: {e}") from e
+    if now != stored:
         raise RunnerError(
             f"the model {j.spec.model!r} is not the one job {j.id} was submitted with (its files or config "
             "changed); resuming with a different model is refused"

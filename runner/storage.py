@@ -39,14 +39,15 @@ DAMAGED = {errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.ELO
 class StorageError(RunnerError):
     """The job home cannot be written or read (after retries for transient errors). `errno`: the OS error's."""
 
-    def __init__(self, message: str, errno_: int | None = None):
+    def __init__(self, message: str, errno_: int | None = None, damaged: bool | None = None):
         super().__init__(message)
         self.errno = errno_
+        self._damaged = damaged
 
     @property
     def damaged(self) -> bool:
-        """The error says one job folder's layout is damaged (DAMAGED), not that the home is failing."""
-        return self.errno in DAMAGED
+        """The error says one job folder's layout is damaged (DAMAGED, or said so), not that the home is failing."""
+        return self._damaged if self._damaged is not None else self.errno in DAMAGED
 
 
 def retry(op: Callable[[], T], what: str, delays: tuple[float, ...] | None = None) -> T:
@@ -154,7 +155,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
-    """Append one line (a log or errors entry). A torn last line is tolerated by the readers."""
+    """Append one line (a log or errors entry). A torn last line is tolerated by the readers. Only to a plain
+    file (or none yet): opening a FIFO there would wait for a reader for ever, a socket fails."""
+    found = kind(path)
+    if found not in (None, "file"):
+        raise StorageError(f"cannot append to {path}: a {found} stands there, not a file", damaged=True)
 
     def op() -> None:
         with open(path, "a", encoding="utf-8") as f:

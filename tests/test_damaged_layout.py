@@ -4,6 +4,10 @@ is broken and skipped with a `runner repair` hint; `runner work` runs the others
 whole home every time, or looped for ever on the blocked claim), and `runner repair` sets the thing aside
 in quarantine/ so the job runs again, each row once."""
 
+import contextlib
+import os
+import socket
+
 import pytest
 from helpers import write_jsonl
 
@@ -13,13 +17,48 @@ from runner.jobs import create_job
 from runner.scheduler import work
 
 ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(3)]
-DAMAGE = {  # path in the job's folder -> what is put there
-    "log.txt": "dir",
-    "claims/00000-00000001.json": "dir",
-    "inflight/00000.json": "dir",
-    "claims": "file",
-    "done": "file",
-}
+DAMAGE = [  # (path in the job's folder, what is put there); "+" joins two
+    ("log.txt", "dir"),
+    ("log.txt", "fifo"),  # opened for append, it would wait for a reader for ever
+    ("log.txt", "socket"),
+    ("claims/00000-00000001.json", "dir"),
+    ("claims/00000-00000001.json", "link"),
+    ("claims/00000-00000001.json", "fifo"),
+    ("inflight/00000.json", "dir"),
+    ("claims", "file"),
+    ("done", "file"),
+    ("quarantine+log.txt", "file+dir"),  # repair must first move the file standing where quarantine/ goes
+]
+
+
+def _put(path, what, stack):
+    """Put a `what` at `path` (whatever was there removed first); `stack` closes what must stay open."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    if what == "dir":
+        path.mkdir()
+    elif what == "file":
+        path.write_text("x\n")
+    elif what == "link":
+        path.symlink_to(path.parent / "nowhere")
+    elif what == "fifo":
+        os.mkfifo(path)
+        # A reader holds it open, so that a writer that does not check what it opens gets through (and the
+        # test fails) instead of blocking the test for ever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        stack.callback(os.close, fd)
+    elif what == "socket":
+        here = os.getcwd()
+        os.chdir(path.parent)  # a socket's path must be short: bind the name from its folder
+        try:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.bind(path.name)
+        finally:
+            os.chdir(here)
+        stack.callback(sock.close)
 
 
 def _stop_after(calls: int):
@@ -34,33 +73,42 @@ def _stop_after(calls: int):
     return stop
 
 
-@pytest.mark.parametrize("target", DAMAGE)
+@pytest.mark.parametrize(("target", "what"), DAMAGE)
 def test_a_damaged_job_is_skipped_and_repair_brings_it_back(
-    tmp_path, tiny_gpt2, gpt2_engine, runner_home, target
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, target, what
 ):
     params = GenerationParams(max_new_tokens=2)
     victim = create_job(
         write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, params, home=runner_home, name="victim"
     )
     other = create_job(tmp_path / "p.jsonl", tiny_gpt2, GenerationParams(max_new_tokens=3), home=runner_home)
-    path = victim.dir / target
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_dir():
-        path.rmdir()
-    elif path.exists():
-        path.unlink()
-    if DAMAGE[target] == "dir":
-        path.mkdir()
-    else:
-        path.write_text("x\n")
-    said: list[str] = []
-    work(runner_home, engine=gpt2_engine, echo=said.append, stop=_stop_after(500))
-    assert runner.status(other.dir).state == "completed"
-    assert runner.status(victim.dir).state != "completed"
-    assert any(f"job {victim.id} is broken" in s and "runner repair" in s for s in said), said
-    report = runner.repair(victim.dir)
+    with contextlib.ExitStack() as stack:
+        for t, w in zip(target.split("+"), what.split("+"), strict=True):
+            _put(victim.dir / t, w, stack)
+        said: list[str] = []
+        work(runner_home, engine=gpt2_engine, echo=said.append, stop=_stop_after(500))
+        assert runner.status(other.dir).state == "completed"
+        assert runner.status(victim.dir).state != "completed"
+        assert any(f"job {victim.id} is broken" in s and "runner repair" in s for s in said), said
+        report = runner.repair(victim.dir)
     assert report.state_now == "queued"
     assert list((victim.dir / "quarantine").iterdir())  # the thing in the way, kept
     work(runner_home, engine=gpt2_engine, echo=None, stop=_stop_after(500))
     df = runner.load_results(victim.dir)
     assert runner.status(victim.dir).state == "completed" and sorted(df["id"]) == [r["id"] for r in ROWS]
+
+
+def test_a_folder_named_like_a_weight_file_in_the_model_folder_is_no_damage_to_the_job(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    """A folder `checkpoint.pt/` appearing in the model's folder is not a weight file (and not the job's
+    folder being damaged): the job runs."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gpt2, model)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), str(model), home=runner_home)
+    (model / "checkpoint.pt").mkdir()
+    said: list[str] = []
+    work(runner_home, engine=gpt2_engine, echo=said.append, stop=_stop_after(500))
+    assert runner.status(job.dir).state == "completed", said

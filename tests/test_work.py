@@ -204,9 +204,10 @@ def test_a_changed_tokenizer_is_refused_on_resume(prompts_file, tmp_path, runner
     assert state.state == "failed" and "is not the one job" in state.error
 
 
-def test_a_job_fingerprinted_before_content_samples_still_resumes(prompts_file, tmp_path, runner_home):
-    """Jobs submitted before version 2 of the model fingerprint (names and sizes only, no prefix) are checked
-    the way they were fingerprinted, not refused as another model."""
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_a_job_fingerprinted_by_an_older_version_still_resumes(prompts_file, tmp_path, runner_home, version):
+    """Jobs submitted under an older model fingerprint (1: weight names and sizes, no prefix; 2: and samples of
+    their bytes, no tokenizer) are checked the way they were fingerprinted, not refused as another model."""
     from tiny_models import build_tiny_gpt2
 
     from runner import storage
@@ -215,9 +216,9 @@ def test_a_job_fingerprinted_before_content_samples_still_resumes(prompts_file, 
 
     model = build_tiny_gpt2(tmp_path / "model")
     job = submit(prompts_file, str(model))
-    assert job.meta["model_fingerprint"].startswith("2:")
-    meta = {**job.meta, "model_fingerprint": model_fingerprint(str(model), load_config(str(model)), "1")}
-    assert ":" not in meta["model_fingerprint"]
+    assert job.meta["model_fingerprint"].startswith("3:")
+    meta = {**job.meta, "model_fingerprint": model_fingerprint(str(model), load_config(str(model)), version)}
+    assert (":" not in meta["model_fingerprint"]) == (version == "1")
     meta["spec_sha256"] = spec_checksum(meta)
     for name in ("job.json", "job.backup.json"):  # as such a job's folder holds them
         storage.write_json(job.dir / name, meta)
