@@ -345,6 +345,7 @@ def _refused_line(job: Any, error: dict[str, Any]) -> dict[str, Any]:
     duplicate shares it with the request answered), else null; its ids derive from the line number too."""
     cid = error.get("id") if isinstance(error.get("id"), str) else None
     field, line = error.get("field"), _line_number(error)
+    field = "custom_id" if field == "id" else field  # a Batch line's id is its custom_id
     message = f"line {line}: " + (f"{field}: " if field else "") + str(error.get("message", ""))
     body = {"error": {"message": message, "type": "invalid_request_error", "param": field,
                       "code": str(error.get("error") or "invalid_input")}}  # fmt: skip
@@ -361,20 +362,20 @@ def _ids(job: Any, cid: str | None, line: int | None = None) -> tuple[str, str]:
 
 
 def _error_line(job: Any, cid: str, error: dict[str, Any], done: int = 0) -> dict[str, Any]:
-    """The Batch error line of a request; `done`: how many of its other samples were generated (left out)."""
-    invalid = error.get("stage") == "validate"
+    """The Batch error line of a request a run-time row error failed (500; a line refused at submit is
+    `_refused_line`); `done`: how many of its other samples were generated (left out)."""
     message = str(error.get("message", ""))
     if done:
         message = (
             f"sample {error.get('sample', 0) + 1} failed: {message} ({done} other sample(s) were generated)"
         )
-    body = {"error": {"message": message, "type": "invalid_request_error" if invalid else "server_error",
-                      "param": error.get("field"), "code": str(error.get("error", "error"))}}  # fmt: skip
+    body = {"error": {"message": message, "type": "server_error", "param": error.get("field"),
+                      "code": str(error.get("error", "error"))}}  # fmt: skip
     line_id, request_id = _ids(job, cid)
     return {
         "id": line_id,
         "custom_id": cid,
-        "response": {"status_code": 400 if invalid else 500, "request_id": request_id, "body": body},
+        "response": {"status_code": 500, "request_id": request_id, "body": body},
         "error": None,
     }
 

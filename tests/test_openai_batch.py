@@ -410,7 +410,7 @@ def test_lines_refused_at_submit_are_error_lines_of_their_own(tmp_path, tiny_gpt
     assert check_output_line(out[0]).usage.prompt_tokens == len(job.prompts().column("input_ids")[0])
     assert [(x["custom_id"], x["response"]["status_code"], x["response"]["body"]["error"]["param"],
              x["response"]["body"]["error"]["message"]) for x in errors] == [
-        ("a", 400, "id", "line 2: id: duplicate id 'a' (first on line 1)"),
+        ("a", 400, "custom_id", "line 2: custom_id: duplicate id 'a' (first on line 1)"),
         ("b", 400, "body.logit_bias", "line 3: body.logit_bias: is not supported by runner for /v1/completions "
                                       "(it would be ignored)"),
         (None, 400, "custom_id", "line 4: custom_id: must be a non-empty string (every Batch request has one)"),
