@@ -100,6 +100,20 @@ def build_prompts(n: int, count_tokens) -> list[str]:
     return prompts
 
 
+# A few-shot instruction put before every prompt (refill.py --few-shot), as users of a base model write them: the
+# task, then worked examples, then the text at hand. Every prompt of such a job starts with the same ~200 tokens.
+FEW_SHOT = (
+    "You read a short text and answer what it asks, in one or two plain sentences. Examples:\n\n"
+    "Text: The library will close at noon on Friday for staff training and reopen on Saturday morning.\n"
+    "Question: what is the main idea?\nAnswer: The library closes early on Friday for training.\n\n"
+    "Text: Heavy rain flooded two roads near the river, and the city asked drivers to take the bridge instead.\n"
+    "Summarize the text above in one sentence: Flooding closed roads, so drivers should use the bridge.\n\n"
+    "Text: 新しい図書館は駅の近くにあり、毎日夜九時まで開いています。\n要約: 駅の近くの新しい図書館は夜九時まで開いている。\n\n"
+    "Text: The team tested three batteries and found that the smallest one lasted the longest in cold weather.\n"
+    "Continue the text: They plan to use it in the winter field trials next year.\n\n"
+    "Now the text at hand.\n\nText: "
+)
+
 # The realistic workload samples as a chat product would, and lets EOS end a row (no min_new_tokens).
 TEMPERATURE, TOP_P = 0.8, 0.95
 SAMPLING = {"do_sample": True, "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": 0}  # for model.generate

@@ -35,16 +35,20 @@ def _bench():
     return module
 
 
-def workload(engine, n: int, greedy: bool, seed: int, longest: int = 128, samples: int = 1):
+def workload(
+    engine, n: int, greedy: bool, seed: int, longest: int = 128, samples: int = 1, few_shot: bool = False
+):
     """(prompt token ids, GenerationParams per row, seeds), the rows in the worker's plan order; with `samples`
-    > 1 each row comes `samples` times (the keys of `-n samples`), each sample with its own seed."""
-    from prompts import build_prompts
+    > 1 each row comes `samples` times (the keys of `-n samples`), each sample with its own seed; with
+    `few_shot`, every prompt starts with prompts.FEW_SHOT."""
+    from prompts import FEW_SHOT, build_prompts
 
     from runner import GenerationParams
     from runner.batching import encode, render_prompt
     from runner.tasks import sample_seed
 
     texts = build_prompts(n, lambda t: len(engine.tokenizer(t)["input_ids"]))
+    texts = [FEW_SHOT + t for t in texts] if few_shot else texts
     chat = bool(getattr(engine.tokenizer, "chat_template", None))
     ids = []
     for t in texts:
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
     ap.add_argument("--samples", type=int, default=1, help="samples per prompt (-n); > 1 implies --unshared")
+    ap.add_argument("--few-shot", action="store_true", help="every prompt starts with the same few-shot "
+                    "instruction (prompts.FEW_SHOT, ~200 tokens)")  # fmt: skip
     ap.add_argument("--unshared", action="store_true", help="add a static run without shared prompt work "
                     "(static_unshared: no shared prompt passes, no shared start)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="seed of the max_new_tokens draw and of the rows")
@@ -153,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     model = bench.model_folder(argparse.Namespace(model=args.model, seed=0))  # --seed is the workload's
     engine = Engine(model, EngineOptions(device=args.device))
     ids, params, seeds = workload(
-        engine, args.num_prompts, args.greedy, args.seed, args.max_new_tokens, args.samples
+        engine, args.num_prompts, args.greedy, args.seed, args.max_new_tokens, args.samples, args.few_shot
     )
     engine.generate(ids[:4], params[:4], seeds[:4], max_active=2)  # warm-up: kernels, allocator, both paths
     res = {"model": args.model, "rows": len(ids), "batch_size": args.batch_size, "greedy": args.greedy,
+           "few_shot": args.few_shot,
            "prompt_tokens": sum(map(len, ids)), "shared_start": len(os.path.commonprefix(ids)),
            "max_new_tokens": [p.max_new_tokens for p in params],
            "loadavg_start": load_start}  # fmt: skip

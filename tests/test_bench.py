@@ -130,6 +130,22 @@ def test_naive_on_the_first_prompts_only_compares_over_those(bench, tiny_gpt2, t
     assert "runner default / naive" in res["ratios"]
 
 
+def test_refill_few_shot_prompts_share_their_start(bench, tiny_gpt2, tmp_path, monkeypatch):
+    """--few-shot puts one instruction before every prompt: the rows share that start, and the static runs
+    with and without shared prompt work (--unshared) agree row for row."""
+    import prompts
+    import refill
+
+    monkeypatch.setattr(prompts, "FEW_SHOT", "Answer each question in one short sentence, please. " * 3)
+    out = tmp_path / "refill.json"
+    args = ["--model", tiny_gpt2, "--num-prompts", "4", "--batch-size", "4", "--max-new-tokens", "8",
+            "--few-shot", "--unshared", "--json-out", str(out)]  # fmt: skip
+    assert refill.main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["few_shot"] and res["shared_start"] >= 16
+    assert res["rows_identical"] == res["unshared_rows_identical"] == 4
+
+
 def test_refill_ab_script(bench, tiny_gpt2, tmp_path, capsys):
     """benchmarks/refill.py (static batches vs one refilled batch) runs end to end, and every row agrees."""
     import refill
