@@ -222,9 +222,12 @@ def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> An
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-# The tokenizer's files: results are decoded with them at run time (the prompts were tokenized at submit).
-TOKENIZER_NAMES = ("vocab.json", "merges.txt", "vocab.txt", "special_tokens_map.json", "added_tokens.json",
-                   "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+# Files read at run time besides the config and the weights: the tokenizer's (results are decoded with them; the
+# prompts were tokenized at submit) and generation_config.json (its EOS ids end rows). Exact names: a backup copy
+# beside them (tokenizer.json.orig) is read by nothing.
+RUN_TIME_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                  "vocab.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model",
+                  "sentencepiece.bpe.model", "generation_config.json")  # fmt: skip
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
 FINGERPRINT_VERSION = "3"
 
@@ -234,7 +237,8 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     plus, for a local folder, each weight file's name, size and (version 2) SAMPLES_PER_FILE pieces of its
     bytes spread over the file, so that another checkpoint of the same architecture saved over the folder (a
     fine-tuning run writing to the same output_dir: same names, same sizes) is told apart while reading only
-    1 MiB a file, and (version 3) the tokenizer's files; for a hub id, its commit. Version "1" (jobs
+    1 MiB a file, and (version 3) the other files read at run time (RUN_TIME_FILES: the tokenizer's,
+    generation_config.json); for a hub id, its commit. Version "1" (jobs
     submitted before version 2) is weight names and sizes only, and has no "1:" prefix. Only plain files
     count (a folder named like a weight file is not one)."""
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
@@ -246,7 +250,7 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
                 h.update(f"{f.name}:{f.stat().st_size}".encode())
                 if v >= 2:
                     h.update(_content_sample(f))
-            elif v >= 3 and (f.name.startswith("tokenizer") or f.name in TOKENIZER_NAMES):
+            elif v >= 3 and f.name in RUN_TIME_FILES:
                 h.update(f"{f.name}:{file_sha256(f)}".encode())  # small: all of it (a swap of two ids)
     else:
         h.update(str(getattr(config, "_commit_hash", "") or spec).encode())

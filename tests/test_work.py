@@ -204,6 +204,27 @@ def test_a_changed_tokenizer_is_refused_on_resume(prompts_file, tmp_path, runner
     assert state.state == "failed" and "is not the one job" in state.error
 
 
+def test_files_read_at_run_time_count_and_a_backup_copy_does_not(prompts_file, tmp_path, runner_home):
+    """generation_config.json's EOS ids end rows at run time: a changed one is refused like a changed
+    tokenizer. A backup copy beside the tokenizer (read by nothing) changes nothing."""
+    import shutil
+
+    from tiny_models import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "model")
+    first = submit(prompts_file, str(model))
+    shutil.copy(model / "tokenizer.json", model / "tokenizer.json.orig")
+    assert len(work(runner_home, echo=None)) == 1 and read_state(first.dir).state == "completed"
+    second = submit(prompts_file, str(model), name="second")
+    path = model / "generation_config.json"
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    cfg["eos_token_id"] = [0, 1]
+    path.write_text(json.dumps(cfg))
+    assert work(runner_home, echo=None) == []
+    state = read_state(second.dir)
+    assert state.state == "failed" and "is not the one job" in state.error
+
+
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_a_job_fingerprinted_by_an_older_version_still_resumes(prompts_file, tmp_path, runner_home, version):
     """Jobs submitted under an older model fingerprint (1: weight names and sizes, no prefix; 2: and samples of
