@@ -546,7 +546,9 @@ class Job:
             if _is_link(path / sub):
                 raise BrokenJob(f"{sub}/ is a symbolic link; runner does not follow links out of the job")
         if not _lexists(path / PROMPTS):
-            raise BrokenJob("prompts.parquet is missing")
+            found = storage.kind(path / PROMPTS)
+            why = "is missing" if found is None else f"is not a file (a {found})"
+            raise BrokenJob(f"prompts.parquet {why}; submit the file again", repairable=False)
         return cls(path, spec)
 
     # the spec, for callers that read it through the job
@@ -872,7 +874,14 @@ class Verifier:
         self.cache: dict[str, Any] = {}
         self.markers: dict[str, Any] = {}  # commit name -> its marker, as read once by this process
         self.trusted: set[str] = set()  # commits verified or written by this process
-        raw = _read_json_or_none(job.dir / VERIFIED)
+        try:
+            raw = _read_json_or_none(job.dir / VERIFIED)
+        except (
+            storage.StorageError
+        ) as e:  # only a cache: whatever stands there (a link loop...), start afresh
+            if not e.damaged:
+                raise
+            raw = None
         if isinstance(raw, dict):
             self.cache = raw
         self.dirty = False
@@ -899,10 +908,12 @@ class Verifier:
             self.trusted.add(commit.name)
             return None
         try:
-            data = storage.retry(lambda: path.read_bytes(), f"read {path}")
+            data = storage.read_bytes(path)
         except storage.StorageError as e:
             if isinstance(e.__cause__, FileNotFoundError):  # quarantined by another worker meanwhile
                 return "its shard is missing"
+            if isinstance(e.__cause__, IsADirectoryError):
+                return "its shard is not a plain file"
             raise
         why = check_shard_bytes(data, commit, self.job.spec.samples)
         if why is None:
@@ -1302,7 +1313,7 @@ def _wrong_kind(job: Job) -> list[str]:
     """Paths in the job's folder (relative) holding something of the wrong kind where runner reads or writes:
     a folder or a link where one of its files belongs, a file or a link where one of its folders belongs, a
     folder where a claim, an in-flight record or a heartbeat goes (it would block that name for ever)."""
-    files = (LOG_FILE, STATE_FILE, *_outcome_files().values())
+    files = (LOG_FILE, STATE_FILE, STATS_FILE, VERIFIED, *_outcome_files().values())
     out = [n for n in files if storage.kind(job.dir / n) not in (None, "file")]
     out += [n for n in FOLDERS if n != QUARANTINE and storage.kind(job.dir / n) not in (None, "dir")]
     for sub in (CLAIMS, INFLIGHT, WORKERS):

@@ -354,12 +354,14 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
             continue
         path = job.dir / SHARDS / c.shard
         try:
-            data = storage.retry(lambda p=path: p.read_bytes(), f"read {path}")
+            data = storage.read_bytes(path)
         except storage.StorageError as e:
-            if not isinstance(e.__cause__, FileNotFoundError):
+            if not isinstance(e.__cause__, (FileNotFoundError, IsADirectoryError)):
                 raise
             data = None
-        why = "its shard is missing" if data is None else check_shard_bytes(data, c, job.samples)
+        why = (
+            "its shard is missing or not a file" if data is None else check_shard_bytes(data, c, job.samples)
+        )
         if why is not None:
             warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair {job.dir}`)",
                           stacklevel=3)  # fmt: skip

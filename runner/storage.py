@@ -125,10 +125,36 @@ def write_json(target: str | os.PathLike, obj: Any, durable: bool = True) -> Non
     atomic_write(target, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", durable)
 
 
+def _plain(path: str | os.PathLike) -> None:
+    """Reads open plain files only: a FIFO would wait for a writer for ever, a socket or device is no file. Such
+    a thing (or a folder) at `path` raises IsADirectoryError, as a folder there always did (a missing path is
+    left to `open`)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a plain file"
+        raise OSError(errno.EISDIR, f"not a file ({what})", str(path))
+
+
 def read_json(path: str | os.PathLike) -> Any:
     def op() -> Any:
+        _plain(path)
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+
+    return retry(op, f"read {path}")
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a plain file (`_plain`), transient errors retried."""
+
+    def op() -> bytes:
+        _plain(path)
+        return Path(path).read_bytes()
 
     return retry(op, f"read {path}")
 
@@ -148,6 +174,7 @@ def publish(local: str | os.PathLike, target: str | os.PathLike) -> None:
 
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
+    _plain(path)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

@@ -7,6 +7,7 @@ in quarantine/ so the job runs again, each row once."""
 import contextlib
 import os
 import socket
+import threading
 
 import pytest
 from helpers import write_jsonl
@@ -28,6 +29,8 @@ DAMAGE = [  # (path in the job's folder, what is put there); "+" joins two
     ("claims", "file"),
     ("done", "file"),
     ("quarantine+log.txt", "file+dir"),  # repair must first move the file standing where quarantine/ goes
+    ("verified.json", "fifo"),  # a reader opening it would wait for a writer for ever
+    ("verified.json", "loop"),
 ]
 
 
@@ -44,12 +47,28 @@ def _put(path, what, stack):
         path.write_text("x\n")
     elif what == "link":
         path.symlink_to(path.parent / "nowhere")
+    elif what == "loop":
+        path.symlink_to(path.name)
     elif what == "fifo":
         os.mkfifo(path)
         # A reader holds it open, so that a writer that does not check what it opens gets through (and the
         # test fails) instead of blocking the test for ever.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         stack.callback(os.close, fd)
+        # And should code under test open it for reading (the bug), a watchdog lets each such reader go after
+        # a minute with bytes that are no JSON, so that the test fails instead of hanging. With the code right
+        # nothing ever reads it, so the watchdog changes no outcome however slow the machine.
+        done = threading.Event()
+
+        def unblock() -> None:
+            while not done.wait(60):
+                with contextlib.suppress(OSError):
+                    w = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                    os.write(w, b"not json")
+                    os.close(w)
+
+        threading.Thread(target=unblock, daemon=True).start()
+        stack.callback(done.set)
     elif what == "socket":
         here = os.getcwd()
         os.chdir(path.parent)  # a socket's path must be short: bind the name from its folder
@@ -88,6 +107,9 @@ def test_a_damaged_job_is_skipped_and_repair_brings_it_back(
         said: list[str] = []
         work(runner_home, engine=gpt2_engine, echo=said.append, stop=_stop_after(500))
         assert runner.status(other.dir).state == "completed"
+        if target == "verified.json":  # only a cache of checks: dropped, the job runs
+            assert runner.status(victim.dir).state == "completed", said
+            return
         assert runner.status(victim.dir).state != "completed"
         assert any(f"job {victim.id} is broken" in s and "runner repair" in s for s in said), said
         report = runner.repair(victim.dir)
@@ -112,3 +134,24 @@ def test_a_folder_named_like_a_weight_file_in_the_model_folder_is_no_damage_to_t
     said: list[str] = []
     work(runner_home, engine=gpt2_engine, echo=said.append, stop=_stop_after(500))
     assert runner.status(job.dir).state == "completed", said
+
+
+@pytest.mark.parametrize("what", ["fifo", "dir"])
+def test_a_completed_job_with_something_else_at_a_shard_is_read_and_named_not_hung(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, what
+):
+    """A FIFO (or a folder) where a completed job's shard was: `runner status`, `load_results` and a lookup of
+    another job by name answer (the shard's rows are reported missing) instead of waiting for ever; and a FIFO
+    at a job's job.json does not stop another job being found by its name."""
+    job, _ = runner.run(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                        engine=gpt2_engine, echo=None, output=tmp_path / "out")  # fmt: skip
+    other = create_job(tmp_path / "p.jsonl", tiny_gpt2, home=runner_home, name="other")
+    third = create_job(tmp_path / "p.jsonl", tiny_gpt2, GenerationParams(max_new_tokens=3), home=runner_home)
+    shard = next((job.dir / "shards").iterdir())
+    with contextlib.ExitStack() as stack:
+        _put(shard, what, stack)
+        _put(third.dir / "job.json", "fifo", stack)  # its backup still marks the folder as a job
+        assert runner.status(job.dir).state == "broken"
+        with pytest.warns(UserWarning, match="missing or not a file"):
+            assert len(runner.load_results(job.dir)) == 0
+        assert runner.open_job("other", runner_home).dir == other.dir
