@@ -547,7 +547,7 @@ class Job:
                 raise BrokenJob(f"{sub}/ is a symbolic link; runner does not follow links out of the job")
         if not _lexists(path / PROMPTS):
             found = storage.kind(path / PROMPTS)
-            why = "is missing" if found is None else f"is not a file (a {found})"
+            why = {None: "is missing", "dir": "is a folder", "link": "is a link"}.get(found, "is not a plain file")
             raise BrokenJob(f"prompts.parquet {why}; submit the file again", repairable=False)
         return cls(path, spec)
 
