@@ -740,7 +740,6 @@ class Engine:
         """(length, one-row cache) of the start all `prompts` share, when it is worth sharing: at least
         SHARED_PREFIX_MIN tokens, each prompt keeping one token of its own (its last position's logits). The
         last start is kept: the next batch of the job, or a few rows joining a running batch, start with it too."""
-        import torch
 
         if not self.share_prefix:
             return None
@@ -755,13 +754,19 @@ class Engine:
         if n is None or n < SHARED_PREFIX_MIN:
             return None
         self._prefix_memo = None
-        ids = torch.tensor([prompts[0][:n]], device=self.device)
-        mask = torch.ones_like(ids)
-        _, cache = self._forward(ids, mask, _positions(mask), None, last_only=True)
+        _, cache = self._forward_alone(prompts[0][:n])
         if not kvcache.mergeable(cache):
             return None
         self._prefix_memo = ((tuple(prompts[0][:n]), self.model.dtype), cache)
         return n, cache
+
+    def _forward_alone(self, tokens: list[int]):
+        """`_forward` of one unpadded row from a fresh cache: (last-position logits [1, vocab], cache)."""
+        import torch
+
+        ids = torch.tensor([tokens], device=self.device)
+        mask = torch.ones_like(ids)
+        return self._forward(ids, mask, _positions(mask), None, last_only=True)
 
     def _prefill_chunk(self, prompts: list[list[int]], prefix: tuple[int, Any] | None):
         """One prompt pass over `prompts`, left-padded: (last-position logits, cache). After a shared start
@@ -794,9 +799,7 @@ class Engine:
         import torch
 
         r = int(pads.argmax())
-        ids = torch.tensor([prompts[r]], device=self.device)
-        mask = torch.ones_like(ids)
-        alone, _ = self._forward(ids, mask, _positions(mask), None, last_only=True)
+        alone, _ = self._forward_alone(prompts[r])
         want, got = alone[0].log_softmax(-1), logits[r].log_softmax(-1)
         top = want.topk(min(20, want.shape[-1])).indices
         tol = PREFIX_CHECK_TOL["float32" if self.model.dtype == torch.float32 else "other"]

@@ -547,7 +547,9 @@ class Job:
                 raise BrokenJob(f"{sub}/ is a symbolic link; runner does not follow links out of the job")
         if not _lexists(path / PROMPTS):
             found = storage.kind(path / PROMPTS)
-            why = {None: "is missing", "dir": "is a folder", "link": "is a link"}.get(found, "is not a plain file")
+            why = {None: "is missing", "dir": "is a folder", "link": "is a link"}.get(
+                found, "is not a plain file"
+            )
             raise BrokenJob(f"prompts.parquet {why}; submit the file again", repairable=False)
         return cls(path, spec)
 
@@ -876,9 +878,8 @@ class Verifier:
         self.trusted: set[str] = set()  # commits verified or written by this process
         try:
             raw = _read_json_or_none(job.dir / VERIFIED)
-        except (
-            storage.StorageError
-        ) as e:  # only a cache: whatever stands there (a link loop...), start afresh
+        except storage.StorageError as e:
+            # only a cache: whatever stands there (a link loop...), start afresh
             if not e.damaged:
                 raise
             raw = None

@@ -107,8 +107,7 @@ def _jobs(home: Any, only: str | Job | None, broken: dict[str, Any] | None = Non
         try:
             out.append(Job.open(path))
         except RunnerError as e:  # broken: it breaks only itself
-            if broken is not None:
-                broken[str(path)] = (str(e), getattr(e, "repairable", True))
+            _note_broken(broken, path, e)
     return out
 
 
@@ -124,8 +123,20 @@ def _queued(
         except (BrokenJob, StorageError, OSError) as e:
             if not isinstance(e, BrokenJob) and not _damaged(e, job):
                 raise
-            if broken is not None:  # a damaged folder (a file where claims/ belongs...) is broken too
-                broken[str(job.dir)] = (str(e), getattr(e, "repairable", True))
+            _note_broken(
+                broken, job.dir, e
+            )  # a damaged folder (a file where claims/ belongs...) is broken too
+
+
+def _note_broken(broken: dict[str, Any] | None, folder: Any, e: Exception) -> None:
+    if broken is not None:
+        broken[str(folder)] = (str(e), getattr(e, "repairable", True))
+
+
+def _broken_line(job_id: str, folder: Any, why: Any, repairable: bool) -> str:
+    """What a worker says of a broken job it skips."""
+    hint = f" (`runner repair {folder}` brings it back)" if repairable else ""
+    return f"job {job_id} is broken ({why}); skipped{hint}"
 
 
 def queue(
@@ -244,9 +255,7 @@ def work(
         seen = set(broken)
         cand = next((c for c in queue(home, job, broken) if c.job.id not in failed), None)
         for folder in (f for f in broken if f not in seen and echo):
-            why, repairable = broken[folder]
-            hint = f" (`runner repair {folder}` brings it back)" if repairable else ""
-            echo(f"job {os.path.basename(folder)} is broken ({why}); skipped{hint}")
+            echo(_broken_line(os.path.basename(folder), folder, *broken[folder]))
         if cand is None:
             if not _wait_for_others(home, job, owner.worker, poll, deadline, echo):
                 break
@@ -294,9 +303,8 @@ def run_leased(
             _check_model(j)
         summary = run_job(j, engine, should_stop=stop, **run_opts)
     except (StorageError, OSError) as e:
-        if _damaged(
-            e, j
-        ):  # something of the wrong kind in this job's folder: this job is broken, not the home
+        # something of the wrong kind in this job's folder: this job is broken, not the home
+        if _damaged(e, j):
             return _skip_broken(j, BrokenJob(f"its folder is damaged: {e}"), echo)
         if isinstance(e, StorageError):  # the job home itself is failing (Drive gone): not the job's fault
             raise _stopped(e, j) from e
@@ -320,8 +328,7 @@ def _damaged(e: Exception, job: Job) -> bool:
 
 def _skip_broken(j: Job, e: BrokenJob, echo: Any) -> None:
     if echo:
-        hint = f" (`runner repair {j.dir}` brings it back)" if e.repairable else ""
-        echo(f"job {j.id} is broken ({e}); skipped{hint}")
+        echo(_broken_line(j.id, j.dir, e, e.repairable))
     return None
 
 

@@ -321,6 +321,17 @@ def test_no_shared_start_when_it_is_short_or_a_prompt_is_all_start(llama_engine,
     assert passes[0] == (1, min(start, len(whole[0]) - 1), False)
 
 
+def _before_the_check(request, monkeypatch, engine_name):
+    """(engine, prompts with a shared start, params, each prompt generated alone) with the shared-start check
+    not yet done, as in a fresh engine."""
+    engine = request.getfixturevalue(engine_name)
+    monkeypatch.setattr(engine, "_prefix_checked", False)
+    monkeypatch.setattr(engine, "share_prefix", True)
+    prompts = ids_of(engine, [SHARED_START + p for p in PROMPTS])
+    params = GenerationParams(max_new_tokens=6)
+    return engine, prompts, params, [engine.generate([p], params)[0] for p in prompts]
+
+
 @pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
 def test_a_model_that_ignores_given_positions_is_caught_before_it_changes_a_row(
     request, monkeypatch, engine_name
@@ -328,12 +339,7 @@ def test_a_model_that_ignores_given_positions_is_caught_before_it_changes_a_row(
     """A model whose forward counts positions from its cache instead of taking the engine's would place the
     padded rows' tokens wrong after a shared start: the first such batch is checked against a row alone,
     sharing is turned off for that engine, and every row is what it is alone."""
-    engine = request.getfixturevalue(engine_name)
-    monkeypatch.setattr(engine, "_prefix_checked", False)
-    monkeypatch.setattr(engine, "share_prefix", True)
-    prompts = ids_of(engine, [SHARED_START + p for p in PROMPTS])
-    params = GenerationParams(max_new_tokens=6)
-    single = [engine.generate([p], params)[0] for p in prompts]
+    engine, prompts, params, single = _before_the_check(request, monkeypatch, engine_name)
     _prompt_passes(monkeypatch, engine, drop_positions_with_cache=True)
     assert_same_completions(engine.generate(prompts, params), single)
     assert not engine.share_prefix and not engine.speedups["shared_prefix"]
@@ -341,12 +347,7 @@ def test_a_model_that_ignores_given_positions_is_caught_before_it_changes_a_row(
 
 @pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
 def test_the_check_passes_for_the_models_runner_supports(request, monkeypatch, engine_name):
-    engine = request.getfixturevalue(engine_name)
-    monkeypatch.setattr(engine, "_prefix_checked", False)
-    monkeypatch.setattr(engine, "share_prefix", True)
-    prompts = ids_of(engine, [SHARED_START + p for p in PROMPTS])
-    params = GenerationParams(max_new_tokens=6)
-    single = [engine.generate([p], params)[0] for p in prompts]
+    engine, prompts, params, single = _before_the_check(request, monkeypatch, engine_name)
     passes = _prompt_passes(monkeypatch, engine)
     assert_same_completions(engine.generate(prompts, params), single)
     assert engine._prefix_checked and engine.share_prefix
