@@ -573,9 +573,13 @@ class Job:
         write_state(self.dir, StateRecord(JobState(state), gen, error))
 
     def prompts(self) -> Any:
-        """The whole prompts table, to look at; workers read a unit's rows at a time."""
+        """The whole prompts table, to look at (workers read a unit's rows at a time); a prompts.parquet that is
+        not the file submit wrote is refused, never shown as the job's prompts."""
         import pyarrow.parquet as pq
 
+        why = prompts_problem(self)
+        if why:
+            raise RunnerError(why)
         return pq.read_table(self.dir / PROMPTS)
 
     def log(self, line: str) -> None:

@@ -293,6 +293,10 @@ def test_a_damaged_prompts_file_fails_its_job_and_the_others_run(
     assert [s.job_id for s in summaries] == [other.id]
     s = runner.status(job.dir)
     assert s.state == "failed" and "prompts.parquet" in s.message and "damaged" in s.message
+    # job.prompts() (the public way to look at a job's prompts) refuses it too, rather than show changed prompts
+    with pytest.raises(RunnerError, match="prompts.parquet of job .* is damaged"):
+        job.prompts()
+    assert other.prompts().num_rows * other.samples == other.total
 
 
 def test_a_completed_job_that_lost_a_shard_is_brought_back(job, reference, gpt2_engine, runner_home):
