@@ -912,15 +912,8 @@ class Verifier:
         if self.cache.get(commit.name) == stamp:
             self.trusted.add(commit.name)
             return None
-        try:
-            data = storage.read_bytes(path)
-        except storage.StorageError as e:
-            if isinstance(e.__cause__, FileNotFoundError):  # quarantined by another worker meanwhile
-                return "its shard is missing"
-            if isinstance(e.__cause__, IsADirectoryError):
-                return "its shard is not a plain file"
-            raise
-        why = check_shard_bytes(data, commit, self.job.spec.samples)
+        data, why = read_shard(self.job, commit)  # missing now: quarantined by another worker meanwhile
+        why = why or check_shard_bytes(data, commit, self.job.spec.samples)
         if why is None:
             self.cache[commit.name] = stamp
             self.trusted.add(commit.name)
@@ -965,6 +958,19 @@ def prompts_problem(job: Job, verifier: Verifier | None = None) -> str | None:
         verifier.cache[PROMPTS] = stamp
         verifier.dirty = True
     return None
+
+
+def read_shard(job: Job, commit: Commit) -> tuple[bytes, str | None]:
+    """(the bytes of a commit's shard, None), or (b"", why not) when it is missing or not a plain file.
+    Transient read errors raise StorageError."""
+    try:
+        return storage.read_bytes(job.dir / SHARDS / commit.shard), None
+    except storage.StorageError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return b"", "its shard is missing"
+        if isinstance(e.__cause__, IsADirectoryError):  # storage's word for a folder, FIFO... (not a file)
+            return b"", "its shard is not a plain file"
+        raise
 
 
 def check_shard_bytes(data: bytes, commit: Commit, samples: int) -> str | None:

@@ -347,21 +347,13 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .jobdir import SHARDS, check_shard_bytes, read_ledger, read_shard_bytes
+    from .jobdir import check_shard_bytes, read_ledger, read_shard, read_shard_bytes
 
     for c in read_ledger(job, verify=False).commits:
         if not c.shard:
             continue
-        path = job.dir / SHARDS / c.shard
-        try:
-            data = storage.read_bytes(path)
-        except storage.StorageError as e:
-            if not isinstance(e.__cause__, (FileNotFoundError, IsADirectoryError)):
-                raise
-            data = None
-        why = (
-            "its shard is missing or not a file" if data is None else check_shard_bytes(data, c, job.samples)
-        )
+        data, why = read_shard(job, c)
+        why = why or check_shard_bytes(data, c, job.samples)
         if why is not None:
             warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair {job.dir}`)",
                           stacklevel=3)  # fmt: skip
