@@ -6,10 +6,11 @@ Each command parses options, builds the settings objects, calls the library and 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -46,6 +47,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(f"{e.option}: {e}") from e
         except RunnerError as e:
             raise click.ClickException(str(e)) from e
+        except KeyboardInterrupt:  # not click's "Aborted!" (exit 1): say what is kept, exit 130
+            _echo("interrupted; finished batches are kept: run the same command again to carry on")
+            raise SystemExit(130) from None
         except OSError as e:  # a file-system error no layer above named: still one line, never a traceback
             raise click.ClickException(
                 f"cannot read or write {e.filename or 'the job home'}: {e.strerror or e}"
@@ -232,15 +236,21 @@ def _run_kind(
 
     params, options = build_settings(kw, kind)
     _warn_if_not_on_drive(ctx.obj["home"] if output is None else output)
-    job, summary = run_api(
-        input_path, model, params, options, output=output, echo=_echo,
-        prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
-        truncate=kw["truncate"], home=ctx.obj["home"], served_model_names=kw["served_model_names"],
-        chat=kw["chat"],
-    )  # fmt: skip
+    with _ctrl_c_stops() as stop:
+        job, summary = run_api(
+            input_path, model, params, options, output=output, echo=_echo, stop=stop,
+            prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
+            truncate=kw["truncate"], home=ctx.obj["home"], served_model_names=kw["served_model_names"],
+            chat=kw["chat"],
+        )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     if invalid:
         _echo(f"{invalid} invalid row(s) skipped; see {job.dir / 'errors.jsonl'}")
+    if not summary.finished:
+        _echo(f"stopped with {summary.done:,}/{summary.total:,} rows done; run the same command again to "
+              "carry on")  # fmt: skip
+        click.echo(str(job.dir))
+        raise SystemExit(130 if stop() else 1)
     _echo(
         f"done: {summary.done:,}/{summary.total:,} rows, {summary.errors} errors, "
         f"{summary.tokens_per_second:,.1f} tok/s"
@@ -451,31 +461,39 @@ def work(
     _work_here(ctx.obj["home"], job_ref, deadline, once, shard_rows, shard_minutes, device)
 
 
-def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device) -> None:  # noqa: ANN001
+@contextlib.contextmanager
+def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
+    """Yields `stop()` for the work below: the first Ctrl-C makes it true (the work finishes and writes the
+    current batch, then returns); a second one stops at once (KeyboardInterrupt: the batches finished before
+    are still written, worker.commit_on_interrupt)."""
     import signal
 
-    from .scheduler import work as work_loop
-
-    stop = {"requested": False}
+    asked: list[bool] = []
 
     def on_sigint(signum: int, frame: Any) -> None:
-        if stop["requested"]:
+        if asked:
             raise KeyboardInterrupt
-        stop["requested"] = True
-        _echo("stopping after the current batch (Ctrl-C again to stop at once; finished shards are kept)")
+        asked.append(True)
+        _echo("stopping after the current batch (Ctrl-C again to stop at once; finished batches are kept)")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        summaries = work_loop(home, job=job_ref, deadline=deadline, once=once, shard_rows=shard_rows,
-                              shard_seconds=shard_minutes * 60, stop=lambda: stop["requested"], echo=_echo,
-                              device=device)  # fmt: skip
+        yield lambda: bool(asked)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device) -> None:  # noqa: ANN001
+    from .scheduler import work as work_loop
+
+    with _ctrl_c_stops() as stop:
+        summaries = work_loop(home, job=job_ref, deadline=deadline, once=once, shard_rows=shard_rows,
+                              shard_seconds=shard_minutes * 60, stop=stop, echo=_echo, device=device)  # fmt: skip
     if not summaries:
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else ""))
     elif not all(s.finished or s.others for s in summaries):
         _echo("stopped; run `runner work` again to carry on")
-    if stop["requested"]:
+    if stop():
         raise SystemExit(130)  # interrupted: scripts and notebooks can tell
 
 
@@ -832,11 +850,14 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
     params, options = build_settings(
         {**kw, **({"max_new_tokens": max_new_tokens} if kind == "generate" else {})}, kind
     )
-    job, summary = openai_batch.run_batch(input_path, output_path, model, params, options, job_dir=job_dir,
-                                          served_model_names=served_model_names, echo=_echo)  # fmt: skip
+    with _ctrl_c_stops() as stop:
+        job, summary = openai_batch.run_batch(input_path, output_path, model, params, options, job_dir=job_dir,
+                                              served_model_names=served_model_names, echo=_echo,
+                                              stop=stop)  # fmt: skip
     if not summary.finished:
-        raise RunnerError(f"stopped with {summary.done:,}/{summary.total:,} requests done; run the same command "
-                          "again to carry on (the output file is written when all are done)")  # fmt: skip
+        _echo(f"stopped with {summary.done:,}/{summary.total:,} requests done; run the same command again to "
+              "carry on (the output file is written when all are done)")  # fmt: skip
+        raise SystemExit(130 if stop() else 1)
     _echo(f"done: {summary.done:,} responses, {summary.errors} errors -> {output_path}")
 
 

@@ -17,17 +17,19 @@ ENV = "RUNNER_FAULT"
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process if RUNNER_FAULT names this point (optionally `name:N` = at the N-th visit)."""
+    """SIGKILL this process if RUNNER_FAULT names this point (optionally `name:N` = from the N-th visit on;
+    `name:N:SIGINT` sends that signal instead, as a Ctrl-C there would)."""
     wanted = os.environ.get(ENV)
     if not wanted:
         return
-    point, _, nth = wanted.partition(":")
+    point, _, rest = wanted.partition(":")
     if point != name:
         return
+    nth, _, sig = rest.partition(":")
     count = _visits.get(name, 0) + 1
     _visits[name] = count
     if count >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
 
 
 _visits: dict[str, int] = {}

@@ -519,7 +519,7 @@ def default_max_tokens(model: str, trust_remote_code: bool = False) -> int:
 
 
 def run_batch(input_path: Any, output_path: Any, model: str, params: Any, options: Any, *, job_dir: Any = None,
-              served_model_names: tuple[str, ...] = (), echo: Any = print) -> tuple[Any, Any]:  # fmt: skip
+              served_model_names: tuple[str, ...] = (), echo: Any = print, stop: Any = None) -> tuple[Any, Any]:  # fmt: skip
     """`runner run-batch`: submit the file as a job in `job_dir` (default OUTPUT.job), work on it, and write
     the output file (and OUTPUT.errors.jsonl) once every request is done. Run again, it resumes."""
     import dataclasses
@@ -533,7 +533,7 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
         getattr(params, "seed", 0) is None
     ):  # requests without a seed: one from the file, so a rerun is identical
         params = dataclasses.replace(params, seed=int(file_sha256(input_path)[:15], 16))
-    job, summary = run(input_path, model, params, options, output=folder, echo=echo,
+    job, summary = run(input_path, model, params, options, output=folder, echo=echo, stop=stop,
                        served_model_names=tuple(served_model_names))  # fmt: skip
     if summary.finished:
         export(job, out)

@@ -33,10 +33,12 @@ def run(
     output: Any = None,
     engine: Engine | None = None,
     echo: Callable[[str], None] | None = print,
+    stop: Callable[[], bool] | None = None,
     **job_kwargs: Any,
 ) -> tuple[Job, RunSummary]:
-    """Submit `input_path` as a job (in `output` if given, else in the job home) and work on it to the end.
-    Running it again with the same `output` resumes where it stopped."""
+    """Submit `input_path` as a job (in `output` if given, else in the job home) and work on it to the end,
+    or until `stop()` is true (checked between batches). Running it again with the same `output` resumes
+    where it stopped."""
     from .jobs import create_job, submit_warnings
 
     job = create_job(input_path, model, params, options, job_dir=output, **job_kwargs)
@@ -47,7 +49,7 @@ def run(
         echo(f"job {job.id} keeps the engine options it was submitted with: {kept}; a new -o folder (or --name) "
              "runs with the new ones")  # fmt: skip
     _heal(job, echo)
-    summaries = work(job=job, engine=engine, echo=echo, once=True)
+    summaries = work(job=job, engine=engine, echo=echo, once=True, stop=stop)
     if summaries:
         return job, summaries[-1]
     state = job.state()

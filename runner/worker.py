@@ -84,6 +84,9 @@ class Unit:
     # the retry generation its keys were chosen under: its row errors count under that one only, so a row
     # error computed as a `retry` lands is tried again rather than taken for one of the new generation
     generation: int = 0
+    # (results, errors) lengths while a batch's outcomes are being buffered (else None): a Ctrl-C there
+    # commits the batches before it, never part of one
+    buffering: tuple[int, int] | None = None
 
     def id(self, row: int) -> str:
         return self.table.column("id")[row - self.start].as_py()
@@ -275,6 +278,22 @@ class JobRun:
         except ClaimLost:
             self.say(f"the claim on unit {unit.index} of job {self.job.id} was taken over by another worker "
                      "(this one was thought dead); its uncommitted rows are discarded")  # fmt: skip
+        except KeyboardInterrupt:  # Ctrl-C (a notebook's stop button): the batches already done are kept
+            self.commit_on_interrupt(unit)
+            raise
+
+    def commit_on_interrupt(self, unit: Unit) -> None:
+        """Commit the unit's finished batches (whole batches only: the one being computed is dropped, as a
+        kill would drop it); a second Ctrl-C here leaves the job as a kill would, a lost claim keeps nothing."""
+        if unit.buffering is not None:
+            del unit.results[unit.buffering[0] :], unit.errors[unit.buffering[1] :]
+        before = unit.seq
+        try:
+            self.commit(unit)
+        except ClaimLost:
+            return
+        if unit.seq > before:
+            self.say(f"interrupted: the finished batches of job {self.job.id} are written")
 
     def plan(
         self, unit: Unit
@@ -362,6 +381,7 @@ class JobRun:
                      "recomputed in float32")  # fmt: skip
         self.retried = len(self.iso.float32_retried)
         batch_rows = batch_tokens = 0
+        unit.buffering = (len(unit.results), len(unit.errors))
         for (r, s), out in zip(keys, outcomes, strict=True):
             if (r, s) not in wanted:
                 continue
@@ -372,6 +392,7 @@ class JobRun:
                 self.generated += 1
                 batch_rows += 1
                 batch_tokens += unit.task.tokens(out)
+        unit.buffering = None
         self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
         self.tokens += batch_tokens
         assert self.progress is not None
@@ -446,8 +467,9 @@ class JobRun:
             raise ClaimLost(unit.index)
         jobdir.write_marker(self.job, unit.index, unit.epoch, unit.seq, marker)
         self.verifier.remember(jobdir.Commit(name, unit.index, unit.epoch, marker))
-        unit.seq += 1
+        # emptied before seq moves on: a Ctrl-C between the two never commits these rows a second time
         unit.results, unit.errors, unit.batches = [], [], []
+        unit.seq += 1
         self.update_heartbeat()
 
     def publish(self, unit: Unit, name: str) -> dict[str, Any]:

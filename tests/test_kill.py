@@ -156,3 +156,22 @@ def test_ctrl_c_finishes_the_batch_and_stops_cleanly(tmp_path, prepared):
         assert runner.status(job_dir).state == "queued (interrupted)"
         assert not list((job_dir / "workers").iterdir())  # its heartbeat went with it
     finish(home, job_dir, prepared[1])
+
+
+def test_ctrl_c_on_runner_run_writes_the_finished_batches_and_the_same_command_carries_on(tmp_path, prepared):
+    """Ctrl-C on `runner run` (found by a user walkthrough: click's "Aborted!", exit 1, and every row of the
+    run lost, since none was in a shard yet): it finishes and writes the current batch, exits 130 saying how to
+    carry on, and the same command then finishes the job, each row once. The Ctrl-C comes after the second
+    batch is generated (RUNNER_FAULT=after_generate:2:SIGINT), so exactly two batches of two are written."""
+    job = Job.open(prepared[0])
+    out = tmp_path / "out"
+    args = ("run", job.meta["input"]["path"], "-m", job.spec.model, "--max-new-tokens", "12", "--temperature", "1.0",
+            "-n", "2", "--seed", "1234", "--batch-size", "2", "-o", out)  # fmt: skip
+    code, output = workers.run_runner(*args, env_extra={"RUNNER_FAULT": "after_generate:2:SIGINT"})
+    assert code == 130, output
+    assert "stopping after the current batch" in output and "run the same command again" in output, output
+    assert "Aborted" not in output and "Traceback" not in output
+    assert runner.status(out).done == 4
+    code, output = workers.run_runner(*args)
+    assert code == 0, output
+    assert_exactly_once(out, prepared[1])

@@ -1,0 +1,71 @@
+"""A KeyboardInterrupt in the middle of the work (a second Ctrl-C, a notebook's stop button on `runner.run`):
+the batches finished before it are written, never part of a batch, and a resumed run completes each row once,
+equal to an uninterrupted run."""
+
+import dataclasses
+
+import pytest
+from helpers import assert_exactly_once, reference_run
+
+import runner
+from runner import EngineOptions, GenerationParams, worker
+from runner.engine import Engine
+from runner.jobs import create_job
+from runner.worker import run_job
+
+PARAMS = GenerationParams(max_new_tokens=5, temperature=1.0, num_return_sequences=2, seed=7)
+OPTIONS = EngineOptions(batch_size=2)
+ROWS = [{"id": f"r{i}", "prompt": "the old man said " * (1 + i % 3)} for i in range(6)]
+
+
+@pytest.fixture
+def reference(tmp_path, tiny_gpt2):
+    return reference_run(tmp_path, tiny_gpt2, ROWS, PARAMS, OPTIONS)
+
+
+def _nth_call_interrupted(real, nth):
+    """`real`, raising KeyboardInterrupt at its nth call instead (as a Ctrl-C landing there would)."""
+    calls = []
+
+    def wrapped(*a, **kw):
+        calls.append(1)
+        if len(calls) == nth:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    return wrapped
+
+
+def _interrupt_on(monkeypatch, where, nth):
+    """Engine.generate (a batch being computed) or Task.tokens (a batch's outcomes being buffered)."""
+    if where == "generate":
+        monkeypatch.setattr(Engine, "generate", _nth_call_interrupted(Engine.generate, nth))
+        return
+    real_make = worker.make_task
+
+    def make_task(*a, **kw):
+        task = real_make(*a, **kw)
+        return dataclasses.replace(task, tokens=_nth_call_interrupted(task.tokens, nth))
+
+    monkeypatch.setattr(worker, "make_task", make_task)
+
+
+@pytest.mark.parametrize(
+    "where, nth, written",
+    [
+        ("generate", 3, 4),  # during the third batch: the first two (2 keys each) are written
+        ("tokens", 4, 2),  # while the second batch's outcomes are being buffered: only the first is written
+    ],
+)
+def test_an_interrupt_writes_the_finished_batches_only(
+    tmp_path, reference, tiny_gpt2, gpt2_engine, monkeypatch, where, nth, written
+):
+    job = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "job")
+    with monkeypatch.context() as m:
+        _interrupt_on(m, where, nth)
+        with pytest.raises(KeyboardInterrupt):
+            run_job(job, gpt2_engine, echo=None)  # shards every 1,000 rows: nothing was written before
+    assert runner.status(job.dir).done == written
+    assert "interrupted: the finished batches" in (job.dir / "log.txt").read_text()
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert_exactly_once(job.dir, reference[1])
