@@ -28,7 +28,7 @@ from typing import Any
 from . import __version__, jobdir, storage
 from .errors import InputError, ParamError, Problem, RunnerError
 from .inputs import PromptReader, PromptRow, input_file
-from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, check_name, default_home, new_job_id
+from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
 from .models import (
     check_causal_lm,
     check_weights,
@@ -107,6 +107,7 @@ def create_job(
     unit_rows: int | None = None,
     served_model_names: tuple[str, ...] = (),
     chat: bool = False,
+    same_in_home: bool = False,
 ) -> Job:
     """Validate everything and store a queued job. Nothing invalid is ever stored.
 
@@ -117,7 +118,8 @@ def create_job(
     `job_dir` puts the job in that folder (as `runner run -o DIR`); an existing job there with the same
     inputs and settings is returned as is (to be resumed); one with other settings is refused. So is a `name`
     already taken in the home: the same inputs and settings return that job (running a notebook's cells again
-    never submits twice), other ones are refused.
+    never submits twice), other ones are refused. With `same_in_home` (`runner run` without -o), a job of the
+    home with the same inputs and settings and no name is returned as is too, unless it failed or was cancelled.
 
     `chat` sends each plain prompt as one user message through the model's chat template (instruct models
     answer raw text poorly); `meta["input"]["raw_prompts_to_chat_model"]` says when it was not asked for but the
@@ -146,6 +148,8 @@ def create_job(
                              chat=chat)  # fmt: skip
         root = Path(home) if home is not None else default_home()
         existing = _already_submitted(job_dir, root, name, _fingerprint(identity))
+        if existing is None and same_in_home and job_dir is None and name is None:
+            existing = _same_job_in_home(root, _fingerprint(identity))
         if existing is not None:
             return existing
         config, tokenizer, window = _model_facts(model, options, kind, params)
@@ -223,6 +227,20 @@ def _already_submitted(job_dir: Any, root: Path, name: str | None, fingerprint: 
             "choose another --name"
         )
     return existing
+
+
+def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
+    """The newest unnamed job of the home with these inputs and settings that did not fail and was not
+    cancelled (those the user re-queues with `runner retry`), if any."""
+    for path in sorted(jobdir.job_folders(root), reverse=True):  # ids start with the submit time
+        try:
+            job = Job.open(path)
+            if job.name is None and job.meta.get("fingerprint") == fingerprint:
+                if job.state().state not in (JobState.FAILED, JobState.CANCELLED):
+                    return job
+        except RunnerError:
+            continue
+    return None
 
 
 def _model_facts(model: str, options: EngineOptions, kind: str, params: Any) -> tuple[Any, Any, int | None]:

@@ -37,11 +37,11 @@ def run(
     **job_kwargs: Any,
 ) -> tuple[Job, RunSummary]:
     """Submit `input_path` as a job (in `output` if given, else in the job home) and work on it to the end,
-    or until `stop()` is true (checked between batches). Running it again with the same `output` resumes
-    where it stopped."""
+    or until `stop()` is true (checked between batches). Running it again resumes where it stopped: the job in
+    `output`, or the home's job of the same inputs and settings (create_job's `same_in_home`)."""
     from .jobs import create_job, submit_warnings
 
-    job = create_job(input_path, model, params, options, job_dir=output, **job_kwargs)
+    job = create_job(input_path, model, params, options, job_dir=output, same_in_home=True, **job_kwargs)
     for line in submit_warnings(job) if echo else ():
         echo(line)
     kept = _kept_options(job, options)

@@ -111,6 +111,35 @@ def test_rerun_with_same_output_resumes_and_other_settings_are_refused(
         create_job(prompts_file, tiny_gpt2, params, job_dir=tmp_path / "junk")
 
 
+def test_run_in_the_home_run_again_carries_on_the_same_job(
+    tmp_path, prompts_file, tiny_gpt2, gpt2_engine, runner_home
+):
+    """`runner run FILE ...` without -o, run again after an interruption, carries on the home's job of the same
+    file and settings (found by a user walkthrough: it started a new job from row 0, and the interrupted one was
+    left for a later `runner work` to compute the same rows again); once complete it is returned as is. A
+    cancelled one is left alone, and `runner submit` still queues a new job each time (names make it idempotent)."""
+    params = GenerationParams(max_new_tokens=4, temperature=1.0, num_return_sequences=2, seed=3)
+    options = runner.EngineOptions(batch_size=2)
+    ref, _ = runner.run(prompts_file, tiny_gpt2, params, options, output=tmp_path / "ref", engine=gpt2_engine,
+                        echo=None)  # fmt: skip
+    batches = []
+    job, summary = runner.run(prompts_file, tiny_gpt2, params, options, engine=gpt2_engine, echo=None,
+                              stop=lambda: len(batches) > 1 or batches.append(1))  # fmt: skip
+    first = summary.done
+    assert not summary.finished and 0 < first < 10
+    again, summary = runner.run(prompts_file, tiny_gpt2, params, options, engine=gpt2_engine, echo=None)
+    assert again.id == job.id and summary.finished and summary.generated == 10 - first
+    cols = ["id", "sample", "text", "token_ids"]
+    assert runner.load_results(job.dir)[cols].to_json() == runner.load_results(ref.dir)[cols].to_json()
+    third, summary = runner.run(prompts_file, tiny_gpt2, params, options, engine=gpt2_engine, echo=None)
+    assert third.id == job.id and summary.finished and summary.generated == 0
+    submitted = create_job(prompts_file, tiny_gpt2, params, options)
+    assert submitted.id != job.id  # submit: a new job
+    runner.cancel(submitted.dir)  # the newest of the same settings, but cancelled: left alone
+    fourth, _ = runner.run(prompts_file, tiny_gpt2, params, options, engine=gpt2_engine, echo=None)
+    assert fourth.id == job.id
+
+
 @pytest.mark.parametrize("damage", ["zero-byte", "truncated", "marker-torn", "marker-missing"])
 def test_damaged_shards_are_not_counted_and_are_redone(
     tmp_path, prompts_file, tiny_gpt2, gpt2_engine, damage
