@@ -486,15 +486,20 @@ def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
 def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device) -> None:  # noqa: ANN001
     from .scheduler import work as work_loop
 
+    failed: list[Any] = []
     with _ctrl_c_stops() as stop:
         summaries = work_loop(home, job=job_ref, deadline=deadline, once=once, shard_rows=shard_rows,
-                              shard_seconds=shard_minutes * 60, stop=stop, echo=_echo, device=device)  # fmt: skip
-    if not summaries:
+                              shard_seconds=shard_minutes * 60, stop=stop, echo=_echo, device=device,
+                              on_failed=failed.append)  # fmt: skip
+    if not summaries and not failed:
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else ""))
     elif not all(s.finished or s.others for s in summaries):
         _echo("stopped; run `runner work` again to carry on")
     if stop():
         raise SystemExit(130)  # interrupted: scripts and notebooks can tell
+    if failed:  # `runner work && next-step` must not go on as if all went well
+        raise RunnerError(f"{len(failed)} job(s) failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
+                          "says why; `runner retry JOB` re-queues it)")  # fmt: skip
 
 
 def _worker_devices(gpus: str | None, n_workers: int | None, device: str | None) -> list[str | None]:

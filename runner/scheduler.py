@@ -239,10 +239,12 @@ def work(
     poll: float = 15.0,
     engine: Engine | None = None,
     device: str | None = None,
+    on_failed: Callable[[Job], None] | None = None,
 ) -> list[RunSummary]:
     """Work through the queue until it is empty, `deadline` (time.time()) is near, or `stop()` is true.
     `job` restricts the worker to one job; `once` stops after one job; `device` overrides the jobs' device
-    (`cuda:1` for the second GPU). Several workers may run at once, on one job or many."""
+    (`cuda:1` for the second GPU). Several workers may run at once, on one job or many. Returns a summary per
+    job run; `on_failed(job)` hears of each job that failed in this run (the model would not load...)."""
     owner = Owner.me()
     engines = Engines(engine, device or local_device())
     lease_ttl = lease_ttl or lease_seconds()
@@ -265,11 +267,21 @@ def work(
         summary = run_leased(cand, engines, stop, run_opts, echo)
         if summary is None:
             failed.add(cand.job.id)
+            if on_failed is not None and _failed(cand.job):
+                on_failed(cand.job)
             continue
         summaries.append(summary)
         if once or (summary.stopped and cand.job.state().state is not JobState.CANCELLED):
             break
     return summaries
+
+
+def _failed(job: Job) -> bool:
+    """The job is failed now (a job that did not run because it is broken is not)."""
+    try:
+        return job.state().state is JobState.FAILED
+    except RunnerError:
+        return False
 
 
 def _wait_for_others(home: Any, job: Any, me: str, poll: float, deadline: float | None, echo: Any) -> bool:

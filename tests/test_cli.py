@@ -115,6 +115,23 @@ def test_job_life_cycle_through_the_cli(prompts, tiny_gpt2, runner_home, tmp_pat
     assert result.exit_code == 1 and "no job folder ../etc" in result.output
 
 
+def test_work_exits_1_when_a_job_failed_and_still_runs_the_others(tmp_path, prompts, tiny_gpt2, runner_home):
+    """`runner work && next-step` must not go on as if all went well when a job failed (found by a user
+    walkthrough: exit 0 and "nothing to do"); the other jobs still run."""
+    import shutil
+
+    model = shutil.copytree(tiny_gpt2, tmp_path / "model")
+    assert invoke("submit", prompts, "-m", model, "--max-new-tokens", 2, "--name", "gone").exit_code == 0
+    assert invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2, "--name", "fine").exit_code == 0
+    shutil.rmtree(model)
+    result = invoke("work")
+    assert result.exit_code == 1, result.output
+    gone = runner.open_job("gone").id
+    assert f"Error: 1 job(s) failed: {gone} (`runner status JOB` says why" in result.output
+    assert "nothing to do" not in result.output
+    assert runner.status("fine").state == "completed" and runner.status("gone").state == "failed"
+
+
 def test_work_deadline_options_are_checked(runner_home):
     assert "give --hours or --until, not both" in invoke("work", "--hours", 1, "--until", "06:00").output
     assert "expected HH:MM" in invoke("work", "--until", "six").output
