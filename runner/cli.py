@@ -50,6 +50,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:  # not click's "Aborted!" (exit 1): say what is kept, exit 130
             _echo("interrupted; finished batches are kept: run the same command again to carry on")
             raise SystemExit(130) from None
+        except BrokenPipeError:  # `runner status | head`: the reader has all it wanted; nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(0) from None
         except OSError as e:  # a file-system error no layer above named: still one line, never a traceback
             raise click.ClickException(
                 f"cannot read or write {e.filename or 'the job home'}: {e.strerror or e}"

@@ -278,3 +278,19 @@ def test_a_cpu_engine_warns_when_torch_came_first(tiny_gpt2, torch_first):
             f"Engine({tiny_gpt2!r})")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stderr.count("torch was imported before runner") == (1 if torch_first else 0), out.stderr
+
+
+def test_a_reader_that_stops_reading_is_not_blamed_on_the_job_home(tmp_path, prompts, tiny_gpt2, runner_home):
+    """`runner status | head -2`: the pipe closes before runner has written; it ends quietly with exit 0, not
+    with "Error: cannot read or write the job home: Broken pipe" (found by a user walkthrough)."""
+    import subprocess
+
+    import workers
+
+    assert invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2).exit_code == 0
+    env = workers.worker_env({"RUNNER_HOME": str(runner_home)})
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "status"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=workers.ROOT)  # fmt: skip
+    proc.stdout.close()  # before the interpreter has even started: its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and err == "", err
