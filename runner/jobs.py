@@ -147,7 +147,7 @@ def create_job(
                              skip_invalid=skip_invalid, truncate=truncate, served=served_model_names,
                              chat=chat)  # fmt: skip
         root = Path(home) if home is not None else default_home()
-        existing = _already_submitted(job_dir, root, name, _fingerprint(identity))
+        existing = _already_submitted(job_dir, root, name, identity)
         if existing is None and same_in_home and job_dir is None and name is None:
             existing = _same_job_in_home(root, _fingerprint(identity))
         if existing is not None:
@@ -166,7 +166,7 @@ def create_job(
         claim = name if job_dir is None else None
         holder = _write_job(target, meta, reader, prep, skip_invalid, tokenizer, claim)
         if holder is not None:  # a submit of the same name got there first, while this one was being written
-            existing = _already_submitted(None, root, name, _fingerprint(identity))
+            existing = _already_submitted(None, root, name, identity)
             if existing is None:
                 raise RunnerError(f"the job name {name!r} is held by job {holder}, which cannot be opened")
             return existing
@@ -207,15 +207,17 @@ def _check_args(
     return kind
 
 
-def _already_submitted(job_dir: Any, root: Path, name: str | None, fingerprint: str) -> Job | None:
+def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dict[str, Any]) -> Job | None:
     """The job this submit repeats (same folder or same name, same inputs and settings), to be resumed; a
-    different job in that folder or under that name is refused."""
+    different job in that folder or under that name is refused, saying what differs."""
+    fingerprint = _fingerprint(identity)
     if job_dir is not None:
         existing = _existing_job(Path(job_dir))
         if existing is not None and existing.meta.get("fingerprint") != fingerprint:
             raise RunnerError(
-                f"{job_dir} holds a job with other inputs or settings; resuming it with these is refused "
-                f"(use another -o folder, or run `runner work --job {job_dir}` to finish it as it was)"
+                f"{job_dir} holds a job with other inputs or settings{_differences(existing, identity)}; resuming "
+                f"it with these is refused (use another -o folder, or run `runner work --job {job_dir}` to finish "
+                "it as it was)"
             )
         return existing
     if name is None:
@@ -223,10 +225,23 @@ def _already_submitted(job_dir: Any, root: Path, name: str | None, fingerprint: 
     existing = _named_job(root, name)
     if existing is not None and existing.meta.get("fingerprint") != fingerprint:
         raise RunnerError(
-            f"the name {name!r} is taken by job {existing.id}, submitted with other inputs or settings; "
-            "choose another --name"
+            f"the name {name!r} is taken by job {existing.id}, submitted with other inputs or settings"
+            f"{_differences(existing, identity)}; choose another --name"
         )
     return existing
+
+
+def _differences(job: Job, identity: dict[str, Any]) -> str:
+    """What differs between a stored job and this submit, as far as job.json says: " (seed 0, now 42; ...)"."""
+    read, reading = job.meta["input"], ("prompt_field", "template", "truncate")
+    stored = {"model": job.meta.get("model"), **{k: read.get(k) for k in reading}, "chat": read.get("chat", False),
+              **(job.meta.get("params") or {})}  # fmt: skip
+    asked = {"model": identity["model"], **{k: identity[k] for k in reading}, "chat": identity.get("chat", False),
+             **identity["params"]}  # fmt: skip
+    said = ["the input file's content"] if read.get("sha256") != identity["input_sha256"] else []
+    said += [f"{k} {stored.get(k)!r}, now {asked.get(k)!r}" for k in sorted(stored.keys() | asked.keys())
+             if stored.get(k) != asked.get(k)]  # fmt: skip
+    return f" ({'; '.join(said)})" if said else ""
 
 
 def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:

@@ -101,9 +101,17 @@ def test_rerun_with_same_output_resumes_and_other_settings_are_refused(
         prompts_file, tiny_gpt2, params, output=tmp_path / "out", engine=gpt2_engine, echo=None
     )
     assert again.id == job.id and summary.generated == 0 and summary.finished
-    with pytest.raises(RunnerError, match="holds a job with other inputs or settings"):
+    # the refusal says what differs (a user forgetting --seed could not tell why it was refused)
+    with pytest.raises(
+        RunnerError, match=r"holds a job with other inputs or settings \(max_new_tokens 4, now 5\)"
+    ):
         runner.run(
             prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=5), output=tmp_path / "out", echo=None
+        )
+    other = write_jsonl(tmp_path / "other.jsonl", ROWS[:2])
+    with pytest.raises(RunnerError, match=r"settings \(the input file's content; seed None, now 42\)"):
+        runner.run(
+            other, tiny_gpt2, GenerationParams(max_new_tokens=4, seed=42), output=tmp_path / "out", echo=None
         )
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
