@@ -672,7 +672,39 @@ def submit_warnings(job: Job) -> list[str]:
             "models often answer raw text with nothing useful. Pass --chat to send each prompt as a user message "
             "(or give `messages` rows)."
         )
+    unused = _unused_model_defaults(job)
+    if unused:
+        options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in unused.items())
+        out.append(
+            f"note: the model's generation_config.json asks for {', '.join(f'{k}={v}' for k, v in unused.items())}"
+            f"{' (sampling)' if 'temperature' in unused or 'top_k' in unused else ''}, which this job does not use: "
+            f"runner applies only the settings given (greedy unless asked), so a job never depends on a file beside "
+            f"the weights. To use them, pass {options}"
+        )
     return out
+
+
+MODEL_DEFAULTS = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
+
+
+def _unused_model_defaults(job: Job) -> dict[str, Any]:
+    """The settings the model's generation_config.json gives (what `model.generate()` would apply) that this
+    generate job left at runner's defaults and so does not apply: {field: the model's value}."""
+    if job.kind != "generate":
+        return {}
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(job.spec.model, local_files_only=True)
+    except Exception:  # no generation_config.json (or a .gguf file): nothing to say
+        return {}
+    given, default = job.params, GenerationParams()
+    greedy_asked = given.temperature == 0  # (--temperature 0: greedy on purpose)
+    suggested = {k: getattr(gen, k, None) for k in ("temperature", "top_k", "top_p")} if gen.do_sample else {}
+    suggested.update({k: v for k, v in gen.to_diff_dict().items() if k in MODEL_DEFAULTS[3:]})
+    return {k: v for k, v in suggested.items()
+            if v is not None and v != getattr(default, k) and getattr(given, k) == getattr(default, k)
+            and not (greedy_asked and k in MODEL_DEFAULTS[:3])}  # fmt: skip
 
 
 def _existing_job(path: Path) -> Job | None:

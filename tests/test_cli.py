@@ -294,3 +294,28 @@ def test_a_reader_that_stops_reading_is_not_blamed_on_the_job_home(tmp_path, pro
     proc.stdout.close()  # before the interpreter has even started: its first write meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait() == 0 and err == "", err
+
+
+def test_submit_notes_the_sampling_settings_of_the_models_generation_config(tmp_path, prompts, tiny_gpt2):
+    """A model whose generation_config.json asks for sampling (model.generate() would sample): runner applies
+    only the settings given, and says so at submit with the options that would use them (found by a user
+    walkthrough: the same greedy text, silently). Settings the user gave are not second-guessed."""
+    import shutil
+
+    model = shutil.copytree(tiny_gpt2, tmp_path / "model")
+    config = json.loads((model / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=0.7, top_k=20, repetition_penalty=1.3)
+    (model / "generation_config.json").write_text(json.dumps(config))
+    out = invoke("submit", prompts, "-m", model, "--max-new-tokens", 2).stderr
+    assert (
+        "generation_config.json asks for temperature=0.7, top_k=20, repetition_penalty=1.3 (sampling)" in out
+    )
+    assert "pass --temperature 0.7 --top-k 20 --repetition-penalty 1.3" in out
+    out = invoke("submit", prompts, "-m", model, "--max-new-tokens", 2, "--temperature", "0.9").stderr
+    assert "pass --top-k 20 --repetition-penalty 1.3" in out
+    out = invoke("submit", prompts, "-m", model, "--max-new-tokens", 2, "--temperature", "0").stderr
+    assert "asks for repetition_penalty=1.3, which" in out
+    assert (
+        "generation_config.json"
+        not in invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2).stderr
+    )
