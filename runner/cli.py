@@ -359,6 +359,7 @@ def submit(
 
     Prints the job id. Nothing invalid is ever queued. Start the work with `runner work`.
     """
+    from .api import status as runner_status
     from .jobs import create_job
 
     _warn_if_not_on_drive(ctx.obj["home"])
@@ -373,12 +374,18 @@ def submit(
 
     for line in submit_warnings(job):
         _echo(line)
-    invalid = job.meta["input"]["invalid"]
-    _echo(
-        f"queued {kind} job {job.id}: {job.meta['input']['rows']:,} rows"
-        + (f" x {job.samples} samples = {job.total:,} results" if job.samples > 1 else "")
-        + (f"; {invalid} invalid row(s) listed in errors.jsonl" if invalid else "")
-    )
+    invalid, rows = job.meta["input"]["invalid"], job.meta["input"]["rows"]
+    now = runner_status(job.dir)
+    if now.state != "queued" or now.done:  # the same file and settings were submitted before: that job
+        _echo(
+            f"job {job.id} (the same file and settings) is already there: {now.state}, {now.done:,}/{now.total:,}"
+        )
+    else:
+        _echo(
+            f"queued {kind} job {job.id}: {rows:,} rows"
+            + (f" ({job.total:,} results with their samples)" if job.total != rows else "")
+            + (f"; {invalid} invalid row(s) listed in errors.jsonl" if invalid else "")
+        )
     click.echo(job.id)
 
 
@@ -742,7 +749,8 @@ def cancel(ctx: click.Context, job_ref: str) -> None:
     """Cancel a queued or running JOB (id, name or folder); finished rows are kept (`runner retry` resumes it)."""
     from . import api
 
-    was = api.cancel(job_ref, ctx.obj["home"])
+    was = api.status(job_ref, ctx.obj["home"]).state  # "running" while a worker is on it (state.json: queued)
+    api.cancel(job_ref, ctx.obj["home"])
     _echo(f"cancelled job {job_ref} (was {was}); `runner retry {job_ref}` resumes it")
 
 

@@ -319,3 +319,34 @@ def test_submit_notes_the_sampling_settings_of_the_models_generation_config(tmp_
         "generation_config.json"
         not in invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2).stderr
     )
+
+
+def test_submit_says_when_the_job_is_already_there_and_counts_per_row_samples(
+    tmp_path, tiny_gpt2, runner_home
+):
+    """Found by a user walkthrough: submitting a completed job again said "queued ... 3 rows x 2 samples = 4
+    results" (it was not queued, and one row had n = 2, not all); cancelling a running job said "(was queued)"."""
+    rows = [
+        {"id": "a", "prompt": "Hello", "n": 2},
+        {"id": "b", "prompt": "The fox"},
+        {"id": "c", "prompt": "My"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    args = ("submit", path, "-m", tiny_gpt2, "--max-new-tokens", 2, "--temperature", "0.8", "--name", "n1")
+    first = invoke(*args)
+    assert (
+        f"queued generate job {first.stdout.strip()}: 3 rows (4 results with their samples)" in first.stderr
+    )
+    assert invoke("work").exit_code == 0
+    again = invoke(*args)
+    assert again.stdout == first.stdout
+    assert (
+        f"job {first.stdout.strip()} (the same file and settings) is already there: completed, 4/4"
+        in again.stderr
+    )
+    from runner.jobdir import Heartbeat, Owner
+
+    assert invoke("submit", path, "-m", tiny_gpt2, "--max-new-tokens", 3, "--name", "n2").exit_code == 0
+    with Heartbeat(runner.open_job("n2"), Owner.me(), 60):  # a live worker on it
+        assert runner.status("n2").state == "running"
+        assert "cancelled job n2 (was running)" in invoke("cancel", "n2").stderr
