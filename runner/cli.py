@@ -230,6 +230,22 @@ def cli(ctx: click.Context, home: str | None) -> None:
     """Batch text generation for Hugging Face causal LMs: validate a prompt file, generate in left-padded
     batches with log-probs, write Parquet, resume after any interruption."""
     ctx.ensure_object(dict).setdefault("home", home)
+    import warnings
+
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """runner's own warnings (partial results, a shard left out...) as one `[runner] warning:` line, not
+    Python's `path:line: UserWarning:` form; other libraries' warnings as Python prints them."""
+    import warnings
+
+    if filename.startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep):
+        _echo(f"warning: {message}")
+    else:
+        click.echo(warnings.formatwarning(message, category, filename, lineno, line), err=True, nl=False)
 
 
 def _run_kind(

@@ -419,6 +419,8 @@ def load_results(
         raise ValueError(f"format must be one of {', '.join(RESULT_FORMATS)}, got {format!r}")
     path = resolve_source(source, home)
     table = pq.read_table(path) if path.is_file() else read_results_table(path)
+    if not path.is_file():
+        _warn_if_partial(path)
     if ORDER in table.column_names:
         table = table.drop([ORDER])
     if format == "arrow":
@@ -428,6 +430,20 @@ def load_results(
 
         return datasets.Dataset(table)
     return table.to_pandas()
+
+
+def _warn_if_partial(job_dir: Path) -> None:
+    """Results of a job not complete yet (queued, running, cancelled, failed) are partial: said, not silent."""
+    from .job_status import job_status
+    from .jobdir import BrokenJob, Job
+
+    try:
+        s = job_status(Job.open(job_dir))
+    except BrokenJob:
+        return  # its shards were read and checked one by one, with a warning for each left out
+    if s.state != "completed":
+        warnings.warn(f"job {s.id} is {s.state}: these are {s.done:,} of its {s.total:,} results (the rest are not "
+                      "generated yet)", stacklevel=3)  # fmt: skip
 
 
 EXPORT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")

@@ -350,3 +350,16 @@ def test_submit_says_when_the_job_is_already_there_and_counts_per_row_samples(
     with Heartbeat(runner.open_job("n2"), Owner.me(), 60):  # a live worker on it
         assert runner.status("n2").state == "running"
         assert "cancelled job n2 (was running)" in invoke("cancel", "n2").stderr
+
+
+def test_results_of_an_unfinished_job_say_they_are_partial(tmp_path, prompts, tiny_gpt2, runner_home):
+    """Found by a user walkthrough: load_results and `runner results` on a queued, running or cancelled job
+    returned some of the rows without a word. A complete job says nothing."""
+    job_id = invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
+    with pytest.warns(UserWarning, match=f"job {job_id} is queued: these are 0 of its 2 results"):
+        assert len(runner.load_results(job_id)) == 0
+    result = invoke("results", job_id, "--to", tmp_path / "r.jsonl")
+    assert f"[runner] warning: job {job_id} is queued: these are 0 of its 2 results" in result.stderr
+    assert invoke("work").exit_code == 0
+    result = invoke("results", job_id, "--to", tmp_path / "r.jsonl")
+    assert result.exit_code == 0 and "warning" not in result.stderr
