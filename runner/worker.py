@@ -232,6 +232,7 @@ class JobRun:
                 jobdir.quarantine(self.job, name, why)
         rows = self.job.spec.unit_rows_range(index)
         left = ledger.left_mask()
+        self.check_prompts()  # again before each unit's rows are read: changed since (a stat, unless it was)
         table = self.job.read_rows(rows.start, rows.stop)
         self.load_engine()
         assert self.engine is not None

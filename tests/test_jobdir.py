@@ -10,7 +10,7 @@ import threading
 
 import pytest
 from fsfaults import FsFaults
-from helpers import assert_exactly_once, reference_run
+from helpers import assert_exactly_once, reference_run, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, RunnerError, jobdir, storage
@@ -297,6 +297,35 @@ def test_a_damaged_prompts_file_fails_its_job_and_the_others_run(
     with pytest.raises(RunnerError, match="prompts.parquet of job .* is damaged"):
         job.prompts()
     assert other.prompts().num_rows * other.samples == other.total
+
+
+def test_prompts_changed_while_a_worker_runs_stop_it_before_the_next_unit(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """prompts.parquet swapped for another (valid) one while a worker is between units, its mtime put back:
+    the next unit's rows are not computed from it; the job fails saying so, keeping what was done (found by an
+    adversarial pass: the job completed with the later units computed from the changed prompts)."""
+    mine = write_jsonl(
+        tmp_path / "a.jsonl", [{"id": f"r{i}", "prompt": f"Prompt number {i} says"} for i in range(6)]
+    )
+    theirs = write_jsonl(
+        tmp_path / "b.jsonl", [{"id": f"r{i}", "prompt": f"Another {i} said"} for i in range(6)]
+    )
+    job = create_job(mine, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "a", unit_rows=2)
+    swapped = create_job(theirs, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "b", unit_rows=2)
+    real = jobdir.write_marker
+
+    def write_marker(*args, **kw):  # the first unit's commit lands, then the file is changed under the worker
+        real(*args, **kw)
+        path = job.dir / "prompts.parquet"
+        st = path.stat()
+        path.write_bytes((swapped.dir / "prompts.parquet").read_bytes())
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    monkeypatch.setattr(jobdir, "write_marker", write_marker)
+    with pytest.raises(RunnerError, match=f"prompts.parquet of job {job.id} is damaged"):
+        run_job(job, gpt2_engine, echo=None, shard_rows=1)
+    assert sorted(set(runner.load_results(job.dir)["id"])) == ["r0", "r1"]
 
 
 def test_a_completed_job_that_lost_a_shard_is_brought_back(job, reference, gpt2_engine, runner_home):
