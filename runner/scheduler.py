@@ -18,7 +18,7 @@ from typing import Any
 from . import jobdir, storage
 from .crashes import DeviceError
 from .engine import Engine
-from .errors import RunnerError
+from .errors import RunnerError, first_line
 from .jobdir import BrokenJob, Job, JobState, Owner
 from .storage import StorageError
 from .worker import SHARD_ROWS, SHARD_SECONDS, RunSummary, run_job
@@ -312,10 +312,12 @@ def run_leased(
             + (f" ({j.name})" if j.name else "")
         )
     try:
-        engine = engines.get(j) if not jobdir.job_progress(j).complete else None
+        engine = _reading_model(lambda: engines.get(j), j) if not jobdir.job_progress(j).complete else None
         if engine is not None:
-            _check_model(j)
+            _reading_model(lambda: _check_model(j), j)
         summary = run_job(j, engine, should_stop=stop, **run_opts)
+    except ModelUnreadable:
+        raise
     except (StorageError, OSError) as e:
         # something of the wrong kind in this job's folder: this job is broken, not the home
         if _damaged(e, j):
@@ -344,6 +346,36 @@ def _skip_broken(j: Job, e: BrokenJob, echo: Any) -> None:
     if echo:
         echo(_broken_line(j.id, j.dir, e, e.repairable))
     return None
+
+
+class ModelUnreadable(StorageError):
+    """The model's files gave transient read errors for a minute (a model folder on Drive gone for a while):
+    the worker stops and the job stays as it is, to resume later; it has not failed."""
+
+
+def _reading_model(read: Callable[[], Any], j: Job) -> Any:
+    """`read()` (it reads the model's files), retried as storage.retry retries, when a transient OS error
+    (EIO, ENOTCONN, ESTALE...) is behind its error, wherever the loading code wrapped it."""
+    for delay in (*storage.RETRY_DELAYS, None):
+        try:
+            return read()
+        except (RunnerError, OSError) as e:
+            if not _transient(e):
+                raise
+            if delay is None:
+                raise ModelUnreadable(f"stopped: cannot read the model {j.spec.model!r} ({first_line(e)}); job "
+                                      f"{j.id} is as it was and resumes with the next `runner work`") from e  # fmt: skip
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _transient(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError) and e.errno in storage.TRANSIENT:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _check_model(j: Job) -> None:

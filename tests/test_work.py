@@ -166,6 +166,40 @@ def test_a_changed_model_is_refused_on_resume(prompts_file, tmp_path, runner_hom
     assert state.state == "failed" and "is not the one job" in state.error
 
 
+def test_a_transient_read_error_on_the_model_is_retried_not_a_failed_job(
+    prompts_file, tiny_gpt2, runner_home, monkeypatch
+):
+    """One EIO reading the model (a folder on Drive gone for a moment) is retried; one that lasts stops the worker
+    with the job as it was, to resume later, never `failed` (found by adversarial pass 8: one EIO failed the
+    job until a `runner retry`)."""
+    import errno
+
+    import runner.models
+    from runner import scheduler, storage
+
+    real, calls = runner.models.model_fingerprint, []
+
+    def fingerprint(*args, failing=1):
+        calls.append(1)
+        if len(calls) <= failing:
+            raise OSError(errno.EIO, "Input/output error", "model.safetensors")
+        return real(*args)
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(runner.models, "model_fingerprint", fingerprint)
+    job = submit(prompts_file, tiny_gpt2)
+    calls.clear()
+    assert work(runner_home, echo=None)[0].finished and len(calls) == 2
+    job = submit(prompts_file, tiny_gpt2)
+    calls.clear()
+    monkeypatch.setattr(runner.models, "model_fingerprint", lambda *a: fingerprint(*a, failing=99))
+    with pytest.raises(
+        scheduler.ModelUnreadable, match=f"cannot read the model .*; job {job.id} is as it was"
+    ):
+        work(runner_home, echo=None)
+    assert len(calls) == 3 and read_state(job.dir).state == "queued"
+
+
 def test_another_checkpoint_saved_over_the_model_folder_is_refused_on_resume(
     prompts_file, tmp_path, runner_home
 ):
