@@ -126,7 +126,9 @@ class InFlight:
             if isinstance(e.__cause__, FileNotFoundError):
                 return None
             raise
-        return rec if isinstance(rec, dict) else None
+        if not isinstance(rec, dict) or rec.get("check") != storage.json_checksum(rec):
+            return None  # changed since it was written (or a version without the check): as if torn
+        return rec
 
     def recover(self, todo: set[Key]) -> Recovery:
         """Read a dead worker's record (keys no longer to do are ignored) and apply the rule above."""
@@ -176,6 +178,7 @@ class InFlight:
         }  # fmt: skip
         if error:
             rec["error"] = error
+        rec["check"] = storage.json_checksum(rec)
         self.path.parent.mkdir(exist_ok=True)
         storage.write_json(self.path, rec, durable=False)
         self._on_disk = True

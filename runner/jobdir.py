@@ -397,8 +397,7 @@ class JobSpec:
 
 def spec_checksum(meta: dict[str, Any]) -> str:
     """sha256 of job.json's content (all but this field), so that a changed byte is noticed, not obeyed."""
-    body = {k: v for k, v in meta.items() if k != "spec_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return storage.json_checksum(meta, "spec_sha256")
 
 
 # --- states ------------------------------------------------------------------------------------------------
@@ -1184,8 +1183,7 @@ def write_marker(job: Job, unit: int, epoch: int, seq: int, marker: dict[str, An
 
 def marker_checksum(marker: dict[str, Any]) -> str:
     """sha256 of a marker's content (all but its `check` field)."""
-    body = {k: v for k, v in marker.items() if k != "check"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return storage.json_checksum(marker)
 
 
 def quarantine(job: Job, name: str, why: str) -> None:

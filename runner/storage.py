@@ -172,6 +172,13 @@ def publish(local: str | os.PathLike, target: str | os.PathLike) -> None:
     _replace_into(Path(target), fill, f"write {target}")
 
 
+def json_checksum(record: dict[str, Any], field: str = "check") -> str:
+    """sha256 of a JSON record's content but its own checksum `field`: written into it, so that a changed byte
+    in it is noticed, not obeyed."""
+    body = {k: v for k, v in record.items() if k != field}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     _plain(path)

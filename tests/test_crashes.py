@@ -10,7 +10,7 @@ from helpers import assert_exactly_once, reference_run
 from workers import run_worker
 
 import runner
-from runner import EngineOptions, GenerationParams
+from runner import EngineOptions, GenerationParams, storage
 from runner.crashes import SILENT_CRASHES, InFlight, Suspect, is_device_error
 from runner.job_status import job_status
 from runner.jobdir import read_state
@@ -141,11 +141,23 @@ def _group(*rows, crashes=0):
 )
 def test_the_isolation_rule(tmp_path, record, first, last, culprits):
     (tmp_path / INFLIGHT).parent.mkdir()
-    (tmp_path / INFLIGHT).write_text(json.dumps(record))
+    (tmp_path / INFLIGHT).write_text(json.dumps({**record, "check": storage.json_checksum(record)}))
     rec = InFlight(tmp_path / INFLIGHT, "w").recover({(r, 0) for r in range(9)})
     assert [[r for r, _ in x.keys] for x in rec.first] == first
     assert [[r for r, _ in x.keys] for x in rec.last] == last
     assert [k for k, _ in rec.culprits] == culprits
+
+
+def test_a_changed_in_flight_record_is_not_obeyed(tmp_path):
+    """One byte of a dead worker's record changed ("crashes": 0 -> 1) would set a good row aside after a
+    single plain kill; a record that does not match its checksum (or has none) counts as torn: the rows run
+    again (found by adversarial pass 8)."""
+    path = tmp_path / INFLIGHT
+    InFlight(path, "dead").running([(2, 0)], [])
+    assert InFlight(path, "w").recover({(2, 0)}).last  # as written: alone again, at the end
+    path.write_text(path.read_text().replace('"crashes": 0', '"crashes": 1'))
+    rec = InFlight(path, "w").recover({(2, 0)})
+    assert not rec.culprits and not rec.first and not rec.last
 
 
 def test_a_clean_stop_keeps_the_suspects_and_does_not_count_a_crash(job, reference, gpt2_engine):
