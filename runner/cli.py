@@ -84,11 +84,15 @@ input_options = _apply([
     model_option,
     click.option("--prompt-field", "--text-field", "prompt_field",
                  help="Column holding the prompt (generate) or the text (score, embed) [default: prompt / text]."),
-    click.option("--template", help='Prompt template filled from columns, e.g. "Q: {question}\\nA:" (escapes \\n \\t work).'),
+    click.option("--template", help='Template filled from columns: the prompt (or the text to score / embed), e.g. '
+                                    '"Q: {question}\\nA:" (escapes \\n \\t work).'),
     click.option("--skip-invalid", is_flag=True,
                  help="Run the valid rows; list invalid ones with reasons in the job's errors.jsonl."),
     click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
                  help="Prompts over the context window: refuse (none) or keep their end (left)."),
+])  # fmt: skip
+
+generate_input_options = _apply([
     served_names_option,
     click.option("--chat", is_flag=True,
                  help="Generate: send each plain prompt as a user message through the model's chat template."),
@@ -151,6 +155,10 @@ engine_options = _apply([
                  help="Allow pickle-based weights (pytorch_model.bin); only safetensors/GGUF otherwise."),
     click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
                  help="Spread a model too large for one GPU over the GPUs and CPU memory (accelerate)."),
+])  # fmt: skip
+
+generate_engine_options = _apply([
+    engine_options,
     click.option("--continuous-batching/--no-continuous-batching", default=None,
                  help="Generate: prompts join the running batch as rows end, instead of each batch running "
                       "until its longest row ends [default: off]."),
@@ -259,8 +267,8 @@ def _run_kind(
         job, summary = run_api(
             input_path, model, params, options, output=output, echo=_echo, stop=stop,
             prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
-            truncate=kw["truncate"], home=ctx.obj["home"], served_model_names=kw["served_model_names"],
-            chat=kw["chat"],
+            truncate=kw["truncate"], home=ctx.obj["home"], served_model_names=kw.get("served_model_names", ()),
+            chat=kw.get("chat", False),
         )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     if invalid:
@@ -279,8 +287,9 @@ def _run_kind(
 
 @cli.command()
 @input_options
+@generate_input_options
 @generation_options
-@engine_options
+@generate_engine_options
 @output_option
 @home_option
 @click.pass_context
@@ -352,6 +361,7 @@ def _warn_if_not_on_drive(home: str | None) -> None:
 
 @cli.command()
 @input_options
+@generate_input_options
 @click.option(
     "--kind",
     type=click.Choice(["generate", "score", "embed"]),
@@ -362,7 +372,7 @@ def _warn_if_not_on_drive(home: str | None) -> None:
 @generation_options
 @score_options
 @embed_options
-@engine_options
+@generate_engine_options
 @click.option("--name", help="A name to refer to the job by (instead of its id).")
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
 @home_option
@@ -809,7 +819,7 @@ def repair(ctx: click.Context, job_ref: str) -> None:
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message through the chat template.")
 @click.option("--show-logprobs", is_flag=True, help="Also print each token with its log-prob.")
 @generation_options
-@engine_options
+@generate_engine_options
 @handle_errors
 def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bool, **kw: Any) -> None:
     """Generate for PROMPTS at once and print the text: a quick try of settings before a night's job. A
@@ -862,7 +872,7 @@ def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bo
     help="For requests that set no max_tokens [default: 256, or half the context window if smaller].",
 )
 @click.option("--job-dir", type=click.Path(file_okay=False), help="The job folder [default: OUTPUT.job].")
-@engine_options
+@generate_engine_options
 @click.pass_context
 @handle_errors
 def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str, served_model_names: tuple[str, ...],

@@ -81,8 +81,11 @@ def test_every_engine_option_is_a_command_line_option(command):
     from runner.cli import ENGINE_FIELDS, build_settings
 
     names = {p.name for p in cli.commands[command].params}
-    assert set(ENGINE_FIELDS) <= names
-    assert "--continuous-batching / --no-continuous-batching" in invoke(command, "--help").output
+    generates = command not in ("score", "embed")  # continuous batching is a generation lever
+    assert set(ENGINE_FIELDS) - ({"continuous_batching"} if not generates else set()) <= names
+    assert (
+        "--continuous-batching / --no-continuous-batching" in invoke(command, "--help").output
+    ) is generates
     _, options = build_settings({"continuous_batching": True, "batch_size": 8})
     assert options.continuous_batching and options.batch_size == 8
     default = runner.EngineOptions().continuous_batching
@@ -363,3 +366,14 @@ def test_results_of_an_unfinished_job_say_they_are_partial(tmp_path, prompts, ti
     assert invoke("work").exit_code == 0
     result = invoke("results", job_id, "--to", tmp_path / "r.jsonl")
     assert result.exit_code == 0 and "warning" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["score", "embed"])
+def test_score_and_embed_offer_no_generate_only_options(command):
+    """Found by a user walkthrough: `score --help` listed --chat (refused when given), --continuous-batching
+    and --served-model-name (accepted, silently ignored)."""
+    help_text = invoke(command, "--help").output
+    for option in ("--chat", "--continuous-batching", "--served-model-name", "--max-new-tokens"):
+        assert option not in help_text
+    result = invoke(command, "x.jsonl", "-m", "gpt2", "--continuous-batching")
+    assert result.exit_code == 2 and "No such option '--continuous-batching'" in result.output
