@@ -41,13 +41,15 @@ class Problem:
     id: str | None = None
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}"
+        where = f"{self.file}:{self.line}" if self.line else self.file  # line 0: the file as a whole
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
 class InputError(RunnerError):
     """A prompt file has problems. Shows up to `shown` of them, one per line, then a count of the rest.
-    `total` counts them all when `problems` holds only the first few (a big file may have millions)."""
+    `total` counts them all when `problems` holds only the first few (a big file may have millions).
+    A `header` says the file as a whole cannot be used (unreadable, no valid rows): one problem then reads as
+    one line, and --skip-invalid, which cannot help, is not suggested."""
 
     def __init__(
         self, problems: list[Problem], shown: int = 20, header: str | None = None, total: int | None = None
@@ -57,8 +59,15 @@ class InputError(RunnerError):
         lines = [str(p) for p in problems[:shown]]
         if self.total > len(lines):
             lines.append(f"... and {self.total - len(lines)} more problems")
-        head = header or f"{self.total} invalid row(s); nothing was run"
-        super().__init__(head + ":\n" + "\n".join(lines) + "\n(use --skip-invalid to run the valid rows)")
+        if header is None:
+            head, tail = (
+                f"{self.total} invalid row(s); nothing was run",
+                "\n(use --skip-invalid to run the valid rows)",
+            )
+        else:
+            head, tail = header, ""
+        sep = ": " if header is not None and len(lines) == 1 else ":\n"
+        super().__init__(head + sep + "\n".join(lines) + tail)
 
 
 class ModelLoadError(RunnerError):

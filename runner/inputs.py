@@ -146,7 +146,9 @@ def _has_surrogate(value: Any) -> bool:
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """Yield (line number, object, None) or (line number, None, reason); blank lines are skipped.
-    Reads in binary so that bad UTF-8 is reported per line, and streams so memory stays flat."""
+    Reads in binary so that bad UTF-8 is reported per line (the first such line also says what the file looks
+    like, once), and streams so memory stays flat."""
+    hint = ""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if len(raw) > MAX_LINE_BYTES:
@@ -157,7 +159,12 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield lineno, None, f"invalid UTF-8 at byte {e.start + 1} of the line"
+                said, hint = hint, hint or not_utf8(path, raw)
+                yield (
+                    lineno,
+                    None,
+                    f"invalid UTF-8 at byte {e.start + 1} of the line" + ("" if said else f"; {hint}"),
+                )
                 continue
             if not text.strip(" \t\r\n\x0b\x0c"):  # str.strip would also drop \x1c-\x1f, which are not blank
                 continue
@@ -176,11 +183,64 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
             yield lineno, obj, None
 
 
+# --- files that are not UTF-8 -------------------------------------------------------------------------------
+
+HEAD_BYTES = 64 * 1024  # enough of a file to tell UTF-16 or Shift-JIS
+
+
+def not_utf8(path: Path, bad: bytes = b"") -> str:
+    """What to tell the user of a file that is not UTF-8, with what it looks like when that is clear (from the
+    file's first bytes, else from `bad`, the first line that is not UTF-8)."""
+    try:
+        with open(path, "rb") as f:
+            guess = _guess_encoding(f.read(HEAD_BYTES)) or _guess_encoding(bad[:HEAD_BYTES])
+    except OSError:
+        guess = None
+    return "the file is not UTF-8" + (f" (it looks like {guess})" if guess else "") + "; save it as UTF-8"
+
+
+def _guess_encoding(head: bytes) -> str | None:
+    """UTF-16 (its byte-order mark, or the NUL bytes of mostly-ASCII text), Shift-JIS/CP932 (it decodes as such
+    and holds kana: text that only happens to decode is kanji soup, a Latin code page more likely), or None."""
+    import codecs
+
+    nuls = max(head[0::2].count(0), head[1::2].count(0))
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or nuls > len(head) // 4:
+        return "UTF-16"
+    try:
+        text = codecs.getincrementaldecoder("cp932")().decode(head)  # a character cut at the end is left out
+    except UnicodeDecodeError:
+        return None
+    return "Shift-JIS/CP932" if any("\u3041" <= c <= "\u30fa" for c in text) else None
+
+
+def not_utf8_problem(path: Path) -> Problem:
+    """The file-level problem of a text file that is not UTF-8, on the first line that is not."""
+    line, raw = 0, b""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8-sig" if line == 1 else "utf-8")
+            except UnicodeDecodeError:
+                break
+    return Problem(str(path), line, None, not_utf8(path, raw))
+
+
+def _not_utf8_error(path: Path) -> InputError:
+    return InputError([not_utf8_problem(path)], header="cannot read the prompt file")
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; InputError naming the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise _not_utf8_error(path) from e
+
+
 def _iter_arrow(
     path: Path, fmt: str, text_columns: tuple[str, ...] = ()
 ) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    import csv
-
     import pyarrow as pa
 
     try:
@@ -190,13 +250,7 @@ def _iter_arrow(
             pf = pq.ParquetFile(path)
             batches = pf.iter_batches(batch_size=4096)
         else:
-            import pyarrow.csv as pcsv
-
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                header = next(csv.reader(f), [])
-            # The id and prompt columns stay text: a CSV id of 007 must not become 7.
-            types = {c: pa.string() for c in header if c in text_columns}
-            batches = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(column_types=types))
+            batches = _csv_batches(path, text_columns)
         rowno = 0
         for batch in batches:
             for obj in batch.to_pylist():
@@ -204,11 +258,33 @@ def _iter_arrow(
                 # CSV rows are numbered by file line (the header is line 1), Parquet rows from 1.
                 yield (rowno + 1 if fmt == "csv" else rowno), obj, None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        if fmt == "csv" and "invalid UTF8" in str(e):  # a text column of a later block
+            raise _not_utf8_error(path) from e
         what = "Parquet" if fmt == "parquet" else "CSV"
         raise InputError(
             [Problem(str(path), 0, None, f"not a readable {what} file ({e})")],
             header="cannot read the prompt file",
         ) from e
+
+
+def _csv_batches(path: Path, text_columns: tuple[str, ...]) -> Any:
+    """The CSV file's record batches; the id and prompt columns stay text (a CSV id of 007 must not become 7).
+    A file that is not UTF-8 is refused here: pyarrow would read its text as bytes, or fail on a later block."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f), [])
+    except UnicodeDecodeError as e:
+        raise _not_utf8_error(path) from e
+    types = {c: pa.string() for c in header if c in text_columns}
+    reader = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(column_types=types))
+    if any(pa.types.is_binary(f.type) for f in reader.schema):
+        raise _not_utf8_error(path)
+    return reader
 
 
 # --- Hugging Face datasets as input ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RunnerError
+from .inputs import read_text_lines
 from .params import EngineOptions, GenerationParams
 
 
@@ -24,7 +25,7 @@ def read_prompts_arg(items: Iterable[str]) -> list[str]:
         if item == "-":
             out.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
         elif item.endswith(".txt") and Path(item).is_file():
-            out.extend(line for line in Path(item).read_text(encoding="utf-8").splitlines() if line.strip())
+            out.extend(line for line in read_text_lines(Path(item)) if line.strip())
         else:
             out.append(item)
     if not out:

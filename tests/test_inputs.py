@@ -48,7 +48,8 @@ BAD_LINES = [
     ('{"messages": [{"role": "user", "content": 3}]}', "p.jsonl:1: messages: item 0: content must be a string, got number"),
     ('{"prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
      "p.jsonl:1: messages: give either 'prompt' or 'messages', not both"),
-    (b'{"prompt": "caf\xe9"}', "p.jsonl:1: invalid UTF-8 at byte 16 of the line"),
+    (b'{"prompt": "caf\xe9"}',
+     "p.jsonl:1: invalid UTF-8 at byte 16 of the line; the file is not UTF-8; save it as UTF-8"),
 ]  # fmt: skip
 
 
@@ -146,6 +147,53 @@ def test_parquet_and_csv(tmp_path):
     assert [p.split("p.csv:")[1] for p in problems] == ["3: prompt: prompt is empty"]
     rows = read_prompts(tmp_path / "p.csv", skip_invalid=True).rows
     assert [(r.id, r.prompt, r.line) for r in rows] == [("007", "Hello, world", 2)]
+
+
+NOT_UTF8 = "the file is not UTF-8 (it looks like {}); save it as UTF-8"
+JAPANESE = "id,prompt\n1,吾輩は猫である。\n2,名前はまだ無い。\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding", "line", "guess"),
+    [
+        (JAPANESE, "cp932", 2, "Shift-JIS/CP932"),
+        (JAPANESE, "utf-16", 1, "UTF-16"),
+        (
+            "id,prompt,note\n1,Hello,ok\n2,Hi,こんにちは\n",
+            "cp932",
+            3,
+            "Shift-JIS/CP932",
+        ),  # only a passthrough
+        ("prompt\n" + "Hello\n" * 20000 + "こんにちは\n", "cp932", 20002, "Shift-JIS/CP932"),  # a later block
+    ],
+    ids=["sjis", "utf16", "sjis-passthrough", "sjis-late"],
+)
+def test_a_csv_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, text, encoding, line, guess):
+    """A CSV from a Japanese Windows user (Shift-JIS/CP932) or saved as UTF-16: one line naming the file, the
+    first line that is not UTF-8 and what it looks like, not a UnicodeDecodeError traceback."""
+    path = tmp_path / "p.csv"
+    path.write_bytes(text.encode(encoding))
+    problems, message = problems_of(path)
+    assert message == f"cannot read the prompt file: {path}:{line}: " + NOT_UTF8.format(guess)
+
+
+def test_a_latin1_csv_is_not_utf8_with_no_guess(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes("id,prompt\n1,déjà vu au café\n".encode("latin-1"))
+    assert (
+        problems_of(path)[1]
+        == f"cannot read the prompt file: {path}:2: the file is not UTF-8; save it as UTF-8"
+    )
+
+
+def test_a_jsonl_file_that_is_not_utf8_says_so_once(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes('{"prompt": "吾輩は猫である"}\n{"prompt": "こんにちは"}\n'.encode("cp932"))
+    problems, _ = problems_of(path)
+    assert problems == [
+        f"{path}:1: invalid UTF-8 at byte 13 of the line; " + NOT_UTF8.format("Shift-JIS/CP932"),
+        f"{path}:2: invalid UTF-8 at byte 13 of the line",
+    ]
 
 
 def test_parquet_wrong_types_and_truncated_file(tmp_path):

@@ -42,6 +42,17 @@ def test_generate_reads_stdin_and_txt_files(tmp_path, tiny_gpt2):
     assert [ln.split("]")[0] for ln in result.output.splitlines()] == ["[zero", "[one", "[two"]
 
 
+@pytest.mark.parametrize(("encoding", "guess"), [("cp932", "Shift-JIS/CP932"), ("utf-16", "UTF-16")])
+def test_a_txt_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, tiny_gpt2, encoding, guess):
+    path = tmp_path / "p.txt"
+    path.write_bytes("吾輩は猫である\nこんにちは\n".encode(encoding))
+    result = invoke("generate", path, "-m", tiny_gpt2, "--max-new-tokens", 2)
+    assert result.exit_code == 1 and result.output == (
+        f"Error: cannot read the prompt file: {path}:1: the file is not UTF-8 (it looks like {guess}); "
+        "save it as UTF-8\n"
+    )
+
+
 def test_chat_wraps_plain_prompts_and_a_raw_prompt_to_a_chat_model_is_warned(
     tmp_path, tiny_llama, runner_home
 ):
