@@ -231,9 +231,10 @@ def _not_utf8_error(path: Path) -> InputError:
 
 
 def read_text_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file; InputError naming the file when it is not UTF-8."""
+    """The lines of a UTF-8 text file, a byte-order mark (as Windows editors write) dropped; InputError naming the
+    file when it is not UTF-8."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise _not_utf8_error(path) from e
 

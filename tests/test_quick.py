@@ -5,6 +5,7 @@ from helpers import invoke, write_jsonl
 
 import runner
 from runner import GenerationParams
+from runner.quick import read_prompts_arg
 
 
 def test_generate_prints_text_and_matches_the_engine(tiny_gpt2, gpt2_engine):
@@ -40,6 +41,18 @@ def test_generate_reads_stdin_and_txt_files(tmp_path, tiny_gpt2):
     )
     assert result.exit_code == 0, result.output
     assert [ln.split("]")[0] for ln in result.output.splitlines()] == ["[zero", "[one", "[two"]
+
+
+def test_a_txt_file_with_a_byte_order_mark_does_not_send_it_as_text(tmp_path, tiny_gpt2, gpt2_engine):
+    """Notepad's UTF-8 starts with EF BB BF: it is no part of the first prompt (JSONL and CSV drop it too)."""
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeffThe old man\nHello\n".encode())
+    assert read_prompts_arg([str(path)]) == ["The old man", "Hello"]
+    result = invoke("generate", path, "-m", tiny_gpt2, "--max-new-tokens", 3, "--greedy")
+    greedy = runner.generate(
+        ["The old man"], tiny_gpt2, GenerationParams(max_new_tokens=3), engine=gpt2_engine
+    )
+    assert result.exit_code == 0 and result.output.splitlines()[0] == f"[The old man] {greedy[0][0].text}"
 
 
 @pytest.mark.parametrize(("encoding", "guess"), [("cp932", "Shift-JIS/CP932"), ("utf-16", "UTF-16")])
