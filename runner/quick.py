@@ -49,6 +49,7 @@ def generate(
     from .engine import Engine
     from .tasks import generate_keys, sample_seed
 
+    _check_prompts(prompts)  # before the model loads
     params = params or GenerationParams()
     engine = engine or Engine(model, options or EngineOptions())
     ids = []
@@ -66,10 +67,23 @@ def generate(
     return [done[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+def _check_prompts(prompts: list[str]) -> None:
+    """Each prompt a string with text in it, as `runner run` checks a file's rows (an empty one would reach the
+    engine as a row of no tokens)."""
+    for number, text in enumerate(prompts, 1):
+        if not isinstance(text, str):
+            raise RunnerError(f"prompt {number} must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise RunnerError(f"prompt {number} is empty")
+
+
 def _check_window(ids: list[list[int]], params: GenerationParams, window: int | None) -> None:
-    """Submit's context-window rule (GenerationParams.prompt_budget), for every path (our loop and beams)."""
+    """Submit's context-window rule (GenerationParams.prompt_budget), for every path (our loop and beams); and
+    submit's refusal of a prompt that encodes to no tokens."""
     budget = params.prompt_budget(window)
     for number, prompt in enumerate(ids, 1):
+        if not prompt:
+            raise RunnerError(f"prompt {number} encodes to no tokens")
         if budget is not None and len(prompt) > budget:
             raise RunnerError(
                 f"prompt {number} is {len(prompt)} tokens; with max_new_tokens={params.max_new_tokens} it exceeds "

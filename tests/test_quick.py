@@ -43,6 +43,24 @@ def test_generate_reads_stdin_and_txt_files(tmp_path, tiny_gpt2):
     assert [ln.split("]")[0] for ln in result.output.splitlines()] == ["[zero", "[one", "[two"]
 
 
+@pytest.mark.parametrize("empty", ["", "  \n"])
+def test_generate_refuses_an_empty_prompt_naming_it_before_loading_the_model(tiny_gpt2, monkeypatch, empty):
+    """As `runner run` refuses an empty prompt: not a reshape error from the engine's prefill."""
+    import runner.engine
+
+    monkeypatch.setattr(runner.engine, "Engine", None)  # loading the model would fail the test
+    with pytest.raises(runner.RunnerError, match=r"^prompt 2 is empty$"):
+        runner.generate(["Hello", empty], tiny_gpt2)
+    result = invoke("generate", "Hello", empty, "-m", tiny_gpt2, "--max-new-tokens", 2)
+    assert result.exit_code == 1 and result.output == "Error: prompt 2 is empty\n"
+
+
+def test_generate_refuses_a_prompt_of_no_tokens(tiny_gpt2, gpt2_engine, monkeypatch):
+    monkeypatch.setattr("runner.batching.encode", lambda tokenizer, text, chat: [])
+    with pytest.raises(runner.RunnerError, match=r"^prompt 1 encodes to no tokens$"):
+        runner.generate(["Hello"], tiny_gpt2, engine=gpt2_engine)
+
+
 def test_a_txt_file_with_a_byte_order_mark_does_not_send_it_as_text(tmp_path, tiny_gpt2, gpt2_engine):
     """Notepad's UTF-8 starts with EF BB BF: it is no part of the first prompt (JSONL and CSV drop it too)."""
     path = tmp_path / "p.txt"
