@@ -823,7 +823,8 @@ def repair(ctx: click.Context, job_ref: str) -> None:
 @handle_errors
 def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bool, **kw: Any) -> None:
     """Generate for PROMPTS at once and print the text: a quick try of settings before a night's job. A
-    prompt may be '-' (one per line of standard input) or a .txt file (one per line). Nothing is saved.
+    prompt may be '-' (one per line of standard input) or a .txt file (one per line); a missing .txt file is an
+    error, not a prompt. Nothing is saved.
 
     \b
     Example:

@@ -12,25 +12,47 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RunnerError
-from .inputs import read_text_lines
+from .inputs import SUFFIXES, read_text_lines
 from .params import EngineOptions, GenerationParams
+
+FILE_SUFFIXES = (".txt", *SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
 
 
 def read_prompts_arg(items: Iterable[str]) -> list[str]:
-    """Each item is a prompt, `-` (one prompt per line of standard input) or a .txt file (one per line)."""
+    """Each item is a prompt, `-` (one prompt per line of standard input) or a .txt file (one per line). A word
+    that names a file (no whitespace, a prompt-file suffix) is never taken as a prompt: a missing .txt file,
+    or a .jsonl / .csv / .parquet file (those are `runner run`'s), is an error, not a prompt of its name."""
     import sys
 
     out: list[str] = []
     for item in items:
         if item == "-":
             out.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
-        elif item.endswith(".txt") and Path(item).is_file():
-            out.extend(line for line in read_text_lines(Path(item)) if line.strip())
+        elif _file_name(item):
+            out.extend(line for line in read_text_lines(_txt_file(item)) if line.strip())
         else:
             out.append(item)
     if not out:
         raise RunnerError("no prompt given (a prompt, '-' for standard input, or a .txt file)")
     return out
+
+
+def _file_name(item: str) -> bool:
+    return item.lower().endswith(FILE_SUFFIXES) and not any(c.isspace() for c in item)
+
+
+def _txt_file(item: str) -> Path:
+    """The .txt file `item` names; RunnerError when it is not one."""
+    import shlex
+
+    path = Path(item)
+    if not path.is_file():
+        raise RunnerError(f"no such file: {item}; to generate for this text itself, give it on standard input "
+                          f"(echo {shlex.quote(item)} | runner generate - -m MODEL)")  # fmt: skip
+    if not item.lower().endswith(".txt"):
+        raise RunnerError(f"{item}: generate reads prompts from .txt files (one per line); "
+                          f"run a {path.suffix} file with `runner run {shlex.quote(item)} -m MODEL`")  # fmt: skip
+    return path
 
 
 def generate(

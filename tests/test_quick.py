@@ -61,6 +61,28 @@ def test_generate_refuses_a_prompt_of_no_tokens(tiny_gpt2, gpt2_engine, monkeypa
         runner.generate(["Hello"], tiny_gpt2, engine=gpt2_engine)
 
 
+@pytest.mark.parametrize("name", ["missing.txt", "prompts.JSONL", "data/p.csv", "p.parquet"])
+def test_generate_refuses_a_file_name_that_is_not_there_rather_than_use_it_as_a_prompt(tiny_gpt2, name):
+    result = invoke("generate", name, "-m", tiny_gpt2, "--max-new-tokens", 2)
+    assert result.exit_code == 1 and result.output == (
+        f"Error: no such file: {name}; to generate for this text itself, give it on standard input "
+        f"(echo {name} | runner generate - -m MODEL)\n"
+    )
+
+
+def test_generate_sends_a_prompt_file_to_run_and_takes_text_that_only_ends_like_one(tmp_path, tiny_gpt2):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    result = invoke("generate", path, "-m", tiny_gpt2, "--max-new-tokens", 2)
+    assert result.exit_code == 1 and result.output == (
+        f"Error: {path}: generate reads prompts from .txt files (one per line); "
+        f"run a .jsonl file with `runner run {path} -m MODEL`\n"
+    )
+    assert read_prompts_arg(["What is in notes.txt", "missing.txt\n"]) == [
+        "What is in notes.txt",
+        "missing.txt\n",
+    ]
+
+
 def test_a_txt_file_with_a_byte_order_mark_does_not_send_it_as_text(tmp_path, tiny_gpt2, gpt2_engine):
     """Notepad's UTF-8 starts with EF BB BF: it is no part of the first prompt (JSONL and CSV drop it too)."""
     path = tmp_path / "p.txt"
