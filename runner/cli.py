@@ -873,6 +873,8 @@ def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bo
     help="For requests that set no max_tokens [default: 256, or half the context window if smaller].",
 )
 @click.option("--job-dir", type=click.Path(file_okay=False), help="The job folder [default: OUTPUT.job].")
+@click.option("--skip-invalid", is_flag=True,
+              help="Answer the valid requests; each invalid line is a 400 line of the .errors.jsonl file.")  # fmt: skip
 @generate_engine_options
 @click.pass_context
 @handle_errors
@@ -895,8 +897,8 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
     )
     with _ctrl_c_stops() as stop:
         job, summary = openai_batch.run_batch(input_path, output_path, model, params, options, job_dir=job_dir,
-                                              served_model_names=served_model_names, echo=_echo,
-                                              stop=stop)  # fmt: skip
+                                              served_model_names=served_model_names, echo=_echo, stop=stop,
+                                              skip_invalid=kw["skip_invalid"])  # fmt: skip
     if not summary.finished:
         _echo(f"stopped with {summary.done:,}/{summary.total:,} requests done; run the same command again to "
               "carry on (the output file is written when all are done)")  # fmt: skip

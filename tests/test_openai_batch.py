@@ -272,6 +272,32 @@ def test_run_batch_through_the_cli_and_results_format_openai(tmp_path, tiny_gpt2
     assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
 
 
+def test_run_batch_skip_invalid_answers_the_valid_requests_and_lists_the_others(tmp_path, tiny_gpt2):
+    """The refusal of a bad line says `--skip-invalid`: run-batch takes it, and the bad line becomes a 400 line of
+    the error file while the others are answered."""
+    body = {"model": "tiny", "max_tokens": 3, "temperature": 0}
+    reqs = [request("a", "/v1/completions", {**body, "prompt": "The old man"}),
+            request("b", "/v1/completions", {**body, "prompt": "Hello", "logit_bias": {"1": 5}}),
+            request("c", "/v1/completions", {**body, "prompt": "My friend"})]  # fmt: skip
+    inp = write_jsonl(tmp_path / "in.jsonl", reqs)
+
+    def run_batch(out, *extra):
+        return invoke("run-batch", "-i", inp, "-o", tmp_path / out, "--model", tiny_gpt2,
+                      "--served-model-name", "tiny", *extra)  # fmt: skip
+
+    result = run_batch("refused.jsonl")
+    assert result.exit_code == 1 and "(use --skip-invalid to run the valid rows)" in result.output
+    result = run_batch("out.jsonl", "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    (error,) = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert [(x["custom_id"], x["response"]["status_code"]) for x in out] == [("a", 200), ("c", 200)]
+    assert (error["custom_id"], error["response"]["status_code"]) == ("b", 400)
+    assert error["response"]["body"]["error"]["message"].startswith(
+        "line 2: body.logit_bias: is not supported"
+    )
+
+
 def _echo_job(tmp_path, model, engine):
     req = {"custom_id": "p", "method": "POST", "url": "/v1/completions",
            "body": {"model": "tiny", "prompt": "The old man", "max_tokens": 3, "temperature": 0,
