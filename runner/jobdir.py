@@ -145,12 +145,39 @@ def _in_home(text: str, root: Path) -> Path:
     if _is_job_folder(root / text):  # not any folder: HOME/logs of `runner work --background` is no job
         return root / text
     named = [p for p, spec in _named(root) if spec.get("name") == text]
+    if not named:  # its job.json damaged: the name's claim still says which job holds it
+        named = [p for p in [_name_holder(root, text)] if p is not None]
     if len(named) == 1:
         return named[0]
     if len(named) > 1:
         ids = ", ".join(p.name for p in named)
         raise RunnerError(f"several jobs are named {text!r}; use the job id ({ids})")
     raise RunnerError(f"no job {text!r} in {root}")
+
+
+NAMES = ".names"  # in the home: NAME.N.json, the claims on a job name (jobs._claim_name); the newest holds it
+
+
+def newest_name_claim(folder: Path, name: str) -> int | None:
+    """N of the newest claim NAME.N.json on `name` in the home's .names folder, None when there is none."""
+    pattern = re.compile(re.escape(name) + r"\.(\d+)\.json")
+    numbers = [int(m.group(1)) for n in storage.listdir(folder) if (m := pattern.fullmatch(n))]
+    return max(numbers, default=None)
+
+
+def _name_holder(root: Path, name: str) -> Path | None:
+    """The folder of the job the newest claim on `name` records, when that job is there: a job is found by its
+    name even when its job.json (where the name is written too) is damaged, so that repair can mend it."""
+    folder = root / NAMES
+    if storage.kind(folder) != "dir":
+        return None
+    newest = newest_name_claim(folder, name)
+    path = folder / f"{name}.{newest}.json"
+    held = _read_json_or_none(path) if newest is not None and storage.kind(path) == "file" else None
+    holder = held.get("job") if isinstance(held, dict) else None
+    if not isinstance(holder, str) or not NAME_RE.fullmatch(holder) or not _is_job_folder(root / holder):
+        return None
+    return root / holder
 
 
 def _is_job_folder(p: Path) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import time
@@ -325,7 +324,7 @@ def _write_job(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-NAMES = ".names"  # in the home: NAME.N.json, the claims on a job name; the newest (highest N) holds it
+NAMES = jobdir.NAMES  # in the home: NAME.N.json, the claims on a job name; the newest (highest N) holds it
 STALE_CLAIM_SECONDS = 600  # a claim whose job never appeared is taken over after this (its submit was killed)
 
 
@@ -345,7 +344,7 @@ def _claim_name(root: Path, name: str, job_id: str) -> str | None:
     folder.mkdir(exist_ok=True)
     claim = {"job": job_id, "owner": jobdir.Owner.me("submit").as_dict()}
     for _ in range(8):
-        newest = _newest_claim(folder, name)
+        newest = jobdir.newest_name_claim(folder, name)
         n = 0 if newest is None else newest + 1
         if newest is not None:
             path = folder / f"{name}.{newest}.json"
@@ -363,12 +362,6 @@ def _claim_name(root: Path, name: str, job_id: str) -> str | None:
         if jobdir.create_exclusive(folder / f"{name}.{n}.json", claim):
             return None
     raise RunnerError(f"cannot claim the job name {name!r} in {folder}: its claims keep changing")
-
-
-def _newest_claim(folder: Path, name: str) -> int | None:
-    pattern = re.compile(re.escape(name) + r"\.(\d+)\.json")
-    numbers = [int(m.group(1)) for n in storage.listdir(folder) if (m := pattern.fullmatch(n))]
-    return max(numbers, default=None)
 
 
 def _stale_claim(path: Path, held: Any) -> bool:

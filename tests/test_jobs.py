@@ -6,7 +6,7 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_jsonl
+from helpers import invoke, write_jsonl
 
 import runner
 from runner import GenerationParams, InputError, ParamError, RunnerError
@@ -237,6 +237,22 @@ def test_a_job_named_logs_is_found_though_runner_work_keeps_its_logs_beside_it(
                      name="logs")  # fmt: skip
     (runner_home / "logs").mkdir()
     assert runner.open_job("logs", runner_home).dir == job.dir
+
+
+def test_a_job_whose_job_json_is_damaged_is_still_found_by_its_name(tmp_path, tiny_gpt2, runner_home):
+    """The name is in job.json, and in the claim HOME/.names/NAME.N.json its submit made: `runner status q1` says
+    broken and `runner repair q1` mends it (the README's `runner repair night1`), not "no job 'q1'"."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}]), tiny_gpt2, home=runner_home,
+                     name="q1")  # fmt: skip
+    (job.dir / "job.json").write_text('{"id": "dama')
+    result = invoke("--home", runner_home, "status", "q1")
+    assert result.exit_code == 0 and "state:    broken - job.json is damaged" in result.output, result.output
+    result = invoke("--home", runner_home, "repair", "q1")
+    assert result.exit_code == 0 and "job.json restored from job.backup.json" in result.output, result.output
+    assert runner.status("q1", runner_home).state == "queued"
+    (runner_home / ".names" / "q2.0.json").write_text(json.dumps({"job": "20260101-000000-abcdef"}))
+    with pytest.raises(RunnerError, match="no job 'q2'"):  # a claim whose job never appeared names no job
+        runner.open_job("q2", runner_home)
 
 
 def test_a_word_naming_a_folder_here_and_a_job_in_the_home_is_refused_as_ambiguous(
