@@ -76,6 +76,30 @@ def test_every_command_has_help_and_is_in_the_readme():
         assert invoke(name, "--help").exit_code == 0
 
 
+README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_every_setting_of_runner_run_is_in_the_readme_table():
+    from runner.cli import ENGINE_FIELDS, GEN_FIELDS
+
+    start = README.index("### Generation settings")
+    table = README[start : README.index("\n\n", README.index("| option |", start))]
+    settings = [
+        p for p in cli.commands["run"].params if p.name in {*GEN_FIELDS, *ENGINE_FIELDS, "json_object"}
+    ]
+    assert len(settings) > 30
+    assert [p.opts[-1] for p in settings if f"`{p.opts[-1]}" not in table] == []
+
+
+def test_the_readme_installs_from_the_repository_and_says_which_commands_have_no_home():
+    """PyPI's `runner` is an unrelated package: never `pip install runner[...]`. "All commands take --home" was
+    said while generate and run-batch have none."""
+    assert not re.search(r"pip install [\"']?runner\b", README)
+    no_home = sorted(name for name, c in cli.commands.items() if "home" not in {p.name for p in c.params})
+    assert no_home == ["generate", "run-batch"]
+    assert "`runner generate` saves nothing and `runner run-batch` keeps its job" in " ".join(README.split())
+
+
 @pytest.mark.parametrize("command", ["run", "submit", "score", "embed", "generate", "run-batch"])
 def test_every_engine_option_is_a_command_line_option(command):
     from runner.cli import ENGINE_FIELDS, build_settings
