@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -186,6 +186,25 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_lines(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[str]:
+    """The lines of a plain UTF-8 text file, `size` bytes read at a time, each read retried (a retry opens the
+    file again at the same offset): a transient error never cuts the file short, nor raises a raw OSError."""
+    offset, rest = 0, b""
+    while chunk := retry(lambda at=offset: _read_at(path, at, size), f"read {path}"):
+        offset += len(chunk)
+        *lines, rest = (rest + chunk).split(b"\n")
+        yield from (line.decode("utf-8") for line in lines)
+    if rest:
+        yield rest.decode("utf-8")
+
+
+def _read_at(path: str | os.PathLike, offset: int, size: int) -> bytes:
+    _plain(path)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

@@ -71,3 +71,21 @@ def test_publish_copies_under_a_temp_name_then_renames(tmp_path, monkeypatch):
     publish(src, tmp_path / "home" / "00001-w.parquet")
     assert seen[0][0].startswith(".00001-w.parquet.") and seen[0][1] == 10_000
     assert (tmp_path / "home" / "00001-w.parquet").read_bytes() == src.read_bytes()
+
+
+def test_read_lines_resumes_at_its_offset_after_a_transient_error(tmp_path, monkeypatch):
+    """A long file read a few bytes at a time, every other open failing with EIO: every line once, in order,
+    the torn last one too (each retry opens the file again at the same offset)."""
+    path = tmp_path / "errors.jsonl"
+    path.write_text("".join(f'{{"line": {i}}}\n' for i in range(50)) + '{"torn')
+    real, opens = open, []
+
+    def flaky(file, *a, **kw):
+        opens.append(file)
+        if len(opens) % 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(file))
+        return real(file, *a, **kw)
+
+    monkeypatch.setattr(storage, "open", flaky, raising=False)
+    lines = list(storage.read_lines(path, size=7))
+    assert lines == [f'{{"line": {i}}}' for i in range(50)] + ['{"torn'] and len(opens) > 100
