@@ -7,7 +7,7 @@ asks it.
     job.json          the spec, written once at submit: model, kind, settings, seed, rows, unit size, checksums
     job.backup.json   a copy of job.json, so `runner repair` can restore a damaged one
     prompts.parquet   the validated prompts (its sha256 is in job.json)
-    errors.jsonl      input rows found invalid at submit (--skip-invalid); never changed afterwards
+    errors.jsonl      input rows found invalid at submit (--skip-invalid; its sha256 is in job.json); never changed
     state.json        what the user asked for and how it ended: queued, cancelled, completed, failed (+ retry
                       generation). Workers never write "running": running is a fact about live workers.
     claims/UUUUU-EEEEEEEE.json       the claim of epoch E on unit U (created exclusively: one owner per epoch)
@@ -47,6 +47,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import threading
@@ -612,18 +613,15 @@ class Job:
         storage.append_line(self.dir / LOG_FILE, time.strftime("%Y-%m-%d %H:%M:%S ") + line)
 
     def invalid_rows(self) -> Iterator[dict[str, Any]]:
-        """Input rows found invalid at submit (errors.jsonl), one at a time (there may be millions)."""
-        path = self.dir / INVALID
-        if not _lexists(path):
+        """Input rows found invalid at submit (errors.jsonl), one at a time (there may be millions). A file that
+        is not the one submit wrote (`invalid_problem`) raises BrokenJob: it never reads as fewer or other rows."""
+        if not self.meta["input"].get("invalid"):
             return
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(entry, dict):
-                    yield entry
+        why = invalid_problem(self)
+        if why:
+            raise BrokenJob(why, repairable=False)
+        for line in storage.read_lines(self.dir / INVALID):
+            yield json.loads(line)
 
     def read_stats(self) -> dict[str, Any]:
         """stats.json, or an empty record when it is missing or damaged (it is only informative)."""
@@ -984,6 +982,45 @@ def prompts_problem(job: Job, verifier: Verifier | None = None) -> str | None:
         verifier.cache[PROMPTS] = stamp
         verifier.dirty = True
     return None
+
+
+def invalid_problem(job: Job) -> str | None:
+    """Why errors.jsonl is not the file submit wrote, else None: its sha256 is in job.json (a job stored before
+    the checksum was: each line must be a JSON object, as many as job.json counts). It cannot be rebuilt."""
+    why = _invalid_mismatch(job)
+    if why is None:
+        return None
+    return (f"errors.jsonl of job {job.id} is damaged ({why}): the input lines refused at submit cannot be listed; "
+            f"submit the file again (its results are in their shards: `runner results {shlex.quote(str(job.dir))} "
+            "--to FILE.jsonl` still exports them)")  # fmt: skip
+
+
+def _invalid_mismatch(job: Job) -> str | None:
+    path, read = job.dir / INVALID, job.meta["input"]
+    found = storage.kind(path)
+    if found != "file":
+        return "it is missing" if found is None else f"a {found} stands there, not a file"
+    if "invalid_sha256" in read:
+        same = storage.retry(lambda: storage.file_sha256(path), f"read {path}") == read["invalid_sha256"]
+        return None if same else "it does not match its checksum"
+    count = _count_objects(path)
+    if count is None:
+        return "a line is not a JSON object"
+    expected = read.get("invalid")
+    return None if count == expected else f"it lists {count} line(s), job.json counts {expected}"
+
+
+def _count_objects(path: Path) -> int | None:
+    """The lines of a JSON-lines file, or None when one is not a JSON object (or not UTF-8)."""
+    count = 0
+    try:
+        for line in storage.read_lines(path):
+            if not isinstance(json.loads(line), dict):
+                return None
+            count += 1
+    except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError)
+        return None
+    return count
 
 
 def read_shard(job: Job, commit: Commit) -> tuple[bytes, str | None]:

@@ -297,7 +297,9 @@ def _write_job(
         meta = {"format": jobdir.FORMAT, **meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "runner_version": __version__}  # fmt: skip
         meta["input"].update({
-            "rows": written.rows, "invalid": written.invalid, "json_columns": written.json_columns,
+            "rows": written.rows, "invalid": written.invalid,
+            "invalid_sha256": storage.file_sha256(tmp / jobdir.INVALID) if written.invalid else None,
+            "json_columns": written.json_columns,
             "renamed_columns": written.renamed,
             "raw_prompts_to_chat_model": bool(meta["kind"] == "generate" and not reader.saw_messages
                                               and getattr(tokenizer, "chat_template", None)),
@@ -434,7 +436,7 @@ def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_inv
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    problems = _Problems(folder / "errors.jsonl" if skip_invalid else None)
+    problems = _Problems(folder / jobdir.INVALID if skip_invalid else None)
     columns = Passthrough(prep.kind, prep.fixed_names)
     writer: pq.ParquetWriter | None = None
     rows = 0

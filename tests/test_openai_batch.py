@@ -487,6 +487,61 @@ def test_a_damaged_prompts_file_is_named_not_exported_as_nothing(
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def refused_job(tmp_path, model, engine):
+    """A finished job of 4 request lines, 2 refused at submit (--skip-invalid): b and d in errors.jsonl."""
+    comp = "/v1/completions"
+    body = {"model": "tiny", "max_tokens": 3, "temperature": 0}
+    reqs = [request("a", comp, {**body, "prompt": "The old man"}),
+            request("b", comp, {**body, "prompt": "My friend", "logit_bias": {"1": 5}}),
+            request("c", comp, {**body, "prompt": "Hello there"}),
+            request("d", comp, {**body, "prompt": "Every student", "tools": []})]  # fmt: skip
+    job = create_job(write_jsonl(tmp_path / "in.jsonl", reqs), model, GenerationParams(max_new_tokens=3),
+                     job_dir=tmp_path / "job", served_model_names=("tiny",), skip_invalid=True)  # fmt: skip
+    assert run_job(job, engine, echo=None).finished
+    assert job.meta["input"]["invalid"] == 2 and len(job.meta["input"]["invalid_sha256"]) == 64
+    return job
+
+
+def test_a_damaged_errors_jsonl_is_named_not_exported_short(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch):
+    """errors.jsonl (the lines refused at submit) is checked against the sha256 job.json records: torn at its end,
+    or with a custom_id's byte flipped, the Batch export and read_errors refuse it, naming the file (not exit 0
+    with one refused request gone, or an error line for a custom_id never in the input); the plain export still
+    works. A job stored before the checksum: its lines must parse and be as many as job.json counts. Found by an
+    adversarial pass."""
+    import dataclasses
+
+    from runner.jobdir import BrokenJob
+
+    monkeypatch.chdir(tmp_path)
+    job = refused_job(tmp_path, tiny_gpt2, gpt2_engine)
+    path = job.dir / "errors.jsonl"
+    data = path.read_bytes()
+    flip = data.index(b'"id": "d"') + len(b'"id": "')
+    expected = f"errors.jsonl of job {job.id} is damaged (it does not match its checksum)"
+    for damage in (data[:-20], data[:flip] + b"e" + data[flip + 1 :]):
+        path.write_bytes(damage)
+        with pytest.raises(BrokenJob, match=re.escape(expected)):
+            export(Job.open(job.dir), tmp_path / "out.jsonl")
+        with pytest.raises(BrokenJob, match=re.escape(expected)):
+            runner.read_errors(job.dir)
+        result = invoke("results", job.dir, "--format", "openai", "--to", tmp_path / "out.jsonl")
+        assert result.exit_code == 1 and result.output.startswith(f"Error: {expected}"), result.output
+        assert "Traceback" not in result.output and not (tmp_path / "out.errors.jsonl").exists()
+        (command,) = re.findall(r"`runner ([^`]+)`", result.output)
+        assert invoke(*shlex.split(command)).exit_code == 0
+        assert [json.loads(x)["id"] for x in (tmp_path / "FILE.jsonl").read_text().splitlines()] == ["a", "c"]
+    old_meta = {**job.meta, "input": {k: v for k, v in job.meta["input"].items() if k != "invalid_sha256"}}
+    old = Job(job.dir, dataclasses.replace(job.spec, meta=old_meta))
+    not_json = "a line is not a JSON object"
+    for damage, why in ((data[: data.index(b"\n") + 1], "it lists 1 line(s), job.json counts 2"),
+                        (data[:-20], not_json), (data.replace(b'"d"', b'"\xff"'), not_json)):  # fmt: skip
+        path.write_bytes(damage)
+        with pytest.raises(BrokenJob, match=re.escape(f"errors.jsonl of job {job.id} is damaged ({why})")):
+            export(old, tmp_path / "out.jsonl")
+    path.write_bytes(data)
+    assert export(old, tmp_path / "out.jsonl") == (2, 2)
+
+
 def test_an_unfinished_job_never_answers_a_request_in_part(tmp_path, tiny_gpt2, gpt2_engine):
     """A job stopped at its first commit (p1 with n = 3 has one sample, p2 none): while queued its Batch export
     is refused, naming the job and its progress, and nothing is written; once cancelled (or failed) what is
