@@ -279,17 +279,14 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | 
     """(custom_id, request info, prompt token ids, input line, samples asked) of every valid request, in input
     order."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from .errors import first_line
-    from .jobdir import PROMPTS, BrokenJob
+    from .jobdir import BrokenJob
 
     default_k = job.meta.get("params", {}).get("logprobs")
     try:
-        pf = pq.ParquetFile(job.dir / PROMPTS)
-        names = pf.schema_arrow.names
-        cols = ["id", "input_ids"] + [c for c in ("request", "settings", "line", "n") if c in names]
-        for batch in pf.iter_batches(columns=cols):
+        for batch in _prompt_groups(job, ["id", "input_ids"], ["request", "settings", "line", "n"]):
+            cols = batch.schema.names
             ids, prompts = batch.column("id").to_pylist(), batch.column("input_ids").to_pylist()
             reqs = batch.column("request").to_pylist() if "request" in cols else [None] * len(ids)
             sets = batch.column("settings").to_pylist() if "settings" in cols else [None] * len(ids)
@@ -303,6 +300,27 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | 
     except (pa.ArrowException, KeyError, ValueError) as e:  # a job stored before prompts had a checksum
         why = f"prompts.parquet of job {job.id} is damaged ({first_line(e)})"
         raise BrokenJob(_prompts_hint(job, why), repairable=False) from None
+
+
+def _prompt_groups(job: Any, columns: list[str], optional: list[str]) -> Iterator[Any]:
+    """prompts.parquet's `columns` and those of `optional` it has, a row group at a time, each read retried (a
+    retry opens the file again): a transient error never ends the requests early, nor raises a raw OSError."""
+    import pyarrow.parquet as pq
+
+    from . import storage
+    from .jobdir import PROMPTS
+
+    path, what = job.dir / PROMPTS, f"read {job.dir / PROMPTS}"
+    meta = storage.retry(lambda: pq.read_metadata(path), what)
+    names = meta.schema.to_arrow_schema().names
+    columns = columns + [c for c in optional if c in names]
+
+    def group(i: int) -> Any:
+        with pq.ParquetFile(path, metadata=meta) as pf:
+            return pf.read_row_group(i, columns=columns)
+
+    for i in range(meta.num_row_groups):
+        yield storage.retry(lambda i=i: group(i), what)
 
 
 def _created(job: Any) -> int:

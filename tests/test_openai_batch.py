@@ -542,6 +542,43 @@ def test_a_damaged_errors_jsonl_is_named_not_exported_short(tmp_path, tiny_gpt2,
     assert export(old, tmp_path / "out.jsonl") == (2, 2)
 
 
+@pytest.mark.parametrize("where", ["errors.jsonl", "prompts.parquet"])
+def test_a_transient_error_reading_requests_is_retried(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch, where):
+    """A transient EIO / ENOTCONN on the job's errors.jsonl (every other read of each file in the job folder
+    fails once), or on opening prompts.parquet, is retried like every other read of the job folder: the Batch
+    export is written whole, byte for byte as without the faults (before: a raw OSError). Found by an
+    adversarial pass."""
+    import errno
+    import os
+
+    import pyarrow.parquet as pq
+    from fsfaults import FsFaults
+
+    job = refused_job(tmp_path, tiny_gpt2, gpt2_engine)
+    assert export(job, tmp_path / "clean.jsonl") == (2, 2)
+    errors = runner.read_errors(job.dir)
+    if where == "errors.jsonl":
+        faults = FsFaults(tmp_path, eio=1.0, eio_dirs=(job.dir.name,), retry_delays=[0.01] * 3)
+        faults.install(monkeypatch)
+    else:
+        monkeypatch.setattr("runner.storage.RETRY_DELAYS", (0.01,) * 3)
+        real, calls, failed = pq.ParquetFile, [], []
+
+        def flaky(source, *args, **kwargs):  # every other open of prompts.parquet fails once
+            calls.append(source)
+            if str(source).endswith("prompts.parquet") and len(calls) % 2:
+                failed.append(source)
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(source))
+            return real(source, *args, **kwargs)
+
+        monkeypatch.setattr(pq, "ParquetFile", flaky)
+    assert export(Job.open(job.dir), tmp_path / "out.jsonl") == (2, 2)
+    assert runner.read_errors(job.dir) == errors
+    for name in ("out.jsonl", "out.errors.jsonl"):
+        assert (tmp_path / name).read_bytes() == (tmp_path / name.replace("out", "clean")).read_bytes()
+    assert faults.eio_count if where == "errors.jsonl" else failed
+
+
 def test_an_unfinished_job_never_answers_a_request_in_part(tmp_path, tiny_gpt2, gpt2_engine):
     """A job stopped at its first commit (p1 with n = 3 has one sample, p2 none): while queued its Batch export
     is refused, naming the job and its progress, and nothing is written; once cancelled (or failed) what is
