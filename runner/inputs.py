@@ -94,7 +94,7 @@ class Template:
             if name is None:
                 continue
             if name not in row or row[name] is None:
-                return None, name, f"missing field {name!r} used by --template"
+                return None, name, f"missing field {name!r} used by --template;{_fields_it_has(row)}"
             value = row[name]
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 return None, name, f"must be a string or number to fill --template, got {_kind(value)}"
@@ -715,7 +715,15 @@ def _prompt_or_messages(
     wanted = [prompt_field] + ([messages_field] if messages_field else [])
     if pair_fields:
         wanted.append(" + ".join(pair_fields))
-    raise _Bad(prompt_field, "missing (each row needs " + " or ".join(repr(w) for w in wanted) + ")")
+    raise _Bad(prompt_field, "missing (each row needs " + " or ".join(repr(w) for w in wanted) + ";"
+               + _fields_it_has(obj) + "; --prompt-field or --template names the one to use)")  # fmt: skip
+
+
+def _fields_it_has(row: dict[str, Any]) -> str:
+    """' the row has 'question', 'answer'' (at most 8 named): what a misnamed field could be."""
+    names = [repr(k) for k, v in row.items() if v is not None]
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f" the row has {shown}" if names else " the row has no fields"
 
 
 def _not_empty(prompt: str, field: str) -> str:

@@ -38,7 +38,8 @@ BAD_LINES = [
     ('{"prompt": NaN}', "p.jsonl:1: invalid JSON (NaN is not valid JSON)"),
     ('{"prompt": 42}', "p.jsonl:1: prompt: must be a string, got number"),
     ('{"prompt": "   "}', "p.jsonl:1: prompt: prompt is empty"),
-    ('{"text": "no prompt here"}', "p.jsonl:1: prompt: missing (each row needs 'prompt' or 'messages')"),
+    ('{"text": "no prompt here"}', "p.jsonl:1: prompt: missing (each row needs 'prompt' or 'messages'; the row "
+     "has 'text'; --prompt-field or --template names the one to use)"),
     ('{"id": 1.5, "prompt": "x"}', "p.jsonl:1: id: must be a string or an integer, got number"),
     ('{"id": "", "prompt": "x"}', "p.jsonl:1: id: must be a non-empty string"),
     ('{"prompt": "\\ud800"}', "p.jsonl:1: contains a lone surrogate escape (such as \\ud800), not valid Unicode"),
@@ -100,7 +101,7 @@ def test_template_fills_columns_and_names_missing_ones(tmp_path):
     assert ps.rows[0].prompt == "Context: Paris is in France.\nQuestion: Where is Paris?\nAnswer:"
     assert ps.rows[0].extra == {"context": "Paris is in France.", "question": "Where is Paris?"}
     assert [str(p).split("qa.jsonl:")[1] for p in ps.problems] == [
-        "2: question: missing field 'question' used by --template",
+        "2: question: missing field 'question' used by --template; the row has 'context'",
         "3: question: must be a string or number to fill --template, got array",
     ]
 
