@@ -17,7 +17,9 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import string
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +32,8 @@ from .params import ROW_SETTINGS, row_overrides
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_LINE_BYTES = 64 * 1024 * 1024  # a line this long is surely a broken file, not a prompt
-SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv",
+            ".txt": "text"}  # fmt: skip
 
 
 @dataclass
@@ -144,10 +147,10 @@ def _has_surrogate(value: Any) -> bool:
     return False
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    """Yield (line number, object, None) or (line number, None, reason); blank lines are skipped.
-    Reads in binary so that bad UTF-8 is reported per line (the first such line also says what the file looks
-    like, once), and streams so memory stays flat."""
+def _text_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, None) or (line number, None, reason) for each line that is not blank. Reads in
+    binary so that bad UTF-8 is reported per line (the first such line also says what the file looks like,
+    once), and streams so memory stays flat."""
     hint = ""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -166,21 +169,36 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
                     f"invalid UTF-8 at byte {e.start + 1} of the line" + ("" if said else f"; {hint}"),
                 )
                 continue
-            if not text.strip(" \t\r\n\x0b\x0c"):  # str.strip would also drop \x1c-\x1f, which are not blank
-                continue
-            try:
-                obj = _loads(text)
-            except ValueError as e:
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-                yield lineno, None, f"invalid JSON ({msg})"
-                continue
-            if not isinstance(obj, dict):
-                yield lineno, None, f"expected a JSON object per line, got {_kind(obj)}"
-                continue
-            if "\\u" in text and _has_surrogate(obj):  # only a \u escape can make a lone surrogate
-                yield lineno, None, "contains a lone surrogate escape (such as \\ud800), not valid Unicode"
-                continue
-            yield lineno, obj, None
+            if text.strip(" \t\r\n\x0b\x0c"):  # str.strip would also drop \x1c-\x1f, which are not blank
+                yield lineno, text, None
+
+
+def iter_text(path: Path, field: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """A .txt file (or standard input): one prompt, or text to score or embed, per line (as gpt2-score and
+    `runner generate FILE.txt` read them), its id the line number; blank lines are skipped."""
+    for lineno, text, reason in _text_lines(path):
+        yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """Yield (line number, object, None) or (line number, None, reason); blank lines are skipped."""
+    for lineno, text, reason in _text_lines(path):
+        if text is None:
+            yield lineno, None, reason
+            continue
+        try:
+            obj = _loads(text)
+        except ValueError as e:
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            yield lineno, None, f"invalid JSON ({msg})"
+            continue
+        if not isinstance(obj, dict):
+            yield lineno, None, f"expected a JSON object per line, got {_kind(obj)}"
+            continue
+        if "\\u" in text and _has_surrogate(obj):  # only a \u escape can make a lone surrogate
+            yield lineno, None, "contains a lone surrogate escape (such as \\ud800), not valid Unicode"
+            continue
+        yield lineno, obj, None
 
 
 # --- files that are not UTF-8 -------------------------------------------------------------------------------
@@ -293,11 +311,19 @@ def _csv_batches(path: Path, text_columns: tuple[str, ...]) -> Any:
 
 @contextlib.contextmanager
 def input_file(source: Any) -> Iterator[Path]:
-    """The prompt file `source` stands for, as a path, for the time of a submit. A path is itself. A Hugging
+    """The prompt file `source` stands for, as a path, for the time of a submit. A path is itself; `-` is
+    standard input, one prompt (or text) per line, copied to a temporary .txt file. A Hugging
     Face `datasets.Dataset`, a dataset folder written by `save_to_disk`, or `hf:NAME[:CONFIG][@SPLIT]` (a
     dataset on the Hub, through `datasets.load_dataset`) is written to a temporary Parquet file, batch by
     batch (`Dataset.to_parquet`), and read from there like any Parquet file; the job keeps its own validated
     copy, so the temporary file goes when the submit ends."""
+    if isinstance(source, str) and source == "-":  # standard input: one prompt (or text) per line
+        with tempfile.TemporaryDirectory(prefix="runner-input-") as tmp:
+            path = Path(tmp) / "stdin.txt"
+            with open(path, "wb") as f:
+                shutil.copyfileobj(sys.stdin.buffer, f)
+            yield path
+        return
     dataset = _as_dataset(source)
     if dataset is None:
         yield Path(source)
@@ -379,7 +405,7 @@ def input_format(path: str | os.PathLike) -> str:
     if suffix not in SUFFIXES:
         raise ParamError(
             "input",
-            f"{path}: unknown file type {suffix or '(none)'!r}; use .jsonl, .parquet or .csv (or a Hugging Face "
+            f"{path}: unknown file type {suffix or '(none)'!r}; use .jsonl, .parquet, .csv, .txt or - (or a Hugging Face "
             "dataset: a save_to_disk folder, hf:NAME[:CONFIG][@SPLIT], or a datasets.Dataset from Python).",
         )
     return SUFFIXES[suffix]
@@ -547,6 +573,8 @@ class PromptReader(RowChecker):
     def _source(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         if self.format == "jsonl":
             return iter_jsonl(self.path)
+        if self.format == "text":
+            return iter_text(self.path, self.prompt_field)
         text_columns = (self.id_field, self.prompt_field, *(self.template.fields if self.template else ()))
         return _iter_arrow(self.path, self.format, text_columns)
 

@@ -178,6 +178,8 @@ def _describe(source: Any, path: Path) -> str:
     """What job.json says the input was: the file's absolute path, or the dataset it was read from."""
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
+        if text == "-":
+            return "standard input"
         return text if text.startswith("hf:") else str(Path(text).resolve())
     return f"{type(source).__name__} ({getattr(source, 'num_rows', '?')} rows)"
 

@@ -15,7 +15,7 @@ from .errors import RunnerError
 from .inputs import SUFFIXES, read_text_lines
 from .params import EngineOptions, GenerationParams
 
-FILE_SUFFIXES = (".txt", *SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
+FILE_SUFFIXES = tuple(SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
 
 
 def read_prompts_arg(items: Iterable[str]) -> list[str]:

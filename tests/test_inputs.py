@@ -214,8 +214,22 @@ def test_parquet_wrong_types_and_truncated_file(tmp_path):
 
 def test_missing_file_and_unknown_type(tmp_path):
     assert "no such file" in problems_of(tmp_path / "nope.jsonl")[0][0]
-    with pytest.raises(ParamError, match=r"unknown file type '\.txt'"):
-        read_prompts(tmp_path / "p.txt")
+    with pytest.raises(
+        ParamError, match=r"unknown file type '\.docx'; use \.jsonl, \.parquet, \.csv, \.txt or -"
+    ):
+        read_prompts(tmp_path / "p.docx")
+
+
+def test_a_txt_file_is_one_prompt_per_line(tmp_path):
+    """.txt: one prompt per line (the id is its line number), blank lines skipped, a byte-order mark and CRLF
+    dropped; a line that is not UTF-8 is named as in JSONL."""
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeffこんにちは\r\n\n  \nThe fox\n".encode() + "猫".encode("cp932") + b"\n")
+    ps = read_prompts(f, skip_invalid=True)
+    assert [(r.id, r.prompt) for r in ps.rows] == [("1", "こんにちは"), ("4", "The fox")]
+    assert [(p.line, p.message.split(";")[0]) for p in ps.problems] == [
+        (5, "invalid UTF-8 at byte 1 of the line")
+    ]
 
 
 def test_seen_ids_finds_every_repeat_and_its_first_line():

@@ -174,3 +174,24 @@ def test_demo_model_prefers_the_true_sentence(tmp_path):
     job, _ = runner.run(p, "smollm2-135m-instruct", ScoreParams(), output=tmp_path / "out", echo=None)
     df = runner.load_results(job.dir).set_index("id")
     assert df.loc["paris", "logprob"] > df.loc["berlin", "logprob"] + 1.0
+
+
+def test_score_reads_a_txt_file_or_standard_input_one_text_per_line(tmp_path, tiny_gpt2, runner_home):
+    """gpt2-score users pipe texts in (`printf ... | gpt2-score.py -`): `runner score -` and `runner score FILE.txt`
+    read one text per line (a byte-order mark dropped, blank lines skipped, the id is the line number), scored
+    as the same texts in JSONL are (found by a user walkthrough: both were refused)."""
+    texts = ["The cat sat on the mat.", "吾輩は猫である。"]
+    (tmp_path / "t.txt").write_text("\ufeff" + texts[0] + "\n\n" + texts[1] + "\r\n", encoding="utf-8")
+    jsonl = write_jsonl(tmp_path / "t.jsonl", [{"id": "1", "text": texts[0]}, {"id": "3", "text": texts[1]}])
+    stdin = texts[0] + "\n\n" + texts[1] + "\n"
+    outs = []
+    for source, given in ((tmp_path / "t.txt", None), ("-", stdin), (jsonl, None)):
+        result = invoke("score", source, "-m", tiny_gpt2, input=given)
+        assert result.exit_code == 0, result.output
+        outs.append(runner.load_results(result.stdout.strip())[["id", "text", "logprob"]])
+    assert list(outs[0]["id"]) == ["1", "3"] and list(outs[0]["text"]) == texts
+    assert outs[0].to_json() == outs[1].to_json() == outs[2].to_json()
+    assert Job.open(result.stdout.strip()).meta["input"]["path"].endswith("t.jsonl")
+    assert "standard input" in [
+        Job.open(p).meta["input"]["path"] for p in runner_home.iterdir() if p.is_dir()
+    ]
