@@ -110,7 +110,8 @@ generation_options = _apply([
     click.option("--presence-penalty", type=float, help="OpenAI presence penalty in [-2, 2] [default: 0]."),
     click.option("--frequency-penalty", type=float, help="OpenAI frequency penalty in [-2, 2] [default: 0]."),
     click.option("-n", "--num-return-sequences", type=int, help="Samples per prompt [default: 1]."),
-    click.option("--seed", type=int, help="Random seed; the same seed gives the same results."),
+    click.option("--seed", type=int, help="Random seed; the same seed gives the same results [default: a job picks "
+                                          "one and keeps it; `runner generate` uses 0, the same samples each try]."),
     click.option("--stop", multiple=True, help='Stop string, repeatable (e.g. --stop "\\n"). Escapes \\n \\t work.'),
     click.option("--logprobs", type=int, help="Also keep the K most likely alternatives of each token (0-20)."),
     click.option("--prompt-logprobs", is_flag=True, default=None, help="Also keep the log-prob of every prompt token."),
