@@ -567,7 +567,7 @@ class Job:
         try:
             meta = storage.read_json(path / JOB_FILE)
         except ValueError as e:
-            raise BrokenJob(f"job.json is damaged ({e}); its backup can restore it") from None
+            raise _damaged_spec(path, f"job.json is damaged ({e})") from None
         spec = JobSpec.parse(meta)
         for sub in FOLDERS:
             if _is_link(path / sub):
@@ -1416,6 +1416,18 @@ def _last_generation(job: Job) -> int:
     gens = [c.marker.get("generation", 0) for c in read_ledger(job, generation=0).commits]
     gens.append(done.get("generation", 0) if isinstance(done, dict) else 0)
     return max((g for g in gens if type(g) is int and g >= 0), default=0)
+
+
+def _damaged_spec(path: Path, why: str) -> BrokenJob:
+    """What to do about a damaged job.json: `runner repair` when its backup reads as a spec, else submit again."""
+    try:
+        raw = _read_json_or_none(path / JOB_BACKUP) if _lexists(path / JOB_BACKUP) else None
+        JobSpec.parse(raw if isinstance(raw, dict) else {})
+    except (ValueError, RunnerError, storage.StorageError):
+        return BrokenJob(
+            f"{why} and its backup is missing or damaged too; submit the file again", repairable=False
+        )
+    return BrokenJob(f"{why}; `runner repair` restores it from job.backup.json")
 
 
 def _restore_spec(path: Path) -> Job:

@@ -104,3 +104,16 @@ def test_a_damaged_per_row_n_prompts_file_breaks_only_its_job(tmp_path, tiny_gpt
     assert "Traceback" not in out, out
     code, out = run_runner("--home", runner_home, "status", "other", "--json")
     assert '"completed"' in out, out  # the healthy job ran
+
+
+def test_a_torn_job_json_says_whether_its_backup_can_restore_it(tmp_path, tiny_gpt2, runner_home):
+    """A torn job.json: `runner repair` when job.backup.json is sound; when the backup is torn too, status says to
+    submit again, not that the backup can restore it (found by a user walkthrough)."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}]), tiny_gpt2, home=runner_home)
+    (job.dir / "job.json").write_text('{"torn')
+    assert "`runner repair` restores it from job.backup.json" in runner.status(job.dir).message
+    (job.dir / "job.backup.json").write_text('{"torn')
+    message = runner.status(job.dir).message
+    assert (
+        "its backup is missing or damaged too; submit the file again" in message and "repair" not in message
+    )
