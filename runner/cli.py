@@ -33,7 +33,10 @@ ENGINE_FIELDS = _fields("EngineOptions")
 
 
 def _echo(line: str) -> None:
-    click.echo(f"[runner] {line}", err=True)
+    try:
+        click.echo(f"[runner] {line}", err=True)
+    except BrokenPipeError:  # its reader went away (`runner run ... 2>&1 | head`): the work goes on (log.txt)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,9 +53,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:  # not click's "Aborted!" (exit 1): say what is kept, exit 130
             _echo("interrupted; finished batches are kept: run the same command again to carry on")
             raise SystemExit(130) from None
-        except BrokenPipeError:  # `runner status | head`: the reader has all it wanted; nothing more to say
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise SystemExit(0) from None
+        except BrokenPipeError:  # `runner status | head`: the reader went away; say nothing more, exit as
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # a process killed by SIGPIPE does
+            raise SystemExit(141) from None
         except OSError as e:  # a file-system error no layer above named: still one line, never a traceback
             raise click.ClickException(
                 f"cannot read or write {e.filename or 'the job home'}: {e.strerror or e}"

@@ -252,11 +252,24 @@ def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
         try:
             job = Job.open(path)
             if job.name is None and job.meta.get("fingerprint") == fingerprint:
-                if job.state().state not in (JobState.FAILED, JobState.CANCELLED):
+                if job.state().state not in (JobState.FAILED, JobState.CANCELLED) and _same_model(job):
                     return job
         except RunnerError:
             continue
     return None
+
+
+def _same_model(job: Job) -> bool:
+    """The job's model folder still holds the model it was submitted with (a model retrained in place, or
+    another ./model from another folder, makes a new job rather than return the old one's results)."""
+    from .models import fingerprint_version
+
+    stored = job.meta.get("model_fingerprint")
+    try:
+        config = load_config(job.spec.model, job.options.trust_remote_code)
+        return model_fingerprint(job.spec.model, config, fingerprint_version(stored)) == stored
+    except (OSError, RunnerError):
+        return False
 
 
 def _model_facts(model: str, options: EngineOptions, kind: str, params: Any) -> tuple[Any, Any, int | None]:

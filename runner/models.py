@@ -196,6 +196,7 @@ def check_weights(spec: str, allow_pickle: bool) -> None:
 def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> Any:
     """The model, in eval mode on `device` (or placed by accelerate with options.device_map), with sdpa
     attention where the architecture has it. Only safetensors weights unless options.allow_pickle."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec)
@@ -213,7 +214,7 @@ def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> An
                 if "sdpa" not in str(e).lower() and "attn_implementation" not in str(e):
                     raise
                 model = AutoModelForCausalLM.from_pretrained(path, **kwargs)  # no sdpa for this model
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, SafetensorError) as e:  # a weights file that is not one, too
             hint = ""
             if not options.allow_pickle and "safetensors" in str(e).lower():
                 hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"

@@ -435,13 +435,13 @@ def load_results(
 def _warn_if_partial(job_dir: Path) -> None:
     """Results of a job not complete yet (queued, running, cancelled, failed) are partial: said, not silent."""
     from .job_status import job_status
-    from .jobdir import BrokenJob, Job
+    from .jobdir import Job
 
     try:
         s = job_status(Job.open(job_dir))
-    except BrokenJob:
-        return  # its shards were read and checked one by one, with a warning for each left out
-    if s.state != "completed":
+    except RunnerError:
+        return  # broken (its shards were read and checked one by one, each left out named): nothing to add
+    if s.state not in ("completed", "broken") and s.done < s.total:
         warnings.warn(f"job {s.id} is {s.state}: these are {s.done:,} of its {s.total:,} results (the rest are not "
                       "generated yet)", stacklevel=3)  # fmt: skip
 

@@ -264,7 +264,13 @@ def work(
             if not _wait_for_others(home, job, owner.worker, poll, deadline, echo):
                 break
             continue
-        summary = run_leased(cand, engines, stop, run_opts, echo)
+        try:
+            summary = run_leased(cand, engines, stop, run_opts, echo)
+        except ModelUnreadable as e:  # that job waits for its model to come back; the others run meanwhile
+            failed.add(cand.job.id)
+            if echo:
+                echo(str(e))
+            continue
         if summary is None:
             failed.add(cand.job.id)
             if on_failed is not None and _failed(cand.job):
@@ -350,7 +356,7 @@ def _skip_broken(j: Job, e: BrokenJob, echo: Any) -> None:
 
 class ModelUnreadable(StorageError):
     """The model's files gave transient read errors for a minute (a model folder on Drive gone for a while):
-    the worker stops and the job stays as it is, to resume later; it has not failed."""
+    the job stays as it is, to resume later (it has not failed); this worker goes on with the other jobs."""
 
 
 def _reading_model(read: Callable[[], Any], j: Job) -> Any:
@@ -363,8 +369,8 @@ def _reading_model(read: Callable[[], Any], j: Job) -> Any:
             if not _transient(e):
                 raise
             if delay is None:
-                raise ModelUnreadable(f"stopped: cannot read the model {j.spec.model!r} ({first_line(e)}); job "
-                                      f"{j.id} is as it was and resumes with the next `runner work`") from e  # fmt: skip
+                raise ModelUnreadable(f"cannot read the model {j.spec.model!r} ({first_line(e)}); job {j.id} is "
+                                      "as it was and resumes with the next `runner work`") from e  # fmt: skip
             time.sleep(delay)
     raise AssertionError("unreachable")
 

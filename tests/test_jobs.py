@@ -148,6 +148,23 @@ def test_run_in_the_home_run_again_carries_on_the_same_job(
     assert fourth.id == job.id
 
 
+def test_run_in_the_home_again_after_the_model_changed_makes_a_new_job(
+    tmp_path, prompts_file, tiny_gpt2, runner_home
+):
+    """The same command after the model folder was saved over (retrained in place, or another ./model): a new job,
+    never the old model's results returned as done (found by adversarial pass 9)."""
+    import shutil
+
+    model = shutil.copytree(tiny_gpt2, tmp_path / "model")
+    params = GenerationParams(max_new_tokens=2)
+    first, _ = runner.run(prompts_file, str(model), params, echo=None)
+    assert runner.run(prompts_file, str(model), params, echo=None)[0].id == first.id
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [0, 1]}))
+    again, summary = runner.run(prompts_file, str(model), params, echo=None)
+    assert again.id != first.id and summary.finished and summary.generated == len(ROWS)
+
+
 @pytest.mark.parametrize("damage", ["zero-byte", "truncated", "marker-torn", "marker-missing"])
 def test_damaged_shards_are_not_counted_and_are_redone(
     tmp_path, prompts_file, tiny_gpt2, gpt2_engine, damage

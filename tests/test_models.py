@@ -154,3 +154,16 @@ def test_the_installed_transformers_is_in_the_tested_range_and_pyproject_says_th
     ]
     spec = next(d for d in deps if d.startswith("transformers"))
     assert spec == f"transformers>={versions.LOWEST},<{versions._next_minor(versions.NEWEST)}"
+
+
+def test_a_weights_file_that_is_not_one_is_a_model_error(tmp_path, tiny_gpt2):
+    """A garbage model.safetensors is a clear model error (the job fails, the next one runs), not a
+    SafetensorError traceback that stops `runner work` (found by adversarial pass 9)."""
+    import shutil
+
+    from runner.engine import Engine
+
+    model = shutil.copytree(tiny_gpt2, tmp_path / "model")
+    (model / "model.safetensors").write_bytes(b"not a safetensors file" * 64)
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        Engine(str(model))
