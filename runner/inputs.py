@@ -217,6 +217,12 @@ def not_utf8(path: Path, bad: bytes = b"") -> str:
     return "the file is not UTF-8" + (f" (it looks like {guess})" if guess else "") + "; save it as UTF-8"
 
 
+def not_utf8_text(raw: bytes) -> str:
+    """`not_utf8` for bytes that are not in a file (standard input, an argument)."""
+    guess = _guess_encoding(raw[:HEAD_BYTES])
+    return "the text is not UTF-8" + (f" (it looks like {guess})" if guess else "") + "; send it as UTF-8"
+
+
 def _guess_encoding(head: bytes) -> str | None:
     """UTF-16 (its byte-order mark, or the NUL bytes of mostly-ASCII text), Shift-JIS/CP932 (it decodes as such
     and holds kana: text that only happens to decode is kanji soup, a Latin code page more likely), or None."""

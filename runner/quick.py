@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RunnerError
-from .inputs import SUFFIXES, read_text_lines
+from .inputs import SUFFIXES, not_utf8_text, read_text_lines
 from .params import EngineOptions, GenerationParams
 
 FILE_SUFFIXES = tuple(SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
@@ -27,14 +27,26 @@ def read_prompts_arg(items: Iterable[str]) -> list[str]:
     out: list[str] = []
     for item in items:
         if item == "-":
-            out.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
+            stdin = sys.stdin.buffer.read().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+            out.extend(_utf8(line, "standard input") for line in stdin.splitlines() if line.strip())
         elif _file_name(item):
             out.extend(line for line in read_text_lines(_txt_file(item)) if line.strip())
         else:
-            out.append(item)
+            out.append(_utf8(item, "a prompt argument"))
     if not out:
         raise RunnerError("no prompt given (a prompt, '-' for standard input, or a .txt file)")
     return out
+
+
+def _utf8(text: str, where: str) -> str:
+    """`text` if it is valid UTF-8 (bytes that were not read as undecodable `surrogateescape` characters),
+    else RunnerError saying what it looks like, as for a file that is not UTF-8."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape")
+        raise RunnerError(f"{where}: {not_utf8_text(raw)}") from None
 
 
 def _file_name(item: str) -> bool:

@@ -139,3 +139,21 @@ def test_generate_refuses_a_prompt_over_the_context_window_as_submit_does(tiny_g
         f"Error: prompt 2 is {n} tokens; with max_new_tokens=4 it exceeds the model's context window of 256 "
         "tokens (shorten it, or lower --max-new-tokens)\n"
     )
+
+
+def test_prompt_text_that_is_not_utf8_is_one_line_naming_where_it_came_from(tiny_gpt2):
+    """Shift-JIS on standard input (or in an argument) is named as such, as in a .txt file, not a tokenizer
+    TypeError traceback (found by adversarial pass 9)."""
+    import subprocess
+    import sys
+
+    import workers
+
+    sjis = "こんにちは".encode("cp932")
+    for args, given in ((["-"], sjis + b"\n"), ([sjis], b"")):
+        proc = subprocess.run([sys.executable.encode(), b"-m", b"runner", b"generate", *[a if isinstance(a, bytes)
+                               else a.encode() for a in args], b"-m", str(tiny_gpt2).encode()], input=given,
+                              capture_output=True, env=workers.worker_env(), cwd=workers.ROOT)  # fmt: skip
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and "Traceback" not in err, err
+        assert "is not UTF-8 (it looks like Shift-JIS/CP932); send it as UTF-8" in err
