@@ -1427,7 +1427,7 @@ def _damaged_spec(path: Path, why: str) -> BrokenJob:
         return BrokenJob(
             f"{why} and its backup is missing or damaged too; submit the file again", repairable=False
         )
-    return BrokenJob(f"{why}; `runner repair` restores it from job.backup.json")
+    return BrokenJob(f"{why}; its backup job.backup.json can restore it")
 
 
 def _restore_spec(path: Path) -> Job:

@@ -111,7 +111,8 @@ def test_a_torn_job_json_says_whether_its_backup_can_restore_it(tmp_path, tiny_g
     submit again, not that the backup can restore it (found by a user walkthrough)."""
     job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}]), tiny_gpt2, home=runner_home)
     (job.dir / "job.json").write_text('{"torn')
-    assert "`runner repair` restores it from job.backup.json" in runner.status(job.dir).message
+    message = runner.status(job.dir).message
+    assert "its backup job.backup.json can restore it" in message and "runner repair" in message
     (job.dir / "job.backup.json").write_text('{"torn')
     message = runner.status(job.dir).message
     assert (
