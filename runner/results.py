@@ -499,7 +499,8 @@ def _write_whole(df: Any, to: Path) -> None:
         elif suffix == ".json":
             df.to_json(tmp, orient="records", force_ascii=False)  # one JSON array, as the name says
         else:
-            _as_json_text(df).to_csv(tmp, index=False)
+            # with a UTF-8 byte-order mark: Excel (a Japanese Windows above all) reads it as UTF-8, not mojibake
+            _as_json_text(df).to_csv(tmp, index=False, encoding="utf-8-sig")
         os.replace(tmp, to)
     except OSError as e:
         raise RunnerError(f"cannot write {to}: {e.strerror or e}") from None

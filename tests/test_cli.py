@@ -6,6 +6,7 @@ import sys
 import types
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from helpers import invoke, write_jsonl
 
@@ -199,7 +200,9 @@ def test_results_export_lists_as_json_in_csv_and_an_array_in_json(prompts, tiny_
     )
     assert result.exit_code == 0, result.output
     assert invoke("results", tmp_path / "o", "--to", tmp_path / "r.csv").exit_code == 0
-    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert (tmp_path / "r.csv").read_bytes().startswith(b"\xef\xbb\xbfid,")  # a BOM: Excel reads UTF-8 then
+    rows = list(csv.DictReader((tmp_path / "r.csv").open(encoding="utf-8-sig")))
+    assert pd.read_csv(tmp_path / "r.csv").columns[0] == "id"  # pandas (and runner's own reader) skip the BOM
     assert json.loads(rows[0]["token_ids"]) and all(
         isinstance(i, int) for i in json.loads(rows[0]["token_ids"])
     )
