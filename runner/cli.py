@@ -36,7 +36,14 @@ def _echo(line: str) -> None:
     try:
         click.echo(f"[runner] {line}", err=True)
     except BrokenPipeError:  # its reader went away (`runner run ... 2>&1 | head`): the work goes on (log.txt)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        _to_devnull(sys.stderr)
+
+
+def _to_devnull(stream: Any) -> None:
+    """Point a stream whose reader went away at /dev/null, so that later writes (and the flush at exit) pass."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,7 +61,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _echo("interrupted; finished batches are kept: run the same command again to carry on")
             raise SystemExit(130) from None
         except BrokenPipeError:  # `runner status | head`: the reader went away; say nothing more, exit as
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # a process killed by SIGPIPE does
+            _to_devnull(sys.stdout)  # a process killed by SIGPIPE does
             raise SystemExit(141) from None
         except OSError as e:  # a file-system error no layer above named: still one line, never a traceback
             raise click.ClickException(

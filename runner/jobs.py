@@ -260,16 +260,22 @@ def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
 
 
 def _same_model(job: Job) -> bool:
-    """The job's model folder still holds the model it was submitted with (a model retrained in place, or
-    another ./model from another folder, makes a new job rather than return the old one's results)."""
-    from .models import fingerprint_version
-
-    stored = job.meta.get("model_fingerprint")
+    """`model_unchanged`, an unreadable model counting as changed: a model retrained in place, or another
+    ./model from another folder, makes a new job rather than return the old one's results."""
     try:
-        config = load_config(job.spec.model, job.options.trust_remote_code)
-        return model_fingerprint(job.spec.model, config, fingerprint_version(stored)) == stored
+        return model_unchanged(job)
     except (OSError, RunnerError):
         return False
+
+
+def model_unchanged(job: Job) -> bool:
+    """The job's model folder still holds the model it was submitted with: its fingerprint, computed the way
+    the job's was (fingerprint_version). OSError when the model cannot be read."""
+    from .models import fingerprint_version, load_config, model_fingerprint  # looked up now: tests stand in
+
+    stored = job.meta.get("model_fingerprint")
+    config = load_config(job.spec.model, job.options.trust_remote_code)
+    return model_fingerprint(job.spec.model, config, fingerprint_version(stored)) == stored
 
 
 def _model_facts(model: str, options: EngineOptions, kind: str, params: Any) -> tuple[Any, Any, int | None]:
@@ -694,7 +700,8 @@ def submit_warnings(job: Job) -> list[str]:
     return out
 
 
-MODEL_DEFAULTS = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
+MODEL_SAMPLING = ("temperature", "top_k", "top_p")  # what model.generate() applies when it samples
+MODEL_PENALTIES = ("repetition_penalty", "no_repeat_ngram_size")  # what it applies either way
 
 
 def _unused_model_defaults(job: Job) -> dict[str, Any]:
@@ -710,11 +717,12 @@ def _unused_model_defaults(job: Job) -> dict[str, Any]:
         return {}
     given, default = job.params, GenerationParams()
     greedy_asked = given.temperature == 0  # (--temperature 0: greedy on purpose)
-    suggested = {k: getattr(gen, k, None) for k in ("temperature", "top_k", "top_p")} if gen.do_sample else {}
-    suggested.update({k: v for k, v in gen.to_diff_dict().items() if k in MODEL_DEFAULTS[3:]})
+    suggested = (
+        {k: getattr(gen, k, None) for k in MODEL_SAMPLING} if gen.do_sample and not greedy_asked else {}
+    )
+    suggested.update({k: v for k, v in gen.to_diff_dict().items() if k in MODEL_PENALTIES})
     return {k: v for k, v in suggested.items()
-            if v is not None and v != getattr(default, k) and getattr(given, k) == getattr(default, k)
-            and not (greedy_asked and k in MODEL_DEFAULTS[:3])}  # fmt: skip
+            if v is not None and v != getattr(default, k) and getattr(given, k) == getattr(default, k)}  # fmt: skip
 
 
 def _existing_job(path: Path) -> Job | None:

@@ -418,8 +418,10 @@ def load_results(
     if format not in RESULT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RESULT_FORMATS)}, got {format!r}")
     path = resolve_source(source, home)
-    table = pq.read_table(path) if path.is_file() else read_results_table(path)
-    if not path.is_file():
+    if path.is_file():
+        table = pq.read_table(path)
+    else:
+        table = read_results_table(path)
         _warn_if_partial(path)
     if ORDER in table.column_names:
         table = table.drop([ORDER])
@@ -435,10 +437,13 @@ def load_results(
 def _warn_if_partial(job_dir: Path) -> None:
     """Results of a job not complete yet (queued, running, cancelled, failed) are partial: said, not silent."""
     from .job_status import job_status
-    from .jobdir import Job
+    from .jobdir import Job, JobState
 
     try:
-        s = job_status(Job.open(job_dir))
+        job = Job.open(job_dir)
+        if job.state().state is JobState.COMPLETED:
+            return  # whole, or "broken" if rows went missing since: no second read of the ledger either way
+        s = job_status(job)
     except RunnerError:
         return  # broken (its shards were read and checked one by one, each left out named): nothing to add
     if s.state not in ("completed", "broken") and s.done < s.total:

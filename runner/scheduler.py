@@ -125,9 +125,8 @@ def _queued(
         except (BrokenJob, StorageError, OSError) as e:
             if not isinstance(e, BrokenJob) and not _damaged(e, job):
                 raise
-            _note_broken(
-                broken, job.dir, e
-            )  # a damaged folder (a file where claims/ belongs...) is broken too
+            # a damaged folder (a file where claims/ belongs...) is broken too
+            _note_broken(broken, job.dir, e)
 
 
 def _note_broken(broken: dict[str, Any] | None, folder: Any, e: Exception) -> None:
@@ -385,15 +384,13 @@ def _transient(e: BaseException | None) -> bool:
 
 
 def _check_model(j: Job) -> None:
-    from .models import fingerprint_version, load_config, model_fingerprint
+    from .jobs import model_unchanged
 
-    stored = j.meta.get("model_fingerprint")
     try:  # reading the model, not the job: its OS errors are not the job folder's damage
-        config = load_config(j.spec.model, j.options.trust_remote_code)
-        now = model_fingerprint(j.spec.model, config, fingerprint_version(stored))
+        same = model_unchanged(j)
     except OSError as e:
         raise RunnerError(f"cannot read the model {j.spec.model!r} of job {j.id}: {e}") from e
-    if now != stored:
+    if not same:
         raise RunnerError(
             f"the model {j.spec.model!r} is not the one job {j.id} was submitted with (its files or config "
             "changed); resuming with a different model is refused"
