@@ -273,7 +273,7 @@ def _iter_arrow(
             import pyarrow.parquet as pq
 
             pf = pq.ParquetFile(path)
-            batches = pf.iter_batches(batch_size=4096)
+            batches = pf.iter_batches(batch_size=4096, columns=_data_columns(pf.schema_arrow))
         else:
             batches = _csv_batches(path, text_columns)
         rowno = 0
@@ -290,6 +290,20 @@ def _iter_arrow(
             [Problem(str(path), 0, None, f"not a readable {what} file ({e})")],
             header="cannot read the prompt file",
         ) from e
+
+
+def _data_columns(schema: Any) -> list[str]:
+    """The Parquet file's columns without the index pandas stores for an unnamed non-range index
+    (`__index_level_0__`, written by `df.to_parquet()` after a filter or a shuffle): pandas reads it back as
+    the index, not as data, so it is not a passthrough column of the results either."""
+    try:
+        meta = schema.pandas_metadata or {}
+    except ValueError:  # its pandas note is not JSON: every column is data
+        return list(schema.names)
+    index = {
+        c for c in meta.get("index_columns", []) if isinstance(c, str) and c.startswith("__index_level_")
+    }
+    return [name for name in schema.names if name not in index]
 
 
 def _csv_batches(path: Path, text_columns: tuple[str, ...]) -> Any:

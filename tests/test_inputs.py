@@ -197,6 +197,20 @@ def test_a_jsonl_file_that_is_not_utf8_says_so_once(tmp_path):
     ]
 
 
+def test_a_pandas_index_is_not_a_passthrough_column(tmp_path):
+    """df.to_parquet() after a filter or a shuffle stores the unnamed index as `__index_level_0__`: pandas
+    reads it back as the index, so runner does not carry it into the results; a named index is a column."""
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"id": ["a", "b", "c", "d"], "prompt": ["w", "x", "y", "z"], "topic": [5, 1, 9, 3]})
+    df[df.id != "b"].sample(frac=1, random_state=0).to_parquet(tmp_path / "shuffled.parquet")
+    assert "__index_level_0__" in pq.ParquetFile(tmp_path / "shuffled.parquet").schema_arrow.names
+    ps = read_prompts(tmp_path / "shuffled.parquet")
+    assert sorted(r.id for r in ps.rows) == ["a", "c", "d"] and ps.columns == ["topic"]
+    assert all(set(r.extra) == {"topic"} for r in ps.rows)
+    df.set_index("topic").to_parquet(tmp_path / "named.parquet")
+    assert read_prompts(tmp_path / "named.parquet").columns == ["topic"]
+
+
 def test_parquet_wrong_types_and_truncated_file(tmp_path):
     pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "ints.parquet")
     problems, _ = problems_of(tmp_path / "ints.parquet")
