@@ -211,16 +211,21 @@ def not_utf8(path: Path, bad: bytes = b"") -> str:
     file's first bytes, else from `bad`, the first line that is not UTF-8)."""
     try:
         with open(path, "rb") as f:
-            guess = _guess_encoding(f.read(HEAD_BYTES)) or _guess_encoding(bad[:HEAD_BYTES])
+            head = f.read(HEAD_BYTES)
     except OSError:
-        guess = None
-    return "the file is not UTF-8" + (f" (it looks like {guess})" if guess else "") + "; save it as UTF-8"
+        head = b""
+    return _not_utf8(
+        "the file", _guess_encoding(head) or _guess_encoding(bad[:HEAD_BYTES]), "save it as UTF-8"
+    )
 
 
 def not_utf8_text(raw: bytes) -> str:
     """`not_utf8` for bytes that are not in a file (standard input, an argument)."""
-    guess = _guess_encoding(raw[:HEAD_BYTES])
-    return "the text is not UTF-8" + (f" (it looks like {guess})" if guess else "") + "; send it as UTF-8"
+    return _not_utf8("the text", _guess_encoding(raw[:HEAD_BYTES]), "send it as UTF-8")
+
+
+def _not_utf8(what: str, guess: str | None, fix: str) -> str:
+    return f"{what} is not UTF-8" + (f" (it looks like {guess})" if guess else "") + f"; {fix}"
 
 
 def _guess_encoding(head: bytes) -> str | None:
@@ -255,12 +260,14 @@ def _not_utf8_error(path: Path) -> InputError:
 
 
 def read_text_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file, a byte-order mark (as Windows editors write) dropped; InputError naming the
-    file when it is not UTF-8."""
-    try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise _not_utf8_error(path) from e
+    """The lines of a .txt file that are not blank, read as jobs read it (`_text_lines`); InputError naming the
+    file and the first line that cannot be read (not UTF-8, too long)."""
+    lines = []
+    for lineno, text, reason in _text_lines(path):
+        if text is None:
+            raise InputError([Problem(str(path), lineno, None, reason)], header="cannot read the prompt file")
+        lines.append(text.rstrip("\r\n"))
+    return lines
 
 
 def _iter_arrow(

@@ -30,7 +30,7 @@ def read_prompts_arg(items: Iterable[str]) -> list[str]:
             stdin = sys.stdin.buffer.read().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
             out.extend(_utf8(line, "standard input") for line in stdin.splitlines() if line.strip())
         elif _file_name(item):
-            out.extend(line for line in read_text_lines(_txt_file(item)) if line.strip())
+            out.extend(read_text_lines(_txt_file(item)))
         else:
             out.append(_utf8(item, "a prompt argument"))
     if not out:

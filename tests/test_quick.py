@@ -83,6 +83,17 @@ def test_generate_sends_a_prompt_file_to_run_and_takes_text_that_only_ends_like_
     ]
 
 
+def test_a_txt_file_is_read_by_generate_as_jobs_read_it(tmp_path):
+    """One reader for .txt: lines end at \\n only (a U+2028 pasted from a web page stays inside its prompt),
+    blank lines are skipped, and `runner generate FILE.txt` gets the prompts a job of that file gets."""
+    from runner.inputs import read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("one\u2028prompt\r\n\n  \nsecond\x1cstill\n", encoding="utf-8")
+    assert read_prompts_arg([str(path)]) == ["one\u2028prompt", "second\x1cstill"]
+    assert [r.prompt for r in read_prompts(path).rows] == read_prompts_arg([str(path)])
+
+
 def test_a_txt_file_with_a_byte_order_mark_does_not_send_it_as_text(tmp_path, tiny_gpt2, gpt2_engine):
     """Notepad's UTF-8 starts with EF BB BF: it is no part of the first prompt (JSONL and CSV drop it too)."""
     path = tmp_path / "p.txt"
@@ -101,7 +112,8 @@ def test_a_txt_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, tiny_gpt2, 
     path.write_bytes("吾輩は猫である\nこんにちは\n".encode(encoding))
     result = invoke("generate", path, "-m", tiny_gpt2, "--max-new-tokens", 2)
     assert result.exit_code == 1 and result.output == (
-        f"Error: cannot read the prompt file: {path}:1: the file is not UTF-8 (it looks like {guess}); "
+        f"Error: cannot read the prompt file: {path}:1: invalid UTF-8 at byte 1 of the line; the file is not UTF-8 "
+        f"(it looks like {guess}); "
         "save it as UTF-8\n"
     )
 
