@@ -575,7 +575,8 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
     import subprocess
 
     base = [sys.executable, "-m", "runner"] + (["--home", home] if home else []) + ["work", *args]
-    procs = [subprocess.Popen(base + (["--device", d] if d else [])) for d in devices]
+    env = _threads_each(len(devices))
+    procs = [subprocess.Popen(base + (["--device", d] if d else []), env=env) for d in devices]
     _echo(
         f"started {len(procs)} worker processes"
         + (f" on {', '.join(d for d in devices if d)}" if devices[0] else "")
@@ -586,6 +587,17 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
     finally:
         signal.signal(signal.SIGINT, previous)
     return next((c for c in codes if c), 0)
+
+
+def _threads_each(processes: int) -> dict[str, str]:
+    """The workers' environment: unless the user chose OMP_NUM_THREADS, each process gets its share of this
+    machine's cores, as torchrun does (each torch process would start a thread per core: N processes on a
+    2-core CPU would run 2N threads on 2 cores, each waiting at barriers for a thread that lost its core)."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // processes))
+    return env
 
 
 @cli.command()

@@ -606,7 +606,15 @@ class JobRun:
             "peak_memory_bytes": None if poisoned else peak_memory_bytes(engine.device),
             "float32_retries": self.retried,  # rows whose logits overflowed, recomputed in float32
             "speedups": engine.speedups,
+            "cpu_threads": _cpu_threads(),
         })  # fmt: skip
         stats["tokens"] = sum(int(r.get("tokens") or 0) for r in stats["runs"])
         stats["seconds"] = round(sum(float(r.get("seconds") or 0) for r in stats["runs"]), 3)
         storage.write_json(self.job.dir / jobdir.STATS_FILE, stats)
+
+
+def _cpu_threads() -> int:
+    """torch's intra-op threads in this process (stats.json: what a run's speed was measured with)."""
+    import torch
+
+    return torch.get_num_threads()

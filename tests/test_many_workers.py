@@ -89,6 +89,21 @@ def test_three_worker_processes_finish_one_job_like_one_worker(tmp_path, prepare
     assert len(Job.open(job_dir).read_stats()["runs"]) >= 1
 
 
+def test_worker_processes_share_the_cpu_cores_not_each_take_them_all(tmp_path, prepared, monkeypatch):
+    """`--workers 2` on a CPU: each process gets its share of the cores (torch would start a thread per core in
+    each: 2 processes x all cores fighting over the cores); a user's OMP_NUM_THREADS is kept."""
+    import os
+
+    home, job_dir = fresh_copy(tmp_path, prepared[0])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    code, out = run_runner("--home", home, "work", "--workers", 2, "--job", job_dir, "--shard-rows", 2)
+    assert code == 0 and "Traceback" not in out, out
+    assert_exactly_once(job_dir, prepared[1])
+    cores = len(os.sched_getaffinity(0))
+    runs = Job.open(job_dir).read_stats()["runs"]
+    assert runs and {r["cpu_threads"] for r in runs} == {max(1, cores // 2)}, runs
+
+
 @pytest.mark.slow
 def test_torchrun_processes_each_take_units_of_one_job(tmp_path, prepared):
     home, job_dir = fresh_copy(tmp_path, prepared[0])
