@@ -422,7 +422,7 @@ def load_results(
         table = pq.read_table(path)
     else:
         table = read_results_table(path)
-        _warn_if_partial(path)
+        _warn_if_partial(path, table.num_rows)
     if ORDER in table.column_names:
         table = table.drop([ORDER])
     if format == "arrow":
@@ -434,19 +434,24 @@ def load_results(
     return table.to_pandas()
 
 
-def _warn_if_partial(job_dir: Path) -> None:
-    """Results of a job not complete yet (queued, running, cancelled, failed) are partial: said, not silent."""
+def _warn_if_partial(job_dir: Path, rows: int) -> None:
+    """Results missing rows are said, not silent: those of a job not complete yet (queued, running, cancelled,
+    failed), and those of a completed job that lost rows since (a damaged commit: `runner repair`). A job with
+    all its `rows` is not asked about (no second read of the ledger)."""
     from .job_status import job_status
-    from .jobdir import Job, JobState
+    from .jobdir import Job
 
     try:
         job = Job.open(job_dir)
-        if job.state().state is JobState.COMPLETED:
-            return  # whole, or "broken" if rows went missing since: no second read of the ledger either way
+        if rows >= job.spec.total:
+            return
         s = job_status(job)
     except RunnerError:
         return  # broken (its shards were read and checked one by one, each left out named): nothing to add
-    if s.state not in ("completed", "broken") and s.done < s.total:
+    if s.state == "broken":
+        warnings.warn(f"job {s.id} is broken: {s.message}; these are {rows:,} of its {job.spec.total:,} results",
+                      stacklevel=3)  # fmt: skip
+    elif s.state != "completed" and s.done < s.total:  # a completed job's other rows are row errors
         warnings.warn(f"job {s.id} is {s.state}: these are {s.done:,} of its {s.total:,} results (the rest are not "
                       "generated yet)", stacklevel=3)  # fmt: skip
 

@@ -160,10 +160,10 @@ def test_a_damaged_commit_is_never_counted_then_quarantined_and_redone(job, refe
         m["check"] = jobdir.marker_checksum(m)  # a consistent marker: only the shard's keys can tell
         marker.write_text(json.dumps(m))
     lost = victim.marker["rows"] if damage != "foreign-keys" else victim.marker["rows"]
-    with (
-        pytest.warns(UserWarning) if damage in ("flip", "truncate", "delete", "foreign-keys") else _nothing()
-    ):
-        partial = runner.load_results(job.dir)  # never values from an unverified shard
+    with pytest.warns(
+        UserWarning, match="broken: completed, but .* result row.s. are missing"
+    ):  # never values from an unverified shard, never fewer rows without a word (a torn marker too: pass 10)
+        partial = runner.load_results(job.dir)
     assert len(partial) == 2 * N - lost
     s = runner.status(job.dir)
     assert s.state == "broken" and "runner repair" in s.message and s.done == 2 * N - lost
@@ -173,14 +173,6 @@ def test_a_damaged_commit_is_never_counted_then_quarantined_and_redone(job, refe
     assert runner.work(job.dir.parent, echo=None)[0].generated == lost
     assert runner.status(job.dir).state == "completed"
     assert_exactly_once(job.dir, reference[1])
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def test_transient_read_errors_are_retried_and_never_mean_not_done(job, reference, gpt2_engine, monkeypatch):
