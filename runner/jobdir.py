@@ -52,16 +52,18 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import storage
 from .errors import RunnerError, first_line
 from .faults import fault_point
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+
+T = TypeVar("T")
 
 FORMAT = 2  # job folder layout version
 JOB_FILE, JOB_BACKUP, PROMPTS, INVALID = "job.json", "job.backup.json", "prompts.parquet", "errors.jsonl"
@@ -640,17 +642,29 @@ class Job:
             return None
         if getattr(self, "_absent", None) is None:
             import numpy as np
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            path = self.dir / PROMPTS
-            try:
-                n = storage.retry(lambda: pq.read_table(path, columns=["n"]), f"read {path}").column("n")
-            except (pa.ArrowException, ValueError, KeyError) as e:
-                why = f"prompts.parquet is damaged ({first_line(e)}); submit the file again"
-                raise BrokenJob(why, repairable=False) from None
+            n = self.read_prompts(lambda path: pq.read_table(path, columns=["n"])).column("n")
             self._absent = np.arange(self.spec.samples)[None, :] >= n.to_numpy()[:, None]
         return self._absent
+
+    def read_prompts(self, op: Callable[[Path], T]) -> T:
+        """`op(path of prompts.parquet)`, transient errors retried. A file pyarrow cannot parse is BrokenJob
+        (its checksum says why when it has one), never a raw pyarrow error, nor a failing home that stops
+        every job (a Parquet footer damaged is an OSError without an errno)."""
+        import pyarrow as pa
+
+        path = self.dir / PROMPTS
+        try:
+            return storage.retry(lambda: op(path), f"read {path}")
+        except (pa.ArrowException, ValueError, KeyError, storage.StorageError) as e:
+            if isinstance(e, storage.StorageError) and e.errno is not None:
+                raise  # the file system failed, not the file
+            why = (
+                prompts_problem(self)
+                or f"prompts.parquet is damaged ({first_line(e)}); submit the file again"
+            )
+            raise BrokenJob(why, repairable=False) from None
 
     def read_rows(self, start: int, stop: int) -> Any:
         """Rows [start, stop) of prompts.parquet as a table, reading only the row groups that hold them."""

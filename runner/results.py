@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .errors import RunnerError
-from .jobdir import ORDER, PROMPTS
+from .jobdir import ORDER
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -322,7 +322,7 @@ def empty_results(job: Any) -> pa.Table:
     """The schema of a job's results, with no rows."""
     import pyarrow.parquet as pq
 
-    prompts_schema = pq.read_schema(job.dir / PROMPTS)
+    prompts_schema = job.read_prompts(pq.read_schema)
     params, kind = job.meta.get("params", {}), job.kind
     if kind == "score":
         schema = score_schema()

@@ -76,7 +76,7 @@ def test_a_flipped_row_digit_in_a_row_error_loses_no_row(errored, gpt2_engine):
     )  # every good row once, the poisoned one failed
 
 
-def damaged_per_row_n_home(tmp_path, tiny_gpt2, runner_home):
+def damaged_per_row_n_home(tmp_path, tiny_gpt2, runner_home, damage="truncate"):
     rows = [{"id": "a", "prompt": "hello there", "n": 2}, {"id": "b", "prompt": "the old man"}]
     per_row = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, PARAMS, EngineOptions(),
                          home=runner_home, name="perrow")  # fmt: skip
@@ -85,19 +85,46 @@ def damaged_per_row_n_home(tmp_path, tiny_gpt2, runner_home):
     assert json.loads((per_row.dir / "job.json").read_text())["per_row_n"] is True
     path = per_row.dir / "prompts.parquet"
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])  # a partial upload / truncated sync of the prompts file
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])  # a partial upload / truncated sync of the prompts file
+    else:  # a flipped bit in the Parquet footer that pyarrow reports as an OSError without an errno
+        path.write_bytes(footer_flip_raising_oserror(path, data))
     return per_row, other
 
 
-def test_a_damaged_per_row_n_prompts_file_breaks_only_its_job(tmp_path, tiny_gpt2, runner_home):
-    damaged_per_row_n_home(tmp_path, tiny_gpt2, runner_home)
+def footer_flip_raising_oserror(path, data):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for at in range(len(data) - 9, len(data) // 2, -1):
+        flipped = bytearray(data)
+        flipped[at] ^= 2
+        path.write_bytes(bytes(flipped))
+        try:
+            pq.read_table(path, columns=["n"])
+        except pa.ArrowException:
+            continue
+        except OSError as e:
+            if e.errno is None:
+                return bytes(flipped)
+    raise AssertionError("no flip found")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "footer"])
+def test_a_damaged_per_row_n_prompts_file_breaks_only_its_job(tmp_path, tiny_gpt2, runner_home, damage):
+    """(pass 10: a flipped footer, an OSError without an errno from pyarrow, stopped `runner work` for the
+    whole home, as if the home were failing)"""
+    damaged_per_row_n_home(tmp_path, tiny_gpt2, runner_home, damage)
     code, out = run_runner("--home", runner_home, "status", "--json")
     assert "Traceback" not in out and code == 0, out
     states = {e["name"]: (e["state"], e["message"]) for e in json.loads(out)}
     assert states["other"][0] == "queued"
     state, message = states["perrow"]
     assert (
-        state == "broken" and "prompts.parquet is damaged" in message and "submit the file again" in message
+        state == "broken"
+        and "prompts.parquet of job" in message
+        and "is damaged" in message
+        and "submit the file again" in message
     )
     assert "runner repair" not in message  # repair cannot mend it: no advice that does nothing
     code, out = run_runner("--home", runner_home, "work")
@@ -118,3 +145,12 @@ def test_a_torn_job_json_says_whether_its_backup_can_restore_it(tmp_path, tiny_g
     assert (
         "its backup is missing or damaged too; submit the file again" in message and "repair" not in message
     )
+
+
+def test_results_of_a_job_with_none_yet_and_a_damaged_prompts_file_say_so(tmp_path, tiny_gpt2, runner_home):
+    """(pass 10: a raw pyarrow OSError traceback from load_results; the CLI blamed the job home)"""
+    per_row, _ = damaged_per_row_n_home(tmp_path, tiny_gpt2, runner_home, "footer")
+    with pytest.raises(runner.RunnerError, match=f"prompts.parquet of job {per_row.id} is damaged"):
+        runner.load_results(per_row.dir)
+    code, out = run_runner("--home", runner_home, "results", per_row.dir)
+    assert code == 1 and "Traceback" not in out and "is damaged" in out and "job home" not in out, out
