@@ -29,12 +29,14 @@ from .errors import InputError, ParamError, Problem, RunnerError
 from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
 from .models import (
+    ModelUnreadable,
     check_causal_lm,
     check_weights,
     context_window,
     load_config,
     load_tokenizer,
     model_fingerprint,
+    reading_model,
 )
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 from .passthrough import Passthrough, rewrite_passthrough
@@ -254,16 +256,22 @@ def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
             if job.name is None and job.meta.get("fingerprint") == fingerprint:
                 if job.state().state not in (JobState.FAILED, JobState.CANCELLED) and _same_model(job):
                     return job
+        except ModelUnreadable:
+            raise  # not a new job for a model that cannot be read for now: the old one may well be its job
         except RunnerError:
             continue
     return None
 
 
 def _same_model(job: Job) -> bool:
-    """`model_unchanged`, an unreadable model counting as changed: a model retrained in place, or another
-    ./model from another folder, makes a new job rather than return the old one's results."""
+    """`model_unchanged`, a model that cannot be read counting as changed: a model retrained in place, or
+    another ./model from another folder, makes a new job rather than return the old one's results. Transient
+    read errors are retried (`reading_model`), then ModelUnreadable."""
+    then = f"; run the same command again once it can be read (it carries on job {job.id})"
     try:
-        return model_unchanged(job)
+        return reading_model(lambda: model_unchanged(job), job.spec.model, then)
+    except ModelUnreadable:
+        raise
     except (OSError, RunnerError):
         return False
 

@@ -16,10 +16,12 @@ import importlib.util
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import storage
 from .errors import ModelLoadError, RunnerError, first_line
 from .storage import file_sha256
 
@@ -82,6 +84,39 @@ def resolve_model(
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         return str(_converted(path, f"{path.stem}-{key}", cache_dir, progress))
     return spec
+
+
+T = TypeVar("T")
+
+
+class ModelUnreadable(storage.StorageError):
+    """The model's files gave transient read errors for a minute (a model folder on Drive gone for a while):
+    whatever needed them waits (a job stays as it is, to resume later; it has not failed)."""
+
+
+def reading_model(read: Callable[[], T], spec: str, then: str = "") -> T:
+    """`read()` (it reads the model's files), retried as storage.retry retries, when a transient OS error
+    (EIO, ENOTCONN, ESTALE...) is behind its error, wherever the loading code wrapped it. ModelUnreadable
+    (its message ending with `then`) when they last."""
+    for delay in (*storage.RETRY_DELAYS, None):
+        try:
+            return read()
+        except (RunnerError, OSError) as e:
+            if not _transient(e):
+                raise
+            if delay is None:
+                raise ModelUnreadable(f"cannot read the model {spec!r} ({first_line(e)}){then}") from e
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _transient(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError) and e.errno in storage.TRANSIENT:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def pick_device(option: str) -> Any:

@@ -18,8 +18,9 @@ from typing import Any
 from . import jobdir, storage
 from .crashes import DeviceError
 from .engine import Engine
-from .errors import RunnerError, first_line
+from .errors import RunnerError
 from .jobdir import BrokenJob, Job, JobState, Owner
+from .models import ModelUnreadable, reading_model
 from .storage import StorageError
 from .worker import SHARD_ROWS, SHARD_SECONDS, RunSummary, run_job
 
@@ -353,34 +354,10 @@ def _skip_broken(j: Job, e: BrokenJob, echo: Any) -> None:
     return None
 
 
-class ModelUnreadable(StorageError):
-    """The model's files gave transient read errors for a minute (a model folder on Drive gone for a while):
-    the job stays as it is, to resume later (it has not failed); this worker goes on with the other jobs."""
-
-
 def _reading_model(read: Callable[[], Any], j: Job) -> Any:
-    """`read()` (it reads the model's files), retried as storage.retry retries, when a transient OS error
-    (EIO, ENOTCONN, ESTALE...) is behind its error, wherever the loading code wrapped it."""
-    for delay in (*storage.RETRY_DELAYS, None):
-        try:
-            return read()
-        except (RunnerError, OSError) as e:
-            if not _transient(e):
-                raise
-            if delay is None:
-                raise ModelUnreadable(f"cannot read the model {j.spec.model!r} ({first_line(e)}); job {j.id} is "
-                                      "as it was and resumes with the next `runner work`") from e  # fmt: skip
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def _transient(e: BaseException | None) -> bool:
-    seen = 0
-    while e is not None and seen < 20:
-        if isinstance(e, OSError) and e.errno in storage.TRANSIENT:
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
+    return reading_model(
+        read, j.spec.model, f"; job {j.id} is as it was and resumes with the next `runner work`"
+    )
 
 
 def _check_model(j: Job) -> None:

@@ -9,7 +9,7 @@ import pytest
 from helpers import invoke, write_jsonl
 
 import runner
-from runner import GenerationParams, InputError, ParamError, RunnerError
+from runner import GenerationParams, InputError, ParamError, RunnerError, jobdir
 from runner.jobs import Job, create_job
 from runner.results import done_keys, valid_shards
 from runner.tokens import TokenText, alternative_pieces
@@ -163,6 +163,35 @@ def test_run_in_the_home_again_after_the_model_changed_makes_a_new_job(
     (model / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [0, 1]}))
     again, summary = runner.run(prompts_file, str(model), params, echo=None)
     assert again.id != first.id and summary.finished and summary.generated == len(ROWS)
+
+
+def test_run_in_the_home_again_through_a_transient_model_read_error_carries_on_its_job(
+    prompts_file, tiny_gpt2, runner_home, monkeypatch
+):
+    """One EIO reading the model while the rerun checks that the home's job is still on it is retried; one that
+    lasts is an error, never "the model changed" and a second job computing every row again (found by
+    adversarial pass 10)."""
+    import errno
+
+    import runner.models
+    from runner import storage
+
+    params = GenerationParams(max_new_tokens=2)
+    first, _ = runner.run(prompts_file, tiny_gpt2, params, echo=None)
+    real, failures = runner.models.model_fingerprint, [1]
+
+    def fingerprint(*args):
+        if failures and failures.pop():
+            raise OSError(errno.EIO, "Input/output error", "model.safetensors")
+        return real(*args)
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(runner.models, "model_fingerprint", fingerprint)
+    assert runner.run(prompts_file, tiny_gpt2, params, echo=None)[0].id == first.id and not failures
+    failures.extend([1] * 3)  # more than the retries
+    with pytest.raises(runner.RunnerError, match=f"cannot read the model .*carries on job {first.id}"):
+        runner.run(prompts_file, tiny_gpt2, params, echo=None)
+    assert [p.name for p in jobdir.job_folders(runner_home)] == [first.id]
 
 
 @pytest.mark.parametrize("damage", ["zero-byte", "truncated", "marker-torn", "marker-missing"])
