@@ -1362,13 +1362,20 @@ def repair(path: str | os.PathLike) -> RepairReport:
     (completed if every row is done or failed, else queued so `runner work` redoes what is missing)."""
     path = Path(path)
     report = RepairReport()
+    # Job.open refuses a job whose folders are links: they go first (the folders they point to are left alone)
+    linked = [sub for sub in FOLDERS if sub != QUARANTINE and _is_link(path / sub)]
+    for sub in linked:
+        _move_aside(path, sub)
     try:
         job = Job.open(path)
     except BrokenJob:
         job = _restore_spec(path)
         report.restored_spec = True
+    for name in linked:
+        job.log(f"repair: {name}/ was a symbolic link; set aside in {QUARANTINE}/")
     for name in _wrong_kind(job):
-        _set_aside(job, name)
+        _move_aside(job.dir, name)
+        job.log(f"repair: {name} was not of its kind (a file or a folder); set aside in {QUARANTINE}/")
     try:
         old = read_state(job.dir)
         report.state_was = old.state.value
@@ -1410,17 +1417,16 @@ def _wrong_kind(job: Job) -> list[str]:
     return out
 
 
-def _set_aside(job: Job, name: str) -> None:
-    """Move what stands at the job's path `name` (`_wrong_kind`) into quarantine/."""
-    q = job.dir / QUARANTINE
+def _move_aside(job_dir: Path, name: str) -> None:
+    """Move what stands at the job's path `name` (`_wrong_kind`, a linked folder) into quarantine/."""
+    q = job_dir / QUARANTINE
     if storage.kind(q) not in (None, "dir"):  # not a folder itself: it moves aside first, under another name
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        storage.retry(lambda: os.replace(q, job.dir / f"{QUARANTINE}-{stamp}-not-a-folder"), f"move {q}")
+        storage.retry(lambda: os.replace(q, job_dir / f"{QUARANTINE}-{stamp}-not-a-folder"), f"move {q}")
     q.mkdir(exist_ok=True)
-    src = job.dir / name
+    src = job_dir / name
     dest = q / f"{time.strftime('%Y%m%d-%H%M%S')}-{name.replace('/', '-')}"
     storage.retry(lambda: os.replace(src, dest), f"move {src}")
-    job.log(f"repair: {name} was not of its kind (a file or a folder); set aside in {QUARANTINE}/")
 
 
 def _last_generation(job: Job) -> int:

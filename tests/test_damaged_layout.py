@@ -28,6 +28,8 @@ DAMAGE = [  # (path in the job's folder, what is put there); "+" joins two
     ("inflight/00000.json", "dir"),
     ("claims", "file"),
     ("done", "file"),
+    ("done", "dirlink"),  # pass 10: status said `runner repair`, which failed with the same error for ever
+    ("shards", "dirlink"),
     ("quarantine+log.txt", "file+dir"),  # repair must first move the file standing where quarantine/ goes
     ("verified.json", "fifo"),  # a reader opening it would wait for a writer for ever
     ("verified.json", "loop"),
@@ -47,6 +49,10 @@ def _put(path, what, stack):
         path.write_text("x\n")
     elif what == "link":
         path.symlink_to(path.parent / "nowhere")
+    elif what == "dirlink":  # the folder moved elsewhere, a link left in its place
+        elsewhere = path.parent.parent / f"{path.parent.name}-{path.name}-elsewhere"
+        elsewhere.mkdir()
+        path.symlink_to(elsewhere)
     elif what == "loop":
         path.symlink_to(path.name)
     elif what == "fifo":
