@@ -249,8 +249,10 @@ def _differences(job: Job, identity: dict[str, Any]) -> str:
 
 def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
     """The newest unnamed job of the home with these inputs and settings that did not fail and was not
-    cancelled (those the user re-queues with `runner retry`), if any."""
+    cancelled (those the user re-queues with `runner retry`), if any. Such a job that is broken but repairable
+    is an error saying so (a new job would compute its rows again, the broken one left behind)."""
     for path in sorted(jobdir.job_folders(root), reverse=True):  # ids start with the submit time
+        job = None
         try:
             job = Job.open(path)
             if job.name is None and job.meta.get("fingerprint") == fingerprint:
@@ -258,6 +260,17 @@ def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
                     return job
         except ModelUnreadable:
             raise  # not a new job for a model that cannot be read for now: the old one may well be its job
+        except jobdir.BrokenJob as e:
+            meta = job.meta if job is not None else jobdir._read_json_or_none(path / JOB_BACKUP)
+            if (
+                e.repairable
+                and isinstance(meta, dict)
+                and meta.get("name") is None
+                and (meta.get("fingerprint") == fingerprint)
+            ):
+                raise RunnerError(f"job {path.name} of this file and these settings is broken ({e}); "
+                                  f"`runner repair {path}` brings it back, then this command carries it on "
+                                  "(-o DIR makes a new job instead)") from None  # fmt: skip
         except RunnerError:
             continue
     return None

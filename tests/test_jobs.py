@@ -165,6 +165,29 @@ def test_run_in_the_home_again_after_the_model_changed_makes_a_new_job(
     assert again.id != first.id and summary.finished and summary.generated == len(ROWS)
 
 
+def test_run_in_the_home_again_after_its_job_broke_says_so_and_carries_it_on_once_repaired(
+    prompts_file, tiny_gpt2, runner_home
+):
+    """The same command after the home's job broke (job.json torn, its backup sound): an error naming the job
+    and `runner repair`, then the same command carries that job on; before, a second job silently computed
+    every row again, the first left behind (found by adversarial pass 10)."""
+    params = GenerationParams(max_new_tokens=2)
+    asked = []
+    first, summary = runner.run(prompts_file, tiny_gpt2, params, runner.EngineOptions(batch_size=1), echo=None,
+                                stop=lambda: len(asked) > 2 or bool(asked.append(1)))  # fmt: skip
+    assert not summary.finished
+    raw = (first.dir / "job.json").read_bytes()
+    (first.dir / "job.json").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(RunnerError, match=f"job {first.id} of this file .* is broken .*runner repair"):
+        runner.run(prompts_file, tiny_gpt2, params, runner.EngineOptions(batch_size=1), echo=None)
+    assert [p.name for p in jobdir.job_folders(runner_home)] == [first.id]
+    runner.repair(first.dir)
+    again, summary = runner.run(
+        prompts_file, tiny_gpt2, params, runner.EngineOptions(batch_size=1), echo=None
+    )
+    assert again.id == first.id and summary.finished and 0 < summary.generated < len(ROWS)
+
+
 def test_run_in_the_home_again_through_a_transient_model_read_error_carries_on_its_job(
     prompts_file, tiny_gpt2, runner_home, monkeypatch
 ):
