@@ -14,6 +14,7 @@ a worker would pick up.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -166,10 +167,17 @@ def create_job(
                          kind == "generate" and _sample_auto(params))  # fmt: skip
         claim = name if job_dir is None else None
         holder = _write_job(target, meta, reader, prep, skip_invalid, tokenizer, claim)
-        if holder is not None:  # a submit of the same name got there first, while this one was being written
-            existing = _already_submitted(None, root, name, identity)
+        if (
+            holder is not None
+        ):  # a submit of the same name or -o folder got there first, while this one was written
+            existing = _already_submitted(job_dir, root, name, identity)
             if existing is None:
-                raise RunnerError(f"the job name {name!r} is held by job {holder}, which cannot be opened")
+                held = (
+                    f"the job name {name!r} is held by job {holder}"
+                    if job_dir is None
+                    else f"{target} is taken"
+                )
+                raise RunnerError(f"{held}, which cannot be opened")
             return existing
         job = Job.open(target)
         job.log(f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}")
@@ -323,8 +331,8 @@ def _write_job(
 ) -> str | None:
     """Write the job in a temp folder beside `target` (prompts.parquet, errors.jsonl, job.json and its backup),
     then move it into place in one rename: a killed submit leaves no half job. A job with a `name` first claims
-    it (`_claim_name`); returns the id of the job holding the name when another submit has it (nothing is
-    written then), else None."""
+    it (`_claim_name`); returns the id of the job holding the name when another submit has it, or the folder's
+    name when another submit moved its job into `target` first (nothing is written then), else None."""
     target.parent.mkdir(parents=True, exist_ok=True)
     jobdir.remove_dead_submits(target.parent)
     tmp = target.parent / jobdir.submit_temp_name(target.name)
@@ -359,9 +367,14 @@ def _write_job(
         holder = _claim_name(target.parent, name, target.name) if name is not None else None
         if holder is not None:
             return holder
-        if target.exists():
-            target.rmdir()  # an empty -o folder the user made beforehand (anything else was refused above)
-        os.replace(tmp, target)
+        try:
+            if target.exists():
+                target.rmdir()  # an empty -o folder the user made beforehand (anything else was refused above)
+            os.replace(tmp, target)
+        except OSError as e:  # another submit to the same -o folder moved its job in first
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            return target.name
         return None
     finally:
         if tmp.exists():

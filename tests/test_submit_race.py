@@ -150,3 +150,32 @@ def test_resubmitting_a_named_job_returns_it_through_its_claim(tmp_path, tiny_gp
         create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1").id == job.id
     )
     assert len(jobdir.job_folders(runner_home)) == 1
+
+
+def test_two_concurrent_submits_to_one_folder_return_one_job(tmp_path, tiny_gpt2, monkeypatch):
+    """`runner run FILE -o DIR` twice at once (a cell run twice, two VMs): the one that moves its job in second
+    returns the job the first stored there (same inputs and settings), and refuses one of other settings;
+    before, it failed with 'cannot read or write DIR: Directory not empty' (found by adversarial pass 10).
+    Deterministic: the other submit runs to its end while this one writes its prompts."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"r{i}", "prompt": f"hello {i}"} for i in range(4)])
+    real = jobs._write_prompts
+
+    def submit_meanwhile(out, params):
+        started: list = []
+
+        def write_prompts(*args, **kwargs):
+            if not started:
+                started.append("writing")  # the other submit's own prompts go straight through
+                started[0] = create_job(prompts, tiny_gpt2, params, job_dir=out)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(jobs, "_write_prompts", write_prompts)
+        return started
+
+    other = submit_meanwhile(tmp_path / "out", PARAMS)
+    job = create_job(prompts, tiny_gpt2, PARAMS, job_dir=tmp_path / "out")
+    assert job.dir == other[0].dir == tmp_path / "out" and job.id == other[0].id
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temp folder left
+    submit_meanwhile(tmp_path / "out2", GenerationParams(max_new_tokens=5))
+    with pytest.raises(RunnerError, match="holds a job with other inputs or settings"):
+        create_job(prompts, tiny_gpt2, PARAMS, job_dir=tmp_path / "out2")
