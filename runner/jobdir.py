@@ -1477,14 +1477,22 @@ def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
         for name in scan(folder):
             if not storage.is_temp_name(name):
                 continue
-            try:
-                if now - os.lstat(folder / name).st_mtime < max_age:
-                    continue
-            except FileNotFoundError:
+            age = _age(folder / name, now)
+            if age is None or age < max_age:
                 continue
             storage.remove(folder / name)
             removed += 1
     return removed
+
+
+def _age(path: Path, now: float) -> float | None:
+    """Seconds since `path` (not followed if a link) last changed, transient errors retried; None when gone."""
+    try:
+        return now - storage.retry(lambda: os.lstat(path), f"read {path}").st_mtime
+    except storage.StorageError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
 
 
 def namespace_tag() -> str:
@@ -1509,9 +1517,8 @@ def remove_dead_submits(root: str | os.PathLike) -> int:
             continue
         folder = root / name
         owner = Owner.from_dict(_read_json_or_none(folder / ".owner.json"))
-        try:
-            age = time.time() - os.lstat(folder).st_mtime
-        except FileNotFoundError:
+        age = _age(folder, time.time())
+        if age is None:
             continue
         same_ns = m.group(2) == namespace_tag()
         gone = same_ns and (owner.provably_dead() if owner is not None else not _pid_exists(int(m.group(1))))

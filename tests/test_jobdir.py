@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 from fsfaults import FsFaults
@@ -421,3 +422,27 @@ def test_a_killed_submits_temp_folder_is_cleaned_up(reference, tiny_gpt2, runner
     create_job(reference[0], tiny_gpt2, PARAMS, home=runner_home)
     assert not left.exists() and not reused.exists() and alive.exists() and elsewhere.exists()
     assert [s.state for s in runner.status(home=runner_home)] == ["queued"]
+
+
+def test_housekeeping_retries_a_transient_error_on_what_it_looks_at(job, monkeypatch):
+    """One EIO on the lstat of a temp file a killed worker left, or of a killed submit's temp folder, is retried
+    like every other read of the home; before, it stopped `runner work` (found by a chaos campaign)."""
+    old = 1_000_000_000  # a day and more ago
+    left = Path(storage.temp_name(job.dir / "shards" / "00000-x.parquet"))
+    left.write_bytes(b"half a shard")
+    submit = job.dir.parent / jobdir.submit_temp_name("20260101-000000-abcdef")
+    submit.mkdir()
+    for path in (left, submit):
+        os.utime(path, (old, old))
+    real_lstat, failed = os.lstat, set()
+
+    def lstat(path, *args, **kwargs):
+        if str(path) in (str(left), str(submit)) and str(path) not in failed:
+            failed.add(str(path))
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(os, "lstat", lstat)
+    assert jobdir.remove_stale_temps(job.dir) == 1 and jobdir.remove_dead_submits(job.dir.parent) == 1
+    assert failed == {str(left), str(submit)} and not left.exists() and not submit.exists()
