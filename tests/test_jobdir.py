@@ -15,7 +15,7 @@ from helpers import assert_exactly_once, reference_run, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, RunnerError, jobdir, storage
-from runner.jobdir import BrokenJob, Heartbeat, Job, JobState, Owner, read_ledger, take_unit
+from runner.jobdir import Heartbeat, Job, JobState, Owner, read_ledger, take_unit
 from runner.jobs import create_job
 from runner.worker import run_job
 
@@ -391,8 +391,10 @@ def test_links_are_never_followed_out_of_the_home(job, gpt2_engine, runner_home,
     assert statuses[job.dir.name].state == "broken" and "symbolic link" in statuses[job.dir.name].message
     assert statuses["elsewhere"].state == "broken"
     assert runner.work(runner_home, echo=None, engine=gpt2_engine) == []
-    with pytest.raises(BrokenJob):
-        runner.repair(job.dir)
+    report = runner.repair(job.dir)  # the link set aside in quarantine/, what it points to left alone
+    assert report.state_now == "queued" and not (job.dir / "shards").is_symlink()
+    assert [p.name for p in outside.iterdir()] == [precious.name] and precious.read_text() == "not yours"
+    assert runner.work(runner_home, echo=None, engine=gpt2_engine)[0].finished
     assert precious.read_text() == "not yours"
 
 
