@@ -16,8 +16,9 @@ import runner
 import runner.jobs as jobs
 import runner.worker as worker
 from runner import EngineOptions, GenerationParams, InputError, jobdir
+from runner.jobdir import PROMPTS
 from runner.jobs import Job, create_job
-from runner.results import PROMPTS, valid_shards
+from runner.results import valid_shards
 from runner.worker import run_job
 
 WORDS = "the old man said that every student reads a language model slowly".split()
