@@ -1397,7 +1397,9 @@ def repair(path: str | os.PathLike) -> RepairReport:
         storage.remove(job.dir / COMPLETED_FILE)  # a completion that no longer holds (a shard was lost)
     write_state(job.dir, StateRecord(final, generation))
     report.state_now, report.done, report.total = final.value, progress.done, progress.total
-    remove_stale_temps(job.dir, max_age=0 if not progress.live else TEMP_MAX_AGE)
+    # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
+    # and one deleted under it would stop it with a false "cannot be written" when it wakes.
+    remove_stale_temps(job.dir)
     job.log(f"repaired: state {report.state_was} -> {final.value}, {len(report.quarantined)} commit(s) "
             f"quarantined, {progress.done:,}/{progress.total:,} rows done")  # fmt: skip
     return report

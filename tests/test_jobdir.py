@@ -448,3 +448,17 @@ def test_housekeeping_retries_a_transient_error_on_what_it_looks_at(job, monkeyp
     monkeypatch.setattr(os, "lstat", lstat)
     assert jobdir.remove_stale_temps(job.dir) == 1 and jobdir.remove_dead_submits(job.dir.parent) == 1
     assert failed == {str(left), str(submit)} and not left.exists() and not submit.exists()
+
+
+def test_repair_leaves_the_temp_files_a_frozen_worker_may_still_be_writing(job, gpt2_engine):
+    """A worker frozen past its lease (no live heartbeat) may wake and rename its temp file: repair deletes
+    only old ones; before, it deleted all, and the woken worker stopped saying the job home could not be
+    written (found by a chaos campaign)."""
+    run_job(job, gpt2_engine, echo=None, should_stop=stop_after(1), shard_rows=1)
+    young = Path(storage.temp_name(job.dir / "shards" / "00002-00000000-0000.parquet"))
+    old = Path(storage.temp_name(job.dir / "shards" / "00001-00000000-0005.parquet"))
+    for path in (young, old):
+        path.write_bytes(b"part of a shard")
+    os.utime(old, (1_000_000_000, 1_000_000_000))
+    runner.repair(job.dir)
+    assert young.exists() and not old.exists()
