@@ -6,6 +6,7 @@ Every module raises these instead of bare exceptions so that `runner/cli.py` can
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -54,7 +55,7 @@ class InputError(RunnerError):
     def __init__(
         self, problems: list[Problem], shown: int = 20, header: str | None = None, total: int | None = None
     ):
-        self.problems = problems
+        self.problems, self.shown, self.header = problems, shown, header
         self.total = len(problems) if total is None else total
         lines = [str(p) for p in problems[:shown]]
         if self.total > len(lines):
@@ -68,6 +69,12 @@ class InputError(RunnerError):
             head, tail = header, ""
         sep = ": " if header is not None and len(lines) == 1 else ":\n"
         super().__init__(head + sep + "\n".join(lines) + tail)
+
+    def naming(self, old: str, new: str) -> InputError:
+        """The same error with the file `old` called `new` (standard input, read through a temporary file)."""
+        problems = [dataclasses.replace(p, file=new) if p.file == old else p for p in self.problems]
+        header = None if self.header is None else self.header.replace(old, new)
+        return InputError(problems, self.shown, header, self.total)
 
 
 class ModelLoadError(RunnerError):

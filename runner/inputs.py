@@ -349,7 +349,10 @@ def input_file(source: Any) -> Iterator[Path]:
             path = Path(tmp) / "stdin.txt"
             with open(path, "wb") as f:
                 shutil.copyfileobj(sys.stdin.buffer, f)
-            yield path
+            try:
+                yield path
+            except InputError as e:  # named as the user gave it, not as the temporary file
+                raise e.naming(str(path), "standard input") from None
         return
     dataset = _as_dataset(source)
     if dataset is None:
