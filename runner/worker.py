@@ -304,8 +304,9 @@ class JobRun:
         died alone once.
 
         The rest is batched over the whole unit, done keys included, and a batch runs only if it holds a key
-        still to do. Commits hold whole batches, so after any interruption the batches that run are the ones
-        an uninterrupted run ran: same companions, same float rounding, byte-identical log-probs. With
+        still to do. Commits hold whole batches, so after an interruption the batches that run are the ones
+        an uninterrupted run ran: same companions, same float rounding, byte-identical log-probs (all but the
+        rows a crash put under suspicion, which run alone: same tokens, log-probs within float rounding). With
         continuous batching a "batch" is a window of REFILL_BATCHES planned batches, which the engine decodes
         a planned batch's worth of rows at a time, refilling as rows end (tasks.make_task); its schedule
         depends on the window alone, so the same holds."""
@@ -313,7 +314,7 @@ class JobRun:
         for (r, s), message in recovery.culprits:
             self.row_error(unit, r, s, "worker_crash", message)
             self.say(f"row {unit.id(r)} (line {unit.line(r)}, sample {s}) set aside as an error: {message}")
-        self.announce(recovery)
+        self.announce(unit, recovery)
         self.suspected = recovery.first + recovery.last
         held = {k for x in self.suspected for k in x.keys} | {(r, s) for (r, s), _ in recovery.culprits}
         for x in recovery.first:
@@ -343,14 +344,16 @@ class JobRun:
             mask[r, s] = True
         return mask
 
-    def announce(self, recovery: Any) -> None:
+    def announce(self, unit: Unit, recovery: Any) -> None:
         if recovery.retried_batch:
             self.say(f"a worker died while computing a batch of {len(recovery.first[0].keys)} rows (most likely "
                      "it was killed): running that batch again first")  # fmt: skip
         elif recovery.first:
             why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died twice"
+            ids = ", ".join(dict.fromkeys(unit.id(r) for x in recovery.first for r, _ in x.keys))
             self.say(f"{len(recovery.first)} row(s) were being computed when a worker {why}: running them one at "
-                     "a time first")  # fmt: skip
+                     f"a time first (ids {ids}; their log-probs may differ from a batched run's in the last "
+                     "float digits)")  # fmt: skip
         if recovery.last:
             self.say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them "
                      "alone again at the end")  # fmt: skip
