@@ -155,14 +155,15 @@ def queue(
     return out
 
 
-def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[str, float, str]]:
-    """(job id, earliest heartbeat expiry, worker) of queued jobs whose units left are all held by others."""
+def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[str, float, str, Any]]:
+    """(job id, earliest heartbeat expiry, worker, job folder) of queued jobs whose units left are all held by
+    others."""
     out = []
     for job, progress in _queued(home, only):
         others = {w: hb for w, hb in progress.live.items() if w != me}
         if progress.units_left and others:
             who, hb = min(others.items(), key=lambda kv: float(kv[1].get("expires", 0)))
-            out.append((job.id, float(hb.get("expires", 0)), who))
+            out.append((job.id, float(hb.get("expires", 0)), who, job.dir))
     return out
 
 
@@ -300,11 +301,35 @@ def _wait_for_others(home: Any, job: Any, me: str, poll: float, deadline: float 
     if deadline is not None and time.time() + wait >= deadline:
         return False
     if echo:
-        j, expires, who = min(held, key=lambda h: h[1])
+        j, expires, who, _ = min(held, key=lambda h: h[1])
         echo(f"job {j}: the rest is held by worker {who}; waiting up to {max(0, expires - time.time()):.0f} s "
              "for it to finish or for its claim to go stale")  # fmt: skip
-    time.sleep(wait)
+    _sleep_until_a_commit([h[3] / jobdir.MARKERS for h in held], wait)
     return True
+
+
+WAIT_STEP = 1.0  # seconds: how often a waiting worker looks whether a commit landed (one stat per folder)
+
+
+def _sleep_until_a_commit(folders: list[Any], most: float) -> None:
+    """Sleep `most` seconds, or less once a folder of commit markers changes (the other worker committed, maybe
+    its last unit: the queue is looked at again then, not up to `poll` seconds later; `runner work --workers N`
+    ends when its last worker does)."""
+
+    def stamps() -> list[int | None]:
+        out = []
+        for folder in folders:
+            try:
+                out.append(os.stat(folder).st_mtime_ns)
+            except OSError:
+                out.append(None)
+        return out
+
+    before, end = stamps(), time.time() + most
+    while (left := end - time.time()) > 0:
+        time.sleep(min(WAIT_STEP, left))
+        if stamps() != before:
+            return
 
 
 def run_leased(

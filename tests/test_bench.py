@@ -331,3 +331,22 @@ def test_structured_task_rows_and_ratio(bench, tiny_gpt2, tmp_path, capsys):
     assert 0 <= res["structured"]["complete_fraction"] <= 1 and res["structured"]["batch_size"] == 64
     out = capsys.readouterr().out
     assert "structured: constrained / unconstrained = " in out and "structured output: " in out
+
+
+@pytest.mark.slow  # `runner work` processes
+def test_cpu_workers_script(bench, tiny_gpt2, tmp_path, capsys):
+    """benchmarks/cpu_workers.py (one worker process against --workers 2) runs end to end, the processes get a
+    share of the cores each, and the results are identical."""
+    import os
+
+    import cpu_workers
+
+    out = tmp_path / "workers.json"
+    args = ["--model", tiny_gpt2, "--num-prompts", "8", "--max-new-tokens", "2", "--repeats", "1",
+            "--json-out", str(out)]  # fmt: skip
+    assert cpu_workers.main(args) == 0
+    res = json.loads(out.read_text())
+    cores = len(os.sched_getaffinity(0))
+    assert res["identical"] and [r["variant"] for r in res["runs"]] == ["one", "many"]
+    assert res["runs"][1]["cpu_threads"] == [max(1, cores // 2)]
+    assert "2 processes / 1 process: wall" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """The queue: order, claims (live ones respected, stale ones taken over), deadline, cancel/retry, status."""
 
 import json
+import os
 import threading
 import time
 
@@ -351,3 +352,33 @@ def test_a_cancel_stops_a_running_batch_between_decode_steps(
     assert job_status(job).state == "cancelled"
     retry_job(job.dir)
     assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+
+
+def test_a_waiting_worker_looks_again_as_soon_as_the_other_commits(tmp_path, monkeypatch):
+    """A worker whose job's last units another worker holds waits for them, but looks at the queue again once a
+    commit lands in done/, not `poll` seconds later: `runner work --workers 2` ended up to 15 s after its last
+    row (benchmarks/cpu_workers.py). Deterministic: the commit lands during the first sleep."""
+    from runner import scheduler
+
+    done = tmp_path / "job" / "done"
+    done.mkdir(parents=True)
+    os.utime(done, ns=(1, 1))
+    slept, land_at = [], [2]
+
+    def sleep(seconds):
+        slept.append(seconds)
+        if len(slept) in land_at:  # the other worker commits
+            os.utime(done, ns=(2, 2))
+
+    clock = [1000.0]
+    monkeypatch.setattr(scheduler.time, "sleep", lambda s: (sleep(s), clock.__setitem__(0, clock[0] + s)))
+    monkeypatch.setattr(scheduler.time, "time", lambda: clock[0])
+    held = [("job", clock[0] + 120, "other-worker", tmp_path / "job")]
+    monkeypatch.setattr(scheduler, "_held_elsewhere", lambda *a: held)
+    assert scheduler._wait_for_others(None, None, "me", 15.0, None, None)
+    assert slept == [scheduler.WAIT_STEP] * 2  # not 15 s
+    slept.clear()
+    land_at.clear()
+    assert (
+        scheduler._wait_for_others(None, None, "me", 5.0, None, None) and sum(slept) == 5.0
+    )  # nothing landed
