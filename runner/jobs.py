@@ -167,9 +167,8 @@ def create_job(
                          kind == "generate" and _sample_auto(params))  # fmt: skip
         claim = name if job_dir is None else None
         holder = _write_job(target, meta, reader, prep, skip_invalid, tokenizer, claim)
-        if (
-            holder is not None
-        ):  # a submit of the same name or -o folder got there first, while this one was written
+        # another submit of the same name or -o folder got there first, while this one was being written
+        if holder is not None:
             existing = _already_submitted(job_dir, root, name, identity)
             if existing is None:
                 held = (
@@ -270,12 +269,10 @@ def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
             raise  # not a new job for a model that cannot be read for now: the old one may well be its job
         except jobdir.BrokenJob as e:
             meta = job.meta if job is not None else jobdir._read_json_or_none(path / JOB_BACKUP)
-            if (
-                e.repairable
-                and isinstance(meta, dict)
-                and meta.get("name") is None
-                and (meta.get("fingerprint") == fingerprint)
-            ):
+            ours = (
+                isinstance(meta, dict) and meta.get("name") is None and meta.get("fingerprint") == fingerprint
+            )
+            if e.repairable and ours:
                 raise RunnerError(f"job {path.name} of this file and these settings is broken ({e}); "
                                   f"`runner repair {path}` brings it back, then this command carries it on "
                                   "(-o DIR makes a new job instead)") from None  # fmt: skip
