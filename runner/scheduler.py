@@ -155,15 +155,14 @@ def queue(
     return out
 
 
-def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[str, float, str, Any]]:
-    """(job id, earliest heartbeat expiry, worker, job folder) of queued jobs whose units left are all held by
-    others."""
+def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[Job, float, str]]:
+    """(job, earliest heartbeat expiry, worker) of queued jobs whose units left are all held by others."""
     out = []
     for job, progress in _queued(home, only):
         others = {w: hb for w, hb in progress.live.items() if w != me}
         if progress.units_left and others:
             who, hb = min(others.items(), key=lambda kv: float(kv[1].get("expires", 0)))
-            out.append((job.id, float(hb.get("expires", 0)), who, job.dir))
+            out.append((job, float(hb.get("expires", 0)), who))
     return out
 
 
@@ -301,10 +300,10 @@ def _wait_for_others(home: Any, job: Any, me: str, poll: float, deadline: float 
     if deadline is not None and time.time() + wait >= deadline:
         return False
     if echo:
-        j, expires, who, _ = min(held, key=lambda h: h[1])
-        echo(f"job {j}: the rest is held by worker {who}; waiting up to {max(0, expires - time.time()):.0f} s "
+        j, expires, who = min(held, key=lambda h: h[1])
+        echo(f"job {j.id}: the rest is held by worker {who}; waiting up to {max(0, expires - time.time()):.0f} s "
              "for it to finish or for its claim to go stale")  # fmt: skip
-    _sleep_until_a_commit([h[3] / jobdir.MARKERS for h in held], wait)
+    _sleep_until_a_commit([j.dir / jobdir.MARKERS for j, _, _ in held], wait)
     return True
 
 

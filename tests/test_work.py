@@ -4,6 +4,7 @@ import json
 import os
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from helpers import invoke, write_jsonl
@@ -373,7 +374,7 @@ def test_a_waiting_worker_looks_again_as_soon_as_the_other_commits(tmp_path, mon
     clock = [1000.0]
     monkeypatch.setattr(scheduler.time, "sleep", lambda s: (sleep(s), clock.__setitem__(0, clock[0] + s)))
     monkeypatch.setattr(scheduler.time, "time", lambda: clock[0])
-    held = [("job", clock[0] + 120, "other-worker", tmp_path / "job")]
+    held = [(SimpleNamespace(id="job", dir=tmp_path / "job"), clock[0] + 120, "other-worker")]
     monkeypatch.setattr(scheduler, "_held_elsewhere", lambda *a: held)
     assert scheduler._wait_for_others(None, None, "me", 15.0, None, None)
     assert slept == [scheduler.WAIT_STEP] * 2  # not 15 s
