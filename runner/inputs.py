@@ -315,7 +315,9 @@ def _data_columns(schema: Any) -> list[str]:
 
 def _csv_batches(path: Path, text_columns: tuple[str, ...]) -> Any:
     """The CSV file's record batches; the id and prompt columns stay text (a CSV id of 007 must not become 7).
-    A file that is not UTF-8 is refused here: pyarrow would read its text as bytes, or fail on a later block."""
+    A first column with no name is the index `df.to_csv()` writes, not data (as `__index_level_0__` in
+    Parquet). A file that is not UTF-8 is refused here: pyarrow would read its text as bytes, or fail on a
+    later block."""
     import csv
 
     import pyarrow as pa
@@ -327,7 +329,8 @@ def _csv_batches(path: Path, text_columns: tuple[str, ...]) -> Any:
     except UnicodeDecodeError as e:
         raise _not_utf8_error(path) from e
     types = {c: pa.string() for c in header if c in text_columns}
-    reader = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(column_types=types))
+    data = header[1:] if header[:1] == [""] and "" not in header[1:] else []  # [] reads every column
+    reader = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(column_types=types, include_columns=data))
     if any(pa.types.is_binary(f.type) for f in reader.schema):
         raise _not_utf8_error(path)
     return reader

@@ -211,6 +211,19 @@ def test_a_pandas_index_is_not_a_passthrough_column(tmp_path):
     assert read_prompts(tmp_path / "named.parquet").columns == ["topic"]
 
 
+def test_the_index_pandas_writes_to_csv_is_not_a_passthrough_column(tmp_path):
+    """df.to_csv() writes the index as a first column with no name: not data, as in Parquet above."""
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"id": ["a", "b", "c"], "prompt": ["w", "x", "y"], "topic": [5, 1, 9]})
+    df.sample(frac=1, random_state=0).to_csv(tmp_path / "p.csv")
+    assert (tmp_path / "p.csv").read_text().startswith(",id,prompt,topic")
+    ps = read_prompts(tmp_path / "p.csv")
+    assert sorted(r.id for r in ps.rows) == ["a", "b", "c"] and ps.columns == ["topic"]
+    assert all(set(r.extra) == {"topic"} for r in ps.rows)
+    df.to_csv(tmp_path / "plain.csv", index=False)
+    assert read_prompts(tmp_path / "plain.csv").columns == ["topic"]
+
+
 def test_parquet_wrong_types_and_truncated_file(tmp_path):
     pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "ints.parquet")
     problems, _ = problems_of(tmp_path / "ints.parquet")
