@@ -330,7 +330,8 @@ def _csv_batches(path: Path, text_columns: tuple[str, ...]) -> Any:
         raise _not_utf8_error(path) from e
     types = {c: pa.string() for c in header if c in text_columns}
     data = header[1:] if header[:1] == [""] and "" not in header[1:] else []  # [] reads every column
-    reader = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(column_types=types, include_columns=data))
+    options = pcsv.ConvertOptions(column_types=types, include_columns=data)
+    reader = pcsv.open_csv(path, convert_options=options)
     if any(pa.types.is_binary(f.type) for f in reader.schema):
         raise _not_utf8_error(path)
     return reader
