@@ -365,8 +365,8 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
         yield c, read_shard_bytes(data, want)
 
 
-def read_results_table(job_dir: Path) -> pa.Table:
-    """All counted rows of a job, in input order, as one Arrow table (with the `_row` column). Every shard is
+def read_results_table(job: Any) -> pa.Table:
+    """All counted rows of a job (jobdir.Job), in input order, as one Arrow table (with the `_row` column). Every shard is
     read once and checked against its marker's checksum and keys as it is read: a shard that fails is left
     out (with a warning naming it; `runner repair` quarantines it and `runner work` redoes its rows). Keys
     are unique: a key committed twice (identical by construction) is kept once."""
@@ -374,9 +374,6 @@ def read_results_table(job_dir: Path) -> pa.Table:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .jobdir import Job
-
-    job = Job.open(job_dir)
     tables = [table for _, table in shard_tables(job)]
     if not tables:
         return empty_results(job)
@@ -415,14 +412,17 @@ def load_results(
     """
     import pyarrow.parquet as pq
 
+    from .jobdir import Job
+
     if format not in RESULT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RESULT_FORMATS)}, got {format!r}")
     path = resolve_source(source, home)
     if path.is_file():
         table = pq.read_table(path)
     else:
-        table = read_results_table(path)
-        _warn_if_partial(path, table.num_rows)
+        job = Job.open(path)
+        table = read_results_table(job)
+        _warn_if_partial(job, table.num_rows)
     if ORDER in table.column_names:
         table = table.drop([ORDER])
     if format == "arrow":
@@ -434,17 +434,15 @@ def load_results(
     return table.to_pandas()
 
 
-def _warn_if_partial(job_dir: Path, rows: int) -> None:
+def _warn_if_partial(job: Any, rows: int) -> None:
     """Results missing rows are said, not silent: those of a job not complete yet (queued, running, cancelled,
     failed), and those of a completed job that lost rows since (a damaged commit: `runner repair`). A job with
     all its `rows` is not asked about (no second read of the ledger)."""
     from .job_status import job_status
-    from .jobdir import Job
 
+    if rows >= job.spec.total:
+        return
     try:
-        job = Job.open(job_dir)
-        if rows >= job.spec.total:
-            return
         s = job_status(job)
     except RunnerError:
         return  # broken (its shards were read and checked one by one, each left out named): nothing to add
