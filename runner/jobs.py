@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,9 +150,11 @@ def create_job(
                              skip_invalid=skip_invalid, truncate=truncate, served=served_model_names,
                              chat=chat)  # fmt: skip
         root = Path(home) if home is not None else default_home()
+        fingerprint = _fingerprint(identity)
+        rerun = same_in_home and job_dir is None and name is None  # `runner run FILE` without -o or --name
         existing = _already_submitted(job_dir, root, name, identity)
-        if existing is None and same_in_home and job_dir is None and name is None:
-            existing = _same_job_in_home(root, _fingerprint(identity))
+        if existing is None and rerun:
+            existing = _same_job_in_home(root, fingerprint)
         if existing is not None:
             return existing
         config, tokenizer, window = _model_facts(model, options, kind, params)
@@ -161,15 +164,19 @@ def create_job(
             "priority": priority, "model": model, "model_fingerprint": model_fingerprint(model, config),
             "context_window": window, "embedding_dim": _hidden_size(config) if kind == "embed" else None,
             "params": params.to_dict(), "engine": options.to_dict(), "unit_rows": unit_rows,
-            "fingerprint": _fingerprint(identity), "input": _input_meta(source, input_path, identity),
+            "fingerprint": fingerprint, "input": _input_meta(source, input_path, identity),
         }  # fmt: skip
         prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field,
                          kind == "generate" and _sample_auto(params))  # fmt: skip
-        claim = name if job_dir is None else None
+        if rerun:
+            claim = _Claim.of_rerun(root, fingerprint)
+        else:
+            claim = _Claim.of_name(name) if job_dir is None else None
         holder = _write_job(target, meta, reader, prep, skip_invalid, tokenizer, claim)
-        # another submit of the same name or -o folder got there first, while this one was being written
+        # another submit of the same name, -o folder, or file and settings got there first, while this one was
+        # being written
         if holder is not None:
-            existing = _already_submitted(job_dir, root, name, identity)
+            existing = Job.open(root / holder) if rerun else _already_submitted(job_dir, root, name, identity)
             if existing is None:
                 held = (
                     f"the job name {name!r} is held by job {holder}"
@@ -262,9 +269,8 @@ def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
         job = None
         try:
             job = Job.open(path)
-            if job.name is None and job.meta.get("fingerprint") == fingerprint:
-                if job.state().state not in (JobState.FAILED, JobState.CANCELLED) and _same_model(job):
-                    return job
+            if _carries_on(job, fingerprint):
+                return job
         except ModelUnreadable:
             raise  # not a new job for a model that cannot be read for now: the old one may well be its job
         except jobdir.BrokenJob as e:
@@ -279,6 +285,14 @@ def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
         except RunnerError:
             continue
     return None
+
+
+def _carries_on(job: Job, fingerprint: str) -> bool:
+    """Whether `runner run` of these inputs and settings (`fingerprint`) without -o or --name carries `job` on:
+    an unnamed job of them that did not fail, was not cancelled, and whose model is unchanged."""
+    if job.name is not None or job.meta.get("fingerprint") != fingerprint:
+        return False
+    return job.state().state not in (JobState.FAILED, JobState.CANCELLED) and _same_model(job)
 
 
 def _same_model(job: Job) -> bool:
@@ -324,12 +338,13 @@ def _write_job(
     prep: Any,
     skip_invalid: bool,
     tokenizer: Any,
-    name: str | None = None,
+    claim: _Claim | None = None,
 ) -> str | None:
     """Write the job in a temp folder beside `target` (prompts.parquet, errors.jsonl, job.json and its backup),
-    then move it into place in one rename: a killed submit leaves no half job. A job with a `name` first claims
-    it (`_claim_name`); returns the id of the job holding the name when another submit has it, or the folder's
-    name when another submit moved its job into `target` first (nothing is written then), else None."""
+    then move it into place in one rename: a killed submit leaves no half job. A job with a `claim` (its name,
+    or the file and settings of `runner run` without -o) first claims it (`_claim_name`); returns the id of
+    the job holding it when another submit has it, or the folder's name when another submit moved its job into
+    `target` first (nothing is written then), else None."""
     target.parent.mkdir(parents=True, exist_ok=True)
     jobdir.remove_dead_submits(target.parent)
     tmp = target.parent / jobdir.submit_temp_name(target.name)
@@ -361,7 +376,7 @@ def _write_job(
         storage.write_json(tmp / JOB_BACKUP, meta)
         storage.write_json(tmp / JOB_FILE, meta)
         storage.remove(tmp / ".owner.json")
-        holder = _claim_name(target.parent, name, target.name) if name is not None else None
+        holder = _claim_name(target.parent, claim, target.name) if claim is not None else None
         if holder is not None:
             return holder
         try:
@@ -382,40 +397,76 @@ NAMES = jobdir.NAMES  # in the home: NAME.N.json, the claims on a job name; the 
 STALE_CLAIM_SECONDS = 600  # a claim whose job never appeared is taken over after this (its submit was killed)
 
 
-def _claim_name(root: Path, name: str, job_id: str) -> str | None:
-    """Make `job_id` the job named `name` in the home: two submits of one name at the same time (two Colab VMs
-    running one notebook) then store one job, not two. Returns None when the claim is ours, else the id of
-    the job that holds the name; RunnerError while the holder's job has not appeared yet.
+# .names/~FINGERPRINT.N.json: the claims of `runner run` without -o or --name (no job name has a "~")
+RERUN_CLAIM = "~"
 
-    A claim is a file .names/NAME.N.json created exclusively and whole (jobdir.create_exclusive); the newest
-    (highest N) is the one that counts. Its name is taken over by creating NAME.N+1.json, exclusively again,
-    once its job never appeared and its submit is provably gone or STALE_CLAIM_SECONDS old (a submit killed in
-    between), or it is damaged: two submits taking one stale claim over race for the same N+1, and only one
-    creates it. Nothing is ever deleted, so nobody can remove a claim another has just made."""
+
+@dataclass(frozen=True)
+class _Claim:
+    """What a submit claims in the home's .names folder: its job name, or (`runner run FILE` without -o or
+    --name) its file and settings, so that two such runs at the same moment (two Colab VMs running one notebook
+    on one Drive folder) store one job and both work on it."""
+
+    key: str  # the claim files' stem: the name, or RERUN_CLAIM + the inputs and settings' fingerprint
+    label: str  # what messages call it
+    counts: Callable[[str], bool] | None = None  # whether the holder's job still holds it (None: always)
+
+    @classmethod
+    def of_name(cls, name: str | None) -> _Claim | None:
+        return None if name is None else cls(name, f"the job name {name!r}")
+
+    @classmethod
+    def of_rerun(cls, root: Path, fingerprint: str) -> _Claim:
+        """Held by a job the same command carries on (`_carries_on`): once that job failed or was cancelled,
+        or its model changed, the next run takes the claim over with a new job."""
+
+        def counts(holder: str) -> bool:
+            try:
+                return _carries_on(Job.open(root / holder), fingerprint)
+            except ModelUnreadable:
+                raise
+            except RunnerError:
+                return False
+
+        return cls(RERUN_CLAIM + fingerprint, "this file with these settings", counts)
+
+
+def _claim_name(root: Path, claim: _Claim, job_id: str) -> str | None:
+    """Make `job_id` the job holding `claim` in the home: two submits of one name at the same time (two Colab
+    VMs running one notebook) then store one job, not two. Returns None when the claim is ours, else the id of
+    the job that holds it; RunnerError while the holder's job has not appeared yet.
+
+    A claim is a file .names/KEY.N.json created exclusively and whole (jobdir.create_exclusive); the newest
+    (highest N) is the one that counts. It is taken over by creating KEY.N+1.json, exclusively again, once
+    its job never appeared and its submit is provably gone or STALE_CLAIM_SECONDS old (a submit killed in
+    between), or it is damaged, or its job no longer holds it (`claim.counts`): two submits taking one claim
+    over race for the same N+1, and only one creates it. Nothing is ever deleted, so nobody can remove a claim
+    another has just made."""
     folder = root / NAMES
     if folder.is_symlink():
         raise RunnerError(f"{folder} is a symbolic link; runner does not follow links out of the job home")
     folder.mkdir(exist_ok=True)
-    claim = {"job": job_id, "owner": jobdir.Owner.me("submit").as_dict()}
+    record = {"job": job_id, "owner": jobdir.Owner.me("submit").as_dict()}
     for _ in range(8):
-        newest = jobdir.newest_name_claim(folder, name)
+        newest = jobdir.newest_name_claim(folder, claim.key)
         n = 0 if newest is None else newest + 1
         if newest is not None:
-            path = folder / f"{name}.{newest}.json"
+            path = folder / f"{claim.key}.{newest}.json"
             held = jobdir._read_json_or_none(path) if storage.kind(path) == "file" else None
             holder = held.get("job") if isinstance(held, dict) else None
             if isinstance(holder, str) and holder in {p.name for p in jobdir.job_folders(root)}:
-                return holder
-            if not _stale_claim(path, held):
+                if claim.counts is None or claim.counts(holder):
+                    return holder
+            elif not _stale_claim(path, held):
                 raise RunnerError(
-                    f"the job name {name!r} is claimed by another submit (job {holder or '?'}) that is being written "
+                    f"{claim.label} is claimed by another submit (job {holder or '?'}) that is being written "
                     f"right now or was killed; run this submit again in a moment (it then returns that job). A "
                     f"killed submit's claim frees itself within {STALE_CLAIM_SECONDS // 60} minutes, or delete "
                     f"{path} if no other submit is running"
                 )
-        if jobdir.create_exclusive(folder / f"{name}.{n}.json", claim):
+        if jobdir.create_exclusive(folder / f"{claim.key}.{n}.json", record):
             return None
-    raise RunnerError(f"cannot claim the job name {name!r} in {folder}: its claims keep changing")
+    raise RunnerError(f"cannot claim {claim.label} in {folder}: its claims keep changing")
 
 
 def _stale_claim(path: Path, held: Any) -> bool:

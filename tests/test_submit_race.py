@@ -179,3 +179,42 @@ def test_two_concurrent_submits_to_one_folder_return_one_job(tmp_path, tiny_gpt2
     submit_meanwhile(tmp_path / "out2", GenerationParams(max_new_tokens=5))
     with pytest.raises(RunnerError, match="holds a job with other inputs or settings"):
         create_job(prompts, tiny_gpt2, PARAMS, job_dir=tmp_path / "out2")
+
+
+def test_two_concurrent_runs_of_one_file_without_a_folder_make_one_job(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """`runner run FILE` without -o or --name twice at once (two Colab VMs running one notebook on one Drive
+    home): both looked for the home's job of that file and settings before either had stored one, so each
+    stored its own and computed every row. The file and settings are now claimed as a name is
+    (.names/~FINGERPRINT.N.json): the run that stores second returns the first one's job and works on it.
+    Once that job is cancelled, the next run takes the claim over with a new job. Deterministic: the other run
+    goes to its end while this one writes its prompts."""
+    import runner
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"r{i}", "prompt": f"hello {i}"} for i in range(4)])
+    real, other = jobs._write_prompts, []
+
+    def write_prompts(*args, **kwargs):
+        if not other:
+            other.append("running")  # the other run's own prompts go straight through
+            other[0] = runner.run(prompts, tiny_gpt2, PARAMS, echo=None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "_write_prompts", write_prompts)
+    job, summary = runner.run(prompts, tiny_gpt2, PARAMS, echo=None)
+    theirs, their_summary = other[0]
+    assert job.id == theirs.id and their_summary.finished and their_summary.generated == 4
+    assert summary.finished and summary.generated == 0
+    assert [p.name for p in jobdir.job_folders(runner_home)] == [job.id]
+    assert not [p for p in runner_home.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(jobs, "_write_prompts", real)
+    params = GenerationParams(max_new_tokens=2)
+    cancelled, summary = runner.run(prompts, tiny_gpt2, params, echo=None, stop=lambda: True)
+    assert not summary.finished
+    runner.cancel(cancelled.dir)
+    again, summary = runner.run(prompts, tiny_gpt2, params, echo=None)
+    assert again.id != cancelled.id and summary.generated == 4
+    claims = {p.name: json.loads(p.read_text())["job"] for p in (runner_home / jobs.NAMES).glob("~*.json")}
+    assert sorted(claims.values()) == sorted([job.id, cancelled.id, again.id])
+    assert claims[max(n for n, held in claims.items() if held != job.id)] == again.id
