@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import jobdir, storage
@@ -50,17 +50,22 @@ def run(
         echo(f"job {job.id} keeps the engine options it was submitted with: {kept}; a new -o folder (or --name) "
              "runs with the new ones")  # fmt: skip
     _heal(job, echo)
-    summaries = work(job=job, engine=engine, echo=echo, once=True, stop=stop)
-    if summaries:
-        return job, summaries[-1]
-    state = job.state()
-    if state.state in (JobState.FAILED, JobState.CANCELLED):
-        reason = f": {state.error}" if state.error else ""
-        raise RunnerError(f"job {job.id} is {state.state}{reason} (`runner retry {job.dir}` re-queues it)")
-    progress = jobdir.job_progress(job)
-    return job, RunSummary(
-        job.id, progress.done, progress.total, 0, 0, 0.0, progress.failed, progress.complete
-    )
+    # As `runner work --job`: units another live worker holds (a second VM on the job) are waited for, and
+    # taken over if it dies, so the run ends when the job does (or at `stop()`), not when nothing is left to claim.
+    summaries = work(job=job, engine=engine, echo=echo, stop=stop)
+    last = summaries[-1] if summaries else None
+    if last is None or not (last.finished or last.stopped):  # the others ended the job, or it was not queued
+        state = job.state()
+        if state.state in (JobState.FAILED, JobState.CANCELLED):
+            reason = f": {state.error}" if state.error else ""
+            raise RunnerError(f"job {job.id} is {state.state}{reason} (`runner retry {job.dir}` re-queues "
+                              "it)")  # fmt: skip
+        p = jobdir.job_progress(job)
+        last = RunSummary(job.id, p.done, p.total, 0, 0, 0.0, p.failed, p.complete)
+    return job, replace(
+        last, generated=sum(s.generated for s in summaries), tokens=sum(s.tokens for s in summaries),
+        seconds=sum(s.seconds for s in summaries),
+    )  # fmt: skip
 
 
 def _kept_options(job: Job, options: Any) -> str:

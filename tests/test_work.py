@@ -79,6 +79,37 @@ def test_live_claim_is_respected_and_stale_claim_taken_over(
     assert read_state(job.dir).state == "completed"
 
 
+def test_run_waits_for_a_unit_another_worker_holds_and_takes_it_over_when_it_dies(
+    tmp_path, prompts_file, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """`runner run -o DIR` on a job another live worker shares (a second VM on one Drive folder): once nothing
+    is left to claim it waits for the other's units, as `runner work` does, and takes them over if it dies;
+    before, it exited 1 with "stopped with 3/6 rows done; run the same command again" while the other was still
+    computing (found by adversarial pass 11). Deterministic: the other dies during the first wait."""
+    from runner import scheduler
+
+    out = tmp_path / "out"
+    job = submit(prompts_file, tiny_gpt2, job_dir=out, unit_rows=3)
+    other = Owner.me("other-worker")
+    beat = Heartbeat(job, other, ttl=60)
+    beat.beat()
+    assert take_unit(job, 0, other, -1) == 0  # the other holds rows 0-2
+    waits = []
+
+    def the_other_dies(folders, most):
+        waits.append(most)
+        hb = json.loads(beat.path.read_text())
+        beat.path.write_text(json.dumps({**hb, "expires": time.time() - 1}))
+
+    monkeypatch.setattr(scheduler, "_sleep_until_a_commit", the_other_dies)
+    params = GenerationParams(max_new_tokens=3)
+    again, summary = runner.run(prompts_file, tiny_gpt2, params, runner.EngineOptions(batch_size=2), output=out,
+                                engine=gpt2_engine, echo=None)  # fmt: skip
+    assert again.id == job.id and len(waits) == 1
+    assert summary.finished and summary.done == summary.generated == 6
+    assert list(runner.load_results(out)["id"]) == [f"r{i}" for i in range(6)]
+
+
 def test_two_workers_never_run_one_job_at_once(prompts_file, tiny_gpt2, runner_home):
     jobs = [submit(prompts_file, tiny_gpt2) for _ in range(4)]
     results = []
