@@ -1373,6 +1373,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
         report.restored_spec = True
     for name in linked:
         job.log(f"repair: {name}/ was a symbolic link; set aside in {QUARANTINE}/")
+    stored = _stored_state_or_none(job.dir)  # state.json as read now (a command may write it meanwhile)
     for name in _wrong_kind(job):
         _move_aside(job.dir, name)
         job.log(f"repair: {name} was not of its kind (a file or a folder); set aside in {QUARANTINE}/")
@@ -1395,14 +1396,34 @@ def repair(path: str | os.PathLike) -> RepairReport:
         final = JobState(report.state_was)
     if final is not JobState.COMPLETED:
         storage.remove(job.dir / COMPLETED_FILE)  # a completion that no longer holds (a shard was lost)
-    write_state(job.dir, StateRecord(final, generation))
-    report.state_now, report.done, report.total = final.value, progress.done, progress.total
+    now = _settle_state(job, StateRecord(final, generation), stored)
+    report.state_now, report.done, report.total = now.state.value, progress.done, progress.total
     # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
     # and one deleted under it would stop it with a false "cannot be written" when it wakes.
     remove_stale_temps(job.dir)
-    job.log(f"repaired: state {report.state_was} -> {final.value}, {len(report.quarantined)} commit(s) "
+    job.log(f"repaired: state {report.state_was} -> {now.state.value}, {len(report.quarantined)} commit(s) "
             f"quarantined, {progress.done:,}/{progress.total:,} rows done")  # fmt: skip
     return report
+
+
+def _settle_state(job: Job, wanted: StateRecord, stored: StateRecord | None) -> StateRecord:
+    """Write the repaired state (always where state.json was unreadable: `stored` None), unless the job already
+    reads so, or a command (retry, cancel) wrote state.json since repair read it: that command's word stands,
+    never undone by a repair that read the state just before. Returns the state the job reads now."""
+    current = _stored_state_or_none(job.dir)
+    if stored is not None and current is not None:
+        now = read_state(job.dir)
+        if current != stored or (now.state, now.generation) == (wanted.state, wanted.generation):
+            return now
+    write_state(job.dir, wanted)
+    return wanted
+
+
+def _stored_state_or_none(job_dir: Path) -> StateRecord | None:
+    try:
+        return _stored_state(job_dir)
+    except BrokenJob:
+        return None
 
 
 def _wrong_kind(job: Job) -> list[str]:

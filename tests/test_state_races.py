@@ -181,3 +181,35 @@ def test_a_cancel_or_retry_as_a_job_fails_stands(tmp_path, tiny_gpt2, gpt2_engin
     state = job.state()
     assert (state.state, state.generation) == (JobState.FAILED, 1) and "damaged" in state.error
     assert jobdir.retry(Job.open(job.dir)) == 0 and job.state().state is JobState.QUEUED  # retry re-queues it
+
+
+def test_a_retry_as_repair_settles_the_state_stands(errored, gpt2_engine, monkeypatch):
+    """`runner repair` read the state (completed, generation 0), then `runner retry` re-queued the row error
+    (generation 1) before repair wrote its state back: the retry was undone (the row error counted again and
+    `runner work` did nothing; found by adversarial pass 11). Repair now leaves a state.json that a command
+    wrote meanwhile as it is, and writes none when the job already reads what it found."""
+    job = errored
+    run_until_done(job, gpt2_engine)  # generation 0: complete, with r1 a row error
+    assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 0)
+    real, fired = jobdir.job_progress, []
+
+    def job_progress(j, ledger=None):
+        if (
+            inspect.stack()[1].function == "repair" and not fired
+        ):  # repair has read the state: retry lands now
+            fired.append(jobdir.retry(Job.open(job.dir)))
+        return real(j, ledger)
+
+    monkeypatch.setattr(jobdir, "job_progress", job_progress)
+    report = jobdir.repair(job.dir)
+    monkeypatch.setattr(jobdir, "job_progress", real)
+    assert fired == [1] and report.state_now == "queued"
+    assert (job.state().state, job.state().generation, runner.read_errors(job.dir)) == (
+        JobState.QUEUED,
+        1,
+        [],
+    )
+    s = run_job(job, gpt2_engine, echo=None)  # r1 is tried again (and works now)
+    assert (
+        s.finished and s.errors == 0 and sorted(runner.load_results(job.dir)["id"]) == [r["id"] for r in ROWS]
+    )
