@@ -32,12 +32,16 @@ def status(job: Ref | None = None, home: Ref | None = None) -> JobStatus | list[
 
 def cancel(job: Ref, home: Ref | None = None) -> str:
     """Cancel a queued or running job; finished rows are kept. Returns the state it was in."""
-    return jobdir.cancel(jobdir.open_job(job, home)).value
+    path = jobdir.find_job(job, home)
+    with jobdir.naming_broken(path):
+        return jobdir.cancel(jobdir.Job.open(path)).value
 
 
 def retry(job: Ref, home: Ref | None = None) -> int:
     """Re-queue a failed or cancelled job, or one with row errors. Returns how many row errors were cleared."""
-    return jobdir.retry(jobdir.open_job(job, home))
+    path = jobdir.find_job(job, home)
+    with jobdir.naming_broken(path):
+        return jobdir.retry(jobdir.Job.open(path))
 
 
 def repair(job: Ref, home: Ref | None = None) -> Any:
@@ -51,7 +55,9 @@ def report(job: Ref, path: Ref = "report.html", home: Ref | None = None) -> Path
     job's life, before any result too."""
     from .job_report import write_report
 
-    return write_report(jobdir.open_job(job, home), path)
+    folder = jobdir.find_job(job, home)
+    with jobdir.naming_broken(folder):
+        return write_report(jobdir.Job.open(folder), path)
 
 
 def watch(job: Ref, home: Ref | None = None, every: float = 10.0, echo: Any = print) -> JobStatus:

@@ -41,6 +41,7 @@ The ownership and integrity model, so that exactly-once holds by construction:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -87,11 +88,26 @@ KINDS = {"generate": GenerationParams, "score": ScoreParams, "embed": EmbedParam
 
 class BrokenJob(RunnerError):
     """A job folder whose metadata cannot be read or makes no sense; the job is `broken`, others go on.
-    `repairable`: whether `runner repair` can mend it (not a damaged prompts file: that is submitted again)."""
+    `repairable`: whether `runner repair` can mend it (not a damaged prompts file: that is submitted again).
+    `named`: the message already names the job and what brings it back (`naming_broken`)."""
 
-    def __init__(self, message: str, repairable: bool = True):
+    def __init__(self, message: str, repairable: bool = True, named: bool = False):
         super().__init__(message)
         self.repairable = repairable
+        self.named = named
+
+
+@contextlib.contextmanager
+def naming_broken(folder: Path) -> Iterator[None]:
+    """Around a command on the job in `folder` (results, cancel, retry, report...): a BrokenJob says which job
+    is broken and what brings it back, in one line, as `runner status` does, not only which file is damaged."""
+    try:
+        yield
+    except BrokenJob as e:
+        if e.named:
+            raise
+        hint = f"; `runner repair {shlex.quote(str(folder))}` brings it back" if e.repairable else ""
+        raise BrokenJob(f"job {Path(folder).name} is broken ({e}){hint}", e.repairable, named=True) from e
 
 
 class ClaimLost(RunnerError):

@@ -412,7 +412,7 @@ def load_results(
     """
     import pyarrow.parquet as pq
 
-    from .jobdir import Job
+    from .jobdir import Job, naming_broken
 
     if format not in RESULT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RESULT_FORMATS)}, got {format!r}")
@@ -420,8 +420,9 @@ def load_results(
     if path.is_file():
         table = pq.read_table(path)
     else:
-        job = Job.open(path)
-        table = read_results_table(job)
+        with naming_broken(path):
+            job = Job.open(path)
+            table = read_results_table(job)
         _warn_if_partial(job, table.num_rows)
     if ORDER in table.column_names:
         table = table.drop([ORDER])
@@ -481,7 +482,9 @@ def export_results(
     if format == "openai":
         from . import openai_batch
 
-        return openai_batch.export(jobdir.open_job(source, home), to, errors_to)
+        folder = jobdir.find_job(source, home)
+        with jobdir.naming_broken(folder):
+            return openai_batch.export(jobdir.Job.open(folder), to, errors_to)
     if format != "table":
         raise ValueError(f"format must be 'table' or 'openai', got {format!r}")
     problem = export_type_problem(to)
@@ -549,4 +552,6 @@ def read_errors(source: str | os.PathLike, home: str | os.PathLike | None = None
     row, sample, stage, error and message."""
     from . import jobdir
 
-    return jobdir.read_errors(jobdir.open_job(source, home))
+    folder = jobdir.find_job(source, home)
+    with jobdir.naming_broken(folder):
+        return jobdir.read_errors(jobdir.Job.open(folder))

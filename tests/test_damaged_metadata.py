@@ -154,3 +154,26 @@ def test_results_of_a_job_with_none_yet_and_a_damaged_prompts_file_say_so(tmp_pa
         runner.load_results(per_row.dir)
     code, out = run_runner("--home", runner_home, "results", per_row.dir)
     assert code == 1 and "Traceback" not in out and "is damaged" in out and "job home" not in out, out
+
+
+def test_a_torn_state_file_is_named_with_its_job_and_the_repair_by_every_command(tmp_path, tiny_gpt2, gpt2_engine,
+                                                                                 runner_home):  # fmt: skip
+    """A torn state.json: results, retry, cancel, errors and the report said only "state.json is damaged
+    (Unterminated string ...)", naming neither the job nor `runner repair` (status did; found by adversarial
+    pass 11). Each now says which job is broken and what brings it back; after the repair all is well."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
+    runner.cancel(job.dir)
+    runner.retry(job.dir)  # state.json is written now: queued, generation 1
+    run_until_done(job, gpt2_engine)
+    state = job.dir / "state.json"
+    state.write_bytes(state.read_bytes()[:15])
+    said = f"job {job.id} is broken \\(state.json is damaged .*\\); `runner repair {job.dir}` brings it back"
+    for call in (runner.load_results, runner.read_errors, runner.cancel, runner.retry,
+                 lambda ref: runner.report(ref, tmp_path / "r.html")):  # fmt: skip
+        with pytest.raises(runner.RunnerError, match=said):
+            call(job.dir)
+    code, out = run_runner("results", job.dir, "--to", tmp_path / "r.jsonl")
+    assert code == 1 and "Traceback" not in out and f"runner repair {job.dir}" in out, out
+    code, out = run_runner("repair", job.dir)
+    assert code == 0, out
+    assert len(runner.load_results(job.dir)) == len(ROWS) and runner.status(job.dir).state == "completed"
