@@ -247,13 +247,15 @@ def job_folders(root: str | os.PathLike) -> list[Path]:
 def linked_entries(root: str | os.PathLike) -> list[str]:
     """Names of symbolic links in the home: never followed, reported by status."""
     root = Path(root)
-    try:
-        with os.scandir(root) as it:
-            return sorted(e.name for e in it if e.is_symlink() and not e.name.startswith("."))
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise storage.StorageError(f"cannot list {root}: {e.strerror or e}") from e
+
+    def op() -> list[str]:
+        try:
+            with os.scandir(root) as it:
+                return sorted(e.name for e in it if e.is_symlink() and not e.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    return storage.retry(op, f"list {root}")
 
 
 def _lexists(p: Path) -> bool:

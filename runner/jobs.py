@@ -14,6 +14,7 @@ a worker would pick up.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -380,8 +381,10 @@ def _write_job(
         if holder is not None:
             return holder
         try:
-            if target.exists():
-                target.rmdir()  # an empty -o folder the user made beforehand (anything else was refused above)
+            # an empty -o folder the user made beforehand (anything else was refused above), unless another
+            # submit to the same folder removed it first
+            with contextlib.suppress(FileNotFoundError):
+                target.rmdir()
             os.replace(tmp, target)
         except OSError as e:  # another submit to the same -o folder moved its job in first
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
@@ -808,9 +811,11 @@ def _unused_model_defaults(job: Job) -> dict[str, Any]:
 
 
 def _existing_job(path: Path) -> Job | None:
-    if (path / JOB_FILE).is_file() or (path / JOB_BACKUP).is_file():
+    """The job in an -o folder, None when it is new or empty (transient read errors retried: storage.kind)."""
+    if storage.kind(path / JOB_FILE) == "file" or storage.kind(path / JOB_BACKUP) == "file":
         return Job.open(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    there = storage.kind(path)
+    if there is not None and (there != "dir" or storage.listdir(path)):
         raise RunnerError(f"{path} exists and is not a runner job folder; choose an empty or new -o folder")
     return None
 

@@ -450,6 +450,33 @@ def test_housekeeping_retries_a_transient_error_on_what_it_looks_at(job, monkeyp
     assert failed == {str(left), str(submit)} and not left.exists() and not submit.exists()
 
 
+def test_one_transient_error_listing_the_home_or_an_o_folder_is_retried(job, tmp_path, monkeypatch):
+    """One EIO on the listing of the home (`runner status` looks for links there) or on the lstat of an -o
+    folder's job.json (`runner run FILE -o DIR` again, to carry on) is retried; before, the command failed
+    with 'cannot list HOME' / 'cannot read or write DIR/job.json: Input/output error' (adversarial pass 11)."""
+    from runner import jobs
+
+    real_scandir, real_lstat, failed = os.scandir, os.lstat, []
+
+    def scandir(path="."):
+        if str(path) == str(job.dir.parent) and "scandir" not in failed:
+            failed.append("scandir")
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_scandir(path)
+
+    def lstat(path, *args, **kwargs):
+        if str(path) == str(job.dir / "job.json") and "lstat" not in failed:
+            failed.append("lstat")
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "lstat", lstat)
+    assert jobdir.linked_entries(job.dir.parent) == [] and jobs._existing_job(job.dir).id == job.id
+    assert failed == ["scandir", "lstat"]
+
+
 def test_repair_leaves_the_temp_files_a_frozen_worker_may_still_be_writing(job, gpt2_engine):
     """A worker frozen past its lease (no live heartbeat) may wake and rename its temp file: repair deletes
     only old ones; before, it deleted all, and the woken worker stopped saying the job home could not be

@@ -181,6 +181,27 @@ def test_two_concurrent_submits_to_one_folder_return_one_job(tmp_path, tiny_gpt2
         create_job(prompts, tiny_gpt2, PARAMS, job_dir=tmp_path / "out2")
 
 
+def test_a_submit_whose_empty_o_folder_another_removed_first_carries_on(tmp_path, tiny_gpt2, monkeypatch):
+    """`runner run FILE -o DIR` twice at once into an empty DIR the user made: both saw DIR, the other one
+    removed it to move its job in, and this one's own removal failed with 'cannot read or write DIR: No such
+    file or directory' (adversarial pass 11). Deterministic: the other's removal happens just before this one's."""
+    from pathlib import Path
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    real_rmdir = Path.rmdir
+
+    def rmdir(self):
+        if self == out and out.is_dir():
+            real_rmdir(self)  # the other submit's removal, an instant before this one's
+        return real_rmdir(self)
+
+    monkeypatch.setattr(Path, "rmdir", rmdir)
+    job = create_job(prompts, tiny_gpt2, PARAMS, job_dir=out)
+    assert job.dir == out and (out / "job.json").is_file()
+
+
 def test_two_concurrent_runs_of_one_file_without_a_folder_make_one_job(
     tmp_path, tiny_gpt2, runner_home, monkeypatch
 ):
