@@ -386,14 +386,15 @@ def read_results_table(job: Any) -> pa.Table:
     return table if first.all() else table.filter(pa.array(first))
 
 
-def resolve_source(source: str | os.PathLike, home: str | os.PathLike | None = None) -> Path:
-    """A job folder, a results Parquet file, or a job id / name in the job home."""
+def resolve_source(source: str | os.PathLike, home: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """(path, whether it is a results Parquet file): a job folder, a results file, or a job id / name in the job
+    home. A transient read error is retried, never taken for "not a file"."""
     p = Path(source)
-    if p.is_file():
-        return p
+    if storage.retry(p.is_file, f"read {p}"):
+        return p, True
     from .jobdir import find_job
 
-    return find_job(source, home)
+    return find_job(source, home), False
 
 
 RESULT_FORMATS = ("pandas", "arrow", "datasets")
@@ -416,8 +417,8 @@ def load_results(
 
     if format not in RESULT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RESULT_FORMATS)}, got {format!r}")
-    path = resolve_source(source, home)
-    if path.is_file():
+    path, is_file = resolve_source(source, home)
+    if is_file:
         table = pq.read_table(path)
     else:
         with naming_broken(path):

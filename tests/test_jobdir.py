@@ -451,9 +451,10 @@ def test_housekeeping_retries_a_transient_error_on_what_it_looks_at(job, monkeyp
 
 
 def test_one_transient_error_listing_the_home_or_an_o_folder_is_retried(job, tmp_path, monkeypatch):
-    """One EIO on the listing of the home (`runner status` looks for links there) or on the lstat of an -o
-    folder's job.json (`runner run FILE -o DIR` again, to carry on) is retried; before, the command failed
-    with 'cannot list HOME' / 'cannot read or write DIR/job.json: Input/output error' (adversarial pass 11)."""
+    """One EIO on the listing of the home (`runner status` looks for links there), on the lstat of an -o
+    folder's job.json (`runner run FILE -o DIR` again, to carry on) or on the stat of the folder given to
+    load_results is retried; before, the command failed with 'cannot list HOME' / 'cannot read or write
+    DIR/job.json: Input/output error', or load_results raised the OSError (adversarial pass 11)."""
     from runner import jobs
 
     real_scandir, real_lstat, failed = os.scandir, os.lstat, []
@@ -470,11 +471,22 @@ def test_one_transient_error_listing_the_home_or_an_o_folder_is_retried(job, tmp
             raise OSError(errno.EIO, "Input/output error", str(path))
         return real_lstat(path, *args, **kwargs)
 
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if str(path) == str(job.dir) and "stat" not in failed:
+            failed.append("stat")
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_stat(path, *args, **kwargs)
+
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
     monkeypatch.setattr(os, "scandir", scandir)
     monkeypatch.setattr(os, "lstat", lstat)
+    monkeypatch.setattr(os, "stat", stat)
     assert jobdir.linked_entries(job.dir.parent) == [] and jobs._existing_job(job.dir).id == job.id
-    assert failed == ["scandir", "lstat"]
+    with pytest.warns(UserWarning, match="not generated yet"):
+        assert len(runner.load_results(job.dir)) == 0  # its first look: a results file, or a job folder?
+    assert failed == ["scandir", "lstat", "stat"]
 
 
 def test_repair_leaves_the_temp_files_a_frozen_worker_may_still_be_writing(job, gpt2_engine):
