@@ -496,24 +496,28 @@ def read_state(job_dir: Path) -> StateRecord:
             continue
         outcome = _read_json_or_none(path)
         gen = outcome.get("generation") if isinstance(outcome, dict) else None
-        if type(gen) is int and gen == record.generation:
+        # written over the state.json it read (older runner versions wrote the generation alone)
+        read = outcome.get("state_updated", record.updated) if isinstance(outcome, dict) else None
+        if type(gen) is int and gen == record.generation and read == record.updated:
             error, updated = outcome.get("error"), outcome.get("updated")
             return StateRecord(state, gen, error if isinstance(error, str) else None,
                                float(updated) if type(updated) is float else 0.0)  # fmt: skip
     return record
 
 
-def write_completed(job_dir: Path, generation: int) -> None:
+def write_completed(job_dir: Path, read: StateRecord) -> None:
     """Completion, written by the worker that finds every key done or failed, to a file of its own: state.json
     is written by commands only (submit, cancel, retry, repair), so a `retry` or `cancel` written at the same
-    moment is never overwritten by a worker that read the state just before (`generation`: the one it read)."""
-    _write_outcome(job_dir, JobState.COMPLETED, generation)
+    moment is never overwritten by a worker that read the state just before (`read`: the state.json it read).
+    It counts only while state.json is the one it read: a `repair` that re-queued the job (a shard damaged since)
+    as this worker was about to write it leaves the job queued, not completed with rows missing."""
+    _write_outcome(job_dir, JobState.COMPLETED, read)
 
 
-def write_failed(job_dir: Path, generation: int, error: str) -> None:
+def write_failed(job_dir: Path, read: StateRecord, error: str) -> None:
     """A job-level failure (a damaged prompts file, a model that changed), written by a worker to a file of its
     own, as `write_completed`: a `cancel` landing at that moment stands, a `retry` re-queues past it."""
-    _write_outcome(job_dir, JobState.FAILED, generation, error)
+    _write_outcome(job_dir, JobState.FAILED, read, error)
 
 
 def _outcome_files() -> dict[JobState, str]:
@@ -521,9 +525,21 @@ def _outcome_files() -> dict[JobState, str]:
     return {JobState.COMPLETED: COMPLETED_FILE, JobState.FAILED: FAILED_FILE}
 
 
-def _write_outcome(job_dir: Path, state: JobState, generation: int, error: str | None = None) -> None:
+def _write_outcome(job_dir: Path, state: JobState, read: StateRecord, error: str | None = None) -> None:
+    """The outcome, unless the state moved on since the worker read it (a retry, cancel or repair, or another
+    worker's newer completion): a worker that slept in between never writes an older word over a newer one."""
+    try:
+        now = read_state(job_dir)
+    except BrokenJob:
+        now = None
+    moved_on = now is not None and (now.state, now.generation, now.updated) != (
+        JobState.QUEUED, read.generation, read.updated,
+    )  # fmt: skip
+    if moved_on:
+        return
     record = {
-        "generation": generation,
+        "generation": read.generation,
+        "state_updated": read.updated,
         "updated": time.time(),
         **({"error": error} if error is not None else {}),
     }
@@ -1414,7 +1430,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
         final = JobState(report.state_was)
     if final is not JobState.COMPLETED:
         storage.remove(job.dir / COMPLETED_FILE)  # a completion that no longer holds (a shard was lost)
-    now = _settle_state(job, StateRecord(final, generation), stored)
+    now = _settle_state(job, StateRecord(final, generation), None if report.quarantined else stored)
     report.state_now, report.done, report.total = now.state.value, progress.done, progress.total
     # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
     # and one deleted under it would stop it with a false "cannot be written" when it wakes.
@@ -1425,9 +1441,11 @@ def repair(path: str | os.PathLike) -> RepairReport:
 
 
 def _settle_state(job: Job, wanted: StateRecord, stored: StateRecord | None) -> StateRecord:
-    """Write the repaired state (always where state.json was unreadable: `stored` None), unless the job already
-    reads so, or a command (retry, cancel) wrote state.json since repair read it: that command's word stands,
-    never undone by a repair that read the state just before. Returns the state the job reads now."""
+    """Write the repaired state (always when `stored` is None: state.json was unreadable, or commits were set
+    aside, so that a worker's completion in flight, written over the old state.json, no longer counts), unless
+    the job already reads so, or a command (retry, cancel) wrote state.json since repair read it: that
+    command's word stands, never undone by a repair that read the state just before. Returns the state the job
+    reads now."""
     current = _stored_state_or_none(job.dir)
     if stored is not None and current is not None:
         now = read_state(job.dir)

@@ -583,7 +583,7 @@ class JobRun:
         state = self.job.state()
         progress = jobdir.job_progress(self.job, self.ledger(generation=state.generation))
         if progress.complete and state.state is JobState.QUEUED:
-            jobdir.write_completed(self.job.dir, state.generation)
+            jobdir.write_completed(self.job.dir, state)
         others = len([w for w in progress.live if w != self.owner.worker])
         return RunSummary(self.job.id, progress.done, progress.total, self.generated, self.tokens, seconds,
                           progress.failed, progress.complete, others, self.stopped)  # fmt: skip

@@ -619,7 +619,7 @@ def test_an_unfinished_job_never_answers_a_request_in_part(tmp_path, tiny_gpt2, 
             assert_real_openai_object(BatchError.model_validate(x["error"]))
         return [x["error"]["message"] for x in lines]
 
-    jobdir.write_failed(job.dir, job.state().generation, "the model changed")
+    jobdir.write_failed(job.dir, job.state(), "the model changed")
     assert export(job, out) == (0, 2) and out.read_text() == ""
     assert unfinished("batch_failed") == [
         f"This request was not executed because job {job.id} failed (the model changed) (1 of its 3 samples were "

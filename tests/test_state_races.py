@@ -54,12 +54,12 @@ def test_a_retry_as_the_worker_writes_completion_stands(errored, gpt2_engine, mo
     real = jobdir.write_completed
     fired = []
 
-    def write_completed(path, generation):
+    def write_completed(path, read):
         if not fired:  # the worker's finish(), about to write: the user's real `runner retry` lands now
             code, out = run_runner("retry", job.dir)
             assert code == 0 and "1 failed row(s) will be tried again" in out, out
-            fired.append(generation)
-        return real(path, generation)
+            fired.append(read.generation)
+        return real(path, read)
 
     monkeypatch.setattr(jobdir, "write_completed", write_completed)
     run_job(job, gpt2_engine, echo=None)
@@ -167,10 +167,10 @@ def test_a_cancel_or_retry_as_a_job_fails_stands(tmp_path, tiny_gpt2, gpt2_engin
     real = jobdir.write_failed
     fired = []
 
-    def write_failed(path, generation, error):
+    def write_failed(path, read, error):
         if not fired:  # the user's `runner cancel`, at this instant
             fired.append(jobdir.cancel(Job.open(job.dir)))
-        return real(path, generation, error)
+        return real(path, read, error)
 
     monkeypatch.setattr(jobdir, "write_failed", write_failed)
     scheduler.work(home=runner_home, engine=gpt2_engine, echo=None, once=True)
@@ -213,3 +213,54 @@ def test_a_retry_as_repair_settles_the_state_stands(errored, gpt2_engine, monkey
     assert (
         s.finished and s.errors == 0 and sorted(runner.load_results(job.dir)["id"]) == [r["id"] for r in ROWS]
     )
+
+
+def test_a_repair_as_the_worker_writes_completion_leaves_the_job_queued(tmp_path, tiny_gpt2, gpt2_engine,
+                                                                        runner_home, monkeypatch):  # fmt: skip
+    """A worker about to write completed.json while `runner repair` sets a damaged shard aside (re-queuing the
+    job at the same generation): the completion landed after the repair and the job read "completed" with rows
+    missing, so `runner work` did nothing for it (found by adversarial pass 11). A completion now counts only
+    over the state.json its worker read, and is not written once the state moved on."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
+                     unit_rows=2)  # fmt: skip
+    real, fired = jobdir.write_completed, []
+
+    def write_completed(path, read):
+        if not fired:  # every row is committed; Drive damages a shard and the user's repair runs, now
+            shard = sorted((job.dir / "shards").glob("*.parquet"))[0]
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0x10
+            shard.write_bytes(bytes(data))
+            fired.append(jobdir.repair(job.dir))
+        return real(path, read)
+
+    monkeypatch.setattr(jobdir, "write_completed", write_completed)
+    run_job(job, gpt2_engine, echo=None, shard_rows=2)
+    monkeypatch.setattr(jobdir, "write_completed", real)
+    assert len(fired) == 1 and fired[0].quarantined and fired[0].state_now == "queued"
+    assert job.state().state is JobState.QUEUED and job_status(Job.open(job.dir)).state != "broken"
+    s = run_job(job, gpt2_engine, echo=None)  # the set-aside rows are computed again
+    assert s.finished and job.state().state is JobState.COMPLETED
+    assert sorted(runner.load_results(job.dir)["id"]) == [r["id"] for r in ROWS]
+
+
+def test_a_worker_that_slept_before_writing_completion_leaves_a_newer_one(tmp_path, tiny_gpt2, gpt2_engine,
+                                                                          runner_home, monkeypatch):  # fmt: skip
+    """A worker paused right before writing completed.json (generation 0) while the job was cancelled, retried
+    (generation 1) and completed again by another worker: it woke and wrote its generation 0 over the newer
+    completion, and the job read "queued" until the next `runner work` (adversarial pass 11)."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
+    real, fired = jobdir.write_completed, []
+
+    def write_completed(path, read):
+        if not fired:  # the cancel, the retry and another worker's whole run land now
+            fired.append(read.generation)
+            jobdir.cancel(Job.open(job.dir))
+            jobdir.retry(Job.open(job.dir))
+            assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+        return real(path, read)
+
+    monkeypatch.setattr(jobdir, "write_completed", write_completed)
+    run_job(job, gpt2_engine, echo=None)
+    assert fired == [0]
+    assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
