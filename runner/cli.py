@@ -285,8 +285,7 @@ def _run_kind(
     if invalid:
         _echo(f"{invalid} invalid row(s) skipped; see {job.dir / 'errors.jsonl'}")
     if not summary.finished:
-        _echo(f"stopped with {summary.done:,}/{summary.total:,} rows done; run the same command again to "
-              "carry on")  # fmt: skip
+        _echo(_stopped_line(job, summary, "rows", "carry on"))
         click.echo(str(job.dir))
         raise SystemExit(130 if stop() else 1)
     _echo(
@@ -923,10 +922,23 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
                                               served_model_names=served_model_names, echo=_echo, stop=stop,
                                               skip_invalid=kw["skip_invalid"])  # fmt: skip
     if not summary.finished:
-        _echo(f"stopped with {summary.done:,}/{summary.total:,} requests done; run the same command again to "
-              "carry on (the output file is written when all are done)")  # fmt: skip
+        _echo(_stopped_line(job, summary, "requests", "carry on (the output file comes once all are done)"))
         raise SystemExit(130 if stop() else 1)
     _echo(f"done: {summary.done:,} responses, {summary.errors} errors -> {output_path}")
+
+
+def _stopped_line(job: Any, summary: Any, rows: str, then: str) -> str:
+    """What `runner run` / `run-batch` says when it ends before the job does: a job cancelled meanwhile (from
+    another cell or VM) is re-queued by `runner retry` first; run again as it is, the command would start anew."""
+    done = f"{summary.done:,}/{summary.total:,} {rows} done"
+    try:
+        cancelled = job.state().state.value == "cancelled"
+    except RunnerError:
+        cancelled = False
+    if cancelled:
+        return (f"job {job.id} was cancelled with {done}; `runner retry {job.dir}` re-queues it (the finished "
+                f"{rows} are kept), then the same command carries it on")  # fmt: skip
+    return f"stopped with {done}; run the same command again to {then}"
 
 
 def main() -> None:

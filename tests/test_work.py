@@ -110,6 +110,37 @@ def test_run_waits_for_a_unit_another_worker_holds_and_takes_it_over_when_it_die
     assert list(runner.load_results(out)["id"]) == [f"r{i}" for i in range(6)]
 
 
+def test_run_of_a_job_cancelled_meanwhile_says_retry_not_run_again(prompts_file, tiny_gpt2, runner_home,
+                                                                     monkeypatch):  # fmt: skip
+    """`runner run FILE` whose job is cancelled from elsewhere (another cell or VM) said "run the same command
+    again to carry on", which made a new job and computed every row again (a cancelled job is never carried
+    on; adversarial pass 11). It now names `runner retry`, after which the same command carries the job on."""
+    from helpers import invoke
+
+    from runner import scheduler
+
+    real = scheduler.run_leased
+
+    def cancelled_first(cand, *args, **kwargs):
+        cancel_job(cand.job.dir)  # the user's `runner cancel`, from elsewhere, as the run starts
+        return real(cand, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "run_leased", cancelled_first)
+    args = ["run", prompts_file, "--model", tiny_gpt2, "--max-new-tokens", 3]
+    result = invoke(*args)
+    (job,) = jobdir.job_folders(runner_home)
+    assert result.exit_code == 1 and f"job {job.name} was cancelled with 0/6 rows done" in result.output
+    assert (
+        f"`runner retry {job}` re-queues it" in result.output
+        and "run the same command again" not in result.output
+    )
+    monkeypatch.setattr(scheduler, "run_leased", real)
+    retry_job(job)
+    result = invoke(*args)
+    assert result.exit_code == 0 and "done: 6/6 rows" in result.output
+    assert [p.name for p in jobdir.job_folders(runner_home)] == [job.name]
+
+
 def test_two_workers_never_run_one_job_at_once(prompts_file, tiny_gpt2, runner_home):
     jobs = [submit(prompts_file, tiny_gpt2) for _ in range(4)]
     results = []
