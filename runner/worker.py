@@ -13,6 +13,7 @@ seeded from (job seed, row id, sample), so a resumed or shared job equals an uni
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -465,16 +466,30 @@ class JobRun:
         if not jobdir.still_holds(self.job, unit.index, unit.epoch):
             raise ClaimLost(unit.index)
         name = jobdir.commit_name(unit.index, unit.epoch, unit.seq)
-        marker = self.publish(unit, name)
+        with self.claim_checked(unit):
+            marker = self.publish(unit, name)
         fault_point("after_shard")  # the shard is in place, its marker is not: it must not count
         if not jobdir.still_holds(self.job, unit.index, unit.epoch):
             raise ClaimLost(unit.index)
-        jobdir.write_marker(self.job, unit.index, unit.epoch, unit.seq, marker)
+        with self.claim_checked(unit):
+            jobdir.write_marker(self.job, unit.index, unit.epoch, unit.seq, marker)
         self.verifier.remember(jobdir.Commit(name, unit.index, unit.epoch, marker))
         # emptied before seq moves on: a Ctrl-C between the two never commits these rows a second time
         unit.results, unit.errors, unit.batches = [], [], []
         unit.seq += 1
         self.update_heartbeat()
+
+    @contextlib.contextmanager
+    def claim_checked(self, unit: Unit) -> Iterator[None]:
+        """A write of the unit's commit that fails once another worker took the unit over is ClaimLost, not "the
+        job home cannot be written": a worker frozen past its lease (and TEMP_MAX_AGE) finds its temp file
+        tidied away by the worker that took over, and its work is discarded as any late commit is."""
+        try:
+            yield
+        except (storage.StorageError, OSError):
+            if not jobdir.still_holds(self.job, unit.index, unit.epoch):
+                raise ClaimLost(unit.index) from None
+            raise
 
     def publish(self, unit: Unit, name: str) -> dict[str, Any]:
         """Write the shard (locally, checked, then copied in under a temp name and renamed) and return the

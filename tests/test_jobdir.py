@@ -102,6 +102,35 @@ def test_a_worker_whose_unit_was_taken_over_discards_its_rows(job, reference, gp
     assert_exactly_once(job.dir, reference[1])
 
 
+def test_a_worker_whose_temp_marker_was_tidied_after_a_takeover_discards_its_rows(
+    job, reference, gpt2_engine, monkeypatch
+):
+    """A worker frozen past its lease (and TEMP_MAX_AGE) right before renaming its commit marker into done/:
+    the worker that took the unit over tidied its temp file away, and the woken worker stopped with a false
+    "the job home cannot be written" (adversarial pass 11). A commit write that fails once the claim is lost is
+    ClaimLost: the rows are discarded, as any late commit's are, and the run goes on."""
+    successor = Heartbeat(job, Owner.me("successor"), ttl=600)
+    real, said = jobdir.write_marker, []
+
+    def write_marker(j, index, epoch, seq, marker):
+        if index == 0 and epoch == 0:  # woken: the unit is the successor's, the temp file gone
+            successor.beat()
+            take_unit(j, 0, successor.owner, 0)
+            raise storage.StorageError(
+                "cannot rename .00000-00000000-0000.json.1a2b3c4d.tmp: No such file", 2
+            )
+        return real(j, index, epoch, seq, marker)
+
+    monkeypatch.setattr(jobdir, "write_marker", write_marker)
+    summary = run_job(job, gpt2_engine, echo=said.append, shard_rows=100)
+    assert any("was taken over by another worker" in s for s in said)
+    assert not summary.finished and not [c for c in read_ledger(job).commits if c.unit == 0]
+    monkeypatch.undo()
+    successor.path.unlink()  # the successor stops (its claim is released)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert_exactly_once(job.dir, reference[1])
+
+
 def test_claiming_is_exclusive_on_a_slow_file_system(job, monkeypatch):
     """Eight workers race for one unit through a mount where every operation takes 50 ms: one owner."""
     FsFaults(job.dir.parent, slow=0.05).install(monkeypatch)
