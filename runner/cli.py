@@ -569,7 +569,7 @@ def _worker_devices(gpus: str | None, n_workers: int | None, device: str | None)
 
 def _run_processes(home: str | None, args: list[str], devices: list[str | None]) -> int:
     """One `runner work` process per device, all on the same home; waits for all, forwards Ctrl-C. Exit code:
-    the first non-zero one of the workers (0 when all are)."""
+    the first non-zero one of the workers (0 when all are; 1 for one killed by a signal, which is said)."""
     import signal
     import subprocess
 
@@ -585,7 +585,13 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
         codes = [p.wait() for p in procs]
     finally:
         signal.signal(signal.SIGINT, previous)
-    return next((c for c in codes if c), 0)
+    for i, (p, code) in enumerate(zip(procs, codes, strict=True), 1):
+        if code < 0:  # killed by a signal: SIGKILL is the out-of-memory killer's
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            _echo(f"worker process {i} (pid {p.pid}) was killed by {name}"
+                  f"{' (out of memory?)' if -code == signal.SIGKILL else ''}; the units it held are taken over "
+                  "by the other workers once its claims go stale, or by the next `runner work`")  # fmt: skip
+    return next((c if c > 0 else 1 for c in codes if c), 0)
 
 
 def _threads_each(processes: int) -> dict[str, str]:

@@ -119,3 +119,29 @@ def test_torchrun_processes_each_take_units_of_one_job(tmp_path, prepared):
 def test_gpus_needs_a_gpu_and_says_so(tmp_path):
     code, out = run_runner("--home", tmp_path, "work", "--gpus", "all", env_extra=ONE_THREAD)
     assert code == 1 and "no CUDA GPU is visible" in out and "--workers N" in out
+
+
+def test_a_worker_process_killed_by_a_signal_is_said_and_fails_the_command(monkeypatch, capsys):
+    """`runner work --workers 2` with one worker killed (SIGKILL: the out-of-memory killer): the command exited
+    247 (-9) without a word (adversarial pass 11). It now says which worker was killed by what, and what
+    becomes of its units, and exits 1."""
+    import signal
+    import subprocess
+
+    from runner import cli
+
+    made = []
+
+    class Worker:
+        def __init__(self, args, env=None):
+            self.pid = 4000 + len(made)
+            made.append(self)
+
+        def wait(self):
+            return 0 if self.pid == 4000 else -signal.SIGKILL
+
+    monkeypatch.setattr(subprocess, "Popen", Worker)
+    assert cli._run_processes(None, [], [None, None]) == 1
+    said = capsys.readouterr().err
+    assert "worker process 2 (pid 4001) was killed by SIGKILL (out of memory?)" in said
+    assert "taken over by the other workers" in said
