@@ -179,7 +179,7 @@ class InFlight:
         if error:
             rec["error"] = error
         rec["check"] = storage.json_checksum(rec)
-        self.path.parent.mkdir(exist_ok=True)
+        storage.ensure_dir(self.path.parent)
         storage.write_json(self.path, rec, durable=False)
         self._on_disk = True
 

@@ -813,7 +813,7 @@ class Heartbeat:
                 return
 
     def __enter__(self) -> Heartbeat:
-        (self.job.dir / WORKERS).mkdir(exist_ok=True)
+        storage.ensure_dir(self.job.dir / WORKERS)
         self.beat()
         self._thread = threading.Thread(target=self._run, name="runner-heartbeat", daemon=True)
         self._thread.start()
@@ -1258,7 +1258,7 @@ def take_unit(job: Job, unit: int, owner: Owner, after: int) -> int | None:
     """Claim epoch `after + 1` of `unit` for `owner` (exclusive create), then seal every older epoch. Returns
     the epoch, or None if another worker claimed it first."""
     epoch = after + 1
-    (job.dir / CLAIMS).mkdir(exist_ok=True)
+    storage.ensure_dir(job.dir / CLAIMS)
     record = {**owner.as_dict(), "unit": unit, "epoch": epoch, "claimed": time.time()}
     path = job.dir / CLAIMS / claim_name(unit, epoch)
     if not create_exclusive(path, record):
@@ -1288,7 +1288,7 @@ def still_holds(job: Job, unit: int, epoch: int) -> bool:
 
 def write_marker(job: Job, unit: int, epoch: int, seq: int, marker: dict[str, Any]) -> None:
     """Write a commit marker with its own checksum (`check`), so that a changed byte in it is noticed, not obeyed."""
-    (job.dir / MARKERS).mkdir(exist_ok=True)  # lost with every marker in it: their rows are simply redone
+    storage.ensure_dir(job.dir / MARKERS)  # lost with every marker in it: their rows are simply redone
     path = job.dir / MARKERS / f"{commit_name(unit, epoch, seq)}.json"
     storage.write_json(path, {**marker, "check": marker_checksum(marker)})
 
@@ -1301,7 +1301,7 @@ def marker_checksum(marker: dict[str, Any]) -> str:
 def quarantine(job: Job, name: str, why: str) -> None:
     """Move a commit that failed verification (marker and shard) into quarantine/, keeping it for a look."""
     q = job.dir / QUARANTINE
-    q.mkdir(exist_ok=True)
+    storage.ensure_dir(q)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for src in (job.dir / MARKERS / f"{name}.json", job.dir / SHARDS / f"{name}.parquet"):
         if storage.kind(src) is None:
@@ -1482,7 +1482,7 @@ def _move_aside(job_dir: Path, name: str) -> None:
     if storage.kind(q) not in (None, "dir"):  # not a folder itself: it moves aside first, under another name
         stamp = time.strftime("%Y%m%d-%H%M%S")
         storage.retry(lambda: os.replace(q, job_dir / f"{QUARANTINE}-{stamp}-not-a-folder"), f"move {q}")
-    q.mkdir(exist_ok=True)
+    storage.ensure_dir(q)
     src = job_dir / name
     dest = q / f"{time.strftime('%Y%m%d-%H%M%S')}-{name.replace('/', '-')}"
     storage.retry(lambda: os.replace(src, dest), f"move {src}")

@@ -448,7 +448,7 @@ def _claim_name(root: Path, claim: _Claim, job_id: str) -> str | None:
     folder = root / NAMES
     if folder.is_symlink():
         raise RunnerError(f"{folder} is a symbolic link; runner does not follow links out of the job home")
-    folder.mkdir(exist_ok=True)
+    storage.ensure_dir(folder)
     record = {"job": job_id, "owner": jobdir.Owner.me("submit").as_dict()}
     for _ in range(8):
         newest = jobdir.newest_name_claim(folder, claim.key)

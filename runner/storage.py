@@ -244,6 +244,12 @@ def remove(path: str | os.PathLike) -> None:
     retry(lambda: Path(path).unlink(missing_ok=True), f"delete {path}")
 
 
+def ensure_dir(path: str | os.PathLike) -> None:
+    """`path` is a folder (made if missing; its parent must be there). Transient errors retried: a folder that
+    is there, on a mount that fails a moment, is never "cannot be written"."""
+    retry(lambda: Path(path).mkdir(exist_ok=True), f"create {path}")
+
+
 def listdir(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     return retry(lambda: sorted(os.listdir(p)) if p.is_dir() else [], f"list {p}")

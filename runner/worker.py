@@ -507,7 +507,7 @@ class JobRun:
             params = json.dumps({**self.job.meta["params"], "model": self.job.spec.model}, ensure_ascii=False)
             meta = {"job": self.job.id, "kind": self.job.kind, "params": params}
             with write_local_shard(table, meta) as (local, digest):
-                (self.job.dir / jobdir.SHARDS).mkdir(exist_ok=True)  # lost: its commits are set aside, redone
+                storage.ensure_dir(self.job.dir / jobdir.SHARDS)  # lost: its commits are set aside, redone
                 storage.publish(local, self.job.dir / jobdir.SHARDS / f"{name}.parquet")
                 marker.update(shard=f"{name}.parquet", bytes=local.stat().st_size, sha256=digest)
         return marker

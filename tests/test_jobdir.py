@@ -481,8 +481,8 @@ def test_housekeeping_retries_a_transient_error_on_what_it_looks_at(job, monkeyp
 
 def test_one_transient_error_listing_the_home_or_an_o_folder_is_retried(job, tmp_path, monkeypatch):
     """One EIO on the listing of the home (`runner status` looks for links there), on the lstat of an -o
-    folder's job.json (`runner run FILE -o DIR` again, to carry on) or on the stat of the folder given to
-    load_results is retried; before, the command failed with 'cannot list HOME' / 'cannot read or write
+    folder's job.json (`runner run FILE -o DIR` again, to carry on), on the stat of the folder given to
+    load_results, or on the stat of done/ a worker makes sure of before a commit is retried; before, the command failed with 'cannot list HOME' / 'cannot read or write
     DIR/job.json: Input/output error', or load_results raised the OSError (adversarial pass 11)."""
     from runner import jobs
 
@@ -503,9 +503,10 @@ def test_one_transient_error_listing_the_home_or_an_o_folder_is_retried(job, tmp
     real_stat = os.stat
 
     def stat(path, *args, **kwargs):
-        if str(path) == str(job.dir) and "stat" not in failed:
-            failed.append("stat")
-            raise OSError(errno.EIO, "Input/output error", str(path))
+        for name, there in (("stat", job.dir), ("mkdir", job.dir / "done")):
+            if str(path) == str(there) and name not in failed:
+                failed.append(name)
+                raise OSError(errno.EIO, "Input/output error", str(path))
         return real_stat(path, *args, **kwargs)
 
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
@@ -515,7 +516,10 @@ def test_one_transient_error_listing_the_home_or_an_o_folder_is_retried(job, tmp
     assert jobdir.linked_entries(job.dir.parent) == [] and jobs._existing_job(job.dir).id == job.id
     with pytest.warns(UserWarning, match="not generated yet"):
         assert len(runner.load_results(job.dir)) == 0  # its first look: a results file, or a job folder?
-    assert failed == ["scandir", "lstat", "stat"]
+    storage.ensure_dir(
+        job.dir / "done"
+    )  # a worker's mkdir(exist_ok=True) of done/ before a commit: it stats it
+    assert failed == ["scandir", "lstat", "stat", "mkdir"]
 
 
 def test_repair_leaves_the_temp_files_a_frozen_worker_may_still_be_writing(job, gpt2_engine):
