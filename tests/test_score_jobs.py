@@ -10,7 +10,7 @@ import pytest
 from helpers import invoke, write_jsonl
 
 import runner
-from runner import EngineOptions
+from runner import EngineOptions, jobdir
 from runner.jobs import Job, create_job
 from runner.params import EmbedParams, ScoreParams
 from runner.results import valid_shards
@@ -199,6 +199,4 @@ def test_score_reads_a_txt_file_or_standard_input_one_text_per_line(tmp_path, ti
     assert list(outs[0]["id"]) == ["1", "3"] and list(outs[0]["text"]) == texts
     assert outs[0].to_json() == outs[1].to_json() == outs[2].to_json()
     assert Job.open(result.stdout.strip()).meta["input"]["path"].endswith("t.jsonl")
-    assert "standard input" in [
-        Job.open(p).meta["input"]["path"] for p in runner_home.iterdir() if p.is_dir()
-    ]
+    assert "standard input" in [Job.open(p).meta["input"]["path"] for p in jobdir.job_folders(runner_home)]
