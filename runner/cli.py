@@ -545,7 +545,24 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device)
         raise SystemExit(130)  # interrupted: scripts and notebooks can tell
     if failed:  # `runner work && next-step` must not go on as if all went well
         raise RunnerError(f"{len(failed)} job(s) failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
-                          "says why; `runner retry JOB` re-queues it)")  # fmt: skip
+                          f"says why; {_after_failure(failed)})")  # fmt: skip
+
+
+def _after_failure(failed: list[Any]) -> str:
+    """What to do next: `runner retry`, unless every job failed for a damaged prompts file, which a retry would
+    read again (it is submitted again)."""
+
+    def damaged(job: Any) -> bool:
+        try:
+            return "submit the file again" in (job.state().error or "")
+        except RunnerError:
+            return False
+
+    if all(damaged(j) for j in failed):
+        return "their prompts files are damaged: submit the files again"
+    return "`runner retry JOB` re-queues it" + (
+        " unless its prompts file is damaged" if any(map(damaged, failed)) else ""
+    )
 
 
 def _worker_devices(gpus: str | None, n_workers: int | None, device: str | None) -> list[str | None]:

@@ -156,8 +156,16 @@ def test_work_exits_1_when_a_job_failed_and_still_runs_the_others(tmp_path, prom
     assert result.exit_code == 1, result.output
     gone = runner.open_job("gone").id
     assert f"Error: 1 job(s) failed: {gone} (`runner status JOB` says why" in result.output
-    assert "nothing to do" not in result.output
+    assert "nothing to do" not in result.output and "`runner retry JOB` re-queues it)" in result.output
     assert runner.status("fine").state == "completed" and runner.status("gone").state == "failed"
+    # a damaged prompts file: a retry would read it again, so the line says to submit it again (pass 11)
+    assert invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 3, "--name", "torn").exit_code == 0
+    data = bytearray((runner.open_job("torn").dir / "prompts.parquet").read_bytes())
+    data[100] ^= 0xFF
+    (runner.open_job("torn").dir / "prompts.parquet").write_bytes(bytes(data))
+    result = invoke("work")
+    assert result.exit_code == 1 and "submit the files again" in result.output.splitlines()[-1], result.output
+    assert "runner retry" not in result.output.splitlines()[-1]
 
 
 def test_work_deadline_options_are_checked(runner_home):
