@@ -104,10 +104,22 @@ def naming_broken(folder: Path) -> Iterator[None]:
     try:
         yield
     except BrokenJob as e:
-        if e.named:
+        if e.named or not e.repairable:  # those say the job and what to do already (submit the file again)
             raise
-        hint = f"; `runner repair {shlex.quote(str(folder))}` brings it back" if e.repairable else ""
-        raise BrokenJob(f"job {Path(folder).name} is broken ({e}){hint}", e.repairable, named=True) from e
+        hint = f"`runner repair {shlex.quote(str(folder))}` brings it back"
+        raise BrokenJob(f"job {_job_id(Path(folder))} is broken ({e}); {hint}", named=True) from e
+
+
+def _job_id(folder: Path) -> str:
+    """The id job.json (or its backup) gives the job in `folder`, else the folder's name."""
+    for name in (JOB_FILE, JOB_BACKUP):
+        try:
+            meta = _read_json_or_none(folder / name) if storage.kind(folder / name) == "file" else None
+        except RunnerError:
+            meta = None
+        if isinstance(meta, dict) and isinstance(meta.get("id"), str):
+            return meta["id"]
+    return folder.name
 
 
 class ClaimLost(RunnerError):

@@ -943,14 +943,23 @@ def test_a_submit_killed_before_writing_anything_leaves_a_temp_folder_the_next_o
     assert temp_dirs(home) == []
 
 
-def test_a_repair_killed_at_any_write_leaves_a_cancelled_job_cancelled(tmp_path, prepared):
+def test_a_repair_killed_at_any_write_leaves_a_cancelled_job_cancelled(tmp_path, prepared, gpt2_engine):
     """Found by the campaign (fixed): repair wrote "queued" first (to read the ledger), then the final state;
-    killed in between, a cancelled job was left queued and ran again."""
+    killed in between, a cancelled job was left queued and ran again. The job has a damaged shard, so that
+    repair has writes to be killed at (it sets the commit aside and writes the state again)."""
+    base = shutil.copytree(prepared.job, tmp_path / "base")
+    calls = []
+    run_job(Job.open(base), gpt2_engine, echo=None, shard_rows=2,
+            should_stop=lambda: calls.append(1) or len(calls) > 1)  # fmt: skip
+    jobdir.cancel(Job.open(base))
+    shard = sorted((base / "shards").glob("*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
     killed = 0
     for n in (1, 2, 3):
         home = tmp_path / f"home{n}"
-        shutil.copytree(prepared.job, home / "job")
-        jobdir.cancel(Job.open(home / "job"))
+        shutil.copytree(base, home / "job")
         proc = subprocess.run(
             [sys.executable, "-m", "runner", "--home", str(home), "repair", "job"], capture_output=True, text=True,
             env=workers.worker_env({"RUNNER_FAULT": f"before_replace:{n}"}), timeout=TIMEOUT,
