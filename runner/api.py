@@ -32,16 +32,14 @@ def status(job: Ref | None = None, home: Ref | None = None) -> JobStatus | list[
 
 def cancel(job: Ref, home: Ref | None = None) -> str:
     """Cancel a queued or running job; finished rows are kept. Returns the state it was in."""
-    path = jobdir.find_job(job, home)
-    with jobdir.naming_broken(path):
-        return jobdir.cancel(jobdir.Job.open(path)).value
+    with jobdir.opened_job(job, home) as opened:
+        return jobdir.cancel(opened).value
 
 
 def retry(job: Ref, home: Ref | None = None) -> int:
     """Re-queue a failed or cancelled job, or one with row errors. Returns how many row errors were cleared."""
-    path = jobdir.find_job(job, home)
-    with jobdir.naming_broken(path):
-        return jobdir.retry(jobdir.Job.open(path))
+    with jobdir.opened_job(job, home) as opened:
+        return jobdir.retry(opened)
 
 
 def repair(job: Ref, home: Ref | None = None) -> Any:
@@ -55,9 +53,8 @@ def report(job: Ref, path: Ref = "report.html", home: Ref | None = None) -> Path
     job's life, before any result too."""
     from .job_report import write_report
 
-    folder = jobdir.find_job(job, home)
-    with jobdir.naming_broken(folder):
-        return write_report(jobdir.Job.open(folder), path)
+    with jobdir.opened_job(job, home) as opened:
+        return write_report(opened, path)
 
 
 def watch(job: Ref, home: Ref | None = None, every: float = 10.0, echo: Any = print) -> JobStatus:

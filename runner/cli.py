@@ -953,9 +953,11 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
 def _stopped_line(job: Any, summary: Any, rows: str, then: str) -> str:
     """What `runner run` / `run-batch` says when it ends before the job does: a job cancelled meanwhile (from
     another cell or VM) is re-queued by `runner retry` first; run again as it is, the command would start anew."""
+    from .jobdir import JobState
+
     done = f"{summary.done:,}/{summary.total:,} {rows} done"
     try:
-        cancelled = job.state().state.value == "cancelled"
+        cancelled = job.state().state is JobState.CANCELLED
     except RunnerError:
         cancelled = False
     if cancelled:

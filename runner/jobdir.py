@@ -155,6 +155,15 @@ def open_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> J
     return Job.open(find_job(ref, home))
 
 
+@contextlib.contextmanager
+def opened_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> Iterator[Job]:
+    """`open_job` for a command on that job (results, errors, cancel, retry, report...): a BrokenJob out of the
+    opening or out of the command's own reads names the job and `runner repair` (`naming_broken`)."""
+    folder = find_job(ref, home)
+    with naming_broken(folder):
+        yield Job.open(folder)
+
+
 def find_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> Path:
     """The folder of the job `ref` names (see `open_job`); does not read the job."""
     text = os.fspath(ref)

@@ -483,9 +483,8 @@ def export_results(
     if format == "openai":
         from . import openai_batch
 
-        folder = jobdir.find_job(source, home)
-        with jobdir.naming_broken(folder):
-            return openai_batch.export(jobdir.Job.open(folder), to, errors_to)
+        with jobdir.opened_job(source, home) as job:
+            return openai_batch.export(job, to, errors_to)
     if format != "table":
         raise ValueError(f"format must be 'table' or 'openai', got {format!r}")
     problem = export_type_problem(to)
@@ -553,6 +552,5 @@ def read_errors(source: str | os.PathLike, home: str | os.PathLike | None = None
     row, sample, stage, error and message."""
     from . import jobdir
 
-    folder = jobdir.find_job(source, home)
-    with jobdir.naming_broken(folder):
-        return jobdir.read_errors(jobdir.Job.open(folder))
+    with jobdir.opened_job(source, home) as job:
+        return jobdir.read_errors(job)

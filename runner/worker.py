@@ -468,10 +468,9 @@ class JobRun:
         name = jobdir.commit_name(unit.index, unit.epoch, unit.seq)
         with self.claim_checked(unit):
             marker = self.publish(unit, name)
-        fault_point("after_shard")  # the shard is in place, its marker is not: it must not count
-        if not jobdir.still_holds(self.job, unit.index, unit.epoch):
-            raise ClaimLost(unit.index)
-        with self.claim_checked(unit):
+            fault_point("after_shard")  # the shard is in place, its marker is not: it must not count
+            if not jobdir.still_holds(self.job, unit.index, unit.epoch):
+                raise ClaimLost(unit.index)
             jobdir.write_marker(self.job, unit.index, unit.epoch, unit.seq, marker)
         self.verifier.remember(jobdir.Commit(name, unit.index, unit.epoch, marker))
         # emptied before seq moves on: a Ctrl-C between the two never commits these rows a second time
