@@ -820,7 +820,9 @@ def cancel(ctx: click.Context, job_ref: str) -> None:
     """Cancel a queued or running JOB (id, name or folder); finished rows are kept (`runner retry` resumes it)."""
     from . import api
 
-    was = api.status(job_ref, ctx.obj["home"]).state  # "running" while a worker is on it (state.json: queued)
+    was = api.status(
+        job_ref, ctx.obj["home"]
+    ).state  # "running" while a worker is on it (its state record: queued)
     api.cancel(job_ref, ctx.obj["home"])
     _echo(f"cancelled job {job_ref} (was {was}); `runner retry {job_ref}` resumes it")
 
@@ -846,7 +848,8 @@ def retry(ctx: click.Context, job_ref: str) -> None:
 @handle_errors
 def repair(ctx: click.Context, job_ref: str) -> None:
     """Bring a damaged JOB back from what still verifies: restore job.json from its backup, quarantine
-    shards that fail their checksum, rewrite a damaged state.json, and re-queue the rows that are missing."""
+    shards that fail their checksum, record the state where its newest record is damaged, and re-queue the
+    rows that are missing."""
     from . import api
 
     r = api.repair(job_ref, ctx.obj["home"])

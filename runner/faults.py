@@ -3,9 +3,9 @@
 A kill test that only raises an exception proves less than a real SIGKILL, which runs no `finally` and no
 `atexit`, exactly like Colab reclaiming a VM. The points sit where a kill is most dangerous: after generating
 but before writing, in the middle of copying a shard into the job home, after the shard but before its
-completion marker, and before the rename of any atomic write (`before_replace`: state.json in cancel or
-retry, a marker, a claim's seal...). `row_fault` makes one row poison the process whenever it is computed (crash isolation,
-crashes.py). With no RUNNER_FAULT set, each costs one dictionary lookup.
+completion marker, before the rename of any atomic write (`before_replace`: a marker, a claim's seal...) and
+before the link of any exclusive create (`before_create`: a state record, a claim). `row_fault` makes one row
+poison the process whenever it is computed (crash isolation, crashes.py). With no RUNNER_FAULT set, each costs one dictionary lookup.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ asks it.
     job.backup.json   a copy of job.json, so `runner repair` can restore a damaged one
     prompts.parquet   the validated prompts (its sha256 is in job.json)
     errors.jsonl      input rows found invalid at submit (--skip-invalid; its sha256 is in job.json); never changed
-    state.json        what the user asked for and how it ended: queued, cancelled, completed, failed (+ retry
-                      generation). Workers never write "running": running is a fact about live workers.
+    state/SSSSSSSS.json  the job's state records, each created exclusively over the one before (see below): queued,
+                      cancelled, completed, failed, the retry generation, who recorded it. The newest counts.
+                      Workers never record "running": running is a fact about live workers. (Jobs of older
+                      versions, before their first record: state.json, completed.json, failed.json.)
     claims/UUUUU-EEEEEEEE.json       the claim of epoch E on unit U (created exclusively: one owner per epoch)
     claims/UUUUU-EEEEEEEE.seal.json  the commits accepted from epoch E, fixed when epoch E+1 takes the unit
     workers/WORKER.json              each worker's heartbeat (and throughput, for status)
@@ -35,7 +37,11 @@ The ownership and integrity model, so that exactly-once holds by construction:
     "not done".
   * Every state change is one atomic file write (or one exclusive create), so a kill at any instant leaves
     the old state or the new one. Row errors live in the commit markers (fenced like results); `retry`
-    clears them by bumping the retry generation in state.json, one write.
+    clears them by raising the retry generation, one state record.
+  * State changes are fenced too: each writer (a command, or a worker recording completion or failure)
+    decides from the newest record S it read and creates record S+1 exclusively. If another writer took S+1
+    first, the state moved on: a command reads again and decides again, a worker's outcome is dropped. So no
+    writer that read an older state, however long it slept, ever writes over a newer one.
   * Nothing follows a symbolic link: listings skip links, and a job whose folders are links is broken.
 """
 
@@ -54,7 +60,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,12 +75,12 @@ T = TypeVar("T")
 FORMAT = 2  # job folder layout version
 JOB_FILE, JOB_BACKUP, PROMPTS, INVALID = "job.json", "job.backup.json", "prompts.parquet", "errors.jsonl"
 STATE_FILE, STATS_FILE, LOG_FILE, VERIFIED = "state.json", "stats.json", "log.txt", "verified.json"
-COMPLETED_FILE = "completed.json"  # {"generation": g}: every key done or failed under retry generation g
-FAILED_FILE = "failed.json"  # {"generation": g, "error": ...}: the job itself failed under retry generation g
-SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, QUARANTINE = (
-    "shards", "done", "claims", "workers", "inflight", "quarantine",
+COMPLETED_FILE, FAILED_FILE = "completed.json", "failed.json"  # outcomes of older versions' jobs, read only
+SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, QUARANTINE, STATES = (
+    "shards", "done", "claims", "workers", "inflight", "quarantine", "state",
 )  # fmt: skip
-FOLDERS = (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, QUARANTINE)
+FOLDERS = (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, QUARANTINE, STATES)
+_RECORD = re.compile(r"^(\d{8})\.json$")  # a state record, state/SEQ.json
 ORDER = "_row"  # input order of a row (0-based over valid rows)
 LEASE_TTL = 120.0  # seconds without a heartbeat before a worker's claims may be taken over
 MAX_LEASE = 86400.0  # the longest lease RUNNER_LEASE_TTL may set
@@ -473,7 +479,7 @@ def spec_checksum(meta: dict[str, Any]) -> str:
 
 
 class JobState(str, Enum):
-    """The states a job shows. Stored in state.json: queued, cancelled, completed, failed. Derived: running
+    """The states a job shows. Stored in state records: queued, cancelled, completed, failed. Derived: running
     (a live worker holds a unit), broken (its metadata cannot be read)."""
 
     QUEUED = "queued"
@@ -496,6 +502,8 @@ class StateRecord:
     generation: int = 0  # bumped by `retry`: row errors committed under older generations no longer count
     error: str | None = None
     updated: float = 0.0
+    seq: int = 0  # its place in the job's state records (state/SEQ.json); 0: none yet (or the legacy files)
+    by: str | None = None  # who recorded it: cancel, retry, repair, a worker ("completed", "failed")
 
     def __getitem__(self, key: str) -> Any:  # record["state"], as the JSON reads
         return getattr(self, key)
@@ -505,11 +513,123 @@ class StateRecord:
                 "updated": self.updated}  # fmt: skip
 
 
+def record_name(seq: int) -> str:
+    return f"{seq:08d}.json"
+
+
 def read_state(job_dir: Path) -> StateRecord:
-    """The job's state: state.json (absent: queued; unreadable or invalid: BrokenJob, never a guess); where it
-    says queued, a worker's outcome of the same retry generation: completed.json, else failed.json."""
+    """The job's state: its newest state record, state/SEQ.json (unreadable or invalid: BrokenJob, never an
+    older record's guess; none yet: queued); a job of an older runner version, which has no state/ folder until
+    its first transition, reads as it stored its state then (`_legacy_state`)."""
+    seq = newest_state_seq(job_dir)
+    if seq is None:
+        return _legacy_state(job_dir)
+    return _read_record(Path(job_dir), seq) if seq else StateRecord()
+
+
+def newest_state_seq(job_dir: Path) -> int | None:
+    """The place of the job's newest state record (whatever it holds): 0 when it has none yet, None when it has
+    no state/ folder (a job of an older version, or one whose folder was lost)."""
+    folder = Path(job_dir) / STATES
+
+    def names() -> list[str] | None:
+        try:
+            return os.listdir(folder)
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            raise BrokenJob(f"{STATES}/ is not a folder") from None
+
+    found = storage.retry(names, f"list {folder}")
+    return (
+        None if found is None else max((int(m.group(1)) for n in found if (m := _RECORD.match(n))), default=0)
+    )
+
+
+def _read_record(job_dir: Path, seq: int) -> StateRecord:
+    name = f"{STATES}/{record_name(seq)}"
+    path = job_dir / name
+    if storage.kind(path) != "file":
+        raise BrokenJob(f"{name} is not a file")
+    for pause in (0.05, 0.2, None):  # where links are not supported its content follows its creation
+        try:
+            d = storage.read_json(path)
+            break
+        except ValueError as e:
+            if pause is None:
+                raise BrokenJob(f"{name} is damaged ({e})") from None
+            time.sleep(pause)
+    return _parse_state(d, name, seq)
+
+
+def _parse_state(d: Any, name: str, seq: int) -> StateRecord:
+    try:
+        state = JobState(d["state"])
+        if state not in STORED_STATES:
+            raise ValueError(f"state {state.value!r} is never stored")
+        gen = d.get("generation", 0)
+        if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
+            raise ValueError(f"generation {gen!r}")
+        error, by = d.get("error"), d.get("by")
+        return StateRecord(state, gen, error if isinstance(error, str) else None, float(d.get("updated", 0)), seq,
+                           by if isinstance(by, str) else None)  # fmt: skip
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BrokenJob(f"{name} is invalid ({type(e).__name__}: {e})") from None
+
+
+def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) -> StateRecord | None:
+    """Record `new` as the job's next state over `read`, the state its writer decided from: one exclusive
+    create of state/SEQ.json with SEQ = read.seq + 1, whole or not at all (a kill at any instant leaves the old
+    state or the new one). Returns None when another writer recorded that place first: the state moved on
+    since `read`, and the caller reads it again and decides again. So a writer that read an older state never
+    writes over a newer one, however long it slept in between (a worker's completion over a `retry`, a
+    repair over a `cancel`)."""
+    folder = Path(job_dir) / STATES
+    storage.ensure_dir(folder)
+    seq, token, now = read.seq + 1, secrets.token_hex(8), time.time()
+    path = folder / record_name(seq)
+    if create_exclusive(path, {**new.as_dict(), "updated": now, "by": by, "writer": token}):
+        return replace(new, updated=now, seq=seq, by=by)
+    mine = _read_json_or_none(path)  # a transient error after the create landed: the retry finds it ours
+    return (
+        replace(new, updated=now, seq=seq, by=by)
+        if isinstance(mine, dict) and mine.get("writer") == token
+        else None
+    )
+
+
+def change_state(job: Job, decide: Callable[[StateRecord], StateRecord | None], by: str) -> StateRecord:
+    """A command's transition: `decide` maps the state read to the one to record (None: leave it; it may
+    raise to refuse), tried again over whatever another writer recorded meanwhile. Returns the state after."""
+    while True:
+        old = read_state(job.dir)
+        new = decide(old)
+        if new is None:
+            return old
+        done = record_state(job.dir, old, new, by)
+        if done is not None:
+            return done
+
+
+def write_completed(job_dir: Path, read: StateRecord) -> StateRecord | None:
+    """Completion, recorded by the worker that found every key done or failed after reading the state `read`
+    (queued): only over that very record, so a `retry`, `cancel` or `repair` recorded since (while the worker
+    read the ledger, or slept) stands, and the worker's word is dropped."""
+    return record_state(job_dir, read, StateRecord(JobState.COMPLETED, read.generation), "completed")
+
+
+def write_failed(job_dir: Path, read: StateRecord, error: str) -> StateRecord | None:
+    """A job-level failure (a damaged prompts file, a model that changed), recorded by a worker as
+    `write_completed`: a `cancel` landing at that moment stands, a `retry` re-queues past it."""
+    return record_state(job_dir, read, StateRecord(JobState.FAILED, read.generation, error), "failed")
+
+
+def _legacy_state(job_dir: Path) -> StateRecord:
+    """A job of an older runner version, before its first state record: state.json (absent: queued), and where
+    it says queued, a worker's outcome of the same retry generation over that same state.json (completed.json,
+    else failed.json). Read only: the first transition records state/00000001.json over it."""
     record = _stored_state(job_dir)
-    for state, name in _outcome_files().items():
+    for state, name in _legacy_outcomes().items():
         path = Path(job_dir) / name
         if storage.kind(path) not in (None, "file"):
             raise BrokenJob(f"{name} is not a file")
@@ -517,7 +637,6 @@ def read_state(job_dir: Path) -> StateRecord:
             continue
         outcome = _read_json_or_none(path)
         gen = outcome.get("generation") if isinstance(outcome, dict) else None
-        # written over the state.json it read (older runner versions wrote the generation alone)
         read = outcome.get("state_updated", record.updated) if isinstance(outcome, dict) else None
         if type(gen) is int and gen == record.generation and read == record.updated:
             error, updated = outcome.get("error"), outcome.get("updated")
@@ -526,45 +645,8 @@ def read_state(job_dir: Path) -> StateRecord:
     return record
 
 
-def write_completed(job_dir: Path, read: StateRecord) -> None:
-    """Completion, written by the worker that finds every key done or failed, to a file of its own: state.json
-    is written by commands only (submit, cancel, retry, repair), so a `retry` or `cancel` written at the same
-    moment is never overwritten by a worker that read the state just before (`read`: the state.json it read).
-    It counts only while state.json is the one it read: a `repair` that re-queued the job (a shard damaged since)
-    as this worker was about to write it leaves the job queued, not completed with rows missing."""
-    _write_outcome(job_dir, JobState.COMPLETED, read)
-
-
-def write_failed(job_dir: Path, read: StateRecord, error: str) -> None:
-    """A job-level failure (a damaged prompts file, a model that changed), written by a worker to a file of its
-    own, as `write_completed`: a `cancel` landing at that moment stands, a `retry` re-queues past it."""
-    _write_outcome(job_dir, JobState.FAILED, read, error)
-
-
-def _outcome_files() -> dict[JobState, str]:
-    """The files a worker writes its outcome for the job to (read_state reads them in this order)."""
+def _legacy_outcomes() -> dict[JobState, str]:
     return {JobState.COMPLETED: COMPLETED_FILE, JobState.FAILED: FAILED_FILE}
-
-
-def _write_outcome(job_dir: Path, state: JobState, read: StateRecord, error: str | None = None) -> None:
-    """The outcome, unless the state moved on since the worker read it (a retry, cancel or repair, or another
-    worker's newer completion): a worker that slept in between never writes an older word over a newer one."""
-    try:
-        now = read_state(job_dir)
-    except BrokenJob:
-        now = None
-    moved_on = now is not None and (now.state, now.generation, now.updated) != (
-        JobState.QUEUED, read.generation, read.updated,
-    )  # fmt: skip
-    if moved_on:
-        return
-    record = {
-        "generation": read.generation,
-        "state_updated": read.updated,
-        "updated": time.time(),
-        **({"error": error} if error is not None else {}),
-    }
-    storage.write_json(Path(job_dir) / _outcome_files()[state], record)
 
 
 def _stored_state(job_dir: Path) -> StateRecord:
@@ -579,22 +661,7 @@ def _stored_state(job_dir: Path) -> StateRecord:
         d = storage.read_json(path)
     except ValueError as e:
         raise BrokenJob(f"state.json is damaged ({e})") from None
-    try:
-        state = JobState(d["state"])
-        if state not in STORED_STATES:
-            raise ValueError(f"state {state.value!r} is never stored")
-        gen = d.get("generation", 0)
-        if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
-            raise ValueError(f"generation {gen!r}")
-        error = d.get("error")
-        return StateRecord(state, gen, error if isinstance(error, str) else None, float(d.get("updated", 0)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise BrokenJob(f"state.json is invalid ({type(e).__name__}: {e})") from None
-
-
-def write_state(job_dir: Path, record: StateRecord) -> None:
-    """One atomic write: the job is in the old state or the new one, whatever kills the process."""
-    storage.write_json(Path(job_dir) / STATE_FILE, {**record.as_dict(), "updated": time.time()})
+    return _parse_state(d, STATE_FILE, 0)
 
 
 # --- the job handle ------------------------------------------------------------------------------------------
@@ -651,10 +718,14 @@ class Job:
     def state(self) -> StateRecord:
         return read_state(self.dir)
 
-    def set_state(self, state: JobState, error: str | None = None, generation: int | None = None) -> None:
-        old = self.state()
-        gen = old.generation if generation is None else generation
-        write_state(self.dir, StateRecord(JobState(state), gen, error))
+    def set_state(
+        self, state: JobState, error: str | None = None, generation: int | None = None
+    ) -> StateRecord:
+        """Record `state` whatever the job reads now (for tools and tests: commands decide from what they read)."""
+        return change_state(
+            self, lambda old: StateRecord(JobState(state), old.generation if generation is None else generation,
+                                          error), "set_state"
+        )  # fmt: skip
 
     def prompts(self) -> Any:
         """The whole prompts table, to look at (workers read a unit's rows at a time); a prompts.parquet that is
@@ -1378,27 +1449,37 @@ def read_errors(job: Job, ledger: Ledger | None = None) -> list[dict[str, Any]]:
 
 
 def cancel(job: Job) -> JobState:
-    """Cancel a queued or running job (running workers stop between batches, keeping finished rows). One
-    write of state.json: a worker never writes over it, since workers do not write "running"."""
-    old = job.state()
-    if old.state in (JobState.COMPLETED, JobState.CANCELLED):
-        raise RunnerError(f"job {job.id} is already {old.state}")
-    write_state(job.dir, StateRecord(JobState.CANCELLED, old.generation))
-    return old.state
+    """Cancel a queued or running job (running workers stop between batches, keeping finished rows): one
+    state record. Returns the state it was in."""
+    was: list[JobState] = []
+
+    def decide(old: StateRecord) -> StateRecord:
+        if old.state in (JobState.COMPLETED, JobState.CANCELLED):
+            raise RunnerError(f"job {job.id} is already {old.state}")
+        was.append(old.state)
+        return StateRecord(JobState.CANCELLED, old.generation)
+
+    change_state(job, decide, "cancel")
+    return was[-1]
 
 
 def retry(job: Job) -> int:
     """Re-queue a failed or cancelled job, or one with row errors: finished rows are kept, failed rows are
-    tried again. One write of state.json (the retry generation goes up, so older row errors stop counting).
+    tried again. One state record (the retry generation goes up, so older row errors stop counting).
     Returns how many row errors were cleared."""
-    old = job.state()
-    cleared = sum(1 for _ in read_ledger(job).errors())
-    if old.state not in (JobState.FAILED, JobState.CANCELLED) and not cleared:
-        raise RunnerError(
-            f"job {job.id} is {old.state}; only failed or cancelled jobs, or jobs with row errors, can be retried"
-        )
-    write_state(job.dir, StateRecord(JobState.QUEUED, old.generation + 1))
-    return cleared
+    cleared: list[int] = []
+
+    def decide(old: StateRecord) -> StateRecord:
+        cleared.append(sum(1 for _ in read_ledger(job, generation=old.generation).errors()))
+        if old.state not in (JobState.FAILED, JobState.CANCELLED) and not cleared[-1]:
+            raise RunnerError(
+                f"job {job.id} is {old.state}; only failed or cancelled jobs, or jobs with row errors, can be "
+                "retried"
+            )
+        return StateRecord(JobState.QUEUED, old.generation + 1)
+
+    change_state(job, decide, "retry")
+    return cleared[-1]
 
 
 @dataclass
@@ -1428,18 +1509,16 @@ def repair(path: str | os.PathLike) -> RepairReport:
         report.restored_spec = True
     for name in linked:
         job.log(f"repair: {name}/ was a symbolic link; set aside in {QUARANTINE}/")
-    stored = _stored_state_or_none(job.dir)  # state.json as read now (a command may write it meanwhile)
+    try:  # the state repair decides over (a command may record another meanwhile)
+        read: StateRecord | None = read_state(job.dir)
+        report.state_was, generation = read.state.value, read.generation
+    except BrokenJob as e:  # the newest record (or an older version's state.json) is damaged or not a file
+        read, report.state_was, generation = None, f"broken ({e})", 0
+    over = read or StateRecord(seq=_newest_seq_or_zero(job.dir))
     for name in _wrong_kind(job):
         _move_aside(job.dir, name)
         job.log(f"repair: {name} was not of its kind (a file or a folder); set aside in {QUARANTINE}/")
-    try:
-        old = read_state(job.dir)
-        report.state_was = old.state.value
-        generation = old.generation
-    except BrokenJob as e:
-        report.state_was = f"broken ({e})"
-        generation = 0
-    # never below what the commits and the completion were written under (state.json torn, lost or a folder)
+    # never below what the records, the commits and the completion were written under (the newest record torn)
     generation = max(generation, _last_generation(job))
     ledger = read_ledger(job, seal=True, generation=generation)
     for name, why in ledger.bad:
@@ -1449,9 +1528,9 @@ def repair(path: str | os.PathLike) -> RepairReport:
     final = JobState.COMPLETED if progress.complete else JobState.QUEUED
     if final is JobState.QUEUED and report.state_was in ("cancelled", "failed"):
         final = JobState(report.state_was)
-    if final is not JobState.COMPLETED:
-        storage.remove(job.dir / COMPLETED_FILE)  # a completion that no longer holds (a shard was lost)
-    now = _settle_state(job, StateRecord(final, generation), None if report.quarantined else stored)
+    error = read.error if read is not None and read.state is final else None  # a failure keeps its reason
+    wanted = StateRecord(final, generation, error)
+    now = _settle_state(job, wanted, over, must_write=read is None or bool(report.quarantined))
     report.state_now, report.done, report.total = now.state.value, progress.done, progress.total
     # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
     # and one deleted under it would stop it with a false "cannot be written" when it wakes.
@@ -1461,36 +1540,41 @@ def repair(path: str | os.PathLike) -> RepairReport:
     return report
 
 
-def _settle_state(job: Job, wanted: StateRecord, stored: StateRecord | None) -> StateRecord:
-    """Write the repaired state (always when `stored` is None: state.json was unreadable, or commits were set
-    aside, so that a worker's completion in flight, written over the old state.json, no longer counts), unless
-    the job already reads so, or a command (retry, cancel) wrote state.json since repair read it: that
-    command's word stands, never undone by a repair that read the state just before. Returns the state the job
-    reads now."""
-    current = _stored_state_or_none(job.dir)
-    if stored is not None and current is not None:
-        now = read_state(job.dir)
-        if current != stored or (now.state, now.generation) == (wanted.state, wanted.generation):
-            return now
-    write_state(job.dir, wanted)
-    return wanted
+def _settle_state(job: Job, wanted: StateRecord, read: StateRecord, must_write: bool) -> StateRecord:
+    """Record the repaired state over `read`, the state repair decided from, unless the job reads so already;
+    always with `must_write` (the newest record was unreadable, or commits were set aside: a worker's completion
+    decided over the ledger before that then finds its place taken). A command (retry, cancel) recorded since
+    repair read the state stands; a completion recorded since stands only while the job is complete. Returns
+    the state the job reads now."""
+    while True:
+        if (newest_state_seq(job.dir) or 0) > read.seq:
+            now = read_state(job.dir)
+            if now.state is not JobState.COMPLETED or job_progress(job).complete:
+                return now
+            read, must_write = now, True  # decided over the ledger before commits were set aside
+            continue
+        if not must_write and (read.state, read.generation) == (wanted.state, wanted.generation):
+            return read
+        done = record_state(job.dir, read, wanted, "repair")
+        if done is not None:
+            return done
 
 
-def _stored_state_or_none(job_dir: Path) -> StateRecord | None:
+def _newest_seq_or_zero(job_dir: Path) -> int:
     try:
-        return _stored_state(job_dir)
-    except BrokenJob:
-        return None
+        return newest_state_seq(job_dir) or 0
+    except BrokenJob:  # state/ is not a folder: set aside, the records start again after it
+        return 0
 
 
 def _wrong_kind(job: Job) -> list[str]:
     """Paths in the job's folder (relative) holding something of the wrong kind where runner reads or writes:
     a folder or a link where one of its files belongs, a file or a link where one of its folders belongs, a
     folder where a claim, an in-flight record or a heartbeat goes (it would block that name for ever)."""
-    files = (LOG_FILE, STATE_FILE, STATS_FILE, VERIFIED, *_outcome_files().values())
+    files = (LOG_FILE, STATE_FILE, STATS_FILE, VERIFIED, *_legacy_outcomes().values())
     out = [n for n in files if storage.kind(job.dir / n) not in (None, "file")]
     out += [n for n in FOLDERS if n != QUARANTINE and storage.kind(job.dir / n) not in (None, "dir")]
-    for sub in (CLAIMS, INFLIGHT, WORKERS):
+    for sub in (CLAIMS, INFLIGHT, WORKERS, STATES):
         if storage.kind(job.dir / sub) == "dir":
             names = storage.retry(lambda sub=sub: sorted(os.listdir(job.dir / sub)), f"list {job.dir / sub}")
             out += [f"{sub}/{n}" for n in names if storage.kind(job.dir / sub / n) not in (None, "file")]
@@ -1510,11 +1594,13 @@ def _move_aside(job_dir: Path, name: str) -> None:
 
 
 def _last_generation(job: Job) -> int:
-    """The retry generation a damaged state.json held, as far as the job's other files still tell: the newest
-    one its commits and its completion were written under (a retry with nothing committed since is lost)."""
-    done = _read_json_or_none(job.dir / COMPLETED_FILE) if _lexists(job.dir / COMPLETED_FILE) else None
+    """The retry generation of a job whose newest state record is damaged, as far as its other files still
+    tell: the newest one its older records, its commits and an older version's completion were written under."""
     gens = [c.marker.get("generation", 0) for c in read_ledger(job, generation=0).commits]
-    gens.append(done.get("generation", 0) if isinstance(done, dict) else 0)
+    records = [f"{STATES}/{n}" for n in storage.listdir(job.dir / STATES) if _RECORD.match(n)]
+    for name in [*records, COMPLETED_FILE]:
+        record = _read_json_or_none(job.dir / name) if storage.kind(job.dir / name) == "file" else None
+        gens.append(record.get("generation", 0) if isinstance(record, dict) else 0)
     return max((g for g in gens if type(g) is int and g >= 0), default=0)
 
 

@@ -407,7 +407,8 @@ def _settle_failure(j: Job, e: RunnerError, echo: Any) -> None:
     old = j.state()
     if old.state is not JobState.QUEUED:  # cancelled meanwhile: the user's word stands
         return
-    jobdir.write_failed(j.dir, old, str(e))  # its own file: a cancel or retry landing now stands
+    if jobdir.write_failed(j.dir, old, str(e)) is None:
+        return  # a cancel, retry or repair was recorded meanwhile: its word stands
     j.log(f"failed: {e}")
     if echo:
         echo(f"job {j.id} failed: {e}")

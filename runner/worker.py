@@ -43,9 +43,7 @@ SHARD_ROWS = 1000  # a shard is committed at least every this many result rows..
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
 # Decode steps refresh the heartbeat's figures at most this often (the file itself is written every 30 s).
 HEARTBEAT_INFO_SECONDS = 1.0
-CANCEL_CHECK_SECONDS = (
-    5.0  # how often state.json is looked at for a cancel (reading it per batch is wasteful)
-)
+CANCEL_CHECK_SECONDS = 5.0  # how often the state is looked at for a cancel (reading it per batch is wasteful)
 
 
 @dataclass
@@ -543,7 +541,7 @@ class JobRun:
         return self.cancelled()
 
     def cancelled(self) -> bool:
-        """The job was cancelled: state.json is looked at every few seconds (also between decode steps)."""
+        """The job was cancelled: its state is looked at every few seconds (also between decode steps)."""
         now = time.time()
         if now - self.cancel_checked >= CANCEL_CHECK_SECONDS:
             self.cancel_checked = now

@@ -179,3 +179,10 @@ def commit_row_error(job, engine) -> None:
     for _ in range(2):
         with pytest.raises(DeviceError):
             run_job(job, engine, echo=None)
+
+
+def newest_state_record(job_dir) -> Path:
+    """The job's newest state record, state/SEQ.json (the file damage tests tear), which must exist."""
+    records = sorted((Path(job_dir) / "state").glob("*.json"))
+    assert records, f"{job_dir} has no state record yet"
+    return records[-1]

@@ -4,7 +4,7 @@ completion the way a user would, and every (row, sample) must be in the results 
 uninterrupted run, while a bystander job in the same home is unaffected.
 
 A round (`Round.play`), in a fresh copy of the prepared jobs:
-  1. commands killed half way: `runner cancel` / `runner retry` inside their write of state.json, and in some
+  1. commands killed half way: `runner cancel` / `runner retry` inside their write of a state record, and in some
      rounds `runner submit` (at a fault point, or once its temp folder has reached a random stage);
   2. 1-3 workers on the job (RUNNER_LEASE_TTL=2, --shard-rows 2) through tests/fsfaults.py: slightly slow
      writes and transient EIO/ENOTCONN on reads of done/, claims/ and shards/. Some carry RUNNER_FAULT (they
@@ -75,8 +75,6 @@ TORN_KINDS = (
     "claim",
     "seal",
     "state",
-    "completed",
-    "failed",
     "job",
     "stats",
     "heartbeat",
@@ -288,7 +286,7 @@ class Round:
         self.cancelled = False  # a cancel of this round went through
         self.torn_seal = False  # a seal was damaged: then its epoch's commits all count (keys may repeat)
         self.fenced: list[tuple[int, int, set[str]]] = []  # (unit, epoch, its markers) of stopped workers
-        self.live_broken = False  # state.json or job.json torn while the workers ran
+        self.live_broken = False  # the state record or job.json torn while the workers ran
         self.eio_logs = 0
         self.t0 = time.monotonic()
 
@@ -452,7 +450,7 @@ class Round:
     # --- 1. commands killed half way ---------------------------------------------------------------------
 
     def commands_before(self) -> None:
-        """`runner cancel` killed inside its write of state.json leaves the job queued; `runner retry` killed
+        """`runner cancel` killed inside its write of a state record leaves the job queued; `runner retry` killed
         there leaves it cancelled (the old state, whole, either way)."""
         self.killed_command("cancel", expect="queued")
         if self.rng.random() < 0.8:
@@ -471,8 +469,8 @@ class Round:
     def killed_command(self, command: str, expect: str) -> None:
         before = self.record()
         if before is None:
-            return  # the command would only say that state.json is damaged
-        rc, out = self.cli(command, self.jid, fault="before_replace:1")
+            return  # the command would only say that the state record is damaged
+        rc, out = self.cli(command, self.jid, fault="before_create:1")
         if rc != -signal.SIGKILL:
             return  # it did not get as far as writing (say, the job was completed): no fault
         self.c.faults[command] += 1
@@ -686,7 +684,7 @@ class Round:
 
     def damage_live(self, waited: float) -> None:
         """Damage while the workers run (any kind, as at rest): a torn heartbeat lets a live worker's units be
-        taken over, a torn claim its unit; a torn state.json or job.json stops the workers (broken job)."""
+        taken over, a torn claim its unit; a torn state record or job.json stops the workers (broken job)."""
         kind = self.c.draw("live", DAMAGE)
         self.live_broken |= self.damage(kind) and kind in ("state", "job")
 
@@ -735,7 +733,7 @@ class Round:
             pool = [
                 job / d / n for d in ("done", "claims", "shards") for n in listing(job / d) if "(" not in n
             ]
-            pool += [job / "state.json"] if (job / "state.json").exists() else []
+            pool += [job / "state" / n for n in listing(job / "state") if "(" not in n]
             if not pool:
                 return False
             copy = conflict_copy(rng.choice(pool), rng)
@@ -755,10 +753,10 @@ class Round:
     def torn_target(self, kind: str) -> Path | None:
         """The file of this kind to tear: an existing one, or (for kinds a clean run may not leave) a new one."""
         rng, job = self.rng, self.job
+        if kind == "state":  # the newest record (the one that counts), or a first one, torn as it lands
+            names = [n for n in listing(job / "state") if jobdir._RECORD.fullmatch(n)]
+            return job / "state" / (names[-1] if names else jobdir.record_name(1))
         fixed = {
-            "state": "state.json",
-            "completed": "completed.json",
-            "failed": "failed.json",
             "job": "job.json",
             "stats": "stats.json",
             "verified": "verified.json",
@@ -956,17 +954,18 @@ def test_a_repair_killed_at_any_write_leaves_a_cancelled_job_cancelled(tmp_path,
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x10
     shard.write_bytes(bytes(data))
-    killed = 0
-    for n in (1, 2, 3):
+    killed = []
+    for n, fault in enumerate(("before_replace:1", "before_replace:2", "before_create:1", "before_create:2")):
         home = tmp_path / f"home{n}"
         shutil.copytree(base, home / "job")
         proc = subprocess.run(
             [sys.executable, "-m", "runner", "--home", str(home), "repair", "job"], capture_output=True, text=True,
-            env=workers.worker_env({"RUNNER_FAULT": f"before_replace:{n}"}), timeout=TIMEOUT,
+            env=workers.worker_env({"RUNNER_FAULT": fault}), timeout=TIMEOUT,
         )  # fmt: skip
-        killed += proc.returncode == -signal.SIGKILL
-        assert read_state(home / "job").state == "cancelled", (n, proc.stderr)  # old and new: cancelled
-    assert killed
+        if proc.returncode == -signal.SIGKILL:
+            killed.append(fault)
+        assert read_state(home / "job").state == "cancelled", (fault, proc.stderr)  # old and new: cancelled
+    assert "before_create:1" in killed  # at least inside its one state record
 
 
 def test_a_shard_quarantined_during_verification_is_not_a_storage_failure(

@@ -3,12 +3,14 @@
 * a shard damaged since (a bit flip on Drive): running the same `runner run` / `runner run-batch` again used
   to say "done: 0/4 rows" (or "run the same command again" for ever) and never redo the rows, since completed
   jobs are not worked on. The rerun now repairs the job (the commit set aside) and computes the rows again;
-* a folder where completed.json or state.json belongs: `runner work` stopped for every job of the home ("the
+* a folder where a state record (or an older version's completed.json or state.json) belongs: `runner work` stopped for every job of the home ("the
   job home cannot be written"). That job is now broken alone, the others run, and `runner repair` sets the
   folder aside."""
 
+import shutil
+
 import pytest
-from helpers import write_jsonl
+from helpers import newest_state_record, write_jsonl
 from workers import run_runner
 
 from runner import EngineOptions, GenerationParams
@@ -60,16 +62,27 @@ def test_run_batch_again_writes_the_same_file_after_a_shard_was_damaged(tmp_path
     assert out_path.read_bytes() == reference
 
 
-@pytest.mark.parametrize("damaged", ["completed.json", "state.json"])
+@pytest.mark.parametrize("damaged", ["record", "completed.json", "state.json"])
 def test_a_folder_where_a_state_file_belongs_breaks_only_its_job(damaged, tmp_path, tiny_gpt2, gpt2_engine,
                                                                  runner_home):  # fmt: skip
+    """The newest state record, or (in a job of an older version, which has no records) its state.json or
+    completed.json, is a folder."""
     rows = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(4)]
     a = create_job(write_jsonl(tmp_path / "a.jsonl", rows), tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
     run_job(a, gpt2_engine, echo=None)
     assert a.state().state is JobState.COMPLETED
-    path = a.dir / damaged
-    if path.exists():
-        path.unlink()
+    if damaged == "record":
+        path = newest_state_record(a.dir)
+        damaged = f"state/{path.name}"
+    else:  # as an older version left it: the commands' state.json and the worker's completed.json
+        shutil.rmtree(a.dir / "state")
+        (a.dir / "state.json").write_text(
+            '{"state": "queued", "generation": 0, "error": null, "updated": 1.5}'
+        )
+        (a.dir / "completed.json").write_text('{"generation": 0, "state_updated": 1.5, "updated": 2.5}')
+        assert a.state().state is JobState.COMPLETED  # read as it was written
+        path = a.dir / damaged
+    path.unlink()
     path.mkdir()  # a folder where the file was
     b = create_job(write_jsonl(tmp_path / "b.jsonl", rows[:2]), tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
     code, out = run_runner("--home", runner_home, "status", a.id)
@@ -79,10 +92,8 @@ def test_a_folder_where_a_state_file_belongs_breaks_only_its_job(damaged, tmp_pa
     assert b.state().state is JobState.COMPLETED, out  # a broken job breaks only itself
     code, out = run_runner("--home", runner_home, "repair", a.id)
     assert code == 0, out
-    assert a.state().state is JobState.COMPLETED and (a.dir / damaged).is_file() != (
-        damaged == "completed.json"
-    )
-    assert any(p.name.endswith(damaged) for p in (a.dir / "quarantine").iterdir())
+    assert a.state().state is JobState.COMPLETED and not path.exists()
+    assert any(p.name.endswith(damaged.replace("/", "-")) for p in (a.dir / "quarantine").iterdir())
 
 
 @pytest.mark.parametrize("lost", ["shards", "done"])

@@ -11,7 +11,7 @@ The row error comes from a real poisoned row (RUNNER_FAULT=poison_row, as tests/
 import json
 
 import pytest
-from helpers import commit_row_error, run_until_done, write_jsonl
+from helpers import commit_row_error, newest_state_record, run_until_done, write_jsonl
 from workers import run_runner
 
 import runner
@@ -163,11 +163,11 @@ def test_a_torn_state_file_is_named_with_its_job_and_the_repair_by_every_command
     pass 11). Each now says which job is broken and what brings it back; after the repair all is well."""
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
     runner.cancel(job.dir)
-    runner.retry(job.dir)  # state.json is written now: queued, generation 1
+    runner.retry(job.dir)  # queued, generation 1
     run_until_done(job, gpt2_engine)
-    state = job.dir / "state.json"
+    state = newest_state_record(job.dir)  # the completion
     state.write_bytes(state.read_bytes()[:15])
-    said = f"job {job.id} is broken \\(state.json is damaged .*\\); `runner repair {job.dir}` brings it back"
+    said = f"job {job.id} is broken \\(state/{state.name} is damaged .*\\); `runner repair {job.dir}` brings it back"
     for call in (runner.load_results, runner.read_errors, runner.cancel, runner.retry,
                  lambda ref: runner.report(ref, tmp_path / "r.html")):  # fmt: skip
         with pytest.raises(runner.RunnerError, match=said):

@@ -236,16 +236,78 @@ def test_transient_read_errors_are_retried_and_never_mean_not_done(job, referenc
 
 
 def test_cancel_and_retry_are_one_write_each(job, gpt2_engine, monkeypatch):
+    """Each is one exclusive create of the next state record: a kill at any instant leaves the old state or
+    the new one, and nothing else is written."""
     run_job(job, gpt2_engine, echo=None, should_stop=stop_after(2), shard_rows=1)
     writes = []
-    real = storage.atomic_write
+    real_write, real_create = storage.atomic_write, jobdir.create_exclusive
     monkeypatch.setattr(
-        storage, "atomic_write", lambda t, *a, **k: writes.append(os.path.basename(t)) or real(t, *a, **k)
+        storage,
+        "atomic_write",
+        lambda t, *a, **k: writes.append(os.path.basename(t)) or real_write(t, *a, **k),
     )
-    assert runner.cancel(job.dir) == "queued" and writes == ["state.json"]
+    monkeypatch.setattr(
+        jobdir,
+        "create_exclusive",
+        lambda p, obj: writes.append(f"{p.parent.name}/{p.name}") or real_create(p, obj),
+    )
+    assert runner.cancel(job.dir) == "queued" and writes == ["state/00000001.json"]
     writes.clear()
     runner.retry(job.dir)
-    assert writes == ["state.json"] and job.state().generation == 1
+    assert writes == ["state/00000002.json"] and job.state().generation == 1
+
+
+def test_a_state_record_whose_create_landed_before_a_transient_error_is_the_writers(job, monkeypatch):
+    """The hard link of `runner cancel`'s record lands, then the mount reports EIO: the retried create finds the
+    name taken, by this very writer's record. The cancel happened once; it does not read "already cancelled"."""
+    real_link, failed = os.link, []
+
+    def link(src, dst, *a, **k):
+        real_link(src, dst, *a, **k)
+        if not failed:
+            failed.append(dst)
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "link", link)
+    assert runner.cancel(job.dir) == "queued" and len(failed) == 1
+    monkeypatch.undo()
+    assert [p.name for p in (job.dir / "state").iterdir()] == ["00000001.json"]
+    assert job.state().state is JobState.CANCELLED
+
+
+def test_a_job_of_an_older_version_is_read_and_carries_on(job, gpt2_engine):
+    """A job an older runner version left (state.json by the commands, completed.json or failed.json by the
+    workers, no state/ folder) reads as it did; its first transition starts the records, which count from then."""
+    shutil.rmtree(job.dir / "state")
+    (job.dir / "state.json").write_text('{"state": "queued", "generation": 2, "error": null, "updated": 5.5}')
+    (job.dir / "failed.json").write_text(
+        '{"generation": 2, "state_updated": 5.5, "error": "the model changed"}'
+    )
+    assert (job.state().state, job.state().generation, job.state().error) == (
+        "failed",
+        2,
+        "the model changed",
+    )
+    (job.dir / "failed.json").write_text('{"generation": 1, "state_updated": 5.5, "error": "old"}')
+    assert job.state().state is JobState.QUEUED  # an outcome of an older generation no longer counts
+    (job.dir / "state.json").write_text('{"state": "cancelled", "generation": 2, "updated": 6.5}')
+    assert runner.retry(job.dir) == 0 and (job.state().state, job.state().generation) == ("queued", 3)
+    assert [p.name for p in (job.dir / "state").iterdir()] == ["00000001.json"]
+    assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+    assert (job.state().state, job.state().generation) == ("completed", 3)
+
+
+def test_a_file_where_the_state_folder_belongs_breaks_the_job_until_repaired(job, gpt2_engine, runner_home):
+    """state/ replaced by a file (a sync client's doing) must not read as "no records yet" (queued): a cancelled
+    job would run again. The job is broken, named; repair sets the file aside and records the state anew."""
+    assert run_job(job, gpt2_engine, echo=None).finished
+    shutil.rmtree(job.dir / "state")
+    (job.dir / "state").write_text("not a folder")
+    status = runner.status(job.dir)
+    assert status.state == "broken" and "state/ is not a folder" in status.message
+    report = runner.repair(job.dir)
+    assert (report.state_now, report.done) == ("completed", report.total) and (job.dir / "state").is_dir()
+    assert any(p.name.endswith("-state") for p in (job.dir / "quarantine").iterdir())
 
 
 def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
@@ -268,15 +330,21 @@ def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
         ("job.json", '{"id": "x", "kin', "job.json is damaged"),
         ("job.json", "{}", "job.json does not match its checksum"),
         ("job.json", "SEED", "job.json does not match its checksum"),
-        ("state.json", "{}", "state.json is invalid"),
+        ("state/00000001.json", "{}", "state/00000001.json is invalid"),
+        ("state/00000001.json", '{"state": "canc', "state/00000001.json is damaged"),
+        ("state/00000001.json", '{"state": "running"}', "never stored"),
+        ("state.json", "{}", "state.json is invalid"),  # a job of an older version, before its first record
         ("state.json", '{"state": "canc', "state.json is damaged"),
-        ("state.json", '{"state": "running"}', "never stored"),
     ],
 )
 def test_damaged_metadata_breaks_only_its_job(
     job, reference, tiny_gpt2, gpt2_engine, runner_home, file, content, reason
 ):
     other = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
+    if file.startswith("state/"):
+        job.set_state(JobState.QUEUED)  # the job's first state record
+    elif file == "state.json":
+        shutil.rmtree(job.dir / "state")  # a job of an older version: its state.json is read
     if content == "SEED":  # one digit changed, still valid JSON: noticed, not obeyed (results would change)
         meta = json.loads((job.dir / file).read_text())
         meta["seed"] += 1

@@ -16,9 +16,10 @@ The interleavings are deterministic: the real `jobdir.retry` (what `runner retry
 instant, from a patched function of the worker's path."""
 
 import inspect
+import json
 
 import pytest
-from helpers import commit_row_error, run_until_done, write_jsonl
+from helpers import commit_row_error, newest_state_record, run_until_done, write_jsonl
 from workers import run_runner
 
 import runner
@@ -104,13 +105,13 @@ def test_a_retry_after_repairing_a_damaged_state_really_retries(damage, tmp_path
     run_until_done(job, gpt2_engine)  # generation 1: r1 fails again (the fault is still there)
     assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
     monkeypatch.delenv("RUNNER_FAULT")  # the cause is fixed
-    state = job.dir / "state.json"
+    state = newest_state_record(job.dir)  # the completion, generation 1
     if damage == "torn":
         state.write_bytes(state.read_bytes()[:20])
     else:
         state.unlink()
         if damage == "folder":
-            state.mkdir()  # a folder where state.json belongs: repair sets it aside
+            state.mkdir()  # a folder where the record belongs: repair sets it aside
     code, out = run_runner("repair", job.dir)
     assert code == 0 and "Traceback" not in out, out
     assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
@@ -138,7 +139,7 @@ def test_a_row_error_computed_as_a_retry_lands_is_tried_again(tmp_path, tiny_gpt
     def row_error(self, unit, r, s, error, message):
         if not fired:  # r1's error is computed; a retry lands before it is committed
             old = jobdir.read_state(job.dir)
-            jobdir.write_state(job.dir, jobdir.StateRecord(JobState.QUEUED, old.generation + 1))
+            Job.open(job.dir).set_state(JobState.QUEUED, generation=old.generation + 1)
             fired.append(old.generation)
         return real(self, unit, r, s, error, message)
 
@@ -263,4 +264,70 @@ def test_a_worker_that_slept_before_writing_completion_leaves_a_newer_one(tmp_pa
     monkeypatch.setattr(jobdir, "write_completed", write_completed)
     run_job(job, gpt2_engine, echo=None)
     assert fired == [0]
+    assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
+
+
+def state_records(job) -> list[tuple[str, str, int]]:
+    """Every state record of the job, oldest first: (by, state, generation)."""
+    out = []
+    for path in sorted((job.dir / "state").glob("*.json")):
+        d = json.loads(path.read_text())
+        out.append((d["by"], d["state"], d["generation"]))
+    return out
+
+
+def test_a_worker_paused_inside_the_write_of_its_completion_leaves_a_newer_state(tmp_path, tiny_gpt2,
+                                                                                 gpt2_engine, runner_home,
+                                                                                 monkeypatch):  # fmt: skip
+    """Window A of adversarial pass 11: a worker past its last check, paused inside the very write of its
+    completion (generation 0), while the job was cancelled, retried (generation 1) and completed by another
+    worker. Its rename used to land over the newer completion, so the job read "queued" until the next
+    `runner work`. Its record's place (the one after the state it read) is taken now: its write never lands."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
+    real, fired = jobdir.create_exclusive, []
+
+    def create_exclusive(path, obj):
+        if path.parent.name == "state" and obj.get("by") == "completed" and not fired:
+            fired.append(obj["generation"])  # the worker's record is written whole; its create is next
+            jobdir.cancel(Job.open(job.dir))
+            jobdir.retry(Job.open(job.dir))
+            assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+        return real(path, obj)
+
+    monkeypatch.setattr(jobdir, "create_exclusive", create_exclusive)
+    run_job(job, gpt2_engine, echo=None)
+    assert fired == [0]
+    assert state_records(job) == [
+        ("cancel", "cancelled", 0),
+        ("retry", "queued", 1),
+        ("completed", "completed", 1),
+    ]
+    assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
+
+
+def test_a_retry_landing_inside_the_write_of_a_repair_stands(errored, gpt2_engine, monkeypatch):
+    """Window B of adversarial pass 11: `runner repair` (which set a damaged shard aside, so it must record the
+    state) paused inside the very write of its state while `runner retry` re-queued the row errors: its rename
+    landed over the retry, which was undone. The retry took the place repair's record was to have: repair reads
+    again, and the retry stands."""
+    job = errored
+    run_until_done(job, gpt2_engine)  # generation 0: complete, with r1 a row error
+    shard = sorted((job.dir / "shards").glob("*.parquet"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    real, fired = jobdir.create_exclusive, []
+
+    def create_exclusive(path, obj):
+        if path.parent.name == "state" and obj.get("by") == "repair" and not fired:
+            fired.append(jobdir.retry(Job.open(job.dir)))  # the user's `runner retry`, at this instant
+        return real(path, obj)
+
+    monkeypatch.setattr(jobdir, "create_exclusive", create_exclusive)
+    report = jobdir.repair(job.dir)
+    monkeypatch.setattr(jobdir, "create_exclusive", real)
+    assert fired == [1] and report.quarantined and report.state_now == "queued"
+    assert state_records(job)[-1] == ("retry", "queued", 1) and runner.read_errors(job.dir) == []
+    s = run_until_done(job, gpt2_engine)  # the set-aside rows and r1 are computed again
+    assert s.errors == 0 and sorted(runner.load_results(job.dir)["id"]) == [r["id"] for r in ROWS]
     assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
