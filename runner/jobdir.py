@@ -41,7 +41,8 @@ The ownership and integrity model, so that exactly-once holds by construction:
   * State changes are fenced too: each writer (a command, or a worker recording completion or failure)
     decides from the newest record S it read and creates record S+1 exclusively. If another writer took S+1
     first, the state moved on: a command reads again and decides again, a worker's outcome is dropped. So no
-    writer that read an older state, however long it slept, ever writes over a newer one.
+    writer that read an older state, however long it slept, ever writes over a newer one. Where links are not
+    supported a record is created empty and then filled: an empty record is a change that did not happen.
   * Nothing follows a symbolic link: listings skip links, and a job whose folders are links is broken.
 """
 
@@ -72,7 +73,10 @@ from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 
 T = TypeVar("T")
 
-FORMAT = 2  # job folder layout version
+FORMAT = (
+    3  # job folder layout version (3: state records; an older runner refuses such a job, never misreads it)
+)
+READABLE_FORMATS = (2, 3)  # 2: state.json, completed.json and failed.json until the job's first state record
 JOB_FILE, JOB_BACKUP, PROMPTS, INVALID = "job.json", "job.backup.json", "prompts.parquet", "errors.jsonl"
 STATE_FILE, STATS_FILE, LOG_FILE, VERIFIED = "state.json", "stats.json", "log.txt", "verified.json"
 COMPLETED_FILE, FAILED_FILE = "completed.json", "failed.json"  # outcomes of older versions' jobs, read only
@@ -443,9 +447,8 @@ class JobSpec:
                             "from job.backup.json")  # fmt: skip
         try:
             fmt = meta["format"]
-            if fmt != FORMAT:
-                raise BrokenJob(f"job.json has layout version {fmt}; this runner reads version {FORMAT} "
-                                "(submit the file again)")  # fmt: skip
+            if fmt not in READABLE_FORMATS:
+                raise _unreadable_format(fmt)
             kind = meta["kind"]
             if kind not in KINDS:
                 raise BrokenJob(f"job.json: unknown kind {kind!r}")
@@ -468,6 +471,15 @@ class JobSpec:
             raise
         except (KeyError, TypeError, ValueError, RunnerError) as e:
             raise BrokenJob(f"job.json is invalid ({type(e).__name__}: {e})") from None
+
+
+def _unreadable_format(fmt: Any) -> BrokenJob:
+    versions = f"versions {READABLE_FORMATS[0]}-{READABLE_FORMATS[-1]}"
+    if type(fmt) is int and fmt > FORMAT:  # a newer runner made it (another VM with a newer install)
+        return BrokenJob(f"job.json has layout version {fmt}, newer than this runner reads ({versions}): install "
+                         "the newer runner here too", repairable=False)  # fmt: skip
+    return BrokenJob(f"job.json has layout version {fmt!r}; this runner reads {versions} (submit the file again)",
+                     repairable=False)  # fmt: skip
 
 
 def spec_checksum(meta: dict[str, Any]) -> str:
@@ -519,47 +531,59 @@ def record_name(seq: int) -> str:
 
 def read_state(job_dir: Path) -> StateRecord:
     """The job's state: its newest state record, state/SEQ.json (unreadable or invalid: BrokenJob, never an
-    older record's guess; none yet: queued); a job of an older runner version, which has no state/ folder until
-    its first transition, reads as it stored its state then (`_legacy_state`)."""
-    seq = newest_state_seq(job_dir)
-    if seq is None:
-        return _legacy_state(job_dir)
-    return _read_record(Path(job_dir), seq) if seq else StateRecord()
+    older record's guess). An empty one is a create whose content never came (a writer killed in between,
+    where the file system has no hard links): that change did not happen, and the record before it counts.
+    With no record, what a job of an older runner version stored (`_legacy_state`; none: queued). Its `seq` is
+    always the newest record's place, empty or not: the next change is recorded after it."""
+    job_dir = Path(job_dir)
+    seqs = _record_seqs(job_dir)
+    top = seqs[-1] if seqs else 0
+    for seq in reversed(seqs):
+        record = _read_record(job_dir, seq, wait=seq == top)
+        if record is not None:
+            return replace(record, seq=top)
+    return replace(_legacy_state(job_dir), seq=top)
 
 
-def newest_state_seq(job_dir: Path) -> int | None:
-    """The place of the job's newest state record (whatever it holds): 0 when it has none yet, None when it has
-    no state/ folder (a job of an older version, or one whose folder was lost)."""
-    folder = Path(job_dir) / STATES
+def newest_state_seq(job_dir: Path) -> int:
+    """The place of the job's newest state record (whatever it holds), 0 when it has none."""
+    seqs = _record_seqs(Path(job_dir))
+    return seqs[-1] if seqs else 0
 
-    def names() -> list[str] | None:
+
+def _record_seqs(job_dir: Path) -> list[int]:
+    folder = job_dir / STATES
+
+    def names() -> list[str]:
         try:
             return os.listdir(folder)
         except FileNotFoundError:
-            return None
+            return []  # a job of an older version (or one whose records were all lost)
         except NotADirectoryError:
             raise BrokenJob(f"{STATES}/ is not a folder") from None
 
-    found = storage.retry(names, f"list {folder}")
-    return (
-        None if found is None else max((int(m.group(1)) for n in found if (m := _RECORD.match(n))), default=0)
-    )
+    return sorted(int(m.group(1)) for n in storage.retry(names, f"list {folder}") if (m := _RECORD.match(n)))
 
 
-def _read_record(job_dir: Path, seq: int) -> StateRecord:
+def _read_record(job_dir: Path, seq: int, wait: bool) -> StateRecord | None:
+    """The record at `seq`; None when it is empty. `wait`: the newest, whose content may be on its way (where
+    links are not supported), is read again a moment later before it counts as empty or damaged."""
     name = f"{STATES}/{record_name(seq)}"
     path = job_dir / name
     if storage.kind(path) != "file":
         raise BrokenJob(f"{name} is not a file")
-    for pause in (0.05, 0.2, None):  # where links are not supported its content follows its creation
-        try:
-            d = storage.read_json(path)
-            break
-        except ValueError as e:
-            if pause is None:
-                raise BrokenJob(f"{name} is damaged ({e})") from None
-            time.sleep(pause)
-    return _parse_state(d, name, seq)
+    pauses = [0.05, 0.2] if wait else []
+    while True:
+        data = storage.read_bytes(path)
+        if data:
+            try:
+                return _parse_state(json.loads(data), name, seq)
+            except ValueError as e:  # not BrokenJob (content of the wrong shape): that is never read again
+                if not pauses:
+                    raise BrokenJob(f"{name} is damaged ({e})") from None
+        elif not pauses:
+            return None
+        time.sleep(pauses.pop(0))
 
 
 def _parse_state(d: Any, name: str, seq: int) -> StateRecord:
@@ -826,41 +850,63 @@ def seal_name(unit: int, epoch: int) -> str:
 def create_exclusive(path: Path, obj: Any) -> bool:
     """Create `path` holding `obj` as JSON, whole, unless it exists: True if this call created it. The bytes
     go to a temp file first and are hard-linked into place (atomic, and fails if the name exists); where
-    links are not supported, O_EXCL creates it and the content follows."""
+    links are not supported, O_EXCL creates it and the content follows (a kill in between leaves it empty).
+    Each step is retried on its own: a retry never rewrites a file already linked into place."""
     data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
     tmp = storage.temp_name(path)  # a plain string (see there)
+    try:
+        storage.retry(lambda: _write_file(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), data),
+                      f"write {tmp}")  # fmt: skip
+        fault_point("before_create")  # the whole file is under the temp name; the exclusive name is free
+        linked = storage.retry(lambda: _link_new(tmp, path), f"create {path}")
+        return linked if linked is not None else _create_then_fill(path, data)
+    finally:
+        with contextlib.suppress(OSError):  # one left behind is removed as stale later
+            os.unlink(tmp)
 
-    def op() -> bool:
+
+def _write_file(fd: int, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_new(tmp: str, path: Path) -> bool | None:
+    """True: linked into place; False: the name exists; None: this file system has no hard links."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+            return None
+        raise
+
+
+def _create_then_fill(path: Path, data: bytes) -> bool:
+    """Without hard links: create the name exclusively, then write the content into it. Once the name is
+    ours a transient error while writing rewrites our own file; it never reads as another writer's."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+
+    def create() -> int | None:
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            fault_point("before_create")  # the whole file is under the temp name; the exclusive name is free
-            try:
-                os.link(tmp, path)
-                return True
-            except FileExistsError:
-                return False
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
-                    raise
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            return True
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
+        except FileExistsError:
+            return None
 
-    return storage.retry(op, f"create {path}")
+    fd = storage.retry(create, f"create {path}")
+    if fd is None:
+        return False
+    fault_point("after_create")  # the name is ours and still empty
+    first = [fd]
+    storage.retry(lambda: _write_file(first.pop() if first else os.open(path, os.O_WRONLY | os.O_TRUNC | nofollow),
+                                      data), f"write {path}")  # fmt: skip
+    return True
 
 
 def _read_json_or_none(path: Path) -> Any:
@@ -1518,6 +1564,10 @@ def repair(path: str | os.PathLike) -> RepairReport:
     for name in _wrong_kind(job):
         _move_aside(job.dir, name)
         job.log(f"repair: {name} was not of its kind (a file or a folder); set aside in {QUARANTINE}/")
+    if read is None:  # what stood in the way is aside now: the record before it, or an older job's state.json
+        with contextlib.suppress(BrokenJob):
+            read = read_state(job.dir)
+            generation = read.generation
     # never below what the records, the commits and the completion were written under (the newest record torn)
     generation = max(generation, _last_generation(job))
     ledger = read_ledger(job, seal=True, generation=generation)
@@ -1526,11 +1576,12 @@ def repair(path: str | os.PathLike) -> RepairReport:
         report.quarantined.append((name, why))
     progress = job_progress(job, read_ledger(job, generation=generation))
     final = JobState.COMPLETED if progress.complete else JobState.QUEUED
-    if final is JobState.QUEUED and report.state_was in ("cancelled", "failed"):
-        final = JobState(report.state_was)
+    if final is JobState.QUEUED and read is not None and read.state in (JobState.CANCELLED, JobState.FAILED):
+        final = read.state
     error = read.error if read is not None and read.state is final else None  # a failure keeps its reason
     wanted = StateRecord(final, generation, error)
-    now = _settle_state(job, wanted, over, must_write=read is None or bool(report.quarantined))
+    must_write = report.state_was.startswith("broken") or bool(report.quarantined)
+    now = _settle_state(job, wanted, read or over, must_write)
     report.state_now, report.done, report.total = now.state.value, progress.done, progress.total
     # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
     # and one deleted under it would stop it with a false "cannot be written" when it wakes.
@@ -1547,7 +1598,7 @@ def _settle_state(job: Job, wanted: StateRecord, read: StateRecord, must_write: 
     repair read the state stands; a completion recorded since stands only while the job is complete. Returns
     the state the job reads now."""
     while True:
-        if (newest_state_seq(job.dir) or 0) > read.seq:
+        if newest_state_seq(job.dir) > read.seq:
             now = read_state(job.dir)
             if now.state is not JobState.COMPLETED or job_progress(job).complete:
                 return now
@@ -1562,7 +1613,7 @@ def _settle_state(job: Job, wanted: StateRecord, read: StateRecord, must_write: 
 
 def _newest_seq_or_zero(job_dir: Path) -> int:
     try:
-        return newest_state_seq(job_dir) or 0
+        return newest_state_seq(job_dir)
     except BrokenJob:  # state/ is not a folder: set aside, the records start again after it
         return 0
 
@@ -1595,10 +1646,10 @@ def _move_aside(job_dir: Path, name: str) -> None:
 
 def _last_generation(job: Job) -> int:
     """The retry generation of a job whose newest state record is damaged, as far as its other files still
-    tell: the newest one its older records, its commits and an older version's completion were written under."""
+    tell: the newest one its older records, its commits and an older version's files were written under."""
     gens = [c.marker.get("generation", 0) for c in read_ledger(job, generation=0).commits]
     records = [f"{STATES}/{n}" for n in storage.listdir(job.dir / STATES) if _RECORD.match(n)]
-    for name in [*records, COMPLETED_FILE]:
+    for name in [*records, STATE_FILE, COMPLETED_FILE]:
         record = _read_json_or_none(job.dir / name) if storage.kind(job.dir / name) == "file" else None
         gens.append(record.get("generation", 0) if isinstance(record, dict) else 0)
     return max((g for g in gens if type(g) is int and g >= 0), default=0)
@@ -1637,7 +1688,7 @@ def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
     lists plain files only, and a job whose folders are links is broken before it gets here)."""
     removed = 0
     now = time.time()
-    for folder in (job_dir, *(job_dir / sub for sub in (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT))):
+    for folder in (job_dir, *(job_dir / sub for sub in (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, STATES))):
         if _is_link(folder):
             continue
         for name in scan(folder):

@@ -346,7 +346,9 @@ def run_leased(
             f"{'resuming' if cand.interrupted else 'starting'} job {j.id}"
             + (f" ({j.name})" if j.name else "")
         )
+    read = None
     try:
+        read = j.state()  # what a failure found from here on is recorded over (never over a newer word)
         engine = _reading_model(lambda: engines.get(j), j) if not jobdir.job_progress(j).complete else None
         if engine is not None:
             _reading_model(lambda: _check_model(j), j)
@@ -365,7 +367,8 @@ def run_leased(
     except BrokenJob as e:
         return _skip_broken(j, e, echo)
     except RunnerError as e:
-        _settle_failure(j, e, echo)
+        if read is not None:
+            _settle_failure(j, read, e, echo)
         return None
     return _settle(j, summary, echo)
 
@@ -403,12 +406,12 @@ def _check_model(j: Job) -> None:
         )
 
 
-def _settle_failure(j: Job, e: RunnerError, echo: Any) -> None:
-    old = j.state()
-    if old.state is not JobState.QUEUED:  # cancelled meanwhile: the user's word stands
+def _settle_failure(j: Job, read: jobdir.StateRecord, e: RunnerError, echo: Any) -> None:
+    """Record the job's failure over the state read before the failure was found (`read`): a cancel, retry or
+    repair recorded since, however long this worker slept before getting here, stands (a retry after the
+    user fixed the cause is not undone by what this worker saw before)."""
+    if read.state is not JobState.QUEUED or jobdir.write_failed(j.dir, read, str(e)) is None:
         return
-    if jobdir.write_failed(j.dir, old, str(e)) is None:
-        return  # a cancel, retry or repair was recorded meanwhile: its word stands
     j.log(f"failed: {e}")
     if echo:
         echo(f"job {j.id} failed: {e}")

@@ -50,7 +50,7 @@ from runner.jobdir import Job, read_state
 from runner.jobs import create_job
 from runner.worker import run_job
 
-SEED = 20261130
+SEED = int(os.environ.get("CAMPAIGN_SEED", 20261130))  # another seed: another campaign (CI keeps this one)
 pytestmark = (
     pytest.mark.slow
 )  # real worker processes, a few minutes: `make test` (and CI) runs it, test-fast not

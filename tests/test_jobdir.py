@@ -310,6 +310,26 @@ def test_a_file_where_the_state_folder_belongs_breaks_the_job_until_repaired(job
     assert any(p.name.endswith("-state") for p in (job.dir / "quarantine").iterdir())
 
 
+@pytest.mark.parametrize(
+    ("fmt", "said"), [(2, None), (4, "newer than this runner reads"), (1, "submit the file")]
+)
+def test_the_layout_version_of_a_job_is_read_or_refused_with_what_to_do(job, fmt, said):
+    """A job of the previous layout (2: state.json) is read; one of a newer runner (another VM with a newer
+    install) is refused, saying to install it here too, rather than misread (an older runner ignores state
+    records: a cancelled job would run again)."""
+    meta = json.loads((job.dir / "job.json").read_text())
+    assert meta["format"] == jobdir.FORMAT == 3
+    meta["format"] = fmt
+    meta["spec_sha256"] = jobdir.spec_checksum(meta)
+    (job.dir / "job.json").write_text(json.dumps(meta))
+    if said is None:
+        assert Job.open(job.dir).state().state is JobState.QUEUED
+        return
+    with pytest.raises(jobdir.BrokenJob, match=said) as e:
+        Job.open(job.dir)
+    assert not e.value.repairable and runner.status(job.dir).state == "broken"
+
+
 def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
     import runner.worker as worker_module
 

@@ -1,0 +1,142 @@
+"""The job's state records (state/SEQ.json) where they are hardest to keep, found by adversarial pass 12:
+
+* a job of an older runner version (state.json, no records) whose first record was killed half way: the empty
+  state/ folder read as "queued, generation 0", so a retry's generation was lost and cleared row errors
+  counted again. With no record, the older files are read, whatever folders stand;
+* where the file system has no hard links, a record is created empty and filled after (O_EXCL). A writer killed
+  in between left an empty record that made the job broken; a transient error while filling it made the
+  writer read its own record as another's. An empty record is now a change that did not happen (the record
+  before it counts), and a writer rewrites its own record when filling it fails for a moment;
+* a worker that found the job failing, then slept, recorded "failed" over a `retry` made meanwhile (after
+  the user fixed the cause): the failure is now recorded over the state read before it was found.
+"""
+
+import errno
+import json
+import os
+import shutil
+
+import pytest
+from helpers import write_jsonl
+from workers import run_runner
+
+import runner
+from runner import EngineOptions, GenerationParams, jobdir, scheduler
+from runner.jobdir import Job, JobState
+from runner.jobs import create_job
+
+pytestmark = pytest.mark.slow  # commands as real processes, killed half way
+
+PARAMS = GenerationParams(max_new_tokens=3, temperature=1.0, seed=5)
+OPTIONS = EngineOptions(batch_size=4)
+ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(4)]
+# `python -c LINKLESS ARGS` is `runner ARGS` on a file system without hard links
+LINKLESS = (
+    "import errno, os, sys\n"
+    "def link(*a, **k): raise OSError(errno.EPERM, 'Operation not permitted')\n"
+    "os.link = link\n"
+    "from runner.cli import main\n"
+    "sys.argv[0] = 'runner'\n"
+    "main()\n"
+)
+
+
+@pytest.fixture
+def job(tmp_path, tiny_gpt2, runner_home):
+    return create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
+
+
+def as_older_version(job, state: str, generation: int) -> None:
+    """The job as an older runner version left it: its state in state.json, no state/ folder."""
+    shutil.rmtree(job.dir / "state")
+    record = {"state": state, "generation": generation, "error": None, "updated": 7.5}
+    (job.dir / "state.json").write_text(json.dumps(record))
+
+
+def records(job) -> list[tuple[str, int]]:
+    return [(p.name, p.stat().st_size) for p in sorted((job.dir / "state").glob("*.json"))]
+
+
+def test_an_older_jobs_first_record_killed_half_way_leaves_its_state(job):
+    as_older_version(job, "queued", 1)  # its retry had cleared generation 0's row errors
+    code, out = run_runner("cancel", job.dir, env_extra={"RUNNER_FAULT": "before_create:1"})
+    assert code != 0 and (job.dir / "state").is_dir() and records(job) == []  # killed: the folder, no record
+    assert (job.state().state, job.state().generation) == (JobState.QUEUED, 1)
+    (job.dir / "state" / jobdir.record_name(1)).write_bytes(b"")  # and a record killed before its content
+    assert (job.state().state, job.state().generation, job.state().seq) == (JobState.QUEUED, 1, 1)
+    code, out = run_runner("cancel", job.dir)
+    assert code == 0, out
+    assert (job.state().state, job.state().generation, job.state().seq) == (JobState.CANCELLED, 1, 2)
+
+
+def test_without_hard_links_a_record_killed_before_its_content_is_a_change_that_did_not_happen(job):
+    code, out = run_runner("cancel", job.dir, env_extra={"RUNNER_FAULT": "after_create:1"},
+                           prefix=("-c", LINKLESS))  # fmt: skip
+    assert code != 0 and records(job) == [("00000001.json", 0)], out
+    status = runner.status(job.dir)
+    assert status.state == "queued" and job.state().seq == 1  # the old state, and the next change goes after
+    code, out = run_runner("cancel", job.dir, prefix=("-c", LINKLESS))
+    assert code == 0 and "cancelled" in out, out
+    assert job.state().state is JobState.CANCELLED and [n for n, _ in records(job)] == [
+        "00000001.json",
+        "00000002.json",
+    ]
+    code, out = run_runner("retry", job.dir, prefix=("-c", LINKLESS))
+    assert code == 0 and (job.state().state, job.state().generation) == (JobState.QUEUED, 1), out
+
+
+def test_without_hard_links_a_transient_error_filling_a_record_rewrites_it(job, monkeypatch):
+    def link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    real_write, failed = os.write, []
+
+    def write(fd, data):
+        if not failed and b'"by": "cancel"' in bytes(data):
+            failed.append(fd)
+            real_write(fd, bytes(data)[:10])  # half of it lands, then the mount fails a moment
+            raise OSError(errno.EIO, "Input/output error")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "write", write)
+    assert runner.cancel(job.dir) == "queued" and len(failed) == 1
+    monkeypatch.undo()
+    assert [n for n, _ in records(job)] == ["00000001.json"] and job.state().state is JobState.CANCELLED
+
+
+def test_a_failure_found_before_a_retry_is_not_recorded_over_it(job, gpt2_engine, runner_home, monkeypatch):
+    """The worker finds the prompts file damaged and sleeps before recording it; meanwhile the user restores
+    the file, cancels and retries. The failure it found is older than the retry: not recorded."""
+    prompts = job.dir / "prompts.parquet"
+    original = prompts.read_bytes()
+    damaged = bytearray(original)
+    damaged[100] ^= 0xFF
+    prompts.write_bytes(bytes(damaged))
+    real, fired = scheduler._settle_failure, []
+
+    def settle_failure(j, *args):
+        if not fired:  # the failure is found; the user's fix, cancel and retry land before it is recorded
+            prompts.write_bytes(original)
+            fired.append(jobdir.cancel(Job.open(job.dir)))
+            jobdir.retry(Job.open(job.dir))
+        return real(j, *args)
+
+    monkeypatch.setattr(scheduler, "_settle_failure", settle_failure)
+    scheduler.work(home=runner_home, engine=gpt2_engine, echo=None, once=True)
+    monkeypatch.setattr(scheduler, "_settle_failure", real)
+    assert fired == [JobState.QUEUED]
+    assert (job.state().state, job.state().generation, job.state().by) == (JobState.QUEUED, 1, "retry")
+    scheduler.work(home=runner_home, engine=gpt2_engine, echo=None, once=True)
+    assert job.state().state is JobState.COMPLETED and len(runner.load_results(job.dir)) == len(ROWS)
+
+
+def test_repair_of_an_older_job_with_a_file_at_state_keeps_its_state_json(job):
+    """A file where state/ belongs in an older version's cancelled job: repair set it aside and re-queued the
+    job from the facts, though its state.json still said cancelled. It now reads state.json once the file is
+    aside."""
+    as_older_version(job, "cancelled", 2)
+    (job.dir / "state").write_text("not a folder")
+    assert runner.status(job.dir).state == "broken"
+    report = runner.repair(job.dir)
+    assert report.state_now == "cancelled" and (job.state().state, job.state().generation) == ("cancelled", 2)
