@@ -41,8 +41,9 @@ The ownership and integrity model, so that exactly-once holds by construction:
   * State changes are fenced too: each writer (a command, or a worker recording completion or failure)
     decides from the newest record S it read and creates record S+1 exclusively. If another writer took S+1
     first, the state moved on: a command reads again and decides again, a worker's outcome is dropped. So no
-    writer that read an older state, however long it slept, ever writes over a newer one. Where links are not
-    supported a record is created empty and then filled: an empty record is a change that did not happen.
+    writer that read an older state, however long it slept, ever writes over a newer one. (Where links are not
+    supported a record is created empty and then filled: a writer killed in between leaves the job broken
+    until `runner repair`, which records the state anew.)
   * Nothing follows a symbolic link: listings skip links, and a job whose folders are links is broken.
 """
 
@@ -516,6 +517,7 @@ class StateRecord:
     updated: float = 0.0
     seq: int = 0  # its place in the job's state records (state/SEQ.json); 0: none yet (or the legacy files)
     by: str | None = None  # who recorded it: cancel, retry, repair, a worker ("completed", "failed")
+    writer: str | None = None  # its writer's token: the record after it names the one it was decided over
 
     def __getitem__(self, key: str) -> Any:  # record["state"], as the JSON reads
         return getattr(self, key)
@@ -530,19 +532,12 @@ def record_name(seq: int) -> str:
 
 
 def read_state(job_dir: Path) -> StateRecord:
-    """The job's state: its newest state record, state/SEQ.json (unreadable or invalid: BrokenJob, never an
-    older record's guess). An empty one is a create whose content never came (a writer killed in between,
-    where the file system has no hard links): that change did not happen, and the record before it counts.
-    With no record, what a job of an older runner version stored (`_legacy_state`; none: queued). Its `seq` is
-    always the newest record's place, empty or not: the next change is recorded after it."""
+    """The job's state: its newest state record, state/SEQ.json (unreadable, invalid or empty: BrokenJob, never
+    an older record's guess); with none, what a job of an older runner version stored (`_legacy_state`; none:
+    queued)."""
     job_dir = Path(job_dir)
     seqs = _record_seqs(job_dir)
-    top = seqs[-1] if seqs else 0
-    for seq in reversed(seqs):
-        record = _read_record(job_dir, seq, wait=seq == top)
-        if record is not None:
-            return replace(record, seq=top)
-    return replace(_legacy_state(job_dir), seq=top)
+    return _read_record(job_dir, seqs[-1]) if seqs else _legacy_state(job_dir)
 
 
 def newest_state_seq(job_dir: Path) -> int:
@@ -565,9 +560,9 @@ def _record_seqs(job_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for n in storage.retry(names, f"list {folder}") if (m := _RECORD.match(n)))
 
 
-def _read_record(job_dir: Path, seq: int, wait: bool) -> StateRecord | None:
-    """The record at `seq`; None when it is empty. `wait`: the newest, whose content may be on its way (where
-    links are not supported), is read again a moment later before it counts as empty or damaged."""
+def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
+    """The record at `seq`. `wait`: one found empty or unreadable is read again a moment later first (where
+    links are not supported its content follows its creation)."""
     name = f"{STATES}/{record_name(seq)}"
     path = job_dir / name
     if storage.kind(path) != "file":
@@ -575,14 +570,13 @@ def _read_record(job_dir: Path, seq: int, wait: bool) -> StateRecord | None:
     pauses = [0.05, 0.2] if wait else []
     while True:
         data = storage.read_bytes(path)
-        if data:
-            try:
-                return _parse_state(json.loads(data), name, seq)
-            except ValueError as e:  # not BrokenJob (content of the wrong shape): that is never read again
-                if not pauses:
-                    raise BrokenJob(f"{name} is damaged ({e})") from None
-        elif not pauses:
-            return None
+        try:
+            if not data:
+                raise ValueError("it is empty: a change killed half way, or damage")
+            return _parse_state(json.loads(data), name, seq)
+        except ValueError as e:  # not BrokenJob (content of the wrong shape): that is never read again
+            if not pauses:
+                raise BrokenJob(f"{name} is damaged ({e})") from None
         time.sleep(pauses.pop(0))
 
 
@@ -594,9 +588,9 @@ def _parse_state(d: Any, name: str, seq: int) -> StateRecord:
         gen = d.get("generation", 0)
         if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
             raise ValueError(f"generation {gen!r}")
-        error, by = d.get("error"), d.get("by")
+        error, by, writer = d.get("error"), d.get("by"), d.get("writer")
         return StateRecord(state, gen, error if isinstance(error, str) else None, float(d.get("updated", 0)), seq,
-                           by if isinstance(by, str) else None)  # fmt: skip
+                           by if isinstance(by, str) else None, writer if isinstance(writer, str) else None)  # fmt: skip
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BrokenJob(f"{name} is invalid ({type(e).__name__}: {e})") from None
 
@@ -607,19 +601,47 @@ def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) ->
     state or the new one). Returns None when another writer recorded that place first: the state moved on
     since `read`, and the caller reads it again and decides again. So a writer that read an older state never
     writes over a newer one, however long it slept in between (a worker's completion over a `retry`, a
-    repair over a `cancel`)."""
+    repair over a `cancel`). Each record names the one it was decided over (`over`: its writer's token)."""
     folder = Path(job_dir) / STATES
+    if read.seq == 0:
+        _fence_older_runners(Path(job_dir))
     storage.ensure_dir(folder)
     seq, token, now = read.seq + 1, secrets.token_hex(8), time.time()
     path = folder / record_name(seq)
-    if create_exclusive(path, {**new.as_dict(), "updated": now, "by": by, "writer": token}):
-        return replace(new, updated=now, seq=seq, by=by)
-    mine = _read_json_or_none(path)  # a transient error after the create landed: the retry finds it ours
-    return (
-        replace(new, updated=now, seq=seq, by=by)
-        if isinstance(mine, dict) and mine.get("writer") == token
-        else None
+    body = {**new.as_dict(), "updated": now, "by": by, "writer": token, "over": read.writer}
+    created = create_exclusive(path, body)
+    if not created:  # a transient error after the create landed: the retry finds it ours
+        mine = _read_json_or_none(path)
+        created = isinstance(mine, dict) and mine.get("writer") == token
+    if not created or _passed_over(folder, seq, token):
+        return None
+    return replace(new, updated=now, seq=seq, by=by, writer=token)
+
+
+def _passed_over(folder: Path, seq: int, token: str) -> bool:
+    """Whether the record after ours was decided without it: its writer found ours empty (created, not yet
+    filled, where links are not supported: we were frozen in between) and a `repair` recorded over it. Our
+    change then did not count, and the caller decides again over what the job reads now."""
+    after = (
+        _read_json_or_none(folder / record_name(seq + 1)) if _lexists(folder / record_name(seq + 1)) else None
     )
+    return isinstance(after, dict) and after.get("over") != token
+
+
+def _fence_older_runners(job_dir: Path) -> None:
+    """Before a job of layout 2 gets its first state record: make it layout 3 (job.json and its backup, the
+    backup first), so that an older runner refuses the job rather than read its state.json and ignore the
+    records (a cancel made here would not stop its workers, its cancel would not stop ours)."""
+    for name in (JOB_BACKUP, JOB_FILE):
+        meta = _read_json_or_none(job_dir / name) if _lexists(job_dir / name) else None
+        if (
+            isinstance(meta, dict)
+            and meta.get("format") == 2
+            and meta.get("spec_sha256") == spec_checksum(meta)
+        ):
+            meta["format"] = FORMAT
+            meta["spec_sha256"] = spec_checksum(meta)
+            storage.write_json(job_dir / name, meta)
 
 
 def change_state(job: Job, decide: Callable[[StateRecord], StateRecord | None], by: str) -> StateRecord:
@@ -1568,6 +1590,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
         with contextlib.suppress(BrokenJob):
             read = read_state(job.dir)
             generation = read.generation
+    last = read or _last_good_state(job.dir)  # the newest word still readable (a damaged cancel: unknowable)
     # never below what the records, the commits and the completion were written under (the newest record torn)
     generation = max(generation, _last_generation(job))
     ledger = read_ledger(job, seal=True, generation=generation)
@@ -1576,12 +1599,12 @@ def repair(path: str | os.PathLike) -> RepairReport:
         report.quarantined.append((name, why))
     progress = job_progress(job, read_ledger(job, generation=generation))
     final = JobState.COMPLETED if progress.complete else JobState.QUEUED
-    if final is JobState.QUEUED and read is not None and read.state in (JobState.CANCELLED, JobState.FAILED):
-        final = read.state
-    error = read.error if read is not None and read.state is final else None  # a failure keeps its reason
+    if final is JobState.QUEUED and last is not None and last.state in (JobState.CANCELLED, JobState.FAILED):
+        final = last.state
+    error = last.error if last is not None and last.state is final else None  # a failure keeps its reason
     wanted = StateRecord(final, generation, error)
     must_write = report.state_was.startswith("broken") or bool(report.quarantined)
-    now = _settle_state(job, wanted, read or over, must_write)
+    now = _settle_state(job, wanted, read or over, must_write, broken_top=read is None)
     report.state_now, report.done, report.total = now.state.value, progress.done, progress.total
     # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
     # and one deleted under it would stop it with a false "cannot be written" when it wakes.
@@ -1591,13 +1614,28 @@ def repair(path: str | os.PathLike) -> RepairReport:
     return report
 
 
-def _settle_state(job: Job, wanted: StateRecord, read: StateRecord, must_write: bool) -> StateRecord:
+def _last_good_state(job_dir: Path) -> StateRecord | None:
+    """Below a damaged newest record: the newest record that still reads, else an older version's state.json."""
+    for seq in reversed(_record_seqs(job_dir)[:-1]):
+        with contextlib.suppress(BrokenJob, storage.StorageError):
+            return _read_record(job_dir, seq, wait=False)
+    with contextlib.suppress(BrokenJob, storage.StorageError):
+        return _legacy_state(job_dir)
+    return None
+
+
+def _settle_state(
+    job: Job, wanted: StateRecord, read: StateRecord, must_write: bool, broken_top: bool = False
+) -> StateRecord:
     """Record the repaired state over `read`, the state repair decided from, unless the job reads so already;
     always with `must_write` (the newest record was unreadable, or commits were set aside: a worker's completion
     decided over the ledger before that then finds its place taken). A command (retry, cancel) recorded since
     repair read the state stands; a completion recorded since stands only while the job is complete. Returns
-    the state the job reads now."""
+    the state the job reads now. `broken_top`: `read` stands for the newest record, which did not read (if it
+    reads now, its writer was only slow to fill it: its word stands)."""
     while True:
+        if broken_top and _reads(job.dir, read.seq):
+            read, broken_top = replace(read, seq=read.seq - 1), False  # so it counts as recorded since
         if newest_state_seq(job.dir) > read.seq:
             now = read_state(job.dir)
             if now.state is not JobState.COMPLETED or job_progress(job).complete:
@@ -1609,6 +1647,15 @@ def _settle_state(job: Job, wanted: StateRecord, read: StateRecord, must_write: 
         done = record_state(job.dir, read, wanted, "repair")
         if done is not None:
             return done
+
+
+def _reads(job_dir: Path, seq: int) -> bool:
+    try:
+        return storage.kind(job_dir / STATES / record_name(seq)) == "file" and bool(
+            _read_record(job_dir, seq, wait=False)
+        )
+    except BrokenJob:
+        return False
 
 
 def _newest_seq_or_zero(job_dir: Path) -> int:

@@ -353,6 +353,7 @@ def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
         ("state/00000001.json", "{}", "state/00000001.json is invalid"),
         ("state/00000001.json", '{"state": "canc', "state/00000001.json is damaged"),
         ("state/00000001.json", '{"state": "running"}', "never stored"),
+        ("state/00000001.json", "", "state/00000001.json is damaged (it is empty"),  # never the record before
         ("state.json", "{}", "state.json is invalid"),  # a job of an older version, before its first record
         ("state.json", '{"state": "canc', "state.json is damaged"),
     ],

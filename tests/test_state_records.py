@@ -3,10 +3,12 @@
 * a job of an older runner version (state.json, no records) whose first record was killed half way: the empty
   state/ folder read as "queued, generation 0", so a retry's generation was lost and cleared row errors
   counted again. With no record, the older files are read, whatever folders stand;
-* where the file system has no hard links, a record is created empty and filled after (O_EXCL). A writer killed
-  in between left an empty record that made the job broken; a transient error while filling it made the
-  writer read its own record as another's. An empty record is now a change that did not happen (the record
-  before it counts), and a writer rewrites its own record when filling it fails for a moment;
+* where the file system has no hard links, a record is created empty and filled after (O_EXCL): a transient
+  error while filling it made the writer read its own record as another's (it now rewrites its own record).
+  A writer killed in between leaves the job broken (an empty record says nothing of what it was to say):
+  repair records the state anew from the newest record that still reads;
+* an older runner kept reading state.json of an older job the new runner had given state records: each
+  ignored the other's cancel. The first record now makes the job layout 3, which older runners refuse;
 * a worker that found the job failing, then slept, recorded "failed" over a `retry` made meanwhile (after
   the user fixed the cause): the failure is now recorded over the state read before it was found.
 """
@@ -63,26 +65,42 @@ def test_an_older_jobs_first_record_killed_half_way_leaves_its_state(job):
     assert code != 0 and (job.dir / "state").is_dir() and records(job) == []  # killed: the folder, no record
     assert (job.state().state, job.state().generation) == (JobState.QUEUED, 1)
     (job.dir / "state" / jobdir.record_name(1)).write_bytes(b"")  # and a record killed before its content
-    assert (job.state().state, job.state().generation, job.state().seq) == (JobState.QUEUED, 1, 1)
+    assert runner.status(job.dir).state == "broken"  # what it was to say is unknown: never guessed
+    report = runner.repair(job.dir)  # from the newest word that still reads: state.json's
+    assert report.state_now == "queued" and (job.state().generation, job.state().seq) == (1, 2)
     code, out = run_runner("cancel", job.dir)
     assert code == 0, out
-    assert (job.state().state, job.state().generation, job.state().seq) == (JobState.CANCELLED, 1, 2)
+    assert (job.state().state, job.state().generation, job.state().seq) == (JobState.CANCELLED, 1, 3)
 
 
-def test_without_hard_links_a_record_killed_before_its_content_is_a_change_that_did_not_happen(job):
-    code, out = run_runner("cancel", job.dir, env_extra={"RUNNER_FAULT": "after_create:1"},
-                           prefix=("-c", LINKLESS))  # fmt: skip
-    assert code != 0 and records(job) == [("00000001.json", 0)], out
-    status = runner.status(job.dir)
-    assert status.state == "queued" and job.state().seq == 1  # the old state, and the next change goes after
+def test_without_hard_links_a_record_killed_before_its_content_breaks_the_job_until_repaired(job):
     code, out = run_runner("cancel", job.dir, prefix=("-c", LINKLESS))
-    assert code == 0 and "cancelled" in out, out
-    assert job.state().state is JobState.CANCELLED and [n for n, _ in records(job)] == [
-        "00000001.json",
-        "00000002.json",
-    ]
+    assert code == 0 and job.state().state is JobState.CANCELLED, out
+    code, out = run_runner("retry", job.dir, env_extra={"RUNNER_FAULT": "after_create:1"},
+                           prefix=("-c", LINKLESS))  # fmt: skip
+    assert code != 0 and records(job)[-1] == ("00000002.json", 0), out
+    status = runner.status(job.dir)
+    assert status.state == "broken" and "state/00000002.json is damaged (it is empty" in status.message
+    code, out = run_runner("repair", job.dir, prefix=("-c", LINKLESS))
+    assert code == 0 and job.state().state is JobState.CANCELLED, out  # the newest word that still reads
     code, out = run_runner("retry", job.dir, prefix=("-c", LINKLESS))
     assert code == 0 and (job.state().state, job.state().generation) == (JobState.QUEUED, 1), out
+
+
+def test_an_older_job_becomes_layout_3_with_its_first_record(job):
+    """So that an older runner (another VM not yet upgraded) refuses it rather than read state.json."""
+    as_older_version(job, "queued", 0)
+    for name in ("job.json", "job.backup.json"):
+        meta = json.loads((job.dir / name).read_text())
+        meta["format"] = 2
+        meta["spec_sha256"] = jobdir.spec_checksum(meta)
+        (job.dir / name).write_text(json.dumps(meta))
+    assert Job.open(job.dir).state().state is JobState.QUEUED
+    runner.cancel(job.dir)
+    for name in ("job.json", "job.backup.json"):
+        meta = json.loads((job.dir / name).read_text())
+        assert meta["format"] == 3 and meta["spec_sha256"] == jobdir.spec_checksum(meta)
+    assert Job.open(job.dir).state().state is JobState.CANCELLED
 
 
 def test_without_hard_links_a_transient_error_filling_a_record_rewrites_it(job, monkeypatch):
@@ -140,3 +158,35 @@ def test_repair_of_an_older_job_with_a_file_at_state_keeps_its_state_json(job):
     assert runner.status(job.dir).state == "broken"
     report = runner.repair(job.dir)
     assert report.state_now == "cancelled" and (job.state().state, job.state().generation) == ("cancelled", 2)
+
+
+def test_without_hard_links_a_cancel_frozen_before_filling_its_record_is_not_lost_to_a_repair(
+    job, monkeypatch
+):
+    """Adversarial pass 13: `runner cancel` frozen between creating its record and filling it; status said the
+    job was broken (an empty newest record) and the user ran `runner repair`, which recorded the state over
+    it. The cancel woke, filled its record and said "cancelled", but the repair's record was newer: the job ran.
+    Each record names the one it was decided over, so the cancel sees it was passed over and cancels again."""
+
+    def link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    real_point, fired = jobdir.fault_point, []
+
+    def fault_point(name):
+        if name == "after_create" and not fired:  # the cancel's record is created and still empty
+            fired.append(runner.status(job.dir).state)
+            fired.append(jobdir.repair(job.dir).state_now)  # the user's repair, while the cancel is frozen
+        return real_point(name)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(jobdir, "fault_point", fault_point)
+    assert runner.cancel(job.dir) == "queued"
+    monkeypatch.undo()
+    assert fired == ["broken", "queued"]
+    assert [json.loads(p.read_text())["by"] for p in sorted((job.dir / "state").glob("*.json"))] == [
+        "cancel",  # filled after the repair's record was decided without it: passed over
+        "repair",
+        "cancel",
+    ]
+    assert job.state().state is JobState.CANCELLED
