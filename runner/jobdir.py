@@ -625,7 +625,7 @@ def _passed_over(folder: Path, seq: int, token: str) -> bool:
     after = (
         _read_json_or_none(folder / record_name(seq + 1)) if _lexists(folder / record_name(seq + 1)) else None
     )
-    return isinstance(after, dict) and after.get("over") != token
+    return isinstance(after, dict) and "over" in after and after["over"] != token  # (older records name none)
 
 
 def _fence_older_runners(job_dir: Path) -> None:

@@ -190,3 +190,30 @@ def test_without_hard_links_a_cancel_frozen_before_filling_its_record_is_not_los
         "cancel",
     ]
     assert job.state().state is JobState.CANCELLED
+
+
+def test_a_record_that_names_no_predecessor_never_passes_over_the_one_before(job, monkeypatch):
+    """Adversarial pass 14: a runner of this session's earlier commit (records without "over") cancelled over a
+    retry frozen right after creating its record: the retry took the missing "over" for "decided without mine",
+    retried again and undid the cancel. Only a record that names another predecessor passes over one."""
+    runner.cancel(job.dir)
+    real, fired = jobdir.create_exclusive, []
+
+    def create_exclusive(path, obj):
+        created = real(path, obj)
+        if (
+            obj.get("by") == "retry" and not fired
+        ):  # an earlier runner's cancel lands after the retry's record
+            fired.append(path.name)
+            after = path.parent / jobdir.record_name(int(path.stem) + 1)
+            after.write_text(json.dumps({"state": "cancelled", "generation": 1, "error": None, "updated": 9.5,
+                                         "by": "cancel", "writer": "0123456789abcdef"}))  # fmt: skip
+        return created
+
+    monkeypatch.setattr(jobdir, "create_exclusive", create_exclusive)
+    assert runner.retry(job.dir) == 0 and fired == ["00000002.json"]
+    monkeypatch.undo()
+    assert [p.name for p in sorted((job.dir / "state").glob("*.json"))] == [
+        "00000001.json", "00000002.json", "00000003.json",
+    ]  # fmt: skip
+    assert (job.state().state, job.state().generation) == (JobState.CANCELLED, 1)
