@@ -1770,13 +1770,20 @@ def submit_temp_name(target: str) -> str:
     return f".{target}.{os.getpid()}-{namespace_tag()}.{secrets.token_hex(4)}.tmp"
 
 
+_SUBMIT_TEMP = re.compile(r"\..+\.(\d+)-([0-9a-f]{8})\.[0-9a-f]{8}\.tmp")
+
+
+def is_submit_temp(name: str) -> bool:
+    return "/" not in name and _SUBMIT_TEMP.fullmatch(name) is not None
+
+
 def remove_dead_submits(root: str | os.PathLike) -> int:
     """Delete temp folders of submits that were killed: their process is provably gone (same boot and PID
     namespace, pid gone or reused), or a day passed. Returns how many were deleted."""
     root = Path(root)
     removed = 0
     for name in scan(root, dirs=True):
-        m = re.fullmatch(r"\..+\.(\d+)-([0-9a-f]{8})\.[0-9a-f]{8}\.tmp", name)
+        m = _SUBMIT_TEMP.fullmatch(name)
         if not m:
             continue
         folder = root / name

@@ -377,7 +377,7 @@ def _write_job(
         storage.write_json(tmp / JOB_BACKUP, meta)
         storage.write_json(tmp / JOB_FILE, meta)
         storage.remove(tmp / ".owner.json")
-        holder = _claim_name(target.parent, claim, target.name) if claim is not None else None
+        holder = _claim_name(target.parent, claim, target.name, tmp.name) if claim is not None else None
         if holder is not None:
             return holder
         try:
@@ -386,6 +386,12 @@ def _write_job(
             with contextlib.suppress(FileNotFoundError):
                 target.rmdir()
             os.replace(tmp, target)
+        except FileNotFoundError:
+            if claim is None:
+                raise
+            # this submit slept past its claim, and the submit that took the claim over set its folder aside
+            # first (`_fence_stale_submit`): that submit's job holds the claim now
+            return _claim_name(target.parent, claim, target.name, None)
         except OSError as e:  # another submit to the same -o folder moved its job in first
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
@@ -434,7 +440,7 @@ class _Claim:
         return cls(RERUN_CLAIM + fingerprint, "this file with these settings", counts)
 
 
-def _claim_name(root: Path, claim: _Claim, job_id: str) -> str | None:
+def _claim_name(root: Path, claim: _Claim, job_id: str, temp: str | None) -> str | None:
     """Make `job_id` the job holding `claim` in the home: two submits of one name at the same time (two Colab
     VMs running one notebook) then store one job, not two. Returns None when the claim is ours, else the id of
     the job that holds it; RunnerError while the holder's job has not appeared yet.
@@ -444,12 +450,14 @@ def _claim_name(root: Path, claim: _Claim, job_id: str) -> str | None:
     its job never appeared and its submit is provably gone or STALE_CLAIM_SECONDS old (a submit killed in
     between), or it is damaged, or its job no longer holds it (`claim.counts`): two submits taking one claim
     over race for the same N+1, and only one creates it. Nothing is ever deleted, so nobody can remove a claim
-    another has just made."""
+    another has just made. A claim names its submit's temp folder (`temp`), which a takeover sets aside first:
+    a submit that only slept then finds its folder gone, and never moves a second job into the home.
+    (`temp` None: claim nothing, only say who holds it.)"""
     folder = root / NAMES
     if folder.is_symlink():
         raise RunnerError(f"{folder} is a symbolic link; runner does not follow links out of the job home")
     storage.ensure_dir(folder)
-    record = {"job": job_id, "owner": jobdir.Owner.me("submit").as_dict()}
+    record = {"job": job_id, "owner": jobdir.Owner.me("submit").as_dict(), "temp": temp}
     for _ in range(8):
         newest = jobdir.newest_name_claim(folder, claim.key)
         n = 0 if newest is None else newest + 1
@@ -460,16 +468,40 @@ def _claim_name(root: Path, claim: _Claim, job_id: str) -> str | None:
             if isinstance(holder, str) and holder in {p.name for p in jobdir.job_folders(root)}:
                 if claim.counts is None or claim.counts(holder):
                     return holder
-            elif not _stale_claim(path, held):
+            elif not _stale_claim(path, held) or temp is None:
                 raise RunnerError(
                     f"{claim.label} is claimed by another submit (job {holder or '?'}) that is being written "
                     f"right now or was killed; run this submit again in a moment (it then returns that job). A "
                     f"killed submit's claim frees itself within {STALE_CLAIM_SECONDS // 60} minutes, or delete "
                     f"{path} if no other submit is running"
                 )
+            elif not _fence_stale_submit(root, held):
+                continue  # its job was moved in meanwhile: it holds the claim after all
+        if temp is None:
+            raise RunnerError(f"{claim.label} was taken over by another submit while this one was stopped; run "
+                              "this submit again (it then returns that submit's job)")  # fmt: skip
         if jobdir.create_exclusive(folder / f"{claim.key}.{n}.json", record):
             return None
     raise RunnerError(f"cannot claim {claim.label} in {folder}: its claims keep changing")
+
+
+def _fence_stale_submit(root: Path, held: Any) -> bool:
+    """Before taking a stale claim over: set aside the temp folder its submit builds its job in, so that the
+    submit, if it only slept (a suspended VM), finds it gone instead of moving a second job of the claim into the
+    home. False when that folder is gone because its job was moved in just now (the claim is held after all)."""
+    temp = held.get("temp") if isinstance(held, dict) else None
+    if not (isinstance(temp, str) and jobdir.is_submit_temp(temp)):
+        return True  # a claim of an older version, or damaged: nothing to fence
+    aside = root / f"{temp}.taken-over"
+    try:
+        storage.retry(lambda: os.rename(root / temp, aside), f"set aside {root / temp}")
+    except storage.StorageError as e:
+        if not isinstance(e.__cause__, FileNotFoundError):
+            raise
+        job = held.get("job")
+        return not (isinstance(job, str) and job in {p.name for p in jobdir.job_folders(root)})
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
 
 
 def _stale_claim(path: Path, held: Any) -> bool:

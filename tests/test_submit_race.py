@@ -239,3 +239,32 @@ def test_two_concurrent_runs_of_one_file_without_a_folder_make_one_job(
     claims = {p.name: json.loads(p.read_text())["job"] for p in (runner_home / jobs.NAMES).glob("~*.json")}
     assert sorted(claims.values()) == sorted([job.id, cancelled.id, again.id])
     assert claims[max(n for n, held in claims.items() if held != job.id)] == again.id
+
+
+def test_a_submit_that_slept_past_its_claim_moves_no_second_job_in(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """Adversarial pass 15: submit A claimed night1 and was frozen before moving its job into the home (a
+    suspended VM) until its claim was stale; submit B took the claim over and stored its job; A woke and moved a
+    second night1 in (every later command by name failed, `runner work` computed both). The takeover now sets
+    A's temp folder aside first, so A finds it gone and returns B's job."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"r{i}", "prompt": f"hello {i}"} for i in range(3)])
+    real_claim, other = jobs._claim_name, []
+
+    def claim_name(root, claim, *args):
+        held = real_claim(root, claim, *args)
+        if held is None and not other:  # A holds the claim; it sleeps past STALE_CLAIM_SECONDS; B submits
+            path = root / jobs.NAMES / "night1.0.json"
+            old = time.time() - jobs.STALE_CLAIM_SECONDS - 5
+            os.utime(path, (old, old))
+            other.append(None)  # B's own claim is not A's
+            other[0] = create_job(
+                prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1"
+            )
+        return held
+
+    monkeypatch.setattr(jobs, "_claim_name", claim_name)
+    a = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
+    folders = [p.name for p in jobdir.job_folders(runner_home)]
+    assert folders == [other[0].id] and a.id == other[0].id  # one night1: B's, which A returns
+    assert not [p for p in runner_home.iterdir() if p.name.startswith(".") and p.name != jobs.NAMES]
