@@ -950,7 +950,9 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
     if not summary.finished:
         _echo(_stopped_line(job, summary, "requests", "carry on (the output file comes once all are done)"))
         raise SystemExit(130 if stop() else 1)
-    _echo(f"done: {summary.done:,} responses, {summary.errors} errors -> {output_path}")
+    _echo(
+        f"done: {summary.done:,}/{summary.total:,} result rows, {summary.errors} row errors -> {output_path}"
+    )
 
 
 def _stopped_line(job: Any, summary: Any, rows: str, then: str) -> str:

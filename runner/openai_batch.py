@@ -204,6 +204,9 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     errors_out = (
         Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
     )
+    for target in (out, errors_out):  # both or neither: never a fresh output beside a stale errors file
+        if storage.kind(target) not in (None, "file"):
+            raise RunnerError(f"cannot write {target}: something other than a file stands there")
     storage.atomic_write(out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     storage.atomic_write(errors_out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in errors))
     return len(lines), len(errors)
@@ -556,5 +559,8 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
     job, summary = run(input_path, model, params, options, output=folder, echo=echo, stop=stop,
                        served_model_names=tuple(served_model_names), skip_invalid=skip_invalid)  # fmt: skip
     if summary.finished:
-        export(job, out)
+        lines, errors = export(job, out)
+        if echo:
+            echo(f"wrote {lines:,} response line(s) to {out}"
+                 + (f" and {errors:,} error line(s) beside it" if errors else ""))  # fmt: skip
     return job, summary

@@ -274,6 +274,16 @@ def test_run_batch_through_the_cli_and_results_format_openai(tmp_path, tiny_gpt2
     assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
 
 
+def test_an_errors_file_that_cannot_be_written_writes_no_output_either(mixed_job, tmp_path):
+    """A folder where OUT.errors.jsonl goes: the export wrote OUT.jsonl, then failed on the errors file, leaving a
+    fresh output beside a stale errors file (adversarial pass 15). Both targets are checked first."""
+    job, _, _ = mixed_job
+    (tmp_path / "out.errors.jsonl").mkdir()
+    with pytest.raises(runner.RunnerError, match="out.errors.jsonl: something other than a file"):
+        export(job, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_run_batch_skip_invalid_answers_the_valid_requests_and_lists_the_others(tmp_path, tiny_gpt2):
     """The refusal of a bad line says `--skip-invalid`: run-batch takes it, and the bad line becomes a 400 line of
     the error file while the others are answered."""
@@ -291,6 +301,7 @@ def test_run_batch_skip_invalid_answers_the_valid_requests_and_lists_the_others(
     assert result.exit_code == 1 and "(use --skip-invalid to run the valid rows)" in result.output
     result = run_batch("out.jsonl", "--skip-invalid")
     assert result.exit_code == 0, result.output
+    assert "wrote 2 response line(s) to" in result.output and "and 1 error line(s) beside it" in result.output
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     (error,) = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
     assert [(x["custom_id"], x["response"]["status_code"]) for x in out] == [("a", 200), ("c", 200)]
