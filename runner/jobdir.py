@@ -74,9 +74,8 @@ from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 
 T = TypeVar("T")
 
-FORMAT = (
-    3  # job folder layout version (3: state records; an older runner refuses such a job, never misreads it)
-)
+# job folder layout version (3: state records; an older runner refuses such a job, never misreads it)
+FORMAT = 3
 READABLE_FORMATS = (2, 3)  # 2: state.json, completed.json and failed.json until the job's first state record
 JOB_FILE, JOB_BACKUP, PROMPTS, INVALID = "job.json", "job.backup.json", "prompts.parquet", "errors.jsonl"
 STATE_FILE, STATS_FILE, LOG_FILE, VERIFIED = "state.json", "stats.json", "log.txt", "verified.json"
@@ -622,9 +621,7 @@ def _passed_over(folder: Path, seq: int, token: str) -> bool:
     """Whether the record after ours was decided without it: its writer found ours empty (created, not yet
     filled, where links are not supported: we were frozen in between) and a `repair` recorded over it. Our
     change then did not count, and the caller decides again over what the job reads now."""
-    after = (
-        _read_json_or_none(folder / record_name(seq + 1)) if _lexists(folder / record_name(seq + 1)) else None
-    )
+    after = _read_json_or_none(folder / record_name(seq + 1))  # None: there is none (or it does not read)
     return isinstance(after, dict) and "over" in after and after["over"] != token  # (older records name none)
 
 
@@ -1651,11 +1648,10 @@ def _settle_state(
 
 def _reads(job_dir: Path, seq: int) -> bool:
     try:
-        return storage.kind(job_dir / STATES / record_name(seq)) == "file" and bool(
-            _read_record(job_dir, seq, wait=False)
-        )
-    except BrokenJob:
+        _read_record(job_dir, seq, wait=False)
+    except BrokenJob:  # missing, not a file, empty or damaged
         return False
+    return True
 
 
 def _newest_seq_or_zero(job_dir: Path) -> int:
@@ -1695,7 +1691,7 @@ def _last_generation(job: Job) -> int:
     """The retry generation of a job whose newest state record is damaged, as far as its other files still
     tell: the newest one its older records, its commits and an older version's files were written under."""
     gens = [c.marker.get("generation", 0) for c in read_ledger(job, generation=0).commits]
-    records = [f"{STATES}/{n}" for n in storage.listdir(job.dir / STATES) if _RECORD.match(n)]
+    records = [f"{STATES}/{record_name(seq)}" for seq in _record_seqs(job.dir)]
     for name in [*records, STATE_FILE, COMPLETED_FILE]:
         record = _read_json_or_none(job.dir / name) if storage.kind(job.dir / name) == "file" else None
         gens.append(record.get("generation", 0) if isinstance(record, dict) else 0)

@@ -465,7 +465,7 @@ def _claim_name(root: Path, claim: _Claim, job_id: str, temp: str | None) -> str
             path = folder / f"{claim.key}.{newest}.json"
             held = jobdir._read_json_or_none(path) if storage.kind(path) == "file" else None
             holder = held.get("job") if isinstance(held, dict) else None
-            if isinstance(holder, str) and holder in {p.name for p in jobdir.job_folders(root)}:
+            if _in_home(root, holder):
                 if claim.counts is None or claim.counts(holder):
                     return holder
             elif not _stale_claim(path, held) or temp is None:
@@ -498,10 +498,14 @@ def _fence_stale_submit(root: Path, held: Any) -> bool:
     except storage.StorageError as e:
         if not isinstance(e.__cause__, FileNotFoundError):
             raise
-        job = held.get("job")
-        return not (isinstance(job, str) and job in {p.name for p in jobdir.job_folders(root)})
+        return not _in_home(root, held.get("job"))
     shutil.rmtree(aside, ignore_errors=True)
     return True
+
+
+def _in_home(root: Path, job_id: Any) -> bool:
+    """Whether the job a claim names has been moved into the home."""
+    return isinstance(job_id, str) and job_id in {p.name for p in jobdir.job_folders(root)}
 
 
 def _stale_claim(path: Path, held: Any) -> bool:

@@ -256,15 +256,21 @@ def test_a_worker_that_slept_before_writing_completion_leaves_a_newer_one(tmp_pa
     def write_completed(path, read):
         if not fired:  # the cancel, the retry and another worker's whole run land now
             fired.append(read.generation)
-            jobdir.cancel(Job.open(job.dir))
-            jobdir.retry(Job.open(job.dir))
-            assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+            cancel_retry_and_complete_elsewhere(job, gpt2_engine)
         return real(path, read)
 
     monkeypatch.setattr(jobdir, "write_completed", write_completed)
     run_job(job, gpt2_engine, echo=None)
     assert fired == [0]
     assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
+
+
+def cancel_retry_and_complete_elsewhere(job, engine) -> None:
+    """While a worker is about to record the job's completion: the user cancels and retries it (generation
+    1), and another worker runs it to its end."""
+    jobdir.cancel(Job.open(job.dir))
+    jobdir.retry(Job.open(job.dir))
+    assert run_job(Job.open(job.dir), engine, echo=None).finished
 
 
 def state_records(job) -> list[tuple[str, str, int]]:
@@ -289,9 +295,7 @@ def test_a_worker_paused_inside_the_write_of_its_completion_leaves_a_newer_state
     def create_exclusive(path, obj):
         if path.parent.name == "state" and obj.get("by") == "completed" and not fired:
             fired.append(obj["generation"])  # the worker's record is written whole; its create is next
-            jobdir.cancel(Job.open(job.dir))
-            jobdir.retry(Job.open(job.dir))
-            assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+            cancel_retry_and_complete_elsewhere(job, gpt2_engine)
         return real(path, obj)
 
     monkeypatch.setattr(jobdir, "create_exclusive", create_exclusive)
