@@ -739,6 +739,8 @@ class Job:
         for sub in FOLDERS:
             if _is_link(path / sub):
                 raise BrokenJob(f"{sub}/ is a symbolic link; runner does not follow links out of the job")
+            if sub != QUARANTINE and storage.kind(path / sub) not in (None, "dir"):
+                raise BrokenJob(f"{sub}/ is not a folder")
         if not _lexists(path / PROMPTS):
             found = storage.kind(path / PROMPTS)
             why = {None: "is missing", "dir": "is a folder", "link": "is a link"}.get(
@@ -1563,17 +1565,19 @@ def repair(path: str | os.PathLike) -> RepairReport:
     (completed if every row is done or failed, else queued so `runner work` redoes what is missing)."""
     path = Path(path)
     report = RepairReport()
-    # Job.open refuses a job whose folders are links: they go first (the folders they point to are left alone)
-    linked = [sub for sub in FOLDERS if sub != QUARANTINE and _is_link(path / sub)]
-    for sub in linked:
+    # Job.open refuses a job whose folders are links or files: they go first (what a link points to is left alone)
+    misplaced = {sub: storage.kind(path / sub) for sub in FOLDERS if sub != QUARANTINE}
+    misplaced = {sub: kind for sub, kind in misplaced.items() if kind not in (None, "dir")}
+    for sub in misplaced:
         _move_aside(path, sub)
     try:
         job = Job.open(path)
     except BrokenJob:
         job = _restore_spec(path)
         report.restored_spec = True
-    for name in linked:
-        job.log(f"repair: {name}/ was a symbolic link; set aside in {QUARANTINE}/")
+    for name, kind in misplaced.items():
+        what = "a symbolic link" if kind == "link" else "not a folder"
+        job.log(f"repair: {name}/ was {what}; set aside in {QUARANTINE}/")
     try:  # the state repair decides over (a command may record another meanwhile)
         read: StateRecord | None = read_state(job.dir)
         report.state_was, generation = read.state.value, read.generation

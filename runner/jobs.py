@@ -849,7 +849,8 @@ def _unused_model_defaults(job: Job) -> dict[str, Any]:
 def _existing_job(path: Path) -> Job | None:
     """The job in an -o folder, None when it is new or empty (transient read errors retried: storage.kind)."""
     if storage.kind(path / JOB_FILE) == "file" or storage.kind(path / JOB_BACKUP) == "file":
-        return Job.open(path)
+        with jobdir.naming_broken(path):
+            return Job.open(path)
     there = storage.kind(path)
     if there is not None and (there != "dir" or storage.listdir(path)):
         raise RunnerError(f"{path} exists and is not a runner job folder; choose an empty or new -o folder")

@@ -344,6 +344,29 @@ def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
     assert summary.finished and summary.generated == 2 and summary.errors == 0
 
 
+@pytest.mark.parametrize("folder", ["done", "shards", "claims", "inflight", "workers"])
+def test_a_file_where_a_job_folder_belongs_breaks_the_job_until_repaired(
+    job, reference, gpt2_engine, runner_home, folder
+):
+    """done/ or shards/ replaced by a file (a sync client's doing) on a completed job: every command says the job
+    is broken and names `runner repair` (not "nothing to do", not a bare "Not a directory"); repair sets the file
+    aside and `runner work` computes what is missing, exactly once."""
+    assert run_job(job, gpt2_engine, echo=None).finished
+    shutil.rmtree(job.dir / folder)
+    (job.dir / folder).write_text("not a folder")
+    status = runner.status(job.dir)
+    assert status.state == "broken" and f"{folder}/ is not a folder" in status.message
+    said = []
+    assert runner.work(runner_home, echo=said.append, engine=gpt2_engine) == []
+    assert any("is broken" in line and f"runner repair {job.dir}" in line for line in said), said
+    with pytest.raises(jobdir.BrokenJob, match=f"is broken \\({folder}/ is not a folder\\); `runner repair"):
+        runner.load_results(job.dir)
+    assert runner.repair(job.dir).state_now in ("queued", "completed") and not (job.dir / folder).is_file()
+    assert any(p.name.endswith(f"-{folder}") for p in (job.dir / "quarantine").iterdir())
+    runner.work(runner_home, echo=None, engine=gpt2_engine)
+    assert_exactly_once(job.dir, reference[1])
+
+
 @pytest.mark.parametrize(
     ("file", "content", "reason"),
     [
