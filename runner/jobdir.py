@@ -1771,6 +1771,7 @@ def submit_temp_name(target: str) -> str:
 
 
 _SUBMIT_TEMP = re.compile(r"\..+\.(\d+)-([0-9a-f]{8})\.[0-9a-f]{8}\.tmp")
+TAKEN_OVER = ".taken-over"  # a stale submit's temp folder, set aside by the submit taking its claim over
 
 
 def is_submit_temp(name: str) -> bool:
@@ -1779,10 +1780,15 @@ def is_submit_temp(name: str) -> bool:
 
 def remove_dead_submits(root: str | os.PathLike) -> int:
     """Delete temp folders of submits that were killed: their process is provably gone (same boot and PID
-    namespace, pid gone or reused), or a day passed. Returns how many were deleted."""
+    namespace, pid gone or reused), or a day passed; and those a claim's takeover set aside (`NAME.taken-over`,
+    whose submit never moves them in), if deleting them then failed. Returns how many were deleted."""
     root = Path(root)
     removed = 0
     for name in scan(root, dirs=True):
+        if name.endswith(TAKEN_OVER) and is_submit_temp(name.removesuffix(TAKEN_OVER)):
+            shutil.rmtree(root / name, ignore_errors=True)
+            removed += 1
+            continue
         m = _SUBMIT_TEMP.fullmatch(name)
         if not m:
             continue

@@ -492,7 +492,7 @@ def _fence_stale_submit(root: Path, held: Any) -> bool:
     temp = held.get("temp") if isinstance(held, dict) else None
     if not (isinstance(temp, str) and jobdir.is_submit_temp(temp)):
         return True  # a claim of an older version, or damaged: nothing to fence
-    aside = root / f"{temp}.taken-over"
+    aside = root / f"{temp}{jobdir.TAKEN_OVER}"
     try:
         storage.retry(lambda: os.rename(root / temp, aside), f"set aside {root / temp}")
     except storage.StorageError as e:

@@ -268,3 +268,17 @@ def test_a_submit_that_slept_past_its_claim_moves_no_second_job_in(
     folders = [p.name for p in jobdir.job_folders(runner_home)]
     assert folders == [other[0].id] and a.id == other[0].id  # one night1: B's, which A returns
     assert not [p for p in runner_home.iterdir() if p.name.startswith(".") and p.name != jobs.NAMES]
+
+
+def test_a_taken_over_submit_folder_left_behind_is_cleaned_up(runner_home):
+    """The takeover deletes the temp folder it set aside at once; where that failed (a busy mount), the next
+    submit or `runner work` deletes it, whoever its submit was (it never moves that folder in). A live submit's
+    own temp folder stays."""
+    runner_home.mkdir(parents=True, exist_ok=True)
+    live = runner_home / jobdir.submit_temp_name("20260101-000000-abcdef")  # this process: alive
+    aside = runner_home / (jobdir.submit_temp_name("20260101-000001-abcdef") + jobdir.TAKEN_OVER)
+    for folder in (live, aside):
+        folder.mkdir()
+        (folder / "prompts.parquet").write_bytes(b"rows")
+    assert jobdir.remove_dead_submits(runner_home) == 1
+    assert live.is_dir() and not aside.exists()
