@@ -1647,7 +1647,21 @@ def _settle_state(
             return read
         done = record_state(job.dir, read, wanted, "repair")
         if done is not None:
-            return done
+            return _late_word(job, done, read.seq) if broken_top else done
+
+
+def _late_word(job: Job, ours: StateRecord, top: int) -> StateRecord:
+    """Repair recorded `ours` over the newest record `top`, which did not read. If it reads now, its writer was
+    frozen between creating and filling it (no hard links) and may have said it was done before `ours` existed
+    (a cancel, a retry): its word stands, recorded again over ours (a completion only while the job is
+    complete; a writer that has decided again over ours meanwhile stands instead)."""
+    if not _reads(job.dir, top):
+        return ours
+    late = _read_record(job.dir, top, wait=False)
+    if late.state is JobState.COMPLETED and not job_progress(job).complete:
+        return ours
+    again = StateRecord(late.state, max(late.generation, ours.generation), late.error)
+    return record_state(job.dir, ours, again, "repair") or read_state(job.dir)
 
 
 def _reads(job_dir: Path, seq: int) -> bool:

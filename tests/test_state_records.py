@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 
 import pytest
 from helpers import write_jsonl
@@ -188,6 +189,48 @@ def test_without_hard_links_a_cancel_frozen_before_filling_its_record_is_not_los
         "cancel",  # filled after the repair's record was decided without it: passed over
         "repair",
         "cancel",
+    ]
+    assert job.state().state is JobState.CANCELLED
+
+
+def test_without_hard_links_a_cancel_filled_while_a_repair_is_about_to_record_stands(job, monkeypatch):
+    """Adversarial pass 14: as above, but the repair was itself paused between its last look at the cancel's
+    empty record and its own create; the cancel filled its record, found nothing after it and said "cancelled";
+    then the repair recorded "queued" over it and the job ran. The repair now looks at the record it decided over
+    once its own is in place: filled meanwhile, its word is recorded again."""
+
+    def link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    real_point, real_create = jobdir.fault_point, jobdir.create_exclusive
+    frozen, wake, said = threading.Event(), threading.Event(), []
+
+    def fault_point(name):
+        if name == "after_create" and not frozen.is_set():  # the cancel's record is created and still empty
+            frozen.set()
+            wake.wait()
+        return real_point(name)
+
+    def create_exclusive(path, obj):
+        if obj.get("by") == "repair" and not wake.is_set():  # the repair, paused before its create
+            wake.set()
+            cancel.join()  # the cancel fills its record, finds none after it, and returns
+        return real_create(path, obj)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(jobdir, "fault_point", fault_point)
+    monkeypatch.setattr(jobdir, "create_exclusive", create_exclusive)
+    cancel = threading.Thread(target=lambda: said.append(runner.cancel(job.dir)))
+    cancel.start()
+    frozen.wait()
+    assert runner.status(job.dir).state == "broken"
+    jobdir.repair(job.dir)
+    monkeypatch.undo()
+    assert said == ["queued"]  # the cancel said it cancelled a queued job
+    assert [json.loads(p.read_text())["by"] for p in sorted((job.dir / "state").glob("*.json"))] == [
+        "cancel",
+        "repair",  # decided without the cancel
+        "repair",  # the cancel's word, recorded again
     ]
     assert job.state().state is JobState.CANCELLED
 
