@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build that the dev machines and CI have on disk; on a GPU box use the torch you already have.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast test-compat gpu-check-dry lint clean
+.PHONY: setup demo test test-fast test-compat test-linkless gpu-check-dry lint clean
 
 $(BIN)/runner: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,13 @@ test-compat:
 	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_engine.py \
 		tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py \
 		tests/test_sampling.py
+
+# The fault campaign and the state-record races on a file system without hard links (tests/linkless: every
+# process's os.link fails, as on a Drive-like mount), a few minutes; CAMPAIGN_SEED=N picks another campaign.
+test-linkless: setup
+	PYTHONPATH=tests/linkless $(BIN)/python -c "import os, sys; sys.exit(0 if os.link.__name__ == '_no_link' else 'tests/linkless is not in effect')"
+	PYTHONPATH=tests/linkless $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_campaign.py \
+		tests/test_state_records.py tests/test_state_races.py
 
 # The one-shot GPU check, as a dry run on CPU (benchmarks/gpu_check.sh; CI runs it inside `make test`).
 gpu-check-dry: setup
