@@ -9,7 +9,8 @@ asks it.
     prompts.parquet   the validated prompts (its sha256 is in job.json)
     errors.jsonl      input rows found invalid at submit (--skip-invalid; its sha256 is in job.json); never changed
     state/SSSSSSSS.json  the job's state records, each created exclusively over the one before (see below): queued,
-                      cancelled, completed, failed, the retry generation, who recorded it. The newest counts.
+                      cancelled, completed, failed, the retry generation, who recorded it, its own checksum
+                      (`check`: a changed byte is noticed, not obeyed). The newest counts.
                       Workers never record "running": running is a fact about live workers. (Jobs of older
                       versions, before their first record: state.json, completed.json, failed.json.)
     claims/UUUUU-EEEEEEEE.json       the claim of epoch E on unit U (created exclusively: one owner per epoch)
@@ -572,11 +573,30 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
         try:
             if not data:
                 raise ValueError("it is empty: a change killed half way, or damage")
-            return _parse_state(json.loads(data), name, seq)
+            d = json.loads(data)
+            if (why := _record_damage(d)) is not None:
+                raise BrokenJob(f"{name} is damaged ({why})")
+            return _parse_state(d, name, seq)
         except ValueError as e:  # not BrokenJob (content of the wrong shape): that is never read again
             if not pauses:
                 raise BrokenJob(f"{name} is damaged ({e})") from None
         time.sleep(pauses.pop(0))
+
+
+# every field a state record has; `check` (its checksum) is absent from the records of an earlier runner
+RECORD_FIELDS = frozenset(("state", "generation", "error", "updated", "by", "writer", "over", "check"))
+
+
+def _record_damage(d: Any) -> str | None:
+    """Why a state record's JSON is not what its writer wrote (a flipped byte that left it valid JSON: a retry's
+    generation changed, a cancel turned into a queued...), else None."""
+    if not isinstance(d, dict):
+        return None  # _parse_state says what is wrong with it
+    if not set(d) <= RECORD_FIELDS:
+        return "it has fields no state record has"
+    if "check" in d and d["check"] != storage.json_checksum(d):
+        return "it does not match its checksum"
+    return None
 
 
 def _parse_state(d: Any, name: str, seq: int) -> StateRecord:
@@ -608,6 +628,7 @@ def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) ->
     seq, token, now = read.seq + 1, secrets.token_hex(8), time.time()
     path = folder / record_name(seq)
     body = {**new.as_dict(), "updated": now, "by": by, "writer": token, "over": read.writer}
+    body["check"] = storage.json_checksum(body)
     created = create_exclusive(path, body)
     if not created:  # a transient error after the create landed: the retry finds it ours
         mine = _read_json_or_none(path)
@@ -739,7 +760,7 @@ class Job:
         for sub in FOLDERS:
             if _is_link(path / sub):
                 raise BrokenJob(f"{sub}/ is a symbolic link; runner does not follow links out of the job")
-            if sub != QUARANTINE and storage.kind(path / sub) not in (None, "dir"):
+            if sub in (SHARDS, MARKERS) and storage.kind(path / sub) not in (None, "dir"):  # the results
                 raise BrokenJob(f"{sub}/ is not a folder")
         if not _lexists(path / PROMPTS):
             found = storage.kind(path / PROMPTS)
@@ -1557,6 +1578,16 @@ class RepairReport:
     quarantined: list[tuple[str, str]] = field(default_factory=list)
     done: int = 0
     total: int = 0
+    damaged_by: str | None = (
+        None  # the command the damaged newest record says wrote it (unverified): "retry"...
+    )
+
+
+def _claimed_writer(job_dir: Path, seq: int) -> str | None:
+    """Which command a damaged state record says wrote it, if it still reads as a record of a command."""
+    d = _read_json_or_none(job_dir / STATES / record_name(seq)) if seq else None
+    by = d.get("by") if isinstance(d, dict) else None
+    return by if by in ("cancel", "retry") else None
 
 
 def repair(path: str | os.PathLike) -> RepairReport:
@@ -1565,7 +1596,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
     (completed if every row is done or failed, else queued so `runner work` redoes what is missing)."""
     path = Path(path)
     report = RepairReport()
-    # Job.open refuses a job whose folders are links or files: they go first (what a link points to is left alone)
+    # Job.open refuses a job whose folders are links (or shards/, done/ files): they go first (not what links point to)
     misplaced = {sub: storage.kind(path / sub) for sub in FOLDERS if sub != QUARANTINE}
     misplaced = {sub: kind for sub, kind in misplaced.items() if kind not in (None, "dir")}
     for sub in misplaced:
@@ -1584,6 +1615,8 @@ def repair(path: str | os.PathLike) -> RepairReport:
     except BrokenJob as e:  # the newest record (or an older version's state.json) is damaged or not a file
         read, report.state_was, generation = None, f"broken ({e})", 0
     over = read or StateRecord(seq=_newest_seq_or_zero(job.dir))
+    if read is None:
+        report.damaged_by = _claimed_writer(job.dir, over.seq)
     for name in _wrong_kind(job):
         _move_aside(job.dir, name)
         job.log(f"repair: {name} was not of its kind (a file or a folder); set aside in {QUARANTINE}/")

@@ -20,7 +20,7 @@ import shutil
 import threading
 
 import pytest
-from helpers import write_jsonl
+from helpers import commit_row_error, invoke, newest_state_record, run_until_done, write_jsonl
 from workers import run_runner
 
 import runner
@@ -233,6 +233,31 @@ def test_without_hard_links_a_cancel_filled_while_a_repair_is_about_to_record_st
         "repair",  # the cancel's word, recorded again
     ]
     assert job.state().state is JobState.CANCELLED
+
+
+def test_a_flipped_byte_in_a_retrys_record_is_noticed_and_repair_says_to_retry_again(
+    job, gpt2_engine, monkeypatch
+):
+    """Adversarial pass 16: a byte flipped in the newest record (the retry's generation 1 read 0; valid JSON,
+    same size) was obeyed: `runner work` completed the job at once with the failed rows still failed. Each
+    record now carries its checksum: the job is broken, and repair, which cannot know what the record said,
+    says which command it claims to be so the user runs it again."""
+    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
+    commit_row_error(job, gpt2_engine)
+    assert run_until_done(job, gpt2_engine) and job.state().state is JobState.COMPLETED
+    monkeypatch.delenv("RUNNER_FAULT")
+    assert runner.retry(job.dir) == 1
+    path = newest_state_record(job.dir)
+    data = path.read_bytes()
+    assert data.count(b'"generation": 1') == 1
+    path.write_bytes(data.replace(b'"generation": 1', b'"generation": 0'))
+    status = runner.status(job.dir)
+    assert status.state == "broken" and "does not match its checksum" in status.message
+    out = invoke("repair", job.dir).output
+    assert f"state broken (state/{path.name} is damaged (it does not match its checksum))" in out
+    assert "says it was a `runner retry`" in out and f"run `runner retry {job.dir}` again" in out
+    assert runner.retry(job.dir) == 1  # the user's retry, again: the failed row is computed
+    assert run_until_done(job, gpt2_engine) and runner.read_errors(job.dir) == []
 
 
 def test_a_record_that_names_no_predecessor_never_passes_over_the_one_before(job, monkeypatch):
