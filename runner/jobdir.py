@@ -1584,8 +1584,12 @@ class RepairReport:
 
 
 def _claimed_writer(job_dir: Path, seq: int) -> str | None:
-    """Which command a damaged state record says wrote it, if it still reads as a record of a command."""
-    d = _read_json_or_none(job_dir / STATES / record_name(seq)) if seq else None
+    """Which command a damaged state record says wrote it, if it still reads as a record of a command; "" for
+    an empty one (a writer killed between creating and filling it, where links are missing: any command)."""
+    path = job_dir / STATES / record_name(seq)
+    if seq and storage.kind(path) == "file" and not storage.read_bytes(path):
+        return ""
+    d = _read_json_or_none(path) if seq else None
     by = d.get("by") if isinstance(d, dict) else None
     return by if by in ("cancel", "retry") else None
 

@@ -260,6 +260,17 @@ def test_a_flipped_byte_in_a_retrys_record_is_noticed_and_repair_says_to_retry_a
     assert run_until_done(job, gpt2_engine) and runner.read_errors(job.dir) == []
 
 
+def test_repair_of_an_empty_newest_record_says_a_command_may_not_have_happened(job):
+    """No hard links: `runner cancel` killed between creating its record and filling it leaves it empty; the
+    job is broken, and repair (which cannot know it was a cancel) says that a command did not happen."""
+    runner.cancel(job.dir)
+    runner.retry(job.dir)
+    (job.dir / "state" / "00000003.json").write_bytes(b"")  # the next cancel, killed half way
+    assert runner.status(job.dir).state == "broken"
+    out = invoke("repair", job.dir).output
+    assert "-> queued" in out and "newest state record was empty" in out and "run it again" in out, out
+
+
 def test_a_record_that_names_no_predecessor_never_passes_over_the_one_before(job, monkeypatch):
     """Adversarial pass 14: a runner of this session's earlier commit (records without "over") cancelled over a
     retry frozen right after creating its record: the retry took the missing "over" for "decided without mine",
