@@ -66,6 +66,7 @@ CPU_BATCH_SIZE, GPU_BATCH_SIZE = 64, 64
 CPU_BATCH_TOKENS = 32 * 1024
 MEMORY_SHARE = 0.5  # of the GPU's free memory, for one batch's KV cache or activations
 MIN_BATCH_TOKENS = 1024
+FREE_GRAIN = 1 << 30  # free GPU memory counts in whole GiB: the few MiB a CUDA context varies by change no plan
 
 
 def default_batch_size(engine: Any, batch_size: int | None = None) -> int:
@@ -77,13 +78,25 @@ def default_batch_size(engine: Any, batch_size: int | None = None) -> int:
 
 def default_batch_tokens(engine: Any, kind: str = "generate") -> int:
     """Token budget per batch when none is given: a fixed size on CPU, where memory is rarely the limit; on a
-    GPU, what `MEMORY_SHARE` of its free memory holds (`tokens_in_memory`)."""
-    import torch
-
+    GPU, what `MEMORY_SHARE` of its free memory holds (`tokens_in_memory`, `free_memory`)."""
     if engine.device.type != "cuda":
         return CPU_BATCH_TOKENS
-    free, _ = torch.cuda.mem_get_info(engine.device)
-    return tokens_in_memory(engine.model.config, engine.dtype, free, kind)
+    return tokens_in_memory(engine.model.config, engine.dtype, free_memory(engine), kind)
+
+
+def free_memory(engine: Any) -> int:
+    """The GPU memory that was free when the engine planned its first batch, before any ran, rounded down to
+    `FREE_GRAIN`. Every later plan takes the same figure: free memory read before each unit would shrink by
+    what torch's caching allocator keeps between batches, so a unit planned after a resume (fresh process, more
+    free) would batch its rows with other companions than the uninterrupted run did, and its log-probs would
+    differ in the last digits. On the same kind of GPU and model, a resumed run plans as the first one did."""
+    free = getattr(engine, "_free_at_start", None)
+    if free is None:
+        import torch
+
+        free = torch.cuda.mem_get_info(engine.device)[0] // FREE_GRAIN * FREE_GRAIN
+        engine._free_at_start = free
+    return free
 
 
 def tokens_in_memory(config: Any, dtype: Any, free_bytes: int, kind: str) -> int:
