@@ -66,9 +66,8 @@ CPU_BATCH_SIZE, GPU_BATCH_SIZE = 64, 64
 CPU_BATCH_TOKENS = 32 * 1024
 MEMORY_SHARE = 0.5  # of the GPU's free memory, for one batch's KV cache or activations
 MIN_BATCH_TOKENS = 1024
-FREE_GRAIN = (
-    1 << 30
-)  # free GPU memory counts in whole GiB: the few MiB a CUDA context varies by change no plan
+# free GPU memory counts in whole GiB: the few MiB a CUDA context varies by change no plan
+FREE_GRAIN = 1 << 30
 
 
 def default_batch_size(engine: Any, batch_size: int | None = None) -> int:

@@ -256,9 +256,8 @@ def test_gpu_token_budgets_from_free_memory_for_generation_and_for_scoring(monke
     assert batching.tokens_in_memory(cfg, torch.float32, free, "score") == int(0.5 * free / act)
     assert batching.tokens_in_memory(cfg, torch.float32, 1000, "score") == batching.MIN_BATCH_TOKENS
 
-    readings = iter(
-        [free + 5 * 2**20, free - 3 * 2**30, free - 6 * 2**30]
-    )  # the caching allocator keeps more
+    # the first reading, then less and less free: what the caching allocator keeps between batches
+    readings = iter([free + 5 * 2**20, free - 3 * 2**30, free - 6 * 2**30])
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (next(readings), 80 * 2**30))
     gpu = SimpleNamespace(
         device=torch.device("cuda"), model=SimpleNamespace(config=cfg), dtype=torch.bfloat16
