@@ -538,6 +538,7 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device)
                               shard_seconds=shard_minutes * 60, stop=stop, echo=_echo, device=device,
                               on_failed=failed.append)  # fmt: skip
     if not summaries and not failed:
+        _say_lost_rows(home, job_ref)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else ""))
     elif not all(s.finished or s.others for s in summaries):
         _echo("stopped; run `runner work` again to carry on")
@@ -546,6 +547,20 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device)
     if failed:  # `runner work && next-step` must not go on as if all went well
         raise RunnerError(f"{len(failed)} job(s) failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
                           f"says why; {_after_failure(failed)})")  # fmt: skip
+
+
+def _say_lost_rows(home: Any, job_ref: str | None) -> None:
+    """Before "nothing to do": the completed jobs whose results no longer all verify (a shard damaged since),
+    which `runner work` leaves alone until `runner repair` re-queues their missing rows."""
+    from . import api
+
+    try:
+        found = api.status(job_ref, home) if job_ref else api.status(home=home)
+    except RunnerError:
+        return  # the work loop said what it could not read
+    for s in found if isinstance(found, list) else [found]:
+        if s.state == "broken" and (s.message or "").startswith("completed, but"):
+            _echo(f"job {s.id} {s.message}")
 
 
 def _after_failure(failed: list[Any]) -> str:

@@ -449,3 +449,18 @@ def test_the_partial_results_warning_is_said_only_when_rows_are_missing(tmp_path
         warnings.simplefilter("always")
         assert len(runner.load_results(out)) == 2
     assert not [w for w in seen if "results (the rest" in str(w.message)], [str(w.message) for w in seen]
+
+
+def test_work_with_nothing_to_do_names_a_completed_job_that_lost_rows(prompts, tiny_gpt2, runner_home):
+    """A completed job whose shard was lost since: `runner work` leaves it to `runner repair` (its rows are not
+    queued), but says so instead of a bare "nothing to do" (adversarial pass 16)."""
+    import shutil
+
+    job_id = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
+    assert invoke("work").exit_code == 0
+    shutil.rmtree(runner_home / job_id / "shards")
+    said = invoke("work").stderr
+    assert f"job {job_id} completed, but 2 result row(s) are missing" in said and "runner repair" in said
+    assert "nothing to do" in said
+    assert invoke("repair", job_id).exit_code == 0
+    assert f"job {job_id} completed: 2/2 rows" in invoke("work").stderr
