@@ -1744,12 +1744,15 @@ def _move_aside(job_dir: Path, name: str) -> None:
 
 def _last_generation(job: Job) -> int:
     """The retry generation of a job whose newest state record is damaged, as far as its other files still
-    tell: the newest one its older records, its commits and an older version's files were written under."""
+    tell: the newest one its older records, its commits and an older version's files were written under. A
+    record that fails its checksum counts for nothing: a flipped digit there would retry rows nobody retried
+    (or drop a retry: repair then says which command the record claims to be, to run again)."""
     gens = [c.marker.get("generation", 0) for c in read_ledger(job, generation=0).commits]
     records = [f"{STATES}/{record_name(seq)}" for seq in _record_seqs(job.dir)]
     for name in [*records, STATE_FILE, COMPLETED_FILE]:
         record = _read_json_or_none(job.dir / name) if storage.kind(job.dir / name) == "file" else None
-        gens.append(record.get("generation", 0) if isinstance(record, dict) else 0)
+        damaged = name in records and _record_damage(record) is not None  # its generation may be the flip
+        gens.append(record.get("generation", 0) if isinstance(record, dict) and not damaged else 0)
     return max((g for g in gens if type(g) is int and g >= 0), default=0)
 
 

@@ -260,6 +260,23 @@ def test_a_flipped_byte_in_a_retrys_record_is_noticed_and_repair_says_to_retry_a
     assert run_until_done(job, gpt2_engine) and runner.read_errors(job.dir) == []
 
 
+def test_a_flipped_generation_in_a_completion_retries_no_row_through_repair(job, gpt2_engine, monkeypatch):
+    """Adversarial pass 17: a job completed with a row error; a byte flipped in its completion record
+    ("generation": 0 -> 1). Repair took that generation as its floor, so the row error stopped counting and the
+    job went back to work: a retry nobody asked for. A record failing its checksum now counts for nothing."""
+    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
+    commit_row_error(job, gpt2_engine)
+    assert run_until_done(job, gpt2_engine) and job.state().state is JobState.COMPLETED
+    monkeypatch.delenv("RUNNER_FAULT")
+    before = (runner.status(job.dir).done, len(runner.read_errors(job.dir)))
+    path = newest_state_record(job.dir)
+    path.write_bytes(path.read_bytes().replace(b'"generation": 0', b'"generation": 1'))
+    assert runner.status(job.dir).state == "broken"
+    report = runner.repair(job.dir)
+    assert (report.state_now, job.state().generation) == ("completed", 0)
+    assert (runner.status(job.dir).done, len(runner.read_errors(job.dir))) == before
+
+
 def test_repair_of_an_empty_newest_record_says_a_command_may_not_have_happened(job):
     """No hard links: `runner cancel` killed between creating its record and filling it leaves it empty; the
     job is broken, and repair (which cannot know it was a cancel) says that a command did not happen."""
