@@ -875,8 +875,8 @@ def repair(ctx: click.Context, job_ref: str) -> None:
     _echo(f"state {r.state_was} -> {r.state_now}; {r.done:,}/{r.total:,} rows verified"
           + ("; run `runner work` to compute the rest" if r.state_now == "queued" else ""))  # fmt: skip
     if r.damaged_by == "":
-        _echo("its newest state record was empty: a command killed while writing it (`runner cancel` or `runner "
-              "retry`) did not happen; if you ran one, run it again")  # fmt: skip
+        _echo("its newest state record was empty: a change killed while it was written did not happen; if you "
+              "ran `runner cancel` or `runner retry` just then, run it again")  # fmt: skip
     elif r.damaged_by:
         _echo(f"its damaged newest state record says it was a `runner {r.damaged_by}`; what it recorded is "
               f"unknown, so it no longer counts: if you ran one, run `runner {r.damaged_by} {job_ref}` again")  # fmt: skip

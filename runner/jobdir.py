@@ -760,7 +760,8 @@ class Job:
         for sub in FOLDERS:
             if _is_link(path / sub):
                 raise BrokenJob(f"{sub}/ is a symbolic link; runner does not follow links out of the job")
-            if sub in (SHARDS, MARKERS) and storage.kind(path / sub) not in (None, "dir"):  # the results
+            results = sub in (SHARDS, MARKERS, CLAIMS)  # (claims/: the seals say which commits count)
+            if results and storage.kind(path / sub) not in (None, "dir"):
                 raise BrokenJob(f"{sub}/ is not a folder")
         if not _lexists(path / PROMPTS):
             found = storage.kind(path / PROMPTS)
@@ -1600,7 +1601,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
     (completed if every row is done or failed, else queued so `runner work` redoes what is missing)."""
     path = Path(path)
     report = RepairReport()
-    # Job.open refuses a job whose folders are links (or shards/, done/ files): they go first (not what links point to)
+    # Job.open refuses a job whose folders are links (or shards/, done/, claims/ files): they go first
     misplaced = {sub: storage.kind(path / sub) for sub in FOLDERS if sub != QUARANTINE}
     misplaced = {sub: kind for sub, kind in misplaced.items() if kind not in (None, "dir")}
     for sub in misplaced:
@@ -1643,6 +1644,8 @@ def repair(path: str | os.PathLike) -> RepairReport:
     wanted = StateRecord(final, generation, error)
     must_write = report.state_was.startswith("broken") or bool(report.quarantined)
     now = _settle_state(job, wanted, read or over, must_write, broken_top=read is None)
+    if report.damaged_by == "" and _reads(job.dir, over.seq):
+        report.damaged_by = None  # filled since by its slow writer: its word stood
     report.state_now, report.done, report.total = now.state.value, progress.done, progress.total
     # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
     # and one deleted under it would stop it with a false "cannot be written" when it wakes.

@@ -344,7 +344,7 @@ def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
     assert summary.finished and summary.generated == 2 and summary.errors == 0
 
 
-@pytest.mark.parametrize("folder", ["done", "shards"])
+@pytest.mark.parametrize("folder", ["done", "shards", "claims"])
 def test_a_file_where_a_job_folder_belongs_breaks_the_job_until_repaired(
     job, reference, gpt2_engine, runner_home, folder
 ):

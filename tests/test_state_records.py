@@ -224,9 +224,10 @@ def test_without_hard_links_a_cancel_filled_while_a_repair_is_about_to_record_st
     cancel.start()
     frozen.wait()
     assert runner.status(job.dir).state == "broken"
-    jobdir.repair(job.dir)
+    report = jobdir.repair(job.dir)
     monkeypatch.undo()
     assert said == ["queued"]  # the cancel said it cancelled a queued job
+    assert report.damaged_by is None  # the cancel's word stood: repair tells no one to cancel again
     assert [json.loads(p.read_text())["by"] for p in sorted((job.dir / "state").glob("*.json"))] == [
         "cancel",
         "repair",  # decided without the cancel
