@@ -278,6 +278,23 @@ def test_a_flipped_generation_in_a_completion_retries_no_row_through_repair(job,
     assert (runner.status(job.dir).done, len(runner.read_errors(job.dir))) == before
 
 
+def test_a_flipped_generation_in_an_older_record_retries_no_row_through_repair(job, gpt2_engine, monkeypatch):
+    """Adversarial pass 17: cancel, retry, then the job completed with a row error; a byte flipped in the oldest
+    record (the cancel's "generation": 0 -> 2), which nothing reads but repair. Any later `runner repair` took it
+    as its floor and re-queued the job: the row error was cleared and its row computed, unasked."""
+    runner.cancel(job.dir)
+    runner.retry(job.dir)
+    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
+    commit_row_error(job, gpt2_engine)
+    assert run_until_done(job, gpt2_engine) and job.state().generation == 1
+    monkeypatch.delenv("RUNNER_FAULT")
+    oldest = job.dir / "state" / "00000001.json"
+    oldest.write_bytes(oldest.read_bytes().replace(b'"generation": 0', b'"generation": 2'))
+    assert runner.status(job.dir).state == "completed"  # the newest record reads: nothing to see yet
+    assert runner.repair(job.dir).state_now == "completed" and job.state().generation == 1
+    assert len(runner.read_errors(job.dir)) == 1
+
+
 def test_repair_of_an_empty_newest_record_says_a_command_may_not_have_happened(job):
     """No hard links: `runner cancel` killed between creating its record and filling it leaves it empty; the
     job is broken, and repair (which cannot know it was a cancel) says that a command did not happen."""
