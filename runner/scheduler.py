@@ -282,9 +282,16 @@ def work(
                 on_failed(cand.job)
             continue
         summaries.append(summary)
-        if once or (summary.stopped and cand.job.state().state is not JobState.CANCELLED):
+        if once or (summary.stopped and not _cancelled(cand.job)):
             break
     return summaries
+
+
+def _cancelled(job: Job) -> bool:
+    try:
+        return job.state().state is JobState.CANCELLED
+    except RunnerError:  # broken: said when the queue is looked at again
+        return False
 
 
 def _failed(job: Job) -> bool:
@@ -419,7 +426,12 @@ def _settle_failure(j: Job, read: jobdir.StateRecord, e: RunnerError, echo: Any)
 
 def _settle(j: Job, summary: RunSummary, echo: Any) -> RunSummary:
     """What the run's end means, said once: completed, cancelled, others still on it, or stopped."""
-    state = j.state().state
+    try:
+        state = j.state().state
+    except BrokenJob as e:  # damaged since, or another worker's record not filled yet (no hard links)
+        if echo:
+            echo(_broken_line(j.id, j.dir, e, e.repairable))
+        return summary
     if echo and state is JobState.CANCELLED:
         echo(f"job {j.id} was cancelled; its finished rows are kept (`runner retry {j.dir}` resumes it)")
     elif echo and summary.finished:

@@ -295,6 +295,26 @@ def test_a_flipped_generation_in_an_older_record_retries_no_row_through_repair(j
     assert len(runner.read_errors(job.dir)) == 1
 
 
+def test_a_worker_that_finds_the_state_unreadable_after_its_run_says_so_and_goes_on(
+    job, gpt2_engine, runner_home, monkeypatch
+):
+    """No hard links: another worker's record, created and not yet filled (that worker frozen), is the newest
+    when this worker looks at the state after its run: it says the job is broken, named, instead of ending
+    `runner work` with a bare "state/00000002.json is damaged" (adversarial pass 17)."""
+    real = scheduler.run_job
+
+    def run_job(j, *a, **k):
+        summary = real(j, *a, **k)
+        (j.dir / "state" / jobdir.record_name(jobdir.newest_state_seq(j.dir) + 1)).write_bytes(b"")
+        return summary
+
+    monkeypatch.setattr(scheduler, "run_job", run_job)
+    said = []
+    summaries = scheduler.work(runner_home, engine=gpt2_engine, echo=said.append, once=True)
+    assert [s.job_id for s in summaries] == [job.id] and summaries[0].finished
+    assert any(f"job {job.id} is broken" in line and "runner repair" in line for line in said), said
+
+
 def test_repair_of_an_empty_newest_record_says_a_command_may_not_have_happened(job):
     """No hard links: `runner cancel` killed between creating its record and filling it leaves it empty; the
     job is broken, and repair (which cannot know it was a cancel) says that a command did not happen."""
