@@ -1579,19 +1579,23 @@ class RepairReport:
     quarantined: list[tuple[str, str]] = field(default_factory=list)
     done: int = 0
     total: int = 0
-    damaged_by: str | None = (
-        None  # the command the damaged newest record says wrote it (unverified): "retry"...
-    )
+    # the command the damaged newest record says wrote it (unverified): "retry", "cancel"; "" for an empty one
+    damaged_by: str | None = None
 
 
 def _claimed_writer(job_dir: Path, seq: int) -> str | None:
     """Which command a damaged state record says wrote it, if it still reads as a record of a command; "" for
     an empty one (a writer killed between creating and filling it, where links are missing: any command)."""
     path = job_dir / STATES / record_name(seq)
-    if seq and storage.kind(path) == "file" and not storage.read_bytes(path):
+    if not seq or storage.kind(path) != "file":
+        return None
+    data = storage.read_bytes(path)
+    if not data:
         return ""
-    d = _read_json_or_none(path) if seq else None
-    by = d.get("by") if isinstance(d, dict) else None
+    try:
+        by = json.loads(data).get("by")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        return None
     return by if by in ("cancel", "retry") else None
 
 
@@ -1695,9 +1699,10 @@ def _late_word(job: Job, ours: StateRecord, top: int) -> StateRecord:
     frozen between creating and filling it (no hard links) and may have said it was done before `ours` existed
     (a cancel, a retry): its word stands, recorded again over ours (a completion only while the job is
     complete; a writer that has decided again over ours meanwhile stands instead)."""
-    if not _reads(job.dir, top):
+    try:
+        late = _read_record(job.dir, top, wait=False)
+    except BrokenJob:  # still empty or damaged: nobody's word
         return ours
-    late = _read_record(job.dir, top, wait=False)
     if late.state is JobState.COMPLETED and not job_progress(job).complete:
         return ours
     again = StateRecord(late.state, max(late.generation, ours.generation), late.error)

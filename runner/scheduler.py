@@ -278,26 +278,19 @@ def work(
             continue
         if summary is None:
             failed.add(cand.job.id)
-            if on_failed is not None and _failed(cand.job):
+            if on_failed is not None and _now_in(cand.job, JobState.FAILED):
                 on_failed(cand.job)
             continue
         summaries.append(summary)
-        if once or (summary.stopped and not _cancelled(cand.job)):
+        if once or (summary.stopped and not _now_in(cand.job, JobState.CANCELLED)):
             break
     return summaries
 
 
-def _cancelled(job: Job) -> bool:
+def _now_in(job: Job, state: JobState) -> bool:
+    """The job reads `state` now (a broken job reads none: that is said when the queue is looked at again)."""
     try:
-        return job.state().state is JobState.CANCELLED
-    except RunnerError:  # broken: said when the queue is looked at again
-        return False
-
-
-def _failed(job: Job) -> bool:
-    """The job is failed now (a job that did not run because it is broken is not)."""
-    try:
-        return job.state().state is JobState.FAILED
+        return job.state().state is state
     except RunnerError:
         return False
 

@@ -56,6 +56,15 @@ def as_older_version(job, state: str, generation: int) -> None:
     (job.dir / "state.json").write_text(json.dumps(record))
 
 
+def completed_with_a_row_error(job, engine, monkeypatch):
+    """Run the job to its end with row r1 failing (a row error, committed), as `runner work` does; the summary."""
+    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
+    commit_row_error(job, engine)
+    summary = run_until_done(job, engine)
+    monkeypatch.delenv("RUNNER_FAULT")
+    return summary
+
+
 def records(job) -> list[tuple[str, int]]:
     return [(p.name, p.stat().st_size) for p in sorted((job.dir / "state").glob("*.json"))]
 
@@ -243,10 +252,8 @@ def test_a_flipped_byte_in_a_retrys_record_is_noticed_and_repair_says_to_retry_a
     same size) was obeyed: `runner work` completed the job at once with the failed rows still failed. Each
     record now carries its checksum: the job is broken, and repair, which cannot know what the record said,
     says which command it claims to be so the user runs it again."""
-    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
-    commit_row_error(job, gpt2_engine)
-    assert run_until_done(job, gpt2_engine) and job.state().state is JobState.COMPLETED
-    monkeypatch.delenv("RUNNER_FAULT")
+    assert completed_with_a_row_error(job, gpt2_engine, monkeypatch)
+    assert job.state().state is JobState.COMPLETED
     assert runner.retry(job.dir) == 1
     path = newest_state_record(job.dir)
     data = path.read_bytes()
@@ -265,10 +272,8 @@ def test_a_flipped_generation_in_a_completion_retries_no_row_through_repair(job,
     """Adversarial pass 17: a job completed with a row error; a byte flipped in its completion record
     ("generation": 0 -> 1). Repair took that generation as its floor, so the row error stopped counting and the
     job went back to work: a retry nobody asked for. A record failing its checksum now counts for nothing."""
-    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
-    commit_row_error(job, gpt2_engine)
-    assert run_until_done(job, gpt2_engine) and job.state().state is JobState.COMPLETED
-    monkeypatch.delenv("RUNNER_FAULT")
+    assert completed_with_a_row_error(job, gpt2_engine, monkeypatch)
+    assert job.state().state is JobState.COMPLETED
     before = (runner.status(job.dir).done, len(runner.read_errors(job.dir)))
     path = newest_state_record(job.dir)
     path.write_bytes(path.read_bytes().replace(b'"generation": 0', b'"generation": 1'))
@@ -284,10 +289,7 @@ def test_a_flipped_generation_in_an_older_record_retries_no_row_through_repair(j
     as its floor and re-queued the job: the row error was cleared and its row computed, unasked."""
     runner.cancel(job.dir)
     runner.retry(job.dir)
-    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
-    commit_row_error(job, gpt2_engine)
-    assert run_until_done(job, gpt2_engine) and job.state().generation == 1
-    monkeypatch.delenv("RUNNER_FAULT")
+    assert completed_with_a_row_error(job, gpt2_engine, monkeypatch) and job.state().generation == 1
     oldest = job.dir / "state" / "00000001.json"
     oldest.write_bytes(oldest.read_bytes().replace(b'"generation": 0', b'"generation": 2'))
     assert runner.status(job.dir).state == "completed"  # the newest record reads: nothing to see yet
