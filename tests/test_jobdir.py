@@ -348,7 +348,7 @@ def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
 def test_a_file_where_a_job_folder_belongs_breaks_the_job_until_repaired(
     job, reference, gpt2_engine, runner_home, folder
 ):
-    """done/ or shards/ replaced by a file (a sync client's doing) on a completed job: every command says the job
+    """done/, shards/ or claims/ replaced by a file (a sync client's doing) on a completed job: every command says the job
     is broken and names `runner repair` (not "nothing to do", not a bare "Not a directory"); repair sets the file
     aside and `runner work` computes what is missing, exactly once."""
     assert run_job(job, gpt2_engine, echo=None).finished
@@ -399,10 +399,8 @@ def test_damaged_metadata_breaks_only_its_job(
         meta = json.loads((job.dir / file).read_text())
         meta["seed"] += 1
         content = json.dumps(meta)
-    elif content in (
-        "GENERATION",
-        "FIELD",
-    ):  # a retry's generation changed; a key's name changed (no checksum)
+    # a retry's generation changed; a key's name changed (no checksum then)
+    elif content in ("GENERATION", "FIELD"):
         record = json.loads((job.dir / file).read_text())
         record["generation"] += 1
         if content == "FIELD":
