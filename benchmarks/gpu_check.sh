@@ -82,6 +82,7 @@ export RUNNER_CACHE=${RUNNER_CACHE:-${TMPDIR:-/tmp}/runner-gpu-check-cache}
 "$PY" - "$DEVICE" <<'EOF'
 import sys, torch, transformers
 from runner.versions import check_transformers
+from runner.models import pick_dtype
 dev = sys.argv[1]
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")
 check_transformers()
@@ -90,7 +91,7 @@ if dev.startswith("cuda"):
         sys.exit("gpu_check: torch sees no CUDA device (use --device cpu for a dry run)")
     p = torch.cuda.get_device_properties(0)
     print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, "
-          f"bf16 {torch.cuda.is_bf16_supported()}")
+          f"auto dtype {pick_dtype('auto', torch.device(dev))}")
 EOF
 
 echo "== tests on $DEVICE"

@@ -130,14 +130,17 @@ def pick_device(option: str) -> Any:
 
 
 def pick_dtype(option: str, device: Any) -> Any:
-    """auto: float32 on CPU (half precision is slow and inexact there), bfloat16 on GPUs that have it
-    (Ampere and newer), float16 on older ones such as Colab's T4."""
+    """auto: float32 on CPU (half precision is slow and inexact there), bfloat16 on GPUs that have it in
+    hardware (compute capability 8.0 and newer: A100, L4, H100; and ROCm), float16 on older ones such as
+    Colab's T4 (7.5). Not `torch.cuda.is_bf16_supported()`: it says yes on a T4 too (bfloat16 emulated,
+    without its tensor cores) and asks about the current device, not `device`."""
     import torch
 
     if option != "auto":
         return getattr(torch, option)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native = bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if native else torch.float16
     return torch.float32
 
 

@@ -167,3 +167,27 @@ def test_a_weights_file_that_is_not_one_is_a_model_error(tmp_path, tiny_gpt2):
     (model / "model.safetensors").write_bytes(b"not a safetensors file" * 64)
     with pytest.raises(ModelLoadError, match="cannot load model"):
         Engine(str(model))
+
+
+@pytest.mark.parametrize(
+    ("capability", "hip", "expected"),
+    [
+        ((7, 5), None, "float16"),
+        ((8, 0), None, "bfloat16"),
+        ((9, 0), None, "bfloat16"),
+        ((7, 5), "6.2", "bfloat16"),
+    ],
+)
+def test_auto_dtype_is_bfloat16_only_where_the_gpu_has_it_in_hardware(capability, hip, expected, monkeypatch):
+    """A Colab T4 (7.5) gets float16: torch.cuda.is_bf16_supported() says yes there too (emulated, slow), and the
+    capability asked about is the engine's device's, not the current device's."""
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 answers
+    monkeypatch.setattr(torch.version, "hip", hip)
+    assert models.pick_dtype("auto", torch.device("cuda:1")) == getattr(torch, expected)
+    assert asked in ([torch.device("cuda:1")], [])
+    assert models.pick_dtype("float32", torch.device("cuda:1")) == torch.float32
+    assert models.pick_dtype("auto", torch.device("cpu")) == torch.float32
