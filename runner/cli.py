@@ -559,7 +559,7 @@ def _say_lost_rows(home: Any, job_ref: str | None) -> None:
     except RunnerError:
         return  # the work loop said what it could not read
     for s in found if isinstance(found, list) else [found]:
-        if s.state == "broken" and (s.message or "").startswith("completed, but"):
+        if s.missing:
             _echo(f"job {s.id} {s.message}")
 
 

@@ -37,6 +37,9 @@ class JobStatus:
     folder: str = ""
     # Highest peak memory of any run or live worker: GPU memory allocated on CUDA, resident set size on CPU.
     peak_memory_bytes: int | None = None
+    # A completed job's result rows that are missing or fail verification since (a shard lost or damaged):
+    # it shows as broken until `runner repair` re-queues them.
+    missing: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +69,7 @@ def job_status(job: Job) -> JobStatus:
         if not e.damaged:
             raise
         return broken_status(job.dir, f"its folder is damaged: {e}", job)  # a file where claims/ belongs...
-    name, message = state.state.value, state.error
+    name, message, missing = state.state.value, state.error, 0
     if state.state is JobState.QUEUED:
         name = "running" if progress.live else ("queued (interrupted)" if progress.started else "queued")
     if state.state is JobState.COMPLETED and not progress.complete:
@@ -90,7 +93,7 @@ def job_status(job: Job) -> JobStatus:
         id=job.id, name=job.name, state=name, done=progress.done, total=progress.total, errors=progress.failed,
         invalid=int(job.meta.get("input", {}).get("invalid", 0) or 0), tokens_per_second=tps, eta_seconds=eta,
         model=job.spec.model, created=job.spec.created, worker=workers[0]["worker"] if workers else None,
-        message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak,
+        message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak, missing=missing,
     )  # fmt: skip
 
 

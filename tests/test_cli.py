@@ -462,5 +462,7 @@ def test_work_with_nothing_to_do_names_a_completed_job_that_lost_rows(prompts, t
     said = invoke("work").stderr
     assert f"job {job_id} completed, but 2 result row(s) are missing" in said and "runner repair" in said
     assert "nothing to do" in said
+    status = json.loads(invoke("status", job_id, "--json").stdout)
+    assert (status["state"], status["missing"]) == ("broken", 2)
     assert invoke("repair", job_id).exit_code == 0
     assert f"job {job_id} completed: 2/2 rows" in invoke("work").stderr
