@@ -61,6 +61,9 @@ def broken_status(path: Path, reason: str, job: Job | None = None, repairable: b
 def job_status(job: Job) -> JobStatus:
     try:
         state = job.state()
+        if job.misplaced and state.state is JobState.QUEUED:  # a file where inflight/ or workers/ belongs
+            why = f"{job.misplaced[0]}/ is not a folder (no worker can run the job)"
+            return broken_status(job.dir, why, job)
         ledger = jobdir.read_ledger(job)
         progress = jobdir.job_progress(job, ledger)
     except BrokenJob as e:

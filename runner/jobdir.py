@@ -738,6 +738,7 @@ class Job:
     def __init__(self, path: str | os.PathLike, spec: JobSpec):
         self.dir = Path(path)
         self.spec = spec
+        self.misplaced: tuple[str, ...] = ()  # its folders that were not folders when opened (inflight/...)
 
     def __fspath__(self) -> str:
         """A Job stands for its folder wherever a path or job reference is taken (`runner.load_results(job)`)."""
@@ -748,8 +749,10 @@ class Job:
         path = Path(path)
         if _is_link(path):
             raise BrokenJob(f"{path} is a symbolic link; runner does not follow links")
-        if not _lexists(path / JOB_FILE):
-            if _lexists(path / JOB_BACKUP):
+        kinds = storage.kinds(path)  # one listing of the folder, not a stat per name
+        there = ("file", "dir")
+        if kinds.get(JOB_FILE) not in there:
+            if kinds.get(JOB_BACKUP) in there:
                 raise BrokenJob("job.json is missing (`runner repair` restores it from job.backup.json)")
             raise RunnerError(f"{path} is not a runner job folder (no {JOB_FILE})")
         try:
@@ -758,18 +761,20 @@ class Job:
             raise _damaged_spec(path, f"job.json is damaged ({e})") from None
         spec = JobSpec.parse(meta)
         for sub in FOLDERS:
-            if _is_link(path / sub):
+            if kinds.get(sub) == "link":
                 raise BrokenJob(f"{sub}/ is a symbolic link; runner does not follow links out of the job")
-            results = sub in (SHARDS, MARKERS, CLAIMS)  # (claims/: the seals say which commits count)
-            if results and storage.kind(path / sub) not in (None, "dir"):
+        # not a folder where one belongs (repair sets it aside): the results' folders (claims/: the seals say which
+        # commits count) break every command; the others are named by the commands that use them (`misplaced`)
+        misplaced = tuple(sub for sub in FOLDERS if sub != QUARANTINE and kinds.get(sub) not in (None, "dir"))
+        for sub in misplaced:
+            if sub in (SHARDS, MARKERS, CLAIMS):
                 raise BrokenJob(f"{sub}/ is not a folder")
-        if not _lexists(path / PROMPTS):
-            found = storage.kind(path / PROMPTS)
-            why = {None: "is missing", "dir": "is a folder", "link": "is a link"}.get(
-                found, "is not a plain file"
-            )
+        if kinds.get(PROMPTS) not in there:
+            why = {None: "is missing", "link": "is a link"}.get(kinds.get(PROMPTS), "is not a plain file")
             raise BrokenJob(f"prompts.parquet {why}; submit the file again", repairable=False)
-        return cls(path, spec)
+        job = cls(path, spec)
+        job.misplaced = misplaced
+        return job
 
     # the spec, for callers that read it through the job
     id = property(lambda self: self.spec.id)

@@ -239,6 +239,31 @@ def kind(path: str | os.PathLike) -> str | None:
     return retry(op, f"read {path}")
 
 
+def kinds(folder: str | os.PathLike) -> dict[str, str]:
+    """What each name in `folder` is, as `kind` says it, from one listing (not a stat per name: each is a
+    round trip on a network mount); {} when there is no such folder. Transient errors are retried."""
+
+    def of(entry: os.DirEntry) -> str:
+        if entry.is_symlink():
+            return "link"
+        return (
+            "file"
+            if entry.is_file(follow_symlinks=False)
+            else "dir"
+            if entry.is_dir(follow_symlinks=False)
+            else "other"
+        )
+
+    def op() -> dict[str, str]:
+        try:
+            with os.scandir(folder) as it:
+                return {e.name: of(e) for e in it}
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+
+    return retry(op, f"list {folder}")
+
+
 def remove(path: str | os.PathLike) -> None:
     """Delete a file if it exists."""
     retry(lambda: Path(path).unlink(missing_ok=True), f"delete {path}")

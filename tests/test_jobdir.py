@@ -344,12 +344,22 @@ def test_retry_clears_row_errors_by_generation(job, gpt2_engine, monkeypatch):
     assert summary.finished and summary.generated == 2 and summary.errors == 0
 
 
-@pytest.mark.parametrize("folder", ["done", "shards", "claims"])
+def test_opening_a_job_lists_its_folder_once_instead_of_a_stat_per_name(job, monkeypatch):
+    """`runner status` opens every job of the home, on a network mount (Drive) where each stat is a round trip."""
+    calls = []
+    for name in ("lstat", "stat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, real=real, **k: calls.append(a[0]) or real(*a, **k))
+    jobdir.Job.open(job.dir)
+    assert len(calls) <= 2, calls  # the folder itself (a link is refused) and job.json as it is read
+
+
+@pytest.mark.parametrize("folder", ["done", "shards", "claims", "state"])
 def test_a_file_where_a_job_folder_belongs_breaks_the_job_until_repaired(
     job, reference, gpt2_engine, runner_home, folder
 ):
-    """done/, shards/ or claims/ replaced by a file (a sync client's doing) on a completed job: every command says the job
-    is broken and names `runner repair` (not "nothing to do", not a bare "Not a directory"); repair sets the file
+    """One of the job's folders replaced by a file (a sync client's doing) on a completed job: every command says the
+    job is broken and names `runner repair` (not "nothing to do", not a bare "Not a directory"); repair sets the file
     aside and `runner work` computes what is missing, exactly once."""
     assert run_job(job, gpt2_engine, echo=None).finished
     shutil.rmtree(job.dir / folder)
@@ -365,6 +375,33 @@ def test_a_file_where_a_job_folder_belongs_breaks_the_job_until_repaired(
     assert any(p.name.endswith(f"-{folder}") for p in (job.dir / "quarantine").iterdir())
     runner.work(runner_home, echo=None, engine=gpt2_engine)
     assert_exactly_once(job.dir, reference[1])
+
+
+@pytest.mark.parametrize("folder", ["inflight", "workers"])
+def test_a_file_where_a_workers_folder_belongs_breaks_an_unfinished_job_until_repaired(
+    job, reference, gpt2_engine, runner_home, folder
+):
+    """inflight/ or workers/ replaced by a file on an interrupted job: `runner status` says broken, naming it and
+    `runner repair` (it said "queued (interrupted)" while no worker could run the job); the rows done still read;
+    a completed job does not need inflight/."""
+    run_job(job, gpt2_engine, echo=None, should_stop=stop_after(1), shard_rows=1)
+    shutil.rmtree(job.dir / folder, ignore_errors=True)
+    (job.dir / folder).write_text("not a folder")
+    status = runner.status(job.dir)
+    assert status.state == "broken" and f"{folder}/ is not a folder" in status.message
+    assert f"runner repair {job.dir}" in status.message
+    said = []
+    assert runner.work(runner_home, echo=said.append, engine=gpt2_engine) == []
+    assert any("is broken" in line and f"runner repair {job.dir}" in line for line in said), said
+    with pytest.warns(UserWarning, match=f"{folder}/ is not a folder.*these are"):
+        assert 0 < len(runner.load_results(job.dir)) < len(reference[1])
+    assert runner.repair(job.dir).state_now == "queued" and not (job.dir / folder).is_file()
+    runner.work(runner_home, echo=None, engine=gpt2_engine)
+    assert_exactly_once(job.dir, reference[1])
+    (job.dir / folder).rename(job.dir / "set-aside")
+    (job.dir / folder).write_text("not a folder")
+    # (workers/ as a file on a completed job still reads as damaged: its live workers cannot be listed)
+    assert runner.status(job.dir).state == ("completed" if folder == "inflight" else "broken")
 
 
 @pytest.mark.parametrize(

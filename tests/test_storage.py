@@ -89,3 +89,16 @@ def test_read_lines_resumes_at_its_offset_after_a_transient_error(tmp_path, monk
     monkeypatch.setattr(storage, "open", flaky, raising=False)
     lines = list(storage.read_lines(path, size=7))
     assert lines == [f'{{"line": {i}}}' for i in range(50)] + ['{"torn'] and len(opens) > 100
+
+
+def test_kinds_names_what_each_entry_is_from_one_listing(tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "l").symlink_to(tmp_path / "d")
+    os.mkfifo(tmp_path / "p")
+    stats = []
+    real = os.lstat
+    monkeypatch.setattr(os, "lstat", lambda *a, **k: stats.append(a) or real(*a, **k))
+    assert storage.kinds(tmp_path) == {"f": "file", "d": "dir", "l": "link", "p": "other"}
+    assert stats == []  # the listing's own entry types, not a stat per name
+    assert storage.kinds(tmp_path / "missing") == {} and storage.kinds(tmp_path / "f") == {}
