@@ -187,9 +187,12 @@ def pick(scores: Any, s: RowSettings, uniforms: Any) -> Any:
         return scores.argmax(-1)
     probs = torch.softmax(scores, dim=-1)
     cdf = probs.cumsum(-1)
-    u = uniforms.to(cdf.dtype)
-    sampled = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    sampled = sampled.clamp(max=scores.shape[-1] - 1)
+    u, total = uniforms.to(cdf.dtype), cdf[:, -1:]
+    # below the total: a draw of 1 - 2^-25 or more rounds to 1.0 in float32, and `right=True` would then find no
+    # token (the clamp took the vocabulary's last, which the processors may have removed: top-k, a grammar...)
+    target = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    sampled = sampled.clamp(max=scores.shape[-1] - 1)  # (a row with nothing left to choose)
     if bool(s.sample.all()):  # no greedy row: no argmax over the vocabulary
         return sampled
     return torch.where(s.sample, sampled, scores.argmax(-1))

@@ -157,3 +157,20 @@ def test_top_p_where_transformers_own_softmax_is_off(test_device):
     s = RowSettings.of([GenerationParams(max_new_tokens=4, do_sample=True, top_p=p)], test_device)
     expected = transformers_scores(scores, GenerationParams(max_new_tokens=4, top_p=p))
     assert torch.equal(torch.isinf(process(scores, None, None, s)), torch.isinf(expected))
+
+
+def test_a_draw_that_rounds_to_one_still_picks_a_token_the_processors_kept(test_device):
+    """A uniform draw of 1 - 2^-25 or more is 1.0 in float32: the inverse CDF found no token and the last of the
+    vocabulary was taken, even where top-k (or a grammar) had removed it (about 3e-8 per sampled token)."""
+    params = GenerationParams(do_sample=True, top_k=3, max_new_tokens=1)
+    scores = process(
+        torch.linspace(0, 10, 50).flip(0).unsqueeze(0).to(test_device),
+        None,
+        None,
+        rows := RowSettings.of([params], test_device),
+    )
+    assert torch.isinf(scores[0, 3:]).all()
+    for u in (1 - 2.0**-30, 1 - 2.0**-25, 0.999999):
+        token = sampling.pick(scores, rows, torch.tensor([u], dtype=torch.float64, device=test_device))
+        assert token.item() == 2, u  # the least likely of the three kept, never id 49
+    assert sampling.pick(scores, rows, torch.zeros(1, dtype=torch.float64, device=test_device)).item() == 0
