@@ -582,7 +582,7 @@ class Engine:
         elif len(st.keep) < len(st.rows):
             # Finished rows leave the batch and the KV cache now instead of riding along to the end.
             idx = torch.tensor(st.keep, device=self.device)
-            st.cache.batch_select_indices(idx)
+            kvcache.select_rows(st.cache, idx)
             st.keep_slots(idx)
             tok_in = tok_in[idx]
         if st.rows:
@@ -725,7 +725,7 @@ class Engine:
                         [i for i, row in enumerate(rows) for _ in copies[row]], device=lg.device
                     )
                     lg = lg[idx]
-                    c.batch_select_indices(idx)
+                    kvcache.select_rows(c, idx)
                 logits.append(lg)
                 caches.append(c)
                 group_order.extend(expanded)

@@ -52,6 +52,7 @@ def _new_layer_class():
             return self.length
 
         def batch_select_indices(self, indices: Any) -> None:
+            indices = indices.to(self.buf_k.device)  # (device_map: this layer may be on another GPU)
             self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
             self._views()
 
@@ -104,6 +105,18 @@ def mergeable(cache: Any) -> bool:
         and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
         and all(layer.keys.dim() == 4 and layer.keys.shape == layer.values.shape for layer in layers)
     )
+
+
+def select_rows(cache: Any, indices: Any) -> None:
+    """Keep the batch rows `indices` of `cache`, each layer's on the layer's own device: with `device_map` the
+    layers (and their caches) are spread over GPUs, and a tensor on cuda:1 cannot be indexed by one on cuda:0
+    (transformers' `batch_select_indices` hands every layer the same indices)."""
+    if isinstance(cache, grouped_cache_class()) or not hasattr(cache, "layers"):
+        cache.batch_select_indices(indices)  # (a grouped cache selects group by group; its layers move them)
+        return
+    for layer in cache.layers:
+        device = getattr(layer, "device", None)
+        layer.batch_select_indices(indices if device is None else indices.to(device))
 
 
 def merge_prefills(caches: list[Any], extra: int) -> Any:

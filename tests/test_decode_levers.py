@@ -98,6 +98,27 @@ def test_grouped_cache_select_keeps_rows_and_drops_empty_groups():
     assert cache.mask(1, 2)[:, 0, 0].tolist() == [[True, True], [False, True]]
 
 
+def test_rows_are_selected_in_each_layers_own_cache_on_its_own_device():
+    """device_map spreads the layers (and their caches) over GPUs: indexing a cache on cuda:1 with row indices on
+    cuda:0 fails, so every layer gets the rows on its own device ("meta" stands in for a second GPU here)."""
+    got = []
+
+    class Layer(SimpleNamespace):
+        def batch_select_indices(self, indices):
+            got.append(
+                (self.device, indices.device, indices.tolist() if indices.device.type == "cpu" else None)
+            )
+
+    cache = SimpleNamespace(layers=[Layer(device=torch.device("cpu")), Layer(device=torch.device("meta"))])
+    kvcache.select_rows(cache, torch.tensor([0, 2]))
+    assert [(str(a), str(b)) for a, b, _ in got] == [("cpu", "cpu"), ("meta", "meta")]
+    assert got[0][2] == [0, 2]
+    k = torch.arange(12.0).view(3, 1, 4, 1)
+    layer = kvcache.growing_layer_class()(k.clone(), k + 0.5, 4)
+    kvcache.select_rows(SimpleNamespace(layers=[layer]), torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, k[[2, 0]]) and torch.equal(layer.values, k[[2, 0]] + 0.5)
+
+
 @pytest.mark.parametrize("most", [1, 2, 3, 5])
 def test_decode_groups_cover_every_row_and_merge_the_cheapest_neighbours(most):
     lengths = [3, 200, 40, 41, 199, 5, 4, 120, 1, 60]
