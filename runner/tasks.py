@@ -249,26 +249,28 @@ def isolating(
     try:
         return list(compute(keys))
     except NumericalError as e:
-        if len(keys) == 1:
-            return [_retry_in_float32(engine, compute, keys, iso)]
-        # e.rows are positions in this batch as far as the computation knows them; used as a hint only
-        # (the batch is split either way, so a wrong hint costs time, never a result).
-        bad = {r for r in e.rows if 0 <= r < len(keys)}
-        if bad and len(bad) < len(keys):
-            rest = [i for i in range(len(keys)) if i not in bad]
-            got = dict(zip(rest, isolating(engine, compute, [keys[i] for i in rest], iso), strict=True))
-            for i in sorted(bad):
-                got[i] = isolating(engine, compute, [keys[i]], iso)[0]
-            return [got[i] for i in range(len(keys))]
+        bad = {r for r in e.rows if 0 <= r < len(keys)}  # positions in this batch: a hint (it splits anyway)
     except Exception as e:
         if not is_out_of_memory(e):
             raise
+        bad = None
+    # Out of the handler before anything is retried: its traceback holds the failed batch's frames (its KV
+    # cache, its logits), which would stay allocated through the retries and make them run out of memory.
+    if bad is None:  # out of memory
         free_memory(engine)
         half = max(1, len(keys) // 2)
         iso.rows = half if iso.rows is None else min(iso.rows, half)
         if len(keys) == 1:
             return [RowError("out_of_memory", "this row does not fit in memory even alone (shorten the prompt "
                                               "or lower --max-new-tokens)")]  # fmt: skip
+    elif len(keys) == 1:
+        return [_retry_in_float32(engine, compute, keys, iso)]
+    elif bad and len(bad) < len(keys):
+        rest = [i for i in range(len(keys)) if i not in bad]
+        got = dict(zip(rest, isolating(engine, compute, [keys[i] for i in rest], iso), strict=True))
+        for i in sorted(bad):
+            got[i] = isolating(engine, compute, [keys[i]], iso)[0]
+        return [got[i] for i in range(len(keys))]
     half = len(keys) // 2
     return isolating(engine, compute, keys[:half], iso) + isolating(engine, compute, keys[half:], iso)
 
@@ -287,6 +289,7 @@ def _retry_in_float32(
     dtype = dtype_name(engine)
     if engine.dtype == torch.float32:
         return RowError("numerical_error", "the model produced NaN/inf logits for this row in float32")
+    fits = True
     try:
         with engine.in_float32():
             out = compute(keys)[0]
@@ -296,10 +299,11 @@ def _retry_in_float32(
     except Exception as e:
         if not is_out_of_memory(e):
             raise
-        free_memory(engine)
+        fits = False  # (freed out of the handler, which holds the failed computation's frames)
+    free_memory(engine)
+    if not fits:
         return RowError("numerical_error", f"NaN/inf logits in {dtype}, and the model does not fit in memory "
                                            "in float32 to retry (try --dtype float32 on a larger device)")  # fmt: skip
-    free_memory(engine)
     iso.float32_retried.extend(keys)
     return out
 

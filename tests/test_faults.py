@@ -3,6 +3,7 @@
 import json
 import math
 import string
+import types
 
 import pytest
 import torch
@@ -352,3 +353,27 @@ def test_nan_prompt_logprobs_are_never_written(tmp_path, words_file, tiny_gpt2):
 def _cache_of(kwargs):
     """The KV cache a forward call got (`cache` in transformers 5, `past_key_values` before): None in prefill."""
     return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+@pytest.mark.parametrize("failure", ["nan", "oom"])
+def test_a_failed_batch_is_released_before_its_rows_are_computed_again(failure):
+    """The retry of a batch that hit NaN/inf logits or ran out of memory runs after the failure's handler: the
+    handler's traceback holds the failed computation's frames (on a GPU its KV cache and logits), which would
+    stay allocated through the retries and make a batch near the memory budget run out of memory again."""
+    import weakref
+
+    from runner.tasks import Isolation, isolating
+
+    alive = []
+
+    def compute(keys):
+        assert all(ref() is None for ref in alive), "the failed batch's tensors are still allocated"
+        cache = torch.ones(1024)  # what the failing batch had allocated when it failed
+        alive.append(weakref.ref(cache))
+        if len(keys) > 1:
+            raise NumericalError([0]) if failure == "nan" else torch.OutOfMemoryError("CUDA out of memory")
+        return [("row", *keys[0])]
+
+    engine = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    got = isolating(engine, compute, [(0, 0), (1, 0), (2, 0)], Isolation())
+    assert got == [("row", 0, 0), ("row", 1, 0), ("row", 2, 0)]
