@@ -149,8 +149,13 @@ def merge_prefills(caches: list[Any], extra: int) -> Any:
             buf_v[r : r + b, :, longest - n : longest] = v
             r += b
         layers.append(cls(buf_k, buf_v, longest))
-        for c in caches:  # free each group's copy as soon as it is merged
-            c.layers[i].keys = c.layers[i].values = None
+        for c in caches:  # free each part's copy as soon as it is merged (the caller may still hold the part)
+            part = c.layers[i]
+            part.keys = part.values = None
+            if hasattr(
+                part, "buf_k"
+            ):  # a growing layer: its buffer (a refill merges the running batch's cache)
+                part.buf_k = part.buf_v = None
     merged.layers = layers
     return merged
 

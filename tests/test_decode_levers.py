@@ -119,6 +119,29 @@ def test_rows_are_selected_in_each_layers_own_cache_on_its_own_device():
     assert torch.equal(layer.keys, k[[2, 0]]) and torch.equal(layer.values, k[[2, 0]] + 0.5)
 
 
+def test_merging_caches_frees_each_layer_of_the_parts_as_it_goes():
+    """A refill merges the running batch's cache (still held by the decode state) with the joiners': each part's
+    layer is freed once copied, so the merge takes one layer more than the merged cache, not twice it."""
+    import weakref
+
+    cls = kvcache.growing_layer_class()
+
+    def part(rows, length):
+        layers = []
+        for _ in range(3):
+            k = torch.randn(rows, 2, length + 4, 8)
+            layers.append(cls(k, k + 1, length))
+        return SimpleNamespace(layers=layers)
+
+    running, joiners = part(3, 6), part(2, 4)
+    buffers = [
+        weakref.ref(t) for c in (running, joiners) for layer in c.layers for t in (layer.buf_k, layer.buf_v)
+    ]
+    merged = kvcache.merge_prefills([running, joiners], extra=5)
+    assert merged.get_seq_length() == 6 and merged.layers[0].keys.shape[0] == 5
+    assert all(ref() is None for ref in buffers), "a part's buffer outlived its merge"
+
+
 @pytest.mark.parametrize("most", [1, 2, 3, 5])
 def test_decode_groups_cover_every_row_and_merge_the_cheapest_neighbours(most):
     lengths = [3, 200, 40, 41, 199, 5, 4, 120, 1, 60]
