@@ -530,9 +530,11 @@ def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
 
 
 def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device) -> None:  # noqa: ANN001
+    from .scheduler import make_current
     from .scheduler import work as work_loop
 
     failed: list[Any] = []
+    make_current(device)
     with _ctrl_c_stops() as stop:
         summaries = work_loop(home, job=job_ref, deadline=deadline, once=once, shard_rows=shard_rows,
                               shard_seconds=shard_minutes * 60, stop=stop, echo=_echo, device=device,

@@ -203,7 +203,22 @@ def local_device() -> str | None:
 
     per_process = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.set_num_threads(per_process)
-    return f"cuda:{rank}" if torch.cuda.is_available() else None
+    device = f"cuda:{rank}" if torch.cuda.is_available() else None
+    make_current(device)
+    return device
+
+
+def make_current(device: str | None) -> None:
+    """A worker process on cuda:N (`--gpus` starts one per GPU, torchrun one per LOCAL_RANK) makes it the
+    process's current device, as torchrun's own workers do: CUDA calls that name no device (the allocator's, a
+    model's own kernels) then land on its GPU, not on cuda:0, and no CUDA context is made there. A device that
+    is not there is left to the engine to say."""
+    if not (device and device.startswith("cuda:") and device[5:].isdigit()):
+        return
+    import torch
+
+    if torch.cuda.is_available() and int(device[5:]) < torch.cuda.device_count():
+        torch.cuda.set_device(int(device[5:]))
 
 
 class Engines:

@@ -466,3 +466,12 @@ def test_work_with_nothing_to_do_names_a_completed_job_that_lost_rows(prompts, t
     assert (status["state"], status["missing"]) == ("broken", 2)
     assert invoke("repair", job_id).exit_code == 0
     assert f"job {job_id} completed: 2/2 rows" in invoke("work").stderr
+
+
+def test_work_on_a_gpu_makes_it_the_current_device(runner_home, monkeypatch):
+    import runner.scheduler
+
+    made = []
+    monkeypatch.setattr(runner.scheduler, "make_current", made.append)
+    assert invoke("work", "--device", "cuda:1").exit_code == 0  # (nothing to do: no engine is loaded)
+    assert made == ["cuda:1"]

@@ -145,3 +145,19 @@ def test_a_worker_process_killed_by_a_signal_is_said_and_fails_the_command(monke
     said = capsys.readouterr().err
     assert "worker process 2 (pid 4001) was killed by SIGKILL (out of memory?)" in said
     assert "taken over by the other workers" in said
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:7", "cuda", "cpu", None])
+def test_a_worker_process_on_a_gpu_makes_it_its_current_device(monkeypatch, device):
+    """`runner work --device cuda:N` (each `--gpus` worker): calls that name no device go to its GPU, not cuda:0;
+    a GPU that is not there is left to the engine's clear message."""
+    import torch
+
+    from runner.scheduler import make_current
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    make_current(device)
+    assert current == ([1] if device == "cuda:1" else [])
