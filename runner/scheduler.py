@@ -240,9 +240,23 @@ class Engines:
         o = self.options(job)
         key = (job.spec.model, o.device, o.dtype, o.trust_remote_code, o.allow_pickle)
         if key not in self.loaded:
-            self.loaded.clear()
+            if self.loaded:
+                self.loaded.clear()
+                _release_memory()  # before the next engine reads the GPU's free memory for its token budget
             self.loaded[key] = Engine(job.spec.model, o)
         return self.loaded[key]
+
+
+def _release_memory() -> None:
+    """Give a dropped engine's memory back: its model and caches (reference cycles included), and the CUDA
+    allocator's cached blocks, which the GPU would otherwise count as used."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def work(

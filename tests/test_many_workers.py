@@ -161,3 +161,29 @@ def test_a_worker_process_on_a_gpu_makes_it_its_current_device(monkeypatch, devi
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     make_current(device)
     assert current == ([1] if device == "cuda:1" else [])
+
+
+def test_a_worker_switching_models_frees_the_first_before_loading_the_next(monkeypatch):
+    """One engine in memory at a time: the dropped one (reference cycles included) is gone before the next loads
+    and reads the GPU's free memory for its token budget."""
+    import gc
+    import types
+    import weakref
+
+    import runner.scheduler as scheduler
+
+    dropped = []
+
+    class FakeEngine:
+        def __init__(self, model, options):
+            assert all(ref() is None for ref in dropped), "the previous engine is still in memory"
+            self.cycle = self  # as a loaded model's modules and hooks refer to each other
+            dropped.append(weakref.ref(self))
+
+    monkeypatch.setattr(scheduler, "Engine", FakeEngine)
+    engines = scheduler.Engines(None, None)
+    options = runner.EngineOptions()
+    for model in ("a", "b", "a"):
+        job = types.SimpleNamespace(options=options, spec=types.SimpleNamespace(model=model))
+        assert isinstance(engines.get(job), FakeEngine)
+    assert len(dropped) == 3 and gc.collect() >= 0
