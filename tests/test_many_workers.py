@@ -166,7 +166,6 @@ def test_a_worker_process_on_a_gpu_makes_it_its_current_device(monkeypatch, devi
 def test_a_worker_switching_models_frees_the_first_before_loading_the_next(monkeypatch):
     """One engine in memory at a time: the dropped one (reference cycles included) is gone before the next loads
     and reads the GPU's free memory for its token budget."""
-    import gc
     import types
     import weakref
 
@@ -186,4 +185,4 @@ def test_a_worker_switching_models_frees_the_first_before_loading_the_next(monke
     for model in ("a", "b", "a"):
         job = types.SimpleNamespace(options=options, spec=types.SimpleNamespace(model=model))
         assert isinstance(engines.get(job), FakeEngine)
-    assert len(dropped) == 3 and gc.collect() >= 0
+    assert len(dropped) == 3
