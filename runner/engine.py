@@ -813,7 +813,7 @@ class Engine:
         full, cache = self._forward_all(ids, mask, _positions(mask))
         for r, lps in zip(rows, self._prompt_logprobs(full, ids, mask), strict=True):
             st.prompt_lps[r] = lps
-        logits = full[:, -1, :].float()
+        logits = full[:, -1, :].float().to(self.device)
         del full
         return logits, self._decode_cache([cache], extra), list(range(len(rows)))
 
@@ -826,23 +826,24 @@ class Engine:
         return caches[0]
 
     def _forward_all(self, input_ids, attention_mask, position_ids):
-        """Prefill keeping every position's logits: ([batch, seq, vocab] float32, cache)."""
+        """Prefill keeping every position's logits: ([batch, seq, vocab] in the model's dtype, on the output
+        layer's device; cache)."""
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True
         )
-        return out.logits.float().to(self.device), getattr(out, self._cache_arg)
+        return out.logits, getattr(out, self._cache_arg)
 
     @staticmethod
     def _prompt_logprobs(full, ids, mask) -> list[list[float | None]]:
-        """log P(prompt token i | tokens < i) for the real (unpadded) tokens of each row; the first is None."""
-        import torch
+        """log P(prompt token i | tokens < i) for the real (unpadded) tokens of each row; the first is None.
+        In float32 a chunk of positions at a time (`scoring.gather_logprobs`): never another copy of the
+        [batch, seq, vocab] logits, of which a half-precision model's float32 copy and the log-softmax were two."""
+        from .scoring import gather_logprobs
 
-        lp = torch.log_softmax(full[:, :-1, :], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        out = []
-        for r in range(ids.shape[0]):
-            start = int(mask[r].argmax())  # first real token (left padding)
-            out.append([None, *lp[r, start:].tolist()])
-        return out
+        lp, _ = gather_logprobs(full[:, :-1, :], ids[:, 1:].to(full.device))
+        lp = lp.cpu()
+        starts = mask.argmax(-1).tolist()  # first real token of each row (left padding)
+        return [[None, *lp[r, start:].tolist()] for r, start in enumerate(starts)]
 
     @staticmethod
     def _collect_top(logprobs, tok, chosen, ks, rows, tops) -> None:

@@ -230,7 +230,7 @@ def _scored_logprobs(
             return _head_in_chunks(head, hidden, targets, scored)
     kwargs = {"logits_to_keep": keep} if engine._keep_arg else {}
     out = engine.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
-    return _gather_logprobs(out.logits[:, -keep:, :], targets)
+    return gather_logprobs(out.logits[:, -keep:, :], targets)
 
 
 def _hidden_states(engine: Any, ids: Any, mask: Any, pos: Any, keep: int) -> tuple[Any, Any]:
@@ -263,7 +263,7 @@ def _head_is_the_logits(head: Any, hidden: Any, last: Any) -> bool:
 
 
 def _head_in_chunks(head: Any, hidden: Any, targets: Any, scored: Any) -> tuple[Any, Any]:
-    """hidden [batch, keep, hidden] -> the output layer and `_gather_logprobs` on the `scored` positions
+    """hidden [batch, keep, hidden] -> the output layer and `gather_logprobs` on the `scored` positions
     only, FLOAT_CHUNK / vocab of them at a time; results scattered back to [batch, keep]."""
     import torch
 
@@ -272,7 +272,7 @@ def _head_in_chunks(head: Any, hidden: Any, targets: Any, scored: Any) -> tuple[
     h, tgt = hidden[scored], targets.to(hidden.device)[scored]  # [n, hidden], [n]
     step = max(1, FLOAT_CHUNK // max(1, vocab))
     parts = [
-        _gather_logprobs(head(h[None, a : a + step]), tgt[None, a : a + step])
+        gather_logprobs(head(h[None, a : a + step]), tgt[None, a : a + step])
         for a in range(0, len(tgt), step)
     ]
     lps = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
@@ -282,7 +282,7 @@ def _head_in_chunks(head: Any, hidden: Any, targets: Any, scored: Any) -> tuple[
     return lps, greedy
 
 
-def _gather_logprobs(logits: Any, targets: Any) -> tuple[Any, Any]:
+def gather_logprobs(logits: Any, targets: Any) -> tuple[Any, Any]:
     """logits [batch, keep, vocab] (model dtype), targets [batch, keep] int64 -> (log P(target) [batch, keep]
     float32, target == argmax [batch, keep] bool). Converts to float32 a chunk of positions at a time."""
     import torch

@@ -225,11 +225,20 @@ def test_top_logprobs_include_the_chosen_token_and_match_the_distribution(gpt2_e
     assert all(len(step) == 1 and step[0][2] >= 1 for c in no_alternatives for step in c.top_logprobs)
 
 
-def test_prompt_logprobs_match_a_forward_pass_and_do_not_change_generation(gpt2_engine):
+def test_prompt_logprobs_match_a_forward_pass_and_do_not_change_generation(gpt2_engine, monkeypatch):
+    """... and take no log-softmax of the whole [batch, prompt, vocab] logits: a chunk of positions at a time."""
     engine = gpt2_engine
     prompts = ids_of(engine, PROMPTS)
     plain = engine.generate(prompts, GenerationParams(max_new_tokens=4))
+    whole = torch.log_softmax
+
+    def not_of_every_position(x, *args, **kwargs):
+        assert x.dim() < 3 or x.shape[1] == 1, f"a log-softmax of {tuple(x.shape)} logits at once"
+        return whole(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "log_softmax", not_of_every_position)
     with_prompt = engine.generate(prompts, GenerationParams(max_new_tokens=4, prompt_logprobs=True))
+    monkeypatch.undo()
     assert [c.token_ids for c in with_prompt] == [c.token_ids for c in plain]
     for prompt, c in zip(prompts, with_prompt, strict=True):
         expected = plain_logprobs(engine, prompt)[0]

@@ -294,9 +294,9 @@ def test_the_output_layer_runs_a_few_positions_at_a_time(request, name, monkeypa
     vocab = engine.model.get_output_embeddings().weight.shape[0]
     monkeypatch.setattr(scoring, "FLOAT_CHUNK", 3 * vocab)  # 3 positions per chunk
     shapes = []
-    gather = scoring._gather_logprobs
+    gather = scoring.gather_logprobs
     monkeypatch.setattr(
-        scoring, "_gather_logprobs", lambda lg, t: shapes.append(tuple(lg.shape)) or gather(lg, t)
+        scoring, "gather_logprobs", lambda lg, t: shapes.append(tuple(lg.shape)) or gather(lg, t)
     )
     scored = score_batch(engine, seqs, [1] * len(seqs))
     assert engine._head_only is True
