@@ -168,7 +168,7 @@ def create_job(
             "fingerprint": fingerprint, "input": _input_meta(source, input_path, identity),
         }  # fmt: skip
         prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field,
-                         kind == "generate" and _sample_auto(params))  # fmt: skip
+                         kind == "generate" and _sample_auto(params), _vocab_size(config))  # fmt: skip
         if rerun:
             claim = _Claim.of_rerun(root, fingerprint)
         else:
@@ -519,6 +519,13 @@ def _stale_claim(path: Path, held: Any) -> bool:
     return (owner is not None and owner.provably_dead()) or age > STALE_CLAIM_SECONDS
 
 
+def _vocab_size(config: Any) -> int | None:
+    """Rows of the model's input embedding: a token id past them is out of range for the model."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(cfg, "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
 def _hidden_size(config: Any) -> int | None:
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
@@ -626,10 +633,10 @@ class _Preparer:
     Problem naming its field."""
 
     def __init__(self, kind: str, tokenizer: Any, params: Any, window: int | None, truncate: str, field: str,
-                 sample_auto: bool = False):  # fmt: skip
+                 sample_auto: bool = False, vocab: int | None = None):  # fmt: skip
         self.kind, self.tokenizer, self.params = kind, tokenizer, params
         self.window, self.truncate, self.field = window, truncate, field
-        self.sample_auto = sample_auto
+        self.sample_auto, self.vocab = sample_auto, vocab
         # Input columns are renamed away from every prompts.parquet column name, not only this kind's: a
         # `continuation` column of a generation job is passed through as `input_continuation`.
         self.fixed_names = PROMPT_COLUMNS
@@ -654,12 +661,29 @@ class _Preparer:
         the others."""
         out, problems = [], []
         for row, result in zip(rows, self._prepare(rows), strict=True):
+            result = self._in_vocabulary(result)
             if isinstance(result, _RowProblem):
                 problems.append(Problem(name, row.line, result.field or self.field, str(result), row.id))
             else:
                 out.append((row, *result))
                 self._count(row)
         return out, problems
+
+    def _in_vocabulary(self, result: Any) -> Any:
+        """A row whose token ids reach past the model's embedding (a tokenizer with tokens added after the model
+        was made, never resized) is a problem now: on a GPU such an id is a device-side assert that takes the
+        worker's whole process down, on a CPU an IndexError."""
+        if (
+            isinstance(result, _RowProblem)
+            or self.vocab is None
+            or not result[1]
+            or max(result[1]) < self.vocab
+        ):
+            return result
+        bad = max(result[1])
+        return _RowProblem(f"token id {bad} ({self.tokenizer.convert_ids_to_tokens(bad)!r}) is outside the model's "
+                           f"vocabulary of {self.vocab:,} ids: its tokenizer has tokens its embedding lacks "
+                           "(resize the model's token embeddings to the tokenizer, or leave such tokens out)")  # fmt: skip
 
     def _count(self, row: PromptRow) -> None:
         """Samples and optional outputs this row adds to the job."""

@@ -262,6 +262,28 @@ def test_invalid_rows_are_refused_or_skipped_into_errors_file(tmp_path, tiny_gpt
     assert list(runner.load_results(job.id)["id"]) == ["1", "3"]
 
 
+@pytest.mark.parametrize("kind", ["generate", "score"])
+def test_a_token_the_model_has_no_embedding_for_is_refused_at_submit(tmp_path, tiny_gpt2, kind):
+    """A tokenizer given tokens after the model was made (a fine-tune that never resized its embeddings): such an
+    id is a device-side assert on a GPU, which takes the worker's process down. The row is refused at submit."""
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gpt2, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens(["<|speaker|>"])
+    tokenizer.save_pretrained(model)
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    assert tokenizer.convert_tokens_to_ids("<|speaker|>") >= vocab
+    field = "text" if kind == "score" else "prompt"
+    f = write_jsonl(tmp_path / "p.jsonl", [{field: "Hello"}, {field: "<|speaker|> Hello"}])
+    with pytest.raises(InputError, match=rf"p.jsonl:2: {field}: token id {vocab} \('<\|speaker\|>'\) is outside the "
+                                         rf"model's vocabulary of {vocab:,} ids"):  # fmt: skip
+        create_job(f, str(model), runner.ScoreParams() if kind == "score" else None)
+
+
 def test_context_window_is_checked_and_truncate_left_keeps_the_end(tmp_path, tiny_gpt2, gpt2_engine):
     long = " ".join(["word"] * 400)  # the tiny GPT-2 has 256 positions
     f = write_jsonl(tmp_path / "p.jsonl", [{"id": "long", "prompt": long}, {"id": "short", "prompt": "Hi"}])
