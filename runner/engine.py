@@ -128,6 +128,7 @@ class _Decode:
     history: Any = None  # [slots, seq] token ids seen, for the repetition penalty
     counts: Any = None  # [slots, vocab] generated-token counts, for presence/frequency penalties
     keep: list[int] = field(default_factory=list)  # the slots that go on after this step
+    step: Any = None  # this step's tokens, their log-probs and whether each is EOS, per slot, on the host
 
     def __post_init__(self) -> None:
         n = len(self.prompts)
@@ -143,7 +144,7 @@ class _Decode:
         """Keep the slots `st.keep` (`idx`: the same as a tensor) of everything but the cache and the logits
         (the engine selects the cache; the next forward step replaces the logits)."""
         self.rows = [self.rows[s] for s in self.keep]
-        self.lens, self.settings = self.lens[idx], self.settings.select(idx)
+        self.lens, self.settings = self.lens[idx], self.settings.select(idx, self.keep)
         if self.history is not None:
             self.history = self.history[idx]
         if self.counts is not None:
@@ -517,18 +518,19 @@ class Engine:
         draws = [st.rngs[r].random() if st.rngs[r] is not None else 0.0 for r in st.rows]
         tok = pick(scores, st.settings, torch.tensor(draws, dtype=torch.float64, device=self.device))
         chosen = logprobs.gather(1, tok.unsqueeze(-1)).squeeze(-1)
-        bad = ~torch.isfinite(chosen)
-        if bool(bad.any()):
-            raise NumericalError([st.rows[i] for i in bad.nonzero().flatten().tolist()])
+        # one copy to the host a step (each is a wait for the GPU): the tokens, their log-probs, which are EOS
+        host = torch.stack([tok.double(), chosen.double(), torch.isin(tok, self._eos).double()]).tolist()
+        bad = [st.rows[i] for i, lp in enumerate(host[1]) if not math.isfinite(lp)]
+        if bad:
+            raise NumericalError(bad)
+        st.step = ([int(t) for t in host[0]], host[1], [e != 0 for e in host[2]])
         return tok, chosen, logprobs
 
     def _record(self, st: _Decode, tok, chosen, logprobs) -> None:
         """Append each slot's token and log-prob (and alternatives) to its row, decide which rows are finished;
         `st.keep` lists the slots that go on."""
-        import torch
 
-        is_eos = torch.isin(tok, self._eos).tolist()
-        tok_list, lp_list = tok.tolist(), chosen.tolist()
+        tok_list, lp_list, is_eos = st.step
         # a constrained row whose text is complete and can only end (a closed JSON object, a choice) ends now
         over = st.constraints.advance(st.rows, tok_list, is_eos) if st.constraints else [False] * len(st.rows)
         ks = [st.params[r].logprobs for r in st.rows]

@@ -14,13 +14,17 @@ as vLLM applies them: on the tokens generated so far.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+TENSORS = ("sample", "temperature", "top_k", "top_p", "repetition", "presence", "frequency")
 
 
 @dataclass
 class RowSettings:
-    """The sampling settings of the rows in the decode batch, in slot order: [batch] or [batch, 1] tensors."""
+    """The sampling settings of the rows in the decode batch, in slot order: [batch] or [batch, 1] tensors, and
+    the same values on the host (`host`), from which each step decides which processors run: asking the
+    tensors would wait for the GPU several times a step."""
 
     sample: Any  # [batch] bool: sampled (else greedy)
     temperature: Any  # [batch, 1] float: 1 where off or greedy
@@ -29,46 +33,60 @@ class RowSettings:
     repetition: Any  # [batch, 1] float: 1 where off
     presence: Any  # [batch, 1] float: 0 where off
     frequency: Any  # [batch, 1] float: 0 where off
+    host: list[tuple[Any, ...]]  # per slot, the values above in that order, as Python numbers
 
     @classmethod
     def of(cls, params: list[Any], device: Any) -> RowSettings:
         import torch
 
-        def col(values: list[float], dtype: Any = torch.float32) -> Any:
+        host = [
+            (True, p.temperature, p.top_k, p.top_p) if p.do_sample else (False, 1.0, 0, 1.0) for p in params
+        ]
+        host = [
+            (*h, p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+            for h, p in zip(host, params, strict=True)
+        ]
+        cols = list(zip(*host, strict=True))
+
+        def col(values: tuple[float, ...], dtype: Any = torch.float32) -> Any:
             return torch.tensor(values, dtype=dtype, device=device).unsqueeze(-1)
 
-        sample = [bool(p.do_sample) for p in params]
         return cls(
-            sample=torch.tensor(sample, device=device),
-            temperature=col([p.temperature if s else 1.0 for p, s in zip(params, sample, strict=True)]),
-            top_k=torch.tensor(
-                [p.top_k if s else 0 for p, s in zip(params, sample, strict=True)], device=device
-            ),
+            sample=torch.tensor(cols[0], device=device),
+            temperature=col(cols[1]),
+            top_k=torch.tensor(cols[2], device=device),
             # float64, as transformers' 1 - top_p is a Python float before it meets the float32 sums
-            top_p=col([p.top_p if s else 1.0 for p, s in zip(params, sample, strict=True)], torch.float64),
-            repetition=col([p.repetition_penalty for p in params]),
-            presence=col([p.presence_penalty for p in params]),
-            frequency=col([p.frequency_penalty for p in params]),
+            top_p=col(cols[3], torch.float64),
+            repetition=col(cols[4]),
+            presence=col(cols[5]),
+            frequency=col(cols[6]),
+            host=host,
         )
 
-    def select(self, idx: Any) -> RowSettings:
-        """The settings of the slots that stay in the batch (`idx`: their positions)."""
-        return RowSettings(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+    def select(self, idx: Any, slots: list[int]) -> RowSettings:
+        """The settings of the slots that stay in the batch (`slots`, and `idx`: the same as a tensor)."""
+        return RowSettings(**{f: getattr(self, f)[idx] for f in TENSORS}, host=[self.host[i] for i in slots])
 
     @classmethod
     def cat(cls, parts: list[RowSettings]) -> RowSettings:
         """The settings of the slots of `parts`, one after the other (rows joining a running batch)."""
         import torch
 
-        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+        host = [h for p in parts for h in p.host]
+        return cls(**{f: torch.cat([getattr(p, f) for p in parts]) for f in TENSORS}, host=host)
+
+    def any(self, field: str, off: Any) -> bool:
+        """Whether some slot's `field` is not `off`."""
+        i = TENSORS.index(field)
+        return any(h[i] != off for h in self.host)
 
     @property
     def needs_history(self) -> bool:
-        return bool((self.repetition != 1.0).any())
+        return self.any("repetition", 1.0)
 
     @property
     def needs_counts(self) -> bool:
-        return bool(((self.presence != 0) | (self.frequency != 0)).any())
+        return self.any("presence", 0) or self.any("frequency", 0)
 
 
 def process(logits: Any, history: Any, counts: Any, s: RowSettings) -> Any:
@@ -86,22 +104,22 @@ def process(logits: Any, history: Any, counts: Any, s: RowSettings) -> Any:
     if counts is not None and s.needs_counts:
         # OpenAI / vLLM: logit -= frequency x count + presence x (count > 0), over generated tokens
         scores = scores - s.frequency * counts - s.presence * (counts > 0).to(scores.dtype)
-    if not bool(s.sample.any()):
+    if not s.any("sample", False):
         return scores
-    if bool((s.temperature != 1.0).any()):
+    if s.any("temperature", 1.0):
         scores = scores / s.temperature
-    if bool((s.top_k > 0).any()):
-        scores = _top_k(scores, s.top_k)
-    if bool((s.top_p < 1.0).any()):
+    if s.any("top_k", 0):
+        scores = _top_k(scores, s.top_k, max(h[2] for h in s.host))
+    if s.any("top_p", 1.0):
         scores = _top_p(scores, s.top_p)
     return scores
 
 
-def _top_k(scores: Any, k: Any) -> Any:
-    """transformers' TopKLogitsWarper per row (k = 0: off)."""
+def _top_k(scores: Any, k: Any, largest: int) -> Any:
+    """transformers' TopKLogitsWarper per row (k = 0: off; `largest`: the largest k)."""
     import torch
 
-    kmax = int(min(int(k.max()), scores.shape[-1]))
+    kmax = min(largest, scores.shape[-1])
     kth = torch.topk(scores, kmax, dim=-1).values.gather(1, (k.clamp(min=1, max=kmax) - 1).unsqueeze(-1))
     remove = (scores < kth) & (k > 0).unsqueeze(-1)
     return scores.masked_fill(remove, -math.inf)
@@ -183,7 +201,7 @@ def pick(scores: Any, s: RowSettings, uniforms: Any) -> Any:
     (`uniforms`: [batch], from each sample's own generator); greedy rows take the argmax."""
     import torch
 
-    if not bool(s.sample.any()):
+    if not s.any("sample", False):
         return scores.argmax(-1)
     probs = torch.softmax(scores, dim=-1)
     cdf = probs.cumsum(-1)
@@ -193,6 +211,6 @@ def pick(scores: Any, s: RowSettings, uniforms: Any) -> Any:
     target = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
     sampled = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     sampled = sampled.clamp(max=scores.shape[-1] - 1)  # (a row with nothing left to choose)
-    if bool(s.sample.all()):  # no greedy row: no argmax over the vocabulary
+    if all(h[0] for h in s.host):  # no greedy row: no argmax over the vocabulary
         return sampled
     return torch.where(s.sample, sampled, scores.argmax(-1))

@@ -1,6 +1,7 @@
 """The decode loop on tiny real models: batched == unbatched, raw log-probs, sampling seeds, stops, EOS."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -306,3 +307,29 @@ def test_device_map_loads_through_accelerate_and_changes_nothing(tiny_llama, lla
         assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-5)
     with pytest.raises(ParamError, match="device_map must be one of auto, balanced"):
         EngineOptions(device_map="everywhere")
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_decode_step_waits_for_the_device_once(gpt2_engine, monkeypatch, sampled):
+    """Each host read of a GPU tensor (`.tolist()`, `bool()`, `.any()`...) waits for the GPU to finish: a step
+    reads its tokens, log-probs and EOS flags in one copy, and decides which processors run from the settings
+    kept on the host (it waited six times a step, ten when sampling)."""
+    import collections
+    import sys
+
+    reads = collections.Counter()
+    for name in ("tolist", "item", "__bool__", "nonzero", "any", "all"):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, real=real, name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}runner{os.sep}" in caller:
+                reads[name, os.path.basename(caller)] += 1
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    prompts = ids_of(gpt2_engine, PROMPTS)[:3]
+    settings = {"do_sample": True, "temperature": 0.8, "top_k": 20} if sampled else {}
+    params = GenerationParams(max_new_tokens=12, min_new_tokens=12, **settings)
+    gpt2_engine.generate(prompts, params, seeds=[1, 2, 3])
+    assert sum(reads.values()) == 12, reads  # one per step
