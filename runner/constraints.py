@@ -112,7 +112,7 @@ class Constraints:
         slots = [s for s, r in enumerate(rows) if self.matchers[r] is not None]
         if not slots:
             return logits
-        refused = self._refused([rows[s] for s in slots], logits.shape[-1]).to(logits.device)  # [c, vocab]
+        refused = self._refused([rows[s] for s in slots], logits.shape[-1], logits.device)  # [c, vocab]
         if len(slots) == len(rows):
             return logits.masked_fill(refused, -math.inf)
         out = logits.clone()
@@ -120,10 +120,10 @@ class Constraints:
         out[idx] = logits[idx].masked_fill(refused, -math.inf)
         return out
 
-    def _refused(self, rows: list[int], vocab: int) -> Any:
-        """[len(rows), vocab] bool: the tokens each row's matcher refuses next (it allows EOS only when its
-        text is complete); ids past the tokenizer's vocabulary (a model's padded embedding rows) always."""
-        import numpy as np
+    def _refused(self, rows: list[int], vocab: int, device: Any) -> Any:
+        """[len(rows), vocab] bool on `device`: the tokens each row's matcher refuses next (it allows EOS only
+        when its text is complete); ids past the tokenizer's vocabulary (a model's padded embedding rows)
+        always."""
         import torch
         from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
 
@@ -131,9 +131,7 @@ class Constraints:
             self._bits = allocate_token_bitmask(len(self.matchers), self.tokenizer.vocab_size)
         bits = self._bits[: len(rows)]
         fill_next_token_bitmask_par(_executor(), [(self.matchers[r], k) for k, r in enumerate(rows)], bits)
-        # bit j of 32-bit word i is token 32 i + j (set: allowed): little-endian bytes, low bit first
-        flat = np.unpackbits((~bits.numpy()).view(np.uint8), axis=1, bitorder="little")  # [c, words * 32]
-        refused = torch.from_numpy(flat).bool()
+        refused = unpack_refused(bits, device)
         if refused.shape[1] < vocab:
             refused = torch.cat([refused, refused.new_ones(len(rows), vocab - refused.shape[1])], dim=1)
         return refused[:, :vocab]
@@ -158,6 +156,30 @@ class Constraints:
         if self.matchers[row] is None:
             return None
         return self.accepting[row][tokens]
+
+
+def unpack_refused(bits: Any, device: Any) -> Any:
+    """llguidance's bitmask [c, words] int32 (bit j of word i set: token 32 i + j allowed) as [c, words * 32]
+    bool on `device`, set where refused. On a GPU the words travel (1/8 of the bools' bytes) and are unpacked
+    there; on a CPU numpy's unpackbits is the fastest way."""
+    if getattr(device, "type", "cpu") == "cpu":
+        return _unpack_with_numpy(bits)
+    return _unpack_with_torch(bits, device)
+
+
+def _unpack_with_numpy(bits: Any) -> Any:
+    import numpy as np
+    import torch
+
+    # little-endian int32 words: their bytes low first, each byte's bits low first
+    return torch.from_numpy(np.unpackbits((~bits.numpy()).view(np.uint8), axis=1, bitorder="little")).bool()
+
+
+def _unpack_with_torch(bits: Any, device: Any) -> Any:
+    import torch
+
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    return ((bits.to(device).unsqueeze(-1) >> shifts) & 1).eq(0).flatten(1)
 
 
 def tokenizer_of(tokenizer: Any, eos_ids: list[int]) -> Any:

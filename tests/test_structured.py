@@ -377,3 +377,30 @@ def test_a_constrained_job_stopped_and_resumed_equals_an_uninterrupted_one(tmp_p
     cols = ["id", "sample", "text", "token_ids", "finish_reason", "constraint_complete"]
     assert resumed[cols].to_json() == ref[cols].to_json()
     assert ref["constraint_complete"].notna().all()
+
+
+def test_a_masks_bits_unpack_the_same_on_the_gpu_path_as_with_numpy(test_device):
+    """llguidance's bitmask (bit j of int32 word i: token 32 i + j allowed) is unpacked with numpy on a CPU and
+    with torch on the device on a GPU: both say the same tokens are refused (here both on the test device)."""
+    import torch
+
+    from runner import constraints
+
+    bits = torch.randint(
+        -(2**31), 2**31 - 1, (3, 5), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
+    )
+    bits[0, 0] = -1  # every token of the word allowed
+    bits[1, 0] = 0  # none of them
+    bits[2, 0] = 1 << 5  # token 5 only
+    expected = torch.tensor(
+        [[(int(w) >> j) & 1 == 0 for w in row for j in range(32)] for row in bits.tolist()]
+    )
+    assert torch.equal(constraints._unpack_with_numpy(bits), expected)
+    assert torch.equal(constraints._unpack_with_torch(bits, test_device).cpu(), expected)
+    assert (
+        constraints.unpack_refused(bits, torch.device(test_device)).device.type
+        == torch.device(test_device).type
+    )
+    assert (
+        not expected[0, :32].any() and expected[1, :32].all() and expected[2, :32].tolist().count(False) == 1
+    )
