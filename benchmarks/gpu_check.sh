@@ -96,7 +96,7 @@ EOF
 
 echo "== tests on $DEVICE"
 TESTS="tests/test_engine.py tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py
-      tests/test_tokens.py tests/test_beams.py tests/test_sampling.py"
+      tests/test_tokens.py tests/test_beams.py tests/test_sampling.py tests/test_structured.py"
 SELECT=(-m "not slow")
 [ "$QUICK" = 1 ] && SELECT=(-m "not slow" -k "batched or half_precision or output_layer")
 set +e
