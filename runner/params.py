@@ -285,7 +285,8 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 @dataclass
 class EngineOptions:
     """Where and how the model runs. These never change results beyond float rounding, so a job may be
-    resumed with other values (a Colab T4 tonight, an A100 tomorrow)."""
+    resumed with other values (a Colab T4 tonight, an A100 tomorrow; a worker says so when the precision it
+    computes in differs from the job's newest rows')."""
 
     device: str = "auto"
     """auto, cpu, cuda or cuda:N. auto picks cuda when available."""

@@ -312,6 +312,15 @@ def dtype_name(engine: Engine) -> str:
     return str(engine.dtype).replace("torch.", "")
 
 
+def device_kind(engine: Engine) -> str:
+    """What kind of device the engine computes on: the GPU's name ("Tesla T4"), else "cpu" (or mps...)."""
+    import torch
+
+    if engine.device.type == "cuda":
+        return torch.cuda.get_device_name(engine.device)
+    return engine.device.type
+
+
 def free_memory(engine: Engine) -> None:
     import gc
 

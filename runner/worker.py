@@ -34,6 +34,7 @@ from .tasks import (
     Isolation,
     RowError,
     Task,
+    device_kind,
     dtype_name,
     isolating,
     make_task,
@@ -156,6 +157,7 @@ class JobRun:
         # The batch computing now: its keys not in the progress yet, and the rows and tokens already in it.
         self.uncounted: set[tuple[int, int]] = set()
         self.counted = [0, 0]
+        self.noted = False  # whether `note_precision` has looked at the job's rows done before this run
 
     def run(self) -> RunSummary:
         self.check_prompts()
@@ -171,6 +173,9 @@ class JobRun:
         with Heartbeat(self.job, self.owner, self.ttl) as self.beat:
             while not self.stopped and (unit := self.next_unit()) is not None:
                 self.load_engine()
+                if self.progress.done_before and not self.noted:  # (rows done before this run: by whom?)
+                    self.noted = True
+                    self.note_precision()
                 self.run_unit(unit)
             if self.beat.error is not None:
                 raise self.beat.error
@@ -204,6 +209,30 @@ class JobRun:
         if self.engine is None:
             self.say(f"loading model {self.job.spec.model} ...")
             self.engine = Engine(self.job.spec.model, self.job.options)
+
+    def note_precision(self) -> None:
+        """Say so when the job's newest rows were computed in another precision or on another kind of device
+        than this worker's (begun on an A100 in bfloat16, carried on on a T4 in float16: `--dtype auto`): its
+        results then mix the two, which is allowed (EngineOptions) but not silent. From the newest commit's shard
+        (its Parquet metadata); shards of an older runner say nothing."""
+        import pyarrow.parquet as pq
+
+        assert self.engine is not None
+        commits = [c for c in self.ledger().commits if c.shard]
+        newest = max(commits, key=lambda c: str(c.marker.get("written", "")), default=None)
+        if newest is None:
+            return
+        try:
+            meta = pq.read_schema(self.job.dir / jobdir.SHARDS / newest.shard).metadata or {}
+        except (OSError, ValueError):
+            return  # (the shard's verification says what is wrong with it)
+        before = {k: meta.get(f"runner.{k}".encode(), b"").decode() for k in ("dtype", "device")}
+        now = {"dtype": dtype_name(self.engine), "device": device_kind(self.engine)}
+        if before["dtype"] and before != now:
+            self.say(f"job {self.job.id}: its newest rows were computed in {before['dtype']} on {before['device']}; "
+                     f"this worker computes in {now['dtype']} on {now['device']}, so its results will mix the two "
+                     "(the same model, other rounding: an answer can differ where two tokens are nearly tied; "
+                     "submit with --dtype to keep one precision)")  # fmt: skip
 
     # --- claiming a unit ------------------------------------------------------------------------------------
 
@@ -502,7 +531,9 @@ class JobRun:
             assert self.engine is not None
             table = unit.task.table(unit.table, unit.results, self.engine.texts)
             params = json.dumps({**self.job.meta["params"], "model": self.job.spec.model}, ensure_ascii=False)
-            meta = {"job": self.job.id, "kind": self.job.kind, "params": params}
+            # (the precision and device kind the rows were computed with: `note_precision` reads them)
+            meta = {"job": self.job.id, "kind": self.job.kind, "params": params,
+                    "dtype": dtype_name(self.engine), "device": device_kind(self.engine)}  # fmt: skip
             with write_local_shard(table, meta) as (local, digest):
                 storage.ensure_dir(self.job.dir / jobdir.SHARDS)  # lost: its commits are set aside, redone
                 storage.publish(local, self.job.dir / jobdir.SHARDS / f"{name}.parquet")

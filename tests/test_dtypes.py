@@ -137,3 +137,36 @@ def test_a_half_precision_job_writes_finite_results(tiny_llama, dtype, tmp_path,
     scores = runner.load_results(job)
     assert len(scores) == len(PROMPTS)
     assert all(math.isfinite(x) for lps in scores["token_logprobs"] for x in lps)
+
+
+def test_a_job_carried_on_in_another_precision_says_so(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch):
+    """Begun on an A100 (auto: bfloat16), carried on on a Colab T4 (auto: float16): the results mix the two
+    precisions, which is allowed but said. Each shard records the precision and device kind of its rows."""
+    import pyarrow.parquet as pq
+    from helpers import write_jsonl
+
+    import runner.worker as worker_module
+    from runner.jobs import create_job
+    from runner.worker import run_job
+
+    def on(device, dtype, rows=None):
+        monkeypatch.setattr(worker_module, "device_kind", lambda engine: device)
+        monkeypatch.setattr(worker_module, "dtype_name", lambda engine: dtype)
+        said, batches = [], []
+        stop = None if rows is None else (lambda: batches.append(1) or len(batches) > rows)
+        run_job(job, gpt2_engine, echo=said.append, shard_rows=1, should_stop=stop)
+        return [line for line in said if "mix the two" in line]
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"The old man said {i}"} for i in range(4)])
+    job = create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(batch_size=1),
+                     home=tmp_path / "home")  # fmt: skip
+    assert on("NVIDIA A100-SXM4-40GB", "bfloat16", rows=1) == []
+    meta = pq.read_schema(next((job.dir / "shards").iterdir())).metadata
+    assert (meta[b"runner.dtype"], meta[b"runner.device"]) == (b"bfloat16", b"NVIDIA A100-SXM4-40GB")
+    assert on("NVIDIA A100-SXM4-40GB", "bfloat16", rows=1) == []  # the same precision: nothing to say
+    assert on("Tesla T4", "float16") == [
+        f"job {job.id}: its newest rows were computed in bfloat16 on NVIDIA A100-SXM4-40GB; this worker computes "
+        "in float16 on Tesla T4, so its results will mix the two (the same model, other rounding: an answer can "
+        "differ where two tokens are nearly tied; submit with --dtype to keep one precision)"
+    ]
+    assert runner.status(job.dir).state == "completed"
