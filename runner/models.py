@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import threading
@@ -268,7 +269,7 @@ RUN_TIME_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", 
                   "vocab.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model",
                   "sentencepiece.bpe.model", "generation_config.json")  # fmt: skip
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
-FINGERPRINT_VERSION = "3"
+FINGERPRINT_VERSION = "4"
 
 
 def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION) -> str:
@@ -279,7 +280,10 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     1 MiB a file, and (version 3) the other files read at run time (RUN_TIME_FILES: the tokenizer's,
     generation_config.json); for a hub id, its commit. Version "1" (jobs
     submitted before version 2) is weight names and sizes only, and has no "1:" prefix. Only plain files
-    count (a folder named like a weight file is not one)."""
+    count (a folder named like a weight file is not one). Version 4 (`_fingerprint_v4`) reads the model's
+    files as they were saved, never as the running transformers reads them."""
+    if int(version) >= 4:
+        return f"{version}:{_fingerprint_v4(spec, config)}"
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
     path = Path(resolve_model(spec))
     v = int(version)
@@ -294,6 +298,50 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     else:
         h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
     return h.hexdigest()[:16] if v == 1 else f"{version}:{h.hexdigest()[:16]}"
+
+
+def _fingerprint_v4(spec: str, config: Any) -> str:
+    """Versions 1-3 hashed the config as the running transformers serialises it, which names that version and
+    its defaults: a Colab VM with another transformers failed every job as "another model". Version 4 hashes
+    config.json and the run-time JSON files as saved, without the "transformers_version" that saved them; for a
+    GGUF (the demo alias, a .gguf path) the GGUF file itself, not the folder converted from it (converted
+    again on a fresh VM, by whatever transformers is there)."""
+    h = hashlib.sha256()
+    gguf = _gguf_source(spec)
+    if gguf is not None:
+        h.update(f"gguf:{gguf.stat().st_size}".encode() + _content_sample(gguf))
+        return h.hexdigest()[:16]
+    path = Path(spec).expanduser()
+    if not path.is_dir():  # a hub id: its commit
+        h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
+        return h.hexdigest()[:16]
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        if f.suffix in WEIGHT_SUFFIXES:
+            h.update(f"{f.name}:{f.stat().st_size}".encode() + _content_sample(f))
+        elif f.name == "config.json" or f.name in RUN_TIME_FILES:
+            h.update(f"{f.name}:{_saved_content(f)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _gguf_source(spec: str) -> Path | None:
+    """The GGUF file a model spec is converted from (the demo alias, a .gguf path), else None."""
+    if spec.strip().lower() == DEMO_MODEL:
+        return demo_gguf()
+    path = Path(spec).expanduser()
+    return path if spec.lower().endswith(".gguf") and path.is_file() else None
+
+
+def _saved_content(f: Path) -> str:
+    """sha256 of a file as saved; of a JSON object, without the "transformers_version" that wrote it."""
+    raw = f.read_bytes()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and "transformers_version" in data:
+        del data["transformers_version"]
+        raw = json.dumps(data, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(raw).hexdigest()
 
 
 def fingerprint_version(fingerprint: str | None) -> str:

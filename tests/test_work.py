@@ -230,6 +230,26 @@ def test_a_changed_model_is_refused_on_resume(prompts_file, tmp_path, runner_hom
     assert state.state == "failed" and "is not the one job" in state.error
 
 
+def test_another_transformers_version_resumes_the_job(prompts_file, tmp_path, runner_home, monkeypatch):
+    """Colab preinstalls its own transformers, and a new VM may have another: the model is the same, so the job
+    resumes (the fingerprint hashed the config as the running transformers serialised it, naming its version
+    and defaults: every job failed as "not the one job was submitted with"; adversarial pass 18). The model's
+    JSON files saved again by another version (the demo model converted again on a fresh VM) count the same."""
+    import transformers.configuration_utils as configuration_utils
+    from tiny_models import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "model")
+    job = submit(prompts_file, str(model))
+    monkeypatch.setattr(configuration_utils, "__version__", "9.9.9")  # what a config says it is read by
+    for name in ("config.json", "generation_config.json"):
+        if (model / name).exists():
+            saved = json.loads((model / name).read_text())
+            saved["transformers_version"] = "9.9.9"
+            (model / name).write_text(json.dumps(saved, indent=2))
+    assert len(work(runner_home, echo=None)) == 1
+    assert read_state(job.dir).state == "completed"
+
+
 def test_a_transient_read_error_on_the_model_is_retried_not_a_failed_job(
     prompts_file, tiny_gpt2, runner_home, monkeypatch
 ):
@@ -335,10 +355,11 @@ def test_files_read_at_run_time_count_and_a_backup_copy_does_not(prompts_file, t
     assert state.state == "failed" and "is not the one job" in state.error
 
 
-@pytest.mark.parametrize("version", ["1", "2"])
+@pytest.mark.parametrize("version", ["1", "2", "3"])
 def test_a_job_fingerprinted_by_an_older_version_still_resumes(prompts_file, tmp_path, runner_home, version):
     """Jobs submitted under an older model fingerprint (1: weight names and sizes, no prefix; 2: and samples of
-    their bytes, no tokenizer) are checked the way they were fingerprinted, not refused as another model."""
+    their bytes, no tokenizer; 3: and the tokenizer's files) are checked the way they were fingerprinted, not
+    refused as another model."""
     from tiny_models import build_tiny_gpt2
 
     from runner import storage
@@ -347,7 +368,7 @@ def test_a_job_fingerprinted_by_an_older_version_still_resumes(prompts_file, tmp
 
     model = build_tiny_gpt2(tmp_path / "model")
     job = submit(prompts_file, str(model))
-    assert job.meta["model_fingerprint"].startswith("3:")
+    assert job.meta["model_fingerprint"].startswith("4:")
     meta = {**job.meta, "model_fingerprint": model_fingerprint(str(model), load_config(str(model)), version)}
     assert (":" not in meta["model_fingerprint"]) == (version == "1")
     meta["spec_sha256"] = spec_checksum(meta)
