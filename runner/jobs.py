@@ -187,7 +187,10 @@ def create_job(
                 raise RunnerError(f"{held}, which cannot be opened")
             return existing
         job = Job.open(target)
-        job.log(f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}")
+        try:  # the job is stored and queued: a log line that cannot be written must not say it failed
+            job.log(f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}")
+        except storage.StorageError:
+            pass
         return job
 
 

@@ -513,3 +513,23 @@ def test_a_rerun_says_which_engine_options_it_does_not_apply(tmp_path, prompts_f
         prompts_file, tiny_gpt2, params, EngineOptions(), output=out, engine=gpt2_engine, echo=lines.append
     )
     assert not [line for line in lines if "keeps the engine options" in line]  # defaults: nothing asked
+
+
+def test_a_submit_whose_job_is_stored_says_so_even_if_its_log_line_cannot_be_written(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """The disk filling up right after the job folder is in place: the job is stored and queued, so submit
+    returns it (it said "Error: cannot append to log.txt", and the user's second submit made a twin job;
+    adversarial pass 18)."""
+    import errno
+
+    from runner import storage
+
+    def full(path, line):
+        raise storage.StorageError(f"cannot append to {path}: No space left on device", errno.ENOSPC)
+
+    monkeypatch.setattr(storage, "append_line", full)
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    job = create_job(f, tiny_gpt2, home=tmp_path / "home")
+    assert runner.status(job.dir).state == "queued"
+    assert [j.id for j in runner.status(home=tmp_path / "home")] == [job.id]
