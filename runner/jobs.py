@@ -188,7 +188,9 @@ def create_job(
             return existing
         job = Job.open(target)
         try:  # the job is stored and queued: a log line that cannot be written must not say it failed
-            job.log(f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}")
+            job.log(
+                f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}"
+            )
         except storage.StorageError:
             pass
         return job

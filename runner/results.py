@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import storage
-from .errors import RunnerError
+from .errors import RunnerError, first_line
 from .jobdir import ORDER
 
 if TYPE_CHECKING:
@@ -292,12 +293,28 @@ def write_local_shard(table: pa.Table, metadata: dict[str, str] | None = None) -
     for k, v in (metadata or {}).items():
         meta[f"runner.{k}".encode()] = v.encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
-    with tempfile.TemporaryDirectory(prefix="runner-shard-") as tmp:
+    try:
+        tmp = tempfile.mkdtemp(prefix="runner-shard-")
+    except OSError as e:
+        raise _local_disk_error(e) from e
+    try:
         local = Path(tmp) / "shard.parquet"
-        pq.write_table(table, local, compression="zstd")
+        try:
+            pq.write_table(table, local, compression="zstd")
+        except OSError as e:  # pyarrow's errors name no file: say which disk it was, not "the job home"
+            raise _local_disk_error(e) from e
         if pq.read_metadata(local).num_rows != table.num_rows:
             raise RunnerError("a results shard did not verify after writing (row count mismatch)")
         yield local, storage.file_sha256(local)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _local_disk_error(e: OSError) -> storage.StorageError:
+    return storage.StorageError(
+        f"cannot write a results shard in {tempfile.gettempdir()} ({e.strerror or first_line(e)}; TMPDIR names "
+        "another folder)", e.errno, local=True,
+    )  # fmt: skip
 
 
 def valid_shards(job_dir: Path) -> list[Path]:

@@ -37,12 +37,16 @@ DAMAGED = {errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.ELO
 
 
 class StorageError(RunnerError):
-    """The job home cannot be written or read (after retries for transient errors). `errno`: the OS error's."""
+    """The job home cannot be written or read (after retries for transient errors). `errno`: the OS error's.
+    `local`: not the job home but this machine's own temp folder (where shards are written first)."""
 
-    def __init__(self, message: str, errno_: int | None = None, damaged: bool | None = None):
+    def __init__(
+        self, message: str, errno_: int | None = None, damaged: bool | None = None, local: bool = False
+    ):
         super().__init__(message)
         self.errno = errno_
         self._damaged = damaged
+        self.local = local
 
     @property
     def damaged(self) -> bool:

@@ -127,3 +127,34 @@ def test_a_job_home_that_cannot_be_written_stops_the_worker_cleanly(
     assert summaries[0].finished and summaries[0].generated == N_ROWS - done
     assert read_state(job.dir).state == "completed"
     assert assert_counted_once(job.dir, reference[1]) == N_ROWS
+
+
+def test_a_full_local_temp_folder_is_named_as_such_and_the_job_resumes(
+    job, reference, gpt2_engine, monkeypatch
+):
+    """Shards are written on this machine's temp folder first: that disk full (pyarrow's error names no file)
+    said "cannot read or write the job home" and nothing of the job's state (adversarial pass 18)."""
+    import pyarrow.parquet as parquet
+
+    from runner.storage import StorageError
+
+    real, writes = parquet.write_table, []
+
+    def full_after_one(table, where, **kwargs):
+        writes.append(where)
+        if len(writes) > 1:
+            raise OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
+        return real(table, where, **kwargs)
+
+    monkeypatch.setattr(parquet, "write_table", full_after_one)
+    home = job.dir.parent
+    with pytest.raises(StorageError) as stopped:
+        work(home, engine=gpt2_engine, echo=None, shard_rows=2)
+    said = str(stopped.value)
+    assert said.startswith(
+        "stopped: this machine's temp folder cannot be written (cannot write a results shard in "
+    )
+    assert "No space left on device" in said and "TMPDIR" in said and f"job {job.id} is consistent" in said
+    monkeypatch.undo()
+    assert work(home, engine=gpt2_engine, echo=None)[0].finished
+    assert assert_exactly_once(job.dir, reference[1]) == N_ROWS
