@@ -185,10 +185,17 @@ def find_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> P
             raise RunnerError(f"no job folder {text}")
         if bare:
             _refuse_if_also_in_home(text, path, home)
-        return path
+        return named_folder(path)
     check_name(text)
     root = Path(home) if home is not None else default_home()
     return _in_home(text, root)
+
+
+def named_folder(path: Path) -> Path:
+    """The folder a job path the user typed stands for: a link to a job folder (`ln -s .../out/demo demo`) is
+    the user's own name for it, so it stands for the folder it points to. (Links inside a job, and links among
+    the jobs of a home, are never followed: `Job.open`, `job_folders`.)"""
+    return Path(os.path.realpath(path)) if storage.kind(path) == "link" else path
 
 
 def _in_home(text: str, root: Path) -> Path:

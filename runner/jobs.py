@@ -141,6 +141,7 @@ def create_job(
     params = params or GenerationParams()
     options = options or EngineOptions()
     kind = _check_args(params, truncate, name, unit_rows, priority, chat)
+    job_dir = None if job_dir is None else jobdir.named_folder(Path(job_dir))
     unit_rows = jobdir.UNIT_ROWS if unit_rows is None else unit_rows
     source = input_path
     with input_file(source) as input_path:

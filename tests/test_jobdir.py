@@ -589,6 +589,24 @@ def test_links_are_never_followed_out_of_the_home(job, gpt2_engine, runner_home,
     assert precious.read_text() == "not yours"
 
 
+def test_a_job_named_by_a_link_the_user_made_is_the_folder_it_points_to(
+    job, reference, gpt2_engine, tmp_path
+):
+    """`ln -s .../out/demo demo; runner status demo`: the link is the user's name for the job, not damage (it
+    said "broken ... `runner repair demo`", and repair refused the link: adversarial pass 18)."""
+    assert run_job(job, gpt2_engine, echo=None).finished
+    link = tmp_path / "demo"
+    link.symlink_to(job.dir)
+    assert runner.status(link).state == "completed"
+    assert runner.repair(link).state_now == "completed"
+    assert len(runner.load_results(link)) == len(reference[1])
+    again, _ = runner.run(
+        reference[0], job.spec.model, PARAMS, OPTIONS, output=link, engine=gpt2_engine, echo=None
+    )
+    assert again.dir == job.dir.resolve()
+    assert_exactly_once(job.dir, reference[1])
+
+
 def test_a_killed_submits_temp_folder_is_cleaned_up(reference, tiny_gpt2, runner_home):
     runner_home.mkdir(parents=True, exist_ok=True)
     tag = jobdir.namespace_tag()
