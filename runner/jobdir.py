@@ -1023,7 +1023,8 @@ class Heartbeat:
 
 
 def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]]:
-    """Heartbeats of the job's workers that may be alive: fresh and not provably dead."""
+    """Heartbeats of the job's workers that may be alive: fresh and not provably dead. Each one's "expires"
+    is its lease's end as this process judges it (`_lease_left`)."""
     now = time.time() if now is None else now
     out = {}
     for name in scan(job.dir / WORKERS):
@@ -1033,13 +1034,36 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
         owner = Owner.from_dict(hb) if isinstance(hb, dict) else None
         if owner is None or owner.worker + ".json" != name:
             continue
-        try:  # an expiry beyond the longest lease is damage, not a lease
-            fresh = now < float(hb["expires"]) <= now + MAX_LEASE
-        except (KeyError, TypeError, ValueError):
-            fresh = False
-        if fresh and not owner.provably_dead():
-            out[owner.worker] = hb
+        left = _lease_left(job.dir / WORKERS / name, hb, now)
+        if left > 0 and not owner.provably_dead():
+            out[owner.worker] = {**hb, "expires": now + left}
     return out
+
+
+SKEW_SLACK = 60.0  # seconds a heartbeat's clock may run ahead of this machine's before its times are not believed
+_sighted: dict[str, tuple[float, float]] = {}  # heartbeat file -> (its "heartbeat" time, time.monotonic() seen)
+
+
+def _lease_left(path: Path, hb: dict[str, Any], now: float) -> float:
+    """Seconds the heartbeat's lease has left by this machine's clock (<= 0: stale; damage is stale). Its times
+    are its writer's clock: a writer whose clock runs ahead (a heartbeat written in our future) would hold its
+    lease that much longer, hours after it died, so its lease (expires - heartbeat, at most MAX_LEASE) is then
+    counted from when this process first saw that heartbeat, and a beat that changes renews it."""
+    try:
+        expires = float(hb["expires"])
+        beat = float(hb.get("heartbeat", expires - LEASE_TTL))  # (every runner's heartbeat has it)
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    lease = expires - beat
+    if not 0 < lease <= MAX_LEASE or expires > now + MAX_LEASE:  # damage, not a lease
+        return 0.0
+    if beat <= now + SKEW_SLACK:
+        _sighted.pop(str(path), None)
+        return expires - now
+    seen = _sighted.get(str(path))
+    if seen is None or seen[0] != beat:
+        seen = _sighted[str(path)] = (beat, time.monotonic())
+    return lease - (time.monotonic() - seen[1])
 
 
 @dataclass

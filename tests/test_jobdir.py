@@ -549,6 +549,36 @@ def test_a_live_workers_heartbeat_in_another_namespace_is_respected(job):
     assert 0 not in progress.claimable and "far" in progress.live
 
 
+def test_a_dead_worker_whose_clock_ran_ahead_loses_its_lease_after_the_lease(job, monkeypatch):
+    """A worker on a machine whose clock runs 5 hours ahead died (its VM gone, so no pid check can see it): its
+    heartbeat's times are in our future. Its units were held for those 5 hours (adversarial pass 18); its lease
+    now counts from when this process first saw that heartbeat, and a beat that changes renews it."""
+    import time as time_module
+
+    far = Owner("far", "other-vm", 4242, "boot-gone", "pid:[1]", "7")
+    assert take_unit(job, 0, far, -1) == 0
+    clock = [1000.0]
+    monkeypatch.setattr(time_module, "monotonic", lambda: clock[0])
+    ahead = time_module.time() + 5 * 3600
+    monkeypatch.setattr(time_module, "time", lambda: ahead)  # (the writer's clock)
+    Heartbeat(job, far, ttl=60).beat()
+    monkeypatch.undo()
+    monkeypatch.setattr(time_module, "monotonic", lambda: clock[0])
+    progress = jobdir.job_progress(job)
+    assert "far" in progress.live and 0 not in progress.claimable  # alive as far as we know
+    assert progress.live["far"]["expires"] <= time_module.time() + 60  # not 5 hours from now
+    clock[0] += 59
+    assert "far" in jobdir.job_progress(job).live
+    clock[0] += 2  # its lease, on our clock, without a new beat
+    progress = jobdir.job_progress(job)
+    assert "far" not in progress.live and 0 in progress.claimable
+    hb = json.loads((job.dir / "workers" / "far.json").read_text())
+    hb["heartbeat"] += 30  # it beats again (alive after all): a fresh lease
+    hb["expires"] += 30
+    (job.dir / "workers" / "far.json").write_text(json.dumps(hb))
+    assert "far" in jobdir.job_progress(job).live
+
+
 @pytest.mark.parametrize("name", ["a" * 101, "-lead", "has space", "x/y", ".hidden", ""])
 def test_names_are_plain_and_short(reference, tiny_gpt2, name):
     with pytest.raises(RunnerError, match="invalid job name"):
