@@ -473,6 +473,9 @@ class Engine:
         import numpy as np
 
         n = len(prompts)
+        # A shared start is kept for the rows joining this call's batch, never for the next call: a batch's
+        # numbers must not depend on the batches before it, which a resumed run does not run (JobRun.plan).
+        self._prefix_memo = None
         waiting = sorted(range(n), key=lambda r: (-params[r].max_new_tokens, -len(prompts[r]), r))
         st = _Decode(
             prompts=prompts, params=params, max_active=min(n, max_active or n), waiting=waiting,
@@ -741,7 +744,7 @@ class Engine:
     def _shared_prefix(self, prompts: list[list[int]]) -> tuple[int, Any] | None:
         """(length, one-row cache) of the start all `prompts` share, when it is worth sharing: at least
         SHARED_PREFIX_MIN tokens, each prompt keeping one token of its own (its last position's logits). The
-        last start is kept: the next batch of the job, or a few rows joining a running batch, start with it too."""
+        last start is kept for the rows joining the running batch of this `generate` call (`_start`)."""
 
         if not self.share_prefix:
             return None
