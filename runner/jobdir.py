@@ -1040,12 +1040,9 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
     return out
 
 
-SKEW_SLACK = (
-    60.0  # seconds a heartbeat's clock may run ahead of this machine's before its times are not believed
-)
-_sighted: dict[
-    str, tuple[float, float]
-] = {}  # heartbeat file -> (its "heartbeat" time, time.monotonic() seen)
+# seconds a heartbeat's clock may run ahead of this machine's before its times are not believed
+SKEW_SLACK = 60.0
+_sighted: dict[str, tuple[float, float]] = {}  # heartbeat file -> (its "heartbeat" time, when first seen)
 
 
 def _lease_left(path: Path, hb: dict[str, Any], now: float) -> float:
