@@ -1831,9 +1831,12 @@ TEMP_MAX_AGE = 600.0  # seconds: a temp file untouched this long has no live wri
 
 def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
     """Delete temp files killed writers left in the job's folders (never followed through links: `scan`
-    lists plain files only, and a job whose folders are links is broken before it gets here)."""
+    lists plain files only, and a job whose folders are links is broken before it gets here). A file counts
+    as left behind `max_age` after its last change plus the longest lease a live worker of the job holds
+    (RUNNER_LEASE_TTL may be an hour: such a worker, frozen for minutes, still owns what it is writing)."""
     removed = 0
     now = time.time()
+    max_age += max((_declared_lease(hb) for hb in _live_in(job_dir, now).values()), default=0.0)
     for folder in (job_dir, *(job_dir / sub for sub in (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, STATES))):
         if _is_link(folder):
             continue
@@ -1846,6 +1849,20 @@ def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
             storage.remove(folder / name)
             removed += 1
     return removed
+
+
+def _live_in(job_dir: Path, now: float) -> dict[str, dict[str, Any]]:
+    try:
+        return live_workers(Job.open(job_dir), now)
+    except RunnerError:  # a job that does not open: its workers are judged by the age of their files alone
+        return {}
+
+
+def _declared_lease(hb: dict[str, Any]) -> float:
+    try:
+        return max(0.0, min(MAX_LEASE, float(hb["expires"]) - float(hb["heartbeat"])))
+    except (KeyError, TypeError, ValueError):
+        return LEASE_TTL
 
 
 def _age(path: Path, now: float) -> float | None:
