@@ -59,6 +59,7 @@ def test_generated_text_cut_mid_character_does_not_end_in_a_replacement_char(gpt
     def pick_forced(st):  # the real step, then the chosen token replaced by the next forced one
         tok_, chosen, logprobs = real_pick(st)
         tok_[:] = next(forced)
+        st.step = (tok_.tolist(), *st.step[1:])  # (what the step read from the device)
         return tok_, chosen, logprobs
 
     monkeypatch.setattr(gpt2_engine, "_pick", pick_forced)

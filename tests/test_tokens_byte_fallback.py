@@ -49,6 +49,7 @@ def test_llama_text_cut_after_two_bytes_of_a_character_holds_the_whole_partial_b
     def pick_forced(st):
         tok_, chosen, logprobs = real_pick(st)
         tok_[:] = next(forced)
+        st.step = (tok_.tolist(), *st.step[1:])  # (what the step read from the device)
         return tok_, chosen, logprobs
 
     monkeypatch.setattr(llama_engine, "_pick", pick_forced)
