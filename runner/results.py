@@ -497,6 +497,11 @@ def export_results(
     FILE.errors.jsonl). Returns (rows or lines written, error lines written)."""
     from . import jobdir
 
+    folder = Path(os.path.realpath(jobdir.find_job(source, home)))
+    for path in (to, errors_to):
+        if path is not None and Path(os.path.realpath(path)).is_relative_to(folder):
+            raise RunnerError(f"{path} is inside the job's folder {folder}, whose files are runner's own: "
+                              "export somewhere else")  # fmt: skip
     if format == "openai":
         from . import openai_batch
 
@@ -524,6 +529,8 @@ def _write_whole(df: Any, to: Path) -> None:
             df.to_parquet(tmp, index=False)
         elif suffix == ".jsonl":
             df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+            if df.empty:  # (pandas writes one empty line for no rows)
+                open(tmp, "w").close()
         elif suffix == ".json":
             df.to_json(tmp, orient="records", force_ascii=False)  # one JSON array, as the name says
         else:

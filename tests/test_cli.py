@@ -475,3 +475,21 @@ def test_work_on_a_gpu_makes_it_the_current_device(runner_home, monkeypatch):
     monkeypatch.setattr(runner.scheduler, "make_current", made.append)
     assert invoke("work", "--device", "cuda:1").exit_code == 0  # (nothing to do: no engine is loaded)
     assert made == ["cuda:1"]
+
+
+def test_an_export_into_the_jobs_own_folder_is_refused_and_an_empty_one_is_an_empty_file(
+    prompts, tiny_gpt2, runner_home, tmp_path
+):
+    """`--to JOB/job.json` overwrote the job's spec (the job then read as broken), `--to JOB/done/...` planted a
+    stray commit; an export of no rows to .jsonl wrote one empty line (adversarial pass 18)."""
+    job_id = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
+    folder = runner_home / job_id
+    spec = (folder / "job.json").read_bytes()
+    empty = tmp_path / "none.jsonl"
+    assert invoke("results", job_id, "--to", empty).exit_code == 0  # nothing done yet: no rows
+    assert empty.read_bytes() == b""
+    for inside in (folder / "job.json", folder / "done" / "00000-00000000-0000.json"):
+        refused = invoke("results", job_id, "--to", inside)
+        assert refused.exit_code == 1 and "inside the job's folder" in refused.stderr, refused.stderr
+    assert (folder / "job.json").read_bytes() == spec and not (folder / "done" / "00000-00000000-0000.json").exists()
+    assert invoke("work").exit_code == 0 and runner.status(folder).state == "completed"
