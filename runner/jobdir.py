@@ -1024,7 +1024,7 @@ class Heartbeat:
 
 def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]]:
     """Heartbeats of the job's workers that may be alive: fresh and not provably dead. Each one's "expires"
-    is its lease's end as this process judges it (`_lease_left`)."""
+    is its lease's end as this process judges it (`_lease_left`), "lease" the lease it declares."""
     now = time.time() if now is None else now
     out = {}
     for name in scan(job.dir / WORKERS):
@@ -1036,7 +1036,11 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
             continue
         left = _lease_left(job.dir / WORKERS / name, hb, now)
         if left > 0 and not owner.provably_dead():
-            out[owner.worker] = {**hb, "expires": now + left}
+            out[owner.worker] = {
+                **hb,
+                "expires": now + left,
+                "lease": float(hb["expires"]) - float(hb["heartbeat"]),
+            }
     return out
 
 
@@ -1051,8 +1055,7 @@ def _lease_left(path: Path, hb: dict[str, Any], now: float) -> float:
     lease that much longer, hours after it died, so its lease (expires - heartbeat, at most MAX_LEASE) is then
     counted from when this process first saw that heartbeat, and a beat that changes renews it."""
     try:
-        expires = float(hb["expires"])
-        beat = float(hb.get("heartbeat", expires - LEASE_TTL))  # (every runner's heartbeat has it)
+        expires, beat = float(hb["expires"]), float(hb["heartbeat"])
     except (KeyError, TypeError, ValueError):
         return 0.0
     lease = expires - beat
@@ -1859,10 +1862,9 @@ def _live_in(job_dir: Path, now: float) -> dict[str, dict[str, Any]]:
 
 
 def _declared_lease(hb: dict[str, Any]) -> float:
-    try:
-        return max(0.0, min(MAX_LEASE, float(hb["expires"]) - float(hb["heartbeat"])))
-    except (KeyError, TypeError, ValueError):
-        return LEASE_TTL
+    """The lease a live worker's heartbeat declares (`live_workers`' "lease": its expiry minus its beat, both
+    on its writer's clock)."""
+    return max(0.0, min(MAX_LEASE, float(hb["lease"])))
 
 
 def _age(path: Path, now: float) -> float | None:

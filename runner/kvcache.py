@@ -152,9 +152,8 @@ def merge_prefills(caches: list[Any], extra: int) -> Any:
         for c in caches:  # free each part's copy as soon as it is merged (the caller may still hold the part)
             part = c.layers[i]
             part.keys = part.values = None
-            if hasattr(
-                part, "buf_k"
-            ):  # a growing layer: its buffer (a refill merges the running batch's cache)
+            # a growing layer: its buffer too (a refill merges the running batch's cache)
+            if hasattr(part, "buf_k"):
                 part.buf_k = part.buf_v = None
     merged.layers = layers
     return merged

@@ -246,6 +246,9 @@ class Engines:
             if self.loaded:
                 self.loaded.clear()
                 _release_memory()  # before the next engine reads the GPU's free memory for its token budget
+            make_current(
+                o.device
+            )  # (a job of its own --device cuda:N, or runner.work(device=...) from Python)
             self.loaded[key] = Engine(job.spec.model, o)
         return self.loaded[key]
 

@@ -288,6 +288,10 @@ def gather_logprobs(logits: Any, targets: Any) -> tuple[Any, Any]:
     import torch
 
     batch, keep, vocab = logits.shape
+    if keep == 0:  # (prompts of one token: nothing before it to score)
+        return logits.new_zeros((batch, 0), dtype=torch.float32), logits.new_zeros(
+            (batch, 0), dtype=torch.bool
+        )
     step = max(1, FLOAT_CHUNK // max(1, batch * vocab))
     lps, greedy = [], []
     for a in range(0, keep, step):

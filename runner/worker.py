@@ -219,7 +219,7 @@ class JobRun:
 
         assert self.engine is not None
         commits = [c for c in self.ledger().commits if c.shard]
-        newest = max(commits, key=lambda c: str(c.marker.get("written", "")), default=None)
+        newest = max(commits, key=_written_at, default=None)
         if newest is None:
             return
         try:
@@ -229,10 +229,11 @@ class JobRun:
         before = {k: meta.get(f"runner.{k}".encode(), b"").decode() for k in ("dtype", "device")}
         now = {"dtype": dtype_name(self.engine), "device": device_kind(self.engine)}
         if before["dtype"] and before != now:
+            advice = "; submit with --dtype to keep one precision" if before["dtype"] != now["dtype"] else ""
             self.say(f"job {self.job.id}: its newest rows were computed in {before['dtype']} on {before['device']}; "
                      f"this worker computes in {now['dtype']} on {now['device']}, so its results will mix the two "
-                     "(the same model, other rounding: an answer can differ where two tokens are nearly tied; "
-                     "submit with --dtype to keep one precision)")  # fmt: skip
+                     "(the same model, other rounding: an answer can differ where two tokens are nearly tied"
+                     f"{advice})")  # fmt: skip
 
     # --- claiming a unit ------------------------------------------------------------------------------------
 
@@ -657,6 +658,19 @@ class JobRun:
         stats["tokens"] = sum(int(r.get("tokens") or 0) for r in stats["runs"])
         stats["seconds"] = round(sum(float(r.get("seconds") or 0) for r in stats["runs"]), 3)
         storage.write_json(self.job.dir / jobdir.STATS_FILE, stats)
+
+
+def _written_at(commit: jobdir.Commit) -> float:
+    """When the commit's marker says it was written (its own time zone: workers on several machines), as a
+    timestamp; 0 for a marker without a readable time."""
+    import datetime
+
+    try:
+        return datetime.datetime.strptime(
+            str(commit.marker.get("written")), "%Y-%m-%dT%H:%M:%S%z"
+        ).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _cpu_threads() -> int:

@@ -491,5 +491,7 @@ def test_an_export_into_the_jobs_own_folder_is_refused_and_an_empty_one_is_an_em
     for inside in (folder / "job.json", folder / "done" / "00000-00000000-0000.json"):
         refused = invoke("results", job_id, "--to", inside)
         assert refused.exit_code == 1 and "inside the job's folder" in refused.stderr, refused.stderr
-    assert (folder / "job.json").read_bytes() == spec and not (folder / "done" / "00000-00000000-0000.json").exists()
+    assert (folder / "job.json").read_bytes() == spec and not (
+        folder / "done" / "00000-00000000-0000.json"
+    ).exists()
     assert invoke("work").exit_code == 0 and runner.status(folder).state == "completed"

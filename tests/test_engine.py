@@ -247,6 +247,15 @@ def test_prompt_logprobs_match_a_forward_pass_and_do_not_change_generation(gpt2_
         assert c.prompt_logprobs[1:] == pytest.approx(expected, abs=1e-4)
 
 
+def test_prompt_logprobs_of_one_token_prompts(gpt2_engine):
+    """A prefill whose prompts are all one token long has no prompt token to score: [None] each (the chunked
+    gather had no chunk to join; found by review)."""
+    one = [[5], [6]]
+    params = GenerationParams(max_new_tokens=2, prompt_logprobs=True)
+    assert [c.prompt_logprobs for c in gpt2_engine.generate(one, params)] == [[None], [None]]
+    assert [c.prompt_logprobs for c in gpt2_engine.generate(one[:1], params)] == [[None]]
+
+
 def test_gpu_token_budgets_from_free_memory_for_generation_and_for_scoring(monkeypatch):
     """On a GPU the token budget is what half the free memory holds: the KV cache per token for generation,
     one layer's activations per token for scoring (whose logits are chunked, so the vocabulary is not

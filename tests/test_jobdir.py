@@ -691,16 +691,20 @@ def test_housekeeping_retries_a_transient_error_on_what_it_looks_at(job, monkeyp
 
 
 def test_a_temp_file_of_a_worker_holding_a_long_lease_is_not_deleted(job):
-    """RUNNER_LEASE_TTL=3600: a worker frozen for 11 minutes halfway through copying a shard still holds its unit;
+    """RUNNER_LEASE_TTL=3600: a worker frozen for half an hour halfway through copying a shard still holds its unit;
     its temp file is not another's to delete (repair deleted it at 600 s: the worker then stopped with "the job
     home cannot be written"; adversarial pass 18). Once no live worker holds a lease that long, it goes."""
     frozen = Owner("frozen", "other-vm", 4242, "boot-x", "pid:[1]", "7")
     Heartbeat(job, frozen, ttl=3600).beat()
+    hb = json.loads((job.dir / "workers" / "frozen.json").read_text())
+    hb["heartbeat"] += 3000  # and its clock runs 50 minutes ahead of ours: still its lease of an hour
+    hb["expires"] += 3000
+    (job.dir / "workers" / "frozen.json").write_text(json.dumps(hb))
     half = Path(storage.temp_name(job.dir / "shards" / "00000-00000000-0001.parquet"))
     half.parent.mkdir(exist_ok=True)
     half.write_bytes(b"half a shard")
-    eleven_minutes_ago = time.time() - 660
-    os.utime(half, (eleven_minutes_ago, eleven_minutes_ago))
+    half_an_hour_ago = time.time() - 1800
+    os.utime(half, (half_an_hour_ago, half_an_hour_ago))
     assert jobdir.remove_stale_temps(job.dir) == 0 and half.exists()
     (job.dir / "workers" / "frozen.json").unlink()  # its worker gone: the lease with it
     assert jobdir.remove_stale_temps(job.dir) == 1 and not half.exists()

@@ -180,9 +180,11 @@ def test_a_worker_switching_models_frees_the_first_before_loading_the_next(monke
             dropped.append(weakref.ref(self))
 
     monkeypatch.setattr(scheduler, "Engine", FakeEngine)
+    current = []
+    monkeypatch.setattr(scheduler, "make_current", current.append)
     engines = scheduler.Engines(None, None)
-    options = runner.EngineOptions()
+    options = runner.EngineOptions(device="cuda:1")  # a job submitted for a GPU: made current before it loads
     for model in ("a", "b", "a"):
         job = types.SimpleNamespace(options=options, spec=types.SimpleNamespace(model=model))
         assert isinstance(engines.get(job), FakeEngine)
-    assert len(dropped) == 3
+    assert len(dropped) == 3 and current == ["cuda:1"] * 3

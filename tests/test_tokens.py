@@ -57,9 +57,15 @@ def test_generated_text_cut_mid_character_does_not_end_in_a_replacement_char(gpt
     real_pick = gpt2_engine._pick
 
     def pick_forced(st):  # the real step, then the chosen token replaced by the next forced one
+        import torch
+
         tok_, chosen, logprobs = real_pick(st)
         tok_[:] = next(forced)
-        st.step = (tok_.tolist(), *st.step[1:])  # (what the step read from the device)
+        st.step = (
+            tok_.tolist(),
+            st.step[1],
+            torch.isin(tok_, gpt2_engine._eos).tolist(),
+        )  # (read from the device)
         return tok_, chosen, logprobs
 
     monkeypatch.setattr(gpt2_engine, "_pick", pick_forced)

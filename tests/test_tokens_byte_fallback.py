@@ -47,9 +47,15 @@ def test_llama_text_cut_after_two_bytes_of_a_character_holds_the_whole_partial_b
     real_pick = llama_engine._pick
 
     def pick_forced(st):
+        import torch
+
         tok_, chosen, logprobs = real_pick(st)
         tok_[:] = next(forced)
-        st.step = (tok_.tolist(), *st.step[1:])  # (what the step read from the device)
+        st.step = (
+            tok_.tolist(),
+            st.step[1],
+            torch.isin(tok_, llama_engine._eos).tolist(),
+        )  # (read from the device)
         return tok_, chosen, logprobs
 
     monkeypatch.setattr(llama_engine, "_pick", pick_forced)
