@@ -22,13 +22,13 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__, jobdir, storage
-from .errors import InputError, ParamError, Problem, RunnerError
+from .errors import InputError, ParamError, Problem, RunnerError, first_line
 from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
 from .models import (
@@ -610,14 +610,17 @@ def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_inv
             if writer is None:
                 columns.freeze()
                 schema = pa.schema([*table.schema, *columns.fields()])
-                writer = pq.ParquetWriter(folder / PROMPTS, schema, compression="zstd")
+                with _writing(folder / PROMPTS):
+                    writer = pq.ParquetWriter(folder / PROMPTS, schema, compression="zstd")
             for f, arr in zip(columns.fields(), columns.written_arrays(extra, len(prepared)), strict=True):
                 table = table.append_column(f, arr)
-            writer.write_table(table, row_group_size=len(prepared))
+            with _writing(folder / PROMPTS):
+                writer.write_table(table, row_group_size=len(prepared))
             rows += len(prepared)
     finally:
         if writer is not None:
-            writer.close()
+            with _writing(folder / PROMPTS):
+                writer.close()
     written_extra = prep.summary
     if not rows and not problems.count:
         problems.add([Problem(reader.name, 0, None, "the file has no rows")])
@@ -627,6 +630,16 @@ def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_inv
     if columns.rewrite:
         rewrite_passthrough(reader, folder / PROMPTS, columns)
     return _Written(rows, problems.count, columns.json_columns(), columns.renamed(), **written_extra())
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """pyarrow's write errors name no file ("Error writing bytes to file ... No space left on device"): say
+    which one could not be written."""
+    try:
+        yield
+    except OSError as e:
+        raise storage.StorageError(f"cannot write {path}: {e.strerror or first_line(e)}", e.errno) from e
 
 
 # A row that can be done: (row, text sent to the model, token ids, index of the first token to score).

@@ -533,3 +533,21 @@ def test_a_submit_whose_job_is_stored_says_so_even_if_its_log_line_cannot_be_wri
     job = create_job(f, tiny_gpt2, home=tmp_path / "home")
     assert runner.status(job.dir).state == "queued"
     assert [j.id for j in runner.status(home=tmp_path / "home")] == [job.id]
+
+
+def test_a_prompts_file_that_cannot_be_written_is_named_and_no_job_is_left(tmp_path, tiny_gpt2, monkeypatch):
+    """pyarrow's write error names no file ("Error writing bytes to file ... No space left on device"): submit
+    says it was prompts.parquet, and stores nothing (adversarial pass 18)."""
+    import pyarrow.parquet as pq
+
+    from runner import storage
+
+    def full(self, *args, **kwargs):
+        raise OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    with pytest.raises(storage.StorageError, match=r"cannot write .*prompts\.parquet: Error writing bytes .*No space"):
+        create_job(f, tiny_gpt2, home=tmp_path / "home")
+    monkeypatch.undo()
+    assert runner.status(home=tmp_path / "home") == []
