@@ -547,7 +547,9 @@ def test_a_prompts_file_that_cannot_be_written_is_named_and_no_job_is_left(tmp_p
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
-    with pytest.raises(storage.StorageError, match=r"cannot write .*prompts\.parquet: Error writing bytes .*No space"):
+    with pytest.raises(
+        storage.StorageError, match=r"cannot write .*prompts\.parquet: Error writing bytes .*No space"
+    ):
         create_job(f, tiny_gpt2, home=tmp_path / "home")
     monkeypatch.undo()
     assert runner.status(home=tmp_path / "home") == []
