@@ -115,15 +115,6 @@ def _batches_of(data: ReportData, marker: dict[str, Any]) -> None:
             data.batches.append((end, worker, int(rows), int(tokens), seconds))
 
 
-def _commit_time(marker: dict[str, Any]) -> float | None:
-    import datetime as dt
-
-    try:
-        return dt.datetime.strptime(str(marker.get("written")), "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    except ValueError:
-        return None
-
-
 def _read_errors(data: ReportData, job: Job, ledger: jobdir.Ledger) -> None:
     """Errors by (stage, reason), with the first few of each: invalid input rows, then run-time row errors
     (streamed: there may be millions)."""
@@ -154,7 +145,7 @@ def _read_results(data: ReportData, job: Job) -> None:
         seen[keys] = True
         if not fresh.all():
             table = table.filter(fresh)
-        if not isinstance(commit.marker.get("batches"), list) and (t := _commit_time(commit.marker)):
+        if not isinstance(commit.marker.get("batches"), list) and (t := commit.written_at):
             tokens = int(_lengths(table, job.kind).sum())
             data.batches.append((t, str(commit.marker.get("worker") or "?"), table.num_rows, tokens, None))
         _bin(data, table, job.kind)

@@ -1108,6 +1108,19 @@ class Commit:
     def shard(self) -> str | None:
         return self.marker.get("shard")
 
+    @property
+    def written_at(self) -> float | None:
+        """When its marker says it was written (in its writer's time zone: workers on several machines), as a
+        timestamp; None when the marker has no readable time."""
+        import datetime
+
+        try:
+            return datetime.datetime.strptime(
+                str(self.marker.get("written")), "%Y-%m-%dT%H:%M:%S%z"
+            ).timestamp()
+        except ValueError:
+            return None
+
     def keys(self) -> Iterator[int]:
         for a, b in self.marker["keys"]:
             yield from range(a, b)

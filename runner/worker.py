@@ -219,7 +219,7 @@ class JobRun:
 
         assert self.engine is not None
         commits = [c for c in self.ledger().commits if c.shard]
-        newest = max(commits, key=_written_at, default=None)
+        newest = max(commits, key=lambda c: c.written_at or 0.0, default=None)
         if newest is None:
             return
         try:
@@ -658,19 +658,6 @@ class JobRun:
         stats["tokens"] = sum(int(r.get("tokens") or 0) for r in stats["runs"])
         stats["seconds"] = round(sum(float(r.get("seconds") or 0) for r in stats["runs"]), 3)
         storage.write_json(self.job.dir / jobdir.STATS_FILE, stats)
-
-
-def _written_at(commit: jobdir.Commit) -> float:
-    """When the commit's marker says it was written (its own time zone: workers on several machines), as a
-    timestamp; 0 for a marker without a readable time."""
-    import datetime
-
-    try:
-        return datetime.datetime.strptime(
-            str(commit.marker.get("written")), "%Y-%m-%dT%H:%M:%S%z"
-        ).timestamp()
-    except ValueError:
-        return 0.0
 
 
 def _cpu_threads() -> int:
