@@ -1034,13 +1034,9 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
         owner = Owner.from_dict(hb) if isinstance(hb, dict) else None
         if owner is None or owner.worker + ".json" != name:
             continue
-        left = _lease_left(job.dir / WORKERS / name, hb, now)
+        left, lease = _lease_left(job.dir / WORKERS / name, hb, now)
         if left > 0 and not owner.provably_dead():
-            out[owner.worker] = {
-                **hb,
-                "expires": now + left,
-                "lease": float(hb["expires"]) - float(hb["heartbeat"]),
-            }
+            out[owner.worker] = {**hb, "expires": now + left, "lease": lease}
     return out
 
 
@@ -1049,25 +1045,26 @@ SKEW_SLACK = 60.0
 _sighted: dict[str, tuple[float, float]] = {}  # heartbeat file -> (its "heartbeat" time, when first seen)
 
 
-def _lease_left(path: Path, hb: dict[str, Any], now: float) -> float:
-    """Seconds the heartbeat's lease has left by this machine's clock (<= 0: stale; damage is stale). Its times
-    are its writer's clock: a writer whose clock runs ahead (a heartbeat written in our future) would hold its
-    lease that much longer, hours after it died, so its lease (expires - heartbeat, at most MAX_LEASE) is then
-    counted from when this process first saw that heartbeat, and a beat that changes renews it."""
+def _lease_left(path: Path, hb: dict[str, Any], now: float) -> tuple[float, float]:
+    """(seconds the heartbeat's lease has left by this machine's clock (<= 0: stale; damage is stale), the lease
+    it declares). Its times are its writer's clock: a writer whose clock runs ahead (a heartbeat written in our
+    future) would hold its lease that much longer, hours after it died, so its lease (expires - heartbeat, at
+    most MAX_LEASE) is then counted from when this process first saw that heartbeat, and a beat that changes
+    renews it."""
     try:
         expires, beat = float(hb["expires"]), float(hb["heartbeat"])
     except (KeyError, TypeError, ValueError):
-        return 0.0
+        return 0.0, 0.0
     lease = expires - beat
     if not 0 < lease <= MAX_LEASE or expires > now + MAX_LEASE:  # damage, not a lease
-        return 0.0
+        return 0.0, 0.0
     if beat <= now + SKEW_SLACK:
         _sighted.pop(str(path), None)
-        return expires - now
+        return expires - now, lease
     seen = _sighted.get(str(path))
     if seen is None or seen[0] != beat:
         seen = _sighted[str(path)] = (beat, time.monotonic())
-    return lease - (time.monotonic() - seen[1])
+    return lease - (time.monotonic() - seen[1]), lease
 
 
 @dataclass
@@ -1706,7 +1703,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
     report.state_now, report.done, report.total = now.state.value, progress.done, progress.total
     # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
     # and one deleted under it would stop it with a false "cannot be written" when it wakes.
-    remove_stale_temps(job.dir)
+    remove_stale_temps(job)
     job.log(f"repaired: state {report.state_was} -> {now.state.value}, {len(report.quarantined)} commit(s) "
             f"quarantined, {progress.done:,}/{progress.total:,} rows done")  # fmt: skip
     return report
@@ -1845,14 +1842,17 @@ def _restore_spec(path: Path) -> Job:
 TEMP_MAX_AGE = 600.0  # seconds: a temp file untouched this long has no live writer (leases go stale in 120)
 
 
-def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
+def remove_stale_temps(job: Job, max_age: float = TEMP_MAX_AGE) -> int:
     """Delete temp files killed writers left in the job's folders (never followed through links: `scan`
     lists plain files only, and a job whose folders are links is broken before it gets here). A file counts
-    as left behind `max_age` after its last change plus the longest lease a live worker of the job holds
+    as left behind `max_age` after its last change plus the longest lease a live worker of the job declares
     (RUNNER_LEASE_TTL may be an hour: such a worker, frozen for minutes, still owns what it is writing)."""
     removed = 0
-    now = time.time()
-    max_age += max((_declared_lease(hb) for hb in _live_in(job_dir, now).values()), default=0.0)
+    now, job_dir = time.time(), job.dir
+    try:
+        max_age += max((hb["lease"] for hb in live_workers(job, now).values()), default=0.0)
+    except RunnerError:  # workers/ cannot be read: the files are judged by their age alone
+        pass
     for folder in (job_dir, *(job_dir / sub for sub in (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, STATES))):
         if _is_link(folder):
             continue
@@ -1865,19 +1865,6 @@ def remove_stale_temps(job_dir: Path, max_age: float = TEMP_MAX_AGE) -> int:
             storage.remove(folder / name)
             removed += 1
     return removed
-
-
-def _live_in(job_dir: Path, now: float) -> dict[str, dict[str, Any]]:
-    try:
-        return live_workers(Job.open(job_dir), now)
-    except RunnerError:  # a job that does not open: its workers are judged by the age of their files alone
-        return {}
-
-
-def _declared_lease(hb: dict[str, Any]) -> float:
-    """The lease a live worker's heartbeat declares (`live_workers`' "lease": its expiry minus its beat, both
-    on its writer's clock)."""
-    return max(0.0, min(MAX_LEASE, float(hb["lease"])))
 
 
 def _age(path: Path, now: float) -> float | None:

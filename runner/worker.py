@@ -202,7 +202,7 @@ class JobRun:
         files killed writers left."""
         for name, why in progress.bad:
             jobdir.quarantine(self.job, name, why)
-        if jobdir.remove_stale_temps(self.job.dir):
+        if jobdir.remove_stale_temps(self.job):
             self.job.log("removed temp files left by killed workers")
 
     def load_engine(self) -> None:

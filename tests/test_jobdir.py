@@ -686,7 +686,7 @@ def test_housekeeping_retries_a_transient_error_on_what_it_looks_at(job, monkeyp
 
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
     monkeypatch.setattr(os, "lstat", lstat)
-    assert jobdir.remove_stale_temps(job.dir) == 1 and jobdir.remove_dead_submits(job.dir.parent) == 1
+    assert jobdir.remove_stale_temps(job) == 1 and jobdir.remove_dead_submits(job.dir.parent) == 1
     assert failed == {str(left), str(submit)} and not left.exists() and not submit.exists()
 
 
@@ -705,9 +705,9 @@ def test_a_temp_file_of_a_worker_holding_a_long_lease_is_not_deleted(job):
     half.write_bytes(b"half a shard")
     half_an_hour_ago = time.time() - 1800
     os.utime(half, (half_an_hour_ago, half_an_hour_ago))
-    assert jobdir.remove_stale_temps(job.dir) == 0 and half.exists()
+    assert jobdir.remove_stale_temps(job) == 0 and half.exists()
     (job.dir / "workers" / "frozen.json").unlink()  # its worker gone: the lease with it
-    assert jobdir.remove_stale_temps(job.dir) == 1 and not half.exists()
+    assert jobdir.remove_stale_temps(job) == 1 and not half.exists()
 
 
 def test_one_transient_error_listing_the_home_or_an_o_folder_is_retried(job, tmp_path, monkeypatch):
