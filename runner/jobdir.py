@@ -1655,9 +1655,11 @@ def repair(path: str | os.PathLike) -> RepairReport:
     (completed if every row is done or failed, else queued so `runner work` redoes what is missing)."""
     path = Path(path)
     report = RepairReport()
-    # Job.open refuses a job whose folders are links (or shards/, done/, claims/ files): they go first
-    misplaced = {sub: storage.kind(path / sub) for sub in FOLDERS if sub != QUARANTINE}
-    misplaced = {sub: kind for sub, kind in misplaced.items() if kind not in (None, "dir")}
+    # Job.open refuses a job whose folders are links (or files where they belong): they go first
+    kinds = storage.kinds(path)  # one listing, as Job.open reads the folder
+    misplaced = {
+        sub: kinds[sub] for sub in FOLDERS if sub != QUARANTINE and kinds.get(sub) not in (None, "dir")
+    }
     for sub in misplaced:
         _move_aside(path, sub)
     try:
