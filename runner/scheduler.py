@@ -246,9 +246,8 @@ class Engines:
             if self.loaded:
                 self.loaded.clear()
                 _release_memory()  # before the next engine reads the GPU's free memory for its token budget
-            make_current(
-                o.device
-            )  # (a job of its own --device cuda:N, or runner.work(device=...) from Python)
+            # (a job of its own --device cuda:N, or runner.work(device=...) from Python)
+            make_current(o.device)
             self.loaded[key] = Engine(job.spec.model, o)
         return self.loaded[key]
 

@@ -250,13 +250,9 @@ def kinds(folder: str | os.PathLike) -> dict[str, str]:
     def of(entry: os.DirEntry) -> str:
         if entry.is_symlink():
             return "link"
-        return (
-            "file"
-            if entry.is_file(follow_symlinks=False)
-            else "dir"
-            if entry.is_dir(follow_symlinks=False)
-            else "other"
-        )
+        if entry.is_file(follow_symlinks=False):
+            return "file"
+        return "dir" if entry.is_dir(follow_symlinks=False) else "other"
 
     def op() -> dict[str, str]:
         try:

@@ -157,11 +157,11 @@ class JobRun:
         # The batch computing now: its keys not in the progress yet, and the rows and tokens already in it.
         self.uncounted: set[tuple[int, int]] = set()
         self.counted = [0, 0]
-        self.noted = False  # whether `note_precision` has looked at the job's rows done before this run
 
     def run(self) -> RunSummary:
         self.check_prompts()
-        before = jobdir.job_progress(self.job, self.ledger())
+        ledger = self.ledger()
+        before = jobdir.job_progress(self.job, ledger)
         self.tidy(before)
         if before.complete or not before.claimable:
             return self.finish(ran=False)
@@ -170,12 +170,13 @@ class JobRun:
         self.progress = Progress(
             self.job.total, before.done + before.failed, echo=self.say, interval=self.interval
         )
+        noted = False  # the rows done before this run: computed in this worker's precision?
         with Heartbeat(self.job, self.owner, self.ttl) as self.beat:
             while not self.stopped and (unit := self.next_unit()) is not None:
                 self.load_engine()
-                if self.progress.done_before and not self.noted:  # (rows done before this run: by whom?)
-                    self.noted = True
-                    self.note_precision()
+                if not noted:
+                    noted = True
+                    self.note_precision(ledger)
                 self.run_unit(unit)
             if self.beat.error is not None:
                 raise self.beat.error
@@ -210,15 +211,15 @@ class JobRun:
             self.say(f"loading model {self.job.spec.model} ...")
             self.engine = Engine(self.job.spec.model, self.job.options)
 
-    def note_precision(self) -> None:
+    def note_precision(self, ledger: jobdir.Ledger) -> None:
         """Say so when the job's newest rows were computed in another precision or on another kind of device
         than this worker's (begun on an A100 in bfloat16, carried on on a T4 in float16: `--dtype auto`): its
-        results then mix the two, which is allowed (EngineOptions) but not silent. From the newest commit's shard
-        (its Parquet metadata); shards of an older runner say nothing."""
+        results then mix the two, which is allowed (EngineOptions) but not silent. From the newest shard of
+        `ledger` (the commits before this run; its Parquet metadata); shards of an older runner say nothing."""
         import pyarrow.parquet as pq
 
         assert self.engine is not None
-        commits = [c for c in self.ledger().commits if c.shard]
+        commits = [c for c in ledger.commits if c.shard]
         newest = max(commits, key=lambda c: c.written_at or 0.0, default=None)
         if newest is None:
             return
