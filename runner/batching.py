@@ -107,7 +107,9 @@ def tokens_in_memory(config: Any, dtype: Any, free_bytes: int, kind: str) -> int
     computed a chunk of positions at a time (scoring.FLOAT_CHUNK), so the vocabulary does not count here."""
     import torch
 
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from .models import text_config
+
+    cfg = text_config(config)
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 12)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads

@@ -40,6 +40,7 @@ from .models import (
     load_tokenizer,
     model_fingerprint,
     reading_model,
+    text_config,
 )
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 from .passthrough import Passthrough, rewrite_passthrough
@@ -527,13 +528,12 @@ def _stale_claim(path: Path, held: Any) -> bool:
 
 def _vocab_size(config: Any) -> int | None:
     """Rows of the model's input embedding: a token id past them is out of range for the model."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    size = getattr(cfg, "vocab_size", None)
+    size = getattr(text_config(config), "vocab_size", None)
     return size if isinstance(size, int) and size > 0 else None
 
 
 def _hidden_size(config: Any) -> int | None:
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
 
 

@@ -2,7 +2,7 @@
 
 --model -> `resolve_model` (the demo alias, .gguf files, local dirs, hub ids) -> `load_tokenizer`, `load_config`,
 `load_model` -> engine.py. Submit reads the model's facts here without loading weights: `check_causal_lm`,
-`context_window`, `eos_token_ids`, `model_fingerprint`.
+`context_window`, `eos_token_ids`, `model_fingerprint`, `text_config`.
 
 `from_pretrained(..., gguf_file=...)` dequantizes the whole file on every load (about 30 s on a laptop CPU), so
 GGUF files, the offline demo model included, are converted once into a cached float32 safetensors folder that
@@ -128,6 +128,11 @@ def pick_device(option: str) -> Any:
     if option.startswith("cuda") and not torch.cuda.is_available():
         raise RunnerError(f"--device {option}: CUDA is not available on this machine (use --device cpu)")
     return torch.device(option)
+
+
+def text_config(config: Any) -> Any:
+    """The config of the model's text part (a multimodal config holds one per part), else the config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def pick_dtype(option: str, device: Any) -> Any:
