@@ -461,7 +461,7 @@ class Engine:
             if stop is not None and stop():
                 raise Stopped("stopped between decode steps")
             tok, chosen, logprobs = self._pick(st)
-            self._record(st, tok, chosen, logprobs)
+            self._record(st, chosen, logprobs)
             if on_step is not None:
                 on_step(len(tok))
             self._advance(st, tok)
@@ -529,7 +529,7 @@ class Engine:
         st.step = ([int(t) for t in host[0]], host[1], [e != 0 for e in host[2]])
         return tok, chosen, logprobs
 
-    def _record(self, st: _Decode, tok, chosen, logprobs) -> None:
+    def _record(self, st: _Decode, chosen, logprobs) -> None:
         """Append each slot's token and log-prob (and alternatives) to its row, decide which rows are finished;
         `st.keep` lists the slots that go on."""
 
@@ -538,7 +538,7 @@ class Engine:
         over = st.constraints.advance(st.rows, tok_list, is_eos) if st.constraints else [False] * len(st.rows)
         ks = [st.params[r].logprobs for r in st.rows]
         if any(k is not None for k in ks):
-            self._collect_top(logprobs, tok, chosen, ks, st.rows, st.tops)
+            self._collect_top(logprobs, chosen, st.step, ks, st.rows, st.tops)
         st.keep = []
         for slot, r in enumerate(st.rows):
             st.out_ids[r].append(tok_list[slot])
@@ -851,9 +851,10 @@ class Engine:
         return [[None, *lp[r, start:].tolist()] for r, start in enumerate(starts)]
 
     @staticmethod
-    def _collect_top(logprobs, tok, chosen, ks, rows, tops) -> None:
+    def _collect_top(logprobs, chosen, step, ks, rows, tops) -> None:
         """Append this step's top-k alternatives (plus the chosen token, if not among them) for each row that
-        asked for them (`ks`: k per slot, None for none). Keeps [batch, k] per step, never the vocabulary."""
+        asked for them (`ks`: k per slot, None for none; `step`: the step's tokens and log-probs on the host, as
+        `_pick` read them). Keeps [batch, k] per step, never the vocabulary."""
         kmax = max((k for k in ks if k), default=0)
         if kmax:
             top_lp, top_id = logprobs.topk(kmax, dim=-1)
@@ -864,7 +865,7 @@ class Engine:
             top_lp = top_id = [[] for _ in rows]
         # rank of the chosen token: 1 + how many tokens are strictly more likely
         ranks = ((logprobs > chosen.unsqueeze(-1)).sum(-1) + 1).tolist()
-        tok_list, ch_list = tok.tolist(), chosen.tolist()
+        tok_list, ch_list, _ = step
         for slot, r in enumerate(rows):
             if ks[slot] is None:
                 continue
