@@ -42,7 +42,7 @@ from .batching import left_pad
 from .errors import ModelLoadError, RunnerError, first_line
 from .models import context_window, eos_token_ids, load_model, load_tokenizer, pick_device, pick_dtype
 from .params import EngineOptions, GenerationParams
-from .tokens import TokenText, partial_tail_tokens
+from .tokens import TokenText, decode_many, partial_tail_tokens
 
 # Prompt tokens decoded with the generation, so that a leading space survives (SentencePiece).
 DETOKENIZE_CONTEXT = 4
@@ -539,7 +539,7 @@ class Engine:
         ks = [st.params[r].logprobs for r in st.rows]
         if any(k is not None for k in ks):
             self._collect_top(logprobs, chosen, st.step, ks, st.rows, st.tops)
-        st.keep = []
+        scan = []  # rows whose stop strings are looked for in this step's text
         for slot, r in enumerate(st.rows):
             st.out_ids[r].append(tok_list[slot])
             st.out_lps[r].append(lp_list[slot])
@@ -550,7 +550,11 @@ class Engine:
                 if len(st.out_ids[r]) == p.min_new_tokens > 1:  # stop strings count from this token's text on
                     before = len(self._detok(st.prefixes[r], st.out_ids[r][:-1]))
                     st.scanned[r] = before + max(len(x) for x in p.stop) - 1
-                self._scan_stops(st, r)
+                scan.append(r)
+        self._scan_stops(st, scan)
+        st.keep = []
+        for slot, r in enumerate(st.rows):
+            p = st.params[r]
             if st.finish[r] is None and over[slot]:
                 st.finish[r] = ("stop", None)
             if st.finish[r] is None and len(st.out_ids[r]) >= p.max_new_tokens:
@@ -560,17 +564,18 @@ class Engine:
             elif st.on_finish is not None:
                 st.on_finish(r, len(st.out_ids[r]))
 
-    def _scan_stops(self, st: _Decode, r: int) -> None:
-        """Look for the row's stop strings in the text decoded since the last look (and a stop string's
-        length back, for one that straddles two steps)."""
-        stops = st.params[r].stop
-        text = self._detok(st.prefixes[r], st.out_ids[r])
-        start = max(0, st.scanned[r] - max(len(s) for s in stops) + 1)
-        hits = [(i, s) for i, s in ((text.find(s, start), s) for s in stops) if i >= 0]
-        st.scanned[r] = len(text)
-        if hits:
-            i, s = min(hits)
-            st.finish[r], st.stop_pos[r] = ("stop", s), i
+    def _scan_stops(self, st: _Decode, rows: list[int]) -> None:
+        """Look for each row's stop strings in the text decoded since the last look (and a stop string's
+        length back, for one that straddles two steps). The rows' texts are decoded in one call."""
+        texts = self._texts([st.prefixes[r] for r in rows], [st.out_ids[r] for r in rows])
+        for r, text in zip(rows, texts, strict=True):
+            stops = st.params[r].stop
+            start = max(0, st.scanned[r] - max(len(s) for s in stops) + 1)
+            hits = [(i, s) for i, s in ((text.find(s, start), s) for s in stops) if i >= 0]
+            st.scanned[r] = len(text)
+            if hits:
+                i, s = min(hits)
+                st.finish[r], st.stop_pos[r] = ("stop", s), i
 
     def _advance(self, st: _Decode, tok) -> None:
         """Finished rows leave the batch and its KV cache, the others take one forward step on their new
@@ -659,8 +664,7 @@ class Engine:
 
     def _completions(self, st: _Decode) -> list[Completion]:
         results = []
-        for r in range(len(st.prompts)):
-            text = self._detok(st.prefixes[r], st.out_ids[r])
+        for r, text in enumerate(self._texts(st.prefixes, st.out_ids)):
             if st.stop_pos[r] is not None:
                 text = text[: st.stop_pos[r]]
             reason, stop = st.finish[r] or ("length", None)
@@ -889,12 +893,16 @@ class Engine:
         """Text of `generated` as it reads after the prompt. Decoding it alone would lose a leading space
         with SentencePiece tokenizers ("▁Paris" -> "Paris"), so decode it after the prompt's last few tokens
         and cut the prefix's text off."""
-        dec = self.tokenizer.decode
-        head = dec(prefix, skip_special_tokens=True)
-        full = dec(prefix + generated, skip_special_tokens=True)
-        if full.startswith(head):
-            return full[len(head) :]
-        return dec(generated, skip_special_tokens=True)
+        return self._texts([prefix], [generated])[0]
+
+    def _texts(self, prefixes: list[list[int]], generated: list[list[int]]) -> list[str]:
+        """`_detok` of many rows, decoded together (tokens.decode_many)."""
+        heads = decode_many(self.tokenizer, prefixes)
+        fulls = decode_many(self.tokenizer, [p + g for p, g in zip(prefixes, generated, strict=True)])
+        return [
+            full[len(head) :] if full.startswith(head) else decode_many(self.tokenizer, [gen])[0]
+            for head, full, gen in zip(heads, fulls, generated, strict=True)
+        ]
 
     @contextlib.contextmanager
     def in_float32(self) -> Iterator[None]:

@@ -20,6 +20,7 @@ from typing import Any
 PIECE_CONTEXT = 8  # tokens decoded before each token in `token_pieces` (a UTF-8 character is <= 4 bytes)
 REPLACEMENT = "\ufffd"
 _BYTE_LEVEL: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # tokenizer -> LLTokenizer
+_RUST: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # tokenizer -> Rust decoder or None
 
 
 def token_pieces(tokenizer: Any, ids: Sequence[int], prefix: Sequence[int] = ()) -> list[str]:
@@ -123,7 +124,42 @@ def _decoded_alternatives(tokenizer: Any, prefix: Sequence[int], alternatives: S
 
 
 def _decode(tokenizer: Any, rows: list[list[int]]) -> list[str]:
-    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return decode_many(tokenizer, rows)
+
+
+def decode_many(tokenizer: Any, rows: list[list[int]]) -> list[str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True)` of each row. transformers' `batch_decode` calls
+    `decode` row by row in Python; where `decode` is exactly the Rust tokenizer's (`_rust_decoder`), all rows
+    go to it in one call (its threads share them out): the same texts, 2x faster on one core and more on many.
+    The decode loop's stop strings read every such row's whole text at every step (engine.py)."""
+    if not rows:
+        return []
+    rust = _rust_decoder(tokenizer)
+    if rust is not None:
+        return rust.decode_batch(rows, skip_special_tokens=True)
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+
+
+def _rust_decoder(tokenizer: Any) -> Any:
+    """The tokenizers.Tokenizer behind `tokenizer` when its `decode` is that Tokenizer's decode and nothing
+    more: transformers' own fast tokenizer class (methods not overridden by a model's code) with no clean-up
+    of spaces. Otherwise None."""
+    try:
+        return _RUST[tokenizer]
+    except KeyError:
+        pass
+    except TypeError:  # not weak-referenceable
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    base, cls = PreTrainedTokenizerFast, type(tokenizer)
+    plain = isinstance(tokenizer, base) and all(
+        getattr(cls, name) is getattr(base, name) for name in ("decode", "_decode", "batch_decode")
+    )
+    rust = getattr(tokenizer, "_tokenizer", None)
+    ok = plain and not tokenizer.clean_up_tokenization_spaces and hasattr(rust, "decode_batch")
+    _RUST[tokenizer] = rust if ok else None
+    return _RUST[tokenizer]
 
 
 def _piece(tokenizer: Any, token: int, head: str, full: str, keep_partial: bool, cut_start: bool) -> str:

@@ -342,3 +342,22 @@ def test_a_decode_step_waits_for_the_device_once(gpt2_engine, monkeypatch, sampl
     params = GenerationParams(max_new_tokens=12, min_new_tokens=12, **settings)
     gpt2_engine.generate(prompts, params, seeds=[1, 2, 3])
     assert sum(reads.values()) == 12, reads  # one per step
+
+
+def test_a_decode_step_reads_the_texts_of_all_rows_with_stop_strings_in_one_decode(gpt2_engine, monkeypatch):
+    import runner.engine as engine_module
+
+    engine = gpt2_engine
+    prompts = ids_of(engine, PROMPTS)
+    params = GenerationParams(max_new_tokens=8, stop=["\x00never"])
+    before = engine.generate(prompts, params)
+    calls = []
+    real = engine_module.decode_many
+    monkeypatch.setattr(
+        engine_module, "decode_many", lambda tok, rows: calls.append(len(rows)) or real(tok, rows)
+    )
+    after = engine.generate(prompts, params)
+    assert_same_completions(after, before)
+    # per step, then for the results: the prompts' last tokens, then with the text, of all rows at once
+    steps = max(len(c.token_ids) for c in after)
+    assert len(calls) == 2 * steps + 2 and calls[:2] == calls[-2:] == [len(prompts)] * 2

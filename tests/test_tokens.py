@@ -82,3 +82,39 @@ def test_a_tokenizer_llguidance_cannot_read_falls_back_to_the_text_in_place(gpt2
     other = unreadable_by_llguidance(tok, monkeypatch)
     ids = tok("The capital", add_special_tokens=False)["input_ids"]
     assert TokenText(other).bytes(ids) == [p.encode() for p in token_pieces(tok, ids)]
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_many_rows_decode_as_the_tokenizer_decodes_each(request, name):
+    import random
+
+    from runner.tokens import _rust_decoder, decode_many
+
+    tok = request.getfixturevalue(name).tokenizer
+    rng = random.Random(0)
+    words = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    # random ids (special tokens, lone bytes of split characters) and real texts cut anywhere
+    rows = [[rng.randrange(len(tok)) for _ in range(rng.randrange(0, 30))] for _ in range(200)]
+    rows += [w[rng.randrange(len(w)) :] + w[: rng.randrange(len(w))] for w in words for _ in range(50)]
+    assert _rust_decoder(tok) is not None  # transformers' own fast tokenizer: one call of the Rust decoder
+    assert decode_many(tok, rows) == [tok.decode(r, skip_special_tokens=True) for r in rows]
+
+
+def test_a_tokenizer_that_cleans_up_spaces_or_decodes_its_own_way_decodes_row_by_row(tiny_gpt2):
+    from transformers import AutoTokenizer
+
+    from runner.tokens import _rust_decoder, decode_many
+
+    tidy = AutoTokenizer.from_pretrained(tiny_gpt2, clean_up_tokenization_spaces=True)
+    tidy.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    ids = tidy("Paris , France . It isn 't .", add_special_tokens=False)["input_ids"]
+    assert _rust_decoder(tidy) is None
+    assert decode_many(tidy, [ids]) == [tidy.decode(ids, skip_special_tokens=True)]
+
+    class Shouting(type(tidy)):
+        def decode(self, *args, **kwargs):
+            return super().decode(*args, **kwargs).upper()
+
+    loud = Shouting.from_pretrained(tiny_gpt2)
+    assert _rust_decoder(loud) is None
+    assert decode_many(loud, [ids]) == [loud.decode(ids, skip_special_tokens=True)]
