@@ -40,6 +40,7 @@ from .models import (
     load_tokenizer,
     model_fingerprint,
     reading_model,
+    stored_spec,
     text_config,
 )
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
@@ -147,7 +148,9 @@ def create_job(
     source = input_path
     with input_file(source) as input_path:
         prompt_field = prompt_field or ("prompt" if kind == "generate" else "text")
+        # the names Batch lines may give the model
         models = tuple(dict.fromkeys((model, Path(model).name, *served_model_names)))
+        model = stored_spec(model)
         reader = _reader(input_path, kind, prompt_field, template, models, chat)
         identity = _identity(input_path, model, params, prompt_field=prompt_field, template=template,
                              skip_invalid=skip_invalid, truncate=truncate, served=served_model_names,

@@ -87,6 +87,19 @@ def resolve_model(
     return spec
 
 
+def stored_spec(spec: str) -> str:
+    """The model as a job stores it: a local folder or .gguf file given by a relative path becomes absolute,
+    since the relative one names another folder, or none, when `runner work` runs from another directory (a
+    notebook after `%cd`, a second VM); anything else (an absolute or ~ path, the demo alias, a hub id) as given.
+    transformers loads an existing folder before a hub id of the same name, so this is the model submit checked."""
+    path = Path(spec)
+    if path.is_absolute() or spec.startswith("~") or spec.strip().lower() == DEMO_MODEL:
+        return spec
+    if path.is_dir() or (spec.lower().endswith(".gguf") and path.is_file()):
+        return os.path.abspath(path)
+    return spec
+
+
 T = TypeVar("T")
 
 

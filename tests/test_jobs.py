@@ -305,6 +305,29 @@ def test_chat_messages_use_the_chat_template(tmp_path, tiny_llama, tiny_gpt2):
         create_job(f, tiny_gpt2)
 
 
+def test_a_model_folder_given_by_a_relative_path_is_found_from_any_directory(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """`runner submit -m mymodel` next to the folder, then `runner work` after a `%cd` (or on a second VM with
+    the same mount): the job stores the folder's absolute path, and runs."""
+    import shutil
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    shutil.copytree(tiny_gpt2, tmp_path / "a" / "mymodel")
+    monkeypatch.chdir(tmp_path / "a")
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}]), "mymodel",
+                     GenerationParams(max_new_tokens=2), home=tmp_path / "home")  # fmt: skip
+    assert job.meta["model"] == str(tmp_path / "a" / "mymodel")
+    monkeypatch.chdir(tmp_path / "b")
+    run_job(jobdir.open_job(job.dir), echo=None)
+    assert jobdir.open_job(job.dir).state().state == "completed"
+    assert len(runner.load_results(job.dir)) == 1
+    # an absolute or ~ path and a hub id are kept as typed
+    from runner.models import stored_spec
+
+    assert stored_spec(str(tiny_gpt2) + "/") == str(tiny_gpt2) + "/" and stored_spec("gpt2") == "gpt2"
+
+
 def test_unknown_model_is_a_clear_error(tmp_path, prompts_file):
     with pytest.raises(RunnerError, match=r"cannot load model '.*no-such-model'"):
         create_job(prompts_file, str(tmp_path / "no-such-model"))
