@@ -28,7 +28,7 @@ from typing import Any
 
 from . import openai_batch
 from .errors import InputError, ParamError, Problem
-from .params import ROW_SETTINGS, row_overrides
+from .params import ROW_SETTINGS, row_overrides, setting_from_text
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_LINE_BYTES = 64 * 1024 * 1024  # a line this long is surely a broken file, not a prompt
@@ -328,7 +328,9 @@ def _csv_batches(path: Path, text_columns: tuple[str, ...]) -> Any:
             header = next(csv.reader(f), [])
     except UnicodeDecodeError as e:
         raise _not_utf8_error(path) from e
-    types = {c: pa.string() for c in header if c in text_columns}
+    # the setting columns too: pyarrow would guess a type from the first block, and one cell that does not fit
+    # ("O.7") would turn a whole column into text or stop the read; each cell is read on its own (RowChecker)
+    types = {c: pa.string() for c in header if c in text_columns or c in ROW_SETTINGS}
     data = header[1:] if header[:1] == [""] and "" not in header[1:] else []  # [] reads every column
     options = pcsv.ConvertOptions(column_types=types, include_columns=data)
     reader = pcsv.open_csv(path, convert_options=options)
@@ -543,6 +545,9 @@ class RowChecker:
         self._requests: bool | None = None  # an OpenAI Batch file (decided by its first row)
         self.chat = chat
         self.saw_messages = False
+        self.settings_as_text = (
+            False  # the file's setting columns are text (CSV): read each cell as JSON would
+        )
         self.template = Template(template) if template is not None else None
         self.prompt_field, self.id_field = prompt_field, id_field
         self.messages_field, self.pair_fields = messages_field, pair_fields
@@ -578,6 +583,8 @@ class RowChecker:
             return row, None
         data = set(self.template.fields) if self.template else set()
         raw = {k: row.extra.pop(k) for k in list(row.extra) if k in ROW_SETTINGS and k not in data}
+        if self.settings_as_text:  # a CSV's cells
+            raw = {k: setting_from_text(k, v) for k, v in raw.items()}
         row.raw_settings = raw or None
         try:
             row.settings = row_overrides(raw) or None
@@ -603,6 +610,7 @@ class PromptReader(RowChecker):
                 [Problem(str(self.path), 0, None, "no such file")], header="cannot read the prompt file"
             )
         super().__init__(str(self.path), **checks)
+        self.settings_as_text = self.format == "csv"
 
     def _source(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         if self.format == "jsonl":

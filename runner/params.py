@@ -395,6 +395,32 @@ ROW_SETTINGS = {
 }  # fmt: skip
 
 
+# GenerationParams fields whose row values are whole numbers: 8.0 (pandas writes an integer column with gaps as
+# floats) is 8; 16.5 is refused by the field's own check.
+INT_SETTINGS = {"max_new_tokens", "min_new_tokens", "top_k", "num_return_sequences", "seed", "logprobs",
+                "prompt_logprobs", "num_beams", "no_repeat_ngram_size"}  # fmt: skip
+# ... and those whose CSV cell is text as written (a JSON list only for `stop` and `choices`)
+TEXT_SETTINGS = {"stop", "regex", "grammar", "choices"}
+
+
+def setting_from_text(name: str, text: str | None) -> Any:
+    """A CSV cell of a setting column as a JSON line would give it: empty is no setting (the job's), then
+    true/false in any case, numbers, JSON lists and objects; text settings (stop, regex, grammar, choices) as
+    written unless a JSON list of `stop` or `choices`. What reads as none of these stays text, for the field's
+    check to name ("temperature must be a number, got 'O.7'")."""
+    target = ROW_SETTINGS[name]
+    if text is None or text == "" or (target not in TEXT_SETTINGS and not text.strip()):
+        return None
+    if target in TEXT_SETTINGS and not (target in ("stop", "choices") and text.lstrip().startswith("[")):
+        return text
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     """An input row's setting fields as GenerationParams fields. Raises ParamError naming the row's own field
     when two spellings of one setting are given or a value has the wrong shape."""
@@ -419,6 +445,8 @@ def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
         if name == "response_format":
             out.update(response_format(value))
             continue
+        if target in INT_SETTINGS and isinstance(value, float) and value.is_integer():
+            value = int(value)
         out[target] = value
     return out
 

@@ -220,6 +220,30 @@ def test_plain_rows_carry_their_own_settings_checked_per_row(tmp_path, tiny_gpt2
     assert df.iloc[0]["completion_tokens"] <= 3 and runner.status(job.dir).total == 4
 
 
+def test_a_csvs_setting_cells_are_read_one_by_one_as_a_json_line_would_give_them(tmp_path, tiny_gpt2):
+    """A CSV from Excel or pandas: setting columns are text, each cell read on its own. One bad cell among
+    10,000 names its own line (pyarrow had typed the whole column as text, and every row was refused); an empty
+    cell is the job's setting; 8.0 (an integer column with gaps, as pandas writes it) is 8."""
+    lines = ["prompt,temperature,max_tokens,do_sample,stop"]
+    lines += [f"文{i},{'O.7' if i == 6789 else '0.7'},8.0,TRUE,###" for i in range(10_000)]
+    (tmp_path / "big.csv").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8-sig")
+    with pytest.raises(InputError) as err:
+        create_job(tmp_path / "big.csv", tiny_gpt2)
+    assert str(err.value).splitlines()[1:] == [
+        f"{tmp_path / 'big.csv'}:6791: temperature: temperature must be a number, got 'O.7'.",
+        "(use --skip-invalid to run the valid rows)",
+    ]
+    (tmp_path / "few.csv").write_text(
+        'id,prompt,temperature,max_tokens,stop,n\na,Hello,0.5,3,"[""a"", ""b""]",\nb,World,,,7,2\n'
+    )
+    job = create_job(tmp_path / "few.csv", tiny_gpt2, GenerationParams(max_new_tokens=5))
+    settings = [json.loads(s) if s else None for s in job.prompts().column("settings").to_pylist()]
+    assert settings[0]["temperature"] == 0.5 and settings[0]["max_new_tokens"] == 3
+    assert settings[0]["stop"] == ["a", "b"] and "num_return_sequences" not in settings[0]
+    assert settings[1]["stop"] == "7" and settings[1]["num_return_sequences"] == 2
+    assert "temperature" not in settings[1] and "max_new_tokens" not in settings[1]
+
+
 def test_embeddings_batch(tmp_path, tiny_gpt2):
     from runner.openai_batch import export
     from runner.params import EmbedParams
