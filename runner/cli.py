@@ -534,11 +534,14 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device)
     from .scheduler import work as work_loop
 
     failed: list[Any] = []
+    unrunnable: list[Any] = []  # jobs asking for a device this machine lacks (said as met; they stay queued)
     make_current(device)
     with _ctrl_c_stops() as stop:
         summaries = work_loop(home, job=job_ref, deadline=deadline, once=once, shard_rows=shard_rows,
                               shard_seconds=shard_minutes * 60, stop=stop, echo=_echo, device=device,
-                              on_failed=failed.append)  # fmt: skip
+                              on_failed=failed.append, on_unrunnable=unrunnable.append)  # fmt: skip
+    if unrunnable and not summaries and not failed:
+        raise SystemExit(1)  # nothing could run here: `runner work && next` must not go on
     if not summaries and not failed:
         _say_lost_rows(home, job_ref)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else ""))

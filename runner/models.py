@@ -133,14 +133,22 @@ def _transient(e: BaseException | None) -> bool:
     return False
 
 
+class NoSuchDevice(RunnerError):
+    """The device asked for is not on this machine (a Colab VM given no GPU this time). A fact about the machine,
+    not the job: a job that asks for it stays queued for a machine that has it."""
+
+
 def pick_device(option: str) -> Any:
     import torch
 
     if option == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if option.startswith("cuda") and not torch.cuda.is_available():
-        raise RunnerError(f"--device {option}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(option)
+    device = torch.device(option)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NoSuchDevice(f"--device {option}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise NoSuchDevice(f"--device {option}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def text_config(config: Any) -> Any:

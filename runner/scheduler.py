@@ -20,7 +20,7 @@ from .crashes import DeviceError
 from .engine import Engine
 from .errors import RunnerError
 from .jobdir import BrokenJob, Job, JobState, Owner
-from .models import ModelUnreadable, reading_model
+from .models import ModelUnreadable, NoSuchDevice, reading_model
 from .storage import StorageError
 from .worker import SHARD_ROWS, SHARD_SECONDS, RunSummary, run_job
 
@@ -279,11 +279,13 @@ def work(
     engine: Engine | None = None,
     device: str | None = None,
     on_failed: Callable[[Job], None] | None = None,
+    on_unrunnable: Callable[[Job], None] | None = None,
 ) -> list[RunSummary]:
     """Work through the queue until it is empty, `deadline` (time.time()) is near, or `stop()` is true.
     `job` restricts the worker to one job; `once` stops after one job; `device` overrides the jobs' device
     (`cuda:1` for the second GPU). Several workers may run at once, on one job or many. Returns a summary per
-    job run; `on_failed(job)` hears of each job that failed in this run (the model would not load...)."""
+    job run; `on_failed(job)` hears of each job that failed in this run (the model would not load...),
+    `on_unrunnable(job)` of each left queued because it asks for a device this machine does not have."""
     owner = Owner.me()
     engines = Engines(engine, device or local_device())
     lease_ttl = lease_ttl or lease_seconds()
@@ -309,6 +311,14 @@ def work(
             failed.add(cand.job.id)
             if echo:
                 echo(str(e))
+            continue
+        except NoSuchDevice as e:  # that job waits for a machine with its device; the others run meanwhile
+            failed.add(cand.job.id)
+            if on_unrunnable is not None:
+                on_unrunnable(cand.job)
+            if echo:
+                echo(f"job {cand.job.id} stays queued: {e}; run it on a machine that has that device, or here "
+                     f"with `runner work --job {cand.job.id} --device cpu`")  # fmt: skip
             continue
         if summary is None:
             failed.add(cand.job.id)
@@ -396,7 +406,7 @@ def run_leased(
         if isinstance(e, StorageError):  # the job home itself is failing (Drive gone): not the job's fault
             raise _stopped(e, j) from e
         raise
-    except DeviceError:  # the GPU is unusable for this process; the next worker isolates the row
+    except (DeviceError, NoSuchDevice):  # this machine's, not the job's: it stays queued
         raise
     except BrokenJob as e:
         return _skip_broken(j, e, echo)

@@ -477,6 +477,33 @@ def test_work_on_a_gpu_makes_it_the_current_device(runner_home, monkeypatch):
     assert made == ["cuda:1"]
 
 
+def test_a_job_asking_for_a_gpu_this_machine_lacks_stays_queued_and_runs_with_device_cpu(
+    prompts, tiny_gpt2, runner_home, monkeypatch
+):
+    """A Colab VM given no GPU this time: the job is not failed (retry, then the same failure, as a user walkthrough
+    found), it waits for a machine with the device, and `runner work --device cpu` runs it here."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    job_id = invoke(
+        "submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2, "--device", "cuda"
+    ).stdout.strip()
+    other = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2, "--name", "cpu-job")
+    assert other.exit_code == 0
+    done = invoke("work")  # the other job runs meanwhile
+    assert (
+        done.exit_code == 0
+        and f"job {job_id} stays queued: --device cuda: CUDA is not available" in done.stderr
+    )
+    assert f"`runner work --job {job_id} --device cpu`" in done.stderr, done.stderr
+    assert runner.status("cpu-job", runner_home).state == "completed"
+    assert runner.status(job_id, runner_home).state == "queued"
+    again = invoke("work", "--job", job_id)
+    assert again.exit_code == 1 and "stays queued" in again.stderr and "nothing to do" not in again.stderr
+    assert invoke("work", "--job", job_id, "--device", "cpu").exit_code == 0
+    assert runner.status(job_id, runner_home).state == "completed"
+
+
 def test_an_export_into_the_jobs_own_folder_is_refused_and_an_empty_one_is_an_empty_file(
     prompts, tiny_gpt2, runner_home, tmp_path
 ):
