@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -84,7 +85,14 @@ def resolve_model(
         # than the load we are trying to save, and a replaced file changes size or mtime.
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         return str(_converted(path, f"{path.stem}-{key}", cache_dir, progress))
+    if not Path(spec).expanduser().exists() and not _HUB_ID.fullmatch(spec):
+        raise ModelNotFoundError(f"no model folder at {spec} (and it is not a Hugging Face model id)")
     return spec
+
+
+# what the Hugging Face hub accepts as a model id ("gpt2", "rinna/japanese-gpt2-medium"): anything else that is
+# not on this machine is a mistyped path, said as such rather than as the hub's "Repo id must be ..."
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?", re.ASCII)
 
 
 def stored_spec(spec: str) -> str:

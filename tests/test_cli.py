@@ -66,7 +66,13 @@ def test_bad_input_lists_every_problem_and_runs_nothing(tmp_path, tiny_gpt2):
 
 def test_unknown_model_is_an_error_not_a_traceback(prompts, tmp_path):
     result = invoke("run", prompts, "--model", tmp_path / "missing-model")
-    assert result.exit_code == 1 and result.output.startswith("Error: cannot load model")
+    # a mistyped folder is said as such, not as the hub's "Repo id must be in the form ..." (new-user walkthrough)
+    assert result.exit_code == 1 and result.output.startswith(
+        f"Error: no model folder at {tmp_path / 'missing-model'}"
+    )
+    for typo in ("マイ ドライブ/my model", "./my-model", "../models/a/b"):
+        result = invoke("run", prompts, "--model", typo)
+        assert result.exit_code == 1 and result.output.startswith(f"Error: no model folder at {typo} "), typo
 
 
 def test_every_command_has_help_and_is_in_the_readme():

@@ -329,7 +329,7 @@ def test_a_model_folder_given_by_a_relative_path_is_found_from_any_directory(
 
 
 def test_unknown_model_is_a_clear_error(tmp_path, prompts_file):
-    with pytest.raises(RunnerError, match=r"cannot load model '.*no-such-model'"):
+    with pytest.raises(RunnerError, match=r"no model folder at .*no-such-model"):
         create_job(prompts_file, str(tmp_path / "no-such-model"))
 
 
