@@ -26,7 +26,7 @@ def execute(tmp_path: Path, allow_errors: bool = False) -> str:
 
 
 def test_colab_notebook_survives_a_vm_death_and_a_second_run_of_all_cells(tmp_path, tiny_gpt2, monkeypatch):
-    home = tmp_path / "home"
+    home = tmp_path / "マイ ドライブ (1)" / "runner-jobs"  # Drive folders have spaces (new-user walkthrough)
     monkeypatch.setenv("RUNNER_NOTEBOOK_MODEL", tiny_gpt2)
     monkeypatch.setenv("RUNNER_HOME", str(home))
     monkeypatch.setenv("RUNNER_WATCH_EVERY", "0.2")
