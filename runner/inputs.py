@@ -686,11 +686,10 @@ def read_prompts(
         columns.update(dict.fromkeys(chunk.columns))
     name = reader.name
     if not rows and not problems:
-        problems.append(Problem(name, 0, None, "the file has no rows"))
+        raise InputError([Problem(name, 0, None, "the file has no rows")], header="nothing to run")
     if problems and (not skip_invalid or not rows):
-        if skip_invalid:
-            raise InputError(problems, max_problems_shown, header=f"no valid rows in {name}")
-        raise InputError(problems, max_problems_shown)
+        header = None if rows else f"no valid rows in {name}"  # (then --skip-invalid cannot help)
+        raise InputError(problems, max_problems_shown, header=header)
     return PromptSet(name, rows, problems, list(columns))
 
 

@@ -597,15 +597,17 @@ def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_inv
     problems = _Problems(folder / jobdir.INVALID if skip_invalid else None)
     columns = Passthrough(prep.kind, prep.fixed_names)
     writer: pq.ParquetWriter | None = None
-    rows = 0
+    rows = valid = 0  # rows written; rows found valid (written or not)
     try:
         for chunk in reader.chunks(ROW_GROUP_ROWS):
             columns.register(chunk.columns)
             if problems.count and not skip_invalid:
                 problems.add(chunk.problems)
+                valid += len(chunk.rows)
                 continue
             prepared, token_problems = prep.prepare(reader.name, chunk.rows)
             problems.add(sorted(chunk.problems + token_problems, key=lambda p: p.line))
+            valid += len(prepared)
             if not prepared or (problems.count and not skip_invalid):
                 continue
             table = prep.table(prepared, rows)
@@ -626,9 +628,9 @@ def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_inv
                 writer.close()
     written_extra = prep.summary
     if not rows and not problems.count:
-        problems.add([Problem(reader.name, 0, None, "the file has no rows")])
+        raise InputError([Problem(reader.name, 0, None, "the file has no rows")], header="nothing to run")
     if problems.count and (not skip_invalid or not rows):
-        header = f"no valid rows in {reader.name}" if skip_invalid else None
+        header = None if valid else f"no valid rows in {reader.name}"  # (then --skip-invalid cannot help)
         raise InputError(problems.kept, header=header, total=problems.count)
     if columns.rewrite:
         rewrite_passthrough(reader, folder / PROMPTS, columns)

@@ -75,6 +75,31 @@ def test_every_problem_is_reported_and_capped(tmp_path):
     assert "... and 11 more problems" in message and "--skip-invalid" in message
 
 
+def test_skip_invalid_is_suggested_only_when_some_row_is_valid(tmp_path, tiny_gpt2):
+    """A file of only bad rows, or of none, said "(use --skip-invalid to run the valid rows)" (there are none;
+    new-user walkthrough), and an empty file "1 invalid row(s)"."""
+    from runner.jobs import create_job
+
+    cases = {
+        "bad": ['{"prompt": 1}', '{"prompt": 2}'],
+        "half": ['{"prompt": 1}', '{"prompt": "ok"}'],
+        "empty": [],
+    }
+    said = {}
+    for name, lines in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(line + "\n" for line in lines))
+        for read in (lambda: read_prompts(path), lambda: create_job(path, tiny_gpt2, home=tmp_path / "home")):
+            with pytest.raises(InputError) as err:
+                read()
+            said.setdefault(name, set()).add(str(err.value).replace(str(tmp_path) + "/", ""))
+    assert said["bad"] == {"no valid rows in bad.jsonl:\nbad.jsonl:1: prompt: must be a string, got number\n"
+                           "bad.jsonl:2: prompt: must be a string, got number"}  # fmt: skip
+    assert said["half"] == {"1 invalid row(s); nothing was run:\nhalf.jsonl:1: prompt: must be a string, got "
+                            "number\n(use --skip-invalid to run the valid rows)"}  # fmt: skip
+    assert said["empty"] == {"nothing to run: empty.jsonl: the file has no rows"}
+
+
 def test_bom_and_blank_lines_are_fine(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\n\n   \n{"prompt": "second"}\n')
