@@ -785,7 +785,8 @@ def _prompt_or_messages(
     if pair_fields:
         wanted.append(" + ".join(pair_fields))
     raise _Bad(prompt_field, "missing (each row needs " + " or ".join(repr(w) for w in wanted) + ";"
-               + _fields_it_has(obj) + "; --prompt-field or --template names the one to use)")  # fmt: skip
+               + _fields_it_has(obj) + f"; --{'text' if prompt_field == 'text' else 'prompt'}-field or --template names "
+               "the one to use)")  # fmt: skip
 
 
 def _fields_it_has(row: dict[str, Any]) -> str:

@@ -323,3 +323,9 @@ def test_chunks_report_duplicates_across_chunks_in_line_order(tmp_path):
         "7: prompt: must be a string, got number",
         "8: id: duplicate id 'b' (first on line 2)",
     ]
+
+
+def test_a_score_file_without_its_text_field_names_the_option_score_takes(tmp_path):
+    f = write_jsonl(tmp_path / "s.jsonl", ['{"sentence": "吾輩は猫である。"}'])
+    problems, _ = problems_of(f, prompt_field="text", messages_field=None)
+    assert problems[0].endswith("the row has 'sentence'; --text-field or --template names the one to use)")
