@@ -545,13 +545,23 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device)
     if not summaries and not failed:
         _say_lost_rows(home, job_ref)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else ""))
-    elif not all(s.finished or s.others for s in summaries):
+    elif not all(s.finished or s.others or _cancelled(home, s.job_id) for s in summaries):
         _echo("stopped; run `runner work` again to carry on")
     if stop():
         raise SystemExit(130)  # interrupted: scripts and notebooks can tell
     if failed:  # `runner work && next-step` must not go on as if all went well
         raise RunnerError(f"{len(failed)} job(s) failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
                           f"says why; {_after_failure(failed)})")  # fmt: skip
+
+
+def _cancelled(home: Any, job_id: str) -> bool:
+    """The job was cancelled (its worker said so): running `runner work` again would not carry it on."""
+    from . import api
+
+    try:
+        return api.status(job_id, home).state == "cancelled"
+    except RunnerError:
+        return False
 
 
 def _say_lost_rows(home: Any, job_ref: str | None) -> None:

@@ -154,7 +154,7 @@ def check_name(ref: str, what: str = "job id or name") -> str:
     """A job id or name: letters, digits, '-', '_' and '.', at most 100 characters, not starting with '.'."""
     if not isinstance(ref, str) or not NAME_RE.fullmatch(ref):
         raise RunnerError(
-            f"invalid {what} {ref!r}: use letters, digits, '-', '_' and '.' (at most 100 characters, "
+            f"invalid {what} {ref!r}: use ASCII letters, digits, '-', '_' and '.' (at most 100 characters, "
             "starting with a letter or digit)"
         )
     return ref

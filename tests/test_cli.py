@@ -510,6 +510,28 @@ def test_a_job_asking_for_a_gpu_this_machine_lacks_stays_queued_and_runs_with_de
     assert runner.status(job_id, runner_home).state == "completed"
 
 
+def test_work_on_a_job_cancelled_under_it_does_not_say_to_run_work_again(
+    prompts, tiny_gpt2, runner_home, monkeypatch
+):
+    """It said "stopped; run `runner work` again to carry on", which a cancelled job never does (new-user
+    walkthrough); it says the job was cancelled and how to resume it."""
+    from runner.worker import JobRun
+
+    job_id = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
+    real = JobRun.cancelled
+
+    def cancelled_now(self):  # the user's `runner cancel` lands while the job runs
+        if not self.was_cancelled:
+            runner.cancel(self.job.dir)
+            self.cancel_checked = 0.0
+        return real(self)
+
+    monkeypatch.setattr(JobRun, "cancelled", cancelled_now)
+    result = invoke("work")
+    assert f"job {job_id} was cancelled" in result.stderr and "runner retry" in result.stderr, result.stderr
+    assert "run `runner work` again" not in result.stderr
+
+
 def test_an_export_into_the_jobs_own_folder_is_refused_and_an_empty_one_is_an_empty_file(
     prompts, tiny_gpt2, runner_home, tmp_path
 ):

@@ -89,9 +89,9 @@ def test_skip_invalid_is_suggested_only_when_some_row_is_valid(tmp_path, tiny_gp
     for name, lines in cases.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(line + "\n" for line in lines))
-        for read in (lambda: read_prompts(path), lambda: create_job(path, tiny_gpt2, home=tmp_path / "home")):
+        for read in (read_prompts, lambda p: create_job(p, tiny_gpt2, home=tmp_path / "home")):
             with pytest.raises(InputError) as err:
-                read()
+                read(path)
             said.setdefault(name, set()).add(str(err.value).replace(str(tmp_path) + "/", ""))
     assert said["bad"] == {"no valid rows in bad.jsonl:\nbad.jsonl:1: prompt: must be a string, got number\n"
                            "bad.jsonl:2: prompt: must be a string, got number"}  # fmt: skip
