@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from .errors import ParamError, RunnerError
+from .params import DTYPE_ALIASES, DTYPES
 
 
 def _fields(cls_name: str) -> tuple[str, ...]:
@@ -156,8 +157,9 @@ embed_options = _apply([
 
 engine_options = _apply([
     click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto]."),
-    click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-                 help="Weights and compute precision [default: auto: fp32 on CPU, bf16/fp16 on GPU]."),
+    click.option("--dtype", type=click.Choice([*DTYPES, *DTYPE_ALIASES]),
+                 help="Weights and compute precision (fp32, fp16, bf16 also) [default: auto: fp32 on CPU, bf16/fp16 "
+                      "on GPU]."),
     click.option("--batch-size", type=int, help="Most sequences per batch [default: 64]."),
     click.option("--max-batch-tokens", type=int,
                  help="Most tokens per batch, rows x (longest prompt + max new tokens) [default: from device]."),

@@ -18,6 +18,12 @@ from typing import Any
 from .errors import ParamError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+}  # as people write them
 TRUNCATE = ("none", "left")
 
 
@@ -320,6 +326,8 @@ class EngineOptions:
             or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
             raise ParamError("device", f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+        if self.dtype in DTYPE_ALIASES:
+            object.__setattr__(self, "dtype", DTYPE_ALIASES[self.dtype])
         if self.dtype not in DTYPES:
             raise ParamError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         if self.batch_size is not None:

@@ -76,7 +76,11 @@ def _kept_options(job: Job, options: Any) -> str:
     if options is None:
         return ""
     given, default, stored = options.to_dict(), EngineOptions().to_dict(), job.meta.get("engine") or {}
-    return ", ".join(f"{k} {stored.get(k)!r} (asked: {v!r})" for k, v in given.items()
+
+    def shown(v: Any) -> str:
+        return "the default" if v is None else repr(v)
+
+    return ", ".join(f"{k} {shown(stored.get(k))} (asked: {shown(v)})" for k, v in given.items()
                      if v != default.get(k) and k in stored and stored[k] != v)  # fmt: skip
 
 

@@ -576,3 +576,21 @@ def test_a_prompts_file_that_cannot_be_written_is_named_and_no_job_is_left(tmp_p
         create_job(f, tiny_gpt2, home=tmp_path / "home")
     monkeypatch.undo()
     assert runner.status(home=tmp_path / "home") == []
+
+
+def test_an_option_left_at_its_default_reads_as_the_default_and_dtypes_take_their_short_names(
+    tmp_path, prompts_file, tiny_gpt2, gpt2_engine
+):
+    """A rerun with --batch-size 8 said "batch_size None (asked: 8)"; `--dtype fp16` was refused though the README
+    writes fp16 (new-user walkthrough)."""
+    from runner import EngineOptions
+
+    assert [EngineOptions(dtype=d).dtype for d in ("fp32", "fp16", "half", "bf16")] == [
+        "float32", "float16", "float16", "bfloat16"
+    ]  # fmt: skip
+    params, out, lines = GenerationParams(max_new_tokens=2), tmp_path / "out", []
+    runner.run(prompts_file, tiny_gpt2, params, output=out, engine=gpt2_engine, echo=None)
+    runner.run(prompts_file, tiny_gpt2, params, EngineOptions(batch_size=8), output=out, engine=gpt2_engine,
+               echo=lines.append)  # fmt: skip
+    (kept,) = [line for line in lines if "keeps the engine options" in line]
+    assert "batch_size the default (asked: 8)" in kept
