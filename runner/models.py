@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -303,7 +304,8 @@ RUN_TIME_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", 
                   "vocab.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model",
                   "sentencepiece.bpe.model", "generation_config.json")  # fmt: skip
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
-FINGERPRINT_VERSION = "4"
+FINGERPRINT_VERSION = "5"
+TENSOR_SAMPLE = 64  # bytes read at the start, middle and end of each tensor of a safetensors file (version 5)
 
 
 def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION) -> str:
@@ -315,9 +317,11 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     generation_config.json); for a hub id, its commit. Version "1" (jobs
     submitted before version 2) is weight names and sizes only, and has no "1:" prefix. Only plain files
     count (a folder named like a weight file is not one). Version 4 (`_fingerprint_v4`) reads the model's
-    files as they were saved, never as the running transformers reads them."""
+    files as they were saved, never as the running transformers reads them. Version 5 reads only the weight
+    files transformers loads (`loaded_weight_files`), and each tensor of a safetensors file at its start,
+    middle and end (`_tensor_samples`)."""
     if int(version) >= 4:
-        return f"{version}:{_fingerprint_v4(spec, config)}"
+        return f"{version}:{_fingerprint_v4(spec, config, int(version))}"
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
     path = Path(resolve_model(spec))
     v = int(version)
@@ -334,12 +338,15 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     return h.hexdigest()[:16] if v == 1 else f"{version}:{h.hexdigest()[:16]}"
 
 
-def _fingerprint_v4(spec: str, config: Any) -> str:
+def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
     """Versions 1-3 hashed the config as the running transformers serialises it, which names that version and
     its defaults: a Colab VM with another transformers failed every job as "another model". Version 4 hashes
     config.json and the run-time JSON files as saved, without the "transformers_version" that saved them; for a
     GGUF (the demo alias, a .gguf path) the GGUF file itself, not the folder converted from it (converted
-    again on a fresh VM, by whatever transformers is there)."""
+    again on a fresh VM, by whatever transformers is there). Version 5: the weight files transformers loads, not
+    every file named like one (a Drive conflict copy "model (1).safetensors", an optimizer.pt, failed jobs as
+    "another model"), and every tensor of a safetensors file sampled: 16 pieces of a file missed a fine-tune of
+    only the norms or the biases (BitFit, LN-tuning), whose results then mixed two models without a word."""
     h = hashlib.sha256()
     gguf = _gguf_source(spec)
     if gguf is not None:
@@ -349,12 +356,63 @@ def _fingerprint_v4(spec: str, config: Any) -> str:
     if not path.is_dir():  # a hub id: its commit
         h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
         return h.hexdigest()[:16]
+    weights = loaded_weight_files(path) if version >= 5 else None
     for f in sorted(p for p in path.iterdir() if p.is_file()):
-        if f.suffix in WEIGHT_SUFFIXES:
+        if f.suffix in WEIGHT_SUFFIXES and (weights is None or f.name in weights):
             h.update(f"{f.name}:{f.stat().st_size}".encode() + _content_sample(f))
-        elif f.name == "config.json" or f.name in RUN_TIME_FILES:
+            if version >= 5 and f.suffix == ".safetensors":
+                h.update(_tensor_samples(f))
+        elif (
+            f.name == "config.json" or f.name in RUN_TIME_FILES or (weights is not None and f.name in weights)
+        ):
             h.update(f"{f.name}:{_saved_content(f)}".encode())
     return h.hexdigest()[:16]
+
+
+# What transformers loads from a folder, first found first: a sharded checkpoint's index names its shards
+WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def loaded_weight_files(path: Path) -> set[str] | None:
+    """The names of the files transformers loads the weights from (with a sharded checkpoint's index), in its
+    order of preference; None for a layout it does not know (then every weight-named file counts)."""
+    for index, single in WEIGHT_LAYOUTS:
+        if (path / index).is_file():
+            try:
+                shards = json.loads((path / index).read_bytes()).get("weight_map", {}).values()
+            except (ValueError, AttributeError):
+                return None  # damaged: every file counts, as before
+            return {index, *(str(s) for s in shards)}
+        if (path / single).is_file():
+            return {single}
+    return None
+
+
+def _tensor_samples(f: Path) -> bytes:
+    """The safetensors header (names, dtypes, shapes, offsets) and TENSOR_SAMPLE bytes at the start, middle and end
+    of every tensor: a change to any whole tensor, however small, is seen. Empty for a file that is not one."""
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        try:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = fh.read(n) if n <= 100 * 2**20 else b""
+            tensors = json.loads(header)
+        except (struct.error, ValueError):
+            return b""
+        h.update(header)
+        base = 8 + n
+        for name in sorted(k for k in tensors if k != "__metadata__"):
+            try:
+                a, b = (int(x) for x in tensors[name]["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            for at in sorted({a, max(a, (a + b - TENSOR_SAMPLE) // 2), max(a, b - TENSOR_SAMPLE)}):
+                fh.seek(base + at)
+                h.update(fh.read(min(TENSOR_SAMPLE, b - at)))
+    return h.digest()
 
 
 def _gguf_source(spec: str) -> Path | None:

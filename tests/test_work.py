@@ -4,6 +4,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -316,6 +317,60 @@ def test_another_checkpoint_saved_over_the_model_folder_is_refused_on_resume(
     assert state.state == "failed" and "is not the one job" in state.error
 
 
+@pytest.mark.parametrize("tuned", ["ln_", "bias"])
+def test_a_fine_tune_of_only_the_norms_or_the_biases_saved_over_the_model_is_refused(
+    prompts_file, tmp_path, runner_home, tiny_gpt2, tuned
+):
+    """LN-tuning and BitFit change only small tensors, which 16 pieces of the file missed: the job resumed on
+    the new weights and mixed two models without a word (adversarial pass 19). Every tensor is sampled now.
+    Here one such tensor, chosen outside the 16 pieces, changes."""
+    import struct
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from runner.models import SAMPLE_BYTES, SAMPLES_PER_FILE
+
+    model = tmp_path / "model"
+    config = GPT2Config.from_pretrained(tiny_gpt2)
+    config.n_embd, config.n_layer, config.n_head = 256, 6, 4
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(model)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (model / f).write_bytes((Path(tiny_gpt2) / f).read_bytes())
+    job = submit(prompts_file, str(model))
+    path = model / "model.safetensors"
+    raw, size = path.read_bytes(), path.stat().st_size
+    (n,) = struct.unpack("<Q", raw[:8])
+    windows = [max(0, (size - SAMPLE_BYTES) * i // (SAMPLES_PER_FILE - 1)) for i in range(SAMPLES_PER_FILE)]
+    unseen = [name for name, t in json.loads(raw[8 : 8 + n]).items() if tuned in name and name != "__metadata__"
+              and not any(w < 8 + n + t["data_offsets"][1] and 8 + n + t["data_offsets"][0] < w + SAMPLE_BYTES
+                          for w in windows)]  # fmt: skip
+    weights = load_file(path)
+    save_file(
+        {k: v + 0.01 if k == unseen[0] else v for k, v in weights.items()}, path, metadata={"format": "pt"}
+    )
+    assert path.stat().st_size == size and path.read_bytes() != raw
+    assert work(runner_home, echo=None) == []
+    state = read_state(job.dir)
+    assert state.state == "failed" and "is not the one job" in state.error
+
+
+def test_a_weight_file_transformers_does_not_load_changes_nothing(prompts_file, tmp_path, runner_home):
+    """A Drive conflict copy "model (1).safetensors" or an optimizer.pt beside the weights is loaded by
+    nothing: the job resumes (it failed as "another model", adversarial pass 19)."""
+    import shutil
+
+    from tiny_models import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "model")
+    job = submit(prompts_file, str(model))
+    shutil.copy(model / "model.safetensors", model / "model (1).safetensors")
+    (model / "optimizer.pt").write_bytes(b"state")
+    assert len(work(runner_home, echo=None)) == 1 and read_state(job.dir).state == "completed"
+
+
 def test_a_changed_tokenizer_is_refused_on_resume(prompts_file, tmp_path, runner_home):
     """Two vocabulary entries exchanged in tokenizer.json (same size, config and weights untouched): results
     decoded with it would carry other texts for the same token ids."""
@@ -355,7 +410,7 @@ def test_files_read_at_run_time_count_and_a_backup_copy_does_not(prompts_file, t
     assert state.state == "failed" and "is not the one job" in state.error
 
 
-@pytest.mark.parametrize("version", ["1", "2", "3"])
+@pytest.mark.parametrize("version", ["1", "2", "3", "4"])
 def test_a_job_fingerprinted_by_an_older_version_still_resumes(prompts_file, tmp_path, runner_home, version):
     """Jobs submitted under an older model fingerprint (1: weight names and sizes, no prefix; 2: and samples of
     their bytes, no tokenizer; 3: and the tokenizer's files) are checked the way they were fingerprinted, not
@@ -368,7 +423,7 @@ def test_a_job_fingerprinted_by_an_older_version_still_resumes(prompts_file, tmp
 
     model = build_tiny_gpt2(tmp_path / "model")
     job = submit(prompts_file, str(model))
-    assert job.meta["model_fingerprint"].startswith("4:")
+    assert job.meta["model_fingerprint"].startswith("5:")
     meta = {**job.meta, "model_fingerprint": model_fingerprint(str(model), load_config(str(model)), version)}
     assert (":" not in meta["model_fingerprint"]) == (version == "1")
     meta["spec_sha256"] = spec_checksum(meta)
