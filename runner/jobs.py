@@ -356,14 +356,14 @@ def _write_job(
     or the file and settings of `runner run` without -o) first claims it (`_claim_name`); returns the id of
     the job holding it when another submit has it, or the folder's name when another submit moved its job into
     `target` first (nothing is written then), else None."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    storage.retry(lambda: target.parent.mkdir(parents=True, exist_ok=True), f"create {target.parent}")
     jobdir.remove_dead_submits(target.parent)
     tmp = target.parent / jobdir.submit_temp_name(target.name)
-    tmp.mkdir()
+    storage.ensure_dir(tmp)  # (a name of this submit's own: one that is there was made by this call)
     try:
         storage.write_json(tmp / ".owner.json", jobdir.Owner.me("submit").as_dict(), durable=False)
         for sub in jobdir.FOLDERS:
-            (tmp / sub).mkdir()
+            storage.ensure_dir(tmp / sub)
         written = _write_prompts(reader, prep, tmp, skip_invalid)
         params = prep.params
         seed = getattr(params, "seed", None)
@@ -395,7 +395,7 @@ def _write_job(
             # submit to the same folder removed it first
             with contextlib.suppress(FileNotFoundError):
                 target.rmdir()
-            os.replace(tmp, target)
+            _move_into_place(tmp, target, meta["id"])
         except FileNotFoundError:
             if claim is None:
                 raise
@@ -410,6 +410,30 @@ def _write_job(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, target: Path, job_id: str) -> None:
+    """os.replace(tmp, target), transient errors retried. A rename that took effect though the mount reported
+    an error (its reply lost) is done: the job is there, and saying it failed made users submit it twice."""
+    for delay in (*storage.RETRY_DELAYS, None):
+        try:
+            os.replace(tmp, target)
+            return
+        except OSError as e:
+            if e.errno not in storage.TRANSIENT:
+                raise
+            if not tmp.exists() and _job_id_in(target) == job_id:
+                return
+            if delay is None:
+                raise
+            time.sleep(delay)
+
+
+def _job_id_in(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / JOB_FILE).read_bytes()).get("id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 NAMES = jobdir.NAMES  # in the home: NAME.N.json, the claims on a job name; the newest (highest N) holds it

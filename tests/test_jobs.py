@@ -558,6 +558,36 @@ def test_a_submit_whose_job_is_stored_says_so_even_if_its_log_line_cannot_be_wri
     assert [j.id for j in runner.status(home=tmp_path / "home")] == [job.id]
 
 
+@pytest.mark.parametrize("landed", [True, False])
+def test_a_transient_error_moving_the_job_into_place_is_retried_or_found_done(
+    tmp_path, tiny_gpt2, monkeypatch, landed
+):
+    """A network mount that renamed the submit's temp folder into place but lost the reply (EIO): submit said
+    "Error: cannot read or write ...tmp", the job was stored anyway, and the user's second submit made a twin.
+    A rename that did not land is tried again, as every other write (adversarial pass 19)."""
+    import errno
+    import os
+
+    from runner import storage
+
+    real, calls = os.replace, []
+
+    def flaky(src, dst, *args, **kwargs):
+        if str(src).endswith(".tmp") and os.path.isdir(src) and not calls:  # the job folder's move
+            calls.append(src)
+            if landed:
+                real(src, dst, *args, **kwargs)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 8)
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    job = create_job(f, tiny_gpt2, home=tmp_path / "home")
+    assert calls and runner.status(job.dir).state == "queued"
+    assert [j.id for j in runner.status(home=tmp_path / "home")] == [job.id]
+
+
 def test_a_prompts_file_that_cannot_be_written_is_named_and_no_job_is_left(tmp_path, tiny_gpt2, monkeypatch):
     """pyarrow's write error names no file ("Error writing bytes to file ... No space left on device"): submit
     says it was prompts.parquet, and stores nothing (adversarial pass 18)."""
