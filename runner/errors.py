@@ -14,6 +14,15 @@ class RunnerError(Exception):
     """An error the user can fix; its message is shown as is."""
 
 
+class NotOnThisMachine(RunnerError):
+    """Something a job needs is not on this machine (a GPU, its model folder on a Drive not mounted yet): a
+    fact about the machine, not the job, which stays queued for a machine that has it. `hint`: what to do."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
+
+
 class ParamError(RunnerError, ValueError):
     """A generation or engine setting is out of range. `param` names the field (``top_p``)."""
 

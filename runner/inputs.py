@@ -607,7 +607,8 @@ class PromptReader(RowChecker):
         self.format = input_format(self.path)
         if not self.path.is_file():
             raise InputError(
-                [Problem(str(self.path), 0, None, "no such file")], header="cannot read the prompt file"
+                [Problem(str(self.path), 0, None, "not a file" if self.path.exists() else "no such file")],
+                header="cannot read the prompt file",
             )
         super().__init__(str(self.path), **checks)
         self.settings_as_text = self.format == "csv"

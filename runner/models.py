@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import storage
-from .errors import ModelLoadError, RunnerError, first_line
+from .errors import ModelLoadError, NotOnThisMachine, RunnerError, first_line
 from .storage import file_sha256
 
 if TYPE_CHECKING:
@@ -142,9 +142,20 @@ def _transient(e: BaseException | None) -> bool:
     return False
 
 
-class NoSuchDevice(RunnerError):
-    """The device asked for is not on this machine (a Colab VM given no GPU this time). A fact about the machine,
-    not the job: a job that asks for it stays queued for a machine that has it."""
+class NoSuchDevice(NotOnThisMachine):
+    """The device asked for is not on this machine (a Colab VM given no GPU this time)."""
+
+
+def missing_model_folder(spec: str) -> NotOnThisMachine | None:
+    """The error for a job whose model is a local folder or file that is not here (a Drive not mounted yet, a
+    folder moved), else None: said as such, and the job waits, where loading it failed the job with the hub's
+    "Repo id must be in the form ..." (adversarial pass 19)."""
+    path = Path(spec).expanduser()
+    if spec.strip().lower() == DEMO_MODEL or not (path.is_absolute() or spec.lower().endswith(".gguf")):
+        return None
+    if path.exists():
+        return None
+    return NotOnThisMachine(f"its model {spec} is not on this machine", "is its drive mounted?")
 
 
 def pick_device(option: str) -> Any:

@@ -18,9 +18,9 @@ from typing import Any
 from . import jobdir, storage
 from .crashes import DeviceError
 from .engine import Engine
-from .errors import RunnerError
+from .errors import NotOnThisMachine, RunnerError
 from .jobdir import BrokenJob, Job, JobState, Owner
-from .models import ModelUnreadable, NoSuchDevice, reading_model
+from .models import ModelUnreadable, NoSuchDevice, missing_model_folder, reading_model
 from .storage import StorageError
 from .worker import SHARD_ROWS, SHARD_SECONDS, RunSummary, run_job
 
@@ -316,13 +316,12 @@ def work(
             if echo:
                 echo(str(e))
             continue
-        except NoSuchDevice as e:  # that job waits for a machine with its device; the others run meanwhile
+        except NotOnThisMachine as e:  # that job waits for a machine that has what it needs; the others run
             failed.add(cand.job.id)
             if on_unrunnable is not None:
                 on_unrunnable(cand.job)
             if echo:
-                echo(f"job {cand.job.id} stays queued: {e}; run it on a machine that has that device, or here "
-                     f"with `runner work --job {cand.job.id} --device cpu`")  # fmt: skip
+                echo(f"job {cand.job.id} stays queued: {e}; {_where_it_runs(cand.job, e)}")
             continue
         if summary is None:
             failed.add(cand.job.id)
@@ -333,6 +332,12 @@ def work(
         if once or (summary.stopped and not _now_in(cand.job, JobState.CANCELLED)):
             break
     return summaries
+
+
+def _where_it_runs(job: Job, e: NotOnThisMachine) -> str:
+    if isinstance(e, NoSuchDevice):
+        return f"run it on a machine that has that device, or here with `runner work --job {job.id} --device cpu`"
+    return f"{e.hint} `runner work` runs it once it is there"
 
 
 def _now_in(job: Job, state: JobState) -> bool:
@@ -397,6 +402,8 @@ def run_leased(
     read = None
     try:
         read = j.state()  # what a failure found from here on is recorded over (never over a newer word)
+        if (missing := missing_model_folder(j.spec.model)) is not None:
+            raise missing
         engine = _reading_model(lambda: engines.get(j), j) if not jobdir.job_progress(j).complete else None
         if engine is not None:
             _reading_model(lambda: _check_model(j), j)
@@ -410,7 +417,7 @@ def run_leased(
         if isinstance(e, StorageError):  # the job home itself is failing (Drive gone): not the job's fault
             raise _stopped(e, j) from e
         raise
-    except (DeviceError, NoSuchDevice):  # this machine's, not the job's: it stays queued
+    except (DeviceError, NotOnThisMachine):  # this machine's, not the job's: it stays queued
         raise
     except BrokenJob as e:
         return _skip_broken(j, e, echo)

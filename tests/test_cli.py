@@ -532,6 +532,30 @@ def test_work_on_a_job_cancelled_under_it_does_not_say_to_run_work_again(
     assert "run `runner work` again" not in result.stderr
 
 
+def test_a_job_whose_model_folder_is_gone_stays_queued_until_it_is_back(
+    prompts, tiny_gpt2, runner_home, tmp_path
+):
+    """A model folder on a Drive not mounted yet (or moved): the job failed with the hub's "Repo id must be in
+    the form ..." (adversarial pass 19); it waits, saying why, and runs once the folder is back. A folder given
+    as the input file is "not a file", not "no such file"."""
+    import shutil
+
+    model = shutil.copytree(tiny_gpt2, tmp_path / "model")
+    job_id = invoke("submit", prompts, "--model", model, "--max-new-tokens", 2).stdout.strip()
+    model.rename(tmp_path / "away")
+    gone = invoke("work")
+    assert (
+        gone.exit_code == 1
+        and f"job {job_id} stays queued: its model {model} is not on this machine" in gone.stderr
+    )
+    assert runner.status(job_id, runner_home).state == "queued"
+    (tmp_path / "away").rename(model)
+    assert invoke("work").exit_code == 0 and runner.status(job_id, runner_home).state == "completed"
+    (tmp_path / "d.jsonl").mkdir()
+    folder = invoke("submit", tmp_path / "d.jsonl", "--model", model)
+    assert folder.exit_code == 1 and f"{tmp_path / 'd.jsonl'}: not a file" in folder.stderr, folder.stderr
+
+
 def test_an_export_into_the_jobs_own_folder_is_refused_and_an_empty_one_is_an_empty_file(
     prompts, tiny_gpt2, runner_home, tmp_path
 ):
