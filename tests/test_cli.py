@@ -157,7 +157,7 @@ def test_work_exits_1_when_a_job_failed_and_still_runs_the_others(tmp_path, prom
     model = shutil.copytree(tiny_gpt2, tmp_path / "model")
     assert invoke("submit", prompts, "-m", model, "--max-new-tokens", 2, "--name", "gone").exit_code == 0
     assert invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2, "--name", "fine").exit_code == 0
-    shutil.rmtree(model)
+    (model / "model.safetensors").write_bytes(b"not a safetensors file" * 64)  # (a folder gone waits instead)
     result = invoke("work")
     assert result.exit_code == 1, result.output
     gone = runner.open_job("gone").id
