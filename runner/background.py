@@ -109,7 +109,7 @@ def status_line(s: Any) -> str:
     workers = f" | {len(s.workers)} worker(s)" if s.workers else ""
     errors = f" | {s.errors} errors" if s.errors else ""
     why = f" | {s.message}" if s.state in FINAL and s.message else ""  # why it failed, once it has ended
-    return (f"{time.strftime('%H:%M:%S')} {s.id} {s.state}: {s.done:,}/{s.total:,} | {tps} | ETA {s.eta}"
+    return (f"{time.strftime('%H:%M:%S')} {s.id} {s.state}: {s.done_text()} | {tps} | ETA {s.eta}"
             f"{errors}{workers}{why}")  # fmt: skip
 
 

@@ -40,9 +40,17 @@ class JobStatus:
     # A completed job's result rows that are missing or fail verification since (a shard lost or damaged):
     # it shows as broken until `runner repair` re-queues them.
     missing: int = 0
+    # Result rows live workers have computed but not yet saved in the job folder (every --shard-rows rows or
+    # --shard-minutes): counted in the ETA; a worker killed now would compute them again.
+    unsaved: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def done_text(self) -> str:
+        """'128/400', or '128+256/400' while 256 more are computed and not saved yet."""
+        more = f"+{self.unsaved:,}" if self.unsaved else ""
+        return f"{self.done:,}{more}/{self.total:,}"
 
     @property
     def eta(self) -> str:
@@ -86,7 +94,9 @@ def job_status(job: Job) -> JobStatus:
     workers = [_worker_row(w, hb) for w, hb in sorted(progress.live.items())]
     tps = sum(w["tokens_per_second"] or 0 for w in workers) or None
     rate = sum(_number(hb, "rows_per_second") or 0 for hb in progress.live.values())
-    eta = (progress.total - progress.done - progress.failed) / rate if rate > 0 else None
+    left = progress.total - progress.done - progress.failed
+    unsaved = min(left, int(sum(_number(hb, "unsaved") or 0 for hb in progress.live.values())))
+    eta = (left - unsaved) / rate if rate > 0 else None
     runs = job.read_stats()["runs"]
     if not workers:
         tps = _number(runs[-1], "tokens_per_second") if runs else None
@@ -97,6 +107,7 @@ def job_status(job: Job) -> JobStatus:
         invalid=int(job.meta.get("input", {}).get("invalid", 0) or 0), tokens_per_second=tps, eta_seconds=eta,
         model=job.spec.model, created=job.spec.created, worker=workers[0]["worker"] if workers else None,
         message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak, missing=missing,
+        unsaved=unsaved,
     )  # fmt: skip
 
 
@@ -137,7 +148,7 @@ def status_table(statuses: list[JobStatus]) -> str:
     rows = [head]
     for s in statuses:
         rows.append((
-            s.id, s.name or "-", s.state, f"{s.done:,}/{s.total:,}",
+            s.id, s.name or "-", s.state, s.done_text(),
             f"{s.tokens_per_second:,.1f}" if s.tokens_per_second else "-", s.eta, str(s.errors),
             str(len(s.workers)), s.model,
         ))  # fmt: skip

@@ -29,6 +29,9 @@ class Progress:
         unit: str = "rows",
     ):
         self.total, self.done_before, self.done = total, done, done
+        self.saved = (
+            done  # of `done`, those in the job folder: the rest a kill would lose (the worker sets it)
+        )
         self.tokens = 0
         self.echo = echo
         self.interval = interval
@@ -59,7 +62,8 @@ class Progress:
         rate = new / elapsed if elapsed > 0 else 0.0
         remaining = self.total - self.done
         eta = fmt_duration(remaining / rate) if rate > 0 else "?"
+        unsaved = f", {self.done - self.saved:,} not saved yet" if self.done > self.saved else ""
         return (
-            f"{self.done:,}/{self.total:,} {self.unit} ({pct:.1f}%) | {self.tokens_per_second:,.1f} tok/s | "
+            f"{self.done:,}/{self.total:,} {self.unit} ({pct:.1f}%{unsaved}) | {self.tokens_per_second:,.1f} tok/s | "
             f"{rate:,.2f} {self.unit}/s | elapsed {fmt_duration(elapsed)} | ETA {eta}"
         )

@@ -505,6 +505,8 @@ class JobRun:
         # emptied before seq moves on: a Ctrl-C between the two never commits these rows a second time
         unit.results, unit.errors, unit.batches = [], [], []
         unit.seq += 1
+        if self.progress is not None:  # (commits fall between batches: every row counted so far is in it)
+            self.progress.saved = self.progress.done
         self.update_heartbeat()
 
     @contextlib.contextmanager
@@ -549,6 +551,7 @@ class JobRun:
         self.beat.info.update(
             device=str(self.engine.device) if self.engine is not None else None,
             rows=p.done - p.done_before,
+            unsaved=p.done - p.saved,  # computed, not in the job folder yet (`runner status` counts them in)
             tokens_per_second=round(p.tokens_per_second, 2),
             rows_per_second=round((p.done - p.done_before) / max(p.elapsed, 1e-9), 4),
             peak_memory_bytes=peak_memory_bytes(self.engine.device) if self.engine is not None else None,

@@ -371,6 +371,38 @@ def test_a_weight_file_transformers_does_not_load_changes_nothing(prompts_file, 
     assert len(work(runner_home, echo=None)) == 1 and read_state(job.dir).state == "completed"
 
 
+def test_status_counts_rows_computed_but_not_saved_yet(prompts_file, tiny_gpt2, runner_home, monkeypatch):
+    """Rows are saved every --shard-rows rows or --shard-minutes: status showed "128/400" and a far ETA while
+    the worker's log said 384/400 (new-user walkthrough). It shows those rows as computed, not saved (a kill
+    loses them), counts them in the ETA, and the worker's progress line says so too."""
+    import runner.worker as worker
+
+    beats, seen, lines = [], [], []
+
+    class Recorded(Heartbeat):
+        def __post_init__(self):
+            super().__post_init__()
+            beats.append(self)
+
+    def after_batch(name):
+        if name == "after_generate" and not seen:
+            beats[-1].beat()  # the next beat, now
+            seen.append(job_status(Job.open(job.dir)))
+
+    monkeypatch.setattr(worker, "Heartbeat", Recorded)
+    monkeypatch.setattr(worker, "HEARTBEAT_INFO_SECONDS", 0.0)
+    monkeypatch.setattr(worker, "fault_point", after_batch)
+    job = submit(prompts_file, tiny_gpt2)
+    summary = run_job(Job.open(job.dir), echo=lines.append, lease_ttl=60, progress_interval=0.0)
+    assert summary.finished
+    (status,) = seen
+    assert status.done == 0 and status.unsaved == 2 and status.done_text() == "0+2/6"
+    assert "0+2/6" in status_table([status])
+    assert any("2/6 rows (33.3%, 2 not saved yet)" in line for line in lines), lines
+    final = job_status(Job.open(job.dir))
+    assert final.unsaved == 0 and final.done_text() == "6/6"
+
+
 def test_a_changed_tokenizer_is_refused_on_resume(prompts_file, tmp_path, runner_home):
     """Two vocabulary entries exchanged in tokenizer.json (same size, config and weights untouched): results
     decoded with it would carry other texts for the same token ids."""
