@@ -382,10 +382,23 @@ def _as_dataset(source: Any) -> Any:
     """`source` as a datasets.Dataset, or None when it is a plain file path."""
     if type(source).__module__.split(".")[0] == "datasets":
         return _one_split(source, None, repr(source)[:60])
+    if type(source).__module__.split(".")[0] == "pandas" and hasattr(source, "columns"):  # a DataFrame
+        import datasets
+
+        return datasets.Dataset.from_pandas(source, preserve_index=False)
+    if isinstance(source, list) and source and all(isinstance(r, dict) for r in source):  # rows as dicts
+        import datasets
+
+        return datasets.Dataset.from_list(source)
     text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
     if text is None:
+        hint = ""
+        if isinstance(source, list) and source and all(isinstance(r, str) for r in source):
+            hint = " (for a list of prompts: [{'prompt': p} for p in prompts]; runner.generate prints a few at once)"
         raise ParamError(
-            "input", f"input must be a file path or a datasets.Dataset, not {type(source).__name__}"
+            "input",
+            f"input must be a file path, a pandas DataFrame, a list of row dicts or a datasets.Dataset, not "
+            f"{type(source).__name__}{hint}",
         )
     if text.startswith("hf:"):
         return _hub_dataset(text)

@@ -455,6 +455,33 @@ def test_a_dataset_object_a_saved_dataset_folder_and_hf_names_are_inputs(tmp_pat
     assert job3.meta["input"]["path"] == "hf:owner/prompts:main@test"
 
 
+def test_a_dataframe_or_a_list_of_rows_is_an_input_too(tmp_path, tiny_gpt2, gpt2_engine):
+    """`runner.run(df, ...)` was refused ("input must be a file path or a datasets.Dataset, not DataFrame"; a
+    new-user walkthrough): a DataFrame, with the integer column with gaps pandas makes floats, and a list of row
+    dicts give the same job as the file; a list of plain prompts says how to make rows of it."""
+    import pandas as pd
+
+    params = GenerationParams(max_new_tokens=4)
+    rows = [{"id": "a", "prompt": "Hello", "max_tokens": 2}, {"id": "b", "prompt": "The quick brown fox"}]
+    ref, _ = runner.run(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, params, output=tmp_path / "file",
+                        engine=gpt2_engine, echo=None)  # fmt: skip
+    df = pd.DataFrame(rows)
+    assert df["max_tokens"].dtype == float  # 2.0 and NaN
+    for name, source in (("df", df), ("list", rows)):
+        job, _ = runner.run(source, tiny_gpt2, params, output=tmp_path / name, engine=gpt2_engine, echo=None)
+        got = runner.load_results(job)
+        assert got[["id", "text", "completion_tokens"]].equals(
+            runner.load_results(ref)[["id", "text", "completion_tokens"]]
+        )
+        assert list(got["completion_tokens"])[0] <= 2
+    with pytest.raises(
+        ParamError, match=r"not list \(for a list of prompts: \[\{'prompt': p\} for p in prompts\]"
+    ):
+        runner.run(
+            ["Hello", "World"], tiny_gpt2, params, output=tmp_path / "strs", engine=gpt2_engine, echo=None
+        )
+
+
 def test_results_as_arrow_and_as_a_dataset(tmp_path, tiny_gpt2):
     import datasets
     import pyarrow as pa
