@@ -193,7 +193,16 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
             yield lineno, None, f"invalid JSON ({msg})"
             continue
         if not isinstance(obj, dict):
-            yield lineno, None, f"expected a JSON object per line, got {_kind(obj)}"
+            yield (
+                lineno,
+                None,
+                f"expected a JSON object per line, got {_kind(obj)}"
+                + (
+                    " (one JSON array of rows, as pandas' to_json(orient='records') writes: add lines=True)"
+                    if lineno == 1 and isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj)
+                    else ""
+                ),
+            )
             continue
         if "\\u" in text and _has_surrogate(obj):  # only a \u escape can make a lone surrogate
             yield lineno, None, "contains a lone surrogate escape (such as \\ud800), not valid Unicode"

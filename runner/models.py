@@ -204,6 +204,11 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load the tokenizer of model {spec!r}: {first_line(e)}") from e
+    # transformers warns once of a text longer than the tokenizer's model_max_length ("... will result in indexing
+    # errors"), above runner's own message naming the row and what to do (`--truncate left`): said once, by runner
+    warned = getattr(tok, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     # A folder without tokenizer files can still yield an empty tokenizer that silently encodes nothing.
     if len(tok) == 0 or not tok("Hello world", add_special_tokens=False)["input_ids"]:
         raise ModelLoadError(

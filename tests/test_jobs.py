@@ -651,3 +651,26 @@ def test_an_option_left_at_its_default_reads_as_the_default_and_dtypes_take_thei
                echo=lines.append)  # fmt: skip
     (kept,) = [line for line in lines if "keeps the engine options" in line]
     assert "batch_size the default (asked: 8)" in kept
+
+
+def test_a_too_long_prompt_is_said_once_and_a_json_array_file_says_how_to_write_lines(
+    tmp_path, tiny_gpt2, capfd
+):
+    """transformers' "Token indices sequence length is longer ... will result in indexing errors" came above
+    runner's own line naming the row; `df.to_json(orient="records")` (one array) said only "got array"
+    (new-user walkthrough)."""
+    import shutil
+
+    model = shutil.copytree(tiny_gpt2, tmp_path / "model")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
+    from workers import run_runner
+
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": " ".join(["word"] * 3000)}])
+    code, out = run_runner("submit", long, "-m", model, "--home", tmp_path / "home")
+    assert (
+        code == 1 and out.startswith("Error: no valid rows in") and "prompt: prompt is 6001 tokens" in out
+    ), out
+    (tmp_path / "arr.json").write_text('[{"prompt": "a"}, {"prompt": "b"}]\n')
+    with pytest.raises(InputError, match=r"got array \(one JSON array of rows, .*: add lines=True\)"):
+        create_job(tmp_path / "arr.json", tiny_gpt2)
