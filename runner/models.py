@@ -203,7 +203,9 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"cannot load the tokenizer of model {spec!r}: {first_line(e)}") from e
+        raise ModelLoadError(
+            f"cannot load the tokenizer of model {spec!r}: {first_line(e)}{_hub_hint(e)}"
+        ) from e
     # transformers warns once of a text longer than the tokenizer's model_max_length ("... will result in indexing
     # errors"), above runner's own message naming the row and what to do (`--truncate left`): said once, by runner
     warned = getattr(tok, "deprecation_warnings", None)
@@ -218,13 +220,23 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def _hub_hint(e: BaseException) -> str:
+    """What to do when the Hub could not be reached (a machine without network: the hub's client retries for
+    half a minute first)."""
+    if "huggingface.co" not in str(e) or os.environ.get("HF_HUB_OFFLINE"):
+        return ""
+    return (
+        " (no network here? give the model's local folder, or set HF_HUB_OFFLINE=1 to use the cache at once)"
+    )
+
+
 def load_config(spec: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}") from e
+        raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}{_hub_hint(e)}") from e
 
 
 def check_causal_lm(spec: str, config: Any) -> None:

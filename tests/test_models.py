@@ -191,3 +191,22 @@ def test_auto_dtype_is_bfloat16_only_where_the_gpu_has_it_in_hardware(capability
     assert asked in ([torch.device("cuda:1")], [])
     assert models.pick_dtype("float32", torch.device("cuda:1")) == torch.float32
     assert models.pick_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_a_hub_model_on_a_machine_without_network_says_what_to_do(monkeypatch):
+    """Without network, `--model gpt2` ended, after the hub client's retries, with its bare "couldn't connect"
+    (new-user walkthrough): the message says to give the local folder or set HF_HUB_OFFLINE=1."""
+    import transformers
+
+    from runner.models import load_config
+
+    def offline(*args, **kwargs):
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them"
+        )
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ModelLoadError, match=r"couldn't connect .* \(no network here\? give the model's local folder, "
+                       r"or set HF_HUB_OFFLINE=1"):  # fmt: skip
+        load_config("gpt2")
