@@ -487,6 +487,11 @@ def work(
     Ctrl-C (or the deadline) finishes and writes the current batch, then stops; run it again to carry on.
     Under `torchrun` / `accelerate launch` each process works on its own GPU (LOCAL_RANK)."""
     deadline = _deadline(hours, until)
+    if until is not None and not background:  # 9:00 given at 9:20 is tomorrow's: said, not assumed silently
+        import datetime as dt
+
+        end = dt.datetime.fromtimestamp(deadline)  # type: ignore[arg-type]
+        _echo(f"working until {end:%H:%M}" + (" tomorrow" if end.date() > dt.date.today() else " today"))
     _warn_if_not_on_drive(ctx.obj["home"])
     args = ["--shard-rows", str(shard_rows), "--shard-minutes", str(shard_minutes)]
     args += (["--job", job_ref] if job_ref else []) + (["--once"] if once else [])

@@ -574,3 +574,14 @@ def test_an_export_into_the_jobs_own_folder_is_refused_and_an_empty_one_is_an_em
         folder / "done" / "00000-00000000-0000.json"
     ).exists()
     assert invoke("work").exit_code == 0 and runner.status(folder).state == "completed"
+
+
+def test_work_until_says_whether_it_means_today_or_tomorrow(runner_home):
+    """`--until 9:00` given at 9:20 means tomorrow 9:00: said, not assumed silently (new-user walkthrough)."""
+    import datetime as dt
+
+    now = dt.datetime.now()
+    before = now - dt.timedelta(minutes=2)
+    when = "tomorrow" if before.date() == now.date() else "today"  # (2 minutes before 00:01 is today's 23:59)
+    result = invoke("work", "--until", f"{before:%H:%M}")
+    assert result.exit_code == 0 and f"working until {before:%H:%M} {when}" in result.stderr, result.stderr
