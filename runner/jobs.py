@@ -93,7 +93,8 @@ def _input_meta(source: Any, input_path: Path, identity: dict[str, Any]) -> dict
     return {"path": _describe(source, input_path), "sha256": identity["input_sha256"],
             "mtime": int(input_path.stat().st_mtime), "prompt_field": identity["prompt_field"],
             "template": identity["template"], "truncate": identity["truncate"],
-            "chat": identity.get("chat", False)}  # fmt: skip
+            "chat": identity.get("chat", False), "skip_invalid": identity["skip_invalid"],
+            "served_model_names": identity["served_model_names"]}  # fmt: skip
 
 
 def create_job(
@@ -244,8 +245,8 @@ def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dic
         if existing is not None and existing.meta.get("fingerprint") != fingerprint:
             raise RunnerError(
                 f"{job_dir} holds a job with other inputs or settings{_differences(existing, identity)}; resuming "
-                f"it with these is refused (use another -o folder, or run `runner work --job {job_dir}` to finish "
-                "it as it was)"
+                f"it with these is refused (use another job folder: -o, or --job-dir for run-batch; or run `runner "
+                f"work --job {job_dir}` to finish it as it was)"
             )
         return existing
     if name is None:
@@ -269,6 +270,11 @@ def _differences(job: Job, identity: dict[str, Any]) -> str:
     said = ["the input file's content"] if read.get("sha256") != identity["input_sha256"] else []
     said += [f"{k} {stored.get(k)!r}, now {asked.get(k)!r}" for k in sorted(stored.keys() | asked.keys())
              if stored.get(k) != asked.get(k)]  # fmt: skip
+    said += [
+        f"{k} {read[k]!r}, now {identity[k]!r}"
+        for k in ("skip_invalid", "served_model_names")
+        if k in read and read[k] != identity[k]
+    ]  # fmt: skip (recorded since 2026-12-02)
     return f" ({'; '.join(said)})" if said else ""
 
 

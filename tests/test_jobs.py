@@ -113,6 +113,15 @@ def test_rerun_with_same_output_resumes_and_other_settings_are_refused(
         runner.run(
             other, tiny_gpt2, GenerationParams(max_new_tokens=4, seed=42), output=tmp_path / "out", echo=None
         )
+    # settings the refusal did not name (new-user walkthrough: a run-batch rerun without --served-model-name)
+    with pytest.raises(
+        RunnerError, match=r"settings \(skip_invalid False, now True\); .* --job-dir for run-batch"
+    ):
+        runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "out", skip_invalid=True, echo=None)
+    with pytest.raises(RunnerError, match=r"settings \(served_model_names \[\], now \['tiny'\]\)"):
+        runner.run(
+            prompts_file, tiny_gpt2, params, output=tmp_path / "out", served_model_names=("tiny",), echo=None
+        )
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(RunnerError, match="exists and is not a runner job folder"):
