@@ -751,6 +751,10 @@ class Job:
         """A Job stands for its folder wherever a path or job reference is taken (`runner.load_results(job)`)."""
         return str(self.dir)
 
+    def __repr__(self) -> str:  # what a notebook cell shows for `job`
+        name = f", name={self.name!r}" if self.name else ""
+        return f"Job(id={self.id!r}{name}, kind={self.spec.kind!r}, model={self.spec.model!r}, folder={str(self.dir)!r})"
+
     @classmethod
     def open(cls, path: str | os.PathLike) -> Job:
         path = Path(path)

@@ -683,3 +683,11 @@ def test_a_too_long_prompt_is_said_once_and_a_json_array_file_says_how_to_write_
     (tmp_path / "arr.json").write_text('[{"prompt": "a"}, {"prompt": "b"}]\n')
     with pytest.raises(InputError, match=r"got array \(one JSON array of rows, .*: add lines=True\)"):
         create_job(tmp_path / "arr.json", tiny_gpt2)
+
+
+def test_a_job_reads_well_in_a_notebook_cell(tmp_path, tiny_gpt2):
+    """It printed as <runner.jobdir.Job object at 0x...> (new-user walkthrough)."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}]), tiny_gpt2, name="night1",
+                     home=tmp_path / "home")  # fmt: skip
+    assert repr(job) == (f"Job(id={job.id!r}, name='night1', kind='generate', model={tiny_gpt2!r}, "
+                         f"folder={str(job.dir)!r})")  # fmt: skip
