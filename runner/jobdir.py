@@ -935,12 +935,17 @@ def _write_file(fd: int, data: bytes) -> None:
 
 
 def _link_new(tmp: str, path: Path) -> bool | None:
-    """True: linked into place; False: the name exists; None: this file system has no hard links."""
+    """True: linked into place; False: the name exists; None: this file system has no hard links. A link that
+    landed though the mount reported an error (its reply lost, then retried) finds the name taken by our own
+    file, the one `tmp` is: ours (it read as another writer's)."""
     try:
         os.link(tmp, path)
         return True
     except FileExistsError:
-        return False
+        try:
+            return os.path.samefile(tmp, path)
+        except OSError:
+            return False
     except OSError as e:
         if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
             return None

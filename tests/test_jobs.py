@@ -624,6 +624,39 @@ def test_a_transient_error_moving_the_job_into_place_is_retried_or_found_done(
     assert [j.id for j in runner.status(home=tmp_path / "home")] == [job.id]
 
 
+@pytest.mark.parametrize("where", [".names", "state"])
+def test_an_exclusive_create_that_landed_though_the_mount_lost_the_reply_is_ours(
+    tmp_path, tiny_gpt2, monkeypatch, where
+):
+    """A name claim (or a state record) hard-linked into place, then EIO: the retry found the name taken and
+    read our own file as another writer's ("the job name 'k' is claimed by another submit ... run this submit
+    again in a moment"; adversarial pass 19). The name is the same file as ours: it is ours."""
+    import errno
+    import os
+
+    from runner import storage
+
+    real, hits = os.link, []
+
+    def flaky(src, dst, *args, **kwargs):
+        real(src, dst, *args, **kwargs)
+        if f"/{where}/" in str(dst) and not hits:
+            hits.append(dst)
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 8)
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    if where == "state":
+        job = create_job(f, tiny_gpt2, home=tmp_path / "home", name="k")
+        monkeypatch.setattr(os, "link", flaky)
+        runner.cancel(job.dir)
+        assert hits and runner.status(job.dir).state == "cancelled"
+        return
+    monkeypatch.setattr(os, "link", flaky)
+    job = create_job(f, tiny_gpt2, home=tmp_path / "home", name="k")
+    assert hits and [j.id for j in runner.status(home=tmp_path / "home")] == [job.id]
+
+
 def test_a_prompts_file_that_cannot_be_written_is_named_and_no_job_is_left(tmp_path, tiny_gpt2, monkeypatch):
     """pyarrow's write error names no file ("Error writing bytes to file ... No space left on device"): submit
     says it was prompts.parquet, and stores nothing (adversarial pass 18)."""
