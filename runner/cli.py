@@ -290,10 +290,12 @@ def _run_kind(
         _echo(_stopped_line(job, summary, "rows", "carry on"))
         click.echo(str(job.dir))
         raise SystemExit(130 if stop() else 1)
-    _echo(
-        f"done: {summary.done:,}/{summary.total:,} rows, {summary.errors} errors, "
+    speed = (
         f"{summary.tokens_per_second:,.1f} tok/s"
+        if summary.generated
+        else "already done before: nothing computed"
     )
+    _echo(f"done: {summary.done:,}/{summary.total:,} rows, {summary.errors} errors, {speed}")
     click.echo(str(job.dir))
 
 

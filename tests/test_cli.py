@@ -29,6 +29,8 @@ def test_run_generates_and_prints_the_job_folder(tmp_path, prompts, tiny_gpt2):
     df = runner.load_results(out)
     assert list(df["id"]) == ["a", "b"] and (df["completion_tokens"] <= 3).all()
     assert json.loads((out / "job.json").read_text())["params"]["stop"] == ["\n"]  # "\n" typed in a shell
+    again = invoke("run", prompts, "--model", tiny_gpt2, "--max-new-tokens", 3, "--stop", "\n", "-o", out)
+    assert "done: 2/2 rows, 0 errors, already done before: nothing computed" in again.stderr  # (not "0.0 tok/s")
 
 
 @pytest.mark.parametrize(
