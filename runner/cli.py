@@ -206,6 +206,13 @@ def build_settings(kw: dict[str, Any], kind: str = "generate") -> tuple[Any, Any
     if stray:
         raise ParamError(stray[0], f"not used by {kind} jobs.")
     values = {k: kw[k] for k in KIND_FIELDS[kind] if kw.get(k) not in (None, ())}
+    sampling = [k for k in ("temperature", "top_p", "top_k") if k in values]
+    if (
+        values.get("do_sample") is False and sampling
+    ):  # greedy takes the likeliest token: they would do nothing
+        raise ParamError(
+            sampling[0], "no effect with --greedy, which takes the most likely token; give one of them"
+        )
     if "stop" in values:
         values["stop"] = [_unescape(s) for s in values["stop"]]
     if "json_schema" in values and not values["json_schema"].lstrip().startswith("{"):

@@ -30,7 +30,9 @@ def test_run_generates_and_prints_the_job_folder(tmp_path, prompts, tiny_gpt2):
     assert list(df["id"]) == ["a", "b"] and (df["completion_tokens"] <= 3).all()
     assert json.loads((out / "job.json").read_text())["params"]["stop"] == ["\n"]  # "\n" typed in a shell
     again = invoke("run", prompts, "--model", tiny_gpt2, "--max-new-tokens", 3, "--stop", "\n", "-o", out)
-    assert "done: 2/2 rows, 0 errors, already done before: nothing computed" in again.stderr  # (not "0.0 tok/s")
+    assert (
+        "done: 2/2 rows, 0 errors, already done before: nothing computed" in again.stderr
+    )  # (not "0.0 tok/s")
 
 
 @pytest.mark.parametrize(
@@ -42,6 +44,10 @@ def test_run_generates_and_prints_the_job_folder(tmp_path, prompts, tiny_gpt2):
             "Error: --max-new-tokens: max_new_tokens must be in [1, 1000000], got 0.",
         ),
         (["-n", "3", "--greedy"], "Error: --num-return-sequences: num_return_sequences > 1 needs sampling"),
+        (
+            ["--greedy", "--top-p", "0.9"],
+            "Error: --top-p: no effect with --greedy, which takes the most likely token",
+        ),
         (["--device", "tpu"], "Error: --device: device must be auto, cpu, cuda or cuda:N, got 'tpu'."),
         (
             ["--template", "{x.__class__}"],
