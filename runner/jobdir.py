@@ -1003,8 +1003,11 @@ class Heartbeat:
 
     def beat(self) -> None:
         now = time.time()
-        storage.write_json(self.path, {**self.owner.as_dict(), "heartbeat": now, "expires": now + self.ttl,
-                                       **self.info}, durable=False)  # fmt: skip
+        record = {**self.owner.as_dict(), "heartbeat": now, "expires": now + self.ttl, **self.info}
+        record["check"] = storage.json_checksum(
+            record
+        )  # a changed byte is damage, not a lease (live_workers)
+        storage.write_json(self.path, record, durable=False)
 
     def _run(self) -> None:
         while not self._stop.wait(max(0.5, self.ttl / 4)):
@@ -1040,6 +1043,8 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
         if not name.endswith(".json") or name.startswith("."):
             continue
         hb = _read_json_or_none(job.dir / WORKERS / name)
+        if isinstance(hb, dict) and "check" in hb and hb["check"] != storage.json_checksum(hb):
+            continue  # damaged (a flipped digit of "expires" held a dead worker's units for hours): stale
         owner = Owner.from_dict(hb) if isinstance(hb, dict) else None
         if owner is None or owner.worker + ".json" != name:
             continue

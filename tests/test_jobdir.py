@@ -576,8 +576,25 @@ def test_a_dead_worker_whose_clock_ran_ahead_loses_its_lease_after_the_lease(job
     hb = json.loads((job.dir / "workers" / "far.json").read_text())
     hb["heartbeat"] += 30  # it beats again (alive after all): a fresh lease
     hb["expires"] += 30
+    hb["check"] = storage.json_checksum(hb)  # (as its writer computes it)
     (job.dir / "workers" / "far.json").write_text(json.dumps(hb))
     assert "far" in jobdir.job_progress(job).live
+
+
+def test_a_heartbeat_with_a_changed_byte_is_damage_not_a_lease(job):
+    """A digit flipped in a dead worker's "expires" (a worker on another VM, so no pid check can see it) held
+    its units for up to a day (adversarial pass 19, by reading). A heartbeat carries its checksum: a changed
+    byte makes it stale, and the unit is free."""
+    far = Owner("far", "other-vm", 4242, "boot-gone", "pid:[1]", "7")
+    assert take_unit(job, 0, far, -1) == 0
+    Heartbeat(job, far, ttl=60).beat()
+    assert "far" in jobdir.job_progress(job).live
+    path = job.dir / "workers" / "far.json"
+    hb = json.loads(path.read_text())
+    hb["expires"] += 20 * 3600  # one digit of its time flipped
+    path.write_text(json.dumps(hb))
+    progress = jobdir.job_progress(job)
+    assert "far" not in progress.live and 0 in progress.claimable
 
 
 @pytest.mark.parametrize("name", ["a" * 101, "-lead", "has space", "x/y", ".hidden", ""])
@@ -699,6 +716,7 @@ def test_a_temp_file_of_a_worker_holding_a_long_lease_is_not_deleted(job):
     hb = json.loads((job.dir / "workers" / "frozen.json").read_text())
     hb["heartbeat"] += 3000  # and its clock runs 50 minutes ahead of ours: still its lease of an hour
     hb["expires"] += 3000
+    hb["check"] = storage.json_checksum(hb)
     (job.dir / "workers" / "frozen.json").write_text(json.dumps(hb))
     half = Path(storage.temp_name(job.dir / "shards" / "00000-00000000-0001.parquet"))
     half.parent.mkdir(exist_ok=True)
