@@ -100,7 +100,7 @@ def _replace_into(target: Path, fill: Callable[[Any], None], what: str, durable:
     """Write `target` through a temp file (`fill(fileobj)` writes the bytes) + fsync + rename, retried.
     `durable=False` skips the fsyncs: the file then survives the process being killed, not the machine."""
 
-    def op() -> None:
+    def op() -> bool:
         tmp = temp_name(target)
         try:
             with open(tmp, "wb") as f:
@@ -109,14 +109,23 @@ def _replace_into(target: Path, fill: Callable[[Any], None], what: str, durable:
                 if durable:
                     os.fsync(f.fileno())
             fault_point("before_replace")  # the new bytes are whole under the temp name; the old file stands
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except FileNotFoundError:
+                if not os.path.isdir(target.parent):
+                    raise
+                return False  # the temp file was tidied away as left behind (its writer was frozen): again
         finally:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
         if durable:
             _fsync_dir(target.parent)
+        return True
 
-    retry(op, what)
+    if not retry(op, what) and not retry(op, what):
+        raise StorageError(
+            f"cannot {what}: its temp file was removed twice while being written", errno.ENOENT
+        )
 
 
 def atomic_write(target: str | os.PathLike, data: bytes | str, durable: bool = True) -> None:

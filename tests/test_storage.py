@@ -73,6 +73,27 @@ def test_publish_copies_under_a_temp_name_then_renames(tmp_path, monkeypatch):
     assert (tmp_path / "home" / "00001-w.parquet").read_bytes() == src.read_bytes()
 
 
+def test_a_temp_file_tidied_away_while_it_was_written_is_written_again(tmp_path, monkeypatch):
+    """A worker frozen mid-copy past its lease and the temp files' age: `runner repair` deletes its temp file as
+    left behind; woken, it stopped with "the job home cannot be written (No such file or directory)" though it
+    still held its unit (adversarial pass 19). It writes the file again."""
+    src = tmp_path / "local.parquet"
+    src.write_bytes(b"x" * 10_000)
+    (tmp_path / "home").mkdir()
+    tidied = []
+
+    def repair_runs(name):
+        if name == "mid_write" and not tidied:
+            (temp,) = [p for p in (tmp_path / "home").iterdir() if p.name.startswith(".")]
+            temp.unlink()
+            tidied.append(temp)
+
+    monkeypatch.setattr(storage, "fault_point", repair_runs)
+    publish(src, tmp_path / "home" / "00001-w.parquet")
+    assert tidied and (tmp_path / "home" / "00001-w.parquet").read_bytes() == src.read_bytes()
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["00001-w.parquet"]
+
+
 def test_read_lines_resumes_at_its_offset_after_a_transient_error(tmp_path, monkeypatch):
     """A long file read a few bytes at a time, every other open failing with EIO: every line once, in order,
     the torn last one too (each retry opens the file again at the same offset)."""
