@@ -758,7 +758,8 @@ def _detail(s: Any) -> list[str]:
         f"memory:   peak {_gib(s.peak_memory_bytes)} (GPU memory on CUDA, resident memory on CPU)",
         f"model:    {s.model}",
         f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompts)",
-        "settings: " + ", ".join(f"{k}={_short(v)}" for k, v in _non_default(job.params, p).items()) + f", seed={job.seed}",
+        "settings: " + ", ".join(f"{k}={_short(v)}" for k, v in _non_default(job.params, p).items()) + f", seed={job.seed}"
+        + (", chat (each prompt as a user message)" if job.meta["input"].get("chat") else ""),
         f"folder:   {job.dir}",
     ]  # fmt: skip
 

@@ -148,6 +148,7 @@ def test_job_life_cycle_through_the_cli(prompts, tiny_gpt2, runner_home, tmp_pat
     assert result.exit_code == 0 and f"job {job_id} completed: 2/2 rows" in result.stderr
     detail = invoke("status", "night1").stdout
     assert "state:    completed" in detail and "progress: 2/2 rows" in detail
+    assert "chat" not in detail.split("settings: ")[1].splitlines()[0]
     out = tmp_path / "night1.jsonl"
     assert invoke("results", "night1", "--to", out).exit_code == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -582,6 +583,14 @@ def test_an_export_into_the_jobs_own_folder_is_refused_and_an_empty_one_is_an_em
         folder / "done" / "00000-00000000-0000.json"
     ).exists()
     assert invoke("work").exit_code == 0 and runner.status(folder).state == "completed"
+
+
+def test_status_names_a_chat_job_as_such(prompts, tiny_llama, runner_home):
+    """`--chat` changes every prompt (sent through the chat template): the job's settings line says so (it was
+    missing; new-user walkthrough)."""
+    job_id = invoke("submit", prompts, "--model", tiny_llama, "--chat", "--max-new-tokens", 2).stdout.strip()
+    detail = invoke("status", job_id).stdout
+    assert "chat (each prompt as a user message)" in detail.split("settings: ")[1].splitlines()[0], detail
 
 
 def test_work_until_says_whether_it_means_today_or_tomorrow(runner_home):
