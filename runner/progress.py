@@ -63,7 +63,9 @@ class Progress:
         remaining = self.total - self.done
         eta = fmt_duration(remaining / rate) if rate > 0 else "?"
         unsaved = f", {self.done - self.saved:,} not saved yet" if self.done > self.saved else ""
+        # rows done and no token counted: a kind that makes none (embeddings), where "0.0 tok/s" would mislead
+        speed = f" | {self.tokens_per_second:,.1f} tok/s" if self.tokens or not new else ""
         return (
-            f"{self.done:,}/{self.total:,} {self.unit} ({pct:.1f}%{unsaved}) | {self.tokens_per_second:,.1f} tok/s | "
+            f"{self.done:,}/{self.total:,} {self.unit} ({pct:.1f}%{unsaved}){speed} | "
             f"{rate:,.2f} {self.unit}/s | elapsed {fmt_duration(elapsed)} | ETA {eta}"
         )

@@ -200,3 +200,17 @@ def test_score_reads_a_txt_file_or_standard_input_one_text_per_line(tmp_path, ti
     assert outs[0].to_json() == outs[1].to_json() == outs[2].to_json()
     assert Job.open(result.stdout.strip()).meta["input"]["path"].endswith("t.jsonl")
     assert "standard input" in [Job.open(p).meta["input"]["path"] for p in jobdir.job_folders(runner_home)]
+
+
+def test_progress_lines_show_tok_s_only_where_tokens_are_counted():
+    """An embedding job's progress read "0.0 tok/s" all along (new-user walkthrough): without tokens it shows rows/s
+    only; a generation's line shows tok/s from its first steps, even before a row ends."""
+    from runner.progress import Progress
+
+    embed = Progress(10)
+    embed.update(4, 0)
+    assert "tok/s" not in embed.line() and "rows/s" in embed.line()
+    generate = Progress(10)
+    generate.update(0, 12)
+    assert "tok/s" in generate.line()
+    assert "tok/s" in Progress(10).line()  # nothing yet: the figure starts at 0
