@@ -193,16 +193,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
             yield lineno, None, f"invalid JSON ({msg})"
             continue
         if not isinstance(obj, dict):
-            yield (
-                lineno,
-                None,
-                f"expected a JSON object per line, got {_kind(obj)}"
-                + (
-                    " (one JSON array of rows, as pandas' to_json(orient='records') writes: add lines=True)"
-                    if lineno == 1 and isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj)
-                    else ""
-                ),
-            )
+            rows = lineno == 1 and isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj)
+            hint = " (one JSON array of rows, as pandas' to_json(orient='records') writes: add lines=True)"
+            yield lineno, None, f"expected a JSON object per line, got {_kind(obj)}" + (hint if rows else "")
             continue
         if "\\u" in text and _has_surrogate(obj):  # only a \u escape can make a lone surrogate
             yield lineno, None, "contains a lone surrogate escape (such as \\ud800), not valid Unicode"
@@ -567,9 +560,8 @@ class RowChecker:
         self._requests: bool | None = None  # an OpenAI Batch file (decided by its first row)
         self.chat = chat
         self.saw_messages = False
-        self.settings_as_text = (
-            False  # the file's setting columns are text (CSV): read each cell as JSON would
-        )
+        # the file's setting columns are text (CSV): each cell is read as JSON would give it
+        self.settings_as_text = False
         self.template = Template(template) if template is not None else None
         self.prompt_field, self.id_field = prompt_field, id_field
         self.messages_field, self.pair_fields = messages_field, pair_fields

@@ -18,12 +18,8 @@ from typing import Any
 from .errors import ParamError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-DTYPE_ALIASES = {
-    "fp32": "float32",
-    "fp16": "float16",
-    "half": "float16",
-    "bf16": "bfloat16",
-}  # as people write them
+# as people write them (the README's "fp16")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 TRUNCATE = ("none", "left")
 
 

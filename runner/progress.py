@@ -29,9 +29,8 @@ class Progress:
         unit: str = "rows",
     ):
         self.total, self.done_before, self.done = total, done, done
-        self.saved = (
-            done  # of `done`, those in the job folder: the rest a kill would lose (the worker sets it)
-        )
+        # of `done`, those in the job folder: the rest a kill would lose (the worker sets it)
+        self.saved = done
         self.tokens = 0
         self.echo = echo
         self.interval = interval

@@ -289,7 +289,8 @@ def work(
     `job` restricts the worker to one job; `once` stops after one job; `device` overrides the jobs' device
     (`cuda:1` for the second GPU). Several workers may run at once, on one job or many. Returns a summary per
     job run; `on_failed(job)` hears of each job that failed in this run (the model would not load...),
-    `on_unrunnable(job)` of each left queued because it asks for a device this machine does not have."""
+    `on_unrunnable(job)` of each left queued because it needs what this machine lacks (its device, its model
+    folder: NotOnThisMachine)."""
     owner = Owner.me()
     engines = Engines(engine, device or local_device())
     lease_ttl = lease_ttl or lease_seconds()

@@ -98,8 +98,8 @@ def _decoded_pieces(tokenizer: Any, ids: Sequence[int], prefix: Sequence[int] = 
     seq = [*prefix[-PIECE_CONTEXT:], *ids]
     off = len(seq) - len(ids)
     starts = [max(0, off + i - PIECE_CONTEXT) for i in range(len(ids))]
-    heads = _decode(tokenizer, [seq[s : off + i] for i, s in enumerate(starts)])
-    fulls = _decode(tokenizer, [seq[s : off + i + 1] for i, s in enumerate(starts)])
+    heads = decode_many(tokenizer, [seq[s : off + i] for i, s in enumerate(starts)])
+    fulls = decode_many(tokenizer, [seq[s : off + i + 1] for i, s in enumerate(starts)])
     special = set(tokenizer.all_special_ids)
     pieces = []
     for i, (head, full) in enumerate(zip(heads, fulls, strict=True)):
@@ -114,17 +114,13 @@ def _decoded_pieces(tokenizer: Any, ids: Sequence[int], prefix: Sequence[int] = 
 def _decoded_alternatives(tokenizer: Any, prefix: Sequence[int], alternatives: Sequence[int]) -> list[str]:
     window = list(prefix[-PIECE_CONTEXT:])
     cut = len(prefix) > PIECE_CONTEXT
-    (head,) = _decode(tokenizer, [window])
-    fulls = _decode(tokenizer, [[*window, a] for a in alternatives])
+    (head,) = decode_many(tokenizer, [window])
+    fulls = decode_many(tokenizer, [[*window, a] for a in alternatives])
     special = set(tokenizer.all_special_ids)
     return [
         tokenizer.convert_ids_to_tokens(a) if a in special else _piece(tokenizer, a, head, full, True, cut)
         for a, full in zip(alternatives, fulls, strict=True)
     ]
-
-
-def _decode(tokenizer: Any, rows: list[list[int]]) -> list[str]:
-    return decode_many(tokenizer, rows)
 
 
 def decode_many(tokenizer: Any, rows: list[list[int]]) -> list[str]:
