@@ -641,7 +641,8 @@ class Round:
 
     def wait_for_takeover(self, unit: int, epoch: int) -> bool:
         """Until a claim of epoch + 1 appears (and its seal of `epoch`, which `check_fenced` relies on). False
-        when no takeover can come: the unit was finished, or the job cancelled or broken meanwhile."""
+        when no takeover can come: the unit was finished, or the job cancelled or broken meanwhile, or every
+        other worker is gone and a new one would stop at a torn job.json (`runner repair` first)."""
         end = time.monotonic() + TIMEOUT
         next_claim = self.job / "claims" / jobdir.claim_name(unit, epoch + 1)
         helped = False
@@ -651,6 +652,8 @@ class Round:
                 return False
             self.reap()
             if not self.live():
+                if self.live_broken:
+                    return False
                 if helped:  # the helper ended and nobody took the unit over
                     self.anomaly(f"nobody took over unit {unit} of a stopped worker (units left: {left})")
                     return False
