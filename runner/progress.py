@@ -18,7 +18,8 @@ def fmt_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts finished sequences and generated tokens since `start`; `line()` renders them."""
+    """Counts finished sequences and generated tokens since `start`; `line()` renders them. The rates (and so the
+    ETA) count from `computing()`, when the model is loaded: a minute of loading is not a slow first batch."""
 
     def __init__(
         self,
@@ -36,7 +37,13 @@ class Progress:
         self.interval = interval
         self.unit = unit
         self.start = time.perf_counter()
+        self.since = self.start  # when computing began (`computing()`): the rates count from here
         self._last = self.start
+
+    def computing(self) -> None:
+        """The model is loaded and the first batch starts: the rates count from now (once)."""
+        if self.done == self.done_before and not self.tokens:
+            self.since = time.perf_counter()
 
     def update(self, rows: int, tokens: int) -> None:
         self.done += rows
@@ -50,15 +57,23 @@ class Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def _per_second(self, count: int) -> float:
+        computing = time.perf_counter() - self.since
+        return count / computing if computing > 0 else 0.0
+
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+        return self._per_second(self.tokens)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self._per_second(self.done - self.done_before)
 
     def line(self) -> str:
         elapsed = self.elapsed
         new = self.done - self.done_before
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        rate = new / elapsed if elapsed > 0 else 0.0
+        rate = self.rows_per_second
         remaining = self.total - self.done
         eta = fmt_duration(remaining / rate) if rate > 0 else "?"
         unsaved = f", {self.done - self.saved:,} not saved yet" if self.done > self.saved else ""

@@ -177,6 +177,7 @@ class JobRun:
                 if not noted:
                     noted = True
                     self.note_precision(ledger)
+                    self.progress.computing()
                 self.run_unit(unit)
             if self.beat.error is not None:
                 raise self.beat.error
@@ -553,7 +554,7 @@ class JobRun:
             rows=p.done - p.done_before,
             unsaved=p.done - p.saved,  # computed, not in the job folder yet (`runner status` counts them in)
             tokens_per_second=round(p.tokens_per_second, 2),
-            rows_per_second=round((p.done - p.done_before) / max(p.elapsed, 1e-9), 4),
+            rows_per_second=round(p.rows_per_second, 4),
             peak_memory_bytes=peak_memory_bytes(self.engine.device) if self.engine is not None else None,
         )
         if (

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -401,6 +402,34 @@ def test_status_counts_rows_computed_but_not_saved_yet(prompts_file, tiny_gpt2, 
     assert any("2/6 rows (33.3%, 2 not saved yet)" in line for line in lines), lines
     final = job_status(Job.open(job.dir))
     assert final.unsaved == 0 and final.done_text() == "6/6"
+
+
+def test_the_speed_and_eta_count_from_when_the_model_is_loaded(
+    prompts_file, tiny_gpt2, runner_home, monkeypatch
+):
+    """A 3-minute job's first ETAs read 1:08:12, then 0:22:31 (new-user walkthrough): the rates counted the model
+    load as computing time. Here the load takes an hour (on the progress clock); the rates do not see it."""
+    import runner.progress as progress
+    import runner.worker as worker
+
+    hour = [0.0]
+    real = time.perf_counter
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: real() + hour[0]))
+    load = worker.JobRun.load_engine
+
+    def slow_load(self):
+        hour[0] += 3600.0 if self.engine is None else 0.0
+        load(self)
+
+    monkeypatch.setattr(worker.JobRun, "load_engine", slow_load)
+    monkeypatch.setattr(worker, "HEARTBEAT_INFO_SECONDS", 0.0)
+    lines: list[str] = []
+    job = submit(prompts_file, tiny_gpt2)
+    assert run_job(Job.open(job.dir), echo=lines.append, lease_ttl=60, progress_interval=0.0).finished
+    last = [line for line in lines if "rows/s" in line][-1]
+    assert "elapsed 1:" in last, last  # the elapsed time is the whole run's
+    rows_per_second = float(re.search(r"([\d.,]+) rows/s", last).group(1).replace(",", ""))
+    assert rows_per_second > 6 / 600, last  # 6 rows in well under 10 minutes of computing, not in an hour
 
 
 def test_a_changed_tokenizer_is_refused_on_resume(prompts_file, tmp_path, runner_home):
