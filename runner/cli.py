@@ -11,13 +11,16 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
 from .errors import ParamError, RunnerError
 from .params import DTYPE_ALIASES, DTYPES
+
+if TYPE_CHECKING:
+    from .jobdir import Job
 
 
 def _fields(cls_name: str) -> tuple[str, ...]:
@@ -278,7 +281,8 @@ def _show_warning(
 
 def _run_kind(
     ctx: click.Context, kind: str, input_path: str, model: str, output: str | None, kw: dict[str, Any]
-) -> None:
+) -> Job:
+    """Submit and run a job of `kind`; the job, finished (else its folder is printed and the command exits)."""
     from .scheduler import run as run_api
 
     params, options = build_settings(kw, kind)
@@ -303,7 +307,7 @@ def _run_kind(
         else "already done before: nothing computed"
     )
     _echo(f"done: {summary.done:,}/{summary.total:,} rows, {summary.errors} errors, {speed}")
-    click.echo(str(job.dir))
+    return job
 
 
 @cli.command()
@@ -323,12 +327,25 @@ def run(ctx: click.Context, input_path: str, model: str, output: str | None, **k
       runner run examples/prompts.jsonl --model smollm2-135m-instruct --max-new-tokens 64 -o out/
       python -c "import runner; print(runner.load_results('out/').head())"
     """
-    _run_kind(ctx, "generate", input_path, model, output, kw)
+    click.echo(str(_run_kind(ctx, "generate", input_path, model, output, kw).dir))
 
 
 @cli.command()
 @input_options
 @score_options
+@click.option(
+    "--print",
+    "print_scores",
+    is_flag=True,
+    help="Print each text and its log-prob, tab-separated, as gpt2-score does (the job folder then goes to "
+    "stderr).",
+)
+@click.option(
+    "--tokens",
+    "print_tokens",
+    is_flag=True,
+    help="Print each token and its log-prob below its text, as gpt2-score --tokens (implies --print).",
+)
 @engine_options
 @output_option
 @home_option
@@ -341,8 +358,19 @@ def score(ctx: click.Context, input_path: str, model: str, output: str | None, *
     \b
     Example:
       runner score examples/score.jsonl --model smollm2-135m-instruct -o out/score
+      printf 'The capital of France is Paris.\\nThe capital of France is Rome.\\n' | runner score - -m MODEL --print
     """
-    _run_kind(ctx, "score", input_path, model, output, kw)
+    from .results import load_results, score_lines
+
+    print_tokens = kw.pop("print_tokens")
+    printed = kw.pop("print_scores") or print_tokens
+    job = _run_kind(ctx, "score", input_path, model, output, kw)
+    if not printed:
+        click.echo(str(job.dir))
+        return
+    for line in score_lines(load_results(job.dir), tokens=print_tokens):
+        click.echo(line)
+    _echo(f"results in {job.dir}")
 
 
 @cli.command()
@@ -361,7 +389,7 @@ def embed(ctx: click.Context, input_path: str, model: str, output: str | None, *
     Example:
       runner embed examples/texts.jsonl --model smollm2-135m-instruct -o out/embed
     """
-    _run_kind(ctx, "embed", input_path, model, output, kw)
+    click.echo(str(_run_kind(ctx, "embed", input_path, model, output, kw).dir))
 
 
 def _warn_if_not_on_drive(home: str | None) -> None:

@@ -473,6 +473,22 @@ def _warn_if_partial(job: Any, rows: int) -> None:
                       "generated yet)", stacklevel=3)  # fmt: skip
 
 
+def score_lines(df: Any, tokens: bool = False) -> Iterator[str]:
+    """A score job's results as gpt2-score prints them: each text and its log-prob, tab-separated (a context /
+    continuation pair: the two texts, then the continuation's log-prob), and with `tokens` each token and its
+    log-prob on the lines below. Tabs and line breaks inside a text are written as \\t and \\n: one line per row."""
+
+    def cell(text: Any) -> str:
+        return str(text).replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+
+    columns = ["text", "context", "continuation", "logprob", "tokens", "token_logprobs"]
+    for text, context, continuation, logprob, pieces, logprobs in df[columns].itertuples(index=False):
+        texts = [context, continuation] if isinstance(continuation, str) else [text]
+        yield "\t".join([*map(cell, texts), f"{logprob:.5g}"])
+        if tokens:
+            yield from (f"{cell(t)}\t{lp:.5g}" for t, lp in zip(pieces, logprobs, strict=True))
+
+
 EXPORT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 

@@ -1,6 +1,7 @@
 """The README's own commands work exactly as printed: every `runner ...` line that runs offline (on the demo
 model and the files in examples/) is run as typed, in a copy of the repository's examples, in order."""
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -29,6 +30,9 @@ def offline_commands() -> list[str]:
         if ln.startswith("runner report out/"):  # a report of a job an earlier command made
             out.append(ln)
             continue
+        if ln.startswith("printf ") and " | runner " in ln and "smollm2-135m-instruct" in ln:
+            out.append(ln)  # standard input piped in, as gpt2-score users do (run by a shell)
+            continue
         if not ln.startswith("runner ") or "smollm2-135m-instruct" not in ln:
             continue
         files = [
@@ -50,18 +54,28 @@ def test_the_readme_shows_offline_commands():
         c.startswith("runner embed ") for c in cmds
     )
     assert any(c.startswith("runner report out/demo ") for c in cmds)
+    assert any(c.startswith("printf ") and "runner score - " in c for c in cmds)
 
 
 def test_readme_commands_run_as_printed(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     env = worker_env({"RUNNER_HOME": str(tmp_path / "jobs")})
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the venv's `runner`
+    printed = {}
     for line in offline_commands():
-        args = shlex.split(line)
-        proc = subprocess.run([sys.executable, "-m", "runner", *args[1:]], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        command = (
+            line if line.startswith("printf ") else [sys.executable, "-m", "runner", *shlex.split(line)[1:]]
+        )
+        proc = subprocess.run(command, shell=isinstance(command, str), cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"{line}\n{proc.stderr[-3000:]}"
+        printed[line] = proc.stdout
     # what the README says those commands leave behind
     import runner
+
+    (scores,) = [out for line, out in printed.items() if line.startswith("printf ")]
+    paris, rome = (ln.split("\t") for ln in scores.splitlines())
+    assert paris[0].endswith("Paris.") and rome[0].endswith("Rome.") and float(paris[1]) > float(rome[1])
 
     demo = runner.load_results(tmp_path / "out" / "demo")
     assert len(demo) == 8 and any("Paris" in t for t in demo["text"])

@@ -202,6 +202,38 @@ def test_score_reads_a_txt_file_or_standard_input_one_text_per_line(tmp_path, ti
     assert "standard input" in [Job.open(p).meta["input"]["path"] for p in jobdir.job_folders(runner_home)]
 
 
+def test_score_print_shows_each_text_and_its_logprob_as_gpt2_score_does(tmp_path, tiny_gpt2, runner_home):
+    """`printf ... | gpt2-score.py -` prints `text<TAB>logprob` per line (and each token with --tokens); `runner
+    score -` printed only the job folder, the scores a second command away (new-user walkthrough). `--print`
+    prints them (the folder goes to stderr), one line per row even where a text holds a tab or a line break."""
+    texts = ["現在も行方不明のまま。", "現在も行方不明のママ。"]
+    result = invoke("score", "-", "-m", tiny_gpt2, "--print", input="\n".join(texts) + "\n")
+    assert result.exit_code == 0, result.output
+    df = runner.load_results(result.stderr.strip().splitlines()[-1].split("results in ")[-1])
+    assert result.stdout.splitlines() == [
+        f"{t}\t{lp:.5g}" for t, lp in zip(texts, df["logprob"], strict=True)
+    ]
+    rows = [
+        {"id": "a", "text": "tab\there\nand a line"},
+        {"id": "b", "context": "Q: 1+1?", "continuation": " 2"},
+    ]
+    result = invoke("score", write_jsonl(tmp_path / "t.jsonl", rows), "-m", tiny_gpt2, "--tokens")
+    assert result.exit_code == 0, result.output
+    df = runner.load_results(result.stderr.strip().splitlines()[-1].split("results in ")[-1])
+    lines = result.stdout.splitlines()
+    first, pair = df.iloc[0], df.iloc[1]
+
+    def escaped(token):
+        return token.replace("\t", "\\t").replace("\n", "\\n")
+
+    assert lines[0] == f"tab\\there\\nand a line\t{first['logprob']:.5g}"
+    assert lines[1 : 1 + first["num_tokens"]] == [
+        f"{escaped(t)}\t{lp:.5g}" for t, lp in zip(first["tokens"], first["token_logprobs"], strict=True)
+    ]
+    assert lines[1 + first["num_tokens"]] == f"Q: 1+1?\t 2\t{pair['logprob']:.5g}"
+    assert len(lines) == 2 + first["num_tokens"] + pair["num_tokens"]
+
+
 def test_progress_lines_show_tok_s_only_where_tokens_are_counted():
     """An embedding job's progress read "0.0 tok/s" all along (new-user walkthrough): without tokens it shows rows/s
     only; a generation's line shows tok/s from its first steps, even before a row ends."""
