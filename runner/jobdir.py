@@ -202,7 +202,8 @@ def _in_home(text: str, root: Path) -> Path:
     """The folder of the job whose id or name is `text` in the home `root`."""
     if _is_job_folder(root / text):  # not any folder: HOME/logs of `runner work --background` is no job
         return root / text
-    named = [p for p, spec in _named(root) if spec.get("name") == text]
+    jobs = list(_named(root))
+    named = [p for p, spec in jobs if spec.get("name") == text]
     if not named:  # its job.json damaged: the name's claim still says which job holds it
         named = [p for p in [_name_holder(root, text)] if p is not None]
     if len(named) == 1:
@@ -210,7 +211,18 @@ def _in_home(text: str, root: Path) -> Path:
     if len(named) > 1:
         ids = ", ".join(p.name for p in named)
         raise RunnerError(f"several jobs are named {text!r}; use the job id ({ids})")
-    raise RunnerError(f"no job {text!r} in {root}")
+    raise RunnerError(f"no job {text!r} in {root}{_did_you_mean(text, jobs)}")
+
+
+def _did_you_mean(text: str, jobs: list[tuple[Path, dict[str, Any]]]) -> str:
+    """ "; did you mean 'night1'?" for a mistyped job name or id (`runner status` lists them all)."""
+    import difflib
+
+    known = [n for p, spec in jobs for n in (p.name, spec.get("name")) if isinstance(n, str)]
+    close = difflib.get_close_matches(text, known, n=3, cutoff=0.75)
+    if close:
+        return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return " (`runner status` lists its jobs)"
 
 
 NAMES = ".names"  # in the home: NAME.N.json, the claims on a job name (jobs._claim_name); the newest holds it

@@ -724,3 +724,21 @@ def test_a_job_reads_well_in_a_notebook_cell(tmp_path, tiny_gpt2):
                      home=tmp_path / "home")  # fmt: skip
     assert repr(job) == (f"Job(id={job.id!r}, name='night1', kind='generate', model={tiny_gpt2!r}, "
                          f"folder={str(job.dir)!r})")  # fmt: skip
+
+
+def test_a_mistyped_job_name_or_id_gets_a_did_you_mean(tmp_path, tiny_gpt2, runner_home):
+    """`runner status nigth1` said only "no job 'nigth1' in jobs" (new-user walkthrough): the close names and ids
+    are offered, and a reference like none of them points to `runner status`."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}]), tiny_gpt2, home=runner_home,
+                     name="night1")  # fmt: skip
+    result = invoke("--home", runner_home, "status", "nigth1")
+    assert (
+        result.exit_code == 1
+        and "no job 'nigth1'" in result.output
+        and "did you mean 'night1'?" in result.output
+    )
+    typo = job.id[:-1] + ("0" if job.id[-1] != "0" else "1")
+    with pytest.raises(RunnerError, match=f"did you mean '{job.id}'"):
+        runner.open_job(typo, runner_home)
+    with pytest.raises(RunnerError, match=r"no job 'zzz' in .* \(`runner status` lists its jobs\)"):
+        runner.open_job("zzz", runner_home)
