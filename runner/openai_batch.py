@@ -18,9 +18,12 @@ import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import RunnerError
+
+if TYPE_CHECKING:
+    from .results import Exported
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 URLS = (CHAT, COMPLETIONS, EMBEDDINGS)
@@ -155,12 +158,12 @@ def _key(job: Any) -> str:
     return str(job.meta.get("fingerprint") or job.id)
 
 
-def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | None = None) -> tuple[int, int]:
+def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | None = None) -> Exported:
     """Write the job's results as Batch output lines (one per request, in input order) to `out`, and the
     requests that could not be done as Batch error lines to `errors_out` (default: beside `out`, `.errors`
-    inserted before the suffix). Both files are written whole or not at all. Returns (lines, error lines)."""
+    inserted before the suffix). Both files are written whole or not at all. Returns how many of each."""
     from . import jobdir, storage
-    from .results import load_results
+    from .results import Exported, load_results
 
     if job.kind not in ("generate", "embed"):
         raise RunnerError(
@@ -209,7 +212,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
             raise RunnerError(f"cannot write {target}: something other than a file stands there")
     storage.atomic_write(out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     storage.atomic_write(errors_out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in errors))
-    return len(lines), len(errors)
+    return Exported(len(lines), len(errors))
 
 
 def _ending(job: Any, progress: Any) -> tuple[str, str] | None:

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import storage
 from .errors import RunnerError, first_line
@@ -500,17 +500,24 @@ def export_type_problem(to: str | os.PathLike) -> str | None:
     return f"unknown type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .parquet"
 
 
+class Exported(NamedTuple):
+    """What `export_results` wrote: `rows` (rows, or Batch response lines) and `errors` (Batch error lines)."""
+
+    rows: int
+    errors: int
+
+
 def export_results(
     source: str | os.PathLike,
     to: str | os.PathLike,
     home: str | os.PathLike | None = None,
     format: str = "table",
     errors_to: str | os.PathLike | None = None,
-) -> tuple[int, int]:
+) -> Exported:
     """`runner results JOB --to FILE`: write a job's results (in input order) to FILE, its type by suffix
     (.jsonl, .json as one array, .csv with lists as JSON text, .parquet). With `format="openai"`, one OpenAI
     Batch output line per request, and the requests that could not be done to `errors_to` (default beside it,
-    FILE.errors.jsonl). Returns (rows or lines written, error lines written)."""
+    FILE.errors.jsonl). Returns how many rows (or lines) and error lines it wrote."""
     from . import jobdir
 
     folder = Path(os.path.realpath(jobdir.find_job(source, home)))
@@ -530,7 +537,7 @@ def export_results(
         raise ValueError(f"{to}: {problem}")
     df = load_results(source, home)
     _write_whole(df, Path(to))
-    return len(df), 0
+    return Exported(len(df), 0)
 
 
 def _write_whole(df: Any, to: Path) -> None:

@@ -236,7 +236,8 @@ def test_results_export_lists_as_json_in_csv_and_an_array_in_json(prompts, tiny_
     # The same export from Python; a type it cannot write is refused before anything is read.
     import runner
 
-    assert runner.export_results(tmp_path / "o", tmp_path / "p.jsonl") == (2, 0)
+    written = runner.export_results(tmp_path / "o", tmp_path / "p.jsonl")
+    assert (written.rows, written.errors) == (2, 0) and repr(written) == "Exported(rows=2, errors=0)"
     assert [json.loads(line)["id"] for line in (tmp_path / "p.jsonl").read_text().splitlines()] == ["a", "b"]
     with pytest.raises(ValueError, match="unknown type '.txt'"):
         runner.export_results(tmp_path / "o", tmp_path / "p.txt")

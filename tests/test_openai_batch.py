@@ -441,6 +441,7 @@ def test_a_request_with_one_failed_sample_is_an_error_line_not_a_short_answer(tm
     s = run_job(job, gpt2_engine, echo=None, shard_rows=1)
     assert s.finished and (s.done, s.errors) == (1, 1)
     assert export(job, tmp_path / "out.jsonl") == (0, 1)
+    assert export(job, tmp_path / "out.jsonl").errors == 1
     assert (tmp_path / "out.jsonl").read_text() == ""
     (err,) = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
     assert err["custom_id"] == "p1" and err["response"]["status_code"] == 500
