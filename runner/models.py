@@ -11,6 +11,7 @@ later loads in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -20,7 +21,7 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -67,8 +68,16 @@ def demo_gguf() -> Path:
     return folder / DEMO_FILE
 
 
+def _say(line: str) -> None:
+    """A one-time note (converting a GGUF) on standard error, with runner's other progress lines: standard
+    output carries job folders and paths (`JOB=$(runner run ...)`)."""
+    import sys
+
+    print(f"[runner] {line}", file=sys.stderr, flush=True)
+
+
 def resolve_model(
-    spec: str, cache_dir: str | os.PathLike | None = None, progress: Callable[[str], None] | None = print
+    spec: str, cache_dir: str | os.PathLike | None = None, progress: Callable[[str], None] | None = _say
 ) -> str:
     """Return a path or hub id that AutoModelForCausalLM/AutoTokenizer.from_pretrained can load fast.
 
@@ -511,6 +520,25 @@ def _converted(
     return target
 
 
+@contextlib.contextmanager
+def _no_gguf_bar() -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors...", a few
+    hundred `\\r` redraws in a log file) whatever its progress-bar setting: the same tqdm, disabled, meanwhile."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # another transformers: nothing to quiet
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _convert(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF file into a float32 safetensors model + tokenizer folder at `out`."""
     import copy
@@ -523,7 +551,8 @@ def _convert(gguf: Path, out: Path) -> None:
     folder, file = str(gguf.parent), gguf.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        with _no_gguf_bar():
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
         first = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {first}") from e

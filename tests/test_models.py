@@ -210,3 +210,28 @@ def test_a_hub_model_on_a_machine_without_network_says_what_to_do(monkeypatch):
     with pytest.raises(ModelLoadError, match=r"couldn't connect .* \(no network here\? give the model's local folder, "
                        r"or set HF_HUB_OFFLINE=1"):  # fmt: skip
         load_config("gpt2")
+
+
+def test_converting_a_gguf_is_said_on_stderr_and_its_bar_is_not_drawn(tmp_path, monkeypatch, capsys):
+    """The first `runner run -m smollm2-135m-instruct` printed its "Converting ..." note on standard output, where
+    `JOB=$(runner run ...)` reads the job folder, then transformers' GGUF reader redrew a tqdm bar a few hundred
+    times with `\\r` (one enormous line in a log file). The note goes to standard error; the bar is not drawn."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    drawn = []
+
+    def fake_convert(gguf, out):
+        with models._no_gguf_bar():
+            drawn.extend(gguf_utils.tqdm(range(300), desc="Converting and de-quantizing GGUF tensors..."))
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert", fake_convert)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    capsys.readouterr()
+    resolve_model(str(gguf), cache_dir=tmp_path / "cache")
+    out, err = capsys.readouterr()
+    assert len(drawn) == 300 and out == ""
+    assert err.startswith("[runner] Converting m.gguf to a cached safetensors model in ") and "\r" not in err
+    assert not getattr(gguf_utils.tqdm, "keywords", None)  # transformers' own bar again afterwards
