@@ -306,7 +306,7 @@ def _run_kind(
         if summary.generated
         else "already done before: nothing computed"
     )
-    _echo(f"done: {summary.done:,}/{summary.total:,} rows, {summary.errors} errors, {speed}")
+    _echo(f"done: {summary.done:,}/{summary.total:,} {job.spec.unit}, {summary.errors} errors, {speed}")
     return job
 
 

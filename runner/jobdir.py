@@ -447,6 +447,11 @@ class JobSpec:
         return int(self.meta.get("results") or self.rows * self.samples)
 
     @property
+    def unit(self) -> str:
+        """What progress counts: "rows", or "results" where rows have several samples (`-n`), one result each."""
+        return "rows" if self.total == self.rows else "results"
+
+    @property
     def per_row_n(self) -> bool:
         """Some row asks for its own number of samples: (row, sample) keys past a row's n do not exist."""
         return bool(self.meta.get("per_row_n"))

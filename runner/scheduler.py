@@ -484,7 +484,9 @@ def _settle(j: Job, summary: RunSummary, echo: Any) -> RunSummary:
     if echo and state is JobState.CANCELLED:
         echo(f"job {j.id} was cancelled; its finished rows are kept (`runner retry {j.dir}` resumes it)")
     elif echo and summary.finished:
-        echo(f"job {j.id} completed: {summary.done:,}/{summary.total:,} rows, {summary.errors} errors")
+        echo(
+            f"job {j.id} completed: {summary.done:,}/{summary.total:,} {j.spec.unit}, {summary.errors} errors"
+        )
     elif echo and summary.others:
         echo(f"job {j.id}: {summary.others} other worker(s) are computing the rest")
     return summary

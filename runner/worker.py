@@ -167,9 +167,8 @@ class JobRun:
             return self.finish(ran=False)
         # the peak in stats.json and the heartbeat is this run's, not an earlier job's in this process
         reset_peak_memory(self.engine.device if self.engine is not None else None)
-        self.progress = Progress(
-            self.job.total, before.done + before.failed, echo=self.say, interval=self.interval
-        )
+        self.progress = Progress(self.job.total, before.done + before.failed, echo=self.say,
+                                 interval=self.interval, unit=self.job.spec.unit)  # fmt: skip
         noted = False  # the rows done before this run: computed in this worker's precision?
         with Heartbeat(self.job, self.owner, self.ttl) as self.beat:
             while not self.stopped and (unit := self.next_unit()) is not None:

@@ -209,7 +209,7 @@ def test_a_job_with_continuous_batching_equals_one_without(
     assert got[cols].to_json() == want[cols].to_json()
     for a, b in zip(got["token_logprobs"], want["token_logprobs"], strict=True):
         assert list(a) == pytest.approx(list(b), abs=1e-4)
-    counts = [int(ln.split("/")[0].replace(",", "")) for ln in lines if " rows (" in ln and "tok/s" in ln]
+    counts = [int(ln.split("/")[0].replace(",", "")) for ln in lines if " results (" in ln and "tok/s" in ln]
     changes = [c for i, c in enumerate(counts) if i == 0 or c != counts[i - 1]]
     assert changes[:23] == list(
         range(0, 23)
