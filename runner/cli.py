@@ -826,7 +826,9 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
         df = load_results(job_ref, ctx.obj["home"])
         preview = ["id", "sample", "finish_reason", "completion_tokens", "logprob", "perplexity", "num_tokens",
                    "context", "continuation", "text"]  # fmt: skip
-        click.echo(df[[c for c in preview if c in df.columns]].head(20).to_string(max_colwidth=60))
+        head = df[[c for c in preview if c in df.columns]].head(20)
+        # a column no row of the preview fills (context / continuation of plain texts) says nothing
+        click.echo(head.dropna(axis="columns", how="all").to_string(max_colwidth=60))
         click.echo(f"({len(df):,} rows; --to FILE to export)")
         return
     problem = export_type_problem(to_path) if fmt == "table" else None

@@ -153,6 +153,13 @@ def test_cli_score_embed_and_submit_kind(tmp_path, texts, tiny_gpt2, runner_home
         and "perplexity" in preview.output
         and "(4 rows; --to FILE to export)" in preview.output
     )
+    assert "context" in preview.output  # a pair among the texts
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "The quick brown fox"}, {"text": "Hello"}])
+    assert invoke("score", plain, "-m", tiny_gpt2, "-o", tmp_path / "plain").exit_code == 0
+    preview = invoke("results", tmp_path / "plain").output
+    assert (
+        "perplexity" in preview and "context" not in preview and "NaN" not in preview
+    )  # no empty pair columns
     r = invoke("embed", texts, "-m", tiny_gpt2, "--skip-invalid", "-o", tmp_path / "e")
     assert r.exit_code == 0, r.output
     assert invoke("results", tmp_path / "e").exit_code == 0
