@@ -964,9 +964,14 @@ def _link_new(tmp: str, path: Path) -> bool | None:
         except OSError:
             return False
     except OSError as e:
-        if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+        if e.errno in NO_LINKS:
             return None
         raise
+
+
+# What link() answers on a file system without hard links: EPERM (POSIX's word for it), EOPNOTSUPP, and ENOSYS
+# from a FUSE mount whose daemon has no link operation on Linux before 6.4 (later kernels turn it into EPERM).
+NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV, errno.ENOSYS})
 
 
 def _create_then_fill(path: Path, data: bytes) -> bool:

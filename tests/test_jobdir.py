@@ -276,6 +276,28 @@ def test_a_state_record_whose_create_landed_before_a_transient_error_is_the_writ
     assert job.state().state is JobState.CANCELLED
 
 
+@pytest.mark.parametrize("code", ["EPERM", "EOPNOTSUPP", "ENOSYS"])
+def test_a_file_system_without_hard_links_creates_its_records_exclusively_all_the_same(
+    job, monkeypatch, code
+):
+    """A FUSE mount whose daemon has no link operation answers ENOSYS on Linux before 6.4 (EPERM after): every
+    claim, marker and state record failed with "cannot create ...: Function not implemented". Each of these
+    answers means no hard links here: the record is created with O_EXCL and filled, once."""
+
+    def link(*a, **k):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(os, "link", link)
+    assert runner.cancel(job.dir) == "queued"
+    assert [p.name for p in (job.dir / "state").iterdir()] == ["00000001.json"]
+    assert job.state().state is JobState.CANCELLED
+    with pytest.raises(runner.RunnerError, match="already cancelled"):
+        runner.cancel(job.dir)
+    runner.retry(job.dir)  # the next record, created the same way
+    assert sorted(p.name for p in (job.dir / "state").iterdir()) == ["00000001.json", "00000002.json"]
+    assert job.state().state is JobState.QUEUED and job.state().generation == 1
+
+
 def test_a_job_of_an_older_version_is_read_and_carries_on(job, gpt2_engine):
     """A job an older runner version left (state.json by the commands, completed.json or failed.json by the
     workers, no state/ folder) reads as it did; its first transition starts the records, which count from then."""
