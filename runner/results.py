@@ -450,7 +450,24 @@ def load_results(
         import datasets
 
         return datasets.Dataset(table)
-    return table.to_pandas()
+    return to_pandas(table)
+
+
+def to_pandas(table: pa.Table) -> pd.DataFrame:
+    """The table as a DataFrame, every value as stored: an integer column with a missing value (a passthrough
+    id absent from some rows) becomes pandas' nullable integer, not float64, which changes ids above 2**53
+    (12345678901234567 and ...569 both read 1.2345678901234568e16) and turns a count 3 into 3.0."""
+    import pandas as pd
+    import pyarrow as pa
+
+    nullable = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+                pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+                pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype()}  # fmt: skip
+    df = table.to_pandas()
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if column.type in nullable and column.null_count:
+            df[name] = column.to_pandas(types_mapper=nullable.get)
+    return df
 
 
 def _warn_if_partial(job: Any, rows: int) -> None:
@@ -535,36 +552,75 @@ def export_results(
     problem = export_type_problem(to)
     if problem:
         raise ValueError(f"{to}: {problem}")
-    df = load_results(source, home)
-    _write_whole(df, Path(to))
-    return Exported(len(df), 0)
+    table = load_results(source, home, format="arrow")
+    _write_whole(table, Path(to))
+    return Exported(table.num_rows, 0)
 
 
-def _write_whole(df: Any, to: Path) -> None:
-    """`df` to `to` by its suffix, through a temp file renamed into place: a full disk, a kill or Ctrl-C
-    leaves the old file (or none), never a torn one."""
+def _write_whole(table: pa.Table, to: Path) -> None:
+    """`table` to `to` by its suffix, every value as stored (no float rounded, no integer made a float), through
+    a temp file renamed into place: a full disk, a kill or Ctrl-C leaves the old file (or none), never a torn
+    one."""
+    import pyarrow.parquet as pq
+
     from . import storage
 
     tmp = storage.temp_name(to)
     suffix = to.suffix.lower()
     try:
         if suffix == ".parquet":
-            df.to_parquet(tmp, index=False)
-        elif suffix == ".jsonl":
-            df.to_json(tmp, orient="records", lines=True, force_ascii=False)
-            if df.empty:  # (pandas writes one empty line for no rows)
-                open(tmp, "w").close()
-        elif suffix == ".json":
-            df.to_json(tmp, orient="records", force_ascii=False)  # one JSON array, as the name says
+            pq.write_table(table, tmp)
+        elif suffix in (".jsonl", ".json"):  # .json: one array, as the name says
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(_json_lines(table, array=suffix == ".json"))
         else:
             # with a UTF-8 byte-order mark: Excel (a Japanese Windows above all) reads it as UTF-8, not mojibake
-            _as_json_text(df).to_csv(tmp, index=False, encoding="utf-8-sig")
+            _as_json_text(to_pandas(table)).to_csv(tmp, index=False, encoding="utf-8-sig")
         os.replace(tmp, to)
     except OSError as e:
         raise RunnerError(f"cannot write {to}: {e.strerror or e}") from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def _json_lines(table: pa.Table, array: bool) -> Iterator[str]:
+    """The rows as JSON, a few thousand at a time: each float with every digit (pandas' `to_json` kept 10),
+    integers as integers, NaN and infinities (which JSON cannot hold) as null, dates in ISO form. As JSON Lines,
+    or (`array`) as the lines of one JSON array."""
+    import json
+
+    first = True
+    yield "[" if array else ""
+    for batch in table.to_batches(max_chunksize=4096):
+        for row in batch.to_pylist():
+            try:
+                text = json.dumps(row, ensure_ascii=False, allow_nan=False, default=_json_default)
+            except ValueError:  # a NaN or an infinity somewhere in the row
+                text = json.dumps(_finite(row), ensure_ascii=False, default=_json_default)
+            yield (("" if first else ",") + "\n" + text) if array else text + "\n"
+            first = False
+    yield "\n]\n" if array else ""
+
+
+def _json_default(v: Any) -> Any:
+    """What json cannot write by itself, from a passthrough column of a Parquet input: dates and times in ISO
+    form, decimals and anything else as text, bytes as a list of byte values (as `token_bytes`)."""
+    if isinstance(v, (bytes, bytearray)):
+        return list(v)
+    return v.isoformat() if hasattr(v, "isoformat") else str(v)
+
+
+def _finite(v: Any) -> Any:
+    import math
+
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    return v
 
 
 def _as_json_text(df: Any) -> Any:

@@ -1,0 +1,82 @@
+"""Every value of a job's results reaches the user as stored: from `load_results` and from each export type
+(adversarial pass 20: an integer passthrough column missing from some rows came back as float64, so ids above
+2**53 collided; the JSON exports rounded every float to 10 digits)."""
+
+import csv
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import write_jsonl
+
+import runner
+from runner import GenerationParams, ScoreParams
+from runner.jobs import create_job
+from runner.worker import run_job
+
+IDS = {"a": 12345678901234567, "b": 12345678901234569}  # two ids float64 cannot tell apart
+WEIGHT = 0.12345678901234567
+
+
+@pytest.fixture
+def done_job(tmp_path, tiny_gpt2, gpt2_engine, runner_home):
+    rows = [
+        {"id": "a", "prompt": "the old man", "uid": IDS["a"], "weight": WEIGHT},
+        {"id": "b", "prompt": "every student", "uid": IDS["b"], "weight": 1.0},
+        {"id": "c", "prompt": "a cat", "weight": None},
+    ]  # no uid: the column holds a null
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = create_job(
+        tmp_path / "p.jsonl", tiny_gpt2, GenerationParams(max_new_tokens=3, seed=1), home=runner_home
+    )
+    assert run_job(job, gpt2_engine, echo=None).finished
+    return job
+
+
+def test_an_integer_column_with_a_missing_value_stays_integer(done_job):
+    df = runner.load_results(done_job.dir)
+    assert (
+        str(df["uid"].dtype) == "Int64" and str(df["completion_tokens"].dtype) == "int32"
+    )  # no null: as before
+    assert df["uid"].tolist()[:2] == [IDS["a"], IDS["b"]] and df["uid"].isna().tolist() == [
+        False,
+        False,
+        True,
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_every_export_type_keeps_every_digit(done_job, tmp_path, suffix):
+    out = tmp_path / f"out{suffix}"
+    assert runner.export_results(done_job.dir, out).rows == 3
+    stored = runner.load_results(done_job.dir, format="arrow").to_pylist()
+    if suffix == ".jsonl":
+        got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    elif suffix == ".json":
+        got = json.loads(out.read_text(encoding="utf-8"))
+    elif suffix == ".parquet":
+        got = pq.read_table(out).to_pylist()
+    else:
+        got = list(csv.DictReader(out.open(encoding="utf-8-sig")))
+        for row in got:
+            row["uid"] = int(row["uid"]) if row["uid"] else None
+            row["weight"] = float(row["weight"]) if row["weight"] else None
+            row["cumulative_logprob"] = float(row["cumulative_logprob"])
+            row["token_logprobs"] = json.loads(row["token_logprobs"])
+    assert [r["uid"] for r in got] == [IDS["a"], IDS["b"], None]
+    assert got[0]["weight"] == WEIGHT and got[2]["weight"] is None
+    for have, want in zip(got, stored, strict=True):
+        assert have["cumulative_logprob"] == want["cumulative_logprob"]  # every digit, not 10
+        assert list(have["token_logprobs"]) == want["token_logprobs"]
+
+
+def test_a_score_jobs_json_export_keeps_every_digit(tmp_path, tiny_gpt2, gpt2_engine, runner_home):
+    rows = [{"id": "x", "text": "The quick brown fox jumps over the lazy dog"}]
+    job = create_job(write_jsonl(tmp_path / "t.jsonl", rows), tiny_gpt2, ScoreParams(), home=runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    runner.export_results(job.dir, tmp_path / "s.json")
+    (got,) = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    (want,) = runner.load_results(job.dir, format="arrow").to_pylist()
+    assert [got[k] for k in ("logprob", "mean_logprob", "perplexity")] == [
+        want[k] for k in ("logprob", "mean_logprob", "perplexity")
+    ]
