@@ -929,12 +929,28 @@ def create_exclusive(path: Path, obj: Any) -> bool:
     links are not supported, O_EXCL creates it and the content follows (a kill in between leaves it empty).
     Each step is retried on its own: a retry never rewrites a file already linked into place."""
     data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+    for _ in range(3):
+        created = _create_once(path, data)
+        if created is not None:
+            return created
+    raise storage.StorageError(f"cannot create {path}: its temp file was removed before it was linked, three "
+                               "times", errno.ENOENT)  # fmt: skip
+
+
+def _create_once(path: Path, data: bytes) -> bool | None:
+    """One try of `create_exclusive`; None when the temp file was tidied away as left behind before its link
+    (its writer was frozen past the temp files' age): the caller writes it again."""
     tmp = storage.temp_name(path)  # a plain string (see there)
     try:
         storage.retry(lambda: _write_file(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), data),
                       f"write {tmp}")  # fmt: skip
         fault_point("before_create")  # the whole file is under the temp name; the exclusive name is free
-        linked = storage.retry(lambda: _link_new(tmp, path), f"create {path}")
+        try:
+            linked = storage.retry(lambda: _link_new(tmp, path), f"create {path}")
+        except storage.StorageError as e:
+            if e.errno == errno.ENOENT and not os.path.lexists(tmp) and os.path.isdir(path.parent):
+                return None
+            raise
         return linked if linked is not None else _create_then_fill(path, data)
     finally:
         with contextlib.suppress(OSError):  # one left behind is removed as stale later

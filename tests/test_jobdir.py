@@ -298,6 +298,24 @@ def test_a_file_system_without_hard_links_creates_its_records_exclusively_all_th
     assert job.state().state is JobState.QUEUED and job.state().generation == 1
 
 
+def test_an_exclusive_create_whose_temp_file_was_tidied_away_writes_it_again(job, monkeypatch):
+    """`runner cancel` frozen between writing its record under a temp name and linking it into place, while a
+    repair tidied the temp file away as left behind: it woke to "cannot create .../state/00000001.json: No
+    such file or directory" and the cancel was lost (adversarial pass 20). It writes the temp file again."""
+    tidied = []
+
+    def tidy_once(name):
+        if name == "before_create" and not tidied:
+            tidied.extend(p for p in (job.dir / "state").iterdir() if p.name.endswith(".tmp"))
+            for p in tidied:
+                p.unlink()
+
+    monkeypatch.setattr(jobdir, "fault_point", tidy_once)
+    assert runner.cancel(job.dir) == "queued" and len(tidied) == 1
+    assert [p.name for p in (job.dir / "state").iterdir()] == ["00000001.json"]  # no temp file left either
+    assert job.state().state is JobState.CANCELLED
+
+
 def test_a_job_of_an_older_version_is_read_and_carries_on(job, gpt2_engine):
     """A job an older runner version left (state.json by the commands, completed.json or failed.json by the
     workers, no state/ folder) reads as it did; its first transition starts the records, which count from then."""
