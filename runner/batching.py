@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import RunnerError
+from .errors import ParamError, RunnerError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -22,15 +22,60 @@ if TYPE_CHECKING:
 
 def render_prompt(prompt: str | None, messages: list[dict[str, str]] | None, tokenizer: Any) -> str:
     """The exact text sent to the model: the prompt itself, or the messages through the chat template."""
+    import jinja2
+
     if messages is None:
         assert prompt is not None
         return prompt
     if not getattr(tokenizer, "chat_template", None):
         raise RunnerError(
-            "this row has 'messages' but the model's tokenizer has no chat template; "
-            "give a plain 'prompt' (or --template) instead, or use a chat/instruct model"
+            "this row has 'messages' but the model's tokenizer has no chat template; give one with "
+            "--chat-template (your fine-tune's format), a plain 'prompt' (or --template), or use a chat model"
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (
+        jinja2.TemplateError,
+        TypeError,
+        ValueError,
+        KeyError,
+        IndexError,
+    ) as e:  # its raise_exception(...)
+        raise RunnerError(f"the chat template cannot render this row's messages: {first_line(e)}") from None
+
+
+def read_chat_template(value: str) -> str:
+    """`--chat-template`, as vLLM's: a file holding a Jinja chat template, or the template itself (escapes such
+    as \\n read as in --template)."""
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ParamError("chat_template", f"cannot read the chat template file {value}: {e}") from None
+    if "{{" in value or "{%" in value:
+        return (
+            value.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in value else value
+        )
+    raise ParamError("chat_template", f"chat_template: no file {value} (and it is not a Jinja template: it has no "
+                                      "{{ ... }} or {% ... %}).")  # fmt: skip
+
+
+def use_chat_template(tokenizer: Any, template: str) -> None:
+    """Make `template` the tokenizer's chat template (over the model's own, if any), refusing one Jinja cannot
+    read before any row is rendered with it."""
+    import jinja2
+
+    tokenizer.chat_template = template
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
+                                      add_generation_prompt=True)  # fmt: skip
+    except jinja2.TemplateSyntaxError as e:
+        raise ParamError("chat_template", f"chat_template is not a valid Jinja template: {e}") from None
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError):
+        pass  # it refuses this one message (say, it wants a system message first): each row is checked
 
 
 def encode(tokenizer: Any, text: str, chat: bool) -> list[int]:

@@ -106,10 +106,17 @@ input_options = _apply([
                  help="Prompts over the context window: refuse (none) or keep their end (left)."),
 ])  # fmt: skip
 
+chat_template_option = click.option(
+    "--chat-template",
+    help="A Jinja chat template (a file, or the template itself) for 'messages' rows and --chat, instead of the "
+         "model's own: a model without one (GPT-2 fine-tuned on your chat format) can answer chats.",
+)  # fmt: skip
+
 generate_input_options = _apply([
     served_names_option,
     click.option("--chat", is_flag=True,
                  help="Generate: send each plain prompt as a user message through the model's chat template."),
+    chat_template_option,
 ])  # fmt: skip
 
 generation_options = _apply([
@@ -189,6 +196,13 @@ output_option = click.option(
 def _template(text: str | None) -> str | None:
     """`--template` takes the same escapes as `--stop`: "Q: {q}\\nA:" as typed in a shell means a newline."""
     return None if text is None else _unescape(text)
+
+
+def _chat_template(value: str | None) -> str | None:
+    """`--chat-template`: the template's text, read from the file it names, or given as it is."""
+    from .batching import read_chat_template
+
+    return None if value is None else read_chat_template(value)
 
 
 def _unescape(s: str) -> str:
@@ -292,7 +306,7 @@ def _run_kind(
             input_path, model, params, options, output=output, echo=_echo, stop=stop,
             prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
             truncate=kw["truncate"], home=ctx.obj["home"], served_model_names=kw.get("served_model_names", ()),
-            chat=kw.get("chat", False),
+            chat=kw.get("chat", False), chat_template=_chat_template(kw.get("chat_template")),
         )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     if invalid:
@@ -443,7 +457,7 @@ def submit(
         input_path, model, params, options,
         prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
         truncate=kw["truncate"], home=ctx.obj["home"], name=name, priority=priority,
-        served_model_names=kw["served_model_names"], chat=kw["chat"],
+        served_model_names=kw["served_model_names"], chat=kw["chat"], chat_template=_chat_template(kw["chat_template"]),
     )  # fmt: skip
     from .jobs import submit_warnings
 
@@ -949,11 +963,19 @@ def repair(ctx: click.Context, job_ref: str) -> None:
 @click.argument("prompts", nargs=-1, required=True)
 @model_option
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message through the chat template.")
+@chat_template_option
 @click.option("--show-logprobs", is_flag=True, help="Also print each token with its log-prob.")
 @generation_options
 @generate_engine_options
 @handle_errors
-def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bool, **kw: Any) -> None:
+def generate(
+    prompts: tuple[str, ...],
+    model: str,
+    chat: bool,
+    chat_template: str | None,
+    show_logprobs: bool,
+    **kw: Any,
+) -> None:
     """Generate for PROMPTS at once and print the text: a quick try of settings before a night's job. A
     prompt may be '-' (one per line of standard input) or a .txt file (one per line); a missing .txt file is an
     error, not a prompt. Nothing is saved.
@@ -967,7 +989,10 @@ def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bo
 
     params, options = build_settings(kw)
     texts = quick.read_prompts_arg(prompts)
-    for text, samples in zip(texts, quick.generate(texts, model, params, options, chat=chat), strict=True):
+    answers = quick.generate(
+        texts, model, params, options, chat=chat, chat_template=_chat_template(chat_template)
+    )
+    for text, samples in zip(texts, answers, strict=True):
         for s, c in enumerate(samples):
             head = f"[{text[:40]}]" + (f" #{s}" if len(samples) > 1 else "")
             click.echo(f"{head} {c.text}")
@@ -1007,6 +1032,7 @@ def generate(prompts: tuple[str, ...], model: str, chat: bool, show_logprobs: bo
 @click.option("--job-dir", type=click.Path(file_okay=False), help="The job folder [default: OUTPUT.job].")
 @click.option("--skip-invalid", is_flag=True,
               help="Answer the valid requests; each invalid line is a 400 line of the .errors.jsonl file.")  # fmt: skip
+@chat_template_option
 @generate_engine_options
 @click.pass_context
 @handle_errors
@@ -1030,7 +1056,8 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
     with _ctrl_c_stops() as stop:
         job, summary = openai_batch.run_batch(input_path, output_path, model, params, options, job_dir=job_dir,
                                               served_model_names=served_model_names, echo=_echo, stop=stop,
-                                              skip_invalid=kw["skip_invalid"])  # fmt: skip
+                                              skip_invalid=kw["skip_invalid"],
+                                              chat_template=_chat_template(kw["chat_template"]))  # fmt: skip
     if not summary.finished:
         _echo(_stopped_line(job, summary, "requests", "carry on (the output file comes once all are done)"))
         raise SystemExit(130 if stop() else 1)

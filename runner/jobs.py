@@ -79,12 +79,14 @@ def _identity(
     truncate: str,
     served: tuple[str, ...],
     chat: bool,
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """What makes two submits the same job: the input's bytes, how it is read, the model and the settings."""
     return {
         "input_sha256": storage.file_sha256(input_path), "prompt_field": prompt_field, "template": template,
         "skip_invalid": skip_invalid, "truncate": truncate, "model": model, "params": params.to_dict(),
         "served_model_names": list(served), **({"chat": True} if chat else {}),
+        **({"chat_template": chat_template} if chat_template is not None else {}),
     }  # fmt: skip
 
 
@@ -94,7 +96,8 @@ def _input_meta(source: Any, input_path: Path, identity: dict[str, Any]) -> dict
             "mtime": int(input_path.stat().st_mtime), "prompt_field": identity["prompt_field"],
             "template": identity["template"], "truncate": identity["truncate"],
             "chat": identity.get("chat", False), "skip_invalid": identity["skip_invalid"],
-            "served_model_names": identity["served_model_names"]}  # fmt: skip
+            "served_model_names": identity["served_model_names"],
+            **({"chat_template": identity["chat_template"]} if "chat_template" in identity else {})}  # fmt: skip
 
 
 def create_job(
@@ -114,6 +117,7 @@ def create_job(
     unit_rows: int | None = None,
     served_model_names: tuple[str, ...] = (),
     chat: bool = False,
+    chat_template: str | None = None,
     same_in_home: bool = False,
 ) -> Job:
     """Validate everything and store a queued job. Nothing invalid is ever stored.
@@ -130,7 +134,9 @@ def create_job(
 
     `chat` sends each plain prompt as one user message through the model's chat template (instruct models
     answer raw text poorly); `meta["input"]["raw_prompts_to_chat_model"]` says when it was not asked for but the
-    model has a chat template and every row was a plain prompt.
+    model has a chat template and every row was a plain prompt. `chat_template` (Jinja text, as a tokenizer's
+    `chat_template`) renders `messages` rows (and `chat` prompts) instead of the model's own, or for a model that
+    has none (a GPT-2 fine-tuned on your own chat format); the job records it.
 
     `unit_rows` is the number of prompts a worker claims at a time (several workers share a job by units).
 
@@ -143,7 +149,7 @@ def create_job(
     """
     params = params or GenerationParams()
     options = options or EngineOptions()
-    kind = _check_args(params, truncate, name, unit_rows, priority, chat)
+    kind = _check_args(params, truncate, name, unit_rows, priority, chat, chat_template)
     job_dir = None if job_dir is None else jobdir.named_folder(Path(job_dir))
     unit_rows = jobdir.UNIT_ROWS if unit_rows is None else unit_rows
     source = input_path
@@ -155,7 +161,7 @@ def create_job(
         reader = _reader(input_path, kind, prompt_field, template, models, chat)
         identity = _identity(input_path, model, params, prompt_field=prompt_field, template=template,
                              skip_invalid=skip_invalid, truncate=truncate, served=served_model_names,
-                             chat=chat)  # fmt: skip
+                             chat=chat, chat_template=chat_template)  # fmt: skip
         root = Path(home) if home is not None else default_home()
         fingerprint = _fingerprint(identity)
         rerun = same_in_home and job_dir is None and name is None  # `runner run FILE` without -o or --name
@@ -164,7 +170,7 @@ def create_job(
             existing = _same_job_in_home(root, fingerprint)
         if existing is not None:
             return existing
-        config, tokenizer, window = _model_facts(model, options, kind, params)
+        config, tokenizer, window = _model_facts(model, options, kind, params, chat_template)
         target = Path(job_dir) if job_dir is not None else root / new_job_id()
         meta = {
             "id": target.name if job_dir is None else new_job_id(), "name": name, "kind": kind,
@@ -213,7 +219,13 @@ def _describe(source: Any, path: Path) -> str:
 
 
 def _check_args(
-    params: Any, truncate: str, name: str | None, unit_rows: Any, priority: Any, chat: bool
+    params: Any,
+    truncate: str,
+    name: str | None,
+    unit_rows: Any,
+    priority: Any,
+    chat: bool,
+    chat_template: Any,
 ) -> str:
     """The job kind `params` stands for, once every submit argument is checked (ParamError naming it)."""
     kind = KINDS.get(type(params))
@@ -233,6 +245,13 @@ def _check_args(
         raise ParamError("priority", f"priority must be an integer, got {priority!r}.")
     if chat and kind != "generate":
         raise ParamError("chat", f"chat is for generate jobs, not {kind} jobs.")
+    if chat_template is not None and (kind != "generate" or not isinstance(chat_template, str)):
+        raise ParamError(
+            "chat_template",
+            f"chat_template is Jinja text for generate jobs, not {kind} jobs."
+            if kind != "generate"
+            else f"chat_template must be Jinja text, got {chat_template!r}.",
+        )
     return kind
 
 
@@ -275,6 +294,12 @@ def _differences(job: Job, identity: dict[str, Any]) -> str:
         for k in ("skip_invalid", "served_model_names")
         if k in read and read[k] != identity[k]
     ]  # fmt: skip (recorded since 2026-12-02)
+    if read.get("chat_template") != identity.get("chat_template"):
+        said.append(
+            "the chat template"
+            if read.get("chat_template") and identity.get("chat_template")
+            else "chat_template " + ("given, now none" if read.get("chat_template") else "none, now given")
+        )
     return f" ({'; '.join(said)})" if said else ""
 
 
@@ -335,13 +360,19 @@ def model_unchanged(job: Job) -> bool:
     return model_fingerprint(job.spec.model, config, fingerprint_version(stored)) == stored
 
 
-def _model_facts(model: str, options: EngineOptions, kind: str, params: Any) -> tuple[Any, Any, int | None]:
+def _model_facts(
+    model: str, options: EngineOptions, kind: str, params: Any, chat_template: str | None = None
+) -> tuple[Any, Any, int | None]:
     """(config, tokenizer, context window) of a causal LM, refusing a generation that leaves no room for a
-    prompt in the window."""
+    prompt in the window. The tokenizer renders chats with `chat_template` when one is given."""
+    from .batching import use_chat_template
+
     config = load_config(model, options.trust_remote_code)  # refuses remote code unless --trust-remote-code
     check_causal_lm(model, config)
     check_weights(model, options.allow_pickle)
     tokenizer = load_tokenizer(model, options.trust_remote_code)
+    if chat_template is not None:
+        use_chat_template(tokenizer, chat_template)
     window = context_window(config, tokenizer)
     if kind == "generate":
         params.prompt_budget(window)

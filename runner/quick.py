@@ -74,18 +74,23 @@ def generate(
     options: EngineOptions | None = None,
     *,
     chat: bool = False,
+    chat_template: str | None = None,
     engine: Any = None,
 ) -> list[list[Any]]:
     """Generate for `prompts` at once: one list of `num_return_sequences` completions (engine.Completion, with
-    `tokens` filled) per prompt. `chat`: send each prompt as one user message through the model's chat template. Seeds are per
-    (prompt number, sample) from `params.seed` (0 when none), so a try is repeatable."""
-    from .batching import encode, render_prompt
+    `tokens` filled) per prompt. `chat`: send each prompt as one user message through the model's chat
+    template, or through `chat_template` (Jinja text; implies `chat`), which the engine's tokenizer keeps. Seeds
+    are per (prompt number, sample) from `params.seed` (0 when none), so a try is repeatable."""
+    from .batching import encode, render_prompt, use_chat_template
     from .engine import Engine
     from .tasks import generate_keys, sample_seed
 
     _check_prompts(prompts)  # before the model loads
     params = params or GenerationParams()
     engine = engine or Engine(model, options or EngineOptions())
+    if chat_template is not None:
+        use_chat_template(engine.tokenizer, chat_template)
+        chat = True
     ids = []
     for text in prompts:
         messages = [{"role": "user", "content": text}] if chat else None

@@ -77,6 +77,10 @@ def test_readme_commands_run_as_printed(tmp_path):
     paris, rome = (ln.split("\t") for ln in scores.splitlines())
     assert paris[0].endswith("Paris.") and rome[0].endswith("Rome.") and float(paris[1]) > float(rome[1])
 
+    chat = runner.load_results(tmp_path / "out" / "chat").set_index("id")
+    assert (
+        chat.loc["capital", "prompt"] == "user: What is the capital of France?\nassistant:"
+    )  # --chat-template
     demo = runner.load_results(tmp_path / "out" / "demo")
     assert len(demo) == 8 and any("Paris" in t for t in demo["text"])
     assert (tmp_path / "out" / "responses.jsonl").read_text().count('"custom_id"') == 3

@@ -1,0 +1,105 @@
+"""`--chat-template`: a Jinja chat template for 'messages' rows (and --chat prompts, OpenAI Batch chat requests)
+instead of the model's own, or for a model without one: the GPT-2 chatbots of the users' study logs are fine-tuned
+on their own format ("<|user|>... <|bot|>") and have no chat template, so every chat row was refused."""
+
+import json
+
+import pytest
+from helpers import invoke, write_jsonl
+
+import runner
+from runner import GenerationParams, ParamError, ScoreParams
+from runner.jobs import create_job
+from runner.worker import run_job
+
+TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+CHAT = [{"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "Hi"},
+        {"role": "user", "content": "How are you?"}]  # fmt: skip
+RENDERED = "<|user|>こんにちは\n<|assistant|>Hi\n<|user|>How are you?\n<|assistant|>"
+
+
+def test_a_model_without_a_chat_template_answers_chats_through_one_given(tmp_path, tiny_gpt2, gpt2_engine):
+    rows = [{"id": "c", "messages": CHAT}, {"id": "p", "prompt": "The old man"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(runner.InputError, match="no chat template; give one with --chat-template"):
+        create_job(path, tiny_gpt2)
+    job = create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=3, seed=1), chat_template=TEMPLATE,
+                     job_dir=tmp_path / "out")  # fmt: skip
+    assert job.prompts().column("prompt").to_pylist() == [RENDERED, "The old man"]
+    assert job.meta["input"]["chat_template"] == TEMPLATE
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert runner.load_results(job.dir)["prompt"].tolist() == [RENDERED, "The old man"]
+    # the same folder with another template (or none) is another job: refused, saying what differs
+    with pytest.raises(runner.RunnerError, match="the chat template"):
+        create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=3, seed=1), chat_template=TEMPLATE + " ",
+                   job_dir=tmp_path / "out")  # fmt: skip
+    with pytest.raises(runner.RunnerError, match="chat_template given, now none"):
+        create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=3, seed=1), job_dir=tmp_path / "out")
+
+
+def test_the_cli_reads_a_template_file_or_the_template_itself(tmp_path, tiny_gpt2, runner_home):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"id": "c", "messages": CHAT}])
+    (tmp_path / "chat.jinja").write_text(TEMPLATE, encoding="utf-8")
+    inline = TEMPLATE.replace(
+        "\\n", "\\\\n"
+    )  # typed in a shell: backslash + n, as --template and --stop take it
+    for given in (tmp_path / "chat.jinja", inline):
+        r = invoke("submit", path, "-m", tiny_gpt2, "--chat-template", given, "--max-new-tokens", 2)
+        assert r.exit_code == 0, r.output
+        assert runner.open_job(r.stdout.strip()).prompts().column("prompt").to_pylist() == [RENDERED]
+    bad = invoke("submit", path, "-m", tiny_gpt2, "--chat-template", "{% for m in messages %}{{ m }")
+    assert (
+        bad.exit_code == 1 and "--chat-template" in bad.output and "not a valid Jinja template" in bad.output
+    )
+    missing = invoke("submit", path, "-m", tiny_gpt2, "--chat-template", tmp_path / "nope.jinja")
+    assert missing.exit_code == 1 and "no file" in missing.output and "Traceback" not in missing.output
+    score = invoke(
+        "submit", path, "-m", tiny_gpt2, "--kind", "score", "--chat-template", tmp_path / "chat.jinja"
+    )
+    assert score.exit_code != 0 and "chat_template" in score.output.replace("-", "_")
+
+
+def test_a_row_the_template_refuses_is_an_invalid_row_naming_why(tmp_path, tiny_gpt2):
+    strict = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message comes first') }}" \
+             "{% endif %}" + TEMPLATE  # fmt: skip
+    rows = [{"id": "ok", "messages": [{"role": "system", "content": "Be brief."}, *CHAT]},
+            {"id": "bad", "messages": CHAT}]  # fmt: skip
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(runner.InputError, match=r"chat.jsonl:2: messages: the chat template cannot render this "
+                                                r"row's messages: a system message comes first"):  # fmt: skip
+        create_job(path, tiny_gpt2, chat_template=strict)
+    job = create_job(path, tiny_gpt2, chat_template=strict, skip_invalid=True)
+    assert job.prompts().column("id").to_pylist() == ["ok"]
+    with pytest.raises(ParamError, match="chat_template is Jinja text for generate jobs"):
+        create_job(
+            write_jsonl(tmp_path / "t.jsonl", [{"text": "hi"}]),
+            tiny_gpt2,
+            ScoreParams(),
+            chat_template=strict,
+        )
+
+
+def test_openai_batch_chat_requests_and_a_quick_try_use_it_too(tmp_path, tiny_gpt2):
+    from runner import quick
+
+    lines = [{"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "tiny-gpt2", "messages": CHAT, "max_tokens": 3, "temperature": 0}}]  # fmt: skip
+    path = write_jsonl(tmp_path / "batch.jsonl", lines)
+    out = tmp_path / "responses.jsonl"
+    r = invoke("run-batch", "-i", path, "-o", out, "-m", tiny_gpt2, "--served-model-name", "tiny-gpt2",
+               "--chat-template", TEMPLATE.replace("\\n", "\\\\n"))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (line,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert line["custom_id"] == "r1" and line["response"]["status_code"] == 200
+    (job_prompt,) = runner.open_job(tmp_path / "responses.jsonl.job").prompts().column("prompt").to_pylist()
+    assert job_prompt == RENDERED
+    greedy = GenerationParams(max_new_tokens=4, do_sample=False)
+    (chatted,) = quick.generate(["How are you?"], tiny_gpt2, greedy, chat_template=TEMPLATE)
+    (plain,) = quick.generate(["<|user|>How are you?\n<|assistant|>"], tiny_gpt2, greedy)  # what it renders
+    assert chatted[0].token_ids == plain[0].token_ids
+    r = invoke("generate", "How are you?", "-m", tiny_gpt2, "--chat-template", TEMPLATE.replace("\\n", "\\\\n"),
+               "--max-new-tokens", 2)  # fmt: skip
+    assert r.exit_code == 0 and r.output.startswith("[How are you?]"), r.output
