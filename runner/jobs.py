@@ -225,7 +225,7 @@ def _check_args(
     unit_rows: Any,
     priority: Any,
     chat: bool,
-    chat_template: Any,
+    chat_template: Any = None,
 ) -> str:
     """The job kind `params` stands for, once every submit argument is checked (ParamError naming it)."""
     kind = KINDS.get(type(params))
