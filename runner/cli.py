@@ -801,7 +801,8 @@ def _detail(s: Any) -> list[str]:
         f"model:    {s.model}",
         f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompts)",
         "settings: " + ", ".join(f"{k}={_short(v)}" for k, v in _non_default(job.params, p).items()) + f", seed={job.seed}"
-        + (", chat (each prompt as a user message)" if job.meta["input"].get("chat") else ""),
+        + (", chat (each prompt as a user message)" if job.meta["input"].get("chat") else "")
+        + (", its own --chat-template" if job.meta["input"].get("chat_template") else ""),
         f"folder:   {job.dir}",
     ]  # fmt: skip
 

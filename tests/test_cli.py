@@ -593,6 +593,10 @@ def test_status_names_a_chat_job_as_such(prompts, tiny_llama, runner_home):
     job_id = invoke("submit", prompts, "--model", tiny_llama, "--chat", "--max-new-tokens", 2).stdout.strip()
     detail = invoke("status", job_id).stdout
     assert "chat (each prompt as a user message)" in detail.split("settings: ")[1].splitlines()[0], detail
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    job_id = invoke("submit", prompts, "-m", tiny_llama, "--chat", "--chat-template", template).stdout.strip()
+    settings = invoke("status", job_id).stdout.split("settings: ")[1].splitlines()[0]
+    assert settings.endswith("chat (each prompt as a user message), its own --chat-template"), settings
 
 
 def test_work_until_says_whether_it_means_today_or_tomorrow(runner_home):
