@@ -793,7 +793,7 @@ def _detail(s: Any) -> list[str]:
         f"{w['worker']} on {w['device'] or '?'}: {w['tokens_per_second'] or 0:,.1f} tok/s" for w in s.workers
     ]
     return lines + [
-        f"progress: {s.done:,}/{s.total:,} rows, {s.errors} row errors, {s.invalid} invalid input rows"
+        f"progress: {s.done:,}/{s.total:,} {job.spec.unit}, {s.errors} row errors, {s.invalid} invalid input rows"
         + (f" ({s.unsaved:,} more computed, not saved yet)" if s.unsaved else ""),
         f"speed:    {s.tokens_per_second or '-'} tok/s, ETA {s.eta}",
         f"workers:  {'; '.join(workers) if workers else '-'}",

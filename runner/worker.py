@@ -294,8 +294,8 @@ class JobRun:
         if unit is None or not unit.todo:
             return
         self.flight = InFlight(self.job.dir / jobdir.INFLIGHT / f"{unit.index:05d}.json", self.owner.worker)
-        self.say(f"job {self.job.id}: unit {unit.index}: {len(unit.todo):,} of {self.job.total:,} rows to "
-                 f"{self.job.kind} on {self.engine.device} ({dtype_name(self.engine)})")  # fmt: skip
+        self.say(f"job {self.job.id}: unit {unit.index}: {len(unit.todo):,} of {self.job.total:,} "
+                 f"{self.job.spec.unit} to {self.job.kind} on {self.engine.device} ({dtype_name(self.engine)})")  # fmt: skip
         try:
             for keys, wanted, suspect in self.plan(unit):
                 if self.stopped or self.should_stop():

@@ -412,7 +412,7 @@ class Round:
         self.seen.update(n for n in listing(self.job / "done") if jobdir.COMMIT_RE.fullmatch(n[:-5]))
         with open(self.job / "log.txt", "rb") as f:
             f.seek(self.log_start)
-            units = f.read().count(b"rows to generate")
+            units = f.read().count(b" to generate on ")
         return {"done": len(self.seen), "unit": units}
 
     def ledger(self, verify: bool = False) -> jobdir.Ledger | None:

@@ -72,7 +72,7 @@ def wait_for_generation(job_dir: Path, before: int, proc, timeout=120.0):
     log = job_dir / "log.txt"
     end = time.time() + timeout
     while time.time() < end:
-        if log.exists() and "rows to generate" in log.read_text()[before:]:
+        if log.exists() and " to generate on " in log.read_text()[before:]:
             return True
         if proc.poll() is not None:
             return False
