@@ -592,7 +592,7 @@ def _json_lines(table: pa.Table, array: bool) -> Iterator[str]:
 
     first = True
     yield "[" if array else ""
-    for batch in table.to_batches(max_chunksize=4096):
+    for batch in _float32_shortest(table).to_batches(max_chunksize=4096):
         for row in batch.to_pylist():
             try:
                 text = json.dumps(row, ensure_ascii=False, allow_nan=False, default=_json_default)
@@ -601,6 +601,27 @@ def _json_lines(table: pa.Table, array: bool) -> Iterator[str]:
             yield (("" if first else ",") + "\n" + text) if array else text + "\n"
             first = False
     yield "\n]\n" if array else ""
+
+
+def _float32_shortest(table: pa.Table) -> pa.Table:
+    """float32 values (token log-probs) as the float64 of their shortest decimal (-0.37045, not the widened
+    -0.3704500198364258): the same float32, a third of the text. Arrow writes that decimal, vectorised."""
+    import pyarrow as pa
+
+    def swap(t: pa.DataType, to: pa.DataType) -> pa.DataType:
+        if t == pa.float32():
+            return to
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return (pa.list_ if pa.types.is_list(t) else pa.large_list)(swap(t.value_type, to))
+        if pa.types.is_struct(t):
+            return pa.struct([t.field(i).with_type(swap(t.field(i).type, to)) for i in range(t.num_fields)])
+        return t
+
+    for i, f in enumerate(table.schema):
+        if swap(f.type, pa.string()) != f.type:
+            text = table.column(i).cast(swap(f.type, pa.string()))
+            table = table.set_column(i, f.name, text.cast(swap(f.type, pa.float64())))
+    return table
 
 
 def _json_default(v: Any) -> Any:

@@ -5,6 +5,7 @@
 import csv
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from helpers import write_jsonl
@@ -52,6 +53,7 @@ def test_every_export_type_keeps_every_digit(done_job, tmp_path, suffix):
     stored = runner.load_results(done_job.dir, format="arrow").to_pylist()
     if suffix == ".jsonl":
         got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert all(len(str(lp)) <= 16 for r in got for lp in r["token_logprobs"])  # shortest, not widened
     elif suffix == ".json":
         got = json.loads(out.read_text(encoding="utf-8"))
     elif suffix == ".parquet":
@@ -67,7 +69,8 @@ def test_every_export_type_keeps_every_digit(done_job, tmp_path, suffix):
     assert got[0]["weight"] == WEIGHT and got[2]["weight"] is None
     for have, want in zip(got, stored, strict=True):
         assert have["cumulative_logprob"] == want["cumulative_logprob"]  # every digit, not 10
-        assert list(have["token_logprobs"]) == want["token_logprobs"]
+        # float32 log-probs: the same float32 (JSON writes its shortest decimal, -0.37045, not -0.3704500198364258)
+        assert np.array(have["token_logprobs"], np.float32).tolist() == want["token_logprobs"]
 
 
 def test_a_score_jobs_json_export_keeps_every_digit(tmp_path, tiny_gpt2, gpt2_engine, runner_home):
