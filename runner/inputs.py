@@ -272,9 +272,7 @@ def read_text_lines(path: Path) -> list[str]:
     return lines
 
 
-def _iter_arrow(
-    path: Path, fmt: str, text_columns: tuple[str, ...] = ()
-) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     import pyarrow as pa
 
     try:
@@ -282,9 +280,15 @@ def _iter_arrow(
             import pyarrow.parquet as pq
 
             pf = pq.ParquetFile(path)
-            batches = pf.iter_batches(batch_size=4096, columns=_data_columns(pf.schema_arrow))
+            columns = _data_columns(pf.schema_arrow)
+            twice = sorted({c for c in columns if columns.count(c) > 1})
+            if twice:
+                raise InputError([Problem(str(path), 0, twice[0], "the file has more than one column of this name "
+                                          "(a row would keep only one of them)")], header="cannot read the prompt "
+                                 "file")  # fmt: skip
+            batches = pf.iter_batches(batch_size=4096, columns=columns)
         else:
-            batches = _csv_batches(path, text_columns)
+            batches = _csv_batches(path)
         rowno = 0
         for batch in batches:
             for obj in batch.to_pylist():
@@ -315,11 +319,14 @@ def _data_columns(schema: Any) -> list[str]:
     return [name for name in schema.names if name not in index]
 
 
-def _csv_batches(path: Path, text_columns: tuple[str, ...]) -> Any:
-    """The CSV file's record batches; the id and prompt columns stay text (a CSV id of 007 must not become 7).
-    A first column with no name is the index `df.to_csv()` writes, not data (as `__index_level_0__` in
-    Parquet). A file that is not UTF-8 is refused here: pyarrow would read its text as bytes, or fail on a
-    later block."""
+def _csv_batches(path: Path) -> Any:
+    """The CSV file's record batches, every column as the text the file holds: a CSV cell is text, and a type
+    guessed from the first block would change values (an id or a key 007 read as 7, 0x1F as 31, a 20-digit key
+    rounded to a float) or refuse the file at a later cell that does not fit it ("A12" after a megabyte of
+    numbers). The setting columns read each cell as JSON would give it (RowChecker). A quoted cell may hold
+    line breaks. A first column with no name is the index `df.to_csv()` writes, not data (as
+    `__index_level_0__` in Parquet). A file that is not UTF-8, or whose header names a column twice, is
+    refused here."""
     import csv
 
     import pyarrow as pa
@@ -330,12 +337,24 @@ def _csv_batches(path: Path, text_columns: tuple[str, ...]) -> Any:
             header = next(csv.reader(f), [])
     except UnicodeDecodeError as e:
         raise _not_utf8_error(path) from e
-    # the setting columns too: pyarrow would guess a type from the first block, and one cell that does not fit
-    # ("O.7") would turn a whole column into text or stop the read; each cell is read on its own (RowChecker)
-    types = {c: pa.string() for c in header if c in text_columns or c in ROW_SETTINGS}
+    twice = sorted({c for c in header if header.count(c) > 1 and c})
+    if twice:
+        raise InputError(
+            [
+                Problem(
+                    str(path),
+                    1,
+                    twice[0],
+                    "the header names this column more than once (a row would keep only one of its cells)",
+                )
+            ],
+            header="cannot read the prompt file",
+        )
+    types = {c: pa.string() for c in header}
     data = header[1:] if header[:1] == [""] and "" not in header[1:] else []  # [] reads every column
-    options = pcsv.ConvertOptions(column_types=types, include_columns=data)
-    reader = pcsv.open_csv(path, convert_options=options)
+    options = pcsv.ConvertOptions(column_types=types, include_columns=data, strings_can_be_null=False)
+    reader = pcsv.open_csv(path, convert_options=options,
+                           parse_options=pcsv.ParseOptions(newlines_in_values=True))  # fmt: skip
     if any(pa.types.is_binary(f.type) for f in reader.schema):
         raise _not_utf8_error(path)
     return reader
@@ -632,8 +651,7 @@ class PromptReader(RowChecker):
             return iter_jsonl(self.path)
         if self.format == "text":
             return iter_text(self.path, self.prompt_field)
-        text_columns = (self.id_field, self.prompt_field, *(self.template.fields if self.template else ()))
-        return _iter_arrow(self.path, self.format, text_columns)
+        return _iter_arrow(self.path, self.format)
 
     def rows(self) -> Iterator[PromptRow | Problem]:
         """Each row of the file in order: a valid `PromptRow`, or the `Problem` that makes it invalid.

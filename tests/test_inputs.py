@@ -236,6 +236,33 @@ def test_a_pandas_index_is_not_a_passthrough_column(tmp_path):
     assert read_prompts(tmp_path / "named.parquet").columns == ["topic"]
 
 
+def test_a_csvs_cells_come_back_as_the_text_the_file_holds(tmp_path):
+    """Adversarial pass 21: pyarrow guessed each CSV column's type from its first block, so passthrough keys
+    007 came back as 7, 20-digit keys as equal floats, and an "A12" after a megabyte of numbers refused the
+    file; a quoted cell holding a line break and a comma across a block boundary split the row in two (a
+    phantom row, a prompt cut short); `tag,tag` kept one column's cells silently."""
+    import csv
+
+    n = 30000
+    with open(tmp_path / "p.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "prompt", "code", "key"])
+        w.writerows(
+            [f"r{i}", f"xxTranslate to French:\nHello, world {i}", "007", str(10**19 + i)] for i in range(n)
+        )
+        w.writerow(["last", "last", "A12", "1.10"])
+    rows = read_prompts(tmp_path / "p.csv").rows
+    assert len(rows) == n + 1 and all(
+        r.prompt == f"xxTranslate to French:\nHello, world {r.id[1:]}" for r in rows[:n]
+    )
+    assert [r.extra for r in rows[:2]] == [{"code": "007", "key": "10000000000000000000"},
+                                           {"code": "007", "key": "10000000000000000001"}]  # fmt: skip
+    assert rows[-1].extra == {"code": "A12", "key": "1.10"}
+    (tmp_path / "dup.csv").write_text("id,prompt,tag,tag\n1,Hi,a,b\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"dup.csv:1: tag: the header names this column more than once"):
+        read_prompts(tmp_path / "dup.csv")
+
+
 def test_the_index_pandas_writes_to_csv_is_not_a_passthrough_column(tmp_path):
     """df.to_csv() writes the index as a first column with no name: not data, as in Parquet above."""
     pd = pytest.importorskip("pandas")
