@@ -14,14 +14,14 @@ from typing import Any
 
 from .errors import RunnerError
 from .inputs import PromptReader, PromptRow
-from .results import OUTPUT_COLUMNS
+from .results import output_columns
 
 
 def output_name(column: str, kind: str, fixed: Iterable[str], taken: Iterable[str]) -> str:
     """The name of an input column in the results: an input column named like an output column of the job
     `kind` (say `text`), like one of the `fixed` columns or like a passthrough column already `taken` keeps
     its data as `input_text` (`input_input_text` ...)."""
-    avoid = set(OUTPUT_COLUMNS[kind]) | set(fixed) | set(taken)
+    avoid = set(output_columns(kind)) | set(fixed) | set(taken)
     out = column
     while out in avoid:
         out = f"input_{out}"

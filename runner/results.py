@@ -11,6 +11,7 @@ files that are ignored and whose rows are generated again: nothing is lost and n
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -180,12 +181,17 @@ def _optional_columns(
     return cols
 
 
-SCORE_COLUMNS = (
-    "id", "text", "context", "continuation", "logprob", "mean_logprob", "perplexity", "num_tokens", "is_greedy",
-    "token_ids", "tokens", "token_bytes", "token_logprobs",
-)  # fmt: skip
-EMBED_COLUMNS = ("id", "text", "num_tokens", "embedding")
-OUTPUT_COLUMNS = {"generate": GENERATION_COLUMNS, "score": SCORE_COLUMNS, "embed": EMBED_COLUMNS}
+@functools.cache
+def output_columns(kind: str) -> tuple[str, ...]:
+    """Every column a result of a `kind` job may have, the optional ones included (`sample` of a score row,
+    `beam_score`, `top_logprobs` ...): an input column of such a name passes through renamed, never beside it
+    (two columns of one name made a completed job's shards unreadable)."""
+    schema = {
+        "generate": lambda: generation_schema(True, True, True, True, True),
+        "score": score_schema,
+        "embed": lambda: embed_schema(1),
+    }[kind]()
+    return tuple(schema.names)
 
 
 def score_schema() -> pa.Schema:

@@ -83,3 +83,23 @@ def test_a_score_jobs_json_export_keeps_every_digit(tmp_path, tiny_gpt2, gpt2_en
     assert [got[k] for k in ("logprob", "mean_logprob", "perplexity")] == [
         want[k] for k in ("logprob", "mean_logprob", "perplexity")
     ]
+
+
+def test_an_input_column_named_like_an_optional_result_column_passes_through_renamed(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    """An input column `sample` of a score job, or `beam_score` / `constraint_complete` of a generation (made by
+    beam search and structured output), was written beside the result column of that name: the job completed,
+    and its shards could not be read (adversarial pass 21). It passes through as `input_sample` / `input_beam_score`, as `text` always did."""
+    rows = [{"id": "a", "text": "The quick brown fox", "sample": 7}]
+    job = create_job(write_jsonl(tmp_path / "s.jsonl", rows), tiny_gpt2, ScoreParams(), home=runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    df = runner.load_results(job.dir)
+    assert df["sample"].tolist() == [0] and df["input_sample"].tolist() == [7]
+    rows = [{"id": "b", "prompt": "The old man", "constraint_complete": "mine", "beam_score": 1.5}]
+    params = GenerationParams(max_new_tokens=2, num_beams=2, do_sample=False)
+    job = create_job(write_jsonl(tmp_path / "g.jsonl", rows), tiny_gpt2, params, home=runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    df = runner.load_results(job.dir)
+    assert df["input_beam_score"].tolist() == [1.5] and df["beam_score"].notna().all()
+    assert df["input_constraint_complete"].tolist() == ["mine"]
