@@ -830,12 +830,11 @@ class Job:
     def prompts(self) -> Any:
         """The whole prompts table, to look at (workers read a unit's rows at a time); a prompts.parquet that is
         not the file submit wrote is refused, never shown as the job's prompts."""
-        import pyarrow.parquet as pq
 
         why = prompts_problem(self)
         if why:
             raise RunnerError(why)
-        return pq.read_table(self.dir / PROMPTS)
+        return read_parquet(self.dir / PROMPTS)
 
     def log(self, line: str) -> None:
         storage.append_line(self.dir / LOG_FILE, time.strftime("%Y-%m-%d %H:%M:%S ") + line)
@@ -868,9 +867,8 @@ class Job:
             return None
         if getattr(self, "_absent", None) is None:
             import numpy as np
-            import pyarrow.parquet as pq
 
-            n = self.read_prompts(lambda path: pq.read_table(path, columns=["n"])).column("n")
+            n = self.read_prompts(lambda path: read_parquet(path, ["n"])).column("n")
             self._absent = np.arange(self.spec.samples)[None, :] >= n.to_numpy()[:, None]
         return self._absent
 
@@ -1382,10 +1380,18 @@ def check_shard_bytes(data: bytes, commit: Commit, samples: int) -> str | None:
 
 
 def read_shard_bytes(data: bytes, columns: list[str] | None = None) -> Any:
+    """A shard's table. Through ParquetFile, not read_table: read_table's dataset reader reserves the names
+    `__filename`, `__batch_index` ..., and a passthrough column so named made every shard unreadable."""
     import pyarrow as pa
+
+    return read_parquet(pa.BufferReader(data), columns)
+
+
+def read_parquet(source: Any, columns: list[str] | None = None) -> Any:
+    """A whole Parquet file (a path or a buffer) as one table, whatever its column names (`read_shard_bytes`)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(pa.BufferReader(data), columns=columns)
+    return pq.ParquetFile(source).read(columns=columns)
 
 
 @dataclass

@@ -434,15 +434,14 @@ def load_results(
     folder (such as `runner run -o out/`), or a Parquet file of results. Rows not generated yet are absent;
     `runner status` says how many.
     """
-    import pyarrow.parquet as pq
 
-    from .jobdir import Job, naming_broken
+    from .jobdir import Job, naming_broken, read_parquet
 
     if format not in RESULT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RESULT_FORMATS)}, got {format!r}")
     path, is_file = resolve_source(source, home)
     if is_file:
-        table = pq.read_table(path)
+        table = read_parquet(path)
     else:
         with naming_broken(path):
             job = Job.open(path)

@@ -103,3 +103,17 @@ def test_an_input_column_named_like_an_optional_result_column_passes_through_ren
     df = runner.load_results(job.dir)
     assert df["input_beam_score"].tolist() == [1.5] and df["beam_score"].notna().all()
     assert df["input_constraint_complete"].tolist() == ["mine"]
+
+
+def test_a_column_named_like_a_name_pyarrow_reserves_passes_through(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    """`__filename`, `__batch_index` ... are names pyarrow's dataset reader (pq.read_table) adds itself: a
+    passthrough column so named made every shard of a completed job unreadable (adversarial pass 21)."""
+    rows = [{"id": "a", "prompt": "The old man", "__filename": "notes.txt", "__batch_index": 3}]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                     home=runner_home)  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    df = runner.load_results(job.dir)
+    assert df["__filename"].tolist() == ["notes.txt"] and df["__batch_index"].tolist() == [3]
+    assert runner.export_results(job.dir, tmp_path / "out.parquet").rows == 1
