@@ -11,7 +11,9 @@ token that equals EOS (GPT-2) cannot be confused with a real EOS.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ParamError, RunnerError, first_line
@@ -22,8 +24,6 @@ if TYPE_CHECKING:
 
 def render_prompt(prompt: str | None, messages: list[dict[str, str]] | None, tokenizer: Any) -> str:
     """The exact text sent to the model: the prompt itself, or the messages through the chat template."""
-    import jinja2
-
     if messages is None:
         assert prompt is not None
         return prompt
@@ -34,48 +34,66 @@ def render_prompt(prompt: str | None, messages: list[dict[str, str]] | None, tok
         )
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except (
-        jinja2.TemplateError,
-        TypeError,
-        ValueError,
-        KeyError,
-        IndexError,
-    ) as e:  # its raise_exception(...)
+    except Exception as e:
+        if not _refused_by_template(e):
+            raise
         raise RunnerError(f"the chat template cannot render this row's messages: {first_line(e)}") from None
 
 
-def read_chat_template(value: str) -> str:
-    """`--chat-template`, as vLLM's: a file holding a Jinja chat template, or the template itself (escapes such
-    as \\n read as in --template)."""
-    from pathlib import Path
+def _refused_by_template(e: Exception) -> bool:
+    """A chat template's own refusal (its `raise_exception(...)`, a message it cannot read), not a bug of ours."""
+    import jinja2
 
-    path = Path(value).expanduser()
-    if path.is_file():
+    return isinstance(e, (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError))
+
+
+def read_chat_template(value: str) -> str:
+    """`--chat-template`, as vLLM's: a file holding a Jinja chat template, or the template itself (taken as
+    typed: Jinja reads its own escapes, such as '\\n' in a string)."""
+    if os.path.isfile(os.path.expanduser(value)):  # (False, not an error, for a long template given inline)
+        return chat_template_text(Path(value))
+    if os.path.isdir(os.path.expanduser(value)):
+        raise ParamError("chat_template", f"{value} is a folder, not a chat template file")
+    if "{{" not in value and "{%" not in value:
+        raise ParamError("chat_template", f"no file {value} (and it is not a Jinja template: it has no {{{{ ... }}}} "
+                                          "or {% ... %})")  # fmt: skip
+    return value
+
+
+def chat_template_text(value: str | os.PathLike) -> str:
+    """The chat template `create_job(chat_template=)` stands for: the text of a file given as a Path, or Jinja
+    text itself (a string naming a file is refused, not rendered as the literal text of its name)."""
+    if isinstance(value, os.PathLike):
         try:
-            return path.read_text(encoding="utf-8")
+            text = Path(value).expanduser().read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ParamError("chat_template", f"cannot read the chat template file {value}: {e}") from None
-    if "{{" in value or "{%" in value:
-        return (
-            value.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in value else value
-        )
-    raise ParamError("chat_template", f"chat_template: no file {value} (and it is not a Jinja template: it has no "
-                                      "{{ ... }} or {% ... %}).")  # fmt: skip
+        what = f"the file {value} holds no Jinja template"
+    elif isinstance(value, str):
+        text, what = value, f"{value[:60]!r} is not Jinja text (for a file, pass Path(...))"
+    else:
+        raise ParamError("chat_template", f"chat_template must be Jinja text or a Path, got {value!r}.")
+    if "{{" not in text and "{%" not in text:
+        raise ParamError("chat_template", f"{what}: it has no {{{{ ... }}}} or {{% ... %}}")
+    return text
 
 
 def use_chat_template(tokenizer: Any, template: str) -> None:
-    """Make `template` the tokenizer's chat template (over the model's own, if any), refusing one Jinja cannot
-    read before any row is rendered with it."""
+    """Make `template` the tokenizer's chat template (over the model's own, if any), once Jinja has read it:
+    one it cannot read is refused before any row is rendered, and leaves the tokenizer as it was."""
     import jinja2
 
-    tokenizer.chat_template = template
     try:
-        tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
-                                      add_generation_prompt=True)  # fmt: skip
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], chat_template=template,
+                                      tokenize=False, add_generation_prompt=True)  # fmt: skip
     except jinja2.TemplateSyntaxError as e:
-        raise ParamError("chat_template", f"chat_template is not a valid Jinja template: {e}") from None
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError):
-        pass  # it refuses this one message (say, it wants a system message first): each row is checked
+        raise ParamError(
+            "chat_template", f"not a valid Jinja template: line {e.lineno}: {e.message}"
+        ) from None
+    except Exception as e:
+        if not _refused_by_template(e):  # it refuses this one message (say, it wants a system message first):
+            raise  # each row is checked when it is rendered
+    tokenizer.chat_template = template
 
 
 def encode(tokenizer: Any, text: str, chat: bool) -> list[int]:

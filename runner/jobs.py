@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, jobdir, storage
+from .batching import chat_template_text
 from .errors import InputError, ParamError, Problem, RunnerError, first_line
 from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
@@ -117,7 +118,7 @@ def create_job(
     unit_rows: int | None = None,
     served_model_names: tuple[str, ...] = (),
     chat: bool = False,
-    chat_template: str | None = None,
+    chat_template: str | os.PathLike | None = None,
     same_in_home: bool = False,
 ) -> Job:
     """Validate everything and store a queued job. Nothing invalid is ever stored.
@@ -135,7 +136,7 @@ def create_job(
     `chat` sends each plain prompt as one user message through the model's chat template (instruct models
     answer raw text poorly); `meta["input"]["raw_prompts_to_chat_model"]` says when it was not asked for but the
     model has a chat template and every row was a plain prompt. `chat_template` (Jinja text, as a tokenizer's
-    `chat_template`) renders `messages` rows (and `chat` prompts) instead of the model's own, or for a model that
+    `chat_template`, or a Path to a file of it) renders `messages` rows (and `chat` prompts) instead of the model's own, or for a model that
     has none (a GPT-2 fine-tuned on your own chat format); the job records it.
 
     `unit_rows` is the number of prompts a worker claims at a time (several workers share a job by units).
@@ -150,6 +151,7 @@ def create_job(
     params = params or GenerationParams()
     options = options or EngineOptions()
     kind = _check_args(params, truncate, name, unit_rows, priority, chat, chat_template)
+    chat_template = None if chat_template is None else chat_template_text(chat_template)
     job_dir = None if job_dir is None else jobdir.named_folder(Path(job_dir))
     unit_rows = jobdir.UNIT_ROWS if unit_rows is None else unit_rows
     source = input_path
@@ -245,13 +247,8 @@ def _check_args(
         raise ParamError("priority", f"priority must be an integer, got {priority!r}.")
     if chat and kind != "generate":
         raise ParamError("chat", f"chat is for generate jobs, not {kind} jobs.")
-    if chat_template is not None and (kind != "generate" or not isinstance(chat_template, str)):
-        raise ParamError(
-            "chat_template",
-            f"chat_template is Jinja text for generate jobs, not {kind} jobs."
-            if kind != "generate"
-            else f"chat_template must be Jinja text, got {chat_template!r}.",
-        )
+    if chat_template is not None and kind != "generate":
+        raise ParamError("chat_template", f"chat_template is for generate jobs, not {kind} jobs.")
     return kind
 
 
@@ -912,7 +909,13 @@ class _RowProblem(Exception):
 def submit_warnings(job: Job) -> list[str]:
     """What a user should hear about a job just submitted, before it runs."""
     out = []
-    if job.meta.get("input", {}).get("raw_prompts_to_chat_model"):
+    if job.meta.get("input", {}).get("raw_prompts_to_chat_model") and job.meta["input"].get("chat_template"):
+        out.append(
+            "WARNING: --chat-template renders 'messages' rows and --chat prompts, but every row is a plain prompt "
+            "and --chat was not given: the template is not used. Pass --chat to send each prompt as a user "
+            "message through it."
+        )
+    elif job.meta.get("input", {}).get("raw_prompts_to_chat_model"):
         out.append(
             "WARNING: the model has a chat template (an instruct/chat model) but every row is a raw prompt; such "
             "models often answer raw text with nothing useful. Pass --chat to send each prompt as a user message "

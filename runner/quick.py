@@ -7,6 +7,7 @@ behave the same there. Nothing is written to disk.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -74,14 +75,14 @@ def generate(
     options: EngineOptions | None = None,
     *,
     chat: bool = False,
-    chat_template: str | None = None,
+    chat_template: str | os.PathLike | None = None,
     engine: Any = None,
 ) -> list[list[Any]]:
     """Generate for `prompts` at once: one list of `num_return_sequences` completions (engine.Completion, with
     `tokens` filled) per prompt. `chat`: send each prompt as one user message through the model's chat
     template, or through `chat_template` (Jinja text; implies `chat`), which the engine's tokenizer keeps. Seeds
     are per (prompt number, sample) from `params.seed` (0 when none), so a try is repeatable."""
-    from .batching import encode, render_prompt, use_chat_template
+    from .batching import chat_template_text, encode, render_prompt, use_chat_template
     from .engine import Engine
     from .tasks import generate_keys, sample_seed
 
@@ -89,7 +90,7 @@ def generate(
     params = params or GenerationParams()
     engine = engine or Engine(model, options or EngineOptions())
     if chat_template is not None:
-        use_chat_template(engine.tokenizer, chat_template)
+        use_chat_template(engine.tokenizer, chat_template_text(chat_template))
         chat = True
     ids = []
     for text in prompts:

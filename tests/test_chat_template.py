@@ -43,23 +43,24 @@ def test_a_model_without_a_chat_template_answers_chats_through_one_given(tmp_pat
 def test_the_cli_reads_a_template_file_or_the_template_itself(tmp_path, tiny_gpt2, runner_home):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"id": "c", "messages": CHAT}])
     (tmp_path / "chat.jinja").write_text(TEMPLATE, encoding="utf-8")
-    inline = TEMPLATE.replace(
-        "\\n", "\\\\n"
-    )  # typed in a shell: backslash + n, as --template and --stop take it
-    for given in (tmp_path / "chat.jinja", inline):
+    # inline, taken as typed (Jinja reads its own '\\n'), however long: a 300-character one is no file name
+    long = TEMPLATE + "{# " + "a C:\\Users\\x note " * 20 + "#}"
+    for given in (tmp_path / "chat.jinja", TEMPLATE, long):
         r = invoke("submit", path, "-m", tiny_gpt2, "--chat-template", given, "--max-new-tokens", 2)
         assert r.exit_code == 0, r.output
         assert runner.open_job(r.stdout.strip()).prompts().column("prompt").to_pylist() == [RENDERED]
-    bad = invoke("submit", path, "-m", tiny_gpt2, "--chat-template", "{% for m in messages %}{{ m }")
-    assert (
-        bad.exit_code == 1 and "--chat-template" in bad.output and "not a valid Jinja template" in bad.output
-    )
+    bad = invoke("submit", path, "-m", tiny_gpt2, "--chat-template", "{% for m in messages %}\n{{ m }")
+    assert bad.output.startswith("Error: --chat-template: not a valid Jinja template: line 2: "), bad.output
     missing = invoke("submit", path, "-m", tiny_gpt2, "--chat-template", tmp_path / "nope.jinja")
-    assert missing.exit_code == 1 and "no file" in missing.output and "Traceback" not in missing.output
+    assert missing.output == (f"Error: --chat-template: no file {tmp_path / 'nope.jinja'} (and it is not a Jinja "
+                              "template: it has no {{ ... }} or {% ... %})\n")  # fmt: skip
     score = invoke(
         "submit", path, "-m", tiny_gpt2, "--kind", "score", "--chat-template", tmp_path / "chat.jinja"
     )
-    assert score.exit_code != 0 and "chat_template" in score.output.replace("-", "_")
+    assert score.exit_code != 0 and "chat_template is for generate jobs" in score.output
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Hello"}])
+    unused = invoke("submit", plain, "-m", tiny_gpt2, "--chat-template", TEMPLATE)
+    assert unused.exit_code == 0 and "the template is not used. Pass --chat" in unused.stderr, unused.stderr
 
 
 def test_a_row_the_template_refuses_is_an_invalid_row_naming_why(tmp_path, tiny_gpt2):
@@ -73,7 +74,12 @@ def test_a_row_the_template_refuses_is_an_invalid_row_naming_why(tmp_path, tiny_
         create_job(path, tiny_gpt2, chat_template=strict)
     job = create_job(path, tiny_gpt2, chat_template=strict, skip_invalid=True)
     assert job.prompts().column("id").to_pylist() == ["ok"]
-    with pytest.raises(ParamError, match="chat_template is Jinja text for generate jobs"):
+    with pytest.raises(ParamError, match="'chat.jinja' is not Jinja text \\(for a file, pass Path"):
+        create_job(path, tiny_gpt2, chat_template="chat.jinja")  # not rendered as the text "chat.jinja"
+    (tmp_path / "chat.jinja").write_text(strict, encoding="utf-8")
+    from_file = create_job(path, tiny_gpt2, chat_template=tmp_path / "chat.jinja", skip_invalid=True)
+    assert from_file.meta["input"]["chat_template"] == strict
+    with pytest.raises(ParamError, match="chat_template is for generate jobs"):
         create_job(
             write_jsonl(tmp_path / "t.jsonl", [{"text": "hi"}]),
             tiny_gpt2,
@@ -90,7 +96,7 @@ def test_openai_batch_chat_requests_and_a_quick_try_use_it_too(tmp_path, tiny_gp
     path = write_jsonl(tmp_path / "batch.jsonl", lines)
     out = tmp_path / "responses.jsonl"
     r = invoke("run-batch", "-i", path, "-o", out, "-m", tiny_gpt2, "--served-model-name", "tiny-gpt2",
-               "--chat-template", TEMPLATE.replace("\\n", "\\\\n"))  # fmt: skip
+               "--chat-template", TEMPLATE)  # fmt: skip
     assert r.exit_code == 0, r.output
     (line,) = [json.loads(x) for x in out.read_text().splitlines()]
     assert line["custom_id"] == "r1" and line["response"]["status_code"] == 200
@@ -100,6 +106,6 @@ def test_openai_batch_chat_requests_and_a_quick_try_use_it_too(tmp_path, tiny_gp
     (chatted,) = quick.generate(["How are you?"], tiny_gpt2, greedy, chat_template=TEMPLATE)
     (plain,) = quick.generate(["<|user|>How are you?\n<|assistant|>"], tiny_gpt2, greedy)  # what it renders
     assert chatted[0].token_ids == plain[0].token_ids
-    r = invoke("generate", "How are you?", "-m", tiny_gpt2, "--chat-template", TEMPLATE.replace("\\n", "\\\\n"),
+    r = invoke("generate", "How are you?", "-m", tiny_gpt2, "--chat-template", TEMPLATE,
                "--max-new-tokens", 2)  # fmt: skip
     assert r.exit_code == 0 and r.output.startswith("[How are you?]"), r.output
