@@ -57,8 +57,12 @@ class Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    @property
+    def computing_seconds(self) -> float:
+        return time.perf_counter() - self.since
+
     def _per_second(self, count: int) -> float:
-        computing = time.perf_counter() - self.since
+        computing = self.computing_seconds
         return count / computing if computing > 0 else 0.0
 
     @property

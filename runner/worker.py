@@ -622,7 +622,7 @@ class JobRun:
     def finish(self, ran: bool) -> RunSummary:
         """Stats of this run, and "completed" once every key of the job is done or failed (whoever finishes
         the last unit writes it; writing it twice writes the same)."""
-        seconds = time.perf_counter() - self.t0
+        seconds = self.computing_seconds()
         if ran and self.progress is not None:
             self.say(self.progress.line())
             self.record_stats()
@@ -636,13 +636,18 @@ class JobRun:
         return RunSummary(self.job.id, progress.done, progress.total, self.generated, self.tokens, seconds,
                           progress.failed, progress.complete, others, self.stopped)  # fmt: skip
 
+    def computing_seconds(self) -> float:
+        """Seconds since this run began computing (the model loaded), as the progress line's rates count: the
+        summary's and stats.json's tok/s say the same as the last progress line."""
+        return self.progress.computing_seconds if self.progress is not None else time.perf_counter() - self.t0
+
     def record_stats(self, poisoned: bool = False) -> None:
         """Append this run to stats.json. After a device error (`poisoned`) the device is not asked for its
         peak memory: the call itself could fail."""
         engine = self.engine
         if engine is None:
             return
-        seconds = time.perf_counter() - self.t0
+        seconds, computing = time.perf_counter() - self.t0, self.computing_seconds()
         stats = self.job.read_stats()
         stats["runs"].append({
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -652,8 +657,8 @@ class JobRun:
             "model_load_seconds": round(engine.load_seconds, 3),
             "rows": self.generated,
             "tokens": self.tokens,
-            "seconds": round(seconds, 3),
-            "tokens_per_second": round(self.tokens / seconds, 2) if seconds > 0 else None,
+            "seconds": round(seconds, 3),  # the whole run, the model load included
+            "tokens_per_second": round(self.tokens / computing, 2) if computing > 0 else None,
             "peak_memory_bytes": None if poisoned else peak_memory_bytes(engine.device),
             "float32_retries": self.retried,  # rows whose logits overflowed, recomputed in float32
             "speedups": engine.speedups,

@@ -414,7 +414,16 @@ def test_the_speed_and_eta_count_from_when_the_model_is_loaded(
 
     hour = [0.0]
     real = time.perf_counter
-    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: real() + hour[0]))
+
+    class Clock:  # the time module, an hour later once the model is loading
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def perf_counter(self):
+            return real() + hour[0]
+
+    monkeypatch.setattr(progress, "time", Clock())
+    monkeypatch.setattr(worker, "time", Clock())
     load = worker.JobRun.load_engine
 
     def slow_load(self):
@@ -425,7 +434,14 @@ def test_the_speed_and_eta_count_from_when_the_model_is_loaded(
     monkeypatch.setattr(worker, "HEARTBEAT_INFO_SECONDS", 0.0)
     lines: list[str] = []
     job = submit(prompts_file, tiny_gpt2)
-    assert run_job(Job.open(job.dir), echo=lines.append, lease_ttl=60, progress_interval=0.0).finished
+    summary = run_job(Job.open(job.dir), echo=lines.append, lease_ttl=60, progress_interval=0.0)
+    assert (
+        summary.finished and summary.tokens_per_second > summary.tokens / 600
+    )  # the 'done' line's tok/s too
+    (run,) = Job.open(job.dir).read_stats()["runs"]
+    assert (
+        run["tokens_per_second"] > run["tokens"] / 600 and run["seconds"] > 3600
+    )  # (the run: with the load)
     last = [line for line in lines if "rows/s" in line][-1]
     assert "elapsed 1:" in last, last  # the elapsed time is the whole run's
     rows_per_second = float(re.search(r"([\d.,]+) rows/s", last).group(1).replace(",", ""))
