@@ -580,7 +580,7 @@ def _write_whole(table: pa.Table, to: Path) -> None:
                 f.writelines(_json_lines(table, array=suffix == ".json"))
         else:
             # with a UTF-8 byte-order mark: Excel (a Japanese Windows above all) reads it as UTF-8, not mojibake
-            _as_json_text(to_pandas(table)).to_csv(tmp, index=False, encoding="utf-8-sig")
+            _as_json_text(to_pandas(_float32_shortest(table))).to_csv(tmp, index=False, encoding="utf-8-sig")
         os.replace(tmp, to)
     except OSError as e:
         raise RunnerError(f"cannot write {to}: {e.strerror or e}") from None
@@ -595,10 +595,12 @@ def _json_lines(table: pa.Table, array: bool) -> Iterator[str]:
     or (`array`) as the lines of one JSON array."""
     import json
 
+    import pyarrow as pa
+
     first = True
     yield "[" if array else ""
-    for batch in _float32_shortest(table).to_batches(max_chunksize=4096):
-        for row in batch.to_pylist():
+    for batch in table.to_batches(max_chunksize=4096):
+        for row in _float32_shortest(pa.Table.from_batches([batch])).to_pylist():
             try:
                 text = json.dumps(row, ensure_ascii=False, allow_nan=False, default=_json_default)
             except ValueError:  # a NaN or an infinity somewhere in the row
@@ -616,6 +618,8 @@ def _float32_shortest(table: pa.Table) -> pa.Table:
     def swap(t: pa.DataType, to: pa.DataType) -> pa.DataType:
         if t == pa.float32():
             return to
+        if pa.types.is_fixed_size_list(t):  # an embedding
+            return pa.list_(swap(t.value_type, to), t.list_size)
         if pa.types.is_list(t) or pa.types.is_large_list(t):
             return (pa.list_ if pa.types.is_list(t) else pa.large_list)(swap(t.value_type, to))
         if pa.types.is_struct(t):
@@ -665,8 +669,12 @@ def _as_json_text(df: Any) -> Any:
             return {k: plain(x) for k, x in v.items()}
         return v.item() if isinstance(v, np.generic) else v
 
-    def cell(v: Any) -> Any:
-        return json.dumps(plain(v), ensure_ascii=False) if isinstance(v, (np.ndarray, list, dict)) else v
+    def cell(v: Any) -> Any:  # as the JSON exports write it: NaN as null, dates in ISO form, bytes as a list
+        if isinstance(v, (bytes, bytearray)):
+            return json.dumps(list(v))
+        if not isinstance(v, (np.ndarray, list, dict)):
+            return v
+        return json.dumps(_finite(plain(v)), ensure_ascii=False, default=_json_default)
 
     out = df.copy()
     for col in out.columns:

@@ -53,7 +53,6 @@ def test_every_export_type_keeps_every_digit(done_job, tmp_path, suffix):
     stored = runner.load_results(done_job.dir, format="arrow").to_pylist()
     if suffix == ".jsonl":
         got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-        assert all(len(str(lp)) <= 16 for r in got for lp in r["token_logprobs"])  # shortest, not widened
     elif suffix == ".json":
         got = json.loads(out.read_text(encoding="utf-8"))
     elif suffix == ".parquet":
@@ -67,6 +66,8 @@ def test_every_export_type_keeps_every_digit(done_job, tmp_path, suffix):
             row["token_logprobs"] = json.loads(row["token_logprobs"])
     assert [r["uid"] for r in got] == [IDS["a"], IDS["b"], None]
     assert got[0]["weight"] == WEIGHT and got[2]["weight"] is None
+    if suffix != ".parquet":  # float32 as its shortest decimal, not widened to 17 digits
+        assert all(len(str(lp)) <= 16 for r in got for lp in r["token_logprobs"]), got[0]["token_logprobs"]
     for have, want in zip(got, stored, strict=True):
         assert have["cumulative_logprob"] == want["cumulative_logprob"]  # every digit, not 10
         # float32 log-probs: the same float32 (JSON writes its shortest decimal, -0.37045, not -0.3704500198364258)
@@ -117,3 +118,20 @@ def test_a_column_named_like_a_name_pyarrow_reserves_passes_through(
     df = runner.load_results(job.dir)
     assert df["__filename"].tolist() == ["notes.txt"] and df["__batch_index"].tolist() == [3]
     assert runner.export_results(job.dir, tmp_path / "out.parquet").rows == 1
+
+
+def test_an_embedding_export_writes_each_float32_as_its_shortest_decimal(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    from runner import EmbedParams
+
+    job = create_job(write_jsonl(tmp_path / "t.jsonl", [{"id": "a", "text": "The quick brown fox"}]), tiny_gpt2,
+                     EmbedParams(), home=runner_home)  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    want = runner.load_results(job.dir, format="arrow").column("embedding").to_pylist()[0]
+    for suffix in (".jsonl", ".csv"):
+        runner.export_results(job.dir, tmp_path / f"e{suffix}")
+        text = (tmp_path / f"e{suffix}").read_text(encoding="utf-8-sig")
+        row = json.loads(text) if suffix == ".jsonl" else next(csv.DictReader(text.splitlines()))
+        got = row["embedding"] if suffix == ".jsonl" else json.loads(row["embedding"])
+        assert np.array(got, np.float32).tolist() == want and max(len(str(x)) for x in got) <= 16
