@@ -312,7 +312,7 @@ def _run_kind(
     if invalid:
         _echo(f"{invalid} invalid row(s) skipped; see {job.dir / 'errors.jsonl'}")
     if not summary.finished:
-        _echo(_stopped_line(job, summary, "rows", "carry on"))
+        _echo(_stopped_line(job, summary, job.spec.count_noun, "carry on"))
         click.echo(str(job.dir))
         raise SystemExit(130 if stop() else 1)
     speed = (
@@ -320,7 +320,7 @@ def _run_kind(
         if summary.generated
         else "already done before: nothing computed"
     )
-    _echo(f"done: {summary.done:,}/{summary.total:,} {job.spec.unit}, {summary.errors} errors, {speed}")
+    _echo(f"done: {summary.done:,}/{summary.total:,} {job.spec.count_noun}, {summary.errors} errors, {speed}")
     return job
 
 
@@ -793,7 +793,7 @@ def _detail(s: Any) -> list[str]:
         f"{w['worker']} on {w['device'] or '?'}: {w['tokens_per_second'] or 0:,.1f} tok/s" for w in s.workers
     ]
     return lines + [
-        f"progress: {s.done:,}/{s.total:,} {job.spec.unit}, {s.errors} row errors, {s.invalid} invalid input rows"
+        f"progress: {s.done:,}/{s.total:,} {job.spec.count_noun}, {s.errors} row errors, {s.invalid} invalid input rows"
         + (f" ({s.unsaved:,} more computed, not saved yet)" if s.unsaved else ""),
         f"speed:    {s.tokens_per_second or '-'} tok/s, ETA {s.eta}",
         f"workers:  {'; '.join(workers) if workers else '-'}",
@@ -950,7 +950,7 @@ def repair(ctx: click.Context, job_ref: str) -> None:
         _echo("job.json restored from job.backup.json")
     for name, why in r.quarantined:
         _echo(f"quarantined commit {name}: {why}")
-    _echo(f"state {r.state_was} -> {r.state_now}; {r.done:,}/{r.total:,} rows verified"
+    _echo(f"state {r.state_was} -> {r.state_now}; {r.done:,}/{r.total:,} result rows verified"
           + ("; run `runner work` to compute the rest" if r.state_now == "queued" else ""))  # fmt: skip
     if r.damaged_by == "":
         _echo("its newest state record was empty: a change killed while it was written did not happen; if you "

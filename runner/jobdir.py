@@ -447,7 +447,7 @@ class JobSpec:
         return int(self.meta.get("results") or self.rows * self.samples)
 
     @property
-    def unit(self) -> str:
+    def count_noun(self) -> str:
         """What progress counts: "rows", or "results" where rows have several samples (`-n`), one result each."""
         return "rows" if self.total == self.rows else "results"
 
@@ -1765,7 +1765,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
     # and one deleted under it would stop it with a false "cannot be written" when it wakes.
     remove_stale_temps(job)
     job.log(f"repaired: state {report.state_was} -> {now.state.value}, {len(report.quarantined)} commit(s) "
-            f"quarantined, {progress.done:,}/{progress.total:,} rows done")  # fmt: skip
+            f"quarantined, {progress.done:,}/{progress.total:,} result rows done")  # fmt: skip
     return report
 
 

@@ -485,7 +485,7 @@ def _settle(j: Job, summary: RunSummary, echo: Any) -> RunSummary:
         echo(f"job {j.id} was cancelled; its finished rows are kept (`runner retry {j.dir}` resumes it)")
     elif echo and summary.finished:
         echo(
-            f"job {j.id} completed: {summary.done:,}/{summary.total:,} {j.spec.unit}, {summary.errors} errors"
+            f"job {j.id} completed: {summary.done:,}/{summary.total:,} {j.spec.count_noun}, {summary.errors} errors"
         )
     elif echo and summary.others:
         echo(f"job {j.id}: {summary.others} other worker(s) are computing the rest")

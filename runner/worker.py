@@ -168,7 +168,7 @@ class JobRun:
         # the peak in stats.json and the heartbeat is this run's, not an earlier job's in this process
         reset_peak_memory(self.engine.device if self.engine is not None else None)
         self.progress = Progress(self.job.total, before.done + before.failed, echo=self.say,
-                                 interval=self.interval, unit=self.job.spec.unit)  # fmt: skip
+                                 interval=self.interval, unit=self.job.spec.count_noun)  # fmt: skip
         noted = False  # the rows done before this run: computed in this worker's precision?
         with Heartbeat(self.job, self.owner, self.ttl) as self.beat:
             while not self.stopped and (unit := self.next_unit()) is not None:
@@ -294,8 +294,9 @@ class JobRun:
         if unit is None or not unit.todo:
             return
         self.flight = InFlight(self.job.dir / jobdir.INFLIGHT / f"{unit.index:05d}.json", self.owner.worker)
-        self.say(f"job {self.job.id}: unit {unit.index}: {len(unit.todo):,} of {self.job.total:,} "
-                 f"{self.job.spec.unit} to {self.job.kind} on {self.engine.device} ({dtype_name(self.engine)})")  # fmt: skip
+        counted = f"{len(unit.todo):,} of {self.job.total:,} {self.job.spec.count_noun}"
+        self.say(f"job {self.job.id}: unit {unit.index}: {counted} to {self.job.kind} on {self.engine.device} "
+                 f"({dtype_name(self.engine)})")  # fmt: skip
         try:
             for keys, wanted, suspect in self.plan(unit):
                 if self.stopped or self.should_stop():
