@@ -61,12 +61,15 @@ class Passthrough:
             values = [r.extra.get(col) for r in rows]
             arr = _infer_array(values) if typ is not None else None
             merged = _unify(typ, arr.type) if arr is not None else None
-            if merged is None:
+            typed = None
+            if merged is not None and _storable(merged):
+                typed = arr if arr.type == merged else _cast(arr, values, merged)
+            if typed is None:
                 self.types[col] = None
                 out[col] = _json_array(values)
             else:
                 self.types[col] = merged
-                out[col] = arr if arr.type == merged else _cast(arr, values, merged)
+                out[col] = typed
         return out
 
     def freeze(self) -> None:
@@ -120,12 +123,30 @@ def _unify(a: Any, b: Any) -> Any:
 
 
 def _cast(arr: Any, values: list[Any], typ: Any) -> Any:
+    """`arr` as `typ` without changing a value, else None (the column becomes JSON text): integers past 2**53
+    after a chunk of floats were rounded to equal floats (adversarial pass 21), where `pa.array` over the whole
+    column refuses the mix."""
     import pyarrow as pa
 
+    errors = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError, OverflowError)
     try:
-        return arr.cast(typ, safe=False)  # int -> float loses what pa.array([2**60, 0.5]) loses, no more
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return pa.array(values, typ)
+        return arr.cast(typ)  # safe: an integer no float holds exactly is an error, not a rounding
+    except errors:
+        try:
+            return pa.array(values, typ)
+        except errors:
+            return None
+
+
+def _storable(typ: Any) -> bool:
+    """Whether Parquet can hold the type: a struct of no fields (`{}` in every row so far) it cannot."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(typ):
+        return typ.num_fields > 0 and all(_storable(typ.field(i).type) for i in range(typ.num_fields))
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+        return _storable(typ.value_type)
+    return True
 
 
 def _json_array(values: list[Any]) -> Any:

@@ -135,3 +135,12 @@ def test_an_embedding_export_writes_each_float32_as_its_shortest_decimal(
         row = json.loads(text) if suffix == ".jsonl" else next(csv.DictReader(text.splitlines()))
         got = row["embedding"] if suffix == ".jsonl" else json.loads(row["embedding"])
         assert np.array(got, np.float32).tolist() == want and max(len(str(x)) for x in got) <= 16
+
+
+def test_an_object_column_empty_in_every_row_is_json_text_not_a_traceback(tmp_path, tiny_gpt2, runner_home):
+    """`"metadata": {}` in every row of a chunk: Parquet cannot hold a struct of no fields, and submit ended in
+    an ArrowNotImplementedError traceback (adversarial pass 21)."""
+    rows = [{"id": f"r{i}", "prompt": "Hello", "metadata": {}} for i in range(3)]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, home=runner_home)
+    assert job.meta["input"]["json_columns"] == ["metadata"]
+    assert job.prompts().column("metadata").to_pylist() == ["{}"] * 3

@@ -169,6 +169,7 @@ def changing_rows():
             "obj": {"a": i} if chunk == 0 else {"b": str(i)},  # struct fields merge
             "late": f"late {i}" if chunk == 2 else None,  # absent in the first chunks
             "steady": f"s{i}",
+            "big": 0.5 if chunk == 0 else 2**60 + i,  # floats, then integers no float holds: JSON text for all
             "text": f"input {i}",  # named like an output column: passed through as input_text
             **({"new": [i, i]} if i == 10 else {}),  # a column that appears in the last chunk
         })  # fmt: skip
@@ -194,17 +195,18 @@ def test_passthrough_columns_that_change_type_between_chunks(
     assert summary.finished
     prompts = pq.read_table(job.dir / PROMPTS)
     assert pq.read_metadata(job.dir / PROMPTS).num_row_groups == 3
-    names = ["num", "tag", "sparse", "obj", "late", "steady", "input_text", "new"]
+    names = ["num", "tag", "sparse", "obj", "late", "steady", "big", "input_text", "new"]
     assert prompts.column_names[9:] == names  # after the fixed columns (settings, n, request included)
     for name in names:
         col = "text" if name == "input_text" else name
         assert prompts.column(name).combine_chunks() == whole_file_column([r.get(col) for r in data]), name
     assert prompts.schema.field("num").type == pa.float64() and prompts.column("tag")[0].as_py() == '"a"'
-    assert job.meta["input"]["json_columns"] == ["tag"]
+    assert job.meta["input"]["json_columns"] == ["tag", "big"]
     assert job.meta["input"]["renamed_columns"] == {"text": "input_text"}
     df = runner.load_results(job.dir)
     assert list(df["num"]) == [r["num"] for r in data] and list(df["tag"]) == ['"a"'] * 8 + ["7"] * 4
     assert df["obj"][5] == {"a": None, "b": "5"} and df["new"][10].tolist() == [10, 10]
+    assert [json.loads(b) for b in df["big"][4:6]] == [2**60 + 4, 2**60 + 5]  # not two equal floats
 
     # One chunk for the whole file gives the same prompts table.
     monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 1000)
@@ -256,3 +258,14 @@ def test_problems_are_counted_all_kept_few_and_listed_in_order(tmp_path, tiny_gp
     assert {x["line"]: x["message"] for x in errors}[53] == "duplicate id 'dup' (first on line 8)"
     assert "exceeds the model's context window" in {x["line"]: x["message"] for x in errors}[8]
     assert job.meta["input"]["invalid"] == 23 and job.meta["input"]["rows"] == 37
+
+
+def test_integers_no_float_holds_after_a_chunk_of_floats_are_not_rounded(tmp_path, tiny_gpt2, monkeypatch):
+    """Floats in the first chunk, integers past 2**53 in the next, nothing else changing type (so no rewrite):
+    the integers were cast to floats, 2**60+1 and 2**60+2 stored as one value (adversarial pass 21). As one
+    read of the whole column would (pa.array refuses the mix), the column is JSON text."""
+    rows = [{"id": f"r{i}", "prompt": "Hello", "big": 0.5 if i < 4 else 2**60 + i} for i in range(8)]
+    monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 4)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=1),
+                     job_dir=tmp_path / "out")  # fmt: skip
+    assert [json.loads(v) for v in job.prompts().column("big").to_pylist()] == [r["big"] for r in rows]
