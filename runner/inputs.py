@@ -406,7 +406,9 @@ def _as_dataset(source: Any) -> Any:
     if type(source).__module__.split(".")[0] == "pandas" and hasattr(source, "columns"):  # a DataFrame
         import datasets
 
-        return datasets.Dataset.from_pandas(source, preserve_index=False)
+        return datasets.Dataset.from_pandas(
+            source, preserve_index=None
+        )  # a named index is a column, as to_parquet
     if isinstance(source, list) and source and all(isinstance(r, dict) for r in source):  # rows as dicts
         import datasets
 

@@ -742,3 +742,19 @@ def test_a_mistyped_job_name_or_id_gets_a_did_you_mean(tmp_path, tiny_gpt2, runn
         runner.open_job(typo, runner_home)
     with pytest.raises(RunnerError, match=r"no job 'zzz' in .* \(`runner status` lists its jobs\)"):
         runner.open_job("zzz", runner_home)
+
+
+def test_a_dataframes_named_index_is_a_column_as_to_parquet_keeps_it(tiny_gpt2, runner_home):
+    """`runner.run(df.set_index("id"))` dropped the index: the ids came back as 1, 2, 3 and the user's were
+    nowhere (adversarial pass 21). A named index is a column, as `df.to_parquet()` keeps it; a filtered
+    unnamed index is not data (as in a Parquet file)."""
+    import pandas as pd
+
+    df = pd.DataFrame({"id": ["q-17", "q-42"], "prompt": ["Hello", "The old man"], "n_words": [1, 3]})
+    job = create_job(df.set_index("id"), tiny_gpt2, home=runner_home)
+    assert job.prompts().column("id").to_pylist() == ["q-17", "q-42"]
+    job = create_job(df.iloc[[1]], tiny_gpt2, home=runner_home)
+    assert (
+        job.prompts().column("id").to_pylist() == ["q-42"]
+        and "__index_level_0__" not in job.prompts().column_names
+    )
