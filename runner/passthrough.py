@@ -52,7 +52,10 @@ class Passthrough:
             if col in self.types:
                 continue
             self.types[col] = pa.null()
-            self.out[col] = output_name(col, self.kind, self.fixed, self.out.values())
+            # a renamed column never takes the name of another input column (`text` with an `input_text`
+            # beside it is `input_input_text`; the user's `input_text` keeps its name)
+            others = {n for n in (*self.types, *names) if n != col}
+            self.out[col] = output_name(col, self.kind, self.fixed, {*self.out.values(), *others})
 
     def arrays(self, rows: list[PromptRow]) -> dict[str, Any]:
         """This chunk's column arrays, with the types updated by its values."""

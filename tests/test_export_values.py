@@ -144,3 +144,18 @@ def test_an_object_column_empty_in_every_row_is_json_text_not_a_traceback(tmp_pa
     job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, home=runner_home)
     assert job.meta["input"]["json_columns"] == ["metadata"]
     assert job.prompts().column("metadata").to_pylist() == ["{}"] * 3
+
+
+def test_a_renamed_column_does_not_take_the_name_of_another_input_column(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    """An input with `text` (named like a result column) and `input_text`: `text` was renamed `input_text` and
+    the user's own `input_text` became `input_input_text`, so df["input_text"] held the wrong column
+    (adversarial pass 21). The user's `input_text` keeps its name; `text` takes the next free one."""
+    rows = [{"id": "a", "prompt": "Translate: source 0", "text": "reference 0", "input_text": "source 0"}]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                     home=runner_home)  # fmt: skip
+    assert job.meta["input"]["renamed_columns"] == {"text": "input_input_text"}
+    assert run_job(job, gpt2_engine, echo=None).finished
+    df = runner.load_results(job.dir)
+    assert df["input_text"].tolist() == ["source 0"] and df["input_input_text"].tolist() == ["reference 0"]
