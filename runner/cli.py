@@ -294,9 +294,16 @@ def _show_warning(
 
 
 def _run_kind(
-    ctx: click.Context, kind: str, input_path: str, model: str, output: str | None, kw: dict[str, Any]
+    ctx: click.Context,
+    kind: str,
+    input_path: str,
+    model: str,
+    output: str | None,
+    kw: dict[str, Any],
+    stdout_is_data: bool = False,
 ) -> Job:
-    """Submit and run a job of `kind`; the job, finished (else its folder is printed and the command exits)."""
+    """Submit and run a job of `kind`; the job, finished (else its folder is printed and the command exits; on
+    stderr where standard output carries data, as `score --print`'s)."""
     from .scheduler import run as run_api
 
     params, options = build_settings(kw, kind)
@@ -313,7 +320,10 @@ def _run_kind(
         _echo(f"{invalid} invalid row(s) skipped; see {job.dir / 'errors.jsonl'}")
     if not summary.finished:
         _echo(_stopped_line(job, summary, job.spec.count_noun, "carry on"))
-        click.echo(str(job.dir))
+        if stdout_is_data:
+            _echo(f"results in {job.dir}")
+        else:
+            click.echo(str(job.dir))
         raise SystemExit(130 if stop() else 1)
     speed = (
         f"{summary.tokens_per_second:,.1f} tok/s"
@@ -378,7 +388,7 @@ def score(ctx: click.Context, input_path: str, model: str, output: str | None, *
 
     print_tokens = kw.pop("print_tokens")
     printed = kw.pop("print_scores") or print_tokens
-    job = _run_kind(ctx, "score", input_path, model, output, kw)
+    job = _run_kind(ctx, "score", input_path, model, output, kw, stdout_is_data=printed)
     if not printed:
         click.echo(str(job.dir))
         return
