@@ -253,3 +253,22 @@ def test_progress_lines_show_tok_s_only_where_tokens_are_counted():
     generate.update(0, 12)
     assert "tok/s" in generate.line()
     assert "tok/s" in Progress(10).line()  # nothing yet: the figure starts at 0
+
+
+def test_score_print_stopped_early_keeps_standard_output_for_scores(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """A `--print` run that stops before its end (Ctrl-C, a cancel from elsewhere) names its folder on stderr:
+    standard output is the scores' (review)."""
+    import runner.scheduler as scheduler
+    from runner.worker import RunSummary
+
+    real = scheduler.run
+
+    def stopped(*args, **kwargs):
+        job, _ = real(*args, **{**kwargs, "stop": lambda: True})
+        return job, RunSummary(job.id, 0, 2, 0, 0, 0.0, 0, False, stopped=True)
+
+    monkeypatch.setattr(scheduler, "run", stopped)
+    result = invoke("score", "-", "-m", tiny_gpt2, "--print", input="one\ntwo\n")
+    assert result.exit_code == 1 and result.stdout == "" and "results in " in result.stderr, result.output
