@@ -215,22 +215,24 @@ def test_a_hub_model_on_a_machine_without_network_says_what_to_do(monkeypatch):
 def test_converting_a_gguf_is_said_on_stderr_and_its_bar_is_not_drawn(tmp_path, monkeypatch, capsys):
     """The first `runner run -m smollm2-135m-instruct` printed its "Converting ..." note on standard output, where
     `JOB=$(runner run ...)` reads the job folder, then transformers' GGUF reader redrew a tqdm bar a few hundred
-    times with `\\r` (one enormous line in a log file). The note goes to standard error; the bar is not drawn."""
+    times with `\\r` (one enormous line in a log file). The note goes to standard error; the bar is not drawn
+    (the real `_convert`, with transformers' loaders standing in: the reader's own bar, then a stop)."""
+    import transformers
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     drawn = []
 
-    def fake_convert(gguf, out):
-        with models._no_gguf_bar():
-            drawn.extend(gguf_utils.tqdm(range(300), desc="Converting and de-quantizing GGUF tensors..."))
-        out.mkdir(parents=True)
-        (out / "config.json").write_text("{}")
+    def gguf_reader(*args, **kwargs):  # what transformers' GGUF loading does first: its tensors, with a bar
+        drawn.extend(gguf_utils.tqdm(range(300), desc="Converting and de-quantizing GGUF tensors..."))
+        raise OSError("stopped here")
 
-    monkeypatch.setattr(models, "_convert", fake_convert)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", gguf_reader)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"x")
     capsys.readouterr()
-    resolve_model(str(gguf), cache_dir=tmp_path / "cache")
+    with pytest.raises(models.ModelLoadError, match="stopped here"):
+        resolve_model(str(gguf), cache_dir=tmp_path / "cache")
     out, err = capsys.readouterr()
     assert len(drawn) == 300 and out == ""
     assert err.startswith("[runner] Converting m.gguf to a cached safetensors model in ") and "\r" not in err
