@@ -102,13 +102,27 @@ class Passthrough:
 
 
 def _infer_array(values: list[Any]) -> Any:
-    """`pa.array(values)`, or None when the values share no Arrow type."""
+    """`pa.array(values)`, or None when the values share no Arrow type. pandas' Timestamps and Timedeltas (a
+    Parquet or DataFrame column in nanoseconds) keep their nanoseconds: pa.array makes microseconds of them,
+    and two event times 1 ns apart came back equal (adversarial pass 21)."""
     import pyarrow as pa
 
     try:
-        return pa.array(values)
+        return pa.array(values, _nanoseconds(values))
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
         return None
+
+
+def _nanoseconds(values: list[Any]) -> Any:
+    """The nanosecond Arrow type of a column of pandas Timestamps (with their time zone) or Timedeltas, else
+    None (pa.array infers the type)."""
+    import pyarrow as pa
+
+    first = next((v for v in values if v is not None), None)
+    kind = type(first).__name__ if type(first).__module__.startswith("pandas") else None
+    if kind == "Timestamp":
+        return pa.timestamp("ns", tz=None if first.tz is None else str(first.tz))
+    return pa.duration("ns") if kind == "Timedelta" else None
 
 
 def _unify(a: Any, b: Any) -> Any:

@@ -159,3 +159,19 @@ def test_a_renamed_column_does_not_take_the_name_of_another_input_column(
     assert run_job(job, gpt2_engine, echo=None).finished
     df = runner.load_results(job.dir)
     assert df["input_text"].tolist() == ["source 0"] and df["input_input_text"].tolist() == ["reference 0"]
+
+
+def test_nanosecond_times_come_back_to_the_nanosecond(tmp_path, tiny_gpt2, gpt2_engine, runner_home):
+    """pandas keeps times in nanoseconds; passed through, they came back in microseconds, so two event times
+    1 ns apart were equal and a 1 ns latency was 0 (adversarial pass 21)."""
+    import pandas as pd
+
+    df = pd.DataFrame({"prompt": ["a b", "c d"],
+                       "event_time": pd.to_datetime([1704067200123456789, 1704067200123456790], unit="ns"),
+                       "local": pd.to_datetime([1, 2], unit="ns").tz_localize("Asia/Tokyo"),
+                       "latency": pd.to_timedelta([1, 2], unit="ns")})  # fmt: skip
+    job = create_job(df, tiny_gpt2, GenerationParams(max_new_tokens=1), home=runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    back = runner.load_results(job.dir)
+    for column in ("event_time", "local", "latency"):
+        assert back[column].tolist() == df[column].tolist(), column
