@@ -107,10 +107,17 @@ def _infer_array(values: list[Any]) -> Any:
     and two event times 1 ns apart came back equal (adversarial pass 21)."""
     import pyarrow as pa
 
+    errors = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError)
     try:
         return pa.array(values, _nanoseconds(values))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-        return None
+    except errors:
+        pass
+    if all(v is None or (type(v) is int and v >= 0) for v in values):  # past 2**63: uint64 holds them
+        try:
+            return pa.array(values, pa.uint64())
+        except errors:
+            pass
+    return None
 
 
 def _nanoseconds(values: list[Any]) -> Any:

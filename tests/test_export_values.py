@@ -175,3 +175,18 @@ def test_nanosecond_times_come_back_to_the_nanosecond(tmp_path, tiny_gpt2, gpt2_
     back = runner.load_results(job.dir)
     for column in ("event_time", "local", "latency"):
         assert back[column].tolist() == df[column].tolist(), column
+
+
+def test_integers_past_2_63_come_back_as_integers(tmp_path, tiny_gpt2, gpt2_engine, runner_home):
+    """A hash column (uint64) with a value past 2**63 came back as JSON text in every row: "1", not 1
+    (adversarial pass 21)."""
+    rows = [{"id": "a", "prompt": "Hello", "minhash": 2**64 - 1}, {"id": "b", "prompt": "Hi", "minhash": 1}]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=1),
+                     home=runner_home)  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert runner.load_results(job.dir)["minhash"].tolist() == [2**64 - 1, 1]
+    runner.export_results(job.dir, tmp_path / "out.jsonl")
+    assert [json.loads(x)["minhash"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == [
+        2**64 - 1,
+        1,
+    ]
