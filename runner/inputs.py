@@ -399,16 +399,29 @@ def input_file(source: Any) -> Iterator[Path]:
             datasets.enable_progress_bars()
 
 
+def _from_pandas(df: Any) -> Any:
+    """A DataFrame as a datasets.Dataset, a named index as a column (as `df.to_parquet()` keeps it). A column
+    whose Python objects share no Arrow type is an error naming it, not pyarrow's traceback."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        return datasets.Dataset.from_pandas(df, preserve_index=None)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        said = [str(a) for a in e.args]
+        column = next((a.split("column ", 1)[1].split(" with type")[0] for a in said if "column " in a), None)
+        what = f"its column {column!r} mixes types" if column else "a column mixes types"
+        fix = f"df[{column or 'COLUMN'!r}].astype(str)"
+        raise InputError([Problem("the DataFrame", 0, column, f"{what} ({said[0]}); give it one type, say {fix}")],
+                         header="cannot read the input") from None  # fmt: skip
+
+
 def _as_dataset(source: Any) -> Any:
     """`source` as a datasets.Dataset, or None when it is a plain file path."""
     if type(source).__module__.split(".")[0] == "datasets":
         return _one_split(source, None, repr(source)[:60])
     if type(source).__module__.split(".")[0] == "pandas" and hasattr(source, "columns"):  # a DataFrame
-        import datasets
-
-        return datasets.Dataset.from_pandas(
-            source, preserve_index=None
-        )  # a named index is a column, as to_parquet
+        return _from_pandas(source)
     if isinstance(source, list) and source and all(isinstance(r, dict) for r in source):  # rows as dicts
         import datasets
 

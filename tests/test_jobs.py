@@ -758,3 +758,14 @@ def test_a_dataframes_named_index_is_a_column_as_to_parquet_keeps_it(tiny_gpt2, 
         job.prompts().column("id").to_pylist() == ["q-42"]
         and "__index_level_0__" not in job.prompts().column_names
     )
+
+
+def test_a_dataframe_column_mixing_types_is_an_error_naming_it(tiny_gpt2, runner_home):
+    """pyarrow's ArrowInvalid reached the user as a traceback (adversarial pass 21)."""
+    import pandas as pd
+
+    df = pd.DataFrame({"prompt": ["Hello", "Hi"], "mix": [1, "x"]})
+    with pytest.raises(
+        InputError, match=r"the DataFrame: mix: its column 'mix' mixes types .*df\['mix'\]\.astype"
+    ):
+        create_job(df, tiny_gpt2, home=runner_home)
