@@ -57,7 +57,20 @@ def read_chat_template(value: str) -> str:
     if "{{" not in value and "{%" not in value:
         raise ParamError("chat_template", f"no file {value} (and it is not a Jinja template: it has no {{{{ ... }}}} "
                                           "or {% ... %})")  # fmt: skip
-    return value
+    return _typed_escapes(value)
+
+
+def _typed_escapes(template: str) -> str:
+    """`\\n`, `\\t`, `\\r` typed in the template's text outside its Jinja tags as the characters they stand for
+    (as `--template`, `--stop` and vLLM's inline templates read them); inside a tag Jinja reads its own
+    escapes, and any other backslash stays as typed (`C:\\Users`)."""
+    import re
+
+    parts = re.split(r"(\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\})", template, flags=re.DOTALL)
+    plain = {"\\n": "\n", "\\t": "\t", "\\r": "\r"}
+    return "".join(
+        p if i % 2 else re.sub(r"\\[ntr]", lambda m: plain[m.group()], p) for i, p in enumerate(parts)
+    )
 
 
 def chat_template_text(value: str | os.PathLike) -> str:
@@ -65,7 +78,7 @@ def chat_template_text(value: str | os.PathLike) -> str:
     text itself (a string naming a file is refused, not rendered as the literal text of its name)."""
     if isinstance(value, os.PathLike):
         try:
-            text = Path(value).expanduser().read_text(encoding="utf-8")
+            text = Path(value).expanduser().read_text(encoding="utf-8-sig")  # (a byte-order mark is no text)
         except (OSError, UnicodeDecodeError) as e:
             raise ParamError("chat_template", f"cannot read the chat template file {value}: {e}") from None
         what = f"the file {value} holds no Jinja template"

@@ -337,21 +337,15 @@ def _csv_batches(path: Path) -> Any:
             header = next(csv.reader(f), [])
     except UnicodeDecodeError as e:
         raise _not_utf8_error(path) from e
-    twice = sorted({c for c in header if header.count(c) > 1 and c})
+    index = header[:1] == [""] and "" not in header[1:]  # the unnamed first column df.to_csv() writes
+    twice = sorted({c for c in header if header.count(c) > 1})
     if twice:
-        raise InputError(
-            [
-                Problem(
-                    str(path),
-                    1,
-                    twice[0],
-                    "the header names this column more than once (a row would keep only one of its cells)",
-                )
-            ],
-            header="cannot read the prompt file",
-        )
+        what = "leaves more than one column unnamed" if twice[0] == "" else "names this column more than once"
+        problem = Problem(str(path), 1, twice[0] or None, f"the header {what} (a row would keep only one of their "
+                          "cells): name each column")  # fmt: skip
+        raise InputError([problem], header="cannot read the prompt file")
     types = {c: pa.string() for c in header}
-    data = header[1:] if header[:1] == [""] and "" not in header[1:] else []  # [] reads every column
+    data = header[1:] if index else []  # [] reads every column
     options = pcsv.ConvertOptions(column_types=types, include_columns=data, strings_can_be_null=False)
     reader = pcsv.open_csv(path, convert_options=options,
                            parse_options=pcsv.ParseOptions(newlines_in_values=True))  # fmt: skip
@@ -405,9 +399,12 @@ def _from_pandas(df: Any) -> Any:
     import datasets
     import pyarrow as pa
 
+    named = any(
+        n is not None for n in df.index.names
+    )  # an unnamed index (a filter's, a shuffle's) is not data
     try:
-        return datasets.Dataset.from_pandas(df, preserve_index=None)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        return datasets.Dataset.from_pandas(df, preserve_index=None if named else False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
         said = [str(a) for a in e.args]
         column = next((a.split("column ", 1)[1].split(" with type")[0] for a in said if "column " in a), None)
         what = f"its column {column!r} mixes types" if column else "a column mixes types"

@@ -911,9 +911,9 @@ def submit_warnings(job: Job) -> list[str]:
     out = []
     if job.meta.get("input", {}).get("raw_prompts_to_chat_model") and job.meta["input"].get("chat_template"):
         out.append(
-            "WARNING: --chat-template renders 'messages' rows and --chat prompts, but every row is a plain prompt "
-            "and --chat was not given: the template is not used. Pass --chat to send each prompt as a user "
-            "message through it."
+            "WARNING: --chat-template renders 'messages' rows (chat requests) and --chat prompts, but every row is "
+            "a plain prompt: the template is not used. Pass --chat to send each prompt as a user message through "
+            "it (run, submit)."
         )
     elif job.meta.get("input", {}).get("raw_prompts_to_chat_model"):
         out.append(

@@ -138,6 +138,8 @@ def _unify(a: Any, b: Any) -> Any:
 
     if a == b:
         return a
+    if {a, b} == {pa.int64(), pa.uint64()}:  # past 2**63 in a later chunk: uint64, as one read would make it
+        return pa.uint64()
     try:
         both = [pa.schema([("c", a)]), pa.schema([("c", b)])]
         schema = pa.unify_schemas(both, promote_options="permissive")

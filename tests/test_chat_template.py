@@ -49,6 +49,17 @@ def test_the_cli_reads_a_template_file_or_the_template_itself(tmp_path, tiny_gpt
         r = invoke("submit", path, "-m", tiny_gpt2, "--chat-template", given, "--max-new-tokens", 2)
         assert r.exit_code == 0, r.output
         assert runner.open_job(r.stdout.strip()).prompts().column("prompt").to_pylist() == [RENDERED]
+    # typed \\n outside Jinja's tags is a line break (as --template, --stop and vLLM read it); a file's BOM no text
+    typed = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\\n{% endfor %}assistant:"
+    r = invoke("submit", path, "-m", tiny_gpt2, "--chat-template", typed, "--max-new-tokens", 2)
+    assert runner.open_job(r.stdout.strip()).prompts().column("prompt").to_pylist() == [
+        "user: こんにちは\nassistant: Hi\nuser: How are you?\nassistant:"
+    ]
+    (tmp_path / "bom.jinja").write_text("\ufeff" + TEMPLATE, encoding="utf-8")
+    r = invoke(
+        "submit", path, "-m", tiny_gpt2, "--chat-template", tmp_path / "bom.jinja", "--max-new-tokens", 3
+    )
+    assert runner.open_job(r.stdout.strip()).prompts().column("prompt").to_pylist() == [RENDERED]
     bad = invoke("submit", path, "-m", tiny_gpt2, "--chat-template", "{% for m in messages %}\n{{ m }")
     assert bad.output.startswith("Error: --chat-template: not a valid Jinja template: line 2: "), bad.output
     missing = invoke("submit", path, "-m", tiny_gpt2, "--chat-template", tmp_path / "nope.jinja")

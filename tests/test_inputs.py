@@ -261,6 +261,11 @@ def test_a_csvs_cells_come_back_as_the_text_the_file_holds(tmp_path):
     (tmp_path / "dup.csv").write_text("id,prompt,tag,tag\n1,Hi,a,b\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"dup.csv:1: tag: the header names this column more than once"):
         read_prompts(tmp_path / "dup.csv")
+    (tmp_path / "notes.csv").write_text(
+        "prompt,,\nhi,note A,note B\n", encoding="utf-8"
+    )  # Excel: no headings
+    with pytest.raises(InputError, match=r"notes.csv:1: the header leaves more than one column unnamed"):
+        read_prompts(tmp_path / "notes.csv")
 
 
 def test_the_index_pandas_writes_to_csv_is_not_a_passthrough_column(tmp_path):

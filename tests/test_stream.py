@@ -269,3 +269,14 @@ def test_integers_no_float_holds_after_a_chunk_of_floats_are_not_rounded(tmp_pat
     job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=1),
                      job_dir=tmp_path / "out")  # fmt: skip
     assert [json.loads(v) for v in job.prompts().column("big").to_pylist()] == [r["big"] for r in rows]
+
+
+def test_integers_that_pass_2_63_in_a_later_chunk_make_a_uint64_column(tmp_path, tiny_gpt2, monkeypatch):
+    """A sorted hash column passing 2**63 only after the first chunk was JSON text ("0", "1" ...); one read of
+    the whole column makes it uint64 (adversarial pass 22)."""
+    rows = [{"id": f"r{i}", "prompt": "Hello", "h": i if i < 4 else 2**63 + i} for i in range(8)]
+    monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 4)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=1),
+                     job_dir=tmp_path / "out")  # fmt: skip
+    column = job.prompts().column("h")
+    assert column.type == pa.uint64() and column.to_pylist() == [r["h"] for r in rows]
