@@ -289,12 +289,14 @@ def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | No
             batches = pf.iter_batches(batch_size=4096, columns=columns)
         else:
             batches = _csv_batches(path)
-        rowno = 0
+        # CSV rows are named by the file line they start on (the header is line 1), Parquet rows from 1
+        line = 1 if fmt == "csv" else 0
         for batch in batches:
             for obj in batch.to_pylist():
-                rowno += 1
-                # CSV rows are numbered by file line (the header is line 1), Parquet rows from 1.
-                yield (rowno + 1 if fmt == "csv" else rowno), obj, None
+                line += 1
+                yield line, obj, None
+                if fmt == "csv":  # the line breaks of its quoted cells: the next row starts that much further
+                    line += sum(v.count("\n") for v in obj.values() if isinstance(v, str))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         if fmt == "csv" and "invalid UTF8" in str(e):  # a text column of a later block
             raise _not_utf8_error(path) from e

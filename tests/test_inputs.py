@@ -261,6 +261,13 @@ def test_a_csvs_cells_come_back_as_the_text_the_file_holds(tmp_path):
     (tmp_path / "dup.csv").write_text("id,prompt,tag,tag\n1,Hi,a,b\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"dup.csv:1: tag: the header names this column more than once"):
         read_prompts(tmp_path / "dup.csv")
+    # a row after cells holding line breaks is named by the line it starts on
+    (tmp_path / "lines.csv").write_text('id,prompt,note\nq1,"two\nlines",x\nq2,,"a\r\nb"\nq3,,y\n')
+    problems, _ = problems_of(tmp_path / "lines.csv")
+    assert [p.split("lines.csv:")[1] for p in problems] == [
+        "4: prompt: prompt is empty",
+        "6: prompt: prompt is empty",
+    ]
     (tmp_path / "notes.csv").write_text(
         "prompt,,\nhi,note A,note B\n", encoding="utf-8"
     )  # Excel: no headings
