@@ -281,11 +281,7 @@ def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | No
 
             pf = pq.ParquetFile(path)
             columns = _data_columns(pf.schema_arrow)
-            twice = sorted({c for c in columns if columns.count(c) > 1})
-            if twice:
-                raise InputError([Problem(str(path), 0, twice[0], "the file has more than one column of this name "
-                                          "(a row would keep only one of them)")], header="cannot read the prompt "
-                                 "file")  # fmt: skip
+            _refuse_names_twice(path, columns, 0, "the file")
             batches = pf.iter_batches(batch_size=4096, columns=columns)
         else:
             batches = _csv_batches(path)
@@ -321,6 +317,17 @@ def _data_columns(schema: Any) -> list[str]:
     return [name for name in schema.names if name not in index]
 
 
+def _refuse_names_twice(path: Path, names: list[str], line: int, holder: str) -> None:
+    """A file whose columns share a name (or leave more than one unnamed) is refused: read as rows, each row
+    would keep one of their cells and drop the others without a word."""
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        what = "leaves more than one column unnamed" if twice[0] == "" else "names this column more than once"
+        problem = Problem(str(path), line, twice[0] or None, f"{holder} {what} (a row would keep only one of "
+                          "their cells): name each column")  # fmt: skip
+        raise InputError([problem], header="cannot read the prompt file")
+
+
 def _csv_batches(path: Path) -> Any:
     """The CSV file's record batches, every column as the text the file holds: a CSV cell is text, and a type
     guessed from the first block would change values (an id or a key 007 read as 7, 0x1F as 31, a 20-digit key
@@ -340,12 +347,7 @@ def _csv_batches(path: Path) -> Any:
     except UnicodeDecodeError as e:
         raise _not_utf8_error(path) from e
     index = header[:1] == [""] and "" not in header[1:]  # the unnamed first column df.to_csv() writes
-    twice = sorted({c for c in header if header.count(c) > 1})
-    if twice:
-        what = "leaves more than one column unnamed" if twice[0] == "" else "names this column more than once"
-        problem = Problem(str(path), 1, twice[0] or None, f"the header {what} (a row would keep only one of their "
-                          "cells): name each column")  # fmt: skip
-        raise InputError([problem], header="cannot read the prompt file")
+    _refuse_names_twice(path, header, 1, "the header")
     types = {c: pa.string() for c in header}
     data = header[1:] if index else []  # [] reads every column
     options = pcsv.ConvertOptions(column_types=types, include_columns=data, strings_can_be_null=False)

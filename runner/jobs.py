@@ -136,8 +136,8 @@ def create_job(
     `chat` sends each plain prompt as one user message through the model's chat template (instruct models
     answer raw text poorly); `meta["input"]["raw_prompts_to_chat_model"]` says when it was not asked for but the
     model has a chat template and every row was a plain prompt. `chat_template` (Jinja text, as a tokenizer's
-    `chat_template`, or a Path to a file of it) renders `messages` rows (and `chat` prompts) instead of the model's own, or for a model that
-    has none (a GPT-2 fine-tuned on your own chat format); the job records it.
+    `chat_template`, or a Path to a file of it) renders `messages` rows (and `chat` prompts) instead of the
+    model's own, or for a model that has none (a GPT-2 fine-tuned on your own chat format); the job records it.
 
     `unit_rows` is the number of prompts a worker claims at a time (several workers share a job by units).
 

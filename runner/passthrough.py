@@ -48,14 +48,14 @@ class Passthrough:
     def register(self, names: list[str]) -> None:
         import pyarrow as pa
 
-        for col in names:
+        inputs = {*self.types, *names}  # a renamed column never takes another input column's name (`text`
+        for (
+            col
+        ) in names:  # beside an `input_text` is `input_input_text`; the user's `input_text` keeps its name)
             if col in self.types:
                 continue
             self.types[col] = pa.null()
-            # a renamed column never takes the name of another input column (`text` with an `input_text`
-            # beside it is `input_input_text`; the user's `input_text` keeps its name)
-            others = {n for n in (*self.types, *names) if n != col}
-            self.out[col] = output_name(col, self.kind, self.fixed, {*self.out.values(), *others})
+            self.out[col] = output_name(col, self.kind, self.fixed, {*self.out.values(), *(inputs - {col})})
 
     def arrays(self, rows: list[PromptRow]) -> dict[str, Any]:
         """This chunk's column arrays, with the types updated by its values."""

@@ -593,7 +593,6 @@ def _json_lines(table: pa.Table, array: bool) -> Iterator[str]:
     """The rows as JSON, a few thousand at a time: each float with every digit (pandas' `to_json` kept 10),
     integers as integers, NaN and infinities (which JSON cannot hold) as null, dates in ISO form. As JSON Lines,
     or (`array`) as the lines of one JSON array."""
-    import json
 
     import pyarrow as pa
 
@@ -601,10 +600,7 @@ def _json_lines(table: pa.Table, array: bool) -> Iterator[str]:
     yield "[" if array else ""
     for batch in table.to_batches(max_chunksize=4096):
         for row in _float32_shortest(pa.Table.from_batches([batch])).to_pylist():
-            try:
-                text = json.dumps(row, ensure_ascii=False, allow_nan=False, default=_json_default)
-            except ValueError:  # a NaN or an infinity somewhere in the row
-                text = json.dumps(_finite(row), ensure_ascii=False, default=_json_default)
+            text = _json_text(row)
             yield (("" if first else ",") + "\n" + text) if array else text + "\n"
             first = False
     yield "\n]\n" if array else ""
@@ -633,6 +629,17 @@ def _float32_shortest(table: pa.Table) -> pa.Table:
     return table
 
 
+def _json_text(value: Any) -> str:
+    """`value` (Python objects, as Arrow's to_pylist gives them) as JSON, as every export writes it: every float
+    digit, NaN and infinities (which JSON cannot hold) as null, dates in ISO form, bytes as byte lists."""
+    import json
+
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, default=_json_default)
+    except ValueError:  # a NaN or an infinity somewhere in it
+        return json.dumps(_finite(value), ensure_ascii=False, default=_json_default)
+
+
 def _json_default(v: Any) -> Any:
     """What json cannot write by itself, from a passthrough column of a Parquet input: dates and times in ISO
     form, decimals and anything else as text, bytes as a list of byte values (as `token_bytes`)."""
@@ -656,7 +663,6 @@ def _finite(v: Any) -> Any:
 def _as_json_text(df: Any) -> Any:
     """List and struct columns as JSON text (a CSV cell cannot hold a list; pandas would write a truncated
     numpy repr such as `[276 438 ... 221]`)."""
-    import json
 
     import numpy as np
 
@@ -669,12 +675,8 @@ def _as_json_text(df: Any) -> Any:
             return {k: plain(x) for k, x in v.items()}
         return v.item() if isinstance(v, np.generic) else v
 
-    def cell(v: Any) -> Any:  # as the JSON exports write it: NaN as null, dates in ISO form, bytes as a list
-        if isinstance(v, (bytes, bytearray)):
-            return json.dumps(list(v))
-        if not isinstance(v, (np.ndarray, list, dict)):
-            return v
-        return json.dumps(_finite(plain(v)), ensure_ascii=False, default=_json_default)
+    def cell(v: Any) -> Any:  # as the JSON exports write it
+        return _json_text(plain(v)) if isinstance(v, (bytes, bytearray, np.ndarray, list, dict)) else v
 
     out = df.copy()
     for col in out.columns:

@@ -268,6 +268,12 @@ def test_a_csvs_cells_come_back_as_the_text_the_file_holds(tmp_path):
         "4: prompt: prompt is empty",
         "6: prompt: prompt is empty",
     ]
+    table = pa.Table.from_arrays(
+        [pa.array(["Hi"]), pa.array(["a"]), pa.array(["b"])], ["prompt", "tag", "tag"]
+    )
+    pq.write_table(table, tmp_path / "dup.parquet")
+    with pytest.raises(InputError, match=r"dup.parquet: tag: the file names this column more than once"):
+        read_prompts(tmp_path / "dup.parquet")
     (tmp_path / "notes.csv").write_text(
         "prompt,,\nhi,note A,note B\n", encoding="utf-8"
     )  # Excel: no headings
