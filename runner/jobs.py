@@ -889,7 +889,8 @@ def asked_outputs(params: Any) -> dict[str, bool]:
 
 
 def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
+    # not sort_keys: a JSON schema's key order is the order its object is generated in
+    return None if value is None else json.dumps(value, ensure_ascii=False)
 
 
 def _row_field(row: PromptRow, param: str) -> str:

@@ -202,6 +202,26 @@ def test_per_row_constraints_in_a_job_and_the_constraint_complete_column(tmp_pat
             assert r["constraint_complete"] is False
 
 
+def test_a_rows_schema_keeps_its_key_order(tmp_path, tiny_gpt2, gpt2_engine):
+    # JSON objects come out in the schema's key order (as OpenAI's structured outputs): a row's schema, given as
+    # json_schema or as a Batch response_format, must not be stored with its keys sorted
+    schema = {"type": "object", "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "integer"}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    rows = [
+        {"id": "a", "prompt": "Hello", "json_schema": schema},
+        {"id": "b", "prompt": "Hi", "response_format": fmt},
+    ]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=24),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    stored = [json.loads(s) for s in job.prompts().column("settings").to_pylist()]
+    assert [list(s["json_schema"]["properties"]) for s in stored] == [["zeta", "alpha"]] * 2
+    assert run_job(job, gpt2_engine, echo=None).finished
+    for text in runner.load_results(job.dir)["text"]:
+        first = re.match(r'\s*\{\s*"(\w+)', text)
+        assert first and "zeta".startswith(first.group(1)), text
+
+
 def test_a_bad_row_constraint_is_refused_at_submit_naming_the_row(tmp_path, tiny_gpt2):
     rows = [
         {"id": "ok", "prompt": "Hello", "regex": "[0-9]+"},
