@@ -44,7 +44,7 @@ from .models import (
     stored_spec,
     text_config,
 )
-from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+from .params import ROW_SAMPLING, EmbedParams, EngineOptions, GenerationParams, ScoreParams
 from .passthrough import Passthrough, rewrite_passthrough
 from .results import PROMPT_COLUMNS
 
@@ -412,7 +412,8 @@ def _write_job(
                                               and getattr(tokenizer, "chat_template", None)),
         })  # fmt: skip
         meta.update({
-            "sample_auto": prep.sample_auto, "samples": written.samples or getattr(params, "num_return_sequences", 1),
+            "sample_auto": prep.sample_auto, "row_sampling": ROW_SAMPLING,
+            "samples": written.samples or getattr(params, "num_return_sequences", 1),
             "results": written.results, "per_row_n": written.per_row_n, "outputs": written.outputs,
             "seed": seed if seed is not None else secrets.randbits(63),
             "prompts_sha256": storage.file_sha256(tmp / PROMPTS),

@@ -54,7 +54,9 @@ class GenerationParams:
     min_new_tokens: int = 0
     """EOS and stop strings are suppressed until this many tokens exist, in [0, max_new_tokens]."""
     do_sample: bool | None = None
-    """Sample (True) or greedy (False). None: sample iff temperature/top_p/top_k or n > 1 ask for it."""
+    """Sample (True) or greedy (False). None: sample iff temperature != 1 (but 0), top_p != 1, top_k != 0 or
+    n > 1. (The command line's `--temperature 1.0`, and a row's temperature, top_p or top_k, sample whatever
+    their value but temperature 0: given is asking.)"""
     temperature: float = 1.0
     """Softmax temperature, >= 0; 0 means greedy (as in vLLM and the OpenAI API)."""
     top_p: float = 1.0
@@ -429,8 +431,17 @@ def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     """An input row's setting fields as GenerationParams fields. Raises ParamError naming the row's own field
     when two spellings of one setting are given or a value has the wrong shape."""
 
+    from .constraints import FIELDS
+
     out: dict[str, Any] = {}
     given: dict[str, str] = {}
+    present = [k for k, v in raw.items() if v is not None]
+    if raw.get("logprobs") is False and "top_logprobs" in present:
+        raise ParamError("top_logprobs", "top_logprobs needs logprobs: true (it is false in this row).")
+    if "response_format" in present:
+        other = [k for k in present if k != "response_format" and ROW_SETTINGS[k] in FIELDS]
+        if other:
+            raise ParamError(other[0], f"give one of 'response_format' and {other[0]!r}, not both.")
     for name, value in raw.items():
         target = ROW_SETTINGS[name]
         if value is None:  # a null setting (a Parquet / CSV column empty in this row, JSON null): the job's
@@ -478,10 +489,23 @@ def response_format(value: Any) -> dict[str, Any]:
     )
 
 
-def row_params(base: GenerationParams, sample_auto: bool, overrides: dict[str, Any]) -> GenerationParams:
-    """The settings of a row: the job's, with the row's overrides (GenerationParams fields). When the job left
-    sampling to be decided (`sample_auto`), it is decided again for the row, so a row asking for a temperature
-    samples. Every value is checked; errors name the field."""
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+# job.json's "row_sampling" of the jobs whose rows sample when they give one of SAMPLING_FIELDS (`row_params`)
+ROW_SAMPLING = "given"
+
+
+def row_params(
+    base: GenerationParams, sample_auto: bool, overrides: dict[str, Any], by_fields: bool = True
+) -> GenerationParams:
+    """The settings of a row: the job's, with the row's overrides (GenerationParams fields). Every value is
+    checked; errors name the field.
+
+    Sampling, `by_fields` (jobs since 2026-12-02, job.json's "row_sampling"): a row that gives a temperature,
+    top_p or top_k samples, whatever the job does (as each request of the OpenAI API), and temperature 0 is
+    greedy; a row that gives none of them samples as the job does, decided again for the row when the job left
+    it to the settings (`sample_auto`: a row's n > 1 samples). A row giving do_sample false beside one of them
+    is refused. Earlier jobs: sampling is decided again from the row's values when the job left it to the
+    settings (a row's temperature 1.0 was greedy there), else it is the job's."""
     from .constraints import FIELDS
 
     if not overrides:
@@ -490,6 +514,16 @@ def row_params(base: GenerationParams, sample_auto: bool, overrides: dict[str, A
     if any(f in overrides for f in FIELDS):  # the row's constraint replaces the job's
         values = {k: v for k, v in values.items() if k not in FIELDS}
     values.update(overrides)
-    if sample_auto and "do_sample" not in overrides:
+    asked = [f for f in SAMPLING_FIELDS if f in overrides]
+    if by_fields and overrides.get("do_sample") is False and asked:
+        raise ParamError(asked[0], f"{asked[0]} has no effect with do_sample false, which takes the most "
+                         f"likely token: give one of do_sample and {asked[0]}.")  # fmt: skip
+    if "do_sample" in overrides:
+        pass
+    elif by_fields and overrides.get("temperature") == 0 and not isinstance(overrides["temperature"], bool):
+        values["do_sample"] = False
+    elif by_fields and asked:
+        values["do_sample"] = True
+    elif sample_auto:
         values["do_sample"] = None
     return GenerationParams(**values)

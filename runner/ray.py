@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ParamError, Problem
-from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+from .params import ROW_SAMPLING, EmbedParams, EngineOptions, GenerationParams, ScoreParams
 
 NAME = "ray batch"  # what a Problem says the row came from
 PARAMS = {"generate": GenerationParams, "score": ScoreParams, "embed": EmbedParams}
@@ -100,7 +100,7 @@ class _Stage:
         auto = generate and _sample_auto(self.params)
         seed = getattr(self.params, "seed", None)
         self.job = _JobView(self.kind, self.params, 0 if seed is None else seed, self.engine.options,
-                            {"sample_auto": auto, "outputs": {**self.outputs, "settings": generate}})  # fmt: skip
+                            {"sample_auto": auto, "row_sampling": ROW_SAMPLING, "outputs": {**self.outputs, "settings": generate}})  # fmt: skip
         self.prep = _Preparer(self.kind, self.engine.tokenizer, self.params, self.engine.context_window,
                               truncate, self.prompt_field, auto)  # fmt: skip
 

@@ -84,7 +84,7 @@ def _row_params(job: Job, prompts: Any) -> Callable[[int], Any]:
     object per distinct setting, made once)."""
     import json
 
-    from .params import row_params
+    from .params import ROW_SAMPLING, row_params
 
     base = job.params
     raw = (
@@ -93,6 +93,7 @@ def _row_params(job: Job, prompts: Any) -> Callable[[int], Any]:
         else [None] * prompts.num_rows
     )
     auto = bool(job.meta.get("sample_auto"))
+    by_fields = job.meta.get("row_sampling") == ROW_SAMPLING  # jobs before it: sampling as they were made
     made: dict[str, Any] = {}
 
     def get(i: int) -> Any:
@@ -100,7 +101,7 @@ def _row_params(job: Job, prompts: Any) -> Callable[[int], Any]:
         if not text:
             return base
         if text not in made:
-            made[text] = row_params(base, auto, json.loads(text))
+            made[text] = row_params(base, auto, json.loads(text), by_fields)
         return made[text]
 
     return get

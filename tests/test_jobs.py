@@ -767,3 +767,26 @@ def test_a_dataframe_column_mixing_types_is_an_error_naming_it(tiny_gpt2, runner
         InputError, match=r"the DataFrame: mix: its column 'mix' mixes types .*df\['mix'\]\.astype"
     ):
         create_job(df, tiny_gpt2, home=runner_home)
+
+
+def test_a_row_giving_temperature_one_samples_and_an_older_job_keeps_its_rules(
+    tmp_path, tiny_gpt2, gpt2_engine
+):
+    import types
+
+    from runner.tasks import _row_params
+
+    rows = [{"id": "g", "prompt": "Hello"}, {"id": "s", "prompt": "Hello", "temperature": 1.0}]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=12, seed=1),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    assert job.meta["row_sampling"] == "given"
+    assert run_job(job, gpt2_engine, echo=None).finished
+    df = runner.load_results(job.dir).set_index("id")
+    assert list(df.loc["s", "token_ids"]) != list(df.loc["g", "token_ids"])  # sampled, not the greedy answer
+    per_row = _row_params(job, job.prompts())
+    assert [per_row(i).do_sample for i in range(2)] == [False, True]
+    older = types.SimpleNamespace(
+        params=job.params, meta={k: v for k, v in job.meta.items() if k != "row_sampling"}
+    )
+    per_row = _row_params(older, job.prompts())
+    assert [per_row(i).do_sample for i in range(2)] == [False, False]  # as it was made: the row was greedy

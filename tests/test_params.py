@@ -78,3 +78,53 @@ def test_engine_options_are_checked(field, value, message):
     with pytest.raises(ParamError, match=message):
         EngineOptions(**{field: value})
     EngineOptions(device="cuda:1", dtype="bfloat16", batch_size=8, max_batch_tokens=4096)  # valid ones pass
+
+
+def test_a_row_that_gives_a_sampling_setting_samples_and_temperature_zero_is_greedy():
+    from runner.params import row_params
+
+    auto, greedy, sampling = (
+        GenerationParams(),
+        GenerationParams(do_sample=False),
+        GenerationParams(do_sample=True),
+    )
+    for base, sample_auto in ((auto, True), (greedy, False), (sampling, False)):
+        for given in ({"temperature": 1.0}, {"temperature": 0.9}, {"top_p": 1.0}, {"top_k": 0}):
+            assert row_params(base, sample_auto, given).do_sample is True, (
+                base,
+                given,
+            )  # as an OpenAI request
+        assert row_params(base, sample_auto, {"temperature": 0}).do_sample is False
+        assert row_params(base, sample_auto, {"max_new_tokens": 3}).do_sample is base.do_sample
+    assert row_params(auto, True, {"num_return_sequences": 3}).do_sample is True  # n > 1 asks, as for the job
+    with pytest.raises(ParamError, match="temperature has no effect with do_sample false") as info:
+        row_params(auto, True, {"temperature": 0.9, "do_sample": False})
+    assert info.value.param == "temperature"
+    # a job made before these rules keeps its own: a row's temperature 1.0 was greedy there
+    assert row_params(auto, True, {"temperature": 1.0}, by_fields=False).do_sample is False
+    assert row_params(greedy, False, {"temperature": 0.9}, by_fields=False).do_sample is False
+
+
+def test_a_sampling_option_given_on_the_command_line_samples():
+    from runner.cli import build_settings
+
+    def do_sample(**kw):
+        return build_settings({"max_new_tokens": 4, **kw})[0].do_sample
+
+    assert do_sample(temperature=1.0) is True and do_sample(top_p=1.0) is True and do_sample(top_k=0) is True
+    assert do_sample(temperature=0) is False and do_sample() is False
+
+
+def test_a_rows_contradictory_settings_are_refused_naming_the_field():
+    from runner.params import row_overrides
+
+    with pytest.raises(ParamError, match="top_logprobs needs logprobs: true") as info:
+        row_overrides({"logprobs": False, "top_logprobs": 3})
+    assert info.value.param == "top_logprobs"
+    assert row_overrides({"logprobs": True, "top_logprobs": 3}) == {"logprobs": 3}
+    for order in (["regex", "response_format"], ["response_format", "regex"]):  # neither silently wins
+        raw = {"regex": "[0-9]+", "response_format": {"type": "text"}}
+        with pytest.raises(ParamError, match="give one of 'response_format' and 'regex'") as info:
+            row_overrides({k: raw[k] for k in order})
+        assert info.value.param == "regex"
+    assert row_overrides({"response_format": {"type": "json_object"}, "regex": None}) == {"json_object": True}
