@@ -123,6 +123,10 @@ def _special_fields(url: str, body: dict[str, Any], row: dict[str, Any]) -> tupl
             return "body.top_logprobs", "needs logprobs: true"
         if lp:
             row["logprobs"] = top if top is not None else 0
+        if body.get("echo") not in (None, False):
+            return "body.echo", f"is not supported for {url} (a field of /v1/completions)"
+        if body.get("best_of") not in (None, body.get("n", 1)):
+            return "body.best_of", f"is not a field of {url}"
     elif url == COMPLETIONS:
         if top is not None:
             return "body.top_logprobs", f"is not a field of {url} (use logprobs: N)"
@@ -491,11 +495,17 @@ def _text_logprobs(
         tok = pieces[i] if i < len(pieces) else ""
         tokens.append(tok)
         lps.append(float(lp))
-        step = tops[i][: req["k"] or 0] if i < len(tops) else []
+        step = _with_chosen(tops[i], req["k"] or 0, r["token_ids"][i]) if i < len(tops) else []
         top_list.append({t["token"]: float(t["logprob"]) for t in step})
         offsets.append(at)
         at += len(tok)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_list, "text_offset": offsets}
+
+
+def _with_chosen(step: list[dict[str, Any]], k: int, chosen: int) -> list[dict[str, Any]]:
+    """A completion's `top_logprobs` entry: the K most likely tokens and the chosen one, which the API always
+    returns ("up to logprobs+1 elements"; with logprobs 0, the chosen token alone)."""
+    return step[:k] + [t for t in step[k:] if t.get("token_id") == chosen][:1]
 
 
 def _prompt_offsets(prompt: str, pieces: list[str], special: set[str]) -> list[int]:

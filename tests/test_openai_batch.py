@@ -108,7 +108,12 @@ def test_every_output_line_is_an_openai_object(mixed_job):
     assert parsed["c1"].choices[0].logprobs is None
     p1 = parsed["p1"].choices[0].logprobs
     assert len(p1.tokens) == len(p1.token_logprobs) == len(p1.text_offset) == len(p1.top_logprobs)
-    assert all(len(t) <= 3 for t in p1.top_logprobs)
+    # the K most likely and the chosen token, which the API always returns ("up to logprobs+1 elements")
+    assert all(len(t) <= 4 for t in p1.top_logprobs)
+    assert all(lp in t.values() for lp, t in zip(p1.token_logprobs, p1.top_logprobs, strict=True))
+    n = parsed["p2"].usage.completion_tokens  # logprobs 0: the chosen token alone
+    p2_lps = parsed["p2"].choices[0].logprobs
+    assert [list(t.values()) for t in p2_lps.top_logprobs[-n:]] == [[lp] for lp in p2_lps.token_logprobs[-n:]]
     p2 = parsed["p2"].choices[0]
     # echo: the prompt first (from its 2nd token: <s>, which the echoed text does not hold, has no log-prob);
     # every offset points at its token in the echoed text
@@ -180,6 +185,31 @@ def test_a_mixed_batch_equals_each_row_run_alone(mixed_job):
             "temperature must be >= 0",
         ),
         (request("a", "/v1/embeddings", {"model": "tiny", "input": "x"}), "url", "need an embed job"),
+        (
+            request(
+                "a",
+                "/v1/chat/completions",
+                {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "echo": True},
+            ),
+            "body.echo",
+            "is not supported for /v1/chat/completions",
+        ),
+        (
+            request(
+                "a",
+                "/v1/chat/completions",
+                {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "best_of": 4},
+            ),
+            "body.best_of",
+            "is not a field of /v1/chat/completions",
+        ),
+        (
+            request(
+                "a", "/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": False, "top_logprobs": 3}
+            ),
+            "body.top_logprobs",
+            "is not a field of /v1/completions",
+        ),
     ],
 )
 def test_bad_batch_lines_are_refused_with_line_and_field(tmp_path, tiny_gpt2, line, field, message):
