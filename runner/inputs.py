@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import openai_batch
-from .errors import InputError, ParamError, Problem
+from .errors import InputError, ParamError, Problem, first_line
 from .params import ROW_SETTINGS, row_overrides, setting_from_text
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -391,7 +391,10 @@ def input_file(source: Any) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="runner-input-") as tmp:
             path = Path(tmp) / f"{_dataset_label(source)}.parquet"
             dataset.to_parquet(str(path))
-            yield path
+            try:
+                yield path
+            except InputError as e:  # named as the user gave it, not as the temporary file
+                raise e.naming(str(path), _source_name(source)) from None
     finally:
         if not quiet:
             datasets.enable_progress_bars()
@@ -406,15 +409,56 @@ def _from_pandas(df: Any) -> Any:
     named = any(
         n is not None for n in df.index.names
     )  # an unnamed index (a filter's, a shuffle's) is not data
+    if "stop" in df.columns and df["stop"].dtype == object:  # a stop string beside stop lists: its list
+        values = df["stop"].tolist()
+        if any(isinstance(v, str) for v in values) and any(isinstance(v, list) for v in values):
+            df = df.assign(stop=[[v] if isinstance(v, str) else v for v in values])
     try:
         return datasets.Dataset.from_pandas(df, preserve_index=None if named else False)
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
         said = [str(a) for a in e.args]
         column = next((a.split("column ", 1)[1].split(" with type")[0] for a in said if "column " in a), None)
         what = f"its column {column!r} mixes types" if column else "a column mixes types"
-        fix = f"df[{column or 'COLUMN'!r}].astype(str)"
-        raise InputError([Problem("the DataFrame", 0, column, f"{what} ({said[0]}); give it one type, say {fix}")],
+        fix = "" if column in ROW_SETTINGS else f", say df[{column or 'COLUMN'!r}].astype(str)"
+        raise InputError([Problem("the DataFrame", 0, column, f"{what} ({said[0]}); give it one type{fix}")],
                          header="cannot read the input") from None  # fmt: skip
+
+
+def _from_list(rows: list[dict[str, Any]]) -> Any:
+    """Row dicts as a datasets.Dataset; a key whose values share no Arrow type is an error naming it. A single
+    `stop` string is made a list first (both are a row's stop), so rows may spell it either way."""
+    import datasets
+    import pyarrow as pa
+
+    if any(isinstance(r.get("stop"), str) for r in rows) and any(
+        isinstance(r.get("stop"), list) for r in rows
+    ):
+        rows = [{**r, "stop": [r["stop"]]} if isinstance(r.get("stop"), str) else r for r in rows]
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
+        said = first_line(e)
+        column = next((k for k in dict.fromkeys(k for r in rows for k in r) if _mixed(rows, k)), None)
+        what = (
+            f"its key {column!r} has values of different types"
+            if column
+            else "a key has values of different types"
+        )
+        raise InputError([Problem("the rows", 0, column, f"{what} ({said}); give it one type in every row")],
+                         header="cannot read the input") from None  # fmt: skip
+
+
+def _mixed(rows: list[dict[str, Any]], key: str) -> bool:
+    """Whether the rows' non-null values of `key` are of more than one Python type (int and float are one)."""
+    kinds = {float if type(r[key]) is int else type(r[key]) for r in rows if r.get(key) is not None}
+    return len(kinds) > 1
+
+
+def _source_name(source: Any) -> str:
+    """What an error calls an input that is not a file: the rows, the DataFrame, the dataset."""
+    if isinstance(source, list):
+        return "the rows"
+    return "the DataFrame" if type(source).__module__.split(".")[0] == "pandas" else "the dataset"
 
 
 def _as_dataset(source: Any) -> Any:
@@ -424,9 +468,7 @@ def _as_dataset(source: Any) -> Any:
     if type(source).__module__.split(".")[0] == "pandas" and hasattr(source, "columns"):  # a DataFrame
         return _from_pandas(source)
     if isinstance(source, list) and source and all(isinstance(r, dict) for r in source):  # rows as dicts
-        import datasets
-
-        return datasets.Dataset.from_list(source)
+        return _from_list(source)
     text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
     if text is None:
         hint = ""
@@ -597,6 +639,9 @@ class RowChecker:
         self.saw_messages = False
         # the file's setting columns are text (CSV): each cell is read as JSON would give it
         self.settings_as_text = False
+        # ... or Arrow's (Parquet, and rows, DataFrames, datasets through it): an object holds every key any row's
+        # object of the column has, null where it has not (one row's JSON schema gets its neighbours' keys)
+        self.settings_from_arrow = False
         self.template = Template(template) if template is not None else None
         self.prompt_field, self.id_field = prompt_field, id_field
         self.messages_field, self.pair_fields = messages_field, pair_fields
@@ -634,12 +679,25 @@ class RowChecker:
         raw = {k: row.extra.pop(k) for k in list(row.extra) if k in ROW_SETTINGS and k not in data}
         if self.settings_as_text:  # a CSV's cells
             raw = {k: setting_from_text(k, v) for k, v in raw.items()}
+        elif (
+            self.settings_from_arrow
+        ):  # Arrow gives every row's object every key of the column's: drop the nulls
+            raw = {k: _without_null_keys(v) for k, v in raw.items()}
         row.raw_settings = raw or None
         try:
             row.settings = row_overrides(raw) or None
         except ParamError as e:
             return None, Problem(self.name, row.line, e.param, str(e), row.id)
         return row, None
+
+
+def _without_null_keys(value: Any) -> Any:
+    """`value` without the null-valued keys of its objects, at every depth (a setting read from Arrow)."""
+    if isinstance(value, dict):
+        return {k: _without_null_keys(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_null_keys(v) for v in value]
+    return value
 
 
 class PromptReader(RowChecker):
@@ -661,6 +719,7 @@ class PromptReader(RowChecker):
             )
         super().__init__(str(self.path), **checks)
         self.settings_as_text = self.format == "csv"
+        self.settings_from_arrow = self.format == "parquet"
 
     def _source(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         if self.format == "jsonl":

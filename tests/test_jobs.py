@@ -491,6 +491,36 @@ def test_a_dataframe_or_a_list_of_rows_is_an_input_too(tmp_path, tiny_gpt2, gpt2
         )
 
 
+def test_rows_settings_of_other_shapes_in_a_list_a_dataframe_or_parquet(tmp_path, tiny_gpt2):
+    """Arrow gives each row's object every key its column's objects have (null where a row has none): each row's
+    JSON schema got its neighbours' keys as nulls and was refused; a `stop` string in one row and a list in
+    another was pyarrow's traceback; an error named the temporary Parquet file, not the rows."""
+    import pandas as pd
+
+    a = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    b = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    rows = [{"id": "a", "prompt": "Name:", "json_schema": a, "stop": "\n"},
+            {"id": "b", "prompt": "Age:", "json_schema": b, "stop": ["\n", "."]}]  # fmt: skip
+    pd.DataFrame(rows[:1] + [{**rows[1], "stop": None}]).to_parquet(tmp_path / "p.parquet")
+    params = GenerationParams(max_new_tokens=4)
+    for name, source in (("list", rows), ("df", pd.DataFrame(rows)), ("parquet", tmp_path / "p.parquet")):
+        job = create_job(source, tiny_gpt2, params, job_dir=tmp_path / name)
+        stored = [json.loads(s) for s in job.prompts().column("settings").to_pylist()]
+        assert [s["json_schema"] for s in stored] == [a, b], name
+        if name == "list":
+            assert [s["stop"] for s in stored] == [["\n"], ["\n", "."]]
+    with pytest.raises(InputError) as e:
+        create_job([{"id": "a", "prompt": "x", "seed": 1}, {"id": "b", "prompt": "y", "seed": "one"}], tiny_gpt2,
+                   params, job_dir=tmp_path / "mixed")  # fmt: skip
+    assert "its key 'seed' has values of different types" in str(e.value) and "Traceback" not in str(e.value)
+    with pytest.raises(InputError) as e:
+        create_job(
+            [{"id": "a", "prompt": "x", "temperature": -1}], tiny_gpt2, params, job_dir=tmp_path / "bad"
+        )
+    assert "the rows:1: temperature: temperature must be >= 0" in str(e.value)
+    assert "runner-input-" not in str(e.value)
+
+
 def test_results_as_arrow_and_as_a_dataset(tmp_path, tiny_gpt2):
     import datasets
     import pyarrow as pa
