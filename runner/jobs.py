@@ -839,10 +839,14 @@ class _Preparer:
             if budget is not None and len(ids) > budget:
                 if self.truncate != "left":
                     need = f"; with max_new_tokens={params.max_new_tokens} it" if generate else ", which"
-                    lower = ", lower --max-new-tokens" if generate else ""
+                    fix = ", lower --max-new-tokens" if generate else ""
+                    if row.request is not None:  # an OpenAI Batch line: run-batch has no --truncate
+                        fix = ", lower its max_tokens)" if generate else ")"
+                    else:
+                        fix += ", or pass --truncate left)"
                     out.append(_RowProblem(
                         f"prompt is {len(ids)} tokens{need} exceeds the model's context window of {window} tokens "
-                        f"(shorten it{lower}, or pass --truncate left)",
+                        f"(shorten it{fix}",
                         "messages" if row.messages else None,
                     ))  # fmt: skip
                     continue

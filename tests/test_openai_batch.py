@@ -715,3 +715,13 @@ def test_an_unfinished_job_never_answers_a_request_in_part(tmp_path, tiny_gpt2, 
     assert export(job, out) == (2, 0) and errors_out.read_text() == ""
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(x["custom_id"], len(check_output_line(x).choices)) for x in lines] == [("p1", 3), ("p2", 1)]
+
+
+def test_a_request_over_the_context_window_is_told_what_run_batch_can_do(tmp_path, tiny_gpt2):
+    body = {"model": "tiny", "prompt": "word " * 300, "max_tokens": 8}
+    path = write_jsonl(tmp_path / "b.jsonl", [request("long", "/v1/completions", body)])
+    with pytest.raises(InputError) as err:
+        create_job(path, tiny_gpt2, served_model_names=("tiny",), home=tmp_path / "home")
+    text = str(err.value)
+    assert "exceeds the model's context window of 256 tokens (shorten it, lower its max_tokens)" in text, text
+    assert "--truncate" not in text and "--max-new-tokens" not in text
