@@ -14,6 +14,7 @@ Every other column passes through to the results unchanged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -49,6 +50,9 @@ class PromptRow:
     settings: dict[str, Any] | None = None  # the row's own generation settings (GenerationParams fields)
     request: dict[str, Any] | None = None  # an OpenAI Batch request: url, model, echo
     raw_settings: dict[str, Any] | None = None  # the setting fields as the row spelled them
+    body_names: dict[str, str] | None = (
+        None  # a Batch request's row fields renamed from its body's (openai_batch)
+    )
 
 
 @dataclass
@@ -649,7 +653,7 @@ class RowChecker:
     def check(self, lineno: int, obj: dict[str, Any]) -> PromptRow | Problem:
         """One row, already parsed: a valid `PromptRow`, or the `Problem` that makes it invalid. Duplicate ids
         are not looked for here (`PromptReader.chunks` does)."""
-        request = None
+        request = names = None
         if self.batch is not None and self._requests is None:
             self._requests = openai_batch.is_request(obj)  # the first row says what the file is
         if self._requests:
@@ -658,16 +662,20 @@ class RowChecker:
             if obj is None:
                 return Problem(self.name, lineno, fld, why, cid if isinstance(cid, str) and cid else None)
             request = obj.pop("_request")
+            names = request.pop("names", None)
         row, problem = _validate_row(
             self.name, lineno, obj, self.prompt_field, self.template, self.id_field,
             self.messages_field, self.pair_fields,
         )  # fmt: skip
         if row is not None:
-            row.request = request
+            row.request, row.body_names = request, names
             if self.chat and row.messages is None and row.prompt is not None:
                 row.messages, row.prompt = [{"role": "user", "content": row.prompt}], None
             self.saw_messages = self.saw_messages or row.messages is not None
             row, problem = self._settings(row)
+        if problem is not None and names:
+            fld, message = openai_batch.body_named(names, problem.field, problem.message)
+            problem = dataclasses.replace(problem, field=fld, message=message)
         return row if row is not None else problem  # type: ignore[return-value]
 
     def _settings(self, row: PromptRow) -> tuple[PromptRow | None, Problem | None]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, jobdir, storage
+from . import __version__, jobdir, openai_batch, storage
 from .batching import chat_template_text
 from .errors import InputError, ParamError, Problem, RunnerError, first_line
 from .inputs import PromptReader, PromptRow, input_file
@@ -833,7 +833,8 @@ class _Preparer:
                 params = self.row_params(row) if generate else self.params
                 budget = params.prompt_budget(window) if generate else window
             except ParamError as e:
-                out.append(_RowProblem(str(e), _row_field(row, e.param)))
+                fld, message = openai_batch.body_named(row.body_names, _row_field(row, e.param), str(e))
+                out.append(_RowProblem(message, fld))
                 continue
             ids = encoded[i]
             if budget is not None and len(ids) > budget:

@@ -109,8 +109,20 @@ def _body_row(
         return None, "body.input", "must be one string (a list of inputs: one request each)"
     if url == CHAT and "messages" not in row:
         return None, "body.messages", "is missing"
-    row["_request"] = {"url": url, "model": model, "echo": bool(body.get("echo"))}
+    names = {field: key for key, field in allowed.items() if key != field and key in body}
+    if url == CHAT and body.get("top_logprobs") is not None:
+        names["logprobs"] = "top_logprobs"
+    row["_request"] = {"url": url, "model": model, "echo": bool(body.get("echo")), "names": names}
     return row, None, ""
+
+
+def body_named(names: dict[str, str] | None, field: str | None, message: str) -> tuple[str | None, str]:
+    """A problem's field and message with the row field a Batch body field was renamed to (`names`, from
+    `request_row`: min_new_tokens <- min_tokens) named as the body spells it."""
+    if not names or field not in names:
+        return field, message
+    body = names[field]
+    return body, body + message[len(field) :] if message.startswith(f"{field} ") else message
 
 
 def _special_fields(url: str, body: dict[str, Any], row: dict[str, Any]) -> tuple[str, str] | None:

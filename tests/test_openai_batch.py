@@ -725,3 +725,27 @@ def test_a_request_over_the_context_window_is_told_what_run_batch_can_do(tmp_pat
     text = str(err.value)
     assert "exceeds the model's context window of 256 tokens (shorten it, lower its max_tokens)" in text, text
     assert "--truncate" not in text and "--max-new-tokens" not in text
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "said"),
+    [
+        (
+            "/v1/chat/completions",
+            {"logprobs": True, "top_logprobs": 25},
+            "top_logprobs: top_logprobs must be in",
+        ),
+        ("/v1/chat/completions", {"max_tokens": 3, "min_tokens": 5}, "min_tokens: min_tokens must be <="),
+        ("/v1/completions", {"min_tokens": -1}, "min_tokens: min_tokens must be >= 0"),
+    ],
+)
+def test_a_refused_request_names_the_body_field_it_wrote(tmp_path, request, url, body, said):
+    chat = "chat" in url
+    model = request.getfixturevalue("tiny_llama" if chat else "tiny_gpt2")  # (a model with a chat template)
+    text = {"messages": [{"role": "user", "content": "Hi"}]} if chat else {"prompt": "Hi"}
+    path = write_jsonl(
+        tmp_path / "b.jsonl", [globals()["request"]("a", url, {"model": "tiny", **text, **body})]
+    )
+    with pytest.raises(InputError) as err:
+        create_job(path, model, served_model_names=("tiny",), home=tmp_path / "home")
+    assert f"b.jsonl:1: {said}" in str(err.value), str(err.value)
