@@ -26,7 +26,7 @@ from .crashes import DeviceError, InFlight, Suspect, device_crash_message, first
 from .engine import Engine, NumericalError, Stopped, peak_memory_bytes, reset_peak_memory
 from .errors import RunnerError
 from .faults import fault_point, row_fault
-from .jobdir import ClaimLost, Heartbeat, Job, JobState, Owner
+from .jobdir import BrokenJob, ClaimLost, Heartbeat, Job, JobState, Owner
 from .progress import Progress
 from .results import GeneratedRow, write_local_shard
 from .tasks import (
@@ -44,6 +44,8 @@ SHARD_ROWS = 1000  # a shard is committed at least every this many result rows..
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
 # Decode steps refresh the heartbeat's figures at most this often (the file itself is written every 30 s).
 HEARTBEAT_INFO_SECONDS = 1.0
+# How long the cancel check takes an unreadable newest state record for a change on its way (created, not yet filled)
+STATE_PATIENCE_SECONDS = 120.0
 CANCEL_CHECK_SECONDS = 5.0  # how often the state is looked at for a cancel (reading it per batch is wasteful)
 
 
@@ -147,6 +149,7 @@ class JobRun:
         self.slowest = 0.0
         self.stopped = False
         self.cancel_checked, self.was_cancelled = 0.0, False
+        self.unreadable_since: float | None = None  # when the cancel check last found the state unreadable
         self.t0 = time.perf_counter()
         self.last_commit = self.t0
         self.suspected: list[Suspect] = []
@@ -582,7 +585,16 @@ class JobRun:
         now = time.time()
         if now - self.cancel_checked >= CANCEL_CHECK_SECONDS:
             self.cancel_checked = now
-            self.was_cancelled = self.job.state().state is JobState.CANCELLED
+            try:
+                self.was_cancelled = self.job.state().state is JobState.CANCELLED
+                self.unreadable_since = None
+            except BrokenJob:
+                # Where links are not supported a record is created empty, then filled: a `cancel` or `retry`
+                # slow in between (a Drive round trip) is a change on its way, not damage. Looked at again at
+                # the next check, so the finished batches are kept; unreadable for longer, the job is broken.
+                self.unreadable_since = self.unreadable_since or now
+                if now - self.unreadable_since > STATE_PATIENCE_SECONDS:
+                    raise
         return self.was_cancelled
 
     def device_failed(self, unit: Unit, e: Exception, keys: list[tuple[int, int]], suspect: Suspect | None):

@@ -598,3 +598,45 @@ def test_a_waiting_worker_looks_again_as_soon_as_the_other_commits(tmp_path, mon
     assert (
         scheduler._wait_for_others(None, None, "me", 5.0, None, None) and sum(slept) == 5.0
     )  # nothing landed
+
+
+def test_an_empty_newest_state_record_is_a_change_on_its_way_not_a_broken_job(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """Where links are not supported a state record is created empty, then filled. A `runner cancel` slow (or
+    frozen) in between made the worker's cancel check call the job broken, and it dropped the batches it had
+    finished (adversarial pass 23: 0 of 200 rows kept). The worker now looks again at its next check: once the
+    cancel is filled in, it stops as cancelled and keeps what it finished."""
+    import json
+    import time
+
+    import runner.worker as worker_module
+    from runner import storage
+
+    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(20))
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
+                     runner.EngineOptions(batch_size=2))  # fmt: skip
+    monkeypatch.setattr(worker_module, "CANCEL_CHECK_SECONDS", 0.0)
+    read = jobdir.read_state(job.dir)
+    place = job.dir / jobdir.STATES / jobdir.record_name(read.seq + 1)
+    batches, real = [], worker_module.fault_point
+
+    def after(name):
+        real(name)
+        if name == "after_generate":
+            batches.append(name)
+            if len(batches) == 1:  # the cancel's record, created, not filled yet
+                place.parent.mkdir(exist_ok=True)
+                place.write_bytes(b"")
+            if len(batches) == 3:  # two batches later the cancel fills its record in
+                body = {**jobdir.StateRecord(jobdir.JobState.CANCELLED, read.generation).as_dict(),
+                        "updated": time.time(), "by": "cancel", "writer": "c" * 16, "over": read.writer}  # fmt: skip
+                body["check"] = storage.json_checksum(body)
+                place.write_text(json.dumps(body))
+
+    monkeypatch.setattr(worker_module, "fault_point", after)
+    summary = run_job(job, gpt2_engine, echo=None, shard_rows=100)
+    assert summary.stopped and job_status(job).state == "cancelled"
+    assert (
+        6 <= summary.generated < 20 and runner.status(job.dir).done == summary.generated
+    )  # its batches kept
