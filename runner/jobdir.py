@@ -788,6 +788,7 @@ class Job:
         except ValueError as e:
             raise _damaged_spec(path, f"job.json is damaged ({e})") from None
         spec = JobSpec.parse(meta)
+        _same_job_as_backup(path, spec.id, kinds)
         for sub in FOLDERS:
             if kinds.get(sub) == "link":
                 raise BrokenJob(f"{sub}/ is a symbolic link; runner does not follow links out of the job")
@@ -1893,8 +1894,49 @@ def _restore_spec(path: Path) -> Job:
         raise BrokenJob(f"{path}: job.json is damaged and its backup is missing or damaged too; submit the "
                         "file again")  # fmt: skip
     JobSpec.parse(raw)  # the backup itself must make sense
-    storage.write_json(path / JOB_FILE, raw)
+    current = _read_json_or_none(path / JOB_FILE) if _lexists(path / JOB_FILE) else None
+    if _valid_spec(current) and current["id"] != raw["id"] and _shards_job_id(path) == current["id"]:
+        storage.write_json(
+            backup, current
+        )  # the results were written for job.json's job: the backup is astray
+    else:
+        storage.write_json(path / JOB_FILE, raw)
     return Job.open(path)
+
+
+def _same_job_as_backup(path: Path, job_id: str, kinds: dict[str, str]) -> None:
+    """Refuse a job.json of another job than its backup's (a whole, checksummed job.json copied in from another
+    job folder would run this folder's rows with that job's settings): `repair` keeps the one the results
+    were written for (`_restore_spec`)."""
+    try:
+        backup = _read_json_or_none(path / JOB_BACKUP) if kinds.get(JOB_BACKUP) == "file" else None
+    except storage.StorageError:  # unreadable: `repair` is the one that needs it
+        return
+    if _valid_spec(backup) and backup["id"] != job_id:
+        raise BrokenJob(f"job.json is job {job_id}'s, but job.backup.json is job {backup['id']}'s (one of them "
+                        "was copied in from another job folder)")  # fmt: skip
+
+
+def _valid_spec(meta: Any) -> bool:
+    try:
+        JobSpec.parse(meta if isinstance(meta, dict) else {})
+    except (ValueError, RunnerError):
+        return False
+    return isinstance(meta.get("id"), str)
+
+
+def _shards_job_id(path: Path) -> str | None:
+    """The job id the folder's first readable results shard was written for (its Parquet metadata), or None."""
+    import pyarrow.parquet as pq
+
+    for name in scan(path / SHARDS)[:8]:
+        try:
+            found = (pq.read_schema(path / SHARDS / name).metadata or {}).get(b"runner.job")
+        except (OSError, ValueError):  # (pyarrow's ArrowInvalid is a ValueError)
+            continue
+        if found:
+            return found.decode("utf-8", "replace")
+    return None
 
 
 # --- housekeeping ------------------------------------------------------------------------------------------

@@ -823,3 +823,27 @@ def test_repair_leaves_the_temp_files_a_frozen_worker_may_still_be_writing(job, 
     os.utime(old, (1_000_000_000, 1_000_000_000))
     runner.repair(job.dir)
     assert young.exists() and not old.exists()
+
+
+@pytest.mark.parametrize("copied", ["job.json", "job.backup.json"])
+def test_a_spec_copied_in_from_another_job_is_refused_and_repair_keeps_the_one_the_results_are_for(
+    job, reference, tiny_gpt2, gpt2_engine, runner_home, copied
+):
+    """Another job's whole, checksummed job.json copied into a job folder (same prompts file, other settings):
+    a worker carried on with that job's settings and the job completed with rows of both mixed, silently
+    (adversarial pass 23). Now the folder is broken until `repair`, which keeps the spec its results were
+    written for, whichever of job.json and its backup was copied over."""
+    other = create_job(reference[0], tiny_gpt2, GenerationParams(max_new_tokens=2, seed=5), OPTIONS,
+                       home=runner_home, unit_rows=3)  # fmt: skip
+    run_job(job, gpt2_engine, echo=None, should_stop=stop_after(1))  # some of its rows are done
+    assert 0 < runner.status(job.dir).done < 2 * N
+    shutil.copy(other.dir / copied, job.dir / copied)
+    with pytest.raises(jobdir.BrokenJob, match="job.json is job .*'s, but job.backup.json is job .*'s"):
+        Job.open(job.dir)
+    jobdir.repair(job.dir)
+    assert (
+        Job.open(job.dir).id == job.id
+        and jobdir._read_json_or_none(job.dir / "job.backup.json")["id"] == job.id
+    )
+    assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+    assert_exactly_once(job.dir, reference[1])
