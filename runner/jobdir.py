@@ -788,7 +788,6 @@ class Job:
         except ValueError as e:
             raise _damaged_spec(path, f"job.json is damaged ({e})") from None
         spec = JobSpec.parse(meta)
-        _same_job_as_backup(path, spec.id, kinds)
         for sub in FOLDERS:
             if kinds.get(sub) == "link":
                 raise BrokenJob(f"{sub}/ is a symbolic link; runner does not follow links out of the job")
@@ -1723,6 +1722,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
         _move_aside(path, sub)
     try:
         job = Job.open(path)
+        same_job_as_backup(job)
     except BrokenJob:
         job = _restore_spec(path)
         report.restored_spec = True
@@ -1904,16 +1904,17 @@ def _restore_spec(path: Path) -> Job:
     return Job.open(path)
 
 
-def _same_job_as_backup(path: Path, job_id: str, kinds: dict[str, str]) -> None:
-    """Refuse a job.json of another job than its backup's (a whole, checksummed job.json copied in from another
-    job folder would run this folder's rows with that job's settings): `repair` keeps the one the results
-    were written for (`_restore_spec`)."""
+def same_job_as_backup(job: Job) -> None:
+    """Refuse (BrokenJob) a job.json of another job than its backup's: a whole, checksummed job.json copied in
+    from another job folder would run this folder's rows with that job's settings. `repair` keeps the one
+    the results were written for (`_restore_spec`). Checked by a worker before it runs the job (not by
+    `Job.open`: `runner status` opens every job of a home, and on Drive each read is a round trip)."""
     try:
-        backup = _read_json_or_none(path / JOB_BACKUP) if kinds.get(JOB_BACKUP) == "file" else None
+        backup = _read_json_or_none(job.dir / JOB_BACKUP) if _lexists(job.dir / JOB_BACKUP) else None
     except storage.StorageError:  # unreadable: `repair` is the one that needs it
         return
-    if _valid_spec(backup) and backup["id"] != job_id:
-        raise BrokenJob(f"job.json is job {job_id}'s, but job.backup.json is job {backup['id']}'s (one of them "
+    if _valid_spec(backup) and backup["id"] != job.id:
+        raise BrokenJob(f"job.json is job {job.id}'s, but job.backup.json is job {backup['id']}'s (one of them "
                         "was copied in from another job folder)")  # fmt: skip
 
 

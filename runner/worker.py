@@ -196,7 +196,9 @@ class JobRun:
         return jobdir.read_ledger(self.job, seal=seal, verifier=self.verifier, generation=generation)
 
     def check_prompts(self) -> None:
-        """prompts.parquet must be the file submit wrote: a damaged one fails the job, with the reason."""
+        """prompts.parquet must be the file submit wrote: a damaged one fails the job, with the reason. And
+        job.json must be this folder's (its backup's job): another job's is a broken job (`runner repair`)."""
+        jobdir.same_job_as_backup(self.job)
         why = jobdir.prompts_problem(self.job, self.verifier)
         if why:
             raise RunnerError(why)

@@ -839,7 +839,8 @@ def test_a_spec_copied_in_from_another_job_is_refused_and_repair_keeps_the_one_t
     assert 0 < runner.status(job.dir).done < 2 * N
     shutil.copy(other.dir / copied, job.dir / copied)
     with pytest.raises(jobdir.BrokenJob, match="job.json is job .*'s, but job.backup.json is job .*'s"):
-        Job.open(job.dir)
+        run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    assert runner.status(job.dir).done < 2 * N  # nothing ran
     jobdir.repair(job.dir)
     assert (
         Job.open(job.dir).id == job.id
