@@ -91,8 +91,8 @@ def _body_row(
         return None, "body.stream", "streaming is not available in a batch"
     allowed = FIELDS[url]
     special = {"logprobs", "top_logprobs", "echo", "encoding_format", "best_of"}
-    for key in body:
-        if key not in allowed and key not in HARMLESS and key not in special:
+    for key in body:  # (a null one asks for nothing: the SDK's model_dump() writes every field it has)
+        if key not in allowed and key not in HARMLESS and key not in special and body[key] is not None:
             return None, f"body.{key}", f"is not supported by runner for {url} (it would be ignored)"
     row: dict[str, Any] = {"id": cid}
     for key, field in allowed.items():

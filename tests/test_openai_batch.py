@@ -749,3 +749,16 @@ def test_a_refused_request_names_the_body_field_it_wrote(tmp_path, request, url,
     with pytest.raises(InputError) as err:
         create_job(path, model, served_model_names=("tiny",), home=tmp_path / "home")
     assert f"b.jsonl:1: {said}" in str(err.value), str(err.value)
+
+
+def test_a_body_field_runner_does_not_take_is_accepted_when_null(tmp_path, tiny_gpt2):
+    """The openai SDK's model_dump() writes every field of a request, null where unset: tools, logit_bias..."""
+    nulls = {"tools": None, "logit_bias": None, "suffix": None, "parallel_tool_calls": None}
+    lines = [request("a", "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 2, **nulls})]
+    job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_gpt2, served_model_names=("tiny",),
+                     home=tmp_path / "home")  # fmt: skip
+    assert job.spec.total == 1
+    lines = [request("a", "/v1/completions", {"model": "tiny", "prompt": "Hello", "logit_bias": {"1": 5}})]
+    with pytest.raises(InputError, match="body.logit_bias: is not supported by runner"):
+        create_job(write_jsonl(tmp_path / "c.jsonl", lines), tiny_gpt2, served_model_names=("tiny",),
+                   home=tmp_path / "home2")  # fmt: skip
