@@ -936,6 +936,22 @@ def _finish_row(
     return PromptRow(lineno, rid, prompt, messages, extra, continuation), None
 
 
+def _text_parts(parts: list[Any]) -> tuple[str | None, str | None]:
+    """A message's content given as OpenAI content parts ([{"type": "text", "text": ...}, ...]): their texts
+    joined by line breaks, or why not (a part that is not text: runner runs text models)."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = repr(kind) if isinstance(kind, str) else _kind(part)
+            return (
+                None,
+                f'content part {j} is {what}: only text parts ({{"type": "text", "text": ...}}) are taken',
+            )
+        texts.append(part["text"])
+    return "\n".join(texts), None
+
+
 def _check_messages(value: Any) -> tuple[list[dict[str, str]] | None, str | None]:
     if not isinstance(value, list) or not value:
         return None, f"must be a non-empty list of {{role, content}} objects, got {_kind(value)}"
@@ -946,8 +962,12 @@ def _check_messages(value: Any) -> tuple[list[dict[str, str]] | None, str | None
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             return None, f"item {i}: role must be one of {', '.join(ROLES)}, got {role!r}"
+        if isinstance(content, list):  # OpenAI's content parts: the text ones, joined as vLLM joins them
+            content, why = _text_parts(content)
+            if why:
+                return None, f"item {i}: {why}"
         if not isinstance(content, str):
-            return None, f"item {i}: content must be a string, got {_kind(content)}"
+            return None, f"item {i}: content must be a string or a list of text parts, got {_kind(content)}"
         out.append({"role": role, "content": content})
     if not any(m["content"].strip() for m in out):
         return None, "all messages are empty"

@@ -98,6 +98,8 @@ def _body_row(
     for key, field in allowed.items():
         if key in body and body[key] is not None:
             row[field] = body[key]
+    if row.get("top_k") == -1 and not isinstance(row["top_k"], bool):  # vLLM's way of saying "off"
+        row["top_k"] = 0
     if url != EMBEDDINGS and body.get("temperature", 1) != 0:
         row["do_sample"] = True  # the API samples at temperature 1 unless told otherwise
     problem = _special_fields(url, body, row)

@@ -762,3 +762,27 @@ def test_a_body_field_runner_does_not_take_is_accepted_when_null(tmp_path, tiny_
     with pytest.raises(InputError, match="body.logit_bias: is not supported by runner"):
         create_job(write_jsonl(tmp_path / "c.jsonl", lines), tiny_gpt2, served_model_names=("tiny",),
                    home=tmp_path / "home2")  # fmt: skip
+
+
+def test_chat_content_parts_and_vllms_top_k_off_are_taken(tmp_path, tiny_llama):
+    """Batch files made by tools give a message's content as OpenAI content parts; vLLM's top_k -1 is "off"."""
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    lines = [
+        request("parts", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": parts}],
+                                                   "top_k": -1, "max_tokens": 2}),
+        request("text", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user",
+                                                  "content": "Hello\nthere"}], "max_tokens": 2}),
+    ]  # fmt: skip
+    job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_llama, served_model_names=("tiny",),
+                     home=tmp_path / "home")  # fmt: skip
+    prompts = job.prompts().to_pylist()
+    assert prompts[0]["prompt"] == prompts[1]["prompt"] and prompts[0]["input_ids"] == prompts[1]["input_ids"]
+    assert json.loads(prompts[0]["settings"])["top_k"] == 0
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    lines = [request("img", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user",
+                                                     "content": [parts[0], image]}]})]  # fmt: skip
+    with pytest.raises(
+        InputError, match=r"b2.jsonl:1: messages: item 0: content part 1 is 'image_url': only text"
+    ):
+        create_job(write_jsonl(tmp_path / "b2.jsonl", lines), tiny_llama, served_model_names=("tiny",),
+                   home=tmp_path / "home2")  # fmt: skip
