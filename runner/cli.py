@@ -230,8 +230,6 @@ def build_settings(kw: dict[str, Any], kind: str = "generate") -> tuple[Any, Any
         raise ParamError(
             sampling[0], "no effect with --greedy, which takes the most likely token; give one of them"
         )
-    if sampling and "do_sample" not in values:  # --temperature 1.0 asks for sampling too (0: greedy)
-        values["do_sample"] = values.get("temperature") != 0
     if "stop" in values:
         values["stop"] = [_unescape(s) for s in values["stop"]]
     if "json_schema" in values and not values["json_schema"].lstrip().startswith("{"):

@@ -55,8 +55,7 @@ class GenerationParams:
     """EOS and stop strings are suppressed until this many tokens exist, in [0, max_new_tokens]."""
     do_sample: bool | None = None
     """Sample (True) or greedy (False). None: sample iff temperature != 1 (but 0), top_p != 1, top_k != 0 or
-    n > 1. (The command line's `--temperature 1.0`, and a row's temperature, top_p or top_k, sample whatever
-    their value but temperature 0: given is asking.)"""
+    n > 1. (A row's own temperature, top_p or top_k samples whatever its value but temperature 0: row_params.)"""
     temperature: float = 1.0
     """Softmax temperature, >= 0; 0 means greedy (as in vLLM and the OpenAI API)."""
     top_p: float = 1.0
@@ -490,6 +489,12 @@ def response_format(value: Any) -> dict[str, Any]:
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+
+
+def _is_zero(value: Any) -> bool:
+    return value == 0 and not isinstance(value, bool)
+
+
 # job.json's "row_sampling" of the jobs whose rows sample when they give one of SAMPLING_FIELDS (`row_params`)
 ROW_SAMPLING = "given"
 
@@ -501,8 +506,8 @@ def row_params(
     checked; errors name the field.
 
     Sampling, `by_fields` (jobs since 2026-12-02, job.json's "row_sampling"): a row that gives a temperature,
-    top_p or top_k samples, whatever the job does (as each request of the OpenAI API), and temperature 0 is
-    greedy; a row that gives none of them samples as the job does, decided again for the row when the job left
+    top_p or top_k samples, whatever the job does (as each request of the OpenAI API), but greedy at temperature
+    0 (the row's, or the job's when the row gives none); a row that gives none of them samples as the job does, decided again for the row when the job left
     it to the settings (`sample_auto`: a row's n > 1 samples). A row giving do_sample false beside one of them
     is refused. Earlier jobs: sampling is decided again from the row's values when the job left it to the
     settings (a row's temperature 1.0 was greedy there), else it is the job's."""
@@ -520,7 +525,7 @@ def row_params(
                          f"likely token: give one of do_sample and {asked[0]}.")  # fmt: skip
     if "do_sample" in overrides:
         pass
-    elif by_fields and overrides.get("temperature") == 0 and not isinstance(overrides["temperature"], bool):
+    elif by_fields and asked and _is_zero(values["temperature"]):  # the row's or the job's temperature 0
         values["do_sample"] = False
     elif by_fields and asked:
         values["do_sample"] = True

@@ -97,22 +97,15 @@ def test_a_row_that_gives_a_sampling_setting_samples_and_temperature_zero_is_gre
         assert row_params(base, sample_auto, {"temperature": 0}).do_sample is False
         assert row_params(base, sample_auto, {"max_new_tokens": 3}).do_sample is base.do_sample
     assert row_params(auto, True, {"num_return_sequences": 3}).do_sample is True  # n > 1 asks, as for the job
+    cold = GenerationParams(temperature=0)  # a row's top_p in a job at temperature 0: greedy, as OpenAI's API
+    assert row_params(cold, True, {"top_p": 0.9}).do_sample is False
+    assert row_params(cold, True, {"top_p": 0.9, "temperature": 0.7}).do_sample is True
     with pytest.raises(ParamError, match="temperature has no effect with do_sample false") as info:
         row_params(auto, True, {"temperature": 0.9, "do_sample": False})
     assert info.value.param == "temperature"
     # a job made before these rules keeps its own: a row's temperature 1.0 was greedy there
     assert row_params(auto, True, {"temperature": 1.0}, by_fields=False).do_sample is False
     assert row_params(greedy, False, {"temperature": 0.9}, by_fields=False).do_sample is False
-
-
-def test_a_sampling_option_given_on_the_command_line_samples():
-    from runner.cli import build_settings
-
-    def do_sample(**kw):
-        return build_settings({"max_new_tokens": 4, **kw})[0].do_sample
-
-    assert do_sample(temperature=1.0) is True and do_sample(top_p=1.0) is True and do_sample(top_k=0) is True
-    assert do_sample(temperature=0) is False and do_sample() is False
 
 
 def test_a_rows_contradictory_settings_are_refused_naming_the_field():
