@@ -1895,13 +1895,34 @@ def _restore_spec(path: Path) -> Job:
                         "file again")  # fmt: skip
     JobSpec.parse(raw)  # the backup itself must make sense
     current = _read_json_or_none(path / JOB_FILE) if _lexists(path / JOB_FILE) else None
-    if _valid_spec(current) and current["id"] != raw["id"] and _shards_job_id(path) == current["id"]:
-        storage.write_json(
-            backup, current
-        )  # the results were written for job.json's job: the backup is astray
-    else:
-        storage.write_json(path / JOB_FILE, raw)
+    if not (_valid_spec(current) and current["id"] != raw["id"]):
+        storage.write_json(path / JOB_FILE, raw)  # job.json damaged (or missing): its backup restores it
+    elif (own := _own_spec(path, current, raw)) is None:
+        raise BrokenJob(f"{path}: job.json is job {current['id']}'s and job.backup.json job {raw['id']}'s, and "
+                        "nothing in the folder tells which is its own (no results yet): delete the file of the "
+                        "other job, or submit the file again", repairable=False)  # fmt: skip
+    else:  # the other file was copied in from another job folder
+        storage.write_json(backup if own is current else path / JOB_FILE, own)
     return Job.open(path)
+
+
+def _own_spec(path: Path, *specs: dict[str, Any]) -> dict[str, Any] | None:
+    """Of two jobs' specs found in one folder, the folder's own: the one its results were written for, else the
+    one its name is (a job home names each folder by its job's id), else the one whose prompts checksum its
+    prompts.parquet has; None when nothing tells."""
+
+    def prompts_of() -> str | None:
+        if storage.kind(path / PROMPTS) != "file":
+            return None
+        digest = storage.file_sha256(path / PROMPTS)
+        matching = [s["id"] for s in specs if s.get("prompts_sha256") == digest]
+        return matching[0] if len(matching) == 1 else None
+
+    for evidence in (lambda: _shards_job_id(path), lambda: path.name, prompts_of):
+        found = [s for s in specs if s["id"] == evidence()]
+        if len(found) == 1:
+            return found[0]
+    return None
 
 
 def same_job_as_backup(job: Job) -> None:

@@ -848,3 +848,25 @@ def test_a_spec_copied_in_from_another_job_is_refused_and_repair_keeps_the_one_t
     )
     assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
     assert_exactly_once(job.dir, reference[1])
+
+
+def test_repair_tells_two_jobs_specs_apart_before_any_result_or_refuses(
+    reference, tiny_gpt2, runner_home, tmp_path
+):
+    """No results yet (no shard says whose they are): a job home's folder is named by its job's id; an `-o`
+    folder of two jobs of the same prompts file cannot tell, and repair says so rather than pick one."""
+    params = GenerationParams(max_new_tokens=2, seed=5)
+    job = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
+    other = create_job(reference[0], tiny_gpt2, params, OPTIONS, home=runner_home, unit_rows=3)
+    shutil.copy(other.dir / "job.backup.json", job.dir / "job.backup.json")
+    jobdir.repair(job.dir)
+    assert jobdir._read_json_or_none(job.dir / "job.backup.json")["id"] == job.id == Job.open(job.dir).id
+    # the same prompts file, the same rows (n = 2), another seed: their prompts.parquet are alike byte for byte
+    same_rows = GenerationParams(max_new_tokens=3, temperature=1.0, num_return_sequences=2, seed=7)
+    mine = create_job(reference[0], tiny_gpt2, same_rows, OPTIONS, job_dir=tmp_path / "out", unit_rows=3)
+    assert mine.meta["prompts_sha256"] == job.meta["prompts_sha256"]
+    shutil.copy(job.dir / "job.json", mine.dir / "job.json")
+    with pytest.raises(jobdir.BrokenJob, match="nothing in the folder tells which is its own") as e:
+        jobdir.repair(mine.dir)
+    assert not e.value.repairable
+    assert jobdir._read_json_or_none(mine.dir / "job.backup.json")["id"] == mine.id  # nothing was overwritten
