@@ -96,6 +96,7 @@ class _Stage:
             pair_fields=("context", "continuation") if self.kind == "score" else None,
             row_settings=generate, chat=chat,
         )  # fmt: skip
+        self.checker.settings_from_arrow = True  # rows come in as Arrow batches (null-filled struct keys)
         self.engine = Engine(model, actor_device(options or EngineOptions()))
         auto = generate and _sample_auto(self.params)
         seed = getattr(self.params, "seed", None)

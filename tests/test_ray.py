@@ -373,3 +373,9 @@ def test_a_stage_has_the_structured_output_and_beam_columns_of_a_local_job(tmp_p
     plain = Generate(tiny_gpt2, runner.GenerationParams(max_new_tokens=2, seed=1))
     asking = plain(pa.Table.from_pylist([{"id": "x", "prompt": "Hi", "regex": "a+"}])).to_pandas()
     assert asking.loc[0, "error"].startswith("response_format: this row asks for constraint")
+    # two rows' own schemas in one Arrow batch: each keeps only its own keys (Arrow fills the others with null)
+    a = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    b = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    rows = [{"id": "a", "prompt": "Name:", "json_schema": a}, {"id": "b", "prompt": "Age:", "json_schema": b}]
+    out = Generate(tiny_gpt2, params)(pa.Table.from_pylist(rows)).to_pandas()
+    assert out["error"].isna().all(), out["error"].tolist()
