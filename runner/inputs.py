@@ -383,7 +383,7 @@ def input_file(source: Any) -> Iterator[Path]:
             except InputError as e:  # named as the user gave it, not as the temporary file
                 raise e.naming(str(path), "standard input") from None
         return
-    dataset = _as_dataset(source)
+    dataset, as_text = _as_dataset(source)
     if dataset is None:
         yield Path(source)
         return
@@ -395,6 +395,8 @@ def input_file(source: Any) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="runner-input-") as tmp:
             path = Path(tmp) / f"{_dataset_label(source)}.parquet"
             dataset.to_parquet(str(path))
+            if as_text:
+                _note_settings_as_json(path, as_text)
             try:
                 yield path
             except InputError as e:  # named as the user gave it, not as the temporary file
@@ -417,8 +419,11 @@ def _from_pandas(df: Any) -> Any:
         values = df["stop"].tolist()
         if any(isinstance(v, str) for v in values) and any(isinstance(v, list) for v in values):
             df = df.assign(stop=[[v] if isinstance(v, str) else v for v in values])
+    as_text = [k for k in OBJECT_SETTINGS if k in df.columns and any(isinstance(v, dict) for v in df[k])]
+    if as_text:
+        df = df.assign(**{k: [_json_or_none(v) for v in df[k]] for k in as_text})
     try:
-        return datasets.Dataset.from_pandas(df, preserve_index=None if named else False)
+        return datasets.Dataset.from_pandas(df, preserve_index=None if named else False), as_text
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
         said = [str(a) for a in e.args]
         column = next((a.split("column ", 1)[1].split(" with type")[0] for a in said if "column " in a), None)
@@ -438,8 +443,11 @@ def _from_list(rows: list[dict[str, Any]]) -> Any:
         isinstance(r.get("stop"), list) for r in rows
     ):
         rows = [{**r, "stop": [r["stop"]]} if isinstance(r.get("stop"), str) else r for r in rows]
+    as_text = [k for k in OBJECT_SETTINGS if any(isinstance(r.get(k), dict) for r in rows)]
+    if as_text:
+        rows = [{**r, **{k: _json_or_none(r[k]) for k in as_text if k in r}} for r in rows]
     try:
-        return datasets.Dataset.from_list(rows)
+        return datasets.Dataset.from_list(rows), as_text
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
         said = first_line(e)
         column = next((k for k in dict.fromkeys(k for r in rows for k in r) if _mixed(rows, k)), None)
@@ -450,6 +458,40 @@ def _from_list(rows: list[dict[str, Any]]) -> Any:
         )
         raise InputError([Problem("the rows", 0, column, f"{what} ({said}); give it one type in every row")],
                          header="cannot read the input") from None  # fmt: skip
+
+
+# Row settings whose value is an object (a JSON schema). A list of rows or a DataFrame holds them as JSON text on
+# their way through Arrow, which would give every row's object each key any row's has (null where it has none)
+# in one key order, and refuse two schemas whose values differ in type; the reader parses them back.
+OBJECT_SETTINGS = ("json_schema", "guided_json", "response_format")
+JSON_SETTINGS = b"runner.json_settings"  # the temporary Parquet file's note of the columns held as JSON text
+
+
+def _json_or_none(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and value != value):  # (pandas' missing value)
+        return None
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+
+
+def _note_settings_as_json(path: Path, keys: list[str]) -> None:
+    """Rewrite the temporary Parquet file `path` with the note that its columns `keys` hold JSON text."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = {**(table.schema.metadata or {}), JSON_SETTINGS: json.dumps(keys).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def _settings_as_json(path: Path) -> set[str]:
+    """The columns a temporary Parquet file of runner's holds as JSON text (`_note_settings_as_json`)."""
+    import pyarrow.parquet as pq
+
+    try:
+        note = (pq.read_schema(path).metadata or {}).get(JSON_SETTINGS)
+        keys = json.loads(note) if note else []
+    except (OSError, ValueError):  # (an unreadable file is named by the reader)
+        return set()
+    return {k for k in keys if k in OBJECT_SETTINGS} if isinstance(keys, list) else set()
 
 
 def _mixed(rows: list[dict[str, Any]], key: str) -> bool:
@@ -466,9 +508,10 @@ def _source_name(source: Any) -> str:
 
 
 def _as_dataset(source: Any) -> Any:
-    """`source` as a datasets.Dataset, or None when it is a plain file path."""
+    """`source` as a datasets.Dataset (None when it is a plain file path), and the object setting columns it
+    holds as JSON text (OBJECT_SETTINGS)."""
     if type(source).__module__.split(".")[0] == "datasets":
-        return _one_split(source, None, repr(source)[:60])
+        return _one_split(source, None, repr(source)[:60]), []
     if type(source).__module__.split(".")[0] == "pandas" and hasattr(source, "columns"):  # a DataFrame
         return _from_pandas(source)
     if isinstance(source, list) and source and all(isinstance(r, dict) for r in source):  # rows as dicts
@@ -484,13 +527,13 @@ def _as_dataset(source: Any) -> Any:
             f"{type(source).__name__}{hint}",
         )
     if text.startswith("hf:"):
-        return _hub_dataset(text)
+        return _hub_dataset(text), []
     folder = Path(text)
     if folder.is_dir() and any((folder / f).is_file() for f in ("state.json", "dataset_dict.json")):
         import datasets
 
-        return _one_split(datasets.load_from_disk(str(folder)), None, text)
-    return None
+        return _one_split(datasets.load_from_disk(str(folder)), None, text), []
+    return None, []
 
 
 def _hub_dataset(spec: str) -> Any:
@@ -646,6 +689,9 @@ class RowChecker:
         # ... or Arrow's (Parquet, and rows, DataFrames, datasets through it): an object holds every key any row's
         # object of the column has, null where it has not (one row's JSON schema gets its neighbours' keys)
         self.settings_from_arrow = False
+        self.settings_as_json: set[str] = (
+            set()
+        )  # ... but these, JSON text on the way (a list of rows, a DataFrame)
         self.template = Template(template) if template is not None else None
         self.prompt_field, self.id_field = prompt_field, id_field
         self.messages_field, self.pair_fields = messages_field, pair_fields
@@ -687,16 +733,24 @@ class RowChecker:
         raw = {k: row.extra.pop(k) for k in list(row.extra) if k in ROW_SETTINGS and k not in data}
         if self.settings_as_text:  # a CSV's cells
             raw = {k: setting_from_text(k, v) for k, v in raw.items()}
-        elif (
-            self.settings_from_arrow
-        ):  # Arrow gives every row's object every key of the column's: drop the nulls
-            raw = {k: _without_null_keys(v) for k, v in raw.items()}
+        elif self.settings_from_arrow:  # Arrow gives an object every key of its column's: drop the nulls
+            raw = {k: _from_arrow(v, k in self.settings_as_json) for k, v in raw.items()}
         row.raw_settings = raw or None
         try:
             row.settings = row_overrides(raw) or None
         except ParamError as e:
             return None, Problem(self.name, row.line, e.param, str(e), row.id)
         return row, None
+
+
+def _from_arrow(value: Any, as_json: bool) -> Any:
+    """A setting read from Arrow: JSON text parsed back (`as_json`), else its objects without null keys."""
+    if as_json and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value  # (the field's check names it)
+    return _without_null_keys(value)
 
 
 def _without_null_keys(value: Any) -> Any:
@@ -728,6 +782,7 @@ class PromptReader(RowChecker):
         super().__init__(str(self.path), **checks)
         self.settings_as_text = self.format == "csv"
         self.settings_from_arrow = self.format == "parquet"
+        self.settings_as_json = _settings_as_json(self.path) if self.format == "parquet" else set()
 
     def _source(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         if self.format == "jsonl":

@@ -46,7 +46,7 @@ BAD_LINES = [
     ('{"messages": [{"role": "wizard", "content": "hi"}]}',
      "p.jsonl:1: messages: item 0: role must be one of system, user, assistant, tool, developer, got 'wizard'"),
     ('{"messages": "hi"}', "p.jsonl:1: messages: must be a non-empty list of {role, content} objects, got string"),
-    ('{"messages": [{"role": "user", "content": 3}]}', "p.jsonl:1: messages: item 0: content must be a string, got number"),
+    ('{"messages": [{"role": "user", "content": 3}]}', "p.jsonl:1: messages: item 0: content must be a string or a list of text parts, got number"),
     ('{"prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
      "p.jsonl:1: messages: give either 'prompt' or 'messages', not both"),
     (b'{"prompt": "caf\xe9"}',

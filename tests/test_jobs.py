@@ -509,6 +509,17 @@ def test_rows_settings_of_other_shapes_in_a_list_a_dataframe_or_parquet(tmp_path
         assert [s["json_schema"] for s in stored] == [a, b], name
         if name == "list":
             assert [s["stop"] for s in stored] == [["\n"], ["\n", "."]]
+    # a list of rows and a DataFrame keep each row's schema exactly as given: its own key order, its nulls
+    # ({"const": null}), values of other types than the other rows' (additionalProperties false / an object)
+    a = {"type": "object", "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "integer"}},
+         "required": ["zeta", "alpha"], "additionalProperties": False}  # fmt: skip
+    b = {"type": "object", "properties": {"alpha": {"type": "integer"}, "zeta": {"const": None}},
+         "required": ["alpha"], "additionalProperties": {"type": "integer"}}  # fmt: skip
+    rows = [{"id": "a", "prompt": "Name:", "json_schema": a}, {"id": "b", "prompt": "Age:", "json_schema": b}]
+    for name, source in (("list2", rows), ("df2", pd.DataFrame(rows))):
+        job = create_job(source, tiny_gpt2, params, job_dir=tmp_path / name)
+        stored = [json.loads(s)["json_schema"] for s in job.prompts().column("settings").to_pylist()]
+        assert [json.dumps(s) for s in stored] == [json.dumps(a), json.dumps(b)], name
     with pytest.raises(InputError) as e:
         create_job([{"id": "a", "prompt": "x", "seed": 1}, {"id": "b", "prompt": "y", "seed": "one"}], tiny_gpt2,
                    params, job_dir=tmp_path / "mixed")  # fmt: skip
