@@ -1043,6 +1043,8 @@ def generate(
 @click.option("--job-dir", type=click.Path(file_okay=False), help="The job folder [default: OUTPUT.job].")
 @click.option("--skip-invalid", is_flag=True,
               help="Answer the valid requests; each invalid line is a 400 line of the .errors.jsonl file.")  # fmt: skip
+@click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
+              help="Prompts over the context window: refuse (none) or keep their end (left).")  # fmt: skip
 @chat_template_option
 @generate_engine_options
 @click.pass_context
@@ -1067,7 +1069,7 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
     with _ctrl_c_stops() as stop:
         job, summary = openai_batch.run_batch(input_path, output_path, model, params, options, job_dir=job_dir,
                                               served_model_names=served_model_names, echo=_echo, stop=stop,
-                                              skip_invalid=kw["skip_invalid"],
+                                              skip_invalid=kw["skip_invalid"], truncate=kw["truncate"],
                                               chat_template=_chat_template(kw["chat_template"]))  # fmt: skip
     if not summary.finished:
         _echo(_stopped_line(job, summary, "requests", "carry on (the output file comes once all are done)"))

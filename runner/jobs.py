@@ -841,10 +841,9 @@ class _Preparer:
                 if self.truncate != "left":
                     need = f"; with max_new_tokens={params.max_new_tokens} it" if generate else ", which"
                     fix = ", lower --max-new-tokens" if generate else ""
-                    if row.request is not None:  # an OpenAI Batch line: run-batch has no --truncate
-                        fix = ", lower its max_tokens)" if generate else ")"
-                    else:
-                        fix += ", or pass --truncate left)"
+                    if row.request is not None and generate:  # an OpenAI Batch line: its own, or the option's
+                        fix = ", lower its max_tokens (or --max-new-tokens for those that set none)"
+                    fix += ", or pass --truncate left)"
                     out.append(_RowProblem(
                         f"prompt is {len(ids)} tokens{need} exceeds the model's context window of {window} tokens "
                         f"(shorten it{fix}",
