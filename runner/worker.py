@@ -150,6 +150,9 @@ class JobRun:
         self.stopped = False
         self.cancel_checked, self.was_cancelled = 0.0, False
         self.unreadable_since: float | None = None  # when the cancel check last found the state unreadable
+        self.state_error: BrokenJob | None = (
+            None  # ... for longer than STATE_PATIENCE_SECONDS: the job is broken
+        )
         self.t0 = time.perf_counter()
         self.last_commit = self.t0
         self.suspected: list[Suspect] = []
@@ -183,6 +186,8 @@ class JobRun:
                 self.run_unit(unit)
             if self.beat.error is not None:
                 raise self.beat.error
+            if self.state_error is not None:
+                raise self.state_error
         return self.finish(ran=True)
 
     # --- before: is the job sound, what is left ---------------------------------------------------------
@@ -590,13 +595,14 @@ class JobRun:
             try:
                 self.was_cancelled = self.job.state().state is JobState.CANCELLED
                 self.unreadable_since = None
-            except BrokenJob:
+            except BrokenJob as e:
                 # Where links are not supported a record is created empty, then filled: a `cancel` or `retry`
                 # slow in between (a Drive round trip) is a change on its way, not damage. Looked at again at
                 # the next check, so the finished batches are kept; unreadable for longer, the job is broken.
                 self.unreadable_since = self.unreadable_since or now
                 if now - self.unreadable_since > STATE_PATIENCE_SECONDS:
-                    raise
+                    self.state_error = e  # raised by `run` once the finished batches are committed
+                    return True
         return self.was_cancelled
 
     def device_failed(self, unit: Unit, e: Exception, keys: list[tuple[int, int]], suspect: Suspect | None):

@@ -640,3 +640,35 @@ def test_an_empty_newest_state_record_is_a_change_on_its_way_not_a_broken_job(
     assert (
         6 <= summary.generated < 20 and runner.status(job.dir).done == summary.generated
     )  # its batches kept
+
+
+def test_a_state_record_never_filled_stops_the_worker_with_its_finished_batches_kept(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """Past the patience an empty newest record means a broken job: the worker stops saying so, and what it
+    finished since its last commit is committed first, not dropped (adversarial pass 25)."""
+    import pyarrow.parquet as pq
+
+    import runner.worker as worker_module
+
+    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(20))
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
+                     runner.EngineOptions(batch_size=2))  # fmt: skip
+    monkeypatch.setattr(worker_module, "CANCEL_CHECK_SECONDS", 0.0)
+    monkeypatch.setattr(worker_module, "STATE_PATIENCE_SECONDS", 0.0)
+    place = job.dir / jobdir.STATES / jobdir.record_name(jobdir.read_state(job.dir).seq + 1)
+    batches, real = [], worker_module.fault_point
+
+    def after(name):
+        real(name)
+        if name == "after_generate":
+            batches.append(name)
+            if len(batches) == 2:  # a change's record, created and never filled (its writer was killed)
+                place.parent.mkdir(exist_ok=True)
+                place.write_bytes(b"")
+
+    monkeypatch.setattr(worker_module, "fault_point", after)
+    with pytest.raises(jobdir.BrokenJob, match="is damaged"):
+        run_job(job, gpt2_engine, echo=None, shard_rows=100)
+    kept = sum(pq.read_metadata(p).num_rows for p in (job.dir / jobdir.SHARDS).glob("*.parquet"))
+    assert 4 <= kept < 20  # the batches finished before it stopped
