@@ -421,7 +421,7 @@ def _from_pandas(df: Any) -> Any:
             df = df.assign(stop=[[v] if isinstance(v, str) else v for v in values])
     as_text = [k for k in OBJECT_SETTINGS if k in df.columns and any(isinstance(v, dict) for v in df[k])]
     if as_text:
-        df = df.assign(**{k: [_json_or_none(v) for v in df[k]] for k in as_text})
+        df = df.assign(**{k: [_json_text(v, k, "the DataFrame") for v in df[k]] for k in as_text})
     try:
         return datasets.Dataset.from_pandas(df, preserve_index=None if named else False), as_text
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
@@ -445,7 +445,11 @@ def _from_list(rows: list[dict[str, Any]]) -> Any:
         rows = [{**r, "stop": [r["stop"]]} if isinstance(r.get("stop"), str) else r for r in rows]
     as_text = [k for k in OBJECT_SETTINGS if any(isinstance(r.get(k), dict) for r in rows)]
     if as_text:
-        rows = [{**r, **{k: _json_or_none(r[k]) for k in as_text if k in r}} for r in rows]
+        rows = [{**r, **{k: _json_text(r[k], k, "the rows") for k in as_text if k in r}} for r in rows]
+    keys = list(
+        dict.fromkeys(k for r in rows for k in r)
+    )  # from_list takes the first row's keys as the columns
+    rows = [r if len(r) == len(keys) else {k: r.get(k) for k in keys} for r in rows]
     try:
         return datasets.Dataset.from_list(rows), as_text
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
@@ -467,10 +471,24 @@ OBJECT_SETTINGS = ("json_schema", "guided_json", "response_format")
 JSON_SETTINGS = b"runner.json_settings"  # the temporary Parquet file's note of the columns held as JSON text
 
 
-def _json_or_none(value: Any) -> Any:
+def _json_text(value: Any, key: str, source: str) -> Any:
+    """An object setting's value as JSON text (None for a missing one); numpy numbers and arrays (a DataFrame's)
+    as the numbers and lists they hold. What JSON cannot hold is an error naming the key."""
     if value is None or (isinstance(value, float) and value != value):  # (pandas' missing value)
         return None
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+    if not isinstance(value, (dict, list)):
+        return value
+
+    def plain(o: Any) -> Any:
+        if hasattr(o, "tolist"):  # numpy scalars and arrays
+            return o.tolist()
+        raise TypeError(f"{type(o).__name__} is not JSON")
+
+    try:
+        return json.dumps(value, ensure_ascii=False, default=plain)
+    except (TypeError, ValueError) as e:
+        raise InputError([Problem(source, 0, key, f"holds a value JSON cannot hold ({e})")],
+                         header="cannot read the input") from None  # fmt: skip
 
 
 def _note_settings_as_json(path: Path, keys: list[str]) -> None:

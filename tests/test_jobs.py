@@ -491,7 +491,7 @@ def test_a_dataframe_or_a_list_of_rows_is_an_input_too(tmp_path, tiny_gpt2, gpt2
         )
 
 
-def test_rows_settings_of_other_shapes_in_a_list_a_dataframe_or_parquet(tmp_path, tiny_gpt2):
+def test_rows_settings_of_other_shapes_in_a_list_a_dataframe_or_parquet(tmp_path, tiny_gpt2, gpt2_engine):
     """Arrow gives each row's object every key its column's objects have (null where a row has none): each row's
     JSON schema got its neighbours' keys as nulls and was refused; a `stop` string in one row and a list in
     another was pyarrow's traceback; an error named the temporary Parquet file, not the rows."""
@@ -520,6 +520,26 @@ def test_rows_settings_of_other_shapes_in_a_list_a_dataframe_or_parquet(tmp_path
         job = create_job(source, tiny_gpt2, params, job_dir=tmp_path / name)
         stored = [json.loads(s)["json_schema"] for s in job.prompts().column("settings").to_pylist()]
         assert [json.dumps(s) for s in stored] == [json.dumps(a), json.dumps(b)], name
+    # a key the first row lacks is a column all the same (datasets' from_list takes the first row's keys)
+    rows = [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y", "temperature": 0.2, "note": "kept"}]
+    job = create_job(rows, tiny_gpt2, params, job_dir=tmp_path / "later_keys")
+    assert [s and json.loads(s) for s in job.prompts().column("settings").to_pylist()] == [
+        None,
+        {"temperature": 0.2},
+    ]
+    assert run_job(job, gpt2_engine, echo=None).finished
+    notes = runner.load_results(job.dir)["note"].tolist()
+    assert pd.isna(notes[0]) and notes[1] == "kept"
+    # numpy numbers inside a DataFrame's schema (as pandas gives them) are the numbers they hold
+    import numpy as np
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": np.int64(9)}}}
+    job = create_job(pd.DataFrame([{"id": "a", "prompt": "x", "json_schema": schema}]), tiny_gpt2, params,
+                     job_dir=tmp_path / "numpy")  # fmt: skip
+    assert (
+        json.loads(job.prompts().column("settings")[0].as_py())["json_schema"]["properties"]["n"]["maximum"]
+        == 9
+    )
     with pytest.raises(InputError) as e:
         create_job([{"id": "a", "prompt": "x", "seed": 1}, {"id": "b", "prompt": "y", "seed": "one"}], tiny_gpt2,
                    params, job_dir=tmp_path / "mixed")  # fmt: skip
