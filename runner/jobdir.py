@@ -1888,22 +1888,39 @@ def _damaged_spec(path: Path, why: str) -> BrokenJob:
 
 
 def _restore_spec(path: Path) -> Job:
-    backup = path / JOB_BACKUP
-    raw = _read_json_or_none(backup) if _lexists(backup) else None
-    if raw is None:
-        raise BrokenJob(f"{path}: job.json is damaged and its backup is missing or damaged too; submit the "
-                        "file again")  # fmt: skip
-    JobSpec.parse(raw)  # the backup itself must make sense
+    """job.json and its backup made whole again, as the folder's own job's spec (`_own_spec`), or BrokenJob
+    (not repairable) when neither is, or nothing tells which is."""
     current = _read_json_or_none(path / JOB_FILE) if _lexists(path / JOB_FILE) else None
-    if not (_valid_spec(current) and current["id"] != raw["id"]):
-        storage.write_json(path / JOB_FILE, raw)  # job.json damaged (or missing): its backup restores it
-    elif (own := _own_spec(path, current, raw)) is None:
+    raw = _read_json_or_none(path / JOB_BACKUP) if _lexists(path / JOB_BACKUP) else None
+    specs = [s for s in (current, raw) if _valid_spec(s)]
+    if not specs:
+        raise BrokenJob(f"{path}: job.json is damaged and its backup is missing or damaged too; submit the "
+                        "file again", repairable=False)  # fmt: skip
+    own = specs[0] if len(specs) == 1 or specs[0]["id"] == specs[1]["id"] else _own_spec(path, *specs)
+    if own is None:
         raise BrokenJob(f"{path}: job.json is job {current['id']}'s and job.backup.json job {raw['id']}'s, and "
                         "nothing in the folder tells which is its own (no results yet): delete the file of the "
                         "other job, or submit the file again", repairable=False)  # fmt: skip
-    else:  # the other file was copied in from another job folder
-        storage.write_json(backup if own is current else path / JOB_FILE, own)
+    other = _other_job_here(path, own["id"])
+    if other is not None:
+        raise BrokenJob(f"{path}: {other}, but the spec it holds (job.json, job.backup.json) is job {own['id']}'s: "
+                        "put that job's job.json back (a copy from its folder), or submit the file again",
+                        repairable=False)  # fmt: skip
+    for name, spec in ((JOB_FILE, current), (JOB_BACKUP, raw)):
+        if spec != own:
+            storage.write_json(path / name, own)
     return Job.open(path)
+
+
+def _other_job_here(path: Path, job_id: str) -> str | None:
+    """What says the folder is another job's than `job_id`: its results' job id, or its name in a job home
+    (a job id); None when nothing does."""
+    shards = _shards_job_id(path)
+    if shards is not None and shards != job_id:
+        return f"its results were written for job {shards}"
+    if re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", path.name) and path.name != job_id:
+        return f"its folder is named for job {path.name}"
+    return None
 
 
 def _own_spec(path: Path, *specs: dict[str, Any]) -> dict[str, Any] | None:
@@ -1937,6 +1954,9 @@ def same_job_as_backup(job: Job) -> None:
     if _valid_spec(backup) and backup["id"] != job.id:
         raise BrokenJob(f"job.json is job {job.id}'s, but job.backup.json is job {backup['id']}'s (one of them "
                         "was copied in from another job folder)")  # fmt: skip
+    other = _other_job_here(job.dir, job.id)
+    if other is not None:
+        raise BrokenJob(f"{other}, but job.json is job {job.id}'s (copied in from another job folder?)")
 
 
 def _valid_spec(meta: Any) -> bool:

@@ -870,3 +870,29 @@ def test_repair_tells_two_jobs_specs_apart_before_any_result_or_refuses(
         jobdir.repair(mine.dir)
     assert not e.value.repairable
     assert jobdir._read_json_or_none(mine.dir / "job.backup.json")["id"] == mine.id  # nothing was overwritten
+
+
+@pytest.mark.parametrize("copied", [("job.json", "job.backup.json"), ("job.backup.json",)])
+def test_a_folder_whose_results_are_another_jobs_is_refused_not_run_or_repaired_into_it(
+    job, reference, tiny_gpt2, gpt2_engine, runner_home, copied
+):
+    """Both spec files copied in from another job (or its backup copied over a damaged job.json): nothing but the
+    results says whose folder it is, and they do (adversarial pass 25: the rows ran with the other's settings)."""
+    other = create_job(reference[0], tiny_gpt2, GenerationParams(max_new_tokens=2, seed=5), OPTIONS,
+                       home=runner_home, unit_rows=3)  # fmt: skip
+    run_job(job, gpt2_engine, echo=None, should_stop=stop_after(1))
+    done = runner.status(job.dir).done
+    for name in copied:
+        shutil.copy(other.dir / name, job.dir / name)
+    if copied == ("job.backup.json",):
+        (job.dir / "job.json").write_text("{torn")
+    else:
+        with pytest.raises(jobdir.BrokenJob, match=f"its results were written for job {job.id}"):
+            run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    with pytest.raises(
+        jobdir.BrokenJob, match=f"its results were written for job {job.id}, but the spec"
+    ) as e:
+        jobdir.repair(job.dir)
+    assert not e.value.repairable
+    assert jobdir._read_json_or_none(job.dir / "job.backup.json")["id"] == other.id  # nothing was overwritten
+    assert runner.status(other.dir).done == 0 < done  # (the other job is untouched)
