@@ -77,7 +77,14 @@ T = TypeVar("T")
 
 # job folder layout version (3: state records; an older runner refuses such a job, never misreads it)
 FORMAT = 3
-READABLE_FORMATS = (2, 3)  # 2: state.json, completed.json and failed.json until the job's first state record
+# 4: a job some of whose rows give temperature / top_p / top_k, which sample by the rules of params.row_params
+# (job.json's "row_sampling"): a runner from before them would decide those rows otherwise, so it refuses the job
+ROW_SAMPLING_FORMAT = 4
+READABLE_FORMATS = (
+    2,
+    3,
+    4,
+)  # 2: state.json, completed.json and failed.json until the job's first state record
 JOB_FILE, JOB_BACKUP, PROMPTS, INVALID = "job.json", "job.backup.json", "prompts.parquet", "errors.jsonl"
 STATE_FILE, STATS_FILE, LOG_FILE, VERIFIED = "state.json", "stats.json", "log.txt", "verified.json"
 COMPLETED_FILE, FAILED_FILE = "completed.json", "failed.json"  # outcomes of older versions' jobs, read only
@@ -500,7 +507,9 @@ class JobSpec:
 
 def _unreadable_format(fmt: Any) -> BrokenJob:
     versions = f"versions {READABLE_FORMATS[0]}-{READABLE_FORMATS[-1]}"
-    if type(fmt) is int and fmt > FORMAT:  # a newer runner made it (another VM with a newer install)
+    if (
+        type(fmt) is int and fmt > READABLE_FORMATS[-1]
+    ):  # a newer runner made it (another VM with a newer install)
         return BrokenJob(f"job.json has layout version {fmt}, newer than this runner reads ({versions}): install "
                          "the newer runner here too", repairable=False)  # fmt: skip
     return BrokenJob(f"job.json has layout version {fmt!r}; this runner reads {versions} (submit the file again)",

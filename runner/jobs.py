@@ -44,7 +44,7 @@ from .models import (
     stored_spec,
     text_config,
 )
-from .params import ROW_SAMPLING, EmbedParams, EngineOptions, GenerationParams, ScoreParams
+from .params import ROW_SAMPLING, SAMPLING_FIELDS, EmbedParams, EngineOptions, GenerationParams, ScoreParams
 from .passthrough import Passthrough, rewrite_passthrough
 from .results import PROMPT_COLUMNS
 
@@ -413,6 +413,7 @@ def _write_job(
         })  # fmt: skip
         meta.update({
             "sample_auto": prep.sample_auto, "row_sampling": ROW_SAMPLING,
+            "format": jobdir.ROW_SAMPLING_FORMAT if prep.sampling_rows else meta["format"],
             "samples": written.samples or getattr(params, "num_return_sequences", 1),
             "results": written.results, "per_row_n": written.per_row_n, "outputs": written.outputs,
             "seed": seed if seed is not None else secrets.randbits(63),
@@ -720,6 +721,7 @@ class _Preparer:
         self.kind, self.tokenizer, self.params = kind, tokenizer, params
         self.window, self.truncate, self.field = window, truncate, field
         self.sample_auto, self.vocab = sample_auto, vocab
+        self.sampling_rows = False  # some row gives temperature / top_p / top_k (jobdir.ROW_SAMPLING_FORMAT)
         # Input columns are renamed away from every prompts.parquet column name, not only this kind's: a
         # `continuation` column of a generation job is passed through as `input_continuation`.
         self.fixed_names = PROMPT_COLUMNS
@@ -737,6 +739,7 @@ class _Preparer:
 
         if not row.settings:
             return self.params
+        self.sampling_rows = self.sampling_rows or any(f in row.settings for f in SAMPLING_FIELDS)
         return row_params(self.params, self.sample_auto, row.settings)
 
     def prepare(self, name: str, rows: list[PromptRow]) -> tuple[list[_Prepared], list[Problem]]:
