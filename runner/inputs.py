@@ -50,9 +50,8 @@ class PromptRow:
     settings: dict[str, Any] | None = None  # the row's own generation settings (GenerationParams fields)
     request: dict[str, Any] | None = None  # an OpenAI Batch request: url, model, echo
     raw_settings: dict[str, Any] | None = None  # the setting fields as the row spelled them
-    body_names: dict[str, str] | None = (
-        None  # a Batch request's row fields renamed from its body's (openai_batch)
-    )
+    # a Batch request's row fields renamed from its body's fields (openai_batch.body_named)
+    body_names: dict[str, str] | None = None
 
 
 @dataclass
@@ -415,13 +414,10 @@ def _from_pandas(df: Any) -> Any:
     named = any(
         n is not None for n in df.index.names
     )  # an unnamed index (a filter's, a shuffle's) is not data
-    if "stop" in df.columns and df["stop"].dtype == object:  # a stop string beside stop lists: its list
-        values = df["stop"].tolist()
-        if any(isinstance(v, str) for v in values) and any(isinstance(v, list) for v in values):
-            df = df.assign(stop=[[v] if isinstance(v, str) else v for v in values])
-    as_text = [k for k in OBJECT_SETTINGS if k in df.columns and any(isinstance(v, dict) for v in df[k])]
-    if as_text:
-        df = df.assign(**{k: [_json_text(v, k, "the DataFrame") for v in df[k]] for k in as_text})
+    columns = {k: df[k].tolist() for k in ARROW_MISREADS if k in df.columns}
+    changed, as_text = _settings_for_arrow(columns, "the DataFrame")
+    if changed:
+        df = df.assign(**changed)
     try:
         return datasets.Dataset.from_pandas(df, preserve_index=None if named else False), as_text
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
@@ -434,27 +430,23 @@ def _from_pandas(df: Any) -> Any:
 
 
 def _from_list(rows: list[dict[str, Any]]) -> Any:
-    """Row dicts as a datasets.Dataset; a key whose values share no Arrow type is an error naming it. A single
-    `stop` string is made a list first (both are a row's stop), so rows may spell it either way."""
+    """Row dicts as a datasets.Dataset, every key of every row a column (from_list takes the first row's keys
+    only); a key whose values share no Arrow type is an error naming it."""
     import datasets
     import pyarrow as pa
 
-    if any(isinstance(r.get("stop"), str) for r in rows) and any(
-        isinstance(r.get("stop"), list) for r in rows
-    ):
-        rows = [{**r, "stop": [r["stop"]]} if isinstance(r.get("stop"), str) else r for r in rows]
-    as_text = [k for k in OBJECT_SETTINGS if any(isinstance(r.get(k), dict) for r in rows)]
-    if as_text:
-        rows = [{**r, **{k: _json_text(r[k], k, "the rows") for k in as_text if k in r}} for r in rows]
-    keys = list(
-        dict.fromkeys(k for r in rows for k in r)
-    )  # from_list takes the first row's keys as the columns
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     rows = [r if len(r) == len(keys) else {k: r.get(k) for k in keys} for r in rows]
+    changed, as_text = _settings_for_arrow(
+        {k: [r[k] for r in rows] for k in ARROW_MISREADS if k in keys}, "the rows"
+    )
+    if changed:
+        rows = [{**r, **{k: values[i] for k, values in changed.items()}} for i, r in enumerate(rows)]
     try:
         return datasets.Dataset.from_list(rows), as_text
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
         said = first_line(e)
-        column = next((k for k in dict.fromkeys(k for r in rows for k in r) if _mixed(rows, k)), None)
+        column = next((k for k in keys if _mixed(rows, k)), None)
         what = (
             f"its key {column!r} has values of different types"
             if column
@@ -469,6 +461,21 @@ def _from_list(rows: list[dict[str, Any]]) -> Any:
 # in one key order, and refuse two schemas whose values differ in type; the reader parses them back.
 OBJECT_SETTINGS = ("json_schema", "guided_json", "response_format")
 JSON_SETTINGS = b"runner.json_settings"  # the temporary Parquet file's note of the columns held as JSON text
+ARROW_MISREADS = ("stop", *OBJECT_SETTINGS)  # the setting columns `_settings_for_arrow` prepares
+
+
+def _settings_for_arrow(columns: dict[str, list[Any]], source: str) -> tuple[dict[str, list[Any]], list[str]]:
+    """Of a list of rows' or a DataFrame's setting `columns` (ARROW_MISREADS), those Arrow would misread, as it
+    should read them: a `stop` string beside stop lists as its list (both are a row's stop), object settings
+    as JSON text (the reader parses them back); and which columns are JSON text."""
+    changed: dict[str, list[Any]] = {}
+    stops = columns.get("stop", [])
+    if any(isinstance(v, str) for v in stops) and any(isinstance(v, list) for v in stops):
+        changed["stop"] = [[v] if isinstance(v, str) else v for v in stops]
+    as_text = [k for k in OBJECT_SETTINGS if any(isinstance(v, dict) for v in columns.get(k, []))]
+    for k in as_text:
+        changed[k] = [_json_text(v, k, source) for v in columns[k]]
+    return changed, as_text
 
 
 def _json_text(value: Any, key: str, source: str) -> Any:
@@ -707,9 +714,8 @@ class RowChecker:
         # ... or Arrow's (Parquet, and rows, DataFrames, datasets through it): an object holds every key any row's
         # object of the column has, null where it has not (one row's JSON schema gets its neighbours' keys)
         self.settings_from_arrow = False
-        self.settings_as_json: set[str] = (
-            set()
-        )  # ... but these, JSON text on the way (a list of rows, a DataFrame)
+        # ... but these, JSON text on the way (a list of rows, a DataFrame)
+        self.settings_as_json: set[str] = set()
         self.template = Template(template) if template is not None else None
         self.prompt_field, self.id_field = prompt_field, id_field
         self.messages_field, self.pair_fields = messages_field, pair_fields
