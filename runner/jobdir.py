@@ -80,11 +80,8 @@ FORMAT = 3
 # 4: a job some of whose rows give temperature / top_p / top_k, which sample by the rules of params.row_params
 # (job.json's "row_sampling"): a runner from before them would decide those rows otherwise, so it refuses the job
 ROW_SAMPLING_FORMAT = 4
-READABLE_FORMATS = (
-    2,
-    3,
-    4,
-)  # 2: state.json, completed.json and failed.json until the job's first state record
+# 2: state.json, completed.json and failed.json until the job's first state record
+READABLE_FORMATS = (2, 3, ROW_SAMPLING_FORMAT)
 JOB_FILE, JOB_BACKUP, PROMPTS, INVALID = "job.json", "job.backup.json", "prompts.parquet", "errors.jsonl"
 STATE_FILE, STATS_FILE, LOG_FILE, VERIFIED = "state.json", "stats.json", "log.txt", "verified.json"
 COMPLETED_FILE, FAILED_FILE = "completed.json", "failed.json"  # outcomes of older versions' jobs, read only
@@ -155,6 +152,9 @@ def default_home() -> Path:
 def new_job_id() -> str:
     """Time-sortable and unique: 20261122-184455-3f9a1c."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+JOB_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")  # what new_job_id makes (a job home names each folder so)
 
 
 def check_name(ref: str, what: str = "job id or name") -> str:
@@ -507,9 +507,8 @@ class JobSpec:
 
 def _unreadable_format(fmt: Any) -> BrokenJob:
     versions = f"versions {READABLE_FORMATS[0]}-{READABLE_FORMATS[-1]}"
-    if (
-        type(fmt) is int and fmt > READABLE_FORMATS[-1]
-    ):  # a newer runner made it (another VM with a newer install)
+    # a newer runner made it (another VM with a newer install)
+    if type(fmt) is int and fmt > READABLE_FORMATS[-1]:
         return BrokenJob(f"job.json has layout version {fmt}, newer than this runner reads ({versions}): install "
                          "the newer runner here too", repairable=False)  # fmt: skip
     return BrokenJob(f"job.json has layout version {fmt!r}; this runner reads {versions} (submit the file again)",
@@ -1905,12 +1904,13 @@ def _restore_spec(path: Path) -> Job:
     if not specs:
         raise BrokenJob(f"{path}: job.json is damaged and its backup is missing or damaged too; submit the "
                         "file again", repairable=False)  # fmt: skip
-    own = specs[0] if len(specs) == 1 or specs[0]["id"] == specs[1]["id"] else _own_spec(path, *specs)
+    shards = _shards_job_id(path)
+    own = specs[0] if len(specs) == 1 or specs[0]["id"] == specs[1]["id"] else _own_spec(path, shards, *specs)
     if own is None:
         raise BrokenJob(f"{path}: job.json is job {current['id']}'s and job.backup.json job {raw['id']}'s, and "
                         "nothing in the folder tells which is its own (no results yet): delete the file of the "
                         "other job, or submit the file again", repairable=False)  # fmt: skip
-    other = _other_job_here(path, own["id"])
+    other = _other_job_here(path, own["id"], shards)
     if other is not None:
         raise BrokenJob(f"{path}: {other}, but the spec it holds (job.json, job.backup.json) is job {own['id']}'s: "
                         "put that job's job.json back (a copy from its folder), or submit the file again",
@@ -1921,21 +1921,20 @@ def _restore_spec(path: Path) -> Job:
     return Job.open(path)
 
 
-def _other_job_here(path: Path, job_id: str) -> str | None:
-    """What says the folder is another job's than `job_id`: its results' job id, or its name in a job home
-    (a job id); None when nothing does."""
-    shards = _shards_job_id(path)
+def _other_job_here(path: Path, job_id: str, shards: str | None) -> str | None:
+    """What says the folder is another job's than `job_id`: its results' job id (`shards`, _shards_job_id), or
+    its name in a job home (a job id); None when nothing does."""
     if shards is not None and shards != job_id:
         return f"its results were written for job {shards}"
-    if re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", path.name) and path.name != job_id:
+    if JOB_ID.fullmatch(path.name) and path.name != job_id:
         return f"its folder is named for job {path.name}"
     return None
 
 
-def _own_spec(path: Path, *specs: dict[str, Any]) -> dict[str, Any] | None:
-    """Of two jobs' specs found in one folder, the folder's own: the one its results were written for, else the
-    one its name is (a job home names each folder by its job's id), else the one whose prompts checksum its
-    prompts.parquet has; None when nothing tells."""
+def _own_spec(path: Path, shards: str | None, *specs: dict[str, Any]) -> dict[str, Any] | None:
+    """Of two jobs' specs found in one folder, the folder's own: the one its results were written for (`shards`,
+    _shards_job_id), else the one its name is (a job home names each folder by its job's id), else the one
+    whose prompts checksum its prompts.parquet has; None when nothing tells."""
 
     def prompts_of() -> str | None:
         if storage.kind(path / PROMPTS) != "file":
@@ -1944,7 +1943,7 @@ def _own_spec(path: Path, *specs: dict[str, Any]) -> dict[str, Any] | None:
         matching = [s["id"] for s in specs if s.get("prompts_sha256") == digest]
         return matching[0] if len(matching) == 1 else None
 
-    for evidence in (lambda: _shards_job_id(path), lambda: path.name, prompts_of):
+    for evidence in (lambda: shards, lambda: path.name, prompts_of):
         found = [s for s in specs if s["id"] == evidence()]
         if len(found) == 1:
             return found[0]
@@ -1963,7 +1962,7 @@ def same_job_as_backup(job: Job) -> None:
     if _valid_spec(backup) and backup["id"] != job.id:
         raise BrokenJob(f"job.json is job {job.id}'s, but job.backup.json is job {backup['id']}'s (one of them "
                         "was copied in from another job folder)")  # fmt: skip
-    other = _other_job_here(job.dir, job.id)
+    other = _other_job_here(job.dir, job.id, _shards_job_id(job.dir))
     if other is not None:
         raise BrokenJob(f"{other}, but job.json is job {job.id}'s (copied in from another job folder?)")
 
