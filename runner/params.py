@@ -507,9 +507,9 @@ def row_params(
 
     Sampling, `by_fields` (jobs since 2026-12-02, job.json's "row_sampling"): a row that gives a temperature,
     top_p or top_k samples, whatever the job does (as each request of the OpenAI API), but greedy at temperature
-    0 (the row's, or the job's when the row gives none); a row that gives none of them samples as the job does, decided again for the row when the job left
-    it to the settings (`sample_auto`: a row's n > 1 samples). A row giving do_sample false beside one of them
-    is refused. Earlier jobs: sampling is decided again from the row's values when the job left it to the
+    0 (the row's, or the job's when the row gives none); a row that gives none of them samples as the job does,
+    decided again for the row when the job left it to the settings (`sample_auto`: a row's n > 1 samples). A
+    row giving do_sample false beside one of them is refused. Earlier jobs: sampling is decided again from the row's values when the job left it to the
     settings (a row's temperature 1.0 was greedy there), else it is the job's."""
     from .constraints import FIELDS
 
@@ -523,12 +523,9 @@ def row_params(
     if by_fields and overrides.get("do_sample") is False and asked:
         raise ParamError(asked[0], f"{asked[0]} has no effect with do_sample false, which takes the most "
                          f"likely token: give one of do_sample and {asked[0]}.")  # fmt: skip
-    if "do_sample" in overrides:
-        pass
-    elif by_fields and asked and _is_zero(values["temperature"]):  # the row's or the job's temperature 0
-        values["do_sample"] = False
-    elif by_fields and asked:
-        values["do_sample"] = True
-    elif sample_auto:
-        values["do_sample"] = None
+    if "do_sample" not in overrides:
+        if by_fields and asked:  # greedy at the row's or the job's temperature 0
+            values["do_sample"] = not _is_zero(values["temperature"])
+        elif sample_auto:
+            values["do_sample"] = None
     return GenerationParams(**values)

@@ -100,8 +100,12 @@ class _Stage:
         self.engine = Engine(model, actor_device(options or EngineOptions()))
         auto = generate and _sample_auto(self.params)
         seed = getattr(self.params, "seed", None)
-        self.job = _JobView(self.kind, self.params, 0 if seed is None else seed, self.engine.options,
-                            {"sample_auto": auto, "row_sampling": ROW_SAMPLING, "outputs": {**self.outputs, "settings": generate}})  # fmt: skip
+        meta = {
+            "sample_auto": auto,
+            "row_sampling": ROW_SAMPLING,
+            "outputs": {**self.outputs, "settings": generate},
+        }
+        self.job = _JobView(self.kind, self.params, 0 if seed is None else seed, self.engine.options, meta)
         self.prep = _Preparer(self.kind, self.engine.tokenizer, self.params, self.engine.context_window,
                               truncate, self.prompt_field, auto)  # fmt: skip
 

@@ -44,7 +44,7 @@ SHARD_ROWS = 1000  # a shard is committed at least every this many result rows..
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
 # Decode steps refresh the heartbeat's figures at most this often (the file itself is written every 30 s).
 HEARTBEAT_INFO_SECONDS = 1.0
-# How long the cancel check takes an unreadable newest state record for a change on its way (created, not yet filled)
+# How long the cancel check takes an unreadable newest state record for a change on its way (created, not filled)
 STATE_PATIENCE_SECONDS = 120.0
 CANCEL_CHECK_SECONDS = 5.0  # how often the state is looked at for a cancel (reading it per batch is wasteful)
 
@@ -150,9 +150,8 @@ class JobRun:
         self.stopped = False
         self.cancel_checked, self.was_cancelled = 0.0, False
         self.unreadable_since: float | None = None  # when the cancel check last found the state unreadable
-        self.state_error: BrokenJob | None = (
-            None  # ... for longer than STATE_PATIENCE_SECONDS: the job is broken
-        )
+        # ... for longer than STATE_PATIENCE_SECONDS: the job is broken (raised once the finished rows are in)
+        self.state_error: BrokenJob | None = None
         self.t0 = time.perf_counter()
         self.last_commit = self.t0
         self.suspected: list[Suspect] = []
