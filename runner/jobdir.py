@@ -104,12 +104,15 @@ KINDS = {"generate": GenerationParams, "score": ScoreParams, "embed": EmbedParam
 class BrokenJob(RunnerError):
     """A job folder whose metadata cannot be read or makes no sense; the job is `broken`, others go on.
     `repairable`: whether `runner repair` can mend it (not a damaged prompts file: that is submitted again).
-    `named`: the message already names the job and what brings it back (`naming_broken`)."""
+    `named`: the message already names the job and what brings it back (`naming_broken`). `unfilled`: its newest
+    state record is empty on a file system without hard links, where a record is created empty and then filled:
+    maybe a `cancel` or `retry` being written (STATE_PATIENCE_SECONDS), maybe one killed half way."""
 
-    def __init__(self, message: str, repairable: bool = True, named: bool = False):
+    def __init__(self, message: str, repairable: bool = True, named: bool = False, unfilled: bool = False):
         super().__init__(message)
         self.repairable = repairable
         self.named = named
+        self.unfilled = unfilled
 
 
 @contextlib.contextmanager
@@ -611,7 +614,8 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
             return _parse_state(d, name, seq)
         except ValueError as e:  # not BrokenJob (content of the wrong shape): that is never read again
             if not pauses:
-                raise BrokenJob(f"{name} is damaged ({e})") from None
+                raise BrokenJob(f"{name} is damaged ({e})", unfilled=not data and not links_supported(path.parent)
+                                ) from None  # fmt: skip
         time.sleep(pauses.pop(0))
 
 
@@ -994,6 +998,39 @@ def _link_new(tmp: str, path: Path) -> bool | None:
 # What link() answers on a file system without hard links: EPERM (POSIX's word for it), EOPNOTSUPP, and ENOSYS
 # from a FUSE mount whose daemon has no link operation on Linux before 6.4 (later kernels turn it into EPERM).
 NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV, errno.ENOSYS})
+
+
+# How long an empty newest state record is taken for a change on its way where links are not supported (the worker
+# and `runner work` go on, or wait, meanwhile); empty for longer, the job is broken (`runner repair`).
+STATE_PATIENCE_SECONDS = 120.0
+_LINKS: dict[str, bool] = {}  # folder -> whether its file system has hard links (links_supported)
+
+
+def links_supported(folder: Path) -> bool:
+    """Whether the file system of `folder` has hard links: probed once per folder and process by linking a
+    fresh temp file. With links every exclusive file lands whole, so an empty one is damage, never a change on
+    its way. A folder where nothing can be created (a read-only copy) counts as having them."""
+    key = os.fspath(folder)
+    if key not in _LINKS:
+        _LINKS[key] = _probe_links(Path(key))
+    return _LINKS[key]
+
+
+def _probe_links(folder: Path) -> bool:
+    first, second = storage.temp_name(folder / "links"), storage.temp_name(folder / "links")
+    try:
+        os.close(os.open(first, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError:
+        return True
+    try:
+        os.link(first, second)
+        return True
+    except OSError as e:
+        return e.errno not in NO_LINKS
+    finally:
+        for name in (first, second):
+            with contextlib.suppress(OSError):  # one left behind is removed as stale later
+                os.unlink(name)
 
 
 def _create_then_fill(path: Path, data: bytes) -> bool:

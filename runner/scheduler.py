@@ -141,10 +141,10 @@ def _queued(
 
 def _note_broken(broken: dict[str, Any] | None, folder: Any, e: Exception) -> None:
     if broken is not None:
-        broken[str(folder)] = (str(e), getattr(e, "repairable", True))
+        broken[str(folder)] = (str(e), getattr(e, "repairable", True), getattr(e, "unfilled", False))
 
 
-def _broken_line(job_id: str, folder: Any, why: Any, repairable: bool) -> str:
+def _broken_line(job_id: str, folder: Any, why: Any, repairable: bool, unfilled: bool = False) -> str:
     """What a worker says of a broken job it skips."""
     hint = f" (`runner repair {folder}` brings it back)" if repairable else ""
     return f"job {job_id} is broken ({why}); skipped{hint}"
@@ -298,16 +298,22 @@ def work(
                     owner=owner, lease_ttl=lease_ttl)  # fmt: skip
     summaries: list[RunSummary] = []
     failed: set[str] = set()
-    broken: dict[str, Any] = {}  # folder -> (why, repairable): said once per worker
+    broken: dict[str, Any] = {}  # folder -> (why, repairable, unfilled): said once per worker
+    unfilled: dict[str, float] = {}  # folder -> since when its newest state record has been empty (no links)
     if job is None:
         jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
     while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
         seen = set(broken)
         cand = next((c for c in queue(home, job, broken) if c.job.id not in failed), None)
-        for folder in (f for f in broken if f not in seen and echo):
-            echo(_broken_line(os.path.basename(folder), folder, *broken[folder]))
+        for folder in [f for f in unfilled if f not in broken]:
+            del unfilled[folder]  # its record reads now
+        for folder in [f for f in broken if f not in seen]:
+            if not _on_its_way(folder, broken, unfilled, echo) and echo:
+                echo(_broken_line(os.path.basename(folder), folder, *broken[folder]))
         if cand is None:
-            if not _wait_for_others(home, job, owner.worker, poll, deadline, echo):
+            if unfilled:
+                _wait_for_state()
+            elif not _wait_for_others(home, job, owner.worker, poll, deadline, echo):
                 break
             continue
         try:
@@ -333,6 +339,51 @@ def work(
         if once or (summary.stopped and not _now_in(cand.job, JobState.CANCELLED)):
             break
     return summaries
+
+
+def _on_its_way(folder: str, broken: dict[str, Any], unfilled: dict[str, float], echo: Any) -> bool:
+    """A job found broken because its newest state record is empty where links are not supported: a `cancel`
+    or `retry` writing it now (created, not filled yet), or one killed half way. For STATE_PATIENCE_SECONDS it
+    is left out of `broken` (so looked at again each round) and said to be waited for, not said broken."""
+    if not broken[folder][2]:
+        return False
+    now = time.monotonic()
+    if folder not in unfilled:
+        unfilled[folder] = now
+        if echo:
+            echo(_waiting_line(os.path.basename(folder)))
+    if now - unfilled[folder] > jobdir.STATE_PATIENCE_SECONDS:
+        del unfilled[folder]
+        return False
+    del broken[folder]
+    return True
+
+
+def _state_after_run(j: Job, echo: Any) -> JobState:
+    """The job's state after a run. A newest record being written (`_on_its_way`: a `cancel` landing as the
+    run ended) is waited for, up to STATE_PATIENCE_SECONDS; past that, or damaged, BrokenJob."""
+    since = None
+    while True:
+        try:
+            return j.state().state
+        except BrokenJob as e:
+            if since is None and e.unfilled and echo:
+                echo(_waiting_line(j.id))
+            since = time.monotonic() if since is None else since
+            if not e.unfilled or time.monotonic() - since > jobdir.STATE_PATIENCE_SECONDS:
+                raise
+        _wait_for_state()
+
+
+def _waiting_line(job_id: str) -> str:
+    return (f"job {job_id}: its newest state record is empty (a `runner cancel` or `retry` writing it now, where "
+            f"links are not supported, or one killed half way); waiting up to {jobdir.STATE_PATIENCE_SECONDS:.0f} s "
+            "for it")  # fmt: skip
+
+
+def _wait_for_state() -> None:
+    """A moment's wait for a state record being written (`_on_its_way`) before the queue is looked at again."""
+    time.sleep(WAIT_STEP)
 
 
 def _where_it_runs(job: Job, e: NotOnThisMachine) -> str:
@@ -476,8 +527,8 @@ def _settle_failure(j: Job, read: jobdir.StateRecord, e: RunnerError, echo: Any)
 def _settle(j: Job, summary: RunSummary, echo: Any) -> RunSummary:
     """What the run's end means, said once: completed, cancelled, others still on it, or stopped."""
     try:
-        state = j.state().state
-    except BrokenJob as e:  # damaged since, or another worker's record not filled yet (no hard links)
+        state = _state_after_run(j, echo)
+    except BrokenJob as e:  # damaged since, or a change's record never filled (no hard links)
         if echo:
             echo(_broken_line(j.id, j.dir, e, e.repairable))
         return summary

@@ -26,7 +26,7 @@ from .crashes import DeviceError, InFlight, Suspect, device_crash_message, first
 from .engine import Engine, NumericalError, Stopped, peak_memory_bytes, reset_peak_memory
 from .errors import RunnerError
 from .faults import fault_point, row_fault
-from .jobdir import BrokenJob, ClaimLost, Heartbeat, Job, JobState, Owner
+from .jobdir import BrokenJob, ClaimLost, Heartbeat, Job, JobState, Owner, StateRecord
 from .progress import Progress
 from .results import GeneratedRow, write_local_shard
 from .tasks import (
@@ -44,8 +44,6 @@ SHARD_ROWS = 1000  # a shard is committed at least every this many result rows..
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
 # Decode steps refresh the heartbeat's figures at most this often (the file itself is written every 30 s).
 HEARTBEAT_INFO_SECONDS = 1.0
-# How long the cancel check takes an unreadable newest state record for a change on its way (created, not filled)
-STATE_PATIENCE_SECONDS = 120.0
 CANCEL_CHECK_SECONDS = 5.0  # how often the state is looked at for a cancel (reading it per batch is wasteful)
 
 
@@ -149,8 +147,9 @@ class JobRun:
         self.slowest = 0.0
         self.stopped = False
         self.cancel_checked, self.was_cancelled = 0.0, False
-        self.unreadable_since: float | None = None  # when the cancel check last found the state unreadable
-        # ... for longer than STATE_PATIENCE_SECONDS: the job is broken (raised once the finished rows are in)
+        self.known_state: StateRecord | None = None  # the job's state as this worker last read it (`state`)
+        self.unreadable_since: float | None = None  # since when its newest record has been unreadable
+        # ... for longer than jobdir.STATE_PATIENCE_SECONDS: the job is broken (raised once the finished rows are in)
         self.state_error: BrokenJob | None = None
         self.t0 = time.perf_counter()
         self.last_commit = self.t0
@@ -197,7 +196,26 @@ class JobRun:
         self.job.log(line)
 
     def ledger(self, seal: bool = False, generation: int | None = None) -> jobdir.Ledger:
+        generation = self.state().generation if generation is None else generation
         return jobdir.read_ledger(self.job, seal=seal, verifier=self.verifier, generation=generation)
+
+    def state(self) -> StateRecord:
+        """The job's state as this worker acts on it. Where links are not supported a state record is created
+        empty, then filled: once the run has read the state, a newest record found empty there is a change on
+        its way (a `cancel` or `retry` slow in between: a Drive round trip), not damage. Until it reads, the
+        worker goes on with the state it read last, as if it had looked a moment earlier (a write decided over
+        that state finds its place taken and is not made); empty for longer than STATE_PATIENCE_SECONDS (or
+        unreadable otherwise), the job is broken (BrokenJob)."""
+        now = time.monotonic()
+        try:
+            self.known_state, self.unreadable_since = self.job.state(), None
+        except BrokenJob as e:
+            if self.unreadable_since is None:
+                self.unreadable_since = now
+            waited = now - self.unreadable_since
+            if not e.unfilled or self.known_state is None or waited > jobdir.STATE_PATIENCE_SECONDS:
+                raise
+        return self.known_state
 
     def check_prompts(self) -> None:
         """prompts.parquet must be the file submit wrote: a damaged one fails the job, with the reason. And
@@ -592,16 +610,10 @@ class JobRun:
         if now - self.cancel_checked >= CANCEL_CHECK_SECONDS:
             self.cancel_checked = now
             try:
-                self.was_cancelled = self.job.state().state is JobState.CANCELLED
-                self.unreadable_since = None
-            except BrokenJob as e:
-                # Where links are not supported a record is created empty, then filled: a `cancel` or `retry`
-                # slow in between (a Drive round trip) is a change on its way, not damage. Looked at again at
-                # the next check, so the finished batches are kept; unreadable for longer, the job is broken.
-                self.unreadable_since = self.unreadable_since or now
-                if now - self.unreadable_since > STATE_PATIENCE_SECONDS:
-                    self.state_error = e  # raised by `run` once the finished batches are committed
-                    return True
+                self.was_cancelled = self.state().state is JobState.CANCELLED
+            except BrokenJob as e:  # damaged, or empty past the patience (`state`)
+                self.state_error = e  # raised by `run` once the finished batches are committed
+                return True
         return self.was_cancelled
 
     def device_failed(self, unit: Unit, e: Exception, keys: list[tuple[int, int]], suspect: Suspect | None):
@@ -648,7 +660,7 @@ class JobRun:
             self.record_stats()
         self.verifier.save()
         # the state first: a `retry` from elsewhere after this read raises the generation past the completion
-        state = self.job.state()
+        state = self.state()
         progress = jobdir.job_progress(self.job, self.ledger(generation=state.generation))
         if progress.complete and state.state is JobState.QUEUED:
             jobdir.write_completed(self.job.dir, state)

@@ -600,23 +600,32 @@ def test_a_waiting_worker_looks_again_as_soon_as_the_other_commits(tmp_path, mon
     )  # nothing landed
 
 
+def _cancel_body(read):
+    """A `runner cancel`'s state record over `read`, as record_state writes it."""
+    from runner import storage
+
+    body = {**jobdir.StateRecord(jobdir.JobState.CANCELLED, read.generation).as_dict(), "updated": time.time(),
+            "by": "cancel", "writer": "c" * 16, "over": read.writer}  # fmt: skip
+    body["check"] = storage.json_checksum(body)
+    return json.dumps(body)
+
+
+@pytest.mark.parametrize("unit_rows", [None, 4])
 def test_an_empty_newest_state_record_is_a_change_on_its_way_not_a_broken_job(
-    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch, unit_rows
 ):
     """Where links are not supported a state record is created empty, then filled. A `runner cancel` slow (or
     frozen) in between made the worker's cancel check call the job broken, and it dropped the batches it had
-    finished (adversarial pass 23: 0 of 200 rows kept). The worker now looks again at its next check: once the
-    cancel is filled in, it stops as cancelled and keeps what it finished."""
-    import json
-    import time
-
+    finished (adversarial pass 23: 0 of 200 rows kept); met at a unit boundary (units of 4 rows: the ledger's
+    read of the state) or at the finish, it said broken too (pass 25). The worker now goes on with the state it
+    read last: once the cancel is filled in, it stops as cancelled and keeps what it finished."""
     import runner.worker as worker_module
-    from runner import storage
 
     rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(20))
     job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
-                     runner.EngineOptions(batch_size=2))  # fmt: skip
+                     runner.EngineOptions(batch_size=2), unit_rows=unit_rows)  # fmt: skip
     monkeypatch.setattr(worker_module, "CANCEL_CHECK_SECONDS", 0.0)
+    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
     read = jobdir.read_state(job.dir)
     place = job.dir / jobdir.STATES / jobdir.record_name(read.seq + 1)
     batches, real = [], worker_module.fault_point
@@ -628,11 +637,8 @@ def test_an_empty_newest_state_record_is_a_change_on_its_way_not_a_broken_job(
             if len(batches) == 1:  # the cancel's record, created, not filled yet
                 place.parent.mkdir(exist_ok=True)
                 place.write_bytes(b"")
-            if len(batches) == 3:  # two batches later the cancel fills its record in
-                body = {**jobdir.StateRecord(jobdir.JobState.CANCELLED, read.generation).as_dict(),
-                        "updated": time.time(), "by": "cancel", "writer": "c" * 16, "over": read.writer}  # fmt: skip
-                body["check"] = storage.json_checksum(body)
-                place.write_text(json.dumps(body))
+            if len(batches) == 3:  # two batches later (past a unit boundary) the cancel fills its record in
+                place.write_text(_cancel_body(read))
 
     monkeypatch.setattr(worker_module, "fault_point", after)
     summary = run_job(job, gpt2_engine, echo=None, shard_rows=100)
@@ -640,6 +646,69 @@ def test_an_empty_newest_state_record_is_a_change_on_its_way_not_a_broken_job(
     assert (
         6 <= summary.generated < 20 and runner.status(job.dir).done == summary.generated
     )  # its batches kept
+
+
+def test_a_record_never_filled_after_the_run_is_said_broken_once_the_patience_is_over(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """The other side of the wait below: a change's record that stays empty (its command killed half way) is
+    said broken, with `runner repair`, once STATE_PATIENCE_SECONDS are over; the rows stay done."""
+    import runner.worker as worker_module
+
+    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
+    monkeypatch.setattr(jobdir, "STATE_PATIENCE_SECONDS", -1.0)
+    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(6))
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
+                     runner.EngineOptions(batch_size=2))  # fmt: skip
+    real_finish = worker_module.JobRun.finish
+
+    def finish(run, ran):
+        place = job.dir / jobdir.STATES / jobdir.record_name(jobdir.newest_state_seq(job.dir) + 1)
+        place.parent.mkdir(exist_ok=True)
+        place.write_bytes(b"")
+        return real_finish(run, ran)
+
+    monkeypatch.setattr(worker_module.JobRun, "finish", finish)
+    said = []
+    work(runner_home, engine=gpt2_engine, echo=said.append)
+    assert any(f"job {job.id} is broken" in line and "runner repair" in line for line in said), said
+    assert job_status(job).state == "broken"
+    assert runner.repair(job.dir) and runner.status(job.dir).done == 6
+
+
+def test_a_cancel_being_written_when_the_worker_finishes_is_waited_for_not_said_broken(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """No hard links: a `runner cancel` whose record is created, not filled yet, when the worker finishes the
+    job. The worker does not write over it, and `runner work` waits for it (it said "job ... is broken; skipped"
+    of a sound job: adversarial pass 23); the job is then cancelled with every row kept."""
+    import runner.worker as worker_module
+    from runner import scheduler
+
+    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
+    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(6))
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
+                     runner.EngineOptions(batch_size=2))  # fmt: skip
+    read = jobdir.read_state(job.dir)
+    place = job.dir / jobdir.STATES / jobdir.record_name(read.seq + 1)
+    real_finish, waits = worker_module.JobRun.finish, []
+
+    def finish(run, ran):  # the cancel's record appears as the worker ends the job
+        place.parent.mkdir(exist_ok=True)
+        place.write_bytes(b"")
+        return real_finish(run, ran)
+
+    def wait():
+        waits.append(1)
+        place.write_text(_cancel_body(read))  # the cancel fills its record in
+
+    monkeypatch.setattr(worker_module.JobRun, "finish", finish)
+    monkeypatch.setattr(scheduler, "_wait_for_state", wait)
+    said = []
+    work(runner_home, engine=gpt2_engine, echo=said.append)
+    assert waits and not any("broken" in line for line in said), said
+    assert any("newest state record is empty" in line and "waiting up to" in line for line in said), said
+    assert job_status(job).state == "cancelled" and runner.status(job.dir).done == 6
 
 
 def test_a_state_record_never_filled_stops_the_worker_with_its_finished_batches_kept(
@@ -655,7 +724,8 @@ def test_a_state_record_never_filled_stops_the_worker_with_its_finished_batches_
     job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
                      runner.EngineOptions(batch_size=2))  # fmt: skip
     monkeypatch.setattr(worker_module, "CANCEL_CHECK_SECONDS", 0.0)
-    monkeypatch.setattr(worker_module, "STATE_PATIENCE_SECONDS", 0.0)
+    monkeypatch.setattr(jobdir, "STATE_PATIENCE_SECONDS", 0.0)
+    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
     place = job.dir / jobdir.STATES / jobdir.record_name(jobdir.read_state(job.dir).seq + 1)
     batches, real = [], worker_module.fault_point
 
