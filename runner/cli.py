@@ -61,9 +61,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(f"{e.option}: {e}") from e
         except RunnerError as e:
             raise click.ClickException(str(e)) from e
-        except KeyboardInterrupt:  # not click's "Aborted!" (exit 1): say what is kept, exit 130
-            _echo("interrupted; finished batches are kept: run the same command again to carry on")
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as e:  # not click's "Aborted!" (exit 1): say what is kept, exit 130 (143)
+            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            _echo(f"{how}; finished batches are kept: run the same command again to carry on")
+            raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
         except BrokenPipeError:  # `runner status | head`: the reader went away; say nothing more, exit as
             _to_devnull(sys.stdout)  # a process killed by SIGPIPE does
             raise SystemExit(141) from None
@@ -575,11 +576,16 @@ def work(
     _work_here(ctx.obj["home"], job_ref, deadline, once, shard_rows, shard_minutes, device)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, `docker stop`, a Slurm or Kubernetes preemption): stop at once, as a second Ctrl-C
+    does, so the batches finished before are written (worker.commit_on_interrupt) in the grace period."""
+
+
 @contextlib.contextmanager
 def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
     """Yields `stop()` for the work below: the first Ctrl-C makes it true (the work finishes and writes the
     current batch, then returns); a second one stops at once (KeyboardInterrupt: the batches finished before
-    are still written, worker.commit_on_interrupt)."""
+    are still written, worker.commit_on_interrupt). SIGTERM stops at once too (Terminated)."""
     import signal
 
     asked: list[bool] = []
@@ -590,11 +596,16 @@ def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
         asked.append(True)
         _echo("stopping after the current batch (Ctrl-C again to stop at once; finished batches are kept)")
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    def on_sigterm(signum: int, frame: Any) -> None:
+        asked.append(True)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGINT, on_sigint), signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield lambda: bool(asked)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
 
 
 def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device) -> None:  # noqa: ANN001
@@ -695,11 +706,14 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
         f"started {len(procs)} worker processes"
         + (f" on {', '.join(d for d in devices if d)}" if devices[0] else "")
     )
-    previous = signal.signal(signal.SIGINT, lambda *_: [p.send_signal(signal.SIGINT) for p in procs])
+    # Ctrl-C and SIGTERM go to every worker process, each of which writes its finished batches
+    previous = [signal.signal(sig, lambda signum, _: [p.send_signal(signum) for p in procs])
+                for sig in (signal.SIGINT, signal.SIGTERM)]  # fmt: skip
     try:
         codes = [p.wait() for p in procs]
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
     for i, (p, code) in enumerate(zip(procs, codes, strict=True), 1):
         if code < 0:  # killed by a signal: SIGKILL is the out-of-memory killer's
             name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"

@@ -15,15 +15,17 @@ crash in native code kills the process without a word. Re-running the same batch
     errors.jsonl as a `worker_crash` (conclusive) and that worker stops too; the one after carries on.
   * A silent death (SIGKILL, segfault) proves little, because a Colab kill looks exactly the same, and it is
     by far the likelier of the two. So a batch whose worker died silently runs again first, as a batch (a
-    plain kill costs nothing more); only when it kills a second worker do its keys run one at a time. A key
-    whose worker died silently while running it alone goes to the end of the job and runs alone once more;
-    dying alone a second time (`SILENT_CRASHES`) sets it aside as a `worker_crash`.
+    plain kill costs nothing more); only when it kills a second worker do its keys run one at a time
+    (`isolated`). A key whose worker died silently while running it isolated goes to the end of the job and
+    runs alone once more; dying so a second time (`SILENT_CRASHES`) sets it aside as a `worker_crash`.
 So plain kills set a good row aside only if four in a row land while it is computed: twice in its batch, then
-alone, then alone again at the very end of the job (with one row per batch, `--batch-size 1`, its batch is
-already alone: two). A row that really crashes workers silently costs four
-restarts, and holds up no other row; one that trips a device error, two.
-A worker that stops cleanly (Ctrl-C, deadline, an ordinary error) keeps the suspects it has not run yet and
-does not count the batch it was computing as a crash.
+alone, then alone again at the very end of the job. A batch that is one row by plan (`--batch-size 1`, a
+leftover row, a prompt alone over the token budget) is a batch like any other: four too. A row that really
+crashes workers silently costs four restarts, and holds up no other row; one that trips a device error, two
+(one with a batch of one row: a device error is conclusive).
+A worker that stops cleanly (Ctrl-C, SIGTERM, deadline, an ordinary error) keeps the suspects it has not run
+yet and does not count the batch it was computing as a crash. Nor is one counted when the record's writer is
+provably alive (on this machine: frozen past its lease, then taken over; or this very process).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 
 from . import storage
 from .errors import RunnerError
+from .jobdir import Owner
 
 SILENT_CRASHES = 2  # silent deaths of workers computing the same keys: a batch is split, a lone key set aside
 # What torch raises once the device is broken for this process (sticky CUDA errors). Out-of-memory errors
@@ -78,6 +81,7 @@ class Suspect:
 
     keys: list[Key]
     crashes: int = 0  # workers that died silently while computing exactly these keys together
+    isolated: bool = False  # one key run alone because its batch died twice (not a batch of one by plan)
 
 
 @dataclass
@@ -110,9 +114,10 @@ def silent_crash_message(crashes: int) -> str:
 class InFlight:
     """This worker's in-flight record in one job folder."""
 
-    def __init__(self, path: Path, worker: str):
+    def __init__(self, path: Path, worker: str, owner: Owner | None = None):
         self.path = Path(path)  # inflight/UUUUU.json: the record of one unit of a job
         self.worker = worker
+        self.owner = owner  # recorded, so that a reader can tell a frozen writer from a dead one
         self._on_disk = storage.kind(self.path) == "file"
 
     def read(self) -> dict[str, Any] | None:
@@ -138,18 +143,22 @@ class InFlight:
             return out
         try:
             recorded = [_key(x) for x in rec.get("running", [])]
-            running = [k for k in recorded if k in todo]
             out.cause = rec.get("error") or None
+            writer = Owner.from_dict(rec["owner"]) if "owner" in rec else None
+            alive = not out.cause and writer is not None and writer.provably_alive()
+            running = [k for k in recorded if k in todo and not alive]  # a live writer's batch: not a crash
             crashes = int(rec.get("crashes", 0)) + (0 if out.cause else 1)
-            if len(recorded) == 1 and running:  # it was alone
+            alone = len(recorded) == 1 and bool(running)
+            # (a record of an older runner has no "isolated": a key alone was always an isolated one then)
+            if alone and (out.cause or rec.get("isolated", True)):
                 if out.cause:
                     out.culprits.append((running[0], device_crash_message(out.cause)))
                 elif crashes >= SILENT_CRASHES:
                     out.culprits.append((running[0], silent_crash_message(crashes)))
                 else:
-                    out.last.append(Suspect(running, crashes))
-            elif out.cause or crashes >= SILENT_CRASHES or len(running) == 1:
-                out.first.extend(Suspect([k]) for k in running)  # one at a time
+                    out.last.append(Suspect(running, crashes, isolated=True))
+            elif out.cause or crashes >= SILENT_CRASHES or (len(running) == 1 and not alone):
+                out.first.extend(Suspect([k], isolated=True) for k in running)  # one at a time
             elif running:
                 out.first.append(Suspect(running, crashes))  # most likely a plain kill: the same batch again
                 out.retried_batch = True
@@ -158,24 +167,34 @@ class InFlight:
                 keys = [k for k in (_key(x) for x in entry["keys"]) if k in todo and k not in seen]
                 seen.update(keys)
                 if keys:
-                    group = Suspect(keys, int(entry["crashes"]))
-                    (out.last if len(keys) == 1 and group.crashes else out.first).append(group)
+                    group = Suspect(keys, int(entry["crashes"]), bool(entry.get("isolated", len(keys) == 1)))
+                    (out.last if group.isolated and group.crashes else out.first).append(group)
         except (TypeError, ValueError, IndexError, KeyError, AttributeError):
             return Recovery()  # a record from another version: run everything normally
         return out
 
     def running(
-        self, keys: list[Key], suspects: list[Suspect], *, crashes: int = 0, error: str | None = None
+        self,
+        keys: list[Key],
+        suspects: list[Suspect],
+        *,
+        crashes: int = 0,
+        isolated: bool = False,
+        error: str | None = None,
     ) -> None:
         """Record that `keys` are being computed now (`crashes`: silent deaths of workers computing them
-        together before); `suspects` are still to run after them. Written before each batch, so cheap: no
-        fsync (a killed process's writes are in the page cache for the next one; only a machine crash could
-        lose it, and then nothing is lost either: the rows are run again)."""
+        together before; `isolated`: one key run alone because its batch died twice); `suspects` are still to
+        run after them. Written before each batch, so cheap: no fsync (a killed process's writes are in the
+        page cache for the next one; only a machine crash could lose it, and then nothing is lost either: the
+        rows are run again)."""
         rec: dict[str, Any] = {
             "worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(), "updated": time.time(),
-            "running": [list(k) for k in keys], "crashes": crashes,
-            "suspects": [{"keys": [list(k) for k in s.keys], "crashes": s.crashes} for s in suspects],
+            "running": [list(k) for k in keys], "crashes": crashes, "isolated": isolated,
+            "suspects": [{"keys": [list(k) for k in s.keys], "crashes": s.crashes, "isolated": s.isolated}
+                         for s in suspects],
         }  # fmt: skip
+        if self.owner is not None:
+            rec["owner"] = self.owner.as_dict()
         if error:
             rec["error"] = error
         rec["check"] = storage.json_checksum(rec)

@@ -408,12 +408,20 @@ class Owner:
         except (TypeError, KeyError, ValueError, AttributeError):
             return None
 
+    def _on_this_machine(self) -> bool:
+        """The same boot and PID namespace as this process: its pid means the same process here."""
+        return (
+            bool(self.boot)
+            and self.boot == _boot_id()
+            and bool(self.pidns)
+            and self.pidns == _pid_ns()
+            and self.pid > 0
+        )
+
     def provably_dead(self) -> bool:
         """True only when the owner shares this machine's boot and PID namespace and its process is gone
         (or its pid now belongs to a later process). Anywhere else only the heartbeat can tell."""
-        if not self.boot or self.boot != _boot_id() or not self.pidns or self.pidns != _pid_ns():
-            return False
-        if self.pid <= 0:
+        if not self._on_this_machine():
             return False
         try:
             os.kill(self.pid, 0)
@@ -422,6 +430,18 @@ class Owner:
         except OSError:
             pass  # exists, not ours to signal
         return self.start is not None and _pid_start(self.pid) not in (None, self.start)
+
+    def provably_alive(self) -> bool:
+        """True only when the owner's process runs on this machine now (the same boot, PID namespace, pid and
+        start time): frozen or slow, not dead. Anywhere else only the heartbeat can tell."""
+        if not self._on_this_machine():
+            return False
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return False
+        running = stat.rsplit(")", 1)[-1].split()[:1] not in (["Z"], ["X"])  # a zombie has ended
+        return running and self.start is not None and _stat_start(stat) == self.start
 
 
 def new_worker_id() -> str:

@@ -320,7 +320,8 @@ class JobRun:
     def run_unit(self, unit: Unit | None) -> None:
         if unit is None or not unit.todo:
             return
-        self.flight = InFlight(self.job.dir / jobdir.INFLIGHT / f"{unit.index:05d}.json", self.owner.worker)
+        self.flight = InFlight(self.job.dir / jobdir.INFLIGHT / f"{unit.index:05d}.json", self.owner.worker,
+                               self.owner)  # fmt: skip
         counted = f"{len(unit.todo):,} of {self.job.total:,} {self.job.spec.count_noun}"
         self.say(f"job {self.job.id}: unit {unit.index}: {counted} to {self.job.kind} on {self.engine.device} "
                  f"({dtype_name(self.engine)})")  # fmt: skip
@@ -423,7 +424,8 @@ class JobRun:
         started = time.perf_counter()
         if suspect is not None and suspect in self.suspected:
             self.suspected.remove(suspect)
-        self.flight.running(keys, self.suspected, crashes=suspect.crashes if suspect is not None else 0)
+        self.flight.running(keys, self.suspected, crashes=suspect.crashes if suspect is not None else 0,
+                            isolated=suspect is not None and suspect.isolated)  # fmt: skip
         self.uncounted, self.counted = set(wanted), [0, 0]
         try:
             outcomes = isolating(self.engine, self.checked(unit), keys, self.iso)

@@ -116,8 +116,38 @@ def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, refer
     assert not (job.dir / INFLIGHT).exists()
 
 
+def test_a_row_alone_in_its_batch_by_plan_is_not_set_aside_after_two_kills(tmp_path, reference, tiny_gpt2):
+    """A batch of one row by plan (`--batch-size 1`, a leftover row, a long prompt alone over the token budget)
+    is a batch like any other: two kills while it computes (a Colab reclaim, a VM frozen past its lease) run it
+    again, then alone; it completes, no error (adversarial pass 26: it was set aside as a worker_crash)."""
+    job = create_job(
+        reference[0], tiny_gpt2, PARAMS, EngineOptions(batch_size=1), job_dir=tmp_path / "home" / "job"
+    )
+    home, fault = job.dir.parent, {"RUNNER_FAULT": f"poison_kill:{BAD}"}
+    for _ in range(2):
+        code, out = run_worker(home, env_extra=fault)
+        assert code == -signal.SIGKILL, out
+    code, out = run_worker(home)
+    assert code == 0 and read_state(job.dir).state == "completed", out
+    assert read_errors(job.dir) == [] and assert_exactly_once(job.dir, reference[1]) == N_ROWS
+
+
 def _group(*rows, crashes=0):
     return {"keys": [[r, 0] for r in rows], "crashes": crashes}
+
+
+def _exited_owner():
+    """An Owner of this machine whose process has ended."""
+    import subprocess
+    import sys
+
+    from runner.jobdir import Owner, _pid_start
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    start = _pid_start(proc.pid)
+    proc.kill()
+    proc.wait()
+    return {**Owner.me().as_dict(), "pid": proc.pid, "start": start}
 
 
 @pytest.mark.parametrize(
@@ -130,8 +160,19 @@ def _group(*rows, crashes=0):
         ({"running": [[1, 0], [2, 0]], "error": "CUDA error: x"}, [[1], [2]], [], []),
         # a row died alone, silently: alone again at the end, the other suspects first
         ({"running": [[2, 0]], "suspects": [_group(3)]}, [[3]], [[2]], []),
+        ({"running": [[2, 0]], "isolated": True, "suspects": [_group(3)]}, [[3]], [[2]], []),
         # ... a second time: set aside
         ({"running": [[2, 0]], "crashes": 1}, [], [], [(2, 0)]),
+        ({"running": [[2, 0]], "crashes": 1, "isolated": True}, [], [], [(2, 0)]),
+        # a batch of one row by plan died: the same batch again, then the row on its own, as any batch
+        ({"running": [[2, 0]], "isolated": False}, [[2]], [], []),
+        ({"running": [[2, 0]], "isolated": False, "crashes": 1}, [[2]], [], []),
+        # its writer is alive on this machine (frozen past its lease, taken over): no crash, nothing isolated
+        ({"running": [[2, 0]], "crashes": 1, "isolated": True, "owner": "me"}, [], [], []),
+        ({"running": [[1, 0], [2, 0]], "owner": "me", "suspects": [_group(3, crashes=1)]}, [], [[3]], []),
+        # ... but one that has ended did die; a device error counts whoever wrote it
+        ({"running": [[2, 0]], "crashes": 1, "isolated": True, "owner": "exited"}, [], [], [(2, 0)]),
+        ({"running": [[2, 0]], "error": "CUDA error: x", "owner": "me"}, [], [], [(2, 0)]),
         # a device error alone: set aside at once
         ({"running": [[2, 0]], "error": "CUDA error: x"}, [], [], [(2, 0)]),
         # stopped cleanly between batches: only the suspects are left, with their counts
@@ -142,6 +183,10 @@ def _group(*rows, crashes=0):
     ],
 )
 def test_the_isolation_rule(tmp_path, record, first, last, culprits):
+    from runner.jobdir import Owner
+
+    if "owner" in record:
+        record = {**record, "owner": Owner.me().as_dict() if record["owner"] == "me" else _exited_owner()}
     (tmp_path / INFLIGHT).parent.mkdir()
     (tmp_path / INFLIGHT).write_text(json.dumps({**record, "check": storage.json_checksum(record)}))
     rec = InFlight(tmp_path / INFLIGHT, "w").recover({(r, 0) for r in range(9)})
@@ -155,7 +200,7 @@ def test_a_changed_in_flight_record_is_not_obeyed(tmp_path):
     single plain kill; a record that does not match its checksum (or has none) counts as torn: the rows run
     again (found by adversarial pass 8)."""
     path = tmp_path / INFLIGHT
-    InFlight(path, "dead").running([(2, 0)], [])
+    InFlight(path, "dead").running([(2, 0)], [], isolated=True)
     assert InFlight(path, "w").recover({(2, 0)}).last  # as written: alone again, at the end
     path.write_text(path.read_text().replace('"crashes": 0', '"crashes": 1'))
     rec = InFlight(path, "w").recover({(2, 0)})
@@ -163,15 +208,15 @@ def test_a_changed_in_flight_record_is_not_obeyed(tmp_path):
 
 
 def test_a_clean_stop_keeps_the_suspects_and_does_not_count_a_crash(job, reference, gpt2_engine):
-    suspects = [Suspect([(2, 0)]), Suspect([(5, 0)], 1)]
-    InFlight(job.dir / INFLIGHT, "dead").running([(7, 0)], suspects)
+    suspects = [Suspect([(2, 0)], isolated=True), Suspect([(5, 0)], 1, isolated=True)]
+    InFlight(job.dir / INFLIGHT, "dead").running([(7, 0)], suspects, isolated=True)
     calls = []
     run_job(job, gpt2_engine, echo=None, should_stop=lambda: calls.append(1) or len(calls) > 1)
     record = json.loads((job.dir / INFLIGHT).read_text())
     # (2, 0) ran; (7, 0) died alone once so it waits at the end with (5, 0); nothing is running now
     assert record["running"] == [] and record["suspects"] == [
-        {"keys": [[7, 0]], "crashes": 1},
-        {"keys": [[5, 0]], "crashes": 1},
+        {"keys": [[7, 0]], "crashes": 1, "isolated": True},
+        {"keys": [[5, 0]], "crashes": 1, "isolated": True},
     ]
     run_job(job, gpt2_engine, echo=None)
     assert not (job.dir / INFLIGHT).exists() and read_errors(job.dir) == []

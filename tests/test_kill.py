@@ -158,18 +158,27 @@ def test_ctrl_c_finishes_the_batch_and_stops_cleanly(tmp_path, prepared):
     finish(home, job_dir, prepared[1])
 
 
-def test_ctrl_c_on_runner_run_writes_the_finished_batches_and_the_same_command_carries_on(tmp_path, prepared):
+@pytest.mark.parametrize(
+    ("sig", "code_said"),
+    [("SIGINT", (130, "stopping after the current batch")), ("SIGTERM", (143, "terminated (SIGTERM)"))],
+)
+def test_ctrl_c_on_runner_run_writes_the_finished_batches_and_the_same_command_carries_on(
+    tmp_path, prepared, sig, code_said
+):
     """Ctrl-C on `runner run` (found by a user walkthrough: click's "Aborted!", exit 1, and every row of the
     run lost, since none was in a shard yet): it finishes and writes the current batch, exits 130 saying how to
     carry on, and the same command then finishes the job, each row once. The Ctrl-C comes after the second
-    batch is generated (RUNNER_FAULT=after_generate:2:SIGINT), so exactly two batches of two are written."""
+    batch is generated (RUNNER_FAULT=after_generate:2:SIGINT), so exactly two batches of two are written.
+    SIGTERM (`kill PID`, `docker stop`, a preemption) stops at once and writes them too, exit 143: it killed
+    the process as a silent crash does (adversarial pass 26)."""
     job = Job.open(prepared[0])
     out = tmp_path / "out"
     args = ("run", job.meta["input"]["path"], "-m", job.spec.model, "--max-new-tokens", "12", "--temperature", "1.0",
             "-n", "2", "--seed", "1234", "--batch-size", "2", "-o", out)  # fmt: skip
-    code, output = workers.run_runner(*args, env_extra={"RUNNER_FAULT": "after_generate:2:SIGINT"})
-    assert code == 130, output
-    assert "stopping after the current batch" in output and "run the same command again" in output, output
+    code, output = workers.run_runner(*args, env_extra={"RUNNER_FAULT": f"after_generate:2:{sig}"})
+    assert code == code_said[0], output
+    assert code_said[1] in output and "run the same command again" in output, output
+    assert not (out / "inflight").exists() or not list((out / "inflight").iterdir())  # no crash to isolate
     assert "Aborted" not in output and "Traceback" not in output
     assert runner.status(out).done == 4
     code, output = workers.run_runner(*args)

@@ -742,3 +742,4 @@ def test_a_state_record_never_filled_stops_the_worker_with_its_finished_batches_
         run_job(job, gpt2_engine, echo=None, shard_rows=100)
     kept = sum(pq.read_metadata(p).num_rows for p in (job.dir / jobdir.SHARDS).glob("*.parquet"))
     assert 4 <= kept < 20  # the batches finished before it stopped
+
