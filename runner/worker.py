@@ -663,6 +663,9 @@ class JobRun:
         self.verifier.save()
         # the state first: a `retry` from elsewhere after this read raises the generation past the completion
         state = self.state()
+        # Before a word of completion every shard is looked at again (a stat each, a read where it changed):
+        # one this worker wrote or checked may have gone since (Drive lost it, a sync conflict renamed it).
+        self.verifier.trusted.clear()
         progress = jobdir.job_progress(self.job, self.ledger(generation=state.generation))
         if progress.complete and state.state is JobState.QUEUED:
             jobdir.write_completed(self.job.dir, state)

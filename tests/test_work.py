@@ -743,3 +743,34 @@ def test_a_state_record_never_filled_stops_the_worker_with_its_finished_batches_
     kept = sum(pq.read_metadata(p).num_rows for p in (job.dir / jobdir.SHARDS).glob("*.parquet"))
     assert 4 <= kept < 20  # the batches finished before it stopped
 
+
+def test_a_shard_lost_while_its_worker_runs_is_not_reported_completed(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """A shard the worker wrote itself goes (Drive lost it, a sync conflict renamed it) before the worker ends:
+    the worker trusted its own commits without a look and wrote "completed" over missing rows (adversarial pass
+    26). It now looks at every shard before that word: the job stays queued, and the next run computes the rows
+    again, once each."""
+    import runner.worker as worker_module
+
+    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(8))
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
+                     runner.EngineOptions(batch_size=2))  # fmt: skip
+    real, lost = worker_module.JobRun.commit, []
+
+    def commit(run, unit):
+        real(run, unit)
+        if unit.seq == 2 and not lost:  # after its second commit, the first shard is gone
+            lost.append(job.dir / jobdir.SHARDS / f"{jobdir.commit_name(unit.index, unit.epoch, 0)}.parquet")
+            lost[0].unlink()
+
+    monkeypatch.setattr(worker_module.JobRun, "commit", commit)
+    summary = run_job(job, gpt2_engine, echo=None, shard_rows=4)
+    assert not summary.finished and job.state().state is JobState.QUEUED
+    monkeypatch.setattr(worker_module.JobRun, "commit", real)
+    assert (
+        run_job(job, gpt2_engine, echo=None, shard_rows=4).finished
+        and job.state().state is JobState.COMPLETED
+    )
+    df = runner.load_results(job.dir)
+    assert sorted(df["id"]) == [f"r{i}" for i in range(8)]
