@@ -144,7 +144,7 @@ def _note_broken(broken: dict[str, Any] | None, folder: Any, e: Exception) -> No
         broken[str(folder)] = (str(e), getattr(e, "repairable", True), getattr(e, "unfilled", False))
 
 
-def _broken_line(job_id: str, folder: Any, why: Any, repairable: bool, unfilled: bool = False) -> str:
+def _broken_line(job_id: str, folder: Any, why: Any, repairable: bool) -> str:
     """What a worker says of a broken job it skips."""
     hint = f" (`runner repair {folder}` brings it back)" if repairable else ""
     return f"job {job_id} is broken ({why}); skipped{hint}"
@@ -309,7 +309,7 @@ def work(
             del unfilled[folder]  # its record reads now
         for folder in [f for f in broken if f not in seen]:
             if not _on_its_way(folder, broken, unfilled, echo) and echo:
-                echo(_broken_line(os.path.basename(folder), folder, *broken[folder]))
+                echo(_broken_line(os.path.basename(folder), folder, *broken[folder][:2]))
         if cand is None:
             if unfilled:
                 _wait_for_state()
