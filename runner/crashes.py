@@ -24,8 +24,8 @@ leftover row, a prompt alone over the token budget) is a batch like any other: f
 crashes workers silently costs four restarts, and holds up no other row; one that trips a device error, two
 (one with a batch of one row: a device error is conclusive).
 A worker that stops cleanly (Ctrl-C, SIGTERM, deadline, an ordinary error) keeps the suspects it has not run
-yet and does not count the batch it was computing as a crash. Nor is one counted when the record's writer is
-provably alive (on this machine: frozen past its lease, then taken over; or this very process).
+yet and does not count the batch it was computing as a crash. Nor is one counted when the record's writer
+provably lives: stopped on this machine (SIGSTOP: frozen past its lease, then taken over), or this very worker.
 """
 
 from __future__ import annotations
@@ -144,9 +144,7 @@ class InFlight:
         try:
             recorded = [_key(x) for x in rec.get("running", [])]
             out.cause = rec.get("error") or None
-            writer = Owner.from_dict(rec["owner"]) if "owner" in rec else None
-            alive = not out.cause and writer is not None and writer.provably_alive()
-            running = [k for k in recorded if k in todo and not alive]  # a live writer's batch: not a crash
+            running = [k for k in recorded if k in todo and not (not out.cause and self._writer_lives(rec))]
             crashes = int(rec.get("crashes", 0)) + (0 if out.cause else 1)
             alone = len(recorded) == 1 and bool(running)
             # (a record of an older runner has no "isolated": a key alone was always an isolated one then)
@@ -157,7 +155,7 @@ class InFlight:
                     out.culprits.append((running[0], silent_crash_message(crashes)))
                 else:
                     out.last.append(Suspect(running, crashes, isolated=True))
-            elif out.cause or crashes >= SILENT_CRASHES or (len(running) == 1 and not alone):
+            elif out.cause or crashes >= SILENT_CRASHES:
                 out.first.extend(Suspect([k], isolated=True) for k in running)  # one at a time
             elif running:
                 out.first.append(Suspect(running, crashes))  # most likely a plain kill: the same batch again
@@ -172,6 +170,13 @@ class InFlight:
         except (TypeError, ValueError, IndexError, KeyError, AttributeError):
             return Recovery()  # a record from another version: run everything normally
         return out
+
+    def _writer_lives(self, rec: dict[str, Any]) -> bool:
+        """The record's writer did not die: it is this worker (it lost its claim and took the unit again), or
+        a process stopped on this machine (frozen past its lease by SIGSTOP, taken over; it goes on when
+        continued). Its batch is no crash."""
+        writer = Owner.from_dict(rec["owner"]) if "owner" in rec else None
+        return rec.get("worker") == self.worker or (writer is not None and writer.provably_stopped())
 
     def running(
         self,

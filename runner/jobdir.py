@@ -59,6 +59,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -431,17 +432,18 @@ class Owner:
             pass  # exists, not ours to signal
         return self.start is not None and _pid_start(self.pid) not in (None, self.start)
 
-    def provably_alive(self) -> bool:
-        """True only when the owner's process runs on this machine now (the same boot, PID namespace, pid and
-        start time): frozen or slow, not dead. Anywhere else only the heartbeat can tell."""
+    def provably_stopped(self) -> bool:
+        """True only when the owner's process is on this machine now (the same boot, PID namespace, pid and
+        start time) and stopped by a signal (SIGSTOP, SIGTSTP: frozen, it goes on once continued). A process
+        that runs but whose heartbeat ended (hung) is not. Anywhere else only the heartbeat can tell."""
         if not self._on_this_machine():
             return False
         try:
             stat = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError:
             return False
-        running = stat.rsplit(")", 1)[-1].split()[:1] not in (["Z"], ["X"])  # a zombie has ended
-        return running and self.start is not None and _stat_start(stat) == self.start
+        state = stat.rsplit(")", 1)[-1].split()[:1]
+        return state in (["T"], ["t"]) and self.start is not None and _stat_start(stat) == self.start
 
 
 def new_worker_id() -> str:
@@ -1027,30 +1029,89 @@ _LINKS: dict[str, bool] = {}  # folder -> whether its file system has hard links
 
 
 def links_supported(folder: Path) -> bool:
-    """Whether the file system of `folder` has hard links: probed once per folder and process by linking a
-    fresh temp file. With links every exclusive file lands whole, so an empty one is damage, never a change on
-    its way. A folder where nothing can be created (a read-only copy) counts as having them."""
+    """Whether the file system of `folder` has hard links: probed by linking a fresh temp file, once per folder
+    and process where the probe answers (a link made, or refused as unsupported). With links every exclusive
+    file lands whole, so an empty one is damage, never a change on its way. A probe that cannot tell (nothing
+    can be created there now: a read-only copy, a full disk, a Drive hiccup) counts as links, and is tried
+    again next time."""
     key = os.fspath(folder)
-    if key not in _LINKS:
-        _LINKS[key] = _probe_links(Path(key))
-    return _LINKS[key]
+    if key in _LINKS:
+        return _LINKS[key]
+    answer = _probe_links(Path(key))
+    if answer is not None:
+        _LINKS[key] = answer
+    return answer is not False
 
 
-def _probe_links(folder: Path) -> bool:
+def _probe_links(folder: Path) -> bool | None:
     first, second = storage.temp_name(folder / "links"), storage.temp_name(folder / "links")
     try:
         os.close(os.open(first, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     except OSError:
-        return True
+        return None
     try:
         os.link(first, second)
         return True
     except OSError as e:
-        return e.errno not in NO_LINKS
+        return False if e.errno in NO_LINKS else None
     finally:
         for name in (first, second):
             with contextlib.suppress(OSError):  # one left behind is removed as stale later
                 os.unlink(name)
+
+
+def settled_state(job: Job, stop: Callable[[], bool] | None = None, waiting: Callable[[], None] | None = None
+                  ) -> StateRecord:  # fmt: skip
+    """The job's state. A newest record found empty where links are not supported (BrokenJob.unfilled: a
+    `cancel` or `retry` being written) is read again each STATE_WAIT_SECONDS until it reads, for up to
+    STATE_PATIENCE_SECONDS or until `stop()`; then BrokenJob. `waiting()` is called once, when the wait begins."""
+    since = None
+    while True:
+        try:
+            return job.state()
+        except BrokenJob as e:
+            if not e.unfilled:
+                raise
+            now = time.monotonic()
+            if since is None:
+                since = now
+                if waiting is not None:
+                    waiting()
+            if now - since > STATE_PATIENCE_SECONDS or (stop is not None and stop()):
+                raise
+        wait_for_state()
+
+
+STATE_WAIT_SECONDS = 1.0
+
+
+def wait_for_state() -> None:
+    """A moment's wait for a state record being written (`settled_state`, `runner work`'s queue)."""
+    time.sleep(STATE_WAIT_SECONDS)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Around the create and the fill of a file without links: a Ctrl-C or SIGTERM landing in between would
+    leave it empty (the job broken until `runner repair`), so it is held until both are done, then delivered
+    to the handler it was meant for. (In the main thread only: signals are handled nowhere else.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, _: held.append(signum)) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for sig in dict.fromkeys(held):
+        handler = previous[sig]
+        if callable(handler):
+            handler(sig, None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(sig)
 
 
 def _create_then_fill(path: Path, data: bytes) -> bool:
@@ -1064,13 +1125,14 @@ def _create_then_fill(path: Path, data: bytes) -> bool:
         except FileExistsError:
             return None
 
-    fd = storage.retry(create, f"create {path}")
-    if fd is None:
-        return False
-    fault_point("after_create")  # the name is ours and still empty
-    first = [fd]
-    storage.retry(lambda: _write_file(first.pop() if first else os.open(path, os.O_WRONLY | os.O_TRUNC | nofollow),
-                                      data), f"write {path}")  # fmt: skip
+    with _signals_deferred():
+        fd = storage.retry(create, f"create {path}")
+        if fd is None:
+            return False
+        fault_point("after_create")  # the name is ours and still empty
+        first = [fd]
+        storage.retry(lambda: _write_file(first.pop() if first else os.open(path, os.O_WRONLY | os.O_TRUNC | nofollow),
+                                          data), f"write {path}")  # fmt: skip
     return True
 
 

@@ -312,7 +312,7 @@ def work(
                 echo(_broken_line(os.path.basename(folder), folder, *broken[folder][:2]))
         if cand is None:
             if unfilled:
-                _wait_for_state()
+                jobdir.wait_for_state()
             elif not _wait_for_others(home, job, owner.worker, poll, deadline, echo):
                 break
             continue
@@ -359,31 +359,10 @@ def _on_its_way(folder: str, broken: dict[str, Any], unfilled: dict[str, float],
     return True
 
 
-def _state_after_run(j: Job, echo: Any) -> JobState:
-    """The job's state after a run. A newest record being written (`_on_its_way`: a `cancel` landing as the
-    run ended) is waited for, up to STATE_PATIENCE_SECONDS; past that, or damaged, BrokenJob."""
-    since = None
-    while True:
-        try:
-            return j.state().state
-        except BrokenJob as e:
-            if since is None and e.unfilled and echo:
-                echo(_waiting_line(j.id))
-            since = time.monotonic() if since is None else since
-            if not e.unfilled or time.monotonic() - since > jobdir.STATE_PATIENCE_SECONDS:
-                raise
-        _wait_for_state()
-
-
 def _waiting_line(job_id: str) -> str:
     return (f"job {job_id}: its newest state record is empty (a `runner cancel` or `retry` writing it now, where "
             f"links are not supported, or one killed half way); waiting up to {jobdir.STATE_PATIENCE_SECONDS:.0f} s "
             "for it")  # fmt: skip
-
-
-def _wait_for_state() -> None:
-    """A moment's wait for a state record being written (`_on_its_way`) before the queue is looked at again."""
-    time.sleep(WAIT_STEP)
 
 
 def _where_it_runs(job: Job, e: NotOnThisMachine) -> str:
@@ -452,8 +431,10 @@ def run_leased(
             + (f" ({j.name})" if j.name else "")
         )
     read = None
+    halted = _halted(stop, run_opts["deadline"])
     try:
-        read = j.state()  # what a failure found from here on is recorded over (never over a newer word)
+        # what a failure found from here on is recorded over (never over a newer word)
+        read = jobdir.settled_state(j, halted, lambda: echo and echo(_waiting_line(j.id)))
         if (missing := missing_model_folder(j.spec.model)) is not None:
             raise missing
         engine = _reading_model(lambda: engines.get(j), j) if not jobdir.job_progress(j).complete else None
@@ -477,7 +458,12 @@ def run_leased(
         if read is not None:
             _settle_failure(j, read, e, echo)
         return None
-    return _settle(j, summary, echo)
+    return _settle(j, summary, echo, halted)
+
+
+def _halted(stop: Callable[[], bool] | None, deadline: float | None) -> Callable[[], bool]:
+    """Whether the worker is to stop now: `stop()` (a Ctrl-C), or its deadline has come."""
+    return lambda: bool(stop and stop()) or (deadline is not None and time.time() >= deadline)
 
 
 def _damaged(e: Exception, job: Job) -> bool:
@@ -524,10 +510,11 @@ def _settle_failure(j: Job, read: jobdir.StateRecord, e: RunnerError, echo: Any)
         echo(f"job {j.id} failed: {e}")
 
 
-def _settle(j: Job, summary: RunSummary, echo: Any) -> RunSummary:
+def _settle(j: Job, summary: RunSummary, echo: Any, halted: Callable[[], bool]) -> RunSummary:
     """What the run's end means, said once: completed, cancelled, others still on it, or stopped."""
     try:
-        state = _state_after_run(j, echo)
+        # (a newest record being written, a `cancel` landing as the run ended, is waited for)
+        state = jobdir.settled_state(j, halted, lambda: echo and echo(_waiting_line(j.id))).state
     except BrokenJob as e:  # damaged since, or a change's record never filled (no hard links)
         if echo:
             echo(_broken_line(j.id, j.dir, e, e.repairable))

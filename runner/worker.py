@@ -201,21 +201,29 @@ class JobRun:
 
     def state(self) -> StateRecord:
         """The job's state as this worker acts on it. Where links are not supported a state record is created
-        empty, then filled: once the run has read the state, a newest record found empty there is a change on
-        its way (a `cancel` or `retry` slow in between: a Drive round trip), not damage. Until it reads, the
-        worker goes on with the state it read last, as if it had looked a moment earlier (a write decided over
-        that state finds its place taken and is not made); empty for longer than STATE_PATIENCE_SECONDS (or
-        unreadable otherwise), the job is broken (BrokenJob)."""
+        empty, then filled: a newest record found empty there is a change on its way (a `cancel` or `retry`
+        slow in between: a Drive round trip), not damage. Until it reads, the worker goes on with the state it
+        read last, as if it had looked a moment earlier (a write decided over that state finds its place taken
+        and is not made); before it has read one, it waits (jobdir.settled_state). Empty for longer than
+        STATE_PATIENCE_SECONDS (or unreadable otherwise), the job is broken (BrokenJob)."""
         now = time.monotonic()
         try:
             self.known_state, self.unreadable_since = self.job.state(), None
         except BrokenJob as e:
             if self.unreadable_since is None:
                 self.unreadable_since = now
-            waited = now - self.unreadable_since
-            if not e.unfilled or self.known_state is None or waited > jobdir.STATE_PATIENCE_SECONDS:
+            if not e.unfilled or now - self.unreadable_since > jobdir.STATE_PATIENCE_SECONDS:
                 raise
+            if self.known_state is None:
+                self.known_state = jobdir.settled_state(self.job, self.halted)
+                self.unreadable_since = None
         return self.known_state
+
+    def halted(self) -> bool:
+        """Asked to stop (a Ctrl-C) or out of time: what a wait for the job's state gives way to."""
+        return bool(self.user_stop and self.user_stop()) or (
+            self.deadline is not None and time.time() >= self.deadline
+        )
 
     def check_prompts(self) -> None:
         """prompts.parquet must be the file submit wrote: a damaged one fails the job, with the reason. And
@@ -405,7 +413,7 @@ class JobRun:
 
     def announce(self, unit: Unit, recovery: Any) -> None:
         if recovery.retried_batch:
-            self.say(f"a worker died while computing a batch of {len(recovery.first[0].keys)} rows (most likely "
+            self.say(f"a worker died while computing a batch of {len(recovery.first[0].keys)} row(s) (most likely "
                      "it was killed): running that batch again first")  # fmt: skip
         elif recovery.first:
             why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died twice"

@@ -4,6 +4,7 @@ exactly once, and no good row is ever set aside because of a plain kill."""
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 from helpers import assert_exactly_once, reference_run
@@ -136,18 +137,28 @@ def _group(*rows, crashes=0):
     return {"keys": [[r, 0] for r in rows], "crashes": crashes}
 
 
-def _exited_owner():
-    """An Owner of this machine whose process has ended."""
+def _owner(kind):
+    """An Owner of this machine: this process ("me", running), one that has ended ("exited"), or one stopped
+    by SIGSTOP ("stopped", as a worker frozen past its lease); and the process to end afterwards."""
     import subprocess
     import sys
+    import time
 
     from runner.jobdir import Owner, _pid_start
 
+    if kind == "me":
+        return Owner.me().as_dict(), None
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     start = _pid_start(proc.pid)
-    proc.kill()
-    proc.wait()
-    return {**Owner.me().as_dict(), "pid": proc.pid, "start": start}
+    if kind == "exited":
+        proc.kill()
+        proc.wait()
+    else:
+        proc.send_signal(signal.SIGSTOP)
+        stat = Path(f"/proc/{proc.pid}/stat")
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":  # the signal lands at once; seen here
+            time.sleep(0.01)
+    return {**Owner.me().as_dict(), "pid": proc.pid, "start": start}, proc
 
 
 @pytest.mark.parametrize(
@@ -167,12 +178,21 @@ def _exited_owner():
         # a batch of one row by plan died: the same batch again, then the row on its own, as any batch
         ({"running": [[2, 0]], "isolated": False}, [[2]], [], []),
         ({"running": [[2, 0]], "isolated": False, "crashes": 1}, [[2]], [], []),
-        # its writer is alive on this machine (frozen past its lease, taken over): no crash, nothing isolated
-        ({"running": [[2, 0]], "crashes": 1, "isolated": True, "owner": "me"}, [], [], []),
-        ({"running": [[1, 0], [2, 0]], "owner": "me", "suspects": [_group(3, crashes=1)]}, [], [[3]], []),
-        # ... but one that has ended did die; a device error counts whoever wrote it
+        # its writer is stopped on this machine (frozen past its lease, taken over): no crash, nothing isolated
+        ({"running": [[2, 0]], "crashes": 1, "isolated": True, "owner": "stopped"}, [], [], []),
+        (
+            {"running": [[1, 0], [2, 0]], "owner": "stopped", "suspects": [_group(3, crashes=1)]},
+            [],
+            [[3]],
+            [],
+        ),
+        # ... or it is this very worker (it lost its claim, then took the unit again)
+        ({"running": [[2, 0]], "crashes": 1, "isolated": True, "worker": "w"}, [], [], []),
+        # ... but one that has ended did die, one that runs without a heartbeat hangs on the row, and a device
+        # error counts whoever wrote it
         ({"running": [[2, 0]], "crashes": 1, "isolated": True, "owner": "exited"}, [], [], [(2, 0)]),
-        ({"running": [[2, 0]], "error": "CUDA error: x", "owner": "me"}, [], [], [(2, 0)]),
+        ({"running": [[2, 0]], "crashes": 1, "isolated": True, "owner": "me"}, [], [], [(2, 0)]),
+        ({"running": [[2, 0]], "error": "CUDA error: x", "owner": "stopped"}, [], [], [(2, 0)]),
         # a device error alone: set aside at once
         ({"running": [[2, 0]], "error": "CUDA error: x"}, [], [], [(2, 0)]),
         # stopped cleanly between batches: only the suspects are left, with their counts
@@ -183,13 +203,18 @@ def _exited_owner():
     ],
 )
 def test_the_isolation_rule(tmp_path, record, first, last, culprits):
-    from runner.jobdir import Owner
-
+    proc = None
     if "owner" in record:
-        record = {**record, "owner": Owner.me().as_dict() if record["owner"] == "me" else _exited_owner()}
+        owner, proc = _owner(record["owner"])
+        record = {**record, "owner": owner}
     (tmp_path / INFLIGHT).parent.mkdir()
     (tmp_path / INFLIGHT).write_text(json.dumps({**record, "check": storage.json_checksum(record)}))
-    rec = InFlight(tmp_path / INFLIGHT, "w").recover({(r, 0) for r in range(9)})
+    try:
+        rec = InFlight(tmp_path / INFLIGHT, "w").recover({(r, 0) for r in range(9)})
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert [[r for r, _ in x.keys] for x in rec.first] == first
     assert [[r for r, _ in x.keys] for x in rec.last] == last
     assert [k for k, _ in rec.culprits] == culprits

@@ -276,6 +276,55 @@ def test_a_state_record_whose_create_landed_before_a_transient_error_is_the_writ
     assert job.state().state is JobState.CANCELLED
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_between_creating_a_record_and_filling_it_waits_for_the_fill(job, monkeypatch, sig):
+    """No hard links: a SIGTERM (`docker stop`) or a Ctrl-C landing between the exclusive create of a state
+    record and its fill left it empty, the job broken until `runner repair` (adversarial pass 28: the worker's
+    "completed"). The signal is held until the record is whole, then handled as it would have been."""
+    import signal
+
+    class Stopped(Exception):
+        pass
+
+    def link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def at(name):
+        if name == "after_create":
+            os.kill(os.getpid(), getattr(signal, sig))
+
+    def handler(signum, frame):
+        raise Stopped
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(jobdir, "fault_point", at)
+    previous = signal.signal(getattr(signal, sig), handler)
+    try:
+        with pytest.raises(Stopped):
+            runner.cancel(job.dir)
+    finally:
+        signal.signal(getattr(signal, sig), previous)
+    assert signal.getsignal(getattr(signal, sig)) is previous
+    assert job.state().state is JobState.CANCELLED  # the record is whole
+
+
+def test_the_link_probe_tries_again_where_it_could_not_tell(tmp_path, monkeypatch):
+    """links_supported keeps the answer a probe gave (a link made, or refused as unsupported), not one that
+    could not tell (nothing could be created there: a Drive hiccup, a full disk): a glitch once made every
+    empty record of that job damage for the rest of the process (adversarial pass 28)."""
+    folder = tmp_path / "state"
+    assert jobdir.links_supported(folder)  # (not there yet: cannot tell, counts as links)
+    folder.mkdir()
+
+    def link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", link)
+    assert not jobdir.links_supported(folder)
+    monkeypatch.undo()
+    assert not jobdir.links_supported(folder) and list(folder.iterdir()) == []  # kept; no probe file left
+
+
 @pytest.mark.parametrize("code", ["EPERM", "EOPNOTSUPP", "ENOSYS"])
 def test_a_file_system_without_hard_links_creates_its_records_exclusively_all_the_same(
     job, monkeypatch, code

@@ -683,7 +683,6 @@ def test_a_cancel_being_written_when_the_worker_finishes_is_waited_for_not_said_
     job. The worker does not write over it, and `runner work` waits for it (it said "job ... is broken; skipped"
     of a sound job: adversarial pass 23); the job is then cancelled with every row kept."""
     import runner.worker as worker_module
-    from runner import scheduler
 
     monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
     rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(6))
@@ -703,7 +702,7 @@ def test_a_cancel_being_written_when_the_worker_finishes_is_waited_for_not_said_
         place.write_text(_cancel_body(read))  # the cancel fills its record in
 
     monkeypatch.setattr(worker_module.JobRun, "finish", finish)
-    monkeypatch.setattr(scheduler, "_wait_for_state", wait)
+    monkeypatch.setattr(jobdir, "wait_for_state", wait)
     said = []
     work(runner_home, engine=gpt2_engine, echo=said.append)
     assert waits and not any("broken" in line for line in said), said
@@ -774,3 +773,45 @@ def test_a_shard_lost_while_its_worker_runs_is_not_reported_completed(
     )
     df = runner.load_results(job.dir)
     assert sorted(df["id"]) == [f"r{i}" for i in range(8)]
+
+
+def test_a_retry_being_written_as_a_worker_picks_the_job_is_waited_for(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """No hard links: a `runner retry` whose record is created, not filled yet, when `runner work` picks the job
+    up (after its queue scan, before its first read of the state). The worker said the job broken, left it for
+    the rest of its run and ended "nothing to do" (adversarial pass 28); it now waits for the record, then runs
+    the job to its end."""
+    from runner import scheduler
+
+    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
+    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(6))
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
+                     runner.EngineOptions(batch_size=2))  # fmt: skip
+    read = jobdir.read_state(job.dir)
+    place = job.dir / jobdir.STATES / jobdir.record_name(read.seq + 1)
+    real_queue, waits = scheduler.queue, []
+
+    def queue(*a, **k):
+        found = real_queue(*a, **k)
+        if found and not place.exists():  # the retry's record lands right after the scan
+            place.parent.mkdir(exist_ok=True)
+            place.write_bytes(b"")
+        return found
+
+    def wait():
+        from runner import storage
+
+        waits.append(1)
+        body = {**jobdir.StateRecord(JobState.QUEUED, read.generation + 1).as_dict(), "updated": time.time(),
+                "by": "retry", "writer": "r" * 16, "over": read.writer}  # fmt: skip
+        body["check"] = storage.json_checksum(body)
+        place.write_text(json.dumps(body))
+
+    monkeypatch.setattr(scheduler, "queue", queue)
+    monkeypatch.setattr(jobdir, "wait_for_state", wait)
+    said = []
+    summaries = work(runner_home, engine=gpt2_engine, echo=said.append)
+    assert waits and not any("broken" in line for line in said), said
+    assert [s.job_id for s in summaries] == [job.id] and summaries[0].finished, said
+    assert job_status(job).state == "completed" and runner.status(job.dir).done == 6
