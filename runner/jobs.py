@@ -853,9 +853,18 @@ class _Preparer:
                         "messages" if row.messages else None,
                     ))  # fmt: skip
                     continue
-                ids = ids[-budget:]  # keep the end of the prompt: the part the answer follows
+                ids = self._keep_end(ids, budget)
             out.append(_RowProblem("prompt encodes to no tokens") if not ids else (text, ids, 0))
         return out
+
+    def _keep_end(self, ids: list[int], budget: int) -> list[int]:
+        """`--truncate left`: the end of the prompt, the part the answer follows; a BOS token the tokenizer put
+        first stays first, as the tokenizer's own left truncation keeps it (a Llama without its <s> reads on
+        from the middle of a text it was never trained to see begin so)."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None and ids and ids[0] == bos and budget >= 2:
+            return [bos, *ids[len(ids) - budget + 1 :]]
+        return ids[-budget:]
 
     def _prepare_score(self, rows: list[PromptRow]) -> list[tuple[str, list[int], int] | _RowProblem]:
         from .scoring import fit_context, split_contexts, tokenize_texts

@@ -856,3 +856,19 @@ def test_a_row_giving_temperature_one_samples_and_an_older_job_keeps_its_rules(
     )
     per_row = _row_params(older, job.prompts())
     assert [per_row(i).do_sample for i in range(2)] == [False, False]  # as it was made: the row was greedy
+
+
+def test_truncate_left_keeps_the_bos_token_first(tmp_path, tiny_llama):
+    """`--truncate left` kept the last tokens only, so a Llama prompt lost its <s> (the tokenizer's own left
+    truncation keeps it): the model read on from the middle of a text that never began (adversarial pass 27)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    long = " ".join(f"word{i}" for i in range(2000))
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": "long", "prompt": long}])
+    job = create_job(f, tiny_llama, GenerationParams(max_new_tokens=16), truncate="left")
+    table = job.prompts()
+    ids = table.column(next(c for c in table.column_names if "ids" in c)).to_pylist()[0]
+    full = tok(long)["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[1:] == full[len(full) - len(ids) + 1 :]
+    assert table.column("prompt_tokens").to_pylist()[0] == len(ids) < len(full)
