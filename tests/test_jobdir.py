@@ -945,3 +945,21 @@ def test_a_folder_whose_results_are_another_jobs_is_refused_not_run_or_repaired_
     assert not e.value.repairable
     assert jobdir._read_json_or_none(job.dir / "job.backup.json")["id"] == other.id  # nothing was overwritten
     assert runner.status(other.dir).done == 0 < done  # (the other job is untouched)
+
+
+def test_the_heartbeat_is_renewed_sooner_at_first(job):
+    """`runner status` showed the first decode step's speed (5x too low) and no ETA for the first 30 s of a
+    run: the heartbeat file is written at the first figures, then only every ttl/4 (adversarial pass 27). Its
+    first renewals now come after 5, 10 and 20 s, then every ttl/4."""
+    waits = []
+
+    class Clock:
+        def wait(self, timeout):
+            waits.append(timeout)
+            return len(waits) > 5
+
+    beat = Heartbeat(job, Owner.me("w"), ttl=120)
+    beat._stop = Clock()
+    beat._run()
+    assert waits == [5.0, 10.0, 20.0, 30.0, 30.0, 30.0]
+    assert (job.dir / "workers" / "w.json").exists()
