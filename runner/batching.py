@@ -111,14 +111,30 @@ def use_chat_template(tokenizer: Any, template: str) -> None:
 
 def encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
     """Token ids of one prompt. A rendered chat template already holds its special tokens (BOS included),
-    so it is encoded without adding them again; a plain prompt gets what the tokenizer adds (Llama's BOS)."""
-    return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+    so it is encoded without adding them again; a plain prompt gets what the tokenizer adds in front (Llama's
+    BOS), never an EOS it appends (`_appended_eos`)."""
+    return encode_many(tokenizer, [text], chat)[0]
 
 
 def encode_many(tokenizer: Any, texts: Sequence[str], chat: bool) -> list[list[int]]:
     """`encode` of each text, in one tokenizer call: a fast (Rust) tokenizer encodes a list many times faster
     than the same texts one by one, which is most of what submitting a big file costs."""
-    return encode_texts(tokenizer, texts, add_special_tokens=not chat)
+    ids = encode_texts(tokenizer, texts, add_special_tokens=not chat)
+    eos = None if chat else _appended_eos(tokenizer)
+    return ids if eos is None else [i[:-1] if i and i[-1] == eos else i for i in ids]
+
+
+def _appended_eos(tokenizer: Any) -> int | None:
+    """The EOS id the tokenizer puts at the end of every text it encodes with its special tokens (rinna's
+    Japanese GPT-2s: "text</s>"), else None. A prompt ending in "end of text" asks the model to go on after
+    it (rinna's model card encodes prompts without special tokens for this reason), so it is left off."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if not isinstance(eos, int):
+        return None
+    with_special = encode_texts(tokenizer, ["a"], add_special_tokens=True)[0]
+    plain = encode_texts(tokenizer, ["a"], add_special_tokens=False)[0]
+    appends = with_special[-1:] == [eos] and plain[-1:] != [eos]
+    return eos if appends else None
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:

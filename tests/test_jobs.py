@@ -872,3 +872,27 @@ def test_truncate_left_keeps_the_bos_token_first(tmp_path, tiny_llama):
     full = tok(long)["input_ids"]
     assert ids[0] == tok.bos_token_id and ids[1:] == full[len(full) - len(ids) + 1 :]
     assert table.column("prompt_tokens").to_pylist()[0] == len(ids) < len(full)
+
+
+def test_a_tokenizer_that_appends_eos_does_not_end_the_prompts_with_it(tmp_path, tiny_llama):
+    """rinna's Japanese GPT-2s (which the README names) encode "text</s>": every prompt of a generate job ended
+    with EOS, and the model was asked to go on after "end of text" (adversarial pass 27; their model card encodes
+    prompts without special tokens). The appended EOS is left off; the BOS in front stays."""
+    import shutil
+
+    model = tmp_path / "eos-model"
+    shutil.copytree(tiny_llama, model)
+    conf = json.loads((model / "tokenizer.json").read_text())
+    special = {
+        "<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]},
+        "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]},
+    }
+    conf["post_processor"] = {"type": "TemplateProcessing", "special_tokens": special,
+                              "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                         {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]}  # fmt: skip
+    (model / "tokenizer.json").write_text(json.dumps(conf))
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "東京は"}])
+    job = create_job(f, str(model), GenerationParams(max_new_tokens=4))
+    ids = job.prompts().column("input_ids").to_pylist()[0]
+    assert ids[0] == 1 and ids[-1] != 2, ids
