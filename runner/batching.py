@@ -91,6 +91,15 @@ def chat_template_text(value: str | os.PathLike) -> str:
     return text
 
 
+def check_chat_option(tokenizer: Any, model: str) -> None:
+    """`--chat` (each prompt sent as a user message) needs a chat template: refused once, up front, where the
+    model has none and none is given (each row said "this row has 'messages'" of a file of plain prompts)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ParamError("chat", f"each prompt goes as a user message through the model's chat template, and "
+                                 f"{model} has none: give one with --chat-template (your fine-tune's format), or "
+                                 "drop --chat")  # fmt: skip
+
+
 def use_chat_template(tokenizer: Any, template: str) -> None:
     """Make `template` the tokenizer's chat template (over the model's own, if any), once Jinja has read it:
     one it cannot read is refused before any row is rendered, and leaves the tokenizer as it was."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, jobdir, openai_batch, storage
-from .batching import chat_template_text
+from .batching import chat_template_text, check_chat_option
 from .errors import InputError, ParamError, Problem, RunnerError, first_line
 from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
@@ -173,6 +173,8 @@ def create_job(
         if existing is not None:
             return existing
         config, tokenizer, window = _model_facts(model, options, kind, params, chat_template)
+        if chat:
+            check_chat_option(tokenizer, model)
         target = Path(job_dir) if job_dir is not None else root / new_job_id()
         meta = {
             "id": target.name if job_dir is None else new_job_id(), "name": name, "kind": kind,

@@ -82,7 +82,7 @@ def generate(
     `tokens` filled) per prompt. `chat`: send each prompt as one user message through the model's chat
     template, or through `chat_template` (Jinja text; implies `chat`), which the engine's tokenizer keeps. Seeds
     are per (prompt number, sample) from `params.seed` (0 when none), so a try is repeatable."""
-    from .batching import chat_template_text, encode, render_prompt, use_chat_template
+    from .batching import chat_template_text, check_chat_option, encode, render_prompt, use_chat_template
     from .engine import Engine
     from .tasks import generate_keys, sample_seed
 
@@ -92,6 +92,8 @@ def generate(
     if chat_template is not None:
         use_chat_template(engine.tokenizer, chat_template_text(chat_template))
         chat = True
+    if chat:
+        check_chat_option(engine.tokenizer, model)
     ids = []
     for text in prompts:
         messages = [{"role": "user", "content": text}] if chat else None

@@ -120,3 +120,18 @@ def test_openai_batch_chat_requests_and_a_quick_try_use_it_too(tmp_path, tiny_gp
     r = invoke("generate", "How are you?", "-m", tiny_gpt2, "--chat-template", TEMPLATE,
                "--max-new-tokens", 2)  # fmt: skip
     assert r.exit_code == 0 and r.output.startswith("[How are you?]"), r.output
+
+
+def test_chat_on_a_model_without_a_chat_template_is_refused_once_up_front(tmp_path, tiny_gpt2, gpt2_engine):
+    """`--chat` with a model that has no chat template said "this row has 'messages'" of every row of a file of
+    plain prompts (10,000 lines for 10,000 prompts; adversarial pass 27). It is refused once, naming --chat and
+    what to do; `runner generate --chat` the same."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Hello {i}"} for i in range(50)])
+    with pytest.raises(ParamError, match=r"has none: give one with --chat-template .*or drop --chat") as e:
+        create_job(path, tiny_gpt2, chat=True)
+    assert e.value.option == "--chat" and "row" not in str(e.value)
+    out = invoke("run", path, "-m", tiny_gpt2, "--chat", "--max-new-tokens", "2").output
+    assert out.count("drop --chat") == 1 and "p.jsonl:" not in out, out
+    with pytest.raises(ParamError, match="drop --chat"):
+        runner.generate(["Hello"], tiny_gpt2, chat=True, engine=gpt2_engine)
+    assert create_job(path, tiny_gpt2, chat=True, chat_template=TEMPLATE)  # with one given: fine
