@@ -299,11 +299,31 @@ def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | No
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         if fmt == "csv" and "invalid UTF8" in str(e):  # a text column of a later block
             raise _not_utf8_error(path) from e
+        if fmt == "csv" and (ragged := _ragged_csv_row(path)) is not None:
+            raise InputError([ragged], header="cannot read the prompt file") from e
         what = "Parquet" if fmt == "parquet" else "CSV"
         raise InputError(
             [Problem(str(path), 0, None, f"not a readable {what} file ({e})")],
             header="cannot read the prompt file",
         ) from e
+
+
+def _ragged_csv_row(path: Path) -> Problem | None:
+    """The first CSV row with more or fewer cells than the header, named by the line it starts on (pyarrow's
+    parse error names neither line nor row when it reads in threads): most often a cell holding a comma or a
+    quote that was not quoted, by hand or by a spreadsheet."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as f, contextlib.suppress(csv.Error, ValueError):
+        reader = csv.reader(f)
+        header, start = next(reader, []), reader.line_num + 1
+        for cells in reader:
+            if cells and len(cells) != len(header):
+                return Problem(str(path), start, None, f"expected {len(header)} cells (as the header), got "
+                               f"{len(cells)}: a cell holding a comma or a quote must be quoted (\"say \"\"hi\"\", "
+                               "then stop\")")  # fmt: skip
+            start = reader.line_num + 1
+    return None
 
 
 def _data_columns(schema: Any) -> list[str]:

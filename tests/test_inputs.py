@@ -212,6 +212,20 @@ def test_a_latin1_csv_is_not_utf8_with_no_guess(tmp_path):
     )
 
 
+@pytest.mark.parametrize(("bad", "got"), [('c,say "hi", then stop', 3), ("c", 1)])
+def test_a_csv_row_with_more_or_fewer_cells_than_the_header_is_named_by_its_line(tmp_path, bad, got):
+    """An unquoted comma in a prompt (a hand edit, a spreadsheet): pyarrow's parse error named neither the line
+    nor the field (adversarial pass 27). The row is named by the line it starts on (after a cell holding a line
+    break: the file's line, not the row's number), with what to do."""
+    path = tmp_path / "p.csv"
+    path.write_text(f'id,prompt\na,hello\nb,"two\nlines"\n{bad}\nd,ok\n', encoding="utf-8")
+    message = problems_of(path)[1]
+    assert message.startswith(
+        f"cannot read the prompt file: {path}:5: expected 2 cells (as the header), got {got}"
+    )
+    assert "must be quoted" in message
+
+
 def test_a_jsonl_file_that_is_not_utf8_says_so_once(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes('{"prompt": "吾輩は猫である"}\n{"prompt": "こんにちは"}\n'.encode("cp932"))
