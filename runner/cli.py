@@ -327,11 +327,11 @@ def _run_kind(
             click.echo(str(job.dir))
         raise SystemExit(130 if stop() else 1)
     speed = (
-        f"{summary.tokens_per_second:,.1f} tok/s"
+        ("" if kind == "embed" else f", {summary.tokens_per_second:,.1f} tok/s")
         if summary.generated
-        else "already done before: nothing computed"
+        else ", already done before: nothing computed"
     )
-    _echo(f"done: {summary.done:,}/{summary.total:,} {job.spec.count_noun}, {summary.errors} errors, {speed}")
+    _echo(f"done: {summary.done:,}/{summary.total:,} {job.spec.count_noun}, {summary.errors} errors{speed}")
     return job
 
 
@@ -819,11 +819,11 @@ def _detail(s: Any) -> list[str]:
     return lines + [
         f"progress: {s.done:,}/{s.total:,} {job.spec.count_noun}, {s.errors} row errors, {s.invalid} invalid input rows"
         + (f" ({s.unsaved:,} more computed, not saved yet)" if s.unsaved else ""),
-        f"speed:    {s.tokens_per_second or '-'} tok/s, ETA {s.eta}",
+        f"speed:    {f'{s.tokens_per_second:,.1f}' if s.tokens_per_second else '-'} tok/s, ETA {s.eta}",
         f"workers:  {'; '.join(workers) if workers else '-'}",
         f"memory:   peak {_gib(s.peak_memory_bytes)} (GPU memory on CUDA, resident memory on CPU)",
         f"model:    {s.model}",
-        f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompts)",
+        f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} {'prompt' if job.spec.rows == 1 else 'prompts'})",
         "settings: " + ", ".join(f"{k}={_short(v)}" for k, v in _non_default(job.params, p).items()) + f", seed={job.seed}"
         + (", chat (each prompt as a user message)" if job.meta["input"].get("chat") else "")
         + (", its own --chat-template" if job.meta["input"].get("chat_template") else ""),

@@ -491,8 +491,10 @@ def _warn_if_partial(job: Any, rows: int) -> None:
         warnings.warn(f"job {s.id} is broken: {s.message}; these are {rows:,} of its {job.spec.total:,} results",
                       stacklevel=3)  # fmt: skip
     elif s.state != "completed" and s.done < s.total:  # a completed job's other rows are row errors
-        warnings.warn(f"job {s.id} is {s.state}: these are {s.done:,} of its {s.total:,} results (the rest are not "
-                      "generated yet)", stacklevel=3)  # fmt: skip
+        rest = ("the rest are not computed yet" if s.state.startswith("queued") else
+                f"the rest are computed only after `runner retry {job.dir}`")  # fmt: skip
+        warnings.warn(f"job {s.id} is {s.state}: these are {s.done:,} of its {s.total:,} results ({rest})",
+                      stacklevel=3)  # fmt: skip
 
 
 def score_lines(df: Any, tokens: bool = False) -> Iterator[str]:

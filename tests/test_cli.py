@@ -419,6 +419,14 @@ def test_results_of_an_unfinished_job_say_they_are_partial(tmp_path, prompts, ti
     assert invoke("work").exit_code == 0
     result = invoke("results", job_id, "--to", tmp_path / "r.jsonl")
     assert result.exit_code == 0 and "warning" not in result.stderr
+    # a cancelled job's other rows come only after a retry, not "not generated yet"
+    other = invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 3).stdout.strip()
+    assert invoke("cancel", other).exit_code == 0
+    with pytest.warns(UserWarning, match=r"is cancelled: these are 0 of its 2 results \(the rest are computed only "
+                                         r"after `runner retry .*`\)"):  # fmt: skip
+        runner.load_results(other)
+    status = invoke("status", job_id).output
+    assert re.search(r"speed:    [\d,]+\.\d tok/s", status) and "(2 prompts)" in status, status
 
 
 @pytest.mark.parametrize("command", ["score", "embed"])

@@ -852,7 +852,7 @@ def test_one_transient_error_listing_the_home_or_an_o_folder_is_retried(job, tmp
     monkeypatch.setattr(os, "lstat", lstat)
     monkeypatch.setattr(os, "stat", stat)
     assert jobdir.linked_entries(job.dir.parent) == [] and jobs._existing_job(job.dir).id == job.id
-    with pytest.warns(UserWarning, match="not generated yet"):
+    with pytest.warns(UserWarning, match="not computed yet"):
         assert len(runner.load_results(job.dir)) == 0  # its first look: a results file, or a job folder?
     storage.ensure_dir(
         job.dir / "done"

@@ -162,6 +162,7 @@ def test_cli_score_embed_and_submit_kind(tmp_path, texts, tiny_gpt2, runner_home
     )  # no empty pair columns
     r = invoke("embed", texts, "-m", tiny_gpt2, "--skip-invalid", "-o", tmp_path / "e")
     assert r.exit_code == 0, r.output
+    assert "errors\n" in r.stderr and "tok/s" not in r.stderr  # embedding generates no tokens: no "0.0 tok/s"
     assert invoke("results", tmp_path / "e").exit_code == 0
     r = invoke("submit", texts, "-m", tiny_gpt2, "--kind", "score", "--temperature", "0.5")
     assert r.exit_code == 1 and r.output.startswith("Error: --temperature: not used by score jobs.")
