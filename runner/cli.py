@@ -36,9 +36,14 @@ GEN_FIELDS = _fields("GenerationParams")
 ENGINE_FIELDS = _fields("EngineOptions")
 
 
+# `runner work --workers N` names each worker process's lines ("[runner w2]"): their lines share one log
+WORKER_LABEL = "RUNNER_WORKER_LABEL"
+
+
 def _echo(line: str) -> None:
+    label = os.environ.get(WORKER_LABEL, "")
     try:
-        click.echo(f"[runner] {line}", err=True)
+        click.echo(f"[runner{' ' + label if label else ''}] {line}", err=True)
     except BrokenPipeError:  # its reader went away (`runner run ... 2>&1 | head`): the work goes on (log.txt)
         _to_devnull(sys.stderr)
 
@@ -701,7 +706,8 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
 
     base = [sys.executable, "-m", "runner"] + (["--home", home] if home else []) + ["work", *args]
     env = _threads_each(len(devices))
-    procs = [subprocess.Popen(base + (["--device", d] if d else []), env=env) for d in devices]
+    procs = [subprocess.Popen(base + (["--device", d] if d else []), env={**env, WORKER_LABEL: f"w{i}"})
+             for i, d in enumerate(devices, 1)]  # fmt: skip
     _echo(
         f"started {len(procs)} worker processes"
         + (f" on {', '.join(d for d in devices if d)}" if devices[0] else "")

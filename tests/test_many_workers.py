@@ -99,6 +99,9 @@ def test_worker_processes_share_the_cpu_cores_not_each_take_them_all(tmp_path, p
     code, out = run_runner("--home", home, "work", "--workers", 2, "--job", job_dir, "--shard-rows", 2)
     assert code == 0 and "Traceback" not in out, out
     assert_exactly_once(job_dir, prepared[1])
+    # each process's lines say which it is: one log holds both (adversarial pass 27: unlabelled, each one's
+    # progress read as the job's)
+    assert "[runner w1] " in out or "[runner w2] " in out, out
     cores = len(os.sched_getaffinity(0))
     runs = Job.open(job_dir).read_stats()["runs"]
     assert runs and {r["cpu_threads"] for r in runs} == {max(1, cores // 2)}, runs
