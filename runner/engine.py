@@ -148,9 +148,8 @@ class _Decode:
 
     def __post_init__(self) -> None:
         n = len(self.prompts)
-        self.prefixes: list[
-            list[int]
-        ] = []  # the prompt tokens each row's text is decoded after (Engine._text_prefix)
+        # the prompt tokens each row's text is decoded after (Engine._text_prefix)
+        self.prefixes: list[list[int]] = []
         self.out_ids: list[list[int]] = [[] for _ in range(n)]
         self.out_lps: list[list[float]] = [[] for _ in range(n)]
         self.finish: list[tuple[str, str | None] | None] = [None] * n
