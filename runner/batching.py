@@ -133,6 +133,17 @@ def encode_many(tokenizer: Any, texts: Sequence[str], chat: bool) -> list[list[i
     return ids if eos is None else [i[:-1] if i and i[-1] == eos else i for i in ids]
 
 
+def prepended_bos(tokenizer: Any) -> int | None:
+    """The BOS id the tokenizer puts in front of every text it encodes with its special tokens (Llama's <s>),
+    else None (GPT-2 adds none; a chat template's own first token is the template's, not the tokenizer's)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, int):
+        return None
+    with_special = encode_texts(tokenizer, ["a"], add_special_tokens=True)[0]
+    plain = encode_texts(tokenizer, ["a"], add_special_tokens=False)[0]
+    return bos if with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
 def _appended_eos(tokenizer: Any) -> int | None:
     """The EOS id the tokenizer puts at the end of every text it encodes with its special tokens (rinna's
     Japanese GPT-2s: "text</s>"), else None. A prompt ending in "end of text" asks the model to go on after

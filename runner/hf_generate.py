@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .engine import DETOKENIZE_CONTEXT, Completion, Stopped
+from .engine import Completion, Stopped
 from .params import GenerationParams
 
 
@@ -105,18 +105,19 @@ def _completion(engine: Any, prompt: list[int], new: list[int], params: Generati
                 score: float | None) -> Completion:  # fmt: skip
     """One sequence as our Completion: cut after its EOS or its first stop string (what follows is padding or
     was never to be generated), text without the stop string, raw log-probs of its tokens."""
-    prefix = prompt[-DETOKENIZE_CONTEXT:]
+    prefix = engine._text_prefix(prompt)
     eos_at = next((i for i, t in enumerate(new) if t in engine.eos_ids), None)
     reason, stop = ("length", None) if eos_at is None else ("stop", None)
     new = new if eos_at is None else new[: eos_at + 1]
     text = engine._detok(prefix, new)
     # As our loop: a stop string counts from the text of the min_new_tokens-th token on.
-    floor = len(engine._detok(prefix, new[: params.min_new_tokens - 1])) if params.min_new_tokens > 1 else 0
+    floor = engine._text_length(prefix, new[: params.min_new_tokens - 1]) if params.min_new_tokens > 1 else 0
     found = [(i, x) for i, x in ((text.find(x, floor), x) for x in params.stop) if i >= 0]
     if found:
         at, stop = min(found)
-        while len(new) > 1 and len(engine._detok(prefix, new[:-1])) >= at + len(stop):
-            new = new[:-1]  # the tokens after the one that completed the stop string
+        # the tokens up to the one whose text completes the stop string, as our loop stops there
+        ends = (k for k in range(1, len(new) + 1) if engine._detok(prefix, new[:k]).find(stop, floor) == at)
+        new = new[: next(ends, len(new))]
         reason, text = "stop", text[:at]
     elif reason == "length" and text.endswith("\ufffd"):
         text = engine._hold_back(prefix, new, text)

@@ -896,3 +896,19 @@ def test_a_tokenizer_that_appends_eos_does_not_end_the_prompts_with_it(tmp_path,
     job = create_job(f, str(model), GenerationParams(max_new_tokens=4))
     ids = job.prompts().column("input_ids").to_pylist()[0]
     assert ids[0] == 1 and ids[-1] != 2, ids
+
+
+def test_truncate_left_keeps_no_chat_templates_first_token(tmp_path, tiny_llama):
+    """A chat rendered by its template is encoded without the tokenizer's special tokens: its first token is the
+    template's (SmolLM2's BOS is the role marker <|im_start|>), which kept in front of a cut message made the
+    middle of the user's text read as a role (adversarial pass 29). Only the tokenizer's own BOS stays."""
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    long = " ".join(f"word{i}" for i in range(2000))
+    f = write_jsonl(tmp_path / "c.jsonl", [{"id": "c", "messages": [{"role": "user", "content": long}]}])
+    job = create_job(
+        f, tiny_llama, GenerationParams(max_new_tokens=16), truncate="left", chat_template=template
+    )
+    ids = job.prompts().column("input_ids").to_pylist()[0]
+    from transformers import AutoTokenizer
+
+    assert ids[0] != AutoTokenizer.from_pretrained(tiny_llama).bos_token_id

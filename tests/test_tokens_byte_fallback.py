@@ -131,3 +131,79 @@ def test_a_stop_string_whose_character_ends_in_a_later_token_is_found(engine, re
     p = GenerationParams(max_new_tokens=12, choices=["含むよ"], stop=["む"])
     (c,) = eng.generate([prompt], p, [0])
     assert (c.text, c.finish_reason, c.stop_reason) == ("含", "stop", "む"), (c.text, c.token_ids)
+
+
+@pytest.mark.parametrize("engine", ["gpt2_engine", "llama_engine"])
+@pytest.mark.parametrize(("min_new", "first_counts"), [(0, True), (3, True), (4, False)])
+def test_min_new_tokens_and_a_stop_string_split_over_byte_tokens(engine, request, min_new, first_counts):
+    """鷲鷲鷲 in byte tokens, stop 鷲: with --min-new-tokens the stop counts from the text of the min-th token on;
+    an unfinished character's U+FFFD was counted as text there (the first 鷲 was missed, or the text cut at one
+    that should not count: adversarial pass 29). The first 鷲 ends at its 3rd byte token (4th with Llama's
+    leading "▁"): min_new_tokens 4 leaves it out on GPT-2, not on Llama; either way the text ends before a 鷲
+    that counts, and no token is generated past it."""
+    from runner.params import GenerationParams
+
+    eng = request.getfixturevalue(engine)
+    prompt = eng.tokenizer("Hello")["input_ids"]
+    p = GenerationParams(max_new_tokens=12, choices=["鷲鷲鷲"], stop=["鷲"], min_new_tokens=min_new)
+    (c,) = eng.generate([prompt], p, [0])
+    text = eng.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    assert c.stop_reason == "鷲" and text.endswith("鷲") and text.count("鷲") in (1, 2), (c.text, text)
+    counted_first = text.count("鷲") == 1
+    assert c.text == ("" if counted_first else "鷲") and (counted_first or not first_counts), (c.text, text)
+
+
+def _forcing(eng, monkeypatch, ids):
+    """The model's next token is each of `ids` in turn, then EOS."""
+    forced = iter([*ids] + [eng.eos_ids[0]] * 50)
+    real = eng.model.forward
+
+    def forward(*a, **k):
+        out = real(*a, **k)
+        out.logits[:, -1, :] = -1e9
+        out.logits[:, -1, next(forced)] = 1e9
+        return out
+
+    monkeypatch.setattr(eng.model, "forward", forward)
+
+
+@pytest.mark.parametrize("engine", ["gpt2_engine", "llama_engine"])
+def test_the_transformers_path_reads_and_cuts_byte_tokens_as_the_loop_does(engine, request, monkeypatch):
+    """Beam search and --no-repeat-ngram-size run through transformers' generate (hf_generate.py), which
+    decoded after prompt[-4:] (Japanese after a Japanese prompt read "���" with Llama) and, cutting at a stop
+    string, counted an unfinished character's U+FFFD as text (the stop's own byte tokens were cut off, or
+    tokens past it kept: adversarial pass 29). Both now as the loop: the same text and tokens."""
+    from runner.hf_generate import generate_with_transformers
+    from runner.params import GenerationParams
+
+    eng = request.getfixturevalue(engine)
+    tok = eng.tokenizer
+    for prompt_text, choice, stop in [("鷲鷲鷲鷲", "含", []), ("Hello", "鷲鷲鷲", ["鷲"])]:
+        prompt = tok(prompt_text)["input_ids"]
+        (loop,) = eng.generate(
+            [prompt], GenerationParams(max_new_tokens=12, choices=[choice], stop=stop), [0]
+        )
+        past = tok(choice, add_special_tokens=False)["input_ids"] if stop else []  # tokens past the stop
+        longer = [t for t in loop.token_ids if t not in eng.eos_ids] + past
+        _forcing(eng, monkeypatch, longer)
+        params = GenerationParams(max_new_tokens=len(longer), no_repeat_ngram_size=50, stop=stop)
+        (hf,) = generate_with_transformers(eng, prompt, params, None)
+        monkeypatch.undo()
+        got, want = (hf.text, hf.token_ids, hf.stop_reason), (loop.text, loop.token_ids, loop.stop_reason)
+        assert got == want
+
+
+def test_a_short_prompt_that_starts_inside_a_character_still_reads_whole(llama_engine):
+    """`--truncate left` can leave a few tokens that start inside a character: BOS, then the last bytes of 鷲.
+    The text window walked back to the BOS and decoded from there, and the byte run read as U+FFFD, the
+    generated 含 included (adversarial pass 29); a window that finds no character start behind now starts after
+    the unfinished bytes."""
+    from runner.params import GenerationParams
+
+    tok = llama_engine.tokenizer
+    bytes_ = [
+        i for i in tok("鷲", add_special_tokens=False)["input_ids"] if tok.convert_ids_to_tokens(i) != "▁"
+    ]
+    for prompt in ([tok.bos_token_id, *bytes_[1:]], [tok.bos_token_id, *bytes_[1:], *bytes_]):
+        (c,) = llama_engine.generate([prompt], GenerationParams(max_new_tokens=8, choices=["含"]), [0])
+        assert c.text == "含", (c.text, tok.convert_ids_to_tokens(prompt))
