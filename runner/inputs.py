@@ -1052,6 +1052,11 @@ def _text_parts(parts: list[Any]) -> tuple[str | None, str | None]:
 
 
 def _check_messages(value: Any) -> tuple[list[dict[str, str]] | None, str | None]:
+    if isinstance(value, str) and value.lstrip().startswith("["):  # a CSV cell (or a text column) of JSON
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            return None, f"a list of {{role, content}} objects as JSON text must be valid JSON ({e})"
     if not isinstance(value, list) or not value:
         return None, f"must be a non-empty list of {{role, content}} objects, got {_kind(value)}"
     out = []

@@ -388,3 +388,22 @@ def test_a_score_file_without_its_text_field_names_the_option_score_takes(tmp_pa
     f = write_jsonl(tmp_path / "s.jsonl", ['{"sentence": "吾輩は猫である。"}'])
     problems, _ = problems_of(f, prompt_field="text", messages_field=None)
     assert problems[0].endswith("the row has 'sentence'; --text-field or --template names the one to use)")
+
+
+def test_a_csv_cell_gives_messages_as_json_text(tmp_path):
+    """The README's input table lists `messages` for every format, but a CSV cell is text: its JSON list was
+    refused as "got string" (adversarial pass 27). It reads as the list; a cell that is not JSON is named."""
+    import csv
+
+    path = tmp_path / "c.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "messages"])
+        w.writerow(["a", json.dumps([{"role": "user", "content": "こんにちは"}], ensure_ascii=False)])
+    (row,) = read_prompts(path).rows
+    assert row.messages == [{"role": "user", "content": "こんにちは"}] and row.prompt is None
+    path.write_text('id,messages\na,"[{""role"": ""user"""\n', encoding="utf-8")
+    assert (
+        "c.csv:2: messages: a list of {role, content} objects as JSON text must be valid JSON"
+        in problems_of(path)[1]
+    )
