@@ -529,12 +529,13 @@ def _note_settings_as_json(path: Path, keys: list[str]) -> None:
 
 def _settings_as_json(path: Path) -> set[str]:
     """The columns a temporary Parquet file of runner's holds as JSON text (`_note_settings_as_json`)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         note = (pq.read_schema(path).metadata or {}).get(JSON_SETTINGS)
         keys = json.loads(note) if note else []
-    except (OSError, ValueError):  # (an unreadable file is named by the reader)
+    except (OSError, ValueError, pa.ArrowException):  # (an unreadable file is named by the reader)
         return set()
     return {k for k in keys if k in OBJECT_SETTINGS} if isinstance(keys, list) else set()
 

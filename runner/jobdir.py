@@ -107,13 +107,21 @@ class BrokenJob(RunnerError):
     `repairable`: whether `runner repair` can mend it (not a damaged prompts file: that is submitted again).
     `named`: the message already names the job and what brings it back (`naming_broken`). `unfilled`: its newest
     state record is empty on a file system without hard links, where a record is created empty and then filled:
-    maybe a `cancel` or `retry` being written (STATE_PATIENCE_SECONDS), maybe one killed half way."""
+    maybe a `cancel` or `retry` being written (STATE_PATIENCE_SECONDS from `since`), maybe one killed half way."""
 
-    def __init__(self, message: str, repairable: bool = True, named: bool = False, unfilled: bool = False):
+    def __init__(
+        self, message: str, repairable: bool = True, named: bool = False, unfilled: float | None = None
+    ):
         super().__init__(message)
         self.repairable = repairable
         self.named = named
-        self.unfilled = unfilled
+        self.unfilled = unfilled is not None
+        self.since = unfilled  # when the empty record was made (its mtime, never later than now)
+
+    def waited_out(self) -> bool:
+        """An empty record (`unfilled`) older than STATE_PATIENCE_SECONDS: no change is on its way, its writer
+        was killed half way. Every waiter counts from the record's making, so nobody waits twice as long."""
+        return self.since is None or time.time() - self.since > STATE_PATIENCE_SECONDS
 
 
 @contextlib.contextmanager
@@ -636,9 +644,18 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
             return _parse_state(d, name, seq)
         except ValueError as e:  # not BrokenJob (content of the wrong shape): that is never read again
             if not pauses:
-                raise BrokenJob(f"{name} is damaged ({e})", unfilled=not data and not links_supported(path.parent)
-                                ) from None  # fmt: skip
+                made = _made_at(path) if not data and not links_supported(path.parent) else None
+                raise BrokenJob(f"{name} is damaged ({e})", unfilled=made) from None
         time.sleep(pauses.pop(0))
+
+
+def _made_at(path: Path) -> float:
+    """When a file was made, as its mtime says, never later than now (another machine's clock may run ahead)."""
+    now = time.time()
+    try:
+        return min(now, os.stat(path).st_mtime)
+    except OSError:
+        return now
 
 
 # every field a state record has; `check` (its checksum) is absent from the records of an earlier runner
@@ -1063,22 +1080,18 @@ def _probe_links(folder: Path) -> bool | None:
 def settled_state(job: Job, stop: Callable[[], bool] | None = None, waiting: Callable[[], None] | None = None
                   ) -> StateRecord:  # fmt: skip
     """The job's state. A newest record found empty where links are not supported (BrokenJob.unfilled: a
-    `cancel` or `retry` being written) is read again each STATE_WAIT_SECONDS until it reads, for up to
-    STATE_PATIENCE_SECONDS or until `stop()`; then BrokenJob. `waiting()` is called once, when the wait begins."""
-    since = None
+    `cancel` or `retry` being written) is read again each STATE_WAIT_SECONDS until it reads, until it is
+    STATE_PATIENCE_SECONDS old (BrokenJob.waited_out) or until `stop()`; then BrokenJob. `waiting()` is called once, when the wait begins."""
+    said = False
     while True:
         try:
             return job.state()
         except BrokenJob as e:
-            if not e.unfilled:
+            if not e.unfilled or e.waited_out() or (stop is not None and stop()):
                 raise
-            now = time.monotonic()
-            if since is None:
-                since = now
-                if waiting is not None:
-                    waiting()
-            if now - since > STATE_PATIENCE_SECONDS or (stop is not None and stop()):
-                raise
+            if not said and waiting is not None:
+                waiting()
+            said = True
         wait_for_state()
 
 
@@ -2103,13 +2116,14 @@ def _valid_spec(meta: Any) -> bool:
 
 def _shards_job_id(path: Path) -> str | None:
     """The job id the folder's first readable results shard was written for (its Parquet metadata), or None."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for name in scan(path / SHARDS)[:8]:
         try:
             found = (pq.read_schema(path / SHARDS / name).metadata or {}).get(b"runner.job")
-        except (OSError, ValueError):  # (pyarrow's ArrowInvalid is a ValueError)
-            continue
+        except (OSError, ValueError, pa.ArrowException):  # damaged (one flipped bit can make a footer "not
+            continue  # implemented": ArrowNotImplementedError, no ValueError); its verification says so
         if found:
             return found.decode("utf-8", "replace")
     return None

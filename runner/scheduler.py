@@ -136,12 +136,18 @@ def _queued(
             if not isinstance(e, BrokenJob) and not _damaged(e, job):
                 raise
             # a damaged folder (a file where claims/ belongs...) is broken too
-            _note_broken(broken, job.dir, e)
+            _note_broken(broken, job.dir, e, job.id)
 
 
-def _note_broken(broken: dict[str, Any] | None, folder: Any, e: Exception) -> None:
+def _note_broken(broken: dict[str, Any] | None, folder: Any, e: Exception, job_id: str | None = None) -> None:
     if broken is not None:
-        broken[str(folder)] = (str(e), getattr(e, "repairable", True), getattr(e, "unfilled", False))
+        unfilled = getattr(e, "since", None)  # an empty state record (no links): when it was made
+        broken[str(folder)] = (
+            str(e),
+            getattr(e, "repairable", True),
+            unfilled,
+            job_id or os.path.basename(folder),
+        )
 
 
 def _broken_line(job_id: str, folder: Any, why: Any, repairable: bool) -> str:
@@ -298,8 +304,10 @@ def work(
                     owner=owner, lease_ttl=lease_ttl)  # fmt: skip
     summaries: list[RunSummary] = []
     failed: set[str] = set()
-    broken: dict[str, Any] = {}  # folder -> (why, repairable, unfilled): said once per worker
-    unfilled: dict[str, float] = {}  # folder -> since when its newest state record has been empty (no links)
+    broken: dict[
+        str, Any
+    ] = {}  # folder -> (why, repairable, empty record made at, job id): said once per worker
+    unfilled: dict[str, float] = {}  # folder -> when its empty newest state record was made (no links)
     if job is None:
         jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
     while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
@@ -309,7 +317,7 @@ def work(
             del unfilled[folder]  # its record reads now
         for folder in [f for f in broken if f not in seen]:
             if not _on_its_way(folder, broken, unfilled, echo) and echo:
-                echo(_broken_line(os.path.basename(folder), folder, *broken[folder][:2]))
+                echo(_broken_line(broken[folder][3], folder, *broken[folder][:2]))
         if cand is None:
             if unfilled:
                 jobdir.wait_for_state()
@@ -330,6 +338,8 @@ def work(
             if echo:
                 echo(f"job {cand.job.id} stays queued: {e}; {_where_it_runs(cand.job, e)}")
             continue
+        if not _now_readable(cand.job):  # said broken by run_leased, after its wait for the state: not again
+            broken.setdefault(str(cand.job.dir), ("", True, None, cand.job.id))
         if summary is None:
             failed.add(cand.job.id)
             if on_failed is not None and _now_in(cand.job, JobState.FAILED):
@@ -343,16 +353,17 @@ def work(
 
 def _on_its_way(folder: str, broken: dict[str, Any], unfilled: dict[str, float], echo: Any) -> bool:
     """A job found broken because its newest state record is empty where links are not supported: a `cancel`
-    or `retry` writing it now (created, not filled yet), or one killed half way. For STATE_PATIENCE_SECONDS it
-    is left out of `broken` (so looked at again each round) and said to be waited for, not said broken."""
-    if not broken[folder][2]:
+    or `retry` writing it now (created, not filled yet), or one killed half way. Until the record is
+    STATE_PATIENCE_SECONDS old it is left out of `broken` (so looked at again each round) and said to be waited
+    for, not said broken."""
+    made = broken[folder][2]
+    if made is None:
         return False
-    now = time.monotonic()
     if folder not in unfilled:
-        unfilled[folder] = now
+        unfilled[folder] = made
         if echo:
-            echo(_waiting_line(os.path.basename(folder)))
-    if now - unfilled[folder] > jobdir.STATE_PATIENCE_SECONDS:
+            echo(_waiting_line(broken[folder][3]))
+    if time.time() - made > jobdir.STATE_PATIENCE_SECONDS:
         del unfilled[folder]
         return False
     del broken[folder]
@@ -369,6 +380,14 @@ def _where_it_runs(job: Job, e: NotOnThisMachine) -> str:
     if isinstance(e, NoSuchDevice):
         return f"run it on a machine that has that device, or here with `runner work --job {job.id} --device cpu`"
     return f"{e.hint} `runner work` runs it once it is there"
+
+
+def _now_readable(job: Job) -> bool:
+    try:
+        job.state()
+        return True
+    except RunnerError:
+        return False
 
 
 def _now_in(job: Job, state: JobState) -> bool:

@@ -148,7 +148,6 @@ class JobRun:
         self.stopped = False
         self.cancel_checked, self.was_cancelled = 0.0, False
         self.known_state: StateRecord | None = None  # the job's state as this worker last read it (`state`)
-        self.unreadable_since: float | None = None  # since when its newest record has been unreadable
         # ... for longer than jobdir.STATE_PATIENCE_SECONDS: the job is broken (raised once the finished rows are in)
         self.state_error: BrokenJob | None = None
         self.t0 = time.perf_counter()
@@ -206,17 +205,13 @@ class JobRun:
         read last, as if it had looked a moment earlier (a write decided over that state finds its place taken
         and is not made); before it has read one, it waits (jobdir.settled_state). Empty for longer than
         STATE_PATIENCE_SECONDS (or unreadable otherwise), the job is broken (BrokenJob)."""
-        now = time.monotonic()
         try:
-            self.known_state, self.unreadable_since = self.job.state(), None
+            self.known_state = self.job.state()
         except BrokenJob as e:
-            if self.unreadable_since is None:
-                self.unreadable_since = now
-            if not e.unfilled or now - self.unreadable_since > jobdir.STATE_PATIENCE_SECONDS:
+            if not e.unfilled or e.waited_out():
                 raise
             if self.known_state is None:
                 self.known_state = jobdir.settled_state(self.job, self.halted)
-                self.unreadable_since = None
         return self.known_state
 
     def halted(self) -> bool:
@@ -251,6 +246,7 @@ class JobRun:
         than this worker's (begun on an A100 in bfloat16, carried on on a T4 in float16: `--dtype auto`): its
         results then mix the two, which is allowed (EngineOptions) but not silent. From the newest shard of
         `ledger` (the commits before this run; its Parquet metadata); shards of an older runner say nothing."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         assert self.engine is not None
@@ -260,7 +256,7 @@ class JobRun:
             return
         try:
             meta = pq.read_schema(self.job.dir / jobdir.SHARDS / newest.shard).metadata or {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, pa.ArrowException):
             return  # (the shard's verification says what is wrong with it)
         before = {k: meta.get(f"runner.{k}".encode(), b"").decode() for k in ("dtype", "device")}
         now = {"dtype": dtype_name(self.engine), "device": device_kind(self.engine)}

@@ -672,6 +672,10 @@ def test_a_record_never_filled_after_the_run_is_said_broken_once_the_patience_is
     said = []
     work(runner_home, engine=gpt2_engine, echo=said.append)
     assert any(f"job {job.id} is broken" in line and "runner repair" in line for line in said), said
+    # waited for once, said once (the queue's next look waited as long again: adversarial pass 30)
+    assert (
+        sum("waiting up to" in line for line in said) <= 1 and sum("is broken" in line for line in said) == 1
+    )
     assert job_status(job).state == "broken"
     assert runner.repair(job.dir) and runner.status(job.dir).done == 6
 
@@ -815,3 +819,70 @@ def test_a_retry_being_written_as_a_worker_picks_the_job_is_waited_for(
     assert waits and not any("broken" in line for line in said), said
     assert [s.job_id for s in summaries] == [job.id] and summaries[0].finished, said
     assert job_status(job).state == "completed" and runner.status(job.dir).done == 6
+
+
+def _flip_to_not_implemented(shard):
+    """Flip the first bit (from the footer back) that makes pyarrow call the shard's schema "not implemented"
+    (ArrowNotImplementedError: neither OSError nor ValueError)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = shard.read_bytes()
+    probe = shard.with_name("probe.bin")
+    for pos in range(len(data) - 9, max(0, len(data) - 3000), -1):
+        for bit in range(8):
+            flipped = bytearray(data)
+            flipped[pos] ^= 1 << bit
+            probe.write_bytes(bytes(flipped))
+            try:
+                pq.read_schema(probe)
+            except pa.ArrowNotImplementedError:
+                probe.unlink()
+                shard.write_bytes(bytes(flipped))
+                return
+            except Exception:
+                pass
+    raise AssertionError("no such flip")
+
+
+def test_a_shard_whose_footer_reads_as_not_implemented_is_set_aside_like_any_damage(
+    tmp_path, tiny_gpt2, gpt2_engine
+):
+    """One flipped bit in a shard's footer can make pyarrow raise ArrowNotImplementedError ("Integers with more
+    than 64 bits not implemented"), which the check of the shards' job id did not catch: every `runner work`
+    and `runner repair` of the job died with a traceback, for good (adversarial pass 30). The shard is now set
+    aside as any damaged one and its rows computed again."""
+    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(8))
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
+                     runner.EngineOptions(batch_size=2), job_dir=tmp_path / "job")  # fmt: skip
+    calls = []
+    run_job(job, gpt2_engine, echo=None, shard_rows=2, should_stop=lambda: calls.append(1) or len(calls) > 2)
+    shards = sorted((job.dir / jobdir.SHARDS).glob("*.parquet"))
+    assert shards and runner.status(job.dir).done < 8
+    _flip_to_not_implemented(shards[0])
+    assert run_job(Job.open(job.dir), gpt2_engine, echo=None, shard_rows=2).finished
+    assert sorted(runner.load_results(job.dir)["id"]) == [f"r{i}" for i in range(8)]
+    assert runner.repair(job.dir).state_now == "completed"
+
+
+def test_an_empty_record_made_long_ago_is_not_waited_for(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """No hard links: the patience counts from the empty record's making (its mtime), not from when each reader
+    first saw it: the worker, the end of its run and the queue each waited the whole patience again, twice as
+    long as said (adversarial pass 30). A record emptied by a command killed an hour ago is broken at once."""
+    from runner import scheduler
+
+    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
+    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(4))
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
+                     runner.EngineOptions(batch_size=2))  # fmt: skip
+    place = job.dir / jobdir.STATES / jobdir.record_name(jobdir.read_state(job.dir).seq + 1)
+    place.parent.mkdir(exist_ok=True)
+    place.write_bytes(b"")
+    os.utime(place, (time.time() - 3600, time.time() - 3600))
+    waits = []
+    monkeypatch.setattr(jobdir, "wait_for_state", lambda: waits.append(1))
+    said = []
+    scheduler.work(runner_home, engine=gpt2_engine, echo=said.append)
+    assert not waits and any(f"job {job.id} is broken" in line for line in said), said
