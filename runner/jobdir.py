@@ -1081,7 +1081,8 @@ def settled_state(job: Job, stop: Callable[[], bool] | None = None, waiting: Cal
                   ) -> StateRecord:  # fmt: skip
     """The job's state. A newest record found empty where links are not supported (BrokenJob.unfilled: a
     `cancel` or `retry` being written) is read again each STATE_WAIT_SECONDS until it reads, until it is
-    STATE_PATIENCE_SECONDS old (BrokenJob.waited_out) or until `stop()`; then BrokenJob. `waiting()` is called once, when the wait begins."""
+    STATE_PATIENCE_SECONDS old (BrokenJob.waited_out) or until `stop()`; then BrokenJob. `waiting()` is called
+    once, when the wait begins."""
     said = False
     while True:
         try:

@@ -203,8 +203,8 @@ class JobRun:
         empty, then filled: a newest record found empty there is a change on its way (a `cancel` or `retry`
         slow in between: a Drive round trip), not damage. Until it reads, the worker goes on with the state it
         read last, as if it had looked a moment earlier (a write decided over that state finds its place taken
-        and is not made); before it has read one, it waits (jobdir.settled_state). Empty for longer than
-        STATE_PATIENCE_SECONDS (or unreadable otherwise), the job is broken (BrokenJob)."""
+        and is not made); before it has read one, it waits (jobdir.settled_state). A record empty for
+        STATE_PATIENCE_SECONDS since it was made (or unreadable otherwise): the job is broken (BrokenJob)."""
         try:
             self.known_state = self.job.state()
         except BrokenJob as e:
