@@ -829,7 +829,7 @@ def _detail(s: Any) -> list[str]:
         f"workers:  {'; '.join(workers) if workers else '-'}",
         f"memory:   peak {_gib(s.peak_memory_bytes)} (GPU memory on CUDA, resident memory on CPU)",
         f"model:    {s.model}",
-        f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} {'prompt' if job.spec.rows == 1 else 'prompts'})",
+        f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompt{'' if job.spec.rows == 1 else 's'})",
         "settings: " + ", ".join(f"{k}={_short(v)}" for k, v in _non_default(job.params, p).items()) + f", seed={job.seed}"
         + (", chat (each prompt as a user message)" if job.meta["input"].get("chat") else "")
         + (", its own --chat-template" if job.meta["input"].get("chat_template") else ""),
