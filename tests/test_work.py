@@ -600,12 +600,34 @@ def test_a_waiting_worker_looks_again_as_soon_as_the_other_commits(tmp_path, mon
     )  # nothing landed
 
 
-def _cancel_body(read):
-    """A `runner cancel`'s state record over `read`, as record_state writes it."""
+def _small_job(tmp_path, model, rows, **kw):
+    """A job of `rows` prompts in batches of 2 (`kw`: create_job's)."""
+    lines = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(rows))
+    return create_job(write_jsonl(tmp_path / "p.jsonl", lines), model, GenerationParams(max_new_tokens=4),
+                      runner.EngineOptions(batch_size=2), **kw)  # fmt: skip
+
+
+def _without_links(monkeypatch, job):
+    """This file system has no hard links (records are created empty, then filled): (the job's state now, the
+    place of its next state record)."""
+    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
+    read = jobdir.read_state(job.dir)
+    return read, job.dir / jobdir.STATES / jobdir.record_name(read.seq + 1)
+
+
+def _created_empty(place):
+    """A command's state record, created and not filled (yet)."""
+    place.parent.mkdir(exist_ok=True)
+    place.write_bytes(b"")
+
+
+def _record_body(read, state, by, generation=None):
+    """A command's state record over `read`, as record_state writes it."""
     from runner import storage
 
-    body = {**jobdir.StateRecord(jobdir.JobState.CANCELLED, read.generation).as_dict(), "updated": time.time(),
-            "by": "cancel", "writer": "c" * 16, "over": read.writer}  # fmt: skip
+    generation = read.generation if generation is None else generation
+    body = {**jobdir.StateRecord(state, generation).as_dict(), "updated": time.time(), "by": by,
+            "writer": by[0] * 16, "over": read.writer}  # fmt: skip
     body["check"] = storage.json_checksum(body)
     return json.dumps(body)
 
@@ -621,13 +643,9 @@ def test_an_empty_newest_state_record_is_a_change_on_its_way_not_a_broken_job(
     read last: once the cancel is filled in, it stops as cancelled and keeps what it finished."""
     import runner.worker as worker_module
 
-    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(20))
-    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
-                     runner.EngineOptions(batch_size=2), unit_rows=unit_rows)  # fmt: skip
+    job = _small_job(tmp_path, tiny_gpt2, 20, unit_rows=unit_rows)
     monkeypatch.setattr(worker_module, "CANCEL_CHECK_SECONDS", 0.0)
-    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
-    read = jobdir.read_state(job.dir)
-    place = job.dir / jobdir.STATES / jobdir.record_name(read.seq + 1)
+    read, place = _without_links(monkeypatch, job)
     batches, real = [], worker_module.fault_point
 
     def after(name):
@@ -635,10 +653,9 @@ def test_an_empty_newest_state_record_is_a_change_on_its_way_not_a_broken_job(
         if name == "after_generate":
             batches.append(name)
             if len(batches) == 1:  # the cancel's record, created, not filled yet
-                place.parent.mkdir(exist_ok=True)
-                place.write_bytes(b"")
+                _created_empty(place)
             if len(batches) == 3:  # two batches later (past a unit boundary) the cancel fills its record in
-                place.write_text(_cancel_body(read))
+                place.write_text(_record_body(read, JobState.CANCELLED, "cancel"))
 
     monkeypatch.setattr(worker_module, "fault_point", after)
     summary = run_job(job, gpt2_engine, echo=None, shard_rows=100)
@@ -655,17 +672,13 @@ def test_a_record_never_filled_after_the_run_is_said_broken_once_the_patience_is
     said broken, with `runner repair`, once STATE_PATIENCE_SECONDS are over; the rows stay done."""
     import runner.worker as worker_module
 
-    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
     monkeypatch.setattr(jobdir, "STATE_PATIENCE_SECONDS", -1.0)
-    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(6))
-    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
-                     runner.EngineOptions(batch_size=2))  # fmt: skip
+    job = _small_job(tmp_path, tiny_gpt2, 6)
+    _, place = _without_links(monkeypatch, job)
     real_finish = worker_module.JobRun.finish
 
     def finish(run, ran):
-        place = job.dir / jobdir.STATES / jobdir.record_name(jobdir.newest_state_seq(job.dir) + 1)
-        place.parent.mkdir(exist_ok=True)
-        place.write_bytes(b"")
+        _created_empty(place)
         return real_finish(run, ran)
 
     monkeypatch.setattr(worker_module.JobRun, "finish", finish)
@@ -688,22 +701,17 @@ def test_a_cancel_being_written_when_the_worker_finishes_is_waited_for_not_said_
     of a sound job: adversarial pass 23); the job is then cancelled with every row kept."""
     import runner.worker as worker_module
 
-    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
-    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(6))
-    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
-                     runner.EngineOptions(batch_size=2))  # fmt: skip
-    read = jobdir.read_state(job.dir)
-    place = job.dir / jobdir.STATES / jobdir.record_name(read.seq + 1)
+    job = _small_job(tmp_path, tiny_gpt2, 6)
+    read, place = _without_links(monkeypatch, job)
     real_finish, waits = worker_module.JobRun.finish, []
 
     def finish(run, ran):  # the cancel's record appears as the worker ends the job
-        place.parent.mkdir(exist_ok=True)
-        place.write_bytes(b"")
+        _created_empty(place)
         return real_finish(run, ran)
 
     def wait():
         waits.append(1)
-        place.write_text(_cancel_body(read))  # the cancel fills its record in
+        place.write_text(_record_body(read, JobState.CANCELLED, "cancel"))  # the cancel fills its record in
 
     monkeypatch.setattr(worker_module.JobRun, "finish", finish)
     monkeypatch.setattr(jobdir, "wait_for_state", wait)
@@ -723,13 +731,10 @@ def test_a_state_record_never_filled_stops_the_worker_with_its_finished_batches_
 
     import runner.worker as worker_module
 
-    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(20))
-    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
-                     runner.EngineOptions(batch_size=2))  # fmt: skip
+    job = _small_job(tmp_path, tiny_gpt2, 20)
     monkeypatch.setattr(worker_module, "CANCEL_CHECK_SECONDS", 0.0)
     monkeypatch.setattr(jobdir, "STATE_PATIENCE_SECONDS", 0.0)
-    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
-    place = job.dir / jobdir.STATES / jobdir.record_name(jobdir.read_state(job.dir).seq + 1)
+    _, place = _without_links(monkeypatch, job)
     batches, real = [], worker_module.fault_point
 
     def after(name):
@@ -737,8 +742,7 @@ def test_a_state_record_never_filled_stops_the_worker_with_its_finished_batches_
         if name == "after_generate":
             batches.append(name)
             if len(batches) == 2:  # a change's record, created and never filled (its writer was killed)
-                place.parent.mkdir(exist_ok=True)
-                place.write_bytes(b"")
+                _created_empty(place)
 
     monkeypatch.setattr(worker_module, "fault_point", after)
     with pytest.raises(jobdir.BrokenJob, match="is damaged"):
@@ -756,9 +760,7 @@ def test_a_shard_lost_while_its_worker_runs_is_not_reported_completed(
     again, once each."""
     import runner.worker as worker_module
 
-    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(8))
-    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
-                     runner.EngineOptions(batch_size=2))  # fmt: skip
+    job = _small_job(tmp_path, tiny_gpt2, 8)
     real, lost = worker_module.JobRun.commit, []
 
     def commit(run, unit):
@@ -788,29 +790,19 @@ def test_a_retry_being_written_as_a_worker_picks_the_job_is_waited_for(
     the job to its end."""
     from runner import scheduler
 
-    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
-    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(6))
-    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
-                     runner.EngineOptions(batch_size=2))  # fmt: skip
-    read = jobdir.read_state(job.dir)
-    place = job.dir / jobdir.STATES / jobdir.record_name(read.seq + 1)
+    job = _small_job(tmp_path, tiny_gpt2, 6)
+    read, place = _without_links(monkeypatch, job)
     real_queue, waits = scheduler.queue, []
 
     def queue(*a, **k):
         found = real_queue(*a, **k)
         if found and not place.exists():  # the retry's record lands right after the scan
-            place.parent.mkdir(exist_ok=True)
-            place.write_bytes(b"")
+            _created_empty(place)
         return found
 
     def wait():
-        from runner import storage
-
         waits.append(1)
-        body = {**jobdir.StateRecord(JobState.QUEUED, read.generation + 1).as_dict(), "updated": time.time(),
-                "by": "retry", "writer": "r" * 16, "over": read.writer}  # fmt: skip
-        body["check"] = storage.json_checksum(body)
-        place.write_text(json.dumps(body))
+        place.write_text(_record_body(read, JobState.QUEUED, "retry", generation=read.generation + 1))
 
     monkeypatch.setattr(scheduler, "queue", queue)
     monkeypatch.setattr(jobdir, "wait_for_state", wait)
@@ -852,9 +844,7 @@ def test_a_shard_whose_footer_reads_as_not_implemented_is_set_aside_like_any_dam
     than 64 bits not implemented"), which the check of the shards' job id did not catch: every `runner work`
     and `runner repair` of the job died with a traceback, for good (adversarial pass 30). The shard is now set
     aside as any damaged one and its rows computed again."""
-    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(8))
-    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
-                     runner.EngineOptions(batch_size=2), job_dir=tmp_path / "job")  # fmt: skip
+    job = _small_job(tmp_path, tiny_gpt2, 8, job_dir=tmp_path / "job")
     calls = []
     run_job(job, gpt2_engine, echo=None, shard_rows=2, should_stop=lambda: calls.append(1) or len(calls) > 2)
     shards = sorted((job.dir / jobdir.SHARDS).glob("*.parquet"))
@@ -873,13 +863,9 @@ def test_an_empty_record_made_long_ago_is_not_waited_for(
     long as said (adversarial pass 30). A record emptied by a command killed an hour ago is broken at once."""
     from runner import scheduler
 
-    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
-    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(4))
-    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=4),
-                     runner.EngineOptions(batch_size=2))  # fmt: skip
-    place = job.dir / jobdir.STATES / jobdir.record_name(jobdir.read_state(job.dir).seq + 1)
-    place.parent.mkdir(exist_ok=True)
-    place.write_bytes(b"")
+    job = _small_job(tmp_path, tiny_gpt2, 4)
+    _, place = _without_links(monkeypatch, job)
+    _created_empty(place)
     os.utime(place, (time.time() - 3600, time.time() - 3600))
     waits = []
     monkeypatch.setattr(jobdir, "wait_for_state", lambda: waits.append(1))
