@@ -11,7 +11,9 @@ token that equals EOS (GPT-2) cannot be confused with a real EOS.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -136,25 +138,36 @@ def encode_many(tokenizer: Any, texts: Sequence[str], chat: bool) -> list[list[i
 def prepended_bos(tokenizer: Any) -> int | None:
     """The BOS id the tokenizer puts in front of every text it encodes with its special tokens (Llama's <s>),
     else None (GPT-2 adds none; a chat template's own first token is the template's, not the tokenizer's)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if not isinstance(bos, int):
-        return None
-    with_special = encode_texts(tokenizer, ["a"], add_special_tokens=True)[0]
-    plain = encode_texts(tokenizer, ["a"], add_special_tokens=False)[0]
-    return bos if with_special[:1] == [bos] and plain[:1] != [bos] else None
+    return _added_specials(tokenizer)[0]
 
 
 def _appended_eos(tokenizer: Any) -> int | None:
     """The EOS id the tokenizer puts at the end of every text it encodes with its special tokens (rinna's
     Japanese GPT-2s: "text</s>"), else None. A prompt ending in "end of text" asks the model to go on after
     it (rinna's model card encodes prompts without special tokens for this reason), so it is left off."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if not isinstance(eos, int):
-        return None
+    return _added_specials(tokenizer)[1]
+
+
+_ADDED: weakref.WeakKeyDictionary[Any, tuple[int | None, int | None]] = weakref.WeakKeyDictionary()
+
+
+def _added_specials(tokenizer: Any) -> tuple[int | None, int | None]:
+    """(BOS id, EOS id) the tokenizer adds in front of and after a text encoded with its special tokens, each
+    None where it adds none: one text encoded both ways, once per tokenizer."""
+    try:
+        return _ADDED[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
     with_special = encode_texts(tokenizer, ["a"], add_special_tokens=True)[0]
     plain = encode_texts(tokenizer, ["a"], add_special_tokens=False)[0]
-    appends = with_special[-1:] == [eos] and plain[-1:] != [eos]
-    return eos if appends else None
+    added = (
+        bos if isinstance(bos, int) and with_special[:1] == [bos] and plain[:1] != [bos] else None,
+        eos if isinstance(eos, int) and with_special[-1:] == [eos] and plain[-1:] != [eos] else None,
+    )
+    with contextlib.suppress(TypeError):  # (an object that takes no weak reference is probed each time)
+        _ADDED[tokenizer] = added
+    return added
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:

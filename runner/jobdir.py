@@ -110,13 +110,16 @@ class BrokenJob(RunnerError):
     maybe a `cancel` or `retry` being written (STATE_PATIENCE_SECONDS from `since`), maybe one killed half way."""
 
     def __init__(
-        self, message: str, repairable: bool = True, named: bool = False, unfilled: float | None = None
+        self, message: str, repairable: bool = True, named: bool = False, since: float | None = None
     ):
         super().__init__(message)
         self.repairable = repairable
         self.named = named
-        self.unfilled = unfilled is not None
-        self.since = unfilled  # when the empty record was made (its mtime, never later than now)
+        self.since = since  # `unfilled`: when the empty record was made (its mtime, never later than now)
+
+    @property
+    def unfilled(self) -> bool:
+        return self.since is not None
 
     def waited_out(self) -> bool:
         """An empty record (`unfilled`) older than STATE_PATIENCE_SECONDS: no change is on its way, its writer
@@ -645,7 +648,7 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
         except ValueError as e:  # not BrokenJob (content of the wrong shape): that is never read again
             if not pauses:
                 made = _made_at(path) if not data and not links_supported(path.parent) else None
-                raise BrokenJob(f"{name} is damaged ({e})", unfilled=made) from None
+                raise BrokenJob(f"{name} is damaged ({e})", since=made) from None
         time.sleep(pauses.pop(0))
 
 
@@ -2123,8 +2126,10 @@ def _shards_job_id(path: Path) -> str | None:
     for name in scan(path / SHARDS)[:8]:
         try:
             found = (pq.read_schema(path / SHARDS / name).metadata or {}).get(b"runner.job")
-        except (OSError, ValueError, pa.ArrowException):  # damaged (one flipped bit can make a footer "not
-            continue  # implemented": ArrowNotImplementedError, no ValueError); its verification says so
+        except (OSError, ValueError, pa.ArrowException):
+            # damaged (one flipped bit can make a footer "not implemented": ArrowNotImplementedError, no
+            # ValueError); its verification says so
+            continue
         if found:
             return found.decode("utf-8", "replace")
     return None

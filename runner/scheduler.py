@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import jobdir, storage
 from .crashes import DeviceError
@@ -107,7 +107,7 @@ class Candidate:
     interrupted: bool  # some of it is done or was claimed: a worker died or stopped in it
 
 
-def _jobs(home: Any, only: str | Job | None, broken: dict[str, Any] | None = None) -> list[Job]:
+def _jobs(home: Any, only: str | Job | None, broken: dict[str, Broken] | None = None) -> list[Job]:
     """The jobs to consider; broken ones are left out (and put in `broken`: folder -> (reason, repairable))."""
     if isinstance(only, Job):
         return [Job.open(only.dir)]
@@ -124,7 +124,7 @@ def _jobs(home: Any, only: str | Job | None, broken: dict[str, Any] | None = Non
 
 
 def _queued(
-    home: Any, only: str | Job | None, broken: dict[str, Any] | None = None
+    home: Any, only: str | Job | None, broken: dict[str, Broken] | None = None
 ) -> Iterator[tuple[Job, jobdir.Progress]]:
     """Queued jobs with their standing; cancelled, failed, completed and broken ones are left out (the broken
     ones put in `broken`: folder -> (reason, repairable))."""
@@ -139,15 +139,23 @@ def _queued(
             _note_broken(broken, job.dir, e, job.id)
 
 
-def _note_broken(broken: dict[str, Any] | None, folder: Any, e: Exception, job_id: str | None = None) -> None:
+class Broken(NamedTuple):
+    """A broken job the queue met (`runner work` says so once)."""
+
+    why: str
+    repairable: bool
+    made: (
+        float | None
+    )  # its newest state record is empty (no links): when that record was made (`_on_its_way`)
+    job_id: str
+
+
+def _note_broken(
+    broken: dict[str, Broken] | None, folder: Any, e: Exception, job_id: str | None = None
+) -> None:
     if broken is not None:
-        unfilled = getattr(e, "since", None)  # an empty state record (no links): when it was made
-        broken[str(folder)] = (
-            str(e),
-            getattr(e, "repairable", True),
-            unfilled,
-            job_id or os.path.basename(folder),
-        )
+        broken[str(folder)] = Broken(str(e), getattr(e, "repairable", True), getattr(e, "since", None),
+                                     job_id or os.path.basename(folder))  # fmt: skip
 
 
 def _broken_line(job_id: str, folder: Any, why: Any, repairable: bool) -> str:
@@ -157,7 +165,7 @@ def _broken_line(job_id: str, folder: Any, why: Any, repairable: bool) -> str:
 
 
 def queue(
-    home: Any = None, only: str | Job | None = None, broken: dict[str, Any] | None = None
+    home: Any = None, only: str | Job | None = None, broken: dict[str, Broken] | None = None
 ) -> list[Candidate]:
     """Jobs a worker may take, in the order it takes them: interrupted jobs first, then queued jobs by
     priority (high first), then age. Jobs with no unit free to claim (done, or all held by live workers),
@@ -304,9 +312,7 @@ def work(
                     owner=owner, lease_ttl=lease_ttl)  # fmt: skip
     summaries: list[RunSummary] = []
     failed: set[str] = set()
-    broken: dict[
-        str, Any
-    ] = {}  # folder -> (why, repairable, empty record made at, job id): said once per worker
+    broken: dict[str, Broken] = {}  # folder -> a broken job met: said once per worker
     unfilled: dict[str, float] = {}  # folder -> when its empty newest state record was made (no links)
     if job is None:
         jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
@@ -317,7 +323,8 @@ def work(
             del unfilled[folder]  # its record reads now
         for folder in [f for f in broken if f not in seen]:
             if not _on_its_way(folder, broken, unfilled, echo) and echo:
-                echo(_broken_line(broken[folder][3], folder, *broken[folder][:2]))
+                b = broken[folder]
+                echo(_broken_line(b.job_id, folder, b.why, b.repairable))
         if cand is None:
             if unfilled:
                 jobdir.wait_for_state()
@@ -338,31 +345,32 @@ def work(
             if echo:
                 echo(f"job {cand.job.id} stays queued: {e}; {_where_it_runs(cand.job, e)}")
             continue
-        if not _now_readable(cand.job):  # said broken by run_leased, after its wait for the state: not again
-            broken.setdefault(str(cand.job.dir), ("", True, None, cand.job.id))
+        now = _state_now(cand.job)
+        if now is None:  # said broken by run_leased, after its wait for the state: not again
+            broken.setdefault(str(cand.job.dir), Broken("", True, None, cand.job.id))
         if summary is None:
             failed.add(cand.job.id)
-            if on_failed is not None and _now_in(cand.job, JobState.FAILED):
+            if on_failed is not None and now is JobState.FAILED:
                 on_failed(cand.job)
             continue
         summaries.append(summary)
-        if once or (summary.stopped and not _now_in(cand.job, JobState.CANCELLED)):
+        if once or (summary.stopped and now is not JobState.CANCELLED):
             break
     return summaries
 
 
-def _on_its_way(folder: str, broken: dict[str, Any], unfilled: dict[str, float], echo: Any) -> bool:
+def _on_its_way(folder: str, broken: dict[str, Broken], unfilled: dict[str, float], echo: Any) -> bool:
     """A job found broken because its newest state record is empty where links are not supported: a `cancel`
     or `retry` writing it now (created, not filled yet), or one killed half way. Until the record is
     STATE_PATIENCE_SECONDS old it is left out of `broken` (so looked at again each round) and said to be waited
     for, not said broken."""
-    made = broken[folder][2]
+    made = broken[folder].made
     if made is None:
         return False
     if folder not in unfilled:
         unfilled[folder] = made
         if echo:
-            echo(_waiting_line(broken[folder][3]))
+            echo(_waiting_line(broken[folder].job_id))
     if time.time() - made > jobdir.STATE_PATIENCE_SECONDS:
         del unfilled[folder]
         return False
@@ -382,20 +390,12 @@ def _where_it_runs(job: Job, e: NotOnThisMachine) -> str:
     return f"{e.hint} `runner work` runs it once it is there"
 
 
-def _now_readable(job: Job) -> bool:
+def _state_now(job: Job) -> JobState | None:
+    """The job's state now; None for a broken job (that is said when the queue is looked at again)."""
     try:
-        job.state()
-        return True
+        return job.state().state
     except RunnerError:
-        return False
-
-
-def _now_in(job: Job, state: JobState) -> bool:
-    """The job reads `state` now (a broken job reads none: that is said when the queue is looked at again)."""
-    try:
-        return job.state().state is state
-    except RunnerError:
-        return False
+        return None
 
 
 def _wait_for_others(home: Any, job: Any, me: str, poll: float, deadline: float | None, echo: Any) -> bool:

@@ -148,7 +148,8 @@ class JobRun:
         self.stopped = False
         self.cancel_checked, self.was_cancelled = 0.0, False
         self.known_state: StateRecord | None = None  # the job's state as this worker last read it (`state`)
-        # ... for longer than jobdir.STATE_PATIENCE_SECONDS: the job is broken (raised once the finished rows are in)
+        # the cancel check found the state broken (damaged, or empty past the patience): raised by `run` once the
+        # finished rows are in
         self.state_error: BrokenJob | None = None
         self.t0 = time.perf_counter()
         self.last_commit = self.t0
