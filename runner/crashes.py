@@ -144,7 +144,8 @@ class InFlight:
         try:
             recorded = [_key(x) for x in rec.get("running", [])]
             out.cause = rec.get("error") or None
-            running = [k for k in recorded if k in todo and not (not out.cause and self._writer_lives(rec))]
+            lives = not out.cause and self._writer_lives(rec)  # its batch is no crash: nothing to isolate
+            running = [] if lives else [k for k in recorded if k in todo]
             crashes = int(rec.get("crashes", 0)) + (0 if out.cause else 1)
             alone = len(recorded) == 1 and bool(running)
             # (a record of an older runner has no "isolated": a key alone was always an isolated one then)

@@ -155,9 +155,8 @@ class _Decode:
         self.finish: list[tuple[str, str | None] | None] = [None] * n
         self.stop_pos: list[int | None] = [None] * n
         self.scanned = [0] * n  # characters of decoded text already searched for stop strings
-        self.stops_from = [
-            0
-        ] * n  # where stop strings count from (the text of the min_new_tokens-th token on)
+        # where stop strings count from (the text of the min_new_tokens-th token on)
+        self.stops_from = [0] * n
         self.tops: list[list[list[tuple[int, float, int]]]] = [[] for _ in range(n)]
 
     def keep_slots(self, idx: Any) -> None:
