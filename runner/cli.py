@@ -131,7 +131,7 @@ generation_options = _apply([
     click.option("--do-sample/--greedy", default=None,
                  help="Sample or decode greedily [default: sample iff --temperature/--top-p/--top-k/-n ask]."),
     click.option("--temperature", type=float, help="Sampling temperature; 0 = greedy [default: 1.0]."),
-    click.option("--top-p", type=float, help="Nucleus sampling mass in (0, 1] [default: 1.0]."),
+    click.option("--top-p", type=float, help="Nucleus sampling mass in [0, 1] [default: 1.0]."),
     click.option("--top-k", type=int, help="Sample from the k most likely tokens; 0 = off [default: 0]."),
     click.option("--repetition-penalty", type=float, help="Penalty > 0 for repeated tokens [default: 1.0]."),
     click.option("--presence-penalty", type=float, help="OpenAI presence penalty in [-2, 2] [default: 0]."),

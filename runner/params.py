@@ -59,7 +59,7 @@ class GenerationParams:
     temperature: float = 1.0
     """Softmax temperature, >= 0; 0 means greedy (as in vLLM and the OpenAI API)."""
     top_p: float = 1.0
-    """Nucleus sampling mass, in (0, 1]; 1 disables it."""
+    """Nucleus sampling mass, in [0, 1]; 1 disables it, 0 keeps only the most likely token (as OpenAI's top_p)."""
     top_k: int = 0
     """Keep only the k most likely tokens, >= 0; 0 disables it."""
     repetition_penalty: float = 1.0
@@ -71,7 +71,8 @@ class GenerationParams:
     """OpenAI / vLLM frequency penalty, in [-2, 2]: subtracted from a token's logit once per time it was
     generated in this sample; 0 disables it."""
     num_return_sequences: int = 1
-    """Samples per prompt (`-n`), in [1, 1024]; more than 1 needs sampling."""
+    """Samples per prompt (`-n`), in [1, 1024]; more than 1 turns sampling on unless the settings say greedy
+    (temperature 0, do_sample false): then each is the greedy answer, as OpenAI's `n` at temperature 0 gives."""
     seed: int | None = None
     """Random seed, in [0, 2**63-1]. Same seed, file and settings give identical results. A job picks one
     (and records it) when none is given."""
@@ -114,12 +115,6 @@ class GenerationParams:
         self._decide_sampling()
         self._check_beams()
         self._check_transformers_generate()
-        if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:
-            raise ParamError(
-                "num_return_sequences",
-                f"num_return_sequences > 1 needs sampling (do_sample or temperature > 0), "
-                f"got num_return_sequences={self.num_return_sequences} with greedy decoding.",
-            )
         self._check_constraint()
 
     def _normalise_stop(self) -> None:
@@ -147,7 +142,7 @@ class GenerationParams:
         self.temperature = _check_float("temperature", self.temperature)
         _check_range("temperature", self.temperature, self.temperature >= 0, ">= 0")
         self.top_p = _check_float("top_p", self.top_p)
-        _check_range("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
+        _check_range("top_p", self.top_p, 0 <= self.top_p <= 1, "in [0, 1]")
         _check_int("top_k", self.top_k, 0)
         self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
         _check_range("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0")

@@ -237,7 +237,7 @@ def test_plain_rows_carry_their_own_settings_checked_per_row(tmp_path, tiny_gpt2
         create_job(path, tiny_gpt2)
     text = str(err.value)
     assert "p.jsonl:2: n: num_return_sequences must be in [1, 1024], got 0." in text
-    assert "p.jsonl:3: top_p: top_p must be in (0, 1], got 2.0." in text
+    assert "p.jsonl:3: top_p: top_p must be in [0, 1], got 2.0." in text
     assert "p.jsonl:4: max_new_tokens: give one of 'max_tokens' and 'max_new_tokens', not both." in text
     ok = write_jsonl(
         tmp_path / "ok.jsonl", [rows[0], {"id": "b", "prompt": "World", "n": 3, "temperature": 1.1}]
@@ -792,3 +792,25 @@ def test_chat_content_parts_and_vllms_top_k_off_are_taken(tmp_path, tiny_llama):
     ):
         create_job(write_jsonl(tmp_path / "b2.jsonl", lines), tiny_llama, served_model_names=("tiny",),
                    home=tmp_path / "home2")  # fmt: skip
+
+
+def test_n_at_temperature_0_and_top_p_0_are_the_greedy_answer_as_openai_gives(tmp_path, tiny_llama):
+    """OpenAI takes `n` > 1 at temperature 0 (n copies of the greedy answer) and `top_p: 0` (only the most likely
+    token is left): both once refused, so a file that ran on OpenAI lost those lines."""
+    from runner.engine import Engine
+
+    chat = "/v1/chat/completions"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 8}
+    lines = [request("greedy", chat, {**body, "temperature": 0}),
+             request("n3", chat, {**body, "temperature": 0, "n": 3, "logprobs": True}),
+             request("top_p", chat, {**body, "top_p": 0, "seed": 5})]  # fmt: skip
+    job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_llama, GenerationParams(max_new_tokens=8),
+                     served_model_names=("tiny",), home=tmp_path / "home")  # fmt: skip
+    assert run_job(job, Engine(tiny_llama), echo=None).finished
+    assert export(job, tmp_path / "out.jsonl") == (3, 0)
+    out = [check_output_line(json.loads(x)) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    answer = out[0].choices[0].message.content
+    assert answer and [c.message.content for c in out[1].choices] == [answer] * 3
+    logprobs = [[t.logprob for t in c.logprobs.content] for c in out[1].choices]
+    assert logprobs[0] == logprobs[1] == logprobs[2]
+    assert out[2].choices[0].message.content == answer

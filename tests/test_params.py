@@ -16,8 +16,8 @@ from runner import EngineOptions, GenerationParams, ParamError
         ("temperature", -0.5, r"temperature must be >= 0, got -0\.5\."),
         ("temperature", float("nan"), r"temperature must be a finite number, got nan\."),
         ("temperature", "hot", r"temperature must be a number, got 'hot'\."),
-        ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1\.5\."),
-        ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0\.0\."),
+        ("top_p", 1.5, r"top_p must be in \[0, 1\], got 1\.5\."),
+        ("top_p", -0.1, r"top_p must be in \[0, 1\], got -0\.1\."),
         ("top_k", -3, r"top_k must be >= 0, got -3\."),
         ("repetition_penalty", 0.0, r"repetition_penalty must be > 0, got 0\.0\."),
         ("num_return_sequences", 0, r"num_return_sequences must be in \[1, 1024\], got 0\."),
@@ -35,9 +35,10 @@ def test_each_field_is_checked(field, value, message):
 
 
 def test_cross_field_checks():
-    with pytest.raises(ParamError, match="num_return_sequences > 1 needs sampling") as info:
-        GenerationParams(num_return_sequences=4, do_sample=False)
-    assert info.value.param == "num_return_sequences"
+    # n copies of the greedy answer, as OpenAI's n at temperature 0; top_p 0 keeps only the most likely token
+    assert GenerationParams(num_return_sequences=4, do_sample=False).do_sample is False
+    assert GenerationParams(num_return_sequences=4, temperature=0).do_sample is False
+    assert GenerationParams(top_p=0).top_p == 0.0
     with pytest.raises(ParamError, match=r"temperature must be > 0 when sampling"):
         GenerationParams(do_sample=True, temperature=0)
 
