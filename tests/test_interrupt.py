@@ -69,3 +69,25 @@ def test_an_interrupt_writes_the_finished_batches_only(
     assert "interrupted: the finished batches" in (job.dir / "log.txt").read_text()
     assert run_job(job, gpt2_engine, echo=None).finished
     assert_exactly_once(job.dir, reference[1])
+
+
+def test_a_ctrl_c_while_the_command_loads_ends_it_in_one_line_not_a_traceback():
+    """The `runner` command spends a tenth of a second (more on a busy machine) importing its modules before its
+    own Ctrl-C handling starts: a Ctrl-C there printed Python's traceback. Here the import of click is where it
+    lands (a finder that raises it), as a Ctrl-C would."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scripts = (Path(__file__).parents[1] / "pyproject.toml").read_text().split("[project.scripts]")[1]
+    assert scripts.split("\n")[1] == 'runner = "runner.__main__:main"'  # the command starts there
+    code = """import sys
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "click":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+from runner.__main__ import main
+main()"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "[runner] interrupted\n")
