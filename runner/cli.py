@@ -760,9 +760,10 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
             click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
         else:
             click.echo(status_table(statuses) if statuses else "no jobs")
-            # what needs the user: a broken job and how to bring it back, a failure's reason
+            # what needs the user: a broken job and how to bring it back, a failure's reason, what a queued job
+            # waits for
             for st in statuses:
-                if st.message and st.state in ("broken", "failed"):
+                if st.message and (st.state in ("broken", "failed") or st.state.startswith("queued")):
                     click.echo(f"{st.id}: {st.message}")
         return
     s = api.status(job_ref, ctx.obj["home"])

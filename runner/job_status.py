@@ -83,6 +83,7 @@ def job_status(job: Job) -> JobStatus:
     name, message, missing = state.state.value, state.error, 0
     if state.state is JobState.QUEUED:
         name = "running" if progress.live else ("queued (interrupted)" if progress.started else "queued")
+        message = None if progress.live else _waiting_for(job)
     if state.state is JobState.COMPLETED and not progress.complete:
         missing = progress.total - progress.done - progress.failed
         name = JobState.BROKEN.value
@@ -109,6 +110,15 @@ def job_status(job: Job) -> JobStatus:
         message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak, missing=missing,
         unsaved=unsaved,
     )  # fmt: skip
+
+
+def _waiting_for(job: Job) -> str | None:
+    """Why `runner work` on this machine leaves a queued job as it is (its model folder not here: a Drive not
+    mounted yet), else None."""
+    from .models import missing_model_folder
+
+    missing = missing_model_folder(job.spec.model)
+    return f"{missing} ({missing.hint}); `runner work` runs it once it is there" if missing else None
 
 
 def _number(record: dict[str, Any], key: str) -> float | None:

@@ -567,8 +567,17 @@ def test_a_job_whose_model_folder_is_gone_stays_queued_until_it_is_back(
         and f"job {job_id} stays queued: its model {model} is not on this machine" in gone.stderr
     )
     assert runner.status(job_id, runner_home).state == "queued"
+    # runner status says what it waits for (it said "queued" alone)
+    waits = (
+        f"its model {model} is not on this machine (is its drive mounted?); `runner work` runs it once it is"
+    )
+    assert (
+        f"{job_id}: {waits} there" in invoke("status").stdout
+        and f"state:    queued - {waits} there" in invoke("status", job_id).stdout
+    )
     (tmp_path / "away").rename(model)
     assert invoke("work").exit_code == 0 and runner.status(job_id, runner_home).state == "completed"
+    assert runner.status(job_id, runner_home).message is None
     (tmp_path / "d.jsonl").mkdir()
     folder = invoke("submit", tmp_path / "d.jsonl", "--model", model)
     assert folder.exit_code == 1 and f"{tmp_path / 'd.jsonl'}: not a file" in folder.stderr, folder.stderr
