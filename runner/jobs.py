@@ -87,8 +87,18 @@ def _identity(
         "input_sha256": storage.file_sha256(input_path), "prompt_field": prompt_field, "template": template,
         "skip_invalid": skip_invalid, "truncate": truncate, "model": model, "params": params.to_dict(),
         "served_model_names": list(served), **({"chat": True} if chat else {}),
-        **({"chat_template": chat_template} if chat_template is not None else {}),
+        **({"chat_template": chat_template} if chat_template is not None else {}), **_schema_order(params),
     }  # fmt: skip
+
+
+def _schema_order(params: Any) -> dict[str, str]:
+    """A job's JSON schema as written, where its keys are not in sorted order: the order its object is
+    generated in, which the fingerprint (sorted keys) would not see; jobs whose schema is sorted, or that have
+    none, keep the fingerprint they had."""
+    schema = getattr(params, "json_schema", None)
+    if schema is None or _json(schema) == json.dumps(schema, ensure_ascii=False, sort_keys=True):
+        return {}
+    return {"json_schema_text": _json(schema)}
 
 
 def _input_meta(source: Any, input_path: Path, identity: dict[str, Any]) -> dict[str, Any]:
@@ -293,6 +303,9 @@ def _differences(job: Job, identity: dict[str, Any]) -> str:
         for k in ("skip_invalid", "served_model_names")
         if k in read and read[k] != identity[k]
     ]  # fmt: skip (recorded since 2026-12-02)
+    schemas = stored.get("json_schema"), asked.get("json_schema")
+    if schemas[0] == schemas[1] and _json(schemas[0]) != _json(schemas[1]):
+        said.append("json_schema's key order (the order its object is generated in)")
     if read.get("chat_template") != identity.get("chat_template"):
         said.append(
             "the chat template"

@@ -90,6 +90,38 @@ def test_same_seed_same_results_and_resume_equals_uninterrupted(
         assert list(a) == pytest.approx(list(b), abs=1e-4)  # other batches: same tokens, float rounding only
 
 
+def test_a_job_schema_with_its_keys_in_another_order_is_another_job(tmp_path, prompts_file, tiny_gpt2):
+    """A JSON schema's key order is the order its object is generated in. The job's fingerprint sorted the keys,
+    so a rerun into the same folder with the properties swapped resumed the old job: objects in the old order."""
+    from runner.jobs import _schema_order
+
+    def schema(*names):
+        return {
+            "type": "object",
+            "properties": {n: {"type": "integer"} for n in names},
+            "required": ["a", "b"],
+        }
+
+    def submit(json_schema):
+        params = GenerationParams(max_new_tokens=4, json_schema=json_schema)
+        return create_job(prompts_file, tiny_gpt2, params, job_dir=tmp_path / "out")
+
+    job = submit(schema("b", "a"))
+    assert submit(schema("b", "a")).id == job.id
+    with pytest.raises(
+        RunnerError, match=r"settings \(json_schema's key order \(the order its object is generated"
+    ):
+        submit(schema("a", "b"))
+    # a schema whose keys are already sorted (and no schema) adds nothing: earlier jobs keep their fingerprint
+    assert (
+        _schema_order(GenerationParams(json_schema=json.loads(json.dumps(schema("a", "b"), sort_keys=True))))
+        == {}
+    )
+    assert _schema_order(GenerationParams()) == {} and _schema_order(
+        GenerationParams(json_schema=schema("b", "a"))
+    )
+
+
 def test_rerun_with_same_output_resumes_and_other_settings_are_refused(
     tmp_path, prompts_file, tiny_gpt2, gpt2_engine
 ):
