@@ -58,14 +58,20 @@ def _fingerprint(data: dict[str, Any]) -> str:
 
 
 def _reader(
-    input_path: Path, kind: str, prompt_field: str, template: str | None, models: tuple[str, ...], chat: bool
+    input_path: Path,
+    kind: str,
+    prompt_field: str,
+    template: str | None,
+    models: tuple[str, ...],
+    chat: bool,
+    params: Any,
 ) -> PromptReader:
     """How this kind of job reads its rows: generation reads messages and per-row settings, scoring pairs."""
     return PromptReader(
         input_path, prompt_field=prompt_field, template=template,
         messages_field="messages" if kind == "generate" else None,
         pair_fields=("context", "continuation") if kind == "score" else None,
-        row_settings=kind == "generate", batch=(kind, models), chat=chat,
+        row_settings=kind == "generate", batch=(kind, models, openai_batch.says_greedy(params)), chat=chat,
     )  # fmt: skip
 
 
@@ -170,7 +176,7 @@ def create_job(
         # the names Batch lines may give the model
         models = tuple(dict.fromkeys((model, Path(model).name, *served_model_names)))
         model = stored_spec(model)
-        reader = _reader(input_path, kind, prompt_field, template, models, chat)
+        reader = _reader(input_path, kind, prompt_field, template, models, chat, params)
         identity = _identity(input_path, model, params, prompt_field=prompt_field, template=template,
                              skip_invalid=skip_invalid, truncate=truncate, served=served_model_names,
                              chat=chat, chat_template=chat_template)  # fmt: skip

@@ -50,11 +50,18 @@ def is_request(obj: dict[str, Any]) -> bool:
     return bool({"custom_id", "method", "url", "body"} & set(obj)) and not {"prompt", "messages"} & set(obj)
 
 
+def says_greedy(params: Any) -> bool:
+    """The job asks for greedy decoding outright (--greedy, or --temperature 0): requests that give no
+    temperature take it, where the API would sample at temperature 1."""
+    return getattr(params, "_do_sample_given", None) is False or getattr(params, "temperature", 1.0) == 0
+
+
 def request_row(
-    obj: dict[str, Any], kind: str, models: tuple[str, ...]
+    obj: dict[str, Any], kind: str, models: tuple[str, ...], greedy: bool = False
 ) -> tuple[dict[str, Any] | None, str | None, str]:
     """The input row a Batch request line stands for, or (None, field, problem). `models`: the names
-    `body.model` may take (the model given with --model, its folder name, and --served-model-name)."""
+    `body.model` may take (the model given with --model, its folder name, and --served-model-name); `greedy`:
+    the job says greedy (`says_greedy`)."""
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
         return None, "custom_id", "must be a non-empty string (every Batch request has one)"
@@ -76,11 +83,11 @@ def request_row(
     body = obj.get("body")
     if not isinstance(body, dict):
         return None, "body", "must be a JSON object"
-    return _body_row(cid, url, body, models)
+    return _body_row(cid, url, body, models, greedy)
 
 
 def _body_row(
-    cid: str, url: str, body: dict[str, Any], models: tuple[str, ...]
+    cid: str, url: str, body: dict[str, Any], models: tuple[str, ...], greedy: bool
 ) -> tuple[Any, str | None, str]:
     model = body.get("model")
     if not isinstance(model, str) or model not in models:
@@ -100,8 +107,10 @@ def _body_row(
             row[field] = body[key]
     if row.get("top_k") == -1 and not isinstance(row["top_k"], bool):  # vLLM's way of saying "off"
         row["top_k"] = 0
-    if url != EMBEDDINGS and body.get("temperature", 1) != 0:
-        row["do_sample"] = True  # the API samples at temperature 1 unless told otherwise
+    if url != EMBEDDINGS and body.get("temperature") is None and not greedy:
+        row["do_sample"] = (
+            True  # the API samples at temperature 1 unless told otherwise (a given one decides)
+        )
     problem = _special_fields(url, body, row)
     if problem:
         return None, problem[0], problem[1]

@@ -814,3 +814,33 @@ def test_n_at_temperature_0_and_top_p_0_are_the_greedy_answer_as_openai_gives(tm
     logprobs = [[t.logprob for t in c.logprobs.content] for c in out[1].choices]
     assert logprobs[0] == logprobs[1] == logprobs[2]
     assert out[2].choices[0].message.content == answer
+
+
+@pytest.mark.parametrize(
+    "greedy", [{"temperature": 0}, {"do_sample": False}], ids=["temperature-0", "greedy"]
+)
+def test_a_greedy_job_answers_requests_that_give_no_temperature_greedily(tmp_path, tiny_llama, greedy):
+    """`runner submit batch.jsonl --temperature 0` refused every request without a temperature ("temperature
+    must be > 0 when sampling"), and `--greedy` let them sample (the API's temperature 1): now they take the
+    job's greedy decoding; a request's own temperature still decides for it, and a plain job samples them."""
+    from runner.engine import Engine
+
+    body = {"model": "tiny", "prompt": "The old man", "max_tokens": 8}
+    lines = [request("none", "/v1/completions", body),
+             request("zero", "/v1/completions", {**body, "temperature": 0}),
+             request("own", "/v1/completions", {**body, "temperature": 0.9, "seed": 3})]  # fmt: skip
+    path = write_jsonl(tmp_path / "b.jsonl", lines)
+    job = create_job(path, tiny_llama, GenerationParams(max_new_tokens=8, **greedy), served_model_names=("tiny",),
+                     home=tmp_path / "home")  # fmt: skip
+    assert run_job(job, Engine(tiny_llama), echo=None).finished
+    assert export(job, tmp_path / "out.jsonl") == (3, 0)
+    out = [check_output_line(json.loads(x)) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert out[0].choices[0].text == out[1].choices[0].text
+    settings = [json.loads(s or "{}") for s in job.prompts().column("settings").to_pylist()]
+    assert "do_sample" not in settings[0] and _row_params(job, job.prompts())(2).do_sample
+    plain = create_job(path, tiny_llama, GenerationParams(max_new_tokens=8), served_model_names=("tiny",),
+                       home=tmp_path / "home2")  # fmt: skip
+    per_row = _row_params(plain, plain.prompts())
+    assert (
+        per_row(0).do_sample and not per_row(1).do_sample and not _row_params(job, job.prompts())(0).do_sample
+    )
