@@ -1052,7 +1052,7 @@ def _text_parts(parts: list[Any]) -> tuple[str | None, str | None]:
     return "\n".join(texts), None
 
 
-def _check_messages(value: Any) -> tuple[list[dict[str, str]] | None, str | None]:
+def _check_messages(value: Any) -> tuple[list[dict[str, Any]] | None, str | None]:
     if isinstance(value, str) and value.lstrip().startswith("["):  # a CSV cell (or a text column) of JSON
         try:
             value = json.loads(value)
@@ -1071,9 +1071,11 @@ def _check_messages(value: Any) -> tuple[list[dict[str, str]] | None, str | None
             content, why = _text_parts(content)
             if why:
                 return None, f"item {i}: {why}"
-        if not isinstance(content, str):
+        if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
             return None, f"item {i}: content must be a string or a list of text parts, got {_kind(content)}"
-        out.append({"role": role, "content": content})
-    if not any(m["content"].strip() for m in out):
+        # its other fields (name, tool_calls, tool_call_id ...) go to the chat template as given, as vLLM passes
+        # them; a null one is absent (the openai SDK's model_dump() writes every field)
+        out.append({**{k: v for k, v in m.items() if v is not None}, "role": role, "content": content})
+    if not any((m["content"] or "").strip() or m.get("tool_calls") for m in out):
         return None, "all messages are empty"
     return out, None

@@ -857,7 +857,7 @@ class _Preparer:
                 params = self.row_params(row) if generate else self.params
                 budget = params.prompt_budget(window) if generate else window
             except ParamError as e:
-                fld, message = openai_batch.body_named(row.body_names, _row_field(row, e.param), str(e))
+                fld, message = openai_batch.body_named(row.body_names, *_row_field(row, e.param, str(e)))
                 out.append(_RowProblem(message, fld))
                 continue
             ids = encoded[i]
@@ -934,12 +934,15 @@ def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 
 
-def _row_field(row: PromptRow, param: str) -> str:
-    """The field of the input row a setting came from (its own spelling), for the error message."""
+def _row_field(row: PromptRow, param: str, message: str) -> tuple[str, str]:
+    """The field of the input row a setting came from (its own spelling: `n`, not num_return_sequences), and
+    the setting's message spelled so ("n must be in [1, 1024], got 0.")."""
     from .params import ROW_SETTINGS
 
     spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in (row.raw_settings or {})]
-    return spelled[0] if spelled else param
+    if not spelled:
+        return param, message
+    return spelled[0], spelled[0] + message[len(param) :] if message.startswith(f"{param} ") else message
 
 
 class _RowProblem(Exception):

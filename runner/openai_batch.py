@@ -42,7 +42,13 @@ FIELDS = {
     COMPLETIONS: {**_SAMPLING, "prompt": "prompt"},
     EMBEDDINGS: {"input": "text"},
 }
-HARMLESS = {"model", "user", "metadata", "store", "stream"}  # checked or carry nothing that changes output
+# checked or carry nothing that changes output (what a request is billed, cached or logged as; tool-call
+# settings with no tools, which runner refuses)
+HARMLESS = {"model", "user", "metadata", "store", "stream", "service_tier", "parallel_tool_calls",
+            "prompt_cache_key", "safety_identifier"}  # fmt: skip
+# fields whose value here asks for nothing: taken; any other value is refused
+NOTHING = {"logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
+           "function_call": ("none", "auto"), "modalities": (["text"],), "stream_options": ({},)}  # fmt: skip
 
 
 def is_request(obj: dict[str, Any]) -> bool:
@@ -99,7 +105,9 @@ def _body_row(
     allowed = FIELDS[url]
     special = {"logprobs", "top_logprobs", "echo", "encoding_format", "best_of"}
     for key in body:  # (a null one asks for nothing: the SDK's model_dump() writes every field it has)
-        if key not in allowed and key not in HARMLESS and key not in special and body[key] is not None:
+        if key in allowed or key in HARMLESS or key in special or body[key] is None:
+            continue
+        if not any(body[key] == v and type(body[key]) is type(v) for v in NOTHING.get(key, ())):
             return None, f"body.{key}", f"is not supported by runner for {url} (it would be ignored)"
     row: dict[str, Any] = {"id": cid}
     for key, field in allowed.items():
@@ -107,6 +115,9 @@ def _body_row(
             row[field] = body[key]
     if row.get("top_k") == -1 and not isinstance(row["top_k"], bool):  # vLLM's way of saying "off"
         row["top_k"] = 0
+    seed = row.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and -(2**63) <= seed < 0:  # vLLM takes any int64
+        row["seed"] = seed + 2**63  # (mixed with the custom_id before use: the same on every run)
     if url != EMBEDDINGS and body.get("temperature") is None and not greedy:
         row["do_sample"] = (
             True  # the API samples at temperature 1 unless told otherwise (a given one decides)
@@ -153,6 +164,11 @@ def _special_fields(url: str, body: dict[str, Any], row: dict[str, Any]) -> tupl
     elif url == COMPLETIONS:
         if top is not None:
             return "body.top_logprobs", f"is not a field of {url} (use logprobs: N)"
+        if isinstance(lp, bool):
+            return (
+                "body.logprobs",
+                f"must be a number of alternatives (0-20) for {url} (true is the chat spelling)",
+            )
         if lp is not None:
             row["logprobs"] = lp
         if body.get("echo") not in (None, True, False):

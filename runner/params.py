@@ -381,7 +381,8 @@ class EmbedParams:
 # GenerationParams field each sets.
 ROW_SETTINGS = {
     "max_new_tokens": "max_new_tokens", "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
-    "min_new_tokens": "min_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+    "min_new_tokens": "min_new_tokens", "min_tokens": "min_new_tokens", "temperature": "temperature",
+    "top_p": "top_p", "top_k": "top_k",
     "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty", "n": "num_return_sequences",
     "num_return_sequences": "num_return_sequences", "seed": "seed", "stop": "stop", "logprobs": "logprobs",

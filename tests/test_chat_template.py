@@ -135,3 +135,24 @@ def test_chat_on_a_model_without_a_chat_template_is_refused_once_up_front(tmp_pa
     with pytest.raises(ParamError, match="drop --chat"):
         runner.generate(["Hello"], tiny_gpt2, chat=True, engine=gpt2_engine)
     assert create_job(path, tiny_gpt2, chat=True, chat_template=TEMPLATE)  # with one given: fine
+
+
+def test_a_messages_other_fields_reach_the_template_as_vllm_passes_them(tmp_path, tiny_gpt2):
+    """`name`, `tool_calls`, `tool_call_id` were dropped before the template saw them: a multi-party or
+    tool-history chat rendered as if they were not there. A null field is absent (the SDK's model_dump())."""
+    template = ("{% for m in messages %}[{{ m.role }}|{{ m.name }}|{{ m.tool_call_id }}|{{ m.tool_calls is defined }}"
+                "|{{ 'absent' if m.refusal is not defined else m.refusal }}]{{ m.content }}{% endfor %}")  # fmt: skip
+    call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    chat = [{"role": "user", "name": "alice", "content": "hi", "refusal": None},
+            {"role": "assistant", "content": None, "tool_calls": call},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"}]  # fmt: skip
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"id": "c", "messages": chat}])
+    job = create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=2), chat_template=template,
+                     job_dir=tmp_path / "out")  # fmt: skip
+    assert job.prompts().column("prompt").to_pylist() == [
+        "[user|alice||False|absent]hi[assistant|||True|absent][tool||c1|False|absent]42"
+    ]
+    chat[1]["tool_calls"] = None  # content null is taken beside tool calls only
+    with pytest.raises(runner.InputError, match="chat.jsonl:1: messages: item 1: content must be a string"):
+        create_job(write_jsonl(tmp_path / "chat.jsonl", [{"id": "c", "messages": chat}]), tiny_gpt2,
+                   chat_template=template, job_dir=tmp_path / "out2")  # fmt: skip

@@ -160,7 +160,7 @@ def test_a_mixed_batch_equals_each_row_run_alone(mixed_job):
             "must be a JSON object",
         ),
         (
-            request("a", "/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {}}),
+            request("a", "/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"50256": -100}}),
             "body.logit_bias",
             "is not supported by runner",
         ),
@@ -236,9 +236,18 @@ def test_plain_rows_carry_their_own_settings_checked_per_row(tmp_path, tiny_gpt2
     with pytest.raises(InputError) as err:
         create_job(path, tiny_gpt2)
     text = str(err.value)
-    assert "p.jsonl:2: n: num_return_sequences must be in [1, 1024], got 0." in text
+    assert "p.jsonl:2: n: n must be in [1, 1024], got 0." in text
     assert "p.jsonl:3: top_p: top_p must be in [0, 1], got 2.0." in text
     assert "p.jsonl:4: max_new_tokens: give one of 'max_tokens' and 'max_new_tokens', not both." in text
+    # vLLM's min_tokens is a row setting as in a Batch body (it was passed through as data, the row unbounded)
+    mins = write_jsonl(
+        tmp_path / "min.jsonl", [{"id": "m", "prompt": "Hello", "min_tokens": 6, "max_tokens": 8}]
+    )
+    job = create_job(mins, tiny_gpt2, home=tmp_path / "mins")
+    assert (
+        _row_params(job, job.prompts())(0).min_new_tokens == 6
+        and "min_tokens" not in job.prompts().column_names
+    )
     ok = write_jsonl(
         tmp_path / "ok.jsonl", [rows[0], {"id": "b", "prompt": "World", "n": 3, "temperature": 1.1}]
     )
@@ -562,7 +571,7 @@ def refused_job(tmp_path, model, engine):
     reqs = [request("a", comp, {**body, "prompt": "The old man"}),
             request("b", comp, {**body, "prompt": "My friend", "logit_bias": {"1": 5}}),
             request("c", comp, {**body, "prompt": "Hello there"}),
-            request("d", comp, {**body, "prompt": "Every student", "tools": []})]  # fmt: skip
+            request("d", comp, {**body, "prompt": "Every student", "tools": [{"type": "function", "function": {"name": "f"}}]})]  # fmt: skip
     job = create_job(write_jsonl(tmp_path / "in.jsonl", reqs), model, GenerationParams(max_new_tokens=3),
                      job_dir=tmp_path / "job", served_model_names=("tiny",), skip_invalid=True)  # fmt: skip
     assert run_job(job, engine, echo=None).finished
@@ -743,6 +752,10 @@ def test_a_request_over_the_context_window_is_told_what_run_batch_can_do(tmp_pat
         ),
         ("/v1/chat/completions", {"max_tokens": 3, "min_tokens": 5}, "min_tokens: min_tokens must be <="),
         ("/v1/completions", {"min_tokens": -1}, "min_tokens: min_tokens must be >= 0"),
+        # the row's own spelling in the message too (it said "max_new_tokens must be", "num_return_sequences")
+        ("/v1/completions", {"max_tokens": 0}, "max_tokens: max_tokens must be in [1, 1000000], got 0."),
+        ("/v1/completions", {"n": 0}, "n: n must be in [1, 1024], got 0."),
+        ("/v1/completions", {"logprobs": True}, "body.logprobs: must be a number of alternatives (0-20)"),
     ],
 )
 def test_a_refused_request_names_the_body_field_it_wrote(tmp_path, request, url, body, said):
@@ -764,6 +777,20 @@ def test_a_body_field_runner_does_not_take_is_accepted_when_null(tmp_path, tiny_
     job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_gpt2, served_model_names=("tiny",),
                      home=tmp_path / "home")  # fmt: skip
     assert job.spec.total == 1
+    # values that ask for nothing are taken too (they refused the line), and vLLM's negative seeds
+    nothing = {"logit_bias": {}, "tool_choice": "none", "tools": [], "service_tier": "auto",
+               "parallel_tool_calls": False, "seed": -5}  # fmt: skip
+    lines = [
+        request("a", "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 2, **nothing})
+    ]
+    job = create_job(write_jsonl(tmp_path / "n.jsonl", lines), tiny_gpt2, served_model_names=("tiny",),
+                     home=tmp_path / "home3")  # fmt: skip
+    assert job.spec.total == 1 and _row_params(job, job.prompts())(0).seed == 2**63 - 5
+    for field, value in (("tool_choice", "required"), ("logit_bias", {"1": 5})):
+        lines = [request("a", "/v1/completions", {"model": "tiny", "prompt": "Hello", field: value})]
+        with pytest.raises(InputError, match=f"body.{field}: is not supported by runner"):
+            create_job(write_jsonl(tmp_path / "r.jsonl", lines), tiny_gpt2, served_model_names=("tiny",),
+                       home=tmp_path / "home4")  # fmt: skip
     lines = [request("a", "/v1/completions", {"model": "tiny", "prompt": "Hello", "logit_bias": {"1": 5}})]
     with pytest.raises(InputError, match="body.logit_bias: is not supported by runner"):
         create_job(write_jsonl(tmp_path / "c.jsonl", lines), tiny_gpt2, served_model_names=("tiny",),
