@@ -572,10 +572,24 @@ def _embedding(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int)
 
 def file_kind(path: str | os.PathLike) -> str:
     """The job kind a Batch file needs: embed for /v1/embeddings requests, else generate (from its first
-    request line; a line of the other kind is then refused with its line number)."""
-    from .inputs import iter_jsonl
+    request line; a line of the other kind is then refused with its line number). A file that is not a Batch
+    file is refused, as `vllm run-batch` does: its rows ran as plain prompts, answered as chat completions."""
+    from .errors import InputError, Problem
+    from .inputs import SUFFIXES, iter_jsonl
 
-    for _, obj, _ in iter_jsonl(Path(path)):
+    path = Path(path)
+    if not path.is_file():
+        return "generate"  # (the reader names what is wrong)
+    if SUFFIXES.get(path.suffix.lower()) != "jsonl":
+        why = (
+            "an OpenAI Batch file is JSON lines: name it .jsonl (`runner run` takes prompt files of any kind)"
+        )
+        raise InputError([Problem(str(path), 0, None, why)], header="not a Batch file")
+    for lineno, obj, _ in iter_jsonl(path):
+        if isinstance(obj, dict) and not is_request(obj):
+            why = ("not an OpenAI Batch request line (custom_id, method, url, body); `runner run` takes prompt "
+                   "files")  # fmt: skip
+            raise InputError([Problem(str(path), lineno, None, why)], header="not a Batch file")
         if isinstance(obj, dict) and obj.get("url") == EMBEDDINGS:
             return "embed"
         if obj is not None:
@@ -605,6 +619,7 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
     from .scheduler import run
     from .storage import file_sha256
 
+    file_kind(input_path)  # a Batch file, or refused
     out = Path(output_path)
     folder = Path(job_dir) if job_dir else out.with_name(out.name + ".job")
     if (

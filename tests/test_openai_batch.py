@@ -871,3 +871,19 @@ def test_a_greedy_job_answers_requests_that_give_no_temperature_greedily(tmp_pat
     assert (
         per_row(0).do_sample and not per_row(1).do_sample and not _row_params(job, job.prompts())(0).do_sample
     )
+
+
+def test_run_batch_refuses_a_file_that_is_not_a_batch_file(tmp_path, tiny_gpt2):
+    """As `vllm run-batch` does: a plain prompt file ran as raw prompts answered as chat completions, and a Batch
+    file named .txt ran each JSON line as a prompt (custom_id "1")."""
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"id": "a", "prompt": "Hello"}])
+    named_txt = tmp_path / "requests.txt"
+    named_txt.write_text(
+        json.dumps(request("a", "/v1/completions", {"model": "tiny", "prompt": "Hi"})) + "\n"
+    )
+    for path, said in ((plain, "plain.jsonl:1: not an OpenAI Batch request line (custom_id, method, url, body)"),
+                       (named_txt, "requests.txt: an OpenAI Batch file is JSON lines: name it .jsonl")):  # fmt: skip
+        out = tmp_path / f"{path.name}.out.jsonl"
+        result = invoke("run-batch", "-i", path, "-o", out, "-m", tiny_gpt2, "--served-model-name", "tiny")
+        assert result.exit_code == 1 and f"Error: not a Batch file: {path}" in result.output, result.output
+        assert said in result.output and not out.exists() and not out.with_name(out.name + ".job").exists()
