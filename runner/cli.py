@@ -44,8 +44,10 @@ def _echo(line: str) -> None:
     label = os.environ.get(WORKER_LABEL, "")
     try:
         click.echo(f"[runner{' ' + label if label else ''}] {line}", err=True)
-    except BrokenPipeError:  # its reader went away (`runner run ... 2>&1 | head`): the work goes on (log.txt)
-        _to_devnull(sys.stderr)
+    except (
+        OSError
+    ):  # its reader went away (`runner run ... 2>&1 | head`; a closed terminal: EIO): the work goes
+        _to_devnull(sys.stderr)  # on (log.txt)
 
 
 def _to_devnull(stream: Any) -> None:
@@ -66,10 +68,12 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(f"{e.option}: {e}") from e
         except RunnerError as e:
             raise click.ClickException(str(e)) from e
-        except KeyboardInterrupt as e:  # not click's "Aborted!" (exit 1): say what is kept, exit 130 (143)
-            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        except (
+            KeyboardInterrupt
+        ) as e:  # not click's "Aborted!" (exit 1): say what is kept, exit 130 (143, 129)
+            how = e.said if isinstance(e, Terminated) else "interrupted"
             _echo(f"{how}; finished batches are kept: run the same command again to carry on")
-            raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+            raise SystemExit(128 + e.signum if isinstance(e, Terminated) else 130) from None
         except BrokenPipeError:  # `runner status | head`: the reader went away; say nothing more, exit as
             _to_devnull(sys.stdout)  # a process killed by SIGPIPE does
             raise SystemExit(141) from None
@@ -582,8 +586,18 @@ def work(
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill PID`, `docker stop`, a Slurm or Kubernetes preemption): stop at once, as a second Ctrl-C
-    does, so the batches finished before are written (worker.commit_on_interrupt) in the grace period."""
+    """SIGTERM (`kill PID`, `docker stop`, a Slurm or Kubernetes preemption) or SIGHUP (its terminal closed, an
+    SSH session dropped): stop at once, as a second Ctrl-C does, so the batches finished before are written
+    (worker.commit_on_interrupt) in the grace period."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signum)
+        self.signum = signum
+        self.said = (
+            "hung up (SIGHUP: its terminal closed)" if signum == signal.SIGHUP else "terminated (SIGTERM)"
+        )
 
 
 @contextlib.contextmanager
@@ -594,6 +608,7 @@ def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
     import signal
 
     asked: list[bool] = []
+    ending: list[int] = []
 
     def on_sigint(signum: int, frame: Any) -> None:
         if asked:
@@ -602,15 +617,21 @@ def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
         _echo("stopping after the current batch (Ctrl-C again to stop at once; finished batches are kept)")
 
     def on_sigterm(signum: int, frame: Any) -> None:
+        if ending:  # a second one (a closed terminal sends SIGHUP to every process of the job): the first one
+            return  # is being handled, and raising again would break off writing the finished batches
+        ending.append(signum)
         asked.append(True)
-        raise Terminated
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGINT, on_sigint), signal.signal(signal.SIGTERM, on_sigterm)
+    sigs = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:  # `nohup runner work`: a closed terminal is no stop
+        sigs.remove(signal.SIGHUP)
+    previous = {sig: signal.signal(sig, on_sigint if sig == signal.SIGINT else on_sigterm) for sig in sigs}
     try:
         yield lambda: bool(asked)
     finally:
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device) -> None:  # noqa: ANN001
@@ -712,14 +733,18 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
         f"started {len(procs)} worker processes"
         + (f" on {', '.join(d for d in devices if d)}" if devices[0] else "")
     )
-    # Ctrl-C and SIGTERM go to every worker process, each of which writes its finished batches
-    previous = [signal.signal(sig, lambda signum, _: [p.send_signal(signum) for p in procs])
-                for sig in (signal.SIGINT, signal.SIGTERM)]  # fmt: skip
+    # Ctrl-C, SIGTERM and SIGHUP go to every worker process, each of which writes its finished batches
+    sigs = [signal.SIGINT, signal.SIGTERM] + [signal.SIGHUP] * (
+        signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+    )
+    previous = {
+        sig: signal.signal(sig, lambda signum, _: [p.send_signal(signum) for p in procs]) for sig in sigs
+    }
     try:
         codes = [p.wait() for p in procs]
     finally:
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     for i, (p, code) in enumerate(zip(procs, codes, strict=True), 1):
         if code < 0:  # killed by a signal: SIGKILL is the out-of-memory killer's
             name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"

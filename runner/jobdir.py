@@ -1116,7 +1116,7 @@ def _signals_deferred() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    sigs = (signal.SIGINT, signal.SIGTERM)
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, lambda signum, _: held.append(signum)) for sig in sigs}
     try:
         yield

@@ -158,10 +158,16 @@ def test_ctrl_c_finishes_the_batch_and_stops_cleanly(tmp_path, prepared):
     finish(home, job_dir, prepared[1])
 
 
+# `python -m runner` with SIGHUP's disposition set first (one inherited from the test run, say CI under nohup,
+# would otherwise decide): default, as in a terminal, or ignored, as under `nohup`
+HUP = "import runpy, signal; signal.signal(signal.SIGHUP, signal.{}); runpy.run_module('runner', run_name='__main__')"
+
+
 @pytest.mark.parametrize(
     ("sig", "code_said"),
-    [("SIGINT", (130, "stopping after the current batch")), ("SIGTERM", (143, "terminated (SIGTERM)"))],
-)
+    [("SIGINT", (130, "stopping after the current batch")), ("SIGTERM", (143, "terminated (SIGTERM)")),
+     ("SIGHUP", (129, "hung up (SIGHUP: its terminal closed)"))],
+)  # fmt: skip
 def test_ctrl_c_on_runner_run_writes_the_finished_batches_and_the_same_command_carries_on(
     tmp_path, prepared, sig, code_said
 ):
@@ -170,12 +176,16 @@ def test_ctrl_c_on_runner_run_writes_the_finished_batches_and_the_same_command_c
     carry on, and the same command then finishes the job, each row once. The Ctrl-C comes after the second
     batch is generated (RUNNER_FAULT=after_generate:2:SIGINT), so exactly two batches of two are written.
     SIGTERM (`kill PID`, `docker stop`, a preemption) stops at once and writes them too, exit 143: it killed
-    the process as a silent crash does (adversarial pass 26)."""
+    the process as a silent crash does (adversarial pass 26); so does SIGHUP (the terminal closed: every
+    finished row was lost, without a word), exit 129."""
     job = Job.open(prepared[0])
     out = tmp_path / "out"
     args = ("run", job.meta["input"]["path"], "-m", job.spec.model, "--max-new-tokens", "12", "--temperature", "1.0",
             "-n", "2", "--seed", "1234", "--batch-size", "2", "-o", out)  # fmt: skip
-    code, output = workers.run_runner(*args, env_extra={"RUNNER_FAULT": f"after_generate:2:{sig}"})
+    prefix = ("-c", HUP.format("SIG_DFL"))
+    code, output = workers.run_runner(
+        *args, env_extra={"RUNNER_FAULT": f"after_generate:2:{sig}"}, prefix=prefix
+    )
     assert code == code_said[0], output
     assert code_said[1] in output and "run the same command again" in output, output
     assert not (out / "inflight").exists() or not list((out / "inflight").iterdir())  # no crash to isolate
@@ -183,4 +193,17 @@ def test_ctrl_c_on_runner_run_writes_the_finished_batches_and_the_same_command_c
     assert runner.status(out).done == 4
     code, output = workers.run_runner(*args)
     assert code == 0, output
+    assert_exactly_once(out, prepared[1])
+
+
+def test_a_hang_up_under_nohup_is_no_stop(tmp_path, prepared):
+    """`nohup runner work &` ignores SIGHUP so that closing the terminal does not stop it: runner keeps that."""
+    job = Job.open(prepared[0])
+    out = tmp_path / "out"
+    args = ("run", job.meta["input"]["path"], "-m", job.spec.model, "--max-new-tokens", "12", "--temperature", "1.0",
+            "-n", "2", "--seed", "1234", "--batch-size", "2", "-o", out)  # fmt: skip
+    code, output = workers.run_runner(
+        *args, env_extra={"RUNNER_FAULT": "after_generate:2:SIGHUP"}, prefix=("-c", HUP.format("SIG_IGN"))
+    )
+    assert code == 0 and "hung up" not in output, output
     assert_exactly_once(out, prepared[1])
