@@ -152,8 +152,9 @@ def _has_surrogate(value: Any) -> bool:
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
     """(line number, text, None) or (line number, None, reason) for each line that is not blank. Reads in
-    binary so that bad UTF-8 is reported per line (the first such line also says what the file looks like,
-    once), and streams so memory stays flat."""
+    binary so that a stray bad byte is reported on its line (the first such line also says what the file looks
+    like, once), and streams so memory stays flat. A file that looks written in another encoding (Shift-JIS,
+    UTF-16) is refused as a whole: row by row, --skip-invalid would run its ASCII lines and drop the rest."""
     hint = ""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -165,6 +166,8 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
+                if not hint and _looks_like(path, raw):
+                    raise _not_utf8_error(path) from None
                 said, hint = hint, hint or not_utf8(path, raw)
                 yield (
                     lineno,
@@ -214,14 +217,17 @@ HEAD_BYTES = 64 * 1024  # enough of a file to tell UTF-16 or Shift-JIS
 def not_utf8(path: Path, bad: bytes = b"") -> str:
     """What to tell the user of a file that is not UTF-8, with what it looks like when that is clear (from the
     file's first bytes, else from `bad`, the first line that is not UTF-8)."""
+    return _not_utf8("the file", _looks_like(path, bad), "save it as UTF-8")
+
+
+def _looks_like(path: Path, bad: bytes = b"") -> str | None:
+    """The encoding a file not in UTF-8 looks written in (from its first bytes, else from `bad`), or None."""
     try:
         with open(path, "rb") as f:
             head = f.read(HEAD_BYTES)
     except OSError:
         head = b""
-    return _not_utf8(
-        "the file", _guess_encoding(head) or _guess_encoding(bad[:HEAD_BYTES]), "save it as UTF-8"
-    )
+    return _guess_encoding(head) or _guess_encoding(bad[:HEAD_BYTES])
 
 
 def not_utf8_text(raw: bytes) -> str:

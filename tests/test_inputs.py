@@ -226,14 +226,25 @@ def test_a_csv_row_with_more_or_fewer_cells_than_the_header_is_named_by_its_line
     assert "must be quoted" in message
 
 
-def test_a_jsonl_file_that_is_not_utf8_says_so_once(tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_bytes('{"prompt": "吾輩は猫である"}\n{"prompt": "こんにちは"}\n'.encode("cp932"))
-    problems, _ = problems_of(path)
-    assert problems == [
-        f"{path}:1: invalid UTF-8 at byte 13 of the line; " + NOT_UTF8.format("Shift-JIS/CP932"),
-        f"{path}:2: invalid UTF-8 at byte 13 of the line",
-    ]
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("p.jsonl", '{"prompt": "Hello"}\n{"prompt": "吾輩は猫である"}\n'),
+        ("p.txt", "Hello\n吾輩は猫である\n"),
+    ],
+)
+def test_a_jsonl_or_text_file_in_another_encoding_is_refused_as_a_whole(tmp_path, name, text):
+    """A Shift-JIS prompts.txt (Notepad, Excel): its bad lines were listed one by one, ending with "use
+    --skip-invalid to run the valid rows", which ran the ASCII lines and dropped every Japanese one (pass 33).
+    One line naming the file, as for a CSV; a stray bad byte in a UTF-8 file is still its line's problem."""
+    path = tmp_path / name
+    path.write_bytes(text.encode("cp932"))
+    for skip in (False, True):
+        problems, message = problems_of(path, skip_invalid=skip)
+        assert message == f"cannot read the prompt file: {path}:2: " + NOT_UTF8.format("Shift-JIS/CP932")
+    path.write_bytes('{"prompt": "Hello"}\n{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    stray = f"{path}:2: invalid UTF-8 at byte 16 of the line; the file is not UTF-8; save it as UTF-8"
+    assert problems_of(path)[0] == [stray]
 
 
 def test_a_pandas_index_is_not_a_passthrough_column(tmp_path):
