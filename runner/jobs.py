@@ -942,7 +942,10 @@ def _row_field(row: PromptRow, param: str, message: str) -> tuple[str, str]:
     spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in (row.raw_settings or {})]
     if not spelled:
         return param, message
-    return spelled[0], spelled[0] + message[len(param) :] if message.startswith(f"{param} ") else message
+    # (response_format's message names the json_schema in it, which is at fault)
+    if spelled[0] == "response_format" or not message.startswith(f"{param} "):
+        return spelled[0], message
+    return spelled[0], spelled[0] + message[len(param) :]
 
 
 class _RowProblem(Exception):

@@ -456,10 +456,13 @@ def run_leased(
         read = jobdir.settled_state(j, halted, lambda: echo and echo(_waiting_line(j.id)))
         if (missing := missing_model_folder(j.spec.model)) is not None:
             raise missing
-        engine = _reading_model(lambda: engines.get(j), j) if not jobdir.job_progress(j).complete else None
-        if engine is not None:
+
+        def load() -> Engine:  # by run_job once there is work, under its heartbeat
+            engine = _reading_model(lambda: engines.get(j), j)
             _reading_model(lambda: _check_model(j), j)
-        summary = run_job(j, engine, should_stop=stop, **run_opts)
+            return engine
+
+        summary = run_job(j, None, should_stop=stop, load_engine=load, **run_opts)
     except ModelUnreadable:
         raise
     except (StorageError, OSError) as e:

@@ -121,13 +121,18 @@ def run_job(
     owner: Owner | None = None,
     lease_ttl: float = jobdir.LEASE_TTL,
     progress_interval: float = 10.0,
+    load_engine: Callable[[], Engine] | None = None,
 ) -> RunSummary:
     """Work on `job` until no unit is left to claim. Returns early (finished work committed first) when
     `should_stop()` says so, when the next batch would not end before `deadline` (a `time.time()` value), or
     when the job is cancelled; checked between batches. A device error that leaves the process unusable
-    commits what is finished and raises `DeviceError`."""
-    return JobRun(job, engine, echo, shard_rows, shard_seconds, should_stop, deadline, owner, lease_ttl,
-                  progress_interval).run()  # fmt: skip
+    commits what is finished and raises `DeviceError`. Without `engine`, `load_engine()` (else the job's model
+    as it says) gives one once there is work, under this worker's heartbeat: `runner status` shows the job
+    running while its model loads (minutes on Colab), not queued with no worker."""
+    run = JobRun(job, engine, echo, shard_rows, shard_seconds, should_stop, deadline, owner, lease_ttl,
+                 progress_interval)  # fmt: skip
+    run.loader = load_engine
+    return run.run()
 
 
 class JobRun:
@@ -137,6 +142,7 @@ class JobRun:
         self, job, engine, echo, shard_rows, shard_seconds, should_stop, deadline, owner, ttl, interval
     ):
         self.job, self.engine, self.echo = job, engine, echo
+        self.loader: Callable[[], Engine] | None = None  # gives the engine when there is none (run_job)
         self.shard_rows, self.shard_seconds = shard_rows, shard_seconds
         self.user_stop, self.deadline, self.ttl = should_stop, deadline, ttl
         self.owner = owner or Owner.me()
@@ -175,8 +181,8 @@ class JobRun:
                                  interval=self.interval, unit=self.job.spec.count_noun)  # fmt: skip
         noted = False  # the rows done before this run: computed in this worker's precision?
         with Heartbeat(self.job, self.owner, self.ttl) as self.beat:
+            self.load_engine()  # before any claim: a model that cannot load here leaves the job as it was
             while not self.stopped and (unit := self.next_unit()) is not None:
-                self.load_engine()
                 if not noted:
                     noted = True
                     self.note_precision(ledger)
@@ -238,7 +244,9 @@ class JobRun:
             self.job.log("removed temp files left by killed workers")
 
     def load_engine(self) -> None:
-        if self.engine is None:
+        if self.engine is None and self.loader is not None:
+            self.engine = self.loader()
+        elif self.engine is None:
             self.say(f"loading model {self.job.spec.model} ...")
             self.engine = Engine(self.job.spec.model, self.job.options)
 

@@ -52,6 +52,39 @@ def test_watch_says_so_when_no_worker_runs_the_job(tmp_path, tiny_gpt2):
     assert result.exit_code == 1 and "no worker is running job" in result.output
 
 
+def test_a_job_whose_model_is_loading_shows_its_worker(tmp_path, tiny_gpt2, monkeypatch):
+    """`runner work` loaded the model before its heartbeat: for the whole load (minutes for a big model on Colab)
+    status said "queued" with no worker and `runner watch` gave up ("no worker is running job"), so users started
+    a second worker (pass 33). Checked while the model loads, from inside the load."""
+    from runner.background import watch
+    from runner.scheduler import Engines
+
+    home = tmp_path / "home"
+    job = runner.submit(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}]), tiny_gpt2,
+                        GenerationParams(max_new_tokens=2), home=home)  # fmt: skip
+    seen, real = [], Engines.get
+
+    class StillWatching(Exception):
+        pass
+
+    def poll(seconds):
+        polls.append(seconds)
+        if len(polls) > IDLE_POLLS:  # it would have given up by now without a worker
+            raise StillWatching
+
+    def loading(self, j):
+        s = runner.status(job.id, home)
+        with pytest.raises(StillWatching):
+            watch(job.id, home, every=5, echo=None, sleep=poll)
+        seen.append((s.state, len(s.workers)))
+        return real(self, j)
+
+    polls = []
+    monkeypatch.setattr(Engines, "get", loading)
+    assert invoke("--home", home, "work").exit_code == 0
+    assert seen == [("running", 1)] and runner.status(job.id, home).state == "completed"
+
+
 class _FakeProc:
     """Stands for a started worker process that is still running."""
 

@@ -187,7 +187,7 @@ def test_demo_model_prefers_the_true_sentence(tmp_path):
 def test_a_problem_in_standard_input_is_named_so_not_as_a_temporary_file(tiny_gpt2, runner_home):
     """(found by adversarial pass 10: errors named /tmp/runner-input-.../stdin.txt)"""
     result = invoke("score", "-", "-m", tiny_gpt2, input=b"hello\n\x82\xa0\x82\xa2\n")
-    assert result.exit_code == 1 and "standard input:2: invalid UTF-8" in result.output
+    assert result.exit_code == 1 and "standard input:2: the file is not UTF-8" in result.output
     assert "runner-input-" not in result.output and "stdin.txt" not in result.output
 
 
