@@ -650,13 +650,19 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device)
     if not summaries and not failed:
         _say_lost_rows(home, job_ref)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else ""))
-    elif not all(s.finished or s.others or _cancelled(home, s.job_id) for s in summaries):
+    elif not all(s.finished or s.others or _cancelled(home, s.job_id) for s in _last_of_each(summaries)):
         _echo("stopped; run `runner work` again to carry on")
     if stop():
         raise SystemExit(130)  # interrupted: scripts and notebooks can tell
     if failed:  # `runner work && next-step` must not go on as if all went well
         raise RunnerError(f"{len(failed)} job(s) failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
                           f"says why; {_after_failure(failed)})")  # fmt: skip
+
+
+def _last_of_each(summaries: list[Any]) -> list[Any]:
+    """Each job's last run: one left unfinished and run again later in the same `runner work` (a shard found
+    damaged at its end) is done."""
+    return list({s.job_id: s for s in summaries}.values())
 
 
 def _cancelled(home: Any, job_id: str) -> bool:

@@ -680,6 +680,10 @@ class JobRun:
         # one this worker wrote or checked may have gone since (Drive lost it, a sync conflict renamed it).
         self.verifier.trusted.clear()
         progress = jobdir.job_progress(self.job, self.ledger(generation=state.generation))
+        self.verifier.save()  # the shards read back just now: not read again by the next command
+        if progress.bad:
+            self.say(f"{len(progress.bad)} commit(s) failed verification when read back (a shard changed on disk "
+                     "after it was written); their rows are computed again")  # fmt: skip
         if progress.complete and state.state is JobState.QUEUED:
             jobdir.write_completed(self.job.dir, state)
         others = len([w for w in progress.live if w != self.owner.worker])

@@ -872,3 +872,35 @@ def test_an_empty_record_made_long_ago_is_not_waited_for(
     said = []
     scheduler.work(runner_home, engine=gpt2_engine, echo=said.append)
     assert not waits and any(f"job {job.id} is broken" in line for line in said), said
+
+
+def test_a_shard_damaged_before_its_marker_is_not_trusted_for_good(tmp_path, tiny_gpt2, monkeypatch):
+    """A byte of a shard flipped after its rename into shards/ and before its marker (a flaky mount's copy, a
+    freeze in between): the worker stamped the file as verified in verified.json without reading it, so status
+    and repair trusted it for good, the job "completed" and load_results gave 0 of its rows (adversarial pass
+    31). Now only bytes read back are stamped: the finish reads the shard, says so, and `runner work` computes
+    its rows again."""
+    from helpers import assert_exactly_once, reference_run
+
+    rows = [{"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(6)]
+    params, options = GenerationParams(max_new_tokens=4), runner.EngineOptions(batch_size=2)
+    ref = reference_run(tmp_path, tiny_gpt2, rows, params, options)
+    job = create_job(ref[0], tiny_gpt2, params, options, home=tmp_path / "home")
+    real, flipped = jobdir.write_marker, []
+
+    def flip_first_shard(job, unit, epoch, seq, marker):
+        if not flipped and marker.get("shard"):
+            path = job.dir / jobdir.SHARDS / marker["shard"]
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 1
+            path.write_bytes(bytes(data))
+            flipped.append(marker["shard"])
+        return real(job, unit, epoch, seq, marker)
+
+    monkeypatch.setattr(jobdir, "write_marker", flip_first_shard)
+    said = []
+    first = run_job(job, echo=said.append)
+    assert flipped and not first.finished and runner.status(job.id, tmp_path / "home").state != "completed"
+    assert any("1 commit(s) failed verification when read back" in line for line in said), said
+    assert run_job(job, echo=None).finished
+    assert_exactly_once(job.dir, ref[1])
