@@ -294,13 +294,24 @@ def _refuse_if_also_in_home(text: str, path: Path, home: str | os.PathLike | Non
 
 
 def _named(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Each job folder of the home with its job.json, or its backup where job.json is damaged (the job still
+    holds its name: found by it, it is shown broken and repair mends it)."""
     for path in job_folders(root):
+        meta = spec_or_backup(path)
+        if meta is not None:
+            yield path, meta
+
+
+def spec_or_backup(path: Path) -> dict[str, Any] | None:
+    """The job folder's job.json as read, else its backup's, else None."""
+    for name in (JOB_FILE, JOB_BACKUP):
         try:
-            meta = storage.read_json(path / JOB_FILE)
+            meta = storage.read_json(path / name)
         except (RunnerError, ValueError):
             continue
         if isinstance(meta, dict):
-            yield path, meta
+            return meta
+    return None
 
 
 def job_folders(root: str | os.PathLike) -> list[Path]:

@@ -1022,7 +1022,11 @@ def _named_job(root: Path, name: str) -> Job | None:
     for path in jobdir.job_folders(root):
         try:
             job = Job.open(path)
-        except RunnerError:
+        except RunnerError as e:
+            meta = jobdir.spec_or_backup(path)  # its job.json damaged: its backup still says whose name it is
+            if meta is not None and name in (meta.get("id"), meta.get("name")):
+                raise RunnerError(f"the name {name!r} is job {path.name}'s, which is broken ({e}); `runner repair "
+                                  f"{path}` mends it, then this submit returns it") from e  # fmt: skip
             continue
         if job.id == name or job.name == name:
             return job

@@ -20,6 +20,7 @@ import pytest
 from helpers import write_jsonl
 from workers import run_runner, worker_env
 
+import runner
 from runner import EngineOptions, GenerationParams, RunnerError, jobdir, jobs
 from runner.jobs import create_job
 
@@ -146,6 +147,32 @@ def test_resubmitting_a_named_job_returns_it_through_its_claim(tmp_path, tiny_gp
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
     job = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
     assert json.loads((runner_home / jobs.NAMES / "night1.0.json").read_text())["job"] == job.id
+    assert (
+        create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1").id == job.id
+    )
+    assert len(jobdir.job_folders(runner_home)) == 1
+
+
+def test_a_named_job_whose_spec_and_claim_are_both_damaged_is_not_stored_twice(
+    tmp_path, tiny_gpt2, runner_home
+):
+    """Its name claim torn and its job.json torn (the backup whole), a rerun of the same named submit took the
+    claim over once it was stale and stored a second job of that name: everything computed again, and status
+    and results then refused the name (adversarial pass 31). The submit now names the broken job and repair;
+    once repaired, it returns it."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
+    job = create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
+    claim = runner_home / jobs.NAMES / "night1.0.json"
+    claim.write_bytes(claim.read_bytes()[:40])
+    (job.dir / jobdir.JOB_FILE).write_bytes((job.dir / jobdir.JOB_FILE).read_bytes()[:60])
+    old = time.time() - jobs.STALE_CLAIM_SECONDS - 60
+    os.utime(claim, (old, old))
+    with pytest.raises(
+        RunnerError, match=rf"the name 'night1' is job {job.id}'s, which is broken .* `runner repair"
+    ):
+        create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
+    assert len(jobdir.job_folders(runner_home)) == 1
+    runner.repair(job.id, home=runner_home)
     assert (
         create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1").id == job.id
     )
