@@ -969,6 +969,13 @@ def submit_warnings(job: Job) -> list[str]:
             "models often answer raw text with nothing useful. Pass --chat to send each prompt as a user message "
             "(or give `messages` rows)."
         )
+    twin = _twin(job)
+    if twin is not None:
+        out.append(
+            f"WARNING: job {twin.id} ({twin.state().state.value}, submitted {twin.spec.created}) has the same file "
+            "and settings: this is a second job, and `runner work` computes both. Running a notebook's cells again? "
+            f"Give --name, so that a rerun returns its job; `runner cancel {job.id}` drops this one."
+        )
     unused = _unused_model_defaults(job)
     if unused:
         options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in unused.items())
@@ -979,6 +986,35 @@ def submit_warnings(job: Job) -> list[str]:
             f"the weights. To use them, pass {options}"
         )
     return out
+
+
+def _twin(job: Job) -> Job | None:
+    """Another job beside this unnamed one, queued or running, of the same file, model and settings (the seed
+    aside: an unseeded submit picks a new one each time): a notebook's cells run again after a VM's death."""
+    if job.name is not None:
+        return None  # a named submit returns its job instead
+    mine = _same_work(job.meta)
+    for path in sorted(jobdir.job_folders(job.dir.parent), reverse=True):
+        if path == job.dir:
+            continue
+        try:
+            other = Job.open(path)
+            if _same_work(other.meta) == mine and other.state().state is JobState.QUEUED:
+                return other
+        except RunnerError:
+            continue
+    return None
+
+
+def _same_work(meta: dict[str, Any]) -> str:
+    """What a job computes, as job.json says, its seed aside: kind, model, settings, the input and how it is read."""
+    read = meta.get("input") or {}
+    return json.dumps([meta.get("kind"), meta.get("model"), {k: v for k, v in (meta.get("params") or {}).items()
+                       if k != "seed"}, [read.get(k) for k in _READING]])  # fmt: skip
+
+
+_READING = ("sha256", "prompt_field", "template", "truncate", "chat", "chat_template", "skip_invalid",
+            "served_model_names")  # fmt: skip
 
 
 MODEL_SAMPLING = ("temperature", "top_k", "top_p")  # what model.generate() applies when it samples

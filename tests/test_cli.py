@@ -375,6 +375,26 @@ def test_submit_notes_the_sampling_settings_of_the_models_generation_config(tmp_
     )
 
 
+def test_an_unnamed_submit_of_a_queued_jobs_file_and_settings_warns_it_is_a_second_job(
+    prompts, tiny_gpt2, runner_home
+):
+    """Running a notebook's cells again after a VM's death queued the same work twice without a word, and
+    `runner work` computed both (pass 33). The seed aside (an unseeded submit picks a new one each time)."""
+    args = ("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2, "--temperature", "0.8")
+    first = invoke(*args).stdout.strip()
+    again = invoke(*args)
+    second = again.stdout.strip()
+    assert second != first and f"WARNING: job {first} (queued, submitted " in again.stderr, again.stderr
+    assert (
+        f"Give --name, so that a rerun returns its job; `runner cancel {second}` drops this one"
+        in again.stderr
+    )
+    other = invoke(*args[:-1], "0.9")  # other settings: no twin
+    assert other.exit_code == 0 and "WARNING: job" not in other.stderr
+    assert invoke("cancel", first).exit_code == 0 and invoke("cancel", second).exit_code == 0
+    assert "WARNING: job" not in invoke(*args).stderr  # cancelled ones are no twins
+
+
 def test_submit_says_when_the_job_is_already_there_and_counts_per_row_samples(
     tmp_path, tiny_gpt2, runner_home
 ):
