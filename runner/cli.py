@@ -328,6 +328,8 @@ def _run_kind(
     invalid = job.meta["input"]["invalid"]
     if invalid:
         _echo(f"{invalid} invalid row(s) skipped; see {job.dir / 'errors.jsonl'}")
+    if summary.unrunnable:  # said why, and what runs it, as the job stayed queued
+        raise SystemExit(1)
     if not summary.finished:
         _echo(_stopped_line(job, summary, job.spec.count_noun, "carry on"))
         if stdout_is_data:

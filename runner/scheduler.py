@@ -10,9 +10,11 @@ Everything here is about *which* job runs; how a job runs, unit by unit and fenc
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import jobdir, storage
@@ -52,7 +54,8 @@ def run(
     _heal(job, echo)
     # As `runner work --job`: units another live worker holds (a second VM on the job) are waited for, and
     # taken over if it dies, so the run ends when the job does (or at `stop()`), not when nothing is left to claim.
-    summaries = work(job=job, engine=engine, echo=echo, stop=stop)
+    unrunnable: list[Job] = []
+    summaries = work(job=job, engine=engine, echo=echo, stop=stop, on_unrunnable=unrunnable.append)
     last = summaries[-1] if summaries else None
     if last is None or not (last.finished or last.stopped):  # the others ended the job, or it was not queued
         state = job.state()
@@ -61,7 +64,9 @@ def run(
             raise RunnerError(f"job {job.id} is {state.state}{reason} (`runner retry {job.dir}` re-queues "
                               "it)")  # fmt: skip
         p = jobdir.job_progress(job)
-        last = RunSummary(job.id, p.done, p.total, 0, 0, 0.0, p.failed, p.complete)
+        last = RunSummary(
+            job.id, p.done, p.total, 0, 0, 0.0, p.failed, p.complete, unrunnable=bool(unrunnable)
+        )
     return job, replace(
         last, generated=sum(s.generated for s in summaries), tokens=sum(s.tokens for s in summaries),
         seconds=sum(s.seconds for s in summaries),
@@ -343,7 +348,7 @@ def work(
             if on_unrunnable is not None:
                 on_unrunnable(cand.job)
             if echo:
-                echo(f"job {cand.job.id} stays queued: {e}; {_where_it_runs(cand.job, e)}")
+                echo(f"job {cand.job.id} stays queued: {e}; {_where_it_runs(cand.job, e, home)}")
             continue
         now = _state_now(cand.job)
         if now is None:  # said broken by run_leased, after its wait for the state: not again
@@ -384,9 +389,13 @@ def _waiting_line(job_id: str) -> str:
             "for it")  # fmt: skip
 
 
-def _where_it_runs(job: Job, e: NotOnThisMachine) -> str:
-    if isinstance(e, NoSuchDevice):
-        return f"run it on a machine that has that device, or here with `runner work --job {job.id} --device cpu`"
+def _where_it_runs(job: Job, e: NotOnThisMachine, home: Any) -> str:
+    if isinstance(e, NoSuchDevice):  # (a job outside the home, `runner run -o DIR`, by its folder)
+        root = Path(home) if home is not None else jobdir.default_home()
+        ref = job.id if job.dir == root / job.id else shlex.quote(str(job.dir))
+        return (
+            f"run it on a machine that has that device, or here with `runner work --job {ref} --device cpu`"
+        )
     return f"{e.hint} `runner work` runs it once it is there"
 
 

@@ -59,6 +59,7 @@ class RunSummary:
     finished: bool  # every row is done or recorded as an error
     others: int = 0  # live workers still holding units of this job
     stopped: bool = False  # ended early: a stop request, the deadline or a cancel
+    unrunnable: bool = False  # not run: it needs what this machine lacks (its device, its model folder)
 
     @property
     def tokens_per_second(self) -> float:

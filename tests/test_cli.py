@@ -522,7 +522,7 @@ def test_work_on_a_gpu_makes_it_the_current_device(runner_home, monkeypatch):
 
 
 def test_a_job_asking_for_a_gpu_this_machine_lacks_stays_queued_and_runs_with_device_cpu(
-    prompts, tiny_gpt2, runner_home, monkeypatch
+    prompts, tiny_gpt2, runner_home, monkeypatch, tmp_path
 ):
     """A Colab VM given no GPU this time: the job is not failed (retry, then the same failure, as a user walkthrough
     found), it waits for a machine with the device, and `runner work --device cpu` runs it here."""
@@ -546,6 +546,16 @@ def test_a_job_asking_for_a_gpu_this_machine_lacks_stays_queued_and_runs_with_de
     assert again.exit_code == 1 and "stays queued" in again.stderr and "nothing to do" not in again.stderr
     assert invoke("work", "--job", job_id, "--device", "cpu").exit_code == 0
     assert runner.status(job_id, runner_home).state == "completed"
+    # `runner run -o DIR`: the hint named the job by its id, which is not in the home (pass 33), and then said
+    # to run the same command again, which leaves it queued again
+    out = tmp_path / "out"
+    ran = invoke("run", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2, "--device", "cuda", "-o", out)
+    assert ran.exit_code == 1 and f"`runner work --job {out} --device cpu`" in ran.stderr, ran.stderr
+    assert "run the same command again" not in ran.stderr
+    assert (
+        invoke("work", "--job", out, "--device", "cpu").exit_code == 0
+        and runner.status(out).state == "completed"
+    )
 
 
 def test_work_on_a_job_cancelled_under_it_does_not_say_to_run_work_again(
