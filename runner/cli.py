@@ -57,6 +57,13 @@ def _to_devnull(stream: Any) -> None:
     os.close(devnull)
 
 
+# What a Ctrl-C leaves, said after "interrupted" by the commands that compute (the others keep nothing or change
+# nothing: a submit interrupted queued nothing, a watch leaves the job's workers at work)
+_KEPT = "; finished batches are kept: run the same command again to carry on"
+INTERRUPTED = {"run": _KEPT, "score": _KEPT, "embed": _KEPT, "work": _KEPT, "run_batch": _KEPT,
+               "watch": " (only the watching: the job's workers go on)"}  # fmt: skip
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Domain errors become `Error: ...` with exit code 1; settings errors name the option."""
 
@@ -68,11 +75,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(f"{e.option}: {e}") from e
         except RunnerError as e:
             raise click.ClickException(str(e)) from e
-        except (
-            KeyboardInterrupt
-        ) as e:  # not click's "Aborted!" (exit 1): say what is kept, exit 130 (143, 129)
+        # not click's "Aborted!" (exit 1): say what is kept, exit 130 (143, 129)
+        except KeyboardInterrupt as e:
             how = e.said if isinstance(e, Terminated) else "interrupted"
-            _echo(f"{how}; finished batches are kept: run the same command again to carry on")
+            _echo(how + INTERRUPTED.get(fn.__name__, ""))
             raise SystemExit(128 + e.signum if isinstance(e, Terminated) else 130) from None
         except BrokenPipeError:  # `runner status | head`: the reader went away; say nothing more, exit as
             _to_devnull(sys.stdout)  # a process killed by SIGPIPE does
@@ -651,7 +657,8 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device)
         raise SystemExit(1)  # nothing could run here: `runner work && next` must not go on
     if not summaries and not failed:
         _say_lost_rows(home, job_ref)
-        _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else ""))
+        _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else "")
+              + f" in {_home_said(home)}")  # fmt: skip
     elif not all(s.finished or s.others or _cancelled(home, s.job_id) for s in _last_of_each(summaries)):
         _echo("stopped; run `runner work` again to carry on")
     if stop():
@@ -659,6 +666,17 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device)
     if failed:  # `runner work && next-step` must not go on as if all went well
         raise RunnerError(f"{len(failed)} job(s) failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
                           f"says why; {_after_failure(failed)})")  # fmt: skip
+
+
+def _home_said(home: Any) -> str:
+    """The job home looked in, and how to look elsewhere: a job submitted with --home (on Drive) is not in the
+    default ./jobs of a plain `runner status` (pass 33)."""
+    from .jobdir import default_home
+
+    given = home is not None or os.environ.get("RUNNER_HOME")
+    return f"{home if home is not None else default_home()}" + (
+        "" if given else " (the default job home; --home DIR or $RUNNER_HOME for another)"
+    )
 
 
 def _last_of_each(summaries: list[Any]) -> list[Any]:
@@ -792,7 +810,7 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
         else:
-            click.echo(status_table(statuses) if statuses else "no jobs")
+            click.echo(status_table(statuses) if statuses else f"no jobs in {_home_said(ctx.obj['home'])}")
             # what needs the user: a broken job and how to bring it back, a failure's reason, what a queued job
             # waits for
             for st in statuses:

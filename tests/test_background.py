@@ -151,3 +151,28 @@ def test_watch_of_a_failed_job_says_why_in_its_last_line(tmp_path, tiny_gpt2, mo
     lines = []
     assert background.watch(job.id, home, echo=lines.append).state == "failed"
     assert lines[-1].endswith(f"{job.id} failed: 0/1 | - tok/s | ETA - | CUDA out of memory")
+
+
+def test_ctrl_c_on_watch_and_an_empty_home_say_what_they_are(tmp_path, tiny_gpt2, monkeypatch):
+    """Ctrl-C on `runner watch` said "finished batches are kept: run the same command again", so users thought
+    the job had stopped (its workers go on); `runner status` of an empty home said "no jobs" without naming
+    the home, after a submit with --home on Drive (pass 33)."""
+    home = tmp_path / "home"
+    job = runner.submit(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}]), tiny_gpt2,
+                        GenerationParams(max_new_tokens=2), home=home)  # fmt: skip
+
+    def ctrl_c(status):
+        raise KeyboardInterrupt  # as a Ctrl-C lands during a poll
+
+    monkeypatch.setattr(background, "status_line", ctrl_c)
+    result = invoke("--home", home, "watch", job.id)
+    assert (
+        result.exit_code == 130
+        and "interrupted (only the watching: the job's workers go on)" in result.stderr
+    )
+    assert "finished batches" not in result.stderr
+    monkeypatch.delenv("RUNNER_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    said = invoke("status").stdout
+    assert said.strip() == "no jobs in jobs (the default job home; --home DIR or $RUNNER_HOME for another)"
+    assert invoke("--home", tmp_path / "other", "status").stdout.strip() == f"no jobs in {tmp_path / 'other'}"
