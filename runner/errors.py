@@ -37,7 +37,7 @@ class ParamError(RunnerError, ValueError):
 
 
 # Settings whose option is not their name with dashes.
-_SPELLED = {"json_object": "--json", "choices": "--choice"}
+_SPELLED = {"json_object": "--json", "choices": "--choice", "input": "INPUT"}
 
 
 @dataclass(frozen=True)

@@ -629,6 +629,9 @@ def _dataset_label(source: Any) -> str:
 
 def input_format(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES and not os.path.lexists(path):  # (`runner score "a text"`, gpt2-score's habit)
+        raise ParamError("input", f"{os.fspath(path)}: no such file; a text itself goes in on standard input: "
+                                  "echo 'TEXT' | runner score - -m MODEL (embed, run alike)")  # fmt: skip
     if suffix not in SUFFIXES:
         raise ParamError(
             "input",

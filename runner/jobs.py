@@ -969,6 +969,13 @@ def submit_warnings(job: Job) -> list[str]:
             "models often answer raw text with nothing useful. Pass --chat to send each prompt as a user message "
             "(or give `messages` rows)."
         )
+    data = _length_columns(job)
+    if data:
+        out.append(
+            f"note: {' and '.join(repr(c) for c in data)} is kept as data, not a setting: a row's own limits are "
+            "max_new_tokens (or max_tokens) and min_new_tokens, which count new tokens only (transformers' "
+            "max_length and min_length count the prompt too)"
+        )
     twin = _twin(job)
     if twin is not None:
         out.append(
@@ -986,6 +993,17 @@ def submit_warnings(job: Job) -> list[str]:
             f"the weights. To use them, pass {options}"
         )
     return out
+
+
+def _length_columns(job: Job) -> list[str]:
+    """The input's max_length / min_length columns (model.generate()'s habit, the tutorials'), which a generate
+    job keeps as data: no row setting has those names."""
+    if job.spec.kind != "generate":
+        return []
+    import pyarrow.parquet as pq
+
+    names = job.read_prompts(pq.read_schema).names
+    return [c for c in ("max_length", "min_length") if c in names]
 
 
 def _twin(job: Job) -> Job | None:

@@ -395,6 +395,16 @@ def test_an_unnamed_submit_of_a_queued_jobs_file_and_settings_warns_it_is_a_seco
     assert "WARNING: job" not in invoke(*args).stderr  # cancelled ones are no twins
 
 
+def test_a_max_length_column_is_said_to_be_data(tmp_path, tiny_gpt2, runner_home):
+    """A row giving max_length (model.generate()'s name, the tutorials' habit) was silently passed through as
+    data, the row generated to the job's limit (pass 33)."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello", "max_length": 20}])
+    said = invoke("submit", path, "-m", tiny_gpt2).stderr
+    assert "note: 'max_length' is kept as data, not a setting: a row's own limits are max_new_tokens" in said
+    plain = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hello", "max_new_tokens": 20}])
+    assert "kept as data" not in invoke("submit", plain, "-m", tiny_gpt2).stderr
+
+
 def test_submit_says_when_the_job_is_already_there_and_counts_per_row_samples(
     tmp_path, tiny_gpt2, runner_home
 ):

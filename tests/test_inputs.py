@@ -336,10 +336,17 @@ def test_parquet_wrong_types_and_truncated_file(tmp_path):
 
 def test_missing_file_and_unknown_type(tmp_path):
     assert "no such file" in problems_of(tmp_path / "nope.jsonl")[0][0]
+    (tmp_path / "p.docx").write_text("x")
     with pytest.raises(
         ParamError, match=r"unknown file type '\.docx'; use \.jsonl, \.parquet, \.csv, \.txt or -"
     ):
         read_prompts(tmp_path / "p.docx")
+    # a text given where the file goes (gpt2-score's habit: `runner score "現在も..."`): said so (pass 33)
+    with pytest.raises(
+        ParamError, match=r"現在も東京は: no such file; a text itself goes in on standard input"
+    ) as e:
+        read_prompts("現在も東京は")
+    assert e.value.option == "INPUT"
 
 
 def test_a_txt_file_is_one_prompt_per_line(tmp_path):
