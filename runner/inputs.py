@@ -166,7 +166,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                if not hint and _looks_like(path, raw):
+                if not hint and _written_in_another_encoding(path, raw):
                     raise _not_utf8_error(path) from None
                 said, hint = hint, hint or not_utf8(path, raw)
                 yield (
@@ -218,6 +218,26 @@ def not_utf8(path: Path, bad: bytes = b"") -> str:
     """What to tell the user of a file that is not UTF-8, with what it looks like when that is clear (from the
     file's first bytes, else from `bad`, the first line that is not UTF-8)."""
     return _not_utf8("the file", _looks_like(path, bad), "save it as UTF-8")
+
+
+def _written_in_another_encoding(path: Path, bad: bytes) -> bool:
+    """The whole file looks written in another encoding (Shift-JIS, UTF-16), not a UTF-8 file with a stray
+    line: an encoding is recognised, and none of the non-ASCII lines of its first bytes is UTF-8 (one Shift-JIS
+    line pasted into a UTF-8 file is that line's problem: --skip-invalid runs the others)."""
+    if _looks_like(path, bad) is None:
+        return False
+    with open(path, "rb") as f:
+        head = f.read(HEAD_BYTES).removeprefix(b"\xef\xbb\xbf")
+    lines = [line for line in head.split(b"\n")[:-1] if not line.isascii()]  # (the last may be cut short)
+    return not any(_is_utf8(line) for line in lines)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _looks_like(path: Path, bad: bytes = b"") -> str | None:

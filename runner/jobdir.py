@@ -902,7 +902,12 @@ class Job:
         return read_parquet(self.dir / PROMPTS)
 
     def log(self, line: str) -> None:
-        storage.append_line(self.dir / LOG_FILE, time.strftime("%Y-%m-%d %H:%M:%S ") + line)
+        """A line of log.txt, timed; labelled by its worker process under `runner work --workers N` (their lines
+        interleave there)."""
+        label = os.environ.get("RUNNER_WORKER_LABEL")
+        storage.append_line(
+            self.dir / LOG_FILE, time.strftime("%Y-%m-%d %H:%M:%S ") + (f"[{label}] " if label else "") + line
+        )
 
     def invalid_rows(self) -> Iterator[dict[str, Any]]:
         """Input rows found invalid at submit (errors.jsonl), one at a time (there may be millions). A file that
@@ -1436,14 +1441,20 @@ class Verifier:
         return why
 
     def remember(self, commit: Commit) -> None:
-        """A shard this worker just wrote and checked: not read again while it works (`trusted`). Not in the
-        cache, which holds only what was read back and hashed: whatever befell the file in the job home after
-        the bytes were checked (a flipped bit before its marker, a flaky mount's copy) would have been stamped
-        as verified for good, the job "completed" with those rows lost (adversarial pass 31). The worker's
-        finish (it clears `trusted`) reads each of its shards once, and caches those found sound."""
+        """A shard this worker just wrote and committed: read back from the job home and checked once (the
+        page cache makes it cheap), then trusted and stamped in the cache like any shard read and found sound,
+        so that status and the next worker do not read it again. Stamping what was written without reading it
+        back trusted for good whatever befell the file after its bytes were checked (a flipped bit before its
+        marker, a flaky mount's copy): the job "completed" with those rows lost (adversarial pass 31). One that
+        does not read back sound is left untrusted: the next look at the ledger quarantines it."""
         self.markers[commit.name] = commit.marker
-        if commit.shard is not None:
-            self.trusted.add(commit.name)
+        if commit.shard is None:
+            return
+        self.trusted.discard(commit.name)
+        try:
+            self.check(commit)
+        except storage.StorageError:
+            pass  # a transient read error: checked when the ledger is next read
 
     def save(self) -> None:
         if self.dirty:

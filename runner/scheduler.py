@@ -453,11 +453,12 @@ def run_leased(
 ) -> RunSummary | None:
     """Run one job and settle its outcome: a summary, or None when the job failed (recorded) or is broken."""
     j = cand.job
+    starting = f"{'resuming' if cand.interrupted else 'starting'} job {j.id}" + (
+        f" ({j.name})" if j.name else ""
+    )
+    _log(j, starting)
     if echo:
-        echo(
-            f"{'resuming' if cand.interrupted else 'starting'} job {j.id}"
-            + (f" ({j.name})" if j.name else "")
-        )
+        echo(starting)
     read = None
     halted = _halted(stop, run_opts["deadline"])
     try:
@@ -550,12 +551,26 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: Callable[[], bool]) 
         if echo:
             echo(_broken_line(j.id, j.dir, e, e.repairable))
         return summary
-    if echo and state is JobState.CANCELLED:
-        echo(f"job {j.id} was cancelled; its finished rows are kept (`runner retry {j.dir}` resumes it)")
-    elif echo and summary.finished:
-        echo(
-            f"job {j.id} completed: {summary.done:,}/{summary.total:,} {j.spec.count_noun}, {summary.errors} errors"
-        )
-    elif echo and summary.others:
-        echo(f"job {j.id}: {summary.others} other worker(s) are computing the rest")
+    done = f"{summary.done:,}/{summary.total:,} {j.spec.count_noun}"
+    if state is JobState.CANCELLED:
+        line = f"job {j.id} was cancelled; its finished rows are kept (`runner retry {j.dir}` resumes it)"
+    elif summary.finished:
+        line = f"job {j.id} completed: {done}, {summary.errors} errors"
+    elif summary.others:
+        line = f"job {j.id}: {summary.others} other worker(s) are computing the rest"
+    else:  # said to the user by the command (which knows how it is run again); log.txt hears it here
+        line = ""
+        _log(j, f"stopped with {done} done" + (" (asked to stop, or its deadline)" if halted() else ""))
+    if line:
+        _log(j, line)
+        if echo:
+            echo(line)
     return summary
+
+
+def _log(j: Job, line: str) -> None:
+    """A line of the job's log.txt, which records how each run went (a failing log write stops nothing)."""
+    try:
+        j.log(line)
+    except RunnerError:
+        pass

@@ -295,12 +295,25 @@ class JobRun:
                 return self.open_unit(u, epoch)
         return None
 
+    def uncount(self, name: str, why: str) -> None:
+        """A commit of this run that did not read back sound, quarantined: its rows are no longer done (the
+        progress counted them), and are computed again."""
+        marker = self.verifier.markers.get(name)
+        if marker is None or self.progress is None:
+            return
+        n = int(marker.get("rows") or 0) + len(marker.get("errors") or [])
+        self.progress.done -= n
+        self.progress.saved -= n
+        self.say(f"the shard of commit {name} did not read back as written ({why}): its {n:,} "
+                 f"{self.job.spec.count_noun} are computed again")  # fmt: skip
+
     def open_unit(self, index: int, epoch: int) -> Unit | None:
         """The unit's keys still to do, read after its older epochs are sealed (so nobody can add to them)."""
         ledger = self.ledger(seal=True)
         for name, why in ledger.bad:
             if name.startswith(f"{index:05d}-"):
                 jobdir.quarantine(self.job, name, why)
+                self.uncount(name, why)
         rows = self.job.spec.unit_rows_range(index)
         left = ledger.left_mask()
         self.check_prompts()  # again before each unit's rows are read: changed since (a stat, unless it was)

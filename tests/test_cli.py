@@ -395,6 +395,18 @@ def test_an_unnamed_submit_of_a_queued_jobs_file_and_settings_warns_it_is_a_seco
     assert "WARNING: job" not in invoke(*args).stderr  # cancelled ones are no twins
 
 
+def test_the_jobs_log_records_how_each_run_began_and_ended(prompts, tiny_gpt2, runner_home, monkeypatch):
+    """log.txt had the progress lines but not the starting, completed, stopped or cancelled lines `runner work`
+    printed: a cancelled job's log just stopped (pass 33). Lines of `--workers N` carry their worker's label."""
+    job_id = invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
+    monkeypatch.setenv("RUNNER_WORKER_LABEL", "w2")
+    assert invoke("work").exit_code == 0
+    log = (runner.open_job(job_id).dir / "log.txt").read_text()
+    assert (
+        f"[w2] starting job {job_id}\n" in log and f"[w2] job {job_id} completed: 2/2 rows, 0 errors\n" in log
+    )
+
+
 def test_a_max_length_column_is_said_to_be_data(tmp_path, tiny_gpt2, runner_home):
     """A row giving max_length (model.generate()'s name, the tutorials' habit) was silently passed through as
     data, the row generated to the job's limit (pass 33)."""

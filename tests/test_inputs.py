@@ -242,6 +242,13 @@ def test_a_jsonl_or_text_file_in_another_encoding_is_refused_as_a_whole(tmp_path
     for skip in (False, True):
         problems, message = problems_of(path, skip_invalid=skip)
         assert message == f"cannot read the prompt file: {path}:2: " + NOT_UTF8.format("Shift-JIS/CP932")
+    # one Shift-JIS line pasted into a UTF-8 file: that line's problem (adversarial pass 34)
+    good = "".join(text.splitlines(keepends=True)[1:]).encode("utf-8")
+    pasted = "名前はまだ無い\n" if name == "p.txt" else '{"prompt": "名前はまだ無い"}\n'
+    path.write_bytes(good * 3 + pasted.encode("cp932"))
+    problems, message = problems_of(path)
+    assert problems == [f"{path}:4: invalid UTF-8 at byte {1 if name == 'p.txt' else 13} of the line; "
+                        + NOT_UTF8.format("Shift-JIS/CP932")], message  # fmt: skip
     path.write_bytes('{"prompt": "Hello"}\n{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     stray = f"{path}:2: invalid UTF-8 at byte 16 of the line; the file is not UTF-8; save it as UTF-8"
     assert problems_of(path)[0] == [stray]

@@ -878,8 +878,8 @@ def test_a_shard_damaged_before_its_marker_is_not_trusted_for_good(tmp_path, tin
     """A byte of a shard flipped after its rename into shards/ and before its marker (a flaky mount's copy, a
     freeze in between): the worker stamped the file as verified in verified.json without reading it, so status
     and repair trusted it for good, the job "completed" and load_results gave 0 of its rows (adversarial pass
-    31). Now only bytes read back are stamped: the finish reads the shard, says so, and `runner work` computes
-    its rows again."""
+    31). Now a shard is read back once it is committed, and stamped only when sound: this one is quarantined and
+    its rows computed again in the same run."""
     from helpers import assert_exactly_once, reference_run
 
     rows = [{"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(6)]
@@ -899,8 +899,38 @@ def test_a_shard_damaged_before_its_marker_is_not_trusted_for_good(tmp_path, tin
 
     monkeypatch.setattr(jobdir, "write_marker", flip_first_shard)
     said = []
-    first = run_job(job, echo=said.append)
-    assert flipped and not first.finished and runner.status(job.id, tmp_path / "home").state != "completed"
-    assert any("1 commit(s) failed verification when read back" in line for line in said), said
-    assert run_job(job, echo=None).finished
+    assert run_job(job, echo=said.append).finished and flipped
+    lost = [line for line in said if "did not read back as written" in line]
+    assert len(lost) == 1 and "rows are computed again" in lost[0], said
+    assert said[-1].startswith("6/6 rows (100.0%)"), said  # (it read 12/6 rows: the lost ones counted twice)
     assert_exactly_once(job.dir, ref[1])
+
+
+def test_status_during_a_run_does_not_read_the_shards_the_worker_already_checked(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """Every shard is read back once it is committed and stamped in verified.json when sound: with only the
+    finish reading them (the fix of pass 31 at first), each `runner status` and `runner watch` poll of a running
+    or killed job read and hashed every shard again (adversarial pass 34)."""
+    from runner.worker import JobRun
+
+    rows = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(8))
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                     runner.EngineOptions(batch_size=2), home=tmp_path / "home", unit_rows=2)  # fmt: skip
+    real_open, real_read, reads, seen = JobRun.open_unit, jobdir.read_shard, [], []
+
+    def counted(job, commit):
+        reads.append(commit.name)
+        return real_read(job, commit)
+
+    def open_unit(self, index, epoch):
+        if index == 3:  # three units committed: a status now
+            monkeypatch.setattr(jobdir, "read_shard", counted)
+            seen.append(runner.status(job.id, tmp_path / "home").done)
+            monkeypatch.setattr(jobdir, "read_shard", real_read)
+        return real_open(self, index, epoch)
+
+    monkeypatch.setattr(JobRun, "open_unit", open_unit)
+    assert run_job(job, echo=None).finished
+    # (the stamps are saved as each unit opens: the last unit's commit may be read, no earlier one)
+    assert seen == [6] and all(name.startswith("00002-") for name in reads), reads
