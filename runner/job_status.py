@@ -58,11 +58,13 @@ class JobStatus:
 
 
 def broken_status(path: Path, reason: str, job: Job | None = None, repairable: bool = True) -> JobStatus:
-    """A job that cannot be read; what job.json still says of it when `job` opened."""
+    """A job that cannot be read; what job.json (or its backup, when it did not open) still says of it."""
     hint = f" (`runner repair {path}`)" if repairable else ""
-    return JobStatus(id=path.name, name=job.name if job else None, state=JobState.BROKEN.value, done=0, total=0,
+    meta = job.meta if job else (jobdir.spec_or_backup(path) or {})
+    name = meta.get("name") if isinstance(meta.get("name"), str) else None
+    return JobStatus(id=path.name, name=name, state=JobState.BROKEN.value, done=0, total=0,
                      errors=0, invalid=0, tokens_per_second=None, eta_seconds=None,
-                     model=job.spec.model if job else "-", created=job.spec.created if job else "", worker=None,
+                     model=str(meta.get("model") or "-"), created=str(meta.get("created") or ""), worker=None,
                      message=reason + hint, folder=str(path))  # fmt: skip
 
 

@@ -172,6 +172,8 @@ def test_a_named_job_whose_spec_and_claim_are_both_damaged_is_not_stored_twice(
     ):
         create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
     assert len(jobdir.job_folders(runner_home)) == 1
+    (shown,) = runner.status(home=runner_home)  # by its backup's name, not "-"
+    assert (shown.state, shown.name, shown.model) == ("broken", "night1", job.spec.model)
     runner.repair(job.id, home=runner_home)
     assert (
         create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1").id == job.id
