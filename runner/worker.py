@@ -144,6 +144,7 @@ class JobRun:
     ):
         self.job, self.engine, self.echo = job, engine, echo
         self.loader: Callable[[], Engine] | None = None  # gives the engine when there is none (run_job)
+        self.written: dict[str, dict[str, Any]] = {}  # commit name -> marker, of the commits of this run
         self.shard_rows, self.shard_seconds = shard_rows, shard_seconds
         self.user_stop, self.deadline, self.ttl = should_stop, deadline, ttl
         self.owner = owner or Owner.me()
@@ -298,7 +299,7 @@ class JobRun:
     def uncount(self, name: str, why: str) -> None:
         """A commit of this run that did not read back sound, quarantined: its rows are no longer done (the
         progress counted them), and are computed again."""
-        marker = self.verifier.markers.get(name)
+        marker = self.written.get(name)
         if marker is None or self.progress is None:
             return
         n = int(marker.get("rows") or 0) + len(marker.get("errors") or [])
@@ -558,12 +559,14 @@ class JobRun:
             if not jobdir.still_holds(self.job, unit.index, unit.epoch):
                 raise ClaimLost(unit.index)
             jobdir.write_marker(self.job, unit.index, unit.epoch, unit.seq, marker)
-        self.verifier.remember(jobdir.Commit(name, unit.index, unit.epoch, marker))
         # emptied before seq moves on: a Ctrl-C between the two never commits these rows a second time
         unit.results, unit.errors, unit.batches = [], [], []
         unit.seq += 1
         if self.progress is not None:  # (commits fall between batches: every row counted so far is in it)
             self.progress.saved = self.progress.done
+        self.written[name] = marker
+        # read back (a longer step now): after the above, so that a Ctrl-C during it never commits twice
+        self.verifier.remember(jobdir.Commit(name, unit.index, unit.epoch, marker))
         self.update_heartbeat()
 
     @contextlib.contextmanager
