@@ -44,10 +44,9 @@ def _echo(line: str) -> None:
     label = os.environ.get(WORKER_LABEL, "")
     try:
         click.echo(f"[runner{' ' + label if label else ''}] {line}", err=True)
-    except (
-        OSError
-    ):  # its reader went away (`runner run ... 2>&1 | head`; a closed terminal: EIO): the work goes
-        _to_devnull(sys.stderr)  # on (log.txt)
+    # its reader went away (`runner run ... 2>&1 | head`; a closed terminal: EIO): the work goes on (log.txt)
+    except OSError:
+        _to_devnull(sys.stderr)
 
 
 def _to_devnull(stream: Any) -> None:

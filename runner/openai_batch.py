@@ -118,10 +118,9 @@ def _body_row(
     seed = row.get("seed")
     if isinstance(seed, int) and not isinstance(seed, bool) and -(2**63) <= seed < 0:  # vLLM takes any int64
         row["seed"] = seed + 2**63  # (mixed with the custom_id before use: the same on every run)
+    # the API samples at temperature 1 unless told otherwise (a temperature given decides, in row_params)
     if url != EMBEDDINGS and body.get("temperature") is None and not greedy:
-        row["do_sample"] = (
-            True  # the API samples at temperature 1 unless told otherwise (a given one decides)
-        )
+        row["do_sample"] = True
     problem = _special_fields(url, body, row)
     if problem:
         return None, problem[0], problem[1]
