@@ -296,17 +296,19 @@ class JobRun:
                 return self.open_unit(u, epoch)
         return None
 
-    def uncount(self, name: str, why: str) -> None:
-        """A commit of this run that did not read back sound, quarantined: its rows are no longer done (the
-        progress counted them), and are computed again."""
-        marker = self.written.get(name)
-        if marker is None or self.progress is None:
-            return
-        n = int(marker.get("rows") or 0) + len(marker.get("errors") or [])
-        self.progress.done -= n
-        self.progress.saved -= n
-        self.say(f"the shard of commit {name} did not read back as written ({why}): its {n:,} "
-                 f"{self.job.spec.count_noun} are computed again")  # fmt: skip
+    def uncount_lost(self, ledger: jobdir.Ledger) -> None:
+        """Commits of this run the ledger no longer counts (quarantined: a shard that did not read back as
+        written, here or by another worker's tidy or a `runner repair`): their rows are not done any more (the
+        progress counted them, and would count them twice) and are computed again."""
+        counted = {c.name for c in ledger.commits}
+        for name in [n for n in self.written if n not in counted]:
+            marker = self.written.pop(name)
+            n = int(marker["rows"]) + len(marker["errors"])
+            if self.progress is not None:
+                self.progress.done -= n
+                self.progress.saved -= n
+            self.say(f"commit {name} of this run no longer verifies (quarantined): its {n:,} "
+                     f"{self.job.spec.count_noun} are computed again")  # fmt: skip
 
     def open_unit(self, index: int, epoch: int) -> Unit | None:
         """The unit's keys still to do, read after its older epochs are sealed (so nobody can add to them)."""
@@ -314,7 +316,7 @@ class JobRun:
         for name, why in ledger.bad:
             if name.startswith(f"{index:05d}-"):
                 jobdir.quarantine(self.job, name, why)
-                self.uncount(name, why)
+        self.uncount_lost(ledger)
         rows = self.job.spec.unit_rows_range(index)
         left = ledger.left_mask()
         self.check_prompts()  # again before each unit's rows are read: changed since (a stat, unless it was)
@@ -696,6 +698,7 @@ class JobRun:
         # Before a word of completion every shard is looked at again (a stat each, a read where it changed):
         # one this worker wrote or checked may have gone since (Drive lost it, a sync conflict renamed it).
         self.verifier.trusted.clear()
+        self.verifier.markers.clear()  # and every marker read again: one torn since would not count its rows
         progress = jobdir.job_progress(self.job, self.ledger(generation=state.generation))
         self.verifier.save()  # the shards read back just now: not read again by the next command
         if progress.bad:

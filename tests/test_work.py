@@ -900,7 +900,7 @@ def test_a_shard_damaged_before_its_marker_is_not_trusted_for_good(tmp_path, tin
     monkeypatch.setattr(jobdir, "write_marker", flip_first_shard)
     said = []
     assert run_job(job, echo=said.append).finished and flipped
-    lost = [line for line in said if "did not read back as written" in line]
+    lost = [line for line in said if "no longer verifies (quarantined)" in line]
     assert len(lost) == 1 and "rows are computed again" in lost[0], said
     assert said[-1].startswith("6/6 rows (100.0%)"), said  # (it read 12/6 rows: the lost ones counted twice)
     assert_exactly_once(job.dir, ref[1])
@@ -934,3 +934,57 @@ def test_status_during_a_run_does_not_read_the_shards_the_worker_already_checked
     assert run_job(job, echo=None).finished
     # (the stamps are saved as each unit opens: the last unit's commit may be read, no earlier one)
     assert seen == [6] and all(name.startswith("00002-") for name in reads), reads
+
+
+def test_a_marker_torn_after_it_was_written_is_seen_before_completed(tmp_path, tiny_gpt2, monkeypatch):
+    """A commit marker torn on disk after the worker wrote it: its finish re-stat'ed the shards but used the
+    markers as it had read or written them, so it wrote "completed" with those rows missing from load_results
+    (adversarial pass 35). Every marker is read again before the word."""
+    from helpers import assert_exactly_once, reference_run
+
+    rows = [{"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(6)]
+    params, options = GenerationParams(max_new_tokens=4), runner.EngineOptions(batch_size=2)
+    ref = reference_run(tmp_path, tiny_gpt2, rows, params, options)
+    job = create_job(ref[0], tiny_gpt2, params, options, home=tmp_path / "home", unit_rows=2)
+    real, torn = jobdir.write_marker, []
+
+    def tear_the_first(job, unit, epoch, seq, marker):
+        out = real(job, unit, epoch, seq, marker)
+        if not torn:
+            torn.append(job.dir / jobdir.MARKERS / f"{unit:05d}-{epoch:08d}-{seq:04d}.json")
+            torn[0].write_text('{"trunc')
+        return out
+
+    monkeypatch.setattr(jobdir, "write_marker", tear_the_first)
+    first = run_job(job, echo=None)
+    assert torn and not first.finished and read_state(job.dir).state != "completed"
+    assert run_job(job, echo=None).finished
+    assert_exactly_once(job.dir, ref[1])
+
+
+def test_a_commit_quarantined_by_another_process_is_taken_off_the_progress(tmp_path, tiny_gpt2, monkeypatch):
+    """A commit of this run quarantined elsewhere (another worker's start-up tidy, `runner repair`) vanished
+    from the ledger, and its rows, computed again, were counted twice: "34/32 results (106.2%)" (pass 35)."""
+    from helpers import assert_exactly_once, reference_run
+
+    from runner.worker import JobRun
+
+    rows = [{"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(8)]
+    params, options = GenerationParams(max_new_tokens=2), runner.EngineOptions(batch_size=2)
+    ref = reference_run(tmp_path, tiny_gpt2, rows, params, options)
+    job = create_job(ref[0], tiny_gpt2, params, options, home=tmp_path / "home", unit_rows=2)
+    real_open, done = JobRun.open_unit, []
+
+    def open_unit(self, index, epoch):
+        if index == 2 and not done:  # unit 0's commit quarantined meanwhile, as by another process
+            done.extend(n for n in self.written if n.startswith("00000-"))
+            for name in done:
+                jobdir.quarantine(self.job, name, "test: quarantined elsewhere")
+        return real_open(self, index, epoch)
+
+    monkeypatch.setattr(JobRun, "open_unit", open_unit)
+    said = []
+    run = run_job(job, echo=said.append)
+    assert done and run.finished and run.generated == 10, run
+    assert said[-1].startswith("8/8 rows (100.0%)"), said
+    assert_exactly_once(job.dir, ref[1])
