@@ -301,7 +301,10 @@ def test_checkpointed_pipeline_whose_driver_was_killed_resumes_without_recomputi
     checkpointed_pipeline(ray_local, tmp_path, tiny_gpt2, params, tmp_path / "run2")
     again, _ = computed(tmp_path / "run2")
     assert not committed & set(again), "a checkpointed id was computed again"
-    assert len(again) == len(set(again)) and committed | set(again) == {r["id"] for r in rows}
+    # (not `committed | again == every id`: the killed driver's Ray processes outside its process group may still
+    # commit a block after `committed` was read, as once under load in CI; then run2 rightly skips it. Nothing
+    # lost, nothing twice is checked on the output itself, below)
+    assert len(again) == len(set(again)) and set(again) <= {r["id"] for r in rows}
     got = pq.read_table(tmp_path / "out").to_pandas()
     assert sorted(got["id"]) == sorted(r["id"] for r in rows)  # every row once: nothing lost, nothing twice
     assert_same_as(got, ref)
