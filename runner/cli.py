@@ -607,6 +607,16 @@ class Terminated(KeyboardInterrupt):
         )
 
 
+def _stops() -> list[Any]:
+    """The signals that stop the work: Ctrl-C, SIGTERM, and SIGHUP unless it is ignored (`nohup runner work`:
+    a closed terminal is no stop)."""
+    import signal
+
+    return [signal.SIGINT, signal.SIGTERM] + [signal.SIGHUP] * (
+        signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+    )
+
+
 @contextlib.contextmanager
 def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
     """Yields `stop()` for the work below: the first Ctrl-C makes it true (the work finishes and writes the
@@ -630,10 +640,9 @@ def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
         asked.append(True)
         raise Terminated(signum)
 
-    sigs = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
-    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:  # `nohup runner work`: a closed terminal is no stop
-        sigs.remove(signal.SIGHUP)
-    previous = {sig: signal.signal(sig, on_sigint if sig == signal.SIGINT else on_sigterm) for sig in sigs}
+    previous = {
+        sig: signal.signal(sig, on_sigint if sig == signal.SIGINT else on_sigterm) for sig in _stops()
+    }
     try:
         yield lambda: bool(asked)
     finally:
@@ -759,11 +768,8 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
         + (f" on {', '.join(d for d in devices if d)}" if devices[0] else "")
     )
     # Ctrl-C, SIGTERM and SIGHUP go to every worker process, each of which writes its finished batches
-    sigs = [signal.SIGINT, signal.SIGTERM] + [signal.SIGHUP] * (
-        signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
-    )
     previous = {
-        sig: signal.signal(sig, lambda signum, _: [p.send_signal(signum) for p in procs]) for sig in sigs
+        sig: signal.signal(sig, lambda signum, _: [p.send_signal(signum) for p in procs]) for sig in _stops()
     }
     try:
         codes = [p.wait() for p in procs]

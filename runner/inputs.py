@@ -224,12 +224,11 @@ def _written_in_another_encoding(path: Path, bad: bytes) -> bool:
     """The whole file looks written in another encoding (Shift-JIS, UTF-16), not a UTF-8 file with a stray
     line: an encoding is recognised, and none of the non-ASCII lines of its first bytes is UTF-8 (one Shift-JIS
     line pasted into a UTF-8 file is that line's problem: --skip-invalid runs the others)."""
-    if _looks_like(path, bad) is None:
+    head = _head(path)
+    if _guessed(head, bad) is None:
         return False
-    with open(path, "rb") as f:
-        head = f.read(HEAD_BYTES).removeprefix(b"\xef\xbb\xbf")
-    lines = [line for line in head.split(b"\n")[:-1] if not line.isascii()]  # (the last may be cut short)
-    return not any(_is_utf8(line) for line in lines)
+    lines = [line for line in head.removeprefix(b"\xef\xbb\xbf").split(b"\n")[:-1] if not line.isascii()]
+    return not any(_is_utf8(line) for line in lines)  # (the last line may be cut short: left out)
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -242,12 +241,20 @@ def _is_utf8(data: bytes) -> bool:
 
 def _looks_like(path: Path, bad: bytes = b"") -> str | None:
     """The encoding a file not in UTF-8 looks written in (from its first bytes, else from `bad`), or None."""
+    return _guessed(_head(path), bad)
+
+
+def _guessed(head: bytes, bad: bytes) -> str | None:
+    return _guess_encoding(head) or _guess_encoding(bad[:HEAD_BYTES])
+
+
+def _head(path: Path) -> bytes:
+    """The file's first HEAD_BYTES (none where it cannot be read)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(HEAD_BYTES)
+            return f.read(HEAD_BYTES)
     except OSError:
-        head = b""
-    return _guess_encoding(head) or _guess_encoding(bad[:HEAD_BYTES])
+        return b""
 
 
 def not_utf8_text(raw: bytes) -> str:

@@ -979,7 +979,7 @@ def submit_warnings(job: Job) -> list[str]:
     twin = _twin(job)
     if twin is not None:
         out.append(
-            f"WARNING: job {twin.id} ({twin.state().state.value}, submitted {twin.spec.created}) has the same file "
+            f"WARNING: job {twin.id} (queued, submitted {twin.spec.created}) has the same file "
             "and settings: this is a second job, and `runner work` computes both. Running a notebook's cells again? "
             f"Give --name, so that a rerun returns its job; `runner cancel {job.id}` drops this one."
         )

@@ -149,9 +149,8 @@ class Broken(NamedTuple):
 
     why: str
     repairable: bool
-    made: (
-        float | None
-    )  # its newest state record is empty (no links): when that record was made (`_on_its_way`)
+    # its newest state record is empty (no links): when that record was made (`_on_its_way`)
+    made: float | None
     job_id: str
 
 

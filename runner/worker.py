@@ -130,20 +130,17 @@ def run_job(
     commits what is finished and raises `DeviceError`. Without `engine`, `load_engine()` (else the job's model
     as it says) gives one once there is work, under this worker's heartbeat: `runner status` shows the job
     running while its model loads (minutes on Colab), not queued with no worker."""
-    run = JobRun(job, engine, echo, shard_rows, shard_seconds, should_stop, deadline, owner, lease_ttl,
-                 progress_interval)  # fmt: skip
-    run.loader = load_engine
-    return run.run()
+    return JobRun(job, engine, echo, shard_rows, shard_seconds, should_stop, deadline, owner, lease_ttl,
+                  progress_interval, load_engine).run()  # fmt: skip
 
 
 class JobRun:
     """One worker's run of one job. `run` is the skeleton; each step is a method below it."""
 
-    def __init__(
-        self, job, engine, echo, shard_rows, shard_seconds, should_stop, deadline, owner, ttl, interval
-    ):
+    def __init__(self, job, engine, echo, shard_rows, shard_seconds, should_stop, deadline, owner, ttl, interval,
+                 loader=None):  # fmt: skip
         self.job, self.engine, self.echo = job, engine, echo
-        self.loader: Callable[[], Engine] | None = None  # gives the engine when there is none (run_job)
+        self.loader: Callable[[], Engine] | None = loader  # gives the engine when there is none (run_job)
         self.written: dict[str, dict[str, Any]] = {}  # commit name -> marker, of the commits of this run
         self.shard_rows, self.shard_seconds = shard_rows, shard_seconds
         self.user_stop, self.deadline, self.ttl = should_stop, deadline, ttl
