@@ -207,6 +207,12 @@ output_option = click.option(
     help="Job folder for this run (default: a new job in the job home). Run again to resume.",
 )  # fmt: skip
 
+progress_option = click.option(
+    "--progress-every", type=click.FloatRange(min=1), metavar="SECONDS",
+    help="A progress line every this many seconds [default: every 10 s, further apart as the run grows old, "
+         "at most every 5 minutes: ~200 lines for a night in a Colab cell].",
+)  # fmt: skip
+
 
 def _template(text: str | None) -> str | None:
     """`--template` takes the same escapes as `--stop`: "Q: {q}\\nA:" as typed in a shell means a newline."""
@@ -329,6 +335,7 @@ def _run_kind(
             prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
             truncate=kw["truncate"], home=ctx.obj["home"], served_model_names=kw.get("served_model_names", ()),
             chat=kw.get("chat", False), chat_template=_chat_template(kw.get("chat_template")),
+            progress_every=kw.get("progress_every"),
         )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     if invalid:
@@ -357,6 +364,7 @@ def _run_kind(
 @generation_options
 @generate_engine_options
 @output_option
+@progress_option
 @home_option
 @click.pass_context
 @handle_errors
@@ -389,6 +397,7 @@ def run(ctx: click.Context, input_path: str, model: str, output: str | None, **k
 )
 @engine_options
 @output_option
+@progress_option
 @home_option
 @click.pass_context
 @handle_errors
@@ -419,6 +428,7 @@ def score(ctx: click.Context, input_path: str, model: str, output: str | None, *
 @embed_options
 @engine_options
 @output_option
+@progress_option
 @home_option
 @click.pass_context
 @handle_errors
@@ -553,12 +563,14 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
 @click.option("--background", is_flag=True,
               help="Start the work as a detached process (output in HOME/logs/) and return at once; "
                    "follow it with `runner watch JOB` or `runner status`.")  # fmt: skip
+@progress_option
 @home_option
 @click.pass_context
 @handle_errors
 def work(
     ctx: click.Context, hours: float | None, until: str | None, job_ref: str | None, once: bool, shard_rows: int,
     shard_minutes: float, device: str | None, gpus: str | None, n_workers: int | None, background: bool,
+    progress_every: float | None,
 ) -> None:  # fmt: skip
     """Run queued jobs: interrupted ones first, then by priority and age, until the queue is empty or the
     deadline. Several workers (processes, GPUs, machines sharing the folder) share a job by units.
@@ -574,6 +586,7 @@ def work(
     args = ["--shard-rows", str(shard_rows), "--shard-minutes", str(shard_minutes)]
     args += (["--job", job_ref] if job_ref else []) + (["--once"] if once else [])
     args += ["--until", until] if until else (["--hours", str(hours)] if hours else [])
+    args += ["--progress-every", str(progress_every)] if progress_every else []
     if background:
         from .api import work_in_background
 
@@ -589,7 +602,7 @@ def work(
     if gpus is not None or n_workers is not None:
         devices = _worker_devices(gpus, n_workers, device)
         raise SystemExit(_run_processes(ctx.obj["home"], args, devices))
-    _work_here(ctx.obj["home"], job_ref, deadline, once, shard_rows, shard_minutes, device)
+    _work_here(ctx.obj["home"], job_ref, deadline, once, shard_rows, shard_minutes, device, progress_every)
 
 
 class Terminated(KeyboardInterrupt):
@@ -650,7 +663,7 @@ def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
             signal.signal(sig, handler)
 
 
-def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device) -> None:  # noqa: ANN001
+def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device, every) -> None:  # noqa: ANN001
     from .scheduler import make_current
     from .scheduler import work as work_loop
 
@@ -660,7 +673,8 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device)
     with _ctrl_c_stops() as stop:
         summaries = work_loop(home, job=job_ref, deadline=deadline, once=once, shard_rows=shard_rows,
                               shard_seconds=shard_minutes * 60, stop=stop, echo=_echo, device=device,
-                              on_failed=failed.append, on_unrunnable=unrunnable.append)  # fmt: skip
+                              on_failed=failed.append, on_unrunnable=unrunnable.append,
+                              progress_every=every)  # fmt: skip
     if unrunnable and not summaries and not failed:
         raise SystemExit(1)  # nothing could run here: `runner work && next` must not go on
     if not summaries and not failed:
@@ -1124,6 +1138,7 @@ def generate(
               help="Prompts over the context window: refuse (none) or keep their end (left).")  # fmt: skip
 @chat_template_option
 @generate_engine_options
+@progress_option
 @click.pass_context
 @handle_errors
 def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str, served_model_names: tuple[str, ...],
@@ -1147,7 +1162,8 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
         job, summary = openai_batch.run_batch(input_path, output_path, model, params, options, job_dir=job_dir,
                                               served_model_names=served_model_names, echo=_echo, stop=stop,
                                               skip_invalid=kw["skip_invalid"], truncate=kw["truncate"],
-                                              chat_template=_chat_template(kw["chat_template"]))  # fmt: skip
+                                              chat_template=_chat_template(kw["chat_template"]),
+                                              progress_every=kw["progress_every"])  # fmt: skip
     if not summary.finished:
         _echo(_stopped_line(job, summary, "requests", "carry on (the output file comes once all are done)"))
         raise SystemExit(130 if stop() else 1)

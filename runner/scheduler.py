@@ -37,6 +37,7 @@ def run(
     engine: Engine | None = None,
     echo: Callable[[str], None] | None = print,
     stop: Callable[[], bool] | None = None,
+    progress_every: float | None = None,
     **job_kwargs: Any,
 ) -> tuple[Job, RunSummary]:
     """Submit `input_path` as a job (in `output` if given, else in the job home) and work on it to the end,
@@ -55,7 +56,8 @@ def run(
     # As `runner work --job`: units another live worker holds (a second VM on the job) are waited for, and
     # taken over if it dies, so the run ends when the job does (or at `stop()`), not when nothing is left to claim.
     unrunnable: list[Job] = []
-    summaries = work(job=job, engine=engine, echo=echo, stop=stop, on_unrunnable=unrunnable.append)
+    summaries = work(job=job, engine=engine, echo=echo, stop=stop, on_unrunnable=unrunnable.append,
+                     progress_every=progress_every)  # fmt: skip
     last = summaries[-1] if summaries else None
     if last is None or not (last.finished or last.stopped):  # the others ended the job, or it was not queued
         state = job.state()
@@ -302,18 +304,20 @@ def work(
     device: str | None = None,
     on_failed: Callable[[Job], None] | None = None,
     on_unrunnable: Callable[[Job], None] | None = None,
+    progress_every: float | None = None,
 ) -> list[RunSummary]:
     """Work through the queue until it is empty, `deadline` (time.time()) is near, or `stop()` is true.
     `job` restricts the worker to one job; `once` stops after one job; `device` overrides the jobs' device
     (`cuda:1` for the second GPU). Several workers may run at once, on one job or many. Returns a summary per
     job run; `on_failed(job)` hears of each job that failed in this run (the model would not load...),
     `on_unrunnable(job)` of each left queued because it needs what this machine lacks (its device, its model
-    folder: NotOnThisMachine)."""
+    folder: NotOnThisMachine). Progress lines every `progress_every` seconds (None: every 10 s at first, then
+    further apart as the run grows old; progress.py)."""
     owner = Owner.me()
     engines = Engines(engine, device or local_device())
     lease_ttl = lease_ttl or lease_seconds()
     run_opts = dict(echo=echo, shard_rows=shard_rows, shard_seconds=shard_seconds, deadline=deadline,
-                    owner=owner, lease_ttl=lease_ttl)  # fmt: skip
+                    owner=owner, lease_ttl=lease_ttl, progress_interval=progress_every)  # fmt: skip
     summaries: list[RunSummary] = []
     failed: set[str] = set()
     broken: dict[str, Broken] = {}  # folder -> a broken job met: said once per worker

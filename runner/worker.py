@@ -121,12 +121,13 @@ def run_job(
     deadline: float | None = None,
     owner: Owner | None = None,
     lease_ttl: float = jobdir.LEASE_TTL,
-    progress_interval: float = 10.0,
+    progress_interval: float | None = None,
     load_engine: Callable[[], Engine] | None = None,
 ) -> RunSummary:
     """Work on `job` until no unit is left to claim. Returns early (finished work committed first) when
     `should_stop()` says so, when the next batch would not end before `deadline` (a `time.time()` value), or
-    when the job is cancelled; checked between batches. A device error that leaves the process unusable
+    when the job is cancelled; checked between batches. Progress lines every `progress_interval` seconds
+    (None: progress.py's growing default). A device error that leaves the process unusable
     commits what is finished and raises `DeviceError`. Without `engine`, `load_engine()` (else the job's model
     as it says) gives one once there is work, under this worker's heartbeat: `runner status` shows the job
     running while its model loads (minutes on Colab), not queued with no worker."""
