@@ -141,6 +141,17 @@ def prepended_bos(tokenizer: Any) -> int | None:
     return _added_specials(tokenizer)[0]
 
 
+def keep_end(tokenizer: Any, ids: list[int], budget: int, chat: bool) -> list[int]:
+    """`--truncate left`: the end of the prompt, the part the answer follows; a BOS token the tokenizer put
+    first stays first, as the tokenizer's own left truncation keeps it (a Llama without its <s> reads on
+    from the middle of a text it was never trained to see begin so). Not a chat's: the template's first
+    token is its own (SmolLM2's BOS is the role marker <|im_start|>, which would then head a cut message)."""
+    bos = None if chat else prepended_bos(tokenizer)
+    if bos is not None and ids[:1] == [bos] and budget >= 2:
+        return [bos, *ids[len(ids) - budget + 1 :]]
+    return ids[-budget:]
+
+
 def _appended_eos(tokenizer: Any) -> int | None:
     """The EOS id the tokenizer puts at the end of every text it encodes with its special tokens (rinna's
     Japanese GPT-2s: "text</s>"), else None. A prompt ending in "end of text" asks the model to go on after

@@ -1067,6 +1067,8 @@ def repair(ctx: click.Context, job_ref: str) -> None:
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message through the chat template.")
 @chat_template_option
 @click.option("--show-logprobs", is_flag=True, help="Also print each token with its log-prob.")
+@click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
+              help="Prompts over the context window: refuse (none) or keep their end (left), as a job does.")  # fmt: skip
 @generation_options
 @generate_engine_options
 @handle_errors
@@ -1076,6 +1078,7 @@ def generate(
     chat: bool,
     chat_template: str | None,
     show_logprobs: bool,
+    truncate: str,
     **kw: Any,
 ) -> None:
     """Generate for PROMPTS at once and print the text: a quick try of settings before a night's job. A
@@ -1091,8 +1094,9 @@ def generate(
 
     params, options = build_settings(kw)
     texts = quick.read_prompts_arg(prompts)
+    template = _chat_template(chat_template)
     answers = quick.generate(
-        texts, model, params, options, chat=chat, chat_template=_chat_template(chat_template)
+        texts, model, params, options, chat=chat, chat_template=template, truncate=truncate
     )
     for text, samples in zip(texts, answers, strict=True):
         for s, c in enumerate(samples):

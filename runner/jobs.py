@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, jobdir, openai_batch, storage
-from .batching import chat_template_text, check_chat_option
+from .batching import chat_template_text, check_chat_option, keep_end
 from .errors import InputError, ParamError, Problem, RunnerError, first_line
 from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
@@ -874,21 +874,9 @@ class _Preparer:
                         "messages" if row.messages else None,
                     ))  # fmt: skip
                     continue
-                ids = self._keep_end(ids, budget, chat=bool(row.messages))
+                ids = keep_end(self.tokenizer, ids, budget, chat=bool(row.messages))
             out.append(_RowProblem("prompt encodes to no tokens") if not ids else (text, ids, 0))
         return out
-
-    def _keep_end(self, ids: list[int], budget: int, chat: bool) -> list[int]:
-        """`--truncate left`: the end of the prompt, the part the answer follows; a BOS token the tokenizer put
-        first stays first, as the tokenizer's own left truncation keeps it (a Llama without its <s> reads on
-        from the middle of a text it was never trained to see begin so). Not a chat's: the template's first
-        token is its own (SmolLM2's BOS is the role marker <|im_start|>, which would then head a cut message)."""
-        from .batching import prepended_bos
-
-        bos = None if chat else prepended_bos(self.tokenizer)
-        if bos is not None and ids[:1] == [bos] and budget >= 2:
-            return [bos, *ids[len(ids) - budget + 1 :]]
-        return ids[-budget:]
 
     def _prepare_score(self, rows: list[PromptRow]) -> list[tuple[str, list[int], int] | _RowProblem]:
         from .scoring import fit_context, split_contexts, tokenize_texts

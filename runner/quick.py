@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import RunnerError
 from .inputs import SUFFIXES, not_utf8_text, read_text_lines
-from .params import EngineOptions, GenerationParams
+from .params import EngineOptions, GenerationParams, ParamError
 
 FILE_SUFFIXES = tuple(SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
 
@@ -76,17 +76,28 @@ def generate(
     *,
     chat: bool = False,
     chat_template: str | os.PathLike | None = None,
+    truncate: str = "none",
     engine: Any = None,
 ) -> list[list[Any]]:
     """Generate for `prompts` at once: one list of `num_return_sequences` completions (engine.Completion, with
     `tokens` filled) per prompt. `chat`: send each prompt as one user message through the model's chat
-    template, or through `chat_template` (Jinja text; implies `chat`), which the engine's tokenizer keeps. Seeds
-    are per (prompt number, sample) from `params.seed` (0 when none), so a try is repeatable."""
-    from .batching import chat_template_text, check_chat_option, encode, render_prompt, use_chat_template
+    template, or through `chat_template` (Jinja text; implies `chat`), which the engine's tokenizer keeps.
+    `truncate` "left": a prompt over the context window keeps its end, as a job's does (else it is refused).
+    Seeds are per (prompt number, sample) from `params.seed` (0 when none), so a try is repeatable."""
+    from .batching import (
+        chat_template_text,
+        check_chat_option,
+        encode,
+        keep_end,
+        render_prompt,
+        use_chat_template,
+    )
     from .engine import Engine
     from .tasks import generate_keys, sample_seed
 
     _check_prompts(prompts)  # before the model loads
+    if truncate not in ("none", "left"):
+        raise ParamError("truncate", f"truncate must be none or left, got {truncate!r}.")
     params = params or GenerationParams()
     engine = engine or Engine(model, options or EngineOptions())
     if chat_template is not None:
@@ -98,6 +109,9 @@ def generate(
     for text in prompts:
         messages = [{"role": "user", "content": text}] if chat else None
         ids.append(encode(engine.tokenizer, render_prompt(text, messages, engine.tokenizer), chat))
+    budget = params.prompt_budget(engine.context_window)
+    if truncate == "left" and budget is not None:
+        ids = [keep_end(engine.tokenizer, p, budget, chat) if len(p) > budget else p for p in ids]
     _check_window(ids, params, engine.context_window)
     n = params.num_return_sequences
     keys = [(i, s) for i in range(len(prompts)) for s in range(n)]
@@ -129,5 +143,6 @@ def _check_window(ids: list[list[int]], params: GenerationParams, window: int | 
         if budget is not None and len(prompt) > budget:
             raise RunnerError(
                 f"prompt {number} is {len(prompt)} tokens; with max_new_tokens={params.max_new_tokens} it exceeds "
-                f"the model's context window of {window} tokens (shorten it, or lower --max-new-tokens)"
+                f"the model's context window of {window} tokens (shorten it, lower --max-new-tokens, or pass "
+                "--truncate left)"
             )

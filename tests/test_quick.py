@@ -148,8 +148,24 @@ def test_generate_refuses_a_prompt_over_the_context_window_as_submit_does(tiny_g
     assert result.exit_code == 1
     assert result.output == (
         f"Error: prompt 2 is {n} tokens; with max_new_tokens=4 it exceeds the model's context window of 256 "
-        "tokens (shorten it, or lower --max-new-tokens)\n"
+        "tokens (shorten it, lower --max-new-tokens, or pass --truncate left)\n"
     )
+
+
+def test_generate_truncate_left_keeps_the_end_of_the_prompt_as_a_job_does(tmp_path, tiny_gpt2):
+    """`runner generate` tries a night's settings: with --truncate left a prompt over the window answers as the
+    same job's row does (it had no --truncate: such a prompt could not be tried)."""
+    prompt = " ".join(f"w{i}" for i in range(400))  # far over the tiny GPT-2's 256 positions
+    args = ["-m", tiny_gpt2, "--max-new-tokens", 5, "--greedy", "--truncate", "left"]
+    tried = invoke("generate", prompt, *args)
+    assert tried.exit_code == 0, tried.output
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": prompt}])
+    ran = invoke("run", path, *args, "-o", tmp_path / "job")
+    assert ran.exit_code == 0, ran.output
+    completion = runner.load_results(tmp_path / "job")["text"][0]
+    assert tried.stdout == f"[{prompt[:40]}] {completion}\n"
+    refused = invoke("generate", prompt, *args[:-2])
+    assert refused.exit_code == 1 and "or pass --truncate left" in refused.output
 
 
 def test_prompt_text_that_is_not_utf8_is_one_line_naming_where_it_came_from(tiny_gpt2):
