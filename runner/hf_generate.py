@@ -48,7 +48,7 @@ def _config(engine: Any, params: GenerationParams) -> Any:
     from transformers import GenerationConfig
 
     beams = params.num_beams > 1
-    sample = bool(params.do_sample)
+    sample = params.sampled
     return GenerationConfig(
         max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens, do_sample=sample,
         temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,

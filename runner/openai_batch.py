@@ -154,8 +154,8 @@ def _special_fields(url: str, body: dict[str, Any], row: dict[str, Any]) -> tupl
             return "body.logprobs", "must be true or false"
         if top is not None and not lp:
             return "body.top_logprobs", "needs logprobs: true"
-        if lp:
-            row["logprobs"] = top if top is not None else 0
+        if lp is not None:  # false: none, whatever the job's --logprobs says (as a plain row's false)
+            row["logprobs"] = (top if top is not None else 0) if lp else False
         if body.get("echo") not in (None, False):
             return "body.echo", f"is not supported for {url} (a field of /v1/completions)"
         if body.get("best_of") not in (None, body.get("n", 1)):
@@ -614,7 +614,6 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
     `chat_template`: Jinja text rendering the chat requests instead of the model's own (create_job).
     `truncate` "left": a prompt over the context window keeps its end (create_job). `progress_every`: seconds
     between progress lines (scheduler.work)."""
-    import dataclasses
 
     from .scheduler import run
     from .storage import file_sha256
@@ -625,7 +624,7 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
     if (
         getattr(params, "seed", 0) is None
     ):  # requests without a seed: one from the file, so a rerun is identical
-        params = dataclasses.replace(params, seed=int(file_sha256(input_path)[:15], 16))
+        params = params.replaced(seed=int(file_sha256(input_path)[:15], 16))
     job, summary = run(input_path, model, params, options, output=folder, echo=echo, stop=stop,
                        served_model_names=tuple(served_model_names), skip_invalid=skip_invalid,
                        chat_template=chat_template, truncate=truncate, progress_every=progress_every)  # fmt: skip

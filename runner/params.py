@@ -45,6 +45,10 @@ def _check_float(name: str, value: Any) -> float:
     return value
 
 
+# vLLM's: a temperature below it decodes greedily (dividing by it overflows float32 logits)
+SAMPLING_EPS = 1e-5
+
+
 @dataclass
 class GenerationParams:
     """How to generate. Every field is checked on construction."""
@@ -162,6 +166,17 @@ class GenerationParams:
         for name in ("prompt_logprobs", "early_stopping"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}.")
+
+    @property
+    def sampled(self) -> bool:
+        """Whether tokens are drawn (else the likeliest is taken): do_sample, at a temperature that is not
+        effectively 0 (OpenAI takes any temperature in [0, 2]; 1e-40 is greedy there, garbage when divided by)."""
+        return bool(self.do_sample) and self.temperature >= SAMPLING_EPS
+
+    def replaced(self, **changes: Any) -> GenerationParams:
+        """A copy with `changes`, deciding do_sample again as this one was decided (dataclasses.replace would
+        carry the decided value over as if it had been given: `--greedy` then, for what sampled by default)."""
+        return dataclasses.replace(self, **{"do_sample": self._do_sample_given, **changes})
 
     def _decide_sampling(self) -> None:
         """do_sample None: sample iff temperature / top_p / top_k or n > 1 (without beams) ask for it."""
@@ -441,9 +456,10 @@ def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
         target = ROW_SETTINGS[name]
         if value is None:  # a null setting (a Parquet / CSV column empty in this row, JSON null): the job's
             continue
-        if target in given and not (
-            target == "logprobs" and {name, given[target]} == {"logprobs", "top_logprobs"}
-        ):
+        # OpenAI chat's pair is one setting: logprobs true/false + top_logprobs K (not logprobs N + top_logprobs K)
+        pair = {name, given.get(target)} == {"logprobs", "top_logprobs"}
+        chat_pair = pair and isinstance(raw["logprobs"], bool)
+        if target in given and not chat_pair:
             raise ParamError(name, f"give one of {given[target]!r} and {name!r}, not both.")
         given.setdefault(target, name)
         if name == "logprobs" and isinstance(

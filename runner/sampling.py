@@ -40,7 +40,7 @@ class RowSettings:
         import torch
 
         host = [
-            (True, p.temperature, p.top_k, p.top_p) if p.do_sample else (False, 1.0, 0, 1.0) for p in params
+            (True, p.temperature, p.top_k, p.top_p) if p.sampled else (False, 1.0, 0, 1.0) for p in params
         ]
         host = [
             (*h, p.repetition_penalty, p.presence_penalty, p.frequency_penalty)

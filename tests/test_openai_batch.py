@@ -231,7 +231,8 @@ def test_duplicate_custom_ids_are_refused(tmp_path, tiny_gpt2):
 def test_plain_rows_carry_their_own_settings_checked_per_row(tmp_path, tiny_gpt2, gpt2_engine):
     rows = [{"id": "a", "prompt": "Hello", "temperature": 0.5, "max_tokens": 3},
             {"id": "b", "prompt": "World", "n": 0}, {"id": "c", "prompt": "Hi", "top_p": 2},
-            {"id": "d", "prompt": "Yo", "max_tokens": 3, "max_new_tokens": 4}]  # fmt: skip
+            {"id": "d", "prompt": "Yo", "max_tokens": 3, "max_new_tokens": 4},
+            {"id": "e", "prompt": "Yo", "logprobs": 2, "top_logprobs": 3}]  # fmt: skip
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     with pytest.raises(InputError) as err:
         create_job(path, tiny_gpt2)
@@ -239,6 +240,8 @@ def test_plain_rows_carry_their_own_settings_checked_per_row(tmp_path, tiny_gpt2
     assert "p.jsonl:2: n: n must be in [1, 1024], got 0." in text
     assert "p.jsonl:3: top_p: top_p must be in [0, 1], got 2.0." in text
     assert "p.jsonl:4: max_new_tokens: give one of 'max_tokens' and 'max_new_tokens', not both." in text
+    # two numbers of alternatives (the last key won, pass 37); OpenAI chat's logprobs true + top_logprobs K is one
+    assert "p.jsonl:5: top_logprobs: give one of 'logprobs' and 'top_logprobs', not both." in text
     # vLLM's min_tokens is a row setting as in a Batch body (it was passed through as data, the row unbounded)
     mins = write_jsonl(
         tmp_path / "min.jsonl", [{"id": "m", "prompt": "Hello", "min_tokens": 6, "max_tokens": 8}]
@@ -887,3 +890,53 @@ def test_run_batch_refuses_a_file_that_is_not_a_batch_file(tmp_path, tiny_gpt2):
         result = invoke("run-batch", "-i", path, "-o", out, "-m", tiny_gpt2, "--served-model-name", "tiny")
         assert result.exit_code == 1 and f"Error: not a Batch file: {path}" in result.output, result.output
         assert said in result.output and not out.exists() and not out.with_name(out.name + ".job").exists()
+
+
+def test_run_batch_samples_requests_that_give_no_temperature_as_the_api_does(tmp_path, tiny_llama):
+    """`runner run-batch` (no --seed) copied its settings with a seed from the file, and the copy read as
+    `--greedy`: every request without a temperature came back greedy, n copies of one answer (pass 37)."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "n": 4}
+    path = write_jsonl(tmp_path / "b.jsonl", [request("x", "/v1/chat/completions", body)])
+    out = tmp_path / "out.jsonl"
+    result = invoke("run-batch", "-i", path, "-o", out, "-m", tiny_llama, "--served-model-name", "tiny")
+    assert result.exit_code == 0, result.output
+    df = runner.load_results(tmp_path / "out.jsonl.job")
+    assert len({tuple(t) for t in df["token_ids"]}) > 1  # four samples, not four copies of the greedy answer
+    assert json.loads(df["settings"][0])["do_sample"] is True
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(tmp_path, tiny_llama):
+    """OpenAI takes any temperature in [0, 2]: 1e-40 divided the logits into inf / NaN and the answer was one
+    token over and over (pass 37); below vLLM's 1e-5 it is greedy, as there."""
+    from runner.engine import Engine
+
+    body = {"model": "tiny", "prompt": "The old man", "max_tokens": 8}
+    lines = [
+        request(str(t), "/v1/completions", {**body, "temperature": t, "seed": 1}) for t in (0, 1e-40, 1e-300)
+    ]
+    job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_llama, GenerationParams(max_new_tokens=8),
+                     served_model_names=("tiny",), home=tmp_path / "home")  # fmt: skip
+    assert run_job(job, Engine(tiny_llama), echo=None).finished
+    df = runner.load_results(job)
+    assert [list(t) for t in df["token_ids"]] == [list(df["token_ids"][0])] * 3
+    assert GenerationParams(temperature=1e-6).sampled is False and GenerationParams(temperature=1e-5).sampled
+
+
+def test_a_chat_request_saying_logprobs_false_gets_none_whatever_the_jobs_default(tmp_path, tiny_llama):
+    """OpenAI gives logprobs only when asked; a job's --logprobs K is for requests that say nothing, and a
+    request's `logprobs: false` got K alternatives anyway (pass 37)."""
+    from runner.engine import Engine
+
+    chat = "/v1/chat/completions"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    lines = [request("off", chat, {**body, "logprobs": False}), request("unsaid", chat, body),
+             request("on", chat, {**body, "logprobs": True, "top_logprobs": 1})]  # fmt: skip
+    job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_llama,
+                     GenerationParams(max_new_tokens=4, logprobs=3), served_model_names=("tiny",),
+                     home=tmp_path / "home")  # fmt: skip
+    assert run_job(job, Engine(tiny_llama), echo=None).finished
+    assert export(job, tmp_path / "out.jsonl") == (3, 0)
+    out = [check_output_line(json.loads(x)) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert out[0].choices[0].logprobs is None
+    assert {len(t.top_logprobs) for t in out[1].choices[0].logprobs.content} == {3}
+    assert {len(t.top_logprobs) for t in out[2].choices[0].logprobs.content} == {1}
