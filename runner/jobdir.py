@@ -932,12 +932,16 @@ class Job:
 
     def absent_mask(self) -> Any:
         """[rows, samples] bool: keys that are not part of the job (samples past a row's own n), or None
-        when every row has the same number of samples."""
+        when every row has the same number of samples. prompts.parquet is checked against its checksum first:
+        a damaged `n` would make keys still to do "not part of the job", and the job complete with rows missing
+        (pass 36: `runner repair` said completed 8/12)."""
         if not self.spec.per_row_n:
             return None
         if getattr(self, "_absent", None) is None:
             import numpy as np
 
+            if (why := prompts_problem(self)) is not None:
+                raise BrokenJob(why, repairable=False)
             n = self.read_prompts(lambda path: read_parquet(path, ["n"])).column("n")
             self._absent = np.arange(self.spec.samples)[None, :] >= n.to_numpy()[:, None]
         return self._absent

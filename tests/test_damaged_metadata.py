@@ -177,3 +177,37 @@ def test_a_torn_state_file_is_named_with_its_job_and_the_repair_by_every_command
     code, out = run_runner("repair", job.dir)
     assert code == 0, out
     assert len(runner.load_results(job.dir)) == len(ROWS) and runner.status(job.dir).state == "completed"
+
+
+def test_a_per_row_n_prompts_file_that_reads_with_another_n_is_not_taken_for_a_smaller_job(
+    tmp_path, tiny_gpt2, gpt2_engine
+):
+    """One flipped bit turned the `n` of rows still to do from 1 into 0 in a prompts.parquet that still parsed:
+    their results were "not part of the job", `runner repair` recorded completed 8/12 and load_results gave
+    8 rows without a word (pass 36). A prompts file unlike its checksum breaks the job, whatever reads it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"id": f"r{i}", "prompt": f"The robot {i} dreams of", **({"n": 2} if i < 4 else {})} for i in range(8)
+    ]
+    job = create_job(write_jsonl(tmp_path / "in.jsonl", rows), tiny_gpt2,
+                     GenerationParams(max_new_tokens=3, seed=3), job_dir=tmp_path / "job", unit_rows=4)  # fmt: skip
+    from runner.jobdir import MARKERS
+
+    def one_unit_done():
+        return any((job.dir / MARKERS).iterdir())
+
+    summary = runner.run_job(job, gpt2_engine, echo=None, should_stop=one_unit_done, shard_rows=1)
+    assert not summary.finished and runner.status(job.dir).done == 8
+    path = job.dir / "prompts.parquet"
+    table = pq.read_table(path)
+    n = table.column("n").to_pylist()
+    changed = pa.array(n[:4] + [0] * 4, table.column("n").type)
+    table = table.set_column(table.schema.get_field_index("n"), "n", changed)
+    pq.write_table(table, path)
+    status = runner.status(job.dir)
+    assert status.state == "broken" and "prompts.parquet of job" in status.message
+    with pytest.raises(runner.RunnerError, match="prompts.parquet of job .* is damaged"):
+        runner.repair(job.dir)
+    assert runner.status(job.dir).state == "broken"
