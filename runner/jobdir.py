@@ -2142,14 +2142,24 @@ def _valid_spec(meta: Any) -> bool:
 
 
 def _shards_job_id(path: Path) -> str | None:
-    """The job id the folder's first readable results shard was written for (its Parquet metadata), or None."""
+    """The job id the folder's first sound results shard was written for (its Parquet metadata), or None. Only a
+    shard whose bytes match its commit marker's checksum is evidence: one flipped bit in a footer can change the
+    id it reads, and the job was then refused as another job's for good (pass 36), where that shard is only a
+    damaged one that verification quarantines and computes again."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for name in scan(path / SHARDS)[:8]:
+    for name in [n for n in scan(path / SHARDS) if n.endswith(".parquet")][:8]:
         try:
-            found = (pq.read_schema(path / SHARDS / name).metadata or {}).get(b"runner.job")
-        except (OSError, ValueError, pa.ArrowException):
+            marker = _read_json_or_none(path / MARKERS / (name.removesuffix(".parquet") + ".json"))
+            # (a marker of an older runner has no `check`: its shard's sha256 still has to match)
+            if not isinstance(marker, dict) or marker.get("check", sum_ := marker_checksum(marker)) != sum_:
+                continue
+            data = storage.read_bytes(path / SHARDS / name)
+            if hashlib.sha256(data).hexdigest() != marker.get("sha256"):
+                continue
+            found = (pq.read_schema(pa.BufferReader(data)).metadata or {}).get(b"runner.job")
+        except (OSError, ValueError, pa.ArrowException, storage.StorageError):
             # damaged (one flipped bit can make a footer "not implemented": ArrowNotImplementedError, no
             # ValueError); its verification says so
             continue

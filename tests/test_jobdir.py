@@ -947,6 +947,26 @@ def test_a_folder_whose_results_are_another_jobs_is_refused_not_run_or_repaired_
     assert runner.status(other.dir).done == 0 < done  # (the other job is untouched)
 
 
+@pytest.mark.parametrize("state", ["interrupted", "completed"])
+def test_a_shard_whose_footer_names_another_job_is_a_damaged_shard_not_another_jobs_folder(
+    job, reference, gpt2_engine, state
+):
+    """One flipped bit in a shard's footer changed the job id it reads: the worker and `runner repair` took the
+    folder for another job's (not repairable) and the job stayed broken at 4/8 for good (pass 36). Only a shard
+    that matches its marker says whose folder it is; this one is quarantined and its rows computed again."""
+    import pyarrow.parquet as pq
+
+    run_job(job, gpt2_engine, echo=None, should_stop=None if state == "completed" else stop_after(1))
+    shard = sorted((job.dir / "shards").iterdir())[0]
+    table = pq.read_table(shard)
+    meta = {**table.schema.metadata, b"runner.job": job.id[:-1].encode() + b"x"}
+    pq.write_table(table.replace_schema_metadata(meta), shard)  # a valid file, unlike its marker's checksum
+    jobdir.repair(job.dir)
+    run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    assert runner.status(job.dir).state == "completed"
+    assert_exactly_once(job.dir, reference[1])
+
+
 def test_the_heartbeat_is_renewed_sooner_at_first(job):
     """`runner status` showed the first decode step's speed (5x too low) and no ETA for the first 30 s of a
     run: the heartbeat file is written at the first figures, then only every ttl/4 (adversarial pass 27). Its
