@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .errors import ParamError, RunnerError
-from .params import DTYPE_ALIASES, DTYPES
+from .params import DTYPE_ALIASES, DTYPES, unescape
 
 if TYPE_CHECKING:
     from .jobdir import Job
@@ -216,7 +216,7 @@ progress_option = click.option(
 
 def _template(text: str | None) -> str | None:
     """`--template` takes the same escapes as `--stop`: "Q: {q}\\nA:" as typed in a shell means a newline."""
-    return None if text is None else _unescape(text)
+    return None if text is None else unescape(text)
 
 
 def _chat_template(value: str | None) -> str | None:
@@ -224,11 +224,6 @@ def _chat_template(value: str | None) -> str | None:
     from .batching import read_chat_template
 
     return None if value is None else read_chat_template(value)
-
-
-def _unescape(s: str) -> str:
-    # `--stop "\n"` arrives as backslash + n from most shells; users mean a newline (as in seed QA prompts).
-    return s.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in s else s
 
 
 KIND_FIELDS = {"generate": GEN_FIELDS, "score": _fields("ScoreParams"), "embed": _fields("EmbedParams")}
@@ -252,7 +247,7 @@ def build_settings(kw: dict[str, Any], kind: str = "generate") -> tuple[Any, Any
             sampling[0], "no effect with --greedy, which takes the most likely token; give one of them"
         )
     if "stop" in values:
-        values["stop"] = [_unescape(s) for s in values["stop"]]
+        values["stop"] = [unescape(s) for s in values["stop"]]
     if "json_schema" in values and not values["json_schema"].lstrip().startswith("{"):
         values["json_schema"] = _read_option_file("json_schema", values["json_schema"])
     if "grammar" in values:

@@ -419,16 +419,23 @@ INT_SETTINGS = {"max_new_tokens", "min_new_tokens", "top_k", "num_return_sequenc
 TEXT_SETTINGS = {"stop", "regex", "grammar", "choices"}
 
 
+def unescape(s: str) -> str:
+    """A typed `\\n` or `\\t` as the line break or tab it stands for: `--stop "\\n"` arrives as backslash + n from
+    most shells, and a CSV cell typed in Excel holds the same; users mean a newline (as in seed QA prompts)."""
+    return s.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in s else s
+
+
 def setting_from_text(name: str, text: str | None) -> Any:
     """A CSV cell of a setting column as a JSON line would give it: empty is no setting (the job's), then
     true/false in any case, numbers, JSON lists and objects; text settings (stop, regex, grammar, choices) as
-    written unless a JSON list of `stop` or `choices`. What reads as none of these stays text, for the field's
+    written unless a JSON list of `stop` or `choices` (a `stop` cell's typed `\\n` is a line break, as on the
+    command line). What reads as none of these stays text, for the field's
     check to name ("temperature must be a number, got 'O.7'")."""
     target = ROW_SETTINGS[name]
     if text is None or text == "" or (target not in TEXT_SETTINGS and not text.strip()):
         return None
     if target in TEXT_SETTINGS and not (target in ("stop", "choices") and text.lstrip().startswith("[")):
-        return text
+        return unescape(text) if target == "stop" else text  # `\n` typed in Excel, as `--stop "\n"` (pass 38)
     if text.strip().lower() in ("true", "false"):
         return text.strip().lower() == "true"
     try:

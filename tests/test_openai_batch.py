@@ -16,7 +16,7 @@ from runner import GenerationParams, InputError
 from runner.jobdir import Job
 from runner.jobs import create_job
 from runner.openai_batch import export
-from runner.params import ScoreParams
+from runner.params import ScoreParams, setting_from_text
 from runner.tasks import _row_params, sample_seed
 from runner.worker import run_job
 
@@ -276,7 +276,7 @@ def test_a_csvs_setting_cells_are_read_one_by_one_as_a_json_line_would_give_them
         "(use --skip-invalid to run the valid rows)",
     ]
     (tmp_path / "few.csv").write_text(
-        'id,prompt,temperature,max_tokens,stop,n\na,Hello,0.5,3,"[""a"", ""b""]",\nb,World,,,7,2\n'
+        'id,prompt,temperature,max_tokens,stop,n\na,Hello,0.5,3,"[""a"", ""b""]",\nb,World,,,7,2\nc,Hi,,,\\n,\n'
     )
     job = create_job(tmp_path / "few.csv", tiny_gpt2, GenerationParams(max_new_tokens=5))
     settings = [json.loads(s) if s else None for s in job.prompts().column("settings").to_pylist()]
@@ -284,6 +284,9 @@ def test_a_csvs_setting_cells_are_read_one_by_one_as_a_json_line_would_give_them
     assert settings[0]["stop"] == ["a", "b"] and "num_return_sequences" not in settings[0]
     assert settings[1]["stop"] == "7" and settings[1]["num_return_sequences"] == 2
     assert "temperature" not in settings[1] and "max_new_tokens" not in settings[1]
+    # `\n` typed in an Excel cell is a line break, as `--stop "\n"` is (it was a backslash and an n: pass 38);
+    # a regex cell's backslashes are the regex's own
+    assert settings[2]["stop"] == "\n" and setting_from_text("regex", r"\d+\n") == r"\d+\n"
 
 
 def test_embeddings_batch(tmp_path, tiny_gpt2):
