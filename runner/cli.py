@@ -283,7 +283,24 @@ def home_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         is_eager=True, help=HOME_HELP)(fn)  # fmt: skip
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Commands(click.Group):
+    """The command group: a command users look for under another name is pointed to (click's own close match
+    sent `runner export` to `report`, which writes an HTML report, not the rows: pass 38)."""
+
+    ELSEWHERE = {
+        "export": "`runner results JOB --to FILE` writes a job's rows (.csv, .jsonl, .parquet; --format openai for "
+        "an OpenAI Batch output file)",
+    }
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args and args[0] in self.ELSEWHERE and self.get_command(ctx, args[0]) is None:
+            raise click.UsageError(f"No such command {args[0]!r}: {self.ELSEWHERE[args[0]]}.", ctx)
+        return super().resolve_command(ctx, args)
+
+
+@click.group(
+    cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
 @click.version_option(__version__, prog_name="runner")
 @click.option("--home", envvar="RUNNER_HOME", type=click.Path(file_okay=False), help=HOME_HELP)
 @click.pass_context

@@ -676,3 +676,12 @@ def test_work_until_says_whether_it_means_today_or_tomorrow(runner_home):
     when = "tomorrow" if before.date() == now.date() else "today"  # (2 minutes before 00:01 is today's 23:59)
     result = invoke("work", "--until", f"{before:%H:%M}")
     assert result.exit_code == 0 and f"working until {before:%H:%M} {when}" in result.stderr, result.stderr
+
+
+def test_runner_export_points_to_results_to_not_to_report():
+    """click's close match sent `runner export` to `report` (an HTML report, not the rows: pass 38)."""
+    result = invoke("export", "JOB")
+    assert result.exit_code == 2
+    assert "No such command 'export': `runner results JOB --to FILE` writes a job's rows" in result.output
+    assert "report" not in result.output
+    assert "Did you mean 'status'" in invoke("statsu").output  # other typos: click's own suggestion
