@@ -744,19 +744,26 @@ def _say_lost_rows(home: Any, job_ref: str | None) -> None:
 
 
 def _after_failure(failed: list[Any]) -> str:
-    """What to do next: `runner retry`, unless every job failed for a damaged prompts file, which a retry would
-    read again (it is submitted again)."""
+    """What to do next: `runner retry`, unless the jobs failed for what a retry would meet again: a damaged
+    prompts file (submitted again) or a model changed under the job (put back first: pass 38)."""
+    from .scheduler import MODEL_CHANGED
 
-    def damaged(job: Any) -> bool:
+    def cause(job: Any) -> str | None:
         try:
-            return "submit the file again" in (job.state().error or "")
+            error = job.state().error or ""
         except RunnerError:
-            return False
+            return None
+        if MODEL_CHANGED in error:
+            return "model"
+        return "prompts" if "submit the file again" in error else None
 
-    if all(damaged(j) for j in failed):
+    causes = [cause(j) for j in failed]
+    if all(c == "prompts" for c in causes):
         return "their prompts files are damaged: submit the files again"
+    if all(causes):
+        return "a retry alone would fail again: it says what to do"
     return "`runner retry JOB` re-queues it" + (
-        " unless its prompts file is damaged" if any(map(damaged, failed)) else ""
+        " unless its prompts file is damaged or its model changed" if any(causes) else ""
     )
 
 

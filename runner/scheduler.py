@@ -520,6 +520,9 @@ def _reading_model(read: Callable[[], Any], j: Job) -> Any:
     )
 
 
+MODEL_CHANGED = "resuming with a different model is refused"  # (a retry alone would fail the same way)
+
+
 def _check_model(j: Job) -> None:
     from .jobs import model_unchanged
 
@@ -530,7 +533,8 @@ def _check_model(j: Job) -> None:
     if not same:
         raise RunnerError(
             f"the model {j.spec.model!r} is not the one job {j.id} was submitted with (its files or config "
-            "changed); resuming with a different model is refused"
+            f"changed); {MODEL_CHANGED}: put that model back, then `runner retry {j.id}`, or submit the file again "
+            "as a new job for this one"
         )
 
 

@@ -230,6 +230,14 @@ def test_a_changed_model_is_refused_on_resume(prompts_file, tmp_path, runner_hom
     assert work(runner_home, echo=None) == []
     state = read_state(job.dir)
     assert state.state == "failed" and "is not the one job" in state.error
+    # what to do: a retry alone fails the same way (runner work advised it, over and over: pass 38)
+    assert f"put that model back, then `runner retry {job.id}`, or submit the file again" in state.error
+    from helpers import invoke
+
+    assert invoke("retry", job.id).exit_code == 0
+    result = invoke("work")
+    assert result.exit_code == 1 and "a retry alone would fail again: it says what to do" in result.output
+    assert "`runner retry JOB` re-queues it" not in result.output
 
 
 def test_another_transformers_version_resumes_the_job(prompts_file, tmp_path, runner_home, monkeypatch):
