@@ -97,7 +97,18 @@ def resolve_model(
         return str(_converted(path, f"{path.stem}-{key}", cache_dir, progress))
     if not Path(spec).expanduser().exists() and not _HUB_ID.fullmatch(spec):
         raise ModelNotFoundError(f"no model folder at {spec} (and it is not a Hugging Face model id)")
+    if not Path(spec).expanduser().exists() and _near_demo(spec):
+        raise ModelNotFoundError(f"no model {spec!r}; did you mean the demo model {DEMO_MODEL!r}?")
     return spec
+
+
+def _near_demo(spec: str) -> bool:
+    """A one-word name a letter or two from the demo alias (`smollm2-135m-instruc`): a typo, not a Hugging Face
+    id to look up for half a minute of retries and network advice (pass 38). The hub's own SmolLM2 names
+    ("HuggingFaceTB/SmolLM2-135M-Instruct") have an owner and are looked up as given."""
+    import difflib
+
+    return "/" not in spec and difflib.SequenceMatcher(None, spec.strip().lower(), DEMO_MODEL).ratio() >= 0.85
 
 
 # what the Hugging Face hub accepts as a model id ("gpt2", "rinna/japanese-gpt2-medium"): anything else that is

@@ -237,3 +237,17 @@ def test_converting_a_gguf_is_said_on_stderr_and_its_bar_is_not_drawn(tmp_path, 
     assert len(drawn) == 300 and out == ""
     assert err.startswith("[runner] Converting m.gguf to a cached safetensors model in ") and "\r" not in err
     assert not getattr(gguf_utils.tqdm, "keywords", None)  # transformers' own bar again afterwards
+
+
+@pytest.mark.parametrize("typo", ["smollm2-135m-instruc", "smolm2-135m-instruct", "smollm2_135m_instruct"])
+def test_a_typo_of_the_demo_alias_is_said_not_looked_up_on_the_hub(typo, tmp_path, monkeypatch):
+    """A letter off the demo alias went to the Hugging Face hub: half a minute of retries offline, then network
+    advice, never the alias it was meant to be (pass 38)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ModelNotFoundError, match=f"no model '{typo}'; did you mean the demo model '{DEMO_MODEL}'"
+    ):
+        resolve_model(typo)
+    assert resolve_model("gpt2") == "gpt2" and resolve_model(
+        "HuggingFaceTB/SmolLM2-135M-Instruc"
+    )  # hub ids as given
