@@ -930,18 +930,21 @@ class Job:
         runs = stats.get("runs") if isinstance(stats, dict) else None
         return {"runs": [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []}
 
-    def absent_mask(self) -> Any:
+    def absent_mask(self, verifier: Verifier | None = None) -> Any:
         """[rows, samples] bool: keys that are not part of the job (samples past a row's own n), or None
         when every row has the same number of samples. prompts.parquet is checked against its checksum first:
         a damaged `n` would make keys still to do "not part of the job", and the job complete with rows missing
-        (pass 36: `runner repair` said completed 8/12)."""
+        (pass 36: `runner repair` said completed 8/12). A file as `verifier`'s cache (verified.json) stamped it
+        is not hashed again: `runner status` / `watch` poll it (pass 39)."""
         if not self.spec.per_row_n:
             return None
         if getattr(self, "_absent", None) is None:
             import numpy as np
 
-            if (why := prompts_problem(self)) is not None:
+            checker = verifier or Verifier(self)
+            if (why := prompts_problem(self, checker)) is not None:
                 raise BrokenJob(why, repairable=False)
+            checker.save()  # the file's stamp as hashed (only a cache): the next poll does not hash it again
             n = self.read_prompts(lambda path: read_parquet(path, ["n"])).column("n")
             self._absent = np.arange(self.spec.samples)[None, :] >= n.to_numpy()[:, None]
         return self._absent
@@ -1579,6 +1582,8 @@ class Ledger:
     generation: int
     current: dict[int, int]  # unit -> newest epoch
     claims: dict[int, Claim]  # unit -> its newest claim
+    # what checked it: its cache spares hashing prompts.parquet again (absent_mask)
+    verifier: Verifier | None = None
 
     def done_mask(self) -> Any:
         """[rows, samples] bool: keys in accepted, verified shards."""
@@ -1616,7 +1621,7 @@ class Ledger:
     def left_mask(self) -> Any:
         """[rows, samples] bool: keys of the job neither done nor failed."""
         left = ~(self.done_mask() | self.failed_mask())
-        absent = self.job.absent_mask()
+        absent = self.job.absent_mask(self.verifier)
         return left if absent is None else left & ~absent
 
     def unit_left(self) -> Any:
@@ -1677,7 +1682,7 @@ def read_ledger(
                 bad.append((n, why))
     if seal:
         verifier.save()
-    return Ledger(job, commits, bad, generation, current, claims)
+    return Ledger(job, commits, bad, generation, current, claims, verifier)
 
 
 def _read_claims(job: Job) -> tuple[dict[int, Claim], dict[tuple[int, int], set[str] | None], dict[int, int]]:

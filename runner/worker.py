@@ -336,8 +336,8 @@ class JobRun:
         todo = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))
         exists = ~(
             ledger.failed_mask()
-            if self.job.absent_mask() is None
-            else ledger.failed_mask() | self.job.absent_mask()
+            if self.job.absent_mask(self.verifier) is None
+            else ledger.failed_mask() | self.job.absent_mask(self.verifier)
         )
         r, s = np.nonzero(exists[rows.start : rows.stop])
         planned = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))

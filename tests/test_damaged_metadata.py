@@ -211,3 +211,24 @@ def test_a_per_row_n_prompts_file_that_reads_with_another_n_is_not_taken_for_a_s
     with pytest.raises(runner.RunnerError, match="prompts.parquet of job .* is damaged"):
         runner.repair(job.dir)
     assert runner.status(job.dir).state == "broken"
+
+
+def test_status_polls_do_not_hash_a_per_row_n_prompts_file_each_time(tmp_path, tiny_gpt2, monkeypatch):
+    """The check above hashed the whole prompts.parquet on every `runner status` / `watch` poll (pass 39; a
+    download of the file each time on Drive): its stamp goes in verified.json, as a shard's does."""
+    from runner import storage
+
+    rows = [{"prompt": f"hello number {i}", "n": 1 + i % 3} for i in range(50)]
+    job = create_job(write_jsonl(tmp_path / "in.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    hashed = []
+    real = storage.file_sha256
+    monkeypatch.setattr(
+        storage, "file_sha256", lambda path, *a, **k: hashed.append(path) or real(path, *a, **k)
+    )
+    for _ in range(4):
+        assert runner.status(job.dir).total == sum(r["n"] for r in rows)
+    assert len([p for p in hashed if str(p).endswith("prompts.parquet")]) <= 1
+    path = job.dir / "prompts.parquet"
+    path.write_bytes(path.read_bytes()[:-1] + b"X")  # changed since: hashed again, and found damaged
+    assert runner.status(job.dir).state == "broken"
