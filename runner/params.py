@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -419,10 +420,15 @@ INT_SETTINGS = {"max_new_tokens", "min_new_tokens", "top_k", "num_return_sequenc
 TEXT_SETTINGS = {"stop", "regex", "grammar", "choices"}
 
 
+_TYPED_ESCAPES = re.compile(r"\\([\\ntr])")
+
+
 def unescape(s: str) -> str:
-    """A typed `\\n` or `\\t` as the line break or tab it stands for: `--stop "\\n"` arrives as backslash + n from
-    most shells, and a CSV cell typed in Excel holds the same; users mean a newline (as in seed QA prompts)."""
-    return s.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in s else s
+    """A typed `\\n`, `\\t` or `\\r` as the line break, tab or carriage return it stands for, `\\\\` as one
+    backslash: `--stop "\\n"` arrives as backslash + n from most shells, and a CSV cell typed in Excel holds the
+    same; users mean a newline (as in seed QA prompts). Every other backslash stays as typed: `\\begin{proof}`,
+    `C:\\Users` (Python's unicode_escape made a backspace of the one and a traceback of the other: pass 39)."""
+    return _TYPED_ESCAPES.sub(lambda m: {"n": "\n", "t": "\t", "r": "\r"}.get(m.group(1), "\\"), s)
 
 
 def setting_from_text(name: str, text: str | None) -> Any:

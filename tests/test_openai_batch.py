@@ -287,6 +287,10 @@ def test_a_csvs_setting_cells_are_read_one_by_one_as_a_json_line_would_give_them
     # `\n` typed in an Excel cell is a line break, as `--stop "\n"` is (it was a backslash and an n: pass 38);
     # a regex cell's backslashes are the regex's own
     assert settings[2]["stop"] == "\n" and setting_from_text("regex", r"\d+\n") == r"\d+\n"
+    # only \n, \t, \r and \\ are read so: a Windows path or LaTeX stays as typed (unicode_escape raised on one
+    # and made a backspace of the other: pass 39)
+    typed = [r"C:\Users\me", "abc\\", r"\begin{proof}", r"\x41 \u00 \N{x}", r"日本語\n", r"\\n"]
+    assert [setting_from_text("stop", t) for t in typed] == [*typed[:4], "日本語\n", r"\n"]
 
 
 def test_embeddings_batch(tmp_path, tiny_gpt2):
