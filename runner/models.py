@@ -98,7 +98,10 @@ def resolve_model(
     if not Path(spec).expanduser().exists() and not _HUB_ID.fullmatch(spec):
         raise ModelNotFoundError(f"no model folder at {spec} (and it is not a Hugging Face model id)")
     if not Path(spec).expanduser().exists() and _near_demo(spec):
-        raise ModelNotFoundError(f"no model {spec!r}; did you mean the demo model {DEMO_MODEL!r}?")
+        raise ModelNotFoundError(
+            f"no model {spec!r}; did you mean the demo model {DEMO_MODEL!r}? (a model of the "
+            "Hugging Face hub is named with its owner: HuggingFaceTB/SmolLM2-360M-Instruct)"
+        )
     return spec
 
 
