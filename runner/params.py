@@ -434,9 +434,9 @@ def unescape(s: str) -> str:
 def setting_from_text(name: str, text: str | None) -> Any:
     """A CSV cell of a setting column as a JSON line would give it: empty is no setting (the job's), then
     true/false in any case, numbers, JSON lists and objects; text settings (stop, regex, grammar, choices) as
-    written unless a JSON list of `stop` or `choices` (a `stop` cell's typed `\\n` is a line break, as on the
-    command line). What reads as none of these stays text, for the field's
-    check to name ("temperature must be a number, got 'O.7'")."""
+    written unless a JSON list of `stop` or `choices` (a `stop` cell's typed `\\n`, `\\t`, `\\r` read as on the
+    command line: `unescape`). What reads as none of these stays text, for the field's check to name
+    ("temperature must be a number, got 'O.7'")."""
     target = ROW_SETTINGS[name]
     if text is None or text == "" or (target not in TEXT_SETTINGS and not text.strip()):
         return None
