@@ -113,8 +113,6 @@ def _body_row(
     for key, field in allowed.items():
         if key in body and body[key] is not None:
             row[field] = body[key]
-    if row.get("top_k") == -1 and not isinstance(row["top_k"], bool):  # vLLM's way of saying "off"
-        row["top_k"] = 0
     seed = row.get("seed")
     if isinstance(seed, int) and not isinstance(seed, bool) and -(2**63) <= seed < 0:  # vLLM takes any int64
         row["seed"] = seed + 2**63  # (mixed with the custom_id before use: the same on every run)

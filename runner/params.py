@@ -486,6 +486,8 @@ def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
             continue
         if target in INT_SETTINGS and isinstance(value, float) and value.is_integer():
             value = int(value)
+        if target == "top_k" and value == -1 and not isinstance(value, bool):
+            value = 0  # vLLM's way of saying "off", in a Batch body or a plain row alike (pass 37)
         out[target] = value
     return out
 

@@ -16,7 +16,7 @@ from runner import GenerationParams, InputError
 from runner.jobdir import Job
 from runner.jobs import create_job
 from runner.openai_batch import export
-from runner.params import ScoreParams, setting_from_text
+from runner.params import ScoreParams, row_overrides, setting_from_text
 from runner.tasks import _row_params, sample_seed
 from runner.worker import run_job
 
@@ -242,6 +242,7 @@ def test_plain_rows_carry_their_own_settings_checked_per_row(tmp_path, tiny_gpt2
     assert "p.jsonl:4: max_new_tokens: give one of 'max_tokens' and 'max_new_tokens', not both." in text
     # two numbers of alternatives (the last key won, pass 37); OpenAI chat's logprobs true + top_logprobs K is one
     assert "p.jsonl:5: top_logprobs: give one of 'logprobs' and 'top_logprobs', not both." in text
+    assert row_overrides({"top_k": -1}) == {"top_k": 0}  # vLLM's "off", as in a Batch body (refused: pass 37)
     # vLLM's min_tokens is a row setting as in a Batch body (it was passed through as data, the row unbounded)
     mins = write_jsonl(
         tmp_path / "min.jsonl", [{"id": "m", "prompt": "Hello", "min_tokens": 6, "max_tokens": 8}]
