@@ -44,7 +44,15 @@ from .models import (
     stored_spec,
     text_config,
 )
-from .params import ROW_SAMPLING, SAMPLING_FIELDS, EmbedParams, EngineOptions, GenerationParams, ScoreParams
+from .params import (
+    ROW_SAMPLING,
+    SAMPLING_FIELDS,
+    EmbedParams,
+    EngineOptions,
+    GenerationParams,
+    ScoreParams,
+    check_truncate,
+)
 from .passthrough import Passthrough, rewrite_passthrough
 from .results import PROMPT_COLUMNS
 
@@ -253,8 +261,7 @@ def _check_args(
         raise TypeError(
             f"params must be GenerationParams, ScoreParams or EmbedParams, not {type(params).__name__}"
         )
-    if truncate not in ("none", "left"):
-        raise ParamError("truncate", f"truncate must be none or left, got {truncate!r}.")
+    check_truncate(truncate)
     if name is not None:
         check_name(name, "job name")
     if unit_rows is not None and (

@@ -420,6 +420,12 @@ INT_SETTINGS = {"max_new_tokens", "min_new_tokens", "top_k", "num_return_sequenc
 TEXT_SETTINGS = {"stop", "regex", "grammar", "choices"}
 
 
+def check_truncate(truncate: str) -> None:
+    """`--truncate`: none (a prompt over the context window is refused) or left (it keeps its end)."""
+    if truncate not in ("none", "left"):
+        raise ParamError("truncate", f"truncate must be none or left, got {truncate!r}.")
+
+
 _TYPED_ESCAPES = re.compile(r"\\([\\ntr])")
 
 

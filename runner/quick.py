@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import RunnerError
 from .inputs import SUFFIXES, not_utf8_text, read_text_lines
-from .params import EngineOptions, GenerationParams, ParamError
+from .params import EngineOptions, GenerationParams, check_truncate
 
 FILE_SUFFIXES = tuple(SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
 
@@ -96,8 +96,7 @@ def generate(
     from .tasks import generate_keys, sample_seed
 
     _check_prompts(prompts)  # before the model loads
-    if truncate not in ("none", "left"):
-        raise ParamError("truncate", f"truncate must be none or left, got {truncate!r}.")
+    check_truncate(truncate)
     params = params or GenerationParams()
     engine = engine or Engine(model, options or EngineOptions())
     if chat_template is not None:

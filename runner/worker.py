@@ -334,11 +334,8 @@ class JobRun:
 
         r, s = np.nonzero(left[rows.start : rows.stop])
         todo = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))
-        exists = ~(
-            ledger.failed_mask()
-            if self.job.absent_mask(self.verifier) is None
-            else ledger.failed_mask() | self.job.absent_mask(self.verifier)
-        )
+        absent, failed = self.job.absent_mask(self.verifier), ledger.failed_mask()
+        exists = ~(failed if absent is None else failed | absent)
         r, s = np.nonzero(exists[rows.start : rows.stop])
         planned = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))
         return Unit(index, epoch, rows.start, table, task, todo, planned, generation=ledger.generation)

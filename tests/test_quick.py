@@ -166,6 +166,8 @@ def test_generate_truncate_left_keeps_the_end_of_the_prompt_as_a_job_does(tmp_pa
     assert tried.stdout == f"[{prompt[:40]}] {completion}\n"
     refused = invoke("generate", prompt, *args[:-2])
     assert refused.exit_code == 1 and "or pass --truncate left" in refused.output
+    with pytest.raises(runner.RunnerError, match="truncate must be none or left, got 'right'"):
+        runner.generate(["Hello"], tiny_gpt2, truncate="right")  # checked as submit checks it, before loading
 
 
 def test_prompt_text_that_is_not_utf8_is_one_line_naming_where_it_came_from(tiny_gpt2):
