@@ -592,8 +592,9 @@ def work(
     if until is not None and not background:  # 9:00 given at 9:20 is tomorrow's: said, not assumed silently
         import datetime as dt
 
-        end = dt.datetime.fromtimestamp(deadline)  # type: ignore[arg-type]
-        _echo(f"working until {end:%H:%M}" + (" tomorrow" if end.date() > dt.date.today() else " today"))
+        # The zone too: a Colab VM's clock is UTC, not the user's (their 07:00 is not the VM's)
+        end = dt.datetime.fromtimestamp(deadline).astimezone()  # type: ignore[arg-type]
+        _echo(f"working until {end:%H:%M %Z}" + (" tomorrow" if end.date() > dt.date.today() else " today"))
     _warn_if_not_on_drive(ctx.obj["home"])
     args = ["--shard-rows", str(shard_rows), "--shard-minutes", str(shard_minutes)]
     args += (["--job", job_ref] if job_ref else []) + (["--once"] if once else [])
@@ -676,6 +677,8 @@ def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
 
 
 def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device, every) -> None:  # noqa: ANN001
+    import time
+
     from .scheduler import make_current
     from .scheduler import work as work_loop
 
@@ -689,7 +692,11 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
                               progress_every=every)  # fmt: skip
     if unrunnable and not summaries and not failed:
         raise SystemExit(1)  # nothing could run here: `runner work && next` must not go on
-    if not summaries and not failed:
+    timed_out = deadline is not None and time.time() >= deadline and not stop()
+    if timed_out and _queue(home, job_ref):  # (not "nothing to do" when the deadline came before a job began)
+        _echo(f"stopped at the deadline (--hours/--until) with {len(_queue(home, job_ref))} job(s) left to run; "
+              "run `runner work` again to carry on")  # fmt: skip
+    elif not summaries and not failed:
         _say_lost_rows(home, job_ref)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else "")
               + f" in {_home_said(home)}")  # fmt: skip
@@ -700,6 +707,15 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
     if failed:  # `runner work && next-step` must not go on as if all went well
         raise RunnerError(f"{len(failed)} job(s) failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
                           f"says why; {_after_failure(failed)})")  # fmt: skip
+
+
+def _queue(home: Any, job_ref: str | None) -> list[Any]:
+    from .scheduler import queue
+
+    try:
+        return queue(home, job_ref, {})
+    except RunnerError:
+        return []
 
 
 def _home_said(home: Any) -> str:

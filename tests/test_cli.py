@@ -675,7 +675,10 @@ def test_work_until_says_whether_it_means_today_or_tomorrow(runner_home):
     before = now - dt.timedelta(minutes=2)
     when = "tomorrow" if before.date() == now.date() else "today"  # (2 minutes before 00:01 is today's 23:59)
     result = invoke("work", "--until", f"{before:%H:%M}")
-    assert result.exit_code == 0 and f"working until {before:%H:%M} {when}" in result.stderr, result.stderr
+    # (a Colab VM's clock is UTC: said, since the user's 07:00 may not be)
+    zone = before.astimezone().tzname()
+    assert result.exit_code == 0, result.output
+    assert f"working until {before:%H:%M} {zone} {when}" in result.stderr, result.stderr
 
 
 def test_runner_export_points_to_results_to_not_to_report():
@@ -685,3 +688,16 @@ def test_runner_export_points_to_results_to_not_to_report():
     assert "No such command 'export': `runner results JOB --to FILE` writes a job's rows" in result.output
     assert "report" not in result.output
     assert "Did you mean 'status'" in invoke("statsu").output  # other typos: click's own suggestion
+
+
+def test_work_past_its_deadline_says_the_jobs_left_not_nothing_to_do(prompts, tiny_gpt2):
+    """A deadline that came before a job began said "nothing to do: no queued or interrupted jobs" with a job
+    queued (new-user walkthrough: `runner work --hours` too small for the model's load)."""
+    job_id = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
+    result = invoke("work", "--hours", "0.0000001")
+    assert result.exit_code == 0, result.output
+    assert "stopped at the deadline (--hours/--until) with 1 job(s) left to run; run `runner work` again to " \
+           "carry on" in result.stderr, result.stderr  # fmt: skip
+    assert "nothing to do" not in result.stderr
+    assert "state:    queued" in invoke("status", job_id).stdout  # (interrupted, when its start came in time)
+    assert "stopped at the deadline" not in invoke("work").stderr  # the queue emptied before any deadline
