@@ -96,7 +96,7 @@ EOF
 
 echo "== tests on $DEVICE"
 TESTS="tests/test_engine.py tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py
-      tests/test_tokens.py tests/test_beams.py tests/test_sampling.py tests/test_structured.py"
+      tests/test_tokens.py tests/test_beams.py tests/test_sampling.py tests/test_structured.py tests/test_refill.py"
 SELECT=(-m "not slow")
 [ "$QUICK" = 1 ] && SELECT=(-m "not slow" -k "batched or half_precision or output_layer")
 set +e
@@ -109,13 +109,20 @@ echo "== benchmark on $DEVICE"
 if [ "$QUICK" = 1 ]; then
     SIZES=(--num-prompts 8 --max-new-tokens 4 --batch-sizes 4,8 --naive-prompts 2 --lp-repeats 0)
     MODELS="gpt2-random"
+    REFILL=(--num-prompts 8 --batch-size 4 --max-new-tokens 12)
 else
     SIZES=(--num-prompts 1024 --max-new-tokens 32 --batch-sizes 64,256,1024 --naive-prompts 32 --lp-repeats 0)
     MODELS="gpt2-random smollm2-random"
+    REFILL=(--num-prompts 1024 --batch-size 256 --max-new-tokens 128)
 fi
 for model in $MODELS; do
     "$PY" benchmarks/bench.py --model "$model" --device "$DEVICE" "${SIZES[@]}" --skip-plain-engine \
         --skip-ablations --json-out "$DEST/$model-$DEVICE.json"
 done
+# Continuous batching on the realistic workload (sampled, answers of 8..128 tokens): static batches vs refill,
+# where a GPU's decode step costs nearly the same for a full batch as for a half-empty one.
+echo "== continuous batching on $DEVICE"
+"$PY" benchmarks/refill.py --model smollm2-random --device "$DEVICE" "${REFILL[@]}" \
+    --json-out "$DEST/refill-smollm2-random-$DEVICE.json"
 echo "== done: tests exit code $tests_rc; tables above go into benchmarks/RESULTS.md; logs in $DEST"
 exit "$tests_rc"
