@@ -694,7 +694,9 @@ class JobRun:
         # one this worker wrote or checked may have gone since (Drive lost it, a sync conflict renamed it).
         self.verifier.trusted.clear()
         self.verifier.markers.clear()  # and every marker read again: one torn since would not count its rows
-        progress = jobdir.job_progress(self.job, self.ledger(generation=state.generation))
+        # Sealed: a unit taken over and not sealed yet (its taker between listing and sealing) would count a late
+        # commit of this worker that the seal, made from the taker's older listing, then leaves out (pass 41).
+        progress = jobdir.job_progress(self.job, self.ledger(seal=True, generation=state.generation))
         self.verifier.save()  # the shards read back just now: not read again by the next command
         if progress.bad:
             self.say(f"{len(progress.bad)} commit(s) failed verification when read back (a shard changed on disk "

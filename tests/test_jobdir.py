@@ -78,6 +78,35 @@ def test_a_stale_worker_that_commits_after_a_takeover_counts_for_nothing(
     assert summary.finished and assert_exactly_once(job.dir, reference[1]) == 2 * N
 
 
+def test_a_completion_is_decided_on_sealed_epochs(job, reference, gpt2_engine, monkeypatch):
+    """A worker frozen right before its last commit, while another took its unit over and had listed the
+    epoch's markers but not yet created the seal: the thawed worker's commit landed, its finish counted it (the
+    epoch had no seal yet) and recorded "completed"; then the seal, from the older listing, left that commit
+    out, and the completed job lacked its rows (adversarial pass 41). The completion is decided after the
+    finishing worker fixes the seal itself: the taker's seal, created second, is not made."""
+    successor, listed = Owner.me("successor"), []
+    real = jobdir.write_marker
+
+    def write_marker(j, index, epoch, seq, marker):
+        if index == 2 and not listed:  # the last unit's commit: the taker claims it and lists its markers
+            assert jobdir.create_exclusive(j.dir / "claims" / jobdir.claim_name(index, epoch + 1),
+                                           {**successor.as_dict(), "unit": index, "epoch": epoch + 1})  # fmt: skip
+            prefix = f"{index:05d}-{epoch:08d}-"
+            listed.append([n[:-5] for n in jobdir.scan(j.dir / "done") if n.startswith(prefix)])
+        return real(j, index, epoch, seq, marker)
+
+    monkeypatch.setattr(jobdir, "write_marker", write_marker)
+    monkeypatch.setattr(jobdir, "still_holds", lambda *a: True)  # it checked before it froze
+    run_job(job, gpt2_engine, echo=None, shard_rows=100)
+    monkeypatch.undo()
+    seal = job.dir / "claims" / jobdir.seal_name(2, 0)
+    # the taker goes on: it creates the seal from the listing it made before the commit (unless one exists)
+    jobdir.create_exclusive(seal, {"unit": 2, "epoch": 0, "commits": listed[0], "sealed": time.time()})
+    if job.state().state is JobState.COMPLETED:
+        assert_exactly_once(job.dir, reference[1])  # completed: every row is there, and stays there
+    assert json.loads(seal.read_text())["commits"] == ["00002-00000000-0000"]
+
+
 def test_a_worker_whose_unit_was_taken_over_discards_its_rows(job, reference, gpt2_engine, monkeypatch):
     said = []
     import runner.worker as worker_module
