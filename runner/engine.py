@@ -556,11 +556,14 @@ class Engine:
 
         logprobs = torch.log_softmax(st.logits, dim=-1)
         logits = st.logits if st.constraints is None else st.constraints.mask(st.logits, st.rows)
-        scores = process(logits, st.history, st.counts, st.settings)
         held = [slot for slot, r in enumerate(st.rows) if len(st.out_ids[r]) < st.params[r].min_new_tokens]
-        if held:  # EOS is not allowed before min_new_tokens
-            scores = scores.clone() if scores is st.logits else scores
-            scores[torch.tensor(held, device=self.device).unsqueeze(-1), self._eos.unsqueeze(0)] = -math.inf
+        if (
+            held
+        ):  # EOS is not allowed before min_new_tokens: held back before top-k/top-p cut (as transformers'
+            # MinNewTokensLengthLogitsProcessor and vLLM do), or a cut that kept only EOS leaves nothing (pass 42)
+            logits = logits.clone() if logits is st.logits else logits
+            logits[torch.tensor(held, device=self.device).unsqueeze(-1), self._eos.unsqueeze(0)] = -math.inf
+        scores = process(logits, st.history, st.counts, st.settings)
         draws = [st.rngs[r].random() if st.rngs[r] is not None else 0.0 for r in st.rows]
         tok = pick(scores, st.settings, torch.tensor(draws, dtype=torch.float64, device=self.device))
         chosen = logprobs.gather(1, tok.unsqueeze(-1)).squeeze(-1)

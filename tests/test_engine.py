@@ -165,6 +165,27 @@ def test_eos_ends_a_row_and_min_new_tokens_holds_it_back(tiny_gpt2):
     assert len(held.token_ids) >= 5 and eos not in held.token_ids[:5]
 
 
+@pytest.mark.parametrize("cut", [{"top_k": 1}, {"top_p": 1e-6}])
+def test_min_new_tokens_holds_eos_back_before_the_top_k_top_p_cut(tiny_gpt2, cut):
+    """EOS was held back after top-k/top-p had cut the vocabulary: where EOS was the whole kept set nothing was
+    left, and an arbitrary token was drawn (adversarial pass 42). Held back first, as transformers'
+    MinNewTokensLengthLogitsProcessor and vLLM do, top_k=1 and a tiny top_p pick the greedy token."""
+    from runner.engine import Engine
+
+    engine = Engine(tiny_gpt2)
+    prompts = ids_of(engine, PROMPTS)
+    free = engine.generate(prompts, GenerationParams(max_new_tokens=4))
+    # every row's greedy first token is an EOS token of this engine: the most likely token, held back
+    engine.eos_ids = [*engine.eos_ids, *sorted({c.token_ids[0] for c in free})]
+    engine._eos = torch.tensor(engine.eos_ids, device=engine.device)
+    greedy = engine.generate(prompts, GenerationParams(max_new_tokens=4, min_new_tokens=4))
+    assert all(c.token_ids[0] != f.token_ids[0] for c, f in zip(greedy, free, strict=True))
+    params = GenerationParams(max_new_tokens=4, min_new_tokens=4, do_sample=True, **cut)
+    sampled = engine.generate(prompts, params, seeds=list(range(len(prompts))))
+    assert [c.token_ids for c in sampled] == [c.token_ids for c in greedy]
+    assert_same_completions(sampled, greedy)
+
+
 def test_length_finish_and_padding_equal_to_eos(gpt2_engine):
     """GPT-2 pads with its EOS id; padding must never be read as a finished row."""
     engine = gpt2_engine
