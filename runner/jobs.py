@@ -870,20 +870,29 @@ class _Preparer:
             ids = encoded[i]
             if budget is not None and len(ids) > budget:
                 if self.truncate != "left":
-                    need = f"; with max_new_tokens={params.max_new_tokens} it" if generate else ", which"
-                    fix = ", lower --max-new-tokens" if generate else ""
-                    if row.request is not None and generate:  # an OpenAI Batch line: its own, or the option's
-                        fix = ", lower its max_tokens (or --max-new-tokens for those that set none)"
-                    fix += ", or pass --truncate left)"
-                    out.append(_RowProblem(
-                        f"prompt is {len(ids)} tokens{need} exceeds the model's context window of {window} tokens "
-                        f"(shorten it{fix}",
-                        "messages" if row.messages else None,
-                    ))  # fmt: skip
+                    out.append(self._too_long(row, params, len(ids), window))
                     continue
                 ids = keep_end(self.tokenizer, ids, budget, chat=bool(row.messages))
             out.append(_RowProblem("prompt encodes to no tokens") if not ids else (text, ids, 0))
         return out
+
+    def _too_long(self, row: PromptRow, params: Any, tokens: int, window: int) -> _RowProblem:
+        """A prompt over the context window less its max tokens: what to lower is the row's own max tokens
+        field where it sets one (--max-new-tokens would change nothing for it: pass 42), else the option."""
+        field, it = "messages" if row.messages else None, "it"
+        if self.kind != "generate":
+            need, fix = ", which", ""
+        elif "max_new_tokens" in (row.settings or {}):
+            field = openai_batch.body_named(row.body_names, *_row_field(row, "max_new_tokens", ""))[0]
+            need, fix, it = (
+                f"; with its {field}={params.max_new_tokens} it",
+                f", lower its {field}",
+                "the prompt",
+            )
+        else:
+            need, fix = f"; with max_new_tokens={params.max_new_tokens} it", ", lower --max-new-tokens"
+        return _RowProblem(f"prompt is {tokens} tokens{need} exceeds the model's context window of {window} tokens "
+                           f"(shorten {it}{fix}, or pass --truncate left)", field)  # fmt: skip
 
     def _prepare_score(self, rows: list[PromptRow]) -> list[tuple[str, list[int], int] | _RowProblem]:
         from .scoring import fit_context, split_contexts, tokenize_texts

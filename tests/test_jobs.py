@@ -337,6 +337,21 @@ def test_context_window_is_checked_and_truncate_left_keeps_the_end(tmp_path, tin
         create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=300))
 
 
+def test_a_row_whose_own_max_tokens_leaves_no_room_is_told_to_lower_that(tmp_path, tiny_gpt2):
+    """The message said "lower --max-new-tokens" for a row whose own max_tokens was too large, which the option
+    does not change (adversarial pass 42): the row's field is named, as the row spells it."""
+    prompt = " ".join(["The old man looks at the sky."] * 12)  # ~100 tokens of the 256
+    for spelled in ("max_tokens", "max_new_tokens"):
+        f = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": prompt, spelled: 250}])
+        with pytest.raises(InputError) as err:
+            create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=4))
+        assert f"p.jsonl:1: {spelled}: prompt is " in str(err.value)
+        assert str(err.value).endswith(
+            f"tokens; with its {spelled}=250 it exceeds the model's context window of 256 "
+            f"tokens (shorten the prompt, lower its {spelled}, or pass --truncate left)"
+        )
+
+
 def test_chat_messages_use_the_chat_template(tmp_path, tiny_llama, tiny_gpt2):
     f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hello there"}]}])
     job = create_job(f, tiny_llama, GenerationParams(max_new_tokens=3))

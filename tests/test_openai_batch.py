@@ -743,7 +743,9 @@ def test_a_request_over_the_context_window_is_told_what_run_batch_can_do(tmp_pat
     with pytest.raises(InputError) as err:
         create_job(path, tiny_gpt2, served_model_names=("tiny",), home=tmp_path / "home")
     text = str(err.value)
-    assert "exceeds the model's context window of 256 tokens (shorten it, lower its max_tokens" in text, text
+    assert (
+        "exceeds the model's context window of 256 tokens (shorten the prompt, lower its max_tokens" in text
+    ), text
     assert text.endswith("or pass --truncate left)"), text
     out = tmp_path / "out.jsonl"  # and run-batch takes --truncate left, as runner run does
     result = invoke("run-batch", "-i", path, "-o", out, "-m", tiny_gpt2, "--served-model-name", "tiny",
