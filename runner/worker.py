@@ -361,6 +361,8 @@ class JobRun:
             self.commit(unit)
             self.flight.settle(self.suspected)
         except ClaimLost:
+            if self.progress is not None:  # the discarded rows are not done (they were "not saved yet")
+                self.progress.done = self.progress.saved
             self.say(f"the claim on unit {unit.index} of job {self.job.id} was taken over by another worker "
                      "(this one was thought dead); its uncommitted rows are discarded")  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C (a notebook's stop button): the batches already done are kept

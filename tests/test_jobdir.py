@@ -125,6 +125,8 @@ def test_a_worker_whose_unit_was_taken_over_discards_its_rows(job, reference, gp
     summary = run_job(job, gpt2_engine, echo=said.append, shard_rows=100)
     assert any("was taken over by another worker" in s for s in said)
     assert not summary.finished and summary.others == 1  # the other units are done; unit 0 is the successor's
+    # its progress no longer counts the discarded rows as done, "not saved yet" (pass 41)
+    assert said[-1].startswith("10/16 results (62.5%)") and "not saved" not in said[-1], said[-1]
     assert not [c for c in read_ledger(job).commits if c.unit == 0]
     monkeypatch.undo()
     successor.path.unlink()  # the successor stops (its claim is released)
