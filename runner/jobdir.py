@@ -1950,13 +1950,25 @@ def repair(path: str | os.PathLike) -> RepairReport:
 
 
 def _last_good_state(job_dir: Path) -> StateRecord | None:
-    """Below a damaged newest record: the newest record that still reads, else an older version's state.json."""
+    """Below a damaged newest record: the newest record that still reads, else an older version's state.json.
+    A record that cannot be read now (a mount's outage outlasting the retries) is not a damaged one: it raises,
+    and repair stops, rather than fall back past a `cancel` to queued (pass 40)."""
     for seq in reversed(_record_seqs(job_dir)[:-1]):
-        with contextlib.suppress(BrokenJob, storage.StorageError):
+        try:
             return _read_record(job_dir, seq, wait=False)
-    with contextlib.suppress(BrokenJob, storage.StorageError):
+        except BrokenJob:
+            continue
+        except storage.StorageError as e:
+            if not isinstance(e.__cause__, FileNotFoundError):  # (gone since the listing: the next one down)
+                raise
+    try:
         return _legacy_state(job_dir)
-    return None
+    except BrokenJob:
+        return None
+    except storage.StorageError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return None
+        raise
 
 
 def _settle_state(

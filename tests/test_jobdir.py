@@ -1014,3 +1014,26 @@ def test_the_heartbeat_is_renewed_sooner_at_first(job):
     beat._run()
     assert waits == [5.0, 10.0, 20.0, 30.0, 30.0, 30.0]
     assert (job.dir / "workers" / "w.json").exists()
+
+
+def test_repair_stops_on_a_read_error_below_a_torn_record_not_requeue_a_cancelled_job(job, monkeypatch):
+    """The newest state record torn over a `cancel`, and the cancel's record unreadable for longer than the
+    retries (a Drive outage) while repair looked for the newest record that still reads: it was taken for
+    damage, repair fell back to "queued" and the cancelled job ran again (adversarial pass 40). A read error is
+    not damage: repair stops with it, and run again once the mount is back, keeps the cancel."""
+    jobdir.cancel(job)
+    assert job.state().state is JobState.CANCELLED
+    (job.dir / "state" / "00000002.json").write_text('{"state": "queu')  # torn
+    real = storage.read_bytes
+
+    def read_bytes(path, *args, **kwargs):
+        if Path(path).name == "00000001.json":
+            raise storage.StorageError(f"cannot read {path}: Input/output error", errno.EIO)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    with pytest.raises(storage.StorageError, match="Input/output error"):
+        jobdir.repair(job.dir)
+    monkeypatch.undo()
+    assert "broken" in jobdir.repair(job.dir).state_was
+    assert job.state().state is JobState.CANCELLED
