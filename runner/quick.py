@@ -81,7 +81,8 @@ def generate(
 ) -> list[list[Any]]:
     """Generate for `prompts` at once: one list of `num_return_sequences` completions (engine.Completion, with
     `tokens` filled) per prompt. `chat`: send each prompt as one user message through the model's chat
-    template, or through `chat_template` (Jinja text; implies `chat`), which the engine's tokenizer keeps.
+    template, or through `chat_template` (Jinja text, given with `chat`, as a job takes it: without, a job
+    would not use it, so a try refuses it), which the engine's tokenizer keeps.
     `truncate` "left": a prompt over the context window keeps its end, as a job's does (else it is refused).
     Seeds are per (prompt number, sample) from `params.seed` (0 when none), so a try is repeatable."""
     from .batching import (
@@ -97,11 +98,15 @@ def generate(
 
     _check_prompts(prompts)  # before the model loads
     check_truncate(truncate)
+    if (
+        chat_template is not None and not chat
+    ):  # a job of these prompts would not use it: the try would differ
+        raise RunnerError("--chat-template renders prompts sent as user messages: pass --chat too (a job of plain "
+                          "prompts without --chat does not use the template, so this try would not be the job's)")  # fmt: skip
     params = params or GenerationParams()
     engine = engine or Engine(model, options or EngineOptions())
     if chat_template is not None:
         use_chat_template(engine.tokenizer, chat_template_text(chat_template))
-        chat = True
     if chat:
         check_chat_option(engine.tokenizer, model)
     ids = []

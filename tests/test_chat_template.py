@@ -114,12 +114,19 @@ def test_openai_batch_chat_requests_and_a_quick_try_use_it_too(tmp_path, tiny_gp
     (job_prompt,) = runner.open_job(tmp_path / "responses.jsonl.job").prompts().column("prompt").to_pylist()
     assert job_prompt == RENDERED
     greedy = GenerationParams(max_new_tokens=4, do_sample=False)
-    (chatted,) = quick.generate(["How are you?"], tiny_gpt2, greedy, chat_template=TEMPLATE)
+    (chatted,) = quick.generate(["How are you?"], tiny_gpt2, greedy, chat=True, chat_template=TEMPLATE)
     (plain,) = quick.generate(["<|user|>How are you?\n<|assistant|>"], tiny_gpt2, greedy)  # what it renders
     assert chatted[0].token_ids == plain[0].token_ids
-    r = invoke("generate", "How are you?", "-m", tiny_gpt2, "--chat-template", TEMPLATE,
+    r = invoke("generate", "How are you?", "-m", tiny_gpt2, "--chat", "--chat-template", TEMPLATE,
                "--max-new-tokens", 2)  # fmt: skip
     assert r.exit_code == 0 and r.output.startswith("[How are you?]"), r.output
+    # Without --chat a job of plain prompts does not use the template (it warns): a try that did would not be
+    # the job's (adversarial pass 44), so it is refused, saying what to pass
+    r = invoke("generate", "How are you?", "-m", tiny_gpt2, "--chat-template", TEMPLATE)
+    assert (
+        r.exit_code != 0
+        and "--chat-template renders prompts sent as user messages: pass --chat too" in r.output
+    )
 
 
 def test_chat_on_a_model_without_a_chat_template_is_refused_once_up_front(tmp_path, tiny_gpt2, gpt2_engine):
