@@ -1011,9 +1011,11 @@ def _length_columns(job: Job) -> list[str]:
 
 
 def _twin(job: Job) -> Job | None:
-    """Another job beside this unnamed one, queued or running, of the same file, model and settings (the seed
-    aside: an unseeded submit picks a new one each time): a notebook's cells run again after a VM's death."""
-    if job.name is not None:
+    """Another job beside this unnamed one in its job home, queued or running, of the same file, model and
+    settings (an unseeded one the same though each picks its own seed): a notebook's cells run again after a
+    VM's death. Not for a job in a folder of its own (`-o DIR`): `runner work` runs no such job, and folders
+    beside it are the user's own choice (pass 44)."""
+    if job.name is not None or not jobdir.JOB_ID.fullmatch(job.dir.name):
         return None  # a named submit returns its job instead
     mine = _same_work(job.meta)
     for path in sorted(jobdir.job_folders(job.dir.parent), reverse=True):
@@ -1029,10 +1031,11 @@ def _twin(job: Job) -> Job | None:
 
 
 def _same_work(meta: dict[str, Any]) -> str:
-    """What a job computes, as job.json says, its seed aside: kind, model, settings, the input and how it is read."""
+    """What a job computes, as job.json says: kind, model, settings (a seed as given: None when runner picked
+    one), the input and how it is read."""
     read = meta.get("input") or {}
-    return json.dumps([meta.get("kind"), meta.get("model"), {k: v for k, v in (meta.get("params") or {}).items()
-                       if k != "seed"}, [read.get(k) for k in _READING]])  # fmt: skip
+    return json.dumps([meta.get("kind"), meta.get("model"), meta.get("params") or {},
+                       [read.get(k) for k in _READING]])  # fmt: skip
 
 
 _READING = ("sha256", "prompt_field", "template", "truncate", "chat", "chat_template", "skip_invalid",

@@ -395,6 +395,25 @@ def test_an_unnamed_submit_of_a_queued_jobs_file_and_settings_warns_it_is_a_seco
     assert "WARNING: job" not in invoke(*args).stderr  # cancelled ones are no twins
 
 
+def test_jobs_of_their_own_seeds_or_their_own_folders_are_no_twins(prompts, tiny_gpt2, runner_home, tmp_path):
+    """`runner run -o out/seed1 --seed 1` and `-o out/seed2 --seed 2`, both interrupted: resuming the second
+    warned that the first was "a second job, and `runner work` computes both", and said to cancel the job being
+    resumed (pass 44). A job in a folder of its own is never run by `runner work`, and jobs of other explicit
+    seeds are not the same work."""
+    args = ("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2, "--temperature", "0.8")
+    assert invoke(*args, "--seed", 1).exit_code == 0
+    assert "WARNING: job" not in invoke(*args, "--seed", 2).stderr  # another seed, given: other work
+    assert "WARNING: job" in invoke(*args, "--seed", 2).stderr  # the same seed again: a twin
+    from runner.jobs import create_job, submit_warnings
+
+    params = runner.GenerationParams(max_new_tokens=2, temperature=0.8)  # unseeded: the same work each time
+    first = create_job(
+        prompts, tiny_gpt2, params, job_dir=tmp_path / "out" / "a"
+    )  # queued, as if interrupted
+    second = create_job(prompts, tiny_gpt2, params, job_dir=tmp_path / "out" / "b")
+    assert first.id != second.id and not [w for w in submit_warnings(second) if "WARNING: job" in w]
+
+
 def test_the_jobs_log_records_how_each_run_began_and_ended(prompts, tiny_gpt2, runner_home, monkeypatch):
     """log.txt had the progress lines but not the starting, completed, stopped or cancelled lines `runner work`
     printed: a cancelled job's log just stopped (pass 33). Lines of `--workers N` carry their worker's label."""
