@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -340,7 +341,7 @@ def _run_kind(
     from .scheduler import run as run_api
 
     params, options = build_settings(kw, kind)
-    _warn_if_not_on_drive(ctx.obj["home"] if output is None else output)
+    _warn_if_not_on_drive(ctx.obj["home"], output)
     with _ctrl_c_stops() as stop:
         job, summary = run_api(
             input_path, model, params, options, output=output, echo=_echo, stop=stop,
@@ -455,20 +456,24 @@ def embed(ctx: click.Context, input_path: str, model: str, output: str | None, *
     click.echo(str(_run_kind(ctx, "embed", input_path, model, output, kw).dir))
 
 
-def _warn_if_not_on_drive(home: str | None) -> None:
-    """On Colab, a job home on the VM's own disk dies with the VM: say so before hours of work go there."""
+def _warn_if_not_on_drive(home: str | None, output: str | None = None) -> None:
+    """On Colab, a job home (or a job's own -o folder) on the VM's own disk dies with the VM: say so, and what
+    to give instead, before hours of work go there."""
     from pathlib import Path
 
     from .jobdir import default_home
 
     if "google.colab" not in sys.modules and not os.environ.get("COLAB_RELEASE_TAG"):
         return
-    path = Path(home) if home else default_home()
-    if not str(path.resolve()).startswith("/content/drive"):
-        _echo(
-            f"WARNING: the job home {path.resolve()} is not on Google Drive; it vanishes with this Colab VM. "
-            "Mount Drive and use --home /content/drive/MyDrive/runner-jobs (or set RUNNER_HOME)."
-        )
+    path = (Path(output) if output else Path(home) if home else default_home()).resolve()
+    if str(path).startswith("/content/drive"):
+        return
+    if output:  # (--home does not move an -o folder: pass 44)
+        _echo(f"WARNING: the job folder {path} is not on Google Drive; it vanishes with this Colab VM. Mount "
+              f"Drive and give -o a folder there, e.g. -o {shlex.quote('/content/drive/MyDrive/' + path.name)}")  # fmt: skip
+    else:
+        _echo(f"WARNING: the job home {path} is not on Google Drive; it vanishes with this Colab VM. Mount Drive "
+              "and use --home /content/drive/MyDrive/runner-jobs (or set RUNNER_HOME).")  # fmt: skip
 
 
 @cli.command()
@@ -881,7 +886,6 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
 def _report_line(job_ref: str, folder: str) -> str:
     """The command that makes this job's report, as typed: the reference given when it finds the same job
     without --home, else the folder."""
-    import shlex
     from pathlib import Path
 
     from .jobdir import find_job

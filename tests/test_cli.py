@@ -188,11 +188,17 @@ def test_work_deadline_options_are_checked(runner_home):
     assert invoke("work", "--hours", -1).exit_code == 2
 
 
-def test_colab_warns_when_the_home_is_not_on_drive(prompts, tiny_gpt2, monkeypatch):
+def test_colab_warns_when_the_home_is_not_on_drive(prompts, tiny_gpt2, monkeypatch, tmp_path):
     monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261101")
+    monkeypatch.chdir(tmp_path)
     result = invoke("submit", prompts, "--model", tiny_gpt2)
     assert result.exit_code == 0
     assert "WARNING: the job home" in result.stderr and "not on Google Drive" in result.stderr
+    # `runner run -o DIR`: the job folder is DIR, which --home does not move; -o on Drive is the advice (pass 44)
+    out = invoke("run", prompts, "--model", tiny_gpt2, "--max-new-tokens", 1, "-o", "out/x")
+    assert out.exit_code == 0 and "--home" not in out.stderr, out.stderr
+    assert f"WARNING: the job folder {Path('out/x').resolve()} is not on Google Drive" in out.stderr
+    assert "give -o a folder there, e.g. -o /content/drive/MyDrive/x" in out.stderr
 
 
 def test_template_takes_the_same_escapes_as_stop(tmp_path, tiny_gpt2, runner_home):
