@@ -1226,7 +1226,7 @@ def _stopped_line(job: Any, summary: Any, rows: str, then: str) -> str:
     except RunnerError:
         cancelled = False
     if cancelled:
-        return (f"job {job.id} was cancelled with {done}; `runner retry {job.dir}` re-queues it (the finished "
+        return (f"job {job.id} was cancelled with {done}; `runner retry {shlex.quote(str(job.dir))}` re-queues it (the finished "
                 f"{rows} are kept), then the same command carries it on")  # fmt: skip
     return f"stopped with {done}; run the same command again to {then}"
 

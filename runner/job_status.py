@@ -7,6 +7,7 @@ a job whose metadata cannot be read shows as `broken` with the reason, and the o
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ class JobStatus:
 
 def broken_status(path: Path, reason: str, job: Job | None = None, repairable: bool = True) -> JobStatus:
     """A job that cannot be read; what job.json (or its backup, when it did not open) still says of it."""
-    hint = f" (`runner repair {path}`)" if repairable else ""
+    hint = f" (`runner repair {shlex.quote(str(path))}`)" if repairable else ""
     meta = job.meta if job else (jobdir.spec_or_backup(path) or {})
     name = meta.get("name") if isinstance(meta.get("name"), str) else None
     return JobStatus(id=path.name, name=name, state=JobState.BROKEN.value, done=0, total=0,
@@ -90,7 +91,7 @@ def job_status(job: Job) -> JobStatus:
         missing = progress.total - progress.done - progress.failed
         name = JobState.BROKEN.value
         message = (f"completed, but {missing:,} result row(s) are missing or failed verification "
-                   f"(`runner repair {job.dir}` re-queues them)")  # fmt: skip
+                   f"(`runner repair {shlex.quote(str(job.dir))}` re-queues them)")  # fmt: skip
     elif progress.bad:
         message = (f"{len(progress.bad)} commit(s) failed verification; their rows are computed again "
                    "(`runner repair` quarantines them now)")  # fmt: skip

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -287,7 +288,7 @@ def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dic
             raise RunnerError(
                 f"{job_dir} holds a job with other inputs or settings{_differences(existing, identity)}; resuming "
                 f"it with these is refused (use another job folder: -o, or --job-dir for run-batch; or run `runner "
-                f"work --job {job_dir}` to finish it as it was)"
+                f"work --job {shlex.quote(str(job_dir))}` to finish it as it was)"
             )
         return existing
     if name is None:
@@ -347,7 +348,7 @@ def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
             )
             if e.repairable and ours:
                 raise RunnerError(f"job {path.name} of this file and these settings is broken ({e}); "
-                                  f"`runner repair {path}` brings it back, then this command carries it on "
+                                  f"`runner repair {shlex.quote(str(path))}` brings it back, then this command carries it on "
                                   "(-o DIR makes a new job instead)") from None  # fmt: skip
         except RunnerError:
             continue

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shlex
 import shutil
 import tempfile
 import warnings
@@ -378,7 +379,7 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
         data, why = read_shard(job, c)
         why = why or check_shard_bytes(data, c, job.samples)
         if why is not None:
-            warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair {job.dir}`)",
+            warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair {shlex.quote(str(job.dir))}`)",
                           stacklevel=3)  # fmt: skip
             continue
         want = None
@@ -492,7 +493,7 @@ def _warn_if_partial(job: Any, rows: int) -> None:
                       stacklevel=3)  # fmt: skip
     elif s.state != "completed" and s.done < s.total:  # a completed job's other rows are row errors
         rest = ("the rest are not computed yet" if s.state.startswith("queued") else
-                f"the rest are computed only after `runner retry {job.dir}`")  # fmt: skip
+                f"the rest are computed only after `runner retry {shlex.quote(str(job.dir))}`")  # fmt: skip
         warnings.warn(f"job {s.id} is {s.state}: these are {s.done:,} of its {s.total:,} results ({rest})",
                       stacklevel=3)  # fmt: skip
 

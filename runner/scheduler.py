@@ -63,7 +63,7 @@ def run(
         state = job.state()
         if state.state in (JobState.FAILED, JobState.CANCELLED):
             reason = f": {state.error}" if state.error else ""
-            raise RunnerError(f"job {job.id} is {state.state}{reason} (`runner retry {job.dir}` re-queues "
+            raise RunnerError(f"job {job.id} is {state.state}{reason} (`runner retry {shlex.quote(str(job.dir))}` re-queues "
                               "it)")  # fmt: skip
         p = jobdir.job_progress(job)
         last = RunSummary(
@@ -166,7 +166,7 @@ def _note_broken(
 
 def _broken_line(job_id: str, folder: Any, why: Any, repairable: bool) -> str:
     """What a worker says of a broken job it skips."""
-    hint = f" (`runner repair {folder}` brings it back)" if repairable else ""
+    hint = f" (`runner repair {shlex.quote(str(folder))}` brings it back)" if repairable else ""
     return f"job {job_id} is broken ({why}); skipped{hint}"
 
 
@@ -560,7 +560,7 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: Callable[[], bool]) 
         return summary
     done = f"{summary.done:,}/{summary.total:,} {j.spec.count_noun}"
     if state is JobState.CANCELLED:
-        line = f"job {j.id} was cancelled; its finished rows are kept (`runner retry {j.dir}` resumes it)"
+        line = f"job {j.id} was cancelled; its finished rows are kept (`runner retry {shlex.quote(str(j.dir))}` resumes it)"
     elif summary.finished:
         line = f"job {j.id} completed: {done}, {summary.errors} errors"
     elif summary.others:

@@ -726,3 +726,23 @@ def test_work_past_its_deadline_says_the_jobs_left_not_nothing_to_do(prompts, ti
     assert "nothing to do" not in result.stderr
     assert "state:    queued" in invoke("status", job_id).stdout  # (interrupted, when its start came in time)
     assert "stopped at the deadline" not in invoke("work").stderr  # the queue emptied before any deadline
+
+
+def test_hints_quote_a_folder_with_a_space_so_they_can_be_pasted(prompts, tiny_gpt2, tmp_path):
+    """Colab's Drive mount was /content/drive/My Drive: a hint that printed `runner retry /content/drive/My
+    Drive/...` unquoted failed when pasted ("Got unexpected extra argument"; pass 44)."""
+    import shlex
+
+    from runner.jobs import create_job
+
+    out = tmp_path / "My Drive" / "night"
+    job = create_job(prompts, tiny_gpt2, runner.GenerationParams(max_new_tokens=1), job_dir=out)
+    assert invoke("cancel", out).exit_code == 0
+    result = invoke("run", prompts, "-m", tiny_gpt2, "--max-new-tokens", 1, "-o", out)
+    hint = re.search(r"`(runner retry [^`]+)`", result.output)
+    assert result.exit_code != 0 and hint, result.output
+    assert invoke(*shlex.split(hint.group(1))[1:]).exit_code == 0  # pasted as printed: it works
+    (job.dir / "job.json").unlink()
+    hint = re.search(r"`(runner repair [^`]+)`", invoke("status", out).output)
+    assert hint and invoke(*shlex.split(hint.group(1))[1:]).exit_code == 0
+    assert invoke("run", prompts, "-m", tiny_gpt2, "--max-new-tokens", 1, "-o", out).exit_code == 0
