@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import command
 from .jobdir import JobState, _pid_start, _stat_start, default_home
 
 LOGS = "logs"
@@ -75,6 +76,15 @@ def running(home: str | os.PathLike | None = None) -> list[BackgroundWorker]:
     return found
 
 
+def work_command(home: str | os.PathLike | None, folder: Path) -> str:
+    """The command that runs the job in `folder`: `runner work` for one in the home, `runner work --job FOLDER`
+    for one in a folder of its own (`-o DIR`), which `runner work` alone never runs."""
+    root = Path(home) if home is not None else default_home()
+    if folder.resolve().parent == root.resolve():
+        return command(home, "work")
+    return command(None, "work", "--job", os.fspath(folder))
+
+
 def watch(
     job: str | os.PathLike,
     home: str | os.PathLike | None = None,
@@ -97,7 +107,8 @@ def watch(
         if idle >= IDLE_POLLS:
             if echo:
                 echo(
-                    f"no worker is running job {s.id}: start one with `runner work` (or `runner work --background`)"
+                    f"no worker is running job {s.id}: start one with `{work_command(home, Path(s.folder))}` (or add "
+                    "--background)"
                 )
             return s
         sleep(every)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .errors import ParamError, RunnerError
+from .errors import ParamError, RunnerError, command
 from .params import DTYPE_ALIASES, DTYPES, unescape
 
 if TYPE_CHECKING:
@@ -700,18 +700,28 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
     timed_out = deadline is not None and time.time() >= deadline and not stop()
     if timed_out and _queue(home, job_ref):  # (not "nothing to do" when the deadline came before a job began)
         _echo(f"stopped at the deadline (--hours/--until) with {len(_queue(home, job_ref))} job(s) left to run; "
-              "run `runner work` again to carry on")  # fmt: skip
+              f"run `{command(home, 'work')}` again to carry on")  # fmt: skip
     elif not summaries and not failed:
         _say_lost_rows(home, job_ref)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else "")
               + f" in {_home_said(home)}")  # fmt: skip
     elif not all(s.finished or s.others or _cancelled(home, s.job_id) for s in _last_of_each(summaries)):
-        _echo("stopped; run `runner work` again to carry on")
+        _echo(f"stopped; run `{command(home, 'work')}` again to carry on")
     if stop():
         raise SystemExit(130)  # interrupted: scripts and notebooks can tell
     if failed:  # `runner work && next-step` must not go on as if all went well
         raise RunnerError(f"{len(failed)} job(s) failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
                           f"says why; {_after_failure(failed)})")  # fmt: skip
+
+
+def _work_command(home: Any, job_ref: str) -> str:
+    from .background import work_command
+    from .jobdir import find_job
+
+    try:
+        return work_command(home, find_job(job_ref, home))
+    except RunnerError:
+        return command(home, "work")
 
 
 def _queue(home: Any, job_ref: str | None) -> list[Any]:
@@ -1057,7 +1067,7 @@ def cancel(ctx: click.Context, job_ref: str) -> None:
         job_ref, ctx.obj["home"]
     ).state  # "running" while a worker is on it (its state record: queued)
     api.cancel(job_ref, ctx.obj["home"])
-    _echo(f"cancelled job {job_ref} (was {was}); `runner retry {job_ref}` resumes it")
+    _echo(f"cancelled job {job_ref} (was {was}); `{command(ctx.obj['home'], 'retry', job_ref)}` resumes it")
 
 
 @cli.command()
@@ -1071,7 +1081,7 @@ def retry(ctx: click.Context, job_ref: str) -> None:
 
     cleared = api.retry(job_ref, ctx.obj["home"])
     _echo(f"re-queued job {job_ref}" + (f"; {cleared} failed row(s) will be tried again" if cleared else "")
-          + "; run `runner work` to carry on")  # fmt: skip
+          + f"; run `{_work_command(ctx.obj['home'], job_ref)}` to carry on")  # fmt: skip
 
 
 @cli.command()
@@ -1091,13 +1101,15 @@ def repair(ctx: click.Context, job_ref: str) -> None:
     for name, why in r.quarantined:
         _echo(f"quarantined commit {name}: {why}")
     _echo(f"state {r.state_was} -> {r.state_now}; {r.done:,}/{r.total:,} result rows verified"
-          + ("; run `runner work` to compute the rest" if r.state_now == "queued" else ""))  # fmt: skip
+          + (f"; run `{_work_command(ctx.obj['home'], job_ref)}` to compute the rest" if r.state_now == "queued"
+             else ""))  # fmt: skip
     if r.damaged_by == "":
         _echo("its newest state record was empty: a change killed while it was written did not happen; if you "
               "ran `runner cancel` or `runner retry` just then, run it again")  # fmt: skip
     elif r.damaged_by:
         _echo(f"its damaged newest state record says it was a `runner {r.damaged_by}`; what it recorded is "
-              f"unknown, so it no longer counts: if you ran one, run `runner {r.damaged_by} {job_ref}` again")  # fmt: skip
+              f"unknown, so it no longer counts: if you ran one, run `{command(ctx.obj['home'], r.damaged_by, job_ref)}` "
+              "again")  # fmt: skip
 
 
 @cli.command()

@@ -94,3 +94,13 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none), for one-line errors."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+def command(home: object, *words: str) -> str:
+    """A command for a message, to paste as printed: `runner --home HOME WORDS...`, quoted, with --home where a
+    home was given other than $RUNNER_HOME's (else the pasted command looks in another home: pass 44)."""
+    import os
+    import shlex
+
+    given = home is not None and os.environ.get("RUNNER_HOME") != os.fspath(home)  # type: ignore[arg-type]
+    return shlex.join(["runner", *(["--home", os.fspath(home)] if given else []), *words])  # type: ignore[arg-type]

@@ -3,6 +3,8 @@ job ends): the notebook kernel stays free while the work goes on."""
 
 import dataclasses
 import os
+import re
+import shlex
 
 import pytest
 from helpers import PROMPTS, invoke, write_jsonl
@@ -35,7 +37,8 @@ def test_background_work_and_watch_until_completed(tmp_path, tiny_gpt2):
     assert result.exit_code == 0 and f"completed: {n}/{n}" in result.output
 
 
-def test_watch_says_so_when_no_worker_runs_the_job(tmp_path, tiny_gpt2):
+def test_watch_says_so_when_no_worker_runs_the_job(tmp_path, tiny_gpt2, monkeypatch):
+    monkeypatch.delenv("RUNNER_HOME")  # the home given as --home only
     home = tmp_path / "home"
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
     job = runner.submit(f, tiny_gpt2, GenerationParams(max_new_tokens=2), home=home)
@@ -44,12 +47,13 @@ def test_watch_says_so_when_no_worker_runs_the_job(tmp_path, tiny_gpt2):
 
     final = watch(job.id, home, every=5, echo=lines.append, sleep=sleeps.append)
     assert final.state == "queued" and len(sleeps) == IDLE_POLLS - 1
-    assert (
-        lines[-1]
-        == f"no worker is running job {job.id}: start one with `runner work` (or `runner work --background`)"
-    )
+    # the command names the home the job is in (pasted without it, it looked in ./jobs: pass 44)
+    assert lines[-1] == (f"no worker is running job {job.id}: start one with `runner --home {home} work` (or add "
+                         "--background)")  # fmt: skip
     result = invoke("--home", home, "watch", job.id, "--every", 0.01)
     assert result.exit_code == 1 and "no worker is running job" in result.output
+    pasted = re.search(r"`runner (.+?)`", lines[-1]).group(1)
+    assert "completed" in invoke(*shlex.split(pasted)).output
 
 
 def test_a_job_whose_model_is_loading_shows_its_worker(tmp_path, tiny_gpt2, monkeypatch):

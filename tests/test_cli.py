@@ -746,3 +746,33 @@ def test_hints_quote_a_folder_with_a_space_so_they_can_be_pasted(prompts, tiny_g
     hint = re.search(r"`(runner repair [^`]+)`", invoke("status", out).output)
     assert hint and invoke(*shlex.split(hint.group(1))[1:]).exit_code == 0
     assert invoke("run", prompts, "-m", tiny_gpt2, "--max-new-tokens", 1, "-o", out).exit_code == 0
+
+
+def test_hints_name_the_home_given_and_the_folder_of_a_job_of_its_own(
+    prompts, tiny_gpt2, tmp_path, monkeypatch
+):
+    """With the jobs on Drive (--home), `cancel` said "`runner retry night1` resumes it" and `retry` said "run
+    `runner work`": pasted, both looked in ./jobs ("no job 'night1'", "nothing to do"). And `runner work` never
+    runs a job in a folder of its own (-o DIR), so its retry says `runner work --job FOLDER` (pass 44)."""
+    import shlex
+
+    from runner.jobs import create_job
+
+    monkeypatch.delenv("RUNNER_HOME")
+    home = tmp_path / "drive home"
+    assert invoke(
+        "--home", home, "submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 1, "--name", "night1"
+    )
+    said = invoke("cancel", "night1", "--home", home).output
+    hint = re.search(r"`(runner [^`]+)` resumes it", said).group(1)
+    assert hint == f"runner --home {shlex.quote(str(home))} retry night1", said
+    said = invoke(*shlex.split(hint)[1:]).output  # pasted as printed
+    work = re.search(r"run `(runner [^`]+)` to carry on", said).group(1)
+    assert "job" in said and "completed" in invoke(*shlex.split(work)[1:]).output
+    folder = tmp_path / "own folder"
+    create_job(prompts, tiny_gpt2, runner.GenerationParams(max_new_tokens=1), job_dir=folder)
+    assert invoke("cancel", folder).exit_code == 0
+    said = invoke("retry", folder).output
+    work = re.search(r"run `(runner [^`]+)` to carry on", said).group(1)
+    assert work == f"runner work --job {shlex.quote(str(folder))}"
+    assert "completed" in invoke(*shlex.split(work)[1:]).output
