@@ -1144,11 +1144,10 @@ def generate(
     from . import quick
 
     params, options = build_settings(kw)
-    texts = quick.read_prompts_arg(prompts)
+    ids, texts = zip(*quick.read_prompts_with_ids(prompts), strict=True)
     template = _chat_template(chat_template)
-    answers = quick.generate(
-        texts, model, params, options, chat=chat, chat_template=template, truncate=truncate
-    )
+    answers = quick.generate(list(texts), model, params, options, chat=chat, chat_template=template,
+                             truncate=truncate, row_ids=list(ids))  # fmt: skip
     for text, samples in zip(texts, answers, strict=True):
         for s, c in enumerate(samples):
             head = f"[{text[:40]}]" + (f" #{s}" if len(samples) > 1 else "")

@@ -297,14 +297,15 @@ def _not_utf8_error(path: Path) -> InputError:
     return InputError([not_utf8_problem(path)], header="cannot read the prompt file")
 
 
-def read_text_lines(path: Path) -> list[str]:
-    """The lines of a .txt file that are not blank, read as jobs read it (`_text_lines`); InputError naming the
-    file and the first line that cannot be read (not UTF-8, too long)."""
-    lines = []
+def read_text_lines(path: Path, numbered: bool = False) -> list[Any]:
+    """The lines of a .txt file that are not blank, read as jobs read it (`_text_lines`); `numbered`: as (line
+    number, text), the number a job makes its id. InputError naming the file and the first line that cannot be
+    read (not UTF-8, too long)."""
+    lines: list[Any] = []
     for lineno, text, reason in _text_lines(path):
         if text is None:
             raise InputError([Problem(str(path), lineno, None, reason)], header="cannot read the prompt file")
-        lines.append(text.rstrip("\r\n"))
+        lines.append((lineno, text.rstrip("\r\n")) if numbered else text.rstrip("\r\n"))
     return lines
 
 

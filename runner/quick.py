@@ -23,17 +23,25 @@ def read_prompts_arg(items: Iterable[str]) -> list[str]:
     """Each item is a prompt, `-` (one prompt per line of standard input) or a .txt file (one per line). A word
     that names a file (no whitespace, a prompt-file suffix) is never taken as a prompt: a missing .txt file,
     or a .jsonl / .csv / .parquet file (those are `runner run`'s), is an error, not a prompt of its name."""
+    return [text for _, text in read_prompts_with_ids(items)]
+
+
+def read_prompts_with_ids(items: Iterable[str]) -> list[tuple[str, str]]:
+    """`read_prompts_arg`'s prompts with the row id a job would give each: its line number in a .txt file or
+    standard input (as `runner run` numbers a file's lines), else its place among the prompts given (from 1).
+    A sampled try's seeds come from it, so `runner generate FILE.txt --seed S` is `runner run FILE.txt --seed S`."""
     import sys
 
-    out: list[str] = []
+    out: list[tuple[str, str]] = []
     for item in items:
         if item == "-":
             stdin = sys.stdin.buffer.read().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-            out.extend(_utf8(line, "standard input") for line in stdin.splitlines() if line.strip())
+            out.extend((str(n), _utf8(line, "standard input")) for n, line in enumerate(stdin.splitlines(), 1)
+                       if line.strip())  # fmt: skip
         elif _file_name(item):
-            out.extend(read_text_lines(_txt_file(item)))
+            out.extend((str(n), text) for n, text in read_text_lines(_txt_file(item), numbered=True))
         else:
-            out.append(_utf8(item, "a prompt argument"))
+            out.append((str(len(out) + 1), _utf8(item, "a prompt argument")))
     if not out:
         raise RunnerError("no prompt given (a prompt, '-' for standard input, or a .txt file)")
     return out
@@ -78,13 +86,16 @@ def generate(
     chat_template: str | os.PathLike | None = None,
     truncate: str = "none",
     engine: Any = None,
+    row_ids: list[str] | None = None,
 ) -> list[list[Any]]:
     """Generate for `prompts` at once: one list of `num_return_sequences` completions (engine.Completion, with
     `tokens` filled) per prompt. `chat`: send each prompt as one user message through the model's chat
     template, or through `chat_template` (Jinja text, given with `chat`, as a job takes it: without, a job
     would not use it, so a try refuses it), which the engine's tokenizer keeps.
     `truncate` "left": a prompt over the context window keeps its end, as a job's does (else it is refused).
-    Seeds are per (prompt number, sample) from `params.seed` (0 when none), so a try is repeatable."""
+    Seeds are per (row id, sample) from `params.seed` (0 when none), as a job's are, so a try is repeatable:
+    `row_ids` are the prompts' row ids (default: their numbers from 1, a job's ids for the lines of a .txt or JSONL
+    file without blank lines or ids of its own)."""
     from .batching import (
         chat_template_text,
         check_chat_option,
@@ -120,7 +131,10 @@ def generate(
     n = params.num_return_sequences
     keys = [(i, s) for i in range(len(prompts)) for s in range(n)]
     seed = params.seed if params.seed is not None else 0
-    seeds = [sample_seed(seed, str(i), s) for i, s in keys]
+    row_ids = row_ids if row_ids is not None else [str(i + 1) for i in range(len(prompts))]
+    if len(row_ids) != len(prompts):
+        raise RunnerError(f"row_ids: {len(row_ids)} given for {len(prompts)} prompts")
+    seeds = [sample_seed(seed, row_ids[i], s) for i, s in keys]
     done = generate_keys(engine, keys, [params] * len(keys), seeds, [ids[i] for i, _ in keys])
     for (i, _), c in zip(keys, done, strict=True):
         c.tokens = engine.texts.pieces(c.token_ids, ids[i])  # " Paris", not the id, when log-probs are shown

@@ -186,3 +186,21 @@ def test_prompt_text_that_is_not_utf8_is_one_line_naming_where_it_came_from(tiny
         err = proc.stderr.decode()
         assert proc.returncode == 1 and "Traceback" not in err, err
         assert "is not UTF-8 (it looks like Shift-JIS/CP932); send it as UTF-8" in err
+
+
+def test_a_sampled_try_of_a_txt_file_is_the_jobs_rows(tmp_path, tiny_gpt2, runner_home):
+    """`runner generate p.txt --seed 3` seeded each sample from the prompt's place from 0, a job from its row id
+    (the .txt line number): a sampled try did not carry over to the night's job (pass 44). Both use the id a
+    job gives, a blank line included."""
+    path = tmp_path / "p.txt"
+    path.write_text("The old man\n\nEvery student knows\nA cat\n")
+    common = ("-m", tiny_gpt2, "--max-new-tokens", 6, "--temperature", "0.9", "--seed", 3, "-n", 2)
+    tried = invoke("generate", path, *common)
+    assert tried.exit_code == 0, tried.output
+    assert invoke("run", path, *common, "-o", tmp_path / "out").exit_code == 0
+    df = runner.load_results(tmp_path / "out")
+    assert list(df["id"]) == ["1", "1", "3", "3", "4", "4"]
+    job_lines = [
+        f"[{p[:40]}] #{s} {t}" for p, s, t in zip(df["prompt"], df["sample"], df["text"], strict=True)
+    ]
+    assert tried.output == "".join(f"{line}\n" for line in job_lines)
