@@ -347,9 +347,10 @@ class JobRun:
             return
         self.flight = InFlight(self.job.dir / jobdir.INFLIGHT / f"{unit.index:05d}.json", self.owner.worker,
                                self.owner)  # fmt: skip
-        counted = f"{len(unit.todo):,} of {self.job.total:,} {self.job.spec.count_noun}"
-        self.say(f"job {self.job.id}: unit {unit.index}: {counted} to {self.job.kind} on {self.engine.device} "
-                 f"({dtype_name(self.engine)})")  # fmt: skip
+        # the unit's own rows, then what is left of them: "1,024 of 1,100" read as 76 done (pass 44)
+        rows = f"rows {unit.start + 1:,}-{unit.start + unit.table.num_rows:,} of {self.job.spec.rows:,}"
+        self.say(f"job {self.job.id}: unit {unit.index} ({rows}): {len(unit.todo):,} {self.job.spec.count_noun} to "
+                 f"{self.job.kind} on {self.engine.device} ({dtype_name(self.engine)})")  # fmt: skip
         try:
             for keys, wanted, suspect in self.plan(unit):
                 if self.stopped or self.should_stop():

@@ -125,6 +125,8 @@ def test_a_worker_whose_unit_was_taken_over_discards_its_rows(job, reference, gp
     summary = run_job(job, gpt2_engine, echo=said.append, shard_rows=100)
     assert any("was taken over by another worker" in s for s in said)
     assert not summary.finished and summary.others == 1  # the other units are done; unit 0 is the successor's
+    # each unit says its rows, then how many of its results are left ("6 of 16" read as 10 done: pass 44)
+    assert any(": unit 1 (rows 4-6 of 8): 6 results to generate on " in line for line in said)
     # its progress no longer counts the discarded rows as done, "not saved yet" (pass 41)
     assert said[-1].startswith("10/16 results (62.5%)") and "not saved" not in said[-1], said[-1]
     assert not [c for c in read_ledger(job).commits if c.unit == 0]
