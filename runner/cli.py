@@ -135,14 +135,30 @@ generate_input_options = _apply([
     chat_template_option,
 ])  # fmt: skip
 
+
+def _elsewhere(hint: str) -> Callable[..., Any]:
+    """A hidden option users bring from another tool: refused with what runner calls it."""
+
+    def refuse(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is not None:
+            raise click.UsageError(f"{param.opts[0]}: {hint}", ctx)
+
+    return refuse
+
+
 generation_options = _apply([
     click.option("--max-new-tokens", type=int, help="Tokens to generate per sample [default: 64]."),
+    click.option("--max-length", hidden=True, expose_value=False, callback=_elsewhere(
+        "transformers' max_length counts the prompt too; runner's limit is --max-new-tokens (new tokens only)")),
+    click.option("--min-length", hidden=True, expose_value=False, callback=_elsewhere(
+        "transformers' min_length counts the prompt too; runner's is --min-new-tokens (new tokens only)")),
     click.option("--min-new-tokens", type=int, help="Suppress EOS/stop strings until this many tokens."),
     click.option("--do-sample/--greedy", default=None,
                  help="Sample or decode greedily [default: sample iff --temperature/--top-p/--top-k/-n ask]."),
     click.option("--temperature", type=float, help="Sampling temperature; 0 = greedy [default: 1.0]."),
     click.option("--top-p", type=float, help="Nucleus sampling mass in [0, 1] [default: 1.0]."),
-    click.option("--top-k", type=int, help="Sample from the k most likely tokens; 0 = off [default: 0]."),
+    click.option("--top-k", type=int, callback=lambda ctx, param, v: 0 if v == -1 else v,
+                 help="Sample from the k most likely tokens; 0 (or vLLM's -1) = off [default: 0]."),
     click.option("--repetition-penalty", type=float, help="Penalty > 0 for repeated tokens [default: 1.0]."),
     click.option("--presence-penalty", type=float, help="OpenAI presence penalty in [-2, 2] [default: 0]."),
     click.option("--frequency-penalty", type=float, help="OpenAI frequency penalty in [-2, 2] [default: 0]."),
@@ -171,8 +187,9 @@ generation_options = _apply([
 score_options = _apply([
     click.option("--add-bos/--no-add-bos", default=None,
                  help="Score the first token given BOS (EOS for GPT-2) as context [default: on]."),
-    click.option("--add-eos/--no-add-eos", default=None,
-                 help="Also score the end of the text (EOS), as gpt2-score does without --exclude-end [default: off]."),
+    click.option("--add-eos/--no-add-eos", " /--exclude-end", default=None,
+                 help="Also score the end of the text (EOS), as gpt2-score does without --exclude-end (which is "
+                      "runner's default, and may be given) [default: off]."),
     click.option("--stride", type=int, help="Texts over the context window: window step in tokens [default: half]."),
 ])  # fmt: skip
 

@@ -776,3 +776,24 @@ def test_hints_name_the_home_given_and_the_folder_of_a_job_of_its_own(
     work = re.search(r"run `(runner [^`]+)` to carry on", said).group(1)
     assert work == f"runner work --job {shlex.quote(str(folder))}"
     assert "completed" in invoke(*shlex.split(work)[1:]).output
+
+
+def test_options_users_bring_from_other_tools_are_answered(prompts, tiny_gpt2, tmp_path):
+    """--max-length (the tutorials' model.generate habit) said only "No such option"; gpt2-score's
+    --exclude-end (runner's default) was refused; vLLM's --top-k -1 (off) said "must be >= 0" though a row's
+    top_k -1 was taken (pass 44)."""
+    result = invoke("generate", "Hello", "-m", tiny_gpt2, "--max-length", 20)
+    assert result.exit_code == 2
+    assert (
+        "--max-length: transformers' max_length counts the prompt too; runner's limit is --max-new-tokens"
+        in (result.output)
+    )
+    assert "--min-new-tokens" in invoke("run", prompts, "-m", tiny_gpt2, "--min-length", 5).output
+    text = tmp_path / "s.txt"
+    text.write_text("hello world\n")
+    scores = [invoke("score", text, "-m", tiny_gpt2, "--print", *flag, "-o", tmp_path / f"s{i}").stdout
+              for i, flag in enumerate([(), ("--exclude-end",), ("--add-eos",)])]  # fmt: skip
+    assert scores[0] == scores[1] != scores[2]
+    off = [invoke("generate", "Hello", "-m", tiny_gpt2, "--max-new-tokens", 4, "--temperature", 0.9, "--top-k", k)
+           for k in (-1, 0)]  # fmt: skip
+    assert off[0].exit_code == 0 and off[0].output == off[1].output

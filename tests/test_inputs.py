@@ -138,6 +138,11 @@ def test_template_fills_columns_and_names_missing_ones(tmp_path):
         ("{x[0]}", r"placeholder \{x\[0\]\} is not allowed"),
         ("{x!r}", r"placeholder \{x!r\} is not allowed"),
         ("{x:>10}", r"placeholder \{x:>10\} is not allowed"),
+        # JSON in a template: how to write its braces is said (pass 44)
+        (
+            '{"a": 1} {q}',
+            r'placeholder \{"a": 1\} is not allowed: .*literal braces, as in JSON, are written \{\{ and',
+        ),
         ("{}", r"must name a column"),
         ("no placeholders", r"template has no \{column\} placeholder"),
         ("{unclosed", r"template is not valid"),
