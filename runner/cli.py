@@ -486,8 +486,9 @@ def _warn_if_not_on_drive(home: str | None, output: str | None = None) -> None:
     if str(path).startswith("/content/drive"):
         return
     if output:  # (--home does not move an -o folder: pass 44)
+        there = shlex.quote(f"/content/drive/MyDrive/{path.name}")
         _echo(f"WARNING: the job folder {path} is not on Google Drive; it vanishes with this Colab VM. Mount "
-              f"Drive and give -o a folder there, e.g. -o {shlex.quote('/content/drive/MyDrive/' + path.name)}")  # fmt: skip
+              f"Drive and give -o a folder there, e.g. -o {there}")  # fmt: skip
     else:
         _echo(f"WARNING: the job home {path} is not on Google Drive; it vanishes with this Colab VM. Mount Drive "
               "and use --home /content/drive/MyDrive/runner-jobs (or set RUNNER_HOME).")  # fmt: skip
@@ -1124,9 +1125,9 @@ def repair(ctx: click.Context, job_ref: str) -> None:
         _echo("its newest state record was empty: a change killed while it was written did not happen; if you "
               "ran `runner cancel` or `runner retry` just then, run it again")  # fmt: skip
     elif r.damaged_by:
+        again = command(ctx.obj["home"], r.damaged_by, job_ref)
         _echo(f"its damaged newest state record says it was a `runner {r.damaged_by}`; what it recorded is "
-              f"unknown, so it no longer counts: if you ran one, run `{command(ctx.obj['home'], r.damaged_by, job_ref)}` "
-              "again")  # fmt: skip
+              f"unknown, so it no longer counts: if you ran one, run `{again}` again")  # fmt: skip
 
 
 @cli.command()
@@ -1254,8 +1255,8 @@ def _stopped_line(job: Any, summary: Any, rows: str, then: str) -> str:
     except RunnerError:
         cancelled = False
     if cancelled:
-        return (f"job {job.id} was cancelled with {done}; `runner retry {shlex.quote(str(job.dir))}` re-queues it (the finished "
-                f"{rows} are kept), then the same command carries it on")  # fmt: skip
+        return (f"job {job.id} was cancelled with {done}; `runner retry {shlex.quote(str(job.dir))}` re-queues it "
+                f"(the finished {rows} are kept), then the same command carries it on")  # fmt: skip
     return f"stopped with {done}; run the same command again to {then}"
 
 

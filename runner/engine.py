@@ -557,10 +557,9 @@ class Engine:
         logprobs = torch.log_softmax(st.logits, dim=-1)
         logits = st.logits if st.constraints is None else st.constraints.mask(st.logits, st.rows)
         held = [slot for slot, r in enumerate(st.rows) if len(st.out_ids[r]) < st.params[r].min_new_tokens]
-        if (
-            held
-        ):  # EOS is not allowed before min_new_tokens: held back before top-k/top-p cut (as transformers'
-            # MinNewTokensLengthLogitsProcessor and vLLM do), or a cut that kept only EOS leaves nothing (pass 42)
+        # EOS is not allowed before min_new_tokens: held back before the top-k/top-p cut (as transformers'
+        # MinNewTokensLengthLogitsProcessor and vLLM do), or a cut that kept only EOS left nothing (pass 42)
+        if held:
             logits = logits.clone() if logits is st.logits else logits
             logits[torch.tensor(held, device=self.device).unsqueeze(-1), self._eos.unsqueeze(0)] = -math.inf
         scores = process(logits, st.history, st.counts, st.settings)

@@ -347,9 +347,9 @@ def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
                 isinstance(meta, dict) and meta.get("name") is None and meta.get("fingerprint") == fingerprint
             )
             if e.repairable and ours:
-                raise RunnerError(f"job {path.name} of this file and these settings is broken ({e}); "
-                                  f"`runner repair {shlex.quote(str(path))}` brings it back, then this command carries it on "
-                                  "(-o DIR makes a new job instead)") from None  # fmt: skip
+                raise RunnerError(f"job {path.name} of this file and these settings is broken ({e}); `runner "
+                                  f"repair {shlex.quote(str(path))}` brings it back, then this command carries it "
+                                  "on (-o DIR makes a new job instead)") from None  # fmt: skip
         except RunnerError:
             continue
     return None

@@ -109,11 +109,11 @@ def generate(
 
     _check_prompts(prompts)  # before the model loads
     check_truncate(truncate)
-    if (
-        chat_template is not None and not chat
-    ):  # a job of these prompts would not use it: the try would differ
-        raise RunnerError("--chat-template renders prompts sent as user messages: pass --chat too (a job of plain "
-                          "prompts without --chat does not use the template, so this try would not be the job's)")  # fmt: skip
+    # a job of these prompts would not use it: the try would differ
+    if chat_template is not None and not chat:
+        raise RunnerError("--chat-template renders prompts sent as user messages: pass --chat too (a job of "
+                          "plain prompts without --chat does not use the template, so this try would not be the "
+                          "job's)")  # fmt: skip
     params = params or GenerationParams()
     engine = engine or Engine(model, options or EngineOptions())
     if chat_template is not None:

@@ -379,8 +379,8 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
         data, why = read_shard(job, c)
         why = why or check_shard_bytes(data, c, job.samples)
         if why is not None:
-            warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair {shlex.quote(str(job.dir))}`)",
-                          stacklevel=3)  # fmt: skip
+            warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair "
+                          f"{shlex.quote(str(job.dir))}`)", stacklevel=3)  # fmt: skip
             continue
         want = None
         if columns is not None:

@@ -63,8 +63,8 @@ def run(
         state = job.state()
         if state.state in (JobState.FAILED, JobState.CANCELLED):
             reason = f": {state.error}" if state.error else ""
-            raise RunnerError(f"job {job.id} is {state.state}{reason} (`runner retry {shlex.quote(str(job.dir))}` re-queues "
-                              "it)")  # fmt: skip
+            raise RunnerError(f"job {job.id} is {state.state}{reason} (`runner retry "
+                              f"{shlex.quote(str(job.dir))}` re-queues it)")  # fmt: skip
         p = jobdir.job_progress(job)
         last = RunSummary(
             job.id, p.done, p.total, 0, 0, 0.0, p.failed, p.complete, unrunnable=bool(unrunnable)
@@ -560,7 +560,8 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: Callable[[], bool]) 
         return summary
     done = f"{summary.done:,}/{summary.total:,} {j.spec.count_noun}"
     if state is JobState.CANCELLED:
-        line = f"job {j.id} was cancelled; its finished rows are kept (`runner retry {shlex.quote(str(j.dir))}` resumes it)"
+        again = shlex.quote(str(j.dir))
+        line = f"job {j.id} was cancelled; its finished rows are kept (`runner retry {again}` resumes it)"
     elif summary.finished:
         line = f"job {j.id} completed: {done}, {summary.errors} errors"
     elif summary.others:
