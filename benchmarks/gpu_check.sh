@@ -109,11 +109,11 @@ echo "== benchmark on $DEVICE"
 if [ "$QUICK" = 1 ]; then
     SIZES=(--num-prompts 8 --max-new-tokens 4 --batch-sizes 4,8 --naive-prompts 2 --lp-repeats 0)
     MODELS="gpt2-random"
-    REFILL=(--num-prompts 8 --batch-size 4 --max-new-tokens 12)
+    REFILL=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 12)
 else
     SIZES=(--num-prompts 1024 --max-new-tokens 32 --batch-sizes 64,256,1024 --naive-prompts 32 --lp-repeats 0)
     MODELS="gpt2-random smollm2-random"
-    REFILL=(--num-prompts 1024 --batch-size 256 --max-new-tokens 128)
+    REFILL=(--model smollm2-random --num-prompts 1024 --batch-size 256 --max-new-tokens 128)
 fi
 for model in $MODELS; do
     "$PY" benchmarks/bench.py --model "$model" --device "$DEVICE" "${SIZES[@]}" --skip-plain-engine \
@@ -121,8 +121,11 @@ for model in $MODELS; do
 done
 # Continuous batching on the realistic workload (sampled, answers of 8..128 tokens): static batches vs refill,
 # where a GPU's decode step costs nearly the same for a full batch as for a half-empty one.
+# (its failure, out of GPU memory say, is reported, and the check still ends with its summary line)
 echo "== continuous batching on $DEVICE"
-"$PY" benchmarks/refill.py --model smollm2-random --device "$DEVICE" "${REFILL[@]}" \
-    --json-out "$DEST/refill-smollm2-random-$DEVICE.json"
+set +e
+"$PY" benchmarks/refill.py --device "$DEVICE" "${REFILL[@]}" --json-out "$DEST/refill-$DEVICE.json"
+echo "refill exit code: $?"
+set -e
 echo "== done: tests exit code $tests_rc; tables above go into benchmarks/RESULTS.md; logs in $DEST"
 exit "$tests_rc"
