@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RunnerError
-from .inputs import SUFFIXES, not_utf8_text, read_text_lines
+from .inputs import SUFFIXES, input_file, not_utf8_text, read_text_lines
 from .params import EngineOptions, GenerationParams, check_truncate
 
 FILE_SUFFIXES = tuple(SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
@@ -27,24 +27,24 @@ def read_prompts_arg(items: Iterable[str]) -> list[str]:
 
 
 def read_prompts_with_ids(items: Iterable[str]) -> list[tuple[str, str]]:
-    """`read_prompts_arg`'s prompts with the row id a job would give each: its line number in a .txt file or
-    standard input (as `runner run` numbers a file's lines), else its place among the prompts given (from 1).
-    A sampled try's seeds come from it, so `runner generate FILE.txt --seed S` is `runner run FILE.txt --seed S`."""
-    import sys
-
-    out: list[tuple[str, str]] = []
+    """`read_prompts_arg`'s prompts with the row id a job would give each. One .txt file, or standard input, is
+    read as `runner run` reads it (its lines, blank ones skipped) and its line numbers are the ids; prompts from
+    several places (arguments, files) are numbered in order from 1. A sampled try's seeds come from them, so
+    `runner generate FILE.txt --seed S` prints what `runner run FILE.txt --seed S` writes."""
+    items = list(items)
+    out: list[tuple[int, str]] = []
     for item in items:
         if item == "-":
-            stdin = sys.stdin.buffer.read().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-            out.extend((str(n), _utf8(line, "standard input")) for n, line in enumerate(stdin.splitlines(), 1)
-                       if line.strip())  # fmt: skip
+            with input_file("-") as path:
+                out.extend(read_text_lines(path, numbered=True))
         elif _file_name(item):
-            out.extend((str(n), text) for n, text in read_text_lines(_txt_file(item), numbered=True))
+            out.extend(read_text_lines(_txt_file(item), numbered=True))
         else:
-            out.append((str(len(out) + 1), _utf8(item, "a prompt argument")))
+            out.append((0, _utf8(item, "a prompt argument")))
     if not out:
         raise RunnerError("no prompt given (a prompt, '-' for standard input, or a .txt file)")
-    return out
+    one_file = len(items) == 1 and (items[0] == "-" or _file_name(items[0]))
+    return [(str(n) if one_file else str(i), text) for i, (n, text) in enumerate(out, 1)]
 
 
 def _utf8(text: str, where: str) -> str:

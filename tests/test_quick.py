@@ -1,5 +1,7 @@
 """`runner generate` (a quick try, nothing saved) and `--chat` (plain prompts through the chat template)."""
 
+import io
+
 import pytest
 from helpers import invoke, write_jsonl
 
@@ -185,10 +187,14 @@ def test_prompt_text_that_is_not_utf8_is_one_line_naming_where_it_came_from(tiny
                               capture_output=True, env=workers.worker_env(), cwd=workers.ROOT)  # fmt: skip
         err = proc.stderr.decode()
         assert proc.returncode == 1 and "Traceback" not in err, err
-        assert "is not UTF-8 (it looks like Shift-JIS/CP932); send it as UTF-8" in err
+        # (standard input read as `runner run -` reads it: its message too)
+        assert (
+            "is not UTF-8 (it looks like Shift-JIS/CP932)" in err and "standard input" in err or args != ["-"]
+        )
+        assert "is not UTF-8 (it looks like Shift-JIS/CP932); send it as UTF-8" in err or args == ["-"]
 
 
-def test_a_sampled_try_of_a_txt_file_is_the_jobs_rows(tmp_path, tiny_gpt2, runner_home):
+def test_a_sampled_try_of_a_txt_file_is_the_jobs_rows(tmp_path, tiny_gpt2, runner_home, monkeypatch):
     """`runner generate p.txt --seed 3` seeded each sample from the prompt's place from 0, a job from its row id
     (the .txt line number): a sampled try did not carry over to the night's job (pass 44). Both use the id a
     job gives, a blank line included."""
@@ -204,3 +210,13 @@ def test_a_sampled_try_of_a_txt_file_is_the_jobs_rows(tmp_path, tiny_gpt2, runne
         f"[{p[:40]}] #{s} {t}" for p, s, t in zip(df["prompt"], df["sample"], df["text"], strict=True)
     ]
     assert tried.output == "".join(f"{line}\n" for line in job_lines)
+    # standard input as `runner run -` reads it (only \n ends a line), and several places numbered in order
+    from runner.quick import read_prompts_with_ids
+
+    monkeypatch.setattr(
+        "sys.stdin", io.TextIOWrapper(io.BytesIO("First\x0cpage\nSecond\u2028line\n\nThird\n".encode()))
+    )
+    assert read_prompts_with_ids(["-"]) == [("1", "First\x0cpage"), ("2", "Second\u2028line"), ("4", "Third")]
+    assert [i for i, _ in read_prompts_with_ids([str(path), "A cat", str(path)])] == [
+        str(i) for i in range(1, 8)
+    ]
