@@ -473,9 +473,10 @@ def embed(ctx: click.Context, input_path: str, model: str, output: str | None, *
     click.echo(str(_run_kind(ctx, "embed", input_path, model, output, kw).dir))
 
 
-def _warn_if_not_on_drive(home: str | None, output: str | None = None) -> None:
-    """On Colab, a job home (or a job's own -o folder) on the VM's own disk dies with the VM: say so, and what
-    to give instead, before hours of work go there."""
+def _warn_if_not_on_drive(home: Any, output: Any = None, option: str = "-o", name: str | None = None) -> None:
+    """On Colab, a job home (or a job's own folder, `output`, which `option` names) on the VM's own disk dies
+    with the VM: say so, and what to give instead (`option` a path on Drive, ending in `name`), before hours of
+    work go there."""
     from pathlib import Path
 
     from .jobdir import default_home
@@ -486,9 +487,9 @@ def _warn_if_not_on_drive(home: str | None, output: str | None = None) -> None:
     if str(path).startswith("/content/drive"):
         return
     if output:  # (--home does not move an -o folder: pass 44)
-        there = shlex.quote(f"/content/drive/MyDrive/{path.name}")
+        there = shlex.quote(f"/content/drive/MyDrive/{name or path.name}")
         _echo(f"WARNING: the job folder {path} is not on Google Drive; it vanishes with this Colab VM. Mount "
-              f"Drive and give -o a folder there, e.g. -o {there}")  # fmt: skip
+              f"Drive and give {option} a path there, e.g. {option} {there}")  # fmt: skip
     else:
         _echo(f"WARNING: the job home {path} is not on Google Drive; it vanishes with this Colab VM. Mount Drive "
               "and use --home /content/drive/MyDrive/runner-jobs (or set RUNNER_HOME).")  # fmt: skip
@@ -618,7 +619,7 @@ def work(
         # The zone too: a Colab VM's clock is UTC, not the user's (their 07:00 is not the VM's)
         end = dt.datetime.fromtimestamp(deadline).astimezone()  # type: ignore[arg-type]
         _echo(f"working until {end:%H:%M %Z}" + (" tomorrow" if end.date() > dt.date.today() else " today"))
-    _warn_if_not_on_drive(ctx.obj["home"])
+    _warn_if_not_on_drive(ctx.obj["home"], _own_folder(ctx.obj["home"], job_ref), "--job")
     args = ["--shard-rows", str(shard_rows), "--shard-minutes", str(shard_minutes)]
     args += (["--job", job_ref] if job_ref else []) + (["--once"] if once else [])
     args += ["--until", until] if until else (["--hours", str(hours)] if hours else [])
@@ -630,10 +631,9 @@ def work(
         extra += ["--workers", str(n_workers)] if n_workers else []
         worker = work_in_background(args + extra, ctx.obj["home"])
         _echo(f"working in the background (pid {worker.pid}); its output: {worker.log}")
-        _echo(
-            "follow it with `runner watch JOB` or `runner status`; stop it with `runner cancel JOB` or kill "
-            + str(worker.pid)
-        )
+        job = job_ref or "JOB"
+        _echo(f"follow it with `{command(ctx.obj['home'], 'watch', job)}` or `{command(ctx.obj['home'], 'status')}`; "
+              f"stop it with `{command(ctx.obj['home'], 'cancel', job)}` or kill {worker.pid}")  # fmt: skip
         return
     if gpus is not None or n_workers is not None:
         devices = _worker_devices(gpus, n_workers, device)
@@ -716,15 +716,17 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
     if unrunnable and not summaries and not failed:
         raise SystemExit(1)  # nothing could run here: `runner work && next` must not go on
     timed_out = deadline is not None and time.time() >= deadline and not stop()
-    if timed_out and _queue(home, job_ref):  # (not "nothing to do" when the deadline came before a job began)
-        _echo(f"stopped at the deadline (--hours/--until) with {len(_queue(home, job_ref))} job(s) left to run; "
-              f"run `{command(home, 'work')}` again to carry on")  # fmt: skip
+    left = _queue(home, job_ref) if timed_out else []
+    again = _work_command(home, job_ref) if job_ref else command(home, "work")
+    if left:  # (not "nothing to do" when the deadline came before a job began)
+        _echo(f"stopped at the deadline (--hours/--until) with {len(left)} job(s) left to run; run `{again}` "
+              "again to carry on")  # fmt: skip
     elif not summaries and not failed:
         _say_lost_rows(home, job_ref)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else "")
               + f" in {_home_said(home)}")  # fmt: skip
     elif not all(s.finished or s.others or _cancelled(home, s.job_id) for s in _last_of_each(summaries)):
-        _echo(f"stopped; run `{command(home, 'work')}` again to carry on")
+        _echo(f"stopped; run `{again}` again to carry on")
     if stop():
         raise SystemExit(130)  # interrupted: scripts and notebooks can tell
     if failed:  # `runner work && next-step` must not go on as if all went well
@@ -733,6 +735,8 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
 
 
 def _work_command(home: Any, job_ref: str) -> str:
+    """The command that runs JOB: `runner work` for a job in the home, `runner work --job FOLDER` for one in a
+    folder of its own (background.work_command)."""
     from .background import work_command
     from .jobdir import find_job
 
@@ -740,6 +744,18 @@ def _work_command(home: Any, job_ref: str) -> str:
         return work_command(home, find_job(job_ref, home))
     except RunnerError:
         return command(home, "work")
+
+
+def _own_folder(home: Any, job_ref: str | None) -> Any:
+    """JOB's folder where it is one of its own (`-o DIR`, outside the home), else None."""
+    from .background import work_command
+    from .jobdir import find_job
+
+    try:
+        folder = find_job(job_ref, home) if job_ref else None
+    except RunnerError:
+        return None
+    return folder if folder is not None and "--job" in work_command(home, folder) else None
 
 
 def _queue(home: Any, job_ref: str | None) -> list[Any]:
@@ -1230,6 +1246,9 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
     params, options = build_settings(
         {**kw, **({"max_new_tokens": max_new_tokens} if kind == "generate" else {})}, kind
     )
+    # (the job folder is OUTPUT.job unless --job-dir names it: -o on Drive takes it there too)
+    where = ("--job-dir", None) if job_dir else ("-o", os.path.basename(output_path))
+    _warn_if_not_on_drive(None, job_dir or f"{output_path}.job", *where)
     with _ctrl_c_stops() as stop:
         job, summary = openai_batch.run_batch(input_path, output_path, model, params, options, job_dir=job_dir,
                                               served_model_names=served_model_names, echo=_echo, stop=stop,

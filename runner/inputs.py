@@ -85,8 +85,12 @@ class Template:
                     raise ParamError(
                         "template",
                         f"template placeholder {{{name}{'!' + conversion if conversion else ''}"
-                        f"{':' + spec if spec else ''}}} is not allowed: use plain {{column}} placeholders "
-                        "(literal braces, as in JSON, are written {{ and }}).",
+                        f"{':' + spec if spec else ''}}} is not allowed: use plain {{column}} placeholders"
+                        + (
+                            " (literal braces, as in JSON, are written {{ and }})."
+                            if name[:1] in "\"'"
+                            else "."
+                        ),
                     )
             self.parts.append((literal, name))
         self.fields = [n for _, n in self.parts if n is not None]

@@ -30,7 +30,7 @@ from typing import Any
 
 from . import __version__, jobdir, openai_batch, storage
 from .batching import chat_template_text, check_chat_option, keep_end
-from .errors import InputError, ParamError, Problem, RunnerError, first_line
+from .errors import InputError, ParamError, Problem, RunnerError, command, first_line
 from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
 from .models import (
@@ -983,10 +983,16 @@ def submit_warnings(job: Job) -> list[str]:
         )
     twin = _twin(job)
     if twin is not None:
+        home = (
+            job.dir.parent
+        )  # (a twin is in a job home: named with --home unless it is the one found without)
+        cancel = command(
+            None if home.resolve() == jobdir.default_home().resolve() else home, "cancel", job.id
+        )
         out.append(
             f"WARNING: job {twin.id} (queued, submitted {twin.spec.created}) has the same file "
             "and settings: this is a second job, and `runner work` computes both. Running a notebook's cells again? "
-            f"Give --name, so that a rerun returns its job; `runner cancel {job.id}` drops this one."
+            f"Give --name, so that a rerun returns its job; `{cancel}` drops this one."
         )
     unused = _unused_model_defaults(job)
     if unused:

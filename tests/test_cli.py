@@ -198,7 +198,20 @@ def test_colab_warns_when_the_home_is_not_on_drive(prompts, tiny_gpt2, monkeypat
     out = invoke("run", prompts, "--model", tiny_gpt2, "--max-new-tokens", 1, "-o", "out/x")
     assert out.exit_code == 0 and "--home" not in out.stderr, out.stderr
     assert f"WARNING: the job folder {Path('out/x').resolve()} is not on Google Drive" in out.stderr
-    assert "give -o a folder there, e.g. -o /content/drive/MyDrive/x" in out.stderr
+    assert "give -o a path there, e.g. -o /content/drive/MyDrive/x" in out.stderr
+    # `runner work --job out/x` the same; run-batch's job folder goes beside its -o file
+    assert (
+        "give --job a path there, e.g. --job /content/drive/MyDrive/x"
+        in invoke("work", "--job", "out/x").stderr
+    )
+    batch = tmp_path / "b.jsonl"
+    batch.write_text('{"custom_id": "1", "method": "POST", "url": "/v1/completions", "body": {"model": "m", '
+                     '"prompt": "Hi", "max_tokens": 1}}\n')  # fmt: skip
+    said = invoke(
+        "run-batch", "-i", batch, "-o", "out/r.jsonl", "-m", tiny_gpt2, "--served-model-name", "m"
+    ).stderr
+    assert f"WARNING: the job folder {Path('out/r.jsonl.job').resolve()} is not on Google Drive" in said, said
+    assert "give -o a path there, e.g. -o /content/drive/MyDrive/r.jsonl" in said
 
 
 def test_template_takes_the_same_escapes_as_stop(tmp_path, tiny_gpt2, runner_home):
@@ -401,7 +414,9 @@ def test_an_unnamed_submit_of_a_queued_jobs_file_and_settings_warns_it_is_a_seco
     assert "WARNING: job" not in invoke(*args).stderr  # cancelled ones are no twins
 
 
-def test_jobs_of_their_own_seeds_or_their_own_folders_are_no_twins(prompts, tiny_gpt2, runner_home, tmp_path):
+def test_jobs_of_their_own_seeds_or_their_own_folders_are_no_twins(
+    prompts, tiny_gpt2, runner_home, tmp_path, monkeypatch
+):
     """`runner run -o out/seed1 --seed 1` and `-o out/seed2 --seed 2`, both interrupted: resuming the second
     warned that the first was "a second job, and `runner work` computes both", and said to cancel the job being
     resumed (pass 44). A job in a folder of its own is never run by `runner work`, and jobs of other explicit
@@ -418,6 +433,14 @@ def test_jobs_of_their_own_seeds_or_their_own_folders_are_no_twins(prompts, tiny
     )  # queued, as if interrupted
     second = create_job(prompts, tiny_gpt2, params, job_dir=tmp_path / "out" / "b")
     assert first.id != second.id and not [w for w in submit_warnings(second) if "WARNING: job" in w]
+    # in a home given with --home, its cancel hint names it (pasted without, it looked in ./jobs)
+    monkeypatch.delenv("RUNNER_HOME")
+    home = tmp_path / "drive home"
+    assert invoke("--home", home, *args).exit_code == 0
+    again = invoke("--home", home, *args)
+    assert f"`runner --home '{home}' cancel {again.stdout.strip()}` drops this one" in again.stderr, (
+        again.stderr
+    )
 
 
 def test_the_jobs_log_records_how_each_run_began_and_ended(prompts, tiny_gpt2, runner_home, monkeypatch):
@@ -715,7 +738,7 @@ def test_runner_export_points_to_results_to_not_to_report():
     assert "Did you mean 'status'" in invoke("statsu").output  # other typos: click's own suggestion
 
 
-def test_work_past_its_deadline_says_the_jobs_left_not_nothing_to_do(prompts, tiny_gpt2):
+def test_work_past_its_deadline_says_the_jobs_left_not_nothing_to_do(prompts, tiny_gpt2, tmp_path):
     """A deadline that came before a job began said "nothing to do: no queued or interrupted jobs" with a job
     queued (new-user walkthrough: `runner work --hours` too small for the model's load)."""
     job_id = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
@@ -726,6 +749,14 @@ def test_work_past_its_deadline_says_the_jobs_left_not_nothing_to_do(prompts, ti
     assert "nothing to do" not in result.stderr
     assert "state:    queued" in invoke("status", job_id).stdout  # (interrupted, when its start came in time)
     assert "stopped at the deadline" not in invoke("work").stderr  # the queue emptied before any deadline
+    # a job in a folder of its own is run again with --job (plain `runner work` never runs it)
+    import shlex
+
+    from runner.jobs import create_job
+
+    own = create_job(prompts, tiny_gpt2, runner.GenerationParams(max_new_tokens=1), job_dir=tmp_path / "a b")
+    said = invoke("work", "--job", own.dir, "--hours", "0.0000001").stderr
+    assert f"job(s) left to run; run `runner work --job {shlex.quote(str(own.dir))}` again" in said, said
 
 
 def test_hints_quote_a_folder_with_a_space_so_they_can_be_pasted(prompts, tiny_gpt2, tmp_path):
