@@ -68,6 +68,26 @@ def test_device():
     return os.environ.get("RUNNER_TEST_DEVICE", "cpu")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def float32_on_the_test_device(test_device):
+    """On a GPU (gpu_check.sh) dtype "auto" picks bfloat16, and the engine tests compare rows within 1e-4: every
+    engine a test makes without a dtype runs in float32 there, as on CPU. tests/test_dtypes.py asks for bfloat16
+    and float16 itself, with their own tolerances."""
+    if test_device == "cpu":
+        yield
+        return
+    import torch
+
+    import runner.engine as engine_module
+
+    real = engine_module.pick_dtype
+    engine_module.pick_dtype = lambda option, device: (
+        torch.float32 if option == "auto" else real(option, device)
+    )
+    yield
+    engine_module.pick_dtype = real
+
+
 @pytest.fixture(scope="session")
 def gpt2_engine(tiny_gpt2, test_device):
     from runner.engine import Engine

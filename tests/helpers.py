@@ -12,9 +12,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+
+import pytest
+
+# What a CPU engine does (oneDNN kernels, grouped decode, accelerate's map on a machine without a GPU): not asked
+# of the engine on a GPU (gpu_check.sh sets RUNNER_TEST_DEVICE), which takes other paths by design.
+cpu_only = pytest.mark.skipif(
+    os.environ.get("RUNNER_TEST_DEVICE", "cpu") != "cpu", reason="a CPU engine's path"
+)
 
 # Prompts of mixed lengths and scripts (one token to ~20, Japanese too), so that padding is exercised.
 PROMPTS = [

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import LONG_PROMPTS, assert_same_completions, ids_of
+from helpers import LONG_PROMPTS, assert_same_completions, cpu_only, ids_of
 from transformers.pytorch_utils import Conv1D
 
 from runner import GenerationParams, kernels, kvcache
@@ -29,6 +29,7 @@ def spy_groups(monkeypatch):
     return seen
 
 
+@cpu_only
 @pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
 def test_grouped_decode_is_used_and_equals_one_at_a_time(request, spy_groups, engine_name):
     engine = request.getfixturevalue(engine_name)
@@ -42,6 +43,7 @@ def test_grouped_decode_is_used_and_equals_one_at_a_time(request, spy_groups, en
     assert_same_completions(batched, single)
 
 
+@cpu_only
 @pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
 def test_rows_leaving_a_grouped_batch_at_different_steps(request, monkeypatch, spy_groups, engine_name):
     """Rows end at different steps (EOS), emptying whole groups and thinning others: the rest are unaffected."""
@@ -54,7 +56,7 @@ def test_rows_leaving_a_grouped_batch_at_different_steps(request, monkeypatch, s
     # Make some rows' k-th greedy token an EOS token, k different per row, as if the model chose to stop there.
     extra = {c.token_ids[k] for c, k in zip(free, [1, 3, 5, 2, 6], strict=False)}
     monkeypatch.setattr(engine, "eos_ids", [*engine.eos_ids, *sorted(extra)])
-    monkeypatch.setattr(engine, "_eos", torch.tensor(engine.eos_ids))
+    monkeypatch.setattr(engine, "_eos", torch.tensor(engine.eos_ids, device=engine.device))
     spy_groups.clear()
     out = engine.generate(prompts, params)
     assert len(spy_groups[0]) == len({len(p) for p in prompts}) > 3
@@ -62,6 +64,7 @@ def test_rows_leaving_a_grouped_batch_at_different_steps(request, monkeypatch, s
     assert_same_completions(out, [engine.generate([p], params)[0] for p in prompts])
 
 
+@cpu_only
 def test_a_model_that_bypasses_grouped_attention_falls_back(tiny_gpt2):
     """If some layer does not call the grouped attention (custom model code), the batch is decoded again with
     one merged cache, and the engine stops grouping: nothing wrong reaches the caller."""
@@ -221,6 +224,7 @@ def test_layers_are_packed_only_while_memory_keeps_twice_their_size_to_spare(mon
     kernels.uninstall(model)
 
 
+@cpu_only
 @needs_onednn
 def test_engine_on_cpu_uses_onednn_and_stays_exact(gpt2_engine, monkeypatch):
     engine = gpt2_engine

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from helpers import PROMPTS, assert_same_completions, ids_of, plain_logprobs
+from helpers import PROMPTS, assert_same_completions, cpu_only, ids_of, plain_logprobs
 
 from runner import GenerationParams
 from runner import engine as engine_mod
@@ -154,7 +154,7 @@ def test_eos_ends_a_row_and_min_new_tokens_holds_it_back(tiny_gpt2):
     # Make row 0's third greedy token an EOS token of this engine, as if the model had chosen to stop.
     eos = free[0].token_ids[2]
     engine.eos_ids = [*engine.eos_ids, eos]
-    engine._eos = torch.tensor(engine.eos_ids)
+    engine._eos = torch.tensor(engine.eos_ids, device=engine.device)
     out = engine.generate(prompts, GenerationParams(max_new_tokens=8))
     assert out[0].token_ids == free[0].token_ids[:3]  # the EOS token is kept in token_ids...
     assert out[0].finish_reason == "stop" and out[0].stop_reason is None
@@ -311,6 +311,7 @@ def test_gpu_token_budgets_from_free_memory_for_generation_and_for_scoring(monke
     assert batching.default_batch_size(cpu, 8) == 8
 
 
+@cpu_only
 def test_device_map_loads_through_accelerate_and_changes_nothing(tiny_llama, llama_engine, monkeypatch):
     """--device-map (accelerate's placement, for a model larger than one GPU) on a CPU-only machine puts every
     layer on the CPU: the model is loaded with the map, and generation and scoring equal the plain engine."""

@@ -118,7 +118,7 @@ def test_refilled_batch_equals_one_at_a_time(request, monkeypatch, spy, engine_n
         params[i] = row_params(i, stop=[text[len(text) // 2 : len(text) // 2 + 2]])
     eos = [free[1].token_ids[4], free[5].token_ids[6]]
     monkeypatch.setattr(engine, "eos_ids", [*engine.eos_ids, *eos])
-    monkeypatch.setattr(engine, "_eos", torch.tensor(engine.eos_ids))
+    monkeypatch.setattr(engine, "_eos", torch.tensor(engine.eos_ids, device=engine.device))
     alone = [engine.generate([p], [q], [s])[0] for p, q, s in zip(prompts, params, seeds, strict=True)]
     seen = spy(engine)
     got = engine.generate(prompts, params, seeds, max_active=3)
