@@ -79,11 +79,15 @@ def run_static(engine, ids, params, seeds, batch_size, budget):
 
 def run_refill(engine, ids, params, seeds, batch_size, budget):
     from runner.batching import plan_batches
+    from runner.tasks import decode_slots
 
     longest = max(p.max_new_tokens for p in params)
     order = [i for b in plan_batches([len(p) for p in ids], batch_size, budget, longest) for i in b]
+    # as the worker does: no more rows decode at once than the token budget holds (static's batches are planned
+    # within it too, so both run the same number of rows at most: not 256 against static's 85 on a GPU)
+    slots = decode_slots([len(p) for p in ids], batch_size, budget, longest)
     done = engine.generate([ids[i] for i in order], [params[i] for i in order], [seeds[i] for i in order],
-                           max_active=batch_size)  # fmt: skip
+                           max_active=slots)  # fmt: skip
     out = [None] * len(ids)
     for i, c in zip(order, done, strict=True):
         out[i] = c
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-batch-tokens", type=int, default=32 * 1024)
+    ap.add_argument("--max-batch-tokens", type=int, help="token budget per batch [default: the worker's: from "
+                    "free memory on a GPU, runner's fixed one on CPU]")  # fmt: skip
     ap.add_argument(
         "--max-new-tokens", type=int, default=128, help="each row's max_new_tokens is drawn from 8..this"
     )
@@ -158,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = _bench()
     model = bench.model_folder(argparse.Namespace(model=args.model, seed=0))  # --seed is the workload's
     engine = Engine(model, EngineOptions(device=args.device))
+    if args.max_batch_tokens is None:
+        from runner.batching import default_batch_tokens
+
+        args.max_batch_tokens = default_batch_tokens(engine, "generate")
     ids, params, seeds = workload(
         engine, args.num_prompts, args.greedy, args.seed, args.max_new_tokens, args.samples, args.few_shot
     )
