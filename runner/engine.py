@@ -333,7 +333,7 @@ class Engine:
         if self.options.device_map:  # inputs go where accelerate put the embeddings
             self.device = self.model.get_input_embeddings().weight.device
         # Same functions, faster kernels (kernels.py): oneDNN for small CPU matmuls, a fused GELU for GPT-2.
-        self.kernels = kernels.install(self.model)
+        self.kernels = kernels.install(self.model, cpu_linears=self.device.type == "cpu")
         self.load_seconds = time.perf_counter() - t0
         self._guidance_tokenizer: Any = None  # llguidance's tokenizer, made for the first constraint
         self._read_model_facts()
@@ -564,7 +564,10 @@ class Engine:
             logits[torch.tensor(held, device=self.device).unsqueeze(-1), self._eos.unsqueeze(0)] = -math.inf
         scores = process(logits, st.history, st.counts, st.settings)
         draws = [st.rngs[r].random() if st.rngs[r] is not None else 0.0 for r in st.rows]
-        tok = pick(scores, st.settings, torch.tensor(draws, dtype=torch.float64, device=self.device))
+        # (no copy to the device when no row samples: on a GPU each copy of a host list waits for the stream)
+        sampled = st.settings.any("sample", False)
+        uniforms = torch.tensor(draws, dtype=torch.float64, device=self.device) if sampled else None
+        tok = pick(scores, st.settings, uniforms)
         chosen = logprobs.gather(1, tok.unsqueeze(-1)).squeeze(-1)
         # one copy to the host a step (each is a wait for the GPU): the tokens, their log-probs, which are EOS
         host = torch.stack([tok.double(), chosen.double(), torch.isin(tok, self._eos).double()]).tolist()

@@ -121,9 +121,11 @@ def _gelu_forward(self: Any, x: Any) -> Any:
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
-def install(model: Any, pack: bool = True) -> dict[str, int]:
+def install(model: Any, pack: bool = True, cpu_linears: bool = True) -> dict[str, int]:
     """Swap the kernels described above into `model`. Returns how many layers got each:
-    {"onednn_linear": n, "onednn_packed": k (of those n), "fused_gelu": m}. `pack=False` never packs."""
+    {"onednn_linear": n, "onednn_packed": k (of those n), "fused_gelu": m}. `pack=False` never packs;
+    `cpu_linears=False` leaves every linear alone (a model on a GPU: its CPU-offloaded layers are accelerate's,
+    whose hook moves their weights, and a forward swapped in would drop it)."""
     import torch
     from transformers.activations import NewGELUActivation
     from transformers.pytorch_utils import Conv1D
@@ -135,7 +137,7 @@ def install(model: Any, pack: bool = True) -> dict[str, int]:
         if kind is NewGELUActivation:
             module.forward = types.MethodType(_gelu_forward, module)
             counts["fused_gelu"] += 1
-        elif kind in (torch.nn.Linear, Conv1D) and module.weight.dtype == torch.float32:
+        elif cpu_linears and kind in (torch.nn.Linear, Conv1D) and module.weight.dtype == torch.float32:
             linears += [module] if module.weight.device.type == "cpu" else []
     if not linears or not available():
         return counts

@@ -330,7 +330,8 @@ def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> An
     if not options.allow_pickle:
         kwargs["use_safetensors"] = True
     if options.device_map:  # accelerate places the layers; the engine feeds inputs where the embeddings are
-        kwargs["device_map"] = options.device_map
+        # (--device cpu with a map on a GPU machine: the map would put layers on the GPU all the same)
+        kwargs["device_map"] = {"": "cpu"} if options.device == "cpu" else options.device_map
     with _LOAD_LOCK:
         try:
             try:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shlex
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,48 +212,102 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
             f"--format openai form; export its rows with `runner results {shlex.quote(str(job.dir))} --to FILE.jsonl`"
         )
     _check_prompts(job)
-    ledger = jobdir.read_ledger(job)
-    ending = _ending(job, jobdir.job_progress(job, ledger))
-    df = load_results(job.dir)
-    created = _created(job)
-    lines, errors = [], []
-    groups = {rid: g for rid, g in df.groupby("id", sort=False)} if len(df) else {}
-    # Lines refused at submit (--skip-invalid) are not requests of the job: each is an error line of its own,
-    # in input order among the others. Only a row error of the run fails a request by its id.
-    everything = jobdir.read_errors(job, ledger)
-    refused = sorted((e for e in everything if e.get("stage") == "validate"), key=_line_number)
-    failed = {e["id"]: e for e in everything if e.get("stage") != "validate"}
-    texts = _token_text(job) if job.kind == "generate" else None
-    at = 0
-    for cid, req, prompt_ids, line, n in _requests(job):
-        while at < len(refused) and line is not None and _line_number(refused[at]) < line:
-            errors.append(_refused_line(job, refused[at]))
-            at += 1
-        # a request answers whole or not at all (one response per request): one failed sample fails it, and
-        # one not done (a cancelled or failed job) leaves it unanswered
-        have = len(groups[cid]) if cid in groups else 0
-        if cid in failed:
-            errors.append(_error_line(job, cid, failed[cid], have))
-        elif have >= n:
-            lines.append(_line(job, cid, req, groups[cid], created, texts, prompt_ids))
-        elif ending is not None:
-            errors.append(_unfinished_line(job, cid, ending, have, n))
-        else:  # the ledger counted it done, but its shard no longer verifies
-            raise RunnerError(
-                f"job {job.id}: request {cid!r} has {have} of its {n} sample(s) in the results; "
-                f"`runner repair {shlex.quote(str(job.dir))}` re-queues what is missing, then `runner work`"
-            )
-    errors.extend(_refused_line(job, e) for e in refused[at:])
     out = Path(out)
+    if out.suffix.lower() != ".jsonl":  # (it wrote JSON Lines under any name: out.parquet was no Parquet)
+        raise RunnerError(f"{out}: an OpenAI Batch output file is JSON Lines: give it a .jsonl name")
     errors_out = (
         Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
     )
     for target in (out, errors_out):  # both or neither: never a fresh output beside a stale errors file
         if storage.kind(target) not in (None, "file"):
             raise RunnerError(f"cannot write {target}: something other than a file stands there")
-    storage.atomic_write(out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    ledger = jobdir.read_ledger(job)
+    ending = _ending(job, jobdir.job_progress(job, ledger))
+    groups = _Groups(load_results(job.dir, format="arrow"))
+    created = _created(job)
+    errors: list[dict[str, Any]] = []
+    # Lines refused at submit (--skip-invalid) are not requests of the job: each is an error line of its own,
+    # in input order among the others. Only a row error of the run fails a request by its id.
+    everything = jobdir.read_errors(job, ledger)
+    refused = sorted((e for e in everything if e.get("stage") == "validate"), key=_line_number)
+    failed = {e["id"]: e for e in everything if e.get("stage") != "validate"}
+    texts = _token_text(job) if job.kind == "generate" else None
+    at, written = 0, 0
+    with tempfile.TemporaryDirectory(prefix="runner-export-") as tmp:
+        lines_file = Path(tmp) / "lines.jsonl"  # written line by line, then copied into place whole
+        with open(lines_file, "w", encoding="utf-8") as lines:
+            for cid, req, prompt_ids, line, n in _requests(job):
+                while at < len(refused) and line is not None and _line_number(refused[at]) < line:
+                    errors.append(_refused_line(job, refused[at]))
+                    at += 1
+                # a request answers whole or not at all (one response per request): one failed sample fails
+                # it, and one not done (a cancelled or failed job) leaves it unanswered
+                have = groups.counts.get(cid, 0)
+                if cid in failed:
+                    errors.append(_error_line(job, cid, failed[cid], have))
+                elif have >= n:
+                    answer = _line(job, cid, req, groups.take(cid), created, texts, prompt_ids)
+                    lines.write(json.dumps(answer, ensure_ascii=False) + "\n")
+                    written += 1
+                elif ending is not None:
+                    errors.append(_unfinished_line(job, cid, ending, have, n))
+                else:  # the ledger counted it done, but its shard no longer verifies
+                    raise RunnerError(
+                        f"job {job.id}: request {cid!r} has {have} of its {n} sample(s) in the results; "
+                        f"`runner repair {shlex.quote(str(job.dir))}` re-queues what is missing, then `runner work`"
+                    )
+        errors.extend(_refused_line(job, e) for e in refused[at:])
+        storage.publish(lines_file, out)
     storage.atomic_write(errors_out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in errors))
-    return Exported(len(lines), len(errors))
+    return Exported(written, len(errors))
+
+
+class _Groups:
+    """The results' rows of each request id, as small DataFrames, read a few thousand rows at a time in the
+    order the requests are read (input order): the export holds a chunk in pandas, not the whole job (which
+    took 20x the output file's size: pass 46). `counts`: rows per id."""
+
+    def __init__(self, table: Any) -> None:
+        from collections import Counter
+
+        self.counts = Counter(table.column("id").to_pylist())
+        self._batches = iter(table.to_batches(max_chunksize=4096))
+        self._ready: dict[str, Any] = {}
+        self._carry: Any = None  # the rows of a chunk's last id, which may go on in the next chunk
+
+    def take(self, cid: str) -> Any:
+        while cid not in self._ready and self._more():
+            pass
+        return self._ready.pop(cid)
+
+    def _more(self) -> bool:
+        import pandas as pd
+        import pyarrow as pa
+
+        from .results import to_pandas
+
+        batch = next(self._batches, None)
+        if batch is None:
+            if self._carry is None:
+                return False
+            self._add(self._carry)
+            self._carry = None
+            return True
+        df = to_pandas(pa.Table.from_batches([batch]))
+        df = pd.concat([self._carry, df], ignore_index=True) if self._carry is not None else df
+        last = df["id"].iloc[-1]
+        self._carry = df[df["id"] == last].reset_index(drop=True)
+        self._add(df[df["id"] != last])
+        return True
+
+    def _add(self, df: Any) -> None:
+        import pandas as pd
+
+        for rid, group in df.groupby("id", sort=False):
+            rows = group.reset_index(drop=True)
+            self._ready[rid] = (
+                pd.concat([self._ready[rid], rows], ignore_index=True) if rid in self._ready else rows
+            )
 
 
 def _ending(job: Any, progress: Any) -> tuple[str, str] | None:

@@ -325,8 +325,11 @@ def test_device_map_loads_through_accelerate_and_changes_nothing(tiny_llama, lla
     real = AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **kw: maps.append(kw.get("device_map")) or real(*a, **kw))  # fmt: skip
-    engine = Engine(tiny_llama, EngineOptions(device="cpu", device_map="auto"))
+    engine = Engine(tiny_llama, EngineOptions(device_map="auto"))
     assert maps == ["auto"] and engine.device.type == "cpu"
+    # --device cpu keeps every layer on the CPU, on a machine with a GPU too (the map alone would use it)
+    assert Engine(tiny_llama, EngineOptions(device="cpu", device_map="auto")).device.type == "cpu"
+    assert maps[1] == {"": "cpu"}
     prompts = ids_of(llama_engine, PROMPTS)
     params = GenerationParams(max_new_tokens=6)
     assert_same_completions(engine.generate(prompts, params), llama_engine.generate(prompts, params))
