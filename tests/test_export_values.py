@@ -190,3 +190,36 @@ def test_integers_past_2_63_come_back_as_integers(tmp_path, tiny_gpt2, gpt2_engi
         2**64 - 1,
         1,
     ]
+
+
+def test_a_csv_cell_with_a_lone_carriage_return_reads_back_as_one_cell(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    """A cell holding "a\\rb" (no \\n) was written unquoted: Python's csv, pandas and Excel split the row there, and
+    the rows after it shifted (adversarial pass 46). Lines now end in CRLF, as RFC 4180 has it, so such a cell
+    is quoted; and a job larger than one chunk of the streamed export keeps its header once and every row."""
+    rows = [
+        {"id": f"r{i}", "prompt": f"line{i}\rmore", "note": "x\ry" if i % 2 else "plain"} for i in range(5000)
+    ]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=1),
+                     home=runner_home)  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    runner.export_results(job.dir, tmp_path / "out.csv")
+    with open(tmp_path / "out.csv", encoding="utf-8-sig", newline="") as f:
+        back = list(csv.DictReader(f))
+    assert [(r["id"], r["prompt"], r["note"]) for r in back] == [
+        (x["id"], x["prompt"], x["note"]) for x in rows
+    ]
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "out.csv", encoding="utf-8-sig", keep_default_na=False)
+    assert len(df) == 5000 and list(df["note"][:2]) == ["plain", "x\ry"]
+
+
+def test_an_openai_batch_export_is_named_jsonl(done_job, tmp_path):
+    """`--format openai --to out.parquet` wrote JSON Lines under that name (and out.errors.parquet) without a
+    word (pass 46)."""
+    with pytest.raises(runner.RunnerError, match=r"out.parquet: an OpenAI Batch output file is JSON Lines"):
+        runner.export_results(done_job.dir, tmp_path / "out.parquet", format="openai")
+    assert not (tmp_path / "out.parquet").exists()
+    assert runner.export_results(done_job.dir, tmp_path / "out.jsonl", format="openai").rows == 3
