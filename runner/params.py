@@ -221,7 +221,8 @@ class GenerationParams:
             not isinstance(self.choices, list) or not self.choices
             or not all(isinstance(c, str) and c for c in self.choices)
         ):  # fmt: skip
-            raise ParamError("choices", f"choices must be a list of non-empty strings, got {self.choices!r}.")
+            raise ParamError("choices", f"choices must be a list of non-empty strings (in JSON, as "
+                                        f"[\"yes\", \"no\"]), got {self.choices!r}.")  # fmt: skip
         given = [f for f in constraints.FIELDS if getattr(self, f) not in (None, False)]
         if len(given) > 1:
             raise ParamError(

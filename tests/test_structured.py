@@ -235,7 +235,10 @@ def test_a_bad_row_constraint_is_refused_at_submit_naming_the_row(tmp_path, tiny
     text = str(e.value)
     assert f"{path}:2: response_format: json_schema cannot be compiled: Invalid type: nope" in text
     assert re.search(rf"{re.escape(str(path))}:3: regex: regex cannot be compiled: .*unclosed", text)
-    assert f"{path}:4: choices: choices must be a list of non-empty strings, got 'yes'" in text
+    assert (
+        f'{path}:4: choices: choices must be a list of non-empty strings (in JSON, as ["yes", "no"]), got \'yes\''
+        in text
+    )
     assert not (tmp_path / "job").exists()
 
 
