@@ -1070,9 +1070,11 @@ def _finish_row(
     consumed: set[str],
     continuation: str | None = None,
 ) -> tuple[PromptRow | None, Problem | None]:
-    """Last checks on the passthrough columns, then the row."""
+    """Last checks on the fields runner reads, then the row. A passthrough column keeps what it holds, NaN and
+    infinities too (Polars, Spark and datasets write them; Parquet keeps them, a JSON export writes null: they
+    were refused, and such a file could not run: pass 46)."""
     for key, value in obj.items():
-        if isinstance(value, float) and not math.isfinite(value):
+        if key in consumed and isinstance(value, float) and not math.isfinite(value):
             return None, Problem(name, lineno, key, f"must be a finite number, got {value}", rid)
     extra = {k: v for k, v in obj.items() if k not in consumed}
     return PromptRow(lineno, rid, prompt, messages, extra, continuation), None

@@ -223,3 +223,23 @@ def test_an_openai_batch_export_is_named_jsonl(done_job, tmp_path):
         runner.export_results(done_job.dir, tmp_path / "out.parquet", format="openai")
     assert not (tmp_path / "out.parquet").exists()
     assert runner.export_results(done_job.dir, tmp_path / "out.jsonl", format="openai").rows == 3
+
+
+def test_nan_and_infinities_in_a_passthrough_column_pass_through(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    """A float column holding NaN or inf (as Polars, Spark and datasets write them) was refused row by row, "must
+    be a finite number" (adversarial pass 46): it is data, kept as stored, and a JSON export writes null."""
+    import math
+
+    import pyarrow as pa
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "score": [1.5, float("nan"), float("inf")]}), path)
+    job = create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=1), home=runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    score = list(runner.load_results(job.dir)["score"])
+    assert score[0] == 1.5 and math.isnan(score[1]) and score[2] == float("inf")
+    runner.export_results(job.dir, tmp_path / "out.jsonl")
+    back = [json.loads(line)["score"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert back == [1.5, None, None]
