@@ -157,6 +157,23 @@ class Constraints:
             return None
         return self.accepting[row][tokens]
 
+    def complete_with(self, row: int, tokens: int, rest: str) -> bool:
+        """Whether the row's first `tokens` generated tokens, then the text `rest` (where the row's text ends
+        inside a generated token: a character held back, a stop string cut), satisfy its constraint: `rest` as
+        tokens of exactly its bytes (llguidance's tokenize_bytes; a tokenizer's own encode may add a space).
+        Rolls the row's matcher back: for a row that is over."""
+        m = self.matchers[row]
+        assert m is not None
+        more = self.tokenizer.tokenize_bytes(rest.encode("utf-8"))
+        fed = len(self.accepting[row]) - 1
+        if (
+            self.tokenizer.decode_bytes(more) != rest.encode("utf-8")
+            or m.is_error()
+            or not m.rollback(fed - tokens)
+        ):
+            return False
+        return m.try_consume_tokens(more) == len(more) and m.is_accepting()
+
 
 def unpack_refused(bits: Any, device: Any) -> Any:
     """llguidance's bitmask [c, words] int32 (bit j of word i set: token 32 i + j allowed) as [c, words * 32]

@@ -729,15 +729,17 @@ class Engine:
 
     def _constraint_complete(self, st: _Decode, r: int, text: str) -> bool | None:
         """Whether the row's returned `text` satisfies its constraint: the matcher's verdict after the tokens
-        that make up `text` (all but a final EOS; with a stop string cut, the tokens whose text is exactly what
-        is left, and False when the cut falls inside a token)."""
-        ids = st.out_ids[r]
+        that make up `text` (all but a final EOS). Where `text` ends inside a token (a stop string cut there, a
+        character cut by max_new_tokens held back), after the whole tokens before that point and then the rest
+        of `text` (Constraints.complete_with)."""
+        if st.constraints.matchers[r] is None:
+            return None
+        ids, prefix = st.out_ids[r], st.prefixes[r]
         n = len(ids) - (1 if ids and ids[-1] in self.eos_ids else 0)
-        if st.stop_pos[r] is not None:
-            n = next((k for k in range(n, -1, -1) if self._detok(st.prefixes[r], ids[:k]) == text), -1)
-            if n < 0:
-                return False if st.constraints.matchers[r] is not None else None
-        return st.constraints.complete(r, n)
+        if self._detok(prefix, ids[:n]) == text:
+            return st.constraints.complete(r, n)
+        k = next(k for k in range(n, -1, -1) if text.startswith(self._detok(prefix, ids[:k])))
+        return st.constraints.complete_with(r, k, text[len(self._detok(prefix, ids[:k])) :])
 
     def _prefill(self, prompts: list[list[int]], extra: int, most: int | None = None):
         """Prefill rows in groups of similar length (`prefill_groups`), then merge the groups' caches for

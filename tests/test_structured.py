@@ -427,3 +427,23 @@ def test_a_masks_bits_unpack_the_same_on_the_gpu_path_as_with_numpy(test_device)
     assert (
         not expected[0, :32].any() and expected[1, :32].all() and expected[2, :32].tolist().count(False) == 1
     )
+
+
+def test_constraint_complete_judges_the_text_returned(tiny_llama, llama_engine):
+    """`constraint_complete` was False for texts that satisfy the constraint whenever the text ends inside a
+    generated token (adversarial pass 46): a character cut by max_new_tokens and held back ('a' of regex
+    a(🐱)*), or a stop string cut in the middle of a token ('ang' of [a-z]{1,30} with stop 'u'). And it stays
+    False for a text that does not satisfy it, however it ends."""
+    for kw, ok in (({"regex": "a(🐱)*"}, lambda t: re.fullmatch("a(🐱)*", t)),
+                   ({"choices": ["a", "a🐱"]}, lambda t: t in ["a", "a🐱"])):  # fmt: skip
+        (c,) = runner.generate(
+            ["Hello"], tiny_llama, GenerationParams(max_new_tokens=3, **kw), engine=llama_engine
+        )[0]
+        assert c.finish_reason == "length" and c.constraint_complete == bool(ok(c.text)), (kw, c.text)
+    params = GenerationParams(max_new_tokens=30, temperature=1.0, num_return_sequences=20, seed=4,
+                              regex="[a-z]{1,30}", stop=["u", "e"])  # fmt: skip
+    samples = runner.generate(["Word: "], tiny_llama, params, engine=llama_engine)[0]
+    cut = [c for c in samples if c.stop_reason is not None]
+    assert cut and all(c.constraint_complete == bool(re.fullmatch("[a-z]{1,30}", c.text)) for c in cut)
+    params = GenerationParams(max_new_tokens=3, regex="(ab){30}")  # cut short: not complete
+    assert runner.generate(["Hi"], tiny_llama, params, engine=llama_engine)[0][0].constraint_complete is False
