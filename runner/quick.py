@@ -59,7 +59,11 @@ def _utf8(text: str, where: str) -> str:
 
 
 def _file_name(item: str) -> bool:
-    return item.lower().endswith(FILE_SUFFIXES) and not any(c.isspace() for c in item)
+    """A word with a prompt-file suffix, or any argument naming a file with one that is there ("My Drive/p.txt":
+    read as prompts, not generated for as text: pass 48)."""
+    if not item.lower().endswith(FILE_SUFFIXES):
+        return False
+    return not any(c.isspace() for c in item) or Path(item).is_file()
 
 
 def _txt_file(item: str) -> Path:

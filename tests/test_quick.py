@@ -94,6 +94,14 @@ def test_a_txt_file_is_read_by_generate_as_jobs_read_it(tmp_path):
     path.write_text("one\u2028prompt\r\n\n  \nsecond\x1cstill\n", encoding="utf-8")
     assert read_prompts_arg([str(path)]) == ["one\u2028prompt", "second\x1cstill"]
     assert [r.prompt for r in read_prompts(path).rows] == read_prompts_arg([str(path)])
+    # a path with a space ("My Drive/p.txt") that is there is the file, not a prompt of its name (pass 48)
+    spaced = tmp_path / "My Drive" / "p.txt"
+    spaced.parent.mkdir()
+    spaced.write_text("first\nsecond\n")
+    assert read_prompts_arg([str(spaced)]) == ["first", "second"]
+    assert read_prompts_arg([str(tmp_path / "My Drive" / "missing.txt")]) == [
+        str(tmp_path / "My Drive" / "missing.txt")
+    ]
 
 
 def test_a_txt_file_with_a_byte_order_mark_does_not_send_it_as_text(tmp_path, tiny_gpt2, gpt2_engine):
