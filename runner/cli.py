@@ -152,6 +152,13 @@ generation_options = _apply([
         "transformers' max_length counts the prompt too; runner's limit is --max-new-tokens (new tokens only)")),
     click.option("--min-length", hidden=True, expose_value=False, callback=_elsewhere(
         "transformers' min_length counts the prompt too; runner's is --min-new-tokens (new tokens only)")),
+    # vLLM's and OpenAI's names (pass 48: click's close match sent --n to --json, --stop-sequences to -n)
+    *[click.option(name, hidden=True, expose_value=False, callback=_elsewhere(f"runner's name is {ours}"))
+      for name, ours in (("--n", "-n (--num-return-sequences)"), ("--max-tokens", "--max-new-tokens"),
+                         ("--max-completion-tokens", "--max-new-tokens"), ("--min-tokens", "--min-new-tokens"),
+                         ("--stop-sequences", "--stop (repeatable)"), ("--top-logprobs", "--logprobs K"))],
+    click.option("--best-of", hidden=True, expose_value=False, callback=_elsewhere(
+        "runner has no best_of: -n N returns all N samples, each with its cumulative_logprob to choose by")),
     click.option("--min-new-tokens", type=int, help="Suppress EOS/stop strings until this many tokens."),
     click.option("--do-sample/--greedy", default=None,
                  help="Sample or decode greedily [default: sample iff --temperature/--top-p/--top-k/-n ask]."),
@@ -488,8 +495,11 @@ def _warn_if_not_on_drive(home: Any, output: Any = None, option: str = "-o", nam
         return
     if output:  # (--home does not move an -o folder: pass 44)
         there = shlex.quote(f"/content/drive/MyDrive/{name or path.name}")
+        how = f"give {option} a path there, e.g. {option} {there}"
+        if option == "--job":  # (--job names a job, it makes none: the folder goes there first: pass 48)
+            how = f"copy the job there, `cp -r {shlex.quote(str(path))} {there}`, then `runner work --job {there}`"
         _echo(f"WARNING: the job folder {path} is not on Google Drive; it vanishes with this Colab VM. Mount "
-              f"Drive and give {option} a path there, e.g. {option} {there}")  # fmt: skip
+              f"Drive and {how}")  # fmt: skip
     else:
         _echo(f"WARNING: the job home {path} is not on Google Drive; it vanishes with this Colab VM. Mount Drive "
               "and use --home /content/drive/MyDrive/runner-jobs (or set RUNNER_HOME).")  # fmt: skip

@@ -199,11 +199,13 @@ def test_colab_warns_when_the_home_is_not_on_drive(prompts, tiny_gpt2, monkeypat
     assert out.exit_code == 0 and "--home" not in out.stderr, out.stderr
     assert f"WARNING: the job folder {Path('out/x').resolve()} is not on Google Drive" in out.stderr
     assert "give -o a path there, e.g. -o /content/drive/MyDrive/x" in out.stderr
-    # `runner work --job out/x` the same; run-batch's job folder goes beside its -o file
-    assert (
-        "give --job a path there, e.g. --job /content/drive/MyDrive/x"
-        in invoke("work", "--job", "out/x").stderr
+    # `runner work --job out/x`: --job makes no job, so the folder is copied there first (pass 48); run-batch's
+    # job folder goes beside its -o file
+    said = invoke("work", "--job", "out/x").stderr
+    copy = (
+        f"copy the job there, `cp -r {Path('out/x').resolve()} /content/drive/MyDrive/x`, then `runner work"
     )
+    assert copy in said and "--job /content/drive/MyDrive/x`" in said, said
     batch = tmp_path / "b.jsonl"
     batch.write_text('{"custom_id": "1", "method": "POST", "url": "/v1/completions", "body": {"model": "m", '
                      '"prompt": "Hi", "max_tokens": 1}}\n')  # fmt: skip
@@ -820,6 +822,11 @@ def test_options_users_bring_from_other_tools_are_answered(prompts, tiny_gpt2, t
         in (result.output)
     )
     assert "--min-new-tokens" in invoke("run", prompts, "-m", tiny_gpt2, "--min-length", 5).output
+    # vLLM's and OpenAI's names: click's close match sent --n to --json and --stop-sequences to -n (pass 48)
+    for option, ours in (("--n", "-n (--num-return-sequences)"), ("--max-tokens", "--max-new-tokens"),
+                         ("--stop-sequences", "--stop (repeatable)"), ("--min-tokens", "--min-new-tokens")):  # fmt: skip
+        said = invoke("generate", "Hello", "-m", tiny_gpt2, option, 2)
+        assert said.exit_code == 2 and f"{option}: runner's name is {ours}" in said.output, said.output
     text = tmp_path / "s.txt"
     text.write_text("hello world\n")
     scores = [invoke("score", text, "-m", tiny_gpt2, "--print", *flag, "-o", tmp_path / f"s{i}").stdout
