@@ -218,9 +218,13 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     errors_out = (
         Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
     )
+    if os.path.realpath(out) == os.path.realpath(errors_out):  # (the errors were written over the answers)
+        raise RunnerError(f"{out}: the output and the errors file must be two files")
     for target in (out, errors_out):  # both or neither: never a fresh output beside a stale errors file
         if storage.kind(target) not in (None, "file"):
             raise RunnerError(f"cannot write {target}: something other than a file stands there")
+        if not target.parent.is_dir():  # (said before anything is replaced: an older export stays whole)
+            raise RunnerError(f"cannot write {target}: no folder {target.parent}")
     ledger = jobdir.read_ledger(job)
     ending = _ending(job, jobdir.job_progress(job, ledger))
     groups = _Groups(load_results(job.dir, format="arrow"))
@@ -257,8 +261,17 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
                         f"`runner repair {shlex.quote(str(job.dir))}` re-queues what is missing, then `runner work`"
                     )
         errors.extend(_refused_line(job, e) for e in refused[at:])
+        errors_file = Path(tmp) / "errors.jsonl"
+        errors_file.write_text(
+            "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in errors), encoding="utf-8"
+        )
+        # Both files are whole before either is replaced; the old pair goes first and the new output comes
+        # last, so a kill in between leaves no output (run it again), never a file of this export beside one of
+        # an older (pass 47)
+        storage.remove(out)
+        storage.remove(errors_out)
+        storage.publish(errors_file, errors_out)
         storage.publish(lines_file, out)
-    storage.atomic_write(errors_out, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in errors))
     return Exported(written, len(errors))
 
 

@@ -950,3 +950,38 @@ def test_a_chat_request_saying_logprobs_false_gets_none_whatever_the_jobs_defaul
     assert out[0].choices[0].logprobs is None
     assert {len(t.top_logprobs) for t in out[1].choices[0].logprobs.content} == {3}
     assert {len(t.top_logprobs) for t in out[2].choices[0].logprobs.content} == {1}
+
+
+def test_an_openai_export_replaces_its_pair_whole_or_says_why_not(mixed_job, tmp_path, monkeypatch):
+    """`--errors-to` the same file as `--to` wrote the errors over the answers and said "wrote N responses"; an
+    errors folder that is not there failed after the older output was already replaced; a kill between the two
+    renames left a new output beside an older errors file (adversarial pass 47). Now: refused up front, and
+    the old pair goes before the new one comes, output last."""
+    from pathlib import Path
+
+    from runner import storage
+    from runner.openai_batch import export
+
+    job = mixed_job[0]
+    out, errors = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
+    out.write_text("OLD EXPORT\n")
+    errors.write_text("OLD ERRORS\n")
+    with pytest.raises(runner.RunnerError, match="the output and the errors file must be two files"):
+        export(job, out, out)
+    with pytest.raises(runner.RunnerError, match="no folder"):
+        export(job, out, tmp_path / "missing" / "e.jsonl")
+    assert out.read_text() == "OLD EXPORT\n" and errors.read_text() == "OLD ERRORS\n"  # refused: left whole
+    real, seen = storage.publish, []
+
+    def publish(local, target):  # killed after the errors file landed, before the output did
+        if Path(target) == out:
+            seen.append(errors.read_text())
+            raise KeyboardInterrupt
+        return real(local, target)
+
+    monkeypatch.setattr(storage, "publish", publish)
+    with pytest.raises(KeyboardInterrupt):
+        export(job, out)
+    assert not out.exists() and seen and "OLD ERRORS" not in seen[0]  # no output: never a mixed pair
+    monkeypatch.undo()
+    assert export(job, out) == (6, 0) and len(out.read_text().splitlines()) == 6
