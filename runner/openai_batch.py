@@ -212,19 +212,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
             f"--format openai form; export its rows with `runner results {shlex.quote(str(job.dir))} --to FILE.jsonl`"
         )
     _check_prompts(job)
-    out = Path(out)
-    if out.suffix.lower() != ".jsonl":  # (it wrote JSON Lines under any name: out.parquet was no Parquet)
-        raise RunnerError(f"{out}: an OpenAI Batch output file is JSON Lines: give it a .jsonl name")
-    errors_out = (
-        Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
-    )
-    if os.path.realpath(out) == os.path.realpath(errors_out):  # (the errors were written over the answers)
-        raise RunnerError(f"{out}: the output and the errors file must be two files")
-    for target in (out, errors_out):  # both or neither: never a fresh output beside a stale errors file
-        if storage.kind(target) not in (None, "file"):
-            raise RunnerError(f"cannot write {target}: something other than a file stands there")
-        if not target.parent.is_dir():  # (said before anything is replaced: an older export stays whole)
-            raise RunnerError(f"cannot write {target}: no folder {target.parent}")
+    out, errors_out = _export_targets(out, errors_out)
     ledger = jobdir.read_ledger(job)
     ending = _ending(job, jobdir.job_progress(job, ledger))
     groups = _Groups(load_results(job.dir, format="arrow"))
@@ -273,6 +261,27 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
         storage.publish(errors_file, errors_out)
         storage.publish(lines_file, out)
     return Exported(written, len(errors))
+
+
+def _export_targets(out: str | os.PathLike, errors_out: str | os.PathLike | None) -> tuple[Path, Path]:
+    """The output file and the errors file (default beside it), checked before anything is written: an older
+    export stays whole when this one cannot be made."""
+    from . import storage
+
+    out = Path(out)
+    if out.suffix.lower() != ".jsonl":  # (it wrote JSON Lines under any name: out.parquet was no Parquet)
+        raise RunnerError(f"{out}: an OpenAI Batch output file is JSON Lines: give it a .jsonl name")
+    errors = (
+        Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
+    )
+    if os.path.realpath(out) == os.path.realpath(errors):  # (the errors were written over the answers)
+        raise RunnerError(f"{out}: the output and the errors file must be two files")
+    for target in (out, errors):
+        if storage.kind(target) not in (None, "file"):
+            raise RunnerError(f"cannot write {target}: something other than a file stands there")
+        if not target.parent.is_dir():
+            raise RunnerError(f"cannot write {target}: no folder {target.parent}")
+    return out, errors
 
 
 class _Groups:
