@@ -298,15 +298,21 @@ class JobRun:
         """Commits of this run the ledger no longer counts (quarantined: a shard that did not read back as
         written, here or by another worker's tidy or a `runner repair`): their rows are not done any more (the
         progress counted them, and would count them twice) and are computed again."""
-        counted = {c.name for c in ledger.commits}
+        counted, bad = {c.name for c in ledger.commits}, {name for name, _ in ledger.bad}
         for name in [n for n in self.written if n not in counted]:
             marker = self.written.pop(name)
             n = int(marker["rows"]) + len(marker["errors"])
             if self.progress is not None:
                 self.progress.done -= n
                 self.progress.saved -= n
-            self.say(f"commit {name} of this run no longer verifies (quarantined): its {n:,} "
-                     f"{self.job.spec.count_noun} are computed again")  # fmt: skip
+            unit, epoch = (int(x) for x in jobdir.COMMIT_RE.fullmatch(name).groups()[:2])  # type: ignore[union-attr]
+            # (a commit made after the unit was taken over is left out by the taker's seal: not damage, pass 47)
+            sealed_out = name not in bad and epoch < ledger.current.get(unit, epoch)
+            why = ("was left out: its unit was taken over by another worker (this one was thought dead)"
+                   if sealed_out else "no longer verifies (quarantined)")  # fmt: skip
+            self.say(
+                f"commit {name} of this run {why}: its {n:,} {self.job.spec.count_noun} are computed again"
+            )
 
     def open_unit(self, index: int, epoch: int) -> Unit | None:
         """The unit's keys still to do, read after its older epochs are sealed (so nobody can add to them)."""

@@ -78,6 +78,32 @@ def test_a_stale_worker_that_commits_after_a_takeover_counts_for_nothing(
     assert summary.finished and assert_exactly_once(job.dir, reference[1]) == 2 * N
 
 
+def test_a_late_commit_left_out_by_a_seal_is_said_so_not_called_damaged(
+    job, reference, gpt2_engine, monkeypatch
+):
+    """A worker frozen between its last check and its commit, its unit taken over and sealed meanwhile: its late
+    commit is left out, and the worker said it "no longer verifies (quarantined)", as if its shard were damaged
+    (adversarial pass 47). It says the unit was taken over."""
+    taken, said = [], []
+
+    def takeover_then_commit(self, unit):  # runs inside the frozen worker, right before its first commit
+        if not taken:
+            taken.append(take_unit(self.job, unit.index, Owner.me("successor"), unit.epoch))
+        return original(self, unit)
+
+    import runner.worker as worker_module
+
+    original = worker_module.JobRun.commit
+    monkeypatch.setattr(worker_module.JobRun, "commit", takeover_then_commit)
+    monkeypatch.setattr(jobdir, "still_holds", lambda *a: True)  # it checked before it froze
+    run_job(job, gpt2_engine, echo=said.append, shard_rows=100)
+    monkeypatch.undo()
+    left_out = [line for line in said if line.startswith("commit 00000-00000000-0000 of this run")]
+    assert left_out == ["commit 00000-00000000-0000 of this run was left out: its unit was taken over by another "
+                        "worker (this one was thought dead): its 6 results are computed again"], said  # fmt: skip
+    assert not [line for line in said if "no longer verifies" in line]
+
+
 def test_a_completion_is_decided_on_sealed_epochs(job, reference, gpt2_engine, monkeypatch):
     """A worker frozen right before its last commit, while another took its unit over and had listed the
     epoch's markers but not yet created the seal: the thawed worker's commit landed, its finish counted it (the
