@@ -76,13 +76,18 @@ def running(home: str | os.PathLike | None = None) -> list[BackgroundWorker]:
     return found
 
 
+def in_home(home: str | os.PathLike | None, folder: Path) -> bool:
+    """Whether the job in `folder` is one of the home's (which `runner work` runs), not in a folder of its own."""
+    root = Path(home) if home is not None else default_home()
+    return folder.resolve().parent == root.resolve()
+
+
 def work_command(home: str | os.PathLike | None, folder: Path) -> str:
     """The command that runs the job in `folder`: `runner work` for one in the home, `runner work --job FOLDER`
     for one in a folder of its own (`-o DIR`), which `runner work` alone never runs."""
-    root = Path(home) if home is not None else default_home()
-    if folder.resolve().parent == root.resolve():
-        return command(home, "work")
-    return command(None, "work", "--job", os.fspath(folder))
+    return (
+        command(home, "work") if in_home(home, folder) else command(None, "work", "--job", os.fspath(folder))
+    )
 
 
 def watch(

@@ -758,14 +758,14 @@ def _work_command(home: Any, job_ref: str) -> str:
 
 def _own_folder(home: Any, job_ref: str | None) -> Any:
     """JOB's folder where it is one of its own (`-o DIR`, outside the home), else None."""
-    from .background import work_command
+    from .background import in_home
     from .jobdir import find_job
 
     try:
         folder = find_job(job_ref, home) if job_ref else None
     except RunnerError:
         return None
-    return folder if folder is not None and "--job" in work_command(home, folder) else None
+    return folder if folder is not None and not in_home(home, folder) else None
 
 
 def _queue(home: Any, job_ref: str | None) -> list[Any]:

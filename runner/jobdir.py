@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -1953,22 +1954,19 @@ def _last_good_state(job_dir: Path) -> StateRecord | None:
     """Below a damaged newest record: the newest record that still reads, else an older version's state.json.
     A record that cannot be read now (a mount's outage outlasting the retries) is not a damaged one: it raises,
     and repair stops, rather than fall back past a `cancel` to queued (pass 40)."""
-    for seq in reversed(_record_seqs(job_dir)[:-1]):
+    older = [
+        functools.partial(_read_record, job_dir, seq, wait=False)
+        for seq in reversed(_record_seqs(job_dir)[:-1])
+    ]
+    for read in [*older, functools.partial(_legacy_state, job_dir)]:
         try:
-            return _read_record(job_dir, seq, wait=False)
+            return read()
         except BrokenJob:
             continue
         except storage.StorageError as e:
             if not isinstance(e.__cause__, FileNotFoundError):  # (gone since the listing: the next one down)
                 raise
-    try:
-        return _legacy_state(job_dir)
-    except BrokenJob:
-        return None
-    except storage.StorageError as e:
-        if isinstance(e.__cause__, FileNotFoundError):
-            return None
-        raise
+    return None
 
 
 def _settle_state(
