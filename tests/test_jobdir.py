@@ -48,24 +48,30 @@ def stop_after(n):
 # --- fenced ownership ---------------------------------------------------------------------------------------
 
 
-def test_a_stale_worker_that_commits_after_a_takeover_counts_for_nothing(
-    job, reference, gpt2_engine, monkeypatch
-):
-    """The worker is frozen (SIGSTOP, a suspended VM) between its last check and its commit, and another
-    worker took its unit over meanwhile: the commit lands after the seal and is ignored, whatever it holds."""
-    frozen = Owner.me("frozen")
-    taken = []
+def taken_over_before_its_first_commit(monkeypatch) -> list:
+    """The worker run next is frozen between its last check and its first commit, while another worker takes
+    that unit over (claims and seals it): the epochs taken are appended to the list returned."""
+    import runner.worker as worker_module
+
+    taken, original = [], worker_module.JobRun.commit
 
     def takeover_then_commit(self, unit):  # runs inside the frozen worker, right before each commit
         if not taken:
             taken.append(take_unit(self.job, unit.index, Owner.me("successor"), unit.epoch))
         return original(self, unit)
 
-    import runner.worker as worker_module
-
-    original = worker_module.JobRun.commit
     monkeypatch.setattr(worker_module.JobRun, "commit", takeover_then_commit)
     monkeypatch.setattr(jobdir, "still_holds", lambda *a: True)  # it checked before it froze
+    return taken
+
+
+def test_a_stale_worker_that_commits_after_a_takeover_counts_for_nothing(
+    job, reference, gpt2_engine, monkeypatch
+):
+    """The worker is frozen (SIGSTOP, a suspended VM) between its last check and its commit, and another
+    worker took its unit over meanwhile: the commit lands after the seal and is ignored, whatever it holds."""
+    frozen = Owner.me("frozen")
+    taken = taken_over_before_its_first_commit(monkeypatch)
     run_job(job, gpt2_engine, echo=None, owner=frozen, shard_rows=2, should_stop=stop_after(1))
     monkeypatch.undo()
     assert taken == [1]
@@ -84,18 +90,8 @@ def test_a_late_commit_left_out_by_a_seal_is_said_so_not_called_damaged(
     """A worker frozen between its last check and its commit, its unit taken over and sealed meanwhile: its late
     commit is left out, and the worker said it "no longer verifies (quarantined)", as if its shard were damaged
     (adversarial pass 47). It says the unit was taken over."""
-    taken, said = [], []
-
-    def takeover_then_commit(self, unit):  # runs inside the frozen worker, right before its first commit
-        if not taken:
-            taken.append(take_unit(self.job, unit.index, Owner.me("successor"), unit.epoch))
-        return original(self, unit)
-
-    import runner.worker as worker_module
-
-    original = worker_module.JobRun.commit
-    monkeypatch.setattr(worker_module.JobRun, "commit", takeover_then_commit)
-    monkeypatch.setattr(jobdir, "still_holds", lambda *a: True)  # it checked before it froze
+    said = []
+    taken_over_before_its_first_commit(monkeypatch)
     run_job(job, gpt2_engine, echo=said.append, shard_rows=100)
     monkeypatch.undo()
     left_out = [line for line in said if line.startswith("commit 00000-00000000-0000 of this run")]
