@@ -66,15 +66,18 @@ def lark_of(text: str) -> str:
 
 
 def problem(params: Any) -> str | None:
-    """Why the row's constraint cannot be compiled (llguidance's message), or None when it can."""
+    """What is wrong with the row's constraint, to follow its field's name ("cannot be compiled: " and
+    llguidance's message, or "matches no text ..."), or None when it can be used."""
     try:
         grammar = grammar_of(params)
     except ValueError as e:
-        return str(e)
+        return f"cannot be compiled: {e}"
     message = None if grammar is None else _check(grammar)
     if message and kind_of(params) != "grammar":
         message = re.sub(r"^at \d+\(\d+\): ", "", message)  # a place in the grammar made here: meaningless
-    return message
+    if message is None and grammar is not None and _matches_nothing(grammar):
+        return "matches no text at all: no answer could satisfy it"
+    return message and f"cannot be compiled: {message}"
 
 
 @functools.lru_cache(maxsize=256)
@@ -85,6 +88,35 @@ def _check(grammar: str) -> str | None:
     lines = [line.strip() for line in LLMatcher.validate_grammar(grammar).splitlines()]
     kept = [line for line in lines if line and set(line) != {"^"} and not re.match(r"\d+ \|", line)]
     return " ".join(kept) or None
+
+
+@functools.lru_cache(maxsize=256)
+def _matches_nothing(grammar: str) -> bool:
+    """True when not even a first byte of text can satisfy `grammar` (a regex such as `[a&&b]`, a JSON schema
+    whose bounds exclude every value): llguidance compiles such a grammar, then a row would end at once with
+    an empty text. Judged on a tokenizer of single bytes, so it holds for every model's tokenizer."""
+    from llguidance import LLMatcher
+
+    matcher = LLMatcher(_byte_tokenizer(), grammar, log_level=0)
+    if matcher.is_error():
+        return False  # (e.g. a grammar naming a model's special token: the model's own tokenizer will judge)
+    matcher.compute_bitmask()
+    return matcher.is_error() and not matcher.is_accepting()
+
+
+@functools.cache
+def _byte_tokenizer() -> Any:
+    """An llguidance tokenizer whose tokens are the 256 bytes (and an EOS)."""
+    from llguidance import LLTokenizer, TokenizerWrapper
+
+    class Bytes:
+        eos_token_id, bos_token_id, special_token_ids = 256, None, [256]
+        tokens = [bytes([i]) for i in range(256)] + [b"</s>"]
+
+        def __call__(self, text: bytes | str) -> list[int]:
+            return list(text if isinstance(text, bytes) else text.encode("utf-8"))
+
+    return LLTokenizer(TokenizerWrapper(Bytes()))
 
 
 class Constraints:

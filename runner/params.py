@@ -235,7 +235,7 @@ class GenerationParams:
             )
         problem = constraints.problem(self) if given else None
         if problem:
-            raise ParamError(given[0], f"{given[0]} cannot be compiled: {problem}")
+            raise ParamError(given[0], f"{given[0]} {problem}")
 
     def _check_beams(self) -> None:
         if self.num_beams == 1:  # length_penalty / early_stopping are then unused (a row may turn beams off)

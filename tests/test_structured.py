@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_same_completions, ids_of, invoke, plain_logprobs, write_jsonl
 
 import runner
-from runner import GenerationParams, InputError
+from runner import GenerationParams, InputError, constraints
 from runner.errors import ParamError
 from runner.jobs import create_job
 from runner.params import row_overrides, row_params
@@ -86,6 +86,15 @@ def assert_obeyed(params_per_row, completions):
         ({"choices": []}, "choices", "choices must be a list of non-empty strings"),
         ({"choices": ["a", ""]}, "choices", "choices must be a list of non-empty strings"),
         ({"grammar": "start: nope"}, "grammar", 'grammar cannot be compiled: .*unknown name: "nope"'),
+        # languages that hold no text: every row would end at once with an empty answer
+        ({"regex": "[a&&b]"}, "regex", "regex matches no text at all: no answer could satisfy it"),
+        ({"regex": "x[^\\s\\S]"}, "regex", "regex matches no text at all"),
+        ({"grammar": 'start: /[^\\s\\S]/ "a"'}, "grammar", "grammar matches no text at all"),
+        (
+            {"json_schema": {"type": "integer", "minimum": 5, "maximum": 3}},
+            "json_schema",
+            "json_schema cannot be compiled: Unsatisfiable",
+        ),
         ({"json_object": "yes"}, "json_object", "json_object must be true or false"),
         ({"regex": "a", "choices": ["a"]}, "choices", "give one of json_schema, .*; got regex and choices"),
         ({"regex": "a", "num_beams": 2}, "regex", "regex cannot be combined with num_beams > 1"),
@@ -95,6 +104,20 @@ def test_bad_constraints_name_the_setting(kwargs, field, message):
     with pytest.raises(ParamError, match=message) as e:
         GenerationParams(**kwargs)
     assert e.value.param == field
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"regex": "(x|[^\\s\\S])"},  # one branch is empty, the other is not
+        {"regex": "あ+"},  # multi-byte first characters
+        {"json_schema": {"enum": ["日本"]}},
+        {"choices": ["😀"]},
+        {"grammar": 'start: "yes" <|im_end|>'},  # a model's special token: its own tokenizer judges it
+    ],
+)
+def test_constraints_that_match_some_text_are_accepted(kwargs):
+    assert constraints.kind_of(GenerationParams(**kwargs)) is not None
 
 
 def test_settings_normalise_and_rows_replace_the_jobs_constraint():
@@ -228,6 +251,7 @@ def test_a_bad_row_constraint_is_refused_at_submit_naming_the_row(tmp_path, tiny
         {"id": "bad", "prompt": "Hello", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
         {"id": "bad2", "prompt": "Hello", "regex": "(unclosed"},
         {"id": "bad3", "prompt": "Hello", "choices": "yes"},
+        {"id": "bad4", "prompt": "Hello", "regex": "[a&&b]"},
     ]  # fmt: skip
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     with pytest.raises(InputError) as e:
@@ -239,6 +263,7 @@ def test_a_bad_row_constraint_is_refused_at_submit_naming_the_row(tmp_path, tiny
         f'{path}:4: choices: choices must be a list of non-empty strings (in JSON, as ["yes", "no"]), got \'yes\''
         in text
     )
+    assert f"{path}:5: regex: regex matches no text at all: no answer could satisfy it" in text
     assert not (tmp_path / "job").exists()
 
 
