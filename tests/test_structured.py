@@ -198,6 +198,16 @@ def test_stop_strings_and_eos_inside_a_constraint(gpt2_engine):
         assert ";" not in c.text and (c.constraint_complete is (re.fullmatch("[a-z]+", c.text) is not None))
 
 
+def test_a_constraint_that_allows_nothing_more_ends_the_sample_before_min_new_tokens(gpt2_engine):
+    """min_new_tokens holds EOS back, but a whole choice can take nothing more: the constraint wins, and the
+    sample ends with a text that satisfies it (not EOS-less filler, not an arbitrary token)."""
+    ids = ids_of(gpt2_engine, PROMPTS[:3])
+    params = GenerationParams(max_new_tokens=12, min_new_tokens=10, choices=["yes", "no"])
+    for c in gpt2_engine.generate(ids, params):
+        assert c.text in ("yes", "no") and c.finish_reason == "stop" and c.constraint_complete is True
+        assert len(c.token_ids) < 10
+
+
 # --- jobs, the command line and OpenAI Batch files -----------------------------------------------------------
 
 
