@@ -119,10 +119,13 @@ class InFlight:
         self.worker = worker
         self.owner = owner  # recorded, so that a reader can tell a frozen writer from a dead one
         self._on_disk = storage.kind(self.path) == "file"
+        self._wrote = False  # this worker's own record is (or was) the one there
+        self.taken = False  # another worker replaced or cleared this worker's record: the unit is its now
 
     def read(self) -> dict[str, Any] | None:
-        if not self._on_disk:
-            return None
+        return self._read() if self._on_disk else None
+
+    def _read(self) -> dict[str, Any] | None:
         try:
             rec = storage.read_json(self.path)
         except ValueError:
@@ -204,17 +207,29 @@ class InFlight:
         if error:
             rec["error"] = error
         rec["check"] = storage.json_checksum(rec)
+        if self._taken_over():
+            return
         storage.ensure_dir(self.path.parent)
         storage.write_json(self.path, rec, durable=False)
-        self._on_disk = True
+        self._on_disk = self._wrote = True
 
     def settle(self, suspects: list[Suspect]) -> None:
         """Nothing is being computed: keep only the suspects still to run (no file when none)."""
         if suspects:
             self.running([], suspects)
-        elif self._on_disk:
+        elif self._on_disk and not self._taken_over():
             storage.remove(self.path)
             self._on_disk = False
+
+    def _taken_over(self) -> bool:
+        """True (from then on) once the record this worker wrote was replaced by another worker's, or removed
+        by one: this worker was frozen past its lease and its unit taken over, and the record is the taker's
+        to keep (its commits will be refused as a lost claim; until then it must not clear the taker's record
+        of what it is computing, nor put its own in its place)."""
+        if self._wrote and not self.taken:
+            rec = self._read()
+            self.taken = rec is None or rec.get("worker") != self.worker if self._on_disk else rec is not None
+        return self.taken
 
 
 def _key(entry: Any) -> Key:

@@ -232,6 +232,34 @@ def test_a_changed_in_flight_record_is_not_obeyed(tmp_path):
     assert not rec.culprits and not rec.first and not rec.last
 
 
+def test_a_thawed_worker_leaves_the_takers_in_flight_record_alone(tmp_path):
+    """A worker frozen mid-batch past its lease thaws after another took its unit over and wrote its own
+    record of what it computes: the thawed one must neither clear that record as its batch ends nor put its
+    own in its place before its next batch (its commit then finds the claim lost). Without the record, a row
+    that kills the taker would not be isolated."""
+    path = tmp_path / INFLIGHT
+    frozen = InFlight(path, "frozen")
+    frozen.running([(1, 0), (2, 0)], [])
+    taker = InFlight(path, "taker")
+    assert taker.recover({(1, 0), (2, 0)}).first  # (the frozen one's batch: run again first)
+    taker.running([(1, 0), (2, 0)], [])
+    frozen.settle([])  # the thawed worker's batch ends
+    assert json.loads(path.read_text())["worker"] == "taker"
+    frozen.running([(3, 0)], [])  # and it starts the next
+    assert json.loads(path.read_text())["running"] == [[1, 0], [2, 0]] and frozen.taken
+    taker.settle([])
+    assert not path.exists()
+    frozen.running([(4, 0)], [Suspect([(5, 0)])])  # removed by the taker: not the frozen one's to write again
+    assert not path.exists()
+    # its own record, settled and written again, is no taking over
+    own = InFlight(tmp_path / "inflight" / "00001.json", "w")
+    own.running([(1, 0)], [])
+    own.settle([])
+    own.running([(2, 0)], [Suspect([(3, 0)])])
+    own.settle([Suspect([(3, 0)])])
+    assert json.loads(own.path.read_text())["suspects"] and not own.taken
+
+
 def test_a_clean_stop_keeps_the_suspects_and_does_not_count_a_crash(job, reference, gpt2_engine):
     suspects = [Suspect([(2, 0)], isolated=True), Suspect([(5, 0)], 1, isolated=True)]
     InFlight(job.dir / INFLIGHT, "dead").running([(7, 0)], suspects, isolated=True)
