@@ -213,6 +213,8 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
         )
     _check_prompts(job)
     out, errors_out = _export_targets(out, errors_out)
+    for target in (out, errors_out):  # an earlier export killed mid-way left these beside them
+        storage.remove_stale_temps_of(target)
     ledger = jobdir.read_ledger(job)
     ending = _ending(job, jobdir.job_progress(job, ledger))
     groups = _Groups(load_results(job.dir, format="arrow"))

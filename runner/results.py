@@ -573,6 +573,7 @@ def _write_whole(table: pa.Table, to: Path) -> None:
 
     from . import storage
 
+    storage.remove_stale_temps_of(to)  # an earlier export of this file killed mid-way
     tmp = storage.temp_name(to)
     suffix = to.suffix.lower()
     try:
@@ -583,6 +584,8 @@ def _write_whole(table: pa.Table, to: Path) -> None:
                 f.writelines(_json_lines(table, array=suffix == ".json"))
         else:
             _write_csv(table, tmp)
+        # whole on the disk before it takes the name: a machine crash leaves the old file
+        storage.fsync_file(tmp)
         os.replace(tmp, to)
     except OSError as e:
         raise RunnerError(f"cannot write {to}: {e.strerror or e}") from None

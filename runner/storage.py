@@ -82,6 +82,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's bytes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def temp_name(target: Path) -> str:
     """A fresh temp name beside `target`, as a plain string: pathlib (3.11) interns every path component it
     parses, so a long-running worker that made a Path of each unique temp name would grow the interpreter's
@@ -94,6 +103,27 @@ def is_temp_name(name: str) -> bool:
     """A name `temp_name` makes: `.{name}.{8 hex}.tmp`."""
     parts = name.rsplit(".", 2)
     return name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and len(parts[1]) == 8
+
+
+def remove_stale_temps_of(target: str | os.PathLike, max_age: float = 600.0) -> int:
+    """Delete the temp files (`temp_name`) of `target` beside it untouched for `max_age` seconds: left by a
+    killed writer of the same file (an export killed mid-way). A live writer's temp file changes as it writes.
+    Best effort: what cannot be listed or removed stays."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(target)))
+    removed, now = 0, time.time()
+    try:
+        with os.scandir(folder) as entries:
+            stale = [
+                e.path for e in entries
+                if is_temp_name(e.name) and e.name.rsplit(".", 2)[0] == f".{name}"
+                and e.is_file(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime > max_age
+            ]  # fmt: skip
+        for path in stale:
+            os.unlink(path)
+            removed += 1
+    except OSError:
+        pass
+    return removed
 
 
 def _replace_into(target: Path, fill: Callable[[Any], None], what: str, durable: bool = True) -> None:

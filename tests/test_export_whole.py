@@ -46,3 +46,40 @@ def test_an_export_that_stops_part_way_leaves_no_torn_file(
     assert out.read_bytes() == good, (len(out.read_bytes()), len(good), again.stderr)
     assert f"cannot write {out}" in again.stderr and "job home" not in again.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temp file left
+
+
+@pytest.mark.parametrize("fmt", ["table", "openai"])
+def test_an_export_tidies_what_a_killed_export_of_the_same_file_left(fmt, tmp_path, tiny_gpt2, gpt2_engine,
+                                                                     monkeypatch):  # fmt: skip
+    """A SIGKILL mid-export leaves its temp file beside the target; the next export of that file removes the
+    ones untouched for 10 minutes (not a live export's, not another file's), and flushes its own file to the
+    disk before it takes the name."""
+    import os
+    import time
+
+    import runner
+    from runner import storage
+
+    rows = [{"id": f"r{i}", "prompt": f"Hello {i}"} for i in range(3)]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    out = tmp_path / "out" / "answers.jsonl"
+    out.parent.mkdir()
+    stale, live = out.parent / ".answers.jsonl.0badf00d.tmp", out.parent / ".answers.jsonl.1234abcd.tmp"
+    stale_errors = out.parent / ".answers.errors.jsonl.0badf00d.tmp"
+    other = out.parent / ".notes.jsonl.0badf00d.tmp"
+    for path in (stale, live, stale_errors, other):
+        path.write_text("half of an export")
+    old = time.time() - 3600
+    for path in (stale, stale_errors, other):
+        os.utime(path, (old, old))
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd)
+    )
+    runner.export_results(job.dir, out, format=fmt)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale_errors.exists() or fmt == "table"
+    assert any(storage.is_temp_name(os.path.basename(p)) and ".answers.jsonl." in p for p in synced), synced
