@@ -27,6 +27,7 @@ padding; kernels.py swaps in faster kernels for the same functions (oneDNN small
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import os
@@ -244,6 +245,23 @@ def _copies(prompts: list[list[int]]) -> dict[int, list[int]]:
     return {rs[0]: rs for rs in same.values()}
 
 
+def _greedy_twins(prompts: list[list[int]], params: list[GenerationParams]) -> dict[int, list[int]]:
+    """Rows by what they compute: the first row of each greedy (prompt, settings) -> every row with the same,
+    in order; a sampled row is its own. A greedy completion depends on nothing else (not the seed, not the
+    batch), so twins (a greedy row's n samples, a prompt given twice) are computed once."""
+    out: dict[int, list[int]] = {}
+    firsts: dict[tuple[int, ...], list[int]] = {}
+    for r, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        same = [] if p.do_sample else firsts.setdefault(tuple(prompt), [])
+        first = next((f for f in same if params[f] == p), None)
+        if first is None:
+            same.append(r)
+            out[r] = [r]
+        else:
+            out[first].append(r)
+    return out
+
+
 def decode_groups(lengths: list[int], most: int) -> list[list[int]]:
     """Indices of `lengths` in at most `most` groups of similar length, longest first: `prefill_groups` with no
     token budget, then the adjacent pair that adds the least padding merged until few enough remain."""
@@ -422,6 +440,11 @@ class Engine:
             isinstance(max_active, bool) or not isinstance(max_active, int) or max_active < 1
         ):
             raise ValueError(f"max_active must be an integer >= 1, got {max_active!r}")
+        twins = _greedy_twins(prompts, params)
+        if len(twins) < len(prompts):
+            return self._generate_twins_once(
+                twins, prompts, params, seeds, stop, max_active, on_finish, on_step
+            )
         with torch.inference_mode():
             try:
                 return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
@@ -429,6 +452,23 @@ class Engine:
                 # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
                 self._grouped = False
                 return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
+
+    def _generate_twins_once(self, twins, prompts, params, seeds, stop, max_active, on_finish, on_step):
+        """`generate` with each set of greedy twins (`_greedy_twins`) computed once, its completion copied."""
+        firsts = list(twins)
+
+        def finish(r: int, tokens: int) -> None:
+            for twin in twins[firsts[r]]:
+                on_finish(twin, tokens)
+
+        outs = self.generate([prompts[f] for f in firsts], [params[f] for f in firsts],
+                             None if seeds is None else [seeds[f] for f in firsts], stop, max_active,
+                             None if on_finish is None else finish, on_step)  # fmt: skip
+        result: list[Any] = [None] * len(prompts)
+        for f, out in zip(firsts, outs, strict=True):
+            for twin in twins[f]:
+                result[twin] = out if twin == f else copy.deepcopy(out)
+        return result
 
     def transformers_generate(
         self,

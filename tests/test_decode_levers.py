@@ -297,6 +297,39 @@ def test_samples_of_one_prompt_share_its_prompt_pass(request, monkeypatch, engin
     assert sum(prefilled) == len(prompts)
 
 
+@pytest.mark.parametrize("max_active", [None, 2])
+def test_greedy_twins_are_computed_once(gpt2_engine, monkeypatch, max_active):
+    """A greedy row's n samples, and a prompt given twice with the same settings, are one computation: the
+    batch decodes each once, every twin gets its own copy equal to what it gets alone, and each is reported
+    finished. Rows that sample, or whose settings differ, are computed on their own."""
+    engine = gpt2_engine
+    a, b = ids_of(engine, PROMPTS[:2])
+    greedy = GenerationParams(max_new_tokens=5, logprobs=2)
+    longer = GenerationParams(max_new_tokens=7, logprobs=2)
+    sampled = GenerationParams(max_new_tokens=5, do_sample=True, temperature=0.9)
+    prompts = [a, a, b, a, a, b, a]
+    params = [greedy, greedy, greedy, longer, greedy, greedy, sampled]
+    seeds = list(range(len(prompts)))
+    single = [engine.generate([p], [q], [s])[0] for p, q, s in zip(prompts, params, seeds, strict=True)]
+    rows_decoded: list[int] = []
+    real_forward = engine._forward
+
+    def spy(input_ids, *args, **kwargs):
+        rows_decoded.append(input_ids.shape[0])
+        return real_forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forward", spy)
+    finished: list[int] = []
+    outs = engine.generate(
+        prompts, params, seeds, max_active=max_active, on_finish=lambda r, t: finished.append(r)
+    )
+    assert_same_completions(outs, single)
+    assert sorted(finished) == list(range(len(prompts)))
+    # a-greedy, b-greedy, a-longer, sampled
+    assert max(rows_decoded) <= (4 if max_active is None else max_active)
+    assert outs[0] is not outs[1] and outs[0].token_ids is not outs[1].token_ids  # each twin its own copy
+
+
 # A start every prompt shares, as a chat template's system prompt or a few-shot instruction gives
 SHARED_START = (
     "Answer in one short sentence and do not repeat the question. Be kind, be brief and be exact.\n"
