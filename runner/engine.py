@@ -262,6 +262,15 @@ def _greedy_twins(prompts: list[list[int]], params: list[GenerationParams]) -> d
     return out
 
 
+def _copied_to_twins(twins: dict[int, list[int]], outs: list[Completion]) -> list[Completion]:
+    """The completions of every row: each twin its own copy of its first's (`outs`, one per first)."""
+    result: list[Any] = [None] * sum(len(rows) for rows in twins.values())
+    for first, out in zip(twins, outs, strict=True):
+        for twin in twins[first]:
+            result[twin] = out if twin == first else copy.deepcopy(out)
+    return result
+
+
 def decode_groups(lengths: list[int], most: int) -> list[list[int]]:
     """Indices of `lengths` in at most `most` groups of similar length, longest first: `prefill_groups` with no
     token budget, then the adjacent pair that adds the least padding merged until few enough remain."""
@@ -440,35 +449,22 @@ class Engine:
             isinstance(max_active, bool) or not isinstance(max_active, int) or max_active < 1
         ):
             raise ValueError(f"max_active must be an integer >= 1, got {max_active!r}")
-        twins = _greedy_twins(prompts, params)
-        if len(twins) < len(prompts):
-            return self._generate_twins_once(
-                twins, prompts, params, seeds, stop, max_active, on_finish, on_step
+        twins = _greedy_twins(prompts, params)  # computed once each, then copied
+        firsts = list(twins)
+        if len(firsts) < len(prompts):
+            prompts, params = [prompts[f] for f in firsts], [params[f] for f in firsts]
+            seeds = None if seeds is None else [seeds[f] for f in firsts]
+            on_finish = on_finish and (
+                lambda r, tokens, each=on_finish: [each(t, tokens) for t in twins[firsts[r]]]
             )
         with torch.inference_mode():
             try:
-                return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
+                outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
             except kvcache.GroupingUnsupported:
                 # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
                 self._grouped = False
-                return self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
-
-    def _generate_twins_once(self, twins, prompts, params, seeds, stop, max_active, on_finish, on_step):
-        """`generate` with each set of greedy twins (`_greedy_twins`) computed once, its completion copied."""
-        firsts = list(twins)
-
-        def finish(r: int, tokens: int) -> None:
-            for twin in twins[firsts[r]]:
-                on_finish(twin, tokens)
-
-        outs = self.generate([prompts[f] for f in firsts], [params[f] for f in firsts],
-                             None if seeds is None else [seeds[f] for f in firsts], stop, max_active,
-                             None if on_finish is None else finish, on_step)  # fmt: skip
-        result: list[Any] = [None] * len(prompts)
-        for f, out in zip(firsts, outs, strict=True):
-            for twin in twins[f]:
-                result[twin] = out if twin == f else copy.deepcopy(out)
-        return result
+                outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
+        return _copied_to_twins(twins, outs)
 
     def transformers_generate(
         self,

@@ -85,6 +85,8 @@ def test_nan_logits_never_reach_the_results(tmp_path, prompts_file, tiny_gpt2, m
         return logits, cache
 
     monkeypatch.setattr(engine, "_forward", forward)
+    # (a start shared with the others would be prefilled apart: the rows' own passes would not hold the prompt)
+    monkeypatch.setattr(engine, "share_prefix", False)
     with pytest.raises(NumericalError):
         engine.generate([bad_prompt], GenerationParams(max_new_tokens=2))
     job = create_job(
