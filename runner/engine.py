@@ -946,16 +946,18 @@ class Engine:
         """Append this step's top-k alternatives (plus the chosen token, if not among them) for each row that
         asked for them (`ks`: k per slot, None for none; `step`: the step's tokens and log-probs on the host, as
         `_pick` read them). Keeps [batch, k] per step, never the vocabulary."""
+        import torch
+
         kmax = max((k for k in ks if k), default=0)
-        if kmax:
-            top_lp, top_id = logprobs.topk(kmax, dim=-1)
-            top_lp, top_id = top_lp.tolist(), top_id.tolist()
-            top_lp = [lp[: k or 0] for lp, k in zip(top_lp, ks, strict=True)]
-            top_id = [i[: k or 0] for i, k in zip(top_id, ks, strict=True)]
-        else:
-            top_lp = top_id = [[] for _ in rows]
         # rank of the chosen token: 1 + how many tokens are strictly more likely
-        ranks = ((logprobs > chosen.unsqueeze(-1)).sum(-1) + 1).tolist()
+        ranks = (logprobs > chosen.unsqueeze(-1)).sum(-1, keepdim=True, dtype=torch.int32) + 1
+        top_lp, top_id = logprobs.topk(kmax, dim=-1) if kmax else (logprobs[:, :0], ranks[:, :0])
+        # one read from the device: the log-probs' float32 bits travel as int32 beside the ids and ranks
+        both = torch.cat([top_lp.float().view(torch.int32), top_id.int(), ranks], dim=-1).cpu()
+        top_lp = both[:, :kmax].view(torch.float32).tolist()
+        top_id, ranks = both[:, kmax : 2 * kmax].tolist(), both[:, -1].tolist()
+        top_lp = [lp[: k or 0] for lp, k in zip(top_lp, ks, strict=True)]
+        top_id = [i[: k or 0] for i, k in zip(top_id, ks, strict=True)]
         tok_list, ch_list, _ = step
         for slot, r in enumerate(rows):
             if ks[slot] is None:
