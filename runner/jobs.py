@@ -458,8 +458,8 @@ def _write_job(
         try:
             # an empty -o folder the user made beforehand (anything else was refused above), unless another
             # submit to the same folder removed it first
-            with contextlib.suppress(FileNotFoundError):
-                target.rmdir()
+            if not _remove_if_empty(target):
+                return target.name
             _move_into_place(tmp, target, meta["id"])
         except FileNotFoundError:
             if claim is None:
@@ -475,6 +475,25 @@ def _write_job(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_if_empty(folder: Path) -> bool:
+    """Remove `folder` if it is empty (nothing there is fine too); False when it holds something: another submit
+    to the same -o folder moved its job in first. Transient errors retried (one failed the whole submit: pass
+    49); a removal whose reply was lost is done."""
+
+    def op() -> bool:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            return False
+        return True
+
+    return storage.retry(op, f"remove the empty folder {folder}")
 
 
 def _move_into_place(tmp: Path, target: Path, job_id: str) -> None:
@@ -665,7 +684,7 @@ class _Problems:
         self.count += len(problems)
         self.kept.extend(problems[: max(0, PROBLEMS_KEPT - len(self.kept))])
         if self.path is not None:
-            storage.append_line(self.path, "\n".join(
+            storage.append_line(self.path, only_writer=True, line="\n".join(
                 json.dumps({"id": p.id, "line": p.line, "field": p.field, "stage": "validate",
                             "error": "invalid_input", "message": p.message}, ensure_ascii=False)
                 for p in problems

@@ -7,11 +7,11 @@ jobs.py (submit, a chunk at a time) -> `Passthrough.register` / `arrays` / `writ
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from . import storage
 from .errors import RunnerError
 from .inputs import PromptReader, PromptRow
 from .results import output_columns
@@ -228,4 +228,4 @@ def rewrite_passthrough(reader: PromptReader, path: Path, columns: Passthrough) 
             continue
         break
     pf.close()
-    os.replace(out_path, path)
+    storage.replace(out_path, path)

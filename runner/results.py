@@ -586,9 +586,11 @@ def _write_whole(table: pa.Table, to: Path) -> None:
             _write_csv(table, tmp)
         # whole on the disk before it takes the name: a machine crash leaves the old file
         storage.fsync_file(tmp)
-        os.replace(tmp, to)
+        storage.replace(tmp, to)
     except OSError as e:
         raise RunnerError(f"cannot write {to}: {e.strerror or e}") from None
+    except storage.StorageError as e:
+        raise RunnerError(f"cannot write {to}: {e.__cause__.strerror if e.__cause__ else e}") from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)

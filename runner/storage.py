@@ -250,19 +250,52 @@ def _read_at(path: str | os.PathLike, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
-def append_line(path: str | os.PathLike, line: str) -> None:
+def append_line(path: str | os.PathLike, line: str, only_writer: bool = False) -> None:
     """Append one line (a log or errors entry). A torn last line is tolerated by the readers. Only to a plain
-    file (or none yet): opening a FIFO there would wait for a reader for ever, a socket fails."""
+    file (or none yet): opening a FIFO there would wait for a reader for ever, a socket fails.
+    Retried as one write of the file's end: a try whose write landed though its reply was lost is not written
+    again (an invalid row was listed twice in errors.jsonl: pass 49); `only_writer` (no other process appends
+    to this file) also cuts off what a failed try left of the line before writing it again."""
     found = kind(path)
     if found not in (None, "file"):
         raise StorageError(f"cannot append to {path}: a {found} stands there, not a file", damaged=True)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    start: list[int] = []  # the file's size before the first try
 
     def op() -> None:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(line.rstrip("\n") + "\n")
-            f.flush()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            if not start:
+                start.append(size)
+            elif size > start[0]:  # an earlier try wrote some or all of the line before its error
+                if _read_at(path, start[0], len(data)) == data:
+                    return
+                if only_writer:
+                    os.ftruncate(fd, start[0])
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
 
     retry(op, f"append to {path}")
+
+
+def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """os.replace, transient errors retried; a rename that took effect though its reply was lost (the source
+    gone, the target there at the retry) is done."""
+    tries: list[int] = []
+
+    def op() -> None:
+        tries.append(1)
+        try:
+            os.replace(src, dst)
+        except FileNotFoundError:
+            if len(tries) == 1 or os.path.lexists(src) or not os.path.lexists(dst):
+                raise
+
+    retry(op, f"rename {src} to {dst}")
 
 
 def kind(path: str | os.PathLike) -> str | None:

@@ -83,3 +83,35 @@ def test_an_export_tidies_what_a_killed_export_of_the_same_file_left(fmt, tmp_pa
     assert not stale.exists() and live.exists() and other.exists()
     assert not stale_errors.exists() or fmt == "table"
     assert any(storage.is_temp_name(os.path.basename(p)) and ".answers.jsonl." in p for p in synced), synced
+
+
+def test_an_export_whose_rename_reply_was_lost_is_written(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch):
+    """The export's file is in place though the mount lost the rename's reply: said written, not 'cannot write'
+    (pass 49); and one transient error is retried."""
+    import errno
+    import os
+
+    import runner
+    from runner import storage
+
+    rows = [{"id": f"r{i}", "prompt": f"Hello {i}"} for i in range(3)]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    real, calls = os.replace, []
+
+    def lost_once(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            real(src, dst)
+            raise OSError(errno.EIO, "Input/output error")
+        if len(calls) == 3:
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", lost_once)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    for name in ("a.jsonl", "b.csv"):
+        assert runner.export_results(job.dir, tmp_path / name).rows == 3
+        assert len((tmp_path / name).read_text().splitlines()) >= 3
+    assert len(calls) == 4

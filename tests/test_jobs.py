@@ -959,3 +959,33 @@ def test_truncate_left_keeps_no_chat_templates_first_token(tmp_path, tiny_llama)
     from transformers import AutoTokenizer
 
     assert ids[0] != AutoTokenizer.from_pretrained(tiny_llama).bos_token_id
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["error", "reply lost"])
+def test_a_transient_error_removing_the_empty_output_folder_is_retried(
+    tmp_path, tiny_gpt2, monkeypatch, lost
+):
+    """Submit removes the user's empty -o folder before moving the job in: one transient error there failed
+    the whole submit, and a lost reply left the folder gone and the run failed (pass 49)."""
+    import errno
+    import os
+
+    from runner import storage
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    real, calls = os.rmdir, []
+
+    def flaky(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            if lost:
+                real(path, *args, **kwargs)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", flaky)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    job = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=out)
+    assert len(calls) == 2 and job.dir == out and Job.open(out).spec.rows == 1
