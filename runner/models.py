@@ -345,7 +345,23 @@ def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> An
             if not options.allow_pickle and "safetensors" in str(e).lower():
                 hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
             raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}{hint}") from e
-    return model.eval() if options.device_map else model.to(device).eval()
+    if options.device_map:
+        return model.eval()
+    model = model.to(device).eval()
+    return _own_memory(model) if getattr(device, "type", str(device)) == "cpu" else model
+
+
+def _own_memory(model: Any) -> Any:
+    """`model` with every parameter and buffer in memory of its own. Loaded on a CPU, safetensors weights stay
+    mapped from their file, so a checkpoint copied over it while a job runs changed that job's weights in
+    mid-run (`cp` truncates first: the worker died of SIGBUS; an in-place write mixed two models: pass 50)."""
+    import torch
+
+    with torch.no_grad():
+        for tensors in (model.parameters(), model.buffers()):
+            for t in tensors:
+                t.data = t.data.clone()
+    return model
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

@@ -265,7 +265,10 @@ class Engines:
         if self.given is not None:
             return self.given
         o = self.options(job)
-        key = (job.spec.model, o.device, o.dtype, o.trust_remote_code, o.allow_pickle)
+        # the weights the job was submitted for: a model saved over the same folder while this worker ran an
+        # earlier job of it is loaded again, not taken from memory (pass 50)
+        weights = job.meta.get("model_fingerprint")
+        key = (job.spec.model, weights, o.device, o.dtype, o.trust_remote_code, o.allow_pickle)
         if key not in self.loaded:
             if self.loaded:
                 self.loaded.clear()

@@ -188,6 +188,28 @@ def test_a_worker_switching_models_frees_the_first_before_loading_the_next(monke
     engines = scheduler.Engines(None, None)
     options = runner.EngineOptions(device="cuda:1")  # a job submitted for a GPU: made current before it loads
     for model in ("a", "b", "a"):
-        job = types.SimpleNamespace(options=options, spec=types.SimpleNamespace(model=model))
+        job = types.SimpleNamespace(options=options, spec=types.SimpleNamespace(model=model), meta={})
         assert isinstance(engines.get(job), FakeEngine)
     assert len(dropped) == 3 and current == ["cuda:1"] * 3
+
+
+def test_a_job_of_other_weights_in_the_same_folder_loads_them_again(monkeypatch):
+    """A worker kept the model of its last job in memory for the next job of the same folder: a checkpoint
+    saved over the folder in between (the next job submitted for it) was computed with the old weights, without
+    a word (pass 50). The weights a job was submitted for (its model fingerprint) are part of the key."""
+    import types
+
+    import runner.scheduler as scheduler
+
+    loads = []
+    monkeypatch.setattr(scheduler, "Engine", lambda model, options: loads.append(model) or object())
+    monkeypatch.setattr(scheduler, "make_current", lambda device: None)
+    engines = scheduler.Engines(None, None)
+
+    def job(fingerprint):
+        return types.SimpleNamespace(options=runner.EngineOptions(), spec=types.SimpleNamespace(model="ckpt"),
+                                     meta={"model_fingerprint": fingerprint})  # fmt: skip
+
+    first = engines.get(job("6:aaaa"))
+    assert engines.get(job("6:aaaa")) is first and len(loads) == 1  # the same weights: kept
+    assert engines.get(job("6:bbbb")) is not first and len(loads) == 2

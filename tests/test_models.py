@@ -251,3 +251,27 @@ def test_a_typo_of_the_demo_alias_is_said_not_looked_up_on_the_hub(typo, tmp_pat
     assert resolve_model("gpt2") == "gpt2" and resolve_model(
         "HuggingFaceTB/SmolLM2-135M-Instruc"
     )  # hub ids as given
+
+
+def test_weights_on_a_cpu_are_not_read_from_their_file_after_loading(tmp_path):
+    """A checkpoint written over the model's file while a job runs (in place, as `rsync --inplace` or `dd`
+    write) does not change the running job's weights: safetensors weights stayed mapped from the file (pass 50)."""
+    import torch
+
+    from runner.engine import Engine
+    from tiny_models import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "m", seed=0)
+    engine = Engine(str(model))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = engine.model(ids).logits.clone()
+    weights = Path(model) / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # every tensor's bytes changed, the header kept
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        f.write(bytes(range(256)) * ((size - 8 - n) // 256))
+    with torch.no_grad():
+        after = engine.model(ids).logits
+    assert torch.equal(before, after)
