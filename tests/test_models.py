@@ -257,9 +257,9 @@ def test_weights_on_a_cpu_are_not_read_from_their_file_after_loading(tmp_path):
     """A checkpoint written over the model's file while a job runs (in place, as `rsync --inplace` or `dd`
     write) does not change the running job's weights: safetensors weights stayed mapped from the file (pass 50)."""
     import torch
+    from tiny_models import build_tiny_gpt2
 
     from runner.engine import Engine
-    from tiny_models import build_tiny_gpt2
 
     model = build_tiny_gpt2(tmp_path / "m", seed=0)
     engine = Engine(str(model))
