@@ -12,6 +12,7 @@ later loads in about a second.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -372,7 +373,7 @@ RUN_TIME_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", 
                   "vocab.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model",
                   "sentencepiece.bpe.model", "generation_config.json")  # fmt: skip
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
-FINGERPRINT_VERSION = "5"
+FINGERPRINT_VERSION = "6"
 TENSOR_SAMPLE = 64  # bytes read at the start, middle and end of each tensor of a safetensors file (version 5)
 
 
@@ -387,7 +388,9 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     count (a folder named like a weight file is not one). Version 4 (`_fingerprint_v4`) reads the model's
     files as they were saved, never as the running transformers reads them. Version 5 reads only the weight
     files transformers loads (`loaded_weight_files`), and each tensor of a safetensors file at its start,
-    middle and end (`_tensor_samples`)."""
+    middle and end (`_tensor_samples`). Version 6 finds those files in transformers' own order (a single
+    model.safetensors before a stale sharded index beside it, config.json's `transformers_weights` first) and
+    samples each tensor of a GGUF file too (`_gguf_tensor_samples`)."""
     if int(version) >= 4:
         return f"{version}:{_fingerprint_v4(spec, config, int(version))}"
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
@@ -419,12 +422,14 @@ def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
     gguf = _gguf_source(spec)
     if gguf is not None:
         h.update(f"gguf:{gguf.stat().st_size}".encode() + _content_sample(gguf))
+        if version >= 6:
+            h.update(_gguf_tensor_samples(gguf))
         return h.hexdigest()[:16]
     path = Path(spec).expanduser()
     if not path.is_dir():  # a hub id: its commit
         h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
         return h.hexdigest()[:16]
-    weights = loaded_weight_files(path) if version >= 5 else None
+    weights = loaded_weight_files(path, version) if version >= 5 else None
     for f in sorted(p for p in path.iterdir() if p.is_file()):
         if f.suffix in WEIGHT_SUFFIXES and (weights is None or f.name in weights):
             h.update(f"{f.name}:{f.stat().st_size}".encode() + _content_sample(f))
@@ -437,26 +442,76 @@ def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
     return h.hexdigest()[:16]
 
 
-# What transformers loads from a folder, first found first: a sharded checkpoint's index names its shards
-WEIGHT_LAYOUTS = (
-    ("model.safetensors.index.json", "model.safetensors"),
-    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-)
+# What transformers loads from a folder, first found first (version 5: a sharded checkpoint's index first)
+WEIGHT_LAYOUTS = {
+    5: (
+        "model.safetensors.index.json",
+        "model.safetensors",
+        "pytorch_model.bin.index.json",
+        "pytorch_model.bin",
+    ),
+    6: (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ),
+}
 
 
-def loaded_weight_files(path: Path) -> set[str] | None:
+def loaded_weight_files(path: Path, version: int = int(FINGERPRINT_VERSION)) -> set[str] | None:
     """The names of the files transformers loads the weights from (with a sharded checkpoint's index), in its
-    order of preference; None for a layout it does not know (then every weight-named file counts)."""
-    for index, single in WEIGHT_LAYOUTS:
-        if (path / index).is_file():
-            try:
-                shards = json.loads((path / index).read_bytes()).get("weight_map", {}).values()
-            except (ValueError, AttributeError):
-                return None  # damaged: every file counts, as before
-            return {index, *(str(s) for s in shards)}
-        if (path / single).is_file():
-            return {single}
+    order of preference (transformers' `_get_resolved_checkpoint_files`: config.json's `transformers_weights`,
+    then a single file before an index: saved unsharded over a sharded save, the old index stays beside the
+    file that loads); None for a layout it does not know (then every weight-named file counts)."""
+    order = WEIGHT_LAYOUTS[min(max(version, 5), 6)]
+    explicit = _explicit_weights(path) if version >= 6 else None
+    for name in ([explicit] if explicit else []) + list(order):
+        if not (path / name).is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return {name}
+        try:
+            shards = json.loads((path / name).read_bytes()).get("weight_map", {}).values()
+        except (ValueError, AttributeError):
+            return None  # damaged: every file counts, as before
+        return {name, *(str(s) for s in shards)}
     return None
+
+
+def _explicit_weights(path: Path) -> str | None:
+    """config.json's `transformers_weights`: the weights file (or index) transformers loads before any other."""
+    try:
+        name = json.loads((path / "config.json").read_bytes()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name and Path(name).name == name else None
+
+
+def _gguf_tensor_samples(f: Path) -> bytes:
+    """The GGUF tensor table (names, types, shapes, offsets) and TENSOR_SAMPLE bytes at the start, middle and
+    end of every tensor (read with the `gguf` package): 16 pieces of a file missed a fine-tune of only its
+    norms (pass 50). Empty for a file gguf cannot read (its size and pieces still count). Reading the table
+    takes ~2 s (the vocabulary is parsed too): kept for the file as it is (any write changes its mtime)."""
+    st = f.stat()
+    return _gguf_tensor_samples_of(str(f), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_tensor_samples_of(f: str, size: int, mtime_ns: int, inode: int) -> bytes:
+    import gguf
+
+    h = hashlib.sha256()
+    try:
+        reader = gguf.GGUFReader(f)
+    except (ValueError, OSError, IndexError, KeyError):
+        return b""
+    for t in sorted(reader.tensors, key=lambda t: t.name):
+        a, n = int(t.data_offset), int(t.n_bytes)
+        h.update(f"{t.name}:{int(t.tensor_type)}:{list(map(int, t.shape))}:{a}:{n};".encode())
+        for at in sorted({a, a + max(0, (n - TENSOR_SAMPLE) // 2), a + max(0, n - TENSOR_SAMPLE)}):
+            h.update(reader.data[at : at + min(TENSOR_SAMPLE, a + n - at)].tobytes())
+    return h.digest()
 
 
 def _tensor_samples(f: Path) -> bytes:

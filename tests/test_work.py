@@ -366,6 +366,60 @@ def test_a_fine_tune_of_only_the_norms_or_the_biases_saved_over_the_model_is_ref
     assert state.state == "failed" and "is not the one job" in state.error
 
 
+@pytest.mark.parametrize("layout", ["stale index", "transformers_weights"])
+def test_the_weights_transformers_loads_are_the_ones_fingerprinted(
+    prompts_file, tmp_path, runner_home, layout
+):
+    """A model saved sharded, then unsharded into the same folder, keeps the old index beside model.safetensors
+    (transformers removes the old shards, not the index); transformers loads model.safetensors first, and
+    config.json's `transformers_weights` before anything. The fingerprint read the index first, so other weights
+    saved over model.safetensors resumed the job without a word (pass 50)."""
+    import shutil
+
+    from tiny_models import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "model", seed=0)
+    other = build_tiny_gpt2(tmp_path / "other", seed=1)
+    if layout == "stale index":
+        (model / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
+        ))  # fmt: skip
+        loaded = "model.safetensors"
+    else:
+        shutil.move(model / "model.safetensors", model / "weights.safetensors")
+        cfg = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**cfg, "transformers_weights": "weights.safetensors"}))
+        (model / "model.safetensors").write_bytes(b"not loaded")
+        loaded = "weights.safetensors"
+    job = submit(prompts_file, str(model))
+    shutil.copy(other / "model.safetensors", model / loaded)
+    assert work(runner_home, echo=None) == []
+    state = read_state(job.dir)
+    assert state.state == "failed" and "is not the one job" in state.error
+
+
+def test_a_gguf_fine_tune_of_only_its_norms_is_refused(prompts_file, tmp_path, runner_home):
+    """16 pieces of a GGUF file missed a change to its norms alone: the job resumed on other weights without a
+    word (pass 50). Every tensor of the GGUF is sampled now (the table read with the gguf package)."""
+    import gguf
+    import numpy as np
+
+    from runner.models import SAMPLE_BYTES, SAMPLES_PER_FILE, _gguf_source, model_fingerprint
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(_gguf_source("smollm2-135m-instruct").read_bytes())
+    before = {v: model_fingerprint(str(path), None, v) for v in ("5", "6")}
+    size = path.stat().st_size
+    windows = [max(0, (size - SAMPLE_BYTES) * i // (SAMPLES_PER_FILE - 1)) for i in range(SAMPLES_PER_FILE)]
+    norm = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name.endswith("norm.weight") and not any(
+        w < t.data_offset + t.n_bytes and t.data_offset < w + SAMPLE_BYTES for w in windows))  # fmt: skip
+    with open(path, "r+b") as f:  # one norm scaled in place, as a norm-only fine-tune saved over the file
+        f.seek(int(norm.data_offset))
+        f.write((np.asarray(norm.data, dtype=np.float32) * 1.01).astype(np.float32).tobytes())
+    assert model_fingerprint(str(path), None, "5") == before["5"]  # (what version 5 missed)
+    assert model_fingerprint(str(path), None, "6") != before["6"]
+
+
 def test_a_weight_file_transformers_does_not_load_changes_nothing(prompts_file, tmp_path, runner_home):
     """A Drive conflict copy "model (1).safetensors" or an optimizer.pt beside the weights is loaded by
     nothing: the job resumes (it failed as "another model", adversarial pass 19)."""
@@ -495,7 +549,7 @@ def test_files_read_at_run_time_count_and_a_backup_copy_does_not(prompts_file, t
     assert state.state == "failed" and "is not the one job" in state.error
 
 
-@pytest.mark.parametrize("version", ["1", "2", "3", "4"])
+@pytest.mark.parametrize("version", ["1", "2", "3", "4", "5"])
 def test_a_job_fingerprinted_by_an_older_version_still_resumes(prompts_file, tmp_path, runner_home, version):
     """Jobs submitted under an older model fingerprint (1: weight names and sizes, no prefix; 2: and samples of
     their bytes, no tokenizer; 3: and the tokenizer's files) are checked the way they were fingerprinted, not
@@ -508,7 +562,7 @@ def test_a_job_fingerprinted_by_an_older_version_still_resumes(prompts_file, tmp
 
     model = build_tiny_gpt2(tmp_path / "model")
     job = submit(prompts_file, str(model))
-    assert job.meta["model_fingerprint"].startswith("5:")
+    assert job.meta["model_fingerprint"].startswith("6:")
     meta = {**job.meta, "model_fingerprint": model_fingerprint(str(model), load_config(str(model)), version)}
     assert (":" not in meta["model_fingerprint"]) == (version == "1")
     meta["spec_sha256"] = spec_checksum(meta)
