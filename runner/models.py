@@ -576,6 +576,25 @@ def _content_sample(f: Path) -> bytes:
     return h.digest()
 
 
+SOURCE_FILE = "runner-source.json"  # in a converted folder: the GGUF it was converted from
+
+
+def _gguf_identity(gguf: Path) -> str:
+    """A GGUF file's content, as a fingerprint sees it: its size, 16 pieces of it and every tensor sampled."""
+    h = hashlib.sha256(f"{gguf.stat().st_size}".encode() + _content_sample(gguf) + _gguf_tensor_samples(gguf))
+    return h.hexdigest()[:32]
+
+
+def _converted_from(folder: Path) -> str | None:
+    """The identity of the GGUF a complete converted folder was made from; None for none (or an older one)."""
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        return json.loads((folder / SOURCE_FILE).read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _converted(
     gguf: Path, name: str, cache_dir: str | os.PathLike | None, progress: Callable[[str], None] | None
 ) -> Path:
@@ -583,12 +602,15 @@ def _converted(
 
     root = cache_root(cache_dir) / "models"
     target = root / name
-    # The folder only ever appears through the rename below, so its existence means a complete conversion.
-    if (target / "config.json").is_file():
+    source = _gguf_identity(gguf)
+    # The folder only ever appears through the rename below, so its existence means a complete conversion; of
+    # this very GGUF when its SOURCE_FILE says so (a cache kept from another release of the demo package, or
+    # shared on Drive, held another model under the same name: pass 50)
+    if _converted_from(target) == source:
         return target
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f".{name}.lock")):
-        if (target / "config.json").is_file():  # another process converted it while we waited for the lock
+        if _converted_from(target) == source:  # another process converted it while we waited for the lock
             return target
         # Holding the lock, nobody else is converting this name: leftovers are from killed runs (each is a full
         # model's worth of disk), and a target without config.json was not made by us.
@@ -600,6 +622,7 @@ def _converted(
         tmp = root / f".{name}.{os.getpid()}.tmp"
         try:
             _convert(gguf, tmp)
+            (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf), "identity": source}) + "\n")
             os.replace(tmp, target)  # a kill before this line leaves only a temp folder, never a half cache
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

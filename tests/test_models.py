@@ -1,5 +1,6 @@
 """--model resolution: folders and hub ids pass through, the demo alias and .gguf files convert once."""
 
+import json
 import os
 import time
 from pathlib import Path
@@ -275,3 +276,29 @@ def test_weights_on_a_cpu_are_not_read_from_their_file_after_loading(tmp_path):
     with torch.no_grad():
         after = engine.model(ids).logits
     assert torch.equal(before, after)
+
+
+def test_a_converted_gguf_is_used_only_for_the_gguf_it_was_made_from(tmp_path, monkeypatch):
+    """The demo alias's cached conversion was found by name alone: a cache kept from another release of the
+    demo package (or shared on Drive) served another model, and a job resumed on it without a word (pass 50).
+    The folder records the GGUF it was made from; another GGUF under the same name is converted again."""
+    converted = []
+
+    def convert(gguf, out):
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"from": gguf.read_text()}))
+        converted.append(gguf.read_text())
+
+    monkeypatch.setattr(models, "_convert", convert)
+    first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    first.write_text("weights of one release")
+    second.write_text("weights of the next one")
+    made = models._converted(first, "demo", tmp_path / "cache", None)
+    assert models._converted(first, "demo", tmp_path / "cache", None) == made and converted == [
+        first.read_text()
+    ]
+    assert models._converted(second, "demo", tmp_path / "cache", None) == made
+    assert json.loads((made / "config.json").read_text())["from"] == second.read_text()
+    (made / models.SOURCE_FILE).unlink()  # a conversion by an older runner: from which GGUF, nobody knows
+    models._converted(second, "demo", tmp_path / "cache", None)
+    assert converted == [first.read_text(), second.read_text(), second.read_text()]
