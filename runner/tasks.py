@@ -313,6 +313,14 @@ def dtype_name(engine: Engine) -> str:
     return str(engine.dtype).replace("torch.", "")
 
 
+def library_versions() -> str:
+    """The versions that compute a row besides the model and settings (shard metadata: `note_precision`)."""
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+
 def device_kind(engine: Engine) -> str:
     """What kind of device the engine computes on: the GPU's name ("Tesla T4"), else "cpu" (or mps...)."""
     import torch

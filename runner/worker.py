@@ -37,6 +37,7 @@ from .tasks import (
     device_kind,
     dtype_name,
     isolating,
+    library_versions,
     make_task,
 )
 
@@ -252,29 +253,41 @@ class JobRun:
 
     def note_precision(self, ledger: jobdir.Ledger) -> None:
         """Say so when the job's newest rows were computed in another precision or on another kind of device
-        than this worker's (begun on an A100 in bfloat16, carried on on a T4 in float16: `--dtype auto`): its
-        results then mix the two, which is allowed (EngineOptions) but not silent. From the newest shard of
-        `ledger` (the commits before this run; its Parquet metadata); shards of an older runner say nothing."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+        than this worker's (begun on an A100 in bfloat16, carried on on a T4 in float16: `--dtype auto`), or
+        with other versions of torch and transformers (a Colab VM of another month: pass 50): its results then
+        mix the two, which is allowed (EngineOptions) but not silent. From the newest shard of `ledger` (the
+        commits before this run; its Parquet metadata); shards of an older runner say nothing."""
         assert self.engine is not None
-        commits = [c for c in ledger.commits if c.shard]
-        newest = max(commits, key=lambda c: c.written_at or 0.0, default=None)
-        if newest is None:
-            return
-        try:
-            meta = pq.read_schema(self.job.dir / jobdir.SHARDS / newest.shard).metadata or {}
-        except (OSError, ValueError, pa.ArrowException):
-            return  # (the shard's verification says what is wrong with it)
-        before = {k: meta.get(f"runner.{k}".encode(), b"").decode() for k in ("dtype", "device")}
-        now = {"dtype": dtype_name(self.engine), "device": device_kind(self.engine)}
-        if before["dtype"] and before != now:
+        meta = self._newest_shard_meta(ledger)
+        before = {k: meta.get(f"runner.{k}".encode(), b"").decode() for k in ("dtype", "device", "versions")}
+        now = {
+            "dtype": dtype_name(self.engine),
+            "device": device_kind(self.engine),
+            "versions": library_versions(),
+        }
+        if before["dtype"] and (before["dtype"], before["device"]) != (now["dtype"], now["device"]):
             advice = "; submit with --dtype to keep one precision" if before["dtype"] != now["dtype"] else ""
             self.say(f"job {self.job.id}: its newest rows were computed in {before['dtype']} on {before['device']}; "
                      f"this worker computes in {now['dtype']} on {now['device']}, so its results will mix the two "
                      "(the same model, other rounding: an answer can differ where two tokens are nearly tied"
                      f"{advice})")  # fmt: skip
+        if before["versions"] and before["versions"] != now["versions"]:
+            self.say(f"job {self.job.id}: its newest rows were computed with {before['versions']}; this worker "
+                     f"has {now['versions']}, so its results will mix the two (the same model and settings; an "
+                     "answer can differ where two tokens are nearly tied)")  # fmt: skip
+
+    def _newest_shard_meta(self, ledger: jobdir.Ledger) -> dict[bytes, bytes]:
+        """The Parquet metadata of the job's newest shard in `ledger` ({} when there is none, or unreadable)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        newest = max((c for c in ledger.commits if c.shard), key=lambda c: c.written_at or 0.0, default=None)
+        if newest is None:
+            return {}
+        try:
+            return pq.read_schema(self.job.dir / jobdir.SHARDS / newest.shard).metadata or {}
+        except (OSError, ValueError, pa.ArrowException):
+            return {}  # (the shard's verification says what is wrong with it)
 
     # --- claiming a unit ------------------------------------------------------------------------------------
 
@@ -602,8 +615,8 @@ class JobRun:
             table = unit.task.table(unit.table, unit.results, self.engine.texts)
             params = json.dumps({**self.job.meta["params"], "model": self.job.spec.model}, ensure_ascii=False)
             # (the precision and device kind the rows were computed with: `note_precision` reads them)
-            meta = {"job": self.job.id, "kind": self.job.kind, "params": params,
-                    "dtype": dtype_name(self.engine), "device": device_kind(self.engine)}  # fmt: skip
+            meta = {"job": self.job.id, "kind": self.job.kind, "params": params, "dtype": dtype_name(self.engine),
+                    "device": device_kind(self.engine), "versions": library_versions()}  # fmt: skip
             with write_local_shard(table, meta) as (local, digest):
                 storage.ensure_dir(self.job.dir / jobdir.SHARDS)  # lost: its commits are set aside, redone
                 storage.publish(local, self.job.dir / jobdir.SHARDS / f"{name}.parquet")

@@ -170,3 +170,35 @@ def test_a_job_carried_on_in_another_precision_says_so(tmp_path, tiny_gpt2, gpt2
         "differ where two tokens are nearly tied; submit with --dtype to keep one precision)"
     ]
     assert runner.status(job.dir).state == "completed"
+
+
+def test_a_job_carried_on_with_other_library_versions_says_so(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch):
+    """Carried on on a VM with another torch or transformers (Colab's preinstalled ones change): the results
+    mix the two, which is allowed but said (nothing named the versions anywhere: pass 50). Each shard
+    records them."""
+    import pyarrow.parquet as pq
+    from helpers import write_jsonl
+
+    import runner.worker as worker_module
+    from runner.jobs import create_job
+    from runner.worker import run_job
+
+    def on(versions, rows=None):
+        monkeypatch.setattr(worker_module, "library_versions", lambda: versions)
+        said, batches = [], []
+        stop = None if rows is None else (lambda: batches.append(1) or len(batches) > rows)
+        run_job(job, gpt2_engine, echo=said.append, shard_rows=1, should_stop=stop)
+        return [line for line in said if "mix the two" in line]
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"The old man said {i}"} for i in range(3)])
+    job = create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(batch_size=1),
+                     home=tmp_path / "home")  # fmt: skip
+    assert on("torch 2.9.0, transformers 5.0.0", rows=1) == []
+    meta = pq.read_schema(next((job.dir / "shards").iterdir())).metadata
+    assert meta[b"runner.versions"] == b"torch 2.9.0, transformers 5.0.0"
+    assert on("torch 2.9.0, transformers 5.0.0", rows=1) == []  # the same versions: nothing to say
+    assert on("torch 2.13.0, transformers 5.24.0") == [
+        f"job {job.id}: its newest rows were computed with torch 2.9.0, transformers 5.0.0; this worker has "
+        "torch 2.13.0, transformers 5.24.0, so its results will mix the two (the same model and settings; an "
+        "answer can differ where two tokens are nearly tied)"
+    ]
