@@ -63,7 +63,9 @@ def broken_status(path: Path, reason: str, job: Job | None = None, repairable: b
     hint = f" (`runner repair {shlex.quote(str(path))}`)" if repairable else ""
     meta = job.meta if job else (jobdir.spec_or_backup(path) or {})
     name = meta.get("name") if isinstance(meta.get("name"), str) else None
-    return JobStatus(id=path.name, name=name, state=JobState.BROKEN.value, done=0, total=0,
+    # a job in its own folder (-o myscores) is named by its id, not the folder's name (pass 51)
+    job_id = meta.get("id") if isinstance(meta.get("id"), str) and meta.get("id") else path.name
+    return JobStatus(id=job_id, name=name, state=JobState.BROKEN.value, done=0, total=0,
                      errors=0, invalid=0, tokens_per_second=None, eta_seconds=None,
                      model=str(meta.get("model") or "-"), created=str(meta.get("created") or ""), worker=None,
                      message=reason + hint, folder=str(path))  # fmt: skip

@@ -60,12 +60,14 @@ def run(
                      progress_every=progress_every)  # fmt: skip
     last = summaries[-1] if summaries else None
     if last is None or not (last.finished or last.stopped):  # the others ended the job, or it was not queued
-        state = job.state()
-        if state.state in (JobState.FAILED, JobState.CANCELLED):
+        state, p = job.state(), jobdir.job_progress(job)
+        # (a job cancelled after its last row was done is complete: run-batch writes its output again)
+        if state.state is JobState.FAILED or (state.state is JobState.CANCELLED and not p.complete):
             reason = f": {state.error}" if state.error else ""
             raise RunnerError(f"job {job.id} is {state.state}{reason} (`runner retry "
                               f"{shlex.quote(str(job.dir))}` re-queues it)")  # fmt: skip
-        p = jobdir.job_progress(job)
+        if state.state is JobState.CANCELLED and echo:
+            echo(_cancelled_when_done(job.id))
         last = RunSummary(
             job.id, p.done, p.total, 0, 0, 0.0, p.failed, p.complete, unrunnable=bool(unrunnable)
         )
@@ -562,7 +564,9 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: Callable[[], bool]) 
             echo(_broken_line(j.id, j.dir, e, e.repairable))
         return summary
     done = f"{summary.done:,}/{summary.total:,} {j.spec.count_noun}"
-    if state is JobState.CANCELLED:
+    if state is JobState.CANCELLED and summary.finished:  # (the cancel landed as the last rows were done)
+        line = _cancelled_when_done(j.id)
+    elif state is JobState.CANCELLED:
         again = shlex.quote(str(j.dir))
         line = f"job {j.id} was cancelled; its finished rows are kept (`runner retry {again}` resumes it)"
     elif summary.finished:
@@ -577,6 +581,10 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: Callable[[], bool]) 
         if echo:
             echo(line)
     return summary
+
+
+def _cancelled_when_done(job_id: str) -> str:
+    return f"job {job_id} was cancelled after every row was done: its results are complete"
 
 
 def _log(j: Job, line: str) -> None:

@@ -353,3 +353,15 @@ def test_a_record_that_names_no_predecessor_never_passes_over_the_one_before(job
         "00000001.json", "00000002.json", "00000003.json",
     ]  # fmt: skip
     assert (job.state().state, job.state().generation) == (JobState.CANCELLED, 1)
+
+
+def test_a_broken_job_in_its_own_folder_is_shown_by_its_id(tmp_path, tiny_gpt2):
+    """`runner status myscores` of a job whose newest state record is damaged showed the folder's name as the
+    job's id; job.json names it (pass 51)."""
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    job = create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=tmp_path / "myscores")
+    jobdir.cancel(job)
+    record = newest_state_record(job.dir)
+    record.write_bytes(record.read_bytes()[:20])
+    status = runner.status(job.dir)
+    assert status.state == "broken" and status.id == job.id != "myscores"

@@ -169,6 +169,38 @@ def test_deadline_stops_between_batches_and_work_resumes(prompts_file, tiny_gpt2
     assert summaries[0].finished and len(runner.load_results(job.dir)) == 6
 
 
+def test_a_cancel_landing_as_the_last_rows_are_done_leaves_a_complete_job(tmp_path, tiny_gpt2, monkeypatch):
+    """A `runner cancel` that lands after the last row is done, just before the worker records completion:
+    run-batch said "was cancelled ... `runner retry` resumes it", then "done: 6/6" and wrote the output, and the
+    same command run again refused "job is cancelled" with nothing left to do (pass 51). Now both say the job
+    was cancelled after every row was done, and the rerun writes the output again."""
+    import runner.worker as worker
+
+    real = worker.JobRun.finish
+
+    def cancelled_as_it_finishes(self, ran):
+        if ran:
+            cancel_job(self.job.dir)
+        return real(self, ran)
+
+    monkeypatch.setattr(worker.JobRun, "finish", cancelled_as_it_finishes)
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps({
+        "custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+        "body": {"model": "m", "prompt": f"the old man {i}", "max_tokens": 3, "temperature": 0},
+    }) + "\n" for i in range(6)))  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    args = ["run-batch", "-i", requests, "-o", out, "-m", tiny_gpt2, "--served-model-name", "m"]
+    first = invoke(*args)
+    said = "was cancelled after every row was done: its results are complete"
+    assert first.exit_code == 0 and said in first.output and "runner retry" not in first.output, first.output
+    written = out.read_text()
+    assert len(written.splitlines()) == 6
+    out.unlink()
+    again = invoke(*args)
+    assert again.exit_code == 0 and said in again.output and out.read_text() == written, again.output
+
+
 def test_cancel_then_retry_keeps_finished_rows(prompts_file, tiny_gpt2, gpt2_engine, runner_home):
     job = submit(prompts_file, tiny_gpt2)
     calls = []
