@@ -74,6 +74,7 @@ class ReportData:
     error_examples: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)  # stats.json runs
     live: dict[str, dict[str, Any]] = field(default_factory=dict)  # heartbeats of the workers running it now
+    computed_with: Counter = field(default_factory=Counter)  # "float32 on cpu, torch ..." -> result rows
 
 
 def write_report(job: Job, path: str | os.PathLike) -> Path:
@@ -148,11 +149,25 @@ def _read_results(data: ReportData, job: Job) -> None:
         if not isinstance(commit.marker.get("batches"), list) and (t := commit.written_at):
             tokens = int(_lengths(table, job.kind).sum())
             data.batches.append((t, str(commit.marker.get("worker") or "?"), table.num_rows, tokens, None))
+        data.computed_with[_computed_with(table)] += table.num_rows
         _bin(data, table, job.kind)
         _keep_samples(table, job.kind, lowest, highest, data.rows_read)
         data.rows_read += table.num_rows
     data.lowest = [s for _, _, s in sorted(lowest, key=lambda x: -x[0])]
     data.highest = [s for _, _, s in sorted(highest, key=lambda x: -x[0])]
+
+
+def _computed_with(table: Any) -> str:
+    """What a shard's rows were computed with (its Parquet metadata): precision, device, library versions."""
+    meta = {
+        k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k.startswith(b"runner.")
+    }
+    if not meta.get("runner.dtype"):
+        return "not recorded (an older runner)"
+    versions = meta.get("runner.versions")
+    return f"{meta['runner.dtype']} on {meta.get('runner.device', '?')}" + (
+        f", {versions}" if versions else ""
+    )
 
 
 def _lengths(table: Any, kind: str) -> Any:
@@ -587,6 +602,9 @@ def _settings_section(data: ReportData) -> str:
     ]
     rows += [[k, _plain(v)] for k, v in (meta.get("params") or {}).items() if k != "seed"]
     rows += [[f"engine.{k}", _plain(v)] for k, v in (meta.get("engine") or {}).items()]
+    # every shard's own record: a job carried on on another GPU or VM mixes them (kills leave no stats.json run)
+    mixed = " (mixed: the same model, other rounding)" if len(data.computed_with) > 1 else ""
+    rows += [[f"computed with{mixed}", f"{how}: {n:,} rows"] for how, n in data.computed_with.most_common()]
     return _section("settings", "Settings", _table(["setting", "value"], rows, ["", "text"]))
 
 

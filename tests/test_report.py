@@ -138,6 +138,14 @@ def test_the_report_shows_each_section_with_the_results_own_numbers(generate_job
     assert settings["temperature"] == ["1.0"] and settings["stop"] == ['["e"]'] and settings["seed"] == ["3"]
     summary = page.rows("summary")
     assert summary["results"] == ["14 of 16 done (87.5%)"] and summary["state"] == ["completed"]
+    # what every row was computed with, from each shard's own record (a killed run leaves no stats.json run)
+    import transformers
+
+    (how,) = [v for k, v in settings.items() if k.startswith("computed with")]
+    assert how[0].startswith(
+        f"float32 on cpu, torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    assert how[0].endswith(": 14 rows")
     # samples: the lowest and highest mean log-prob per token, each result at most once
     df["score"] = df["cumulative_logprob"] / df["completion_tokens"]
     samples = [r for r in page.tables["samples"][1:]]
@@ -237,6 +245,28 @@ def test_score_and_embed_jobs_show_what_applies(tmp_path, tiny_gpt2, gpt2_engine
     else:
         assert "logprobs" not in page.tables and "texts per second" in html
         assert [r[0] for r in page.tables["samples"][1:]] == ["a", "b", "c"]  # input order
+
+
+def test_a_job_computed_in_two_precisions_says_mixed(generate_job, monkeypatch):
+    """Begun on one GPU in bfloat16, carried on elsewhere in float32: the report lists both with their rows."""
+    from runner import job_report
+
+    real = job_report._computed_with
+    calls = []
+
+    def alternating(table):
+        calls.append(1)
+        return "bfloat16 on NVIDIA A100-SXM4-40GB" if len(calls) % 2 else real(table)
+
+    monkeypatch.setattr(job_report, "_computed_with", alternating)
+    data = collect(generate_job)
+    assert len(data.computed_with) == 2 and sum(data.computed_with.values()) == 14
+    page = Page(job_report.render(data))
+    rows = [r for r in page.tables["settings"] if r and r[0].startswith("computed with")]
+    assert [r[0] for r in rows] == ["computed with (mixed: the same model, other rounding)"] * 2
+    assert rows[0][1].startswith("bfloat16 on NVIDIA A100-SXM4-40GB: ") or rows[1][1].startswith(
+        "bfloat16 on"
+    )
 
 
 def test_markers_from_before_batches_were_recorded_count_at_their_commit(generate_job, tmp_path):
