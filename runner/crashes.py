@@ -119,8 +119,11 @@ class InFlight:
         self.worker = worker
         self.owner = owner  # recorded, so that a reader can tell a frozen writer from a dead one
         self._on_disk = storage.kind(self.path) == "file"
-        self._wrote = False  # this worker's own record is (or was) the one there
-        self.taken = False  # another worker replaced or cleared this worker's record: the unit is its now
+        # the checksum of the record this worker expects there (the one it found, then its own; None: none)
+        self._expected = _check_of(self._read()) if self._on_disk else None
+        self.taken = (
+            False  # another worker's record stands where this one's was expected: the unit is its now
+        )
 
     def read(self) -> dict[str, Any] | None:
         return self._read() if self._on_disk else None
@@ -211,7 +214,7 @@ class InFlight:
             return
         storage.ensure_dir(self.path.parent)
         storage.write_json(self.path, rec, durable=False)
-        self._on_disk = self._wrote = True
+        self._on_disk, self._expected = True, rec["check"]
 
     def settle(self, suspects: list[Suspect]) -> None:
         """Nothing is being computed: keep only the suspects still to run (no file when none)."""
@@ -219,17 +222,22 @@ class InFlight:
             self.running([], suspects)
         elif self._on_disk and not self._taken_over():
             storage.remove(self.path)
-            self._on_disk = False
+            self._on_disk, self._expected = False, None
 
     def _taken_over(self) -> bool:
-        """True (from then on) once the record this worker wrote was replaced by another worker's, or removed
-        by one: this worker was frozen past its lease and its unit taken over, and the record is the taker's
-        to keep (its commits will be refused as a lost claim; until then it must not clear the taker's record
-        of what it is computing, nor put its own in its place)."""
-        if self._wrote and not self.taken:
-            rec = self._read()
-            self.taken = rec is None or rec.get("worker") != self.worker if self._on_disk else rec is not None
+        """True (from then on) once another worker's record stands where this worker expected the one it found
+        or its own: this worker was frozen past its lease and its unit taken over, and the record is the
+        taker's to keep (its commits will be refused as a lost claim; until then it must not clear the taker's
+        record of what it is computing, nor put its own in its place: passes 48, 52). A record that cannot be
+        read (gone, torn, a stale listing of a network mount) proves nothing."""
+        if not self.taken:
+            now = _check_of(self._read())
+            self.taken = now is not None and now != self._expected
         return self.taken
+
+
+def _check_of(rec: dict[str, Any] | None) -> str | None:
+    return rec.get("check") if rec is not None else None
 
 
 def _key(entry: Any) -> Key:

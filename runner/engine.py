@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import json
 import math
 import os
 import sys
@@ -248,17 +249,21 @@ def _copies(prompts: list[list[int]]) -> dict[int, list[int]]:
 def _greedy_twins(prompts: list[list[int]], params: list[GenerationParams]) -> dict[int, list[int]]:
     """Rows by what they compute: the first row of each greedy (prompt, settings) -> every row with the same,
     in order; a sampled row is its own. A greedy completion depends on nothing else (not the seed, not the
-    batch), so twins (a greedy row's n samples, a prompt given twice) are computed once."""
+    batch), so twins (a greedy row's n samples, a prompt given twice) are computed once. Settings are the same
+    when their JSON text is (dict equality took schemas with their keys in another order, or `true` for `1`,
+    as the same: pass 52)."""
+    texts: dict[int, str] = {}  # by params object: a job's rows mostly share one
+
+    def text(p: GenerationParams) -> str:
+        if id(p) not in texts:
+            texts[id(p)] = json.dumps(p.to_dict(), ensure_ascii=False, default=repr)
+        return texts[id(p)]
+
     out: dict[int, list[int]] = {}
-    firsts: dict[tuple[int, ...], list[int]] = {}
+    firsts: dict[tuple[tuple[int, ...], str], int] = {}
     for r, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        same = [] if p.do_sample else firsts.setdefault(tuple(prompt), [])
-        first = next((f for f in same if params[f] == p), None)
-        if first is None:
-            same.append(r)
-            out[r] = [r]
-        else:
-            out[first].append(r)
+        first = r if p.do_sample else firsts.setdefault((tuple(prompt), text(p)), r)
+        out.setdefault(first, []).append(r)
     return out
 
 
@@ -464,6 +469,8 @@ class Engine:
                 # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
                 self._grouped = False
                 outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
+            except NumericalError as e:  # (its rows are the firsts': the caller splits its own rows)
+                raise NumericalError([t for r in e.rows for t in twins[firsts[r]]]) from None
         return _copied_to_twins(twins, outs)
 
     def transformers_generate(

@@ -95,7 +95,7 @@ def resolve_model(
         # Path + size + mtime instead of a content hash: hashing hundreds of MB on every run would cost more
         # than the load we are trying to save, and a replaced file changes size or mtime.
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-        return str(_converted(path, f"{path.stem}-{key}", cache_dir, progress))
+        return str(_converted(path, f"{path.stem}-{key}", cache_dir, progress, by_name=True))
     if not Path(spec).expanduser().exists() and not _HUB_ID.fullmatch(spec):
         raise ModelNotFoundError(f"no model folder at {spec} (and it is not a Hugging Face model id)")
     if not Path(spec).expanduser().exists() and _near_demo(spec):
@@ -346,22 +346,22 @@ def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> An
             if not options.allow_pickle and "safetensors" in str(e).lower():
                 hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
             raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}{hint}") from e
-    if options.device_map:
-        return model.eval()
-    model = model.to(device).eval()
-    return _own_memory(model) if getattr(device, "type", str(device)) == "cpu" else model
+    model = model.eval() if options.device_map else model.to(device).eval()
+    return _own_memory(model)
 
 
 def _own_memory(model: Any) -> Any:
-    """`model` with every parameter and buffer in memory of its own. Loaded on a CPU, safetensors weights stay
-    mapped from their file, so a checkpoint copied over it while a job runs changed that job's weights in
-    mid-run (`cp` truncates first: the worker died of SIGBUS; an in-place write mixed two models: pass 50)."""
+    """`model` with every parameter and buffer it holds on the CPU in memory of its own. Loaded on a CPU (or
+    placed there by a device map), safetensors weights stay mapped from their file, so a checkpoint copied over
+    it while a job runs changed that job's weights in mid-run (`cp` truncates first: the worker died of SIGBUS;
+    an in-place write mixed two models: passes 50, 52). Weights on a GPU are copies already."""
     import torch
 
     with torch.no_grad():
         for tensors in (model.parameters(), model.buffers()):
             for t in tensors:
-                t.data = t.data.clone()
+                if t.device.type == "cpu":
+                    t.data = t.data.clone()
     return model
 
 
@@ -430,15 +430,19 @@ def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
         h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
         return h.hexdigest()[:16]
     weights = loaded_weight_files(path, version) if version >= 5 else None
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
-        if f.suffix in WEIGHT_SUFFIXES and (weights is None or f.name in weights):
-            h.update(f"{f.name}:{f.stat().st_size}".encode() + _content_sample(f))
+    inside = (
+        sorted(path / n for n in weights or () if "/" in n and (path / n).is_file()) if version >= 6 else []
+    )
+    for f in (
+        sorted(p for p in path.iterdir() if p.is_file()) + inside
+    ):  # (a transformers_weights in a subfolder)
+        name = f.relative_to(path).as_posix()
+        if f.suffix in WEIGHT_SUFFIXES and (weights is None or name in weights):
+            h.update(f"{name}:{f.stat().st_size}".encode() + _content_sample(f))
             if version >= 5 and f.suffix == ".safetensors":
                 h.update(_tensor_samples(f))
-        elif (
-            f.name == "config.json" or f.name in RUN_TIME_FILES or (weights is not None and f.name in weights)
-        ):
-            h.update(f"{f.name}:{_saved_content(f)}".encode())
+        elif name == "config.json" or name in RUN_TIME_FILES or (weights is not None and name in weights):
+            h.update(f"{name}:{_saved_content(f)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -485,7 +489,9 @@ def _explicit_weights(path: Path) -> str | None:
         name = json.loads((path / "config.json").read_bytes()).get("transformers_weights")
     except (OSError, ValueError, AttributeError):
         return None
-    return name if isinstance(name, str) and name and Path(name).name == name else None
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return None  # (transformers refuses one outside the folder)
+    return name
 
 
 def _gguf_tensor_samples(f: Path) -> bytes:
@@ -493,12 +499,12 @@ def _gguf_tensor_samples(f: Path) -> bytes:
     end of every tensor (read with the `gguf` package): 16 pieces of a file missed a fine-tune of only its
     norms (pass 50). Empty for a file gguf cannot read (its size and pieces still count). Reading the table
     takes ~2 s (the vocabulary is parsed too): kept for the file as it is (any write changes its mtime)."""
-    st = f.stat()
-    return _gguf_tensor_samples_of(str(f), st.st_size, st.st_mtime_ns, st.st_ino)
+    st = f.stat()  # (ctime too: a copy that restores the mtime, `cp --preserve=timestamps`, still sets it)
+    return _gguf_tensor_samples_of(str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 @functools.lru_cache(maxsize=8)
-def _gguf_tensor_samples_of(f: str, size: int, mtime_ns: int, inode: int) -> bytes:
+def _gguf_tensor_samples_of(f: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> bytes:
     import gguf
 
     h = hashlib.sha256()
@@ -596,12 +602,21 @@ def _converted_from(folder: Path) -> str | None:
 
 
 def _converted(
-    gguf: Path, name: str, cache_dir: str | os.PathLike | None, progress: Callable[[str], None] | None
+    gguf: Path,
+    name: str,
+    cache_dir: str | os.PathLike | None,
+    progress: Callable[[str], None] | None,
+    by_name: bool = False,
 ) -> Path:
+    """The cached conversion of `gguf` named `name`, made the first time. `by_name`: the name alone says which
+    GGUF (a .gguf path's name holds its path, size and mtime), so a folder of an older runner is kept (a 7B
+    model takes minutes to convert again) and the ~2 s reading of the GGUF's tensor table is spared."""
     from filelock import FileLock
 
     root = cache_root(cache_dir) / "models"
     target = root / name
+    if by_name and (target / "config.json").is_file():
+        return target
     source = _gguf_identity(gguf)
     # The folder only ever appears through the rename below, so its existence means a complete conversion; of
     # this very GGUF when its SOURCE_FILE says so (a cache kept from another release of the demo package, or
@@ -610,8 +625,8 @@ def _converted(
         return target
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f".{name}.lock")):
-        if _converted_from(target) == source:  # another process converted it while we waited for the lock
-            return target
+        if _converted_from(target) == source or (by_name and (target / "config.json").is_file()):
+            return target  # another process converted it while we waited for the lock
         # Holding the lock, nobody else is converting this name: leftovers are from killed runs (each is a full
         # model's worth of disk), and a target without config.json was not made by us.
         for stale in root.glob(f".{name}.*.tmp"):

@@ -251,6 +251,13 @@ def test_a_thawed_worker_leaves_the_takers_in_flight_record_alone(tmp_path):
     assert not path.exists()
     frozen.running([(4, 0)], [Suspect([(5, 0)])])  # removed by the taker: not the frozen one's to write again
     assert not path.exists()
+    # frozen after it took the unit, before its first batch: the taker's record is not the one it found
+    first = tmp_path / "inflight" / "00002.json"
+    late = InFlight(first, "late")
+    InFlight(first, "taker").running([(6, 0)], [])
+    late.running([(6, 0)], [])
+    late.settle([])
+    assert json.loads(first.read_text())["worker"] == "taker" and late.taken
     # its own record, settled and written again, is no taking over
     own = InFlight(tmp_path / "inflight" / "00001.json", "w")
     own.running([(1, 0)], [])

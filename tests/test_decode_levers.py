@@ -330,6 +330,30 @@ def test_greedy_twins_are_computed_once(gpt2_engine, monkeypatch, max_active):
     assert outs[0] is not outs[1] and outs[0].token_ids is not outs[1].token_ids  # each twin its own copy
 
 
+def test_twins_are_rows_whose_settings_read_the_same_not_only_compare_equal():
+    """Schemas whose keys come in another order, or `true` for `1`, compare equal as Python dicts but are other
+    settings (another key order is generated, `1` does not satisfy `{"const": true}`): never twins (pass 52)."""
+    from runner.engine import _greedy_twins
+
+    def row(schema):
+        return GenerationParams(max_new_tokens=8, json_schema=schema)
+
+    ab = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+    ba = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "integer"}}}
+    params = [
+        row(ab),
+        row(ba),
+        row({"const": True}),
+        row({"const": 1}),
+        row({"enum": [False]}),
+        row({"enum": [0]}),
+    ]
+    assert params[0] == params[1] and params[2] == params[3]  # (what dict equality says)
+    assert _greedy_twins([[1, 2]] * 6, params) == {r: [r] for r in range(6)}
+    again = [row(ab), row(dict(ab))]
+    assert _greedy_twins([[1, 2]] * 2, again) == {0: [0, 1]}  # the same text: twins
+
+
 # A start every prompt shares, as a chat template's system prompt or a few-shot instruction gives
 SHARED_START = (
     "Answer in one short sentence and do not repeat the question. Be kind, be brief and be exact.\n"

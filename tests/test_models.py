@@ -254,16 +254,18 @@ def test_a_typo_of_the_demo_alias_is_said_not_looked_up_on_the_hub(typo, tmp_pat
     )  # hub ids as given
 
 
-def test_weights_on_a_cpu_are_not_read_from_their_file_after_loading(tmp_path):
+@pytest.mark.parametrize("device_map", [None, "auto"])
+def test_weights_on_a_cpu_are_not_read_from_their_file_after_loading(tmp_path, device_map):
     """A checkpoint written over the model's file while a job runs (in place, as `rsync --inplace` or `dd`
     write) does not change the running job's weights: safetensors weights stayed mapped from the file (pass 50)."""
     import torch
     from tiny_models import build_tiny_gpt2
 
     from runner.engine import Engine
+    from runner.params import EngineOptions
 
     model = build_tiny_gpt2(tmp_path / "m", seed=0)
-    engine = Engine(str(model))
+    engine = Engine(str(model), EngineOptions(device="cpu", device_map=device_map))
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         before = engine.model(ids).logits.clone()
@@ -302,3 +304,8 @@ def test_a_converted_gguf_is_used_only_for_the_gguf_it_was_made_from(tmp_path, m
     (made / models.SOURCE_FILE).unlink()  # a conversion by an older runner: from which GGUF, nobody knows
     models._converted(second, "demo", tmp_path / "cache", None)
     assert converted == [first.read_text(), second.read_text(), second.read_text()]
+    # a .gguf path's folder is named by its path, size and mtime: one of an older runner is kept as it is
+    named = models._converted(first, "a-0123abcd", tmp_path / "cache", None, by_name=True)
+    (named / models.SOURCE_FILE).unlink()
+    assert models._converted(first, "a-0123abcd", tmp_path / "cache", None, by_name=True) == named
+    assert len(converted) == 4

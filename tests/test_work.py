@@ -398,7 +398,9 @@ def test_a_fine_tune_of_only_the_norms_or_the_biases_saved_over_the_model_is_ref
     assert state.state == "failed" and "is not the one job" in state.error
 
 
-@pytest.mark.parametrize("layout", ["stale index", "transformers_weights"])
+@pytest.mark.parametrize(
+    "layout", ["stale index", "transformers_weights", "transformers_weights in a subfolder"]
+)
 def test_the_weights_transformers_loads_are_the_ones_fingerprinted(
     prompts_file, tmp_path, runner_home, layout
 ):
@@ -418,11 +420,12 @@ def test_the_weights_transformers_loads_are_the_ones_fingerprinted(
         ))  # fmt: skip
         loaded = "model.safetensors"
     else:
-        shutil.move(model / "model.safetensors", model / "weights.safetensors")
+        loaded = "weights.safetensors" if layout == "transformers_weights" else "best/weights.safetensors"
+        (model / loaded).parent.mkdir(exist_ok=True)
+        shutil.move(model / "model.safetensors", model / loaded)
         cfg = json.loads((model / "config.json").read_text())
-        (model / "config.json").write_text(json.dumps({**cfg, "transformers_weights": "weights.safetensors"}))
+        (model / "config.json").write_text(json.dumps({**cfg, "transformers_weights": loaded}))
         (model / "model.safetensors").write_bytes(b"not loaded")
-        loaded = "weights.safetensors"
     job = submit(prompts_file, str(model))
     shutil.copy(other / "model.safetensors", model / loaded)
     assert work(runner_home, echo=None) == []
@@ -445,9 +448,11 @@ def test_a_gguf_fine_tune_of_only_its_norms_is_refused(prompts_file, tmp_path, r
     windows = [max(0, (size - SAMPLE_BYTES) * i // (SAMPLES_PER_FILE - 1)) for i in range(SAMPLES_PER_FILE)]
     norm = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name.endswith("norm.weight") and not any(
         w < t.data_offset + t.n_bytes and t.data_offset < w + SAMPLE_BYTES for w in windows))  # fmt: skip
+    st = path.stat()
     with open(path, "r+b") as f:  # one norm scaled in place, as a norm-only fine-tune saved over the file
         f.seek(int(norm.data_offset))
         f.write((np.asarray(norm.data, dtype=np.float32) * 1.01).astype(np.float32).tobytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # its times kept, as `cp --preserve=timestamps` does
     assert model_fingerprint(str(path), None, "5") == before["5"]  # (what version 5 missed)
     assert model_fingerprint(str(path), None, "6") != before["6"]
 
