@@ -354,14 +354,19 @@ def _own_memory(model: Any) -> Any:
     """`model` with every parameter and buffer it holds on the CPU in memory of its own. Loaded on a CPU (or
     placed there by a device map), safetensors weights stay mapped from their file, so a checkpoint copied over
     it while a job runs changed that job's weights in mid-run (`cp` truncates first: the worker died of SIGBUS;
-    an in-place write mixed two models: passes 50, 52). Weights on a GPU are copies already."""
+    an in-place write mixed two models: passes 50, 52). Weights on a GPU are copies already. Only while the
+    machine keeps twice their size free: mapped pages can be dropped and read again, copies cannot (a model
+    larger than the memory runs mapped, slowly, where copied it would be killed)."""
     import torch
 
+    from .kernels import _available_memory
+
+    tensors = [t for group in (model.parameters(), model.buffers()) for t in group if t.device.type == "cpu"]
+    if _available_memory() < 2 * sum(t.numel() * t.element_size() for t in tensors):
+        return model
     with torch.no_grad():
-        for tensors in (model.parameters(), model.buffers()):
-            for t in tensors:
-                if t.device.type == "cpu":
-                    t.data = t.data.clone()
+        for t in tensors:
+            t.data = t.data.clone()
     return model
 
 

@@ -309,3 +309,18 @@ def test_a_converted_gguf_is_used_only_for_the_gguf_it_was_made_from(tmp_path, m
     (named / models.SOURCE_FILE).unlink()
     assert models._converted(first, "a-0123abcd", tmp_path / "cache", None, by_name=True) == named
     assert len(converted) == 4
+
+
+def test_weights_larger_than_half_the_free_memory_stay_mapped(tmp_path, monkeypatch):
+    """Copied out of their file, weights can no longer be dropped from memory and read again: a model that
+    fits only mapped (a large one on a small machine, or one a device map offloads to the CPU) is left so."""
+    import torch
+
+    from runner import kernels
+
+    model = torch.nn.Linear(64, 64)
+    before = model.weight.data_ptr()
+    monkeypatch.setattr(kernels, "_available_memory", lambda: 2 * 64 * 65 * 4 - 1)
+    assert models._own_memory(model).weight.data_ptr() == before
+    monkeypatch.setattr(kernels, "_available_memory", lambda: 2 * 64 * 65 * 4)
+    assert models._own_memory(model).weight.data_ptr() != before
