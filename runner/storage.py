@@ -273,6 +273,8 @@ def append_line(path: str | os.PathLike, line: str, only_writer: bool = False) -
                     return
                 if only_writer:
                     os.ftruncate(fd, start[0])
+                elif _read_at(path, size - 1, 1) != b"\n":  # (others append too: the torn piece is ended)
+                    os.write(fd, b"\n")
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]

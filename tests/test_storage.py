@@ -163,6 +163,13 @@ def test_an_appended_line_is_there_once_whatever_the_mount_answered(tmp_path, mo
     storage.append_line(path, '{"id": "second"}', only_writer=True)
     storage.append_line(path, '{"id": "third"}', only_writer=True)
     assert path.read_text() == '{"id": "first"}\n{"id": "second"}\n{"id": "third"}\n'
+    # a file others append to too (log.txt) is not cut: a torn piece a failed try left ends on a line of its own
+    log = tmp_path / "log.txt"
+    log.write_text("started\n")
+    monkeypatch.setattr(storage.os, "write", wrap(os.write))
+    storage.append_line(log, "a line")
+    torn = "a l\n" if fault == "half written, reply lost" else ""
+    assert log.read_text() == "started\n" + torn + "a line\n"
 
 
 def test_a_rename_whose_reply_was_lost_is_done(tmp_path, monkeypatch):
