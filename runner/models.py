@@ -395,7 +395,8 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     files transformers loads (`loaded_weight_files`), and each tensor of a safetensors file at its start,
     middle and end (`_tensor_samples`). Version 6 finds those files in transformers' own order (a single
     model.safetensors before a stale sharded index beside it, config.json's `transformers_weights` first) and
-    samples each tensor of a GGUF file too (`_gguf_tensor_samples`)."""
+    samples each tensor of a GGUF file too (`_gguf_tensor_samples`), and counts the model's own code
+    (`_remote_code`)."""
     if int(version) >= 4:
         return f"{version}:{_fingerprint_v4(spec, config, int(version))}"
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
@@ -435,12 +436,11 @@ def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
         h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
         return h.hexdigest()[:16]
     weights = loaded_weight_files(path, version) if version >= 5 else None
-    inside = (
-        sorted(path / n for n in weights or () if "/" in n and (path / n).is_file()) if version >= 6 else []
-    )
-    for f in (
-        sorted(p for p in path.iterdir() if p.is_file()) + inside
-    ):  # (a transformers_weights in a subfolder)
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    if version >= 6:  # (a transformers_weights in a subfolder)
+        files += sorted(path / n for n in weights or () if "/" in n and (path / n).is_file())
+    code = _remote_code(path) if version >= 6 else set()
+    for f in files:
         name = f.relative_to(path).as_posix()
         if f.suffix in WEIGHT_SUFFIXES and (weights is None or name in weights):
             h.update(f"{name}:{f.stat().st_size}".encode() + _content_sample(f))
@@ -448,7 +448,28 @@ def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
                 h.update(_tensor_samples(f))
         elif name == "config.json" or name in RUN_TIME_FILES or (weights is not None and name in weights):
             h.update(f"{name}:{_saved_content(f)}".encode())
+        elif name in code:
+            h.update(f"{name}:{file_sha256(f)}".encode())
     return h.hexdigest()[:16]
+
+
+def _remote_code(path: Path) -> set[str]:
+    """The model's own code files (--trust-remote-code) that transformers imports: the modules config.json's
+    and tokenizer_config.json's `auto_map` name ("modeling_foo.FooForCausalLM" -> modeling_foo.py). Another
+    version of that code saved over the folder computes other results (version 6)."""
+    names: set[str] = set()
+    for config in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((path / config).read_bytes()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        refs = auto_map.values() if isinstance(auto_map, dict) else []
+        for ref in refs:
+            # ("repo--module.Class" is another repository's code)
+            for r in ref if isinstance(ref, list) else [ref]:
+                if isinstance(r, str) and "--" not in r and "." in r:
+                    names.add(r.rsplit(".", 1)[0] + ".py")
+    return names
 
 
 # What transformers loads from a folder, first found first (version 5: a sharded checkpoint's index first)

@@ -1087,3 +1087,21 @@ def test_a_commit_quarantined_by_another_process_is_taken_off_the_progress(tmp_p
     assert done and run.finished and run.generated == 10, run
     assert said[-1].startswith("8/8 rows (100.0%)"), said
     assert_exactly_once(job.dir, ref[1])
+
+
+def test_a_models_own_code_changed_under_a_job_is_refused(prompts_file, tmp_path, runner_home):
+    """A --trust-remote-code model computes with the code files its config's auto_map names: another version
+    of that code saved over the folder changed results without a word. Other .py files there do not count."""
+    from tiny_models import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "model")
+    cfg = json.loads((model / "config.json").read_text())
+    auto_map = {"AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "modeling_mine.MyModel"}
+    (model / "config.json").write_text(json.dumps({**cfg, "auto_map": auto_map}))
+    for name in ("configuration_mine.py", "modeling_mine.py", "train.py"):
+        (model / name).write_text("# version 1\n")
+    job = submit(prompts_file, str(model))
+    (model / "train.py").write_text("# edited: loaded by nothing\n")
+    assert runner.jobs.model_unchanged(job)
+    (model / "modeling_mine.py").write_text("# version 2\n")
+    assert not runner.jobs.model_unchanged(job)
