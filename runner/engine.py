@@ -42,7 +42,16 @@ from typing import Any
 from . import kernels, kvcache
 from .batching import left_pad
 from .errors import ModelLoadError, RunnerError, first_line
-from .models import context_window, eos_token_ids, load_model, load_tokenizer, pick_device, pick_dtype
+from .models import (
+    context_window,
+    eos_token_ids,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    resolve_model,
+    weight_file_stats,
+)
 from .params import EngineOptions, GenerationParams
 from .tokens import TokenText, decode_many, partial_tail_tokens
 
@@ -362,6 +371,9 @@ class Engine:
         self.tokenizer = load_tokenizer(model, self.options.trust_remote_code)
         t0 = time.perf_counter()
         self.model = load_model(model, self.options, self.device, self.dtype)
+        # weights left mapped from their files (too large to copy): their files as loaded (`weights_changed`)
+        mapped = getattr(self.model, "runner_weights_mapped", False)
+        self.mapped_files = weight_file_stats(resolve_model(model, progress=None)) if mapped else {}
         if self.options.device_map:  # inputs go where accelerate put the embeddings
             self.device = self.model.get_input_embeddings().weight.device
         # Same functions, faster kernels (kernels.py): oneDNN for small CPU matmuls, a fused GELU for GPT-2.
@@ -370,6 +382,14 @@ class Engine:
         self._guidance_tokenizer: Any = None  # llguidance's tokenizer, made for the first constraint
         self._read_model_facts()
         self._pick_speed_levers()
+
+    def weights_changed(self) -> str | None:
+        """Which weight file the model still reads from changed since it was loaded (a checkpoint written over
+        it while a job runs: the rows computed since mix two models), or None."""
+        if not self.mapped_files:
+            return None
+        now = weight_file_stats(resolve_model(self.spec, progress=None))
+        return next((name for name, st in self.mapped_files.items() if now.get(name) != st), None)
 
     def _read_model_facts(self) -> None:
         """EOS ids, pad id, context window, and how this model's forward names its arguments."""

@@ -363,11 +363,27 @@ def _own_memory(model: Any) -> Any:
 
     tensors = [t for group in (model.parameters(), model.buffers()) for t in group if t.device.type == "cpu"]
     if _available_memory() < 2 * sum(t.numel() * t.element_size() for t in tensors):
+        model.runner_weights_mapped = True  # (a worker then looks at the files before each commit)
         return model
     with torch.no_grad():
         for t in tensors:
             t.data = t.data.clone()
     return model
+
+
+def weight_file_stats(path: str) -> dict[str, tuple[int, ...]]:
+    """(size, mtime, ctime, inode) of each weight file transformers loads from the local folder `path` ({} for
+    anything else): any write to one changes them."""
+    folder = Path(path).expanduser()
+    names = loaded_weight_files(folder) if folder.is_dir() else None
+    stats = {}
+    for name in sorted(names or ()):
+        try:
+            st = (folder / name).stat()
+        except OSError:
+            continue
+        stats[name] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    return stats
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

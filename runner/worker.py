@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -571,6 +572,7 @@ class JobRun:
             return
         if not jobdir.still_holds(self.job, unit.index, unit.epoch):
             raise ClaimLost(unit.index)
+        self.check_weights()
         name = jobdir.commit_name(unit.index, unit.epoch, unit.seq)
         with self.claim_checked(unit):
             marker = self.publish(unit, name)
@@ -587,6 +589,17 @@ class JobRun:
         # read back (a longer step now): after the above, so that a Ctrl-C during it never commits twice
         self.verifier.remember(jobdir.Commit(name, unit.index, unit.epoch, marker))
         self.update_heartbeat()
+
+    def check_weights(self) -> None:
+        """Weights too large to copy are read from their files as the job runs: one written over since the model
+        loaded (a checkpoint saved over it) fails the job before its rows can mix two models."""
+        changed = self.engine.weights_changed() if self.engine is not None else None
+        if changed:
+            raise RunnerError(
+                f"the model's {changed} was written over while job {self.job.id} ran: its rows not saved yet are "
+                "discarded (they may mix two models); put that model back, then `runner retry "
+                f"{shlex.quote(str(self.job.dir))}`, or submit the file again as a new job for this one"
+            )
 
     @contextlib.contextmanager
     def claim_checked(self, unit: Unit) -> Iterator[None]:

@@ -324,3 +324,37 @@ def test_weights_larger_than_half_the_free_memory_stay_mapped(tmp_path, monkeypa
     assert models._own_memory(model).weight.data_ptr() == before
     monkeypatch.setattr(kernels, "_available_memory", lambda: 2 * 64 * 65 * 4)
     assert models._own_memory(model).weight.data_ptr() != before
+
+
+def test_a_job_whose_mapped_weights_are_written_over_stops_before_mixing_two_models(tmp_path, monkeypatch):
+    """Weights too large to copy stay mapped from their file: one written over while the job runs fails the
+    job at its next commit, the rows computed since unsaved, rather than mixing two models (pass 52)."""
+    from helpers import write_jsonl
+    from tiny_models import build_tiny_gpt2
+
+    import runner
+    from runner import EngineOptions, GenerationParams, jobdir, kernels
+    from runner.engine import Engine
+    from runner.jobs import create_job
+    from runner.worker import run_job
+
+    model = build_tiny_gpt2(tmp_path / "m", seed=0)
+    monkeypatch.setattr(kernels, "_available_memory", lambda: 0)  # a machine without room for a copy
+    engine = Engine(str(model))
+    assert engine.mapped_files and engine.weights_changed() is None
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"The old man said {i}"} for i in range(4)])
+    job = create_job(f, str(model), GenerationParams(max_new_tokens=2), EngineOptions(batch_size=1),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    real, commits = jobdir.write_marker, []
+
+    def write_marker(*args, **kwargs):
+        real(*args, **kwargs)
+        commits.append(1)
+        if len(commits) == 1:  # a checkpoint saved over the model, in place
+            weights = model / "model.safetensors"
+            weights.write_bytes(weights.read_bytes())
+
+    monkeypatch.setattr(jobdir, "write_marker", write_marker)
+    with pytest.raises(RunnerError, match="model.safetensors was written over while job .* ran"):
+        run_job(job, engine, echo=None, shard_rows=1)
+    assert len(commits) == 1 and len(runner.load_results(job.dir)) == 1
