@@ -482,15 +482,16 @@ class Engine:
             on_finish = on_finish and (
                 lambda r, tokens, each=on_finish: [each(t, tokens) for t in twins[firsts[r]]]
             )
-        with torch.inference_mode():
-            try:
-                outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
-            except kvcache.GroupingUnsupported:
-                # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
-                self._grouped = False
-                outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
-            except NumericalError as e:  # (its rows are the firsts': the caller splits its own rows)
-                raise NumericalError([t for r in e.rows for t in twins[firsts[r]]]) from None
+        try:
+            with torch.inference_mode():
+                try:
+                    outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
+                except kvcache.GroupingUnsupported:
+                    # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
+                    self._grouped = False
+                    outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
+        except NumericalError as e:  # (its rows are the firsts': the caller splits its own rows)
+            raise NumericalError([t for r in e.rows for t in twins[firsts[r]]]) from None
         return _copied_to_twins(twins, outs)
 
     def transformers_generate(

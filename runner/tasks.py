@@ -189,8 +189,12 @@ def generate_keys(engine: Engine, keys: list[tuple[int, int]], rows: list[Any], 
     if mine:
         prompts = [batch[i] for i in mine]
         on_finish = None if finished is None else (lambda j, tokens: finished(keys[mine[j]], tokens))
-        done = engine.generate(prompts, [rows[i] for i in mine], [seeds[i] for i in mine], stop=stop,
-                               max_active=slots(prompts) if slots else None, on_finish=on_finish, on_step=stepped)  # fmt: skip
+        try:
+            done = engine.generate(prompts, [rows[i] for i in mine], [seeds[i] for i in mine], stop=stop,
+                                   max_active=slots(prompts) if slots else None, on_finish=on_finish,
+                                   on_step=stepped)  # fmt: skip
+        except NumericalError as e:  # (its rows are positions in `mine`: the caller splits `keys`)
+            raise NumericalError([mine[j] for j in e.rows]) from None
         out.update(zip(mine, done, strict=True))
     return [out[i] for i in range(len(keys))]
 

@@ -382,3 +382,26 @@ def test_a_failed_batch_is_released_before_its_rows_are_computed_again(failure):
     engine = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
     got = isolating(engine, compute, [(0, 0), (1, 0), (2, 0)], Isolation())
     assert got == [("row", 0, 0), ("row", 1, 0), ("row", 2, 0)]
+
+
+def test_a_numerical_error_names_the_callers_rows(tiny_gpt2, monkeypatch):
+    """The engine computes greedy twins once, and a batch's beam rows go through transformers: the rows a
+    NumericalError names are still positions in the caller's own keys (it named a twin of the bad row, or the
+    key after a beam row, and the split that followed recomputed good rows: pass 53)."""
+    from runner.engine import Engine
+    from runner.tasks import generate_keys
+
+    engine = Engine(tiny_gpt2)
+    a, b = (engine.tokenizer(t)["input_ids"] for t in ("The quick brown fox", "My friend"))
+
+    def nan_for_b(prompts, *args, **kwargs):  # prompt b's logits are NaN, wherever it is in the batch
+        raise NumericalError([i for i, p in enumerate(prompts) if p == b])
+
+    monkeypatch.setattr(engine, "_generate", nan_for_b)
+    greedy, beam = GenerationParams(max_new_tokens=3), GenerationParams(max_new_tokens=3, num_beams=2)
+    with pytest.raises(NumericalError) as e:
+        engine.generate([a, a, b, a, b], greedy)
+    assert e.value.rows == [2, 4]
+    with pytest.raises(NumericalError) as e:
+        generate_keys(engine, [(0, 0), (1, 0), (2, 0)], [beam, greedy, greedy], [0, 1, 2], [a, a, b])
+    assert e.value.rows == [2]
