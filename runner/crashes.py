@@ -121,9 +121,8 @@ class InFlight:
         self._on_disk = storage.kind(self.path) == "file"
         # the checksum of the record this worker expects there (the one it found, then its own; None: none)
         self._expected = _check_of(self._read()) if self._on_disk else None
-        self.taken = (
-            False  # another worker's record stands where this one's was expected: the unit is its now
-        )
+        # another worker's record stands where this one's was expected: the unit is that worker's now
+        self.taken = False
 
     def read(self) -> dict[str, Any] | None:
         return self._read() if self._on_disk else None
