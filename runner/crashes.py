@@ -25,7 +25,8 @@ crashes workers silently costs four restarts, and holds up no other row; one tha
 (one with a batch of one row: a device error is conclusive).
 A worker that stops cleanly (Ctrl-C, SIGTERM, deadline, an ordinary error) keeps the suspects it has not run
 yet and does not count the batch it was computing as a crash. Nor is one counted when the record's writer
-provably lives: stopped on this machine (SIGSTOP: frozen past its lease, then taken over), or this very worker.
+provably lives: stopped on this machine (SIGSTOP: frozen past its lease, then taken over), or this very worker;
+the deaths its batch had before still count.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,10 +116,13 @@ def silent_crash_message(crashes: int) -> str:
 class InFlight:
     """This worker's in-flight record in one job folder."""
 
-    def __init__(self, path: Path, worker: str, owner: Owner | None = None):
+    def __init__(
+        self, path: Path, worker: str, owner: Owner | None = None, holds: Callable[[], bool] | None = None
+    ):
         self.path = Path(path)  # inflight/UUUUU.json: the record of one unit of a job
         self.worker = worker
         self.owner = owner  # recorded, so that a reader can tell a frozen writer from a dead one
+        self.holds = holds  # whether this worker still holds the unit (asked when another's record is there)
         self._on_disk = storage.kind(self.path) == "file"
         # the checksum of the record this worker expects there (the one it found, then its own; None: none)
         self._expected = _check_of(self._read()) if self._on_disk else None
@@ -167,7 +172,12 @@ class InFlight:
                 out.first.append(Suspect(running, crashes))  # most likely a plain kill: the same batch again
                 out.retried_batch = True
             seen = set(running)
-            for entry in rec.get("suspects", []):
+            entries = list(rec.get("suspects", []))
+            if lives and int(rec.get("crashes", 0)):  # its batch is no new crash, but keeps the ones it had
+                entries.insert(
+                    0, {k: rec[k] for k in ("crashes", "isolated") if k in rec} | {"keys": recorded}
+                )
+            for entry in entries:
                 keys = [k for k in (_key(x) for x in entry["keys"]) if k in todo and k not in seen]
                 seen.update(keys)
                 if keys:
@@ -228,10 +238,14 @@ class InFlight:
         or its own: this worker was frozen past its lease and its unit taken over, and the record is the
         taker's to keep (its commits will be refused as a lost claim; until then it must not clear the taker's
         record of what it is computing, nor put its own in its place: passes 48, 52). A record that cannot be
-        read (gone, torn, a stale listing of a network mount) proves nothing."""
+        read (gone, torn, a stale listing of a network mount) proves nothing, and neither does a record of
+        another worker's while this one still holds the unit (`holds`): that one was frozen, then continued,
+        and wrote late; the holder writes over it (pass 54)."""
         if not self.taken:
             now = _check_of(self._read())
-            self.taken = now is not None and now != self._expected
+            if now is not None and now != self._expected:
+                self.taken = self.holds is None or not self.holds()
+                self._expected = now  # (still the holder: its next write replaces the late one)
         return self.taken
 
 

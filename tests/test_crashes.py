@@ -178,8 +178,9 @@ def _owner(kind):
         # a batch of one row by plan died: the same batch again, then the row on its own, as any batch
         ({"running": [[2, 0]], "isolated": False}, [[2]], [], []),
         ({"running": [[2, 0]], "isolated": False, "crashes": 1}, [[2]], [], []),
-        # its writer is stopped on this machine (frozen past its lease, taken over): no crash, nothing isolated
-        ({"running": [[2, 0]], "crashes": 1, "isolated": True, "owner": "stopped"}, [], [], []),
+        # its writer is stopped on this machine (frozen past its lease, taken over): no new crash, but the
+        # deaths before it still count (the row that died alone once waits at the end: pass 54)
+        ({"running": [[2, 0]], "crashes": 1, "isolated": True, "owner": "stopped"}, [], [[2]], []),
         (
             {"running": [[1, 0], [2, 0]], "owner": "stopped", "suspects": [_group(3, crashes=1)]},
             [],
@@ -187,7 +188,8 @@ def _owner(kind):
             [],
         ),
         # ... or it is this very worker (it lost its claim, then took the unit again)
-        ({"running": [[2, 0]], "crashes": 1, "isolated": True, "worker": "w"}, [], [], []),
+        ({"running": [[2, 0]], "crashes": 1, "isolated": True, "worker": "w"}, [], [[2]], []),
+        ({"running": [[1, 0], [2, 0]], "worker": "w"}, [], [], []),
         # ... but one that has ended did die, one that runs without a heartbeat hangs on the row, and a device
         # error counts whoever wrote it
         ({"running": [[2, 0]], "crashes": 1, "isolated": True, "owner": "exited"}, [], [], [(2, 0)]),
@@ -238,9 +240,9 @@ def test_a_thawed_worker_leaves_the_takers_in_flight_record_alone(tmp_path):
     own in its place before its next batch (its commit then finds the claim lost). Without the record, a row
     that kills the taker would not be isolated."""
     path = tmp_path / INFLIGHT
-    frozen = InFlight(path, "frozen")
+    frozen = InFlight(path, "frozen", holds=lambda: False)  # (its claim was taken over)
     frozen.running([(1, 0), (2, 0)], [])
-    taker = InFlight(path, "taker")
+    taker = InFlight(path, "taker", holds=lambda: True)
     assert taker.recover({(1, 0), (2, 0)}).first  # (the frozen one's batch: run again first)
     taker.running([(1, 0), (2, 0)], [])
     frozen.settle([])  # the thawed worker's batch ends
@@ -253,11 +255,18 @@ def test_a_thawed_worker_leaves_the_takers_in_flight_record_alone(tmp_path):
     assert not path.exists()
     # frozen after it took the unit, before its first batch: the taker's record is not the one it found
     first = tmp_path / "inflight" / "00002.json"
-    late = InFlight(first, "late")
-    InFlight(first, "taker").running([(6, 0)], [])
+    late = InFlight(first, "late", holds=lambda: False)
+    holder = InFlight(first, "taker", holds=lambda: True)
+    holder.running([(6, 0)], [])
     late.running([(6, 0)], [])
     late.settle([])
     assert json.loads(first.read_text())["worker"] == "taker" and late.taken
+    # the holder finds a late record of the frozen one's (continued, it wrote before its commit found the claim
+    # lost): not a taking over, and the holder's own next record replaces it (pass 54)
+    holder.settle([])
+    InFlight(first, "late").running([(7, 0)], [])
+    holder.running([(8, 0)], [])
+    assert json.loads(first.read_text())["running"] == [[8, 0]] and not holder.taken
     # its own record, settled and written again, is no taking over
     own = InFlight(tmp_path / "inflight" / "00001.json", "w")
     own.running([(1, 0)], [])
@@ -265,6 +274,21 @@ def test_a_thawed_worker_leaves_the_takers_in_flight_record_alone(tmp_path):
     own.running([(2, 0)], [Suspect([(3, 0)])])
     own.settle([Suspect([(3, 0)])])
     assert json.loads(own.path.read_text())["suspects"] and not own.taken
+
+
+def test_a_frozen_workers_batch_keeps_the_crashes_it_had(tmp_path, monkeypatch):
+    """A batch that killed one worker, run again by another that was frozen past its lease and taken over: the
+    frozen worker's batch is no new crash, but the death before it still counts (the batch was planned as a
+    fresh one, and each such takeover cost the poison row one more death: pass 54)."""
+    from runner.jobdir import Owner
+
+    path = tmp_path / INFLIGHT
+    InFlight(path, "frozen", Owner("frozen", "host", 1, None, None, None)).running(
+        [(2, 0), (3, 0)], [], crashes=1
+    )
+    monkeypatch.setattr(Owner, "provably_stopped", lambda self: True)
+    rec = InFlight(path, "taker").recover({(r, 0) for r in range(6)})
+    assert [(g.keys, g.crashes) for g in rec.first] == [([(2, 0), (3, 0)], 1)] and not rec.retried_batch
 
 
 def test_a_clean_stop_keeps_the_suspects_and_does_not_count_a_crash(job, reference, gpt2_engine):
