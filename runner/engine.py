@@ -371,9 +371,10 @@ class Engine:
         self.tokenizer = load_tokenizer(model, self.options.trust_remote_code)
         t0 = time.perf_counter()
         self.model = load_model(model, self.options, self.device, self.dtype)
-        # weights left mapped from their files (too large to copy): their files as loaded (`weights_changed`)
+        # weights left mapped from their files (too large to copy): their folder and files as loaded
         mapped = getattr(self.model, "runner_weights_mapped", False)
-        self.mapped_files = weight_file_stats(resolve_model(model, progress=None)) if mapped else {}
+        self.mapped_folder = resolve_model(model, progress=None) if mapped else None
+        self.mapped_files = weight_file_stats(self.mapped_folder) if self.mapped_folder else {}
         if self.options.device_map:  # inputs go where accelerate put the embeddings
             self.device = self.model.get_input_embeddings().weight.device
         # Same functions, faster kernels (kernels.py): oneDNN for small CPU matmuls, a fused GELU for GPT-2.
@@ -386,9 +387,11 @@ class Engine:
     def weights_changed(self) -> str | None:
         """Which weight file the model still reads from changed since it was loaded (a checkpoint written over
         it while a job runs: the rows computed since mix two models), or None."""
-        if not self.mapped_files:
+        if not self.mapped_folder or not self.mapped_files:
             return None
-        now = weight_file_stats(resolve_model(self.spec, progress=None))
+        now = weight_file_stats(
+            self.mapped_folder
+        )  # (the demo's cache: not resolved, and its GGUF read, again)
         return next((name for name, st in self.mapped_files.items() if now.get(name) != st), None)
 
     def _read_model_facts(self) -> None:

@@ -443,9 +443,7 @@ def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
     h = hashlib.sha256()
     gguf = _gguf_source(spec)
     if gguf is not None:
-        h.update(f"gguf:{gguf.stat().st_size}".encode() + _content_sample(gguf))
-        if version >= 6:
-            h.update(_gguf_tensor_samples(gguf))
+        h.update(_gguf_content(gguf, version))
         return h.hexdigest()[:16]
     path = Path(spec).expanduser()
     if not path.is_dir():  # a hub id: its commit
@@ -627,10 +625,15 @@ def _content_sample(f: Path) -> bytes:
 SOURCE_FILE = "runner-source.json"  # in a converted folder: the GGUF it was converted from
 
 
+def _gguf_content(gguf: Path, version: int = int(FINGERPRINT_VERSION)) -> bytes:
+    """What a fingerprint reads of a GGUF file: its size, 16 pieces of it, and (version 6) every tensor sampled."""
+    content = f"gguf:{gguf.stat().st_size}".encode() + _content_sample(gguf)
+    return content + _gguf_tensor_samples(gguf) if version >= 6 else content
+
+
 def _gguf_identity(gguf: Path) -> str:
-    """A GGUF file's content, as a fingerprint sees it: its size, 16 pieces of it and every tensor sampled."""
-    h = hashlib.sha256(f"{gguf.stat().st_size}".encode() + _content_sample(gguf) + _gguf_tensor_samples(gguf))
-    return h.hexdigest()[:32]
+    """A GGUF file's content, as a fingerprint sees it (the cached conversion of it names it)."""
+    return hashlib.sha256(_gguf_content(gguf)).hexdigest()[:32]
 
 
 def _converted_from(folder: Path) -> str | None:
@@ -657,18 +660,20 @@ def _converted(
 
     root = cache_root(cache_dir) / "models"
     target = root / name
-    if by_name and (target / "config.json").is_file():
-        return target
-    source = _gguf_identity(gguf)
-    # The folder only ever appears through the rename below, so its existence means a complete conversion; of
-    # this very GGUF when its SOURCE_FILE says so (a cache kept from another release of the demo package, or
-    # shared on Drive, held another model under the same name: pass 50)
-    if _converted_from(target) == source:
+    source = None if by_name else _gguf_identity(gguf)
+
+    def ready() -> bool:
+        # The folder only ever appears through the rename below, so its existence means a complete conversion;
+        # of this very GGUF when its SOURCE_FILE says so (a cache kept from another release of the demo package,
+        # or shared on Drive, held another model under the same name: pass 50)
+        return (target / "config.json").is_file() if by_name else _converted_from(target) == source
+
+    if ready():
         return target
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f".{name}.lock")):
-        if _converted_from(target) == source or (by_name and (target / "config.json").is_file()):
-            return target  # another process converted it while we waited for the lock
+        if ready():  # another process converted it while we waited for the lock
+            return target
         # Holding the lock, nobody else is converting this name: leftovers are from killed runs (each is a full
         # model's worth of disk), and a target without config.json was not made by us.
         for stale in root.glob(f".{name}.*.tmp"):
@@ -679,7 +684,8 @@ def _converted(
         tmp = root / f".{name}.{os.getpid()}.tmp"
         try:
             _convert(gguf, tmp)
-            (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf), "identity": source}) + "\n")
+            identity = source or _gguf_identity(gguf)
+            (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf), "identity": identity}) + "\n")
             os.replace(tmp, target)  # a kill before this line leaves only a temp folder, never a half cache
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

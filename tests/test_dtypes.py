@@ -139,6 +139,16 @@ def test_a_half_precision_job_writes_finite_results(tiny_llama, dtype, tmp_path,
     assert all(math.isfinite(x) for lps in scores["token_logprobs"] for x in lps)
 
 
+def _what_it_says_of_mixing(job, engine, rows=None):
+    """Run `job` (its first `rows` batches, or to the end), a shard per row; the lines it says of mixing."""
+    from runner.worker import run_job
+
+    said, batches = [], []
+    stop = None if rows is None else (lambda: batches.append(1) or len(batches) > rows)
+    run_job(job, engine, echo=said.append, shard_rows=1, should_stop=stop)
+    return [line for line in said if "mix the two" in line]
+
+
 def test_a_job_carried_on_in_another_precision_says_so(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch):
     """Begun on an A100 (auto: bfloat16), carried on on a Colab T4 (auto: float16): the results mix the two
     precisions, which is allowed but said. Each shard records the precision and device kind of its rows."""
@@ -147,15 +157,11 @@ def test_a_job_carried_on_in_another_precision_says_so(tmp_path, tiny_gpt2, gpt2
 
     import runner.worker as worker_module
     from runner.jobs import create_job
-    from runner.worker import run_job
 
     def on(device, dtype, rows=None):
         monkeypatch.setattr(worker_module, "device_kind", lambda engine: device)
         monkeypatch.setattr(worker_module, "dtype_name", lambda engine: dtype)
-        said, batches = [], []
-        stop = None if rows is None else (lambda: batches.append(1) or len(batches) > rows)
-        run_job(job, gpt2_engine, echo=said.append, shard_rows=1, should_stop=stop)
-        return [line for line in said if "mix the two" in line]
+        return _what_it_says_of_mixing(job, gpt2_engine, rows)
 
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"The old man said {i}"} for i in range(4)])
     job = create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(batch_size=1),
@@ -181,14 +187,10 @@ def test_a_job_carried_on_with_other_library_versions_says_so(tmp_path, tiny_gpt
 
     import runner.worker as worker_module
     from runner.jobs import create_job
-    from runner.worker import run_job
 
     def on(versions, rows=None):
         monkeypatch.setattr(worker_module, "library_versions", lambda: versions)
-        said, batches = [], []
-        stop = None if rows is None else (lambda: batches.append(1) or len(batches) > rows)
-        run_job(job, gpt2_engine, echo=said.append, shard_rows=1, should_stop=stop)
-        return [line for line in said if "mix the two" in line]
+        return _what_it_says_of_mixing(job, gpt2_engine, rows)
 
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"The old man said {i}"} for i in range(3)])
     job = create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(batch_size=1),
