@@ -25,8 +25,9 @@ crashes workers silently costs four restarts, and holds up no other row; one tha
 (one with a batch of one row: a device error is conclusive).
 A worker that stops cleanly (Ctrl-C, SIGTERM, deadline, an ordinary error) keeps the suspects it has not run
 yet and does not count the batch it was computing as a crash. Nor is one counted when the record's writer
-provably lives: stopped on this machine (SIGSTOP: frozen past its lease, then taken over), or this very worker;
-the deaths its batch had before still count.
+provably lives: stopped on this machine (SIGSTOP: frozen past its lease, then taken over), renewing its
+heartbeat again (continued just before its record was read), or this very worker; the deaths its batch had
+before still count.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from .errors import RunnerError
 from .jobdir import Owner
 
 SILENT_CRASHES = 2  # silent deaths of workers computing the same keys: a batch is split, a lone key set aside
+# seconds a worker waits for a heartbeat from a record's writer that runs on this machine without one (a process
+# continued after it was frozen past its lease renews at once; one that hangs never does)
+THAW_GRACE_SECONDS = 5.0
 # What torch raises once the device is broken for this process (sticky CUDA errors). Out-of-memory errors
 # also say "CUDA error" at times; those are not poison: the worker splits the batch and goes on.
 DEVICE_ERRORS = (
@@ -117,12 +121,18 @@ class InFlight:
     """This worker's in-flight record in one job folder."""
 
     def __init__(
-        self, path: Path, worker: str, owner: Owner | None = None, holds: Callable[[], bool] | None = None
+        self,
+        path: Path,
+        worker: str,
+        owner: Owner | None = None,
+        holds: Callable[[], bool] | None = None,
+        beats: Callable[[str], bool] | None = None,
     ):
         self.path = Path(path)  # inflight/UUUUU.json: the record of one unit of a job
         self.worker = worker
         self.owner = owner  # recorded, so that a reader can tell a frozen writer from a dead one
         self.holds = holds  # whether this worker still holds the unit (asked when another's record is there)
+        self.beats = beats  # whether worker W's heartbeat in the job is fresh now (asked of records' writers)
         self._on_disk = storage.kind(self.path) == "file"
         # the checksum of the record this worker expects there (the one it found, then its own; None: none)
         self._expected = _check_of(self._read()) if self._on_disk else None
@@ -188,11 +198,28 @@ class InFlight:
         return out
 
     def _writer_lives(self, rec: dict[str, Any]) -> bool:
-        """The record's writer did not die: it is this worker (it lost its claim and took the unit again), or
-        a process stopped on this machine (frozen past its lease by SIGSTOP, taken over; it goes on when
-        continued). Its batch is no crash."""
+        """The record's writer did not die: it is this worker (it lost its claim and took the unit again), a
+        process stopped on this machine (frozen past its lease by SIGSTOP, taken over; it goes on when
+        continued), or one that renews its heartbeat after all (`_beats_again`). Its batch is no crash."""
+        if rec.get("worker") == self.worker:
+            return True
         writer = Owner.from_dict(rec["owner"]) if "owner" in rec else None
-        return rec.get("worker") == self.worker or (writer is not None and writer.provably_stopped())
+        return writer is not None and (writer.provably_stopped() or self._beats_again(writer))
+
+    def _beats_again(self, writer: Owner) -> bool:
+        """The writer's heartbeat is fresh again: it was frozen past its lease (a suspended VM or laptop,
+        SIGSTOP) and continued just before this worker read its record. One that runs on this machine has
+        THAW_GRACE_SECONDS to renew it (a continued process does at once); one that hangs on the row without a
+        heartbeat does not, and its batch counts as a crash (pass 54: a good row was set aside after three
+        plain kills and such a thaw)."""
+        if self.beats is None or writer.provably_dead():
+            return False
+        deadline = time.monotonic() + (THAW_GRACE_SECONDS if writer.provably_running() else 0.0)
+        while not self.beats(writer.worker):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def running(
         self,

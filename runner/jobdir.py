@@ -456,17 +456,27 @@ class Owner:
         return self.start is not None and _pid_start(self.pid) not in (None, self.start)
 
     def provably_stopped(self) -> bool:
-        """True only when the owner's process is on this machine now (the same boot, PID namespace, pid and
-        start time) and stopped by a signal (SIGSTOP, SIGTSTP: frozen, it goes on once continued). A process
-        that runs but whose heartbeat ended (hung) is not. Anywhere else only the heartbeat can tell."""
-        if not self._on_this_machine():
-            return False
+        """True only when the owner's process is on this machine now and stopped by a signal (SIGSTOP, SIGTSTP:
+        frozen, it goes on once continued). A process that runs but whose heartbeat ended (hung) is not.
+        Anywhere else only the heartbeat can tell."""
+        return self._state_here() in ("T", "t")
+
+    def provably_running(self) -> bool:
+        """True only when the owner's process is on this machine now, neither stopped nor ended: it runs, or
+        waits on something (a heartbeat may yet come from it)."""
+        return self._state_here() not in (None, "T", "t", "Z", "X", "x")
+
+    def _state_here(self) -> str | None:
+        """The state letter of the owner's process (/proc/PID/stat) when it is on this machine now: the same
+        boot, PID namespace, pid and start time; None anywhere else."""
+        if not self._on_this_machine() or self.start is None:
+            return None
         try:
             stat = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError:
-            return False
+            return None
         state = stat.rsplit(")", 1)[-1].split()[:1]
-        return state in (["T"], ["t"]) and self.start is not None and _stat_start(stat) == self.start
+        return state[0] if state and _stat_start(stat) == self.start else None
 
 
 def new_worker_id() -> str:

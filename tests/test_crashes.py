@@ -138,8 +138,9 @@ def _group(*rows, crashes=0):
 
 
 def _owner(kind):
-    """An Owner of this machine: this process ("me", running), one that has ended ("exited"), or one stopped
-    by SIGSTOP ("stopped", as a worker frozen past its lease); and the process to end afterwards."""
+    """An Owner of this machine: this process ("me", running), one that has ended ("exited"), one stopped
+    by SIGSTOP ("stopped", as a worker frozen past its lease), or another that runs ("running"); and the process
+    to end afterwards."""
     import subprocess
     import sys
     import time
@@ -153,7 +154,7 @@ def _owner(kind):
     if kind == "exited":
         proc.kill()
         proc.wait()
-    else:
+    elif kind == "stopped":
         proc.send_signal(signal.SIGSTOP)
         stat = Path(f"/proc/{proc.pid}/stat")
         while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":  # the signal lands at once; seen here
@@ -289,6 +290,62 @@ def test_a_frozen_workers_batch_keeps_the_crashes_it_had(tmp_path, monkeypatch):
     monkeypatch.setattr(Owner, "provably_stopped", lambda self: True)
     rec = InFlight(path, "taker").recover({(r, 0) for r in range(6)})
     assert [(g.keys, g.crashes) for g in rec.first] == [([(2, 0), (3, 0)], 1)] and not rec.retried_batch
+
+
+def test_a_writer_continued_just_before_its_record_is_read_is_no_crash(tmp_path, monkeypatch):
+    """The row died alone once; then a worker running it alone was frozen past its lease and is continued just
+    as its taker reads its record: it runs (neither stopped nor dead) and renews its heartbeat a moment later.
+    Its batch is no crash: the row waits at the end, not set aside (pass 54 D2: three plain kills and such a
+    thaw set a good row aside). One that runs on without renewing it (hung on the row) still counts, and so does
+    a writer elsewhere whose heartbeat stays stale; a writer elsewhere is not waited for."""
+    import runner.crashes as crashes
+
+    owner, proc = _owner("running")
+    record = {"running": [[2, 0]], "crashes": 1, "isolated": True}
+
+    def recover(owner, beats):
+        rec = {**record, "owner": owner}
+        (tmp_path / INFLIGHT).parent.mkdir(exist_ok=True)
+        (tmp_path / INFLIGHT).write_text(json.dumps({**rec, "check": storage.json_checksum(rec)}))
+        got = InFlight(tmp_path / INFLIGHT, "w", beats=beats).recover({(r, 0) for r in range(4)})
+        return [[r for r, _ in x.keys] for x in got.last], [k for k, _ in got.culprits]
+
+    asked = []
+    try:
+        monkeypatch.setattr(crashes, "THAW_GRACE_SECONDS", 3600.0)  # (renewed at the 3rd look, however slow)
+        assert recover(owner, lambda w: asked.append(w) or len(asked) >= 3) == ([[2]], [])
+        assert asked == [owner["worker"]] * 3
+        monkeypatch.setattr(crashes, "THAW_GRACE_SECONDS", 0.0)
+        assert recover(owner, lambda w: False) == ([], [(2, 0)])  # hung: its heartbeat never comes
+    finally:
+        proc.kill()
+        proc.wait()
+    monkeypatch.setattr(crashes, "THAW_GRACE_SECONDS", 3600.0)
+    elsewhere, asked = {**owner, "boot": "another-machine"}, []
+    assert recover(elsewhere, lambda w: asked.append(w) or False) == ([], [(2, 0)]) and len(asked) == 1
+    assert recover(elsewhere, lambda w: True) == ([[2]], [])  # its heartbeat is fresh again: it lives
+    assert recover(owner, lambda w: True) == ([], [(2, 0)])  # ended: it died whatever its heartbeat says
+
+
+def test_a_worker_asks_for_the_heartbeat_of_a_records_writer(job, reference):
+    """Wiring of the rule above in a real worker: the writer of the record runs on this machine and its heartbeat
+    in the job is fresh (continued after its unit was taken over), so the row that died alone once completes."""
+    from runner.jobdir import Heartbeat, Owner
+
+    owner, proc = _owner("running")
+    try:
+        rec = {"running": [[int(BAD[1:]), 0]], "crashes": 1, "isolated": True, "owner": owner}
+        rec = {**rec, "worker": owner["worker"]}
+        (job.dir / INFLIGHT).parent.mkdir(exist_ok=True)
+        (job.dir / INFLIGHT).write_text(json.dumps({**rec, "check": storage.json_checksum(rec)}))
+        (job.dir / "workers").mkdir(exist_ok=True)
+        Heartbeat(job, Owner.from_dict(owner), ttl=3600.0).beat()
+        code, out = run_worker(job.dir.parent)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 0 and read_state(job.dir).state == "completed", out
+    assert read_errors(job.dir) == [] and assert_exactly_once(job.dir, reference[1]) == N_ROWS
 
 
 def test_a_clean_stop_keeps_the_suspects_and_does_not_count_a_crash(job, reference, gpt2_engine):
