@@ -26,8 +26,8 @@ crashes workers silently costs four restarts, and holds up no other row; one tha
 A worker that stops cleanly (Ctrl-C, SIGTERM, deadline, an ordinary error) keeps the suspects it has not run
 yet and does not count the batch it was computing as a crash. Nor is one counted when the record's writer
 provably lives: stopped on this machine (SIGSTOP: frozen past its lease, then taken over), renewing its
-heartbeat again (continued just before its record was read), or this very worker; the deaths its batch had
-before still count.
+heartbeat or settling its batch while the taker waits (continued just before its record was read, or its
+heartbeat file damaged), or this very worker; the deaths its batch had before still count.
 """
 
 from __future__ import annotations
@@ -42,12 +42,16 @@ from typing import Any
 
 from . import storage
 from .errors import RunnerError
-from .jobdir import Owner
+from .jobdir import LEASE_TTL, Owner
 
 SILENT_CRASHES = 2  # silent deaths of workers computing the same keys: a batch is split, a lone key set aside
-# seconds a worker waits for a heartbeat from a record's writer that runs on this machine without one (a process
-# continued after it was frozen past its lease renews at once; one that hangs never does)
+# seconds a worker waits, beyond the writer's heartbeat period, for a sign of life from a record's writer that runs
+# on this machine without a fresh heartbeat (continued after it was frozen past its lease, or its heartbeat file
+# damaged: it renews within a period; one that hangs never does)
 THAW_GRACE_SECONDS = 5.0
+LONGEST_WAIT = (
+    300.0  # seconds: the longest heartbeat period waited for (a lease of an hour beats every 15 min)
+)
 # What torch raises once the device is broken for this process (sticky CUDA errors). Out-of-memory errors
 # also say "CUDA error" at times; those are not poison: the worker splits the batch and goes on.
 DEVICE_ERRORS = (
@@ -127,12 +131,14 @@ class InFlight:
         owner: Owner | None = None,
         holds: Callable[[], bool] | None = None,
         beats: Callable[[str], bool] | None = None,
+        lease: float = LEASE_TTL,
     ):
         self.path = Path(path)  # inflight/UUUUU.json: the record of one unit of a job
         self.worker = worker
         self.owner = owner  # recorded, so that a reader can tell a frozen writer from a dead one
         self.holds = holds  # whether this worker still holds the unit (asked when another's record is there)
         self.beats = beats  # whether worker W's heartbeat in the job is fresh now (asked of records' writers)
+        self.lease = lease  # this worker's lease (recorded: its heartbeat period is a quarter of it)
         self._on_disk = storage.kind(self.path) == "file"
         # the checksum of the record this worker expects there (the one it found, then its own; None: none)
         self._expected = _check_of(self._read()) if self._on_disk else None
@@ -200,26 +206,35 @@ class InFlight:
     def _writer_lives(self, rec: dict[str, Any]) -> bool:
         """The record's writer did not die: it is this worker (it lost its claim and took the unit again), a
         process stopped on this machine (frozen past its lease by SIGSTOP, taken over; it goes on when
-        continued), or one that renews its heartbeat after all (`_beats_again`). Its batch is no crash."""
+        continued), or one that shows it lives after all (`_shows_life`). Its batch is no crash."""
         if rec.get("worker") == self.worker:
             return True
         writer = Owner.from_dict(rec["owner"]) if "owner" in rec else None
-        return writer is not None and (writer.provably_stopped() or self._beats_again(writer))
+        return writer is not None and (writer.provably_stopped() or self._shows_life(writer, rec))
 
-    def _beats_again(self, writer: Owner) -> bool:
-        """The writer's heartbeat is fresh again: it was frozen past its lease (a suspended VM or laptop,
-        SIGSTOP) and continued just before this worker read its record. One that runs on this machine has
-        THAW_GRACE_SECONDS to renew it (a continued process does at once); one that hangs on the row without a
-        heartbeat does not, and its batch counts as a crash (pass 54: a good row was set aside after three
-        plain kills and such a thaw)."""
+    def _shows_life(self, writer: Owner, rec: dict[str, Any]) -> bool:
+        """The writer's heartbeat is fresh again, or it went on past its batch (its record gone or rewritten):
+        it was frozen past its lease (a suspended VM or laptop, SIGSTOP) and continued, or a damaged heartbeat
+        file made it look stale. One that runs on this machine is waited for, a heartbeat period and
+        THAW_GRACE_SECONDS; one that hangs on the row shows nothing, and its batch counts as a crash (pass 54: a
+        good row was set aside after three plain kills and such a thaw; pass 55: after four flipped heartbeats)."""
         if self.beats is None or writer.provably_dead():
             return False
-        deadline = time.monotonic() + (THAW_GRACE_SECONDS if writer.provably_running() else 0.0)
-        while not self.beats(writer.worker):
+        deadline = time.monotonic() + (
+            _beat_period(rec) + THAW_GRACE_SECONDS if writer.provably_running() else 0
+        )
+        while not (self.beats(writer.worker) or self._moved_on(rec, writer)):
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.1)
+            time.sleep(0.25)
         return True
+
+    def _moved_on(self, rec: dict[str, Any], writer: Owner) -> bool:
+        """The record read (`rec`) is gone, or its writer wrote another since: it settled the batch."""
+        if storage.kind(self.path) is None:
+            return True
+        now = self._read()
+        return now is not None and now.get("worker") == writer.worker and now["check"] != rec["check"]
 
     def running(
         self,
@@ -237,7 +252,7 @@ class InFlight:
         rows are run again)."""
         rec: dict[str, Any] = {
             "worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(), "updated": time.time(),
-            "running": [list(k) for k in keys], "crashes": crashes, "isolated": isolated,
+            "lease": self.lease, "running": [list(k) for k in keys], "crashes": crashes, "isolated": isolated,
             "suspects": [{"keys": [list(k) for k in s.keys], "crashes": s.crashes, "isolated": s.isolated}
                          for s in suspects],
         }  # fmt: skip
@@ -274,6 +289,15 @@ class InFlight:
                 self.taken = self.holds is None or not self.holds()
                 self._expected = now  # (still the holder: its next write replaces the late one)
         return self.taken
+
+
+def _beat_period(rec: dict[str, Any]) -> float:
+    """How often the record's writer renews its heartbeat at most: a quarter of its lease (`Heartbeat._run`)."""
+    try:
+        lease = float(rec.get("lease", LEASE_TTL))
+    except (TypeError, ValueError):
+        lease = LEASE_TTL
+    return max(0.5, min(lease / 4 if lease > 0 else LEASE_TTL / 4, LONGEST_WAIT))
 
 
 def _check_of(rec: dict[str, Any] | None) -> str | None:

@@ -294,9 +294,9 @@ def test_a_frozen_workers_batch_keeps_the_crashes_it_had(tmp_path, monkeypatch):
 
 def test_a_writer_continued_just_before_its_record_is_read_is_no_crash(tmp_path, monkeypatch):
     """The row died alone once; then a worker running it alone was frozen past its lease and is continued just
-    as its taker reads its record: it runs (neither stopped nor dead) and renews its heartbeat a moment later.
-    Its batch is no crash: the row waits at the end, not set aside (pass 54 D2: three plain kills and such a
-    thaw set a good row aside). One that runs on without renewing it (hung on the row) still counts, and so does
+    as its taker reads its record: it runs (neither stopped nor dead) and renews its heartbeat a moment later, or
+    settles its batch. Its batch is no crash: the row waits at the end, not set aside (pass 54 D2: three plain
+    kills and such a thaw set a good row aside). One that runs on without renewing it (hung on the row) still counts, and so does
     a writer elsewhere whose heartbeat stays stale; a writer elsewhere is not waited for."""
     import runner.crashes as crashes
 
@@ -315,7 +315,21 @@ def test_a_writer_continued_just_before_its_record_is_read_is_no_crash(tmp_path,
         monkeypatch.setattr(crashes, "THAW_GRACE_SECONDS", 3600.0)  # (renewed at the 3rd look, however slow)
         assert recover(owner, lambda w: asked.append(w) or len(asked) >= 3) == ([[2]], [])
         assert asked == [owner["worker"]] * 3
+        # its heartbeat stays stale (a damaged file, renewed only every quarter lease), but it settles its batch:
+        # its record is gone, or it wrote its next one (pass 55: four flipped heartbeats set a good row aside)
+        path, after = tmp_path / INFLIGHT, {"worker": owner["worker"], "running": [[3, 0]]}
+        after = json.dumps({**after, "check": storage.json_checksum(after)})
+
+        def stale_while(settle):  # its heartbeat stays stale; the writer settles its batch at the first look
+            looks = []
+            return lambda w: (
+                looks.append(settle() if not looks else None) or len(looks) > 20 and pytest.fail("hung")
+            )
+
+        assert recover(owner, stale_while(path.unlink)) == ([[2]], [])
+        assert recover(owner, stale_while(lambda: path.write_text(after))) == ([[2]], [])
         monkeypatch.setattr(crashes, "THAW_GRACE_SECONDS", 0.0)
+        monkeypatch.setattr(crashes, "LONGEST_WAIT", 0.0)  # (half a second: the shortest heartbeat period)
         assert recover(owner, lambda w: False) == ([], [(2, 0)])  # hung: its heartbeat never comes
     finally:
         proc.kill()
