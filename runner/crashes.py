@@ -132,6 +132,7 @@ class InFlight:
         holds: Callable[[], bool] | None = None,
         beats: Callable[[str], bool] | None = None,
         lease: float = LEASE_TTL,
+        say: Callable[[str], None] | None = None,
     ):
         self.path = Path(path)  # inflight/UUUUU.json: the record of one unit of a job
         self.worker = worker
@@ -139,6 +140,7 @@ class InFlight:
         self.holds = holds  # whether this worker still holds the unit (asked when another's record is there)
         self.beats = beats  # whether worker W's heartbeat in the job is fresh now (asked of records' writers)
         self.lease = lease  # this worker's lease (recorded: its heartbeat period is a quarter of it)
+        self.say = say  # a line for the log (a wait for a record's writer)
         self._on_disk = storage.kind(self.path) == "file"
         # the checksum of the record this worker expects there (the one it found, then its own; None: none)
         self._expected = _check_of(self._read()) if self._on_disk else None
@@ -220,12 +222,16 @@ class InFlight:
         good row was set aside after three plain kills and such a thaw; pass 55: after four flipped heartbeats)."""
         if self.beats is None or writer.provably_dead():
             return False
-        deadline = time.monotonic() + (
-            _beat_period(rec) + THAW_GRACE_SECONDS if writer.provably_running() else 0
-        )
+        wait = _beat_period(rec) + THAW_GRACE_SECONDS if writer.provably_running() else 0.0
+        deadline, said = time.monotonic() + wait, False
         while not (self.beats(writer.worker) or self._moved_on(rec, writer)):
             if time.monotonic() >= deadline:
                 return False
+            if not said and self.say is not None:
+                self.say(f"worker {writer.worker} was computing rows of this unit when it was taken over and still "
+                         f"runs, without a fresh heartbeat: waiting up to {wait:.0f} s for a sign of life before "
+                         "its batch counts as a crash")  # fmt: skip
+                said = True
             time.sleep(0.25)
         return True
 

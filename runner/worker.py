@@ -367,7 +367,7 @@ class JobRun:
             return
         self.flight = InFlight(self.job.dir / jobdir.INFLIGHT / f"{unit.index:05d}.json", self.owner.worker,
                                self.owner, lambda: jobdir.still_holds(self.job, unit.index, unit.epoch),
-                               lambda worker: worker in jobdir.live_workers(self.job), self.ttl)  # fmt: skip
+                               lambda worker: worker in jobdir.live_workers(self.job), self.ttl, self.say)  # fmt: skip
         # the unit's own rows, then what is left of them: "1,024 of 1,100" read as 76 done (pass 44)
         rows = f"rows {unit.start + 1:,}-{unit.start + unit.table.num_rows:,} of {self.job.spec.rows:,}"
         self.say(f"job {self.job.id}: unit {unit.index} ({rows}): {len(unit.todo):,} {self.job.spec.count_noun} to "

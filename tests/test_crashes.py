@@ -303,11 +303,15 @@ def test_a_writer_continued_just_before_its_record_is_read_is_no_crash(tmp_path,
     owner, proc = _owner("running")
     record = {"running": [[2, 0]], "crashes": 1, "isolated": True}
 
+    said = []
+
     def recover(owner, beats):
         rec = {**record, "owner": owner}
         (tmp_path / INFLIGHT).parent.mkdir(exist_ok=True)
         (tmp_path / INFLIGHT).write_text(json.dumps({**rec, "check": storage.json_checksum(rec)}))
-        got = InFlight(tmp_path / INFLIGHT, "w", beats=beats).recover({(r, 0) for r in range(4)})
+        got = InFlight(tmp_path / INFLIGHT, "w", beats=beats, say=said.append).recover(
+            {(r, 0) for r in range(4)}
+        )
         return [[r for r, _ in x.keys] for x in got.last], [k for k, _ in got.culprits]
 
     asked = []
@@ -315,6 +319,10 @@ def test_a_writer_continued_just_before_its_record_is_read_is_no_crash(tmp_path,
         monkeypatch.setattr(crashes, "THAW_GRACE_SECONDS", 3600.0)  # (renewed at the 3rd look, however slow)
         assert recover(owner, lambda w: asked.append(w) or len(asked) >= 3) == ([[2]], [])
         assert asked == [owner["worker"]] * 3
+        assert said == [
+            f"worker {owner['worker']} was computing rows of this unit when it was taken over and still runs, "
+            "without a fresh heartbeat: waiting up to 3630 s for a sign of life before its batch counts as a crash"
+        ]  # (a quarter of the default lease, 120 s, and the grace)
         # its heartbeat stays stale (a damaged file, renewed only every quarter lease), but it settles its batch:
         # its record is gone, or it wrote its next one (pass 55: four flipped heartbeats set a good row aside)
         path, after = tmp_path / INFLIGHT, {"worker": owner["worker"], "running": [[3, 0]]}
