@@ -217,12 +217,14 @@ class InFlight:
     def _shows_life(self, writer: Owner, rec: dict[str, Any]) -> bool:
         """The writer's heartbeat is fresh again, or it went on past its batch (its record gone or rewritten):
         it was frozen past its lease (a suspended VM or laptop, SIGSTOP) and continued, or a damaged heartbeat
-        file made it look stale. One that runs on this machine is waited for, a heartbeat period and
+        file made it look stale. One that runs on this machine (another process) is waited for, a heartbeat period and
         THAW_GRACE_SECONDS; one that hangs on the row shows nothing, and its batch counts as a crash (pass 54: a
         good row was set aside after three plain kills and such a thaw; pass 55: after four flipped heartbeats)."""
         if self.beats is None or writer.provably_dead():
             return False
-        wait = _beat_period(rec) + THAW_GRACE_SECONDS if writer.provably_running() else 0.0
+        # (a writer that is this process is a worker it ran before this one: over, however it ended)
+        waits = writer.pid != os.getpid() and writer.provably_running()
+        wait = _beat_period(rec) + THAW_GRACE_SECONDS if waits else 0.0
         deadline, said = time.monotonic() + wait, False
         while not (self.beats(writer.worker) or self._moved_on(rec, writer)):
             if time.monotonic() >= deadline:

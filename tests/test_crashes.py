@@ -335,6 +335,10 @@ def test_a_writer_continued_just_before_its_record_is_read_is_no_crash(tmp_path,
             )
 
         assert recover(owner, stale_while(path.unlink)) == ([[2]], [])
+        # a writer that is this very process is a worker it ran before: over, not waited for (in-process runs)
+        me, looks = _owner("me")[0], []
+        never = lambda w: looks.append(w) or len(looks) > 20 and pytest.fail("hung")  # noqa: E731
+        assert recover(me, never) == ([], [(2, 0)])
         assert recover(owner, stale_while(lambda: path.write_text(after))) == ([[2]], [])
         monkeypatch.setattr(crashes, "THAW_GRACE_SECONDS", 0.0)
         monkeypatch.setattr(crashes, "LONGEST_WAIT", 0.0)  # (half a second: the shortest heartbeat period)
