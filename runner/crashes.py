@@ -49,9 +49,8 @@ SILENT_CRASHES = 2  # silent deaths of workers computing the same keys: a batch 
 # on this machine without a fresh heartbeat (continued after it was frozen past its lease, or its heartbeat file
 # damaged: it renews within a period; one that hangs never does)
 THAW_GRACE_SECONDS = 5.0
-LONGEST_WAIT = (
-    300.0  # seconds: the longest heartbeat period waited for (a lease of an hour beats every 15 min)
-)
+# seconds: the longest heartbeat period waited for (a lease of an hour beats every 15 minutes)
+LONGEST_WAIT = 300.0
 # What torch raises once the device is broken for this process (sticky CUDA errors). Out-of-memory errors
 # also say "CUDA error" at times; those are not poison: the worker splits the batch and goes on.
 DEVICE_ERRORS = (
@@ -217,9 +216,10 @@ class InFlight:
     def _shows_life(self, writer: Owner, rec: dict[str, Any]) -> bool:
         """The writer's heartbeat is fresh again, or it went on past its batch (its record gone or rewritten):
         it was frozen past its lease (a suspended VM or laptop, SIGSTOP) and continued, or a damaged heartbeat
-        file made it look stale. One that runs on this machine (another process) is waited for, a heartbeat period and
-        THAW_GRACE_SECONDS; one that hangs on the row shows nothing, and its batch counts as a crash (pass 54: a
-        good row was set aside after three plain kills and such a thaw; pass 55: after four flipped heartbeats)."""
+        file made it look stale. Another process that runs on this machine is waited for, a heartbeat period
+        and THAW_GRACE_SECONDS; one that hangs on the row shows nothing, and its batch counts as a crash (pass
+        54: a good row was set aside after three plain kills and such a thaw; pass 55: after four flipped
+        heartbeats)."""
         if self.beats is None or writer.provably_dead():
             return False
         # (a writer that is this process is a worker it ran before this one: over, however it ended)
