@@ -42,7 +42,7 @@ from typing import Any
 
 from . import storage
 from .errors import RunnerError
-from .jobdir import LEASE_TTL, Owner
+from .jobdir import LEASE_TTL, Owner, beat_period
 
 SILENT_CRASHES = 2  # silent deaths of workers computing the same keys: a batch is split, a lone key set aside
 # seconds a worker waits, beyond the writer's heartbeat period, for a sign of life from a record's writer that runs
@@ -300,12 +300,13 @@ class InFlight:
 
 
 def _beat_period(rec: dict[str, Any]) -> float:
-    """How often the record's writer renews its heartbeat at most: a quarter of its lease (`Heartbeat._run`)."""
+    """How long the record's writer goes between heartbeats at most (`jobdir.beat_period` of its lease), up to
+    LONGEST_WAIT."""
     try:
         lease = float(rec.get("lease", LEASE_TTL))
     except (TypeError, ValueError):
         lease = LEASE_TTL
-    return max(0.5, min(lease / 4 if lease > 0 else LEASE_TTL / 4, LONGEST_WAIT))
+    return min(beat_period(lease if lease > 0 else LEASE_TTL), LONGEST_WAIT)
 
 
 def _check_of(rec: dict[str, Any] | None) -> str | None:

@@ -389,9 +389,8 @@ class Engine:
         it while a job runs: the rows computed since mix two models), or None."""
         if not self.mapped_folder or not self.mapped_files:
             return None
-        now = weight_file_stats(
-            self.mapped_folder
-        )  # (the demo's cache: not resolved, and its GGUF read, again)
+        # the folder resolved at load (the demo's cache: not resolved, and its GGUF read, again)
+        now = weight_file_stats(self.mapped_folder)
         return next((name for name, st in self.mapped_files.items() if now.get(name) != st), None)
 
     def _read_model_facts(self) -> None:

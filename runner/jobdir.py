@@ -1230,7 +1230,7 @@ class Heartbeat:
         """Renew the lease every ttl/4; at first sooner (5, 10, 20 s), so that `runner status` soon shows the
         run's speed, not the first decode step's (written at once, worker.update_heartbeat)."""
         beats = 0
-        while not self._stop.wait(max(0.5, min(EARLY_BEAT_SECONDS * 2**beats, self.ttl / 4))):
+        while not self._stop.wait(min(EARLY_BEAT_SECONDS * 2**beats, beat_period(self.ttl))):
             beats += 1
             try:
                 self.beat()
@@ -1253,6 +1253,11 @@ class Heartbeat:
             storage.remove(self.path)  # releases this worker's claims for the next one at once
         except RunnerError:
             pass  # it goes stale on its own
+
+
+def beat_period(ttl: float) -> float:
+    """The longest a worker of lease `ttl` goes between heartbeats (after its first, sooner ones)."""
+    return max(0.5, ttl / 4)
 
 
 def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]]:
