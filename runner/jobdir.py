@@ -1710,8 +1710,7 @@ def _read_claims(job: Job) -> tuple[dict[int, Claim], dict[tuple[int, int], set[
     for n in scan(job.dir / CLAIMS):
         if m := SEAL_RE.fullmatch(n):
             raw = _read_json_or_none(job.dir / CLAIMS / n)
-            ok = isinstance(raw, dict) and isinstance(raw.get("commits"), list)
-            seals[(int(m.group(1)), int(m.group(2)))] = set(raw["commits"]) if ok else None
+            seals[(int(m.group(1)), int(m.group(2)))] = _seal_commits(raw)
         elif m := CLAIM_RE.fullmatch(n):
             unit, epoch = int(m.group(1)), int(m.group(2))
             if epoch > current.get(unit, -1):
@@ -1728,10 +1727,24 @@ def seal_epoch(job: Job, unit: int, epoch: int) -> set[str] | None:
     prefix = f"{unit:05d}-{epoch:08d}-"
     present = [n[:-5] for n in scan(job.dir / MARKERS) if n.startswith(prefix) and n.endswith(".json")]
     path = job.dir / CLAIMS / seal_name(unit, epoch)
-    if create_exclusive(path, {"unit": unit, "epoch": epoch, "commits": present, "sealed": time.time()}):
+    body: dict[str, Any] = {"unit": unit, "epoch": epoch, "commits": present, "sealed": time.time()}
+    body["check"] = storage.json_checksum(body)
+    if create_exclusive(path, body):
         return set(present)
-    raw = _read_json_or_none(path)
-    return set(raw["commits"]) if isinstance(raw, dict) and isinstance(raw.get("commits"), list) else None
+    return _seal_commits(_read_json_or_none(path))
+
+
+def _seal_commits(raw: Any) -> set[str] | None:
+    """The commit names a seal accepts; None when it is damaged: not a list of names, or (seals written since
+    runner carries one) not matching its checksum, so that a changed byte in a name is noticed, not obeyed
+    (it would leave a good commit out, or let a stale worker's in)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("commits"), list):
+        return None
+    if not all(isinstance(n, str) for n in raw["commits"]):
+        return None
+    if "check" in raw and raw["check"] != storage.json_checksum(raw):
+        return None
+    return set(raw["commits"])
 
 
 def claim_is_live(claim: Claim | None, live: dict[str, dict[str, Any]]) -> bool:

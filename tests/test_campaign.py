@@ -678,7 +678,7 @@ class Round:
         for unit, epoch, before in self.fenced:
             late = {n[:-5] for n in self.markers(unit, epoch) - before}
             seal = read_json_or_none(self.job / "claims" / jobdir.seal_name(unit, epoch))
-            if not (isinstance(seal, dict) and isinstance(seal.get("commits"), list)):
+            if jobdir._seal_commits(seal) is None:  # torn, or a byte changed (its checksum)
                 self.c.notes["late commits of stopped workers (counted: their seal was torn)"] += len(late)
                 continue  # by design a damaged seal accepts every commit of its epoch (keys never count twice)
             self.c.notes["late commits of stopped workers (ignored)"] += len(late)

@@ -84,6 +84,26 @@ def test_a_stale_worker_that_commits_after_a_takeover_counts_for_nothing(
     assert summary.finished and assert_exactly_once(job.dir, reference[1]) == 2 * N
 
 
+def test_a_seal_with_a_changed_byte_is_damaged_not_obeyed(job, reference, gpt2_engine):
+    """A seal's commit name with one digit changed (still valid JSON) left a good commit out of the results
+    (adversarial pass 58): seals carry a checksum, and one that does not match is damaged, which accepts every
+    commit of its epoch, as a torn seal does. A seal list of something other than names is damaged too."""
+    run_job(job, gpt2_engine, echo=None, shard_rows=2, should_stop=stop_after(1))
+    committed = sorted(c.name for c in read_ledger(job).commits if c.unit == 0)
+    assert committed and take_unit(job, 0, Owner.me("successor"), 0) == 1  # seals epoch 0 as it stands
+    seal = job.dir / "claims" / jobdir.seal_name(0, 0)
+    assert json.loads(seal.read_text())["commits"] == committed
+    text = seal.read_text()
+    name = committed[0]
+    changed = name[:-1] + ("1" if name[-1] == "0" else "0")
+    seal.write_text(text.replace(f'"{name}"', f'"{changed}"'))
+    assert sorted(c.name for c in read_ledger(job).commits if c.unit == 0) == committed
+    seal.write_text(json.dumps({**json.loads(text), "commits": [{"a": 1}]}))  # (read_ledger raised TypeError)
+    assert sorted(c.name for c in read_ledger(job).commits if c.unit == 0) == committed
+    summary = run_job(job, gpt2_engine, echo=None)
+    assert summary.finished and assert_exactly_once(job.dir, reference[1]) == 2 * N
+
+
 def test_a_late_commit_left_out_by_a_seal_is_said_so_not_called_damaged(
     job, reference, gpt2_engine, monkeypatch
 ):
