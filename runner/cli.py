@@ -1142,6 +1142,8 @@ def repair(ctx: click.Context, job_ref: str) -> None:
     r = api.repair(job_ref, ctx.obj["home"])
     if r.restored_spec:
         _echo("job.json restored from job.backup.json")
+    if r.mended_backup:
+        _echo("job.backup.json was damaged or missing: written again from job.json")
     for name, why in r.quarantined:
         _echo(f"quarantined commit {name}: {why}")
     _echo(f"state {r.state_was} -> {r.state_now}; {r.done:,}/{r.total:,} result rows verified"

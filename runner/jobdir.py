@@ -1167,14 +1167,18 @@ def _signals_deferred() -> Iterator[None]:
 
 def _create_then_fill(path: Path, data: bytes) -> bool:
     """Without hard links: create the name exclusively, then write the content into it. Once the name is
-    ours a transient error while writing rewrites our own file; it never reads as another writer's."""
+    ours a transient error while writing rewrites our own file; it never reads as another writer's. A create
+    whose reply was lost (it landed, then reported an error) finds the name taken on its retry, by our own
+    empty file: `_unfilled_since_our_try` tells it from another writer's."""
     nofollow = getattr(os, "O_NOFOLLOW", 0)
+    tries: list[int] = []
 
     def create() -> int | None:
+        tries.append(1)
         try:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
         except FileExistsError:
-            return None
+            return _unfilled_since_our_try(path) if len(tries) > 1 else None
 
     with _signals_deferred():
         fd = storage.retry(create, f"create {path}")
@@ -1184,7 +1188,27 @@ def _create_then_fill(path: Path, data: bytes) -> bool:
         first = [fd]
         storage.retry(lambda: _write_file(first.pop() if first else os.open(path, os.O_WRONLY | os.O_TRUNC | nofollow),
                                           data), f"write {path}")  # fmt: skip
-    return True
+    # adopted after a lost reply: ours only if what reads there now is what we wrote (a writer frozen between
+    # its create and its fill that wrote since is the owner; `record_state` also checks its token)
+    return len(tries) == 1 or storage.read_bytes(path) == data
+
+
+# How long an empty file found at our name after our own create reported an error is given to fill, should it
+# be another writer's (it fills at once, signals held; ~13 s leaves a slow mount's write and fsync time): empty
+# for longer, it is our create's, landed.
+ADOPT_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
+
+
+def _unfilled_since_our_try(path: Path) -> int | None:
+    """After our create raised a transient error, the name is taken: an open fd on it if it stays empty (our
+    create landed, its reply lost), None if content appears (another writer's)."""
+    for pause in (*ADOPT_PAUSES, None):
+        if os.stat(path, follow_symlinks=False).st_size:
+            return None
+        if pause is None:
+            return os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        time.sleep(pause)
+    return None
 
 
 def _read_json_or_none(path: Path) -> Any:
@@ -1416,11 +1440,14 @@ def _check_marker(name: str, marker: Any, spec: JobSpec) -> str | None:
 
 class Verifier:
     """Checks shards against their markers: size, sha256 and keys. Results are cached by (size, mtime,
-    ctime) in verified.json so a resume does not re-read every shard; any change to a file re-checks it."""
+    ctime) in verified.json so a resume does not re-read every shard; any change to a file re-checks it.
+    `afresh` (repair) reads every shard whatever the cache says: bytes that changed under unchanged times (bit
+    rot, a mount that keeps stale times) are found, and the cache is written again from what was read."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, afresh: bool = False):
         self.job = job
         self.cache: dict[str, Any] = {}
+        self.afresh = afresh
         self.markers: dict[str, Any] = {}  # commit name -> its marker, as read once by this process
         self.trusted: set[str] = set()  # commits verified or written by this process
         try:
@@ -1430,9 +1457,9 @@ class Verifier:
             if not e.damaged:
                 raise
             raw = None
-        if isinstance(raw, dict):
+        if isinstance(raw, dict) and not afresh:
             self.cache = raw
-        self.dirty = False
+        self.dirty = afresh  # (afresh: the cache read is replaced by this one, even where nothing is stamped)
 
     def check(self, commit: Commit) -> str | None:
         """None if the shard matches its marker, else why not. Transient read errors raise StorageError."""
@@ -1486,6 +1513,18 @@ class Verifier:
             except RunnerError:
                 pass  # only a cache
             self.dirty = False
+
+
+def forget_verified(job: Job, name: str) -> None:
+    """Drop a commit's stamp from verified.json: a reader found its shard failing its marker though the stamp
+    vouched for it (bytes changed under unchanged times), so the next worker or status reads it again and
+    quarantines it. Only a cache: anything in the way (a read-only copy of the job) leaves it as it was."""
+    try:
+        cache = _read_json_or_none(job.dir / VERIFIED)
+        if isinstance(cache, dict) and cache.pop(name, None) is not None:
+            storage.write_json(job.dir / VERIFIED, cache, durable=False)
+    except RunnerError:
+        pass
 
 
 def prompts_problem(job: Job, verifier: Verifier | None = None) -> str | None:
@@ -1890,6 +1929,7 @@ def retry(job: Job) -> int:
 @dataclass
 class RepairReport:
     restored_spec: bool = False
+    mended_backup: bool = False  # job.backup.json was damaged or missing: written again from job.json
     state_was: str | None = None
     state_now: str | None = None
     quarantined: list[tuple[str, str]] = field(default_factory=list)
@@ -1930,7 +1970,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
         _move_aside(path, sub)
     try:
         job = Job.open(path)
-        same_job_as_backup(job)
+        report.mended_backup = same_job_as_backup(job)
     except BrokenJob:
         job = _restore_spec(path)
         report.restored_spec = True
@@ -1948,6 +1988,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
     for name in _wrong_kind(job):
         _move_aside(job.dir, name)
         job.log(f"repair: {name} was not of its kind (a file or a folder); set aside in {QUARANTINE}/")
+        report.mended_backup |= name == JOB_BACKUP and _mend_backup(job, "not a file")
     if read is None:  # what stood in the way is aside now: the record before it, or an older job's state.json
         with contextlib.suppress(BrokenJob):
             read = read_state(job.dir)
@@ -1955,7 +1996,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
     last = read or _last_good_state(job.dir)  # the newest word still readable (a damaged cancel: unknowable)
     # never below what the records, the commits and the completion were written under (the newest record torn)
     generation = max(generation, _last_generation(job))
-    ledger = read_ledger(job, seal=True, generation=generation)
+    ledger = read_ledger(job, seal=True, generation=generation, verifier=Verifier(job, afresh=True))
     for name, why in ledger.bad:
         quarantine(job, name, why)
         report.quarantined.append((name, why))
@@ -2056,7 +2097,7 @@ def _wrong_kind(job: Job) -> list[str]:
     """Paths in the job's folder (relative) holding something of the wrong kind where runner reads or writes:
     a folder or a link where one of its files belongs, a file or a link where one of its folders belongs, a
     folder where a claim, an in-flight record or a heartbeat goes (it would block that name for ever)."""
-    files = (LOG_FILE, STATE_FILE, STATS_FILE, VERIFIED, *_legacy_outcomes().values())
+    files = (LOG_FILE, STATE_FILE, STATS_FILE, VERIFIED, JOB_BACKUP, *_legacy_outcomes().values())
     out = [n for n in files if storage.kind(job.dir / n) not in (None, "file")]
     out += [n for n in FOLDERS if n != QUARANTINE and storage.kind(job.dir / n) not in (None, "dir")]
     for sub in (CLAIMS, INFLIGHT, WORKERS, STATES):
@@ -2159,21 +2200,39 @@ def _own_spec(path: Path, shards: str | None, *specs: dict[str, Any]) -> dict[st
     return None
 
 
-def same_job_as_backup(job: Job) -> None:
+def same_job_as_backup(job: Job) -> bool:
     """Refuse (BrokenJob) a job.json of another job than its backup's: a whole, checksummed job.json copied in
     from another job folder would run this folder's rows with that job's settings. `repair` keeps the one
     the results were written for (`_restore_spec`). Checked by a worker before it runs the job (not by
-    `Job.open`: `runner status` opens every job of a home, and on Drive each read is a round trip)."""
+    `Job.open`: `runner status` opens every job of a home, and on Drive each read is a round trip).
+    A backup that is damaged or missing (job.json being this folder's) is written again from job.json, said
+    in the job's log: True. Left so, the next damage to job.json would lose the job (pass 57)."""
     try:
         backup = _read_json_or_none(job.dir / JOB_BACKUP) if _lexists(job.dir / JOB_BACKUP) else None
     except storage.StorageError:  # unreadable: `repair` is the one that needs it
-        return
+        return False
     if _valid_spec(backup) and backup["id"] != job.id:
         raise BrokenJob(f"job.json is job {job.id}'s, but job.backup.json is job {backup['id']}'s (one of them "
                         "was copied in from another job folder)")  # fmt: skip
     other = _other_job_here(job.dir, job.id, _shards_job_id(job.dir))
     if other is not None:
         raise BrokenJob(f"{other}, but job.json is job {job.id}'s (copied in from another job folder?)")
+    if _valid_spec(backup):
+        return False
+    return _mend_backup(job, "damaged" if backup is not None else "missing or damaged")
+
+
+def _mend_backup(job: Job, was: str) -> bool:
+    """job.backup.json written again from job.json (whole and checksummed: Job.open read it); False where it
+    cannot be written now (a read-only copy of the job, a full disk): tried again next time."""
+    if storage.kind(job.dir / JOB_BACKUP) not in (None, "file"):
+        return False  # a folder or link there: set aside by `repair` first (_wrong_kind)
+    try:
+        storage.write_json(job.dir / JOB_BACKUP, job.meta)
+    except RunnerError:
+        return False
+    job.log(f"job.backup.json was {was}: written again from job.json")
+    return True
 
 
 def _valid_spec(meta: Any) -> bool:

@@ -371,7 +371,7 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .jobdir import check_shard_bytes, read_ledger, read_shard, read_shard_bytes
+    from .jobdir import check_shard_bytes, forget_verified, read_ledger, read_shard, read_shard_bytes
 
     for c in read_ledger(job, verify=False).commits:
         if not c.shard:
@@ -381,6 +381,7 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
         if why is not None:
             warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair "
                           f"{shlex.quote(str(job.dir))}`)", stacklevel=3)  # fmt: skip
+            forget_verified(job, c.name)
             continue
         want = None
         if columns is not None:

@@ -281,6 +281,35 @@ def test_a_damaged_commit_is_never_counted_then_quarantined_and_redone(job, refe
     assert_exactly_once(job.dir, reference[1])
 
 
+def test_a_shard_changed_under_its_verified_stamp_is_found_by_results_and_repair(job, reference, gpt2_engine):
+    """A shard's bytes changed while its size and times did not (bit rot; a mount that keeps stale times), after
+    verified.json stamped it sound: load_results left it out and said to run `runner repair`, but repair and
+    the next worker trusted the stamp ("verified"), status said completed, and its rows stayed missing for good
+    (adversarial pass 57). Repair reads every shard afresh; a reader that finds a stamped shard failing drops
+    its stamp, so status and the next worker look again."""
+    run_job(job, gpt2_engine, echo=None, shard_rows=2)
+    assert runner.status(job.dir).state == "completed"  # stamps every shard in verified.json
+    victim = read_ledger(job).commits[1]
+    shard = job.dir / "shards" / victim.shard
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    cache = json.loads((job.dir / "verified.json").read_text())
+    st = shard.stat()
+    cache[victim.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, cache[victim.name][3]]
+    (job.dir / "verified.json").write_text(json.dumps(cache))  # as if nothing about the file had changed
+    snapshot = (job.dir / "verified.json").read_text()
+    with pytest.warns(UserWarning, match=f"commit {victim.name} left out: .*runner repair"):
+        assert len(runner.load_results(job.dir)) == 2 * N - victim.marker["rows"]
+    assert runner.status(job.dir).state == "broken"  # the stamp is gone: status read the shard again
+    (job.dir / "verified.json").write_text(snapshot)  # the stamp back (say, a reader on a read-only copy)
+    report = runner.repair(job.dir)
+    assert [n for n, _ in report.quarantined] == [victim.name] and report.state_now == "queued"
+    assert runner.work(job.dir.parent, echo=None)[0].generated == victim.marker["rows"]
+    assert runner.status(job.dir).state == "completed"
+    assert_exactly_once(job.dir, reference[1])
+
+
 def test_transient_read_errors_are_retried_and_never_mean_not_done(job, reference, gpt2_engine, monkeypatch):
     run_job(job, gpt2_engine, echo=None, should_stop=stop_after(3), shard_rows=1)
     done_before = runner.status(job.dir).done
@@ -349,6 +378,57 @@ def test_a_state_record_whose_create_landed_before_a_transient_error_is_the_writ
     monkeypatch.undo()
     assert [p.name for p in (job.dir / "state").iterdir()] == ["00000001.json"]
     assert job.state().state is JobState.CANCELLED
+
+
+def test_without_links_a_create_that_landed_before_a_transient_error_is_the_writers(job, monkeypatch):
+    """No hard links (Drive): the O_EXCL create of `runner cancel`'s record lands, then the mount reports EIO.
+    The retry found the name taken, by its own empty file, took it for another writer's and left it empty: the
+    cancel failed and the job read broken until `runner repair`, nothing having been killed (adversarial pass
+    57). An empty file at the name after our own create failed, that no one fills, is ours: filled."""
+    real_open, lost = os.open, []
+
+    def open_(path, flags, *a, **k):
+        fd = real_open(path, flags, *a, **k)
+        if flags & os.O_EXCL and "state" in str(path) and not lost:
+            lost.append(path)
+            os.close(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        return fd
+
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.0,), raising=False)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+    assert runner.cancel(job.dir) == "queued" and [Path(p).name for p in lost] == ["00000001.json"]
+    monkeypatch.undo()
+    assert [p.name for p in (job.dir / "state").iterdir()] == ["00000001.json"]
+    assert job.state().state is JobState.CANCELLED
+
+
+def test_without_links_a_name_another_writer_fills_after_our_failed_create_is_theirs(tmp_path, monkeypatch):
+    """The other side of the test above: our create failed (it did not land), another writer created the name
+    meanwhile and fills it while we look: it is theirs, never overwritten."""
+    path = tmp_path / "00000001.json"
+    tries = []
+
+    def open_(p, flags, *a, **k):
+        if flags & os.O_EXCL and not tries:
+            tries.append(p)
+            path.write_bytes(b"")  # the other writer's create, then its fill as we look (below)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(p, flags, *a, **k)
+
+    def sleep(seconds):  # the other writer fills its file during our first pause
+        path.write_bytes(b'{"theirs": 1}\n')
+
+    real_open = os.open
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(jobdir.time, "sleep", sleep)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+    assert jobdir.create_exclusive(path, {"ours": 1}) is False
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"theirs": 1}
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
@@ -971,6 +1051,43 @@ def test_a_spec_copied_in_from_another_job_is_refused_and_repair_keeps_the_one_t
         and jobdir._read_json_or_none(job.dir / "job.backup.json")["id"] == job.id
     )
     assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+    assert_exactly_once(job.dir, reference[1])
+
+
+@pytest.mark.parametrize("damage", ["flip", "torn", "missing", "folder"])
+def test_a_damaged_backup_is_written_again_so_a_later_torn_job_json_is_repairable(
+    job, reference, gpt2_engine, damage
+):
+    """A completed job's job.backup.json damaged (a flipped bit in its model, still valid JSON): status said
+    nothing, `runner repair` said all was well and left it so, and when job.json tore later the job was lost
+    for good, every shard intact (adversarial pass 57). Repair writes a damaged backup again from job.json, and
+    so does a worker before it runs the job (said in the log)."""
+    run_job(job, gpt2_engine, echo=None, should_stop=stop_after(1))
+    backup = job.dir / "job.backup.json"
+    if damage == "flip":
+        backup.write_text(backup.read_text().replace('"model": "', '"model": "X', 1))
+    elif damage == "torn":
+        backup.write_text(backup.read_text()[:50])
+    else:
+        backup.unlink()
+        if damage == "folder":
+            backup.mkdir()
+    report = jobdir.repair(job.dir)
+    assert report.mended_backup and not report.restored_spec
+    assert jobdir._read_json_or_none(backup) == job.meta
+    (job.dir / "job.json").write_text((job.dir / "job.json").read_text()[:60])  # torn later
+    assert jobdir.repair(job.dir).restored_spec
+    assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+    assert_exactly_once(job.dir, reference[1])
+
+
+def test_a_worker_writes_a_damaged_backup_again_before_it_runs_the_job(job, reference, gpt2_engine):
+    backup = job.dir / "job.backup.json"
+    backup.write_text(backup.read_text().replace('"seed": ', '"seed": 1', 1))
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert jobdir._read_json_or_none(backup) == job.meta
+    assert "job.backup.json was damaged: written again from job.json" in (job.dir / "log.txt").read_text()
+    assert not jobdir.repair(job.dir).mended_backup  # (sound now: nothing to mend)
     assert_exactly_once(job.dir, reference[1])
 
 
