@@ -1166,10 +1166,10 @@ def _signals_deferred() -> Iterator[None]:
 
 
 def _create_then_fill(path: Path, data: bytes) -> bool:
-    """Without hard links: create the name exclusively, then write the content into it. Once the name is
-    ours a transient error while writing rewrites our own file; it never reads as another writer's. A create
-    whose reply was lost (it landed, then reported an error) finds the name taken on its retry, by our own
-    empty file: `_unfilled_since_our_try` tells it from another writer's."""
+    """Without hard links: create the name exclusively, then write the content into it, then read it back: the
+    name is ours only if our bytes are what it holds. A create whose reply was lost (it landed, then reported
+    an error) finds the name taken on its retry, by our own empty file: `_adopt_unfilled` tells it from
+    another writer's. A transient error while writing rewrites our own file, never another writer's."""
     nofollow = getattr(os, "O_NOFOLLOW", 0)
     tries: list[int] = []
 
@@ -1178,19 +1178,25 @@ def _create_then_fill(path: Path, data: bytes) -> bool:
         try:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
         except FileExistsError:
-            return _unfilled_since_our_try(path) if len(tries) > 1 else None
+            return None
+
+    def fill(first: list[int]) -> bool:
+        if not first and not data.startswith(storage.read_bytes(path)):
+            return False  # adopted meanwhile (we were frozen past ADOPT_PAUSES): another writer's now
+        _write_file(first.pop() if first else os.open(path, os.O_WRONLY | os.O_TRUNC | nofollow), data)
+        return True
 
     with _signals_deferred():
         fd = storage.retry(create, f"create {path}")
-        if fd is None:
-            return False
-        fault_point("after_create")  # the name is ours and still empty
-        first = [fd]
-        storage.retry(lambda: _write_file(first.pop() if first else os.open(path, os.O_WRONLY | os.O_TRUNC | nofollow),
-                                          data), f"write {path}")  # fmt: skip
-    # adopted after a lost reply: ours only if what reads there now is what we wrote (a writer frozen between
-    # its create and its fill that wrote since is the owner; `record_state` also checks its token)
-    return len(tries) == 1 or storage.read_bytes(path) == data
+        if fd is not None:
+            fault_point("after_create")  # the name is ours and still empty
+            first = [fd]
+            if not storage.retry(lambda: fill(first), f"write {path}"):
+                return False
+    if fd is None:  # (the wait for another writer's fill is outside the signals held)
+        return len(tries) > 1 and _adopt_unfilled(path, data)
+    # a writer that adopted the name meanwhile holds it: our fill went to the file it replaced
+    return storage.read_bytes(path) == data
 
 
 # How long an empty file found at our name after our own create reported an error is given to fill, should it
@@ -1199,16 +1205,19 @@ def _create_then_fill(path: Path, data: bytes) -> bool:
 ADOPT_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
 
 
-def _unfilled_since_our_try(path: Path) -> int | None:
-    """After our create raised a transient error, the name is taken: an open fd on it if it stays empty (our
-    create landed, its reply lost), None if content appears (another writer's)."""
+def _adopt_unfilled(path: Path, data: bytes) -> bool:
+    """After our create raised a transient error, the name is taken. Content appearing there: another writer's
+    (False). Empty through ADOPT_PAUSES: our create landed and its reply was lost, or its writer was killed or
+    frozen between create and fill. It is replaced (temp file and rename) by ours, so a frozen writer that
+    wakes fills the file it opened, no longer at the name, and finds ours on its read-back (it drops its word).
+    True if our bytes read back."""
     for pause in (*ADOPT_PAUSES, None):
-        if os.stat(path, follow_symlinks=False).st_size:
-            return None
-        if pause is None:
-            return os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
-        time.sleep(pause)
-    return None
+        if storage.retry(lambda: os.stat(path, follow_symlinks=False).st_size, f"read {path}"):
+            return False
+        if pause is not None:
+            time.sleep(pause)
+    storage.atomic_write(path, data)
+    return storage.read_bytes(path) == data
 
 
 def _read_json_or_none(path: Path) -> Any:
@@ -1527,15 +1536,16 @@ def forget_verified(job: Job, name: str) -> None:
         pass
 
 
-def prompts_problem(job: Job, verifier: Verifier | None = None) -> str | None:
+def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = False) -> str | None:
     """Why prompts.parquet is not the file submit wrote (its sha256 is in job.json), else None (also for a job
     stored before the checksum was). With a `verifier`, a file whose size and times are as its cache recorded
-    is not read again, and one read and found sound is recorded there."""
+    is not read again (unless `afresh`: a worker starting on the job, as bytes may change under unchanged
+    times), and one read and found sound is recorded there."""
     expected = job.spec.prompts_sha256
     path = job.dir / PROMPTS
     st = storage.retry(lambda: path.stat(), f"read {path}")
     stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected]
-    if expected is None or (verifier is not None and verifier.cache.get(PROMPTS) == stamp):
+    if expected is None or (not afresh and verifier is not None and verifier.cache.get(PROMPTS) == stamp):
         return None
     if storage.retry(lambda: storage.file_sha256(path), f"read {path}") != expected:
         return f"prompts.parquet of job {job.id} is damaged (it does not match its checksum); submit the file again"

@@ -171,7 +171,7 @@ class JobRun:
         self.counted = [0, 0]
 
     def run(self) -> RunSummary:
-        self.check_prompts()
+        self.check_prompts(afresh=True)
         ledger = self.ledger()
         before = jobdir.job_progress(self.job, ledger)
         self.tidy(before)
@@ -229,11 +229,13 @@ class JobRun:
             self.deadline is not None and time.time() >= self.deadline
         )
 
-    def check_prompts(self) -> None:
+    def check_prompts(self, afresh: bool = False) -> None:
         """prompts.parquet must be the file submit wrote: a damaged one fails the job, with the reason. And
-        job.json must be this folder's (its backup's job): another job's is a broken job (`runner repair`)."""
+        job.json must be this folder's (its backup's job): another job's is a broken job (`runner repair`).
+        `afresh` (a run's start) hashes it whatever verified.json says (bytes changed under unchanged times
+        were run, silently: pass 59); before each unit, a file as stamped then is not read again."""
         jobdir.same_job_as_backup(self.job)
-        why = jobdir.prompts_problem(self.job, self.verifier)
+        why = jobdir.prompts_problem(self.job, self.verifier, afresh)
         if why:
             raise RunnerError(why)
 

@@ -431,6 +431,46 @@ def test_without_links_a_name_another_writer_fills_after_our_failed_create_is_th
     assert json.loads(path.read_text()) == {"theirs": 1}
 
 
+def test_without_links_a_writer_frozen_between_create_and_fill_loses_the_name_it_was_adopted_from(
+    tmp_path, monkeypatch
+):
+    """Writer B creates the name and freezes before filling it; writer A's own create had failed (it did not
+    land) and its retry finds B's empty file, empty past ADOPT_PAUSES: A adopts it. B wakes and fills: both
+    said they created it, a `cancel` reported done was overwritten by a worker's "completed", and a longer
+    fill over a shorter one left a damaged record (adversarial pass 59). A adopts by replacing the file, so
+    B's fill lands in the file it opened, no longer at the name, and B's read-back finds A's bytes: B lost."""
+    path = tmp_path / "00000001.json"
+    frozen, thawed, real_open, failed = threading.Event(), threading.Event(), os.open, []
+
+    def at(name):  # only B (the thread) stops between its create and its fill
+        if name == "after_create" and threading.current_thread() is not threading.main_thread():
+            frozen.set()
+            assert thawed.wait(60), "B was never thawed"
+
+    def open_(p, flags, *a, **k):  # A's first create fails without landing
+        if flags & os.O_EXCL and threading.current_thread() is threading.main_thread() and not failed:
+            failed.append(p)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(p, flags, *a, **k)
+
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(jobdir, "fault_point", at)
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.0,), raising=False)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+    b_said = []
+    b = threading.Thread(target=lambda: b_said.append(jobdir.create_exclusive(path, {"writer": "B"})))
+    b.start()
+    assert frozen.wait(60) and path.exists() and path.stat().st_size == 0
+    monkeypatch.setattr(os, "open", open_)
+    try:
+        a_said = jobdir.create_exclusive(path, {"writer": "A"})
+    finally:
+        thawed.set()
+        b.join(60)
+    monkeypatch.undo()
+    assert (a_said, b_said) == (True, [False]) and json.loads(path.read_text()) == {"writer": "A"}
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_between_creating_a_record_and_filling_it_waits_for_the_fill(job, monkeypatch, sig):
     """No hard links: a SIGTERM (`docker stop`) or a Ctrl-C landing between the exclusive create of a state
@@ -755,6 +795,32 @@ def test_prompts_changed_while_a_worker_runs_stop_it_before_the_next_unit(
     with pytest.raises(RunnerError, match=f"prompts.parquet of job {job.id} is damaged"):
         run_job(job, gpt2_engine, echo=None, shard_rows=1)
     assert sorted(set(runner.load_results(job.dir)["id"])) == ["r0", "r1"]
+
+
+def test_prompts_changed_under_their_verified_stamp_are_found_when_a_worker_starts(
+    tmp_path, tiny_gpt2, gpt2_engine
+):
+    """prompts.parquet's bytes changed while its size and times did not (bit rot; a mount that keeps stale
+    times), after verified.json stamped it: the next worker trusted the stamp and completed the job with rows
+    computed from the changed prompts, silently (adversarial pass 59). A worker hashes it when it starts."""
+    mine = write_jsonl(
+        tmp_path / "a.jsonl", [{"id": f"r{i}", "prompt": f"Prompt number {i} says"} for i in range(6)]
+    )
+    theirs = write_jsonl(
+        tmp_path / "b.jsonl", [{"id": f"r{i}", "prompt": f"Another {i} said"} for i in range(6)]
+    )
+    job = create_job(mine, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "a", unit_rows=2)
+    swapped = create_job(theirs, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "b", unit_rows=2)
+    run_job(job, gpt2_engine, echo=None, should_stop=stop_after(1))  # stamps prompts.parquet in verified.json
+    path = job.dir / "prompts.parquet"
+    assert json.loads((job.dir / "verified.json").read_text())["prompts.parquet"][0] == path.stat().st_size
+    path.write_bytes((swapped.dir / "prompts.parquet").read_bytes())
+    cache = json.loads((job.dir / "verified.json").read_text())
+    st = path.stat()
+    cache["prompts.parquet"][:3] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]  # as if nothing had changed
+    (job.dir / "verified.json").write_text(json.dumps(cache))
+    with pytest.raises(RunnerError, match=f"prompts.parquet of job {job.id} is damaged"):
+        run_job(Job.open(job.dir), gpt2_engine, echo=None)
 
 
 def test_a_completed_job_that_lost_a_shard_is_brought_back(job, reference, gpt2_engine, runner_home):
