@@ -1165,11 +1165,11 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
-def _create_then_fill(path: Path, data: bytes) -> bool:
-    """Without hard links: create the name exclusively, then write the content into it, then read it back: the
+def _create_then_fill(path: Path, data: bytes, adopt: bool = True) -> bool:
+    """Without hard links: create the name exclusively, fill it through the descriptor the create gave (a
+    retried write rewrites that same file, never whatever is at the name by then), then read it back: the
     name is ours only if our bytes are what it holds. A create whose reply was lost (it landed, then reported
-    an error) finds the name taken on its retry, by our own empty file: `_adopt_unfilled` tells it from
-    another writer's. A transient error while writing rewrites our own file, never another writer's."""
+    an error) finds the name taken on its retry, by our own empty file: `_adopt_unfilled` (with `adopt`)."""
     nofollow = getattr(os, "O_NOFOLLOW", 0)
     tries: list[int] = []
 
@@ -1180,44 +1180,73 @@ def _create_then_fill(path: Path, data: bytes) -> bool:
         except FileExistsError:
             return None
 
-    def fill(first: list[int]) -> bool:
-        if not first and not data.startswith(storage.read_bytes(path)):
-            return False  # adopted meanwhile (we were frozen past ADOPT_PAUSES): another writer's now
-        _write_file(first.pop() if first else os.open(path, os.O_WRONLY | os.O_TRUNC | nofollow), data)
-        return True
-
     with _signals_deferred():
         fd = storage.retry(create, f"create {path}")
         if fd is not None:
-            fault_point("after_create")  # the name is ours and still empty
-            first = [fd]
-            if not storage.retry(lambda: fill(first), f"write {path}"):
-                return False
+            try:
+                fault_point("after_create")  # the name is ours and still empty
+                storage.retry(lambda: _fill(fd, data), f"write {path}")
+            finally:
+                os.close(fd)
     if fd is None:  # (the wait for another writer's fill is outside the signals held)
-        return len(tries) > 1 and _adopt_unfilled(path, data)
-    # a writer that adopted the name meanwhile holds it: our fill went to the file it replaced
-    return storage.read_bytes(path) == data
+        return adopt and len(tries) > 1 and _adopt_unfilled(path, data)
+    return _reads_back(path, data)  # a writer that adopted the name meanwhile holds it: ours was set aside
+
+
+def _fill(fd: int, data: bytes) -> None:
+    """All of `data` from the start of the file `fd` is open on (again from the start when tried again)."""
+    view, at = memoryview(data), 0
+    while at < len(data):
+        at += os.pwrite(fd, view[at:], at)
+    os.fsync(fd)
+
+
+def _reads_back(path: Path, data: bytes) -> bool:
+    """Whether `path` holds `data`. Missing for a moment is an adopter looking at it aside (`_adopt_unfilled`),
+    which puts back a file filled meanwhile: read again, then it counts as not ours."""
+    for pause in (0.05, 0.2, 0.8, None):
+        try:
+            return storage.read_bytes(path) == data
+        except storage.StorageError as e:
+            if not isinstance(e.__cause__, FileNotFoundError):
+                raise
+        if pause is None:
+            return False
+        time.sleep(pause)
+    return False
 
 
 # How long an empty file found at our name after our own create reported an error is given to fill, should it
 # be another writer's (it fills at once, signals held; ~13 s leaves a slow mount's write and fsync time): empty
-# for longer, it is our create's, landed.
+# for longer, it is our create's, landed (or its writer was killed or frozen in between).
 ADOPT_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
 
 
 def _adopt_unfilled(path: Path, data: bytes) -> bool:
     """After our create raised a transient error, the name is taken. Content appearing there: another writer's
-    (False). Empty through ADOPT_PAUSES: our create landed and its reply was lost, or its writer was killed or
-    frozen between create and fill. It is replaced (temp file and rename) by ours, so a frozen writer that
-    wakes fills the file it opened, no longer at the name, and finds ours on its read-back (it drops its word).
-    True if our bytes read back."""
+    (False). Empty through ADOPT_PAUSES: taken aside by a rename (one taker wins it), looked at there (filled
+    just before: its writer's, put back, False), removed, and the name created afresh (no adopting twice). A
+    writer frozen between its create and its fill then fills a file no longer at the name, reads back
+    another's bytes, and drops its word. True if the name is ours."""
     for pause in (*ADOPT_PAUSES, None):
         if storage.retry(lambda: os.stat(path, follow_symlinks=False).st_size, f"read {path}"):
             return False
         if pause is not None:
             time.sleep(pause)
-    storage.atomic_write(path, data)
-    return storage.read_bytes(path) == data
+    aside = storage.temp_name(path)
+    try:
+        storage.retry(lambda: os.rename(path, aside), f"move {path}")
+    except storage.StorageError as e:
+        if not isinstance(e.__cause__, FileNotFoundError):
+            raise
+        if not os.path.lexists(aside):
+            return False  # another taker moved it first (ours did, if its reply was lost: then it is aside)
+    # filled between our last look and the rename: its writer's, put back
+    if storage.retry(lambda: os.stat(aside).st_size, f"read {aside}"):
+        storage.retry(lambda: os.rename(aside, path), f"move {aside}")
+        return False
+    storage.remove(Path(aside))
+    return _create_then_fill(path, data, adopt=False)
 
 
 def _read_json_or_none(path: Path) -> Any:

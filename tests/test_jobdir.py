@@ -431,16 +431,30 @@ def test_without_links_a_name_another_writer_fills_after_our_failed_create_is_th
     assert json.loads(path.read_text()) == {"theirs": 1}
 
 
-def test_without_links_a_writer_frozen_between_create_and_fill_loses_the_name_it_was_adopted_from(
-    tmp_path, monkeypatch
+def _copying_rename(src, dst, *a, **k):
+    """os.rename as some FUSE / Drive mounts do it: the bytes copied to the destination, then the source deleted."""
+    with open(src, "rb") as f:
+        data = f.read()
+    with open(dst, "wb") as f:
+        f.write(data)
+    os.unlink(src)
+
+
+@pytest.mark.parametrize("rename", ["rename", "copy then delete"])
+@pytest.mark.parametrize("wakes", ["after the adoption", "between the adopter's last look and its move"])
+def test_without_links_a_writer_frozen_between_create_and_fill_and_an_adopter_are_never_both_its_creator(
+    tmp_path, monkeypatch, rename, wakes
 ):
     """Writer B creates the name and freezes before filling it; writer A's own create had failed (it did not
-    land) and its retry finds B's empty file, empty past ADOPT_PAUSES: A adopts it. B wakes and fills: both
-    said they created it, a `cancel` reported done was overwritten by a worker's "completed", and a longer
-    fill over a shorter one left a damaged record (adversarial pass 59). A adopts by replacing the file, so
-    B's fill lands in the file it opened, no longer at the name, and B's read-back finds A's bytes: B lost."""
+    land) and its retry finds B's empty file, empty past ADOPT_PAUSES: A adopts it. B wakes and fills. Both
+    said they created it: a `cancel` reported done was overwritten by a worker's "completed", a longer fill
+    over a shorter one left a damaged record, one claim was held twice (adversarial passes 59, 60; on a mount
+    whose rename is a copy, A's renamed-in record was the very file B filled). A takes the empty file aside by
+    a rename, creates the name afresh, and B fills through its own descriptor (never reopened by name) and
+    reads back: exactly one of them holds the name, whenever B wakes."""
     path = tmp_path / "00000001.json"
-    frozen, thawed, real_open, failed = threading.Event(), threading.Event(), os.open, []
+    frozen, thawed, b_done = threading.Event(), threading.Event(), threading.Event()
+    real_open, real_rename, failed = os.open, os.rename, []
 
     def at(name):  # only B (the thread) stops between its create and its fill
         if name == "after_create" and threading.current_thread() is not threading.main_thread():
@@ -453,22 +467,36 @@ def test_without_links_a_writer_frozen_between_create_and_fill_loses_the_name_it
             raise OSError(errno.EIO, "Input/output error")
         return real_open(p, flags, *a, **k)
 
+    def rename_(src, dst, *a, **k):
+        if wakes.startswith("between") and not thawed.is_set():
+            thawed.set()  # B fills and reads back before A's move
+            assert b_done.wait(60)
+        (real_rename if rename == "rename" else _copying_rename)(src, dst)
+
+    def b():
+        b_said.append(jobdir.create_exclusive(path, {"writer": "B"}))
+        b_done.set()
+
     monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
     monkeypatch.setattr(jobdir, "fault_point", at)
     monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.0,), raising=False)
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+    monkeypatch.setattr(os, "rename", rename_)
     b_said = []
-    b = threading.Thread(target=lambda: b_said.append(jobdir.create_exclusive(path, {"writer": "B"})))
-    b.start()
+    thread = threading.Thread(target=b)
+    thread.start()
     assert frozen.wait(60) and path.exists() and path.stat().st_size == 0
     monkeypatch.setattr(os, "open", open_)
     try:
         a_said = jobdir.create_exclusive(path, {"writer": "A"})
     finally:
         thawed.set()
-        b.join(60)
+        thread.join(60)
     monkeypatch.undo()
-    assert (a_said, b_said) == (True, [False]) and json.loads(path.read_text()) == {"writer": "A"}
+    winner = json.loads(path.read_text())["writer"]
+    assert [a_said, *b_said] == [winner == "A", winner == "B"]
+    assert winner == ("A" if wakes.startswith("after") else "B")
+    assert [n for n in os.listdir(tmp_path) if n != path.name] == []  # nothing left aside
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
