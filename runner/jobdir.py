@@ -1165,11 +1165,12 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
-def _create_then_fill(path: Path, data: bytes, adopt: bool = True) -> bool:
+def _create_then_fill(path: Path, data: bytes, adopt: int = 3) -> bool:
     """Without hard links: create the name exclusively, fill it through the descriptor the create gave (a
     retried write rewrites that same file, never whatever is at the name by then), then read it back: the
     name is ours only if our bytes are what it holds. A create whose reply was lost (it landed, then reported
-    an error) finds the name taken on its retry, by our own empty file: `_adopt_unfilled` (with `adopt`)."""
+    an error) finds the name taken on its retry, by our own empty file: `_adopt_unfilled` (`adopt` times at
+    most: lost replies come in bursts on a flaky mount)."""
     nofollow = getattr(os, "O_NOFOLLOW", 0)
     tries: list[int] = []
 
@@ -1189,7 +1190,7 @@ def _create_then_fill(path: Path, data: bytes, adopt: bool = True) -> bool:
             finally:
                 os.close(fd)
     if fd is None:  # (the wait for another writer's fill is outside the signals held)
-        return adopt and len(tries) > 1 and _adopt_unfilled(path, data)
+        return adopt > 0 and len(tries) > 1 and _adopt_unfilled(path, data, adopt)
     return _reads_back(path, data)  # a writer that adopted the name meanwhile holds it: ours was set aside
 
 
@@ -1222,12 +1223,13 @@ def _reads_back(path: Path, data: bytes) -> bool:
 ADOPT_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
 
 
-def _adopt_unfilled(path: Path, data: bytes) -> bool:
+def _adopt_unfilled(path: Path, data: bytes, adopt: int) -> bool:
     """After our create raised a transient error, the name is taken. Content appearing there: another writer's
-    (False). Empty through ADOPT_PAUSES: taken aside by a rename (one taker wins it), looked at there (filled
-    just before: its writer's, put back, False), removed, and the name created afresh (no adopting twice). A
-    writer frozen between its create and its fill then fills a file no longer at the name, reads back
-    another's bytes, and drops its word. True if the name is ours."""
+    (False). Empty through ADOPT_PAUSES: taken aside by a rename (one taker wins it), looked at there, removed,
+    and the name created afresh. Filled just before the rename: its writer's, put back by an exclusive create
+    (never over a record another writer created at the free name meanwhile), False. A writer frozen between
+    its create and its fill then fills a file no longer at the name, reads back another's bytes, and drops
+    its word. True if the name is ours."""
     for pause in (*ADOPT_PAUSES, None):
         if storage.retry(lambda: os.stat(path, follow_symlinks=False).st_size, f"read {path}"):
             return False
@@ -1241,12 +1243,11 @@ def _adopt_unfilled(path: Path, data: bytes) -> bool:
             raise
         if not os.path.lexists(aside):
             return False  # another taker moved it first (ours did, if its reply was lost: then it is aside)
-    # filled between our last look and the rename: its writer's, put back
-    if storage.retry(lambda: os.stat(aside).st_size, f"read {aside}"):
-        storage.retry(lambda: os.rename(aside, path), f"move {aside}")
-        return False
-    storage.remove(Path(aside))
-    return _create_then_fill(path, data, adopt=False)
+    theirs = storage.read_bytes(aside)  # filled between our last look and the rename: its writer's
+    if theirs:
+        _create_then_fill(path, theirs, adopt=0)
+    storage.remove(aside)
+    return not theirs and _create_then_fill(path, data, adopt - 1)
 
 
 def _read_json_or_none(path: Path) -> Any:

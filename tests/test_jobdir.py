@@ -499,6 +499,78 @@ def test_without_links_a_writer_frozen_between_create_and_fill_and_an_adopter_ar
     assert [n for n in os.listdir(tmp_path) if n != path.name] == []  # nothing left aside
 
 
+def test_without_links_creates_whose_replies_are_lost_twice_in_a_row_still_land(tmp_path, monkeypatch):
+    """Lost replies come in bursts on a flaky mount: the adopter's fresh create lost its reply too, and the name
+    was left empty with no writer, the job broken (adversarial pass 61). An adopter adopts again (a few times)."""
+    path, real_open, lost = tmp_path / "00000001.json", os.open, []
+
+    def open_(p, flags, *a, **k):
+        fd = real_open(p, flags, *a, **k)
+        if flags & os.O_EXCL and len(lost) < 2:
+            lost.append(p)
+            os.close(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        return fd
+
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.0,))
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+    assert jobdir.create_exclusive(path, {"writer": "A"}) is True and len(lost) == 2
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"writer": "A"} and os.listdir(tmp_path) == [path.name]
+
+
+def test_without_links_a_record_put_back_never_replaces_one_created_while_it_was_aside(tmp_path, monkeypatch):
+    """The adopter took the empty name aside; while it was there, C created the name (free) and reported its
+    record, and the frozen writer W filled the file aside. The adopter put W's file back with a rename, over
+    C's: two writers told they created one record, a reported cancel gone (adversarial pass 61). It puts it
+    back only where the name is free: C's record stands, and W, reading back, drops its word."""
+    path = tmp_path / "00000001.json"
+    frozen, thawed, w_done = threading.Event(), threading.Event(), threading.Event()
+    real_open, real_rename, failed, said = os.open, os.rename, [], {}
+
+    def at(name):
+        if name == "after_create" and threading.current_thread() is not threading.main_thread():
+            frozen.set()
+            assert thawed.wait(60), "W was never thawed"
+
+    def open_(p, flags, *a, **k):  # the adopter's first create fails without landing
+        if flags & os.O_EXCL and threading.current_thread() is threading.main_thread() and not failed:
+            failed.append(p)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(p, flags, *a, **k)
+
+    def rename_(src, dst, *a, **k):
+        real_rename(src, dst)
+        if not thawed.is_set():  # the name is free while the file is aside: C creates it; W wakes and fills
+            said["C"] = jobdir.create_exclusive(path, {"writer": "C"})
+            thawed.set()
+            assert w_done.wait(60)
+
+    def w():
+        said["W"] = jobdir.create_exclusive(path, {"writer": "W"})
+        w_done.set()
+
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(jobdir, "fault_point", at)
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.0,))
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+    monkeypatch.setattr(os, "rename", rename_)
+    thread = threading.Thread(target=w)
+    thread.start()
+    assert frozen.wait(60)
+    monkeypatch.setattr(os, "open", open_)
+    try:
+        said["A"] = jobdir.create_exclusive(path, {"writer": "A"})
+    finally:
+        thawed.set()
+        thread.join(60)
+    monkeypatch.undo()
+    assert said == {"C": True, "W": False, "A": False} and json.loads(path.read_text()) == {"writer": "C"}
+    assert os.listdir(tmp_path) == [path.name]
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_between_creating_a_record_and_filling_it_waits_for_the_fill(job, monkeypatch, sig):
     """No hard links: a SIGTERM (`docker stop`) or a Ctrl-C landing between the exclusive create of a state
