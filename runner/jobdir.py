@@ -1231,8 +1231,13 @@ def _adopt_unfilled(path: Path, data: bytes, adopt: int) -> bool:
     its create and its fill then fills a file no longer at the name, reads back another's bytes, and drops
     its word. True if the name is ours."""
     for pause in (*ADOPT_PAUSES, None):
-        if storage.retry(lambda: os.stat(path, follow_symlinks=False).st_size, f"read {path}"):
-            return False
+        try:
+            if storage.retry(lambda: os.stat(path, follow_symlinks=False).st_size, f"read {path}"):
+                return False
+        except storage.StorageError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return False  # another adopter has it aside: the caller decides again over what stands
+            raise
         if pause is not None:
             time.sleep(pause)
     aside = storage.temp_name(path)
@@ -1245,7 +1250,7 @@ def _adopt_unfilled(path: Path, data: bytes, adopt: int) -> bool:
             return False  # another taker moved it first (ours did, if its reply was lost: then it is aside)
     theirs = storage.read_bytes(aside)  # filled between our last look and the rename: its writer's
     if theirs:
-        _create_then_fill(path, theirs, adopt=0)
+        _create_then_fill(path, theirs, adopt=1)  # (its own lost reply: adopted back once)
     storage.remove(aside)
     return not theirs and _create_then_fill(path, data, adopt - 1)
 

@@ -571,6 +571,32 @@ def test_without_links_a_record_put_back_never_replaces_one_created_while_it_was
     assert os.listdir(tmp_path) == [path.name]
 
 
+def test_without_links_an_adopter_whose_name_another_adopter_took_aside_decides_again(tmp_path, monkeypatch):
+    """Two writers wait out the same empty name; the first takes it aside while the second is still looking:
+    the second stopped with "cannot read ...: No such file or directory" (adversarial pass 62). It is not
+    its name: False, and its caller decides again over what stands."""
+    path, real_open, failed = tmp_path / "00000001.json", os.open, []
+    path.write_bytes(b"")  # a writer's create, its fill not come
+
+    def open_(p, flags, *a, **k):
+        if flags & os.O_EXCL and not failed:
+            failed.append(p)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(p, flags, *a, **k)
+
+    def sleep(seconds):  # the other adopter moves the name aside during our wait (not a retry's 0 s pause)
+        if seconds and path.exists():
+            os.rename(path, tmp_path / "aside")
+
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(jobdir.time, "sleep", sleep)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+    assert jobdir.create_exclusive(path, {"writer": "A"}) is False
+    monkeypatch.undo()
+    assert not path.exists()
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_between_creating_a_record_and_filling_it_waits_for_the_fill(job, monkeypatch, sig):
     """No hard links: a SIGTERM (`docker stop`) or a Ctrl-C landing between the exclusive create of a state
