@@ -1491,7 +1491,6 @@ class Verifier:
     def __init__(self, job: Job, afresh: bool = False):
         self.job = job
         self.cache: dict[str, Any] = {}
-        self.afresh = afresh
         self.markers: dict[str, Any] = {}  # commit name -> its marker, as read once by this process
         self.trusted: set[str] = set()  # commits verified or written by this process
         try:
