@@ -380,25 +380,55 @@ def test_a_state_record_whose_create_landed_before_a_transient_error_is_the_writ
     assert job.state().state is JobState.CANCELLED
 
 
+def _no_links(monkeypatch) -> None:
+    """A file system without hard links (Drive), transient errors retried at once."""
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+
+
+def _failing_creates(monkeypatch, times: int = 1, landed: bool = False, which=lambda path: True) -> list:
+    """os.open: the first `times` exclusive creates of paths `which` picks raise EIO, having made the file
+    (`landed`: the reply was lost) or not. Returns the paths they failed on."""
+    real_open, failed = os.open, []
+
+    def open_(path, flags, *a, **k):
+        if flags & os.O_EXCL and len(failed) < times and which(path):
+            if landed:  # (a name already taken raises FileExistsError here, as it would, and is not counted)
+                os.close(real_open(path, flags, *a, **k))
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", open_)
+    return failed
+
+
+def _in_main_thread(path) -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _freeze_threads_after_create(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """A writer on another thread than the main one stops between its exclusive create and its fill (a frozen
+    process) until `thawed` is set; `frozen` is set once it stopped."""
+    frozen, thawed = threading.Event(), threading.Event()
+
+    def at(name):
+        if name == "after_create" and not _in_main_thread(None):
+            frozen.set()
+            assert thawed.wait(60), "the frozen writer was never thawed"
+
+    monkeypatch.setattr(jobdir, "fault_point", at)
+    return frozen, thawed
+
+
 def test_without_links_a_create_that_landed_before_a_transient_error_is_the_writers(job, monkeypatch):
     """No hard links (Drive): the O_EXCL create of `runner cancel`'s record lands, then the mount reports EIO.
     The retry found the name taken, by its own empty file, took it for another writer's and left it empty: the
     cancel failed and the job read broken until `runner repair`, nothing having been killed (adversarial pass
     57). An empty file at the name after our own create failed, that no one fills, is ours: filled."""
-    real_open, lost = os.open, []
-
-    def open_(path, flags, *a, **k):
-        fd = real_open(path, flags, *a, **k)
-        if flags & os.O_EXCL and "state" in str(path) and not lost:
-            lost.append(path)
-            os.close(fd)
-            raise OSError(errno.EIO, "Input/output error")
-        return fd
-
-    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
-    monkeypatch.setattr(os, "open", open_)
-    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.0,), raising=False)
-    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+    _no_links(monkeypatch)
+    lost = _failing_creates(monkeypatch, landed=True, which=lambda path: "state" in str(path))
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.0,))
     assert runner.cancel(job.dir) == "queued" and [Path(p).name for p in lost] == ["00000001.json"]
     monkeypatch.undo()
     assert [p.name for p in (job.dir / "state").iterdir()] == ["00000001.json"]
@@ -422,10 +452,9 @@ def test_without_links_a_name_another_writer_fills_after_our_failed_create_is_th
         path.write_bytes(b'{"theirs": 1}\n')
 
     real_open = os.open
-    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    _no_links(monkeypatch)
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(jobdir.time, "sleep", sleep)
-    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
     assert jobdir.create_exclusive(path, {"ours": 1}) is False
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"theirs": 1}
@@ -453,19 +482,9 @@ def test_without_links_a_writer_frozen_between_create_and_fill_and_an_adopter_ar
     a rename, creates the name afresh, and B fills through its own descriptor (never reopened by name) and
     reads back: exactly one of them holds the name, whenever B wakes."""
     path = tmp_path / "00000001.json"
-    frozen, thawed, b_done = threading.Event(), threading.Event(), threading.Event()
-    real_open, real_rename, failed = os.open, os.rename, []
-
-    def at(name):  # only B (the thread) stops between its create and its fill
-        if name == "after_create" and threading.current_thread() is not threading.main_thread():
-            frozen.set()
-            assert thawed.wait(60), "B was never thawed"
-
-    def open_(p, flags, *a, **k):  # A's first create fails without landing
-        if flags & os.O_EXCL and threading.current_thread() is threading.main_thread() and not failed:
-            failed.append(p)
-            raise OSError(errno.EIO, "Input/output error")
-        return real_open(p, flags, *a, **k)
+    _no_links(monkeypatch)
+    frozen, thawed = _freeze_threads_after_create(monkeypatch)  # B, on its thread
+    b_done, real_rename = threading.Event(), os.rename
 
     def rename_(src, dst, *a, **k):
         if wakes.startswith("between") and not thawed.is_set():
@@ -477,16 +496,13 @@ def test_without_links_a_writer_frozen_between_create_and_fill_and_an_adopter_ar
         b_said.append(jobdir.create_exclusive(path, {"writer": "B"}))
         b_done.set()
 
-    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
-    monkeypatch.setattr(jobdir, "fault_point", at)
-    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.0,), raising=False)
-    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.0,))
     monkeypatch.setattr(os, "rename", rename_)
     b_said = []
     thread = threading.Thread(target=b)
     thread.start()
     assert frozen.wait(60) and path.exists() and path.stat().st_size == 0
-    monkeypatch.setattr(os, "open", open_)
+    _failing_creates(monkeypatch, which=_in_main_thread)  # A's first create fails without landing
     try:
         a_said = jobdir.create_exclusive(path, {"writer": "A"})
     finally:
@@ -502,20 +518,10 @@ def test_without_links_a_writer_frozen_between_create_and_fill_and_an_adopter_ar
 def test_without_links_creates_whose_replies_are_lost_twice_in_a_row_still_land(tmp_path, monkeypatch):
     """Lost replies come in bursts on a flaky mount: the adopter's fresh create lost its reply too, and the name
     was left empty with no writer, the job broken (adversarial pass 61). An adopter adopts again (a few times)."""
-    path, real_open, lost = tmp_path / "00000001.json", os.open, []
-
-    def open_(p, flags, *a, **k):
-        fd = real_open(p, flags, *a, **k)
-        if flags & os.O_EXCL and len(lost) < 2:
-            lost.append(p)
-            os.close(fd)
-            raise OSError(errno.EIO, "Input/output error")
-        return fd
-
-    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
-    monkeypatch.setattr(os, "open", open_)
+    path = tmp_path / "00000001.json"
+    _no_links(monkeypatch)
+    lost = _failing_creates(monkeypatch, times=2, landed=True)
     monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.0,))
-    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
     assert jobdir.create_exclusive(path, {"writer": "A"}) is True and len(lost) == 2
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"writer": "A"} and os.listdir(tmp_path) == [path.name]
@@ -527,19 +533,9 @@ def test_without_links_a_record_put_back_never_replaces_one_created_while_it_was
     C's: two writers told they created one record, a reported cancel gone (adversarial pass 61). It puts it
     back only where the name is free: C's record stands, and W, reading back, drops its word."""
     path = tmp_path / "00000001.json"
-    frozen, thawed, w_done = threading.Event(), threading.Event(), threading.Event()
-    real_open, real_rename, failed, said = os.open, os.rename, [], {}
-
-    def at(name):
-        if name == "after_create" and threading.current_thread() is not threading.main_thread():
-            frozen.set()
-            assert thawed.wait(60), "W was never thawed"
-
-    def open_(p, flags, *a, **k):  # the adopter's first create fails without landing
-        if flags & os.O_EXCL and threading.current_thread() is threading.main_thread() and not failed:
-            failed.append(p)
-            raise OSError(errno.EIO, "Input/output error")
-        return real_open(p, flags, *a, **k)
+    _no_links(monkeypatch)
+    frozen, thawed = _freeze_threads_after_create(monkeypatch)  # W, on its thread
+    w_done, real_rename, said = threading.Event(), os.rename, {}
 
     def rename_(src, dst, *a, **k):
         real_rename(src, dst)
@@ -552,15 +548,12 @@ def test_without_links_a_record_put_back_never_replaces_one_created_while_it_was
         said["W"] = jobdir.create_exclusive(path, {"writer": "W"})
         w_done.set()
 
-    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
-    monkeypatch.setattr(jobdir, "fault_point", at)
     monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.0,))
-    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
     monkeypatch.setattr(os, "rename", rename_)
     thread = threading.Thread(target=w)
     thread.start()
     assert frozen.wait(60)
-    monkeypatch.setattr(os, "open", open_)
+    _failing_creates(monkeypatch, which=_in_main_thread)  # the adopter's first create fails without landing
     try:
         said["A"] = jobdir.create_exclusive(path, {"writer": "A"})
     finally:
@@ -575,23 +568,16 @@ def test_without_links_an_adopter_whose_name_another_adopter_took_aside_decides_
     """Two writers wait out the same empty name; the first takes it aside while the second is still looking:
     the second stopped with "cannot read ...: No such file or directory" (adversarial pass 62). It is not
     its name: False, and its caller decides again over what stands."""
-    path, real_open, failed = tmp_path / "00000001.json", os.open, []
+    path = tmp_path / "00000001.json"
     path.write_bytes(b"")  # a writer's create, its fill not come
-
-    def open_(p, flags, *a, **k):
-        if flags & os.O_EXCL and not failed:
-            failed.append(p)
-            raise OSError(errno.EIO, "Input/output error")
-        return real_open(p, flags, *a, **k)
 
     def sleep(seconds):  # the other adopter moves the name aside during our wait (not a retry's 0 s pause)
         if seconds and path.exists():
             os.rename(path, tmp_path / "aside")
 
-    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
-    monkeypatch.setattr(os, "open", open_)
+    _no_links(monkeypatch)
+    _failing_creates(monkeypatch)
     monkeypatch.setattr(jobdir.time, "sleep", sleep)
-    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
     assert jobdir.create_exclusive(path, {"writer": "A"}) is False
     monkeypatch.undo()
     assert not path.exists()
@@ -894,12 +880,9 @@ def test_a_damaged_prompts_file_fails_its_job_and_the_others_run(
     assert other.prompts().num_rows * other.samples == other.total
 
 
-def test_prompts_changed_while_a_worker_runs_stop_it_before_the_next_unit(
-    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
-):
-    """prompts.parquet swapped for another (valid) one while a worker is between units, its mtime put back:
-    the next unit's rows are not computed from it; the job fails saying so, keeping what was done (found by an
-    adversarial pass: the job completed with the later units computed from the changed prompts)."""
+def _two_jobs_of_other_prompts(tmp_path, tiny_gpt2) -> tuple[Job, Job]:
+    """Two jobs of the same settings, ids and row count whose prompts differ: one's prompts.parquet is valid
+    for the other, and wrong."""
     mine = write_jsonl(
         tmp_path / "a.jsonl", [{"id": f"r{i}", "prompt": f"Prompt number {i} says"} for i in range(6)]
     )
@@ -907,7 +890,16 @@ def test_prompts_changed_while_a_worker_runs_stop_it_before_the_next_unit(
         tmp_path / "b.jsonl", [{"id": f"r{i}", "prompt": f"Another {i} said"} for i in range(6)]
     )
     job = create_job(mine, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "a", unit_rows=2)
-    swapped = create_job(theirs, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "b", unit_rows=2)
+    return job, create_job(theirs, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "b", unit_rows=2)
+
+
+def test_prompts_changed_while_a_worker_runs_stop_it_before_the_next_unit(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """prompts.parquet swapped for another (valid) one while a worker is between units, its mtime put back:
+    the next unit's rows are not computed from it; the job fails saying so, keeping what was done (found by an
+    adversarial pass: the job completed with the later units computed from the changed prompts)."""
+    job, swapped = _two_jobs_of_other_prompts(tmp_path, tiny_gpt2)
     real = jobdir.write_marker
 
     def write_marker(*args, **kw):  # the first unit's commit lands, then the file is changed under the worker
@@ -929,14 +921,7 @@ def test_prompts_changed_under_their_verified_stamp_are_found_when_a_worker_star
     """prompts.parquet's bytes changed while its size and times did not (bit rot; a mount that keeps stale
     times), after verified.json stamped it: the next worker trusted the stamp and completed the job with rows
     computed from the changed prompts, silently (adversarial pass 59). A worker hashes it when it starts."""
-    mine = write_jsonl(
-        tmp_path / "a.jsonl", [{"id": f"r{i}", "prompt": f"Prompt number {i} says"} for i in range(6)]
-    )
-    theirs = write_jsonl(
-        tmp_path / "b.jsonl", [{"id": f"r{i}", "prompt": f"Another {i} said"} for i in range(6)]
-    )
-    job = create_job(mine, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "a", unit_rows=2)
-    swapped = create_job(theirs, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "b", unit_rows=2)
+    job, swapped = _two_jobs_of_other_prompts(tmp_path, tiny_gpt2)
     run_job(job, gpt2_engine, echo=None, should_stop=stop_after(1))  # stamps prompts.parquet in verified.json
     path = job.dir / "prompts.parquet"
     assert json.loads((job.dir / "verified.json").read_text())["prompts.parquet"][0] == path.stat().st_size
