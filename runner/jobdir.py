@@ -1563,11 +1563,11 @@ def forget_verified(job: Job, name: str) -> None:
     vouched for it (bytes changed under unchanged times), so the next worker or status reads it again and
     quarantines it. Only a cache: anything in the way (a read-only copy of the job) leaves it as it was."""
     try:
-        cache = _read_json_or_none(job.dir / VERIFIED)
-        if isinstance(cache, dict) and cache.pop(name, None) is not None:
-            storage.write_json(job.dir / VERIFIED, cache, durable=False)
+        verifier = Verifier(job)
     except RunnerError:
-        pass
+        return
+    verifier.dirty = verifier.cache.pop(name, None) is not None
+    verifier.save()
 
 
 def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = False) -> str | None:
