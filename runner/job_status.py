@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,11 +74,11 @@ def broken_status(path: Path, reason: str, job: Job | None = None, repairable: b
 
 def job_status(job: Job) -> JobStatus:
     try:
-        state = job.state()
+        state, changing = _state(job)
         if job.misplaced and state.state is JobState.QUEUED:  # a file where inflight/ or workers/ belongs
             why = f"{job.misplaced[0]}/ is not a folder (no worker can run the job)"
             return broken_status(job.dir, why, job)
-        ledger = jobdir.read_ledger(job)
+        ledger = jobdir.read_ledger(job, generation=state.generation)
         progress = jobdir.job_progress(job, ledger)
     except BrokenJob as e:
         return broken_status(job.dir, str(e), job, e.repairable)
@@ -97,6 +98,7 @@ def job_status(job: Job) -> JobStatus:
     elif progress.bad:
         message = (f"{len(progress.bad)} commit(s) failed verification; their rows are computed again "
                    "(`runner repair` quarantines them now)")  # fmt: skip
+    message = "; ".join(filter(None, [changing, message])) or None
     workers = [_worker_row(w, hb) for w, hb in sorted(progress.live.items())]
     tps = sum(w["tokens_per_second"] or 0 for w in workers) or None
     rate = sum(_number(hb, "rows_per_second") or 0 for hb in progress.live.values())
@@ -115,6 +117,22 @@ def job_status(job: Job) -> JobStatus:
         message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak, missing=missing,
         unsaved=unsaved,
     )  # fmt: skip
+
+
+def _state(job: Job) -> tuple[jobdir.StateRecord, str | None]:
+    """The job's state, and None. While its newest record is being written (found empty where links are not
+    supported, for less than STATE_PATIENCE_SECONDS: a `cancel` or `retry` on its way, as `runner work` waits
+    for it) the state before it, with a note saying so; `runner repair` is for one empty for longer."""
+    try:
+        return job.state(), None
+    except BrokenJob as e:
+        if not e.unfilled or e.waited_out():
+            raise
+        before = jobdir.last_good_state(job.dir)
+        if before is None:
+            raise
+        assert e.since is not None
+        return before, f"a change of state is being written ({time.time() - e.since:.0f} s ago)"
 
 
 def _waiting_for(job: Job) -> str | None:

@@ -626,8 +626,25 @@ def read_state(job_dir: Path) -> StateRecord:
     an older record's guess); with none, what a job of an older runner version stored (`_legacy_state`; none:
     queued)."""
     job_dir = Path(job_dir)
-    seqs = _record_seqs(job_dir)
-    return _read_record(job_dir, seqs[-1]) if seqs else _legacy_state(job_dir)
+    for pause in [*GONE_PAUSES, None]:
+        seqs = _record_seqs(job_dir)
+        if not seqs:
+            return _legacy_state(job_dir)
+        try:
+            return _read_record(job_dir, seqs[-1])
+        except _RecordGone as e:
+            if pause is None:
+                raise BrokenJob(str(e)) from None
+            time.sleep(pause)  # listed, then gone: an adopter has it aside for a moment (`_adopt_unfilled`)
+    raise AssertionError("unreachable")
+
+
+# Pauses before listing state/ again when its newest record went between the listing and the read
+GONE_PAUSES = (0.05, 0.2, 1.0)
+
+
+class _RecordGone(BrokenJob):
+    """A state record listed and then gone: set aside by an adopter (where links are not supported) or deleted."""
 
 
 def newest_state_seq(job_dir: Path) -> int:
@@ -655,11 +672,19 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
     links are not supported its content follows its creation)."""
     name = f"{STATES}/{record_name(seq)}"
     path = job_dir / name
-    if storage.kind(path) != "file":
+    what = storage.kind(path)
+    if what is None:
+        raise _RecordGone(f"{name} is not a file (it went while being read)")
+    if what != "file":
         raise BrokenJob(f"{name} is not a file")
     pauses = [0.05, 0.2] if wait else []
     while True:
-        data = storage.read_bytes(path)
+        try:
+            data = storage.read_bytes(path)
+        except storage.StorageError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                raise _RecordGone(f"{name} is not a file (it went while being read)") from None
+            raise
         try:
             if not data:
                 raise ValueError("it is empty: a change killed half way, or damage")
@@ -2037,7 +2062,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
         with contextlib.suppress(BrokenJob):
             read = read_state(job.dir)
             generation = read.generation
-    last = read or _last_good_state(job.dir)  # the newest word still readable (a damaged cancel: unknowable)
+    last = read or last_good_state(job.dir)  # the newest word still readable (a damaged cancel: unknowable)
     # never below what the records, the commits and the completion were written under (the newest record torn)
     generation = max(generation, _last_generation(job))
     ledger = read_ledger(job, seal=True, generation=generation, verifier=Verifier(job, afresh=True))
@@ -2063,7 +2088,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
     return report
 
 
-def _last_good_state(job_dir: Path) -> StateRecord | None:
+def last_good_state(job_dir: Path) -> StateRecord | None:
     """Below a damaged newest record: the newest record that still reads, else an older version's state.json.
     A record that cannot be read now (a mount's outage outlasting the retries) is not a damaged one: it raises,
     and repair stops, rather than fall back past a `cancel` to queued (pass 40)."""

@@ -792,6 +792,44 @@ def test_a_record_never_filled_after_the_run_is_said_broken_once_the_patience_is
     assert runner.repair(job.dir) and runner.status(job.dir).done == 6
 
 
+def test_status_shows_a_change_being_written_as_the_state_before_it_until_the_patience_is_over(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """No hard links: a `runner retry` whose record is created, not filled yet. `runner status` called the job
+    "broken ... it is empty: a change killed half way" at once, while `runner work` waits for such a record. It
+    now shows the state before it, saying a change is being written; broken only once the patience is over."""
+    job = _small_job(tmp_path, tiny_gpt2, 4)
+    job.set_state(JobState.CANCELLED)
+    _, place = _without_links(monkeypatch, job)
+    _created_empty(place)
+    shown = job_status(job)
+    assert shown.state == "cancelled" and "a change of state is being written" in shown.message, shown
+    assert runner.status(job.dir).state == "cancelled"
+    monkeypatch.setattr(jobdir, "STATE_PATIENCE_SECONDS", -1.0)
+    late = job_status(job)
+    assert late.state == "broken" and "runner repair" in late.message, late
+
+
+def test_a_newest_state_record_that_goes_between_the_listing_and_the_read_is_listed_again(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """Without links an adopter takes an empty record aside by a rename for a moment (`_adopt_unfilled`); a
+    reader that listed state/ just before read "00000003.json is not a file" and called a sound job broken
+    (pass 61, read from the code). It now lists again and reads what stands."""
+    job = _small_job(tmp_path, tiny_gpt2, 4)
+    job.set_state(JobState.CANCELLED)
+    real, calls = jobdir._record_seqs, []
+
+    def listing(job_dir):
+        calls.append(1)
+        seqs = real(job_dir)
+        return [*seqs, seqs[-1] + 1] if len(calls) == 1 else seqs  # listed, then moved aside before the read
+
+    monkeypatch.setattr(jobdir, "_record_seqs", listing)
+    assert jobdir.read_state(job.dir).state is JobState.CANCELLED and len(calls) == 2
+    assert job_status(job).state == "cancelled"
+
+
 def test_a_cancel_being_written_when_the_worker_finishes_is_waited_for_not_said_broken(
     tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
 ):
