@@ -1020,7 +1020,8 @@ def _detail(s: Any) -> list[str]:
 @click.option(
     "--errors-to",
     type=click.Path(dir_okay=False),
-    help="With --format openai: the Batch error file [default: beside --to, .errors.jsonl].",
+    help="Also write the rows that could not be done (invalid input, row errors) to this file, typed by suffix as "
+    "--to; with --format openai the Batch error file [default there: beside --to, .errors.jsonl].",
 )
 @home_option
 @click.pass_context
@@ -1040,16 +1041,20 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
         click.echo(head.dropna(axis="columns", how="all").to_string(max_colwidth=60))
         click.echo(f"({len(df):,} rows; --to FILE to export)")
         return
-    problem = export_type_problem(to_path) if fmt == "table" else None
-    if problem:
-        raise click.BadParameter(problem, param_hint="--to")
+    for hint, path in (("--to", to_path), ("--errors-to", errors_to)):
+        problem = export_type_problem(path) if fmt == "table" and path else None
+        if problem:
+            raise click.BadParameter(problem, param_hint=hint)
     rows, errors = export_results(job_ref, to_path, ctx.obj["home"], fmt, errors_to)
     if fmt == "openai":
         _echo(
             f"wrote {rows:,} responses to {to_path}" + (f" and {errors:,} errors beside it" if errors else "")
         )
     else:
-        _echo(f"wrote {rows:,} rows to {to_path}")
+        _echo(
+            f"wrote {rows:,} rows to {to_path}"
+            + (f" and {errors:,} errors to {errors_to}" if errors_to else "")
+        )
 
 
 @cli.command()

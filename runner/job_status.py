@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,8 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
     for path in jobdir.job_folders(root):
         try:
             out.append(job_status(Job.open(path)))
+        except StorageError as e:
+            out.append(_unreadable_or_broken(path, e))
         except RunnerError as e:
             out.append(broken_status(path, str(e), repairable=getattr(e, "repairable", True)))
     for name in jobdir.linked_entries(root):
@@ -173,6 +175,16 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
             broken_status(root / name, "a symbolic link in the job home; runner does not follow links")
         )
     return out
+
+
+def _unreadable_or_broken(path: Path, e: StorageError) -> JobStatus:
+    """A job whose folder could not be read through the retries (a mount failing for a minute) is `unreadable`
+    for now, not broken: nothing in it is damaged, and `runner repair` would not help (pass 65). A folder
+    whose layout is damaged (a file where a folder belongs) is broken."""
+    if e.damaged:
+        return broken_status(path, f"its folder is damaged: {e}")
+    return replace(broken_status(path, str(e), repairable=False), state="unreadable",
+                   message=f"{e} (read again by the next `runner status`)")  # fmt: skip
 
 
 def status_table(statuses: list[JobStatus]) -> str:

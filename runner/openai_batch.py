@@ -268,7 +268,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
 def _export_targets(out: str | os.PathLike, errors_out: str | os.PathLike | None) -> tuple[Path, Path]:
     """The output file and the errors file (default beside it), checked before anything is written: an older
     export stays whole when this one cannot be made."""
-    from . import storage
+    from .results import check_export_pair
 
     out = Path(out)
     if out.suffix.lower() != ".jsonl":  # (it wrote JSON Lines under any name: out.parquet was no Parquet)
@@ -276,13 +276,7 @@ def _export_targets(out: str | os.PathLike, errors_out: str | os.PathLike | None
     errors = (
         Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
     )
-    if os.path.realpath(out) == os.path.realpath(errors):  # (the errors were written over the answers)
-        raise RunnerError(f"{out}: the output and the errors file must be two files")
-    for target in (out, errors):
-        if storage.kind(target) not in (None, "file"):
-            raise RunnerError(f"cannot write {target}: something other than a file stands there")
-        if not target.parent.is_dir():
-            raise RunnerError(f"cannot write {target}: no folder {target.parent}")
+    check_export_pair(out, errors)
     return out, errors
 
 

@@ -487,6 +487,12 @@ def _warn_if_partial(job: Any, rows: int) -> None:
         return
     try:
         s = job_status(job)
+    except (
+        storage.StorageError
+    ) as e:  # the mount failing through the retries: the results may be partial, say so
+        warnings.warn(f"job {job.id}: these are {rows:,} of its {job.spec.total:,} results, and whether the rest "
+                      f"are still to come could not be read ({e})", stacklevel=3)  # fmt: skip
+        return
     except RunnerError:
         return  # broken (its shards were read and checked one by one, each left out named): nothing to add
     if s.state == "broken":
@@ -527,7 +533,8 @@ def export_type_problem(to: str | os.PathLike) -> str | None:
 
 
 class Exported(NamedTuple):
-    """What `export_results` wrote: `rows` (rows, or Batch response lines) and `errors` (Batch error lines)."""
+    """What `export_results` wrote: `rows` (rows, or Batch response lines) and `errors` (Batch error lines, or
+    error rows to `errors_to`)."""
 
     rows: int
     errors: int
@@ -543,7 +550,8 @@ def export_results(
     """`runner results JOB --to FILE`: write a job's results (in input order) to FILE, its type by suffix
     (.jsonl, .json as one array, .csv with lists as JSON text, .parquet). With `format="openai"`, one OpenAI
     Batch output line per request, and the requests that could not be done to `errors_to` (default beside it,
-    FILE.errors.jsonl). Returns how many rows (or lines) and error lines it wrote."""
+    FILE.errors.jsonl). As a table, `errors_to` gets `read_errors` (id, line, row, sample, stage, error, message;
+    its type by suffix, as `to`). Returns how many rows (or lines) and error lines it wrote."""
     from . import jobdir
 
     folder = Path(os.path.realpath(jobdir.find_job(source, home)))
@@ -558,12 +566,53 @@ def export_results(
             return openai_batch.export(job, to, errors_to)
     if format != "table":
         raise ValueError(f"format must be 'table' or 'openai', got {format!r}")
-    problem = export_type_problem(to)
-    if problem:
-        raise ValueError(f"{to}: {problem}")
+    for path in filter(None, (to, errors_to)):
+        if problem := export_type_problem(path):
+            raise ValueError(f"{path}: {problem}")
     table = load_results(source, home, format="arrow")
+    if errors_to is None:
+        _write_whole(table, Path(to))
+        return Exported(table.num_rows, 0)
+    check_export_pair(Path(to), Path(errors_to))
+    errors = _errors_table(read_errors(source, home))
+    storage.remove(
+        errors_to
+    )  # a kill between the two leaves no errors file, never an older one beside new rows
     _write_whole(table, Path(to))
-    return Exported(table.num_rows, 0)
+    _write_whole(errors, Path(errors_to))
+    return Exported(table.num_rows, errors.num_rows)
+
+
+def check_export_pair(out: Path, errors: Path) -> None:
+    """Refuse an output and an errors file that are one file, or that cannot be written (something other than a
+    file there, no folder), before anything is written: an older export stays whole."""
+    if os.path.realpath(out) == os.path.realpath(errors):  # (the errors were written over the answers)
+        raise RunnerError(f"{out}: the output and the errors file must be two files")
+    for target in (out, errors):
+        if storage.kind(target) not in (None, "file"):
+            raise RunnerError(f"cannot write {target}: something other than a file stands there")
+        if not target.parent.is_dir():
+            raise RunnerError(f"cannot write {target}: no folder {target.parent}")
+
+
+ERROR_FIELDS = ("id", "line", "row", "sample", "stage", "error", "message")
+
+
+def _errors_table(errors: list[dict[str, Any]]) -> pa.Table:
+    """`read_errors` as a table for `--errors-to` (its type by suffix, as `--to`): the same columns whether
+    there are errors or none, in read_errors' order."""
+    import pyarrow as pa
+
+    types = {"line": pa.int64(), "row": pa.int64(), "sample": pa.int64()}
+    schema = pa.schema([(k, types.get(k, pa.string())) for k in ERROR_FIELDS])
+    return pa.Table.from_pylist([{k: _error_value(e.get(k), k in types) for k in ERROR_FIELDS} for e in errors],
+                                schema=schema)  # fmt: skip
+
+
+def _error_value(v: Any, number: bool) -> Any:
+    if v is None or (number and isinstance(v, int) and not isinstance(v, bool)):
+        return v
+    return None if number else str(v)
 
 
 def _write_whole(table: pa.Table, to: Path) -> None:

@@ -265,6 +265,42 @@ def test_results_export_lists_as_json_in_csv_and_an_array_in_json(prompts, tiny_
     assert bad.exit_code == 2 and "unknown type '.txt'" in bad.output
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_results_errors_to_writes_the_rows_that_could_not_be_done_beside_a_table_export(
+    suffix, tmp_path, tiny_gpt2, runner_home
+):
+    """`--errors-to` was ignored without `--format openai`, silently (its help said so). A table export now
+    writes read_errors to it (typed by suffix as --to), and refuses one file for both before writing either."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hello"}\n{"id": "b"}\n{"id": "c", "prompt": "The fox"}\n')
+    result = invoke(
+        "run", src, "--model", tiny_gpt2, "--max-new-tokens", 2, "--skip-invalid", "-o", tmp_path / "o"
+    )
+    assert result.exit_code == 0, result.output
+    out, errors = tmp_path / "r.jsonl", tmp_path / f"errors{suffix}"
+    errors.write_text("OLDER EXPORT'S ERRORS")
+    done = invoke("results", tmp_path / "o", "--to", out, "--errors-to", errors)
+    assert done.exit_code == 0, done.output
+    assert f"wrote 2 rows to {out} and 1 errors to {errors}" in done.output
+    got = pd.read_parquet(errors) if suffix == ".parquet" else None
+    if suffix == ".jsonl":
+        got = pd.read_json(errors, lines=True)
+    elif suffix == ".csv":
+        got = pd.read_csv(errors)
+    assert (
+        got["id"].tolist() == ["b"] and got["line"].tolist() == [2] and got["stage"].tolist() == ["validate"]
+    )
+    assert "prompt" in got["message"][0]
+    import runner
+
+    assert runner.export_results(tmp_path / "o", out, errors_to=errors) == (2, 1)
+    same = invoke("results", tmp_path / "o", "--to", out, "--errors-to", out)
+    assert same.exit_code != 0 and "must be two files" in same.output and "Traceback" not in same.output
+    assert len(out.read_text().splitlines()) == 2  # refused before anything was written
+    bad = invoke("results", tmp_path / "o", "--to", out, "--errors-to", tmp_path / "e.txt")
+    assert bad.exit_code == 2 and "--errors-to" in bad.output and "unknown type '.txt'" in bad.output
+
+
 def test_home_is_taken_after_the_command_too(tmp_path, prompts, tiny_gpt2, monkeypatch):
     monkeypatch.delenv("RUNNER_HOME")
     home = tmp_path / "elsewhere"

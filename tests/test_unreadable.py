@@ -1,0 +1,83 @@
+"""A job home that stays unreadable through the retries (a Drive mount failing for a minute): what cannot be
+read is said to be unreadable, never `broken` with a `runner repair` hint and never complete. Adversarial
+pass 65 (a single transient error at any read held: those are retried)."""
+
+import errno
+import os
+import warnings
+
+import pytest
+from helpers import invoke, write_jsonl
+
+import runner
+from runner import EngineOptions, GenerationParams, storage
+from runner.jobs import create_job
+from runner.scheduler import work
+from runner.storage import StorageError
+from runner.worker import run_job
+
+
+def _job(tmp_path, model, home, rows=6):
+    lines = ({"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(rows))
+    return create_job(write_jsonl(tmp_path / "p.jsonl", lines), model, GenerationParams(max_new_tokens=3),
+                      EngineOptions(batch_size=2), job_dir=home / "job", unit_rows=2)  # fmt: skip
+
+
+def _failing_listings(monkeypatch, folder, after=0):
+    """Listings of `folder` fail with EIO through the retries, after the first `after` of them."""
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+    seen = []
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+
+        def failing(p=".", real=real):
+            if os.fspath(p) == os.fspath(folder):
+                seen.append(1)
+                if len(seen) > after:
+                    raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(p))
+            return real(p)
+
+        monkeypatch.setattr(os, name, failing)
+
+
+def test_status_of_the_home_says_a_job_it_cannot_read_is_unreadable_not_broken(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    _failing_listings(monkeypatch, job.dir / "state")
+    [shown] = runner.status(home=runner_home)
+    assert shown.state == "unreadable" and "Input/output error" in shown.message, shown
+    assert "repair" not in shown.message
+    out = invoke("status").output
+    assert "unreadable" in out and "broken" not in out and "repair" not in out, out
+    monkeypatch.undo()
+    assert runner.status(home=runner_home)[0].state == "completed"
+
+
+def test_load_results_of_a_partial_job_warns_when_its_state_cannot_be_read(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    stopped = iter([False, False, True])  # two batches, then stopped: 4 of 6 rows
+    assert run_job(job, gpt2_engine, echo=None, should_stop=lambda: next(stopped, True), shard_rows=2).stopped
+    _failing_listings(monkeypatch, job.dir / "state", after=1)  # the shards read, then the mount fails
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        df = runner.load_results(job.dir)
+    assert 0 < len(df) < 6
+    assert any(f"{len(df)} of its 6 results" in str(w.message) and "could not be read" in str(w.message)
+               for w in said), [str(w.message) for w in said]  # fmt: skip
+
+
+def test_work_stops_on_a_job_it_cannot_read_instead_of_calling_it_broken(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    _failing_listings(monkeypatch, job.dir)  # Job.open lists the folder
+    said = []
+    with pytest.raises(StorageError, match="Input/output error"):
+        work(runner_home, engine=gpt2_engine, echo=said.append)
+    assert not any("broken" in line for line in said), said
+    monkeypatch.undo()
+    assert runner.status(job.dir).state == "queued"
