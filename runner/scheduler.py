@@ -201,8 +201,9 @@ def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[Jo
 
 def _stopped(e: StorageError, job: Job) -> StorageError:
     where = "this machine's temp folder" if e.local else "the job home"
+    how = "read" if str(e).startswith(("cannot read", "cannot list")) else "written"
     return StorageError(
-        f"stopped: {where} cannot be written ({e}); job {job.id} is consistent and resumes with the "
+        f"stopped: {where} cannot be {how} ({e}); job {job.id} is consistent and resumes with the "
         "next `runner work` (or the same `runner run` again)",
         e.errno,
         local=e.local,

@@ -81,3 +81,21 @@ def test_work_stops_on_a_job_it_cannot_read_instead_of_calling_it_broken(
     assert not any("broken" in line for line in said), said
     monkeypatch.undo()
     assert runner.status(job.dir).state == "queued"
+
+
+def test_a_worker_stopped_by_a_read_that_fails_says_the_job_home_cannot_be_read(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """It said "the job home cannot be written (cannot read ...)" of a read (pass 65)."""
+    from runner import scheduler
+
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+
+    def run_job(j, *a, **k):
+        raise StorageError(f"cannot read {j.dir / 'done'}: Input/output error (errno 5)", errno.EIO)
+
+    monkeypatch.setattr(scheduler, "run_job", run_job)
+    with pytest.raises(StorageError) as stopped:
+        work(runner_home, engine=gpt2_engine, echo=None)
+    assert str(stopped.value).startswith("stopped: the job home cannot be read (cannot read "), stopped.value
+    assert f"job {job.id} is consistent" in str(stopped.value)
