@@ -300,8 +300,9 @@ def write_local_shard(table: pa.Table, metadata: dict[str, str] | None = None) -
     for k, v in (metadata or {}).items():
         meta[f"runner.{k}".encode()] = v.encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+    _sweep_killed_local_shards()
     try:
-        tmp = tempfile.mkdtemp(prefix="runner-shard-")
+        tmp = tempfile.mkdtemp(prefix=LOCAL_SHARD_PREFIX)
     except OSError as e:
         raise _local_disk_error(e) from e
     try:
@@ -315,6 +316,28 @@ def write_local_shard(table: pa.Table, metadata: dict[str, str] | None = None) -
         yield local, storage.file_sha256(local)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LOCAL_SHARD_PREFIX = "runner-shard-"
+LOCAL_SHARD_MAX_AGE = (
+    24 * 3600.0
+)  # a local shard lives for seconds; one this old was left by a killed process
+
+
+@functools.cache
+def _sweep_killed_local_shards() -> None:
+    """Once per process: remove the local shard folders that killed workers left in the temp folder (a SIGKILL
+    skips the cleanup; on one's own machine each kill left one)."""
+    import time
+
+    root = Path(tempfile.gettempdir())
+    try:
+        old = [p for p in root.glob(LOCAL_SHARD_PREFIX + "*")
+               if time.time() - p.lstat().st_mtime > LOCAL_SHARD_MAX_AGE and not p.is_symlink()]  # fmt: skip
+    except OSError:
+        return
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _local_disk_error(e: OSError) -> storage.StorageError:

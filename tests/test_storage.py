@@ -2,6 +2,7 @@
 
 import errno
 import os
+import time
 
 import pytest
 
@@ -180,3 +181,26 @@ def test_a_rename_whose_reply_was_lost_is_done(tmp_path, monkeypatch):
     assert (tmp_path / "old").read_text() == "new" and not (tmp_path / "new").exists()
     with pytest.raises(StorageError, match="No such file"):  # a source that never was is still an error
         storage.replace(tmp_path / "none", tmp_path / "old")
+
+
+def test_local_shard_folders_left_by_killed_workers_are_swept_once_a_day_old(tmp_path, monkeypatch):
+    """A SIGKILL skips the removal of a worker's local shard folder (TMPDIR/runner-shard-*): on one's own machine
+    each kill left one for good. The next process to write a shard removes those a day old, and no other."""
+    import tempfile
+
+    import pyarrow as pa
+
+    from runner import results
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    results._sweep_killed_local_shards.cache_clear()
+    old, fresh, other = (tmp_path / n for n in ("runner-shard-old", "runner-shard-fresh", "someone-elses"))
+    for folder in (old, fresh, other):
+        folder.mkdir()
+        (folder / "shard.parquet").write_bytes(b"PAR1")
+    for folder in (old, other):
+        os.utime(folder, (time.time() - 2 * 86400,) * 2)
+    with results.write_local_shard(pa.table({"a": [1, 2]})) as (path, _):
+        assert path.is_file() and path.parent.name.startswith("runner-shard-")
+    assert not old.exists() and fresh.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runner-shard-fresh", "someone-elses"]
