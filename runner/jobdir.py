@@ -2027,7 +2027,9 @@ def _claimed_writer(job_dir: Path, seq: int) -> str | None:
 def repair(path: str | os.PathLike) -> RepairReport:
     """Bring a job back from whatever is still verifiable: restore job.json from its backup, quarantine
     commits that fail verification, seal what a dead taker left unsealed, and set the state from the facts
-    (completed if every row is done or failed, else queued so `runner work` redoes what is missing)."""
+    (completed if every row is done or failed, else queued so `runner work` redoes what is missing); a cancel
+    or failure whose record reads stands (pass 66: a cancel landing as the last row was done became
+    completed)."""
     path = Path(path)
     report = RepairReport()
     # Job.open refuses a job whose folders are links (or files where they belong): they go first
@@ -2073,6 +2075,8 @@ def repair(path: str | os.PathLike) -> RepairReport:
     final = JobState.COMPLETED if progress.complete else JobState.QUEUED
     if final is JobState.QUEUED and last is not None and last.state in (JobState.CANCELLED, JobState.FAILED):
         final = last.state
+    if read is not None and read.state in (JobState.CANCELLED, JobState.FAILED):
+        final = read.state  # a sound cancel or failure stands, every row done or not (`runner retry` ends it)
     error = last.error if last is not None and last.state is final else None  # a failure keeps its reason
     wanted = StateRecord(final, generation, error)
     must_write = report.state_was.startswith("broken") or bool(report.quarantined)

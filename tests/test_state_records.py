@@ -375,3 +375,29 @@ def test_a_broken_job_in_its_own_folder_is_shown_by_its_id(tmp_path, tiny_gpt2):
     record.write_bytes(record.read_bytes()[:20])
     status = runner.status(job.dir)
     assert status.state == "broken" and status.id == job.id != "myscores"
+
+
+@pytest.mark.parametrize("word", ["cancel", "fail"])
+def test_repair_keeps_a_sound_cancel_or_failure_of_a_job_whose_rows_are_all_done(job, gpt2_engine, word,
+                                                                               monkeypatch):  # fmt: skip
+    """Adversarial pass 66: a `runner cancel` landing just before the worker's completion record keeps the job
+    cancelled (the worker says so), but `runner repair`, finding nothing damaged, recorded completed over it:
+    a reported cancel undone without a `runner retry`. A cancel or failure whose record reads now stands."""
+    real = jobdir.write_completed
+
+    def write_completed(job_dir, read):  # the user's word lands just before the worker records completion
+        if word == "cancel":
+            runner.cancel(job_dir)
+        else:
+            Job.open(job_dir).set_state(JobState.FAILED, "the model would not load")
+        return real(job_dir, read)
+
+    monkeypatch.setattr(jobdir, "write_completed", write_completed)
+    run_until_done(job, gpt2_engine)
+    monkeypatch.undo()
+    was = job.state()
+    assert was.state in (JobState.CANCELLED, JobState.FAILED) and runner.status(job.dir).done == len(ROWS)
+    report = runner.repair(job.dir)
+    assert report.state_now == was.state.value and job.state().state is was.state, report
+    assert job.state().error == was.error
+    assert runner.retry(job.dir) == 0 and job.state().state is JobState.QUEUED
