@@ -203,6 +203,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
             msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
             yield lineno, None, f"invalid JSON ({msg})"
             continue
+        except RecursionError:  # thousands of [ or {: the parser's recursion limit (pass 64)
+            yield lineno, None, "invalid JSON (nested too deeply)"
+            continue
         if not isinstance(obj, dict):
             rows = lineno == 1 and isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj)
             hint = " (one JSON array of rows, as pandas' to_json(orient='records') writes: add lines=True)"

@@ -164,14 +164,24 @@ def _cast(arr: Any, values: list[Any], typ: Any) -> Any:
             return None
 
 
-def _storable(typ: Any) -> bool:
-    """Whether Parquet can hold the type: a struct of no fields (`{}` in every row so far) it cannot."""
+# Nested lists and structs deeper than this are kept as JSON text: Parquet readers refuse a schema nested a few
+# dozen levels deep (pyarrow: "Parquet schema too deeply nested" from about 45 nested lists), and prompts.parquet
+# must read back (pass 64: a 100-deep list in a column made submit call its own file damaged).
+MAX_NESTING = 16
+
+
+def _storable(typ: Any, depth: int = 0) -> bool:
+    """Whether Parquet can hold the type and read it back: a struct of no fields (`{}` in every row so far) it
+    cannot, nor anything nested deeper than MAX_NESTING."""
     import pyarrow as pa
 
+    if depth > MAX_NESTING:
+        return False
     if pa.types.is_struct(typ):
-        return typ.num_fields > 0 and all(_storable(typ.field(i).type) for i in range(typ.num_fields))
+        fields = [typ.field(i).type for i in range(typ.num_fields)]
+        return bool(fields) and all(_storable(t, depth + 1) for t in fields)
     if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
-        return _storable(typ.value_type)
+        return _storable(typ.value_type, depth + 1)
     return True
 
 

@@ -231,6 +231,35 @@ def test_columns_that_keep_their_types_are_written_once(tmp_path, tiny_gpt2, mon
     assert prompts.schema.field("none").type == pa.null()
 
 
+def test_values_nested_too_deep_for_parquet_are_json_text_and_too_deep_for_json_an_invalid_line(
+    tmp_path, tiny_gpt2
+):
+    """Adversarial pass 64: a line nested thousands deep ended `runner run-batch` / `run` / `submit` in a
+    RecursionError traceback (now an invalid line naming it), and a column of lists nested 100 deep made
+    submit write a prompts.parquet it could not read back ("prompts.parquet is damaged"): such a column is
+    JSON text now, as a column whose values share no type."""
+
+    def nested(depth):
+        value = 1
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    good = [
+        {"id": f"r{i}", "prompt": f"row {i}", "shallow": nested(3), "deep": nested(100)} for i in range(2)
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"id": "x", "prompt": "y", "z": '
+                    + "[" * 5000 + "]" * 5000 + "}\n")  # fmt: skip
+    with pytest.raises(runner.InputError, match=r"p.jsonl:3: invalid JSON \(nested too deeply\)"):
+        create_job(path, tiny_gpt2, job_dir=tmp_path / "refused")
+    job = create_job(path, tiny_gpt2, job_dir=tmp_path / "job", skip_invalid=True)
+    prompts = job.prompts()  # reads back
+    assert prompts.column("shallow").to_pylist() == [nested(3)] * 2
+    assert [json.loads(v) for v in prompts.column("deep").to_pylist()] == [nested(100)] * 2
+    assert job.meta["input"]["json_columns"] == ["deep"] and job.meta["input"]["invalid"] == 1
+
+
 def test_problems_are_counted_all_kept_few_and_listed_in_order(tmp_path, tiny_gpt2, monkeypatch):
     monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 5)
     monkeypatch.setattr(jobs, "PROBLEMS_KEPT", 10)
