@@ -694,7 +694,8 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
             return _parse_state(d, name, seq)
         except ValueError as e:  # not BrokenJob (content of the wrong shape): that is never read again
             if not pauses:
-                made = _made_at(path) if not data and not links_supported(path.parent) else None
+                # without links (or none known: the probe could not tell) an empty record may be on its way
+                made = _made_at(path) if not data and links_supported(path.parent) is not True else None
                 raise BrokenJob(f"{name} is damaged ({e})", since=made) from None
         time.sleep(pauses.pop(0))
 
@@ -1107,32 +1108,44 @@ STATE_PATIENCE_SECONDS = 120.0
 _LINKS: dict[str, bool] = {}  # folder -> whether its file system has hard links (links_supported)
 
 
-def links_supported(folder: Path) -> bool:
-    """Whether the file system of `folder` has hard links: probed by linking a fresh temp file, once per folder
-    and process where the probe answers (a link made, or refused as unsupported). With links every exclusive
-    file lands whole, so an empty one is damage, never a change on its way. A probe that cannot tell (nothing
-    can be created there now: a read-only copy, a full disk, a Drive hiccup) counts as links, and is tried
-    again next time."""
+def links_supported(folder: Path) -> bool | None:
+    """Whether the file system of `folder` has hard links: probed by linking a fresh temp file (transient
+    errors retried), once per folder and process where the probe answers (a link made, or refused as
+    unsupported). With links every exclusive file lands whole, so an empty one is damage, never a change on its
+    way. None: the probe cannot tell (nothing can be created there now: a read-only copy, a full disk, a mount
+    failing through the retries); tried again next time."""
     key = os.fspath(folder)
     if key in _LINKS:
         return _LINKS[key]
     answer = _probe_links(Path(key))
     if answer is not None:
         _LINKS[key] = answer
-    return answer is not False
+    return answer
 
 
 def _probe_links(folder: Path) -> bool | None:
     first, second = storage.temp_name(folder / "links"), storage.temp_name(folder / "links")
-    try:
-        os.close(os.open(first, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    except OSError:
-        return None
-    try:
-        os.link(first, second)
+
+    def create() -> None:
+        with contextlib.suppress(FileExistsError):  # (its reply lost, retried: the name is ours alone)
+            os.close(os.open(first, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+    def link() -> bool:
+        try:
+            os.link(first, second)
+        except FileExistsError:
+            return True  # made by the try whose reply was lost
+        except OSError as e:
+            if e.errno in NO_LINKS:
+                return False
+            raise
         return True
-    except OSError as e:
-        return False if e.errno in NO_LINKS else None
+
+    try:
+        storage.retry(create, f"create {first}")
+        return storage.retry(link, f"link {first}")
+    except storage.StorageError:
+        return None
     finally:
         for name in (first, second):
             with contextlib.suppress(OSError):  # one left behind is removed as stale later

@@ -620,14 +620,14 @@ def test_the_link_probe_tries_again_where_it_could_not_tell(tmp_path, monkeypatc
     could not tell (nothing could be created there: a Drive hiccup, a full disk): a glitch once made every
     empty record of that job damage for the rest of the process (adversarial pass 28)."""
     folder = tmp_path / "state"
-    assert jobdir.links_supported(folder)  # (not there yet: cannot tell, counts as links)
+    assert jobdir.links_supported(folder) is None  # (not there yet: cannot tell)
     folder.mkdir()
 
     def link(*a, **k):
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", link)
-    assert not jobdir.links_supported(folder)
+    assert jobdir.links_supported(folder) is False
     monkeypatch.undo()
     assert not jobdir.links_supported(folder) and list(folder.iterdir()) == []  # kept; no probe file left
 

@@ -810,6 +810,39 @@ def test_status_shows_a_change_being_written_as_the_state_before_it_until_the_pa
     assert late.state == "broken" and "runner repair" in late.message, late
 
 
+@pytest.mark.parametrize("probe", ["one transient error", "cannot tell"])
+def test_a_links_probe_that_fails_never_makes_a_change_being_written_read_as_damage(
+    tmp_path, tiny_gpt2, monkeypatch, probe
+):
+    """Pass 66: the probe for hard links (an exclusive create, then a link) met one transient EIO, "could not
+    tell", counted as links, and a `cancel` being written on a Drive-like mount made the job broken: `runner
+    work` skipped it with "runner repair". The probe now retries transient errors, and one that cannot tell
+    leaves an empty record a change on its way (broken once the patience is over, as without links)."""
+    import errno
+
+    job = _small_job(tmp_path, tiny_gpt2, 4)
+    job.set_state(JobState.CANCELLED)
+    place = job.dir / jobdir.STATES / jobdir.record_name(jobdir.newest_state_seq(job.dir) + 1)
+    _created_empty(place)
+    real_open, failed = os.open, []
+
+    def no_link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def flaky_open(path, flags, *a, **k):
+        if ".links." in os.fspath(path) and flags & os.O_EXCL and (probe == "cannot tell" or not failed):
+            failed.append(path)
+            raise OSError(errno.EIO if probe != "cannot tell" else errno.EROFS, "the mount says no", path)
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os, "open", flaky_open)
+    monkeypatch.setattr(runner.storage, "RETRY_DELAYS", (0.0, 0.0))
+    shown = job_status(job)
+    assert failed and shown.state == "cancelled" and "being written" in shown.message, shown
+    assert jobdir.links_supported(place.parent) is (False if probe != "cannot tell" else None)
+
+
 def test_a_newest_state_record_that_goes_between_the_listing_and_the_read_is_listed_again(
     tmp_path, tiny_gpt2, monkeypatch
 ):
