@@ -838,7 +838,7 @@ def _from_arrow(value: Any, as_json: bool) -> Any:
     if as_json and isinstance(value, str):
         try:
             return json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # (nested too deeply: pass 67)
             return value  # (the field's check names it)
     return _without_null_keys(value)
 
@@ -1103,8 +1103,9 @@ def _check_messages(value: Any) -> tuple[list[dict[str, Any]] | None, str | None
     if isinstance(value, str) and value.lstrip().startswith("["):  # a CSV cell (or a text column) of JSON
         try:
             value = json.loads(value)
-        except ValueError as e:
-            return None, f"a list of {{role, content}} objects as JSON text must be valid JSON ({e})"
+        except (ValueError, RecursionError) as e:  # (nested too deeply: pass 67)
+            why = "nested too deeply" if isinstance(e, RecursionError) else e
+            return None, f"a list of {{role, content}} objects as JSON text must be valid JSON ({why})"
     if not isinstance(value, list) or not value:
         return None, f"must be a non-empty list of {{role, content}} objects, got {_kind(value)}"
     out = []

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import jobdir
+from . import jobdir, storage
 from .errors import RunnerError
 from .jobdir import BrokenJob, Job, JobState
 from .progress import fmt_duration
@@ -178,11 +178,13 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
 
 
 def _unreadable_or_broken(path: Path, e: StorageError) -> JobStatus:
-    """A job whose folder could not be read through the retries (a mount failing for a minute) is `unreadable`
-    for now, not broken: nothing in it is damaged, and `runner repair` would not help (pass 65). A folder
+    """A job whose folder could not be read through the retries (a mount failing for a minute: a transient
+    error) is `unreadable` for now, not broken: nothing in it is damaged, and `runner repair` would not help (pass 65). A folder
     whose layout is damaged (a file where a folder belongs) is broken."""
     if e.damaged:
         return broken_status(path, f"its folder is damaged: {e}")
+    if e.errno not in storage.TRANSIENT:  # denied, or the like: no wait brings it back (pass 67)
+        return broken_status(path, str(e))
     return replace(broken_status(path, str(e), repairable=False), state="unreadable",
                    message=f"{e} (read again by the next `runner status`)")  # fmt: skip
 

@@ -201,10 +201,11 @@ class GenerationParams:
         if isinstance(self.json_schema, str):
             try:
                 self.json_schema = json.loads(self.json_schema)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # (nested too deeply: pass 67)
+                why = "nested too deeply" if isinstance(e, RecursionError) else e
                 raise ParamError(
-                    "json_schema", f"json_schema must be a JSON schema, got invalid JSON ({e})."
-                ) from e
+                    "json_schema", f"json_schema must be a JSON schema, got invalid JSON ({why})."
+                ) from None
         if self.json_schema is not None and not isinstance(self.json_schema, dict):
             raise ParamError(
                 "json_schema", f"json_schema must be a JSON schema object, got {self.json_schema!r}."
@@ -453,7 +454,7 @@ def setting_from_text(name: str, text: str | None) -> Any:
         return text.strip().lower() == "true"
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested too deeply: pass 67) the setting's check names it
         return text
 
 

@@ -17,7 +17,7 @@ import shlex
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -510,9 +510,8 @@ def _warn_if_partial(job: Any, rows: int) -> None:
         return
     try:
         s = job_status(job)
-    except (
-        storage.StorageError
-    ) as e:  # the mount failing through the retries: the results may be partial, say so
+    except storage.StorageError as e:
+        # the mount failing through the retries: the results may be partial, say so
         warnings.warn(f"job {job.id}: these are {rows:,} of its {job.spec.total:,} results, and whether the rest "
                       f"are still to come could not be read ({e})", stacklevel=3)  # fmt: skip
         return
@@ -522,7 +521,7 @@ def _warn_if_partial(job: Any, rows: int) -> None:
         warnings.warn(f"job {s.id} is broken: {s.message}; these are {rows:,} of its {job.spec.total:,} results",
                       stacklevel=3)  # fmt: skip
     elif s.state != "completed" and s.done < s.total:  # a completed job's other rows are row errors
-        rest = ("the rest are not computed yet" if s.state.startswith("queued") else
+        rest = ("the rest are not computed yet" if s.state.startswith(("queued", "running")) else
                 f"the rest are computed only after `runner retry {shlex.quote(str(job.dir))}`")  # fmt: skip
         warnings.warn(f"job {s.id} is {s.state}: these are {s.done:,} of its {s.total:,} results ({rest})",
                       stacklevel=3)  # fmt: skip
@@ -573,7 +572,7 @@ def export_results(
     """`runner results JOB --to FILE`: write a job's results (in input order) to FILE, its type by suffix
     (.jsonl, .json as one array, .csv with lists as JSON text, .parquet). With `format="openai"`, one OpenAI
     Batch output line per request, and the requests that could not be done to `errors_to` (default beside it,
-    FILE.errors.jsonl). As a table, `errors_to` gets `read_errors` (id, line, row, sample, stage, error, message;
+    FILE.errors.jsonl). As a table, `errors_to` gets `read_errors` (id, line, row, sample, stage, field, error, message;
     its type by suffix, as `to`). Returns how many rows (or lines) and error lines it wrote."""
     from . import jobdir
 
@@ -598,11 +597,12 @@ def export_results(
         return Exported(table.num_rows, 0)
     check_export_pair(Path(to), Path(errors_to))
     errors = _errors_table(read_errors(source, home))
-    storage.remove(
-        errors_to
-    )  # a kill between the two leaves no errors file, never an older one beside new rows
-    _write_whole(table, Path(to))
-    _write_whole(errors, Path(errors_to))
+    # both staged whole first (a full disk leaves the older pair as it was); then a kill between the two renames
+    # leaves no errors file, never an older one beside new rows
+    with _staged(table, Path(to)) as place_rows, _staged(errors, Path(errors_to)) as place_errors:
+        storage.remove(errors_to)
+        place_rows()
+        place_errors()
     return Exported(table.num_rows, errors.num_rows)
 
 
@@ -618,7 +618,7 @@ def check_export_pair(out: Path, errors: Path) -> None:
             raise RunnerError(f"cannot write {target}: no folder {target.parent}")
 
 
-ERROR_FIELDS = ("id", "line", "row", "sample", "stage", "error", "message")
+ERROR_FIELDS = ("id", "line", "row", "sample", "stage", "field", "error", "message")
 
 
 def _errors_table(errors: list[dict[str, Any]]) -> pa.Table:
@@ -642,28 +642,35 @@ def _write_whole(table: pa.Table, to: Path) -> None:
     """`table` to `to` by its suffix, every value as stored (no float rounded, no integer made a float), through
     a temp file renamed into place: a full disk, a kill or Ctrl-C leaves the old file (or none), never a torn
     one."""
-    import pyarrow.parquet as pq
+    with _staged(table, to) as place:
+        place()
 
-    from . import storage
+
+@contextlib.contextmanager
+def _staged(table: pa.Table, to: Path) -> Iterator[Callable[[], None]]:
+    """`table` written whole to a temp file beside `to`, flushed to the disk; yields the call that renames it
+    into place (a pair of exports is staged whole before either takes its name). The temp file goes on exit."""
+    import pyarrow.parquet as pq
 
     storage.remove_stale_temps_of(to)  # an earlier export of this file killed mid-way
     tmp = storage.temp_name(to)
     suffix = to.suffix.lower()
     try:
-        if suffix == ".parquet":
-            pq.write_table(table, tmp)
-        elif suffix in (".jsonl", ".json"):  # .json: one array, as the name says
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(_json_lines(table, array=suffix == ".json"))
-        else:
-            _write_csv(table, tmp)
-        # whole on the disk before it takes the name: a machine crash leaves the old file
-        storage.fsync_file(tmp)
-        storage.replace(tmp, to)
-    except OSError as e:
-        raise RunnerError(f"cannot write {to}: {e.strerror or e}") from None
-    except storage.StorageError as e:
-        raise RunnerError(f"cannot write {to}: {e.__cause__.strerror if e.__cause__ else e}") from None
+        try:
+            if suffix == ".parquet":
+                pq.write_table(table, tmp)
+            elif suffix in (".jsonl", ".json"):  # .json: one array, as the name says
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(_json_lines(table, array=suffix == ".json"))
+            else:
+                _write_csv(table, tmp)
+            # whole on the disk before it takes the name: a machine crash leaves the old file
+            storage.fsync_file(tmp)
+            yield lambda: storage.replace(tmp, to)
+        except OSError as e:
+            raise RunnerError(f"cannot write {to}: {e.strerror or e}") from None
+        except storage.StorageError as e:
+            raise RunnerError(f"cannot write {to}: {e.__cause__.strerror if e.__cause__ else e}") from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)

@@ -1,5 +1,6 @@
 """The click layer: exit codes and the exact words a user sees, then what landed on disk via the library."""
 
+import errno
 import json
 import re
 import sys
@@ -290,7 +291,7 @@ def test_results_errors_to_writes_the_rows_that_could_not_be_done_beside_a_table
     assert (
         got["id"].tolist() == ["b"] and got["line"].tolist() == [2] and got["stage"].tolist() == ["validate"]
     )
-    assert "prompt" in got["message"][0]
+    assert "prompt" in got["message"][0] and got["field"].tolist() == ["prompt"]
     import runner
 
     assert runner.export_results(tmp_path / "o", out, errors_to=errors) == (2, 1)
@@ -299,6 +300,42 @@ def test_results_errors_to_writes_the_rows_that_could_not_be_done_beside_a_table
     assert len(out.read_text().splitlines()) == 2  # refused before anything was written
     bad = invoke("results", tmp_path / "o", "--to", out, "--errors-to", tmp_path / "e.txt")
     assert bad.exit_code == 2 and "--errors-to" in bad.output and "unknown type '.txt'" in bad.output
+
+
+def test_results_errors_to_that_cannot_be_written_whole_leaves_the_older_pair(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """Pass 67: the older errors file was removed before the new rows were written; a full disk then left the
+    older rows beside no errors file, which reads as an export without errors. Both are staged whole first."""
+    from runner import storage
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hello"}\n{"id": "b"}\n')
+    assert (
+        invoke(
+            "run", src, "-m", tiny_gpt2, "--max-new-tokens", 2, "--skip-invalid", "-o", tmp_path / "o"
+        ).exit_code
+        == 0
+    )
+    out, errors = tmp_path / "r.csv", tmp_path / "e.csv"
+    out.write_text("OLDER ROWS")
+    errors.write_text("OLDER ERRORS")
+    real = storage.fsync_file
+
+    def full_disk(path):
+        if "e.csv" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(storage, "fsync_file", full_disk)
+    failed = invoke("results", tmp_path / "o", "--to", out, "--errors-to", errors)
+    assert (
+        failed.exit_code != 0
+        and f"cannot write {errors}" in failed.output
+        and "Traceback" not in failed.output
+    )
+    assert out.read_text() == "OLDER ROWS" and errors.read_text() == "OLDER ERRORS"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
 
 
 def test_home_is_taken_after_the_command_too(tmp_path, prompts, tiny_gpt2, monkeypatch):

@@ -6,6 +6,7 @@ import json
 import tracemalloc
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -232,7 +233,7 @@ def test_columns_that_keep_their_types_are_written_once(tmp_path, tiny_gpt2, mon
 
 
 def test_values_nested_too_deep_for_parquet_are_json_text_and_too_deep_for_json_an_invalid_line(
-    tmp_path, tiny_gpt2
+    tmp_path, tiny_gpt2, tiny_llama
 ):
     """Adversarial pass 64: a line nested thousands deep ended `runner run-batch` / `run` / `submit` in a
     RecursionError traceback (now an invalid line naming it), and a column of lists nested 100 deep made
@@ -258,6 +259,17 @@ def test_values_nested_too_deep_for_parquet_are_json_text_and_too_deep_for_json_
     assert prompts.column("shallow").to_pylist() == [nested(3)] * 2
     assert [json.loads(v) for v in prompts.column("deep").to_pylist()] == [nested(100)] * 2
     assert job.meta["input"]["json_columns"] == ["deep"] and job.meta["input"]["invalid"] == 1
+    # the same in a CSV cell (messages, json_schema as JSON text) and a Parquet string column (pass 67)
+    deep = "[" * 5000 + "]" * 5000
+    chat = '[{"role": "user", "content": "hi"}]'
+    for column, good_value in (("messages", chat), ("json_schema", "")):
+        csv = tmp_path / f"{column}.csv"
+        frame = {"id": ["a", "b"], column: [good_value, deep]}
+        pd.DataFrame(frame if column == "messages" else {**frame, "prompt": ["x", "y"]}).to_csv(
+            csv, index=False
+        )
+        cells = create_job(csv, tiny_llama, job_dir=tmp_path / column, skip_invalid=True)  # (a chat template)
+        assert cells.meta["input"]["invalid"] == 1 and [e["field"] for e in cells.invalid_rows()] == [column]
 
 
 def test_problems_are_counted_all_kept_few_and_listed_in_order(tmp_path, tiny_gpt2, monkeypatch):

@@ -99,3 +99,45 @@ def test_a_worker_stopped_by_a_read_that_fails_says_the_job_home_cannot_be_read(
         work(runner_home, engine=gpt2_engine, echo=None)
     assert str(stopped.value).startswith("stopped: the job home cannot be read (cannot read "), stopped.value
     assert f"job {job.id} is consistent" in str(stopped.value)
+
+
+def test_a_job_folder_denied_for_good_is_broken_and_the_others_run(tmp_path, tiny_gpt2, gpt2_engine, runner_home,
+                                                                   monkeypatch):  # fmt: skip
+    """Pass 67: only a transient error through the retries is `unreadable`; a folder denied for good (EACCES)
+    was too, and stopped `runner work` before the healthy job ran. It is broken, and breaks only itself."""
+    locked = _job(tmp_path, tiny_gpt2, runner_home)
+    src = write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "Hello"}])
+    healthy = create_job(src, tiny_gpt2, GenerationParams(max_new_tokens=2), home=runner_home)
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+
+        def denied(p=".", real=real):
+            if not isinstance(p, int) and os.fspath(p) == os.fspath(locked.dir):
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(p))
+            return real(p)
+
+        monkeypatch.setattr(os, name, denied)
+    shown = {s.folder: s for s in runner.status(home=runner_home)}
+    assert shown[str(locked.dir)].state == "broken" and "Permission denied" in shown[str(locked.dir)].message
+    work(runner_home, engine=gpt2_engine, echo=None)
+    assert runner.status(healthy.dir).state == "completed"
+
+
+def test_load_results_of_a_running_job_says_the_rest_is_still_to_come(tmp_path, tiny_gpt2, monkeypatch):
+    """Pass 68: it said the rest "are computed only after `runner retry`" of a job a worker is running."""
+    import dataclasses
+
+    from runner import job_status as job_status_module
+
+    job = _job(tmp_path, tiny_gpt2, tmp_path / "home")
+    real = job_status_module.job_status
+    monkeypatch.setattr(
+        job_status_module, "job_status", lambda j: dataclasses.replace(real(j), state="running")
+    )
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        runner.load_results(job.dir)
+    texts = [str(w.message) for w in said]
+    assert any("is running" in t and "not computed yet" in t for t in texts) and not any(
+        "retry" in t for t in texts
+    )
