@@ -455,6 +455,15 @@ class Owner:
             pass  # exists, not ours to signal
         return self.start is not None and _pid_start(self.pid) not in (None, self.start)
 
+    def is_this_process(self) -> bool:
+        """This very process (same machine, pid and start time): a notebook kernel that ran an earlier call."""
+        return (
+            self._on_this_machine()
+            and self.pid == os.getpid()
+            and self.start is not None
+            and self.start == _pid_start(self.pid)
+        )
+
     def provably_stopped(self) -> bool:
         """True only when the owner's process is on this machine now and stopped by a signal (SIGSTOP, SIGTSTP:
         frozen, it goes on once continued). A process that runs but whose heartbeat ended (hung) is not.

@@ -91,3 +91,32 @@ from runner.__main__ import main
 main()"""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (130, "[runner] interrupted\n")
+
+
+def test_a_submit_stopped_in_a_notebook_does_not_block_the_same_cell_run_again(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """Pass 68: the stop button landing after a submit claimed its name (or `runner run`'s file and settings)
+    and before its job was in place left the claim to a process that is alive (the kernel): the same cell run
+    again was refused for 10 minutes ("claimed by another submit that is being written right now"). A claim of
+    this very process that no call of it is writing is taken over at once."""
+    from helpers import write_jsonl
+
+    from runner import jobs
+
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(4)]
+    )
+    params = GenerationParams(max_new_tokens=3, seed=3)
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    for call in (lambda: runner.run(path, tiny_gpt2, params, echo=None),
+                 lambda: runner.submit(path, tiny_gpt2, params, name="night1")):  # fmt: skip
+        with monkeypatch.context() as m:
+            m.setattr(jobs, "_move_into_place", stopped)
+            with pytest.raises(KeyboardInterrupt):
+                call()
+        call()
+    assert [s.state for s in runner.status()] == ["completed", "queued"]
