@@ -62,6 +62,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1332,6 +1333,7 @@ class Heartbeat:
         self.path = self.job.dir / WORKERS / f"{self.owner.worker}.json"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._caller: tuple[int, Any] | None = None  # (thread id, frame) of the `with` that entered it
 
     def beat(self) -> None:
         now = time.time()
@@ -1347,27 +1349,71 @@ class Heartbeat:
         beats = 0
         while not self._stop.wait(min(EARLY_BEAT_SECONDS * 2**beats, beat_period(self.ttl))):
             beats += 1
+            if not self._within():  # its `with` was left without its exit (a Ctrl-C landing right there)
+                self._stop.set()
+                _ENDED.add(self.owner.worker)
+                self._remove()
+                return
             try:
                 self.beat()
             except RunnerError as e:
                 self.error = e
                 return
+            if (
+                self._stop.is_set()
+            ):  # stopped while it wrote (an interrupted exit did not wait): not left live
+                self._remove()
+
+    def _within(self) -> bool:
+        """Whether the thread that entered is still inside the `with` block (its frame still on that thread's
+        stack): a notebook's stop pressed twice can leave the block without running __exit__ at all."""
+        if self._caller is None:
+            return True  # not entered by a `with` (a test driving _run): nothing to look at
+        frame = sys._current_frames().get(self._caller[0])
+        while frame is not None:
+            if frame is self._caller[1]:
+                return True
+            frame = frame.f_back
+        return False
 
     def __enter__(self) -> Heartbeat:
+        self._caller = (threading.get_ident(), sys._getframe(1))  # the frame running the `with` statement
         storage.ensure_dir(self.job.dir / WORKERS)
-        self.beat()
-        self._thread = threading.Thread(target=self._run, name="runner-heartbeat", daemon=True)
-        self._thread.start()
+        _ENDED.discard(self.owner.worker)
+        try:
+            self.beat()
+            self._thread = threading.Thread(target=self._run, name="runner-heartbeat", daemon=True)
+            self._thread.start()
+        except BaseException:  # a Ctrl-C (a notebook's stop) as it starts: no heartbeat left beating
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        """Stop beating and remove the heartbeat (releasing this worker's claims for the next one at once). The
+        stop comes first and again last: a second Ctrl-C landing in here never leaves the thread beating for the
+        life of a notebook kernel (pass 68)."""
         try:
-            storage.remove(self.path)  # releases this worker's claims for the next one at once
+            self._stop.set()
+            _ENDED.add(self.owner.worker)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+        finally:
+            self._stop.set()
+            _ENDED.add(self.owner.worker)
+            self._caller = None  # (the frame is not kept alive)
+            self._remove()
+
+    def _remove(self) -> None:
+        try:
+            storage.remove(self.path)
         except RunnerError:
             pass  # it goes stale on its own
+
+
+# The workers of this process whose run has ended: a heartbeat of this very process naming one is what an
+# interrupted call left (a notebook's stop, pressed twice), never live (pass 68)
+_ENDED: set[str] = set()
 
 
 def beat_period(ttl: float) -> float:
@@ -1390,6 +1436,8 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
         if owner is None or owner.worker + ".json" != name:
             continue
         left, lease = _lease_left(job.dir / WORKERS / name, hb, now)
+        if owner.worker in _ENDED and owner.is_this_process():
+            continue  # an earlier call of this process, interrupted: it works no more
         if left > 0 and not owner.provably_dead():
             out[owner.worker] = {**hb, "expires": now + left, "lease": lease}
     return out

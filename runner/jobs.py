@@ -423,7 +423,6 @@ def _write_job(
     jobdir.remove_dead_submits(target.parent)
     tmp = target.parent / jobdir.submit_temp_name(target.name)
     storage.ensure_dir(tmp)  # (a name of this submit's own: one that is there was made by this call)
-    _WRITING.add(tmp.name)
     try:
         storage.write_json(tmp / ".owner.json", jobdir.Owner.me("submit").as_dict(), durable=False)
         for sub in jobdir.FOLDERS:
@@ -474,14 +473,14 @@ def _write_job(
             return target.name
         return None
     finally:
-        _WRITING.discard(tmp.name)
+        _ENDED.add(tmp.name)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-# The temp folders of the submits this process is writing now: a claim of this process naming another is one an
+# The temp folders of the submits of this process that have ended: a claim of this process naming one is what an
 # earlier call left when it was interrupted (a notebook's stop button: the kernel lives on; pass 68)
-_WRITING: set[str] = set()
+_ENDED: set[str] = set()
 
 
 def _remove_if_empty(folder: Path) -> bool:
@@ -641,7 +640,7 @@ def _stale_claim(path: Path, held: Any) -> bool:
         age = time.time() - os.lstat(path).st_mtime
     except FileNotFoundError:
         return True
-    if owner is not None and owner.is_this_process() and held.get("temp") not in _WRITING:
+    if owner is not None and held.get("temp") in _ENDED and owner.is_this_process():
         return True  # an earlier call of this process, interrupted (a notebook cell stopped and run again)
     return (owner is not None and owner.provably_dead()) or age > STALE_CLAIM_SECONDS
 

@@ -1347,6 +1347,9 @@ def test_the_heartbeat_is_renewed_sooner_at_first(job):
             waits.append(timeout)
             return len(waits) > 5
 
+        def is_set(self):
+            return len(waits) > 5
+
     beat = Heartbeat(job, Owner.me("w"), ttl=120)
     beat._stop = Clock()
     beat._run()
@@ -1375,3 +1378,38 @@ def test_repair_stops_on_a_read_error_below_a_torn_record_not_requeue_a_cancelle
     monkeypatch.undo()
     assert "broken" in jobdir.repair(job.dir).state_was
     assert job.state().state is JobState.CANCELLED
+
+
+def test_a_heartbeat_whose_with_block_was_left_without_its_exit_stops_and_goes(job, monkeypatch):
+    """Pass 68: a notebook's stop pressed twice, the second landing as the `with` block ended, skipped the
+    heartbeat's __exit__: its thread renewed the dead worker's lease for the life of the kernel (status showed a
+    live worker, the same cell run again waited for its own claims for ever). The thread stops once the frame
+    that entered it is no longer running, and removes the heartbeat."""
+    monkeypatch.setattr(jobdir, "EARLY_BEAT_SECONDS", 0.01)
+    beat = Heartbeat(job, Owner.me("w-left"), ttl=120)
+
+    def cell():  # enters, then leaves as an exception would that skipped __exit__
+        beat.__enter__()
+        assert "w-left" in jobdir.live_workers(job)
+
+    cell()
+    beat._thread.join(timeout=120)
+    assert not beat._thread.is_alive() and not beat.path.exists()
+    with Heartbeat(job, Owner.me("w-with"), ttl=120) as inside:  # inside its block it beats on
+        inside._stop.wait(0.05)
+        assert inside._thread.is_alive() and "w-with" in jobdir.live_workers(job)
+
+
+def test_a_heartbeat_of_this_process_that_no_run_of_it_beats_is_not_live(job):
+    """Pass 68: a second stop landing as the heartbeat was being removed left its file fresh; the same kernel's
+    next run waited a whole lease for "another worker", its own dead one. A heartbeat of this very process
+    whose run ended is over; one of another machine still counts."""
+    with Heartbeat(job, Owner.me("w-gone"), ttl=120) as ended:
+        pass
+    ended.beat()  # written again as its run ended: the file stays fresh
+    assert "w-gone" not in jobdir.live_workers(job)
+    Heartbeat(job, Owner.me("w-fake"), ttl=120).beat()  # a worker this process never ran (a test's): live
+    assert "w-fake" in jobdir.live_workers(job)
+    remote = Owner("w-remote", "elsewhere", 1, "another-boot", None, None)
+    Heartbeat(job, remote, ttl=120).beat()
+    assert "w-remote" in jobdir.live_workers(job)
