@@ -491,23 +491,13 @@ class JobRun:
                 self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)  # not a crash
                 raise
             raise self.device_failed(unit, e, keys, suspect) from None
-        for r, s in self.iso.float32_retried[self.retried :]:
-            self.say(f"row {unit.id(r)} (sample {s}): non-finite logits in {dtype_name(self.engine)}; "
-                     "recomputed in float32")  # fmt: skip
-        self.retried = len(self.iso.float32_retried)
-        batch_rows = batch_tokens = 0
-        unit.buffering = (len(unit.results), len(unit.errors))
-        for (r, s), out in zip(keys, outcomes, strict=True):
-            if (r, s) not in wanted:
-                continue
-            if isinstance(out, RowError):
-                self.row_error(unit, r, s, out.error, out.message)
-            else:
-                unit.results.append(GeneratedRow(r - unit.start, s, out))
-                self.generated += 1
-                batch_rows += 1
-                batch_tokens += unit.task.tokens(out)
-        unit.buffering = None
+        try:
+            batch_rows, batch_tokens = self.buffer(unit, keys, outcomes, wanted)
+        except (
+            BaseException
+        ):  # a Ctrl-C (a notebook's stop) while buffering: not a crash of these rows (pass 68)
+            self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)
+            raise
         self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
         self.tokens += batch_tokens
         assert self.progress is not None
@@ -552,6 +542,29 @@ class JobRun:
             return outcomes
 
         return compute
+
+    def buffer(self, unit: Unit, keys: list[tuple[int, int]], outcomes: list[Any], wanted: set[tuple[int, int]]
+               ) -> tuple[int, int]:  # fmt: skip
+        """Keep the outcomes of the `wanted` keys in the unit's buffer (results and row errors); returns the
+        batch's (rows, tokens). `unit.buffering` marks the buffer's length before, for an interrupt to cut."""
+        for r, s in self.iso.float32_retried[self.retried :]:
+            self.say(f"row {unit.id(r)} (sample {s}): non-finite logits in {dtype_name(self.engine)}; "
+                     "recomputed in float32")  # fmt: skip
+        self.retried = len(self.iso.float32_retried)
+        batch_rows = batch_tokens = 0
+        unit.buffering = (len(unit.results), len(unit.errors))
+        for (r, s), out in zip(keys, outcomes, strict=True):
+            if (r, s) not in wanted:
+                continue
+            if isinstance(out, RowError):
+                self.row_error(unit, r, s, out.error, out.message)
+            else:
+                unit.results.append(GeneratedRow(r - unit.start, s, out))
+                self.generated += 1
+                batch_rows += 1
+                batch_tokens += unit.task.tokens(out)
+        unit.buffering = None
+        return batch_rows, batch_tokens
 
     def row_error(self, unit: Unit, r: int, s: int, error: str, message: str) -> None:
         self.errors += 1
