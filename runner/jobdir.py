@@ -138,6 +138,13 @@ def naming_broken(folder: Path) -> Iterator[None]:
     except BrokenJob as e:
         if e.named or not e.repairable:  # those say the job and what to do already (submit the file again)
             raise
+        if e.unfilled and not e.waited_out():  # no links: a `cancel` or `retry` on its way, as status says
+            assert e.since is not None
+            raise BrokenJob(
+                f"job {_job_id(Path(folder))}: a change of state is being written (its newest state record is "
+                f"still empty, made {time.time() - e.since:.0f} s ago); try again in a moment (`runner repair` only "
+                f"if it is still empty after {STATE_PATIENCE_SECONDS:.0f} s)", named=True, since=e.since,
+            ) from e  # fmt: skip
         hint = f"`runner repair {shlex.quote(str(folder))}` brings it back"
         raise BrokenJob(f"job {_job_id(Path(folder))} is broken ({e}); {hint}", named=True) from e
 
@@ -711,12 +718,23 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
 
 
 def _made_at(path: Path) -> float:
-    """When a file was made, as its mtime says, never later than now (another machine's clock may run ahead)."""
+    """When a file was made, as its mtime says, never later than now or than this process first saw it (another
+    machine's clock may run ahead: a record dated in the future counted as new at every look, and never waited
+    out; pass 67). Dated past now + STATE_PATIENCE_SECONDS, its date is not believed: as old as the patience."""
     now = time.time()
     try:
-        return min(now, os.stat(path).st_mtime)
+        st = os.stat(path)
     except OSError:
         return now
+    if st.st_mtime > now + STATE_PATIENCE_SECONDS:
+        return now - STATE_PATIENCE_SECONDS - 1
+    first = _FIRST_SEEN.setdefault((os.fspath(path), st.st_ino, st.st_mtime_ns), now)
+    return min(now, st.st_mtime, first)
+
+
+_FIRST_SEEN: dict[
+    tuple[str, int, int], float
+] = {}  # (record, inode, mtime) -> when this process first saw it
 
 
 # every field a state record has; `check` (its checksum) is absent from the records of an earlier runner

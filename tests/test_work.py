@@ -843,6 +843,43 @@ def test_a_links_probe_that_fails_never_makes_a_change_being_written_read_as_dam
     assert jobdir.links_supported(place.parent) is (False if probe != "cannot tell" else None)
 
 
+def test_commands_on_a_job_whose_state_change_is_being_written_say_so_not_repair(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """Pass 67: while status showed "a change of state is being written", `runner results`, `report`, `cancel`
+    and load_results called the same job broken and sent the user to `runner repair` mid-change."""
+    job = _small_job(tmp_path, tiny_gpt2, 4)
+    job.set_state(JobState.CANCELLED)
+    _, place = _without_links(monkeypatch, job)
+    _created_empty(place)
+    for command in (("results", job.dir), ("cancel", job.dir), ("retry", job.dir)):
+        out = invoke(*command).output
+        assert "a change of state is being written" in out and "try again in a moment" in out, (command, out)
+        assert "brings it back" not in out and "Traceback" not in out
+    with pytest.raises(jobdir.BrokenJob, match="being written"):
+        runner.load_results(job.dir)
+
+
+def test_an_empty_record_dated_far_in_the_future_is_not_a_change_on_its_way_for_ever(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """Pass 67: an empty newest record whose mtime is in the future (a writer's clock running ahead, damage)
+    counted as made now at every look: status said "being written" for as long as the skew lasted, and a
+    worker waited as long. A date past the patience is not believed; a nearer one counts from when this process
+    first saw it."""
+    job = _small_job(tmp_path, tiny_gpt2, 4)
+    job.set_state(JobState.CANCELLED)
+    _, place = _without_links(monkeypatch, job)
+    _created_empty(place)
+    os.utime(place, (time.time() + 3600,) * 2)
+    assert job_status(job).state == "broken"
+    os.utime(place, (time.time() + 60,) * 2)
+    assert job_status(job).state == "cancelled"  # first seen now: on its way
+    sighted = {k: v - jobdir.STATE_PATIENCE_SECONDS - 1 for k, v in jobdir._FIRST_SEEN.items()}
+    monkeypatch.setattr(jobdir, "_FIRST_SEEN", sighted)  # as if first seen longer ago than the patience
+    assert job_status(job).state == "broken"  # waited out, counted from its first sighting
+
+
 def test_a_newest_state_record_that_goes_between_the_listing_and_the_read_is_listed_again(
     tmp_path, tiny_gpt2, monkeypatch
 ):
