@@ -813,7 +813,9 @@ class Round:
         for step in range(10):
             entry = self.status(table=step == 0)[self.jid]
             state = entry["state"]
-            if state == "broken":
+            # without links, a record a killed command left empty shows as the state before it, "being written",
+            # for STATE_PATIENCE_SECONDS; every command of the round has ended, so the user repairs it now
+            if state == "broken" or "a change of state is being written" in (entry["message"] or ""):
                 self.c.notes["repairs"] += 1
                 if not killed_repair:  # killed half way first (the next status and repair carry on)
                     self.killed_repair()
