@@ -179,8 +179,8 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
 
 def _unreadable_or_broken(path: Path, e: StorageError) -> JobStatus:
     """A job whose folder could not be read through the retries (a mount failing for a minute: a transient
-    error) is `unreadable` for now, not broken: nothing in it is damaged, and `runner repair` would not help (pass 65). A folder
-    whose layout is damaged (a file where a folder belongs) is broken."""
+    error) is `unreadable` for now, not broken: nothing in it is damaged, and `runner repair` would not help
+    (pass 65). A folder whose layout is damaged (a file where a folder belongs), or denied for good, is broken."""
     if e.damaged:
         return broken_status(path, f"its folder is damaged: {e}")
     if e.errno not in storage.TRANSIENT:  # denied, or the like: no wait brings it back (pass 67)

@@ -732,9 +732,8 @@ def _made_at(path: Path) -> float:
     return min(now, st.st_mtime, first)
 
 
-_FIRST_SEEN: dict[
-    tuple[str, int, int], float
-] = {}  # (record, inode, mtime) -> when this process first saw it
+# (record, inode, mtime) -> when this process first saw it
+_FIRST_SEEN: dict[tuple[str, int, int], float] = {}
 
 
 # every field a state record has; `check` (its checksum) is absent from the records of an earlier runner
@@ -1377,10 +1376,8 @@ class Heartbeat:
             except RunnerError as e:
                 self.error = e
                 return
-            if (
-                self._stop.is_set()
-            ):  # stopped while it wrote (an interrupted exit did not wait): not left live
-                self._remove()
+            if self._stop.is_set():
+                self._remove()  # stopped while it wrote (an interrupted exit did not wait): not left live
 
     def _within(self) -> bool:
         """Whether the thread that entered is still inside the `with` block (its frame still on that thread's

@@ -319,9 +319,8 @@ def write_local_shard(table: pa.Table, metadata: dict[str, str] | None = None) -
 
 
 LOCAL_SHARD_PREFIX = "runner-shard-"
-LOCAL_SHARD_MAX_AGE = (
-    24 * 3600.0
-)  # a local shard lives for seconds; one this old was left by a killed process
+# a local shard lives for seconds; one this old was left by a killed process
+LOCAL_SHARD_MAX_AGE = 24 * 3600.0
 
 
 @functools.cache
@@ -572,8 +571,8 @@ def export_results(
     """`runner results JOB --to FILE`: write a job's results (in input order) to FILE, its type by suffix
     (.jsonl, .json as one array, .csv with lists as JSON text, .parquet). With `format="openai"`, one OpenAI
     Batch output line per request, and the requests that could not be done to `errors_to` (default beside it,
-    FILE.errors.jsonl). As a table, `errors_to` gets `read_errors` (id, line, row, sample, stage, field, error, message;
-    its type by suffix, as `to`). Returns how many rows (or lines) and error lines it wrote."""
+    FILE.errors.jsonl). As a table, `errors_to` gets `read_errors` (id, line, row, sample, stage, field, error,
+    message; its type by suffix, as `to`). Returns how many rows (or lines) and error lines it wrote."""
     from . import jobdir
 
     folder = Path(os.path.realpath(jobdir.find_job(source, home)))

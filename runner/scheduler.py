@@ -129,7 +129,8 @@ def _jobs(home: Any, only: str | Job | None, broken: dict[str, Broken] | None = 
             out.append(Job.open(path))
         except RunnerError as e:  # broken: it breaks only itself
             if isinstance(e, StorageError) and not e.damaged and e.errno in storage.TRANSIENT:
-                raise  # unreadable through the retries (a mount failing): not broken, never `runner repair` (pass 65)
+                # unreadable through the retries (a mount failing): not broken, never `runner repair` (pass 65)
+                raise
             _note_broken(broken, path, e)
     return out
 

@@ -493,9 +493,8 @@ class JobRun:
             raise self.device_failed(unit, e, keys, suspect) from None
         try:
             batch_rows, batch_tokens = self.buffer(unit, keys, outcomes, wanted)
-        except (
-            BaseException
-        ):  # a Ctrl-C (a notebook's stop) while buffering: not a crash of these rows (pass 68)
+        except BaseException:
+            # a Ctrl-C (a notebook's stop) while buffering: not a crash of these rows (pass 68)
             self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)
             raise
         self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
