@@ -640,7 +640,8 @@ def _stale_claim(path: Path, held: Any) -> bool:
         age = time.time() - os.lstat(path).st_mtime
     except FileNotFoundError:
         return True
-    if owner is not None and held.get("temp") in _ENDED and owner.is_this_process():
+    temp = held.get("temp") if isinstance(held, dict) else None
+    if owner is not None and isinstance(temp, str) and temp in _ENDED and owner.is_this_process():
         return True  # an earlier call of this process, interrupted (a notebook cell stopped and run again)
     return (owner is not None and owner.provably_dead()) or age > STALE_CLAIM_SECONDS
 

@@ -475,11 +475,13 @@ class JobRun:
         started = time.perf_counter()
         if suspect is not None and suspect in self.suspected:
             self.suspected.remove(suspect)
-        self.flight.running(keys, self.suspected, crashes=suspect.crashes if suspect is not None else 0,
-                            isolated=suspect is not None and suspect.isolated)  # fmt: skip
-        self.uncounted, self.counted = set(wanted), [0, 0]
-        try:
+        try:  # from the in-flight record's write on: a Ctrl-C (a notebook's stop) anywhere is no crash (pass 69)
+            self.flight.running(keys, self.suspected, crashes=suspect.crashes if suspect is not None else 0,
+                                isolated=suspect is not None and suspect.isolated)  # fmt: skip
+            self.uncounted, self.counted = set(wanted), [0, 0]
             outcomes = isolating(self.engine, self.checked(unit), keys, self.iso)
+            batch_rows, batch_tokens = self.buffer(unit, keys, outcomes, wanted)
+            self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
         except Stopped:  # cancelled mid-batch: nothing of this batch is kept, nothing else is lost
             self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)
             self.stopped = True
@@ -491,13 +493,6 @@ class JobRun:
                 self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)  # not a crash
                 raise
             raise self.device_failed(unit, e, keys, suspect) from None
-        try:
-            batch_rows, batch_tokens = self.buffer(unit, keys, outcomes, wanted)
-        except BaseException:
-            # a Ctrl-C (a notebook's stop) while buffering: not a crash of these rows (pass 68)
-            self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)
-            raise
-        self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
         self.tokens += batch_tokens
         assert self.progress is not None
         rest = (len(wanted) - self.counted[0], batch_tokens - self.counted[1])  # not counted as they ended

@@ -37,7 +37,21 @@ def _nth_call_interrupted(real, nth):
 
 
 def _interrupt_on(monkeypatch, where, nth):
-    """Engine.generate (a batch being computed) or Task.tokens (a batch's outcomes being buffered)."""
+    """Engine.generate (a batch being computed), Task.tokens (a batch's outcomes being buffered) or right after
+    InFlight.running (a batch's in-flight record just written: on a Drive mount its rename is a round trip)."""
+    if where == "inflight":
+        from runner.crashes import InFlight
+
+        real_running, calls = InFlight.running, []
+
+        def running(self, *a, **kw):
+            real_running(self, *a, **kw)
+            calls.append(1)
+            if len(calls) == nth:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(InFlight, "running", running)
+        return
     if where == "generate":
         monkeypatch.setattr(Engine, "generate", _nth_call_interrupted(Engine.generate, nth))
         return
@@ -55,6 +69,11 @@ def _interrupt_on(monkeypatch, where, nth):
     [
         ("generate", 3, 4),  # during the third batch: the first two (2 keys each) are written
         ("tokens", 4, 2),  # while the second batch's outcomes are being buffered: only the first is written
+        (
+            "inflight",
+            2,
+            2,
+        ),  # as the second batch's in-flight record lands: only the first is written (pass 69)
     ],
 )
 def test_an_interrupt_writes_the_finished_batches_only(
