@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import jobdir, storage
+from . import jobdir
 from .errors import RunnerError
 from .jobdir import BrokenJob, Job, JobState
 from .progress import fmt_duration
@@ -183,7 +183,7 @@ def _unreadable_or_broken(path: Path, e: StorageError) -> JobStatus:
     (pass 65). A folder whose layout is damaged (a file where a folder belongs), or denied for good, is broken."""
     if e.damaged:
         return broken_status(path, f"its folder is damaged: {e}")
-    if e.errno not in storage.TRANSIENT:  # denied, or the like: no wait brings it back (pass 67)
+    if not e.unreadable_for_now:  # denied, or the like: no wait brings it back (pass 67)
         return broken_status(path, str(e))
     return replace(broken_status(path, str(e), repairable=False), state="unreadable",
                    message=f"{e} (read again by the next `runner status`)")  # fmt: skip

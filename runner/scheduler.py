@@ -128,7 +128,7 @@ def _jobs(home: Any, only: str | Job | None, broken: dict[str, Broken] | None = 
         try:
             out.append(Job.open(path))
         except RunnerError as e:  # broken: it breaks only itself
-            if isinstance(e, StorageError) and not e.damaged and e.errno in storage.TRANSIENT:
+            if isinstance(e, StorageError) and e.unreadable_for_now:
                 # unreadable through the retries (a mount failing): not broken, never `runner repair` (pass 65)
                 raise
             _note_broken(broken, path, e)

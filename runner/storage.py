@@ -49,6 +49,12 @@ class StorageError(RunnerError):
         self.local = local
 
     @property
+    def unreadable_for_now(self) -> bool:
+        """A transient error that lasted through the retries (a mount failing for a minute): nothing damaged,
+        and a later look may succeed (`runner status` says `unreadable`, `runner work` stops on it)."""
+        return not self.damaged and self.errno in TRANSIENT
+
+    @property
     def damaged(self) -> bool:
         """The error says one job folder's layout is damaged (DAMAGED, or said so), not that the home is failing."""
         return self._damaged if self._damaged is not None else self.errno in DAMAGED
