@@ -143,6 +143,7 @@ class InFlight:
         self._on_disk = storage.kind(self.path) == "file"
         # the checksum of the record this worker expects there (the one it found, then its own; None: none)
         self._expected = _check_of(self._read()) if self._on_disk else None
+        self._pending: str | None = None  # the checksum of this worker's record being written (`running`)
         # another worker's record stands where this one's was expected: the unit is that worker's now
         self.taken = False
 
@@ -272,8 +273,11 @@ class InFlight:
         if self._taken_over():
             return
         storage.ensure_dir(self.path.parent)
+        # noted before the write: a Ctrl-C raised as the rename returns leaves this record there, and `settle`
+        # (which a stop runs) must know it is there and this worker's own (pass 70)
+        self._on_disk, self._pending = True, rec["check"]
         storage.write_json(self.path, rec, durable=False)
-        self._on_disk, self._expected = True, rec["check"]
+        self._expected, self._pending = rec["check"], None
 
     def settle(self, suspects: list[Suspect]) -> None:
         """Nothing is being computed: keep only the suspects still to run (no file when none)."""
@@ -281,7 +285,7 @@ class InFlight:
             self.running([], suspects)
         elif self._on_disk and not self._taken_over():
             storage.remove(self.path)
-            self._on_disk, self._expected = False, None
+            self._on_disk, self._expected, self._pending = False, None, None
 
     def _taken_over(self) -> bool:
         """True (from then on) once another worker's record stands where this worker expected the one it found
@@ -293,7 +297,7 @@ class InFlight:
         and wrote late; the holder writes over it (pass 54)."""
         if not self.taken:
             now = _check_of(self._read())
-            if now is not None and now != self._expected:
+            if now is not None and now not in (self._expected, self._pending):
                 self.taken = self.holds is None or not self.holds()
                 self._expected = now  # (still the holder: its next write replaces the late one)
         return self.taken

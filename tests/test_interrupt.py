@@ -52,6 +52,20 @@ def _interrupt_on(monkeypatch, where, nth):
 
         monkeypatch.setattr(InFlight, "running", running)
         return
+    if where == "inflight_rename":  # the record's rename returned, InFlight has not noted it yet (pass 70)
+        from runner import crashes
+
+        real_write, calls = crashes.storage.write_json, []
+
+        def write_json(path, *a, **kw):
+            real_write(path, *a, **kw)
+            if "inflight" in str(path):
+                calls.append(1)
+                if len(calls) == nth:
+                    raise KeyboardInterrupt
+
+        monkeypatch.setattr(crashes.storage, "write_json", write_json)
+        return
     if where == "generate":
         monkeypatch.setattr(Engine, "generate", _nth_call_interrupted(Engine.generate, nth))
         return
@@ -74,6 +88,8 @@ def _interrupt_on(monkeypatch, where, nth):
             2,
             2,
         ),  # as the second batch's in-flight record lands: only the first is written (pass 69)
+        ("inflight_rename", 1, 0),  # as the first batch's record's rename returns: nothing is written (pass 70)
+        ("inflight_rename", 2, 2),
     ],
 )
 def test_an_interrupt_writes_the_finished_batches_only(
@@ -85,7 +101,7 @@ def test_an_interrupt_writes_the_finished_batches_only(
         with pytest.raises(KeyboardInterrupt):
             run_job(job, gpt2_engine, echo=None)  # shards every 1,000 rows: nothing was written before
     assert runner.status(job.dir).done == written
-    assert "interrupted: the finished batches" in (job.dir / "log.txt").read_text()
+    assert ("interrupted: the finished batches" in (job.dir / "log.txt").read_text()) == (written > 0)
     # not a crash: no batch left in flight, so the next run neither says a worker died nor isolates rows, whose
     # log-probs alone may differ in the last bit (pass 68)
     assert [p.name for p in (job.dir / "inflight").glob("*.json")] == []
