@@ -83,12 +83,10 @@ def _interrupt_on(monkeypatch, where, nth):
     [
         ("generate", 3, 4),  # during the third batch: the first two (2 keys each) are written
         ("tokens", 4, 2),  # while the second batch's outcomes are being buffered: only the first is written
-        (
-            "inflight",
-            2,
-            2,
-        ),  # as the second batch's in-flight record lands: only the first is written (pass 69)
-        ("inflight_rename", 1, 0),  # as the first batch's record's rename returns: nothing is written (pass 70)
+        # as the second batch's in-flight record lands: only the first is written (pass 69)
+        ("inflight", 2, 2),
+        # as the first batch's record's rename returns: nothing is written (pass 70)
+        ("inflight_rename", 1, 0),
         ("inflight_rename", 2, 2),
     ],
 )
