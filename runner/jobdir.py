@@ -2445,16 +2445,23 @@ def remove_stale_temps(job: Job, max_age: float = TEMP_MAX_AGE) -> int:
     except RunnerError:  # workers/ cannot be read: the files are judged by their age alone
         pass
     for folder in (job_dir, *(job_dir / sub for sub in (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, STATES))):
-        if _is_link(folder):
+        if not _is_link(folder):
+            removed += remove_old_temps(folder, max_age, now)
+    return removed
+
+
+def remove_old_temps(folder: Path, max_age: float = TEMP_MAX_AGE, now: float | None = None) -> int:
+    """Delete the temp files in `folder` (not in its subfolders) unchanged for `max_age` seconds: what killed or
+    stopped writers left (a writer frozen longer finds its temp file gone and writes it again)."""
+    removed, now = 0, time.time() if now is None else now
+    for name in scan(folder):
+        if not storage.is_temp_name(name):
             continue
-        for name in scan(folder):
-            if not storage.is_temp_name(name):
-                continue
-            age = _age(folder / name, now)
-            if age is None or age < max_age:
-                continue
-            storage.remove(folder / name)
-            removed += 1
+        age = _age(folder / name, now)
+        if age is None or age < max_age:
+            continue
+        storage.remove(folder / name)
+        removed += 1
     return removed
 
 

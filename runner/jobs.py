@@ -422,8 +422,10 @@ def _write_job(
     storage.retry(lambda: target.parent.mkdir(parents=True, exist_ok=True), f"create {target.parent}")
     jobdir.remove_dead_submits(target.parent)
     tmp = target.parent / jobdir.submit_temp_name(target.name)
-    storage.ensure_dir(tmp)  # (a name of this submit's own: one that is there was made by this call)
     try:
+        # (a name of this submit's own: one that is there was made by this call; inside the try, so that a
+        # stop landing as the folder is made does not leave it for a day: pass 70)
+        storage.ensure_dir(tmp)
         storage.write_json(tmp / ".owner.json", jobdir.Owner.me("submit").as_dict(), durable=False)
         for sub in jobdir.FOLDERS:
             storage.ensure_dir(tmp / sub)
@@ -581,6 +583,8 @@ def _claim_name(root: Path, claim: _Claim, job_id: str, temp: str | None) -> str
     if folder.is_symlink():
         raise RunnerError(f"{folder} is a symbolic link; runner does not follow links out of the job home")
     storage.ensure_dir(folder)
+    # a claim's temp file left by a submit stopped before its removal (pass 70)
+    jobdir.remove_old_temps(folder)
     record = {"job": job_id, "owner": jobdir.Owner.me("submit").as_dict(), "temp": temp}
     for _ in range(8):
         newest = jobdir.newest_name_claim(folder, claim.key)

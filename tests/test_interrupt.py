@@ -158,3 +158,31 @@ def test_a_submit_stopped_in_a_notebook_does_not_block_the_same_cell_run_again(
                 call()
         call()
     assert sorted(s.state for s in runner.status()) == ["completed", "queued"]
+
+
+def test_a_stop_as_the_submit_temp_folder_is_made_leaves_nothing_beside_the_job(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """Pass 70: a stop landing as `runner.run(..., output=DIR)` made its temp folder (before the try that removes
+    it) left `.DIR.PID-....tmp` beside DIR for a day: its pid is the live kernel and it had no owner file yet."""
+    import os
+
+    from helpers import write_jsonl
+
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    out, real_mkdir = tmp_path / "w" / "out", os.mkdir
+    out.parent.mkdir()
+
+    def mkdir(p, *a, **k):
+        real_mkdir(p, *a, **k)
+        name = os.path.basename(os.fspath(p))
+        if name.startswith(".out.") and name.endswith(".tmp"):
+            raise KeyboardInterrupt  # the stop button, as the mkdir returns
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "mkdir", mkdir)
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(path, tiny_gpt2, PARAMS, OPTIONS, output=out, echo=None)
+    assert sorted(p.name for p in out.parent.iterdir()) == []
+    runner.run(path, tiny_gpt2, PARAMS, OPTIONS, output=out, echo=None)  # the same cell, again
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]

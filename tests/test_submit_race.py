@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import fsfaults
 import pytest
@@ -311,3 +312,21 @@ def test_a_taken_over_submit_folder_left_behind_is_cleaned_up(runner_home):
         (folder / "prompts.parquet").write_bytes(b"rows")
     assert jobdir.remove_dead_submits(runner_home) == 1
     assert live.is_dir() and not aside.exists()
+
+
+def test_a_claims_temp_file_left_by_a_stopped_submit_is_tidied(tmp_path, tiny_gpt2, runner_home):
+    """Pass 70: a stop landing before a claim's temp file was removed left it in .names/ for good (the job
+    folders' temp files are swept, the home's claims folder was not). One older than TEMP_MAX_AGE goes at the
+    next named submit; a young one (a submit writing it now) stays."""
+    from runner import storage
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
+    names = runner_home / jobs.NAMES
+    names.mkdir(parents=True)
+    left, young = (Path(storage.temp_name(names / f"{n}.0.json")) for n in ("night1", "night2"))
+    for p in (left, young):
+        p.write_text('{"job": "x"}\n')
+    old = time.time() - jobdir.TEMP_MAX_AGE - 5
+    os.utime(left, (old, old))
+    create_job(prompts, tiny_gpt2, PARAMS, EngineOptions(), home=runner_home, name="night1")
+    assert (left.exists(), young.exists()) == (False, True)
