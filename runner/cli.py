@@ -982,7 +982,6 @@ def _detail(s: Any) -> list[str]:
     if s.state == "broken" and not s.total:
         return lines + [f"folder:   {s.folder}"]
     job = Job.open(s.folder)
-    p = job.meta["params"]
     workers = [
         f"{w['worker']} on {w['device'] or '?'}: {w['tokens_per_second'] or 0:,.1f} tok/s" for w in s.workers
     ]
@@ -994,11 +993,19 @@ def _detail(s: Any) -> list[str]:
         f"memory:   peak {_gib(s.peak_memory_bytes)} (GPU memory on CUDA, resident memory on CPU)",
         f"model:    {s.model}",
         f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompt{'' if job.spec.rows == 1 else 's'})",
-        "settings: " + ", ".join(f"{k}={_short(v)}" for k, v in _non_default(job.params, p).items()) + f", seed={job.seed}"
-        + (", chat (each prompt as a user message)" if job.meta["input"].get("chat") else "")
-        + (", its own --chat-template" if job.meta["input"].get("chat_template") else ""),
+        f"settings: {_settings_line(job)}",
         f"folder:   {job.dir}",
     ]  # fmt: skip
+
+
+def _settings_line(job: Any) -> str:
+    """The settings a job was submitted with that differ from the defaults (a seed only where a job samples:
+    score and embed jobs take none; pass 72)."""
+    parts = [f"{k}={_short(v)}" for k, v in _non_default(job.params, job.meta["params"]).items()]
+    parts += [f"seed={job.seed}"] if job.kind == "generate" else []
+    parts += ["chat (each prompt as a user message)"] if job.meta["input"].get("chat") else []
+    parts += ["its own --chat-template"] if job.meta["input"].get("chat_template") else []
+    return ", ".join(parts) or "the defaults"
 
 
 @cli.command()

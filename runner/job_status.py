@@ -75,10 +75,10 @@ def broken_status(path: Path, reason: str, job: Job | None = None, repairable: b
 def job_status(job: Job) -> JobStatus:
     try:
         state, changing = _state(job)
-        if job.misplaced and state.state is JobState.QUEUED:  # a file where inflight/ or workers/ belongs
-            why = f"{job.misplaced[0]}/ is not a folder (no worker can run the job)"
-            return broken_status(job.dir, why, job)
-        ledger = jobdir.read_ledger(job, generation=state.generation)
+        verifier = jobdir.Verifier(job)
+        if state.state is JobState.QUEUED and (cannot := _cannot_run(job, verifier)) is not None:
+            return broken_status(job.dir, cannot[0], job, repairable=cannot[1])
+        ledger = jobdir.read_ledger(job, generation=state.generation, verifier=verifier)
         progress = jobdir.job_progress(job, ledger)
     except BrokenJob as e:
         return broken_status(job.dir, str(e), job, e.repairable)
@@ -117,6 +117,19 @@ def job_status(job: Job) -> JobStatus:
         message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak, missing=missing,
         unsaved=unsaved,
     )  # fmt: skip
+
+
+def _cannot_run(job: Job, verifier: jobdir.Verifier) -> tuple[str, bool] | None:
+    """(why, repairable) when no worker can run the queued job, as `runner work` would find: something of the
+    wrong kind where a worker writes (a folder at log.txt), or prompts.parquet is not the file submit wrote (pass
+    71: status showed "queued (interrupted)" until a worker failed the job). The file is hashed once per change
+    (its stamp is kept in verified.json, as workers keep it)."""
+    if (why := job.layout_problem()) is not None:
+        return why, True
+    if (why := jobdir.prompts_problem(job, verifier)) is not None:
+        return why, False
+    verifier.save()
+    return None
 
 
 def _state(job: Job) -> tuple[jobdir.StateRecord, str | None]:

@@ -101,6 +101,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 COMMIT_RE = re.compile(r"(\d{5,})-(\d{8})-(\d{4,})")
 CLAIM_RE = re.compile(r"(\d{5,})-(\d{8})\.json")
 SEAL_RE = re.compile(r"(\d{5,})-(\d{8})\.seal\.json")
+INFLIGHT_RE = re.compile(r"\d{5,}\.json")  # inflight/UUUUU.json: the record of what a unit's worker computes
 KINDS = {"generate": GenerationParams, "score": ScoreParams, "embed": EmbedParams}
 
 
@@ -892,6 +893,8 @@ class Job:
         self.dir = Path(path)
         self.spec = spec
         self.misplaced: tuple[str, ...] = ()  # its folders that were not folders when opened (inflight/...)
+        # the files a worker writes that were something else when opened: (name, what stood there)
+        self.not_files: tuple[tuple[str, str], ...] = ()
 
     def __fspath__(self) -> str:
         """A Job stands for its folder wherever a path or job reference is taken (`runner.load_results(job)`)."""
@@ -931,7 +934,29 @@ class Job:
             raise BrokenJob(f"prompts.parquet {why}; submit the file again", repairable=False)
         job = cls(path, spec)
         job.misplaced = misplaced
+        job.not_files = tuple((n, kinds[n]) for n in (LOG_FILE, STATS_FILE) if kinds.get(n, "file") != "file")
         return job
+
+    def layout_problem(self) -> str | None:
+        """Something of the wrong kind where a worker writes, as the job was opened (a file where inflight/
+        belongs, a folder at log.txt): no worker can run the job until `runner repair` sets it aside (pass 72:
+        `runner work` skipped such a job as broken while `runner status` showed it waiting to run)."""
+        if self.misplaced:
+            return f"{self.misplaced[0]}/ is not a folder (no worker can run the job)"
+        for name, what in [*self.not_files, *self._blocked_records()]:
+            what = {"dir": "a folder", "link": "a symbolic link"}.get(what, "a FIFO, socket or device")
+            return f"{name} is {what}, not a file (no worker can run the job)"
+        return None
+
+    def _blocked_records(self) -> list[tuple[str, str]]:
+        """(name, what stands there) of the claims and in-flight records that are not files: a worker that needs
+        that name can never write it (one listing of claims/ and of inflight/)."""
+        out = []
+        for sub, names in ((CLAIMS, (CLAIM_RE, SEAL_RE)), (INFLIGHT, (INFLIGHT_RE,))):
+            for name, what in sorted(storage.kinds(self.dir / sub).items()):
+                if what != "file" and any(r.fullmatch(name) for r in names):
+                    out.append((f"{sub}/{name}", what))
+        return out
 
     # the spec, for callers that read it through the job
     id = property(lambda self: self.spec.id)

@@ -143,6 +143,8 @@ def _queued(
     for job in _jobs(home, only, broken):
         try:
             if job.state().state is JobState.QUEUED:
+                if (why := job.layout_problem()) is not None:  # as `runner status` shows it
+                    raise BrokenJob(why)
                 yield job, jobdir.job_progress(job)
         except (BrokenJob, StorageError, OSError) as e:
             if not isinstance(e, BrokenJob) and not _damaged(e, job):

@@ -790,6 +790,20 @@ def test_status_names_a_chat_job_as_such(prompts, tiny_llama, runner_home):
     assert settings.endswith("chat (each prompt as a user message), its own --chat-template"), settings
 
 
+@pytest.mark.parametrize("kind", ["score", "embed"])
+def test_status_settings_of_a_score_or_embed_job_name_no_seed(prompts, tiny_gpt2, runner_home, kind):
+    """Pass 72: `runner status JOB` of a score job printed `settings: , seed=8282176507304970342`: a stray comma,
+    and a seed such jobs do not take (`--seed: not used by score jobs`)."""
+    job_id = invoke(
+        "submit", prompts, "--kind", kind, "--text-field", "prompt", "-m", tiny_gpt2
+    ).stdout.strip()
+    settings = invoke("status", job_id).stdout.split("settings: ")[1].splitlines()[0]
+    assert settings == "the defaults", settings
+    job_id = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
+    settings = invoke("status", job_id).stdout.split("settings: ")[1].splitlines()[0]
+    assert settings.startswith("max_new_tokens=2, ") and ", seed=" in settings, settings  # generation samples
+
+
 def test_work_until_says_whether_it_means_today_or_tomorrow(runner_home):
     """`--until 9:00` given at 9:20 means tomorrow 9:00: said, not assumed silently (new-user walkthrough)."""
     import datetime as dt

@@ -232,3 +232,31 @@ def test_status_polls_do_not_hash_a_per_row_n_prompts_file_each_time(tmp_path, t
     path = job.dir / "prompts.parquet"
     path.write_bytes(path.read_bytes()[:-1] + b"X")  # changed since: hashed again, and found damaged
     assert runner.status(job.dir).state == "broken"
+
+
+def test_status_of_a_queued_job_whose_prompts_file_changed_says_broken_before_a_worker_fails_it(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """Pass 71: a flipped byte in prompts.parquet of an interrupted job showed "queued (interrupted)" until a
+    worker failed the job ("submit the file again"); status now says so first, hashing the file once per change
+    (its stamp in verified.json), not on every poll."""
+    from runner import storage
+
+    rows = [{"id": f"r{i}", "prompt": f"hello number {i}"} for i in range(20)]
+    job = create_job(write_jsonl(tmp_path / "in.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    hashed = []
+    real = storage.file_sha256
+    monkeypatch.setattr(
+        storage, "file_sha256", lambda path, *a, **k: hashed.append(path) or real(path, *a, **k)
+    )
+    for _ in range(3):
+        assert runner.status(job.dir).state == "queued"
+    assert len([p for p in hashed if str(p).endswith("prompts.parquet")]) == 1
+    path = job.dir / "prompts.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    status = runner.status(job.dir)
+    assert status.state == "broken" and "prompts.parquet of job" in status.message, status
+    assert "runner repair" not in status.message  # it cannot be rebuilt: submit the file again
