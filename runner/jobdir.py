@@ -1358,6 +1358,7 @@ def _read_json_or_none(path: Path) -> Any:
 
 
 EARLY_BEAT_SECONDS = 5.0
+HEARTBEAT_JOIN_SECONDS = 10.0  # how long leaving a job waits for a heartbeat write in progress
 
 
 @dataclass
@@ -1373,6 +1374,7 @@ class Heartbeat:
 
     def __post_init__(self) -> None:
         self.path = self.job.dir / WORKERS / f"{self.owner.worker}.json"
+        self._key = os.path.abspath(self.path)  # (`_BEATING`)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._caller: tuple[int, Any] | None = None  # (thread id, frame) of the `with` that entered it
@@ -1380,9 +1382,8 @@ class Heartbeat:
     def beat(self) -> None:
         now = time.time()
         record = {**self.owner.as_dict(), "heartbeat": now, "expires": now + self.ttl, **self.info}
-        record["check"] = storage.json_checksum(
-            record
-        )  # a changed byte is damage, not a lease (live_workers)
+        # a changed byte is damage, not a lease (live_workers)
+        record["check"] = storage.json_checksum(record)
         storage.write_json(self.path, record, durable=False)
 
     def _run(self) -> None:
@@ -1394,7 +1395,7 @@ class Heartbeat:
             if not self._within():  # its `with` was left without its exit (a Ctrl-C landing right there)
                 self._stop.set()
                 _ENDED.add(self.owner.worker)
-                self._remove()
+                self._remove_own()
                 return
             try:
                 self.beat()
@@ -1402,7 +1403,7 @@ class Heartbeat:
                 self.error = e
                 return
             if self._stop.is_set():
-                self._remove()  # stopped while it wrote (an interrupted exit did not wait): not left live
+                self._remove_own()  # stopped while it wrote (an interrupted exit did not wait): not left live
 
     def _within(self) -> bool:
         """Whether the thread that entered is still inside the `with` block (its frame still on that thread's
@@ -1420,6 +1421,7 @@ class Heartbeat:
         self._caller = (threading.get_ident(), sys._getframe(1))  # the frame running the `with` statement
         storage.ensure_dir(self.job.dir / WORKERS)
         _ENDED.discard(self.owner.worker)
+        _BEATING[self._key] = self
         try:
             self.beat()
             self._thread = threading.Thread(target=self._run, name="runner-heartbeat", daemon=True)
@@ -1437,11 +1439,13 @@ class Heartbeat:
             self._stop.set()
             _ENDED.add(self.owner.worker)
             if self._thread is not None:
-                self._thread.join(timeout=10)
+                self._thread.join(timeout=HEARTBEAT_JOIN_SECONDS)
         finally:
             self._stop.set()
             _ENDED.add(self.owner.worker)
             self._caller = None  # (the frame is not kept alive)
+            if _BEATING.get(self._key) is self:
+                del _BEATING[self._key]
             self._remove()
 
     def _remove(self) -> None:
@@ -1450,6 +1454,24 @@ class Heartbeat:
         except RunnerError:
             pass  # it goes stale on its own
 
+    def _remove_own(self) -> None:
+        """From the thread, once stopped: remove the heartbeat, unless the same worker has entered the job again
+        since (an exit gave up waiting for this thread, whose write was slow on a network mount): then the
+        heartbeat this thread's late write replaced is written again, never deleted (its claims would look
+        released)."""
+        current = _BEATING.get(self._key)
+        if current is None or current is self:
+            self._remove()
+            return
+        try:
+            current.beat()
+        except RunnerError:
+            pass  # its own thread writes it again within a beat period
+
+
+# The heartbeat each heartbeat file of this process stands for now (the newest entered): an older one's thread,
+# late, writes that one again rather than deleting the file
+_BEATING: dict[str, Heartbeat] = {}
 
 # The workers of this process whose run has ended: a heartbeat of this very process naming one is what an
 # interrupted call left (a notebook's stop, pressed twice), never live (pass 68)

@@ -1400,6 +1400,39 @@ def test_a_heartbeat_whose_with_block_was_left_without_its_exit_stops_and_goes(j
         assert inside._thread.is_alive() and "w-with" in jobdir.live_workers(job)
 
 
+def test_a_late_heartbeat_write_of_a_job_left_does_not_delete_the_same_workers_next_heartbeat(
+    job, monkeypatch
+):
+    """Pass 69's risk: leaving a job waits a while for a heartbeat write in progress (slow on a network mount),
+    then goes on; the same worker entering the job again wrote its new heartbeat, and the old thread, once its
+    write landed, deleted the file: the worker's claims looked released to the others. The old thread now
+    writes the current heartbeat again instead."""
+    import threading
+
+    monkeypatch.setattr(jobdir, "EARLY_BEAT_SECONDS", 0.01)
+    monkeypatch.setattr(jobdir, "HEARTBEAT_JOIN_SECONDS", 0.01)
+    owner, real = Owner.me("w-again"), storage.write_json
+    first, blocked, gate = Heartbeat(job, owner, ttl=120), threading.Event(), threading.Event()
+
+    def write_json(path, obj, *a, **k):
+        if threading.current_thread() is first._thread and not blocked.is_set():
+            blocked.set()
+            gate.wait(120)  # a write slow on a network mount
+        return real(path, obj, *a, **k)
+
+    monkeypatch.setattr(storage, "write_json", write_json)
+    with first:
+        assert blocked.wait(120)
+    assert first._thread.is_alive()  # its exit gave up waiting: the write is still on its way
+    monkeypatch.setattr(jobdir, "EARLY_BEAT_SECONDS", 600.0)  # the new thread stays quiet meanwhile
+    with Heartbeat(job, owner, ttl=120):
+        gate.set()
+        first._thread.join(120)
+        assert not first._thread.is_alive()
+        assert "w-again" in jobdir.live_workers(job)
+    assert not first.path.exists()
+
+
 def test_a_heartbeat_of_this_process_that_no_run_of_it_beats_is_not_live(job):
     """Pass 68: a second stop landing as the heartbeat was being removed left its file fresh; the same kernel's
     next run waited a whole lease for "another worker", its own dead one. A heartbeat of this very process
