@@ -93,7 +93,9 @@ def collect(job: Job) -> ReportData:
     from .job_status import job_status
 
     data = ReportData(job, job_status(job), runs=job.read_stats()["runs"], live=jobdir.live_workers(job))
-    ledger = jobdir.read_ledger(job, verify=False)
+    # (at the status's retry generation: a `runner retry` landing between the two reads made the summary count
+    # a row error the errors section no longer listed; pass 74)
+    ledger = jobdir.read_ledger(job, verify=False, generation=data.status.generation)
     for commit in ledger.commits:
         _batches_of(data, commit.marker)
     _read_errors(data, job, ledger)

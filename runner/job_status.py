@@ -45,6 +45,9 @@ class JobStatus:
     # Result rows live workers have computed but not yet saved in the job folder (every --shard-rows rows or
     # --shard-minutes): counted in the ETA; a worker killed now would compute them again.
     unsaved: int = 0
+    # The retry generation its counts are of (`runner retry` starts the next): a reader that reads the ledger
+    # again (the report) reads it at the same one, so that its errors agree with these counts
+    generation: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,7 +118,7 @@ def job_status(job: Job) -> JobStatus:
         invalid=int(job.meta.get("input", {}).get("invalid", 0) or 0), tokens_per_second=tps, eta_seconds=eta,
         model=job.spec.model, created=job.spec.created, worker=workers[0]["worker"] if workers else None,
         message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak, missing=missing,
-        unsaved=unsaved,
+        unsaved=unsaved, generation=state.generation,
     )  # fmt: skip
 
 

@@ -1902,8 +1902,11 @@ def read_ledger(
     listed in the seals of older epochs, whose shards verify. `seal`: fix the seal of each superseded
     epoch that has none (workers do; readers only look). Transient errors raise StorageError."""
     generation = read_state(job.dir).generation if generation is None else generation
-    claims, seals, current = _read_claims(job)
+    # the markers listed before the seals are read: a seal written meanwhile still judges the markers listed (a
+    # superseded worker's late marker, landing between the two reads, was counted as if its epoch had no seal,
+    # then dropped out at the next read; pass 74)
     names = [n[:-5] for n in scan(job.dir / MARKERS) if n.endswith(".json") and COMMIT_RE.fullmatch(n[:-5])]
+    claims, seals, current = _read_claims(job)
     by_unit: dict[int, list[tuple[int, str]]] = {}
     for n in names:
         m = COMMIT_RE.fullmatch(n)

@@ -516,13 +516,19 @@ def _warn_if_partial(job: Any, rows: int) -> None:
         return
     except RunnerError:
         return  # broken (its shards were read and checked one by one, each left out named): nothing to add
+    # (the counts said are of the rows returned: the status is a second read, and the job may have moved on
+    # since the shards were read; pass 74)
     if s.state == "broken":
         warnings.warn(f"job {s.id} is broken: {s.message}; these are {rows:,} of its {job.spec.total:,} results",
                       stacklevel=3)  # fmt: skip
-    elif s.state != "completed" and s.done < s.total:  # a completed job's other rows are row errors
+    elif s.state == "completed":  # its other rows are row errors, unless it completed as they were read
+        if s.done > rows:
+            warnings.warn(f"job {s.id} completed while its results were being read: these are {rows:,} of its "
+                          f"{s.done:,} results; load them again for all", stacklevel=3)  # fmt: skip
+    else:
         rest = ("the rest are not computed yet" if s.state.startswith(("queued", "running")) else
                 f"the rest are computed only after `runner retry {shlex.quote(str(job.dir))}`")  # fmt: skip
-        warnings.warn(f"job {s.id} is {s.state}: these are {s.done:,} of its {s.total:,} results ({rest})",
+        warnings.warn(f"job {s.id} is {s.state}: these are {rows:,} of its {s.total:,} results ({rest})",
                       stacklevel=3)  # fmt: skip
 
 
@@ -590,12 +596,15 @@ def export_results(
     for path in filter(None, (to, errors_to)):
         if problem := export_type_problem(path):
             raise ValueError(f"{path}: {problem}")
-    table = load_results(source, home, format="arrow")
     if errors_to is None:
+        table = load_results(source, home, format="arrow")
         _write_whole(table, Path(to))
         return Exported(table.num_rows, 0)
     check_export_pair(Path(to), Path(errors_to))
+    # the errors read before the rows: a `runner retry` between the two reads then leaves the pair as it was
+    # before it (its errors listed, their rows not there), never rows without the errors that explain the gap
     errors = _errors_table(read_errors(source, home))
+    table = load_results(source, home, format="arrow")
     # both staged whole first (a full disk leaves the older pair as it was); then a kill between the two renames
     # leaves no errors file, never an older one beside new rows
     with _staged(table, Path(to)) as place_rows, _staged(errors, Path(errors_to)) as place_errors:

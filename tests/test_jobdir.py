@@ -104,6 +104,37 @@ def test_a_seal_with_a_changed_byte_is_damaged_not_obeyed(job, reference, gpt2_e
     assert summary.finished and assert_exactly_once(job.dir, reference[1]) == 2 * N
 
 
+def test_a_late_commit_landing_between_a_readers_reads_is_not_counted_then_dropped(
+    job, gpt2_engine, monkeypatch
+):
+    """Pass 74: a reader read the claims (no seal yet), then a taker sealed the old epoch and a superseded
+    worker's late marker landed, then the reader listed the markers: the late commit counted as if its epoch had
+    no seal, and dropped out at the next read (results going backwards). The markers are listed first now."""
+    import shutil
+
+    run_job(job, gpt2_engine, echo=None, shard_rows=2, should_stop=stop_after(1))
+    before = sorted(c.name for c in read_ledger(job).commits)
+    name = next(n for n in before if n.startswith("00000-00000000-"))
+    real, landed = jobdir._read_claims, []
+
+    def claims_then_seal_and_late_marker(j):
+        out = real(j)
+        if not landed:  # between the reader's two reads: the taker seals, then the late marker lands
+            landed.append(take_unit(j, 0, Owner.me("successor"), 0))
+            late = name[:-4] + "0009"
+            marker = json.loads((j.dir / "done" / f"{name}.json").read_text())
+            marker.update(seq=9, shard=f"{late}.parquet")
+            marker["check"] = jobdir.marker_checksum(marker)
+            shutil.copy(j.dir / "shards" / f"{name}.parquet", j.dir / "shards" / f"{late}.parquet")
+            (j.dir / "done" / f"{late}.json").write_text(json.dumps(marker))
+        return out
+
+    monkeypatch.setattr(jobdir, "_read_claims", claims_then_seal_and_late_marker)
+    first = sorted(c.name for c in read_ledger(job).commits)
+    second = sorted(c.name for c in read_ledger(job).commits)
+    assert landed == [1] and first == second == before
+
+
 def test_a_late_commit_left_out_by_a_seal_is_said_so_not_called_damaged(
     job, reference, gpt2_engine, monkeypatch
 ):
