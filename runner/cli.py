@@ -1154,13 +1154,22 @@ def repair(ctx: click.Context, job_ref: str) -> None:
     r = api.repair(job_ref, ctx.obj["home"])
     if r.restored_spec:
         _echo("job.json restored from job.backup.json")
+    for name in r.restored_inputs:
+        _echo(f"{name} written again from the job's input file, byte for byte as submitted (the damaged one is "
+              "in quarantine/)")  # fmt: skip
+    if r.unrestorable:
+        _echo(f"prompts.parquet or errors.jsonl is damaged and cannot be written again: {r.unrestorable}; submit "
+              "the file again")  # fmt: skip
     if r.mended_backup:
         _echo("job.backup.json was damaged or missing: written again from job.json")
     for name, why in r.quarantined:
         _echo(f"quarantined commit {name}: {why}")
-    _echo(f"state {r.state_was} -> {r.state_now}; {r.done:,}/{r.total:,} result rows verified"
-          + (f"; run `{_work_command(ctx.obj['home'], job_ref)}` to compute the rest" if r.state_now == "queued"
-             else ""))  # fmt: skip
+    after = ""
+    if r.state_now == "queued":
+        after = f"; run `{_work_command(ctx.obj['home'], job_ref)}` to compute the rest"
+    elif r.restored_inputs and r.state_now == "failed":  # failed on the damaged file: it can go on now
+        after = f"; `{command(ctx.obj['home'], 'retry', job_ref)}` carries it on"
+    _echo(f"state {r.state_was} -> {r.state_now}; {r.done:,}/{r.total:,} result rows verified{after}")
     if r.damaged_by == "":
         _echo("its newest state record was empty: a change killed while it was written did not happen; if you "
               "ran `runner cancel` or `runner retry` just then, run it again")  # fmt: skip

@@ -1739,7 +1739,9 @@ def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = F
     if expected is None or (not afresh and verifier is not None and verifier.cache.get(PROMPTS) == stamp):
         return None
     if storage.retry(lambda: storage.file_sha256(path), f"read {path}") != expected:
-        return f"prompts.parquet of job {job.id} is damaged (it does not match its checksum); submit the file again"
+        return (f"prompts.parquet of job {job.id} is damaged (it does not match its checksum): `runner repair "
+                f"{shlex.quote(str(job.dir))}` writes it again from the input file if that is unchanged; else "
+                "submit the file again")  # fmt: skip
     if verifier is not None:
         verifier.cache[PROMPTS] = stamp
         verifier.dirty = True
@@ -1748,12 +1750,14 @@ def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = F
 
 def invalid_problem(job: Job) -> str | None:
     """Why errors.jsonl is not the file submit wrote, else None: its sha256 is in job.json (a job stored before
-    the checksum was: each line must be a JSON object, as many as job.json counts). It cannot be rebuilt."""
+    the checksum was: each line must be a JSON object, as many as job.json counts). `runner repair` writes it
+    again from the input file when that is unchanged (jobs.restore_inputs)."""
     why = _invalid_mismatch(job)
     if why is None:
         return None
     return (f"errors.jsonl of job {job.id} is damaged ({why}): the input lines refused at submit cannot be listed; "
-            f"submit the file again (its results are in their shards: `runner results {shlex.quote(str(job.dir))} "
+            f"`runner repair {shlex.quote(str(job.dir))}` writes it again from the input file if that is unchanged; "
+            f"else submit the file again (its results are in their shards: `runner results {shlex.quote(str(job.dir))} "
             "--to FILE.jsonl` still exports them)")  # fmt: skip
 
 
@@ -2141,6 +2145,8 @@ class RepairReport:
     total: int = 0
     # the command the damaged newest record says wrote it (unverified): "retry", "cancel"; "" for an empty one
     damaged_by: str | None = None
+    restored_inputs: list[str] = field(default_factory=list)  # written again from the input file (jobs.py)
+    unrestorable: str | None = None  # why prompts.parquet / errors.jsonl, damaged, could not be written again
 
 
 def _claimed_writer(job_dir: Path, seq: int) -> str | None:
@@ -2173,7 +2179,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
         sub: kinds[sub] for sub in FOLDERS if sub != QUARANTINE and kinds.get(sub) not in (None, "dir")
     }
     for sub in misplaced:
-        _move_aside(path, sub)
+        move_aside(path, sub)
     try:
         job = Job.open(path)
         report.mended_backup = same_job_as_backup(job)
@@ -2192,7 +2198,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
     if read is None:
         report.damaged_by = _claimed_writer(job.dir, over.seq)
     for name in _wrong_kind(job):
-        _move_aside(job.dir, name)
+        move_aside(job.dir, name)
         job.log(f"repair: {name} was not of its kind (a file or a folder); set aside in {QUARANTINE}/")
         report.mended_backup |= name == JOB_BACKUP and _mend_backup(job, "not a file")
     if read is None:  # what stood in the way is aside now: the record before it, or an older job's state.json
@@ -2315,16 +2321,28 @@ def _wrong_kind(job: Job) -> list[str]:
     return out
 
 
-def _move_aside(job_dir: Path, name: str) -> None:
+def move_aside(job_dir: Path, name: str) -> None:
     """Move what stands at the job's path `name` (`_wrong_kind`, a linked folder) into quarantine/."""
+    src = job_dir / name
+    dest = _quarantine_name(job_dir, name)
+    storage.retry(lambda: os.replace(src, dest), f"move {src}")
+
+
+def replace_keeping_old(job_dir: Path, name: str, new: Path) -> None:
+    """Put the local file `new` at the job's file `name` in one rename, a copy of the file it replaces kept in
+    quarantine/ first (a kill in between leaves the old one in place, as it was)."""
+    storage.publish(job_dir / name, _quarantine_name(job_dir, name))
+    storage.publish(new, job_dir / name)
+
+
+def _quarantine_name(job_dir: Path, name: str) -> Path:
+    """Where `name` of the job goes in quarantine/ (made a folder first: one not a folder moves aside)."""
     q = job_dir / QUARANTINE
     if storage.kind(q) not in (None, "dir"):  # not a folder itself: it moves aside first, under another name
         stamp = time.strftime("%Y%m%d-%H%M%S")
         storage.retry(lambda: os.replace(q, job_dir / f"{QUARANTINE}-{stamp}-not-a-folder"), f"move {q}")
     storage.ensure_dir(q)
-    src = job_dir / name
-    dest = q / f"{time.strftime('%Y%m%d-%H%M%S')}-{name.replace('/', '-')}"
-    storage.retry(lambda: os.replace(src, dest), f"move {src}")
+    return q / f"{time.strftime('%Y%m%d-%H%M%S')}-{name.replace('/', '-')}"
 
 
 def _last_generation(job: Job) -> int:

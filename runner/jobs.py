@@ -22,6 +22,7 @@ import os
 import secrets
 import shlex
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -235,6 +236,56 @@ def create_job(
         except storage.StorageError:
             pass
         return job
+
+
+def restore_inputs(job: Job) -> tuple[list[str], str | None]:
+    """prompts.parquet (and errors.jsonl) written again from the job's input file where they are not the files
+    submit wrote (a flipped byte, a truncation: before, such a job could only be submitted again and computed
+    anew). Only from the input file still at its path with the bytes submitted, and only a file written again
+    byte for byte as submit wrote it (its sha256 in job.json): the same rows, tokens and settings, or nothing.
+    The damaged file is kept in quarantine/. Returns (the names written again, why they could not be, or None)."""
+    expected = {PROMPTS: job.spec.prompts_sha256, jobdir.INVALID: job.meta["input"].get("invalid_sha256")}
+    damaged = [PROMPTS] if jobdir.prompts_problem(job) else []
+    damaged += [jobdir.INVALID] if job.meta["input"].get("invalid") and jobdir.invalid_problem(job) else []
+    if not damaged:
+        return [], None
+    try:
+        with tempfile.TemporaryDirectory(prefix="runner-restore-") as tmp:
+            _rewrite_inputs(job, Path(tmp))
+            for name in damaged:
+                if (
+                    not (Path(tmp) / name).is_file()
+                    or storage.file_sha256(Path(tmp) / name) != expected[name]
+                ):
+                    return [], f"{name} written again from the input file is not the one submit wrote"
+            for name in damaged:
+                jobdir.replace_keeping_old(job.dir, name, Path(tmp) / name)
+                job.log(f"repair: {name} did not match its checksum; written again from the input file "
+                        f"{job.meta['input']['path']} (as submitted, byte for byte; the damaged one is in "
+                        "quarantine/)")  # fmt: skip
+    except InputError as e:
+        return [], f"the input file no longer reads as it did ({first_line(e)})"
+    except RunnerError as e:
+        return [], first_line(e)
+    return damaged, None
+
+
+def _rewrite_inputs(job: Job, folder: Path) -> None:
+    """Read the job's input file again, as its submit did, into `folder` (RunnerError when it is not there,
+    or not the file submitted)."""
+    inp = job.meta["input"]
+    path = Path(inp["path"])
+    if not path.is_absolute() or not path.is_file():
+        raise RunnerError(f"its input {inp['path']} is not a file there any more")
+    if storage.file_sha256(path) != inp["sha256"]:
+        raise RunnerError(f"its input file {path} has changed since it was submitted")
+    model, params, kind = job.spec.model, job.params, job.kind
+    models = tuple(dict.fromkeys((model, Path(model).name, *inp["served_model_names"])))
+    reader = _reader(path, kind, inp["prompt_field"], inp["template"], models, inp["chat"], params)
+    config, tokenizer, window = _model_facts(model, job.options, kind, params, inp.get("chat_template"))
+    prep = _Preparer(kind, tokenizer, params, window, inp["truncate"], inp["prompt_field"],
+                     kind == "generate" and _sample_auto(params), _vocab_size(config))  # fmt: skip
+    _write_prompts(reader, prep, folder, inp["skip_invalid"])
 
 
 def _describe(source: Any, path: Path) -> str:

@@ -126,7 +126,8 @@ def test_a_damaged_per_row_n_prompts_file_breaks_only_its_job(tmp_path, tiny_gpt
         and "is damaged" in message
         and "submit the file again" in message
     )
-    assert "runner repair" not in message  # repair cannot mend it: no advice that does nothing
+    # (tests/test_restore_inputs.py)
+    assert "writes it again from the input file if that is unchanged" in message
     code, out = run_runner("--home", runner_home, "work")
     assert "Traceback" not in out, out
     code, out = run_runner("--home", runner_home, "status", "other", "--json")
@@ -208,9 +209,15 @@ def test_a_per_row_n_prompts_file_that_reads_with_another_n_is_not_taken_for_a_s
     pq.write_table(table, path)
     status = runner.status(job.dir)
     assert status.state == "broken" and "prompts.parquet of job" in status.message
+    kept = (tmp_path / "in.jsonl").read_bytes()
+    (tmp_path / "in.jsonl").unlink()  # the input file gone: nothing to write it again from
     with pytest.raises(runner.RunnerError, match="prompts.parquet of job .* is damaged"):
         runner.repair(job.dir)
     assert runner.status(job.dir).state == "broken"
+    (tmp_path / "in.jsonl").write_bytes(kept)  # back: repair writes prompts.parquet again, as submitted
+    assert runner.repair(job.dir).restored_inputs == ["prompts.parquet"]
+    assert run_until_done(runner.jobdir.Job.open(job.dir), gpt2_engine).finished
+    assert len(runner.load_results(job.dir)) == 12
 
 
 def test_status_polls_do_not_hash_a_per_row_n_prompts_file_each_time(tmp_path, tiny_gpt2, monkeypatch):
@@ -259,4 +266,4 @@ def test_status_of_a_queued_job_whose_prompts_file_changed_says_broken_before_a_
     path.write_bytes(bytes(data))
     status = runner.status(job.dir)
     assert status.state == "broken" and "prompts.parquet of job" in status.message, status
-    assert "runner repair" not in status.message  # it cannot be rebuilt: submit the file again
+    assert "writes it again from the input file" in status.message  # (tests/test_restore_inputs.py)
