@@ -564,7 +564,8 @@ def test_a_damaged_prompts_file_is_named_not_exported_as_nothing(
         result = invoke("results", job.dir, "--format", "openai", "--to", tmp_path / "out.jsonl")
         assert result.exit_code == 1 and result.output.startswith(f"Error: {expected}"), result.output
         assert "Traceback" not in result.output and not (tmp_path / "out.jsonl").exists()
-        (command,) = re.findall(r"`runner ([^`]+)`", result.output)
+        repair, command = re.findall(r"`runner ([^`]+)`", result.output)  # (tests/test_restore_inputs.py)
+        assert repair.startswith("repair ") and command.startswith("results ")
         assert invoke(*shlex.split(command)).exit_code == 0
         rows = [json.loads(x) for x in (tmp_path / "FILE.jsonl").read_text().splitlines()]
         assert [r["id"] for r in rows] == ["a0", "a1", "a2"]
@@ -573,6 +574,15 @@ def test_a_damaged_prompts_file_is_named_not_exported_as_nothing(
     with pytest.raises(BrokenJob, match=rf"prompts.parquet of job {job.id} is damaged \(.*Parquet"):
         export(old, tmp_path / "out.jsonl")
     assert not (tmp_path / "out.jsonl").exists()
+    # the requests file is still there: `runner repair` writes prompts.parquet again, as submitted
+    assert invoke("repair", job.dir).exit_code == 0
+    result = invoke("results", job.dir, "--format", "openai", "--to", tmp_path / "out.jsonl")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(x)["custom_id"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == [
+        "a0",
+        "a1",
+        "a2",
+    ]
 
 
 def refused_job(tmp_path, model, engine):
@@ -615,7 +625,8 @@ def test_a_damaged_errors_jsonl_is_named_not_exported_short(tmp_path, tiny_gpt2,
         result = invoke("results", job.dir, "--format", "openai", "--to", tmp_path / "out.jsonl")
         assert result.exit_code == 1 and result.output.startswith(f"Error: {expected}"), result.output
         assert "Traceback" not in result.output and not (tmp_path / "out.errors.jsonl").exists()
-        (command,) = re.findall(r"`runner ([^`]+)`", result.output)
+        repair, command = re.findall(r"`runner ([^`]+)`", result.output)  # (tests/test_restore_inputs.py)
+        assert repair.startswith("repair ") and command.startswith("results ")
         assert invoke(*shlex.split(command)).exit_code == 0
         assert [json.loads(x)["id"] for x in (tmp_path / "FILE.jsonl").read_text().splitlines()] == ["a", "c"]
     old_meta = {**job.meta, "input": {k: v for k, v in job.meta["input"].items() if k != "invalid_sha256"}}
