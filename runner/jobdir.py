@@ -1727,6 +1727,16 @@ def forget_verified(job: Job, name: str) -> None:
     verifier.save()
 
 
+def stamp_prompts(folder: Path, sha256: str) -> None:
+    """Record in the verified.json of a job being submitted in `folder` that its prompts.parquet, as it stands,
+    was hashed to `sha256` (its stamp: size and times, as `prompts_problem` keeps it), so that `runner status`
+    does not hash (on a network mount: download) it again before any worker has. A file system whose renames
+    change the times only costs that one hashing."""
+    st = storage.retry(lambda: (folder / PROMPTS).stat(), f"read {folder / PROMPTS}")
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256]
+    storage.write_json(folder / VERIFIED, {PROMPTS: stamp}, durable=False)
+
+
 def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = False) -> str | None:
     """Why prompts.parquet is not the file submit wrote (its sha256 is in job.json), else None (also for a job
     stored before the checksum was). With a `verifier`, a file whose size and times are as its cache recorded

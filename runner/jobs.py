@@ -502,6 +502,7 @@ def _write_job(
             "prompts_sha256": storage.file_sha256(tmp / PROMPTS),
         })  # fmt: skip
         meta["spec_sha256"] = jobdir.spec_checksum(meta)
+        jobdir.stamp_prompts(tmp, meta["prompts_sha256"])  # `runner status` need not hash it again
         storage.write_json(tmp / JOB_BACKUP, meta)
         storage.write_json(tmp / JOB_FILE, meta)
         storage.remove(tmp / ".owner.json")
