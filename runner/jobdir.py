@@ -626,6 +626,8 @@ class StateRecord:
     seq: int = 0  # its place in the job's state records (state/SEQ.json); 0: none yet (or the legacy files)
     by: str | None = None  # who recorded it: cancel, retry, repair, a worker ("completed", "failed")
     writer: str | None = None  # its writer's token: the record after it names the one it was decided over
+    # a repair's record decided over the record below it, found empty or damaged (it names none it was over)
+    blind: bool = False
 
     def __getitem__(self, key: str) -> Any:  # record["state"], as the JSON reads
         return getattr(self, key)
@@ -649,12 +651,30 @@ def read_state(job_dir: Path) -> StateRecord:
         if not seqs:
             return _legacy_state(job_dir)
         try:
-            return _read_record(job_dir, seqs[-1])
+            return _late_word_stands(job_dir, _read_record(job_dir, seqs[-1]))
         except _RecordGone as e:
             if pause is None:
                 raise BrokenJob(str(e)) from None
             time.sleep(pause)  # listed, then gone: an adopter has it aside for a moment (`_adopt_unfilled`)
     raise AssertionError("unreachable")
+
+
+def _late_word_stands(job_dir: Path, newest: StateRecord) -> StateRecord:
+    """The job's state when its newest record is a repair's decided blind over the one below it (found empty:
+    where links are missing, its writer, a `cancel` on a slow mount, had created it and not yet filled it): once
+    that record reads, its word stands, as `_late_word` records it; and so it does here too, for a repair killed
+    before it could record it (pass 73: the cancel had said "cancelled", and the job then ran to the end)."""
+    if not newest.blind:
+        return newest
+    try:
+        late = _read_record(job_dir, newest.seq - 1, wait=False)
+    except BrokenJob:  # still empty, or damaged: nobody's word
+        return newest
+    if late.writer is None or late.state is JobState.COMPLETED:  # (a completion stands only while complete)
+        return newest
+    return replace(
+        newest, state=late.state, generation=max(late.generation, newest.generation), error=late.error
+    )
 
 
 # Pauses before listing state/ again when its newest record went between the listing and the read
@@ -762,8 +782,10 @@ def _parse_state(d: Any, name: str, seq: int) -> StateRecord:
         if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
             raise ValueError(f"generation {gen!r}")
         error, by, writer = d.get("error"), d.get("by"), d.get("writer")
+        blind = by == "repair" and "over" in d and d["over"] is None and seq >= 2
         return StateRecord(state, gen, error if isinstance(error, str) else None, float(d.get("updated", 0)), seq,
-                           by if isinstance(by, str) else None, writer if isinstance(writer, str) else None)  # fmt: skip
+                           by if isinstance(by, str) else None, writer if isinstance(writer, str) else None,
+                           blind)  # fmt: skip
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BrokenJob(f"{name} is invalid ({type(e).__name__}: {e})") from None
 
@@ -787,9 +809,23 @@ def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) ->
     if not created:  # a transient error after the create landed: the retry finds it ours
         mine = _read_json_or_none(path)
         created = isinstance(mine, dict) and mine.get("writer") == token
-    if not created or _passed_over(folder, seq, token):
+    if not created:
+        return None
+    if _passed_over(folder, seq, token) and not _stands_over_blind(Path(job_dir), seq, new):
         return None
     return replace(new, updated=now, seq=seq, by=by, writer=token)
+
+
+def _stands_over_blind(job_dir: Path, seq: int, new: StateRecord) -> bool:
+    """Our record at `seq` was passed over by a repair's decided blind (it found ours empty: we were slow to fill
+    it), and that repair's record is still the newest: our word stands, as the job now reads
+    (`_late_word_stands`), unless it is a completion."""
+    if new.state is JobState.COMPLETED or newest_state_seq(job_dir) != seq + 1:
+        return False
+    try:
+        return _read_record(job_dir, seq + 1, wait=False).blind
+    except BrokenJob:
+        return False
 
 
 def _passed_over(folder: Path, seq: int, token: str) -> bool:

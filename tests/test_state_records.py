@@ -182,7 +182,8 @@ def test_without_hard_links_a_cancel_frozen_before_filling_its_record_is_not_los
     """Adversarial pass 13: `runner cancel` frozen between creating its record and filling it; status said the
     job was broken (an empty newest record) and the user ran `runner repair`, which recorded the state over
     it. The cancel woke, filled its record and said "cancelled", but the repair's record was newer: the job ran.
-    Each record names the one it was decided over, so the cancel sees it was passed over and cancels again."""
+    Each record names the one it was decided over: the repair's names none (it found the cancel's empty), so once
+    the cancel's record reads its word stands, and the cancel, seeing it was passed over, says so and is done."""
 
     def link(*a, **k):
         raise OSError(errno.EPERM, "Operation not permitted")
@@ -201,9 +202,8 @@ def test_without_hard_links_a_cancel_frozen_before_filling_its_record_is_not_los
     monkeypatch.undo()
     assert fired == ["queued", "queued"]  # status: the state before the cancel, a change being written
     assert [json.loads(p.read_text())["by"] for p in sorted((job.dir / "state").glob("*.json"))] == [
-        "cancel",  # filled after the repair's record was decided without it: passed over
-        "repair",
-        "cancel",
+        "cancel",  # filled after the repair's record was decided without it: passed over, but its word stands
+        "repair",  # (decided blind over the record below it: `_late_word_stands`)
     ]
     assert job.state().state is JobState.CANCELLED
 
@@ -250,6 +250,58 @@ def test_without_hard_links_a_cancel_filled_while_a_repair_is_about_to_record_st
         "repair",  # the cancel's word, recorded again
     ]
     assert job.state().state is JobState.CANCELLED
+
+
+def test_without_hard_links_a_cancel_filled_before_a_repair_killed_after_its_record_stands(
+    job, gpt2_engine, monkeypatch
+):
+    """Pass 73: as above, but the repair was killed right after its own record, before it could look at the
+    cancel's record again (`_late_word`): the cancel had said "cancelled", the job read queued, a second repair
+    changed nothing and `runner work` computed every row. A repair's record decided blind over the record below
+    it lets that record's word stand once it reads, whoever reads the state."""
+
+    def link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    real_point, real_create = jobdir.fault_point, jobdir.create_exclusive
+    frozen, wake, said = threading.Event(), threading.Event(), []
+
+    def fault_point(name):
+        if name == "after_create" and not frozen.is_set():  # the cancel's record is created and still empty
+            frozen.set()
+            wake.wait()
+        return real_point(name)
+
+    def create_exclusive(path, obj):
+        if obj.get("by") == "repair" and not wake.is_set():  # the repair, paused before its create
+            wake.set()
+            cancel.join()  # the cancel fills its record, finds none after it, and returns
+        return real_create(path, obj)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the repair dies right after its record
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(jobdir, "fault_point", fault_point)
+    monkeypatch.setattr(jobdir, "create_exclusive", create_exclusive)
+    monkeypatch.setattr(jobdir, "_late_word", killed)
+    cancel = threading.Thread(target=lambda: said.append(runner.cancel(job.dir)))
+    cancel.start()
+    frozen.wait()
+    with pytest.raises(KeyboardInterrupt):
+        jobdir.repair(job.dir)
+    monkeypatch.undo()
+    assert said == ["queued"]  # the cancel said it cancelled a queued job
+    assert [json.loads(p.read_text())["by"] for p in sorted((job.dir / "state").glob("*.json"))] == [
+        "cancel",
+        "repair",  # decided without the cancel, which was not recorded again
+    ]
+    assert job.state().state is JobState.CANCELLED and runner.status(job.dir).state == "cancelled"
+    assert jobdir.repair(job.dir).state_now == "cancelled"
+    scheduler.work(job.dir.parent, engine=gpt2_engine, echo=None, once=True)
+    assert runner.status(job.dir).done == 0  # nothing computed: the job is cancelled
+    runner.retry(job.dir)
+    assert job.state().state is JobState.QUEUED
 
 
 def test_a_flipped_byte_in_a_retrys_record_is_noticed_and_repair_says_to_retry_again(
