@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from . import jobdir
-from .errors import RunnerError
 from .job_status import JobStatus, home_status, job_status
 
 Ref = str | os.PathLike
@@ -48,25 +47,7 @@ def repair(job: Ref, home: Ref | None = None) -> Any:
     unlike its checksum is written again from the input file when that is unchanged (jobs.restore_inputs)."""
     from .jobs import restore_inputs
 
-    path = jobdir.find_job(job, home)
-    try:
-        opened: jobdir.Job | None = jobdir.Job.open(path)
-    except RunnerError:
-        opened = None  # job.json damaged: the repair restores it from its backup first
-    restored, why = restore_inputs(opened) if opened is not None else ([], None)
-    try:
-        report = jobdir.repair(path)
-    except RunnerError:
-        if opened is not None:
-            raise
-        report = None  # it may have stopped on the inputs, which the spec it restored lets be written again
-    if opened is None:
-        restored, why = restore_inputs(jobdir.Job.open(path))
-        if report is None or restored:
-            first, report = report, jobdir.repair(path)
-            report.restored_spec = report.restored_spec or (first is not None and first.restored_spec)
-    report.restored_inputs, report.unrestorable = restored, why
-    return report
+    return jobdir.repair(jobdir.find_job(job, home), mend_inputs=restore_inputs)
 
 
 def report(job: Ref, path: Ref = "report.html", home: Ref | None = None) -> Path:

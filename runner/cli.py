@@ -1158,14 +1158,14 @@ def repair(ctx: click.Context, job_ref: str) -> None:
         _echo(f"{name} written again from the job's input file, byte for byte as submitted (the damaged one is "
               "in quarantine/)")  # fmt: skip
     if r.unrestorable:
-        _echo(f"prompts.parquet or errors.jsonl is damaged and cannot be written again: {r.unrestorable}; submit "
-              "the file again")  # fmt: skip
+        _echo(f"prompts.parquet or errors.jsonl is damaged and was not written again: {r.unrestorable} (if that "
+              "can be put right, run this repair again; else submit the file again)")  # fmt: skip
     if r.mended_backup:
         _echo("job.backup.json was damaged or missing: written again from job.json")
     for name, why in r.quarantined:
         _echo(f"quarantined commit {name}: {why}")
     after = ""
-    if r.state_now == "queued":
+    if r.state_now == "queued" and not r.unrestorable:
         after = f"; run `{_work_command(ctx.obj['home'], job_ref)}` to compute the rest"
     elif r.restored_inputs and r.state_now == "failed":  # failed on the damaged file: it can go on now
         after = f"; `{command(ctx.obj['home'], 'retry', job_ref)}` carries it on"

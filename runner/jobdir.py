@@ -1496,13 +1496,15 @@ class Heartbeat:
         heartbeat this thread's late write replaced is written again, never deleted (its claims would look
         released)."""
         current = _BEATING.get(self._key)
-        if current is None or current is self:
+        if current is None or current is self or current._stop.is_set():
             self._remove()
             return
         try:
             current.beat()
         except RunnerError:
             pass  # its own thread writes it again within a beat period
+        if current._stop.is_set():  # it left the job meanwhile (and removed its heartbeat before this write)
+            self._remove()
 
 
 # The heartbeat each heartbeat file of this process stands for now (the newest entered): an older one's thread,
@@ -1782,16 +1784,24 @@ def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = F
     path = job.dir / PROMPTS
     st = storage.retry(lambda: path.stat(), f"read {path}")
     stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected]
-    if expected is None or (not afresh and verifier is not None and verifier.cache.get(PROMPTS) == stamp):
+    if expected is None or (
+        not afresh and stamp in (_HASHED.get(str(path)), verifier and verifier.cache.get(PROMPTS))
+    ):
         return None
     if storage.retry(lambda: storage.file_sha256(path), f"read {path}") != expected:
         return (f"prompts.parquet of job {job.id} is damaged (it does not match its checksum): `runner repair "
                 f"{shlex.quote(str(job.dir))}` writes it again from the input file if that is unchanged; else "
                 "submit the file again")  # fmt: skip
+    _HASHED[str(path)] = stamp
     if verifier is not None:
         verifier.cache[PROMPTS] = stamp
         verifier.dirty = True
     return None
+
+
+# prompts.parquet files this process hashed and found sound, with their stamps: where verified.json cannot be
+# written (a read-only copy of a home), `runner watch` / status polls still hash each one once (pass 75)
+_HASHED: dict[str, list[Any]] = {}
 
 
 def invalid_problem(job: Job) -> str | None:
@@ -2211,14 +2221,30 @@ def _claimed_writer(job_dir: Path, seq: int) -> str | None:
     return by if by in ("cancel", "retry") else None
 
 
-def repair(path: str | os.PathLike) -> RepairReport:
-    """Bring a job back from whatever is still verifiable: restore job.json from its backup, quarantine
-    commits that fail verification, seal what a dead taker left unsealed, and set the state from the facts
-    (completed if every row is done or failed, else queued so `runner work` redoes what is missing); a cancel
-    or failure whose record reads stands (pass 66: a cancel landing as the last row was done became
-    completed)."""
-    path = Path(path)
+def repair(path: str | os.PathLike, mend_inputs: MendInputs | None = None) -> RepairReport:
+    """Bring a job back from whatever is still verifiable: restore job.json from its backup, write a damaged
+    prompts.parquet / errors.jsonl again (`mend_inputs`: jobs.restore_inputs), quarantine commits that fail
+    verification, seal what a dead taker left unsealed, and set the state from the facts (completed if every
+    row is done or failed, else queued so `runner work` redoes what is missing); a cancel or failure whose
+    record reads stands (pass 66: a cancel landing as the last row was done became completed)."""
     report = RepairReport()
+    job = _mended_folder(Path(path), report)
+    if mend_inputs is not None:
+        report.restored_inputs, report.unrestorable = mend_inputs(job)
+    try:
+        return _repair_state(job, report)
+    except BrokenJob as e:  # (a per-row `n` job reads its prompts to count its rows)
+        if report.unrestorable:
+            raise BrokenJob(f"{e} (repair could not: {report.unrestorable})", repairable=False) from None
+        raise
+
+
+# Writes a job's damaged prompts.parquet / errors.jsonl again: (names written, why not or None)
+MendInputs = Callable[[Job], tuple[list[str], str | None]]
+
+
+def _mended_folder(path: Path, report: RepairReport) -> Job:
+    """The job, once what stands where its folders go is set aside and its job.json restored from its backup."""
     # Job.open refuses a job whose folders are links (or files where they belong): they go first
     kinds = storage.kinds(path)  # one listing, as Job.open reads the folder
     misplaced = {
@@ -2235,6 +2261,11 @@ def repair(path: str | os.PathLike) -> RepairReport:
     for name, kind in misplaced.items():
         what = "a symbolic link" if kind == "link" else "not a folder"
         job.log(f"repair: {name}/ was {what}; set aside in {QUARANTINE}/")
+    return job
+
+
+def _repair_state(job: Job, report: RepairReport) -> RepairReport:
+    """The rest of `repair`, once the job opens: its state, its commits, what stands in the wrong place."""
     try:  # the state repair decides over (a command may record another meanwhile)
         read: StateRecord | None = read_state(job.dir)
         report.state_was, generation = read.state.value, read.generation
@@ -2558,7 +2589,8 @@ def remove_stale_temps(job: Job, max_age: float = TEMP_MAX_AGE) -> int:
         max_age += max((hb["lease"] for hb in live_workers(job, now).values()), default=0.0)
     except RunnerError:  # workers/ cannot be read: the files are judged by their age alone
         pass
-    for folder in (job_dir, *(job_dir / sub for sub in (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, STATES))):
+    subs = (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, STATES, QUARANTINE)  # (a killed repair's copy there)
+    for folder in (job_dir, *(job_dir / sub for sub in subs)):
         if not _is_link(folder):
             removed += remove_old_temps(folder, max_age, now)
     return removed

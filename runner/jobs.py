@@ -15,6 +15,7 @@ a worker would pick up.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -56,7 +57,7 @@ from .params import (
     check_truncate,
 )
 from .passthrough import Passthrough, rewrite_passthrough
-from .results import PROMPT_COLUMNS
+from .results import LOCAL_SHARD_PREFIX, PROMPT_COLUMNS
 
 ROW_GROUP_ROWS = 10_000  # rows read, checked, tokenized and written at a time; a row group of prompts.parquet
 PROBLEMS_KEPT = 1000  # invalid rows held for the error message; all are counted, and listed in errors.jsonl
@@ -249,24 +250,24 @@ def restore_inputs(job: Job) -> tuple[list[str], str | None]:
     damaged += [jobdir.INVALID] if job.meta["input"].get("invalid") and jobdir.invalid_problem(job) else []
     if not damaged:
         return [], None
-    try:
-        with tempfile.TemporaryDirectory(prefix="runner-restore-") as tmp:
+    # (a killed repair's folder is swept as a killed worker's local shards are)
+    with tempfile.TemporaryDirectory(prefix=LOCAL_SHARD_PREFIX + "restore-") as tmp:
+        try:
             _rewrite_inputs(job, Path(tmp))
-            for name in damaged:
-                if (
-                    not (Path(tmp) / name).is_file()
-                    or storage.file_sha256(Path(tmp) / name) != expected[name]
-                ):
-                    return [], f"{name} written again from the input file is not the one submit wrote"
-            for name in damaged:
-                jobdir.replace_keeping_old(job.dir, name, Path(tmp) / name)
-                job.log(f"repair: {name} did not match its checksum; written again from the input file "
-                        f"{job.meta['input']['path']} (as submitted, byte for byte; the damaged one is in "
-                        "quarantine/)")  # fmt: skip
-    except InputError as e:
-        return [], f"the input file no longer reads as it did ({first_line(e)})"
-    except RunnerError as e:
-        return [], first_line(e)
+        except InputError as e:
+            return [], f"the input file no longer reads as it did ({first_line(e)})"
+        except RunnerError as e:
+            return [], first_line(e)
+        for name in damaged:
+            rewritten = Path(tmp) / name
+            if not rewritten.is_file() or storage.file_sha256(rewritten) != expected[name]:
+                return [], f"{name} written again from the input file is not the one submit wrote"
+        for name in damaged:
+            jobdir.replace_keeping_old(job.dir, name, Path(tmp) / name)
+    with contextlib.suppress(RunnerError):  # (a log.txt that cannot be written is repair's to set aside)
+        job.log(f"repair: {', '.join(damaged)} did not match its checksum; written again from the input file "
+                f"{job.meta['input']['path']} (as submitted, byte for byte; the damaged one is in "
+                "quarantine/)")  # fmt: skip
     return damaged, None
 
 
@@ -280,12 +281,19 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
     if storage.file_sha256(path) != inp["sha256"]:
         raise RunnerError(f"its input file {path} has changed since it was submitted")
     model, params, kind = job.spec.model, job.params, job.kind
-    models = tuple(dict.fromkeys((model, Path(model).name, *inp["served_model_names"])))
-    reader = _reader(path, kind, inp["prompt_field"], inp["template"], models, inp["chat"], params)
+    if kind == "generate" and job.meta.get("sample_auto"):
+        # submit was given no do_sample (job.json holds the one it decided: read back, it reads as given, and
+        # a Batch request without a temperature would be taken for greedy): decided again, as submit did
+        params = dataclasses.replace(params, do_sample=None)
+    # (a job stored before 2026-12-02 records no served names, chat or skip_invalid: none, False, False then)
+    models = tuple(dict.fromkeys((model, Path(model).name, *(inp.get("served_model_names") or ()))))
+    reader = _reader(
+        path, kind, inp["prompt_field"], inp.get("template"), models, bool(inp.get("chat")), params
+    )
     config, tokenizer, window = _model_facts(model, job.options, kind, params, inp.get("chat_template"))
-    prep = _Preparer(kind, tokenizer, params, window, inp["truncate"], inp["prompt_field"],
+    prep = _Preparer(kind, tokenizer, params, window, inp.get("truncate", "none"), inp["prompt_field"],
                      kind == "generate" and _sample_auto(params), _vocab_size(config))  # fmt: skip
-    _write_prompts(reader, prep, folder, inp["skip_invalid"])
+    _write_prompts(reader, prep, folder, bool(inp.get("skip_invalid")))
 
 
 def _describe(source: Any, path: Path) -> str:

@@ -1464,6 +1464,18 @@ def test_a_late_heartbeat_write_of_a_job_left_does_not_delete_the_same_workers_n
     assert not first.path.exists()
 
 
+def test_a_late_heartbeat_thread_never_writes_again_a_heartbeat_whose_job_was_left(job, monkeypatch):
+    """Pass 75's review: the newer heartbeat leaving its job just as the old thread looked it up had the old
+    thread write it again after its exit removed it: an ended worker looking live for a whole lease."""
+    monkeypatch.setattr(jobdir, "EARLY_BEAT_SECONDS", 600.0)
+    owner = Owner.me("w-leaving")
+    old = Heartbeat(job, owner, ttl=120)
+    with Heartbeat(job, owner, ttl=120) as newer:
+        newer._stop.set()  # it is leaving the job: its exit has begun
+        old._remove_own()  # the old thread, its late write landed
+        assert not old.path.exists()
+
+
 def test_a_heartbeat_of_this_process_that_no_run_of_it_beats_is_not_live(job):
     """Pass 68: a second stop landing as the heartbeat was being removed left its file fresh; the same kernel's
     next run waited a whole lease for "another worker", its own dead one. A heartbeat of this very process

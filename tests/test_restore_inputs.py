@@ -6,7 +6,7 @@ could only be submitted again and computed anew. Otherwise repair says why not, 
 import json
 
 import pytest
-from helpers import assert_exactly_once, invoke, reference_run
+from helpers import assert_exactly_once, invoke, reference_run, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams
@@ -77,7 +77,7 @@ def test_repair_says_why_when_the_input_file_changed_and_changes_nothing(tmp_pat
     damaged = (job.dir / "prompts.parquet").read_bytes()
     prompts.write_text(prompts.read_text() + json.dumps({"id": "new", "prompt": "hello"}) + "\n")
     out = invoke("repair", job.dir).output
-    assert "cannot be written again" in out and "has changed since it was submitted" in out, out
+    assert "was not written again" in out and "has changed since it was submitted" in out, out
     assert (job.dir / "prompts.parquet").read_bytes() == damaged
     assert runner.status(job.dir).state == "broken"
 
@@ -110,3 +110,91 @@ def test_a_damaged_spec_and_prompts_file_are_both_restored(tmp_path, tiny_gpt2, 
     assert report.restored_spec and report.restored_inputs == ["prompts.parquet"], report
     assert run_job(runner.jobdir.Job.open(job.dir), echo=None).finished
     assert_exactly_once(job.dir, ref)
+
+
+def test_an_openai_batch_job_leaving_sampling_open_is_restored(tmp_path, tiny_gpt2, gpt2_engine):
+    """Pass 75: requests without `temperature` (the OpenAI default) are sampled by submit's own rule; job.json
+    holds the do_sample submit decided, which read back as given, and every rebuild differed from the file."""
+    reqs = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+             "body": {"model": "tiny", "prompt": f"Hello {i}", "max_tokens": 3, **({"n": 2} if i % 2 else {})}}
+            for i in range(4)]  # fmt: skip
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    job = create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=3), job_dir=tmp_path / "job",
+                     served_model_names=("tiny",))  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    before = runner.load_results(job.dir)
+    _flip(job.dir / "prompts.parquet")
+    report = runner.repair(job.dir)
+    assert (report.restored_inputs, report.unrestorable) == (["prompts.parquet"], None)
+    assert runner.load_results(job.dir).equals(before)
+
+
+def test_a_job_stored_before_its_input_settings_were_recorded_is_restored(tmp_path, tiny_gpt2, reference):
+    """Pass 75: a job.json of before 2026-12-02 has no served_model_names, chat or skip_invalid in its input: the
+    repair ended in a KeyError traceback."""
+    prompts, ref = reference
+    job = _half_done(tmp_path, prompts, tiny_gpt2)
+    for name in ("job.json", "job.backup.json"):
+        meta = json.loads((job.dir / name).read_text())
+        for key in ("served_model_names", "chat", "skip_invalid"):
+            del meta["input"][key]
+        meta["spec_sha256"] = runner.jobdir.spec_checksum(meta)
+        (job.dir / name).write_text(json.dumps(meta))
+    _flip(job.dir / "prompts.parquet")
+    assert runner.repair(job.dir).restored_inputs == ["prompts.parquet"]
+    assert run_job(runner.jobdir.Job.open(job.dir), echo=None).finished
+    assert_exactly_once(job.dir, ref)
+
+
+def _per_row_n_job(tmp_path, model):
+    rows = [
+        {"id": f"r{i}", "prompt": f"The robot {i} dreams of", **({"n": 2} if i < 4 else {})} for i in range(8)
+    ]
+    path = tmp_path / "n.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = create_job(
+        path, model, GenerationParams(max_new_tokens=3, seed=3), job_dir=tmp_path / "job", unit_rows=4
+    )
+    run_job(job, echo=None, should_stop=lambda: any((job.dir / "done").iterdir()))
+    return job, path
+
+
+def test_a_refused_restore_of_a_per_row_n_job_says_why(tmp_path, tiny_gpt2):
+    """Pass 75: such a job reads its prompts to count its rows, so repair stopped on the damaged file with its
+    advice to run repair (the one just run), the reason the file could not be written again lost."""
+    job, path = _per_row_n_job(tmp_path, tiny_gpt2)
+    _flip(job.dir / "prompts.parquet")
+    path.write_text(path.read_text() + json.dumps({"id": "new", "prompt": "hello"}) + "\n")
+    result = invoke("repair", job.dir)
+    assert result.exit_code == 1 and "has changed since it was submitted" in result.output, result.output
+
+
+def test_a_restore_is_said_even_where_log_txt_or_job_json_needed_mending_too(tmp_path, tiny_gpt2):
+    """Pass 75: a log.txt that is a folder made a finished restore read as refused ("submit the file again"); a
+    torn job.json restored from its backup in a per-row n job was not said."""
+    job, _ = _per_row_n_job(tmp_path, tiny_gpt2)
+    _flip(job.dir / "prompts.parquet")
+    (job.dir / "log.txt").unlink()
+    (job.dir / "log.txt").mkdir()
+    (job.dir / "job.json").write_text('{"id": ')
+    report = runner.repair(job.dir)
+    assert report.restored_spec and report.restored_inputs == ["prompts.parquet"] and not report.unrestorable
+    assert report.state_now == "queued"
+    assert run_job(runner.jobdir.Job.open(job.dir), echo=None).finished
+    assert len(runner.load_results(job.dir)) == 12
+
+
+def test_status_of_a_read_only_home_hashes_a_prompts_file_once_per_process(tmp_path, tiny_gpt2, monkeypatch):
+    """Pass 75: where verified.json cannot be written (a read-only copy of a home, its stamps stale), each poll
+    hashed (on a network mount: downloaded) every queued job's prompts.parquet."""
+    from runner import jobdir, storage
+
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, job_dir=tmp_path / "job")
+    (job.dir / "verified.json").unlink()  # copied without its times: the stamp would be stale anyway
+    monkeypatch.setattr(jobdir.Verifier, "save", lambda self: None)  # read-only: nothing is written
+    hashed, real = [], storage.file_sha256
+    monkeypatch.setattr(storage, "file_sha256", lambda p, *a, **k: hashed.append(str(p)) or real(p, *a, **k))
+    for _ in range(3):
+        assert runner.status(job.dir).state == "queued"
+    assert len([p for p in hashed if p.endswith("prompts.parquet")]) == 1
