@@ -1146,9 +1146,10 @@ def retry(ctx: click.Context, job_ref: str) -> None:
 @click.pass_context
 @handle_errors
 def repair(ctx: click.Context, job_ref: str) -> None:
-    """Bring a damaged JOB back from what still verifies: restore job.json from its backup, quarantine
-    shards that fail their checksum, record the state where its newest record is damaged, and re-queue the
-    rows that are missing."""
+    """Bring a damaged JOB back from what still verifies: restore job.json from its backup, write a damaged
+    prompts.parquet or errors.jsonl again from the input file (when that is unchanged), quarantine shards that
+    fail their checksum, record the state where its newest record is damaged, and re-queue the rows that are
+    missing."""
     from . import api
 
     r = api.repair(job_ref, ctx.obj["home"])
