@@ -275,8 +275,15 @@ class InFlight:
         storage.ensure_dir(self.path.parent)
         # noted before the write: a Ctrl-C raised as the rename returns leaves this record there, and `settle`
         # (which a stop runs) must know it is there and this worker's own (pass 70)
+        was = self._on_disk
         self._on_disk, self._pending = True, rec["check"]
-        storage.write_json(self.path, rec, durable=False)
+        try:
+            storage.write_json(self.path, rec, durable=False)
+        except (
+            Exception
+        ):  # it failed (a full disk): not written, and not to be deleted by the settle that follows
+            self._on_disk, self._pending = was, None
+            raise
         self._expected, self._pending = rec["check"], None
 
     def settle(self, suspects: list[Suspect]) -> None:

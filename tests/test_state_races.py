@@ -196,7 +196,7 @@ def test_a_retry_as_repair_settles_the_state_stands(errored, gpt2_engine, monkey
 
     def job_progress(j, ledger=None):
         if (
-            inspect.stack()[1].function == "repair" and not fired
+            inspect.stack()[1].function == "_repair_state" and not fired
         ):  # repair has read the state: retry lands now
             fired.append(jobdir.retry(Job.open(job.dir)))
         return real(j, ledger)
