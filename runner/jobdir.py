@@ -820,12 +820,23 @@ def _stands_over_blind(job_dir: Path, seq: int, new: StateRecord) -> bool:
     """Our record at `seq` was passed over by a repair's decided blind (it found ours empty: we were slow to fill
     it), and that repair's record is still the newest: our word stands, as the job now reads
     (`_late_word_stands`), unless it is a completion."""
-    if new.state is JobState.COMPLETED or newest_state_seq(job_dir) != seq + 1:
+    if new.state is JobState.COMPLETED:
         return False
     try:
-        return _read_record(job_dir, seq + 1, wait=False).blind
+        if not _read_record(job_dir, seq + 1, wait=False).blind:
+            return False
     except BrokenJob:
         return False
+    if newest_state_seq(job_dir) == seq + 1:
+        return True
+    # records were written over the repair's since: ours stood for their writers only if they came after it was
+    # filled (pass 76: a cancel written over a retry's late word, then the retry deciding again, undid it)
+    folder = job_dir / STATES
+    try:
+        ours, then = (os.stat(folder / record_name(n)).st_mtime_ns for n in (seq, seq + 2))
+    except OSError:
+        return False
+    return then > ours
 
 
 def _passed_over(folder: Path, seq: int, token: str) -> bool:
@@ -2320,7 +2331,7 @@ def last_good_state(job_dir: Path) -> StateRecord | None:
     ]
     for read in [*older, functools.partial(_legacy_state, job_dir)]:
         try:
-            return read()
+            return _late_word_stands(job_dir, read())  # (a blind repair's record: pass 76)
         except BrokenJob:
             continue
         except storage.StorageError as e:

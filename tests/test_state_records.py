@@ -453,3 +453,73 @@ def test_repair_keeps_a_sound_cancel_or_failure_of_a_job_whose_rows_are_all_done
     assert report.state_now == was.state.value and job.state().state is was.state, report
     assert job.state().error == was.error
     assert runner.retry(job.dir) == 0 and job.state().state is JobState.QUEUED
+
+
+def _no_links(monkeypatch):
+    def link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", link)
+
+
+def test_a_slow_retrys_standing_word_built_on_by_a_cancel_is_not_applied_again(job, monkeypatch):
+    """Pass 76: a retry filled late under a repair's blind record was the job's word at once (queued); the user's
+    cancel was recorded over it; then the retry, finding itself passed over and the repair's record no longer
+    the newest, decided again over the cancel and re-queued the job: the reported cancel undone."""
+    _no_links(monkeypatch)
+    runner.cancel(job.dir)
+    frozen, wake_fill, at_check, wake_check = (threading.Event() for _ in range(4))
+    real_point, real_passed, said = jobdir.fault_point, jobdir._passed_over, []
+
+    def fault_point(name):
+        if name == "after_create" and threading.current_thread().name == "slow" and not frozen.is_set():
+            frozen.set()
+            wake_fill.wait()  # the retry's record created, still empty
+        return real_point(name)
+
+    def passed_over(folder, seq, token):
+        if threading.current_thread().name == "slow" and not at_check.is_set():
+            at_check.set()
+            wake_check.wait()  # filled; about to look whether it was passed over
+        return real_passed(folder, seq, token)
+
+    monkeypatch.setattr(jobdir, "fault_point", fault_point)
+    monkeypatch.setattr(jobdir, "_passed_over", passed_over)
+    slow = threading.Thread(target=lambda: said.append(runner.retry(job.dir)), name="slow")
+    slow.start()
+    frozen.wait()
+    assert runner.repair(job.dir).state_now == "cancelled"  # blind over the retry's empty record
+    wake_fill.set()
+    at_check.wait()
+    assert runner.status(job.dir).state == "queued"  # the retry's word stands
+    runner.cancel(job.dir)  # the user cancels the re-queued job
+    wake_check.set()
+    slow.join()
+    assert len(said) == 1 and job.state().state is JobState.CANCELLED  # the retry returned: done
+
+
+def test_status_and_repair_read_a_late_word_below_an_empty_newest_record(job, monkeypatch):
+    """Pass 76: a cancel filled late under a repair's blind record stood; a retry killed between creating its
+    record and filling it then made status show, and repair record, the blind record's own word (queued)."""
+    _no_links(monkeypatch)
+    frozen, wake, said = threading.Event(), threading.Event(), []
+    real_point = jobdir.fault_point
+
+    def fault_point(name):
+        if name == "after_create" and threading.current_thread().name == "slow" and not frozen.is_set():
+            frozen.set()
+            wake.wait()
+        return real_point(name)
+
+    monkeypatch.setattr(jobdir, "fault_point", fault_point)
+    slow = threading.Thread(target=lambda: said.append(runner.cancel(job.dir)), name="slow")
+    slow.start()
+    frozen.wait()
+    runner.repair(job.dir)  # blind over the cancel's empty record
+    wake.set()
+    slow.join()
+    assert said == ["queued"] and runner.status(job.dir).state == "cancelled"
+    killed = job.dir / "state" / jobdir.record_name(jobdir.newest_state_seq(job.dir) + 1)
+    killed.write_bytes(b"")  # a retry killed between its create and its fill
+    assert runner.status(job.dir).state == "cancelled"  # (a change being written over it)
+    assert runner.repair(job.dir).state_now == "cancelled"
