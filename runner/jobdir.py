@@ -666,8 +666,8 @@ def _late_word_stands(job_dir: Path, newest: StateRecord) -> StateRecord:
     before it could record it (pass 73: the cancel had said "cancelled", and the job then ran to the end)."""
     if not newest.blind:
         return newest
-    try:
-        late = _read_record(job_dir, newest.seq - 1, wait=False)
+    try:  # (itself a blind repair's record, filled late: the word below it, and so on; pass 76)
+        late = _late_word_stands(job_dir, _read_record(job_dir, newest.seq - 1, wait=False))
     except BrokenJob:  # still empty, or damaged: nobody's word
         return newest
     if late.writer is None or late.state is JobState.COMPLETED:  # (a completion stands only while complete)
@@ -818,8 +818,8 @@ def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) ->
 
 def _stands_over_blind(job_dir: Path, seq: int, new: StateRecord) -> bool:
     """Our record at `seq` was passed over by a repair's decided blind (it found ours empty: we were slow to fill
-    it), and that repair's record is still the newest: our word stands, as the job now reads
-    (`_late_word_stands`), unless it is a completion."""
+    it): our word stands, as the job reads (`_late_word_stands`), unless it is a completion, while that repair's
+    record is the newest, or when the records written over it since came once ours was filled."""
     if new.state is JobState.COMPLETED:
         return False
     try:

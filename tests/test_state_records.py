@@ -523,3 +523,37 @@ def test_status_and_repair_read_a_late_word_below_an_empty_newest_record(job, mo
     killed.write_bytes(b"")  # a retry killed between its create and its fill
     assert runner.status(job.dir).state == "cancelled"  # (a change being written over it)
     assert runner.repair(job.dir).state_now == "cancelled"
+
+
+def test_a_late_cancel_under_two_blind_repairs_in_a_row_stands(job, monkeypatch):
+    """Pass 76: a cancel and a first repair each frozen between creating their record and filling it, a second
+    repair recording blind over the first's: the cancel, finding the record after it empty, said "cancelled",
+    and the job read queued (the first repair's word) for good. The late word is followed down the chain once
+    the first repair fills its record."""
+    _no_links(monkeypatch)
+    gates = {n: (threading.Event(), threading.Event()) for n in ("slow-cancel", "slow-repair")}
+    real_point, out = jobdir.fault_point, {}
+
+    def fault_point(name):
+        gate = gates.get(threading.current_thread().name)
+        if name == "after_create" and gate and not gate[0].is_set():
+            gate[0].set()
+            gate[1].wait()
+        return real_point(name)
+
+    monkeypatch.setattr(jobdir, "fault_point", fault_point)
+    cancel = threading.Thread(
+        target=lambda: out.setdefault("cancel", runner.cancel(job.dir)), name="slow-cancel"
+    )
+    cancel.start()
+    gates["slow-cancel"][0].wait()
+    first = threading.Thread(target=lambda: runner.repair(job.dir), name="slow-repair")
+    first.start()
+    gates["slow-repair"][0].wait()
+    runner.repair(job.dir)  # the second repair: blind over the first's empty record
+    gates["slow-cancel"][1].set()
+    cancel.join()
+    assert out == {"cancel": "queued"}
+    gates["slow-repair"][1].set()  # (until the first repair fills its record, the job reads queued: noted)
+    first.join()
+    assert job.state().state is JobState.CANCELLED and runner.repair(job.dir).state_now == "cancelled"
