@@ -952,7 +952,8 @@ class Job:
         return f"Job(id={self.id!r}{name}, kind={self.spec.kind!r}, model={self.spec.model!r}, folder={str(self.dir)!r})"
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Job:
+    def open(cls, path: str | os.PathLike, inputs: bool = True) -> Job:
+        """The job in `path` (`inputs` False: even without its prompts.parquet: repair writes it again)."""
         path = Path(path)
         if _is_link(path):
             raise BrokenJob(f"{path} is a symbolic link; runner does not follow links")
@@ -976,9 +977,11 @@ class Job:
         for sub in misplaced:
             if sub in (SHARDS, MARKERS, CLAIMS):
                 raise BrokenJob(f"{sub}/ is not a folder")
-        if kinds.get(PROMPTS) not in there:
+        if inputs and kinds.get(PROMPTS) not in there:
             why = {None: "is missing", "link": "is a link"}.get(kinds.get(PROMPTS), "is not a plain file")
-            raise BrokenJob(f"prompts.parquet {why}; submit the file again", repairable=False)
+            raise BrokenJob(f"prompts.parquet {why}: `runner repair {shlex.quote(str(path))}` writes it again "
+                            "from the input file if that is unchanged; else submit the file again",
+                            repairable=False)  # fmt: skip
         job = cls(path, spec)
         job.misplaced = misplaced
         job.not_files = tuple((n, kinds[n]) for n in (LOG_FILE, STATS_FILE) if kinds.get(n, "file") != "file")
@@ -2243,6 +2246,7 @@ def repair(path: str | os.PathLike, mend_inputs: MendInputs | None = None) -> Re
     if mend_inputs is not None:
         report.restored_inputs, report.unrestorable = mend_inputs(job)
     try:
+        Job.open(job.dir)  # prompts.parquet there (written again, or it never went)
         return _repair_state(job, report)
     except BrokenJob as e:  # (a per-row `n` job reads its prompts to count its rows)
         if report.unrestorable:
@@ -2264,7 +2268,7 @@ def _mended_folder(path: Path, report: RepairReport) -> Job:
     for sub in misplaced:
         move_aside(path, sub)
     try:
-        job = Job.open(path)
+        job = Job.open(path, inputs=False)
         report.mended_backup = same_job_as_backup(job)
     except BrokenJob:
         job = _restore_spec(path)
@@ -2419,7 +2423,11 @@ def move_aside(job_dir: Path, name: str) -> None:
 def replace_keeping_old(job_dir: Path, name: str, new: Path) -> None:
     """Put the local file `new` at the job's file `name` in one rename, a copy of the file it replaces kept in
     quarantine/ first (a kill in between leaves the old one in place, as it was)."""
-    storage.publish(job_dir / name, _quarantine_name(job_dir, name))
+    what = storage.kind(job_dir / name)
+    if what == "file":
+        storage.publish(job_dir / name, _quarantine_name(job_dir, name))
+    elif what is not None:  # a link or a folder in its place
+        move_aside(job_dir, name)
     storage.publish(new, job_dir / name)
 
 
@@ -2482,7 +2490,7 @@ def _restore_spec(path: Path) -> Job:
     for name, spec in ((JOB_FILE, current), (JOB_BACKUP, raw)):
         if spec != own:
             storage.write_json(path / name, own)
-    return Job.open(path)
+    return Job.open(path, inputs=False)
 
 
 def _other_job_here(path: Path, job_id: str, shards: str | None) -> str | None:

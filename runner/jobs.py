@@ -246,7 +246,7 @@ def restore_inputs(job: Job) -> tuple[list[str], str | None]:
     byte for byte as submit wrote it (its sha256 in job.json): the same rows, tokens and settings, or nothing.
     The damaged file is kept in quarantine/. Returns (the names written again, why they could not be, or None)."""
     expected = {PROMPTS: job.spec.prompts_sha256, jobdir.INVALID: job.meta["input"].get("invalid_sha256")}
-    damaged = [PROMPTS] if jobdir.prompts_problem(job) else []
+    damaged = [PROMPTS] if storage.kind(job.dir / PROMPTS) != "file" or jobdir.prompts_problem(job) else []
     damaged += [jobdir.INVALID] if job.meta["input"].get("invalid") and jobdir.invalid_problem(job) else []
     if not damaged:
         return [], None
@@ -265,7 +265,8 @@ def restore_inputs(job: Job) -> tuple[list[str], str | None]:
         for name in damaged:
             jobdir.replace_keeping_old(job.dir, name, Path(tmp) / name)
     with contextlib.suppress(RunnerError):  # (a log.txt that cannot be written is repair's to set aside)
-        job.log(f"repair: {', '.join(damaged)} did not match its checksum; written again from the input file "
+        job.log(f"repair: {', '.join(damaged)} was missing or did not match its checksum; written again from the "
+                f"input file "
                 f"{job.meta['input']['path']} (as submitted, byte for byte; the damaged one is in "
                 "quarantine/)")  # fmt: skip
     return damaged, None

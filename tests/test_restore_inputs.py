@@ -198,3 +198,23 @@ def test_status_of_a_read_only_home_hashes_a_prompts_file_once_per_process(tmp_p
     for _ in range(3):
         assert runner.status(job.dir).state == "queued"
     assert len([p for p in hashed if p.endswith("prompts.parquet")]) == 1
+
+
+def test_a_missing_prompts_file_is_written_again(tmp_path, tiny_gpt2, reference):
+    """Deleted (or a folder in its place), prompts.parquet made the job one to submit again: repair writes it
+    again from the input file, as a damaged one."""
+    prompts, ref = reference
+    job = _half_done(tmp_path, prompts, tiny_gpt2)
+    (job.dir / "prompts.parquet").unlink()
+    status = runner.status(job.dir)
+    assert status.state == "broken" and "prompts.parquet is missing: `runner repair" in status.message, status
+    assert status.message.count("runner repair") == 1
+    assert runner.repair(job.dir).restored_inputs == ["prompts.parquet"]
+    assert run_job(runner.jobdir.Job.open(job.dir), echo=None).finished
+    assert_exactly_once(job.dir, ref)
+    prompts.unlink()  # and without the input file: a clear refusal, nothing changed
+    (job.dir / "prompts.parquet").unlink()
+    with pytest.raises(
+        runner.RunnerError, match="prompts.parquet is missing.*repair could not: its input .* is not"
+    ):
+        runner.repair(job.dir)
