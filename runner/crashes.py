@@ -279,9 +279,8 @@ class InFlight:
         self._on_disk, self._pending = True, rec["check"]
         try:
             storage.write_json(self.path, rec, durable=False)
-        except (
-            Exception
-        ):  # it failed (a full disk): not written, and not to be deleted by the settle that follows
+        except Exception:
+            # it failed (a full disk): not written, and not to be deleted by the settle that follows
             self._on_disk, self._pending = was, None
             raise
         self._expected, self._pending = rec["check"], None

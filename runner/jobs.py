@@ -266,8 +266,7 @@ def restore_inputs(job: Job) -> tuple[list[str], str | None]:
             jobdir.replace_keeping_old(job.dir, name, Path(tmp) / name)
     with contextlib.suppress(RunnerError):  # (a log.txt that cannot be written is repair's to set aside)
         job.log(f"repair: {', '.join(damaged)} was missing or did not match its checksum; written again from the "
-                f"input file "
-                f"{job.meta['input']['path']} (as submitted, byte for byte; the damaged one is in "
+                f"input file {job.meta['input']['path']} (as submitted, byte for byte; the damaged one is in "
                 "quarantine/)")  # fmt: skip
     return damaged, None
 
