@@ -1730,7 +1730,7 @@ class Verifier:
             return "its shard is not a plain file"
         if st.st_size != commit.marker["bytes"]:
             return f"its shard has {st.st_size} bytes, the marker says {commit.marker['bytes']}"
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, commit.marker["sha256"]]
+        stamp = _stamp(st, commit.marker["sha256"])
         if self.cache.get(commit.name) == stamp:
             self.trusted.add(commit.name)
             return None
@@ -1785,8 +1785,13 @@ def stamp_prompts(folder: Path, sha256: str) -> None:
     does not hash (on a network mount: download) it again before any worker has. A file system whose renames
     change the times only costs that one hashing."""
     st = storage.retry(lambda: (folder / PROMPTS).stat(), f"read {folder / PROMPTS}")
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256]
-    storage.write_json(folder / VERIFIED, {PROMPTS: stamp}, durable=False)
+    storage.write_json(folder / VERIFIED, {PROMPTS: _stamp(st, sha256)}, durable=False)
+
+
+def _stamp(st: os.stat_result, sha256: str | None) -> list[Any]:
+    """What verified.json keeps of a file hashed to `sha256`: its size and times with it (any change to the file
+    changes them, and it is hashed again)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256]
 
 
 def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = False) -> str | None:
@@ -1796,8 +1801,7 @@ def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = F
     times), and one read and found sound is recorded there."""
     expected = job.spec.prompts_sha256
     path = job.dir / PROMPTS
-    st = storage.retry(lambda: path.stat(), f"read {path}")
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected]
+    stamp = _stamp(storage.retry(lambda: path.stat(), f"read {path}"), expected)
     if expected is None or (
         not afresh and stamp in (_HASHED.get(str(path)), verifier and verifier.cache.get(PROMPTS))
     ):
