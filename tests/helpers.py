@@ -190,6 +190,26 @@ def commit_row_error(job, engine) -> None:
             run_job(job, engine, echo=None)
 
 
+def completed_with_a_row_error(job, engine, monkeypatch):
+    """Run the job to its end with row r1 failing (a row error, committed), as `runner work` does; the summary."""
+    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
+    commit_row_error(job, engine)
+    summary = run_until_done(job, engine)
+    monkeypatch.delenv("RUNNER_FAULT")
+    return summary
+
+
+def prompts_hashing(monkeypatch):
+    """Count the hashings of prompts.parquet from now on: a function returning how many there were."""
+    from runner import storage
+
+    hashed, real = [], storage.file_sha256
+    monkeypatch.setattr(
+        storage, "file_sha256", lambda path, *a, **k: hashed.append(str(path)) or real(path, *a, **k)
+    )
+    return lambda: len([p for p in hashed if p.endswith("prompts.parquet")])
+
+
 def newest_state_record(job_dir) -> Path:
     """The job's newest state record, state/SEQ.json (the file damage tests tear), which must exist."""
     records = sorted((Path(job_dir) / "state").glob("*.json"))

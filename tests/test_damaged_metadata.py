@@ -11,7 +11,7 @@ The row error comes from a real poisoned row (RUNNER_FAULT=poison_row, as tests/
 import json
 
 import pytest
-from helpers import commit_row_error, newest_state_record, run_until_done, write_jsonl
+from helpers import commit_row_error, newest_state_record, prompts_hashing, run_until_done, write_jsonl
 from workers import run_runner
 
 import runner
@@ -223,19 +223,13 @@ def test_a_per_row_n_prompts_file_that_reads_with_another_n_is_not_taken_for_a_s
 def test_status_polls_do_not_hash_a_per_row_n_prompts_file_each_time(tmp_path, tiny_gpt2, monkeypatch):
     """The check above hashed the whole prompts.parquet on every `runner status` / `watch` poll (pass 39; a
     download of the file each time on Drive): its stamp goes in verified.json, as a shard's does."""
-    from runner import storage
-
     rows = [{"prompt": f"hello number {i}", "n": 1 + i % 3} for i in range(50)]
     job = create_job(write_jsonl(tmp_path / "in.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
                      job_dir=tmp_path / "job")  # fmt: skip
-    hashed = []
-    real = storage.file_sha256
-    monkeypatch.setattr(
-        storage, "file_sha256", lambda path, *a, **k: hashed.append(path) or real(path, *a, **k)
-    )
+    hashings = prompts_hashing(monkeypatch)
     for _ in range(4):
         assert runner.status(job.dir).total == sum(r["n"] for r in rows)
-    assert len([p for p in hashed if str(p).endswith("prompts.parquet")]) <= 1
+    assert hashings() <= 1
     path = job.dir / "prompts.parquet"
     path.write_bytes(path.read_bytes()[:-1] + b"X")  # changed since: hashed again, and found damaged
     assert runner.status(job.dir).state == "broken"
@@ -247,19 +241,13 @@ def test_status_of_a_queued_job_whose_prompts_file_changed_says_broken_before_a_
     """Pass 71: a flipped byte in prompts.parquet of an interrupted job showed "queued (interrupted)" until a
     worker failed the job ("submit the file again"); status now says so first, hashing the file once per change
     (its stamp in verified.json), not on every poll."""
-    from runner import storage
-
     rows = [{"id": f"r{i}", "prompt": f"hello number {i}"} for i in range(20)]
     job = create_job(write_jsonl(tmp_path / "in.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
                      job_dir=tmp_path / "job")  # fmt: skip
-    hashed = []
-    real = storage.file_sha256
-    monkeypatch.setattr(
-        storage, "file_sha256", lambda path, *a, **k: hashed.append(path) or real(path, *a, **k)
-    )
+    hashings = prompts_hashing(monkeypatch)
     for _ in range(3):
         assert runner.status(job.dir).state == "queued"
-    assert len([p for p in hashed if str(p).endswith("prompts.parquet")]) <= 1  # (none: stamped at submit)
+    assert hashings() <= 1  # (none: stamped at submit)
     path = job.dir / "prompts.parquet"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01

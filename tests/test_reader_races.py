@@ -5,7 +5,7 @@ generation its summary counts, and an export's errors file explains the rows it 
 import warnings
 
 import pytest
-from helpers import commit_row_error, run_until_done, write_jsonl
+from helpers import completed_with_a_row_error, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, job_report, jobdir, results
@@ -52,12 +52,9 @@ def test_a_report_read_across_a_retry_counts_the_errors_it_lists(
 ):
     """A `runner retry` landing between the report's status and its ledger: the summary said 1 row error, the
     errors section (read at the new generation) listed none."""
-    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
                      unit_rows=4)  # fmt: skip
-    commit_row_error(job, gpt2_engine)
-    monkeypatch.delenv("RUNNER_FAULT")
-    run_until_done(job, gpt2_engine)
+    completed_with_a_row_error(job, gpt2_engine, monkeypatch)
     assert runner.status(job.dir).errors == 1
     real, retried = jobdir.live_workers, []
 
@@ -75,12 +72,9 @@ def test_a_report_read_across_a_retry_counts_the_errors_it_lists(
 def test_an_export_read_across_a_retry_lists_the_errors_of_the_rows_it_lacks(
     tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
 ):
-    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
                      unit_rows=4)  # fmt: skip
-    commit_row_error(job, gpt2_engine)
-    monkeypatch.delenv("RUNNER_FAULT")
-    run_until_done(job, gpt2_engine)
+    completed_with_a_row_error(job, gpt2_engine, monkeypatch)
     real, retried = results.read_errors, []
 
     def read_errors_then_retry(*a, **k):  # a retry lands between the export's two reads

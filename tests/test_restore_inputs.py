@@ -6,7 +6,7 @@ could only be submitted again and computed anew. Otherwise repair says why not, 
 import json
 
 import pytest
-from helpers import assert_exactly_once, invoke, reference_run, write_jsonl
+from helpers import assert_exactly_once, invoke, prompts_hashing, reference_run, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams
@@ -188,16 +188,15 @@ def test_a_restore_is_said_even_where_log_txt_or_job_json_needed_mending_too(tmp
 def test_status_of_a_read_only_home_hashes_a_prompts_file_once_per_process(tmp_path, tiny_gpt2, monkeypatch):
     """Pass 75: where verified.json cannot be written (a read-only copy of a home, its stamps stale), each poll
     hashed (on a network mount: downloaded) every queued job's prompts.parquet."""
-    from runner import jobdir, storage
+    from runner import jobdir
 
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, job_dir=tmp_path / "job")
     (job.dir / "verified.json").unlink()  # copied without its times: the stamp would be stale anyway
     monkeypatch.setattr(jobdir.Verifier, "save", lambda self: None)  # read-only: nothing is written
-    hashed, real = [], storage.file_sha256
-    monkeypatch.setattr(storage, "file_sha256", lambda p, *a, **k: hashed.append(str(p)) or real(p, *a, **k))
+    hashings = prompts_hashing(monkeypatch)
     for _ in range(3):
         assert runner.status(job.dir).state == "queued"
-    assert len([p for p in hashed if p.endswith("prompts.parquet")]) == 1
+    assert hashings() == 1
 
 
 def test_a_missing_prompts_file_is_written_again(tmp_path, tiny_gpt2, reference):

@@ -20,7 +20,7 @@ import shutil
 import threading
 
 import pytest
-from helpers import commit_row_error, invoke, newest_state_record, run_until_done, write_jsonl
+from helpers import completed_with_a_row_error, invoke, newest_state_record, run_until_done, write_jsonl
 from workers import run_runner
 
 import runner
@@ -54,15 +54,6 @@ def as_older_version(job, state: str, generation: int) -> None:
     shutil.rmtree(job.dir / "state")
     record = {"state": state, "generation": generation, "error": None, "updated": 7.5}
     (job.dir / "state.json").write_text(json.dumps(record))
-
-
-def completed_with_a_row_error(job, engine, monkeypatch):
-    """Run the job to its end with row r1 failing (a row error, committed), as `runner work` does; the summary."""
-    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
-    commit_row_error(job, engine)
-    summary = run_until_done(job, engine)
-    monkeypatch.delenv("RUNNER_FAULT")
-    return summary
 
 
 def records(job) -> list[tuple[str, int]]:
@@ -120,9 +111,6 @@ def test_an_older_job_becomes_layout_3_with_its_first_record(job):
 
 
 def test_without_hard_links_a_transient_error_filling_a_record_rewrites_it(job, monkeypatch):
-    def link(*a, **k):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
     real_write, failed = os.write, []
 
     def write(fd, data):
@@ -132,7 +120,7 @@ def test_without_hard_links_a_transient_error_filling_a_record_rewrites_it(job, 
             raise OSError(errno.EIO, "Input/output error")
         return real_write(fd, data)
 
-    monkeypatch.setattr(os, "link", link)
+    _no_links(monkeypatch)
     monkeypatch.setattr(os, "write", write)
     assert runner.cancel(job.dir) == "queued" and len(failed) == 1
     monkeypatch.undo()
@@ -185,9 +173,6 @@ def test_without_hard_links_a_cancel_frozen_before_filling_its_record_is_not_los
     Each record names the one it was decided over: the repair's names none (it found the cancel's empty), so once
     the cancel's record reads its word stands, and the cancel, seeing it was passed over, says so and is done."""
 
-    def link(*a, **k):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
     real_point, fired = jobdir.fault_point, []
 
     def fault_point(name):
@@ -196,7 +181,7 @@ def test_without_hard_links_a_cancel_frozen_before_filling_its_record_is_not_los
             fired.append(jobdir.repair(job.dir).state_now)  # the user's repair, while the cancel is frozen
         return real_point(name)
 
-    monkeypatch.setattr(os, "link", link)
+    _no_links(monkeypatch)
     monkeypatch.setattr(jobdir, "fault_point", fault_point)
     assert runner.cancel(job.dir) == "queued"
     monkeypatch.undo()
@@ -208,15 +193,18 @@ def test_without_hard_links_a_cancel_frozen_before_filling_its_record_is_not_los
     assert job.state().state is JobState.CANCELLED
 
 
-def test_without_hard_links_a_cancel_filled_while_a_repair_is_about_to_record_stands(job, monkeypatch):
-    """Adversarial pass 14: as above, but the repair was itself paused between its last look at the cancel's
-    empty record and its own create; the cancel filled its record, found nothing after it and said "cancelled";
-    then the repair recorded "queued" over it and the job ran. The repair now looks at the record it decided over
-    once its own is in place: filled meanwhile, its word is recorded again."""
-
+def _no_links(monkeypatch):
     def link(*a, **k):
         raise OSError(errno.EPERM, "Operation not permitted")
 
+    monkeypatch.setattr(os, "link", link)
+
+
+def _cancel_frozen_until_a_repair_records(job, monkeypatch) -> list:
+    """Without hard links: `runner cancel` in a thread, frozen between creating its record and filling it (this
+    returns once it is); the repair run next is paused before its own create while the cancel fills its record,
+    finds none after it, and returns. The list returned gets what the cancel returned."""
+    _no_links(monkeypatch)
     real_point, real_create = jobdir.fault_point, jobdir.create_exclusive
     frozen, wake, said = threading.Event(), threading.Event(), []
 
@@ -232,12 +220,21 @@ def test_without_hard_links_a_cancel_filled_while_a_repair_is_about_to_record_st
             cancel.join()  # the cancel fills its record, finds none after it, and returns
         return real_create(path, obj)
 
-    monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(jobdir, "fault_point", fault_point)
     monkeypatch.setattr(jobdir, "create_exclusive", create_exclusive)
     cancel = threading.Thread(target=lambda: said.append(runner.cancel(job.dir)))
     cancel.start()
     frozen.wait()
+    return said
+
+
+def test_without_hard_links_a_cancel_filled_while_a_repair_is_about_to_record_stands(job, monkeypatch):
+    """Adversarial pass 14: as above, but the repair was itself paused between its last look at the cancel's
+    empty record and its own create; the cancel filled its record, found nothing after it and said "cancelled";
+    then the repair recorded "queued" over it and the job ran. The repair now looks at the record it decided over
+    once its own is in place: filled meanwhile, its word is recorded again."""
+
+    said = _cancel_frozen_until_a_repair_records(job, monkeypatch)
     shown = runner.status(job.dir)
     assert shown.state == "queued" and "a change of state is being written" in shown.message
     report = jobdir.repair(job.dir)
@@ -260,34 +257,11 @@ def test_without_hard_links_a_cancel_filled_before_a_repair_killed_after_its_rec
     changed nothing and `runner work` computed every row. A repair's record decided blind over the record below
     it lets that record's word stand once it reads, whoever reads the state."""
 
-    def link(*a, **k):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    real_point, real_create = jobdir.fault_point, jobdir.create_exclusive
-    frozen, wake, said = threading.Event(), threading.Event(), []
-
-    def fault_point(name):
-        if name == "after_create" and not frozen.is_set():  # the cancel's record is created and still empty
-            frozen.set()
-            wake.wait()
-        return real_point(name)
-
-    def create_exclusive(path, obj):
-        if obj.get("by") == "repair" and not wake.is_set():  # the repair, paused before its create
-            wake.set()
-            cancel.join()  # the cancel fills its record, finds none after it, and returns
-        return real_create(path, obj)
-
     def killed(*a, **k):
         raise KeyboardInterrupt  # the repair dies right after its record
 
-    monkeypatch.setattr(os, "link", link)
-    monkeypatch.setattr(jobdir, "fault_point", fault_point)
-    monkeypatch.setattr(jobdir, "create_exclusive", create_exclusive)
     monkeypatch.setattr(jobdir, "_late_word", killed)
-    cancel = threading.Thread(target=lambda: said.append(runner.cancel(job.dir)))
-    cancel.start()
-    frozen.wait()
+    said = _cancel_frozen_until_a_repair_records(job, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         jobdir.repair(job.dir)
     monkeypatch.undo()
@@ -453,13 +427,6 @@ def test_repair_keeps_a_sound_cancel_or_failure_of_a_job_whose_rows_are_all_done
     assert report.state_now == was.state.value and job.state().state is was.state, report
     assert job.state().error == was.error
     assert runner.retry(job.dir) == 0 and job.state().state is JobState.QUEUED
-
-
-def _no_links(monkeypatch):
-    def link(*a, **k):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", link)
 
 
 def test_a_slow_retrys_standing_word_built_on_by_a_cancel_is_not_applied_again(job, monkeypatch):
