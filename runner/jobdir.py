@@ -647,11 +647,14 @@ def read_state(job_dir: Path) -> StateRecord:
     queued)."""
     job_dir = Path(job_dir)
     for pause in [*GONE_PAUSES, None]:
-        seqs = _record_seqs(job_dir)
-        if not seqs:
-            return _legacy_state(job_dir)
+        names = _state_names(job_dir)
+        seqs = _record_seqs(job_dir, names)
         try:
-            return _late_word_stands(job_dir, _read_record(job_dir, seqs[-1]))
+            newest = _read_record(job_dir, seqs[-1]) if seqs else _legacy_state(job_dir)
+            transit = _in_transit(job_dir, newest.seq + 1, newest.writer, names)
+            if transit is not None:
+                newest = _parse_state(json.loads(transit), record_name(newest.seq + 1), newest.seq + 1)
+            return _late_word_stands(job_dir, newest)
         except _RecordGone as e:
             if pause is None:
                 raise BrokenJob(str(e)) from None
@@ -691,7 +694,12 @@ def newest_state_seq(job_dir: Path) -> int:
     return seqs[-1] if seqs else 0
 
 
-def _record_seqs(job_dir: Path) -> list[int]:
+def _record_seqs(job_dir: Path, names: list[str] | None = None) -> list[int]:
+    names = _state_names(job_dir) if names is None else names
+    return sorted(int(m.group(1)) for n in names if (m := _RECORD.match(n)))
+
+
+def _state_names(job_dir: Path) -> list[str]:
     folder = job_dir / STATES
 
     def names() -> list[str]:
@@ -702,7 +710,42 @@ def _record_seqs(job_dir: Path) -> list[int]:
         except NotADirectoryError:
             raise BrokenJob(f"{STATES}/ is not a folder") from None
 
-    return sorted(int(m.group(1)) for n in storage.retry(names, f"list {folder}") if (m := _RECORD.match(n)))
+    return storage.retry(names, f"list {folder}")
+
+
+def _in_transit(job_dir: Path, seq: int, over: str | None, names: list[str] | None = None) -> bytes | None:
+    """A whole record for `seq`, decided over the record whose writer is `over`, found only where an adopter
+    set it aside (`_adopt_unfilled`, without hard links) while nothing is at its own name: the adopter was
+    killed (or is slow) before putting it back, and its writer may have read it back at its name and said done
+    (pass 61: a cancel, then lost). Its bytes; it stands as if at its name: readers read it there, the next
+    writer puts it back first, and so does the temp files' sweep."""
+    folder = job_dir / STATES
+    prefix = f".{record_name(seq)}.{ASIDE}"
+    temps = [n for n in (_state_names(job_dir) if names is None else names) if n.startswith(prefix)]
+    if not temps or _lexists(folder / record_name(seq)):
+        return None
+    for name in sorted(temps):
+        if not storage.is_temp_name(name):
+            continue
+        try:
+            data = storage.read_bytes(folder / name)
+            d = json.loads(data)
+        except ValueError:  # (being written, or a torn leftover)
+            continue
+        except storage.StorageError as e:
+            if isinstance(e.__cause__, (FileNotFoundError, IsADirectoryError)):
+                continue  # put back (or swept) since the listing
+            raise
+        whole = isinstance(d, dict) and "check" in d and "over" in d and _record_damage(d) is None
+        if whole and d["over"] == over and isinstance(d.get("writer"), str):
+            return data
+    return None
+
+
+def _put_back(job_dir: Path, seq: int, data: bytes) -> None:
+    """A record in transit (`_in_transit`) created at its own name, byte for byte (its writer reads it back
+    there), unless a record is there by now."""
+    create_exclusive_bytes(job_dir / STATES / record_name(seq), data)
 
 
 def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
@@ -803,6 +846,12 @@ def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) ->
     storage.ensure_dir(folder)
     seq, token, now = read.seq + 1, secrets.token_hex(8), time.time()
     path = folder / record_name(seq)
+    if read.seq and not _lexists(folder / record_name(read.seq)):
+        _put_back_read(Path(job_dir), read)  # decided over a record in transit: at its name first
+    transit = _in_transit(Path(job_dir), seq, read.writer)
+    if transit is not None:  # another writer's, decided over the same record: it came first
+        _put_back(Path(job_dir), seq, transit)
+        return None
     body = {**new.as_dict(), "updated": now, "by": by, "writer": token, "over": read.writer}
     body["check"] = storage.json_checksum(body)
     created = create_exclusive(path, body)
@@ -814,6 +863,17 @@ def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) ->
     if _passed_over(folder, seq, token) and not _stands_over_blind(Path(job_dir), seq, new):
         return None
     return replace(new, updated=now, seq=seq, by=by, writer=token)
+
+
+def _put_back_read(job_dir: Path, read: StateRecord) -> None:
+    """`read` was in transit when read (`read_state`): it goes to its name before a record goes over it."""
+    try:
+        below = _read_record(job_dir, read.seq - 1, wait=False).writer if read.seq > 1 else None
+    except BrokenJob:  # (not read from a record in transit: there is none under it)
+        return
+    transit = _in_transit(job_dir, read.seq, below)
+    if transit is not None and json.loads(transit).get("writer") == read.writer:
+        _put_back(job_dir, read.seq, transit)
 
 
 def _stands_over_blind(job_dir: Path, seq: int, new: StateRecord) -> bool:
@@ -1142,7 +1202,11 @@ def create_exclusive(path: Path, obj: Any) -> bool:
     go to a temp file first and are hard-linked into place (atomic, and fails if the name exists); where
     links are not supported, O_EXCL creates it and the content follows (a kill in between leaves it empty).
     Each step is retried on its own: a retry never rewrites a file already linked into place."""
-    data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+    return create_exclusive_bytes(path, (json.dumps(obj, ensure_ascii=False) + "\n").encode())
+
+
+def create_exclusive_bytes(path: Path, data: bytes) -> bool:
+    """`create_exclusive` of `data` as it is."""
     for _ in range(3):
         created = _create_once(path, data)
         if created is not None:
@@ -1380,7 +1444,7 @@ def _adopt_unfilled(path: Path, data: bytes, adopt: int) -> bool:
             raise
         if pause is not None:
             time.sleep(pause)
-    aside = storage.temp_name(path)
+    aside = _aside_name(path)
     try:
         storage.retry(lambda: os.rename(path, aside), f"move {path}")
     except storage.StorageError as e:
@@ -1388,11 +1452,26 @@ def _adopt_unfilled(path: Path, data: bytes, adopt: int) -> bool:
             raise
         if not os.path.lexists(aside):
             return False  # another taker moved it first (ours did, if its reply was lost: then it is aside)
-    theirs = storage.read_bytes(aside)  # filled between our last look and the rename: its writer's
+    try:
+        theirs = storage.read_bytes(aside)  # filled between our last look and the rename: its writer's
+    except storage.StorageError as e:
+        if not isinstance(e.__cause__, FileNotFoundError):
+            raise
+        return False  # put back by another (it was in transit, `_in_transit`): the caller decides again
     if theirs:
         _create_then_fill(path, theirs, adopt=1)  # (its own lost reply: adopted back once)
     storage.remove(aside)
     return not theirs and _create_then_fill(path, data, adopt - 1)
+
+
+def _aside_name(path: Path) -> str:
+    """Where `_adopt_unfilled` sets a file aside: a temp name (`storage.is_temp_name`: swept as one) that says
+    so, `.NAME.asideNNN.tmp`, for `_in_transit` to find."""
+    folder, name = os.path.split(os.fspath(path))
+    return os.path.join(folder, f".{name}.{ASIDE}{secrets.randbelow(1000):03d}.tmp")
+
+
+ASIDE = "aside"
 
 
 def _read_json_or_none(path: Path) -> Any:
@@ -2612,11 +2691,24 @@ def remove_stale_temps(job: Job, max_age: float = TEMP_MAX_AGE) -> int:
         max_age += max((hb["lease"] for hb in live_workers(job, now).values()), default=0.0)
     except RunnerError:  # workers/ cannot be read: the files are judged by their age alone
         pass
+    _keep_in_transit(job_dir)
     subs = (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, STATES, QUARANTINE)  # (a killed repair's copy there)
     for folder in (job_dir, *(job_dir / sub for sub in subs)):
         if not _is_link(folder):
             removed += remove_old_temps(folder, max_age, now)
     return removed
+
+
+def _keep_in_transit(job_dir: Path) -> None:
+    """A state record in transit (`_in_transit`) is put back at its name before the temp files go."""
+    try:
+        seqs = _record_seqs(job_dir)
+        newest = _read_record(job_dir, seqs[-1], wait=False) if seqs else _legacy_state(job_dir)
+    except BrokenJob:  # (no newest record to go over: nothing is in transit over it)
+        return
+    transit = _in_transit(job_dir, newest.seq + 1, newest.writer)
+    if transit is not None:
+        _put_back(job_dir, newest.seq + 1, transit)
 
 
 def remove_old_temps(folder: Path, max_age: float = TEMP_MAX_AGE, now: float | None = None) -> int:

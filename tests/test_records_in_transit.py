@@ -1,0 +1,113 @@
+"""A state record set aside by an adopter and not put back (adversarial pass 61, carried until pass 78).
+
+Without hard links, a writer whose create reported an error (its reply lost) finds the name taken by an empty
+file; empty for long, it takes it aside by a rename to look at it (`jobdir._adopt_unfilled`). A `runner cancel`
+frozen between its create and its fill may wake just before that rename, fill its record, read it back at its
+name and say "cancelled"; the adopter then finds it filled aside and puts it back. Killed in between (a Colab VM
+reclaimed), the reported cancel was left under a temp name: the job read queued and `runner work` ran it to the
+end, and the temp files' sweep deleted the cancel. Such a record, whole and decided over the newest one, now
+stands as if at its name."""
+
+import json
+import os
+
+import pytest
+from helpers import write_jsonl
+
+import runner
+from runner import EngineOptions, GenerationParams, jobdir
+from runner.jobdir import JobState
+from runner.jobs import create_job
+
+ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(2)]
+
+
+@pytest.fixture
+def job(tmp_path, tiny_gpt2, runner_home):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    return create_job(
+        prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(), home=runner_home
+    )
+
+
+def _state(job) -> os.PathLike:
+    return job.dir / "state"
+
+
+def set_aside(job, seq: int) -> tuple[bytes, str]:
+    """The record at `seq` as an adopter killed after its rename leaves it: its bytes, and the name they are at."""
+    record = _state(job) / jobdir.record_name(seq)
+    aside = jobdir._aside_name(record)
+    data = record.read_bytes()
+    os.rename(record, aside)
+    return data, os.path.basename(aside)
+
+
+def by_name(job) -> dict[str, str]:
+    return {p.name: json.loads(p.read_bytes())["by"] for p in sorted(_state(job).glob("0*.json"))}
+
+
+def test_a_cancel_left_aside_by_a_killed_adopter_stands_and_the_next_writer_puts_it_back_first(job):
+    assert runner.cancel(job.dir) == "queued"
+    data, _ = set_aside(job, 1)
+    assert job.state().state is JobState.CANCELLED  # read where it was set aside
+    assert runner.status(job.dir).state == "cancelled"
+    runner.retry(job.dir)  # decided over the cancel: it goes back to its name first
+    assert by_name(job) == {"00000001.json": "cancel", "00000002.json": "retry"}
+    assert (_state(job) / "00000001.json").read_bytes() == data  # byte for byte: its writer reads it back
+    assert job.state().state is JobState.QUEUED and job.state().generation == 1
+
+
+def test_a_writer_that_read_the_state_before_it_was_set_aside_puts_it_back_and_decides_again(job):
+    assert runner.cancel(job.dir) == "queued"
+    record = jobdir.read_state(job.dir)
+    runner.retry(job.dir)
+    set_aside(job, 2)  # the retry's record, aside
+    assert jobdir.record_state(job.dir, record, jobdir.StateRecord(JobState.FAILED), "failed") is None
+    assert by_name(job) == {"00000001.json": "cancel", "00000002.json": "retry"}  # not a failure over it
+
+
+def test_the_temp_files_sweep_puts_a_record_in_transit_back_before_it_sweeps(job):
+    assert runner.cancel(job.dir) == "queued"
+    data, aside = set_aside(job, 1)
+    os.utime(_state(job) / aside, (1, 1))  # old enough to be swept
+    jobdir.remove_stale_temps(job)
+    assert sorted(os.listdir(_state(job))) == ["00000001.json"]
+    assert (_state(job) / "00000001.json").read_bytes() == data
+
+
+@pytest.mark.parametrize("case", ["torn", "over another record", "a writer's own temp file"])
+def test_only_a_whole_record_aside_over_the_newest_one_is_in_transit(job, case):
+    assert runner.cancel(job.dir) == "queued"
+    runner.retry(job.dir)
+    data = (_state(job) / "00000002.json").read_bytes()
+    if case == "torn":
+        os.unlink(_state(job) / "00000002.json")
+        data = data[:-20]
+        name = os.path.basename(jobdir._aside_name(_state(job) / "00000002.json"))
+    elif case == "over another record":  # the retry's record, as if it were the third one
+        name = os.path.basename(jobdir._aside_name(_state(job) / "00000003.json"))
+    else:  # a writer killed before linking its record (hard links): its change never landed
+        os.unlink(_state(job) / "00000002.json")
+        name = ".00000002.json.0123abcd.tmp"
+    (_state(job) / name).write_bytes(data)
+    newest = "retry" if case == "over another record" else "cancel"
+    assert job.state().by == newest
+    os.utime(_state(job) / name, (1, 1))
+    jobdir.remove_stale_temps(job)  # swept as any other temp file
+    assert name not in os.listdir(_state(job)) and job.state().by == newest
+
+
+def test_an_adopter_whose_aside_was_put_back_by_another_decides_again(tmp_path, monkeypatch):
+    path = tmp_path / "00000001.json"
+    path.write_bytes(b"")  # empty through the adopter's pauses
+    real_rename = os.rename
+
+    def rename(src, dst):  # the adopter, frozen right after its rename, outlived the sweep that put it back
+        real_rename(src, dst)
+        os.unlink(dst)
+
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", ())
+    monkeypatch.setattr(os, "rename", rename)
+    # not a traceback: the caller reads the state again
+    assert jobdir._adopt_unfilled(path, b"{}", 1) is False
