@@ -76,6 +76,8 @@ def broken_status(path: Path, reason: str, job: Job | None = None, repairable: b
 
 
 def job_status(job: Job) -> JobStatus:
+    if (other := jobdir.other_job_named(job)) is not None:
+        return broken_status(job.dir, other, job, repairable=False)
     try:
         state, changing = _state(job)
         verifier = jobdir.Verifier(job)
@@ -98,6 +100,8 @@ def job_status(job: Job) -> JobStatus:
         name = JobState.BROKEN.value
         message = (f"completed, but {missing:,} result row(s) are missing or failed verification "
                    f"(`runner repair {shlex.quote(str(job.dir))}` re-queues them)")  # fmt: skip
+        if progress.bad:  # (what failed says more than a count: another job's results, say)
+            message += f"; commit {progress.bad[0][0]}: {progress.bad[0][1]}"
     elif progress.bad:
         message = (f"{len(progress.bad)} commit(s) failed verification; their rows are computed again "
                    "(`runner repair` quarantines them now)")  # fmt: skip

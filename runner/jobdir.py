@@ -1788,7 +1788,8 @@ class Verifier:
             if not e.damaged:
                 raise
             raw = None
-        if isinstance(raw, dict) and not afresh:
+        # (another job's: a job.json copied in from another folder must not find this folder's shards vouched for)
+        if isinstance(raw, dict) and not afresh and raw.get(VERIFIED_FOR, job.id) == job.id:
             self.cache = raw
         self.dirty = afresh  # (afresh: the cache read is replaced by this one, even where nothing is stamped)
 
@@ -1814,7 +1815,7 @@ class Verifier:
             self.trusted.add(commit.name)
             return None
         data, why = read_shard(self.job, commit)  # missing now: quarantined by another worker meanwhile
-        why = why or check_shard_bytes(data, commit, self.job.spec.samples)
+        why = why or check_shard_bytes(data, commit, self.job)
         if why is None:
             self.cache[commit.name] = stamp
             self.trusted.add(commit.name)
@@ -1840,10 +1841,22 @@ class Verifier:
     def save(self) -> None:
         if self.dirty:
             try:
+                self.cache[VERIFIED_FOR] = self.job.id
                 storage.write_json(self.job.dir / VERIFIED, self.cache, durable=False)
             except RunnerError:
                 pass  # only a cache
             self.dirty = False
+
+
+VERIFIED_FOR = "job"  # verified.json: the id of the job whose files it vouches for
+
+
+def other_job_named(job: Job) -> str | None:
+    """Why the job's folder is another job's, as its name in a job home says (a job id), else None: a
+    job.json copied in from another job's folder with its backup (pass 79: status showed that job's id and
+    settings). Free to check: what its results say is read where they are verified."""
+    other = _other_job_here(job.dir, job.id, set())
+    return None if other is None else f"{other}, but job.json is job {job.id}'s (copied in from its folder?)"
 
 
 def forget_verified(job: Job, name: str) -> None:
@@ -1955,15 +1968,20 @@ def read_shard(job: Job, commit: Commit) -> tuple[bytes, str | None]:
         raise
 
 
-def check_shard_bytes(data: bytes, commit: Commit, samples: int) -> str | None:
-    """Why these bytes are not the shard the marker vouches for (None: they are)."""
+def check_shard_bytes(data: bytes, commit: Commit, job: Job) -> str | None:
+    """Why these bytes are not the shard of `job` the marker vouches for (None: they are). A commit copied in
+    whole (marker and shard) from another job checks out against its own marker: the job its shard names
+    tells it (pass 79: another seed's samples, another file's rows, taken in as this job's)."""
     if hashlib.sha256(data).hexdigest() != commit.marker["sha256"]:
         return "its shard does not match its checksum"
     try:
         table = read_shard_bytes(data, columns=[ORDER, "sample"])
     except Exception as e:  # pyarrow raises its own types on a damaged file
         return f"its shard cannot be read ({type(e).__name__})"
-    flat = (table.column(ORDER).to_numpy() * samples + table.column("sample").to_numpy()).tolist()
+    written_for = (table.schema.metadata or {}).get(b"runner.job")  # (none in an older runner's shards)
+    if written_for is not None and written_for.decode("utf-8", "replace") != job.id:
+        return f"its shard was written for job {written_for.decode('utf-8', 'replace')} (copied in from its folder?)"
+    flat = (table.column(ORDER).to_numpy() * job.samples + table.column("sample").to_numpy()).tolist()
     if sorted(flat) != list(commit.keys()):
         return "its shard holds other keys than its marker"
     return None
@@ -2559,7 +2577,7 @@ def _restore_spec(path: Path) -> Job:
     if not specs:
         raise BrokenJob(f"{path}: job.json is damaged and its backup is missing or damaged too; submit the "
                         "file again", repairable=False)  # fmt: skip
-    shards = _shards_job_id(path)
+    shards = _shards_job_ids(path)
     own = specs[0] if len(specs) == 1 or specs[0]["id"] == specs[1]["id"] else _own_spec(path, shards, *specs)
     if own is None:
         raise BrokenJob(f"{path}: job.json is job {current['id']}'s and job.backup.json job {raw['id']}'s, and "
@@ -2576,30 +2594,31 @@ def _restore_spec(path: Path) -> Job:
     return Job.open(path, inputs=False)
 
 
-def _other_job_here(path: Path, job_id: str, shards: str | None) -> str | None:
-    """What says the folder is another job's than `job_id`: its results' job id (`shards`, _shards_job_id), or
-    its name in a job home (a job id); None when nothing does."""
-    if shards is not None and shards != job_id:
-        return f"its results were written for job {shards}"
-    if JOB_ID.fullmatch(path.name) and path.name != job_id:
-        return f"its folder is named for job {path.name}"
+def _other_job_here(path: Path, job_id: str, shards: set[str]) -> str | None:
+    """What says the folder is another job's than `job_id`: its results' job ids (`shards`, _shards_job_ids), none
+    of them `job_id` (where one is, the others are commits copied in, which verification quarantines), or its
+    name in a job home (a job id); None when nothing does."""
+    if JOB_ID.fullmatch(path.name):  # (in a job home the name vouches for job.json: other results, copied in)
+        return None if path.name == job_id else f"its folder is named for job {path.name}"
+    if shards and job_id not in shards:
+        return f"its results were written for job {min(shards)}"
     return None
 
 
-def _own_spec(path: Path, shards: str | None, *specs: dict[str, Any]) -> dict[str, Any] | None:
+def _own_spec(path: Path, shards: set[str], *specs: dict[str, Any]) -> dict[str, Any] | None:
     """Of two jobs' specs found in one folder, the folder's own: the one its results were written for (`shards`,
-    _shards_job_id), else the one its name is (a job home names each folder by its job's id), else the one
+    _shards_job_ids), else the one its name is (a job home names each folder by its job's id), else the one
     whose prompts checksum its prompts.parquet has; None when nothing tells."""
 
-    def prompts_of() -> str | None:
+    def prompts_of() -> set[str]:
         if storage.kind(path / PROMPTS) != "file":
-            return None
+            return set()
         digest = storage.file_sha256(path / PROMPTS)
         matching = [s["id"] for s in specs if s.get("prompts_sha256") == digest]
-        return matching[0] if len(matching) == 1 else None
+        return set(matching[:1]) if len(matching) == 1 else set()
 
-    for evidence in (lambda: shards, lambda: path.name, prompts_of):
-        found = [s for s in specs if s["id"] == evidence()]
+    for evidence in (lambda: shards, lambda: {path.name}, prompts_of):
+        found = [s for s in specs if s["id"] in evidence()]
         if len(found) == 1:
             return found[0]
     return None
@@ -2619,7 +2638,7 @@ def same_job_as_backup(job: Job) -> bool:
     if _valid_spec(backup) and backup["id"] != job.id:
         raise BrokenJob(f"job.json is job {job.id}'s, but job.backup.json is job {backup['id']}'s (one of them "
                         "was copied in from another job folder)")  # fmt: skip
-    other = _other_job_here(job.dir, job.id, _shards_job_id(job.dir))
+    other = _other_job_here(job.dir, job.id, _shards_job_ids(job.dir, enough=job.id))
     if other is not None:
         raise BrokenJob(f"{other}, but job.json is job {job.id}'s (copied in from another job folder?)")
     if _valid_spec(backup):
@@ -2648,13 +2667,16 @@ def _valid_spec(meta: Any) -> bool:
     return isinstance(meta.get("id"), str)
 
 
-def _shards_job_id(path: Path) -> str | None:
-    """The job id the folder's first sound results shard was written for (its Parquet metadata), or None. Only a
-    shard whose bytes match its commit marker's checksum is evidence: one flipped bit in a footer can change the
-    id it reads, and the job was then refused as another job's for good (pass 36), where that shard is only a
-    damaged one that verification quarantines and computes again."""
+def _shards_job_ids(path: Path, enough: str | None = None) -> set[str]:
+    """The job ids the folder's first sound results shards (up to 8) were written for (their Parquet metadata).
+    Only a shard whose bytes match its commit marker's checksum is evidence: one flipped bit in a footer can
+    change the id it reads, and the job was then refused as another job's for good (pass 36), where that shard
+    is only a damaged one that verification quarantines and computes again. More than one: commits copied in
+    from another job (pass 79), which verification quarantines too. `enough`: the id to stop at, once found."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    found: set[str] = set()
 
     for name in [n for n in scan(path / SHARDS) if n.endswith(".parquet")][:8]:
         try:
@@ -2665,14 +2687,16 @@ def _shards_job_id(path: Path) -> str | None:
             data = storage.read_bytes(path / SHARDS / name)
             if hashlib.sha256(data).hexdigest() != marker.get("sha256"):
                 continue
-            found = (pq.read_schema(pa.BufferReader(data)).metadata or {}).get(b"runner.job")
+            written_for = (pq.read_schema(pa.BufferReader(data)).metadata or {}).get(b"runner.job")
         except (OSError, ValueError, pa.ArrowException, storage.StorageError):
             # damaged (one flipped bit can make a footer "not implemented": ArrowNotImplementedError, no
             # ValueError); its verification says so
             continue
-        if found:
-            return found.decode("utf-8", "replace")
-    return None
+        if written_for:
+            found.add(written_for.decode("utf-8", "replace"))
+        if enough in found:
+            break
+    return found
 
 
 # --- housekeeping ------------------------------------------------------------------------------------------

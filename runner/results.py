@@ -399,7 +399,7 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
         if not c.shard:
             continue
         data, why = read_shard(job, c)
-        why = why or check_shard_bytes(data, c, job.samples)
+        why = why or check_shard_bytes(data, c, job)
         if why is not None:
             warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair "
                           f"{shlex.quote(str(job.dir))}`)", stacklevel=3)  # fmt: skip

@@ -890,9 +890,9 @@ def test_a_newest_state_record_that_goes_between_the_listing_and_the_read_is_lis
     job.set_state(JobState.CANCELLED)
     real, calls = jobdir._record_seqs, []
 
-    def listing(job_dir):
+    def listing(job_dir, names=None):
         calls.append(1)
-        seqs = real(job_dir)
+        seqs = real(job_dir, names)
         return [*seqs, seqs[-1] + 1] if len(calls) == 1 else seqs  # listed, then moved aside before the read
 
     monkeypatch.setattr(jobdir, "_record_seqs", listing)

@@ -1,0 +1,91 @@
+"""Whole, valid files of another job copied into a job's folder (adversarial pass 79).
+
+A commit (its done/ marker and its shard, same name) copied in from another job of the same layout checked out
+against its own marker: the job read completed, `runner repair` verified every row and `load_results` returned
+the other job's samples (another seed's, another file's rows). And a job.json copied in with its backup made
+`runner status` show the other job's id and settings as this folder's, completed. A shard names the job it was
+written for; verified.json names the job whose shards it vouches for."""
+
+import shutil
+
+import pytest
+from helpers import write_jsonl
+
+import runner
+from runner import EngineOptions, GenerationParams, jobdir
+from runner.jobs import create_job
+from runner.worker import run_job
+
+ROWS = [{"id": f"r{i}", "prompt": f"Every student reads {i} books"} for i in range(6)]
+OPTIONS = EngineOptions(batch_size=2)
+
+
+def run_until_done(job, engine) -> None:
+    assert run_job(job, engine, echo=None, shard_rows=2).finished  # (commits of 2 results)
+
+
+def make(tmp_path, model, seed: int, home=None, out=None):
+    params = GenerationParams(max_new_tokens=3, temperature=0.8, num_return_sequences=2, seed=seed)
+    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    return create_job(prompts, model, params, OPTIONS, home=home, job_dir=out, unit_rows=6)
+
+
+@pytest.fixture
+def two_jobs(tmp_path, tiny_gpt2, gpt2_engine, runner_home):
+    """Job A (seed 7) and job B (seed 8, same prompts and layout), both completed; A's results."""
+    a, b = (
+        make(tmp_path, tiny_gpt2, 7, home=runner_home),
+        make(tmp_path, tiny_gpt2, 8, home=tmp_path / "other"),
+    )
+    for job in (a, b):
+        run_until_done(job, gpt2_engine)
+    return a, b, runner.load_results(a)
+
+
+def copy_commit(src, dst, index: int) -> str:
+    name = sorted(p.stem for p in (dst.dir / "done").glob("*.json"))[index]
+    for sub, ext in (("shards", ".parquet"), ("done", ".json")):
+        shutil.copy2(src.dir / sub / f"{name}{ext}", dst.dir / sub / f"{name}{ext}")
+    return name
+
+
+@pytest.mark.parametrize("index", [0, 2])  # (the first one listed was taken for the folder's own results)
+def test_a_commit_copied_in_from_another_job_is_quarantined_and_its_rows_computed_again(
+    two_jobs, gpt2_engine, index
+):
+    a, b, own = two_jobs
+    name = copy_commit(b, a, index)
+    shown = runner.status(a.dir)
+    assert shown.state == "broken" and f"written for job {b.id}" in shown.message
+    with pytest.warns(UserWarning, match=f"commit {name}: its shard was written for job {b.id}"):
+        shown = runner.load_results(a)
+    kept = own.merge(shown[["id", "sample", "text"]], on=["id", "sample", "text"])
+    assert len(shown) == len(kept) == len(own) - 2  # its 2 results left out, none of B's taken in
+    report = jobdir.repair(a.dir)
+    assert any(b.id in why for _, why in report.quarantined)
+    run_until_done(a, gpt2_engine)
+    again = runner.load_results(a)
+    assert again[["id", "sample", "text"]].equals(own[["id", "sample", "text"]])
+
+
+def test_a_job_json_copied_in_with_its_backup_is_not_shown_as_the_folders_job(two_jobs):
+    a, b, _ = two_jobs
+    for name in ("job.json", "job.backup.json"):
+        shutil.copy2(b.dir / name, a.dir / name)
+    shown = runner.status(a.dir)
+    assert shown.state == "broken" and f"its folder is named for job {a.id}" in shown.message
+
+
+def test_in_a_folder_of_its_own_the_results_say_whose_they_are(tmp_path, tiny_gpt2, gpt2_engine):
+    a, b = make(tmp_path, tiny_gpt2, 7, out=tmp_path / "a"), make(tmp_path, tiny_gpt2, 8, out=tmp_path / "b")
+    run_until_done(a, gpt2_engine)
+    assert runner.status(a.dir).state == "completed"  # (verified.json now vouches for A's shards)
+    for name in ("job.json", "job.backup.json"):
+        shutil.copy2(b.dir / name, a.dir / name)
+    shown = runner.status(a.dir)
+    assert shown.state == "broken" and f"its shard was written for job {a.id}" in shown.message
+    with pytest.raises(jobdir.BrokenJob, match=f"its results were written for job {a.id}"):
+        run_job(jobdir.Job.open(a.dir), gpt2_engine, echo=None)
+    with pytest.raises(jobdir.BrokenJob, match=f"its results were written for job {a.id}, but the spec") as e:
+        jobdir.repair(a.dir)  # (nothing quarantined: they are this folder's results)
+    assert not e.value.repairable and len(list((a.dir / "shards").iterdir())) == 6  # (12 results, 2 a commit)
