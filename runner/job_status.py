@@ -182,19 +182,33 @@ def _worker_row(worker: str, hb: dict[str, Any]) -> dict[str, Any]:
 def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
     """Every job of the home, oldest first; broken ones (and links, never followed) with their reason."""
     root = Path(home) if home is not None else jobdir.default_home()
-    out = []
+    out, jobs = [], []
     for path in jobdir.job_folders(root):
         try:
-            out.append(job_status(Job.open(path)))
+            jobs.append(Job.open(path))
+            out.append(jobs[-1])
         except StorageError as e:
             out.append(_unreadable_or_broken(path, e))
         except RunnerError as e:
             out.append(broken_status(path, str(e), repairable=getattr(e, "repairable", True)))
+    copies = jobdir.copies_in_home(jobs)
+    out = [_of_home_job(it, copies) if isinstance(it, Job) else it for it in out]
     for name in jobdir.linked_entries(root):
         out.append(
             broken_status(root / name, "a symbolic link in the job home; runner does not follow links")
         )
     return out
+
+
+def _of_home_job(job: Job, copies: dict[Path, str]) -> JobStatus:
+    if job.dir in copies:
+        return broken_status(job.dir, copies[job.dir], job, repairable=False)
+    try:
+        return job_status(job)
+    except StorageError as e:
+        return _unreadable_or_broken(job.dir, e)
+    except RunnerError as e:
+        return broken_status(job.dir, str(e), repairable=getattr(e, "repairable", True))
 
 
 def _unreadable_or_broken(path: Path, e: StorageError) -> JobStatus:

@@ -238,6 +238,9 @@ def _in_home(text: str, root: Path) -> Path:
     named = [p for p, spec in jobs if spec.get("name") == text]
     if not named:  # its job.json damaged: the name's claim still says which job holds it
         named = [p for p in [_name_holder(root, text)] if p is not None]
+    ids = {spec.get("id") for p, spec in jobs if p in named}
+    if len(named) > 1 and len(ids) == 1 and (root / str(*ids)) in named:
+        return root / str(*ids)  # one job, and copies of its folder (`copies_in_home`)
     if len(named) == 1:
         return named[0]
     if len(named) > 1:
@@ -335,6 +338,24 @@ def job_folders(root: str | os.PathLike) -> list[Path]:
         p = root / entry
         if _lexists(p / JOB_FILE) or _lexists(p / JOB_BACKUP):
             out.append(p)
+    return out
+
+
+def copies_in_home(jobs: list[Job]) -> dict[Path, str]:
+    """Of the home's jobs, the folders that hold a job another folder holds too (a Drive conflict copy `ID (1)`,
+    `cp -r jobs/ID jobs/backup`), with why: the job belongs to the folder named by its id (else to the first
+    one by name); the others are copies, which `runner work` would compute again and `runner status` listed
+    as the same job twice (pass 78)."""
+    by_id: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_id.setdefault(job.id, []).append(job)
+    out: dict[Path, str] = {}
+    for job_id, same in by_id.items():
+        own = next((j for j in same if j.dir.name == job_id), min(same, key=lambda j: j.dir.name))
+        for job in same:
+            if job is not own:
+                out[job.dir] = (f"{job.dir.name}/ is a copy of the folder {own.dir.name}/ (the same job): move it "
+                                "out of the job home, or delete it, so that no worker computes the job twice")  # fmt: skip
     return out
 
 

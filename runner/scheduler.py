@@ -132,7 +132,11 @@ def _jobs(home: Any, only: str | Job | None, broken: dict[str, Broken] | None = 
                 # unreadable through the retries (a mount failing): not broken, never `runner repair` (pass 65)
                 raise
             _note_broken(broken, path, e)
-    return out
+    copies = jobdir.copies_in_home(out)
+    for job in out:
+        if job.dir in copies:
+            _note_broken(broken, job.dir, BrokenJob(copies[job.dir], repairable=False), job.id)
+    return [job for job in out if job.dir not in copies]
 
 
 def _queued(

@@ -12,7 +12,7 @@ import pytest
 from helpers import write_jsonl
 
 import runner
-from runner import EngineOptions, GenerationParams, jobdir
+from runner import EngineOptions, GenerationParams, jobdir, scheduler
 from runner.jobs import create_job
 from runner.worker import run_job
 
@@ -89,3 +89,22 @@ def test_in_a_folder_of_its_own_the_results_say_whose_they_are(tmp_path, tiny_gp
     with pytest.raises(jobdir.BrokenJob, match=f"its results were written for job {a.id}, but the spec") as e:
         jobdir.repair(a.dir)  # (nothing quarantined: they are this folder's results)
     assert not e.value.repairable and len(list((a.dir / "shards").iterdir())) == 6  # (12 results, 2 a commit)
+
+
+def test_a_job_folder_copied_within_its_home_is_a_copy_not_a_second_job(tmp_path, tiny_gpt2, runner_home):
+    """Pass 78: a Drive conflict copy `ID (1)` (or `cp -r jobs/ID jobs/backup`) was a second job of the same id:
+    status listed it twice and `runner work` computed it once per folder."""
+    params = GenerationParams(max_new_tokens=2, seed=3)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, params, OPTIONS, home=runner_home,
+                     name="night1")  # fmt: skip
+    for copy in (f"{job.id} (1)", "backup"):
+        shutil.copytree(job.dir, runner_home / copy)
+    shown = {s.folder: s for s in runner.status(home=runner_home)}
+    assert shown[str(job.dir)].state == "queued"
+    for copy in (f"{job.id} (1)", "backup"):
+        said = shown[str(runner_home / copy)]
+        assert said.state == "broken" and f"{copy}/ is a copy of the folder {job.id}/" in said.message
+    broken = {}
+    assert [c.job.dir for c in scheduler.queue(runner_home, broken=broken)] == [job.dir]
+    assert len(broken) == 2
+    assert jobdir.open_job("night1", runner_home).dir == job.dir  # the name is the job's, not "several jobs"
