@@ -996,3 +996,12 @@ def test_an_openai_export_replaces_its_pair_whole_or_says_why_not(mixed_job, tmp
     assert not out.exists() and seen and "OLD ERRORS" not in seen[0]  # no output: never a mixed pair
     monkeypatch.undo()
     assert export(job, out) == (6, 0) and len(out.read_text().splitlines()) == 6
+
+
+@pytest.mark.slow
+def test_run_batch_stopped_counts_results_where_requests_ask_several(tmp_path, tiny_gpt2):
+    """Pass 78: Ctrl-C on a batch of 3 requests asking n=2 said "stopped with 2/6 requests done"."""
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "n": 2, "temperature": 1.0, "seed": 1}
+    inp = write_jsonl(tmp_path / "in.jsonl", [request(f"c{i}", "/v1/completions", body) for i in range(3)])
+    code, log = _run_batch(tiny_gpt2, inp, tmp_path / "out.jsonl", fault="after_generate:1:SIGINT")
+    assert code == 130 and "/6 results done" in log and "requests done" not in log, log
