@@ -1290,7 +1290,8 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
                                               chat_template=_chat_template(kw["chat_template"]),
                                               progress_every=kw["progress_every"])  # fmt: skip
     if not summary.finished:
-        noun = "requests" if job.spec.count_noun == "rows" else "results"  # (a request asking n > 1: n results)
+        # (a request asking n > 1 has n results)
+        noun = "requests" if job.spec.count_noun == "rows" else "results"
         _echo(_stopped_line(job, summary, noun, "carry on (the output file comes once all are done)"))
         raise SystemExit(130 if stop() else 1)
     _echo(

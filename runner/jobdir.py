@@ -359,6 +359,11 @@ def copies_in_home(jobs: list[Job]) -> dict[Path, str]:
     return out
 
 
+def is_copy_in_home(job: Job) -> bool:
+    """Whether `job`'s folder is a copy (`copies_in_home`) of the home's folder named by its id."""
+    return job.dir.name != job.id and _is_job_folder(job.dir.parent / job.id)
+
+
 def linked_entries(root: str | os.PathLike) -> list[str]:
     """Names of symbolic links in the home: never followed, reported by status."""
     root = Path(root)

@@ -396,7 +396,7 @@ def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
         job = None
         try:
             job = Job.open(path)
-            if _carries_on(job, fingerprint):
+            if _carries_on(job, fingerprint) and not jobdir.is_copy_in_home(job):
                 return job
         except ModelUnreadable:
             raise  # not a new job for a model that cannot be read for now: the old one may well be its job
@@ -1122,6 +1122,8 @@ def _twin(job: Job) -> Job | None:
             continue
         try:
             other = Job.open(path)
+            if jobdir.is_copy_in_home(other):
+                continue
             if _same_work(other.meta) == mine and other.state().state is JobState.QUEUED:
                 return other
         except RunnerError:

@@ -108,3 +108,11 @@ def test_a_job_folder_copied_within_its_home_is_a_copy_not_a_second_job(tmp_path
     assert [c.job.dir for c in scheduler.queue(runner_home, broken=broken)] == [job.dir]
     assert len(broken) == 2
     assert jobdir.open_job("night1", runner_home).dir == job.dir  # the name is the job's, not "several jobs"
+
+
+def test_runner_run_again_carries_on_the_job_not_its_copy(tmp_path, tiny_gpt2, runner_home):
+    prompts, params = write_jsonl(tmp_path / "p.jsonl", ROWS), GenerationParams(max_new_tokens=2, seed=3)
+    job, _ = runner.run(prompts, tiny_gpt2, params, echo=None)
+    shutil.copytree(job.dir, runner_home / f"{job.id} (1)")  # (listed after it: newest first, it came first)
+    again, _ = runner.run(prompts, tiny_gpt2, params, echo=None)
+    assert again.dir == job.dir
