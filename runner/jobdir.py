@@ -341,21 +341,22 @@ def job_folders(root: str | os.PathLike) -> list[Path]:
     return out
 
 
-def copies_in_home(jobs: list[Job]) -> dict[Path, str]:
-    """Of the home's jobs, the folders that hold a job another folder holds too (a Drive conflict copy `ID (1)`,
-    `cp -r jobs/ID jobs/backup`), with why: the job belongs to the folder named by its id (else to the first
-    one by name); the others are copies, which `runner work` would compute again and `runner status` listed
-    as the same job twice (pass 78)."""
+def copies_in_home(jobs: list[Job], folders: list[Path]) -> dict[Path, str]:
+    """Of the home's jobs (opened, of its job `folders`), the folders that hold a job another folder holds too
+    (a Drive conflict copy `ID (1)`, `cp -r jobs/ID jobs/backup`), with why: the job belongs to the folder
+    named by its id, even broken (repair mends it: pass 81), else to the first one by name; the others are
+    copies, which `runner work` computed again and `runner status` listed as the same job twice (pass 78)."""
     by_id: dict[str, list[Job]] = {}
     for job in jobs:
         by_id.setdefault(job.id, []).append(job)
+    names = {p.name for p in folders}
     out: dict[Path, str] = {}
     for job_id, same in by_id.items():
-        own = next((j for j in same if j.dir.name == job_id), min(same, key=lambda j: j.dir.name))
+        own = job_id if job_id in names else min(j.dir.name for j in same)
         for job in same:
-            if job is not own:
-                out[job.dir] = (f"{job.dir.name}/ is a copy of the folder {own.dir.name}/ (the same job): move it "
-                                "out of the job home, or delete it, so that no worker computes the job twice")  # fmt: skip
+            if job.dir.name != own:
+                out[job.dir] = (f"{job.dir.name}/ is a copy of the folder {own}/ (the same job): move it out of "
+                                "the job home, or delete it, so that no worker computes the job twice")  # fmt: skip
     return out
 
 
@@ -654,6 +655,7 @@ class StateRecord:
     writer: str | None = None  # its writer's token: the record after it names the one it was decided over
     # a repair's record decided over the record below it, found empty or damaged (it names none it was over)
     blind: bool = False
+    transit: bool = False  # read where an adopter set it aside (`_in_transit`), not at its name
 
     def __getitem__(self, key: str) -> Any:  # record["state"], as the JSON reads
         return getattr(self, key)
@@ -680,6 +682,7 @@ def read_state(job_dir: Path) -> StateRecord:
             transit = _in_transit(job_dir, newest.seq + 1, newest.writer, names)
             if transit is not None:
                 newest = _parse_state(json.loads(transit), record_name(newest.seq + 1), newest.seq + 1)
+                newest = replace(newest, transit=True)
             return _late_word_stands(job_dir, newest)
         except _RecordGone as e:
             if pause is None:
@@ -745,11 +748,18 @@ def _in_transit(job_dir: Path, seq: int, over: str | None, names: list[str] | No
     killed (or is slow) before putting it back, and its writer may have read it back at its name and said done
     (pass 61: a cancel, then lost). Its bytes; it stands as if at its name: readers read it there, the next
     writer puts it back first, and so does the temp files' sweep."""
+    return next((data for data, d in _set_aside(job_dir, seq, names) if d["over"] == over), None)
+
+
+def _set_aside(
+    job_dir: Path, seq: int, names: list[str] | None = None
+) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """The whole records for `seq` (bytes, JSON) an adopter set aside, while nothing is at its own name."""
     folder = job_dir / STATES
     prefix = f".{record_name(seq)}.{ASIDE}"
     temps = [n for n in (_state_names(job_dir) if names is None else names) if n.startswith(prefix)]
     if not temps or _lexists(folder / record_name(seq)):
-        return None
+        return
     for name in sorted(temps):
         if not storage.is_temp_name(name):
             continue
@@ -763,9 +773,8 @@ def _in_transit(job_dir: Path, seq: int, over: str | None, names: list[str] | No
                 continue  # put back (or swept) since the listing
             raise
         whole = isinstance(d, dict) and "check" in d and "over" in d and _record_damage(d) is None
-        if whole and d["over"] == over and isinstance(d.get("writer"), str):
-            return data
-    return None
+        if whole and isinstance(d.get("writer"), str):
+            yield data, d
 
 
 def _put_back(job_dir: Path, seq: int, data: bytes) -> None:
@@ -872,34 +881,35 @@ def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) ->
     storage.ensure_dir(folder)
     seq, token, now = read.seq + 1, secrets.token_hex(8), time.time()
     path = folder / record_name(seq)
-    if read.seq and not _lexists(folder / record_name(read.seq)):
-        _put_back_read(Path(job_dir), read)  # decided over a record in transit: at its name first
+    if not _stands_at_its_name(Path(job_dir), read.seq, read.writer, read.transit):
+        return None  # decided over a record in transit, whose place another record took meanwhile
     transit = _in_transit(Path(job_dir), seq, read.writer)
     if transit is not None:  # another writer's, decided over the same record: it came first
         _put_back(Path(job_dir), seq, transit)
         return None
     body = {**new.as_dict(), "updated": now, "by": by, "writer": token, "over": read.writer}
     body["check"] = storage.json_checksum(body)
-    created = create_exclusive(path, body)
-    if not created:  # a transient error after the create landed: the retry finds it ours
-        mine = _read_json_or_none(path)
-        created = isinstance(mine, dict) and mine.get("writer") == token
-    if not created:
+    # (not created: a transient error after the create landed, where the retry finds it ours; or, without
+    # links, an adopter set ours aside after we read it back, and was killed: ours, in transit, stands)
+    if not create_exclusive(path, body) and not _stands_at_its_name(Path(job_dir), seq, token, True):
         return None
     if _passed_over(folder, seq, token) and not _stands_over_blind(Path(job_dir), seq, new):
         return None
     return replace(new, updated=now, seq=seq, by=by, writer=token)
 
 
-def _put_back_read(job_dir: Path, read: StateRecord) -> None:
-    """`read` was in transit when read (`read_state`): it goes to its name before a record goes over it."""
-    try:
-        below = _read_record(job_dir, read.seq - 1, wait=False).writer if read.seq > 1 else None
-    except BrokenJob:  # (not read from a record in transit: there is none under it)
-        return
-    transit = _in_transit(job_dir, read.seq, below)
-    if transit is not None and json.loads(transit).get("writer") == read.writer:
-        _put_back(job_dir, read.seq, transit)
+def _stands_at_its_name(job_dir: Path, seq: int, writer: str | None, transit: bool) -> bool:
+    """Whether the record at `seq` is `writer`'s: with `transit` (it may be where an adopter set it aside), put
+    back at its name first, and only if no other record took that place meanwhile (pass 81: a cancel recorded
+    there, then a completion decided over the record set aside went over the cancel)."""
+    if not transit or not seq:
+        return True
+    for data, d in _set_aside(job_dir, seq):
+        if d["writer"] == writer:
+            _put_back(job_dir, seq, data)
+            break
+    there = _read_json_or_none(job_dir / STATES / record_name(seq))
+    return isinstance(there, dict) and there.get("writer") == writer
 
 
 def _stands_over_blind(job_dir: Path, seq: int, new: StateRecord) -> bool:

@@ -111,3 +111,33 @@ def test_an_adopter_whose_aside_was_put_back_by_another_decides_again(tmp_path, 
     monkeypatch.setattr(os, "rename", rename)
     # not a traceback: the caller reads the state again
     assert jobdir._adopt_unfilled(path, b"{}", 1) is False
+
+
+def test_a_writer_that_read_a_record_in_transit_whose_place_another_took_decides_again(job):
+    """Pass 81: a completion decided over a cancel set aside went over the `cancel` another writer had recorded
+    at that place meanwhile (and printed "cancelled" for)."""
+    assert runner.cancel(job.dir) == "queued"
+    set_aside(job, 1)
+    read = jobdir.read_state(job.dir)
+    assert read.transit and read.state is JobState.CANCELLED
+    theirs = {"state": "cancelled", "generation": 0, "error": None, "updated": 1.0, "by": "cancel",
+              "writer": "0123456789abcdef", "over": None}  # fmt: skip
+    theirs["check"] = jobdir.storage.json_checksum(theirs)
+    assert jobdir.create_exclusive(_state(job) / "00000001.json", theirs)
+    assert jobdir.record_state(job.dir, read, jobdir.StateRecord(JobState.COMPLETED), "completed") is None
+    assert by_name(job) == {"00000001.json": "cancel"} and job.state().writer == theirs["writer"]
+
+
+def test_a_writer_whose_own_record_an_adopter_set_aside_after_it_was_made_has_recorded_it(job, monkeypatch):
+    """Pass 81: a cancel whose record an adopter took aside (then killed) decided again, read its own record in
+    transit and said "job ... is already cancelled" (exit 1), though its word stood."""
+    real = jobdir.create_exclusive
+
+    def create_then_taken_aside(path, obj):
+        assert real(path, obj)
+        os.rename(path, jobdir._aside_name(path))
+        return False  # (our bytes were not at the name when read back)
+
+    monkeypatch.setattr(jobdir, "create_exclusive", create_then_taken_aside)
+    assert runner.cancel(job.dir) == "queued"
+    assert by_name(job) == {"00000001.json": "cancel"}  # put back at its name
