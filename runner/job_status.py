@@ -182,8 +182,8 @@ def _worker_row(worker: str, hb: dict[str, Any]) -> dict[str, Any]:
 def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
     """Every job of the home, oldest first; broken ones (and links, never followed) with their reason."""
     root = Path(home) if home is not None else jobdir.default_home()
-    out, jobs = [], []
-    for path in jobdir.job_folders(root):
+    out, jobs, folders = [], [], jobdir.job_folders(root)
+    for path in folders:
         try:
             jobs.append(Job.open(path))
             out.append(jobs[-1])
@@ -191,7 +191,7 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
             out.append(_unreadable_or_broken(path, e))
         except RunnerError as e:
             out.append(broken_status(path, str(e), repairable=getattr(e, "repairable", True)))
-    copies = jobdir.copies_in_home(jobs)
+    copies = jobdir.copies_in_home(jobs, folders)
     out = [_of_home_job(it, copies) if isinstance(it, Job) else it for it in out]
     for name in jobdir.linked_entries(root):
         out.append(

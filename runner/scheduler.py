@@ -123,8 +123,8 @@ def _jobs(home: Any, only: str | Job | None, broken: dict[str, Broken] | None = 
     if only:
         return [jobdir.open_job(only, home)]
     root = home if home is not None else jobdir.default_home()
-    out = []
-    for path in jobdir.job_folders(root):
+    out, folders = [], jobdir.job_folders(root)
+    for path in folders:
         try:
             out.append(Job.open(path))
         except RunnerError as e:  # broken: it breaks only itself
@@ -132,7 +132,7 @@ def _jobs(home: Any, only: str | Job | None, broken: dict[str, Broken] | None = 
                 # unreadable through the retries (a mount failing): not broken, never `runner repair` (pass 65)
                 raise
             _note_broken(broken, path, e)
-    copies = jobdir.copies_in_home(out)
+    copies = jobdir.copies_in_home(out, folders)
     for job in out:
         if job.dir in copies:
             _note_broken(broken, job.dir, BrokenJob(copies[job.dir], repairable=False), job.id)

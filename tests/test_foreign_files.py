@@ -116,3 +116,16 @@ def test_runner_run_again_carries_on_the_job_not_its_copy(tmp_path, tiny_gpt2, r
     shutil.copytree(job.dir, runner_home / f"{job.id} (1)")  # (listed after it: newest first, it came first)
     again, _ = runner.run(prompts, tiny_gpt2, params, echo=None)
     assert again.dir == job.dir
+
+
+def test_a_copy_is_not_run_while_the_job_it_copies_is_broken(tmp_path, tiny_gpt2, runner_home):
+    """Pass 81: with the job's own folder broken (a torn job.json), `runner work` computed the job in its copy;
+    once repaired, the job was computed again in its own folder."""
+    params = GenerationParams(max_new_tokens=2, seed=3)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, params, OPTIONS, home=runner_home)
+    shutil.copytree(job.dir, runner_home / f"{job.id} (1)")
+    (job.dir / "job.json").write_text("{torn")
+    broken = {}
+    assert scheduler.queue(runner_home, broken=broken) == [] and len(broken) == 2
+    jobdir.repair(job.dir)
+    assert [c.job.dir for c in scheduler.queue(runner_home)] == [job.dir]
