@@ -748,7 +748,14 @@ def _in_transit(job_dir: Path, seq: int, over: str | None, names: list[str] | No
     killed (or is slow) before putting it back, and its writer may have read it back at its name and said done
     (pass 61: a cancel, then lost). Its bytes; it stands as if at its name: readers read it there, the next
     writer puts it back first, and so does the temp files' sweep."""
-    return next((data for data, d in _set_aside(job_dir, seq, names) if d["over"] == over), None)
+    # (or a repair's decided blind over the record below, found empty: it names none; pass 83)
+    found = (data for data, d in _set_aside(job_dir, seq, names) if d["over"] == over or _blind(d, seq))
+    return next(found, None)
+
+
+def _blind(d: dict[str, Any], seq: int) -> bool:
+    """Whether the record at `seq` (its JSON) is a repair's decided blind over the one below (StateRecord.blind)."""
+    return d.get("by") == "repair" and "over" in d and d["over"] is None and seq >= 2
 
 
 def _set_aside(
@@ -860,7 +867,7 @@ def _parse_state(d: Any, name: str, seq: int) -> StateRecord:
         if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
             raise ValueError(f"generation {gen!r}")
         error, by, writer = d.get("error"), d.get("by"), d.get("writer")
-        blind = by == "repair" and "over" in d and d["over"] is None and seq >= 2
+        blind = _blind(d, seq)
         return StateRecord(state, gen, error if isinstance(error, str) else None, float(d.get("updated", 0)), seq,
                            by if isinstance(by, str) else None, writer if isinstance(writer, str) else None,
                            blind)  # fmt: skip

@@ -141,3 +141,22 @@ def test_a_writer_whose_own_record_an_adopter_set_aside_after_it_was_made_has_re
     monkeypatch.setattr(jobdir, "create_exclusive", create_then_taken_aside)
     assert runner.cancel(job.dir) == "queued"
     assert by_name(job) == {"00000001.json": "cancel"}  # put back at its name
+
+
+def test_a_blind_repairs_record_set_aside_stands_over_a_late_completion(job, gpt2_engine):
+    """Pass 83: a repair's record decided blind over an empty completion (its worker slow to fill it) names no
+    record it was over; set aside by an adopter killed before putting it back, it was not in transit: the late
+    completion stood though the repair had said it re-queued the job (a shard was damaged)."""
+    from runner.worker import run_job
+
+    assert run_job(job, gpt2_engine, echo=None).finished  # record 1: completed
+    repair = {"state": "queued", "generation": 0, "error": None, "updated": 2.0, "by": "repair",
+              "writer": "0123456789abcdef", "over": None}  # fmt: skip
+    repair["check"] = jobdir.storage.json_checksum(repair)
+    aside = jobdir._aside_name(_state(job) / "00000002.json")
+    with open(aside, "w") as f:
+        json.dump(repair, f)
+    assert job.state().state is JobState.QUEUED  # a late completion does not stand over a blind repair
+    os.utime(aside, (1, 1))
+    jobdir.remove_stale_temps(job)
+    assert by_name(job) == {"00000001.json": "completed", "00000002.json": "repair"}
