@@ -248,7 +248,8 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
                 else:  # the ledger counted it done, but its shard no longer verifies
                     raise RunnerError(
                         f"job {job.id}: request {cid!r} has {have} of its {n} sample(s) in the results; "
-                        f"`runner repair {shlex.quote(str(job.dir))}` re-queues what is missing, then `runner work`"
+                        f"`runner repair {shlex.quote(str(job.dir))}` re-queues what is missing, then `runner work --job "
+                        f"{shlex.quote(str(job.dir))}`"
                     )
         errors.extend(_refused_line(job, e) for e in refused[at:])
         errors_file = Path(tmp) / "errors.jsonl"
@@ -347,12 +348,12 @@ def _ending(job: Any, progress: Any) -> tuple[str, str] | None:
         missing = progress.total - progress.done - progress.failed
         raise RunnerError(
             f"job {job.id} is completed, but {missing:,} result row(s) are missing or failed verification; "
-            f"`runner repair {ref}` re-queues them, then `runner work` computes them"
+            f"`runner repair {ref}` re-queues them, then `runner work --job {ref}` computes them"
         )
     raise RunnerError(
         f"job {job.id} is not finished ({progress.done:,}/{progress.total:,} rows); its OpenAI Batch output would "
-        f"leave requests out: finish it with `runner work`, or `runner results {ref} --to FILE.jsonl` exports "
-        "the rows done so far"
+        f"leave requests out: finish it with `runner work --job {ref}`, or `runner results {ref} --to FILE.jsonl` "
+        "exports the rows done so far"
     )
 
 

@@ -696,7 +696,7 @@ class JobRun:
         cause = first_line(e)
         crashes = suspect.crashes if suspect is not None else 0
         self.flight.running(keys, self.suspected, crashes=crashes, error=cause)
-        again = "run `runner work` (or the same `runner run`) again"
+        again = f"run `runner work --job {shlex.quote(str(self.job.dir))}` (or the same `runner run`) again"
         if len(keys) == 1:  # alone: conclusive
             r, s = keys[0]
             self.row_error(unit, r, s, "worker_crash", device_crash_message(cause))

@@ -48,8 +48,8 @@ def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job
         .splitlines()[-1]
         .startswith(
             f"Error: the device failed while computing a batch of 4 rows of job {job.id} (CUDA error: device-side "
-            "assert triggered); this process cannot use it any more. Finished rows are saved: run `runner work` (or "
-            "the same `runner run`) again; it runs those rows one at a time"
+            "assert triggered); this process cannot use it any more. Finished rows are saved: run `runner work --job "
+            f"{job.dir}` (or the same `runner run`) again; it runs those rows one at a time"
         )
     ), out
     assert read_state(job.dir).state == "queued" and runner.status(job.dir).state == "queued (interrupted)"
@@ -66,7 +66,7 @@ def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job
     assert out.strip().splitlines()[-1] == (
         f"Error: row {BAD} (line 8, sample 0) of job {job.id} makes the device fail on its own (CUDA error: "
         "device-side assert triggered); it is set aside as a row error. This process cannot use the device any "
-        "more: run `runner work` (or the same `runner run`) again to carry on"
+        f"more: run `runner work --job {job.dir}` (or the same `runner run`) again to carry on"
     )
     code, out = run_worker(home, env_extra=fault)
     assert code == 0 and read_state(job.dir).state == "completed", out

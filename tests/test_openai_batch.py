@@ -701,7 +701,8 @@ def test_an_unfinished_job_never_answers_a_request_in_part(tmp_path, tiny_gpt2, 
     result = invoke("results", job.dir, "--format", "openai", "--to", out)
     assert result.exit_code == 1 and result.output == (
         f"Error: job {job.id} is not finished (1/4 rows); its OpenAI Batch output would leave requests out: "
-        f"finish it with `runner work`, or `runner results {job.dir} --to FILE.jsonl` exports the rows done so far\n"
+        f"finish it with `runner work --job {job.dir}`, or `runner results {job.dir} --to FILE.jsonl` exports the "
+        "rows done so far\n"
     )
     assert not out.exists() and not errors_out.exists()
 
