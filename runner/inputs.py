@@ -912,8 +912,10 @@ class PromptReader(RowChecker):
         columns: dict[str, None] = {}
         for row, first in zip(valid, firsts, strict=True):
             if first is not None:
+                # (a Batch line's id is its custom_id)
+                field = "custom_id" if self._requests else self.id_field
                 problems.append(Problem(
-                    self.name, row.line, self.id_field, f"duplicate id {row.id!r} (first on line {first})", row.id
+                    self.name, row.line, field, f"duplicate id {row.id!r} (first on line {first})", row.id
                 ))  # fmt: skip
                 continue
             for key in row.extra:

@@ -224,7 +224,7 @@ def test_bad_batch_lines_are_refused_with_line_and_field(tmp_path, tiny_gpt2, li
 def test_duplicate_custom_ids_are_refused(tmp_path, tiny_gpt2):
     body = {"model": "tiny", "prompt": "Hello"}
     path = write_jsonl(tmp_path / "b.jsonl", [request("x", "/v1/completions", body)] * 2)
-    with pytest.raises(InputError, match=r"b.jsonl:2: id: duplicate id 'x' \(first on line 1\)"):
+    with pytest.raises(InputError, match=r"b.jsonl:2: custom_id: duplicate id 'x' \(first on line 1\)"):
         create_job(path, tiny_gpt2, served_model_names=("tiny",))
 
 
