@@ -2629,7 +2629,8 @@ def _restore_spec(path: Path) -> Job:
     other = _other_job_here(path, own["id"], shards)
     if other is not None:
         raise BrokenJob(f"{path}: {other}, but the spec it holds (job.json, job.backup.json) is job {own['id']}'s: "
-                        "put that job's job.json back (a copy from its folder), or submit the file again",
+                        f"put that job's job.json back (a copy from its folder); or, if this folder is job "
+                        f"{own['id']}'s and those results were copied in, {_FOREIGN_OUT}; or submit the file again",
                         repairable=False)  # fmt: skip
     for name, spec in ((JOB_FILE, current), (JOB_BACKUP, raw)):
         if spec != own:
@@ -2646,6 +2647,10 @@ def _other_job_here(path: Path, job_id: str, shards: set[str]) -> str | None:
     if shards and job_id not in shards:
         return f"its results were written for job {min(shards)}"
     return None
+
+
+# what to do with another job's commits copied into a folder of its own, which nothing else there names
+_FOREIGN_OUT = "move those commits out (their done/NAME.json and shards/NAME.parquet)"
 
 
 def _own_spec(path: Path, shards: set[str], *specs: dict[str, Any]) -> dict[str, Any] | None:
@@ -2683,7 +2688,8 @@ def same_job_as_backup(job: Job) -> bool:
                         "was copied in from another job folder)")  # fmt: skip
     other = _other_job_here(job.dir, job.id, _shards_job_ids(job.dir, enough=job.id))
     if other is not None:
-        raise BrokenJob(f"{other}, but job.json is job {job.id}'s (copied in from another job folder?)")
+        raise BrokenJob(f"{other}, but job.json is job {job.id}'s: one of them was copied in from another job folder "
+                        f"(if the results were, {_FOREIGN_OUT}; `runner repair` says more)")  # fmt: skip
     if _valid_spec(backup):
         return False
     return _mend_backup(job, "damaged" if backup is not None else "missing or damaged")

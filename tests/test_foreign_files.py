@@ -129,3 +129,23 @@ def test_a_copy_is_not_run_while_the_job_it_copies_is_broken(tmp_path, tiny_gpt2
     assert scheduler.queue(runner_home, broken=broken) == [] and len(broken) == 2
     jobdir.repair(job.dir)
     assert [c.job.dir for c in scheduler.queue(runner_home)] == [job.dir]
+
+
+def test_a_commit_copied_into_a_queued_folder_of_its_own_is_named_with_what_to_do(
+    tmp_path, tiny_gpt2, gpt2_engine
+):
+    """Pass 86: in a folder of its own (not named by a job id) with no results yet, one commit copied in from
+    another job is all that says whose folder it is: refused, and the advice was only to put "that job's"
+    job.json back. It now says to move the commits out, which lets the job run."""
+    a, b = make(tmp_path, tiny_gpt2, 7, out=tmp_path / "a"), make(tmp_path, tiny_gpt2, 8, out=tmp_path / "b")
+    run_until_done(b, gpt2_engine)
+    name = sorted(p.stem for p in (b.dir / "done").glob("*.json"))[0]
+    for sub, ext in (("shards", ".parquet"), ("done", ".json")):
+        (a.dir / sub).mkdir(exist_ok=True)
+        shutil.copy2(b.dir / sub / f"{name}{ext}", a.dir / sub / f"{name}{ext}")
+    with pytest.raises(jobdir.BrokenJob, match=r"move those commits out \(their done/NAME.json and shards/"):
+        run_job(jobdir.Job.open(a.dir), gpt2_engine, echo=None)
+    for sub, ext in (("shards", ".parquet"), ("done", ".json")):
+        (a.dir / sub / f"{name}{ext}").unlink()  # as it says
+    run_until_done(a, gpt2_engine)
+    assert runner.status(a.dir).state == "completed"
