@@ -97,15 +97,22 @@ def watch(
     echo: Callable[[str], None] | None = print,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Any:
-    """Print the job's status every `every` seconds until it is completed, failed or cancelled, or no worker
-    has run it for a few polls (then says how to start one). Returns the last JobStatus."""
+    """Look at the job's status every `every` seconds, printing a line when it changed (and once a minute
+    otherwise), until it is completed, failed or cancelled, or no worker has run it for a few polls (then says
+    how to start one). Returns the last JobStatus."""
     from .api import status
 
-    idle = 0
+    idle, said, quiet = 0, None, 0
     while True:
         s = status(job, home)
-        if echo:
-            echo(status_line(s))
+        line = status_line(s)
+        # a line only when it says something new (workers beat every lease/4: a 10 s poll read the same figures
+        # three times, its ETA frozen; pass 85), else once a minute to show it is still watching
+        if echo and (line.split(" ", 1)[1] != said or (quiet + 1) * every >= 60 or s.state in FINAL):
+            echo(line)
+            said, quiet = line.split(" ", 1)[1], 0
+        else:
+            quiet += 1
         if s.state in FINAL:
             return s
         idle = 0 if (s.workers or running(home)) else idle + 1

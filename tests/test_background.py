@@ -180,3 +180,25 @@ def test_ctrl_c_on_watch_and_an_empty_home_say_what_they_are(tmp_path, tiny_gpt2
     said = invoke("status").stdout
     assert said.strip() == "no jobs in jobs (the default job home; --home DIR or $RUNNER_HOME for another)"
     assert invoke("--home", tmp_path / "other", "status").stdout.strip() == f"no jobs in {tmp_path / 'other'}"
+
+
+def test_watch_prints_a_line_when_it_changes_and_once_a_minute_otherwise(tmp_path, tiny_gpt2, monkeypatch):
+    """Pass 85: workers beat every lease/4 (30 s), so a line every 10 s said the same thing three times, its ETA
+    frozen, and read as a stuck job."""
+    import dataclasses
+
+    import runner.api
+    from runner.background import watch
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    job = runner.submit(f, tiny_gpt2, GenerationParams(max_new_tokens=2), home=tmp_path / "home")
+    base = dataclasses.replace(runner.status(job.dir), state="running", workers=[{"worker": "w"}])
+    seen = [base] * 8 + [dataclasses.replace(base, done=1)] + [dataclasses.replace(base, state="completed")]
+    monkeypatch.setattr(runner.api, "status", lambda job, home: seen.pop(0))
+    lines = []
+    watch(job.id, every=10, echo=lines.append, sleep=lambda s: None)
+    # the first look, the same a minute later (the 7th), the change, the end
+    assert [line.split(" ", 1)[1].split(":")[0] for line in lines] == [f"{job.id} running"] * 3 + [
+        f"{job.id} completed"
+    ]
+    assert len(lines) == 4 and " 0/1 " not in lines[2]
