@@ -36,11 +36,19 @@ def _bench():
 
 
 def workload(
-    engine, n: int, greedy: bool, seed: int, longest: int = 128, samples: int = 1, few_shot: bool = False
+    engine,
+    n: int,
+    greedy: bool,
+    seed: int,
+    longest: int = 128,
+    samples: int = 1,
+    few_shot: bool = False,
+    natural: bool = False,
 ):
     """(prompt token ids, GenerationParams per row, seeds), the rows in the worker's plan order; with `samples`
     > 1 each row comes `samples` times (the keys of `-n samples`), each sample with its own seed; with
-    `few_shot`, every prompt starts with prompts.FEW_SHOT."""
+    `few_shot`, every prompt starts with prompts.FEW_SHOT; with `natural`, every row has max_new_tokens
+    `longest` (as `runner submit --max-new-tokens` gives a whole file) and only EOS ends a row sooner."""
     from prompts import FEW_SHOT, build_prompts
 
     from runner import GenerationParams
@@ -56,7 +64,12 @@ def workload(
         ids.append(encode(engine.tokenizer, render_prompt(t, messages, engine.tokenizer), chat))
     rng = random.Random(seed)
     sampling = {"temperature": 0.0} if greedy else {"temperature": 0.8, "top_p": 0.95}
-    params = [GenerationParams(max_new_tokens=rng.randint(min(8, longest), longest), **sampling) for _ in ids]
+    params = [
+        GenerationParams(
+            max_new_tokens=longest if natural else rng.randint(min(8, longest), longest), **sampling
+        )
+        for _ in ids
+    ]
     keys = [(i, s) for i in range(n) for s in range(samples)]
     return (
         [ids[i] for i, _ in keys],
@@ -142,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-new-tokens", type=int, default=128, help="each row's max_new_tokens is drawn from 8..this"
     )
+    ap.add_argument("--natural", action="store_true", help="every row gets max_new_tokens = --max-new-tokens "
+                    "(one setting for the whole file, as users submit); answers end where the model says EOS")  # fmt: skip
     ap.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
     ap.add_argument("--samples", type=int, default=1, help="samples per prompt (-n); > 1 implies --unshared")
     ap.add_argument("--few-shot", action="store_true", help="every prompt starts with the same few-shot "
@@ -168,11 +183,18 @@ def main(argv: list[str] | None = None) -> int:
 
         args.max_batch_tokens = default_batch_tokens(engine, "generate")
     ids, params, seeds = workload(
-        engine, args.num_prompts, args.greedy, args.seed, args.max_new_tokens, args.samples, args.few_shot
+        engine,
+        args.num_prompts,
+        args.greedy,
+        args.seed,
+        args.max_new_tokens,
+        args.samples,
+        args.few_shot,
+        args.natural,
     )
     engine.generate(ids[:4], params[:4], seeds[:4], max_active=2)  # warm-up: kernels, allocator, both paths
     res = {"model": args.model, "rows": len(ids), "batch_size": args.batch_size, "greedy": args.greedy,
-           "few_shot": args.few_shot,
+           "few_shot": args.few_shot, "natural": args.natural,
            "prompt_tokens": sum(map(len, ids)), "shared_start": len(os.path.commonprefix(ids)),
            "max_new_tokens": [p.max_new_tokens for p in params],
            "loadavg_start": load_start}  # fmt: skip

@@ -535,17 +535,24 @@ def _warn_if_partial(job: Any, rows: int) -> None:
 def score_lines(df: Any, tokens: bool = False) -> Iterator[str]:
     """A score job's results as gpt2-score prints them: each text and its log-prob, tab-separated (a context /
     continuation pair: the two texts, then the continuation's log-prob), and with `tokens` each token and its
-    log-prob on the lines below. Tabs and line breaks inside a text are written as \\t and \\n: one line per row."""
+    log-prob on the lines below. Tabs and line breaks inside a text are written as \\t and \\n: one line per row.
+    A token holding only the first bytes of a character (most Japanese under GPT-2's byte-level BPE), whose
+    text is "" (the character shows on the token that completes it), is written as its bytes, "\\xe5\\x90",
+    not as a blank."""
 
     def cell(text: Any) -> str:
         return str(text).replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
 
-    columns = ["text", "context", "continuation", "logprob", "tokens", "token_logprobs"]
-    for text, context, continuation, logprob, pieces, logprobs in df[columns].itertuples(index=False):
+    def piece(text: str, raw: Any) -> str:
+        return cell(text) if text or raw is None else "".join(f"\\x{b:02x}" for b in bytes(raw))
+
+    columns = ["text", "context", "continuation", "logprob", "tokens", "token_bytes", "token_logprobs"]
+    for text, context, continuation, logprob, pieces, raws, logprobs in df[columns].itertuples(index=False):
         texts = [context, continuation] if isinstance(continuation, str) else [text]
         yield "\t".join([*map(cell, texts), f"{logprob:.5g}"])
         if tokens:
-            yield from (f"{cell(t)}\t{lp:.5g}" for t, lp in zip(pieces, logprobs, strict=True))
+            raws = [None] * len(pieces) if raws is None else raws
+            yield from (f"{piece(t, b)}\t{lp:.5g}" for t, b, lp in zip(pieces, raws, logprobs, strict=True))
 
 
 EXPORT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")

@@ -242,6 +242,30 @@ def test_score_print_shows_each_text_and_its_logprob_as_gpt2_score_does(tmp_path
     assert len(lines) == 2 + first["num_tokens"] + pair["num_tokens"]
 
 
+def test_score_tokens_show_the_bytes_of_a_token_that_only_starts_a_character(tiny_gpt2, runner_home):
+    """Under a byte-level BPE most Japanese characters span two or three tokens: all but the last hold only some of the
+    character's bytes, and its text is "" (the character shows on the token that completes it). `--tokens`
+    printed such a token as a blank piece (new-user walkthrough, pass 85); it prints its bytes ("\\xe5\\x90")."""
+    text = "完全の域に達することは難い。"
+    result = invoke("score", "-", "-m", tiny_gpt2, "--tokens", input=text + "\n")
+    assert result.exit_code == 0, result.output
+    df = runner.load_results(result.stderr.strip().splitlines()[-1].split("results in ")[-1])
+    row = df.iloc[0]
+    lines = result.stdout.splitlines()[1:]
+    assert len(lines) == row["num_tokens"]
+    starts = 0
+    for line, piece, raw in zip(lines, row["tokens"], row["token_bytes"], strict=True):
+        shown = line.split("\t")[0]
+        assert shown, line  # never a blank piece
+        if piece:
+            assert shown == piece
+        else:
+            starts += 1
+            assert shown == "".join(f"\\x{b:02x}" for b in bytes(raw))
+    assert starts > 0  # the tiny tokenizer does split these characters
+    assert "".join(row["tokens"]) == text
+
+
 def test_progress_lines_show_tok_s_only_where_tokens_are_counted():
     """An embedding job's progress read "0.0 tok/s" all along (new-user walkthrough): without tokens it shows rows/s
     only; a generation's line shows tok/s from its first steps, even before a row ends."""
