@@ -511,9 +511,26 @@ def run_leased(
     return _settle(j, summary, echo, halted)
 
 
-def _halted(stop: Callable[[], bool] | None, deadline: float | None) -> Callable[[], bool]:
-    """Whether the worker is to stop now: `stop()` (a Ctrl-C), or its deadline has come."""
-    return lambda: bool(stop and stop()) or (deadline is not None and time.time() >= deadline)
+class _Halted:
+    """Whether the worker is to stop now (call it): `stop()` (a Ctrl-C, a signal), or its deadline has come;
+    `why()` says which, for the job's log."""
+
+    def __init__(self, stop: Callable[[], bool] | None, deadline: float | None):
+        self.stop, self.deadline = stop, deadline
+
+    def __call__(self) -> bool:
+        return self.why() is not None
+
+    def why(self) -> str | None:
+        if self.stop is not None and self.stop():
+            return "asked to stop (Ctrl-C or a signal)"
+        if self.deadline is not None and time.time() >= self.deadline:
+            return "its --hours/--until deadline came"
+        return None
+
+
+def _halted(stop: Callable[[], bool] | None, deadline: float | None) -> _Halted:
+    return _Halted(stop, deadline)
 
 
 def _damaged(e: Exception, job: Job) -> bool:
@@ -564,7 +581,7 @@ def _settle_failure(j: Job, read: jobdir.StateRecord, e: RunnerError, echo: Any)
         echo(f"job {j.id} failed: {e}")
 
 
-def _settle(j: Job, summary: RunSummary, echo: Any, halted: Callable[[], bool]) -> RunSummary:
+def _settle(j: Job, summary: RunSummary, echo: Any, halted: _Halted) -> RunSummary:
     """What the run's end means, said once: completed, cancelled, others still on it, or stopped."""
     try:
         # (a newest record being written, a `cancel` landing as the run ended, is waited for)
@@ -585,7 +602,7 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: Callable[[], bool]) 
         line = f"job {j.id}: {summary.others} other worker(s) are computing the rest"
     else:  # said to the user by the command (which knows how it is run again); log.txt hears it here
         line = ""
-        _log(j, f"stopped with {done} done" + (" (asked to stop, or its deadline)" if halted() else ""))
+        _log(j, f"stopped with {done} done" + (f" ({why})" if (why := halted.why()) else ""))
     if line:
         _log(j, line)
         if echo:
