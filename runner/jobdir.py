@@ -355,14 +355,25 @@ def copies_in_home(jobs: list[Job], folders: list[Path]) -> dict[Path, str]:
         own = job_id if job_id in names else min(j.dir.name for j in same)
         for job in same:
             if job.dir.name != own:
-                out[job.dir] = (f"{job.dir.name}/ is a copy of the folder {own}/ (the same job): move it out of "
-                                "the job home, or delete it, so that no worker computes the job twice")  # fmt: skip
+                out[job.dir] = _copy_line(job.dir.name, own)
     return out
+
+
+def _copy_line(name: str, own: str) -> str:
+    return (f"{name}/ is a copy of the folder {own}/ (the same job): move it out of the job home, or delete it, "
+            "so that no worker computes the job twice")  # fmt: skip
 
 
 def is_copy_in_home(job: Job) -> bool:
     """Whether `job`'s folder is a copy (`copies_in_home`) of the home's folder named by its id."""
     return job.dir.name != job.id and _is_job_folder(job.dir.parent / job.id)
+
+
+def copy_in_home(job: Job) -> str | None:
+    """Why `job`'s folder, named by its path or folder name (`runner status jobs/backup`, `runner work --job
+    backup`), is not to be run: a copy of the folder named by its id beside it (`copies_in_home`), else None.
+    The home's listings found such copies; a job named alone was run in its copy (pass 87)."""
+    return _copy_line(job.dir.name, job.id) if is_copy_in_home(job) else None
 
 
 def linked_entries(root: str | os.PathLike) -> list[str]:
@@ -1898,6 +1909,8 @@ def other_job_named(job: Job) -> str | None:
     """Why the job's folder is another job's, as its name in a job home says (a job id), else None: a
     job.json copied in from another job's folder with its backup (pass 79: status showed that job's id and
     settings). Free to check: what its results say is read where they are verified."""
+    if (copy := copy_in_home(job)) is not None:
+        return copy
     other = _other_job_here(job.dir, job.id, set())
     return None if other is None else f"{other}, but job.json is job {job.id}'s (copied in from its folder?)"
 
@@ -2679,6 +2692,8 @@ def same_job_as_backup(job: Job) -> bool:
     `Job.open`: `runner status` opens every job of a home, and on Drive each read is a round trip).
     A backup that is damaged or missing (job.json being this folder's) is written again from job.json, said
     in the job's log: True. Left so, the next damage to job.json would lose the job (pass 57)."""
+    if (copy := copy_in_home(job)) is not None:
+        raise BrokenJob(copy, repairable=False)
     try:
         backup = _read_json_or_none(job.dir / JOB_BACKUP) if _lexists(job.dir / JOB_BACKUP) else None
     except storage.StorageError:  # unreadable: `repair` is the one that needs it

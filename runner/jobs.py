@@ -199,6 +199,8 @@ def create_job(
             existing = _same_job_in_home(root, fingerprint)
         if existing is not None:
             return existing
+        if job_dir is not None and jobdir.JOB_ID.fullmatch(Path(job_dir).name):
+            raise RunnerError(_named_like_an_id(Path(job_dir)))
         config, tokenizer, window = _model_facts(model, options, kind, params, chat_template)
         if chat:
             check_chat_option(tokenizer, model)
@@ -335,6 +337,16 @@ def _check_args(
     if chat_template is not None and kind != "generate":
         raise ParamError("chat_template", f"chat_template is for generate jobs, not {kind} jobs.")
     return kind
+
+
+def _named_like_an_id(job_dir: Path) -> str:
+    """Why a new job cannot go into `job_dir`: its name is a job id's (as a job home names each job's folder), and
+    a folder so named is taken for that job's, so the new job (another id) would be refused as another's at
+    every run (pass 87)."""
+    return (
+        f"{job_dir}: a folder named like a job id is taken for that job's folder (as in a job home), and a new job "
+        f"gets an id of its own; name the folder otherwise (e.g. {job_dir.with_name('out-' + job_dir.name)})"
+    )
 
 
 def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dict[str, Any]) -> Job | None:

@@ -118,10 +118,12 @@ class Candidate:
 
 def _jobs(home: Any, only: str | Job | None, broken: dict[str, Broken] | None = None) -> list[Job]:
     """The jobs to consider; broken ones are left out (and put in `broken`: folder -> (reason, repairable))."""
-    if isinstance(only, Job):
-        return [Job.open(only.dir)]
     if only:
-        return [jobdir.open_job(only, home)]
+        job = Job.open(only.dir) if isinstance(only, Job) else jobdir.open_job(only, home)
+        if (copy := jobdir.copy_in_home(job)) is not None:  # named by its folder (pass 87)
+            _note_broken(broken, job.dir, BrokenJob(copy, repairable=False), job.id)
+            return []
+        return [job]
     root = home if home is not None else jobdir.default_home()
     out, folders = [], jobdir.job_folders(root)
     for path in folders:

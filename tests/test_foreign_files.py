@@ -149,3 +149,34 @@ def test_a_commit_copied_into_a_queued_folder_of_its_own_is_named_with_what_to_d
         (a.dir / sub / f"{name}{ext}").unlink()  # as it says
     run_until_done(a, gpt2_engine)
     assert runner.status(a.dir).state == "completed"
+
+
+def test_a_copy_named_by_its_folder_is_not_run_nor_shown_queued(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    """Pass 87: the home's table showed `backup` (a `cp -r jobs/ID jobs/backup`) as a copy, but named alone by
+    its path or folder name it was an ordinary job: `runner status jobs/backup` said queued, and `runner work
+    --job backup` computed the whole job in the copy, the job itself still queued with 0 rows."""
+    params = GenerationParams(max_new_tokens=2, seed=3)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, params, OPTIONS, home=runner_home)
+    copy = shutil.copytree(job.dir, runner_home / "backup")
+    for ref in ("backup", str(copy)):
+        said = runner.status(ref, home=runner_home)
+        assert said.state == "broken" and f"backup/ is a copy of the folder {job.id}/" in said.message
+        broken = {}
+        assert scheduler.queue(runner_home, ref, broken=broken) == [] and list(broken) == [str(copy)]
+        assert scheduler.work(runner_home, job=ref, echo=None, engine=gpt2_engine) == []
+    with pytest.raises(runner.RunnerError, match="is a copy of the folder"):
+        run_job(jobdir.open_job("backup", runner_home), gpt2_engine, echo=None)
+    assert not list((copy / "done").glob("*.json")) and runner.status(job.id, home=runner_home).done == 0
+
+
+def test_a_new_job_in_a_folder_named_like_a_job_id_is_refused_up_front(tmp_path, tiny_gpt2):
+    """Pass 87: `runner run -o out/20250101-120000-abcdef` made a job (with an id of its own) that could never
+    run: a folder named like a job id is taken for that job's folder, so the job was refused as another's at
+    every run, and `runner repair` could not help. It is refused before anything is written."""
+    out = tmp_path / "out" / "20250101-120000-abcdef"
+    with pytest.raises(runner.RunnerError, match="named like a job id.*name the folder otherwise"):
+        make(tmp_path, tiny_gpt2, 7, out=out)
+    assert not out.exists()
+    assert make(tmp_path, tiny_gpt2, 7, out=tmp_path / "out" / "night-20250101").dir.exists()
