@@ -1178,6 +1178,10 @@ def repair(ctx: click.Context, job_ref: str) -> None:
         again = command(ctx.obj["home"], r.damaged_by, job_ref)
         _echo(f"its damaged newest state record says it was a `runner {r.damaged_by}`; what it recorded is "
               f"unknown, so it no longer counts: if you ran one, run `{again}` again")  # fmt: skip
+    if r.damaged_aside is not None:
+        which = f"`runner {r.damaged_aside}`" if r.damaged_aside else "`runner cancel` or `runner retry`"
+        _echo(f"a state record in transit was damaged (now in quarantine/); what it recorded no longer counts: if "
+              f"you ran {which} on this job lately, run it again")  # fmt: skip
 
 
 @cli.command()

@@ -784,15 +784,47 @@ def _set_aside(
         try:
             data = storage.read_bytes(folder / name)
             d = json.loads(data)
-        except ValueError:  # (being written, or a torn leftover)
+        except ValueError:  # (being written, or torn: its writer was killed before it read it back whole)
             continue
         except storage.StorageError as e:
             if isinstance(e.__cause__, (FileNotFoundError, IsADirectoryError)):
                 continue  # put back (or swept) since the listing
             raise
-        whole = isinstance(d, dict) and "check" in d and "over" in d and _record_damage(d) is None
-        if whole and isinstance(d.get("writer"), str):
-            yield data, d
+        if (
+            why := _aside_damage(d)
+        ) is not None:  # (a fill ends with the JSON's last byte: whole, then damaged)
+            raise BrokenJob(f"{STATES}/{name}, a state record set aside while it was being read (no hard links), "
+                            f"is damaged ({why})")  # fmt: skip
+        yield data, d
+
+
+def _aside_damage(d: Any) -> str | None:
+    """Why a record set aside (whole JSON) is not what its writer wrote, else None: a flipped byte there was
+    read as a torn leftover, and a reported cancel in transit was lost without a word (pass 87)."""
+    if not isinstance(d, dict) or not {"check", "over"} <= set(d) or not isinstance(d.get("writer"), str):
+        return "it is not a whole state record"
+    return _record_damage(d)
+
+
+def _quarantine_damaged_asides(job: Job) -> str | None:
+    """`repair`: the damaged records set aside (`_aside_damage`) moved into quarantine/, said in the job's log;
+    the command the last of them says wrote it ("cancel", "retry"; "" when it does not say)."""
+    said = None
+    for name in scan(job.dir / STATES):
+        if not (name.startswith(".") and f".{ASIDE}" in name and storage.is_temp_name(name)):
+            continue
+        try:
+            d = json.loads(storage.read_bytes(job.dir / STATES / name))
+        except (ValueError, storage.StorageError):  # torn, or gone: not a record anyone read back whole
+            continue
+        if (why := _aside_damage(d)) is None:
+            continue
+        move_aside(job.dir, f"{STATES}/{name}")
+        job.log(f"repair: {STATES}/{name}, a state record in transit, is damaged ({why}); set aside in "
+                f"{QUARANTINE}/")  # fmt: skip
+        by = d.get("by") if isinstance(d, dict) else None
+        said = by if by in ("cancel", "retry") else ""
+    return said
 
 
 def _put_back(job_dir: Path, seq: int, data: bytes) -> None:
@@ -1909,10 +1941,10 @@ def other_job_named(job: Job) -> str | None:
     """Why the job's folder is another job's, as its name in a job home says (a job id), else None: a
     job.json copied in from another job's folder with its backup (pass 79: status showed that job's id and
     settings). Free to check: what its results say is read where they are verified."""
-    if (copy := copy_in_home(job)) is not None:
-        return copy
     other = _other_job_here(job.dir, job.id, set())
-    return None if other is None else f"{other}, but job.json is job {job.id}'s (copied in from its folder?)"
+    if other is not None:
+        return f"{other}, but job.json is job {job.id}'s (copied in from its folder?)"
+    return copy_in_home(job)
 
 
 def forget_verified(job: Job, name: str) -> None:
@@ -2372,6 +2404,8 @@ class RepairReport:
     total: int = 0
     # the command the damaged newest record says wrote it (unverified): "retry", "cancel"; "" for an empty one
     damaged_by: str | None = None
+    # a damaged record in transit was set aside: the command it says wrote it ("cancel", "retry"; "" unknown)
+    damaged_aside: str | None = None
     restored_inputs: list[str] = field(default_factory=list)  # written again from the input file (jobs.py)
     unrestorable: str | None = None  # why prompts.parquet / errors.jsonl, damaged, could not be written again
 
@@ -2438,6 +2472,7 @@ def _mended_folder(path: Path, report: RepairReport) -> Job:
 
 def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     """The rest of `repair`, once the job opens: its state, its commits, what stands in the wrong place."""
+    report.damaged_aside = _quarantine_damaged_asides(job)
     try:  # the state repair decides over (a command may record another meanwhile)
         read: StateRecord | None = read_state(job.dir)
         report.state_was, generation = read.state.value, read.generation
@@ -2692,8 +2727,6 @@ def same_job_as_backup(job: Job) -> bool:
     `Job.open`: `runner status` opens every job of a home, and on Drive each read is a round trip).
     A backup that is damaged or missing (job.json being this folder's) is written again from job.json, said
     in the job's log: True. Left so, the next damage to job.json would lose the job (pass 57)."""
-    if (copy := copy_in_home(job)) is not None:
-        raise BrokenJob(copy, repairable=False)
     try:
         backup = _read_json_or_none(job.dir / JOB_BACKUP) if _lexists(job.dir / JOB_BACKUP) else None
     except storage.StorageError:  # unreadable: `repair` is the one that needs it
@@ -2705,6 +2738,8 @@ def same_job_as_backup(job: Job) -> bool:
     if other is not None:
         raise BrokenJob(f"{other}, but job.json is job {job.id}'s: one of them was copied in from another job folder "
                         f"(if the results were, {_FOREIGN_OUT}; `runner repair` says more)")  # fmt: skip
+    if (copy := copy_in_home(job)) is not None:
+        raise BrokenJob(copy, repairable=False)
     if _valid_spec(backup):
         return False
     return _mend_backup(job, "damaged" if backup is not None else "missing or damaged")
@@ -2779,24 +2814,30 @@ def remove_stale_temps(job: Job, max_age: float = TEMP_MAX_AGE) -> int:
         max_age += max((hb["lease"] for hb in live_workers(job, now).values()), default=0.0)
     except RunnerError:  # workers/ cannot be read: the files are judged by their age alone
         pass
-    _keep_in_transit(job_dir)
     subs = (SHARDS, MARKERS, CLAIMS, WORKERS, INFLIGHT, STATES, QUARANTINE)  # (a killed repair's copy there)
+    if not _keep_in_transit(job_dir):  # (a damaged record in transit stays for `runner repair` to see)
+        subs = tuple(sub for sub in subs if sub != STATES)
     for folder in (job_dir, *(job_dir / sub for sub in subs)):
         if not _is_link(folder):
             removed += remove_old_temps(folder, max_age, now)
     return removed
 
 
-def _keep_in_transit(job_dir: Path) -> None:
-    """A state record in transit (`_in_transit`) is put back at its name before the temp files go."""
+def _keep_in_transit(job_dir: Path) -> bool:
+    """A state record in transit (`_in_transit`) is put back at its name before the temp files go. False when
+    one is damaged (`_aside_damage`): state/'s temp files are then left alone."""
     try:
         seqs = _record_seqs(job_dir)
         newest = _read_record(job_dir, seqs[-1], wait=False) if seqs else _legacy_state(job_dir)
     except BrokenJob:  # (no newest record to go over: nothing is in transit over it)
-        return
-    transit = _in_transit(job_dir, newest.seq + 1, newest.writer)
+        return True
+    try:
+        transit = _in_transit(job_dir, newest.seq + 1, newest.writer)
+    except BrokenJob:
+        return False
     if transit is not None:
         _put_back(job_dir, newest.seq + 1, transit)
+    return True
 
 
 def remove_old_temps(folder: Path, max_age: float = TEMP_MAX_AGE, now: float | None = None) -> int:

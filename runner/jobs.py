@@ -199,8 +199,7 @@ def create_job(
             existing = _same_job_in_home(root, fingerprint)
         if existing is not None:
             return existing
-        if job_dir is not None and jobdir.JOB_ID.fullmatch(Path(job_dir).name):
-            raise RunnerError(_named_like_an_id(Path(job_dir)))
+        _refuse_a_name_like_an_id(job_dir)
         config, tokenizer, window = _model_facts(model, options, kind, params, chat_template)
         if chat:
             check_chat_option(tokenizer, model)
@@ -339,14 +338,15 @@ def _check_args(
     return kind
 
 
-def _named_like_an_id(job_dir: Path) -> str:
-    """Why a new job cannot go into `job_dir`: its name is a job id's (as a job home names each job's folder), and
-    a folder so named is taken for that job's, so the new job (another id) would be refused as another's at
-    every run (pass 87)."""
-    return (
-        f"{job_dir}: a folder named like a job id is taken for that job's folder (as in a job home), and a new job "
-        f"gets an id of its own; name the folder otherwise (e.g. {job_dir.with_name('out-' + job_dir.name)})"
-    )
+def _refuse_a_name_like_an_id(job_dir: Path | None) -> None:
+    """A new job's own folder (-o) named like a job id is refused: a folder so named is taken for that job's (as
+    a job home names each job's folder), so the new job (another id) would be refused as another's at every run
+    (pass 87)."""
+    if job_dir is not None and jobdir.JOB_ID.fullmatch(Path(job_dir).name):
+        raise RunnerError(
+            f"{job_dir}: a folder named like a job id is taken for that job's folder (as in a job home), and a new "
+            f"job gets an id of its own; name the folder otherwise (e.g. {Path(job_dir).with_name('out-' + Path(job_dir).name)})"
+        )
 
 
 def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dict[str, Any]) -> Job | None:

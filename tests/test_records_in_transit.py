@@ -160,3 +160,26 @@ def test_a_blind_repairs_record_set_aside_stands_over_a_late_completion(job, gpt
     os.utime(aside, (1, 1))
     jobdir.remove_stale_temps(job)
     assert by_name(job) == {"00000001.json": "completed", "00000002.json": "repair"}
+
+
+def test_a_damaged_record_in_transit_breaks_the_job_and_repair_says_to_run_the_command_again(job):
+    """Pass 87: a reported cancel left aside by a killed adopter, then one flipped byte in it (still JSON): it
+    was read as a torn leftover, so the job read queued (`runner work` would have run it to the end) and the
+    sweep deleted it, without a word. Damaged at its name it breaks the job, and repair says to run the
+    command again; so it does in transit."""
+    from helpers import invoke
+
+    assert runner.cancel(job.dir) == "queued"
+    data, aside = set_aside(job, 1)
+    (_state(job) / aside).write_bytes(data.replace(b'"cancelled"', b'"cancellee"'))
+    said = runner.status(job.dir)
+    assert said.state == "broken" and f"state/{aside}" in said.message and "is damaged" in said.message
+    os.utime(_state(job) / aside, (1, 1))
+    jobdir.remove_stale_temps(job)
+    assert os.listdir(_state(job)) == [aside]  # left for repair to see
+    result = invoke("repair", job.dir)
+    assert result.exit_code == 0, result.output
+    assert "a state record in transit was damaged" in result.output and "`runner cancel`" in result.output
+    assert os.listdir(_state(job)) == [] and any(aside in p.name for p in (job.dir / "quarantine").iterdir())
+    assert runner.status(job.dir).state == "queued"
+    assert runner.cancel(job.dir) == "queued" and runner.status(job.dir).state == "cancelled"
