@@ -779,8 +779,8 @@ def _set_aside(
     if not temps or _lexists(folder / record_name(seq)):
         return
     for name in sorted(temps):
-        if not storage.is_temp_name(name):
-            continue
+        if not storage.is_temp_name(name) or storage.kind(folder / name) != "file":
+            continue  # (a link there is no record an adopter set aside: `repair` moves it out, pass 87)
         try:
             data = storage.read_bytes(folder / name)
             d = json.loads(data)

@@ -183,3 +183,16 @@ def test_a_damaged_record_in_transit_breaks_the_job_and_repair_says_to_run_the_c
     assert os.listdir(_state(job)) == [] and any(aside in p.name for p in (job.dir / "quarantine").iterdir())
     assert runner.status(job.dir).state == "queued"
     assert runner.cancel(job.dir) == "queued" and runner.status(job.dir).state == "cancelled"
+
+
+def test_a_link_at_an_aside_name_is_no_record_in_transit(job):
+    """Pass 87: a looping link at an aside's name made every command on the job stop ("Too many levels of
+    symbolic links"), `runner repair` too."""
+    assert runner.cancel(job.dir) == "queued"
+    name = _state(job) / os.path.basename(jobdir._aside_name(_state(job) / "00000002.json"))
+    os.symlink(name.name, name)
+    assert runner.status(job.dir).state == "cancelled"
+    runner.retry(job.dir)
+    assert runner.status(job.dir).state == "queued" and by_name(job)["00000002.json"] == "retry"
+    runner.repair(job.dir)
+    assert runner.status(job.dir).state == "queued"
