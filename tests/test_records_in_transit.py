@@ -196,3 +196,41 @@ def test_a_link_at_an_aside_name_is_no_record_in_transit(job):
     assert runner.status(job.dir).state == "queued" and by_name(job)["00000002.json"] == "retry"
     runner.repair(job.dir)
     assert runner.status(job.dir).state == "queued"
+
+
+def test_an_adopter_killed_while_it_puts_a_reported_record_back_leaves_it_whole(job, monkeypatch):
+    """Pass 87: an adopter found the cancel it had set aside filled (its writer had read it back at its name
+    and said "cancelled") and put it back by a create then a fill; killed between them, it left an empty record
+    at the name and the cancel aside, no longer in transit: the job read as a change being written, then
+    broken, repair recorded queued and the job ran to the end. It goes back by one rename now."""
+
+    class Killed(BaseException):
+        pass
+
+    assert runner.cancel(job.dir) == "queued"
+    path = _state(job) / "00000001.json"
+    data = path.read_bytes()
+    path.write_bytes(b"")  # the cancel's writer created it and was frozen before its fill...
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.fspath(src) == os.fspath(path):
+            path.write_bytes(
+                data
+            )  # ...and fills it (and reads it back, says "cancelled") just before the rename
+        real_rename(src, dst)
+
+    def fault_point(name):
+        if name == "after_create":
+            raise Killed  # a SIGKILL there
+
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", ())
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(jobdir, "fault_point", fault_point)
+    try:
+        assert jobdir._adopt_unfilled(path, b"{}", 1) is False
+    except Killed:
+        pass
+    monkeypatch.undo()
+    assert path.read_bytes() == data and job.state().state is JobState.CANCELLED
+    assert sorted(os.listdir(_state(job))) == ["00000001.json"]
