@@ -148,9 +148,7 @@ def _state(job: Job) -> tuple[jobdir.StateRecord, str | None]:
     except BrokenJob as e:
         if not e.unfilled or e.waited_out():
             raise
-        before = jobdir.last_good_state(job.dir)
-        if before is None:
-            raise
+        before = jobdir.state_before(job.dir, jobdir.newest_state_seq(job.dir))
         assert e.since is not None
         return before, f"a change of state is being written ({time.time() - e.since:.0f} s ago)"
 

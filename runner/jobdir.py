@@ -2548,6 +2548,15 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     return report
 
 
+def state_before(job_dir: Path, seq: int) -> StateRecord:
+    """The state the record below `seq` says (with none, what an older version stored): what a job reads while
+    its newest record `seq` is being written. BrokenJob when that record is damaged too: the state is then not
+    known (pass 88: a repair killed as it wrote its record over a torn cancel showed "queued")."""
+    return _late_word_stands(
+        job_dir, _read_record(job_dir, seq - 1, wait=False) if seq > 1 else _legacy_state(job_dir)
+    )
+
+
 def last_good_state(job_dir: Path) -> StateRecord | None:
     """Below a damaged newest record: the newest record that still reads, else an older version's state.json.
     A record that cannot be read now (a mount's outage outlasting the retries) is not a damaged one: it raises,

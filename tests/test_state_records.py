@@ -524,3 +524,17 @@ def test_a_late_cancel_under_two_blind_repairs_in_a_row_stands(job, monkeypatch)
     gates["slow-repair"][1].set()  # (until the first repair fills its record, the job reads queued: noted)
     first.join()
     assert job.state().state is JobState.CANCELLED and runner.repair(job.dir).state_now == "cancelled"
+
+
+def test_a_record_being_written_over_a_damaged_one_shows_the_job_broken_not_queued(job, monkeypatch):
+    """Pass 88: without links, a cancel's record torn, then a `runner repair` killed right after creating its
+    own record over it (left empty): status showed "queued - a change of state is being written" for two
+    minutes, the state below the empty record being unknown (a torn cancel). It shows the damage."""
+    _no_links(monkeypatch)
+    assert runner.cancel(job.dir) == "queued"
+    first = job.dir / "state" / "00000001.json"
+    first.write_bytes(first.read_bytes()[:-30])  # torn
+    (job.dir / "state" / "00000002.json").write_bytes(b"")  # the repair, killed between create and fill
+    shown = runner.status(job.dir)
+    assert shown.state == "broken" and "state/00000001.json is damaged" in shown.message, shown
+    assert runner.repair(job.dir).state_now == "queued"  # (what the torn cancel said is unknown)
