@@ -336,8 +336,11 @@ def job_folders(root: str | os.PathLike) -> list[Path]:
         if entry.startswith("."):
             continue
         p = root / entry
-        if _lexists(p / JOB_FILE) or _lexists(p / JOB_BACKUP):
-            out.append(p)
+        try:
+            if _lexists(p / JOB_FILE) or _lexists(p / JOB_BACKUP):
+                out.append(p)
+        except storage.StorageError:  # unreadable through the retries: its opener says so (pass 89)
+            out.append(p)  # (`runner status`: unreadable), not the whole home's listing
     return out
 
 

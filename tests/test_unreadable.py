@@ -2,6 +2,7 @@
 read is said to be unreadable, never `broken` with a `runner repair` hint and never complete. Adversarial
 pass 65 (a single transient error at any read held: those are retried)."""
 
+import builtins
 import errno
 import os
 import warnings
@@ -141,3 +142,30 @@ def test_load_results_of_a_running_job_says_the_rest_is_still_to_come(tmp_path, 
     assert any("is running" in t and "not computed yet" in t for t in texts) and not any(
         "retry" in t for t in texts
     )
+
+
+def test_one_job_folder_unreadable_is_shown_so_and_the_rest_of_the_home_as_it_is(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """Pass 89: one job's job.json unreadable through the retries (ESTALE on that one file, the rest of the
+    home fine) made `runner status` of the whole home fail, and a lookup by name with it."""
+    rows = write_jsonl(
+        tmp_path / "p.jsonl", ({"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(2))
+    )
+    sick, well = (create_job(rows, tiny_gpt2, GenerationParams(max_new_tokens=3), home=runner_home, name=n)
+                  for n in ("sick", "well"))  # fmt: skip
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+
+    def failing(real):
+        def call(p, *a, **k):
+            if os.fspath(p) == os.fspath(sick.dir / "job.json"):
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), os.fspath(p))
+            return real(p, *a, **k)
+
+        return call
+
+    for module, name in ((os, "lstat"), (os, "stat"), (os, "open"), (builtins, "open")):
+        monkeypatch.setattr(module, name, failing(getattr(module, name)))
+    shown = {s.folder: s.state for s in runner.status(home=runner_home)}
+    assert shown == {str(sick.dir): "unreadable", str(well.dir): "queued"}, shown
+    assert runner.status("well", home=runner_home).id == well.id
