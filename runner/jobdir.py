@@ -831,40 +831,9 @@ def _quarantine_damaged_asides(job: Job) -> str | None:
 
 
 def _put_back(job_dir: Path, seq: int, data: bytes) -> None:
-    """A record in transit (`_in_transit`) back at its own name, byte for byte (its writer reads it back there),
-    unless a record is there by now: the file set aside renamed back (`_rename_back`), else (swept meanwhile)
-    created there."""
-    folder, path = job_dir / STATES, job_dir / STATES / record_name(seq)
-    prefix = f".{record_name(seq)}.{ASIDE}"
-    for name in sorted(n for n in _state_names(job_dir) if n.startswith(prefix) and storage.is_temp_name(n)):
-        try:
-            same = storage.kind(folder / name) == "file" and storage.read_bytes(folder / name) == data
-        except storage.StorageError as e:
-            if not isinstance(e.__cause__, FileNotFoundError):
-                raise
-            continue  # put back by another since the listing
-        if same and _rename_back(folder / name, path):
-            return
-    if not _lexists(path):
-        create_exclusive_bytes(path, data)
-
-
-def _rename_back(aside: Path | str, path: Path) -> bool:
-    """A record set aside put back at its name by a rename, all at once, while nothing is at the name: put back
-    by a create then a fill, a kill between them left an empty record at its name, the whole one aside no
-    longer counted, and a reported cancel was undone (pass 87). True when it is back."""
-    fault_point("before_put_back")
-    if _lexists(path):
-        return False
-    try:
-        storage.retry(lambda: os.rename(aside, path), f"move {aside}")
-    except storage.StorageError as e:
-        if not isinstance(e.__cause__, FileNotFoundError):
-            raise
-        return (
-            False  # put back by another meanwhile (or our rename's reply was lost: the caller reads the name)
-        )
-    return True
+    """A record in transit (`_in_transit`) created at its own name, byte for byte (its writer reads it back
+    there), unless a record is there by now."""
+    create_exclusive_bytes(job_dir / STATES / record_name(seq), data)
 
 
 def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
@@ -1550,8 +1519,8 @@ ADOPT_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
 def _adopt_unfilled(path: Path, data: bytes, adopt: int) -> bool:
     """After our create raised a transient error, the name is taken. Content appearing there: another writer's
     (False). Empty through ADOPT_PAUSES: taken aside by a rename (one taker wins it), looked at there, removed,
-    and the name created afresh. Filled just before the rename: its writer's, put back by a rename while the
-    name is free (never over a record another writer created at the free name meanwhile), False. A writer frozen between
+    and the name created afresh. Filled just before the rename: its writer's, put back by an exclusive create
+    (never over a record another writer created at the free name meanwhile), False. A writer frozen between
     its create and its fill then fills a file no longer at the name, reads back another's bytes, and drops
     its word. True if the name is ours."""
     for pause in (*ADOPT_PAUSES, None):
@@ -1579,7 +1548,7 @@ def _adopt_unfilled(path: Path, data: bytes, adopt: int) -> bool:
             raise
         return False  # put back by another (it was in transit, `_in_transit`): the caller decides again
     if theirs:
-        _rename_back(aside, path)  # (the name taken meanwhile: theirs is lost, and so is their word; pass 87)
+        _create_then_fill(path, theirs, adopt=1)  # (its own lost reply: adopted back once)
     storage.remove(aside)
     return not theirs and _create_then_fill(path, data, adopt - 1)
 
