@@ -372,6 +372,10 @@ def is_copy_in_home(job: Job) -> bool:
     return job.dir.name != job.id and _is_job_folder(job.dir.parent / job.id)
 
 
+class CopyInHome(BrokenJob):
+    """A job folder that is a copy of the home's folder named by its job's id (`copy_in_home`)."""
+
+
 def copy_in_home(job: Job) -> str | None:
     """Why `job`'s folder, named by its path or folder name (`runner status jobs/backup`, `runner work --job
     backup`), is not to be run: a copy of the folder named by its id beside it (`copies_in_home`), else None.
@@ -2464,6 +2468,8 @@ def _mended_folder(path: Path, report: RepairReport) -> Job:
     try:
         job = Job.open(path, inputs=False)
         report.mended_backup = same_job_as_backup(job)
+    except CopyInHome:  # nothing in it to mend: it is to go (pass 90: "job.json restored", "run work")
+        raise
     except BrokenJob:
         job = _restore_spec(path)
         report.restored_spec = True
@@ -2751,7 +2757,7 @@ def same_job_as_backup(job: Job) -> bool:
         raise BrokenJob(f"{other}, but job.json is job {job.id}'s: one of them was copied in from another job folder "
                         f"(if the results were, {_FOREIGN_OUT}; `runner repair` says more)")  # fmt: skip
     if (copy := copy_in_home(job)) is not None:
-        raise BrokenJob(copy, repairable=False)
+        raise CopyInHome(copy, repairable=False)
     if _valid_spec(backup):
         return False
     return _mend_backup(job, "damaged" if backup is not None else "missing or damaged")

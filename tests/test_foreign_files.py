@@ -9,7 +9,7 @@ written for; verified.json names the job whose shards it vouches for."""
 import shutil
 
 import pytest
-from helpers import write_jsonl
+from helpers import invoke, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, jobdir, scheduler
@@ -168,6 +168,13 @@ def test_a_copy_named_by_its_folder_is_not_run_nor_shown_queued(
         assert scheduler.work(runner_home, job=ref, echo=None, engine=gpt2_engine) == []
     with pytest.raises(runner.RunnerError, match="is a copy of the folder"):
         run_job(jobdir.open_job("backup", runner_home), gpt2_engine, echo=None)
+    # pass 90: repair said "job.json restored from job.backup.json" and "run `runner work`" for it
+    said = invoke("repair", copy)
+    assert said.exit_code == 1 and f"backup/ is a copy of the folder {job.id}/" in said.output, said.output
+    assert (
+        "restored" not in said.output
+        and (copy / "job.json").read_bytes() == (job.dir / "job.json").read_bytes()
+    )
     assert not list((copy / "done").glob("*.json")) and runner.status(job.id, home=runner_home).done == 0
 
 
