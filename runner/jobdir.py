@@ -717,7 +717,7 @@ def _late_word_stands(job_dir: Path, newest: StateRecord) -> StateRecord:
     if not newest.blind:
         return newest
     try:  # (itself a blind repair's record, filled late: the word below it, and so on; pass 76)
-        late = _late_word_stands(job_dir, _read_record(job_dir, newest.seq - 1, wait=False))
+        late = _late_word_stands(job_dir, _filled_or_aside(job_dir, newest.seq - 1))
     except BrokenJob:  # still empty, or damaged: nobody's word
         return newest
     if late.writer is None or late.state is JobState.COMPLETED:  # (a completion stands only while complete)
@@ -777,13 +777,16 @@ def _blind(d: dict[str, Any], seq: int) -> bool:
 
 
 def _set_aside(
-    job_dir: Path, seq: int, names: list[str] | None = None
+    job_dir: Path, seq: int, names: list[str] | None = None, under_empty: bool = False
 ) -> Iterator[tuple[bytes, dict[str, Any]]]:
-    """The whole records for `seq` (bytes, JSON) an adopter set aside, while nothing is at its own name."""
+    """The whole records for `seq` (bytes, JSON) an adopter set aside, while nothing is at its own name (with
+    `under_empty`: or an empty file, `_filled_or_aside`)."""
     folder = job_dir / STATES
     prefix = f".{record_name(seq)}.{ASIDE}"
     temps = [n for n in (_state_names(job_dir) if names is None else names) if n.startswith(prefix)]
-    if not temps or _lexists(folder / record_name(seq)):
+    if not temps or (
+        _lexists(folder / record_name(seq)) and not (under_empty and _empty(folder / record_name(seq)))
+    ):
         return
     for name in sorted(temps):
         if not storage.is_temp_name(name) or storage.kind(folder / name) != "file":
@@ -832,6 +835,37 @@ def _quarantine_damaged_asides(job: Job) -> str | None:
         by = d.get("by") if isinstance(d, dict) else None
         said = by if by in ("cancel", "retry") else ""
     return said
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return storage.kind(path) == "file" and not storage.read_bytes(path)
+    except storage.StorageError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return False
+        raise
+
+
+def _filled_or_aside(job_dir: Path, seq: int) -> StateRecord:
+    """The record at `seq` (not waited for), or, where it is empty, the whole record an adopter had set aside
+    for that place, decided over the record below: its put-back (a create, then a fill: no hard links) was
+    killed between the two, after its writer had read it back and said done (pass 87: a cancel, then lost to a
+    repair that recorded queued over the empty record). Read where a repair decided blind over `seq`
+    (`_late_word_stands`, `_late_word`): that word stands as if it had been filled late."""
+    try:
+        return _read_record(job_dir, seq, wait=False)
+    except BrokenJob:
+        if seq < 1 or not _empty(job_dir / STATES / record_name(seq)):
+            raise
+        try:
+            below = _read_record(job_dir, seq - 1, wait=False) if seq > 1 else _legacy_state(job_dir)
+        except BrokenJob:
+            below = None
+        found = [(data, d) for data, d in _set_aside(job_dir, seq, under_empty=True)
+                 if below is not None and d["over"] == below.writer]  # fmt: skip
+        if not found:
+            raise
+        return replace(_parse_state(found[0][1], record_name(seq), seq), transit=True)
 
 
 def _put_back(job_dir: Path, seq: int, data: bytes) -> None:
@@ -2515,7 +2549,7 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     wanted = StateRecord(final, generation, error)
     must_write = report.state_was.startswith("broken") or bool(report.quarantined)
     now = _settle_state(job, wanted, read or over, must_write, broken_top=read is None)
-    if report.damaged_by == "" and _reads(job.dir, over.seq):
+    if report.damaged_by == "" and _reads(job.dir, over.seq, aside=True):
         report.damaged_by = None  # filled since by its slow writer: its word stood
     report.state_now, report.done, report.total = now.state.value, progress.done, progress.total
     # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
@@ -2585,7 +2619,7 @@ def _late_word(job: Job, ours: StateRecord, top: int) -> StateRecord:
     (a cancel, a retry): its word stands, recorded again over ours (a completion only while the job is
     complete; a writer that has decided again over ours meanwhile stands instead)."""
     try:
-        late = _read_record(job.dir, top, wait=False)
+        late = _filled_or_aside(job.dir, top)
     except BrokenJob:  # still empty or damaged: nobody's word
         return ours
     if late.state is JobState.COMPLETED and not job_progress(job).complete:
@@ -2594,9 +2628,10 @@ def _late_word(job: Job, ours: StateRecord, top: int) -> StateRecord:
     return record_state(job.dir, ours, again, "repair") or read_state(job.dir)
 
 
-def _reads(job_dir: Path, seq: int) -> bool:
+def _reads(job_dir: Path, seq: int, aside: bool = False) -> bool:
+    """Whether the record at `seq` reads (with `aside`: or stands aside for its empty record, `_filled_or_aside`)."""
     try:
-        _read_record(job_dir, seq, wait=False)
+        _filled_or_aside(job_dir, seq) if aside else _read_record(job_dir, seq, wait=False)
     except BrokenJob:  # missing, not a file, empty or damaged
         return False
     return True
@@ -2843,9 +2878,14 @@ def remove_stale_temps(job: Job, max_age: float = TEMP_MAX_AGE) -> int:
 
 def _keep_in_transit(job_dir: Path) -> bool:
     """A state record in transit (`_in_transit`) is put back at its name before the temp files go. False when
-    one is damaged (`_aside_damage`): state/'s temp files are then left alone."""
+    one is damaged (`_aside_damage`), or stands for an empty record (`_filled_or_aside`): state/'s temp files
+    are then left alone."""
+    seqs = _record_seqs(job_dir)
+    for seq in seqs[-2:]:  # the record a killed put-back left empty, its whole one aside (`_filled_or_aside`)
+        with contextlib.suppress(BrokenJob):
+            if _filled_or_aside(job_dir, seq).transit:
+                return False
     try:
-        seqs = _record_seqs(job_dir)
         newest = _read_record(job_dir, seqs[-1], wait=False) if seqs else _legacy_state(job_dir)
     except BrokenJob:  # (no newest record to go over: nothing is in transit over it)
         return True

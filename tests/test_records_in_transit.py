@@ -196,3 +196,34 @@ def test_a_link_at_an_aside_name_is_no_record_in_transit(job):
     assert runner.status(job.dir).state == "queued" and by_name(job)["00000002.json"] == "retry"
     runner.repair(job.dir)
     assert runner.status(job.dir).state == "queued"
+
+
+@pytest.mark.parametrize("repair_killed", [False, True])
+def test_a_put_back_killed_between_its_create_and_its_fill_leaves_the_word_to_repair(
+    job, monkeypatch, repair_killed
+):
+    """Pass 87: an adopter putting back a cancel it had set aside (filled, read back by its writer: "cancelled")
+    creates the name, then fills it (no hard links). Killed between the two, it left the record empty at its
+    name and the cancel aside, no longer in transit: repair recorded queued over the empty record (saying to run
+    the cancel again "if you ran it just then") and the sweep deleted the cancel. A repair deciding blind over
+    that empty record now takes the word aside as the record's, filled late: it stands."""
+    from helpers import invoke
+
+    assert runner.cancel(job.dir) == "queued"
+    _, aside = set_aside(job, 1)
+    (_state(job) / "00000001.json").write_bytes(b"")  # the put-back's create, killed before its fill
+    os.utime(_state(job) / aside, (1, 1))  # (its mtime is its writer's fill: may be old)
+    if repair_killed:  # after its blind record, before it records the late word again
+        monkeypatch.setattr(jobdir, "_late_word", lambda job, ours, top: ours)
+        jobdir.repair(job.dir)
+        monkeypatch.undo()
+        assert jobdir.newest_state_seq(job.dir) == 2 and (_state(job) / "00000001.json").read_bytes() == b""
+        assert json.loads((_state(job) / "00000002.json").read_bytes())["by"] == "repair"
+        assert runner.status(job.dir).state == "cancelled"  # read under the blind record
+        jobdir.remove_stale_temps(job)
+        assert aside in os.listdir(_state(job))  # not swept while it stands for the empty record
+    result = invoke("repair", job.dir)
+    assert result.exit_code == 0 and "run it again" not in result.output, result.output
+    assert runner.status(job.dir).state == "cancelled" and job.state().state is JobState.CANCELLED
+    runner.retry(job.dir)
+    assert job.state().state is JobState.QUEUED
