@@ -722,9 +722,10 @@ def _late_word_stands(job_dir: Path, newest: StateRecord) -> StateRecord:
         return newest
     if late.writer is None or late.state is JobState.COMPLETED:  # (a completion stands only while complete)
         return newest
-    return replace(
-        newest, state=late.state, generation=max(late.generation, newest.generation), error=late.error
-    )
+    return replace(  # (transit: a word read aside, which a repair records again: pass 91)
+        newest, state=late.state, generation=max(late.generation, newest.generation), error=late.error,
+        transit=newest.transit or late.transit,
+    )  # fmt: skip
 
 
 # Pauses before listing state/ again when its newest record went between the listing and the read
@@ -2547,7 +2548,10 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
         final = read.state  # a sound cancel or failure stands, every row done or not (`runner retry` ends it)
     error = last.error if last is not None and last.state is final else None  # a failure keeps its reason
     wanted = StateRecord(final, generation, error)
-    must_write = report.state_was.startswith("broken") or bool(report.quarantined)
+    # (a late word read aside, under a repair's blind record, becomes a record of its own: pass 91)
+    must_write = (
+        report.state_was.startswith("broken") or bool(report.quarantined) or bool(read and read.transit)
+    )
     now = _settle_state(job, wanted, read or over, must_write, broken_top=read is None)
     if report.damaged_by == "" and _reads(job.dir, over.seq, aside=True):
         report.damaged_by = None  # filled since by its slow writer: its word stood
@@ -2625,7 +2629,13 @@ def _late_word(job: Job, ours: StateRecord, top: int) -> StateRecord:
     if late.state is JobState.COMPLETED and not job_progress(job).complete:
         return ours
     again = StateRecord(late.state, max(late.generation, ours.generation), late.error)
-    return record_state(job.dir, ours, again, "repair") or read_state(job.dir)
+    done = record_state(job.dir, ours, again, "repair")
+    if done is None or not late.transit or not _reads(job.dir, top):
+        return done or read_state(job.dir)
+    # the word was read aside, and its empty record filled since: a live writer's (frozen between its create and
+    # its fill at a name an adopter had freed), whose word came later, and which may take it as standing over
+    # our blind record: recorded again over the aside's (pass 91)
+    return _late_word(job, done, top)
 
 
 def _reads(job_dir: Path, seq: int, aside: bool = False) -> bool:

@@ -225,5 +225,53 @@ def test_a_put_back_killed_between_its_create_and_its_fill_leaves_the_word_to_re
     result = invoke("repair", job.dir)
     assert result.exit_code == 0 and "run it again" not in result.output, result.output
     assert runner.status(job.dir).state == "cancelled" and job.state().state is JobState.CANCELLED
+    # a record of its own, not a word read aside (pass 91: a second repair left it in the temp file only)
+    newest = _state(job) / jobdir.record_name(jobdir.newest_state_seq(job.dir))
+    assert json.loads(newest.read_bytes())["state"] == "cancelled" and not job.state().blind
     runner.retry(job.dir)
     assert job.state().state is JobState.QUEUED
+
+
+def test_a_live_writers_record_filled_as_repair_takes_the_word_aside_is_recorded_after_it(job, monkeypatch):
+    """Pass 91: a retry frozen between creating its record and filling it, at the name an adopter had freed
+    (the cancel recorded there set aside, the adopter killed); a repair decided blind over the empty record and
+    took the cancel aside as its word; the retry filled its record right then, found the repair's record the
+    newest and said "retried"; the repair recorded the cancel, and the retry was undone."""
+    import threading
+
+    monkeypatch.setattr(
+        os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(1, "Operation not permitted"))
+    )
+    jobdir.write_failed(job.dir, jobdir.read_state(job.dir), "boom")  # 1: failed
+    gates = {n: (threading.Event(), threading.Event()) for n in ("before_create", "after_create")}
+    real_point = jobdir.fault_point
+
+    def fault_point(name):
+        if threading.current_thread().name == "retry" and name in gates:
+            gates[name][0].set()
+            gates[name][1].wait()
+        return real_point(name)
+
+    monkeypatch.setattr(jobdir, "fault_point", fault_point)
+    said = []
+    retry = threading.Thread(target=lambda: said.append(runner.retry(job.dir)), name="retry")
+    retry.start()
+    gates["before_create"][0].wait()  # decided over the failure; nothing in transit then
+    assert runner.cancel(job.dir) == "failed"  # 2: cancelled, reported
+    set_aside(job, 2)  # by an adopter, killed before putting it back
+    gates["before_create"][1].set()
+    gates["after_create"][0].wait()  # the retry created 2 at the free name, frozen before its fill
+    real = jobdir._filled_or_aside
+
+    def filled_or_aside(job_dir, seq):
+        found = real(job_dir, seq)
+        if found.transit and not gates["after_create"][1].is_set():
+            gates["after_create"][1].set()  # the retry fills now: after the repair's look, before its record
+            retry.join()
+        return found
+
+    monkeypatch.setattr(jobdir, "_filled_or_aside", filled_or_aside)
+    jobdir.repair(job.dir)
+    retry.join()
+    assert len(said) == 1  # the retry said it was done: it came after the cancel
+    assert job.state().state is JobState.QUEUED and job.state().generation == 1
