@@ -801,9 +801,8 @@ def _set_aside(
             if isinstance(e.__cause__, (FileNotFoundError, IsADirectoryError)):
                 continue  # put back (or swept) since the listing
             raise
-        if (
-            why := _aside_damage(d)
-        ) is not None:  # (a fill ends with the JSON's last byte: whole, then damaged)
+        # (a fill ends with the JSON's last byte: a whole record that fails its check is damaged)
+        if (why := _aside_damage(d)) is not None:
             raise BrokenJob(f"{STATES}/{name}, a state record set aside while it was being read (no hard links), "
                             f"is damaged ({why})")  # fmt: skip
         yield data, d
