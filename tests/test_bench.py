@@ -146,6 +146,23 @@ def test_refill_few_shot_prompts_share_their_start(bench, tiny_gpt2, tmp_path, m
     assert res["rows_identical"] == res["unshared_rows_identical"] == 4
 
 
+def test_refill_natural_lengths_give_every_row_the_same_max_new_tokens(bench, tiny_gpt2, tmp_path):
+    """--natural: one max_new_tokens for every row (as `runner submit --max-new-tokens` gives a whole file),
+    where the default draws each row's from 8..--max-new-tokens."""
+    import refill
+
+    lengths = {}
+    for flag in ([], ["--natural"]):
+        out = tmp_path / f"refill{len(flag)}.json"
+        args = ["--model", tiny_gpt2, "--num-prompts", "6", "--batch-size", "2", "--max-new-tokens", "12",
+                "--json-out", str(out), *flag]  # fmt: skip
+        assert refill.main(args) == 0
+        res = json.loads(out.read_text())
+        assert res["natural"] == bool(flag) and res["rows_identical"] == 6
+        lengths[bool(flag)] = res["max_new_tokens"]
+    assert lengths[True] == [12] * 6 and len(set(lengths[False])) > 1 and max(lengths[False]) <= 12
+
+
 def test_refill_ab_script(bench, tiny_gpt2, tmp_path, capsys):
     """benchmarks/refill.py (static batches vs one refilled batch) runs end to end, and every row agrees."""
     import refill
