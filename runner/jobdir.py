@@ -1571,6 +1571,8 @@ def _adopt_unfilled(path: Path, data: bytes, adopt: int) -> bool:
             raise
         if pause is not None:
             time.sleep(pause)
+    if _put_back_killed(path, data):
+        return False  # not our create's: the caller decides again over what stands
     aside = _aside_name(path)
     try:
         storage.retry(lambda: os.rename(path, aside), f"move {path}")
@@ -1589,6 +1591,27 @@ def _adopt_unfilled(path: Path, data: bytes, adopt: int) -> bool:
         _create_then_fill(path, theirs, adopt=1)  # (its own lost reply: adopted back once)
     storage.remove(aside)
     return not theirs and _create_then_fill(path, data, adopt - 1)
+
+
+def _put_back_killed(path: Path, data: bytes) -> bool:
+    """Whether a whole record decided over the same one as ours (`data`) sits aside for `path`: the empty file
+    at the name is then its put-back, killed before its fill (`_filled_or_aside`), not our landed create.
+    Adopted, it was removed and ours created there, and the reported cancel aside was lost (pass 92)."""
+    try:
+        over = json.loads(data)["over"]
+    except (ValueError, TypeError, KeyError):
+        return False  # (not a state record)
+    folder, name = os.path.split(os.fspath(path))
+    for entry in scan(Path(folder)):
+        if not (entry.startswith(f".{name}.{ASIDE}") and storage.is_temp_name(entry)):
+            continue
+        try:
+            d = json.loads(storage.read_bytes(Path(folder) / entry))
+        except (ValueError, storage.StorageError):  # torn, or gone
+            continue
+        if _aside_damage(d) is None and d["over"] == over:
+            return True
+    return False
 
 
 def _aside_name(path: Path) -> str:

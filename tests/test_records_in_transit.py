@@ -275,3 +275,36 @@ def test_a_live_writers_record_filled_as_repair_takes_the_word_aside_is_recorded
     retry.join()
     assert len(said) == 1  # the retry said it was done: it came after the cancel
     assert job.state().state is JobState.QUEUED and job.state().generation == 1
+
+
+def test_a_writer_whose_create_failed_does_not_adopt_a_put_back_killed_before_its_fill(job, monkeypatch):
+    """Pass 92: a cancel's put-back killed between its create and its fill (empty at its name, whole aside);
+    a worker's completion, decided over the state before the cancel, whose own create of that name failed
+    (EIO), found the name taken by an empty file that stayed empty, took it for its own landed create, and
+    recorded the completion there: the reported cancel was lost. It leaves it: repair takes the cancel."""
+    import errno
+
+    before = jobdir.read_state(job.dir)
+    assert runner.cancel(job.dir) == "queued"
+    _, aside = set_aside(job, 1)
+    (_state(job) / "00000001.json").write_bytes(b"")  # the put-back's create, killed before its fill
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", ())
+    monkeypatch.setattr(jobdir, "STATE_PATIENCE_SECONDS", 0.0)  # (the empty record, waited out)
+    real_open, failed = os.open, []
+
+    def flaky_open(path, flags, *a, **k):  # the completion's create reports EIO, and did not land
+        if flags & os.O_EXCL and os.fspath(path).endswith("00000001.json") and not failed:
+            failed.append(1)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", flaky_open)
+    try:
+        assert jobdir.write_completed(job.dir, before) is None
+    except jobdir.BrokenJob:
+        pass  # (or it says the state is broken: either way, not recorded)
+    monkeypatch.undo()
+    assert failed and aside in os.listdir(_state(job)) and (_state(job) / "00000001.json").read_bytes() == b""
+    jobdir.repair(job.dir)
+    assert job.state().state is JobState.CANCELLED
