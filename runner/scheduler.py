@@ -480,7 +480,7 @@ def run_leased(
     if echo:
         echo(starting)
     read = None
-    halted = _halted(stop, run_opts["deadline"])
+    halted = _Halted(stop, run_opts["deadline"])
     try:
         # what a failure found from here on is recorded over (never over a newer word)
         read = jobdir.settled_state(j, halted, lambda: echo and echo(_waiting_line(j.id)))
@@ -529,10 +529,6 @@ class _Halted:
         if self.deadline is not None and time.time() >= self.deadline:
             return "its --hours/--until deadline came"
         return None
-
-
-def _halted(stop: Callable[[], bool] | None, deadline: float | None) -> _Halted:
-    return _Halted(stop, deadline)
 
 
 def _damaged(e: Exception, job: Job) -> bool:

@@ -1218,7 +1218,7 @@ def test_a_models_own_code_changed_under_a_job_is_refused(prompts_file, tmp_path
 def test_the_log_says_why_a_worker_stopped_early(prompts_file, tiny_gpt2, gpt2_engine, runner_home):
     """log.txt said "stopped with 2/6 rows done (asked to stop, or its deadline)" whichever it was (new-user
     walkthrough, pass 85): it says which."""
-    from runner.scheduler import _halted
+    from runner.scheduler import _Halted
 
     job = submit(prompts_file, tiny_gpt2)
     calls = []
@@ -1231,6 +1231,6 @@ def test_the_log_says_why_a_worker_stopped_early(prompts_file, tiny_gpt2, gpt2_e
     )
     log = (job.dir / jobdir.LOG_FILE).read_text()
     assert re.search(r"stopped with [1-5]/6 rows done \(asked to stop \(Ctrl-C or a signal\)\)", log), log
-    assert _halted(None, time.time() - 1).why() == "its --hours/--until deadline came"
-    assert _halted(lambda: True, time.time() - 1).why().startswith("asked to stop")
-    assert _halted(lambda: False, time.time() + 3600).why() is None and not _halted(None, None)()
+    assert _Halted(None, time.time() - 1).why() == "its --hours/--until deadline came"
+    assert _Halted(lambda: True, time.time() - 1).why().startswith("asked to stop")
+    assert _Halted(lambda: False, time.time() + 3600).why() is None and not _Halted(None, None)()
