@@ -1594,24 +1594,21 @@ def _adopt_unfilled(path: Path, data: bytes, adopt: int) -> bool:
 
 
 def _put_back_killed(path: Path, data: bytes) -> bool:
-    """Whether a whole record decided over the same one as ours (`data`) sits aside for `path`: the empty file
-    at the name is then its put-back, killed before its fill (`_filled_or_aside`), not our landed create.
-    Adopted, it was removed and ours created there, and the reported cancel aside was lost (pass 92)."""
-    try:
-        over = json.loads(data)["over"]
-    except (ValueError, TypeError, KeyError):
+    """Whether a whole record decided over the same one as ours (`data`) sits aside for the state record `path`
+    (`_set_aside`): the empty file at the name is then its put-back, killed before its fill (`_filled_or_aside`),
+    not our landed create. Adopted, it was removed and ours created there, and the reported cancel aside was lost
+    (pass 92)."""
+    record = _RECORD.match(path.name)
+    if record is None or path.parent.name != STATES:
         return False  # (not a state record)
-    folder, name = os.path.split(os.fspath(path))
-    for entry in scan(Path(folder)):
-        if not (entry.startswith(f".{name}.{ASIDE}") and storage.is_temp_name(entry)):
-            continue
-        try:
-            d = json.loads(storage.read_bytes(Path(folder) / entry))
-        except (ValueError, storage.StorageError):  # torn, or gone
-            continue
-        if _aside_damage(d) is None and d["over"] == over:
-            return True
-    return False
+    over = json.loads(data).get("over")
+    try:
+        return any(
+            d["over"] == over
+            for _, d in _set_aside(path.parent.parent, int(record.group(1)), under_empty=True)
+        )
+    except BrokenJob:  # a damaged one: no whole record of that place stands aside
+        return False
 
 
 def _aside_name(path: Path) -> str:
