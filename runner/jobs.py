@@ -342,10 +342,10 @@ def _refuse_a_name_like_an_id(job_dir: Path | None) -> None:
     """A new job's own folder (-o) named like a job id is refused: a folder so named is taken for that job's (as
     a job home names each job's folder), so the new job (another id) would be refused as another's at every run
     (pass 87)."""
-    if job_dir is not None and jobdir.JOB_ID.fullmatch(Path(job_dir).name):
+    if job_dir is not None and jobdir.JOB_ID.fullmatch(job_dir.name):
         raise RunnerError(
             f"{job_dir}: a folder named like a job id is taken for that job's folder (as in a job home), and a new "
-            f"job gets an id of its own; name the folder otherwise (e.g. {Path(job_dir).with_name('out-' + Path(job_dir).name)})"
+            f"job gets an id of its own; name the folder otherwise (e.g. {job_dir.with_name('out-' + job_dir.name)})"
         )
 
 
