@@ -130,8 +130,7 @@ def _jobs(home: Any, only: str | Job | None, broken: dict[str, Broken] | None = 
         try:
             out.append(Job.open(path))
         except RunnerError as e:  # broken: it breaks only itself
-            if isinstance(e, StorageError) and e.unreadable_for_now:
-                # unreadable through the retries (a mount failing): not broken, never `runner repair` (pass 65)
+            if _unreadable(e) and broken is None:
                 raise
             _note_broken(broken, path, e)
     copies = jobdir.copies_in_home(out, folders)
@@ -153,9 +152,9 @@ def _queued(
                     raise BrokenJob(why)
                 yield job, jobdir.job_progress(job)
         except (BrokenJob, StorageError, OSError) as e:
-            if not isinstance(e, BrokenJob) and not _damaged(e, job):
+            if not (isinstance(e, BrokenJob) or _damaged(e, job) or (_unreadable(e) and broken is not None)):
                 raise
-            # a damaged folder (a file where claims/ belongs...) is broken too
+            # a damaged folder (a file where claims/ belongs...) is broken too; an unreadable one skipped for now
             _note_broken(broken, job.dir, e, job.id)
 
 
@@ -167,18 +166,30 @@ class Broken(NamedTuple):
     # its newest state record is empty (no links): when that record was made (`_on_its_way`)
     made: float | None
     job_id: str
+    # not broken: its folder could not be read through the retries (`_unreadable`); looked at again each round
+    unreadable: StorageError | None = None
+
+
+def _unreadable(e: Exception) -> bool:
+    """A job folder unreadable through the retries (a mount failing for a minute, one folder Drive has not
+    synced): not broken, never `runner repair` (pass 65). `runner work` runs the other jobs meanwhile and stops
+    on it only when there is nothing else to do."""
+    return isinstance(e, StorageError) and e.unreadable_for_now
 
 
 def _note_broken(
     broken: dict[str, Broken] | None, folder: Any, e: Exception, job_id: str | None = None
 ) -> None:
     if broken is not None:
+        unreadable = e if isinstance(e, StorageError) and _unreadable(e) else None
         broken[str(folder)] = Broken(str(e), getattr(e, "repairable", True), getattr(e, "since", None),
-                                     job_id or os.path.basename(folder))  # fmt: skip
+                                     job_id or os.path.basename(folder), unreadable)  # fmt: skip
 
 
-def _broken_line(job_id: str, folder: Any, why: Any, repairable: bool) -> str:
-    """What a worker says of a broken job it skips."""
+def _broken_line(job_id: str, folder: Any, why: Any, repairable: bool, unreadable: bool = False) -> str:
+    """What a worker says of a broken (or for now unreadable) job it skips."""
+    if unreadable:
+        return f"job {job_id} cannot be read for now ({why}); skipped, and looked at again after each job"
     hint = f" (`runner repair {shlex.quote(str(folder))}` brings it back)" if repairable else ""
     return f"job {job_id} is broken ({why}); skipped{hint}"
 
@@ -343,13 +354,18 @@ def work(
         jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
     while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
         seen = set(broken)
+        unread = {f for f in broken if broken[f].unreadable}  # read again this round
+        for folder in unread:
+            del broken[folder]
         cand = next((c for c in queue(home, job, broken) if c.job.id not in failed), None)
         for folder in [f for f in unfilled if f not in broken]:
             del unfilled[folder]  # its record reads now
-        for folder in [f for f in broken if f not in seen]:
+        for folder in [f for f in broken if f not in seen or (f in unread and not broken[f].unreadable)]:
             if not _on_its_way(folder, broken, unfilled, echo) and echo:
                 b = broken[folder]
-                echo(_broken_line(b.job_id, folder, b.why, b.repairable))
+                echo(_broken_line(b.job_id, folder, b.why, b.repairable, b.unreadable is not None))
+        if cand is None and (e := next((b.unreadable for b in broken.values() if b.unreadable), None)):
+            raise e  # nothing else to do: the home is failing, or that folder is (pass 65)
         if cand is None:
             if unfilled:
                 jobdir.wait_for_state()

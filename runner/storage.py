@@ -51,7 +51,8 @@ class StorageError(RunnerError):
     @property
     def unreadable_for_now(self) -> bool:
         """A transient error that lasted through the retries (a mount failing for a minute): nothing damaged,
-        and a later look may succeed (`runner status` says `unreadable`, `runner work` stops on it)."""
+        and a later look may succeed (`runner status` says `unreadable`; `runner work` runs the other jobs and
+        stops on it when nothing else is left)."""
         return not self.damaged and self.errno in TRANSIENT
 
     @property

@@ -32,7 +32,7 @@ def _failing_listings(monkeypatch, folder, after=0):
         real = getattr(os, name)
 
         def failing(p=".", real=real):
-            if os.fspath(p) == os.fspath(folder):
+            if not isinstance(p, int) and os.fspath(p) == os.fspath(folder):
                 seen.append(1)
                 if len(seen) > after:
                     raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(p))
@@ -82,6 +82,28 @@ def test_work_stops_on_a_job_it_cannot_read_instead_of_calling_it_broken(
     assert not any("broken" in line for line in said), said
     monkeypatch.undo()
     assert runner.status(job.dir).state == "queued"
+
+
+@pytest.mark.parametrize("unreadable", ["", "state"])  # the job folder itself, or its state records
+def test_work_runs_the_other_jobs_before_it_stops_on_the_one_it_cannot_read(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch, unreadable
+):
+    """One folder unreadable through the retries (the others read) stopped `runner work` before any job ran: a
+    broken job breaks only itself, and one that cannot be read for now should not hold up the others either."""
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    src = write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "Hello"}])
+    healthy = create_job(src, tiny_gpt2, GenerationParams(max_new_tokens=2), home=runner_home)
+    _failing_listings(monkeypatch, job.dir / unreadable if unreadable else job.dir)
+    said = []
+    with pytest.raises(StorageError, match="Input/output error"):
+        work(runner_home, engine=gpt2_engine, echo=said.append)
+    assert runner.status(healthy.dir).state == "completed"
+    assert [line for line in said if "cannot be read for now" in line and str(job.dir) in line], said
+    assert not any("broken" in line or "repair" in line for line in said), said
+    monkeypatch.undo()
+    assert runner.status(job.dir).state == "queued"
+    work(runner_home, engine=gpt2_engine, echo=None)
+    assert runner.status(job.dir).state == "completed"
 
 
 def test_a_worker_stopped_by_a_read_that_fails_says_the_job_home_cannot_be_read(
