@@ -353,19 +353,7 @@ def work(
     if job is None:
         jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
     while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
-        seen = set(broken)
-        unread = {f for f in broken if broken[f].unreadable}  # read again this round
-        for folder in unread:
-            del broken[folder]
-        cand = next((c for c in queue(home, job, broken) if c.job.id not in failed), None)
-        for folder in [f for f in unfilled if f not in broken]:
-            del unfilled[folder]  # its record reads now
-        for folder in [f for f in broken if f not in seen or (f in unread and not broken[f].unreadable)]:
-            if not _on_its_way(folder, broken, unfilled, echo) and echo:
-                b = broken[folder]
-                echo(_broken_line(b.job_id, folder, b.why, b.repairable, b.unreadable is not None))
-        if cand is None and (e := next((b.unreadable for b in broken.values() if b.unreadable), None)):
-            raise e  # nothing else to do: the home is failing, or that folder is (pass 65)
+        cand = _next_candidate(home, job, failed, broken, unfilled, echo)
         if cand is None:
             if unfilled:
                 jobdir.wait_for_state()
@@ -398,6 +386,32 @@ def work(
         if once or (summary.stopped and now is not JobState.CANCELLED):
             break
     return summaries
+
+
+def _next_candidate(
+    home: Any,
+    only: str | Job | None,
+    failed: set[str],
+    broken: dict[str, Broken],
+    unfilled: dict[str, float],
+    echo: Any,
+) -> Candidate | None:
+    """The job to take next (None: none now), saying once each broken job met. A folder unreadable for now is
+    looked at again each round; when nothing else is left to do, it stops the worker (pass 65)."""
+    seen = set(broken)
+    unread = {f for f in broken if broken[f].unreadable}
+    for folder in unread:
+        del broken[folder]
+    cand = next((c for c in queue(home, only, broken) if c.job.id not in failed), None)
+    for folder in [f for f in unfilled if f not in broken]:
+        del unfilled[folder]  # its record reads now
+    for folder in [f for f in broken if f not in seen or (f in unread and not broken[f].unreadable)]:
+        if not _on_its_way(folder, broken, unfilled, echo) and echo:
+            b = broken[folder]
+            echo(_broken_line(b.job_id, folder, b.why, b.repairable, b.unreadable is not None))
+    if cand is None and (e := next((b.unreadable for b in broken.values() if b.unreadable), None)):
+        raise e  # nothing else to do: the home is failing, or that folder is
+    return cand
 
 
 def _on_its_way(folder: str, broken: dict[str, Broken], unfilled: dict[str, float], echo: Any) -> bool:
