@@ -2467,6 +2467,9 @@ class RepairReport:
     damaged_by: str | None = None
     # a damaged record in transit was set aside: the command it says wrote it ("cancel", "retry"; "" unknown)
     damaged_aside: str | None = None
+    # the newest record was empty, its writer's whole record set aside beside it (a put-back killed half way):
+    # the command that wrote it ("cancel", "retry", ...), whose word repair kept
+    aside_word: str | None = None
     restored_inputs: list[str] = field(default_factory=list)  # written again from the input file (jobs.py)
     unrestorable: str | None = None  # why prompts.parquet / errors.jsonl, damaged, could not be written again
 
@@ -2552,7 +2555,12 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
         with contextlib.suppress(BrokenJob):
             read = read_state(job.dir)
             generation = read.generation
-    last = read or last_good_state(job.dir)  # the newest word still readable (a damaged cancel: unknowable)
+    aside = (
+        _aside_word(job.dir, over.seq) if read is None else None
+    )  # its word, though its put-back was killed
+    last = (
+        read or aside or last_good_state(job.dir)
+    )  # the newest word still readable (a damaged cancel: unknowable)
     # never below what the records, the commits and the completion were written under (the newest record torn)
     generation = max(generation, _last_generation(job))
     ledger = read_ledger(job, seal=True, generation=generation, verifier=Verifier(job, afresh=True))
@@ -2563,8 +2571,10 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     final = JobState.COMPLETED if progress.complete else JobState.QUEUED
     if final is JobState.QUEUED and last is not None and last.state in (JobState.CANCELLED, JobState.FAILED):
         final = last.state
-    if read is not None and read.state in (JobState.CANCELLED, JobState.FAILED):
-        final = read.state  # a sound cancel or failure stands, every row done or not (`runner retry` ends it)
+    if (sound := read or aside) is not None and sound.state in (JobState.CANCELLED, JobState.FAILED):
+        final = (
+            sound.state
+        )  # a sound cancel or failure stands, every row done or not (`runner retry` ends it)
     error = last.error if last is not None and last.state is final else None  # a failure keeps its reason
     wanted = StateRecord(final, generation, error)
     # (a late word read aside, under a repair's blind record, becomes a record of its own: pass 91)
@@ -2574,6 +2584,7 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     now = _settle_state(job, wanted, read or over, must_write, broken_top=read is None)
     if report.damaged_by == "" and _reads(job.dir, over.seq, aside=True):
         report.damaged_by = None  # filled since by its slow writer: its word stood
+        report.aside_word = aside.by if aside is not None and not _reads(job.dir, over.seq) else None
     report.state_now, report.done, report.total = now.state.value, progress.done, progress.total
     # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
     # and one deleted under it would stop it with a false "cannot be written" when it wakes.
@@ -2655,6 +2666,16 @@ def _late_word(job: Job, ours: StateRecord, top: int) -> StateRecord:
     # its fill at a name an adopter had freed), whose word came later, and which may take it as standing over
     # our blind record: recorded again over the aside's (pass 91)
     return _late_word(job, done, top)
+
+
+def _aside_word(job_dir: Path, seq: int) -> StateRecord | None:
+    """The whole record set aside for the empty record at `seq`, which stands as its word (`_filled_or_aside`);
+    None where there is none (or the record at `seq` reads, or is damaged)."""
+    try:
+        word = _filled_or_aside(job_dir, seq)
+    except BrokenJob:
+        return None
+    return word if word.transit else None
 
 
 def _reads(job_dir: Path, seq: int, aside: bool = False) -> bool:

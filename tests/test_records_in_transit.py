@@ -225,6 +225,10 @@ def test_a_put_back_killed_between_its_create_and_its_fill_leaves_the_word_to_re
     result = invoke("repair", job.dir)
     assert result.exit_code == 0 and "run it again" not in result.output, result.output
     assert runner.status(job.dir).state == "cancelled" and job.state().state is JobState.CANCELLED
+    if not repair_killed:  # said, and decided on at once: never queued for a moment (pass 93)
+        assert "the whole record of a `runner cancel` stood aside for it" in result.output, result.output
+        states = {json.loads(p.read_bytes())["state"] for p in sorted(_state(job).glob("0*.json"))[1:]}
+        assert states == {"cancelled"}, states
     # a record of its own, not a word read aside (pass 91: a second repair left it in the temp file only)
     newest = _state(job) / jobdir.record_name(jobdir.newest_state_seq(job.dir))
     assert json.loads(newest.read_bytes())["state"] == "cancelled" and not job.state().blind
