@@ -140,17 +140,13 @@ def _cannot_run(job: Job, verifier: jobdir.Verifier) -> tuple[str, bool] | None:
 
 
 def _state(job: Job) -> tuple[jobdir.StateRecord, str | None]:
-    """The job's state, and None. While its newest record is being written (found empty where links are not
-    supported, for less than STATE_PATIENCE_SECONDS: a `cancel` or `retry` on its way, as `runner work` waits
-    for it) the state before it, with a note saying so; `runner repair` is for one empty for longer."""
-    try:
-        return job.state(), None
-    except BrokenJob as e:
-        if not e.unfilled or e.waited_out():
-            raise
-        before = jobdir.state_before(job.dir, jobdir.newest_state_seq(job.dir))
-        assert e.since is not None
-        return before, f"a change of state is being written ({time.time() - e.since:.0f} s ago)"
+    """The job's state, and None; while its newest record is being written, the state before it with a note
+    saying so (`jobdir.state_as_read`)."""
+    state, since = jobdir.state_as_read(job)
+    return (
+        state,
+        None if since is None else f"a change of state is being written ({time.time() - since:.0f} s ago)",
+    )
 
 
 def _waiting_for(job: Job) -> str | None:

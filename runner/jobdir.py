@@ -1654,13 +1654,19 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._caller: tuple[int, Any] | None = None  # (thread id, frame) of the `with` that entered it
+        self._writing = (
+            threading.Lock()
+        )  # its thread's beats and the worker's own: the later one written last
 
-    def beat(self) -> None:
-        now = time.time()
-        record = {**self.owner.as_dict(), "heartbeat": now, "expires": now + self.ttl, **self.info}
-        # a changed byte is damage, not a lease (live_workers)
-        record["check"] = storage.json_checksum(record)
-        storage.write_json(self.path, record, durable=False)
+    def beat(self, **info: Any) -> None:
+        """Renew the lease now, with `info` (figures for `runner status`) updated first."""
+        with self._writing:
+            self.info.update(info)
+            now = time.time()
+            record = {**self.owner.as_dict(), "heartbeat": now, "expires": now + self.ttl, **self.info}
+            # a changed byte is damage, not a lease (live_workers)
+            record["check"] = storage.json_checksum(record)
+            storage.write_json(self.path, record, durable=False)
 
     def _run(self) -> None:
         """Renew the lease every ttl/4; at first sooner (5, 10, 20 s), so that `runner status` soon shows the
@@ -2413,7 +2419,7 @@ def read_errors(job: Job, ledger: Ledger | None = None) -> list[dict[str, Any]]:
     """Rows that could not be done: invalid input rows (stage validate), then row errors of the current
     retry generation (stage generate / score / embed), each with id, line, stage, error and message."""
     out = list(job.invalid_rows())
-    out.extend((ledger or read_ledger(job)).errors())
+    out.extend((ledger or read_ledger(job, generation=state_as_read(job)[0].generation)).errors())
     return out
 
 
@@ -2601,6 +2607,19 @@ def state_before(job_dir: Path, seq: int) -> StateRecord:
     return _late_word_stands(
         job_dir, _read_record(job_dir, seq - 1, wait=False) if seq > 1 else _legacy_state(job_dir)
     )
+
+
+def state_as_read(job: Job) -> tuple[StateRecord, float | None]:
+    """The job's state for a reader (status, results), and None. While its newest record is being written
+    (found empty where links are not supported, for less than STATE_PATIENCE_SECONDS: a `cancel` or `retry` on
+    its way, as `runner work` waits for it), the state before it and when that record was made; `runner repair`
+    is for one empty for longer."""
+    try:
+        return job.state(), None
+    except BrokenJob as e:
+        if not e.unfilled or e.waited_out():
+            raise
+        return state_before(job.dir, newest_state_seq(job.dir)), e.since
 
 
 def last_good_state(job_dir: Path) -> StateRecord | None:

@@ -215,8 +215,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     out, errors_out = _export_targets(out, errors_out)
     for target in (out, errors_out):  # an earlier export killed mid-way left these beside them
         storage.remove_stale_temps_of(target)
-    ledger = jobdir.read_ledger(job)
-    ending = _ending(job, jobdir.job_progress(job, ledger))
+    ledger, ending = _ledger_and_ending(job)
     groups = _Groups(load_results(job.dir, format="arrow"))
     created = _created(job)
     errors: list[dict[str, Any]] = []
@@ -329,15 +328,30 @@ class _Groups:
             )
 
 
-def _ending(job: Any, progress: Any) -> tuple[str, str] | None:
+def _ledger_and_ending(job: Any) -> tuple[Any, tuple[str, str] | None]:
+    """The job's ledger and `_ending` from it, read as one: its state first (a completion recorded since then
+    finds every row in the ledger read next), read again when a command or a worker changed it meanwhile (pass
+    94: a job completing while its export read it was said to have lost rows, with `runner repair` advised)."""
+    from . import jobdir
+
+    for _ in range(3):
+        state = job.state()
+        ledger = jobdir.read_ledger(job)
+        progress = jobdir.job_progress(job, ledger)
+        if progress.complete or job.state() == state:
+            break
+    return ledger, _ending(job, progress, state)
+
+
+def _ending(job: Any, progress: Any, state: Any) -> tuple[str, str] | None:
     """None when every request of the job is done or failed. Else, for a cancelled (or failed) job, the
     (code, message) of the error line of each request left unfinished, as the OpenAI Batch API marks those of
-    a cancelled or expired batch; a job still queued or running is refused (its file would leave requests out)."""
+    a cancelled or expired batch; a job still queued or running is refused (its file would leave requests out).
+    `state`: the job's state, read before `progress`."""
     from .jobdir import JobState
 
     if progress.complete:
         return None
-    state = job.state()
     ref = shlex.quote(str(job.dir))
     if state.state is JobState.CANCELLED:
         return "batch_cancelled", f"This request was not executed because job {job.id} was cancelled"

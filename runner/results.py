@@ -393,9 +393,17 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .jobdir import check_shard_bytes, forget_verified, read_ledger, read_shard, read_shard_bytes
+    from .jobdir import (
+        check_shard_bytes,
+        forget_verified,
+        read_ledger,
+        read_shard,
+        read_shard_bytes,
+        state_as_read,
+    )
 
-    for c in read_ledger(job, verify=False).commits:
+    # (the generation only says which row errors count: while a `cancel` or `retry` is being written, the one before)
+    for c in read_ledger(job, verify=False, generation=state_as_read(job)[0].generation).commits:
         if not c.shard:
             continue
         data, why = read_shard(job, c)
@@ -609,9 +617,11 @@ def export_results(
         return Exported(table.num_rows, 0)
     check_export_pair(Path(to), Path(errors_to))
     # the errors read before the rows: a `runner retry` between the two reads then leaves the pair as it was
-    # before it (its errors listed, their rows not there), never rows without the errors that explain the gap
-    errors = _errors_table(read_errors(source, home))
+    # before it (its errors listed, their rows not there), never rows without the errors that explain the gap;
+    # a row the retry's worker computed meanwhile is a row, its error gone (pass 94: it was both)
+    errors = read_errors(source, home)
     table = load_results(source, home, format="arrow")
+    errors = _errors_table(_not_answered_since(errors, table))
     # both staged whole first (a full disk leaves the older pair as it was); then a kill between the two renames
     # leaves no errors file, never an older one beside new rows
     with _staged(table, Path(to)) as place_rows, _staged(errors, Path(errors_to)) as place_errors:
@@ -619,6 +629,19 @@ def export_results(
         place_rows()
         place_errors()
     return Exported(table.num_rows, errors.num_rows)
+
+
+def _not_answered_since(errors: list[dict[str, Any]], table: pa.Table) -> list[dict[str, Any]]:
+    """`errors` less the row errors whose (id, sample) is among the results in `table`, read after them. Lines
+    refused at submit (stage "validate") stay: a refused duplicate shares its id with a row."""
+    if all(e.get("stage") == "validate" for e in errors) or "id" not in table.column_names:
+        return errors
+    ids = table.column("id").to_pylist()
+    samples = table.column("sample").to_pylist() if "sample" in table.column_names else [0] * len(ids)
+    done = set(zip(ids, samples, strict=True))
+    return [
+        e for e in errors if e.get("stage") == "validate" or (e.get("id"), e.get("sample") or 0) not in done
+    ]
 
 
 def check_export_pair(out: Path, errors: Path) -> None:

@@ -589,6 +589,7 @@ class JobRun:
             fault_point("after_shard")  # the shard is in place, its marker is not: it must not count
             if not jobdir.still_holds(self.job, unit.index, unit.epoch):
                 raise ClaimLost(unit.index)
+            self.unsaved_none()
             jobdir.write_marker(self.job, unit.index, unit.epoch, unit.seq, marker)
         # emptied before seq moves on: a Ctrl-C between the two never commits these rows a second time
         unit.results, unit.errors, unit.batches = [], [], []
@@ -645,6 +646,17 @@ class JobRun:
                 storage.publish(local, self.job.dir / jobdir.SHARDS / f"{name}.parquet")
                 marker.update(shard=f"{name}.parquet", bytes=local.stat().st_size, sha256=digest)
         return marker
+
+    def unsaved_none(self) -> None:
+        """Right before a commit's marker: the heartbeat file stops counting the rows about to be saved as
+        computed but unsaved (`runner status` adds those to the saved ones: after the marker and until the next
+        beat, up to a quarter of the lease, they counted twice; pass 94). Between the two they count as neither."""
+        if self.beat is None or not self.beat.info.get("unsaved"):
+            return
+        try:
+            self.beat.beat(unsaved=0)
+        except RunnerError as e:  # as in the heartbeat's own thread: should_stop() sees it
+            self.beat.error = e
 
     def update_heartbeat(self) -> None:
         if self.beat is None or self.progress is None:

@@ -86,3 +86,69 @@ def test_an_export_read_across_a_retry_lists_the_errors_of_the_rows_it_lacks(
     with pytest.warns(UserWarning, match="these are 7 of its 8"):
         done = runner.export_results(job.dir, tmp_path / "out.jsonl", errors_to=tmp_path / "errors.jsonl")
     assert retried and (done.rows, done.errors) == (7, 1)
+
+
+def test_an_export_read_across_a_retry_and_its_worker_names_each_row_once(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """Pass 94: a retry and the worker that computed the failed row again landing between the export's two
+    reads: that row was in the rows file and in the errors file, without a word."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
+                     unit_rows=4)  # fmt: skip
+    completed_with_a_row_error(job, gpt2_engine, monkeypatch)
+    real, redone = results.read_errors, []
+
+    def read_errors_then_retry_and_work(*a, **k):
+        out = real(*a, **k)
+        if not redone:
+            runner.retry(job.dir)
+            redone.append(run_job(job, gpt2_engine, echo=None).finished)  # r1, healthy now
+        return out
+
+    monkeypatch.setattr(results, "read_errors", read_errors_then_retry_and_work)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every row came back: nothing to say
+        done = runner.export_results(job.dir, tmp_path / "out.jsonl", errors_to=tmp_path / "errors.jsonl")
+    assert redone == [True] and (done.rows, done.errors) == (8, 0)
+    assert (tmp_path / "errors.jsonl").read_text() == ""
+
+
+def test_an_openai_export_read_as_the_job_completes_is_whole(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch):
+    """Pass 94: the last worker completing the job between the export's ledger and its state: the export said
+    the completed job had lost 2 rows and advised `runner repair`."""
+    job = _half_done(tmp_path, tiny_gpt2)
+    real, finished = jobdir.job_progress, []
+
+    def progress_then_the_job_completes(j, ledger=None):
+        progress = real(j, ledger)
+        if not finished:
+            monkeypatch.setattr(jobdir, "job_progress", real)  # (the worker reads it too)
+            finished.append(run_job(job, gpt2_engine, echo=None).finished)
+            monkeypatch.setattr(jobdir, "job_progress", progress_then_the_job_completes)
+        return progress
+
+    monkeypatch.setattr(jobdir, "job_progress", progress_then_the_job_completes)
+    done = runner.export_results(job.dir, tmp_path / "out.jsonl", format="openai")
+    assert finished == [True] and (done.rows, done.errors) == (8, 0)
+
+
+def test_results_read_while_a_change_of_state_is_being_written_without_links(tmp_path, tiny_gpt2, monkeypatch):
+    """Pass 94: where links are not supported a `cancel` or `retry` creates its record empty, then fills it.
+    Status shows the state before it meanwhile; `load_results` and the exports refused ("try again in a
+    moment"), though the rows need no state (and the row errors that of the record before)."""
+    import errno
+    import os
+
+    job = _half_done(tmp_path, tiny_gpt2)
+
+    def no_link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    (job.dir / "state" / jobdir.record_name(jobdir.newest_state_seq(job.dir) + 1)).write_bytes(b"")
+    assert "a change of state is being written" in runner.status(job.dir).message
+    with pytest.warns(UserWarning, match="4 of its 8"):
+        assert sorted(runner.load_results(job.dir)["id"]) == ["r0", "r1", "r2", "r3"]
+    with pytest.warns(UserWarning, match="4 of its 8"):
+        done = runner.export_results(job.dir, tmp_path / "out.jsonl", errors_to=tmp_path / "errors.jsonl")
+    assert (done.rows, done.errors) == (4, 0)
