@@ -43,8 +43,8 @@ def row_fault(row_ids: list[str]) -> None:
     wanted = os.environ.get(ENV)
     if not wanted:
         return
-    point, _, row = wanted.partition(":")
-    if point not in ("poison_row", "poison_kill") or row not in row_ids:
+    point, _, rows = wanted.partition(":")  # (ID1,ID2: either of them)
+    if point not in ("poison_row", "poison_kill") or not set(rows.split(",")) & set(row_ids):
         return
     if point == "poison_kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -117,6 +117,22 @@ def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, refer
     assert not (job.dir / INFLIGHT).exists()
 
 
+def test_two_rows_that_kill_workers_are_both_set_aside_and_the_job_completes(job, reference):
+    """Pass 93: a row set aside was only buffered for the unit's next commit, and the in-flight record written
+    before the next batch no longer named it; the other bad row then killed the worker before that commit, the
+    decision was lost, and the job never finished (12 runs of 12 killed). It is committed at once."""
+    home, bad = job.dir.parent, ["r03", BAD]
+    codes = []
+    while read_state(job.dir).state != "completed" and len(codes) < 12:
+        code, out = run_worker(home, env_extra={"RUNNER_FAULT": f"poison_kill:{','.join(bad)}"})
+        codes.append(code)
+        assert code in (0, -signal.SIGKILL) and "Traceback" not in out, out
+    assert read_state(job.dir).state == "completed", codes
+    errors = read_errors(job.dir)
+    assert sorted((e["id"], e["error"]) for e in errors) == [(b, "worker_crash") for b in bad], errors
+    assert assert_exactly_once(job.dir, reference[1], missing=bad) == N_ROWS - 2
+
+
 def test_a_row_alone_in_its_batch_by_plan_is_not_set_aside_after_two_kills(tmp_path, reference, tiny_gpt2):
     """A batch of one row by plan (`--batch-size 1`, a leftover row, a long prompt alone over the token budget)
     is a batch like any other: two kills while it computes (a Colab reclaim, a VM frozen past its lease) run it

@@ -132,7 +132,9 @@ def test_an_openai_export_read_as_the_job_completes_is_whole(tmp_path, tiny_gpt2
     assert finished == [True] and (done.rows, done.errors) == (8, 0)
 
 
-def test_results_read_while_a_change_of_state_is_being_written_without_links(tmp_path, tiny_gpt2, monkeypatch):
+def test_results_read_while_a_change_of_state_is_being_written_without_links(
+    tmp_path, tiny_gpt2, monkeypatch
+):
     """Pass 94: where links are not supported a `cancel` or `retry` creates its record empty, then fills it.
     Status shows the state before it meanwhile; `load_results` and the exports refused ("try again in a
     moment"), though the rows need no state (and the row errors that of the record before)."""
