@@ -212,7 +212,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
             f"--format openai form; export its rows with `runner results {shlex.quote(str(job.dir))} --to FILE.jsonl`"
         )
     _check_prompts(job)
-    out, errors_out = _export_targets(out, errors_out)
+    out, errors_out = _export_targets(out, errors_out, job.dir)
     for target in (out, errors_out):  # an earlier export killed mid-way left these beside them
         storage.remove_stale_temps_of(target)
     ledger, ending = _ledger_and_ending(job)
@@ -265,9 +265,12 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     return Exported(written, len(errors))
 
 
-def _export_targets(out: str | os.PathLike, errors_out: str | os.PathLike | None) -> tuple[Path, Path]:
+def _export_targets(
+    out: str | os.PathLike, errors_out: str | os.PathLike | None, job_dir: Path, requests: Any = None
+) -> tuple[Path, Path]:
     """The output file and the errors file (default beside it), checked before anything is written: an older
-    export stays whole when this one cannot be made."""
+    export stays whole when this one cannot be made. Neither may be in the job's folder (`job_dir`: its files
+    are runner's own) nor be the input file (`requests`): pass 93, run-batch wrote over both."""
     from .results import check_export_pair
 
     out = Path(out)
@@ -276,8 +279,24 @@ def _export_targets(out: str | os.PathLike, errors_out: str | os.PathLike | None
     errors = (
         Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
     )
+    for target in (out, errors):
+        if Path(os.path.realpath(target)).is_relative_to(os.path.realpath(job_dir)):
+            raise RunnerError(f"{target} is inside the job's folder {job_dir}, whose files are runner's own: "
+                              "write it somewhere else")  # fmt: skip
+        if requests is not None and _same_file(target, requests):
+            raise RunnerError(f"{target} is the input file {requests}: writing it would destroy the requests; "
+                              "give the output another name")  # fmt: skip
     check_export_pair(out, errors)
     return out, errors
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # (a hard link to it)
+    except OSError:  # either is not there (yet)
+        return False
 
 
 class _Groups:
@@ -707,6 +726,7 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
     file_kind(input_path)  # a Batch file, or refused
     out = Path(output_path)
     folder = Path(job_dir) if job_dir else out.with_name(out.name + ".job")
+    _export_targets(out, None, folder, input_path)  # refused before the run, not after it
     if (
         getattr(params, "seed", 0) is None
     ):  # requests without a seed: one from the file, so a rerun is identical

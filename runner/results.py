@@ -652,7 +652,8 @@ def check_export_pair(out: Path, errors: Path) -> None:
     for target in (out, errors):
         if storage.kind(target) not in (None, "file"):
             raise RunnerError(f"cannot write {target}: something other than a file stands there")
-        if not target.parent.is_dir():
+        # (retried as the job folder's reads are: one EIO on a mount failed a finished run-batch, pass 93)
+        if not storage.retry(target.parent.is_dir, f"read {target.parent}"):
             raise RunnerError(f"cannot write {target}: no folder {target.parent}")
 
 

@@ -115,3 +115,26 @@ def test_an_export_whose_rename_reply_was_lost_is_written(tmp_path, tiny_gpt2, g
         assert runner.export_results(job.dir, tmp_path / name).rows == 3
         assert len((tmp_path / name).read_text().splitlines()) >= 3
     assert len(calls) == 4
+
+
+def test_an_export_whose_folder_reads_after_a_transient_error_is_written(tmp_path, monkeypatch):
+    """Pass 93: one EIO looking at the output's folder (a mount's hiccup) failed a finished run-batch; the job
+    folder's reads are retried, and so is this one."""
+    import errno
+    import os
+
+    from runner import storage
+    from runner.results import check_export_pair
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+    real, failed = os.stat, []
+
+    def stat(path, *a, **k):
+        if os.fspath(path) == os.fspath(tmp_path) and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    check_export_pair(tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl")
+    assert failed

@@ -3,6 +3,7 @@ a mixed batch equals each row run alone, bad lines are refused before any model 
 killed at any point and rerun writes the same bytes."""
 
 import json
+import os
 import re
 import shlex
 import signal
@@ -346,6 +347,26 @@ def test_run_batch_through_the_cli_and_results_format_openai(tmp_path, tiny_gpt2
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
+
+
+@pytest.mark.parametrize("where", ["input", "errors on input", "job folder", "job folder's errors.jsonl"])
+def test_run_batch_refuses_an_output_that_would_destroy_its_input_or_its_job(tmp_path, tiny_gpt2, where):
+    """Pass 93: `-o` naming the input file (or an output whose errors file lands on it) replaced the requests;
+    `-o` inside the job's folder wrote over its checksummed errors.jsonl. Refused before anything runs."""
+    reqs = [request("a", "/v1/completions", {"model": "tiny", "prompt": "Every student", "max_tokens": 2})]
+    name = "x.errors.jsonl" if where == "errors on input" else "in.jsonl"
+    inp = write_jsonl(tmp_path / name, reqs)
+    before = inp.read_bytes()
+    job = tmp_path / "job"
+    out = {"input": inp, "errors on input": tmp_path / "x.jsonl", "job folder": job / "out.jsonl",
+           "job folder's errors.jsonl": job / "errors.jsonl"}[where]  # fmt: skip
+    job.mkdir()
+    result = invoke("run-batch", "-i", inp, "-o", out, "--model", tiny_gpt2, "--served-model-name", "tiny",
+                    "--job-dir", job)  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    said = "is the input file" if where in ("input", "errors on input") else "inside the job's folder"
+    assert said in result.output, result.output
+    assert inp.read_bytes() == before and os.listdir(job) == []  # nothing submitted, nothing written
 
 
 def test_an_errors_file_that_cannot_be_written_writes_no_output_either(mixed_job, tmp_path):
