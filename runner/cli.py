@@ -1179,8 +1179,11 @@ def repair(ctx: click.Context, job_ref: str) -> None:
         _echo(f"its damaged newest state record says it was a `runner {r.damaged_by}`; what it recorded is "
               f"unknown, so it no longer counts: if you ran one, run `{again}` again")  # fmt: skip
     if r.aside_word:
-        _echo(f"its newest state record was empty, and the whole record of a `runner {r.aside_word}` stood aside "
-              "for it (another writer, killed as it put it back): that word stands")  # fmt: skip
+        whose = {"completed": "a worker's completion", "failed": "a worker's failure"}.get(
+            r.aside_word, f"a `runner {r.aside_word}`"
+        )
+        _echo(f"its newest state record was empty, and the whole record of {whose} stood aside for it (another "
+              "writer, killed as it put it back): that word stands")  # fmt: skip
     if r.damaged_aside is not None:
         which = f"`runner {r.damaged_aside}`" if r.damaged_aside else "`runner cancel` or `runner retry`"
         _echo(f"a state record in transit was damaged (now in quarantine/); what it recorded no longer counts: if "

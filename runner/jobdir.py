@@ -1654,9 +1654,8 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._caller: tuple[int, Any] | None = None  # (thread id, frame) of the `with` that entered it
-        self._writing = (
-            threading.Lock()
-        )  # its thread's beats and the worker's own: the later one written last
+        # its thread's beats and the worker's own (`beat`): the later one written last
+        self._writing = threading.Lock()
 
     def beat(self, **info: Any) -> None:
         """Renew the lease now, with `info` (figures for `runner status`) updated first."""
@@ -2561,14 +2560,13 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
         with contextlib.suppress(BrokenJob):
             read = read_state(job.dir)
             generation = read.generation
-    aside = (
-        _aside_word(job.dir, over.seq) if read is None else None
-    )  # its word, though its put-back was killed
-    last = (
-        read or aside or last_good_state(job.dir)
-    )  # the newest word still readable (a damaged cancel: unknowable)
-    # never below what the records, the commits and the completion were written under (the newest record torn)
-    generation = max(generation, _last_generation(job))
+    # the word set aside for the empty newest record (its put-back killed), then the newest still readable (a
+    # damaged cancel: unknowable)
+    aside = _aside_word(job.dir, over.seq) if read is None else None
+    last = read or aside or last_good_state(job.dir)
+    # never below what the records, the commits and the completion were written under (the newest record torn),
+    # nor below the word set aside for it (a retry's)
+    generation = max(generation, _last_generation(job), aside.generation if aside is not None else 0)
     ledger = read_ledger(job, seal=True, generation=generation, verifier=Verifier(job, afresh=True))
     for name, why in ledger.bad:
         quarantine(job, name, why)
@@ -2577,10 +2575,9 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     final = JobState.COMPLETED if progress.complete else JobState.QUEUED
     if final is JobState.QUEUED and last is not None and last.state in (JobState.CANCELLED, JobState.FAILED):
         final = last.state
+    # a sound cancel or failure stands, every row done or not (`runner retry` ends it)
     if (sound := read or aside) is not None and sound.state in (JobState.CANCELLED, JobState.FAILED):
-        final = (
-            sound.state
-        )  # a sound cancel or failure stands, every row done or not (`runner retry` ends it)
+        final = sound.state
     error = last.error if last is not None and last.state is final else None  # a failure keeps its reason
     wanted = StateRecord(final, generation, error)
     # (a late word read aside, under a repair's blind record, becomes a record of its own: pass 91)
@@ -2590,7 +2587,8 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     now = _settle_state(job, wanted, read or over, must_write, broken_top=read is None)
     if report.damaged_by == "" and _reads(job.dir, over.seq, aside=True):
         report.damaged_by = None  # filled since by its slow writer: its word stood
-        report.aside_word = aside.by if aside is not None and not _reads(job.dir, over.seq) else None
+        if aside is not None and aside.state is now.state and not _reads(job.dir, over.seq):
+            report.aside_word = aside.by
     report.state_now, report.done, report.total = now.state.value, progress.done, progress.total
     # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
     # and one deleted under it would stop it with a false "cannot be written" when it wakes.

@@ -273,6 +273,15 @@ def _export_targets(
     are runner's own) nor be the input file (`requests`): pass 93, run-batch wrote over both."""
     from .results import check_export_pair
 
+    out, errors = _spared_targets(out, errors_out, job_dir, requests)
+    check_export_pair(out, errors)
+    return out, errors
+
+
+def _spared_targets(
+    out: str | os.PathLike, errors_out: str | os.PathLike | None, job_dir: Path, requests: Any = None
+) -> tuple[Path, Path]:
+    """`_export_targets` less the check that their folder is there (run-batch makes it with its job folder)."""
     out = Path(out)
     if out.suffix.lower() != ".jsonl":  # (it wrote JSON Lines under any name: out.parquet was no Parquet)
         raise RunnerError(f"{out}: an OpenAI Batch output file is JSON Lines: give it a .jsonl name")
@@ -286,7 +295,6 @@ def _export_targets(
         if requests is not None and _same_file(target, requests):
             raise RunnerError(f"{target} is the input file {requests}: writing it would destroy the requests; "
                               "give the output another name")  # fmt: skip
-    check_export_pair(out, errors)
     return out, errors
 
 
@@ -354,10 +362,10 @@ def _ledger_and_ending(job: Any) -> tuple[Any, tuple[str, str] | None]:
     from . import jobdir
 
     for _ in range(3):
-        state = job.state()
-        ledger = jobdir.read_ledger(job)
+        state = jobdir.state_as_read(job)[0]  # (a change of state being written: the job as it was before it)
+        ledger = jobdir.read_ledger(job, generation=state.generation)
         progress = jobdir.job_progress(job, ledger)
-        if progress.complete or job.state() == state:
+        if progress.complete or jobdir.state_as_read(job)[0] == state:
             break
     return ledger, _ending(job, progress, state)
 
@@ -726,7 +734,7 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
     file_kind(input_path)  # a Batch file, or refused
     out = Path(output_path)
     folder = Path(job_dir) if job_dir else out.with_name(out.name + ".job")
-    _export_targets(out, None, folder, input_path)  # refused before the run, not after it
+    _spared_targets(out, None, folder, input_path)  # refused before the run, not after it
     if (
         getattr(params, "seed", 0) is None
     ):  # requests without a seed: one from the file, so a rerun is identical

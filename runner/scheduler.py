@@ -410,7 +410,9 @@ def _next_candidate(
             b = broken[folder]
             echo(_broken_line(b.job_id, folder, b.why, b.repairable, b.unreadable is not None))
     if cand is None and (e := next((b.unreadable for b in broken.values() if b.unreadable), None)):
-        raise e  # nothing else to do: the home is failing, or that folder is
+        # nothing else to do: the home is failing, or that folder is
+        raise StorageError(f"stopped: {e}; nothing in that job is damaged: it carries on with the next `runner "
+                           "work` once its folder reads (`runner status` shows it unreadable meanwhile)", e.errno)  # fmt: skip
     return cand
 
 

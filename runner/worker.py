@@ -423,11 +423,12 @@ class JobRun:
         recovery = self.flight.recover(_KeySet(self.left_mask(unit)))
         for (r, s), message in recovery.culprits:
             self.row_error(unit, r, s, "worker_crash", message)
+        # committed now: the in-flight record written next no longer names them, so a kill before the unit's
+        # next commit lost the decision, and they ran again (pass 93); said once it is so
+        if recovery.culprits:
+            self.commit(unit)
+        for (r, s), message in recovery.culprits:
             self.say(f"row {unit.id(r)} (line {unit.line(r)}, sample {s}) set aside as an error: {message}")
-        if (
-            recovery.culprits
-        ):  # committed now: the in-flight record written next no longer names them, so a kill
-            self.commit(unit)  # before the unit's next commit lost the decision, and ran them again (pass 93)
         self.announce(unit, recovery)
         self.suspected = recovery.first + recovery.last
         held = {k for x in self.suspected for k in x.keys} | {(r, s) for (r, s), _ in recovery.culprits}

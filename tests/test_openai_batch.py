@@ -369,6 +369,17 @@ def test_run_batch_refuses_an_output_that_would_destroy_its_input_or_its_job(tmp
     assert inp.read_bytes() == before and os.listdir(job) == []  # nothing submitted, nothing written
 
 
+def test_run_batch_writes_into_a_folder_it_makes_with_its_job(tmp_path, tiny_gpt2):
+    """Pass 95: the checks made before the run refused `-o NEWDIR/out.jsonl` ("no folder NEWDIR"), a folder the
+    run makes with its job folder (NEWDIR/out.jsonl.job)."""
+    reqs = [request("a", "/v1/completions", {"model": "tiny", "prompt": "Every student", "max_tokens": 2})]
+    inp = write_jsonl(tmp_path / "in.jsonl", reqs)
+    out = tmp_path / "new" / "out.jsonl"
+    result = invoke("run-batch", "-i", inp, "-o", out, "--model", tiny_gpt2, "--served-model-name", "tiny")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == ["a"]
+
+
 def test_an_errors_file_that_cannot_be_written_writes_no_output_either(mixed_job, tmp_path):
     """A folder where OUT.errors.jsonl goes: the export wrote OUT.jsonl, then failed on the errors file, leaving a
     fresh output beside a stale errors file (adversarial pass 15). Both targets are checked first."""

@@ -312,3 +312,51 @@ def test_a_writer_whose_create_failed_does_not_adopt_a_put_back_killed_before_it
     assert failed and aside in os.listdir(_state(job)) and (_state(job) / "00000001.json").read_bytes() == b""
     jobdir.repair(job.dir)
     assert job.state().state is JobState.CANCELLED
+
+
+@pytest.mark.parametrize("by", ["failed", "completed"])
+def test_a_workers_record_aside_under_an_empty_one_is_named_as_a_workers_and_said_only_if_it_stands(job, by):
+    """Pass 95: repair's line named a worker's record as a command (`runner failed`, `runner completed`), and
+    said a completion stood when the job was not complete and repair recorded queued."""
+    from helpers import invoke
+
+    state = JobState.FAILED if by == "failed" else JobState.COMPLETED
+    read = jobdir.read_state(job.dir)
+    assert jobdir.record_state(
+        job.dir, read, jobdir.StateRecord(state, 0, "boom" if by == "failed" else None), by
+    )
+    seq = jobdir.newest_state_seq(job.dir)
+    _, aside = set_aside(job, seq)
+    (_state(job) / jobdir.record_name(seq)).write_bytes(b"")  # the put-back's create, killed before its fill
+    result = invoke("repair", job.dir)
+    assert result.exit_code == 0 and "`runner failed`" not in result.output, result.output
+    assert "`runner completed`" not in result.output
+    if by == "failed":  # a sound failure stands
+        assert "the whole record of a worker's failure stood aside for it" in result.output, result.output
+        assert runner.status(job.dir).state == "failed"
+    else:  # no row is done: the completion does not stand, and is not said to
+        assert "stood aside" not in result.output, result.output
+        assert runner.status(job.dir).state == "queued"
+
+
+def test_a_retry_aside_under_an_empty_record_is_repaired_under_its_generation(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """Pass 95: repair decided over the retry's word set aside, but under the generation before it: its first
+    record said completed (the row error still counting), put right only by the record after it."""
+    from helpers import completed_with_a_row_error
+
+    prompts = write_jsonl(tmp_path / "q.jsonl", ROWS)
+    job = create_job(
+        prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(), home=runner_home
+    )
+    completed_with_a_row_error(job, gpt2_engine, monkeypatch)
+    assert job.state().state is JobState.COMPLETED
+    runner.retry(job.dir)
+    seq = jobdir.newest_state_seq(job.dir)
+    set_aside(job, seq)
+    (_state(job) / jobdir.record_name(seq)).write_bytes(b"")  # the put-back's create, killed before its fill
+    jobdir.repair(job.dir)
+    after = [json.loads((_state(job) / jobdir.record_name(n)).read_bytes())
+             for n in range(seq + 1, jobdir.newest_state_seq(job.dir) + 1)]  # fmt: skip
+    assert after and all((r["state"], r["generation"]) == ("queued", 1) for r in after), after
