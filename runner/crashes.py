@@ -132,8 +132,12 @@ class InFlight:
         beats: Callable[[str], bool] | None = None,
         lease: float = LEASE_TTL,
         say: Callable[[str], None] | None = None,
+        generation: int = 0,
     ):
         self.path = Path(path)  # inflight/UUUUU.json: the record of one unit of a job
+        # the job's retry generation: a record of an older one is no evidence (`runner retry` tries its rows
+        # again; a record a stop left after its rows were set aside set them aside again unrun: pass 96)
+        self.generation = generation
         self.worker = worker
         self.owner = owner  # recorded, so that a reader can tell a frozen writer from a dead one
         self.holds = holds  # whether this worker still holds the unit (asked when another's record is there)
@@ -167,7 +171,7 @@ class InFlight:
         """Read a dead worker's record (keys no longer to do are ignored) and apply the rule above."""
         out = Recovery()
         rec = self.read()
-        if rec is None:
+        if rec is None or int(rec.get("generation", 0)) < self.generation:
             return out
         try:
             recorded = [_key(x) for x in rec.get("running", [])]
@@ -261,7 +265,8 @@ class InFlight:
         rows are run again)."""
         rec: dict[str, Any] = {
             "worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(), "updated": time.time(),
-            "lease": self.lease, "running": [list(k) for k in keys], "crashes": crashes, "isolated": isolated,
+            "lease": self.lease, "generation": self.generation, "running": [list(k) for k in keys],
+            "crashes": crashes, "isolated": isolated,
             "suspects": [{"keys": [list(k) for k in s.keys], "crashes": s.crashes, "isolated": s.isolated}
                          for s in suspects],
         }  # fmt: skip

@@ -369,7 +369,8 @@ class JobRun:
             return
         self.flight = InFlight(self.job.dir / jobdir.INFLIGHT / f"{unit.index:05d}.json", self.owner.worker,
                                self.owner, lambda: jobdir.still_holds(self.job, unit.index, unit.epoch),
-                               lambda worker: worker in jobdir.live_workers(self.job), self.ttl, self.say)  # fmt: skip
+                               lambda worker: worker in jobdir.live_workers(self.job), self.ttl, self.say,
+                               unit.generation)  # fmt: skip
         # the unit's own rows, then what is left of them: "1,024 of 1,100" read as 76 done (pass 44)
         rows = f"rows {unit.start + 1:,}-{unit.start + unit.table.num_rows:,} of {self.job.spec.rows:,}"
         self.say(f"job {self.job.id}: unit {unit.index} ({rows}): {len(unit.todo):,} {self.job.spec.count_noun} to "
@@ -424,9 +425,12 @@ class JobRun:
         for (r, s), message in recovery.culprits:
             self.row_error(unit, r, s, "worker_crash", message)
         # committed now: the in-flight record written next no longer names them, so a kill before the unit's
-        # next commit lost the decision, and they ran again (pass 93); said once it is so
+        # next commit lost the decision, and they ran again (pass 93); then the dead worker's record no longer
+        # names them either (a stop right after the commit left it, and after a `retry` the row was set aside
+        # again unrun: pass 96); said once it is so
         if recovery.culprits:
             self.commit(unit)
+            self.flight.settle(recovery.first + recovery.last)
         for (r, s), message in recovery.culprits:
             self.say(f"row {unit.id(r)} (line {unit.line(r)}, sample {s}) set aside as an error: {message}")
         self.announce(unit, recovery)
@@ -473,6 +477,13 @@ class JobRun:
             self.say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them "
                      "alone again at the end")  # fmt: skip
 
+    def keep_suspect(self, suspect: Suspect | None) -> None:
+        """A batch stopped cleanly is no crash: its suspect stays one, with the deaths it had, for the next worker
+        (the unit's settle after a cancel wrote the suspects without it, and its count was lost: pass 96)."""
+        if suspect is not None and suspect not in self.suspected:
+            self.suspected.insert(0, suspect)
+        self.flight.settle(self.suspected)
+
     def compute(self, unit: Unit, keys: list[tuple[int, int]], wanted: set[tuple[int, int]],
                 suspect: Suspect | None) -> None:  # fmt: skip
         """One batch: record it as in flight, compute it (splitting on OOM / NaN), buffer the outcomes of the
@@ -488,14 +499,14 @@ class JobRun:
             batch_rows, batch_tokens = self.buffer(unit, keys, outcomes, wanted)
             self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
         except Stopped:  # cancelled mid-batch: nothing of this batch is kept, nothing else is lost
-            self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)
+            self.keep_suspect(suspect)
             self.stopped = True
             assert self.progress is not None
             self.progress.update(-self.counted[0], -self.counted[1])  # nor counted
             return
         except BaseException as e:
             if not (isinstance(e, Exception) and is_device_error(e)):
-                self.flight.settle(([suspect] if suspect is not None else []) + self.suspected)  # not a crash
+                self.keep_suspect(suspect)  # not a crash
                 raise
             raise self.device_failed(unit, e, keys, suspect) from None
         self.tokens += batch_tokens

@@ -251,6 +251,44 @@ def test_a_changed_in_flight_record_is_not_obeyed(tmp_path):
     assert not rec.culprits and not rec.first and not rec.last
 
 
+def test_a_record_of_an_older_retry_generation_is_no_evidence(tmp_path):
+    """Pass 96: a stop right after a row was set aside left the dead worker's record naming it; after `runner
+    retry` (which tries failed rows again) the next worker set it aside again without computing it. A record
+    carries its retry generation, and one of an older generation counts for nothing."""
+    path = tmp_path / INFLIGHT
+    InFlight(path, "dead", generation=0).running([(2, 0)], [], crashes=1, isolated=True)
+    assert [k for k, _ in InFlight(path, "w", generation=0).recover({(2, 0)}).culprits] == [(2, 0)]
+    rec = InFlight(path, "w", generation=1).recover({(2, 0)})
+    assert not rec.culprits and not rec.first and not rec.last
+
+
+def test_a_job_cancelled_while_a_suspect_computes_keeps_its_deaths(job, gpt2_engine, monkeypatch):
+    """Pass 96: a clean stop keeps the suspects and does not count the batch it was computing, but a cancel
+    landing while a row that had died alone computed alone again lost that row's count (the unit's last
+    settle wrote the suspects without it): it then took four more kills, not one."""
+    from runner import jobdir
+    from runner import worker as worker_module
+
+    bad = (int(BAD[1:]), 0)
+    InFlight(job.dir / INFLIGHT, "dead").running(
+        [bad], [], isolated=True
+    )  # died alone once: alone at the end
+    real = worker_module.JobRun.compute
+
+    def compute(self, unit, keys, wanted, suspect):
+        if suspect is not None:  # `runner cancel`, read between its decode steps
+            jobdir.cancel(self.job)
+            self.cancel_checked = 0.0
+        return real(self, unit, keys, wanted, suspect)
+
+    monkeypatch.setattr(worker_module.JobRun, "compute", compute)
+    run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    assert read_state(job.dir).state == "cancelled"
+    record = json.loads((job.dir / INFLIGHT).read_text())
+    kept = [s for s in record["suspects"] if s["keys"] == [list(bad)]]
+    assert kept and kept[0]["crashes"] == 1 and kept[0]["isolated"], record
+
+
 def test_a_thawed_worker_leaves_the_takers_in_flight_record_alone(tmp_path):
     """A worker frozen mid-batch past its lease thaws after another took its unit over and wrote its own
     record of what it computes: the thawed one must neither clear that record as its batch ends nor put its
