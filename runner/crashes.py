@@ -303,14 +303,18 @@ class InFlight:
         or its own: this worker was frozen past its lease and its unit taken over, and the record is the
         taker's to keep (its commits will be refused as a lost claim; until then it must not clear the taker's
         record of what it is computing, nor put its own in its place: passes 48, 52). A record that cannot be
-        read (gone, torn, a stale listing of a network mount) proves nothing, and neither does a record of
-        another worker's while this one still holds the unit (`holds`): that one was frozen, then continued,
+        read (gone, torn, a stale listing of a network mount) proves nothing while this one still holds the
+        unit (`holds`), and neither does a record of another worker's: that one was frozen, then continued,
         and wrote late; the holder writes over it (pass 54)."""
         if not self.taken:
             now = _check_of(self._read())
             if now is not None and now not in (self._expected, self._pending):
                 self.taken = self.holds is None or not self.holds()
                 self._expected = now  # (still the holder: its next write replaces the late one)
+            elif now is None and self._expected is not None and self.holds is not None:
+                # the record it expected is gone: a taker that finished the unit removed it (pass 96: a thawed
+                # worker wrote its suspects back into a finished unit), unless this one still holds it
+                self.taken = not self.holds()
         return self.taken
 
 

@@ -289,6 +289,21 @@ def test_a_job_cancelled_while_a_suspect_computes_keeps_its_deaths(job, gpt2_eng
     assert kept and kept[0]["crashes"] == 1 and kept[0]["isolated"], record
 
 
+def test_a_thawed_worker_writes_nothing_back_once_the_taker_finished_the_unit(tmp_path):
+    """Pass 96: the taker ran the unit to its end and removed the record; the frozen worker, continued, wrote
+    its suspects (with their deaths) back into the finished unit's record, where they would count again if
+    those rows were ever to do again."""
+    path = tmp_path / INFLIGHT
+    frozen = InFlight(path, "frozen", holds=lambda: False)  # (its claim was taken over while it was frozen)
+    frozen.running([(1, 0), (2, 0)], [Suspect([(5, 0)], 1, isolated=True)])
+    taker = InFlight(path, "taker", holds=lambda: True)
+    taker.recover({(r, 0) for r in range(8)})
+    taker.running([(5, 0)], [])
+    taker.settle([])  # the unit is done: no record
+    frozen.settle([Suspect([(5, 0)], 1, isolated=True)])  # continued: its batch ends
+    assert not path.exists()
+
+
 def test_a_thawed_worker_leaves_the_takers_in_flight_record_alone(tmp_path):
     """A worker frozen mid-batch past its lease thaws after another took its unit over and wrote its own
     record of what it computes: the thawed one must neither clear that record as its batch ends nor put its
