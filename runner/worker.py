@@ -667,12 +667,8 @@ class JobRun:
         """Right before a commit's marker: the heartbeat file stops counting the rows about to be saved as
         computed but unsaved (`runner status` adds those to the saved ones: after the marker and until the next
         beat, up to a quarter of the lease, they counted twice; pass 94). Between the two they count as neither."""
-        if self.beat is None or not self.beat.info.get("unsaved"):
-            return
-        try:
-            self.beat.beat(unsaved=0)
-        except RunnerError as e:  # as in the heartbeat's own thread: should_stop() sees it
-            self.beat.error = e
+        if self.beat is not None and self.beat.info.get("unsaved"):
+            self.beat_now(unsaved=0)
 
     def update_heartbeat(self) -> None:
         if self.beat is None or self.progress is None:
@@ -690,10 +686,15 @@ class JobRun:
             not self.beat_has_speed and p.tokens
         ):  # the first figures: written now, not at the next beat (30 s)
             self.beat_has_speed = True
-            try:
-                self.beat.beat()
-            except RunnerError as e:  # as in the heartbeat's own thread: should_stop() sees it
-                self.beat.error = e
+            self.beat_now()
+
+    def beat_now(self, **info: Any) -> None:
+        """Write the heartbeat now, with `info` updated (the heartbeat's own thread writes it every period)."""
+        assert self.beat is not None
+        try:
+            self.beat.beat(**info)
+        except RunnerError as e:  # as in the heartbeat's own thread: should_stop() sees it
+            self.beat.error = e
 
     # --- stopping -------------------------------------------------------------------------------------------
 
