@@ -288,10 +288,10 @@ def _spared_targets(
     errors = (
         Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
     )
+    from .results import refuse_inside_job
+
+    refuse_inside_job(job_dir, out, errors)
     for target in (out, errors):
-        if Path(os.path.realpath(target)).is_relative_to(os.path.realpath(job_dir)):
-            raise RunnerError(f"{target} is inside the job's folder {job_dir}, whose files are runner's own: "
-                              "write it somewhere else")  # fmt: skip
         if requests is not None and _same_file(target, requests):
             raise RunnerError(f"{target} is the input file {requests}: writing it would destroy the requests; "
                               "give the output another name")  # fmt: skip

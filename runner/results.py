@@ -596,11 +596,7 @@ def export_results(
     message; its type by suffix, as `to`). Returns how many rows (or lines) and error lines it wrote."""
     from . import jobdir
 
-    folder = Path(os.path.realpath(jobdir.find_job(source, home)))
-    for path in (to, errors_to):
-        if path is not None and Path(os.path.realpath(path)).is_relative_to(folder):
-            raise RunnerError(f"{path} is inside the job's folder {folder}, whose files are runner's own: "
-                              "export somewhere else")  # fmt: skip
+    refuse_inside_job(jobdir.find_job(source, home), to, errors_to)
     if format == "openai":
         from . import openai_batch
 
@@ -629,6 +625,15 @@ def export_results(
         place_rows()
         place_errors()
     return Exported(table.num_rows, errors.num_rows)
+
+
+def refuse_inside_job(job_dir: str | os.PathLike, *paths: str | os.PathLike | None) -> None:
+    """Refuse an export target inside the job's folder, whose files are runner's own (a link to it counts)."""
+    folder = Path(os.path.realpath(job_dir))
+    for path in paths:
+        if path is not None and Path(os.path.realpath(path)).is_relative_to(folder):
+            raise RunnerError(f"{path} is inside the job's folder {folder}, whose files are runner's own: "
+                              "export somewhere else")  # fmt: skip
 
 
 def _not_answered_since(errors: list[dict[str, Any]], table: pa.Table) -> list[dict[str, Any]]:
