@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 from . import jobdir, storage
 from .crashes import DeviceError
@@ -170,7 +170,7 @@ class Broken(NamedTuple):
     unreadable: StorageError | None = None
 
 
-def _unreadable(e: Exception) -> bool:
+def _unreadable(e: Exception) -> TypeGuard[StorageError]:
     """A job folder unreadable through the retries (a mount failing for a minute, one folder Drive has not
     synced): not broken, never `runner repair` (pass 65). `runner work` runs the other jobs meanwhile and stops
     on it only when there is nothing else to do."""
@@ -181,7 +181,7 @@ def _note_broken(
     broken: dict[str, Broken] | None, folder: Any, e: Exception, job_id: str | None = None
 ) -> None:
     if broken is not None:
-        unreadable = e if isinstance(e, StorageError) and _unreadable(e) else None
+        unreadable = e if _unreadable(e) else None
         broken[str(folder)] = Broken(str(e), getattr(e, "repairable", True), getattr(e, "since", None),
                                      job_id or os.path.basename(folder), unreadable)  # fmt: skip
 
