@@ -51,11 +51,16 @@ if [ "$PREPARE" = 1 ]; then
     # Wheels for a Python 3.12 x86-64 GPU image (the device README's recipe), and the SmolLM2 shape.
     mkdir -p "$WHEELS" "$SHAPES"
     # (llguidance: every results table reads token bytes through it; jsonschema: the structured-output tests)
+    # Each at the version this environment runs (what the tests passed with here), where it has one; newer
+    # wheels (llguidance >= 1.9) are tagged manylinux_2_31, which a Python 3.12 image (glibc >= 2.35) takes.
     for name in datasets gguf dill multiprocess xxhash llguidance jsonschema jsonschema-specifications \
-            referencing rpds-py attrs; do
+            referencing rpds-py attrs plotly; do
+        version=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" 2>/dev/null) \
+            && spec="$name==$version" || spec=$name
         "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-            --platform any -d "$WHEELS" "$name" || echo "warning: no wheel for $name" >&2
+            --platform any -d "$WHEELS" "$spec" || echo "warning: no wheel for $spec" >&2
     done
     PYTHONPATH=$REPO "$PY" benchmarks/bench.py --export-shapes "$SHAPES"
     du -sh "$WHEELS" "$SHAPES"
@@ -125,10 +130,16 @@ if [ "$QUICK" = 1 ]; then
     SIZES=(--num-prompts 8 --max-new-tokens 4 --batch-sizes 4,8 --naive-prompts 2 --lp-repeats 0)
     MODELS="gpt2-random"
     REFILL=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 12)
+    PROBE=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 4)
 else
-    SIZES=(--num-prompts 1024 --max-new-tokens 32 --batch-sizes 64,256,1024 --naive-prompts 32 --lp-repeats 0)
+    # (sized from the first H200 run, 2026-12-04: tests 103 s, the pipeline at batch 16 took 27 + 55 s and naive
+    # generate 17 + 28 s on 32 prompts, and refill on 1,024 rows did not end inside 450 s: now the pipeline runs
+    # at batch 64, naive on 16 prompts, refill on 512 rows, ~5 minutes in all)
+    SIZES=(--num-prompts 1024 --max-new-tokens 32 --batch-sizes 64,256,1024 --naive-prompts 16 --lp-repeats 0
+           --pipeline-batch-size 64)
     MODELS="gpt2-random smollm2-random"
-    REFILL=(--model smollm2-random --num-prompts 1024 --batch-size 256 --max-new-tokens 128)
+    REFILL=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 128)
+    PROBE=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 32)
 fi
 set +e  # one benchmark's failure (out of memory, say) is said, and the rest still run
 for model in $MODELS; do
@@ -144,6 +155,10 @@ echo "== continuous batching on $DEVICE"
 set +e
 "$PY" benchmarks/refill.py --device "$DEVICE" "${REFILL[@]}" --json-out "$DEST/refill-$DEVICE.json"
 echo "refill exit code: $?"
+# Which attention kernels decode steps should use (cuDNN builds a graph per new shape): see sdpa_probe.py
+echo "== attention kernels on $DEVICE"
+"$PY" benchmarks/sdpa_probe.py --device "$DEVICE" "${PROBE[@]}" --json-out "$DEST/sdpa-$DEVICE.json"
+echo "sdpa probe exit code: $?"
 set -e
 echo "== done: tests exit code $tests_rc; tables above go into benchmarks/RESULTS.md; logs in $DEST"
 exit "$tests_rc"

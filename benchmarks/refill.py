@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(static_unshared: no shared prompt passes, no shared start)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="seed of the max_new_tokens draw and of the rows")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on most GPUs), float32, bfloat16, float16: in "
+                    "float32 every row must agree token for token; in half precision a row's companions change "
+                    "its rounding, and a sampled row parts from its static twin at the first near tie")  # fmt: skip
     ap.add_argument(
         "--repeats", type=int, default=1, help="run static and refill alternately this many times each"
     )
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     bench = _bench()
     model = bench.model_folder(argparse.Namespace(model=args.model, seed=0))  # --seed is the workload's
-    engine = Engine(model, EngineOptions(device=args.device))
+    engine = Engine(model, EngineOptions(device=args.device, dtype=args.dtype))
     if args.max_batch_tokens is None:
         from runner.batching import default_batch_tokens
 

@@ -201,6 +201,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert " passed" in (out / "tests.log").read_text()
     refill = json.loads((out / "refill-cpu.json").read_text())  # static vs continuous batching
     assert refill["rows"] == refill["rows_identical"] == 8 and "refill exit code: 0" in log
+    probe = json.loads((out / "sdpa-cpu.json").read_text())  # attention kernels: torch's choice vs no cuDNN
+    assert probe["no-cudnn_rows_identical"] == 8 and probe["no-cudnn_warm_seconds"] > 0
+    assert "sdpa probe exit code: 0" in log
 
 
 # --- CPU peers (--peers): the plumbing, with a fake peer (tests/fake_peer.py) instead of an installed one -------
