@@ -210,7 +210,7 @@ engine_options = _apply([
     click.option("--dtype", type=click.Choice([*DTYPES, *DTYPE_ALIASES]),
                  help="Weights and compute precision (fp32, fp16, bf16 also) [default: auto: fp32 on CPU, bf16/fp16 "
                       "on GPU]."),
-    click.option("--batch-size", type=int, help="Most sequences per batch [default: 64]."),
+    click.option("--batch-size", type=int, help="Most sequences per batch [default: 64 on CPU; on a GPU 1024 with >= 70 GiB, else 256]."),
     click.option("--max-batch-tokens", type=int,
                  help="Most tokens per batch, rows x (longest prompt + max new tokens) [default: from device]."),
     click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run."),

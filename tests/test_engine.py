@@ -305,7 +305,12 @@ def test_gpu_token_budgets_from_free_memory_for_generation_and_for_scoring(monke
     assert batching.default_batch_tokens(gpu, "generate") == int(0.5 * free / kv)
     assert batching.default_batch_tokens(gpu, "embed") == int(0.5 * free / (act // 2))
     assert batching.default_batch_tokens(gpu, "generate") == int(0.5 * free / kv)  # the same every unit
-    assert batching.default_batch_size(gpu) == batching.GPU_BATCH_SIZE
+    # the row count: vLLM's offline defaults, 1,024 on a GPU of >= 70 GiB (an H200), 256 below (a T4)
+    for total, rows in ((143771 * 2**20, 1024), (80 * 2**30, 1024), (40 * 2**30, 256), (15 * 2**30, 256)):
+        props = SimpleNamespace(total_memory=total)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, props=props: props)
+        assert batching.default_batch_size(gpu) == rows
+        assert batching.default_batch_size(gpu, 8) == 8
     cpu = SimpleNamespace(device=torch.device("cpu"), model=gpu.model, dtype=torch.float32)
     assert batching.default_batch_tokens(cpu, "score") == batching.CPU_BATCH_TOKENS
     assert batching.default_batch_size(cpu, 8) == 8
