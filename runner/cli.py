@@ -299,6 +299,7 @@ def _set_home(ctx: click.Context, param: Any, value: str | None) -> str | None:
     return value
 
 
+PROMPT_PREVIEW = 30  # characters of each prompt `runner results` shows
 HOME_HELP = "Job home folder [env RUNNER_HOME; default ./jobs]."
 
 
@@ -1041,9 +1042,11 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
         raise click.UsageError("--format openai needs --to FILE.jsonl")
     if to_path is None:
         df = load_results(job_ref, ctx.obj["home"])
-        preview = ["id", "sample", "finish_reason", "completion_tokens", "logprob", "perplexity", "num_tokens",
-                   "context", "continuation", "text"]  # fmt: skip
+        preview = ["id", "sample", "prompt", "finish_reason", "completion_tokens", "logprob", "perplexity",
+                   "num_tokens", "context", "continuation", "text"]  # fmt: skip
         head = df[[c for c in preview if c in df.columns]].head(20)
+        if "prompt" in head.columns:  # which prompt gave which text: its start is enough to tell them apart
+            head = head.assign(prompt=head["prompt"].map(_shortened))
         # a column no row of the preview fills (context / continuation of plain texts) says nothing
         click.echo(head.dropna(axis="columns", how="all").to_string(max_colwidth=60))
         click.echo(f"({len(df):,} rows; --to FILE to export)")
@@ -1062,6 +1065,14 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
             f"wrote {rows:,} rows to {to_path}"
             + (f" and {errors:,} errors to {errors_to}" if errors_to else "")
         )
+
+
+def _shortened(text: object, width: int = PROMPT_PREVIEW) -> object:
+    """A preview's prompt: its first `width` characters, on one line."""
+    if not isinstance(text, str):
+        return text
+    one_line = " ".join(text.split())
+    return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
 
 
 @cli.command()

@@ -154,6 +154,11 @@ def test_job_life_cycle_through_the_cli(prompts, tiny_gpt2, runner_home, tmp_pat
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in lines] == ["a", "b"] and all("token_logprobs" in r for r in lines)
     assert invoke("results", "night1", "--to", tmp_path / "x.txt").exit_code == 2
+    preview = invoke("results", "night1").stdout  # which prompt gave which text
+    assert "The quick brown fox" in preview.splitlines()[1] and "(2 rows; --to FILE to export)" in preview
+    from runner.cli import _shortened
+
+    assert _shortened("a  long\nprompt " * 9, 12) == "a long prom\u2026" and _shortened(None) is None
     result = invoke("status", "../etc")
     assert result.exit_code == 1 and "no job folder ../etc" in result.output
 
