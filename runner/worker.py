@@ -78,7 +78,11 @@ class Unit:
     table: Any  # pa.Table: those rows of prompts.parquet
     task: Task
     todo: list[tuple[int, int]]  # its (row, sample) keys still to do
-    planned: list[tuple[int, int]]  # every key of the unit that is to be computed at all (done ones too)
+    # every key of the unit that exists, done and failed ones too: its batches are planned over these, so that
+    # a row set aside as an error later (a crash's culprit) moves no other row into other companions
+    planned: list[tuple[int, int]]
+    # keys with a row error: never computed again, not even as a companion (a culprit would crash it again)
+    failed: set[tuple[int, int]] = field(default_factory=set)
     results: list[GeneratedRow] = field(default_factory=list)  # rows numbered within the unit
     errors: list[dict[str, Any]] = field(default_factory=list)
     # each batch since the last commit: [end (unix time), result rows, tokens, seconds], for `runner report`
@@ -357,10 +361,14 @@ class JobRun:
         r, s = np.nonzero(left[rows.start : rows.stop])
         todo = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))
         absent, failed = self.job.absent_mask(self.verifier), ledger.failed_mask()
-        exists = ~(failed if absent is None else failed | absent)
+        exists = np.ones_like(failed) if absent is None else ~absent
         r, s = np.nonzero(exists[rows.start : rows.stop])
         planned = list(zip((r + rows.start).tolist(), s.tolist(), strict=True))
-        return Unit(index, epoch, rows.start, table, task, todo, planned, generation=ledger.generation)
+        r, s = np.nonzero(failed[rows.start : rows.stop])
+        failed_keys = set(zip((r + rows.start).tolist(), s.tolist(), strict=True))
+        return Unit(
+            index, epoch, rows.start, table, task, todo, planned, failed_keys, generation=ledger.generation
+        )
 
     # --- computing a unit ---------------------------------------------------------------------------------
 
@@ -447,8 +455,9 @@ class JobRun:
         per = REFILL_BATCHES if self.job.kind == "generate" and self.job.options.continuous_batching else 1
         for at in range(0, len(batches), per):
             window = [unit.planned[i] for batch in batches[at : at + per] for i in batch]
-            # keys that crashed a worker run on their own (above or below), never beside others again
-            keys = [k for k in window if k not in held]
+            # keys that crashed a worker run on their own (above or below), never beside others again; a key set
+            # aside as an error is not computed again (its batch's other rows ran alone after the crash)
+            keys = [k for k in window if k not in held and k not in unit.failed]
             wanted = todo.intersection(keys)
             if wanted:
                 yield keys, wanted, None

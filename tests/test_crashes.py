@@ -78,6 +78,32 @@ def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job
     assert job_status(Job.open(job.dir)).errors == 1
 
 
+def test_a_row_set_aside_moves_no_other_row_into_other_companions(tmp_path, tiny_gpt2):
+    """The batches of a unit are planned over all its rows, set-aside ones too: after the culprit is set aside,
+    the rows of the batches it was not in run with the companions an uninterrupted run gave them, bit for bit
+    (its own batch's rows ran alone, and are said to). Planned without it, the boundaries moved: rows r06 and
+    r09 ran one at a time, silently (pass 97)."""
+    rows = [
+        {"id": f"r{i:02d}", "prompt": f"The old man said {i} times" + " again" * (i % 3)} for i in range(10)
+    ]
+    (tmp_path / "ref").mkdir()
+    _, ref = reference_run(tmp_path / "ref", tiny_gpt2, rows, PARAMS, OPTIONS)
+    job = create_job(rows, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "home" / "job")
+    for fault in (f"poison_row:{BAD}", f"poison_row:{BAD}", None):
+        run_worker(job.dir.parent, env_extra={"RUNNER_FAULT": fault} if fault else {})
+    assert read_state(job.dir).state == "completed"
+    batches = {}
+    for marker in sorted((job.dir / "done").glob("*.json")):
+        m = json.loads(marker.read_text())
+        batches[tuple(r for a, b in m["keys"] for r in range(a, b))] = [b[1] for b in m["batches"]]
+    assert batches[(6, 9)] == [2]  # as in the uninterrupted run: one batch of the two
+    df = runner.load_results(job.dir).set_index("id")
+    for r in ("r06", "r09"):
+        want = ref.set_index("id").loc[r]
+        assert list(df.loc[r, "token_logprobs"]) == list(want["token_logprobs"])  # bit for bit
+    assert assert_exactly_once(job.dir, ref, missing=[BAD]) == N_ROWS - 1
+
+
 def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, reference):
     """SIGKILL while a row is computed, as a crash in native code does, and as a Colab kill does too. Its batch
     dying twice and the row dying alone once is not enough to set the row aside; dying alone twice is."""
