@@ -481,7 +481,7 @@ class JobRun:
             ids = ", ".join(dict.fromkeys(unit.id(r) for x in recovery.first for r, _ in x.keys))
             self.say(f"{len(recovery.first)} row(s) were being computed when a worker {why}: running them one at "
                      f"a time first (ids {ids}; their log-probs may differ from a batched run's in the last "
-                     "float digits)")  # fmt: skip
+                     "float digits, and so, rarely, may a token where two choices were that close)")  # fmt: skip
         if recovery.last:
             self.say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them "
                      "alone again at the end")  # fmt: skip
