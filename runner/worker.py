@@ -284,15 +284,18 @@ class JobRun:
                      "answer can differ where two tokens are nearly tied)")  # fmt: skip
 
     def _newest_shard_meta(self, ledger: jobdir.Ledger) -> dict[bytes, bytes]:
-        """The Parquet metadata of the job's newest shard in `ledger` ({} when there is none, or unreadable)."""
+        """The Parquet metadata of the job's newest shard in `ledger` ({} when there is none, or unreadable);
+        a transient read error is retried, as every read of the job folder is (one passing EIO on a network
+        mount left the note on mixed precisions unsaid)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         newest = max((c for c in ledger.commits if c.shard), key=lambda c: c.written_at or 0.0, default=None)
         if newest is None:
             return {}
+        path = self.job.dir / jobdir.SHARDS / newest.shard
         try:
-            return pq.read_schema(self.job.dir / jobdir.SHARDS / newest.shard).metadata or {}
+            return storage.retry(lambda: pq.read_schema(path).metadata, f"read {path}") or {}
         except (OSError, ValueError, pa.ArrowException):
             return {}  # (the shard's verification says what is wrong with it)
 

@@ -178,6 +178,39 @@ def test_a_job_carried_on_in_another_precision_says_so(tmp_path, tiny_gpt2, gpt2
     assert runner.status(job.dir).state == "completed"
 
 
+def test_the_note_on_mixed_precisions_survives_a_passing_read_error(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """A transient error (EIO on a network mount) reading the newest shard's metadata is retried, as every read
+    of the job folder is: it left the note on mixed precisions unsaid."""
+    import errno
+
+    import pyarrow.parquet as pq
+    from helpers import write_jsonl
+
+    import runner.worker as worker_module
+    from runner import storage
+    from runner.jobs import create_job
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"The old man said {i}"} for i in range(3)])
+    job = create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(batch_size=1),
+                     home=tmp_path / "home")  # fmt: skip
+    monkeypatch.setattr(worker_module, "dtype_name", lambda engine: "bfloat16")
+    assert _what_it_says_of_mixing(job, gpt2_engine, 1) == []
+    real, failures = pq.read_schema, [OSError(errno.EIO, "Input/output error")]
+
+    def flaky(path, *args, **kwargs):
+        if failures and "shards" in str(path):
+            raise failures.pop()
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "read_schema", flaky)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,))
+    monkeypatch.setattr(worker_module, "dtype_name", lambda engine: "float16")
+    said = _what_it_says_of_mixing(job, gpt2_engine)
+    assert not failures and len(said) == 1 and "computed in bfloat16" in said[0]
+
+
 def test_a_job_carried_on_with_other_library_versions_says_so(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch):
     """Carried on on a VM with another torch or transformers (Colab's preinstalled ones change): the results
     mix the two, which is allowed but said (nothing named the versions anywhere: pass 50). Each shard
