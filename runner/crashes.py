@@ -12,7 +12,10 @@ crash in native code kills the process without a word. Re-running the same batch
   * A recognised device error (`is_device_error`) is recorded with the keys; the worker writes the rows it
     has finished and stops with a one-line `DeviceError` (the process cannot use the GPU any more). The next
     worker runs those keys first, one at a time; the one that fails alone with a device error is recorded in
-    errors.jsonl as a `worker_crash` (conclusive) and that worker stops too; the one after carries on.
+    errors.jsonl as a `worker_crash` (conclusive) and that worker stops too; the one after carries on. A batch
+    of more than GROUPS_FROM keys runs first in groups of about its square root, and only the group that
+    fails one key at a time: a GPU batch of 1,024 rows is ~64 runs and one more restart, not 1,024 runs
+    (about half an hour of rows alone on a GPU).
   * A silent death (SIGKILL, segfault) proves little, because a Colab kill looks exactly the same, and it is
     by far the likelier of the two. So a batch whose worker died silently runs again first, as a batch (a
     plain kill costs nothing more); only when it kills a second worker do its keys run one at a time
@@ -22,7 +25,7 @@ So plain kills set a good row aside only if four in a row land while it is compu
 alone, then alone again at the very end of the job. A batch that is one row by plan (`--batch-size 1`, a
 leftover row, a prompt alone over the token budget) is a batch like any other: four too. A row that really
 crashes workers silently costs four restarts, and holds up no other row; one that trips a device error, two
-(one with a batch of one row: a device error is conclusive).
+(one with a batch of one row: a device error is conclusive; three when its batch had more than GROUPS_FROM).
 A worker that stops cleanly (Ctrl-C, SIGTERM, deadline, an ordinary error) keeps the suspects it has not run
 yet and does not count the batch it was computing as a crash. Nor is one counted when the record's writer
 provably lives: stopped on this machine (SIGSTOP: frozen past its lease, then taken over), renewing its
@@ -32,6 +35,7 @@ heartbeat file damaged), or this very worker; the deaths its batch had before st
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -45,6 +49,7 @@ from .errors import RunnerError
 from .jobdir import LEASE_TTL, Owner, beat_period
 
 SILENT_CRASHES = 2  # silent deaths of workers computing the same keys: a batch is split, a lone key set aside
+GROUPS_FROM = 8  # a batch stopped by a device error with more keys than this is searched in groups first
 # seconds a worker waits, beyond the writer's heartbeat period, for a sign of life from a record's writer that runs
 # on this machine without a fresh heartbeat (continued after it was frozen past its lease, or its heartbeat file
 # damaged: it renews within a period; one that hangs never does)
@@ -188,6 +193,9 @@ class InFlight:
                     out.culprits.append((running[0], silent_crash_message(crashes)))
                 else:
                     out.last.append(Suspect(running, crashes, isolated=True))
+            elif out.cause and len(running) > GROUPS_FROM:  # in groups, then the one that fails key by key
+                size = math.isqrt(len(running) - 1) + 1
+                out.first.extend(Suspect(running[i : i + size]) for i in range(0, len(running), size))
             elif out.cause or crashes >= SILENT_CRASHES:
                 out.first.extend(Suspect([k], isolated=True) for k in running)  # one at a time
             elif running:

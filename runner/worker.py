@@ -23,7 +23,15 @@ from typing import Any
 
 from . import jobdir, storage
 from .batching import default_batch_size, default_batch_tokens, plan_batches
-from .crashes import DeviceError, InFlight, Suspect, device_crash_message, first_line, is_device_error
+from .crashes import (
+    GROUPS_FROM,
+    DeviceError,
+    InFlight,
+    Suspect,
+    device_crash_message,
+    first_line,
+    is_device_error,
+)
 from .engine import Engine, NumericalError, Stopped, peak_memory_bytes, reset_peak_memory
 from .errors import RunnerError
 from .faults import fault_point, row_fault
@@ -481,10 +489,17 @@ class JobRun:
                      "it was killed): running that batch again first")  # fmt: skip
         elif recovery.first:
             why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died twice"
-            ids = ", ".join(dict.fromkeys(unit.id(r) for x in recovery.first for r, _ in x.keys))
-            self.say(f"{len(recovery.first)} row(s) were being computed when a worker {why}: running them one at "
-                     f"a time first (ids {ids}; their log-probs may differ from a batched run's in the last "
-                     "float digits, and so, rarely, may a token where two choices were that close)")  # fmt: skip
+            keys = [k for x in recovery.first for k in x.keys]
+            ids = ", ".join(dict.fromkeys(unit.id(r) for r, _ in keys))
+            size = max(len(x.keys) for x in recovery.first)
+            how = (
+                "one at a time"
+                if size == 1
+                else f"in groups of up to {size}, then the group that fails one at a time,"
+            )
+            self.say(f"{len(keys)} row(s) were being computed when a worker {why}: running them {how} first "
+                     f"(ids {ids}; their log-probs may differ from a batched run's in the last float digits, and "
+                     "so, rarely, may a token where two choices were that close)")  # fmt: skip
         if recovery.last:
             self.say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them "
                      "alone again at the end")  # fmt: skip
@@ -748,10 +763,15 @@ class JobRun:
                 f"more: {again} to carry on"
             )
         else:
+            how = (
+                "one at a time"
+                if len(keys) <= GROUPS_FROM
+                else "in smaller groups, then the group that fails one at a time,"
+            )
             message = (
                 f"the device failed while computing a batch of {len(keys)} rows of job {self.job.id} ({cause}); "
-                f"this process cannot use it any more. Finished rows are saved: {again}; it runs those rows one "
-                "at a time and sets aside the one that fails"
+                f"this process cannot use it any more. Finished rows are saved: {again}; it runs those rows {how} "
+                "and sets aside the one that fails"
             )
         try:
             self.commit(unit)

@@ -104,6 +104,30 @@ def test_a_row_set_aside_moves_no_other_row_into_other_companions(tmp_path, tiny
     assert assert_exactly_once(job.dir, ref, missing=[BAD]) == N_ROWS - 1
 
 
+def test_a_device_error_in_a_big_batch_is_searched_in_groups(tmp_path, tiny_gpt2):
+    """A GPU batch of 1,024 rows run one at a time after a device error is ~30 minutes of rows alone: a batch of
+    more than GROUPS_FROM rows runs in groups of about its square root first, then only the group that fails row
+    by row: one restart more (three), and here 3 + 4 runs instead of 12. Every other row exactly once."""
+    rows = [{"id": f"r{i:02d}", "prompt": f"The old man said {i} times"} for i in range(12)]
+    options = EngineOptions(batch_size=12)
+    (tmp_path / "ref").mkdir()
+    _, ref = reference_run(tmp_path / "ref", tiny_gpt2, rows, PARAMS, options)
+    job = create_job(rows, tiny_gpt2, PARAMS, options, job_dir=tmp_path / "home" / "job")
+    fault, outs = {"RUNNER_FAULT": f"poison_row:{BAD}"}, []
+    for _ in range(3):
+        code, out = run_worker(job.dir.parent, env_extra=fault)
+        assert code == 1 and "Traceback" not in out, out
+        outs.append(out)
+    assert "it runs those rows in smaller groups, then the group that fails one at a time," in outs[0]
+    assert "12 row(s) were being computed when a worker stopped on a device error" in outs[1]
+    assert "running them in groups of up to 4, then the group that fails one at a time, first" in outs[1]
+    assert f"row {BAD} (line 8, sample 0) of job {job.id} makes the device fail on its own" in outs[2]
+    code, out = run_worker(job.dir.parent, env_extra=fault)
+    assert code == 0 and read_state(job.dir).state == "completed", out
+    assert [(e["id"], e["error"]) for e in read_errors(job.dir)] == [(BAD, "worker_crash")]
+    assert assert_exactly_once(job.dir, ref, missing=[BAD]) == 11
+
+
 def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, reference):
     """SIGKILL while a row is computed, as a crash in native code does, and as a Colab kill does too. Its batch
     dying twice and the row dying alone once is not enough to set the row aside; dying alone twice is."""
@@ -214,6 +238,16 @@ def _owner(kind):
         # ... a second time, or on a device error: its rows one at a time, first
         ({"running": [[1, 0], [2, 0]], "crashes": 1}, [[1], [2]], [], []),
         ({"running": [[1, 0], [2, 0]], "error": "CUDA error: x"}, [[1], [2]], [], []),
+        # a device error in a batch of more than GROUPS_FROM rows: groups of about its square root first (the
+        # one that fails then runs row by row); silent deaths still go row by row (a group would cost 2 more)
+        (
+            {"running": [[r, 0] for r in range(9)], "error": "CUDA error: x"},
+            [[0, 1, 2], [3, 4, 5], [6, 7, 8]],
+            [],
+            [],
+        ),
+        ({"running": [[r, 0] for r in range(8)], "error": "CUDA error: x"}, [[r] for r in range(8)], [], []),
+        ({"running": [[r, 0] for r in range(9)], "crashes": 1}, [[r] for r in range(9)], [], []),
         # a row died alone, silently: alone again at the end, the other suspects first
         ({"running": [[2, 0]], "suspects": [_group(3)]}, [[3]], [[2]], []),
         ({"running": [[2, 0]], "isolated": True, "suspects": [_group(3)]}, [[3]], [[2]], []),
