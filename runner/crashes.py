@@ -13,9 +13,9 @@ crash in native code kills the process without a word. Re-running the same batch
     has finished and stops with a one-line `DeviceError` (the process cannot use the GPU any more). The next
     worker runs those keys first, one at a time; the one that fails alone with a device error is recorded in
     errors.jsonl as a `worker_crash` (conclusive) and that worker stops too; the one after carries on. A batch
-    of more than GROUPS_FROM keys runs first in groups of about its square root, and only the group that
-    fails one key at a time: a GPU batch of 1,024 rows is ~64 runs and one more restart, not 1,024 runs
-    (about half an hour of rows alone on a GPU).
+    of more than GROUPS_FROM keys runs first in groups of GROUPS_FROM (a group that fails is at most that
+    many, so it runs key by key next): a GPU batch of 1,024 rows is 128 groups and 8 rows alone and one more
+    restart, not 1,024 rows alone (about half an hour on a GPU).
   * A silent death (SIGKILL, segfault) proves little, because a Colab kill looks exactly the same, and it is
     by far the likelier of the two. So a batch whose worker died silently runs again first, as a batch (a
     plain kill costs nothing more); only when it kills a second worker do its keys run one at a time
@@ -35,7 +35,6 @@ heartbeat file damaged), or this very worker; the deaths its batch had before st
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -109,6 +108,7 @@ class Recovery:
     culprits: list[tuple[Key, str]] = field(default_factory=list)  # set aside: (key, errors.jsonl message)
     cause: str | None = None  # the device error the dead worker recorded, if any
     retried_batch: bool = False  # `first` starts with a batch that died once, run again as it was
+    isolating: list[Key] = field(default_factory=list)  # the dead worker's batch, split up now (announced)
 
 
 def device_crash_message(cause: str) -> str:
@@ -194,10 +194,13 @@ class InFlight:
                 else:
                     out.last.append(Suspect(running, crashes, isolated=True))
             elif out.cause and len(running) > GROUPS_FROM:  # in groups, then the one that fails key by key
-                size = math.isqrt(len(running) - 1) + 1
-                out.first.extend(Suspect(running[i : i + size]) for i in range(0, len(running), size))
+                out.first.extend(
+                    Suspect(running[i : i + GROUPS_FROM]) for i in range(0, len(running), GROUPS_FROM)
+                )
+                out.isolating = running
             elif out.cause or crashes >= SILENT_CRASHES:
                 out.first.extend(Suspect([k], isolated=True) for k in running)  # one at a time
+                out.isolating = running
             elif running:
                 out.first.append(Suspect(running, crashes))  # most likely a plain kill: the same batch again
                 out.retried_batch = True

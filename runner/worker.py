@@ -489,13 +489,14 @@ class JobRun:
                      "it was killed): running that batch again first")  # fmt: skip
         elif recovery.first:
             why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died twice"
-            keys = [k for x in recovery.first for k in x.keys]
+            # the dead worker's batch split up now (not the suspects an earlier split left waiting: pass 99)
+            keys = recovery.isolating or [k for x in recovery.first for k in x.keys]
             ids = ", ".join(dict.fromkeys(unit.id(r) for r, _ in keys))
-            size = max(len(x.keys) for x in recovery.first)
+            size = max(len(x.keys) for x in recovery.first if not set(x.keys).isdisjoint(keys))
             how = (
                 "one at a time"
                 if size == 1
-                else f"in groups of up to {size}, then the group that fails one at a time,"
+                else f"in groups of {size}, then the group that fails one at a time,"
             )
             self.say(f"{len(keys)} row(s) were being computed when a worker {why}: running them {how} first "
                      f"(ids {ids}; their log-probs may differ from a batched run's in the last float digits, and "
@@ -766,7 +767,7 @@ class JobRun:
             how = (
                 "one at a time"
                 if len(keys) <= GROUPS_FROM
-                else "in smaller groups, then the group that fails one at a time,"
+                else f"in groups of {GROUPS_FROM}, then the group that fails one at a time,"
             )
             message = (
                 f"the device failed while computing a batch of {len(keys)} rows of job {self.job.id} ({cause}); "
