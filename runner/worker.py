@@ -304,7 +304,7 @@ class JobRun:
         path = self.job.dir / jobdir.SHARDS / newest.shard
         try:
             return storage.retry(lambda: pq.read_schema(path).metadata, f"read {path}") or {}
-        except (OSError, ValueError, pa.ArrowException):
+        except (storage.StorageError, OSError, ValueError, pa.ArrowException):
             return {}  # (the shard's verification says what is wrong with it)
 
     # --- claiming a unit ------------------------------------------------------------------------------------

@@ -207,8 +207,11 @@ def test_the_note_on_mixed_precisions_survives_a_passing_read_error(
     monkeypatch.setattr(pq, "read_schema", flaky)
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,))
     monkeypatch.setattr(worker_module, "dtype_name", lambda engine: "float16")
-    said = _what_it_says_of_mixing(job, gpt2_engine)
+    said = _what_it_says_of_mixing(job, gpt2_engine, 1)
     assert not failures and len(said) == 1 and "computed in bfloat16" in said[0]
+    # an error that does not pass (a shard that cannot be read at all) still leaves the note unsaid, nothing more
+    failures.extend([OSError(errno.EACCES, "Permission denied")] * 2)
+    assert _what_it_says_of_mixing(job, gpt2_engine) == [] and runner.status(job.dir).state == "completed"
 
 
 def test_a_job_carried_on_with_other_library_versions_says_so(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch):
