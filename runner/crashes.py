@@ -111,6 +111,14 @@ class Recovery:
     isolating: list[Key] = field(default_factory=list)  # the dead worker's batch, split up now (announced)
 
 
+def split_words(group: int) -> str:
+    """How the rows of a batch split up after a crash run, in groups of `group` (1: alone), as the worker says
+    it (before the next one runs them, and as that one starts)."""
+    return (
+        "one at a time" if group == 1 else f"in groups of {group}, then the group that fails one at a time,"
+    )
+
+
 def device_crash_message(cause: str) -> str:
     return (
         f"this row made the device fail when computed alone ({cause}), and the worker had to stop; likely an "

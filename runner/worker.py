@@ -31,6 +31,7 @@ from .crashes import (
     device_crash_message,
     first_line,
     is_device_error,
+    split_words,
 )
 from .engine import Engine, NumericalError, Stopped, peak_memory_bytes, reset_peak_memory
 from .errors import RunnerError
@@ -454,7 +455,9 @@ class JobRun:
             self.say(f"row {unit.id(r)} (line {unit.line(r)}, sample {s}) set aside as an error: {message}")
         self.announce(unit, recovery)
         self.suspected = recovery.first + recovery.last
-        held = {k for x in self.suspected for k in x.keys} | {(r, s) for (r, s), _ in recovery.culprits}
+        # keys that crashed a worker run on their own (above or below), never beside others again; a key set aside
+        # as an error is not computed again (its batch's other rows ran alone after the crash)
+        held = {k for x in self.suspected for k in x.keys} | {k for k, _ in recovery.culprits} | unit.failed
         for x in recovery.first:
             yield x.keys, set(x.keys), x
         todo = set(unit.todo) - held
@@ -466,9 +469,7 @@ class JobRun:
         per = REFILL_BATCHES if self.job.kind == "generate" and self.job.options.continuous_batching else 1
         for at in range(0, len(batches), per):
             window = [unit.planned[i] for batch in batches[at : at + per] for i in batch]
-            # keys that crashed a worker run on their own (above or below), never beside others again; a key set
-            # aside as an error is not computed again (its batch's other rows ran alone after the crash)
-            keys = [k for k in window if k not in held and k not in unit.failed]
+            keys = [k for k in window if k not in held]
             wanted = todo.intersection(keys)
             if wanted:
                 yield keys, wanted, None
@@ -493,13 +494,8 @@ class JobRun:
             keys = recovery.isolating or [k for x in recovery.first for k in x.keys]
             ids = ", ".join(dict.fromkeys(unit.id(r) for r, _ in keys))
             size = max(len(x.keys) for x in recovery.first if not set(x.keys).isdisjoint(keys))
-            how = (
-                "one at a time"
-                if size == 1
-                else f"in groups of {size}, then the group that fails one at a time,"
-            )
-            self.say(f"{len(keys)} row(s) were being computed when a worker {why}: running them {how} first "
-                     f"(ids {ids}; their log-probs may differ from a batched run's in the last float digits, and "
+            self.say(f"{len(keys)} row(s) were being computed when a worker {why}: running them "
+                     f"{split_words(size)} first (ids {ids}; their log-probs may differ from a batched run's in the last float digits, and "
                      "so, rarely, may a token where two choices were that close)")  # fmt: skip
         if recovery.last:
             self.say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them "
@@ -764,11 +760,7 @@ class JobRun:
                 f"more: {again} to carry on"
             )
         else:
-            how = (
-                "one at a time"
-                if len(keys) <= GROUPS_FROM
-                else f"in groups of {GROUPS_FROM}, then the group that fails one at a time,"
-            )
+            how = split_words(1 if len(keys) <= GROUPS_FROM else GROUPS_FROM)
             message = (
                 f"the device failed while computing a batch of {len(keys)} rows of job {self.job.id} ({cause}); "
                 f"this process cannot use it any more. Finished rows are saved: {again}; it runs those rows {how} "
