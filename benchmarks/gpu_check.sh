@@ -9,8 +9,9 @@
 #   bash benchmarks/gpu_check.sh --device cpu --quick   # dry run on CPU (CI runs this so the script cannot rot)
 #
 # It installs only what is missing (from .whl/ when there, else pip), runs the engine / scoring / dtype tests
-# on the device (RUNNER_TEST_DEVICE), then benchmarks/bench.py at GPU batch sizes on the GPT-2-shaped and the
-# SmolLM2-shaped models, and prints RESULTS.md-ready tables. Everything it prints also goes to $OUT (or
+# on the device (RUNNER_TEST_DEVICE), a whole job killed and carried on (gpu_job.py), then benchmarks/bench.py
+# at GPU batch sizes on the GPT-2-shaped and the SmolLM2-shaped models, continuous batching in float32, the
+# attention-kernel probe and scoring / embedding, and prints RESULTS.md-ready tables. Everything it prints also goes to $OUT (or
 # benchmarks/results/gpu-check/): check.log, tests.log and one JSON per benchmark run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +55,7 @@ if [ "$PREPARE" = 1 ]; then
     # Each at the version this environment runs (what the tests passed with here), where it has one; newer
     # wheels (llguidance >= 1.9) are tagged manylinux_2_31, which a Python 3.12 image (glibc >= 2.35) takes.
     for name in datasets gguf dill multiprocess xxhash llguidance jsonschema jsonschema-specifications \
-            referencing rpds-py attrs plotly; do
+            referencing rpds-py attrs plotly pytest-xdist execnet; do
         version=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" 2>/dev/null) \
             && spec="$name==$version" || spec=$name
         "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -117,6 +118,8 @@ TESTS="tests/test_engine.py tests/test_decode_levers.py tests/test_scoring.py te
       tests/test_tokens.py tests/test_beams.py tests/test_sampling.py tests/test_structured.py tests/test_refill.py"
 SELECT=(-m "not slow")
 [ "$QUICK" = 1 ] && SELECT=(-m "not slow" -k "batched or half_precision or output_layer")
+# four test processes share the GPU when pytest-xdist is there (a carried wheel; 103 s in one process on an H200)
+[ "$QUICK" = 0 ] && "$PY" -c "import xdist" 2>/dev/null && SELECT+=(-n 4)
 set +e
 # (not -x: one failure would hide every other finding of the one GPU run)
 RUNNER_TEST_DEVICE=$DEVICE "$PY" -m pytest -q --maxfail=25 -p no:cacheprovider "${SELECT[@]}" $TESTS 2>&1 \
@@ -125,40 +128,56 @@ tests_rc=${PIPESTATUS[0]}
 set -e
 echo "tests exit code: $tests_rc"
 
-echo "== benchmark on $DEVICE"
 if [ "$QUICK" = 1 ]; then
+    JOB=(--model gpt2-random --num-prompts 12 --max-new-tokens 4 --batch-size 4 --shard-rows 4)
     SIZES=(--num-prompts 8 --max-new-tokens 4 --batch-sizes 4,8 --naive-prompts 2 --lp-repeats 0)
     MODELS="gpt2-random"
     REFILL=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 12)
     PROBE=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 4)
+    TASKS=(--model gpt2-random --num-prompts 8)
 else
     # (sized from the first H200 run, 2026-12-04: tests 103 s, the pipeline at batch 16 took 27 + 55 s and naive
     # generate 17 + 28 s on 32 prompts, and refill on 1,024 rows did not end inside 450 s: now the pipeline runs
-    # at batch 64, naive on 16 prompts, refill on 512 rows, ~5 minutes in all)
+    # at batch 64, naive on 16 prompts, refill on 512 rows)
+    JOB=(--model smollm2-random --num-prompts 1024 --max-new-tokens 64 --shard-rows 256)
     SIZES=(--num-prompts 1024 --max-new-tokens 32 --batch-sizes 64,256,1024 --naive-prompts 16 --lp-repeats 0
            --pipeline-batch-size 64)
     MODELS="gpt2-random smollm2-random"
     REFILL=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 128)
     PROBE=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 32)
+    TASKS=(--model smollm2-random --num-prompts 1024 --pipeline-batch-size 64)
 fi
-set +e  # one benchmark's failure (out of memory, say) is said, and the rest still run
+set +e  # each step's failure (out of memory, say) is said, and the rest still run
+# The product path on the device, as the README runs it: submit, work, SIGKILL after the first commit, work
+# again; exactly-once checked, rows compared with an uninterrupted run (float32: they should all agree)
+echo "== a whole job on $DEVICE, killed and carried on"
+"$PY" benchmarks/gpu_job.py --device "$DEVICE" --dtype float32 "${JOB[@]}" --json-out "$DEST/job-$DEVICE.json"
+job_rc=$?
+echo "whole job exit code: $job_rc"
+
+echo "== benchmark on $DEVICE"
 for model in $MODELS; do
     "$PY" benchmarks/bench.py --model "$model" --device "$DEVICE" "${SIZES[@]}" --skip-plain-engine \
         --skip-ablations --json-out "$DEST/$model-$DEVICE.json"
     echo "bench $model exit code: $?"
 done
-set -e
 # Continuous batching on the realistic workload (sampled, answers of 8..128 tokens): static batches vs refill,
-# where a GPU's decode step costs nearly the same for a full batch as for a half-empty one.
-# (its failure, out of GPU memory say, is reported, and the check still ends with its summary line)
-echo "== continuous batching on $DEVICE"
-set +e
-"$PY" benchmarks/refill.py --device "$DEVICE" "${REFILL[@]}" --json-out "$DEST/refill-$DEVICE.json"
+# where a GPU's decode step costs nearly the same for a full batch as for a half-empty one. In float32, where
+# every row should equal its static twin (bf16 on the first H200 run: 1.34x, rows identical 2/512).
+echo "== continuous batching on $DEVICE (float32)"
+"$PY" benchmarks/refill.py --device "$DEVICE" --dtype float32 "${REFILL[@]}" --json-out "$DEST/refill-$DEVICE.json"
 echo "refill exit code: $?"
 # Which attention kernels decode steps should use (cuDNN builds a graph per new shape): see sdpa_probe.py
 echo "== attention kernels on $DEVICE"
 "$PY" benchmarks/sdpa_probe.py --device "$DEVICE" "${PROBE[@]}" --json-out "$DEST/sdpa-$DEVICE.json"
 echo "sdpa probe exit code: $?"
+# Scoring and embedding at the device's default batch sizes (bounded memory) vs a plain script at batch 64
+echo "== score and embed on $DEVICE"
+"$PY" benchmarks/bench.py --device "$DEVICE" --workload realistic --tasks score,embed "${TASKS[@]}" \
+    --json-out "$DEST/score-$DEVICE.json"
+echo "score/embed exit code: $?"
 set -e
-echo "== done: tests exit code $tests_rc; tables above go into benchmarks/RESULTS.md; logs in $DEST"
+echo "== done: tests exit code $tests_rc, whole job exit code $job_rc; tables above go into benchmarks/RESULTS.md;" \
+     "logs in $DEST"
+[ "$tests_rc" = 0 ] && exit "$job_rc"
 exit "$tests_rc"

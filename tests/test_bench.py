@@ -204,6 +204,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     probe = json.loads((out / "sdpa-cpu.json").read_text())  # attention kernels: torch's choice vs no cuDNN
     assert probe["no-cudnn_rows_identical"] == 8 and probe["no-cudnn_warm_seconds"] > 0
     assert "sdpa probe exit code: 0" in log
+    job = json.loads((out / "job-cpu.json").read_text())  # a whole job, SIGKILLed after its first commit
+    assert job["exactly_once"] and job["rows"] == 24 and job["kill_landed"]
+    assert 0 < job["results_before_resume"] < 24 and "whole job exit code: 0" in log
+    tasks = json.loads((out / "score-cpu.json").read_text())  # score and embed at the device's batch sizes
+    assert {(t["task"], t["method"]) for t in tasks["tasks"]} >= {("score", "runner"), ("embed", "runner")}
+    assert "score/embed exit code: 0" in log
 
 
 # --- CPU peers (--peers): the plumbing, with a fake peer (tests/fake_peer.py) instead of an installed one -------
