@@ -11,7 +11,7 @@
 # It installs only what is missing (from .whl/ when there, else pip), runs the engine / scoring / dtype tests
 # on the device (RUNNER_TEST_DEVICE), a whole job killed and carried on (gpu_job.py), then benchmarks/bench.py
 # at GPU batch sizes on the GPT-2-shaped and the SmolLM2-shaped models, continuous batching in float32, the
-# attention-kernel probe and scoring / embedding, and prints RESULTS.md-ready tables. Everything it prints also goes to $OUT (or
+# attention-kernel probe, scoring / embedding and the CUDA-graph probe, and prints RESULTS.md-ready tables. Everything it prints also goes to $OUT (or
 # benchmarks/results/gpu-check/): check.log, tests.log and one JSON per benchmark run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -135,6 +135,7 @@ if [ "$QUICK" = 1 ]; then
     REFILL=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 12)
     PROBE=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 4)
     TASKS=(--model gpt2-random --num-prompts 8)
+    GRAPHS=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 4 --no-compile)
 else
     # (sized from the first H200 run, 2026-12-04: tests 103 s, the pipeline at batch 16 took 27 + 55 s and naive
     # generate 17 + 28 s on 32 prompts, and refill on 1,024 rows did not end inside 450 s: now the pipeline runs
@@ -146,6 +147,7 @@ else
     REFILL=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 128)
     PROBE=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 32)
     TASKS=(--model smollm2-random --num-prompts 1024 --pipeline-batch-size 64)
+    GRAPHS=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 32)
 fi
 set +e  # each step's failure (out of memory, say) is said, and the rest still run
 # The product path on the device, as the README runs it: submit, work, SIGKILL after the first commit, work
@@ -176,6 +178,11 @@ echo "== score and embed on $DEVICE"
 "$PY" benchmarks/bench.py --device "$DEVICE" --workload realistic --tasks score,embed "${TASKS[@]}" \
     --json-out "$DEST/score-$DEVICE.json"
 echo "score/embed exit code: $?"
+# What CUDA graphs would be worth (transformers' static cache + torch.compile vs eager generate vs runner): last,
+# since its compile is the one step whose length is not known yet
+echo "== decode steps as CUDA graphs on $DEVICE"
+"$PY" benchmarks/graph_probe.py --device "$DEVICE" "${GRAPHS[@]}" --json-out "$DEST/graphs-$DEVICE.json"
+echo "graph probe exit code: $?"
 set -e
 echo "== done: tests exit code $tests_rc, whole job exit code $job_rc; tables above go into benchmarks/RESULTS.md;" \
      "logs in $DEST"

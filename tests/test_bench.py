@@ -210,6 +210,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     tasks = json.loads((out / "score-cpu.json").read_text())  # score and embed at the device's batch sizes
     assert {(t["task"], t["method"]) for t in tasks["tasks"]} >= {("score", "runner"), ("embed", "runner")}
     assert "score/embed exit code: 0" in log
+    graphs = json.loads((out / "graphs-cpu.json").read_text())  # static cache vs dynamic vs runner
+    assert graphs["static_rows_identical_to_generate"] == 8 and graphs["runner_tok_s"] > 0
+    assert "graph probe exit code: 0" in log
 
 
 # --- CPU peers (--peers): the plumbing, with a fake peer (tests/fake_peer.py) instead of an installed one -------

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""What replaying decode steps as CUDA graphs would be worth: a probe for a GPU run (gpu_check.sh).
+
+The first H200 run (2026-12-04, benchmarks/RESULTS.md) found decode steps bound by the host launching kernels
+(GPU busy about a third of the time). The field's answer is a decode step replayed as a CUDA graph over a
+static KV cache (vLLM; transformers' `cache_implementation="static"` with `torch.compile(mode="reduce-overhead")`).
+Before building that into runner, this measures it on the same batches, in one process:
+
+  generate            transformers `model.generate`, dynamic cache (plain eager)
+  generate-static     `cache_implementation="static"` + CompileConfig (CUDA graphs on a GPU), after a warm-up
+                      call that compiles; its compile time is reported apart
+  runner              runner's engine on the same prompts at the same batch size
+
+Every batch is left-padded to the longest prompt of the set, so one compiled graph serves them all (the best
+case for the static cache: a real job's batches have other shapes). Greedy, exactly --max-new-tokens tokens.
+
+    python benchmarks/graph_probe.py --model smollm2-random --device cuda --num-prompts 512 --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from refill import _bench
+
+
+def batches(tok, texts: list[str], batch_size: int, device) -> list[dict]:
+    longest = max(len(tok(t)["input_ids"]) for t in texts)
+    return [
+        tok(texts[i : i + batch_size], return_tensors="pt", padding="max_length", max_length=longest).to(
+            device
+        )
+        for i in range(0, len(texts), batch_size)
+    ]
+
+
+def generate_all(model, encoded: list[dict], n_new: int, **extra) -> tuple[list[list[int]], float]:
+    from measure import sync
+
+    outs = []
+    sync(model.device)
+    start = time.perf_counter()
+    for enc in encoded:
+        out = model.generate(**enc, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, **extra)
+        outs += out[:, enc["input_ids"].shape[1] :].tolist()
+    sync(model.device)
+    return outs, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-random")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--num-prompts", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--no-compile", action="store_true", help="static cache without torch.compile (a CPU dry run)"
+    )
+    ap.add_argument("--json-out")
+    args = ap.parse_args(argv)
+
+    from prompts import build_prompts
+    from runner_paths import plain_transformers, run_runner
+    from transformers import CompileConfig
+
+    from runner import EngineOptions
+    from runner.batching import default_batch_tokens, encode
+    from runner.engine import Engine
+
+    engine = Engine(
+        _bench().model_folder(argparse.Namespace(model=args.model, seed=0)), EngineOptions(device=args.device)
+    )
+    model, tok = engine.model, engine.tokenizer
+    tok.padding_side = "left"
+    texts = build_prompts(args.num_prompts, lambda t: len(tok(t)["input_ids"]))
+    encoded = batches(tok, texts, args.batch_size, engine.device)
+    n, new = len(texts), args.max_new_tokens
+    res: dict = {"model": args.model, "device": str(engine.device), "dtype": str(engine.dtype), "rows": n,
+                 "batch_size": args.batch_size, "max_new_tokens": new, "padded_to": encoded[0]["input_ids"].shape[1],
+                 "compiled": not args.no_compile}  # fmt: skip
+    static = {"cache_implementation": "static"}
+    if not args.no_compile:
+        static["compile_config"] = CompileConfig()
+    with plain_transformers(engine):  # the model exactly as transformers loaded it
+        generate_all(model, encoded[:1], 2)  # warm-up
+        plain, res["generate_seconds"] = generate_all(model, encoded, new)
+        _, res["generate_static_first_call_seconds"] = generate_all(model, encoded[:1], new, **static)
+        graphs, res["generate_static_seconds"] = generate_all(model, encoded, new, **static)
+    ids = [encode(tok, t, False) for t in texts]
+    budget = default_batch_tokens(engine, "generate")
+    run_runner(engine, ids[: args.batch_size], 2, args.batch_size, budget)  # warm-up
+    _, res["runner_seconds"], _ = run_runner(engine, ids, new, args.batch_size, budget)
+    for name in ("generate", "generate_static", "runner"):
+        res[f"{name}_tok_s"] = n * new / res[f"{name}_seconds"]
+    res["static_rows_identical_to_generate"] = sum(a == b for a, b in zip(plain, graphs, strict=True))
+    print(f"{args.model} on {engine.device} ({engine.dtype}), {n} prompts x {new} tokens, batch {args.batch_size}, "
+          f"padded to {res['padded_to']}: generate {res['generate_tok_s']:,.0f} tok/s; static cache"
+          f"{'' if args.no_compile else ' + compile'} {res['generate_static_tok_s']:,.0f} tok/s (first call "
+          f"{res['generate_static_first_call_seconds']:.1f} s); runner {res['runner_tok_s']:,.0f} tok/s; "
+          f"static / runner {res['generate_static_tok_s'] / res['runner_tok_s']:.2f}x; rows static == dynamic "
+          f"{res['static_rows_identical_to_generate']}/{n}", flush=True)  # fmt: skip
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
