@@ -76,6 +76,12 @@ PREFIX_CHECK_TOL = {"float32": 1e-2, "other": 0.3}
 # call per layer per step: cheap next to a CPU step; on GPUs, where small models' steps are launch-bound, it is
 # off until measured there.
 DECODE_GROUPS_CPU, DECODE_GROUPS_GPU = 8, 1
+# Attention kernels on a GPU: flash, memory-efficient or math, never cuDNN's. cuDNN's attention (torch's first
+# choice on Hopper for a masked bf16/fp16 attention) builds an execution graph for each new shape, and a decode
+# step's keys grow by one every step, so a batch of shapes never seen pays a graph build per step. On an H200
+# (2026-12-04, bf16, 1,024 prompts x 32 tokens, benchmarks/RESULTS.md): batches of 64 took 26.1 s with torch's
+# choice and 3.0 s without cuDNN (GPT-2 shape; SmolLM2 shape 33.0 -> 11.5 s), batches of 1,024 0.5 -> 0.3 s.
+GPU_ATTENTION = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")  # torch.nn.attention.SDPBackend names
 # Continuous batching (`generate(..., max_active=)`): a running batch takes waiting rows once this share of its
 # slots is free, so that the joiners' prefill is shared and they form a few decode groups, not one per row.
 REFILL_SHARE = 0.125
@@ -224,6 +230,15 @@ def _step_mask(lens: Any, width: int) -> Any:
 
     cols = torch.arange(width, device=lens.device)
     return (cols[None, :] >= (width - 1 - lens)[:, None]).long()
+
+
+def attention_kernels(device: Any) -> contextlib.AbstractContextManager:
+    """The attention kernels the model may use on DEVICE: GPU_ATTENTION on a GPU, torch's choice elsewhere."""
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in GPU_ATTENTION])
 
 
 def prefill_groups(lengths: list[int], budget: int, min_fill: float | None = None) -> list[list[int]]:
@@ -462,7 +477,6 @@ class Engine:
         `on_finish(row, tokens)` is called as each row ends (again if the batch has to be recomputed), and
         `on_step(tokens)` after each decode step with the number of tokens it made (progress within a batch).
         Returns completions in the order of `prompts`; a row's completion does not depend on its companions."""
-        import torch
 
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
@@ -485,7 +499,7 @@ class Engine:
                 lambda r, tokens, each=on_finish: [each(t, tokens) for t in twins[firsts[r]]]
             )
         try:
-            with torch.inference_mode():
+            with self.computing():
                 try:
                     outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
                 except kvcache.GroupingUnsupported:
@@ -1028,6 +1042,15 @@ class Engine:
             full[len(head) :] if full.startswith(head) else decode_many(self.tokenizer, [gen])[0]
             for head, full, gen in zip(heads, fulls, generated, strict=True)
         ]
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        """Where the model runs (generate, transformers' generate, score, embed): inference mode, and on a GPU
+        the attention kernels of GPU_ATTENTION."""
+        import torch
+
+        with torch.inference_mode(), attention_kernels(self.device):
+            yield
 
     @contextlib.contextmanager
     def in_float32(self) -> Iterator[None]:

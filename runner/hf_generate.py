@@ -34,7 +34,7 @@ def generate_with_transformers(
     ids = torch.tensor([prompt], device=engine.device)
     config = _config(engine, params)
     watch = _watch(stop, stepped, config.num_return_sequences)
-    with torch.inference_mode(), _only(engine.model, config), _seeded(engine.device, seed):
+    with engine.computing(), _only(engine.model, config), _seeded(engine.device, seed):
         out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
                                     stopping_criteria=StoppingCriteriaList([watch]))  # fmt: skip
     if watch.cancelled:

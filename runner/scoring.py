@@ -198,7 +198,7 @@ def _score_group(engine: Any, seqs: list[list[int]], n_scored: list[int]) -> lis
         torch.arange(keep, device=engine.device)[None, :]
         >= (keep - torch.tensor(n_scored, device=engine.device))[:, None]
     )
-    with torch.inference_mode():
+    with engine.computing():
         lps, greedy = _scored_logprobs(engine, ids, mask, pos, targets, scored)  # [batch, keep] each
     results, bad = [], []
     for r, n in enumerate(n_scored):
@@ -378,7 +378,7 @@ def _embed_group(engine: Any, seqs: list[list[int]], pooling: str) -> tuple[list
 
     ids, mask = left_pad(seqs, engine.pad_id, engine.device)  # [batch, width]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
+    with engine.computing():
         hidden = _last_hidden(engine, ids, mask, pos).float()  # [batch, width, hidden]
         mask = mask.to(hidden.device)  # with a device_map, the last layer may sit on another GPU
         if pooling == "last":

@@ -476,3 +476,62 @@ def test_the_check_passes_for_the_models_runner_supports(request, monkeypatch, e
     assert_same_completions(engine.generate(prompts, params), single)
     assert engine._prefix_checked and engine.share_prefix
     assert passes[0][:2] == (1, len(os.path.commonprefix(prompts)))
+
+
+def test_on_a_gpu_attention_leaves_out_cudnn_and_puts_torchs_choice_back():
+    """cuDNN's attention builds a graph per new shape, which cost a GPU decode 3-9x (engine.GPU_ATTENTION):
+    inside attention_kernels(cuda) every other kernel is allowed and cuDNN's is not, and after it torch's own
+    flags are back. On CPU nothing changes."""
+    flags = (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.flash_sdp_enabled,
+             torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.math_sdp_enabled)  # fmt: skip
+    before = [f() for f in flags]
+    assert before[0], "torch allows cuDNN attention by default (else this test shows nothing)"
+    with engine_mod.attention_kernels(torch.device("cuda:1")):
+        assert [f() for f in flags] == [False, True, True, True]
+    assert [f() for f in flags] == before
+    with engine_mod.attention_kernels(torch.device("cpu")):
+        assert [f() for f in flags] == before
+
+
+def test_every_model_call_runs_inside_the_engines_attention_kernels(gpt2_engine, monkeypatch):
+    """generate, transformers' generate (beams), score and embed run every module of the model inside
+    Engine.computing, so none of them reaches cuDNN's attention on a GPU."""
+    import contextlib
+
+    from runner import scoring
+    from runner.hf_generate import generate_with_transformers
+
+    inside, calls_outside, calls_inside = [False], [], [0]
+
+    @contextlib.contextmanager
+    def spy(device):
+        assert device == gpt2_engine.device
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    def watch(module, args):
+        if inside[0]:
+            calls_inside[0] += 1
+        else:
+            calls_outside.append(type(module).__name__)
+
+    monkeypatch.setattr(engine_mod, "attention_kernels", spy)
+    ids = ids_of(gpt2_engine, ["the old man said"])
+    beams = GenerationParams(max_new_tokens=2, num_beams=2)
+    runs = {
+        "generate": lambda: gpt2_engine.generate(ids, GenerationParams(max_new_tokens=2)),
+        "beams": lambda: generate_with_transformers(gpt2_engine, ids[0], beams, None),
+        "score": lambda: scoring.score_batch(gpt2_engine, ids, [1]),
+        "embed": lambda: scoring.embed_batch(gpt2_engine, ids),
+    }
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(watch)
+    try:
+        for name, run in runs.items():
+            calls_inside[0] = 0
+            run()
+            assert calls_inside[0] > 0 and not calls_outside, (name, calls_outside[:5])
+    finally:
+        hook.remove()
