@@ -23,7 +23,8 @@ crash in native code kills the process without a word. Re-running the same batch
     runs alone once more; dying so a second time (`SILENT_CRASHES`) sets it aside as a `worker_crash`.
 So plain kills set a good row aside only if four in a row land while it is computed: twice in its batch, then
 alone, then alone again at the very end of the job. A batch that is one row by plan (`--batch-size 1`, a
-leftover row, a prompt alone over the token budget) is a batch like any other: four too. A row that really
+leftover row, a prompt alone over the token budget) is a batch like any other: four too; and so is a row run
+alone because another row of its batch made the device fail (that failure is no death of its own). A row that really
 crashes workers silently costs four restarts, and holds up no other row; one that trips a device error, two
 (one with a batch of one row: a device error is conclusive; three when its batch had more than GROUPS_FROM).
 A worker that stops cleanly (Ctrl-C, SIGTERM, deadline, an ordinary error) keeps the suspects it has not run
@@ -206,7 +207,10 @@ class InFlight:
                     Suspect(running[i : i + GROUPS_FROM]) for i in range(0, len(running), GROUPS_FROM)
                 )
                 out.isolating = running
-            elif out.cause or crashes >= SILENT_CRASHES:
+            elif out.cause:  # one at a time, each a batch of one: a device error elsewhere is no death of its
+                out.first.extend(Suspect([k]) for k in running)  # own (pass 99: two kills set it aside, not four)
+                out.isolating = running
+            elif crashes >= SILENT_CRASHES:
                 out.first.extend(Suspect([k], isolated=True) for k in running)  # one at a time
                 out.isolating = running
             elif running:

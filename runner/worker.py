@@ -485,21 +485,29 @@ class JobRun:
         return mask
 
     def announce(self, unit: Unit, recovery: Any) -> None:
+        """What the dead worker's record means for this run, in rows (a row's -n samples are one row)."""
+        split = set(recovery.isolating)
         if recovery.retried_batch:
-            self.say(f"a worker died while computing a batch of {len(recovery.first[0].keys)} row(s) (most likely "
-                     "it was killed): running that batch again first")  # fmt: skip
-        elif recovery.first:
+            self.say(f"a worker died while computing a batch of {_rows(recovery.first[0].keys)} row(s) (most "
+                     "likely it was killed): running that batch again first")  # fmt: skip
+        elif split:
             why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died twice"
-            # the dead worker's batch split up now (not the suspects an earlier split left waiting: pass 99)
-            keys = recovery.isolating or [k for x in recovery.first for k in x.keys]
-            ids = ", ".join(dict.fromkeys(unit.id(r) for r, _ in keys))
-            size = max(len(x.keys) for x in recovery.first if not set(x.keys).isdisjoint(keys))
-            self.say(f"{len(keys)} row(s) were being computed when a worker {why}: running them "
+            size = max(len(x.keys) for x in recovery.first if not split.isdisjoint(x.keys))
+            ids = ", ".join(dict.fromkeys(unit.id(r) for r, _ in recovery.isolating))
+            self.say(f"{_rows(split)} row(s) were being computed when a worker {why}: running them "
                      f"{split_words(size)} first (ids {ids}; their log-probs may differ from a batched run's in the last float digits, and "
                      "so, rarely, may a token where two choices were that close)")  # fmt: skip
+        # suspects an earlier crash left waiting (not the dead worker's batch: pass 99)
+        waiting = [
+            x for x in recovery.first[1 if recovery.retried_batch else 0 :] if split.isdisjoint(x.keys)
+        ]
+        if waiting:
+            size = max(len(x.keys) for x in waiting)
+            self.say(f"{_rows(k for x in waiting for k in x.keys)} row(s) of a batch split up after an earlier "
+                     f"crash still wait: running them {split_words(size)} first")  # fmt: skip
         if recovery.last:
-            self.say(f"{len(recovery.last)} row(s) were being computed alone when a worker died: running them "
-                     "alone again at the end")  # fmt: skip
+            self.say(f"{_rows(k for x in recovery.last for k in x.keys)} row(s) were being computed alone when a "
+                     "worker died: running them alone again at the end")  # fmt: skip
 
     def keep_suspect(self, suspect: Suspect | None) -> None:
         """A batch stopped cleanly is no crash: its suspect stays one, with the deaths it had, for the next worker
@@ -844,3 +852,8 @@ def _cpu_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def _rows(keys: Any) -> int:
+    """How many rows (key = (row, sample)) there are in KEYS: what a user's file counts."""
+    return len({r for r, _ in keys})

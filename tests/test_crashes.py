@@ -129,6 +129,8 @@ def test_a_device_error_in_a_big_batch_is_searched_in_groups(tmp_path, tiny_gpt2
     assert f"row {BAD} (line 8, sample 0) of job {job.id} makes the device fail on its own" in outs[2]
     code, out = run_worker(job.dir.parent, env_extra=fault)
     assert code == 0 and read_state(job.dir).state == "completed", out
+    assert re.search(r"\d row\(s\) of a batch split up after an earlier crash still wait: running them one at a "
+                     "time first", out), out  # fmt: skip
     assert [(e["id"], e["error"]) for e in read_errors(job.dir)] == [(BAD, "worker_crash")]
     assert assert_exactly_once(job.dir, ref, missing=[BAD]) == 11
 
@@ -304,6 +306,38 @@ def test_the_isolation_rule(tmp_path, record, first, last, culprits):
     assert [[r for r, _ in x.keys] for x in rec.first] == first
     assert [[r for r, _ in x.keys] for x in rec.last] == last
     assert [k for k, _ in rec.culprits] == culprits
+
+
+def _silent_deaths_to_set_aside(path: Path, record: dict) -> int:
+    """Row 1, left to do after RECORD: how many workers die silently while computing it (each recording what it
+    runs as worker.compute does) before a worker reading the record sets it aside."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**record, "check": storage.json_checksum(record)}))
+    for deaths in range(10):
+        rec = InFlight(path, f"reader{deaths}").recover({(1, 0)})
+        if rec.culprits:
+            return deaths
+        (suspect,) = rec.first + rec.last
+        InFlight(path, f"w{deaths}").running(
+            suspect.keys, [], crashes=suspect.crashes, isolated=suspect.isolated
+        )
+    raise AssertionError("never set aside")
+
+
+@pytest.mark.parametrize(
+    ("record", "deaths"),
+    [
+        ({"running": [[1, 0], [2, 0]]}, 4 - 1),  # its batch died: that was the first
+        ({"running": [[1, 0], [2, 0]], "error": "CUDA error: x"}, 4),  # row 2's device error: none of row 1's
+        ({"running": [[r, 0] for r in range(1, 10)], "error": "CUDA error: x"}, 4),  # (in groups first)
+        ({"running": [[1, 0]], "isolated": False}, 4 - 1),  # a batch of one row by plan
+    ],
+)
+def test_plain_kills_set_a_good_row_aside_only_after_four(tmp_path, record, deaths):
+    """The promise of crashes.py: a good row is set aside by plain kills only if four land while it computes.
+    A row split out of its batch by another row's device error starts with no death of its own (pass 99: it
+    started as if it had died twice, and two kills set it aside)."""
+    assert _silent_deaths_to_set_aside(tmp_path / INFLIGHT, record) == deaths
 
 
 def test_a_changed_in_flight_record_is_not_obeyed(tmp_path):
@@ -541,3 +575,30 @@ def test_a_clean_stop_keeps_the_suspects_and_does_not_count_a_crash(job, referen
 )
 def test_errors_that_poison_the_process_are_recognised(error, poison):
     assert is_device_error(error) is poison
+
+
+def test_the_announcement_counts_rows_not_samples_and_says_what_waits():
+    """With -n 4 a batch of 8 keys is 2 rows of the user's file; suspects an earlier split left waiting are not
+    "being computed when a worker died twice" (pass 99)."""
+    from types import SimpleNamespace
+
+    from runner.crashes import Recovery
+    from runner.worker import JobRun
+
+    said = []
+    run = SimpleNamespace(say=said.append)
+    unit = SimpleNamespace(id=lambda r: f"r{r}")
+    batch = [(r, s) for r in (1, 2) for s in range(4)]
+    JobRun.announce(run, unit, Recovery(first=[Suspect(batch, 1)], retried_batch=True))
+    assert said == ["a worker died while computing a batch of 2 row(s) (most likely it was killed): running that "
+                    "batch again first"]  # fmt: skip
+    said.clear()
+    split = [Suspect([k]) for k in batch]
+    JobRun.announce(run, unit, Recovery(first=split, cause="CUDA error: x", isolating=batch))
+    assert said[0].startswith("2 row(s) were being computed when a worker stopped on a device error (CUDA error: "
+                              "x): running them one at a time first (ids r1, r2;")  # fmt: skip
+    said.clear()
+    JobRun.announce(run, unit, Recovery(first=split[4:], last=[Suspect([(7, 0)], 1, isolated=True)]))
+    assert said == ["1 row(s) of a batch split up after an earlier crash still wait: running them one at a time "
+                    "first", "1 row(s) were being computed alone when a worker died: running them alone again at "
+                    "the end"]  # fmt: skip
