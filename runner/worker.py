@@ -501,10 +501,9 @@ class JobRun:
         waiting = [
             x for x in recovery.first[1 if recovery.retried_batch else 0 :] if split.isdisjoint(x.keys)
         ]
-        if waiting:
-            size = max(len(x.keys) for x in waiting)
-            self.say(f"{_rows(k for x in waiting for k in x.keys)} row(s) of a batch split up after an earlier "
-                     f"crash still wait: running them {split_words(size)} first")  # fmt: skip
+        if waiting:  # (split up, or a batch a clean stop kept to run again: each runs as it was left)
+            self.say(f"{_rows(k for x in waiting for k in x.keys)} row(s) left by an earlier crash still wait: "
+                     "running them first, as they were left")  # fmt: skip
         if recovery.last:
             self.say(f"{_rows(k for x in recovery.last for k in x.keys)} row(s) were being computed alone when a "
                      "worker died: running them alone again at the end")  # fmt: skip

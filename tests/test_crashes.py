@@ -129,8 +129,7 @@ def test_a_device_error_in_a_big_batch_is_searched_in_groups(tmp_path, tiny_gpt2
     assert f"row {BAD} (line 8, sample 0) of job {job.id} makes the device fail on its own" in outs[2]
     code, out = run_worker(job.dir.parent, env_extra=fault)
     assert code == 0 and read_state(job.dir).state == "completed", out
-    assert re.search(r"\d row\(s\) of a batch split up after an earlier crash still wait: running them one at a "
-                     "time first", out), out  # fmt: skip
+    assert re.search(r"\d row\(s\) left by an earlier crash still wait: running them first", out), out
     assert [(e["id"], e["error"]) for e in read_errors(job.dir)] == [(BAD, "worker_crash")]
     assert assert_exactly_once(job.dir, ref, missing=[BAD]) == 11
 
@@ -599,6 +598,8 @@ def test_the_announcement_counts_rows_not_samples_and_says_what_waits():
                               "x): running them one at a time first (ids r1, r2;")  # fmt: skip
     said.clear()
     JobRun.announce(run, unit, Recovery(first=split[4:], last=[Suspect([(7, 0)], 1, isolated=True)]))
-    assert said == ["1 row(s) of a batch split up after an earlier crash still wait: running them one at a time "
-                    "first", "1 row(s) were being computed alone when a worker died: running them alone again at "
-                    "the end"]  # fmt: skip
+    assert said == ["1 row(s) left by an earlier crash still wait: running them first, as they were left",
+                    "1 row(s) were being computed alone when a worker died: running them alone again at the end"]  # fmt: skip
+    said.clear()  # a batch a clean stop kept (it died once): it runs again as a batch, not one at a time
+    JobRun.announce(run, unit, Recovery(first=[Suspect(batch, 1)]))
+    assert said == ["2 row(s) left by an earlier crash still wait: running them first, as they were left"]
