@@ -211,7 +211,7 @@ def queue(
 def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[Job, float, str]]:
     """(job, earliest heartbeat expiry, worker) of queued jobs whose units left are all held by others."""
     out = []
-    for job, progress in _queued(home, only):
+    for job, progress in _queued(home, only, {}):  # (broken or unreadable folders: nothing to wait for there)
         others = {w: hb for w, hb in progress.live.items() if w != me}
         if progress.units_left and others:
             who, hb = min(others.items(), key=lambda kv: float(kv[1].get("expires", 0)))
@@ -358,6 +358,7 @@ def work(
             if unfilled:
                 jobdir.wait_for_state()
             elif not _wait_for_others(home, job, owner.worker, poll, deadline, echo):
+                _stop_if_unreadable(broken)  # nothing left to run or wait for but a folder that does not read
                 break
             continue
         try:
@@ -397,7 +398,8 @@ def _next_candidate(
     echo: Any,
 ) -> Candidate | None:
     """The job to take next (None: none now), saying once each broken job met. A folder unreadable for now is
-    looked at again each round; when nothing else is left to do, it stops the worker (pass 65)."""
+    looked at again each round; when nothing else is left to run or to wait for, it stops the worker
+    (`_stop_if_unreadable`, pass 65)."""
     seen = set(broken)
     unread = {f for f in broken if broken[f].unreadable}
     for folder in unread:
@@ -409,11 +411,14 @@ def _next_candidate(
         if not _on_its_way(folder, broken, unfilled, echo) and echo:
             b = broken[folder]
             echo(_broken_line(b.job_id, folder, b.why, b.repairable, b.unreadable is not None))
-    if cand is None and (e := next((b.unreadable for b in broken.values() if b.unreadable), None)):
-        # nothing else to do: the home is failing, or that folder is
+    return cand
+
+
+def _stop_if_unreadable(broken: dict[str, Broken]) -> None:
+    """Nothing else to do but a folder unreadable for now: the home is failing, or that folder is; stop."""
+    if e := next((b.unreadable for b in broken.values() if b.unreadable), None):
         raise StorageError(f"stopped: {e}; nothing in that job is damaged: it carries on with the next `runner "
                            "work` once its folder reads (`runner status` shows it unreadable meanwhile)", e.errno)  # fmt: skip
-    return cand
 
 
 def _on_its_way(folder: str, broken: dict[str, Broken], unfilled: dict[str, float], echo: Any) -> bool:

@@ -191,3 +191,23 @@ def test_one_job_folder_unreadable_is_shown_so_and_the_rest_of_the_home_as_it_is
     shown = {s.folder: s.state for s in runner.status(home=runner_home)}
     assert shown == {str(sick.dir): "unreadable", str(well.dir): "queued"}, shown
     assert runner.status("well", home=runner_home).id == well.id
+
+
+def test_a_worker_waits_for_the_jobs_others_hold_while_one_folder_does_not_read(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """With one folder unreadable for now and the only other job held by a live worker, `runner work` stopped
+    with the read error instead of waiting for that job, as it waits when every folder reads."""
+    from runner.jobdir import Heartbeat, Owner, take_unit
+
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    held = create_job(write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "Hello"}]), tiny_gpt2,
+                      GenerationParams(max_new_tokens=2), home=runner_home)  # fmt: skip
+    other = Owner.me("other-worker")
+    Heartbeat(held, other, ttl=600).beat()
+    assert take_unit(held, 0, other, -1) == 0  # its only unit, held by a live worker
+    _failing_listings(monkeypatch, job.dir)
+    said = []
+    waited = lambda: any("the rest is held by worker other-worker" in line for line in said)  # noqa: E731
+    assert work(runner_home, engine=gpt2_engine, echo=said.append, poll=0.05, stop=waited) == []
+    assert any("cannot be read for now" in line and str(job.dir) in line for line in said), said
