@@ -727,11 +727,12 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
     if unrunnable and not summaries and not failed:
         raise SystemExit(1)  # nothing could run here: `runner work && next` must not go on
     timed_out = deadline is not None and time.time() >= deadline and not stop()
-    left = _queue(home, job_ref) if timed_out else []
+    left, unread = _queue(home, job_ref) if timed_out else ([], 0)
     again = _work_command(home, job_ref) if job_ref else command(home, "work")
-    if left:  # (not "nothing to do" when the deadline came before a job began)
-        _echo(f"stopped at the deadline (--hours/--until) with {len(left)} job(s) left to run; run `{again}` "
-              "again to carry on")  # fmt: skip
+    if left or unread:  # (not "nothing to do" when the deadline came before a job began)
+        also = f" (and {unread} whose folder could not be read just now)" if unread else ""
+        _echo(f"stopped at the deadline (--hours/--until) with {len(left)} job(s) left to run{also}; run "
+              f"`{again}` again to carry on")  # fmt: skip
     elif not summaries and not failed:
         _say_lost_rows(home, job_ref)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else "")
@@ -769,13 +770,16 @@ def _own_folder(home: Any, job_ref: str | None) -> Any:
     return folder if folder is not None and not in_home(home, folder) else None
 
 
-def _queue(home: Any, job_ref: str | None) -> list[Any]:
+def _queue(home: Any, job_ref: str | None) -> tuple[list[Any], int]:
+    """The queued jobs to take, and how many folders could not be read for now (they may be queued too)."""
     from .scheduler import queue
 
+    broken: dict[str, Any] = {}
     try:
-        return queue(home, job_ref, {})
+        left = queue(home, job_ref, broken)
     except RunnerError:
-        return []
+        left = []
+    return left, sum(1 for b in broken.values() if b.unreadable)
 
 
 def _home_said(home: Any) -> str:
