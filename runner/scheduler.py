@@ -350,6 +350,7 @@ def work(
     failed: set[str] = set()
     broken: dict[str, Broken] = {}  # folder -> a broken job met: said once per worker
     unfilled: dict[str, float] = {}  # folder -> when its empty newest state record was made (no links)
+    waits_said: set[tuple[str, str]] = set()  # (job, worker holding the rest) waits said
     if job is None:
         jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
     while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
@@ -357,7 +358,7 @@ def work(
         if cand is None:
             if unfilled:
                 jobdir.wait_for_state()
-            elif not _wait_for_others(home, job, owner.worker, poll, deadline, echo):
+            elif not _wait_for_others(home, job, owner.worker, poll, deadline, echo, waits_said):
                 _stop_if_unreadable(broken)  # nothing left to run or wait for but a folder that does not read
                 break
             continue
@@ -464,19 +465,24 @@ def _state_now(job: Job) -> JobState | None:
         return None
 
 
-def _wait_for_others(home: Any, job: Any, me: str, poll: float, deadline: float | None, echo: Any) -> bool:
+def _wait_for_others(
+    home: Any, job: Any, me: str, poll: float, deadline: float | None, echo: Any, said: set[tuple[str, str]]
+) -> bool:
     """Jobs whose remaining units other live workers hold: wait for them to finish or go stale (a dead
-    worker's units are then taken over). False when there is nothing to wait for, or no time."""
+    worker's units are then taken over). False when there is nothing to wait for, or no time. Said once per
+    job and holder (`said`): a live holder renews its claim, so a wait "up to N s" said every poll never
+    counted down."""
     held = _held_elsewhere(home, job, me)
     if not held:
         return False
     wait = min(poll, max(0.5, min(h[1] for h in held) - time.time()))
     if deadline is not None and time.time() + wait >= deadline:
         return False
-    if echo:
-        j, expires, who = min(held, key=lambda h: h[1])
-        echo(f"job {j.id}: the rest is held by worker {who}; waiting up to {max(0, expires - time.time()):.0f} s "
-             "for it to finish or for its claim to go stale")  # fmt: skip
+    j, expires, who = min(held, key=lambda h: h[1])
+    if echo and (j.id, who) not in said:
+        said.add((j.id, who))
+        echo(f"job {j.id}: the rest is held by worker {who}; waiting for it to finish (were it to die, its claim "
+             f"would go stale within {max(0, expires - time.time()):.0f} s and this worker take the rest over)")  # fmt: skip
     _sleep_until_a_commit([j.dir / jobdir.MARKERS for j, _, _ in held], wait)
     return True
 

@@ -728,13 +728,17 @@ def test_a_waiting_worker_looks_again_as_soon_as_the_other_commits(tmp_path, mon
     monkeypatch.setattr(scheduler.time, "time", lambda: clock[0])
     held = [(SimpleNamespace(id="job", dir=tmp_path / "job"), clock[0] + 120, "other-worker")]
     monkeypatch.setattr(scheduler, "_held_elsewhere", lambda *a: held)
-    assert scheduler._wait_for_others(None, None, "me", 15.0, None, None)
+    said, waits = [], set()
+    assert scheduler._wait_for_others(None, None, "me", 15.0, None, said.append, waits)
     assert slept == [scheduler.WAIT_STEP] * 2  # not 15 s
     slept.clear()
     land_at.clear()
     assert (
-        scheduler._wait_for_others(None, None, "me", 5.0, None, None) and sum(slept) == 5.0
+        scheduler._wait_for_others(None, None, "me", 5.0, None, said.append, waits) and sum(slept) == 5.0
     )  # nothing landed
+    # said once, not every poll: the holder renews its claim, and "waiting up to 120 s" never counted down
+    assert said == ["job job: the rest is held by worker other-worker; waiting for it to finish (were it to die, "
+                    "its claim would go stale within 120 s and this worker take the rest over)"]  # fmt: skip
 
 
 def _small_job(tmp_path, model, rows, **kw):
