@@ -140,9 +140,10 @@ else
     # (sized from the first H200 run, 2026-12-04: tests 103 s, the pipeline at batch 16 took 27 + 55 s and naive
     # generate 17 + 28 s on 32 prompts, and refill on 1,024 rows did not end inside 450 s: now the pipeline runs
     # at batch 64, naive on 16 prompts, refill on 512 rows. The second run, with a whole job and the probes added:
-    # 542 s, tests 50 s in 4 processes, 77 s of it cuDNN's cold batches, which runner now leaves out)
+    # 542 s, tests 50 s in 4 processes, 77 s of it cuDNN's cold batches, which runner now leaves out; naive
+    # generate took 40 s on 16 prompts over both models: now 8)
     JOB=(--model smollm2-random --num-prompts 1024 --max-new-tokens 64 --shard-rows 256)
-    SIZES=(--num-prompts 1024 --max-new-tokens 32 --batch-sizes 64,256,1024 --naive-prompts 16 --lp-repeats 0
+    SIZES=(--num-prompts 1024 --max-new-tokens 32 --batch-sizes 64,256,1024 --naive-prompts 8 --lp-repeats 0
            --pipeline-batch-size 64)
     MODELS="gpt2-random smollm2-random"
     REFILL=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 128)
