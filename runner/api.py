@@ -37,7 +37,7 @@ def cancel(job: Ref, home: Ref | None = None) -> str:
 
 
 def retry(job: Ref, home: Ref | None = None) -> int:
-    """Re-queue a failed or cancelled job, or one with row errors. Returns how many row errors were cleared."""
+    """Re-queue a failed or cancelled job, or one with row errors. Returns how many rows had errors cleared (a row's -n samples count once)."""
     with jobdir.opened_job(job, home) as opened:
         return jobdir.retry(opened)
 

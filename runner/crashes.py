@@ -112,11 +112,15 @@ class Recovery:
     isolating: list[Key] = field(default_factory=list)  # the dead worker's batch, split up now (announced)
 
 
-def split_words(group: int) -> str:
-    """How the rows of a batch split up after a crash run, in groups of `group` (1: alone), as the worker says
-    it (before the next one runs them, and as that one starts)."""
+def split_words(group: int, samples: int = 1) -> str:
+    """How the rows of a batch split up after a crash run, in groups of `group` keys (1: alone), as the worker
+    says it (before the next one runs them, and as that one starts); with -n `samples` > 1 a group is of samples,
+    not rows."""
+    unit = " samples" if samples > 1 else ""
     return (
-        "one at a time" if group == 1 else f"in groups of {group}, then the group that fails one at a time,"
+        "one at a time"
+        if group == 1
+        else f"in groups of {group}{unit}, then the group that fails one at a time,"
     )
 
 
@@ -208,7 +212,9 @@ class InFlight:
                 )
                 out.isolating = running
             elif out.cause:  # one at a time, each a batch of one: a device error elsewhere is no death of its
-                out.first.extend(Suspect([k]) for k in running)  # own (pass 99: two kills set it aside, not four)
+                out.first.extend(
+                    Suspect([k]) for k in running
+                )  # own (pass 99: two kills set it aside, not four)
                 out.isolating = running
             elif crashes >= SILENT_CRASHES:
                 out.first.extend(Suspect([k], isolated=True) for k in running)  # one at a time

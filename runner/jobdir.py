@@ -2443,11 +2443,11 @@ def cancel(job: Job) -> JobState:
 def retry(job: Job) -> int:
     """Re-queue a failed or cancelled job, or one with row errors: finished rows are kept, failed rows are
     tried again. One state record (the retry generation goes up, so older row errors stop counting).
-    Returns how many row errors were cleared."""
+    Returns how many rows had errors cleared (a row's -n samples count once)."""
     cleared: list[int] = []
 
     def decide(old: StateRecord) -> StateRecord:
-        cleared.append(sum(1 for _ in read_ledger(job, generation=old.generation).errors()))
+        cleared.append(len({e["row"] for e in read_ledger(job, generation=old.generation).errors()}))
         if old.state not in (JobState.FAILED, JobState.CANCELLED) and not cleared[-1]:
             raise RunnerError(
                 f"job {job.id} is {old.state}; only failed or cancelled jobs, or jobs with row errors, can be "

@@ -493,20 +493,29 @@ class JobRun:
         elif split:
             why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died twice"
             size = max(len(x.keys) for x in recovery.first if not split.isdisjoint(x.keys))
-            ids = ", ".join(dict.fromkeys(unit.id(r) for r, _ in recovery.isolating))
             self.say(f"{_rows(split)} row(s) were being computed when a worker {why}: running them "
-                     f"{split_words(size)} first (ids {ids}; their log-probs may differ from a batched run's in the last float digits, and "
-                     "so, rarely, may a token where two choices were that close)")  # fmt: skip
+                     f"{split_words(size, self.job.spec.samples)} first{self._alone_note(unit, recovery.isolating)}")  # fmt: skip
         # suspects an earlier crash left waiting (not the dead worker's batch: pass 99)
         waiting = [
             x for x in recovery.first[1 if recovery.retried_batch else 0 :] if split.isdisjoint(x.keys)
         ]
         if waiting:  # (split up, or a batch a clean stop kept to run again: each runs as it was left)
-            self.say(f"{_rows(k for x in waiting for k in x.keys)} row(s) left by an earlier crash still wait: "
-                     "running them first, as they were left")  # fmt: skip
+            keys = [k for x in waiting for k in x.keys]
+            alone = max(len(x.keys) for x in waiting) == 1
+            how = (
+                f"one at a time first{self._alone_note(unit, keys)}" if alone else "first, as they were left"
+            )
+            self.say(f"{_rows(keys)} row(s) left by an earlier crash still wait: running them {how}")
         if recovery.last:
             self.say(f"{_rows(k for x in recovery.last for k in x.keys)} row(s) were being computed alone when a "
                      "worker died: running them alone again at the end")  # fmt: skip
+
+    @staticmethod
+    def _alone_note(unit: Unit, keys: list[tuple[int, int]]) -> str:
+        """Which rows run apart from their batch, and what that may change."""
+        ids = ", ".join(dict.fromkeys(unit.id(r) for r, _ in keys))
+        return (f" (ids {ids}; their log-probs may differ from a batched run's in the last float digits, and so, "
+                "rarely, may a token where two choices were that close)")  # fmt: skip
 
     def keep_suspect(self, suspect: Suspect | None) -> None:
         """A batch stopped cleanly is no crash: its suspect stays one, with the deaths it had, for the next worker
@@ -757,24 +766,31 @@ class JobRun:
         crashes = suspect.crashes if suspect is not None else 0
         self.flight.running(keys, self.suspected, crashes=crashes, error=cause)
         again = f"run `runner work --job {shlex.quote(str(self.job.dir))}` (or the same `runner run`) again"
-        if len(keys) == 1:  # alone: conclusive
+        alone = len(keys) == 1  # conclusive
+        if alone:
             r, s = keys[0]
             self.row_error(unit, r, s, "worker_crash", device_crash_message(cause))
-            self.flight.settle(self.suspected)
             message = (
                 f"row {unit.id(r)} (line {unit.line(r)}, sample {s}) of job {self.job.id} makes the device fail "
                 f"on its own ({cause}); it is set aside as a row error. This process cannot use the device any "
                 f"more: {again} to carry on"
             )
-        else:
-            how = split_words(1 if len(keys) <= GROUPS_FROM else GROUPS_FROM)
+        else:  # said of the keys still to do, as the next worker's `recover` will run them (pass 100)
+            todo = set(unit.todo).intersection(keys) or set(keys)
+            how = split_words(1 if len(todo) <= GROUPS_FROM else GROUPS_FROM, self.job.spec.samples)
+            n, size = _rows(todo), _rows(keys)
+            batch = f"{size} row{'s' if size > 1 else ''}" + (
+                f" ({n} of them still to do)" if n < size else ""
+            )
             message = (
-                f"the device failed while computing a batch of {len(keys)} rows of job {self.job.id} ({cause}); "
-                f"this process cannot use it any more. Finished rows are saved: {again}; it runs those rows {how} "
-                "and sets aside the one that fails"
+                f"the device failed while computing a batch of {batch} of job {self.job.id} ({cause}); this "
+                f"process cannot use it any more. Finished rows are saved: {again}; it runs "
+                f"{'those rows' if n > 1 else 'that row'} {how} and sets aside the one that fails"
             )
         try:
             self.commit(unit)
+            if alone:  # the decision is on disk: only now may the record that proves it go (pass 100)
+                self.flight.settle(self.suspected)
         except ClaimLost:
             pass
         self.job.log(message)

@@ -129,7 +129,9 @@ def test_a_device_error_in_a_big_batch_is_searched_in_groups(tmp_path, tiny_gpt2
     assert f"row {BAD} (line 8, sample 0) of job {job.id} makes the device fail on its own" in outs[2]
     code, out = run_worker(job.dir.parent, env_extra=fault)
     assert code == 0 and read_state(job.dir).state == "completed", out
-    assert re.search(r"\d row\(s\) left by an earlier crash still wait: running them first", out), out
+    assert re.search(
+        r"\d row\(s\) left by an earlier crash still wait: running them one at a time first \(ids", out
+    ), out
     assert [(e["id"], e["error"]) for e in read_errors(job.dir)] == [(BAD, "worker_crash")]
     assert assert_exactly_once(job.dir, ref, missing=[BAD]) == 11
 
@@ -585,7 +587,8 @@ def test_the_announcement_counts_rows_not_samples_and_says_what_waits():
     from runner.worker import JobRun
 
     said = []
-    run = SimpleNamespace(say=said.append)
+    job = SimpleNamespace(spec=SimpleNamespace(samples=4))
+    run = SimpleNamespace(say=said.append, job=job, _alone_note=JobRun._alone_note)
     unit = SimpleNamespace(id=lambda r: f"r{r}")
     batch = [(r, s) for r in (1, 2) for s in range(4)]
     JobRun.announce(run, unit, Recovery(first=[Suspect(batch, 1)], retried_batch=True))
@@ -598,8 +601,79 @@ def test_the_announcement_counts_rows_not_samples_and_says_what_waits():
                               "x): running them one at a time first (ids r1, r2;")  # fmt: skip
     said.clear()
     JobRun.announce(run, unit, Recovery(first=split[4:], last=[Suspect([(7, 0)], 1, isolated=True)]))
-    assert said == ["1 row(s) left by an earlier crash still wait: running them first, as they were left",
-                    "1 row(s) were being computed alone when a worker died: running them alone again at the end"]  # fmt: skip
+    assert said[0].startswith("1 row(s) left by an earlier crash still wait: running them one at a time first "
+                              "(ids r2; their log-probs may differ")  # fmt: skip
+    assert said[1:] == [
+        "1 row(s) were being computed alone when a worker died: running them alone again at the end"
+    ]
+    said.clear()  # groups of 8 keys are groups of 8 samples with -n 4
+    JobRun.announce(run, unit, Recovery(first=[Suspect(batch)], cause="CUDA error: x", isolating=batch))
+    assert said[0].startswith("2 row(s) were being computed when a worker stopped on a device error (CUDA error: "
+                              "x): running them in groups of 8 samples, then the group that fails one at a time, first")  # fmt: skip
     said.clear()  # a batch a clean stop kept (it died once): it runs again as a batch, not one at a time
     JobRun.announce(run, unit, Recovery(first=[Suspect(batch, 1)]))
     assert said == ["2 row(s) left by an earlier crash still wait: running them first, as they were left"]
+
+
+def test_a_kill_while_a_culprit_is_committed_keeps_the_record_that_sets_it_aside(
+    job, gpt2_engine, monkeypatch
+):
+    """The record of a row that failed alone (the proof) was cleared before its row error was committed: a kill
+    in between lost both, and the row ran again in a batch, failed, was split and failed alone again (two more
+    stops, pass 100). The record goes only once the decision is on disk."""
+    from runner import worker as worker_module
+    from runner.crashes import DeviceError
+
+    class Killed(BaseException):
+        pass
+
+    monkeypatch.setenv("RUNNER_FAULT", f"poison_row:{BAD}")
+    bad = (int(BAD[1:]), 0)
+    with pytest.raises(DeviceError):  # its batch of 4
+        run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    real = worker_module.JobRun.commit
+
+    def commit(self, unit, *a, **k):
+        if any(e["error"] == "worker_crash" for e in unit.errors):
+            raise Killed  # SIGKILL as the row error's commit begins
+        return real(self, unit, *a, **k)
+
+    monkeypatch.setattr(worker_module.JobRun, "commit", commit)
+    with pytest.raises(Killed):  # its rows one at a time: BAD fails alone
+        run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    record = json.loads((job.dir / INFLIGHT).read_text())
+    assert record["running"] == [list(bad)] and record["error"].startswith("CUDA error"), record
+    monkeypatch.setattr(worker_module.JobRun, "commit", real)
+    run_job(Job.open(job.dir), gpt2_engine, echo=None)  # set aside from the record: BAD never computed again
+    assert [(e["id"], e["error"]) for e in read_errors(job.dir)] == [(BAD, "worker_crash")]
+    assert read_state(job.dir).state == "completed"
+
+
+def test_a_device_error_is_said_in_rows_of_the_file_with_samples(tmp_path, reference, tiny_gpt2, gpt2_engine,
+                                                                 monkeypatch):  # fmt: skip
+    """With -n 4 a batch of 12 (row, sample) keys is 3 rows: the stop said "a batch of 12 rows", and groups of 8
+    were of samples, not rows. After `runner retry` only the row still to do runs again, and that is what is
+    said (it promised groups of 8 for a batch whose 11 companions were done: pass 100)."""
+    from runner.crashes import DeviceError
+
+    params = GenerationParams(max_new_tokens=3, temperature=1.0, seed=7, num_return_sequences=4)
+    job = create_job(reference[0], tiny_gpt2, params, EngineOptions(batch_size=12), job_dir=tmp_path / "job")
+    monkeypatch.setenv("RUNNER_FAULT", f"poison_row:{BAD}")
+    with pytest.raises(DeviceError) as stop:
+        run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    assert "the device failed while computing a batch of 3 rows of job" in str(stop.value)
+    assert "it runs those rows in groups of 8 samples, then the group that fails one at a time, and" in str(
+        stop.value
+    )
+    for _ in range(12):  # its samples one at a time, each set aside as it fails alone (one stop each)
+        try:
+            run_job(Job.open(job.dir), gpt2_engine, echo=None)
+            break
+        except DeviceError:
+            pass
+    assert read_state(job.dir).state == "completed"
+    assert runner.retry(job.dir) == 1  # one row (its 4 samples)
+    with pytest.raises(DeviceError) as stop:
+        run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    assert "a batch of 3 rows (1 of them still to do) of job" in str(stop.value), stop.value
+    assert "it runs that row one at a time and sets aside the one that fails" in str(stop.value)
