@@ -19,13 +19,17 @@ crash in native code kills the process without a word. Re-running the same batch
   * A silent death (SIGKILL, segfault) proves little, because a Colab kill looks exactly the same, and it is
     by far the likelier of the two. So a batch whose worker died silently runs again first, as a batch (a
     plain kill costs nothing more); only when it kills a second worker do its keys run one at a time
-    (`isolated`). A key whose worker died silently while running it isolated goes to the end of the job and
+    (`isolated`), a batch of more than GROUPS_FROM keys in groups of GROUPS_FROM first (a GPU batch of 1,024
+    rows, a refill window: half an hour of rows alone otherwise), the group that kills a worker once more
+    then key by key. A key whose worker died silently while running it isolated goes to the end of the job and
     runs alone once more; dying so a second time (`SILENT_CRASHES`) sets it aside as a `worker_crash`.
 So plain kills set a good row aside only if four in a row land while it is computed: twice in its batch, then
-alone, then alone again at the very end of the job. A batch that is one row by plan (`--batch-size 1`, a
+alone, then alone again at the very end of the job (five from a batch of more than GROUPS_FROM: once more in
+its group). A batch that is one row by plan (`--batch-size 1`, a
 leftover row, a prompt alone over the token budget) is a batch like any other: four too; and so is a row run
 alone because another row of its batch made the device fail (that failure is no death of its own). A row that really
-crashes workers silently costs four restarts, and holds up no other row; one that trips a device error, two
+crashes workers silently costs four restarts (five in a batch of more than GROUPS_FROM), and holds up no
+other row; one that trips a device error, two
 (one with a batch of one row: a device error is conclusive; three when its batch had more than GROUPS_FROM).
 A worker that stops cleanly (Ctrl-C, SIGTERM, deadline, an ordinary error) keeps the suspects it has not run
 yet and does not count the batch it was computing as a crash. Nor is one counted when the record's writer
@@ -215,6 +219,13 @@ class InFlight:
                 out.first.extend(
                     Suspect([k]) for k in running
                 )  # own (pass 99: two kills set it aside, not four)
+                out.isolating = running
+            elif crashes >= SILENT_CRASHES and len(running) > GROUPS_FROM:  # a GPU batch, a refill window
+                # in groups first, each as if it had died once: one death of its own splits it key by key
+                out.first.extend(
+                    Suspect(running[i : i + GROUPS_FROM], SILENT_CRASHES - 1)
+                    for i in range(0, len(running), GROUPS_FROM)
+                )
                 out.isolating = running
             elif crashes >= SILENT_CRASHES:
                 out.first.extend(Suspect([k], isolated=True) for k in running)  # one at a time

@@ -177,6 +177,31 @@ def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, refer
     assert not (job.dir / INFLIGHT).exists()
 
 
+def test_a_big_batch_that_kills_twice_is_searched_in_groups(tmp_path, tiny_gpt2):
+    """A GPU batch of 1,024 rows (or a refill window) that killed two workers ran all its rows alone: half an
+    hour. More than GROUPS_FROM keys run in groups of GROUPS_FROM first, the group that kills again key by key:
+    five kills on the culprit, every other row exactly once."""
+    rows = [{"id": f"r{i:02d}", "prompt": f"The old man said {i} times"} for i in range(12)]
+    options = EngineOptions(batch_size=12)
+    (tmp_path / "ref").mkdir()
+    _, ref = reference_run(tmp_path / "ref", tiny_gpt2, rows, PARAMS, options)
+    job = create_job(rows, tiny_gpt2, PARAMS, options, job_dir=tmp_path / "home" / "job")
+    home, fault, outs = job.dir.parent, {"RUNNER_FAULT": f"poison_kill:{BAD}"}, []
+    for _ in range(5):
+        code, out = run_worker(home, env_extra=fault)
+        assert code == -signal.SIGKILL, out
+        outs.append(out)
+    assert "12 row(s) were being computed when a worker died twice: running them in groups of 8, then the group " \
+           "that fails one at a time, first" in outs[2]  # fmt: skip
+    assert re.search(r"(4|8) row\(s\) were being computed when a worker died twice: running them one at a time",
+                     outs[3]), outs[3]  # fmt: skip
+    assert assert_exactly_once(job.dir, ref, complete=False) < 12  # (rows not yet in a shard run again)
+    code, out = run_worker(home, env_extra=fault)
+    assert code == 0 and read_state(job.dir).state == "completed", out
+    assert [(e["id"], e["error"]) for e in read_errors(job.dir)] == [(BAD, "worker_crash")]
+    assert assert_exactly_once(job.dir, ref, missing=[BAD]) == 11
+
+
 def test_two_rows_that_kill_workers_are_both_set_aside_and_the_job_completes(job, reference):
     """Pass 93: a row set aside was only buffered for the unit's next commit, and the in-flight record written
     before the next batch no longer named it; the other bad row then killed the worker before that commit, the
@@ -247,7 +272,7 @@ def _owner(kind):
         ({"running": [[1, 0], [2, 0]], "crashes": 1}, [[1], [2]], [], []),
         ({"running": [[1, 0], [2, 0]], "error": "CUDA error: x"}, [[1], [2]], [], []),
         # a device error in a batch of more than GROUPS_FROM rows: groups of GROUPS_FROM first (the one that
-        # fails then runs row by row, never in groups again: pass 99); silent deaths still go row by row
+        # fails then runs row by row, never in groups again: pass 99)
         (
             {"running": [[r, 0] for r in range(9)], "error": "CUDA error: x"},
             [list(range(8)), [8]],
@@ -255,7 +280,15 @@ def _owner(kind):
             [],
         ),
         ({"running": [[r, 0] for r in range(8)], "error": "CUDA error: x"}, [[r] for r in range(8)], [], []),
-        ({"running": [[r, 0] for r in range(9)], "crashes": 1}, [[r] for r in range(9)], [], []),
+        # ... and so do silent deaths now (a GPU batch, a refill window): a group that kills again goes key by key
+        ({"running": [[r, 0] for r in range(9)], "crashes": 1}, [list(range(8)), [8]], [], []),
+        ({"running": [[r, 0] for r in range(8)], "crashes": 1}, [[r] for r in range(8)], [], []),
+        (
+            {"running": [[r, 0] for r in range(8)], "crashes": 1, "isolated": False},
+            [[r] for r in range(8)],
+            [],
+            [],
+        ),
         # a row died alone, silently: alone again at the end, the other suspects first
         ({"running": [[2, 0]], "suspects": [_group(3)]}, [[3]], [[2]], []),
         ({"running": [[2, 0]], "isolated": True, "suspects": [_group(3)]}, [[3]], [[2]], []),
@@ -310,15 +343,18 @@ def test_the_isolation_rule(tmp_path, record, first, last, culprits):
 
 
 def _silent_deaths_to_set_aside(path: Path, record: dict) -> int:
-    """Row 1, left to do after RECORD: how many workers die silently while computing it (each recording what it
-    runs as worker.compute does) before a worker reading the record sets it aside."""
+    """Row 1, left to do after RECORD with the rest of its keys: how many workers die silently while computing
+    it (each recording what it runs as worker.compute does; the other suspects are done meanwhile) before a
+    worker reading the record sets it aside."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**record, "check": storage.json_checksum(record)}))
+    todo = {tuple(k) for k in record["running"]}
     for deaths in range(10):
-        rec = InFlight(path, f"reader{deaths}").recover({(1, 0)})
+        rec = InFlight(path, f"reader{deaths}").recover(todo)
         if rec.culprits:
             return deaths
-        (suspect,) = rec.first + rec.last
+        (suspect,) = [x for x in rec.first + rec.last if (1, 0) in x.keys]
+        todo = set(suspect.keys)
         InFlight(path, f"w{deaths}").running(
             suspect.keys, [], crashes=suspect.crashes, isolated=suspect.isolated
         )
@@ -331,6 +367,10 @@ def _silent_deaths_to_set_aside(path: Path, record: dict) -> int:
         ({"running": [[1, 0], [2, 0]]}, 4 - 1),  # its batch died: that was the first
         ({"running": [[1, 0], [2, 0]], "error": "CUDA error: x"}, 4),  # row 2's device error: none of row 1's
         ({"running": [[r, 0] for r in range(1, 10)], "error": "CUDA error: x"}, 4),  # (in groups first)
+        (
+            {"running": [[r, 0] for r in range(1, 10)]},
+            5 - 1,
+        ),  # a batch of 9 died: twice, in its group, alone x2
         ({"running": [[1, 0]], "isolated": False}, 4 - 1),  # a batch of one row by plan
     ],
 )
