@@ -491,7 +491,7 @@ class JobRun:
             self.say(f"a worker died while computing a batch of {_rows(recovery.first[0].keys)} row(s) (most "
                      "likely it was killed): running that batch again first")  # fmt: skip
         elif split:
-            why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died twice"
+            why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died again"
             size = max(len(x.keys) for x in recovery.first if not split.isdisjoint(x.keys))
             self.say(f"{_rows(split)} row(s) were being computed when a worker {why}: running them "
                      f"{split_words(size, self.job.spec.samples)} first{self._alone_note(unit, recovery.isolating)}")  # fmt: skip

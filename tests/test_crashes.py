@@ -147,7 +147,7 @@ def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, refer
     code, out = run_worker(home, env_extra=fault)  # most likely a plain kill: the same batch again, first
     assert code == -signal.SIGKILL and "running that batch again first" in out, out
     code, out = run_worker(home, env_extra=fault)  # it died twice: its rows one at a time, first
-    assert code == -signal.SIGKILL and "when a worker died twice: running them one at a time first" in out
+    assert code == -signal.SIGKILL and "when a worker died again: running them one at a time first" in out
     said = next(line for line in out.splitlines() if "one at a time first" in line)
     assert (
         BAD in said and "log-probs may differ" in said and "a token where two choices were that close" in said
@@ -191,9 +191,9 @@ def test_a_big_batch_that_kills_twice_is_searched_in_groups(tmp_path, tiny_gpt2)
         code, out = run_worker(home, env_extra=fault)
         assert code == -signal.SIGKILL, out
         outs.append(out)
-    assert "12 row(s) were being computed when a worker died twice: running them in groups of 8, then the group " \
+    assert "12 row(s) were being computed when a worker died again: running them in groups of 8, then the group " \
            "that fails one at a time, first" in outs[2]  # fmt: skip
-    assert re.search(r"(4|8) row\(s\) were being computed when a worker died twice: running them one at a time",
+    assert re.search(r"(4|8) row\(s\) were being computed when a worker died again: running them one at a time",
                      outs[3]), outs[3]  # fmt: skip
     assert assert_exactly_once(job.dir, ref, complete=False) < 12  # (rows not yet in a shard run again)
     code, out = run_worker(home, env_extra=fault)
