@@ -105,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--shard-rows", type=int, default=256, help="runner work --shard-rows (a commit per shard)"
     )
-    ap.add_argument("--json-out")
+    ap.add_argument("--json-out", type=Path)
     args = ap.parse_args(argv)
 
     from prompts import build_prompts
+    from report import write_json
     from transformers import AutoTokenizer
 
     import runner
@@ -151,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
           f"reference {res['rows_identical_to_reference']}/{res['rows']}", flush=True)  # fmt: skip
     for line in [res["reference_last_progress"], *res["log_generate_lines"]]:
         print("  log:", line)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=1))
+    write_json(res, args.json_out, print)
     return 0 if res["exactly_once"] else 1
 
 

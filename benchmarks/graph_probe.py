@@ -19,11 +19,9 @@ case for the static cache: a real job's batches have other shapes). Greedy, exac
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
-from refill import _bench
+from refill import probe_parser, probe_setup
 
 
 def batches(tok, texts: list[str], batch_size: int, device) -> list[dict]:
@@ -50,37 +48,24 @@ def generate_all(model, encoded: list[dict], n_new: int, **extra) -> tuple[list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-random")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--num-prompts", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap = probe_parser(__doc__)
     ap.add_argument(
         "--no-compile", action="store_true", help="static cache without torch.compile (a CPU dry run)"
     )
-    ap.add_argument("--json-out")
     args = ap.parse_args(argv)
 
-    from prompts import build_prompts
+    from report import write_json
     from runner_paths import plain_transformers, run_runner
     from transformers import CompileConfig
 
-    from runner import EngineOptions
     from runner.batching import default_batch_tokens, encode
-    from runner.engine import Engine
 
-    engine = Engine(
-        _bench().model_folder(argparse.Namespace(model=args.model, seed=0)), EngineOptions(device=args.device)
-    )
+    engine, texts, res = probe_setup(args)
     model, tok = engine.model, engine.tokenizer
     tok.padding_side = "left"
-    texts = build_prompts(args.num_prompts, lambda t: len(tok(t)["input_ids"]))
     encoded = batches(tok, texts, args.batch_size, engine.device)
     n, new = len(texts), args.max_new_tokens
-    res: dict = {"model": args.model, "device": str(engine.device), "dtype": str(engine.dtype), "rows": n,
-                 "batch_size": args.batch_size, "max_new_tokens": new, "padded_to": encoded[0]["input_ids"].shape[1],
-                 "compiled": not args.no_compile}  # fmt: skip
+    res.update(padded_to=encoded[0]["input_ids"].shape[1], compiled=not args.no_compile)
     static = {"cache_implementation": "static"}
     if not args.no_compile:
         static["compile_config"] = CompileConfig()
@@ -102,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['generate_static_first_call_seconds']:.1f} s); runner {res['runner_tok_s']:,.0f} tok/s; "
           f"static / runner {res['generate_static_tok_s'] / res['runner_tok_s']:.2f}x; rows static == dynamic "
           f"{res['static_rows_identical_to_generate']}/{n}", flush=True)  # fmt: skip
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(res, args.json_out, print)
     return 0
 
 

@@ -35,6 +35,35 @@ def _bench():
     return module
 
 
+def probe_parser(doc: str) -> argparse.ArgumentParser:
+    """The options sdpa_probe.py and graph_probe.py share: one model, one device, one batch size."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-random")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--num-prompts", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--json-out", type=Path)
+    return ap
+
+
+def probe_setup(args: argparse.Namespace):
+    """A probe's engine (--model on --device, its default dtype there), bench.py's prompts (--num-prompts) and
+    the head of its results."""
+    from prompts import build_prompts
+
+    from runner import EngineOptions
+    from runner.engine import Engine
+
+    engine = Engine(
+        _bench().model_folder(argparse.Namespace(model=args.model, seed=0)), EngineOptions(device=args.device)
+    )
+    texts = build_prompts(args.num_prompts, lambda t: len(engine.tokenizer(t)["input_ids"]))
+    res = {"model": args.model, "device": str(engine.device), "dtype": str(engine.dtype), "rows": len(texts),
+           "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}  # fmt: skip
+    return engine, texts, res
+
+
 def workload(
     engine,
     n: int,

@@ -20,10 +20,7 @@ so a few rows may part on a near tie of a random-weight model). On CPU both poli
 
 from __future__ import annotations
 
-import argparse
-import json
-
-from refill import _bench
+from refill import probe_parser, probe_setup
 
 
 def policies() -> dict[str, tuple[str, ...]]:
@@ -47,30 +44,15 @@ def run(engine, ids, n_new, batch_size, budget, kernels) -> tuple[list[list[int]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-random")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--num-prompts", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--json-out")
-    args = ap.parse_args(argv)
+    args = probe_parser(__doc__).parse_args(argv)
 
-    from prompts import build_prompts
+    from report import write_json
 
-    from runner import EngineOptions
     from runner.batching import default_batch_tokens, encode
-    from runner.engine import Engine
 
-    bench = _bench()
-    engine = Engine(
-        bench.model_folder(argparse.Namespace(model=args.model, seed=0)), EngineOptions(device=args.device)
-    )
-    texts = build_prompts(args.num_prompts, lambda t: len(engine.tokenizer(t)["input_ids"]))
+    engine, texts, res = probe_setup(args)
     ids = [encode(engine.tokenizer, t, False) for t in texts]
     budget = default_batch_tokens(engine, "generate")
-    res: dict = {"model": args.model, "device": str(engine.device), "dtype": str(engine.dtype), "rows": len(ids),
-                 "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}  # fmt: skip
     outs = {}
     for name, kernels in policies().items():
         for phase in ("cold", "warm"):
@@ -88,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         f"warm {res['no-cudnn_warm_ratio']:.2f}x, "
         f"rows identical {res['no-cudnn_rows_identical']}/{len(ids)}"
     )
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(res, args.json_out, print)
     return 0
 
 
