@@ -21,16 +21,15 @@ crash in native code kills the process without a word. Re-running the same batch
     plain kill costs nothing more); only when it kills a second worker do its keys run one at a time
     (`isolated`), a batch of more than GROUPS_FROM keys in groups of GROUPS_FROM first (a GPU batch of 1,024
     rows, a refill window: half an hour of rows alone otherwise), the group that kills a worker once more
-    then key by key. A key whose worker died silently while running it isolated goes to the end of the job and
-    runs alone once more; dying so a second time (`SILENT_CRASHES`) sets it aside as a `worker_crash`.
+    then key by key. A key whose worker died silently while running it isolated goes to the end of the job
+    and runs alone once more; dying so a second time (`SILENT_CRASHES`) sets it aside as a `worker_crash`.
 So plain kills set a good row aside only if four in a row land while it is computed: twice in its batch, then
 alone, then alone again at the very end of the job (five from a batch of more than GROUPS_FROM: once more in
-its group). A batch that is one row by plan (`--batch-size 1`, a
-leftover row, a prompt alone over the token budget) is a batch like any other: four too; and so is a row run
-alone because another row of its batch made the device fail (that failure is no death of its own). A row that really
-crashes workers silently costs four restarts (five in a batch of more than GROUPS_FROM), and holds up no
-other row; one that trips a device error, two
-(one with a batch of one row: a device error is conclusive; three when its batch had more than GROUPS_FROM).
+its group). A batch that is one row by plan (`--batch-size 1`, a leftover row, a prompt alone over the token
+budget) is a batch like any other: four too; and so is a row run alone because another row of its batch made
+the device fail (that failure is no death of its own). A row that really crashes workers silently costs four
+restarts (five in a batch of more than GROUPS_FROM), and holds up no other row; one that trips a device error,
+two (one with a batch of one row: a device error is conclusive; three when its batch had more than GROUPS_FROM).
 A worker that stops cleanly (Ctrl-C, SIGTERM, deadline, an ordinary error) keeps the suspects it has not run
 yet and does not count the batch it was computing as a crash. Nor is one counted when the record's writer
 provably lives: stopped on this machine (SIGSTOP: frozen past its lease, then taken over), renewing its
@@ -53,7 +52,7 @@ from .errors import RunnerError
 from .jobdir import LEASE_TTL, Owner, beat_period
 
 SILENT_CRASHES = 2  # silent deaths of workers computing the same keys: a batch is split, a lone key set aside
-GROUPS_FROM = 8  # a batch stopped by a device error with more keys than this is searched in groups first
+GROUPS_FROM = 8  # a crashed batch with more keys than this is searched in groups first (`_split`)
 # seconds a worker waits, beyond the writer's heartbeat period, for a sign of life from a record's writer that runs
 # on this machine without a fresh heartbeat (continued after it was frozen past its lease, or its heartbeat file
 # damaged: it renews within a period; one that hangs never does)
@@ -210,25 +209,8 @@ class InFlight:
                     out.culprits.append((running[0], silent_crash_message(crashes)))
                 else:
                     out.last.append(Suspect(running, crashes, isolated=True))
-            elif out.cause and len(running) > GROUPS_FROM:  # in groups, then the one that fails key by key
-                out.first.extend(
-                    Suspect(running[i : i + GROUPS_FROM]) for i in range(0, len(running), GROUPS_FROM)
-                )
-                out.isolating = running
-            elif out.cause:  # one at a time, each a batch of one: a device error elsewhere is no death of its
-                out.first.extend(
-                    Suspect([k]) for k in running
-                )  # own (pass 99: two kills set it aside, not four)
-                out.isolating = running
-            elif crashes >= SILENT_CRASHES and len(running) > GROUPS_FROM:  # a GPU batch, a refill window
-                # in groups first, each as if it had died once: one death of its own splits it key by key
-                out.first.extend(
-                    Suspect(running[i : i + GROUPS_FROM], SILENT_CRASHES - 1)
-                    for i in range(0, len(running), GROUPS_FROM)
-                )
-                out.isolating = running
-            elif crashes >= SILENT_CRASHES:
-                out.first.extend(Suspect([k], isolated=True) for k in running)  # one at a time
+            elif out.cause or crashes >= SILENT_CRASHES:  # split up: its keys alone, or in groups first
+                out.first.extend(_split(running, silent=not out.cause))
                 out.isolating = running
             elif running:
                 out.first.append(Suspect(running, crashes))  # most likely a plain kill: the same batch again
@@ -356,6 +338,23 @@ class InFlight:
                 # worker wrote its suspects back into a finished unit), unless this one still holds it
                 self.taken = not self.holds()
         return self.taken
+
+
+def _split(keys: list[Key], silent: bool) -> list[Suspect]:
+    """A dead worker's batch split up: more than GROUPS_FROM keys in groups of GROUPS_FROM first (the group that
+    fails again then key by key; after silent deaths each group counts as having died once: one death of its own
+    splits it), else key by key. A key split out by a device error runs as a batch of one: that error may be
+    another key's, no death of its own (pass 99: two kills set it aside, not four)."""
+    size = split_size(len(keys))
+    if size > 1:
+        dead = SILENT_CRASHES - 1 if silent else 0
+        return [Suspect(keys[i : i + size], dead) for i in range(0, len(keys), size)]
+    return [Suspect([k], isolated=silent) for k in keys]
+
+
+def split_size(keys: int) -> int:
+    """How many keys of a crashed batch of `keys` run together when it is split up (1: alone)."""
+    return GROUPS_FROM if keys > GROUPS_FROM else 1
 
 
 def _beat_period(rec: dict[str, Any]) -> float:

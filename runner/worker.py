@@ -24,13 +24,13 @@ from typing import Any
 from . import jobdir, storage
 from .batching import default_batch_size, default_batch_tokens, plan_batches
 from .crashes import (
-    GROUPS_FROM,
     DeviceError,
     InFlight,
     Suspect,
     device_crash_message,
     first_line,
     is_device_error,
+    split_size,
     split_words,
 )
 from .engine import Engine, NumericalError, Stopped, peak_memory_bytes, reset_peak_memory
@@ -777,7 +777,7 @@ class JobRun:
             )
         else:  # said of the keys still to do, as the next worker's `recover` will run them (pass 100)
             todo = set(unit.todo).intersection(keys) or set(keys)
-            how = split_words(1 if len(todo) <= GROUPS_FROM else GROUPS_FROM, self.job.spec.samples)
+            how = split_words(split_size(len(todo)), self.job.spec.samples)
             n, size = _rows(todo), _rows(keys)
             batch = f"{size} row{'s' if size > 1 else ''}" + (
                 f" ({n} of them still to do)" if n < size else ""
