@@ -426,20 +426,6 @@ def scan(folder: Path, dirs: bool = False) -> list[str]:
 # --- this process, as an owner of claims ----------------------------------------------------------------
 
 
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _pid_ns() -> str | None:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
 def _pid_start(pid: int) -> str | None:
     """The start time of process `pid` (clock ticks since boot), to tell it from a later one with its pid."""
     try:
@@ -472,7 +458,7 @@ class Owner:
         pid = os.getpid()
         host = socket.gethostname()
         worker = worker or new_worker_id()
-        return cls(worker, host, pid, _boot_id(), _pid_ns(), _pid_start(pid))
+        return cls(worker, host, pid, storage.boot_id(), storage.pid_namespace(), _pid_start(pid))
 
     def as_dict(self) -> dict[str, Any]:
         return {"worker": self.worker, "host": self.host, "pid": self.pid, "boot": self.boot,
@@ -490,9 +476,9 @@ class Owner:
         """The same boot and PID namespace as this process: its pid means the same process here."""
         return (
             bool(self.boot)
-            and self.boot == _boot_id()
+            and self.boot == storage.boot_id()
             and bool(self.pidns)
-            and self.pidns == _pid_ns()
+            and self.pidns == storage.pid_namespace()
             and self.pid > 0
         )
 
@@ -2990,15 +2976,10 @@ def _age(path: Path, now: float) -> float | None:
         raise
 
 
-def namespace_tag() -> str:
-    """8 hex digits naming this boot and PID namespace: a pid means the same process only under the same tag."""
-    return hashlib.sha256(f"{_boot_id()}\0{_pid_ns()}".encode()).hexdigest()[:8]
-
-
 def submit_temp_name(target: str) -> str:
     """The temp folder a submit builds its job in: `.TARGET.PID-TAG.HEX.tmp`, so that whether its submit is
     still alive can be told from the name alone, even if it was killed before writing anything inside."""
-    return f".{target}.{os.getpid()}-{namespace_tag()}.{secrets.token_hex(4)}.tmp"
+    return f".{target}.{os.getpid()}-{storage.namespace_tag()}.{secrets.token_hex(4)}.tmp"
 
 
 _SUBMIT_TEMP = re.compile(r"\..+\.(\d+)-([0-9a-f]{8})\.[0-9a-f]{8}\.tmp")
@@ -3028,19 +3009,11 @@ def remove_dead_submits(root: str | os.PathLike) -> int:
         age = _age(folder, time.time())
         if age is None:
             continue
-        same_ns = m.group(2) == namespace_tag()
-        gone = same_ns and (owner.provably_dead() if owner is not None else not _pid_exists(int(m.group(1))))
+        same_ns = m.group(2) == storage.namespace_tag()
+        gone = same_ns and (
+            owner.provably_dead() if owner is not None else not storage.pid_exists(int(m.group(1)))
+        )
         if gone or age > 86400:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return True

@@ -260,8 +260,8 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
         # an older (pass 47)
         storage.remove(out)
         storage.remove(errors_out)
-        storage.publish(errors_file, errors_out)
-        storage.publish(lines_file, out)
+        storage.publish(errors_file, errors_out, owned=True)
+        storage.publish(lines_file, out, owned=True)
     return Exported(written, len(errors))
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import storage
 from .errors import RunnerError, first_line
+from .faults import fault_point
 from .jobdir import ORDER
 
 if TYPE_CHECKING:
@@ -697,7 +698,7 @@ def _staged(table: pa.Table, to: Path) -> Iterator[Callable[[], None]]:
     import pyarrow.parquet as pq
 
     storage.remove_stale_temps_of(to)  # an earlier export of this file killed mid-way
-    tmp = storage.temp_name(to)
+    tmp = storage.owned_temp_name(to)
     suffix = to.suffix.lower()
     try:
         try:
@@ -710,6 +711,7 @@ def _staged(table: pa.Table, to: Path) -> Iterator[Callable[[], None]]:
                 _write_csv(table, tmp)
             # whole on the disk before it takes the name: a machine crash leaves the old file
             storage.fsync_file(tmp)
+            fault_point("before_replace")
             yield lambda: storage.replace(tmp, to)
         except OSError as e:
             raise RunnerError(f"cannot write {to}: {e.strerror or e}") from None

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -106,24 +107,37 @@ def temp_name(target: Path) -> str:
     return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def owned_temp_name(target: str | os.PathLike) -> str:
+    """A temp name beside `target` that says which process writes it, `.{name}.{PID}-{TAG}.{8 hex}.tmp`
+    (`namespace_tag`): a later writer of the same file removes it as soon as that process is gone
+    (`remove_stale_temps_of`), not minutes later. For files outside job folders (exports)."""
+    folder, name = os.path.split(os.fspath(target))
+    return os.path.join(folder, f".{name}.{os.getpid()}-{namespace_tag()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def is_temp_name(name: str) -> bool:
-    """A name `temp_name` makes: `.{name}.{8 hex}.tmp`."""
+    """A name `temp_name` (or `owned_temp_name`) makes: `.{name}.{8 hex}.tmp`."""
     parts = name.rsplit(".", 2)
     return name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and len(parts[1]) == 8
 
 
+_OWNED = re.compile(r"(\..+)\.(\d+)-([0-9a-f]{8})")  # the part of an owned temp name before its 8 hex
+
+
 def remove_stale_temps_of(target: str | os.PathLike, max_age: float = 600.0) -> int:
-    """Delete the temp files (`temp_name`) of `target` beside it untouched for `max_age` seconds: left by a
-    killed writer of the same file (an export killed mid-way). A live writer's temp file changes as it writes.
-    Best effort: what cannot be listed or removed stays."""
+    """Delete the temp files of `target` beside it that no live writer of the same file holds (an export killed
+    mid-way): an `owned_temp_name` whose process is gone from this machine at once, any other untouched for
+    `max_age` seconds (a live writer's temp file changes as it writes). Best effort: what cannot be listed or
+    removed stays."""
     folder, name = os.path.split(os.path.abspath(os.fspath(target)))
     removed, now = 0, time.time()
     try:
         with os.scandir(folder) as entries:
             stale = [
                 e.path for e in entries
-                if is_temp_name(e.name) and e.name.rsplit(".", 2)[0] == f".{name}"
-                and e.is_file(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime > max_age
+                if is_temp_name(e.name) and e.is_file(follow_symlinks=False)
+                and _left_behind(e.name.rsplit(".", 2)[0], f".{name}", now - e.stat(follow_symlinks=False).st_mtime,
+                                 max_age)
             ]  # fmt: skip
         for path in stale:
             os.unlink(path)
@@ -133,12 +147,62 @@ def remove_stale_temps_of(target: str | os.PathLike, max_age: float = 600.0) -> 
     return removed
 
 
-def _replace_into(target: Path, fill: Callable[[Any], None], what: str, durable: bool = True) -> None:
-    """Write `target` through a temp file (`fill(fileobj)` writes the bytes) + fsync + rename, retried.
-    `durable=False` skips the fsyncs: the file then survives the process being killed, not the machine."""
+def _left_behind(head: str, of: str, age: float, max_age: float) -> bool:
+    """Whether a temp file whose name starts `head` (its name less `.{8 hex}.tmp`) is a left-behind one of the file
+    named `of`: by `of` alone, older than `max_age`; by `of` and an owner, also when its process is gone."""
+    if head == of:
+        return age > max_age
+    owned = _OWNED.fullmatch(head)
+    if owned is None or owned.group(1) != of:
+        return False
+    gone = owned.group(3) == namespace_tag() and not pid_exists(int(owned.group(2)))
+    return gone or age > max_age
+
+
+# --- this process: which machine and PID namespace it runs in ----------------------------------------------
+
+
+def boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def namespace_tag() -> str:
+    """8 hex digits naming this boot and PID namespace: a pid means the same process only under the same tag."""
+    return hashlib.sha256(f"{boot_id()}\0{pid_namespace()}".encode()).hexdigest()[:8]
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def _replace_into(
+    target: Path,
+    fill: Callable[[Any], None],
+    what: str,
+    durable: bool = True,
+    temp: Callable[[Path], str] = temp_name,
+) -> None:
+    """Write `target` through a temp file (named by `temp`; `fill(fileobj)` writes the bytes) + fsync + rename,
+    retried. `durable=False` skips the fsyncs: the file then survives the process being killed, not the machine."""
 
     def op() -> bool:
-        tmp = temp_name(target)
+        tmp = temp(target)
         try:
             with open(tmp, "wb") as f:
                 fill(f)
@@ -209,8 +273,9 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     return retry(op, f"read {path}")
 
 
-def publish(local: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Copy a finished local file to `target` (temp name + rename); the local file is left in place."""
+def publish(local: str | os.PathLike, target: str | os.PathLike, owned: bool = False) -> None:
+    """Copy a finished local file to `target` (temp name + rename); the local file is left in place. `owned`:
+    through an `owned_temp_name` (a file outside job folders: `remove_stale_temps_of` tidies it after a kill)."""
 
     def fill(dst: Any) -> None:
         with open(local, "rb") as src:
@@ -219,7 +284,7 @@ def publish(local: str | os.PathLike, target: str | os.PathLike) -> None:
             fault_point("mid_write")  # half the bytes are in the job home under the temp name
             shutil.copyfileobj(src, dst, 1024 * 1024)
 
-    _replace_into(Path(target), fill, f"write {target}")
+    _replace_into(Path(target), fill, f"write {target}", temp=owned_temp_name if owned else temp_name)
 
 
 def json_checksum(record: dict[str, Any], field: str = "check") -> str:

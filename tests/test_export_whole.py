@@ -138,3 +138,33 @@ def test_an_export_whose_folder_reads_after_a_transient_error_is_written(tmp_pat
     monkeypatch.setattr(os, "stat", stat)
     check_export_pair(tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl")
     assert failed
+
+
+@pytest.mark.parametrize(("fmt", "point"), [("table", "before_replace"), ("openai", "mid_write")])
+def test_a_killed_exports_temp_file_goes_at_the_next_export_of_that_file(fmt, point, tmp_path, tiny_gpt2,
+                                                                         gpt2_engine):  # fmt: skip
+    """An export SIGKILLed with its file half written leaves a temp file that names its process; the next export
+    of that file removes it at once (its process is gone), not 10 minutes later. A live writer's stays."""
+    import os
+
+    import runner
+    from runner import storage
+
+    rows = [{"id": f"r{i}", "prompt": f"Hello {i}"} for i in range(3)]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    out = tmp_path / "out" / "answers.jsonl"
+    out.parent.mkdir()
+    cmd = [sys.executable, "-m", "runner", "results", str(job.dir), "--to", str(out), "--format", fmt]
+    killed = subprocess.run(
+        cmd, capture_output=True, text=True, env=worker_env({"RUNNER_FAULT": point}), cwd=ROOT
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+    assert left and all(f".{os.getpid()}-" not in p.name for p in left), left
+    live = out.parent / f".answers.jsonl.{os.getpid()}-{storage.namespace_tag()}.0badf00d.tmp"  # this one's
+    live.write_text("a live export's half")
+    runner.export_results(job.dir, out, format=fmt)
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")) == [live.name]
+    assert len(out.read_text().splitlines()) == 3

@@ -1109,7 +1109,7 @@ def test_a_job_named_by_a_link_the_user_made_is_the_folder_it_points_to(
 
 def test_a_killed_submits_temp_folder_is_cleaned_up(reference, tiny_gpt2, runner_home):
     runner_home.mkdir(parents=True, exist_ok=True)
-    tag = jobdir.namespace_tag()
+    tag = storage.namespace_tag()
     dead_pid = 2**22 + 777  # above pid_max: no such process
     left = (
         runner_home / f".20260101-000000-abcdef.{dead_pid}-{tag}.0123abcd.tmp"

@@ -1017,11 +1017,11 @@ def test_an_openai_export_replaces_its_pair_whole_or_says_why_not(mixed_job, tmp
     assert out.read_text() == "OLD EXPORT\n" and errors.read_text() == "OLD ERRORS\n"  # refused: left whole
     real, seen = storage.publish, []
 
-    def publish(local, target):  # killed after the errors file landed, before the output did
+    def publish(local, target, **kw):  # killed after the errors file landed, before the output did
         if Path(target) == out:
             seen.append(errors.read_text())
             raise KeyboardInterrupt
-        return real(local, target)
+        return real(local, target, **kw)
 
     monkeypatch.setattr(storage, "publish", publish)
     with pytest.raises(KeyboardInterrupt):
