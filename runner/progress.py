@@ -51,6 +51,12 @@ class Progress:
         if self.done == self.done_before and not self.tokens:
             self.since = time.perf_counter()
 
+    def settled(self, rows: int) -> None:
+        """`rows` were decided here without being computed (set aside for the crashes earlier runs saw): they
+        count as done, as the rows earlier runs finished do, not in this run's rates."""
+        self.done += rows
+        self.done_before += rows
+
     def update(self, rows: int, tokens: int) -> None:
         self.done += rows
         self.tokens += tokens
@@ -91,7 +97,7 @@ class Progress:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         rate = self.rows_per_second
         remaining = self.total - self.done
-        eta = fmt_duration(remaining / rate) if rate > 0 else "?"
+        eta = fmt_duration(remaining / rate) if rate > 0 else fmt_duration(0) if remaining <= 0 else "?"
         unsaved = f", {self.done - self.saved:,} not saved yet" if self.done > self.saved else ""
         # rows done and no token counted: a kind that makes none (embeddings), where "0.0 tok/s" would mislead
         speed = f" | {self.tokens_per_second:,.1f} tok/s" if self.tokens or not new else ""

@@ -444,6 +444,8 @@ class JobRun:
         recovery = self.flight.recover(_KeySet(self.left_mask(unit)))
         for (r, s), message in recovery.culprits:
             self.row_error(unit, r, s, "worker_crash", message)
+        if self.progress is not None:  # decided, not computed: done, outside this run's rates
+            self.progress.settled(len(recovery.culprits))
         # committed now: the in-flight record written next no longer names them, so a kill before the unit's
         # next commit lost the decision, and they ran again (pass 93); then the dead worker's record no longer
         # names them either (a stop right after the commit left it, and after a `retry` the row was set aside

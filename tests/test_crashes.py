@@ -170,6 +170,7 @@ def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, refer
     assert assert_exactly_once(job.dir, reference[1], missing=[BAD]) == N_ROWS - 1
     code, out = run_worker(home, env_extra=fault)
     assert code == 0 and read_state(job.dir).state == "completed", out
+    assert f"{N_ROWS}/{N_ROWS} rows (100.0%)" in out and "ETA 0:00:00" in out, out  # the row set aside counts
     errors = read_errors(job.dir)
     assert [(e["id"], e["stage"], e["error"]) for e in errors] == [(BAD, "generate", "worker_crash")]
     assert f"{SILENT_CRASHES} workers died while computing this row alone" in errors[0]["message"]
