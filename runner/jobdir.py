@@ -1140,6 +1140,10 @@ class Job:
             meta = storage.read_json(path / JOB_FILE)
         except ValueError as e:
             raise _damaged_spec(path, f"job.json is damaged ({e})") from None
+        except storage.StorageError as e:  # a folder there: damage repair sets aside, not a failing mount
+            if e.errno not in storage.DAMAGED:
+                raise
+            raise _damaged_spec(path, "job.json is not a file") from None
         spec = JobSpec.parse(meta)
         for sub in FOLDERS:
             if kinds.get(sub) == "link":
@@ -2513,6 +2517,10 @@ def _mended_folder(path: Path, report: RepairReport) -> Job:
     }
     for sub in misplaced:
         move_aside(path, sub)
+    # job.json as a folder, a FIFO or a link (read through, or not at all): aside, restored from its backup
+    spec_aside = kinds.get(JOB_FILE) not in (None, "file") and kinds.get(JOB_BACKUP) == "file"
+    if spec_aside:
+        move_aside(path, JOB_FILE)
     try:
         job = Job.open(path, inputs=False)
         report.mended_backup = same_job_as_backup(job)
@@ -2524,6 +2532,8 @@ def _mended_folder(path: Path, report: RepairReport) -> Job:
     for name, kind in misplaced.items():
         what = "a symbolic link" if kind == "link" else "not a folder"
         job.log(f"repair: {name}/ was {what}; set aside in {QUARANTINE}/")
+    if spec_aside:
+        job.log(f"repair: {JOB_FILE} was not a file; set aside in {QUARANTINE}/, restored from {JOB_BACKUP}")
     return job
 
 

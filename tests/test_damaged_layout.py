@@ -33,6 +33,11 @@ DAMAGE = [  # (path in the job's folder, what is put there); "+" joins two
     ("quarantine+log.txt", "file+dir"),  # repair must first move the file standing where quarantine/ goes
     ("verified.json", "fifo"),  # a reader opening it would wait for a writer for ever
     ("verified.json", "loop"),
+    ("job.json", "dir"),  # status said `runner repair`, which could not read it either (pass 102)
+    ("job.json", "fifo"),
+    ("job.json", "link"),
+    ("job.backup.json", "dir"),
+    ("prompts.parquet", "dir"),
 ]
 
 
@@ -112,11 +117,12 @@ def test_a_damaged_job_is_skipped_and_repair_brings_it_back(
             _put(victim.dir / t, w, stack)
         # what `runner work` is about to find, `runner status` says first (pass 72: a folder at log.txt showed
         # "queued (interrupted)" while every worker skipped the job as broken)
-        assert runner.status(victim.dir).state == ("queued" if target == "verified.json" else "broken")
+        spare = target in ("verified.json", "job.backup.json")
+        assert runner.status(victim.dir).state == ("queued" if spare else "broken")
         said: list[str] = []
         work(runner_home, engine=gpt2_engine, echo=said.append, stop=_stop_after(500))
         assert runner.status(other.dir).state == "completed"
-        if target == "verified.json":  # only a cache of checks: dropped, the job runs
+        if target in ("verified.json", "job.backup.json"):  # a cache of checks, a spare: the job runs
             assert runner.status(victim.dir).state == "completed", said
             return
         assert runner.status(victim.dir).state != "completed"
