@@ -254,10 +254,22 @@ def _plain(path: str | os.PathLike) -> None:
         raise OSError(errno.EISDIR, f"not a file ({what})", str(path))
 
 
+def _open_plain(path: str | os.PathLike, mode: str = "r", **kw: Any) -> Any:
+    """`open` of a plain file (`_plain`). "No such file" while a plain file stands at `path` (a mount's flake:
+    the folder lists it, the open misses it) is raised as a transient EIO, so that `retry` opens it again: read
+    as gone, a commit's marker or shard dropped its rows from a reader's results (pass 102)."""
+    _plain(path)
+    try:
+        return open(path, mode, **kw)
+    except FileNotFoundError as e:
+        if kind(path) == "file":
+            raise OSError(errno.EIO, "listed but not found when opened", str(path)) from e
+        raise
+
+
 def read_json(path: str | os.PathLike) -> Any:
     def op() -> Any:
-        _plain(path)
-        with open(path, encoding="utf-8") as f:
+        with _open_plain(path, encoding="utf-8") as f:
             return json.load(f)
 
     return retry(op, f"read {path}")
@@ -267,8 +279,8 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     """The bytes of a plain file (`_plain`), transient errors retried."""
 
     def op() -> bytes:
-        _plain(path)
-        return Path(path).read_bytes()
+        with _open_plain(path, "rb") as f:
+            return f.read()
 
     return retry(op, f"read {path}")
 

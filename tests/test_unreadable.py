@@ -225,3 +225,28 @@ def test_the_deadline_counts_the_jobs_whose_folder_does_not_read_among_those_lef
     assert result.exit_code == 0, result.output
     assert "stopped at the deadline (--hours/--until) with 1 job(s) left to run (and 1 whose folder could not be " \
            "read just now); run `runner work` again" in result.stderr, result.stderr  # fmt: skip
+
+
+@pytest.mark.parametrize("folder", ["done", "shards"])
+def test_a_listed_file_the_mount_once_says_is_missing_is_read_again(folder, tmp_path, tiny_gpt2, gpt2_engine,
+                                                                    monkeypatch):  # fmt: skip
+    """The folder lists a commit's marker (or shard) and opening it answers "no such file" once, as a flaky
+    mount does: it is read again, and every row is there (pass 102: its rows were dropped, and the warning
+    said the job completed while its results were being read)."""
+    job = _job(tmp_path, tiny_gpt2, tmp_path)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    (job.dir / "verified.json").unlink()  # (a cache of checks: every marker and shard is read again)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+    real, missed = builtins.open, []
+
+    def flaky(path, *args, **kwargs):
+        if os.path.dirname(os.fspath(path)) == str(job.dir / folder) and path not in missed:
+            missed.append(path)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", flaky)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        df = runner.load_results(job.dir)
+    assert missed and sorted(df["id"]) == [f"r{i}" for i in range(6)]
