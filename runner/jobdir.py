@@ -1542,6 +1542,7 @@ def _reads_back(path: Path, data: bytes) -> bool:
 # be another writer's (it fills at once, signals held; ~13 s leaves a slow mount's write and fsync time): empty
 # for longer, it is our create's, landed (or its writer was killed or frozen in between).
 ADOPT_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
+CLAIM_FILL_SECONDS = sum(ADOPT_PAUSES)  # an empty claim this young is being filled (`claim_is_live`)
 
 
 def _adopt_unfilled(path: Path, data: bytes, adopt: int) -> bool:
@@ -1810,6 +1811,9 @@ class Claim:
     unit: int
     epoch: int
     owner: Owner | None  # None: the claim file is damaged (its owner is unknown, so it counts as gone)
+    # empty: when it was made (`_made_at`). Where links are not supported a claim is created, then filled: empty
+    # for CLAIM_FILL_SECONDS, it is a live worker's on its way (pass 102: taken over, a unit computed twice)
+    empty_since: float | None = None
 
 
 # --- commits: markers, shards, verification ------------------------------------------------------------
@@ -2278,9 +2282,23 @@ def _read_claims(job: Job) -> tuple[dict[int, Claim], dict[tuple[int, int], set[
             if epoch > current.get(unit, -1):
                 current[unit] = epoch
                 raw = _read_json_or_none(job.dir / CLAIMS / n)
-                claims[unit] = Claim(unit, epoch, Owner.from_dict(raw) if isinstance(raw, dict) else None)
+                owner = Owner.from_dict(raw) if isinstance(raw, dict) else None
+                claims[unit] = Claim(
+                    unit, epoch, owner, _empty_since(job.dir / CLAIMS / n) if raw is None else None
+                )
     # a damaged seal (None) accepts everything: drop it from the map so callers see "no restriction"
     return claims, {k: v for k, v in seals.items() if v is not None}, current
+
+
+def _empty_since(path: Path) -> float | None:
+    """When the empty file at `path` was made (`_made_at`), or None when it is not an empty file."""
+    try:
+        empty = storage.retry(lambda: os.lstat(path), f"read {path}").st_size == 0
+    except storage.StorageError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return None
+        raise
+    return _made_at(path) if empty and storage.kind(path) == "file" else None
 
 
 def seal_epoch(job: Job, unit: int, epoch: int) -> set[str] | None:
@@ -2310,7 +2328,13 @@ def _seal_commits(raw: Any) -> set[str] | None:
 
 
 def claim_is_live(claim: Claim | None, live: dict[str, dict[str, Any]]) -> bool:
-    return claim is not None and claim.owner is not None and claim.owner.worker in live
+    """Whether a live worker holds the unit: the claim's owner heartbeats, or the claim is empty for less than
+    CLAIM_FILL_SECONDS (being filled; empty for longer, its writer was killed between the create and the fill)."""
+    if claim is None:
+        return False
+    if claim.owner is None:
+        return claim.empty_since is not None and time.time() - claim.empty_since < CLAIM_FILL_SECONDS
+    return claim.owner.worker in live
 
 
 def take_unit(job: Job, unit: int, owner: Owner, after: int) -> int | None:

@@ -216,6 +216,10 @@ def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[Jo
         if progress.units_left and others:
             who, hb = min(others.items(), key=lambda kv: float(kv[1].get("expires", 0)))
             out.append((job, float(hb.get("expires", 0)), who))
+        elif (
+            progress.units_left and not progress.claimable
+        ):  # a claim still empty (no links), its writer unseen
+            out.append((job, time.time() + jobdir.CLAIM_FILL_SECONDS, "? (its claim is still being written)"))
     return out
 
 

@@ -1488,3 +1488,41 @@ def test_a_heartbeat_of_this_process_that_no_run_of_it_beats_is_not_live(job):
     remote = Owner("w-remote", "elsewhere", 1, "another-boot", None, None)
     Heartbeat(job, remote, ttl=120).beat()
     assert "w-remote" in jobdir.live_workers(job)
+
+
+def test_without_links_a_claim_being_filled_is_not_taken_over(job, monkeypatch):
+    """No hard links: a claim is created empty, then filled. A worker that read the claims in between took the
+    empty one for a dead worker's, took the unit over and computed it twice, telling the live one it was
+    "thought dead" (adversarial pass 102). Empty for less than CLAIM_FILL_SECONDS, a claim holds its unit; empty
+    for longer, its writer was killed between the two, and the unit is free."""
+    _no_links(monkeypatch)
+    frozen, thawed = _freeze_threads_after_create(monkeypatch)  # worker A, on its thread
+    taken = []
+    thread = threading.Thread(target=lambda: taken.append(take_unit(job, 0, Owner.me("A"), -1)))
+    thread.start()
+    try:
+        assert frozen.wait(60) and (job.dir / "claims" / "00000-00000000.json").stat().st_size == 0
+        assert 0 not in jobdir.job_progress(job).claimable  # being filled: A's
+        monkeypatch.setattr(jobdir, "CLAIM_FILL_SECONDS", 0.0)
+        assert 0 in jobdir.job_progress(job).claimable  # empty for longer: no one is filling it
+    finally:
+        thawed.set()
+        thread.join(60)
+    assert taken == [0]
+
+
+def test_a_worker_waits_for_a_claim_being_filled_then_takes_the_unit_of_its_dead_writer(job, gpt2_engine,
+                                                                                         monkeypatch):  # fmt: skip
+    """A claim left empty by a writer killed between its create and its fill (no links), and no live worker:
+    `runner work` waits for it to age past CLAIM_FILL_SECONDS instead of ending with the unit undone, then takes
+    it over; the job completes."""
+    from runner.scheduler import work
+
+    for unit in range(job.spec.rows // 3):  # every unit held by an empty claim
+        storage.ensure_dir(job.dir / "claims")
+        (job.dir / "claims" / f"{unit:05d}-00000000.json").write_bytes(b"")
+    monkeypatch.setattr(jobdir, "CLAIM_FILL_SECONDS", 1.0)
+    said = []
+    work(job.dir.parent, engine=gpt2_engine, echo=said.append, stop=stop_after(1000))
+    assert runner.status(job.dir).state == "completed", said
+    assert any("its claim is still being written" in s for s in said), said
