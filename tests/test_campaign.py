@@ -25,6 +25,7 @@ smoke run for the edit loop.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import random
@@ -982,16 +983,17 @@ def test_a_shard_quarantined_during_verification_is_not_a_storage_failure(
     run_job(job, gpt2_engine, echo=None, shard_rows=2)
     (job.dir / "verified.json").unlink()  # no cached checksums: every shard is read
     victim = sorted((job.dir / "shards").iterdir())[0]
-    real = Path.read_bytes
+    real, moved = builtins.open, []
 
-    def read_bytes(path):
-        if path == victim:  # another worker quarantines this commit between this one's lstat and read
+    def open_(path, *args, **kwargs):
+        if Path(path) == victim and not moved:  # another worker quarantines it between this one's lstat and read
+            moved.append(path)
             jobdir.quarantine(job, victim.stem, "its shard does not match its checksum")
-        return real(path)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(builtins, "open", open_)
     ledger = jobdir.read_ledger(job)  # what `runner status` and every worker read
-    assert victim.stem not in {c.name for c in ledger.commits}
+    assert moved and victim.stem not in {c.name for c in ledger.commits}
 
 
 def test_a_worker_takes_again_a_unit_it_claimed_itself(tmp_path, prepared, gpt2_engine, monkeypatch):
