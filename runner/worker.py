@@ -207,7 +207,9 @@ class JobRun:
                 raise self.beat.error
             if self.state_error is not None:
                 raise self.state_error
-        return self.finish(ran=True)
+            # heartbeating still: `runner status` says "running" while every shard is looked at again before
+            # the word of completion, not "queued (interrupted)" (pass 102)
+            return self.finish(ran=True)
 
     # --- before: is the job sound, what is left ---------------------------------------------------------
 

@@ -986,7 +986,9 @@ def test_a_shard_quarantined_during_verification_is_not_a_storage_failure(
     real, moved = builtins.open, []
 
     def open_(path, *args, **kwargs):
-        if Path(path) == victim and not moved:  # another worker quarantines it between this one's lstat and read
+        if (
+            Path(path) == victim and not moved
+        ):  # another worker quarantines it between this one's lstat and read
             moved.append(path)
             jobdir.quarantine(job, victim.stem, "its shard does not match its checksum")
         return real(path, *args, **kwargs)

@@ -1280,3 +1280,21 @@ def test_the_log_says_why_a_worker_stopped_early(prompts_file, tiny_gpt2, gpt2_e
     assert _Halted(None, time.time() - 1).why() == "its --hours/--until deadline came"
     assert _Halted(lambda: True, time.time() - 1).why().startswith("asked to stop")
     assert _Halted(lambda: False, time.time() + 3600).why() is None and not _Halted(None, None)()
+
+
+def test_status_says_running_while_the_worker_checks_the_shards_before_completing(prompts_file, tiny_gpt2,
+                                                                                   gpt2_engine, runner_home,
+                                                                                   monkeypatch):  # fmt: skip
+    """Between a worker's last commit and its word of completion it reads every shard again (on Drive, many of
+    them take a while): `runner status` said "queued (interrupted)" with no worker then (adversarial pass 102)."""
+    job = submit(prompts_file, tiny_gpt2, home=runner_home)
+    seen, real = [], jobdir.write_completed
+
+    def write_completed(*args, **kwargs):
+        seen.append(runner.status(job.dir))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobdir, "write_completed", write_completed)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert [(s.state, len(s.workers)) for s in seen] == [("running", 1)]
+    assert runner.status(job.dir).state == "completed" and runner.status(job.dir).workers == []
