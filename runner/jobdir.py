@@ -286,7 +286,10 @@ def _name_holder(root: Path, name: str) -> Path | None:
 
 
 def _is_job_folder(p: Path) -> bool:
-    return storage.kind(p) == "dir" and (_lexists(p / JOB_FILE) or _lexists(p / JOB_BACKUP))
+    """A folder holding job.json or its backup, of any kind (both links or FIFOs: a damaged job, not no job)."""
+    return storage.kind(p) == "dir" and (
+        storage.kind(p / JOB_FILE) is not None or storage.kind(p / JOB_BACKUP) is not None
+    )
 
 
 def _refuse_if_also_in_home(text: str, path: Path, home: str | os.PathLike | None) -> None:
@@ -316,9 +319,12 @@ def _named(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
 
 
 def spec_or_backup(path: Path) -> dict[str, Any] | None:
-    """The job folder's job.json as read, else its backup's, else None."""
+    """The job folder's job.json as read, else its backup's, else None. Plain files only: one that is a link to
+    another job's job.json is not this folder's (a broken job was listed under the other's id; pass 104)."""
     for name in (JOB_FILE, JOB_BACKUP):
         try:
+            if storage.kind(path / name) != "file":
+                continue
             meta = storage.read_json(path / name)
         except (RunnerError, ValueError):
             continue
@@ -336,8 +342,8 @@ def job_folders(root: str | os.PathLike) -> list[Path]:
         if entry.startswith("."):
             continue
         p = root / entry
-        try:
-            if _lexists(p / JOB_FILE) or _lexists(p / JOB_BACKUP):
+        try:  # (of any kind: a job whose job.json and backup are links or FIFOs is shown broken, not hidden)
+            if _is_job_folder(p):
                 out.append(p)
         except storage.StorageError:  # unreadable through the retries: its opener says so (pass 89)
             out.append(p)  # (`runner status`: unreadable), not the whole home's listing
@@ -1135,6 +1141,9 @@ class Job:
         if kinds.get(JOB_FILE) not in there:
             if kinds.get(JOB_BACKUP) in there:
                 raise BrokenJob("job.json is missing (`runner repair` restores it from job.backup.json)")
+            if kinds.get(JOB_FILE) or kinds.get(JOB_BACKUP):  # a link, a FIFO...: a job's, damaged
+                raise BrokenJob(f"neither {JOB_FILE} nor {JOB_BACKUP} is a file (a link, a FIFO or the like "
+                                "stands there); submit the file again", repairable=False)  # fmt: skip
             raise RunnerError(f"{path} is not a runner job folder (no {JOB_FILE})")
         try:
             meta = storage.read_json(path / JOB_FILE)
@@ -2411,6 +2420,9 @@ class Progress:
     live: dict[str, dict[str, Any]]  # live workers' heartbeats
     bad: list[tuple[str, str]]
     started: bool  # some commit or claim exists
+    filling: list[int] = field(
+        default_factory=list
+    )  # of units_left, those held by a claim still empty (no links)
 
     @property
     def complete(self) -> bool:
@@ -2424,8 +2436,9 @@ def job_progress(job: Job, ledger: Ledger | None = None) -> Progress:
     left = [u for u, n in enumerate(ledger.unit_left().tolist()) if n > 0]
     live = live_workers(job)
     claimable = [u for u in left if not claim_is_live(ledger.claims.get(u), live)]
+    filling = [u for u in left if u not in claimable and (c := ledger.claims.get(u)) and c.owner is None]
     started = bool(ledger.commits or ledger.claims or ledger.bad)
-    return Progress(done, failed, job.spec.total, left, claimable, live, ledger.bad, started)
+    return Progress(done, failed, job.spec.total, left, claimable, live, ledger.bad, started, filling)
 
 
 def read_errors(job: Job, ledger: Ledger | None = None) -> list[dict[str, Any]]:

@@ -52,10 +52,12 @@ class Progress:
             self.since = time.perf_counter()
 
     def settled(self, rows: int) -> None:
-        """`rows` were decided here without being computed (set aside for the crashes earlier runs saw): they
-        count as done, as the rows earlier runs finished do, not in this run's rates."""
+        """`rows` were decided without being computed here (set aside for the crashes earlier runs saw, or done by
+        other workers meanwhile): they count as done and saved, as the rows earlier runs finished do, not in this
+        run's rates."""
         self.done += rows
         self.done_before += rows
+        self.saved += rows
 
     def update(self, rows: int, tokens: int) -> None:
         self.done += rows

@@ -213,13 +213,11 @@ def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[Jo
     out = []
     for job, progress in _queued(home, only, {}):  # (broken or unreadable folders: nothing to wait for there)
         others = {w: hb for w, hb in progress.live.items() if w != me}
-        if progress.units_left and others:
+        if progress.filling:  # a claim still empty (no links): free within CLAIM_FILL_SECONDS unless filled
+            out.append((job, time.time() + jobdir.CLAIM_FILL_SECONDS, "? (its claim is still being written)"))
+        elif progress.units_left and others:
             who, hb = min(others.items(), key=lambda kv: float(kv[1].get("expires", 0)))
             out.append((job, float(hb.get("expires", 0)), who))
-        elif (
-            progress.units_left and not progress.claimable
-        ):  # a claim still empty (no links), its writer unseen
-            out.append((job, time.time() + jobdir.CLAIM_FILL_SECONDS, "? (its claim is still being written)"))
     return out
 
 

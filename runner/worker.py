@@ -811,7 +811,6 @@ class JobRun:
         the last unit writes it; writing it twice writes the same)."""
         seconds = self.computing_seconds()
         if ran and self.progress is not None:
-            self.say(self.progress.line())
             self.record_stats()
         self.verifier.save()
         # the state first: a `retry` from elsewhere after this read raises the generation past the completion
@@ -824,6 +823,9 @@ class JobRun:
         # commit of this worker that the seal, made from the taker's older listing, then leaves out (pass 41).
         progress = jobdir.job_progress(self.job, self.ledger(seal=True, generation=state.generation))
         self.verifier.save()  # the shards read back just now: not read again by the next command
+        if ran and self.progress is not None:  # the job's count, other workers' rows in it (not in the rates)
+            self.progress.settled(max(0, progress.done + progress.failed - self.progress.done))
+            self.say(self.progress.line())
         if progress.bad:
             self.say(f"{len(progress.bad)} commit(s) failed verification when read back (a shard changed on disk "
                      "after it was written); their rows are computed again")  # fmt: skip

@@ -170,3 +170,34 @@ def test_a_completed_job_with_something_else_at_a_shard_is_read_and_named_not_hu
         with pytest.warns(UserWarning, match="its shard is (missing|not a plain file)"):
             assert len(runner.load_results(job.dir)) == 0
         assert runner.open_job("other", runner_home).dir == other.dir
+
+
+@pytest.mark.parametrize("what", ["fifo", "link", "socket"])
+def test_a_job_whose_spec_and_backup_are_both_of_the_wrong_kind_is_shown_broken(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, what
+):
+    """job.json and job.backup.json both a FIFO (a link, a socket): the job vanished from `runner status` (adversarial
+    pass 104). It is shown broken, saying to submit the file again; the other jobs run."""
+    victim = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, home=runner_home)
+    other = create_job(tmp_path / "p.jsonl", tiny_gpt2, GenerationParams(max_new_tokens=3), home=runner_home)
+    with contextlib.ExitStack() as stack:
+        for name in ("job.json", "job.backup.json"):
+            _put(victim.dir / name, what, stack)
+        shown = {s.id: s for s in runner.status(home=runner_home)}
+        assert shown[victim.id].state == "broken" and "submit the file again" in shown[victim.id].message
+        work(runner_home, engine=gpt2_engine, echo=None, stop=_stop_after(500))
+        assert runner.status(other.dir).state == "completed"
+
+
+def test_a_job_json_that_links_to_another_jobs_is_shown_under_its_own_id(tmp_path, tiny_gpt2, runner_home):
+    """A job's job.json replaced by a link to another job's: it was listed broken under the other job's id (two
+    rows with one id, and `runner repair ID` acting on the healthy job; adversarial pass 104). Its backup names it."""
+    victim = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, home=runner_home)
+    other = create_job(tmp_path / "p.jsonl", tiny_gpt2, GenerationParams(max_new_tokens=3), home=runner_home)
+    (victim.dir / "job.json").unlink()
+    (victim.dir / "job.json").symlink_to(other.dir / "job.json")
+    shown = [(s.id, s.state) for s in runner.status(home=runner_home)]
+    assert sorted(shown) == sorted([(victim.id, "broken"), (other.id, "queued")]), shown
+    runner.repair(victim.dir)
+    assert runner.status(victim.dir).state == "queued" and (victim.dir / "job.json").is_file()
+    assert not (victim.dir / "job.json").is_symlink() and runner.status(other.dir).state == "queued"

@@ -1523,6 +1523,10 @@ def test_a_worker_waits_for_a_claim_being_filled_then_takes_the_unit_of_its_dead
         (job.dir / "claims" / f"{unit:05d}-00000000.json").write_bytes(b"")
     monkeypatch.setattr(jobdir, "CLAIM_FILL_SECONDS", 1.0)
     said = []
-    work(job.dir.parent, engine=gpt2_engine, echo=said.append, stop=stop_after(1000))
+    with Heartbeat(
+        job, Owner.me("A"), 600
+    ):  # a live worker too: the wait is the claim's, not its lease of 600 s
+        work(job.dir.parent, engine=gpt2_engine, echo=said.append, stop=stop_after(1000))
     assert runner.status(job.dir).state == "completed", said
     assert any("its claim is still being written" in s for s in said), said
+    assert not any("within 600 s" in s or "within 599 s" in s for s in said), said

@@ -1298,3 +1298,24 @@ def test_status_says_running_while_the_worker_checks_the_shards_before_completin
     assert run_job(job, gpt2_engine, echo=None).finished
     assert [(s.state, len(s.workers)) for s in seen] == [("running", 1)]
     assert runner.status(job.dir).state == "completed" and runner.status(job.dir).workers == []
+
+
+def test_a_workers_last_progress_line_counts_what_other_workers_did(prompts_file, tiny_gpt2, gpt2_engine,
+                                                                    runner_home, monkeypatch):  # fmt: skip
+    """Worker A computes unit 0 while worker B computes unit 1 and leaves; A then ends the job. Its last progress
+    line counted only its own rows ("3/6 rows (50.0%) ... ETA ?", then "completed: 6/6"; adversarial pass 104)."""
+    job = submit(prompts_file, tiny_gpt2, home=runner_home, unit_rows=3)
+    real, b_said = jobdir.write_marker, []
+
+    def write_marker(*args, **kwargs):
+        real(*args, **kwargs)
+        if not b_said:  # A's first commit: B runs the rest meanwhile
+            b_said.append("started")
+            run_job(Job.open(job.dir), gpt2_engine, echo=b_said.append, owner=Owner.me("B"), shard_rows=1)
+
+    monkeypatch.setattr(jobdir, "write_marker", write_marker)
+    a_said = []
+    assert run_job(job, gpt2_engine, echo=a_said.append, owner=Owner.me("A"), shard_rows=1).finished
+    assert any("unit 1" in s for s in b_said) and not any("unit 1" in s for s in a_said), (a_said, b_said)
+    last = [s for s in a_said if "rows (" in s][-1]
+    assert last.startswith("6/6 rows (100.0%)") and last.endswith("ETA 0:00:00"), a_said
