@@ -77,7 +77,7 @@ def broken_status(path: Path, reason: str, job: Job | None = None, repairable: b
 
 def job_status(job: Job) -> JobStatus:
     if (other := jobdir.other_job_named(job)) is not None:
-        return broken_status(job.dir, other, job, repairable=False)
+        return _foreign_spec(job, other)
     try:
         state, changing = _state(job)
         verifier = jobdir.Verifier(job)
@@ -194,9 +194,19 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
     return out
 
 
+def _foreign_spec(job: Job, why: str) -> JobStatus:
+    """A folder whose job.json is another job's: a copy of that job's folder (not repairable), or, its own spec
+    still in its backup, that own job, shown as itself, which `runner repair` restores (pass 104)."""
+    own = jobdir.own_backup(job.dir)
+    shown = broken_status(job.dir, why, job, repairable=own is not None)
+    if own is None:
+        return shown
+    return replace(shown, id=job.dir.name, name=own.get("name"), model=str(own.get("model") or "-"))
+
+
 def _of_home_job(job: Job, copies: dict[Path, str]) -> JobStatus:
     if job.dir in copies:
-        return broken_status(job.dir, copies[job.dir], job, repairable=False)
+        return _foreign_spec(job, copies[job.dir])
     try:
         return job_status(job)
     except StorageError as e:

@@ -364,11 +364,30 @@ def copies_in_home(jobs: list[Job], folders: list[Path]) -> dict[Path, str]:
         own = job_id if job_id in names else min(j.dir.name for j in same)
         for job in same:
             if job.dir.name != own:
-                out[job.dir] = _copy_line(job.dir.name, own)
+                out[job.dir] = _copy_line(job.dir, own)
     return out
 
 
-def _copy_line(name: str, own: str) -> str:
+def own_backup(folder: Path) -> dict[str, Any] | None:
+    """The job.backup.json of a folder named by a job id, when it is that job's spec (a plain file): what `runner
+    repair` restores job.json from when another job's job.json was copied in. None otherwise."""
+    try:
+        backup = (
+            _read_json_or_none(folder / JOB_BACKUP) if storage.kind(folder / JOB_BACKUP) == "file" else None
+        )
+    except storage.StorageError:
+        return None
+    named = JOB_ID.fullmatch(folder.name) and isinstance(backup, dict) and backup.get("id") == folder.name
+    return backup if named else None
+
+
+def _copy_line(folder: Path, own: str) -> str:
+    """Why `folder` is not run: a copy of job `own`'s folder; or, named by a job id its job.backup.json holds,
+    a folder of that job into which `own`'s job.json was copied (deleting it would lose its rows; pass 104)."""
+    name = folder.name
+    if own_backup(folder) is not None:
+        return (f"job {name}'s job.json is job {own}'s (copied in); its own is in job.backup.json: "
+                f"`runner repair {shlex.quote(str(folder))}` restores it")  # fmt: skip
     return (f"{name}/ is a copy of the folder {own}/ (the same job): move it out of the job home, or delete it, "
             "so that no worker computes the job twice")  # fmt: skip
 
@@ -386,7 +405,7 @@ def copy_in_home(job: Job) -> str | None:
     """Why `job`'s folder, named by its path or folder name (`runner status jobs/backup`, `runner work --job
     backup`), is not to be run: a copy of the folder named by its id beside it (`copies_in_home`), else None.
     The home's listings found such copies; a job named alone was run in its copy (pass 87)."""
-    return _copy_line(job.dir.name, job.id) if is_copy_in_home(job) else None
+    return _copy_line(job.dir, job.id) if is_copy_in_home(job) else None
 
 
 def linked_entries(root: str | os.PathLike) -> list[str]:

@@ -187,3 +187,33 @@ def test_a_new_job_in_a_folder_named_like_a_job_id_is_refused_up_front(tmp_path,
         make(tmp_path, tiny_gpt2, 7, out=out)
     assert not out.exists()
     assert make(tmp_path, tiny_gpt2, 7, out=tmp_path / "out" / "night-20250101").dir.exists()
+
+
+def test_a_job_json_copied_in_alone_says_repair_not_delete(two_jobs):
+    """Another job's job.json copied over this job's (its backup still its own): status called the folder a copy
+    to move out or delete, which would lose its rows (adversarial pass 104). It says `runner repair`, which
+    restores the folder's own spec."""
+    a, b, _ = two_jobs
+    shutil.copy2(b.dir / "job.json", a.dir / "job.json")
+    shown = {s.folder: s for s in runner.status(home=a.dir.parent)}[str(a.dir)]
+    assert shown.state == "broken" and "runner repair" in shown.message and "delete" not in shown.message, (
+        shown
+    )
+    assert shown.id == a.id  # its own id, not the copied-in job's
+    runner.repair(a.dir)
+    assert runner.status(a.dir).id == a.id and runner.status(a.dir).state != "broken"
+
+
+def test_a_job_json_copied_in_from_a_job_of_the_same_home_says_repair_not_delete(
+    tmp_path, tiny_gpt2, runner_home
+):
+    """The same, both jobs in one home: the folder read as a copy of the other job's folder ("move it out or
+    delete it"). Its backup says it is a job of its own: shown as itself, and `runner repair` restores it."""
+    a, b = make(tmp_path, tiny_gpt2, 7, home=runner_home), make(tmp_path, tiny_gpt2, 8, home=runner_home)
+    shutil.copy2(b.dir / "job.json", a.dir / "job.json")
+    shown = {s.folder: s for s in runner.status(home=runner_home)}
+    assert shown[str(a.dir)].state == "broken" and shown[str(a.dir)].id == a.id, shown
+    assert "runner repair" in shown[str(a.dir)].message and "delete" not in shown[str(a.dir)].message
+    assert shown[str(b.dir)].state == "queued" and shown[str(b.dir)].id == b.id
+    runner.repair(a.dir)
+    assert runner.status(a.dir).id == a.id and runner.status(a.dir).state == "queued"
