@@ -62,6 +62,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -546,11 +547,11 @@ class Owner:
         if not self._on_this_machine() or self.start is None:
             return None
         try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            text = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError:
             return None
-        state = stat.rsplit(")", 1)[-1].split()[:1]
-        return state[0] if state and _stat_start(stat) == self.start else None
+        state = text.rsplit(")", 1)[-1].split()[:1]
+        return state[0] if state and _stat_start(text) == self.start else None
 
 
 def new_worker_id() -> str:
@@ -2321,12 +2322,12 @@ def _read_claims(job: Job) -> tuple[dict[int, Claim], dict[tuple[int, int], set[
 def _empty_since(path: Path) -> float | None:
     """When the empty file at `path` was made (`_made_at`), or None when it is not an empty file."""
     try:
-        empty = storage.retry(lambda: os.lstat(path), f"read {path}").st_size == 0
+        st = storage.retry(lambda: os.lstat(path), f"read {path}")
     except storage.StorageError as e:
         if isinstance(e.__cause__, FileNotFoundError):
             return None
         raise
-    return _made_at(path) if empty and storage.kind(path) == "file" else None
+    return _made_at(path) if stat.S_ISREG(st.st_mode) and st.st_size == 0 else None
 
 
 def seal_epoch(job: Job, unit: int, epoch: int) -> set[str] | None:
@@ -3045,15 +3046,14 @@ def _age(path: Path, now: float) -> float | None:
 def submit_temp_name(target: str) -> str:
     """The temp folder a submit builds its job in: `.TARGET.PID-TAG.HEX.tmp`, so that whether its submit is
     still alive can be told from the name alone, even if it was killed before writing anything inside."""
-    return f".{target}.{os.getpid()}-{storage.namespace_tag()}.{secrets.token_hex(4)}.tmp"
+    return storage.owned_temp_name(target)
 
 
-_SUBMIT_TEMP = re.compile(r"\..+\.(\d+)-([0-9a-f]{8})\.[0-9a-f]{8}\.tmp")
 TAKEN_OVER = ".taken-over"  # a stale submit's temp folder, set aside by the submit taking its claim over
 
 
 def is_submit_temp(name: str) -> bool:
-    return "/" not in name and _SUBMIT_TEMP.fullmatch(name) is not None
+    return "/" not in name and storage.OWNED_TEMP.fullmatch(name) is not None
 
 
 def remove_dead_submits(root: str | os.PathLike) -> int:
@@ -3067,7 +3067,7 @@ def remove_dead_submits(root: str | os.PathLike) -> int:
             shutil.rmtree(root / name, ignore_errors=True)
             removed += 1
             continue
-        m = _SUBMIT_TEMP.fullmatch(name)
+        m = storage.OWNED_TEMP.fullmatch(name)
         if not m:
             continue
         folder = root / name
@@ -3075,10 +3075,10 @@ def remove_dead_submits(root: str | os.PathLike) -> int:
         age = _age(folder, time.time())
         if age is None:
             continue
-        same_ns = m.group(2) == storage.namespace_tag()
-        gone = same_ns and (
-            owner.provably_dead() if owner is not None else not storage.pid_exists(int(m.group(1)))
-        )
+        if owner is not None:  # (its start time also tells a reused pid)
+            gone = m.group(3) == storage.namespace_tag() and owner.provably_dead()
+        else:
+            gone = storage.writer_gone(m)
         if gone or age > 86400:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1

@@ -109,19 +109,28 @@ def temp_name(target: Path) -> str:
 
 def owned_temp_name(target: str | os.PathLike) -> str:
     """A temp name beside `target` that says which process writes it, `.{name}.{PID}-{TAG}.{8 hex}.tmp`
-    (`namespace_tag`): a later writer of the same file removes it as soon as that process is gone
-    (`remove_stale_temps_of`), not minutes later. For files outside job folders (exports)."""
+    (`namespace_tag`): whether its writer is gone can be told from the name alone (`OWNED_TEMP`, `writer_gone`),
+    so a later writer of the same file removes it at once (`remove_stale_temps_of`), not minutes later. For what
+    is written outside job folders (exports, a submit's temp folder)."""
     folder, name = os.path.split(os.fspath(target))
     return os.path.join(folder, f".{name}.{os.getpid()}-{namespace_tag()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+OWNED_TEMP = re.compile(
+    r"(\..+)\.(\d+)-([0-9a-f]{8})\.[0-9a-f]{8}\.tmp"
+)  # (.name, PID, TAG): `owned_temp_name`
+
+
+def writer_gone(owned: re.Match[str]) -> bool:
+    """Whether the process an `OWNED_TEMP` name names is provably gone: it ran on this boot and PID namespace
+    (its TAG) and its pid is free (a reused pid reads as alive)."""
+    return owned.group(3) == namespace_tag() and not pid_exists(int(owned.group(2)))
 
 
 def is_temp_name(name: str) -> bool:
     """A name `temp_name` (or `owned_temp_name`) makes: `.{name}.{8 hex}.tmp`."""
     parts = name.rsplit(".", 2)
     return name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and len(parts[1]) == 8
-
-
-_OWNED = re.compile(r"(\..+)\.(\d+)-([0-9a-f]{8})")  # the part of an owned temp name before its 8 hex
 
 
 def remove_stale_temps_of(target: str | os.PathLike, max_age: float = 600.0) -> int:
@@ -136,8 +145,7 @@ def remove_stale_temps_of(target: str | os.PathLike, max_age: float = 600.0) -> 
             stale = [
                 e.path for e in entries
                 if is_temp_name(e.name) and e.is_file(follow_symlinks=False)
-                and _left_behind(e.name.rsplit(".", 2)[0], f".{name}", now - e.stat(follow_symlinks=False).st_mtime,
-                                 max_age)
+                and _left_behind(e.name, f".{name}", now - e.stat(follow_symlinks=False).st_mtime, max_age)
             ]  # fmt: skip
         for path in stale:
             os.unlink(path)
@@ -147,16 +155,15 @@ def remove_stale_temps_of(target: str | os.PathLike, max_age: float = 600.0) -> 
     return removed
 
 
-def _left_behind(head: str, of: str, age: float, max_age: float) -> bool:
-    """Whether a temp file whose name starts `head` (its name less `.{8 hex}.tmp`) is a left-behind one of the file
-    named `of`: by `of` alone, older than `max_age`; by `of` and an owner, also when its process is gone."""
-    if head == of:
+def _left_behind(temp: str, of: str, age: float, max_age: float) -> bool:
+    """Whether the temp file named `temp` is a left-behind one of the file named `of` (`.{name}`): `temp_name`'s,
+    older than `max_age`; `owned_temp_name`'s, also when its process is gone (`writer_gone`)."""
+    if temp.rsplit(".", 2)[0] == of:
         return age > max_age
-    owned = _OWNED.fullmatch(head)
+    owned = OWNED_TEMP.fullmatch(temp)
     if owned is None or owned.group(1) != of:
         return False
-    gone = owned.group(3) == namespace_tag() and not pid_exists(int(owned.group(2)))
-    return gone or age > max_age
+    return writer_gone(owned) or age > max_age
 
 
 # --- this process: which machine and PID namespace it runs in ----------------------------------------------

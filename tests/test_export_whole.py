@@ -48,6 +48,17 @@ def test_an_export_that_stops_part_way_leaves_no_torn_file(
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temp file left
 
 
+def _finished_job_and_target(tmp_path, tiny_gpt2, gpt2_engine):
+    """A finished job of three rows, and out/answers.jsonl to export it to (its folder made, nothing in it)."""
+    rows = [{"id": f"r{i}", "prompt": f"Hello {i}"} for i in range(3)]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    out = tmp_path / "out" / "answers.jsonl"
+    out.parent.mkdir()
+    return job, out
+
+
 @pytest.mark.parametrize("fmt", ["table", "openai"])
 def test_an_export_tidies_what_a_killed_export_of_the_same_file_left(fmt, tmp_path, tiny_gpt2, gpt2_engine,
                                                                      monkeypatch):  # fmt: skip
@@ -60,12 +71,7 @@ def test_an_export_tidies_what_a_killed_export_of_the_same_file_left(fmt, tmp_pa
     import runner
     from runner import storage
 
-    rows = [{"id": f"r{i}", "prompt": f"Hello {i}"} for i in range(3)]
-    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
-                     job_dir=tmp_path / "job")  # fmt: skip
-    assert run_job(job, gpt2_engine, echo=None).finished
-    out = tmp_path / "out" / "answers.jsonl"
-    out.parent.mkdir()
+    job, out = _finished_job_and_target(tmp_path, tiny_gpt2, gpt2_engine)
     stale, live = out.parent / ".answers.jsonl.0badf00d.tmp", out.parent / ".answers.jsonl.1234abcd.tmp"
     stale_errors = out.parent / ".answers.errors.jsonl.0badf00d.tmp"
     other = out.parent / ".notes.jsonl.0badf00d.tmp"
@@ -150,12 +156,7 @@ def test_a_killed_exports_temp_file_goes_at_the_next_export_of_that_file(fmt, po
     import runner
     from runner import storage
 
-    rows = [{"id": f"r{i}", "prompt": f"Hello {i}"} for i in range(3)]
-    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
-                     job_dir=tmp_path / "job")  # fmt: skip
-    assert run_job(job, gpt2_engine, echo=None).finished
-    out = tmp_path / "out" / "answers.jsonl"
-    out.parent.mkdir()
+    job, out = _finished_job_and_target(tmp_path, tiny_gpt2, gpt2_engine)
     cmd = [sys.executable, "-m", "runner", "results", str(job.dir), "--to", str(out), "--format", fmt]
     killed = subprocess.run(
         cmd, capture_output=True, text=True, env=worker_env({"RUNNER_FAULT": point}), cwd=ROOT
