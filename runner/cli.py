@@ -727,23 +727,29 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
     if unrunnable and not summaries and not failed:
         raise SystemExit(1)  # nothing could run here: `runner work && next` must not go on
     timed_out = deadline is not None and time.time() >= deadline and not stop()
-    left, unread = _queue(home, job_ref) if timed_out else ([], 0)
+    left, unread = _queue(home, job_ref) if timed_out or stop() else ([], 0)
     again = _work_command(home, job_ref) if job_ref else command(home, "work")
     if left or unread:  # (not "nothing to do" when the deadline came before a job began)
         also = f" (and {unread} whose folder could not be read just now)" if unread else ""
-        _echo(f"stopped at the deadline (--hours/--until) with {len(left)} job(s) left to run{also}; run "
-              f"`{again}` again to carry on")  # fmt: skip
+        why = "at the deadline (--hours/--until)" if timed_out else "(Ctrl-C)"
+        _echo(f"stopped {why} with {len(left)} job(s) left to run{also}; run `{again}` again to carry on")
     elif not summaries and not failed:
         _say_lost_rows(home, job_ref)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else "")
               + f" in {_home_said(home)}")  # fmt: skip
     elif not all(s.finished or s.others or _cancelled(home, s.job_id) for s in _last_of_each(summaries)):
         _echo(f"stopped; run `{again}` again to carry on")
-    if stop():
-        raise SystemExit(130)  # interrupted: scripts and notebooks can tell
+    if stop() and (left or unread or not _all_finished(summaries, home)):
+        raise SystemExit(130)  # interrupted: scripts and notebooks can tell (not when it stopped nothing: a
+    # Ctrl-C in the last batch of the last job, which completed, lets `runner work && next` go on)
     if failed:  # `runner work && next-step` must not go on as if all went well
         raise RunnerError(f"{len(failed)} job(s) failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
                           f"says why; {_after_failure(failed)})")  # fmt: skip
+
+
+def _all_finished(summaries: list[Any], home: Any) -> bool:
+    """Whether each job this `runner work` ran was finished (or cancelled) at its last run."""
+    return bool(summaries) and all(s.finished or _cancelled(home, s.job_id) for s in _last_of_each(summaries))
 
 
 def _work_command(home: Any, job_ref: str) -> str:

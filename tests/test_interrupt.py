@@ -186,3 +186,27 @@ def test_a_stop_as_the_submit_temp_folder_is_made_leaves_nothing_beside_the_job(
     assert sorted(p.name for p in out.parent.iterdir()) == []
     runner.run(path, tiny_gpt2, PARAMS, OPTIONS, output=out, echo=None)  # the same cell, again
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("others_queued", [False, True])
+def test_a_ctrl_c_in_the_last_batch_of_the_last_job_stops_nothing(tmp_path, tiny_gpt2, others_queued):
+    """Ctrl-C on `runner work` as the last batch of the queue is computed: the batch is written and the job
+    completes, so nothing was stopped and the exit is 0 (`runner work && next` goes on; it was 130 as if work
+    were left). With another job still queued the Ctrl-C did stop something: 130, and that job waits."""
+    import workers
+    from helpers import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS[:2])
+    one_batch = dataclasses.replace(PARAMS, num_return_sequences=1)
+    home = tmp_path / "home"
+    jobs = [create_job(prompts, tiny_gpt2, one_batch, OPTIONS, job_dir=home / name)
+            for name in ("first", "second")[: 1 + others_queued]]  # fmt: skip
+    code, out = workers.run_worker(home, env_extra={"RUNNER_FAULT": "after_generate:1:SIGINT"})
+    assert "stopping after the current batch" in out, out
+    states = sorted(runner.status(job.dir).state for job in jobs)
+    if others_queued:
+        assert code == 130, out
+        assert states == ["completed", "queued"] and "again to carry on" in out, out
+    else:
+        assert code == 0, out
+        assert states == ["completed"] and "again to carry on" not in out, out
