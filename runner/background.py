@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import command
 from .jobdir import JobState, _pid_start, _stat_start, default_home
+from .progress import counted
 
 LOGS = "logs"
 FINAL = {JobState.COMPLETED.value, JobState.FAILED.value, JobState.CANCELLED.value, JobState.BROKEN.value}
@@ -130,7 +131,7 @@ def status_line(s: Any) -> str:
     """One line of a job's status, for a log or a notebook cell."""
     tps = f"{s.tokens_per_second:,.1f} tok/s" if s.tokens_per_second else "- tok/s"
     workers = f" | {len(s.workers)} worker(s)" if s.workers else ""
-    errors = f" | {s.errors} errors" if s.errors else ""
+    errors = f" | {counted(s.errors, 'errors')}" if s.errors else ""
     why = f" | {s.message}" if s.state in FINAL and s.message else ""  # why it failed, once it has ended
     return (f"{time.strftime('%H:%M:%S')} {s.id} {s.state}: {s.done_text()} | {tps} | ETA {s.eta}"
             f"{errors}{workers}{why}")  # fmt: skip

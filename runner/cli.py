@@ -19,6 +19,7 @@ import click
 from . import __version__
 from .errors import ParamError, RunnerError, command
 from .params import DTYPE_ALIASES, DTYPES, unescape
+from .progress import counted
 
 if TYPE_CHECKING:
     from .jobdir import Job
@@ -392,7 +393,9 @@ def _run_kind(
         if summary.generated
         else ", already done before: nothing computed"
     )
-    _echo(f"done: {summary.done:,}/{summary.total:,} {job.spec.count_noun}, {summary.errors} errors{speed}")
+    _echo(
+        f"done: {summary.done:,}/{summary.total:,} {job.spec.count_noun}, {counted(summary.errors, 'errors')}{speed}"
+    )
     return job
 
 
@@ -555,7 +558,7 @@ def submit(
         )
     else:
         _echo(
-            f"queued {kind} job {job.id}: {rows:,} rows"
+            f"queued {kind} job {job.id}: {counted(rows, 'rows')}"
             + (f" ({job.total:,} results with their samples)" if job.total != rows else "")
             + (f"; {invalid} invalid row(s) listed in errors.jsonl" if invalid else "")
         )
@@ -1059,7 +1062,7 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
             head = head.assign(prompt=head["prompt"].map(_shortened))
         # a column no row of the preview fills (context / continuation of plain texts) says nothing
         click.echo(head.dropna(axis="columns", how="all").to_string(max_colwidth=60))
-        click.echo(f"({len(df):,} rows; --to FILE to export)")
+        click.echo(f"({counted(len(df), 'rows')}; --to FILE to export)")
         return
     for hint, path in (("--to", to_path), ("--errors-to", errors_to)):
         problem = export_type_problem(path) if fmt == "table" and path else None
@@ -1068,12 +1071,13 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
     rows, errors = export_results(job_ref, to_path, ctx.obj["home"], fmt, errors_to)
     if fmt == "openai":
         _echo(
-            f"wrote {rows:,} responses to {to_path}" + (f" and {errors:,} errors beside it" if errors else "")
+            f"wrote {counted(rows, 'responses')} to {to_path}"
+            + (f" and {counted(errors, 'errors')} beside it" if errors else "")
         )
     else:
         _echo(
-            f"wrote {rows:,} rows to {to_path}"
-            + (f" and {errors:,} errors to {errors_to}" if errors_to else "")
+            f"wrote {counted(rows, 'rows')} to {to_path}"
+            + (f" and {counted(errors, 'errors')} to {errors_to}" if errors_to else "")
         )
 
 

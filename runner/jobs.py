@@ -57,6 +57,7 @@ from .params import (
     check_truncate,
 )
 from .passthrough import Passthrough, rewrite_passthrough
+from .progress import counted
 from .results import LOCAL_SHARD_PREFIX, PROMPT_COLUMNS
 
 ROW_GROUP_ROWS = 10_000  # rows read, checked, tokenized and written at a time; a row group of prompts.parquet
@@ -231,13 +232,18 @@ def create_job(
                 raise RunnerError(f"{held}, which cannot be opened")
             return existing
         job = Job.open(target)
-        try:  # the job is stored and queued: a log line that cannot be written must not say it failed
-            job.log(
-                f"created {kind} job {job.id}: {job.spec.rows} rows x {job.samples} samples, model {model}"
-            )
-        except storage.StorageError:
-            pass
+        _log_created(job, kind, model)
         return job
+
+
+def _log_created(job: Job, kind: str, model: str) -> None:
+    """The job's first log line. The job is stored and queued: a line that cannot be written must not say the
+    submit failed."""
+    try:
+        job.log(f"created {kind} job {job.id}: {counted(job.spec.rows, 'rows')} x "
+                f"{counted(job.samples, 'samples')}, model {model}")  # fmt: skip
+    except storage.StorageError:
+        pass
 
 
 def restore_inputs(job: Job) -> tuple[list[str], str | None]:

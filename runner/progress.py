@@ -16,6 +16,11 @@ FIRST_INTERVAL = 10.0  # seconds between progress lines at the start of a run...
 LATEST_INTERVAL = 300.0  # ...growing with the run's age (a thirtieth of it) up to this
 
 
+def counted(n: int, noun: str) -> str:
+    """`n` with its plural noun, or the singular for one: "1,024 rows", "1 row", "0 errors"."""
+    return f"{n:,} {noun[:-1] if n == 1 and noun.endswith('s') else noun}"
+
+
 def fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)

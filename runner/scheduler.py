@@ -23,6 +23,7 @@ from .engine import Engine
 from .errors import NotOnThisMachine, RunnerError
 from .jobdir import BrokenJob, Job, JobState, Owner
 from .models import ModelUnreadable, NoSuchDevice, missing_model_folder, reading_model
+from .progress import counted
 from .storage import StorageError
 from .worker import SHARD_ROWS, SHARD_SECONDS, RunSummary, run_job
 
@@ -640,7 +641,7 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: _Halted) -> RunSumma
         again = shlex.quote(str(j.dir))
         line = f"job {j.id} was cancelled; its finished rows are kept (`runner retry {again}` resumes it)"
     elif summary.finished:
-        line = f"job {j.id} completed: {done}, {summary.errors} errors"
+        line = f"job {j.id} completed: {done}, {counted(summary.errors, 'errors')}"
     elif summary.others:
         line = f"job {j.id}: {summary.others} other worker(s) are computing the rest"
     else:  # said to the user by the command (which knows how it is run again); log.txt hears it here

@@ -287,7 +287,7 @@ def test_results_errors_to_writes_the_rows_that_could_not_be_done_beside_a_table
     errors.write_text("OLDER EXPORT'S ERRORS")
     done = invoke("results", tmp_path / "o", "--to", out, "--errors-to", errors)
     assert done.exit_code == 0, done.output
-    assert f"wrote 2 rows to {out} and 1 errors to {errors}" in done.output
+    assert f"wrote 2 rows to {out} and 1 error to {errors}" in done.output
     got = pd.read_parquet(errors) if suffix == ".parquet" else None
     if suffix == ".jsonl":
         got = pd.read_json(errors, lines=True)

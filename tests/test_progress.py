@@ -103,3 +103,10 @@ def test_progress_every_below_a_second_is_refused(tmp_path, tiny_gpt2):
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hello"}])
     result = invoke("run", path, "-m", tiny_gpt2, "--progress-every", 0)
     assert result.exit_code == 2 and "--progress-every" in result.output
+
+
+def test_a_count_of_one_says_its_noun_in_the_singular():
+    from runner.progress import counted
+
+    assert [counted(n, "errors") for n in (0, 1, 2)] == ["0 errors", "1 error", "2 errors"]
+    assert counted(1_024, "rows") == "1,024 rows" and counted(1, "responses") == "1 response"
