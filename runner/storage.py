@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -64,17 +65,35 @@ class StorageError(RunnerError):
 
 def retry(op: Callable[[], T], what: str, delays: tuple[float, ...] | None = None) -> T:
     """Run `op`, retrying transient OS errors with backoff (RETRY_DELAYS); raise StorageError naming `what`
-    otherwise."""
+    otherwise. A wait that lasts is said on stderr (`_say_waiting`), so a command is not taken for hung."""
     delays = RETRY_DELAYS if delays is None else delays
     for attempt in range(len(delays) + 1):
         try:
             return op()
         except OSError as e:
             if e.errno in TRANSIENT and attempt < len(delays):
+                if sum(delays[:attempt]) < SAY_WAITING_AFTER <= sum(delays[: attempt + 1]):
+                    _say_waiting(what, e, sum(delays[attempt:]))
                 time.sleep(delays[attempt])
                 continue
             raise StorageError(f"cannot {what}: {e.strerror or e} (errno {e.errno})", e.errno) from e
     raise AssertionError("unreachable")
+
+
+SAY_WAITING_AFTER = 3.0  # seconds of retrying one operation before the wait is said (a blip is not)
+SAY_WAITING_EVERY = 60.0  # and then at most once a minute (a status reading many files of a failing mount)
+_said_waiting_at: list[float] = []
+
+
+def _say_waiting(what: str, e: OSError, left: float) -> None:
+    """One stderr line for a file system that keeps failing: `runner status` on a Drive mount that dropped
+    would otherwise say nothing for a minute or two."""
+    now = time.monotonic()
+    if _said_waiting_at and now - _said_waiting_at[-1] < SAY_WAITING_EVERY:
+        return
+    _said_waiting_at.append(now)
+    print(f"[runner] the file system is not answering: cannot {what} yet ({e.strerror or e}, errno {e.errno}); "
+          f"trying again for up to {left:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _fsync_dir(path: Path) -> None:

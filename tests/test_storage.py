@@ -58,6 +58,21 @@ def test_a_mount_that_never_comes_back_gives_up(tmp_path):
     assert len(calls) == 4
 
 
+def test_a_wait_that_lasts_is_said_once_a_blip_is_not(monkeypatch, capsys):
+    """`runner status` on a Drive mount that dropped said nothing for two minutes (it retries each read for a
+    minute): a wait past SAY_WAITING_AFTER seconds is said on stderr, once a minute at most; a blip is not."""
+    monkeypatch.setattr(storage, "_said_waiting_at", [])
+    retry(Flaky(lambda: "ok", errno.EIO, fails=2), "read blip.json")  # waits 0.2 + 0.5 s
+    assert capsys.readouterr().err == ""
+    for name in ("a.json", "b.json"):
+        assert retry(Flaky(lambda: "ok", errno.EIO, fails=6), f"read {name}") == "ok"
+    said = capsys.readouterr().err.splitlines()
+    assert said == [
+        "[runner] the file system is not answering: cannot read a.json yet (Input/output error, errno 5); "
+        "trying again for up to 59 s"
+    ]
+
+
 def test_publish_copies_under_a_temp_name_then_renames(tmp_path, monkeypatch):
     src = tmp_path / "local.parquet"
     src.write_bytes(b"x" * 10_000)
