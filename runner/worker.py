@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -167,7 +168,8 @@ class JobRun:
         self.generated = self.tokens = self.errors = self.retried = 0
         self.slowest = 0.0
         self.stopped = False
-        self.cancel_checked, self.was_cancelled = 0.0, False
+        # time.monotonic() of the last look (a wall clock stepped back an hour would put the next one off an hour)
+        self.cancel_checked, self.was_cancelled = -math.inf, False
         self.known_state: StateRecord | None = None  # the job's state as this worker last read it (`state`)
         # the cancel check found the state broken (damaged, or empty past the patience): raised by `run` once the
         # finished rows are in
@@ -753,7 +755,7 @@ class JobRun:
 
     def cancelled(self) -> bool:
         """The job was cancelled: its state is looked at every few seconds (also between decode steps)."""
-        now = time.time()
+        now = time.monotonic()
         if now - self.cancel_checked >= CANCEL_CHECK_SECONDS:
             self.cancel_checked = now
             try:

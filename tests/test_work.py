@@ -707,6 +707,40 @@ def test_a_cancel_stops_a_running_batch_between_decode_steps(
     assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
 
 
+def test_a_cancel_is_seen_when_the_wall_clock_steps_back(prompts_file, tiny_gpt2, gpt2_engine, monkeypatch):
+    """A worker whose wall clock stepped back an hour (NTP on a VM resumed) as a cancel landed went on for that
+    hour: the look for a cancel was timed by the wall clock (adversarial pass 111). It is timed by
+    time.monotonic (here a fake one, 10 s a call, so that every look is due) and sees the cancel."""
+    import types
+
+    import runner.worker as worker_module
+
+    job = create_job(prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=64, min_new_tokens=64),
+                     runner.EngineOptions(batch_size=6))  # fmt: skip
+    ticks, stepped = [], []
+    clock = types.SimpleNamespace(
+        **{name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    )
+    clock.time = lambda: time.time() - (3600 if stepped else 0)
+    clock.monotonic = lambda: ticks.append(1) or 10.0 * len(ticks)
+    monkeypatch.setattr(worker_module, "time", clock)
+    steps = []
+
+    def hook(module, args, kwargs, output):
+        steps.append(1)
+        if len(steps) == 3:
+            cancel_job(job.dir)
+            stepped.append(True)
+
+    handle = gpt2_engine.model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        summary = run_job(job, gpt2_engine, echo=None)
+    finally:
+        handle.remove()
+    assert summary.stopped and summary.generated == 0 and len(steps) < 10  # not 64 steps
+    assert job_status(job).state == "cancelled"
+
+
 def test_a_waiting_worker_looks_again_as_soon_as_the_other_commits(tmp_path, monkeypatch):
     """A worker whose job's last units another worker holds waits for them, but looks at the queue again once a
     commit lands in done/, not `poll` seconds later: `runner work --workers 2` ended up to 15 s after its last
