@@ -123,7 +123,7 @@ def temp_name(target: Path) -> str:
     parses, so a long-running worker that made a Path of each unique temp name would grow the interpreter's
     interned-string table for ever."""
     folder, name = os.path.split(os.fspath(target))
-    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    return os.path.join(folder, f"{temp_name_stem(name)}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def owned_temp_name(target: str | os.PathLike) -> str:
@@ -132,7 +132,24 @@ def owned_temp_name(target: str | os.PathLike) -> str:
     so a later writer of the same file removes it at once (`remove_stale_temps_of`), not minutes later. For what
     is written outside job folders (exports, a submit's temp folder)."""
     folder, name = os.path.split(os.fspath(target))
-    return os.path.join(folder, f".{name}.{os.getpid()}-{namespace_tag()}.{uuid.uuid4().hex[:8]}.tmp")
+    return os.path.join(
+        folder, f"{temp_name_stem(name)}.{os.getpid()}-{namespace_tag()}.{uuid.uuid4().hex[:8]}.tmp"
+    )
+
+
+NAME_MAX = 255  # bytes in one file name (Linux, and Drive's mount)
+TEMP_ADDS = 32  # bytes a temp name adds to its stem at most: ".PID-TAG" (7 + 8 digits), ".8 hex", ".tmp"
+
+
+def temp_name_stem(name: str) -> str:
+    """The start of the temp names of a file called `name`: `.{name}`, or, for a name too long to take what a
+    temp name adds (an export `--to` a legal 240-byte name failed "File name too long"), its start and a digest
+    of all of it, so that temps of two long names that start alike stay apart."""
+    stem = f".{name}"
+    if len(os.fsencode(stem)) + TEMP_ADDS <= NAME_MAX:
+        return stem
+    cut = os.fsdecode(os.fsencode(stem)[: NAME_MAX - TEMP_ADDS - 9])  # (bytes, as the limit counts them)
+    return f"{cut}~{hashlib.sha1(os.fsencode(name)).hexdigest()[:8]}"
 
 
 OWNED_TEMP = re.compile(
@@ -164,7 +181,7 @@ def remove_stale_temps_of(target: str | os.PathLike, max_age: float = 600.0) -> 
             stale = [
                 e.path for e in entries
                 if is_temp_name(e.name) and e.is_file(follow_symlinks=False)
-                and _left_behind(e.name, f".{name}", now - e.stat(follow_symlinks=False).st_mtime, max_age)
+                and _left_behind(e.name, temp_name_stem(name), now - e.stat(follow_symlinks=False).st_mtime, max_age)
             ]  # fmt: skip
         for path in stale:
             os.unlink(path)
@@ -175,8 +192,8 @@ def remove_stale_temps_of(target: str | os.PathLike, max_age: float = 600.0) -> 
 
 
 def _left_behind(temp: str, of: str, age: float, max_age: float) -> bool:
-    """Whether the temp file named `temp` is a left-behind one of the file named `of` (`.{name}`): `temp_name`'s,
-    older than `max_age`; `owned_temp_name`'s, also when its process is gone (`writer_gone`)."""
+    """Whether the temp file named `temp` is a left-behind one of the file whose `temp_name_stem` is `of`:
+    `temp_name`'s, older than `max_age`; `owned_temp_name`'s, also when its process is gone (`writer_gone`)."""
     if temp.rsplit(".", 2)[0] == of:
         return age > max_age
     owned = OWNED_TEMP.fullmatch(temp)

@@ -3,6 +3,7 @@
 import errno
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +220,25 @@ def test_local_shard_folders_left_by_killed_workers_are_swept_once_a_day_old(tmp
         assert path.is_file() and path.parent.name.startswith("runner-shard-")
     assert not old.exists() and fresh.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runner-shard-fresh", "someone-elses"]
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_a_file_with_a_long_legal_name_is_written_through_a_temp_name_that_fits(tmp_path, owned):
+    """`runner results --to` a legal 240-byte name failed "File name too long": the temp name adds ~30 bytes.
+    Temp names of a long name keep its start and a digest of all of it; a dead writer's is still tidied."""
+    name = "résultats-" + "x" * 225 + ".jsonl"  # 242 bytes (é is two)
+    target = tmp_path / name
+    assert len(os.fsencode(name)) < 255
+    local = tmp_path.parent / f"{tmp_path.name}-local.jsonl"
+    local.write_text("row\n")
+    storage.publish(local, target, owned=owned)
+    assert target.read_text() == "row\n" and [p.name for p in tmp_path.iterdir()] == [name]
+    dead = storage.owned_temp_name(target).replace(f".{os.getpid()}-", f".{2**22 + 99}-")  # above pid_max
+    Path(dead).write_text("half")
+    Path(storage.owned_temp_name(tmp_path / name.replace("x", "y", 1))).write_text("another file's")
+    assert len(os.fsencode(Path(dead).name)) <= 255 and Path(dead).name.startswith(".résultats-")
+    assert (
+        storage.remove_stale_temps_of(target) == 1
+        and not Path(dead).exists()
+        and len(list(tmp_path.iterdir())) == 2
+    )
