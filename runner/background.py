@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import storage
 from .errors import command
 from .jobdir import JobState, _pid_start, _stat_start, default_home
 from .progress import counted
@@ -55,19 +56,24 @@ def start(args: Sequence[str] = (), home: str | os.PathLike | None = None) -> Ba
                                 start_new_session=True, env=env)  # fmt: skip
     _CHILDREN.append(proc)  # kept so that a finished child is reaped (not left a zombie) when polled
     started = _pid_start(proc.pid)
-    log.with_suffix(".pid").write_text(f"{proc.pid} {started}" if started is not None else str(proc.pid))
+    # `PID START TAG`: the tag (storage.namespace_tag) says on which machine the pid means this process
+    log.with_suffix(".pid").write_text(f"{proc.pid} {started or '-'} {storage.namespace_tag()}")
     return BackgroundWorker(proc.pid, log, started)
 
 
 def running(home: str | os.PathLike | None = None) -> list[BackgroundWorker]:
-    """Background workers of this home whose process is alive. Deletes the pid files of workers that are not."""
+    """Background workers of this home started on this machine whose process is alive. Deletes the pid files of
+    this machine's workers that are not; another machine's (a home on Drive shared by two VMs) are left alone:
+    their pid means nothing here (adversarial pass 111)."""
     root = Path(home) if home is not None else default_home()
-    found = []
+    found, here = [], storage.namespace_tag()
     for pid_file in sorted((root / LOGS).glob("*.pid")):
         try:
             fields = pid_file.read_text().split()
-            pid, started = int(fields[0]), (fields[1] if len(fields) > 1 else None)
+            pid, started = int(fields[0]), (fields[1] if len(fields) > 1 and fields[1] != "-" else None)
         except (OSError, ValueError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] != here:
             continue
         worker = BackgroundWorker(pid, pid_file.with_suffix(".log"), started)
         if worker.alive:

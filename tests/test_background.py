@@ -10,7 +10,7 @@ import pytest
 from helpers import PROMPTS, invoke, write_jsonl
 
 import runner
-from runner import GenerationParams, background
+from runner import GenerationParams, background, storage
 from runner.background import IDLE_POLLS, running
 
 
@@ -202,3 +202,25 @@ def test_watch_prints_a_line_when_it_changes_and_once_a_minute_otherwise(tmp_pat
         f"{job.id} completed"
     ]
     assert len(lines) == 4 and " 0/1 " not in lines[2]
+
+
+def test_another_machines_pid_file_is_left_alone(tmp_path):
+    """Two VMs share a home on Drive: a pid file of the other's background worker names a pid that means
+    nothing here; `running` (run by every `watch`) deleted it as a dead worker's (adversarial pass 111)."""
+    logs = tmp_path / "home" / "logs"
+    logs.mkdir(parents=True)
+    dead_here = 2**22 + 4321  # above pid_max: no such process on this machine
+    (logs / "work-20250101-000000-aaaaaa.pid").write_text(f"{dead_here} 12345 0badc0de")  # another machine's
+    (logs / "work-20250101-000000-bbbbbb.pid").write_text(f"{dead_here} 12345 {storage.namespace_tag()}")
+    assert running(tmp_path / "home") == []
+    assert [p.name for p in logs.glob("*.pid")] == ["work-20250101-000000-aaaaaa.pid"]  # this machine's went
+
+
+def test_a_started_workers_pid_file_names_this_machine(tmp_path):
+    """The pid file `start` writes is `PID START TAG`, and once its worker has ended `running` removes it."""
+    home = tmp_path / "home"
+    worker = background.start(["--help"], home=home)
+    pid_file = worker.log.with_suffix(".pid")
+    assert pid_file.read_text().split() == [str(worker.pid), worker.started or "-", storage.namespace_tag()]
+    background._CHILDREN[-1].wait(timeout=120)
+    assert running(home) == [] and not pid_file.exists()
