@@ -1824,7 +1824,9 @@ def _lease_left(path: Path, hb: dict[str, Any], now: float) -> tuple[float, floa
     except (KeyError, TypeError, ValueError):
         return 0.0, 0.0
     lease = expires - beat
-    if not 0 < lease <= MAX_LEASE or expires > now + MAX_LEASE:  # damage, not a lease
+    # damage, not a lease (a beat in our future is no damage: a clock a day ahead, or 5 s ahead with a lease of
+    # MAX_LEASE, was taken for damage, so a live worker's units for free; adversarial pass 111)
+    if not 0 < lease <= MAX_LEASE:
         return 0.0, 0.0
     if beat <= now + SKEW_SLACK:
         _sighted.pop(str(path), None)

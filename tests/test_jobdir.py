@@ -1033,6 +1033,29 @@ def test_a_dead_worker_whose_clock_ran_ahead_loses_its_lease_after_the_lease(job
     assert "far" in jobdir.job_progress(job).live
 
 
+@pytest.mark.parametrize(("ahead", "ttl"), [(25 * 3600, 60), (5, jobdir.MAX_LEASE)])
+def test_a_live_worker_whose_clock_runs_ahead_holds_its_unit_while_it_beats(job, monkeypatch, ahead, ttl):
+    """A heartbeat dated more than MAX_LEASE in our future was taken for damage: a worker whose clock ran a day
+    ahead, or 5 s ahead with RUNNER_LEASE_TTL=86400, lost its units to healthy workers over and over
+    (adversarial pass 111). Its lease counts from when its beat was first seen here, as any beat ahead."""
+    import time as time_module
+
+    far = Owner("far", "other-vm", 4242, "boot-gone", "pid:[1]", "7")
+    assert take_unit(job, 0, far, -1) == 0
+    clock = [1000.0]
+    writer_now = time_module.time() + ahead
+    monkeypatch.setattr(time_module, "time", lambda: writer_now)  # (the writer's clock)
+    Heartbeat(job, far, ttl=ttl).beat()
+    monkeypatch.undo()
+    monkeypatch.setattr(time_module, "monotonic", lambda: clock[0])
+    progress = jobdir.job_progress(job)
+    assert "far" in progress.live and 0 not in progress.claimable
+    if ahead > jobdir.SKEW_SLACK:  # (a beat a few seconds ahead is believed: its lease is on the wall clock)
+        clock[0] += ttl + 1  # its lease, on our clock, without a new beat: dead after all
+        progress = jobdir.job_progress(job)
+        assert "far" not in progress.live and 0 in progress.claimable
+
+
 def test_a_heartbeat_with_a_changed_byte_is_damage_not_a_lease(job):
     """A digit flipped in a dead worker's "expires" (a worker on another VM, so no pid check can see it) held
     its units for up to a day (adversarial pass 19, by reading). A heartbeat carries its checksum: a changed
