@@ -222,7 +222,7 @@ def _unreadable_or_broken(path: Path, e: StorageError) -> JobStatus:
     if e.damaged:
         return broken_status(path, f"its folder is damaged: {e}")
     if not e.unreadable_for_now:  # denied, or the like: no wait brings it back (pass 67)
-        return broken_status(path, str(e))
+        return broken_status(path, str(e), repairable=e.repairable)
     return replace(broken_status(path, str(e), repairable=False), state="unreadable",
                    message=f"{e} (read again by the next `runner status`)")  # fmt: skip
 

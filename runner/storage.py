@@ -36,6 +36,8 @@ RETRY_DELAYS = (0.2, 0.5, 1, 2, 4, 8, 15, 30)  # about a minute in all: long eno
 # Something of the wrong kind stands where runner reads or writes (a folder where a file belongs, a file where a
 # folder belongs, a link loop): that job's folder is damaged, not the home; the job is broken, the others run.
 DAMAGED = {errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.ELOOP}
+DENIED = {errno.EACCES, errno.EPERM}  # this user may not: the folder is another's, or its permissions say no
+DENIED_HINT = "this user may not read or write it: see who owns it and its permissions (`ls -ld`)"
 
 
 class StorageError(RunnerError):
@@ -58,6 +60,12 @@ class StorageError(RunnerError):
         return not self.damaged and self.errno in TRANSIENT
 
     @property
+    def repairable(self) -> bool:
+        """Whether `runner repair` can help: not where this user is denied (another user's folder, umask 077);
+        the folder's owner or permissions must change first (`DENIED_HINT`)."""
+        return self.errno not in DENIED
+
+    @property
     def damaged(self) -> bool:
         """The error says one job folder's layout is damaged (DAMAGED, or said so), not that the home is failing."""
         return self._damaged if self._damaged is not None else self.errno in DAMAGED
@@ -76,7 +84,8 @@ def retry(op: Callable[[], T], what: str, delays: tuple[float, ...] | None = Non
                     _say_waiting(what, e, sum(delays[attempt:]))
                 time.sleep(delays[attempt])
                 continue
-            raise StorageError(f"cannot {what}: {e.strerror or e} (errno {e.errno})", e.errno) from e
+            denied = f"; {DENIED_HINT}" if e.errno in DENIED else ""
+            raise StorageError(f"cannot {what}: {e.strerror or e} (errno {e.errno}){denied}", e.errno) from e
     raise AssertionError("unreachable")
 
 

@@ -142,8 +142,16 @@ def test_a_job_folder_denied_for_good_is_broken_and_the_others_run(tmp_path, tin
         monkeypatch.setattr(os, name, denied)
     shown = {s.folder: s for s in runner.status(home=runner_home)}
     assert shown[str(locked.dir)].state == "broken" and "Permission denied" in shown[str(locked.dir)].message
-    work(runner_home, engine=gpt2_engine, echo=None)
+    # and not `runner repair`, which cannot help there (adversarial pass 111: another user's umask 077)
+    assert (
+        "runner repair" not in shown[str(locked.dir)].message
+        and "(`ls -ld`)" in shown[str(locked.dir)].message
+    )
+    said = []
+    work(runner_home, engine=gpt2_engine, echo=said.append)
     assert runner.status(healthy.dir).state == "completed"
+    skipped = [line for line in said if "is broken" in line]
+    assert skipped and "(`ls -ld`)" in skipped[0] and "runner repair" not in skipped[0], said
 
 
 def test_load_results_of_a_running_job_says_the_rest_is_still_to_come(tmp_path, tiny_gpt2, monkeypatch):
