@@ -2191,9 +2191,17 @@ class Ledger:
     bad: list[tuple[str, str]]  # (commit name, why) of markers/shards that failed verification
     generation: int
     current: dict[int, int]  # unit -> newest epoch
-    claims: dict[int, Claim]  # unit -> its newest claim
+    claim_names: dict[int, str]  # unit -> the file of its newest claim, read at first ask (`claim`)
     # what checked it: its cache spares hashing prompts.parquet again (absent_mask)
     verifier: Verifier | None = None
+    _claims: dict[int, Claim] = field(default_factory=dict, repr=False)
+
+    def claim(self, unit: int) -> Claim | None:
+        """The unit's newest claim. Read when first asked for: only units with keys left are, so a worker taking
+        a unit of a job of 1,000 no longer reads 1,000 claim files (a round trip each on Drive; pass 111)."""
+        if unit not in self._claims and unit in self.claim_names:
+            self._claims[unit] = _read_claim(self.job.dir / CLAIMS / self.claim_names[unit], unit)
+        return self._claims.get(unit)
 
     def done_mask(self) -> Any:
         """[rows, samples] bool: keys in accepted, verified shards."""
@@ -2298,10 +2306,10 @@ def read_ledger(
     return Ledger(job, commits, bad, generation, current, claims, verifier)
 
 
-def _read_claims(job: Job) -> tuple[dict[int, Claim], dict[tuple[int, int], set[str] | None], dict[int, int]]:
-    """(unit -> newest claim, (unit, epoch) -> accepted commit names of its seal, unit -> newest epoch).
-    A damaged seal accepts every commit of its epoch (counting a commit twice cannot happen: keys)."""
-    claims: dict[int, Claim] = {}
+def _read_claims(job: Job) -> tuple[dict[int, str], dict[tuple[int, int], set[str] | None], dict[int, int]]:
+    """(unit -> the file of its newest claim, (unit, epoch) -> accepted commit names of its seal, unit -> newest
+    epoch). A damaged seal accepts every commit of its epoch (counting a commit twice cannot happen: keys)."""
+    claims: dict[int, str] = {}
     seals: dict[tuple[int, int], set[str] | None] = {}
     current: dict[int, int] = {}
     for n in scan(job.dir / CLAIMS):
@@ -2312,13 +2320,18 @@ def _read_claims(job: Job) -> tuple[dict[int, Claim], dict[tuple[int, int], set[
             unit, epoch = int(m.group(1)), int(m.group(2))
             if epoch > current.get(unit, -1):
                 current[unit] = epoch
-                raw = _read_json_or_none(job.dir / CLAIMS / n)
-                owner = Owner.from_dict(raw) if isinstance(raw, dict) else None
-                claims[unit] = Claim(
-                    unit, epoch, owner, _empty_since(job.dir / CLAIMS / n) if raw is None else None
-                )
+                claims[unit] = n
     # a damaged seal (None) accepts everything: drop it from the map so callers see "no restriction"
     return claims, {k: v for k, v in seals.items() if v is not None}, current
+
+
+def _read_claim(path: Path, unit: int) -> Claim:
+    """The claim at `path` (a name of CLAIM_RE); its owner None when it is damaged, or empty (`empty_since`)."""
+    m = CLAIM_RE.fullmatch(path.name)
+    assert m is not None and int(m.group(1)) == unit
+    raw = _read_json_or_none(path)
+    owner = Owner.from_dict(raw) if isinstance(raw, dict) else None
+    return Claim(unit, int(m.group(2)), owner, _empty_since(path) if raw is None else None)
 
 
 def _empty_since(path: Path) -> float | None:
@@ -2457,9 +2470,9 @@ def job_progress(job: Job, ledger: Ledger | None = None) -> Progress:
     failed = int(ledger.failed_mask().sum())
     left = [u for u, n in enumerate(ledger.unit_left().tolist()) if n > 0]
     live = live_workers(job)
-    claimable = [u for u in left if not claim_is_live(ledger.claims.get(u), live)]
-    filling = [u for u in left if u not in claimable and (c := ledger.claims.get(u)) and c.owner is None]
-    started = bool(ledger.commits or ledger.claims or ledger.bad)
+    claimable = [u for u in left if not claim_is_live(ledger.claim(u), live)]
+    filling = [u for u in left if u not in claimable and (c := ledger.claim(u)) and c.owner is None]
+    started = bool(ledger.commits or ledger.claim_names or ledger.bad)
     return Progress(done, failed, job.spec.total, left, claimable, live, ledger.bad, started, filling)
 
 

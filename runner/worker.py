@@ -322,7 +322,7 @@ class JobRun:
         mine = [
             u
             for u in progress.units_left
-            if (c := ledger.claims.get(u)) and c.owner and c.owner.worker == self.owner.worker
+            if (c := ledger.claim(u)) and c.owner and c.owner.worker == self.owner.worker
         ]
         for u in sorted(set(progress.claimable) | set(mine)):
             epoch = jobdir.take_unit(self.job, u, self.owner, ledger.current.get(u, -1))

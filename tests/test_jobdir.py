@@ -45,6 +45,26 @@ def stop_after(n):
     return lambda: calls.append(1) or len(calls) > n
 
 
+def test_a_ledger_reads_the_claims_of_the_units_left_only(reference, tiny_gpt2, runner_home, gpt2_engine,
+                                                          monkeypatch):  # fmt: skip
+    """Each time a worker took a unit it read every claim file of the job: units of 1,000 done, 1,000 reads (a
+    round trip each on Drive), and the cost of a unit grew with the units done (adversarial pass 111). Only the
+    claims of units with keys left matter (who holds them), and only those are read."""
+    job = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=1)
+    run_job(job, gpt2_engine, echo=None, should_stop=stop_after(4))
+    claimed = {int(n[:5]) for n in os.listdir(job.dir / "claims") if jobdir.CLAIM_RE.fullmatch(n)}
+    read, real = [], jobdir._read_json_or_none
+    monkeypatch.setattr(jobdir, "_read_json_or_none", lambda path: read.append(Path(path)) or real(path))
+    progress = jobdir.job_progress(job)
+    assert progress.units_left and claimed - set(progress.units_left)  # claims of done units are there
+    claims_read = {
+        int(p.name[:5]) for p in read if p.parent.name == "claims" and jobdir.CLAIM_RE.fullmatch(p.name)
+    }
+    assert claims_read <= set(progress.units_left), (claims_read, progress.units_left)
+    assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+    assert_exactly_once(job.dir, reference[1])
+
+
 # --- fenced ownership ---------------------------------------------------------------------------------------
 
 
