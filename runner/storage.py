@@ -157,7 +157,9 @@ def temp_name_stem(name: str) -> str:
     stem = f".{name}"
     if len(os.fsencode(stem)) + TEMP_ADDS <= NAME_MAX:
         return stem
-    cut = os.fsdecode(os.fsencode(stem)[: NAME_MAX - TEMP_ADDS - 9])  # (bytes, as the limit counts them)
+    # cut in bytes, as the limit counts them; a character the cut splits is left out (half of one made a name
+    # that is not UTF-8, which pyarrow refused with a traceback: review pass 112)
+    cut = os.fsencode(stem)[: NAME_MAX - TEMP_ADDS - 9].decode("utf-8", "ignore")
     return f"{cut}~{hashlib.sha1(os.fsencode(name)).hexdigest()[:8]}"
 
 

@@ -223,10 +223,12 @@ def test_local_shard_folders_left_by_killed_workers_are_swept_once_a_day_old(tmp
 
 
 @pytest.mark.parametrize("owned", [False, True])
-def test_a_file_with_a_long_legal_name_is_written_through_a_temp_name_that_fits(tmp_path, owned):
+@pytest.mark.parametrize(
+    "name", ["résultats-" + "x" * 225 + ".jsonl", "résultats-" + "x" * 201 + "é" * 10 + ".jsonl"]
+)  # 242 and 238 bytes (é is two); the second's temp name is cut in the middle of an é
+def test_a_file_with_a_long_legal_name_is_written_through_a_temp_name_that_fits(tmp_path, owned, name):
     """`runner results --to` a legal 240-byte name failed "File name too long": the temp name adds ~30 bytes.
     Temp names of a long name keep its start and a digest of all of it; a dead writer's is still tidied."""
-    name = "résultats-" + "x" * 225 + ".jsonl"  # 242 bytes (é is two)
     target = tmp_path / name
     assert len(os.fsencode(name)) < 255
     local = tmp_path.parent / f"{tmp_path.name}-local.jsonl"
@@ -237,6 +239,7 @@ def test_a_file_with_a_long_legal_name_is_written_through_a_temp_name_that_fits(
     Path(dead).write_text("half")
     Path(storage.owned_temp_name(tmp_path / name.replace("x", "y", 1))).write_text("another file's")
     assert len(os.fsencode(Path(dead).name)) <= 255 and Path(dead).name.startswith(".résultats-")
+    Path(dead).name.encode("utf-8")  # a whole name, not half an é (pyarrow refuses a path that is not UTF-8)
     assert (
         storage.remove_stale_temps_of(target) == 1
         and not Path(dead).exists()
