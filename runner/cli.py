@@ -731,6 +731,9 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
         raise SystemExit(1)  # nothing could run here: `runner work && next` must not go on
     timed_out = deadline is not None and time.time() >= deadline and not stop()
     left, unread = _queue(home, job_ref) if timed_out or stop() else ([], 0)
+    left = [
+        c for c in left if c.job.id not in {j.id for j in unrunnable}
+    ]  # (said as met: not run here again)
     again = _work_command(home, job_ref) if job_ref else command(home, "work")
     if left or unread:  # (not "nothing to do" when the deadline came before a job began)
         also = f" (and {unread} whose folder could not be read just now)" if unread else ""
@@ -1000,7 +1003,8 @@ def _detail(s: Any) -> list[str]:
         f"{w['worker']} on {w['device'] or '?'}: {w['tokens_per_second'] or 0:,.1f} tok/s" for w in s.workers
     ]
     return lines + [
-        f"progress: {s.done:,}/{s.total:,} {job.spec.count_noun}, {s.errors} row errors, {s.invalid} invalid input rows"
+        f"progress: {s.done:,}/{s.total:,} {job.spec.count_noun}, {counted(s.errors, 'row errors')}, "
+        f"{counted(s.invalid, 'invalid input rows')}"
         + (f" ({s.unsaved:,} more computed, not saved yet)" if s.unsaved else ""),
         f"speed:    {f'{s.tokens_per_second:,.1f}' if s.tokens_per_second else '-'} tok/s, ETA {s.eta}",
         f"workers:  {'; '.join(workers) if workers else '-'}",

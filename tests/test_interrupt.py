@@ -210,3 +210,22 @@ def test_a_ctrl_c_in_the_last_batch_of_the_last_job_stops_nothing(tmp_path, tiny
     else:
         assert code == 0, out
         assert states == ["completed"] and "again to carry on" not in out, out
+
+
+def test_a_ctrl_c_in_the_last_batch_this_machine_can_run_stops_nothing(tmp_path, tiny_gpt2):
+    """The same with a job queued that this machine cannot run (`--device cuda` without CUDA: said as met, left
+    queued; met first here): exit 0 as without the Ctrl-C, not 130 with "1 job(s) left to run; run `runner work`
+    again", which would not run it either (review pass 112)."""
+    import workers
+    from helpers import invoke, write_jsonl
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS[:2])
+    home = tmp_path / "home"
+    gpu = invoke("--home", home, "submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2, "--device", "cuda",
+                 "--priority", 1)  # (met first)  # fmt: skip
+    assert gpu.exit_code == 0, gpu.output
+    here = create_job(prompts, tiny_gpt2, dataclasses.replace(PARAMS, num_return_sequences=1), OPTIONS,
+                      job_dir=home / "cpu")  # fmt: skip
+    code, out = workers.run_worker(home, env_extra={"RUNNER_FAULT": "after_generate:1:SIGINT"})
+    assert runner.status(here.dir).state == "completed" and "stopping after the current batch" in out, out
+    assert code == 0 and "left to run" not in out, out

@@ -110,3 +110,4 @@ def test_a_count_of_one_says_its_noun_in_the_singular():
 
     assert [counted(n, "errors") for n in (0, 1, 2)] == ["0 errors", "1 error", "2 errors"]
     assert counted(1_024, "rows") == "1,024 rows" and counted(1, "responses") == "1 response"
+    assert counted(1, "invalid input rows") == "1 invalid input row"
