@@ -27,6 +27,7 @@ from .progress import counted
 
 LOGS = "logs"
 FINAL = {JobState.COMPLETED.value, JobState.FAILED.value, JobState.CANCELLED.value, JobState.BROKEN.value}
+FOREIGN_PID_FILE_DAYS = 1  # another machine's pid file whose log is quiet this long is deleted
 IDLE_POLLS = 3  # polls in a row with no live worker before `watch` says so and returns
 
 
@@ -73,7 +74,11 @@ def running(home: str | os.PathLike | None = None) -> list[BackgroundWorker]:
             pid, started = int(fields[0]), (fields[1] if len(fields) > 1 and fields[1] != "-" else None)
         except (OSError, ValueError, IndexError):
             continue
-        if len(fields) > 2 and fields[2] != here:
+        if (
+            len(fields) > 2 and fields[2] != here
+        ):  # another machine's, or this one's before a reboot (a new VM)
+            if _quiet_for(pid_file.with_suffix(".log"), FOREIGN_PID_FILE_DAYS * 86400):
+                pid_file.unlink(missing_ok=True)  # its worker has written nothing for days: gone
             continue
         worker = BackgroundWorker(pid, pid_file.with_suffix(".log"), started)
         if worker.alive:
@@ -81,6 +86,17 @@ def running(home: str | os.PathLike | None = None) -> list[BackgroundWorker]:
         else:
             pid_file.unlink(missing_ok=True)  # the log stays: it is what the worker said
     return found
+
+
+def _quiet_for(log: Path, seconds: float) -> bool:
+    """Whether `log` (a worker's output: a line at least every few minutes while it works) is missing or has
+    not changed for `seconds`."""
+    try:
+        return time.time() - log.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def in_home(home: str | os.PathLike | None, folder: Path) -> bool:

@@ -5,6 +5,7 @@ import dataclasses
 import os
 import re
 import shlex
+import time
 
 import pytest
 from helpers import PROMPTS, invoke, write_jsonl
@@ -212,8 +213,12 @@ def test_another_machines_pid_file_is_left_alone(tmp_path):
     dead_here = 2**22 + 4321  # above pid_max: no such process on this machine
     (logs / "work-20250101-000000-aaaaaa.pid").write_text(f"{dead_here} 12345 0badc0de")  # another machine's
     (logs / "work-20250101-000000-bbbbbb.pid").write_text(f"{dead_here} 12345 {storage.namespace_tag()}")
+    (logs / "work-20250101-000000-aaaaaa.log").write_text("working\n")
     assert running(tmp_path / "home") == []
     assert [p.name for p in logs.glob("*.pid")] == ["work-20250101-000000-aaaaaa.pid"]  # this machine's went
+    two_days_ago = time.time() - 2 * 86400  # its log quiet for days (or a VM before a reboot): it goes too
+    os.utime(logs / "work-20250101-000000-aaaaaa.log", (two_days_ago, two_days_ago))
+    assert running(tmp_path / "home") == [] and not list(logs.glob("*.pid"))
 
 
 def test_a_started_workers_pid_file_names_this_machine(tmp_path):
