@@ -635,7 +635,24 @@ class JobSpec:
         except BrokenJob:
             raise
         except (KeyError, TypeError, ValueError, RunnerError) as e:
-            raise BrokenJob(f"job.json is invalid ({type(e).__name__}: {e})") from None
+            raise BrokenJob(f"job.json is invalid ({_said(e)})") from None
+
+
+def _said(e: Exception) -> str:
+    """What is wrong with a record that is JSON but not what it should be, in words, not Python's (it said
+    "KeyError: 'state'"; campaign pass 110)."""
+    if isinstance(e, KeyError):
+        return f"it has no {e.args[0]!r} field"
+    if isinstance(e, (TypeError, AttributeError)):
+        return f"a field is of the wrong kind: {e}"
+    return str(e)
+
+
+def _json_kind(value: Any) -> str:
+    """`{}`-less JSON said as what it is: "null", "a list", "a string"..."""
+    kinds = {type(None): "null", list: "a list", str: "a string", bool: "true or false", int: "a number",
+             float: "a number"}  # fmt: skip
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _unreadable_format(fmt: Any) -> BrokenJob:
@@ -955,20 +972,24 @@ def _record_damage(d: Any) -> str | None:
 
 
 def _parse_state(d: Any, name: str, seq: int) -> StateRecord:
+    if not isinstance(d, dict):
+        raise BrokenJob(f"{name} is invalid (not a state record: {_json_kind(d)})")
     try:
+        if d["state"] not in {s.value for s in JobState}:
+            raise ValueError(f"state {d['state']!r} is no job state")
         state = JobState(d["state"])
         if state not in STORED_STATES:
             raise ValueError(f"state {state.value!r} is never stored")
         gen = d.get("generation", 0)
         if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
-            raise ValueError(f"generation {gen!r}")
+            raise ValueError(f"generation {gen!r} is not a count")
         error, by, writer = d.get("error"), d.get("by"), d.get("writer")
         blind = _blind(d, seq)
         return StateRecord(state, gen, error if isinstance(error, str) else None, float(d.get("updated", 0)), seq,
                            by if isinstance(by, str) else None, writer if isinstance(writer, str) else None,
                            blind)  # fmt: skip
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise BrokenJob(f"{name} is invalid ({type(e).__name__}: {e})") from None
+        raise BrokenJob(f"{name} is invalid ({_said(e)})") from None
 
 
 def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) -> StateRecord | None:

@@ -904,6 +904,19 @@ def test_damaged_metadata_breaks_only_its_job(
     assert_exactly_once(job.dir, reference[1])
 
 
+@pytest.mark.parametrize(
+    ("record", "said"),
+    [({}, "it has no 'state' field"), (None, "not a state record: null"), ("done", "not a state record: a string"),
+     ({"state": 5}, "state 5 is no job state"), ({"state": "queued", "generation": "1"}, "generation '1' is not a count")],
+)  # fmt: skip
+def test_a_state_record_torn_into_other_json_is_said_in_words(record, said):
+    """A state record torn into valid JSON of another shape said "(KeyError: 'state')" or "(TypeError:
+    'NoneType' object is not subscriptable)", which reads like runner's own failure (campaign pass 110)."""
+    with pytest.raises(jobdir.BrokenJob) as e:
+        jobdir._parse_state(record, "state/00000003.json", 3)
+    assert str(e.value) == f"state/00000003.json is invalid ({said})"
+
+
 def test_bad_heartbeats_claims_and_stats_are_ignored(job, reference, gpt2_engine, runner_home):
     run_job(job, gpt2_engine, echo=None, should_stop=stop_after(2), shard_rows=1)
     (job.dir / "workers" / "ghost.json").write_text('{"worker": "ghost", "expires": "soon"}')
