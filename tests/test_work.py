@@ -689,20 +689,7 @@ def test_a_cancel_stops_a_running_batch_between_decode_steps(
     job = create_job(prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=64, min_new_tokens=64),
                      runner.EngineOptions(batch_size=6))  # fmt: skip
     monkeypatch.setattr(worker_module, "CANCEL_CHECK_SECONDS", 0.0)
-    steps = []
-
-    def hook(module, args, kwargs, output):
-        steps.append(1)
-        if len(steps) == 3:
-            cancel_job(job.dir)
-
-    handle = gpt2_engine.model.register_forward_hook(hook, with_kwargs=True)
-    try:
-        summary = run_job(job, gpt2_engine, echo=None)
-    finally:
-        handle.remove()
-    assert summary.stopped and summary.generated == 0 and len(steps) < 10  # not 64 steps
-    assert job_status(job).state == "cancelled"
+    _run_cancelled_at_the_third_step(job, gpt2_engine)
     retry_job(job.dir)
     assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
 
@@ -724,17 +711,23 @@ def test_a_cancel_is_seen_when_the_wall_clock_steps_back(prompts_file, tiny_gpt2
     clock.time = lambda: time.time() - (3600 if stepped else 0)
     clock.monotonic = lambda: ticks.append(1) or 10.0 * len(ticks)
     monkeypatch.setattr(worker_module, "time", clock)
+    _run_cancelled_at_the_third_step(job, gpt2_engine, then=lambda: stepped.append(True))
+
+
+def _run_cancelled_at_the_third_step(job, engine, then=lambda: None) -> None:
+    """Run JOB (a batch of 64 new tokens) with a cancel landing at its third decode step (then `then()`): the
+    worker stops within a few steps, having committed nothing, and the job is cancelled."""
     steps = []
 
     def hook(module, args, kwargs, output):
         steps.append(1)
         if len(steps) == 3:
             cancel_job(job.dir)
-            stepped.append(True)
+            then()
 
-    handle = gpt2_engine.model.register_forward_hook(hook, with_kwargs=True)
+    handle = engine.model.register_forward_hook(hook, with_kwargs=True)
     try:
-        summary = run_job(job, gpt2_engine, echo=None)
+        summary = run_job(job, engine, echo=None)
     finally:
         handle.remove()
     assert summary.stopped and summary.generated == 0 and len(steps) < 10  # not 64 steps
