@@ -74,9 +74,8 @@ def running(home: str | os.PathLike | None = None) -> list[BackgroundWorker]:
             pid, started = int(fields[0]), (fields[1] if len(fields) > 1 and fields[1] != "-" else None)
         except (OSError, ValueError, IndexError):
             continue
-        if (
-            len(fields) > 2 and fields[2] != here
-        ):  # another machine's, or this one's before a reboot (a new VM)
+        # another machine's, or this one's before a reboot (a new VM)
+        if len(fields) > 2 and fields[2] != here:
             if _quiet_for(pid_file.with_suffix(".log"), FOREIGN_PID_FILE_DAYS * 86400):
                 pid_file.unlink(missing_ok=True)  # its worker has written nothing for days: gone
             continue

@@ -731,9 +731,8 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
         raise SystemExit(1)  # nothing could run here: `runner work && next` must not go on
     timed_out = deadline is not None and time.time() >= deadline and not stop()
     left, unread = _queue(home, job_ref) if timed_out or stop() else ([], 0)
-    left = [
-        c for c in left if c.job.id not in {j.id for j in unrunnable}
-    ]  # (said as met: not run here again)
+    said_unrunnable = {j.id for j in unrunnable}  # (said as met: not run here again, so not left to run here)
+    left = [c for c in left if c.job.id not in said_unrunnable]
     again = _work_command(home, job_ref) if job_ref else command(home, "work")
     if left or unread:  # (not "nothing to do" when the deadline came before a job began)
         also = f" (and {unread} whose folder could not be read just now)" if unread else ""

@@ -2476,9 +2476,8 @@ class Progress:
     live: dict[str, dict[str, Any]]  # live workers' heartbeats
     bad: list[tuple[str, str]]
     started: bool  # some commit or claim exists
-    filling: list[int] = field(
-        default_factory=list
-    )  # of units_left, those held by a claim still empty (no links)
+    # of units_left, those held by a claim still empty (no links)
+    filling: list[int] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:

@@ -155,11 +155,12 @@ def temp_name_stem(name: str) -> str:
     temp name adds (an export `--to` a legal 240-byte name failed "File name too long"), its start and a digest
     of all of it, so that temps of two long names that start alike stay apart."""
     stem = f".{name}"
-    if len(os.fsencode(stem)) + TEMP_ADDS <= NAME_MAX:
+    encoded = os.fsencode(stem)
+    if len(encoded) + TEMP_ADDS <= NAME_MAX:
         return stem
     # cut in bytes, as the limit counts them; a character the cut splits is left out (half of one made a name
     # that is not UTF-8, which pyarrow refused with a traceback: review pass 112)
-    cut = os.fsencode(stem)[: NAME_MAX - TEMP_ADDS - 9].decode("utf-8", "ignore")
+    cut = encoded[: NAME_MAX - TEMP_ADDS - 9].decode("utf-8", "ignore")
     return f"{cut}~{hashlib.sha1(os.fsencode(name)).hexdigest()[:8]}"
 
 
