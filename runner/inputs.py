@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import openai_batch
+from . import openai_batch, storage
 from .errors import InputError, ParamError, Problem, first_line
 from .params import ROW_SETTINGS, row_overrides, setting_from_text
 
@@ -324,7 +324,7 @@ def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | No
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(storage.arrow_file(path))
             columns = _data_columns(pf.schema_arrow)
             _refuse_names_twice(path, columns, 0, "the file")
             batches = pf.iter_batches(batch_size=4096, columns=columns)
@@ -416,7 +416,7 @@ def _csv_batches(path: Path) -> Any:
     types = {c: pa.string() for c in header}
     data = header[1:] if index else []  # [] reads every column
     options = pcsv.ConvertOptions(column_types=types, include_columns=data, strings_can_be_null=False)
-    reader = pcsv.open_csv(path, convert_options=options,
+    reader = pcsv.open_csv(storage.arrow_file(path), convert_options=options,
                            parse_options=pcsv.ParseOptions(newlines_in_values=True))  # fmt: skip
     if any(pa.types.is_binary(f.type) for f in reader.schema):
         raise _not_utf8_error(path)
@@ -564,9 +564,9 @@ def _note_settings_as_json(path: Path, keys: list[str]) -> None:
     """Rewrite the temporary Parquet file `path` with the note that its columns `keys` hold JSON text."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    table = pq.read_table(storage.arrow_file(path))
     meta = {**(table.schema.metadata or {}), JSON_SETTINGS: json.dumps(keys).encode()}
-    pq.write_table(table.replace_schema_metadata(meta), path)
+    pq.write_table(table.replace_schema_metadata(meta), storage.arrow_file(path, "wb"))
 
 
 def _settings_as_json(path: Path) -> set[str]:
@@ -575,7 +575,7 @@ def _settings_as_json(path: Path) -> set[str]:
     import pyarrow.parquet as pq
 
     try:
-        note = (pq.read_schema(path).metadata or {}).get(JSON_SETTINGS)
+        note = (pq.read_schema(storage.arrow_file(path)).metadata or {}).get(JSON_SETTINGS)
         keys = json.loads(note) if note else []
     except (OSError, ValueError, pa.ArrowException):  # (an unreadable file is named by the reader)
         return set()

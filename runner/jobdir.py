@@ -1323,7 +1323,7 @@ class Job:
 
         path = self.dir / PROMPTS
         try:
-            return storage.retry(lambda: op(path), f"read {path}")
+            return storage.retry(lambda: op(storage.arrow_file(path)), f"read {path}")
         except (pa.ArrowException, ValueError, KeyError, storage.StorageError) as e:
             if isinstance(e, storage.StorageError) and e.errno is not None:
                 raise  # the file system failed, not the file
@@ -1341,7 +1341,7 @@ class Job:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(self.dir / PROMPTS)
+        pf = pq.ParquetFile(storage.arrow_file(self.dir / PROMPTS))
         parts, at = [], 0
         for g in range(pf.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -2199,7 +2199,7 @@ def read_parquet(source: Any, columns: list[str] | None = None) -> Any:
     """A whole Parquet file (a path or a buffer) as one table, whatever its column names (`read_shard_bytes`)."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(source).read(columns=columns)
+    return pq.ParquetFile(storage.arrow_file(source)).read(columns=columns)
 
 
 @dataclass

@@ -304,12 +304,15 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
 
 
 def _describe(source: Any, path: Path) -> str:
-    """What job.json says the input was: the file's absolute path, or the dataset it was read from."""
+    """What job.json says the input was: the file's absolute path, or the dataset it was read from. A name's bytes
+    that are not UTF-8 are written as \\xNN (JSON holds text only; a `runner repair` that needs the file again
+    then says it is not there)."""
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if text == "-":
             return "standard input"
-        return text if text.startswith("hf:") else str(Path(text).resolve())
+        text = text if text.startswith("hf:") else str(Path(text).resolve())
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
     return f"{type(source).__name__} ({getattr(source, 'num_rows', '?')} rows)"
 
 
@@ -815,7 +818,9 @@ def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_inv
                 columns.freeze()
                 schema = pa.schema([*table.schema, *columns.fields()])
                 with _writing(folder / PROMPTS):
-                    writer = pq.ParquetWriter(folder / PROMPTS, schema, compression="zstd")
+                    writer = pq.ParquetWriter(
+                        storage.arrow_file(folder / PROMPTS, "wb"), schema, compression="zstd"
+                    )
             for f, arr in zip(columns.fields(), columns.written_arrays(extra, len(prepared)), strict=True):
                 table = table.append_column(f, arr)
             with _writing(folder / PROMPTS):

@@ -472,12 +472,12 @@ def _prompt_groups(job: Any, columns: list[str], optional: list[str]) -> Iterato
     from .jobdir import PROMPTS
 
     path, what = job.dir / PROMPTS, f"read {job.dir / PROMPTS}"
-    meta = storage.retry(lambda: pq.read_metadata(path), what)
+    meta = storage.retry(lambda: pq.read_metadata(storage.arrow_file(path)), what)
     names = meta.schema.to_arrow_schema().names
     columns = columns + [c for c in optional if c in names]
 
     def group(i: int) -> Any:
-        with pq.ParquetFile(path, metadata=meta) as pf:
+        with pq.ParquetFile(storage.arrow_file(path), metadata=meta) as pf:
             return pf.read_row_group(i, columns=columns)
 
     for i in range(meta.num_row_groups):

@@ -205,7 +205,7 @@ def rewrite_passthrough(reader: PromptReader, path: Path, columns: Passthrough) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(storage.arrow_file(path))
     fixed = [f for f in pf.schema_arrow if f.name not in columns.out.values()]
     out_path = path.with_name(f".{path.name}.rewrite")
     while True:  # more than once only if a column's values do not fit its unified type after all
@@ -213,7 +213,7 @@ def rewrite_passthrough(reader: PromptReader, path: Path, columns: Passthrough) 
                                     for c, t in columns.types.items()])  # fmt: skip
         valid = (r for r in reader.rows() if isinstance(r, PromptRow))
         try:
-            with pq.ParquetWriter(out_path, schema, compression="zstd") as writer:
+            with pq.ParquetWriter(storage.arrow_file(out_path, "wb"), schema, compression="zstd") as writer:
                 for g in range(pf.num_row_groups):
                     table = pf.read_row_group(g, columns=[f.name for f in fixed])
                     extras = []

@@ -309,10 +309,10 @@ def write_local_shard(table: pa.Table, metadata: dict[str, str] | None = None) -
     try:
         local = Path(tmp) / "shard.parquet"
         try:
-            pq.write_table(table, local, compression="zstd")
+            pq.write_table(table, storage.arrow_file(local, "wb"), compression="zstd")
         except OSError as e:  # pyarrow's errors name no file: say which disk it was, not "the job home"
             raise _local_disk_error(e) from e
-        if pq.read_metadata(local).num_rows != table.num_rows:
+        if pq.read_metadata(storage.arrow_file(local)).num_rows != table.num_rows:
             raise RunnerError("a results shard did not verify after writing (row count mismatch)")
         yield local, storage.file_sha256(local)
     finally:
@@ -703,7 +703,7 @@ def _staged(table: pa.Table, to: Path) -> Iterator[Callable[[], None]]:
     try:
         try:
             if suffix == ".parquet":
-                pq.write_table(table, tmp)
+                pq.write_table(table, storage.arrow_file(tmp, "wb"))
             elif suffix in (".jsonl", ".json"):  # .json: one array, as the name says
                 with open(tmp, "w", encoding="utf-8") as f:
                     f.writelines(_json_lines(table, array=suffix == ".json"))

@@ -370,6 +370,23 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def arrow_file(path: Any, mode: str = "rb") -> Any:
+    """`path` as pyarrow takes it (anything else, a buffer, as it is). pyarrow encodes a path as UTF-8, and a
+    name holding bytes that are not UTF-8 (which Python keeps as surrogates) raised UnicodeEncodeError from
+    inside it (`runner results --to` such a name, a prompt file or a job home so named): such a path is opened
+    here by its bytes. The file closes when pyarrow lets go of it."""
+    if not isinstance(path, (str, os.PathLike)):
+        return path
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        import pyarrow as pa
+
+        return pa.OSFile(os.fsencode(name), mode)
+
+
 def read_lines(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[str]:
     """The lines of a plain UTF-8 text file, `size` bytes read at a time, each read retried (a retry opens the
     file again at the same offset): a transient error never cuts the file short, nor raises a raw OSError."""

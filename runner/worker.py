@@ -308,7 +308,9 @@ class JobRun:
             return {}
         path = self.job.dir / jobdir.SHARDS / newest.shard
         try:
-            return storage.retry(lambda: pq.read_schema(path).metadata, f"read {path}") or {}
+            return (
+                storage.retry(lambda: pq.read_schema(storage.arrow_file(path)).metadata, f"read {path}") or {}
+            )
         except (storage.StorageError, OSError, ValueError, pa.ArrowException):
             return {}  # (the shard's verification says what is wrong with it)
 
