@@ -212,6 +212,7 @@ def create_job(
             "params": params.to_dict(), "engine": options.to_dict(), "unit_rows": unit_rows,
             "fingerprint": fingerprint, "input": _input_meta(source, input_path, identity),
         }  # fmt: skip
+        _refuse_what_json_cannot_hold(meta)
         prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field,
                          kind == "generate" and _sample_auto(params), _vocab_size(config))  # fmt: skip
         if rerun:
@@ -234,6 +235,36 @@ def create_job(
         job = Job.open(target)
         _log_created(job, kind, model)
         return job
+
+
+def _refuse_what_json_cannot_hold(meta: Any, where: str = "") -> None:
+    """job.json holds text only: a setting whose bytes are not UTF-8 (a model folder so named, a `--stop` given
+    such bytes: Python keeps them as surrogates) is refused before a row is read, naming it (it ended in a
+    UnicodeEncodeError traceback once every row had been tokenized)."""
+    for key, value in meta.items() if isinstance(meta, dict) else enumerate(meta):
+        at = f"{where}.{key}" if where else str(key)
+        if isinstance(value, (dict, list)):
+            _refuse_what_json_cannot_hold(value, at)
+        elif isinstance(value, str) and not _is_text(value):
+            raise RunnerError(f"{at} '{_shown(value)}' is not UTF-8 text, and job.json stores text only: give it "
+                              "in UTF-8 (a file or folder: rename it)")  # fmt: skip
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value: str) -> str:
+    """`value` with its bytes that are not UTF-8 as \\xNN (as `ls -b` shows a name)."""
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _log_created(job: Job, kind: str, model: str) -> None:
@@ -312,7 +343,7 @@ def _describe(source: Any, path: Path) -> str:
         if text == "-":
             return "standard input"
         text = text if text.startswith("hf:") else str(Path(text).resolve())
-        return os.fsencode(text).decode("utf-8", "backslashreplace")
+        return _shown(text)
     return f"{type(source).__name__} ({getattr(source, 'num_rows', '?')} rows)"
 
 

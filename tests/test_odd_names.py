@@ -5,6 +5,7 @@ work like any name, and job.json, which holds text only, writes the odd bytes as
 
 import json
 import os
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +14,7 @@ from helpers import write_jsonl
 
 import runner
 from runner import GenerationParams
+from runner.errors import RunnerError
 from runner.jobs import create_job
 from runner.worker import run_job
 
@@ -64,3 +66,17 @@ def test_results_export_to_a_name_in_bytes_that_are_not_utf8(suffix, tmp_path, t
             ids = [line.split(b",")[0].decode("utf-8-sig") for line in f.read().splitlines()[1:]]
     assert ids == ["r0", "r1", "r2"]
     assert sorted(os.listdir(tmp_path)) == sorted(["job", f"prompts{ODD}.jsonl", f"out{ODD}{suffix}"])
+
+
+def test_a_setting_that_job_json_cannot_hold_is_refused_before_a_row_is_read(tmp_path, tiny_gpt2):
+    """A model folder whose name is not UTF-8, or a stop string given such bytes, cannot be stored in job.json
+    (the worker needs the model's very path): refused, naming it, with nothing left in the home."""
+    odd_model = tmp_path / f"model{ODD}"
+    shutil.copytree(tiny_gpt2, odd_model)
+    prompts, home = _input(tmp_path, ".jsonl"), tmp_path / "home"
+    with pytest.raises(RunnerError, match=r"^model '.*/model\\xff\\xfe' is not UTF-8 text, and job.json"):
+        create_job(prompts, str(odd_model), GenerationParams(max_new_tokens=3), home=home)
+    with pytest.raises(RunnerError, match=r"^params\.stop\.0 'end\\xff' is not UTF-8 text"):
+        create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=3, stop=["end" + os.fsdecode(b"\xff")]),
+                   home=home)  # fmt: skip
+    assert not home.exists() or [p for p in home.iterdir() if not p.name.startswith(".")] == []
