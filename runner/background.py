@@ -151,7 +151,7 @@ def watch(
 def status_line(s: Any) -> str:
     """One line of a job's status, for a log or a notebook cell."""
     tps = f"{s.tokens_per_second:,.1f} tok/s" if s.tokens_per_second else "- tok/s"
-    workers = f" | {len(s.workers)} worker(s)" if s.workers else ""
+    workers = f" | {counted(len(s.workers), 'workers')}" if s.workers else ""
     errors = f" | {counted(s.errors, 'errors')}" if s.errors else ""
     why = f" | {s.message}" if s.state in FINAL and s.message else ""  # why it failed, once it has ended
     return (f"{time.strftime('%H:%M:%S')} {s.id} {s.state}: {s.done_text()} | {tps} | ETA {s.eta}"

@@ -378,7 +378,7 @@ def _run_kind(
         )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     if invalid:
-        _echo(f"{invalid} invalid row(s) skipped; see {job.dir / 'errors.jsonl'}")
+        _echo(f"{counted(invalid, 'invalid rows')} skipped; see {job.dir / 'errors.jsonl'}")
     if summary.unrunnable:  # said why, and what runs it, as the job stayed queued
         raise SystemExit(1)
     if not summary.finished:
@@ -560,7 +560,7 @@ def submit(
         _echo(
             f"queued {kind} job {job.id}: {counted(rows, 'rows')}"
             + (f" ({job.total:,} results with their samples)" if job.total != rows else "")
-            + (f"; {invalid} invalid row(s) listed in errors.jsonl" if invalid else "")
+            + (f"; {counted(invalid, 'invalid rows')} listed in errors.jsonl" if invalid else "")
         )
     click.echo(job.id)
 
@@ -737,7 +737,9 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
     if left or unread:  # (not "nothing to do" when the deadline came before a job began)
         also = f" (and {unread} whose folder could not be read just now)" if unread else ""
         why = "at the deadline (--hours/--until)" if timed_out else "(Ctrl-C)"
-        _echo(f"stopped {why} with {len(left)} job(s) left to run{also}; run `{again}` again to carry on")
+        _echo(
+            f"stopped {why} with {counted(len(left), 'jobs')} left to run{also}; run `{again}` again to carry on"
+        )
     elif not summaries and not failed:
         _say_lost_rows(home, job_ref)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else "")
@@ -748,7 +750,7 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
         raise SystemExit(130)  # interrupted: scripts and notebooks can tell (not when it stopped nothing: a
     # Ctrl-C in the last batch of the last job, which completed, lets `runner work && next` go on)
     if failed:  # `runner work && next-step` must not go on as if all went well
-        raise RunnerError(f"{len(failed)} job(s) failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
+        raise RunnerError(f"{counted(len(failed), 'jobs')} failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
                           f"says why; {_after_failure(failed)})")  # fmt: skip
 
 
@@ -1164,7 +1166,7 @@ def retry(ctx: click.Context, job_ref: str) -> None:
     from . import api
 
     cleared = api.retry(job_ref, ctx.obj["home"])
-    _echo(f"re-queued job {job_ref}" + (f"; {cleared} failed row(s) will be tried again" if cleared else "")
+    _echo(f"re-queued job {job_ref}" + (f"; {counted(cleared, 'failed rows')} will be tried again" if cleared else "")
           + f"; run `{_work_command(ctx.obj['home'], job_ref)}` to carry on")  # fmt: skip
 
 

@@ -133,7 +133,7 @@ class NumericalError(RunnerError):
     """The model produced NaN or infinite logits for some rows (fp16 overflow is the usual cause)."""
 
     def __init__(self, rows: list[int]):
-        super().__init__(f"non-finite logits in {len(rows)} row(s) of the batch")
+        super().__init__(f"non-finite logits in {len(rows)} of the batch's rows")
         self.rows = rows
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .progress import counted
+
 
 class RunnerError(Exception):
     """An error the user can fix; its message is shown as is."""
@@ -68,10 +70,10 @@ class InputError(RunnerError):
         self.total = len(problems) if total is None else total
         lines = [str(p) for p in problems[:shown]]
         if self.total > len(lines):
-            lines.append(f"... and {self.total - len(lines)} more problems")
+            lines.append(f"... and {counted(self.total - len(lines), 'more problems')}")
         if header is None:
             head, tail = (
-                f"{self.total} invalid row(s); nothing was run",
+                f"{counted(self.total, 'invalid rows')}; nothing was run",
                 "\n(use --skip-invalid to run the valid rows)",
             )
         else:

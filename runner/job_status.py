@@ -16,7 +16,7 @@ from typing import Any
 from . import jobdir
 from .errors import RunnerError
 from .jobdir import BrokenJob, Job, JobState
-from .progress import fmt_duration
+from .progress import counted, fmt_duration
 from .storage import StorageError
 
 
@@ -98,12 +98,12 @@ def job_status(job: Job) -> JobStatus:
     if state.state is JobState.COMPLETED and not progress.complete:
         missing = progress.total - progress.done - progress.failed
         name = JobState.BROKEN.value
-        message = (f"completed, but {missing:,} result row(s) are missing or failed verification "
+        message = (f"completed, but {counted(missing, 'result rows', 'are')} missing or failed verification "
                    f"(`runner repair {shlex.quote(str(job.dir))}` re-queues them)")  # fmt: skip
         if progress.bad:  # (what failed says more than a count: another job's results, say)
             message += f"; commit {progress.bad[0][0]}: {progress.bad[0][1]}"
     elif progress.bad:
-        message = (f"{len(progress.bad)} commit(s) failed verification; their rows are computed again "
+        message = (f"{counted(len(progress.bad), 'commits')} failed verification; their rows are computed again "
                    "(`runner repair` quarantines them now)")  # fmt: skip
     message = "; ".join(filter(None, [changing, message])) or None
     workers = [_worker_row(w, hb) for w, hb in sorted(progress.live.items())]

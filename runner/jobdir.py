@@ -76,6 +76,7 @@ from . import storage
 from .errors import RunnerError, first_line
 from .faults import fault_point
 from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+from .progress import counted
 
 T = TypeVar("T")
 
@@ -2139,7 +2140,7 @@ def _invalid_mismatch(job: Job) -> str | None:
     if count is None:
         return "a line is not a JSON object"
     expected = read.get("invalid")
-    return None if count == expected else f"it lists {count} line(s), job.json counts {expected}"
+    return None if count == expected else f"it lists {counted(count, 'lines')}, job.json counts {expected:,}"
 
 
 def _count_objects(path: Path) -> int | None:
@@ -2681,7 +2682,7 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     # Only old temp files: a worker frozen past its lease (a suspended laptop) may still be writing its own,
     # and one deleted under it would stop it with a false "cannot be written" when it wakes.
     remove_stale_temps(job)
-    job.log(f"repaired: state {report.state_was} -> {now.state.value}, {len(report.quarantined)} commit(s) "
+    job.log(f"repaired: state {report.state_was} -> {now.state.value}, {counted(len(report.quarantined), 'commits')} "
             f"quarantined, {progress.done:,}/{progress.total:,} result rows done")  # fmt: skip
     return report
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import storage
 from .errors import ModelLoadError, NotOnThisMachine, RunnerError, first_line
+from .progress import counted
 from .storage import file_sha256
 
 if TYPE_CHECKING:
@@ -191,7 +192,9 @@ def pick_device(option: str) -> Any:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NoSuchDevice(f"--device {option}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise NoSuchDevice(f"--device {option}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        raise NoSuchDevice(
+            f"--device {option}: this machine has {counted(torch.cuda.device_count(), 'CUDA GPUs')}"
+        )
     return device
 
 

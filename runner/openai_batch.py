@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RunnerError
+from .progress import counted
 
 if TYPE_CHECKING:
     from .results import Exported
@@ -246,7 +247,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
                     errors.append(_unfinished_line(job, cid, ending, have, n))
                 else:  # the ledger counted it done, but its shard no longer verifies
                     raise RunnerError(
-                        f"job {job.id}: request {cid!r} has {have} of its {n} sample(s) in the results; "
+                        f"job {job.id}: request {cid!r} has {have} of its {counted(n, 'samples')} in the results; "
                         f"`runner repair {shlex.quote(str(job.dir))}` re-queues what is missing, then `runner work --job "
                         f"{shlex.quote(str(job.dir))}`"
                     )
@@ -388,7 +389,7 @@ def _ending(job: Any, progress: Any, state: Any) -> tuple[str, str] | None:
     if state.state is JobState.COMPLETED:
         missing = progress.total - progress.done - progress.failed
         raise RunnerError(
-            f"job {job.id} is completed, but {missing:,} result row(s) are missing or failed verification; "
+            f"job {job.id} is completed, but {counted(missing, 'result rows', 'are')} missing or failed verification; "
             f"`runner repair {ref}` re-queues them, then `runner work --job {ref}` computes them"
         )
     raise RunnerError(
@@ -545,9 +546,7 @@ def _error_line(job: Any, cid: str, error: dict[str, Any], done: int = 0) -> dic
     `_refused_line`); `done`: how many of its other samples were generated (left out)."""
     message = str(error.get("message", ""))
     if done:
-        message = (
-            f"sample {error.get('sample', 0) + 1} failed: {message} ({done} other sample(s) were generated)"
-        )
+        message = f"sample {error.get('sample', 0) + 1} failed: {message} ({counted(done, 'other samples', 'were')} generated)"
     body = {"error": {"message": message, "type": "server_error", "param": error.get("field"),
                       "code": str(error.get("error", "error"))}}  # fmt: skip
     line_id, request_id = _ids(job, cid)
@@ -745,6 +744,6 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
     if summary.finished:
         lines, errors = export(job, out)
         if echo:
-            echo(f"wrote {lines:,} response line(s) to {out}"
-                 + (f" and {errors:,} error line(s) beside it" if errors else ""))  # fmt: skip
+            echo(f"wrote {counted(lines, 'response lines')} to {out}"
+                 + (f" and {counted(errors, 'error lines')} beside it" if errors else ""))  # fmt: skip
     return job, summary

@@ -16,9 +16,14 @@ FIRST_INTERVAL = 10.0  # seconds between progress lines at the start of a run...
 LATEST_INTERVAL = 300.0  # ...growing with the run's age (a thirtieth of it) up to this
 
 
-def counted(n: int, noun: str) -> str:
-    """`n` with its plural noun, or the singular for one: "1,024 rows", "1 row", "0 errors"."""
-    return f"{n:,} {noun[:-1] if n == 1 and noun.endswith('s') else noun}"
+_SINGULAR = {"are": "is", "were": "was", "have": "has", "wait": "waits"}
+
+
+def counted(n: int, noun: str, verb: str = "") -> str:
+    """`n` with its plural noun, or the singular for one: "1,024 rows", "1 row", "0 errors"; and `verb` (given
+    plural: "are", "were") agreeing with it: "1 row is", "2 rows are"."""
+    text = f"{n:,} {noun[:-1] if n == 1 and noun.endswith('s') else noun}"
+    return f"{text} {_SINGULAR.get(verb, verb) if n == 1 else verb}" if verb else text
 
 
 def fmt_duration(seconds: float) -> str:

@@ -107,8 +107,8 @@ def _heal(job: Job, echo: Callable[[str], None] | None) -> None:
     report = jobdir.repair(job.dir)
     if echo:
         missing = progress.total - progress.done - progress.failed
-        echo(f"job {job.id} had completed, but {missing:,} result row(s) are missing or failed verification "
-             f"({len(report.quarantined)} commit(s) set aside in quarantine/): computing them again")  # fmt: skip
+        echo(f"job {job.id} had completed, but {counted(missing, 'result rows', 'are')} missing or failed verification "
+             f"({counted(len(report.quarantined), 'commits')} set aside in quarantine/): computing them again")  # fmt: skip
 
 
 @dataclass
@@ -643,7 +643,7 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: _Halted) -> RunSumma
     elif summary.finished:
         line = f"job {j.id} completed: {done}, {counted(summary.errors, 'errors')}"
     elif summary.others:
-        line = f"job {j.id}: {summary.others} other worker(s) are computing the rest"
+        line = f"job {j.id}: {counted(summary.others, 'other workers', 'are')} computing the rest"
     else:  # said to the user by the command (which knows how it is run again); log.txt hears it here
         line = ""
         _log(j, f"stopped with {done} done" + (f" ({why})" if (why := halted.why()) else ""))

@@ -38,7 +38,7 @@ from .engine import Engine, NumericalError, Stopped, peak_memory_bytes, reset_pe
 from .errors import RunnerError
 from .faults import fault_point, row_fault
 from .jobdir import BrokenJob, ClaimLost, Heartbeat, Job, JobState, Owner, StateRecord
-from .progress import Progress
+from .progress import Progress, counted
 from .results import GeneratedRow, write_local_shard
 from .tasks import (
     REFILL_BATCHES,
@@ -496,12 +496,12 @@ class JobRun:
         """What the dead worker's record means for this run, in rows (a row's -n samples are one row)."""
         split = set(recovery.isolating)
         if recovery.retried_batch:
-            self.say(f"a worker died while computing a batch of {_rows(recovery.first[0].keys)} row(s) (most "
+            self.say(f"a worker died while computing a batch of {counted(_rows(recovery.first[0].keys), 'rows')} (most "
                      "likely it was killed): running that batch again first")  # fmt: skip
         elif split:
             why = f"stopped on a device error ({recovery.cause})" if recovery.cause else "died again"
             size = max(len(x.keys) for x in recovery.first if not split.isdisjoint(x.keys))
-            self.say(f"{_rows(split)} row(s) were being computed when a worker {why}: running them "
+            self.say(f"{counted(_rows(split), 'rows', 'were')} being computed when a worker {why}: running them "
                      f"{split_words(size, self.job.spec.samples)} first{self._alone_note(unit, recovery.isolating)}")  # fmt: skip
         # suspects an earlier crash left waiting (not the dead worker's batch: pass 99)
         waiting = [
@@ -513,9 +513,12 @@ class JobRun:
             how = (
                 f"one at a time first{self._alone_note(unit, keys)}" if alone else "first, as they were left"
             )
-            self.say(f"{_rows(keys)} row(s) left by an earlier crash still wait: running them {how}")
+            n = _rows(keys)
+            self.say(
+                f"{counted(n, 'rows')} left by an earlier crash still {'waits' if n == 1 else 'wait'}: running them {how}"
+            )
         if recovery.last:
-            self.say(f"{_rows(k for x in recovery.last for k in x.keys)} row(s) were being computed alone when a "
+            self.say(f"{counted(_rows(k for x in recovery.last for k in x.keys), 'rows', 'were')} being computed alone when a "
                      "worker died: running them alone again at the end")  # fmt: skip
 
     @staticmethod
@@ -831,7 +834,7 @@ class JobRun:
             self.progress.settled(max(0, progress.done + progress.failed - self.progress.done))
             self.say(self.progress.line())
         if progress.bad:
-            self.say(f"{len(progress.bad)} commit(s) failed verification when read back (a shard changed on disk "
+            self.say(f"{counted(len(progress.bad), 'commits')} failed verification when read back (a shard changed on disk "
                      "after it was written); their rows are computed again")  # fmt: skip
         if progress.complete and state.state is JobState.QUEUED:
             jobdir.write_completed(self.job.dir, state)

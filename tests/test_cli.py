@@ -175,7 +175,7 @@ def test_work_exits_1_when_a_job_failed_and_still_runs_the_others(tmp_path, prom
     result = invoke("work")
     assert result.exit_code == 1, result.output
     gone = runner.open_job("gone").id
-    assert f"Error: 1 job(s) failed: {gone} (`runner status JOB` says why" in result.output
+    assert f"Error: 1 job failed: {gone} (`runner status JOB` says why" in result.output
     assert "nothing to do" not in result.output and "`runner retry JOB` re-queues it)" in result.output
     assert runner.status("fine").state == "completed" and runner.status("gone").state == "failed"
     # a damaged prompts file: a retry would read it again, so the line says to submit it again (pass 11)
@@ -654,7 +654,7 @@ def test_work_with_nothing_to_do_names_a_completed_job_that_lost_rows(prompts, t
     assert invoke("work").exit_code == 0
     shutil.rmtree(runner_home / job_id / "shards")
     said = invoke("work").stderr
-    assert f"job {job_id} completed, but 2 result row(s) are missing" in said and "runner repair" in said
+    assert f"job {job_id} completed, but 2 result rows are missing" in said and "runner repair" in said
     assert "nothing to do" in said
     status = json.loads(invoke("status", job_id, "--json").stdout)
     assert (status["state"], status["missing"]) == ("broken", 2)
@@ -838,7 +838,7 @@ def test_work_past_its_deadline_says_the_jobs_left_not_nothing_to_do(prompts, ti
     job_id = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
     result = invoke("work", "--hours", "0.0000001")
     assert result.exit_code == 0, result.output
-    assert "stopped at the deadline (--hours/--until) with 1 job(s) left to run; run `runner work` again to " \
+    assert "stopped at the deadline (--hours/--until) with 1 job left to run; run `runner work` again to " \
            "carry on" in result.stderr, result.stderr  # fmt: skip
     assert "nothing to do" not in result.stderr
     assert "state:    queued" in invoke("status", job_id).stdout  # (interrupted, when its start came in time)
@@ -850,7 +850,7 @@ def test_work_past_its_deadline_says_the_jobs_left_not_nothing_to_do(prompts, ti
 
     own = create_job(prompts, tiny_gpt2, runner.GenerationParams(max_new_tokens=1), job_dir=tmp_path / "a b")
     said = invoke("work", "--job", own.dir, "--hours", "0.0000001").stderr
-    assert f"job(s) left to run; run `runner work --job {shlex.quote(str(own.dir))}` again" in said, said
+    assert f"1 job left to run; run `runner work --job {shlex.quote(str(own.dir))}` again" in said, said
 
 
 def test_hints_quote_a_folder_with_a_space_so_they_can_be_pasted(prompts, tiny_gpt2, tmp_path):

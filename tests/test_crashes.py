@@ -63,7 +63,7 @@ def test_a_device_error_stops_the_worker_and_the_next_runs_set_the_row_aside(job
     # once (a device error alone is conclusive), and the process, whose GPU would now be unusable, stops.
     code, out = run_worker(home, env_extra=fault)
     assert code == 1 and "Traceback" not in out, out
-    assert "4 row(s) were being computed when a worker stopped on a device error" in out
+    assert "4 rows were being computed when a worker stopped on a device error" in out
     assert out.strip().splitlines()[-1] == (
         f"Error: row {BAD} (line 8, sample 0) of job {job.id} makes the device fail on its own (CUDA error: "
         "device-side assert triggered); it is set aside as a row error. This process cannot use the device any "
@@ -120,17 +120,17 @@ def test_a_device_error_in_a_big_batch_is_searched_in_groups(tmp_path, tiny_gpt2
         assert code == 1 and "Traceback" not in out, out
         outs.append(out)
     assert "it runs those rows in groups of 8, then the group that fails one at a time," in outs[0]
-    assert "12 row(s) were being computed when a worker stopped on a device error" in outs[1]
+    assert "12 rows were being computed when a worker stopped on a device error" in outs[1]
     assert "running them in groups of 8, then the group that fails one at a time, first" in outs[1]
     # the failing group (8 or 4 rows) runs row by row, and that is what is announced (not the waiting group)
-    said = re.search(r"(\d+) row\(s\) were being computed when a worker stopped on a device error .*?: running "
+    said = re.search(r"(\d+) rows? w(?:ere|as) being computed when a worker stopped on a device error .*?: running "
                      r"them one at a time first", outs[2])  # fmt: skip
     assert said and int(said.group(1)) in (4, 8), outs[2]
     assert f"row {BAD} (line 8, sample 0) of job {job.id} makes the device fail on its own" in outs[2]
     code, out = run_worker(job.dir.parent, env_extra=fault)
     assert code == 0 and read_state(job.dir).state == "completed", out
     assert re.search(
-        r"\d row\(s\) left by an earlier crash still wait: running them one at a time first \(ids", out
+        r"\d rows? left by an earlier crash still waits?: running them one at a time first \(ids", out
     ), out
     assert [(e["id"], e["error"]) for e in read_errors(job.dir)] == [(BAD, "worker_crash")]
     assert assert_exactly_once(job.dir, ref, missing=[BAD]) == 11
@@ -159,7 +159,7 @@ def test_silent_deaths_set_a_row_aside_only_after_it_dies_alone_twice(job, refer
     shutil.copytree(home, plain)
     code, out = run_worker(plain)
     assert code == 0 and read_state(plain / "job").state == "completed", out
-    assert "were being computed alone when a worker died: running them alone again at the end" in out
+    assert "being computed alone when a worker died: running them alone again at the end" in out
     assert read_errors(plain / "job") == [] and not (plain / "job" / INFLIGHT).exists()
     assert assert_exactly_once(plain / "job", reference[1]) == N_ROWS
 
@@ -192,9 +192,9 @@ def test_a_big_batch_that_kills_twice_is_searched_in_groups(tmp_path, tiny_gpt2)
         code, out = run_worker(home, env_extra=fault)
         assert code == -signal.SIGKILL, out
         outs.append(out)
-    assert "12 row(s) were being computed when a worker died again: running them in groups of 8, then the group " \
+    assert "12 rows were being computed when a worker died again: running them in groups of 8, then the group " \
            "that fails one at a time, first" in outs[2]  # fmt: skip
-    assert re.search(r"(4|8) row\(s\) were being computed when a worker died again: running them one at a time",
+    assert re.search(r"(4|8) rows were being computed when a worker died again: running them one at a time",
                      outs[3]), outs[3]  # fmt: skip
     assert assert_exactly_once(job.dir, ref, complete=False) < 12  # (rows not yet in a shard run again)
     code, out = run_worker(home, env_extra=fault)
@@ -633,27 +633,27 @@ def test_the_announcement_counts_rows_not_samples_and_says_what_waits():
     unit = SimpleNamespace(id=lambda r: f"r{r}")
     batch = [(r, s) for r in (1, 2) for s in range(4)]
     JobRun.announce(run, unit, Recovery(first=[Suspect(batch, 1)], retried_batch=True))
-    assert said == ["a worker died while computing a batch of 2 row(s) (most likely it was killed): running that "
+    assert said == ["a worker died while computing a batch of 2 rows (most likely it was killed): running that "
                     "batch again first"]  # fmt: skip
     said.clear()
     split = [Suspect([k]) for k in batch]
     JobRun.announce(run, unit, Recovery(first=split, cause="CUDA error: x", isolating=batch))
-    assert said[0].startswith("2 row(s) were being computed when a worker stopped on a device error (CUDA error: "
+    assert said[0].startswith("2 rows were being computed when a worker stopped on a device error (CUDA error: "
                               "x): running them one at a time first (ids r1, r2;")  # fmt: skip
     said.clear()
     JobRun.announce(run, unit, Recovery(first=split[4:], last=[Suspect([(7, 0)], 1, isolated=True)]))
-    assert said[0].startswith("1 row(s) left by an earlier crash still wait: running them one at a time first "
+    assert said[0].startswith("1 row left by an earlier crash still waits: running them one at a time first "
                               "(ids r2; their log-probs may differ")  # fmt: skip
     assert said[1:] == [
-        "1 row(s) were being computed alone when a worker died: running them alone again at the end"
+        "1 row was being computed alone when a worker died: running them alone again at the end"
     ]
     said.clear()  # groups of 8 keys are groups of 8 samples with -n 4
     JobRun.announce(run, unit, Recovery(first=[Suspect(batch)], cause="CUDA error: x", isolating=batch))
-    assert said[0].startswith("2 row(s) were being computed when a worker stopped on a device error (CUDA error: "
+    assert said[0].startswith("2 rows were being computed when a worker stopped on a device error (CUDA error: "
                               "x): running them in groups of 8 samples, then the group that fails one at a time, first")  # fmt: skip
     said.clear()  # a batch a clean stop kept (it died once): it runs again as a batch, not one at a time
     JobRun.announce(run, unit, Recovery(first=[Suspect(batch, 1)]))
-    assert said == ["2 row(s) left by an earlier crash still wait: running them first, as they were left"]
+    assert said == ["2 rows left by an earlier crash still wait: running them first, as they were left"]
 
 
 def test_a_kill_while_a_culprit_is_committed_keeps_the_record_that_sets_it_aside(

@@ -40,7 +40,7 @@ def test_runner_run_again_redoes_the_rows_of_a_shard_damaged_after_completion(tm
     flip_shard(tmp_path / "out")
     code, out = run_runner(*args)
     assert (
-        code == 0 and "4 result row(s) are missing or failed verification" in out and "done: 4/4 rows" in out
+        code == 0 and "4 result rows are missing or failed verification" in out and "done: 4/4 rows" in out
     ), out
     assert len(list((tmp_path / "out" / "quarantine").iterdir())) == 2  # the commit: marker and shard
 

@@ -59,7 +59,7 @@ def test_a_flipped_sample_digit_in_a_row_error_is_noticed(errored, runner_home):
     flip_in_error(marker, "sample", 0, 2)
     code, out = run_runner("--home", runner_home, "status", "--json")
     assert "Traceback" not in out and code == 0, out
-    assert "1 commit(s) failed verification" in json.loads(out)[0]["message"]
+    assert "1 commit failed verification" in json.loads(out)[0]["message"]
     code, out = run_runner("--home", runner_home, "work", env_extra={"RUNNER_FAULT": f"poison_row:{BAD}"})
     assert "Traceback" not in out, out
 

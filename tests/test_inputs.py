@@ -77,7 +77,7 @@ def test_every_problem_is_reported_and_capped(tmp_path):
 
 def test_skip_invalid_is_suggested_only_when_some_row_is_valid(tmp_path, tiny_gpt2):
     """A file of only bad rows, or of none, said "(use --skip-invalid to run the valid rows)" (there are none;
-    new-user walkthrough), and an empty file "1 invalid row(s)"."""
+    new-user walkthrough), and an empty file "1 invalid row"."""
     from runner.jobs import create_job
 
     cases = {
@@ -95,7 +95,7 @@ def test_skip_invalid_is_suggested_only_when_some_row_is_valid(tmp_path, tiny_gp
             said.setdefault(name, set()).add(str(err.value).replace(str(tmp_path) + "/", ""))
     assert said["bad"] == {"no valid rows in bad.jsonl:\nbad.jsonl:1: prompt: must be a string, got number\n"
                            "bad.jsonl:2: prompt: must be a string, got number"}  # fmt: skip
-    assert said["half"] == {"1 invalid row(s); nothing was run:\nhalf.jsonl:1: prompt: must be a string, got "
+    assert said["half"] == {"1 invalid row; nothing was run:\nhalf.jsonl:1: prompt: must be a string, got "
                             "number\n(use --skip-invalid to run the valid rows)"}  # fmt: skip
     assert said["empty"] == {"nothing to run: empty.jsonl: the file has no rows"}
 

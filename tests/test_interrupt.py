@@ -214,7 +214,7 @@ def test_a_ctrl_c_in_the_last_batch_of_the_last_job_stops_nothing(tmp_path, tiny
 
 def test_a_ctrl_c_in_the_last_batch_this_machine_can_run_stops_nothing(tmp_path, tiny_gpt2):
     """The same with a job queued that this machine cannot run (`--device cuda` without CUDA: said as met, left
-    queued; met first here): exit 0 as without the Ctrl-C, not 130 with "1 job(s) left to run; run `runner work`
+    queued; met first here): exit 0 as without the Ctrl-C, not 130 with "1 job left to run; run `runner work`
     again", which would not run it either (review pass 112)."""
     import workers
     from helpers import invoke, write_jsonl

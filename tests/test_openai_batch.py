@@ -407,7 +407,7 @@ def test_run_batch_skip_invalid_answers_the_valid_requests_and_lists_the_others(
     assert result.exit_code == 1 and "(use --skip-invalid to run the valid rows)" in result.output
     result = run_batch("out.jsonl", "--skip-invalid")
     assert result.exit_code == 0, result.output
-    assert "wrote 2 response line(s) to" in result.output and "and 1 error line(s) beside it" in result.output
+    assert "wrote 2 response lines to" in result.output and "and 1 error line beside it" in result.output
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     (error,) = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
     assert [(x["custom_id"], x["response"]["status_code"]) for x in out] == [("a", 200), ("c", 200)]
@@ -528,7 +528,7 @@ def test_a_request_with_one_failed_sample_is_an_error_line_not_a_short_answer(tm
     (err,) = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
     assert err["custom_id"] == "p1" and err["response"]["status_code"] == 500
     assert re.match(
-        r"sample 2 failed: .*\(1 other sample\(s\) were generated\)",
+        r"sample 2 failed: .*\(1 other sample was generated\)",
         err["response"]["body"]["error"]["message"],
     )
 
@@ -664,7 +664,7 @@ def test_a_damaged_errors_jsonl_is_named_not_exported_short(tmp_path, tiny_gpt2,
     old_meta = {**job.meta, "input": {k: v for k, v in job.meta["input"].items() if k != "invalid_sha256"}}
     old = Job(job.dir, dataclasses.replace(job.spec, meta=old_meta))
     not_json = "a line is not a JSON object"
-    for damage, why in ((data[: data.index(b"\n") + 1], "it lists 1 line(s), job.json counts 2"),
+    for damage, why in ((data[: data.index(b"\n") + 1], "it lists 1 line, job.json counts 2"),
                         (data[:-20], not_json), (data.replace(b'"d"', b'"\xff"'), not_json)):  # fmt: skip
         path.write_bytes(damage)
         with pytest.raises(BrokenJob, match=re.escape(f"errors.jsonl of job {job.id} is damaged ({why})")):

@@ -111,3 +111,24 @@ def test_a_count_of_one_says_its_noun_in_the_singular():
     assert [counted(n, "errors") for n in (0, 1, 2)] == ["0 errors", "1 error", "2 errors"]
     assert counted(1_024, "rows") == "1,024 rows" and counted(1, "responses") == "1 response"
     assert counted(1, "invalid input rows") == "1 invalid input row"
+    # a verb agrees with the count ("1 result row is missing", not "1 result row(s) are missing")
+    assert (
+        counted(1, "result rows", "are") == "1 result row is" and counted(3, "rows", "were") == "3 rows were"
+    )
+    assert (
+        counted(1, "other workers", "are") == "1 other worker is"
+        and counted(2, "jobs", "have") == "2 jobs have"
+    )
+
+
+def test_a_single_invalid_row_and_a_single_retried_row_read_in_the_singular(tmp_path, tiny_gpt2, runner_home):
+    """The messages that said "1 invalid row(s)" / "1 failed row(s)" say it as a person would."""
+    bad = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"prompt": 5}])
+    refused = invoke("submit", bad, "--model", tiny_gpt2, "--max-new-tokens", "1")
+    assert refused.exit_code == 1 and "Error: 1 invalid row; nothing was run:" in refused.output, (
+        refused.output
+    )
+    queued = invoke("submit", bad, "--model", tiny_gpt2, "--max-new-tokens", "1", "--skip-invalid")
+    assert queued.exit_code == 0 and "1 row; 1 invalid row listed in errors.jsonl" in queued.output, (
+        queued.output
+    )

@@ -58,7 +58,7 @@ def test_a_retry_as_the_worker_writes_completion_stands(errored, gpt2_engine, mo
     def write_completed(path, read):
         if not fired:  # the worker's finish(), about to write: the user's real `runner retry` lands now
             code, out = run_runner("retry", job.dir)
-            assert code == 0 and "1 failed row(s) will be tried again" in out, out
+            assert code == 0 and "1 failed row will be tried again" in out, out
             fired.append(read.generation)
         return real(path, read)
 
@@ -101,7 +101,7 @@ def test_a_retry_after_repairing_a_damaged_state_really_retries(damage, tmp_path
     monkeypatch.setenv("RUNNER_FAULT", f"poison_row:{BAD}")
     run_until_done(job, gpt2_engine)  # generation 0: r1 is a row error
     code, out = run_runner("retry", job.dir)
-    assert code == 0 and "1 failed row(s)" in out, out
+    assert code == 0 and "1 failed row" in out, out
     run_until_done(job, gpt2_engine)  # generation 1: r1 fails again (the fault is still there)
     assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
     monkeypatch.delenv("RUNNER_FAULT")  # the cause is fixed
@@ -116,7 +116,7 @@ def test_a_retry_after_repairing_a_damaged_state_really_retries(damage, tmp_path
     assert code == 0 and "Traceback" not in out, out
     assert (job.state().state, job.state().generation) == (JobState.COMPLETED, 1)
     code, out = run_runner("retry", job.dir)
-    assert code == 0 and "1 failed row(s) will be tried again" in out, out
+    assert code == 0 and "1 failed row will be tried again" in out, out
     assert runner.read_errors(job.dir) == []
     s = run_job(job, gpt2_engine, echo=None)
     assert (

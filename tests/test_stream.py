@@ -292,7 +292,7 @@ def test_problems_are_counted_all_kept_few_and_listed_in_order(tmp_path, tiny_gp
     # Every third row and the duplicate ids (lines 9 and 53) are counted; once line 1 has made the file a
     # refusal, later chunks are only validated, not tokenized, so line 8 (too long) is not looked at.
     assert e.total == 20 + 2 and len(e.problems) == 10
-    assert str(e).startswith("22 invalid row(s); nothing was run:") and "... and 12 more problems" in str(e)
+    assert str(e).startswith("22 invalid rows; nothing was run:") and "... and 12 more problems" in str(e)
     job = create_job(path, tiny_gpt2, skip_invalid=True)
     errors = runner.read_errors(job.dir)
     assert [x["line"] for x in errors] == sorted([i + 1 for i in range(0, 60, 3)] + [8, 9, 53])

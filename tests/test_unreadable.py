@@ -224,14 +224,14 @@ def test_a_worker_waits_for_the_jobs_others_hold_while_one_folder_does_not_read(
 def test_the_deadline_counts_the_jobs_whose_folder_does_not_read_among_those_left(
     tmp_path, tiny_gpt2, runner_home, monkeypatch
 ):
-    """ "stopped at the deadline with N job(s) left" left out a folder unreadable for now: it may be queued too."""
+    """ "stopped at the deadline with N jobs left" left out a folder unreadable for now: it may be queued too."""
     job = _job(tmp_path, tiny_gpt2, runner_home)
     create_job(write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "Hello"}]), tiny_gpt2,
                GenerationParams(max_new_tokens=2), home=runner_home)  # fmt: skip
     _failing_listings(monkeypatch, job.dir)
     result = invoke("work", "--hours", "0.0000001")
     assert result.exit_code == 0, result.output
-    assert "stopped at the deadline (--hours/--until) with 1 job(s) left to run (and 1 whose folder could not be " \
+    assert "stopped at the deadline (--hours/--until) with 1 job left to run (and 1 whose folder could not be " \
            "read just now); run `runner work` again" in result.stderr, result.stderr  # fmt: skip
 
 
