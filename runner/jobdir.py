@@ -1388,8 +1388,10 @@ def _create_once(path: Path, data: bytes) -> bool | None:
     (its writer was frozen past the temp files' age): the caller writes it again."""
     tmp = storage.temp_name(path)  # a plain string (see there)
     try:
+        # a failure names the file being made, not its temp name (a full disk said "cannot write .../.0003.json.
+        # tmp-1a2b...": a name the user never sees)
         storage.retry(lambda: _write_file(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), data),
-                      f"write {tmp}")  # fmt: skip
+                      f"create {path}")  # fmt: skip
         fault_point("before_create")  # the whole file is under the temp name; the exclusive name is free
         try:
             linked = storage.retry(lambda: _link_new(tmp, path), f"create {path}")

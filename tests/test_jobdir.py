@@ -1586,3 +1586,19 @@ def test_a_worker_waits_for_a_claim_being_filled_then_takes_the_unit_of_its_dead
     assert runner.status(job.dir).state == "completed", said
     assert any("its claim is still being written" in s for s in said), said
     assert not any("within 600 s" in s or "within 599 s" in s for s in said), said
+
+
+def test_a_record_that_cannot_be_written_is_named_not_its_temp_file(tmp_path, monkeypatch):
+    """A full disk while a claim / seal / state record was written said "cannot write DIR/.NAME.tmp-...": a
+    name the user never sees. The error names the record."""
+    def full(fd, data):
+        os.close(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jobdir, "_write_file", full)
+    path = tmp_path / "claims" / jobdir.claim_name(3, 0)
+    path.parent.mkdir()
+    with pytest.raises(storage.StorageError) as e:
+        jobdir.create_exclusive(path, {"unit": 3})
+    assert str(e.value) == f"cannot create {path}: No space left on device (errno 28)", str(e.value)
+    assert e.value.errno == errno.ENOSPC and os.listdir(path.parent) == []  # (its temp file is gone too)
