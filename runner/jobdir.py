@@ -324,15 +324,18 @@ def spec_or_backup(path: Path) -> dict[str, Any] | None:
     """The job folder's job.json as read, else its backup's, else None. Plain files only: one that is a link to
     another job's job.json is not this folder's (a broken job was listed under the other's id; pass 104)."""
     for name in (JOB_FILE, JOB_BACKUP):
-        try:
-            if storage.kind(path / name) != "file":
-                continue
-            meta = storage.read_json(path / name)
-        except (RunnerError, ValueError):
-            continue
+        meta = _plain_json(path / name)
         if isinstance(meta, dict):
             return meta
     return None
+
+
+def _plain_json(path: Path) -> Any:
+    """The JSON of a plain file; None when it is not one (a link, a folder, gone), unreadable or not JSON."""
+    try:
+        return storage.read_json(path) if storage.kind(path) == "file" else None
+    except (RunnerError, ValueError):
+        return None
 
 
 def job_folders(root: str | os.PathLike) -> list[Path]:
@@ -373,12 +376,7 @@ def copies_in_home(jobs: list[Job], folders: list[Path]) -> dict[Path, str]:
 def own_backup(folder: Path) -> dict[str, Any] | None:
     """The job.backup.json of a folder named by a job id, when it is that job's spec (a plain file): what `runner
     repair` restores job.json from when another job's job.json was copied in. None otherwise."""
-    try:
-        backup = (
-            _read_json_or_none(folder / JOB_BACKUP) if storage.kind(folder / JOB_BACKUP) == "file" else None
-        )
-    except storage.StorageError:
-        return None
+    backup = _plain_json(folder / JOB_BACKUP)
     named = JOB_ID.fullmatch(folder.name) and isinstance(backup, dict) and backup.get("id") == folder.name
     return backup if named else None
 
