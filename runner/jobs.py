@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -1090,11 +1091,13 @@ def _row_field(row: PromptRow, param: str, message: str) -> tuple[str, str]:
     the setting's message spelled so ("n must be in [1, 1024], got 0.")."""
     from .params import ROW_SETTINGS
 
-    spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in (row.raw_settings or {})]
+    # (a spelling given as null, or an empty cell of its column, is not the one at fault)
+    given = {k for k, v in (row.raw_settings or {}).items() if v is not None}
+    spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in given]
     if not spelled:
         return param, message
     # (response_format's message names the json_schema in it, which is at fault)
-    if spelled[0] == "response_format" or not message.startswith(f"{param} "):
+    if spelled[0] == "response_format" or not re.match(rf"{param}[ =]", message):
         return spelled[0], message
     return spelled[0], spelled[0] + message[len(param) :]
 

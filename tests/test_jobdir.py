@@ -1591,6 +1591,7 @@ def test_a_worker_waits_for_a_claim_being_filled_then_takes_the_unit_of_its_dead
 def test_a_record_that_cannot_be_written_is_named_not_its_temp_file(tmp_path, monkeypatch):
     """A full disk while a claim / seal / state record was written said "cannot write DIR/.NAME.tmp-...": a
     name the user never sees. The error names the record."""
+
     def full(fd, data):
         os.close(fd)
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -352,6 +352,25 @@ def test_a_row_whose_own_max_tokens_leaves_no_room_is_told_to_lower_that(tmp_pat
         )
 
 
+def test_a_rows_bad_setting_is_named_by_the_spelling_it_gave_not_an_empty_column_of_another(
+    tmp_path, tiny_gpt2
+):
+    """A CSV (or Parquet) with two spellings of one setting as columns has one of them empty in each row: the
+    error named the empty one ("max_new_tokens: ..." where the row's max_tokens was at fault; "response_format"
+    for a bad json_schema). Adversarial pass 121. So does a JSONL row giving the other spelling as null."""
+    csv = tmp_path / "p.csv"
+    csv.write_text('id,prompt,max_new_tokens,max_tokens,response_format,json_schema\na,hello,,500,,\n'
+                   'b,hello,,,,"{""type"":""frob"""\n', encoding="utf-8")  # fmt: skip
+    with pytest.raises(InputError) as err:
+        create_job(csv, tiny_gpt2, GenerationParams(max_new_tokens=4))
+    said = str(err.value).splitlines()
+    assert "/p.csv:2: max_tokens: max_tokens=500 leaves no room" in said[1], said
+    assert "/p.csv:3: json_schema: json_schema must be a JSON schema" in said[2], said
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello", "max_new_tokens": None, "max_tokens": 0}])
+    with pytest.raises(InputError, match=r"p\.jsonl:1: max_tokens: max_tokens must be in \[1, "):
+        create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=4))
+
+
 def test_chat_messages_use_the_chat_template(tmp_path, tiny_llama, tiny_gpt2):
     f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hello there"}]}])
     job = create_job(f, tiny_llama, GenerationParams(max_new_tokens=3))
