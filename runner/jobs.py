@@ -924,8 +924,13 @@ class _Preparer:
         out, problems = [], []
         for row, result in zip(rows, self._prepare(rows), strict=True):
             result = self._in_vocabulary(result)
-            if isinstance(result, _RowProblem):
-                problems.append(Problem(name, row.line, result.field or self.field, str(result), row.id))
+            if isinstance(
+                result, _RowProblem
+            ):  # (a Batch line's field as its body spells it: input, not text)
+                field, message = openai_batch.body_named(
+                    row.body_names, result.field or self.field, str(result)
+                )
+                problems.append(Problem(name, row.line, field, message, row.id))
             else:
                 out.append((row, *result))
                 self._count(row)

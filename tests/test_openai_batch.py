@@ -311,6 +311,17 @@ def test_embeddings_batch(tmp_path, tiny_gpt2):
     assert [check_output_line(x).data[0].index for x in lines] == [0, 0, 0]
 
 
+def test_an_embeddings_input_over_the_window_is_named_input_as_the_body_spells_it(tmp_path, tiny_gpt2):
+    """An over-long /v1/embeddings input was refused naming `text` (runner's own column), which the request
+    does not have; an empty one was already named `input` (adversarial pass 121)."""
+    from runner.params import EmbedParams
+
+    reqs = [request("long", "/v1/embeddings", {"model": "tiny-gpt2", "input": "cat " * 400})]
+    with pytest.raises(InputError, match=r"e\.jsonl:1: input: prompt is \d+ tokens, which exceeds"):
+        create_job(write_jsonl(tmp_path / "e.jsonl", reqs), tiny_gpt2, EmbedParams(),
+                   served_model_names=("tiny-gpt2",))  # fmt: skip
+
+
 def _run_batch(model, inp, out, fault=None):
     env = {"OMP_NUM_THREADS": "1", **({"RUNNER_FAULT": fault} if fault else {})}
     return run_runner("run-batch", "-i", inp, "-o", out, "--model", model, "--served-model-name", "tiny",
