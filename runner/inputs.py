@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import openai_batch, storage
-from .errors import InputError, ParamError, Problem, first_line
+from .errors import InputError, ParamError, Problem, RunnerError, first_line
 from .params import ROW_SETTINGS, row_overrides, setting_from_text
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -852,6 +852,15 @@ def _without_null_keys(value: Any) -> Any:
     return value
 
 
+def _file_state(path: Path) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a file, None when it cannot be read (its reader says why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 class PromptReader(RowChecker):
     """Reads and validates a prompt file as a stream of chunks, so that memory is bounded by a chunk and not
     by the file (JSONL line by line, Parquet by batches, CSV by blocks). Only the ids seen so far are kept
@@ -870,6 +879,7 @@ class PromptReader(RowChecker):
                 header="cannot read the prompt file",
             )
         super().__init__(str(self.path), **checks)
+        self.state = _file_state(self.path)  # before the submit hashes it (the job's identity)
         self.settings_as_text = self.format == "csv"
         self.settings_from_arrow = self.format == "parquet"
         self.settings_as_json = _settings_as_json(self.path) if self.format == "parquet" else set()
@@ -890,6 +900,16 @@ class PromptReader(RowChecker):
                 if obj is None
                 else self.check(lineno, obj)
             )
+        self._refuse_a_change()
+
+    def _refuse_a_change(self) -> None:
+        """A file rewritten while it was read (an editor saving, `df.to_json(path)` in another cell) gave a job
+        the rows of one file under the identity (sha256) of the other: a later submit of the first file was
+        answered with it (adversarial pass 121). Its size and modification time must be as when the reader
+        was made, which was before the file was hashed."""
+        if _file_state(self.path) != self.state:
+            raise RunnerError(f"the prompt file {self.path} changed while it was being read: run the command "
+                              "again once it is written")  # fmt: skip
 
     def chunks(self, size: int) -> Iterator[PromptChunk]:
         """The file in chunks of `size` rows (valid or not), in order, with duplicate ids reported on the

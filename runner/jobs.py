@@ -317,8 +317,6 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
     path = Path(inp["path"])
     if not path.is_absolute() or not path.is_file():
         raise RunnerError(f"its input {inp['path']} is not a file there any more")
-    if storage.file_sha256(path) != inp["sha256"]:
-        raise RunnerError(f"its input file {path} has changed since it was submitted")
     model, params, kind = job.spec.model, job.params, job.kind
     if kind == "generate" and job.meta.get("sample_auto"):
         # submit was given no do_sample (job.json holds the one it decided: read back, it reads as given, and
@@ -329,6 +327,9 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
     reader = _reader(
         path, kind, inp["prompt_field"], inp.get("template"), models, bool(inp.get("chat")), params
     )
+    # (after the reader is made: a change from here on is refused when it has read the file)
+    if storage.file_sha256(path) != inp["sha256"]:
+        raise RunnerError(f"its input file {path} has changed since it was submitted")
     config, tokenizer, window = _model_facts(model, job.options, kind, params, inp.get("chat_template"))
     prep = _Preparer(kind, tokenizer, params, window, inp.get("truncate", "none"), inp["prompt_field"],
                      kind == "generate" and _sample_auto(params), _vocab_size(config))  # fmt: skip

@@ -352,6 +352,31 @@ def test_a_row_whose_own_max_tokens_leaves_no_room_is_told_to_lower_that(tmp_pat
         )
 
 
+def test_a_prompt_file_rewritten_while_submit_reads_it_is_refused(tmp_path, tiny_gpt2, monkeypatch):
+    """Submit hashes the file (the job's identity), loads the model, then reads the rows. A file rewritten in
+    between (same size) gave a job the new file's prompts under the old file's sha256, and a later submit of
+    the old file was answered with that job (adversarial pass 121). Refused now, with nothing stored."""
+    from runner import jobs
+
+    old = [{"id": f"r{i}", "prompt": f"apple {i}"} for i in range(40)]
+    new = [{"id": f"r{i}", "prompt": f"zebra {i}"} for i in range(40)]
+    path = write_jsonl(tmp_path / "p.jsonl", old)
+    real = jobs._model_facts
+
+    def model_facts(*args, **kw):  # the file is hashed by now; its rows are read after this
+        write_jsonl(path, new)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(jobs, "_model_facts", model_facts)
+    home = tmp_path / "home"
+    with pytest.raises(RunnerError, match=r"the prompt file .*p\.jsonl changed while it was being read"):
+        create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=2), home=home, name="j")
+    assert [p.name for p in home.iterdir() if p.name != ".names"] == []
+    monkeypatch.undo()
+    job = create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=2), home=home, name="j")
+    assert job.prompts().column("prompt").to_pylist() == [r["prompt"] for r in new]
+
+
 def test_a_rows_bad_setting_is_named_by_the_spelling_it_gave_not_an_empty_column_of_another(
     tmp_path, tiny_gpt2
 ):
