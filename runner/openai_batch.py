@@ -659,8 +659,36 @@ def _with_chosen(step: list[dict[str, Any]], k: int, chosen: int) -> list[dict[s
 
 
 def _prompt_offsets(prompt: str, pieces: list[str], special: set[str]) -> list[int]:
-    """Where each prompt piece starts in the echoed prompt text. A special token's piece that the text does not
-    hold there (the BOS the tokenizer added: "<s>" is not in "The old man") takes no room."""
+    """Where each prompt piece starts in the echoed prompt text, placed back from its end: the tokens the model
+    read end where the prompt ends, but may start after its start (`--truncate left` keeps the end; a
+    SentencePiece tokenizer drops a leading space; a literal "<s>" may be read as the BOS token). Placed from
+    the start, they pointed at other text (adversarial pass 121). A special token's piece that the text does
+    not hold there (the BOS the tokenizer added: "<s>" is not in "The old man") takes no room. Pieces that are
+    not the text there (a tokenizer that normalises it) are placed from the start, one after the other."""
+    offsets, at = [0] * len(pieces), len(prompt)
+    for j in range(len(pieces) - 1, -1, -1):
+        start = _placed_before(prompt, pieces[j], at)
+        if start is not None:
+            at = start
+        elif pieces[j] not in special:
+            return _offsets_from_start(prompt, pieces, special)
+        offsets[j] = at
+    return offsets
+
+
+def _placed_before(prompt: str, piece: str, at: int) -> int | None:
+    """Where `piece` starts if the text ends with it at `at`, or just before white space there that the
+    tokenizer dropped (SentencePiece after a special token: "<s> literal" reads "<s>", "lit", ...); None if not."""
+    end = at
+    while end > 0 and prompt[end - 1].isspace():
+        end -= 1
+    for stop in (at, end) if end < at else (at,):
+        if stop >= len(piece) and prompt.startswith(piece, stop - len(piece)):
+            return stop - len(piece)
+    return None
+
+
+def _offsets_from_start(prompt: str, pieces: list[str], special: set[str]) -> list[int]:
     offsets, at = [], 0
     for piece in pieces:
         offsets.append(at)

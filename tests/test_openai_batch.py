@@ -428,17 +428,40 @@ def test_run_batch_skip_invalid_answers_the_valid_requests_and_lists_the_others(
     )
 
 
-def _echo_job(tmp_path, model, engine):
+def _echo_job(tmp_path, model, engine, prompt="The old man", truncate="none"):
     req = {"custom_id": "p", "method": "POST", "url": "/v1/completions",
-           "body": {"model": "tiny", "prompt": "The old man", "max_tokens": 3, "temperature": 0,
+           "body": {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0,
                     "logprobs": 1, "echo": True}}  # fmt: skip
     path = write_jsonl(tmp_path / "requests.jsonl", [req])
     job = create_job(path, model, GenerationParams(max_new_tokens=3), runner.EngineOptions(),
-                     job_dir=tmp_path / "job", served_model_names=("tiny",))  # fmt: skip
+                     job_dir=tmp_path / "job", served_model_names=("tiny",), truncate=truncate)  # fmt: skip
     assert run_job(job, engine, echo=None).finished
     export(job, tmp_path / "out.jsonl")
     (choice,) = json.loads((tmp_path / "out.jsonl").read_text())["response"]["body"]["choices"]
     return choice
+
+
+@pytest.mark.parametrize(
+    "prompt, truncate",
+    [
+        ("The cat sat on the mat. " * 60, "left"),  # only its end is read: placed from 0, 230 of 255 were off
+        (" leading space", "none"),  # the tokenizer drops the leading space: every offset was one short
+        ("<s> literal", "none"),  # the literal <s> is read as the BOS token, the space after it dropped
+    ],
+    ids=["truncated", "leading-space", "literal-bos"],
+)
+def test_echo_text_offsets_point_at_their_tokens_whatever_the_tokenizer_kept(
+    tmp_path, tiny_llama, llama_engine, prompt, truncate
+):
+    """Adversarial pass 121: the echoed prompt's tokens were placed from the start of the text, so where the
+    tokens read start after it, every `text_offset` pointed at other text. They are placed back from its end."""
+    choice = _echo_job(tmp_path, tiny_llama, llama_engine, prompt, truncate)
+    text, lp = choice["text"], choice["logprobs"]
+    assert text.startswith(prompt) and len(lp["tokens"]) > 3
+    # (the echoed prompt's tokens: this random model's answer is invalid UTF-8, which the text shows otherwise)
+    placed = [(t, o) for t, o in zip(lp["tokens"], lp["text_offset"], strict=True) if o < len(prompt)]
+    assert [(t, o) for t, o in placed if text[o : o + len(t)] != t] == []
+    assert [o for _, o in placed] == sorted(o for _, o in placed)
 
 
 def test_echo_text_offsets_point_at_their_tokens_when_the_prompt_starts_with_bos(tmp_path, tiny_llama,
