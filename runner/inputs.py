@@ -792,6 +792,7 @@ class RowChecker:
         request = names = None
         if self.batch is not None and self._requests is None:
             self._requests = openai_batch.is_request(obj)  # the first row says what the file is
+            self._refuse_options_a_batch_file_sets(lineno)
         if self._requests:
             cid = obj.get("custom_id")  # where a refused line has one, it names it in the Batch error file
             obj, fld, why = openai_batch.request_row(obj, *self.batch)
@@ -813,6 +814,17 @@ class RowChecker:
             fld, message = openai_batch.body_named(names, problem.field, problem.message)
             problem = dataclasses.replace(problem, field=fld, message=message)
         return row if row is not None else problem  # type: ignore[return-value]
+
+    def _refuse_options_a_batch_file_sets(self, lineno: int) -> None:
+        """A Batch request says itself what the model reads: its messages (/v1/chat/completions) or its raw
+        prompt (/v1/completions, which `--chat` turned into a chat without a word), and where (`--template`
+        and `--prompt-field` gave errors about fields the line does not have; adversarial pass 121)."""
+        given = [o for o, on in (("--chat", self.chat), ("--template", self.template is not None),
+                                 ("--prompt-field", self.prompt_field not in ("prompt", "text"))) if on]  # fmt: skip
+        if self._requests and given:
+            raise RunnerError(f"{self.name} is an OpenAI Batch file (line {lineno}): {' and '.join(given)} does not "
+                              "apply to it, as each request says what the model reads (messages for "
+                              "/v1/chat/completions, its prompt as it is for /v1/completions)")  # fmt: skip
 
     def _settings(self, row: PromptRow) -> tuple[PromptRow | None, Problem | None]:
         """Move the row's setting fields out of its passthrough columns (generate jobs only). A column the

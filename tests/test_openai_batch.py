@@ -13,7 +13,7 @@ from helpers import invoke, write_jsonl
 from workers import run_runner
 
 import runner
-from runner import GenerationParams, InputError
+from runner import GenerationParams, InputError, RunnerError
 from runner.jobdir import Job
 from runner.jobs import create_job
 from runner.openai_batch import export
@@ -1072,3 +1072,20 @@ def test_run_batch_stopped_counts_results_where_requests_ask_several(tmp_path, t
     inp = write_jsonl(tmp_path / "in.jsonl", [request(f"c{i}", "/v1/completions", body) for i in range(3)])
     code, log = _run_batch(tiny_gpt2, inp, tmp_path / "out.jsonl", fault="after_generate:1:SIGINT")
     assert code == 130 and "/6 results done" in log and "requests done" not in log, log
+
+
+@pytest.mark.parametrize("option", ["chat", "template", "prompt_field"])
+def test_options_that_say_what_the_model_reads_are_refused_for_a_batch_file(tmp_path, tiny_llama, option):
+    """`--chat` sent /v1/completions prompts (raw text by definition) through the chat template without a word;
+    `--template` / `--prompt-field` gave errors about fields the line has not (adversarial pass 121)."""
+    path = write_jsonl(
+        tmp_path / "b.jsonl", [request("a", "/v1/completions", {"model": "tiny", "prompt": "Hi"})]
+    )
+    given = {"chat": True, "template": "{prompt}!", "prompt_field": "text2"}[option]
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(
+        RunnerError, match=rf"b\.jsonl is an OpenAI Batch file \(line 1\): {flag} does not apply"
+    ):
+        create_job(path, tiny_llama, GenerationParams(max_new_tokens=2), served_model_names=("tiny",),
+                   job_dir=tmp_path / "job", **{option: given})  # fmt: skip
+    assert not (tmp_path / "job").exists()
