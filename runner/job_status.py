@@ -65,7 +65,7 @@ class JobStatus:
 def broken_status(path: Path, reason: str, job: Job | None = None, repairable: bool = True) -> JobStatus:
     """A job that cannot be read; what job.json (or its backup, when it did not open) still says of it."""
     hint = f" (`runner repair {shlex.quote(str(path))}`)" if repairable else ""
-    meta = job.meta if job else (jobdir.spec_or_backup(path) or {})
+    meta = _shown_spec(path, job)
     name = meta.get("name") if isinstance(meta.get("name"), str) else None
     # a job in its own folder (-o myscores) is named by its id, not the folder's name (pass 51)
     job_id = meta.get("id") if isinstance(meta.get("id"), str) and meta.get("id") else path.name
@@ -73,6 +73,17 @@ def broken_status(path: Path, reason: str, job: Job | None = None, repairable: b
                      errors=0, invalid=0, tokens_per_second=None, eta_seconds=None,
                      model=str(meta.get("model") or "-"), created=str(meta.get("created") or ""), worker=None,
                      message=reason + hint, folder=str(path))  # fmt: skip
+
+
+def _shown_spec(path: Path, job: Job | None) -> dict[str, Any]:
+    """What a broken job's row shows (id, name, model): job.json as read, unless it fails its checksum and the
+    backup holds (a flipped digit of its id showed an id that no command then found; pass 120)."""
+    meta = job.meta if job else (jobdir.spec_or_backup(path) or {})
+    if meta.get("spec_sha256") == jobdir.spec_checksum(meta):
+        return meta
+    backup = jobdir.plain_json(path / jobdir.JOB_BACKUP)
+    held = isinstance(backup, dict) and backup.get("spec_sha256") == jobdir.spec_checksum(backup)
+    return backup if held else meta
 
 
 def job_status(job: Job) -> JobStatus:

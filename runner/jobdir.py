@@ -324,13 +324,13 @@ def spec_or_backup(path: Path) -> dict[str, Any] | None:
     """The job folder's job.json as read, else its backup's, else None. Plain files only: one that is a link to
     another job's job.json is not this folder's (a broken job was listed under the other's id; pass 104)."""
     for name in (JOB_FILE, JOB_BACKUP):
-        meta = _plain_json(path / name)
+        meta = plain_json(path / name)
         if isinstance(meta, dict):
             return meta
     return None
 
 
-def _plain_json(path: Path) -> Any:
+def plain_json(path: Path) -> Any:
     """The JSON of a plain file; None when it is not one (a link, a folder, gone), unreadable or not JSON."""
     try:
         return storage.read_json(path) if storage.kind(path) == "file" else None
@@ -376,7 +376,7 @@ def copies_in_home(jobs: list[Job], folders: list[Path]) -> dict[Path, str]:
 def own_backup(folder: Path) -> dict[str, Any] | None:
     """The job.backup.json of a folder named by a job id, when it is that job's spec (a plain file): what `runner
     repair` restores job.json from when another job's job.json was copied in. None otherwise."""
-    backup = _plain_json(folder / JOB_BACKUP)
+    backup = plain_json(folder / JOB_BACKUP)
     named = JOB_ID.fullmatch(folder.name) and isinstance(backup, dict) and backup.get("id") == folder.name
     return backup if named else None
 

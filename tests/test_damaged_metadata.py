@@ -148,6 +148,23 @@ def test_a_torn_job_json_says_whether_its_backup_can_restore_it(tmp_path, tiny_g
     )
 
 
+def test_a_job_json_with_a_flipped_digit_of_its_id_is_listed_under_its_own_id(
+    tmp_path, tiny_gpt2, runner_home
+):
+    """job.json with one digit of its id flipped fails its checksum; `runner status` listed the job under the
+    flipped id, which no command then found ("no job ..."). The backup that holds names it (pass 120)."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}]), tiny_gpt2, home=runner_home)
+    meta = json.loads((job.dir / "job.json").read_text())
+    flipped = job.id[:-1] + ("0" if job.id[-1] != "0" else "1")
+    (job.dir / "job.json").write_text(json.dumps({**meta, "id": flipped}, indent=2))
+    (listed,) = runner.status(home=runner_home)
+    assert (listed.id, listed.state) == (job.id, "broken") and "checksum" in listed.message, listed
+    code, out = run_runner("--home", runner_home, "status", "--json")
+    assert code == 0 and [e["id"] for e in json.loads(out)] == [job.id], out
+    code, out = run_runner("--home", runner_home, "repair", listed.id)
+    assert code == 0 and "job.json restored from job.backup.json" in out, out
+
+
 def test_results_of_a_job_with_none_yet_and_a_damaged_prompts_file_say_so(tmp_path, tiny_gpt2, runner_home):
     """(pass 10: a raw pyarrow OSError traceback from load_results; the CLI blamed the job home)"""
     per_row, _ = damaged_per_row_n_home(tmp_path, tiny_gpt2, runner_home, "footer")
