@@ -247,14 +247,16 @@ class JobRun:
         )
 
     def check_prompts(self, afresh: bool = False) -> None:
-        """prompts.parquet must be the file submit wrote: a damaged one fails the job, with the reason. And
-        job.json must be this folder's (its backup's job): another job's is a broken job (`runner repair`).
+        """prompts.parquet must be the file submit wrote: a damaged one is a broken job, left queued with its
+        rows for `runner repair` to write it again from the input file (it was failed, and `runner work` said
+        to submit the file again, losing the rows done; pass 120). And job.json must be this folder's (its
+        backup's job): another job's is a broken job (`runner repair`).
         `afresh` (a run's start) hashes it whatever verified.json says (bytes changed under unchanged times
         were run, silently: pass 59); before each unit, a file as stamped then is not read again."""
         jobdir.same_job_as_backup(self.job)
         why = jobdir.prompts_problem(self.job, self.verifier, afresh)
         if why:
-            raise RunnerError(why)
+            raise BrokenJob(why, repairable=False)  # (its message says how `runner repair` mends it)
 
     def tidy(self, progress: jobdir.Progress) -> None:
         """Quarantine commits that fail verification (their keys are then simply not done) and delete temp

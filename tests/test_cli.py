@@ -178,14 +178,19 @@ def test_work_exits_1_when_a_job_failed_and_still_runs_the_others(tmp_path, prom
     assert f"Error: 1 job failed: {gone} (`runner status JOB` says why" in result.output
     assert "nothing to do" not in result.output and "`runner retry JOB` re-queues it)" in result.output
     assert runner.status("fine").state == "completed" and runner.status("gone").state == "failed"
-    # a damaged prompts file: a retry would read it again, so the line says to submit it again (pass 11)
+    # a damaged prompts file does not fail its job: it is broken, for `runner repair` to write it again from the
+    # input file (a retry would read it again; submitting again loses the rows done: pass 120)
     assert invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 3, "--name", "torn").exit_code == 0
     data = bytearray((runner.open_job("torn").dir / "prompts.parquet").read_bytes())
     data[100] ^= 0xFF
     (runner.open_job("torn").dir / "prompts.parquet").write_bytes(bytes(data))
     result = invoke("work")
-    assert result.exit_code == 1 and "submit the files again" in result.output.splitlines()[-1], result.output
-    assert "runner retry" not in result.output.splitlines()[-1]
+    torn = runner.open_job("torn")
+    assert f"job {torn.id} is broken (prompts.parquet of job {torn.id} is damaged" in result.output, (
+        result.output
+    )
+    assert "writes it again from the input file" in result.output and "runner retry" not in result.output
+    assert runner.status("torn").state == "broken"
 
 
 def test_work_deadline_options_are_checked(runner_home):

@@ -927,9 +927,12 @@ def test_bad_heartbeats_claims_and_stats_are_ignored(job, reference, gpt2_engine
     assert_exactly_once(job.dir, reference[1])
 
 
-def test_a_damaged_prompts_file_fails_its_job_and_the_others_run(
+def test_a_damaged_prompts_file_breaks_its_job_the_others_run_and_repair_brings_it_back(
     job, reference, tiny_gpt2, gpt2_engine, runner_home
 ):
+    """The job with a damaged prompts.parquet is left broken, not failed: it was stored as failed, and `runner
+    work` said to submit the file again, which loses the rows done, where `runner repair` writes the file again
+    from the unchanged input and the job goes on (pass 120)."""
     other = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
     data = bytearray((job.dir / "prompts.parquet").read_bytes())
     data[100] ^= 0xFF
@@ -937,11 +940,15 @@ def test_a_damaged_prompts_file_fails_its_job_and_the_others_run(
     summaries = runner.work(runner_home, echo=None, engine=gpt2_engine)
     assert [s.job_id for s in summaries] == [other.id]
     s = runner.status(job.dir)
-    assert s.state == "failed" and "prompts.parquet" in s.message and "damaged" in s.message
+    assert s.state == "broken" and "prompts.parquet" in s.message and "damaged" in s.message, s
+    assert jobdir.read_state(job.dir).state == "queued"
     # job.prompts() (the public way to look at a job's prompts) refuses it too, rather than show changed prompts
     with pytest.raises(RunnerError, match="prompts.parquet of job .* is damaged"):
         job.prompts()
     assert other.prompts().num_rows * other.samples == other.total
+    runner.repair(job.dir)
+    assert runner.work(runner_home, echo=None, engine=gpt2_engine)[0].finished
+    assert_exactly_once(job.dir, reference[1])
 
 
 def _two_jobs_of_other_prompts(tmp_path, tiny_gpt2) -> tuple[Job, Job]:
