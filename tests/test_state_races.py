@@ -23,7 +23,7 @@ from helpers import commit_row_error, newest_state_record, run_until_done, write
 from workers import run_runner
 
 import runner
-from runner import EngineOptions, GenerationParams, jobdir
+from runner import EngineOptions, GenerationParams, RunnerError, jobdir
 from runner.crashes import DeviceError
 from runner.job_status import job_status
 from runner.jobdir import Job, JobState
@@ -155,16 +155,20 @@ def test_a_row_error_computed_as_a_retry_lands_is_tried_again(tmp_path, tiny_gpt
     assert s.errors == 0 and sorted(runner.load_results(job.dir)["id"]) == [r["id"] for r in ROWS]
 
 
+def _a_failing_job(run, afresh=False):
+    """What makes a worker fail a job as it starts on it (a damaged prompts file did, until pass 120 made that
+    a broken job, left queued for `runner repair`)."""
+    raise RunnerError(f"job {run.job.id} is damaged: a failure of the job's own")
+
+
 def test_a_cancel_or_retry_as_a_job_fails_stands(tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch):
-    """The worker finds the job itself failing (its prompts file no longer matches its checksum) and is about
+    """The worker finds the job itself failing (an error of the job's own as it starts on it) and is about
     to say so as the user cancels: the cancel stands (it used to be overwritten by "failed"). Then a retry
     re-queues past the failure, and the next failure is recorded under the new generation."""
     from runner import scheduler
 
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
-    data = bytearray((job.dir / "prompts.parquet").read_bytes())
-    data[100] ^= 0xFF
-    (job.dir / "prompts.parquet").write_bytes(bytes(data))
+    monkeypatch.setattr(JobRun, "check_prompts", _a_failing_job)
     real = jobdir.write_failed
     fired = []
 

@@ -24,7 +24,7 @@ from helpers import completed_with_a_row_error, invoke, newest_state_record, run
 from workers import run_runner
 
 import runner
-from runner import EngineOptions, GenerationParams, jobdir, scheduler
+from runner import EngineOptions, GenerationParams, RunnerError, jobdir, scheduler
 from runner.jobdir import Job, JobState
 from runner.jobs import create_job
 
@@ -128,18 +128,24 @@ def test_without_hard_links_a_transient_error_filling_a_record_rewrites_it(job, 
 
 
 def test_a_failure_found_before_a_retry_is_not_recorded_over_it(job, gpt2_engine, runner_home, monkeypatch):
-    """The worker finds the prompts file damaged and sleeps before recording it; meanwhile the user restores
-    the file, cancels and retries. The failure it found is older than the retry: not recorded."""
-    prompts = job.dir / "prompts.parquet"
-    original = prompts.read_bytes()
-    damaged = bytearray(original)
-    damaged[100] ^= 0xFF
-    prompts.write_bytes(bytes(damaged))
+    """The worker finds the job failing (an error of its own as it starts on it) and sleeps before recording
+    it; meanwhile the user fixes the cause, cancels and retries. The failure it found is older than the retry:
+    not recorded."""
+    from runner.worker import JobRun
+
+    fixed, real_check = [], JobRun.check_prompts
+
+    def check_prompts(run, afresh=False):
+        if not fixed:
+            raise RunnerError(f"job {run.job.id} fails: a cause of its own")
+        return real_check(run, afresh)
+
+    monkeypatch.setattr(JobRun, "check_prompts", check_prompts)
     real, fired = scheduler._settle_failure, []
 
     def settle_failure(j, *args):
         if not fired:  # the failure is found; the user's fix, cancel and retry land before it is recorded
-            prompts.write_bytes(original)
+            fixed.append(True)
             fired.append(jobdir.cancel(Job.open(job.dir)))
             jobdir.retry(Job.open(job.dir))
         return real(j, *args)
