@@ -246,17 +246,9 @@ def _refuse_what_json_cannot_hold(meta: Any, where: str = "") -> None:
         at = f"{where}.{key}" if where else str(key)
         if isinstance(value, (dict, list)):
             _refuse_what_json_cannot_hold(value, at)
-        elif isinstance(value, str) and not _is_text(value):
+        elif isinstance(value, str) and not storage.is_text(value):
             raise RunnerError(f"{at} '{_shown(value)}' is not UTF-8 text, and job.json stores text only: give it "
                               "in UTF-8 (a file or folder: rename it)")  # fmt: skip
-
-
-def _is_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _shown(value: str) -> str:
@@ -925,9 +917,8 @@ class _Preparer:
         out, problems = [], []
         for row, result in zip(rows, self._prepare(rows), strict=True):
             result = self._in_vocabulary(result)
-            if isinstance(
-                result, _RowProblem
-            ):  # (a Batch line's field as its body spells it: input, not text)
+            if isinstance(result, _RowProblem):
+                # (a Batch line's field as its body spells it: input, not text)
                 field, message = openai_batch.body_named(
                     row.body_names, result.field or self.field, str(result)
                 )

@@ -378,13 +378,20 @@ def arrow_file(path: Any, mode: str = "rb") -> Any:
     if not isinstance(path, (str, os.PathLike)):
         return path
     name = os.fspath(path)
-    try:
-        name.encode("utf-8")
+    if is_text(name):
         return name
-    except UnicodeEncodeError:
-        import pyarrow as pa
+    import pyarrow as pa
 
-        return pa.OSFile(os.fsencode(name), mode)
+    return pa.OSFile(os.fsencode(name), mode)
+
+
+def is_text(value: str) -> bool:
+    """Whether `value` encodes as UTF-8: no byte of a name that is not UTF-8, kept by Python as a surrogate."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_lines(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[str]:
