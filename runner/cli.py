@@ -721,13 +721,15 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
 
     failed: list[Any] = []
     unrunnable: list[Any] = []  # jobs asking for a device this machine lacks (said as met; they stay queued)
+    broken: list[str] = []  # ids of broken jobs skipped (said as met, with what brings them back)
     make_current(device)
     with _ctrl_c_stops() as stop:
         summaries = work_loop(home, job=job_ref, deadline=deadline, once=once, shard_rows=shard_rows,
                               shard_seconds=shard_minutes * 60, stop=stop, echo=_echo, device=device,
                               on_failed=failed.append, on_unrunnable=unrunnable.append,
+                              on_broken=lambda job_id, folder: broken.append(job_id),
                               progress_every=every)  # fmt: skip
-    if unrunnable and not summaries and not failed:
+    if unrunnable and not summaries and not failed and not broken:
         raise SystemExit(1)  # nothing could run here: `runner work && next` must not go on
     timed_out = deadline is not None and time.time() >= deadline and not stop()
     left, unread = _queue(home, job_ref) if timed_out or stop() else ([], 0)
@@ -740,7 +742,7 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
         _echo(
             f"stopped {why} with {counted(len(left), 'jobs')} left to run{also}; run `{again}` again to carry on"
         )
-    elif not summaries and not failed:
+    elif not summaries and not failed and not broken:
         _say_lost_rows(home, job_ref)
         _echo("nothing to do: no queued or interrupted jobs" + (f" matching {job_ref!r}" if job_ref else "")
               + f" in {_home_said(home)}")  # fmt: skip
@@ -749,9 +751,19 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
     if stop() and (left or unread or not _all_finished(summaries, home)):
         raise SystemExit(130)  # interrupted: scripts and notebooks can tell (not when it stopped nothing: a
     # Ctrl-C in the last batch of the last job, which completed, lets `runner work && next` go on)
-    if failed:  # `runner work && next-step` must not go on as if all went well
-        raise RunnerError(f"{counted(len(failed), 'jobs')} failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
-                          f"says why; {_after_failure(failed)})")  # fmt: skip
+    if failed or broken:  # `runner work && next-step` must not go on as if all went well
+        raise RunnerError("; ".join(_not_run(failed, broken)))
+
+
+def _not_run(failed: list[Any], broken: list[str]) -> Iterator[str]:
+    """What `runner work` ends with when jobs failed, or were broken and skipped (a broken job stays so for
+    every worker until `runner repair` brings it back: it is no job done, and no "nothing to do")."""
+    if failed:
+        yield (f"{counted(len(failed), 'jobs')} failed: {', '.join(j.id for j in failed)} (`runner status JOB` "
+               f"says why; {_after_failure(failed)})")  # fmt: skip
+    if broken:
+        yield (f"{counted(len(broken), 'jobs', 'are')} broken and skipped: {', '.join(broken)} (`runner status "
+               "JOB` says why and what brings it back)")  # fmt: skip
 
 
 def _all_finished(summaries: list[Any], home: Any) -> bool:

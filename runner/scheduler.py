@@ -57,8 +57,12 @@ def run(
     # As `runner work --job`: units another live worker holds (a second VM on the job) are waited for, and
     # taken over if it dies, so the run ends when the job does (or at `stop()`), not when nothing is left to claim.
     unrunnable: list[Job] = []
+    broken: list[str] = []
     summaries = work(job=job, engine=engine, echo=echo, stop=stop, on_unrunnable=unrunnable.append,
-                     progress_every=progress_every)  # fmt: skip
+                     on_broken=lambda job_id, folder: broken.append(folder), progress_every=progress_every)  # fmt: skip
+    if broken and not summaries:  # (said as met, with why and what brings it back): no "run it again"
+        raise RunnerError(f"job {job.id} is broken and did not run (`runner status {shlex.quote(broken[0])}` "
+                          "says why and what brings it back)")  # fmt: skip
     last = summaries[-1] if summaries else None
     if last is None or not (last.finished or last.stopped):  # the others ended the job, or it was not queued
         state, p = job.state(), jobdir.job_progress(job)
@@ -335,6 +339,7 @@ def work(
     device: str | None = None,
     on_failed: Callable[[Job], None] | None = None,
     on_unrunnable: Callable[[Job], None] | None = None,
+    on_broken: Callable[[str, str], None] | None = None,
     progress_every: float | None = None,
 ) -> list[RunSummary]:
     """Work through the queue until it is empty, `deadline` (time.time()) is near, or `stop()` is true.
@@ -342,7 +347,8 @@ def work(
     (`cuda:1` for the second GPU). Several workers may run at once, on one job or many. Returns a summary per
     job run; `on_failed(job)` hears of each job that failed in this run (the model would not load...),
     `on_unrunnable(job)` of each left queued because it needs what this machine lacks (its device, its model
-    folder: NotOnThisMachine). Progress lines every `progress_every` seconds (None: every 10 s at first, then
+    folder: NotOnThisMachine), `on_broken(job_id, folder)` of each broken job it skipped (said as met), once it
+    ends. Progress lines every `progress_every` seconds (None: every 10 s at first, then
     further apart as the run grows old; progress.py)."""
     owner = Owner.me()
     engines = Engines(engine, device or local_device())
@@ -379,6 +385,10 @@ def work(
             if echo:
                 echo(f"job {cand.job.id} stays queued: {e}; {_where_it_runs(cand.job, e, home)}")
             continue
+        except BrokenJob as e:  # said by run_leased; skipped from now on, as those the queue finds broken
+            failed.add(cand.job.id)
+            broken.setdefault(str(cand.job.dir), Broken(str(e), e.repairable, None, cand.job.id))
+            continue
         now = _state_now(cand.job)
         if now is None:  # said broken by run_leased, after its wait for the state: not again
             broken.setdefault(str(cand.job.dir), Broken("", True, None, cand.job.id))
@@ -390,6 +400,9 @@ def work(
         summaries.append(summary)
         if once or (summary.stopped and now is not JobState.CANCELLED):
             break
+    for folder, b in broken.items() if on_broken is not None else ():
+        if b.unreadable is None:  # (unreadable for now is not broken)
+            on_broken(b.job_id, folder)
     return summaries
 
 
@@ -517,7 +530,8 @@ def _sleep_until_a_commit(folders: list[Any], most: float) -> None:
 def run_leased(
     cand: Candidate, engines: Engines, stop: Any, run_opts: dict[str, Any], echo: Any
 ) -> RunSummary | None:
-    """Run one job and settle its outcome: a summary, or None when the job failed (recorded) or is broken."""
+    """Run one job and settle its outcome: a summary, or None when the job failed (recorded); BrokenJob (said)
+    when it is broken."""
     j = cand.job
     starting = f"{'resuming' if cand.interrupted else 'starting'} job {j.id}" + (
         f" ({j.name})" if j.name else ""
@@ -544,14 +558,14 @@ def run_leased(
     except (StorageError, OSError) as e:
         # something of the wrong kind in this job's folder: this job is broken, not the home
         if _damaged(e, j):
-            return _skip_broken(j, BrokenJob(f"its folder is damaged: {e}"), echo)
+            raise _said_broken(j, BrokenJob(f"its folder is damaged: {e}"), echo) from e
         if isinstance(e, StorageError):  # the job home itself is failing (Drive gone): not the job's fault
             raise _stopped(e, j) from e
         raise
     except (DeviceError, NotOnThisMachine):  # this machine's, not the job's: it stays queued
         raise
     except BrokenJob as e:
-        return _skip_broken(j, e, echo)
+        raise _said_broken(j, e, echo) from None
     except RunnerError as e:
         if read is not None:
             _settle_failure(j, read, e, echo)
@@ -584,10 +598,10 @@ def _damaged(e: Exception, job: Job) -> bool:
     return bool(kind) and str(job.dir) in str(e)
 
 
-def _skip_broken(j: Job, e: BrokenJob, echo: Any) -> None:
+def _said_broken(j: Job, e: BrokenJob, echo: Any) -> BrokenJob:
     if echo:
         echo(_broken_line(j.id, j.dir, e, e.repairable))
-    return None
+    return e
 
 
 def _reading_model(read: Callable[[], Any], j: Job) -> Any:

@@ -191,6 +191,34 @@ def test_work_exits_1_when_a_job_failed_and_still_runs_the_others(tmp_path, prom
     )
     assert "writes it again from the input file" in result.output and "runner retry" not in result.output
     assert runner.status("torn").state == "broken"
+    # ...and `runner work` says it did not run, exit 1, not "nothing to do" and 0 (pass 122): also for that job
+    # alone, and beside a job that ran
+    for args in (["work"], ["work", "--job", "torn"]):
+        result = invoke(*args)
+        assert result.exit_code == 1 and "nothing to do" not in result.output, result.output
+        assert f"Error: 1 job is broken and skipped: {torn.id} (`runner status JOB` says why" in result.output
+    assert invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2, "--name", "next").exit_code == 0
+    result = invoke("work")
+    assert result.exit_code == 1 and f"Error: 1 job is broken and skipped: {torn.id}" in result.output
+    assert runner.status("next").state == "completed"
+
+
+def test_run_again_on_a_broken_job_says_it_did_not_run(tmp_path, prompts, tiny_gpt2):
+    """`runner run ... -o DIR` again on a job gone broken said "stopped with 0/2 rows done; run the same command
+    again to carry on", which carries on with nothing (pass 122): it says the job is broken, exit 1."""
+    out = tmp_path / "out"
+    runner.run(prompts, tiny_gpt2, runner.GenerationParams(max_new_tokens=3), output=out, stop=lambda: True)
+    data = bytearray((out / "prompts.parquet").read_bytes())
+    data[100] ^= 0xFF
+    (out / "prompts.parquet").write_bytes(bytes(data))
+    result = invoke("run", prompts, "-m", tiny_gpt2, "--max-new-tokens", 3, "-o", out)
+    assert result.exit_code == 1 and "run the same command again" not in result.output, result.output
+    job = runner.open_job(out).id
+    assert f"is broken (prompts.parquet of job {job} is damaged" in result.output
+    assert f"Error: job {job} is broken and did not run (`runner status {out}` says why" in result.output
+    assert invoke("repair", out).exit_code == 0
+    result = invoke("run", prompts, "-m", tiny_gpt2, "--max-new-tokens", 3, "-o", out)
+    assert result.exit_code == 0 and runner.status(out).state == "completed", result.output
 
 
 def test_work_deadline_options_are_checked(runner_home):
