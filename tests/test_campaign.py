@@ -1222,11 +1222,13 @@ class Round:
         self.expect_exit(args, rc, out, by_may_fail)
 
     def expect_exit(self, args, rc, out: str, by_may_fail: bool) -> None:
-        """0; or with `by_may_fail`, 1 where the bystander alone failed (`runner work` says which jobs failed)."""
+        """0; or with `by_may_fail`, 1 where the bystander alone failed or was broken and skipped (`runner work`
+        ends saying which jobs: "Error: 1 job failed: ID (...)", "Error: 1 job is broken and skipped: ID (...)")."""
         if rc == 0:
             return
         last = out.strip().splitlines()[-1] if out.strip() else ""
-        if by_may_fail and rc == 1 and "job(s) failed" in last and self.bid in last and self.jid not in last:
+        said = re.match(r"Error: 1 job (failed|is broken and skipped): (\S+) \(", last)
+        if by_may_fail and rc == 1 and said and said[2] == self.bid and self.jid not in last:
             self.c.notes[f"`runner work` failed the damaged bystander: {last[:100]}"] += 1
             return
         self.anomaly(f"`runner {' '.join(args)}` exited with {rc}:\n{out}")
