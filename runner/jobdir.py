@@ -2100,6 +2100,12 @@ def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = F
     ):
         return None
     if storage.retry(lambda: storage.file_sha256(path), f"read {path}") != expected:
+        # what vouched for it (bytes changed under unchanged times: a power cut, bit rot) is dropped, so that
+        # `runner status` hashes it again and says broken too, not queued for ever (pass 122)
+        _HASHED.pop(str(path), None)
+        if verifier is not None:
+            verifier.cache.pop(PROMPTS, None)
+        forget_verified(job, PROMPTS)
         return (f"prompts.parquet of job {job.id} is damaged (it does not match its checksum): `runner repair "
                 f"{shlex.quote(str(job.dir))}` writes it again from the input file if that is unchanged; else "
                 "submit the file again")  # fmt: skip

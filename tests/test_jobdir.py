@@ -1001,8 +1001,16 @@ def test_prompts_changed_under_their_verified_stamp_are_found_when_a_worker_star
     st = path.stat()
     cache["prompts.parquet"][:3] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]  # as if nothing had changed
     (job.dir / "verified.json").write_text(json.dumps(cache))
+    assert runner.status(job.dir).state.startswith(
+        "queued"
+    )  # (status trusts the stamp: it does not hash each poll)
     with pytest.raises(RunnerError, match=f"prompts.parquet of job {job.id} is damaged"):
         run_job(Job.open(job.dir), gpt2_engine, echo=None)
+    # ...and what the worker found is told to status: the stamp is dropped, so it says broken, not queued for
+    # ever beside a worker that skips the job each time (pass 122)
+    assert "prompts.parquet" not in json.loads((job.dir / "verified.json").read_text())
+    s = runner.status(job.dir)
+    assert s.state == "broken" and f"prompts.parquet of job {job.id} is damaged" in s.message, s
 
 
 def test_a_completed_job_that_lost_a_shard_is_brought_back(job, reference, gpt2_engine, runner_home):
