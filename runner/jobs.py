@@ -560,6 +560,7 @@ def _write_job(
         storage.write_json(tmp / JOB_BACKUP, meta)
         storage.write_json(tmp / JOB_FILE, meta)
         storage.remove(tmp / ".owner.json")
+        _flush_inputs(tmp)
         holder = _claim_name(target.parent, claim, target.name, tmp.name) if claim is not None else None
         if holder is not None:
             return holder
@@ -580,6 +581,8 @@ def _write_job(
                 raise
             return target.name
         return None
+    except storage.StorageError as e:  # (a full disk): named by the job's folder, not the temp one being made
+        raise storage.StorageError(str(e).replace(str(tmp), str(target)), e.errno) from e
     finally:
         _ENDED.add(tmp.name)
         if tmp.exists():
@@ -610,12 +613,24 @@ def _remove_if_empty(folder: Path) -> bool:
     return storage.retry(op, f"remove the empty folder {folder}")
 
 
+def _flush_inputs(folder: Path) -> None:
+    """prompts.parquet and errors.jsonl to the disk, and the folder's entries: a job is self-contained (its
+    input file may go away), so a power cut after submit must not leave them empty (pass 122; job.json and its
+    backup are written durably)."""
+    for name in (PROMPTS, jobdir.INVALID):
+        if (folder / name).exists():
+            storage.retry(lambda name=name: storage.fsync_file(folder / name), f"write {folder / name}")
+    storage.fsync_dir(folder)
+
+
 def _move_into_place(tmp: Path, target: Path, job_id: str) -> None:
-    """os.replace(tmp, target), transient errors retried. A rename that took effect though the mount reported
-    an error (its reply lost) is done: the job is there, and saying it failed made users submit it twice."""
+    """os.replace(tmp, target), transient errors retried, then the home's entry made durable. A rename that
+    took effect though the mount reported an error (its reply lost) is done: the job is there, and saying it
+    failed made users submit it twice."""
     for delay in (*storage.RETRY_DELAYS, None):
         try:
             os.replace(tmp, target)
+            storage.fsync_dir(target.parent)
             return
         except OSError as e:
             if e.errno not in storage.TRANSIENT:

@@ -105,7 +105,9 @@ def _say_waiting(what: str, e: OSError, left: float) -> None:
           f"trying again for up to {left:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (files created, linked or renamed into it) survive a power cut; a file system
+    that cannot open a folder (or sync one) is left as it is."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -275,7 +277,7 @@ def _replace_into(
             if os.path.lexists(tmp):
                 os.unlink(tmp)
         if durable:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         return True
 
     if not retry(op, what) and not retry(op, what):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -1033,3 +1034,70 @@ def test_a_transient_error_removing_the_empty_output_folder_is_retried(
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     job = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=out)
     assert len(calls) == 2 and job.dir == out and Job.open(out).spec.rows == 1
+
+
+def _fsynced(monkeypatch) -> list[str]:
+    """The paths os.fsync is called on from now (files and folders)."""
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_a_submitted_job_survives_a_power_cut(tmp_path, tiny_gpt2, monkeypatch):
+    """Only job.json and its backup were synced: prompts.parquet (written by pyarrow), errors.jsonl, the job
+    folder's entries and the home's entry for it could come back empty or missing after a power cut soon after
+    submit, with the input file gone: the job's rows lost (pass 122). All are synced before submit returns."""
+    synced = _fsynced(monkeypatch)
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}, {"prompt": ""}])
+    job = create_job(f, tiny_gpt2, home=tmp_path / "home", skip_invalid=True)
+    names = [os.path.basename(p) for p in synced]
+    assert "prompts.parquet" in names and "errors.jsonl" in names, synced
+    home = str(tmp_path / "home")
+    folder = os.path.dirname(synced[names.index("prompts.parquet")])  # the job's folder as it is written
+    assert folder in synced[names.index("errors.jsonl") :], synced  # its entries, after its files
+    assert home in synced[len(synced) - synced[::-1].index(folder) :], (
+        synced
+    )  # then the home's, after the move
+    assert runner.status(job.dir).state == "queued"
+
+
+def test_a_record_made_by_a_link_is_synced_with_its_folder(tmp_path, monkeypatch):
+    """A claim or state record is linked into place: its folder was never synced, so a `runner cancel` that
+    said done could be gone after a power cut, and the job ran again (pass 122)."""
+    from runner import jobdir
+
+    (tmp_path / "state").mkdir()
+    synced = _fsynced(monkeypatch)
+    assert jobdir.create_exclusive(tmp_path / "state" / "0001.json", {"state": "cancelled"})
+    assert synced[-1] == str(tmp_path / "state"), synced
+
+
+def test_a_full_disk_at_submit_names_the_job_folder_not_its_temp_one(tmp_path, tiny_gpt2, monkeypatch):
+    """A full disk while submit wrote prompts.parquet said "cannot write HOME/.ID.xxxx.tmp/prompts.parquet": a
+    folder the user never sees (pass 122). It names the job's folder."""
+    import errno
+
+    from runner import storage
+
+    real = storage.arrow_file
+
+    def full(path, mode):
+        if mode == "wb" and path.name == "prompts.parquet":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, mode)
+
+    monkeypatch.setattr(storage, "arrow_file", full)
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    with pytest.raises(storage.StorageError) as e:
+        create_job(f, tiny_gpt2, home=tmp_path / "home", name="night")
+    said = str(e.value)
+    assert ".tmp" not in said and said.startswith(f"cannot write {tmp_path / 'home'}/"), said
+    assert said.endswith("/prompts.parquet: No space left on device") and e.value.errno == errno.ENOSPC
+    assert [p.name for p in (tmp_path / "home").iterdir() if not p.name.startswith(".")] == []
