@@ -899,8 +899,11 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
 
     base = [sys.executable, "-m", "runner"] + (["--home", home] if home else []) + ["work", *args]
     env = _threads_each(len(devices))
-    procs = [subprocess.Popen(base + (["--device", d] if d else []), env={**env, WORKER_LABEL: f"w{i}"})
-             for i, d in enumerate(devices, 1)]  # fmt: skip
+    # each in a session of its own: a terminal's Ctrl-C (SIGINT to the whole foreground group) reaches this
+    # process alone, which passes it on once; a worker that got both took the second as "stop at once" and
+    # dropped the batch it was computing (pass 123)
+    procs = [subprocess.Popen(base + (["--device", d] if d else []), env={**env, WORKER_LABEL: f"w{i}"},
+                              start_new_session=True) for i, d in enumerate(devices, 1)]  # fmt: skip
     _echo(
         f"started {len(procs)} worker processes"
         + (f" on {', '.join(d for d in devices if d)}" if devices[0] else "")

@@ -2,6 +2,7 @@
 worker's. In process (two workers in threads, with events deciding who does what), as `runner work --workers
 3`, and under torchrun (one process per LOCAL_RANK)."""
 
+import json
 import threading
 
 import pytest
@@ -136,7 +137,7 @@ def test_a_worker_process_killed_by_a_signal_is_said_and_fails_the_command(monke
     made = []
 
     class Worker:
-        def __init__(self, args, env=None):
+        def __init__(self, args, env=None, **how):
             self.pid = 4000 + len(made)
             made.append(self)
 
@@ -148,6 +149,46 @@ def test_a_worker_process_killed_by_a_signal_is_said_and_fails_the_command(monke
     said = capsys.readouterr().err
     assert "worker process 2 (pid 4001) was killed by SIGKILL (out of memory?)" in said
     assert "taken over by the other workers" in said
+
+
+def test_one_ctrl_c_reaches_each_worker_process_once(tmp_path, tiny_gpt2):
+    """A terminal's Ctrl-C sends SIGINT to the whole foreground process group: `runner work --workers 2` and
+    its worker processes. The command passes it on to each worker too, so a worker could take the two as "stop
+    at once" and drop the batch it was computing (pass 123). The workers have sessions of their own: one
+    Ctrl-C is one stop after the current batch in each."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from workers import worker_env
+
+    rows = [{"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(400)]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    home = tmp_path / "home"
+    job = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=200, min_new_tokens=200),
+                     EngineOptions(batch_size=16), home=home, unit_rows=40)  # fmt: skip
+    command = [sys.executable, "-m", "runner", "--home", str(home), "work", "--workers", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=worker_env(ONE_THREAD), start_new_session=True)  # fmt: skip
+    said, computing = [], set()
+    while len(computing) < 2:  # each worker has said its unit: its first batch is under way
+        line = proc.stdout.readline()
+        assert line, "".join(said)
+        said.append(line)
+        if "to generate on" in line:
+            computing.add(line.split("]")[0])
+        children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        assert all(os.getpgid(int(c)) != os.getpgid(proc.pid) for c in children), "in the command's group"
+    os.killpg(proc.pid, signal.SIGINT)  # one Ctrl-C
+    said += proc.stdout.readlines()
+    out = "".join(said)
+    assert proc.wait() == 130, out
+    for worker in computing:  # each once; none stopped at once, dropping its batch
+        assert out.count(f"{worker}] stopping after the current batch") == 1, out
+    assert "interrupted" not in out and "Traceback" not in out, out
+    assert runner.status(job.dir).state == "queued (interrupted)", out
 
 
 @pytest.mark.parametrize("device", ["cuda:1", "cuda:7", "cuda", "cpu", None])
