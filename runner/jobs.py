@@ -386,10 +386,9 @@ def _refuse_a_name_like_an_id(job_dir: Path | None) -> None:
 def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dict[str, Any]) -> Job | None:
     """The job this submit repeats (same folder or same name, same inputs and settings), to be resumed; a
     different job in that folder or under that name is refused, saying what differs."""
-    fingerprint = _fingerprint(identity)
     if job_dir is not None:
         existing = _existing_job(Path(job_dir))
-        if existing is not None and existing.meta.get("fingerprint") != fingerprint:
+        if existing is not None and not _same_job(existing, identity):
             raise RunnerError(
                 f"{job_dir} holds a job with other inputs or settings{_differences(existing, identity)}; resuming "
                 f"it with these is refused (use another job folder: -o, or --job-dir for run-batch; or run `runner "
@@ -399,12 +398,26 @@ def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dic
     if name is None:
         return None
     existing = _named_job(root, name)
-    if existing is not None and existing.meta.get("fingerprint") != fingerprint:
+    if existing is not None and not _same_job(existing, identity):
         raise RunnerError(
             f"the name {name!r} is taken by job {existing.id}, submitted with other inputs or settings"
             f"{_differences(existing, identity)}; choose another --name"
         )
     return existing
+
+
+def _same_job(job: Job, identity: dict[str, Any]) -> bool:
+    """Whether `job` was submitted with these inputs and settings. A job submitted without a seed runs with the
+    one it drew (`runner status` shows it): asking for that seed asks for the same job (pass 123: refused as
+    "seed None, now N")."""
+    if job.meta.get("fingerprint") == _fingerprint(identity):
+        return True
+    seed, drawn = identity["params"].get("seed"), (job.meta.get("params") or {}).get("seed", 0)
+    if seed is None or drawn is not None or seed != job.meta.get("seed"):
+        return False
+    return job.meta.get("fingerprint") == _fingerprint(
+        {**identity, "params": {**identity["params"], "seed": None}}
+    )
 
 
 def _differences(job: Job, identity: dict[str, Any]) -> str:

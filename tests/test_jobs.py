@@ -1101,3 +1101,26 @@ def test_a_full_disk_at_submit_names_the_job_folder_not_its_temp_one(tmp_path, t
     assert ".tmp" not in said and said.startswith(f"cannot write {tmp_path / 'home'}/"), said
     assert said.endswith("/prompts.parquet: No space left on device") and e.value.errno == errno.ENOSPC
     assert [p.name for p in (tmp_path / "home").iterdir() if not p.name.startswith(".")] == []
+
+
+def test_the_seed_an_unseeded_job_drew_asks_for_the_same_job(tmp_path, tiny_gpt2):
+    """A job submitted without --seed runs with the seed it drew, which `runner status` shows (seed=N): the same
+    command with `--seed N` on its folder (or name) was refused, "seed None, now N" (pass 123). It is the same
+    job; another seed is still refused."""
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    params = GenerationParams(max_new_tokens=2, temperature=0.7)
+    job = create_job(f, tiny_gpt2, params, job_dir=tmp_path / "out")
+    named = create_job(f, tiny_gpt2, params, home=tmp_path / "home", name="night")
+    for made, where in (
+        (job, {"job_dir": tmp_path / "out"}),
+        (named, {"home": tmp_path / "home", "name": "night"}),
+    ):
+        drawn = made.meta["seed"]
+        assert create_job(f, tiny_gpt2, params.replaced(seed=drawn), **where).id == made.id
+        with pytest.raises(RunnerError, match=f"seed None, now {drawn + 1}"):
+            create_job(f, tiny_gpt2, params.replaced(seed=drawn + 1), **where)
+    seeded = create_job(f, tiny_gpt2, params.replaced(seed=5), job_dir=tmp_path / "seeded")
+    with pytest.raises(
+        RunnerError, match="seed 5, now None"
+    ):  # (and the other way round: unseeded asks anew)
+        create_job(f, tiny_gpt2, params, job_dir=seeded.dir)
