@@ -1203,9 +1203,6 @@ def repair(ctx: click.Context, job_ref: str) -> None:
     for name in r.restored_inputs:
         _echo(f"{name} written again from the job's input file, byte for byte as submitted (the damaged one is "
               "in quarantine/)")  # fmt: skip
-    if r.unrestorable:
-        _echo(f"prompts.parquet or errors.jsonl is damaged and was not written again: {r.unrestorable} (if that "
-              "can be put right, run this repair again; else submit the file again)")  # fmt: skip
     if r.mended_backup:
         _echo("job.backup.json was damaged or missing: written again from job.json")
     for name, why in r.quarantined:
@@ -1233,6 +1230,9 @@ def repair(ctx: click.Context, job_ref: str) -> None:
         which = f"`runner {r.damaged_aside}`" if r.damaged_aside else "`runner cancel` or `runner retry`"
         _echo(f"a state record in transit was damaged (now in quarantine/); what it recorded no longer counts: if "
               f"you ran {which} on this job lately, run it again")  # fmt: skip
+    if r.unrestorable:  # the job stays broken: `runner repair JOB && runner work` must not go on (pass 122)
+        raise RunnerError(f"prompts.parquet or errors.jsonl is damaged and was not written again: {r.unrestorable} "
+                          "(if that can be put right, run this repair again; else submit the file again)")  # fmt: skip
 
 
 @cli.command()

@@ -77,8 +77,12 @@ def test_repair_says_why_when_the_input_file_changed_and_changes_nothing(tmp_pat
     _flip(job.dir / "prompts.parquet")
     damaged = (job.dir / "prompts.parquet").read_bytes()
     prompts.write_text(prompts.read_text() + json.dumps({"id": "new", "prompt": "hello"}) + "\n")
-    out = invoke("repair", job.dir).output
+    result = invoke("repair", job.dir)
+    out = result.output
     assert "was not written again" in out and "has changed since it was submitted" in out, out
+    assert result.exit_code == 1 and out.splitlines()[-1].startswith(
+        "Error: prompts.parquet or errors.jsonl"
+    ), out
     assert (job.dir / "prompts.parquet").read_bytes() == damaged
     assert runner.status(job.dir).state == "broken"
 
