@@ -1061,8 +1061,9 @@ def _settings_line(job: Any) -> str:
 @click.option(
     "--errors-to",
     type=click.Path(dir_okay=False),
-    help="Also write the rows that could not be done (invalid input, row errors) to this file, typed by suffix as "
-    "--to; with --format openai the Batch error file [default there: beside --to, .errors.jsonl].",
+    help="Write the rows that could not be done (invalid input, row errors) to this file, beside --to or alone, "
+    "typed by suffix as --to; with --format openai the Batch error file [default there: beside --to, "
+    ".errors.jsonl].",
 )
 @home_option
 @click.pass_context
@@ -1073,7 +1074,7 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
 
     if fmt == "openai" and to_path is None:
         raise click.UsageError("--format openai needs --to FILE.jsonl")
-    if to_path is None:
+    if to_path is None and errors_to is None:
         df = load_results(job_ref, ctx.obj["home"])
         preview = ["id", "sample", "prompt", "finish_reason", "completion_tokens", "logprob", "perplexity",
                    "num_tokens", "context", "continuation", "text"]  # fmt: skip
@@ -1094,6 +1095,8 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
             f"wrote {counted(rows, 'responses')} to {to_path}"
             + (f" and {counted(errors, 'errors')} beside it" if errors else "")
         )
+    elif to_path is None:  # --errors-to alone
+        _echo(f"wrote {counted(errors, 'errors')} to {errors_to}")
     else:
         _echo(
             f"wrote {counted(rows, 'rows')} to {to_path}"

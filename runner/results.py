@@ -585,7 +585,7 @@ class Exported(NamedTuple):
 
 def export_results(
     source: str | os.PathLike,
-    to: str | os.PathLike,
+    to: str | os.PathLike | None,
     home: str | os.PathLike | None = None,
     format: str = "table",
     errors_to: str | os.PathLike | None = None,
@@ -594,9 +594,12 @@ def export_results(
     (.jsonl, .json as one array, .csv with lists as JSON text, .parquet). With `format="openai"`, one OpenAI
     Batch output line per request, and the requests that could not be done to `errors_to` (default beside it,
     FILE.errors.jsonl). As a table, `errors_to` gets `read_errors` (id, line, row, sample, stage, field, error,
-    message; its type by suffix, as `to`). Returns how many rows (or lines) and error lines it wrote."""
+    message; its type by suffix, as `to`); `to` None writes that errors file alone (`runner results JOB
+    --errors-to FILE`). Returns how many rows (or lines) and error lines it wrote."""
     from . import jobdir
 
+    if to is None and (format == "openai" or errors_to is None):
+        raise ValueError("export_results needs `to`" + ("" if format == "openai" else " or `errors_to`"))
     refuse_inside_job(jobdir.find_job(source, home), to, errors_to)
     if format == "openai":
         from . import openai_batch
@@ -612,6 +615,11 @@ def export_results(
         table = load_results(source, home, format="arrow")
         _write_whole(table, Path(to))
         return Exported(table.num_rows, 0)
+    if to is None:  # the errors alone: the refused input lines and the row errors, as beside an export
+        check_export_target(Path(errors_to))
+        errors = _errors_table(read_errors(source, home))
+        _write_whole(errors, Path(errors_to))
+        return Exported(0, errors.num_rows)
     check_export_pair(Path(to), Path(errors_to))
     # the errors read before the rows: a `runner retry` between the two reads then leaves the pair as it was
     # before it (its errors listed, their rows not there), never rows without the errors that explain the gap;
@@ -655,12 +663,17 @@ def check_export_pair(out: Path, errors: Path) -> None:
     file there, no folder), before anything is written: an older export stays whole."""
     if os.path.realpath(out) == os.path.realpath(errors):  # (the errors were written over the answers)
         raise RunnerError(f"{out}: the output and the errors file must be two files")
-    for target in (out, errors):
-        if storage.kind(target) not in (None, "file"):
-            raise RunnerError(f"cannot write {target}: something other than a file stands there")
-        # (retried as the job folder's reads are: one EIO on a mount failed a finished run-batch, pass 93)
-        if not storage.retry(target.parent.is_dir, f"read {target.parent}"):
-            raise RunnerError(f"cannot write {target}: no folder {target.parent}")
+    check_export_target(out)
+    check_export_target(errors)
+
+
+def check_export_target(target: Path) -> None:
+    """Refuse an export file that cannot be written (something other than a file there, no folder)."""
+    if storage.kind(target) not in (None, "file"):
+        raise RunnerError(f"cannot write {target}: something other than a file stands there")
+    # (retried as the job folder's reads are: one EIO on a mount failed a finished run-batch, pass 93)
+    if not storage.retry(target.parent.is_dir, f"read {target.parent}"):
+        raise RunnerError(f"cannot write {target}: no folder {target.parent}")
 
 
 ERROR_FIELDS = ("id", "line", "row", "sample", "stage", "field", "error", "message")

@@ -340,6 +340,34 @@ def test_results_errors_to_writes_the_rows_that_could_not_be_done_beside_a_table
     assert bad.exit_code == 2 and "--errors-to" in bad.output and "unknown type '.txt'" in bad.output
 
 
+def test_results_errors_to_alone_writes_the_errors_file(tmp_path, tiny_gpt2, runner_home):
+    """`runner results JOB --errors-to e.jsonl` without --to printed the preview and wrote nothing (exit 0): the
+    errors file is written alone, and said; the preview is for neither option given."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hello"}\n{"id": "b", "prompt": 5}\n')
+    ran = invoke("run", src, "-m", tiny_gpt2, "--max-new-tokens", 2, "--skip-invalid", "-o", tmp_path / "o")
+    assert ran.exit_code == 0, ran.output
+    errors = tmp_path / "e.jsonl"
+    done = invoke("results", tmp_path / "o", "--errors-to", errors)
+    assert done.exit_code == 0, done.output
+    assert done.stdout == "" and f"wrote 1 error to {errors}" in done.stderr
+    got = pd.read_json(errors, lines=True)
+    assert (
+        got["id"].tolist() == ["b"] and got["line"].tolist() == [2] and got["stage"].tolist() == ["validate"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "e.jsonl",
+        "in.jsonl",
+        "o",
+    ]  # no rows file beside it
+    assert runner.export_results(tmp_path / "o", None, errors_to=tmp_path / "e.csv") == (0, 1)
+    assert pd.read_csv(tmp_path / "e.csv")["id"].tolist() == ["b"]
+    with pytest.raises(ValueError, match="needs `to` or `errors_to`"):
+        runner.export_results(tmp_path / "o", None)
+    bad = invoke("results", tmp_path / "o", "--errors-to", tmp_path / "e.txt")
+    assert bad.exit_code == 2 and "--errors-to" in bad.output and "unknown type '.txt'" in bad.output
+
+
 def test_results_errors_to_that_cannot_be_written_whole_leaves_the_older_pair(
     tmp_path, tiny_gpt2, monkeypatch
 ):
