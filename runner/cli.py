@@ -101,6 +101,19 @@ def _apply(options: list[Callable[..., Any]]) -> Callable[..., Any]:
     return decorate
 
 
+class _FilePath(click.Path):
+    """A file to write or read: `click.Path(dir_okay=False)` that refuses an empty path at once (`--to ''` was
+    Path('.'), whose rename was retried for a minute as a busy file system, then blamed on it)."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value:
+            self.fail("an empty path names no file", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 model_option = click.option(
     "-m", "--model", required=True,
     help="Hub id (gpt2), local model folder, .gguf file, or the offline demo smollm2-135m-instruct.",
@@ -1047,7 +1060,7 @@ def _settings_line(job: Any) -> str:
 @click.option(
     "--to",
     "to_path",
-    type=click.Path(dir_okay=False),
+    type=_FilePath(),
     help="Write to .jsonl, .json (one array), .csv (lists as JSON) or .parquet.",
 )
 @click.option(
@@ -1060,7 +1073,7 @@ def _settings_line(job: Any) -> str:
 )
 @click.option(
     "--errors-to",
-    type=click.Path(dir_okay=False),
+    type=_FilePath(),
     help="Write the rows that could not be done (invalid input, row errors) to this file, beside --to or alone, "
     "typed by suffix as --to; with --format openai the Batch error file [default there: beside --to, "
     ".errors.jsonl].",
@@ -1118,7 +1131,7 @@ def _shortened(text: object, width: int = PROMPT_PREVIEW) -> object:
     "-o",
     "--output",
     "path",
-    type=click.Path(dir_okay=False),
+    type=_FilePath(),
     default="report.html",
     show_default=True,
     help="The HTML file to write.",
@@ -1293,7 +1306,7 @@ def generate(
     "--input-file",
     "input_path",
     required=True,
-    type=click.Path(dir_okay=False),
+    type=_FilePath(),
     help="OpenAI Batch input file (JSONL of custom_id / method / url / body).",
 )
 @click.option(
@@ -1301,7 +1314,7 @@ def generate(
     "--output-file",
     "output_path",
     required=True,
-    type=click.Path(dir_okay=False),
+    type=_FilePath(),
     help="Batch output file, written (atomically) once every request is done.",
 )
 @model_option

@@ -600,6 +600,8 @@ def export_results(
 
     if to is None and (format == "openai" or errors_to is None):
         raise ValueError("export_results needs `to`" + ("" if format == "openai" else " or `errors_to`"))
+    if "" in (to, errors_to):  # (Path("") is ".": a rename onto it was retried for a minute as a busy mount)
+        raise ValueError("an empty path names no file")
     refuse_inside_job(jobdir.find_job(source, home), to, errors_to)
     if format == "openai":
         from . import openai_batch

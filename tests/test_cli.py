@@ -368,6 +368,32 @@ def test_results_errors_to_alone_writes_the_errors_file(tmp_path, tiny_gpt2, run
     assert bad.exit_code == 2 and "--errors-to" in bad.output and "unknown type '.txt'" in bad.output
 
 
+def test_an_empty_file_path_is_refused_at_once_naming_its_option(tmp_path, prompts, tiny_gpt2, monkeypatch):
+    """`runner results JOB --to ''` renamed onto '.' (Path("")), retried that for a minute as a busy mount, then
+    blamed the file system ("Device or resource busy"); so did `report -o ''`. Refused at once, as a usage error."""
+    from runner import storage
+
+    monkeypatch.setattr(
+        storage, "RETRY_DELAYS", ()
+    )  # (without the check: the busy error at once, not a minute)
+    job = tmp_path / "o"
+    assert invoke("run", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2, "-o", job).exit_code == 0
+    for args, option in [
+        (("results", job, "--to", ""), "'--to'"),
+        (("results", job, "--to", tmp_path / "r.jsonl", "--errors-to", ""), "'--errors-to'"),
+        (("results", job, "--errors-to", ""), "'--errors-to'"),
+        (("results", job, "--format", "openai", "--to", ""), "'--to'"),
+        (("report", job, "-o", ""), "'-o' / '--output'"),
+        (("run-batch", "-i", prompts, "-o", "", "-m", tiny_gpt2), "'-o' / '--output-file'"),
+    ]:
+        refused = invoke(*args)
+        assert refused.exit_code == 2, (args, refused.output)
+        assert f"Invalid value for {option}: an empty path names no file" in refused.output, refused.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "prompts.jsonl"]
+    with pytest.raises(ValueError, match="an empty path names no file"):
+        runner.export_results(job, "")
+
+
 def test_results_errors_to_that_cannot_be_written_whole_leaves_the_older_pair(
     tmp_path, tiny_gpt2, monkeypatch
 ):
