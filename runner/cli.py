@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import shlex
 import sys
@@ -112,6 +113,20 @@ class _FilePath(click.Path):
         if isinstance(value, str) and not value:
             self.fail("an empty path names no file", param, ctx)
         return super().convert(value, param, ctx)
+
+
+class _Finite(click.FloatRange):
+    """A float option (in the range given, if any) that refuses nan and inf, as the generation settings do: nan
+    passes every comparison of click's FloatRange (`--hours nan` was no deadline at all, `--progress-every nan`
+    no progress line until the end), and none of these options means anything at infinity."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"must be a finite number, got {number}.", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 model_option = click.option(
@@ -247,7 +262,7 @@ output_option = click.option(
 )  # fmt: skip
 
 progress_option = click.option(
-    "--progress-every", type=click.FloatRange(min=1), metavar="SECONDS",
+    "--progress-every", type=_Finite(min=1), metavar="SECONDS",
     help="A progress line every this many seconds [default: every 10 s, further apart as the run grows old, "
          "at most every 5 minutes: ~200 lines for a night in a Colab cell].",
 )  # fmt: skip
@@ -584,9 +599,7 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
 
     if hours is not None and until is not None:
         raise click.UsageError("give --hours or --until, not both")
-    if hours is not None:
-        if hours <= 0:
-            raise click.BadParameter("must be > 0", param_hint="--hours")
+    if hours is not None:  # (> 0 and finite: its option's type)
         return time.time() + hours * 3600
     if until is not None:
         try:
@@ -602,7 +615,11 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
 
 
 @cli.command()
-@click.option("--hours", type=float, help="Stop starting new batches so as to finish within this many hours.")
+@click.option(
+    "--hours",
+    type=_Finite(min=0, min_open=True),
+    help="Stop starting new batches so as to finish within this many hours.",
+)
 @click.option("--until", help="Stop by this local time (HH:MM).")
 @click.option("--job", "job_ref", help="Work on this job only (id, name or folder).")
 @click.option("--once", is_flag=True, help="Stop after one job.")
@@ -615,7 +632,7 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
 )
 @click.option(
     "--shard-minutes",
-    type=click.FloatRange(min=0, min_open=True),
+    type=_Finite(min=0, min_open=True),
     default=5.0,
     show_default=True,
     help="...and every this many minutes: the most work a kill can lose.",
@@ -1157,7 +1174,7 @@ def report(ctx: click.Context, job_ref: str, path: str) -> None:
 
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
-@click.option("--every", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+@click.option("--every", type=_Finite(min=0, min_open=True), default=10.0, show_default=True,
               help="Seconds between status lines.")  # fmt: skip
 @home_option
 @click.pass_context

@@ -227,6 +227,31 @@ def test_work_deadline_options_are_checked(runner_home):
     assert invoke("work", "--hours", -1).exit_code == 2
 
 
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (("work", "--hours"), "--hours"),
+        (("work", "--shard-minutes"), "--shard-minutes"),
+        (("work", "--progress-every"), "--progress-every"),
+        (("watch", "JOB", "--every"), "--every"),
+        (("run", "in.jsonl", "-m", "gpt2", "--progress-every"), "--progress-every"),
+        (("score", "in.jsonl", "-m", "gpt2", "--progress-every"), "--progress-every"),
+        (("embed", "in.jsonl", "-m", "gpt2", "--progress-every"), "--progress-every"),
+        (
+            ("run-batch", "-i", "in.jsonl", "-o", "out.jsonl", "-m", "gpt2", "--progress-every"),
+            "--progress-every",
+        ),
+    ],
+)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_float_options_refuse_nan_and_inf(runner_home, args, option, value):
+    """click's FloatRange lets nan through (every comparison with it is false): `runner work --hours nan` had no
+    deadline, `--progress-every nan` said nothing until the end. Refused as the generation settings are."""
+    result = invoke(*args, value)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': must be a finite number, got {float(value)}." in result.output
+
+
 def test_colab_warns_when_the_home_is_not_on_drive(prompts, tiny_gpt2, monkeypatch, tmp_path):
     monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261101")
     monkeypatch.chdir(tmp_path)
