@@ -141,6 +141,27 @@ def _loads(text: str) -> Any:
     return _DECODER.decode(text)
 
 
+def _json_problem(text: str, e: ValueError) -> str:
+    """What is wrong with a line that is not JSON, with the column where it is (json's own messages end in a
+    bare "at", the position being formatted apart). The line is parsed again without its line break first: a
+    string cut off at the line's end read as a string holding a raw line break ("Invalid control character")."""
+    if not isinstance(e, json.JSONDecodeError):
+        return str(e)  # (NaN is not valid JSON)
+    try:
+        _loads(text.rstrip("\r\n"))
+    except json.JSONDecodeError as bare:
+        e = bare
+    except (ValueError, RecursionError):
+        pass
+    if e.msg.startswith("Unterminated string"):
+        return f"unterminated string starting at column {e.colno}"
+    if e.msg.startswith("Invalid control character"):
+        return f"raw control character {e.doc[e.pos]!r} inside a string at column {e.colno}: escape it"
+    if e.msg.startswith("Unexpected UTF-8 BOM"):
+        return "a byte-order mark, U+FEFF, starts the line"
+    return f"{e.msg} at column {e.colno}"
+
+
 def _has_surrogate(value: Any) -> bool:
     if isinstance(value, str):
         try:
@@ -200,8 +221,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
         try:
             obj = _loads(text)
         except ValueError as e:
-            msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-            yield lineno, None, f"invalid JSON ({msg})"
+            yield lineno, None, f"invalid JSON ({_json_problem(text, e)})"
             continue
         except RecursionError:  # thousands of [ or {: the parser's recursion limit (pass 64)
             yield lineno, None, "invalid JSON (nested too deeply)"

@@ -33,7 +33,11 @@ def test_reads_prompts_ids_and_passthrough(tmp_path):
 
 
 BAD_LINES = [
-    ('{"prompt": "ok",}', "p.jsonl:1: invalid JSON (Expecting property name enclosed in double quotes)"),
+    ('{"prompt": "ok",}', "p.jsonl:1: invalid JSON (Expecting property name enclosed in double quotes at column 17)"),
+    # a line cut off inside a string (then a line break): not "Invalid control character at", a dangling "at"
+    ('{"id": "b", "prompt": "cut off here', "p.jsonl:1: invalid JSON (unterminated string starting at column 23)"),
+    ('{"prompt": "a\tb"}', "p.jsonl:1: invalid JSON (raw control character '\\t' inside a string at column 14: escape it)"),
+    ('{"prompt": "a" "b": 1}', "p.jsonl:1: invalid JSON (Expecting ',' delimiter at column 16)"),
     ('["a", "b"]', "p.jsonl:1: expected a JSON object per line, got array"),
     ('{"prompt": NaN}', "p.jsonl:1: invalid JSON (NaN is not valid JSON)"),
     ('{"prompt": 42}', "p.jsonl:1: prompt: must be a string, got number"),
@@ -60,6 +64,23 @@ def test_each_bad_line_is_named(tmp_path, line, expected):
     problems, message = problems_of(f)
     assert [p.replace(str(tmp_path) + "/", "") for p in problems] == [expected]
     assert "nothing was run" in message or "no valid rows" in message
+
+
+def test_a_line_cut_off_inside_a_string_reads_the_same_wherever_it_is(tmp_path):
+    """A file copied while being written, or a line break pasted into a prompt: the cut line said "Invalid control
+    character at" with more lines after it (its line break was parsed as part of the string), and "Unterminated
+    string starting at" as the file's last line."""
+    cut = '{"id": "b", "prompt": "cut off here'
+    said = []
+    for name, data in [
+        ("a", f'{{"id": "a", "prompt": "x"}}\n{cut}\n{{"id": "c", "prompt": "y"}}\n'),
+        ("b", f'{{"id": "a", "prompt": "x"}}\n{cut}'),
+        ("c", f'{{"id": "a", "prompt": "x"}}\r\n{cut}\r\n{{"id": "c", "prompt": "y"}}\r\n'),
+    ]:
+        (tmp_path / f"{name}.jsonl").write_text(data, newline="")
+        problems, _ = problems_of(tmp_path / f"{name}.jsonl")
+        said.append([p.replace(str(tmp_path) + "/", "") for p in problems])
+    assert said == [[f"{n}.jsonl:2: invalid JSON (unterminated string starting at column 23)"] for n in "abc"]
 
 
 def test_every_problem_is_reported_and_capped(tmp_path):
@@ -406,7 +427,7 @@ def test_chunks_report_duplicates_across_chunks_in_line_order(tmp_path):
     ]
     problems = [str(p).split("p.jsonl:")[1] for c in chunks for p in c.problems]
     assert problems == [
-        "3: invalid JSON (Expecting property name enclosed in double quotes)",
+        "3: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
         "4: id: duplicate id 'a' (first on line 1)",
         "6: id: duplicate id 'c' (first on line 5)",
         "7: prompt: must be a string, got number",
