@@ -579,11 +579,10 @@ def submit(
     for line in submit_warnings(job):
         _echo(line)
     invalid, rows = job.meta["input"]["invalid"], job.meta["input"]["rows"]
-    now = runner_status(job.dir)
-    if now.state != "queued" or now.done:  # the same file and settings were submitted before: that job
-        _echo(
-            f"job {job.id} (the same file and settings) is already there: {now.state}, {now.done:,}/{now.total:,}"
-        )
+    if not job.created:  # the same name (or folder), file and settings were submitted before: that job
+        now = runner_status(job.dir)
+        _echo(f"job {job.id} (the same file and settings) is already there: {now.state}, "
+              f"{now.done:,}/{now.total:,} {job.spec.count_noun}")  # fmt: skip
     else:
         _echo(
             f"queued {kind} job {job.id}: {counted(rows, 'rows')}"

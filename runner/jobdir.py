@@ -1161,6 +1161,9 @@ class Job:
         self.misplaced: tuple[str, ...] = ()  # its folders that were not folders when opened (inflight/...)
         # the files a worker writes that were something else when opened: (name, what stood there)
         self.not_files: tuple[tuple[str, str], ...] = ()
+        # create_job's answer: it stored this job just now (else the job of the same name or folder, file and
+        # settings already there, returned as it is)
+        self.created = False
 
     def __fspath__(self) -> str:
         """A Job stands for its folder wherever a path or job reference is taken (`runner.load_results(job)`)."""

@@ -161,6 +161,7 @@ def create_job(
     already taken in the home: the same inputs and settings return that job (running a notebook's cells again
     never submits twice), other ones are refused. With `same_in_home` (`runner run` without -o), a job of the
     home with the same inputs and settings and no name is returned as is too, unless it failed or was cancelled.
+    `job.created` tells a job stored now from one already there.
 
     `chat` sends each plain prompt as one user message through the model's chat template (instruct models
     answer raw text poorly); `meta["input"]["raw_prompts_to_chat_model"]` says when it was not asked for but the
@@ -234,6 +235,7 @@ def create_job(
                 raise RunnerError(f"{held}, which cannot be opened")
             return existing
         job = Job.open(target)
+        job.created = True
         _log_created(job, kind, model)
         return job
 

@@ -661,7 +661,8 @@ def test_submit_says_when_the_job_is_already_there_and_counts_per_row_samples(
     tmp_path, tiny_gpt2, runner_home
 ):
     """Found by a user walkthrough: submitting a completed job again said "queued ... 3 rows x 2 samples = 4
-    results" (it was not queued, and one row had n = 2, not all); cancelling a running job said "(was queued)"."""
+    results" (it was not queued, and one row had n = 2, not all); cancelling a running job said "(was queued)".
+    Submitting a job still queued again said "queued generate job ..." as if it were a new one."""
     rows = [
         {"id": "a", "prompt": "Hello", "n": 2},
         {"id": "b", "prompt": "The fox"},
@@ -673,12 +674,19 @@ def test_submit_says_when_the_job_is_already_there_and_counts_per_row_samples(
     assert (
         f"queued generate job {first.stdout.strip()}: 3 rows (4 results with their samples)" in first.stderr
     )
+    queued = invoke(*args)  # submitted again before any work: not "queued generate job ..." again, as if new
+    assert queued.exit_code == 0 and queued.stdout == first.stdout and "queued generate" not in queued.stderr
+    assert (
+        f"job {first.stdout.strip()} (the same file and settings) is already there: queued, 0/4 results"
+        in queued.stderr
+    )
+    assert len(runner.status()) == 1
     worked = invoke("work")  # its progress counts the 4 results, as the submit line said, not "4/4 rows"
     assert worked.exit_code == 0 and "completed: 4/4 results, 0 errors" in worked.stderr, worked.stderr
     again = invoke(*args)
     assert again.stdout == first.stdout
     assert (
-        f"job {first.stdout.strip()} (the same file and settings) is already there: completed, 4/4"
+        f"job {first.stdout.strip()} (the same file and settings) is already there: completed, 4/4 results"
         in again.stderr
     )
     from runner.jobdir import Heartbeat, Owner

@@ -54,7 +54,8 @@ def test_two_concurrent_submits_of_one_name_make_one_job(tmp_path, tiny_gpt2, ru
     assert first.returncode == 0, out1
     folders = jobdir.job_folders(runner_home)
     assert len(folders) == 1, [p.name for p in folders]
-    assert folders[0].name in out1  # the first submit returned the job the second stored
+    assert folders[0].name in out1  # the first submit returned the job the second stored, and says so
+    assert f"job {folders[0].name} (the same file and settings) is already there: queued" in out1, out1
     assert not [p for p in runner_home.iterdir() if p.name.endswith(".tmp")]  # and left no temp folder
     code, status = run_runner("--home", runner_home, "status", "night1")
     assert code == 0 and "night1" in status, status
