@@ -1122,7 +1122,11 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
     if fmt == "openai":
         _echo(
             f"wrote {counted(rows, 'responses')} to {to_path}"
-            + (f" and {counted(errors, 'errors')} beside it" if errors else "")
+            + (
+                f" and {counted(errors, 'errors')} {f'to {errors_to}' if errors_to else 'beside it'}"
+                if errors
+                else ""
+            )
         )
     elif to_path is None:  # --errors-to alone
         _echo(f"wrote {counted(errors, 'errors')} to {errors_to}")

@@ -289,6 +289,8 @@ def _spared_targets(
     errors = (
         Path(errors_out) if errors_out else out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
     )
+    if errors.suffix.lower() != ".jsonl":  # (--errors-to x.csv was JSON Lines too)
+        raise RunnerError(f"{errors}: an OpenAI Batch error file is JSON Lines: give it a .jsonl name")
     from .results import refuse_inside_job
 
     refuse_inside_job(job_dir, out, errors)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_jsonl
+from helpers import invoke, write_jsonl
 
 import runner
 from runner import GenerationParams, ScoreParams
@@ -222,6 +222,19 @@ def test_an_openai_batch_export_is_named_jsonl(done_job, tmp_path):
     with pytest.raises(runner.RunnerError, match=r"out.parquet: an OpenAI Batch output file is JSON Lines"):
         runner.export_results(done_job.dir, tmp_path / "out.parquet", format="openai")
     assert not (tmp_path / "out.parquet").exists()
+    # nor its errors file: `--errors-to x.csv` wrote JSON Lines under that name, where `--to x.csv` was refused
+    with pytest.raises(
+        runner.RunnerError, match=r"x.csv: an OpenAI Batch error file is JSON Lines: give it a "
+    ):
+        runner.export_results(
+            done_job.dir, tmp_path / "out.jsonl", format="openai", errors_to=tmp_path / "x.csv"
+        )
+    said = invoke("results", done_job.dir, "--format", "openai", "--to", tmp_path / "out.jsonl", "--errors-to",
+                  tmp_path / "x.csv")  # fmt: skip
+    assert said.exit_code == 1 and "x.csv: an OpenAI Batch error file is JSON Lines" in said.output, (
+        said.output
+    )
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "out.jsonl").exists()
     assert runner.export_results(done_job.dir, tmp_path / "out.jsonl", format="openai").rows == 3
 
 

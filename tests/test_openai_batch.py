@@ -423,6 +423,11 @@ def test_run_batch_skip_invalid_answers_the_valid_requests_and_lists_the_others(
     (error,) = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
     assert [(x["custom_id"], x["response"]["status_code"]) for x in out] == [("a", 200), ("c", 200)]
     assert (error["custom_id"], error["response"]["status_code"]) == ("b", 400)
+    errors_to = tmp_path / "e.jsonl"  # an --errors-to of its own is named, not "beside it"
+    result = invoke("results", tmp_path / "out.jsonl.job", "--format", "openai", "--to", tmp_path / "r.jsonl",
+                    "--errors-to", errors_to)  # fmt: skip
+    assert result.exit_code == 0 and f"and 1 error to {errors_to}" in result.output, result.output
+    assert errors_to.read_text() == (tmp_path / "out.errors.jsonl").read_text()
     assert error["response"]["body"]["error"]["message"].startswith(
         "line 2: body.logit_bias: is not supported"
     )
