@@ -151,6 +151,7 @@ def test_a_worker_process_killed_by_a_signal_is_said_and_fails_the_command(monke
     assert "taken over by the other workers" in said
 
 
+@pytest.mark.slow
 def test_one_ctrl_c_reaches_each_worker_process_once(tmp_path, tiny_gpt2):
     """A terminal's Ctrl-C sends SIGINT to the whole foreground process group: `runner work --workers 2` and
     its worker processes. The command passes it on to each worker too, so a worker could take the two as "stop
