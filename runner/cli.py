@@ -102,16 +102,17 @@ def _apply(options: list[Callable[..., Any]]) -> Callable[..., Any]:
     return decorate
 
 
-class _FilePath(click.Path):
-    """A file to write or read: `click.Path(dir_okay=False)` that refuses an empty path at once (`--to ''` was
-    Path('.'), whose rename was retried for a minute as a busy file system, then blamed on it)."""
+class _Path(click.Path):
+    """A file (or with `folder`, a folder) to write or read: `click.Path` that refuses an empty path at once
+    (`--to ''` was Path('.'), whose rename was retried for a minute as a busy file system, then blamed on it;
+    `-o ''` said ". exists and is not a runner job folder"; `--home ''` listed "no jobs in ")."""
 
-    def __init__(self) -> None:
-        super().__init__(dir_okay=False)
+    def __init__(self, folder: bool | None = False) -> None:  # (None: either)
+        super().__init__(file_okay=not folder, dir_okay=folder is not False)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and not value:
-            self.fail("an empty path names no file", param, ctx)
+            self.fail(f"an empty path names no {'file' if self.file_okay else 'folder'}", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -139,7 +140,7 @@ served_names_option = click.option(
 )  # fmt: skip
 
 input_options = _apply([
-    click.argument("input_path", metavar="INPUT", type=click.Path()),
+    click.argument("input_path", metavar="INPUT", type=_Path(folder=None)),
     model_option,
     click.option("--prompt-field", "--text-field", "prompt_field",
                  help="Column holding the prompt (generate) or the text (score, embed) [default: prompt / text]."),
@@ -257,7 +258,7 @@ generate_engine_options = _apply([
 ])  # fmt: skip
 
 output_option = click.option(
-    "-o", "--output", type=click.Path(file_okay=False),
+    "-o", "--output", type=_Path(folder=True),
     help="Job folder for this run (default: a new job in the job home). Run again to resume.",
 )  # fmt: skip
 
@@ -334,7 +335,7 @@ HOME_HELP = "Job home folder [env RUNNER_HOME; default ./jobs]."
 
 def home_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`--home DIR` after the command as well as before it (`runner status --home DIR`)."""
-    return click.option("--home", type=click.Path(file_okay=False), expose_value=False, callback=_set_home,
+    return click.option("--home", type=_Path(folder=True), expose_value=False, callback=_set_home,
                         is_eager=True, help=HOME_HELP)(fn)  # fmt: skip
 
 
@@ -357,7 +358,7 @@ class _Commands(click.Group):
     cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
 )
 @click.version_option(__version__, prog_name="runner")
-@click.option("--home", envvar="RUNNER_HOME", type=click.Path(file_okay=False), help=HOME_HELP)
+@click.option("--home", envvar="RUNNER_HOME", type=_Path(folder=True), help=HOME_HELP)
 @click.pass_context
 def cli(ctx: click.Context, home: str | None) -> None:
     """Batch text generation for Hugging Face causal LMs: validate a prompt file, generate in left-padded
@@ -1076,7 +1077,7 @@ def _settings_line(job: Any) -> str:
 @click.option(
     "--to",
     "to_path",
-    type=_FilePath(),
+    type=_Path(),
     help="Write to .jsonl, .json (one array), .csv (lists as JSON) or .parquet.",
 )
 @click.option(
@@ -1089,7 +1090,7 @@ def _settings_line(job: Any) -> str:
 )
 @click.option(
     "--errors-to",
-    type=_FilePath(),
+    type=_Path(),
     help="Write the rows that could not be done (invalid input, row errors) to this file, beside --to or alone, "
     "typed by suffix as --to; with --format openai the Batch error file [default there: beside --to, "
     ".errors.jsonl].",
@@ -1151,7 +1152,7 @@ def _shortened(text: object, width: int = PROMPT_PREVIEW) -> object:
     "-o",
     "--output",
     "path",
-    type=_FilePath(),
+    type=_Path(),
     default="report.html",
     show_default=True,
     help="The HTML file to write.",
@@ -1326,7 +1327,7 @@ def generate(
     "--input-file",
     "input_path",
     required=True,
-    type=_FilePath(),
+    type=_Path(),
     help="OpenAI Batch input file (JSONL of custom_id / method / url / body).",
 )
 @click.option(
@@ -1334,7 +1335,7 @@ def generate(
     "--output-file",
     "output_path",
     required=True,
-    type=_FilePath(),
+    type=_Path(),
     help="Batch output file, written (atomically) once every request is done.",
 )
 @model_option
@@ -1344,7 +1345,7 @@ def generate(
     type=int,
     help="For requests that set no max_tokens [default: 256, or half the context window if smaller].",
 )
-@click.option("--job-dir", type=click.Path(file_okay=False), help="The job folder [default: OUTPUT.job].")
+@click.option("--job-dir", type=_Path(folder=True), help="The job folder [default: OUTPUT.job].")
 @click.option("--skip-invalid", is_flag=True,
               help="Answer the valid requests; each invalid line is a 400 line of the .errors.jsonl file.")  # fmt: skip
 @click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,

@@ -414,6 +414,19 @@ def test_an_empty_file_path_is_refused_at_once_naming_its_option(tmp_path, promp
         refused = invoke(*args)
         assert refused.exit_code == 2, (args, refused.output)
         assert f"Invalid value for {option}: an empty path names no file" in refused.output, refused.output
+    # ...and a folder or input file (`-o ''` said ". exists and is not a runner job folder", `--home ''` "no jobs
+    # in ", `submit ''` "INPUT: .: unknown file type")
+    for args, said in [
+        (("run", prompts, "-m", tiny_gpt2, "-o", ""), "'-o' / '--output': an empty path names no folder"),
+        (("status", "--home", ""), "'--home': an empty path names no folder"),
+        (("--home", "", "status"), "'--home': an empty path names no folder"),
+        (("submit", "", "-m", tiny_gpt2), "'INPUT': an empty path names no file"),
+    ]:
+        refused = invoke(*args)
+        assert refused.exit_code == 2 and f"Invalid value for {said}" in refused.output, (
+            args,
+            refused.output,
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "prompts.jsonl"]
     with pytest.raises(ValueError, match="an empty path names no file"):
         runner.export_results(job, "")
