@@ -597,7 +597,8 @@ def _write_job(
             return target.name
         return None
     except storage.StorageError as e:  # (a full disk): named by the job's folder, not the temp one being made
-        raise storage.StorageError(str(e).replace(str(tmp), str(target)), e.errno) from e
+        e.args = (str(e).replace(str(tmp), str(target)), *e.args[1:])
+        raise
     finally:
         _ENDED.add(tmp.name)
         if tmp.exists():
