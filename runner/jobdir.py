@@ -1532,14 +1532,31 @@ def _signals_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore_handlers(previous)
     for sig in dict.fromkeys(held):
         handler = previous[sig]
         if callable(handler):
             handler(sig, None)
         elif handler == signal.SIG_DFL:
             signal.raise_signal(sig)
+
+
+def _restore_handlers(previous: dict[Any, Any]) -> None:
+    """Put every handler back, even where a signal arriving meanwhile runs its handler (a Ctrl-C put back
+    first raises KeyboardInterrupt at the next signal.signal): the others were left holding signals for good,
+    a SIGTERM then swallowed for the rest of a notebook kernel's life (pass 125). Raised after all are back."""
+    raised: BaseException | None = None
+    for sig, handler in previous.items():
+        while True:
+            try:
+                signal.signal(
+                    sig, handler
+                )  # (handlers run at its end, once it is set: setting it again is the same)
+                break
+            except BaseException as e:  # noqa: BLE001 (a signal's handler raised here: KeyboardInterrupt...)
+                raised = raised or e
+    if raised is not None:
+        raise raised
 
 
 def _create_then_fill(path: Path, data: bytes, adopt: int = 3) -> bool:

@@ -544,3 +544,31 @@ def test_a_record_being_written_over_a_damaged_one_shows_the_job_broken_not_queu
     shown = runner.status(job.dir)
     assert shown.state == "broken" and "state/00000001.json is damaged" in shown.message, shown
     assert runner.repair(job.dir).state_now == "queued"  # (what the torn cancel said is unknown)
+
+
+def test_every_signal_handler_is_put_back_when_a_signal_lands_as_they_are(monkeypatch):
+    """Around a record's create and fill (no links) Ctrl-C, SIGTERM and SIGHUP are held, then their handlers put
+    back one by one. A Ctrl-C landing as SIGTERM's was put back raised there (signal.signal runs pending
+    handlers first), leaving SIGTERM and SIGHUP held for good: in a notebook kernel, a SIGTERM was swallowed
+    from then on (pass 125). Every handler is back, and the Ctrl-C still stops."""
+    import signal
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {sig: signal.getsignal(sig) for sig in sigs}
+    real, landed = signal.signal, []
+
+    def landing(sig, handler):
+        if sig == signal.SIGTERM and not landed:  # a pending Ctrl-C's handler runs as SIGTERM's is put back
+            landed.append(sig)
+            raise KeyboardInterrupt
+        return real(sig, handler)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with jobdir._signals_deferred():
+                monkeypatch.setattr(signal, "signal", landing)
+        monkeypatch.undo()
+        assert landed and {sig: signal.getsignal(sig) for sig in sigs} == before
+    finally:
+        for sig, handler in before.items():
+            real(sig, handler)
