@@ -88,7 +88,9 @@ def test_a_folder_where_a_state_file_belongs_breaks_only_its_job(damaged, tmp_pa
     code, out = run_runner("--home", runner_home, "status", a.id)
     assert "broken" in out and f"{damaged} is not a file" in out and "runner repair" in out, out
     code, out = run_runner("--home", runner_home, "work", "--shard-rows", "2")
-    assert code == 0 and "Traceback" not in out, out
+    # (and says it skipped it: exit 1, `runner work && next-step` does not go on)
+    assert code == 1 and "Traceback" not in out, out
+    assert out.strip().splitlines()[-1].startswith(f"Error: 1 job is broken and skipped: {a.id} ("), out
     assert b.state().state is JobState.COMPLETED, out  # a broken job breaks only itself
     code, out = run_runner("--home", runner_home, "repair", a.id)
     assert code == 0, out
