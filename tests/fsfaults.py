@@ -11,7 +11,8 @@ pyarrow's local temp shards) runs at full speed. What is patched is what runner 
     before the delete of the temp file ("after_copy"), or with half of the bytes copied ("mid_copy");
   * fail: an errno name (EROFS, ENOSPC): every write, rename, delete and mkdir fails with it, from the start
     or (`fail_from` = a sub-folder) once a file has been written into that sub-folder (a disk that fills up);
-  * eio: the chance that a listing of, or a read of a file in, one of the sub-folders `eio_dirs` fails with a
+  * eio: the chance that a listing of, or a read of a file in, one of the sub-folders `eio_dirs` ("." for the
+    folder itself: job.json, its backup, verified.json, stats.json...) fails with a
     transient EIO or ENOTCONN (a Drive mount dropping a request). Each failure is transient: the next access
     to the same path succeeds. `eio_seed` seeds the choices; each failure is appended as a line to `eio_log`;
   * retry_delays: runner.storage.RETRY_DELAYS for the process (short ones, so that many transient errors cost
@@ -102,7 +103,10 @@ class FsFaults:
             return
         p = os.path.realpath(os.fsdecode(path))
         folder = p if listing else os.path.dirname(p)
-        if os.path.dirname(folder) != self.root or os.path.basename(folder) not in self.eio_dirs:
+        if folder == self.root:  # the job folder's own files (job.json, its backup, verified.json...): "."
+            if "." not in self.eio_dirs:
+                return
+        elif os.path.dirname(folder) != self.root or os.path.basename(folder) not in self.eio_dirs:
             return
         with self._lock:
             if p in self.eio_failed:

@@ -79,6 +79,9 @@ RETRY_DELAYS = (0.02, 0.05, 0.1, 0.5, 1, 2, 4, 8, 15, 30)
 # chance of a transient EIO/ENOTCONN per listing or read of done/, claims/, shards/ (0.06 made EIO about half of
 # all faults; the share went to kills at named points, stops past the lease, killed commands and torn metadata)
 EIO_RATE = 0.02
+# where: the done-set and shards, and the state records and the job folder's own files (job.json, its backup,
+# verified.json, stats.json, heartbeats: a transient error reading one must not make the job broken or failed)
+EIO_DIRS = ("done", "claims", "shards", "state", "workers", "inflight", ".")
 # RUNNER_FAULT points a worker may carry, with the range of the visit it dies at
 POINTS = {"after_shard": 4, "before_replace": 20, "before_create": 4, "mid_write": 4, "after_generate": 4}
 TORN_KINDS = (
@@ -394,9 +397,9 @@ class Round:
 
     def fs_faults(self, slow: float) -> fsfaults.FsFaults:
         """The job home as a Drive mount on a bad day, for one process: `slow` seconds per write and listing,
-        transient EIO/ENOTCONN on reads of the job's done/, claims/ and shards/ (each one logged)."""
+        transient EIO/ENOTCONN on reads in the job folder (EIO_DIRS; each one logged)."""
         self.eio_logs += 1
-        return fsfaults.FsFaults(self.job, slow=slow, eio=EIO_RATE, eio_seed=self.rng.randrange(1 << 30),
+        return fsfaults.FsFaults(self.job, slow=slow, eio=EIO_RATE, eio_seed=self.rng.randrange(1 << 30), eio_dirs=EIO_DIRS,
                                  eio_log=str(self.dir / f"eio-{self.eio_logs}.log"),
                                  retry_delays=RETRY_DELAYS)  # fmt: skip
 
