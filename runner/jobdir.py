@@ -1548,10 +1548,8 @@ def _restore_handlers(previous: dict[Any, Any]) -> None:
     raised: BaseException | None = None
     for sig, handler in previous.items():
         while True:
-            try:
-                signal.signal(
-                    sig, handler
-                )  # (handlers run at its end, once it is set: setting it again is the same)
+            try:  # (a pending signal's handler runs as signal.signal begins: setting it again is the same)
+                signal.signal(sig, handler)
                 break
             except BaseException as e:  # noqa: BLE001 (a signal's handler raised here: KeyboardInterrupt...)
                 raised = raised or e

@@ -414,8 +414,9 @@ def _same_job(job: Job, identity: dict[str, Any]) -> bool:
     "seed None, now N")."""
     if job.meta.get("fingerprint") == _fingerprint(identity):
         return True
-    seed, drawn = identity["params"].get("seed"), (job.meta.get("params") or {}).get("seed", 0)
-    if seed is None or drawn is not None or seed != job.meta.get("seed"):
+    seed, stored = identity["params"].get("seed"), job.meta.get("params") or {}
+    unseeded = "seed" in stored and stored["seed"] is None
+    if seed is None or not unseeded or seed != job.meta.get("seed"):
         return False
     return job.meta.get("fingerprint") == _fingerprint(
         {**identity, "params": {**identity["params"], "seed": None}}
