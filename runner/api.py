@@ -56,6 +56,8 @@ def report(job: Ref, path: Ref = "report.html", home: Ref | None = None) -> Path
     job's life, before any result too."""
     from .job_report import write_report
 
+    if os.fspath(path) == "":  # (Path("") is ".": writing onto it was retried for a minute as a busy mount)
+        raise ValueError("an empty path names no file")
     with jobdir.opened_job(job, home) as opened:
         return write_report(opened, path)
 

@@ -9,6 +9,7 @@ Everything here is about *which* job runs; how a job runs, unit by unit and fenc
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import time
@@ -350,6 +351,8 @@ def work(
     folder: NotOnThisMachine), `on_broken(job_id, folder)` of each broken job it skipped (said as met), once it
     ends. Progress lines every `progress_every` seconds (None: every 10 s at first, then
     further apart as the run grows old; progress.py)."""
+    _check_work_numbers(deadline=deadline, lease_ttl=lease_ttl, shard_rows=shard_rows,
+                        shard_seconds=shard_seconds, poll=poll, progress_every=progress_every)  # fmt: skip
     owner = Owner.me()
     engines = Engines(engine, device or local_device())
     lease_ttl = lease_ttl or lease_seconds()
@@ -525,6 +528,20 @@ def _sleep_until_a_commit(folders: list[Any], most: float) -> None:
         time.sleep(min(WAIT_STEP, left))
         if stamps() != before:
             return
+
+
+def _check_work_numbers(deadline: Any, **positive: Any) -> None:
+    """`work`'s numeric options, refused up front with the option named (the command line's types check the
+    same): a nan deadline or interval compared as "not yet" for ever, and a zero shard never ended."""
+    if deadline is not None and not _finite(deadline):
+        raise ValueError(f"deadline must be a time.time() value, got {deadline!r}")
+    for name, value in positive.items():
+        if value is not None and not (_finite(value) and value > 0):
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def run_leased(

@@ -369,3 +369,9 @@ def test_the_page_loads_offline_in_a_real_browser_and_draws_its_charts(generate_
         )  # drawn, within its column
     for div, px in pictures.items():
         assert px["colours"] > 30 and px["trace"] > 100, (div, px)  # not blank: text, axes and the data
+
+
+def test_an_empty_report_path_is_refused_at_once(generate_job):
+    # (Path("") is "."; writing the page onto it was retried for a minute as a busy mount)
+    with pytest.raises(ValueError, match="empty path"):
+        runner.report(generate_job.dir, "")

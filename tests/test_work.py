@@ -1346,3 +1346,15 @@ def test_a_workers_last_progress_line_counts_what_other_workers_did(prompts_file
     assert any("unit 1" in s for s in b_said) and not any("unit 1" in s for s in a_said), (a_said, b_said)
     last = [s for s in a_said if "rows (" in s][-1]
     assert last.startswith("6/6 rows (100.0%)") and last.endswith("ETA 0:00:00"), a_said
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("progress_every", float("nan")), ("shard_seconds", float("nan")), ("shard_seconds", 0),
+     ("shard_rows", 0), ("lease_ttl", -1.0), ("poll", float("inf")), ("deadline", float("nan")),
+     ("progress_every", True)],
+)  # fmt: skip
+def test_work_refuses_a_number_that_means_nothing_naming_it(runner_home, option, value):
+    # (the command line's types refuse these; from Python a nan deadline or interval was "not yet" for ever)
+    with pytest.raises(ValueError, match=f"^{option} must be"):
+        work(runner_home, echo=None, once=True, **{option: value})
