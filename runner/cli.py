@@ -1122,9 +1122,9 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
     rows, errors = export_results(job_ref, to_path, ctx.obj["home"], fmt, errors_to)
     if fmt == "openai":
         _echo(
-            f"wrote {counted(rows, 'responses')} to {to_path}"
+            f"wrote {counted(rows, 'response lines')} to {to_path}"
             + (
-                f" and {counted(errors, 'errors')} {f'to {errors_to}' if errors_to else 'beside it'}"
+                f" and {counted(errors, 'error lines')} {f'to {errors_to}' if errors_to else 'beside it'}"
                 if errors
                 else ""
             )
