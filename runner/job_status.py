@@ -105,7 +105,7 @@ def job_status(job: Job) -> JobStatus:
     name, message, missing = state.state.value, state.error, 0
     if state.state is JobState.QUEUED:
         name = "running" if progress.live else ("queued (interrupted)" if progress.started else "queued")
-        message = None if progress.live else _waiting_for(job)
+        message = None if progress.live else _waiting_for(job) or _all_saved(job, progress)
     if state.state is JobState.COMPLETED and not progress.complete:
         missing = progress.total - progress.done - progress.failed
         name = JobState.BROKEN.value
@@ -167,6 +167,15 @@ def _waiting_for(job: Job) -> str | None:
 
     missing = missing_model_folder(job.spec.model)
     return f"{missing} ({missing.hint}); `runner work` runs it once it is there" if missing else None
+
+
+def _all_saved(job: Job, progress: Any) -> str | None:
+    """What a job stopped in its last commit is waiting for: every row saved, the completion not recorded yet
+    (a stop between the two); else None."""
+    if not progress.total or progress.done + progress.failed < progress.total:
+        return None
+    return (f"every row is saved; the next `runner work` (or the same `runner run`) records it as completed "
+            f"without computing anything: `runner work --job {shlex.quote(job.id)}`")  # fmt: skip
 
 
 def _number(record: dict[str, Any], key: str) -> float | None:

@@ -1358,3 +1358,29 @@ def test_work_refuses_a_number_that_means_nothing_naming_it(runner_home, option,
     # (the command line's types refuse these; from Python a nan deadline or interval was "not yet" for ever)
     with pytest.raises(ValueError, match=f"^{option} must be"):
         work(runner_home, echo=None, once=True, **{option: value})
+
+
+def test_status_of_a_job_stopped_between_its_last_commit_and_its_completion_says_so(
+    prompts_file, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """A stop between the last commit and the completion record left `queued (interrupted)` at 6/6 with nothing
+    said (pass 125): every row is saved, and the next `runner work` records the completion computing nothing."""
+    from runner import worker
+
+    job = submit(prompts_file, tiny_gpt2)
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker.jobdir, "write_completed", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(Job.open(job.dir), engine=gpt2_engine, echo=None, lease_ttl=60)
+    monkeypatch.undo()
+    st = job_status(Job.open(job.dir))
+    assert (st.state, st.done, st.total) == ("queued (interrupted)", 6, 6)
+    assert st.message.startswith("every row is saved; the next `runner work`"), st.message
+    assert f"runner work --job {job.id}" in st.message
+    computed = []
+    monkeypatch.setattr(gpt2_engine, "generate", lambda *a, **k: computed.append(a))
+    (summary,) = work(runner_home, engine=gpt2_engine, echo=None, job=job.id)
+    assert job_status(Job.open(job.dir)).state == "completed" and computed == [] and summary.finished
