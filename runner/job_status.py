@@ -116,6 +116,8 @@ def job_status(job: Job) -> JobStatus:
     elif progress.bad:
         message = (f"{counted(len(progress.bad), 'commits')} failed verification; their rows are computed again "
                    "(`runner repair` quarantines them now)")  # fmt: skip
+    elif state.state is JobState.COMPLETED:
+        message = _inputs_damaged(job, verifier)
     message = "; ".join(filter(None, [changing, message])) or None
     workers = [_worker_row(w, hb) for w, hb in sorted(progress.live.items())]
     tps = sum(w["tokens_per_second"] or 0 for w in workers) or None
@@ -148,6 +150,16 @@ def _cannot_run(job: Job, verifier: jobdir.Verifier) -> tuple[str, bool] | None:
         return why, False
     verifier.save()
     return None
+
+
+def _inputs_damaged(job: Job, verifier: jobdir.Verifier) -> str | None:
+    """A completed job's prompts.parquet gone unlike its checksum, said: its results stand whole, but an OpenAI
+    Batch export and a `runner retry` read it (hashed once per change, as for a queued job)."""
+    why = jobdir.prompts_problem(job, verifier)
+    if why is None:
+        verifier.save()
+        return None
+    return f"its results are whole, but {why}"
 
 
 def _state(job: Job) -> tuple[jobdir.StateRecord, str | None]:

@@ -1618,3 +1618,24 @@ def test_a_record_that_cannot_be_written_is_named_not_its_temp_file(tmp_path, mo
         jobdir.create_exclusive(path, {"unit": 3})
     assert str(e.value) == f"cannot create {path}: No space left on device (errno 28)", str(e.value)
     assert e.value.errno == errno.ENOSPC and os.listdir(path.parent) == []  # (its temp file is gone too)
+
+
+def test_a_completed_job_whose_prompts_parquet_was_damaged_says_so_and_repair_mends_it(
+    tmp_path, tiny_gpt2, gpt2_engine
+):
+    """Its results stand (load_results reads the shards), but an OpenAI Batch export and a `runner retry` read
+    prompts.parquet: status said `completed` and nothing else, until one of them refused (pass 122)."""
+    job, _ = _two_jobs_of_other_prompts(tmp_path, tiny_gpt2)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert runner.status(job.dir).message is None
+    path = job.dir / "prompts.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    s = runner.status(job.dir)
+    assert s.state == "completed" and s.message.startswith(
+        f"its results are whole, but prompts.parquet of job {job.id} is damaged"
+    ), s
+    runner.repair(job.dir)  # written again from the unchanged input file
+    s = runner.status(job.dir)
+    assert (s.state, s.message) == ("completed", None)
