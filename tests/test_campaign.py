@@ -1173,9 +1173,8 @@ class Round:
             self.anomaly(f"`runner status` does not list the damaged bystander ({self.by_damaged})")
             return
         self.c.notes[f"damaged bystander's status: {by['state']}: {(by['message'] or '')[:90]}"] += 1
-        # (a completed job's damaged prompts.parquet is not said: its results are all in their shards, and only an
-        # --format openai export, which reads it, refuses; `runner repair` writes it again)
-        must = {"job", "state"} | ({"prompts"} if by["state"] != "completed" else set())
+        # (a completed one's too: its results stand whole, and the message says what reads the file)
+        must = {"job", "state", "prompts"}
         if must & set(self.by_damaged) and not by["message"]:
             self.anomaly(f"the bystander ({self.by_damaged}) does not report its damage: {by}")
         mine = entries.get(self.jid)
