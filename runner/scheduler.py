@@ -523,8 +523,10 @@ def _sleep_until_a_commit(folders: list[Any], most: float) -> None:
                 out.append(None)
         return out
 
-    before, end = stamps(), time.time() + most
-    while (left := end - time.time()) > 0:
+    # the steady clock: a wall clock stepped back while it slept (NTP, a VM resumed) made this wait that much
+    # longer, an hour's step an hour's stall once the holder had died (adversarial pass 131)
+    before, end = stamps(), time.monotonic() + most
+    while (left := end - time.monotonic()) > 0:
         time.sleep(min(WAIT_STEP, left))
         if stamps() != before:
             return

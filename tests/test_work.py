@@ -753,6 +753,7 @@ def test_a_waiting_worker_looks_again_as_soon_as_the_other_commits(tmp_path, mon
     clock = [1000.0]
     monkeypatch.setattr(scheduler.time, "sleep", lambda s: (sleep(s), clock.__setitem__(0, clock[0] + s)))
     monkeypatch.setattr(scheduler.time, "time", lambda: clock[0])
+    monkeypatch.setattr(scheduler.time, "monotonic", lambda: clock[0])
     held = [(SimpleNamespace(id="job", dir=tmp_path / "job"), clock[0] + 120, "other-worker")]
     monkeypatch.setattr(scheduler, "_held_elsewhere", lambda *a: held)
     said, waits = [], set()
@@ -766,6 +767,32 @@ def test_a_waiting_worker_looks_again_as_soon_as_the_other_commits(tmp_path, mon
     # said once, not every poll: the holder renews its claim, and "waiting up to 120 s" never counted down
     assert said == ["job job: the rest is held by worker other-worker; waiting for it to finish (were it to die, "
                     "its claim would go stale within 120 s and this worker take the rest over)"]  # fmt: skip
+
+
+def test_a_wall_clock_stepped_back_does_not_stretch_a_wait(tmp_path, monkeypatch):
+    """The wall clock stepped back an hour (NTP, a VM resumed) while a worker waits for another's units: the
+    wait still ends after `poll` seconds of sleep, not an hour later (a dead holder's unit waited that long;
+    adversarial pass 131, repro_wait_stall.py). Deterministic: fake clocks, no sleeping."""
+    from runner import scheduler
+
+    done = tmp_path / "job" / "done"
+    done.mkdir(parents=True)
+    wall, steady, slept = [1000.0], [50.0], []
+
+    def sleep(seconds):
+        if len(slept) > 10_000:
+            raise AssertionError("still sleeping")
+        slept.append(seconds)
+        steady[0] += seconds
+        wall[0] += seconds - (3600.0 if len(slept) == 1 else 0.0)  # stepped back an hour during the first
+
+    monkeypatch.setattr(scheduler.time, "sleep", sleep)
+    monkeypatch.setattr(scheduler.time, "time", lambda: wall[0])
+    monkeypatch.setattr(scheduler.time, "monotonic", lambda: steady[0])
+    held = [(SimpleNamespace(id="job", dir=tmp_path / "job"), wall[0] + 120, "other-worker")]
+    monkeypatch.setattr(scheduler, "_held_elsewhere", lambda *a: held)
+    assert scheduler._wait_for_others(None, None, "me", 15.0, None, None, set())
+    assert sum(slept) == 15.0  # not 3,615
 
 
 def _small_job(tmp_path, model, rows, **kw):
