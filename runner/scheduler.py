@@ -214,16 +214,22 @@ def queue(
     return out
 
 
-def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[Job, float, str]]:
-    """(job, earliest heartbeat expiry, worker) of queued jobs whose units left are all held by others."""
+def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[Job, float, str, bool]]:
+    """(job, earliest heartbeat expiry, worker, whether its rows are all in) of queued jobs whose units left are
+    all held by others, or whose rows are all in while another worker lives: it records the completion, or,
+    dead, goes stale within its lease and this worker records it (a worker killed right after its last commit, its heartbeat dated
+    days ahead by its clock, left the job "running" for days: every `runner work` said "nothing to do" and
+    ended before that heartbeat's lease could run out; adversarial pass 131)."""
     out = []
     for job, progress in _queued(home, only, {}):  # (broken or unreadable folders: nothing to wait for there)
         others = {w: hb for w, hb in progress.live.items() if w != me}
         if progress.filling:  # a claim still empty (no links): free within CLAIM_FILL_SECONDS unless filled
-            out.append((job, time.time() + jobdir.CLAIM_FILL_SECONDS, "? (its claim is still being written)"))
-        elif progress.units_left and others:
+            out.append(
+                (job, time.time() + jobdir.CLAIM_FILL_SECONDS, "? (its claim is still being written)", False)
+            )
+        elif others:  # (units left all held by them, as a job with one free is a candidate; or none left)
             who, hb = min(others.items(), key=lambda kv: float(kv[1].get("expires", 0)))
-            out.append((job, float(hb.get("expires", 0)), who))
+            out.append((job, float(hb.get("expires", 0)), who, progress.complete))
     return out
 
 
@@ -497,12 +503,18 @@ def _wait_for_others(
     wait = min(poll, max(0.5, min(h[1] for h in held) - time.time()))
     if deadline is not None and time.time() + wait >= deadline:
         return False
-    j, expires, who = min(held, key=lambda h: h[1])
+    j, expires, who, complete = min(held, key=lambda h: h[1])
     if echo and (j.id, who) not in said:
         said.add((j.id, who))
-        echo(f"job {j.id}: the rest is held by worker {who}; waiting for it to finish (were it to die, its claim "
-             f"would go stale within {max(0, expires - time.time()):.0f} s and this worker take the rest over)")  # fmt: skip
-    _sleep_until_a_commit([j.dir / jobdir.MARKERS for j, _, _ in held], wait)
+        stale = f"would go stale within {max(0, expires - time.time()):.0f} s and this worker"
+        if complete:
+            echo(f"job {j.id}: its rows are all in; waiting for worker {who} to record its completion (were it "
+                 f"to die, its heartbeat {stale} record it)")  # fmt: skip
+        else:
+            echo(f"job {j.id}: the rest is held by worker {who}; waiting for it to finish (were it to die, its "
+                 f"claim {stale} take the rest over)")  # fmt: skip
+    # (a commit, or the job's state recorded: its last worker's word of completion)
+    _sleep_until_a_commit([j.dir / sub for j, *_ in held for sub in (jobdir.MARKERS, jobdir.STATES)], wait)
     return True
 
 

@@ -754,7 +754,7 @@ def test_a_waiting_worker_looks_again_as_soon_as_the_other_commits(tmp_path, mon
     monkeypatch.setattr(scheduler.time, "sleep", lambda s: (sleep(s), clock.__setitem__(0, clock[0] + s)))
     monkeypatch.setattr(scheduler.time, "time", lambda: clock[0])
     monkeypatch.setattr(scheduler.time, "monotonic", lambda: clock[0])
-    held = [(SimpleNamespace(id="job", dir=tmp_path / "job"), clock[0] + 120, "other-worker")]
+    held = [(SimpleNamespace(id="job", dir=tmp_path / "job"), clock[0] + 120, "other-worker", False)]
     monkeypatch.setattr(scheduler, "_held_elsewhere", lambda *a: held)
     said, waits = [], set()
     assert scheduler._wait_for_others(None, None, "me", 15.0, None, said.append, waits)
@@ -789,10 +789,39 @@ def test_a_wall_clock_stepped_back_does_not_stretch_a_wait(tmp_path, monkeypatch
     monkeypatch.setattr(scheduler.time, "sleep", sleep)
     monkeypatch.setattr(scheduler.time, "time", lambda: wall[0])
     monkeypatch.setattr(scheduler.time, "monotonic", lambda: steady[0])
-    held = [(SimpleNamespace(id="job", dir=tmp_path / "job"), wall[0] + 120, "other-worker")]
+    held = [(SimpleNamespace(id="job", dir=tmp_path / "job"), wall[0] + 120, "other-worker", False)]
     monkeypatch.setattr(scheduler, "_held_elsewhere", lambda *a: held)
     assert scheduler._wait_for_others(None, None, "me", 15.0, None, None, set())
     assert sum(slept) == 15.0  # not 3,615
+
+
+def test_rows_all_in_and_a_worker_dated_days_ahead_killed_before_completion(
+    prompts_file, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """A worker whose clock runs days ahead is killed after the job's last commit, before its word of completion
+    (its heartbeat dated days in our future, on another machine: no pid to tell). `runner work` waits for that
+    heartbeat's lease (counted from when it first saw it) and records the completion; it said "nothing to do"
+    and ended, every time, leaving the job "running" until the clocks met, days later (adversarial pass 131,
+    repro_future_lease_unfinished.py). Deterministic: a fake steady clock, no sleeping."""
+    from runner import scheduler
+
+    job = submit(prompts_file, tiny_gpt2)
+    run_job(job, gpt2_engine, echo=None)
+    for record in (job.dir / jobdir.STATES).iterdir():  # its word of completion never written
+        record.unlink()
+    assert read_state(job.dir).state == "queued" and jobdir.job_progress(job).complete
+    real_time = time.time
+    monkeypatch.setattr(jobdir.time, "time", lambda: real_time() + 3 * 86400)  # the dead worker's clock
+    Heartbeat(job, Owner("dead-worker", "elsewhere", 4242, "another-boot", "pid:[1]", "7"), ttl=60).beat()
+    monkeypatch.setattr(jobdir.time, "time", real_time)
+    steady = [1000.0]
+    monkeypatch.setattr(scheduler.time, "sleep", lambda s: steady.__setitem__(0, steady[0] + s))
+    monkeypatch.setattr(scheduler.time, "monotonic", lambda: steady[0])
+    said = []
+    work(runner_home, engine=gpt2_engine, echo=said.append, poll=15.0)
+    assert read_state(job.dir).state == "completed"
+    assert 60 <= steady[0] - 1000 <= 60 + 15  # one lease from when it was first seen
+    assert any("waiting for worker dead-worker to record its completion" in line for line in said)
 
 
 def _small_job(tmp_path, model, rows, **kw):
