@@ -303,7 +303,7 @@ def write_local_shard(table: pa.Table, metadata: dict[str, str] | None = None) -
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
     _sweep_killed_local_shards()
     try:
-        tmp = tempfile.mkdtemp(prefix=LOCAL_SHARD_PREFIX)
+        tmp = tempfile.mkdtemp(prefix=_local_shard_prefix())
     except OSError as e:
         raise _local_disk_error(e) from e
     try:
@@ -324,10 +324,16 @@ LOCAL_SHARD_PREFIX = "runner-shard-"
 LOCAL_SHARD_MAX_AGE = 24 * 3600.0
 
 
+def _local_shard_prefix() -> str:
+    """runner-shard-TAG-PID-: whose folder it is (storage.namespace_tag: a pid means this process only there)."""
+    return f"{LOCAL_SHARD_PREFIX}{storage.namespace_tag()}-{os.getpid()}-"
+
+
 @functools.cache
 def _sweep_killed_local_shards() -> None:
     """Once per process: remove the local shard folders that killed workers left in the temp folder (a SIGKILL
-    skips the cleanup; on one's own machine each kill left one)."""
+    skips the cleanup; on one's own machine each kill left one): a day old, and not a live process's (a worker
+    stopped for a day, or a clock stepped a day ahead, had the folder it was writing taken; pass 131)."""
     import time
 
     root = Path(tempfile.gettempdir())
@@ -337,7 +343,15 @@ def _sweep_killed_local_shards() -> None:
     except OSError:
         return
     for folder in old:
-        shutil.rmtree(folder, ignore_errors=True)
+        if not _owner_lives(folder.name):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _owner_lives(name: str) -> bool:
+    """Whether the process that made the local shard folder `name` (`_local_shard_prefix`) still runs here."""
+    tag, _, rest = name[len(LOCAL_SHARD_PREFIX) :].partition("-")
+    pid = rest.partition("-")[0]
+    return tag == storage.namespace_tag() and pid.isdigit() and storage.pid_exists(int(pid))
 
 
 def _local_disk_error(e: OSError) -> storage.StorageError:

@@ -245,3 +245,33 @@ def test_a_file_with_a_long_legal_name_is_written_through_a_temp_name_that_fits(
         and not Path(dead).exists()
         and len(list(tmp_path.iterdir())) == 2
     )
+
+
+def test_a_day_old_local_shard_folder_of_a_live_process_is_not_swept(tmp_path, monkeypatch):
+    """A worker stopped for a day (Ctrl-Z, a laptop asleep) or a process whose clock stepped a day ahead found a
+    live worker's folder a day old and removed it while the worker wrote its shard there (pass 131). A folder
+    names its process; only a dead one's (or an unnamed one's) is swept."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import pyarrow as pa
+
+    from runner import results, storage
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    results._sweep_killed_local_shards.cache_clear()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    tag = storage.namespace_tag()
+    live, dead = (tmp_path / f"runner-shard-{tag}-{pid}-abc" for pid in (os.getpid(), int(gone.stdout)))
+    other_host = (
+        tmp_path / f"runner-shard-00000000-{os.getpid()}-abc"
+    )  # another boot: its pid means nothing here
+    for folder in (live, dead, other_host):
+        folder.mkdir()
+        os.utime(folder, (time.time() - 2 * 86400,) * 2)
+    with results.write_local_shard(pa.table({"a": [1]})) as (path, _):
+        assert path.parent.name.startswith(f"runner-shard-{tag}-{os.getpid()}-")
+    assert live.exists() and not dead.exists() and not other_host.exists()
