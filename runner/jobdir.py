@@ -2021,7 +2021,7 @@ class Verifier:
             st = storage.retry(lambda: os.lstat(path), f"read {path}")
         except storage.StorageError as e:
             if isinstance(e.__cause__, FileNotFoundError):
-                return "its shard is missing"
+                return SHARD_MISSING
             raise
         import stat as st_mod
 
@@ -2189,7 +2189,7 @@ def read_shard(job: Job, commit: Commit) -> tuple[bytes, str | None]:
         return storage.read_bytes(job.dir / SHARDS / commit.shard), None
     except storage.StorageError as e:
         if isinstance(e.__cause__, FileNotFoundError):
-            return b"", "its shard is missing"
+            return b"", SHARD_MISSING
         if isinstance(e.__cause__, IsADirectoryError):  # storage's word for a folder, FIFO... (not a file)
             return b"", "its shard is not a plain file"
         raise
@@ -2473,8 +2473,26 @@ def marker_checksum(marker: dict[str, Any]) -> str:
     return storage.json_checksum(marker)
 
 
-def quarantine(job: Job, name: str, why: str) -> None:
-    """Move a commit that failed verification (marker and shard) into quarantine/, keeping it for a look."""
+SHARD_MISSING = "its shard is missing"
+# seconds a marker whose shard is not there is left in place by workers: a mount that shows another machine's
+# files late (Drive between two VMs) can show its small marker before its shard, which arrives after
+SHARD_ARRIVAL_SECONDS = 600.0
+
+
+def quarantine(job: Job, name: str, why: str, *, waiting: bool = True) -> bool:
+    """Move a commit that failed verification (marker and shard) into quarantine/, keeping it for a look;
+    False when it was left in place. A marker younger than SHARD_ARRIVAL_SECONDS whose shard is missing is left
+    (`waiting`; `runner repair` sets it aside whatever its age): it does not count meanwhile, and its rows are
+    computed again as for any commit that does not verify, but it is not taken for damage. On a mount that
+    shows another process's files late, the marker of a commit just made shows before its shard: a worker on
+    another VM moved a sound commit aside, and a job completed meanwhile was left with those rows missing
+    (`runner repair` to compute them again) once the shard arrived (adversarial pass 132)."""
+    if (
+        waiting
+        and why == SHARD_MISSING
+        and _younger_than(job.dir / MARKERS / f"{name}.json", SHARD_ARRIVAL_SECONDS)
+    ):
+        return False
     q = job.dir / QUARANTINE
     storage.ensure_dir(q)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -2486,6 +2504,18 @@ def quarantine(job: Job, name: str, why: str) -> None:
         except storage.StorageError:
             pass  # it stays ignored where it is
     job.log(f"quarantined commit {name}: {why}; its rows are computed again")
+    return True
+
+
+def _younger_than(path: Path, seconds: float) -> bool:
+    """The file at `path` was modified less than `seconds` ago (or is dated ahead); False when it is gone."""
+    try:
+        st = storage.retry(lambda: os.lstat(path), f"read {path}")
+    except storage.StorageError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return False
+        raise
+    return time.time() - st.st_mtime < seconds
 
 
 # --- status of a job, as the scheduler and `runner status` need it ----------------------------------------
@@ -2684,7 +2714,7 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     generation = max(generation, _last_generation(job), aside.generation if aside is not None else 0)
     ledger = read_ledger(job, seal=True, generation=generation, verifier=Verifier(job, afresh=True))
     for name, why in ledger.bad:
-        quarantine(job, name, why)
+        quarantine(job, name, why, waiting=False)
         report.quarantined.append((name, why))
     progress = job_progress(job, read_ledger(job, generation=generation))
     final = JobState.COMPLETED if progress.complete else JobState.QUEUED

@@ -1,0 +1,72 @@
+"""A mount that shows another machine's files late (Google Drive between two Colab VMs): the small marker of a
+commit can show before its shard. Found by an adversarial pass (132, tests/stalefs.py): a worker on the other VM
+took the marker without its shard for damage and moved it to quarantine/; the shard arrived after, and a job
+completed meanwhile was left with those rows missing (`runner repair` to compute them again). A marker younger
+than SHARD_ARRIVAL_SECONDS whose shard is missing is now left where it is (not counted meanwhile)."""
+
+import os
+import time
+
+import pytest
+from helpers import assert_exactly_once, reference_run
+
+import runner
+from runner import EngineOptions, GenerationParams, jobdir
+from runner.jobdir import Job, Owner, read_ledger
+from runner.jobs import create_job
+from runner.worker import JobRun, run_job
+
+PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, num_return_sequences=2, seed=99)
+OPTIONS = EngineOptions(batch_size=2)
+N = 6
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_gpt2):
+    rows = [{"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(N)]
+    return reference_run(tmp_path_factory.mktemp("late"), tiny_gpt2, rows, PARAMS, OPTIONS, unit_rows=3)
+
+
+def another_workers_tidy(job, engine) -> None:
+    """What a worker starting on the job does first (JobRun.run): read the ledger, set aside what fails."""
+    run = JobRun(Job.open(job.dir), engine, None, 2, 300.0, None, None, Owner.me("B"), jobdir.LEASE_TTL, None)
+    run.tidy(jobdir.job_progress(run.job, run.ledger()))
+
+
+def completed_with_a_shard_in_transit(reference, tiny_gpt2, gpt2_engine, runner_home):
+    job = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
+    assert run_job(job, gpt2_engine, echo=None, shard_rows=2).finished
+    victim = read_ledger(job).commits[1]
+    shard = job.dir / "shards" / victim.shard
+    aside = job.dir.parent / "in-transit.parquet"
+    os.replace(shard, aside)  # the other VM's mount does not show it yet
+    return job, victim, shard, aside
+
+
+def test_a_young_marker_whose_shard_has_not_arrived_is_not_quarantined(
+    reference, tiny_gpt2, gpt2_engine, runner_home
+):
+    job, victim, shard, aside = completed_with_a_shard_in_transit(
+        reference, tiny_gpt2, gpt2_engine, runner_home
+    )
+    another_workers_tidy(job, gpt2_engine)
+    assert (job.dir / "done" / f"{victim.name}.json").exists()
+    assert not list((job.dir / "quarantine").glob("*"))
+    os.replace(aside, shard)  # it arrives
+    s = runner.status(job.dir)
+    assert s.state == "completed" and s.done == s.total == 2 * N, s
+    assert_exactly_once(job.dir, reference[1])
+
+
+def test_an_old_marker_whose_shard_is_missing_is_still_quarantined(
+    reference, tiny_gpt2, gpt2_engine, runner_home
+):
+    job, victim, shard, aside = completed_with_a_shard_in_transit(
+        reference, tiny_gpt2, gpt2_engine, runner_home
+    )
+    marker = job.dir / "done" / f"{victim.name}.json"
+    old = time.time() - jobdir.SHARD_ARRIVAL_SECONDS - 60
+    os.utime(marker, (old, old))
+    another_workers_tidy(job, gpt2_engine)
+    assert not marker.exists()
+    assert [p.name.split("-", 2)[-1] for p in (job.dir / "quarantine").iterdir()] == [marker.name]
