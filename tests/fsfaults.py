@@ -3,7 +3,11 @@
 Only paths under one folder (the job home) are affected; everything else (the model, pytest's own files,
 pyarrow's local temp shards) runs at full speed. What is patched is what runner uses to write the job home:
 `open` as seen by runner.storage and runner.jobdir, and os.replace / fsync / listdir / scandir / unlink / mkdir
-/ link.
+/ link; with `eio`, also what it reads it with: builtins.open and io.open (pathlib's read_text / read_bytes)
+for reads, os.stat / os.lstat (and so os.path.exists / isdir / lexists and pathlib's stat / exists / is_file /
+is_dir), pyarrow.OSFile / memory_map (read modes) and pyarrow.parquet's read_table / ParquetFile / read_schema /
+read_metadata (runner imports pyarrow inside functions, so the module attributes are what it calls). A patched
+call runs the real ones it makes itself (realpath's lstat, pyarrow's own opens) without faults.
 
   * slow: every write, rename, fsync, delete and listing takes `slow` seconds (a Drive mount on a bad day);
   * copy_rename: os.replace copies the bytes to the destination, then deletes the source, as some FUSE / Drive
@@ -11,10 +15,12 @@ pyarrow's local temp shards) runs at full speed. What is patched is what runner 
     before the delete of the temp file ("after_copy"), or with half of the bytes copied ("mid_copy");
   * fail: an errno name (EROFS, ENOSPC): every write, rename, delete and mkdir fails with it, from the start
     or (`fail_from` = a sub-folder) once a file has been written into that sub-folder (a disk that fills up);
-  * eio: the chance that a listing of, or a read of a file in, one of the sub-folders `eio_dirs` ("." for the
-    folder itself: job.json, its backup, verified.json, stats.json...) fails with a
-    transient EIO or ENOTCONN (a Drive mount dropping a request). Each failure is transient: the next access
-    to the same path succeeds. `eio_seed` seeds the choices; each failure is appended as a line to `eio_log`;
+  * eio: the chance that a listing of, or a read or stat of a file in, one of the sub-folders `eio_dirs` ("."
+    for the folder itself: job.json, its backup, verified.json, stats.json, the sub-folders' own entries...)
+    fails with a transient EIO or ENOTCONN (a Drive mount dropping a request), a missing file's stat too (an
+    existence check). Each failure is transient: the next access of the same kind (list, read, stat) to the
+    same path succeeds. `eio_seed` seeds the choices; each failure is appended to `eio_log` as a line
+    "ERRNO KIND PATH";
   * retry_delays: runner.storage.RETRY_DELAYS for the process (short ones, so that many transient errors cost
     a test little time).
 
@@ -27,6 +33,8 @@ from __future__ import annotations
 
 import builtins
 import errno
+import functools
+import io
 import json
 import os
 import random
@@ -35,8 +43,40 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow
+import pyarrow.parquet
+
 ENV = "RUNNER_TEST_FSFAULTS"
 HERE = Path(__file__).resolve()
+# the real calls, taken once (a second FsFaults in the process must not wrap the first one's patches)
+OS_CALLS = ("replace", "fsync", "listdir", "scandir", "unlink", "mkdir", "link", "stat", "lstat")
+REAL = {
+    **{n: getattr(os, n) for n in OS_CALLS},
+    "open": builtins.open,
+    **{n: getattr(pyarrow, n) for n in ("OSFile", "memory_map")},
+    **{n: getattr(pyarrow.parquet, n) for n in ("read_table", "ParquetFile", "read_schema", "read_metadata")},
+}
+_INSIDE = threading.local()  # `on` while a patched call runs: the calls it makes itself go to the real ones
+
+
+def _patched(name: str):
+    """A patched call: inside another one of this thread (realpath's lstat, pyarrow's own opens) it is the real
+    call, so that faults land only on runner's own calls and never recurse."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            if getattr(_INSIDE, "on", False):
+                return REAL[name](*args, **kwargs)
+            _INSIDE.on = True
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                _INSIDE.on = False
+
+        return call
+
+    return wrap
 
 
 class FsFaults:
@@ -50,7 +90,9 @@ class FsFaults:
         self.eio, self.eio_dirs, self.eio_seed, self.eio_log = eio, tuple(eio_dirs), eio_seed, eio_log
         self.retry_delays = retry_delays
         self.eio_rng = random.Random(eio_seed)
-        self.eio_failed: set[str] = set()  # paths whose last access failed: the next one succeeds
+        self.eio_failed: set[tuple[str, str]] = (
+            set()
+        )  # (kind, path) whose last access failed: the next succeeds
         self.eio_count = 0
         self.slow, self.copy_rename, self.kill = slow, copy_rename, kill
         self.fail = getattr(errno, fail) if fail else None
@@ -59,10 +101,8 @@ class FsFaults:
         self.slowed = 0  # operations that were slowed down
         self.renames: dict[str, int] = {}  # copy-renames per destination sub-folder
         self._lock = threading.Lock()
-        self.real = {
-            n: getattr(os, n) for n in ("replace", "fsync", "listdir", "scandir", "unlink", "mkdir", "link")
-        }
-        self.real_open = builtins.open
+        self.real = REAL
+        self.real_open = REAL["open"]
 
     def settings(self) -> str:
         fail = errno.errorcode[self.fail] if self.fail else None
@@ -97,29 +137,29 @@ class FsFaults:
         if self.failing:
             raise OSError(self.fail, os.strerror(self.fail), os.fsdecode(path))
 
-    def _transient(self, path, listing: bool) -> None:
-        """Fail this read of the done-set once, at random, with EIO or ENOTCONN (see `eio`)."""
+    def _transient(self, path, kind: str) -> None:
+        """Fail this access ("list", "read" or "stat") once, at random, with EIO or ENOTCONN (see `eio`)."""
         if not self.eio or isinstance(path, int) or not self._ours(path):
             return
         p = os.path.realpath(os.fsdecode(path))
-        folder = p if listing else os.path.dirname(p)
+        folder = p if kind == "list" else os.path.dirname(p)
         if folder == self.root:  # the job folder's own files (job.json, its backup, verified.json...): "."
             if "." not in self.eio_dirs:
                 return
         elif os.path.dirname(folder) != self.root or os.path.basename(folder) not in self.eio_dirs:
             return
         with self._lock:
-            if p in self.eio_failed:
-                self.eio_failed.discard(p)  # the retry succeeds
+            if (kind, p) in self.eio_failed:
+                self.eio_failed.discard((kind, p))  # the retry succeeds
                 return
             if self.eio_rng.random() >= self.eio:
                 return
-            self.eio_failed.add(p)
+            self.eio_failed.add((kind, p))
             self.eio_count += 1
             code = self.eio_rng.choice((errno.EIO, errno.ENOTCONN))
             if self.eio_log:
                 with self.real_open(self.eio_log, "a") as f:
-                    f.write(f"{errno.errorcode[code]} {'list' if listing else 'read'} {p}\n")
+                    f.write(f"{errno.errorcode[code]} {kind} {p}\n")
         raise OSError(code, os.strerror(code), os.fsdecode(path))
 
     def _wrote(self, path) -> None:
@@ -128,14 +168,82 @@ class FsFaults:
 
     # --- the patched calls -------------------------------------------------------------------------------
 
+    @_patched("open")
     def open(self, file, mode="r", *args, **kwargs):
         if not isinstance(file, int) and self._ours(file) and any(c in mode for c in "wax+"):
             self._slow()
             self._check_fail(file)
         elif not isinstance(file, int):
-            self._transient(file, listing=False)
+            self._transient(file, "read")
         return self.real_open(file, mode, *args, **kwargs)
 
+    @_patched("open")
+    def open_read(self, file, mode="r", *args, **kwargs):
+        """builtins.open / io.open for every other module: transient errors on reads (writes as they are)."""
+        if not isinstance(file, int) and not any(c in mode for c in "wax+"):
+            self._transient(file, "read")
+        return self.real_open(file, mode, *args, **kwargs)
+
+    @_patched("stat")
+    def stat(self, path, *args, **kwargs):
+        if not kwargs.get("dir_fd"):
+            self._transient(path, "stat")
+        return self.real["stat"](path, *args, **kwargs)
+
+    @_patched("lstat")
+    def lstat(self, path, *args, **kwargs):
+        if not kwargs.get("dir_fd"):
+            self._transient(path, "stat")
+        return self.real["lstat"](path, *args, **kwargs)
+
+    def _arrow_read(self, source, call):
+        """A pyarrow reader of `source` (a path; a buffer or an open file as it is), the real one run by `call`."""
+        if isinstance(source, (str, bytes, os.PathLike)):
+            self._transient(source, "read")
+        return call()
+
+    @_patched("OSFile")
+    def OSFile(self, path, mode="r", *args, **kwargs):  # noqa: N802 (pyarrow's name)
+        if mode in ("r", "rb"):
+            self._transient(path, "read")
+        return self.real["OSFile"](path, mode, *args, **kwargs)
+
+    @_patched("memory_map")
+    def memory_map(self, path, mode="r", *args, **kwargs):
+        if mode in ("r", "rb"):
+            self._transient(path, "read")
+        return self.real["memory_map"](path, mode, *args, **kwargs)
+
+    @_patched("read_table")
+    def read_table(self, source, *args, **kwargs):
+        return self._arrow_read(source, lambda: self.real["read_table"](source, *args, **kwargs))
+
+    @_patched("read_schema")
+    def read_schema(self, where, *args, **kwargs):
+        return self._arrow_read(where, lambda: self.real["read_schema"](where, *args, **kwargs))
+
+    @_patched("read_metadata")
+    def read_metadata(self, where, *args, **kwargs):
+        return self._arrow_read(where, lambda: self.real["read_metadata"](where, *args, **kwargs))
+
+    def parquet_file_class(self) -> type:
+        """pyarrow.parquet.ParquetFile with its opening through the faults (a subclass: isinstance holds)."""
+        faults, real = self, self.real["ParquetFile"]
+
+        class ParquetFile(real):
+            def __init__(self, source, *args, **kwargs):
+                init = functools.partial(super().__init__, source, *args, **kwargs)
+                if getattr(_INSIDE, "on", False):
+                    return init()
+                _INSIDE.on = True
+                try:
+                    faults._arrow_read(source, init)
+                finally:
+                    _INSIDE.on = False
+
+        return ParquetFile
+
+    @_patched("replace")
     def replace(self, src, dst, **kwargs):
         if not self._ours(dst):
             return self.real["replace"](src, dst, **kwargs)
@@ -166,35 +274,41 @@ class FsFaults:
             os.kill(os.getpid(), signal.SIGKILL)
         self.real["unlink"](src)
 
+    @_patched("fsync")
     def fsync(self, fd):
         if self._ours(fd):
             self._slow()
         return self.real["fsync"](fd)
 
+    @_patched("listdir")
     def listdir(self, path="."):
         if self._ours(path):
             self._slow()
-            self._transient(path, listing=True)
+            self._transient(path, "list")
         return self.real["listdir"](path)
 
+    @_patched("scandir")
     def scandir(self, path="."):
         if self._ours(path):
             self._slow()
-            self._transient(path, listing=True)
+            self._transient(path, "list")
         return self.real["scandir"](path)
 
+    @_patched("link")
     def link(self, src, dst, *args, **kwargs):
         if self._ours(dst):
             self._slow()
             self._check_fail(dst)
         return self.real["link"](src, dst, *args, **kwargs)
 
+    @_patched("unlink")
     def unlink(self, path, *args, **kwargs):
         if self._ours(path):
             self._slow()
             self._check_fail(path)
         return self.real["unlink"](path, *args, **kwargs)
 
+    @_patched("mkdir")
     def mkdir(self, path, *args, **kwargs):
         if self._ours(path):
             self._check_fail(path)
@@ -205,10 +319,17 @@ class FsFaults:
         import runner.jobdir
         import runner.storage
 
-        patches = [(os, name, getattr(self, name)) for name in self.real] + [
+        patches = [(os, name, getattr(self, name)) for name in OS_CALLS[:7]] + [
             (runner.storage, "open", self.open),
             (runner.jobdir, "open", self.open),
         ]
+        if self.eio:  # what runner reads the job folder with, everywhere else
+            patches += [(os, "stat", self.stat), (os, "lstat", self.lstat), (builtins, "open", self.open_read),
+                        (io, "open", self.open_read), (pyarrow, "OSFile", self.OSFile),
+                        (pyarrow, "memory_map", self.memory_map), (pyarrow.parquet, "read_table", self.read_table),
+                        (pyarrow.parquet, "ParquetFile", self.parquet_file_class()),
+                        (pyarrow.parquet, "read_schema", self.read_schema),
+                        (pyarrow.parquet, "read_metadata", self.read_metadata)]  # fmt: skip
         if self.retry_delays is not None:
             patches.append((runner.storage, "RETRY_DELAYS", tuple(self.retry_delays)))
         for obj, name, value in patches:

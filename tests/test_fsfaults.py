@@ -1,10 +1,15 @@
 """The job home misbehaving under a whole job: slow, renames that are really copy + delete (killed half way),
 and writes that fail for good. Every row ends up in the results exactly once; a shard never counts twice."""
 
+import builtins
+import errno
+import io
 import os
 import signal
 import time
+from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsfaults import FsFaults, command
@@ -18,7 +23,7 @@ from runner.jobs import Job, create_job
 from runner.results import ORDER, valid_shards
 from runner.scheduler import work
 
-pytestmark = pytest.mark.slow  # real worker processes or the demo model: `make test` runs it, test-fast not
+slow = pytest.mark.slow  # real worker processes or the demo model: `make test` runs it, test-fast not
 
 N_ROWS = 6
 PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, seed=11)
@@ -54,6 +59,7 @@ def assert_counted_once(job_dir, ref, complete=True):
     return len(keys)
 
 
+@slow
 def test_a_slow_job_home_still_completes_every_row_once(job, reference, gpt2_engine, monkeypatch):
     home = job.dir.parent
     faults = FsFaults(home, slow=0.25).install(monkeypatch)
@@ -67,6 +73,7 @@ def test_a_slow_job_home_still_completes_every_row_once(job, reference, gpt2_eng
     assert assert_counted_once(job.dir, reference[1]) == N_ROWS
 
 
+@slow
 @pytest.mark.parametrize(
     ("folder", "at"),
     [
@@ -99,6 +106,7 @@ def test_a_rename_done_as_copy_and_delete_killed_half_way(
     assert not left.exists() and fresh.exists()
 
 
+@slow
 @pytest.mark.parametrize(
     ("fail", "fail_from", "message"),
     [
@@ -129,6 +137,7 @@ def test_a_job_home_that_cannot_be_written_stops_the_worker_cleanly(
     assert assert_counted_once(job.dir, reference[1]) == N_ROWS
 
 
+@slow
 def test_a_full_local_temp_folder_is_named_as_such_and_the_job_resumes(
     job, reference, gpt2_engine, monkeypatch
 ):
@@ -158,3 +167,83 @@ def test_a_full_local_temp_folder_is_named_as_such_and_the_job_resumes(
     monkeypatch.undo()
     assert work(home, engine=gpt2_engine, echo=None)[0].finished
     assert assert_exactly_once(job.dir, reference[1]) == N_ROWS
+
+
+# --- the transient read errors themselves (in-process, no model) ----------------------------------------------
+
+# every way runner reads the job folder that the faults reach, beside open / listdir / scandir (already there):
+# name -> (the kind its eio_log line says, a call on a path)
+READS = {
+    "builtins.open": ("read", lambda p: builtins.open(p, "rb").close()),
+    "io.open": ("read", lambda p: io.open(p, encoding="utf-8").close()),  # noqa: UP020 (pathlib calls io.open)
+    "Path.read_bytes": ("read", lambda p: Path(p).read_bytes()),
+    "os.stat": ("stat", lambda p: os.stat(p)),  # (looked up at the call: the patched one)
+    "os.lstat": ("stat", lambda p: os.lstat(p)),
+    "os.path.getsize": ("stat", lambda p: os.path.getsize(p)),
+    "Path.stat": ("stat", lambda p: Path(p).stat()),
+    "Path.exists": ("stat", lambda p: Path(p).exists()),
+    "Path.is_file": ("stat", lambda p: Path(p).is_file()),
+    "pyarrow.OSFile": ("read", lambda p: pa.OSFile(str(p)).close()),
+    "pyarrow.OSFile(bytes)": ("read", lambda p: pa.OSFile(os.fsencode(p), "rb").close()),
+    "pyarrow.memory_map": ("read", lambda p: pa.memory_map(str(p)).close()),
+    "pq.read_table": ("read", lambda p: pq.read_table(p)),
+    "pq.ParquetFile": ("read", lambda p: pq.ParquetFile(p).read()),
+    "pq.read_schema": ("read", lambda p: pq.read_schema(p)),
+    "pq.read_metadata": ("read", lambda p: pq.read_metadata(p)),
+}
+
+
+@pytest.fixture
+def three_files(tmp_path):
+    """The same small Parquet file in the job's done/ (an eio dir), in its state/ (not one), and outside it."""
+    paths = [tmp_path / "home" / "job" / "done" / "a.parquet", tmp_path / "home" / "job" / "state" / "a.parquet",
+             tmp_path / "other" / "done" / "a.parquet"]  # fmt: skip
+    for path in paths:
+        path.parent.mkdir(parents=True)
+        pq.write_table(pa.table({"x": [1, 2, 3]}), path)
+    return paths
+
+
+def eio_faults(tmp_path, monkeypatch) -> tuple[FsFaults, Path]:
+    """Every first access in the job's done/ fails (eio 1.0), logged to the returned file."""
+    log = tmp_path / "eio.log"
+    faults = FsFaults(tmp_path / "home" / "job", eio=1.0, eio_dirs=("done",), eio_log=str(log))
+    return faults.install(monkeypatch), log
+
+
+@pytest.mark.parametrize("read", READS)
+def test_each_read_fails_once_then_succeeds_and_only_in_an_eio_dir(three_files, tmp_path, monkeypatch, read):
+    """Each failure is transient (the next access of its kind succeeds) and one per call (what the patched call
+    does itself, pyarrow's own opens, realpath's lstat, is not failed again); outside the job folder, or in a
+    sub-folder not in eio_dirs, nothing ever fails."""
+    faults, log = eio_faults(tmp_path, monkeypatch)
+    ours, not_eio, outside = three_files
+    kind, call = READS[read]
+    for _ in range(3):
+        with pytest.raises(OSError) as failed:
+            call(ours)
+        assert failed.value.errno in (errno.EIO, errno.ENOTCONN)
+        call(ours)  # the retry
+    for path in (not_eio, outside, str(not_eio), str(outside)):
+        for _ in range(3):
+            call(path)
+    monkeypatch.undo()
+    lines = [line.split() for line in log.read_text().splitlines()]
+    assert faults.eio_count == len(lines) == 3
+    assert all(code in ("EIO", "ENOTCONN") and rest == [kind, str(ours)] for code, *rest in lines), lines
+
+
+def test_a_missing_file_fails_once_too_then_is_missing(tmp_path, monkeypatch):
+    """An existence check (a stat expecting FileNotFoundError) gets its transient error like any stat; the retry
+    says the file is missing. Writes through builtins.open are not failed; ParquetFile is still a class."""
+    eio_faults(tmp_path, monkeypatch)
+    done = tmp_path / "home" / "job" / "done"
+    done.mkdir(parents=True)
+    with pytest.raises(OSError) as failed:
+        os.stat(done / "none.json")
+    assert failed.value.errno in (errno.EIO, errno.ENOTCONN)
+    with pytest.raises(FileNotFoundError):
+        os.stat(done / "none.json")
+    with builtins.open(done / "new.json", "w") as f:  # (its first read fails, not its write)
+        f.write("{}")
+    assert issubclass(pq.ParquetFile, pq.core.ParquetFile)
