@@ -2974,7 +2974,7 @@ def _own_spec(path: Path, shards: set[str], *specs: dict[str, Any]) -> dict[str,
     def prompts_of() -> set[str]:
         if storage.kind(path / PROMPTS) != "file":
             return set()
-        digest = storage.file_sha256(path / PROMPTS)
+        digest = storage.retry(lambda: storage.file_sha256(path / PROMPTS), f"read {path / PROMPTS}")
         matching = [s["id"] for s in specs if s.get("prompts_sha256") == digest]
         return set(matching[:1]) if len(matching) == 1 else set()
 

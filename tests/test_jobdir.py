@@ -1392,6 +1392,22 @@ def test_repair_tells_two_jobs_specs_apart_before_any_result_or_refuses(
     assert jobdir._read_json_or_none(mine.dir / "job.backup.json")["id"] == mine.id  # nothing was overwritten
 
 
+def test_repair_tells_two_jobs_specs_apart_by_their_prompts_through_transient_read_errors(
+    reference, tiny_gpt2, runner_home, tmp_path, monkeypatch
+):
+    """An `-o` folder with no results, job.json another job's (of other prompts): its prompts.parquet's checksum
+    says which spec is the folder's own, read through a mount that fails every first read or stat in the folder
+    once (before: that checksum was read without retries, and repair ended on a raw EIO)."""
+    mine = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "out", unit_rows=3)
+    prompts = write_jsonl(tmp_path / "other.jsonl", [{"id": "o1", "prompt": "Something else entirely"}])
+    other = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
+    shutil.copy(other.dir / "job.json", mine.dir / "job.json")
+    FsFaults(mine.dir, eio=1.0, eio_dirs=(".",), retry_delays=[0.0] * 6).install(monkeypatch)
+    assert jobdir.repair(mine.dir).restored_spec
+    monkeypatch.undo()
+    assert jobdir._read_json_or_none(mine.dir / "job.json")["id"] == mine.id == Job.open(mine.dir).id
+
+
 @pytest.mark.parametrize("copied", [("job.json", "job.backup.json"), ("job.backup.json",)])
 def test_a_folder_whose_results_are_another_jobs_is_refused_not_run_or_repaired_into_it(
     job, reference, tiny_gpt2, gpt2_engine, runner_home, copied
