@@ -24,7 +24,7 @@ call runs the real ones it makes itself (realpath's lstat, pyarrow's own opens) 
   * retry_delays: runner.storage.RETRY_DELAYS for the process (short ones, so that many transient errors cost
     a test little time).
 
-In-process: `FsFaults(home, slow=0.25).install(monkeypatch.setattr)`. In a worker process: run this file as
+In-process: `FsFaults(home, slow=0.25).install(monkeypatch)`. In a worker process: run this file as
 the program, with the settings as JSON in $RUNNER_TEST_FSFAULTS (`command(...)` builds both):
 `python tests/fsfaults.py --home H work ...` installs the faults, then runs the `runner` command.
 """
@@ -90,9 +90,8 @@ class FsFaults:
         self.eio, self.eio_dirs, self.eio_seed, self.eio_log = eio, tuple(eio_dirs), eio_seed, eio_log
         self.retry_delays = retry_delays
         self.eio_rng = random.Random(eio_seed)
-        self.eio_failed: set[tuple[str, str]] = (
-            set()
-        )  # (kind, path) whose last access failed: the next succeeds
+        # (kind, path) whose last access failed: the next one succeeds
+        self.eio_failed: set[tuple[str, str]] = set()
         self.eio_count = 0
         self.slow, self.copy_rename, self.kill = slow, copy_rename, kill
         self.fail = getattr(errno, fail) if fail else None
