@@ -9,7 +9,7 @@ A round (`Round.play`), in a fresh copy of the prepared jobs:
      point, or once its temp folder has reached a random stage); in a bystander round (`by_round`) the
      bystander is run part way (killed) and some of its files damaged (its prompts.parquet too);
   2. 1-3 workers on the job (RUNNER_LEASE_TTL=2, --shard-rows 2) through tests/fsfaults.py: slightly slow
-     writes and transient EIO/ENOTCONN on reads of done/, claims/ and shards/. Some carry RUNNER_FAULT (they
+     writes and transient EIO/ENOTCONN on listings, reads and stats in the job folder. Some carry RUNNER_FAULT (they
      SIGKILL themselves at a named point); the test SIGKILLs, SIGSTOPs (until another worker has taken one of
      its units over) and damages files on progress events (commit markers appearing, units starting), never
      on a timer alone; in a reader round (`readers`) the user also reads the results meanwhile; in a bystander
@@ -76,8 +76,8 @@ LEASE = {"RUNNER_LEASE_TTL": "2"}
 SLOW = 0.005  # seconds per write and listing in the job home (a Drive mount)
 # storage.RETRY_DELAYS in the test's processes: runner's, with short first steps (still a minute in all)
 RETRY_DELAYS = (0.02, 0.05, 0.1, 0.5, 1, 2, 4, 8, 15, 30)
-# chance of a transient EIO/ENOTCONN per listing or read of done/, claims/, shards/ (0.06 made EIO about half of
-# all faults; the share went to kills at named points, stops past the lease, killed commands and torn metadata)
+# chance of a transient EIO/ENOTCONN per listing, read or stat in EIO_DIRS (0.06 made EIO about half of all faults
+# when only listings and reads failed; with stats it is 60-70% of them at 0.02, about half of it stats)
 EIO_RATE = 0.02
 # where: the done-set and shards, and the state records and the job folder's own files (job.json, its backup,
 # verified.json, stats.json, heartbeats: a transient error reading one must not make the job broken or failed)
@@ -369,6 +369,11 @@ class Round:
         for step in filter(None, steps):
             self.note(f"-- {step.__name__}")
             step()
+        # every transient error of the round's processes, the checks' own included: a line "ERRNO KIND PATH" each
+        for log in self.dir.glob("eio-*.log"):
+            kinds = [line.split()[1] for line in log.read_text().splitlines()]
+            self.c.faults["eio"] += len(kinds)
+            self.c.notes.update(f"eio by kind: {k}" for k in kinds)
         self.note(f"-- {self.c.total - before} faults")
 
     # --- processes --------------------------------------------------------------------------------------
@@ -1241,7 +1246,6 @@ class Round:
         """Exactly once and equal to the reference, in load_results and in every counted shard; both jobs
         completed; no traceback anywhere; no temp folder of a killed submit left."""
         found = self.c.found
-        self.c.faults["eio"] += sum(len(p.read_text().splitlines()) for p in self.dir.glob("eio-*.log"))
         df = runner.load_results(self.job)
         lost, dup, bad = compare(df, self.c.p.ref)
         found.update(lost=lost, duplicated=dup, corrupted=bad)
