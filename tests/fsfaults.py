@@ -19,8 +19,9 @@ call runs the real ones it makes itself (realpath's lstat, pyarrow's own opens) 
     for the folder itself: job.json, its backup, verified.json, stats.json, the sub-folders' own entries...)
     fails with a transient EIO or ENOTCONN (a Drive mount dropping a request), a missing file's stat too (an
     existence check). Each failure is transient: the next access of the same kind (list, read, stat) to the
-    same path succeeds. `eio_seed` seeds the choices; each failure is appended to `eio_log` as a line
-    "ERRNO KIND PATH";
+    same path succeeds. `eio_stat`: another chance for stats (runner makes several for a read: the same rate
+    would make most failures stats). `eio_seed` seeds the choices; each failure is appended to `eio_log` as a
+    line "ERRNO KIND PATH";
   * retry_delays: runner.storage.RETRY_DELAYS for the process (short ones, so that many transient errors cost
     a test little time).
 
@@ -84,11 +85,12 @@ class FsFaults:
         self, root, *, slow: float = 0.0, copy_rename: bool = False, kill: dict | None = None,
         fail: str | None = None, fail_from: str | None = None, eio: float = 0.0,
         eio_dirs: tuple[str, ...] = ("done", "claims", "shards"), eio_seed: int = 0, eio_log: str | None = None,
-        retry_delays: list[float] | None = None,
+        eio_stat: float | None = None, retry_delays: list[float] | None = None,
     ):  # fmt: skip
         self.root = os.path.realpath(root)
         self.eio, self.eio_dirs, self.eio_seed, self.eio_log = eio, tuple(eio_dirs), eio_seed, eio_log
         self.retry_delays = retry_delays
+        self.eio_stat = eio if eio_stat is None else eio_stat
         self.eio_rng = random.Random(eio_seed)
         # (kind, path) whose last access failed: the next one succeeds
         self.eio_failed: set[tuple[str, str]] = set()
@@ -107,7 +109,7 @@ class FsFaults:
         fail = errno.errorcode[self.fail] if self.fail else None
         return json.dumps({"root": self.root, "slow": self.slow, "copy_rename": self.copy_rename,
                            "kill": self.kill, "fail": fail, "fail_from": self.fail_from, "eio": self.eio,
-                           "eio_dirs": list(self.eio_dirs), "eio_seed": self.eio_seed,
+                           "eio_dirs": list(self.eio_dirs), "eio_seed": self.eio_seed, "eio_stat": self.eio_stat,
                            "eio_log": self.eio_log, "retry_delays": self.retry_delays})  # fmt: skip
 
     # --- which paths, and what happens to them -----------------------------------------------------------
@@ -138,7 +140,8 @@ class FsFaults:
 
     def _transient(self, path, kind: str) -> None:
         """Fail this access ("list", "read" or "stat") once, at random, with EIO or ENOTCONN (see `eio`)."""
-        if not self.eio or isinstance(path, int) or not self._ours(path):
+        rate = self.eio_stat if kind == "stat" else self.eio
+        if not rate or isinstance(path, int) or not self._ours(path):
             return
         p = os.path.realpath(os.fsdecode(path))
         folder = p if kind == "list" else os.path.dirname(p)
@@ -151,7 +154,7 @@ class FsFaults:
             if (kind, p) in self.eio_failed:
                 self.eio_failed.discard((kind, p))  # the retry succeeds
                 return
-            if self.eio_rng.random() >= self.eio:
+            if self.eio_rng.random() >= rate:
                 return
             self.eio_failed.add((kind, p))
             self.eio_count += 1
@@ -322,7 +325,7 @@ class FsFaults:
             (runner.storage, "open", self.open),
             (runner.jobdir, "open", self.open),
         ]
-        if self.eio:  # what runner reads the job folder with, everywhere else
+        if self.eio or self.eio_stat:  # what runner reads the job folder with, everywhere else
             patches += [(os, "stat", self.stat), (os, "lstat", self.lstat), (builtins, "open", self.open_read),
                         (io, "open", self.open_read), (pyarrow, "OSFile", self.OSFile),
                         (pyarrow, "memory_map", self.memory_map), (pyarrow.parquet, "read_table", self.read_table),

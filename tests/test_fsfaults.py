@@ -247,3 +247,17 @@ def test_a_missing_file_fails_once_too_then_is_missing(tmp_path, monkeypatch):
     with builtins.open(done / "new.json", "w") as f:  # (its first read fails, not its write)
         f.write("{}")
     assert issubclass(pq.ParquetFile, pq.core.ParquetFile)
+
+
+def test_stats_have_a_chance_of_their_own(three_files, tmp_path, monkeypatch):
+    """`eio_stat` (0 here) for stats, `eio` (1) for the rest: the reads still fail once each, no stat does."""
+    faults = FsFaults(tmp_path / "home" / "job", eio=1.0, eio_stat=0.0, eio_dirs=("done",)).install(
+        monkeypatch
+    )
+    ours = three_files[0]
+    for _ in range(3):
+        assert os.stat(ours) and Path(ours).exists() and os.path.getsize(ours)
+    with pytest.raises(OSError):
+        pq.read_metadata(ours)
+    assert pq.read_metadata(ours).num_rows == 3
+    assert faults.eio_count == 1
