@@ -216,10 +216,10 @@ def queue(
 
 def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[Job, float, str, bool]]:
     """(job, earliest heartbeat expiry, worker, whether its rows are all in) of queued jobs whose units left are
-    all held by others, or whose rows are all in while another worker lives: it records the completion, or,
-    dead, goes stale within its lease and this worker records it (a worker killed right after its last commit, its heartbeat dated
-    days ahead by its clock, left the job "running" for days: every `runner work` said "nothing to do" and
-    ended before that heartbeat's lease could run out; adversarial pass 131)."""
+    held by others, or whose rows are all in while another worker lives: that worker records the completion,
+    or, dead, goes stale within its lease and this one records it. (A worker killed right after its last
+    commit, its heartbeat dated days ahead by its clock, left the job "running" for days: every `runner work`
+    said "nothing to do" and ended before that heartbeat's lease could run out; adversarial pass 131.)"""
     out = []
     for job, progress in _queued(home, only, {}):  # (broken or unreadable folders: nothing to wait for there)
         others = {w: hb for w, hb in progress.live.items() if w != me}
