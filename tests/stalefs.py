@@ -8,15 +8,25 @@ deterministically, by operation counts (never by sleeps):
     over) is appended to a shared journal, with a copy of the bytes a replaced file had;
   * a process that reads (a listing, stat/lstat/exists, an open for reading) first reads the journal's new
     lines; each change by another process stays unseen for `lag` of this process's own read operations, `lag`
-    drawn per (observer, change) from a seeded hash in [0, max_lag] (a fraction `p` of changes lag at all);
+    drawn per (observer, change) from a hash of (seed, observer, journal line, path under root) in
+    [0, max_lag] (only a fraction `p` of changes lag at all): the same lags for the same `who`s and journal
+    wherever the root is;
   * while a change to a path is unseen, the path reads as it was before it: a created file or folder is not
     listed and stat/open say "no such file"; a deleted or renamed-away entry is still listed (but stat and open
     of it say "no such file", as a mount whose listing is cached answers); a replaced file reads (and stats) as
-    its previous bytes.
+    its previous bytes;
+  * a process's own change to a path it sees at once, and no change another made before it (in journal order)
+    ever shows over it.
+
+Paths outside `root` pass straight through. The observer (`who`) is the process id unless given: a test may
+make two StaleFs of one journal in one process, with other `who`s, and use their methods (open, listdir,
+stat...) directly as two processes' views, without installing either.
 
 Run as a wrapper program: `python tests/stalefs.py ARGS...` with $RUNNER_TEST_STALEFS = JSON settings
-{"root", "journal", "seed", "max_lag", "p"} installs the view, then runs `runner ARGS...`. Unseen changes are
-counted in the journal folder (`stale-PID.txt`), so a test can say how often staleness was served.
+{"root", "journal", "seed", "max_lag", "p", "vm"} installs the view, then runs `runner ARGS...`; with "vm" true
+the process also has a boot id of its own (as if on its own VM), so only heartbeats tell whether a worker lives.
+Unseen changes served are counted in the journal folder (`stale-WHO.txt`, rewritten every 5th one: a lower
+bound), so a test can say that staleness was served at all.
 """
 
 from __future__ import annotations
@@ -77,12 +87,12 @@ class _Scan:
 
 
 class StaleFs:
-    def __init__(self, root, journal, seed=0, max_lag=40, p=0.7):
+    def __init__(self, root, journal, seed=0, max_lag=40, p=0.7, who=None):
         self.root = os.path.realpath(root)
         self.jdir = journal
         self.jpath = os.path.join(journal, "journal.jsonl")
         self.seed, self.max_lag, self.p = seed, max_lag, p
-        self.pid = os.getpid()
+        self.pid = os.getpid() if who is None else who  # the observer: its own changes it sees at once
         self.real = {
             n: getattr(os, n)
             for n in ("replace", "rename", "unlink", "remove", "mkdir", "rmdir", "link", "open", "listdir",
@@ -90,7 +100,9 @@ class StaleFs:
         }  # fmt: skip
         self.real_open = builtins.open
         self.lock = threading.RLock()
-        self.ops = 0
+        self.ops = 0  # read operations so far: the clock that unseen changes' lags count
+        self.index = 0  # journal lines read so far
+        self.saves = 0  # copies of replaced files so far (each its own name)
         self.offset = 0
         self.buf = b""
         self.pending: list[dict] = []  # others' changes not yet seen: {path, op, old, isdir, until}
@@ -126,8 +138,9 @@ class StaleFs:
             return None
         if not stat_mod.S_ISREG(st.st_mode):
             return None
+        self.saves += 1  # (not the read count: two writes of a file between reads each keep their bytes)
         dst = os.path.join(
-            self.jdir, "old", f"{self.pid}-{self.ops}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+            self.jdir, "old", f"{self.pid}-{self.saves}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
         )
         try:
             with self.real_open(path, "rb") as src, self.real_open(dst, "wb") as out:
@@ -138,7 +151,10 @@ class StaleFs:
         return dst
 
     def _lag(self, rec: dict, index: int) -> int:
-        h = hashlib.sha256(f"{self.seed}:{self.pid}:{index}:{rec['path']}".encode()).digest()
+        where = os.path.relpath(
+            rec["path"], self.root
+        )  # (not the absolute path: the same wherever the root is)
+        h = hashlib.sha256(f"{self.seed}:{self.pid}:{index}:{where}".encode()).digest()
         if h[0] / 256 >= self.p:
             return 0
         return int.from_bytes(h[1:5], "big") % (self.max_lag + 1)
@@ -163,12 +179,14 @@ class StaleFs:
         self.buf += chunk
         *lines, self.buf = self.buf.split(b"\n")
         for line in lines:
-            self.index = getattr(self, "index", 0) + 1
+            self.index += 1
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
             if rec["pid"] == self.pid:
+                # our own change: others' journaled before it are moot, though read only now, after it
+                self._touched(rec["path"])
                 continue
             lag = self._lag(rec, self.index)
             if lag:
@@ -258,13 +276,7 @@ class StaleFs:
         p = self._ours(path)
         if p is None:
             return self.real["mkdir"](path, *a, **kw)
-        with self.lock:
-            self._refresh()
-            v = self._view(p)
-            if (
-                v is not None and v["op"] == "create"
-            ):  # another made it; we do not see it yet: neither does mkdir
-                pass
+        with self.lock:  # (a folder another made that we do not see yet: mkdir says it exists, as a mount's)
             self.real["mkdir"](path, *a, **kw)
             self._touched(p)
             self._append({"op": "create", "path": p, "isdir": True})
