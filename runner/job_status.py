@@ -182,12 +182,12 @@ def _waiting_for(job: Job) -> str | None:
 
 
 def _all_saved(job: Job, progress: Any) -> str | None:
-    """What a job stopped in its last commit is waiting for: every row saved, the completion not recorded yet
-    (a stop between the two); else None."""
+    """What a job stopped in its last commit is waiting for: every row's result (or error) saved, the completion
+    not recorded yet (a stop between the two); else None."""
     if not progress.total or progress.done + progress.failed < progress.total:
         return None
-    return (f"every row is saved; the next `runner work` (or the same `runner run`) records it as completed "
-            f"without computing anything: `runner work --job {shlex.quote(job.id)}`")  # fmt: skip
+    return ("every row's result (or error) is saved; `runner work --job "
+            f"{shlex.quote(str(job.dir))}` (or the same `runner run`) records it as completed, computing nothing")  # fmt: skip
 
 
 def _number(record: dict[str, Any], key: str) -> float | None:

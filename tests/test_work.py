@@ -1434,8 +1434,8 @@ def test_status_of_a_job_stopped_between_its_last_commit_and_its_completion_says
     monkeypatch.undo()
     st = job_status(Job.open(job.dir))
     assert (st.state, st.done, st.total) == ("queued (interrupted)", 6, 6)
-    assert st.message.startswith("every row is saved; the next `runner work`"), st.message
-    assert f"runner work --job {job.id}" in st.message
+    assert st.message.startswith("every row's result (or error) is saved; `runner work --job"), st.message
+    assert f"runner work --job {job.dir}` (or the same `runner run`)" in st.message
     computed = []
     monkeypatch.setattr(gpt2_engine, "generate", lambda *a, **k: computed.append(a))
     (summary,) = work(runner_home, engine=gpt2_engine, echo=None, job=job.id)
