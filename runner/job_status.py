@@ -108,11 +108,7 @@ def job_status(job: Job) -> JobStatus:
         message = None if progress.live else _waiting_for(job) or _all_saved(job, progress)
     if state.state is JobState.COMPLETED and not progress.complete:
         missing = progress.total - progress.done - progress.failed
-        name = JobState.BROKEN.value
-        message = (f"completed, but {counted(missing, 'result rows', 'are')} missing or failed verification "
-                   f"(`runner repair {shlex.quote(str(job.dir))}` re-queues them)")  # fmt: skip
-        if progress.bad:  # (what failed says more than a count: another job's results, say)
-            message += f"; commit {progress.bad[0][0]}: {progress.bad[0][1]}"
+        name, message = JobState.BROKEN.value, _missing_rows(job, progress, missing)
     elif progress.bad:
         message = (f"{counted(len(progress.bad), 'commits')} failed verification; their rows are computed again "
                    "(`runner repair` quarantines them now)")  # fmt: skip
@@ -150,6 +146,24 @@ def _cannot_run(job: Job, verifier: jobdir.Verifier) -> tuple[str, bool] | None:
         return why, False
     verifier.save()
     return None
+
+
+def _missing_rows(job: Job, progress: Any, missing: int) -> str:
+    """Why a completed job reads as short of `missing` result rows, and what brings them back. Commits whose
+    markers are young and whose shards are not here yet are said as such: a folder synced from another machine
+    (Drive between two VMs) can show a commit's marker before its shard, and a `runner repair` then re-queued a
+    sound job and set its commit aside (adversarial pass 134)."""
+    repair = f"`runner repair {shlex.quote(str(job.dir))}`"
+    if jobdir.shards_in_transit(job, progress.bad):
+        return (f"completed, but the shards of {counted(len(progress.bad), 'commits')} "
+                f"({counted(missing, 'result rows')}) are not here yet, their markers written minutes ago: a folder "
+                "synced from another machine can show a marker before its shard. Look again in a few minutes; if "
+                f"they do not come, {repair} re-queues their rows")  # fmt: skip
+    message = (f"completed, but {counted(missing, 'result rows', 'are')} missing or failed verification ({repair} "
+               "re-queues them)")  # fmt: skip
+    if progress.bad:  # (what failed says more than a count: another job's results, say)
+        message += f"; commit {progress.bad[0][0]}: {progress.bad[0][1]}"
+    return message
 
 
 def _inputs_damaged(job: Job, verifier: jobdir.Verifier) -> str | None:

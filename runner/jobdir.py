@@ -2487,11 +2487,7 @@ def quarantine(job: Job, name: str, why: str, *, waiting: bool = True) -> bool:
     shows another process's files late, the marker of a commit just made shows before its shard: a worker on
     another VM moved a sound commit aside, and a job completed meanwhile was left with those rows missing
     (`runner repair` to compute them again) once the shard arrived (adversarial pass 132)."""
-    if (
-        waiting
-        and why == SHARD_MISSING
-        and _younger_than(job.dir / MARKERS / f"{name}.json", SHARD_ARRIVAL_SECONDS)
-    ):
+    if waiting and shards_in_transit(job, [(name, why)]):
         return False
     q = job.dir / QUARANTINE
     storage.ensure_dir(q)
@@ -2505,6 +2501,15 @@ def quarantine(job: Job, name: str, why: str, *, waiting: bool = True) -> bool:
             pass  # it stays ignored where it is
     job.log(f"quarantined commit {name}: {why}; its rows are computed again")
     return True
+
+
+def shards_in_transit(job: Job, bad: list[tuple[str, str]]) -> bool:
+    """Whether every commit of `bad` (name, why) is one `quarantine` leaves in place: its shard missing, its
+    marker younger than SHARD_ARRIVAL_SECONDS (a shard still on its way from another machine); False for none."""
+    return bool(bad) and all(
+        why == SHARD_MISSING and _younger_than(job.dir / MARKERS / f"{name}.json", SHARD_ARRIVAL_SECONDS)
+        for name, why in bad
+    )
 
 
 def _younger_than(path: Path, seconds: float) -> bool:

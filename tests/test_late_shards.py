@@ -70,3 +70,23 @@ def test_an_old_marker_whose_shard_is_missing_is_still_quarantined(
     another_workers_tidy(job, gpt2_engine)
     assert not marker.exists()
     assert [p.name.split("-", 2)[-1] for p in (job.dir / "quarantine").iterdir()] == [marker.name]
+
+
+def test_status_says_a_young_shard_is_not_here_yet_before_sending_to_repair(
+    reference, tiny_gpt2, gpt2_engine, runner_home
+):
+    """On the other VM, status said "completed, but 2 result rows are missing ... `runner repair`", and a repair
+    run then re-queued the sound job and set its commit aside (adversarial pass 134). A shard not here yet
+    whose marker is young is said as such: look again first. An old one is missing as before."""
+    job, victim, shard, aside = completed_with_a_shard_in_transit(
+        reference, tiny_gpt2, gpt2_engine, runner_home
+    )
+    s = runner.status(job.dir)
+    assert s.state == "broken" and "the shards of 1 commit (2 result rows) are not here yet" in s.message, s
+    assert "Look again in a few minutes; if they do not come, `runner repair" in s.message
+    marker = job.dir / "done" / f"{victim.name}.json"
+    old = time.time() - jobdir.SHARD_ARRIVAL_SECONDS - 60
+    os.utime(marker, (old, old))
+    s = runner.status(job.dir)
+    assert s.message.startswith("completed, but 2 result rows are missing or failed verification"), s
+    assert s.message.endswith("its shard is missing")
