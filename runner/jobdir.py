@@ -554,8 +554,12 @@ class Owner:
 
 
 def new_worker_id() -> str:
-    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40] or "host"
-    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+    return f"{host_tag()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def host_tag() -> str:
+    """This host's name as worker ids carry it (their first part)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40] or "host"
 
 
 # --- the spec ----------------------------------------------------------------------------------------------
@@ -2017,12 +2021,9 @@ class Verifier:
         if commit.shard is None or commit.name in self.trusted:
             return None
         path = self.job.dir / SHARDS / commit.shard
-        try:
-            st = storage.retry(lambda: os.lstat(path), f"read {path}")
-        except storage.StorageError as e:
-            if isinstance(e.__cause__, FileNotFoundError):
-                return SHARD_MISSING
-            raise
+        st = _lstat_or_none(path)
+        if st is None:
+            return SHARD_MISSING
         import stat as st_mod
 
         if not st_mod.S_ISREG(st.st_mode):
@@ -2384,13 +2385,8 @@ def _read_claim(path: Path, unit: int) -> Claim:
 
 def _empty_since(path: Path) -> float | None:
     """When the empty file at `path` was made (`_made_at`), or None when it is not an empty file."""
-    try:
-        st = storage.retry(lambda: os.lstat(path), f"read {path}")
-    except storage.StorageError as e:
-        if isinstance(e.__cause__, FileNotFoundError):
-            return None
-        raise
-    return _made_at(path) if stat.S_ISREG(st.st_mode) and st.st_size == 0 else None
+    st = _lstat_or_none(path)
+    return _made_at(path) if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == 0 else None
 
 
 def seal_epoch(job: Job, unit: int, epoch: int) -> set[str] | None:
@@ -2505,22 +2501,35 @@ def quarantine(job: Job, name: str, why: str, *, waiting: bool = True) -> bool:
 
 def shards_in_transit(job: Job, bad: list[tuple[str, str]]) -> bool:
     """Whether every commit of `bad` (name, why) is one `quarantine` leaves in place: its shard missing, its
-    marker younger than SHARD_ARRIVAL_SECONDS (a shard still on its way from another machine); False for none."""
+    marker written by a worker on another host and younger than SHARD_ARRIVAL_SECONDS (a shard still on its way
+    from another machine; this machine's own shards are here once their markers are); False for none."""
     return bool(bad) and all(
-        why == SHARD_MISSING and _younger_than(job.dir / MARKERS / f"{name}.json", SHARD_ARRIVAL_SECONDS)
+        why == SHARD_MISSING and _in_transit_from_elsewhere(job.dir / MARKERS / f"{name}.json")
         for name, why in bad
     )
 
 
+def _in_transit_from_elsewhere(marker: Path) -> bool:
+    raw = _read_json_or_none(marker)
+    worker = raw.get("worker") if isinstance(raw, dict) else None
+    elsewhere = isinstance(worker, str) and worker.rsplit("-", 2)[0] != host_tag()
+    return elsewhere and _younger_than(marker, SHARD_ARRIVAL_SECONDS)
+
+
 def _younger_than(path: Path, seconds: float) -> bool:
     """The file at `path` was modified less than `seconds` ago (or is dated ahead); False when it is gone."""
+    st = _lstat_or_none(path)
+    return st is not None and time.time() - st.st_mtime < seconds
+
+
+def _lstat_or_none(path: Path) -> os.stat_result | None:
+    """os.lstat of `path`, None when there is nothing there; transient read errors retried (then StorageError)."""
     try:
-        st = storage.retry(lambda: os.lstat(path), f"read {path}")
+        return storage.retry(lambda: os.lstat(path), f"read {path}")
     except storage.StorageError as e:
         if isinstance(e.__cause__, FileNotFoundError):
-            return False
+            return None
         raise
-    return time.time() - st.st_mtime < seconds
 
 
 # --- status of a job, as the scheduler and `runner status` need it ----------------------------------------

@@ -24,7 +24,8 @@ stat...) directly as two processes' views, without installing either.
 
 Run as a wrapper program: `python tests/stalefs.py ARGS...` with $RUNNER_TEST_STALEFS = JSON settings
 {"root", "journal", "seed", "max_lag", "p", "vm"} installs the view, then runs `runner ARGS...`; with "vm" true
-the process also has a boot id of its own (as if on its own VM), so only heartbeats tell whether a worker lives.
+the process also has a boot id and a host name of its own (as if on its own VM), so only heartbeats tell whether a
+worker lives.
 Unseen changes served are counted in the journal folder (`stale-WHO.txt`, rewritten every 5th one: a lower
 bound), so a test can say that staleness was served at all.
 """
@@ -437,10 +438,13 @@ def main() -> None:
         cfg["root"], cfg["journal"], cfg.get("seed", 0), cfg.get("max_lag", 40), cfg.get("p", 0.7)
     ).install()
     if cfg.get("vm"):  # each process as if on its own VM: only heartbeats tell whether a worker lives
+        import socket
+
         import runner.storage
 
         fake = f"vm-{os.getpid()}"
         runner.storage.boot_id = lambda: fake
+        socket.gethostname = lambda: fake  # (its worker ids and markers name it)
     from runner.cli import cli
 
     sys.argv[0] = "runner"

@@ -33,9 +33,11 @@ def another_workers_tidy(job, engine) -> None:
     run.tidy(jobdir.job_progress(run.job, run.ledger()))
 
 
-def completed_with_a_shard_in_transit(reference, tiny_gpt2, gpt2_engine, runner_home):
+def completed_with_a_shard_in_transit(reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch):
+    """A job completed on one VM, as another VM sees it: one commit's marker there, its shard not yet."""
     job = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
     assert run_job(job, gpt2_engine, echo=None, shard_rows=2).finished
+    monkeypatch.setattr(jobdir, "host_tag", lambda: "another-vm")  # where what follows runs
     victim = read_ledger(job).commits[1]
     shard = job.dir / "shards" / victim.shard
     aside = job.dir.parent / "in-transit.parquet"
@@ -44,10 +46,10 @@ def completed_with_a_shard_in_transit(reference, tiny_gpt2, gpt2_engine, runner_
 
 
 def test_a_young_marker_whose_shard_has_not_arrived_is_not_quarantined(
-    reference, tiny_gpt2, gpt2_engine, runner_home
+    reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
 ):
     job, victim, shard, aside = completed_with_a_shard_in_transit(
-        reference, tiny_gpt2, gpt2_engine, runner_home
+        reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
     )
     another_workers_tidy(job, gpt2_engine)
     assert (job.dir / "done" / f"{victim.name}.json").exists()
@@ -59,10 +61,10 @@ def test_a_young_marker_whose_shard_has_not_arrived_is_not_quarantined(
 
 
 def test_an_old_marker_whose_shard_is_missing_is_still_quarantined(
-    reference, tiny_gpt2, gpt2_engine, runner_home
+    reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
 ):
     job, victim, shard, aside = completed_with_a_shard_in_transit(
-        reference, tiny_gpt2, gpt2_engine, runner_home
+        reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
     )
     marker = job.dir / "done" / f"{victim.name}.json"
     old = time.time() - jobdir.SHARD_ARRIVAL_SECONDS - 60
@@ -73,13 +75,13 @@ def test_an_old_marker_whose_shard_is_missing_is_still_quarantined(
 
 
 def test_status_says_a_young_shard_is_not_here_yet_before_sending_to_repair(
-    reference, tiny_gpt2, gpt2_engine, runner_home
+    reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
 ):
     """On the other VM, status said "completed, but 2 result rows are missing ... `runner repair`", and a repair
     run then re-queued the sound job and set its commit aside (adversarial pass 134). A shard not here yet
     whose marker is young is said as such: look again first. An old one is missing as before."""
     job, victim, shard, aside = completed_with_a_shard_in_transit(
-        reference, tiny_gpt2, gpt2_engine, runner_home
+        reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
     )
     s = runner.status(job.dir)
     assert s.state == "broken" and "the shards of 1 commit (2 result rows) are not here yet" in s.message, s
@@ -90,3 +92,20 @@ def test_status_says_a_young_shard_is_not_here_yet_before_sending_to_repair(
     s = runner.status(job.dir)
     assert s.message.startswith("completed, but 2 result rows are missing or failed verification"), s
     assert s.message.endswith("its shard is missing")
+
+
+def test_on_the_machine_that_wrote_it_a_missing_shard_is_damage_at_once(
+    reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """This machine's own shards are here once their markers are: a young marker of this host whose shard is
+    missing is damage, set aside by the next worker and said as missing, as before."""
+    here = jobdir.host_tag
+    job, victim, shard, aside = completed_with_a_shard_in_transit(
+        reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+    )
+    monkeypatch.setattr(jobdir, "host_tag", here)  # back on the machine that computed it
+    assert runner.status(job.dir).message.startswith("completed, but 2 result rows are missing")
+    another_workers_tidy(job, gpt2_engine)
+    marker = job.dir / "done" / f"{victim.name}.json"
+    assert not marker.exists()
+    assert [p.name.split("-", 2)[-1] for p in (job.dir / "quarantine").iterdir()] == [marker.name]
