@@ -1022,7 +1022,27 @@ def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) ->
         return None
     if _passed_over(folder, seq, token) and not _stands_over_blind(Path(job_dir), seq, new):
         return None
-    return replace(new, updated=now, seq=seq, by=by, writer=token)
+    ours = replace(new, updated=now, seq=seq, by=by, writer=token)
+    if read.blind and by in ("completed", "failed") and _late_word_since(Path(job_dir), read, ours):
+        return None
+    return ours
+
+
+def _late_word_since(job_dir: Path, read: StateRecord, ours: StateRecord) -> bool:
+    """A worker's outcome (`ours`) was decided over a repair's blind record (`read`), the record below it still
+    empty then (a `cancel` or `retry` frozen between its create and its fill, no hard links). If that record
+    reads now, its writer filled it while we decided and may have said done, its word standing over the blind
+    record (`_stands_over_blind`): it is recorded again over ours, and our word dropped (True). (Pass 135: a
+    cancel that exited 0, then undone by the completion of a worker that had read the state before its fill.)"""
+    try:
+        late = _late_word_stands(job_dir, _filled_or_aside(job_dir, read.seq - 1))
+    except BrokenJob:  # still empty, or damaged: nobody's word
+        return False
+    if late.writer is None or late.state is JobState.COMPLETED:
+        return False
+    again = StateRecord(late.state, max(late.generation, ours.generation), late.error)
+    record_state(job_dir, ours, again, late.by or "repair")
+    return True
 
 
 def _stands_at_its_name(job_dir: Path, seq: int, writer: str | None, transit: bool) -> bool:

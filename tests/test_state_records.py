@@ -572,3 +572,41 @@ def test_every_signal_handler_is_put_back_when_a_signal_lands_as_they_are(monkey
     finally:
         for sig, handler in before.items():
             real(sig, handler)
+
+
+def test_a_workers_completion_decided_before_a_late_cancel_under_a_blind_repair_does_not_undo_it(
+    job, monkeypatch
+):
+    """Pass 135: without links, a cancel frozen between creating its record and filling it, a repair recording
+    queued blind over that empty record, then a worker that computed every row and read the state (queued, the
+    cancel still empty) to decide completion: the cancel filled its record, found the repair's the newest, said
+    "cancelled" (exit 0), and the worker's completion, recorded over the repair's record, then undid it. The
+    cancel's late word is recorded again over the completion, which is dropped."""
+    _no_links(monkeypatch)
+    frozen, wake, said = threading.Event(), threading.Event(), []
+    real_point, real_completed = jobdir.fault_point, jobdir.write_completed
+
+    def fault_point(name):
+        if name == "after_create" and threading.current_thread().name == "slow" and not frozen.is_set():
+            frozen.set()
+            wake.wait()
+        return real_point(name)
+
+    slow = threading.Thread(target=lambda: said.append(runner.cancel(job.dir)), name="slow")
+
+    def write_completed(job_dir, read):  # the worker read the state (queued) and found every row done
+        assert read.state is JobState.QUEUED and read.blind
+        wake.set()
+        slow.join()  # the cancel filled its record and returned: "cancelled"
+        assert said == ["queued"] and runner.status(job.dir).state == "cancelled"
+        return real_completed(job_dir, read)
+
+    monkeypatch.setattr(jobdir, "fault_point", fault_point)
+    monkeypatch.setattr(jobdir, "write_completed", write_completed)
+    slow.start()
+    frozen.wait()
+    assert runner.repair(job.dir).state_now == "queued"  # blind over the cancel's empty record
+    from runner.worker import run_job
+
+    run_job(job, echo=None)
+    assert said == ["queued"] and job.state().state is JobState.CANCELLED
