@@ -2490,19 +2490,20 @@ def marker_checksum(marker: dict[str, Any]) -> str:
 
 
 SHARD_MISSING = "its shard is missing"
-# seconds a marker whose shard is not there is left in place by workers: a mount that shows another machine's
-# files late (Drive between two VMs) can show its small marker before its shard, which arrives after
+# seconds another host's marker whose shard is not there is left in place by workers: a mount that shows another
+# machine's files late (Drive between two VMs) can show its small marker before its shard, which arrives after
 SHARD_ARRIVAL_SECONDS = 600.0
 
 
 def quarantine(job: Job, name: str, why: str, *, waiting: bool = True) -> bool:
     """Move a commit that failed verification (marker and shard) into quarantine/, keeping it for a look;
-    False when it was left in place. A marker younger than SHARD_ARRIVAL_SECONDS whose shard is missing is left
-    (`waiting`; `runner repair` sets it aside whatever its age): it does not count meanwhile, and its rows are
-    computed again as for any commit that does not verify, but it is not taken for damage. On a mount that
-    shows another process's files late, the marker of a commit just made shows before its shard: a worker on
-    another VM moved a sound commit aside, and a job completed meanwhile was left with those rows missing
-    (`runner repair` to compute them again) once the shard arrived (adversarial pass 132)."""
+    False when it was left in place. Another host's marker younger than SHARD_ARRIVAL_SECONDS whose shard is
+    missing is left (`waiting`, `shards_in_transit`; `runner repair` sets it aside whatever its age): it does
+    not count meanwhile, and its rows are computed again as for any commit that does not verify, but it is not
+    taken for damage. On a mount that shows another machine's files late, the marker of a commit just made
+    shows before its shard: a worker on another VM moved a sound commit aside, and a job completed meanwhile
+    was left with those rows missing (`runner repair` to compute them again) once the shard arrived
+    (adversarial pass 132)."""
     if waiting and shards_in_transit(job, [(name, why)]):
         return False
     q = job.dir / QUARANTINE
