@@ -155,10 +155,10 @@ def _missing_rows(job: Job, progress: Any, missing: int) -> str:
     sound job and set its commit aside (adversarial pass 134)."""
     repair = f"`runner repair {shlex.quote(str(job.dir))}`"
     if jobdir.shards_in_transit(job, progress.bad):
-        return (f"completed, but the shards of {counted(len(progress.bad), 'commits')} "
-                f"({counted(missing, 'result rows')}) are not here yet, their markers written minutes ago: a folder "
-                "synced from another machine can show a marker before its shard. Look again in a few minutes; if "
-                f"they do not come, {repair} re-queues their rows")  # fmt: skip
+        return (f"completed, but {counted(missing, 'result rows', 'are')} missing: the shards of "
+                f"{counted(len(progress.bad), 'commits')} are not here yet, their markers written minutes ago (a "
+                "folder synced from another machine can show a marker before its shard). Look again in a few "
+                f"minutes; if they do not come, {repair} re-queues the rows")  # fmt: skip
     message = (f"completed, but {counted(missing, 'result rows', 'are')} missing or failed verification ({repair} "
                "re-queues them)")  # fmt: skip
     if progress.bad:  # (what failed says more than a count: another job's results, say)
@@ -169,7 +169,12 @@ def _missing_rows(job: Job, progress: Any, missing: int) -> str:
 def _inputs_damaged(job: Job, verifier: jobdir.Verifier) -> str | None:
     """A completed job's prompts.parquet gone unlike its checksum, said: its results stand whole, but an OpenAI
     Batch export and a `runner retry` read it (hashed once per change, as for a queued job)."""
-    why = jobdir.prompts_problem(job, verifier)
+    try:
+        why = jobdir.prompts_problem(job, verifier)
+    except StorageError as e:  # (a folder where the file belongs, say: the job still shows, and says why)
+        if not e.damaged:
+            raise
+        why = f"prompts.parquet of job {job.id} is damaged ({e}): `runner repair {shlex.quote(str(job.dir))}`"
     if why is None:
         verifier.save()
         return None

@@ -1655,3 +1655,22 @@ def test_a_completed_job_whose_prompts_parquet_was_damaged_says_so_and_repair_me
     runner.repair(job.dir)  # written again from the unchanged input file
     s = runner.status(job.dir)
     assert (s.state, s.message) == ("completed", None)
+
+
+def test_a_completed_job_with_a_folder_where_prompts_parquet_belongs_still_shows_and_says_so(
+    tmp_path, tiny_gpt2, gpt2_engine
+):
+    """The check of a completed job's prompts.parquet raised there: `runner status JOB` ended in an error, and
+    the home's list showed the job broken (second reader of pass 122's change)."""
+    job, _ = _two_jobs_of_other_prompts(tmp_path, tiny_gpt2)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    path = job.dir / "prompts.parquet"
+    path.unlink()
+    path.mkdir()
+    s = runner.status(job.dir)
+    assert s.state == "completed" and s.message.startswith(
+        f"its results are whole, but prompts.parquet of job {job.id} is damaged"
+    ), s
+    assert [x.state for x in runner.status(home=job.dir.parent) if x.id == job.id] == ["completed"]
+    runner.repair(job.dir)  # as the message says: the folder set aside, the file written again
+    assert (runner.status(job.dir).state, runner.status(job.dir).message) == ("completed", None)
