@@ -617,7 +617,7 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
 @cli.command()
 @click.option(
     "--hours",
-    type=_Finite(min=0, min_open=True),
+    type=_Finite(min=0, min_open=True, max=1e6),  # (a larger one overflowed the deadline to inf)
     help="Stop starting new batches so as to finish within this many hours.",
 )
 @click.option("--until", help="Stop by this local time (HH:MM).")
@@ -632,7 +632,7 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
 )
 @click.option(
     "--shard-minutes",
-    type=_Finite(min=0, min_open=True),
+    type=_Finite(min=0, min_open=True, max=1e6),
     default=5.0,
     show_default=True,
     help="...and every this many minutes: the most work a kill can lose.",

@@ -252,6 +252,14 @@ def test_float_options_refuse_nan_and_inf(runner_home, args, option, value):
     assert f"Invalid value for '{option}': must be a finite number, got {float(value)}." in result.output
 
 
+@pytest.mark.parametrize("option", ["--hours", "--shard-minutes"])
+def test_a_huge_finite_hours_or_shard_minutes_is_refused_not_a_traceback(runner_home, option):
+    # (1e306 hours overflowed the deadline to inf, which work() refuses: a ValueError traceback)
+    result = invoke("work", option, "1e306")
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_colab_warns_when_the_home_is_not_on_drive(prompts, tiny_gpt2, monkeypatch, tmp_path):
     monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261101")
     monkeypatch.chdir(tmp_path)
