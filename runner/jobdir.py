@@ -2538,9 +2538,10 @@ def _in_transit_from_elsewhere(marker: Path) -> bool:
 
 
 def _younger_than(path: Path, seconds: float) -> bool:
-    """The file at `path` was modified less than `seconds` ago (or is dated ahead); False when it is gone."""
-    st = _lstat_or_none(path)
-    return st is not None and time.time() - st.st_mtime < seconds
+    """The file at `path` was modified less than `seconds` ago; False when it is gone, or dated ahead by more
+    than SKEW_SLACK (a clock days ahead would keep it young for days)."""
+    st, now = _lstat_or_none(path), time.time()
+    return st is not None and now - seconds < st.st_mtime <= now + SKEW_SLACK
 
 
 def _lstat_or_none(path: Path) -> os.stat_result | None:

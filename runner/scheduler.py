@@ -10,6 +10,7 @@ Everything here is about *which* job runs; how a job runs, unit by unit and fenc
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import shlex
 import time
@@ -555,7 +556,7 @@ def _check_work_numbers(deadline: Any, **positive: Any) -> None:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def run_leased(

@@ -1440,3 +1440,9 @@ def test_status_of_a_job_stopped_between_its_last_commit_and_its_completion_says
     monkeypatch.setattr(gpt2_engine, "generate", lambda *a, **k: computed.append(a))
     (summary,) = work(runner_home, engine=gpt2_engine, echo=None, job=job.id)
     assert job_status(Job.open(job.dir)).state == "completed" and computed == [] and summary.finished
+
+
+def test_work_takes_numpy_numbers(runner_home):
+    import numpy as np
+
+    assert work(runner_home, echo=None, once=True, shard_rows=np.int64(5), shard_seconds=np.float64(60)) == []
