@@ -297,24 +297,11 @@ class StaleFs:
             return self.real["open"](path, flags, *a, **kw)
         with self.lock:
             if flags & (os.O_WRONLY | os.O_RDWR):
-                existed = self._exists(p)
-                old = self._save_old(p) if existed and flags & os.O_TRUNC else None
-                fd = self.real["open"](path, flags, *a, **kw)
-                if not existed or old:
-                    self._touched(p)
-                    self._append(
-                        {"op": "replace" if existed else "create", "path": p, "old": old, "isdir": False}
-                    )
-                return fd
-            self._refresh()
-            v = self._view(p)
-            if v is not None:
-                self._count()
-                if v["op"] in ("create", "remove"):
-                    raise FileNotFoundError(errno.ENOENT, "No such file or directory (stale)", path)
-                if v.get("old"):
-                    return self.real["open"](v["old"], flags, *a, **kw)
-            return self.real["open"](path, flags, *a, **kw)
+                return self._opened_to_write(
+                    p, flags & os.O_TRUNC, lambda: self.real["open"](path, flags, *a, **kw)
+                )
+            old = self._old_bytes_seen(p, path)
+            return self.real["open"](old or path, flags, *a, **kw)
 
     def open(self, file, mode="r", *a, **kw):
         p = self._ours(file)
@@ -322,24 +309,33 @@ class StaleFs:
             return self.real_open(file, mode, *a, **kw)
         with self.lock:
             if any(c in mode for c in "wxa+"):
-                existed = self._exists(p)
-                old = self._save_old(p) if existed and "w" in mode else None
-                f = self.real_open(file, mode, *a, **kw)
-                if not existed or old:
-                    self._touched(p)
-                    self._append(
-                        {"op": "replace" if existed else "create", "path": p, "old": old, "isdir": False}
-                    )
-                return f
-            self._refresh()
-            v = self._view(p)
-            if v is not None:
-                self._count()
-                if v["op"] in ("create", "remove"):
-                    raise FileNotFoundError(errno.ENOENT, "No such file or directory (stale)", p)
-                if v.get("old"):
-                    return self.real_open(v["old"], mode, *a, **kw)
-            return self.real_open(file, mode, *a, **kw)
+                return self._opened_to_write(p, "w" in mode, lambda: self.real_open(file, mode, *a, **kw))
+            old = self._old_bytes_seen(p, p)
+            return self.real_open(old or file, mode, *a, **kw)
+
+    def _opened_to_write(self, p, truncates, opening):
+        """`opening()` of `p` for a write, journaled: a new file as created, a truncated one as replaced (its old
+        bytes kept for the others' views)."""
+        existed = self._exists(p)
+        old = self._save_old(p) if existed and truncates else None
+        handle = opening()
+        if not existed or old:
+            self._touched(p)
+            self._append({"op": "replace" if existed else "create", "path": p, "old": old, "isdir": False})
+        return handle
+
+    def _old_bytes_seen(self, p, name):
+        """For a read of `p`: the copy of its old bytes where this view still sees them, None where it sees the
+        file as it is; FileNotFoundError (naming `name`) where this view does not see it yet, or still sees it
+        gone."""
+        self._refresh()
+        v = self._view(p)
+        if v is None:
+            return None
+        self._count()
+        if v["op"] in ("create", "remove"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory (stale)", name)
+        return v.get("old") or None
 
     # --- reads --------------------------------------------------------------------------------------------
 
