@@ -115,7 +115,8 @@ EOF
 
 echo "== tests on $DEVICE"
 TESTS="tests/test_engine.py tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py
-      tests/test_tokens.py tests/test_beams.py tests/test_sampling.py tests/test_structured.py tests/test_refill.py"
+      tests/test_tokens.py tests/test_beams.py tests/test_sampling.py tests/test_structured.py tests/test_refill.py
+      tests/test_graphs.py"
 SELECT=(-m "not slow")
 [ "$QUICK" = 1 ] && SELECT=(-m "not slow" -k "batched or half_precision or output_layer")
 # four test processes share the GPU when pytest-xdist is there (a carried wheel; 103 s in one process on an H200)
@@ -135,7 +136,7 @@ if [ "$QUICK" = 1 ]; then
     REFILL=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 12)
     PROBE=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 4)
     TASKS=(--model gpt2-random --num-prompts 8)
-    GRAPHS=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 4 --no-compile)
+    GRAPHS=(--model gpt2-random --num-prompts 8 --batch-size 4 --max-new-tokens 4 --no-compile --runner-batch-sizes 8)
 else
     # (sized from the first H200 run, 2026-12-04: tests 103 s, the pipeline at batch 16 took 27 + 55 s and naive
     # generate 17 + 28 s on 32 prompts, and refill on 1,024 rows did not end inside 450 s: now the pipeline runs
@@ -149,7 +150,7 @@ else
     REFILL=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 128)
     PROBE=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 32)
     TASKS=(--model smollm2-random --num-prompts 1024 --pipeline-batch-size 64)
-    GRAPHS=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 32)
+    GRAPHS=(--model smollm2-random --num-prompts 512 --batch-size 256 --max-new-tokens 32 --runner-batch-sizes 64,512)
 fi
 set +e  # each step's failure (out of memory, say) is said, and the rest still run
 # The product path on the device, as the README runs it: submit, work, SIGKILL after the first commit, work
@@ -180,8 +181,9 @@ echo "== score and embed on $DEVICE"
 "$PY" benchmarks/bench.py --device "$DEVICE" --workload realistic --tasks score,embed "${TASKS[@]}" \
     --json-out "$DEST/score-$DEVICE.json"
 echo "score/embed exit code: $?"
-# What CUDA graphs would be worth (transformers' static cache + torch.compile vs eager generate vs runner): last,
-# since its compile is the one step whose length is not known yet
+# What CUDA graphs are worth: transformers' static cache + torch.compile vs eager generate vs runner, and runner
+# with --cuda-graphs (runner/graphs.py) against itself at three batch sizes: last, since its compile is the one
+# step whose length is not known yet
 echo "== decode steps as CUDA graphs on $DEVICE"
 "$PY" benchmarks/graph_probe.py --device "$DEVICE" "${GRAPHS[@]}" --json-out "$DEST/graphs-$DEVICE.json"
 echo "graph probe exit code: $?"

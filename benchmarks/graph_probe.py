@@ -9,7 +9,10 @@ Before building that into runner, this measures it on the same batches, in one p
   generate            transformers `model.generate`, dynamic cache (plain eager)
   generate-static     `cache_implementation="static"` + CompileConfig (CUDA graphs on a GPU), after a warm-up
                       call that compiles; its compile time is reported apart
-  runner              runner's engine on the same prompts at the same batch size
+  runner              runner's engine on the same prompts at the same batch size (and at --runner-batch-sizes)
+  runner-graphs       the same with `EngineOptions.cuda_graphs` (runner/graphs.py: fixed slots, each decode step
+                      replayed as a CUDA graph; on a CPU the same fixed-slot steps, eagerly); rows compared with
+                      runner's own
 
 Every batch is left-padded to the longest prompt of the set, so one compiled graph serves them all (the best
 case for the static cache: a real job's batches have other shapes). Greedy, exactly --max-new-tokens tokens.
@@ -47,18 +50,42 @@ def generate_all(model, encoded: list[dict], n_new: int, **extra) -> tuple[list[
     return outs, time.perf_counter() - start
 
 
+def runner_rows(engine, ids: list[list[int]], new: int, batch_size: int) -> dict:
+    """runner on `ids` at `batch_size`, its own decode then fixed slots replayed as CUDA graphs (each after a
+    warm-up batch of 2 tokens): seconds and how many rows the two agree on token for token."""
+    from runner_paths import run_runner
+
+    from runner.batching import default_batch_tokens
+
+    budget = default_batch_tokens(engine, "generate")
+    row: dict = {"batch_size": batch_size}
+    outs = {}
+    for mode, static in (("eager", False), ("graphs", True)):
+        engine.static_decode = static
+        try:
+            run_runner(engine, ids[:batch_size], 2, batch_size, budget)  # warm-up
+            outs[mode], row[f"{mode}_seconds"], _ = run_runner(engine, ids, new, batch_size, budget)
+        finally:
+            engine.static_decode = False
+    row["rows_identical"] = sum(a == b for a, b in zip(outs["eager"], outs["graphs"], strict=True))
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = probe_parser(__doc__)
     ap.add_argument(
         "--no-compile", action="store_true", help="static cache without torch.compile (a CPU dry run)"
     )
+    ap.add_argument(
+        "--runner-batch-sizes", default="", help="more batch sizes for the runner rows, e.g. 64,512"
+    )
     args = ap.parse_args(argv)
 
     from report import write_json
-    from runner_paths import plain_transformers, run_runner
+    from runner_paths import plain_transformers
     from transformers import CompileConfig
 
-    from runner.batching import default_batch_tokens, encode
+    from runner.batching import encode
 
     engine, texts, res = probe_setup(args)
     model, tok = engine.model, engine.tokenizer
@@ -75,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         _, res["generate_static_first_call_seconds"] = generate_all(model, encoded[:1], new, **static)
         graphs, res["generate_static_seconds"] = generate_all(model, encoded, new, **static)
     ids = [encode(tok, t, False) for t in texts]
-    budget = default_batch_tokens(engine, "generate")
-    run_runner(engine, ids[: args.batch_size], 2, args.batch_size, budget)  # warm-up
-    _, res["runner_seconds"], _ = run_runner(engine, ids, new, args.batch_size, budget)
+    sizes = [args.batch_size, *(int(b) for b in args.runner_batch_sizes.split(",") if b.strip())]
+    res["runner_sweep"] = [runner_rows(engine, ids, new, b) for b in dict.fromkeys(sizes)]
+    res["runner_seconds"] = res["runner_sweep"][0]["eager_seconds"]
     for name in ("generate", "generate_static", "runner"):
         res[f"{name}_tok_s"] = n * new / res[f"{name}_seconds"]
     res["static_rows_identical_to_generate"] = sum(a == b for a, b in zip(plain, graphs, strict=True))
@@ -87,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['generate_static_first_call_seconds']:.1f} s); runner {res['runner_tok_s']:,.0f} tok/s; "
           f"static / runner {res['generate_static_tok_s'] / res['runner_tok_s']:.2f}x; rows static == dynamic "
           f"{res['static_rows_identical_to_generate']}/{n}", flush=True)  # fmt: skip
+    for row in res["runner_sweep"]:
+        print(f"runner batch {row['batch_size']}: eager {row['eager_seconds']:.2f} s, {n * new / row['eager_seconds']:,.0f}"
+              f" tok/s; cuda_graphs {row['graphs_seconds']:.2f} s, {n * new / row['graphs_seconds']:,.0f} tok/s"
+              f" ({row['eager_seconds'] / row['graphs_seconds']:.2f}x); rows identical {row['rows_identical']}/{n}",
+              flush=True)  # fmt: skip
     write_json(res, args.json_out, print)
     return 0
 

@@ -255,6 +255,9 @@ generate_engine_options = _apply([
     click.option("--continuous-batching/--no-continuous-batching", default=None,
                  help="Generate: prompts join the running batch as rows end, instead of each batch running "
                       "until its longest row ends [default: off]."),
+    click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+                 help="Generate on a GPU: each batch decodes in fixed slots, every decode step replayed as a "
+                      "CUDA graph (small models' steps wait on kernel launches) [default: off; ignored on CPU]."),
 ])  # fmt: skip
 
 output_option = click.option(

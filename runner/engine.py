@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import kernels, kvcache
+from . import graphs, kernels, kvcache
 from .batching import left_pad
 from .errors import ModelLoadError, RunnerError, first_line
 from .models import (
@@ -162,6 +162,8 @@ class _Decode:
     counts: Any = None  # [slots, vocab] generated-token counts, for presence/frequency penalties
     keep: list[int] = field(default_factory=list)  # the slots that go on after this step
     step: Any = None  # this step's tokens, their log-probs and whether each is EOS, per slot, on the host
+    static: Any = None  # graphs.StaticBatch: the batch decodes in fixed slots (then `cache` is None)
+    slots: Any = None  # [slots] long: each slot's fixed slot in `static`
 
     def __post_init__(self) -> None:
         n = len(self.prompts)
@@ -440,6 +442,9 @@ class Engine:
         # Decode attention group by group (kvcache.grouped_attention, sdpa otherwise): only for sdpa models.
         self._grouped = self.decode_groups > 1 and kvcache.install_grouped_attention(self.model)
         self._grouped_verified = False  # set by the first grouped decode step that works
+        # A static batch decodes in fixed slots, each step replayed as a CUDA graph (graphs.py): opt-in, GPU only.
+        # (True on a CPU runs the same fixed-slot steps eagerly: how the tests check them without a GPU.)
+        self.static_decode = gpu and self.options.cuda_graphs and not self.options.device_map
         self.share_prompts = True  # rows with the same prompt (the n samples of a row) share one prompt pass
         self.share_prefix = True  # the start all prompts share is prefilled once (SHARED_PREFIX_MIN)
         self._prefix_checked = False  # set once a prefill after a shared start matched its row alone
@@ -453,6 +458,7 @@ class Engine:
             "grouped_decode": self._grouped,
             "shared_prompts": self.share_prompts,
             "shared_prefix": self.share_prefix,
+            "cuda_graphs": self.static_decode and self.device.type == "cuda",
         }
 
     @property
@@ -716,6 +722,9 @@ class Engine:
             st.history = torch.cat([st.history, tok_in], dim=-1)
         if st.counts is not None:
             st.counts.scatter_add_(1, tok_in, torch.ones_like(tok_in, dtype=st.counts.dtype))
+        if st.static is not None:
+            self._advance_static(st, tok_in)
+            return
         if not st.keep:
             st.rows, st.cache = [], None  # the next rows admitted start a new batch
         elif len(st.keep) < len(st.rows):
@@ -731,6 +740,21 @@ class Engine:
             )
             st.lens = st.lens + 1
         self._refill(st)
+
+    def _advance_static(self, st: _Decode, tok_in) -> None:
+        """`_advance` for a batch in fixed slots (graphs.StaticBatch): finished rows give up their slot (which
+        computes on, unread), the others take one step; no row waits (a static batch starts whole)."""
+        import torch
+
+        if not st.keep:
+            st.rows, st.static = [], None
+            return
+        if len(st.keep) < len(st.rows):
+            idx = torch.tensor(st.keep, device=self.device)
+            st.keep_slots(idx)
+            st.slots, tok_in = st.slots[idx], tok_in[idx]
+        st.logits = st.static.step(st.slots, tok_in)
+        st.lens = st.lens + 1
 
     def _refill(self, st: _Decode) -> None:
         """Admit waiting rows into the free slots: into an empty batch always; into a running one when its
@@ -756,11 +780,13 @@ class Engine:
         from .sampling import RowSettings
 
         extra = max(st.params[r].max_new_tokens for r in rows)
+        # a static batch (no continuous batching: every row starts now) decodes in fixed slots
+        static = self.static_decode and st.max_active >= len(st.prompts) and not st.waiting
         if st.prompt_lps is not None and any(st.params[r].prompt_logprobs for r in rows):
             logits, cache, order = self._prefill_all(st, rows, extra)
         else:
             most = max(1, self.decode_groups - kvcache.group_count(st.cache))  # groups left for the joiners
-            logits, cache, order = self._prefill([st.prompts[r] for r in rows], extra, most)
+            logits, cache, order = self._prefill([st.prompts[r] for r in rows], extra, 1 if static else most)
         order = [rows[i] for i in order]  # decode order
         lens = torch.tensor([len(st.prompts[r]) for r in order], device=self.device)
         st.cache = self._join(st.cache, st.lens, cache, lens, extra) if st.rows else cache
@@ -769,6 +795,9 @@ class Engine:
             self._history([st.prompts[r] for r in order]) if st.track_history else None,
             logits.new_zeros(logits.shape) if st.track_counts else None,
         )  # fmt: skip
+        if static and all(isinstance(layer, kvcache.growing_layer_class()) for layer in st.cache.layers):
+            st.static = graphs.StaticBatch(self, st.cache, lens, extra, graphs=self.device.type == "cuda")
+            st.cache, st.slots = None, torch.arange(len(order), device=self.device)
 
     def _join(self, old, old_lens, new, new_lens, extra: int) -> Any:
         """One decode cache for the running slots (`old`) then the joiners (`new`). Grouped decode: the

@@ -331,6 +331,12 @@ class EngineOptions:
     (benchmarks/RESULTS.md), not worth making four batches what a kill loses and a crash record holds;
     1.34x on an H200 in bfloat16 (512 sampled chat rows, batch 256), where a float32 A/B is still to be run."""
 
+    cuda_graphs: bool = False
+    """Generate on a GPU: a static batch decodes in fixed slots over a preallocated KV cache, each decode step
+    replayed as a CUDA graph (runner/graphs.py), against the host-bound launches of small models' steps. Off by
+    default until measured on a GPU (benchmarks/gpu_check.sh measures it); ignored on a CPU, with
+    `continuous_batching` and with `device_map`."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda", "mps")
@@ -349,7 +355,7 @@ class EngineOptions:
             raise ParamError(
                 "device_map", f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}."
             )
-        for name in ("trust_remote_code", "allow_pickle", "continuous_batching"):
+        for name in ("trust_remote_code", "allow_pickle", "continuous_batching", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}.")
 

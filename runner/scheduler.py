@@ -308,7 +308,8 @@ class Engines:
         # the weights the job was submitted for: a model saved over the same folder while this worker ran an
         # earlier job of it is loaded again, not taken from memory (pass 50)
         weights = job.meta.get("model_fingerprint")
-        key = (job.spec.model, weights, o.device, o.dtype, o.trust_remote_code, o.allow_pickle)
+        # (cuda_graphs: the engine decides its decode path when it loads)
+        key = (job.spec.model, weights, o.device, o.dtype, o.trust_remote_code, o.allow_pickle, o.cuda_graphs)
         if key not in self.loaded:
             if self.loaded:
                 self.loaded.clear()

@@ -212,6 +212,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "score/embed exit code: 0" in log
     graphs = json.loads((out / "graphs-cpu.json").read_text())  # static cache vs dynamic vs runner
     assert graphs["static_rows_identical_to_generate"] == 8 and graphs["runner_tok_s"] > 0
+    # runner with --cuda-graphs against itself (fixed slots; eager on a CPU): the same rows at each batch size
+    assert [(r["batch_size"], r["rows_identical"]) for r in graphs["runner_sweep"]] == [(4, 8), (8, 8)]
     assert "graph probe exit code: 0" in log
 
 

@@ -120,11 +120,12 @@ def test_every_engine_option_is_a_command_line_option(command):
     from runner.cli import ENGINE_FIELDS, build_settings
 
     names = {p.name for p in cli.commands[command].params}
-    generates = command not in ("score", "embed")  # continuous batching is a generation lever
-    assert set(ENGINE_FIELDS) - ({"continuous_batching"} if not generates else set()) <= names
-    assert (
-        "--continuous-batching / --no-continuous-batching" in invoke(command, "--help").output
-    ) is generates
+    generates = command not in ("score", "embed")  # continuous batching and CUDA graphs are generation levers
+    levers = {"continuous_batching", "cuda_graphs"}
+    assert set(ENGINE_FIELDS) - (levers if not generates else set()) <= names
+    helped = invoke(command, "--help").output
+    assert ("--continuous-batching / --no-continuous-batching" in helped) is generates
+    assert ("--cuda-graphs / --no-cuda-graphs" in helped) is generates
     _, options = build_settings({"continuous_batching": True, "batch_size": 8})
     assert options.continuous_batching and options.batch_size == 8
     default = runner.EngineOptions().continuous_batching

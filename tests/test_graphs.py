@@ -1,0 +1,206 @@
+"""Static batches in fixed slots (runner/graphs.py, `EngineOptions.cuda_graphs`): each row gets exactly what it
+gets alone and what the engine's own decode gives it, whatever its companions do, while every slot computes to
+the end of the batch. On a CPU the steps run eagerly; on a GPU (gpu_check.sh sets RUNNER_TEST_DEVICE=cuda) they
+are recorded as CUDA graphs and replayed, and these same tests check the replays."""
+
+import contextlib
+import types
+
+import pytest
+import torch
+from test_refill import assert_same, ids_of, row_params
+
+from runner import EngineOptions
+from runner import graphs as graphs_mod
+from runner.engine import Engine
+
+
+@pytest.fixture
+def static(monkeypatch):
+    """Switch an engine to fixed-slot decoding; count the batches and steps that took that path."""
+
+    def install(engine):
+        seen = {"batches": 0, "steps": [], "graphs": 0}
+        real_init, real_step = graphs_mod.StaticBatch.__init__, graphs_mod.StaticBatch.step
+
+        def init(self, *args, **kwargs):
+            seen["batches"] += 1
+            real_init(self, *args, **kwargs)
+
+        def step(self, slots, tokens):
+            out = real_step(self, slots, tokens)
+            seen["steps"].append((self.ids.shape[0], slots.shape[0], self.end))
+            seen["graphs"] = max(seen["graphs"], len(self.recorded))
+            return out
+
+        monkeypatch.setattr(graphs_mod.StaticBatch, "__init__", init)
+        monkeypatch.setattr(graphs_mod.StaticBatch, "step", step)
+        monkeypatch.setattr(engine, "static_decode", True)
+        return seen
+
+    return install
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+def test_fixed_slots_equal_the_dynamic_decode_and_one_at_a_time(request, monkeypatch, static, engine_name):
+    """Rows with their own settings (sampling, penalties, alternatives, prompt log-probs, held EOS) and lengths
+    end at different steps by EOS, stop strings and their own max_new_tokens; their slots keep computing. Every
+    row equals its run alone and the engine's own (dynamic) decode of the same batch."""
+    engine = request.getfixturevalue(engine_name)
+    prompts = ids_of(engine)
+    params = [row_params(i) for i in range(len(prompts))]
+    seeds = [1000 + i for i in range(len(prompts))]
+    free = [engine.generate([p], [q], [s])[0] for p, q, s in zip(prompts, params, seeds, strict=True)]
+    for i in (3, 8):  # stop strings from two rows' own text; an EOS that ends two other rows early
+        text = free[i].text
+        params[i] = row_params(i, stop=[text[len(text) // 2 : len(text) // 2 + 2]])
+    eos = [free[1].token_ids[4], free[5].token_ids[6]]
+    monkeypatch.setattr(engine, "eos_ids", [*engine.eos_ids, *eos])
+    monkeypatch.setattr(engine, "_eos", torch.tensor(engine.eos_ids, device=engine.device))
+    alone = [engine.generate([p], [q], [s])[0] for p, q, s in zip(prompts, params, seeds, strict=True)]
+    dynamic = engine.generate(prompts, params, seeds)
+    seen = static(engine)
+    got = engine.generate(prompts, params, seeds)
+    assert_same(got, alone)
+    assert_same(got, dynamic)
+    assert {c.finish_reason for c in got} == {"stop", "length"} and any(c.stop_reason for c in got)
+    assert seen["batches"] == 1
+    slots = {n for n, _, _ in seen["steps"]}
+    active = [a for _, a, _ in seen["steps"]]
+    assert slots == {len(prompts)} and active[0] == len(prompts) and active[-1] < len(prompts)
+    assert len(seen["steps"]) == max(len(c.token_ids) for c in got) - 1
+
+
+def test_attention_windows_grow_by_graph_columns(gpt2_engine, static, monkeypatch):
+    """A step attends over the first `end` key columns, the next multiple of GRAPH_COLUMNS (one graph each on a
+    GPU), never past the batch's capacity (its prompt width + max_new_tokens, what the token budget counted)."""
+    from runner import GenerationParams
+
+    monkeypatch.setattr(graphs_mod, "GRAPH_COLUMNS", 4)
+    prompts = ids_of(gpt2_engine)[:3]
+    width = max(len(p) for p in prompts)
+    params = GenerationParams(max_new_tokens=9, min_new_tokens=9)
+    dynamic = gpt2_engine.generate(prompts, params)
+    seen = static(gpt2_engine)
+    assert_same(gpt2_engine.generate(prompts, params), dynamic)
+    ends = [end for _, _, end in seen["steps"]]
+    cols = range(width, width + 8)  # the columns the 8 decode steps write (the first token is the prefill's)
+    assert ends == [min(width + 9, -(-(c + 1) // 4) * 4) for c in cols]
+    if (
+        gpt2_engine.device.type == "cuda"
+    ):  # a graph per window of two steps or more (the first is the warm-up)
+        assert seen["graphs"] == sum(ends.count(end) >= 2 for end in set(ends)) >= 1
+
+
+def test_not_taken_with_continuous_batching_or_an_unmergeable_cache(gpt2_engine, static, monkeypatch):
+    """Fixed slots need the whole batch at once and one merged cache: rows that join a running batch
+    (max_active) and caches transformers keeps (sliding windows...) decode as before."""
+    from runner import GenerationParams
+
+    prompts = ids_of(gpt2_engine)[:4]
+    params = GenerationParams(max_new_tokens=3)
+    seen = static(gpt2_engine)
+    gpt2_engine.generate(prompts, params, max_active=2)
+    assert seen["batches"] == 0
+    monkeypatch.setattr(gpt2_engine, "_merge_caches", False)
+    gpt2_engine.generate(prompts, params)
+    assert seen["batches"] == 0
+
+
+def test_the_option_is_checked_and_off_on_a_cpu(tiny_gpt2):
+    """cuda_graphs is a GPU lever: on a CPU the engine decodes as always (the tests above switch the fixed
+    slots on by hand), and a non-boolean value names the option."""
+    from runner.errors import ParamError
+
+    with pytest.raises(ParamError, match="cuda_graphs must be true or false"):
+        EngineOptions(cuda_graphs="yes")
+    engine = Engine(tiny_gpt2, EngineOptions(device="cpu", cuda_graphs=True))
+    assert not engine.static_decode and not engine.speedups["cuda_graphs"]
+
+
+class FakeCuda:
+    """torch.cuda's graph API as the engine uses it, on a CPU: recording runs the step and then undoes what it
+    moved on (the write column and positions; the column it wrote is written again), as a real capture runs
+    nothing; a replay runs the recorded step again."""
+
+    def __init__(self):
+        self.batch, self.recorded, self.replays = None, 0, 0
+
+    def CUDAGraph(self):  # noqa: N802 (torch's name)
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+                fake.batch._run()
+
+        return Graph()
+
+    @contextlib.contextmanager
+    def graph(self, graph, pool=None):
+        col, pos = self.batch.col.clone(), self.batch.pos.clone()
+        yield
+        self.batch.col.copy_(col)
+        self.batch.pos.copy_(pos)
+        self.recorded += 1
+
+    def graph_pool_handle(self):
+        return object()
+
+    def Stream(self, device=None):  # noqa: N802
+        return types.SimpleNamespace(wait_stream=lambda other: None)
+
+    def current_stream(self, device=None):
+        return self.Stream()
+
+    def stream(self, s):
+        return contextlib.nullcontext()
+
+
+def test_each_window_is_warmed_up_recorded_then_replayed(gpt2_engine, static, monkeypatch):
+    """The graph bookkeeping, with torch.cuda's graph calls faked on a CPU: per attention window the first step
+    runs eagerly (the warm-up), the second is recorded and replayed at once, every later one replayed; the
+    rows still equal the usual decode (a recording that moved the column on would shift every later token)."""
+    if gpt2_engine.device.type != "cpu":
+        pytest.skip("a CPU stand-in for torch.cuda's graphs; on a GPU the tests above record real ones")
+    from runner import GenerationParams
+
+    fake = FakeCuda()
+    monkeypatch.setattr(graphs_mod, "GRAPH_COLUMNS", 4)
+    for name in ("CUDAGraph", "graph", "graph_pool_handle", "Stream", "current_stream", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    prompts = ids_of(gpt2_engine)[:3]
+    params = [GenerationParams(max_new_tokens=n, min_new_tokens=n) for n in (13, 5, 9)]
+    dynamic = gpt2_engine.generate(prompts, params)
+    seen = static(gpt2_engine)
+    real_init = graphs_mod.StaticBatch.__init__
+
+    def init(self, engine, cache, lens, extra, graphs):
+        real_init(self, engine, cache, lens, extra, True)
+        fake.batch = self
+
+    monkeypatch.setattr(graphs_mod.StaticBatch, "__init__", init)
+    assert_same(gpt2_engine.generate(prompts, params), dynamic)
+    ends = [end for _, _, end in seen["steps"]]
+    windows = {end: ends.count(end) for end in ends}
+    assert fake.recorded == sum(n >= 2 for n in windows.values()) >= 2
+    assert fake.replays == sum(n - 1 for n in windows.values() if n >= 2)
+
+
+def test_a_worker_loads_the_engine_again_for_a_job_that_differs_in_cuda_graphs(tmp_path, tiny_gpt2):
+    """The engine picks its decode path when it loads, so the worker's engine cache tells jobs with and without
+    --cuda-graphs apart (a job without must not decode in fixed slots because the one before asked for them)."""
+    from runner.jobs import create_job
+    from runner.params import GenerationParams
+    from runner.scheduler import Engines
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hello"}\n')
+    jobs = [
+        create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=2),
+                   EngineOptions(device="cpu", cuda_graphs=on), job_dir=tmp_path / f"job{on}")
+        for on in (False, True)
+    ]  # fmt: skip
+    engines = Engines(None, None)
+    first = engines.get(jobs[0])
+    assert engines.get(jobs[0]) is first and engines.get(jobs[1]) is not first
