@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -445,6 +446,10 @@ class Engine:
         # A static batch decodes in fixed slots, each step replayed as a CUDA graph (graphs.py): opt-in, GPU only.
         # (True on a CPU runs the same fixed-slot steps eagerly: how the tests check them without a GPU.)
         self.static_decode = gpu and self.options.cuda_graphs and not self.options.device_map
+        if self.options.cuda_graphs and not self.static_decode:
+            why = "with device_map" if self.options.device_map else f"on {self.device.type}"
+            warnings.warn(f"cuda_graphs is a GPU lever for one device, not taken {why}: decoding as usual",
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
         self.share_prompts = True  # rows with the same prompt (the n samples of a row) share one prompt pass
         self.share_prefix = True  # the start all prompts share is prefilled once (SHARED_PREFIX_MIN)
         self._prefix_checked = False  # set once a prefill after a shared start matched its row alone

@@ -114,7 +114,8 @@ def test_the_option_is_checked_and_off_on_a_cpu(tiny_gpt2):
 
     with pytest.raises(ParamError, match="cuda_graphs must be true or false"):
         EngineOptions(cuda_graphs="yes")
-    engine = Engine(tiny_gpt2, EngineOptions(device="cpu", cuda_graphs=True))
+    with pytest.warns(RuntimeWarning, match="cuda_graphs is a GPU lever .* not taken on cpu"):
+        engine = Engine(tiny_gpt2, EngineOptions(device="cpu", cuda_graphs=True))
     assert not engine.static_decode and not engine.speedups["cuda_graphs"]
 
 
@@ -187,6 +188,7 @@ def test_each_window_is_warmed_up_recorded_then_replayed(gpt2_engine, static, mo
     assert fake.replays == sum(n - 1 for n in windows.values() if n >= 2)
 
 
+@pytest.mark.filterwarnings("ignore:cuda_graphs is a GPU lever")
 def test_a_worker_loads_the_engine_again_for_a_job_that_differs_in_cuda_graphs(tmp_path, tiny_gpt2):
     """The engine picks its decode path when it loads, so the worker's engine cache tells jobs with and without
     --cuda-graphs apart (a job without must not decode in fixed slots because the one before asked for them)."""
