@@ -68,6 +68,24 @@ def test_batched_greedy_equals_alone_within_the_dtype(half_engine, dtype, penalt
             assert all(math.isfinite(lp) for _, lp, _ in step)
 
 
+def test_fixed_slots_in_half_precision(half_engine, dtype, monkeypatch):
+    """--cuda-graphs' fixed slots (runner/graphs.py) in half precision, as a GPU runs them: rows that end at
+    different steps keep their slots computing, and every row is what it is alone within the dtype."""
+    from runner import graphs
+
+    prompts = [encode(half_engine.tokenizer, t, chat=False) for t in PROMPTS]
+    params = [GenerationParams(max_new_tokens=n, logprobs=2) for n in (10, 3, 7, 1, 5)]
+    alone = [half_engine.generate([p], [q])[0] for p, q in zip(prompts, params, strict=True)]
+    steps = []
+    real = graphs.StaticBatch.step
+    monkeypatch.setattr(graphs.StaticBatch, "step", lambda self, *a: steps.append(1) or real(self, *a))
+    monkeypatch.setattr(half_engine, "static_decode", True)
+    for b, a in zip(half_engine.generate(prompts, params), alone, strict=True):
+        assert_close_runs(b, a, DTYPES[dtype])
+        assert all(math.isfinite(lp) for step in b.top_logprobs for _, lp, _ in step)
+    assert len(steps) == 9  # the longest row's 10 tokens: the prefill's, then 9 steps in fixed slots
+
+
 def test_a_shared_prompt_start_in_half_precision(half_engine, dtype):
     """The start all prompts share is prefilled once in half precision too: the engine's check accepts it (a
     batch's rounding, not a wrong position), and every row is what it is alone within the dtype."""
