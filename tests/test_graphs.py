@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from test_refill import assert_same, ids_of, row_params
+from test_refill import PROMPTS, assert_same, ids_of, row_params
 
 from runner import EngineOptions
 from runner import graphs as graphs_mod
@@ -206,3 +206,30 @@ def test_a_worker_loads_the_engine_again_for_a_job_that_differs_in_cuda_graphs(t
     engines = Engines(None, None)
     first = engines.get(jobs[0])
     assert engines.get(jobs[0]) is first and engines.get(jobs[1]) is not first
+
+
+def test_a_job_in_fixed_slots_equals_one_without(tmp_path, tiny_gpt2, gpt2_engine, static):
+    """The worker's path (planned batches, -n samples sharing a prompt pass, per-row settings from the file) with
+    fixed slots: the same results as the usual decode, each sample once, and the batches really took that path."""
+    import json
+
+    import runner
+    from runner import GenerationParams
+
+    rows = [{"id": f"r{i}", "prompt": t, "max_tokens": n, **({"temperature": 0.5} if i % 2 else {})}
+            for i, (t, n) in enumerate(zip(PROMPTS, (3, 9, 5, 12, 2, 7), strict=False))]  # fmt: skip
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    params = GenerationParams(max_new_tokens=8, temperature=1.1, num_return_sequences=2, seed=3)
+    options = EngineOptions(batch_size=4)
+    want, _ = runner.run(prompts, tiny_gpt2, params, options, output=tmp_path / "usual", engine=gpt2_engine,
+                         echo=None)  # fmt: skip
+    seen = static(gpt2_engine)
+    got, _ = runner.run(prompts, tiny_gpt2, params, options, output=tmp_path / "fixed", engine=gpt2_engine,
+                        echo=None)  # fmt: skip
+    assert seen["batches"] == 3  # 6 rows x 2 samples in batches of 4
+    cols = ["id", "sample", "text", "token_ids", "finish_reason"]
+    a, b = runner.load_results(got.dir), runner.load_results(want.dir)
+    assert len(a) == 12 and a[cols].to_json() == b[cols].to_json()
+    for x, y in zip(a["token_logprobs"], b["token_logprobs"], strict=True):
+        assert list(x) == pytest.approx(list(y), abs=1e-4)
