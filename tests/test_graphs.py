@@ -233,3 +233,38 @@ def test_a_job_in_fixed_slots_equals_one_without(tmp_path, tiny_gpt2, gpt2_engin
     assert len(a) == 12 and a[cols].to_json() == b[cols].to_json()
     for x, y in zip(a["token_logprobs"], b["token_logprobs"], strict=True):
         assert list(x) == pytest.approx(list(y), abs=1e-4)
+
+
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+def test_a_fixed_slot_step_traces_as_one_graph(request, engine_name, monkeypatch):
+    """What a CUDA graph needs of a step, checked without a GPU: torch.compile's tracer (dynamo's `explain`, no
+    compiling) takes the whole step (the model's forward over the SlotLayer cache, the mask and the counters) as
+    one graph with no break. A break is where Python reads a tensor's value (`.item()`, `if tensor.all()`) or
+    shapes a tensor from a Python number it computed, which a capture would do once on the host (a sync it
+    refuses) or bake in stale. A transformers release that adds one to the forward fails here first."""
+    import torch._dynamo
+
+    engine = request.getfixturevalue(engine_name)
+    found = {}
+    real = graphs_mod.StaticBatch.step
+
+    def step(self, slots, tokens):
+        if not found:
+            self.ids.index_copy_(0, slots, tokens)
+            self.end = min(self.capacity, graphs_mod._round_up(self.next_col + 1, graphs_mod.GRAPH_COLUMNS))
+            found["explained"] = torch._dynamo.explain(self._run)()
+            torch._dynamo.reset()
+            self.col.fill_(self.next_col)  # as if the traced step had not run: the real one follows
+            self.pos.sub_(1)
+        return real(self, slots, tokens)
+
+    monkeypatch.setattr(graphs_mod.StaticBatch, "step", step)
+    monkeypatch.setattr(engine, "static_decode", True)
+    from runner import GenerationParams
+
+    prompts = ids_of(engine)[:3]
+    params = GenerationParams(max_new_tokens=4)
+    engine.generate(prompts, params)
+    explained = found["explained"]
+    assert [str(b.reason) for b in explained.break_reasons] == []
+    assert explained.graph_count == 1 and explained.op_count > 20
