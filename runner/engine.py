@@ -785,8 +785,14 @@ class Engine:
         from .sampling import RowSettings
 
         extra = max(st.params[r].max_new_tokens for r in rows)
-        # a static batch (no continuous batching: every row starts now) decodes in fixed slots
-        static = self.static_decode and st.max_active >= len(st.prompts) and not st.waiting
+        # a static batch (no continuous batching: every row starts now) decodes in fixed slots, where the model's
+        # attention takes their 4D boolean mask (sdpa: graphs.takes_bool_mask)
+        static = (
+            self.static_decode
+            and st.max_active >= len(st.prompts)
+            and not st.waiting
+            and graphs.takes_bool_mask(self.model)
+        )
         if st.prompt_lps is not None and any(st.params[r].prompt_logprobs for r in rows):
             logits, cache, order = self._prefill_all(st, rows, extra)
         else:

@@ -16,13 +16,21 @@ batch decodes here in fixed slots instead:
     the attention mask advance inside the graph.
 
 On a CPU the same steps run eagerly (that is what the tests compare with the engine's own decode, token for
-token), and a capture that fails on a GPU leaves the batch to eager static steps with a warning.
+token), and a capture that fails on a GPU leaves the batch to eager static steps with a warning, and the engine's
+later batches to its own decode (`Engine.static_decode` off: fixed slots only pay as graphs).
+
+Only for models whose attention takes the step's 4D boolean mask as it is (`takes_bool_mask`): transformers'
+sdpa. Eager attention adds a 4D mask to the scores (a boolean one adds 1 where it should mask).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+import weakref
 from typing import Any
+
+from .errors import first_line
 
 GRAPH_COLUMNS = (
     256  # key columns a graph attends over, a multiple of this: few graphs, little attention wasted
@@ -33,6 +41,16 @@ def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
+def takes_bool_mask(model: Any) -> bool:
+    """Whether `model`'s attention reads a 4D boolean mask as given (True: attend): transformers' sdpa, or
+    runner's grouped sdpa (kvcache.ATTENTION). Eager attention adds the mask to the scores, so a boolean mask
+    would add 1 instead of masking (silently wrong rows); flash attention and custom code take no 4D mask."""
+    from .kvcache import ATTENTION
+
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", ATTENTION)
+
+
+@functools.cache
 def _layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -42,7 +60,9 @@ def _layer_class():
 
         def __init__(self, batch: StaticBatch, keys: Any, values: Any):
             super().__init__()
-            self.batch, self.buf_k, self.buf_v = batch, keys, values
+            # (weakly: the batch holds the cache that holds this layer, and a cycle would keep a finished batch's
+            # keys/values and graphs in GPU memory until a full garbage collection, beside the next batch's)
+            self.batch, self.buf_k, self.buf_v = weakref.proxy(batch), keys, values
             self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
 
         def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
@@ -81,6 +101,10 @@ class StaticBatch:
         self.col = torch.tensor([width], device=device)
         self.ids = torch.full((slots, 1), engine.pad_id, device=device)
         self.pos = lens.clone().unsqueeze(-1)
+        # 1 for the slots still decoding: a finished slot's position stays where its row ended, within the
+        # model's positions (a row with a long prompt and few new tokens beside one with many would otherwise
+        # run past them: GPT-2's position embedding index out of range, a device-side assert on a GPU)
+        self.live, self.n_live = torch.ones_like(self.pos), slots
         self.logits: Any = None  # [slots, vocab] float32, made by the first (eager) step
         self.recorded: dict[int, Any] = {}  # end -> torch.cuda.CUDAGraph
         self.warm: set[int] = set()  # ends that had their eager step (the warm-up before a capture)
@@ -104,6 +128,9 @@ class StaticBatch:
         """One decode step: `tokens` ([active, 1]) are the next inputs of `slots` ([active] long); every slot
         computes. Returns the float32 next-token logits of `slots` [active, vocab]."""
         self.ids.index_copy_(0, slots, tokens)
+        if slots.shape[0] != self.n_live:  # rows ended: their slots' positions stop (read by the graphs)
+            self.live.zero_().index_fill_(0, slots, 1)
+            self.n_live = slots.shape[0]
         self.end = min(self.capacity, _round_up(self.next_col + 1, GRAPH_COLUMNS))
         if not self.graphs:
             self._run()
@@ -129,7 +156,7 @@ class StaticBatch:
         else:
             self.logits.copy_(out.logits[:, -1, :])
         self.col.add_(1)
-        self.pos.add_(1)
+        self.pos.add_(self.live)
 
     def _warm_up(self) -> None:
         """The first step at a new `end`: eager, on a side stream (as torch's CUDA-graph recipe warms up)."""
@@ -145,20 +172,28 @@ class StaticBatch:
 
     def _record_and_replay(self) -> None:
         """Record this step as a graph (recording runs nothing), then replay it. A capture that fails (an op
-        that waits for the host, a model that cannot be recorded) leaves this batch to eager steps."""
+        that waits for the host, a model that cannot be recorded) leaves this batch to eager steps and the
+        engine's later batches to its own decode: the same capture would fail again in each (a warning and, in
+        torch, a capture pool left allocating-to every time)."""
         import torch
 
+        device = self.col.device
+        stream = torch.cuda.current_stream(device)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 self._run()
-        except RuntimeError as e:
+        except Exception as e:  # (a real error, not the capture's, is raised again by the eager step below)
+            # torch.cuda.graph's __exit__ raises from capture_end() before it puts back the stream it captured on
+            torch.cuda.set_stream(stream)
             warnings.warn(
-                f"runner: CUDA graph capture failed, decoding this batch eagerly ({e})", stacklevel=2
+                f"runner: CUDA graph capture failed, decoding eagerly from here on ({first_line(e)})",
+                stacklevel=2,
             )
             self.graphs = False
+            self.engine.static_decode = False
             self._run()
             return
         self.recorded[self.end] = graph

@@ -268,3 +268,142 @@ def test_a_fixed_slot_step_traces_as_one_graph(request, engine_name, monkeypatch
     explained = found["explained"]
     assert [str(b.reason) for b in explained.break_reasons] == []
     assert explained.graph_count == 1 and explained.op_count > 20
+
+
+def test_finished_slots_stay_inside_the_models_positions(gpt2_engine, static):
+    """A row with a long prompt and few new tokens beside one with a short prompt and many: each fits the model's
+    positions (tiny GPT-2: 256), but the long row's slot, computing on after it ended, must not run its
+    positions past them (GPT-2's position embedding: an index error on a CPU, a device-side assert on a GPU)."""
+    from runner import GenerationParams
+
+    prompts = ids_of(gpt2_engine)
+    long = [t for p in prompts for t in p][:200]
+    rows = [long, prompts[-2][:5]]
+    params = [GenerationParams(max_new_tokens=n, min_new_tokens=n) for n in (40, 200)]
+    assert all(len(p) + q.max_new_tokens <= 256 for p, q in zip(rows, params, strict=True))
+    dynamic = gpt2_engine.generate(rows, params)
+    seen = static(gpt2_engine)
+    assert_same(gpt2_engine.generate(rows, params), dynamic)
+    assert seen["batches"] == 1
+
+
+def test_a_finished_batch_is_freed_at_once(gpt2_engine, static, monkeypatch):
+    """A batch's keys/values (and on a GPU its graphs) go when it ends, not at the next full garbage collection:
+    the next batch is sized to the memory they take (batching.MEMORY_SHARE)."""
+    import gc
+    import weakref
+
+    from runner import GenerationParams
+
+    seen = static(gpt2_engine)
+    made, counted_init = [], graphs_mod.StaticBatch.__init__
+
+    def init(self, *args, **kwargs):
+        counted_init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(graphs_mod.StaticBatch, "__init__", init)
+    gc.disable()
+    try:
+        gpt2_engine.generate(ids_of(gpt2_engine)[:3], GenerationParams(max_new_tokens=4))
+        alive = [ref() is not None for ref in made]
+    finally:
+        gc.enable()
+    assert seen["batches"] == 1 and alive == [False]
+
+
+def test_models_on_eager_attention_decode_as_before(tiny_gpt2, static, monkeypatch):
+    """Eager attention adds a 4D mask to the scores: the fixed slots' boolean mask would add 1 where it should
+    mask (padded rows silently wrong). Such models (no sdpa for their architecture) keep the engine's decode."""
+    import runner.engine as engine_module
+    from runner import GenerationParams
+
+    real_load = engine_module.load_model
+
+    def load_eager(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        model.set_attn_implementation("eager")
+        return model
+
+    monkeypatch.setattr(engine_module, "load_model", load_eager)
+    engine = Engine(tiny_gpt2, EngineOptions(device="cpu"))
+    assert engine.model.config._attn_implementation == "eager"
+    prompts = ids_of(engine)[:4]
+    params = GenerationParams(max_new_tokens=6, min_new_tokens=6)
+    dynamic = engine.generate(prompts, params)
+    alone = [engine.generate([p], params)[0] for p in prompts]
+    assert_same(dynamic, alone)
+    seen = static(engine)
+    assert_same(engine.generate(prompts, params), dynamic)
+    assert seen["batches"] == 0
+
+
+class FailingCuda(FakeCuda):
+    """FakeCuda whose captures fail as torch's do when the step waits for the host (`.item()`, a tensor in an
+    `if`): torch.cuda.graph's __exit__ raises from capture_end() with the capture stream still current."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = self.current = self.Stream()
+        self.attempts = 0
+
+    @contextlib.contextmanager
+    def graph(self, graph, pool=None):
+        self.attempts += 1
+        self.current = self.Stream()
+        col, pos = self.batch.col.clone(), self.batch.pos.clone()
+        yield  # (the step ran here: undone, as a capture runs nothing)
+        self.batch.col.copy_(col)
+        self.batch.pos.copy_(pos)
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def current_stream(self, device=None):
+        return self.current
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        before, self.current = self.current, s
+        yield
+        self.current = before
+
+    def set_stream(self, s):
+        self.current = s
+
+
+def test_a_failed_capture_decodes_eagerly_and_is_not_tried_again(gpt2_engine, static, monkeypatch):
+    """A capture that fails leaves the batch to eager fixed-slot steps (rows as the usual decode), puts back the
+    stream torch left switched to the capture's, warns once, and the engine's later batches use its own decode
+    instead of failing (and leaking a capture pool) batch after batch."""
+    if gpt2_engine.device.type != "cpu":
+        pytest.skip("a CPU stand-in for torch.cuda's graphs")
+    from runner import GenerationParams
+
+    fake = FailingCuda()
+    monkeypatch.setattr(graphs_mod, "GRAPH_COLUMNS", 4)
+    for name in (
+        "CUDAGraph",
+        "graph",
+        "graph_pool_handle",
+        "Stream",
+        "current_stream",
+        "stream",
+        "set_stream",
+    ):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name), raising=False)
+    prompts = ids_of(gpt2_engine)[:3]
+    params = GenerationParams(max_new_tokens=7, min_new_tokens=7)
+    dynamic = gpt2_engine.generate(prompts, params)
+    seen = static(gpt2_engine)
+    real_init = graphs_mod.StaticBatch.__init__
+
+    def init(self, engine, cache, lens, extra, graphs):
+        real_init(self, engine, cache, lens, extra, True)
+        fake.batch = self
+
+    monkeypatch.setattr(graphs_mod.StaticBatch, "__init__", init)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed") as caught:
+        assert_same(gpt2_engine.generate(prompts, params), dynamic)
+        assert_same(gpt2_engine.generate(prompts, params), dynamic)
+    assert len([w for w in caught if "CUDA graph" in str(w.message)]) == 1
+    assert fake.attempts == 1 and fake.current is fake.main
+    assert seen["batches"] == 1 and not gpt2_engine.static_decode
