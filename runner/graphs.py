@@ -109,6 +109,7 @@ class StaticBatch:
         self.recorded: dict[int, Any] = {}  # end -> torch.cuda.CUDAGraph
         self.warm: set[int] = set()  # ends that had their eager step (the warm-up before a capture)
         self.pool: Any = None
+        self.capture_stream: Any = None  # the stream every capture of this batch records on (its pool's)
 
     def _copied(self, layer: Any, slots: int, width: int) -> Any:
         """One layer's prompt keys/values copied into zeroed buffers of the full capacity (columns not written
@@ -182,8 +183,16 @@ class StaticBatch:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+            # this batch's captures on its own GPU: torch.cuda.graph's default stream is made once, on whichever
+            # device was current at the process's first capture, and a capture there records nothing of the
+            # kernels run on another GPU (Engine(device="cuda:1") where cuda:0 is current): an empty graph,
+            # replayed as nothing, every later step's logits stale
+            self.capture_stream = torch.cuda.Stream(device)
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with (
+                torch.cuda.device(device),
+                torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream),
+            ):
                 self._run()
         except Exception as e:  # (a real error, not the capture's, is raised again by the eager step below)
             # torch.cuda.graph's __exit__ raises from capture_end() before it puts back the stream it captured on

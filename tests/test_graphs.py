@@ -125,7 +125,14 @@ class FakeCuda:
     nothing; a replay runs the recorded step again."""
 
     def __init__(self):
-        self.batch, self.recorded, self.replays = None, 0, 0
+        self.batch, self.recorded, self.replays, self.in_device = None, 0, 0, False
+
+    @contextlib.contextmanager
+    def device(self, device):
+        assert device == self.batch.col.device
+        self.in_device = True
+        yield
+        self.in_device = False
 
     def CUDAGraph(self):  # noqa: N802 (torch's name)
         fake = self
@@ -138,7 +145,8 @@ class FakeCuda:
         return Graph()
 
     @contextlib.contextmanager
-    def graph(self, graph, pool=None):
+    def graph(self, graph, pool=None, stream=None):
+        assert stream is not None and self.in_device  # captured on the batch's own GPU and stream
         col, pos = self.batch.col.clone(), self.batch.pos.clone()
         yield
         self.batch.col.copy_(col)
@@ -168,7 +176,7 @@ def test_each_window_is_warmed_up_recorded_then_replayed(gpt2_engine, static, mo
 
     fake = FakeCuda()
     monkeypatch.setattr(graphs_mod, "GRAPH_COLUMNS", 4)
-    for name in ("CUDAGraph", "graph", "graph_pool_handle", "Stream", "current_stream", "stream"):
+    for name in ("CUDAGraph", "graph", "graph_pool_handle", "Stream", "current_stream", "stream", "device"):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
     prompts = ids_of(gpt2_engine)[:3]
     params = [GenerationParams(max_new_tokens=n, min_new_tokens=n) for n in (13, 5, 9)]
@@ -348,7 +356,7 @@ class FailingCuda(FakeCuda):
         self.attempts = 0
 
     @contextlib.contextmanager
-    def graph(self, graph, pool=None):
+    def graph(self, graph, pool=None, stream=None):
         self.attempts += 1
         self.current = self.Stream()
         col, pos = self.batch.col.clone(), self.batch.pos.clone()
@@ -388,6 +396,7 @@ def test_a_failed_capture_decodes_eagerly_and_is_not_tried_again(gpt2_engine, st
         "current_stream",
         "stream",
         "set_stream",
+        "device",
     ):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name), raising=False)
     prompts = ids_of(gpt2_engine)[:3]
