@@ -446,6 +446,7 @@ class Engine:
         # A static batch decodes in fixed slots, each step replayed as a CUDA graph (graphs.py): opt-in, GPU only.
         # (True on a CPU runs the same fixed-slot steps eagerly: how the tests check them without a GPU.)
         self.static_decode = gpu and self.options.cuda_graphs and not self.options.device_map
+        self._static_checked = False  # set once a step in fixed slots matched its row alone
         if self.options.cuda_graphs and not self.static_decode:
             why = "with device_map" if self.options.device_map else f"on {self.device.type}"
             warnings.warn(f"cuda_graphs is a GPU lever for one device, not taken {why}: decoding as usual",
@@ -513,9 +514,13 @@ class Engine:
             with self.computing():
                 try:
                     outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
-                except kvcache.GroupingUnsupported:
-                    # Some layer's attention bypassed the grouped path (custom model code): decode merged from now on.
-                    self._grouped = False
+                except (kvcache.GroupingUnsupported, graphs.FixedSlotsUnsupported) as e:
+                    # Some layer's attention bypassed the grouped path (custom model code), or the model's forward
+                    # does not take fixed slots' mask: decode merged / in the engine's own way from now on.
+                    self._grouped = self._grouped and not isinstance(e, kvcache.GroupingUnsupported)
+                    self.static_decode = self.static_decode and not isinstance(
+                        e, graphs.FixedSlotsUnsupported
+                    )
                     outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
         except NumericalError as e:  # (its rows are the firsts': the caller splits its own rows)
             raise NumericalError([t for r in e.rows for t in twins[firsts[r]]]) from None
@@ -760,6 +765,18 @@ class Engine:
             st.slots, tok_in = st.slots[idx], tok_in[idx]
         st.logits = st.static.step(st.slots, tok_in)
         st.lens = st.lens + 1
+        if not self._static_checked:
+            self._check_fixed_slots(st)
+
+    def _check_fixed_slots(self, st: _Decode) -> None:
+        """The first step in fixed slots of this engine, checked: the most padded row's logits must be what its
+        tokens give alone (a model whose forward does not take the 4D mask as given, ALiBi built from a 2D one
+        say, would be silently wrong). Else `generate` decodes the batch again its own way, and every later one."""
+        i = int(st.lens.argmin())  # the shortest row: the most padding, where a wrong mask shows
+        r = st.rows[i]
+        if not self._matches_alone(st.prompts[r] + st.out_ids[r], st.logits[i]):
+            raise graphs.FixedSlotsUnsupported("a step in fixed slots differed from its row alone")
+        self._static_checked = True
 
     def _refill(self, st: _Decode) -> None:
         """Admit waiting rows into the free slots: into an empty batch always; into a running one when its
@@ -792,6 +809,7 @@ class Engine:
             and st.max_active >= len(st.prompts)
             and not st.waiting
             and graphs.takes_bool_mask(self.model)
+            and extra >= graphs.MIN_NEW_TOKENS
         )
         if st.prompt_lps is not None and any(st.params[r].prompt_logprobs for r in rows):
             logits, cache, order = self._prefill_all(st, rows, extra)
@@ -976,15 +994,21 @@ class Engine:
     def _prefix_matches(self, prompts: list[list[int]], pads: Any, logits: Any) -> bool:
         """Whether the most padded row of a prefill after a shared start got the logits it gets alone (its top
         tokens' log-probs within PREFIX_CHECK_TOL). Padding is what a wrong position or mask would show in."""
-        import torch
 
         r = int(pads.argmax())
-        alone, _ = self._forward_alone(prompts[r])
-        want, got = alone[0].log_softmax(-1), logits[r].log_softmax(-1)
+        self._prefix_checked = self._matches_alone(prompts[r], logits[r])
+        return self._prefix_checked
+
+    def _matches_alone(self, tokens: list[int], logits: Any) -> bool:
+        """Whether `logits` ([vocab], a row's next-token logits from a batch) are what `tokens` alone give: the
+        top tokens' log-probs within PREFIX_CHECK_TOL (float rounding of a batch stays far below it)."""
+        import torch
+
+        alone, _ = self._forward_alone(tokens)
+        want, got = alone[0].log_softmax(-1), logits.log_softmax(-1)
         top = want.topk(min(20, want.shape[-1])).indices
         tol = PREFIX_CHECK_TOL["float32" if self.model.dtype == torch.float32 else "other"]
-        self._prefix_checked = bool((want[top] - got[top]).abs().max() <= tol)
-        return self._prefix_checked
+        return bool((want[top] - got[top]).abs().max() <= tol)
 
     def _prefill_all(self, st: _Decode, rows: list[int], extra: int):
         """`_prefill` for rows some of which ask for prompt log-probs: one pass over them all keeping every

@@ -37,6 +37,16 @@ GRAPH_COLUMNS = (
 )
 
 
+# Fewest new tokens a batch takes fixed slots for: the prefill gives the first, a window's first step is eager
+# (the warm-up), and only the next is recorded; fewer would pay the buffers' copy for no graph.
+MIN_NEW_TOKENS = 3
+
+
+class FixedSlotsUnsupported(RuntimeError):
+    """A step in fixed slots gave other logits than the row alone (Engine._check_fixed_slots): this model's
+    forward does not take the fixed slots' 4D mask as given, so the engine decodes its own way instead."""
+
+
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 

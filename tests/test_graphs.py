@@ -92,7 +92,9 @@ def test_attention_windows_grow_by_graph_columns(gpt2_engine, static, monkeypatc
         assert seen["graphs"] == sum(ends.count(end) >= 2 for end in set(ends)) >= 1
 
 
-def test_not_taken_with_continuous_batching_or_an_unmergeable_cache(gpt2_engine, static, monkeypatch):
+def test_not_taken_with_continuous_batching_few_new_tokens_or_an_unmergeable_cache(
+    gpt2_engine, static, monkeypatch
+):
     """Fixed slots need the whole batch at once and one merged cache: rows that join a running batch
     (max_active) and caches transformers keeps (sliding windows...) decode as before."""
     from runner import GenerationParams
@@ -102,6 +104,8 @@ def test_not_taken_with_continuous_batching_or_an_unmergeable_cache(gpt2_engine,
     seen = static(gpt2_engine)
     gpt2_engine.generate(prompts, params, max_active=2)
     assert seen["batches"] == 0
+    gpt2_engine.generate(prompts, GenerationParams(max_new_tokens=graphs_mod.MIN_NEW_TOKENS - 1))
+    assert seen["batches"] == 0  # too few new tokens for a graph: not worth the buffers' copy
     monkeypatch.setattr(gpt2_engine, "_merge_caches", False)
     gpt2_engine.generate(prompts, params)
     assert seen["batches"] == 0
@@ -416,3 +420,32 @@ def test_a_failed_capture_decodes_eagerly_and_is_not_tried_again(gpt2_engine, st
     assert len([w for w in caught if "CUDA graph" in str(w.message)]) == 1
     assert fake.attempts == 1 and fake.current is fake.main
     assert seen["batches"] == 1 and not gpt2_engine.static_decode
+
+
+def test_a_model_that_does_not_take_the_mask_as_given_decodes_its_own_way(gpt2_engine, static, monkeypatch):
+    """The engine's first step in fixed slots is checked against the most padded row alone: a forward that does
+    not take the 4D mask as given (here: every column attended, padding included, as a model building ALiBi from
+    a 2D mask might) is caught there, the batch is decoded again the engine's own way, and so is every later
+    one; a model that takes it passes the check once."""
+    from runner import GenerationParams
+
+    prompts = ids_of(gpt2_engine)[:4]
+    params = GenerationParams(max_new_tokens=5)
+    usual = gpt2_engine.generate(prompts, params)
+    seen = static(gpt2_engine)
+    monkeypatch.setattr(gpt2_engine, "_static_checked", False)
+    assert_same(gpt2_engine.generate(prompts, params), usual)
+    assert gpt2_engine._static_checked and gpt2_engine.static_decode and seen["batches"] == 1
+    real_init = graphs_mod.StaticBatch.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.mask.fill_(True)  # padding attended
+
+    monkeypatch.setattr(graphs_mod.StaticBatch, "__init__", init)
+    monkeypatch.setattr(gpt2_engine, "_static_checked", False)
+    assert_same(gpt2_engine.generate(prompts, params), usual)
+    assert not gpt2_engine.static_decode and not gpt2_engine._static_checked
+    assert seen["batches"] == 2 and len(seen["steps"]) == 4 + 1  # one step in fixed slots, then its own way
+    assert_same(gpt2_engine.generate(prompts, params), usual)
+    assert seen["batches"] == 2
