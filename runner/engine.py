@@ -319,8 +319,6 @@ def decode_groups(lengths: list[int], most: int) -> list[list[int]]:
 def _warn_if_threads_spin() -> None:
     """On CPU with several threads: say so when `import runner` came after torch, so that its OpenMP threads
     keep libgomp's ~3 ms spin at every wait (runner/__init__.py: several times slower on a shared CPU)."""
-    import warnings
-
     import torch
 
     import runner
