@@ -444,7 +444,8 @@ class Engine:
         # A static batch decodes in fixed slots, each step replayed as a CUDA graph (graphs.py): opt-in, GPU only.
         # (True on a CPU runs the same fixed-slot steps eagerly: how the tests check them without a GPU.)
         self.static_decode = gpu and self.options.cuda_graphs and not self.options.device_map
-        self._static_checked = False  # set once a step in fixed slots matched its row alone
+        # the kinds of fixed-slot step (replayed: True, eager: False) that have matched their row alone once
+        self._static_checked: set[bool] = set()
         if self.options.cuda_graphs and not self.static_decode:
             why = "with device_map" if self.options.device_map else f"on {self.device.type}"
             warnings.warn(f"cuda_graphs is a GPU lever for one device, not taken {why}: decoding as usual",
@@ -763,18 +764,19 @@ class Engine:
             st.slots, tok_in = st.slots[idx], tok_in[idx]
         st.logits = st.static.step(st.slots, tok_in)
         st.lens = st.lens + 1
-        if not self._static_checked:
+        if st.static.replayed not in self._static_checked:
             self._check_fixed_slots(st)
 
     def _check_fixed_slots(self, st: _Decode) -> None:
-        """The first step in fixed slots of this engine, checked: the most padded row's logits must be what its
-        tokens give alone (a model whose forward does not take the 4D mask as given, ALiBi built from a 2D one
-        say, would be silently wrong). Else `generate` decodes the batch again its own way, and every later one."""
+        """The engine's first step in fixed slots, and its first replayed as a CUDA graph, checked: the most padded
+        row's logits must be what its tokens give alone (a model whose forward does not take the 4D mask as
+        given, ALiBi built from a 2D one say, or a graph that recorded less than the step, would be silently
+        wrong). Else `generate` decodes the batch again its own way, and every later one."""
         i = int(st.lens.argmin())  # the shortest row: the most padding, where a wrong mask shows
         r = st.rows[i]
         if not self._matches_alone(st.prompts[r] + st.out_ids[r], st.logits[i]):
             raise graphs.FixedSlotsUnsupported("a step in fixed slots differed from its row alone")
-        self._static_checked = True
+        self._static_checked.add(st.static.replayed)
 
     def _refill(self, st: _Decode) -> None:
         """Admit waiting rows into the free slots: into an empty batch always; into a running one when its

@@ -125,11 +125,12 @@ def test_the_option_is_checked_and_off_on_a_cpu(tiny_gpt2):
 
 class FakeCuda:
     """torch.cuda's graph API as the engine uses it, on a CPU: recording runs the step and then undoes what it
-    moved on (the write column and positions; the column it wrote is written again), as a real capture runs
-    nothing; a replay runs the recorded step again."""
+    moved on (the write column, positions and logits; the column it wrote is written again), as a real capture
+    runs nothing; a replay runs the recorded step again."""
 
-    def __init__(self):
+    def __init__(self, empty: bool = False):
         self.batch, self.recorded, self.replays, self.in_device = None, 0, 0, False
+        self.empty = empty  # replays run nothing, as a graph that recorded none of the step's kernels
 
     @contextlib.contextmanager
     def device(self, device):
@@ -144,17 +145,19 @@ class FakeCuda:
         class Graph:
             def replay(self):
                 fake.replays += 1
-                fake.batch._run()
+                if not fake.empty:
+                    fake.batch._run()
 
         return Graph()
 
     @contextlib.contextmanager
     def graph(self, graph, pool=None, stream=None):
         assert stream is not None and self.in_device  # captured on the batch's own GPU and stream
-        col, pos = self.batch.col.clone(), self.batch.pos.clone()
+        col, pos, logits = self.batch.col.clone(), self.batch.pos.clone(), self.batch.logits.clone()
         yield
         self.batch.col.copy_(col)
         self.batch.pos.copy_(pos)
+        self.batch.logits.copy_(logits)
         self.recorded += 1
 
     def graph_pool_handle(self):
@@ -170,22 +173,14 @@ class FakeCuda:
         return contextlib.nullcontext()
 
 
-def test_each_window_is_warmed_up_recorded_then_replayed(gpt2_engine, static, monkeypatch):
-    """The graph bookkeeping, with torch.cuda's graph calls faked on a CPU: per attention window the first step
-    runs eagerly (the warm-up), the second is recorded and replayed at once, every later one replayed; the
-    rows still equal the usual decode (a recording that moved the column on would shift every later token)."""
-    if gpt2_engine.device.type != "cpu":
+def faked_graphs(engine, monkeypatch, empty: bool = False) -> FakeCuda:
+    """torch.cuda's graph calls replaced by a FakeCuda, and every StaticBatch recording graphs (on a CPU)."""
+    if engine.device.type != "cpu":
         pytest.skip("a CPU stand-in for torch.cuda's graphs; on a GPU the tests above record real ones")
-    from runner import GenerationParams
-
-    fake = FakeCuda()
+    fake = FakeCuda(empty)
     monkeypatch.setattr(graphs_mod, "GRAPH_COLUMNS", 4)
     for name in ("CUDAGraph", "graph", "graph_pool_handle", "Stream", "current_stream", "stream", "device"):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
-    prompts = ids_of(gpt2_engine)[:3]
-    params = [GenerationParams(max_new_tokens=n, min_new_tokens=n) for n in (13, 5, 9)]
-    dynamic = gpt2_engine.generate(prompts, params)
-    seen = static(gpt2_engine)
     real_init = graphs_mod.StaticBatch.__init__
 
     def init(self, engine, cache, lens, extra, graphs):
@@ -193,7 +188,23 @@ def test_each_window_is_warmed_up_recorded_then_replayed(gpt2_engine, static, mo
         fake.batch = self
 
     monkeypatch.setattr(graphs_mod.StaticBatch, "__init__", init)
+    return fake
+
+
+def test_each_window_is_warmed_up_recorded_then_replayed(gpt2_engine, static, monkeypatch):
+    """The graph bookkeeping, with torch.cuda's graph calls faked on a CPU: per attention window the first step
+    runs eagerly (the warm-up), the second is recorded and replayed at once, every later one replayed; the
+    rows still equal the usual decode (a recording that moved the column on would shift every later token)."""
+    from runner import GenerationParams
+
+    prompts = ids_of(gpt2_engine)[:3]
+    params = [GenerationParams(max_new_tokens=n, min_new_tokens=n) for n in (13, 5, 9)]
+    dynamic = gpt2_engine.generate(prompts, params)
+    seen = static(gpt2_engine)
+    fake = faked_graphs(gpt2_engine, monkeypatch)
+    monkeypatch.setattr(gpt2_engine, "_static_checked", set())
     assert_same(gpt2_engine.generate(prompts, params), dynamic)
+    assert gpt2_engine._static_checked == {False, True}  # the first eager step and the first replay
     ends = [end for _, _, end in seen["steps"]]
     windows = {end: ends.count(end) for end in ends}
     assert fake.recorded == sum(n >= 2 for n in windows.values()) >= 2
@@ -433,9 +444,9 @@ def test_a_model_that_does_not_take_the_mask_as_given_decodes_its_own_way(gpt2_e
     params = GenerationParams(max_new_tokens=5)
     usual = gpt2_engine.generate(prompts, params)
     seen = static(gpt2_engine)
-    monkeypatch.setattr(gpt2_engine, "_static_checked", False)
+    monkeypatch.setattr(gpt2_engine, "_static_checked", set())
     assert_same(gpt2_engine.generate(prompts, params), usual)
-    assert gpt2_engine._static_checked and gpt2_engine.static_decode and seen["batches"] == 1
+    assert gpt2_engine._static_checked == {False} and gpt2_engine.static_decode and seen["batches"] == 1
     real_init = graphs_mod.StaticBatch.__init__
 
     def init(self, *args, **kwargs):
@@ -443,9 +454,26 @@ def test_a_model_that_does_not_take_the_mask_as_given_decodes_its_own_way(gpt2_e
         self.mask.fill_(True)  # padding attended
 
     monkeypatch.setattr(graphs_mod.StaticBatch, "__init__", init)
-    monkeypatch.setattr(gpt2_engine, "_static_checked", False)
+    monkeypatch.setattr(gpt2_engine, "_static_checked", set())
     assert_same(gpt2_engine.generate(prompts, params), usual)
-    assert not gpt2_engine.static_decode and not gpt2_engine._static_checked
+    assert not gpt2_engine.static_decode and gpt2_engine._static_checked == set()
     assert seen["batches"] == 2 and len(seen["steps"]) == 4 + 1  # one step in fixed slots, then its own way
     assert_same(gpt2_engine.generate(prompts, params), usual)
     assert seen["batches"] == 2
+
+
+def test_a_graph_whose_replays_do_nothing_is_caught_at_its_first_replay(gpt2_engine, static, monkeypatch):
+    """A graph that recorded none of the step (torch only warns of an empty graph) would leave every later step
+    the logits of the one before. The engine's first replayed step is checked against its row alone like its
+    first eager one: the batch is decoded again its own way, and so is every later one."""
+    from runner import GenerationParams
+
+    prompts = ids_of(gpt2_engine)[:3]
+    params = GenerationParams(max_new_tokens=9, min_new_tokens=9)
+    usual = gpt2_engine.generate(prompts, params)
+    seen = static(gpt2_engine)
+    fake = faked_graphs(gpt2_engine, monkeypatch, empty=True)
+    monkeypatch.setattr(gpt2_engine, "_static_checked", set())
+    assert_same(gpt2_engine.generate(prompts, params), usual)
+    assert fake.replays == 1 and seen["batches"] == 1 and not gpt2_engine.static_decode
+    assert gpt2_engine._static_checked == {False}
