@@ -70,6 +70,7 @@ fi
 
 mkdir -p "$DEST"
 exec > >(tee "$DEST/check.log") 2>&1
+SECONDS=0  # each step says when it began (the check is sized to fit one device call)
 echo "== gpu_check $(date -u +%FT%TZ) device=$DEVICE quick=$QUICK"
 lack=$(missing)
 if [ -n "$lack" ]; then
@@ -113,7 +114,7 @@ if dev.startswith("cuda"):
           f"auto dtype {pick_dtype('auto', torch.device(dev))}")
 EOF
 
-echo "== tests on $DEVICE"
+echo "== [${SECONDS}s] tests on $DEVICE"
 TESTS="tests/test_engine.py tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py
       tests/test_tokens.py tests/test_beams.py tests/test_sampling.py tests/test_structured.py tests/test_refill.py
       tests/test_graphs.py"
@@ -155,12 +156,12 @@ fi
 set +e  # each step's failure (out of memory, say) is said, and the rest still run
 # The product path on the device, as the README runs it: submit, work, SIGKILL after the first commit, work
 # again; exactly-once checked, rows compared with an uninterrupted run (float32: they should all agree)
-echo "== a whole job on $DEVICE, killed and carried on"
+echo "== [${SECONDS}s] a whole job on $DEVICE, killed and carried on"
 "$PY" benchmarks/gpu_job.py --device "$DEVICE" --dtype float32 "${JOB[@]}" --json-out "$DEST/job-$DEVICE.json"
 job_rc=$?
 echo "whole job exit code: $job_rc"
 
-echo "== benchmark on $DEVICE"
+echo "== [${SECONDS}s] benchmark on $DEVICE"
 for model in $MODELS; do
     "$PY" benchmarks/bench.py --model "$model" --device "$DEVICE" "${SIZES[@]}" --skip-plain-engine \
         --skip-ablations --json-out "$DEST/$model-$DEVICE.json"
@@ -169,26 +170,26 @@ done
 # Continuous batching on the realistic workload (sampled, answers of 8..128 tokens): static batches vs refill,
 # where a GPU's decode step costs nearly the same for a full batch as for a half-empty one. In float32, where
 # every row should equal its static twin (bf16 on the first H200 run: 1.34x, rows identical 2/512).
-echo "== continuous batching on $DEVICE (float32)"
+echo "== [${SECONDS}s] continuous batching on $DEVICE (float32)"
 "$PY" benchmarks/refill.py --device "$DEVICE" --dtype float32 "${REFILL[@]}" --json-out "$DEST/refill-$DEVICE.json"
 echo "refill exit code: $?"
 # Which attention kernels decode steps should use (cuDNN builds a graph per new shape): see sdpa_probe.py
-echo "== attention kernels on $DEVICE"
+echo "== [${SECONDS}s] attention kernels on $DEVICE"
 "$PY" benchmarks/sdpa_probe.py --device "$DEVICE" "${PROBE[@]}" --json-out "$DEST/sdpa-$DEVICE.json"
 echo "sdpa probe exit code: $?"
 # Scoring and embedding at the device's default batch sizes (bounded memory) vs a plain script at batch 64
-echo "== score and embed on $DEVICE"
+echo "== [${SECONDS}s] score and embed on $DEVICE"
 "$PY" benchmarks/bench.py --device "$DEVICE" --workload realistic --tasks score,embed "${TASKS[@]}" \
     --json-out "$DEST/score-$DEVICE.json"
 echo "score/embed exit code: $?"
 # What CUDA graphs are worth: transformers' static cache + torch.compile vs eager generate vs runner, and runner
 # with --cuda-graphs (runner/graphs.py) against itself at three batch sizes: last, since its compile is the one
 # step whose length is not known yet
-echo "== decode steps as CUDA graphs on $DEVICE"
+echo "== [${SECONDS}s] decode steps as CUDA graphs on $DEVICE"
 "$PY" benchmarks/graph_probe.py --device "$DEVICE" "${GRAPHS[@]}" --json-out "$DEST/graphs-$DEVICE.json"
 echo "graph probe exit code: $?"
 set -e
-echo "== done: tests exit code $tests_rc, whole job exit code $job_rc; tables above go into benchmarks/RESULTS.md;" \
+echo "== [${SECONDS}s] done: tests exit code $tests_rc, whole job exit code $job_rc; tables above go into benchmarks/RESULTS.md;" \
      "logs in $DEST"
 [ "$tests_rc" = 0 ] && exit "$job_rc"
 exit "$tests_rc"

@@ -82,29 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from report import write_json
-    from runner_paths import plain_transformers
-    from transformers import CompileConfig
 
     from runner.batching import encode
 
     engine, texts, res = probe_setup(args)
-    model, tok = engine.model, engine.tokenizer
-    tok.padding_side = "left"
-    encoded = batches(tok, texts, args.batch_size, engine.device)
     n, new = len(texts), args.max_new_tokens
-    res.update(padded_to=encoded[0]["input_ids"].shape[1], compiled=not args.no_compile)
-    static = {"cache_implementation": "static"}
-    if not args.no_compile:
-        static["compile_config"] = CompileConfig()
-    with plain_transformers(engine):  # the model exactly as transformers loaded it
-        generate_all(model, encoded[:1], 2)  # warm-up
-        plain, res["generate_seconds"] = generate_all(model, encoded, new)
-        _, res["generate_static_first_call_seconds"] = generate_all(model, encoded[:1], new, **static)
-        graphs, res["generate_static_seconds"] = generate_all(model, encoded, new, **static)
-    ids = [encode(tok, t, False) for t in texts]
+    # runner's rows first (their JSON written at once): the compile below is the step whose length is unknown
+    ids = [encode(engine.tokenizer, t, False) for t in texts]
     sizes = [args.batch_size, *(int(b) for b in args.runner_batch_sizes.split(",") if b.strip())]
-    res["runner_sweep"] = [runner_rows(engine, ids, new, b) for b in dict.fromkeys(sizes)]
+    res["runner_sweep"] = []
+    for b in dict.fromkeys(sizes):
+        row = runner_rows(engine, ids, new, b)
+        res["runner_sweep"].append(row)
+        print(f"runner batch {b}: eager {row['eager_seconds']:.2f} s, {n * new / row['eager_seconds']:,.0f} tok/s;"
+              f" cuda_graphs {row['graphs_seconds']:.2f} s, {n * new / row['graphs_seconds']:,.0f} tok/s"
+              f" ({row['eager_seconds'] / row['graphs_seconds']:.2f}x); rows identical {row['rows_identical']}/{n}",
+              flush=True)  # fmt: skip
+        write_json(res, args.json_out, lambda *_: None)
     res["runner_seconds"] = res["runner_sweep"][0]["eager_seconds"]
+    plain, graphs = transformers_rows(engine, texts, args, res)
     for name in ("generate", "generate_static", "runner"):
         res[f"{name}_tok_s"] = n * new / res[f"{name}_seconds"]
     res["static_rows_identical_to_generate"] = sum(a == b for a, b in zip(plain, graphs, strict=True))
@@ -114,13 +110,30 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['generate_static_first_call_seconds']:.1f} s); runner {res['runner_tok_s']:,.0f} tok/s; "
           f"static / runner {res['generate_static_tok_s'] / res['runner_tok_s']:.2f}x; rows static == dynamic "
           f"{res['static_rows_identical_to_generate']}/{n}", flush=True)  # fmt: skip
-    for row in res["runner_sweep"]:
-        print(f"runner batch {row['batch_size']}: eager {row['eager_seconds']:.2f} s, {n * new / row['eager_seconds']:,.0f}"
-              f" tok/s; cuda_graphs {row['graphs_seconds']:.2f} s, {n * new / row['graphs_seconds']:,.0f} tok/s"
-              f" ({row['eager_seconds'] / row['graphs_seconds']:.2f}x); rows identical {row['rows_identical']}/{n}",
-              flush=True)  # fmt: skip
     write_json(res, args.json_out, print)
     return 0
+
+
+def transformers_rows(engine, texts: list[str], args, res: dict) -> tuple[list, list]:
+    """`generate` eager, then with the static cache (compiled unless --no-compile), on the same batches left-padded
+    to the longest prompt: their seconds into `res`; returns both's tokens."""
+    from runner_paths import plain_transformers
+    from transformers import CompileConfig
+
+    model, tok = engine.model, engine.tokenizer
+    tok.padding_side = "left"
+    encoded = batches(tok, texts, args.batch_size, engine.device)
+    res.update(padded_to=encoded[0]["input_ids"].shape[1], compiled=not args.no_compile)
+    static = {"cache_implementation": "static"}
+    if not args.no_compile:
+        static["compile_config"] = CompileConfig()
+    new = args.max_new_tokens
+    with plain_transformers(engine):  # the model exactly as transformers loaded it
+        generate_all(model, encoded[:1], 2)  # warm-up
+        plain, res["generate_seconds"] = generate_all(model, encoded, new)
+        _, res["generate_static_first_call_seconds"] = generate_all(model, encoded[:1], new, **static)
+        graphs, res["generate_static_seconds"] = generate_all(model, encoded, new, **static)
+    return plain, graphs
 
 
 if __name__ == "__main__":
