@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from test_refill import PROMPTS, assert_same, ids_of, row_params
+from test_refill import PROMPTS, assert_same, ids_of, rows_that_end_apart
 
 from runner import EngineOptions
 from runner import graphs as graphs_mod
@@ -47,17 +47,7 @@ def test_fixed_slots_equal_the_dynamic_decode_and_one_at_a_time(request, monkeyp
     end at different steps by EOS, stop strings and their own max_new_tokens; their slots keep computing. Every
     row equals its run alone and the engine's own (dynamic) decode of the same batch."""
     engine = request.getfixturevalue(engine_name)
-    prompts = ids_of(engine)
-    params = [row_params(i) for i in range(len(prompts))]
-    seeds = [1000 + i for i in range(len(prompts))]
-    free = [engine.generate([p], [q], [s])[0] for p, q, s in zip(prompts, params, seeds, strict=True)]
-    for i in (3, 8):  # stop strings from two rows' own text; an EOS that ends two other rows early
-        text = free[i].text
-        params[i] = row_params(i, stop=[text[len(text) // 2 : len(text) // 2 + 2]])
-    eos = [free[1].token_ids[4], free[5].token_ids[6]]
-    monkeypatch.setattr(engine, "eos_ids", [*engine.eos_ids, *eos])
-    monkeypatch.setattr(engine, "_eos", torch.tensor(engine.eos_ids, device=engine.device))
-    alone = [engine.generate([p], [q], [s])[0] for p, q, s in zip(prompts, params, seeds, strict=True)]
+    prompts, params, seeds, alone = rows_that_end_apart(engine, monkeypatch)
     dynamic = engine.generate(prompts, params, seeds)
     seen = static(engine)
     got = engine.generate(prompts, params, seeds)

@@ -67,6 +67,24 @@ def assert_same(got, alone, tol=1e-4):
             )
 
 
+def rows_that_end_apart(engine, monkeypatch):
+    """(prompts, params, seeds, each row's completion alone) of rows with their own settings that end at very
+    different steps: by their own max_new_tokens, by stop strings taken from two rows' own text (so they are sure
+    to occur) and by an EOS (two more of the model's tokens, monkeypatched in) that ends two other rows early."""
+    prompts = ids_of(engine)
+    params = [row_params(i) for i in range(len(prompts))]
+    seeds = [1000 + i for i in range(len(prompts))]
+    free = [engine.generate([p], [q], [s])[0] for p, q, s in zip(prompts, params, seeds, strict=True)]
+    for i in (3, 8):
+        text = free[i].text
+        params[i] = row_params(i, stop=[text[len(text) // 2 : len(text) // 2 + 2]])
+    eos = [free[1].token_ids[4], free[5].token_ids[6]]
+    monkeypatch.setattr(engine, "eos_ids", [*engine.eos_ids, *eos])
+    monkeypatch.setattr(engine, "_eos", torch.tensor(engine.eos_ids, device=engine.device))
+    alone = [engine.generate([p], [q], [s])[0] for p, q, s in zip(prompts, params, seeds, strict=True)]
+    return prompts, params, seeds, alone
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """Per engine call: rows in each decode step, and how many times joiners' caches were joined to a running
@@ -108,18 +126,7 @@ def test_refilled_batch_equals_one_at_a_time(request, monkeypatch, spy, engine_n
     ):  # e.g. sliding-window layers: transformers' own cache, which cannot be joined
         monkeypatch.setattr(engine, "_merge_caches", False)
     monkeypatch.setattr(engine_mod, "REFILL_SHARE", 0.0)  # join as soon as one slot is free: the most joins
-    prompts = ids_of(engine)
-    params = [row_params(i) for i in range(len(prompts))]
-    seeds = [1000 + i for i in range(len(prompts))]
-    free = [engine.generate([p], [q], [s])[0] for p, q, s in zip(prompts, params, seeds, strict=True)]
-    # Stop strings from two rows' own text, so they are sure to occur; an EOS that ends two other rows early.
-    for i in (3, 8):
-        text = free[i].text
-        params[i] = row_params(i, stop=[text[len(text) // 2 : len(text) // 2 + 2]])
-    eos = [free[1].token_ids[4], free[5].token_ids[6]]
-    monkeypatch.setattr(engine, "eos_ids", [*engine.eos_ids, *eos])
-    monkeypatch.setattr(engine, "_eos", torch.tensor(engine.eos_ids, device=engine.device))
-    alone = [engine.generate([p], [q], [s])[0] for p, q, s in zip(prompts, params, seeds, strict=True)]
+    prompts, params, seeds, alone = rows_that_end_apart(engine, monkeypatch)
     seen = spy(engine)
     got = engine.generate(prompts, params, seeds, max_active=3)
     assert_same(got, alone)
