@@ -706,6 +706,8 @@ class StateRecord:
     # a repair's record decided over the record below it, found empty or damaged (it names none it was over)
     blind: bool = False
     transit: bool = False  # read where an adopter set it aside (`_in_transit`), not at its name
+    # the writer of the record it was decided over (None: not said, or a blind repair's)
+    over: str | None = None
 
     def __getitem__(self, key: str) -> Any:  # record["state"], as the JSON reads
         return getattr(self, key)
@@ -745,9 +747,10 @@ def _late_word_stands(job_dir: Path, newest: StateRecord) -> StateRecord:
     """The job's state when its newest record is a repair's decided blind over the one below it (found empty:
     where links are missing, its writer, a `cancel` on a slow mount, had created it and not yet filled it): once
     that record reads, its word stands, as `_late_word` records it; and so it does here too, for a repair killed
-    before it could record it (pass 73: the cancel had said "cancelled", and the job then ran to the end)."""
+    before it could record it (pass 73: the cancel had said "cancelled", and the job then ran to the end).
+    A worker's outcome decided over such a record reads so too (`_outcome_over_blind`)."""
     if not newest.blind:
-        return newest
+        return _outcome_over_blind(job_dir, newest)
     try:  # (itself a blind repair's record, filled late: the word below it, and so on; pass 76)
         late = _late_word_stands(job_dir, _filled_or_aside(job_dir, newest.seq - 1))
     except BrokenJob:  # still empty, or damaged: nobody's word
@@ -758,6 +761,27 @@ def _late_word_stands(job_dir: Path, newest: StateRecord) -> StateRecord:
         newest, state=late.state, generation=max(late.generation, newest.generation), error=late.error,
         transit=newest.transit or late.transit,
     )  # fmt: skip
+
+
+def _outcome_over_blind(job_dir: Path, newest: StateRecord) -> StateRecord:
+    """The job's state when its newest record is a worker's completion or failure decided over a repair's blind
+    record: the worker read the state while the record below that was still empty (no hard links: a `cancel` or
+    `retry` between its create and its fill), so once that record reads, its word stands over the outcome too,
+    whenever it was filled. The worker looks below after recording (`_late_word_since`), but a cancel filled
+    between the two, or a worker killed between them, left the outcome standing: the cancel had said
+    "already completed" and the job ended cancelled, or it had said "cancelled" and the job read completed for
+    good (adversarial pass 136)."""
+    if newest.by not in ("completed", "failed") or newest.over is None or newest.seq < 3:
+        return newest
+    try:
+        below = _read_record(job_dir, newest.seq - 1, wait=False)
+    except BrokenJob:  # (damaged, or being written over: what reads below it is said elsewhere)
+        return newest
+    late = _late_word_stands(job_dir, below) if below.blind and below.writer == newest.over else below
+    if late is below:  # no late word below the blind record (or none is blind): the outcome stands
+        return newest
+    return replace(newest, state=late.state, generation=max(late.generation, newest.generation),
+                   error=late.error, transit=newest.transit or late.transit)  # fmt: skip
 
 
 # Pauses before listing state/ again when its newest record went between the listing and the read
@@ -988,9 +1012,10 @@ def _parse_state(d: Any, name: str, seq: int) -> StateRecord:
             raise ValueError(f"generation {gen!r} is not a count")
         error, by, writer = d.get("error"), d.get("by"), d.get("writer")
         blind = _blind(d, seq)
+        over = d.get("over")
         return StateRecord(state, gen, error if isinstance(error, str) else None, float(d.get("updated", 0)), seq,
                            by if isinstance(by, str) else None, writer if isinstance(writer, str) else None,
-                           blind)  # fmt: skip
+                           blind, over=over if isinstance(over, str) else None)  # fmt: skip
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BrokenJob(f"{name} is invalid ({_said(e)})") from None
 
@@ -1062,24 +1087,37 @@ def _stands_at_its_name(job_dir: Path, seq: int, writer: str | None, transit: bo
 def _stands_over_blind(job_dir: Path, seq: int, new: StateRecord) -> bool:
     """Our record at `seq` was passed over by a repair's decided blind (it found ours empty: we were slow to fill
     it): our word stands, as the job reads (`_late_word_stands`), unless it is a completion, while that repair's
-    record is the newest, or when the records written over it since came once ours was filled."""
+    record is the newest (or a worker's outcome decided over it is: it reads as our word, `_outcome_over_blind`),
+    or when the records written over it since came once ours was filled."""
     if new.state is JobState.COMPLETED:
         return False
     try:
-        if not _read_record(job_dir, seq + 1, wait=False).blind:
-            return False
+        blind = _read_record(job_dir, seq + 1, wait=False)
     except BrokenJob:
         return False
-    if newest_state_seq(job_dir) == seq + 1:
+    if not blind.blind:
+        return False
+    # (a worker's outcome decided over the repair's record reads as our word: only the records after it may not)
+    first = seq + 2 + _outcome_over(job_dir, seq + 2, blind.writer)
+    if newest_state_seq(job_dir) < first:
         return True
     # records were written over the repair's since: ours stood for their writers only if they came after it was
     # filled (pass 76: a cancel written over a retry's late word, then the retry deciding again, undid it)
     folder = job_dir / STATES
     try:
-        ours, then = (os.stat(folder / record_name(n)).st_mtime_ns for n in (seq, seq + 2))
+        ours, then = (os.stat(folder / record_name(n)).st_mtime_ns for n in (seq, first))
     except OSError:
         return False
     return then > ours
+
+
+def _outcome_over(job_dir: Path, seq: int, writer: str | None) -> bool:
+    """Whether the record at `seq` is a worker's completion or failure decided over `writer`'s record."""
+    try:
+        record = _read_record(job_dir, seq, wait=False)
+    except BrokenJob:  # (none there, damaged or empty)
+        return False
+    return record.by in ("completed", "failed") and writer is not None and record.over == writer
 
 
 def _passed_over(folder: Path, seq: int, token: str) -> bool:

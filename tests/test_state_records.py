@@ -610,3 +610,87 @@ def test_a_workers_completion_decided_before_a_late_cancel_under_a_blind_repair_
 
     run_job(job, echo=None)
     assert said == ["queued"] and job.state().state is JobState.CANCELLED
+
+
+def _cancel_frozen_under_a_blind_repair(job, monkeypatch) -> tuple[threading.Thread, threading.Event, list]:
+    """Without hard links: `runner cancel` in a thread named "slow", frozen between creating its record and filling
+    it, and a repair recorded blind over that empty record (queued: no row is done). Returns the cancel's thread,
+    the event that wakes it, and the list that gets what it returned (or the RunnerError it said)."""
+    _no_links(monkeypatch)
+    frozen, wake, said = threading.Event(), threading.Event(), []
+    real_point = jobdir.fault_point
+
+    def fault_point(name):
+        if name == "after_create" and threading.current_thread().name == "slow" and not frozen.is_set():
+            frozen.set()
+            wake.wait()
+        return real_point(name)
+
+    def cancel():
+        try:
+            said.append(runner.cancel(job.dir))
+        except RunnerError as e:
+            said.append(str(e))
+
+    monkeypatch.setattr(jobdir, "fault_point", fault_point)
+    slow = threading.Thread(target=cancel, name="slow")
+    slow.start()
+    frozen.wait()
+    assert runner.repair(job.dir).state_now == "queued"  # blind over the cancel's empty record
+    return slow, wake, said
+
+
+def test_a_cancel_filled_between_a_completions_record_and_its_look_below_is_told_what_the_job_ends(
+    job, monkeypatch
+):
+    """Adversarial pass 136: without links, the cancel of pass 135 filled its record after the worker had recorded
+    its completion over the repair's blind record, and before the worker looked below it (`_late_word_since`).
+    The cancel found a record newer than the blind one, older than its own fill (mtimes), decided again over
+    the completion and said "already completed" (exit 1); the worker then found the cancel's word and recorded
+    it again: the job ended cancelled. A completion over a blind record reads as the late word below it, so the
+    cancel's word stands whenever it is filled, and the cancel says "cancelled"."""
+    slow, wake, said = _cancel_frozen_under_a_blind_repair(job, monkeypatch)
+    real_late = jobdir._late_word_since
+
+    def late_word_since(job_dir, read, ours):  # the worker has recorded its completion, not looked below yet
+        wake.set()
+        slow.join()
+        return real_late(job_dir, read, ours)
+
+    monkeypatch.setattr(jobdir, "_late_word_since", late_word_since)
+    from runner.worker import run_job
+
+    run_job(job, echo=None)
+    assert said == ["queued"] and job.state().state is JobState.CANCELLED
+
+
+def test_a_worker_killed_between_its_completion_and_its_look_below_leaves_a_late_cancel_standing(
+    job, monkeypatch
+):
+    """Adversarial pass 136: without links, the worker of pass 135 killed right after recording its completion
+    over the repair's blind record, before it looked below it (`_late_word_since`): the cancel below, filled
+    meanwhile, had said "cancelled" (the blind record was the newest then), and the job read completed for
+    good. A completion over a blind record reads as the late word below it once that reads."""
+    slow, wake, said = _cancel_frozen_under_a_blind_repair(job, monkeypatch)
+
+    real_completed = jobdir.write_completed
+
+    class Killed(BaseException):
+        pass
+
+    def write_completed(job_dir, read):  # the worker read the state (queued) and found every row done
+        wake.set()
+        slow.join()  # the cancel filled its record, found the blind one the newest and returned: "cancelled"
+        return real_completed(job_dir, read)
+
+    def late_word_since(job_dir, read, ours):
+        raise Killed
+
+    monkeypatch.setattr(jobdir, "write_completed", write_completed)
+    monkeypatch.setattr(jobdir, "_late_word_since", late_word_since)
+    from runner.worker import run_job
+
+    with pytest.raises(Killed):
+        run_job(job, echo=None)
+    assert said == ["queued"]
+    assert job.state().state is JobState.CANCELLED and runner.status(job.dir).state == "cancelled"
