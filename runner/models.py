@@ -376,17 +376,34 @@ def _own_memory(model: Any) -> Any:
 
 def weight_file_stats(path: str) -> dict[str, tuple[int, ...]]:
     """(size, mtime, ctime, inode) of each weight file transformers loads from the local folder `path` ({} for
-    anything else): any write to one changes them."""
+    anything else): any write to one changes them. A transient error (EIO on a Drive mount) is raised, for
+    `reading_model` to look again: read as a missing file, it failed the job as one whose weights were written
+    over (adversarial pass 136)."""
     folder = Path(path).expanduser()
-    names = loaded_weight_files(folder) if folder.is_dir() else None
+    names = loaded_weight_files(folder) if _is_folder(folder) else None
     stats = {}
     for name in sorted(names or ()):
         try:
             st = (folder / name).stat()
-        except OSError:
-            continue
+        except OSError as e:
+            if e.errno in storage.TRANSIENT:
+                raise
+            continue  # gone or unreadable for good: changed
         stats[name] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     return stats
+
+
+def _is_folder(path: Path) -> bool:
+    """Whether `path` is a folder (through links); a transient error is raised, never read as "no folder" (then
+    every weight file would read as gone)."""
+    import stat
+
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError as e:
+        if e.errno in storage.TRANSIENT:
+            raise
+        return False
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

@@ -38,6 +38,7 @@ from .engine import Engine, NumericalError, Stopped, peak_memory_bytes, reset_pe
 from .errors import RunnerError
 from .faults import fault_point, row_fault
 from .jobdir import BrokenJob, ClaimLost, Heartbeat, Job, JobState, Owner, StateRecord
+from .models import reading_model
 from .progress import Progress, counted
 from .results import GeneratedRow, write_local_shard
 from .tasks import (
@@ -672,8 +673,13 @@ class JobRun:
 
     def check_weights(self) -> None:
         """Weights too large to copy are read from their files as the job runs: one written over since the model
-        loaded (a checkpoint saved over it) fails the job before its rows can mix two models."""
-        changed = self.engine.weights_changed() if self.engine is not None else None
+        loaded (a checkpoint saved over it) fails the job before its rows can mix two models. A look the model's
+        mount fails is tried again (`reading_model`; lasting, the job waits for its model as at its start), never
+        taken for weights written over (adversarial pass 136: the job was failed)."""
+        if self.engine is None:
+            return
+        changed = reading_model(self.engine.weights_changed, self.job.spec.model,
+                                f"; job {self.job.id} is as it was and resumes with the next `runner work`")  # fmt: skip
         if changed:
             raise RunnerError(
                 f"the model's {changed} was written over while job {self.job.id} ran: its rows not saved yet are "

@@ -358,3 +358,53 @@ def test_a_job_whose_mapped_weights_are_written_over_stops_before_mixing_two_mod
     with pytest.raises(RunnerError, match="model.safetensors was written over while job .* ran"):
         run_job(job, engine, echo=None, shard_rows=1)
     assert len(commits) == 1 and len(runner.load_results(job.dir)) == 1
+
+
+@pytest.mark.parametrize("nth", [1, 2])  # the look for which files load (is_file), then the stat of each
+def test_a_transient_error_looking_at_mapped_weights_is_read_again_not_taken_for_a_new_model(
+    tmp_path, monkeypatch, nth
+):
+    """Adversarial pass 136: the look at mapped weight files before each commit (a model too large to copy, on a
+    Drive mount) met a transient EIO: where it stat-ed each file, the error read as the file written over, and
+    the job was failed ("model.safetensors was written over while job ... ran"), its unsaved rows dropped and
+    the user told to put the model back; where it looked for which files load, the OSError ended the worker
+    with a traceback. Both are tried again, as every read of a flaky mount is."""
+    import errno
+
+    from helpers import write_jsonl
+    from tiny_models import build_tiny_gpt2
+
+    import runner
+    from runner import EngineOptions, GenerationParams, jobdir, kernels, storage
+    from runner.engine import Engine
+    from runner.jobs import create_job
+    from runner.worker import run_job
+
+    model = build_tiny_gpt2(tmp_path / "m", seed=0)
+    monkeypatch.setattr(kernels, "_available_memory", lambda: 0)  # a machine without room for a copy
+    engine = Engine(str(model))
+    assert engine.mapped_files
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"The old man said {i}"} for i in range(4)])
+    job = create_job(f, str(model), GenerationParams(max_new_tokens=2), EngineOptions(batch_size=1),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.01,) * 3)
+    weights, real_marker, real_stat, seen = str(model / "model.safetensors"), jobdir.write_marker, os.stat, []
+
+    def write_marker(*args, **kwargs):
+        real_marker(*args, **kwargs)
+        seen.append(0)  # from now on, the nth stat of the weights meets a failing mount (once)
+
+    def stat(path, *args, **kwargs):
+        if seen and seen[0] < nth and os.fspath(path) == weights:
+            seen[0] += 1
+            if seen[0] == nth:
+                raise OSError(errno.EIO, "Input/output error", weights)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(jobdir, "write_marker", write_marker)
+    monkeypatch.setattr(os, "stat", stat)
+    summary = run_job(job, engine, echo=None, shard_rows=1)
+    monkeypatch.undo()
+    assert seen and seen[0] == nth  # (the fault landed)
+    assert summary.finished and len(runner.load_results(job.dir)) == 4
+    assert job.state().state is jobdir.JobState.COMPLETED
