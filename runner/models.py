@@ -495,7 +495,8 @@ def _remote_code(path: Path) -> set[str]:
     for config in ("config.json", "tokenizer_config.json"):
         try:
             auto_map = json.loads((path / config).read_bytes()).get("auto_map") or {}
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError) as e:
+            _raise_if_transient(e)
             continue
         refs = auto_map.values() if isinstance(auto_map, dict) else []
         for ref in refs:
@@ -543,11 +544,20 @@ def loaded_weight_files(path: Path, version: int = int(FINGERPRINT_VERSION)) -> 
     return None
 
 
+def _raise_if_transient(e: Exception) -> None:
+    """A fingerprint's read that failed for a moment (EIO on a Drive mount) is raised, for `reading_model` to read
+    again: taken for a file without the field, it made another fingerprint, and the job failed as one whose model
+    changed (adversarial pass 136)."""
+    if isinstance(e, OSError) and e.errno in storage.TRANSIENT:
+        raise e
+
+
 def _explicit_weights(path: Path) -> str | None:
     """config.json's `transformers_weights`: the weights file (or index) transformers loads before any other."""
     try:
         name = json.loads((path / "config.json").read_bytes()).get("transformers_weights")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError) as e:
+        _raise_if_transient(e)
         return None
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
         return None  # (transformers refuses one outside the folder)

@@ -408,3 +408,46 @@ def test_a_transient_error_looking_at_mapped_weights_is_read_again_not_taken_for
     assert seen and seen[0] == nth  # (the fault landed)
     assert summary.finished and len(runner.load_results(job.dir)) == 4
     assert job.state().state is jobdir.JobState.COMPLETED
+
+
+@pytest.mark.parametrize(
+    ("added", "nth"),
+    [
+        ({"transformers_weights": "chosen.safetensors"}, 1),  # which weights load (`_explicit_weights`)
+        (
+            {"auto_map": {"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}},
+            2,
+        ),  # its code (`_remote_code`)
+    ],
+)
+def test_a_transient_error_reading_config_json_is_read_again_not_hashed_around(
+    tmp_path, monkeypatch, added, nth
+):
+    """Adversarial pass 136: the model fingerprint, taken again as each run starts, read config.json for the
+    weights it names and the code it imports, and a transient EIO there (a model on a Drive mount) was taken for
+    "none named": another fingerprint, and the job failed as "not the one job ... was submitted with". The
+    error is raised, and `reading_model` reads it again."""
+    import errno
+    import shutil
+
+    from tiny_models import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "m", seed=0)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **added}))
+    shutil.copy(model / "model.safetensors", model / "chosen.safetensors")
+    (model / "modeling_tiny.py").write_text("# the model's own code\n")
+    before = models.model_fingerprint(str(model), None)
+    real, reads = Path.read_bytes, []
+
+    def read_bytes(self):
+        if self.name == "config.json":
+            reads.append(1)
+            if len(reads) == nth:
+                raise OSError(errno.EIO, "Input/output error", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(models.storage, "RETRY_DELAYS", (0.01,))
+    assert models.reading_model(lambda: models.model_fingerprint(str(model), None), str(model)) == before
+    assert len(reads) > nth  # (the fault landed, and the fingerprint was taken again)
