@@ -1446,3 +1446,26 @@ def test_work_takes_numpy_numbers(runner_home):
     import numpy as np
 
     assert work(runner_home, echo=None, once=True, shard_rows=np.int64(5), shard_seconds=np.float64(60)) == []
+
+
+def test_a_run_that_ends_as_a_retry_lands_does_not_say_completed(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """Every row done, but a `runner retry` of the job's failed rows landed between the worker's last look at the
+    state and its completion's record (refused, the job queued again): the run's last line must not say
+    "completed" (the same `runner work` then runs the retried rows)."""
+    import dataclasses
+
+    from runner import scheduler
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
+    job = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=tmp_path / "job")
+    summary = run_job(job, gpt2_engine, echo=None)
+    assert summary.finished
+    queued = dataclasses.replace(jobdir.read_state(job.dir), state=JobState.QUEUED)
+    monkeypatch.setattr(jobdir, "settled_state", lambda *a, **k: queued)
+    said = []
+    scheduler._settle(Job.open(job.dir), summary, said.append, scheduler._Halted(None, None))
+    assert said == [
+        f"job {job.id}: 1/1 rows, 0 errors, but a `runner retry` queued it again as this run ended"
+    ]
