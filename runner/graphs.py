@@ -32,11 +32,9 @@ from typing import Any
 
 from .errors import first_line
 
-GRAPH_COLUMNS = (
-    256  # key columns a graph attends over, a multiple of this: few graphs, little attention wasted
-)
-
-
+# Key columns a graph attends over, a multiple of this (the last window ends at the batch's capacity): few
+# graphs a batch, little attention spent on columns not written yet.
+GRAPH_COLUMNS = 256
 # Fewest new tokens a batch takes fixed slots for: the prefill gives the first, a window's first step is eager
 # (the warm-up), and only the next is recorded; fewer would pay the buffers' copy for no graph.
 MIN_NEW_TOKENS = 3
@@ -129,9 +127,8 @@ class StaticBatch:
         buf_k = k.new_zeros((slots, k.shape[1], self.capacity, k.shape[3]))
         buf_v = v.new_zeros((slots, v.shape[1], self.capacity, v.shape[3]))
         buf_k[:, :, :width], buf_v[:, :, :width] = k, v
-        layer.keys = layer.values = (
-            None  # free each layer's old copy as soon as it is copied (merge_prefills)
-        )
+        # free each layer's old copy as soon as it is copied (as merge_prefills does)
+        layer.keys = layer.values = None
         if hasattr(layer, "buf_k"):
             layer.buf_k = layer.buf_v = None
         return _layer_class()(self, buf_k, buf_v)
