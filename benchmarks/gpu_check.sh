@@ -188,6 +188,9 @@ echo "score/embed exit code: $?"
 echo "== [${SECONDS}s] decode steps as CUDA graphs on $DEVICE"
 "$PY" benchmarks/graph_probe.py --device "$DEVICE" "${GRAPHS[@]}" --json-out "$DEST/graphs-$DEVICE.json"
 echo "graph probe exit code: $?"
+# a capture that failed (the fixed slots then decode eagerly) or recorded nothing says so in a warning: said here
+grep -hE "CUDA graph capture failed|CUDA Graph is empty" "$DEST/check.log" "$DEST/tests.log" 2>/dev/null \
+    | sort | uniq -c | sed 's/^/cuda graphs warning: /' || echo "cuda graphs: no capture warnings"
 set -e
 echo "== [${SECONDS}s] done: tests exit code $tests_rc, whole job exit code $job_rc; tables above go into benchmarks/RESULTS.md;" \
      "logs in $DEST"
