@@ -516,10 +516,10 @@ class Engine:
                 except (kvcache.GroupingUnsupported, graphs.FixedSlotsUnsupported) as e:
                     # Some layer's attention bypassed the grouped path (custom model code), or the model's forward
                     # does not take fixed slots' mask: decode merged / in the engine's own way from now on.
-                    self._grouped = self._grouped and not isinstance(e, kvcache.GroupingUnsupported)
-                    self.static_decode = self.static_decode and not isinstance(
-                        e, graphs.FixedSlotsUnsupported
-                    )
+                    if isinstance(e, kvcache.GroupingUnsupported):
+                        self._grouped = False
+                    else:
+                        self.static_decode = False
                     outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
         except NumericalError as e:  # (its rows are the firsts': the caller splits its own rows)
             raise NumericalError([t for r in e.rows for t in twins[firsts[r]]]) from None
@@ -994,7 +994,6 @@ class Engine:
     def _prefix_matches(self, prompts: list[list[int]], pads: Any, logits: Any) -> bool:
         """Whether the most padded row of a prefill after a shared start got the logits it gets alone (its top
         tokens' log-probs within PREFIX_CHECK_TOL). Padding is what a wrong position or mask would show in."""
-
         r = int(pads.argmax())
         self._prefix_checked = self._matches_alone(prompts[r], logits[r])
         return self._prefix_checked

@@ -689,9 +689,9 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: _Halted) -> RunSumma
         line = f"job {j.id} was cancelled; its finished rows are kept (`runner retry {again}` resumes it)"
     elif summary.finished and state is JobState.COMPLETED:
         line = f"job {j.id} completed: {done}, {counted(summary.errors, 'errors')}"
-    elif summary.finished:  # its completion refused: the state changed as the run ended (a `runner retry`)
-        why = "a `runner retry` queued it again" if state is JobState.QUEUED else f"it is {state}"
-        line = f"job {j.id}: {done}, {counted(summary.errors, 'errors')}, but {why} as this run ended"
+    elif summary.finished:  # its completion refused: the state changed as the run ended
+        line = (f"job {j.id}: {done}, {counted(summary.errors, 'errors')}; not completed: it became {state} as "
+                "this run ended (a `runner retry` or `runner repair`)")  # fmt: skip
     elif summary.others:
         line = f"job {j.id}: {counted(summary.others, 'other workers', 'are')} computing the rest"
     else:  # said to the user by the command (which knows how it is run again); log.txt hears it here

@@ -1467,5 +1467,6 @@ def test_a_run_that_ends_as_a_retry_lands_does_not_say_completed(
     said = []
     scheduler._settle(Job.open(job.dir), summary, said.append, scheduler._Halted(None, None))
     assert said == [
-        f"job {job.id}: 1/1 rows, 0 errors, but a `runner retry` queued it again as this run ended"
+        f"job {job.id}: 1/1 rows, 0 errors; not completed: it became queued as this run ended (a `runner retry` "
+        "or `runner repair`)"
     ]
