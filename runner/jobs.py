@@ -652,7 +652,7 @@ def _move_into_place(tmp: Path, target: Path, job_id: str) -> None:
         except OSError as e:
             if e.errno not in storage.TRANSIENT:
                 raise
-            if not tmp.exists() and _job_id_in(target) == job_id:
+            if storage.kind(tmp) is None and _job_id_in(target) == job_id:
                 return
             if delay is None:
                 raise
@@ -660,10 +660,18 @@ def _move_into_place(tmp: Path, target: Path, job_id: str) -> None:
 
 
 def _job_id_in(folder: Path) -> str | None:
+    """The id of the job in `folder`; None when no job.json reads there (none, or not a job's). Transient errors
+    are retried, never "not ours": a rename that landed though its reply was lost was then tried again, met its
+    temp folder gone, and the submit said it failed with its job in place (found by an adversarial pass)."""
     try:
-        return json.loads((folder / JOB_FILE).read_bytes()).get("id")
-    except (OSError, ValueError, AttributeError):
+        meta = storage.read_json(folder / JOB_FILE)
+    except ValueError:
         return None
+    except storage.StorageError as e:
+        if isinstance(e.__cause__, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+            return None
+        raise
+    return meta.get("id") if isinstance(meta, dict) else None
 
 
 NAMES = jobdir.NAMES  # in the home: NAME.N.json, the claims on a job name; the newest (highest N) holds it

@@ -1124,3 +1124,43 @@ def test_the_seed_an_unseeded_job_drew_asks_for_the_same_job(tmp_path, tiny_gpt2
         RunnerError, match="seed 5, now None"
     ):  # (and the other way round: unseeded asks anew)
         create_job(f, tiny_gpt2, params, job_dir=seeded.dir)
+
+
+def test_a_move_in_whose_reply_was_lost_is_not_failed_by_a_transient_error_reading_it_back(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """Submit's rename of its temp folder into place landed though the mount said EIO (its reply lost); the
+    look at whether the job now there is ours met one more transient EIO reading its job.json, which read as
+    "not ours": the rename was tried again, found the temp folder gone ("No such file"), and the submit said it
+    failed with its job in place (a user then submits it twice). Found by the adversarial pass auditing
+    transient errors taken for answers: job.json is read again, as every read of a flaky mount is."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    from runner import storage
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello"}])
+    out = tmp_path / "out"
+    spec = os.fspath(out / jobdir.JOB_FILE)
+    real_replace, real_open, lost = os.replace, builtins.open, []
+
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if os.fspath(dst) == os.fspath(out) and not lost:
+            lost.append(1)  # done, but the mount's reply was lost
+            raise OSError(errno.EIO, "Input/output error", os.fspath(dst))
+
+    def flaky_open(file, *args, **kwargs):
+        if lost == [1] and not isinstance(file, int) and os.fspath(file) == spec:
+            lost.append(2)  # the first read of the job moved in fails once
+            raise OSError(errno.EIO, "Input/output error", spec)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(builtins, "open", flaky_open)
+    monkeypatch.setattr(io, "open", flaky_open)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    job = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=out)
+    assert lost == [1, 2] and job.dir == out and Job.open(out).spec.rows == 1
