@@ -171,16 +171,27 @@ class NoSuchDevice(NotOnThisMachine):
     """The device asked for is not on this machine (a Colab VM given no GPU this time)."""
 
 
-def missing_model_folder(spec: str) -> NotOnThisMachine | None:
+def missing_model_folder(spec: str, then: str = "") -> NotOnThisMachine | None:
     """The error for a job whose model is a local folder or file that is not here (a Drive not mounted yet, a
     folder moved), else None: said as such, and the job waits, where loading it failed the job with the hub's
-    "Repo id must be in the form ..." (adversarial pass 19)."""
+    "Repo id must be in the form ..." (adversarial pass 19). ModelUnreadable (ending with `then`) when the look
+    fails for a minute (`_model_there`)."""
     path = Path(spec).expanduser()
     if spec.strip().lower() == DEMO_MODEL or not (path.is_absolute() or spec.lower().endswith(".gguf")):
         return None
-    if path.exists():
+    if _model_there(path, spec, then):
         return None
     return NotOnThisMachine(f"its model {spec} is not on this machine", "is its drive mounted?")
+
+
+def _model_there(path: Path, spec: str, then: str) -> bool:
+    """Whether the model's folder or file is there, transient errors retried: one passing EIO on a Drive mount
+    ended `runner status` for every job of the home, and `runner work` with it. Where they last, ModelUnreadable
+    with their errno: the job waits (`unreadable` for now), never broken, never "not on this machine"."""
+    try:
+        return storage.retry(path.exists, f"read {path}")
+    except storage.StorageError as e:
+        raise ModelUnreadable(f"cannot read the model {spec!r} ({first_line(e)}){then}", e.errno) from e
 
 
 def pick_device(option: str) -> Any:

@@ -577,7 +577,7 @@ def run_leased(
     try:
         # what a failure found from here on is recorded over (never over a newer word)
         read = jobdir.settled_state(j, halted, lambda: echo and echo(_waiting_line(j.id)))
-        if (missing := missing_model_folder(j.spec.model)) is not None:
+        if (missing := missing_model_folder(j.spec.model, _RESUMES.format(j.id))) is not None:
             raise missing
 
         def load() -> Engine:  # by run_job once there is work, under its heartbeat
@@ -638,9 +638,12 @@ def _said_broken(j: Job, e: BrokenJob, echo: Any) -> BrokenJob:
 
 
 def _reading_model(read: Callable[[], Any], j: Job) -> Any:
-    return reading_model(
-        read, j.spec.model, f"; job {j.id} is as it was and resumes with the next `runner work`"
-    )
+    return reading_model(read, j.spec.model, _RESUMES.format(j.id))
+
+
+_RESUMES = (
+    "; job {} is as it was and resumes with the next `runner work`"  # (a model that cannot be read now)
+)
 
 
 MODEL_CHANGED = "resuming with a different model is refused"  # (a retry alone would fail the same way)

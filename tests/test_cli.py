@@ -1069,3 +1069,35 @@ def test_options_users_bring_from_other_tools_are_answered(prompts, tiny_gpt2, t
     off = [invoke("generate", "Hello", "-m", tiny_gpt2, "--max-new-tokens", 4, "--temperature", 0.9, "--top-k", k)
            for k in (-1, 0)]  # fmt: skip
     assert off[0].exit_code == 0 and off[0].output == off[1].output
+
+
+def test_a_transient_error_looking_for_the_model_folder_is_looked_again_not_the_commands_end(
+    prompts, tiny_gpt2, runner_home, tmp_path, monkeypatch
+):
+    """The look at whether a job's model folder is on this machine (a Drive not mounted yet) let a transient
+    EIO through: one passing error on a Drive mount ended `runner status` for every job of the home, and
+    `runner work` with it ("cannot read or write MODEL: Input/output error"), where every other read of a flaky
+    mount is tried again. Found by the adversarial pass on transient errors taken for answers."""
+    import os
+    import shutil
+
+    from runner import storage
+
+    model = str(shutil.copytree(tiny_gpt2, tmp_path / "model"))
+    job_id = invoke("submit", prompts, "--model", model, "--max-new-tokens", 2).stdout.strip()
+    real, failed = os.stat, []
+
+    def stat(path, *args, **kwargs):
+        if not isinstance(path, int) and os.fspath(path) == model and not failed:
+            failed.append(path)  # the first look at the model folder meets a failing mount, once
+            raise OSError(errno.EIO, "Input/output error", model)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.01,) * 3)
+    status = invoke("status")
+    assert failed and status.exit_code == 0 and f"{job_id}" in status.stdout, status.output
+    failed.clear()
+    work = invoke("work")
+    assert failed and work.exit_code == 0, work.output
+    assert runner.status(job_id, runner_home).state == "completed"
