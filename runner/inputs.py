@@ -22,14 +22,16 @@ import shutil
 import string
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import openai_batch, storage
 from .errors import InputError, ParamError, Problem, RunnerError, first_line
 from .params import ROW_SETTINGS, row_overrides, setting_from_text
+
+T = TypeVar("T")
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_LINE_BYTES = 64 * 1024 * 1024  # a line this long is surely a broken file, not a prompt
@@ -344,7 +346,7 @@ def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | No
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(storage.arrow_file(path))
+            pf = _opened(lambda: pq.ParquetFile(storage.arrow_file(path)), path)
             columns = _data_columns(pf.schema_arrow)
             _refuse_names_twice(path, columns, 0, "the file")
             batches = pf.iter_batches(batch_size=4096, columns=columns)
@@ -359,6 +361,10 @@ def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | No
                 if fmt == "csv":  # the line breaks of its quoted cells: the next row starts that much further
                     line += sum(v.count("\n") for v in obj.values() if isinstance(v, str))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        if isinstance(e, OSError) and e.errno in storage.TRANSIENT:  # the file system's error, not the file's
+            raise storage.StorageError(
+                f"cannot read {path}: {e.strerror or e} (errno {e.errno})", e.errno
+            ) from e
         if fmt == "csv" and "invalid UTF8" in str(e):  # a text column of a later block
             raise _not_utf8_error(path) from e
         if fmt == "csv" and (ragged := _ragged_csv_row(path)) is not None:
@@ -436,8 +442,8 @@ def _csv_batches(path: Path) -> Any:
     types = {c: pa.string() for c in header}
     data = header[1:] if index else []  # [] reads every column
     options = pcsv.ConvertOptions(column_types=types, include_columns=data, strings_can_be_null=False)
-    reader = pcsv.open_csv(storage.arrow_file(path), convert_options=options,
-                           parse_options=pcsv.ParseOptions(newlines_in_values=True))  # fmt: skip
+    reader = _opened(lambda: pcsv.open_csv(storage.arrow_file(path), convert_options=options,
+                                           parse_options=pcsv.ParseOptions(newlines_in_values=True)), path)  # fmt: skip
     if any(pa.types.is_binary(f.type) for f in reader.schema):
         raise _not_utf8_error(path)
     return reader
@@ -587,6 +593,18 @@ def _note_settings_as_json(path: Path, keys: list[str]) -> None:
     table = pq.read_table(storage.arrow_file(path))
     meta = {**(table.schema.metadata or {}), JSON_SETTINGS: json.dumps(keys).encode()}
     pq.write_table(table.replace_schema_metadata(meta), storage.arrow_file(path, "wb"))
+
+
+def _opened(open_: Callable[[], T], path: Path) -> T:
+    """`open_()` of a prompt file, transient errors retried: a Drive mount's passing EIO read as "not a readable
+    Parquet file" (a submit refused; a repair said the input file no longer read as it did, and the job could
+    not be repaired). Any other error is raised as it was, for the reader to name."""
+    try:
+        return storage.retry(open_, f"read {path}")
+    except storage.StorageError as e:
+        if e.unreadable_for_now or not isinstance(e.__cause__, OSError):
+            raise
+        raise e.__cause__ from None
 
 
 def _settings_as_json(path: Path) -> set[str]:

@@ -289,6 +289,10 @@ def restore_inputs(job: Job) -> tuple[list[str], str | None]:
             _rewrite_inputs(job, Path(tmp))
         except InputError as e:
             return [], f"the input file no longer reads as it did ({first_line(e)})"
+        except storage.StorageError as e:  # a mount failing for a minute: the repair stops, to be run again
+            if e.unreadable_for_now:
+                raise
+            return [], first_line(e)
         except RunnerError as e:
             return [], first_line(e)
         for name in damaged:

@@ -222,3 +222,39 @@ def test_a_missing_prompts_file_is_written_again(tmp_path, tiny_gpt2, reference)
         runner.RunnerError, match="prompts.parquet is missing.*repair could not: its input .* is not"
     ):
         runner.repair(job.dir)
+
+
+def test_a_transient_error_reading_a_parquet_input_file_is_read_again_not_taken_for_a_changed_file(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """Repair writing a damaged prompts.parquet again from a Parquet input file (on a Drive mount) met one
+    transient EIO opening it: read as "not a readable Parquet file", the repair said the input file no longer
+    reads as it did and the job could not be repaired (submit it again), and a submit said the file was not
+    Parquet. Found by the adversarial pass auditing transient errors taken for answers: the open is tried
+    again, and an error that lasts is said as the file system's, never as the file's."""
+    import errno
+    import os
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from runner import storage
+
+    source = tmp_path / "p.parquet"
+    pd.DataFrame([{"id": r["id"], "prompt": r["prompt"]} for r in ROWS]).to_parquet(source)
+    job = _half_done(tmp_path, source, tiny_gpt2)
+    _flip(job.dir / "prompts.parquet")
+    real, failed = pq.ParquetFile, []
+
+    class ParquetFile(real):
+        def __init__(self, where, *args, **kwargs):
+            if isinstance(where, (str, os.PathLike)) and os.fspath(where) == str(source) and not failed:
+                failed.append(where)  # the first open of the input file meets a failing mount, once
+                raise OSError(errno.EIO, "Input/output error")
+            super().__init__(where, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", ParquetFile)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.01,) * 3)
+    report = runner.repair(job.dir)
+    assert failed and report.restored_inputs == ["prompts.parquet"] and not report.unrestorable, report
+    assert run_job(job, echo=None).finished and runner.status(job.dir).state == "completed"
