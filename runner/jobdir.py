@@ -2987,15 +2987,25 @@ def _last_generation(job: Job) -> int:
 
 
 def _damaged_spec(path: Path, why: str) -> BrokenJob:
-    """What to do about a damaged job.json: `runner repair` when its backup reads as a spec, else submit again."""
+    """What to do about a damaged job.json: `runner repair` when its backup reads as a spec, else submit again.
+    A backup that does not read for now (a mount failing through the retries) raises that StorageError: it was
+    "missing or damaged too; submit the file again", where a repair restores the job once the mount is back."""
     try:
         raw = _read_json_or_none(path / JOB_BACKUP) if _lexists(path / JOB_BACKUP) else None
         JobSpec.parse(raw if isinstance(raw, dict) else {})
-    except (ValueError, RunnerError, storage.StorageError):
-        return BrokenJob(
-            f"{why} and its backup is missing or damaged too; submit the file again", repairable=False
-        )
+    except storage.StorageError as e:
+        if e.unreadable_for_now:
+            raise
+        return _backup_gone_too(why)
+    except (ValueError, RunnerError):
+        return _backup_gone_too(why)
     return BrokenJob(f"{why}; its backup job.backup.json can restore it")
+
+
+def _backup_gone_too(why: str) -> BrokenJob:
+    return BrokenJob(
+        f"{why} and its backup is missing or damaged too; submit the file again", repairable=False
+    )
 
 
 def _restore_spec(path: Path) -> Job:

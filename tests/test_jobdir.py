@@ -1674,3 +1674,36 @@ def test_a_completed_job_with_a_folder_where_prompts_parquet_belongs_still_shows
     assert [x.state for x in runner.status(home=job.dir.parent) if x.id == job.id] == ["completed"]
     runner.repair(job.dir)  # as the message says: the folder set aside, the file written again
     assert (runner.status(job.dir).state, runner.status(job.dir).message) == ("completed", None)
+
+
+def test_a_torn_job_json_whose_backup_does_not_read_for_now_is_unreadable_not_to_be_submitted_again(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """job.json torn, and its backup unreadable through the retries (a Drive mount failing for a minute): that
+    read as "its backup is missing or damaged too; submit the file again", not repairable, where the backup was
+    sound and `runner repair` restores the job once the mount is back. Found by the adversarial pass auditing
+    transient errors taken for answers: the job is unreadable for now, as any folder that does not read."""
+    import builtins
+    import errno
+    import io
+
+    from runner import storage
+    from runner.job_status import home_status
+
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}]), tiny_gpt2, home=runner_home)
+    (job.dir / "job.json").write_text('{"torn')
+    backup, real = os.fspath(job.dir / "job.backup.json"), builtins.open
+
+    def failing(file, *args, **kwargs):
+        if not isinstance(file, int) and os.fspath(file) == backup:
+            raise OSError(errno.EIO, "Input/output error", backup)
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing)
+    monkeypatch.setattr(io, "open", failing)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 2)
+    (listed,) = home_status(runner_home)
+    assert listed.state == "unreadable" and "submit the file again" not in listed.message, listed
+    monkeypatch.setattr(builtins, "open", real)
+    monkeypatch.setattr(io, "open", real)
+    assert jobdir.repair(job.dir).restored_spec and Job.open(job.dir).id == job.id
