@@ -1350,11 +1350,17 @@ class Job:
         for line in storage.read_lines(self.dir / INVALID):
             yield json.loads(line)
 
-    def read_stats(self) -> dict[str, Any]:
-        """stats.json, or an empty record when it is missing or damaged (it is only informative)."""
+    def read_stats(self, for_update: bool = False) -> dict[str, Any]:
+        """stats.json, or an empty record when it is missing or damaged (it is only informative). `for_update`
+        (a run about to append itself): a file that does not read for now (transient errors through the retries)
+        raises its StorageError instead, so that the history of earlier runs is not written over with this one."""
         path = self.dir / STATS_FILE
         try:
             stats = storage.read_json(path) if _lexists(path) else {}
+        except storage.StorageError as e:
+            if for_update and e.unreadable_for_now:
+                raise
+            stats = {}
         except (ValueError, RunnerError):
             stats = {}
         runs = stats.get("runs") if isinstance(stats, dict) else None

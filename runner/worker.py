@@ -862,7 +862,12 @@ class JobRun:
         if engine is None:
             return
         seconds, computing = time.perf_counter() - self.t0, self.computing_seconds()
-        stats = self.job.read_stats()
+        try:
+            stats = self.job.read_stats(for_update=True)
+        except storage.StorageError as e:  # (only informative: this run's line is left out, the history kept)
+            with contextlib.suppress(RunnerError):
+                self.job.log(f"stats.json not updated: {first_line(e)}")
+            return
         stats["runs"].append({
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "worker": self.owner.worker,

@@ -1470,3 +1470,31 @@ def test_a_run_that_ends_as_a_retry_lands_does_not_say_completed(
         f"job {job.id}: 1/1 rows, 0 errors; not completed: it became queued as this run ended (a `runner retry` "
         "or `runner repair`)"
     ]
+
+
+def test_a_stats_json_that_does_not_read_for_now_is_not_written_over(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """stats.json holds every run's line (speed, device, memory). When it does not read for now (a mount failing
+    through the retries), a run leaves its own line out rather than write the file anew with it alone: the
+    earlier runs' history is kept (a damaged or absent file still starts a new one)."""
+    import errno
+
+    from runner import storage
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, {"prompt": "Hello"}])
+    job = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=tmp_path / "job")
+    run_job(job, gpt2_engine, echo=None, should_stop=lambda: True)  # stops at once: one run's line, no rows
+    (first,) = Job.open(job.dir).read_stats()["runs"]
+    real = storage.read_json
+
+    def read_json(path):
+        if str(path).endswith("stats.json"):
+            raise storage.StorageError(f"cannot read {path}: Input/output error", errno.EIO)
+        return real(path)
+
+    monkeypatch.setattr(storage, "read_json", read_json)
+    assert run_job(Job.open(job.dir), gpt2_engine, echo=None).finished
+    monkeypatch.setattr(storage, "read_json", real)
+    assert Job.open(job.dir).read_stats()["runs"] == [first]  # the first run's line, not the second's alone
+    assert "stats.json not updated" in (job.dir / "log.txt").read_text()
