@@ -229,3 +229,27 @@ def test_a_started_workers_pid_file_names_this_machine(tmp_path):
     assert pid_file.read_text().split() == [str(worker.pid), worker.started or "-", storage.namespace_tag()]
     background._CHILDREN[-1].wait(timeout=120)
     assert running(home) == [] and not pid_file.exists()
+
+
+def test_a_pid_file_that_does_not_read_once_is_read_again_not_skipped(tmp_path, monkeypatch):
+    """A transient error reading a live background worker's pid file (its home on a Drive mount) is read again:
+    skipped, the worker would be missing from `runner status` and left running by `runner stop`."""
+    import errno
+    import pathlib
+
+    logs = tmp_path / "home" / "logs"
+    logs.mkdir(parents=True)
+    pid_file = logs / "work-20250101-000000-aaaaaa.pid"
+    started = background._pid_start(os.getpid())
+    pid_file.write_text(f"{os.getpid()} {int(started)} {storage.namespace_tag()}")
+    real, failed = pathlib.Path.read_text, []
+
+    def read_text(self, *args, **kwargs):
+        if self == pid_file and not failed:
+            failed.append(self)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    assert [w.pid for w in running(tmp_path / "home")] == [os.getpid()] and failed
