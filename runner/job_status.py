@@ -86,7 +86,9 @@ def _shown_spec(path: Path, job: Job | None) -> dict[str, Any]:
     return backup if held else meta
 
 
-def job_status(job: Job) -> JobStatus:
+def job_status(job: Job, looks: dict[str, str | None] | None = None) -> JobStatus:
+    """The job's summary. `looks`: what was found of each model's folder so far in this `runner status` (by spec;
+    `_waiting_for`), filled as it goes."""
     if (other := jobdir.other_job_named(job)) is not None:
         return _foreign_spec(job, other)
     try:
@@ -105,7 +107,7 @@ def job_status(job: Job) -> JobStatus:
     name, message, missing = state.state.value, state.error, 0
     if state.state is JobState.QUEUED:
         name = "running" if progress.live else ("queued (interrupted)" if progress.started else "queued")
-        message = None if progress.live else _waiting_for(job) or _all_saved(job, progress)
+        message = None if progress.live else _waiting_for(job, looks) or _all_saved(job, progress)
     if state.state is JobState.COMPLETED and not progress.complete:
         missing = progress.total - progress.done - progress.failed
         name, message = JobState.BROKEN.value, _missing_rows(job, progress, missing)
@@ -191,12 +193,27 @@ def _state(job: Job) -> tuple[jobdir.StateRecord, str | None]:
     )
 
 
-def _waiting_for(job: Job) -> str | None:
+def _waiting_for(job: Job, looks: dict[str, str | None] | None = None) -> str | None:
     """Why `runner work` on this machine leaves a queued job as it is (its model folder not here: a Drive not
-    mounted yet), else None."""
-    from .models import missing_model_folder
+    mounted yet; or not readable for now), else None. Each model is looked at once per `runner status`
+    (`looks`): a model on a Drive mount that stopped answering took a minute of retries for each of its jobs."""
+    looks = {} if looks is None else looks
+    if job.spec.model not in looks:
+        looks[job.spec.model] = _model_wait(job.spec.model)
+    return looks[job.spec.model]
 
-    missing = missing_model_folder(job.spec.model)
+
+def _model_wait(spec: str) -> str | None:
+    """What a queued job of the model `spec` waits for on this machine, else None. A model that does not read
+    (through the retries) is said as such: the job's own folder reads, so the job shows queued with its
+    progress, not `unreadable` (nor `broken` where its folder is denied), and status, report and load_results go
+    on."""
+    from .models import ModelUnreadable, missing_model_folder
+
+    try:
+        missing = missing_model_folder(spec)
+    except ModelUnreadable as e:
+        return f"{e}; `runner work` runs it once it reads"
     return f"{missing} ({missing.hint}); `runner work` runs it once it is there" if missing else None
 
 
@@ -237,7 +254,8 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
         except RunnerError as e:
             out.append(broken_status(path, str(e), repairable=getattr(e, "repairable", True)))
     copies = jobdir.copies_in_home(jobs, folders)
-    out = [_of_home_job(it, copies) if isinstance(it, Job) else it for it in out]
+    looks: dict[str, str | None] = {}  # each model's folder looked at once (`_waiting_for`)
+    out = [_of_home_job(it, copies, looks) if isinstance(it, Job) else it for it in out]
     for name in jobdir.linked_entries(root):
         out.append(
             broken_status(root / name, "a symbolic link in the job home; runner does not follow links")
@@ -255,11 +273,11 @@ def _foreign_spec(job: Job, why: str) -> JobStatus:
     return replace(shown, id=job.dir.name, name=own.get("name"), model=str(own.get("model") or "-"))
 
 
-def _of_home_job(job: Job, copies: dict[Path, str]) -> JobStatus:
+def _of_home_job(job: Job, copies: dict[Path, str], looks: dict[str, str | None]) -> JobStatus:
     if job.dir in copies:
         return _foreign_spec(job, copies[job.dir])
     try:
-        return job_status(job)
+        return job_status(job, looks)
     except StorageError as e:
         return _unreadable_or_broken(job.dir, e)
     except RunnerError as e:

@@ -1101,3 +1101,40 @@ def test_a_transient_error_looking_for_the_model_folder_is_looked_again_not_the_
     work = invoke("work")
     assert failed and work.exit_code == 0, work.output
     assert runner.status(job_id, runner_home).state == "completed"
+
+
+def test_a_model_that_does_not_read_is_looked_at_once_per_status_and_its_jobs_show_queued(
+    prompts, tiny_gpt2, runner_home, tmp_path, monkeypatch
+):
+    """A model on a Drive mount that stopped answering (ENOTCONN until it is mounted again), the job home
+    elsewhere: `runner status` retried the look at the model's folder for a minute for each of its queued jobs
+    (a home of 30 such jobs: half an hour), and showed each job `unreadable`, its progress gone, where its own
+    folder read. Second reader of the transient-reads audit: the model is looked at once per status, and its
+    jobs show queued, saying why they wait."""
+    import os
+    import shutil
+
+    from runner import storage
+
+    model = str(shutil.copytree(tiny_gpt2, tmp_path / "model"))
+    ids = [invoke("submit", prompts, "--model", model, "--max-new-tokens", 2, "--name", f"j{i}").stdout.strip()
+           for i in range(3)]  # fmt: skip
+    real, looks = os.stat, []
+
+    def stat(path, *args, **kwargs):
+        if not isinstance(path, int) and os.fspath(path) == model:
+            looks.append(path)
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected", model)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+    status = invoke("status", "--json")
+    assert status.exit_code == 0, status.output
+    shown = {s["id"]: s for s in json.loads(status.stdout)}
+    assert len(looks) == 4  # one look and its 3 retries, for the three jobs
+    for job_id in ids:
+        assert shown[job_id]["state"] == "queued" and shown[job_id]["total"] == 2
+        assert shown[job_id]["message"].startswith(f"cannot read the model {model!r}")
+    one = invoke("status", ids[0])
+    assert one.exit_code == 0 and "state:    queued - cannot read the model" in one.stdout, one.output
