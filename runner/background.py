@@ -10,7 +10,6 @@ cell shows while the worker runs. Both read and write only the home, so they wor
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 import subprocess
@@ -70,14 +69,10 @@ def running(home: str | os.PathLike | None = None) -> list[BackgroundWorker]:
     root = Path(home) if home is not None else default_home()
     found, here = [], storage.namespace_tag()
     for pid_file in sorted((root / LOGS).glob("*.pid")):
-        try:  # (a transient error is read again, never taken for no worker: `runner stop` would miss it)
+        try:  # (a passing error is read again: skipped, a live worker's job would read as run by no one)
             fields = storage.retry(pid_file.read_text, f"read {pid_file}").split()
             pid, started = int(fields[0]), (fields[1] if len(fields) > 1 and fields[1] != "-" else None)
-        except storage.StorageError as e:
-            if e.errno in (errno.ENOENT, errno.EISDIR):  # (its worker ended and took it away just now)
-                continue
-            raise
-        except (ValueError, IndexError):
+        except (storage.StorageError, ValueError, IndexError):  # gone, denied, garbage, or failing for good
             continue
         # another machine's, or this one's before a reboot (a new VM)
         if len(fields) > 2 and fields[2] != here:

@@ -679,7 +679,8 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: _Halted) -> RunSumma
     """What the run's end means, said once: completed, cancelled, others still on it, or stopped."""
     try:
         # (a newest record being written, a `cancel` landing as the run ended, is waited for)
-        state = jobdir.settled_state(j, halted, lambda: echo and echo(_waiting_line(j.id))).state
+        record = jobdir.settled_state(j, halted, lambda: echo and echo(_waiting_line(j.id)))
+        state = record.state
     except BrokenJob as e:  # damaged since, or a change's record never filled (no hard links)
         if echo:
             echo(_broken_line(j.id, j.dir, e, e.repairable))
@@ -693,8 +694,10 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: _Halted) -> RunSumma
     elif summary.finished and state is JobState.COMPLETED:
         line = f"job {j.id} completed: {done}, {counted(summary.errors, 'errors')}"
     elif summary.finished:  # its completion refused: the state changed as the run ended
-        line = (f"job {j.id}: {done}, {counted(summary.errors, 'errors')}; not completed: it became {state} as "
-                "this run ended (a `runner retry` or `runner repair`)")  # fmt: skip
+        line = (
+            f"job {j.id}: {done}, {counted(summary.errors, 'errors')}; not completed: "
+            + _changed_as_it_ended(record)
+        )
     elif summary.others:
         line = f"job {j.id}: {counted(summary.others, 'other workers', 'are')} computing the rest"
     else:  # said to the user by the command (which knows how it is run again); log.txt hears it here
@@ -705,6 +708,14 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: _Halted) -> RunSumma
         if echo:
             echo(line)
     return summary
+
+
+def _changed_as_it_ended(record: jobdir.StateRecord) -> str:
+    """Why a run that did every row did not record the job completed: its state changed as the run ended, by a
+    `runner retry` or `repair` (queued again), or by another worker that failed it (a VM with another model)."""
+    if record.state is JobState.FAILED:
+        return f"another worker failed it as this run ended ({record.error or 'no reason given'})"
+    return f"it became {record.state} as this run ended (a `runner retry` or `runner repair`)"
 
 
 def _cancelled_when_done(job_id: str) -> str:

@@ -233,7 +233,7 @@ def test_a_started_workers_pid_file_names_this_machine(tmp_path):
 
 def test_a_pid_file_that_does_not_read_once_is_read_again_not_skipped(tmp_path, monkeypatch):
     """A transient error reading a live background worker's pid file (its home on a Drive mount) is read again:
-    skipped, the worker would be missing from `runner status` and left running by `runner stop`."""
+    skipped, `runner watch` would take the job for one no worker runs."""
     import errno
     import pathlib
 

@@ -1470,6 +1470,11 @@ def test_a_run_that_ends_as_a_retry_lands_does_not_say_completed(
         f"job {job.id}: 1/1 rows, 0 errors; not completed: it became queued as this run ended (a `runner retry` "
         "or `runner repair`)"
     ]
+    failed = dataclasses.replace(queued, state=JobState.FAILED, error="model X is not the one submitted")
+    monkeypatch.setattr(jobdir, "settled_state", lambda *a, **k: failed)  # another worker failed it meanwhile
+    scheduler._settle(Job.open(job.dir), summary, said.append, scheduler._Halted(None, None))
+    assert said[1] == (f"job {job.id}: 1/1 rows, 0 errors; not completed: another worker failed it as this run "
+                       "ended (model X is not the one submitted)")  # fmt: skip
 
 
 def test_a_stats_json_that_does_not_read_for_now_is_not_written_over(
