@@ -203,13 +203,17 @@ def create_job(
         if existing is not None:
             return existing
         _refuse_a_name_like_an_id(job_dir)
-        config, tokenizer, window = _model_facts(model, options, kind, params, chat_template)
+        # (the model's files read again after a transient error, a model on a Drive mount: `reading_model`)
+        config, tokenizer, window = reading_model(
+            lambda: _model_facts(model, options, kind, params, chat_template), model
+        )
         if chat:
             check_chat_option(tokenizer, model)
         target = Path(job_dir) if job_dir is not None else root / new_job_id()
         meta = {
             "id": target.name if job_dir is None else new_job_id(), "name": name, "kind": kind,
-            "priority": priority, "model": model, "model_fingerprint": model_fingerprint(model, config),
+            "priority": priority, "model": model,
+            "model_fingerprint": reading_model(lambda: model_fingerprint(model, config), model),
             "context_window": window, "embedding_dim": _hidden_size(config) if kind == "embed" else None,
             "params": params.to_dict(), "engine": options.to_dict(), "unit_rows": unit_rows,
             "fingerprint": fingerprint, "input": _input_meta(source, input_path, identity),

@@ -259,6 +259,30 @@ def test_run_in_the_home_again_through_a_transient_model_read_error_carries_on_i
     assert [p.name for p in jobdir.job_folders(runner_home)] == [first.id]
 
 
+@pytest.mark.parametrize("read", ["load_config", "model_fingerprint"])
+def test_submit_reads_the_model_again_through_a_transient_error(
+    prompts_file, tiny_gpt2, tmp_path, monkeypatch, read
+):
+    """Submit reads the model's config and tokenizer and takes its fingerprint: one EIO there (a model on a Drive
+    mount) is read again, as `runner work` does, not the end of the submit (second reader)."""
+    import errno
+
+    import runner.jobs
+    from runner import storage
+
+    real, failures = getattr(runner.jobs, read), [1]
+
+    def flaky(*args, **kwargs):
+        if failures and failures.pop():
+            raise OSError(errno.EIO, "Input/output error", "config.json")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(runner.jobs, read, flaky)
+    job = create_job(prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=tmp_path / "job")
+    assert not failures and job.meta["model_fingerprint"] == runner.models.model_fingerprint(tiny_gpt2, None)
+
+
 @pytest.mark.parametrize("damage", ["zero-byte", "truncated", "marker-torn", "marker-missing"])
 def test_damaged_shards_are_not_counted_and_are_redone(
     tmp_path, prompts_file, tiny_gpt2, gpt2_engine, damage
