@@ -52,14 +52,38 @@ def _refused_by_template(e: Exception) -> bool:
 def read_chat_template(value: str) -> str:
     """`--chat-template`, as vLLM's: a file holding a Jinja chat template, or the template itself (taken as
     typed: Jinja reads its own escapes, such as '\\n' in a string)."""
-    if os.path.isfile(os.path.expanduser(value)):  # (False, not an error, for a long template given inline)
+    found = _template_file_kind(value)
+    if found == "file":
         return chat_template_text(Path(value))
-    if os.path.isdir(os.path.expanduser(value)):
+    if found == "dir":
         raise ParamError("chat_template", f"{value} is a folder, not a chat template file")
     if "{{" not in value and "{%" not in value:
         raise ParamError("chat_template", f"no file {value} (and it is not a Jinja template: it has no {{{{ ... }}}} "
                                           "or {% ... %})")  # fmt: skip
     return _typed_escapes(value)
+
+
+def _template_file_kind(value: str) -> str | None:
+    """ "file", "dir" or None for `--chat-template`'s value, links followed as for any path a user types. A name
+    no file can have (a long template given inline: ENAMETOOLONG; a NUL) is None; a transient error (a template
+    on a Drive mount) is looked at again (storage.retry), never "no file"."""
+    import errno
+    import stat
+
+    from . import storage
+
+    def op() -> str | None:
+        try:
+            mode = os.stat(os.path.expanduser(value)).st_mode
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return None
+        except OSError as e:
+            if e.errno in (errno.ENAMETOOLONG, errno.EINVAL):
+                return None
+            raise
+        return "dir" if stat.S_ISDIR(mode) else "file"
+
+    return storage.retry(op, f"look at the chat template file {value[:80]}")
 
 
 def _typed_escapes(template: str) -> str:

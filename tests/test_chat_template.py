@@ -163,3 +163,30 @@ def test_a_messages_other_fields_reach_the_template_as_vllm_passes_them(tmp_path
     with pytest.raises(runner.InputError, match="chat.jsonl:1: messages: item 1: content must be a string"):
         create_job(write_jsonl(tmp_path / "chat.jsonl", [{"id": "c", "messages": chat}]), tiny_gpt2,
                    chat_template=template, job_dir=tmp_path / "out2")  # fmt: skip
+
+
+def test_a_template_file_that_does_not_answer_once_is_looked_at_again(tmp_path, monkeypatch):
+    """`--chat-template /content/drive/chat.jinja` on a Drive mount: one EIO looking at it is looked at again
+    (os.path.isfile took it for "no file", refusing the submit with a false message); a long template given
+    inline is still the template, not an error (ENAMETOOLONG)."""
+    import errno
+    import os
+
+    from runner import storage
+    from runner.batching import read_chat_template
+
+    path = tmp_path / "chat.jinja"
+    path.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    real, failed = os.stat, []
+
+    def stat(p, *args, **kwargs):
+        if str(p) == str(path) and not failed:
+            failed.append(p)
+            raise OSError(errno.EIO, "Input/output error", str(p))
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,))
+    monkeypatch.setattr(os, "stat", stat)
+    assert read_chat_template(str(path)) == path.read_text() and failed
+    inline = "{{ messages[0]['content'] }}" + " " * 5000
+    assert read_chat_template(inline) == inline
