@@ -487,8 +487,8 @@ def load_results(
     if format not in RESULT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RESULT_FORMATS)}, got {format!r}")
     path, is_file = resolve_source(source, home)
-    if is_file:
-        table = read_parquet(path)
+    if is_file:  # (an exported results file on a Drive mount: a transient error is read again)
+        table = storage.retry(lambda: read_parquet(path), f"read {path}")
     else:
         with naming_broken(path):
             job = Job.open(path)

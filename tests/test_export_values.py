@@ -256,3 +256,29 @@ def test_nan_and_infinities_in_a_passthrough_column_pass_through(
     runner.export_results(job.dir, tmp_path / "out.jsonl")
     back = [json.loads(line)["score"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert back == [1.5, None, None]
+
+
+def test_load_results_of_an_exported_file_reads_again_through_a_transient_error(tmp_path, monkeypatch):
+    """`runner.load_results("/content/drive/.../results.parquet")`: one EIO reading the file is read again, not
+    an OSError traceback in the notebook."""
+    import errno
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import runner
+    from runner import jobdir, storage
+
+    path = tmp_path / "results.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), path)
+    real, failed = jobdir.read_parquet, []
+
+    def read_parquet(source, *args, **kwargs):
+        if not failed:
+            failed.append(source)
+            raise OSError(errno.EIO, "Input/output error", str(source))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,))
+    monkeypatch.setattr(jobdir, "read_parquet", read_parquet)
+    assert list(runner.load_results(path)["id"]) == ["a", "b"] and failed
