@@ -50,6 +50,7 @@ from .models import (
     load_tokenizer,
     pick_device,
     pick_dtype,
+    reading_model,
     resolve_model,
     weight_file_stats,
 )
@@ -390,7 +391,10 @@ class Engine:
         # weights left mapped from their files (too large to copy): their folder and files as loaded
         mapped = getattr(self.model, "runner_weights_mapped", False)
         self.mapped_folder = resolve_model(model, progress=None) if mapped else None
-        self.mapped_files = weight_file_stats(self.mapped_folder) if self.mapped_folder else {}
+        # (a passing error there is looked at again alone, not by loading the whole model again)
+        self.mapped_files = (
+            reading_model(lambda: weight_file_stats(self.mapped_folder), model) if self.mapped_folder else {}
+        )
         if self.options.device_map:  # inputs go where accelerate put the embeddings
             self.device = self.model.get_input_embeddings().weight.device
         # Same functions, faster kernels (kernels.py): oneDNN for small CPU matmuls, a fused GELU for GPT-2.

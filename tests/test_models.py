@@ -451,3 +451,29 @@ def test_a_transient_error_reading_config_json_is_read_again_not_hashed_around(
     monkeypatch.setattr(models.storage, "RETRY_DELAYS", (0.01,))
     assert models.reading_model(lambda: models.model_fingerprint(str(model), None), str(model)) == before
     assert len(reads) > nth  # (the fault landed, and the fingerprint was taken again)
+
+
+def test_a_transient_error_noting_mapped_weights_at_load_is_looked_at_again_alone(tmp_path, monkeypatch):
+    """The engine notes its mapped weight files as it loads; one EIO there is looked at again alone, not by
+    loading the whole model again (up to nine loads of a model on a failing mount)."""
+    import errno
+
+    from tiny_models import build_tiny_gpt2
+
+    from runner import kernels, storage
+    from runner.engine import Engine
+
+    model = build_tiny_gpt2(tmp_path / "m", seed=0)
+    monkeypatch.setattr(kernels, "_available_memory", lambda: 0)  # a machine without room for a copy
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,))
+    real, failed = Path.stat, []
+
+    def stat(self, *args, **kwargs):
+        if self.name == "model.safetensors" and not failed:
+            failed.append(self)
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    engine = Engine(str(model))
+    assert failed and engine.mapped_files and engine.weights_changed() is None
