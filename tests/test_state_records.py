@@ -471,11 +471,10 @@ def test_a_slow_retrys_standing_word_built_on_by_a_cancel_is_not_applied_again(j
     assert len(said) == 1 and job.state().state is JobState.CANCELLED  # the retry returned: done
 
 
-def test_status_and_repair_read_a_late_word_below_an_empty_newest_record(job, monkeypatch):
-    """Pass 76: a cancel filled late under a repair's blind record stood; a retry killed between creating its
-    record and filling it then made status show, and repair record, the blind record's own word (queued)."""
-    _no_links(monkeypatch)
-    frozen, wake, said = threading.Event(), threading.Event(), []
+def _freeze_slow_after_create(monkeypatch) -> tuple[threading.Event, threading.Event, list]:
+    """The first state record a thread named "slow" creates is left unfilled until `wake` is set (`frozen` is set
+    once it is): a command frozen between its create and its fill. Returns (frozen, wake, a list for its say)."""
+    frozen, wake = threading.Event(), threading.Event()
     real_point = jobdir.fault_point
 
     def fault_point(name):
@@ -485,6 +484,14 @@ def test_status_and_repair_read_a_late_word_below_an_empty_newest_record(job, mo
         return real_point(name)
 
     monkeypatch.setattr(jobdir, "fault_point", fault_point)
+    return frozen, wake, []
+
+
+def test_status_and_repair_read_a_late_word_below_an_empty_newest_record(job, monkeypatch):
+    """Pass 76: a cancel filled late under a repair's blind record stood; a retry killed between creating its
+    record and filling it then made status show, and repair record, the blind record's own word (queued)."""
+    _no_links(monkeypatch)
+    frozen, wake, said = _freeze_slow_after_create(monkeypatch)
     slow = threading.Thread(target=lambda: said.append(runner.cancel(job.dir)), name="slow")
     slow.start()
     frozen.wait()
@@ -617,14 +624,7 @@ def _cancel_frozen_under_a_blind_repair(job, monkeypatch) -> tuple[threading.Thr
     it, and a repair recorded blind over that empty record (queued: no row is done). Returns the cancel's thread,
     the event that wakes it, and the list that gets what it returned (or the RunnerError it said)."""
     _no_links(monkeypatch)
-    frozen, wake, said = threading.Event(), threading.Event(), []
-    real_point = jobdir.fault_point
-
-    def fault_point(name):
-        if name == "after_create" and threading.current_thread().name == "slow" and not frozen.is_set():
-            frozen.set()
-            wake.wait()
-        return real_point(name)
+    frozen, wake, said = _freeze_slow_after_create(monkeypatch)
 
     def cancel():
         try:
@@ -632,7 +632,6 @@ def _cancel_frozen_under_a_blind_repair(job, monkeypatch) -> tuple[threading.Thr
         except RunnerError as e:
             said.append(str(e))
 
-    monkeypatch.setattr(jobdir, "fault_point", fault_point)
     slow = threading.Thread(target=cancel, name="slow")
     slow.start()
     frozen.wait()
