@@ -8,6 +8,7 @@ folder (for `Counting`), with the session's model cache, through the runtime env
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -157,6 +158,43 @@ def _wait_for(cond, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+def _proc(pid: int, name: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, killed and not reaped yet, computes nothing)."""
+    stat = _proc(pid, "stat")
+    return bool(stat) and stat.rsplit(b")", 1)[-1].split()[0] != b"Z"
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def kill_ray_of(pgid: int) -> None:
+    """SIGKILL a driver's process group (its Ray instance: GCS, raylet) and that raylet's workers, which Ray
+    starts in process groups of their own (found by RAY_RAYLET_PID in their environment), then wait until every
+    one is gone: a worker left running could still write and checkpoint a block after the run that carries on
+    has read the checkpoint, and the output would hold that block twice (CI, 2026-12-05: 12 rows)."""
+    pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    raylets = {str(p) for p in pids if b"raylet" in _proc(p, "cmdline") and _pgid(p) == pgid}
+    os.killpg(pgid, signal.SIGKILL)
+    marks = {f"RAY_RAYLET_PID={r}".encode() for r in raylets}
+    workers = [p for p in pids if marks & set(_proc(p, "environ").split(b"\0"))]
+    for p in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    _wait_for(lambda: not any(_alive(p) for p in workers))
+    assert not any(_alive(p) for p in workers), "a Ray worker of the killed driver is still running"
+
+
 def computed(log: Path) -> tuple[list[str], set[str]]:
     """(every id computed, as often as it was; the processes that computed them) from a `Counting` log."""
     ids, pids = [], set()
@@ -294,7 +332,7 @@ def test_checkpointed_pipeline_whose_driver_was_killed_resumes_without_recomputi
         _wait_for(lambda: (tmp_path / "run1" / "kill-now").exists() or driver.poll() is not None, timeout=300)
         assert (tmp_path / "run1" / "kill-now").exists(), driver.communicate()[1][-3000:]
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver, its Ray instance and its actors, at once
+        kill_ray_of(driver.pid)  # the driver, its Ray instance and its workers, every one gone
         driver.wait()
     committed = committed_ids(tmp_path / "ckpt")
     assert 0 < len(committed) < len(rows)
