@@ -397,8 +397,7 @@ def weight_file_stats(path: str) -> dict[str, tuple[int, ...]]:
         try:
             st = (folder / name).stat()
         except OSError as e:
-            if e.errno in storage.TRANSIENT:
-                raise
+            _raise_if_transient(e)
             continue  # gone or unreadable for good: changed
         stats[name] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     return stats
@@ -412,8 +411,7 @@ def _is_folder(path: Path) -> bool:
     try:
         return stat.S_ISDIR(os.stat(path).st_mode)
     except OSError as e:
-        if e.errno in storage.TRANSIENT:
-            raise
+        _raise_if_transient(e)
         return False
 
 
@@ -556,9 +554,9 @@ def loaded_weight_files(path: Path, version: int = int(FINGERPRINT_VERSION)) -> 
 
 
 def _raise_if_transient(e: Exception) -> None:
-    """A fingerprint's read that failed for a moment (EIO on a Drive mount) is raised, for `reading_model` to read
-    again: taken for a file without the field, it made another fingerprint, and the job failed as one whose model
-    changed (adversarial pass 136)."""
+    """A read of the model's files that failed for a moment (EIO on a Drive mount) is raised, for `reading_model`
+    to read again: taken for a file without the field (or a weight file gone), it made another fingerprint (or
+    weights written over), and the job failed as one whose model changed (adversarial pass 136)."""
     if isinstance(e, OSError) and e.errno in storage.TRANSIENT:
         raise e
 
