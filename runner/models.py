@@ -158,6 +158,12 @@ def reading_model(read: Callable[[], T], spec: str, then: str = "") -> T:
     raise AssertionError("unreachable")
 
 
+def job_resumes(job_id: str) -> str:
+    """The end of a ModelUnreadable message about a job's model: nothing of the job changed, and it carries on
+    once the model reads (`reading_model`'s and `missing_model_folder`'s `then`)."""
+    return f"; job {job_id} is as it was and resumes with the next `runner work`"
+
+
 def _transient(e: BaseException | None) -> bool:
     seen = 0
     while e is not None and seen < 20:

@@ -24,7 +24,7 @@ from .crashes import DeviceError
 from .engine import Engine
 from .errors import NotOnThisMachine, RunnerError
 from .jobdir import BrokenJob, Job, JobState, Owner
-from .models import ModelUnreadable, NoSuchDevice, missing_model_folder, reading_model
+from .models import ModelUnreadable, NoSuchDevice, job_resumes, missing_model_folder, reading_model
 from .progress import counted
 from .storage import StorageError
 from .worker import SHARD_ROWS, SHARD_SECONDS, RunSummary, run_job
@@ -577,7 +577,7 @@ def run_leased(
     try:
         # what a failure found from here on is recorded over (never over a newer word)
         read = jobdir.settled_state(j, halted, lambda: echo and echo(_waiting_line(j.id)))
-        if (missing := missing_model_folder(j.spec.model, _RESUMES.format(j.id))) is not None:
+        if (missing := missing_model_folder(j.spec.model, job_resumes(j.id))) is not None:
             raise missing
 
         def load() -> Engine:  # by run_job once there is work, under its heartbeat
@@ -638,12 +638,7 @@ def _said_broken(j: Job, e: BrokenJob, echo: Any) -> BrokenJob:
 
 
 def _reading_model(read: Callable[[], Any], j: Job) -> Any:
-    return reading_model(read, j.spec.model, _RESUMES.format(j.id))
-
-
-_RESUMES = (
-    "; job {} is as it was and resumes with the next `runner work`"  # (a model that cannot be read now)
-)
+    return reading_model(read, j.spec.model, job_resumes(j.id))
 
 
 MODEL_CHANGED = "resuming with a different model is refused"  # (a retry alone would fail the same way)

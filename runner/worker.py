@@ -38,7 +38,7 @@ from .engine import Engine, NumericalError, Stopped, peak_memory_bytes, reset_pe
 from .errors import RunnerError
 from .faults import fault_point, row_fault
 from .jobdir import BrokenJob, ClaimLost, Heartbeat, Job, JobState, Owner, StateRecord
-from .models import reading_model
+from .models import job_resumes, reading_model
 from .progress import Progress, counted
 from .results import GeneratedRow, write_local_shard
 from .tasks import (
@@ -678,8 +678,7 @@ class JobRun:
         taken for weights written over (adversarial pass 136: the job was failed)."""
         if self.engine is None:
             return
-        changed = reading_model(self.engine.weights_changed, self.job.spec.model,
-                                f"; job {self.job.id} is as it was and resumes with the next `runner work`")  # fmt: skip
+        changed = reading_model(self.engine.weights_changed, self.job.spec.model, job_resumes(self.job.id))
         if changed:
             raise RunnerError(
                 f"the model's {changed} was written over while job {self.job.id} ran: its rows not saved yet are "
