@@ -117,7 +117,6 @@ class StaticBatch:
         self.recorded: dict[int, Any] = {}  # end -> torch.cuda.CUDAGraph
         self.warm: set[int] = set()  # ends that had their eager step (the warm-up before a capture)
         self.pool: Any = None
-        self.replayed = False  # whether the last step was a graph's replay (else run eagerly)
         self.capture_stream: Any = None  # the stream every capture of this batch records on (its pool's)
 
     def _copied(self, layer: Any, slots: int, width: int) -> Any:
@@ -149,9 +148,14 @@ class StaticBatch:
             self._record_and_replay()
         else:
             self._warm_up()
-        self.replayed = self.end in self.recorded  # (Engine._check_fixed_slots checks the first of each kind)
         self.next_col += 1
         return self.logits.index_select(0, slots)
+
+    @property
+    def replayed(self) -> bool:
+        """Whether the last step was a graph's replay, else run eagerly (Engine._check_fixed_slots checks the
+        first of each kind)."""
+        return self.end in self.recorded
 
     def _run(self) -> None:
         """The step itself (what a graph records): the new column joins the mask, the model writes its
