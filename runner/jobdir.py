@@ -1351,9 +1351,11 @@ class Job:
             yield json.loads(line)
 
     def read_stats(self, for_update: bool = False) -> dict[str, Any]:
-        """stats.json, or an empty record when it is missing or damaged (it is only informative). `for_update`
-        (a run about to append itself): a file that does not read for now (transient errors through the retries)
-        raises its StorageError instead, so that the history of earlier runs is not written over with this one."""
+        """stats.json, or an empty record when it is missing or damaged (it is only informative): one that does
+        not match its checksum too (a flipped digit was shown as a run's peak memory or speed; pass 142).
+        `for_update` (a run about to append itself): a file that does not read for now (transient errors
+        through the retries) raises its StorageError instead, so that the history of earlier runs is not
+        written over with this one."""
         path = self.dir / STATS_FILE
         try:
             stats = storage.read_json(path) if _lexists(path) else {}
@@ -1363,6 +1365,8 @@ class Job:
             stats = {}
         except (ValueError, RunnerError):
             stats = {}
+        if isinstance(stats, dict) and "check" in stats and stats["check"] != storage.json_checksum(stats):
+            stats = {}  # (`check` is absent from an earlier runner's stats.json)
         runs = stats.get("runs") if isinstance(stats, dict) else None
         return {"runs": [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []}
 

@@ -884,6 +884,7 @@ class JobRun:
         })  # fmt: skip
         stats["tokens"] = sum(int(r.get("tokens") or 0) for r in stats["runs"])
         stats["seconds"] = round(sum(float(r.get("seconds") or 0) for r in stats["runs"]), 3)
+        stats["check"] = storage.json_checksum(stats)  # a changed digit is noticed, not shown (read_stats)
         storage.write_json(self.job.dir / jobdir.STATS_FILE, stats)
 
 
