@@ -73,6 +73,7 @@ class ReportData:
     errors: Counter = field(default_factory=Counter)  # (stage, error) -> rows
     error_examples: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)  # stats.json runs
+    runs_problem: str | None = None  # why stats.json's runs are not there to show (Job.read_stats)
     live: dict[str, dict[str, Any]] = field(default_factory=dict)  # heartbeats of the workers running it now
     computed_with: Counter = field(default_factory=Counter)  # "float32 on cpu, torch ..." -> result rows
 
@@ -92,7 +93,9 @@ def collect(job: Job) -> ReportData:
     """What the page shows, read from the job folder in one pass (read-only: a running job is not disturbed)."""
     from .job_status import job_status
 
-    data = ReportData(job, job_status(job), runs=job.read_stats()["runs"], live=jobdir.live_workers(job))
+    stats = job.read_stats()
+    data = ReportData(job, job_status(job), runs=stats["runs"], runs_problem=stats["problem"],
+                      live=jobdir.live_workers(job))  # fmt: skip
     # (at the status's retry generation: a `runner retry` landing between the two reads made the summary count
     # a row error the errors section no longer listed; pass 74)
     ledger = jobdir.read_ledger(job, verify=False, generation=data.status.generation)
@@ -562,7 +565,7 @@ def _memory_section(data: ReportData) -> str:
         peaks.append((peak, hb.get("device")))
     known = [(p, d) for p, d in peaks if p is not None]
     if not known:
-        why = (
+        why = data.runs_problem or (
             "no run has finished yet and no worker runs it now" if not rows else "the runs did not record it"
         )
         return _section("memory", "Peak memory", _note(f"Peak memory was not recorded: {why}."))

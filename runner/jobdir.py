@@ -1352,23 +1352,28 @@ class Job:
 
     def read_stats(self, for_update: bool = False) -> dict[str, Any]:
         """stats.json, or an empty record when it is missing or damaged (it is only informative): one that does
-        not match its checksum too (a flipped digit was shown as a run's peak memory or speed; pass 142).
-        `for_update` (a run about to append itself): a file that does not read for now (transient errors
-        through the retries) raises its StorageError instead, so that the history of earlier runs is not
-        written over with this one."""
+        not match its checksum too (a flipped digit was shown as a run's peak memory or speed; pass 142). A file
+        there that did not read, or was damaged, is said in `problem` (the report said "no run has finished
+        yet" of a completed job). `for_update` (a run about to append itself): a file that does not read for
+        now (transient errors through the retries) raises its StorageError instead, so that the history of
+        earlier runs is not written over with this one."""
         path = self.dir / STATS_FILE
+        problem = None
         try:
             stats = storage.read_json(path) if _lexists(path) else {}
         except storage.StorageError as e:
             if for_update and e.unreadable_for_now:
                 raise
-            stats = {}
+            stats, problem = {}, f"{STATS_FILE} could not be read ({first_line(e)})"
         except (ValueError, RunnerError):
-            stats = {}
+            stats = None
         if isinstance(stats, dict) and "check" in stats and stats["check"] != storage.json_checksum(stats):
-            stats = {}  # (`check` is absent from an earlier runner's stats.json)
+            stats = None  # (`check` is absent from an earlier runner's stats.json)
         runs = stats.get("runs") if isinstance(stats, dict) else None
-        return {"runs": [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []}
+        if not isinstance(runs, list) and problem is None and stats != {}:
+            problem = f"{STATS_FILE} is damaged"
+        return {"runs": [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else [],
+                "problem": problem}  # fmt: skip
 
     def absent_mask(self, verifier: Verifier | None = None) -> Any:
         """[rows, samples] bool: keys that are not part of the job (samples past a row's own n), or None

@@ -862,7 +862,7 @@ class JobRun:
             return
         seconds, computing = time.perf_counter() - self.t0, self.computing_seconds()
         try:
-            stats = self.job.read_stats(for_update=True)
+            stats = {"runs": self.job.read_stats(for_update=True)["runs"]}
         except storage.StorageError as e:  # (only informative: this run's line is left out, the history kept)
             with contextlib.suppress(RunnerError):
                 self.job.log(f"stats.json not updated: {first_line(e)}")

@@ -2,13 +2,16 @@
 the file is damaged (adversarial pass 142): the file had no checksum, so a flipped bit in a digit (valid JSON, a
 run's peak memory or speed changed) was shown as the job's, with nothing said."""
 
+import builtins
+import errno
 import json
+import os
 
 import pytest
 from helpers import write_jsonl
 
 import runner
-from runner import EngineOptions, GenerationParams
+from runner import EngineOptions, GenerationParams, storage
 from runner.job_report import _bytes
 from runner.jobs import create_job
 from runner.worker import run_job
@@ -45,3 +48,30 @@ def test_a_flipped_digit_in_stats_json_is_not_shown_as_the_jobs(field, done_job,
     page = runner.report(done_job.dir, tmp_path / "r.html").read_text()
     shown = _bytes(flipped) if field == "peak_memory_bytes" else f"{flipped:,.1f}"  # as the report shows them
     assert f'<td class="num">{shown}</td>' not in page and f"Highest: {shown}" not in page
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "torn", "flipped"])
+def test_a_report_whose_stats_json_does_not_read_says_so_not_that_no_run_finished(damage, done_job, tmp_path,
+                                                                                  monkeypatch):  # fmt: skip
+    """A completed job's report said "Peak memory was not recorded: no run has finished yet" when stats.json
+    failed through the retries (a Drive mount), or was damaged."""
+    stats = done_job.dir / "stats.json"
+    if damage == "torn":
+        stats.write_bytes(stats.read_bytes()[:40])
+    elif damage == "flipped":
+        flip_a_digit(stats, "peak_memory_bytes")
+    else:
+        monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+        real = builtins.open
+
+        def failing(file, *args, **kwargs):
+            if not isinstance(file, int) and os.fspath(file) == os.fspath(stats):
+                raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(file))
+            return real(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", failing)
+    page = runner.report(done_job.dir, tmp_path / "r.html").read_text()
+    assert "no run has finished yet" not in page
+    assert "stats.json" in page and (
+        "could not be read" in page if damage == "unreadable" else "damaged" in page
+    )
