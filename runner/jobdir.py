@@ -168,6 +168,26 @@ class ClaimLost(RunnerError):
     """This worker's claim on a unit was taken over (it was thought dead): its work there is discarded."""
 
 
+class JobReplaced(RunnerError):
+    """The job's folder now holds another job (deleted and the file submitted again to the same folder, as
+    `runner run -o DIR` does): this worker's run of the job it opened ends, writing nothing more there."""
+
+
+def check_still_this_job(job: Job) -> None:
+    """Raise JobReplaced when job.json now names another job than `job`. A worker of a job whose folder was
+    deleted and submitted again under it wrote its commits over the new job's (same names), claimed its units
+    and quarantined its sound shards as another job's: the new job, completed, was left broken (adversarial
+    pass 141). A job.json that does not read is left to the checks that look for damage."""
+    meta = _read_json_or_none(job.dir / JOB_FILE) if _lexists(job.dir / JOB_FILE) else None
+    now = meta.get("id") if isinstance(meta, dict) else None
+    if isinstance(now, str) and now != job.id:
+        raise JobReplaced(
+            f"{job.dir} now holds job {now}, not job {job.id} this worker was running (its folder was deleted and "
+            f"submitted again?): its run of job {job.id} ends, its rows not saved yet are discarded and job {now} "
+            "is left as it is (`runner work` runs it)"
+        )
+
+
 # --- the home and job references -------------------------------------------------------------------------
 
 
@@ -2516,8 +2536,11 @@ def take_unit(job: Job, unit: int, owner: Owner, after: int) -> int | None:
     return epoch
 
 
-def still_holds(job: Job, unit: int, epoch: int) -> bool:
-    """No later epoch of the unit exists: checked right before each commit."""
+def still_holds(job: Job, unit: int, epoch: int, worker: str | None = None) -> bool:
+    """No later epoch of the unit exists: checked right before each commit. With `worker`, the claim of `epoch`
+    must also still be that worker's: in a folder deleted and submitted again under it (`check_still_this_job`),
+    or whose claims/ was lost, the claim there is another worker's or none, and a commit would land over the
+    other one's of the same name."""
     path = job.dir / CLAIMS / claim_name(unit, epoch + 1)
 
     def op() -> bool:
@@ -2527,7 +2550,12 @@ def still_holds(job: Job, unit: int, epoch: int) -> bool:
         except FileNotFoundError:
             return True
 
-    return storage.retry(op, f"read {path}")
+    if not storage.retry(op, f"read {path}"):
+        return False
+    if worker is None:
+        return True
+    owner = _read_claim(job.dir / CLAIMS / claim_name(unit, epoch), unit).owner
+    return owner is not None and owner.worker == worker
 
 
 def write_marker(job: Job, unit: int, epoch: int, seq: int, marker: dict[str, Any]) -> None:

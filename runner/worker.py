@@ -321,7 +321,9 @@ class JobRun:
 
     def next_unit(self) -> Unit | None:
         """Claim the first unit with keys left that no other live worker holds (one this worker claimed
-        before, say a unit whose commit was quarantined since, it takes again); None when there is none."""
+        before, say a unit whose commit was quarantined since, it takes again); None when there is none.
+        Its folder holding another job now: JobReplaced, nothing claimed or set aside there."""
+        jobdir.check_still_this_job(self.job)
         ledger = self.ledger()
         progress = jobdir.job_progress(self.job, ledger)
         mine = [
@@ -397,7 +399,7 @@ class JobRun:
         if unit is None or not unit.todo:
             return
         self.flight = InFlight(self.job.dir / jobdir.INFLIGHT / f"{unit.index:05d}.json", self.owner.worker,
-                               self.owner, lambda: jobdir.still_holds(self.job, unit.index, unit.epoch),
+                               self.owner, lambda: self.holds(unit),
                                lambda worker: worker in jobdir.live_workers(self.job), self.ttl, self.say,
                                unit.generation)  # fmt: skip
         # the unit's own rows, then what is left of them: "1,024 of 1,100" read as 76 done (pass 44)
@@ -650,14 +652,14 @@ class JobRun:
         self.last_commit = time.perf_counter()
         if not unit.results and not unit.errors:
             return
-        if not jobdir.still_holds(self.job, unit.index, unit.epoch):
+        if not self.holds(unit):
             raise ClaimLost(unit.index)
         self.check_weights()
         name = jobdir.commit_name(unit.index, unit.epoch, unit.seq)
         with self.claim_checked(unit):
             marker = self.publish(unit, name)
             fault_point("after_shard")  # the shard is in place, its marker is not: it must not count
-            if not jobdir.still_holds(self.job, unit.index, unit.epoch):
+            if not self.holds(unit):
                 raise ClaimLost(unit.index)
             self.unsaved_none()
             jobdir.write_marker(self.job, unit.index, unit.epoch, unit.seq, marker)
@@ -670,6 +672,11 @@ class JobRun:
         # read back (a longer step now): after the above, so that a Ctrl-C during it never commits twice
         self.verifier.remember(jobdir.Commit(name, unit.index, unit.epoch, marker))
         self.update_heartbeat()
+
+    def holds(self, unit: Unit) -> bool:
+        """This worker's claim on the unit is still in force: no later epoch, and its claim is still its own (a
+        folder submitted again under it holds another worker's, or none: `jobdir.still_holds`)."""
+        return jobdir.still_holds(self.job, unit.index, unit.epoch, self.owner.worker)
 
     def check_weights(self) -> None:
         """Weights too large to copy are read from their files as the job runs: one written over since the model
@@ -694,7 +701,7 @@ class JobRun:
         try:
             yield
         except (storage.StorageError, OSError):
-            if not jobdir.still_holds(self.job, unit.index, unit.epoch):
+            if not self.holds(unit):
                 raise ClaimLost(unit.index) from None
             raise
 

@@ -255,3 +255,45 @@ def test_a_job_of_other_weights_in_the_same_folder_loads_them_again(monkeypatch)
     first = engines.get(job("6:aaaa"))
     assert engines.get(job("6:aaaa")) is first and len(loads) == 1  # the same weights: kept
     assert engines.get(job("6:bbbb")) is not first and len(loads) == 2
+
+
+def test_a_worker_whose_job_folder_is_submitted_again_under_it_leaves_the_new_job_alone(
+    tmp_path, prepared, tiny_gpt2, monkeypatch
+):
+    """Worker A (`runner work`) is paused after its first commit; meanwhile the folder is deleted and the same
+    file submitted again to it (`runner run -o DIR` once more), and the new job completes. A, resumed, wrote its
+    commits over the new job's of the same names, claimed a unit there and quarantined that unit's sound shards
+    as another job's: the completed job was left broken, 10 rows missing (adversarial pass 141). It now sees
+    that its folder holds another job, says so and leaves it as it is."""
+    import shutil
+
+    from runner import scheduler
+
+    prompts, d = prepared[0].parent / "p.jsonl", tmp_path / "out"
+    create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=d, unit_rows=3)
+    paused, go = threading.Event(), threading.Event()
+    original_commit = JobRun.commit
+
+    def commit(self, unit):
+        original_commit(self, unit)
+        if threading.current_thread().name == "A" and not paused.is_set():
+            paused.set()
+            assert go.wait(120), "never resumed"
+
+    monkeypatch.setattr(JobRun, "commit", commit)
+    said = []
+    a = threading.Thread(name="A", target=lambda: scheduler.work(job=str(d), echo=said.append, shard_rows=2))
+    a.start()
+    assert paused.wait(120), "worker A never committed"
+    shutil.rmtree(d)
+    again = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=d, unit_rows=3)
+    run_job(again, Engine(tiny_gpt2, OPTIONS), echo=None, owner=Owner.me("B"), shard_rows=2)
+    assert runner.status(d).state == "completed"
+    go.set()
+    a.join(120)
+    assert not a.is_alive()
+    assert runner.status(d).state == "completed"
+    assert not any((d / "quarantine").iterdir())  # nothing of the new job set aside
+    assert {c.marker["worker"] for c in read_ledger(Job.open(d)).commits} == {"B"}
+    assert_exactly_once(d, prepared[1])
+    assert any(f"now holds job {again.id}" in line for line in said), said
