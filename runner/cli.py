@@ -41,6 +41,8 @@ ENGINE_FIELDS = _fields("EngineOptions")
 
 # `runner work --workers N` names each worker process's lines ("[runner w2]"): their lines share one log
 WORKER_LABEL = "RUNNER_WORKER_LABEL"
+# ...and tells each the pid of the command that started it (`_end_with_launcher`)
+LAUNCHER_PID = "RUNNER_LAUNCHER_PID"
 
 
 def _echo(line: str) -> None:
@@ -757,6 +759,7 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
     broken: list[str] = []  # ids of broken jobs skipped (said as met, with what brings them back)
     make_current(device)
     with _ctrl_c_stops() as stop:
+        _end_with_launcher()
         summaries = work_loop(home, job=job_ref, deadline=deadline, once=once, shard_rows=shard_rows,
                               shard_seconds=shard_minutes * 60, stop=stop, echo=_echo, device=device,
                               on_failed=failed.append, on_unrunnable=unrunnable.append,
@@ -786,6 +789,26 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
     # Ctrl-C in the last batch of the last job, which completed, lets `runner work && next` go on)
     if failed or broken:  # `runner work && next-step` must not go on as if all went well
         raise RunnerError("; ".join(_not_run(failed, broken)))
+
+
+def _end_with_launcher() -> None:
+    """A worker process of `runner work --workers N` gets SIGTERM when that command ends (Linux): its session is
+    its own (`_run_processes`), so a command killed by SIGKILL (`kill -9`, the out-of-memory killer, a notebook
+    kernel restarted) left it computing on unseen, holding the device, and the command run again put more
+    processes on it (adversarial pass 141). SIGTERM stops it as `kill PID` would: its finished batches are
+    written. Called once its handler is in place; a command gone before that is checked for here."""
+    import ctypes
+    import signal
+
+    launcher = os.environ.get(LAUNCHER_PID, "")
+    if not launcher.isdigit() or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # (no prctl to call: the worker runs on, as before)
+    if os.getppid() != int(launcher):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _not_run(failed: list[Any], broken: list[str]) -> Iterator[str]:
@@ -935,6 +958,7 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
     # each in a session of its own: a terminal's Ctrl-C (SIGINT to the whole foreground group) reaches this
     # process alone, which passes it on once; a worker that got both took the second as "stop at once" and
     # dropped the batch it was computing (pass 123)
+    env[LAUNCHER_PID] = str(os.getpid())
     procs = [subprocess.Popen(base + (["--device", d] if d else []), env={**env, WORKER_LABEL: f"w{i}"},
                               start_new_session=True) for i, d in enumerate(devices, 1)]  # fmt: skip
     _echo(

@@ -4,6 +4,7 @@ worker's. In process (two workers in threads, with events deciding who does what
 
 import json
 import threading
+import time
 
 import pytest
 from helpers import assert_exactly_once, fresh_copy, reference_run
@@ -190,6 +191,60 @@ def test_one_ctrl_c_reaches_each_worker_process_once(tmp_path, tiny_gpt2):
         assert out.count(f"{worker}] stopping after the current batch") == 1, out
     assert "interrupted" not in out and "Traceback" not in out, out
     assert runner.status(job.dir).state == "queued (interrupted)", out
+
+
+@pytest.mark.slow
+def test_worker_processes_stop_when_their_command_is_killed(tmp_path, tiny_gpt2):
+    """`runner work --workers 2` killed by SIGKILL (`kill -9` of the pid `--background` prints, the out-of-memory
+    killer, a notebook kernel restarted): its worker processes, in sessions of their own (pass 123), were not
+    in its process group and computed on unseen, holding the device, and a `runner work --workers 2` run again
+    put two more processes on it (adversarial pass 141). Each now stops as on SIGTERM once its command is gone,
+    writing its finished batches, and leaves the job queued for the next `runner work`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from workers import worker_env
+
+    rows = [{"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(4000)]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    home = tmp_path / "home"
+    job = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=200, min_new_tokens=200),
+                     EngineOptions(batch_size=16), home=home, unit_rows=40)  # fmt: skip
+    command = [sys.executable, "-m", "runner", "--home", str(home), "work", "--workers", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=worker_env(ONE_THREAD), start_new_session=True)  # fmt: skip
+    said, computing = [], set()
+    while len(computing) < 2:  # each worker has said its unit: its first batch is under way
+        line = proc.stdout.readline()
+        assert line, "".join(said)
+        said.append(line)
+        if "to generate on" in line:
+            computing.add(line.split("]")[0])
+    children = [int(c) for c in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+    os.killpg(proc.pid, signal.SIGKILL)  # the command alone: its workers are in sessions of their own
+    proc.wait()
+
+    def running(pid):  # (an orphan that ended may stay a zombie where nothing reaps it)
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 60  # (they stop within a batch: the job takes minutes)
+    while any(running(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not any(running(c) for c in children), (
+            "worker processes compute on after their command was killed"
+        )
+    finally:
+        for c in filter(running, children):
+            os.kill(c, signal.SIGKILL)
+    status = runner.status(job.dir)
+    assert status.state == "queued (interrupted)" and not status.workers, status
 
 
 @pytest.mark.parametrize("device", ["cuda:1", "cuda:7", "cuda", "cpu", None])
