@@ -2619,10 +2619,17 @@ def _in_transit_from_elsewhere(marker: Path) -> bool:
 
 
 def _younger_than(path: Path, seconds: float) -> bool:
-    """The file at `path` was modified less than `seconds` ago; False when it is gone, or dated ahead by more
-    than SKEW_SLACK (a clock days ahead would keep it young for days)."""
+    """The file at `path` was modified less than `seconds` ago; False when it is gone. One dated ahead by more
+    than SKEW_SLACK (its writer's clock runs ahead of this one's) is as old as the time since this process
+    first saw it: taken for old at once, a marker just written on a VM whose clock ran two minutes ahead was
+    set aside before its shard arrived, and the job was left with those rows missing (adversarial pass 141).
+    Dated ahead by more than `seconds` it is not believed (a clock days ahead would keep it young for days)."""
     st, now = _lstat_or_none(path), time.time()
-    return st is not None and now - seconds < st.st_mtime <= now + SKEW_SLACK
+    if st is None or st.st_mtime > now + seconds:
+        return False
+    if st.st_mtime <= now + SKEW_SLACK:
+        return now - seconds < st.st_mtime
+    return now - _FIRST_SEEN.setdefault((os.fspath(path), st.st_ino, st.st_mtime_ns), now) < seconds
 
 
 def _lstat_or_none(path: Path) -> os.stat_result | None:

@@ -74,6 +74,27 @@ def test_an_old_marker_whose_shard_is_missing_is_still_quarantined(
     assert [p.name.split("-", 2)[-1] for p in (job.dir / "quarantine").iterdir()] == [marker.name]
 
 
+def test_a_marker_dated_ahead_by_the_clock_of_the_vm_that_wrote_it_is_young_too(
+    reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """The VM that wrote the commit has a clock two minutes ahead of this one's: its marker, just written, is
+    dated in this VM's future. It was taken for old at once (beyond SKEW_SLACK) and set aside before its shard
+    arrived: the completed job was left with 2 rows missing (adversarial pass 141). It is young, counted from
+    when this process first saw it, and the shard that arrives completes the job."""
+    job, victim, shard, aside = completed_with_a_shard_in_transit(
+        reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+    )
+    marker = job.dir / "done" / f"{victim.name}.json"
+    ahead = time.time() + 120
+    os.utime(marker, (ahead, ahead))
+    another_workers_tidy(job, gpt2_engine)
+    assert marker.exists() and not list((job.dir / "quarantine").glob("*"))
+    os.replace(aside, shard)  # it arrives
+    s = runner.status(job.dir)
+    assert s.state == "completed" and s.done == s.total == 2 * N, s
+    assert_exactly_once(job.dir, reference[1])
+
+
 def test_status_says_a_young_shard_is_not_here_yet_before_sending_to_repair(
     reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
 ):
