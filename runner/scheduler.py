@@ -371,6 +371,7 @@ def work(
     broken: dict[str, Broken] = {}  # folder -> a broken job met: said once per worker
     unfilled: dict[str, float] = {}  # folder -> when its empty newest state record was made (no links)
     waits_said: set[tuple[str, str]] = set()  # (job, worker holding the rest) waits said
+    waited: dict[str, Job] = {}  # jobs waited for, by id: how each ended is said at the end
     if job is None:
         jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
     while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
@@ -378,7 +379,7 @@ def work(
         if cand is None:
             if unfilled:
                 jobdir.wait_for_state()
-            elif not _wait_for_others(home, job, owner.worker, poll, deadline, echo, waits_said):
+            elif not _wait_for_others(home, job, owner.worker, poll, deadline, echo, waits_said, waited):
                 _stop_if_unreadable(broken)  # nothing left to run or wait for but a folder that does not read
                 break
             continue
@@ -415,7 +416,23 @@ def work(
     for folder, b in broken.items() if on_broken is not None else ():
         if b.unreadable is None:  # (unreadable for now is not broken)
             on_broken(b.job_id, folder)
+    _say_how_waited_jobs_ended(waited, summaries, echo)
     return summaries
+
+
+def _say_how_waited_jobs_ended(waited: dict[str, Job], summaries: list[RunSummary], echo: Any) -> None:
+    """A worker that waited for others' units says how each job it waited for ended, unless its own run said
+    so: its last words were "waiting for it to finish", then nothing, or "nothing to do", and the user of that
+    terminal could not tell whether the job completed (adversarial pass 143)."""
+    from .job_status import job_status
+
+    ended_here = {s.job_id for s in summaries if s.finished}
+    for j in waited.values() if echo else ():
+        status = job_status(j)
+        if j.id not in ended_here and status.state in ("completed", "cancelled", "failed"):
+            how = "completed by another worker" if status.state == "completed" else f"is {status.state}"
+            done = f"{status.done:,}/{status.total:,} {j.spec.count_noun}"
+            echo(f"job {j.id} {how}: {done}, {counted(status.errors, 'errors')}")
 
 
 def _next_candidate(
@@ -494,12 +511,19 @@ def _state_now(job: Job) -> JobState | None:
 
 
 def _wait_for_others(
-    home: Any, job: Any, me: str, poll: float, deadline: float | None, echo: Any, said: set[tuple[str, str]]
+    home: Any,
+    job: Any,
+    me: str,
+    poll: float,
+    deadline: float | None,
+    echo: Any,
+    said: set[tuple[str, str]],
+    waited: dict[str, Job] | None = None,
 ) -> bool:
     """Jobs whose remaining units other live workers hold: wait for them to finish or go stale (a dead
     worker's units are then taken over). False when there is nothing to wait for, or no time. Said once per
     job and holder (`said`): a live holder renews its claim, so a wait "up to N s" said every poll never
-    counted down."""
+    counted down. Each job waited for goes in `waited`, for the end to say how it ended."""
     held = _held_elsewhere(home, job, me)
     if not held:
         return False
@@ -507,6 +531,8 @@ def _wait_for_others(
     if deadline is not None and time.time() + wait >= deadline:
         return False
     j, expires, who, complete = min(held, key=lambda h: h[1])
+    if waited is not None:
+        waited[j.id] = j
     if echo and (j.id, who) not in said:
         said.add((j.id, who))
         stale = f"would go stale within {max(0, expires - time.time()):.0f} s and this worker"

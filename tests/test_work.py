@@ -1503,3 +1503,22 @@ def test_a_stats_json_that_does_not_read_for_now_is_not_written_over(
     monkeypatch.setattr(storage, "read_json", real)
     assert Job.open(job.dir).read_stats()["runs"] == [first]  # the first run's line, not the second's alone
     assert "stats.json not updated" in (job.dir / "log.txt").read_text()
+
+
+def test_a_worker_that_waited_for_another_says_how_the_job_ended(prompts_file, tiny_gpt2, gpt2_engine,
+                                                                  runner_home, monkeypatch):  # fmt: skip
+    """Two `runner work` at once on one job: the one that waited for the other's units said "waiting for it to
+    finish", then ended with nothing more, or with "nothing to do: no queued or interrupted jobs", never whether
+    the job it waited for completed (adversarial pass 143). Deterministic: the other worker's hold is faked and
+    gone after one wait; the job is completed meanwhile."""
+    from runner import scheduler
+
+    job = submit(prompts_file, tiny_gpt2)
+    run_job(job, gpt2_engine, echo=None)  # the other worker's run: completed
+    held = [[(job, time.time() + 120, "other-worker", False)], []]
+    monkeypatch.setattr(scheduler, "_held_elsewhere", lambda *a: held.pop(0) if held else [])
+    monkeypatch.setattr(scheduler, "_sleep_until_a_commit", lambda *a: None)
+    said = []
+    assert work(runner_home, engine=gpt2_engine, echo=said.append) == []
+    assert said[0].startswith(f"job {job.id}: the rest is held by worker other-worker; waiting")
+    assert said[1:] == [f"job {job.id} completed by another worker: 6/6 rows, 0 errors"]
