@@ -1099,7 +1099,7 @@ def _prompt_or_messages(
         prompt, fld, reason = tmpl.render(obj)
         if prompt is None:
             raise _Bad(fld, reason or "cannot fill --template")
-        return _not_empty(prompt, "template"), None
+        return _not_empty(prompt, "template", messages_field), None
     if obj.get(prompt_field) is not None:
         value = obj[prompt_field]
         if not isinstance(value, str):
@@ -1107,7 +1107,7 @@ def _prompt_or_messages(
         consumed.add(prompt_field)
         if messages_field and obj.get(messages_field) is not None:
             raise _Bad(messages_field, f"give either {prompt_field!r} or {messages_field!r}, not both")
-        return _not_empty(value, prompt_field), None
+        return _not_empty(value, prompt_field, messages_field), None
     if messages_field and obj.get(messages_field) is not None:
         messages, reason = _check_messages(obj[messages_field])
         if messages is None:
@@ -1129,9 +1129,11 @@ def _fields_it_has(row: dict[str, Any]) -> str:
     return f" the row has {shown}" if names else " the row has no fields"
 
 
-def _not_empty(prompt: str, field: str) -> str:
+def _not_empty(prompt: str, field: str, messages_field: str | None) -> str:
+    """`prompt`, unless blank. Rows that cannot be chats (`messages_field` None) are texts to score or embed,
+    and are said so: "text: prompt is empty" misnamed a score file's text."""
     if not prompt.strip():
-        raise _Bad(field, "prompt is empty")
+        raise _Bad(field, f"{'prompt' if messages_field else 'text'} is empty")
     return prompt
 
 

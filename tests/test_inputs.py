@@ -441,6 +441,19 @@ def test_a_score_file_without_its_text_field_names_the_option_score_takes(tmp_pa
     assert problems[0].endswith("the row has 'sentence'; --text-field or --template names the one to use)")
 
 
+def test_an_empty_text_to_score_or_embed_is_said_as_a_text_not_a_prompt(tmp_path):
+    """`runner score` / `embed` of a row whose text is empty said "text: prompt is empty": a score file has no
+    prompts (adversarial pass 143)."""
+    f = write_jsonl(tmp_path / "s.jsonl", ['{"text": "  "}', '{"body": ""}'])
+    assert problems_of(f, prompt_field="text", messages_field=None)[0][0].endswith(
+        "s.jsonl:1: text: text is empty"
+    )
+    problems, _ = problems_of(f, prompt_field="body", messages_field=None)
+    assert problems[1].endswith("s.jsonl:2: body: text is empty")
+    problems, _ = problems_of(write_jsonl(tmp_path / "p.jsonl", ['{"prompt": " "}']))
+    assert problems[0].endswith("p.jsonl:1: prompt: prompt is empty")  # (generation: as it was)
+
+
 def test_a_csv_cell_gives_messages_as_json_text(tmp_path):
     """The README's input table lists `messages` for every format, but a CSV cell is text: its JSON list was
     refused as "got string" (adversarial pass 27). It reads as the list; a cell that is not JSON is named."""

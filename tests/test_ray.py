@@ -67,7 +67,7 @@ def test_a_stage_checks_rows_as_submit_and_keeps_the_result_columns(tmp_path, ti
         {"id": "p", "text": None, "context": "The quick", "continuation": ""},
     ])).to_pandas().set_index("id")  # fmt: skip
     assert scored["error"].fillna("").to_dict() == {
-        "t": "", "e": "text: prompt is empty",
+        "t": "", "e": "text: text is empty",
         "p": "continuation: must be a non-empty string, got an empty string",
     }  # fmt: skip
     assert scored.loc["t", "num_tokens"] == len(scored.loc["t", "token_ids"]) > 0
