@@ -86,6 +86,7 @@ def resolve_model(
     The demo alias (case-insensitive) and existing .gguf files become a cached safetensors folder, converted the
     first time; an existing folder and anything else (a hub id) are returned as is - load errors for those are
     reported by the caller. Raises ModelNotFoundError for a missing .gguf file or a missing demo package."""
+    _refuse_empty(spec)
     if spec.strip().lower() == DEMO_MODEL:
         return str(_converted(demo_gguf(), DEMO_MODEL, cache_dir, progress))
     if spec.lower().endswith(".gguf") and not Path(spec).expanduser().is_dir():
@@ -107,6 +108,16 @@ def resolve_model(
     return spec
 
 
+def _refuse_empty(spec: str) -> None:
+    """An empty --model (`--model "$MODEL"` with MODEL unset, a notebook's `{MODEL}` left empty) is a path to the
+    current directory, which was loaded as the model: "Unrecognized model in /content" said nothing of why."""
+    if not spec.strip():
+        raise ModelNotFoundError(
+            f"--model is empty: give a Hugging Face model id (gpt2), a model folder, a .gguf file or the demo "
+            f"{DEMO_MODEL}"
+        )
+
+
 def _near_demo(spec: str) -> bool:
     """A one-word name a letter or two from the demo alias (`smollm2-135m-instruc`): a typo, not a Hugging Face
     id to look up for half a minute of retries and network advice (pass 38). The hub's own SmolLM2 names
@@ -126,6 +137,7 @@ def stored_spec(spec: str) -> str:
     since the relative one names another folder, or none, when `runner work` runs from another directory (a
     notebook after `%cd`, a second VM); anything else (an absolute or ~ path, the demo alias, a hub id) as given.
     transformers loads an existing folder before a hub id of the same name, so this is the model submit checked."""
+    _refuse_empty(spec)
     path = Path(spec)
     if path.is_absolute() or spec.startswith("~") or spec.strip().lower() == DEMO_MODEL:
         return spec

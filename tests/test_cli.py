@@ -83,6 +83,18 @@ def test_unknown_model_is_an_error_not_a_traceback(prompts, tmp_path):
         assert result.exit_code == 1 and result.output.startswith(f"Error: no model folder at {typo} "), typo
 
 
+@pytest.mark.parametrize("command", ["run", "generate", "score"])
+def test_an_empty_model_name_is_said_as_such(prompts, command):
+    """`--model "$MODEL"` with MODEL unset (or a notebook's `--model {MODEL}` left empty) loaded the current
+    directory as the model: "cannot load model '/content': Unrecognized model in /content. Should have a
+    `model_type` key in its config.json" (adversarial pass 143)."""
+    for empty in ("", " "):
+        result = invoke(command, prompts if command != "generate" else "Hello", "--model", empty)
+        assert result.exit_code == 1 and result.output.startswith("Error: --model is empty: give "), (
+            result.output
+        )
+
+
 def test_every_command_has_help_and_is_in_the_readme():
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     for name, command in cli.commands.items():
