@@ -100,6 +100,7 @@ def resolve_model(
         return str(_converted(path, f"{path.stem}-{key}", cache_dir, progress, by_name=True))
     if not Path(spec).expanduser().exists() and not _HUB_ID.fullmatch(spec):
         raise ModelNotFoundError(f"no model folder at {spec} (and it is not a Hugging Face model id)")
+    _refuse_a_folder_without_a_model(Path(spec).expanduser())
     if not Path(spec).expanduser().exists() and _near_demo(spec):
         raise ModelNotFoundError(
             f"no model {spec!r}; did you mean the demo model {DEMO_MODEL!r}? (a model of the "
@@ -116,6 +117,23 @@ def _refuse_empty(spec: str) -> None:
             f"--model is empty: give a Hugging Face model id (gpt2), a model folder, a .gguf file or the demo "
             f"{DEMO_MODEL}"
         )
+
+
+def _refuse_a_folder_without_a_model(folder: Path) -> None:
+    """A folder without config.json (a Trainer's output folder, whose models are in checkpoint-N; a Drive folder
+    one level too high) was said by transformers as "Unrecognized model in X. Should have a `model_type` key in
+    its config.json", of a config.json that is not there. Said as such, with the folders in it that hold one."""
+    if not folder.is_dir() or (folder / "config.json").exists():
+        return
+    try:
+        inner = sorted(sub.name for sub in folder.iterdir() if (sub / "config.json").is_file())
+    except OSError:
+        inner = []
+    shown = ", ".join(inner[:5]) + (f" and {len(inner) - 5} more" if len(inner) > 5 else "")
+    raise ModelNotFoundError(
+        f"no config.json in {folder}: not a model folder (a model saved with save_pretrained has one)"
+        + (f"; the folders {shown} in it hold models: give one of them" if inner else "")
+    )
 
 
 def _near_demo(spec: str) -> bool:

@@ -95,6 +95,26 @@ def test_an_empty_model_name_is_said_as_such(prompts, command):
         )
 
 
+def test_a_folder_that_holds_no_model_is_said_as_such(prompts, tmp_path, tiny_gpt2):
+    """`--model` naming a Trainer's output folder, whose models are in its checkpoint-N folders, said
+    "Unrecognized model in out. Should have a `model_type` key in its config.json" (there is no config.json;
+    adversarial pass 143). It says the folder holds no config.json, and names the folders in it that do."""
+    import shutil
+
+    out = tmp_path / "trainer-out"
+    (out / "runs").mkdir(parents=True)
+    result = invoke("run", prompts, "--model", out)
+    assert result.exit_code == 1 and result.output == (
+        f"Error: no config.json in {out}: not a model folder (a model saved with save_pretrained has one)\n"
+    )
+    for step in ("checkpoint-500", "checkpoint-1000"):
+        shutil.copytree(tiny_gpt2, out / step)
+    result = invoke("generate", "Hello", "--model", out)
+    assert result.exit_code == 1 and result.output.endswith(
+        "; the folders checkpoint-1000, checkpoint-500 in it hold models: give one of them\n"
+    ), result.output
+
+
 def test_every_command_has_help_and_is_in_the_readme():
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     for name, command in cli.commands.items():

@@ -14,6 +14,7 @@ from runner.models import DEMO_HINT, DEMO_MODEL, ModelNotFoundError, cache_root,
 
 def test_folders_and_hub_ids_pass_through(tmp_path):
     said = []
+    (tmp_path / "config.json").write_text("{}")  # a model folder (one without is refused: test_cli)
     assert resolve_model(str(tmp_path), progress=said.append) == str(tmp_path)
     assert resolve_model("gpt2", progress=said.append) == "gpt2"
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", progress=said.append) == (
@@ -21,6 +22,7 @@ def test_folders_and_hub_ids_pass_through(tmp_path):
     )
     folder = tmp_path / "weights.gguf"  # a folder that merely ends in .gguf is still a folder
     folder.mkdir()
+    (folder / "config.json").write_text("{}")
     assert resolve_model(str(folder), progress=said.append) == str(folder)
     assert said == []
 
