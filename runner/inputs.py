@@ -223,6 +223,8 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
         try:
             obj = _loads(text)
         except ValueError as e:
+            if lineno == 1 and text.lstrip().startswith("["):
+                raise _json_array_error(path) from None
             yield lineno, None, f"invalid JSON ({_json_problem(text, e)})"
             continue
         except RecursionError:  # thousands of [ or {: the parser's recursion limit (pass 64)
@@ -237,6 +239,16 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
             yield lineno, None, "contains a lone surrogate escape (such as \\ud800), not valid Unicode"
             continue
         yield lineno, obj, None
+
+
+def _json_array_error(path: Path) -> InputError:
+    """A file whose first line opens a JSON array it does not close: one array of rows over many lines
+    (`json.dump(rows, f, indent=2)`), which was refused line by line as "invalid JSON", never said as such."""
+    why = (
+        "the file is one JSON array over many lines, not JSON Lines (one object per line): write each row with "
+        "json.dumps(row, ensure_ascii=False) and a line break (pandas: to_json(orient='records', lines=True))"
+    )
+    return InputError([Problem(str(path), 1, None, why)], header="cannot read the prompt file")
 
 
 # --- files that are not UTF-8 -------------------------------------------------------------------------------

@@ -454,6 +454,18 @@ def test_an_empty_text_to_score_or_embed_is_said_as_a_text_not_a_prompt(tmp_path
     assert problems[0].endswith("p.jsonl:1: prompt: prompt is empty")  # (generation: as it was)
 
 
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json"])
+def test_a_json_array_written_over_many_lines_is_one_line_saying_so(tmp_path, name):
+    """`json.dump(rows, f, ensure_ascii=False, indent=2)`, as Japanese tutorials save data, was refused line by
+    line ("rows.jsonl:1: invalid JSON (Expecting value at column 2)", then one line for each of its lines), never
+    saying the file is a JSON array and not JSON Lines (adversarial pass 143)."""
+    f = tmp_path / name
+    f.write_text(json.dumps([{"prompt": "吾輩は猫である"}, {"prompt": "b"}], ensure_ascii=False, indent=2))
+    problems, message = problems_of(f)
+    assert len(problems) == 1 and problems[0].startswith(f"{f}:1: the file is one JSON array over many lines")
+    assert message.startswith("cannot read the prompt file: ") and "lines=True" in message
+
+
 def test_a_csv_cell_gives_messages_as_json_text(tmp_path):
     """The README's input table lists `messages` for every format, but a CSV cell is text: its JSON list was
     refused as "got string" (adversarial pass 27). It reads as the list; a cell that is not JSON is named."""
