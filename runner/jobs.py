@@ -50,6 +50,7 @@ from .models import (
 )
 from .params import (
     ROW_SAMPLING,
+    ROW_SETTINGS,
     SAMPLING_FIELDS,
     EmbedParams,
     EngineOptions,
@@ -59,7 +60,7 @@ from .params import (
 )
 from .passthrough import Passthrough, rewrite_passthrough
 from .progress import counted
-from .results import LOCAL_SHARD_PREFIX, PROMPT_COLUMNS
+from .results import LOCAL_SHARD_PREFIX, PROMPT_COLUMNS, passthrough_columns
 
 ROW_GROUP_ROWS = 10_000  # rows read, checked, tokenized and written at a time; a row group of prompts.parquet
 PROBLEMS_KEPT = 1000  # invalid rows held for the error message; all are counted, and listed in errors.jsonl
@@ -1175,6 +1176,13 @@ def submit_warnings(job: Job) -> list[str]:
             "max_new_tokens (or max_tokens) and min_new_tokens, which count new tokens only (transformers' "
             "max_length and min_length count the prompt too)"
         )
+    near = _near_setting_columns(job)
+    if near:
+        one = len(near) == 1
+        out.append(
+            f"note: {' and '.join(near)} {'is' if one else 'are'} kept as data, not {'a setting' if one else 'settings'}"
+            ': a row\'s settings have these exact names (README, "Settings per row")'
+        )
     twin = _twin(job)
     if twin is not None:
         home = (
@@ -1209,6 +1217,27 @@ def _length_columns(job: Job) -> list[str]:
 
     names = job.read_prompts(pq.read_schema).names
     return [c for c in ("max_length", "min_length") if c in names]
+
+
+def _near_setting_columns(job: Job) -> list[str]:
+    """Columns of a generate job named almost like a row setting (`Temperature`, `max_new_token`, `top-p`, as
+    an Excel sheet has them), each with the setting it looks like: kept as data, so every row ran with the job's
+    settings and nothing said why."""
+    if job.spec.kind != "generate":
+        return []
+    import difflib
+
+    import pyarrow.parquet as pq
+
+    out = []
+    for column in passthrough_columns(job.read_prompts(pq.read_schema)):
+        key = column.strip().lower().replace("-", "_").replace(" ", "_")
+        near = (
+            [key] if key in ROW_SETTINGS else difflib.get_close_matches(key, ROW_SETTINGS, n=1, cutoff=0.85)
+        )
+        if near and column not in ROW_SETTINGS and column not in ("max_length", "min_length"):
+            out.append(f"{column!r} (did you mean {near[0]!r}?)")
+    return out
 
 
 def _twin(job: Job) -> Job | None:
