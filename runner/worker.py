@@ -633,8 +633,9 @@ class JobRun:
         return batch_rows, batch_tokens
 
     def row_error(self, unit: Unit, r: int, s: int, error: str, message: str) -> None:
+        """A key set aside, of the job's own stage (generate, score or embed: read_errors lists it so)."""
         self.errors += 1
-        unit.errors.append({"id": unit.id(r), "line": unit.line(r), "row": r, "sample": s, "stage": "generate",
+        unit.errors.append({"id": unit.id(r), "line": unit.line(r), "row": r, "sample": s, "stage": self.job.kind,
                             "error": error, "message": message})  # fmt: skip
 
     # --- committing -----------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import invoke, write_jsonl
+from helpers import commit_row_error, invoke, run_until_done, write_jsonl
 
 import runner
 from runner import EngineOptions, jobdir
@@ -124,6 +124,21 @@ def test_embed_job_gives_fixed_size_vectors(tmp_path, texts, tiny_gpt2, gpt2_eng
     last, _ = runner.run(texts, tiny_gpt2, EmbedParams(pooling="last"), output=tmp_path / "l", engine=gpt2_engine,
                          echo=None, skip_invalid=True)  # fmt: skip
     assert list(runner.load_results(last.dir)["embedding"][0]) != list(df["embedding"][0])
+
+
+@pytest.mark.parametrize("params", [ScoreParams(), EmbedParams()], ids=["score", "embed"])
+def test_a_row_error_of_a_score_or_embed_job_names_its_stage(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch, params
+):
+    """A row that breaks the device in a score (embed) job is a row error of stage score (embed), as
+    read_errors says: it was listed as of stage generate, a step the job never has (adversarial pass 140)."""
+    rows = [{"id": "fox", "text": "The quick brown fox"}, {"id": "cat", "text": "A cat sat"}]
+    job = create_job(write_jsonl(tmp_path / "t.jsonl", rows), tiny_gpt2, params, job_dir=tmp_path / "j")
+    monkeypatch.setenv("RUNNER_FAULT", "poison_row:cat")
+    commit_row_error(job, gpt2_engine)
+    run_until_done(job, gpt2_engine)
+    errors = runner.read_errors(job.dir)
+    assert [(e["id"], e["stage"], e["error"]) for e in errors] == [("cat", job.kind, "worker_crash")]
 
 
 def test_score_jobs_resume_like_generation(tmp_path, texts, tiny_gpt2, gpt2_engine):
