@@ -45,6 +45,32 @@ def offline_commands() -> list[str]:
     return out
 
 
+# A Python block of the README run with the demo model and a file of examples/ for what it names (no hub here)
+HUB_STAND_INS = {'"prompts.jsonl", "gpt2"': '"examples/prompts.jsonl", "smollm2-135m-instruct"'}
+
+
+def offline_python() -> list[str]:
+    """The README's Python that runs offline, in order: each ```python block that names no hub model other than
+    through HUB_STAND_INS and no cluster (Ray), and each `python -c "..."` line (they read what the commands
+    before them made in out/)."""
+    out, block, inside = [], None, False
+    for ln in README.splitlines():
+        if ln.startswith("```"):
+            if block is not None:
+                code = "\n".join(block)
+                for printed, stand_in in HUB_STAND_INS.items():
+                    code = code.replace(printed, stand_in)
+                if "import ray" not in code and '"gpt2"' not in code:
+                    out.append(code)
+            block = [] if ln.strip() == "```python" else None
+            inside = not inside
+        elif block is not None:
+            block.append(ln)
+        elif inside and ln.startswith('python -c "'):
+            out.append(shlex.split(ln)[2])
+    return out
+
+
 def test_the_readme_shows_offline_commands():
     cmds = offline_commands()
     assert any(c.startswith("runner run ") for c in cmds) and any(
@@ -55,6 +81,8 @@ def test_the_readme_shows_offline_commands():
     )
     assert any(c.startswith("runner report out/demo ") for c in cmds)
     assert any(c.startswith("printf ") and "runner score - " in c for c in cmds)
+    code = offline_python()
+    assert len(code) >= 3 and any("runner.run(" in c for c in code) and any("out/people" in c for c in code)
 
 
 def test_readme_commands_run_as_printed(tmp_path):
@@ -70,6 +98,10 @@ def test_readme_commands_run_as_printed(tmp_path):
                               text=True, timeout=600)  # fmt: skip
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"{line}\n{proc.stderr[-3000:]}"
         printed[line] = proc.stdout
+    for code in offline_python():
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"{code}\n{proc.stderr[-3000:]}"
     # what the README says those commands leave behind
     import runner
 
