@@ -184,7 +184,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
     like, once), and streams so memory stays flat. A file that looks written in another encoding (Shift-JIS,
     UTF-16) is refused as a whole: row by row, --skip-invalid would run its ASCII lines and drop the rest."""
     hint = ""
-    with open(path, "rb") as f:
+    with _opened(lambda: open(path, "rb"), path) as f:
         for lineno, raw in enumerate(f, start=1):
             if len(raw) > MAX_LINE_BYTES:
                 yield lineno, None, f"line is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit"
@@ -394,7 +394,10 @@ def _ragged_csv_row(path: Path) -> Problem | None:
     quote that was not quoted, by hand or by a spreadsheet."""
     import csv
 
-    with open(path, encoding="utf-8-sig", newline="") as f, contextlib.suppress(csv.Error, ValueError):
+    with (
+        _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f,
+        contextlib.suppress(csv.Error, ValueError),
+    ):
         reader = csv.reader(f)
         header, start = next(reader, []), reader.line_num + 1
         for cells in reader:
@@ -445,7 +448,7 @@ def _csv_batches(path: Path) -> Any:
     import pyarrow.csv as pcsv
 
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f:
             header = next(csv.reader(f), [])
     except UnicodeDecodeError as e:
         raise _not_utf8_error(path) from e
@@ -667,11 +670,19 @@ def _as_dataset(source: Any) -> Any:
     if text.startswith("hf:"):
         return _hub_dataset(text), []
     folder = Path(text)
-    if folder.is_dir() and any((folder / f).is_file() for f in ("state.json", "dataset_dict.json")):
+    if _looked_at(folder.is_dir) and any(
+        _looked_at((folder / f).is_file) for f in ("state.json", "dataset_dict.json")
+    ):
         import datasets
 
         return _one_split(datasets.load_from_disk(str(folder)), None, text), []
     return None, []
+
+
+def _looked_at(look: Callable[[], bool]) -> bool:
+    """`look()` (is_file, is_dir...) of a prompt file, a transient error retried: a prompt file on a Drive mount
+    that dropped one request was refused, where a read in the job home is retried (adversarial pass 140)."""
+    return storage.retry(look, f"look at {getattr(look, '__self__', 'the prompt file')}")
 
 
 def _hub_dataset(spec: str) -> Any:
@@ -917,8 +928,8 @@ def _without_null_keys(value: Any) -> Any:
 def _file_state(path: Path) -> tuple[int, int] | None:
     """(size, modification time in ns) of a file, None when it cannot be read (its reader says why)."""
     try:
-        st = os.stat(path)
-    except OSError:
+        st = storage.retry(lambda: os.stat(path), f"look at {path}")
+    except storage.StorageError:
         return None
     return st.st_size, st.st_mtime_ns
 
@@ -935,9 +946,16 @@ class PromptReader(RowChecker):
         """`checks`: RowChecker's settings (prompt_field, template, ...), by name."""
         self.path = Path(path)
         self.format = input_format(self.path)
-        if not self.path.is_file():
+        if not _looked_at(self.path.is_file):
             raise InputError(
-                [Problem(str(self.path), 0, None, "not a file" if self.path.exists() else "no such file")],
+                [
+                    Problem(
+                        str(self.path),
+                        0,
+                        None,
+                        "not a file" if _looked_at(self.path.exists) else "no such file",
+                    )
+                ],
                 header="cannot read the prompt file",
             )
         super().__init__(str(self.path), **checks)

@@ -104,7 +104,8 @@ def _identity(
 ) -> dict[str, Any]:
     """What makes two submits the same job: the input's bytes, how it is read, the model and the settings."""
     return {
-        "input_sha256": storage.file_sha256(input_path), "prompt_field": prompt_field, "template": template,
+        "input_sha256": storage.retry(lambda: storage.file_sha256(input_path), f"read {input_path}"),
+        "prompt_field": prompt_field, "template": template,
         "skip_invalid": skip_invalid, "truncate": truncate, "model": model, "params": params.to_dict(),
         "served_model_names": list(served), **({"chat": True} if chat else {}),
         **({"chat_template": chat_template} if chat_template is not None else {}), **_schema_order(params),
@@ -124,7 +125,7 @@ def _schema_order(params: Any) -> dict[str, str]:
 def _input_meta(source: Any, input_path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """meta["input"]: where the rows came from and how they were read (as the identity says)."""
     return {"path": _describe(source, input_path), "sha256": identity["input_sha256"],
-            "mtime": int(input_path.stat().st_mtime), "prompt_field": identity["prompt_field"],
+            "mtime": int(storage.retry(input_path.stat, f"look at {input_path}").st_mtime), "prompt_field": identity["prompt_field"],
             "template": identity["template"], "truncate": identity["truncate"],
             "chat": identity.get("chat", False), "skip_invalid": identity["skip_invalid"],
             "served_model_names": identity["served_model_names"],

@@ -258,3 +258,35 @@ def test_a_listed_file_the_mount_once_says_is_missing_is_read_again(folder, tmp_
         warnings.simplefilter("error")
         df = runner.load_results(job.dir)
     assert missed and sorted(df["id"]) == [f"r{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.parquet", "p.csv", "p.txt"])
+def test_a_prompt_file_on_a_flaky_mount_is_read_again_not_refused(tmp_path, tiny_gpt2, monkeypatch, name):
+    """The prompt file on a Drive mount that drops requests: every first open, read and stat of it fails (EIO or
+    ENOTCONN). The submit reads it again, as reads in the job home are, and stores the job a submit without
+    faults stores (adversarial pass 140: `runner submit` said 'cannot read or write ...: Input/output error')."""
+    import fsfaults
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(5)]
+    path = tmp_path / "in" / name
+    path.parent.mkdir()
+    if name.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif name.endswith(".csv"):
+        pyarrow.csv.write_csv(pa.Table.from_pylist(rows), path)
+    elif name.endswith(".txt"):
+        path.write_text("".join(r["prompt"] + "\n" for r in rows))
+    else:
+        write_jsonl(path, rows)
+    params = GenerationParams(max_new_tokens=3)
+    plain = create_job(path, tiny_gpt2, params, home=tmp_path / "plain")
+    faults = fsfaults.FsFaults(path.parent, eio=1.0, eio_dirs=(".",), retry_delays=[0.0] * 4)
+    faults.install(monkeypatch)
+    job = create_job(path, tiny_gpt2, params, home=tmp_path / "flaky")
+    monkeypatch.undo()
+    assert faults.eio_count >= 2  # (the faults landed: at least the hash's open and a stat)
+    assert job.meta["fingerprint"] == plain.meta["fingerprint"]
+    assert pq.read_table(job.dir / "prompts.parquet").equals(pq.read_table(plain.dir / "prompts.parquet"))
