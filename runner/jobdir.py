@@ -177,9 +177,10 @@ def check_still_this_job(job: Job) -> None:
     """Raise JobReplaced when job.json now names another job than `job`. A worker of a job whose folder was
     deleted and submitted again under it wrote its commits over the new job's (same names), claimed its units
     and quarantined its sound shards as another job's: the new job, completed, was left broken (adversarial
-    pass 141). A job.json that does not read is left to the checks that look for damage."""
+    pass 141). A job.json that does not read, or does not match its checksum (a flipped digit of its id), is
+    left to the checks that look for damage: it was said to hold "job 2026...1", a job that is nowhere."""
     meta = _read_json_or_none(job.dir / JOB_FILE) if _lexists(job.dir / JOB_FILE) else None
-    now = meta.get("id") if isinstance(meta, dict) else None
+    now = meta.get("id") if _valid_spec(meta) else None
     if isinstance(now, str) and now != job.id:
         raise JobReplaced(
             f"{job.dir} now holds job {now}, not job {job.id} this worker was running (its folder was deleted and "

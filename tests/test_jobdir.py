@@ -1707,3 +1707,25 @@ def test_a_torn_job_json_whose_backup_does_not_read_for_now_is_unreadable_not_to
     monkeypatch.setattr(builtins, "open", real)
     monkeypatch.setattr(io, "open", real)
     assert jobdir.repair(job.dir).restored_spec and Job.open(job.dir).id == job.id
+
+
+def test_a_job_json_damaged_under_a_running_worker_is_not_taken_for_another_job(
+    job, reference, gpt2_engine, monkeypatch
+):
+    """A digit of the id in job.json flipped while a worker runs the job (still valid JSON, not matching its
+    checksum): the worker took it for another job submitted in its place, ended its run and said the folder
+    "now holds job ...", a job that is nowhere. It is damage, left to `runner repair`: the run goes on."""
+    import runner.worker as worker_module
+
+    original = worker_module.JobRun.commit
+    meta = json.loads((job.dir / "job.json").read_text())
+    flipped = job.id[:-1] + ("0" if job.id[-1] != "0" else "1")
+
+    def commit_then_damage(self, unit):
+        original(self, unit)
+        (job.dir / "job.json").write_text(json.dumps({**meta, "id": flipped}, indent=2))
+
+    monkeypatch.setattr(worker_module.JobRun, "commit", commit_then_damage)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    (job.dir / "job.json").write_text(json.dumps(meta, indent=2))
+    assert_exactly_once(job.dir, reference[1])
