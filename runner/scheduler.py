@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeGuard
 from . import jobdir, storage
 from .crashes import DeviceError
 from .engine import Engine
-from .errors import NotOnThisMachine, RunnerError
+from .errors import NotOnThisMachine, RunnerError, first_line
 from .jobdir import BrokenJob, Job, JobReplaced, JobState, Owner
 from .models import ModelUnreadable, NoSuchDevice, job_resumes, missing_model_folder, reading_model
 from .progress import counted
@@ -428,7 +428,13 @@ def _say_how_waited_jobs_ended(waited: dict[str, Job], summaries: list[RunSummar
 
     ended_here = {s.job_id for s in summaries if s.finished}
     for j in waited.values() if echo else ():
-        status = job_status(j)
+        try:
+            status = job_status(j)
+        except (
+            RunnerError
+        ) as e:  # (only informative: a status failing through the retries ended the work on it)
+            echo(f"job {j.id}: how it ended cannot be read now ({first_line(e)}); `runner status` says")
+            continue
         if j.id not in ended_here and status.state in ("completed", "cancelled", "failed"):
             how = "completed by another worker" if status.state == "completed" else f"is {status.state}"
             done = f"{status.done:,}/{status.total:,} {j.spec.count_noun}"

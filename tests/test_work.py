@@ -1522,3 +1522,28 @@ def test_a_worker_that_waited_for_another_says_how_the_job_ended(prompts_file, t
     assert work(runner_home, engine=gpt2_engine, echo=said.append) == []
     assert said[0].startswith(f"job {job.id}: the rest is held by worker other-worker; waiting")
     assert said[1:] == [f"job {job.id} completed by another worker: 6/6 rows, 0 errors"]
+
+
+def test_a_waited_jobs_end_that_does_not_read_for_now_leaves_the_work_done(prompts_file, tiny_gpt2, gpt2_engine,
+                                                                           runner_home, monkeypatch):  # fmt: skip
+    """The line on how a waited-for job ended is only informative: its status failing through the retries (a
+    Drive mount) made `runner work` end on that error, exit 1, after its work was done and the job completed."""
+    import errno
+
+    import runner.job_status as job_status_module
+    from runner import scheduler, storage
+
+    job = submit(prompts_file, tiny_gpt2)
+    run_job(job, gpt2_engine, echo=None)
+    held = [[(job, time.time() + 120, "other-worker", False)], []]
+    monkeypatch.setattr(scheduler, "_held_elsewhere", lambda *a: held.pop(0) if held else [])
+    monkeypatch.setattr(scheduler, "_sleep_until_a_commit", lambda *a: None)
+
+    def unreadable(*a, **k):
+        raise storage.StorageError(f"cannot read {job.dir}/state: Input/output error", errno.EIO)
+
+    monkeypatch.setattr(job_status_module, "job_status", unreadable)
+    said = []
+    assert work(runner_home, engine=gpt2_engine, echo=said.append) == []
+    assert said[1:] == [f"job {job.id}: how it ended cannot be read now (cannot read {job.dir}/state: "
+                        "Input/output error); `runner status` says"]  # fmt: skip
