@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import string
 import sys
 import tempfile
@@ -670,8 +671,8 @@ def _as_dataset(source: Any) -> Any:
     if text.startswith("hf:"):
         return _hub_dataset(text), []
     folder = Path(text)
-    if _looked_at(folder.is_dir) and any(
-        _looked_at((folder / f).is_file) for f in ("state.json", "dataset_dict.json")
+    if _looked_at(folder, stat.S_ISDIR) and any(
+        _looked_at(folder / f, stat.S_ISREG) for f in ("state.json", "dataset_dict.json")
     ):
         import datasets
 
@@ -679,10 +680,10 @@ def _as_dataset(source: Any) -> Any:
     return None, []
 
 
-def _looked_at(look: Callable[[], bool]) -> bool:
-    """`look()` (is_file, is_dir...) of a prompt file, a transient error retried: a prompt file on a Drive mount
+def _looked_at(path: Path, test: Callable[[int], bool] | None = None) -> bool:
+    """`storage.is_there(path, test)` of a prompt file, a transient error retried: a prompt file on a Drive mount
     that dropped one request was refused, where a read in the job home is retried (adversarial pass 140)."""
-    return storage.retry(look, f"look at {getattr(look, '__self__', 'the prompt file')}")
+    return storage.retry(lambda: storage.is_there(path, test), f"look at {path}")
 
 
 def _hub_dataset(spec: str) -> Any:
@@ -946,14 +947,14 @@ class PromptReader(RowChecker):
         """`checks`: RowChecker's settings (prompt_field, template, ...), by name."""
         self.path = Path(path)
         self.format = input_format(self.path)
-        if not _looked_at(self.path.is_file):
+        if not _looked_at(self.path, stat.S_ISREG):
             raise InputError(
                 [
                     Problem(
                         str(self.path),
                         0,
                         None,
-                        "not a file" if _looked_at(self.path.exists) else "no such file",
+                        "not a file" if _looked_at(self.path) else "no such file",
                     )
                 ],
                 header="cannot read the prompt file",

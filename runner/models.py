@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
 import time
@@ -123,10 +124,13 @@ def _refuse_a_folder_without_a_model(folder: Path) -> None:
     """A folder without config.json (a Trainer's output folder, whose models are in checkpoint-N; a Drive folder
     one level too high) was said by transformers as "Unrecognized model in X. Should have a `model_type` key in
     its config.json", of a config.json that is not there. Said as such, with the folders in it that hold one."""
-    if not folder.is_dir() or (folder / "config.json").exists():
+    # (storage.is_there: a transient error raises, for `reading_model` to retry, never "no config.json")
+    if not storage.is_there(folder, stat.S_ISDIR) or storage.is_there(folder / "config.json"):
         return
     try:
-        inner = sorted(sub.name for sub in folder.iterdir() if (sub / "config.json").is_file())
+        inner = sorted(
+            sub.name for sub in folder.iterdir() if storage.is_there(sub / "config.json", stat.S_ISREG)
+        )
     except OSError:
         inner = []
     shown = ", ".join(inner[:5]) + (f" and {len(inner) - 5} more" if len(inner) > 5 else "")

@@ -482,6 +482,18 @@ def kind(path: str | os.PathLike) -> str | None:
     return retry(op, f"read {path}")
 
 
+def is_there(path: str | os.PathLike, test: Callable[[int], bool] | None = None) -> bool:
+    """Whether something is at `path`, a link followed (and `test(its mode)`: stat.S_ISREG, S_ISDIR), as
+    Path.exists / is_file / is_dir, but a read error raises (OSError) instead of saying False: from Python
+    3.13 on those are os.path's, which say False of any error, so that a mount's transient EIO read as "no
+    such file" and was never retried."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # (ValueError: a NUL in the name, as pathlib)
+        return False
+    return test is None or test(mode)
+
+
 def kinds(folder: str | os.PathLike) -> dict[str, str]:
     """What each name in `folder` is, as `kind` says it, from one listing (not a stat per name: each is a
     round trip on a network mount); {} when there is no such folder. Transient errors are retried."""

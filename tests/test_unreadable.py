@@ -290,3 +290,54 @@ def test_a_prompt_file_on_a_flaky_mount_is_read_again_not_refused(tmp_path, tiny
     assert faults.eio_count >= 2  # (the faults landed: at least the hash's open and a stat)
     assert job.meta["fingerprint"] == plain.meta["fingerprint"]
     assert pq.read_table(job.dir / "prompts.parquet").equals(pq.read_table(plain.dir / "prompts.parquet"))
+
+
+def _pathlib_of_python_3_13(monkeypatch):
+    """Path.exists / is_file / is_dir as Python 3.13 has them: os.path's, which say False of any error."""
+    import pathlib
+
+    for look, call in (("exists", os.path.exists), ("is_file", os.path.isfile), ("is_dir", os.path.isdir)):
+        monkeypatch.setattr(pathlib.Path, look, lambda self, *a, call=call, **k: call(self))
+
+
+def _one_stat_fails(monkeypatch, path, nth):
+    """The `nth` os.stat of `path` fails with EIO (a Drive mount that dropped that one request)."""
+    real, seen = os.stat, []
+
+    def stat(p, *args, **kwargs):
+        if os.fspath(p) == str(path):
+            seen.append(p)
+            if len(seen) == nth:
+                raise OSError(errno.EIO, "Input/output error", os.fspath(p))
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 4)
+
+
+def test_a_look_at_the_prompt_file_or_model_that_fails_once_is_retried_on_python_3_13(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """From Python 3.13 on, Path.is_file / is_dir / exists say False of a transient EIO instead of raising it:
+    the retry around them never ran, and a prompt file on a Drive mount that dropped one look was refused as
+    "not a file", a model folder as "no config.json in ...: not a model folder"."""
+    import shutil
+
+    from runner.models import reading_model, resolve_model
+
+    rows = [{"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(3)]
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
+    for nth in range(1, 5):  # (each look of the submit at the file)
+        with monkeypatch.context() as m:
+            _pathlib_of_python_3_13(m)
+            _one_stat_fails(m, prompts, nth)
+            job = create_job(
+                prompts, tiny_gpt2, GenerationParams(max_new_tokens=3), home=tmp_path / f"h{nth}"
+            )
+        assert job.meta["input"]["rows"] == 3
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gpt2, model)
+    with monkeypatch.context() as m:  # (transformers' own look at config.json is its own)
+        _pathlib_of_python_3_13(m)
+        _one_stat_fails(m, model / "config.json", 1)
+        assert reading_model(lambda: resolve_model(str(model)), str(model)) == str(model)
