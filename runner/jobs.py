@@ -1233,9 +1233,10 @@ def _near_setting_columns(job: Job) -> list[str]:
     out = []
     for column in passthrough_columns(job.read_prompts(pq.read_schema)):
         key = column.strip().lower().replace("-", "_").replace(" ", "_")
-        near = (
-            [key] if key in ROW_SETTINGS else difflib.get_close_matches(key, ROW_SETTINGS, n=1, cutoff=0.85)
-        )
+        # (a letter off a word of 3 is another word: a 'top' column was asked "did you mean 'stop'?")
+        near = [key] if key in ROW_SETTINGS else []
+        if not near and len(key) > 3:
+            near = difflib.get_close_matches(key, ROW_SETTINGS, n=1, cutoff=0.85)
         if near and column not in ROW_SETTINGS and column not in ("max_length", "min_length"):
             out.append(f"{column!r} (did you mean {near[0]!r}?)")
     return out

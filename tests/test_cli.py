@@ -715,13 +715,13 @@ def test_a_column_named_almost_like_a_row_setting_is_said_to_be_data(tmp_path, t
     """A CSV from Excel with a `Temperature` or `max_new_token` column (a capital, a letter short) was passed
     through as data without a word, every row generated with the job's settings (adversarial pass 143)."""
     path = tmp_path / "p.csv"
-    path.write_text("prompt,Temperature,max_new_token,topic\nHello,0.5,3,cats\n", encoding="utf-8")
+    path.write_text("prompt,Temperature,max_new_token,topic,top\nHello,0.5,3,cats,1\n", encoding="utf-8")
     said = invoke("submit", path, "-m", tiny_gpt2).stderr
     assert (
         "note: 'Temperature' (did you mean 'temperature'?) and 'max_new_token' (did you mean 'max_new_tokens'?) "
         "are kept as data, not settings: a row's settings have these exact names" in said
     ), said
-    assert "'topic'" not in said
+    assert "'topic'" not in said and "'top'" not in said  # ('top' is not a letter off 'stop')
     plain = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hello", "temperature": 0.5, "topic": "cats"}])
     assert "kept as data" not in invoke("submit", plain, "-m", tiny_gpt2).stderr
 
