@@ -81,6 +81,7 @@ def test_the_readme_shows_offline_commands():
     )
     assert any(c.startswith("runner report out/demo ") for c in cmds)
     assert any(c.startswith("printf ") and "runner score - " in c for c in cmds)
+    assert all(printed in README for printed in HUB_STAND_INS)  # (else its block is silently left out)
     code = offline_python()
     assert len(code) >= 3 and any("runner.run(" in c for c in code) and any("out/people" in c for c in code)
 
