@@ -152,6 +152,10 @@ def test_workers_on_a_stale_mount_finish_the_job_exactly_once(tmp_path, prepared
     assert runner.status(job_dir).state == "completed", story
     assert_exactly_once(job_dir, ref)
     assert runner.read_errors(job_dir) == [], story
+    # No sound commit set aside, between VMs. On one host runner takes the view as consistent (a local disk, or one
+    # mount's cache shared by its processes): a marker whose shard it does not see is damage there, so a "host"
+    # trial, whose processes see each other's changes late, may set one aside and compute its rows again (seen
+    # in CI once: a takeover of a unit whose last marker showed before its shard); exactly once holds either way.
     quarantine = job_dir / "quarantine"
-    assert not quarantine.exists() or not list(quarantine.iterdir()), story
+    assert not vm or not quarantine.exists() or not list(quarantine.iterdir()), story
     assert trial.stale_reads_served() > 0  # the view was stale at all
