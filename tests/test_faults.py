@@ -151,8 +151,12 @@ def test_fuzzed_jsonl_never_crashes_and_every_line_is_accounted_for(tmp_path, li
         ps = read_prompts(path, skip_invalid=True)
         kept, problems = {r.line for r in ps.rows}, {p.line for p in ps.problems}
     except InputError as e:  # no valid row at all: every problem is still reported
-        if e.header == "cannot read the prompt file":  # the file as a whole (in another encoding): one line
-            assert len(e.problems) == 1 and "the file is not UTF-8" in e.problems[0].message
+        if e.header == "cannot read the prompt file":  # the file as a whole (in another encoding, or a
+            # pretty-printed JSON array: its first line is "[" alone): one line
+            (problem,) = e.problems
+            first = path.read_bytes().split(b"\n")[0].removeprefix(b"\xef\xbb\xbf")
+            array = first.decode("utf-8", "replace").strip() == "["
+            assert ("one JSON array over many lines" if array else "the file is not UTF-8") in problem.message
             return
         kept, problems = set(), {p.line for p in e.problems}
     assert not kept & problems

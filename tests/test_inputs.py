@@ -466,6 +466,16 @@ def test_a_json_array_written_over_many_lines_is_one_line_saying_so(tmp_path, na
     assert message.startswith("cannot read the prompt file: ") and "lines=True" in message
 
 
+def test_a_broken_first_row_that_starts_with_a_bracket_is_that_rows_problem(tmp_path):
+    """Only a first line that is "[" alone says the file is a JSON array: a JSON Lines file whose first row is
+    cut short ("[1, ") keeps its other rows under --skip-invalid (a fuzz test found the whole file refused)."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('[1, \n{"id": "a", "prompt": "hello"}\n')
+    ps = read_prompts(f, skip_invalid=True)
+    assert [r.id for r in ps.rows] == ["a"] and [p.line for p in ps.problems] == [1]
+    assert "invalid JSON" in ps.problems[0].message
+
+
 def test_a_csv_cell_gives_messages_as_json_text(tmp_path):
     """The README's input table lists `messages` for every format, but a CSV cell is text: its JSON list was
     refused as "got string" (adversarial pass 27). It reads as the list; a cell that is not JSON is named."""
