@@ -91,6 +91,7 @@ def test_three_worker_processes_finish_one_job_like_one_worker(tmp_path, prepare
     assert len(Job.open(job_dir).read_stats()["runs"]) >= 1
 
 
+@pytest.mark.slow
 def test_worker_processes_share_the_cpu_cores_not_each_take_them_all(tmp_path, prepared, monkeypatch):
     """`--workers 2` on a CPU: each process gets its share of the cores (torch would start a thread per core in
     each: 2 processes x all cores fighting over the cores); a user's OMP_NUM_THREADS is kept."""

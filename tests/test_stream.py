@@ -50,6 +50,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_memory_grows_with_the_chunk_not_the_file(tmp_path, tiny_gpt2):
     """Submit + run N and 4N rows under tracemalloc: the peak must not grow with the file. Before streaming it
     grew by ~1.7 KB a row at submit (every row, text and token id in Python lists) and ~1.3 KB a row in the

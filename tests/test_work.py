@@ -433,6 +433,7 @@ def test_the_weights_transformers_loads_are_the_ones_fingerprinted(
     assert state.state == "failed" and "is not the one job" in state.error
 
 
+@pytest.mark.slow
 def test_a_gguf_fine_tune_of_only_its_norms_is_refused(prompts_file, tmp_path, runner_home):
     """16 pieces of a GGUF file missed a change to its norms alone: the job resumed on other weights without a
     word (pass 50). Every tensor of the GGUF is sampled now (the table read with the gguf package)."""
