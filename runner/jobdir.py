@@ -1014,7 +1014,7 @@ def _record_damage(d: Any) -> str | None:
         return None  # _parse_state says what is wrong with it
     if not set(d) <= RECORD_FIELDS:
         return "it has fields no state record has"
-    if "check" in d and d["check"] != storage.json_checksum(d):
+    if storage.fails_its_check(d):
         return "it does not match its checksum"
     return None
 
@@ -1388,7 +1388,7 @@ class Job:
             stats, problem = {}, f"{STATS_FILE} could not be read ({first_line(e)})"
         except (ValueError, RunnerError):
             stats = None
-        if isinstance(stats, dict) and "check" in stats and stats["check"] != storage.json_checksum(stats):
+        if isinstance(stats, dict) and storage.fails_its_check(stats):
             stats = None  # (`check` is absent from an earlier runner's stats.json)
         runs = stats.get("runs") if isinstance(stats, dict) else None
         if not isinstance(runs, list) and problem is None and stats != {}:
@@ -1935,7 +1935,7 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
         if not name.endswith(".json") or name.startswith("."):
             continue
         hb = _read_json_or_none(job.dir / WORKERS / name)
-        if isinstance(hb, dict) and "check" in hb and hb["check"] != storage.json_checksum(hb):
+        if isinstance(hb, dict) and storage.fails_its_check(hb):
             continue  # damaged (a flipped digit of "expires" held a dead worker's units for hours): stale
         owner = Owner.from_dict(hb) if isinstance(hb, dict) else None
         if owner is None or owner.worker + ".json" != name:
@@ -2504,7 +2504,7 @@ def _seal_commits(raw: Any) -> set[str] | None:
         return None
     if not all(isinstance(n, str) for n in raw["commits"]):
         return None
-    if "check" in raw and raw["check"] != storage.json_checksum(raw):
+    if storage.fails_its_check(raw):
         return None
     return set(raw["commits"])
 

@@ -363,6 +363,12 @@ def json_checksum(record: dict[str, Any], field: str = "check") -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def fails_its_check(record: dict[str, Any]) -> bool:
+    """A record carrying a checksum (`check`, json_checksum) that does not match its content: damaged. One without
+    (written by an earlier runner) is not judged here."""
+    return "check" in record and record["check"] != json_checksum(record)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     _plain(path)
