@@ -224,9 +224,8 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
         try:
             obj = _loads(text)
         except ValueError as e:
-            if (
-                lineno == 1 and text.strip() == "["
-            ):  # (a first line that is a broken row is that row's problem)
+            # a pretty-printed JSON array opens with "[" alone (a broken first row is that row's problem)
+            if lineno == 1 and text.strip() == "[":
                 raise _json_array_error(path) from None
             yield lineno, None, f"invalid JSON ({_json_problem(text, e)})"
             continue

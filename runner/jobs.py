@@ -125,7 +125,8 @@ def _schema_order(params: Any) -> dict[str, str]:
 def _input_meta(source: Any, input_path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """meta["input"]: where the rows came from and how they were read (as the identity says)."""
     return {"path": _describe(source, input_path), "sha256": identity["input_sha256"],
-            "mtime": int(storage.retry(input_path.stat, f"look at {input_path}").st_mtime), "prompt_field": identity["prompt_field"],
+            "mtime": int(storage.retry(input_path.stat, f"look at {input_path}").st_mtime),
+            "prompt_field": identity["prompt_field"],
             "template": identity["template"], "truncate": identity["truncate"],
             "chat": identity.get("chat", False), "skip_invalid": identity["skip_invalid"],
             "served_model_names": identity["served_model_names"],

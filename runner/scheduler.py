@@ -430,9 +430,8 @@ def _say_how_waited_jobs_ended(waited: dict[str, Job], summaries: list[RunSummar
     for j in waited.values() if echo else ():
         try:
             status = job_status(j)
-        except (
-            RunnerError
-        ) as e:  # (only informative: a status failing through the retries ended the work on it)
+        # (only informative: a status failing through the retries ended the work on it)
+        except RunnerError as e:
             echo(f"job {j.id}: how it ended cannot be read now ({first_line(e)}); `runner status` says")
             continue
         if j.id not in ended_here and status.state in ("completed", "cancelled", "failed"):
