@@ -71,7 +71,7 @@ def scores(b, seqs: list[list[int]], batch_size: int) -> dict[str, dict]:
             b.res["peers"]["notes"].append(f"{peer}: no score row ({ROWS[peer]} has no scoring call)")
             continue
         req = {"peer": peer, "task": "score", "model_dir": str(export_dir(b.model_dir, peer)), "prompts": seqs,
-               "threads": threads(), "batch_size": batch_size}  # fmt: skip
+               "threads": threads(), "batch_size": batch_size, "precision": precision(b)}  # fmt: skip
         answer = ask(b, peer, python, req)
         if answer is not None:
             answers[peer] = answer
@@ -114,10 +114,19 @@ def threads() -> int:
     return torch.get_num_threads()
 
 
+# runner's dtype -> the precision a peer is asked to compute and keep its KV cache in (equal precision)
+PRECISIONS = {"torch.float32": "f32", "torch.bfloat16": "bf16", "torch.float16": "f16"}
+
+
 def request(b, peer: str, model: Path) -> dict:
-    """What run_peer.py needs: runner's token ids, and runner's threads and default batch size."""
+    """What run_peer.py needs: runner's token ids, and runner's threads, default batch size and precision."""
     return {"peer": peer, "model_dir": str(model), "prompts": b.ids, "max_new_tokens": b.args.max_new_tokens,
-            "threads": threads(), "batch_size": b.defaults()[0]}  # fmt: skip
+            "threads": threads(), "batch_size": b.defaults()[0],
+            "precision": precision(b)}  # fmt: skip
+
+
+def precision(b) -> str:
+    return PRECISIONS[str(b.engine.dtype)]
 
 
 def call(python: Path, req: dict) -> dict | str:

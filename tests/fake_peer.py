@@ -27,7 +27,8 @@ def load_echo(req: dict):
 
     settings = {"prompts": len(req["prompts"]), "prompt_tokens": sum(map(len, req["prompts"])),
                 "max_new_tokens": req["max_new_tokens"], "threads": req["threads"],
-                "batch_size": req["batch_size"], "batches": None if req["peer"] == "openvino" else 1}  # fmt: skip
+                "batch_size": req["batch_size"], "precision": req["precision"],
+                "batches": None if req["peer"] == "openvino" else 1}  # fmt: skip
     return generate, {"fake-peer": "1.0"}, settings
 
 
@@ -36,7 +37,8 @@ def load_zero_scores(req: dict):
         return [[0.0] * (len(s) - 1) for s in seqs]
 
     settings = {"prompts": len(req["prompts"]), "prompt_tokens": sum(map(len, req["prompts"])),
-                "threads": req["threads"], "batch_size": req["batch_size"], "batches": 1}  # fmt: skip
+                "threads": req["threads"], "batch_size": req["batch_size"], "precision": req["precision"],
+                "batches": 1}  # fmt: skip
     return score, {"fake-peer": "1.0"}, settings
 
 

@@ -258,10 +258,10 @@ def test_peer_rows_ratios_and_agreement(bench, tiny_gpt2, tmp_path, fake_peers, 
         row = rows[name]
         assert row["generated_tokens"] == 4 * 8 and row["versions"] == {"fake-peer": "1.0"}
         assert_positive(row, "seconds", "tokens_per_second", "peak_memory_bytes", "warmup_seconds")
-        # the request carried runner's own token ids, its thread count and its default batch size
+        # the request carried runner's own token ids, its thread count, default batch size and precision
         assert row["settings"] == {"prompts": 4, "prompt_tokens": res["prompts"]["prompt_tokens"],
                                    "max_new_tokens": 8, "threads": 1, "batch_size": runner["batch_size"],
-                                   "batches": row["batches"]}  # fmt: skip
+                                   "precision": "f32", "batches": row["batches"]}  # fmt: skip
         ratio = res["ratios"][f"runner default / {name}"]
         assert ratio == pytest.approx(runner["tokens_per_second"] / row["tokens_per_second"])
     assert rows["openvino-genai cb"]["batches"] is None and rows["ctranslate2"]["batches"] == 1
@@ -275,6 +275,20 @@ def test_peer_rows_ratios_and_agreement(bench, tiny_gpt2, tmp_path, fake_peers, 
                  f"CPU peers (--peers openvino,ctranslate2, run by {sys.executable}):",
                  "  openvino-genai cb: fake-peer 1.0; prompts 4; "):  # fmt: skip
         assert line in report, line
+
+
+def test_peers_are_asked_for_runners_precision(bench, tiny_gpt2, tmp_path, fake_peers):
+    """At equal precision: a bfloat16 run asks each peer for bf16 compute and KV cache (an AMX CPU gives runner
+    ~1.7x in bf16; comparing that with a float32 peer would flatter runner)."""
+    import sys
+
+    res = run_bench(bench, tmp_path, "--model", tiny_gpt2, *PEER_ARGS, "--peers-python", sys.executable,
+                    "--dtype", "bfloat16")  # fmt: skip
+    rows = {m["name"]: m for m in res["methods"]}
+    assert [rows[n]["settings"]["precision"] for n in ("openvino-genai cb", "ctranslate2")] == [
+        "bf16",
+        "bf16",
+    ]
 
 
 def test_score_peer_row_ratio_and_agreement(bench, tiny_gpt2, tmp_path, fake_peers, capsys):
@@ -291,7 +305,8 @@ def test_score_peer_row_ratio_and_agreement(bench, tiny_gpt2, tmp_path, fake_pee
     assert_positive(peer, "seconds", "tokens_per_second", "peak_memory_bytes")
     settings = {**peer["settings"]}
     assert settings.pop("batch_size") >= 1  # runner's own score batch size
-    assert settings == {"prompts": 4, "prompt_tokens": ours["tokens"] + 4, "threads": 1, "batches": 1}
+    assert settings == {"prompts": 4, "prompt_tokens": ours["tokens"] + 4, "threads": 1, "precision": "f32",
+                        "batches": 1}  # fmt: skip
     ratio = res["task_ratios"]["score: runner / ctranslate2 score_batch"]
     assert ratio == pytest.approx(ours["tokens_per_second"] / peer["tokens_per_second"])
     # the fake's log-probs are all 0: the difference is runner's largest |log-prob|, finite and positive

@@ -7,14 +7,15 @@ that no peer is ever a dependency of runner:
 
 REQUEST: {"peer": "openvino" | "ctranslate2", "model_dir": the peer's converted model (setup.sh), "prompts":
 [[token id, ...], ...] (runner's own ids, so every method tokenizes identically), "max_new_tokens": N,
-"threads": T, "batch_size": B}; with "task": "score" (CTranslate2 only), the prompts are scored instead: every
+"threads": T, "batch_size": B, "precision": "f32" | "bf16" | "f16" (runner's dtype: the peer computes and keeps
+its KV cache in the same; absent: f32)}; with "task": "score" (CTranslate2 only), the prompts are scored instead: every
 token after the first, given the ones before it, and there is no "max_new_tokens".
 RESPONSE: {"outputs": [[generated id, ...], ...] in prompt order (scoring: [[log-prob, ...], ...]), "seconds":
 the timed pass, "versions",
 "settings", "batches", "load_seconds", "warmup_seconds", "peak_memory_bytes", "memory_above_start_bytes",
 "memory_method", "cpu_user_seconds", "cpu_sys_seconds", "minor_page_faults"}.
 
-Greedy, float32, exactly N new tokens per prompt (EOS cannot end a row early). As for runner's rows, the timed
+Greedy, at runner's precision (float32 unless the benchmark ran with --dtype), exactly N new tokens per prompt (EOS cannot end a row early). As for runner's rows, the timed
 pass follows one whole warm-up pass over the same prompts. Only the standard library is imported at the top:
 tests/fake_peer.py drives this protocol with a generator that needs no peer installed.
 """
@@ -92,16 +93,18 @@ def load_openvino(req: dict):
     """OpenVINO GenAI's ContinuousBatchingPipeline on CPU, fed token-id tensors (one [1, len] int64 tensor per
     prompt; its generate takes a list of them with one GenerationConfig each). The scheduler takes up to
     batch_size sequences at once; everything else is the pipeline's default (chunked prefill of
-    max_num_batched_tokens, KV cache sized by the pipeline). Precision: f32 inference and f32 KV cache, asked
-    for explicitly (the CPU plugin may otherwise pick bf16 or a u8 KV cache where the CPU allows)."""
+    max_num_batched_tokens, KV cache sized by the pipeline). Precision: runner's (`precision`, f32 unless the
+    benchmark ran with --dtype) for inference and for the KV cache, asked for explicitly (the CPU plugin may
+    otherwise pick bf16 or a u8 KV cache where the CPU allows)."""
     import numpy as np
     import openvino
     import openvino_genai as ov_genai
 
     sched = ov_genai.SchedulerConfig()
     sched.max_num_seqs = req["batch_size"]
-    props = {"INFERENCE_NUM_THREADS": req["threads"], "INFERENCE_PRECISION_HINT": "f32",
-             "KV_CACHE_PRECISION": "f32"}  # fmt: skip
+    precision = req.get("precision", "f32")
+    props = {"INFERENCE_NUM_THREADS": req["threads"], "INFERENCE_PRECISION_HINT": precision,
+             "KV_CACHE_PRECISION": precision}  # fmt: skip
     pipe = ov_genai.ContinuousBatchingPipeline(req["model_dir"], sched, "CPU", props)
     n = req["max_new_tokens"]
     config = ov_genai.GenerationConfig()
@@ -151,16 +154,21 @@ def load_ctranslate2_scorer(req: dict):
     return score, versions, settings
 
 
+# runner's precision -> CTranslate2's compute_type
+CT2_TYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+
+
 def ctranslate2_generator(req: dict):
-    """(CTranslate2 Generator on CPU in float32 with the request's threads, its vocabulary (id -> token string),
-    versions, settings) for both of its rows."""
+    """(CTranslate2 Generator on CPU at runner's precision (float32 unless --dtype) with the request's threads,
+    its vocabulary (id -> token string), versions, settings) for both of its rows."""
     import ctranslate2
 
-    gen = ctranslate2.Generator(req["model_dir"], device="cpu", compute_type="float32",
+    compute_type = CT2_TYPES[req.get("precision", "f32")]
+    gen = ctranslate2.Generator(req["model_dir"], device="cpu", compute_type=compute_type,
                                 intra_threads=req["threads"], inter_threads=1)  # fmt: skip
     vocab = json.loads((Path(req["model_dir"]) / "vocabulary.json").read_text(encoding="utf-8"))
     bs = req["batch_size"]
-    settings = {"compute_type": "float32", "intra_threads": req["threads"], "inter_threads": 1,
+    settings = {"compute_type": compute_type, "intra_threads": req["threads"], "inter_threads": 1,
                 "max_batch_size": bs, "batches": -(-len(req["prompts"]) // bs)}  # fmt: skip
     return gen, vocab, {"ctranslate2": ctranslate2.__version__}, settings
 
