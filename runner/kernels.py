@@ -12,8 +12,10 @@
   the layer's weight size once more in memory, so layers are packed only while the machine's available memory
   keeps twice that to spare (PACK_MEMORY_FACTOR); unpacked layers send calls of up to SMALL_ROWS rows to oneDNN
   on the weight in place and bigger ones to MKL (faster there on an AVX2 machine). The model's own weights are
-  never changed or copied over. Float32 on CPU only, and only where the ops exist and agree with
-  `torch.nn.functional.linear` on a probe.
+  never changed or copied over. Float32 on CPU, and bfloat16 where the CPU computes it natively (avx512_bf16
+  or AMX; torch's own bfloat16 linear goes to oneDNN there too, and the packed weight gives the same numbers,
+  1.5x faster at decode's row counts on an AMX Xeon: benchmarks/RESULTS.md, 2026-12-05); only where the ops
+  exist and agree with `torch.nn.functional.linear` on a probe in that dtype.
 * GPT-2's activation, "gelu_new" (transformers' NewGELUActivation: seven elementwise ops, each a pass over
   memory), as PyTorch's fused `gelu(approximate="tanh")`: the same formula, which transformers itself ships as
   "gelu_pytorch_tanh" ("equivalent to NewGELU ... but much faster; not an exact numerical match due to
@@ -49,22 +51,33 @@ def _pack(weight: Any) -> Any:
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 
 
-def available(packed: bool = False) -> bool:
-    """Whether this torch has the oneDNN linear op (and, with `packed`, its weight packing) and it computes
-    what F.linear computes."""
+def dtypes() -> tuple[Any, ...]:
+    """The weight dtypes whose CPU linears go to oneDNN here: float32, and bfloat16 where the CPU has it natively
+    (elsewhere oneDNN emulates it, slower than torch's own path)."""
     import torch
 
+    native_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    return (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,)
+
+
+def available(packed: bool = False, dtype: Any = None) -> bool:
+    """Whether this torch has the oneDNN linear op (and, with `packed`, its weight packing) and it computes
+    what F.linear computes, in `dtype` (default float32)."""
+    import torch
+
+    dtype = dtype or torch.float32
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     if packed and not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
     try:
         gen = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(s, generator=gen) for s in ((3, 1, 16), (8, 16), (8,)))
+        x, w, b = (torch.randn(s, generator=gen).to(dtype) for s in ((3, 1, 16), (8, 16), (8,)))
         prep = _pack if packed else (lambda t: t)
+        tol = {"atol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
         with torch.inference_mode():
-            ok = torch.allclose(_onednn(x, prep(w), b), torch.nn.functional.linear(x, w, b), atol=1e-4)
-            ok = ok and torch.allclose(_onednn(x, prep(w.t().contiguous().t()), None), x @ w.t(), atol=1e-4)
+            ok = torch.allclose(_onednn(x, prep(w), b), torch.nn.functional.linear(x, w, b), **tol)
+            ok = ok and torch.allclose(_onednn(x, prep(w.t().contiguous().t()), None), x @ w.t(), **tol)
         return bool(ok)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
@@ -82,26 +95,30 @@ def _available_memory() -> int:
     return 0
 
 
-def _small(x: Any) -> bool:
+def _small(self: Any, x: Any) -> bool:
     import torch
 
-    # no autograd formula for the oneDNN op: with gradients on, the layer's own forward runs
-    return x.dim() >= 2 and x.numel() // max(1, x.shape[-1]) <= SMALL_ROWS and not torch.is_grad_enabled()
+    # no autograd formula for the oneDNN op: with gradients on, the layer's own forward runs; an input of
+    # another dtype than the weight (upcast or cast after install) too
+    rows = x.numel() // max(1, x.shape[-1])
+    return (
+        x.dim() >= 2 and rows <= SMALL_ROWS and x.dtype == self.weight.dtype and not torch.is_grad_enabled()
+    )
 
 
 def _packed_ok(self: Any, x: Any) -> bool:
     import torch
 
-    # inputs of another dtype or device (the model was moved after install), or gradients on: the layer's own
-    return (
-        PACKED in self.__dict__ and x.dtype == torch.float32 and not x.is_cuda and not torch.is_grad_enabled()
-    )
+    # inputs of another dtype or device (the model was moved after install, or upcast by Engine.in_float32), or
+    # gradients on: the layer's own
+    packed = self.__dict__.get(PACKED)
+    return packed is not None and x.dtype == packed.dtype and not x.is_cuda and not torch.is_grad_enabled()
 
 
 def _linear_forward(self: Any, x: Any) -> Any:
     if _packed_ok(self, x):
         return _onednn(x, self.__dict__[PACKED], self.bias)
-    if _small(x):
+    if _small(self, x):
         return _onednn(x, self.weight, self.bias)
     return type(self).forward(self, x)
 
@@ -110,7 +127,7 @@ def _conv1d_forward(self: Any, x: Any) -> Any:
     # transformers' Conv1D keeps its weight as [in, out]: its transpose is the [out, in] view oneDNN takes
     if _packed_ok(self, x):
         return _onednn(x, self.__dict__[PACKED], self.bias)
-    if _small(x):
+    if _small(self, x):
         return _onednn(x, self.weight.t(), self.bias)
     return type(self).forward(self, x)
 
@@ -137,9 +154,11 @@ def install(model: Any, pack: bool = True, cpu_linears: bool = True) -> dict[str
         if kind is NewGELUActivation:
             module.forward = types.MethodType(_gelu_forward, module)
             counts["fused_gelu"] += 1
-        elif cpu_linears and kind in (torch.nn.Linear, Conv1D) and module.weight.dtype == torch.float32:
+        elif cpu_linears and kind in (torch.nn.Linear, Conv1D) and module.weight.dtype in dtypes():
             linears += [module] if module.weight.device.type == "cpu" else []
-    if not linears or not available():
+    usable = {d: available(dtype=d) for d in {m.weight.dtype for m in linears}}  # each dtype probed
+    linears = [m for m in linears if usable[m.weight.dtype]]
+    if not linears:
         return counts
     for module in linears:
         forward = _linear_forward if type(module) is torch.nn.Linear else _conv1d_forward
@@ -154,11 +173,10 @@ def _pack_layers(linears: list[Any]) -> int:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    if not available(packed=True):
-        return 0
+    packable = {d: available(packed=True, dtype=d) for d in {m.weight.dtype for m in linears}}
     budget = _available_memory() // PACK_MEMORY_FACTOR  # what the packed copies may take in all
     packed = 0
-    for module in linears:
+    for module in (m for m in linears if packable[m.weight.dtype]):
         budget -= module.weight.numel() * module.weight.element_size()
         if budget < 0:
             break

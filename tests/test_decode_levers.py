@@ -172,19 +172,28 @@ def test_decode_groups_cover_every_row_and_merge_the_cheapest_neighbours(most):
 needs_onednn = pytest.mark.skipif(not kernels.available(), reason="this torch has no usable oneDNN linear")
 
 
-def _three_layers():
+def _three_layers(dtype=torch.float32):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8, bias=False), Conv1D(12, 8))
+    layers = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8, bias=False), Conv1D(12, 8))
+    return layers.to(dtype)
+
+
+# bfloat16 goes to oneDNN only on a CPU that computes it natively (avx512_bf16 / AMX), as the dev machine's does
+native_bf16 = pytest.param(
+    torch.bfloat16, marks=pytest.mark.skipif(torch.bfloat16 not in kernels.dtypes(), reason="no native bf16")
+)
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, native_bf16])
 @pytest.mark.parametrize("pack", [False, True])
-def test_onednn_layers_compute_what_the_layers_compute(monkeypatch, pack):
+def test_onednn_layers_compute_what_the_layers_compute(monkeypatch, pack, dtype):
     """Unpacked: small calls to oneDNN, big ones to the layer's own forward. Packed: every call to oneDNN on the
-    packed copy. Either way the same numbers, and with gradients on the layers' own differentiable forward."""
-    model = _three_layers()
-    x_small = torch.randn(5, 1, 16)
-    x_big = torch.randn(kernels.SMALL_ROWS + 1, 16)
+    packed copy. Either way the same numbers, and with gradients on the layers' own differentiable forward; in
+    float32 for an input upcast by Engine.in_float32 (the packed copy is bfloat16: the layers' own forward)."""
+    model = _three_layers(dtype)
+    x_small = torch.randn(5, 1, 16, dtype=dtype)
+    x_big = torch.randn(kernels.SMALL_ROWS + 1, 16, dtype=dtype)
     with torch.inference_mode():
         want = [model(x_small), model(x_big)]
     calls = []
@@ -203,10 +212,18 @@ def test_onednn_layers_compute_what_the_layers_compute(monkeypatch, pack):
     big = kernels.SMALL_ROWS + 1
     assert calls == ([(5, True)] * 3 + [(big, True)] * 3 if pack else [(5, False)] * 3)
     for g, w in zip(got, want, strict=True):
-        assert g.shape == w.shape and torch.allclose(g, w, atol=1e-5)
+        assert g.shape == w.shape and torch.allclose(g, w, atol=1e-5 if dtype == torch.float32 else 2e-2)
     calls.clear()
     out = model(x_small)  # with gradients on: the layers' own forward, differentiable
     assert out.requires_grad and calls == []
+    if (
+        dtype != torch.float32
+    ):  # upcast as Engine.in_float32 does: float32 in, float32 out, never the bf16 copy
+        with torch.inference_mode():
+            for p in model.parameters():
+                p.data = p.data.float()
+            upcast = model(x_small.float())
+        assert upcast.dtype == torch.float32 and all(not packed for _, packed in calls)
     kernels.uninstall(model)
     assert all("forward" not in m.__dict__ and kernels.PACKED not in m.__dict__ for m in model)
 
