@@ -141,12 +141,20 @@ def _refuse_a_folder_without_a_model(folder: Path) -> None:
 
 
 def _near_demo(spec: str) -> bool:
-    """A one-word name a letter or two from the demo alias (`smollm2-135m-instruc`): a typo, not a Hugging Face
-    id to look up for half a minute of retries and network advice (pass 38). The hub's own SmolLM2 names
-    ("HuggingFaceTB/SmolLM2-135M-Instruct") have an owner and are looked up as given."""
+    """A one-word name a letter or two from the demo alias (`smollm2-135m-instruc`), or its start (`smollm2`, the
+    benchmarks' name for it): meant as the alias, not a Hugging Face id to look up for half a minute of retries
+    and network advice (pass 38). The hub's own SmolLM2 names ("HuggingFaceTB/SmolLM2-135M-Instruct") have an
+    owner and are looked up as given."""
     import difflib
 
-    return "/" not in spec and difflib.SequenceMatcher(None, spec.strip().lower(), DEMO_MODEL).ratio() >= 0.85
+    name = spec.strip().lower()
+    if "/" in name:
+        return False
+    return (
+        DEMO_MODEL.startswith(name)
+        and len(name) >= 6
+        or difflib.SequenceMatcher(None, name, DEMO_MODEL).ratio() >= 0.85
+    )
 
 
 # what the Hugging Face hub accepts as a model id ("gpt2", "rinna/japanese-gpt2-medium"): anything else that is

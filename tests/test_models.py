@@ -242,7 +242,10 @@ def test_converting_a_gguf_is_said_on_stderr_and_its_bar_is_not_drawn(tmp_path, 
     assert not getattr(gguf_utils.tqdm, "keywords", None)  # transformers' own bar again afterwards
 
 
-@pytest.mark.parametrize("typo", ["smollm2-135m-instruc", "smolm2-135m-instruct", "smollm2_135m_instruct"])
+@pytest.mark.parametrize(
+    "typo",
+    ["smollm2-135m-instruc", "smolm2-135m-instruct", "smollm2_135m_instruct", "smollm2", "SmolLM2-135M"],
+)
 def test_a_typo_of_the_demo_alias_is_said_not_looked_up_on_the_hub(typo, tmp_path, monkeypatch):
     """A letter off the demo alias went to the Hugging Face hub: half a minute of retries offline, then network
     advice, never the alias it was meant to be (pass 38)."""
