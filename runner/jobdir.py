@@ -2357,6 +2357,18 @@ class Ledger:
                 flat[a:b] = True
         return flat.reshape(spec.rows, spec.samples)
 
+    def lost_rows(self) -> dict[int, tuple[str, str]]:
+        """row -> (commit, why) for rows with keys in a commit whose marker reads but whose shard failed
+        verification (`bad`), and not done by another commit since: computed, then lost (not never done)."""
+        done, samples, lost = self.done_mask().reshape(-1), self.job.spec.samples, {}
+        for name, why in self.bad:
+            marker = (self.verifier.markers.get(name) if self.verifier else None) or {}
+            if _check_marker(name, marker, self.job.spec) is not None:
+                continue  # (its keys are not to be trusted)
+            for a, b in marker["keys"]:
+                lost.update({k // samples: (name, why) for k in range(a, b) if not done[k]})
+        return lost
+
     def errors(self) -> Iterator[dict[str, Any]]:
         """Row errors of the current generation for keys not done since, one per key."""
         done = self.done_mask().reshape(-1)

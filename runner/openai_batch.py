@@ -217,6 +217,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     for target in (out, errors_out):  # an earlier export killed mid-way left these beside them
         storage.remove_stale_temps_of(target)
     ledger, ending = _ledger_and_ending(job)
+    lost = ledger.lost_rows() if ending else {}  # (a complete job with rows lost is refused: _ending)
     groups = _Groups(load_results(job.dir, format="arrow"))
     created = _created(job)
     errors: list[dict[str, Any]] = []
@@ -230,7 +231,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     with tempfile.TemporaryDirectory(prefix="runner-export-") as tmp:
         lines_file = Path(tmp) / "lines.jsonl"  # written line by line, then copied into place whole
         with open(lines_file, "w", encoding="utf-8") as lines:
-            for cid, req, prompt_ids, line, n in _requests(job):
+            for row, (cid, req, prompt_ids, line, n) in enumerate(_requests(job)):
                 while at < len(refused) and line is not None and _line_number(refused[at]) < line:
                     errors.append(_refused_line(job, refused[at]))
                     at += 1
@@ -244,7 +245,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
                     lines.write(json.dumps(answer, ensure_ascii=False) + "\n")
                     written += 1
                 elif ending is not None:
-                    errors.append(_unfinished_line(job, cid, ending, have, n))
+                    errors.append(_unfinished_line(job, cid, ending, have, n, lost.get(row)))
                 else:  # the ledger counted it done, but its shard no longer verifies
                     raise RunnerError(
                         f"job {job.id}: request {cid!r} has {have} of its {counted(n, 'samples')} in the results; "
@@ -401,10 +402,14 @@ def _ending(job: Any, progress: Any, state: Any) -> tuple[str, str] | None:
     )
 
 
-def _unfinished_line(job: Any, cid: str, ending: tuple[str, str], have: int, n: int) -> dict[str, Any]:
+def _unfinished_line(
+    job: Any, cid: str, ending: tuple[str, str], have: int, n: int, lost: tuple[str, str] | None = None
+) -> dict[str, Any]:
     """The error line of a request a cancelled or failed job left unfinished: `response` null and `error`
-    {code, message}, the OpenAI Batch API's shape for the requests of a cancelled or expired batch."""
-    code, message = ending
+    {code, message}, the OpenAI Batch API's shape for the requests of a cancelled or expired batch. `lost`:
+    (commit, why) of the commit its rows were lost with (`Ledger.lost_rows`): computed, not "not executed",
+    they are a matter of `runner repair`, not of the cancel."""
+    code, message = _lost(job, *lost) if lost else ending
     if have:
         message += f" ({have} of its {n} samples were generated and are left out)"
     line_id, _ = _ids(job, cid)
@@ -414,6 +419,15 @@ def _unfinished_line(job: Any, cid: str, ending: tuple[str, str], have: int, n: 
         "response": None,
         "error": {"code": code, "message": message + "."},
     }
+
+
+def _lost(job: Any, commit: str, why: str) -> tuple[str, str]:
+    ref = shlex.quote(str(job.dir))
+    return "result_lost", (
+        f"This request was computed, but its result was lost: commit {commit} of job {job.id} failed "
+        f"verification ({why}); `runner repair {ref}` sets it aside, then `runner retry {ref}` and "
+        f"`runner work --job {ref}` compute it again"
+    )
 
 
 def _check_prompts(job: Any) -> None:

@@ -824,6 +824,34 @@ def test_an_unfinished_job_never_answers_a_request_in_part(tmp_path, tiny_gpt2, 
     assert [(x["custom_id"], len(check_output_line(x).choices)) for x in lines] == [("p1", 3), ("p2", 1)]
 
 
+def test_a_cancelled_jobs_rows_lost_with_a_damaged_shard_are_not_said_never_executed(tmp_path, tiny_gpt2,
+                                                                                     gpt2_engine):  # fmt: skip
+    """Two of four requests done, the first one's shard then damaged, the job cancelled: the export said p0 "was
+    not executed because job ... was cancelled", when it was computed and lost with its shard. It says so, and
+    what brings it back (repair, retry, work), which it does."""
+    body = {"model": "tiny", "prompt": "The old man", "max_tokens": 3, "temperature": 1.0}
+    reqs = [request(f"p{i}", "/v1/completions", body) for i in range(4)]
+    job = create_job(write_jsonl(tmp_path / "in.jsonl", reqs), tiny_gpt2, GenerationParams(max_new_tokens=3, seed=5),
+                     runner.EngineOptions(batch_size=1), job_dir=tmp_path / "job", served_model_names=("tiny",))  # fmt: skip
+    done = job.dir / "done"
+    stop = lambda: len(list(done.glob("*.json"))) >= 2  # noqa: E731
+    assert run_job(job, gpt2_engine, echo=None, shard_rows=1, should_stop=stop).done == 2
+    shard = sorted((job.dir / "shards").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes().replace(b"PAR1", b"PAR2", 1))
+    runner.jobdir.cancel(job)
+    with pytest.warns(UserWarning):
+        assert export(job, tmp_path / "out.jsonl") == (1, 3)
+    lines = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert [(x["custom_id"], x["error"]["code"]) for x in lines] == [
+        ("p0", "result_lost"), ("p2", "batch_cancelled"), ("p3", "batch_cancelled")
+    ]  # fmt: skip
+    said = lines[0]["error"]["message"]
+    assert "was computed, but its result was lost" in said and "not executed" not in said, said
+    for command in re.findall(r"`runner ([^`]+)`", said):
+        assert invoke(*shlex.split(command)).exit_code == 0, command
+    assert export(Job.open(job.dir), tmp_path / "out.jsonl") == (4, 0)
+
+
 def test_a_request_over_the_context_window_is_told_what_run_batch_can_do(tmp_path, tiny_gpt2):
     body = {"model": "tiny", "prompt": "word " * 300, "max_tokens": 8}
     path = write_jsonl(tmp_path / "b.jsonl", [request("long", "/v1/completions", body)])
