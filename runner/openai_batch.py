@@ -73,6 +73,8 @@ def request_row(
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
         return None, "custom_id", "must be a non-empty string (every Batch request has one)"
+    if not cid.strip():  # (the row's check said "id: must be a non-empty string": a field the line has not)
+        return None, "custom_id", "must not be blank (results are keyed by it)"
     extra = sorted(set(obj) - {"custom_id", "method", "url", "body"})
     if extra:
         return None, extra[0], "is not a field of a Batch request line (custom_id, method, url, body)"

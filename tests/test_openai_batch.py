@@ -153,6 +153,12 @@ def test_a_mixed_batch_equals_each_row_run_alone(mixed_job):
     ("line", "field", "message"),
     [
         ({"method": "POST", "url": "/v1/completions", "body": {}}, "custom_id", "must be a non-empty string"),
+        # (a blank one was refused as "id: must be a non-empty string": a field the line has not, and untrue)
+        (
+            request(" \t", "/v1/completions", {"model": "tiny", "prompt": "x"}),
+            "custom_id",
+            "must not be blank",
+        ),
         ({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}, "method", "must be POST"),
         ({"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": {}}, "url", "must be one of"),
         (
