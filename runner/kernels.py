@@ -10,12 +10,14 @@
   once by `torch.ops.mkldnn._reorder_linear_weight` (the packing inductor does), at every row count measured
   (1 to 4,096): so a packed layer sends every call to oneDNN, the prompt pass included. The packed copy costs
   the layer's weight size once more in memory, so layers are packed only while the machine's available memory
-  keeps twice that to spare (PACK_MEMORY_FACTOR); unpacked layers send calls of up to SMALL_ROWS rows to oneDNN
-  on the weight in place and bigger ones to MKL (faster there on an AVX2 machine). The model's own weights are
-  never changed or copied over. Float32 on CPU, and bfloat16 where the CPU computes it natively (avx512_bf16
-  or AMX; torch's own bfloat16 linear goes to oneDNN there too, and the packed weight gives the same numbers,
-  1.5x faster at decode's row counts on an AMX Xeon: benchmarks/RESULTS.md, 2026-12-05); only where the ops
-  exist and agree with `torch.nn.functional.linear` on a probe in that dtype.
+  keeps twice that to spare (PACK_MEMORY_FACTOR), over the room a float32 retry of a bfloat16 model needs
+  (Engine.in_float32 upcasts every weight: packed copies must not make a retry that fitted fail); unpacked
+  layers send calls of up to SMALL_ROWS rows to oneDNN on the weight in place and bigger ones to MKL (faster
+  there on an AVX2 machine). The model's own weights are never changed or copied over. Float32 on CPU, and
+  bfloat16 where the CPU computes it natively (avx512_bf16 or AMX; torch's own bfloat16 linear goes to oneDNN
+  there too, and the packed weight gives the same numbers, 1.5x faster at decode's row counts on an AMX Xeon:
+  benchmarks/RESULTS.md, 2026-12-05); only where the ops exist and agree with `torch.nn.functional.linear` on
+  a probe in that dtype.
 * GPT-2's activation, "gelu_new" (transformers' NewGELUActivation: seven elementwise ops, each a pass over
   memory), as PyTorch's fused `gelu(approximate="tanh")`: the same formula, which transformers itself ships as
   "gelu_pytorch_tanh" ("equivalent to NewGELU ... but much faster; not an exact numerical match due to
@@ -164,17 +166,27 @@ def install(model: Any, pack: bool = True, cpu_linears: bool = True) -> dict[str
         forward = _linear_forward if type(module) is torch.nn.Linear else _conv1d_forward
         module.forward = types.MethodType(forward, module)
     counts["onednn_linear"] = len(linears)
-    counts["onednn_packed"] = _pack_layers(linears) if pack else 0
+    counts["onednn_packed"] = _pack_layers(linears, _upcast_bytes(model)) if pack else 0
     return counts
 
 
-def _pack_layers(linears: list[Any]) -> int:
-    """Give each layer its packed weight while memory allows (see the module's docstring); how many got one."""
+def _upcast_bytes(model: Any) -> int:
+    """The memory Engine.in_float32 adds upcasting `model`'s CPU tensors (a bfloat16 row retried in float32)."""
+    import torch
+
+    tensors = [t for g in (model.parameters(), model.buffers()) for t in g if t.is_floating_point()]
+    cpu = [t for t in tensors if t.dtype != torch.float32 and t.device.type == "cpu"]
+    return max(0, sum(t.numel() * (4 - t.element_size()) for t in cpu))
+
+
+def _pack_layers(linears: list[Any], reserve: int = 0) -> int:
+    """Give each layer its packed weight while memory allows (see the module's docstring), leaving `reserve`
+    bytes out of it (what a float32 retry needs); how many got one."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
     packable = {d: available(packed=True, dtype=d) for d in {m.weight.dtype for m in linears}}
-    budget = _available_memory() // PACK_MEMORY_FACTOR  # what the packed copies may take in all
+    budget = (_available_memory() - reserve) // PACK_MEMORY_FACTOR  # what the packed copies may take in all
     packed = 0
     for module in (m for m in linears if packable[m.weight.dtype]):
         budget -= module.weight.numel() * module.weight.element_size()

@@ -241,6 +241,21 @@ def test_layers_are_packed_only_while_memory_keeps_twice_their_size_to_spare(mon
     kernels.uninstall(model)
 
 
+@needs_onednn
+@pytest.mark.skipif(torch.bfloat16 not in kernels.dtypes(), reason="no native bf16")
+@pytest.mark.parametrize("spare", [1.0, 1.5, 2.0, 3.0])
+def test_bf16_packed_copies_leave_the_float32_retry_its_room(monkeypatch, spare):
+    """Engine.in_float32 (a row non-finite in bfloat16, retried) upcasts every weight: 2 bytes more per element.
+    The packed copies come out of what is left after that, so a retry that fits unpacked still fits packed."""
+    model = _three_layers(torch.bfloat16)
+    upcast = sum(p.numel() * 2 for p in model.parameters())
+    monkeypatch.setattr(kernels, "_available_memory", lambda: int(spare * upcast))
+    kernels.install(model)
+    packed = sum(m.weight.numel() * 2 for m in model if kernels.PACKED in m.__dict__)
+    assert spare * upcast - packed >= upcast and (packed > 0 or spare < 3)
+    kernels.uninstall(model)
+
+
 @cpu_only
 @needs_onednn
 def test_engine_on_cpu_uses_onednn_and_stays_exact(gpt2_engine, monkeypatch):
