@@ -14,8 +14,9 @@
   (Engine.in_float32 upcasts every weight: packed copies must not make a retry that fitted fail); unpacked
   layers send calls of up to SMALL_ROWS rows to oneDNN on the weight in place and bigger ones to MKL (faster
   there on an AVX2 machine). The model's own weights are never changed or copied over. Float32 on CPU, and
-  bfloat16 where the CPU computes it natively (avx512_bf16 or AMX; torch's own bfloat16 linear goes to oneDNN
-  there too, and the packed weight gives the same numbers, 1.5x faster at decode's row counts on an AMX Xeon:
+  bfloat16 where oneDNN takes it (`torch.ops.mkldnn._is_mkldnn_bf16_supported`: AVX-512 and newer, natively
+  with avx512_bf16 or AMX, emulated on older AVX-512; torch's own bfloat16 linear goes to the same oneDNN
+  there, and the packed weight gives the same numbers, 1.5x faster at decode's row counts on an AMX Xeon:
   benchmarks/RESULTS.md, 2026-12-05); only where the ops exist and agree with `torch.nn.functional.linear` on
   a probe in that dtype.
 * GPT-2's activation, "gelu_new" (transformers' NewGELUActivation: seven elementwise ops, each a pass over
@@ -54,12 +55,12 @@ def _pack(weight: Any) -> Any:
 
 
 def dtypes() -> tuple[Any, ...]:
-    """The weight dtypes whose CPU linears go to oneDNN here: float32, and bfloat16 where the CPU has it natively
-    (elsewhere oneDNN emulates it, slower than torch's own path)."""
+    """The weight dtypes whose CPU linears go to oneDNN here: float32, and bfloat16 where oneDNN takes it (the
+    test torch's own bfloat16 linear makes before it calls oneDNN: AVX-512 and newer)."""
     import torch
 
-    native_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
-    return (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,)
+    onednn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    return (torch.float32, torch.bfloat16) if onednn_bf16 else (torch.float32,)
 
 
 def available(packed: bool = False, dtype: Any = None) -> bool:

@@ -178,9 +178,10 @@ def _three_layers(dtype=torch.float32):
     return layers.to(dtype)
 
 
-# bfloat16 goes to oneDNN only on a CPU that computes it natively (avx512_bf16 / AMX), as the dev machine's does
+# bfloat16 goes to oneDNN only where oneDNN takes it (kernels.dtypes: AVX-512 and newer), as on the dev machine
 native_bf16 = pytest.param(
-    torch.bfloat16, marks=pytest.mark.skipif(torch.bfloat16 not in kernels.dtypes(), reason="no native bf16")
+    torch.bfloat16,
+    marks=pytest.mark.skipif(torch.bfloat16 not in kernels.dtypes(), reason="oneDNN takes no bf16 here"),
 )
 
 
@@ -216,15 +217,31 @@ def test_onednn_layers_compute_what_the_layers_compute(monkeypatch, pack, dtype)
     calls.clear()
     out = model(x_small)  # with gradients on: the layers' own forward, differentiable
     assert out.requires_grad and calls == []
-    if (
-        dtype != torch.float32
-    ):  # upcast as Engine.in_float32 does: float32 in, float32 out, never the bf16 copy
-        with torch.inference_mode():
-            for p in model.parameters():
-                p.data = p.data.float()
-            upcast = model(x_small.float())
-        assert upcast.dtype == torch.float32 and all(not packed for _, packed in calls)
+    if dtype != torch.float32:
+        _check_upcast(model, x_small, calls)
     kernels.uninstall(model)
+
+
+def _check_upcast(model, x, calls):
+    """Weights upcast in place as Engine.in_float32 does: float32 in, float32 out through oneDNN on the weight in
+    place, never the bf16 packed copy, the numbers of the stock float32 layers."""
+    with torch.inference_mode():
+        for p in model.parameters():
+            p.data = p.data.float()
+        calls.clear()
+        upcast = model(x.float())
+        stock = [type(m).forward(m, y) for m, y in _inputs_of(model, x.float())]
+    assert calls == [(x.shape[0], False)] * 3
+    assert upcast.dtype == torch.float32 and torch.allclose(upcast, stock[-1], atol=1e-5)
+
+
+def _inputs_of(model, x):
+    """(layer, its input) along `model` (a Sequential), each layer's input its stock output before it."""
+    pairs = []
+    for m in model:
+        pairs.append((m, x))
+        x = type(m).forward(m, x)
+    return pairs
     assert all("forward" not in m.__dict__ and kernels.PACKED not in m.__dict__ for m in model)
 
 
@@ -242,7 +259,7 @@ def test_layers_are_packed_only_while_memory_keeps_twice_their_size_to_spare(mon
 
 
 @needs_onednn
-@pytest.mark.skipif(torch.bfloat16 not in kernels.dtypes(), reason="no native bf16")
+@pytest.mark.skipif(torch.bfloat16 not in kernels.dtypes(), reason="oneDNN takes no bf16 here")
 @pytest.mark.parametrize("spare", [1.0, 1.5, 2.0, 3.0])
 def test_bf16_packed_copies_leave_the_float32_retry_its_room(monkeypatch, spare):
     """Engine.in_float32 (a row non-finite in bfloat16, retried) upcasts every weight: 2 bytes more per element.
