@@ -2572,10 +2572,21 @@ def still_holds(job: Job, unit: int, epoch: int, worker: str | None = None) -> b
 
 
 def write_marker(job: Job, unit: int, epoch: int, seq: int, marker: dict[str, Any]) -> None:
-    """Write a commit marker with its own checksum (`check`), so that a changed byte in it is noticed, not obeyed."""
+    """Write a commit marker with its own checksum (`check`), so that a changed byte in it is noticed, not obeyed.
+    Its rename is the job's still (`commit_check`)."""
     storage.ensure_dir(job.dir / MARKERS)  # lost with every marker in it: their rows are simply redone
     path = job.dir / MARKERS / f"{commit_name(unit, epoch, seq)}.json"
-    storage.write_json(path, {**marker, "check": marker_checksum(marker)})
+    storage.write_json(path, {**marker, "check": marker_checksum(marker)}, check=commit_check(job))
+
+
+def commit_check(job: Job) -> Callable[[], None]:
+    """What a commit's shard and marker check right before their rename into the job folder: that it still holds
+    `job` (`check_still_this_job`). A worker paused inside its commit (its claim checked, SIGSTOP, a suspended
+    VM) while the folder was deleted and the file submitted again to it wrote its shard or marker over the new
+    job's of the same name (unit 0, epoch 0 in both): that commit no longer verified, and the new job, completed,
+    was left broken with its rows missing (adversarial pass 153). Seals fence such a late commit within one job,
+    not across two."""
+    return lambda: check_still_this_job(job)
 
 
 def marker_checksum(marker: dict[str, Any]) -> str:

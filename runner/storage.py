@@ -254,9 +254,11 @@ def _replace_into(
     what: str,
     durable: bool = True,
     temp: Callable[[Path], str] = temp_name,
+    check: Callable[[], None] | None = None,
 ) -> None:
     """Write `target` through a temp file (named by `temp`; `fill(fileobj)` writes the bytes) + fsync + rename,
-    retried. `durable=False` skips the fsyncs: the file then survives the process being killed, not the machine."""
+    retried. `durable=False` skips the fsyncs: the file then survives the process being killed, not the machine.
+    `check()`, run right before the rename, may raise to leave `target` as it is (the temp file is removed)."""
 
     def op() -> bool:
         tmp = temp(target)
@@ -267,6 +269,8 @@ def _replace_into(
                 if durable:
                     os.fsync(f.fileno())
             fault_point("before_replace")  # the new bytes are whole under the temp name; the old file stands
+            if check is not None:
+                check()
             try:
                 os.replace(tmp, target)
             except FileNotFoundError:
@@ -286,14 +290,23 @@ def _replace_into(
         )
 
 
-def atomic_write(target: str | os.PathLike, data: bytes | str, durable: bool = True) -> None:
-    """Write `data` to `target` so that readers never see a partial file."""
+def atomic_write(
+    target: str | os.PathLike,
+    data: bytes | str,
+    durable: bool = True,
+    check: Callable[[], None] | None = None,
+) -> None:
+    """Write `data` to `target` so that readers never see a partial file (`check`: as `_replace_into`'s)."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    _replace_into(Path(target), lambda f: f.write(payload), f"write {target}", durable)
+    _replace_into(Path(target), lambda f: f.write(payload), f"write {target}", durable, check=check)
 
 
-def write_json(target: str | os.PathLike, obj: Any, durable: bool = True) -> None:
-    atomic_write(target, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", durable)
+def write_json(
+    target: str | os.PathLike, obj: Any, durable: bool = True, check: Callable[[], None] | None = None
+) -> None:
+    atomic_write(
+        target, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", durable, check
+    )
 
 
 def _plain(path: str | os.PathLike) -> None:
@@ -342,9 +355,15 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     return retry(op, f"read {path}")
 
 
-def publish(local: str | os.PathLike, target: str | os.PathLike, owned: bool = False) -> None:
+def publish(
+    local: str | os.PathLike,
+    target: str | os.PathLike,
+    owned: bool = False,
+    check: Callable[[], None] | None = None,
+) -> None:
     """Copy a finished local file to `target` (temp name + rename); the local file is left in place. `owned`:
-    through an `owned_temp_name` (a file outside job folders: `remove_stale_temps_of` tidies it after a kill)."""
+    through an `owned_temp_name` (a file outside job folders: `remove_stale_temps_of` tidies it after a kill).
+    `check()`: as `_replace_into`'s."""
 
     def fill(dst: Any) -> None:
         with open(local, "rb") as src:
@@ -353,7 +372,9 @@ def publish(local: str | os.PathLike, target: str | os.PathLike, owned: bool = F
             fault_point("mid_write")  # half the bytes are in the job home under the temp name
             shutil.copyfileobj(src, dst, 1024 * 1024)
 
-    _replace_into(Path(target), fill, f"write {target}", temp=owned_temp_name if owned else temp_name)
+    _replace_into(
+        Path(target), fill, f"write {target}", temp=owned_temp_name if owned else temp_name, check=check
+    )
 
 
 def json_checksum(record: dict[str, Any], field: str = "check") -> str:

@@ -725,7 +725,8 @@ class JobRun:
                     "device": device_kind(self.engine), "versions": library_versions()}  # fmt: skip
             with write_local_shard(table, meta) as (local, digest):
                 storage.ensure_dir(self.job.dir / jobdir.SHARDS)  # lost: its commits are set aside, redone
-                storage.publish(local, self.job.dir / jobdir.SHARDS / f"{name}.parquet")
+                storage.publish(local, self.job.dir / jobdir.SHARDS / f"{name}.parquet",
+                                check=jobdir.commit_check(self.job))  # fmt: skip
                 marker.update(shard=f"{name}.parquet", bytes=local.stat().st_size, sha256=digest)
         return marker
 

@@ -349,3 +349,46 @@ def test_a_worker_whose_job_folder_is_submitted_again_under_it_leaves_the_new_jo
     assert {c.marker["worker"] for c in read_ledger(Job.open(d)).commits} == {"B"}
     assert_exactly_once(d, prepared[1])
     assert any(f"now holds job {again.id}" in line for line in said), said
+
+
+@pytest.mark.parametrize("where", ["marker", "shard"])
+def test_a_worker_paused_inside_its_commit_as_its_folder_is_submitted_again_leaves_the_new_job_alone(
+    tmp_path, prepared, tiny_gpt2, monkeypatch, where
+):
+    """As above, but A is paused inside its first commit: its shard in place and its claim checked, its marker not
+    written yet (`marker`), or its shard on its way (`shard`). Resumed once the new job has completed, it wrote
+    its marker (or shard) over the new job's of the same name (unit 0, epoch 0, seq 0): the new job's commit no
+    longer verified, and the completed job lost those rows. Neither is written over now: A's commit is refused."""
+    import shutil
+
+    from runner import jobdir, scheduler, storage
+
+    prompts, d = prepared[0].parent / "p.jsonl", tmp_path / "out"
+    create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=d, unit_rows=3)
+    paused, go = threading.Event(), threading.Event()
+    module, name = (jobdir, "write_marker") if where == "marker" else (storage, "publish")
+    original = getattr(module, name)
+
+    def pausing(*args, **kwargs):
+        if threading.current_thread().name == "A" and not paused.is_set():
+            paused.set()
+            assert go.wait(120), "never resumed"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, pausing)
+    said = []
+    a = threading.Thread(name="A", target=lambda: scheduler.work(job=str(d), echo=said.append, shard_rows=2))
+    a.start()
+    assert paused.wait(120), "worker A never committed"
+    shutil.rmtree(d)
+    again = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=d, unit_rows=3)
+    run_job(again, Engine(tiny_gpt2, OPTIONS), echo=None, owner=Owner.me("B"), shard_rows=2)
+    assert runner.status(d).state == "completed"
+    go.set()
+    a.join(120)
+    assert not a.is_alive()
+    status = runner.status(d)
+    assert status.state == "completed" and status.done == status.total, said
+    assert not (d / "quarantine").exists() or not any((d / "quarantine").iterdir())
+    assert {c.marker["worker"] for c in read_ledger(Job.open(d)).commits} == {"B"}
+    assert_exactly_once(d, prepared[1])
