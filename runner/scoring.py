@@ -102,34 +102,59 @@ def tokenize_texts(
 def split_context(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-evaluation-harness's `_encode_pair`: trailing whitespace of the
     context moves to the start of the continuation, the pair is encoded together, and the continuation is
-    whatever follows the length of the context's own encoding. An empty context becomes [BOS] (EOS)."""
+    whatever follows the length of the context's own encoding, where the pair's encoding starts with it (else
+    `_continuation_ids`: the continuation's own, or [] where that does not spell it). An empty context
+    becomes [BOS] (EOS)."""
     return split_contexts(tokenizer, [(context, continuation)])[0]
 
 
 def split_contexts(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     """`split_context` of each (context, continuation) pair, with all the encoding in one tokenizer call."""
     texts: list[str] = []
+    moved: list[str] = []  # each continuation with the context's trailing whitespace
     for context, continuation in pairs:
         spaces = len(context) - len(context.rstrip())
         if spaces:
             continuation = context[-spaces:] + continuation
             context = context[:-spaces]
+        moved.append(continuation)
         # An empty context encodes the continuation alone; otherwise the context, then context + continuation.
         texts.extend([continuation] if not context else [context, context + continuation])
     encoded = iter(encode_texts(tokenizer, texts, add_special_tokens=False))
     out = []
-    for context, _ in pairs:
+    for (context, _), continuation in zip(pairs, moved, strict=True):
         if not context.rstrip():
             out.append(([prefix_token_id(tokenizer)], next(encoded)))
         else:
-            ctx = next(encoded)
-            out.append((ctx, next(encoded)[len(ctx) :]))
+            ctx, whole = next(encoded), next(encoded)
+            out.append((ctx, _continuation_ids(tokenizer, ctx, whole, continuation)))
     return out
+
+
+def _continuation_ids(tokenizer: Any, ctx: list[int], whole: list[int], continuation: str) -> list[int]:
+    """The continuation's tokens after the context's own `ctx`: the end of the pair's encoding `whole`, as
+    lm-eval, where `whole` starts with `ctx`. Where it does not, a token of `whole` spans the seam ("th" +
+    "e" is "the"; a Japanese character's bytes), and its end would score other bytes than the continuation's
+    (one lost, or none at all): the continuation encoded alone instead, if its tokens spell exactly it (a
+    sentencepiece tokenizer's alone start with a space); else [] (the caller refuses the pair)."""
+    if whole[: len(ctx)] == ctx:
+        return whole[len(ctx) :]
+    alone = encode_texts(tokenizer, [continuation], add_special_tokens=False)[0]
+    return alone if b"".join(TokenText(tokenizer).bytes(alone)) == continuation.encode() else []
+
+
+SEAM_IN_A_TOKEN = (
+    "the pair's encoding has a token across the seam of context and continuation, and the continuation "
+    "alone does not encode to exactly its own text: split the pair where a token ends (at a space or a word)"
+)
 
 
 def fit_context(context: list[int], continuation: list[int], window: int | None) -> list[int]:
     """The context cut from the left so that context + continuation fits `window` fed tokens (+1 predicted
-    only), as lm-eval's `(context + continuation)[-(max_length + 1):]`."""
+    only), as lm-eval's `(context + continuation)[-(max_length + 1):]`. No continuation token: RunnerError
+    (`split_context` found none that spell it)."""
+    if not continuation:
+        raise RunnerError(SEAM_IN_A_TOKEN)
     if window is None or len(context) + len(continuation) <= window + 1:
         return context
     if len(continuation) > window:
@@ -470,9 +495,11 @@ def score_continuations(
     `loglikelihood`: `split_context`, then the context cut from the left to fit the window."""
     batch_size, max_batch_tokens = _sizes(engine, batch_size, max_batch_tokens, "score")
     seqs, froms = [], []
-    for context, continuation in pairs:
-        ctx, cont = split_context(engine.tokenizer, context, continuation)
-        ctx = fit_context(ctx, cont, engine.context_window)
+    for i, (ctx, cont) in enumerate(split_contexts(engine.tokenizer, pairs)):
+        try:
+            ctx = fit_context(ctx, cont, engine.context_window)
+        except RunnerError as e:
+            raise RunnerError(f"pairs[{i}]: {'continuation is empty' if not pairs[i][1] else e}") from None
         seqs.append(ctx + cont)
         froms.append(len(ctx))
     return in_batches(

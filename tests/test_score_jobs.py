@@ -312,3 +312,29 @@ def test_score_print_stopped_early_keeps_standard_output_for_scores(
     monkeypatch.setattr(scheduler, "run", stopped)
     result = invoke("score", "-", "-m", tiny_gpt2, "--print", input="one\ntwo\n")
     assert result.exit_code == 1 and result.stdout == "" and "results in " in result.stderr, result.output
+
+
+def test_a_pair_split_inside_a_token_is_scored_or_refused_never_a_crash(
+    tmp_path, tiny_gpt2, tiny_llama, gpt2_engine, llama_engine
+):
+    """("th", "e") encodes as one token "the": the continuation had no token after the context's, and the job
+    died on a ZeroDivisionError traceback at its first commit, every resume again (adversarial pass 157).
+    Under GPT-2's byte-level BPE the continuation is scored as its own tokens; where those do not spell it
+    (sentencepiece's alone start with a space) the row is refused naming its continuation."""
+    rows = [{"id": "seam", "context": "th", "continuation": "e"},
+            {"id": "ok", "context": "The cat", "continuation": " sat"}]  # fmt: skip
+    p = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    job, summary = runner.run(
+        p, tiny_gpt2, ScoreParams(), output=tmp_path / "g", engine=gpt2_engine, echo=None
+    )
+    df = runner.load_results(job.dir).set_index("id")
+    assert summary.finished and df.loc["seam", "num_tokens"] == 1 and list(df.loc["seam", "tokens"]) == ["e"]
+    llama_rows = [{"id": "seam", "context": "t", "continuation": "he"}, rows[1]]
+    p = write_jsonl(tmp_path / "llama.jsonl", llama_rows)
+    job, summary = runner.run(p, tiny_llama, ScoreParams(), output=tmp_path / "l", engine=llama_engine, echo=None,
+                              skip_invalid=True)  # fmt: skip
+    assert summary.finished and list(runner.load_results(job.dir)["id"]) == ["ok"]
+    (error,) = runner.read_errors(job.dir)
+    assert (
+        error["id"] == "seam" and error["field"] == "continuation" and "across the seam" in error["message"]
+    )

@@ -357,3 +357,26 @@ def test_a_model_whose_logits_are_more_than_its_output_layer_is_scored_from_its_
             assert res.token_logprobs == pytest.approx(plain_logprobs(engine, ids)[0], abs=1e-4)
     finally:
         handle.remove()
+
+
+def test_a_seam_inside_a_token_scores_exactly_the_continuation_or_refuses_the_pair(gpt2_engine, llama_engine):
+    """A pair whose seam falls inside a token of their joint encoding ("th" + "e" is one token "the"; "で" +
+    "ある" is a token holding "で" and the first bytes of "あ"): the end of the joint encoding after the
+    context's length scored other bytes than the continuation ("で\\ufffdる", one byte lost) or none at all,
+    and a job of such a pair died on a ZeroDivisionError at commit (adversarial pass 157). The continuation
+    is now its own encoding where that spells it exactly (byte-level BPE), and refused otherwise."""
+    from runner.tokens import TokenText
+
+    tok, texts = gpt2_engine.tokenizer, TokenText(gpt2_engine.tokenizer)
+    for context, continuation in [("th", "e"), ("で", "ある"), ("He", "llo"), ("quic", "k")]:
+        whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+        ctx, cont = split_context(tok, context, continuation)
+        assert whole[: len(ctx)] != ctx  # (the case in point)
+        assert b"".join(texts.bytes(cont)) == continuation.encode()
+        assert tok.decode(ctx + cont) == context + continuation
+    (score,) = score_continuations(gpt2_engine, [("th", "e")])
+    assert score.num_tokens == 1 and math.isfinite(score.logprob)
+    with pytest.raises(RunnerError, match=r"pairs\[1\]: the pair's encoding has a token across the seam"):
+        score_continuations(llama_engine, [("The cat", " sat"), ("t", "he")])
+    with pytest.raises(RunnerError, match=r"pairs\[0\]: continuation is empty"):
+        score_continuations(gpt2_engine, [("Hello", "")])
