@@ -338,3 +338,15 @@ def test_a_pair_split_inside_a_token_is_scored_or_refused_never_a_crash(
     assert (
         error["id"] == "seam" and error["field"] == "continuation" and "across the seam" in error["message"]
     )
+
+
+def test_truncate_left_is_refused_for_a_score_job(tmp_path, texts, tiny_gpt2, runner_home):
+    """`runner score --truncate left` was taken and did nothing: a long text is scored whole in windows and a
+    pair's context is cut anyway, so a user asking to keep the end got every token scored (adversarial pass
+    157). It is refused naming the option, as the other options score jobs do not use."""
+    r = invoke("score", texts, "-m", tiny_gpt2, "--truncate", "left")
+    assert r.exit_code == 1 and r.output.startswith("Error: --truncate: not used by score jobs"), r.output
+    assert "--stride" in r.output
+    with pytest.raises(runner.ParamError, match="not used by score jobs"):
+        create_job(texts, tiny_gpt2, ScoreParams(), truncate="left", job_dir=tmp_path / "j")
+    assert invoke("embed", texts, "-m", tiny_gpt2, "--truncate", "left", "--skip-invalid").exit_code == 0
