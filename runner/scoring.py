@@ -474,8 +474,8 @@ def score_texts(
     batch_size, max_batch_tokens = _sizes(engine, batch_size, max_batch_tokens, "score")
     seqs = [tokenize_text(engine.tokenizer, t, add_bos, add_eos) for t in texts]
     for i, s in enumerate(seqs):
-        if not s:
-            raise RunnerError(f"texts[{i}] has no token to score")
+        if len(s) < 2:  # (the first token is context only)
+            raise RunnerError(f"texts[{i}] has no token to score (it needs a context token before it)")
     return in_batches(
         lambda b, f: score_rows(engine, b, f, stride, batch_size, max_batch_tokens),
         seqs,

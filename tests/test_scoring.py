@@ -380,3 +380,13 @@ def test_a_seam_inside_a_token_scores_exactly_the_continuation_or_refuses_the_pa
         score_continuations(llama_engine, [("The cat", " sat"), ("t", "he")])
     with pytest.raises(RunnerError, match=r"pairs\[0\]: continuation is empty"):
         score_continuations(gpt2_engine, [("Hello", "")])
+
+
+def test_score_texts_refuses_an_empty_text_as_a_job_does(gpt2_engine):
+    """score_texts([""]) gave logprob 0.0 (probability 1, perplexity NaN) for the empty text, which is only its
+    BOS, and a one-token text without BOS the same; a score job refuses both rows (adversarial pass 157)."""
+    for texts, add_bos in (([""], True), (["Hello", "e"], False)):  # "e": one token
+        with pytest.raises(
+            RunnerError, match=rf"texts\[{len(texts) - 1}\] has no token to score \(it needs a"
+        ):
+            score_texts(gpt2_engine, texts, add_bos=add_bos)
