@@ -521,6 +521,9 @@ def embed_texts(
     """One vector per text, each encoded as a plain prompt (with the BOS the tokenizer adds, if any)."""
     batch_size, max_batch_tokens = _sizes(engine, batch_size, max_batch_tokens, "embed")
     seqs = [encode(engine.tokenizer, t, chat=False) for t in texts]
+    for i, s in enumerate(seqs):
+        if not s:
+            raise RunnerError(f"texts[{i}] encodes to no tokens: nothing to embed")
     return in_batches(
         lambda b: embed_batch(engine, b, pooling),
         seqs,

@@ -390,3 +390,10 @@ def test_score_texts_refuses_an_empty_text_as_a_job_does(gpt2_engine):
             RunnerError, match=rf"texts\[{len(texts) - 1}\] has no token to score \(it needs a"
         ):
             score_texts(gpt2_engine, texts, add_bos=add_bos)
+
+
+def test_embed_texts_names_the_text_that_encodes_to_no_tokens(gpt2_engine):
+    """embed_texts(["Hello", ""]) raised a bare ValueError "cannot embed an empty token sequence" from inside a
+    batch, naming no text (adversarial pass 157); it names the text, as score_texts does."""
+    with pytest.raises(RunnerError, match=r"texts\[1\] encodes to no tokens"):
+        embed_texts(gpt2_engine, ["Hello", ""])
