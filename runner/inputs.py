@@ -1165,7 +1165,9 @@ def _not_empty(prompt: str, field: str, messages_field: str | None) -> str:
     """`prompt`, unless blank. Rows that cannot be chats (`messages_field` None) are texts to score or embed,
     and are said so: "text: prompt is empty" misnamed a score file's text."""
     if not prompt.strip():
-        raise _Bad(field, f"{'prompt' if messages_field else 'text'} is empty")
+        noun = "prompt" if messages_field else "text"
+        shown = repr(prompt) if len(prompt) <= 20 else f"{len(prompt):,} characters"
+        raise _Bad(field, f"{noun} is empty" if not prompt else f"{noun} is only whitespace ({shown})")
     return prompt
 
 

@@ -41,7 +41,7 @@ BAD_LINES = [
     ('["a", "b"]', "p.jsonl:1: expected a JSON object per line, got array"),
     ('{"prompt": NaN}', "p.jsonl:1: invalid JSON (NaN is not valid JSON)"),
     ('{"prompt": 42}', "p.jsonl:1: prompt: must be a string, got number"),
-    ('{"prompt": "   "}', "p.jsonl:1: prompt: prompt is empty"),
+    ('{"prompt": "   "}', "p.jsonl:1: prompt: prompt is only whitespace ('   ')"),
     ('{"text": "no prompt here"}', "p.jsonl:1: prompt: missing (each row needs 'prompt' or 'messages'; the row "
      "has 'text'; --prompt-field or --template names the one to use)"),
     ('{"id": 1.5, "prompt": "x"}', "p.jsonl:1: id: must be a string or an integer, got number"),
@@ -446,12 +446,13 @@ def test_an_empty_text_to_score_or_embed_is_said_as_a_text_not_a_prompt(tmp_path
     prompts (adversarial pass 143)."""
     f = write_jsonl(tmp_path / "s.jsonl", ['{"text": "  "}', '{"body": ""}'])
     assert problems_of(f, prompt_field="text", messages_field=None)[0][0].endswith(
-        "s.jsonl:1: text: text is empty"
+        "s.jsonl:1: text: text is only whitespace ('  ')"
     )
     problems, _ = problems_of(f, prompt_field="body", messages_field=None)
     assert problems[1].endswith("s.jsonl:2: body: text is empty")
-    problems, _ = problems_of(write_jsonl(tmp_path / "p.jsonl", ['{"prompt": " "}']))
-    assert problems[0].endswith("p.jsonl:1: prompt: prompt is empty")  # (generation: as it was)
+    problems, _ = problems_of(write_jsonl(tmp_path / "p.jsonl", ['{"prompt": " "}', '{"prompt": ""}']))
+    assert problems[0].endswith("p.jsonl:1: prompt: prompt is only whitespace (' ')")  # ("empty" was untrue)
+    assert problems[1].endswith("p.jsonl:2: prompt: prompt is empty")
 
 
 @pytest.mark.parametrize("name", ["rows.jsonl", "rows.json"])

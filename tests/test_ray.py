@@ -67,7 +67,7 @@ def test_a_stage_checks_rows_as_submit_and_keeps_the_result_columns(tmp_path, ti
         {"id": "p", "text": None, "context": "The quick", "continuation": ""},
     ])).to_pandas().set_index("id")  # fmt: skip
     assert scored["error"].fillna("").to_dict() == {
-        "t": "", "e": "text: text is empty",
+        "t": "", "e": "text: text is only whitespace ('  ')",
         "p": "continuation: must be a non-empty string, got an empty string",
     }  # fmt: skip
     assert scored.loc["t", "num_tokens"] == len(scored.loc["t", "token_ids"]) > 0
@@ -259,7 +259,7 @@ def test_tiny_model_on_two_actors_equals_a_local_run_and_invalid_rows_are_error_
     assert_same_as(out[out["error"].isna()], ref)
     errors = out[out["error"].notna()].set_index("topic")["error"].to_dict()
     assert errors == {
-        1: "prompt: prompt is empty",
+        1: "prompt: prompt is only whitespace ('   ')",
         2: "temperature: temperature must be >= 0, got -1.0.",
         3: "id: missing: rows on Ray Data need their own id (results and checkpoints are keyed on it)",
         4: "prompt: missing (each row needs 'prompt' or 'messages'; the row has 'id', 'topic'; --prompt-field or "
