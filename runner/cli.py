@@ -866,12 +866,13 @@ def _queue(home: Any, job_ref: str | None) -> tuple[list[Any], int]:
 def _home_said(home: Any) -> str:
     """The job home looked in, and how to look elsewhere: a job submitted with --home (on Drive) is not in the
     default ./jobs of a plain `runner status` (pass 33)."""
-    from .jobdir import default_home
+    from .jobdir import default_home, missing_home
 
     given = home is not None or os.environ.get("RUNNER_HOME")
-    return f"{home if home is not None else default_home()}" + (
-        "" if given else " (the default job home; --home DIR or $RUNNER_HOME for another)"
-    )
+    root = home if home is not None else default_home()
+    if given and (missing := missing_home(root)):  # a mistyped --home said only "no jobs in /typo"
+        return f"{root} ({missing}: a mistyped --home or $RUNNER_HOME, or a Drive not mounted yet?)"
+    return f"{root}" + ("" if given else " (the default job home; --home DIR or $RUNNER_HOME for another)")
 
 
 def _last_of_each(summaries: list[Any]) -> list[Any]:

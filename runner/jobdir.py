@@ -197,6 +197,15 @@ def default_home() -> Path:
     return Path(os.environ.get("RUNNER_HOME") or "jobs")
 
 
+def missing_home(root: str | os.PathLike) -> str:
+    """Why a job home holds no job because it is not there at all, or "" when it is a folder: `runner status
+    --home /typo` said only "no jobs in /typo", as of an empty home (a mistyped --home, a Drive not mounted yet)."""
+    found = storage.kind(root)
+    if found == "dir" or (found == "link" and storage.is_there(root, stat.S_ISDIR)):
+        return ""
+    return "no such folder" if found is None else "not a folder"
+
+
 def new_job_id() -> str:
     """Time-sortable and unique: 20261122-184455-3f9a1c."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
@@ -269,6 +278,8 @@ def _in_home(text: str, root: Path) -> Path:
     if len(named) > 1:
         ids = ", ".join(p.name for p in named)
         raise RunnerError(f"several jobs are named {text!r}; use the job id ({ids})")
+    if missing := missing_home(root):
+        raise RunnerError(f"no job {text!r} in {root}: {missing} (a mistyped --home or $RUNNER_HOME?)")
     raise RunnerError(f"no job {text!r} in {root}{_did_you_mean(text, jobs)}")
 
 

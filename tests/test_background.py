@@ -180,6 +180,7 @@ def test_ctrl_c_on_watch_and_an_empty_home_say_what_they_are(tmp_path, tiny_gpt2
     monkeypatch.chdir(tmp_path)
     said = invoke("status").stdout
     assert said.strip() == "no jobs in jobs (the default job home; --home DIR or $RUNNER_HOME for another)"
+    (tmp_path / "other").mkdir()
     assert invoke("--home", tmp_path / "other", "status").stdout.strip() == f"no jobs in {tmp_path / 'other'}"
 
 

@@ -1185,3 +1185,21 @@ def test_a_model_that_does_not_read_is_looked_at_once_per_status_and_its_jobs_sh
         assert shown[job_id]["message"].startswith(f"cannot read the model {model!r}")
     one = invoke("status", ids[0])
     assert one.exit_code == 0 and "state:    queued - cannot read the model" in one.stdout, one.output
+
+
+def test_a_job_home_that_is_not_there_is_said_so(tmp_path):
+    """`runner status --home /typo` said "no jobs in /typo", as of an empty home: a mistyped --home (or a Drive
+    not mounted yet) read as "my jobs are gone"."""
+    typo = tmp_path / "typo"
+    said = invoke("--home", typo, "status")
+    assert said.exit_code == 0 and said.stdout.strip() == (
+        f"no jobs in {typo} (no such folder: a mistyped --home or $RUNNER_HOME, or a Drive not mounted yet?)"
+    )
+    assert "no such folder" in invoke("--home", typo, "work").stderr
+    one = invoke("--home", typo, "status", "night1")
+    assert one.exit_code == 1 and one.output.strip() == (
+        f"Error: no job 'night1' in {typo}: no such folder (a mistyped --home or $RUNNER_HOME?)"
+    )
+    typo.mkdir()
+    assert invoke("--home", typo, "status").stdout.strip() == f"no jobs in {typo}"  # there, and empty
+    assert not (typo / "logs").exists() and list(typo.iterdir()) == []
