@@ -1147,7 +1147,8 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
         problem = export_type_problem(path) if fmt == "table" and path else None
         if problem:
             raise click.BadParameter(problem, param_hint=hint)
-    rows, errors = export_results(job_ref, to_path, ctx.obj["home"], fmt, errors_to)
+    written = export_results(job_ref, to_path, ctx.obj["home"], fmt, errors_to)
+    rows, errors = written
     if fmt == "openai":
         _echo(
             f"wrote {counted(rows, 'response lines')} to {to_path}"
@@ -1164,6 +1165,8 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
             f"wrote {counted(rows, 'rows')} to {to_path}"
             + (f" and {counted(errors, 'errors')} to {errors_to}" if errors_to else "")
         )
+    if written.lost:  # `runner results J --to f && upload f` must not upload a partial file
+        raise RunnerError(f"{to_path} was written, but without rows the job had: {written.lost}")
 
 
 def _shortened(text: object, width: int = PROMPT_PREVIEW) -> object:

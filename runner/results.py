@@ -481,21 +481,9 @@ def load_results(
     folder (such as `runner run -o out/`), or a Parquet file of results. Rows not generated yet are absent;
     `runner status` says how many.
     """
-
-    from .jobdir import Job, naming_broken, read_parquet
-
     if format not in RESULT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RESULT_FORMATS)}, got {format!r}")
-    path, is_file = resolve_source(source, home)
-    if is_file:  # (an exported results file on a Drive mount: a transient error is read again)
-        table = storage.retry(lambda: read_parquet(path), f"read {path}")
-    else:
-        with naming_broken(path):
-            job = Job.open(path)
-            table = read_results_table(job)
-        _warn_if_partial(job, table.num_rows)
-    if ORDER in table.column_names:
-        table = table.drop([ORDER])
+    table, _ = _results_and_loss(source, home)
     if format == "arrow":
         return table
     if format == "datasets":
@@ -503,6 +491,22 @@ def load_results(
 
         return datasets.Dataset(table)
     return to_pandas(table)
+
+
+def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None) -> tuple[pa.Table, str]:
+    """`load_results`' table, and why results the job had are missing from it ("" when none are: a job still
+    running, cancelled or failed is only not done yet; its missing rows are warned of all the same)."""
+    from .jobdir import Job, naming_broken, read_parquet
+
+    path, is_file = resolve_source(source, home)
+    if is_file:  # (an exported results file on a Drive mount: a transient error is read again)
+        table, lost = storage.retry(lambda: read_parquet(path), f"read {path}"), ""
+    else:
+        with naming_broken(path):
+            job = Job.open(path)
+            table = read_results_table(job)
+        lost = _warn_if_partial(job, table.num_rows)
+    return (table.drop([ORDER]) if ORDER in table.column_names else table), lost
 
 
 def to_pandas(table: pa.Table) -> pd.DataFrame:
@@ -522,37 +526,40 @@ def to_pandas(table: pa.Table) -> pd.DataFrame:
     return df
 
 
-def _warn_if_partial(job: Any, rows: int) -> None:
+def _warn_if_partial(job: Any, rows: int) -> str:
     """Results missing rows are said, not silent: those of a job not complete yet (queued, running, cancelled,
     failed), and those of a completed job that lost rows since (a damaged commit: `runner repair`). A job with
-    all its `rows` is not asked about (no second read of the ledger)."""
+    all its `rows` is not asked about (no second read of the ledger). Returns why rows were lost (a broken job),
+    else ""."""
     from .job_status import job_status
 
     if rows >= job.spec.total:
-        return
+        return ""
     try:
         s = job_status(job)
     except storage.StorageError as e:
         # the mount failing through the retries: the results may be partial, say so
         warnings.warn(f"job {job.id}: these are {rows:,} of its {job.spec.total:,} results, and whether the rest "
-                      f"are still to come could not be read ({e})", stacklevel=3)  # fmt: skip
-        return
-    except RunnerError:
-        return  # broken (its shards were read and checked one by one, each left out named): nothing to add
+                      f"are still to come could not be read ({e})", stacklevel=4)  # fmt: skip
+        return ""
+    except RunnerError as e:  # broken (its shards were read and checked one by one, each left out named)
+        return f"job {job.id} is broken: {e}"
     # (the counts said are of the rows returned: the status is a second read, and the job may have moved on
     # since the shards were read; pass 74)
     if s.state == "broken":
         warnings.warn(f"job {s.id} is broken: {s.message}; these are {rows:,} of its {job.spec.total:,} results",
-                      stacklevel=3)  # fmt: skip
+                      stacklevel=4)  # fmt: skip
+        return f"job {s.id} is broken: {s.message}"
     elif s.state == "completed":  # its other rows are row errors, unless it completed as they were read
         if s.done > rows:
             warnings.warn(f"job {s.id} completed while its results were being read: these are {rows:,} of its "
-                          f"{s.done:,} results; load them again for all", stacklevel=3)  # fmt: skip
+                          f"{s.done:,} results; load them again for all", stacklevel=4)  # fmt: skip
     else:
         rest = ("the rest are not computed yet" if s.state.startswith(("queued", "running")) else
                 f"the rest are computed only after `runner retry {shlex.quote(str(job.dir))}`")  # fmt: skip
         warnings.warn(f"job {s.id} is {s.state}: these are {rows:,} of its {s.total:,} results ({rest})",
-                      stacklevel=3)  # fmt: skip
+                      stacklevel=4)  # fmt: skip
+    return ""
 
 
 def score_lines(df: Any, tokens: bool = False) -> Iterator[str]:
@@ -589,12 +596,22 @@ def export_type_problem(to: str | os.PathLike) -> str | None:
     return f"unknown type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .parquet"
 
 
-class Exported(NamedTuple):
-    """What `export_results` wrote: `rows` (rows, or Batch response lines) and `errors` (Batch error lines, or
-    error rows to `errors_to`)."""
-
+class _Counts(NamedTuple):
     rows: int
     errors: int
+
+
+class Exported(_Counts):
+    """What `export_results` wrote: `rows` (rows, or Batch response lines) and `errors` (Batch error lines, or
+    error rows to `errors_to`); `lost`: why rows the job had computed are not in the file (a job broken since,
+    which `runner results` exits 1 on, after writing), "" when none are (a job still running is not done yet)."""
+
+    lost: str = ""
+
+    def losing(self, lost: str) -> Exported:
+        """These counts, of an export that `lost` says is missing rows."""
+        self.lost = lost
+        return self
 
 
 def export_results(
@@ -628,9 +645,9 @@ def export_results(
         if problem := export_type_problem(path):
             raise ValueError(f"{path}: {problem}")
     if errors_to is None:
-        table = load_results(source, home, format="arrow")
+        table, lost = _results_and_loss(source, home)
         _write_whole(table, Path(to))
-        return Exported(table.num_rows, 0)
+        return Exported(table.num_rows, 0).losing(lost)
     if to is None:  # the errors alone: the refused input lines and the row errors, as beside an export
         check_export_target(Path(errors_to))
         errors = _errors_table(read_errors(source, home))
@@ -641,7 +658,7 @@ def export_results(
     # before it (its errors listed, their rows not there), never rows without the errors that explain the gap;
     # a row the retry's worker computed meanwhile is a row, its error gone (pass 94: it was both)
     errors = read_errors(source, home)
-    table = load_results(source, home, format="arrow")
+    table, lost = _results_and_loss(source, home)
     errors = _errors_table(_not_answered_since(errors, table))
     # both staged whole first (a full disk leaves the older pair as it was); then a kill between the two renames
     # leaves no errors file, never an older one beside new rows
@@ -649,7 +666,7 @@ def export_results(
         storage.remove(errors_to)
         place_rows()
         place_errors()
-    return Exported(table.num_rows, errors.num_rows)
+    return Exported(table.num_rows, errors.num_rows).losing(lost)
 
 
 def refuse_inside_job(job_dir: str | os.PathLike, *paths: str | os.PathLike | None) -> None:

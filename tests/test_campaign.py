@@ -913,13 +913,15 @@ class Round:
         return self.export(".parquet", when, complete, jid)
 
     def export(self, suffix: str, when: str, complete: bool, jid: str | None) -> list | None:
-        """`runner results JOB --to FILE` (through the transient read errors): the rows it wrote (checked), or
-        None when it refused (fine unless the job is `complete`; no file written then)."""
+        """`runner results JOB --to FILE` (through the transient read errors): the rows it wrote (checked; a
+        damaged job's are written and said with exit 1), or None when it refused (fine unless the job is
+        `complete`; no file written then)."""
         jid = jid or self.jid
         self.reads += 1
         path = self.dir / f"export-{self.reads}{suffix}"
         rc, out = self.cli("results", jid, "--to", str(path), eio=True)
-        if rc != 0:
+        partial = rc == 1 and "was written, but without rows the job had" in out  # a damaged job's, said so
+        if rc != 0 and not partial:
             self.c.notes[f"export refused {when}"] += 1
             if complete or rc is None or "Traceback" in out:
                 self.anomaly(f"`runner results --to {path.name}` {when} exited with {rc}:\n{out}")

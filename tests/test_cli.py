@@ -1203,3 +1203,30 @@ def test_a_job_home_that_is_not_there_is_said_so(tmp_path):
     typo.mkdir()
     assert invoke("--home", typo, "status").stdout.strip() == f"no jobs in {typo}"  # there, and empty
     assert not (typo / "logs").exists() and list(typo.iterdir()) == []
+
+
+def test_an_export_of_a_job_that_lost_rows_exits_1_after_writing(tmp_path, prompts, tiny_gpt2, runner_home):
+    """`runner results J --to f && upload f`: a completed job whose shard was lost since wrote 0 of its 2 rows,
+    warned, and exited 0, so the upload went on. It still writes what verifies, and exits 1 saying so; a job
+    not done yet (queued, running) exports its rows so far with exit 0, as before."""
+    import shutil
+
+    job_id = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
+    queued = invoke("results", job_id, "--to", tmp_path / "q.jsonl")
+    assert queued.exit_code == 0 and "is queued: these are 0 of its 2 results" in queued.stderr
+    assert invoke("work").exit_code == 0
+    shutil.rmtree(runner_home / job_id / "shards")
+    for name in ("r.csv", "r.jsonl"):
+        result = invoke("results", job_id, "--to", tmp_path / name, "--errors-to", tmp_path / f"e-{name}")
+        assert result.exit_code == 1 and (tmp_path / name).exists(), result.output
+        assert (
+            f"Error: {tmp_path / name} was written, but without rows the job had: job {job_id} is broken: "
+            "completed, but 2 result rows are missing" in result.stderr
+        )
+    with pytest.warns(UserWarning, match="is broken"):
+        assert runner.export_results(job_id, tmp_path / "p.jsonl").lost.startswith(
+            f"job {job_id} is broken: "
+        )
+    assert invoke("repair", job_id).exit_code == 0 and invoke("work").exit_code == 0
+    again = invoke("results", job_id, "--to", tmp_path / "r.csv")
+    assert again.exit_code == 0 and runner.export_results(job_id, tmp_path / "p.jsonl").lost == ""
