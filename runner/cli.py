@@ -422,10 +422,12 @@ def _run_kind(
         else:
             click.echo(str(job.dir))
         raise SystemExit(130 if stop() else 1)
-    speed = (
+    speed = (  # (none computed here, the job not done before: other workers did it while this one waited)
         ("" if kind == "embed" else f", {summary.tokens_per_second:,.1f} tok/s")
         if summary.generated
         else ", already done before: nothing computed"
+        if summary.done_before
+        else ""
     )
     _echo(
         f"done: {summary.done:,}/{summary.total:,} {job.spec.count_noun}, {counted(summary.errors, 'errors')}{speed}"

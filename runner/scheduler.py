@@ -55,7 +55,7 @@ def run(
     if kept and echo:
         echo(f"job {job.id} keeps the engine options it was submitted with: {kept}; a new -o folder (or --name) "
              "runs with the new ones")  # fmt: skip
-    _heal(job, echo)
+    done_before = _heal(job, echo)
     # As `runner work --job`: units another live worker holds (a second VM on the job) are waited for, and
     # taken over if it dies, so the run ends when the job does (or at `stop()`), not when nothing is left to claim.
     unrunnable: list[Job] = []
@@ -80,7 +80,7 @@ def run(
         )
     return job, replace(
         last, generated=sum(s.generated for s in summaries), tokens=sum(s.tokens for s in summaries),
-        seconds=sum(s.seconds for s in summaries),
+        seconds=sum(s.seconds for s in summaries), done_before=done_before,
     )  # fmt: skip
 
 
@@ -100,21 +100,23 @@ def _kept_options(job: Job, options: Any) -> str:
                      if v != default.get(k) and k in stored and stored[k] != v)  # fmt: skip
 
 
-def _heal(job: Job, echo: Callable[[str], None] | None) -> None:
+def _heal(job: Job, echo: Callable[[str], None] | None) -> bool:
     """A completed job whose results no longer all verify (a shard damaged or lost since): running the same
     command again carries on, as it promises, by repairing the job (jobdir.repair sets the bad commits aside
-    and re-queues it), so that this run computes the missing rows again."""
+    and re-queues it), so that this run computes the missing rows again. Returns whether the job is complete
+    already, with all its results: nothing to compute."""
     try:
         progress = jobdir.job_progress(job) if job.state().state is JobState.COMPLETED else None
     except BrokenJob:
-        return  # `runner status` says what is wrong; work skips it
+        return False  # `runner status` says what is wrong; work skips it
     if progress is None or progress.complete:
-        return
+        return progress is not None
     report = jobdir.repair(job.dir)
     if echo:
         missing = progress.total - progress.done - progress.failed
         echo(f"job {job.id} had completed, but {counted(missing, 'result rows', 'are')} missing or failed verification "
              f"({counted(len(report.quarantined), 'commits')} set aside in quarantine/): computing them again")  # fmt: skip
+    return False
 
 
 @dataclass

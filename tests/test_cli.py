@@ -36,6 +36,28 @@ def test_run_generates_and_prints_the_job_folder(tmp_path, prompts, tiny_gpt2):
     )  # (not "0.0 tok/s")
 
 
+def test_a_run_whose_rows_another_worker_computed_does_not_say_they_were_done_before(
+    tmp_path, prompts, tiny_gpt2, monkeypatch
+):
+    """The same `runner run` in two notebooks: the one that waited while the other computed every row said
+    "already done before: nothing computed", under "completed by another worker". Here the other worker
+    finishes the job inside this run's `work` (as it does while this one waits for its units)."""
+    from runner import scheduler
+
+    own_work = scheduler.work
+
+    def another_worker_does_it(**kw):
+        own_work(job=kw["job"], echo=None)
+        return []
+
+    monkeypatch.setattr(scheduler, "work", another_worker_does_it)
+    args = ("run", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2, "-o", tmp_path / "out")
+    first = invoke(*args)
+    assert first.exit_code == 0 and "done: 2/2 rows, 0 errors" in first.stderr, first.output
+    assert "already done before" not in first.stderr
+    assert "done: 2/2 rows, 0 errors, already done before: nothing computed" in invoke(*args).stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
