@@ -436,6 +436,18 @@ def _refuse_names_twice(path: Path, names: list[str], line: int, holder: str) ->
         raise InputError([problem], header="cannot read the prompt file")
 
 
+def _refuse_other_separator(path: Path, header: list[str]) -> None:
+    """A CSV whose header reads as one column holding ';' or tabs between names (Excel in a European or
+    Japanese locale saves with ';', a TSV renamed .csv) is refused, saying so: it said of every row "prompt:
+    missing ... the row has 'id;prompt'", and left the user to work out why."""
+    for sep, said in ((";", "semicolons (;)"), ("\t", "tabs")):
+        if len(header) == 1 and len(header[0].split(sep)) > 1:
+            why = (f"the header {header[0]!r} reads as one column: its names are separated by {said}, and a CSV "
+                   "file's by commas; save it from Excel as \"CSV UTF-8 (Comma delimited)\", or read it with "
+                   f"pandas.read_csv(..., sep={sep!r}) and pass the DataFrame to runner.run")  # fmt: skip
+            raise InputError([Problem(str(path), 1, None, why)], header="cannot read the prompt file")
+
+
 def _csv_batches(path: Path) -> Any:
     """The CSV file's record batches, every column as the text the file holds: a CSV cell is text, and a type
     guessed from the first block would change values (an id or a key 007 read as 7, 0x1F as 31, a 20-digit key
@@ -456,6 +468,7 @@ def _csv_batches(path: Path) -> Any:
         raise _not_utf8_error(path) from e
     index = header[:1] == [""] and "" not in header[1:]  # the unnamed first column df.to_csv() writes
     _refuse_names_twice(path, header, 1, "the header")
+    _refuse_other_separator(path, header)
     types = {c: pa.string() for c in header}
     data = header[1:] if index else []  # [] reads every column
     options = pcsv.ConvertOptions(column_types=types, include_columns=data, strings_can_be_null=False)

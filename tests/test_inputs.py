@@ -238,6 +238,22 @@ def test_a_latin1_csv_is_not_utf8_with_no_guess(tmp_path):
     )
 
 
+@pytest.mark.parametrize(("sep", "said"), [(";", "semicolons (;)"), ("\t", "tabs")], ids=["semicolon", "tab"])
+def test_a_csv_separated_by_semicolons_or_tabs_is_said_so(tmp_path, sep, said):
+    """Excel in a European or Japanese locale saves "CSV" with ';' (a TSV renamed .csv has tabs): every row was
+    "prompt: missing ... the row has 'id;prompt'", with no word of the separator. A comma CSV whose one column
+    holds ';' in its cells is read as before."""
+    path = tmp_path / "p.csv"
+    path.write_text(f"id{sep}prompt\n1{sep}こんにちは\n2{sep}今日は晴れ\n", encoding="utf-8")
+    assert problems_of(path)[1] == (
+        f"cannot read the prompt file: {path}:1: the header {f'id{sep}prompt'!r} reads as one column: its names "
+        f"are separated by {said}, and a CSV file's by commas; save it from Excel as \"CSV UTF-8 (Comma "
+        f'delimited)", or read it with pandas.read_csv(..., sep={sep!r}) and pass the DataFrame to runner.run'
+    )
+    path.write_text(f'prompt\n"a{sep}b"\nc{sep}d\n', encoding="utf-8")
+    assert [r.prompt for r in read_prompts(path).rows] == [f"a{sep}b", f"c{sep}d"]
+
+
 @pytest.mark.parametrize(("bad", "got"), [('c,say "hi", then stop', 3), ("c", 1)])
 def test_a_csv_row_with_more_or_fewer_cells_than_the_header_is_named_by_its_line(tmp_path, bad, got):
     """An unquoted comma in a prompt (a hand edit, a spreadsheet): pyarrow's parse error named neither the line
