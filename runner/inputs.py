@@ -371,6 +371,10 @@ def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | No
         for batch in batches:
             for obj in batch.to_pylist():
                 line += 1
+                if fmt == "csv" and not any(
+                    obj.values()
+                ):  # a spreadsheet's blank row (",,"), as a blank line
+                    continue
                 yield line, obj, None
                 if fmt == "csv":  # the line breaks of its quoted cells: the next row starts that much further
                     line += sum(v.count("\n") for v in obj.values() if isinstance(v, str))

@@ -254,6 +254,17 @@ def test_a_csv_separated_by_semicolons_or_tabs_is_said_so(tmp_path, sep, said):
     assert [r.prompt for r in read_prompts(path).rows] == [f"a{sep}b", f"c{sep}d"]
 
 
+def test_a_spreadsheets_blank_row_in_a_csv_is_skipped_as_a_blank_line(tmp_path):
+    """Excel writes a blank row inside its range as ",": every such row was refused ("id: must be a non-empty
+    string", or "prompt: prompt is empty"), where a blank line is skipped. The rows keep their line numbers."""
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,note\r\nhello,\r\n,\r\nworld,x\r\n,\r\n", encoding="utf-8")
+    rows = read_prompts(path).rows
+    assert [(r.id, r.prompt) for r in rows] == [("2", "hello"), ("4", "world")]
+    path.write_text("prompt,note\r\nhello,\r\n,x\r\n", encoding="utf-8")  # a row with a cell is a row
+    assert problems_of(path)[0] == [f"{path}:3: prompt: prompt is empty"]
+
+
 @pytest.mark.parametrize(("bad", "got"), [('c,say "hi", then stop', 3), ("c", 1)])
 def test_a_csv_row_with_more_or_fewer_cells_than_the_header_is_named_by_its_line(tmp_path, bad, got):
     """An unquoted comma in a prompt (a hand edit, a spreadsheet): pyarrow's parse error named neither the line
