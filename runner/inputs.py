@@ -1166,7 +1166,10 @@ def _prompt_or_messages(
     wanted = [prompt_field] + ([messages_field] if messages_field else [])
     if pair_fields:
         wanted.append(" + ".join(pair_fields))
-    raise _Bad(prompt_field, "missing (each row needs " + " or ".join(repr(w) for w in wanted) + ";"
+    what = (
+        "must be a string, got null" if prompt_field in obj else "missing"
+    )  # ("the row has 'id'" of a null)
+    raise _Bad(prompt_field, what + " (each row needs " + " or ".join(repr(w) for w in wanted) + ";"
                + _fields_it_has(obj) + f"; --{'text' if prompt_field == 'text' else 'prompt'}-field or --template names "
                "the one to use)")  # fmt: skip
 

@@ -44,6 +44,8 @@ BAD_LINES = [
     ('{"prompt": "   "}', "p.jsonl:1: prompt: prompt is only whitespace ('   ')"),
     ('{"text": "no prompt here"}', "p.jsonl:1: prompt: missing (each row needs 'prompt' or 'messages'; the row "
      "has 'text'; --prompt-field or --template names the one to use)"),
+    ('{"id": "a", "prompt": null}', "p.jsonl:1: prompt: must be a string, got null (each row needs 'prompt' or "
+     "'messages'; the row has 'id'; --prompt-field or --template names the one to use)"),  # was "missing"
     ('{"id": 1.5, "prompt": "x"}', "p.jsonl:1: id: must be a string or an integer, got number"),
     ('{"id": "", "prompt": "x"}', "p.jsonl:1: id: must be a non-empty string"),
     ('{"prompt": "\\ud800"}', "p.jsonl:1: contains a lone surrogate escape (such as \\ud800), not valid Unicode"),
