@@ -585,8 +585,7 @@ def _completion(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int
         if chat:
             lp = _chat_logprobs(r, toks, texts.bytes(r["token_ids"]), req["k"] or 0)
         else:
-            special = set(getattr(texts.tokenizer, "all_special_tokens", ()))
-            lp = _text_logprobs(r, req, toks, texts.pieces(prompt_ids) if req.get("echo") else [], special)
+            lp = _text_logprobs(r, req, texts, toks, prompt_ids)
         if chat:
             choices.append({"index": int(r["sample"]), "message": {"role": "assistant", "content": r["text"],
                             "refusal": None}, "finish_reason": r["finish_reason"], "logprobs": lp})  # fmt: skip
@@ -638,36 +637,72 @@ def _alt_bytes(entry: dict[str, Any]) -> list[int]:
     return [int(b) for b in raw] if raw is not None else list(entry["token"].encode("utf-8"))
 
 
-def _text_logprobs(
-    r: Any, req: dict[str, Any], pieces: list[str], prompt_pieces: list[str], special: set[str] = frozenset()
-) -> dict[str, Any] | None:
-    """`logprobs` of a text completion; with echo the prompt's tokens come first, `text_offset` counting
-    characters of the echoed text (`special`: the tokenizer's special-token pieces, see _prompt_offsets)."""
+def _text_logprobs(r: Any, req: dict[str, Any], texts: Any, pieces: list[str], prompt_ids: list[int]) -> Any:
+    """`logprobs` of a text completion (None when none were kept); with echo the prompt's tokens come first.
+    `pieces`: each generated token's text in place, which `text_offset` counts (in characters of the echoed
+    text); `tokens` and the `top_logprobs` keys name each token by `_token_name`."""
     tops = _tops(r)
     if tops is None:
         return None
     tokens, lps, top_list, offsets = [], [], [], []
     at = len(r["prompt"]) if req.get("echo") else 0
     if req.get("echo") and r.get("prompt_logprobs") is not None:
+        prompt_pieces = texts.pieces(prompt_ids)
+        special = set(getattr(texts.tokenizer, "all_special_tokens", ()))
         starts = _prompt_offsets(r["prompt"], prompt_pieces, special)
+        names = _token_names(prompt_pieces, texts.bytes(prompt_ids))
         # The prompt's tokens come first. The first one has no log-prob (nothing before it): the openai
         # types allow no null there, so it is left out, as are alternatives we do not compute for prompts.
         for j, lp in enumerate(r["prompt_logprobs"]):
             if lp is None or lp != lp:
                 continue
-            tokens.append(prompt_pieces[j] if j < len(prompt_pieces) else "")
+            tokens.append(names[j] if j < len(names) else "")
             lps.append(float(lp))
             top_list.append({})
-            offsets.append(starts[j] if j < len(starts) else at)
+            offsets.append(starts[j] + _lead(prompt_pieces[j], tokens[-1]) if j < len(starts) else at)
+    names = _token_names(pieces, texts.bytes(r["token_ids"]))
     for i, lp in enumerate(r["token_logprobs"]):
-        tok = pieces[i] if i < len(pieces) else ""
-        tokens.append(tok)
+        tokens.append(names[i] if i < len(names) else "")
         lps.append(float(lp))
         step = _with_chosen(tops[i], req["k"] or 0, r["token_ids"][i]) if i < len(tops) else []
-        top_list.append({t["token"]: float(t["logprob"]) for t in step})
-        offsets.append(at)
-        at += len(tok)
+        # (the chosen token keyed as `tokens` names it, so its entry there is its log-prob)
+        top_list.append({tokens[-1] if t.get("token_id") == r["token_ids"][i] else _alt_name(t):
+                         float(t["logprob"]) for t in step})  # fmt: skip
+        piece = pieces[i] if i < len(pieces) else ""
+        offsets.append(at + _lead(piece, tokens[-1]))
+        at += len(piece)  # (its text in place, not its name: offsets count characters of the text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_list, "text_offset": offsets}
+
+
+def _token_name(text: str, raw: bytes | None) -> str:
+    """A completion token as `logprobs.tokens` and the `top_logprobs` keys name it, as the OpenAI API does: its
+    text, or, where its bytes are not UTF-8 on their own (part of a character split over byte tokens),
+    "bytes:" and those bytes as \\xNN escapes ("bytes:\\xe3\\x81"). By text, every such token read "\ufffd" (or
+    "" in place), and `top_logprobs`, one key per name, kept one of them with another's log-prob (pass 158)."""
+    if raw is None:  # (shards written before `bytes` was recorded: the text is all there is)
+        return text
+    try:
+        own = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    # read in place after a character left unfinished, it shows that character's "\ufffd" first: not its own
+    lead = text[: len(text) - len(own)] if len(text) > len(own) and text.endswith(own) else ""
+    return own if lead and set(lead) == {"\ufffd"} else text
+
+
+def _lead(piece: str, name: str) -> int:
+    """Where a token named `name` starts in its text in place `piece`: after the "\ufffd" of an unfinished
+    character before it that `_token_name` leaves out (0 for a "bytes:" name: at its character)."""
+    return len(piece) - len(name) if name != piece and piece.endswith(name) else 0
+
+
+def _token_names(pieces: list[str], raw: list[bytes]) -> list[str]:
+    return [_token_name(p, b) for p, b in zip(pieces, raw, strict=False)]
+
+
+def _alt_name(entry: dict[str, Any]) -> str:
+    raw = entry.get("bytes")
+    return _token_name(entry["token"], None if raw is None else bytes(int(b) for b in raw))
 
 
 def _with_chosen(step: list[dict[str, Any]], k: int, chosen: int) -> list[dict[str, Any]]:

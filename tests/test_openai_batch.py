@@ -1132,3 +1132,70 @@ def test_options_that_say_what_the_model_reads_are_refused_for_a_batch_file(tmp_
         create_job(path, tiny_llama, GenerationParams(max_new_tokens=2), served_model_names=("tiny",),
                    job_dir=tmp_path / "job", **{option: given})  # fmt: skip
     assert not (tmp_path / "job").exists()
+
+
+def _token_bytes(name):
+    """The bytes a completions `logprobs` token name stands for ("bytes:\\xe3\\x81" -> b"\xe3\x81")."""
+    return bytes.fromhex(name[6:].replace("\\x", "")) if name.startswith("bytes:") else name.encode()
+
+
+def _named(text, raw):
+    """The name OpenAI's completions logprobs give a token: its text, or "bytes:\\xNN..." if not UTF-8 alone."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return text
+
+
+def test_completion_tokens_split_inside_a_character_are_named_by_their_bytes(
+    tmp_path, tiny_gpt2, gpt2_engine
+):
+    """GPT-2's byte-level BPE splits Japanese characters over tokens holding part of one; each such token read
+    "\ufffd", so `top_logprobs` (a dict keyed by token text) kept one of a step's "\ufffd" alternatives, the
+    chosen one (added last) written over a likelier one: {"\ufffd": -6.37} where one at -2.9 was asked for
+    (adversarial pass 158). As the OpenAI API does, such a token is named "bytes:" and its bytes as \\xNN
+    escapes, in `tokens` and in `top_logprobs` alike, and `text_offset` still counts characters of the text."""
+    prompt = "日本語の文章です"
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 20,
+            "echo": True}  # fmt: skip
+    path = write_jsonl(tmp_path / "b.jsonl", [request("j", "/v1/completions", body)])
+    job = create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=8), served_model_names=("tiny",),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert export(job, tmp_path / "out.jsonl") == (1, 0)
+    choice = check_output_line(json.loads((tmp_path / "out.jsonl").read_text())).choices[0]
+    lp, row = choice.logprobs, runner.load_results(job).iloc[0]
+    echoed = len(lp.tokens) - len(row["token_ids"])  # the prompt's tokens (from its second on) come first
+    split = 0
+    for i, (alts, got) in enumerate(zip(row["top_logprobs"], lp.top_logprobs[echoed:], strict=True)):
+        split = max(split, sum(a["token"] == "\ufffd" for a in alts))
+        assert len(got) == len(alts), (i, got)  # every alternative kept (20, or 21 with the chosen one)...
+        want = {_named(a["token"], bytes(a["bytes"])): pytest.approx(float(a["logprob"])) for a in alts}
+        assert got == want, i  # ... each under its name, with its own log-prob
+        # the chosen one under the name `tokens` gives it
+        assert got[lp.tokens[echoed + i]] == lp.token_logprobs[echoed + i]
+    assert split >= 2  # (a step had two or more alternatives that read "\ufffd")
+    prompt_names = lp.tokens[:echoed]
+    assert any(t.startswith("bytes:") for t in prompt_names)
+    assert prompt.encode().endswith(b"".join(map(_token_bytes, prompt_names)))
+    at = len(prompt)  # `text_offset` counts characters of the text: a "bytes:" name is no text
+    for name, offset in zip(lp.tokens[echoed:], lp.text_offset[echoed:], strict=True):
+        assert offset >= at and (name.startswith("bytes:") or choice.text.startswith(name, offset))
+        at = offset
+
+
+def test_completion_token_names_keep_text_and_name_only_split_bytes():
+    """What `_token_name` gives: the text in place where the bytes are UTF-8 alone (SentencePiece's first "The",
+    read without the space its bytes hold, stays so), "bytes:\\xNN" where not, and a token read after an
+    unfinished character its own text, without that character's "\ufffd" (which `text_offset` steps over)."""
+    from runner.openai_batch import _lead, _token_name
+
+    assert (
+        _token_name("", b"\xe3\x81") == "bytes:\\xe3\\x81" and _token_name("\ufffd", b"\x8c") == "bytes:\\x8c"
+    )
+    assert _token_name("あ", b"\x82") == "bytes:\\x82"  # (completes a character in place, not UTF-8 alone)
+    assert _token_name("The", b" The") == "The" and _token_name("日本", "日本".encode()) == "日本"
+    assert _token_name("\ufffd w", b" w") == " w" and _lead("\ufffd w", " w") == 1
+    assert _token_name("\ufffd", "\ufffd".encode()) == "\ufffd" and _token_name("x", None) == "x"
+    assert _lead("", "bytes:\\xe3") == 0 and _lead(" Paris", " Paris") == 0
