@@ -317,9 +317,6 @@ def test_a_worker_whose_job_folder_is_submitted_again_under_it_leaves_the_new_jo
     commits over the new job's of the same names, claimed a unit there and quarantined that unit's sound shards
     as another job's: the completed job was left broken, 10 rows missing (adversarial pass 141). It now sees
     that its folder holds another job, says so and leaves it as it is."""
-    import shutil
-
-    from runner import scheduler
 
     prompts, d = prepared[0].parent / "p.jsonl", tmp_path / "out"
     create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=d, unit_rows=3)
@@ -333,22 +330,34 @@ def test_a_worker_whose_job_folder_is_submitted_again_under_it_leaves_the_new_jo
             assert go.wait(120), "never resumed"
 
     monkeypatch.setattr(JobRun, "commit", commit)
-    said = []
-    a = threading.Thread(name="A", target=lambda: scheduler.work(job=str(d), echo=said.append, shard_rows=2))
-    a.start()
-    assert paused.wait(120), "worker A never committed"
-    shutil.rmtree(d)
-    again = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=d, unit_rows=3)
-    run_job(again, Engine(tiny_gpt2, OPTIONS), echo=None, owner=Owner.me("B"), shard_rows=2)
-    assert runner.status(d).state == "completed"
-    go.set()
-    a.join(120)
-    assert not a.is_alive()
+    said, again = _submitted_again_under_paused_worker(d, prompts, tiny_gpt2, paused, go)
     assert runner.status(d).state == "completed"
     assert not any((d / "quarantine").iterdir())  # nothing of the new job set aside
     assert {c.marker["worker"] for c in read_ledger(Job.open(d)).commits} == {"B"}
     assert_exactly_once(d, prepared[1])
     assert any(f"now holds job {again.id}" in line for line in said), said
+
+
+def _submitted_again_under_paused_worker(d, prompts, model, paused, go):
+    """Worker A (a thread of `runner work` on job folder `d`) runs until it sets `paused`; the folder is then
+    deleted, the file submitted again to it and that new job run to completion by worker B; then A goes on
+    (`go`) and ends. Returns (A's lines, the new job)."""
+    import shutil
+
+    from runner import scheduler
+
+    said = []
+    a = threading.Thread(name="A", target=lambda: scheduler.work(job=str(d), echo=said.append, shard_rows=2))
+    a.start()
+    assert paused.wait(120), "worker A never committed"
+    shutil.rmtree(d)
+    again = create_job(prompts, model, PARAMS, OPTIONS, job_dir=d, unit_rows=3)
+    run_job(again, Engine(model, OPTIONS), echo=None, owner=Owner.me("B"), shard_rows=2)
+    assert runner.status(d).state == "completed"
+    go.set()
+    a.join(120)
+    assert not a.is_alive()
+    return said, again
 
 
 @pytest.mark.parametrize("where", ["marker", "shard"])
@@ -359,9 +368,8 @@ def test_a_worker_paused_inside_its_commit_as_its_folder_is_submitted_again_leav
     written yet (`marker`), or its shard on its way (`shard`). Resumed once the new job has completed, it wrote
     its marker (or shard) over the new job's of the same name (unit 0, epoch 0, seq 0): the new job's commit no
     longer verified, and the completed job lost those rows. Neither is written over now: A's commit is refused."""
-    import shutil
 
-    from runner import jobdir, scheduler, storage
+    from runner import jobdir, storage
 
     prompts, d = prepared[0].parent / "p.jsonl", tmp_path / "out"
     create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=d, unit_rows=3)
@@ -376,17 +384,7 @@ def test_a_worker_paused_inside_its_commit_as_its_folder_is_submitted_again_leav
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, name, pausing)
-    said = []
-    a = threading.Thread(name="A", target=lambda: scheduler.work(job=str(d), echo=said.append, shard_rows=2))
-    a.start()
-    assert paused.wait(120), "worker A never committed"
-    shutil.rmtree(d)
-    again = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=d, unit_rows=3)
-    run_job(again, Engine(tiny_gpt2, OPTIONS), echo=None, owner=Owner.me("B"), shard_rows=2)
-    assert runner.status(d).state == "completed"
-    go.set()
-    a.join(120)
-    assert not a.is_alive()
+    said, again = _submitted_again_under_paused_worker(d, prompts, tiny_gpt2, paused, go)
     status = runner.status(d)
     assert status.state == "completed" and status.done == status.total, said
     assert not (d / "quarantine").exists() or not any((d / "quarantine").iterdir())
