@@ -443,13 +443,22 @@ def _refuse_names_twice(path: Path, names: list[str], line: int, holder: str) ->
 def _refuse_other_separator(path: Path, header: list[str]) -> None:
     """A CSV whose header reads as one column holding ';' or tabs between names (Excel in a European or
     Japanese locale saves with ';', a TSV renamed .csv) is refused, saying so: it said of every row "prompt:
-    missing ... the row has 'id;prompt'", and left the user to work out why."""
+    missing ... the row has 'id;prompt'", and left the user to work out why. One quoted name holding ';'
+    ("q;a") is one column: the header is read again split at `sep`, where quotes keep it whole."""
     for sep, said in ((";", "semicolons (;)"), ("\t", "tabs")):
-        if len(header) == 1 and len(header[0].split(sep)) > 1:
+        if len(header) == 1 and sep in header[0] and len(_first_record(path, sep)) > 1:
             why = (f"the header {header[0]!r} reads as one column: its names are separated by {said}, and a CSV "
                    "file's by commas; save it from Excel as \"CSV UTF-8 (Comma delimited)\", or read it with "
                    f"pandas.read_csv(..., sep={sep!r}) and pass the DataFrame to runner.run")  # fmt: skip
             raise InputError([Problem(str(path), 1, None, why)], header="cannot read the prompt file")
+
+
+def _first_record(path: Path, sep: str) -> list[str]:
+    """The CSV file's first record (its header) as the `csv` module reads it with `sep` between cells."""
+    import csv
+
+    with _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f:
+        return next(csv.reader(f, delimiter=sep), [])
 
 
 def _csv_batches(path: Path) -> Any:

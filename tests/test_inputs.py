@@ -256,6 +256,15 @@ def test_a_csv_separated_by_semicolons_or_tabs_is_said_so(tmp_path, sep, said):
     assert [r.prompt for r in read_prompts(path).rows] == [f"a{sep}b", f"c{sep}d"]
 
 
+@pytest.mark.parametrize("sep", [";", "\t"], ids=["semicolon", "tab"])
+def test_a_csv_whose_one_quoted_column_name_holds_a_semicolon_or_tab_is_read(tmp_path, sep):
+    """A comma CSV of one column whose quoted name holds ';' or a tab ("q;a", as a spreadsheet quotes it) is
+    one column by its quotes, not a file separated by that character: it is read, --prompt-field naming it."""
+    path = tmp_path / "p.csv"
+    path.write_text(f'"q{sep}a"\nhello\n', encoding="utf-8")
+    assert [r.prompt for r in read_prompts(path, prompt_field=f"q{sep}a").rows] == ["hello"]
+
+
 def test_a_spreadsheets_blank_row_in_a_csv_is_skipped_as_a_blank_line(tmp_path):
     """Excel writes a blank row inside its range as ",": every such row was refused ("id: must be a non-empty
     string", or "prompt: prompt is empty"), where a blank line is skipped. The rows keep their line numbers."""
