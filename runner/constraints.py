@@ -80,12 +80,37 @@ def problem(params: Any) -> str | None:
     return message and f"cannot be compiled: {message}"
 
 
+def tokenizer_problem(params: Any, tokenizer: Any) -> str | None:
+    """What is wrong with the row's grammar for the model's (Hugging Face) tokenizer, to follow its field's name
+    ("cannot be used with this model's tokenizer: " and llguidance's message), or None. Only a grammar names
+    tokens (`<|im_end|>`, `<[128000]>`): `problem` judges it on a tokenizer of bytes, which has none, so a
+    special token the model lacks would otherwise stop the whole run at the first batch holding the row."""
+    if kind_of(params) != "grammar":
+        return None
+    from llguidance import LLMatcher
+
+    matcher = LLMatcher(_tokenizer_of_model(tokenizer), grammar_of(params), log_level=0)
+    message = _check_message(matcher.get_error()) if matcher.is_error() else None
+    return message and f"cannot be used with this model's tokenizer: {message}"
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_of_model(tokenizer: Any) -> Any:
+    """The llguidance tokenizer of a submit's Hugging Face tokenizer (its EOS is enough to judge a grammar)."""
+    return tokenizer_of(tokenizer, [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [0])
+
+
 @functools.lru_cache(maxsize=256)
 def _check(grammar: str) -> str | None:
     """llguidance's complaint about a grammar, on one line (without its echo of the grammar's source)."""
     from llguidance import LLMatcher
 
-    lines = [line.strip() for line in LLMatcher.validate_grammar(grammar).splitlines()]
+    return _check_message(LLMatcher.validate_grammar(grammar))
+
+
+def _check_message(message: str) -> str | None:
+    """llguidance's message on one line, without its echo of the grammar's source (`1 | start: ...`, `^`)."""
+    lines = [line.strip() for line in message.splitlines()]
     kept = [line for line in lines if line and set(line) != {"^"} and not re.match(r"\d+ \|", line)]
     return " ".join(kept) or None
 
@@ -99,7 +124,9 @@ def _matches_nothing(grammar: str) -> bool:
 
     matcher = LLMatcher(_byte_tokenizer(), grammar, log_level=0)
     if matcher.is_error():
-        return False  # (e.g. a grammar naming a model's special token: the model's own tokenizer will judge)
+        return (
+            False  # (e.g. a grammar naming a model's special token: `tokenizer_problem` judges it at submit)
+        )
     matcher.compute_bitmask()
     return matcher.is_error() and not matcher.is_accepting()
 

@@ -537,7 +537,17 @@ def _model_facts(
     window = context_window(config, tokenizer)
     if kind == "generate":
         params.prompt_budget(window)
+        _check_constraint_tokens(params, tokenizer)
     return config, tokenizer, window
+
+
+def _check_constraint_tokens(params: Any, tokenizer: Any) -> None:
+    """ParamError naming the constraint's field when its grammar names a token the model's tokenizer lacks."""
+    from .constraints import kind_of, tokenizer_problem
+
+    problem = tokenizer_problem(params, tokenizer)
+    if problem:
+        raise ParamError(kind_of(params), f"{kind_of(params)} {problem}")
 
 
 def _write_job(
@@ -1062,6 +1072,8 @@ class _Preparer:
             try:
                 params = self.row_params(row) if generate else self.params
                 budget = params.prompt_budget(window) if generate else window
+                if params is not self.params:  # (the job's own was judged with the model: `_model_facts`)
+                    _check_constraint_tokens(params, self.tokenizer)
             except ParamError as e:
                 fld, message = openai_batch.body_named(row.body_names, *_row_field(row, e.param, str(e)))
                 out.append(_RowProblem(message, fld))

@@ -277,6 +277,27 @@ def test_a_bad_row_constraint_is_refused_at_submit_naming_the_row(tmp_path, tiny
     assert not (tmp_path / "job").exists()
 
 
+def test_a_grammar_naming_a_token_the_model_lacks_is_refused_at_submit(tmp_path, tiny_gpt2):
+    # a grammar may name special tokens, which the check on a tokenizer of bytes cannot judge: one the model's
+    # tokenizer lacks was accepted, then stopped the whole run at the first batch holding the row
+    rows = [
+        {"id": "ok", "prompt": "Hello", "grammar": 'start: "a" <|endoftext|>'},
+        {"id": "bad", "prompt": "Hello", "grammar": 'start: "a" <|im_end|>'},
+        {"id": "bad2", "prompt": "Hello", "grammar": "start: <[128000]>"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(InputError) as e:
+        create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=4), job_dir=tmp_path / "job")
+    text = str(e.value)
+    assert f"{path}:2: grammar: grammar cannot be used with this model's tokenizer:" in text
+    assert 'unknown special token: "<|im_end|>"' in text and "\n   1 |" not in text
+    assert f"{path}:3: grammar: grammar cannot be used with this model's tokenizer:" in text
+    assert ":1:" not in text and not (tmp_path / "job").exists()
+    with pytest.raises(ParamError, match="grammar cannot be used with this model's tokenizer: .*<\\|im_end"):
+        create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=4, grammar='start: <|im_end|>'),
+                   job_dir=tmp_path / "job2")  # fmt: skip
+
+
 def test_constraint_options_on_the_command_line(tmp_path, tiny_gpt2):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)])
     schema = tmp_path / "schema.json"
