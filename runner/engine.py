@@ -656,6 +656,8 @@ class Engine:
         logprobs = torch.log_softmax(st.logits, dim=-1)
         logits = st.logits if st.constraints is None else st.constraints.mask(st.logits, st.rows)
         held = [slot for slot, r in enumerate(st.rows) if len(st.out_ids[r]) < st.params[r].min_new_tokens]
+        if held and st.constraints is not None:
+            held = self._can_go_on(logits, held)
         # EOS is not allowed before min_new_tokens: held back before the top-k/top-p cut (as transformers'
         # MinNewTokensLengthLogitsProcessor and vLLM do), or a cut that kept only EOS left nothing (pass 42)
         if held:
@@ -675,6 +677,17 @@ class Engine:
             raise NumericalError(bad)
         st.step = ([int(t) for t in host[0]], host[1], [e != 0 for e in host[2]])
         return tok, chosen, logprobs
+
+    def _can_go_on(self, logits, slots: list[int]) -> list[int]:
+        """Of `slots`, those whose (masked) `logits` allow a token besides EOS: a constraint that allows nothing
+        but EOS (a regex matching only the empty text, at the first step) ends the sample before min_new_tokens,
+        as a finished choice does (`Constraints.advance`); holding its EOS back left every score -inf, and an
+        arbitrary token the constraint forbids was picked."""
+        import torch
+
+        rows = logits[torch.tensor(slots, device=self.device)]
+        rows[:, self._eos] = -math.inf
+        return [s for s, ok in zip(slots, torch.isfinite(rows).any(-1).tolist(), strict=True) if ok]
 
     def _record(self, st: _Decode, chosen, logprobs) -> None:
         """Append each slot's token and log-prob (and alternatives) to its row, decide which rows are finished;

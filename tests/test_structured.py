@@ -208,6 +208,19 @@ def test_a_constraint_that_allows_nothing_more_ends_the_sample_before_min_new_to
         assert len(c.token_ids) < 10
 
 
+def test_a_constraint_that_allows_only_the_empty_text_ends_at_once_before_min_new_tokens(llama_engine):
+    """A regex matching only the empty text allows nothing but EOS from the first step: min_new_tokens held that
+    back too, every score was -inf, and a token the constraint forbids was picked (<unk>, or any sampled one),
+    `stop` with constraint_complete false. The row beside it, unconstrained, still waits for min_new_tokens."""
+    ids = ids_of(llama_engine, PROMPTS[:2])
+    for sample in ({}, {"do_sample": True, "top_k": 5}):
+        empty = GenerationParams(max_new_tokens=5, min_new_tokens=3, regex="a{0}", **sample)
+        free = GenerationParams(max_new_tokens=5, min_new_tokens=3, **sample)
+        c, other = llama_engine.generate(ids, [empty, free], seeds=[1, 2])
+        assert (c.text, c.finish_reason, c.constraint_complete) == ("", "stop", True)
+        assert c.token_ids == [llama_engine.eos_ids[0]] and len(other.token_ids) >= 3
+
+
 # --- jobs, the command line and OpenAI Batch files -----------------------------------------------------------
 
 
