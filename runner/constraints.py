@@ -72,6 +72,8 @@ def problem(params: Any) -> str | None:
         grammar = grammar_of(params)
     except ValueError as e:
         return f"cannot be compiled: {e}"
+    except RecursionError:  # a schema given as a Python dict too deep for json.dumps
+        return "cannot be compiled: nested too deeply"
     message = None if grammar is None else _check(grammar)
     if message and kind_of(params) != "grammar":
         message = re.sub(r"^at \d+\(\d+\): ", "", message)  # a place in the grammar made here: meaningless

@@ -106,6 +106,15 @@ def test_bad_constraints_name_the_setting(kwargs, field, message):
     assert e.value.param == field
 
 
+def test_a_schema_dict_too_deep_to_write_is_a_param_error():
+    # a dict from Python (a JSON text that deep is refused as it is read): json.dumps raised RecursionError
+    schema: dict = {"type": "string"}
+    for _ in range(3000):
+        schema = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(ParamError, match="json_schema cannot be compiled: nested too deeply"):
+        GenerationParams(json_schema=schema)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
