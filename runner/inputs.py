@@ -371,9 +371,8 @@ def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | No
         for batch in batches:
             for obj in batch.to_pylist():
                 line += 1
-                if fmt == "csv" and not any(
-                    obj.values()
-                ):  # a spreadsheet's blank row (",,"), as a blank line
+                blank_row = fmt == "csv" and not any(obj.values())  # a spreadsheet's ",,": as a blank line
+                if blank_row:
                     continue
                 yield line, obj, None
                 if fmt == "csv":  # the line breaks of its quoted cells: the next row starts that much further
