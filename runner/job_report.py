@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import jobdir, storage
+from .errors import RunnerError
 from .jobdir import ORDER, Job
 
 SAMPLES = 5  # rows shown at each end of the sample table
@@ -81,9 +82,21 @@ class ReportData:
 def write_report(job: Job, path: str | os.PathLike) -> Path:
     """Write the report of `job` to `path` (atomically; its folder is made if missing) and return the path."""
     path = Path(path)
+    _not_over_the_job(job, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage.atomic_write(path, render(collect(job)), durable=False)
     return path
+
+
+def _not_over_the_job(job: Job, path: Path) -> None:
+    """Refuse a path in the job folder other than an .html page directly in it: `-o JOB/job.json` (or a shard)
+    replaced the job's own file with the page, the job broken and its rows gone."""
+    target, folder = path.resolve(), Path(job.dir).resolve()
+    if target.is_relative_to(folder) and (
+        target.parent != folder or target.suffix.lower() not in (".html", ".htm")
+    ):
+        raise RunnerError(f"the report would be written over the job's own files ({path}): write it outside the "
+                          "job folder, or as an .html file directly in it")  # fmt: skip
 
 
 # --- reading the job folder ---------------------------------------------------------------------------------

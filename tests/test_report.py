@@ -375,3 +375,19 @@ def test_an_empty_report_path_is_refused_at_once(generate_job):
     # (Path("") is "."; writing the page onto it was retried for a minute as a busy mount)
     with pytest.raises(ValueError, match="empty path"):
         runner.report(generate_job.dir, "")
+
+
+@pytest.mark.parametrize("name", ["job.json", "prompts.parquet", "shards/report.html", "stats.json"])
+def test_a_report_is_never_written_over_the_jobs_own_files(generate_job, tmp_path, name):
+    """`-o JOB/job.json` (or a shard, prompts.parquet) replaced the job's file with the page: the job broken, its
+    rows gone. Only a page of its own directly in the job folder is written there."""
+    job_dir = tmp_path / "job"
+    shutil.copytree(generate_job.dir, job_dir)
+    before = {p: p.read_bytes() for p in job_dir.rglob("*") if p.is_file()}
+    result = invoke("report", job_dir, "-o", job_dir / name)
+    assert result.exit_code == 1 and result.output.startswith("Error: the report would be written "), (
+        result.output
+    )
+    assert {p: p.read_bytes() for p in job_dir.rglob("*") if p.is_file()} == before
+    assert invoke("report", job_dir, "-o", job_dir / "report.html").exit_code == 0
+    assert runner.status(job_dir).state == "completed" and len(runner.load_results(job_dir)) == 14
