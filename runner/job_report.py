@@ -397,12 +397,8 @@ def _throughput(data: ReportData) -> str:
     rate.update_layout(title=f"{unit}{read} per second" + (", by worker" if len(workers) > 1 else ""),
                        xaxis_title="time", yaxis={"title": f"{unit} / s", "rangemode": "tozero"},
                        showlegend=len(workers) > 1)  # fmt: skip
-    first = data.batches[0]
-    start = first[0] - (first[4] or 0)  # the line starts at 0 when the first batch began
-    done = go.Figure(go.Scatter(
-        x=[_when(start)] + [_when(b[0]) for b in data.batches], y=[0] + _cumsum([b[2] for b in data.batches]),
-        mode="lines", line_shape="hv", fill="tozeroy", name="results",
-    ))  # fmt: skip
+    xs, ys = _progress(data.batches)
+    done = go.Figure(go.Scatter(x=xs, y=ys, mode="lines", line_shape="hv", fill="tozeroy", name="results"))
     done.update_layout(title=f"results done (of {data.status.total:,})", xaxis_title="time",
                        yaxis={"title": "result rows", "rangemode": "tozero"})  # fmt: skip
     note = _note(f"Each point is a batch: its {unit} over the seconds it took. Times are when each batch "
@@ -437,6 +433,20 @@ def _rates(
             m[0], m[1], m[2] = end, m[1] + amount, m[2] + seconds
         points = [(e, a, s) for e, a, s in merged.values()]
     return [_when(e) for e, _, _ in points], [round(a / s, 2) for _, a, s in points]
+
+
+def _progress(batches: list[tuple[float, str, int, int, float | None]]) -> tuple[list[str], list[int]]:
+    """(times, result rows done) from 0 when the first batch began, a point per batch (sorted by end time); past
+    MAX_POINTS the last point of each of MAX_POINTS time windows, so a long run's page stays small."""
+    first = batches[0]
+    ends = [first[0] - (first[4] or 0)] + [b[0] for b in batches]  # the line starts at 0 when the first began
+    done = [0] + _cumsum([b[2] for b in batches])
+    if len(ends) > MAX_POINTS + 1:
+        width = (ends[-1] - ends[0]) / MAX_POINTS or 1.0
+        last = {min(int((e - ends[0]) / width), MAX_POINTS - 1): i for i, e in enumerate(ends) if i}
+        keep = [0, *sorted(last.values())]
+        ends, done = [ends[i] for i in keep], [done[i] for i in keep]
+    return [_when(e) for e in ends], done
 
 
 def _when(t: float) -> str:

@@ -297,6 +297,17 @@ def test_a_long_run_is_drawn_in_bounded_points_that_keep_its_rate():
     assert _rates(batches[:10], 2)[1] == [4.0] * 10  # few batches: each its own point (here rows/s)
 
 
+def test_the_progress_line_of_a_long_run_is_drawn_in_bounded_points():
+    """The results-done line had a point per batch: 200,000 batches made a 7 MB chart beside the bounded rates."""
+    from runner.job_report import MAX_POINTS, _progress
+
+    batches = [(1e9 + i, f"w{i % 4}", 3, 30, 1.0) for i in range(200_000)]
+    times, done = _progress(batches)
+    assert len(times) == len(done) <= MAX_POINTS + 1
+    assert done[0] == 0 and done[-1] == 3 * 200_000 and done == sorted(done)
+    assert _progress(batches[:3])[1] == [0, 3, 6, 9]  # few batches: each its own point
+
+
 # --- in a real browser --------------------------------------------------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")
