@@ -430,7 +430,27 @@ def checkpoint_config(path: str, id_column: str = "id", **kwargs: Any) -> Any:
     `ray.data.DataContext.get_current().checkpoint_config = runner.ray.checkpoint_config("/mnt/shared/ckpt")`.
     A read_* -> generate -> write_* pipeline then writes the ids of each block it writes under `path` (a
     folder every node sees, or s3://...) and, run again after it died, reads only rows whose id is not there.
-    The id column must be text in the input (as in the output), or the ids never match."""
+    Integer ids are matched as the text the results give them (`_text_id_filter`)."""
     from ray.data.checkpoint import CheckpointConfig
 
+    kwargs.setdefault("checkpoint_filter_cls", _text_id_filter())
     return CheckpointConfig(id_column=id_column, checkpoint_path=path, **kwargs)
+
+
+def _text_id_filter() -> type:
+    """Ray's checkpoint filter, comparing each input id as the text a stage writes it as (`str(id)`): the ids
+    written are text, and Ray compared them with an integer id column (TypeError: a run with integer ids could
+    never resume)."""
+    import pyarrow as pa
+    from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
+
+    class TextIdFilter(NumpyArrayBasedCheckpointFilter):
+        def filter_rows_for_block(self, block: Any) -> Any:
+            ids = block[self.id_column]
+            if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
+                return super().filter_rows_for_block(block)
+            text = pa.array([None if v is None else str(v) for v in ids.to_pylist()], pa.string())
+            rows = pa.table({self.id_column: text, "row": pa.array(range(len(text)), pa.int64())})
+            return block.take(super().filter_rows_for_block(rows).column("row"))
+
+    return TextIdFilter

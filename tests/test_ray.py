@@ -420,3 +420,34 @@ def test_a_stage_has_the_structured_output_and_beam_columns_of_a_local_job(tmp_p
     rows = [{"id": "a", "prompt": "Name:", "json_schema": a}, {"id": "b", "prompt": "Age:", "json_schema": b}]
     out = Generate(tiny_gpt2, params)(pa.Table.from_pylist(rows)).to_pandas()
     assert out["error"].isna().all(), out["error"].tolist()
+
+
+@slow
+def test_integer_ids_resume_from_a_checkpoint_as_text_ids_do(ray_local, tmp_path, tiny_gpt2):
+    """A stage takes integer ids (text in its results, as in a local job), but Ray's checkpoint filter compared
+    the input's integers with the text ids written: every run after the first stopped with a TypeError in
+    CheckpointFilter, so a pipeline with integer ids could never resume."""
+    import pyarrow.parquet as pq
+
+    rows = [{"id": i, "prompt": f"{PROMPTS[i % len(PROMPTS)]} {i}"} for i in range(12)]
+    params = runner.GenerationParams(max_new_tokens=2, seed=1)
+    ctx = ray_local.data.DataContext.get_current()
+    (tmp_path / "in").mkdir()
+    out, written = tmp_path / "out", []
+    try:
+        for k in range(2):  # the first half, then both: the second run finds the first half in the checkpoint
+            write_jsonl(tmp_path / "in" / f"part-{k}.jsonl", rows[6 * k : 6 * k + 6])
+            ctx.checkpoint_config = runner.ray.checkpoint_config(
+                str(tmp_path / "ckpt"), delete_checkpoint_on_success=False
+            )
+            ctx.checkpoint_config.checkpoint_actor_pool_max_size = 1
+            before = set(out.glob("*.parquet"))
+            ds = ray_local.data.read_json(str(tmp_path / "in"), ray_remote_args={"num_cpus": 0.25})
+            runner.ray.generate(ds, tiny_gpt2, params, num_cpus=ACTOR_CPUS).write_parquet(
+                str(out), ray_remote_args={"num_cpus": 0.25}
+            )
+            new = set(out.glob("*.parquet")) - before
+            written.append(sorted(i for p in new for i in pq.read_table(p).column("id").to_pylist()))
+    finally:
+        ctx.checkpoint_config = None
+    assert written == [sorted(str(i) for i in range(6)), sorted(str(i) for i in range(6, 12))]
