@@ -430,27 +430,39 @@ def checkpoint_config(path: str, id_column: str = "id", **kwargs: Any) -> Any:
     `ray.data.DataContext.get_current().checkpoint_config = runner.ray.checkpoint_config("/mnt/shared/ckpt")`.
     A read_* -> generate -> write_* pipeline then writes the ids of each block it writes under `path` (a
     folder every node sees, or s3://...) and, run again after it died, reads only rows whose id is not there.
-    Integer ids are matched as the text the results give them (`_text_id_filter`)."""
+    Integer ids are matched as the text the results give them; a row without id is an error row each run."""
     from ray.data.checkpoint import CheckpointConfig
 
-    kwargs.setdefault("checkpoint_filter_cls", _text_id_filter())
+    filter_cls, manager_cls = _checkpoint_classes()
+    kwargs.setdefault("checkpoint_filter_cls", filter_cls)
+    kwargs.setdefault("checkpoint_manager_cls", manager_cls)
     return CheckpointConfig(id_column=id_column, checkpoint_path=path, **kwargs)
 
 
-def _text_id_filter() -> type:
-    """Ray's checkpoint filter, comparing each input id as the text a stage writes it as (`str(id)`): the ids
-    written are text, and Ray compared them with an integer id column (TypeError: a run with integer ids could
-    never resume)."""
+def _checkpoint_classes() -> tuple[type, type]:
+    """Ray's checkpoint filter and manager, for ids as a stage writes them: the filter compares each input id as
+    its text (`str(id)`; Ray compared an integer id column with the text ids written: a TypeError, so a run
+    with integer ids could never resume), and neither side holds a null id (a row without id, an error row
+    each run: Ray's sort of the ids written failed on its null, stopping every run after the first)."""
     import pyarrow as pa
-    from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
+    import pyarrow.compute as pc
+    from ray.data.checkpoint.checkpoint_filter import (
+        IdColumnCheckpointManager,
+        NumpyArrayBasedCheckpointFilter,
+    )
 
     class TextIdFilter(NumpyArrayBasedCheckpointFilter):
         def filter_rows_for_block(self, block: Any) -> Any:
-            ids = block[self.id_column]
-            if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
-                return super().filter_rows_for_block(block)
-            text = pa.array([None if v is None else str(v) for v in ids.to_pylist()], pa.string())
-            rows = pa.table({self.id_column: text, "row": pa.array(range(len(text)), pa.int64())})
-            return block.take(super().filter_rows_for_block(rows).column("row"))
+            ids = block[self.id_column].to_pylist()
+            known = [i for i, v in enumerate(ids) if v is not None]
+            rows = pa.table({self.id_column: pa.array([str(ids[i]) for i in known], pa.string()),
+                             "row": pa.array(known, pa.int64())})  # fmt: skip
+            kept = set(super().filter_rows_for_block(rows).column("row").to_pylist())
+            return block.take(pa.array([i for i, v in enumerate(ids) if v is None or i in kept], pa.int64()))
 
-    return TextIdFilter
+    class IdsWritten(IdColumnCheckpointManager):
+        def _preprocess_data_pipeline(self, checkpoint_ds: Any) -> Any:
+            col = self.id_column
+            return checkpoint_ds.map_batches(lambda t: t.filter(pc.is_valid(t[col])), batch_format="pyarrow")
+
+    return TextIdFilter, IdsWritten
