@@ -453,7 +453,8 @@ def _refuse_other_separator(path: Path, header: list[str]) -> None:
 
 
 def _first_record(path: Path, sep: str) -> list[str]:
-    """The CSV file's first record (its header) as the `csv` module reads it with `sep` between cells."""
+    """The CSV file's first record (its header) as the `csv` module reads it with `sep` between cells (a file
+    not UTF-8: UnicodeDecodeError)."""
     import csv
 
     with _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f:
@@ -468,14 +469,11 @@ def _csv_batches(path: Path) -> Any:
     line breaks. A first column with no name is the index `df.to_csv()` writes, not data (as
     `__index_level_0__` in Parquet). A file that is not UTF-8, or whose header names a column twice, is
     refused here."""
-    import csv
-
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
     try:
-        with _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f:
-            header = next(csv.reader(f), [])
+        header = _first_record(path, ",")
     except UnicodeDecodeError as e:
         raise _not_utf8_error(path) from e
     index = header[:1] == [""] and "" not in header[1:]  # the unnamed first column df.to_csv() writes
@@ -1174,9 +1172,8 @@ def _prompt_or_messages(
     wanted = [prompt_field] + ([messages_field] if messages_field else [])
     if pair_fields:
         wanted.append(" + ".join(pair_fields))
-    what = (
-        "must be a string, got null" if prompt_field in obj else "missing"
-    )  # ("the row has 'id'" of a null)
+    # (a null prompt is there: "missing ... the row has 'id'" was untrue of it)
+    what = "must be a string, got null" if prompt_field in obj else "missing"
     raise _Bad(prompt_field, what + " (each row needs " + " or ".join(repr(w) for w in wanted) + ";"
                + _fields_it_has(obj) + f"; --{'text' if prompt_field == 'text' else 'prompt'}-field or --template names "
                "the one to use)")  # fmt: skip
