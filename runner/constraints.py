@@ -89,11 +89,18 @@ def tokenizer_problem(params: Any, tokenizer: Any) -> str | None:
     special token the model lacks would otherwise stop the whole run at the first batch holding the row."""
     if kind_of(params) != "grammar":
         return None
+    message = _check_with(grammar_of(params), tokenizer)
+    return message and f"cannot be used with this model's tokenizer: {message}"
+
+
+@functools.lru_cache(maxsize=256)
+def _check_with(grammar: str, tokenizer: Any) -> str | None:
+    """llguidance's complaint about `grammar` on the model's tokenizer, on one line: once per grammar, not per
+    row (a submit asks it of every row that has settings of its own, most of them the job's grammar)."""
     from llguidance import LLMatcher
 
-    matcher = LLMatcher(_tokenizer_of_model(tokenizer), grammar_of(params), log_level=0)
-    message = _check_message(matcher.get_error()) if matcher.is_error() else None
-    return message and f"cannot be used with this model's tokenizer: {message}"
+    matcher = LLMatcher(_tokenizer_of_model(tokenizer), grammar, log_level=0)
+    return _check_message(matcher.get_error()) if matcher.is_error() else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,9 +133,8 @@ def _matches_nothing(grammar: str) -> bool:
 
     matcher = LLMatcher(_byte_tokenizer(), grammar, log_level=0)
     if matcher.is_error():
-        return (
-            False  # (e.g. a grammar naming a model's special token: `tokenizer_problem` judges it at submit)
-        )
+        # (e.g. a grammar naming a model's special token: `tokenizer_problem` judges it at submit)
+        return False
     matcher.compute_bitmask()
     return matcher.is_error() and not matcher.is_accepting()
 
