@@ -150,11 +150,8 @@ def _near_demo(spec: str) -> bool:
     name = spec.strip().lower()
     if "/" in name:
         return False
-    return (
-        DEMO_MODEL.startswith(name)
-        and len(name) >= 6
-        or difflib.SequenceMatcher(None, name, DEMO_MODEL).ratio() >= 0.85
-    )
+    is_its_start = DEMO_MODEL.startswith(name) and len(name) >= 6
+    return is_its_start or difflib.SequenceMatcher(None, name, DEMO_MODEL).ratio() >= 0.85
 
 
 # what the Hugging Face hub accepts as a model id ("gpt2", "rinna/japanese-gpt2-medium"): anything else that is

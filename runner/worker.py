@@ -73,9 +73,8 @@ class RunSummary:
     others: int = 0  # live workers still holding units of this job
     stopped: bool = False  # ended early: a stop request, the deadline or a cancel
     unrunnable: bool = False  # not run: it needs what this machine lacks (its device, its model folder)
-    done_before: bool = (
-        False  # (`scheduler.run`) the job was complete before the run began: nothing to compute
-    )
+    # (`scheduler.run`) the job was complete before the run began: nothing to compute
+    done_before: bool = False
 
     @property
     def tokens_per_second(self) -> float:
