@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -367,16 +368,13 @@ def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | No
         else:
             batches = _csv_batches(path)
         # CSV rows are named by the file line they start on (the header is line 1), Parquet rows from 1
-        line = 1 if fmt == "csv" else 0
+        lines = _csv_lines(path) if fmt == "csv" else itertools.count(1)
         for batch in batches:
             for obj in batch.to_pylist():
-                line += 1
+                line = next(lines)
                 blank_row = fmt == "csv" and not any(obj.values())  # a spreadsheet's ",,": as a blank line
-                if blank_row:
-                    continue
-                yield line, obj, None
-                if fmt == "csv":  # the line breaks of its quoted cells: the next row starts that much further
-                    line += sum(v.count("\n") for v in obj.values() if isinstance(v, str))
+                if not blank_row:
+                    yield line, obj, None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         if isinstance(e, OSError) and e.errno in storage.TRANSIENT:  # the file system's error, not the file's
             raise storage.StorageError(
@@ -412,6 +410,26 @@ def _ragged_csv_row(path: Path) -> Problem | None:
                                "then stop\")")  # fmt: skip
             start = reader.line_num + 1
     return None
+
+
+def _csv_lines(path: Path) -> Iterator[int]:
+    """The file line each CSV record after the header starts on, as pyarrow reads the records: it skips empty
+    lines without a word and a quoted cell may hold line breaks, so counting records (or their line breaks)
+    named every row after an empty line a line too early. Read beside pyarrow by the `csv` module, whose
+    `line_num` counts the file's lines (should the two ever part, the lines go on counting from there)."""
+    import csv
+
+    with _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f:
+        reader = csv.reader(f)
+        start = 1
+        with contextlib.suppress(csv.Error, ValueError):
+            next(reader, None)
+            start = reader.line_num + 1
+            for cells in reader:
+                if cells:
+                    yield start
+                start = reader.line_num + 1
+    yield from itertools.count(start)
 
 
 def _data_columns(schema: Any) -> list[str]:

@@ -276,6 +276,20 @@ def test_a_spreadsheets_blank_row_in_a_csv_is_skipped_as_a_blank_line(tmp_path):
     assert problems_of(path)[0] == [f"{path}:3: prompt: prompt is empty"]
 
 
+def test_a_csv_row_after_an_empty_line_is_named_by_its_own_line(tmp_path):
+    """pyarrow skips an empty line without a word: the rows after one were named a line too early (an error
+    pointed at the row above the bad one, and a row's default id was the line above it)."""
+    path = tmp_path / "p.csv"
+    path.write_text('prompt,note\n\nhello,a\n"two\n\nlines",b\n\n\n,c\nlast,d\n', encoding="utf-8")
+    assert problems_of(path)[0] == [f"{path}:9: prompt: prompt is empty"]
+    rows = read_prompts(path, skip_invalid=True).rows
+    assert [(r.id, r.line, r.prompt) for r in rows] == [
+        ("3", 3, "hello"),
+        ("4", 4, "two\n\nlines"),
+        ("10", 10, "last"),
+    ]
+
+
 @pytest.mark.parametrize(("bad", "got"), [('c,say "hi", then stop', 3), ("c", 1)])
 def test_a_csv_row_with_more_or_fewer_cells_than_the_header_is_named_by_its_line(tmp_path, bad, got):
     """An unquoted comma in a prompt (a hand edit, a spreadsheet): pyarrow's parse error named neither the line
