@@ -425,25 +425,33 @@ def apply(
     )  # fmt: skip
 
 
-def checkpoint_config(path: str, id_column: str = "id", **kwargs: Any) -> Any:
-    """Ray Data's own checkpointing keyed on the id column, to set before the pipeline runs:
+def checkpoint_config(path: str, id_field: str = "id", **kwargs: Any) -> Any:
+    """Ray Data's own checkpointing keyed on the row ids, to set before the pipeline runs:
     `ray.data.DataContext.get_current().checkpoint_config = runner.ray.checkpoint_config("/mnt/shared/ckpt")`.
     A read_* -> generate -> write_* pipeline then writes the ids of each block it writes under `path` (a
     folder every node sees, or s3://...) and, run again after it died, reads only rows whose id is not there.
-    Integer ids are matched as the text the results give them; a row without id is an error row each run."""
+    `id_field` is the input column the stage reads ids from (its own `id_field`); the results always hold them
+    as `id`. Integer ids are matched as the text the results give them; a row without id is an error row each
+    run."""
     from ray.data.checkpoint import CheckpointConfig
 
-    filter_cls, manager_cls = _checkpoint_classes()
+    if "id_column" in kwargs:
+        raise ParamError("id_column", f"runner.ray.checkpoint_config takes id_field={kwargs['id_column']!r} "
+                         "(the input column, as the stage's id_field); the results always name it `id`")  # fmt: skip
+    filter_cls, manager_cls = _checkpoint_classes(id_field)
     kwargs.setdefault("checkpoint_filter_cls", filter_cls)
     kwargs.setdefault("checkpoint_manager_cls", manager_cls)
-    return CheckpointConfig(id_column=id_column, checkpoint_path=path, **kwargs)
+    return CheckpointConfig(id_column="id", checkpoint_path=path, **kwargs)
 
 
-def _checkpoint_classes() -> tuple[type, type]:
-    """Ray's checkpoint filter and manager, for ids as a stage writes them: the filter compares each input id as
-    its text (`str(id)`; Ray compared an integer id column with the text ids written: a TypeError, so a run
-    with integer ids could never resume), and neither side holds a null id (a row without id, an error row
-    each run: Ray's sort of the ids written failed on its null, stopping every run after the first)."""
+def _checkpoint_classes(id_field: str) -> tuple[type, type]:
+    """Ray's checkpoint filter and manager, for ids as a stage writes them. Ray keys both sides on one column;
+    the results name it `id` whatever input column the ids came from, so the filter reads `id_field` of the
+    input (with one name, an `id_field="key"` pipeline failed in every write: no `key` in the results). The
+    filter compares each input id as its text (`str(id)`; Ray compared an integer id column with the text ids
+    written: a TypeError, so a run with integer ids could never resume), and neither side holds a null id (a
+    row without id, an error row each run: Ray's sort of the ids written failed on its null, stopping every
+    run after the first)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     from ray.data.checkpoint.checkpoint_filter import (
@@ -453,7 +461,7 @@ def _checkpoint_classes() -> tuple[type, type]:
 
     class TextIdFilter(NumpyArrayBasedCheckpointFilter):
         def filter_rows_for_block(self, block: Any) -> Any:
-            ids = block[self.id_column].to_pylist()
+            ids = block[id_field].to_pylist() if id_field in block.column_names else [None] * block.num_rows
             known = [i for i, v in enumerate(ids) if v is not None]
             rows = pa.table({self.id_column: pa.array([str(ids[i]) for i in known], pa.string()),
                              "row": pa.array(known, pa.int64())})  # fmt: skip

@@ -422,18 +422,29 @@ def test_a_stage_has_the_structured_output_and_beam_columns_of_a_local_job(tmp_p
     assert out["error"].isna().all(), out["error"].tolist()
 
 
+def test_checkpoint_config_is_keyed_on_the_stage_id_field_not_an_output_column():
+    """The results name the ids `id` whatever input column they came from: Ray's `id_column` (one name for the
+    input and the results) is refused with the option to use."""
+    from runner.errors import ParamError
+
+    with pytest.raises(ParamError, match="checkpoint_config takes id_field='key'"):
+        runner.ray.checkpoint_config("/tmp/ckpt", id_column="key")
+    assert runner.ray.checkpoint_config("/tmp/ckpt", id_field="key").id_column == "id"
+
+
 @slow
-@pytest.mark.parametrize("text", [False, True])
-def test_integer_ids_and_a_row_without_id_resume_from_a_checkpoint(ray_local, tmp_path, tiny_gpt2, text):
+@pytest.mark.parametrize("text, key", [(False, "id"), (True, "id"), (False, "key")])
+def test_integer_ids_and_a_row_without_id_resume_from_a_checkpoint(ray_local, tmp_path, tiny_gpt2, text, key):
     """A stage takes integer ids (text in its results, as in a local job), but Ray's checkpoint filter compared
     the input's integers with the text ids written: every run after the first stopped with a TypeError in
     CheckpointFilter, so a pipeline with integer ids could never resume. A row without id (an error row with a
     null id, checkpointed as null) stopped every run after the first too, text ids or not, as Ray sorted the
-    ids written; it has no id to be found by, so each run gives its error row again."""
+    ids written; it has no id to be found by, so each run gives its error row again. With ids in another column
+    (`id_field="key"`; the results name it `id`), Ray keyed both sides on `key` and every write failed."""
     import pyarrow.parquet as pq
 
-    rows = [{"id": f"{i}" if text else i, "prompt": f"{PROMPTS[i % len(PROMPTS)]} {i}"} for i in range(12)]
-    rows[2]["id"] = None
+    rows = [{key: f"{i}" if text else i, "prompt": f"{PROMPTS[i % len(PROMPTS)]} {i}"} for i in range(12)]
+    rows[2][key] = None
     params = runner.GenerationParams(max_new_tokens=2, seed=1)
     ctx = ray_local.data.DataContext.get_current()
     (tmp_path / "in").mkdir()
@@ -442,12 +453,12 @@ def test_integer_ids_and_a_row_without_id_resume_from_a_checkpoint(ray_local, tm
         for k in range(2):  # the first half, then both: the second run finds the first half in the checkpoint
             write_jsonl(tmp_path / "in" / f"part-{k}.jsonl", rows[6 * k : 6 * k + 6])
             ctx.checkpoint_config = runner.ray.checkpoint_config(
-                str(tmp_path / "ckpt"), delete_checkpoint_on_success=False
+                str(tmp_path / "ckpt"), id_field=key, delete_checkpoint_on_success=False
             )
             ctx.checkpoint_config.checkpoint_actor_pool_max_size = 1
             before = set(out.glob("*.parquet"))
             ds = ray_local.data.read_json(str(tmp_path / "in"), ray_remote_args={"num_cpus": 0.25})
-            runner.ray.generate(ds, tiny_gpt2, params, num_cpus=ACTOR_CPUS).write_parquet(
+            runner.ray.generate(ds, tiny_gpt2, params, num_cpus=ACTOR_CPUS, id_field=key).write_parquet(
                 str(out), ray_remote_args={"num_cpus": 0.25}
             )
             new = set(out.glob("*.parquet")) - before
