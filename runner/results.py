@@ -529,8 +529,8 @@ def to_pandas(table: pa.Table) -> pd.DataFrame:
 def _warn_if_partial(job: Any, rows: int) -> str:
     """Results missing rows are said, not silent: those of a job not complete yet (queued, running, cancelled,
     failed), and those of a completed job that lost rows since (a damaged commit: `runner repair`). A job with
-    all its `rows` is not asked about (no second read of the ledger). Returns why rows were lost (a broken job),
-    else ""."""
+    all its `rows` is not asked about (no second read of the ledger). Returns why rows were lost (a broken job,
+    or one whose state could not be read: an export then must not pass for whole), else ""."""
     from .job_status import job_status
 
     if rows >= job.spec.total:
@@ -541,7 +541,7 @@ def _warn_if_partial(job: Any, rows: int) -> str:
         # the mount failing through the retries: the results may be partial, say so
         warnings.warn(f"job {job.id}: these are {rows:,} of its {job.spec.total:,} results, and whether the rest "
                       f"are still to come could not be read ({e})", stacklevel=4)  # fmt: skip
-        return ""
+        return f"job {job.id}'s state could not be read ({e}): its other {job.spec.total - rows:,} rows may be lost"
     except RunnerError as e:  # broken (its shards were read and checked one by one, each left out named)
         return f"job {job.id} is broken: {e}"
     # (the counts said are of the rows returned: the status is a second read, and the job may have moved on

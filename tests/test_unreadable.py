@@ -71,6 +71,22 @@ def test_load_results_of_a_partial_job_warns_when_its_state_cannot_be_read(
                for w in said), [str(w.message) for w in said]  # fmt: skip
 
 
+def test_an_export_of_a_partial_job_whose_state_cannot_be_read_exits_1(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """`runner results J --to f && upload f`: with the state unreadable, whether the missing rows are lost is
+    not known, and the export exited 0 as if the file were all the job would have."""
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    stopped = iter([False, True])  # one batch, then stopped: 2 of 6 rows
+    assert run_job(job, gpt2_engine, echo=None, should_stop=lambda: next(stopped, True), shard_rows=2).stopped
+    _failing_listings(monkeypatch, job.dir / "state", after=1)
+    result = invoke("results", str(job.dir), "--to", str(tmp_path / "out.jsonl"))
+    assert result.exit_code == 1, result.output
+    assert "was written, but" in result.output and "could not be read" in result.output, result.output
+    assert "its other 4 rows may be lost" in result.output, result.output
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+
+
 def test_work_stops_on_a_job_it_cannot_read_instead_of_calling_it_broken(
     tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
 ):
