@@ -104,18 +104,24 @@ def _small(self: Any, x: Any) -> bool:
     # no autograd formula for the oneDNN op: with gradients on, the layer's own forward runs; an input of
     # another dtype than the weight (upcast or cast after install) too
     rows = x.numel() // max(1, x.shape[-1])
+    cpu = x.device.type == "cpu"  # (a model moved to a GPU after install: oneDNN takes CPU tensors only)
     return (
-        x.dim() >= 2 and rows <= SMALL_ROWS and x.dtype == self.weight.dtype and not torch.is_grad_enabled()
+        cpu
+        and x.dim() >= 2
+        and rows <= SMALL_ROWS
+        and x.dtype == self.weight.dtype
+        and not torch.is_grad_enabled()
     )
 
 
 def _packed_ok(self: Any, x: Any) -> bool:
     import torch
 
-    # inputs of another dtype or device (the model was moved after install, or upcast by Engine.in_float32), or
-    # gradients on: the layer's own
+    # inputs of another dtype or device (the model was moved after install, to any device but the CPU, or upcast
+    # by Engine.in_float32), or gradients on: the layer's own
     packed = self.__dict__.get(PACKED)
-    return packed is not None and x.dtype == packed.dtype and not x.is_cuda and not torch.is_grad_enabled()
+    cpu = x.device.type == "cpu"
+    return packed is not None and x.dtype == packed.dtype and cpu and not torch.is_grad_enabled()
 
 
 def _linear_forward(self: Any, x: Any) -> Any:

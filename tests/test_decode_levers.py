@@ -222,6 +222,22 @@ def test_onednn_layers_compute_what_the_layers_compute(monkeypatch, pack, dtype)
     kernels.uninstall(model)
 
 
+@needs_onednn
+@pytest.mark.parametrize("pack", [False, True])
+def test_onednn_layers_moved_off_the_cpu_after_install_run_their_own_forward(monkeypatch, pack):
+    """A model moved to another device after install (a GPU; here `meta`, which any CPU has): oneDNN takes CPU
+    tensors only, and only CUDA inputs were kept from it (a small call on an XPU or MPS model went to oneDNN)."""
+    model = _three_layers()
+    kernels.install(model, pack=pack)
+    calls = []
+    monkeypatch.setattr(kernels, "_onednn", lambda *a: calls.append(a))
+    model.to("meta")
+    with torch.inference_mode():
+        out = model(torch.randn(5, 1, 16, device="meta"))
+    assert out.device.type == "meta" and out.shape == (5, 1, 12) and calls == []
+    kernels.uninstall(model)
+
+
 def _check_upcast(model, x, calls):
     """Weights upcast in place as Engine.in_float32 does: float32 in, float32 out through oneDNN on the weight in
     place, never the bf16 packed copy, the numbers of the stock float32 layers."""
