@@ -238,14 +238,15 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
                     errors.append(_refused_line(job, refused[at]))
                     at += 1
                 # a request answers whole or not at all (one response per request): one failed sample fails
-                # it, and one not done (a cancelled or failed job) leaves it unanswered
+                # it, and one not done (a cancelled or failed job) leaves it unanswered. All its samples in the
+                # results (read after the errors) answer it: a retry computed them since its error was read
                 have = groups.counts.get(cid, 0)
-                if cid in failed:
-                    errors.append(_error_line(job, cid, failed[cid], have))
-                elif have >= n:
+                if have >= n:
                     answer = _line(job, cid, req, groups.take(cid), created, texts, prompt_ids)
                     lines.write(json.dumps(answer, ensure_ascii=False) + "\n")
                     written += 1
+                elif cid in failed:
+                    errors.append(_error_line(job, cid, failed[cid], have))
                 elif ending is not None:
                     errors.append(_unfinished_line(job, cid, ending, have, n, lost.get(row)))
                 else:  # the ledger counted it done, but its shard no longer verifies

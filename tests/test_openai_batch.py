@@ -582,6 +582,38 @@ def test_a_request_with_one_failed_sample_is_an_error_line_not_a_short_answer(tm
     )
 
 
+def test_a_request_retried_and_answered_while_exported_is_an_answer_not_its_old_error(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """The row errors are read (with the ledger) before the results: a `runner retry` and a worker that answered
+    the failed request between the two reads left it an error line beside its answer in the results (found by
+    an adversarial pass). Answered in full, it is an answer, as the table export has it."""
+    import runner.results
+    from runner import jobdir
+    from runner.crashes import DeviceError
+
+    body = {"model": "tiny", "prompt": "The old man", "max_tokens": 3, "temperature": 0}
+    inp = write_jsonl(tmp_path / "in.jsonl", [request("p1", "/v1/completions", body)])
+    job = create_job(inp, tiny_gpt2, GenerationParams(max_new_tokens=3), runner.EngineOptions(batch_size=1),
+                     job_dir=tmp_path / "job", served_model_names=("tiny",))  # fmt: skip
+    monkeypatch.setenv("RUNNER_FAULT", "poison_row:p1")
+    with pytest.raises(DeviceError):
+        run_job(job, gpt2_engine, echo=None)
+    assert run_job(job, gpt2_engine, echo=None).errors == 1
+    monkeypatch.delenv("RUNNER_FAULT")
+    real = runner.results.load_results
+
+    def retried_meanwhile(*args, **kwargs):
+        jobdir.retry(job)
+        assert run_job(job, gpt2_engine, echo=None).finished
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner.results, "load_results", retried_meanwhile)
+    assert export(job, tmp_path / "out.jsonl") == (1, 0)
+    (line,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert line["custom_id"] == "p1" and line["response"]["status_code"] == 200
+
+
 def test_lines_refused_at_submit_are_error_lines_of_their_own(tmp_path, tiny_gpt2, gpt2_engine):
     """--skip-invalid: each line refused at submit is an error line of its own, in input order, naming the line
     and the field; a duplicate custom_id never takes the valid request's answer away. Found by an adversarial
