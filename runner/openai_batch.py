@@ -54,8 +54,17 @@ NOTHING = {"logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice
 
 
 def is_request(obj: dict[str, Any]) -> bool:
-    """A Batch request line (rather than a plain input row): the first line of a file decides for all."""
-    return bool({"custom_id", "method", "url", "body"} & set(obj)) and not {"prompt", "messages"} & set(obj)
+    """A Batch request line (rather than a plain input row): the first line of a file decides for all. It has a
+    custom_id, a JSON object for body, or an endpoint's url: a plain row's own `url` (a web page's, as in C4 and
+    FineWeb) or text `body` (an email's) made its whole file a Batch file, refused (adversarial pass 163)."""
+    if {"prompt", "messages"} & set(obj):
+        return False
+    url = obj.get("url")
+    return (
+        "custom_id" in obj
+        or isinstance(obj.get("body"), dict)
+        or (isinstance(url, str) and url.startswith("/v1/"))
+    )
 
 
 def says_greedy(params: Any) -> bool:

@@ -1,0 +1,36 @@
+"""Adversarial pass 163: per-row settings and OpenAI Batch files, cases the other files do not cover."""
+
+import pytest
+from helpers import write_jsonl
+
+from runner import GenerationParams, ScoreParams
+from runner.jobs import create_job
+
+
+@pytest.mark.parametrize(
+    ("rows", "params", "options"),
+    [
+        # C4 / FineWeb rows: a web page's text and the url it came from
+        ([{"text": "The old man", "url": "https://example.com/a"}], ScoreParams(), {}),
+        (
+            [{"text": "The old man", "url": "https://example.com/a"}],
+            GenerationParams(),
+            {"prompt_field": "text"},
+        ),
+        # an email's subject and (text) body, rendered by a template
+        (
+            [{"subject": "Hi", "body": "See you at noon"}],
+            GenerationParams(),
+            {"template": "{subject}: {body}"},
+        ),
+    ],
+)
+def test_a_plain_row_with_a_url_or_body_of_its_own_is_not_a_batch_request(tmp_path, tiny_gpt2, rows, params,
+                                                                           options):  # fmt: skip
+    """A plain row holding a web page's `url` or an email's text `body` was taken for an OpenAI Batch request
+    line (any of custom_id, method, url, body made one), and the whole file was refused: "custom_id: must be
+    a non-empty string", or "--template does not apply to it"."""
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    job = create_job(path, tiny_gpt2, params, home=tmp_path / "home", **options)
+    assert job.meta["input"]["rows"] == 1 and job.meta["input"]["invalid"] == 0
+    assert job.prompts().column("request").to_pylist() == [None]
