@@ -157,6 +157,11 @@ def body_named(names: dict[str, str] | None, field: str | None, message: str) ->
     return body, body + message[len(field) :] if message.startswith(f"{field} ") else message
 
 
+def _n(body: dict[str, Any]) -> Any:
+    """The samples a body asks for: 1 where n is absent or null (best_of 1 was refused beside `"n": null`)."""
+    return 1 if body.get("n") is None else body["n"]
+
+
 def _special_fields(url: str, body: dict[str, Any], row: dict[str, Any]) -> tuple[str, str] | None:
     """logprobs / top_logprobs / echo / best_of / encoding_format: each endpoint spells them its own way."""
     lp, top = body.get("logprobs"), body.get("top_logprobs")
@@ -169,7 +174,7 @@ def _special_fields(url: str, body: dict[str, Any], row: dict[str, Any]) -> tupl
             row["logprobs"] = (top if top is not None else 0) if lp else False
         if body.get("echo") not in (None, False):
             return "body.echo", f"is not supported for {url} (a field of /v1/completions)"
-        if body.get("best_of") not in (None, body.get("n", 1)):
+        if body.get("best_of") not in (None, _n(body)):
             return "body.best_of", f"is not a field of {url}"
     elif url == COMPLETIONS:
         if top is not None:
@@ -185,7 +190,7 @@ def _special_fields(url: str, body: dict[str, Any], row: dict[str, Any]) -> tupl
             return "body.echo", "must be true or false"
         if body.get("echo"):
             row["prompt_logprobs"] = lp is not None
-        if body.get("best_of") not in (None, body.get("n", 1)):
+        if body.get("best_of") not in (None, _n(body)):
             return "body.best_of", "is not supported (only best_of = n)"
     else:
         for key in ("logprobs", "top_logprobs", "echo", "best_of"):

@@ -34,3 +34,13 @@ def test_a_plain_row_with_a_url_or_body_of_its_own_is_not_a_batch_request(tmp_pa
     job = create_job(path, tiny_gpt2, params, home=tmp_path / "home", **options)
     assert job.meta["input"]["rows"] == 1 and job.meta["input"]["invalid"] == 0
     assert job.prompts().column("request").to_pylist() == [None]
+
+
+def test_best_of_beside_a_null_n_is_taken_as_best_of_1_is(tmp_path, tiny_gpt2):
+    """A null field asks for nothing (the SDK's model_dump() writes them): best_of 1 beside `"n": null` was
+    refused ("only best_of = n"), where best_of 1 alone is taken."""
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "n": None, "best_of": 1}
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": body}
+    path = write_jsonl(tmp_path / "b.jsonl", [line])
+    job = create_job(path, tiny_gpt2, served_model_names=("tiny",), home=tmp_path / "home")
+    assert job.meta["input"]["rows"] == 1 and job.prompts().column("n").to_pylist() == [1]
