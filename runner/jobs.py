@@ -85,7 +85,8 @@ def _reader(
         input_path, prompt_field=prompt_field, template=template,
         messages_field="messages" if kind == "generate" else None,
         pair_fields=("context", "continuation") if kind == "score" else None,
-        row_settings=kind == "generate", batch=(kind, models, openai_batch.says_greedy(params)), chat=chat,
+        row_settings=kind == "generate", chat=chat,
+        batch=(kind, models, openai_batch.says_greedy(params), getattr(params, "logprobs", None) is not None),
     )  # fmt: skip
 
 

@@ -74,11 +74,12 @@ def says_greedy(params: Any) -> bool:
 
 
 def request_row(
-    obj: dict[str, Any], kind: str, models: tuple[str, ...], greedy: bool = False
+    obj: dict[str, Any], kind: str, models: tuple[str, ...], greedy: bool = False, logprobs: bool = False
 ) -> tuple[dict[str, Any] | None, str | None, str]:
     """The input row a Batch request line stands for, or (None, field, problem). `models`: the names
     `body.model` may take (the model given with --model, its folder name, and --served-model-name); `greedy`:
-    the job says greedy (`says_greedy`)."""
+    the job says greedy (`says_greedy`); `logprobs`: the job keeps log-probs (--logprobs), which a request that
+    asks none gets."""
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
         return None, "custom_id", "must be a non-empty string (every Batch request has one)"
@@ -102,11 +103,11 @@ def request_row(
     body = obj.get("body")
     if not isinstance(body, dict):
         return None, "body", "must be a JSON object"
-    return _body_row(cid, url, body, models, greedy)
+    return _body_row(cid, url, body, models, greedy, logprobs)
 
 
 def _body_row(
-    cid: str, url: str, body: dict[str, Any], models: tuple[str, ...], greedy: bool
+    cid: str, url: str, body: dict[str, Any], models: tuple[str, ...], greedy: bool, logprobs: bool
 ) -> tuple[Any, str | None, str]:
     model = body.get("model")
     if not isinstance(model, str) or model not in models:
@@ -132,7 +133,7 @@ def _body_row(
     # the API samples at temperature 1 unless told otherwise (a temperature given decides, in row_params)
     if url != EMBEDDINGS and body.get("temperature") is None and not greedy:
         row["do_sample"] = True
-    problem = _special_fields(url, body, row)
+    problem = _special_fields(url, body, row, logprobs)
     if problem:
         return None, problem[0], problem[1]
     if url == COMPLETIONS and not isinstance(body.get("prompt"), str):
@@ -162,8 +163,12 @@ def _n(body: dict[str, Any]) -> Any:
     return 1 if body.get("n") is None else body["n"]
 
 
-def _special_fields(url: str, body: dict[str, Any], row: dict[str, Any]) -> tuple[str, str] | None:
-    """logprobs / top_logprobs / echo / best_of / encoding_format: each endpoint spells them its own way."""
+def _special_fields(
+    url: str, body: dict[str, Any], row: dict[str, Any], job_logprobs: bool
+) -> tuple[str, str] | None:
+    """logprobs / top_logprobs / echo / best_of / encoding_format: each endpoint spells them its own way.
+    `job_logprobs`: the job keeps log-probs, so echo's prompt log-probs are kept for a request that asks none
+    (its logprobs began at the completion, while its text held the prompt: adversarial pass 163)."""
     lp, top = body.get("logprobs"), body.get("top_logprobs")
     if url == CHAT:
         if lp not in (None, True, False):
@@ -189,7 +194,7 @@ def _special_fields(url: str, body: dict[str, Any], row: dict[str, Any]) -> tupl
         if body.get("echo") not in (None, True, False):
             return "body.echo", "must be true or false"
         if body.get("echo"):
-            row["prompt_logprobs"] = lp is not None
+            row["prompt_logprobs"] = lp is not None or job_logprobs
         if body.get("best_of") not in (None, _n(body)):
             return "body.best_of", "is not supported (only best_of = n)"
     else:

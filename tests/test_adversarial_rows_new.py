@@ -1,5 +1,7 @@
 """Adversarial pass 163: per-row settings and OpenAI Batch files, cases the other files do not cover."""
 
+import json
+
 import pytest
 from helpers import write_jsonl
 
@@ -44,3 +46,28 @@ def test_best_of_beside_a_null_n_is_taken_as_best_of_1_is(tmp_path, tiny_gpt2):
     path = write_jsonl(tmp_path / "b.jsonl", [line])
     job = create_job(path, tiny_gpt2, served_model_names=("tiny",), home=tmp_path / "home")
     assert job.meta["input"]["rows"] == 1 and job.prompts().column("n").to_pylist() == [1]
+
+
+def test_echo_with_the_jobs_logprobs_gives_the_prompts_tokens_first(tmp_path, tiny_llama):
+    """A completions request with echo and no logprobs of its own gets the job's --logprobs: its logprobs cover
+    the echoed text, prompt first, as when the request asks itself (they began at the completion, text_offset
+    at the prompt's end, while `text` held the prompt)."""
+    from openai.types import Completion
+
+    import runner
+    from runner.engine import Engine
+    from runner.openai_batch import export
+    from runner.worker import run_job
+
+    body = {"model": "tiny", "prompt": "Every student", "max_tokens": 3, "echo": True, "temperature": 0}
+    lines = [{"custom_id": c, "method": "POST", "url": "/v1/completions", "body": b}
+             for c, b in (("job", body), ("own", {**body, "logprobs": 2}))]  # fmt: skip
+    path = write_jsonl(tmp_path / "b.jsonl", lines)
+    job = create_job(path, tiny_llama, GenerationParams(max_new_tokens=4, logprobs=2),
+                     runner.EngineOptions(batch_size=4), job_dir=tmp_path / "job", served_model_names=("tiny",))  # fmt: skip
+    assert run_job(job, Engine(tiny_llama), echo=None).finished
+    assert export(job, tmp_path / "out.jsonl") == (2, 0)
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    job_lp, own_lp = (Completion.model_validate(x["response"]["body"]).choices[0].logprobs for x in out)
+    assert job_lp.text_offset[0] == 0 and job_lp.tokens == own_lp.tokens
+    assert job_lp.token_logprobs == own_lp.token_logprobs and job_lp.text_offset == own_lp.text_offset
