@@ -1,4 +1,4 @@
-"""Adversarial pass 163: per-row settings and OpenAI Batch files, cases the other files do not cover."""
+"""OpenAI Batch files: plain rows that only look like requests, null fields, echo with the job's log-probs (adversarial pass 163)."""
 
 import json
 
