@@ -289,6 +289,25 @@ def _chat_template(value: str | None) -> str | None:
 KIND_FIELDS = {"generate": GEN_FIELDS, "score": _fields("ScoreParams"), "embed": _fields("EmbedParams")}
 
 
+def batch_max_tokens(kw: dict[str, Any], kind: str, input_path: str, model: str) -> dict[str, Any]:
+    """`kw` with the Batch default for --max-new-tokens when a generate job of an OpenAI Batch file gives
+    none (256, or half the context window: `openai_batch.default_max_tokens`), in `run-batch`, `submit` and
+    `run` alike: `runner submit requests.jsonl` capped answers at the prompt files' 64 where `run-batch` gave
+    256 (adversarial pass 163)."""
+    from . import openai_batch
+
+    if (
+        kind != "generate"
+        or kw.get("max_new_tokens") is not None
+        or not openai_batch.is_batch_file(input_path)
+    ):
+        return kw
+    return {
+        **kw,
+        "max_new_tokens": openai_batch.default_max_tokens(model, kw.get("trust_remote_code") or False),
+    }
+
+
 def build_settings(kw: dict[str, Any], kind: str = "generate") -> tuple[Any, Any]:
     """The kind's settings object and the engine options from the given options; options that belong to
     another kind of job are refused rather than silently ignored."""
@@ -400,7 +419,7 @@ def _run_kind(
     stderr where standard output carries data, as `score --print`'s)."""
     from .scheduler import run as run_api
 
-    params, options = build_settings(kw, kind)
+    params, options = build_settings(batch_max_tokens(kw, kind, input_path, model), kind)
     _warn_if_not_on_drive(ctx.obj["home"], output)
     with _ctrl_c_stops() as stop:
         job, summary = run_api(
@@ -575,7 +594,7 @@ def submit(
     from .jobs import create_job
 
     _warn_if_not_on_drive(ctx.obj["home"])
-    params, options = build_settings(kw, kind)
+    params, options = build_settings(batch_max_tokens(kw, kind, input_path, model), kind)
     job = create_job(
         input_path, model, params, options,
         prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
@@ -1400,11 +1419,8 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
     from . import openai_batch
 
     kind = openai_batch.file_kind(input_path)
-    if kind == "generate" and max_new_tokens is None:
-        max_new_tokens = openai_batch.default_max_tokens(model, kw.get("trust_remote_code") or False)
-    params, options = build_settings(
-        {**kw, **({"max_new_tokens": max_new_tokens} if kind == "generate" else {})}, kind
-    )
+    kw = {**kw, **({"max_new_tokens": max_new_tokens} if kind == "generate" else {})}
+    params, options = build_settings(batch_max_tokens(kw, kind, input_path, model), kind)
     # (the job folder is OUTPUT.job unless --job-dir names it: -o on Drive takes it there too)
     where = ("--job-dir", None) if job_dir else ("-o", os.path.basename(output_path))
     _warn_if_not_on_drive(None, job_dir or f"{output_path}.job", *where)

@@ -809,6 +809,21 @@ def file_kind(path: str | os.PathLike) -> str:
     return "generate"
 
 
+def is_batch_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a JSON lines file whose first row is an OpenAI Batch request line (as the reader
+    decides what a file is); False for anything else, which the reader then reads or names."""
+    from .inputs import SUFFIXES, iter_jsonl
+
+    path = Path(path)
+    if not path.is_file() or SUFFIXES.get(path.suffix.lower()) != "jsonl":
+        return False
+    try:
+        first = next((obj for _, obj, _ in iter_jsonl(path) if obj is not None), None)
+    except (RunnerError, OSError, UnicodeDecodeError):  # (the reader says what is wrong with it)
+        return False
+    return isinstance(first, dict) and is_request(first)
+
+
 def default_max_tokens(model: str, trust_remote_code: bool = False) -> int:
     """max_tokens for requests that set none: 256, or half the model's context window if that is smaller."""
     from .models import context_window, load_config

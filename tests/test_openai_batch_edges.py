@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from helpers import write_jsonl
+from helpers import invoke, write_jsonl
 
 from runner import GenerationParams, ScoreParams
+from runner.jobdir import Job, find_job
 from runner.jobs import create_job
 
 
@@ -71,3 +72,26 @@ def test_echo_with_the_jobs_logprobs_gives_the_prompts_tokens_first(tmp_path, ti
     job_lp, own_lp = (Completion.model_validate(x["response"]["body"]).choices[0].logprobs for x in out)
     assert job_lp.text_offset[0] == 0 and job_lp.tokens == own_lp.tokens
     assert job_lp.token_logprobs == own_lp.token_logprobs and job_lp.text_offset == own_lp.text_offset
+
+
+def test_a_batch_file_submitted_without_max_new_tokens_takes_the_batch_default_as_run_batch_does(
+    tmp_path, tiny_gpt2, runner_home
+):
+    """README: requests without max_tokens get 256, or half the context window. Only `run-batch` gave it:
+    `runner submit requests.jsonl` capped them at the prompt files' default of 64 (adversarial pass 163). A
+    prompt file keeps 64; --max-new-tokens decides for both."""
+    from runner.openai_batch import default_max_tokens
+    from runner.params import GenerationParams
+
+    body = {"model": "tiny", "prompt": "Hi"}
+    batch = write_jsonl(tmp_path / "req.jsonl", [{"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                                                  "body": body}])  # fmt: skip
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
+    cases = [(batch, (), default_max_tokens(tiny_gpt2)), (plain, (), GenerationParams().max_new_tokens),
+             (batch, ("--max-new-tokens", "5"), 5)]  # fmt: skip
+    for k, (path, more, want) in enumerate(cases):
+        r = invoke("submit", path, "-m", tiny_gpt2, "--served-model-name", "tiny", "--name", f"j{k}", *more)
+        assert r.exit_code == 0, r.output
+        job = Job.open(find_job(f"j{k}"))
+        assert job.params.max_new_tokens == want
+    assert default_max_tokens(tiny_gpt2) != GenerationParams().max_new_tokens
