@@ -1157,6 +1157,9 @@ def _row_field(row: PromptRow, param: str, message: str) -> tuple[str, str]:
 
     # (a spelling given as null, or an empty cell of its column, is not the one at fault)
     given = {k for k, v in (row.raw_settings or {}).items() if v is not None}
+    for k in given:  # a value cited in its row's spelling: "min_tokens must be <= max_tokens=2"
+        if ROW_SETTINGS.get(k, k) != k:
+            message = re.sub(rf"\b{ROW_SETTINGS[k]}=", f"{k}=", message)
     spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in given]
     if not spelled:
         return param, message

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import tempfile
 import time
@@ -150,12 +151,15 @@ def _body_row(
 
 
 def body_named(names: dict[str, str] | None, field: str | None, message: str) -> tuple[str | None, str]:
-    """A problem's field and message with the row field a Batch body field was renamed to (`names`, from
-    `request_row`: min_new_tokens <- min_tokens) named as the body spells it."""
-    if not names or field not in names:
-        return field, message
-    body = names[field]
-    return body, body + message[len(field) :] if message.startswith(f"{field} ") else message
+    """A problem's field and message with the row fields Batch body fields were renamed to (`names`, from
+    `request_row`: min_new_tokens <- min_tokens) named as the body spells them, in the message too ("min_tokens
+    must be <= max_completion_tokens=2", not max_new_tokens=2)."""
+    names = names or {}
+    if field in names and message.startswith(f"{field} "):
+        message = names[field] + message[len(field) :]
+    for row_field, body_field in names.items():  # a value cited: "... <= max_new_tokens=2"
+        message = re.sub(rf"\b{row_field}=", f"{body_field}=", message)
+    return names.get(field, field) if field else field, message
 
 
 def _n(body: dict[str, Any]) -> Any:
@@ -171,7 +175,7 @@ def _special_fields(
     (its logprobs began at the completion, while its text held the prompt: adversarial pass 163)."""
     lp, top = body.get("logprobs"), body.get("top_logprobs")
     if url == CHAT:
-        if lp not in (None, True, False):
+        if lp is not None and not isinstance(lp, bool):  # (0 and 1 equal false and true in Python)
             return "body.logprobs", "must be true or false"
         if top is not None and not lp:
             return "body.top_logprobs", "needs logprobs: true"
@@ -199,11 +203,11 @@ def _special_fields(
             return "body.best_of", "is not supported (only best_of = n)"
     else:
         for key in ("logprobs", "top_logprobs", "echo", "best_of"):
-            if key in body:
+            if body.get(key) is not None:  # (null asks for nothing, as the SDK's model_dump() writes it)
                 return f"body.{key}", f"is not a field of {url}"
         if body.get("encoding_format") not in (None, "float"):
             return "body.encoding_format", "only float is supported"
-    if url != EMBEDDINGS and "encoding_format" in body:
+    if url != EMBEDDINGS and body.get("encoding_format") is not None:
         return "body.encoding_format", f"is not a field of {url}"
     return None
 

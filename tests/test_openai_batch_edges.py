@@ -95,3 +95,58 @@ def test_a_batch_file_submitted_without_max_new_tokens_takes_the_batch_default_a
         job = Job.open(find_job(f"j{k}"))
         assert job.params.max_new_tokens == want
     assert default_max_tokens(tiny_gpt2) != GenerationParams().max_new_tokens
+
+
+@pytest.mark.parametrize(
+    ("url", "fields", "refused"),
+    [
+        ("/v1/embeddings", {"logprobs": None, "echo": None, "best_of": None, "top_logprobs": None}, None),
+        ("/v1/completions", {"encoding_format": None}, None),
+        ("/v1/chat/completions", {"encoding_format": None}, None),
+        ("/v1/embeddings", {"echo": False}, "body.echo"),
+        ("/v1/chat/completions", {"logprobs": 1}, "body.logprobs"),
+        ("/v1/chat/completions", {"logprobs": 0}, "body.logprobs"),
+    ],
+)
+def test_null_fields_ask_for_nothing_on_every_endpoint_and_chat_logprobs_is_a_boolean(url, fields, refused):
+    """A null field is taken on every endpoint (the SDK's model_dump() writes them): the embeddings endpoint
+    refused `"logprobs": null`, the others `"encoding_format": null`. Chat's logprobs is true or false: 1 and 0
+    were taken as them (equal in Python)."""
+    from runner.openai_batch import request_row
+
+    inputs = {"/v1/embeddings": {"input": "Hi"}, "/v1/completions": {"prompt": "Hi"},
+              "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]}}  # fmt: skip
+    body = {"model": "tiny", **inputs[url], **fields}
+    kind = "embed" if url == "/v1/embeddings" else "generate"
+    row, field, problem = request_row(
+        {"custom_id": "a", "method": "POST", "url": url, "body": body}, kind, ("tiny",)
+    )
+    assert field == refused, problem
+    assert (row is None) == (refused is not None)
+
+
+def test_a_refusal_cites_the_body_fields_as_the_body_spells_them(tmp_path, tiny_llama):
+    """min_tokens over max_tokens was refused citing `max_new_tokens=2`, a field neither the Batch body nor the
+    plain row has."""
+    from runner.errors import InputError
+
+    body = {"model": "tiny", "prompt": "Hi", "min_tokens": 5, "max_tokens": 2}
+    request = {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": body}
+    plain = {"prompt": "Hi", "min_tokens": 5, "max_tokens": 2}
+    chat = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "min_tokens": 5,
+            "max_completion_tokens": 2,
+        },
+    }
+    for name, line in (("b.jsonl", request), ("p.jsonl", plain), ("c.jsonl", chat)):
+        with pytest.raises(InputError) as e:
+            create_job(write_jsonl(tmp_path / name, [line]), tiny_llama, served_model_names=("tiny",),
+                       home=tmp_path / "home")  # fmt: skip
+        cap = "max_completion_tokens" if name == "c.jsonl" else "max_tokens"
+        assert f"{name}:1: min_tokens: min_tokens must be <= {cap}=2, got 5" in str(e.value), str(e.value)
