@@ -1161,8 +1161,11 @@ def _row_field(row: PromptRow, param: str, message: str) -> tuple[str, str]:
         if ROW_SETTINGS.get(k, k) != k:
             message = re.sub(rf"\b{ROW_SETTINGS[k]}=", f"{k}=", message)
     spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in given]
-    if not spelled:
-        return param, message
+    if not spelled:  # the job's setting clashing with one the row gave ("regex ... num_beams > 1"): the row's
+        named = [
+            k for k in sorted(given) if k in ROW_SETTINGS and re.search(rf"\b{ROW_SETTINGS[k]}\b", message)
+        ]
+        return (named[0] if named else param), message
     # (response_format's message names the json_schema in it, which is at fault)
     if spelled[0] == "response_format" or not re.match(rf"{param}[ =]", message):
         return spelled[0], message

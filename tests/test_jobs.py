@@ -421,6 +421,16 @@ def test_a_rows_bad_setting_is_named_by_the_spelling_it_gave_not_an_empty_column
         create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=4))
 
 
+def test_a_rows_setting_that_clashes_with_the_jobs_is_named_not_the_jobs(tmp_path, tiny_gpt2):
+    """A job with --regex and a row asking num_beams 4 was refused as "regex: regex cannot be combined with
+    num_beams > 1", naming a field the row does not have; the row's num_beams is the one to change."""
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello", "num_beams": 4}])
+    with pytest.raises(
+        InputError, match=r"p\.jsonl:1: num_beams: regex cannot be combined with num_beams > 1"
+    ):
+        create_job(f, tiny_gpt2, GenerationParams(max_new_tokens=4, regex="[a-z]+"))
+
+
 def test_chat_messages_use_the_chat_template(tmp_path, tiny_llama, tiny_gpt2):
     f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hello there"}]}])
     job = create_job(f, tiny_llama, GenerationParams(max_new_tokens=3))
