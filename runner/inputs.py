@@ -420,16 +420,35 @@ def _csv_lines(path: Path) -> Iterator[int]:
     import csv
 
     with _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f:
-        reader = csv.reader(f)
+        records = _csv_records(f)
         start = 1
         with contextlib.suppress(csv.Error, ValueError):
-            next(reader, None)
-            start = reader.line_num + 1
-            for cells in reader:
+            _, end = next(records, ([], 0))
+            start = end + 1
+            for cells, end in records:
                 if cells:
                     yield start
-                start = reader.line_num + 1
+                start = end + 1
     yield from itertools.count(start)
+
+
+def _csv_records(f: Any) -> Iterator[tuple[list[str], int]]:
+    """Each CSV record of `f` and the file line it ends on, as the `csv` module reads them but with no limit on a
+    cell's size: pyarrow reads a cell of any size, and the module stops at its field size limit (131,072
+    characters, a long document), where the lines counted beside pyarrow parted from its rows. The limit is the
+    module's, for the whole process: raised for each record only, then set back."""
+    import csv
+
+    reader = csv.reader(f)
+    while True:
+        limit = csv.field_size_limit(2**31 - 1)  # (a C long on every platform)
+        try:
+            cells = next(reader, None)
+        finally:
+            csv.field_size_limit(limit)
+        if cells is None:
+            return
+        yield cells, reader.line_num
 
 
 def _data_columns(schema: Any) -> list[str]:

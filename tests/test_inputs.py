@@ -290,6 +290,17 @@ def test_a_csv_row_after_an_empty_line_is_named_by_its_own_line(tmp_path):
     ]
 
 
+def test_a_csv_row_after_a_cell_over_the_csv_modules_field_limit_is_named_by_its_own_line(tmp_path):
+    """The lines come from the `csv` module, which stops at a cell over 131,072 characters (its field size
+    limit) where pyarrow reads on: a long document with line breaks named every row after it by a line that
+    was not its own (and took that line as its default id)."""
+    path = tmp_path / "p.csv"
+    long = "\n".join(["x" * 70_000] * 3)
+    path.write_text(f'prompt,note\n"{long}",a\n\nhello,b\nlast,c\n', encoding="utf-8")
+    rows = read_prompts(path).rows
+    assert [(r.id, r.line) for r in rows] == [("2", 2), ("6", 6), ("7", 7)]
+
+
 @pytest.mark.parametrize(("bad", "got"), [('c,say "hi", then stop', 3), ("c", 1)])
 def test_a_csv_row_with_more_or_fewer_cells_than_the_header_is_named_by_its_line(tmp_path, bad, got):
     """An unquoted comma in a prompt (a hand edit, a spreadsheet): pyarrow's parse error named neither the line
