@@ -401,15 +401,22 @@ def _ragged_csv_row(path: Path) -> Problem | None:
         _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f,
         contextlib.suppress(csv.Error, ValueError),
     ):
-        reader = csv.reader(f)
-        header, start = next(reader, []), reader.line_num + 1
-        for cells in reader:
+        records = _csv_records(f)
+        header, end = _csv_header(records)
+        start = end + 1
+        for cells, end in records:
             if cells and len(cells) != len(header):
                 return Problem(str(path), start, None, f"expected {len(header)} cells (as the header), got "
                                f"{len(cells)}: a cell holding a comma or a quote must be quoted (\"say \"\"hi\"\", "
                                "then stop\")")  # fmt: skip
-            start = reader.line_num + 1
+            start = end + 1
     return None
+
+
+def _csv_header(records: Iterator[tuple[list[str], int]]) -> tuple[list[str], int]:
+    """The header of `_csv_records` and the line it ends on: the first record that is not an empty line, as
+    pyarrow skips empty lines above it too (the `csv` module's empty first record was taken for the header)."""
+    return next(((cells, end) for cells, end in records if cells), ([], 0))
 
 
 def _csv_lines(path: Path) -> Iterator[int]:
@@ -423,7 +430,7 @@ def _csv_lines(path: Path) -> Iterator[int]:
         records = _csv_records(f)
         start = 1
         with contextlib.suppress(csv.Error, ValueError):
-            _, end = next(records, ([], 0))
+            _, end = _csv_header(records)
             start = end + 1
             for cells, end in records:
                 if cells:
@@ -495,7 +502,7 @@ def _first_record(path: Path, sep: str) -> list[str]:
     import csv
 
     with _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f:
-        return next(csv.reader(f, delimiter=sep), [])
+        return next((cells for cells in csv.reader(f, delimiter=sep) if cells), [])  # (as `_csv_header`)
 
 
 def _csv_batches(path: Path) -> Any:

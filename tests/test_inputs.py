@@ -301,6 +301,16 @@ def test_a_csv_row_after_a_cell_over_the_csv_modules_field_limit_is_named_by_its
     assert [(r.id, r.line) for r in rows] == [("2", 2), ("6", 6), ("7", 7)]
 
 
+def test_a_csv_with_empty_lines_above_its_header_reads_as_the_same_file_without_them(tmp_path):
+    """pyarrow skips empty lines above the header too, where the `csv` module reads an empty first record: the
+    header was taken for empty, so every column was read with a type guessed (id 007 as 7) and each row named
+    by the line above its own."""
+    path = tmp_path / "p.csv"
+    path.write_text("\n\nid,prompt\n007,hello\n\n0x1F,bye\n", encoding="utf-8")
+    rows = read_prompts(path).rows
+    assert [(r.id, r.line, r.prompt) for r in rows] == [("007", 4, "hello"), ("0x1F", 6, "bye")]
+
+
 @pytest.mark.parametrize(("bad", "got"), [('c,say "hi", then stop', 3), ("c", 1)])
 def test_a_csv_row_with_more_or_fewer_cells_than_the_header_is_named_by_its_line(tmp_path, bad, got):
     """An unquoted comma in a prompt (a hand edit, a spreadsheet): pyarrow's parse error named neither the line
