@@ -143,7 +143,8 @@ def _body_row(
         return None, "body.input", "must be one string (a list of inputs: one request each)"
     if url == CHAT and "messages" not in row:
         return None, "body.messages", "is missing"
-    names = {field: key for key, field in allowed.items() if key != field and key in body}
+    # (a field given as null asks for nothing: a refusal of the job's own setting does not name it)
+    names = {field: key for key, field in allowed.items() if key != field and body.get(key) is not None}
     if url == CHAT and body.get("top_logprobs") is not None:
         names["logprobs"] = "top_logprobs"
     row["_request"] = {"url": url, "model": model, "echo": bool(body.get("echo")), "names": names}

@@ -150,3 +150,19 @@ def test_a_refusal_cites_the_body_fields_as_the_body_spells_them(tmp_path, tiny_
                        home=tmp_path / "home")  # fmt: skip
         cap = "max_completion_tokens" if name == "c.jsonl" else "max_tokens"
         assert f"{name}:1: min_tokens: min_tokens must be <= {cap}=2, got 5" in str(e.value), str(e.value)
+
+
+def test_a_refusal_of_the_jobs_setting_does_not_blame_a_body_field_given_as_null(tmp_path, tiny_llama):
+    """`"min_tokens": null` asks for nothing (the SDK's model_dump() writes it), so the job's --min-new-tokens
+    over the body's max_tokens is the job's fault: it was refused as the body's `min_tokens`, which a plain row
+    with the same null is not."""
+    from runner.errors import InputError
+
+    body = {"model": "tiny", "prompt": "Hi", "min_tokens": None, "max_tokens": 2}
+    request = {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": body}
+    with pytest.raises(InputError) as e:
+        create_job(write_jsonl(tmp_path / "b.jsonl", [request]), tiny_llama, GenerationParams(min_new_tokens=5),
+                   served_model_names=("tiny",), home=tmp_path / "home")  # fmt: skip
+    assert "b.jsonl:1: min_new_tokens: min_new_tokens must be <= max_tokens=2, got 5" in str(e.value), str(
+        e.value
+    )
