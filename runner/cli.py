@@ -179,7 +179,7 @@ def _elsewhere(hint: str) -> Callable[..., Any]:
 
 
 generation_options = _apply([
-    click.option("--max-new-tokens", type=int, help="Tokens to generate per sample [default: 64]."),
+    click.option("--max-new-tokens", type=int, help="Tokens to generate per sample [default: 64; an OpenAI Batch file's requests that set no max_tokens: 256, or half the context window if smaller]."),
     click.option("--max-length", hidden=True, expose_value=False, callback=_elsewhere(
         "transformers' max_length counts the prompt too; runner's limit is --max-new-tokens (new tokens only)")),
     click.option("--min-length", hidden=True, expose_value=False, callback=_elsewhere(

@@ -166,3 +166,11 @@ def test_a_refusal_of_the_jobs_setting_does_not_blame_a_body_field_given_as_null
     assert "b.jsonl:1: min_new_tokens: min_new_tokens must be <= max_tokens=2, got 5" in str(e.value), str(
         e.value
     )
+
+
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_the_help_says_the_batch_default_for_max_new_tokens(command):
+    """`runner submit requests.jsonl` gives requests without max_tokens 256 (as run-batch does), while its help
+    said 64 for every file."""
+    result = invoke(command, "--help")
+    assert "256, or half the context window" in " ".join(result.output.split()), result.output
