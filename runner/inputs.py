@@ -1040,6 +1040,10 @@ class PromptReader(RowChecker):
             return iter_text(self.path, self.prompt_field)
         return _iter_arrow(self.path, self.format)
 
+    def first_row(self) -> dict[str, Any] | None:
+        """The file's first readable row as read, before any check (None if it has none): what it holds."""
+        return next((obj for _, obj, _ in self._source() if obj is not None), None)
+
     def rows(self) -> Iterator[PromptRow | Problem]:
         """Each row of the file in order: a valid `PromptRow`, or the `Problem` that makes it invalid.
         Duplicate ids are not looked for here (`chunks` does)."""

@@ -815,15 +815,14 @@ def file_kind(path: str | os.PathLike) -> str:
 
 
 def is_batch_file(path: str | os.PathLike) -> bool:
-    """Whether `path` is a JSON lines file whose first row is an OpenAI Batch request line (as the reader
-    decides what a file is); False for anything else, which the reader then reads or names."""
-    from .inputs import SUFFIXES, iter_jsonl
+    """Whether `path` is a prompt file (JSON lines or Parquet) whose first row is an OpenAI Batch request line,
+    as the reader decides what a file is; False for anything else, which the reader then reads or names."""
+    from .inputs import PromptReader
 
-    path = Path(path)
-    if not path.is_file() or SUFFIXES.get(path.suffix.lower()) != "jsonl":
+    if not Path(path).is_file():
         return False
     try:
-        first = next((obj for _, obj, _ in iter_jsonl(path) if obj is not None), None)
+        first = PromptReader(path).first_row()
     except (RunnerError, OSError, UnicodeDecodeError):  # (the reader says what is wrong with it)
         return False
     return isinstance(first, dict) and is_request(first)

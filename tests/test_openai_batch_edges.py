@@ -80,6 +80,8 @@ def test_a_batch_file_submitted_without_max_new_tokens_takes_the_batch_default_a
     """README: requests without max_tokens get 256, or half the context window. Only `run-batch` gave it:
     `runner submit requests.jsonl` capped them at the prompt files' default of 64 (adversarial pass 163). A
     prompt file keeps 64; --max-new-tokens decides for both."""
+    import pandas as pd
+
     from runner.openai_batch import default_max_tokens
     from runner.params import GenerationParams
 
@@ -87,8 +89,10 @@ def test_a_batch_file_submitted_without_max_new_tokens_takes_the_batch_default_a
     batch = write_jsonl(tmp_path / "req.jsonl", [{"custom_id": "a", "method": "POST", "url": "/v1/completions",
                                                   "body": body}])  # fmt: skip
     plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
+    parquet = tmp_path / "req.parquet"  # (a Batch file kept as Parquet: the reader takes it as requests too)
+    pd.read_json(batch, lines=True).to_parquet(parquet)
     cases = [(batch, (), default_max_tokens(tiny_gpt2)), (plain, (), GenerationParams().max_new_tokens),
-             (batch, ("--max-new-tokens", "5"), 5)]  # fmt: skip
+             (batch, ("--max-new-tokens", "5"), 5), (parquet, (), default_max_tokens(tiny_gpt2))]  # fmt: skip
     for k, (path, more, want) in enumerate(cases):
         r = invoke("submit", path, "-m", tiny_gpt2, "--served-model-name", "tiny", "--name", f"j{k}", *more)
         assert r.exit_code == 0, r.output
