@@ -337,9 +337,10 @@ def build_settings(kw: dict[str, Any], kind: str = "generate") -> tuple[Any, Any
 
 
 def _read_option_file(name: str, path: str) -> str:
-    """The text of the file an option names (`--json-schema schema.json`, `--grammar sql.lark`)."""
+    """The text of the file an option names (`--json-schema schema.json`, `--grammar sql.lark`); a byte-order
+    mark (Notepad's UTF-8) is no text, as in an input or chat template file."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ParamError(
