@@ -644,7 +644,8 @@ def export_results(
     for path in filter(None, (to, errors_to)):
         if problem := export_type_problem(path):
             raise ValueError(f"{path}: {problem}")
-    if errors_to is None:
+    if errors_to is None:  # the target checked before the rows are read (pyarrow named its temp file)
+        check_export_target(Path(to))
         table, lost = _results_and_loss(source, home)
         _write_whole(table, Path(to))
         return Exported(table.num_rows, 0).losing(lost)

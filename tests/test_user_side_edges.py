@@ -1,6 +1,12 @@
 """Edges a user meets on the user's side: option files saved by Windows editors, exports, score printing."""
 
+import pytest
+from helpers import invoke
+
+from runner import ScoreParams
 from runner.cli import build_settings
+from runner.jobs import create_job
+from runner.worker import run_job
 
 
 def test_a_schema_or_grammar_file_with_a_byte_order_mark_is_read_as_its_text(tmp_path):
@@ -15,3 +21,22 @@ def test_a_schema_or_grammar_file_with_a_byte_order_mark_is_read_as_its_text(tmp
     assert params.json_schema == {"type": "object", "properties": {"名前": {"type": "string"}}}
     params, _ = build_settings({"grammar": str(grammar)})
     assert params.grammar == 'start: "はい" | "いいえ"\n'
+
+
+@pytest.fixture
+def score_job(tmp_path, tiny_gpt2, gpt2_engine, runner_home):
+    (tmp_path / "texts.txt").write_text("現在も行方不明のまま。\n絵文字🎉\n", encoding="utf-8")
+    job = create_job(tmp_path / "texts.txt", tiny_gpt2, ScoreParams(), home=runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    return job
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
+def test_an_export_into_a_folder_not_there_names_the_folder_not_a_temp_file(score_job, tmp_path, suffix):
+    """`runner results JOB --to out/x.parquet` before `mkdir out`: said up front, as with --errors-to (pyarrow
+    named its temp file, `.x.parquet.123-....tmp`, and `Detail: [errno 2]`)."""
+    to = tmp_path / "not-made" / f"scores{suffix}"
+    result = invoke("results", score_job.id, "--to", to)
+    assert result.exit_code == 1
+    assert f"cannot write {to}: no folder {to.parent}" in result.output
+    assert ".tmp" not in result.output
