@@ -500,13 +500,26 @@ def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None)
 
     path, is_file = resolve_source(source, home)
     if is_file:  # (an exported results file on a Drive mount: a transient error is read again)
-        table, lost = storage.retry(lambda: read_parquet(path), f"read {path}"), ""
+        table, lost = storage.retry(lambda: _read_results_file(path, read_parquet), f"read {path}"), ""
     else:
         with naming_broken(path):
             job = Job.open(path)
             table = read_results_table(job)
         lost = _warn_if_partial(job, table.num_rows)
     return (table.drop([ORDER]) if ORDER in table.column_names else table), lost
+
+
+def _read_results_file(path: Path, read_parquet: Callable[[Path], pa.Table]) -> pa.Table:
+    """A results file's table; a file that is no Parquet (an export to .jsonl or .csv, the job's input file) is
+    said so, naming it, not pyarrow's traceback ("Parquet magic bytes not found in footer")."""
+    import pyarrow as pa
+
+    try:
+        return read_parquet(path)
+    except pa.ArrowInvalid as e:
+        raise RunnerError(f"{path} is not a Parquet file of results ({first_line(e)}): give a job id, name or "
+                          "folder, or a results .parquet file (read an export to .jsonl, .json or .csv with "
+                          "pandas)") from None  # fmt: skip
 
 
 def to_pandas(table: pa.Table) -> pd.DataFrame:

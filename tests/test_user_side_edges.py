@@ -1,10 +1,14 @@
 """Edges a user meets on the user's side: option files saved by Windows editors, exports, score printing."""
 
+import re
+
 import pytest
 from helpers import invoke
 
+import runner
 from runner import ScoreParams
 from runner.cli import build_settings
+from runner.errors import RunnerError
 from runner.jobs import create_job
 from runner.worker import run_job
 
@@ -40,3 +44,16 @@ def test_an_export_into_a_folder_not_there_names_the_folder_not_a_temp_file(scor
     assert result.exit_code == 1
     assert f"cannot write {to}: no folder {to.parent}" in result.output
     assert ".tmp" not in result.output
+
+
+@pytest.mark.parametrize("name", ["scores.jsonl", "scores.csv", "texts.txt"])
+def test_results_of_a_file_that_is_not_parquet_says_so_not_a_traceback(score_job, tmp_path, name):
+    """`runner.load_results("scores.jsonl")` after an export, or `runner results texts.txt` (the input file for the
+    job): pyarrow's "Parquet magic bytes not found in footer" came out as a traceback."""
+    path = tmp_path / name
+    if name != "texts.txt":
+        assert invoke("results", score_job.id, "--to", path).exit_code == 0
+    with pytest.raises(RunnerError, match=rf"{re.escape(str(path))} is not a Parquet file of results"):
+        runner.load_results(path)
+    result = invoke("results", path)
+    assert result.exit_code == 1 and "is not a Parquet file of results" in result.output
