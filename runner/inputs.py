@@ -930,6 +930,8 @@ class RowChecker:
                 return Problem(self.name, lineno, fld, why, cid if isinstance(cid, str) and cid else None)
             request = obj.pop("_request")
             names = request.pop("names", None)
+        if self.settings_as_text and self.pair_fields:
+            obj = _without_empty_pair(obj, self.pair_fields)
         row, problem = _validate_row(
             self.name, lineno, obj, self.prompt_field, self.template, self.id_field,
             self.messages_field, self.pair_fields,
@@ -973,6 +975,16 @@ class RowChecker:
         except ParamError as e:
             return None, Problem(self.name, row.line, e.param, str(e), row.id)
         return row, None
+
+
+def _without_empty_pair(obj: dict[str, Any], pair_fields: tuple[str, str]) -> dict[str, Any]:
+    """A CSV row without its context and continuation cells when both are empty: a CSV writes "none" so (pandas'
+    `to_csv` of texts beside pairs), and the row is a text row, as with nulls in JSONL or Parquet (each text row
+    was refused, "continuation: must be a non-empty string"). A context beside an empty continuation stays: that
+    pair is refused."""
+    if any(obj.get(f) != "" for f in pair_fields):
+        return obj
+    return {k: v for k, v in obj.items() if k not in pair_fields}
 
 
 def _from_arrow(value: Any, as_json: bool) -> Any:

@@ -9,6 +9,7 @@ import runner
 from runner import ScoreParams
 from runner.cli import build_settings
 from runner.errors import RunnerError
+from runner.inputs import read_prompts
 from runner.jobs import create_job
 from runner.worker import run_job
 
@@ -57,3 +58,23 @@ def test_results_of_a_file_that_is_not_parquet_says_so_not_a_traceback(score_job
         runner.load_results(path)
     result = invoke("results", path)
     assert result.exit_code == 1 and "is not a Parquet file of results" in result.output
+
+
+def test_a_csv_mixing_texts_and_pairs_reads_empty_pair_cells_as_no_pair(tmp_path):
+    """A CSV writes "none" as an empty cell (pandas' `to_csv` of a DataFrame mixing text rows and context /
+    continuation rows): a text row there has both pair cells empty, and is a text row, as with nulls in JSONL or
+    Parquet (it was refused, "continuation: must be a non-empty string, got an empty string"). A pair with its
+    continuation alone empty is still refused."""
+    path = tmp_path / "mix.csv"
+    path.write_text(
+        "id,text,context,continuation\r\n1,こんにちは,,\r\n2,,日本の首都は,東京\r\n3,,,絵文字🎉\r\n4,,日本の,\r\n",
+        encoding="utf-8-sig",
+    )
+    ps = read_prompts(path, prompt_field="text", skip_invalid=True, pair_fields=("context", "continuation"))
+    got = [(r.id, r.prompt, r.continuation, r.extra) for r in ps.rows]
+    assert got == [
+        ("1", "こんにちは", None, {}),
+        ("2", "日本の首都は", "東京", {"text": ""}),
+        ("3", "", "絵文字🎉", {"text": ""}),
+    ]
+    assert [(p.line, p.field) for p in ps.problems] == [(5, "continuation")]
