@@ -1153,13 +1153,11 @@ def _json(value: Any) -> str | None:
 def _row_field(row: PromptRow, param: str, message: str) -> tuple[str, str]:
     """The field of the input row a setting came from (its own spelling: `n`, not num_return_sequences), and
     the setting's message spelled so ("n must be in [1, 1024], got 0.")."""
-    from .params import ROW_SETTINGS
+    from .params import ROW_SETTINGS, cited_as
 
     # (a spelling given as null, or an empty cell of its column, is not the one at fault)
     given = {k for k, v in (row.raw_settings or {}).items() if v is not None}
-    for k in given:  # a value cited in its row's spelling: "min_tokens must be <= max_tokens=2"
-        if ROW_SETTINGS.get(k, k) != k:
-            message = re.sub(rf"\b{ROW_SETTINGS[k]}=", f"{k}=", message)
+    message = cited_as(message, {ROW_SETTINGS[k]: k for k in given if ROW_SETTINGS.get(k, k) != k})
     spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in given]
     if not spelled:  # the job's setting clashing with one the row gave ("regex ... num_beams > 1"): the row's
         named = [

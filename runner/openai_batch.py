@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shlex
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RunnerError
+from .params import cited_as
 from .progress import counted
 
 if TYPE_CHECKING:
@@ -158,9 +158,7 @@ def body_named(names: dict[str, str] | None, field: str | None, message: str) ->
     names = names or {}
     if field in names and message.startswith(f"{field} "):
         message = names[field] + message[len(field) :]
-    for row_field, body_field in names.items():  # a value cited: "... <= max_new_tokens=2"
-        message = re.sub(rf"\b{row_field}=", f"{body_field}=", message)
-    return names.get(field, field) if field else field, message
+    return names.get(field, field) if field else field, cited_as(message, names)
 
 
 def _n(body: dict[str, Any]) -> Any:

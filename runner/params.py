@@ -429,6 +429,14 @@ INT_SETTINGS = {"max_new_tokens", "min_new_tokens", "top_k", "num_return_sequenc
 TEXT_SETTINGS = {"stop", "regex", "grammar", "choices"}
 
 
+def cited_as(message: str, spellings: dict[str, str]) -> str:
+    """`message` with each value it cites (`max_new_tokens=2`) under the name the user gave that setting
+    (`spellings`: setting -> the row's or the Batch body's field): "min_tokens must be <= max_tokens=2"."""
+    for setting, spelled in spellings.items():
+        message = re.sub(rf"\b{setting}=", f"{spelled}=", message)
+    return message
+
+
 def check_truncate(truncate: str) -> None:
     """`--truncate`: none (a prompt over the context window is refused) or left (it keeps its end)."""
     if truncate not in ("none", "left"):
