@@ -469,6 +469,7 @@ RUN_TIME_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", 
                   "sentencepiece.bpe.model", "generation_config.json")  # fmt: skip
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
 FINGERPRINT_VERSION = "6"
+SETTLED_NS = 2 * 10**9  # a GGUF file's tensor samples are kept in the cache once it has not changed this long
 TENSOR_SAMPLE = 64  # bytes read at the start, middle and end of each tensor of a safetensors file (version 5)
 
 
@@ -622,9 +623,39 @@ def _gguf_tensor_samples(f: Path) -> bytes:
     """The GGUF tensor table (names, types, shapes, offsets) and TENSOR_SAMPLE bytes at the start, middle and
     end of every tensor (read with the `gguf` package): 16 pieces of a file missed a fine-tune of only its
     norms (pass 50). Empty for a file gguf cannot read (its size and pieces still count). Reading the table
-    takes ~2 s (the vocabulary is parsed too): kept for the file as it is (any write changes its mtime)."""
+    takes 2-7 s (the vocabulary is parsed too): kept for the file as it is (any write changes its mtime), in
+    this process and in the cache (`_samples_memo`), so that each `runner` command on the demo model is spared it."""
     st = f.stat()  # (ctime too: a copy that restores the mtime, `cp --preserve=timestamps`, still sets it)
-    return _gguf_tensor_samples_of(str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    key = [str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    memo = cache_root() / "gguf-samples" / f"{hashlib.sha256(key[0].encode()).hexdigest()[:32]}.json"
+    kept = _kept_samples(memo, key)
+    if kept is not None:
+        return kept
+    samples = _gguf_tensor_samples_of(*key)
+    if (
+        time.time_ns() - st.st_ctime_ns < SETTLED_NS
+    ):  # it could change again within the same clock tick, times
+        return (
+            samples  # unchanged (git's "racily clean" files): not kept until it has been left alone a while
+        )
+    with contextlib.suppress(OSError):  # (a cache that cannot be written: read again next time)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = storage.temp_name(memo)
+        Path(tmp).write_text(json.dumps({"key": key, "samples": samples.hex()}))
+        os.replace(tmp, memo)
+    return samples
+
+
+def _kept_samples(memo: Path, key: list) -> bytes | None:
+    """The tensor samples the cache kept for a GGUF file whose stat (path, size, mtime, ctime, inode) was `key`;
+    None for none, another key, or a damaged memo."""
+    try:
+        kept = json.loads(memo.read_bytes())
+        if isinstance(kept, dict) and kept.get("key") == key and isinstance(kept.get("samples"), str):
+            return bytes.fromhex(kept["samples"])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 @functools.lru_cache(maxsize=8)

@@ -482,3 +482,42 @@ def test_a_transient_error_noting_mapped_weights_at_load_is_looked_at_again_alon
     monkeypatch.setattr(Path, "stat", stat)
     engine = Engine(str(model))
     assert failed and engine.mapped_files and engine.weights_changed() is None
+
+
+def test_a_ggufs_tensor_samples_are_kept_in_the_cache_for_the_file_as_it_is(tmp_path, monkeypatch):
+    """Reading a GGUF's tensor table took 4-8 s on a 2-core VM, in every `runner` command on the demo model: its
+    samples are kept in the cache with the file's stat, and read again only once the file changed (in place
+    with its times kept, too: its ctime moves) or the memo is damaged or missing."""
+    read = []
+
+    def samples_of(f, *stat):
+        read.append(f)
+        return Path(f).read_bytes()[:8]
+
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_gguf_tensor_samples_of", samples_of)
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"weights1" * 10)
+    assert models._gguf_tensor_samples(f) == b"weights1" and len(read) == 1
+    assert not (tmp_path / "cache").exists()  # written just now: not kept (it could change again unseen)
+    monkeypatch.setattr(models, "SETTLED_NS", -(10**12))  # (as if it had been left alone for a while)
+    assert models._gguf_tensor_samples(f) == b"weights1" and len(read) == 2
+    assert models._gguf_tensor_samples(f) == b"weights1" and len(read) == 2  # (another process: the memo)
+    st = f.stat()
+    while (
+        f.stat().st_ctime_ns == st.st_ctime_ns
+    ):  # rewritten in place (until the clock's tick moves its ctime),
+        with open(f, "r+b") as fh:  # its times kept as `cp --preserve=timestamps` does
+            fh.write(b"weights2")
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert models._gguf_tensor_samples(f) == b"weights2" and len(read) == 3
+    (memo,) = (tmp_path / "cache" / "gguf-samples").iterdir()
+    for damaged in (b"", b"{not json", b'{"key": 1, "samples": "zz"}', json.dumps([1]).encode()):
+        memo.write_bytes(damaged)
+        assert models._gguf_tensor_samples(f) == b"weights2"
+    assert len(read) == 7
+    memo.unlink()
+    memo.parent.rmdir()
+    memo.parent.write_text("")  # a cache where the memo cannot be written: read each time, no error
+    assert models._gguf_tensor_samples(f) == b"weights2" and len(read) == 8
+    assert models._gguf_tensor_samples(f) == b"weights2" and len(read) == 9
