@@ -49,7 +49,7 @@ from measure import machine_info, matmul_flops, param_counts, tune_malloc
 
 import runner  # noqa: F401  (before torch starts OpenMP: its thread wait setting, as the `runner` command has)
 
-MODELS = ("smollm2", "gpt2-random", "smollm2-random")
+MODELS = ("smollm2", "gpt2-random", "smollm2-random", "tiny-random")
 SHAPES_ENV = (
     "RUNNER_BENCH_SHAPES"  # a folder from --export-shapes: SmolLM2's tokenizer and config, no weights
 )
@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--model", default="smollm2", help="smollm2, gpt2-random, smollm2-random, or a local model folder"
+        "--model",
+        default="smollm2",
+        help="smollm2, gpt2-random, smollm2-random, tiny-random (2 small layers: dry runs), or a local model folder",
     )
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument(
@@ -279,6 +281,8 @@ def model_folder(args: argparse.Namespace) -> str:
         return gpt2_random_dir(args.seed)
     if args.model == "smollm2-random":
         return smollm2_random_dir(args.seed)
+    if args.model == "tiny-random":
+        return gpt2_random_dir(args.seed, tiny=True)
     return args.model
 
 
@@ -334,20 +338,24 @@ def _save(model: Any, tok: Any, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def gpt2_random_dir(seed: int) -> str:
+def gpt2_random_dir(seed: int, tiny: bool = False) -> str:
     """A GPT-2-124M-shaped model (GPT2Config() defaults: 12 layers, 12 heads, n_embd 768, n_positions 1024), random
     init with a fixed seed, saved once as safetensors. Tokenizer: SmolLM2's byte-level BPE (49,152 tokens), so
-    vocab_size is 49,152 instead of GPT-2's 50,257 (123.7M instead of 124.4M parameters; <1% less compute)."""
+    vocab_size is 49,152 instead of GPT-2's 50,257 (123.7M instead of 124.4M parameters; <1% less compute).
+    tiny: 2 layers, 2 heads, n_embd 64 (3.2M parameters, nearly all the embedding), for dry runs of the scripts
+    (gpu_check.sh --quick), whose figures mean nothing."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     from runner.models import cache_root
 
     tok = AutoTokenizer.from_pretrained(smollm2_shape())
-    target = cache_root() / "bench" / f"gpt2-random-seed{seed}-v{len(tok)}"
+    name = "tiny-random" if tiny else "gpt2-random"
+    target = cache_root() / "bench" / f"{name}-seed{seed}-v{len(tok)}"
     if (target / "config.json").is_file():
         return str(target)
     cfg = GPT2Config(
+        **(dict(n_layer=2, n_head=2, n_embd=64) if tiny else {}),
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

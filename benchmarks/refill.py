@@ -175,7 +175,9 @@ def fmt(seconds: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--model", default="smollm2", help="smollm2, gpt2-random, smollm2-random or a model folder"
+        "--model",
+        default="smollm2",
+        help="smollm2, gpt2-random, smollm2-random, tiny-random or a model folder",
     )
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)

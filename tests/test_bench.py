@@ -196,7 +196,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (out / "check.log").read_text()
     assert "tests exit code: 0" in log and "| runner (default) |" in log
-    res = json.loads((out / "gpt2-random-cpu.json").read_text())
+    res = json.loads((out / "tiny-random-cpu.json").read_text())
     assert any(m["name"] == "runner (default)" and m["tokens_per_second"] > 0 for m in res["methods"])
     assert " passed" in (out / "tests.log").read_text()
     refill = json.loads((out / "refill-cpu.json").read_text())  # static vs continuous batching
