@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU build that the dev machines and CI have on disk; on a GPU box use the torch you already have.
 TORCH_SPEC ?= torch==2.13.0
+# Bytecode caches even where the environment turns them off (PYTHONDONTWRITEBYTECODE=1, as on the dev VMs):
+# without them each pytest worker rewrites every test module's asserts again (~10 s) and each runner process
+# the tests start compiles the package again.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup demo test test-fast test-compat test-linkless gpu-check-dry lint clean
 

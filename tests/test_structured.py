@@ -433,14 +433,14 @@ def demo_engine():
 @pytest.mark.parametrize(
     ("rows", "params"),
     [
-        (people(50), GenerationParams(max_new_tokens=80, json_schema=PERSON)),
-        (dates(50), GenerationParams(max_new_tokens=12, regex=DATE)),
-        (reviews(50), GenerationParams(max_new_tokens=6, choices=["positive", "negative", "neutral"])),
+        (people(24), GenerationParams(max_new_tokens=80, json_schema=PERSON)),
+        (dates(24), GenerationParams(max_new_tokens=12, regex=DATE)),
+        (reviews(24), GenerationParams(max_new_tokens=6, choices=["positive", "negative", "neutral"])),
     ],
     ids=["json-schema", "regex-dates", "choices"],
 )
 def test_demo_model_jobs_obey_their_constraint(tmp_path, demo_engine, rows, params):
-    """50-row jobs on the demo model (--chat): every `stop` output validates (jsonschema / re.fullmatch /
+    """24-row jobs on the demo model (--chat): every `stop` output validates (jsonschema / re.fullmatch /
     membership) and is flagged complete; every other one is flagged incomplete."""
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     job, summary = runner.run(
@@ -448,7 +448,7 @@ def test_demo_model_jobs_obey_their_constraint(tmp_path, demo_engine, rows, para
     )
     assert summary.finished
     df = runner.load_results(job.dir)
-    assert len(df) == 50
+    assert len(df) == 24
     for _, r in df.iterrows():
         if r["finish_reason"] == "stop":
             assert satisfies(params, r["text"]) and r["constraint_complete"] is True, r["text"]
