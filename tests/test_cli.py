@@ -585,6 +585,7 @@ def test_inside_a_notebook_the_command_raises_system_exit(monkeypatch, tmp_path)
 WAIT_VARS = runner.OPENMP_WAIT_VARS
 
 
+@pytest.mark.slow  # (a real Python process: make test, not test-fast)
 @pytest.mark.parametrize(
     "given, expected",
     [
@@ -605,6 +606,7 @@ def test_openmp_threads_spin_briefly_unless_told_otherwise(given, expected):
     assert out.stdout.strip() == repr(expected)
 
 
+@pytest.mark.slow  # (a real runner process: make test, not test-fast)
 @pytest.mark.parametrize("torch_first", [True, False])
 def test_a_cpu_engine_warns_when_torch_came_first(tiny_gpt2, torch_first):
     """In a notebook that imported torch before runner, the thread wait above comes too late: a CPU engine
@@ -820,6 +822,7 @@ def test_score_and_embed_offer_no_generate_only_options(command):
     assert result.exit_code == 2 and "No such option '--continuous-batching'" in result.output
 
 
+@pytest.mark.slow  # (a real runner process: make test, not test-fast)
 def test_a_closed_stderr_does_not_stop_the_work(tmp_path, prompts, tiny_gpt2):
     """`runner run ... 2>&1 | head -3`: once the reader is gone, the progress lines go nowhere (log.txt keeps
     them) and the job still finishes; before, the first line after it killed the run (found by adversarial pass

@@ -188,6 +188,7 @@ def test_a_stop_as_the_submit_temp_folder_is_made_leaves_nothing_beside_the_job(
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
 
 
+@pytest.mark.slow  # (a real runner process: make test, not test-fast)
 @pytest.mark.parametrize("others_queued", [False, True])
 def test_a_ctrl_c_in_the_last_batch_of_the_last_job_stops_nothing(tmp_path, tiny_gpt2, others_queued):
     """Ctrl-C on `runner work` as the last batch of the queue is computed: the batch is written and the job
@@ -212,6 +213,7 @@ def test_a_ctrl_c_in_the_last_batch_of_the_last_job_stops_nothing(tmp_path, tiny
         assert states == ["completed"] and "again to carry on" not in out, out
 
 
+@pytest.mark.slow  # (a real runner process: make test, not test-fast)
 def test_a_ctrl_c_in_the_last_batch_this_machine_can_run_stops_nothing(tmp_path, tiny_gpt2):
     """The same with a job queued that this machine cannot run (`--device cuda` without CUDA: said as met, left
     queued; met first here): exit 0 as without the Ctrl-C, not 130 with "1 job left to run; run `runner work`

@@ -882,6 +882,7 @@ def test_an_option_left_at_its_default_reads_as_the_default_and_dtypes_take_thei
     assert "batch_size the default (asked: 8)" in kept
 
 
+@pytest.mark.slow  # (a real runner process: make test, not test-fast)
 def test_a_too_long_prompt_is_said_once_and_a_json_array_file_says_how_to_write_lines(
     tmp_path, tiny_gpt2, capfd
 ):

@@ -122,6 +122,7 @@ def test_torchrun_processes_each_take_units_of_one_job(tmp_path, prepared):
     assert_exactly_once(job_dir, prepared[1])
 
 
+@pytest.mark.slow  # (a real runner process: make test, not test-fast)
 def test_gpus_needs_a_gpu_and_says_so(tmp_path):
     code, out = run_runner("--home", tmp_path, "work", "--gpus", "all", env_extra=ONE_THREAD)
     assert code == 1 and "no CUDA GPU is visible" in out and "--workers N" in out

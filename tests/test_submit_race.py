@@ -119,6 +119,7 @@ def test_damaged_and_foreign_claims_block_no_name_for_good(tmp_path, tiny_gpt2, 
         assert json.loads((names / f"{name}.1.json").read_text())["job"] == job.id
 
 
+@pytest.mark.slow  # (a real runner process: make test, not test-fast)
 def test_two_submits_taking_over_one_stale_claim_make_one_job(tmp_path, tiny_gpt2, runner_home, monkeypatch):
     """Submit A judges a killed submit's claim stale and is paused right there (where a SIGSTOP would freeze
     it) while submit B, a real process, takes the same claim over and stores its job; then A goes on. Both
