@@ -621,58 +621,69 @@ def _explicit_weights(path: Path) -> str | None:
 
 def _gguf_tensor_samples(f: Path) -> bytes:
     """The GGUF tensor table (names, types, shapes, offsets) and TENSOR_SAMPLE bytes at the start, middle and
-    end of every tensor (read with the `gguf` package): 16 pieces of a file missed a fine-tune of only its
-    norms (pass 50). Empty for a file gguf cannot read (its size and pieces still count). Reading the table
-    takes 2-7 s (the vocabulary is parsed too): kept for the file as it is (any write changes its mtime), in
-    this process and in the cache (`_samples_memo`), so that each `runner` command on the demo model is spared it."""
-    st = f.stat()  # (ctime too: a copy that restores the mtime, `cp --preserve=timestamps`, still sets it)
+    end of every tensor, read from the file each time: 16 pieces of a file missed a fine-tune of only its norms
+    (pass 50). Empty for a file gguf cannot read (its size and pieces still count)."""
+    table = _gguf_tensor_table(f)
+    if table is None:
+        return b""
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for name, kind, shape, a, n in table:
+            h.update(f"{name}:{kind}:{shape}:{a}:{n};".encode())
+            for at in sorted({a, a + max(0, (n - TENSOR_SAMPLE) // 2), a + max(0, n - TENSOR_SAMPLE)}):
+                fh.seek(at)
+                h.update(fh.read(min(TENSOR_SAMPLE, a + n - at)))
+    return h.digest()
+
+
+def _gguf_tensor_table(f: Path) -> list | None:
+    """[name, type, shape, offset, bytes] of each tensor of a GGUF file, by name; None where gguf cannot read
+    it. Parsing takes 2-8 s (the vocabulary too), in every `runner` command on the demo model: the table is kept
+    for the file as it is (path, size, mtime, ctime, inode; any write moves its ctime, `cp -p` too), in this
+    process and in the cache. In the cache only once the file has been left alone SETTLED_NS: one written again
+    within the same clock tick keeps its times (git's "racily clean" files)."""
+    st = f.stat()
     key = [str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    memo = cache_root() / "gguf-samples" / f"{hashlib.sha256(key[0].encode()).hexdigest()[:32]}.json"
-    kept = _kept_samples(memo, key)
-    if kept is not None:
-        return kept
-    samples = _gguf_tensor_samples_of(*key)
-    if (
-        time.time_ns() - st.st_ctime_ns < SETTLED_NS
-    ):  # it could change again within the same clock tick, times
-        return (
-            samples  # unchanged (git's "racily clean" files): not kept until it has been left alone a while
-        )
-    with contextlib.suppress(OSError):  # (a cache that cannot be written: read again next time)
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = storage.temp_name(memo)
-        Path(tmp).write_text(json.dumps({"key": key, "samples": samples.hex()}))
-        os.replace(tmp, memo)
-    return samples
+    memo = cache_root() / "gguf-tables" / f"{hashlib.sha256(key[0].encode()).hexdigest()[:32]}.json"
+    kept = _kept_table(memo, key)
+    if kept != "none":
+        return kept  # type: ignore[return-value]
+    table = _read_gguf_table(*key)
+    if time.time_ns() - st.st_ctime_ns >= SETTLED_NS:
+        with contextlib.suppress(OSError):  # (a cache that cannot be written: parsed again next time)
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = storage.temp_name(memo)
+            Path(tmp).write_text(json.dumps({"key": key, "table": table}))
+            os.replace(tmp, memo)
+    return table
 
 
-def _kept_samples(memo: Path, key: list) -> bytes | None:
-    """The tensor samples the cache kept for a GGUF file whose stat (path, size, mtime, ctime, inode) was `key`;
-    None for none, another key, or a damaged memo."""
+def _kept_table(memo: Path, key: list) -> list | None | str:
+    """The table the cache kept for a GGUF file whose stat was `key`; "none" for none, another key, or a
+    damaged memo."""
     try:
         kept = json.loads(memo.read_bytes())
-        if isinstance(kept, dict) and kept.get("key") == key and isinstance(kept.get("samples"), str):
-            return bytes.fromhex(kept["samples"])
-    except (OSError, ValueError):
-        pass
-    return None
+        table = kept["table"] if isinstance(kept, dict) and kept.get("key") == key else "none"
+    except (OSError, ValueError, KeyError):
+        return "none"
+    row_ok = lambda r: (  # noqa: E731
+        isinstance(r, list) and len(r) == 5 and isinstance(r[0], str) and isinstance(r[2], list)
+        and all(type(x) is int and x >= 0 for x in (r[1], *r[2], r[3], r[4]))
+    )  # fmt: skip
+    return table if table is None or (isinstance(table, list) and all(map(row_ok, table))) else "none"
 
 
 @functools.lru_cache(maxsize=8)
-def _gguf_tensor_samples_of(f: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> bytes:
+def _read_gguf_table(f: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> list | None:
     import gguf
 
-    h = hashlib.sha256()
     try:
         reader = gguf.GGUFReader(f)
     except (ValueError, OSError, IndexError, KeyError):
-        return b""
-    for t in sorted(reader.tensors, key=lambda t: t.name):
-        a, n = int(t.data_offset), int(t.n_bytes)
-        h.update(f"{t.name}:{int(t.tensor_type)}:{list(map(int, t.shape))}:{a}:{n};".encode())
-        for at in sorted({a, a + max(0, (n - TENSOR_SAMPLE) // 2), a + max(0, n - TENSOR_SAMPLE)}):
-            h.update(reader.data[at : at + min(TENSOR_SAMPLE, a + n - at)].tobytes())
-    return h.digest()
+        return None
+    rows = [[t.name, int(t.tensor_type), list(map(int, t.shape)), int(t.data_offset), int(t.n_bytes)]
+            for t in reader.tensors]  # fmt: skip
+    return sorted(rows, key=lambda r: r[0])
 
 
 def _tensor_samples(f: Path) -> bytes:

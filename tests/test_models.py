@@ -484,40 +484,52 @@ def test_a_transient_error_noting_mapped_weights_at_load_is_looked_at_again_alon
     assert failed and engine.mapped_files and engine.weights_changed() is None
 
 
-def test_a_ggufs_tensor_samples_are_kept_in_the_cache_for_the_file_as_it_is(tmp_path, monkeypatch):
-    """Reading a GGUF's tensor table took 4-8 s on a 2-core VM, in every `runner` command on the demo model: its
-    samples are kept in the cache with the file's stat, and read again only once the file changed (in place
-    with its times kept, too: its ctime moves) or the memo is damaged or missing."""
-    read = []
+def test_a_ggufs_tensor_table_is_kept_in_the_cache_and_its_tensors_sampled_each_time(tmp_path, monkeypatch):
+    """Parsing a GGUF's tensor table took 4-8 s on a 2-core VM, in every `runner` command on the demo model: the
+    table is kept in the cache with the file's stat, parsed again once the file changed (in place with its times
+    kept, too: its ctime moves) or the memo is damaged or missing. The tensors' bytes are sampled each time, so
+    a fine-tune saved over the file is seen even where a file system's times do not move."""
+    parsed = []
+    table = [["a.weight", 0, [4, 8], 100, 200], ["b.norm", 0, [8], 400, 300]]
 
-    def samples_of(f, *stat):
-        read.append(f)
-        return Path(f).read_bytes()[:8]
+    def read_table(f, *stat):
+        parsed.append(f)
+        return table
 
     monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "_gguf_tensor_samples_of", samples_of)
+    monkeypatch.setattr(models, "_read_gguf_table", read_table)
     f = tmp_path / "m.gguf"
-    f.write_bytes(b"weights1" * 10)
-    assert models._gguf_tensor_samples(f) == b"weights1" and len(read) == 1
-    assert not (tmp_path / "cache").exists()  # written just now: not kept (it could change again unseen)
-    monkeypatch.setattr(models, "SETTLED_NS", -(10**12))  # (as if it had been left alone for a while)
-    assert models._gguf_tensor_samples(f) == b"weights1" and len(read) == 2
-    assert models._gguf_tensor_samples(f) == b"weights1" and len(read) == 2  # (another process: the memo)
+    f.write_bytes(bytes(range(256)) * 4)
+    first = models._gguf_tensor_samples(f)
+    assert len(parsed) == 1 and not (tmp_path / "cache").exists()  # written just now: not kept yet
+    monkeypatch.setattr(models, "SETTLED_NS", -(10**12))  # (as if it had been left alone a while)
+    assert models._gguf_tensor_samples(f) == first and len(parsed) == 2
+    assert models._gguf_tensor_samples(f) == first and len(parsed) == 2  # (another process: the memo)
+    (memo,) = (tmp_path / "cache" / "gguf-tables").iterdir()
     st = f.stat()
-    while (
-        f.stat().st_ctime_ns == st.st_ctime_ns
-    ):  # rewritten in place (until the clock's tick moves its ctime),
-        with open(f, "r+b") as fh:  # its times kept as `cp --preserve=timestamps` does
-            fh.write(b"weights2")
+    while f.stat().st_ctime_ns == st.st_ctime_ns:  # the norm rewritten in place (until the clock's tick moves
+        with open(f, "r+b") as fh:  # its ctime), its times kept as `cp --preserve=timestamps` does
+            fh.seek(650)
+            fh.write(b"\xff" * 64)
         os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert models._gguf_tensor_samples(f) == b"weights2" and len(read) == 3
-    (memo,) = (tmp_path / "cache" / "gguf-samples").iterdir()
-    for damaged in (b"", b"{not json", b'{"key": 1, "samples": "zz"}', json.dumps([1]).encode()):
-        memo.write_bytes(damaged)
-        assert models._gguf_tensor_samples(f) == b"weights2"
-    assert len(read) == 7
+    changed = models._gguf_tensor_samples(f)
+    assert changed != first and len(parsed) == 3
+    # where the times do not move (the memo still matches the file's stat): the sampled bytes still tell
+    kept = json.loads(memo.read_text())
+    with open(f, "r+b") as fh:
+        fh.seek(450)
+        fh.write(b"\x00" * 64)
+    key = kept["key"][:2] + [f.stat().st_mtime_ns, f.stat().st_ctime_ns, f.stat().st_ino]
+    memo.write_text(json.dumps({"key": key, "table": table}))
+    assert models._gguf_tensor_samples(f) not in (first, changed) and len(parsed) == 3
+    for damaged in (b"", b"{not json", b'{"key": 1}', json.dumps({"key": key, "table": [["a", 0, "8", 1, 2]]}),
+                    json.dumps({"key": key, "table": [["a", -1, [8], 1, 2]]}), json.dumps([1])):  # fmt: skip
+        memo.write_bytes(damaged if isinstance(damaged, bytes) else damaged.encode())
+        models._gguf_tensor_samples(f)
+    assert len(parsed) == 9
     memo.unlink()
     memo.parent.rmdir()
-    memo.parent.write_text("")  # a cache where the memo cannot be written: read each time, no error
-    assert models._gguf_tensor_samples(f) == b"weights2" and len(read) == 8
-    assert models._gguf_tensor_samples(f) == b"weights2" and len(read) == 9
+    memo.parent.write_text("")  # a cache where the memo cannot be written: parsed each time, no error
+    models._gguf_tensor_samples(f)
+    models._gguf_tensor_samples(f)
+    assert len(parsed) == 11
