@@ -533,3 +533,81 @@ def test_a_ggufs_tensor_table_is_kept_in_the_cache_and_its_tensors_sampled_each_
     models._gguf_tensor_samples(f)
     models._gguf_tensor_samples(f)
     assert len(parsed) == 11
+
+
+def test_a_gguf_table_parsed_before_the_file_settled_is_never_kept(tmp_path, monkeypatch):
+    """Where a file system keeps times to the second (ext2/3, FAT, HFS+), a GGUF rewritten in place within the
+    second it was read keeps its stat: the table parsed then was kept in the process, put in the cache once the
+    file looked settled 2 s later, and every later process sampled the new tensors at the old table's places
+    (two layers' names swapped: the fingerprint of the model before). A table parsed before the file settled is
+    kept nowhere (adversarial pass 166)."""
+    import functools
+
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "cache"))
+    tables = {b"1": [["a", 0, [8], 100, 200], ["b", 0, [8], 400, 300]],
+              b"2": [["a", 0, [8], 400, 300], ["b", 0, [8], 100, 200]]}  # fmt: skip
+
+    @functools.lru_cache(maxsize=8)
+    def read_table(f, *stat):
+        return tables[Path(f).read_bytes()[:1]]
+
+    monkeypatch.setattr(models, "_read_gguf_table", read_table)
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"1" + bytes(range(256)) * 4)
+    pinned, stat = f.stat(), Path.stat
+    monkeypatch.setattr(Path, "stat", lambda p, *a, **k: pinned if p == f else stat(p, *a, **k))  # (1-s times)
+    monkeypatch.setattr(models, "SETTLED_NS", 10**15)  # read within the second it was written
+    first = models._gguf_tensor_samples(f)
+    with open(f, "r+b") as fh:  # the layers swapped in place, within the same second
+        fh.write(b"2")
+    monkeypatch.setattr(models, "SETTLED_NS", -(10**12))  # (2 s later: it looks settled)
+    assert models._gguf_tensor_samples(f) != first
+    read_table.cache_clear()  # (a later process)
+    assert models._gguf_tensor_samples(f) != first
+
+
+def test_a_hostile_gguf_table_memo_is_parsed_again(tmp_path, monkeypatch):
+    """A memo that matches the file's stat but holds a table no GGUF of that size can have (an offset past its
+    end or past what a seek takes, a name that is not text, nesting too deep for json) raised ValueError,
+    OSError (EINVAL: the job failed as unreadable at every retry) or RecursionError from every command: it is
+    parsed again, as a damaged one is (adversarial pass 166)."""
+    parsed = []
+    table = [["a.weight", 0, [4, 8], 100, 200], ["b.norm", 0, [8], 400, 300]]
+
+    def read_table(f, *stat):
+        parsed.append(f)
+        return table
+
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_read_gguf_table", read_table)
+    monkeypatch.setattr(models, "SETTLED_NS", -(10**12))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(bytes(range(256)) * 4)
+    good = models._gguf_tensor_samples(f)
+    (memo,) = (tmp_path / "cache" / "gguf-tables").iterdir()
+    key = json.loads(memo.read_text())["key"]
+    rows = ([["a", 0, [1], 2**70, 1]], [["a", 0, [1], 2**62, 2**62]], [["a", 0, [1], 1000, 100]],
+            [["\ud800", 0, [1], 1, 1]])  # fmt: skip
+    damaged = [json.dumps({"key": key, "table": r}) for r in rows]
+    damaged.append('{"key": 1, "table": ' + "[" * 100000 + "]" * 100000 + "}")
+    for text in damaged:
+        memo.write_text(text)
+        assert models._gguf_tensor_samples(f) == good
+    assert len(parsed) == 1 + len(damaged)
+
+
+def test_a_gguf_at_a_path_that_is_not_utf8_is_sampled(tmp_path, monkeypatch):
+    """A folder named in Latin-1 ("mod\\xe8le"): Python keeps the byte as a surrogate, and the memo's name
+    (a digest of the path, encoded as UTF-8) raised UnicodeEncodeError (adversarial pass 166)."""
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_read_gguf_table", lambda f, *stat: [["a", 0, [8], 0, 64]])
+    monkeypatch.setattr(models, "SETTLED_NS", -(10**12))
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/mod\xe8le"))
+    try:
+        folder.mkdir()
+    except (OSError, UnicodeError):
+        pytest.skip("a file system that takes UTF-8 names only")
+    f = folder / "m.gguf"
+    f.write_bytes(bytes(range(256)))
+    assert models._gguf_tensor_samples(f) == models._gguf_tensor_samples(f)
+    assert len(list((tmp_path / "cache" / "gguf-tables").iterdir())) == 1
