@@ -640,36 +640,53 @@ def _gguf_tensor_table(f: Path) -> list | None:
     """[name, type, shape, offset, bytes] of each tensor of a GGUF file, by name; None where gguf cannot read
     it. Parsing takes 2-8 s (the vocabulary too), in every `runner` command on the demo model: the table is kept
     for the file as it is (path, size, mtime, ctime, inode; any write moves its ctime, `cp -p` too), in this
-    process and in the cache. In the cache only once the file has been left alone SETTLED_NS: one written again
-    within the same clock tick keeps its times (git's "racily clean" files)."""
+    process and in the cache. Kept only when the file had been left alone SETTLED_NS before its stat: one written
+    again within the same clock tick keeps its times (git's "racily clean" files; a file system with 1-s times
+    kept a table parsed within the second, in place of the one rewritten after it: adversarial pass 166)."""
+    now = time.time_ns()  # (before the stat and the parse: a parse of seconds made any file look settled)
     st = f.stat()
     key = [str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    memo = cache_root() / "gguf-tables" / f"{hashlib.sha256(key[0].encode()).hexdigest()[:32]}.json"
+    if now - st.st_ctime_ns < SETTLED_NS:
+        parse = getattr(_read_gguf_table, "__wrapped__", _read_gguf_table)
+        return parse(*key)  # kept neither in this process (its lru) nor in the cache
+    # (os.fsencode: a path that is not UTF-8 holds surrogates)
+    memo = cache_root() / "gguf-tables" / f"{hashlib.sha256(os.fsencode(key[0])).hexdigest()[:32]}.json"
     kept = _kept_table(memo, key)
     if kept != "none":
         return kept  # type: ignore[return-value]
     table = _read_gguf_table(*key)
-    if time.time_ns() - st.st_ctime_ns >= SETTLED_NS:
-        with contextlib.suppress(OSError):  # (a cache that cannot be written: parsed again next time)
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = storage.temp_name(memo)
-            Path(tmp).write_text(json.dumps({"key": key, "table": table}))
-            os.replace(tmp, memo)
+    tmp = None
+    try:  # (a cache that cannot be written: parsed again next time)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = storage.temp_name(memo)
+        Path(tmp).write_text(json.dumps({"key": key, "table": table}))
+        os.replace(tmp, memo)
+    except OSError:
+        with contextlib.suppress(OSError, TypeError):
+            os.unlink(tmp)  # type: ignore[arg-type]
     return table
 
 
 def _kept_table(memo: Path, key: list) -> list | None | str:
     """The table the cache kept for a GGUF file whose stat was `key`; "none" for none, another key, or a
-    damaged memo."""
+    damaged memo: one no GGUF of that size has (a tensor past the file's end, a name that is not text)."""
     try:
         kept = json.loads(memo.read_bytes())
         table = kept["table"] if isinstance(kept, dict) and kept.get("key") == key else "none"
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, RecursionError):
         return "none"
-    row_ok = lambda r: (  # noqa: E731
-        isinstance(r, list) and len(r) == 5 and isinstance(r[0], str) and isinstance(r[2], list)
-        and all(type(x) is int and x >= 0 for x in (r[1], *r[2], r[3], r[4]))
-    )  # fmt: skip
+
+    def row_ok(r: Any) -> bool:
+        if not (isinstance(r, list) and len(r) == 5 and isinstance(r[0], str) and isinstance(r[2], list)):
+            return False
+        if not all(type(x) is int and x >= 0 for x in (r[1], *r[2], r[3], r[4])) or r[3] + r[4] > key[1]:
+            return False
+        try:
+            r[0].encode()
+        except UnicodeEncodeError:
+            return False
+        return True
+
     return table if table is None or (isinstance(table, list) and all(map(row_ok, table))) else "none"
 
 

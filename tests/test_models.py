@@ -555,7 +555,8 @@ def test_a_gguf_table_parsed_before_the_file_settled_is_never_kept(tmp_path, mon
     f = tmp_path / "m.gguf"
     f.write_bytes(b"1" + bytes(range(256)) * 4)
     pinned, stat = f.stat(), Path.stat
-    monkeypatch.setattr(Path, "stat", lambda p, *a, **k: pinned if p == f else stat(p, *a, **k))  # (1-s times)
+    # (a file system with 1-s times: the rewrite below keeps the file's stat)
+    monkeypatch.setattr(Path, "stat", lambda p, *a, **k: pinned if p == f else stat(p, *a, **k))
     monkeypatch.setattr(models, "SETTLED_NS", 10**15)  # read within the second it was written
     first = models._gguf_tensor_samples(f)
     with open(f, "r+b") as fh:  # the layers swapped in place, within the same second
