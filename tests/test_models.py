@@ -484,11 +484,9 @@ def test_a_transient_error_noting_mapped_weights_at_load_is_looked_at_again_alon
     assert failed and engine.mapped_files and engine.weights_changed() is None
 
 
-def test_a_ggufs_tensor_table_is_kept_in_the_cache_and_its_tensors_sampled_each_time(tmp_path, monkeypatch):
-    """Parsing a GGUF's tensor table took 4-8 s on a 2-core VM, in every `runner` command on the demo model: the
-    table is kept in the cache with the file's stat, parsed again once the file changed (in place with its times
-    kept, too: its ctime moves) or the memo is damaged or missing. The tensors' bytes are sampled each time, so
-    a fine-tune saved over the file is seen even where a file system's times do not move."""
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """(a 1 KiB file, the tensor table the parse gives for it, the paths parsed so far), the cache in tmp_path."""
     parsed = []
     table = [["a.weight", 0, [4, 8], 100, 200], ["b.norm", 0, [8], 400, 300]]
 
@@ -500,6 +498,17 @@ def test_a_ggufs_tensor_table_is_kept_in_the_cache_and_its_tensors_sampled_each_
     monkeypatch.setattr(models, "_read_gguf_table", read_table)
     f = tmp_path / "m.gguf"
     f.write_bytes(bytes(range(256)) * 4)
+    return f, table, parsed
+
+
+def test_a_ggufs_tensor_table_is_kept_in_the_cache_and_its_tensors_sampled_each_time(
+    tmp_path, monkeypatch, fake_gguf
+):
+    """Parsing a GGUF's tensor table took 4-8 s on a 2-core VM, in every `runner` command on the demo model: the
+    table is kept in the cache with the file's stat, parsed again once the file changed (in place with its times
+    kept, too: its ctime moves) or the memo is damaged or missing. The tensors' bytes are sampled each time, so
+    a fine-tune saved over the file is seen even where a file system's times do not move."""
+    f, table, parsed = fake_gguf
     first = models._gguf_tensor_samples(f)
     assert len(parsed) == 1 and not (tmp_path / "cache").exists()  # written just now: not kept yet
     monkeypatch.setattr(models, "SETTLED_NS", -(10**12))  # (as if it had been left alone a while)
@@ -567,23 +576,13 @@ def test_a_gguf_table_parsed_before_the_file_settled_is_never_kept(tmp_path, mon
     assert models._gguf_tensor_samples(f) != first
 
 
-def test_a_hostile_gguf_table_memo_is_parsed_again(tmp_path, monkeypatch):
+def test_a_hostile_gguf_table_memo_is_parsed_again(tmp_path, monkeypatch, fake_gguf):
     """A memo that matches the file's stat but holds a table no GGUF of that size can have (an offset past its
     end or past what a seek takes, a name that is not text, nesting too deep for json) raised ValueError,
     OSError (EINVAL: the job failed as unreadable at every retry) or RecursionError from every command: it is
     parsed again, as a damaged one is (adversarial pass 166)."""
-    parsed = []
-    table = [["a.weight", 0, [4, 8], 100, 200], ["b.norm", 0, [8], 400, 300]]
-
-    def read_table(f, *stat):
-        parsed.append(f)
-        return table
-
-    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "_read_gguf_table", read_table)
+    f, table, parsed = fake_gguf
     monkeypatch.setattr(models, "SETTLED_NS", -(10**12))
-    f = tmp_path / "m.gguf"
-    f.write_bytes(bytes(range(256)) * 4)
     good = models._gguf_tensor_samples(f)
     (memo,) = (tmp_path / "cache" / "gguf-tables").iterdir()
     key = json.loads(memo.read_text())["key"]
