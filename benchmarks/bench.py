@@ -342,7 +342,7 @@ def gpt2_random_dir(seed: int, tiny: bool = False) -> str:
     """A GPT-2-124M-shaped model (GPT2Config() defaults: 12 layers, 12 heads, n_embd 768, n_positions 1024), random
     init with a fixed seed, saved once as safetensors. Tokenizer: SmolLM2's byte-level BPE (49,152 tokens), so
     vocab_size is 49,152 instead of GPT-2's 50,257 (123.7M instead of 124.4M parameters; <1% less compute).
-    tiny: 2 layers, 2 heads, n_embd 64 (3.2M parameters, nearly all the embedding), for dry runs of the scripts
+    tiny: 2 layers, 2 heads, n_embd 64 (3.3M parameters, nearly all the embedding), for dry runs of the scripts
     (gpu_check.sh --quick), whose figures mean nothing."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel

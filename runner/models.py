@@ -469,7 +469,7 @@ RUN_TIME_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", 
                   "sentencepiece.bpe.model", "generation_config.json")  # fmt: skip
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
 FINGERPRINT_VERSION = "6"
-SETTLED_NS = 2 * 10**9  # a GGUF file's tensor samples are kept in the cache once it has not changed this long
+SETTLED_NS = 2 * 10**9  # a GGUF file's tensor table is kept (process, cache) once unchanged this long
 TENSOR_SAMPLE = 64  # bytes read at the start, middle and end of each tensor of a safetensors file (version 5)
 
 
