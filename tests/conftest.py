@@ -23,6 +23,10 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        import zygote  # the processes the tests start fork from one that imported torch (tests/zygote.py)
+
+        zygote.install()
 
 
 @pytest.fixture(autouse=True)
