@@ -258,6 +258,7 @@ class Worker:
     out: Path
     killed: bool = False  # the test SIGKILLed it
     stopped: bool = False  # SIGSTOPped right now
+    stopped_at: float = 0.0  # (time.monotonic() then)
     reaped: bool = False
     spun: bool = False  # killed for spinning (a known bug, see `stop_spinners`)
 
@@ -733,10 +734,10 @@ class Round:
             return waited > 3  # keep looking, then give up: the workers may have finished
         w, unit, epoch = self.rng.choice(held)
         w.proc.send_signal(signal.SIGSTOP)
-        w.stopped = True
+        w.stopped, w.stopped_at = True, time.monotonic()
         self.note(f"stopped worker {self.workers.index(w)} holding unit {unit} epoch {epoch}")
         try:
-            if self.wait_for_takeover(unit, epoch):
+            if self.wait_for_takeover(unit, epoch, w.stopped_at):
                 self.c.faults["stop"] += 1
         finally:
             w.proc.send_signal(signal.SIGCONT)
@@ -744,10 +745,12 @@ class Round:
             self.note(f"continued worker {self.workers.index(w)}")
         return True
 
-    def wait_for_takeover(self, unit: int, epoch: int) -> bool:
+    def wait_for_takeover(self, unit: int, epoch: int, stopped_at: float) -> bool:
         """Until a claim of epoch + 1 appears (and its seal of `epoch`, which `check_fenced` relies on). False
         when no takeover can come: the unit was finished, or the job cancelled or broken meanwhile, or every
-        other worker is gone and a new one would stop at a torn job.json (`runner repair` first)."""
+        other worker is gone and a new one would stop at a torn job.json (`runner repair` first). A worker that
+        joins because no other is left does so once the stopped one's lease has gone stale (a worker started
+        before that rightly leaves a unit with a live lease alone)."""
         end = time.monotonic() + TIMEOUT
         next_claim = self.job / "claims" / jobdir.claim_name(unit, epoch + 1)
         helped = False
@@ -756,7 +759,7 @@ class Round:
             if not next_claim.exists() and (left[unit : unit + 1] == [0] or self.state() != "queued"):
                 return False
             self.reap()
-            if not self.live():
+            if not self.live() and time.monotonic() - stopped_at > float(LEASE["RUNNER_LEASE_TTL"]):
                 if self.live_broken:
                     return False
                 if helped:  # the helper ended and nobody took the unit over

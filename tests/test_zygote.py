@@ -41,13 +41,21 @@ def test_exit_codes_output_and_argv_are_those_of_the_interpreter():
     assert done.stdout == repr("a\r\nb")
 
 
-def test_only_commands_with_the_servers_environment_fork_from_it(monkeypatch):
-    monkeypatch.setenv("A_TESTS_OWN_SETTING", "1")  # (the first command of a session may come with one)
-    for plain in ({}, {**FORK, "OMP_NUM_THREADS": "7"}, {**FORK, "RUNNER_TEST_EXEC": "1"}, FORK):
+def test_only_commands_with_the_servers_environment_fork_from_it():
+    for plain in (
+        {},
+        {**FORK, "OMP_NUM_THREADS": "7"},
+        {**FORK, "HF_HOME": "/elsewhere"},
+        {**FORK, "RUNNER_TEST_EXEC": "1"},
+    ):
         assert parent_of(plain) == os.getpid(), plain  # a plain child of this process
-    monkeypatch.delenv("A_TESTS_OWN_SETTING")
     forks = zygote.SERVER.forked
-    assert parent_of({**FORK, "RUNNER_FAULT": "x", "PATH": "/nowhere:" + os.environ["PATH"]}) != os.getpid()
+    read_when_used = {
+        "RUNNER_FAULT": "x",
+        "PATH": "/nowhere:" + os.environ["PATH"],
+        "SOME_TOOLS_SETTING": "1",
+    }
+    assert parent_of({**FORK, **read_when_used}) != os.getpid()
     assert zygote.SERVER.forked == forks + 1
     code = "import os; print(os.environ['RUNNER_FAULT'], os.getcwd(), end='')"
     done = forked(["-c", code], {**FORK, "RUNNER_FAULT": "x"}, cwd="tests")
@@ -78,6 +86,7 @@ def test_signals_reach_the_child_and_it_stays_a_zombie_until_waited_for():
     state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(") ", 1)[1][0]
     assert state == "Z"  # not reaped before this process waits, as a plain child
     assert proc.wait() == -signal.SIGKILL
+    assert not Path(f"/proc/{proc.pid}").exists()  # reaped once wait() returns, as waitpid does
     proc.stdout.close()
     assert forked(["-c", "raise KeyboardInterrupt"]).returncode == -signal.SIGINT
 

@@ -12,11 +12,10 @@ generators seeded afresh).
 
 What a child cannot have is a fresh interpreter: runner, torch and transformers are imported already, in that
 order, and PYTHONHASHSEED is the server's. So any other command (`python -c`, whose tests are about interpreter
-start: imports and their order), any command whose environment differs from `workers.worker_env()` in a variable
-read before the server's imports (say OMP_NUM_THREADS or an OpenMP wait setting, which take effect when torch
-loads), a command whose environment has RUNNER_TEST_EXEC=1, and every command while RUNNER_TEST_ZYGOTE=0 runs
-as a plain process. Variables that runner reads when it runs (RUNNER_*), PYTEST_* and PATH/PWD may differ: the
-child sets its own.
+start: imports and their order), any command whose environment differs from `workers.worker_env()` (as the
+session began) in a variable read as those imports run (IMPORT_TIME_*: OMP_NUM_THREADS or an OpenMP wait
+setting, say, which take effect when torch loads), a command whose environment has RUNNER_TEST_EXEC=1, and every
+command while RUNNER_TEST_ZYGOTE=0 runs as a plain process.
 """
 
 from __future__ import annotations
@@ -53,21 +52,30 @@ PRELOAD = (
 )
 PRELOAD_ATTRS = ("GPT2LMHeadModel", "LlamaForCausalLM", "AutoTokenizer", "PreTrainedTokenizerFast",
                  "GPT2TokenizerFast", "LlamaTokenizerFast")  # fmt: skip
-FREE_VARS = ("PATH", "PWD", "OLDPWD", "TOKENIZERS_PARALLELISM")  # (benchmarks/bench.py sets the last one)
-FREE_PREFIXES = (
-    "RUNNER_",
-    "PYTEST_",
-    "TORCHINDUCTOR_",
-)  # (torch sets TORCHINDUCTOR_CACHE_DIR when it compiles)
+# What the interpreter, torch, its OpenMP/MKL runtimes, transformers, huggingface_hub, pyarrow and the C library
+# read as they load (or cache then): a command whose environment differs from the server's in one of these
+# needs a fresh interpreter. Anything else (RUNNER_*, PATH, a setting Ray or a benchmark put in the session's
+# environment) is read when used, and the child has its own environment.
+IMPORT_TIME_PREFIXES = ("PYTHON", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "DNNL_", "ONEDNN_", "LD_", "TORCH",
+                        "PYTORCH_", "CUDA", "NVIDIA_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "ARROW_", "LC_",
+                        "MALLOC_", "XDG_")  # fmt: skip
+IMPORT_TIME_VARS = ("LANG", "LANGUAGE", "HOME", "TMPDIR", "TEMP", "TMP", "TZ", "USE_TORCH", "USE_TF")
+READ_WHEN_USED = ("PYTHONBREAKPOINT",)  # (Ray's driver sets it; breakpoint() reads it)
 _HEADER = struct.Struct("!q")
 _RealPopen = subprocess.Popen
 
 
 def env_key(env) -> tuple:
-    """The part of an environment that must match the server's: what may be read before its imports."""
-    return tuple(
-        sorted((k, v) for k, v in env.items() if k not in FREE_VARS and not k.startswith(FREE_PREFIXES))
-    )
+    """The part of an environment that must match the server's: what is read as the server's imports run."""
+    return tuple(sorted((k, v) for k, v in env.items() if _read_at_import(k)))
+
+
+def _read_at_import(name: str) -> bool:
+    if name in READ_WHEN_USED or name.startswith(
+        "TORCHINDUCTOR_"
+    ):  # (torch sets its cache dir when it compiles)
+        return False
+    return name in IMPORT_TIME_VARS or name.startswith(IMPORT_TIME_PREFIXES)
 
 
 # ---- the server: python tests/zygote.py LISTEN_FD ----
@@ -125,10 +133,18 @@ class _Server:
         self.sel.register(conn, selectors.EVENT_READ, ("read", (pid, conn)))
 
     def reap(self, key, child) -> None:
+        """The test read the status and asks for the reap ("r"), which is done before it hears back: as with
+        waitpid, once wait() returns the pid is gone (runner takes a zombie for a live writer)."""
         pid, conn = child
         self.sel.unregister(conn)
-        conn.close()
+        asked = conn.recv(1)
         os.waitpid(pid, 0)
+        try:
+            if asked:
+                conn.sendall(b"k")
+        except OSError:
+            pass
+        conn.close()
 
 
 def _preload() -> None:
@@ -406,6 +422,7 @@ class ZygotePopen(_RealPopen):
             if not _ended(self.pid, block=not (wait_flags & os.WNOHANG)):
                 return (0, 0)
             data = _HEADER.pack(255 << 8)
+        _reap(self._zygote_conn)
         self._zygote_conn.close()
         self._zygote_conn = None
         return (self.pid, _HEADER.unpack(data)[0])
@@ -422,6 +439,15 @@ class ZygotePopen(_RealPopen):
             finally:
                 self._waitpid_lock.release()
         return self.returncode
+
+
+def _reap(conn: socket.socket) -> None:
+    conn.setblocking(True)
+    try:
+        conn.sendall(b"r")
+        conn.recv(1)
+    except OSError:
+        pass  # (the server is gone: so is the zombie)
 
 
 def _ended(pid: int, block: bool) -> bool:
