@@ -160,10 +160,7 @@ def _preload() -> None:
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     head, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
     (size,) = _HEADER.unpack(head)
-    data = b""
-    while len(data) < size:
-        data += conn.recv(size - len(data))
-    return json.loads(data), fds
+    return json.loads(_recv_exactly(conn, size)), fds
 
 
 # ---- the child: what the interpreter would do with `python ARGS...` ----
@@ -466,10 +463,7 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytes:
     while len(data) < size:
         part = conn.recv(size - len(data))
         if not part:
-            if data:
-                conn.setblocking(True)
-                continue
-            raise ConnectionError("the fork server closed the connection")
+            raise ConnectionError("the other end closed the connection")
         data += part
     return data
 
