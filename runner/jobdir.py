@@ -962,6 +962,10 @@ def _put_back(job_dir: Path, seq: int, data: bytes) -> None:
     create_exclusive_bytes(job_dir / STATES / record_name(seq), data)
 
 
+# Pauses before reading again a state record found empty or unreadable (`_read_record`)
+REREAD_PAUSES = (0.05, 0.2)
+
+
 def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
     """The record at `seq`. `wait`: one found empty or unreadable is read again a moment later first (where
     links are not supported its content follows its creation)."""
@@ -972,7 +976,7 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
         raise _RecordGone(f"{name} is not a file (it went while being read)")
     if what != "file":
         raise BrokenJob(f"{name} is not a file")
-    pauses = [0.05, 0.2] if wait else []
+    pauses = list(REREAD_PAUSES) if wait else []
     while True:
         try:
             data = storage.read_bytes(path)

@@ -622,6 +622,7 @@ def test_a_cpu_engine_warns_when_torch_came_first(tiny_gpt2, torch_first):
     assert out.stderr.count("torch was imported before runner") == (1 if torch_first else 0), out.stderr
 
 
+@pytest.mark.slow  # (a real runner process: make test, not test-fast)
 def test_a_reader_that_stops_reading_is_not_blamed_on_the_job_home(tmp_path, prompts, tiny_gpt2, runner_home):
     """`runner status | head -2`: the pipe closes before runner has written; it ends quietly with exit 141 (as a
     process killed by SIGPIPE), not with "Error: cannot read or write the job home: Broken pipe" (found by a
