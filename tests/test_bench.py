@@ -6,6 +6,8 @@ import json
 import pytest
 from workers import ROOT
 
+pytestmark = pytest.mark.slow  # the benchmark harness, not runner: `make test` runs it, the edit loop not
+
 
 @pytest.fixture(scope="module")
 def bench():
@@ -181,7 +183,6 @@ def test_refill_ab_script(bench, tiny_gpt2, tmp_path, capsys):
     assert "rows identical: 6/6" in printed and "without shared prompt work" in printed
 
 
-@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """benchmarks/gpu_check.sh --device cpu --quick: the one-shot GPU check, end to end on CPU, so that the
     script a GPU session runs first cannot rot (its tests on the device, then the benchmark, table and JSON)."""
@@ -381,7 +382,6 @@ def test_structured_task_rows_and_ratio(bench, tiny_gpt2, tmp_path, capsys):
     assert "structured: constrained / unconstrained = " in out and "structured output: " in out
 
 
-@pytest.mark.slow  # `runner work` processes
 def test_cpu_workers_script(bench, tiny_gpt2, tmp_path, capsys):
     """benchmarks/cpu_workers.py (one worker process against --workers 2) runs end to end, the processes get a
     share of the cores each, and the results are identical."""
