@@ -155,6 +155,13 @@ def _preload() -> None:
     transformers = sys.modules["transformers"]
     for attr in PRELOAD_ATTRS:
         getattr(transformers, attr)
+    # what was imported leaves the garbage collector's view, in the server and every child (as CPython's docs
+    # advise before fork): a child's full collections (its own, and runner's gc.collect at an engine switch)
+    # scanned it all, and touched every object's header, copying the pages fork shared
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
