@@ -28,7 +28,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check runner tests benchmarks
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=25
 
 # The edit loop: unit, engine, input and in-process job tests; no worker processes, no demo model (< 2 min).
 test-fast: setup

@@ -30,6 +30,13 @@ def pytest_configure(config):
         zygote.install()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (their order otherwise kept): pytest-xdist hands each worker the next test as it
+    frees up, so minutes-long ones (the README's commands, the GPU check's dry run) that came last, as their
+    files' names put them, ran on after the other worker had run out of work."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _collected_then_frozen():
     """Each test starts with what is alive then (torch, transformers, the models and engines of the session:
