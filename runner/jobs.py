@@ -585,6 +585,7 @@ def _write_job(
             "invalid_sha256": storage.file_sha256(tmp / jobdir.INVALID) if written.invalid else None,
             "json_columns": written.json_columns,
             "renamed_columns": written.renamed,
+            "messages": reader.saw_messages,  # a row went through the chat template (`--format openai`)
             "raw_prompts_to_chat_model": bool(meta["kind"] == "generate" and not reader.saw_messages
                                               and getattr(tokenizer, "chat_template", None)),
         })  # fmt: skip

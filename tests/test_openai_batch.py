@@ -494,6 +494,44 @@ def test_echo_text_offsets_point_at_their_tokens_when_the_prompt_starts_with_bos
         assert text[off : off + len(tok)] == tok, (tok, off, lp["tokens"], lp["text_offset"])
 
 
+def test_a_plain_prompt_job_answers_as_text_completions_and_a_chat_job_as_chat_completions(
+    tmp_path, tiny_llama, llama_engine
+):
+    """`runner results JOB --format openai` of a job that was no Batch file: its prompts continued as typed
+    answer as /v1/completions does (text_completion, `choices[].text`); rows that went through the chat template
+    (`--chat`, messages) as /v1/chat/completions. Every plain job answered as chat.completion before, its raw
+    continuation presented as an assistant's message. A job that did not record which stays chat.completion."""
+    import dataclasses
+
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello"}, {"id": "b", "prompt": "Hi"}])
+    msgs = write_jsonl(
+        tmp_path / "m.jsonl", [{"id": "a", "messages": [{"role": "user", "content": "Hello"}]}]
+    )
+    params = GenerationParams(max_new_tokens=3, logprobs=2)
+    jobs = {
+        "text_completion": create_job(plain, tiny_llama, params, job_dir=tmp_path / "plain"),
+        "chat.completion": create_job(plain, tiny_llama, params, job_dir=tmp_path / "chat", chat=True),
+        "chat.completion (messages)": create_job(msgs, tiny_llama, params, job_dir=tmp_path / "msgs"),
+    }
+    for want, job in jobs.items():
+        assert run_job(job, llama_engine, echo=None).finished
+        export(job, tmp_path / "out.jsonl")
+        lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+        parsed = [check_output_line(x) for x in lines]
+        assert {p.object for p in parsed} == {want.split()[0]}, want
+        results = runner.load_results(job.dir).set_index("id")
+        for line, p in zip(lines, parsed, strict=True):
+            text = p.choices[0].text if want == "text_completion" else p.choices[0].message.content
+            assert text == results.loc[line["custom_id"], "text"]
+            assert p.choices[0].logprobs is not None
+    old = jobs["text_completion"]
+    meta = {**old.meta, "input": {k: v for k, v in old.meta["input"].items() if k != "messages"}}
+    export(Job(old.dir, dataclasses.replace(old.spec, meta=meta)), tmp_path / "old.jsonl")
+    assert json.loads((tmp_path / "old.jsonl").read_text().splitlines()[0])["response"]["body"]["object"] == (
+        "chat.completion"
+    )
+
+
 def test_results_format_openai_of_a_score_job_is_refused_clearly(
     tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
 ):
