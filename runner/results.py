@@ -782,6 +782,9 @@ def _staged(table: pa.Table, to: Path) -> Iterator[Callable[[], None]]:
             os.unlink(tmp)
 
 
+EXPORT_CHUNK_ROWS = 4096  # rows converted at a time by a CSV or JSON export
+
+
 def _write_csv(table: pa.Table, path: str) -> None:
     """The rows as CSV, a few thousand at a time (a whole job's table in pandas took 7x the file's size: pass
     46). With a UTF-8 byte-order mark: Excel (a Japanese Windows above all) reads it as UTF-8, not mojibake.
@@ -790,7 +793,9 @@ def _write_csv(table: pa.Table, path: str) -> None:
     import pyarrow as pa
 
     with open(path, "w", encoding="utf-8-sig", newline="") as f:
-        for i, batch in enumerate(table.to_batches(max_chunksize=4096) or [table.schema.empty_table()]):
+        for i, batch in enumerate(
+            table.to_batches(max_chunksize=EXPORT_CHUNK_ROWS) or [table.schema.empty_table()]
+        ):
             part = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
             _as_json_text(to_pandas(_float32_shortest(part))).to_csv(f, index=False, header=i == 0,
                                                                      lineterminator="\r\n")  # fmt: skip
@@ -805,7 +810,7 @@ def _json_lines(table: pa.Table, array: bool) -> Iterator[str]:
 
     first = True
     yield "[" if array else ""
-    for batch in table.to_batches(max_chunksize=4096):
+    for batch in table.to_batches(max_chunksize=EXPORT_CHUNK_ROWS):
         for row in _float32_shortest(pa.Table.from_batches([batch])).to_pylist():
             text = _json_text(row)
             yield (("" if first else ",") + "\n" + text) if array else text + "\n"
