@@ -69,8 +69,8 @@ def test_live_claim_is_respected_and_stale_claim_taken_over(
     assert take_unit(job, 0, other, -1) == 0  # ...and holds the job's only unit
     assert queue(runner_home) == []
     said = []
-    # Nothing is taken while the other worker's heartbeat is fresh: this worker waits, up to its deadline.
-    assert work(runner_home, echo=said.append, deadline=time.time() + 1.5, poll=0.2) == []
+    # Nothing is taken while the other worker's heartbeat is fresh: this worker waits (stopped once it says so).
+    assert work(runner_home, echo=said.append, stop=lambda: bool(said), poll=0.2) == []
     assert "the rest is held by worker other-worker" in said[0]
     # The other worker dies: no more heartbeats, its claim goes stale, and the unit is taken over.
     hb = json.loads(beat.path.read_text())
