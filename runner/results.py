@@ -332,26 +332,30 @@ def _local_shard_prefix() -> str:
 @functools.cache
 def _sweep_killed_local_shards() -> None:
     """Once per process: remove the local shard folders that killed workers left in the temp folder (a SIGKILL
-    skips the cleanup; on one's own machine each kill left one): a day old, and not a live process's (a worker
+    skips the cleanup; on one's own machine each kill left one, up to a shard's size): at once where the folder
+    names a process of this machine that has ended, else once a day old; never a live process's (a worker
     stopped for a day, or a clock stepped a day ahead, had the folder it was writing taken; pass 131)."""
     import time
 
     root = Path(tempfile.gettempdir())
     try:
-        old = [p for p in root.glob(LOCAL_SHARD_PREFIX + "*")
-               if time.time() - p.lstat().st_mtime > LOCAL_SHARD_MAX_AGE and not p.is_symlink()]  # fmt: skip
+        found = [(p, time.time() - p.lstat().st_mtime) for p in root.glob(LOCAL_SHARD_PREFIX + "*")
+                 if not p.is_symlink()]  # fmt: skip
     except OSError:
         return
-    for folder in old:
-        if not _owner_lives(folder.name):
+    for folder, age in found:
+        owner = _owner(folder.name)
+        if owner is None and age > LOCAL_SHARD_MAX_AGE or owner is not None and not storage.pid_exists(owner):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _owner_lives(name: str) -> bool:
-    """Whether the process that made the local shard folder `name` (`_local_shard_prefix`) still runs here."""
+def _owner(name: str) -> int | None:
+    """The pid of the process of this machine that made the local shard folder `name` (`_local_shard_prefix`);
+    None where the name says no such thing (another boot or PID namespace, or another name): a pid means the
+    same process only under the same tag."""
     tag, _, rest = name[len(LOCAL_SHARD_PREFIX) :].partition("-")
     pid = rest.partition("-")[0]
-    return tag == storage.namespace_tag() and pid.isdigit() and storage.pid_exists(int(pid))
+    return int(pid) if tag == storage.namespace_tag() and pid.isdigit() else None
 
 
 def _local_disk_error(e: OSError) -> storage.StorageError:

@@ -275,3 +275,35 @@ def test_a_day_old_local_shard_folder_of_a_live_process_is_not_swept(tmp_path, m
     with results.write_local_shard(pa.table({"a": [1]})) as (path, _):
         assert path.parent.name.startswith(f"runner-shard-{tag}-{os.getpid()}-")
     assert live.exists() and not dead.exists() and not other_host.exists()
+
+
+def test_a_fresh_local_shard_folder_of_an_ended_process_of_this_machine_is_swept_at_once(
+    tmp_path, monkeypatch
+):
+    """A worker killed by the out-of-memory killer on one's own machine left its local shard folder (up to a
+    shard's size) for a day. A folder that names a process of this boot and PID namespace that has ended is
+    swept by the next process that writes a shard; a live one's, and a fresh one of another machine or of no
+    process named, are left alone (a day old, the latter go: the test above)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import pyarrow as pa
+
+    from runner import results, storage
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    results._sweep_killed_local_shards.cache_clear()
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)  # fmt: skip
+    tag = storage.namespace_tag()
+    dead, live, elsewhere, unnamed = (
+        tmp_path / f"runner-shard-{name}"
+        for name in (f"{tag}-{gone}-abc", f"{tag}-{os.getppid()}-abc", f"00000000-{gone}-abc", "xyz")
+    )
+    for folder in (dead, live, elsewhere, unnamed):
+        folder.mkdir()
+        (folder / "shard.parquet").write_bytes(b"PAR1")
+    with results.write_local_shard(pa.table({"a": [1]})) as (path, _):
+        assert path.is_file()
+    assert not dead.exists() and live.exists() and elsewhere.exists() and unnamed.exists()
