@@ -487,6 +487,11 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | 
     from .jobdir import BrokenJob
 
     default_k = job.meta.get("params", {}).get("logprobs")
+    plain = {
+        "url": _plain_url(job),
+        "model": job.spec.model,
+        "echo": False,
+    }  # a row that was no Batch request
     try:
         for batch in _prompt_groups(job, ["id", "input_ids"], ["request", "settings", "line", "n"]):
             cols = batch.schema.names
@@ -495,7 +500,6 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | 
             sets = batch.column("settings").to_pylist() if "settings" in cols else [None] * len(ids)
             at = batch.column("line").to_pylist() if "line" in cols else [None] * len(ids)
             ns = batch.column("n").to_pylist() if "n" in cols else [job.spec.samples] * len(ids)
-            plain = {"url": _plain_url(job), "model": job.spec.model, "echo": False}
             for cid, req, prompt_ids, own, line, n in zip(ids, reqs, prompts, sets, at, ns, strict=True):
                 info = json.loads(req) if req else dict(plain)
                 info["k"] = json.loads(own).get("logprobs", default_k) if own else default_k

@@ -345,7 +345,7 @@ def _sweep_killed_local_shards() -> None:
         return
     for folder, age in found:
         owner = _owner(folder.name)
-        if owner is None and age > LOCAL_SHARD_MAX_AGE or owner is not None and not storage.pid_exists(owner):
+        if not storage.pid_exists(owner) if owner is not None else age > LOCAL_SHARD_MAX_AGE:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -3,24 +3,15 @@
 import os
 
 import pytest
+import torch
 from helpers import write_jsonl
 
 import runner
 import runner.job_status
 from runner import GenerationParams
+from runner.engine import peak_memory_bytes, reset_peak_memory
 from runner.jobs import create_job
 from runner.worker import run_job
-
-
-def _peak_rss() -> int:
-    """The process's peak RSS since its peak was last reset (VmHWM)."""
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 @pytest.mark.skipif(
@@ -30,10 +21,13 @@ def test_peak_memory_of_a_job_is_not_an_earlier_jobs_peak(tmp_path, tiny_gpt2, g
     """One process (`runner work`, a notebook) runs a big job, then a small one: the small job's peak must not
     be the process's lifetime high-water mark. The spike here stands for the earlier job."""
     spike = 600 * 2**20
-    _reset_peak()  # (a pytest worker that ran the demo model before had long been larger than the spike)
-    before = _peak_rss()
+    cpu = torch.device("cpu")  # the spike is host memory
+    reset_peak_memory(
+        cpu
+    )  # (a pytest worker that ran the demo model before had long been larger than the spike)
+    before = peak_memory_bytes(cpu)
     big = b"\x01" * spike  # touched pages: resident
-    after_spike = _peak_rss()
+    after_spike = peak_memory_bytes(cpu)
     del big
     assert after_spike - before >= spike // 2, (before, after_spike)
     f = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello"}])
