@@ -248,6 +248,7 @@ def test_a_job_in_fixed_slots_equals_one_without(tmp_path, tiny_gpt2, gpt2_engin
         assert list(x) == pytest.approx(list(y), abs=1e-4)
 
 
+@pytest.mark.slow  # (dynamo tracing the whole model: seconds per engine)
 @pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
 def test_a_fixed_slot_step_traces_as_one_graph(request, engine_name, monkeypatch):
     """What a CUDA graph needs of a step, checked without a GPU: torch.compile's tracer (dynamo's `explain`, no

@@ -110,7 +110,8 @@ def spy(monkeypatch):
     return install
 
 
-@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+# (the Llama-shaped engine in the full suite only: `make test-fast` keeps the GPT-2-shaped one of each cache kind)
+@pytest.mark.parametrize("engine_name", ["gpt2_engine", pytest.param("llama_engine", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("cache", ["grouped", "merged", "unmergeable"])
 def test_refilled_batch_equals_one_at_a_time(request, monkeypatch, spy, engine_name, cache):
     """Rows with their own settings and lengths join a batch of 3 slots as others end (EOS, stop strings, their

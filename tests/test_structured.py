@@ -163,7 +163,7 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("engine_name", ["gpt2_engine", "llama_engine"])
+@pytest.mark.parametrize("engine_name", [pytest.param("gpt2_engine", marks=pytest.mark.slow), "llama_engine"])
 def test_a_mixed_batch_obeys_and_equals_each_row_alone(engine_name, request):
     """Rows with different constraints (and none) in one batch, also decoded a few at a time with rows joining
     as others end: each equals the row run alone, and each obeys its constraint."""
