@@ -585,7 +585,7 @@ def _write_job(
             "invalid_sha256": storage.file_sha256(tmp / jobdir.INVALID) if written.invalid else None,
             "json_columns": written.json_columns,
             "renamed_columns": written.renamed,
-            "messages": reader.saw_messages,  # a row went through the chat template (`--format openai`)
+            "messages": reader.saw_messages,  # a row went through the chat template (jobs before per-row `request`)
             "raw_prompts_to_chat_model": bool(meta["kind"] == "generate" and not reader.saw_messages
                                               and getattr(tokenizer, "chat_template", None)),
         })  # fmt: skip
@@ -1043,8 +1043,16 @@ class _Preparer:
         if self.kind == "generate":
             columns["settings"] = pa.array([_json(r.settings) for r in rows], pa.string())
             columns["n"] = pa.array([self.row_params(r).num_return_sequences for r in rows], pa.int32())
-        columns["request"] = pa.array([_json(r.request) for r in rows], pa.string())
+        columns["request"] = pa.array([_json(self._request(r)) for r in rows], pa.string())
         return pa.table(columns)
+
+    def _request(self, row: PromptRow) -> dict[str, Any] | None:
+        """The row's Batch request; for another row of a generate job, the endpoint it answers as in `--format
+        openai`: a chat completion where it went through the chat template (messages, `--chat`), else a text
+        completion (its prompt continued as typed). Per row: one file may hold both kinds of row."""
+        if row.request is not None or self.kind != "generate":
+            return row.request
+        return {"url": openai_batch.CHAT if row.messages is not None else openai_batch.COMPLETIONS}
 
     def _prepare(self, rows: list[PromptRow]) -> list[tuple[str, list[int], int] | _RowProblem]:
         """(text sent to the model, token ids, index of the first token to score) per row, or a _RowProblem

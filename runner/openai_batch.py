@@ -501,7 +501,7 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | 
             at = batch.column("line").to_pylist() if "line" in cols else [None] * len(ids)
             ns = batch.column("n").to_pylist() if "n" in cols else [job.spec.samples] * len(ids)
             for cid, req, prompt_ids, own, line, n in zip(ids, reqs, prompts, sets, at, ns, strict=True):
-                info = json.loads(req) if req else dict(plain)
+                info = {**plain, **json.loads(req)} if req else dict(plain)
                 info["k"] = json.loads(own).get("logprobs", default_k) if own else default_k
                 yield cid, info, prompt_ids, line, int(n or 1)
     except (pa.ArrowException, KeyError, ValueError) as e:  # a job stored before prompts had a checksum
@@ -510,9 +510,10 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | 
 
 
 def _plain_url(job: Any) -> str:
-    """The endpoint a row that was no Batch request answers as: an embedding; a chat completion where the job's
-    rows went through the chat template (messages, `--chat`); else a text completion, as the prompt was
-    continued as typed (a job submitted before runner recorded which: a chat completion, as then)."""
+    """The endpoint a row that was no Batch request answers as where prompts.parquet does not say it per row
+    (jobs.py `_request`; jobs submitted before 2026-12-06): an embedding; a chat completion where the job's rows
+    went through the chat template (messages, `--chat`); else a text completion, as the prompt was continued as
+    typed (a job submitted before runner recorded either: a chat completion, as then)."""
     if job.kind != "generate":
         return EMBEDDINGS
     return CHAT if job.meta.get("input", {}).get("messages", True) else COMPLETIONS

@@ -495,41 +495,53 @@ def test_echo_text_offsets_point_at_their_tokens_when_the_prompt_starts_with_bos
 
 
 def test_a_plain_prompt_job_answers_as_text_completions_and_a_chat_job_as_chat_completions(
-    tmp_path, tiny_llama, llama_engine
+    tmp_path, tiny_llama, llama_engine, monkeypatch
 ):
     """`runner results JOB --format openai` of a job that was no Batch file: its prompts continued as typed
     answer as /v1/completions does (text_completion, `choices[].text`); rows that went through the chat template
-    (`--chat`, messages) as /v1/chat/completions. Every plain job answered as chat.completion before, its raw
-    continuation presented as an assistant's message. A job that did not record which stays chat.completion."""
+    (`--chat`, messages) as /v1/chat/completions, each row as its own in a file holding both kinds. Every plain
+    job answered as chat.completion before, its raw continuation presented as an assistant's message; a mixed
+    job's plain rows did until 2026-12-06. Jobs stored before runner recorded either keep their old answers."""
     import dataclasses
+
+    import runner.jobs
 
     plain = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello"}, {"id": "b", "prompt": "Hi"}])
     msgs = write_jsonl(
         tmp_path / "m.jsonl", [{"id": "a", "messages": [{"role": "user", "content": "Hello"}]}]
     )
+    mixed = write_jsonl(
+        tmp_path / "x.jsonl",
+        [{"id": "a", "prompt": "Hello"}, {"id": "b", "messages": [{"role": "user", "content": "Hi"}]},
+         {"id": "c", "prompt": "Hi"}],
+    )  # fmt: skip
     params = GenerationParams(max_new_tokens=3, logprobs=2)
     jobs = {
         "text_completion": create_job(plain, tiny_llama, params, job_dir=tmp_path / "plain"),
         "chat.completion": create_job(plain, tiny_llama, params, job_dir=tmp_path / "chat", chat=True),
         "chat.completion (messages)": create_job(msgs, tiny_llama, params, job_dir=tmp_path / "msgs"),
+        "text_completion chat.completion text_completion": create_job(
+            mixed, tiny_llama, params, job_dir=tmp_path / "mixed"
+        ),
     }
-    for want, job in jobs.items():
-        assert run_job(job, llama_engine, echo=None).finished
+    # jobs as runner stored them before: no endpoint per row; the second also without the job's `messages`
+    monkeypatch.setattr(runner.jobs._Preparer, "_request", lambda self, row: row.request)
+    old = create_job(plain, tiny_llama, params, job_dir=tmp_path / "old")
+    meta = {**old.meta, "input": {k: v for k, v in old.meta["input"].items() if k != "messages"}}
+    older = Job(old.dir, dataclasses.replace(old.spec, meta=meta))
+    for want, job in [*jobs.items(), ("text_completion", old), ("chat.completion", older)]:
+        if job is not older:
+            assert run_job(job, llama_engine, echo=None).finished
         export(job, tmp_path / "out.jsonl")
         lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
         parsed = [check_output_line(x) for x in lines]
-        assert {p.object for p in parsed} == {want.split()[0]}, want
+        wanted = want.split(" (")[0].split()
+        assert [p.object for p in parsed] == wanted * (len(parsed) // len(wanted)), want
         results = runner.load_results(job.dir).set_index("id")
         for line, p in zip(lines, parsed, strict=True):
-            text = p.choices[0].text if want == "text_completion" else p.choices[0].message.content
+            text = p.choices[0].text if p.object == "text_completion" else p.choices[0].message.content
             assert text == results.loc[line["custom_id"], "text"]
             assert p.choices[0].logprobs is not None
-    old = jobs["text_completion"]
-    meta = {**old.meta, "input": {k: v for k, v in old.meta["input"].items() if k != "messages"}}
-    export(Job(old.dir, dataclasses.replace(old.spec, meta=meta)), tmp_path / "old.jsonl")
-    assert json.loads((tmp_path / "old.jsonl").read_text().splitlines()[0])["response"]["body"]["object"] == (
-        "chat.completion"
-    )
 
 
 def test_results_format_openai_of_a_score_job_is_refused_clearly(

@@ -36,7 +36,9 @@ def test_a_plain_row_with_a_url_or_body_of_its_own_is_not_a_batch_request(tmp_pa
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     job = create_job(path, tiny_gpt2, params, home=tmp_path / "home", **options)
     assert job.meta["input"]["rows"] == 1 and job.meta["input"]["invalid"] == 0
-    assert job.prompts().column("request").to_pylist() == [None]
+    # (a generate job's plain row records only the endpoint it answers as in `--format openai`)
+    plain = None if isinstance(params, ScoreParams) else '{"url": "/v1/completions"}'
+    assert job.prompts().column("request").to_pylist() == [plain]
 
 
 def test_best_of_beside_a_null_n_is_taken_as_best_of_1_is(tmp_path, tiny_gpt2):
