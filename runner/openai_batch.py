@@ -677,17 +677,19 @@ def _alt_bytes(entry: dict[str, Any]) -> list[int]:
 def _text_logprobs(r: Any, req: dict[str, Any], texts: Any, pieces: list[str], prompt_ids: list[int]) -> Any:
     """`logprobs` of a text completion (None when none were kept); with echo the prompt's tokens come first.
     `pieces`: each generated token's text in place, which `text_offset` counts (in characters of the echoed
-    text); `tokens` and the `top_logprobs` keys name each token by `_token_name`."""
+    text); `tokens` and the `top_logprobs` keys name each token by `_token_name` (a byte-fallback token that
+    spells what another token spells by its bytes: `TokenText.byte_twins`)."""
     tops = _tops(r)
     if tops is None:
         return None
+    twins = texts.byte_twins
     tokens, lps, top_list, offsets = [], [], [], []
     at = len(r["prompt"]) if req.get("echo") else 0
     if req.get("echo") and r.get("prompt_logprobs") is not None:
         prompt_pieces = texts.pieces(prompt_ids)
         special = set(getattr(texts.tokenizer, "all_special_tokens", ()))
         starts = _prompt_offsets(r["prompt"], prompt_pieces, special)
-        names = _token_names(prompt_pieces, texts.bytes(prompt_ids))
+        names = _token_names(prompt_pieces, texts.bytes(prompt_ids), prompt_ids, twins)
         # The prompt's tokens come first. The first one has no log-prob (nothing before it): the openai
         # types allow no null there, so it is left out, as are alternatives we do not compute for prompts.
         for j, lp in enumerate(r["prompt_logprobs"]):
@@ -697,13 +699,13 @@ def _text_logprobs(r: Any, req: dict[str, Any], texts: Any, pieces: list[str], p
             lps.append(float(lp))
             top_list.append({})
             offsets.append(starts[j] + _lead(prompt_pieces[j], tokens[-1]) if j < len(starts) else at)
-    names = _token_names(pieces, texts.bytes(r["token_ids"]))
+    names = _token_names(pieces, texts.bytes(r["token_ids"]), r["token_ids"], twins)
     for i, lp in enumerate(r["token_logprobs"]):
         tokens.append(names[i] if i < len(names) else "")
         lps.append(float(lp))
         step = _with_chosen(tops[i], req["k"] or 0, r["token_ids"][i]) if i < len(tops) else []
         # (the chosen token keyed as `tokens` names it, so its entry there is its log-prob)
-        top_list.append({tokens[-1] if t.get("token_id") == r["token_ids"][i] else _alt_name(t):
+        top_list.append({tokens[-1] if t.get("token_id") == r["token_ids"][i] else _alt_name(t, twins):
                          float(t["logprob"]) for t in step})  # fmt: skip
         piece = pieces[i] if i < len(pieces) else ""
         offsets.append(at + _lead(piece, tokens[-1]))
@@ -721,7 +723,7 @@ def _token_name(text: str, raw: bytes | None) -> str:
     try:
         own = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return _bytes_name(raw)
     # read in place after a character left unfinished, it shows that character's "\ufffd" first: not its own
     lead = text[: len(text) - len(own)] if len(text) > len(own) and text.endswith(own) else ""
     return own if lead and set(lead) == {"\ufffd"} else text
@@ -733,13 +735,24 @@ def _lead(piece: str, name: str) -> int:
     return len(piece) - len(name) if name != piece and piece.endswith(name) else 0
 
 
-def _token_names(pieces: list[str], raw: list[bytes]) -> list[str]:
-    return [_token_name(p, b) for p, b in zip(pieces, raw, strict=False)]
+def _token_names(
+    pieces: list[str], raw: list[bytes], ids: Any = (), twins: frozenset[int] = frozenset()
+) -> list[str]:
+    ids = [int(i) for i in ids]
+    return [_bytes_name(b) if i < len(ids) and ids[i] in twins else _token_name(p, b)
+            for i, (p, b) in enumerate(zip(pieces, raw, strict=False))]  # fmt: skip
 
 
-def _alt_name(entry: dict[str, Any]) -> str:
+def _alt_name(entry: dict[str, Any], twins: frozenset[int] = frozenset()) -> str:
     raw = entry.get("bytes")
-    return _token_name(entry["token"], None if raw is None else bytes(int(b) for b in raw))
+    raw = None if raw is None else bytes(int(b) for b in raw)
+    if raw is not None and entry.get("token_id") in twins:
+        return _bytes_name(raw)
+    return _token_name(entry["token"], raw)
+
+
+def _bytes_name(raw: bytes) -> str:
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _with_chosen(step: list[dict[str, Any]], k: int, chosen: int) -> list[dict[str, Any]]:

@@ -13,12 +13,15 @@ rebuilt exactly, as OpenAI's `bytes` field allows.
 from __future__ import annotations
 
 import codecs
+import functools
+import re
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 PIECE_CONTEXT = 8  # tokens decoded before each token in `token_pieces` (a UTF-8 character is <= 4 bytes)
 REPLACEMENT = "\ufffd"
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte-fallback tokens: <0x2C>
 _BYTE_LEVEL: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # tokenizer -> LLTokenizer
 _RUST: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # tokenizer -> Rust decoder or None
 
@@ -191,6 +194,25 @@ class TokenText:
         if ll is None:  # no byte-level view of this tokenizer: the bytes of each token's own text
             return [self.tokenizer.decode([int(i)]).encode() for i in ids]
         return [ll.decode_bytes([int(i)]) for i in ids]
+
+    @functools.cached_property
+    def byte_twins(self) -> frozenset[int]:
+        """The byte-fallback tokens (SentencePiece's <0x2C>, as Llama's and Mistral's vocabularies have) whose
+        byte another token of the vocabulary spells too ("," and <0x2C>, "▁" and <0x20>). Both read as the same
+        text, so a `top_logprobs` keyed by text kept one of them (19 entries where 20 were asked, and the chosen
+        token's key could hold its twin's log-prob: adversarial pass 169); openai_batch.py names these by their
+        bytes ("bytes:\\x2c"), as a token that is no text alone is."""
+        tokenizer = self.tokenizer
+        ids = list(range(len(tokenizer)))
+        fallback = {
+            i for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True)
+            if isinstance(piece, str) and _BYTE_FALLBACK.fullmatch(piece)
+        }  # fmt: skip
+        if not fallback:
+            return frozenset()
+        raw = self.bytes(ids)
+        spelled = {raw[i] for i in ids if i not in fallback and len(raw[i]) == 1}
+        return frozenset(i for i in fallback if raw[i] in spelled)
 
     def _byte_table(self) -> Any:
         if self._ll is None:

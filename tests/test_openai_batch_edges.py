@@ -180,3 +180,42 @@ def test_the_help_says_the_batch_default_for_max_new_tokens(command):
     said 64 for every file."""
     result = invoke(command, "--help")
     assert "256, or half the context window" in " ".join(result.output.split()), result.output
+
+
+def test_completion_top_logprobs_keep_a_byte_fallback_token_and_the_token_spelling_its_byte(
+    tmp_path, tiny_llama, llama_engine
+):
+    """A SentencePiece vocabulary with byte fallback spells some bytes twice: "," and <0x2C>, "▁" and <0x20>.
+    Both read as the same text, so `top_logprobs` (a dict keyed by token name) kept one of them: 19 entries
+    where logprobs 20 was asked, and where the chosen token was one of the pair, its entry could hold the other's
+    log-prob. Each alternative keeps an entry of its own, under a name no other token of the step has."""
+    from openai.types import Completion
+
+    import runner
+    from runner.openai_batch import export
+    from runner.worker import run_job
+
+    prompts = ["The old man, 1, 2, 3", "Hello! It's - 0.5", "a b c d", "Numbers: 1,2,3,4"]
+    lines = [{"custom_id": f"p{i}", "method": "POST", "url": "/v1/completions", "body": {"model": "tiny", "prompt": p, "logprobs": 20, "max_tokens": 12,
+                                                    "temperature": 1.5, "n": 4}}
+             for i, p in enumerate(prompts)]  # fmt: skip
+    path = write_jsonl(tmp_path / "b.jsonl", lines)
+    job = create_job(path, tiny_llama, GenerationParams(max_new_tokens=12, seed=7), job_dir=tmp_path / "job",
+                     served_model_names=("tiny",))  # fmt: skip
+    assert run_job(job, llama_engine, echo=None).finished
+    assert export(job, tmp_path / "out.jsonl") == (4, 0)
+    df = runner.load_results(job.dir)
+    collided = 0
+    for line in (tmp_path / "out.jsonl").read_text().splitlines():
+        out = json.loads(line)
+        body = Completion.model_validate(out["response"]["body"])
+        for choice in body.choices:
+            row = df[(df["id"] == out["custom_id"]) & (df["sample"] == choice.index)].iloc[0]
+            lp = choice.logprobs
+            for i, (alts, got) in enumerate(zip(row["top_logprobs"], lp.top_logprobs, strict=True)):
+                texts = [a["token"] for a in alts]
+                collided += len(texts) - len(set(texts))
+                assert len(got) == len(alts), (out["custom_id"], choice.index, i, got)
+                assert sorted(got.values()) == pytest.approx(sorted(float(a["logprob"]) for a in alts))
+                assert got[lp.tokens[i]] == lp.token_logprobs[i]
+    assert collided > 0  # (some step had two alternatives reading as the same text)
