@@ -487,9 +487,10 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | 
     from .jobdir import BrokenJob
 
     default_k = job.meta.get("params", {}).get("logprobs")
+    served = job.meta.get("input", {}).get("served_model_names") or [job.spec.model]
     plain = {
         "url": _plain_url(job),
-        "model": job.spec.model,
+        "model": served[0],  # (the name the job answers to, as vLLM's run-batch answers with its first)
         "echo": False,
     }  # a row that was no Batch request
     try:

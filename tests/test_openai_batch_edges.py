@@ -219,3 +219,17 @@ def test_completion_top_logprobs_keep_a_byte_fallback_token_and_the_token_spelli
                 assert sorted(got.values()) == pytest.approx(sorted(float(a["logprob"]) for a in alts))
                 assert got[lp.tokens[i]] == lp.token_logprobs[i]
     assert collided > 0  # (some step had two alternatives reading as the same text)
+
+
+def test_plain_rows_answer_with_the_served_model_name(tmp_path, tiny_gpt2, gpt2_engine):
+    """A job of plain rows submitted with --served-model-name answers with that name in `model`, as its Batch
+    requests would and as vLLM's run-batch does (it gave the model's folder path)."""
+    from runner.openai_batch import export
+    from runner.worker import run_job
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello"}])
+    job = create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=tmp_path / "job",
+                     served_model_names=("my-gpt", "gpt"))  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None).finished
+    export(job, tmp_path / "out.jsonl")
+    assert json.loads((tmp_path / "out.jsonl").read_text())["response"]["body"]["model"] == "my-gpt"
