@@ -2653,8 +2653,27 @@ def shards_in_transit(job: Job, bad: list[tuple[str, str]]) -> bool:
 def _in_transit_from_elsewhere(marker: Path) -> bool:
     raw = _read_json_or_none(marker)
     worker = raw.get("worker") if isinstance(raw, dict) else None
-    elsewhere = isinstance(worker, str) and worker.rsplit("-", 2)[0] != host_tag()
+    if not isinstance(worker, str):
+        return False
+    elsewhere = worker.rsplit("-", 2)[0] != host_tag() or _claimed_on_another_machine(marker, worker)
     return elsewhere and _younger_than(marker, SHARD_ARRIVAL_SECONDS)
+
+
+def _claimed_on_another_machine(marker: Path, worker: str) -> bool:
+    """Whether the claim the commit at `marker` was made under is `worker`'s, made on another boot or PID
+    namespace than this process's: a machine (or container) whose host name is this one's (two VMs named alike,
+    `--hostname worker`), whose files this mount may show late all the same (adversarial pass 168: its young
+    marker was set aside at once as this machine's own damage). False when the claim does not tell (gone,
+    damaged, another worker's, or from a runner that did not record the boot)."""
+    m = COMMIT_RE.fullmatch(marker.name[: -len(".json")])
+    if m is None:
+        return False
+    try:
+        owner = _read_claim(marker.parent.parent / CLAIMS / claim_name(int(m.group(1)), int(m.group(2))),
+                            int(m.group(1))).owner  # fmt: skip
+    except (RunnerError, OSError):
+        return False
+    return owner is not None and owner.worker == worker and bool(owner.boot) and not owner._on_this_machine()
 
 
 def _younger_than(path: Path, seconds: float) -> bool:

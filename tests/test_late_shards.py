@@ -136,3 +136,30 @@ def test_on_the_machine_that_wrote_it_a_missing_shard_is_damage_at_once(
     marker = job.dir / "done" / f"{victim.name}.json"
     assert not marker.exists()
     assert [p.name.split("-", 2)[-1] for p in (job.dir / "quarantine").iterdir()] == [marker.name]
+
+
+def test_another_machine_with_the_same_host_name_is_still_another_machine(
+    reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """Two VMs or containers on one shared folder that share a host name (`--hostname worker`, "localhost"):
+    the marker's worker id names this host, but the claim it committed under was made on another boot. Its
+    shard may still be on its way as from any other machine: it was set aside at once as this machine's own
+    damage, and once the shard arrived the completed job was left with its rows missing (adversarial pass
+    168). The claim's owner (boot and PID namespace) tells the machines apart."""
+    job = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
+    assert run_job(job, gpt2_engine, echo=None, shard_rows=2).finished
+    from runner import storage
+
+    real = storage.boot_id()
+    monkeypatch.setattr(storage, "boot_id", lambda: f"not-{real}")  # another VM, the same host name
+    victim = read_ledger(job).commits[1]
+    shard = job.dir / "shards" / victim.shard
+    aside = job.dir.parent / "in-transit.parquet"
+    os.replace(shard, aside)  # this VM's mount does not show it yet
+    another_workers_tidy(job, gpt2_engine)
+    assert (job.dir / "done" / f"{victim.name}.json").exists()
+    assert not list((job.dir / "quarantine").glob("*"))
+    os.replace(aside, shard)  # it arrives
+    s = runner.status(job.dir)
+    assert s.state == "completed" and s.done == s.total == 2 * N, s
+    assert_exactly_once(job.dir, reference[1])
