@@ -540,6 +540,9 @@ def embed(ctx: click.Context, input_path: str, model: str, output: str | None, *
     click.echo(str(_run_kind(ctx, "embed", input_path, model, output, kw).dir))
 
 
+DRIVE = "/content/drive"  # where a Colab notebook mounts Google Drive
+
+
 def _warn_if_not_on_drive(home: Any, output: Any = None, option: str = "-o", name: str | None = None) -> None:
     """On Colab, a job home (or a job's own folder, `output`, which `option` names) on the VM's own disk dies
     with the VM: say so, and what to give instead (`option` a path on Drive, ending in `name`), before hours of
@@ -551,7 +554,12 @@ def _warn_if_not_on_drive(home: Any, output: Any = None, option: str = "-o", nam
     if "google.colab" not in sys.modules and not os.environ.get("COLAB_RELEASE_TAG"):
         return
     path = (Path(output) if output else Path(home) if home else default_home()).resolve()
-    if str(path).startswith("/content/drive"):
+    if path.is_relative_to(DRIVE) and not os.path.ismount(DRIVE):
+        # (a folder made there now is on the VM's disk, and drive.mount then refuses the non-empty mount point)
+        raise RunnerError(f"Google Drive is not mounted at {DRIVE}, so {path} would be on this VM's own disk, "
+                          "lost with it (and drive.mount would then refuse the folder): mount it first, "
+                          f"`from google.colab import drive; drive.mount('{DRIVE}')`")  # fmt: skip
+    if str(path).startswith(DRIVE):
         return
     if output:  # (--home does not move an -o folder: pass 44)
         there = shlex.quote(f"/content/drive/MyDrive/{name or path.name}")

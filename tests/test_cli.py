@@ -343,6 +343,28 @@ def test_colab_warns_when_the_home_is_not_on_drive(prompts, tiny_gpt2, monkeypat
     assert "give -o a path there, e.g. -o /content/drive/MyDrive/r.jsonl" in said
 
 
+def test_colab_refuses_a_home_on_drive_before_drive_is_mounted(prompts, tiny_gpt2, monkeypatch, tmp_path):
+    """`--home /content/drive/MyDrive/runner-jobs` in a cell run before drive.mount made the folders on the VM's
+    own disk, without a word (the path reads as Drive): the jobs died with the VM, and drive.mount then refused
+    the mount point that was no longer empty. Refused, naming the mount, before anything is made there."""
+    from runner import cli as cli_module
+
+    drive = tmp_path / "content" / "drive"
+    monkeypatch.setattr(cli_module, "DRIVE", str(drive))
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261101")
+    home = drive / "MyDrive" / "runner-jobs"
+    for args in (("submit", prompts, "--model", tiny_gpt2), ("work",),
+                 ("run", prompts, "--model", tiny_gpt2, "--max-new-tokens", 1, "-o", drive / "MyDrive" / "x")):  # fmt: skip
+        result = invoke("--home", home, *args)
+        assert result.exit_code == 1, result.output
+        assert f"Google Drive is not mounted at {drive}" in result.stderr and "drive.mount(" in result.stderr
+        assert "Traceback" not in result.output and not drive.exists()
+    mounted = str(drive)
+    monkeypatch.setattr(cli_module.os.path, "ismount", lambda p: str(p) == mounted)
+    result = invoke("--home", home, "submit", prompts, "--model", tiny_gpt2)
+    assert result.exit_code == 0 and "WARNING" not in result.stderr, result.output
+
+
 def test_template_takes_the_same_escapes_as_stop(tmp_path, tiny_gpt2, runner_home):
     """The README's QA example: `--template "...\\nAnswer:"` typed in a shell sends a newline, not "\\n"."""
     qa = tmp_path / "qa.jsonl"
