@@ -48,6 +48,7 @@ def run(
     `output`, or the home's job of the same inputs and settings (create_job's `same_in_home`)."""
     from .jobs import create_job, submit_warnings
 
+    _settings_go_in_params(params, job_kwargs)
     job = create_job(input_path, model, params, options, job_dir=output, same_in_home=True, **job_kwargs)
     for line in submit_warnings(job) if echo else ():
         echo(line)
@@ -82,6 +83,26 @@ def run(
         last, generated=sum(s.generated for s in summaries), tokens=sum(s.tokens for s in summaries),
         seconds=sum(s.seconds for s in summaries), done_before=done_before,
     )  # fmt: skip
+
+
+def _settings_go_in_params(params: Any, job_kwargs: dict[str, Any]) -> None:
+    """`runner.run(..., max_new_tokens=64)`, as `model.generate(...)` takes it, said "create_job() got an
+    unexpected keyword argument": name the settings object the setting belongs in."""
+    import dataclasses
+    import inspect
+
+    from .jobs import create_job
+    from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+
+    kind = type(params) if params is not None else GenerationParams
+    for name, value in job_kwargs.items():
+        for cls, arg in ((kind, "params"), (GenerationParams, "params"), (EngineOptions, "options"),
+                         (ScoreParams, "params"), (EmbedParams, "params")):  # fmt: skip
+            if name in {f.name for f in dataclasses.fields(cls)}:
+                raise TypeError(f"run() takes {name} in its settings, not as a keyword of its own: "
+                                f"runner.run(..., {arg}=runner.{cls.__name__}({name}={value!r}))")  # fmt: skip
+        if name not in inspect.signature(create_job).parameters:
+            raise TypeError(f"run() got an unexpected keyword argument {name!r}")
 
 
 def _kept_options(job: Job, options: Any) -> str:

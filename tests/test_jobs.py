@@ -1199,3 +1199,24 @@ def test_a_move_in_whose_reply_was_lost_is_not_failed_by_a_transient_error_readi
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     job = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=out)
     assert lost == [1, 2] and job.dir == out and Job.open(out).spec.rows == 1
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ({"max_new_tokens": 4}, "params=runner.GenerationParams(max_new_tokens=4)"),
+        ({"temperature": 0.8}, "params=runner.GenerationParams(temperature=0.8)"),
+        ({"batch_size": 2}, "options=runner.EngineOptions(batch_size=2)"),
+        ({"add_eos": True}, "params=runner.ScoreParams(add_eos=True)"),
+    ],
+)
+def test_run_names_the_settings_object_a_setting_given_as_a_keyword_goes_in(prompts_file, tiny_gpt2, tmp_path,
+                                                                           given, said):  # fmt: skip
+    """`runner.run("p.jsonl", "gpt2", max_new_tokens=64)`, as `model.generate(...)` takes it, said
+    "create_job() got an unexpected keyword argument 'max_new_tokens'", a function the user never called."""
+    with pytest.raises(TypeError) as e:
+        runner.run(prompts_file, tiny_gpt2, output=tmp_path / "out", **given)
+    assert said in str(e.value) and "create_job" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(TypeError, match=r"run\(\) got an unexpected keyword argument 'colour'"):
+        runner.run(prompts_file, tiny_gpt2, output=tmp_path / "out", colour="red")
