@@ -1355,7 +1355,7 @@ def generate(
 ) -> None:
     """Generate for PROMPTS at once and print the text: a quick try of settings before a night's job. A
     prompt may be '-' (one per line of standard input) or a .txt file (one per line); a missing .txt file is an
-    error, not a prompt. Nothing is saved.
+    error, not a prompt. A prompt's typed \\n is a line break, as in --template. Nothing is saved.
 
     \b
     Example:
@@ -1371,7 +1371,8 @@ def generate(
                              truncate=truncate, row_ids=list(ids))  # fmt: skip
     for text, samples in zip(texts, answers, strict=True):
         for s, c in enumerate(samples):
-            head = f"[{text[:40]}]" + (f" #{s}" if len(samples) > 1 else "")
+            shown = text[:40].replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+            head = f"[{shown}]" + (f" #{s}" if len(samples) > 1 else "")  # one line, line breaks as typed
             click.echo(f"{head} {c.text}")
             if show_logprobs:
                 click.echo(

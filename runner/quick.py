@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import RunnerError
 from .inputs import SUFFIXES, input_file, not_utf8_text, read_text_lines
-from .params import EngineOptions, GenerationParams, check_truncate
+from .params import EngineOptions, GenerationParams, check_truncate, unescape
 
 FILE_SUFFIXES = tuple(SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
 
@@ -30,7 +30,9 @@ def read_prompts_with_ids(items: Iterable[str]) -> list[tuple[str, str]]:
     """`read_prompts_arg`'s prompts with the row id a job would give each. One .txt file, or standard input, is
     read as `runner run` reads it (its lines, blank ones skipped) and its line numbers are the ids; prompts from
     several places (arguments, files) are numbered in order from 1. A sampled try's seeds come from them, so
-    `runner generate FILE.txt --seed S` prints what `runner run FILE.txt --seed S` writes."""
+    `runner generate FILE.txt --seed S` prints what `runner run FILE.txt --seed S` writes. A prompt argument's
+    typed `\\n`, `\\t`, `\\r` is a line break, tab, carriage return, as in `--template` (`\\\\n`: a backslash
+    and n); a file's lines are read as they are."""
     items = list(items)
     out: list[tuple[int, str]] = []
     for item in items:
@@ -40,7 +42,8 @@ def read_prompts_with_ids(items: Iterable[str]) -> list[tuple[str, str]]:
         elif _file_name(item):
             out.extend(read_text_lines(_txt_file(item), numbered=True))
         else:
-            out.append((0, _utf8(item, "a prompt argument")))
+            # typed as `--template` and `--stop` take it: "Q: ...\\nA:" means a line break (a file's lines are data)
+            out.append((0, unescape(_utf8(item, "a prompt argument"))))
     if not out:
         raise RunnerError("no prompt given (a prompt, '-' for standard input, or a .txt file)")
     one_file = len(items) == 1 and (items[0] == "-" or _file_name(items[0]))

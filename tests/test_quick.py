@@ -228,3 +228,20 @@ def test_a_sampled_try_of_a_txt_file_is_the_jobs_rows(tmp_path, tiny_gpt2, runne
     assert [i for i, _ in read_prompts_with_ids([str(path), "A cat", str(path)])] == [
         str(i) for i in range(1, 8)
     ]
+
+
+def test_a_typed_backslash_n_in_a_prompt_argument_is_a_line_break_as_in_template(
+    tmp_path, tiny_gpt2, gpt2_engine
+):
+    """`runner generate "Q: What is 2+2?\\nA:"` (a QA prompt as the README's --template writes it) sent a
+    backslash and an n, which --template and --stop take as a line break; the printed head then could not tell
+    the two apart. A file's lines stay as they are (data)."""
+    assert read_prompts_arg(["Q: hi\\nA:", "a\\tb", "C:\\\\new"]) == ["Q: hi\nA:", "a\tb", "C:\\new"]
+    (tmp_path / "p.txt").write_text("Q: hi\\nA:\n")
+    assert read_prompts_arg([str(tmp_path / "p.txt")]) == ["Q: hi\\nA:"]
+    result = invoke("generate", "Q: hi\\nA:", "-m", tiny_gpt2, "--max-new-tokens", 3, "--greedy")
+    assert result.exit_code == 0, result.output
+    greedy = gpt2_engine.generate(
+        [gpt2_engine.tokenizer("Q: hi\nA:")["input_ids"]], GenerationParams(max_new_tokens=3)
+    )
+    assert result.output.startswith(f"[Q: hi\\nA:] {greedy[0].text}")  # the head on one line
