@@ -930,6 +930,14 @@ def test_a_mistyped_job_name_or_id_gets_a_did_you_mean(tmp_path, tiny_gpt2, runn
         runner.open_job(typo, runner_home)
     with pytest.raises(RunnerError, match=r"no job 'zzz' in .* \(`runner status` lists its jobs\)"):
         runner.open_job("zzz", runner_home)
+    # `runner run -o out/ja` printed "starting job 2026...", and that id said only "no job ... in ./jobs"
+    out = create_job(
+        write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hi"}]), tiny_gpt2, job_dir=tmp_path / "ja"
+    )
+    result = invoke("--home", runner_home, "status", out.id)
+    assert result.exit_code == 1 and "found by its folder: `runner status FOLDER`" in result.output, (
+        result.output
+    )
 
 
 def test_a_dataframes_named_index_is_a_column_as_to_parquet_keeps_it(tiny_gpt2, runner_home):
