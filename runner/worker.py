@@ -405,8 +405,11 @@ class JobRun:
                                lambda worker: worker in jobdir.live_workers(self.job), self.ttl, self.say,
                                unit.generation)  # fmt: skip
         # the unit's own rows, then what is left of them: "1,024 of 1,100" read as 76 done (pass 44)
-        rows = f"rows {unit.start + 1:,}-{unit.start + unit.table.num_rows:,} of {self.job.spec.rows:,}"
-        self.say(f"job {self.job.id}: unit {unit.index} ({rows}): {len(unit.todo):,} {self.job.spec.count_noun} to "
+        first, last = unit.start + 1, unit.start + unit.table.num_rows
+        rows = (
+            f"row {first:,}" if first == last else f"rows {first:,}-{last:,}"
+        ) + f" of {self.job.spec.rows:,}"
+        self.say(f"job {self.job.id}: unit {unit.index} ({rows}): {counted(len(unit.todo), self.job.spec.count_noun)} to "
                  f"{self.job.kind} on {self.engine.device} ({dtype_name(self.engine)})")  # fmt: skip
         try:
             for keys, wanted, suspect in self.plan(unit):

@@ -1228,3 +1228,12 @@ def test_run_names_the_settings_object_a_setting_given_as_a_keyword_goes_in(prom
     assert not (tmp_path / "out").exists()
     with pytest.raises(TypeError, match=r"run\(\) got an unexpected keyword argument 'colour'"):
         runner.run(prompts_file, tiny_gpt2, output=tmp_path / "out", colour="red")
+
+
+def test_a_one_row_unit_reads_in_the_singular(tmp_path, tiny_gpt2, gpt2_engine):
+    """It said "(rows 1-1 of 1): 1 rows to generate" (new-user walkthrough)."""
+    said: list[str] = []
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
+    runner.run(path, tiny_gpt2, GenerationParams(max_new_tokens=2), output=tmp_path / "job", engine=gpt2_engine,
+               echo=said.append)  # fmt: skip
+    assert any(line.endswith("(row 1 of 1): 1 row to generate on cpu (float32)") for line in said), said
