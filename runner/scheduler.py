@@ -94,7 +94,8 @@ def _settings_go_in_params(params: Any, job_kwargs: dict[str, Any]) -> None:
     from .jobs import create_job
     from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
 
-    kind = type(params) if params is not None else GenerationParams
+    # (not a settings object, a dict: create_job refuses it, naming the types)
+    kind = type(params) if dataclasses.is_dataclass(params) else GenerationParams
     for name, value in job_kwargs.items():
         for cls, arg in ((kind, "params"), (GenerationParams, "params"), (EngineOptions, "options"),
                          (ScoreParams, "params"), (EmbedParams, "params")):  # fmt: skip

@@ -1237,3 +1237,15 @@ def test_a_one_row_unit_reads_in_the_singular(tmp_path, tiny_gpt2, gpt2_engine):
     runner.run(path, tiny_gpt2, GenerationParams(max_new_tokens=2), output=tmp_path / "job", engine=gpt2_engine,
                echo=said.append)  # fmt: skip
     assert any(line.endswith("(row 1 of 1): 1 row to generate on cpu (float32)") for line in said), said
+
+
+def test_run_given_settings_not_in_a_settings_object_and_a_job_keyword_names_the_settings_types(
+    prompts_file, tiny_gpt2, tmp_path
+):
+    """`runner.run(..., {"max_new_tokens": 4}, name="x")`: a dict of settings is refused naming the settings
+    types, as without the keyword (the keyword check read the dict as a dataclass: "must be called with a
+    dataclass type or instance")."""
+    with pytest.raises(
+        TypeError, match="params must be GenerationParams, ScoreParams or EmbedParams, not dict"
+    ):
+        runner.run(prompts_file, tiny_gpt2, {"max_new_tokens": 4}, output=tmp_path / "out", name="x")
