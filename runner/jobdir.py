@@ -2663,11 +2663,13 @@ def _in_transit_from_elsewhere(marker: Path) -> bool:
 
 
 def _claimed_on_another_machine(marker: Path, worker: str) -> bool:
-    """Whether the claim the commit at `marker` was made under is `worker`'s, made on another boot or PID
-    namespace than this process's: a machine (or container) whose host name is this one's (two VMs named alike,
-    `--hostname worker`), whose files this mount may show late all the same (adversarial pass 168: its young
-    marker was set aside at once as this machine's own damage). False when the claim does not tell (gone,
-    damaged, another worker's, or from a runner that did not record the boot)."""
+    """Whether the claim the commit at `marker` was made under is `worker`'s, made on another boot than this
+    process's: a machine whose host name is this one's (two VMs named alike, `--hostname worker`), whose files
+    this mount may show late all the same (adversarial pass 168: its young marker was set aside at once as this
+    machine's own damage). The boot alone tells: a container of this boot (another PID namespace, the host's
+    name under `--network host`) writes through this kernel, so its shard is here once its marker is. False
+    when the claim does not tell (gone, damaged, another worker's, or from a runner that did not record the
+    boot)."""
     m = COMMIT_RE.fullmatch(marker.name[: -len(".json")])
     if m is None:
         return False
@@ -2676,7 +2678,9 @@ def _claimed_on_another_machine(marker: Path, worker: str) -> bool:
                             int(m.group(1))).owner  # fmt: skip
     except (RunnerError, OSError):
         return False
-    return owner is not None and owner.worker == worker and bool(owner.boot) and not owner._on_this_machine()
+    return (
+        owner is not None and owner.worker == worker and bool(owner.boot) and owner.boot != storage.boot_id()
+    )
 
 
 def _younger_than(path: Path, seconds: float) -> bool:

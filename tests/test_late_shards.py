@@ -163,3 +163,22 @@ def test_another_machine_with_the_same_host_name_is_still_another_machine(
     s = runner.status(job.dir)
     assert s.state == "completed" and s.done == s.total == 2 * N, s
     assert_exactly_once(job.dir, reference[1])
+
+
+def test_a_container_of_this_boot_with_the_host_name_is_this_machine(
+    reference, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """A container on this machine (another PID namespace, the host's name under `--network host`: one
+    container per GPU on a bind-mounted folder) writes through this kernel: its shard is here once its marker
+    is, so one missing is damage at once, not a shard in transit for SHARD_ARRIVAL_SECONDS."""
+    job = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=3)
+    assert run_job(job, gpt2_engine, echo=None, shard_rows=2).finished
+    from runner import storage
+
+    monkeypatch.setattr(storage, "pid_namespace", lambda: "pid:[1]")  # another container, the same boot
+    victim = read_ledger(job).commits[1]
+    (job.dir / "shards" / victim.shard).unlink()
+    another_workers_tidy(job, gpt2_engine)
+    marker = job.dir / "done" / f"{victim.name}.json"
+    assert not marker.exists()
+    assert [p.name.split("-", 2)[-1] for p in (job.dir / "quarantine").iterdir()] == [marker.name]
