@@ -224,7 +224,8 @@ def create_job(
         }  # fmt: skip
         _refuse_what_json_cannot_hold(meta)
         prep = _Preparer(kind, tokenizer, params, window, truncate, prompt_field,
-                         kind == "generate" and _sample_auto(params), _vocab_size(config))  # fmt: skip
+                         kind == "generate" and _sample_auto(params), _vocab_size(config),
+                         (model, served_model_names))  # fmt: skip
         if rerun:
             claim = _Claim.of_rerun(root, fingerprint)
         else:
@@ -338,7 +339,9 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
         raise RunnerError(f"its input file {path} has changed since it was submitted")
     config, tokenizer, window = _model_facts(model, job.options, kind, params, inp.get("chat_template"))
     prep = _Preparer(kind, tokenizer, params, window, inp.get("truncate", "none"), inp["prompt_field"],
-                     kind == "generate" and _sample_auto(params), _vocab_size(config))  # fmt: skip
+                     kind == "generate" and _sample_auto(params), _vocab_size(config),
+                     # (a job from before runner recorded `messages` keeps answering as it did: chat completions)
+                     (model, inp.get("served_model_names") or ()) if "messages" in inp else None)  # fmt: skip
     _write_prompts(reader, prep, folder, bool(inp.get("skip_invalid")))
 
 
@@ -952,8 +955,11 @@ class _Preparer:
     Problem naming its field."""
 
     def __init__(self, kind: str, tokenizer: Any, params: Any, window: int | None, truncate: str, field: str,
-                 sample_auto: bool = False, vocab: int | None = None):  # fmt: skip
+                 sample_auto: bool = False, vocab: int | None = None, answers_as: tuple[str, Any] | None = None):  # fmt: skip
         self.kind, self.tokenizer, self.params = kind, tokenizer, params
+        # (the model and served names a plain row answers with in `--format openai`; None: nothing recorded per
+        # row, as for Ray Data's stages, which export no Batch file)
+        self.answers_as = answers_as
         self.window, self.truncate, self.field = window, truncate, field
         self.sample_auto, self.vocab = sample_auto, vocab
         self.sampling_rows = False  # some row gives temperature / top_p / top_k (jobdir.ROW_SAMPLING_FORMAT)
@@ -1050,9 +1056,10 @@ class _Preparer:
         """The row's Batch request; for another row of a generate job, the endpoint it answers as in `--format
         openai`: a chat completion where it went through the chat template (messages, `--chat`), else a text
         completion (its prompt continued as typed). Per row: one file may hold both kinds of row."""
-        if row.request is not None or self.kind != "generate":
+        if row.request is not None or self.kind != "generate" or self.answers_as is None:
             return row.request
-        return {"url": openai_batch.CHAT if row.messages is not None else openai_batch.COMPLETIONS}
+        url = openai_batch.CHAT if row.messages is not None else openai_batch.COMPLETIONS
+        return openai_batch.plain_request(url, *self.answers_as)
 
     def _prepare(self, rows: list[PromptRow]) -> list[tuple[str, list[int], int] | _RowProblem]:
         """(text sent to the model, token ids, index of the first token to score) per row, or a _RowProblem

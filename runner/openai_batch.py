@@ -487,12 +487,8 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | 
     from .jobdir import BrokenJob
 
     default_k = job.meta.get("params", {}).get("logprobs")
-    served = job.meta.get("input", {}).get("served_model_names") or [job.spec.model]
-    plain = {
-        "url": _plain_url(job),
-        "model": served[0],  # (the name the job answers to, as vLLM's run-batch answers with its first)
-        "echo": False,
-    }  # a row that was no Batch request
+    served = job.meta.get("input", {}).get("served_model_names") or ()
+    plain = plain_request(_plain_url(job), job.spec.model, served)  # a row that was no Batch request
     try:
         for batch in _prompt_groups(job, ["id", "input_ids"], ["request", "settings", "line", "n"]):
             cols = batch.schema.names
@@ -508,6 +504,14 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | 
     except (pa.ArrowException, KeyError, ValueError) as e:  # a job stored before prompts had a checksum
         why = f"prompts.parquet of job {job.id} is damaged ({first_line(e)})"
         raise BrokenJob(_prompts_hint(job, why), repairable=False) from None
+
+
+def plain_request(url: str, model: str, served: Any = ()) -> dict[str, Any]:
+    """What a row that was no Batch request answers as: `url`, and in `model` the first of the `served` names
+    (--served-model-name), as vLLM's run-batch answers, else the model as given. prompts.parquet records this
+    per row (jobs.py `_Preparer._request`) in the shape of a request's own, so a runner of before 2026-12-06
+    (which reads `model` and `echo` of any request recorded) exports such a job too."""
+    return {"url": url, "model": next((n for n in served if n), model), "echo": False}
 
 
 def _plain_url(job: Any) -> str:

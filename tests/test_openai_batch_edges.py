@@ -36,9 +36,11 @@ def test_a_plain_row_with_a_url_or_body_of_its_own_is_not_a_batch_request(tmp_pa
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     job = create_job(path, tiny_gpt2, params, home=tmp_path / "home", **options)
     assert job.meta["input"]["rows"] == 1 and job.meta["input"]["invalid"] == 0
-    # (a generate job's plain row records only the endpoint it answers as in `--format openai`)
-    plain = None if isinstance(params, ScoreParams) else '{"url": "/v1/completions"}'
-    assert job.prompts().column("request").to_pylist() == [plain]
+    # (a generate job's plain row records what it answers as in `--format openai`, in a request's own shape:
+    # a runner of before, reading `model` and `echo` of any request recorded, exports the job too)
+    plain = {"url": "/v1/completions", "model": job.spec.model, "echo": False}
+    want = [None] if isinstance(params, ScoreParams) else [plain]
+    assert [r and json.loads(r) for r in job.prompts().column("request").to_pylist()] == want
 
 
 def test_best_of_beside_a_null_n_is_taken_as_best_of_1_is(tmp_path, tiny_gpt2):
@@ -222,14 +224,14 @@ def test_completion_top_logprobs_keep_a_byte_fallback_token_and_the_token_spelli
 
 
 def test_plain_rows_answer_with_the_served_model_name(tmp_path, tiny_gpt2, gpt2_engine):
-    """A job of plain rows submitted with --served-model-name answers with that name in `model`, as its Batch
-    requests would and as vLLM's run-batch does (it gave the model's folder path)."""
+    """A job of plain rows submitted with --served-model-name answers with that name in `model` (the first one
+    not empty), as its Batch requests would and as vLLM's run-batch does (it gave the model's folder path)."""
     from runner.openai_batch import export
     from runner.worker import run_job
 
     path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello"}])
     job = create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=tmp_path / "job",
-                     served_model_names=("my-gpt", "gpt"))  # fmt: skip
+                     served_model_names=("", "my-gpt", "gpt"))  # fmt: skip
     assert run_job(job, gpt2_engine, echo=None).finished
     export(job, tmp_path / "out.jsonl")
     assert json.loads((tmp_path / "out.jsonl").read_text())["response"]["body"]["model"] == "my-gpt"
