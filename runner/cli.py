@@ -421,7 +421,7 @@ def _run_kind(
     from .scheduler import run as run_api
 
     params, options = build_settings(batch_max_tokens(kw, kind, input_path, model), kind)
-    _warn_if_not_on_drive(ctx.obj["home"], output)
+    _check_drive(ctx.obj["home"], output)
     with _ctrl_c_stops() as stop:
         job, summary = run_api(
             input_path, model, params, options, output=output, echo=_echo, stop=stop,
@@ -540,26 +540,20 @@ def embed(ctx: click.Context, input_path: str, model: str, output: str | None, *
     click.echo(str(_run_kind(ctx, "embed", input_path, model, output, kw).dir))
 
 
-DRIVE = "/content/drive"  # where a Colab notebook mounts Google Drive
-
-
-def _warn_if_not_on_drive(home: Any, output: Any = None, option: str = "-o", name: str | None = None) -> None:
+def _check_drive(home: Any, output: Any = None, option: str = "-o", name: str | None = None) -> None:
     """On Colab, a job home (or a job's own folder, `output`, which `option` names) on the VM's own disk dies
     with the VM: say so, and what to give instead (`option` a path on Drive, ending in `name`), before hours of
-    work go there."""
+    work go there; one under /content/drive before Drive is mounted is refused (storage.refuse_unmounted_drive)."""
     from pathlib import Path
 
+    from . import storage
     from .jobdir import default_home
 
-    if "google.colab" not in sys.modules and not os.environ.get("COLAB_RELEASE_TAG"):
+    if not storage.on_colab():
         return
     path = (Path(output) if output else Path(home) if home else default_home()).resolve()
-    if path.is_relative_to(DRIVE) and not os.path.ismount(DRIVE):
-        # (a folder made there now is on the VM's disk, and drive.mount then refuses the non-empty mount point)
-        raise RunnerError(f"Google Drive is not mounted at {DRIVE}, so {path} would be on this VM's own disk, "
-                          "lost with it (and drive.mount would then refuse the folder): mount it first, "
-                          f"`from google.colab import drive; drive.mount('{DRIVE}')`")  # fmt: skip
-    if str(path).startswith(DRIVE):
+    storage.refuse_unmounted_drive(path)
+    if path.is_relative_to(storage.DRIVE):
         return
     if output:  # (--home does not move an -o folder: pass 44)
         there = shlex.quote(f"/content/drive/MyDrive/{name or path.name}")
@@ -602,7 +596,7 @@ def submit(
     from .api import status as runner_status
     from .jobs import create_job
 
-    _warn_if_not_on_drive(ctx.obj["home"])
+    _check_drive(ctx.obj["home"])
     params, options = build_settings(batch_max_tokens(kw, kind, input_path, model), kind)
     job = create_job(
         input_path, model, params, options,
@@ -698,7 +692,7 @@ def work(
         # The zone too: a Colab VM's clock is UTC, not the user's (their 07:00 is not the VM's)
         end = dt.datetime.fromtimestamp(deadline).astimezone()  # type: ignore[arg-type]
         _echo(f"working until {end:%H:%M %Z}" + (" tomorrow" if end.date() > dt.date.today() else " today"))
-    _warn_if_not_on_drive(ctx.obj["home"], _own_folder(ctx.obj["home"], job_ref), "--job")
+    _check_drive(ctx.obj["home"], _own_folder(ctx.obj["home"], job_ref), "--job")
     args = ["--shard-rows", str(shard_rows), "--shard-minutes", str(shard_minutes)]
     args += (["--job", job_ref] if job_ref else []) + (["--once"] if once else [])
     args += ["--until", until] if until else (["--hours", str(hours)] if hours else [])
@@ -1433,7 +1427,7 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
     params, options = build_settings(batch_max_tokens(kw, kind, input_path, model), kind)
     # (the job folder is OUTPUT.job unless --job-dir names it: -o on Drive takes it there too)
     where = ("--job-dir", None) if job_dir else ("-o", os.path.basename(output_path))
-    _warn_if_not_on_drive(None, job_dir or f"{output_path}.job", *where)
+    _check_drive(None, job_dir or f"{output_path}.job", *where)
     with _ctrl_c_stops() as stop:
         job, summary = openai_batch.run_batch(input_path, output_path, model, params, options, job_dir=job_dir,
                                               served_model_names=served_model_names, echo=_echo, stop=stop,

@@ -199,6 +199,7 @@ def create_job(
                              skip_invalid=skip_invalid, truncate=truncate, served=served_model_names,
                              chat=chat, chat_template=chat_template)  # fmt: skip
         root = Path(home) if home is not None else default_home()
+        storage.refuse_unmounted_drive(job_dir if job_dir is not None else root)
         fingerprint = _fingerprint(identity)
         rerun = same_in_home and job_dir is None and name is None  # `runner run FILE` without -o or --name
         existing = _already_submitted(job_dir, root, name, identity)

@@ -650,6 +650,7 @@ def export_results(
         raise ValueError("export_results needs `to`" + ("" if format == "openai" else " or `errors_to`"))
     if "" in (to, errors_to):  # (Path("") is ".": a rename onto it was retried for a minute as a busy mount)
         raise ValueError("an empty path names no file")
+    storage.refuse_unmounted_drive(to, errors_to)
     refuse_inside_job(jobdir.find_job(source, home), to, errors_to)
     if format == "openai":
         from . import openai_batch

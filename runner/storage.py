@@ -148,6 +148,25 @@ def owned_temp_name(target: str | os.PathLike) -> str:
     )
 
 
+DRIVE = "/content/drive"  # where a Colab notebook mounts Google Drive
+
+
+def on_colab() -> bool:
+    return "google.colab" in sys.modules or bool(os.environ.get("COLAB_RELEASE_TAG"))
+
+
+def refuse_unmounted_drive(*paths: str | os.PathLike | None) -> None:
+    """On Colab, a path under /content/drive before Drive is mounted there: RunnerError. Folders made there are
+    on the VM's own disk, lost with it, and drive.mount then refuses the mount point, no longer empty."""
+    if not on_colab() or os.path.ismount(DRIVE):
+        return
+    for path in paths:
+        if path is not None and Path(path).resolve().is_relative_to(DRIVE):
+            raise RunnerError(f"Google Drive is not mounted at {DRIVE}, so {Path(path).resolve()} would be on this "
+                              "VM's own disk, lost with it (and drive.mount would then refuse the folder): mount "
+                              f"it first, `from google.colab import drive; drive.mount('{DRIVE}')`")  # fmt: skip
+
+
 NAME_MAX = 255  # bytes in one file name (Linux, and Drive's mount)
 TEMP_ADDS = 32  # bytes a temp name adds to its stem at most: ".PID-TAG" (7 + 8 digits), ".8 hex", ".tmp"
 

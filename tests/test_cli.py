@@ -346,11 +346,12 @@ def test_colab_warns_when_the_home_is_not_on_drive(prompts, tiny_gpt2, monkeypat
 def test_colab_refuses_a_home_on_drive_before_drive_is_mounted(prompts, tiny_gpt2, monkeypatch, tmp_path):
     """`--home /content/drive/MyDrive/runner-jobs` in a cell run before drive.mount made the folders on the VM's
     own disk, without a word (the path reads as Drive): the jobs died with the VM, and drive.mount then refused
-    the mount point that was no longer empty. Refused, naming the mount, before anything is made there."""
-    from runner import cli as cli_module
+    the mount point that was no longer empty. Refused, naming the mount, before anything is made there: by the
+    commands, and by the Python API a notebook calls (`runner.run(..., output=...)`, `export_results`)."""
+    from runner import storage
 
     drive = tmp_path / "content" / "drive"
-    monkeypatch.setattr(cli_module, "DRIVE", str(drive))
+    monkeypatch.setattr(storage, "DRIVE", str(drive))
     monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261101")
     home = drive / "MyDrive" / "runner-jobs"
     for args in (("submit", prompts, "--model", tiny_gpt2), ("work",),
@@ -359,8 +360,15 @@ def test_colab_refuses_a_home_on_drive_before_drive_is_mounted(prompts, tiny_gpt
         assert result.exit_code == 1, result.output
         assert f"Google Drive is not mounted at {drive}" in result.stderr and "drive.mount(" in result.stderr
         assert "Traceback" not in result.output and not drive.exists()
+    job = runner.submit(prompts, tiny_gpt2, job_dir=tmp_path / "job")
+    for call in (lambda: runner.run(prompts, tiny_gpt2, output=drive / "MyDrive" / "y", echo=None),
+                 lambda: runner.submit(prompts, tiny_gpt2, home=home),
+                 lambda: runner.export_results(job.dir, drive / "MyDrive" / "r.parquet")):  # fmt: skip
+        with pytest.raises(runner.RunnerError, match=f"Google Drive is not mounted at {drive}"):
+            call()
+        assert not drive.exists()
     mounted = str(drive)
-    monkeypatch.setattr(cli_module.os.path, "ismount", lambda p: str(p) == mounted)
+    monkeypatch.setattr(storage.os.path, "ismount", lambda p: str(p) == mounted)
     result = invoke("--home", home, "submit", prompts, "--model", tiny_gpt2)
     assert result.exit_code == 0 and "WARNING" not in result.stderr, result.output
 
