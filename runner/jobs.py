@@ -182,8 +182,7 @@ def create_job(
     The file is read, checked, tokenized and written `ROW_GROUP_ROWS` rows at a time, so memory is bounded by
     that chunk whatever the file's size (plus 24 bytes a row to find duplicate ids: inputs.SeenIds).
     """
-    params = params or GenerationParams()
-    options = options or EngineOptions()
+    params, options = params or GenerationParams(), options or EngineOptions()
     kind = _check_args(params, truncate, name, unit_rows, priority, chat, chat_template)
     chat_template = None if chat_template is None else chat_template_text(chat_template)
     job_dir = None if job_dir is None else jobdir.named_folder(Path(job_dir))
@@ -198,8 +197,7 @@ def create_job(
         identity = _identity(input_path, model, params, prompt_field=prompt_field, template=template,
                              skip_invalid=skip_invalid, truncate=truncate, served=served_model_names,
                              chat=chat, chat_template=chat_template)  # fmt: skip
-        root = Path(home) if home is not None else default_home()
-        storage.refuse_unmounted_drive(job_dir if job_dir is not None else root)
+        root = _home_checked(home, job_dir)
         fingerprint = _fingerprint(identity)
         rerun = same_in_home and job_dir is None and name is None  # `runner run FILE` without -o or --name
         existing = _already_submitted(job_dir, root, name, identity)
@@ -357,6 +355,14 @@ def _describe(source: Any, path: Path) -> str:
         text = text if text.startswith("hf:") else str(Path(text).resolve())
         return _shown(text)
     return f"{type(source).__name__} ({getattr(source, 'num_rows', '?')} rows)"
+
+
+def _home_checked(home: str | os.PathLike | None, job_dir: Path | None) -> Path:
+    """The job home (`home`, else $RUNNER_HOME or ./jobs), once the folder the job goes in (`job_dir`, else a
+    folder of the home) is known not to be a Drive not mounted yet (storage.refuse_unmounted_drive)."""
+    root = Path(home) if home is not None else default_home()
+    storage.refuse_unmounted_drive(job_dir if job_dir is not None else root)
+    return root
 
 
 def _check_args(
