@@ -138,7 +138,8 @@ model_option = click.option(
 )  # fmt: skip
 served_names_option = click.option(
     "--served-model-name", "served_model_names", multiple=True,
-    help="OpenAI Batch input: a body.model name to answer to (besides --model), repeatable.",
+    help="A model name to answer to (besides --model), repeatable: an OpenAI Batch body.model may give it, and "
+    "--format openai answers with the first.",
 )  # fmt: skip
 
 input_options = _apply([
@@ -1365,7 +1366,10 @@ def generate(
                              truncate=truncate, row_ids=list(ids))  # fmt: skip
     for text, samples in zip(texts, answers, strict=True):
         for s, c in enumerate(samples):
-            shown = text[:40].replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+            # (a backslash typed as such reads doubled, as `\\n` is typed: a line break and a typed "\\n" differ)
+            shown = (
+                text[:40].replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+            )
             head = f"[{shown}]" + (f" #{s}" if len(samples) > 1 else "")  # one line, line breaks as typed
             click.echo(f"{head} {c.text}")
             if show_logprobs:

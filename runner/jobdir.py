@@ -293,7 +293,8 @@ def _did_you_mean(text: str, jobs: list[tuple[Path, dict[str, Any]]]) -> str:
     if close:
         return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
     if JOB_ID.fullmatch(text):  # `runner run -o out/ja` printed "starting job 2026...": it is in out/ja
-        return " (a job made with -o FOLDER is found by its folder: `runner status FOLDER`; `runner status` lists its jobs)"
+        return (" (a job made with -o FOLDER is found by its folder: `runner status FOLDER`; `runner status` "
+                "lists its jobs)")  # fmt: skip
     return " (`runner status` lists its jobs)"
 
 

@@ -654,7 +654,7 @@ def run_leased(
     except (DeviceError, NotOnThisMachine):  # this machine's, not the job's: it stays queued
         raise
     except KeyboardInterrupt as e:  # a second Ctrl-C or a signal: log.txt hears how this run ended too
-        _log(j, f"stopped at once ({getattr(e, 'said', 'interrupted')}); its finished batches are kept")
+        _log(j, f"stopped at once: {getattr(e, 'said', 'interrupted')}; its finished batches are kept")
         raise
     except BrokenJob as e:
         raise _said_broken(j, e, echo) from None

@@ -409,8 +409,9 @@ class JobRun:
         rows = (
             f"row {first:,}" if first == last else f"rows {first:,}-{last:,}"
         ) + f" of {self.job.spec.rows:,}"
-        self.say(f"job {self.job.id}: unit {unit.index} ({rows}): {counted(len(unit.todo), self.job.spec.count_noun)} to "
-                 f"{self.job.kind} on {self.engine.device} ({dtype_name(self.engine)})")  # fmt: skip
+        todo = counted(len(unit.todo), self.job.spec.count_noun)
+        self.say(f"job {self.job.id}: unit {unit.index} ({rows}): {todo} to {self.job.kind} on {self.engine.device} "
+                 f"({dtype_name(self.engine)})")  # fmt: skip
         try:
             for keys, wanted, suspect in self.plan(unit):
                 if self.stopped or self.should_stop():

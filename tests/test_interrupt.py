@@ -236,10 +236,21 @@ def test_a_ctrl_c_in_the_last_batch_this_machine_can_run_stops_nothing(tmp_path,
 def test_a_run_stopped_at_once_says_so_in_its_log(tmp_path, reference, tiny_gpt2, gpt2_engine, monkeypatch):
     """A second Ctrl-C (or SIGTERM) stops `runner run` at once: its log.txt ended at "unit 0 ... rows to
     generate", with no word of how the run ended, where one Ctrl-C logs "stopped with ... done"."""
-    monkeypatch.setattr(Engine, "generate", _nth_call_interrupted(Engine.generate, 1))
-    with pytest.raises(KeyboardInterrupt):
-        runner.run(
-            reference[0], tiny_gpt2, PARAMS, OPTIONS, output=tmp_path / "job", engine=gpt2_engine, echo=None
-        )
-    last = (tmp_path / "job" / "log.txt").read_text().splitlines()[-1]
-    assert "stopped at once (interrupted); its finished batches are kept" in last, last
+    import signal
+
+    from runner.cli import Terminated
+
+    for stop, said in (
+        (KeyboardInterrupt(), "interrupted"),
+        (Terminated(signal.SIGTERM), "terminated (SIGTERM)"),
+    ):
+
+        def generate(*a, _raised=stop, **kw):
+            raise _raised
+
+        monkeypatch.setattr(Engine, "generate", generate)
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(reference[0], tiny_gpt2, PARAMS, OPTIONS, output=tmp_path / "job", engine=gpt2_engine,
+                       echo=None)  # fmt: skip
+        last = (tmp_path / "job" / "log.txt").read_text().splitlines()[-1]
+        assert f"stopped at once: {said}; its finished batches are kept" in last, last
