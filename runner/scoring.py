@@ -330,14 +330,17 @@ def gather_logprobs(logits: Any, targets: Any) -> tuple[Any, Any]:
 def rolling_windows(ids: list[int], max_len: int, stride: int, first: int = 1) -> list[tuple[list[int], int]]:
     """Windows of at most `max_len` tokens advancing by `stride` (HF's perplexity guide), each scoring only
     the tokens no earlier window scored, the rest of it being context: every token from `first` on is scored
-    exactly once, with at least max_len - stride tokens of context (stride is kept below max_len).
+    exactly once, with at least max_len - stride tokens of context (stride is kept below max_len). The last
+    window ends at the last token and is a whole `max_len` long, as lm-eval's last rolling window is: its
+    tokens get as much context as the window leaves, not what a start at a multiple of the stride left them.
     Returns [(window ids, index in the window of its first scored token)]; one window when the ids fit."""
     stride = max(1, min(stride, max_len - 1))
     windows, begin, scored_to = [], 0, first
     while scored_to < len(ids):
         end = min(begin + max_len, len(ids))
         if end > scored_to:
-            windows.append((ids[begin:end], scored_to - begin))
+            start = max(0, end - max_len)  # begin, but for the last window: further back, a whole window
+            windows.append((ids[start:end], scored_to - start))
             scored_to = end
         begin += stride
     return windows

@@ -189,6 +189,27 @@ def test_a_text_longer_than_the_context_is_scored_token_by_token_in_windows(gpt2
     assert all(math.isfinite(x) for x in res[0].token_logprobs)
 
 
+@pytest.mark.parametrize("extra", [1, 2, 60])
+@pytest.mark.parametrize("stride", [None, 100])
+def test_the_last_window_of_a_long_text_feeds_a_whole_window(gpt2_engine, extra, stride):
+    """lm-eval's rolling windows: the last window, like every other, feeds the model a whole context window, so
+    the tokens it scores have as much context as the window leaves. It began at a multiple of the stride: a
+    text one token over the window (BOS + 257 tokens) scored its last token after 129 tokens, not 256."""
+    engine = gpt2_engine
+    window = engine.context_window
+    ids = long_ids(engine, window + extra + 1)[: window + 1 + extra]
+    res = score_rows(engine, [ids], [1], stride=stride, max_batch_tokens=600)[0]
+    assert res.token_ids == ids[1:]
+    alone, _ = plain_logprobs(engine, ids[-(window + 1) :])  # the last tokens, after the whole window before them
+    assert res.token_logprobs[-1] == pytest.approx(alone[-1], abs=1e-4)
+    windows = rolling_windows(ids, window + 1, stride or window // 2)
+    assert all(len(w) == window + 1 for w, _ in windows)
+    last_window, start = windows[-1]
+    assert last_window == ids[-(window + 1) :]
+    n = len(last_window) - start
+    assert res.token_logprobs[-n:] == pytest.approx(alone[-n:], abs=1e-4)
+
+
 def test_score_texts_batches_rows_in_input_order(gpt2_engine):
     texts = [*SENTENCES, " ".join(SENTENCES) * 12]  # the last is over the window
     got = score_texts(gpt2_engine, texts, add_eos=True, batch_size=2)
