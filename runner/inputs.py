@@ -1052,6 +1052,19 @@ class PromptReader(RowChecker):
             return iter_text(self.path, self.prompt_field)
         return _iter_arrow(self.path, self.format)
 
+    def column_types(self) -> dict[str, Any]:
+        """The Arrow type of each column of a Parquet file (its passthrough columns keep them: `Passthrough`);
+        {} for JSONL, CSV and text, and for a file whose schema cannot be read (reading its rows says why)."""
+        if self.format != "parquet":
+            return {}
+        import pyarrow.parquet as pq
+
+        try:
+            schema = _opened(lambda: pq.read_schema(storage.arrow_file(self.path)), self.path)
+        except Exception:  # noqa: BLE001 (the rows' read names the problem, as for any unreadable file)
+            return {}
+        return {field.name: field.type for field in schema}
+
     def first_row(self) -> dict[str, Any] | None:
         """The file's first readable row as read, before any check (None if it has none): what it holds."""
         return next((obj for _, obj, _ in self._source() if obj is not None), None)

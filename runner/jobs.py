@@ -898,7 +898,7 @@ def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_inv
     import pyarrow.parquet as pq
 
     problems = _Problems(folder / jobdir.INVALID if skip_invalid else None)
-    columns = Passthrough(prep.kind, prep.fixed_names)
+    columns = Passthrough(prep.kind, prep.fixed_names, reader.column_types())
     writer: pq.ParquetWriter | None = None
     rows = valid = 0  # rows written; rows found valid (written or not)
     try:

@@ -38,8 +38,12 @@ class Passthrough:
     are written as nulls and `rewrite` is set, and `rewrite_passthrough` fills them in at the end, reading
     the values from the input again. A file whose columns keep their types (the usual case) is written once."""
 
-    def __init__(self, kind: str, fixed: tuple[str, ...]):
+    def __init__(self, kind: str, fixed: tuple[str, ...], declared: dict[str, Any] | None = None):
+        """`declared`: the Arrow type a Parquet input gives each column (`PromptReader.column_types`), kept
+        where its values take it: a float32 or int16 column stays one, not the float64 / int64 its Python
+        values would make."""
         self.kind, self.fixed = kind, fixed
+        self.declared = declared or {}
         self.types: dict[str, Any] = {}  # input name -> Arrow type so far (None: JSON text), first-seen order
         self.out: dict[str, str] = {}  # input name -> name in prompts.parquet and the results
         self.frozen: dict[str, Any] | None = None  # the types prompts.parquet was opened with
@@ -62,7 +66,9 @@ class Passthrough:
         out = {}
         for col, typ in self.types.items():
             values = [r.extra.get(col) for r in rows]
-            arr = _infer_array(values) if typ is not None else None
+            arr = None if typ is None else _declared_array(values, self.declared.get(col))
+            if typ is not None and arr is None:
+                arr = _infer_array(values)
             merged = _unify(typ, arr.type) if arr is not None else None
             typed = None
             if merged is not None and _storable(merged):
@@ -118,6 +124,33 @@ def _infer_array(values: list[Any]) -> Any:
         except errors:
             pass
     return None
+
+
+def _declared_array(values: list[Any], declared: Any) -> Any:
+    """`pa.array(values, declared)`, the column's type in a Parquet input (a dictionary column: its values'
+    type, as before), or None when there is none or the values do not take it (inferred then)."""
+    import pyarrow as pa
+
+    if declared is not None and pa.types.is_dictionary(declared):
+        declared = declared.value_type
+    if declared is None or _has_map(declared):  # a map: as its values make it, as before (datasets has none)
+        return None
+    try:
+        return pa.array(values, declared)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError):
+        return None
+
+
+def _has_map(typ: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_map(typ):
+        return True
+    if pa.types.is_struct(typ):
+        return any(_has_map(typ.field(i).type) for i in range(typ.num_fields))
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+        return _has_map(typ.value_type)
+    return False
 
 
 def _nanoseconds(values: list[Any]) -> Any:

@@ -283,3 +283,26 @@ def test_load_results_of_an_exported_file_reads_again_through_a_transient_error(
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,))
     monkeypatch.setattr(jobdir, "read_parquet", read_parquet)
     assert list(runner.load_results(path)["id"]) == ["a", "b"] and failed
+
+
+def test_a_float32_column_of_a_dataframe_or_parquet_file_keeps_its_type(tmp_path, tiny_gpt2, gpt2_engine,
+                                                                         runner_home):  # fmt: skip
+    """A float32 passthrough column (a DataFrame's label probabilities, an embedding model's scores) came back
+    float64, so every export wrote the widened float, 0.10000000149011612 for the 0.1 the file holds
+    (adversarial pass 173); a column's Parquet type is its type in the results, as given."""
+    import pandas as pd
+    import pyarrow as pa
+
+    df = pd.DataFrame({"text": ["a b", "c d"], "prob": np.array([0.1, 0.7], np.float32),
+                       "count": np.array([1, 2], np.int16), "price": [1.10, 2.25]})  # fmt: skip
+    job = create_job(df, tiny_gpt2, ScoreParams(), home=runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    table = runner.load_results(job.dir, format="arrow")
+    assert table.schema.field("prob").type == pa.float32() and table.schema.field("count").type == pa.int16()
+    assert runner.load_results(job.dir)["prob"].tolist() == df["prob"].tolist()
+    runner.export_results(job.dir, tmp_path / "out.jsonl")
+    got = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["prob"] for r in got] == [0.1, 0.7] and [r["price"] for r in got] == [1.10, 2.25]
+    runner.export_results(job.dir, tmp_path / "out.csv")
+    with open(tmp_path / "out.csv", encoding="utf-8-sig", newline="") as f:
+        assert [r["prob"] for r in csv.DictReader(f)] == ["0.1", "0.7"]

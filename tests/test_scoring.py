@@ -200,7 +200,7 @@ def test_the_last_window_of_a_long_text_feeds_a_whole_window(gpt2_engine, extra,
     ids = long_ids(engine, window + extra + 1)[: window + 1 + extra]
     res = score_rows(engine, [ids], [1], stride=stride, max_batch_tokens=600)[0]
     assert res.token_ids == ids[1:]
-    alone, _ = plain_logprobs(engine, ids[-(window + 1) :])  # the last tokens, after the whole window before them
+    alone, _ = plain_logprobs(engine, ids[-(window + 1) :])  # the last tokens after the whole window
     assert res.token_logprobs[-1] == pytest.approx(alone[-1], abs=1e-4)
     windows = rolling_windows(ids, window + 1, stride or window // 2)
     assert all(len(w) == window + 1 for w, _ in windows)
