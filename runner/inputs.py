@@ -211,9 +211,12 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
 
 def iter_text(path: Path, field: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """A .txt file (or standard input): one prompt, or text to score or embed, per line (as gpt2-score and
-    `runner generate FILE.txt` read them), its id the line number; blank lines are skipped."""
+    `runner generate FILE.txt` read them), its id the line number; blank lines are skipped, a line of only
+    Unicode spaces (U+3000, which a Japanese IME types, a no-break space) too: as a text it is only whitespace,
+    which a row may not be, and refused the whole file."""
     for lineno, text, reason in _text_lines(path):
-        yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
+        if text is None or text.strip():
+            yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -350,7 +353,8 @@ def read_text_lines(path: Path, numbered: bool = False) -> list[Any]:
     for lineno, text, reason in _text_lines(path):
         if text is None:
             raise InputError([Problem(str(path), lineno, None, reason)], header="cannot read the prompt file")
-        lines.append((lineno, text.rstrip("\r\n")) if numbered else text.rstrip("\r\n"))
+        if text.strip():  # (a line of U+3000 or no-break spaces is blank too, as in `iter_text`)
+            lines.append((lineno, text.rstrip("\r\n")) if numbered else text.rstrip("\r\n"))
     return lines
 
 

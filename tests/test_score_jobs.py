@@ -225,6 +225,23 @@ def test_score_reads_a_txt_file_or_standard_input_one_text_per_line(tmp_path, ti
     assert "standard input" in [Job.open(p).meta["input"]["path"] for p in jobdir.job_folders(runner_home)]
 
 
+def test_a_txt_line_of_only_full_width_spaces_is_a_blank_line(tmp_path, tiny_gpt2, runner_home):
+    """A line of ideographic spaces (U+3000, what a Japanese IME types between paragraphs) or no-break spaces is
+    as blank as a line of ASCII spaces: skipped. It was taken for a text, and refused as "text is only
+    whitespace", so the whole file was refused (adversarial pass 173)."""
+    texts = ["吾輩は猫である。", "名前はまだ無い。"]
+    (tmp_path / "t.txt").write_text(
+        texts[0] + "\n\u3000\u3000\n  \n\u00a0\n" + texts[1] + "\n", encoding="utf-8"
+    )
+    result = invoke("score", tmp_path / "t.txt", "-m", tiny_gpt2)
+    assert result.exit_code == 0, result.output
+    df = runner.load_results(result.stdout.strip())
+    assert list(df["id"]) == ["1", "5"] and list(df["text"]) == texts
+    from runner.inputs import read_text_lines
+
+    assert read_text_lines(tmp_path / "t.txt", numbered=True) == [(1, texts[0]), (5, texts[1])]  # generate's
+
+
 def test_score_print_shows_each_text_and_its_logprob_as_gpt2_score_does(tmp_path, tiny_gpt2, runner_home):
     """`printf ... | gpt2-score.py -` prints `text<TAB>logprob` per line (and each token with --tokens); `runner
     score -` printed only the job folder, the scores a second command away (new-user walkthrough). `--print`
