@@ -601,7 +601,7 @@ def _write_job(
         })  # fmt: skip
         meta.update({
             "sample_auto": prep.sample_auto, "row_sampling": ROW_SAMPLING,
-            "format": jobdir.ROW_SAMPLING_FORMAT if prep.sampling_rows else meta["format"],
+            "format": prep.job_format(meta["format"]), jobdir.WHOLE_LAST_WINDOW: meta["kind"] == "score",
             "samples": written.samples or getattr(params, "num_return_sequences", 1),
             "results": written.results, "per_row_n": written.per_row_n, "outputs": written.outputs,
             "seed": seed if seed is not None else secrets.randbits(63),
@@ -970,6 +970,7 @@ class _Preparer:
         self.window, self.truncate, self.field = window, truncate, field
         self.sample_auto, self.vocab = sample_auto, vocab
         self.sampling_rows = False  # some row gives temperature / top_p / top_k (jobdir.ROW_SAMPLING_FORMAT)
+        self.windowed = False  # some text is scored in rolling windows (jobdir.WHOLE_WINDOW_FORMAT)
         # Input columns are renamed away from every prompts.parquet column name, not only this kind's: a
         # `continuation` column of a generation job is passed through as `input_continuation`.
         self.fixed_names = PROMPT_COLUMNS
@@ -980,6 +981,13 @@ class _Preparer:
     def summary(self) -> dict[str, Any]:
         return {"samples": self.max_n, "results": self.results, "per_row_n": self.per_row_n,
                 "outputs": self.outputs}  # fmt: skip
+
+    def job_format(self, default: int) -> int:
+        """The job folder format these rows need (jobdir.FORMAT and after): a runner from before what they use
+        refuses the job instead of misreading it."""
+        if self.windowed:
+            return jobdir.WHOLE_WINDOW_FORMAT
+        return jobdir.ROW_SAMPLING_FORMAT if self.sampling_rows else default
 
     def row_params(self, row: PromptRow) -> Any:
         """The row's own GenerationParams (the job's when it sets none); ParamError names the row's field."""
@@ -1154,6 +1162,7 @@ class _Preparer:
             if len(ids) < 2:
                 out.append(_RowProblem("text has no token to score (it needs a context token before it)"))
             else:  # a text longer than the window is scored in strided windows at work time
+                self.windowed = self.windowed or (self.window is not None and len(ids) > self.window + 1)
                 out.append((row.prompt, ids, 1))
         return out
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ParamError, Problem
+from .jobdir import WHOLE_LAST_WINDOW
 from .params import ROW_SAMPLING, EmbedParams, EngineOptions, GenerationParams, ScoreParams
 
 NAME = "ray batch"  # what a Problem says the row came from
@@ -104,6 +105,7 @@ class _Stage:
             "sample_auto": auto,
             "row_sampling": ROW_SAMPLING,
             "outputs": {**self.outputs, "settings": generate},
+            WHOLE_LAST_WINDOW: True,  # (long texts scored as a job of now scores them)
         }
         self.job = _JobView(self.kind, self.params, 0 if seed is None else seed, self.engine.options, meta)
         self.prep = _Preparer(self.kind, self.engine.tokenizer, self.params, self.engine.context_window,

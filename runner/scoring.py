@@ -327,19 +327,23 @@ def gather_logprobs(logits: Any, targets: Any) -> tuple[Any, Any]:
     return torch.cat(lps, 1), torch.cat(greedy, 1)
 
 
-def rolling_windows(ids: list[int], max_len: int, stride: int, first: int = 1) -> list[tuple[list[int], int]]:
+def rolling_windows(
+    ids: list[int], max_len: int, stride: int, first: int = 1, whole_last: bool = True
+) -> list[tuple[list[int], int]]:
     """Windows of at most `max_len` tokens advancing by `stride` (HF's perplexity guide), each scoring only
     the tokens no earlier window scored, the rest of it being context: every token from `first` on is scored
     exactly once, with at least max_len - stride tokens of context (stride is kept below max_len). The last
     window ends at the last token and is a whole `max_len` long, as lm-eval's last rolling window is: its
-    tokens get as much context as the window leaves, not what a start at a multiple of the stride left them.
+    tokens get as much context as the window leaves, not what a start at a multiple of the stride left them
+    (`whole_last` False: it starts there, as jobs submitted before 2026-12-06 score their texts to the end).
     Returns [(window ids, index in the window of its first scored token)]; one window when the ids fit."""
     stride = max(1, min(stride, max_len - 1))
     windows, begin, scored_to = [], 0, first
     while scored_to < len(ids):
         end = min(begin + max_len, len(ids))
         if end > scored_to:
-            start = max(0, end - max_len)  # begin, but for the last window: further back, a whole window
+            # begin, but for the last window: further back, a whole window
+            start = max(0, end - max_len) if whole_last else begin
             windows.append((ids[start:end], scored_to - start))
             scored_to = end
         begin += stride
@@ -353,10 +357,12 @@ def score_rows(
     stride: int | None = None,
     batch_size: int | None = None,
     max_batch_tokens: int | None = None,
+    whole_last: bool = True,
 ) -> list[TextScore]:
     """Score a batch of rows (`score_batch`); a row longer than the context window (+1) is scored in rolling
-    windows advancing by `stride` tokens (default: half the window), its windows batched by
-    `batch_size` / `max_batch_tokens` (default: as `runner score`), and their scores joined in order."""
+    windows advancing by `stride` tokens (default: half the window; `whole_last`: `rolling_windows`), its
+    windows batched by `batch_size` / `max_batch_tokens` (default: as `runner score`), and their scores joined
+    in order."""
     batch_size, max_batch_tokens = _sizes(engine, batch_size, max_batch_tokens, "score")
     window = engine.context_window
     long = [i for i, s in enumerate(seqs) if window is not None and len(s) > window + 1]
@@ -367,7 +373,7 @@ def score_rows(
     ):
         out[i] = res
     for i in long:
-        parts = rolling_windows(seqs[i], window + 1, stride or window // 2, score_from[i])
+        parts = rolling_windows(seqs[i], window + 1, stride or window // 2, score_from[i], whole_last)
         scored = in_batches(
             lambda w, f: score_batch(engine, w, f),
             [w for w, _ in parts],

@@ -123,6 +123,7 @@ def make_task(
     if job.kind == "generate":
         return _generate_task(job, engine, prompts, start, stop, finished, stepped)
     from . import scoring
+    from .jobdir import WHOLE_LAST_WINDOW
     from .results import embed_table, score_table
 
     params = job.params
@@ -133,8 +134,9 @@ def make_task(
         def score(keys: list[tuple[int, int]]) -> list[Any]:
             rows = [r - start for r, _ in keys]
             return scoring.score_rows(
-                engine, [input_ids[r] for r in rows], [froms[r] for r in rows], params.stride
-            )
+                engine, [input_ids[r] for r in rows], [froms[r] for r in rows], params.stride,
+                whole_last=bool(job.meta.get(WHOLE_LAST_WINDOW)),  # (a job of before: as it began)
+            )  # fmt: skip
 
         return Task(
             score, score_table, lambda res: len(res.token_ids), 0, lambda r: _all_finite(r.token_logprobs)

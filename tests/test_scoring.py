@@ -210,6 +210,41 @@ def test_the_last_window_of_a_long_text_feeds_a_whole_window(gpt2_engine, extra,
     assert res.token_logprobs[-n:] == pytest.approx(alone[-n:], abs=1e-4)
 
 
+def test_a_score_job_keeps_the_rolling_windows_it_was_submitted_with(tmp_path, tiny_gpt2, gpt2_engine):
+    """A job submitted before the last window became a whole one (no WHOLE_LAST_WINDOW in its job.json) scores
+    its texts as it began, so a job resumed by a newer runner never mixes the two; a new job holding such a text
+    has WHOLE_WINDOW_FORMAT, which a runner of before refuses instead of scoring it the old way."""
+    import dataclasses
+
+    from helpers import write_jsonl
+
+    import runner
+    from runner import ScoreParams, jobdir
+    from runner.jobs import create_job
+    from runner.worker import run_job
+
+    window = gpt2_engine.context_window
+    text = " ".join(SENTENCES * 40)
+    ids = tokenize_text(gpt2_engine.tokenizer, text)
+    assert len(ids) > window + 1 and (len(ids) - window - 1) % (window // 2)  # the two windowings differ
+    path = write_jsonl(tmp_path / "t.jsonl", [{"id": "a", "text": text}, {"id": "b", "text": "Hi there"}])
+    new = create_job(path, tiny_gpt2, ScoreParams(), job_dir=tmp_path / "new")
+    assert new.meta["format"] == jobdir.WHOLE_WINDOW_FORMAT and new.meta[jobdir.WHOLE_LAST_WINDOW]
+    old = create_job(path, tiny_gpt2, ScoreParams(), job_dir=tmp_path / "old")
+    meta = {k: v for k, v in old.meta.items() if k != jobdir.WHOLE_LAST_WINDOW}
+    old = jobdir.Job(old.dir, dataclasses.replace(old.spec, meta={**meta, "format": jobdir.FORMAT}))
+    got = {}
+    for name, job in (("new", new), ("old", old)):
+        assert run_job(job, gpt2_engine, echo=None).finished
+        got[name] = runner.load_results(job.dir).set_index("id").loc["a", "token_logprobs"]
+    for name, whole_last in (("new", True), ("old", False)):
+        expected = []
+        for w, start in rolling_windows(ids, window + 1, window // 2, 1, whole_last):
+            expected += plain_logprobs(gpt2_engine, w)[0][start - 1 :]
+        assert list(got[name]) == pytest.approx(expected, abs=1e-4), name
+    assert got["new"][-1] != pytest.approx(got["old"][-1], abs=1e-3)
+
+
 def test_score_texts_batches_rows_in_input_order(gpt2_engine):
     texts = [*SENTENCES, " ".join(SENTENCES) * 12]  # the last is over the window
     got = score_texts(gpt2_engine, texts, add_eos=True, batch_size=2)
