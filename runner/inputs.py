@@ -209,14 +209,27 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
                 yield lineno, text, None
 
 
-def iter_text(path: Path, field: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+def _only_spaces(text: str) -> bool:
+    """A line of only whitespace, Unicode's too (U+3000, U+00A0), but not \x1c-\x1f: str.strip drops those
+    separators, which are not blank (`_text_lines`), and a line of them stays a row, refused as before."""
+    return not text.strip() and not any("\x1c" <= c <= "\x1f" for c in text)
+
+
+def iter_text(path: Path, field: str, unicode_blank: bool = True) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """A .txt file (or standard input): one prompt, or text to score or embed, per line (as gpt2-score and
     `runner generate FILE.txt` read them), its id the line number; blank lines are skipped, a line of only
     Unicode spaces (U+3000, which a Japanese IME types, a no-break space) too: as a text it is only whitespace,
-    which a row may not be, and refused the whole file."""
+    which a row may not be, and refused the whole file (`unicode_blank` False: kept, as a job of before
+    read its file: `PromptReader.reading`)."""
     for lineno, text, reason in _text_lines(path):
-        if text is None or text.strip():
+        if text is None or not (unicode_blank and _only_spaces(text)):
             yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
+
+
+# How a file is read (job.json's input "reading"): 2 (2026-12-06), a Parquet column keeps its Arrow type and a
+# .txt line of Unicode spaces is blank; 1, a job without it: `runner repair` rebuilds its prompts.parquet and
+# errors.jsonl as its submit wrote them, or their checksums differ and it cannot
+READING = 2
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -353,7 +366,7 @@ def read_text_lines(path: Path, numbered: bool = False) -> list[Any]:
     for lineno, text, reason in _text_lines(path):
         if text is None:
             raise InputError([Problem(str(path), lineno, None, reason)], header="cannot read the prompt file")
-        if text.strip():  # (a line of U+3000 or no-break spaces is blank too, as in `iter_text`)
+        if not _only_spaces(text):  # (a line of U+3000 or no-break spaces is blank too, as in `iter_text`)
             lines.append((lineno, text.rstrip("\r\n")) if numbered else text.rstrip("\r\n"))
     return lines
 
@@ -1046,6 +1059,7 @@ class PromptReader(RowChecker):
         super().__init__(str(self.path), **checks)
         self.state = _file_state(self.path)  # before the submit hashes it (the job's identity)
         self.settings_as_text = self.format == "csv"
+        self.reading = READING  # (a job of before is read again, by `runner repair`, as it was: its job.json's)
         self.settings_from_arrow = self.format == "parquet"
         self.settings_as_json = _settings_as_json(self.path) if self.format == "parquet" else set()
 
@@ -1053,13 +1067,13 @@ class PromptReader(RowChecker):
         if self.format == "jsonl":
             return iter_jsonl(self.path)
         if self.format == "text":
-            return iter_text(self.path, self.prompt_field)
+            return iter_text(self.path, self.prompt_field, self.reading >= 2)
         return _iter_arrow(self.path, self.format)
 
     def column_types(self) -> dict[str, Any]:
         """The Arrow type of each column of a Parquet file (its passthrough columns keep them: `Passthrough`);
         {} for JSONL, CSV and text, and for a file whose schema cannot be read (reading its rows says why)."""
-        if self.format != "parquet":
+        if self.format != "parquet" or self.reading < 2:
             return {}
         import pyarrow.parquet as pq
 

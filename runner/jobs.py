@@ -333,6 +333,7 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
     reader = _reader(
         path, kind, inp["prompt_field"], inp.get("template"), models, bool(inp.get("chat")), params
     )
+    reader.reading = inp.get("reading", 1)  # (a job of before: its file read as its submit read it)
     # (after the reader is made: a change from here on is refused when it has read the file)
     if storage.file_sha256(path) != inp["sha256"]:
         raise RunnerError(f"its input file {path} has changed since it was submitted")
@@ -593,7 +594,7 @@ def _write_job(
         meta["input"].update({
             "rows": written.rows, "invalid": written.invalid,
             "invalid_sha256": storage.file_sha256(tmp / jobdir.INVALID) if written.invalid else None,
-            "json_columns": written.json_columns,
+            "json_columns": written.json_columns, "reading": reader.reading,
             "renamed_columns": written.renamed,
             "messages": reader.saw_messages,  # a row went through the chat template (jobs before per-row `request`)
             "raw_prompts_to_chat_model": bool(meta["kind"] == "generate" and not reader.saw_messages

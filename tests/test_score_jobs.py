@@ -367,3 +367,38 @@ def test_truncate_left_is_refused_for_a_score_job(tmp_path, texts, tiny_gpt2, ru
     with pytest.raises(runner.ParamError, match="not used by score jobs"):
         create_job(texts, tiny_gpt2, ScoreParams(), truncate="left", job_dir=tmp_path / "j")
     assert invoke("embed", texts, "-m", tiny_gpt2, "--truncate", "left", "--skip-invalid").exit_code == 0
+
+
+def test_repair_reads_the_input_of_a_job_of_before_as_its_submit_did(tmp_path, tiny_gpt2, runner_home):
+    """`runner repair` rebuilds prompts.parquet and errors.jsonl from the input, and keeps them only if their
+    sha256 is the one job.json holds: a job submitted before Parquet columns kept their types (a float32 column
+    was float64) and before a .txt line of U+3000 was blank (refused, in errors.jsonl under --skip-invalid) is
+    read as it was, or its damaged files could never be restored (review of pass 173)."""
+    import dataclasses
+
+    from runner.jobs import _rewrite_inputs
+
+    pq.write_table(pa.table({"text": ["a b", "c d"], "p": pa.array([0.1, 0.7], pa.float32())}), tmp_path / "f.parquet")
+    (tmp_path / "t.txt").write_text("hello there\n\u3000\u3000\nworld again\n", encoding="utf-8")
+    for name, typ, invalid in (("f.parquet", pa.float64(), 0), ("t.txt", None, 1)):
+        job = create_job(tmp_path / name, tiny_gpt2, ScoreParams(), skip_invalid=True)
+        assert job.meta["input"]["reading"] == 2 and job.meta["input"]["invalid"] == 0
+        meta = {**job.meta, "input": {k: v for k, v in job.meta["input"].items() if k != "reading"}}
+        before = Job(job.dir, dataclasses.replace(job.spec, meta=meta))  # as job.json of before holds it
+        out = tmp_path / f"re-{name}"
+        out.mkdir()
+        _rewrite_inputs(before, out)
+        if typ is not None:
+            assert pq.read_schema(out / "prompts.parquet").field("p").type == typ
+        errors = (out / jobdir.INVALID).read_text().splitlines() if invalid else []
+        assert [json.loads(e)["line"] for e in errors] == ([2] if invalid else [])
+
+
+def test_a_txt_line_of_information_separators_is_not_blank(tmp_path):
+    """str.strip drops \\x1c-\\x1f, which are not blank (`_text_lines`): a line of them stays a row (refused as
+    only whitespace), not silently skipped as a line of U+3000 is."""
+    from runner.inputs import iter_text, read_text_lines
+
+    (tmp_path / "t.txt").write_text("a\n\x1e\n\u3000\nb\n", encoding="utf-8")
+    assert [n for n, _, _ in iter_text(tmp_path / "t.txt", "text")] == [1, 2, 4]
+    assert read_text_lines(tmp_path / "t.txt") == ["a", "\x1e", "b"]
