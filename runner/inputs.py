@@ -215,7 +215,9 @@ def _only_spaces(text: str) -> bool:
     return not text.strip() and not any("\x1c" <= c <= "\x1f" for c in text)
 
 
-def iter_text(path: Path, field: str, unicode_blank: bool = True) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+def iter_text(
+    path: Path, field: str, unicode_blank: bool = True
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """A .txt file (or standard input): one prompt, or text to score or embed, per line (as gpt2-score and
     `runner generate FILE.txt` read them), its id the line number; blank lines are skipped, a line of only
     Unicode spaces (U+3000, which a Japanese IME types, a no-break space) too: as a text it is only whitespace,
@@ -1059,7 +1061,7 @@ class PromptReader(RowChecker):
         super().__init__(str(self.path), **checks)
         self.state = _file_state(self.path)  # before the submit hashes it (the job's identity)
         self.settings_as_text = self.format == "csv"
-        self.reading = READING  # (a job of before is read again, by `runner repair`, as it was: its job.json's)
+        self.reading = READING  # (`runner repair` reads a job of before as it was: job.json says)
         self.settings_from_arrow = self.format == "parquet"
         self.settings_as_json = _settings_as_json(self.path) if self.format == "parquet" else set()
 

@@ -760,7 +760,13 @@ def test_a_file_where_the_state_folder_belongs_breaks_the_job_until_repaired(job
 
 @pytest.mark.parametrize(
     ("fmt", "said"),
-    [(2, None), (4, None), (5, None), (6, "newer than this runner reads"), (1, "submit the file")],
+    [
+        (2, None),
+        (4, None),
+        (5, None),
+        (jobdir.READABLE_FORMATS[-1] + 1, "newer than this runner reads"),
+        (1, "submit the file"),
+    ],  # fmt: skip
 )
 def test_the_layout_version_of_a_job_is_read_or_refused_with_what_to_do(job, fmt, said):
     """A job of the previous layout (2: state.json) is read; one of a newer runner (another VM with a newer

@@ -378,7 +378,9 @@ def test_repair_reads_the_input_of_a_job_of_before_as_its_submit_did(tmp_path, t
 
     from runner.jobs import _rewrite_inputs
 
-    pq.write_table(pa.table({"text": ["a b", "c d"], "p": pa.array([0.1, 0.7], pa.float32())}), tmp_path / "f.parquet")
+    pq.write_table(
+        pa.table({"text": ["a b", "c d"], "p": pa.array([0.1, 0.7], pa.float32())}), tmp_path / "f.parquet"
+    )
     (tmp_path / "t.txt").write_text("hello there\n\u3000\u3000\nworld again\n", encoding="utf-8")
     for name, typ, invalid in (("f.parquet", pa.float64(), 0), ("t.txt", None, 1)):
         job = create_job(tmp_path / name, tiny_gpt2, ScoreParams(), skip_invalid=True)
