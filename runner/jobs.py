@@ -340,8 +340,8 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
     config, tokenizer, window = _model_facts(model, job.options, kind, params, inp.get("chat_template"))
     prep = _Preparer(kind, tokenizer, params, window, inp.get("truncate", "none"), inp["prompt_field"],
                      kind == "generate" and _sample_auto(params), _vocab_size(config),
-                     # (a job from before runner recorded `messages` keeps answering as it did: chat completions)
-                     (model, inp.get("served_model_names") or ()) if "messages" in inp else None)  # fmt: skip
+                     # (a job of before, read as its submit read it: no endpoint per row, as its checksum says)
+                     (model, inp.get("served_model_names") or ()) if reader.reading >= 2 else None)  # fmt: skip
     _write_prompts(reader, prep, folder, bool(inp.get("skip_invalid")))
 
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import commit_row_error, invoke, run_until_done, write_jsonl
 
 import runner
-from runner import EngineOptions, jobdir
+from runner import EngineOptions, jobdir, storage
 from runner.jobs import Job, create_job
 from runner.params import EmbedParams, ScoreParams
 from runner.results import valid_shards
@@ -394,6 +394,27 @@ def test_repair_reads_the_input_of_a_job_of_before_as_its_submit_did(tmp_path, t
             assert pq.read_schema(out / "prompts.parquet").field("p").type == typ
         errors = (out / jobdir.INVALID).read_text().splitlines() if invalid else []
         assert [json.loads(e)["line"] for e in errors] == ([2] if invalid else [])
+
+
+def test_repair_rebuilds_a_generate_job_of_before_without_an_endpoint_per_row(tmp_path, tiny_gpt2):
+    """A generate job's prompts.parquet records each plain row's `--format openai` endpoint since reading 2: a
+    job of before is rebuilt by `runner repair` without it, or its checksum would never match again."""
+    import dataclasses
+
+    from runner.jobs import _rewrite_inputs
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "Hello"}\n', encoding="utf-8")
+    job = create_job(path, tiny_gpt2, job_dir=tmp_path / "job")
+    out = tmp_path / "now"
+    out.mkdir()
+    _rewrite_inputs(job, out)  # a job of now: the same bytes as its submit wrote
+    assert storage.file_sha256(out / "prompts.parquet") == job.meta["prompts_sha256"]
+    meta = {**job.meta, "input": {k: v for k, v in job.meta["input"].items() if k != "reading"}}
+    out = tmp_path / "before"
+    out.mkdir()
+    _rewrite_inputs(Job(job.dir, dataclasses.replace(job.spec, meta=meta)), out)
+    assert pq.read_table(out / "prompts.parquet").column("request").to_pylist() == [None]
 
 
 def test_a_txt_line_of_information_separators_is_not_blank(tmp_path):
