@@ -1358,6 +1358,7 @@ def generate(
       runner generate "Write a haiku" -m smollm2-135m-instruct --chat --temperature 0.8 -n 2
     """
     from . import quick
+    from .results import one_line
 
     params, options = build_settings(kw)
     ids, texts = zip(*quick.read_prompts_with_ids(prompts), strict=True)
@@ -1366,11 +1367,7 @@ def generate(
                              truncate=truncate, row_ids=list(ids))  # fmt: skip
     for text, samples in zip(texts, answers, strict=True):
         for s, c in enumerate(samples):
-            # (a backslash typed as such reads doubled, as `\\n` is typed: a line break and a typed "\\n" differ)
-            shown = (
-                text[:40].replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-            )
-            head = f"[{shown}]" + (f" #{s}" if len(samples) > 1 else "")  # one line, line breaks as typed
+            head = f"[{one_line(text[:40])}]" + (f" #{s}" if len(samples) > 1 else "")  # one line, as typed
             click.echo(f"{head} {c.text}")
             if show_logprobs:
                 click.echo(

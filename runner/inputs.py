@@ -180,8 +180,9 @@ def _has_surrogate(value: Any) -> bool:
     return False
 
 
-def _text_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
-    """(line number, text, None) or (line number, None, reason) for each line that is not blank. Reads in
+def _text_lines(path: Path, unicode_blank: bool = False) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, None) or (line number, None, reason) for each line that is not blank (`_blank`:
+    with `unicode_blank`, a line of U+3000 or no-break spaces is blank too). Reads in
     binary so that a stray bad byte is reported on its line (the first such line also says what the file looks
     like, once), and streams so memory stays flat. A file that looks written in another encoding (Shift-JIS,
     UTF-16) is refused as a whole: row by row, --skip-invalid would run its ASCII lines and drop the rest."""
@@ -205,14 +206,17 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
                     f"invalid UTF-8 at byte {e.start + 1} of the line" + ("" if said else f"; {hint}"),
                 )
                 continue
-            if text.strip(" \t\r\n\x0b\x0c"):  # str.strip would also drop \x1c-\x1f, which are not blank
+            if not _blank(text, unicode_blank):
                 yield lineno, text, None
 
 
-def _only_spaces(text: str) -> bool:
-    """A line of only whitespace, Unicode's too (U+3000, U+00A0), but not \x1c-\x1f: str.strip drops those
-    separators, which are not blank (`_text_lines`), and a line of them stays a row, refused as before."""
-    return not text.strip() and not any("\x1c" <= c <= "\x1f" for c in text)
+def _blank(text: str, unicode: bool) -> bool:
+    """A line of only ASCII whitespace, or with `unicode` of any whitespace (U+3000, which a Japanese IME types
+    between paragraphs, U+00A0); never one holding \x1c-\x1f, which str.strip drops but are not blank (a line
+    of them stays a row, refused as only whitespace)."""
+    if unicode:
+        return not text.strip() and not any("\x1c" <= c <= "\x1f" for c in text)
+    return not text.strip(" \t\r\n\x0b\x0c")
 
 
 def iter_text(
@@ -223,9 +227,8 @@ def iter_text(
     Unicode spaces (U+3000, which a Japanese IME types, a no-break space) too: as a text it is only whitespace,
     which a row may not be, and refused the whole file (`unicode_blank` False: kept, as a job of before
     read its file: `PromptReader.reading`)."""
-    for lineno, text, reason in _text_lines(path):
-        if text is None or not (unicode_blank and _only_spaces(text)):
-            yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
+    for lineno, text, reason in _text_lines(path, unicode_blank):
+        yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
 # How a file is read (job.json's input "reading"): 2 (2026-12-06), a Parquet column keeps its Arrow type and a
@@ -365,11 +368,10 @@ def read_text_lines(path: Path, numbered: bool = False) -> list[Any]:
     number, text), the number a job makes its id. InputError naming the file and the first line that cannot be
     read (not UTF-8, too long)."""
     lines: list[Any] = []
-    for lineno, text, reason in _text_lines(path):
+    for lineno, text, reason in _text_lines(path, unicode_blank=True):  # (as `iter_text` reads a job's file)
         if text is None:
             raise InputError([Problem(str(path), lineno, None, reason)], header="cannot read the prompt file")
-        if not _only_spaces(text):  # (a line of U+3000 or no-break spaces is blank too, as in `iter_text`)
-            lines.append((lineno, text.rstrip("\r\n")) if numbered else text.rstrip("\r\n"))
+        lines.append((lineno, text.rstrip("\r\n")) if numbered else text.rstrip("\r\n"))
     return lines
 
 

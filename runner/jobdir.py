@@ -292,11 +292,12 @@ def _did_you_mean(text: str, jobs: list[tuple[Path, dict[str, Any]]]) -> str:
     import difflib
 
     known = [n for p, spec in jobs for n in (p.name, spec.get("name")) if isinstance(n, str)]
+    an_id = JOB_ID.fullmatch(text) is not None
     # (two ids of one second share 16 of their 22 characters: an id is close only when a character or two is off)
-    close = difflib.get_close_matches(text, known, n=3, cutoff=0.9 if JOB_ID.fullmatch(text) else 0.75)
+    close = difflib.get_close_matches(text, known, n=3, cutoff=0.9 if an_id else 0.75)
     if close:
         return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
-    if JOB_ID.fullmatch(text):  # `runner run -o out/ja` printed "starting job 2026...": it is in out/ja
+    if an_id:  # `runner run -o out/ja` printed "starting job 2026...": it is in out/ja
         return (" (a job made with -o FOLDER is found by its folder: `runner status FOLDER`; `runner status` "
                 "lists its jobs)")  # fmt: skip
     return " (`runner status` lists its jobs)"

@@ -740,15 +740,13 @@ def _lead(piece: str, name: str) -> int:
     return len(piece) - len(name) if name != piece and piece.endswith(name) else 0
 
 
-def _token_names(
-    pieces: list[str], raw: list[bytes], ids: Any = (), twins: frozenset[int] = frozenset()
-) -> list[str]:
+def _token_names(pieces: list[str], raw: list[bytes], ids: Any, twins: frozenset[int]) -> list[str]:
     ids = [int(i) for i in ids]
     return [_bytes_name(b) if i < len(ids) and ids[i] in twins else _token_name(p, b)
             for i, (p, b) in enumerate(zip(pieces, raw, strict=False))]  # fmt: skip
 
 
-def _alt_name(entry: dict[str, Any], twins: frozenset[int] = frozenset()) -> str:
+def _alt_name(entry: dict[str, Any], twins: frozenset[int]) -> str:
     raw = entry.get("bytes")
     raw = None if raw is None else bytes(int(b) for b in raw)
     if raw is not None and entry.get("token_id") in twins:

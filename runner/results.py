@@ -579,6 +579,12 @@ def _warn_if_partial(job: Any, rows: int) -> str:
     return ""
 
 
+def one_line(text: Any) -> str:
+    """`text` on one line, as typed: a backslash doubled, tabs and line breaks as \\t, \\r, \\n (a line break
+    and a typed "\\n" read apart)."""
+    return str(text).replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+
+
 def score_lines(df: Any, tokens: bool = False) -> Iterator[str]:
     """A score job's results as gpt2-score prints them: each text and its log-prob, tab-separated (a context /
     continuation pair: the two texts, then the continuation's log-prob), and with `tokens` each token and its
@@ -587,16 +593,13 @@ def score_lines(df: Any, tokens: bool = False) -> Iterator[str]:
     text is "" (the character shows on the token that completes it), is written as its bytes, "\\xe5\\x90",
     not as a blank."""
 
-    def cell(text: Any) -> str:
-        return str(text).replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
-
     def piece(text: str, raw: Any) -> str:
-        return cell(text) if text or raw is None else "".join(f"\\x{b:02x}" for b in bytes(raw))
+        return one_line(text) if text or raw is None else "".join(f"\\x{b:02x}" for b in bytes(raw))
 
     columns = ["text", "context", "continuation", "logprob", "tokens", "token_bytes", "token_logprobs"]
     for text, context, continuation, logprob, pieces, raws, logprobs in df[columns].itertuples(index=False):
         texts = [context, continuation] if isinstance(continuation, str) else [text]
-        yield "\t".join([*map(cell, texts), f"{logprob:.5g}"])
+        yield "\t".join([*map(one_line, texts), f"{logprob:.5g}"])
         if tokens:
             raws = [None] * len(pieces) if raws is None else raws
             yield from (f"{piece(t, b)}\t{lp:.5g}" for t, b, lp in zip(pieces, raws, logprobs, strict=True))
