@@ -581,8 +581,18 @@ def _warn_if_partial(job: Any, rows: int) -> str:
 
 def one_line(text: Any) -> str:
     """`text` on one line, as typed: a backslash doubled, tabs and line breaks as \\t, \\r, \\n (a line break
-    and a typed "\\n" read apart)."""
-    return str(text).replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+    and a typed "\\n" read apart), and every other character that breaks a line for some reader or moves a
+    terminal's cursor (a form feed, U+2028, ESC: the other C0/C1 controls and U+2028/U+2029, which Python's
+    `splitlines` and JavaScript split on) as \\xNN or \\uNNNN."""
+    return str(text).translate(_ESCAPES)
+
+
+_ESCAPES = {
+    **{c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]},
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+    **{ord(c): e for c, e in {"\\": "\\\\", "\t": "\\t", "\r": "\\r", "\n": "\\n"}.items()},
+}
 
 
 def score_lines(df: Any, tokens: bool = False) -> Iterator[str]:

@@ -274,6 +274,23 @@ def test_score_print_shows_each_text_and_its_logprob_as_gpt2_score_does(tmp_path
     assert len(lines) == 2 + first["num_tokens"] + pair["num_tokens"]
 
 
+def test_score_print_keeps_a_row_on_one_line_whatever_breaks_lines_in_its_text(
+    tmp_path, tiny_gpt2, runner_home
+):
+    """`--print` escaped only tabs and line breaks: a form feed, a vertical tab, U+2028/U+2029 (Python's
+    `splitlines`, JavaScript and some editors break lines there) or an ESC sequence (a terminal's colours) in a
+    text went out as they were, one row over several lines or a recoloured terminal. Each is written escaped."""
+    rows = [{"id": "a", "text": "one\x0ctwo\x0bthree\u2028four\u2029five\x1b[31mred\x85six 日本語"}]
+    result = invoke("score", write_jsonl(tmp_path / "t.jsonl", rows), "-m", tiny_gpt2, "--print")
+    assert result.exit_code == 0, result.output
+    logprob = runner.load_results(result.stderr.strip().splitlines()[-1].split("results in ")[-1])["logprob"][
+        0
+    ]
+    assert result.stdout.splitlines() == [
+        f"one\\x0ctwo\\x0bthree\\u2028four\\u2029five\\x1b[31mred\\x85six 日本語\t{logprob:.5g}"
+    ]
+
+
 def test_score_tokens_show_the_bytes_of_a_token_that_only_starts_a_character(tiny_gpt2, runner_home):
     """Under a byte-level BPE most Japanese characters span two or three tokens: all but the last hold only some of the
     character's bytes, and its text is "" (the character shows on the token that completes it). `--tokens`
