@@ -435,7 +435,8 @@ def work(
                 on_failed(cand.job)
             continue
         summaries.append(summary)
-        if once or (summary.stopped and now is not JobState.CANCELLED):
+        # (stopped by a cancel: the queue goes on, with that job too if a `runner retry` queued it again since)
+        if once or (summary.stopped and not summary.cancelled and now is not JobState.CANCELLED):
             break
     for folder, b in broken.items() if on_broken is not None else ():
         if b.unreadable is None:  # (unreadable for now is not broken)

@@ -72,6 +72,9 @@ class RunSummary:
     finished: bool  # every row is done or recorded as an error
     others: int = 0  # live workers still holding units of this job
     stopped: bool = False  # ended early: a stop request, the deadline or a cancel
+    # it stopped because its job was cancelled (a `runner retry` may have queued it again since: the worker's
+    # queue carries on, as after any cancel, rather than ending as at a stop request or the deadline)
+    cancelled: bool = False
     unrunnable: bool = False  # not run: it needs what this machine lacks (its device, its model folder)
     # (`scheduler.run`) the job was complete before the run began: nothing to compute
     done_before: bool = False
@@ -171,6 +174,7 @@ class JobRun:
         self.generated = self.tokens = self.errors = self.retried = 0
         self.slowest = 0.0
         self.stopped = False
+        self.stopped_by_cancel = False  # (RunSummary.cancelled)
         # time.monotonic() of the last look (a wall clock stepped back an hour would put the next one off an hour)
         self.cancel_checked, self.was_cancelled = -math.inf, False
         self.known_state: StateRecord | None = None  # the job's state as this worker last read it (`state`)
@@ -562,7 +566,7 @@ class JobRun:
             self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
         except Stopped:  # cancelled mid-batch: nothing of this batch is kept, nothing else is lost
             self.keep_suspect(suspect)
-            self.stopped = True
+            self.stopped = self.stopped_by_cancel = True  # (the task's stop is `cancelled`)
             assert self.progress is not None
             self.progress.update(-self.counted[0], -self.counted[1])  # nor counted
             return
@@ -778,7 +782,8 @@ class JobRun:
             return True
         if self.beat is not None and self.beat.error is not None:
             return True
-        return self.cancelled()
+        self.stopped_by_cancel = self.cancelled()
+        return self.stopped_by_cancel
 
     def cancelled(self) -> bool:
         """The job was cancelled: its state is looked at every few seconds (also between decode steps)."""
@@ -862,7 +867,8 @@ class JobRun:
             jobdir.write_completed(self.job.dir, state)
         others = len([w for w in progress.live if w != self.owner.worker])
         return RunSummary(self.job.id, progress.done, progress.total, self.generated, self.tokens, seconds,
-                          progress.failed, progress.complete, others, self.stopped)  # fmt: skip
+                          progress.failed, progress.complete, others, self.stopped,
+                          cancelled=self.stopped and self.stopped_by_cancel)  # fmt: skip
 
     def computing_seconds(self) -> float:
         """Seconds since this run began computing (the model loaded), as the progress line's rates count: the
