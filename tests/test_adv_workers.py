@@ -1,6 +1,9 @@
 """Adversarial: concurrency, leases, signals and kills the campaign does not inject (pass 177)."""
 
+import os
+import random
 import signal
+import time
 
 import pytest
 import workers
@@ -78,7 +81,6 @@ def proc_state(pid):
 
 
 def wait_until(cond, what, timeout=180.0):
-    import time
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -176,9 +178,7 @@ def test_a_retry_right_after_a_cancel_the_worker_saw_does_not_end_its_run(
 
 
 @pytest.mark.slow
-def test_repair_and_retry_run_again_and_again_while_two_workers_compute(tmp_path, prepared):
-    import time
-
+def test_repair_run_at_each_commit_while_two_workers_compute_changes_nothing(tmp_path, prepared):
     home, job_dir = fresh_copy(tmp_path, prepared[0])
     env = {"RUNNER_LEASE_TTL": "2", "OMP_NUM_THREADS": "1"}
     procs = [workers.start_worker(home, shard_rows=1, env_extra=env) for _ in range(2)]
@@ -197,3 +197,83 @@ def test_repair_and_retry_run_again_and_again_while_two_workers_compute(tmp_path
     assert repairs > 0
     assert read_state(job_dir).state == "completed", outs
     assert_exactly_once(job_dir, prepared[1])
+
+
+ROUNDS = int(os.environ.get("ADV_ROUNDS", 4))  # seeds 0-13 held in pass 177
+
+
+def commits(job_dir):
+    d = job_dir / "done"
+    return len(list(d.glob("*.json"))) if d.exists() else 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(ROUNDS))
+def test_stops_thaws_and_signals_without_damage_leave_nothing_to_repair(tmp_path, prepared, seed):
+    """Three workers (a lease of 1 s) take SIGSTOP, SIGCONT, SIGTERM twice, Ctrl-C twice, SIGKILL, and live
+    `runner retry` / `cancel`+`retry`, one at each commit: no damage, so the job is never broken, gets no row
+    error, and one plain `runner work` afterwards completes it exactly once."""
+    rng = random.Random(seed)
+    home, job_dir = fresh_copy(tmp_path, prepared[0])
+    env = {"RUNNER_LEASE_TTL": "1", "OMP_NUM_THREADS": "1"}
+    procs = [workers.start_worker(home, shard_rows=1, env_extra=env) for _ in range(3)]
+    story, stopped = [], set()
+    while any(p.poll() is None for p in procs):
+        c = commits(job_dir)
+        end = time.monotonic() + 60
+        while commits(job_dir) == c and any(p.poll() is None for p in procs) and time.monotonic() < end:
+            time.sleep(0.01)
+        live = [p for p in procs if p.poll() is None]
+        if not live:
+            break
+        p = rng.choice(live)
+        what = rng.choice(["stop", "cont", "term", "int2", "retry", "cancelretry", "nothing", "kill"])
+        story.append((p.pid, what))
+        if what == "stop":
+            p.send_signal(signal.SIGSTOP)
+            stopped.add(p)
+        elif what == "cont":
+            for q in list(stopped):
+                q.send_signal(signal.SIGCONT)
+                stopped.discard(q)
+        elif what == "term":
+            p.send_signal(signal.SIGCONT)
+            p.send_signal(signal.SIGTERM)
+            p.send_signal(signal.SIGTERM)
+        elif what == "int2":
+            p.send_signal(signal.SIGCONT)
+            p.send_signal(signal.SIGINT)
+            time.sleep(rng.uniform(0, 0.05))
+            p.send_signal(signal.SIGINT)
+        elif what == "kill":
+            p.send_signal(signal.SIGKILL)
+        elif what in ("retry", "cancelretry"):
+            if what == "cancelretry":
+                workers.run_runner("--home", home, "cancel", job_dir.name)
+            code, out = workers.run_runner("--home", home, "retry", job_dir.name)
+            story.append(("retry", code, out.strip()[-200:]))
+        if len(story) > 12:
+            for q in stopped:
+                q.send_signal(signal.SIGCONT)
+            stopped.clear()
+            break
+    for q in stopped:
+        q.send_signal(signal.SIGCONT)
+    outs = []
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        outs.append((p.returncode, out))
+        assert "Traceback" not in out, (story, out)
+        assert p.returncode in (0, 130, 143, -9, 1), (story, out)
+        if p.returncode == 1:
+            assert "cancelled" in out or "Error" in out, (story, out)
+    st = runner.status(job_dir)
+    assert "broken" not in st.state, (story, st, outs)
+    if read_state(job_dir).state.value == "cancelled":
+        workers.run_runner("--home", home, "retry", job_dir.name)
+    code, out = workers.run_worker(home, timeout=300, env_extra=env)
+    assert code == 0 and "Traceback" not in out, (story, out)
+    assert read_state(job_dir).state == "completed", (story, out, outs)
+    assert_exactly_once(job_dir, prepared[1])
+    st = runner.status(job_dir)
+    assert st.done == N * 2 and st.errors == 0, (story, st)
