@@ -35,11 +35,12 @@ def finish(home, job_dir, ref):
     assert_exactly_once(job_dir, ref)
 
 
+# (a SIGTERM at the first visit, and a Ctrl-C from the third on, so that the second one, "stop at once", lands
+# inside the write: 10 of the 20 pairs, which all passed when written; the suite's time is kept for the others)
 SIGNAL_POINTS = [
     f"{p}:{n}:{s}"
     for p in ("after_generate", "after_shard", "mid_write", "before_replace", "before_create")
-    for n in (1, 3)
-    for s in ("SIGINT", "SIGTERM")
+    for n, s in ((1, "SIGTERM"), (3, "SIGINT"))
 ]
 
 
@@ -93,11 +94,11 @@ def wait_until(cond, what, timeout=180.0):
 STOP_POINTS = [
     f"{p}:{n}:SIGSTOP"
     for p, ns in (
-        ("after_generate", (1, 4)),
-        ("after_shard", (1, 3)),
-        ("mid_write", (1, 3)),
-        ("before_replace", (2, 5, 9, 14)),
-        ("before_create", (1, 2, 3, 5)),
+        ("after_generate", (1,)),
+        ("after_shard", (3,)),
+        ("mid_write", (1,)),
+        ("before_replace", (2, 9)),
+        ("before_create", (1, 3)),
     )
     for n in ns
 ]
@@ -199,7 +200,7 @@ def test_repair_run_at_each_commit_while_two_workers_compute_changes_nothing(tmp
     assert_exactly_once(job_dir, prepared[1])
 
 
-ROUNDS = int(os.environ.get("ADV_ROUNDS", 4))  # seeds 0-13 held in pass 177
+ROUNDS = int(os.environ.get("ADV_ROUNDS", 2))  # seeds 0-13 held in pass 177 (ADV_ROUNDS=14)
 
 
 def commits(job_dir):
