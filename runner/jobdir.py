@@ -1701,11 +1701,32 @@ def _create_then_fill(path: Path, data: bytes, adopt: int = 3) -> bool:
             try:
                 fault_point("after_create")  # the name is ours and still empty
                 storage.retry(lambda: _fill(fd, data), f"write {path}")
+            except storage.StorageError:
+                _withdraw(path, fd)
+                raise
             finally:
                 os.close(fd)
     if fd is None:  # (the wait for another writer's fill is outside the signals held)
         return adopt > 0 and len(tries) > 1 and _adopt_unfilled(path, data, adopt)
     return _reads_back(path, data)  # a writer that adopted the name meanwhile holds it: ours was set aside
+
+
+def _withdraw(path: Path, fd: int) -> None:
+    """Our create's file at `path` (`fd`), whose fill failed for good (a full disk or Drive quota, a mount turned
+    read-only): taken away, so that the name reads as it did, not as a change being written and then as damage (a
+    `cancel` on a full Drive left its record empty: the job broken until `runner repair`; a `submit --name`,
+    its name claimed for ten minutes). Set aside first (one taker wins it): another's file found there instead
+    (an adopter's, `_adopt_unfilled`, while this one waited on the mount) is put back. Best effort."""
+    aside = _aside_name(path)
+    try:
+        os.rename(path, aside)
+        ours = os.path.samestat(os.fstat(fd), os.lstat(aside))
+        theirs = b"" if ours else storage.read_bytes(aside)
+        if theirs:
+            _create_then_fill(path, theirs, adopt=1)
+        os.unlink(aside)
+    except (OSError, RunnerError):
+        pass  # (left where it is: read as before this fix, an empty record, then `runner repair`)
 
 
 def _fill(fd: int, data: bytes) -> None:

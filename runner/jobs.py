@@ -830,7 +830,9 @@ def _stale_claim(path: Path, held: Any) -> bool:
     temp = held.get("temp") if isinstance(held, dict) else None
     if owner is not None and isinstance(temp, str) and temp in _ENDED and owner.is_this_process():
         return True  # an earlier call of this process, interrupted (a notebook cell stopped and run again)
-    return (owner is not None and owner.provably_dead()) or age > STALE_CLAIM_SECONDS
+    # (dated ahead by more than the wait itself, its date is not believed: a submit killed on a VM whose clock ran
+    # days ahead kept its name claimed for days, while the message said ten minutes)
+    return (owner is not None and owner.provably_dead()) or abs(age) > STALE_CLAIM_SECONDS
 
 
 def _vocab_size(config: Any) -> int | None:

@@ -1,0 +1,109 @@
+"""Storage faults the rest of the suite does not inject, found by an adversarial pass:
+
+* a write that fails for good (a full disk or Drive quota: ENOSPC, EDQUOT) while an exclusive file is being
+  filled where hard links are not supported (Colab's Drive mount): the file its create made was left empty at
+  its name. A `cancel` on a full Drive then showed "a change of state is being written" for two minutes, and
+  then the job broken until `runner repair`; a `submit --name` left its name claimed for ten minutes;
+* a name claim dated ahead (the clock of the machine whose submit was killed ran ahead, as Drive shows another
+  VM's times): the name stayed claimed until that date plus ten minutes, days, while the message said it frees
+  itself within ten minutes.
+"""
+
+import errno
+import json
+import os
+import time
+
+from helpers import invoke, write_jsonl
+
+from runner import EngineOptions, GenerationParams, jobdir
+from runner.job_status import job_status
+from runner.jobs import Job, create_job
+
+PARAMS = GenerationParams(max_new_tokens=2, temperature=1.0, seed=11)
+OPTIONS = EngineOptions(batch_size=2)
+ROWS = [{"id": f"r{i}", "prompt": f"Every student reads {i} books"} for i in range(4)]
+
+
+def no_links_and_full(monkeypatch, folder: str) -> None:
+    """A file system without hard links (os.link: EPERM) whose writes into files under `folder` fail with ENOSPC
+    (the disk, or the Drive quota, is full); creating a file still succeeds (an empty file takes no block)."""
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(jobdir, "_LINKS", {})
+    real = os.pwrite
+
+    def pwrite(fd, data, at):
+        if f"/{folder}/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+def test_a_cancel_on_a_full_disk_without_links_leaves_the_state_as_it_was(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home)
+    with monkeypatch.context() as m:
+        no_links_and_full(m, "state")
+        result = invoke("--home", runner_home, "cancel", job.id)
+    assert result.exit_code == 1 and "No space left on device" in result.output, result.output
+    assert [p.stat().st_size for p in (job.dir / "state").iterdir() if not p.name.startswith(".")] != [0]
+    # an hour later, nothing is left of the failed cancel: the job is queued, not broken
+    for p in (job.dir / "state").iterdir():
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
+    status = job_status(Job.open(job.dir))
+    assert (status.state, status.message) == ("queued", None), status
+    # space back, the cancel goes through
+    result = invoke("--home", runner_home, "cancel", job.id)
+    assert result.exit_code == 0, result.output
+    assert job_status(Job.open(job.dir)).state == "cancelled"
+
+
+def test_a_named_submit_on_a_full_disk_without_links_leaves_its_name_free(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    args = (
+        "--home",
+        runner_home,
+        "submit",
+        prompts,
+        "-m",
+        tiny_gpt2,
+        "--name",
+        "night",
+        "--max-new-tokens",
+        "2",
+    )
+    with monkeypatch.context() as m:
+        no_links_and_full(m, ".names")
+        result = invoke(*args)
+    assert result.exit_code == 1 and "No space left on device" in result.output, result.output
+    result = invoke(*args)  # space back: the name is free at once, not in ten minutes
+    assert result.exit_code == 0, result.output
+    assert job_status(Job.open(runner_home / result.output.split()[-1])).state == "queued"
+
+
+def test_a_killed_submits_name_claim_dated_days_ahead_frees_itself(tmp_path, tiny_gpt2, runner_home):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    names = runner_home / ".names"
+    names.mkdir(parents=True)
+    claim = names / "night.0.json"
+    # a submit killed on another VM (another boot: only the claim's age can free it), whose clock ran 3 days ahead
+    owner = {
+        "worker": "vm2-77-abcdef",
+        "host": "vm2",
+        "pid": 77,
+        "boot": "other",
+        "pidns": "other",
+        "start": "1",
+    }
+    claim.write_text(json.dumps({"job": "20991231-000000-abcdef", "owner": owner,
+                                 "temp": ".20991231-000000-abcdef.77-0badf00d.12345678.tmp"}))  # fmt: skip
+    ahead = time.time() + 3 * 86400
+    os.utime(claim, (ahead, ahead))
+    result = invoke("--home", runner_home, "submit", prompts, "-m", tiny_gpt2, "--name", "night")
+    assert result.exit_code == 0, result.output
+    job_id = result.output.split()[-1]
+    assert job_id != "20991231-000000-abcdef" and (runner_home / job_id / "job.json").is_file()
