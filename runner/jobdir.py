@@ -1451,30 +1451,34 @@ class Job:
         except (pa.ArrowException, ValueError, KeyError, storage.StorageError) as e:
             if isinstance(e, storage.StorageError) and e.errno is not None:
                 raise  # the file system failed, not the file
-            why = (
-                prompts_problem(self)
+            why = (  # (hashed again whatever its stamp: bytes that changed under unchanged times no longer parse)
+                prompts_problem(self, afresh=True)
                 or f"prompts.parquet is damaged ({first_line(e)}); submit the file again"
             )
             raise BrokenJob(why, repairable=False) from None
 
     def read_rows(self, start: int, stop: int) -> Any:
-        """Rows [start, stop) of prompts.parquet as a table, reading only the row groups that hold them."""
-        return storage.retry(lambda: self._read_rows(start, stop), f"read {self.dir / PROMPTS}")
+        """Rows [start, stop) of prompts.parquet as a table, reading only the row groups that hold them. A file
+        pyarrow cannot parse is BrokenJob, as `read_prompts` says (bytes changed under unchanged times after the
+        worker hashed it at its start: pyarrow's error went up through `runner work` as a traceback)."""
+        return self.read_prompts(lambda source: _rows_of(source, start, stop))
 
-    def _read_rows(self, start: int, stop: int) -> Any:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(storage.arrow_file(self.dir / PROMPTS))
-        parts, at = [], 0
-        for g in range(pf.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if at < stop and at + n > start:
-                t = pf.read_row_group(g)
-                parts.append(t.slice(max(0, start - at), min(stop, at + n) - max(start, at)))
-            at += n
-        pf.close()
-        return pa.concat_tables(parts) if len(parts) != 1 else parts[0]
+def _rows_of(source: Any, start: int, stop: int) -> Any:
+    """Rows [start, stop) of the Parquet file `source` (`Job.read_rows`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(source)
+    parts, at = [], 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if at < stop and at + n > start:
+            t = pf.read_row_group(g)
+            parts.append(t.slice(max(0, start - at), min(stop, at + n) - max(start, at)))
+        at += n
+    pf.close()
+    return pa.concat_tables(parts) if len(parts) != 1 else parts[0]
 
 
 # --- claims, seals and heartbeats ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 
 from helpers import invoke, write_jsonl
 
+import runner
 from runner import EngineOptions, GenerationParams, jobdir
 from runner.job_status import job_status
 from runner.jobs import Job, create_job
@@ -107,3 +108,35 @@ def test_a_killed_submits_name_claim_dated_days_ahead_frees_itself(tmp_path, tin
     assert result.exit_code == 0, result.output
     job_id = result.output.split()[-1]
     assert job_id != "20991231-000000-abcdef" and (runner_home / job_id / "job.json").is_file()
+
+
+def test_prompts_unreadable_mid_run_under_an_unchanged_stamp_is_a_broken_job_not_a_traceback(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """prompts.parquet damaged while a worker runs, its size and times as they were (bit rot; a mount that
+    keeps stale times): the worker, which hashed it at its start, reads the next unit's rows from it. Before,
+    pyarrow's ArrowInvalid went up through `runner work` as a traceback."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
+                     unit_rows=2)  # fmt: skip
+    real = jobdir.write_marker
+
+    def write_marker(*args, **kw):  # the first unit's commit lands, then the file's footer rots
+        real(*args, **kw)
+        path = job.dir / "prompts.parquet"
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01  # "PAR1" -> "PAR0": no Parquet file any more, of the same size
+        path.write_bytes(bytes(data))
+        stamp = jobdir._stamp(path.stat(), job.spec.prompts_sha256)
+        m.setitem(jobdir._HASHED, str(path), stamp)  # its times as the worker's hashing saw them
+
+    with monkeypatch.context() as m:
+        m.setattr(jobdir, "write_marker", write_marker)
+        m.setattr(jobdir.Verifier, "save", lambda self: None)  # (verified.json keeps the stamp it had)
+        result = invoke("--home", runner_home, "work")
+    assert result.exit_code == 1, result.output
+    assert f"prompts.parquet of job {job.id} is damaged" in result.output and "runner repair" in result.output
+    assert "Traceback" not in result.output
+    assert list(runner.load_results(job.dir)["id"]) == ["r0", "r1"]  # what was done before is kept
+    assert invoke("--home", runner_home, "repair", job.id).exit_code == 0  # written again from p.jsonl
+    assert invoke("--home", runner_home, "work").exit_code == 0
+    assert list(runner.load_results(job.dir)["id"]) == ["r0", "r1", "r2", "r3"]
