@@ -9,17 +9,21 @@
   itself within ten minutes.
 """
 
+import contextlib
 import errno
 import json
 import os
 import time
 
+import pytest
 from helpers import invoke, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, jobdir
+from runner.errors import RunnerError
 from runner.job_status import job_status
 from runner.jobs import Job, create_job
+from runner.worker import run_job
 
 PARAMS = GenerationParams(max_new_tokens=2, temperature=1.0, seed=11)
 OPTIONS = EngineOptions(batch_size=2)
@@ -140,3 +144,42 @@ def test_prompts_unreadable_mid_run_under_an_unchanged_stamp_is_a_broken_job_not
     assert invoke("--home", runner_home, "repair", job.id).exit_code == 0  # written again from p.jsonl
     assert invoke("--home", runner_home, "work").exit_code == 0
     assert list(runner.load_results(job.dir)["id"]) == ["r0", "r1", "r2", "r3"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a worker hashes prompts.parquet at its start, and before each unit only when its size or times "
+    "changed: bytes changed under unchanged times during its run are computed from. A fix: hash each row "
+    "group's byte range while hashing the whole file at the start, and check a unit's row groups against "
+    "those hashes as they are read (or re-hash the file before each unit, at a cost for big files)",
+)
+def test_prompts_changed_mid_run_under_an_unchanged_stamp_are_not_computed_from(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """As above, but the file still parses: another job's valid prompts.parquet of the same row count (bit rot
+    that leaves the Parquet file readable reads the same way). The later units came from the other prompts."""
+    mine = write_jsonl(
+        tmp_path / "a.jsonl", [{"id": f"r{i}", "prompt": f"Prompt {i} says"} for i in range(4)]
+    )
+    theirs = write_jsonl(tmp_path / "b.jsonl", [{"id": f"r{i}", "prompt": f"Another {i}"} for i in range(4)])
+    job = create_job(mine, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "a", unit_rows=2)
+    other = create_job(theirs, tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "b", unit_rows=2)
+    real = jobdir.write_marker
+
+    def write_marker(*args, **kw):
+        real(*args, **kw)
+        path = job.dir / "prompts.parquet"
+        if str(path) in swapped:
+            return
+        path.write_bytes((other.dir / "prompts.parquet").read_bytes())
+        swapped[str(path)] = jobdir._stamp(path.stat(), job.spec.prompts_sha256)
+        m.setitem(jobdir._HASHED, str(path), swapped[str(path)])  # its times as the worker's hashing saw them
+
+    swapped: dict[str, list] = {}
+    with monkeypatch.context() as m:
+        m.setattr(jobdir, "write_marker", write_marker)
+        m.setattr(jobdir.Verifier, "save", lambda self: None)
+        with contextlib.suppress(RunnerError):
+            run_job(job, gpt2_engine, echo=None)
+    prompts = list(runner.load_results(job.dir)["prompt"])
+    assert not [p for p in prompts if p.startswith("Another")], prompts
