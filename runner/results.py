@@ -500,7 +500,7 @@ def load_results(
 def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None) -> tuple[pa.Table, str]:
     """`load_results`' table, and why results the job had are missing from it ("" when none are: a job still
     running, cancelled or failed is only not done yet; its missing rows are warned of all the same)."""
-    from .jobdir import Job, naming_broken, read_parquet
+    from .jobdir import Job, JobState, naming_broken, read_parquet, state_as_read
 
     path, is_file = resolve_source(source, home)
     if is_file:  # (an exported results file on a Drive mount: a transient error is read again)
@@ -508,8 +508,9 @@ def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None)
     else:
         with naming_broken(path):
             job = Job.open(path)
+            completed = state_as_read(job)[0].state is JobState.COMPLETED  # (before its rows are read)
             table = read_results_table(job)
-        lost = _warn_if_partial(job, table.num_rows)
+        lost = _warn_if_partial(job, table.num_rows, completed)
     return (table.drop([ORDER]) if ORDER in table.column_names else table), lost
 
 
@@ -543,11 +544,12 @@ def to_pandas(table: pa.Table) -> pd.DataFrame:
     return df
 
 
-def _warn_if_partial(job: Any, rows: int) -> str:
+def _warn_if_partial(job: Any, rows: int, completed: bool = False) -> str:
     """Results missing rows are said, not silent: those of a job not complete yet (queued, running, cancelled,
     failed), and those of a completed job that lost rows since (a damaged commit: `runner repair`). A job with
     all its `rows` is not asked about (no second read of the ledger). Returns why rows were lost (a broken job,
-    or one whose state could not be read: an export then must not pass for whole), else ""."""
+    or one whose state could not be read, or that was `completed` already when fewer rows were read than the
+    second read finds: an export then must not pass for whole), else ""."""
     from .job_status import job_status
 
     if rows >= job.spec.total:
@@ -567,6 +569,15 @@ def _warn_if_partial(job: Any, rows: int) -> str:
         warnings.warn(f"job {s.id} is broken: {s.message}; these are {rows:,} of its {job.spec.total:,} results",
                       stacklevel=4)  # fmt: skip
         return f"job {s.id} is broken: {s.message}"
+    elif s.state == "completed" and completed and s.done > rows:
+        # completed before its rows were read: the listing read them from missed commits the second read sees (a
+        # mount showing files late, catching up meanwhile); an export of half passed for whole (exit 0)
+        lost = (
+            f"job {s.id} is completed, but these are {rows:,} of its {s.done:,} results: the folder listed "
+            "fewer commits than a second look found (a mount that shows files late?); load them again"
+        )
+        warnings.warn(lost, stacklevel=4)
+        return lost
     elif s.state == "completed":  # its other rows are row errors, unless it completed as they were read
         if s.done > rows:
             warnings.warn(f"job {s.id} completed while its results were being read: these are {rows:,} of its "

@@ -183,3 +183,29 @@ def test_prompts_changed_mid_run_under_an_unchanged_stamp_are_not_computed_from(
             run_job(job, gpt2_engine, echo=None)
     prompts = list(runner.load_results(job.dir)["prompt"])
     assert not [p for p in prompts if p.startswith("Another")], prompts
+
+
+def test_an_export_of_a_completed_job_whose_listing_missed_a_commit_exits_1(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """A job completed before `runner results --to` began; the export's listing of done/ missed a commit (a
+    mount that shows files late, its listing catching up meanwhile: NFS's cached directories, Drive between two
+    VMs), and the status read after it saw all. It wrote 2 of the 4 rows with exit 0, warning that the job had
+    "completed while its results were being read": `runner results J --to f && upload f` uploaded half."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
+                     unit_rows=2)  # fmt: skip
+    run_job(job, echo=None)
+    real, missed = jobdir.scan, []
+
+    def scan(folder, dirs=False):  # the first listing of done/ misses its last marker
+        names = real(folder, dirs)
+        if os.path.basename(folder) == "done" and not missed:
+            missed.append(names.pop())
+        return names
+
+    monkeypatch.setattr(jobdir, "scan", scan)
+    result = invoke("--home", runner_home, "results", job.id, "--to", tmp_path / "out.jsonl")
+    assert missed and result.exit_code == 1, result.output
+    assert "2 of its 4 results" in result.output and "load them again" in result.output, result.output
+    assert invoke("--home", runner_home, "results", job.id, "--to", tmp_path / "out.jsonl").exit_code == 0
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
