@@ -1730,7 +1730,7 @@ def _withdraw(path: Path, fd: int) -> None:
             _create_then_fill(path, theirs, adopt=1)
         os.unlink(aside)
     except (OSError, RunnerError):
-        pass  # (left where it is: read as before this fix, an empty record, then `runner repair`)
+        pass  # (left where it is: an empty record is read as a change on its way, then as damage to repair)
 
 
 def _fill(fd: int, data: bytes) -> None:
