@@ -418,19 +418,23 @@ def _ragged_csv_row(path: Path) -> Problem | None:
     quote that was not quoted, by hand or by a spreadsheet."""
     import csv
 
+    start, header = 1, []
     with (
         _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f,
         contextlib.suppress(csv.Error, ValueError),
     ):
         records = _csv_records(f)
-        header, end = _csv_header(records)
-        start = end + 1
-        for cells, end in records:
-            if cells and len(cells) != len(header):
-                return Problem(str(path), start, None, f"expected {len(header)} cells (as the header), got "
-                               f"{len(cells)}: a cell holding a comma or a quote must be quoted (\"say \"\"hi\"\", "
-                               "then stop\")")  # fmt: skip
+        try:
+            header, end = _csv_header(records)
             start = end + 1
+            for cells, end in records:
+                if cells and len(cells) != len(header):
+                    return Problem(str(path), start, None, f"expected {len(header)} cells (as the header), got "
+                                   f"{len(cells)}: a cell holding a comma or a quote must be quoted (\"say "
+                                   "\"\"hi\"\", then stop\")")  # fmt: skip
+                start = end + 1
+        except _UnclosedQuote as e:
+            return _unclosed_quote(path, start, header, e.cell)
     return None
 
 
@@ -449,15 +453,37 @@ def _csv_lines(path: Path) -> Iterator[int]:
 
     with _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f:
         records = _csv_records(f)
-        start = 1
-        with contextlib.suppress(csv.Error, ValueError):
-            _, end = _csv_header(records)
-            start = end + 1
-            for cells, end in records:
-                if cells:
-                    yield start
+        start, header = 1, []
+        try:
+            with contextlib.suppress(csv.Error, ValueError):
+                header, end = _csv_header(records)
                 start = end + 1
+                for cells, end in records:
+                    if cells:
+                        yield start
+                    start = end + 1
+        except _UnclosedQuote as e:
+            problem = _unclosed_quote(path, start, header, e.cell)
+            raise InputError([problem], header="cannot read the prompt file") from None
     yield from itertools.count(start)
+
+
+class _UnclosedQuote(Exception):
+    """The file ends inside a quoted cell (cell `cell` of the last record)."""
+
+    def __init__(self, cell: int):
+        super().__init__(cell)
+        self.cell = cell
+
+
+def _unclosed_quote(path: Path, line: int, header: list[str], cell: int) -> Problem:
+    """A quoted cell never closed takes every line after it into itself, and pyarrow reads it so without a word:
+    the rows below it were gone from the job. Refused, naming the line the cell's record starts on."""
+    field = header[cell] if line > 1 and 0 <= cell < len(header) else None
+    why = ("a quoted cell opened here is never closed: its quote runs to the end of the file and takes every "
+           "line after it into this one cell; close it, and double a quote inside a quoted cell (\"say \"\"hi"
+           "\"\", then stop\")")  # fmt: skip
+    return Problem(str(path), line, field, why)
 
 
 def _csv_records(f: Any) -> Iterator[tuple[list[str], int]]:
@@ -467,16 +493,43 @@ def _csv_records(f: Any) -> Iterator[tuple[list[str], int]]:
     module's, for the whole process: raised for each record only, then set back."""
     import csv
 
-    reader = csv.reader(f)
+    held: list[str] = []
+    ended = [False]
+
+    def kept() -> Iterator[str]:
+        for text in f:
+            held.append(text)
+            yield text
+        ended[0] = True
+
+    reader = csv.reader(kept())
     while True:
+        held.clear()
         limit = csv.field_size_limit(2**31 - 1)  # (a C long on every platform)
         try:
             cells = next(reader, None)
+            if (
+                cells is not None and ended[0]
+            ):  # the last record: read again, strictly, to see it end in quotes
+                _refuse_unclosed(held, len(cells) - 1)
         finally:
             csv.field_size_limit(limit)
         if cells is None:
             return
         yield cells, reader.line_num
+
+
+def _refuse_unclosed(lines: list[str], cell: int) -> None:
+    """Raise _UnclosedQuote where `lines` (one record, the file's last) end inside a quoted cell, which the
+    `csv` module (strict=False, as pyarrow) takes as the cell's end."""
+    import csv
+
+    try:
+        for _ in csv.reader(lines, strict=True):
+            pass
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise _UnclosedQuote(cell) from None
 
 
 def _data_columns(schema: Any) -> list[str]:

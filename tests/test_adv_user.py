@@ -1,0 +1,37 @@
+"""Adversarial pass 178, as a new user: what a user's files and commands met that the other tests did not try."""
+
+import pytest
+
+from runner.errors import InputError
+from runner.jobs import create_job
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field"),
+    [
+        ('id,prompt\n1,"He said hi\n2,normal\n3,normal\n', 2, "prompt"),  # the rows below went into row 1
+        ('id,prompt,x\n1,"a,b\n2,c,d\n', 2, "prompt"),  # (read ragged by pyarrow: named the same way)
+        ('"id,prompt\n1,a\n', 1, None),  # the header's own
+    ],
+)
+def test_a_csv_cell_whose_quote_is_never_closed_is_refused_not_read_as_the_rest_of_the_file(
+    tmp_path, tiny_gpt2, text, line, field
+):
+    """A quoted cell left open took every line after it into itself: `1,"He said hi` then two more rows made a
+    job of one row, whose prompt held the other two, without a word."""
+    (tmp_path / "p.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(InputError) as e:
+        create_job(tmp_path / "p.csv", tiny_gpt2, home=tmp_path / "home")
+    where = f"p.csv:{line}: {field}: " if field else f"p.csv:{line}: "
+    assert f"{where}a quoted cell opened here is never closed" in str(e.value), str(e.value)
+
+
+def test_a_csv_cell_closed_on_the_last_line_without_a_line_break_is_read(tmp_path, tiny_gpt2):
+    (tmp_path / "p.csv").write_text('id,prompt\n1,"a ""b"" c"\n2,"d\ne"', encoding="utf-8")
+    job = create_job(tmp_path / "p.csv", tiny_gpt2, home=tmp_path / "home")
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(job.dir / "prompts.parquet", columns=["prompt"]).column(0).to_pylist() == [
+        'a "b" c',
+        "d\ne",
+    ]
