@@ -250,13 +250,23 @@ def find_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> P
     bare = os.sep not in text and "/" not in text
     if _lexists(path / JOB_FILE) or _lexists(path / JOB_BACKUP) or not bare:
         if storage.kind(path) not in ("dir", "link"):
-            raise RunnerError(f"no job folder {text}")
+            raise RunnerError(f"no job folder {text}{batch_job_hint(path)}")
         if bare:
             _refuse_if_also_in_home(text, path, home)
         return named_folder(path)
     check_name(text)
     root = Path(home) if home is not None else default_home()
     return _in_home(text, root)
+
+
+def batch_job_hint(path: Path) -> str:
+    """ ": it is the output file of `runner run-batch`, whose job folder is OUT.job" for a run-batch's output
+    (`runner status out/responses.jsonl`): its job folder is beside it, as README says, and the user named the
+    file they know."""
+    beside = path.with_name(path.name + ".job")
+    if storage.kind(path) != "file" or not _is_job_folder(beside):
+        return ""
+    return f": it is the output file of `runner run-batch`, whose job folder is {beside}"
 
 
 def named_folder(path: Path) -> Path:

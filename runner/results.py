@@ -519,9 +519,13 @@ def _read_results_file(path: Path, read_parquet: Callable[[Path], pa.Table]) -> 
     said so, naming it, not pyarrow's traceback ("Parquet magic bytes not found in footer")."""
     import pyarrow as pa
 
+    from .jobdir import batch_job_hint
+
     try:
         return read_parquet(path)
     except pa.ArrowInvalid as e:
+        if hint := batch_job_hint(path):
+            raise RunnerError(f"{path} is not a Parquet file of results{hint}") from None
         raise RunnerError(f"{path} is not a Parquet file of results ({first_line(e)}): give a job id, name or "
                           "folder, or a results .parquet file (read an export to .jsonl, .json or .csv with "
                           "pandas)") from None  # fmt: skip

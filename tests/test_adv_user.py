@@ -1,6 +1,7 @@
 """Adversarial pass 178, as a new user: what a user's files and commands met that the other tests did not try."""
 
 import pytest
+from helpers import write_jsonl
 
 from runner.errors import InputError
 from runner.jobs import create_job
@@ -35,3 +36,21 @@ def test_a_csv_cell_closed_on_the_last_line_without_a_line_break_is_read(tmp_pat
         'a "b" c',
         "d\ne",
     ]
+
+
+@pytest.mark.parametrize("command", ["status", "results", "watch", "report", "cancel"])
+def test_a_run_batch_output_file_named_as_a_job_points_to_its_job_folder(tmp_path, tiny_gpt2, command):
+    """`runner status out/responses.jsonl`, the file a run-batch user knows, said "no job folder ..." (and
+    `runner results` that it was no Parquet file), never where the job is: beside it, `out/responses.jsonl.job`."""
+    from helpers import invoke
+
+    out = tmp_path / "responses.jsonl"
+    body = {"model": tiny_gpt2, "prompt": "Hi", "max_tokens": 1}
+    write_jsonl(
+        tmp_path / "b.jsonl", [{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": body}]
+    )
+    create_job(tmp_path / "b.jsonl", tiny_gpt2, job_dir=tmp_path / "responses.jsonl.job")
+    out.write_text("{}\n")  # (the output a finished run-batch wrote)
+    result = invoke(command, out)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"run-batch`, whose job folder is {out}.job" in result.output, result.output
