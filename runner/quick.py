@@ -84,7 +84,7 @@ def _txt_file(item: str) -> Path:
 
 
 def generate(
-    prompts: list[str],
+    prompts: str | Iterable[str],
     model: str,
     params: GenerationParams | None = None,
     options: EngineOptions | None = None,
@@ -95,7 +95,7 @@ def generate(
     engine: Any = None,
     row_ids: list[str] | None = None,
 ) -> list[list[Any]]:
-    """Generate for `prompts` at once: one list of `num_return_sequences` completions (engine.Completion, with
+    """Generate for `prompts` (a list of strings, or one) at once: one list of `num_return_sequences` completions (engine.Completion, with
     `tokens` filled) per prompt. `chat`: send each prompt as one user message through the model's chat
     template, or through `chat_template` (Jinja text, given with `chat`, as a job takes it: without, a job
     would not use it, so a try refuses it), which the engine's tokenizer keeps.
@@ -114,6 +114,9 @@ def generate(
     from .engine import Engine
     from .tasks import generate_keys, sample_seed
 
+    # one string is one prompt, as vLLM's LLM.generate takes it (it was a prompt per character), and any iterable
+    # is read once (a generator was used up by the checks, then had no len())
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_prompts(prompts)  # before the model loads
     check_truncate(truncate)
     # a job of these prompts would not use it: the try would differ

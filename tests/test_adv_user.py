@@ -54,3 +54,17 @@ def test_a_run_batch_output_file_named_as_a_job_points_to_its_job_folder(tmp_pat
     result = invoke(command, out)
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert f"run-batch`, whose job folder is {out}.job" in result.output, result.output
+
+
+def test_runner_generate_of_one_string_is_one_prompt_and_of_a_generator_is_its_prompts(
+    tiny_gpt2, gpt2_engine
+):
+    """`runner.generate("hi", model)` generated for "h" and for "i" (and "The capital of France is" was refused
+    as "prompt 4 is empty": its space); a generator of prompts was used up by the checks, then a TypeError."""
+    import runner
+    from runner import GenerationParams
+
+    params = GenerationParams(max_new_tokens=2)
+    listed = runner.generate(["hi", "yo"], tiny_gpt2, params, engine=gpt2_engine)
+    assert runner.generate("hi", tiny_gpt2, params, engine=gpt2_engine) == listed[:1]
+    assert runner.generate((p for p in ["hi", "yo"]), tiny_gpt2, params, engine=gpt2_engine) == listed
