@@ -883,6 +883,13 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
     folder = Path(job_dir) if job_dir else out.with_name(out.name + ".job")
     _spared_targets(out, None, folder, input_path)  # refused before the run, not after it
     if (
+        params is None
+    ):  # (from Python) the CLI's: the Batch default for max_tokens, a seed from the file below
+        from .params import GenerationParams
+
+        trust = getattr(options, "trust_remote_code", False)
+        params = GenerationParams(max_new_tokens=default_max_tokens(model, trust))
+    if (
         getattr(params, "seed", 0) is None
     ):  # requests without a seed: one from the file, so a rerun is identical
         params = params.replaced(seed=int(file_sha256(input_path)[:15], 16))

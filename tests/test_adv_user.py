@@ -1,7 +1,7 @@
 """Adversarial pass 178, as a new user: what a user's files and commands met that the other tests did not try."""
 
 import pytest
-from helpers import write_jsonl
+from helpers import invoke, write_jsonl
 
 from runner.errors import InputError
 from runner.jobs import create_job
@@ -42,7 +42,6 @@ def test_a_csv_cell_closed_on_the_last_line_without_a_line_break_is_read(tmp_pat
 def test_a_run_batch_output_file_named_as_a_job_points_to_its_job_folder(tmp_path, tiny_gpt2, command):
     """`runner status out/responses.jsonl`, the file a run-batch user knows, said "no job folder ..." (and
     `runner results` that it was no Parquet file), never where the job is: beside it, `out/responses.jsonl.job`."""
-    from helpers import invoke
 
     out = tmp_path / "responses.jsonl"
     body = {"model": tiny_gpt2, "prompt": "Hi", "max_tokens": 1}
@@ -68,3 +67,23 @@ def test_runner_generate_of_one_string_is_one_prompt_and_of_a_generator_is_its_p
     listed = runner.generate(["hi", "yo"], tiny_gpt2, params, engine=gpt2_engine)
     assert runner.generate("hi", tiny_gpt2, params, engine=gpt2_engine) == listed[:1]
     assert runner.generate((p for p in ["hi", "yo"]), tiny_gpt2, params, engine=gpt2_engine) == listed
+
+
+def test_python_submit_and_run_batch_of_a_batch_file_take_the_clis_defaults(tmp_path, tiny_gpt2, runner_home):
+    """From Python, a Batch file's requests without max_tokens got the prompt files' 64 tokens (the CLI: 256, or
+    half the context window), and `runner.run_batch(..., params=None)` a random seed, not the file's: its answers
+    were neither the CLI's nor the same twice."""
+    import json
+
+    import runner
+    from runner.openai_batch import default_max_tokens
+
+    body = {"model": tiny_gpt2, "prompt": "The old man"}  # no max_tokens, no seed: the defaults decide
+    req = write_jsonl(tmp_path / "req.jsonl", [{"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                                                "body": body}])  # fmt: skip
+    assert runner.submit(req, tiny_gpt2).params.max_new_tokens == default_max_tokens(tiny_gpt2) != 64
+    r = invoke("run-batch", "-i", req, "-o", tmp_path / "cli.jsonl", "--model", tiny_gpt2)
+    assert r.exit_code == 0, r.output
+    runner.run_batch(req, tmp_path / "api.jsonl", tiny_gpt2, None, None, echo=None)
+    cli, api = (json.loads((tmp_path / f"{w}.jsonl").read_text())["response"]["body"] for w in ("cli", "api"))
+    assert api["choices"] == cli["choices"] and api["usage"] == cli["usage"]
