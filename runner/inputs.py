@@ -798,7 +798,7 @@ def _as_dataset(source: Any) -> Any:
         return _one_split(source, None, repr(source)[:60]), []
     if type(source).__module__.split(".")[0] == "pandas" and hasattr(source, "columns"):  # a DataFrame
         return _from_pandas(source)
-    if isinstance(source, list) and source and all(isinstance(r, dict) for r in source):  # rows as dicts
+    if isinstance(source, list) and all(isinstance(r, dict) for r in source):  # rows as dicts (none: no rows)
         return _from_list(source)
     text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
     if text is None:

@@ -87,3 +87,13 @@ def test_python_submit_and_run_batch_of_a_batch_file_take_the_clis_defaults(tmp_
     runner.run_batch(req, tmp_path / "api.jsonl", tiny_gpt2, None, None, echo=None)
     cli, api = (json.loads((tmp_path / f"{w}.jsonl").read_text())["response"]["body"] for w in ("cli", "api"))
     assert api["choices"] == cli["choices"] and api["usage"] == cli["usage"]
+
+
+def test_an_empty_list_of_rows_is_nothing_to_run_not_a_wrong_type(tiny_gpt2, runner_home):
+    """`runner.submit([], model)` (a notebook's filter that kept no row) said "input must be ... a list of row
+    dicts ..., not list"."""
+    import runner
+
+    with pytest.raises(InputError) as e:
+        runner.submit([], tiny_gpt2)
+    assert str(e.value).startswith("nothing to run: the rows"), str(e.value)
