@@ -1165,7 +1165,8 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
         if "prompt" in head.columns:  # which prompt gave which text: its start is enough to tell them apart
             head = head.assign(prompt=head["prompt"].map(_shortened))
         # a column no row of the preview fills (context / continuation of plain texts) says nothing
-        click.echo(head.dropna(axis="columns", how="all").to_string(max_colwidth=60))
+        if len(head):  # (none yet: pandas' "Empty DataFrame / Columns: [] / Index: []" said nothing)
+            click.echo(head.dropna(axis="columns", how="all").to_string(max_colwidth=60))
         click.echo(f"({counted(len(df), 'rows')}; --to FILE to export)")
         return
     for hint, path in (("--to", to_path), ("--errors-to", errors_to)):

@@ -97,3 +97,12 @@ def test_an_empty_list_of_rows_is_nothing_to_run_not_a_wrong_type(tiny_gpt2, run
     with pytest.raises(InputError) as e:
         runner.submit([], tiny_gpt2)
     assert str(e.value).startswith("nothing to run: the rows"), str(e.value)
+
+
+def test_results_of_a_job_with_no_result_yet_prints_no_empty_pandas_frame(tmp_path, tiny_gpt2, runner_home):
+    """`runner results night1` just after submit printed pandas' "Empty DataFrame / Columns: [] / Index: []"."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}]), tiny_gpt2, home=runner_home)
+    r = invoke("results", job.dir)
+    assert r.exit_code == 0 and "Empty DataFrame" not in r.output and "(0 rows; --to FILE" in r.output, (
+        r.output
+    )
