@@ -532,6 +532,32 @@ def _refuse_unclosed(lines: list[str], cell: int) -> None:
             raise _UnclosedQuote(cell) from None
 
 
+def _without_views(t: Any) -> Any:
+    """Arrow type `t` with its view layouts as the plain ones (string_view as string, binary_view as binary,
+    list_view as list, at any depth): the Parquet type is the same, and pyarrow has no `take` for views, so a
+    job of a Parquet file read as views (Polars' newest Arrow level, `pa.string_view()`) died writing its
+    first results."""
+    import pyarrow as pa
+
+    if "_view" not in str(t):  # (the usual case: the type as it is)
+        return t
+    is_ = lambda name: getattr(pa.types, name, lambda _: False)(t)  # noqa: E731 (pyarrow < 16: no views)
+    if is_("is_string_view") or is_("is_binary_view"):
+        return pa.string() if is_("is_string_view") else pa.binary()
+    if is_("is_list_view") or is_("is_large_list_view") or pa.types.is_list(t) or pa.types.is_large_list(t):
+        item = t.value_field.with_type(_without_views(t.value_type))
+        return (
+            pa.large_list(item) if is_("is_large_list_view") or pa.types.is_large_list(t) else pa.list_(item)
+        )
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(_without_views(t.value_type)), t.list_size)
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_without_views(f.type)) for f in t])
+    if pa.types.is_map(t):
+        return pa.map_(_without_views(t.key_type), _without_views(t.item_type), t.keys_sorted)
+    return t
+
+
 def _data_columns(schema: Any) -> list[str]:
     """The Parquet file's columns without the index pandas stores for an unnamed non-range index
     (`__index_level_0__`, written by `df.to_parquet()` after a filter or a shuffle): pandas reads it back as
@@ -1138,7 +1164,7 @@ class PromptReader(RowChecker):
             schema = _opened(lambda: pq.read_schema(storage.arrow_file(self.path)), self.path)
         except Exception:  # noqa: BLE001 (the rows' read names the problem, as for any unreadable file)
             return {}
-        return {field.name: field.type for field in schema}
+        return {field.name: _without_views(field.type) for field in schema}
 
     def first_row(self) -> dict[str, Any] | None:
         """The file's first readable row as read, before any check (None if it has none): what it holds."""

@@ -106,3 +106,31 @@ def test_results_of_a_job_with_no_result_yet_prints_no_empty_pandas_frame(tmp_pa
     assert r.exit_code == 0 and "Empty DataFrame" not in r.output and "(0 rows; --to FILE" in r.output, (
         r.output
     )
+
+
+def test_a_parquet_file_of_view_columns_runs_and_passes_them_through(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    """A Parquet file whose Arrow schema says string_view / list_view (Polars' newest Arrow level,
+    `pa.string_view()`): the worker died writing its first results (pyarrow's `take` has no kernel for views)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    import runner
+    from runner import GenerationParams
+    from runner.worker import run_job
+
+    if not hasattr(pa, "string_view"):
+        pytest.skip("pyarrow < 16 reads no views")
+    table = pa.table({"id": pa.array(["a", "b"], pa.string_view()), "prompt": pa.array(["Hi", "Yo"], pa.string_view()),
+                      "tags": pa.array([["x"], ["y", "z"]], pa.list_view(pa.string_view())),
+                      "meta": pa.array([{"k": "m"}, None], pa.struct([("k", pa.string_view())]))})  # fmt: skip
+    pq.write_table(table, tmp_path / "p.parquet")
+    job = create_job(tmp_path / "p.parquet", tiny_gpt2, GenerationParams(max_new_tokens=2), home=runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    got = runner.load_results(job.dir, format="arrow")
+    assert got.column("tags").to_pylist() == [["x"], ["y", "z"]] and got.column("meta").to_pylist() == [
+        {"k": "m"},
+        None,
+    ]
+    assert str(got.schema.field("tags").type) == "list<element: string>"
