@@ -1032,6 +1032,8 @@ class RowChecker:
             names = request.pop("names", None)
         if self.settings_as_text and self.pair_fields:
             obj = _without_empty_pair(obj, self.pair_fields)
+        if self.settings_as_text and self.messages_field and self.template is None:
+            obj = _without_empty_other(obj, self.prompt_field, self.messages_field)
         row, problem = _validate_row(
             self.name, lineno, obj, self.prompt_field, self.template, self.id_field,
             self.messages_field, self.pair_fields,
@@ -1085,6 +1087,18 @@ def _without_empty_pair(obj: dict[str, Any], pair_fields: tuple[str, str]) -> di
     if any(obj.get(f) != "" for f in pair_fields):
         return obj
     return {k: v for k, v in obj.items() if k not in pair_fields}
+
+
+def _without_empty_other(obj: dict[str, Any], prompt_field: str, messages_field: str) -> dict[str, Any]:
+    """A CSV row without its empty prompt cell beside a messages cell (or its empty messages cell beside a
+    prompt): a CSV writes "none" so (a spreadsheet of plain prompts and chats, pandas' `to_csv` of both), as
+    JSONL and Parquet write null; every row of such a file was refused, "give either 'prompt' or 'messages',
+    not both"."""
+    prompt, messages = obj.get(prompt_field), obj.get(messages_field)
+    if None in (prompt, messages) or (prompt == "") == (messages == ""):
+        return obj
+    empty = prompt_field if prompt == "" else messages_field
+    return {k: v for k, v in obj.items() if k != empty}
 
 
 def _from_arrow(value: Any, as_json: bool) -> Any:
@@ -1407,14 +1421,16 @@ def _text_parts(parts: list[Any]) -> tuple[str | None, str | None]:
 
 
 def _check_messages(value: Any) -> tuple[list[dict[str, Any]] | None, str | None]:
-    if isinstance(value, str) and value.lstrip().startswith("["):  # a CSV cell (or a text column) of JSON
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):  # a CSV cell (or a text column) of JSON
         try:
             value = json.loads(value)
         except (ValueError, RecursionError) as e:  # (nested too deeply: pass 67)
             why = "nested too deeply" if isinstance(e, RecursionError) else e
             return None, f"a list of {{role, content}} objects as JSON text must be valid JSON ({why})"
     if not isinstance(value, list) or not value:
-        return None, f"must be a non-empty list of {{role, content}} objects, got {_kind(value)}"
+        what = "an empty string" if value == "" else "an empty array" if value == [] else _kind(value)
+        one = " (one message: put it in a list, [{...}])" if isinstance(value, dict) else ""
+        return None, f"must be a non-empty list of {{role, content}} objects, got {what}{one}"
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):

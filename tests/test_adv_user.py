@@ -134,3 +134,41 @@ def test_a_parquet_file_of_view_columns_runs_and_passes_them_through(
         None,
     ]
     assert str(got.schema.field("tags").type) == "list<element: string>"
+
+
+def test_a_messages_cell_that_is_one_object_or_empty_is_named_as_such(tmp_path, tiny_llama):
+    """A CSV `messages` cell holding one message object (no list around it) was refused as "got string", and
+    an empty cell too: the JSON text of an object was never read as JSON."""
+    text = 'id,messages\n1,"{""role"": ""user"", ""content"": ""hi""}"\n2,\n3,[]\n4,"[{""role"": ""user"", ""content"": ""x""}]"\n'
+    (tmp_path / "m.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(InputError) as e:
+        create_job(tmp_path / "m.csv", tiny_llama, home=tmp_path / "home")
+    said = str(e.value)
+    assert (
+        "m.csv:2: messages: must be a non-empty list of {role, content} objects, got object (one message: put it in a list, [{...}])"
+        in said
+    ), said
+    assert (
+        "m.csv:3: messages: must be a non-empty list of {role, content} objects, got an empty string" in said
+    ), said
+    assert (
+        "m.csv:4: messages: must be a non-empty list of {role, content} objects, got an empty array" in said
+    ), said
+
+
+def test_a_csv_of_plain_prompts_and_chats_reads_an_empty_cell_as_none(tmp_path, tiny_llama, runner_home):
+    """A CSV with a `prompt` and a `messages` column, each row filling one (a spreadsheet, or pandas' to_csv of
+    such rows): every row was refused, "give either 'prompt' or 'messages', not both", for the other's empty
+    cell. A row filling both is still refused."""
+    import pyarrow.parquet as pq
+
+    chat = '"[{""role"": ""user"", ""content"": ""hi""}]"'
+    (tmp_path / "m.csv").write_text(f"id,prompt,messages\n1,hello,\n2,,{chat}\n", encoding="utf-8")
+    job = create_job(tmp_path / "m.csv", tiny_llama, home=runner_home)
+    prompts = pq.read_table(job.dir / "prompts.parquet", columns=["prompt"]).column(0).to_pylist()
+    assert prompts[0] == "hello" and prompts[1].startswith("<|im_start|>user\nhi"), prompts
+    (tmp_path / "both.csv").write_text(f"id,prompt,messages\n1,hello,{chat}\n", encoding="utf-8")
+    with pytest.raises(
+        InputError, match="both.csv:2: messages: give either 'prompt' or 'messages', not both"
+    ):
+        create_job(tmp_path / "both.csv", tiny_llama, home=runner_home)
