@@ -686,6 +686,8 @@ def _from_pandas(df: Any) -> Any:
     named = any(
         n is not None for n in df.index.names
     )  # an unnamed index (a filter's, a shuffle's) is not data
+    # (two columns of one name: pyarrow's "Duplicate column names found" was read as a column named so)
+    _refuse_names_twice(Path("the DataFrame"), [str(c) for c in df.columns], 0, "the DataFrame")
     columns = {k: df[k].tolist() for k in ARROW_MISREADS if k in df.columns}
     changed, as_text = _settings_for_arrow(columns, "the DataFrame")
     if changed:

@@ -172,3 +172,17 @@ def test_a_csv_of_plain_prompts_and_chats_reads_an_empty_cell_as_none(tmp_path, 
         InputError, match="both.csv:2: messages: give either 'prompt' or 'messages', not both"
     ):
         create_job(tmp_path / "both.csv", tiny_llama, home=runner_home)
+
+
+def test_a_dataframe_naming_a_column_twice_is_named_so(tiny_gpt2, runner_home):
+    """`pd.DataFrame(rows, columns=["prompt", "prompt"])` was refused as "its column \"names found: ['prompt',
+    'prompt']\" mixes types ...; give it one type, say df[\"names found: ...\"].astype(str)": pyarrow's
+    message read as a column name."""
+    pd = pytest.importorskip("pandas")
+    import runner
+
+    with pytest.raises(InputError) as e:
+        runner.submit(pd.DataFrame([["a", "b"]], columns=["prompt", "prompt"]), tiny_gpt2)
+    assert "the DataFrame: prompt: the DataFrame names this column more than once" in str(e.value), str(
+        e.value
+    )
