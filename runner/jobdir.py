@@ -263,8 +263,10 @@ def batch_job_hint(path: Path) -> str:
     """ ": it is the output file of `runner run-batch`, whose job folder is OUT.job" for a run-batch's output
     (`runner status out/responses.jsonl`): its job folder is beside it, as README says, and the user named the
     file they know."""
+    if storage.kind(path) != "file":  # (a file has a name: "." and "/" have none to put .job after)
+        return ""
     beside = path.with_name(path.name + ".job")
-    if storage.kind(path) != "file" or not _is_job_folder(beside):
+    if not _is_job_folder(beside):
         return ""
     return f": it is the output file of `runner run-batch`, whose job folder is {beside}"
 
