@@ -493,8 +493,21 @@ def load_results(
     if format == "datasets":
         import datasets
 
-        return datasets.Dataset(table)
+        return datasets.Dataset(_extensions_as_storage(table))
     return to_pandas(table)
+
+
+def _extensions_as_storage(table: pa.Table) -> pa.Table:
+    """`table` with each Arrow extension column (a passthrough `pa.uuid()`) as its storage (16-byte binary):
+    datasets has no type for one, and `load_results(..., format="datasets")` raised its ValueError."""
+    import pyarrow as pa
+
+    for i, field in enumerate(table.schema):
+        if isinstance(field.type, pa.BaseExtensionType):
+            storage = field.type.storage_type
+            column = pa.chunked_array([c.storage for c in table.column(i).chunks], storage)
+            table = table.set_column(i, field.with_type(storage), column)
+    return table
 
 
 def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None) -> tuple[pa.Table, str]:

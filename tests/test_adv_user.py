@@ -186,3 +186,28 @@ def test_a_dataframe_naming_a_column_twice_is_named_so(tiny_gpt2, runner_home):
     assert "the DataFrame: prompt: the DataFrame names this column more than once" in str(e.value), str(
         e.value
     )
+
+
+def test_load_results_as_a_dataset_takes_an_extension_typed_column(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    """A Parquet input's `pa.uuid()` column passes through (pandas and every export take it), but
+    `load_results(..., format="datasets")` raised "Arrow type extension<arrow.uuid> does not have a datasets dtype
+    equivalent": it is its 16 bytes there."""
+    pa = pytest.importorskip("pyarrow")
+    pytest.importorskip("datasets")
+    import pyarrow.parquet as pq
+
+    import runner
+    from runner import GenerationParams
+    from runner.worker import run_job
+
+    if not hasattr(pa, "uuid"):
+        pytest.skip("pyarrow < 18 has no uuid type")
+    ids = [bytes(range(16)), bytes(range(16, 32))]
+    pq.write_table(
+        pa.table({"prompt": ["Hi", "Yo"], "key": pa.array(ids, pa.uuid())}), tmp_path / "p.parquet"
+    )
+    job = create_job(tmp_path / "p.parquet", tiny_gpt2, GenerationParams(max_new_tokens=1), home=runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert runner.load_results(job.dir, format="datasets")["key"] == ids
