@@ -513,7 +513,7 @@ def _extensions_as_storage(table: pa.Table) -> pa.Table:
 def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None) -> tuple[pa.Table, str]:
     """`load_results`' table, and why results the job had are missing from it ("" when none are: a job still
     running, cancelled or failed is only not done yet; its missing rows are warned of all the same)."""
-    from .jobdir import Job, JobState, naming_broken, read_parquet, state_as_read
+    from .jobdir import Job, naming_broken, read_parquet
 
     path, is_file = resolve_source(source, home)
     if is_file:  # (an exported results file on a Drive mount: a transient error is read again)
@@ -521,7 +521,7 @@ def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None)
     else:
         with naming_broken(path):
             job = Job.open(path)
-            completed = state_as_read(job)[0].state is JobState.COMPLETED  # (before its rows are read)
+            completed = _completed_now(job)  # (before its rows are read)
             table = read_results_table(job)
         lost = _warn_if_partial(job, table.num_rows, completed)
     return (table.drop([ORDER]) if ORDER in table.column_names else table), lost
@@ -542,6 +542,17 @@ def _read_results_file(path: Path, read_parquet: Callable[[Path], pa.Table]) -> 
         raise RunnerError(f"{path} is not a Parquet file of results ({first_line(e)}): give a job id, name or "
                           "folder, or a results .parquet file (read an export to .jsonl, .json or .csv with "
                           "pandas)") from None  # fmt: skip
+
+
+def _completed_now(job: Any) -> bool:
+    """Whether the job's state reads as completed; False where it cannot be read now (its rows are read all the
+    same, and `_warn_if_partial` says the state could not be read)."""
+    from .jobdir import JobState, state_as_read
+
+    try:
+        return state_as_read(job)[0].state is JobState.COMPLETED
+    except (RunnerError, OSError):
+        return False
 
 
 def to_pandas(table: pa.Table) -> pd.DataFrame:

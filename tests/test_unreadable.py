@@ -62,7 +62,9 @@ def test_load_results_of_a_partial_job_warns_when_its_state_cannot_be_read(
     job = _job(tmp_path, tiny_gpt2, runner_home)
     stopped = iter([False, False, True])  # two batches, then stopped: 4 of 6 rows
     assert run_job(job, gpt2_engine, echo=None, should_stop=lambda: next(stopped, True), shard_rows=2).stopped
-    _failing_listings(monkeypatch, job.dir / "state", after=1)  # the shards read, then the mount fails
+    _failing_listings(
+        monkeypatch, job.dir / "state", after=2
+    )  # the state, then the shards read; then the mount fails
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         df = runner.load_results(job.dir)
@@ -79,7 +81,7 @@ def test_an_export_of_a_partial_job_whose_state_cannot_be_read_exits_1(
     job = _job(tmp_path, tiny_gpt2, runner_home)
     stopped = iter([False, True])  # one batch, then stopped: 2 of 6 rows
     assert run_job(job, gpt2_engine, echo=None, should_stop=lambda: next(stopped, True), shard_rows=2).stopped
-    _failing_listings(monkeypatch, job.dir / "state", after=1)
+    _failing_listings(monkeypatch, job.dir / "state", after=2)  # (as above)
     result = invoke("results", str(job.dir), "--to", str(tmp_path / "out.jsonl"))
     assert result.exit_code == 1, result.output
     assert "was written, but" in result.output and "could not be read" in result.output, result.output
