@@ -1472,8 +1472,27 @@ class Job:
     def read_rows(self, start: int, stop: int) -> Any:
         """Rows [start, stop) of prompts.parquet as a table, reading only the row groups that hold them. A file
         pyarrow cannot parse is BrokenJob, as `read_prompts` says (bytes changed under unchanged times after the
-        worker hashed it at its start: pyarrow's error went up through `runner work` as a traceback)."""
-        return self.read_prompts(lambda source: _rows_of(source, start, stop))
+        worker hashed it at its start: pyarrow's error went up through `runner work` as a traceback). Where this
+        process hashed the file (a worker, at its start), the bytes read are checked against that hash's blocks
+        (storage.CheckedFile): bytes changed under unchanged times that still parse (bit rot in a page, another
+        file put in its place with its times) were computed from, silently. Such a change is hashed whole again:
+        damage is BrokenJob naming it; a sound file (a torn read, the file put back) is read once more."""
+        path = self.dir / PROMPTS
+        for last in (False, True):
+            try:
+                return self.read_prompts(lambda source: _rows_of(_checked(path, source), start, stop))
+            except storage.ChangedUnderfoot as e:
+                if (why := prompts_problem(self, afresh=True)) is not None or last:
+                    raise BrokenJob(
+                        why or f"prompts.parquet changed while read ({e})", repairable=False
+                    ) from None
+        raise AssertionError("unreachable")
+
+
+def _checked(path: Path, source: Any) -> Any:
+    """prompts.parquet at `path` read against its blocks as this process hashed them, else `source` as it is."""
+    blocks = _BLOCKS.get(str(path))
+    return source if blocks is None else storage.CheckedFile(path, blocks)
 
 
 def _rows_of(source: Any, start: int, stop: int) -> Any:
@@ -2275,26 +2294,35 @@ def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = F
         not afresh and stamp in (_HASHED.get(str(path)), verifier and verifier.cache.get(PROMPTS))
     ):
         return None
-    if storage.retry(lambda: storage.file_sha256(path), f"read {path}") != expected:
+    blocks: list[bytes] = []  # (each try from the start)
+    if storage.retry(lambda: storage.file_sha256(path, _cleared(blocks)), f"read {path}") != expected:
         # what vouched for it (bytes changed under unchanged times: a power cut, bit rot) is dropped, so that
         # `runner status` hashes it again and says broken too, not queued for ever (pass 122)
         _HASHED.pop(str(path), None)
+        _BLOCKS.pop(str(path), None)
         if verifier is not None:
             verifier.cache.pop(PROMPTS, None)
         forget_verified(job, PROMPTS)
         return (f"prompts.parquet of job {job.id} is damaged (it does not match its checksum): `runner repair "
                 f"{shlex.quote(str(job.dir))}` writes it again from the input file if that is unchanged; else "
                 "submit the file again")  # fmt: skip
-    _HASHED[str(path)] = stamp
+    _HASHED[str(path)], _BLOCKS[str(path)] = stamp, blocks
     if verifier is not None:
         verifier.cache[PROMPTS] = stamp
         verifier.dirty = True
     return None
 
 
+def _cleared(items: list[Any]) -> list[Any]:
+    items.clear()
+    return items
+
+
 # prompts.parquet files this process hashed and found sound, with their stamps: where verified.json cannot be
 # written (a read-only copy of a home), `runner watch` / status polls still hash each one once (pass 75)
 _HASHED: dict[str, list[Any]] = {}
+# and the digests of their blocks then, which a unit's rows are read against (`Job.read_rows`)
+_BLOCKS: dict[str, list[bytes]] = {}
 
 
 def invalid_problem(job: Job) -> str | None:

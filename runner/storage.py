@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -409,13 +410,78 @@ def fails_its_check(record: dict[str, Any]) -> bool:
     return "check" in record and record["check"] != json_checksum(record)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+BLOCK = 1 << 20  # the bytes of a block (`file_sha256`'s `blocks`, `CheckedFile`)
+
+
+def file_sha256(path: str | os.PathLike, blocks: list[bytes] | None = None) -> str:
+    """The sha256 of the file at `path`; with `blocks`, each BLOCK of it is also digested there, in order
+    (`CheckedFile` reads parts of the file later against them)."""
     h = hashlib.sha256()
     _plain(path)
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(BLOCK), b""):
             h.update(chunk)
+            if blocks is not None:
+                blocks.append(_block_digest(chunk))
     return h.hexdigest()
+
+
+def _block_digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class ChangedUnderfoot(Exception):
+    """A block of a file read by `CheckedFile` is not the one digested when the file was hashed whole."""
+
+
+class CheckedFile(io.RawIOBase):
+    """The file at `path` read as it was when hashed whole (`file_sha256(path, blocks)`): every block a read
+    touches is read whole and checked against its digest (ChangedUnderfoot if it differs, or the size does).
+    A worker reads each unit's rows of prompts.parquet so: bytes changed under unchanged times after its start
+    hash (bit rot, a sync tool keeping times) are found, not computed from, without hashing the file per unit."""
+
+    def __init__(self, path: str | os.PathLike, blocks: list[bytes]) -> None:
+        self._f, self._blocks, self._read, self._at = open(path, "rb"), blocks, {}, 0
+        self._size = os.fstat(self._f.fileno()).st_size
+        if -(-self._size // BLOCK) != len(blocks):
+            raise ChangedUnderfoot(f"{path}: {self._size:,} bytes, not as it was hashed")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._at
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._at = offset + (0, self._at, self._size)[whence]
+        return self._at
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._size - self._at))
+        out, at = memoryview(buffer), self._at
+        while at < self._at + n:
+            block = self._block(at // BLOCK)
+            part = block[at % BLOCK : at % BLOCK + self._at + n - at]
+            out[at - self._at : at - self._at + len(part)] = part
+            at += len(part)
+        self._at += n
+        return n
+
+    def _block(self, i: int) -> bytes:
+        if i not in self._read:
+            self._f.seek(i * BLOCK)
+            data = self._f.read(BLOCK)
+            if _block_digest(data) != self._blocks[i]:
+                raise ChangedUnderfoot(f"{self._f.name}: bytes {i * BLOCK:,}.. changed since it was hashed")
+            self._read[i] = data
+        return self._read[i]
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def arrow_file(path: Any, mode: str = "rb") -> Any:

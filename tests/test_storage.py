@@ -307,3 +307,40 @@ def test_a_fresh_local_shard_folder_of_an_ended_process_of_this_machine_is_swept
     with results.write_local_shard(pa.table({"a": [1]})) as (path, _):
         assert path.is_file()
     assert not dead.exists() and live.exists() and elsewhere.exists() and unnamed.exists()
+
+
+def test_a_checked_file_reads_as_the_file_and_refuses_a_changed_block_it_touches(tmp_path):
+    """storage.CheckedFile (a worker's reads of prompts.parquet against its start hash): any seek and read gives
+    the file's bytes; a block changed since the hash is refused where a read touches it, and only there; a
+    file of another size is refused at once."""
+    import random
+
+    data = random.Random(0).randbytes(storage.BLOCK * 2 + 1234)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    blocks: list[bytes] = []
+    assert storage.file_sha256(path, blocks) == storage.file_sha256(path) and len(blocks) == 3
+    f = storage.CheckedFile(path, blocks)
+    for at, n in [
+        (0, 10),
+        (storage.BLOCK - 5, 10),
+        (len(data) - 7, 100),
+        (123, storage.BLOCK * 2),
+        (len(data), 5),
+    ]:
+        f.seek(at)
+        assert f.read(n) == data[at : at + n] and f.tell() == min(at + n, len(data))
+    assert f.seek(-3, 2) == len(data) - 3 and f.read() == data[-3:]
+    changed = bytearray(data)
+    changed[storage.BLOCK + 7] ^= 1
+    path.write_bytes(changed)
+    f = storage.CheckedFile(path, blocks)
+    f.seek(0)
+    assert f.read(storage.BLOCK) == data[: storage.BLOCK]  # the first block is as hashed
+    with pytest.raises(storage.ChangedUnderfoot, match="changed since it was hashed"):
+        f.read(8)
+    path.write_bytes(
+        data[: storage.BLOCK * 2]
+    )  # (a size within the last block: that block differs, when read)
+    with pytest.raises(storage.ChangedUnderfoot, match="not as it was hashed"):
+        storage.CheckedFile(path, blocks)
