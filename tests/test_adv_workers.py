@@ -222,7 +222,10 @@ def test_stops_thaws_and_signals_without_damage_leave_nothing_to_repair(tmp_path
     while any(p.poll() is None for p in procs):
         c = commits(job_dir)
         end = time.monotonic() + 60
-        while commits(job_dir) == c and any(p.poll() is None for p in procs) and time.monotonic() < end:
+        # (not while every live worker is stopped: no commit can come, and the wait ran out its minute)
+        while commits(job_dir) == c and any(p.poll() is None and p not in stopped for p in procs):
+            if time.monotonic() > end:
+                break
             time.sleep(0.01)
         live = [p for p in procs if p.poll() is None]
         if not live:
@@ -230,6 +233,8 @@ def test_stops_thaws_and_signals_without_damage_leave_nothing_to_repair(tmp_path
         p = rng.choice(live)
         what = rng.choice(["stop", "cont", "term", "int2", "retry", "cancelretry", "nothing", "kill"])
         story.append((p.pid, what))
+        if what in ("term", "int2", "kill"):
+            stopped.discard(p)  # (continued first, or killed)
         if what == "stop":
             p.send_signal(signal.SIGSTOP)
             stopped.add(p)
