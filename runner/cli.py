@@ -1122,7 +1122,15 @@ def _settings_line(job: Any) -> str:
     parts += [f"seed={job.seed}"] if job.kind == "generate" else []
     parts += ["chat (each prompt as a user message)"] if job.meta["input"].get("chat") else []
     parts += ["its own --chat-template"] if job.meta["input"].get("chat_template") else []
-    return ", ".join(parts) or "the defaults"
+    line = ", ".join(parts) or "the defaults"
+    # (an OpenAI Batch file's requests sample at temperature 1 unless they say otherwise: "do_sample=False" alone
+    # read as if none did; new-user walkthrough, pass 178)
+    own = (job.meta.get("outputs") or {}).get("settings")
+    return (
+        f"{line}; rows that set their own (a field of the row, a request's body) run with those"
+        if own
+        else line
+    )
 
 
 @cli.command()

@@ -1040,6 +1040,24 @@ def test_status_names_a_chat_job_as_such(prompts, tiny_llama, runner_home):
     assert settings.endswith("chat (each prompt as a user message), its own --chat-template"), settings
 
 
+def test_status_settings_say_rows_that_set_their_own_run_with_those(tmp_path, tiny_llama, runner_home):
+    """An OpenAI Batch file's requests sample at temperature 1 unless they say otherwise, and `runner status`
+    showed only the job's `do_sample=False` (new-user walkthrough, pass 178). A job whose rows carry their own
+    settings says so; one whose rows carry none does not."""
+    body = {"model": Path(tiny_llama).name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    request = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    batch = write_jsonl(tmp_path / "b.jsonl", [request])
+    settings = invoke("status", invoke("submit", batch, "-m", tiny_llama).stdout.strip()).stdout
+    assert (
+        settings.split("settings: ")[1]
+        .splitlines()[0]
+        .endswith("; rows that set their own (a field of the row, a request's body) run with those")
+    ), settings
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hi"}])
+    settings = invoke("status", invoke("submit", plain, "-m", tiny_llama).stdout.strip()).stdout
+    assert "set their own" not in settings, settings
+
+
 @pytest.mark.parametrize("kind", ["score", "embed"])
 def test_status_settings_of_a_score_or_embed_job_name_no_seed(prompts, tiny_gpt2, runner_home, kind):
     """Pass 72: `runner status JOB` of a score job printed `settings: , seed=8282176507304970342`: a stray comma,
