@@ -460,8 +460,8 @@ class CheckedFile(io.RawIOBase):
         return self._at
 
     def readinto(self, buffer: Any) -> int:
-        n = max(0, min(len(buffer), self._size - self._at))
-        out, at = memoryview(buffer), self._at
+        out = memoryview(buffer).cast("B")  # (by its bytes, whatever its items: an array of ints)
+        n, at = max(0, min(len(out), self._size - self._at)), self._at
         while at < self._at + n:
             block = self._block(at // BLOCK)
             part = block[at % BLOCK : at % BLOCK + self._at + n - at]

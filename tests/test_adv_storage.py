@@ -232,3 +232,22 @@ def test_an_export_of_a_completed_job_whose_listing_missed_a_commit_exits_1(
     assert "2 of its 4 results" in result.output and "load them again" in result.output, result.output
     assert invoke("--home", runner_home, "results", job.id, "--to", tmp_path / "out.jsonl").exit_code == 0
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_checked_file_reads_into_any_writable_buffer(tmp_path):
+    """CheckedFile.readinto, as io.RawIOBase's takes it, fills any writable bytes-like object by its bytes (an
+    array of ints, a memoryview of signed bytes): it raised ValueError ("lvalue and rvalue have different
+    structures"), which `Job.read_prompts` would take for a damaged prompts.parquet."""
+    import array
+
+    data = bytes(range(256)) * 64
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    blocks: list[bytes] = []
+    runner.storage.file_sha256(path, blocks)
+    f = runner.storage.CheckedFile(path, blocks)
+    ints = array.array("i", [0] * 4)
+    assert f.readinto(ints) == 16 and ints.tobytes() == data[:16]
+    signed = bytearray(8)
+    assert f.readinto(memoryview(signed).cast("b")) == 8 and bytes(signed) == data[16:24]
+    f.close()
