@@ -1482,6 +1482,8 @@ class Job:
             try:
                 return self.read_prompts(lambda source: _rows_of(_checked(path, source), start, stop))
             except storage.ChangedUnderfoot as e:
+                # (blocks of another file once at this path: a job without a checksum keeps none of its own)
+                _BLOCKS.pop(str(path), None)
                 if (why := prompts_problem(self, afresh=True)) is not None or last:
                     raise BrokenJob(
                         why or f"prompts.parquet changed while read ({e})", repairable=False

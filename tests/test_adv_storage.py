@@ -251,3 +251,28 @@ def test_a_checked_file_reads_into_any_writable_buffer(tmp_path):
     signed = bytearray(8)
     assert f.readinto(memoryview(signed).cast("b")) == 8 and bytes(signed) == data[16:24]
     f.close()
+
+
+def test_a_units_rows_of_a_job_without_a_checksum_are_not_read_against_another_jobs_blocks(
+    tmp_path, tiny_gpt2
+):
+    """The blocks a process hashed of prompts.parquet are kept by path (jobdir._BLOCKS). A job stored before
+    its prompts.parquet had a checksum, at a path where this process had hashed another job's file (a notebook
+    that ran a job in out/x, then one copied from an older run into out/x): its file was read against the other
+    file's blocks, hashed again (nothing to check: no checksum), read so once more, and the sound job was
+    broken, "prompts.parquet changed while read"."""
+    import dataclasses
+
+    rows = [{"id": f"r{i}", "prompt": f"Prompt {i} says"} for i in range(4)]
+    first = create_job(
+        write_jsonl(tmp_path / "a.jsonl", rows), tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "x"
+    )
+    assert jobdir.prompts_problem(first, afresh=True) is None  # a worker's start hash: its blocks kept
+    blocks = jobdir._BLOCKS[str(first.dir / "prompts.parquet")]
+    other = [{"id": f"o{i}", "prompt": f"Other prompt {i} here, longer"} for i in range(4)]
+    second = create_job(write_jsonl(tmp_path / "b.jsonl", other), tiny_gpt2, PARAMS, OPTIONS,
+                        job_dir=tmp_path / "y")  # fmt: skip
+    (first.dir / "prompts.parquet").write_bytes((second.dir / "prompts.parquet").read_bytes())
+    old = Job(first.dir, dataclasses.replace(second.spec, prompts_sha256=None))
+    assert jobdir._BLOCKS[str(old.dir / "prompts.parquet")] is blocks
+    assert list(old.read_rows(0, 4).column("prompt").to_pylist()) == [r["prompt"] for r in other]
