@@ -544,15 +544,16 @@ def _read_results_file(path: Path, read_parquet: Callable[[Path], pa.Table]) -> 
                           "pandas)") from None  # fmt: skip
 
 
-def _completed_now(job: Any) -> bool:
-    """Whether the job's state reads as completed; False where it cannot be read now (its rows are read all the
-    same, and `_warn_if_partial` says the state could not be read)."""
+def _completed_now(job: Any) -> int | None:
+    """The retry generation of the job's state where it reads as completed, else None (also where it cannot be
+    read now: its rows are read all the same, and `_warn_if_partial` says the state could not be read)."""
     from .jobdir import JobState, state_as_read
 
     try:
-        return state_as_read(job)[0].state is JobState.COMPLETED
+        state = state_as_read(job)[0]
     except (RunnerError, OSError):
-        return False
+        return None
+    return state.generation if state.state is JobState.COMPLETED else None
 
 
 def to_pandas(table: pa.Table) -> pd.DataFrame:
@@ -572,12 +573,12 @@ def to_pandas(table: pa.Table) -> pd.DataFrame:
     return df
 
 
-def _warn_if_partial(job: Any, rows: int, completed: bool = False) -> str:
+def _warn_if_partial(job: Any, rows: int, completed: int | None = None) -> str:
     """Results missing rows are said, not silent: those of a job not complete yet (queued, running, cancelled,
     failed), and those of a completed job that lost rows since (a damaged commit: `runner repair`). A job with
     all its `rows` is not asked about (no second read of the ledger). Returns why rows were lost (a broken job,
-    or one whose state could not be read, or that was `completed` already when fewer rows were read than the
-    second read finds: an export then must not pass for whole), else ""."""
+    or one whose state could not be read, or that was `completed` already (its generation) when fewer rows
+    were read than the second read finds: an export then must not pass for whole), else ""."""
     from .job_status import job_status
 
     if rows >= job.spec.total:
@@ -597,7 +598,13 @@ def _warn_if_partial(job: Any, rows: int, completed: bool = False) -> str:
         warnings.warn(f"job {s.id} is broken: {s.message}; these are {rows:,} of its {job.spec.total:,} results",
                       stacklevel=4)  # fmt: skip
         return f"job {s.id} is broken: {s.message}"
-    elif s.state == "completed" and completed and s.done > rows:
+    # (completed again since, by a `runner retry` of its row errors: completed while read, as below)
+    elif (
+        s.state == "completed"
+        and completed is not None
+        and s.done > rows
+        and _completed_now(job) == completed
+    ):
         # completed before its rows were read: the listing read them from missed commits the second read sees (a
         # mount showing files late, catching up meanwhile); an export of half passed for whole (exit 0)
         lost = (

@@ -276,3 +276,33 @@ def test_a_units_rows_of_a_job_without_a_checksum_are_not_read_against_another_j
     old = Job(first.dir, dataclasses.replace(second.spec, prompts_sha256=None))
     assert jobdir._BLOCKS[str(old.dir / "prompts.parquet")] is blocks
     assert list(old.read_rows(0, 4).column("prompt").to_pylist()) == [r["prompt"] for r in other]
+
+
+def test_an_export_of_a_job_retried_and_completed_again_while_read_exits_0(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """No fault: a job completed with a row error when `runner results --to` began; `runner retry` and a worker
+    computed that row and completed it again while the export read the rows. The export is the job as it stood
+    (all its rows then), warned of as for a job completed while read, exit 0: it exited 1 saying "the folder
+    listed fewer commits than a second look found (a mount that shows files late?)"."""
+    from helpers import completed_with_a_row_error, run_until_done
+
+    from runner import results
+
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
+                     unit_rows=2)  # fmt: skip
+    completed_with_a_row_error(job, gpt2_engine, monkeypatch)
+    real = results.read_results_table
+
+    def read_then_retried(job_):
+        table = real(job_)
+        jobdir.retry(job)  # meanwhile: `runner retry`, then `runner work` computes r1
+        run_until_done(job, gpt2_engine)
+        return table
+
+    monkeypatch.setattr(results, "read_results_table", read_then_retried)
+    result = invoke("--home", runner_home, "results", job.id, "--to", tmp_path / "out.jsonl")
+    assert result.exit_code == 0 and "completed while its results were being read" in result.output, (
+        result.output
+    )
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
