@@ -231,10 +231,11 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 2 (2026-12-06), a Parquet column keeps its Arrow type and a
-# .txt line of Unicode spaces is blank; 1, a job without it: `runner repair` rebuilds its prompts.parquet and
-# errors.jsonl as its submit wrote them, or their checksums differ and it cannot
-READING = 2
+# How a file is read (job.json's input "reading"): 3 (2026-12-06, later), an embedding request may ask for
+# base64; 2 (2026-12-06), a Parquet column keeps its Arrow type and a .txt line of Unicode spaces is blank; 1, a
+# job without it: `runner repair` rebuilds its prompts.parquet and errors.jsonl as its submit wrote them, or
+# their checksums differ and it cannot
+READING = 3
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -990,6 +991,8 @@ class RowChecker:
     names) to read OpenAI Batch request lines against. `chat`: plain prompts go through the chat template as
     one user message."""
 
+    reading = READING  # how its file is read (`PromptReader`: a job of before, as job.json says)
+
     def __init__(
         self,
         name: str,
@@ -1027,7 +1030,7 @@ class RowChecker:
             self._refuse_options_a_batch_file_sets(lineno)
         if self._requests:
             cid = obj.get("custom_id")  # where a refused line has one, it names it in the Batch error file
-            obj, fld, why = openai_batch.request_row(obj, *self.batch)
+            obj, fld, why = openai_batch.request_row(obj, *self.batch, base64=self.reading >= 3)
             if obj is None:
                 return Problem(self.name, lineno, fld, why, cid if isinstance(cid, str) and cid else None)
             request = obj.pop("_request")

@@ -75,12 +75,18 @@ def says_greedy(params: Any) -> bool:
 
 
 def request_row(
-    obj: dict[str, Any], kind: str, models: tuple[str, ...], greedy: bool = False, logprobs: bool = False
+    obj: dict[str, Any],
+    kind: str,
+    models: tuple[str, ...],
+    greedy: bool = False,
+    logprobs: bool = False,
+    base64: bool = True,
 ) -> tuple[dict[str, Any] | None, str | None, str]:
     """The input row a Batch request line stands for, or (None, field, problem). `models`: the names
     `body.model` may take (the model given with --model, its folder name, and --served-model-name); `greedy`:
     the job says greedy (`says_greedy`); `logprobs`: the job keeps log-probs (--logprobs), which a request that
-    asks none gets."""
+    asks none gets; `base64`: an embedding may be asked as base64 (False: refused, as a job read before
+    2026-12-06's reading 3 refused it)."""
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
         return None, "custom_id", "must be a non-empty string (every Batch request has one)"
@@ -104,11 +110,17 @@ def request_row(
     body = obj.get("body")
     if not isinstance(body, dict):
         return None, "body", "must be a JSON object"
-    return _body_row(cid, url, body, models, greedy, logprobs)
+    return _body_row(cid, url, body, models, greedy, logprobs, base64)
 
 
 def _body_row(
-    cid: str, url: str, body: dict[str, Any], models: tuple[str, ...], greedy: bool, logprobs: bool
+    cid: str,
+    url: str,
+    body: dict[str, Any],
+    models: tuple[str, ...],
+    greedy: bool,
+    logprobs: bool,
+    base64: bool,
 ) -> tuple[Any, str | None, str]:
     model = body.get("model")
     if not isinstance(model, str) or model not in models:
@@ -134,7 +146,7 @@ def _body_row(
     # the API samples at temperature 1 unless told otherwise (a temperature given decides, in row_params)
     if url != EMBEDDINGS and body.get("temperature") is None and not greedy:
         row["do_sample"] = True
-    problem = _special_fields(url, body, row, logprobs)
+    problem = _special_fields(url, body, row, logprobs, base64)
     if problem:
         return None, problem[0], problem[1]
     if url == COMPLETIONS and not isinstance(body.get("prompt"), str):
@@ -148,6 +160,8 @@ def _body_row(
     if url == CHAT and body.get("top_logprobs") is not None:
         names["logprobs"] = "top_logprobs"
     row["_request"] = {"url": url, "model": model, "echo": bool(body.get("echo")), "names": names}
+    if body.get("encoding_format") == "base64":  # (recorded only so: the rows of before read the same)
+        row["_request"]["encoding_format"] = "base64"
     return row, None, ""
 
 
@@ -167,7 +181,7 @@ def _n(body: dict[str, Any]) -> Any:
 
 
 def _special_fields(
-    url: str, body: dict[str, Any], row: dict[str, Any], job_logprobs: bool
+    url: str, body: dict[str, Any], row: dict[str, Any], job_logprobs: bool, base64: bool = True
 ) -> tuple[str, str] | None:
     """logprobs / top_logprobs / echo / best_of / encoding_format: each endpoint spells them its own way.
     `job_logprobs`: the job keeps log-probs, so echo's prompt log-probs are kept for a request that asks none
@@ -204,8 +218,8 @@ def _special_fields(
         for key in ("logprobs", "top_logprobs", "echo", "best_of"):
             if body.get(key) is not None:  # (null asks for nothing, as the SDK's model_dump() writes it)
                 return f"body.{key}", f"is not a field of {url}"
-        if body.get("encoding_format") not in (None, "float"):
-            return "body.encoding_format", "only float is supported"
+        if body.get("encoding_format") not in (None, "float", *(["base64"] if base64 else [])):
+            return "body.encoding_format", "must be float or base64" if base64 else "only float is supported"
     if url != EMBEDDINGS and body.get("encoding_format") is not None:
         return "body.encoding_format", f"is not a field of {url}"
     return None
@@ -805,11 +819,20 @@ def _offsets_from_start(prompt: str, pieces: list[str], special: set[str]) -> li
 
 
 def _embedding(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int) -> dict[str, Any]:
+    """An embedding response: the vector as numbers, or with `encoding_format: base64` as the API sends it,
+    its float32 values little-endian in base64 (what the openai SDK decodes with numpy.frombuffer)."""
+    import base64
+
+    import numpy as np
+
     r = rows.iloc[0]
     n = int(r["num_tokens"])
+    vector: Any = [float(x) for x in r["embedding"]]
+    if req.get("encoding_format") == "base64":
+        vector = base64.b64encode(np.asarray(r["embedding"], dtype="<f4").tobytes()).decode("ascii")
     return {
         "object": "list",
-        "data": [{"object": "embedding", "index": 0, "embedding": [float(x) for x in r["embedding"]]}],
+        "data": [{"object": "embedding", "index": 0, "embedding": vector}],
         "model": req["model"],
         "usage": {"prompt_tokens": n, "total_tokens": n},
     }

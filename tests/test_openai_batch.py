@@ -318,6 +318,45 @@ def test_embeddings_batch(tmp_path, tiny_gpt2):
     assert [check_output_line(x).data[0].index for x in lines] == [0, 0, 0]
 
 
+def test_an_embedding_asked_as_base64_is_its_float32_values_as_the_sdk_decodes_them(tmp_path, tiny_gpt2):
+    """`encoding_format: "base64"` (what the openai SDK's embeddings.create sends unless told otherwise, and
+    vLLM answers) was refused, "only float is supported": it is the vector's float32 values, little-endian, in
+    base64, which the SDK's own parser turns back into the numbers a float request gets. A job read before
+    reading 3 refuses it still (`runner repair` rebuilds such a job's files as its submit wrote them)."""
+    import base64
+
+    import numpy as np
+
+    from runner.openai_batch import request_row
+    from runner.params import EmbedParams
+
+    bodies = [{"encoding_format": f} for f in ("base64", "float", None)]
+    reqs = [request(f"e{i}", "/v1/embeddings", {"model": "tiny-gpt2", "input": "same text", **b})
+            for i, b in enumerate(bodies)]  # fmt: skip
+    path = write_jsonl(tmp_path / "e.jsonl", reqs)
+    job, _ = runner.run(path, tiny_gpt2, EmbedParams(), output=tmp_path / "job", echo=None,
+                        served_model_names=("tiny-gpt2",))  # fmt: skip
+    export(Job.open(job.dir), tmp_path / "out.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    encoded = lines[0]["response"]["body"]["data"][0]["embedding"]
+    assert isinstance(encoded, str)
+    decoded = np.frombuffer(base64.b64decode(encoded), dtype="float32").tolist()  # (the SDK's parser)
+    assert (
+        decoded
+        == lines[1]["response"]["body"]["data"][0]["embedding"]
+        == lines[2]["response"]["body"]["data"][0]["embedding"]
+    )
+    lines[0]["response"]["body"]["data"][0]["embedding"] = decoded
+    assert all(check_output_line(x) is not None for x in lines)
+    row, field, why = request_row(reqs[0], "embed", ("tiny-gpt2",), base64=False)
+    assert row is None and (field, why) == ("body.encoding_format", "only float is supported")
+    bad = {**reqs[0], "body": {**reqs[0]["body"], "encoding_format": "int8"}}
+    assert request_row(bad, "embed", ("tiny-gpt2",))[1:] == (
+        "body.encoding_format",
+        "must be float or base64",
+    )
+
+
 def test_an_embeddings_input_over_the_window_is_named_input_as_the_body_spells_it(tmp_path, tiny_gpt2):
     """An over-long /v1/embeddings input was refused naming `text` (runner's own column), which the request
     does not have; an empty one was already named `input` (adversarial pass 121)."""

@@ -11,6 +11,7 @@ from helpers import commit_row_error, invoke, run_until_done, write_jsonl
 
 import runner
 from runner import EngineOptions, jobdir, storage
+from runner.inputs import READING
 from runner.jobs import Job, create_job
 from runner.params import EmbedParams, ScoreParams
 from runner.results import valid_shards
@@ -401,7 +402,7 @@ def test_repair_reads_the_input_of_a_job_of_before_as_its_submit_did(tmp_path, t
     (tmp_path / "t.txt").write_text("hello there\n\u3000\u3000\nworld again\n", encoding="utf-8")
     for name, typ, invalid in (("f.parquet", pa.float64(), 0), ("t.txt", None, 1)):
         job = create_job(tmp_path / name, tiny_gpt2, ScoreParams(), skip_invalid=True)
-        assert job.meta["input"]["reading"] == 2 and job.meta["input"]["invalid"] == 0
+        assert job.meta["input"]["reading"] == READING and job.meta["input"]["invalid"] == 0
         meta = {**job.meta, "input": {k: v for k, v in job.meta["input"].items() if k != "reading"}}
         before = Job(job.dir, dataclasses.replace(job.spec, meta=meta))  # as job.json of before holds it
         out = tmp_path / f"re-{name}"
