@@ -243,7 +243,13 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     requests that could not be done as Batch error lines to `errors_out` (default: beside `out`, `.errors`
     inserted before the suffix). Both files are written whole or not at all. Returns how many of each."""
     from . import jobdir, storage
-    from .results import Exported, load_results
+    from .results import (
+        LOCAL_EXPORT_PREFIX,
+        Exported,
+        load_results,
+        local_temp_prefix,
+        sweep_killed_local_temps,
+    )
 
     if job.kind not in ("generate", "embed"):
         raise RunnerError(
@@ -266,7 +272,8 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     failed = {e["id"]: e for e in everything if e.get("stage") != "validate"}
     texts = _token_text(job) if job.kind == "generate" else None
     at, written = 0, 0
-    with tempfile.TemporaryDirectory(prefix="runner-export-") as tmp:
+    sweep_killed_local_temps(LOCAL_EXPORT_PREFIX)  # (a SIGKILL skips the cleanup: a copy of a whole output)
+    with tempfile.TemporaryDirectory(prefix=local_temp_prefix(LOCAL_EXPORT_PREFIX)) as tmp:
         lines_file = Path(tmp) / "lines.jsonl"  # written line by line, then copied into place whole
         with open(lines_file, "w", encoding="utf-8") as lines:
             for row, (cid, req, prompt_ids, line, n) in enumerate(_requests(job)):

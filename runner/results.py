@@ -301,9 +301,9 @@ def write_local_shard(table: pa.Table, metadata: dict[str, str] | None = None) -
     for k, v in (metadata or {}).items():
         meta[f"runner.{k}".encode()] = v.encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
-    _sweep_killed_local_shards()
+    sweep_killed_local_temps()
     try:
-        tmp = tempfile.mkdtemp(prefix=_local_shard_prefix())
+        tmp = tempfile.mkdtemp(prefix=local_temp_prefix())
     except OSError as e:
         raise _local_disk_error(e) from e
     try:
@@ -320,40 +320,42 @@ def write_local_shard(table: pa.Table, metadata: dict[str, str] | None = None) -
 
 
 LOCAL_SHARD_PREFIX = "runner-shard-"
+LOCAL_EXPORT_PREFIX = "runner-export-"  # (openai_batch.export stages its two files there)
 # a local shard lives for seconds; one this old was left by a killed process
 LOCAL_SHARD_MAX_AGE = 24 * 3600.0
 
 
-def _local_shard_prefix() -> str:
-    """runner-shard-TAG-PID-: whose folder it is (storage.namespace_tag: a pid means this process only there)."""
-    return f"{LOCAL_SHARD_PREFIX}{storage.namespace_tag()}-{os.getpid()}-"
+def local_temp_prefix(kind: str = LOCAL_SHARD_PREFIX) -> str:
+    """runner-shard-TAG-PID- (or another `kind`): whose folder it is (storage.namespace_tag: a pid means this
+    process only there)."""
+    return f"{kind}{storage.namespace_tag()}-{os.getpid()}-"
 
 
 @functools.cache
-def _sweep_killed_local_shards() -> None:
-    """Once per process: remove the local shard folders that killed workers left in the temp folder (a SIGKILL
-    skips the cleanup; on one's own machine each kill left one, up to a shard's size): at once where the folder
-    names a process of this machine that has ended, else once a day old; never a live process's (a worker
-    stopped for a day, or a clock stepped a day ahead, had the folder it was writing taken; pass 131)."""
+def sweep_killed_local_temps(kind: str = LOCAL_SHARD_PREFIX) -> None:
+    """Once per process: remove the local folders of `kind` (shards; an OpenAI export's staged files) that killed
+    processes left in the temp folder (a SIGKILL skips the cleanup; on one's own machine each kill left one, up
+    to a shard's or a whole export's size): at once where the folder names a process of this machine that has
+    ended, else once a day old; never a live process's (a worker stopped for a day, or a clock stepped a day
+    ahead, had the folder it was writing taken; pass 131)."""
     import time
 
     root = Path(tempfile.gettempdir())
     try:
-        found = [(p, time.time() - p.lstat().st_mtime) for p in root.glob(LOCAL_SHARD_PREFIX + "*")
-                 if not p.is_symlink()]  # fmt: skip
+        found = [(p, time.time() - p.lstat().st_mtime) for p in root.glob(kind + "*") if not p.is_symlink()]
     except OSError:
         return
     for folder, age in found:
-        owner = _owner(folder.name)
+        owner = _owner(folder.name, kind)
         if not storage.pid_exists(owner) if owner is not None else age > LOCAL_SHARD_MAX_AGE:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _owner(name: str) -> int | None:
-    """The pid of the process of this machine that made the local shard folder `name` (`_local_shard_prefix`);
+def _owner(name: str, kind: str) -> int | None:
+    """The pid of the process of this machine that made the local folder `name` (`local_temp_prefix(kind)`);
     None where the name says no such thing (another boot or PID namespace, or another name): a pid means the
     same process only under the same tag."""
-    tag, _, rest = name[len(LOCAL_SHARD_PREFIX) :].partition("-")
+    tag, _, rest = name[len(kind) :].partition("-")
     pid = rest.partition("-")[0]
     return int(pid) if tag == storage.namespace_tag() and pid.isdigit() else None
 

@@ -209,7 +209,7 @@ def test_local_shard_folders_left_by_killed_workers_are_swept_once_a_day_old(tmp
     from runner import results
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    results._sweep_killed_local_shards.cache_clear()
+    results.sweep_killed_local_temps.cache_clear()
     old, fresh, other = (tmp_path / n for n in ("runner-shard-old", "runner-shard-fresh", "someone-elses"))
     for folder in (old, fresh, other):
         folder.mkdir()
@@ -260,7 +260,7 @@ def test_a_day_old_local_shard_folder_of_a_live_process_is_not_swept(tmp_path, m
     from runner import results, storage
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    results._sweep_killed_local_shards.cache_clear()
+    results.sweep_killed_local_temps.cache_clear()
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
@@ -293,7 +293,7 @@ def test_a_fresh_local_shard_folder_of_an_ended_process_of_this_machine_is_swept
     from runner import results, storage
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    results._sweep_killed_local_shards.cache_clear()
+    results.sweep_killed_local_temps.cache_clear()
     gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)  # fmt: skip
     tag = storage.namespace_tag()
