@@ -66,6 +66,16 @@ def reference_run(root: Path, model: str, rows: list[dict], params, options, uni
     return prompts, runner.load_results(ref.dir)
 
 
+def prepared_job(root: Path, model: str, rows: list[dict], params, options, unit_rows: int | None = None):
+    """`reference_run` of ROWS, and a job of the same prompts not run yet (ROOT/template, in units of
+    `unit_rows`) for each test to copy (`fresh_copy`): (template folder, reference results)."""
+    from runner.jobs import create_job
+
+    prompts, ref = reference_run(root, model, rows, params, options)
+    template = create_job(prompts, model, params, options, job_dir=root / "template", unit_rows=unit_rows)
+    return template.dir, ref
+
+
 def fresh_copy(root: Path, template: Path) -> tuple[Path, Path]:
     """A copy of a prepared job folder as the only job of the home ROOT/home: (home, job folder)."""
     home = root / "home"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import workers
-from helpers import assert_exactly_once, fresh_copy, reference_run, write_jsonl
+from helpers import assert_exactly_once, fresh_copy, prepared_job, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, jobdir
@@ -23,9 +23,7 @@ N = 8
 def prepared(tmp_path_factory, tiny_gpt2):
     root = tmp_path_factory.mktemp("adv")
     rows = [{"id": f"a{i:02d}", "prompt": f"The old man said {i}"} for i in range(N)]
-    prompts, ref = reference_run(root, tiny_gpt2, rows, PARAMS, OPTIONS)
-    template = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "template", unit_rows=2)
-    return template.dir, ref
+    return prepared_job(root, tiny_gpt2, rows, PARAMS, OPTIONS, unit_rows=2)
 
 
 def finish(home, job_dir, ref):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import workers
-from helpers import assert_exactly_once, fresh_copy, reference_run
+from helpers import assert_exactly_once, fresh_copy, prepared_job
 
 import runner
 import runner.jobs as jobs
@@ -33,10 +33,9 @@ def prepared(tmp_path_factory, tiny_gpt2):
     rows = [
         {"id": f"r{i:02d}", "prompt": " ".join(words[: 2 + i % len(words)]), "k": i} for i in range(N_PROMPTS)
     ]
-    prompts, ref = reference_run(root, tiny_gpt2, rows, PARAMS, OPTIONS)
+    template, ref = prepared_job(root, tiny_gpt2, rows, PARAMS, OPTIONS)
     assert len(ref) == N_PROMPTS * N_SAMPLES
-    template = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "template")
-    return template.dir, ref
+    return template, ref
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from helpers import assert_exactly_once, fresh_copy, reference_run
+from helpers import assert_exactly_once, fresh_copy, prepared_job
 from workers import run_runner
 
 import runner
@@ -27,9 +27,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 def prepared(tmp_path_factory, tiny_gpt2):
     root = tmp_path_factory.mktemp("many")
     rows = [{"id": f"q{i:02d}", "prompt": f"Every student reads {i}"} for i in range(N)]
-    prompts, ref = reference_run(root, tiny_gpt2, rows, PARAMS, OPTIONS)
-    template = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "template", unit_rows=3)
-    return template.dir, ref
+    return prepared_job(root, tiny_gpt2, rows, PARAMS, OPTIONS, unit_rows=3)
 
 
 def test_two_workers_share_a_job_by_units_and_it_completes_once(tmp_path, prepared, tiny_gpt2, monkeypatch):

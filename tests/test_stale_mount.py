@@ -23,12 +23,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import assert_exactly_once, fresh_copy, reference_run
+from helpers import assert_exactly_once, fresh_copy, prepared_job
 from workers import worker_env
 
 import runner
 from runner import EngineOptions, GenerationParams
-from runner.jobs import create_job
 
 pytestmark = pytest.mark.slow  # real worker processes
 
@@ -52,9 +51,7 @@ def prepared(tmp_path_factory, tiny_gpt2):
     """(template job folder, reference results): N rows x 2 samples in units of UNIT_ROWS rows."""
     root = tmp_path_factory.mktemp("stale")
     rows = [{"id": f"q{i:02d}", "prompt": f"Every student reads {i}"} for i in range(N)]
-    prompts, ref = reference_run(root, tiny_gpt2, rows, PARAMS, OPTIONS)
-    template = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "template", unit_rows=UNIT_ROWS)
-    return template.dir, ref
+    return prepared_job(root, tiny_gpt2, rows, PARAMS, OPTIONS, unit_rows=UNIT_ROWS)
 
 
 class Trial:
