@@ -2296,8 +2296,8 @@ def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = F
         not afresh and stamp in (_HASHED.get(str(path)), verifier and verifier.cache.get(PROMPTS))
     ):
         return None
-    blocks: list[bytes] = []  # (each try from the start)
-    if storage.retry(lambda: storage.file_sha256(path, _cleared(blocks)), f"read {path}") != expected:
+    blocks: list[bytes] = []
+    if storage.retry(lambda: storage.file_sha256(path, blocks), f"read {path}") != expected:
         # what vouched for it (bytes changed under unchanged times: a power cut, bit rot) is dropped, so that
         # `runner status` hashes it again and says broken too, not queued for ever (pass 122)
         _HASHED.pop(str(path), None)
@@ -2313,11 +2313,6 @@ def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = F
         verifier.cache[PROMPTS] = stamp
         verifier.dirty = True
     return None
-
-
-def _cleared(items: list[Any]) -> list[Any]:
-    items.clear()
-    return items
 
 
 # prompts.parquet files this process hashed and found sound, with their stamps: where verified.json cannot be

@@ -181,7 +181,7 @@ def _n(body: dict[str, Any]) -> Any:
 
 
 def _special_fields(
-    url: str, body: dict[str, Any], row: dict[str, Any], job_logprobs: bool, base64: bool = True
+    url: str, body: dict[str, Any], row: dict[str, Any], job_logprobs: bool, base64: bool
 ) -> tuple[str, str] | None:
     """logprobs / top_logprobs / echo / best_of / encoding_format: each endpoint spells them its own way.
     `job_logprobs`: the job keeps log-probs, so echo's prompt log-probs are kept for a request that asks none

@@ -414,10 +414,12 @@ BLOCK = 1 << 20  # the bytes of a block (`file_sha256`'s `blocks`, `CheckedFile`
 
 
 def file_sha256(path: str | os.PathLike, blocks: list[bytes] | None = None) -> str:
-    """The sha256 of the file at `path`; with `blocks`, each BLOCK of it is also digested there, in order
-    (`CheckedFile` reads parts of the file later against them)."""
+    """The sha256 of the file at `path`; with `blocks`, each BLOCK of it is also digested there, in order, the
+    list emptied first (a read tried again starts over; `CheckedFile` reads parts of the file against them)."""
     h = hashlib.sha256()
     _plain(path)
+    if blocks is not None:
+        blocks.clear()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(BLOCK), b""):
             h.update(chunk)
