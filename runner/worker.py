@@ -174,7 +174,6 @@ class JobRun:
         self.generated = self.tokens = self.errors = self.retried = 0
         self.slowest = 0.0
         self.stopped = False
-        self.stopped_by_cancel = False  # (RunSummary.cancelled)
         # time.monotonic() of the last look (a wall clock stepped back an hour would put the next one off an hour)
         self.cancel_checked, self.was_cancelled = -math.inf, False
         self.known_state: StateRecord | None = None  # the job's state as this worker last read it (`state`)
@@ -566,7 +565,7 @@ class JobRun:
             self.flight.settle(self.suspected)  # the outcome is buffered: these keys are no longer in flight
         except Stopped:  # cancelled mid-batch: nothing of this batch is kept, nothing else is lost
             self.keep_suspect(suspect)
-            self.stopped = self.stopped_by_cancel = True  # (the task's stop is `cancelled`)
+            self.stopped = True  # (the task's stop is `cancelled`: `was_cancelled` says so)
             assert self.progress is not None
             self.progress.update(-self.counted[0], -self.counted[1])  # nor counted
             return
@@ -782,8 +781,7 @@ class JobRun:
             return True
         if self.beat is not None and self.beat.error is not None:
             return True
-        self.stopped_by_cancel = self.cancelled()
-        return self.stopped_by_cancel
+        return self.cancelled()
 
     def cancelled(self) -> bool:
         """The job was cancelled: its state is looked at every few seconds (also between decode steps)."""
@@ -868,7 +866,7 @@ class JobRun:
         others = len([w for w in progress.live if w != self.owner.worker])
         return RunSummary(self.job.id, progress.done, progress.total, self.generated, self.tokens, seconds,
                           progress.failed, progress.complete, others, self.stopped,
-                          cancelled=self.stopped and self.stopped_by_cancel)  # fmt: skip
+                          cancelled=self.stopped and self.was_cancelled)  # fmt: skip
 
     def computing_seconds(self) -> float:
         """Seconds since this run began computing (the model loaded), as the progress line's rates count: the
