@@ -491,7 +491,8 @@ def _csv_records(f: Any) -> Iterator[tuple[list[str], int]]:
     """Each CSV record of `f` and the file line it ends on, as the `csv` module reads them but with no limit on a
     cell's size: pyarrow reads a cell of any size, and the module stops at its field size limit (131,072
     characters, a long document), where the lines counted beside pyarrow parted from its rows. The limit is the
-    module's, for the whole process: raised for each record only, then set back."""
+    module's, for the whole process: raised for each record only, then set back. A last record that ends inside
+    a quoted cell raises _UnclosedQuote (`_refuse_unclosed`: its lines are held while it is read)."""
     import csv
 
     held: list[str] = []
@@ -509,9 +510,7 @@ def _csv_records(f: Any) -> Iterator[tuple[list[str], int]]:
         limit = csv.field_size_limit(2**31 - 1)  # (a C long on every platform)
         try:
             cells = next(reader, None)
-            if (
-                cells is not None and ended[0]
-            ):  # the last record: read again, strictly, to see it end in quotes
+            if cells is not None and ended[0]:  # the last record: does it end in a quote?
                 _refuse_unclosed(held, len(cells) - 1)
         finally:
             csv.field_size_limit(limit)
