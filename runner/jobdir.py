@@ -2210,8 +2210,7 @@ class Verifier:
         if self.cache.get(commit.name) == stamp:
             self.trusted.add(commit.name)
             return None
-        data, why = read_shard(self.job, commit)  # missing now: quarantined by another worker meanwhile
-        why = why or check_shard_bytes(data, commit, self.job)
+        why = read_checked_shard(self.job, commit)[1]  # missing now: quarantined by another worker meanwhile
         if why is None:
             self.cache[commit.name] = stamp
             self.trusted.add(commit.name)
@@ -2374,6 +2373,20 @@ def read_shard(job: Job, commit: Commit) -> tuple[bytes, str | None]:
         if isinstance(e.__cause__, IsADirectoryError):  # storage's word for a folder, FIFO... (not a file)
             return b"", "its shard is not a plain file"
         raise
+
+
+def read_checked_shard(job: Job, commit: Commit) -> tuple[bytes, str | None]:
+    """(a commit's shard bytes, None), or (what was read, why they are not what its marker vouches for). Bytes
+    that do not check are read once more before they are taken for damage: a torn read on a network mount (a
+    page dropped or served stale, once) made a worker quarantine a sound commit and compute its rows again, and
+    an export leave them out. Damage reads back the same; a torn read does not. Transient errors raise
+    StorageError."""
+    data, why = read_shard(job, commit)
+    why = why or check_shard_bytes(data, commit, job)
+    if why is not None and data:
+        data, why = read_shard(job, commit)
+        why = why or check_shard_bytes(data, commit, job)
+    return data, why
 
 
 def check_shard_bytes(data: bytes, commit: Commit, job: Job) -> str | None:

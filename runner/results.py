@@ -415,10 +415,9 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
     import pyarrow.parquet as pq
 
     from .jobdir import (
-        check_shard_bytes,
         forget_verified,
+        read_checked_shard,
         read_ledger,
-        read_shard,
         read_shard_bytes,
         state_as_read,
     )
@@ -427,8 +426,7 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
     for c in read_ledger(job, verify=False, generation=state_as_read(job)[0].generation).commits:
         if not c.shard:
             continue
-        data, why = read_shard(job, c)
-        why = why or check_shard_bytes(data, c, job)
+        data, why = read_checked_shard(job, c)
         if why is not None:
             warnings.warn(f"{job.dir}: commit {c.name} left out: {why} (run `runner repair "
                           f"{shlex.quote(str(job.dir))}`)", stacklevel=3)  # fmt: skip
