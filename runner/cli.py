@@ -19,6 +19,7 @@ import click
 
 from . import __version__
 from .errors import ParamError, RunnerError, command
+from .faults import fault_point
 from .params import DTYPE_ALIASES, DTYPES, unescape
 from .progress import counted
 
@@ -785,6 +786,7 @@ def _work_here(home, job_ref, deadline, once, shard_rows, shard_minutes, device,
     make_current(device)
     with _ctrl_c_stops() as stop:
         _end_with_launcher()
+        fault_point("worker_start")  # (a test stops one worker of `--workers N` here: it never claims a unit)
         summaries = work_loop(home, job=job_ref, deadline=deadline, once=once, shard_rows=shard_rows,
                               shard_seconds=shard_minutes * 60, stop=stop, echo=_echo, device=device,
                               on_failed=failed.append, on_unrunnable=unrunnable.append,
@@ -996,10 +998,11 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
         sig: signal.signal(sig, lambda signum, _: [p.send_signal(signum) for p in procs]) for sig in _stops()
     }
     try:
-        codes = [p.wait() for p in procs]
+        let_go = _wait_for_workers(procs)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    codes = [0 if p in let_go else p.returncode for p in procs]
     for i, (p, code) in enumerate(zip(procs, codes, strict=True), 1):
         if code < 0:  # killed by a signal: SIGKILL is the out-of-memory killer's
             name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
@@ -1007,6 +1010,49 @@ def _run_processes(home: str | None, args: list[str], devices: list[str | None])
                   f"{' (out of memory?)' if -code == signal.SIGKILL else ''}; the units it held are taken over "
                   "by the other workers once its claims go stale, or by the next `runner work`")  # fmt: skip
     return next((c if c > 0 else 1 for c in codes if c), 0)
+
+
+def _wait_for_workers(procs: list[Any]) -> list[Any]:
+    """Wait for every worker process to end; returns those let go. A worker stopped by a signal (SIGSTOP: frozen
+    past its lease, its units taken over by the others) while every other one has ended is let go: SIGTERM,
+    then SIGCONT, and it stops as on `kill PID`, writing only what it still may. The command waited for it for
+    ever once the others had finished the work. Workers all stopped while none has ended (paused on purpose,
+    `kill -STOP`) are waited for. Where the system cannot say a child stopped (no WUNTRACED), a plain wait."""
+    import signal
+
+    if not hasattr(os, "WUNTRACED"):
+        for p in procs:
+            p.wait()
+        return []
+    stopped: set[int] = set()
+    let_go: list[Any] = []
+    while live := {p.pid: p for p in procs if p.returncode is None}:
+        if set(live) <= stopped and len(live) < len(procs):
+            for p in (p for p in live.values() if p not in let_go):
+                let_go.append(p)
+                _echo(f"worker process {procs.index(p) + 1} (pid {p.pid}) is stopped (SIGSTOP) and the others have "
+                      "ended: it is let go on to stop (its units were taken over or are left for the next "
+                      "`runner work`)")  # fmt: skip
+                p.send_signal(signal.SIGTERM)
+                p.send_signal(signal.SIGCONT)
+        try:
+            pid, status = os.waitpid(-1, os.WUNTRACED | os.WCONTINUED)
+        except (
+            ChildProcessError
+        ):  # each one reaped already (by a signal's forwarding: Popen.send_signal polls)
+            for p in live.values():
+                p.wait()  # (its code as the poll read it)
+            continue
+        if pid not in live:
+            continue
+        if os.WIFSTOPPED(status):
+            stopped.add(pid)
+        elif os.WIFCONTINUED(status):
+            stopped.discard(pid)
+        else:
+            live[pid].returncode = os.waitstatus_to_exitcode(status)
+            stopped.discard(pid)
+    return let_go
 
 
 def _threads_each(processes: int) -> dict[str, str]:

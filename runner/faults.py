@@ -18,14 +18,18 @@ ENV = "RUNNER_FAULT"
 
 def fault_point(name: str) -> None:
     """SIGKILL this process if RUNNER_FAULT names this point (optionally `name:N` = from the N-th visit on;
-    `name:N:SIGINT` sends that signal instead, as a Ctrl-C there would)."""
+    `name:N:SIGINT` sends that signal instead, as a Ctrl-C there would; `name:N:SIGSTOP:w2` only in worker
+    process w2 of `runner work --workers N`)."""
     wanted = os.environ.get(ENV)
     if not wanted:
         return
     point, _, rest = wanted.partition(":")
     if point != name:
         return
-    nth, _, sig = rest.partition(":")
+    nth, _, rest = rest.partition(":")
+    sig, _, label = rest.partition(":")
+    if label and os.environ.get("RUNNER_WORKER_LABEL") != label:
+        return
     count = _visits.get(name, 0) + 1
     _visits[name] = count
     if count >= int(nth or 1):

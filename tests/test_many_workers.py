@@ -3,6 +3,7 @@ worker's. In process (two workers in threads, with events deciding who does what
 3`, and under torchrun (one process per LOCAL_RANK)."""
 
 import json
+import signal
 import threading
 import time
 
@@ -90,6 +91,19 @@ def test_three_worker_processes_finish_one_job_like_one_worker(tmp_path, prepare
 
 
 @pytest.mark.slow
+def test_a_worker_process_stopped_while_the_other_does_the_job_does_not_hold_the_command(tmp_path, prepared):
+    """Worker w2 of `--workers 2` stops (SIGSTOP) before it claims anything; w1 does the whole job and ends. The
+    command waited for w2 for ever; it lets it go and ends, the job done once."""
+    home, job_dir = fresh_copy(tmp_path, prepared[0])
+    code, out = run_runner("--home", home, "work", "--workers", 2, "--job", job_dir, "--shard-rows", 2,
+                           env_extra={**ONE_THREAD, "RUNNER_FAULT": "worker_start:1:SIGSTOP:w2"}, timeout=600)  # fmt: skip
+    assert code == 0 and "Traceback" not in out, out
+    assert "worker process 2 (pid " in out and "is stopped (SIGSTOP) and the others have ended" in out, out
+    assert "[runner w2]" not in out.split("is stopped (SIGSTOP)")[0], out  # it never began
+    assert_exactly_once(job_dir, prepared[1])
+
+
+@pytest.mark.slow
 def test_worker_processes_share_the_cpu_cores_not_each_take_them_all(tmp_path, prepared, monkeypatch):
     """`--workers 2` on a CPU: each process gets its share of the cores (torch would start a thread per core in
     each: 2 processes x all cores fighting over the cores); a user's OMP_NUM_THREADS is kept."""
@@ -126,26 +140,63 @@ def test_gpus_needs_a_gpu_and_says_so(tmp_path):
     assert code == 1 and "no CUDA GPU is visible" in out and "--workers N" in out
 
 
+STOPPED, CONTINUED = (signal.SIGSTOP << 8) | 0x7F, 0xFFFF  # wait statuses, as os.waitpid reports them
+
+
+def fake_workers(monkeypatch, statuses: list[tuple[int, int]], after_signals=()) -> list[tuple[int, int]]:
+    """Worker processes 4000, 4001... whose os.waitpid statuses come in the order of `statuses` (pid, status),
+    then those of `after_signals` once a signal was sent; the signals sent are listed."""
+    import os
+    import subprocess
+
+    made, sent, queue = [], [], list(statuses)
+
+    class Worker:
+        def __init__(self, args, env=None, **how):
+            self.pid, self.returncode = 4000 + len(made), None
+            made.append(self)
+
+        def send_signal(self, sig):
+            sent.append((self.pid, sig))
+            queue.extend(after_signals if len(sent) == 1 else ())
+
+    monkeypatch.setattr(subprocess, "Popen", Worker)
+    monkeypatch.setattr(os, "waitpid", lambda pid, options: queue.pop(0))
+    return sent
+
+
+def test_a_worker_process_stopped_once_the_others_ended_is_let_go(monkeypatch, capsys):
+    """`runner work --workers 2` with one worker frozen past its lease (SIGSTOP): the other took its units over
+    and finished the job, and the command waited for the stopped one for ever. It is now let go (SIGTERM, then
+    SIGCONT) and the command ends, 0: the work is done."""
+    from runner import cli
+
+    sent = fake_workers(monkeypatch, [(4001, STOPPED), (4000, 0)], after_signals=[(4001, signal.SIGTERM)])
+    assert cli._run_processes(None, [], [None, None]) == 0
+    assert sent == [(4001, signal.SIGTERM), (4001, signal.SIGCONT)]
+    assert (
+        "worker process 2 (pid 4001) is stopped (SIGSTOP) and the others have ended"
+        in capsys.readouterr().err
+    )
+
+
+def test_worker_processes_all_stopped_are_waited_for(monkeypatch):
+    """Every worker stopped and none ended (paused on purpose, `kill -STOP`): none is let go; continued, they
+    end as usual."""
+    from runner import cli
+
+    sent = fake_workers(monkeypatch, [(4000, STOPPED), (4001, STOPPED), (4000, CONTINUED), (4001, CONTINUED),
+                                      (4001, 0), (4000, 3 << 8)])  # fmt: skip
+    assert cli._run_processes(None, [], [None, None]) == 3 and sent == []
+
+
 def test_a_worker_process_killed_by_a_signal_is_said_and_fails_the_command(monkeypatch, capsys):
     """`runner work --workers 2` with one worker killed (SIGKILL: the out-of-memory killer): the command exited
     247 (-9) without a word (adversarial pass 11). It now says which worker was killed by what, and what
     becomes of its units, and exits 1."""
-    import signal
-    import subprocess
-
     from runner import cli
 
-    made = []
-
-    class Worker:
-        def __init__(self, args, env=None, **how):
-            self.pid = 4000 + len(made)
-            made.append(self)
-
-        def wait(self):
-            return 0 if self.pid == 4000 else -signal.SIGKILL
-
-    monkeypatch.setattr(subprocess, "Popen", Worker)
+    fake_workers(monkeypatch, [(4000, 0), (4001, signal.SIGKILL)])
     assert cli._run_processes(None, [], [None, None]) == 1
     said = capsys.readouterr().err
     assert "worker process 2 (pid 4001) was killed by SIGKILL (out of memory?)" in said
