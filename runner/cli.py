@@ -1037,9 +1037,8 @@ def _wait_for_workers(procs: list[Any]) -> list[Any]:
                 p.send_signal(signal.SIGCONT)
         try:
             pid, status = os.waitpid(-1, os.WUNTRACED | os.WCONTINUED)
-        except (
-            ChildProcessError
-        ):  # each one reaped already (by a signal's forwarding: Popen.send_signal polls)
+        # each one reaped already (by a signal's forwarding: Popen.send_signal polls)
+        except ChildProcessError:
             for p in live.values():
                 p.wait()  # (its code as the poll read it)
             continue
