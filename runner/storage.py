@@ -11,6 +11,7 @@ Temp files start with "." so folder listings that look for results never see the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -395,6 +396,45 @@ def publish(
     _replace_into(
         Path(target), fill, f"write {target}", temp=owned_temp_name if owned else temp_name, check=check
     )
+
+
+LOCK_TRIES = 200  # x LOCK_WAIT seconds: the longest `folder_lock` waits for another holder before going on
+LOCK_WAIT = 0.05
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[bool]:
+    """An advisory lock (flock) on `folder` for a short read-modify-write by processes of this machine; yields
+    whether it was taken. A holder killed lets it go with its process (nothing is left to go stale); one frozen
+    (SIGSTOP) holds it, so it is waited for LOCK_TRIES x LOCK_WAIT seconds and then gone on without. Where the
+    system has no flock (Windows) or the file system refuses it, it is gone on without at once. Processes on
+    other machines sharing a mount are not kept out (a mount's flock is this machine's only)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        yield _take(fd, fcntl)
+    finally:
+        os.close(fd)  # (lets the lock go)
+
+
+def _take(fd: int, fcntl: Any) -> bool:
+    for _ in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(LOCK_WAIT)
+        except OSError:
+            return False  # (no locks on this file system)
+    return False
 
 
 def json_checksum(record: dict[str, Any], field: str = "check") -> str:

@@ -875,18 +875,33 @@ class JobRun:
 
     def record_stats(self, poisoned: bool = False) -> None:
         """Append this run to stats.json. After a device error (`poisoned`) the device is not asked for its
-        peak memory: the call itself could fail."""
+        peak memory: the call itself could fail. The file is read and written again under the job folder's
+        lock: two workers of `runner work --workers N` ending at once (as they do at the job's end) both read
+        it before either wrote it, and one run's line was lost."""
+        if self.engine is None:
+            return
+        line = self._stats_line(poisoned)
+        with storage.folder_lock(self.job.dir):
+            try:
+                stats = {"runs": self.job.read_stats(for_update=True)["runs"]}
+            except (
+                storage.StorageError
+            ) as e:  # (only informative: this run's line is left out, the history kept)
+                with contextlib.suppress(RunnerError):
+                    self.job.log(f"stats.json not updated: {first_line(e)}")
+                return
+            stats["runs"].append(line)
+            stats["tokens"] = sum(int(r.get("tokens") or 0) for r in stats["runs"])
+            stats["seconds"] = round(sum(float(r.get("seconds") or 0) for r in stats["runs"]), 3)
+            stats["check"] = storage.json_checksum(
+                stats
+            )  # a changed digit is noticed, not shown (read_stats)
+            storage.write_json(self.job.dir / jobdir.STATS_FILE, stats)
+
+    def _stats_line(self, poisoned: bool) -> dict[str, Any]:
         engine = self.engine
-        if engine is None:
-            return
         seconds, computing = time.perf_counter() - self.t0, self.computing_seconds()
-        try:
-            stats = {"runs": self.job.read_stats(for_update=True)["runs"]}
-        except storage.StorageError as e:  # (only informative: this run's line is left out, the history kept)
-            with contextlib.suppress(RunnerError):
-                self.job.log(f"stats.json not updated: {first_line(e)}")
-            return
-        stats["runs"].append({
+        return {
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "worker": self.owner.worker,
             "device": str(engine.device),
@@ -900,11 +915,7 @@ class JobRun:
             "float32_retries": self.retried,  # rows whose logits overflowed, recomputed in float32
             "speedups": engine.speedups,
             "cpu_threads": _cpu_threads(),
-        })  # fmt: skip
-        stats["tokens"] = sum(int(r.get("tokens") or 0) for r in stats["runs"])
-        stats["seconds"] = round(sum(float(r.get("seconds") or 0) for r in stats["runs"]), 3)
-        stats["check"] = storage.json_checksum(stats)  # a changed digit is noticed, not shown (read_stats)
-        storage.write_json(self.job.dir / jobdir.STATS_FILE, stats)
+        }  # fmt: skip
 
 
 def _cpu_threads() -> int:

@@ -17,7 +17,7 @@ from runner.job_status import job_status, status_table
 from runner.jobdir import Heartbeat, Job, JobState, Owner, read_state, take_unit
 from runner.jobs import create_job
 from runner.scheduler import queue, work
-from runner.worker import run_job
+from runner.worker import JobRun, run_job
 
 
 @pytest.fixture
@@ -1504,6 +1504,46 @@ def test_a_stats_json_that_does_not_read_for_now_is_not_written_over(
     monkeypatch.setattr(storage, "read_json", real)
     assert Job.open(job.dir).read_stats()["runs"] == [first]  # the first run's line, not the second's alone
     assert "stats.json not updated" in (job.dir / "log.txt").read_text()
+
+
+def test_two_runs_ending_at_once_both_keep_their_line_in_stats_json(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """Two workers of one job ending at once (`runner work --workers 2` at the job's end): both read stats.json
+    before either wrote it, and the first one's run line was written over. B arrives while A has read the file
+    and not yet written it; A goes on once B is there (waiting for the lock, or reading without one)."""
+    import threading
+
+    from runner import storage
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, {"prompt": "Hello"}])
+    job = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=tmp_path / "job")
+    a_reading, b_arrived = threading.Event(), threading.Event()
+    real_read, real_take = Job.read_stats, storage._take
+
+    def read_stats(self, for_update=False):
+        if for_update and threading.current_thread().name == "A":
+            a_reading.set()
+            assert b_arrived.wait(timeout=600)
+        elif for_update:
+            b_arrived.set()
+        return real_read(self, for_update)
+
+    def take(fd, fcntl):
+        if threading.current_thread().name == "B":
+            b_arrived.set()
+        return real_take(fd, fcntl)
+
+    monkeypatch.setattr(Job, "read_stats", read_stats)
+    monkeypatch.setattr(storage, "_take", take)
+    runs = [threading.Thread(target=JobRun(Job.open(job.dir), gpt2_engine, None, 2, 60.0, None, None, None, 120.0,
+                                           None).record_stats, name=n) for n in "AB"]  # fmt: skip
+    runs[0].start()
+    assert a_reading.wait(timeout=600)
+    runs[1].start()
+    for t in runs:
+        t.join()
+    assert len(real_read(Job.open(job.dir))["runs"]) == 2
 
 
 def test_a_worker_that_waited_for_another_says_how_the_job_ended(prompts_file, tiny_gpt2, gpt2_engine,
