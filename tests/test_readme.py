@@ -86,6 +86,15 @@ def test_the_readme_shows_offline_commands():
     assert len(code) >= 3 and any("runner.run(" in c for c in code) and any("out/people" in c for c in code)
 
 
+def test_the_readme_names_every_per_row_setting():
+    """Each field a row may set its own generation settings by (params.ROW_SETTINGS) is named in the README's
+    "Settings per row" (num_beams and the beam fields were accepted per row and named nowhere)."""
+    from runner.params import ROW_SETTINGS
+
+    section = README.split("### Settings per row", 1)[1].split("\n### ", 1)[0]
+    assert [f for f in ROW_SETTINGS if f"`{f}`" not in section] == []
+
+
 def test_readme_commands_run_as_printed(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     env = worker_env({"RUNNER_HOME": str(tmp_path / "jobs")})
