@@ -2540,13 +2540,9 @@ def read_ledger(
                     accepted = seal_epoch(job, unit, epoch)
                 if accepted is not None and n not in accepted:
                     continue  # committed after its epoch was sealed: a stale worker's, never counted
-            marker = verifier.markers.get(n)
-            if marker is None:
-                marker = _read_json_or_none(job.dir / MARKERS / f"{n}.json")
-                if isinstance(marker, dict):
-                    verifier.markers[n] = marker
-                elif storage.kind(job.dir / MARKERS / f"{n}.json") is None:
-                    continue  # moved to quarantine by another worker since the listing
+            marker = verifier.markers.get(n) or _read_marker(job, n, verifier)
+            if marker is None and storage.kind(job.dir / MARKERS / f"{n}.json") is None:
+                continue  # moved to quarantine by another worker since the listing
             why = _check_marker(n, marker, job.spec)
             commit = Commit(n, unit, epoch, marker if isinstance(marker, dict) else {})
             if why is None and verify:
@@ -2558,6 +2554,20 @@ def read_ledger(
     if seal:
         verifier.save()
     return Ledger(job, commits, bad, generation, current, claims, verifier)
+
+
+def _read_marker(job: Job, name: str, verifier: Verifier) -> Any:
+    """A commit marker as read (None: missing, or not JSON), kept in `verifier` once it makes sense. One that does
+    not is read once more before it is taken for damage: a torn read on a network mount (cut short, or a digit
+    other than it is, once) made a worker quarantine a sound commit, and a marker read so was kept as read for
+    the rest of the process, so that no later look could find it sound."""
+    path = job.dir / MARKERS / f"{name}.json"
+    marker = _read_json_or_none(path)
+    if _check_marker(name, marker, job.spec) is not None:
+        marker = _read_json_or_none(path)
+    if isinstance(marker, dict) and _check_marker(name, marker, job.spec) is None:
+        verifier.markers[name] = marker
+    return marker
 
 
 def _read_claims(job: Job) -> tuple[dict[int, str], dict[tuple[int, int], set[str] | None], dict[int, int]]:

@@ -9,12 +9,14 @@
   itself within ten minutes;
 * a shard read back other than it is, once (a torn read on a network mount): the worker quarantined the sound
   commit and computed its rows again, and an export left its rows out. Bytes that do not check are read once
-  more before they are taken for damage (`jobdir.read_checked_shard`).
+  more before they are taken for damage (`jobdir.read_checked_shard`); so is a commit marker that does not make
+  sense as read (`jobdir._read_marker`), and only one that does is kept for the rest of the process.
 """
 
 import errno
 import json
 import os
+import pathlib
 import time
 import warnings
 
@@ -247,6 +249,32 @@ def test_a_torn_read_of_a_sound_shard_is_read_again_not_quarantined(
         warnings.simplefilter("error")
         assert runner.load_results(job.dir).equals(expected)
     assert len(torn) == 2 and list((job.dir / "quarantine").iterdir()) == []
+
+
+def test_a_torn_read_of_a_sound_marker_is_read_again_not_quarantined(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """A commit marker read back torn, once (its JSON cut short, or a digit other than it is): the worker took the
+    sound commit for damage and quarantined it, and a marker that read as JSON but failed its checksum was kept
+    as read for the rest of the process, so no later look could find it sound."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "a",
+                     unit_rows=2)  # fmt: skip
+    run_job(job, gpt2_engine, echo=None)
+    real, torn = runner.storage.read_json, []
+
+    def read_json(path):
+        if "/done/" in str(path) and str(path) not in torn:
+            torn.append(str(path))
+            text = pathlib.Path(path).read_text()
+            if len(torn) == 2:
+                return json.loads(text[:9])  # cut short: ValueError
+            return {**json.loads(text), "rows": 3}  # a digit other than it is
+        return real(path)
+
+    monkeypatch.setattr(runner.storage, "read_json", read_json)
+    ledger = jobdir.read_ledger(job, seal=True)
+    assert len(torn) == 2 and ledger.bad == [] and len(ledger.commits) == 2
+    assert list((job.dir / "quarantine").iterdir()) == []
 
 
 def test_a_shard_that_reads_back_damaged_twice_is_still_damage(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch):
