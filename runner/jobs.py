@@ -24,6 +24,7 @@ import re
 import secrets
 import shlex
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -791,7 +792,7 @@ def _claim_name(root: Path, claim: _Claim, job_id: str, temp: str | None) -> str
             if _in_home(root, holder):
                 if claim.counts is None or claim.counts(holder):
                     return holder
-            elif not _stale_claim(path, held) or temp is None:
+            elif temp is None or not (_stale_claim(path, held) or _left_unfilled(path, temp)):
                 raise RunnerError(
                     f"{claim.label} is claimed by another submit (job {holder or '?'}) that is being written "
                     f"right now or was killed; run this submit again in a moment (it then returns that job). A "
@@ -845,6 +846,29 @@ def _stale_claim(path: Path, held: Any) -> bool:
     # (dated ahead by more than the wait itself, its date is not believed: a submit killed on a VM whose clock ran
     # days ahead kept its name claimed for days, while the message said ten minutes)
     return (owner is not None and owner.provably_dead()) or abs(age) > STALE_CLAIM_SECONDS
+
+
+def _left_unfilled(path: Path, temp: str) -> bool:
+    """An empty claim no live submit can still fill: where hard links are missing a claim is created empty and
+    then filled, and a submit killed in between left it so, refusing its name (or its file and settings) for
+    STALE_CLAIM_SECONDS to every later submit, told to run again "in a moment" (pass 183). Its submit keeps its
+    temp folder in the home until the claim is filled; so when the home holds no such folder but ours (`temp`)
+    whose process may be alive (gone from this machine is provably dead; another machine's may live), and the
+    claim is still empty after looking (filled meanwhile, its folder may have just moved in), its submit was
+    killed in between."""
+    if _size(path) != 0:
+        return False
+    for name in jobdir.scan(path.parent.parent, dirs=True):
+        owned = storage.OWNED_TEMP.fullmatch(name)
+        if owned is not None and name != temp and not storage.writer_gone(owned):
+            return False
+    return _size(path) == 0
+
+
+def _size(path: Path) -> int | None:
+    """The size of the file at `path`; None when nothing, or something else than a plain file, is there."""
+    st = jobdir._lstat_or_none(path)
+    return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
 
 
 def _vocab_size(config: Any) -> int | None:
