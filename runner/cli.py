@@ -1377,6 +1377,10 @@ def repair(ctx: click.Context, job_ref: str) -> None:
         which = f"`runner {r.damaged_aside}`" if r.damaged_aside else "`runner cancel` or `runner retry`"
         _echo(f"a state record in transit was damaged (now in quarantine/); what it recorded no longer counts: if "
               f"you ran {which} on this job lately, run it again")  # fmt: skip
+    for name in r.foreign_records:
+        _echo(f"{name} was another job's state record (copied in from its folder): set aside in quarantine/; what "
+              "this job's own record at that name said, if it had one, is lost: if you ran `runner cancel` or "
+              "`runner retry` on it lately, run it again")  # fmt: skip
     if r.unrestorable:  # the job stays broken: `runner repair JOB && runner work` must not go on (pass 122)
         raise RunnerError(f"prompts.parquet or errors.jsonl is damaged and was not written again: {r.unrestorable} "
                           "(if that can be put right, run this repair again; else submit the file again)")  # fmt: skip

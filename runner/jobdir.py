@@ -10,7 +10,8 @@ asks it.
     errors.jsonl      input rows found invalid at submit (--skip-invalid; its sha256 is in job.json); never changed
     state/SSSSSSSS.json  the job's state records, each created exclusively over the one before (see below): queued,
                       cancelled, completed, failed, the retry generation, who recorded it, its own checksum
-                      (`check`: a changed byte is noticed, not obeyed). The newest counts.
+                      (`check`: a changed byte is noticed, not obeyed) and the job it was written for (in
+                      its writer token: one copied in from another job's folder is not obeyed). The newest counts.
                       Workers never record "running": running is a fact about live workers. (Jobs of older
                       versions, before their first record: state.json, completed.json, failed.json.)
     claims/UUUUU-EEEEEEEE.json       the claim of epoch E on unit U (created exclusively: one owner per epoch)
@@ -774,10 +775,10 @@ def record_name(seq: int) -> str:
     return f"{seq:08d}.json"
 
 
-def read_state(job_dir: Path) -> StateRecord:
+def read_state(job_dir: Path, job_id: str | None = None) -> StateRecord:
     """The job's state: its newest state record, state/SEQ.json (unreadable, invalid or empty: BrokenJob, never
     an older record's guess); with none, what a job of an older runner version stored (`_legacy_state`; none:
-    queued)."""
+    queued). With `job_id`, a newest record written for another job is ForeignRecord."""
     job_dir = Path(job_dir)
     for pause in [*GONE_PAUSES, None]:
         names = _state_names(job_dir)
@@ -788,7 +789,7 @@ def read_state(job_dir: Path) -> StateRecord:
             if transit is not None:
                 newest = _parse_state(json.loads(transit), record_name(newest.seq + 1), newest.seq + 1)
                 newest = replace(newest, transit=True)
-            return _late_word_stands(job_dir, newest)
+            return _late_word_stands(job_dir, _own_record(newest, job_id))
         except _RecordGone as e:
             if pause is None:
                 raise BrokenJob(str(e)) from None
@@ -946,6 +947,23 @@ def _quarantine_damaged_asides(job: Job) -> str | None:
     return said
 
 
+def _quarantine_foreign_records(job: Job) -> list[str]:
+    """`repair`: the state records written for another job (copied in from its folder: `record_job`) moved into
+    quarantine/, said in the job's log; their names. What the job's own record at such a name said is lost."""
+    moved = []
+    for seq in _record_seqs(job.dir):
+        try:
+            other = record_job(_read_record(job.dir, seq, wait=False))
+        except BrokenJob:  # damaged, empty or not a file: the state repair decides over it
+            continue
+        if other not in (None, job.id):
+            name = f"{STATES}/{record_name(seq)}"
+            move_aside(job.dir, name)
+            job.log(f"repair: {name} was written for job {other} (copied in?); set aside in {QUARANTINE}/")
+            moved.append(name)
+    return moved
+
+
 def _empty(path: Path) -> bool:
     try:
         return storage.kind(path) == "file" and not storage.read_bytes(path)
@@ -1088,7 +1106,7 @@ def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) ->
     if read.seq == 0:
         _fence_older_runners(Path(job_dir))
     storage.ensure_dir(folder)
-    seq, token, now = read.seq + 1, secrets.token_hex(8), time.time()
+    seq, token, now = read.seq + 1, _writer_token(Path(job_dir)), time.time()
     path = folder / record_name(seq)
     if not _stands_at_its_name(Path(job_dir), read.seq, read.writer, read.transit):
         return None  # decided over a record in transit, whose place another record took meanwhile
@@ -1108,6 +1126,36 @@ def record_state(job_dir: Path, read: StateRecord, new: StateRecord, by: str) ->
     if read.blind and by in ("completed", "failed") and _late_word_since(Path(job_dir), read, ours):
         return None
     return ours
+
+
+def _writer_token(job_dir: Path) -> str:
+    """A new record's writer token: random, after the id of the job its job.json holds ("ID:TOKEN"), so that a
+    record copied in from another job's folder is noticed (`record_job`), not obeyed (adversarial pass 182: a
+    `cancel` copied in from a job of the same input cancelled this one without a word). In the token, not a field
+    of its own: runners that refuse fields no record has read these records as before."""
+    meta = _read_json_or_none(job_dir / JOB_FILE) if storage.kind(job_dir / JOB_FILE) == "file" else None
+    token = secrets.token_hex(8)
+    return f"{meta['id']}:{token}" if _valid_spec(meta) else token
+
+
+def record_job(record: StateRecord) -> str | None:
+    """The id of the job a state record was written for (`_writer_token`); None for a record that does not say
+    (an earlier runner's)."""
+    job_id, sep, _ = (record.writer or "").rpartition(":")
+    return job_id if sep else None
+
+
+class ForeignRecord(BrokenJob):
+    """The job's newest state record was written for another job (copied in from its folder)."""
+
+
+def _own_record(record: StateRecord, job_id: str | None) -> StateRecord:
+    """`record`, unless it says it was written for another job than `job_id` (ForeignRecord)."""
+    other = record_job(record)
+    if job_id is None or other is None or other == job_id:
+        return record
+    raise ForeignRecord(f"{STATES}/{record_name(record.seq)} was written for job {other}, not this one (copied in "
+                        f"from its folder?); `runner repair` sets it aside")  # fmt: skip
 
 
 def _late_word_since(job_dir: Path, read: StateRecord, ours: StateRecord) -> bool:
@@ -1205,7 +1253,7 @@ def change_state(job: Job, decide: Callable[[StateRecord], StateRecord | None], 
     """A command's transition: `decide` maps the state read to the one to record (None: leave it; it may
     raise to refuse), tried again over whatever another writer recorded meanwhile. Returns the state after."""
     while True:
-        old = read_state(job.dir)
+        old = job.state()
         new = decide(old)
         if new is None:
             return old
@@ -1368,7 +1416,17 @@ class Job:
     meta = property(lambda self: self.spec.meta)
 
     def state(self) -> StateRecord:
-        return read_state(self.dir)
+        """The job's state (`read_state`). A newest record of another job is one copied in (ForeignRecord),
+        unless job.json is now that job's (the folder deleted and that job submitted to it: JobReplaced), or the
+        folder's results or name say job.json is the one copied in: the state is then read as before, and what
+        checks the results says so (`same_job_as_backup`, verification), as it did before records named a job."""
+        try:
+            return read_state(self.dir, self.id)
+        except ForeignRecord:
+            check_still_this_job(self)
+            if _other_job_here(self.dir, self.id, _shards_job_ids(self.dir, enough=self.id)) is None:
+                raise
+            return read_state(self.dir)
 
     def set_state(
         self, state: JobState, error: str | None = None, generation: int | None = None
@@ -2517,7 +2575,7 @@ def read_ledger(
     """Read every commit of the job and keep those that count: markers of each unit's newest epoch and those
     listed in the seals of older epochs, whose shards verify. `seal`: fix the seal of each superseded
     epoch that has none (workers do; readers only look). Transient errors raise StorageError."""
-    generation = read_state(job.dir).generation if generation is None else generation
+    generation = job.state().generation if generation is None else generation
     # the markers listed before the seals are read: a seal written meanwhile still judges the markers listed (a
     # superseded worker's late marker, landing between the two reads, was counted as if its epoch had no seal,
     # then dropped out at the next read; pass 74)
@@ -2896,6 +2954,7 @@ class RepairReport:
     aside_word: str | None = None
     restored_inputs: list[str] = field(default_factory=list)  # written again from the input file (jobs.py)
     unrestorable: str | None = None  # why prompts.parquet / errors.jsonl, damaged, could not be written again
+    foreign_records: list[str] = field(default_factory=list)  # state records of another job, set aside
 
 
 def _claimed_writer(job_dir: Path, seq: int) -> str | None:
@@ -2969,6 +3028,7 @@ def _mended_folder(path: Path, report: RepairReport) -> Job:
 def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     """The rest of `repair`, once the job opens: its state, its commits, what stands in the wrong place."""
     report.damaged_aside = _quarantine_damaged_asides(job)
+    report.foreign_records = _quarantine_foreign_records(job)
     try:  # the state repair decides over (a command may record another meanwhile)
         read: StateRecord | None = read_state(job.dir)
         report.state_was, generation = read.state.value, read.generation

@@ -4,23 +4,35 @@ job.json and its backup (each field: a digit, a string, removed, another type), 
 each kind of file deleted; and files copied in from another job of the same input. What it found:
 
 * a number of job.json rewritten as its equal of another type (`1.0` as `1`, as JavaScript's JSON writes it;
-  `true` as `1`): the job was broken ("does not match its checksum; `runner repair` restores it from
+  `false` as `0`): the job was broken ("does not match its checksum; `runner repair` restores it from
   job.backup.json"), and `runner repair` failed saying the same, for ever: it compared job.json with its backup
-  by Python's ==, which takes 1 for 1.0 and for true, and so left the damaged file in place.
+  by Python's ==, which takes 1 for 1.0 and for true, and so left the damaged file in place;
+* a state record copied in from another job's folder (a `cancel` of a job of the same input, as a new record
+  or over one of this job's of the same name) was obeyed without a word: the job read cancelled, and a
+  completed job too. A record now names the job it was written for (in its writer token): one of another job
+  makes the job broken, naming it, and `runner repair` sets it aside.
 """
 
 import json
+import shutil
 
 import pytest
-from helpers import invoke, write_jsonl
+from helpers import assert_exactly_once, invoke, prepared_job, write_jsonl
 
 import runner
-from runner import EngineOptions, GenerationParams
+from runner import EngineOptions, GenerationParams, jobdir
 from runner.jobs import create_job
+from runner.worker import run_job
 
 PARAMS = GenerationParams(max_new_tokens=2, temperature=1.0, seed=11)
 OPTIONS = EngineOptions(batch_size=2)
 ROWS = [{"id": f"r{i}", "prompt": f"Every student reads {i} books"} for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_gpt2):
+    """A job of ROWS not run yet (units of 2 rows), and the results of an uninterrupted run."""
+    return prepared_job(tmp_path_factory.mktemp("damage"), tiny_gpt2, ROWS, PARAMS, OPTIONS, unit_rows=2)
 
 
 @pytest.mark.parametrize(("field", "value"), [("top_p", 1), ("early_stopping", 0), ("temperature", True)])
@@ -40,3 +52,58 @@ def test_a_job_json_number_rewritten_as_its_equal_of_another_type_is_restored_by
     assert said.exit_code == 0 and "job.json restored from job.backup.json" in said.output, said.output
     assert (job.dir / "job.json").read_bytes() == (job.dir / "job.backup.json").read_bytes()
     assert runner.status(job.dir).state == "queued"
+
+
+def a_cancel_of_another_job(tmp_path, template):
+    """The state record of a `runner cancel` of another job of the same input (another seed)."""
+    other = create_job(template.parent / "p.jsonl", jobdir.Job.open(template).spec.model,
+                       GenerationParams(max_new_tokens=2, temperature=1.0, seed=12), OPTIONS,
+                       job_dir=tmp_path / "other")  # fmt: skip
+    runner.cancel(other.dir)
+    return other.dir / "state" / "00000001.json"
+
+
+@pytest.mark.parametrize("where", ["new", "over_its_own"])
+def test_a_state_record_copied_in_from_another_job_is_not_obeyed(tmp_path, prepared, gpt2_engine, where):
+    template, ref = prepared
+    home = tmp_path / "home"
+    shutil.copytree(template, home / "job")
+    job = jobdir.Job.open(home / "job")
+    run_job(job, gpt2_engine, echo=None, should_stop=lambda: any((job.dir / "done").glob("*.json")))
+    if where == "over_its_own":  # this job's own record (a cancel and a retry: queued, generation 1) replaced
+        runner.cancel(job.dir)
+        runner.retry(job.dir)
+        name = "00000002.json"
+    else:
+        name = "00000001.json"
+    (job.dir / "state").mkdir(exist_ok=True)
+    shutil.copy2(a_cancel_of_another_job(tmp_path, template), job.dir / "state" / name)
+    status = runner.status(job.dir)
+    assert status.state == "broken" and f"state/{name} was written for job" in status.message, status
+    with pytest.raises(runner.RunnerError, match=f"state/{name} was written for job .*runner repair"):
+        runner.load_results(job.dir)
+    said = invoke("--home", home, "work")
+    assert said.exit_code == 1 and "is broken" in said.output and "runner repair" in said.output, said.output
+    said = invoke("repair", job.dir)
+    assert said.exit_code == 0 and f"state/{name} was another job's state record" in said.output, said.output
+    if where == "over_its_own":  # its own retry, lost under the copy: run again, as repair says
+        assert runner.status(job.dir).state == "cancelled" and "run it again" in said.output
+        runner.retry(job.dir)
+    assert invoke("--home", home, "work").exit_code == 0
+    assert runner.status(job.dir).state == "completed"
+    assert_exactly_once(job.dir, ref)
+
+
+def test_a_completed_jobs_record_replaced_by_another_jobs_cancel_is_repaired_to_completed(
+    tmp_path, prepared, gpt2_engine
+):
+    template, ref = prepared
+    shutil.copytree(template, tmp_path / "job")
+    job = jobdir.Job.open(tmp_path / "job")
+    assert run_job(job, gpt2_engine, echo=None).finished
+    (record,) = (job.dir / "state").iterdir()  # the completion
+    shutil.copy2(a_cancel_of_another_job(tmp_path, template), record)
+    assert runner.status(job.dir).state == "broken"
+    assert runner.repair(job.dir).foreign_records == ["state/00000001.json"]
+    assert runner.status(job.dir).state == "completed"
+    assert_exactly_once(job.dir, ref)
