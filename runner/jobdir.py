@@ -1469,7 +1469,8 @@ class Job:
         """stats.json, or an empty record when it is missing or damaged (it is only informative): one that does
         not match its checksum too (a flipped digit was shown as a run's peak memory or speed; pass 142). A file
         there that did not read, or was damaged, is said in `problem` (the report said "no run has finished
-        yet" of a completed job). `for_update` (a run about to append itself): a file that does not read for
+        yet" of a completed job), and so is one of another job (`STATS_FOR`), whose runs were shown as this
+        job's (pass 182). `for_update` (a run about to append itself): a file that does not read for
         now (transient errors through the retries) raises its StorageError instead, so that the history of
         earlier runs is not written over with this one."""
         path = self.dir / STATS_FILE
@@ -1484,6 +1485,8 @@ class Job:
             stats = None
         if isinstance(stats, dict) and storage.fails_its_check(stats):
             stats = None  # (`check` is absent from an earlier runner's stats.json)
+        elif isinstance(stats, dict) and stats.get(STATS_FOR, self.id) != self.id:  # copied in: not our runs
+            stats, problem = {}, f"{STATS_FILE} is job {stats[STATS_FOR]}'s (copied in from its folder?)"
         runs = stats.get("runs") if isinstance(stats, dict) else None
         if not isinstance(runs, list) and problem is None and stats != {}:
             problem = f"{STATS_FILE} is damaged"
@@ -2302,6 +2305,7 @@ class Verifier:
 
 
 VERIFIED_FOR = "job"  # verified.json: the id of the job whose files it vouches for
+STATS_FOR = "job"  # stats.json: the id of the job whose runs it lists (absent from an earlier runner's)
 
 
 def other_job_named(job: Job) -> str | None:

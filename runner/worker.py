@@ -883,19 +883,17 @@ class JobRun:
         line = self._stats_line(poisoned)
         with storage.folder_lock(self.job.dir):
             try:
-                stats = {"runs": self.job.read_stats(for_update=True)["runs"]}
-            except (
-                storage.StorageError
-            ) as e:  # (only informative: this run's line is left out, the history kept)
+                stats = {jobdir.STATS_FOR: self.job.id, "runs": self.job.read_stats(for_update=True)["runs"]}
+            # (only informative: this run's line is left out, the history kept)
+            except storage.StorageError as e:
                 with contextlib.suppress(RunnerError):
                     self.job.log(f"stats.json not updated: {first_line(e)}")
                 return
             stats["runs"].append(line)
             stats["tokens"] = sum(int(r.get("tokens") or 0) for r in stats["runs"])
             stats["seconds"] = round(sum(float(r.get("seconds") or 0) for r in stats["runs"]), 3)
-            stats["check"] = storage.json_checksum(
-                stats
-            )  # a changed digit is noticed, not shown (read_stats)
+            # a changed digit is noticed, not shown (read_stats)
+            stats["check"] = storage.json_checksum(stats)
             storage.write_json(self.job.dir / jobdir.STATS_FILE, stats)
 
     def _stats_line(self, poisoned: bool) -> dict[str, Any]:

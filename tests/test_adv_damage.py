@@ -10,7 +10,9 @@ each kind of file deleted; and files copied in from another job of the same inpu
 * a state record copied in from another job's folder (a `cancel` of a job of the same input, as a new record
   or over one of this job's of the same name) was obeyed without a word: the job read cancelled, and a
   completed job too. A record now names the job it was written for (in its writer token): one of another job
-  makes the job broken, naming it, and `runner repair` sets it aside.
+  makes the job broken, naming it, and `runner repair` sets it aside;
+* stats.json copied in from another job's folder: `runner status` and `runner report` showed that job's runs
+  (speed, peak memory, workers) as this one's. It names its job now: another's is said, not shown.
 """
 
 import json
@@ -107,3 +109,21 @@ def test_a_completed_jobs_record_replaced_by_another_jobs_cancel_is_repaired_to_
     assert runner.repair(job.dir).foreign_records == ["state/00000001.json"]
     assert runner.status(job.dir).state == "completed"
     assert_exactly_once(job.dir, ref)
+
+
+def test_stats_json_copied_in_from_another_job_is_not_shown_as_this_ones(tmp_path, prepared, gpt2_engine):
+    template, _ = prepared
+    a = jobdir.Job.open(shutil.copytree(template, tmp_path / "a"))
+    b = create_job(template.parent / "p.jsonl", a.spec.model, GenerationParams(max_new_tokens=2, seed=12),
+                   OPTIONS, job_dir=tmp_path / "b")  # fmt: skip
+    assert run_job(b, gpt2_engine, echo=None).finished
+    (theirs,) = json.loads((b.dir / "stats.json").read_text())["runs"]
+    shutil.copy2(b.dir / "stats.json", a.dir / "stats.json")
+    page = runner.report(a.dir, tmp_path / "r.html").read_text()
+    assert theirs["worker"] not in page and f"stats.json is job {b.id}" in page
+    assert run_job(a, gpt2_engine, echo=None).finished  # its run is recorded as its first, not after theirs
+    (run,) = json.loads((a.dir / "stats.json").read_text())["runs"]
+    assert (
+        run["worker"] != theirs["worker"]
+        and runner.status(a.dir).tokens_per_second == run["tokens_per_second"]
+    )
