@@ -56,13 +56,22 @@ def write_jsonl(path: Path, rows: Iterable) -> Path:
 def reference_run(root: Path, model: str, rows: list[dict], params, options, unit_rows: int | None = None):
     """Write ROWS to ROOT/p.jsonl and run them as one uninterrupted job (ROOT/reference): the prompts file, and
     the results every interrupted, faulted or shared run of the same prompts must equal."""
+    import torch
+
     import runner
     from runner.jobs import create_job
     from runner.worker import run_job
 
     prompts = write_jsonl(root / "p.jsonl", rows)
     ref = create_job(prompts, model, params, options, job_dir=root / "reference", unit_rows=unit_rows)
-    run_job(ref, echo=None)
+    # on one thread, as the worker processes the tests start compute (a sum over two threads rounds otherwise,
+    # and a sampled token can differ: the tests of real workers failed when pytest ran without -n)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_job(ref, echo=None)
+    finally:
+        torch.set_num_threads(threads)
     return prompts, runner.load_results(ref.dir)
 
 
