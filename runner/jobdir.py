@@ -1924,6 +1924,19 @@ def _aside_name(path: Path) -> str:
 ASIDE = "aside"
 
 
+def read_again_if_damaged(read: Callable[[], T], damaged: Callable[[T], bool]) -> T:
+    """`read()`, done once more when what it gave looks damaged (`damaged(it)`) or does not parse (ValueError): a
+    torn read on a network mount (a page dropped or served stale, once) reads back whole the next time, where
+    damage reads back the same. The second read's answer stands, whatever it is. Taken for damage at once, one
+    such read quarantined a sound commit (pass 183), made a sound job broken, a worker drop a unit it held, a
+    repair set a sound prompts.parquet aside and record a state, and a run write stats.json over its history."""
+    try:
+        first = read()
+    except ValueError:
+        return read()
+    return read() if damaged(first) else first
+
+
 def _read_json_or_none(path: Path) -> Any:
     """A small metadata file: its JSON, or None when missing or damaged (transient errors still retry)."""
     try:
@@ -2443,12 +2456,12 @@ def read_checked_shard(job: Job, commit: Commit) -> tuple[bytes, str | None]:
     page dropped or served stale, once) made a worker quarantine a sound commit and compute its rows again, and
     an export leave them out. Damage reads back the same; a torn read does not. Transient errors raise
     StorageError."""
-    data, why = read_shard(job, commit)
-    why = why or check_shard_bytes(data, commit, job)
-    if why is not None and data:
+
+    def read() -> tuple[bytes, str | None]:
         data, why = read_shard(job, commit)
-        why = why or check_shard_bytes(data, commit, job)
-    return data, why
+        return data, why or check_shard_bytes(data, commit, job)
+
+    return read_again_if_damaged(read, lambda got: got[1] is not None and bool(got[0]))
 
 
 def check_shard_bytes(data: bytes, commit: Commit, job: Job) -> str | None:
@@ -2624,9 +2637,9 @@ def _read_marker(job: Job, name: str, verifier: Verifier) -> Any:
     other than it is, once) made a worker quarantine a sound commit, and a marker read so was kept as read for
     the rest of the process, so that no later look could find it sound."""
     path = job.dir / MARKERS / f"{name}.json"
-    marker = _read_json_or_none(path)
-    if _check_marker(name, marker, job.spec) is not None:
-        marker = _read_json_or_none(path)
+    marker = read_again_if_damaged(
+        lambda: _read_json_or_none(path), lambda m: _check_marker(name, m, job.spec) is not None
+    )
     if isinstance(marker, dict) and _check_marker(name, marker, job.spec) is None:
         verifier.markers[name] = marker
     return marker
