@@ -1001,6 +1001,16 @@ def _put_back(job_dir: Path, seq: int, data: bytes) -> None:
     create_exclusive_bytes(job_dir / STATES / record_name(seq), data)
 
 
+def _torn_record(data: bytes) -> bool:
+    """Whether a state record's bytes, not empty (an empty one is waited for: `_read_record`), are no whole
+    record: read once more before they are taken for damage (a torn read with a changed byte made the job broken
+    at that look, and `runner repair` recorded a state over the sound record)."""
+    try:
+        return bool(data) and _record_damage(json.loads(data)) is not None
+    except ValueError:
+        return bool(data)
+
+
 # Pauses before reading again a state record found empty or unreadable (`_read_record`)
 REREAD_PAUSES = (0.05, 0.2)
 
@@ -1018,7 +1028,7 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
     pauses = list(REREAD_PAUSES) if wait else []
     while True:
         try:
-            data = storage.read_bytes(path)
+            data = read_again_if_damaged(lambda: storage.read_bytes(path), _torn_record)
         except storage.StorageError as e:
             if isinstance(e.__cause__, FileNotFoundError):
                 raise _RecordGone(f"{name} is not a file (it went while being read)") from None
@@ -1355,8 +1365,8 @@ class Job:
                 raise BrokenJob(f"neither {JOB_FILE} nor {JOB_BACKUP} is a file (a link, a FIFO or the like "
                                 "stands there); submit the file again", repairable=False)  # fmt: skip
             raise RunnerError(f"{path} is not a runner job folder (no {JOB_FILE})")
-        try:
-            meta = storage.read_json(path / JOB_FILE)
+        try:  # (read once more before it is taken for damage: a torn read made the job broken for that look)
+            meta = read_again_if_damaged(lambda: storage.read_json(path / JOB_FILE), _torn_spec)
         except ValueError as e:
             raise _damaged_spec(path, f"job.json is damaged ({e})") from None
         except storage.StorageError as e:  # a folder there: damage repair sets aside, not a failing mount
@@ -1475,8 +1485,10 @@ class Job:
         earlier runs is not written over with this one."""
         path = self.dir / STATS_FILE
         problem = None
-        try:
-            stats = storage.read_json(path) if _lexists(path) else {}
+        try:  # (read once more before it is taken for damage: a run wrote a torn read over the whole history)
+            stats = read_again_if_damaged(
+                lambda: storage.read_json(path) if _lexists(path) else {}, _torn_stats
+            )
         except storage.StorageError as e:
             if for_update and e.unreadable_for_now:
                 raise
@@ -1550,6 +1562,18 @@ class Job:
                         why or f"prompts.parquet changed while read ({e})", repairable=False
                     ) from None
         raise AssertionError("unreachable")
+
+
+def _torn_spec(meta: Any) -> bool:
+    """Whether job.json as read is no object or fails its checksum (`Job.open` reads it once more first)."""
+    return not isinstance(meta, dict) or meta.get("spec_sha256") != spec_checksum(meta)
+
+
+def _torn_stats(stats: Any) -> bool:
+    """Whether stats.json as read is no whole record of runs (`Job.read_stats` reads it once more first)."""
+    return not (
+        isinstance(stats, dict) and isinstance(stats.get("runs", []), list)
+    ) or storage.fails_its_check(stats)
 
 
 def _checked(path: Path, source: Any) -> Any:
@@ -2371,7 +2395,8 @@ def prompts_problem(job: Job, verifier: Verifier | None = None, afresh: bool = F
     ):
         return None
     blocks: list[bytes] = []
-    if storage.retry(lambda: storage.file_sha256(path, blocks), f"read {path}") != expected:
+    # (hashed twice before it is damage: a torn read stopped a worker, and repair set the sound file aside)
+    if read_again_if_damaged(functools.partial(_sha256, path, blocks), lambda d: d != expected) != expected:
         # what vouched for it (bytes changed under unchanged times: a power cut, bit rot) is dropped, so that
         # `runner status` hashes it again and says broken too, not queued for ever (pass 122)
         _HASHED.pop(str(path), None)
@@ -2415,13 +2440,19 @@ def _invalid_mismatch(job: Job) -> str | None:
     if found != "file":
         return "it is missing" if found is None else f"a {found} stands there, not a file"
     if "invalid_sha256" in read:
-        same = storage.retry(lambda: storage.file_sha256(path), f"read {path}") == read["invalid_sha256"]
+        expected = read["invalid_sha256"]  # (hashed twice before it is damage: repair set a sound file aside)
+        same = read_again_if_damaged(functools.partial(_sha256, path), lambda d: d != expected) == expected
         return None if same else "it does not match its checksum"
     count = _count_objects(path)
     if count is None:
         return "a line is not a JSON object"
     expected = read.get("invalid")
     return None if count == expected else f"it lists {counted(count, 'lines')}, job.json counts {expected:,}"
+
+
+def _sha256(path: Path, blocks: list[bytes] | None = None) -> str:
+    """storage.file_sha256 of `path`, transient errors retried."""
+    return storage.retry(lambda: storage.file_sha256(path, blocks), f"read {path}")
 
 
 def _count_objects(path: Path) -> int | None:
@@ -2751,7 +2782,11 @@ def still_holds(job: Job, unit: int, epoch: int, worker: str | None = None) -> b
         return False
     if worker is None:
         return True
-    owner = _read_claim(job.dir / CLAIMS / claim_name(unit, epoch), unit).owner
+    # (read once more before the unit is taken for lost: a torn read made a worker drop the rows it had computed)
+    owner = read_again_if_damaged(
+        lambda: _read_claim(job.dir / CLAIMS / claim_name(unit, epoch), unit).owner,
+        lambda o: o is None or o.worker != worker,
+    )
     return owner is not None and owner.worker == worker
 
 
@@ -3366,8 +3401,12 @@ def same_job_as_backup(job: Job) -> bool:
     `Job.open`: `runner status` opens every job of a home, and on Drive each read is a round trip).
     A backup that is damaged or missing (job.json being this folder's) is written again from job.json, said
     in the job's log: True. Left so, the next damage to job.json would lose the job (pass 57)."""
-    try:
-        backup = _read_json_or_none(job.dir / JOB_BACKUP) if _lexists(job.dir / JOB_BACKUP) else None
+
+    def read() -> Any:
+        return _read_json_or_none(job.dir / JOB_BACKUP) if _lexists(job.dir / JOB_BACKUP) else None
+
+    try:  # (read once more before it is taken for damage and written again)
+        backup = read_again_if_damaged(read, lambda b: not _valid_spec(b))
     except storage.StorageError:  # unreadable: `repair` is the one that needs it
         return False
     if _valid_spec(backup) and backup["id"] != job.id:
