@@ -1466,14 +1466,26 @@ class Job:
 
     def invalid_rows(self) -> Iterator[dict[str, Any]]:
         """Input rows found invalid at submit (errors.jsonl), one at a time (there may be millions). A file that
-        is not the one submit wrote (`invalid_problem`) raises BrokenJob: it never reads as fewer or other rows."""
+        is not the one submit wrote (`invalid_problem`) raises BrokenJob: it never reads as fewer or other rows.
+        Its lines are hashed as they are read: lines read other than the file hashed a moment before (a torn read
+        on a network mount) raise RunnerError once they are all read, saying to run the command again (a line
+        cut short went up as a raw JSONDecodeError, a traceback; one with a value changed was listed as read)."""
         if not self.meta["input"].get("invalid"):
             return
         why = invalid_problem(self)
         if why:
             raise BrokenJob(why, repairable=False)
-        for line in storage.read_lines(self.dir / INVALID):
-            yield json.loads(line)
+        digest, expected = hashlib.sha256(), self.meta["input"].get("invalid_sha256")
+        torn = RunnerError(f"{INVALID} of job {self.id} read back other than it hashed a moment before (a torn "
+                           "read on a network mount?); nothing was changed: run the command again")  # fmt: skip
+        for line in storage.read_lines(self.dir / INVALID, digest=digest):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise torn from None
+            yield row
+        if expected is not None and digest.hexdigest() != expected:
+            raise torn
 
     def read_stats(self, for_update: bool = False) -> dict[str, Any]:
         """stats.json, or an empty record when it is missing or damaged (it is only informative): one that does

@@ -550,12 +550,15 @@ def is_text(value: str) -> bool:
     return True
 
 
-def read_lines(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[str]:
+def read_lines(path: str | os.PathLike, size: int = 1 << 20, digest: Any = None) -> Iterator[str]:
     """The lines of a plain UTF-8 text file, `size` bytes read at a time, each read retried (a retry opens the
-    file again at the same offset): a transient error never cuts the file short, nor raises a raw OSError."""
+    file again at the same offset): a transient error never cuts the file short, nor raises a raw OSError.
+    `digest` (a hashlib object) is updated with every byte read, so that the caller can check what it read."""
     offset, rest = 0, b""
     while chunk := retry(lambda at=offset: _read_at(path, at, size), f"read {path}"):
         offset += len(chunk)
+        if digest is not None:
+            digest.update(chunk)
         *lines, rest = (rest + chunk).split(b"\n")
         yield from (line.decode("utf-8") for line in lines)
     if rest:

@@ -13,8 +13,12 @@ by an adversarial sweep (pass 184) through a worker, `runner status`, `load_resu
   every earlier run lost;
 * a worker's own claim read torn as it committed: the worker took its unit for lost, dropped the rows it had
   computed and computed them again under a new epoch;
+* a line of errors.jsonl read torn after its hash had checked: `runner.read_errors` raised a raw
+  JSONDecodeError (a traceback); a line read with a changed value was listed as read.
 
-Each of these is read once more before it is taken for damage (`jobdir.read_again_if_damaged`).
+Each of these is read once more before it is taken for damage (`jobdir.read_again_if_damaged`); a line of
+errors.jsonl is hashed as it is read, so one read other than it hashed is said (run the command again), never
+listed.
 """
 
 import json
@@ -27,6 +31,7 @@ from helpers import invoke, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, jobdir, storage
+from runner.errors import RunnerError
 from runner.jobs import Job, create_job
 from runner.worker import run_job
 
@@ -232,3 +237,17 @@ def test_a_torn_read_of_stats_keeps_the_earlier_runs(jobs, gpt2_engine, tmp_path
         run_job(Job.open(d), gpt2_engine, echo=None)
     assert torn
     assert json.loads((d / "stats.json").read_text())["runs"][:-1] == before
+
+
+@pytest.mark.parametrize("how", ["cut", "value"])
+def test_a_line_of_errors_jsonl_read_torn_is_said_never_listed(jobs, tmp_path, monkeypatch, how):
+    """The file hashes whole, then its lines read torn: a traceback (cut), or the line listed as read (value).
+    It is said, and the next read lists the line as it is."""
+    d = copy_of(jobs, "done", tmp_path)
+    want = runner.read_errors(d)
+    with monkeypatch.context() as m:
+        torn = tear_first_read(m, "/errors.jsonl", how, through=("_read_at",))
+        with pytest.raises(RunnerError, match="run the command again"):
+            runner.read_errors(d)
+    assert torn
+    assert runner.read_errors(d) == want
