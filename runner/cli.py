@@ -1027,7 +1027,7 @@ def _wait_for_workers(procs: list[Any]) -> list[Any]:
     stopped: set[int] = set()
     let_go: list[Any] = []
     while live := {p.pid: p for p in procs if p.returncode is None}:
-        if set(live) <= stopped and len(live) < len(procs):
+        if set(live) <= stopped and len(live) < len(procs) and all(map(_still_stopped, live)):
             for p in (p for p in live.values() if p not in let_go):
                 let_go.append(p)
                 _echo(f"worker process {procs.index(p) + 1} (pid {p.pid}) is stopped (SIGSTOP) and the others have "
@@ -1052,6 +1052,17 @@ def _wait_for_workers(procs: list[Any]) -> list[Any]:
             live[pid].returncode = os.waitstatus_to_exitcode(status)
             stopped.discard(pid)
     return let_go
+
+
+def _still_stopped(pid: int) -> bool:
+    """Whether a child reported stopped is stopped now, where /proc tells (elsewhere: as reported). A report of
+    a stop may be read after the child was continued (a whole group suspended and resumed, the command first:
+    its continued reports still to come): such a worker must not be let go."""
+    try:
+        text = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return True
+    return text.rsplit(")", 1)[-1].split()[:1] in (["T"], ["t"])
 
 
 def _threads_each(processes: int) -> dict[str, str]:

@@ -1478,7 +1478,7 @@ class Job:
         digest, expected = hashlib.sha256(), self.meta["input"].get("invalid_sha256")
         torn = RunnerError(f"{INVALID} of job {self.id} read back other than it hashed a moment before (a torn "
                            "read on a network mount?); nothing was changed: run the command again")  # fmt: skip
-        for line in storage.read_lines(self.dir / INVALID, digest=digest):
+        for line in _lines_or(torn, storage.read_lines(self.dir / INVALID, digest=digest)):
             try:
                 row = json.loads(line)
             except ValueError:
@@ -1574,6 +1574,15 @@ class Job:
                         why or f"prompts.parquet changed while read ({e})", repairable=False
                     ) from None
         raise AssertionError("unreachable")
+
+
+def _lines_or(torn: RunnerError, lines: Iterator[str]) -> Iterator[str]:
+    """`lines`, or `torn` raised where one does not decode: a byte read other than it is may not be UTF-8 (a
+    raw UnicodeDecodeError went up from `runner.read_errors`)."""
+    try:
+        yield from lines
+    except UnicodeDecodeError:
+        raise torn from None
 
 
 def _torn_spec(meta: Any) -> bool:

@@ -539,10 +539,15 @@ def _same_model(job: Job) -> bool:
 def model_unchanged(job: Job) -> bool:
     """The job's model folder still holds the model it was submitted with: its fingerprint, computed the way
     the job's was (fingerprint_version). OSError when the model cannot be read. A fingerprint that differs is
-    computed once more before the model is taken for another (`jobdir.read_again_if_damaged`): one torn read of
-    a model file on a network mount failed the job for good as "not the one it was submitted with", and made
+    computed once more, from no kept GGUF table, before the model is taken for another: one torn read of a
+    model file on a network mount failed the job for good as "not the one it was submitted with", and made
     `runner run` start a new job beside the one it should carry on."""
-    from .models import fingerprint_version, load_config, model_fingerprint  # looked up now: tests stand in
+    from .models import (
+        fingerprint_version,
+        forget_gguf_tables,
+        load_config,
+        model_fingerprint,
+    )  # (tests stand in)
 
     stored = job.meta.get("model_fingerprint")
 
@@ -550,7 +555,10 @@ def model_unchanged(job: Job) -> bool:
         config = load_config(job.spec.model, job.options.trust_remote_code)
         return model_fingerprint(job.spec.model, config, fingerprint_version(stored))
 
-    return jobdir.read_again_if_damaged(fingerprint, lambda got: got != stored) == stored
+    if fingerprint() == stored:
+        return True
+    forget_gguf_tables()  # (a GGUF's tensor table parsed from the torn read is kept by the file's times)
+    return fingerprint() == stored
 
 
 def _model_facts(

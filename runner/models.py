@@ -667,6 +667,15 @@ def _gguf_tensor_table(f: Path) -> list | None:
     return table
 
 
+def forget_gguf_tables() -> None:
+    """Drop every GGUF tensor table kept (in this process and in the cache): a table parsed from a torn read (a
+    network mount serving a page dropped, once) is kept by the file's times, so a fingerprint computed again
+    from it would differ again (`jobs.model_unchanged` computes it twice before it takes the model for another).
+    Each is parsed again when next needed."""
+    _read_gguf_table.cache_clear()
+    shutil.rmtree(cache_root() / "gguf-tables", ignore_errors=True)
+
+
 def _kept_table(memo: Path, key: list) -> list | None | str:
     """The table the cache kept for a GGUF file whose stat was `key`; "none" for none, another key, or a
     damaged memo: one no GGUF of that size has (a tensor past the file's end, a name that is not text)."""

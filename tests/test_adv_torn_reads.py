@@ -82,8 +82,8 @@ THROUGH = ("read_json", "read_bytes", "file_sha256", "_read_at")
 
 def tear_first_read(monkeypatch, suffix: str, how: str, through: tuple[str, ...] = THROUGH) -> list[str]:
     """The first read of the file whose path ends with `suffix` comes back torn, later reads whole: `how` "cut"
-    (short: JSON that does not parse, bytes that do not hash) or "value" (a value other than it is, or a byte
-    flipped), through the storage functions named in `through` (`_read_at`: the chunks of read_lines); the
+    (short: JSON that does not parse, bytes that do not hash), "value" (a value other than it is, or a byte
+    flipped) or "not-utf8" (a line's first byte 0xff: `_read_at` only), through the storage functions named in `through` (`_read_at`: the chunks of read_lines); the
     paths torn are listed."""
     torn: list[str] = []
     real_json, real_bytes, real_sha, real_at = (
@@ -118,7 +118,12 @@ def tear_first_read(monkeypatch, suffix: str, how: str, through: tuple[str, ...]
         data = real_at(path, offset, size)
         if data and first(path):
             line = data.split(b"\n")[0]
-            bad = line[: len(line) // 2] if how == "cut" else json.dumps(changed(json.loads(line))).encode()
+            if how == "not-utf8":
+                bad = b"\xff" + line[1:]
+            else:
+                bad = (
+                    line[: len(line) // 2] if how == "cut" else json.dumps(changed(json.loads(line))).encode()
+                )
             return bad + data[len(line) :]
         return data
 
@@ -241,10 +246,10 @@ def test_a_torn_read_of_stats_keeps_the_earlier_runs(jobs, gpt2_engine, tmp_path
     assert json.loads((d / "stats.json").read_text())["runs"][:-1] == before
 
 
-@pytest.mark.parametrize("how", ["cut", "value"])
+@pytest.mark.parametrize("how", ["cut", "value", "not-utf8"])
 def test_a_line_of_errors_jsonl_read_torn_is_said_never_listed(jobs, tmp_path, monkeypatch, how):
-    """The file hashes whole, then its lines read torn: a traceback (cut), or the line listed as read (value).
-    It is said, and the next read lists the line as it is."""
+    """The file hashes whole, then its lines read torn: a traceback (cut; a byte that is not UTF-8, found by a
+    second reader), or the line listed as read (value). It is said, and the next read lists the line as it is."""
     d = copy_of(jobs, "done", tmp_path)
     want = runner.read_errors(d)
     with monkeypatch.context() as m:

@@ -143,11 +143,16 @@ def test_gpus_needs_a_gpu_and_says_so(tmp_path):
 STOPPED, CONTINUED = (signal.SIGSTOP << 8) | 0x7F, 0xFFFF  # wait statuses, as os.waitpid reports them
 
 
-def fake_workers(monkeypatch, statuses: list[tuple[int, int]], after_signals=()) -> list[tuple[int, int]]:
+def fake_workers(monkeypatch, statuses: list[tuple[int, int]], after_signals=(), stopped_now=True):
     """Worker processes 4000, 4001... whose os.waitpid statuses come in the order of `statuses` (pid, status),
-    then those of `after_signals` once a signal was sent; the signals sent are listed."""
+    then those of `after_signals` once a signal was sent; the signals sent are listed. /proc says each one
+    reported stopped is stopped now (`stopped_now`) or not."""
     import os
     import subprocess
+
+    from runner import cli
+
+    monkeypatch.setattr(cli, "_still_stopped", lambda pid: stopped_now)
 
     made, sent, queue = [], [], list(statuses)
 
@@ -178,6 +183,17 @@ def test_a_worker_process_stopped_once_the_others_ended_is_let_go(monkeypatch, c
         "worker process 2 (pid 4001) is stopped (SIGSTOP) and the others have ended"
         in capsys.readouterr().err
     )
+
+
+def test_a_stop_reported_after_the_worker_was_continued_lets_nothing_go(monkeypatch):
+    """A whole group suspended and resumed, the command first: the stop reports of its workers are read after
+    they were continued (their continued reports still to come). /proc says they run: none is let go."""
+    from runner import cli
+
+    sent = fake_workers(
+        monkeypatch, [(4000, 0), (4001, STOPPED), (4001, CONTINUED), (4001, 0)], stopped_now=False
+    )
+    assert cli._run_processes(None, [], [None, None]) == 0 and sent == []
 
 
 def test_worker_processes_all_stopped_are_waited_for(monkeypatch):

@@ -576,6 +576,45 @@ def test_a_gguf_table_parsed_before_the_file_settled_is_never_kept(tmp_path, mon
     assert models._gguf_tensor_samples(f) != first
 
 
+def test_a_gguf_table_parsed_from_a_torn_read_is_parsed_again_once_forgotten(
+    tmp_path, monkeypatch, fake_gguf
+):
+    """A table parsed from a torn read (None: gguf could not read the file, once) is kept by the file's times, in
+    this process and in the cache: `jobs.model_unchanged` computed the fingerprint again from it, and the job
+    failed as "another model". forget_gguf_tables drops every kept table; the next sample parses again."""
+    import functools
+
+    f, table, parsed = fake_gguf
+    torn = []
+
+    @functools.lru_cache(maxsize=8)
+    def read_table(path, *stat):
+        parsed.append(path)
+        if not torn:
+            torn.append(path)
+            return None
+        return table
+
+    monkeypatch.setattr(models, "_read_gguf_table", read_table)
+    monkeypatch.setattr(models, "SETTLED_NS", -(10**12))
+    first = models._gguf_tensor_samples(f)
+    assert models._gguf_tensor_samples(f) == first and len(parsed) == 1  # kept
+    models.forget_gguf_tables()
+    assert models._gguf_tensor_samples(f) != first and len(parsed) == 2
+
+
+def test_a_model_fingerprint_that_differs_once_is_computed_again_from_no_kept_table(tmp_path, monkeypatch):
+    from runner import jobs, models
+
+    job = type("J", (), {"meta": {"model_fingerprint": "6:good"}, "spec": type("S", (), {"model": "m"}),
+                         "options": type("O", (), {"trust_remote_code": False})})  # fmt: skip
+    answers, forgotten = ["6:torn", "6:good"], []
+    monkeypatch.setattr(models, "load_config", lambda *a: None)
+    monkeypatch.setattr(models, "model_fingerprint", lambda *a: answers.pop(0))
+    monkeypatch.setattr(models, "forget_gguf_tables", lambda: forgotten.append(len(answers)))
+    assert jobs.model_unchanged(job) and forgotten == [1]
+
+
 def test_a_hostile_gguf_table_memo_is_parsed_again(tmp_path, monkeypatch, fake_gguf):
     """A memo that matches the file's stat but holds a table no GGUF of that size can have (an offset past its
     end or past what a seek takes, a name that is not text, nesting too deep for json) raised ValueError,
