@@ -30,6 +30,7 @@ import pytest
 import workers
 from helpers import assert_exactly_once, fresh_copy, prepared_job, reference_run
 from test_adv_workers import proc_state, wait_until
+from test_state_records import LINKLESS
 
 import runner
 from runner import EngineOptions, GenerationParams, jobdir
@@ -38,16 +39,8 @@ from runner.jobdir import read_state
 PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, num_return_sequences=2, seed=11)
 OPTIONS = EngineOptions(batch_size=2)
 ROWS = [{"id": f"a{i:02d}", "prompt": f"The old man said {i}"} for i in range(4)]
-# `python -c LINKLESS ARGS` is `runner ARGS` on a file system without hard links (forked from the test's fork
-# server like `python -m runner`, with RUNNER_TEST_FORK=1: tests/zygote.py)
-LINKLESS = (
-    "import errno, os, sys\n"
-    "def link(*a, **k): raise OSError(errno.EPERM, 'Operation not permitted')\n"
-    "os.link = link\n"
-    "from runner.cli import main\n"
-    "sys.argv[0] = 'runner'\n"
-    "main()\n"
-)
+# `python -c LINKLESS ARGS` (test_state_records.LINKLESS) is `runner ARGS` on a file system without hard links
+# (forked from the test's fork server like `python -m runner`, with RUNNER_TEST_FORK=1: tests/zygote.py)
 FORK = {"RUNNER_TEST_FORK": "1"}
 
 
