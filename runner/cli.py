@@ -1058,11 +1058,9 @@ def _still_stopped(pid: int) -> bool:
     """Whether a child reported stopped is stopped now, where /proc tells (elsewhere: as reported). A report of
     a stop may be read after the child was continued (a whole group suspended and resumed, the command first:
     its continued reports still to come): such a worker must not be let go."""
-    try:
-        text = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return True
-    return text.rsplit(")", 1)[-1].split()[:1] in (["T"], ["t"])
+    from .jobdir import process_state
+
+    return process_state(pid) in (None, "T", "t")
 
 
 def _threads_each(processes: int) -> dict[str, str]:

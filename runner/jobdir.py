@@ -513,6 +513,21 @@ def _pid_start(pid: int) -> str | None:
         return None
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of process `pid` on this machine (/proc/PID/stat: "R", "S", "T" stopped...); None where
+    /proc does not tell (no such process, or no /proc)."""
+    try:
+        return _stat_state(Path(f"/proc/{pid}/stat").read_text())
+    except OSError:
+        return None
+
+
+def _stat_state(stat: str) -> str | None:
+    """The state letter of a /proc/PID/stat text (after the command name, which may hold spaces)."""
+    state = stat.rsplit(")", 1)[-1].split()[:1]
+    return state[0] if state else None
+
+
 def _stat_start(stat: str) -> str | None:
     """The start time field of a /proc/PID/stat text (after the command name, which may hold spaces)."""
     try:
@@ -603,8 +618,7 @@ class Owner:
             text = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError:
             return None
-        state = text.rsplit(")", 1)[-1].split()[:1]
-        return state[0] if state and _stat_start(text) == self.start else None
+        return _stat_state(text) if _stat_start(text) == self.start else None
 
 
 def new_worker_id() -> str:
@@ -2667,10 +2681,9 @@ def read_ledger(
                     accepted = seal_epoch(job, unit, epoch)
                 if accepted is not None and n not in accepted:
                     continue  # committed after its epoch was sealed: a stale worker's, never counted
-            marker = verifier.markers.get(n) or _read_marker(job, n, verifier)
+            marker, why = _read_marker(job, n, verifier)
             if marker is None and storage.kind(job.dir / MARKERS / f"{n}.json") is None:
                 continue  # moved to quarantine by another worker since the listing
-            why = _check_marker(n, marker, job.spec)
             commit = Commit(n, unit, epoch, marker if isinstance(marker, dict) else {})
             if why is None and verify:
                 why = verifier.check(commit)
@@ -2683,18 +2696,24 @@ def read_ledger(
     return Ledger(job, commits, bad, generation, current, claims, verifier)
 
 
-def _read_marker(job: Job, name: str, verifier: Verifier) -> Any:
-    """A commit marker as read (None: missing, or not JSON), kept in `verifier` once it makes sense. One that does
-    not is read once more before it is taken for damage: a torn read on a network mount (cut short, or a digit
-    other than it is, once) made a worker quarantine a sound commit, and a marker read so was kept as read for
-    the rest of the process, so that no later look could find it sound."""
+def _read_marker(job: Job, name: str, verifier: Verifier) -> tuple[Any, str | None]:
+    """(a commit marker as read, None: missing or not JSON; why it makes no sense for the job, or None), the one
+    `verifier` keeps if it has it: only a marker that makes sense is kept. One that does not is read once more
+    before it is taken for damage: a torn read on a network mount (cut short, or a digit other than it is, once)
+    made a worker quarantine a sound commit, and a marker read so was kept as read for the rest of the process,
+    so that no later look could find it sound."""
+    if (kept := verifier.markers.get(name)) is not None:
+        return kept, None
     path = job.dir / MARKERS / f"{name}.json"
-    marker = read_again_if_damaged(
-        lambda: _read_json_or_none(path), lambda m: _check_marker(name, m, job.spec) is not None
-    )
-    if isinstance(marker, dict) and _check_marker(name, marker, job.spec) is None:
+
+    def read() -> tuple[Any, str | None]:
+        marker = _read_json_or_none(path)
+        return marker, _check_marker(name, marker, job.spec)
+
+    marker, why = read_again_if_damaged(read, lambda got: got[1] is not None)
+    if why is None:
         verifier.markers[name] = marker
-    return marker
+    return marker, why
 
 
 def _read_claims(job: Job) -> tuple[dict[int, str], dict[tuple[int, int], set[str] | None], dict[int, int]]:

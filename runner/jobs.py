@@ -542,12 +542,8 @@ def model_unchanged(job: Job) -> bool:
     computed once more, from no kept GGUF table, before the model is taken for another: one torn read of a
     model file on a network mount failed the job for good as "not the one it was submitted with", and made
     `runner run` start a new job beside the one it should carry on."""
-    from .models import (
-        fingerprint_version,
-        forget_gguf_tables,
-        load_config,
-        model_fingerprint,
-    )  # (tests stand in)
+    # (looked up now: tests stand in)
+    from .models import fingerprint_version, forget_gguf_tables, load_config, model_fingerprint
 
     stored = job.meta.get("model_fingerprint")
 
