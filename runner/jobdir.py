@@ -2752,14 +2752,27 @@ def _empty_since(path: Path) -> float | None:
 
 def seal_epoch(job: Job, unit: int, epoch: int) -> set[str] | None:
     """Fix which commits of a superseded epoch count: the markers there now. Written once (first writer
-    wins); returns the seal in force, or None when it is damaged (then every commit of the epoch counts)."""
+    wins); returns the seal in force, or None when it is damaged (then every commit of the epoch counts).
+    Where links are not supported a seal is created empty, then filled with the listing its writer made before:
+    one found empty is waited for, and still empty it is taken over (`_adopt_unfilled`: a writer frozen in
+    between then fills a file no longer at the name). Read as damaged, it let every commit of the epoch count, a
+    superseded worker's late one too; a worker wrote the job completed on it, and the writer, continued, filled
+    the seal with its older listing, which left that commit out: the job, completed, had rows missing (pass 186)."""
     prefix = f"{unit:05d}-{epoch:08d}-"
-    present = [n[:-5] for n in scan(job.dir / MARKERS) if n.startswith(prefix) and n.endswith(".json")]
     path = job.dir / CLAIMS / seal_name(unit, epoch)
-    body: dict[str, Any] = {"unit": unit, "epoch": epoch, "commits": present, "sealed": time.time()}
-    body["check"] = storage.json_checksum(body)
-    if create_exclusive(path, body):
-        return set(present)
+    for _ in range(3):
+        present = [n[:-5] for n in scan(job.dir / MARKERS) if n.startswith(prefix) and n.endswith(".json")]
+        body: dict[str, Any] = {"unit": unit, "epoch": epoch, "commits": present, "sealed": time.time()}
+        body["check"] = storage.json_checksum(body)
+        data = (json.dumps(body, ensure_ascii=False) + "\n").encode()
+        if create_exclusive_bytes(path, data):
+            return set(present)
+        raw = _read_json_or_none(path)
+        if raw is not None or links_supported(path.parent) is True:
+            return _seal_commits(raw)
+        if _empty_since(path) is not None and _adopt_unfilled(path, data, 1):
+            return set(present)
+        # (filled meanwhile, by its writer or another taker, or aside for a moment: read again)
     return _seal_commits(_read_json_or_none(path))
 
 

@@ -1,0 +1,83 @@
+"""Adversarial: a worker frozen inside the seal of a unit it takes over, on a file system without hard links
+(pass 186).
+
+Without hard links a seal (claims/UUUUU-EEEEEEEE.seal.json) is created empty, then filled with the listing its
+writer made before. A taker frozen in between (SIGSTOP, a suspended VM) left the empty seal, read as damaged, so
+every commit of the old epoch counted: a late commit of the old epoch's worker (frozen itself after its claim
+check, before its marker's rename) among them. A worker finding the job's rows all done wrote it completed; then
+the taker, continued, filled its seal with the listing it had made before the late commit landed, which left that
+commit out: the job, completed, had rows missing (`runner status`: broken).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+
+from helpers import assert_exactly_once, write_jsonl
+
+import runner
+from runner import EngineOptions, GenerationParams, jobdir
+from runner.jobdir import Job, Owner, read_state
+from runner.jobs import create_job
+from runner.worker import run_job
+
+PARAMS = GenerationParams(max_new_tokens=3, temperature=1.0, seed=7)
+OPTIONS = EngineOptions(batch_size=2)
+ROWS = [{"id": f"s{i}", "prompt": f"The old man said {i}"} for i in range(4)]
+
+
+def no_links(*args, **kwargs):
+    raise OSError(errno.EPERM, "Operation not permitted")
+
+
+def test_a_seal_filled_late_by_a_frozen_taker_never_takes_rows_from_a_completed_job(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=tmp_path / "h")
+    # worker A does the whole unit in two commits; its second marker is held back: A froze after its claim
+    # check, before the marker's rename
+    run_job(job, gpt2_engine, echo=None, owner=Owner.me("A"), shard_rows=2)
+    ref = runner.load_results(job.dir)
+    newest = max((job.dir / "state").iterdir())
+    newest.unlink()  # (the completion A wrote: A has not finished yet)
+    late = job.dir / "done" / "00000-00000000-0001.json"
+    shutil.move(late, tmp_path / "late.json")
+    assert read_state(job.dir).state == "queued"
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(jobdir, "_LINKS", {})
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.01, 0.02))
+    # worker B takes the unit over (A is past its lease) and freezes between its seal's create and fill
+    frozen, thaw = threading.Event(), threading.Event()
+    real_fill = jobdir._fill
+
+    def fill(fd, data):
+        if b'"commits"' in data and threading.current_thread().name == "B":
+            frozen.set()
+            assert thaw.wait(60)
+        real_fill(fd, data)
+
+    monkeypatch.setattr(jobdir, "_fill", fill)
+    took = []
+    b = threading.Thread(
+        target=lambda: took.append(jobdir.take_unit(Job.open(job.dir), 0, Owner.me("B"), 0)), name="B"
+    )
+    b.start()
+    assert frozen.wait(60)
+    assert (job.dir / "claims" / "00000-00000000.seal.json").stat().st_size == 0
+    # A continues: its marker lands, and a worker finds every row done
+    shutil.move(tmp_path / "late.json", late)
+    run_job(Job.open(job.dir), gpt2_engine, echo=None, owner=Owner.me("C"), shard_rows=2)
+    # B continues and fills its seal
+    thaw.set()
+    b.join(60)
+    assert took == [1]
+    st = runner.status(job.dir)
+    assert st.state in ("completed", "queued", "queued (interrupted)"), st
+    if st.state != "completed":
+        run_job(Job.open(job.dir), gpt2_engine, echo=None, owner=Owner.me("D"), shard_rows=2)
+    assert read_state(job.dir).state == "completed"
+    assert_exactly_once(job.dir, ref)
