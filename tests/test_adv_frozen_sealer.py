@@ -6,7 +6,9 @@ writer made before. A taker frozen in between (SIGSTOP, a suspended VM) left the
 every commit of the old epoch counted: a late commit of the old epoch's worker (frozen itself after its claim
 check, before its marker's rename) among them. A worker finding the job's rows all done wrote it completed; then
 the taker, continued, filled its seal with the listing it had made before the late commit landed, which left that
-commit out: the job, completed, had rows missing (`runner status`: broken).
+commit out: the job, completed, had rows missing (`runner status`: broken). Now a seal found empty is waited
+for, then taken over: the frozen writer fills a file no longer at the name. With hard links (the seal linked
+into place whole) the same story held already: the finisher seals first, the taker's link fails.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import shutil
 import threading
 
+import pytest
 from helpers import assert_exactly_once, write_jsonl
 
 import runner
@@ -33,8 +36,9 @@ def no_links(*args, **kwargs):
     raise OSError(errno.EPERM, "Operation not permitted")
 
 
+@pytest.mark.parametrize("links", [False, True])
 def test_a_seal_filled_late_by_a_frozen_taker_never_takes_rows_from_a_completed_job(
-    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch, links
 ):
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=tmp_path / "h")
     # worker A does the whole unit in two commits; its second marker is held back: A froze after its claim
@@ -47,27 +51,41 @@ def test_a_seal_filled_late_by_a_frozen_taker_never_takes_rows_from_a_completed_
     shutil.move(late, tmp_path / "late.json")
     assert read_state(job.dir).state == "queued"
 
-    monkeypatch.setattr(os, "link", no_links)
+    if not links:
+        monkeypatch.setattr(os, "link", no_links)
     monkeypatch.setattr(jobdir, "_LINKS", {})
     monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.01, 0.02))
-    # worker B takes the unit over (A is past its lease) and freezes between its seal's create and fill
+    # worker B takes the unit over (A is past its lease) and freezes inside its seal's write: between its create
+    # and its fill, or (with links) before its link
     frozen, thaw = threading.Event(), threading.Event()
-    real_fill = jobdir._fill
+    real_fill, real_link = jobdir._fill, jobdir._link_new
 
-    def fill(fd, data):
-        if b'"commits"' in data and threading.current_thread().name == "B":
+    def freeze() -> None:
+        if threading.current_thread().name == "B":
             frozen.set()
             assert thaw.wait(60)
+
+    def fill(fd, data):
+        if b'"commits"' in data:
+            freeze()
         real_fill(fd, data)
 
+    def link_new(tmp, path):
+        if path.name.endswith(".seal.json"):
+            freeze()
+        return real_link(tmp, path)
+
     monkeypatch.setattr(jobdir, "_fill", fill)
+    if links:
+        monkeypatch.setattr(jobdir, "_link_new", link_new)
     took = []
     b = threading.Thread(
         target=lambda: took.append(jobdir.take_unit(Job.open(job.dir), 0, Owner.me("B"), 0)), name="B"
     )
     b.start()
     assert frozen.wait(60)
-    assert (job.dir / "claims" / "00000-00000000.seal.json").stat().st_size == 0
+    seal = job.dir / "claims" / "00000-00000000.seal.json"
+    assert (not seal.exists()) if links else seal.stat().st_size == 0
     # A continues: its marker lands, and a worker finds every row done
     shutil.move(tmp_path / "late.json", late)
     run_job(Job.open(job.dir), gpt2_engine, echo=None, owner=Owner.me("C"), shard_rows=2)
