@@ -31,6 +31,8 @@ The ownership and integrity model, so that exactly-once holds by construction:
   * Fencing: whoever takes epoch E+1 first seals epoch E: it lists E's commit markers and writes that list
     once. Only the markers of a unit's newest epoch, and those listed in the seals of older ones, count. A
     stale worker (frozen past its lease) that commits after the seal commits nothing: its files are ignored.
+    (Where links are not supported a seal is created empty, then filled: one found empty is waited for, then
+    taken over, so that a sealer frozen in between never fills in a listing older than what counted meanwhile.)
   * Keyed: a commit names its (row, sample) keys; the done-set is a set of keys, so the same key computed
     twice never counts twice. Results are deterministic given the seed, so copies are identical anyway.
   * Verified: a commit counts only if its shard matches the marker (size, sha256, keys); one that does not is
