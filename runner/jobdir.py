@@ -3163,7 +3163,9 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     for name, why in ledger.bad:
         quarantine(job, name, why, waiting=False)
         report.quarantined.append((name, why))
-    progress = job_progress(job, read_ledger(job, generation=generation))
+    # sealed, as a worker's completion is: a unit taken over since the read above, its taker not sealed yet, would
+    # count a superseded worker's late commit that the taker's seal then leaves out (a completed job missing rows)
+    progress = job_progress(job, read_ledger(job, seal=True, generation=generation))
     final = JobState.COMPLETED if progress.complete else JobState.QUEUED
     if final is JobState.QUEUED and last is not None and last.state in (JobState.CANCELLED, JobState.FAILED):
         final = last.state

@@ -1,5 +1,4 @@
-"""Adversarial: a worker frozen inside the seal of a unit it takes over, on a file system without hard links
-(pass 186).
+"""Adversarial: a worker frozen inside the seal of a unit it takes over (pass 186).
 
 Without hard links a seal (claims/UUUUU-EEEEEEEE.seal.json) is created empty, then filled with the listing its
 writer made before. A taker frozen in between (SIGSTOP, a suspended VM) left the empty seal, read as damaged, so
@@ -9,6 +8,10 @@ the taker, continued, filled its seal with the listing it had made before the la
 commit out: the job, completed, had rows missing (`runner status`: broken). Now a seal found empty is waited
 for, then taken over: the frozen writer fills a file no longer at the name. With hard links (the seal linked
 into place whole) the same story held already: the finisher seals first, the taker's link fails.
+
+Found too, with hard links: `runner repair` decided the job's state from a read of its commits that sealed
+nothing, so a unit taken over during the repair (its taker frozen before its seal) and a late commit landing
+meanwhile made it record the job completed, which the taker's seal then undid.
 """
 
 from __future__ import annotations
@@ -93,6 +96,58 @@ def test_a_seal_filled_late_by_a_frozen_taker_never_takes_rows_from_a_completed_
     thaw.set()
     b.join(60)
     assert took == [1]
+    st = runner.status(job.dir)
+    assert st.state in ("completed", "queued", "queued (interrupted)"), st
+    if st.state != "completed":
+        run_job(Job.open(job.dir), gpt2_engine, echo=None, owner=Owner.me("D"), shard_rows=2)
+    assert read_state(job.dir).state == "completed"
+    assert_exactly_once(job.dir, ref)
+
+
+def test_a_repair_as_a_unit_is_taken_over_and_a_late_commit_lands_records_no_completion_a_seal_undoes(
+    tmp_path, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """`runner repair` decided the job's state from a second read of its commits that sealed nothing: a unit
+    taken over between its two reads (the taker frozen before its seal) and a superseded worker's late commit
+    landing meanwhile counted as done, and repair recorded the job completed; the taker, continued, sealed the
+    old epoch with its listing made before that commit, which left it out: the job, completed, had rows
+    missing. Repair's state is decided from a sealed read, as a worker's completion is."""
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=tmp_path / "h")
+    run_job(job, gpt2_engine, echo=None, owner=Owner.me("A"), shard_rows=2)
+    ref = runner.load_results(job.dir)
+    max((job.dir / "state").iterdir()).unlink()  # (A has not finished yet)
+    late = job.dir / "done" / "00000-00000000-0001.json"
+    shutil.move(late, tmp_path / "late.json")
+    frozen, thaw = threading.Event(), threading.Event()
+    real_link, real_read = jobdir._link_new, jobdir.read_ledger
+
+    def link_new(tmp, path):
+        if path.name.endswith(".seal.json") and threading.current_thread().name == "B":
+            frozen.set()
+            assert thaw.wait(60)
+        return real_link(tmp, path)
+
+    reads = []
+    b = threading.Thread(
+        target=lambda: jobdir.take_unit(Job.open(job.dir), 0, Owner.me("B"), 0), name="B", daemon=True
+    )
+
+    def read_ledger(j, **kw):
+        reads.append(kw.get("seal", False))
+        # between repair's sealed read and the next: B takes the unit over, A's late marker lands
+        if True in reads[:-1] and not frozen.is_set():
+            b.start()
+            assert frozen.wait(60)
+            shutil.move(tmp_path / "late.json", late)
+        return real_read(j, **kw)
+
+    monkeypatch.setattr(jobdir, "_link_new", link_new)
+    monkeypatch.setattr(jobdir, "read_ledger", read_ledger)
+    runner.repair(job.dir)
+    monkeypatch.setattr(jobdir, "read_ledger", real_read)
+    assert frozen.is_set()
+    thaw.set()
+    b.join(60)
     st = runner.status(job.dir)
     assert st.state in ("completed", "queued", "queued (interrupted)"), st
     if st.state != "completed":
