@@ -2772,8 +2772,12 @@ def seal_epoch(job: Job, unit: int, epoch: int) -> set[str] | None:
         raw = _read_json_or_none(path)
         if raw is not None or links_supported(path.parent) is True:
             return _seal_commits(raw)
-        if _empty_since(path) is not None and _adopt_unfilled(path, data, 1):
-            return set(present)
+        if _empty_since(path) is not None:
+            if _adopt_unfilled(path, data, 1):
+                return set(present)
+        elif storage.kind(path) is not None:
+            # filled since the read above, or damaged (then every commit of the epoch counts)
+            return _seal_commits(_read_json_or_none(path))
         # (filled meanwhile, by its writer or another taker, or aside for a moment: read again)
     return _seal_commits(_read_json_or_none(path))
 
