@@ -154,8 +154,12 @@ class InFlight:
         lease: float = LEASE_TTL,
         say: Callable[[str], None] | None = None,
         generation: int = 0,
+        job: str | None = None,
     ):
         self.path = Path(path)  # inflight/UUUUU.json: the record of one unit of a job
+        # the id of that job, recorded: a record copied in from another job's folder (same unit, same name) is no
+        # evidence (pass 187: it set an innocent row aside as a worker_crash, unrun)
+        self.job = job
         # the job's retry generation: a record of an older one is no evidence (`runner retry` tries its rows
         # again; a record a stop left after its rows were set aside set them aside again unrun: pass 96)
         self.generation = generation
@@ -192,7 +196,7 @@ class InFlight:
         """Read a dead worker's record (keys no longer to do are ignored) and apply the rule above."""
         out = Recovery()
         rec = self.read()
-        if rec is None or int(rec.get("generation", 0)) < self.generation:
+        if rec is None or int(rec.get("generation", 0)) < self.generation or not self._ours(rec):
             return out
         try:
             recorded = [_key(x) for x in rec.get("running", [])]
@@ -230,6 +234,10 @@ class InFlight:
         except (TypeError, ValueError, IndexError, KeyError, AttributeError):
             return Recovery()  # a record from another version: run everything normally
         return out
+
+    def _ours(self, rec: dict[str, Any]) -> bool:
+        """The record was written for this job (one of an older runner names none: taken as this job's)."""
+        return self.job is None or rec.get("job", self.job) == self.job
 
     def _writer_lives(self, rec: dict[str, Any]) -> bool:
         """The record's writer did not die: it is this worker (it lost its claim and took the unit again), a
@@ -294,6 +302,8 @@ class InFlight:
         }  # fmt: skip
         if self.owner is not None:
             rec["owner"] = self.owner.as_dict()
+        if self.job is not None:
+            rec["job"] = self.job
         if error:
             rec["error"] = error
         rec["check"] = storage.json_checksum(rec)

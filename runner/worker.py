@@ -406,7 +406,7 @@ class JobRun:
         self.flight = InFlight(self.job.dir / jobdir.INFLIGHT / f"{unit.index:05d}.json", self.owner.worker,
                                self.owner, lambda: self.holds(unit),
                                lambda worker: worker in jobdir.live_workers(self.job), self.ttl, self.say,
-                               unit.generation)  # fmt: skip
+                               unit.generation, self.job.id)  # fmt: skip
         # the unit's own rows, then what is left of them: "1,024 of 1,100" read as 76 done (pass 44)
         first, last = unit.start + 1, unit.start + unit.table.num_rows
         rows = (

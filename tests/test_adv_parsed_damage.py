@@ -1,0 +1,56 @@
+"""Damage that still parses (adversarial pass 187): files of another job copied in whole, with their own
+checksums intact, and values changed inside valid JSON. Each is either obeyed as if it never happened (results
+equal a clean run's) or said, never silently changing what a job's results hold."""
+
+import pytest
+from helpers import assert_exactly_once, reference_run, write_jsonl
+
+import runner
+from runner import EngineOptions, GenerationParams
+from runner.jobs import create_job
+from runner.worker import run_job
+
+ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(6)]
+PARAMS = GenerationParams(max_new_tokens=3, temperature=0.8, num_return_sequences=2, seed=7)
+OPTIONS = EngineOptions(batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_gpt2):
+    return reference_run(tmp_path_factory.mktemp("ref"), tiny_gpt2, ROWS, PARAMS, OPTIONS)
+
+
+def make(root, model, seed: int = 7):
+    params = GenerationParams(max_new_tokens=3, temperature=0.8, num_return_sequences=2, seed=seed)
+    prompts = write_jsonl(root / f"p{seed}.jsonl", ROWS)
+    return create_job(prompts, model, params, OPTIONS, job_dir=root / f"job{seed}", unit_rows=6)
+
+
+def test_a_crash_record_copied_in_from_another_job_sets_no_row_aside(
+    tmp_path, tiny_gpt2, gpt2_engine, reference, monkeypatch
+):
+    """Another job's in-flight record, as its worker wrote it before computing row r1 alone after a death there
+    (a kill now would be r1's second death alone), copied into a job not run yet, same name: the record named
+    no job, so this job's r1 was set aside as a worker_crash, unrun, and left out of its results."""
+    from runner import worker
+    from runner.crashes import InFlight, Suspect
+
+    other, job = make(tmp_path, tiny_gpt2, seed=8), make(tmp_path, tiny_gpt2)
+    record, copied = other.dir / "inflight" / "00000.json", job.dir / "inflight" / "00000.json"
+    # an older worker's record in the other job: r1's sample 0 died once alone
+    InFlight(record, "w-dead").running([], [Suspect([(1, 0)], crashes=1, isolated=True)])
+    real = worker.isolating
+
+    def spy(engine, task, keys, *a, **kw):
+        if keys == [(1, 0)] and not copied.exists():
+            copied.parent.mkdir(exist_ok=True)
+            copied.write_bytes(record.read_bytes())
+        return real(engine, task, keys, *a, **kw)
+
+    monkeypatch.setattr(worker, "isolating", spy)
+    assert run_job(other, gpt2_engine, echo=None).finished
+    monkeypatch.setattr(worker, "isolating", real)
+    assert copied.exists()
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert not runner.read_errors(job.dir)
+    assert_exactly_once(job.dir, reference[1])
