@@ -2253,6 +2253,10 @@ class Commit:
             yield from range(a, b)
 
 
+# a row error's field naming the job it was written for: a commit of row errors alone, with no shard (whose metadata
+# names the job), copied in from another job's folder set this job's rows aside unrun (adversarial pass 187). In
+# each error, not a field of the marker's own: runners that refuse fields no marker has read these as before
+ERROR_JOB = "job"
 # every field a commit marker has (worker.publish); `check` (its checksum) is absent from older runners' markers
 MARKER_FIELDS = frozenset(("format", "unit", "epoch", "seq", "worker", "generation", "shard", "rows", "keys",
                            "errors", "written", "batches", "bytes", "sha256", "check"))  # fmt: skip
@@ -2290,6 +2294,8 @@ def _check_marker(name: str, marker: Any, spec: JobSpec) -> str | None:
             return "no size or checksum"
         for e in marker.get("errors", []):
             row, sample = e["row"], e["sample"]
+            if e.get(ERROR_JOB, spec.id) != spec.id:
+                return f"its row errors were written for job {e[ERROR_JOB]} (copied in from its folder?)"
             if not (
                 isinstance(row, int)
                 and isinstance(sample, int)
@@ -2623,7 +2629,7 @@ class Ledger:
                 if key in seen or done[e["row"] * self.job.spec.samples + e["sample"]]:
                     continue
                 seen.add(key)
-                yield e
+                yield {k: v for k, v in e.items() if k != ERROR_JOB}
 
     def failed_mask(self) -> Any:
         import numpy as np

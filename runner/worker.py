@@ -642,10 +642,11 @@ class JobRun:
         return batch_rows, batch_tokens
 
     def row_error(self, unit: Unit, r: int, s: int, error: str, message: str) -> None:
-        """A key set aside, of the job's own stage (generate, score or embed: read_errors lists it so)."""
+        """A key set aside, of the job's own stage (generate, score or embed: read_errors lists it so). It names
+        the job (ERROR_JOB): a marker of row errors alone has no shard, whose metadata names the job otherwise."""
         self.errors += 1
         unit.errors.append({"id": unit.id(r), "line": unit.line(r), "row": r, "sample": s, "stage": self.job.kind,
-                            "error": error, "message": message})  # fmt: skip
+                            "error": error, "message": message, jobdir.ERROR_JOB: self.job.id})  # fmt: skip
 
     # --- committing -----------------------------------------------------------------------------------------
 

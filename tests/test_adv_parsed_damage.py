@@ -2,8 +2,11 @@
 checksums intact, and values changed inside valid JSON. Each is either obeyed as if it never happened (results
 equal a clean run's) or said, never silently changing what a job's results hold."""
 
+import json
+import shutil
+
 import pytest
-from helpers import assert_exactly_once, reference_run, write_jsonl
+from helpers import assert_exactly_once, completed_with_a_row_error, reference_run, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams
@@ -51,6 +54,27 @@ def test_a_crash_record_copied_in_from_another_job_sets_no_row_aside(
     assert run_job(other, gpt2_engine, echo=None).finished
     monkeypatch.setattr(worker, "isolating", real)
     assert copied.exists()
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert not runner.read_errors(job.dir)
+    assert_exactly_once(job.dir, reference[1])
+
+
+def test_row_errors_copied_in_from_another_job_set_no_row_aside(tmp_path, tiny_gpt2, gpt2_engine, reference,
+                                                                 monkeypatch):  # fmt: skip
+    """Another job's commits of row errors alone (its row r1 set aside as a worker_crash: no shard, whose
+    metadata would name that job) copied into a job not run yet, same names: they checked out, so this job's r1
+    was never computed and the job completed with it as an error. They are refused, and r1 computed."""
+    other, job = make(tmp_path, tiny_gpt2, seed=8), make(tmp_path, tiny_gpt2)
+    completed_with_a_row_error(other, gpt2_engine, monkeypatch)
+    copied = []
+    for marker in sorted((other.dir / "done").glob("*.json")):
+        if json.loads(marker.read_text())["shard"] is None:
+            (job.dir / "done").mkdir(exist_ok=True)
+            shutil.copy2(marker, job.dir / "done" / marker.name)
+            copied.append(marker.name)
+    assert copied
+    shown = runner.status(job.dir)
+    assert "failed verification" in shown.message and shown.errors == 0
     assert run_job(job, gpt2_engine, echo=None).finished
     assert not runner.read_errors(job.dir)
     assert_exactly_once(job.dir, reference[1])
