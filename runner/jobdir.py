@@ -538,6 +538,21 @@ def _stat_start(stat: str) -> str | None:
         return None
 
 
+# the largest pid a process can have (Linux's PID_MAX_LIMIT, 2**22)
+MAX_PID = 1 << 22
+
+
+def _pid_of(value: Any) -> int:
+    """A recorded pid; 0 (nothing can be proved of it) for one no process can have. A digit of a pid flipped to an
+    'e' still parses (12345 -> 1e345, infinite: int() raised OverflowError; 6626 -> 6e26: os.kill did), and every
+    `runner work`, `runner status` of the job, or submit in the home stopped on a traceback (adversarial pass 187)."""
+    try:
+        pid = int(value)
+    except OverflowError:
+        return 0
+    return pid if 0 <= pid <= MAX_PID else 0
+
+
 @dataclass(frozen=True)
 class Owner:
     """Who holds a claim: enough to decide whether it can still be alive."""
@@ -562,8 +577,9 @@ class Owner:
 
     @classmethod
     def from_dict(cls, d: Any) -> Owner | None:
+        """The owner a claim, heartbeat or record names; None when it is damaged (no worker, a pid not a number)."""
         try:
-            return cls(str(d["worker"]), str(d.get("host", "")), int(d.get("pid", 0)), d.get("boot"),
+            return cls(str(d["worker"]), str(d.get("host", "")), _pid_of(d.get("pid", 0)), d.get("boot"),
                        d.get("pidns"), d.get("start"))  # fmt: skip
         except (TypeError, KeyError, ValueError, AttributeError):
             return None

@@ -3,6 +3,7 @@ checksums intact, and values changed inside valid JSON. Each is either obeyed as
 equal a clean run's) or said, never silently changing what a job's results hold."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -78,3 +79,38 @@ def test_row_errors_copied_in_from_another_job_set_no_row_aside(tmp_path, tiny_g
     assert run_job(job, gpt2_engine, echo=None).finished
     assert not runner.read_errors(job.dir)
     assert_exactly_once(job.dir, reference[1])
+
+
+def stop_after(batches: int):
+    """should_stop for run_job: stop once `batches` batches ran (checked before each)."""
+    asked = []
+    return lambda: asked.append(1) or len(asked) > batches
+
+
+@pytest.mark.parametrize("pid", ["1e345", "6e26"])  # 12345 and 6626 with their second digit flipped to an 'e'
+def test_a_claims_pid_flipped_to_an_e_is_no_traceback(tmp_path, tiny_gpt2, gpt2_engine, reference, pid):
+    """A claim's pid with a digit flipped to an 'e' still parses, as an infinite or a huge number: reading the
+    claim raised OverflowError (int() of infinity), and `runner status` and `runner work` of the job stopped on
+    a traceback. Such a pid tells nothing: the claim is read as its worker's, the job carries on."""
+    job = make(tmp_path, tiny_gpt2)
+    run_job(job, gpt2_engine, echo=None, shard_rows=2, should_stop=stop_after(1))
+    for claim in (job.dir / "claims").glob("*.json"):
+        claim.write_text(re.sub(r'"pid": \d+', f'"pid": {pid}', claim.read_text()))
+    assert runner.status(job.dir).state == "queued (interrupted)"
+    assert run_job(job, gpt2_engine, echo=None).finished
+    assert_exactly_once(job.dir, reference[1])
+
+
+@pytest.mark.parametrize("pid", ["1e345", "6e26"])
+def test_a_killed_submits_owner_pid_flipped_to_an_e_is_no_traceback(tmp_path, pid):
+    """The temp folder of a killed submit in a job home, its .owner.json's pid flipped to an 'e': every
+    `runner work` of the home (and every submit into it) looks whether that submit is gone, and os.kill (or
+    int() of infinity) raised OverflowError. It is left for its age to tell, as one whose owner says nothing."""
+    from runner import jobdir, storage
+
+    temp = tmp_path / jobdir.submit_temp_name("night1")
+    temp.mkdir()
+    owner = json.dumps(jobdir.Owner.me("submit").as_dict())
+    (temp / ".owner.json").write_text(re.sub(r'"pid": \d+', f'"pid": {pid}', owner))
+    assert storage.OWNED_TEMP.fullmatch(temp.name)
+    assert jobdir.remove_dead_submits(tmp_path) == 0 and temp.exists()
