@@ -114,3 +114,66 @@ def test_a_killed_submits_owner_pid_flipped_to_an_e_is_no_traceback(tmp_path, pi
     (temp / ".owner.json").write_text(re.sub(r'"pid": \d+', f'"pid": {pid}', owner))
     assert storage.OWNED_TEMP.fullmatch(temp.name)
     assert jobdir.remove_dead_submits(tmp_path) == 0 and temp.exists()
+
+
+ODD = [float("inf"), 6e26, -1, [], "x", None]  # what a flipped digit can make a number parse as, and types
+
+
+def odd_values(folder):
+    """(file, path to a value, what it is set to): each number of each JSON file of the job but its spec (one
+    odd value each, in turn), each file's checksum taken off onto another field (a renamed key that repeats one
+    before it, which JSON reads as that field's value)."""
+    at, markers = 0, sorted((folder / "done").glob("*.json"))
+    for f in sorted(p for p in folder.rglob("*.json") if p.name not in ("job.json", "job.backup.json")):
+        if f in markers[1:]:
+            continue  # (one commit marker is enough: they are alike)
+        rel, obj = f.relative_to(folder), json.loads(f.read_text())
+        stack = [((), obj)]
+        while stack:
+            path, v = stack.pop()
+            if isinstance(v, dict | list):
+                stack.extend((path + (k,), v[k]) for k in (v if isinstance(v, dict) else range(len(v))))
+            elif isinstance(v, int | float) and not isinstance(v, bool):
+                at += 1
+                yield rel, path, ODD[at % len(ODD)]
+        if "check" in obj:
+            yield rel, ("check",), "onto " + next(k for k in obj if k != "check")
+
+
+def set_odd(path, keys, value) -> None:
+    obj = json.loads(path.read_text())
+    if keys == (
+        "check",
+    ):  # "check" renamed onto an earlier field: that field reads as the checksum, none is left
+        check, onto = obj.pop("check"), value.removeprefix("onto ")
+        path.write_text(json.dumps(obj)[:-1] + f", {json.dumps(onto)}: {json.dumps(check)}}}")
+        return
+    parent = obj
+    for k in keys[:-1]:
+        parent = parent[k]
+    parent[keys[-1]] = value
+    path.write_text(json.dumps(obj))
+
+
+def test_values_that_parse_but_are_odd_leave_a_job_exactly_once(tmp_path, tiny_gpt2, gpt2_engine, reference):
+    """A sweep over a job stopped after two commits: each number of its claims, markers, state record, stats
+    and verification cache set to what a flipped digit may make of it (infinite, huge, negative) or to another
+    type, and each checksum renamed away: `runner status` reads the job without a traceback, and after `runner
+    repair` the job runs to the very results of an uninterrupted run. (A claim's pid of 1e345 stopped both on
+    OverflowError.)"""
+    from runner import jobdir
+
+    template = make(tmp_path, tiny_gpt2)
+    run_job(template, gpt2_engine, echo=None, shard_rows=2, should_stop=stop_after(2))
+    cases = list(odd_values(template.dir))
+    assert len(cases) > 30
+    for i, (rel, keys, value) in enumerate(cases):
+        folder = tmp_path / f"case{i}"
+        shutil.copytree(template.dir, folder)
+        set_odd(folder / rel, keys, value)
+        runner.status(folder)
+        jobdir.repair(folder)
+        assert run_job(jobdir.Job.open(folder), gpt2_engine, echo=None).finished, (rel, keys, value)
+        assert not runner.read_errors(folder), (rel, keys, value)
+        assert_exactly_once(folder, reference[1])
+        shutil.rmtree(folder)
