@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import RunnerError
 from .params import cited_as
 from .progress import counted
+from .tokens import REPLACEMENT, unfinished
 
 if TYPE_CHECKING:
     from .results import Exported
@@ -646,7 +647,8 @@ def _completion(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int
     for _, r in rows.iterrows():
         toks = texts.pieces(r["token_ids"], prompt_ids)
         if chat:
-            lp = _chat_logprobs(r, toks, texts.bytes(r["token_ids"]), req["k"] or 0)
+            held = texts.held_before(r["token_ids"], prompt_ids)
+            lp = _chat_logprobs(r, toks, texts.bytes(r["token_ids"]), req["k"] or 0, held)
         else:
             lp = _text_logprobs(r, req, texts, toks, prompt_ids)
         if chat:
@@ -680,19 +682,33 @@ def _tops(r: Any) -> list[list[dict[str, Any]]] | None:
     return [[dict(t) for t in step] for step in tops]
 
 
-def _chat_logprobs(r: Any, pieces: list[str], raw: list[bytes], k: int) -> dict[str, Any] | None:
+def _chat_logprobs(
+    r: Any, pieces: list[str], raw: list[bytes], k: int, held: list[bytes]
+) -> dict[str, Any] | None:
     """`logprobs.content`: per token its text in place, its exact bytes (a character split over tokens is
-    rebuilt by joining them) and the K most likely alternatives."""
+    rebuilt by joining them) and the K most likely alternatives. A token that leaves a character unfinished
+    reads "" (`_chat_token`), the chosen one and every alternative alike, as vLLM writes them."""
     tops = _tops(r)
     if tops is None:
         return None
     content = []
     for i, lp in enumerate(r["token_logprobs"]):
         alts = tops[i][:k] if i < len(tops) else []  # the K most likely (the chosen token follows them)
-        content.append({"token": pieces[i], "logprob": float(lp), "bytes": list(raw[i]),
-                        "top_logprobs": [{"token": t["token"], "logprob": float(t["logprob"]),
-                                          "bytes": _alt_bytes(t)} for t in alts]})  # fmt: skip
+        content.append({"token": _chat_token(pieces[i], raw[i], held[i]), "logprob": float(lp),
+                        "bytes": list(raw[i]),
+                        "top_logprobs": [{"token": _chat_token(t["token"], bytes(_alt_bytes(t)), held[i]),
+                                          "logprob": float(t["logprob"]), "bytes": _alt_bytes(t)}
+                                         for t in alts]})  # fmt: skip
     return {"content": content, "refusal": None}
+
+
+def _chat_token(text: str, raw: bytes, held: bytes) -> str:
+    """A chat logprobs token's text: its text in place, without the "\ufffd" that a character it leaves
+    unfinished shows where nothing follows (an alternative, the last token the length cut). The chosen token
+    read "" mid-text but "\ufffd" in its own `top_logprobs` entry, so a client did not find it there."""
+    if text.endswith(REPLACEMENT) and unfinished(held, raw):
+        return text[: -len(REPLACEMENT)]
+    return text
 
 
 def _alt_bytes(entry: dict[str, Any]) -> list[int]:

@@ -195,6 +195,19 @@ class TokenText:
             return [self.tokenizer.decode([int(i)]).encode() for i in ids]
         return [ll.decode_bytes([int(i)]) for i in ids]
 
+    def held_before(self, ids: Sequence[int], prefix: Sequence[int] = ()) -> list[bytes]:
+        """Before each of `ids`, read in place after `prefix`, the first bytes of a character still waiting
+        for its last ones (b"" where none): what `unfinished` needs to tell a token that leaves a character
+        unfinished from one whose bytes are simply not UTF-8."""
+        special = set(self.tokenizer.all_special_ids)
+        decoder = _utf8()
+        held = []
+        for t in [*prefix[-PIECE_CONTEXT:], *ids]:
+            held.append(decoder.getstate()[0])
+            if int(t) not in special:
+                decoder.decode(self.bytes([t])[0])
+        return held[len(held) - len(ids) :]
+
     @functools.cached_property
     def byte_twins(self) -> frozenset[int]:
         """The byte-fallback tokens (SentencePiece's <0x2C>, as Llama's and Mistral's vocabularies have) whose
@@ -233,6 +246,15 @@ def byte_level_tokenizer(tokenizer: Any) -> Any:
         except Exception:  # noqa: BLE001 - a tokenizer llguidance cannot read: bytes of the text in place instead
             _BYTE_LEVEL[tokenizer] = None
     return _BYTE_LEVEL[tokenizer]
+
+
+def unfinished(held: bytes, raw: bytes) -> bool:
+    """Whether a token of bytes `raw`, read after the bytes `held` of an unfinished character
+    (`TokenText.held_before`), leaves a character unfinished: its text in place then ends in the "\ufffd" that
+    `token_pieces` and `alternative_pieces` add where nothing follows, which is not a character of its own."""
+    decoder = _utf8()
+    decoder.decode(held + raw)
+    return bool(decoder.getstate()[0])
 
 
 def partial_tail_tokens(token_bytes: Sequence[bytes]) -> int | None:

@@ -1321,3 +1321,44 @@ def test_completion_token_names_keep_text_and_name_only_split_bytes():
     assert _token_name("\ufffd w", b" w") == " w" and _lead("\ufffd w", " w") == 1
     assert _token_name("\ufffd", "\ufffd".encode()) == "\ufffd" and _token_name("x", None) == "x"
     assert _lead("", "bytes:\\xe3") == 0 and _lead(" Paris", " Paris") == 0
+
+
+def test_chat_logprobs_name_a_token_split_inside_a_character_alike_where_chosen_and_among_alternatives(
+    gpt2_engine,
+):
+    """A chat request's `logprobs.content[i].token` for a token holding part of a Japanese character read ""
+    while the same token's own entry in its `top_logprobs` read "\ufffd" (and the last token, cut by the
+    length, "\ufffd" too): a client finding the chosen token among its alternatives by `token` missed it. As
+    vLLM writes them, a token that leaves a character unfinished reads "" wherever it shows (its `bytes` say
+    which bytes it holds), so the tokens join back into `message.content`; bytes that are no UTF-8 whatever
+    comes before them still read "\ufffd"."""
+    from runner.openai_batch import _chat_logprobs
+
+    texts, tok = gpt2_engine.texts, gpt2_engine.tokenizer
+    ids = tok("日本語の文章")["input_ids"]
+    cut = max(i for i in range(len(ids)) if texts.pieces(ids[: i + 1])[-1].endswith("\ufffd"))
+    ids = ids[: cut + 1]  # (ends in a token the length cut inside a character)
+    vocab = texts.bytes(range(len(tok)))
+    alone = [
+        next(t for t, b in enumerate(vocab) if len(b) == 1 and 0x80 <= b[0] < 0xC0)
+    ]  # no character's start
+    tops = [[{"token_id": t, "token": texts.alternatives(ids[:i], [t])[0], "bytes": list(texts.bytes([t])[0]),
+              "logprob": -1.0 - i, "rank": 1}] for i, t in enumerate(ids)]  # fmt: skip
+    for step, i in zip(tops, range(len(ids)), strict=True):
+        step.append({"token_id": alone[0], "token": texts.alternatives(ids[:i], alone)[0],
+                     "bytes": list(texts.bytes(alone)[0]), "logprob": -9.0, "rank": 2})  # fmt: skip
+    row = {
+        "token_logprobs": [-1.0 - i for i in range(len(ids))],
+        "top_logprobs": tops,
+        "completion_tokens": 1,
+    }
+    raw = texts.bytes(ids)
+    out = _chat_logprobs(row, texts.pieces(ids), raw, 2, texts.held_before(ids))["content"]
+    assert sum(step["token"] == "" for step in out) >= 2  # (tokens holding part of a character)
+    for step in out:
+        chosen = [alt for alt in step["top_logprobs"] if alt["bytes"] == step["bytes"]]
+        assert chosen[0]["token"] == step["token"] and "\ufffd" not in step["token"]
+    assert "".join(step["token"] for step in out) == tok.decode(ids).rstrip("\ufffd")
+    assert {
+        step["top_logprobs"][1]["token"] for step in out if not texts.held_before(ids)[out.index(step)]
+    } == {"\ufffd"}
