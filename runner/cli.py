@@ -1437,12 +1437,7 @@ def generate(
             head = f"[{one_line(text[:40])}]" + (f" #{s}" if len(samples) > 1 else "")  # one line, as typed
             click.echo(f"{head} {c.text}")
             if show_logprobs:
-                click.echo(
-                    "    "
-                    + " ".join(
-                        f"{t!r}:{lp:.2f}" for t, lp in zip(c.tokens or [], c.token_logprobs, strict=True)
-                    )
-                )
+                click.echo("    " + quick.logprobs_line(c))
 
 
 @cli.command("run-batch")

@@ -106,6 +106,7 @@ class Completion:
     # incomplete); None for a row without one.
     constraint_complete: bool | None = None
     tokens: list[str] | None = None  # each token's text in place (tokens.token_pieces), when asked for
+    token_bytes: list[bytes] | None = None  # each token's exact UTF-8 bytes, beside `tokens`
     beam_score: float | None = None  # beam search: transformers' length-penalised score of this beam
 
     @property

@@ -148,7 +148,21 @@ def generate(
     done = generate_keys(engine, keys, [params] * len(keys), seeds, [ids[i] for i, _ in keys])
     for (i, _), c in zip(keys, done, strict=True):
         c.tokens = engine.texts.pieces(c.token_ids, ids[i])  # " Paris", not the id, when log-probs are shown
+        c.token_bytes = engine.texts.bytes(c.token_ids)
     return [done[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def logprobs_line(completion: Any) -> str:
+    """`runner generate --show-logprobs`: each token, quoted, and its log-prob. A token that is not characters
+    of its own (part of a character split over byte tokens, most Japanese under GPT-2's byte-level BPE) shows
+    its bytes, b'\\xe3\\x81', as `runner score --tokens` shows them, not as '' before the token that completes
+    the character and '\\ufffd' where the length cut it."""
+    raws = completion.token_bytes or [None] * len(completion.token_logprobs)
+    shown = []
+    for text, raw, lp in zip(completion.tokens or [], raws, completion.token_logprobs, strict=True):
+        own = raw is None or (text != "" and ("\ufffd" not in text or "\ufffd".encode() in raw))
+        shown.append(f"{text if own else bytes(raw)!r}:{lp:.2f}")
+    return " ".join(shown)
 
 
 def _check_prompts(prompts: list[str]) -> None:

@@ -30,10 +30,36 @@ def test_generate_prints_text_and_matches_the_engine(tiny_gpt2, gpt2_engine):
     )
     c = greedy[0]
     pieces = gpt2_engine.texts.pieces(c.token_ids, gpt2_engine.tokenizer("The old man")["input_ids"])
-    expected = " ".join(f"{t!r}:{lp:.2f}" for t, lp in zip(pieces, c.token_logprobs, strict=True))
+    raws = gpt2_engine.texts.bytes(c.token_ids)
+    shown = [
+        t if t and "\ufffd" not in t else b for t, b in zip(pieces, raws, strict=True)
+    ]  # (b: split bytes)
+    expected = " ".join(f"{t!r}:{lp:.2f}" for t, lp in zip(shown, c.token_logprobs, strict=True))
     assert result.output.splitlines()[1].strip() == expected
     # the text holds back a character the limit cut; its token still shows, as "\ufffd"
     assert "".join(pieces) in (c.text, c.text + "\ufffd")
+
+
+def test_show_logprobs_shows_a_token_holding_part_of_a_character_as_its_bytes(gpt2_engine):
+    """`runner generate --show-logprobs` showed a token holding the first bytes of a Japanese character (GPT-2's
+    byte-level BPE splits most) as '' and, where the length cut the character, as '\ufffd': a row of blanks
+    for a Japanese prompt, where `runner score --tokens` shows such a token's bytes. It shows them too, as a
+    bytes literal beside the quoted texts."""
+    from runner.engine import Completion
+    from runner.quick import logprobs_line
+
+    texts, tok = gpt2_engine.texts, gpt2_engine.tokenizer
+    ids = tok("日本語の文章")["input_ids"]
+    ids = ids[: max(i for i in range(len(ids)) if texts.pieces(ids[: i + 1])[-1].endswith("\ufffd")) + 1]
+    c = Completion(
+        ids, [-0.5] * len(ids), "", "length", None, tokens=texts.pieces(ids), token_bytes=texts.bytes(ids)
+    )
+    shown = logprobs_line(c).split(" ")
+    partial = [i for i, t in enumerate(c.tokens) if t == "" or t.endswith("\ufffd")]
+    assert len(partial) >= 2 and partial[-1] == len(ids) - 1
+    assert all(shown[i] == f"{c.token_bytes[i]!r}:-0.50" for i in partial)  # b'\xe6\x97':-0.50
+    assert all(shown[i] == f"{t!r}:-0.50" for i, t in enumerate(c.tokens) if i not in partial)
+    assert "''" not in logprobs_line(c) and "\ufffd" not in logprobs_line(c)
 
 
 def test_generate_reads_stdin_and_txt_files(tmp_path, tiny_gpt2):
