@@ -180,50 +180,61 @@ def _elsewhere(hint: str) -> Callable[..., Any]:
     return refuse
 
 
-generation_options = _apply([
-    click.option("--max-new-tokens", type=int, help="Tokens to generate per sample [default: 64; an OpenAI Batch file's requests that set no max_tokens: 256, or half the context window if smaller]."),
-    click.option("--max-length", hidden=True, expose_value=False, callback=_elsewhere(
-        "transformers' max_length counts the prompt too; runner's limit is --max-new-tokens (new tokens only)")),
-    click.option("--min-length", hidden=True, expose_value=False, callback=_elsewhere(
-        "transformers' min_length counts the prompt too; runner's is --min-new-tokens (new tokens only)")),
-    # vLLM's and OpenAI's names (pass 48: click's close match sent --n to --json, --stop-sequences to -n)
-    *[click.option(name, hidden=True, expose_value=False, callback=_elsewhere(f"runner's name is {ours}"))
-      for name, ours in (("--n", "-n (--num-return-sequences)"), ("--max-tokens", "--max-new-tokens"),
-                         ("--max-completion-tokens", "--max-new-tokens"), ("--min-tokens", "--min-new-tokens"),
-                         ("--stop-sequences", "--stop (repeatable)"), ("--top-logprobs", "--logprobs K"))],
-    click.option("--best-of", hidden=True, expose_value=False, callback=_elsewhere(
-        "runner has no best_of: -n N returns all N samples, each with its cumulative_logprob to choose by")),
-    click.option("--min-new-tokens", type=int, help="Suppress EOS/stop strings until this many tokens."),
-    click.option("--do-sample/--greedy", default=None,
-                 help="Sample or decode greedily [default: sample iff --temperature/--top-p/--top-k/-n ask]."),
-    click.option("--temperature", type=float, help="Sampling temperature; 0 = greedy [default: 1.0]."),
-    click.option("--top-p", type=float, help="Nucleus sampling mass in [0, 1] [default: 1.0]."),
-    click.option("--top-k", type=int, callback=lambda ctx, param, v: 0 if v == -1 else v,
-                 help="Sample from the k most likely tokens; 0 (or vLLM's -1) = off [default: 0]."),
-    click.option("--repetition-penalty", type=float, help="Penalty > 0 for repeated tokens [default: 1.0]."),
-    click.option("--presence-penalty", type=float, help="OpenAI presence penalty in [-2, 2] [default: 0]."),
-    click.option("--frequency-penalty", type=float, help="OpenAI frequency penalty in [-2, 2] [default: 0]."),
-    click.option("-n", "--num-return-sequences", type=int, help="Samples per prompt [default: 1]."),
-    click.option("--seed", type=int, help="Random seed; the same seed gives the same results [default: a job picks "
-                                          "one and keeps it; `runner generate` uses 0, the same samples each try]."),
-    click.option("--stop", multiple=True, help='Stop string, repeatable (e.g. --stop "\\n"). Escapes \\n \\t work.'),
-    click.option("--logprobs", type=int, help="Also keep the K most likely alternatives of each token (0-20)."),
-    click.option("--prompt-logprobs", is_flag=True, default=None, help="Also keep the log-prob of every prompt token."),
-    click.option("--json-schema", metavar="FILE|JSON",
-                 help="Structured output: each sample is JSON satisfying this JSON schema (a file, or inline)."),
-    click.option("--json", "json_object", is_flag=True, default=None,
-                 help="Structured output: each sample is a JSON object."),
-    click.option("--regex", help="Structured output: each sample's whole text matches this regular expression."),
-    click.option("--choice", "choices", multiple=True,
-                 help="Structured output: each sample is exactly one of these strings (repeatable)."),
-    click.option("--grammar", metavar="FILE",
-                 help="Structured output: each sample is a sentence of this grammar (Lark, or llama.cpp GBNF)."),
-    click.option("--num-beams", type=int, help="Beam search with this many beams; -n returns the n best [default: 1 = off]."),
-    click.option("--length-penalty", type=float, help="Beam search: score = log-prob / length ** this [default: 1.0]."),
-    click.option("--early-stopping", is_flag=True, default=None,
-                 help="Beam search: stop once num_beams candidates are finished [default: off]."),
-    click.option("--no-repeat-ngram-size", type=int, help="Never repeat an n-gram of this size; 0 = off [default: 0]."),
-])  # fmt: skip
+def _generation_options(job: bool) -> Callable[..., Any]:
+    """The generation settings' options: of a job (`run`, `submit`), or of `runner generate`'s try, whose help
+    speaks of what it does (prints; no Batch files, no job to pick a seed for)."""
+    batch = (
+        "; an OpenAI Batch file's requests that set no max_tokens: 256, or half the context window if smaller"
+    )
+    batch = batch if job else ""
+    seed = "a job picks one and keeps it" if job else "0, the same samples each try"
+    keep = "keep" if job else "print"
+    return _apply([
+        click.option("--max-new-tokens", type=int, help=f"Tokens to generate per sample [default: 64{batch}]."),
+        click.option("--max-length", hidden=True, expose_value=False, callback=_elsewhere(
+            "transformers' max_length counts the prompt too; runner's limit is --max-new-tokens (new tokens only)")),
+        click.option("--min-length", hidden=True, expose_value=False, callback=_elsewhere(
+            "transformers' min_length counts the prompt too; runner's is --min-new-tokens (new tokens only)")),
+        # vLLM's and OpenAI's names (pass 48: click's close match sent --n to --json, --stop-sequences to -n)
+        *[click.option(name, hidden=True, expose_value=False, callback=_elsewhere(f"runner's name is {ours}"))
+          for name, ours in (("--n", "-n (--num-return-sequences)"), ("--max-tokens", "--max-new-tokens"),
+                             ("--max-completion-tokens", "--max-new-tokens"), ("--min-tokens", "--min-new-tokens"),
+                             ("--stop-sequences", "--stop (repeatable)"), ("--top-logprobs", "--logprobs K"))],
+        click.option("--best-of", hidden=True, expose_value=False, callback=_elsewhere(
+            "runner has no best_of: -n N returns all N samples, each with its cumulative_logprob to choose by")),
+        click.option("--min-new-tokens", type=int, help="Suppress EOS/stop strings until this many tokens."),
+        click.option("--do-sample/--greedy", default=None,
+                     help="Sample or decode greedily [default: sample iff --temperature/--top-p/--top-k/-n ask]."),
+        click.option("--temperature", type=float, help="Sampling temperature; 0 = greedy [default: 1.0]."),
+        click.option("--top-p", type=float, help="Nucleus sampling mass in [0, 1] [default: 1.0]."),
+        click.option("--top-k", type=int, callback=lambda ctx, param, v: 0 if v == -1 else v,
+                     help="Sample from the k most likely tokens; 0 (or vLLM's -1) = off [default: 0]."),
+        click.option("--repetition-penalty", type=float, help="Penalty > 0 for repeated tokens [default: 1.0]."),
+        click.option("--presence-penalty", type=float, help="OpenAI presence penalty in [-2, 2] [default: 0]."),
+        click.option("--frequency-penalty", type=float, help="OpenAI frequency penalty in [-2, 2] [default: 0]."),
+        click.option("-n", "--num-return-sequences", type=int, help="Samples per prompt [default: 1]."),
+        click.option("--seed", type=int, help=f"Random seed; the same seed gives the same results [default: {seed}]."),
+        click.option("--stop", multiple=True, help='Stop string, repeatable (e.g. --stop "\\n"). Escapes \\n \\t work.'),
+        click.option("--logprobs", type=int, help=f"Also {keep} the K most likely alternatives of each token (0-20)."),
+        click.option("--prompt-logprobs", is_flag=True, default=None, help=f"Also {keep} the log-prob of every prompt token."),
+        click.option("--json-schema", metavar="FILE|JSON",
+                     help="Structured output: each sample is JSON satisfying this JSON schema (a file, or inline)."),
+        click.option("--json", "json_object", is_flag=True, default=None,
+                     help="Structured output: each sample is a JSON object."),
+        click.option("--regex", help="Structured output: each sample's whole text matches this regular expression."),
+        click.option("--choice", "choices", multiple=True,
+                     help="Structured output: each sample is exactly one of these strings (repeatable)."),
+        click.option("--grammar", metavar="FILE",
+                     help="Structured output: each sample is a sentence of this grammar (Lark, or llama.cpp GBNF)."),
+        click.option("--num-beams", type=int, help="Beam search with this many beams; -n returns the n best [default: 1 = off]."),
+        click.option("--length-penalty", type=float, help="Beam search: score = log-prob / length ** this [default: 1.0]."),
+        click.option("--early-stopping", is_flag=True, default=None,
+                     help="Beam search: stop once num_beams candidates are finished [default: off]."),
+        click.option("--no-repeat-ngram-size", type=int, help="Never repeat an n-gram of this size; 0 = off [default: 0]."),
+    ])  # fmt: skip
+
+
+generation_options = _generation_options(job=True)
 
 score_options = _apply([
     click.option("--add-bos/--no-add-bos", default=None,
@@ -1399,11 +1410,13 @@ def repair(ctx: click.Context, job_ref: str) -> None:
 @click.argument("prompts", nargs=-1, required=True)
 @model_option
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message through the chat template.")
-@chat_template_option
+@click.option("--chat-template", help="A Jinja chat template (a file, or the template itself) that --chat sends the "
+                                      "prompts through instead of the model's own: a model without one (GPT-2 "
+                                      "fine-tuned on your chat format) can answer chats.")  # fmt: skip
 @click.option("--show-logprobs", is_flag=True, help="Also print each token with its log-prob.")
 @click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
               help="Prompts over the context window: refuse (none) or keep their end (left), as a job does.")  # fmt: skip
-@generation_options
+@_generation_options(job=False)
 @generate_engine_options
 @handle_errors
 def generate(
@@ -1436,8 +1449,8 @@ def generate(
         for s, c in enumerate(samples):
             head = f"[{one_line(text[:40])}]" + (f" #{s}" if len(samples) > 1 else "")  # one line, as typed
             click.echo(f"{head} {c.text}")
-            if show_logprobs:
-                click.echo("    " + quick.logprobs_line(c))
+            for line in quick.logprobs_lines(c, show_logprobs):
+                click.echo(line)
 
 
 @cli.command("run-batch")

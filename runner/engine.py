@@ -107,6 +107,10 @@ class Completion:
     constraint_complete: bool | None = None
     tokens: list[str] | None = None  # each token's text in place (tokens.token_pieces), when asked for
     token_bytes: list[bytes] | None = None  # each token's exact UTF-8 bytes, beside `tokens`
+    # runner.generate, beside `top_logprobs` / `prompt_logprobs`: each alternative's, each prompt token's
+    # (text in place, bytes)
+    top_tokens: list[list[tuple[str, bytes]]] | None = None
+    prompt_token_texts: list[tuple[str, bytes]] | None = None
     beam_score: float | None = None  # beam search: transformers' length-penalised score of this beam
 
     @property

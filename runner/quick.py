@@ -147,22 +147,58 @@ def generate(
     seeds = [sample_seed(seed, row_ids[i], s) for i, s in keys]
     done = generate_keys(engine, keys, [params] * len(keys), seeds, [ids[i] for i, _ in keys])
     for (i, _), c in zip(keys, done, strict=True):
-        c.tokens = engine.texts.pieces(c.token_ids, ids[i])  # " Paris", not the id, when log-probs are shown
-        c.token_bytes = engine.texts.bytes(c.token_ids)
+        _token_texts(engine.texts, c, ids[i])
     return [done[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def logprobs_line(completion: Any) -> str:
-    """`runner generate --show-logprobs`: each token, quoted, and its log-prob. A token that is not characters
-    of its own (part of a character split over byte tokens, most Japanese under GPT-2's byte-level BPE) shows
-    its bytes, b'\\xe3\\x81', as `runner score --tokens` shows them, not as '' before the token that completes
-    the character and '\\ufffd' where the length cut it."""
-    raws = completion.token_bytes or [None] * len(completion.token_logprobs)
-    shown = []
-    for text, raw, lp in zip(completion.tokens or [], raws, completion.token_logprobs, strict=True):
-        own = raw is None or (text != "" and ("\ufffd" not in text or "\ufffd".encode() in raw))
-        shown.append(f"{text if own else bytes(raw)!r}:{lp:.2f}")
-    return " ".join(shown)
+def _token_texts(texts: Any, c: Any, prompt: list[int]) -> None:
+    """Fill what `runner generate` prints of completion `c` of token ids `prompt`: its tokens' texts in place
+    (" Paris", not the id's "Paris") and bytes, and those of its alternatives and prompt tokens when asked."""
+    c.tokens, c.token_bytes = texts.pieces(c.token_ids, prompt), texts.bytes(c.token_ids)
+    if c.top_logprobs is not None:
+        alts = [[a for a, _, _ in step] for step in c.top_logprobs]
+        c.top_tokens = [
+            list(zip(texts.alternatives([*prompt, *c.token_ids[:j]], ids), texts.bytes(ids), strict=True))
+            for j, ids in enumerate(alts)
+        ]
+    if c.prompt_logprobs is not None:
+        c.prompt_token_texts = list(zip(texts.pieces(prompt), texts.bytes(prompt), strict=True))
+
+
+def shown_token(text: str, raw: bytes | None) -> str:
+    """A token as `runner generate` prints it: its text quoted, or, where it is not characters of its own (part
+    of a character split over byte tokens, most Japanese under GPT-2's byte-level BPE), its bytes, b'\\xe3\\x81',
+    as `runner score --tokens` shows them, not as '' before the token that completes the character and
+    '\\ufffd' where nothing does. A token with characters of its own shows them ("\\ufffd" for a last one cut)."""
+    own = (
+        raw is None or text.replace("\ufffd", "") != "" or "\ufffd".encode() in raw
+    )  # ("は公\ufffd": its text)
+    return repr(text if own else bytes(raw))
+
+
+def logprobs_lines(c: Any, show_logprobs: bool) -> list[str]:
+    """What `runner generate` prints below completion `c`'s text: with `show_logprobs`, each token and its
+    log-prob on one line; with `--logprobs K`, a line per token with its K most likely alternatives after it;
+    with `--prompt-logprobs`, the prompt's tokens and theirs (the first has none)."""
+    raws = c.token_bytes or [None] * len(c.token_logprobs)
+    shown = [
+        f"{shown_token(t, b)}:{lp:.2f}"
+        for t, b, lp in zip(c.tokens or [], raws, c.token_logprobs, strict=True)
+    ]
+    lines = []
+    if c.prompt_token_texts is not None:
+        prompt = zip(c.prompt_token_texts, c.prompt_logprobs or [], strict=True)
+        lines.append(
+            "prompt: "
+            + " ".join(f"{shown_token(*t)}:{'-' if lp is None else f'{lp:.2f}'}" for t, lp in prompt)
+        )
+    if c.top_tokens is not None:
+        for token, step, texts in zip(shown, c.top_logprobs, c.top_tokens, strict=True):
+            alts = " ".join(f"{shown_token(*t)}:{lp:.2f}" for t, (_, lp, _) in zip(texts, step, strict=True))
+            lines.append(f"{token} | {alts}")
+    elif show_logprobs:
+        lines.append(" ".join(shown))
+    return ["    " + line for line in lines]
 
 
 def _check_prompts(prompts: list[str]) -> None:

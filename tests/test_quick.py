@@ -1,6 +1,7 @@
 """`runner generate` (a quick try, nothing saved) and `--chat` (plain prompts through the chat template)."""
 
 import io
+import re
 
 import pytest
 from helpers import invoke, write_jsonl
@@ -31,9 +32,7 @@ def test_generate_prints_text_and_matches_the_engine(tiny_gpt2, gpt2_engine):
     c = greedy[0]
     pieces = gpt2_engine.texts.pieces(c.token_ids, gpt2_engine.tokenizer("The old man")["input_ids"])
     raws = gpt2_engine.texts.bytes(c.token_ids)
-    shown = [
-        t if t and "\ufffd" not in t else b for t, b in zip(pieces, raws, strict=True)
-    ]  # (b: split bytes)
+    shown = [t if t.replace("\ufffd", "") else b for t, b in zip(pieces, raws, strict=True)]  # b: split bytes
     expected = " ".join(f"{t!r}:{lp:.2f}" for t, lp in zip(shown, c.token_logprobs, strict=True))
     assert result.output.splitlines()[1].strip() == expected
     # the text holds back a character the limit cut; its token still shows, as "\ufffd"
@@ -46,7 +45,7 @@ def test_show_logprobs_shows_a_token_holding_part_of_a_character_as_its_bytes(gp
     for a Japanese prompt, where `runner score --tokens` shows such a token's bytes. It shows them too, as a
     bytes literal beside the quoted texts."""
     from runner.engine import Completion
-    from runner.quick import logprobs_line
+    from runner.quick import logprobs_lines
 
     texts, tok = gpt2_engine.texts, gpt2_engine.tokenizer
     ids = tok("日本語の文章")["input_ids"]
@@ -54,12 +53,50 @@ def test_show_logprobs_shows_a_token_holding_part_of_a_character_as_its_bytes(gp
     c = Completion(
         ids, [-0.5] * len(ids), "", "length", None, tokens=texts.pieces(ids), token_bytes=texts.bytes(ids)
     )
-    shown = logprobs_line(c).split(" ")
+    shown = logprobs_lines(c, True)[0].strip().split(" ")
     partial = [i for i, t in enumerate(c.tokens) if t == "" or t.endswith("\ufffd")]
     assert len(partial) >= 2 and partial[-1] == len(ids) - 1
     assert all(shown[i] == f"{c.token_bytes[i]!r}:-0.50" for i in partial)  # b'\xe6\x97':-0.50
     assert all(shown[i] == f"{t!r}:-0.50" for i, t in enumerate(c.tokens) if i not in partial)
-    assert "''" not in logprobs_line(c) and "\ufffd" not in logprobs_line(c)
+    assert (
+        "''" not in logprobs_lines(c, True)[0].strip() and "\ufffd" not in logprobs_lines(c, True)[0].strip()
+    )
+
+
+def test_generate_prints_the_alternatives_and_prompt_logprobs_it_was_asked_for(tiny_gpt2, gpt2_engine):
+    """`runner generate --logprobs 3` and `--prompt-logprobs` computed them and printed nothing of them (a try
+    saves nothing, so they were lost): a line per token now shows its 3 most likely alternatives, and a
+    `prompt:` line each prompt token's log-prob, as `runner.generate` returns them."""
+    args = ["The old man", "-m", tiny_gpt2, "--max-new-tokens", 4, "--greedy"]
+    result = invoke("generate", *args, "--logprobs", 3, "--prompt-logprobs")
+    assert result.exit_code == 0, result.output
+    (c,) = runner.generate("The old man", tiny_gpt2, GenerationParams(max_new_tokens=4, logprobs=3,
+                                                                      prompt_logprobs=True), engine=gpt2_engine)[0]  # fmt: skip
+    lines = result.output.splitlines()[1:]
+    prompt = [lp for lp in c.prompt_logprobs]
+    assert lines[0].startswith("    prompt: ") and lines[0].count(":") == 1 + len(prompt)
+    assert lines[0].endswith(f":{prompt[-1]:.2f}") and ":-" in lines[0].split()[1]  # (the first has none)
+    assert len(lines) == 1 + len(c.token_ids)
+    for line, lp, step in zip(lines[1:], c.token_logprobs, c.top_logprobs, strict=True):
+        chosen, alts = line.strip().split(" | ")
+        assert chosen.endswith(f":{lp:.2f}") and len(step) >= 3
+        assert re.findall(r":(-?[0-9.]+)(?: |$)", alts) == [f"{a[1]:.2f}" for a in step]
+
+
+def test_generate_help_speaks_of_what_generate_does():
+    """`runner generate --help` read as a job's: --max-new-tokens named an OpenAI Batch file's default (generate
+    takes no Batch file), --seed said "a job picks one", --logprobs and --prompt-logprobs "keep" what a try
+    keeps nowhere, --chat-template spoke of 'messages' rows. A job's commands still say so."""
+    shown = " ".join(invoke("generate", "--help").output.split())
+    assert "Tokens to generate per sample [default: 64]." in shown and "Batch" not in shown
+    assert "[default: 0, the same samples each try]" in shown and "a job picks" not in shown
+    assert "Also print the K most likely alternatives" in shown and "Also print the log-prob" in shown
+    assert "'messages'" not in shown and "keep the K" not in shown
+    job = " ".join(invoke("run", "--help").output.split())
+    assert (
+        "OpenAI Batch file's requests that set no max_tokens" in job and "a job picks one and keeps it" in job
+    )
+    assert "Also keep the K most likely alternatives" in job
 
 
 def test_generate_reads_stdin_and_txt_files(tmp_path, tiny_gpt2):
