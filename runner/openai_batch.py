@@ -142,8 +142,12 @@ def _body_row(
         if key in body and body[key] is not None:
             row[field] = body[key]
     seed = row.get("seed")
-    if isinstance(seed, int) and not isinstance(seed, bool) and -(2**63) <= seed < 0:  # vLLM takes any int64
-        row["seed"] = seed + 2**63  # (mixed with the custom_id before use: the same on every run)
+    if isinstance(seed, int) and not isinstance(seed, bool):  # vLLM takes any int64, negative ones too
+        if not -(2**63) <= seed < 2**63:
+            return None, "body.seed", f"must be a 64-bit integer, in [{-(2**63)}, {2**63 - 1}], got {seed}"
+        # its 64 bits as runner's seeds read them (-1: 2**64-1), which no seed from 0 to 2**63-1 is: seed -1 was
+        # 2**63-1, and a request seeded -1 answered as one seeded 2**63-1 (mixed with the same custom_id)
+        row["seed"] = seed % 2**64
     # the API samples at temperature 1 unless told otherwise (a temperature given decides, in row_params)
     if url != EMBEDDINGS and body.get("temperature") is None and not greedy:
         row["do_sample"] = True

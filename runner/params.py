@@ -79,8 +79,9 @@ class GenerationParams:
     """Samples per prompt (`-n`), in [1, 1024]; more than 1 turns sampling on unless the settings say greedy
     (temperature 0, do_sample false): then each is the greedy answer, as OpenAI's `n` at temperature 0 gives."""
     seed: int | None = None
-    """Random seed, in [0, 2**63-1]. Same seed, file and settings give identical results. A job picks one
-    (and records it) when none is given."""
+    """Random seed, in [0, 2**64-1] (64 bits: an OpenAI Batch request's negative seed is its two's complement,
+    -1 is 2**64-1). Same seed, file and settings give identical results. A job picks one (and records it) when
+    none is given."""
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation of a sample ends at the first one; it is not included in `text`."""
     logprobs: int | None = None
@@ -159,7 +160,7 @@ class GenerationParams:
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, 20)
         if self.seed is not None:
-            _check_int("seed", self.seed, 0, 2**63 - 1)
+            _check_int("seed", self.seed, 0, 2**64 - 1)
         _check_int("num_beams", self.num_beams, 1, 64)
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 1024)
         self.length_penalty = _check_float("length_penalty", self.length_penalty)

@@ -1041,7 +1041,7 @@ def test_a_body_field_runner_does_not_take_is_accepted_when_null(tmp_path, tiny_
     ]
     job = create_job(write_jsonl(tmp_path / "n.jsonl", lines), tiny_gpt2, served_model_names=("tiny",),
                      home=tmp_path / "home3")  # fmt: skip
-    assert job.spec.total == 1 and _row_params(job, job.prompts())(0).seed == 2**63 - 5
+    assert job.spec.total == 1 and _row_params(job, job.prompts())(0).seed == 2**64 - 5
     for field, value in (("tool_choice", "required"), ("logit_bias", {"1": 5})):
         lines = [request("a", "/v1/completions", {"model": "tiny", "prompt": "Hello", field: value})]
         with pytest.raises(InputError, match=f"body.{field}: is not supported by runner"):
@@ -1362,3 +1362,27 @@ def test_chat_logprobs_name_a_token_split_inside_a_character_alike_where_chosen_
     assert {
         step["top_logprobs"][1]["token"] for step in out if not texts.held_before(ids)[out.index(step)]
     } == {"\ufffd"}
+
+
+def test_a_negative_batch_seed_is_no_other_requests_seed(tmp_path, tiny_gpt2, gpt2_engine):
+    """vLLM takes any int64 seed. Runner read a negative one as seed + 2**63, so a request seeded -1 was one
+    seeded 2**63-1: the same custom_id in two files answered alike (vLLM answers them apart). It is now its 64
+    bits (-1: 2**64-1), which no seed from 0 to 2**63-1 is; one outside int64 is refused as no int64, not
+    with the range of the non-negative seeds (which said -1 was refused)."""
+    body = {"model": "tiny", "prompt": "The old man", "max_tokens": 8, "temperature": 1.0}
+    texts = []
+    for seed in (-1, 2**63 - 1):
+        path = write_jsonl(
+            tmp_path / f"{seed}.jsonl", [request("a", "/v1/completions", {**body, "seed": seed})]
+        )
+        job = create_job(path, tiny_gpt2, served_model_names=("tiny",), job_dir=tmp_path / f"job{seed}")
+        assert run_job(job, gpt2_engine, echo=None).finished
+        texts.append(runner.load_results(job)["token_ids"].iloc[0].tolist())
+    assert texts[0] != texts[1]
+    for seed in (2**63, -(2**63) - 1):
+        path = write_jsonl(tmp_path / "big.jsonl", [request("a", "/v1/completions", {**body, "seed": seed})])
+        with pytest.raises(
+            InputError,
+            match=r"big.jsonl:1: body.seed: must be a 64-bit integer, in \[-9223372036854775808, 9223372036854775807\]",
+        ):
+            create_job(path, tiny_gpt2, served_model_names=("tiny",), job_dir=tmp_path / "big")

@@ -21,7 +21,7 @@ from runner import EngineOptions, GenerationParams, ParamError
         ("top_k", -3, r"top_k must be >= 0, got -3\."),
         ("repetition_penalty", 0.0, r"repetition_penalty must be > 0, got 0\.0\."),
         ("num_return_sequences", 0, r"num_return_sequences must be in \[1, 1024\], got 0\."),
-        ("seed", -1, r"seed must be in \[0, 9223372036854775807\], got -1\."),
+        ("seed", -1, r"seed must be in \[0, 18446744073709551615\], got -1\."),
         ("stop", [""], r"stop strings must be non-empty strings, got ''\."),
         ("stop", 5, r"stop must be a string or a list of strings, got 5\."),
         ("do_sample", "yes", r"do_sample must be true or false, got 'yes'\."),
