@@ -377,10 +377,35 @@ def home_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         is_eager=True, help=HOME_HELP)(fn)  # fmt: skip
 
 
+class _Command(click.Command):
+    """A command that refuses both sides of an on/off flag given together (`--do-sample --greedy`,
+    `--add-eos --exclude-end`): click kept the last one typed and said nothing, where runner refuses settings
+    that cannot all hold (`--greedy --temperature 0.8`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        given, takes_value, skip = [], {o for p in self.params if isinstance(p, click.Option) and not p.is_flag
+                                        for o in p.opts + p.secondary_opts}, False  # fmt: skip
+        for arg in args:
+            if arg == "--":
+                break
+            if not skip:
+                given.append(arg)
+            skip = not skip and arg in takes_value
+        for param in self.params:
+            if isinstance(param, click.Option) and param.is_flag and param.secondary_opts:
+                on = [o for o in given if o in param.opts]
+                off = [o for o in given if o in param.secondary_opts]
+                if on and off:
+                    first, then = sorted((on[0], off[0]), key=given.index)
+                    raise click.UsageError(f"{first} and {then} say opposite things: give one of them", ctx)
+        return super().parse_args(ctx, args)
+
+
 class _Commands(click.Group):
     """The command group: a command users look for under another name is pointed to (click's own close match
     sent `runner export` to `report`, which writes an HTML report, not the rows: pass 38)."""
 
+    command_class = _Command
     ELSEWHERE = {
         "export": "`runner results JOB --to FILE` writes a job's rows (.csv, .jsonl, .parquet; --format openai for "
         "an OpenAI Batch output file)",

@@ -1304,3 +1304,32 @@ def test_an_export_of_a_job_that_lost_rows_exits_1_after_writing(tmp_path, promp
     assert invoke("repair", job_id).exit_code == 0 and invoke("work").exit_code == 0
     again = invoke("results", job_id, "--to", tmp_path / "r.csv")
     assert again.exit_code == 0 and runner.export_results(job_id, tmp_path / "p.jsonl").lost == ""
+
+
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("generate", ["--do-sample", "--greedy"]),
+        ("run", ["--greedy", "--do-sample"]),
+        ("score", ["--add-eos", "--exclude-end"]),
+        ("score", ["--no-add-bos", "--add-bos"]),
+        ("submit", ["--cuda-graphs", "--no-cuda-graphs"]),
+        ("run", ["--no-continuous-batching", "--continuous-batching"]),
+    ],
+)
+def test_both_sides_of_an_on_off_flag_are_refused_not_settled_by_the_last(
+    tmp_path, prompts, tiny_gpt2, command, flags
+):
+    """`runner generate --do-sample --greedy` decoded greedily and `--greedy --do-sample` sampled: click kept the
+    last one typed and said nothing (`--add-eos --exclude-end` the same), where runner refuses settings that
+    cannot all hold (`--greedy --temperature 0.8`). A value that looks like a flag is still a value."""
+    first = "hi" if command == "generate" else str(prompts)
+    result = invoke(command, first, "-m", tiny_gpt2, *flags, "-o" if command == "run" else "--priority",
+                    str(tmp_path / "o") if command == "run" else "0")  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"{flags[0]} and {flags[1]} say opposite things: give one of them" in result.output
+    assert not (tmp_path / "o").exists()
+    result = invoke(
+        "generate", "hi", "-m", tiny_gpt2, "--max-new-tokens", 2, "--stop", "--greedy", "--do-sample"
+    )
+    assert result.exit_code == 0, result.output
