@@ -377,6 +377,17 @@ def home_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         is_eager=True, help=HOME_HELP)(fn)  # fmt: skip
 
 
+class _ResultsFormat(click.Choice):
+    """`runner results --format`: a file type asked for there (`--format csv`, as pandas users say it) is told
+    where it goes, --to's suffix, beside click's list of the two formats."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.lower().lstrip(".") in ("csv", "jsonl", "json", "parquet"):
+            self.fail(f"{value!r} is a file type: --to FILE.{value.lower().lstrip('.')} writes it (--format is "
+                      "table, the rows as they are, or openai, OpenAI Batch output lines)", param, ctx)  # fmt: skip
+        return super().convert(value, param, ctx)
+
+
 class _Command(click.Command):
     """A command that refuses both sides of an on/off flag given together (`--do-sample --greedy`,
     `--add-eos --exclude-end`): click kept the last one typed and said nothing, where runner refuses settings
@@ -1234,7 +1245,7 @@ def _settings_line(job: Any) -> str:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "openai"]),
+    type=_ResultsFormat(["table", "openai"]),
     default="table",
     show_default=True,
     help="openai: one OpenAI Batch output line per request (--to FILE.jsonl).",

@@ -1333,3 +1333,12 @@ def test_both_sides_of_an_on_off_flag_are_refused_not_settled_by_the_last(
         "generate", "hi", "-m", tiny_gpt2, "--max-new-tokens", 2, "--stop", "--greedy", "--do-sample"
     )
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet", "JSON"])
+def test_results_format_given_a_file_type_says_that_to_writes_it(fmt):
+    """`runner results JOB --format csv`, as pandas users ask for a file type, was only told "'csv' is not one
+    of 'table', 'openai'": the file type comes from --to's suffix, and the message says so."""
+    result = invoke("results", "night1", "--format", fmt)
+    assert result.exit_code == 2, result.output
+    assert f"--to FILE.{fmt.lower()} writes it" in result.output
