@@ -572,6 +572,9 @@ def score(ctx: click.Context, input_path: str, model: str, output: str | None, *
 @cli.command()
 @input_options
 @embed_options
+@click.option("--context", hidden=True, expose_value=False, callback=_elsewhere(
+    "gpt2-transform's text is runner embed's input: a file of texts (.txt: one a line), or standard input: "
+    "echo \"TEXT\" | runner embed - -m MODEL"))  # fmt: skip
 @engine_options
 @output_option
 @progress_option
@@ -1450,6 +1453,10 @@ def repair(ctx: click.Context, job_ref: str) -> None:
                                       "prompts through instead of the model's own: a model without one (GPT-2 "
                                       "fine-tuned on your chat format) can answer chats.")  # fmt: skip
 @click.option("--show-logprobs", is_flag=True, help="Also print each token with its log-prob.")
+@click.option("--context", hidden=True, expose_value=False, callback=_elsewhere(
+    "gpt2-generate's --context is runner generate's argument: runner generate \"TEXT\" -m MODEL"))  # fmt: skip
+@click.option("--num_generate", "--num-generate", hidden=True, expose_value=False, callback=_elsewhere(
+    "gpt2-generate's --num_generate is runner's -n (--num-return-sequences): samples per prompt"))  # fmt: skip
 @click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
               help="Prompts over the context window: refuse (none) or keep their end (left), as a job does.")  # fmt: skip
 @_generation_options(job=False)

@@ -1342,3 +1342,19 @@ def test_results_format_given_a_file_type_says_that_to_writes_it(fmt):
     result = invoke("results", "night1", "--format", fmt)
     assert result.exit_code == 2, result.output
     assert f"--to FILE.{fmt.lower()} writes it" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["generate", "--context=江戸時代のインターネット回線"], 'runner generate "TEXT" -m MODEL'),
+        (["generate", "hi", "--num_generate", "2"], "is runner's -n (--num-return-sequences)"),
+        (["embed", "--context=江戸時代のインターネット回線"], 'echo "TEXT" | runner embed - -m MODEL'),
+    ],
+)
+def test_gpt2_japanese_options_point_to_runners_own(tiny_gpt2, args, said):
+    """The gpt2-japanese README's `gpt2-generate.py --context="..." --num_generate 1` and `gpt2-transform.py
+    --context="..."` got "No such option '--context'": they say what runner calls them."""
+    result = invoke(*args, "-m", tiny_gpt2)
+    assert result.exit_code == 2, result.output
+    assert said in result.output
