@@ -633,7 +633,11 @@ def _check_drive(home: Any, output: Any = None, option: str = "-o", name: str | 
 @score_options
 @embed_options
 @generate_engine_options
-@click.option("--name", help="A name to refer to the job by (instead of its id).")
+@click.option(
+    "--name",
+    help="A name to refer to the job by (instead of its id): ASCII letters, digits, '-', '_' "
+    "and '.', from a letter or digit.",
+)
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
 @home_option
 @click.pass_context

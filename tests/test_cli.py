@@ -1358,3 +1358,10 @@ def test_gpt2_japanese_options_point_to_runners_own(tiny_gpt2, args, said):
     result = invoke(*args, "-m", tiny_gpt2)
     assert result.exit_code == 2, result.output
     assert said in result.output
+
+
+def test_submit_help_says_which_names_a_job_may_have():
+    """--name said only "a name to refer to the job by" and the README "letters, digits ...": `--name 夜間ジョブ`
+    (letters, to a Japanese user) was then refused as ASCII-only. The help says the rule."""
+    shown = " ".join(invoke("submit", "--help").output.split())
+    assert "ASCII letters, digits, '-', '_' and '.'" in shown
