@@ -15,6 +15,7 @@ from typing import Any
 from .errors import RunnerError
 from .inputs import SUFFIXES, input_file, not_utf8_text, read_text_lines
 from .params import EngineOptions, GenerationParams, check_truncate, unescape
+from .tokens import SPACE_MARK
 
 FILE_SUFFIXES = tuple(SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
 
@@ -169,10 +170,16 @@ def shown_token(text: str, raw: bytes | None) -> str:
     """A token as `runner generate` prints it: its text quoted, or, where it is not characters of its own (part
     of a character split over byte tokens, most Japanese under GPT-2's byte-level BPE), its bytes, b'\\xe3\\x81',
     as `runner score --tokens` shows them, not as '' before the token that completes the character and
-    '\\ufffd' where nothing does. A token with characters of its own shows them ("\\ufffd" for a last one cut)."""
+    '\\ufffd' where nothing does. A token with characters of its own shows them ("\\ufffd" for a last one cut);
+    SentencePiece's "▁" in front of a text, which reads as nothing there, shows as '▁', not b' '."""
+    if text == "" and raw is not None:  # part of a character, or SentencePiece's "▁" in front of a text
+        try:
+            return repr(bytes(raw).decode("utf-8").replace(" ", SPACE_MARK))
+        except UnicodeDecodeError:
+            return repr(bytes(raw))
     own = (
         raw is None or text.replace("\ufffd", "") != "" or "\ufffd".encode() in raw
-    )  # ("は公\ufffd": its text)
+    )  # "は公\ufffd": its text
     return repr(text if own else bytes(raw))
 
 

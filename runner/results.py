@@ -647,10 +647,17 @@ def score_lines(df: Any, tokens: bool = False) -> Iterator[str]:
     log-prob on the lines below. Tabs and line breaks inside a text are written as \\t and \\n: one line per row.
     A token holding only the first bytes of a character (most Japanese under GPT-2's byte-level BPE), whose
     text is "" (the character shows on the token that completes it), is written as its bytes, "\\xe5\\x90",
-    not as a blank."""
+    not as a blank; SentencePiece's "▁" in front of a text, which reads as nothing there, as "▁", not "\\x20"."""
+
+    from .tokens import SPACE_MARK
 
     def piece(text: str, raw: Any) -> str:
-        return one_line(text) if text or raw is None else "".join(f"\\x{b:02x}" for b in bytes(raw))
+        if text or raw is None:
+            return one_line(text)
+        try:
+            return one_line(bytes(raw).decode("utf-8").replace(" ", SPACE_MARK))
+        except UnicodeDecodeError:
+            return "".join(f"\\x{b:02x}" for b in bytes(raw))
 
     columns = ["text", "context", "continuation", "logprob", "tokens", "token_bytes", "token_logprobs"]
     for text, context, continuation, logprob, pieces, raws, logprobs in df[columns].itertuples(index=False):

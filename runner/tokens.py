@@ -21,6 +21,7 @@ from typing import Any
 
 PIECE_CONTEXT = 8  # tokens decoded before each token in `token_pieces` (a UTF-8 character is <= 4 bytes)
 REPLACEMENT = "\ufffd"
+SPACE_MARK = "\u2581"  # SentencePiece's "▁": how a token that is a space the text does not show is printed
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte-fallback tokens: <0x2C>
 _BYTE_LEVEL: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # tokenizer -> LLTokenizer
 _RUST: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # tokenizer -> Rust decoder or None

@@ -316,6 +316,20 @@ def test_score_tokens_show_the_bytes_of_a_token_that_only_starts_a_character(tin
     assert "".join(row["tokens"]) == text
 
 
+def test_score_tokens_show_sentencepieces_space_in_front_of_a_text_as_its_mark(tiny_llama, runner_home):
+    """A SentencePiece tokenizer puts "▁" in front of a text ("Hello" -> "▁", "H", ...); that token reads as
+    nothing in the text, and `--tokens` printed it as its bytes, "\\x20", as if it were part of a character. It
+    prints SentencePiece's own mark, "▁" (so does `runner generate --prompt-logprobs`)."""
+    result = invoke("score", "-", "-m", tiny_llama, "--tokens", input="Hello,  world\n")
+    assert result.exit_code == 0, result.output
+    row = runner.load_results(result.stderr.strip().splitlines()[-1].split("results in ")[-1]).iloc[0]
+    assert row["tokens"][0] == "" and bytes(row["token_bytes"][0]) == b" "  # (the tiny tokenizer does so)
+    lines = result.stdout.splitlines()[1:]
+    assert lines[0].split("\t")[0] == "\u2581" and "\\x20" not in result.stdout
+    shown = invoke("generate", "Hello", "-m", tiny_llama, "--max-new-tokens", 1, "--prompt-logprobs").output
+    assert "'\u2581':" in shown and "b' '" not in shown
+
+
 def test_progress_lines_show_tok_s_only_where_tokens_are_counted():
     """An embedding job's progress read "0.0 tok/s" all along (new-user walkthrough): without tokens it shows rows/s
     only; a generation's line shows tok/s from its first steps, even before a row ends."""
