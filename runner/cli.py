@@ -377,6 +377,19 @@ def home_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         is_eager=True, help=HOME_HELP)(fn)  # fmt: skip
 
 
+def _hidden(name: str) -> Callable[..., Any]:
+    """Leave the option `name` out of this command's --help (one it refuses with its reason, as score does
+    --truncate; the shared options list it for the commands that take it)."""
+
+    def hide(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for param in getattr(fn, "__click_params__", []):
+            if param.name == name and isinstance(param, click.Option):
+                param.hidden = True
+        return fn
+
+    return hide
+
+
 class _ResultsFormat(click.Choice):
     """`runner results --format`: a file type asked for there (`--format csv`, as pandas users say it) is told
     where it goes, --to's suffix, beside click's list of the two formats."""
@@ -526,6 +539,7 @@ def run(ctx: click.Context, input_path: str, model: str, output: str | None, **k
 
 
 @cli.command()
+@_hidden("truncate")  # refused by score: a text over the window is scored in windows
 @input_options
 @score_options
 @click.option(

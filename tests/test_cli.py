@@ -1365,3 +1365,13 @@ def test_submit_help_says_which_names_a_job_may_have():
     (letters, to a Japanese user) was then refused as ASCII-only. The help says the rule."""
     shown = " ".join(invoke("submit", "--help").output.split())
     assert "ASCII letters, digits, '-', '_' and '.'" in shown
+
+
+def test_score_help_does_not_offer_the_truncate_it_refuses():
+    """`runner score --help` listed --truncate ("Prompts over the context window: refuse (none) or keep their
+    end (left)"), which score refuses ("not used by score jobs: a text over the context window is scored
+    whole, in windows"): the help offered what the command says no to. It still says why to one who types it."""
+    assert "--truncate" not in invoke("score", "--help").output
+    assert "--truncate" in invoke("embed", "--help").output and "--truncate" in invoke("run", "--help").output
+    result = invoke("score", "x.txt", "-m", "m", "--truncate", "left")
+    assert result.exit_code != 0 and "--truncate" in result.output
