@@ -1543,7 +1543,10 @@ def generate(
               help="Answer the valid requests; each invalid line is a 400 line of the .errors.jsonl file.")  # fmt: skip
 @click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
               help="Prompts over the context window: refuse (none) or keep their end (left).")  # fmt: skip
-@chat_template_option
+@click.option("--chat-template", help="A Jinja chat template (a file, or the template itself) that the "
+                                      "/v1/chat/completions requests' messages go through instead of the "
+                                      "model's own: a model without one (GPT-2 fine-tuned on your chat "
+                                      "format) can answer them.")  # fmt: skip
 @generate_engine_options
 @progress_option
 @click.pass_context

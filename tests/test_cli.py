@@ -1375,3 +1375,10 @@ def test_score_help_does_not_offer_the_truncate_it_refuses():
     assert "--truncate" in invoke("embed", "--help").output and "--truncate" in invoke("run", "--help").output
     result = invoke("score", "x.txt", "-m", "m", "--truncate", "left")
     assert result.exit_code != 0 and "--truncate" in result.output
+
+
+def test_run_batch_help_says_what_its_chat_template_renders():
+    """`runner run-batch --help` said --chat-template is "for 'messages' rows and --chat": run-batch refuses
+    --chat and reads no such rows; the template renders its chat requests' messages."""
+    shown = " ".join(invoke("run-batch", "--help").output.split())
+    assert "/v1/chat/completions requests' messages" in shown and "'messages' rows" not in shown
