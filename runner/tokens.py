@@ -201,12 +201,13 @@ class TokenText:
         for its last ones (b"" where none): what `unfinished` needs to tell a token that leaves a character
         unfinished from one whose bytes are simply not UTF-8."""
         special = set(self.tokenizer.all_special_ids)
+        seq = [int(t) for t in [*prefix[-PIECE_CONTEXT:], *ids]]
         decoder = _utf8()
         held = []
-        for t in [*prefix[-PIECE_CONTEXT:], *ids]:
+        for t, raw in zip(seq, self.bytes(seq), strict=True):
             held.append(decoder.getstate()[0])
-            if int(t) not in special:
-                decoder.decode(self.bytes([t])[0])
+            if t not in special:
+                decoder.decode(raw)
         return held[len(held) - len(ids) :]
 
     @functools.cached_property
