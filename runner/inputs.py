@@ -681,8 +681,13 @@ def _from_pandas(df: Any) -> Any:
     """A DataFrame as a datasets.Dataset, a named index as a column (as `df.to_parquet()` keeps it). A column
     whose Python objects share no Arrow type is an error naming it, not pyarrow's traceback."""
     import datasets
+    import pandas as pd
     import pyarrow as pa
 
+    if isinstance(df.index, pd.RangeIndex) and df.index.name is not None and df.index.name not in df.columns:
+        # pandas keeps a set_index("番号") of 1, 2, 3 ... (evenly spaced) as a RangeIndex, which Arrow stores in
+        # its metadata only: the column was lost where one of 1, 2, 5 was kept
+        df = df.reset_index()
     named = any(
         n is not None for n in df.index.names
     )  # an unnamed index (a filter's, a shuffle's) is not data

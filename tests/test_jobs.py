@@ -954,6 +954,17 @@ def test_a_dataframes_named_index_is_a_column_as_to_parquet_keeps_it(tiny_gpt2, 
         assert "__index_level_0__" not in names and "n_words" in names
 
 
+def test_a_dataframes_named_index_of_1_2_3_is_a_column_too(tiny_gpt2, runner_home):
+    """pandas keeps `set_index("番号")` of evenly spaced integers (1, 2, 3 ...) as a RangeIndex, which Arrow
+    stores in its metadata only: the 番号 column was nowhere in the results, where one of 1, 2, 5 was kept."""
+    import pandas as pd
+
+    for numbers in ([1, 2, 3], [10, 20, 30], [1, 2, 5]):
+        df = pd.DataFrame({"番号": numbers, "prompt": ["Hello", "The old man", "Hi"]}).set_index("番号")
+        job = create_job(df, tiny_gpt2, home=runner_home)
+        assert job.prompts().column("番号").to_pylist() == numbers, numbers
+
+
 def test_a_dataframe_column_mixing_types_is_an_error_naming_it(tiny_gpt2, runner_home):
     """pyarrow's ArrowInvalid reached the user as a traceback (adversarial pass 21)."""
     import pandas as pd
