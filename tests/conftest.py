@@ -19,8 +19,10 @@ from tiny_models import build_tiny_gpt2, build_tiny_llama_chat  # noqa: E402
 
 
 def pytest_configure(config):
+    # The processes the tests start compute on one thread, with or without -n: `helpers.reference_run` computes
+    # on one, and a sum over two threads rounds otherwise (test_crashes' bit-for-bit rows failed without -n).
+    os.environ["OMP_NUM_THREADS"] = "1"
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ["OMP_NUM_THREADS"] = "1"  # this process and the workers it starts
         import torch
 
         torch.set_num_threads(1)
