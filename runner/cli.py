@@ -257,7 +257,7 @@ engine_options = _apply([
                       "on GPU]."),
     click.option("--batch-size", type=int, help="Most sequences per batch [default: 64 on CPU; on a GPU 1024 with >= 70 GiB, else 256]."),
     click.option("--max-batch-tokens", type=int,
-                 help="Most tokens per batch, rows x (longest prompt + max new tokens) [default: from device]."),
+                 help="Most tokens per batch: rows x (longest prompt + max new tokens); for score and embed, rows x longest text [default: from device]."),
     click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run."),
     click.option("--allow-pickle-weights", "allow_pickle", is_flag=True,
                  help="Allow pickle-based weights (pytorch_model.bin); only safetensors/GGUF otherwise."),

@@ -676,6 +676,8 @@ def export_type_problem(to: str | os.PathLike) -> str | None:
     suffix = Path(to).suffix.lower()
     if suffix in EXPORT_SUFFIXES:
         return None
+    if os.fspath(to) == "-":  # (the shell's "standard output": the preview is what prints there)
+        return "exports go to a file, not to standard output; name one (.jsonl, .json, .csv or .parquet)"
     return f"unknown type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .parquet"
 
 

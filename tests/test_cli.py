@@ -420,6 +420,9 @@ def test_results_export_lists_as_json_in_csv_and_an_array_in_json(prompts, tiny_
         runner.export_results(tmp_path / "o", tmp_path / "p.txt")
     bad = invoke("results", tmp_path / "o", "--to", tmp_path / "r.txt")
     assert bad.exit_code == 2 and "unknown type '.txt'" in bad.output
+    # `--to -`, the shell's way to say standard output: said so, not "unknown type '(none)'"
+    bad = invoke("results", tmp_path / "o", "--to", "-")
+    assert bad.exit_code == 2 and "not to standard output; name one (.jsonl" in bad.output, bad.output
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
