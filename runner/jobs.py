@@ -424,6 +424,19 @@ def _refuse_a_name_like_an_id(job_dir: Path | None) -> None:
         )
 
 
+def _as_it_was(existing: Job, job_dir: Path) -> str:
+    """What the job already in `job_dir` offers as it was: its results when it is completed (`runner work` had
+    nothing to finish there), else `runner work` to finish it."""
+    where = shlex.quote(str(job_dir))
+    try:
+        completed = existing.state().state == "completed"
+    except RunnerError:
+        completed = False
+    if completed:
+        return f"it is completed: `runner results {where}` has its results"
+    return f"or run `runner work --job {where}` to finish it as it was"
+
+
 def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dict[str, Any]) -> Job | None:
     """The job this submit repeats (same folder or same name, same inputs and settings), to be resumed; a
     different job in that folder or under that name is refused, saying what differs."""
@@ -432,8 +445,8 @@ def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dic
         if existing is not None and not _same_job(existing, identity):
             raise RunnerError(
                 f"{job_dir} holds a job with other inputs or settings{_differences(existing, identity)}; resuming "
-                f"it with these is refused (use another job folder: -o, or --job-dir for run-batch; or run `runner "
-                f"work --job {shlex.quote(str(job_dir))}` to finish it as it was)"
+                f"it with these is refused (use another job folder: -o, or --job-dir for run-batch; "
+                f"{_as_it_was(existing, Path(job_dir))})"
             )
         return existing
     if name is None:

@@ -137,10 +137,17 @@ def test_rerun_with_same_output_resumes_and_other_settings_are_refused(
     # the refusal says what differs (a user forgetting --seed could not tell why it was refused)
     with pytest.raises(
         RunnerError, match=r"holds a job with other inputs or settings \(max_new_tokens 4, now 5\)"
-    ):
+    ) as refused:
         runner.run(
             prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=5), output=tmp_path / "out", echo=None
         )
+    # a completed job has nothing for `runner work` to finish: its results are offered
+    assert "it is completed: `runner results" in str(refused.value) and "runner work" not in str(
+        refused.value
+    )
+    create_job(prompts_file, tiny_gpt2, params, job_dir=tmp_path / "queued")
+    with pytest.raises(RunnerError, match=r"or run `runner work --job .*queued` to finish it as it was"):
+        runner.run(prompts_file, tiny_gpt2, GenerationParams(max_new_tokens=5), output=tmp_path / "queued")
     other = write_jsonl(tmp_path / "other.jsonl", ROWS[:2])
     with pytest.raises(RunnerError, match=r"settings \(the input file's content; seed None, now 42\)"):
         runner.run(
