@@ -1251,11 +1251,17 @@ def _stands_over_blind(job_dir: Path, seq: int, new: StateRecord) -> bool:
     # records were written over the repair's since: ours stood for their writers only if they came after it was
     # filled (pass 76: a cancel written over a retry's late word, then the retry deciding again, undid it)
     folder = job_dir / STATES
-    try:
-        ours, then = (os.stat(folder / record_name(n)).st_mtime_ns for n in (seq, first))
-    except OSError:
-        return False
-    return then > ours
+
+    def times() -> list[int] | None:
+        try:
+            return [os.stat(folder / record_name(n)).st_mtime_ns for n in (seq, first)]
+        except FileNotFoundError:
+            return None
+
+    # (a transient error is retried, then raises: read as "ours did not stand", the command decided again over
+    # those records and applied its word twice, a retry re-queuing a job cancelled after it; pass 189)
+    got = storage.retry(times, f"read {folder}")
+    return got is not None and got[1] > got[0]
 
 
 def _outcome_over(job_dir: Path, seq: int, writer: str | None) -> bool:
