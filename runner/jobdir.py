@@ -3279,7 +3279,7 @@ def _settle_state(
             read, broken_top = replace(read, seq=read.seq - 1), False  # so it counts as recorded since
         if newest_state_seq(job.dir) > read.seq:
             now = read_state(job.dir)
-            if now.state is not JobState.COMPLETED or job_progress(job).complete:
+            if now.state is not JobState.COMPLETED or _complete_sealed(job, now.generation):
                 return now
             read, must_write = now, True  # decided over the ledger before commits were set aside
             continue
@@ -3299,7 +3299,7 @@ def _late_word(job: Job, ours: StateRecord, top: int) -> StateRecord:
         late = _filled_or_aside(job.dir, top)
     except BrokenJob:  # still empty or damaged: nobody's word
         return ours
-    if late.state is JobState.COMPLETED and not job_progress(job).complete:
+    if late.state is JobState.COMPLETED and not _complete_sealed(job, late.generation):
         return ours
     again = StateRecord(late.state, max(late.generation, ours.generation), late.error)
     done = record_state(job.dir, ours, again, "repair")
@@ -3309,6 +3309,14 @@ def _late_word(job: Job, ours: StateRecord, top: int) -> StateRecord:
     # its fill at a name an adopter had freed), whose word came later, and which may take it as standing over
     # our blind record: recorded again over the aside's (pass 91)
     return _late_word(job, done, top)
+
+
+def _complete_sealed(job: Job, generation: int) -> bool:
+    """Whether every key of the job is done or failed, read sealed, as a worker's completion is: a completion
+    recorded while `repair` ran stands only so. Unsealed, a unit taken over meanwhile (its taker frozen before its
+    seal) counted a superseded worker's late commit for the rows of a commit repair had set aside; the completion
+    stood, and the taker's seal, made from its older listing, left that commit out (rows missing; pass 189)."""
+    return job_progress(job, read_ledger(job, seal=True, generation=generation)).complete
 
 
 def _aside_word(job_dir: Path, seq: int) -> StateRecord | None:
