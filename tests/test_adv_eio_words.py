@@ -4,7 +4,8 @@ Without hard links a state record is created empty, then filled. A command froze
 `runner repair` (blind over its empty record); once filled, its word stands, and whether it still stands for the
 records written over the repair's since is decided by their times (`_stands_over_blind`, pass 76). A transient
 error there (EIO on a network mount) was read as "our word does not stand": the command decided again over the
-records written since and applied its word a second time (a retry re-queued a job cancelled after it).
+records written since and applied its word a second time (a retry re-queued a job cancelled after it; a cancel
+undid a retry made after it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from helpers import write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, jobdir
-from runner.jobdir import JobState
 from runner.jobs import create_job
 
 PARAMS = GenerationParams(max_new_tokens=3, temperature=1.0, seed=5)
@@ -59,20 +59,31 @@ def _eio_once_on_records(monkeypatch, armed: threading.Event) -> list:
     return failed
 
 
-def test_a_transient_error_never_has_a_slow_retry_undo_a_cancel_made_after_its_word_stood(job, monkeypatch):
-    """As pass 76: a retry filled late under a repair's blind record is the job's word (queued); the user cancels
-    the re-queued job; the retry, finding itself passed over, looks whether its word stood for that cancel (the
-    cancel came after its fill). An EIO there read as "it did not": the retry decided again over the cancel and
-    re-queued the job, the reported cancel undone."""
+# (the slow command, the state before it, what the job reads once its word stands, the user's command after it)
+STORIES = [
+    ("retry", "cancelled", "queued", "cancel"),  # the user's cancel undone by the retry applied again
+    ("cancel", "queued", "cancelled", "retry"),  # the user's retry undone by the cancel applied again
+]
+
+
+@pytest.mark.parametrize(("slow_cmd", "before", "stood", "user_cmd"), STORIES)
+def test_a_transient_error_never_has_a_slow_command_undo_the_one_made_after_its_word_stood(
+    job, monkeypatch, slow_cmd, before, stood, user_cmd
+):
+    """As pass 76: a command filled late under a repair's blind record is the job's word; the user's next command
+    is recorded over it; the slow one, finding itself passed over, looks whether its word stood for that command
+    (it came after its fill). An EIO there read as "it did not": the slow command decided again over the user's
+    and applied its word a second time (a retry re-queued a job cancelled after it, a cancel undid a retry)."""
     _no_links(monkeypatch)
-    runner.cancel(job.dir)
+    if before == "cancelled":
+        runner.cancel(job.dir)
     frozen, wake_fill, at_check, wake_check = (threading.Event() for _ in range(4))
     real_point, real_passed, said = jobdir.fault_point, jobdir._passed_over, []
 
     def fault_point(name):
         if name == "after_create" and threading.current_thread().name == "slow" and not frozen.is_set():
             frozen.set()
-            assert wake_fill.wait(60)  # the retry's record created, still empty
+            assert wake_fill.wait(60)  # the slow command's record created, still empty
         return real_point(name)
 
     def passed_over(folder, seq, token):
@@ -84,16 +95,17 @@ def test_a_transient_error_never_has_a_slow_retry_undo_a_cancel_made_after_its_w
     monkeypatch.setattr(jobdir, "fault_point", fault_point)
     monkeypatch.setattr(jobdir, "_passed_over", passed_over)
     failed = _eio_once_on_records(monkeypatch, wake_check)
-    slow = threading.Thread(target=lambda: said.append(runner.retry(job.dir)), name="slow", daemon=True)
+    command = getattr(runner, slow_cmd)
+    slow = threading.Thread(target=lambda: said.append(command(job.dir)), name="slow", daemon=True)
     slow.start()
     assert frozen.wait(60)
-    assert runner.repair(job.dir).state_now == "cancelled"  # blind over the retry's empty record
+    assert runner.repair(job.dir).state_now == before  # blind over the slow command's empty record
     wake_fill.set()
     assert at_check.wait(60)
-    assert runner.status(job.dir).state == "queued"  # the retry's word stands
-    runner.cancel(job.dir)  # the user cancels the re-queued job: "cancelled"
+    assert runner.status(job.dir).state == stood  # the slow command's word stands
+    getattr(runner, user_cmd)(job.dir)  # the user's command, told it is done
     wake_check.set()
     slow.join(60)
     assert failed, "the EIO was not met"
-    assert len(said) == 1  # the retry returned: done
-    assert job.state().state is JobState.CANCELLED
+    assert len(said) == 1  # the slow command returned: done
+    assert job.state().state == before
