@@ -26,8 +26,9 @@ asks it.
 
 The ownership and integrity model, so that exactly-once holds by construction:
   * Work is split into units (row ranges x all samples). A worker owns a unit by creating the next epoch's
-    claim file exclusively; a claim is live while its worker's heartbeat is fresh (or, on the same boot and
-    PID namespace, while its process exists).
+    claim file exclusively; a claim is live while its worker's heartbeat is fresh and its process is not
+    provably gone (on the same boot and PID namespace, a worker whose process has ended loses its claims at
+    once; a stopped one keeps them only until its heartbeat goes stale).
   * Fencing: whoever takes epoch E+1 first seals epoch E: it lists E's commit markers and writes that list
     once. Only the markers of a unit's newest epoch, and those listed in the seals of older ones, count. A
     stale worker (frozen past its lease) that commits after the seal commits nothing: its files are ignored.
