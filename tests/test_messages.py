@@ -25,11 +25,17 @@ def run_suggestion(text: str, home) -> str:
 def test_each_suggested_command_works_as_typed(tmp_path, tiny_gpt2, runner_home, monkeypatch):
     monkeypatch.chdir(tmp_path)
     f = write_jsonl(tmp_path / "p.jsonl", [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS[:3])])
-    # -o with other settings: refused, with the command that finishes the job as it was
+    # -o with other settings: refused, with the command that shows the completed job's results
     assert invoke("run", f, "-m", tiny_gpt2, "--max-new-tokens", 2, "-o", "out/qa").exit_code == 0
     refused = invoke("run", f, "-m", tiny_gpt2, "--max-new-tokens", 3, "-o", "out/qa")
-    assert refused.exit_code == 1 and "runner work --job out/qa" in refused.output
+    assert refused.exit_code == 1 and "it is completed: `runner results out/qa`" in refused.output
     run_suggestion(refused.output, runner_home)
+    # ... and for a job not done yet, the command that finishes it as it was
+    runner.submit(f, tiny_gpt2, runner.GenerationParams(max_new_tokens=2), job_dir="out/q2")
+    refused = invoke("run", f, "-m", tiny_gpt2, "--max-new-tokens", 3, "-o", "out/q2")
+    assert refused.exit_code == 1 and "runner work --job out/q2" in refused.output
+    run_suggestion(refused.output, runner_home)
+    assert runner.status("out/q2", runner_home).state == "completed"
     # cancel: the message says how to resume, and that resumes it
     job = runner.submit(
         f, tiny_gpt2, runner.GenerationParams(max_new_tokens=2), home=runner_home, name="later"
