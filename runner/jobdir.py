@@ -1730,13 +1730,24 @@ def _link_new(tmp: str, path: Path) -> bool | None:
         os.link(tmp, path)
         return True
     except FileExistsError:
-        try:
-            return os.path.samefile(tmp, path)
-        except OSError:
-            return False
+        return _is_ours(tmp, path)
     except OSError as e:
         if e.errno in NO_LINKS:
             return None
+        raise
+
+
+def _is_ours(tmp: str, path: Path) -> bool:
+    """Whether the file at `path` is the one `tmp` is. A transient error in that look is retried, not taken for
+    "another writer's file": a link that landed though its reply was lost then read as lost (a worker left a unit
+    it had claimed, a `submit --name` said another submit held the name; pass 189)."""
+    try:
+        return storage.retry(
+            lambda: os.path.samefile(tmp, path), f"compare {path} with the file linked there"
+        )
+    except storage.StorageError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return False
         raise
 
 

@@ -431,6 +431,33 @@ def test_a_state_record_whose_create_landed_before_a_transient_error_is_the_writ
     assert job.state().state is JobState.CANCELLED
 
 
+def test_a_claim_that_landed_is_the_takers_though_the_look_at_it_fails_once(job, monkeypatch):
+    """A unit's claim links into place, the mount reports EIO, the retried create finds the name taken, and
+    the look that tells the taker's own file from another writer's fails once too (a burst of EIO on a flaky
+    mount): it is retried. Taken for another's, the unit was left by its own taker, whose fresh heartbeat then
+    kept anyone else from it (pass 189)."""
+    real_link, real_samefile, failed = os.link, os.path.samefile, []
+
+    def link(src, dst, *a, **k):
+        real_link(src, dst, *a, **k)
+        if Path(dst).parent.name == "claims" and not failed:
+            failed.append(dst)
+            raise OSError(errno.EIO, "Input/output error")
+
+    def samefile(a, b):
+        if len(failed) == 1:
+            failed.append(b)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_samefile(a, b)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os.path, "samefile", samefile)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 3)
+    assert take_unit(job, 0, Owner.me("w1"), -1) == 0 and len(failed) == 2
+    monkeypatch.undo()
+    assert jobdir.still_holds(job, 0, 0, "w1")
+
+
 def _no_links(monkeypatch) -> None:
     """A file system without hard links (Drive), transient errors retried at once."""
     monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
