@@ -231,11 +231,13 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 3 (2026-12-06, later), an embedding request may ask for
+# How a file is read (job.json's input "reading"): 4 (2026-12-06, evening), a Parquet file's named RangeIndex
+# (pandas' `set_index("番号")` of 1, 2, 3 ..., kept in its metadata only) is a column; 3 (2026-12-06, later), an
+# embedding request may ask for
 # base64; 2 (2026-12-06), a Parquet column keeps its Arrow type and a .txt line of Unicode spaces is blank; 1, a
 # job without it: `runner repair` rebuilds its prompts.parquet and errors.jsonl as its submit wrote them, or
 # their checksums differ and it cannot
-READING = 3
+READING = 4
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -376,15 +378,21 @@ def read_text_lines(path: Path, numbered: bool = False) -> list[Any]:
     return lines
 
 
-def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+def _iter_arrow(
+    path: Path, fmt: str, range_index: bool = True
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """The rows of a Parquet or CSV file; `range_index`: a Parquet file's named RangeIndex is a column, first
+    (`_named_range_index`; a job read with `reading` < 4 read its file without it)."""
     import pyarrow as pa
 
     try:
+        index = None
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
             pf = _opened(lambda: pq.ParquetFile(storage.arrow_file(path)), path)
             columns = _data_columns(pf.schema_arrow)
+            index = _named_range_index(pf, columns) if range_index else None
             _refuse_names_twice(path, columns, 0, "the file")
             batches = pf.iter_batches(batch_size=4096, columns=columns)
         else:
@@ -394,6 +402,8 @@ def _iter_arrow(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | No
         for batch in batches:
             for obj in batch.to_pylist():
                 line = next(lines)
+                if index is not None:
+                    obj = {index[0]: index[1] + (line - 1) * index[2], **obj}
                 blank_row = fmt == "csv" and not any(obj.values())  # a spreadsheet's ",,": as a blank line
                 if not blank_row:
                     yield line, obj, None
@@ -570,6 +580,25 @@ def _data_columns(schema: Any) -> list[str]:
         c for c in meta.get("index_columns", []) if isinstance(c, str) and c.startswith("__index_level_")
     }
     return [name for name in schema.names if name not in index]
+
+
+def _named_range_index(pf: Any, columns: list[str]) -> tuple[str, int, int] | None:
+    """(name, start, step) of the named RangeIndex pandas keeps in a Parquet file's metadata only (`df.set_index(
+    "番号").to_parquet()` of 1, 2, 3 ...: evenly spaced values are not stored as a column), as `df.reset_index()`
+    would make it a column; None when there is none, or it does not number the file's rows."""
+    try:
+        meta = pf.schema_arrow.pandas_metadata or {}
+    except ValueError:  # its pandas note is not JSON
+        return None
+    ranges = [c for c in meta.get("index_columns", []) if isinstance(c, dict) and c.get("kind") == "range"]
+    if len(ranges) != 1 or len(meta.get("index_columns", [])) != 1:
+        return None
+    name, start, stop, step = (ranges[0].get(k) for k in ("name", "start", "stop", "step"))
+    if not isinstance(name, str) or name in columns or not all(type(v) is int for v in (start, stop, step)):
+        return None
+    if step == 0 or len(range(start, stop, step)) != pf.metadata.num_rows:
+        return None
+    return name, start, step
 
 
 def _refuse_names_twice(path: Path, names: list[str], line: int, holder: str) -> None:
@@ -1174,7 +1203,7 @@ class PromptReader(RowChecker):
             return iter_jsonl(self.path)
         if self.format == "text":
             return iter_text(self.path, self.prompt_field, self.reading >= 2)
-        return _iter_arrow(self.path, self.format)
+        return _iter_arrow(self.path, self.format, self.reading >= 4)
 
     def column_types(self) -> dict[str, Any]:
         """The Arrow type of each column of a Parquet file (its passthrough columns keep them: `Passthrough`);

@@ -972,6 +972,37 @@ def test_a_dataframes_named_index_of_1_2_3_is_a_column_too(tiny_gpt2, runner_hom
         assert job.prompts().column("番号").to_pylist() == numbers, numbers
 
 
+def test_a_parquet_files_named_index_of_1_2_3_is_a_column_too(tmp_path, tiny_gpt2, runner_home):
+    """The same RangeIndex written by `df.to_parquet()` is in the file's pandas metadata only: the 番号 column
+    was lost on the way through a file as well. It is a column (first, as `reset_index` puts it) where it
+    numbers the file's rows; an unnamed one stays no column; a job read before reading 4 reads its file without
+    it (`runner repair` rebuilds that job's prompts.parquet as its submit wrote it)."""
+    import pandas as pd
+
+    from runner.inputs import PromptReader
+
+    prompts = ["Hello", "The old man", "Hi"]
+    for numbers in ([1, 2, 3], [10, 20, 30]):
+        path = tmp_path / f"p{numbers[0]}.parquet"
+        pd.DataFrame({"番号": numbers, "prompt": prompts}).set_index("番号").to_parquet(path)
+        job = create_job(path, tiny_gpt2, home=runner_home)
+        assert job.prompts().column("番号").to_pylist() == numbers, numbers
+        reader = PromptReader(path)
+        assert [r.extra for r in reader.rows()][:2] == [{"番号": numbers[0]}, {"番号": numbers[1]}]
+        reader.reading = 3
+        assert [r.extra for r in reader.rows()] == [{}, {}, {}]
+    pd.DataFrame({"prompt": prompts}).to_parquet(tmp_path / "plain.parquet")
+    job = create_job(tmp_path / "plain.parquet", tiny_gpt2, home=runner_home)
+    assert (
+        job.prompts().column_names
+        == create_job(
+            write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts]), tiny_gpt2, home=runner_home
+        )
+        .prompts()
+        .column_names
+    )
+
+
 def test_a_dataframe_column_mixing_types_is_an_error_naming_it(tiny_gpt2, runner_home):
     """pyarrow's ArrowInvalid reached the user as a traceback (adversarial pass 21)."""
     import pandas as pd
