@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import RunnerError
 from .params import cited_as
 from .progress import counted
+from .storage import NAME_MAX
 from .tokens import REPLACEMENT, unfinished
 
 if TYPE_CHECKING:
@@ -347,6 +348,10 @@ def _spared_targets(
 
     refuse_inside_job(job_dir, out, errors)
     for target in (out, errors):
+        # (run-batch ran the whole batch, then failed its export "File name too long", and so every run again)
+        if len(os.fsencode(target.name)) > NAME_MAX:
+            raise RunnerError(f"{target}: its name is over the {NAME_MAX} bytes a file name may have; give the "
+                              "output a shorter name")  # fmt: skip
         if requests is not None and _same_file(target, requests):
             raise RunnerError(f"{target} is the input file {requests}: writing it would destroy the requests; "
                               "give the output another name")  # fmt: skip
