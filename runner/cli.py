@@ -1322,7 +1322,7 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
             + (f" and {counted(errors, 'errors')} to {errors_to}" if errors_to else "")
         )
     if written.lost:  # `runner results J --to f && upload f` must not upload a partial file
-        raise RunnerError(f"{to_path} was written, but without rows the job had: {written.lost}")
+        raise RunnerError(f"{to_path or errors_to} was written, but without rows the job had: {written.lost}")
 
 
 def _shortened(text: object, width: int = PROMPT_PREVIEW) -> object:

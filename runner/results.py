@@ -737,16 +737,19 @@ def export_results(
         return Exported(table.num_rows, 0).losing(lost)
     if to is None:  # the errors alone: the refused input lines and the row errors, as beside an export
         check_export_target(Path(errors_to))
-        errors = _errors_table(read_errors(source, home))
+        missed: list[str] = []
+        errors = _errors_table(read_errors(source, home, missed=missed))
         _write_whole(errors, Path(errors_to))
-        return Exported(0, errors.num_rows)
+        return Exported(0, errors.num_rows).losing("".join(missed))
     check_export_pair(Path(to), Path(errors_to))
     # the errors read before the rows: a `runner retry` between the two reads then leaves the pair as it was
     # before it (its errors listed, their rows not there), never rows without the errors that explain the gap;
     # a row the retry's worker computed meanwhile is a row, its error gone (pass 94: it was both)
-    errors = read_errors(source, home)
+    missed: list[str] = []
+    errors = read_errors(source, home, missed=missed)
     table, lost = _results_and_loss(source, home)
     errors = _errors_table(_not_answered_since(errors, table))
+    lost = lost or "".join(missed)
     # both staged whole first (a full disk leaves the older pair as it was); then a kill between the two renames
     # leaves no errors file, never an older one beside new rows
     with _staged(table, Path(to)) as place_rows, _staged(errors, Path(errors_to)) as place_errors:
@@ -970,11 +973,39 @@ def _as_json_text(df: Any) -> Any:
     return out
 
 
-def read_errors(source: str | os.PathLike, home: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def read_errors(
+    source: str | os.PathLike, home: str | os.PathLike | None = None, *, missed: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Rows of a job that could not be done: invalid input rows (stage `validate`), then rows that failed at
     run time (out of memory alone, NaN/inf even in float32, a row that crashes workers), each with id, line,
-    row, sample, stage, error and message."""
+    row, sample, stage, error and message. Why some may be missing (`_errors_and_loss`) is appended to `missed`
+    (an export's), else warned."""
     from . import jobdir
 
     with jobdir.opened_job(source, home) as job:
-        return jobdir.read_errors(job)
+        errors, why = _errors_and_loss(job)
+    if why and missed is not None:
+        missed.append(why)
+    elif why:
+        warnings.warn(why, stacklevel=2)
+    return errors
+
+
+def _errors_and_loss(job: Any) -> tuple[list[dict[str, Any]], str]:
+    """`jobdir.read_errors` of a job, read again where it reads as completed but its commits listed account for
+    fewer rows than it has, none failing verification (a mount that shows files late: the listing missed the
+    commit of a row error, and that row was in neither file of an export, exit 0); and why errors may be
+    missing where a second look falls short too (else "")."""
+    from . import jobdir
+
+    for _ in range(2):
+        state = jobdir.state_as_read(job)[0]
+        ledger = jobdir.read_ledger(job, generation=state.generation)
+        # (keys done or failed, each once: a key both is no second row)
+        shown = int((ledger.done_mask() | ledger.failed_mask()).sum())
+        if state.state is not jobdir.JobState.COMPLETED or ledger.bad or shown >= job.spec.total:
+            return jobdir.read_errors(job, ledger), ""
+    return jobdir.read_errors(job, ledger), (
+        f"job {job.id} is completed, but its folder listed commits for {shown:,} of its {job.spec.total:,} rows "
+        "(a mount that shows files late?): its errors may be missing some; export them again"
+    )
