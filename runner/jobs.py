@@ -482,7 +482,9 @@ def _differences(job: Job, identity: dict[str, Any]) -> str:
               **(job.meta.get("params") or {})}  # fmt: skip
     asked = {"model": identity["model"], **{k: identity[k] for k in reading}, "chat": identity.get("chat", False),
              **identity["params"]}  # fmt: skip
-    said = ["the input file's content"] if read.get("sha256") != identity["input_sha256"] else []
+    # (a DataFrame, Dataset or list of rows has no file: job.json describes it, "DataFrame (3 rows)")
+    what = "the input file's content" if os.path.isabs(str(read.get("path", ""))) else "the input's content"
+    said = [what] if read.get("sha256") != identity["input_sha256"] else []
     said += [f"{k} {stored.get(k)!r}, now {asked.get(k)!r}" for k in sorted(stored.keys() | asked.keys())
              if stored.get(k) != asked.get(k)]  # fmt: skip
     said += [

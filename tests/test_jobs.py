@@ -970,6 +970,9 @@ def test_a_dataframes_named_index_of_1_2_3_is_a_column_too(tiny_gpt2, runner_hom
         df = pd.DataFrame({"番号": numbers, "prompt": ["Hello", "The old man", "Hi"]}).set_index("番号")
         job = create_job(df, tiny_gpt2, home=runner_home)
         assert job.prompts().column("番号").to_pylist() == numbers, numbers
+    # a DataFrame is no file: its rows differing from a job's in that folder are said so
+    with pytest.raises(RunnerError, match=r"other inputs or settings \(the input's content\)"):
+        create_job(df.assign(prompt=["Hi", "Hi", "Hi"]), tiny_gpt2, job_dir=job.dir)
 
 
 def test_a_parquet_files_named_index_of_1_2_3_is_a_column_too(tmp_path, tiny_gpt2, runner_home):
