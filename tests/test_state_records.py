@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import threading
 
 import pytest
@@ -435,40 +436,78 @@ def test_repair_keeps_a_sound_cancel_or_failure_of_a_job_whose_rows_are_all_done
     assert runner.retry(job.dir) == 0 and job.state().state is JobState.QUEUED
 
 
-def test_a_slow_retrys_standing_word_built_on_by_a_cancel_is_not_applied_again(job, monkeypatch):
+def _eio_once_on_records(monkeypatch, armed: threading.Event) -> list:
+    """Once `armed` is set, the first os.stat jobdir makes of a state record in the thread named "slow" fails with
+    EIO (a network mount's hiccup); the list returned gets the paths it failed."""
+    real_stat, failed = os.stat, []
+
+    def stat(path, *a, **k):
+        p = os.fspath(path)
+        name = os.path.basename(p)
+        hit = jobdir._RECORD.match(name) and os.path.basename(os.path.dirname(p)) == jobdir.STATES
+        # (a stat of jobdir's own, not one storage's reads make and retry)
+        hit = hit and sys._getframe(1).f_globals.get("__name__") == jobdir.__name__
+        if hit and armed.is_set() and not failed and threading.current_thread().name == "slow":
+            failed.append(p)
+            raise OSError(errno.EIO, "Input/output error", p)
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    return failed
+
+
+# (the slow command, the state before it, what the job reads once its word stands, the user's command after it)
+STORIES = [
+    ("retry", "cancelled", "queued", "cancel"),  # the user's cancel undone by the retry applied again
+    ("cancel", "queued", "cancelled", "retry"),  # the user's retry undone by the cancel applied again
+]
+
+
+@pytest.mark.parametrize("eio", [False, True])
+@pytest.mark.parametrize(("slow_cmd", "before", "stood", "user_cmd"), STORIES)
+def test_a_slow_commands_standing_word_built_on_by_the_users_next_is_not_applied_again(
+    job, monkeypatch, slow_cmd, before, stood, user_cmd, eio
+):
     """Pass 76: a retry filled late under a repair's blind record was the job's word at once (queued); the user's
     cancel was recorded over it; then the retry, finding itself passed over and the repair's record no longer
-    the newest, decided again over the cancel and re-queued the job: the reported cancel undone."""
+    the newest, decided again over the cancel and re-queued the job: the reported cancel undone. Pass 189
+    (`eio`): an EIO in its look at the records' times (whether its word stood for the user's command) read as
+    "it did not", and the slow command applied its word a second time (a cancel undid a retry made after it)."""
     _no_links(monkeypatch)
-    runner.cancel(job.dir)
+    if before == "cancelled":
+        runner.cancel(job.dir)
     frozen, wake_fill, at_check, wake_check = (threading.Event() for _ in range(4))
     real_point, real_passed, said = jobdir.fault_point, jobdir._passed_over, []
 
     def fault_point(name):
         if name == "after_create" and threading.current_thread().name == "slow" and not frozen.is_set():
             frozen.set()
-            wake_fill.wait()  # the retry's record created, still empty
+            assert wake_fill.wait(60)  # the slow command's record created, still empty
         return real_point(name)
 
     def passed_over(folder, seq, token):
         if threading.current_thread().name == "slow" and not at_check.is_set():
             at_check.set()
-            wake_check.wait()  # filled; about to look whether it was passed over
+            assert wake_check.wait(60)  # filled; about to look whether it was passed over
         return real_passed(folder, seq, token)
 
     monkeypatch.setattr(jobdir, "fault_point", fault_point)
     monkeypatch.setattr(jobdir, "_passed_over", passed_over)
-    slow = threading.Thread(target=lambda: said.append(runner.retry(job.dir)), name="slow")
+    failed = _eio_once_on_records(monkeypatch, wake_check) if eio else None
+    command = getattr(runner, slow_cmd)
+    slow = threading.Thread(target=lambda: said.append(command(job.dir)), name="slow", daemon=True)
     slow.start()
-    frozen.wait()
-    assert runner.repair(job.dir).state_now == "cancelled"  # blind over the retry's empty record
+    assert frozen.wait(60)
+    assert runner.repair(job.dir).state_now == before  # blind over the slow command's empty record
     wake_fill.set()
-    at_check.wait()
-    assert runner.status(job.dir).state == "queued"  # the retry's word stands
-    runner.cancel(job.dir)  # the user cancels the re-queued job
+    assert at_check.wait(60)
+    assert runner.status(job.dir).state == stood  # the slow command's word stands
+    getattr(runner, user_cmd)(job.dir)  # the user's command, told it is done
     wake_check.set()
-    slow.join()
-    assert len(said) == 1 and job.state().state is JobState.CANCELLED  # the retry returned: done
+    slow.join(60)
+    assert failed or not eio, "the EIO was not met"
+    assert len(said) == 1  # the slow command returned: done
+    assert job.state().state == before
 
 
 def _freeze_slow_after_create(monkeypatch) -> tuple[threading.Event, threading.Event, list]:
