@@ -6,7 +6,9 @@
 * the properties tests assert again and again: `assert_exactly_once` (a job's results against an uninterrupted
   run), `assert_same_completions` (batched == one at a time), `plain_logprobs` (what one unpadded forward
   pass says);
-* `ids_of` (prompt texts -> token ids as a job encodes them), `invoke` (a CLI command through click's runner).
+* `ids_of` (prompt texts -> token ids as a job encodes them), `invoke` (a CLI command through click's runner);
+* a unit's taker frozen inside its seal, and a job run to its end checked against its reference:
+  `taker_frozen_before_its_seal`, `ends_exactly_once`.
 """
 
 from __future__ import annotations
@@ -234,3 +236,63 @@ def newest_state_record(job_dir) -> Path:
     records = sorted((Path(job_dir) / "state").glob("*.json"))
     assert records, f"{job_dir} has no state record yet"
     return records[-1]
+
+
+def taker_frozen_before_its_seal(job, monkeypatch, name: str, after: int, at_link: bool = True):
+    """Worker NAME's take-over of unit 0 (epoch `after` + 1) in a thread, frozen inside its seal of the epoch
+    before: between the seal's create and its fill (where links are missing) and, with `at_link`, already at
+    its link (tried first everywhere: where links are missing, it freezes there, before the seal exists).
+    Returns (start, release, took): start() runs it until it froze, release() lets it finish, and `took`
+    gets the epoch take_unit returned."""
+    import threading
+
+    from runner import jobdir
+    from runner.jobdir import Job, Owner
+
+    frozen, thaw, took = threading.Event(), threading.Event(), []
+    real_fill, real_link = jobdir._fill, jobdir._link_new
+
+    def freeze() -> None:
+        if threading.current_thread().name == name:
+            frozen.set()
+            assert thaw.wait(60)
+
+    def fill(fd, data):
+        if b'"commits"' in data:
+            freeze()
+        real_fill(fd, data)
+
+    def link_new(tmp, path):
+        if path.name.endswith(".seal.json"):
+            freeze()
+        return real_link(tmp, path)
+
+    monkeypatch.setattr(jobdir, "_fill", fill)
+    if at_link:
+        monkeypatch.setattr(jobdir, "_link_new", link_new)
+    t = threading.Thread(target=lambda: took.append(jobdir.take_unit(Job.open(job.dir), 0, Owner.me(name), after)),
+                         name=name, daemon=True)  # fmt: skip
+
+    def start() -> None:
+        t.start()
+        assert frozen.wait(60)
+
+    def release() -> None:
+        thaw.set()
+        t.join(60)
+
+    return start, release, took
+
+
+def ends_exactly_once(job_dir, engine, ref) -> None:
+    """The job in `job_dir` is completed, or completes when run once more, with the results of `ref`."""
+    import runner
+    from runner.jobdir import Job, Owner, read_state
+    from runner.worker import run_job
+
+    st = runner.status(job_dir)
+    assert st.state in ("completed", "queued", "queued (interrupted)"), st
+    if st.state != "completed":
+        run_job(Job.open(job_dir), engine, echo=None, owner=Owner.me("D"), shard_rows=2)
+    assert read_state(job_dir).state == "completed"
+    assert_exactly_once(job_dir, ref)

@@ -19,10 +19,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import threading
 
 import pytest
-from helpers import assert_exactly_once, write_jsonl
+from helpers import ends_exactly_once, taker_frozen_before_its_seal, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, jobdir
@@ -60,48 +59,17 @@ def test_a_seal_filled_late_by_a_frozen_taker_never_takes_rows_from_a_completed_
     monkeypatch.setattr(jobdir, "ADOPT_PAUSES", (0.01, 0.02))
     # worker B takes the unit over (A is past its lease) and freezes inside its seal's write: between its create
     # and its fill, or (with links) before its link
-    frozen, thaw = threading.Event(), threading.Event()
-    real_fill, real_link = jobdir._fill, jobdir._link_new
-
-    def freeze() -> None:
-        if threading.current_thread().name == "B":
-            frozen.set()
-            assert thaw.wait(60)
-
-    def fill(fd, data):
-        if b'"commits"' in data:
-            freeze()
-        real_fill(fd, data)
-
-    def link_new(tmp, path):
-        if path.name.endswith(".seal.json"):
-            freeze()
-        return real_link(tmp, path)
-
-    monkeypatch.setattr(jobdir, "_fill", fill)
-    if links:
-        monkeypatch.setattr(jobdir, "_link_new", link_new)
-    took = []
-    b = threading.Thread(
-        target=lambda: took.append(jobdir.take_unit(Job.open(job.dir), 0, Owner.me("B"), 0)), name="B"
-    )
-    b.start()
-    assert frozen.wait(60)
+    start, release, took = taker_frozen_before_its_seal(job, monkeypatch, "B", 0, at_link=links)
+    start()
     seal = job.dir / "claims" / "00000-00000000.seal.json"
     assert (not seal.exists()) if links else seal.stat().st_size == 0
     # A continues: its marker lands, and a worker finds every row done
     shutil.move(tmp_path / "late.json", late)
     run_job(Job.open(job.dir), gpt2_engine, echo=None, owner=Owner.me("C"), shard_rows=2)
     # B continues and fills its seal
-    thaw.set()
-    b.join(60)
+    release()
     assert took == [1]
-    st = runner.status(job.dir)
-    assert st.state in ("completed", "queued", "queued (interrupted)"), st
-    if st.state != "completed":
-        run_job(Job.open(job.dir), gpt2_engine, echo=None, owner=Owner.me("D"), shard_rows=2)
-    assert read_state(job.dir).state == "completed"
-    assert_exactly_once(job.dir, ref)
+    ends_exactly_once(job.dir, gpt2_engine, ref)
 
 
 def test_a_repair_as_a_unit_is_taken_over_and_a_late_commit_lands_records_no_completion_a_seal_undoes(
@@ -118,39 +86,20 @@ def test_a_repair_as_a_unit_is_taken_over_and_a_late_commit_lands_records_no_com
     max((job.dir / "state").iterdir()).unlink()  # (A has not finished yet)
     late = job.dir / "done" / "00000-00000000-0001.json"
     shutil.move(late, tmp_path / "late.json")
-    frozen, thaw = threading.Event(), threading.Event()
-    real_link, real_read = jobdir._link_new, jobdir.read_ledger
-
-    def link_new(tmp, path):
-        if path.name.endswith(".seal.json") and threading.current_thread().name == "B":
-            frozen.set()
-            assert thaw.wait(60)
-        return real_link(tmp, path)
-
-    reads = []
-    b = threading.Thread(
-        target=lambda: jobdir.take_unit(Job.open(job.dir), 0, Owner.me("B"), 0), name="B", daemon=True
-    )
+    start, release, _ = taker_frozen_before_its_seal(job, monkeypatch, "B", 0)
+    real_read, reads, started = jobdir.read_ledger, [], []
 
     def read_ledger(j, **kw):
         reads.append(kw.get("seal", False))
         # between repair's sealed read and the next: B takes the unit over, A's late marker lands
-        if True in reads[:-1] and not frozen.is_set():
-            b.start()
-            assert frozen.wait(60)
+        if True in reads[:-1] and not started:
+            started.append(start())
             shutil.move(tmp_path / "late.json", late)
         return real_read(j, **kw)
 
-    monkeypatch.setattr(jobdir, "_link_new", link_new)
     monkeypatch.setattr(jobdir, "read_ledger", read_ledger)
     runner.repair(job.dir)
     monkeypatch.setattr(jobdir, "read_ledger", real_read)
-    assert frozen.is_set()
-    thaw.set()
-    b.join(60)
-    st = runner.status(job.dir)
-    assert st.state in ("completed", "queued", "queued (interrupted)"), st
-    if st.state != "completed":
-        run_job(Job.open(job.dir), gpt2_engine, echo=None, owner=Owner.me("D"), shard_rows=2)
-    assert read_state(job.dir).state == "completed"
-    assert_exactly_once(job.dir, ref)
+    assert started
+    release()
+    ends_exactly_once(job.dir, gpt2_engine, ref)

@@ -25,11 +25,11 @@ import shutil
 import threading
 
 import pytest
-from helpers import assert_exactly_once, write_jsonl
+from helpers import ends_exactly_once, taker_frozen_before_its_seal, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, jobdir
-from runner.jobdir import Job, Owner, read_state
+from runner.jobdir import Owner, read_state
 from runner.jobs import create_job
 from runner.worker import run_job
 
@@ -65,52 +65,6 @@ def _rot(path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _taker_frozen_before_its_seal(job, monkeypatch, links: bool):
-    """Worker T's take-over of unit 0 (epoch 2), in a thread, frozen before its seal of epoch 1 is in place
-    (without links: between its create and its fill; with links: before its link). Returns (start, thaw)."""
-    frozen, thaw = threading.Event(), threading.Event()
-    real_fill, real_link = jobdir._fill, jobdir._link_new
-
-    def freeze() -> None:
-        if threading.current_thread().name == "T":
-            frozen.set()
-            assert thaw.wait(60)
-
-    def fill(fd, data):
-        if b'"commits"' in data:
-            freeze()
-        real_fill(fd, data)
-
-    def link_new(tmp, path):
-        if path.name.endswith(".seal.json"):
-            freeze()
-        return real_link(tmp, path)
-
-    monkeypatch.setattr(jobdir, "_fill", fill)
-    monkeypatch.setattr(jobdir, "_link_new", link_new)
-    t = threading.Thread(target=lambda: jobdir.take_unit(Job.open(job.dir), 0, Owner.me("T"), 1), name="T",
-                         daemon=True)  # fmt: skip
-
-    def start() -> None:
-        t.start()
-        assert frozen.wait(60)
-
-    def release() -> None:
-        thaw.set()
-        t.join(60)
-
-    return start, release
-
-
-def _ends_exactly_once(job, gpt2_engine, ref) -> None:
-    st = runner.status(job.dir)
-    assert st.state in ("completed", "queued", "queued (interrupted)"), st
-    if st.state != "completed":
-        run_job(Job.open(job.dir), gpt2_engine, echo=None, owner=Owner.me("D"), shard_rows=2)
-    assert read_state(job.dir).state == "completed"
-    assert_exactly_once(job.dir, ref)
-
-
 def _setup(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch, links):
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=tmp_path / "h")
     run_job(job, gpt2_engine, echo=None, owner=Owner.me("A"), shard_rows=2)
@@ -134,7 +88,7 @@ def test_a_completion_recorded_during_a_repair_stands_only_on_a_sealed_read(
 ):
     """`_settle_state`: W's completion, recorded after repair read the state, was kept on an unsealed read."""
     job, ref, held, w_read = _setup(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch, links)
-    start, release = _taker_frozen_before_its_seal(job, monkeypatch, links)
+    start, release, _ = taker_frozen_before_its_seal(job, monkeypatch, "T", 1)
     real_settle = jobdir._settle_state
 
     def settle_state(*args, **kwargs):
@@ -150,7 +104,7 @@ def test_a_completion_recorded_during_a_repair_stands_only_on_a_sealed_read(
     monkeypatch.setattr(jobdir, "_settle_state", real_settle)
     assert report.quarantined and report.quarantined[0][0] == "00000-00000000-0001"
     release()
-    _ends_exactly_once(job, gpt2_engine, ref)
+    ends_exactly_once(job.dir, gpt2_engine, ref)
 
 
 def test_without_links_a_completion_filled_late_under_a_repair_is_recorded_again_only_on_a_sealed_read(
@@ -160,7 +114,7 @@ def test_without_links_a_completion_filled_late_under_a_repair_is_recorded_again
     blind over the empty record (rows 2-3 set aside: queued), then found it filled with W's completion and
     recorded it again on an unsealed read."""
     job, ref, held, w_read = _setup(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch, links=False)
-    start, release = _taker_frozen_before_its_seal(job, monkeypatch, links=False)
+    start, release, _ = taker_frozen_before_its_seal(job, monkeypatch, "T", 1)
     frozen, thaw = threading.Event(), threading.Event()
     real_point, real_late = jobdir.fault_point, jobdir._late_word
 
@@ -189,4 +143,4 @@ def test_without_links_a_completion_filled_late_under_a_repair_is_recorded_again
     assert report.quarantined and report.quarantined[0][0] == "00000-00000000-0001"
     assert thaw.is_set()
     release()
-    _ends_exactly_once(job, gpt2_engine, ref)
+    ends_exactly_once(job.dir, gpt2_engine, ref)
