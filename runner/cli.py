@@ -156,11 +156,15 @@ input_options = _apply([
                  help="Prompts over the context window: refuse (none) or keep their end (left)."),
 ])  # fmt: skip
 
-chat_template_option = click.option(
-    "--chat-template",
-    help="A Jinja chat template (a file, or the template itself) for 'messages' rows and --chat, instead of the "
-         "model's own: a model without one (GPT-2 fine-tuned on your chat format) can answer chats.",
-)  # fmt: skip
+
+def _chat_template_option(use: str, answers: str = "chats") -> Callable[..., Any]:
+    """`--chat-template`, its help saying what goes through it in this command (`use`)."""
+    return click.option("--chat-template", help=f"A Jinja chat template (a file, or the template itself) {use} "
+                        "instead of the model's own: a model without one (GPT-2 fine-tuned on your chat format) can "
+                        f"answer {answers}.")  # fmt: skip
+
+
+chat_template_option = _chat_template_option("for 'messages' rows and --chat,")
 
 generate_input_options = _apply([
     served_names_option,
@@ -1467,9 +1471,7 @@ def repair(ctx: click.Context, job_ref: str) -> None:
 @click.argument("prompts", nargs=-1, required=True)
 @model_option
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message through the chat template.")
-@click.option("--chat-template", help="A Jinja chat template (a file, or the template itself) that --chat sends the "
-                                      "prompts through instead of the model's own: a model without one (GPT-2 "
-                                      "fine-tuned on your chat format) can answer chats.")  # fmt: skip
+@_chat_template_option("that --chat sends the prompts through")
 @click.option("--show-logprobs", is_flag=True, help="Also print each token with its log-prob.")
 @click.option("--context", hidden=True, expose_value=False, callback=_elsewhere(
     "gpt2-generate's --context is runner generate's argument: runner generate \"TEXT\" -m MODEL"))  # fmt: skip
@@ -1543,10 +1545,7 @@ def generate(
               help="Answer the valid requests; each invalid line is a 400 line of the .errors.jsonl file.")  # fmt: skip
 @click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
               help="Prompts over the context window: refuse (none) or keep their end (left).")  # fmt: skip
-@click.option("--chat-template", help="A Jinja chat template (a file, or the template itself) that the "
-                                      "/v1/chat/completions requests' messages go through instead of the "
-                                      "model's own: a model without one (GPT-2 fine-tuned on your chat "
-                                      "format) can answer them.")  # fmt: skip
+@_chat_template_option("that the /v1/chat/completions requests' messages go through", answers="them")
 @generate_engine_options
 @progress_option
 @click.pass_context
