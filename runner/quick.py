@@ -15,7 +15,7 @@ from typing import Any
 from .errors import RunnerError
 from .inputs import SUFFIXES, input_file, not_utf8_text, read_text_lines
 from .params import EngineOptions, GenerationParams, check_truncate, unescape
-from .tokens import SPACE_MARK
+from .tokens import REPLACEMENT, text_alone
 
 FILE_SUFFIXES = tuple(SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
 
@@ -173,12 +173,10 @@ def shown_token(text: str, raw: bytes | None) -> str:
     '\\ufffd' where nothing does. A token with characters of its own shows them ("\\ufffd" for a last one cut);
     SentencePiece's "▁" in front of a text, which reads as nothing there, shows as '▁', not b' '."""
     if text == "" and raw is not None:  # part of a character, or SentencePiece's "▁" in front of a text
-        try:
-            return repr(bytes(raw).decode("utf-8").replace(" ", SPACE_MARK))
-        except UnicodeDecodeError:
-            return repr(bytes(raw))
+        alone = text_alone(raw)
+        return repr(alone if alone is not None else bytes(raw))
     own = (
-        raw is None or text.replace("\ufffd", "") != "" or "\ufffd".encode() in raw
+        raw is None or text.replace(REPLACEMENT, "") != "" or REPLACEMENT.encode() in raw
     )  # "は公\ufffd": its text
     return repr(text if own else bytes(raw))
 

@@ -649,15 +649,13 @@ def score_lines(df: Any, tokens: bool = False) -> Iterator[str]:
     text is "" (the character shows on the token that completes it), is written as its bytes, "\\xe5\\x90",
     not as a blank; SentencePiece's "▁" in front of a text, which reads as nothing there, as "▁", not "\\x20"."""
 
-    from .tokens import SPACE_MARK
+    from .tokens import text_alone
 
     def piece(text: str, raw: Any) -> str:
         if text or raw is None:
             return one_line(text)
-        try:
-            return one_line(bytes(raw).decode("utf-8").replace(" ", SPACE_MARK))
-        except UnicodeDecodeError:
-            return "".join(f"\\x{b:02x}" for b in bytes(raw))
+        alone = text_alone(raw)
+        return one_line(alone) if alone is not None else "".join(f"\\x{b:02x}" for b in bytes(raw))
 
     columns = ["text", "context", "continuation", "logprob", "tokens", "token_bytes", "token_logprobs"]
     for text, context, continuation, logprob, pieces, raws, logprobs in df[columns].itertuples(index=False):

@@ -250,6 +250,15 @@ def byte_level_tokenizer(tokenizer: Any) -> Any:
     return _BYTE_LEVEL[tokenizer]
 
 
+def text_alone(raw: bytes) -> str | None:
+    """A token's bytes read on their own, a space as SentencePiece's "▁" (how a token that reads as nothing
+    in place is shown: part of a character, or the space in front of a text); None where they are not UTF-8."""
+    try:
+        return bytes(raw).decode("utf-8").replace(" ", SPACE_MARK)
+    except UnicodeDecodeError:
+        return None
+
+
 def unfinished(held: bytes, raw: bytes) -> bool:
     """Whether a token of bytes `raw`, read after the bytes `held` of an unfinished character
     (`TokenText.held_before`), leaves a character unfinished: its text in place then ends in the "\ufffd" that
