@@ -1675,7 +1675,12 @@ def create_exclusive(path: Path, obj: Any) -> bool:
     go to a temp file first and are hard-linked into place (atomic, and fails if the name exists); where
     links are not supported, O_EXCL creates it and the content follows (a kill in between leaves it empty).
     Each step is retried on its own: a retry never rewrites a file already linked into place."""
-    return create_exclusive_bytes(path, (json.dumps(obj, ensure_ascii=False) + "\n").encode())
+    return create_exclusive_bytes(path, _exclusive_json(obj))
+
+
+def _exclusive_json(obj: Any) -> bytes:
+    """The bytes `create_exclusive` writes for `obj` (what a caller that may write them again adopts with)."""
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
 
 
 def create_exclusive_bytes(path: Path, data: bytes) -> bool:
@@ -2806,7 +2811,7 @@ def seal_epoch(job: Job, unit: int, epoch: int) -> set[str] | None:
         present = [n[:-5] for n in scan(job.dir / MARKERS) if n.startswith(prefix) and n.endswith(".json")]
         body: dict[str, Any] = {"unit": unit, "epoch": epoch, "commits": present, "sealed": time.time()}
         body["check"] = storage.json_checksum(body)
-        data = (json.dumps(body, ensure_ascii=False) + "\n").encode()
+        data = _exclusive_json(body)
         if create_exclusive_bytes(path, data):
             return set(present)
         raw = _read_json_or_none(path)
