@@ -572,24 +572,26 @@ def _data_columns(schema: Any) -> list[str]:
     """The Parquet file's columns without the index pandas stores for an unnamed non-range index
     (`__index_level_0__`, written by `df.to_parquet()` after a filter or a shuffle): pandas reads it back as
     the index, not as data, so it is not a passthrough column of the results either."""
-    try:
-        meta = schema.pandas_metadata or {}
-    except ValueError:  # its pandas note is not JSON: every column is data
-        return list(schema.names)
+    meta = _pandas_meta(schema)
     index = {
         c for c in meta.get("index_columns", []) if isinstance(c, str) and c.startswith("__index_level_")
     }
     return [name for name in schema.names if name not in index]
 
 
+def _pandas_meta(schema: Any) -> dict[str, Any]:
+    """The note pandas leaves in a Parquet file's schema ({} for none, or one that is not JSON)."""
+    try:
+        return schema.pandas_metadata or {}
+    except ValueError:
+        return {}
+
+
 def _named_range_index(pf: Any, columns: list[str]) -> tuple[str, int, int] | None:
     """(name, start, step) of the named RangeIndex pandas keeps in a Parquet file's metadata only (`df.set_index(
     "番号").to_parquet()` of 1, 2, 3 ...: evenly spaced values are not stored as a column), as `df.reset_index()`
     would make it a column; None when there is none, or it does not number the file's rows."""
-    try:
-        meta = pf.schema_arrow.pandas_metadata or {}
-    except ValueError:  # its pandas note is not JSON
-        return None
+    meta = _pandas_meta(pf.schema_arrow)
     ranges = [c for c in meta.get("index_columns", []) if isinstance(c, dict) and c.get("kind") == "range"]
     if len(ranges) != 1 or len(meta.get("index_columns", [])) != 1:
         return None
