@@ -406,24 +406,27 @@ def empty_results(job: Any) -> pa.Table:
     return schema.empty_table()
 
 
-def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[Any, pa.Table]]:
-    """(commit, its shard as a table) for each commit that counts, one shard in memory at a time. Each shard
-    is checked against its marker's checksum and keys as it is read: one that fails is left out (with a
-    warning naming it; `runner repair` quarantines it and `runner work` redoes its rows). With `columns`,
-    only those of them the shard has (and `_row`, `sample`) are decoded."""
+def rows_ledger(job: Any) -> Any:
+    """The ledger the results are read from (`shard_tables`): its shards are checked as they are read."""
+    from .jobdir import read_ledger, state_as_read
+
+    # (the generation only says which row errors count: while a `cancel` or `retry` is being written, the one before)
+    return read_ledger(job, verify=False, generation=state_as_read(job)[0].generation)
+
+
+def shard_tables(
+    job: Any, columns: list[str] | None = None, ledger: Any = None
+) -> Iterator[tuple[Any, pa.Table]]:
+    """(commit, its shard as a table) for each commit that counts (of `ledger`, else `rows_ledger`), one shard
+    in memory at a time. Each shard is checked against its marker's checksum and keys as it is read: one that
+    fails is left out (with a warning naming it; `runner repair` quarantines it and `runner work` redoes its
+    rows). With `columns`, only those of them the shard has (and `_row`, `sample`) are decoded."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .jobdir import (
-        forget_verified,
-        read_checked_shard,
-        read_ledger,
-        read_shard_bytes,
-        state_as_read,
-    )
+    from .jobdir import forget_verified, read_checked_shard, read_shard_bytes
 
-    # (the generation only says which row errors count: while a `cancel` or `retry` is being written, the one before)
-    for c in read_ledger(job, verify=False, generation=state_as_read(job)[0].generation).commits:
+    for c in (ledger or rows_ledger(job)).commits:
         if not c.shard:
             continue
         data, why = read_checked_shard(job, c)
@@ -439,16 +442,17 @@ def shard_tables(job: Any, columns: list[str] | None = None) -> Iterator[tuple[A
         yield c, read_shard_bytes(data, want)
 
 
-def read_results_table(job: Any) -> pa.Table:
-    """All counted rows of a job (jobdir.Job), in input order, as one Arrow table (with the `_row` column). Every shard is
-    read once and checked against its marker's checksum and keys as it is read: a shard that fails is left
-    out (with a warning naming it; `runner repair` quarantines it and `runner work` redoes its rows). Keys
-    are unique: a key committed twice (identical by construction) is kept once."""
+def read_results_table(job: Any, ledger: Any = None) -> pa.Table:
+    """All counted rows of a job (jobdir.Job; of `ledger`, else `rows_ledger`), in input order, as one Arrow
+    table (with the `_row` column). Every shard is read once and checked against its marker's checksum and keys
+    as it is read: a shard that fails is left out (with a warning naming it; `runner repair` quarantines it and
+    `runner work` redoes its rows). Keys are unique: a key committed twice (identical by construction) is kept
+    once."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    tables = [table for _, table in shard_tables(job)]
+    tables = [table for _, table in shard_tables(job, ledger=ledger)]
     if not tables:
         return empty_results(job)
     table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)
@@ -522,8 +526,11 @@ def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None)
         with naming_broken(path):
             job = Job.open(path)
             completed = _completed_now(job)  # (before its rows are read)
-            table = read_results_table(job)
-        lost = _warn_if_partial(job, table.num_rows, completed)
+            ledger = rows_ledger(job)
+            table = read_results_table(job, ledger)
+        # the row errors of the ledger the rows were read from: with them, every row of the job is accounted for
+        failed = int(ledger.failed_mask().sum())
+        lost = _warn_if_partial(job, table.num_rows, completed, failed)
     return (table.drop([ORDER]) if ORDER in table.column_names else table), lost
 
 
@@ -573,16 +580,22 @@ def to_pandas(table: pa.Table) -> pd.DataFrame:
     return df
 
 
-def _warn_if_partial(job: Any, rows: int, completed: int | None = None) -> str:
+def _warn_if_partial(job: Any, rows: int, completed: int | None = None, failed: int = 0) -> str:
     """Results missing rows are said, not silent: those of a job not complete yet (queued, running, cancelled,
     failed), and those of a completed job that lost rows since (a damaged commit: `runner repair`). A job with
     all its `rows` is not asked about (no second read of the ledger). Returns why rows were lost (a broken job,
     or one whose state could not be read, or that was `completed` already (its generation) when fewer rows
-    were read than the second read finds: an export then must not pass for whole), else ""."""
+    were read than the second read finds: an export then must not pass for whole), else "". `failed`: the row
+    errors of the ledger the rows were read from."""
     from .job_status import job_status
 
     if rows >= job.spec.total:
         return ""
+    if completed is not None and rows + failed >= job.spec.total:
+        # completed before its rows were read, and each row read or failed: whole, whatever a second look says
+        # (a transient error, a commit damaged or quarantined since; an export of every row exited 1, "written,
+        # but without rows the job had: job J is broken")
+        return _completed_since(job, rows)
     try:
         s = job_status(job)
     except storage.StorageError as e:
@@ -622,6 +635,21 @@ def _warn_if_partial(job: Any, rows: int, completed: int | None = None) -> str:
                 f"the rest are computed only after `runner retry {shlex.quote(str(job.dir))}`")  # fmt: skip
         warnings.warn(f"job {s.id} is {s.state}: these are {rows:,} of its {s.total:,} results ({rest})",
                       stacklevel=4)  # fmt: skip
+    return ""
+
+
+def _completed_since(job: Any, rows: int) -> str:
+    """ "" for the `rows` of a job read whole as it stood completed; a completion since with more rows (a `runner
+    retry` of its row errors, and a worker) is warned of, as `_warn_if_partial` warns of one."""
+    from .job_status import job_status
+
+    try:
+        s = job_status(job)
+    except RunnerError:
+        return ""
+    if s.state == "completed" and s.done > rows:
+        warnings.warn(f"job {s.id} completed while its results were being read: these are {rows:,} of its "
+                      f"{s.done:,} results; load them again for all", stacklevel=5)  # fmt: skip
     return ""
 
 

@@ -374,8 +374,8 @@ def test_an_export_of_a_job_retried_and_completed_again_while_read_exits_0(
     completed_with_a_row_error(job, gpt2_engine, monkeypatch)
     real = results.read_results_table
 
-    def read_then_retried(job_):
-        table = real(job_)
+    def read_then_retried(job_, *ledger):
+        table = real(job_, *ledger)
         jobdir.retry(job)  # meanwhile: `runner retry`, then `runner work` computes r1
         run_until_done(job, gpt2_engine)
         return table

@@ -33,8 +33,8 @@ def test_results_read_as_the_job_completes_are_said_to_be_partial(
     job = _half_done(tmp_path, tiny_gpt2)
     real = results.read_results_table
 
-    def read_then_the_job_completes(j):
-        table = real(j)
+    def read_then_the_job_completes(j, *ledger):
+        table = real(j, *ledger)
         assert run_job(job, gpt2_engine, echo=None).finished
         return table
 
