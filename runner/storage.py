@@ -358,6 +358,15 @@ def _open_plain(path: str | os.PathLike, mode: str = "r", **kw: Any) -> Any:
         raise
 
 
+def listed_missing(folder: str | os.PathLike, e: FileNotFoundError) -> None:
+    """A listing of `folder` said "No such file or directory": raised again as a transient EIO where a folder
+    stands there (a mount's flake), so that `retry` lists it again; else nothing (the folder is not there).
+    Taken for an empty folder, one such listing of done/ read a completed job as broken with every row missing,
+    and its OpenAI export refused (adversarial pass 192)."""
+    if kind(folder) == "dir":
+        raise OSError(errno.EIO, "a folder there not found when listed", os.fspath(folder)) from e
+
+
 def read_json(path: str | os.PathLike) -> Any:
     def op() -> Any:
         with _open_plain(path, encoding="utf-8") as f:
@@ -666,7 +675,10 @@ def kinds(folder: str | os.PathLike) -> dict[str, str]:
         try:
             with os.scandir(folder) as it:
                 return {e.name: of(e) for e in it}
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError as e:
+            listed_missing(folder, e)
+            return {}
+        except NotADirectoryError:
             return {}
 
     return retry(op, f"list {folder}")

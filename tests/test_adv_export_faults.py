@@ -67,3 +67,65 @@ def test_a_whole_export_of_a_completed_job_is_not_said_to_lack_rows_by_a_later_l
     rows = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert rows == [r["id"] for r in ROWS if r["id"] != "r1"]
     assert [json.loads(line)["id"] for line in errors.read_text().splitlines()] == ["r1"]
+
+
+def _once(monkeypatch, name: str, path) -> list[str]:
+    """os.`name` (scandir, listdir or lstat; or the builtin open) of `path` says "No such file or directory" once (a mount's flake:
+    the folder or file is there, and the next look finds it); the paths it said it of are listed."""
+    import builtins
+    import os
+
+    module = builtins if name == "open" else os
+    real, missed = getattr(module, name), []
+
+    def call(p=".", *a, **k):
+        if not isinstance(p, int) and os.fspath(p) == os.fspath(path) and not missed:
+            missed.append(os.fspath(p))
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", os.fspath(p))
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(module, name, call)
+    return missed
+
+
+def _read_by(reader, job, tmp_path):
+    """What `reader` makes of the job: (state, rows done, errors) as status shows them, or as an export has them."""
+    import warnings
+
+    import runner
+
+    if reader == "status":
+        s = runner.status(job.dir)
+        return s.state, s.done, s.errors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole read of a completed job: nothing to say
+        if reader == "load_results":
+            return "completed", len(runner.load_results(job.dir)), None
+        done = runner.export_results(job.dir, tmp_path / "out.jsonl", format="openai")
+    return "completed", done.rows, done.errors
+
+
+READERS = ["status", "load_results", "openai"]
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("where", ["folder", "done", "state", "shard"])
+def test_a_folder_or_shard_missing_at_one_look_is_looked_for_again(
+    where, reader, tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """One "No such file or directory" for something that is there (a mount's flake), as a reader reads a
+    completed job: the listing of the job's folder read as no job there ("not a runner job folder"), that of
+    done/ as empty (status said the job was broken, all 8 rows missing; the OpenAI export refused, advising
+    `runner repair`; load_results returned no rows), that of state/ as a job with no state (status said "queued
+    (interrupted)"), and a shard's stat as its shard missing (broken, 2 rows missing; the OpenAI export
+    refused). A folder listed as missing while it stands there, and a shard
+    stat as missing, are looked for again, as a file listed and not found when opened is (pass 102)."""
+    job = _completed_with_r1_failed(tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch)
+    shard = sorted((job.dir / jobdir.SHARDS).iterdir())[-1]
+    name, path = {"folder": ("scandir", job.dir), "done": ("scandir", job.dir / jobdir.MARKERS),
+                  "state": ("listdir", job.dir / jobdir.STATES), "shard": ("lstat", shard)}[where]  # fmt: skip
+    if where == "shard" and reader == "load_results":
+        name = "open"  # (load_results reads the shards it counts without a stat first)
+    missed = _once(monkeypatch, name, path)
+    assert _read_by(reader, job, tmp_path) == ("completed", 7, 1 if reader != "load_results" else None)
+    assert missed
