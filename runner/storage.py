@@ -466,10 +466,9 @@ def file_sha256(path: str | os.PathLike, blocks: list[bytes] | None = None) -> s
     """The sha256 of the file at `path`; with `blocks`, each BLOCK of it is also digested there, in order, the
     list emptied first (a read tried again starts over; `CheckedFile` reads parts of the file against them)."""
     h = hashlib.sha256()
-    _plain(path)
     if blocks is not None:
         blocks.clear()
-    with open(path, "rb") as f:
+    with _open_plain(path, "rb") as f:
         for chunk in iter(lambda: f.read(BLOCK), b""):
             h.update(chunk)
             if blocks is not None:
@@ -575,8 +574,7 @@ def read_lines(path: str | os.PathLike, size: int = 1 << 20, digest: Any = None)
 
 
 def _read_at(path: str | os.PathLike, offset: int, size: int) -> bytes:
-    _plain(path)
-    with open(path, "rb") as f:
+    with _open_plain(path, "rb") as f:
         f.seek(offset)
         return f.read(size)
 

@@ -129,3 +129,40 @@ def test_a_folder_or_shard_missing_at_one_look_is_looked_for_again(
     missed = _once(monkeypatch, name, path)
     assert _read_by(reader, job, tmp_path) == ("completed", 7, 1 if reader != "load_results" else None)
     assert missed
+
+
+@pytest.mark.parametrize(
+    ("name", "nth"), [("lstat", 1), ("open", 1), ("open", 2)], ids=["stat", "hash", "lines"]
+)
+def test_errors_jsonl_missing_at_one_look_is_looked_for_again(
+    name, nth, tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """One "No such file or directory" for errors.jsonl (the input lines refused at submit) as an export with
+    --errors-to read it: its stat said it was damaged, "it is missing", advising `runner repair`; its open, to
+    hash it or to read its lines, failed the export ("cannot read errors.jsonl: No such file or directory")."""
+    import builtins
+    import os
+
+    rows = [*ROWS[:2], '{"id": "bad", "prompt": 5}', *ROWS[2:4]]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
+                     unit_rows=2, skip_invalid=True)  # fmt: skip
+    from runner.worker import run_job
+
+    assert run_job(job, echo=None).finished
+    invalid = os.fspath(job.dir / "errors.jsonl")
+    module = builtins if name == "open" else os
+    real, seen, missed = getattr(module, name), [], []
+
+    def call(p, *a, **k):
+        if not isinstance(p, int) and os.fspath(p) == invalid:
+            seen.append(p)
+            if len(seen) == nth:
+                missed.append(p)
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", invalid)
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(module, name, call)
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    done = results.export_results(job.dir, out, errors_to=errors)
+    assert missed and (done.rows, done.errors, done.lost) == (4, 1, "")
+    assert [json.loads(line)["id"] for line in errors.read_text().splitlines()] == ["bad"]
