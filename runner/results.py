@@ -874,14 +874,26 @@ def _staged(table: pa.Table, to: Path) -> Iterator[Callable[[], None]]:
             # whole on the disk before it takes the name: a machine crash leaves the old file
             storage.fsync_file(tmp)
             fault_point("before_replace")
-            yield lambda: storage.replace(tmp, to)
-        except OSError as e:
-            raise RunnerError(f"cannot write {to}: {e.strerror or e}") from None
-        except storage.StorageError as e:
-            raise RunnerError(f"cannot write {to}: {e.__cause__.strerror if e.__cause__ else e}") from None
+        except (OSError, storage.StorageError) as e:
+            raise _cannot_write(to, e) from None
+        # (outside the try: a pair's staging holds both, and the errors file's named the rows file's failed rename)
+        yield functools.partial(_place, tmp, to)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def _place(tmp: str, to: Path) -> None:
+    """The staged file `tmp` renamed to `to`; a failure said of `to`."""
+    try:
+        storage.replace(tmp, to)
+    except (OSError, storage.StorageError) as e:
+        raise _cannot_write(to, e) from None
+
+
+def _cannot_write(to: Path, e: Exception) -> RunnerError:
+    cause = e.__cause__ if isinstance(e, storage.StorageError) else e
+    return RunnerError(f"cannot write {to}: {getattr(cause, 'strerror', None) or e}")
 
 
 EXPORT_CHUNK_ROWS = 4096  # rows converted at a time by a CSV or JSON export

@@ -166,3 +166,24 @@ def test_errors_jsonl_missing_at_one_look_is_looked_for_again(
     done = results.export_results(job.dir, out, errors_to=errors)
     assert missed and (done.rows, done.errors, done.lost) == (4, 1, "")
     assert [json.loads(line)["id"] for line in errors.read_text().splitlines()] == ["bad"]
+
+
+def test_a_pair_whose_rows_file_cannot_take_its_name_names_the_rows_file(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """An export with --errors-to whose rows file could not be renamed into place (a folder made at its name
+    after the export checked it): the error named the errors file, "cannot write errors.jsonl: Is a directory",
+    whose rename had not been tried. It names the file that could not be written, and neither takes its name."""
+    job = _completed_with_r1_failed(tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch)
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    real = storage.remove
+
+    def remove_then_a_folder_at_out(path):  # (the old errors file goes right before the rows take their name)
+        real(path)
+        if str(path) == str(errors):
+            out.mkdir()
+
+    monkeypatch.setattr(storage, "remove", remove_then_a_folder_at_out)
+    result = invoke("--home", runner_home, "results", job.id, "--to", out, "--errors-to", errors)
+    assert result.exit_code == 1 and result.stderr.startswith(f"Error: cannot write {out}: "), result.output
+    assert out.is_dir() and not errors.exists()
