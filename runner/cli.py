@@ -408,9 +408,23 @@ class _ResultsFormat(click.Choice):
 class _Command(click.Command):
     """A command that refuses both sides of an on/off flag given together (`--do-sample --greedy`,
     `--add-eos --exclude-end`): click kept the last one typed and said nothing, where runner refuses settings
-    that cannot all hold (`--greedy --temperature 0.8`)."""
+    that cannot all hold (`--greedy --temperature 0.8`). A mistyped option's "Did you mean" names shown
+    options only: the hidden ones are other tools' names, refused when typed (`--max-new-token` was offered
+    `--max-tokens`, `--num-return-sequence` `--stop-sequences`)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return self._parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            if e.possibilities:
+                from difflib import get_close_matches
+
+                shown = [o for p in self.get_params(ctx) if isinstance(p, click.Option) and not p.hidden
+                         for o in p.opts + p.secondary_opts if o.startswith("--")]  # fmt: skip
+                e.possibilities = get_close_matches(e.option_name, shown) or None
+            raise
+
+    def _parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         given, takes_value, skip = [], {o for p in self.params if isinstance(p, click.Option) and not p.is_flag
                                         for o in p.opts + p.secondary_opts}, False  # fmt: skip
         for arg in args:

@@ -1195,6 +1195,20 @@ def test_options_users_bring_from_other_tools_are_answered(prompts, tiny_gpt2, t
     assert off[0].exit_code == 0 and off[0].output == off[1].output
 
 
+def test_a_mistyped_option_is_offered_shown_options_not_the_hidden_names_runner_refuses(prompts):
+    """click's "Did you mean" looked through the hidden options too (other tools' names, each refused when
+    typed): `--max-new-token` was offered `--max-tokens`, `--num-return-sequence` `--stop-sequences` and
+    `--eos-token-id` `--max-tokens` and `--min-tokens` (a new user's pass 195)."""
+    hidden = ("--max-tokens", "--min-tokens", "--stop-sequences", "--top-logprobs", "--max-length", "--n'")
+    for command, typo, meant in (("run", "--max-new-token", "--max-new-tokens"),
+                                 ("generate", "--num-return-sequence", "--num-return-sequences"),
+                                 ("submit", "--eos-token-id", "--max-new-tokens"),
+                                 ("generate", "--top-logprob", "--logprobs")):  # fmt: skip
+        said = invoke(command, prompts, "-m", "gpt2", typo, 2)
+        assert said.exit_code == 2 and f"No such option '{typo}'" in said.output, said.output
+        assert meant in said.output and not [h for h in hidden if h in said.output], said.output
+
+
 def test_a_transient_error_looking_for_the_model_folder_is_looked_again_not_the_commands_end(
     prompts, tiny_gpt2, runner_home, tmp_path, monkeypatch
 ):
