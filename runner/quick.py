@@ -45,6 +45,9 @@ def read_prompts_with_ids(items: Iterable[str]) -> list[tuple[str, str]]:
         else:
             # typed as `--template` and `--stop` take it: "Q: ...\\nA:" means a line break (a file's lines are data)
             out.append((0, unescape(_utf8(item, "a prompt argument"))))
+    if not out and items:  # (only '-' and files give none: each was empty, or held only blank lines)
+        where = " and ".join(dict.fromkeys("standard input" if i == "-" else i for i in items))
+        raise RunnerError(f"no prompt in {where} (empty, or only blank lines)")
     if not out:
         raise RunnerError("no prompt given (a prompt, '-' for standard input, or a .txt file)")
     one_file = len(items) == 1 and (items[0] == "-" or _file_name(items[0]))

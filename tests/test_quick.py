@@ -308,3 +308,19 @@ def test_a_typed_backslash_n_in_a_prompt_argument_is_a_line_break_as_in_template
         [gpt2_engine.tokenizer("Q: hi\nA:")["input_ids"]], GenerationParams(max_new_tokens=3)
     )
     assert result.output.startswith(f"[Q: hi\\nA:] {greedy[0].text}")  # the head on one line
+
+
+def test_generate_of_an_empty_txt_file_or_standard_input_names_it_not_a_missing_prompt(tmp_path, tiny_gpt2):
+    """`runner generate - < empty` (a Colab cell piping nothing) and a .txt file of blank lines said "no prompt
+    given (a prompt, '-' for standard input, or a .txt file)", as if neither had been given (pass 195)."""
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\u3000\n", encoding="utf-8")
+    said = invoke("generate", blank, "-m", tiny_gpt2)
+    assert (
+        said.exit_code == 1 and said.output == f"Error: no prompt in {blank} (empty, or only blank lines)\n"
+    )
+    said = invoke("generate", "-", "-m", tiny_gpt2, input="")
+    assert (
+        said.exit_code == 1
+        and said.output == "Error: no prompt in standard input (empty, or only blank lines)\n"
+    )
