@@ -1384,12 +1384,14 @@ def report(ctx: click.Context, job_ref: str, path: str) -> None:
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
 @click.option("--every", type=_Finite(min=0, min_open=True), default=10.0, show_default=True,
-              help="Seconds between status lines.")  # fmt: skip
+              help="Seconds between looks at the job: a line when its status changed (a worker renews its "
+                   "figures every 30 s), else one a minute.")  # fmt: skip
 @home_option
 @click.pass_context
 @handle_errors
 def watch(ctx: click.Context, job_ref: str, every: float) -> None:
-    """Print JOB's status every few seconds until it ends (a live view while `runner work --background` runs)."""
+    """Print a line when JOB's status changes (looked at every few seconds) until it ends: a live view while
+    `runner work --background` runs."""
     from .api import watch as watch_job
 
     s = watch_job(job_ref, ctx.obj["home"], every, echo=_echo)

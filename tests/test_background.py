@@ -254,3 +254,11 @@ def test_a_pid_file_that_does_not_read_once_is_read_again_not_skipped(tmp_path, 
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
     monkeypatch.setattr(pathlib.Path, "read_text", read_text)
     assert [w.pid for w in running(tmp_path / "home")] == [os.getpid()] and failed
+
+
+def test_watch_help_says_a_line_comes_when_the_status_changed_not_every_few_seconds():
+    """`runner watch --every 5` printed a line each 30 s (a line only when the status changed; a worker renews
+    its figures every 30 s), where its help said "Seconds between status lines" (a new user's pass 195)."""
+    said = " ".join(invoke("watch", "--help").output.split())
+    assert "Seconds between status lines" not in said
+    assert "Seconds between looks at the job: a line when its status changed" in said
