@@ -1476,8 +1476,16 @@ def _check_messages(value: Any) -> tuple[list[dict[str, Any]] | None, str | None
         if not isinstance(m, dict):
             return None, f"item {i} must be an object with role and content, got {_kind(m)}"
         role, content = m.get("role"), m.get("content")
+        # a key left out (or misspelt: "rol") is named as missing, not as "got None" / "got null"
+        if "role" not in m or ("content" not in m and not m.get("tool_calls")):
+            has = ", ".join(repr(k) for k in m) or "no fields"
+            return (
+                None,
+                f"item {i}: {'role' if 'role' not in m else 'content'} missing (the message has {has})",
+            )
         if role not in ROLES:
-            return None, f"item {i}: role must be one of {', '.join(ROLES)}, got {role!r}"
+            got = repr(role) if isinstance(role, str) else _kind(role)
+            return None, f"item {i}: role must be one of {', '.join(ROLES)}, got {got}"
         if isinstance(content, list):  # OpenAI's content parts: the text ones, joined as vLLM joins them
             content, why = _text_parts(content)
             if why:
