@@ -936,6 +936,11 @@ def input_format(path: str | os.PathLike) -> str:
     if suffix not in SUFFIXES and not os.path.lexists(path):  # (`runner score "a text"`, gpt2-score's habit)
         raise ParamError("input", f"{os.fspath(path)}: no such file; a text itself goes in on standard input: "
                                   "echo 'TEXT' | runner score - -m MODEL (embed, run alike)")  # fmt: skip
+    # a folder that is no save_to_disk dataset (those were read before): it said "unknown file type '(none)'"
+    if suffix not in SUFFIXES and _looked_at(Path(path), stat.S_ISDIR):
+        raise ParamError("input", f"{os.fspath(path)} is a folder: name a prompt file in it (.jsonl, .parquet, .csv, "
+                                  ".txt), or a dataset folder written by save_to_disk (this one has no state.json "
+                                  "or dataset_dict.json)")  # fmt: skip
     if suffix not in SUFFIXES:
         raise ParamError(
             "input",

@@ -455,6 +455,12 @@ def test_missing_file_and_unknown_type(tmp_path):
         ParamError, match=r"unknown file type '\.docx'; use \.jsonl, \.parquet, \.csv, \.txt or -"
     ):
         read_prompts(tmp_path / "p.docx")
+    # a folder that is no save_to_disk dataset said "unknown file type '(none)'" (pass 195)
+    (tmp_path / "prompts").mkdir()
+    with pytest.raises(
+        ParamError, match=r"prompts is a folder: name a prompt file in it \(\.jsonl, .*save_to_disk"
+    ):
+        read_prompts(tmp_path / "prompts")
     # a text given where the file goes (gpt2-score's habit: `runner score "現在も..."`): said so (pass 33)
     with pytest.raises(
         ParamError, match=r"現在も東京は: no such file; a text itself goes in on standard input"
