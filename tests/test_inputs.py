@@ -581,3 +581,20 @@ def test_a_csv_cell_gives_messages_as_json_text(tmp_path):
         "c.csv:2: messages: a list of {role, content} objects as JSON text must be valid JSON"
         in problems_of(path)[1]
     )
+
+
+def test_default_ids_are_what_the_readme_says_a_csv_its_line_numbers(tmp_path):
+    """A CSV's rows without ids are named by the line each starts on (the header is line 1: ids 2, 3, 5 below),
+    where the README said "the line number (JSONL) or row number", and a user merging on 1, 2, 3 found none
+    (pass 195); a Parquet file's are its row numbers from 1."""
+    from pathlib import Path
+
+    (tmp_path / "p.csv").write_text('prompt\nfirst\n"two\nlines"\nthird\n', encoding="utf-8")
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "p.parquet")
+    assert [r.id for r in read_prompts(tmp_path / "p.csv").rows] == ["2", "3", "5"]
+    assert [r.id for r in read_prompts(tmp_path / "p.parquet").rows] == ["1", "2"]
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    (row,) = [ln for ln in readme.splitlines() if ln.startswith("| `id` | optional")]
+    assert (
+        "in a CSV the line its row starts on, the header being line 1" in row and "row number from 1" in row
+    )
