@@ -48,7 +48,7 @@ def run(
     `output`, or the home's job of the same inputs and settings (create_job's `same_in_home`)."""
     from .jobs import create_job, submit_warnings
 
-    _settings_go_in_params(params, job_kwargs)
+    _settings_go_in_params(params, job_kwargs, engine)
     job = create_job(input_path, model, params, options, job_dir=output, same_in_home=True, **job_kwargs)
     for line in submit_warnings(job) if echo else ():
         echo(line)
@@ -85,14 +85,21 @@ def run(
     )  # fmt: skip
 
 
-def _settings_go_in_params(params: Any, job_kwargs: dict[str, Any]) -> None:
+def _settings_go_in_params(params: Any, job_kwargs: dict[str, Any], engine: Any = None) -> None:
     """`runner.run(..., max_new_tokens=64)`, as `model.generate(...)` takes it, said "create_job() got an
-    unexpected keyword argument": name the settings object the setting belongs in."""
+    unexpected keyword argument": name the settings object the setting belongs in. So for settings given as
+    `engine=` (a loaded engine's place): `engine=runner.EngineOptions(batch_size=8)` made the job, then failed
+    deep in the batching code ("'str' object has no attribute 'type'")."""
     import dataclasses
     import inspect
 
     from .jobs import create_job
     from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+
+    if dataclasses.is_dataclass(engine):
+        arg = "options" if isinstance(engine, EngineOptions) else "params"
+        raise TypeError(f"run()'s engine= takes a loaded engine; settings go in {arg}=: "
+                        f"runner.run(..., {arg}=runner.{type(engine).__name__}(...))")  # fmt: skip
 
     # (not a settings object, a dict: create_job refuses it, naming the types)
     kind = type(params) if dataclasses.is_dataclass(params) else GenerationParams

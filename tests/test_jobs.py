@@ -1282,6 +1282,20 @@ def test_run_names_the_settings_object_a_setting_given_as_a_keyword_goes_in(prom
         runner.run(prompts_file, tiny_gpt2, output=tmp_path / "out", colour="red")
 
 
+def test_run_given_settings_as_its_engine_names_where_they_go_and_makes_no_job(
+    prompts_file, tiny_gpt2, tmp_path
+):
+    """`runner.run(..., engine=runner.EngineOptions(batch_size=8))` (the README names EngineOptions beside
+    GenerationParams, not the keyword) made the job, then failed with "'str' object has no attribute 'type'"
+    from the batching code (a new user's pass 195)."""
+    for given, said in ((runner.EngineOptions(batch_size=1), "options=runner.EngineOptions(...)"),
+                        (GenerationParams(max_new_tokens=2), "params=runner.GenerationParams(...)")):  # fmt: skip
+        with pytest.raises(TypeError) as e:
+            runner.run(prompts_file, tiny_gpt2, output=tmp_path / "out", engine=given)
+        assert "engine= takes a loaded engine" in str(e.value) and said in str(e.value)
+        assert not (tmp_path / "out").exists()
+
+
 def test_a_one_row_unit_reads_in_the_singular(tmp_path, tiny_gpt2, gpt2_engine):
     """It said "(rows 1-1 of 1): 1 rows to generate" (new-user walkthrough)."""
     said: list[str] = []
