@@ -1421,7 +1421,8 @@ def cancel(ctx: click.Context, job_ref: str) -> None:
 @click.pass_context
 @handle_errors
 def retry(ctx: click.Context, job_ref: str) -> None:
-    """Re-queue a failed or cancelled JOB (finished rows are kept; rows that failed are tried again)."""
+    """Re-queue a failed or cancelled JOB, or a completed one with row errors (finished rows are kept; rows that
+    failed are tried again)."""
     from . import api
 
     cleared = api.retry(job_ref, ctx.obj["home"])

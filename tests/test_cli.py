@@ -1399,3 +1399,10 @@ def test_run_batch_help_says_what_its_chat_template_renders():
     --chat and reads no such rows; the template renders its chat requests' messages."""
     shown = " ".join(invoke("run-batch", "--help").output.split())
     assert "/v1/chat/completions requests' messages" in shown and "'messages' rows" not in shown
+
+
+def test_retry_help_names_every_job_retry_takes():
+    """`runner retry --help` said it re-queues "a failed or cancelled JOB", while retry also takes a completed job
+    with row errors (its own refusal says so): a user with 3 failed rows of a finished night never found out."""
+    shown = " ".join(invoke("retry", "--help").output.split())
+    assert "failed or cancelled JOB, or a completed one with row errors" in shown
