@@ -1238,8 +1238,12 @@ def _detail(s: Any) -> list[str]:
     if s.state == "broken" and not s.total:
         return lines + [f"folder:   {s.folder}"]
     job = Job.open(s.folder)
+    # a worker names its device once its model is loaded: before that it said "on ?: 0.0 tok/s"
     workers = [
-        f"{w['worker']} on {w['device'] or '?'}: {w['tokens_per_second'] or 0:,.1f} tok/s" for w in s.workers
+        f"{w['worker']} on {w['device']}: {w['tokens_per_second'] or 0:,.1f} tok/s"
+        if w["device"]
+        else f"{w['worker']}: loading the model"
+        for w in s.workers
     ]
     return lines + [
         f"progress: {s.done:,}/{s.total:,} {job.spec.count_noun}, {counted(s.errors, 'row errors')}, "

@@ -205,6 +205,7 @@ class JobRun:
         noted = False  # the rows done before this run: computed in this worker's precision?
         with Heartbeat(self.job, self.owner, self.ttl) as self.beat:
             self.load_engine()  # before any claim: a model that cannot load here leaves the job as it was
+            self.beat.info["device"] = str(self.engine.device)
             while not self.stopped and (unit := self.next_unit()) is not None:
                 if not noted:
                     noted = True

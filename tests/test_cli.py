@@ -1406,3 +1406,37 @@ def test_retry_help_names_every_job_retry_takes():
     with row errors (its own refusal says so): a user with 3 failed rows of a finished night never found out."""
     shown = " ".join(invoke("retry", "--help").output.split())
     assert "failed or cancelled JOB, or a completed one with row errors" in shown
+
+
+def test_status_says_a_worker_is_loading_its_model_until_it_names_its_device(prompts, tiny_gpt2, runner_home):
+    """A worker still loading its model showed as `vm-... on ?: 0.0 tok/s` in `runner status` (a user walkthrough,
+    pass 195): it says it is loading the model; once loaded, its device."""
+    from runner.jobdir import Heartbeat, Owner
+
+    job_id = invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
+    owner = Owner.me()
+    with Heartbeat(runner.open_job(job_id), owner, 60) as beat:
+        beat.beat()
+        status = invoke("status", job_id).output
+        assert f"workers:  {owner.worker}: loading the model" in status and "?" not in status, status
+        beat.beat(device="cpu", tokens_per_second=12.5)
+        assert f"workers:  {owner.worker} on cpu: 12.5 tok/s" in invoke("status", job_id).output
+
+
+def test_a_worker_names_its_device_in_its_heartbeat_once_its_model_is_loaded(
+    prompts, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """From its model's load on, before its first decode step, a worker's heartbeat names its device (status said
+    `on ?` until the first figures of a step)."""
+    from runner import worker
+
+    job_id = invoke("submit", prompts, "-m", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
+    seen, next_unit = [], worker.JobRun.next_unit
+
+    def looking(self):
+        seen.append(self.beat.info.get("device"))
+        return next_unit(self)
+
+    monkeypatch.setattr(worker.JobRun, "next_unit", looking)
+    worker.run_job(runner.open_job(job_id), gpt2_engine, echo=None)
+    assert seen and seen[0] == str(gpt2_engine.device)
