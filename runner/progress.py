@@ -44,6 +44,7 @@ class Progress:
         echo: Callable[[str], None] | None = None,
         interval: float | None = None,
         unit: str = "rows",
+        tokens: bool = True,
     ):
         self.total, self.done_before, self.done = total, done, done
         # of `done`, those in the job folder: the rest a kill would lose (the worker sets it)
@@ -52,6 +53,8 @@ class Progress:
         self.echo = echo
         self.interval = interval  # seconds between lines; None: FIRST_INTERVAL, growing (`every`)
         self.unit = unit
+        # whether the work makes tokens (embeddings make none: no "0.0 tok/s" that would mislead)
+        self.counts_tokens = tokens
         self.start = time.perf_counter()
         self.since = self.start  # when computing began (`computing()`): the rates count from here
         self._last = self.start
@@ -105,14 +108,12 @@ class Progress:
 
     def line(self) -> str:
         elapsed = self.elapsed
-        new = self.done - self.done_before
         pct = 100.0 * self.done / self.total if self.total else 100.0
         rate = self.rows_per_second
         remaining = self.total - self.done
         eta = fmt_duration(remaining / rate) if rate > 0 else fmt_duration(0) if remaining <= 0 else "?"
         unsaved = f", {self.done - self.saved:,} not saved yet" if self.done > self.saved else ""
-        # rows done and no token counted: a kind that makes none (embeddings), where "0.0 tok/s" would mislead
-        speed = f" | {self.tokens_per_second:,.1f} tok/s" if self.tokens or not new else ""
+        speed = f" | {self.tokens_per_second:,.1f} tok/s" if self.counts_tokens else ""
         return (
             f"{self.done:,}/{self.total:,} {self.unit} ({pct:.1f}%{unsaved}){speed} | "
             f"{rate:,.2f} {self.unit}/s | elapsed {fmt_duration(elapsed)} | ETA {eta}"

@@ -335,13 +335,31 @@ def test_progress_lines_show_tok_s_only_where_tokens_are_counted():
     only; a generation's line shows tok/s from its first steps, even before a row ends."""
     from runner.progress import Progress
 
-    embed = Progress(10)
+    embed = Progress(10, tokens=False)
     embed.update(4, 0)
     assert "tok/s" not in embed.line() and "rows/s" in embed.line()
     generate = Progress(10)
     generate.update(0, 12)
     assert "tok/s" in generate.line()
     assert "tok/s" in Progress(10).line()  # nothing yet: the figure starts at 0
+    # a row that ended at its first token (made by the prompt pass, counted when the batch settles) is no
+    # embedding: the generation's line kept no tok/s then (user walkthrough, pass 195)
+    ended_early = Progress(10)
+    ended_early.update(1, 0)
+    assert "tok/s" in ended_early.line()
+
+
+def test_an_embed_jobs_progress_shows_no_tok_s_and_a_generations_does(
+    tmp_path, texts, tiny_gpt2, gpt2_engine
+):
+    """The worker tells its progress whether the job makes tokens, from the job's kind."""
+    for params, shown in [(EmbedParams(), False), (runner.GenerationParams(max_new_tokens=1), True)]:
+        lines: list[str] = []
+        runner.run(texts, tiny_gpt2, params, output=tmp_path / type(params).__name__, engine=gpt2_engine,
+                   echo=lines.append, skip_invalid=True, progress_every=1e-9,
+                   **({} if isinstance(params, EmbedParams) else {"prompt_field": "text"}))  # fmt: skip
+        progress = [line for line in lines if "rows/s" in line]
+        assert progress and all(("tok/s" in line) is shown for line in progress), lines
 
 
 def test_score_print_stopped_early_keeps_standard_output_for_scores(
