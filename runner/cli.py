@@ -1445,6 +1445,7 @@ def repair(ctx: click.Context, job_ref: str) -> None:
     fail their checksum, record the state where its newest record is damaged, and re-queue the rows that are
     missing."""
     from . import api
+    from .jobdir import UNKNOWN_WRITER
 
     r = api.repair(job_ref, ctx.obj["home"])
     if r.restored_spec:
@@ -1465,6 +1466,9 @@ def repair(ctx: click.Context, job_ref: str) -> None:
     if r.damaged_by == "":
         _echo("its newest state record was empty: a change killed while it was written did not happen; if you "
               "ran `runner cancel` or `runner retry` just then, run it again")  # fmt: skip
+    elif r.damaged_by == UNKNOWN_WRITER:
+        _echo("its newest state record was damaged past reading which command wrote it; what it recorded no longer "
+              "counts: if you ran `runner cancel` or `runner retry` on this job lately, run it again")  # fmt: skip
     elif r.damaged_by:
         again = command(ctx.obj["home"], r.damaged_by, job_ref)
         _echo(f"its damaged newest state record says it was a `runner {r.damaged_by}`; what it recorded is "

@@ -3105,7 +3105,8 @@ class RepairReport:
     quarantined: list[tuple[str, str]] = field(default_factory=list)
     done: int = 0
     total: int = 0
-    # the command the damaged newest record says wrote it (unverified): "retry", "cancel"; "" for an empty one
+    # the command the damaged newest record says wrote it (unverified): "retry", "cancel"; "" for an empty one;
+    # UNKNOWN_WRITER for one that says no writer any more
     damaged_by: str | None = None
     # a damaged record in transit was set aside: the command it says wrote it ("cancel", "retry"; "" unknown)
     damaged_aside: str | None = None
@@ -3117,19 +3118,38 @@ class RepairReport:
     foreign_records: list[str] = field(default_factory=list)  # state records of another job, set aside
 
 
+# RepairReport.damaged_by of a newest record whose writer does not read at all (bytes that are no record, or no
+# file): it may have been any command's
+UNKNOWN_WRITER = "unknown"
+# the writers a state record names (`by`): the commands, a worker's outcome, repair, Job.set_state
+WRITERS = ("cancel", "retry", "completed", "failed", "repair", "set_state")
+# a record's writer as its bytes still say it where they are no JSON any more (torn, a brace flipped)
+_WRITER_BYTES = re.compile(rb'"by": "(' + b"|".join(w.encode() for w in WRITERS) + rb')"')
+
+
 def _claimed_writer(job_dir: Path, seq: int) -> str | None:
-    """Which command a damaged state record says wrote it, if it still reads as a record of a command; "" for
-    an empty one (a writer killed between creating and filling it, where links are missing: any command)."""
+    """Which command a damaged state record says wrote it ("cancel", "retry"), read from its JSON or, torn or
+    flipped past parsing, from its bytes; "" for an empty one (a writer killed between creating and filling it,
+    where links are missing: any command); UNKNOWN_WRITER where no writer reads (pass 194: a cancel torn in half,
+    its first byte flipped, or a folder in its place, was undone by repair without a word); None for a worker's
+    outcome or repair's own record, which repair decides again from the facts."""
     path = job_dir / STATES / record_name(seq)
-    if not seq or storage.kind(path) != "file":
+    what = storage.kind(path) if seq else None
+    if what is None:
         return None
+    if what != "file":
+        return UNKNOWN_WRITER
     data = storage.read_bytes(path)
     if not data:
         return ""
     try:
-        by = json.loads(data).get("by")
-    except (ValueError, AttributeError):  # not JSON, or not an object
-        return None
+        d = json.loads(data)
+        by = d.get("by") if isinstance(d, dict) else None
+    except ValueError:  # not JSON
+        found = _WRITER_BYTES.search(data)
+        by = found.group(1).decode() if found else None
+    if by not in WRITERS:
+        return UNKNOWN_WRITER
     return by if by in ("cancel", "retry") else None
 
 

@@ -127,3 +127,43 @@ def test_stats_json_copied_in_from_another_job_is_not_shown_as_this_ones(tmp_pat
         run["worker"] != theirs["worker"]
         and runner.status(a.dir).tokens_per_second == run["tokens_per_second"]
     )
+
+
+def _damaged_record(record, damage: str) -> None:
+    data = record.read_bytes()
+    if damage == "torn before its writer":
+        record.write_bytes(data[: data.index(b'"by"')])
+    elif damage == "torn after its writer":
+        record.write_bytes(data[: data.index(b'"writer"')])
+    elif damage == "first byte flipped":
+        record.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+    elif damage == "writer flipped":  # still JSON: "cancel" -> "cancem"
+        record.write_bytes(data.replace(b'"by": "cancel"', b'"by": "cancem"'))
+    else:
+        record.unlink()
+        record.mkdir()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["torn before its writer", "torn after its writer", "first byte flipped", "writer flipped", "folder"],
+)
+def test_repair_of_a_cancel_damaged_past_reading_says_to_cancel_again(tmp_path, tiny_gpt2, damage):
+    """A damage sweep over every file of a job at each stage (adversarial pass 194): a cancelled job's record
+    torn in half, its first byte flipped (no JSON any more) or a folder in its place was repaired to queued
+    without a word, and the next `runner work` ran the job the user had cancelled. Repair said to cancel again
+    only where the damaged record still parsed as JSON naming its command. It now reads the command from the
+    bytes where they are no JSON, and where nothing tells, says that a cancel or retry may be lost."""
+    job = create_job(
+        write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "j"
+    )
+    runner.cancel(job.dir)
+    record = job.dir / "state" / "00000001.json"
+    _damaged_record(record, damage)
+    assert runner.status(job.dir).state == "broken"
+    said = invoke("repair", job.dir)
+    assert said.exit_code == 0 and "-> queued" in said.output, said.output
+    assert (
+        f"run `runner cancel {job.dir}` again" in said.output
+        or "if you ran `runner cancel` or `runner retry` on this job lately, run it again" in said.output
+    ), said.output
