@@ -2648,6 +2648,18 @@ class Ledger:
                 flat[a:b] = True
         return flat.reshape(spec.rows, spec.samples)
 
+    def bad_holding_errors(self) -> int:
+        """How many commits failing verification (`bad`) may hold row errors of this generation, left out of
+        `errors`: their markers say so, or do not read."""
+        held = 0
+        for name, _ in self.bad:
+            marker = (self.verifier.markers.get(name) if self.verifier else None) or {}
+            if _check_marker(name, marker, self.job.spec) is not None or (
+                marker.get("errors") and marker.get("generation", 0) == self.generation
+            ):
+                held += 1
+        return held
+
     def lost_rows(self) -> dict[int, tuple[str, str]]:
         """row -> (commit, why) for rows with keys in a commit whose marker reads but whose shard failed
         verification (`bad`), and not done by another commit since: computed, then lost (not never done)."""
