@@ -2192,11 +2192,15 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
     for name in scan(job.dir / WORKERS):
         if not name.endswith(".json") or name.startswith("."):
             continue
-        hb = _read_json_or_none(job.dir / WORKERS / name)
-        if isinstance(hb, dict) and storage.fails_its_check(hb):
-            continue  # damaged (a flipped digit of "expires" held a dead worker's units for hours): stale
-        owner = Owner.from_dict(hb) if isinstance(hb, dict) else None
-        if owner is None or owner.worker + ".json" != name:
+        # (read once more before it is taken for damage: a torn read, as a mount whose renames are copies gives
+        # while its worker renews it, took a live worker for dead, and its unit was taken from it; pass 193)
+        hb = read_again_if_damaged(
+            functools.partial(_read_json_or_none, job.dir / WORKERS / name),
+            lambda hb, name=name: _heartbeat_owner(hb, name) is None,
+        )
+        # damaged (a flipped digit of "expires" held a dead worker's units for hours): stale
+        owner = _heartbeat_owner(hb, name)
+        if owner is None:
             continue
         left, lease = _lease_left(job.dir / WORKERS / name, hb, now)
         if owner.worker in _ENDED and owner.is_this_process():
@@ -2204,6 +2208,15 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
         if left > 0 and not owner.provably_dead():
             out[owner.worker] = {**hb, "expires": now + left, "lease": lease}
     return out
+
+
+def _heartbeat_owner(hb: Any, name: str) -> Owner | None:
+    """The worker a heartbeat read from workers/NAME names; None when it is damaged (not a heartbeat, another
+    worker's name, or not matching its checksum)."""
+    if not isinstance(hb, dict) or storage.fails_its_check(hb):
+        return None
+    owner = Owner.from_dict(hb)
+    return owner if owner is not None and owner.worker + ".json" == name else None
 
 
 # seconds a heartbeat's clock may run ahead of this machine's before its times are not believed
@@ -2637,6 +2650,18 @@ class Ledger:
             self._claims[unit] = _read_claim(self.job.dir / CLAIMS / self.claim_names[unit], unit)
         return self._claims.get(unit)
 
+    def held(self, unit: int, live: dict[str, dict[str, Any]]) -> bool:
+        """Whether a live worker holds the unit (`claim_is_live`). A claim that reads as no live worker's is read
+        once more first: a torn read of a live worker's claim (a page dropped or served stale, once: its owner
+        cut short, or a digit of its name other than it is) made its unit free, and the worker computing it lost
+        its rows to a taker (adversarial pass 193)."""
+        if claim_is_live(self.claim(unit), live):
+            return True
+        if unit not in self.claim_names:
+            return False
+        self._claims[unit] = _read_claim(self.job.dir / CLAIMS / self.claim_names[unit], unit)
+        return claim_is_live(self._claims[unit], live)
+
     def done_mask(self) -> Any:
         """[rows, samples] bool: keys in accepted, verified shards."""
         import numpy as np
@@ -3057,7 +3082,7 @@ def job_progress(job: Job, ledger: Ledger | None = None) -> Progress:
     failed = int(ledger.failed_mask().sum())
     left = [u for u, n in enumerate(ledger.unit_left().tolist()) if n > 0]
     live = live_workers(job)
-    claimable = [u for u in left if not claim_is_live(ledger.claim(u), live)]
+    claimable = [u for u in left if not ledger.held(u, live)]
     filling = [u for u in left if u not in claimable and (c := ledger.claim(u)) and c.owner is None]
     started = bool(ledger.commits or ledger.claim_names or ledger.bad)
     return Progress(done, failed, job.spec.total, left, claimable, live, ledger.bad, started, filling)

@@ -277,3 +277,34 @@ def test_a_torn_read_of_the_model_does_not_fail_the_job(jobs, gpt2_engine, tmp_p
     monkeypatch.setattr(models, "model_fingerprint", fingerprint)
     work(d.parent, job=str(d), engine=gpt2_engine, echo=None)
     assert torn and runner.status(d).state == "completed"
+
+
+@pytest.mark.parametrize("how", ["cut", "value"])
+@pytest.mark.parametrize("what", ["heartbeat", "claim"])
+def test_a_torn_read_of_a_live_workers_lease_leaves_its_unit_to_it(
+    jobs, gpt2_engine, tmp_path, monkeypatch, what, how
+):
+    """Worker W holds unit 1 and heartbeats; each time another worker looks who is alive, its first read of W's
+    heartbeat (or of W's claim) comes back torn, as on a mount whose renames are copies (a heartbeat read while
+    W renews it reads cut short or empty) or one that drops a page. W was taken for dead at that one read: the
+    other worker took its unit over, and W, computing it, lost its rows (ClaimLost) to compute them again. A
+    lease that reads damaged, or a claim that reads as no live worker's, is read once more (adversarial pass
+    193)."""
+    d = copy_of(jobs, "part", tmp_path)
+    job, w = Job.open(d), jobdir.Owner.me("w7-live")
+    assert jobdir.take_unit(job, 1, w, jobdir.read_ledger(job).current.get(1, -1)) is not None
+    jobdir.Heartbeat(job, w, ttl=600).beat()
+    claims = sorted(os.listdir(d / "claims"))
+    suffix = f"/workers/{w.worker}.json" if what == "heartbeat" else f"/claims/{claims[-1]}"
+    real, torn = jobdir.job_progress, []
+
+    def job_progress(*args, **kwargs):  # (every look: the workers' and the queue's)
+        with monkeypatch.context() as m:
+            torn.append(tear_first_read(m, suffix, how))
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobdir, "job_progress", job_progress)
+    summary = run_job(Job.open(d), gpt2_engine, echo=None, owner=jobdir.Owner.me("other"))
+    assert any(torn)
+    assert sorted(os.listdir(d / "claims")) == claims, "W's unit was taken from it"
+    assert summary.generated == 0 and not summary.finished
