@@ -1071,7 +1071,7 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
         try:
             if not data:
                 raise ValueError("it is empty: a change killed half way, or damage")
-            d = json.loads(data)
+            d = storage.json_of_bytes(data)
             if (why := _record_damage(d)) is not None:
                 raise BrokenJob(f"{name} is damaged ({why})")
             return _parse_state(d, name, seq)

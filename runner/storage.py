@@ -367,6 +367,17 @@ def listed_missing(folder: str | os.PathLike, e: FileNotFoundError) -> None:
         raise OSError(errno.EIO, "a folder there not found when listed", os.fspath(folder)) from e
 
 
+def json_of_bytes(data: bytes) -> Any:
+    """`json.loads` of `data` read as UTF-8, as runner writes its files: json.loads guesses UTF-16 or UTF-32 from
+    the first bytes, so random bytes were said to be damaged "('utf-32-be' codec can't decode bytes ...)"
+    (pass 197); a ValueError saying where they are not UTF-8 instead."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"it is not UTF-8 text: byte {data[e.start]:#04x} at offset {e.start}") from None
+    return json.loads(text)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     def op() -> Any:
         with _open_plain(path, encoding="utf-8") as f:

@@ -1763,3 +1763,13 @@ def test_a_job_json_damaged_under_a_running_worker_is_not_taken_for_another_job(
     assert run_job(job, gpt2_engine, echo=None).finished
     (job.dir / "job.json").write_text(json.dumps(meta, indent=2))
     assert_exactly_once(job.dir, reference[1])
+
+
+def test_a_state_record_of_random_bytes_is_said_to_be_no_utf8_text(job, runner_home):
+    """Random bytes in a state record were said to be damaged "('utf-32-be' codec can't decode bytes in position
+    0-3 ...)": json.loads guesses UTF-32 from leading zero bytes (campaign seeds, pass 197). Runner writes UTF-8."""
+    job.set_state(JobState.QUEUED)
+    (job.dir / "state" / "00000001.json").write_bytes(b"\x00\x00\x00\x80\x17garbage")
+    message = runner.status(job.dir).message
+    assert "state/00000001.json is damaged (it is not UTF-8 text: byte 0x80 at offset 3)" in message, message
+    assert "codec" not in message
