@@ -2657,10 +2657,8 @@ class Ledger:
         its rows to a taker (adversarial pass 193)."""
         if claim_is_live(self.claim(unit), live):
             return True
-        if unit not in self.claim_names:
-            return False
-        self._claims[unit] = _read_claim(self.job.dir / CLAIMS / self.claim_names[unit], unit)
-        return claim_is_live(self._claims[unit], live)
+        self._claims.pop(unit, None)
+        return claim_is_live(self.claim(unit), live)
 
     def done_mask(self) -> Any:
         """[rows, samples] bool: keys in accepted, verified shards."""
