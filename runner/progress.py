@@ -44,7 +44,7 @@ class Progress:
         echo: Callable[[str], None] | None = None,
         interval: float | None = None,
         unit: str = "rows",
-        tokens: bool = True,
+        counts_tokens: bool = True,
     ):
         self.total, self.done_before, self.done = total, done, done
         # of `done`, those in the job folder: the rest a kill would lose (the worker sets it)
@@ -54,7 +54,7 @@ class Progress:
         self.interval = interval  # seconds between lines; None: FIRST_INTERVAL, growing (`every`)
         self.unit = unit
         # whether the work makes tokens (embeddings make none: no "0.0 tok/s" that would mislead)
-        self.counts_tokens = tokens
+        self.counts_tokens = counts_tokens
         self.start = time.perf_counter()
         self.since = self.start  # when computing began (`computing()`): the rates count from here
         self._last = self.start

@@ -202,7 +202,7 @@ class JobRun:
         reset_peak_memory(self.engine.device if self.engine is not None else None)
         self.progress = Progress(self.job.total, before.done + before.failed, echo=self.say,
                                  interval=self.interval, unit=self.job.spec.count_noun,
-                                 tokens=self.job.spec.kind != "embed")  # fmt: skip
+                                 counts_tokens=self.job.spec.kind != "embed")  # fmt: skip
         noted = False  # the rows done before this run: computed in this worker's precision?
         with Heartbeat(self.job, self.owner, self.ttl) as self.beat:
             self.load_engine()  # before any claim: a model that cannot load here leaves the job as it was

@@ -335,7 +335,7 @@ def test_progress_lines_show_tok_s_only_where_tokens_are_counted():
     only; a generation's line shows tok/s from its first steps, even before a row ends."""
     from runner.progress import Progress
 
-    embed = Progress(10, tokens=False)
+    embed = Progress(10, counts_tokens=False)
     embed.update(4, 0)
     assert "tok/s" not in embed.line() and "rows/s" in embed.line()
     generate = Progress(10)
