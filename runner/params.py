@@ -11,6 +11,8 @@ over unchanged.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -46,10 +48,53 @@ def _check_float(name: str, value: Any) -> float:
     return value
 
 
+# Names people bring from transformers' generate and the OpenAI API: what runner calls them, and why
+_SAID_ELSEWHERE = {
+    "max_length": (
+        "max_new_tokens",
+        "transformers' max_length counts the prompt too; it counts new tokens only",
+    ),
+    "min_length": (
+        "min_new_tokens",
+        "transformers' min_length counts the prompt too; it counts new tokens only",
+    ),
+    "max_tokens": ("max_new_tokens", "OpenAI's max_tokens"),
+    "n": ("num_return_sequences", "OpenAI's n"),
+}
+
+
+def unknown_setting(cls: type, name: str) -> str:
+    """What to say of a setting `cls` does not have: its name here, or the nearest one it has."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    ours, why = _SAID_ELSEWHERE.get(name, (None, ""))
+    if ours in fields:
+        return f"{cls.__name__} has no setting {name!r}: use {ours} ({why})."
+    near = difflib.get_close_matches(name, fields, n=1)
+    return f"{cls.__name__} has no setting {name!r}" + (f": did you mean {near[0]!r}?" if near else ".")
+
+
+def _named_settings(cls: type) -> type:
+    """A dataclass whose constructor refuses an unknown keyword with a ParamError that names it and says what it
+    is called here (GenerationParams(max_length=50): max_new_tokens), not Python's bare TypeError."""
+    init = cls.__init__
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ParamError(unknown[0], unknown_setting(cls, unknown[0]))
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
 # vLLM's: a temperature below it decodes greedily (dividing by it overflows float32 logits)
 SAMPLING_EPS = 1e-5
 
 
+@_named_settings
 @dataclass
 class GenerationParams:
     """How to generate. Every field is checked on construction."""
@@ -289,16 +334,14 @@ class GenerationParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ParamError(unknown[0], f"unknown generation setting {unknown[0]!r}.")
+        """The settings from `to_dict`'s plain data (an unknown key is refused, naming it: _named_settings)."""
         return cls(**data)
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+@_named_settings
 @dataclass
 class EngineOptions:
     """Where and how the model runs. These never change results beyond float rounding, so a job may be
@@ -364,6 +407,7 @@ class EngineOptions:
         return dataclasses.asdict(self)
 
 
+@_named_settings
 @dataclass
 class ScoreParams:
     """How to score texts (`runner score`). Like gpt2-score: the log-probability of each text under the model."""
@@ -388,6 +432,7 @@ class ScoreParams:
         return dataclasses.asdict(self)
 
 
+@_named_settings
 @dataclass
 class EmbedParams:
     """How to embed texts (`runner embed`), as seed gpt2-transform does: one vector per text."""

@@ -3,6 +3,7 @@
 import pytest
 
 from runner import EngineOptions, GenerationParams, ParamError
+from runner.params import ScoreParams
 
 
 @pytest.mark.parametrize(
@@ -60,8 +61,34 @@ def test_round_trip_through_dict():
         max_new_tokens=8, temperature=0.7, top_p=0.9, seed=3, stop=["。", "\n"], num_return_sequences=2
     )
     assert GenerationParams.from_dict(p.to_dict()) == p
-    with pytest.raises(ParamError, match="unknown generation setting 'beams'"):
+    with pytest.raises(ParamError, match="GenerationParams has no setting 'beams': did you mean 'num_beams'"):
         GenerationParams.from_dict({**p.to_dict(), "beams": 4})
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        # transformers' generate habits (the Colab tutorials' max_length=100) and the OpenAI API's names
+        (
+            lambda: GenerationParams(max_length=100),
+            "no setting 'max_length': use max_new_tokens .*prompt too",
+        ),
+        (lambda: GenerationParams(min_length=5), "no setting 'min_length': use min_new_tokens"),
+        (lambda: GenerationParams(max_tokens=16), "no setting 'max_tokens': use max_new_tokens"),
+        (lambda: GenerationParams(n=4), "no setting 'n': use num_return_sequences"),
+        (lambda: GenerationParams(temprature=0.7), "no setting 'temprature': did you mean 'temperature'"),
+        (
+            lambda: EngineOptions(batchsize=8),
+            "EngineOptions has no setting 'batchsize': did you mean 'batch_size'",
+        ),
+        (lambda: ScoreParams(max_length=8), r"ScoreParams has no setting 'max_length'\.$"),
+    ],
+)
+def test_an_unknown_keyword_is_named_with_what_runner_calls_it(make, message):
+    """Python callers get a ParamError naming the keyword, not Python's bare TypeError "unexpected keyword"."""
+    with pytest.raises(ParamError, match=message) as err:
+        make()
+    assert err.value.param == message.split("'")[1]
 
 
 @pytest.mark.parametrize(
