@@ -606,7 +606,14 @@ def score(ctx: click.Context, input_path: str, model: str, output: str | None, *
 @embed_options
 @click.option("--context", hidden=True, expose_value=False, callback=_elsewhere(
     "gpt2-transform's text is runner embed's input: a file of texts (.txt: one a line), or standard input: "
-    "echo \"TEXT\" | runner embed - -m MODEL"))  # fmt: skip
+    "echo \"TEXT\" | runner embed - -m MODEL --print"))  # fmt: skip
+@click.option(
+    "--print",
+    "print_vectors",
+    is_flag=True,
+    help="Print each text's vector as a JSON list, one line per row in input order, as gpt2-transform does (the "
+    "job folder then goes to stderr).",
+)
 @engine_options
 @output_option
 @progress_option
@@ -620,8 +627,18 @@ def embed(ctx: click.Context, input_path: str, model: str, output: str | None, *
     \b
     Example:
       runner embed examples/texts.jsonl --model smollm2-135m-instruct -o out/embed
+      echo "The capital of France" | runner embed - -m MODEL --print
     """
-    click.echo(str(_run_kind(ctx, "embed", input_path, model, output, kw).dir))
+    from .results import embed_lines, load_results
+
+    printed = kw.pop("print_vectors")
+    job = _run_kind(ctx, "embed", input_path, model, output, kw, stdout_is_data=printed)
+    if not printed:
+        click.echo(str(job.dir))
+        return
+    for line in embed_lines(load_results(job.dir)):
+        click.echo(line)
+    _echo(f"results in {job.dir}")
 
 
 def _check_drive(home: Any, output: Any = None, option: str = "-o", name: str | None = None) -> None:

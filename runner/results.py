@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shlex
 import shutil
@@ -694,6 +695,13 @@ def score_lines(df: Any, tokens: bool = False) -> Iterator[str]:
             yield from (f"{piece(t, b)}\t{lp:.5g}" for t, b, lp in zip(pieces, raws, logprobs, strict=True))
 
 
+def embed_lines(df: Any) -> Iterator[str]:
+    """An embed job's results as gpt2-transform prints a vector: each row's `embedding` as a JSON list of
+    floats (the float32 values written out in full), one line per row."""
+    for vector in df["embedding"]:
+        yield json.dumps([float(v) for v in vector])
+
+
 EXPORT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -958,7 +966,6 @@ def _float32_shortest(table: pa.Table) -> pa.Table:
 def _json_text(value: Any) -> str:
     """`value` (Python objects, as Arrow's to_pylist gives them) as JSON, as every export writes it: every float
     digit, NaN and infinities (which JSON cannot hold) as null, dates in ISO form, bytes as byte lists."""
-    import json
 
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False, default=_json_default)

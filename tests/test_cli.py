@@ -1366,7 +1366,10 @@ def test_results_format_given_a_file_type_says_that_to_writes_it(fmt):
     [
         (["generate", "--context=江戸時代のインターネット回線"], 'runner generate "TEXT" -m MODEL'),
         (["generate", "hi", "--num_generate", "2"], "is runner's -n (--num-return-sequences)"),
-        (["embed", "--context=江戸時代のインターネット回線"], 'echo "TEXT" | runner embed - -m MODEL'),
+        (
+            ["embed", "--context=江戸時代のインターネット回線"],
+            'echo "TEXT" | runner embed - -m MODEL --print',
+        ),
     ],
 )
 def test_gpt2_japanese_options_point_to_runners_own(tiny_gpt2, args, said):

@@ -275,6 +275,20 @@ def test_score_print_shows_each_text_and_its_logprob_as_gpt2_score_does(tmp_path
     assert len(lines) == 2 + first["num_tokens"] + pair["num_tokens"]
 
 
+def test_embed_print_shows_each_vector_as_gpt2_transform_does(tiny_gpt2, runner_home):
+    """`gpt2-transform.py --context="..."` prints the text's vector as a list; `runner embed -` printed only the
+    job folder. `--print` prints each row's vector as a JSON list, one line per row in input order, every
+    float32 value in full (the folder goes to stderr)."""
+    texts = ["江戸時代のインターネット回線", "The capital of France", "短い"]
+    result = invoke("embed", "-", "-m", tiny_gpt2, "--print", input="\n".join(texts) + "\n")
+    assert result.exit_code == 0, result.output
+    df = runner.load_results(result.stderr.strip().splitlines()[-1].split("results in ")[-1])
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(printed) == len(texts) and len(printed[0]) == len(df["embedding"][0]) > 0
+    assert printed == [[float(v) for v in vector] for vector in df["embedding"]]
+    assert printed[0] != printed[1]
+
+
 def test_score_print_keeps_a_row_on_one_line_whatever_breaks_lines_in_its_text(
     tmp_path, tiny_gpt2, runner_home
 ):
