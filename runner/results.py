@@ -767,12 +767,14 @@ def export_results(
     if errors_to is None:  # the target checked before the rows are read (pyarrow named its temp file)
         check_export_target(Path(to))
         table, lost = _results_and_loss(source, home)
+        _keep_the_file_there(lost, Path(to))
         _write_whole(table, Path(to))
         return Exported(table.num_rows, 0).losing(lost)
     if to is None:  # the errors alone: the refused input lines and the row errors, as beside an export
         check_export_target(Path(errors_to))
         missed: list[str] = []
         errors = _errors_table(read_errors(source, home, missed=missed))
+        _keep_the_file_there("".join(missed), Path(errors_to))
         _write_whole(errors, Path(errors_to))
         return Exported(0, errors.num_rows).losing("".join(missed))
     check_export_pair(Path(to), Path(errors_to))
@@ -784,6 +786,7 @@ def export_results(
     table, lost = _results_and_loss(source, home)
     errors = _errors_table(_not_answered_since(errors, table))
     lost = lost or "".join(missed)
+    _keep_the_file_there(lost, Path(to), Path(errors_to))
     # both staged whole first (a full disk leaves the older pair as it was); then a kill between the two renames
     # leaves no errors file, never an older one beside new rows
     with _staged(table, Path(to)) as place_rows, _staged(errors, Path(errors_to)) as place_errors:
@@ -791,6 +794,17 @@ def export_results(
         place_rows()
         place_errors()
     return Exported(table.num_rows, errors.num_rows).losing(lost)
+
+
+def _keep_the_file_there(lost: str, *targets: Path) -> None:
+    """An export missing rows the job had (`lost`: a commit damaged since, a mount showing files late) is not
+    written over a file already there, which may be a whole export of before: a RunnerError says so and the
+    file is left as it was. (It overwrote it, exit 1 after: the one good copy replaced by a partial one.)"""
+    there = [str(t) for t in targets if lost and os.path.lexists(t)]
+    if there:
+        raise RunnerError(f"{' and '.join(there)} left as {'they were' if len(there) > 1 else 'it was'}, not "
+                          f"written: the job's results are missing rows it had ({lost}); to save the rows that "
+                          "can be read, give a new file")  # fmt: skip
 
 
 def refuse_inside_job(job_dir: str | os.PathLike, *paths: str | os.PathLike | None) -> None:

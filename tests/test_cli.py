@@ -1323,6 +1323,34 @@ def test_an_export_of_a_job_that_lost_rows_exits_1_after_writing(tmp_path, promp
     assert again.exit_code == 0 and runner.export_results(job_id, tmp_path / "p.jsonl").lost == ""
 
 
+def test_an_export_missing_rows_the_job_had_leaves_an_earlier_file_as_it_was(
+    tmp_path, prompts, tiny_gpt2, runner_home
+):
+    """A whole export of a completed job, then its shards lost (a damaged commit; a Drive mount showing files
+    late): `runner results J --to` the same file wrote the partial rows over the whole ones and exited 1, the one
+    good copy gone. Now that file (or pair) is left byte for byte, exit 1 saying why; a new file gets the rows
+    that can be read, as before."""
+    import shutil
+
+    job_id = invoke("submit", prompts, "--model", tiny_gpt2, "--max-new-tokens", 2).stdout.strip()
+    assert invoke("work").exit_code == 0
+    out, errors = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    assert invoke("results", job_id, "--to", out, "--errors-to", errors).exit_code == 0
+    whole = out.read_bytes(), errors.read_bytes()
+    assert len(whole[0].splitlines()) == 2
+    shutil.rmtree(runner_home / job_id / "shards")
+    for args in (("--to", out), ("--to", out, "--errors-to", errors)):
+        result = invoke("results", job_id, *args)
+        assert result.exit_code == 1 and f"{out}" in result.stderr, result.output
+        assert "not written: the job's results are missing rows it had (job" in result.stderr
+        assert (out.read_bytes(), errors.read_bytes()) == whole
+    assert not [
+        p for p in tmp_path.iterdir() if p.name not in ("r.jsonl", "e.jsonl", "prompts.jsonl", "home")
+    ]
+    fresh = invoke("results", job_id, "--to", tmp_path / "new.jsonl")
+    assert fresh.exit_code == 1 and "was written, but without rows the job had" in fresh.stderr
+
+
 @pytest.mark.parametrize(
     "command, flags",
     [
