@@ -2709,6 +2709,13 @@ class Ledger:
                 seen.add(key)
                 yield {k: v for k, v in e.items() if k != ERROR_JOB}
 
+    def newest_generation(self) -> int:
+        """The newest retry generation a counted commit was made under. Never above the state's, whose records
+        only go up: a higher one is proof that the record of the `runner retry` that raised it is missing
+        (deleted, or an older record copied over it: a sync conflict, a restore from an old backup)."""
+        gens = (c.marker.get("generation", 0) for c in self.commits)
+        return max((g for g in gens if type(g) is int and g >= 0), default=0)
+
     def failed_mask(self) -> Any:
         import numpy as np
 
@@ -3119,13 +3126,17 @@ def retry(job: Job) -> int:
     cleared: list[int] = []
 
     def decide(old: StateRecord) -> StateRecord:
-        cleared.append(len({e["row"] for e in read_ledger(job, generation=old.generation).errors()}))
+        ledger = read_ledger(job, generation=old.generation)
+        cleared.append(len({e["row"] for e in ledger.errors()}))
         if old.state not in (JobState.FAILED, JobState.CANCELLED) and not cleared[-1]:
             raise RunnerError(
                 f"job {job.id} is {old.state}; only failed or cancelled jobs, or jobs with row errors, can be "
                 "retried"
             )
-        return StateRecord(JobState.QUEUED, old.generation + 1)
+        # past every generation rows were committed under: where an earlier retry's record is missing (deleted,
+        # or an older one copied over it), its generation again counted the row errors committed under it, and
+        # this retry re-queued rows it then never ran ("1 row's errors cleared", then nothing computed)
+        return StateRecord(JobState.QUEUED, max(old.generation, ledger.newest_generation()) + 1)
 
     change_state(job, decide, "retry")
     return cleared[-1]
