@@ -1500,6 +1500,8 @@ def repair(ctx: click.Context, job_ref: str) -> None:
         which = f"`runner {r.damaged_aside}`" if r.damaged_aside else "`runner cancel` or `runner retry`"
         _echo(f"a state record in transit was damaged (now in quarantine/); what it recorded no longer counts: if "
               f"you ran {which} on this job lately, run it again")  # fmt: skip
+    if r.lost_retry:
+        _echo(_lost_retry_line(r.lost_retry, r.state_now))
     for name in r.foreign_records:
         _echo(f"{name} was another job's state record (copied in from its folder): set aside in quarantine/; what "
               "this job's own record at that name said, if it had one, is lost: if you ran `runner cancel` or "
@@ -1507,6 +1509,16 @@ def repair(ctx: click.Context, job_ref: str) -> None:
     if r.unrestorable:  # the job stays broken: `runner repair JOB && runner work` must not go on (pass 122)
         raise RunnerError(f"prompts.parquet or errors.jsonl is damaged and was not written again: {r.unrestorable} "
                           "(if that can be put right, run this repair again; else submit the file again)")  # fmt: skip
+
+
+def _lost_retry_line(lost: tuple[int, int], now: str | None) -> str:
+    """What `runner repair` says of a newest state record under an older retry generation than the job's files
+    (jobdir.RepairReport.lost_retry: what it said, what is recorded now)."""
+    held = f" (and the job stays {now}, as its newest record says)" if now in ("cancelled", "failed") else ""
+    return (f"its newest state record said retry generation {lost[0]}, but the job's files were written under "
+            f"{lost[1]}: the record of a `runner retry` was missing (deleted, or an older record copied over it), "
+            f"and generation {lost[1]} is recorded again; what was recorded after that retry is lost{held}: if you "
+            "ran a command on this job since, run it again")  # fmt: skip
 
 
 @cli.command()

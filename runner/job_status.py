@@ -98,6 +98,7 @@ def job_status(job: Job, looks: dict[str, str | None] | None = None) -> JobStatu
             return broken_status(job.dir, cannot[0], job, repairable=cannot[1])
         ledger = jobdir.read_ledger(job, generation=state.generation, verifier=verifier)
         progress = jobdir.job_progress(job, ledger)
+        lost = _retry_lost(job, state, ledger)
     except BrokenJob as e:
         return broken_status(job.dir, str(e), job, e.repairable)
     except StorageError as e:
@@ -116,7 +117,7 @@ def job_status(job: Job, looks: dict[str, str | None] | None = None) -> JobStatu
                    "(`runner repair` quarantines them now)")  # fmt: skip
     elif state.state is JobState.COMPLETED:
         message = _inputs_damaged(job, verifier)
-    message = "; ".join(filter(None, [changing, message])) or None
+    message = "; ".join(filter(None, [changing, message, lost])) or None
     workers = [_worker_row(w, hb) for w, hb in sorted(progress.live.items())]
     tps = sum(w["tokens_per_second"] or 0 for w in workers) or None
     rate = sum(_number(hb, "rows_per_second") or 0 for hb in progress.live.values())
@@ -135,6 +136,24 @@ def job_status(job: Job, looks: dict[str, str | None] | None = None) -> JobStatu
         message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak, missing=missing,
         unsaved=unsaved, generation=state.generation,
     )  # fmt: skip
+
+
+def _retry_lost(job: Job, state: jobdir.StateRecord, ledger: jobdir.Ledger) -> str | None:
+    """Where rows were committed under a newer retry generation than the job's state says: its records only go
+    up, so the record of the `runner retry` that raised it is missing (deleted, or an older record copied over
+    it: a sync conflict, a restore from an old backup), and the job reads as it stood before that retry, its
+    row errors counted again (else None). Said once the state, read again, still says so: a retry landing
+    between the two reads is no loss."""
+    made = ledger.newest_generation()
+    if made <= state.generation:
+        return None
+    now = jobdir.state_as_read(job)[0]
+    if made <= now.generation:
+        return None
+    newest = f"{jobdir.STATES}/{jobdir.record_name(now.seq)}" if now.seq else "none"
+    return (f"rows were committed under retry generation {made}, but its state says {now.generation} (newest "
+            f"state record: {newest}): the record of a `runner retry` is missing (deleted, or an older record "
+            f"copied over it); `runner repair {shlex.quote(str(job.dir))}` records that generation again")  # fmt: skip
 
 
 def _cannot_run(job: Job, verifier: jobdir.Verifier) -> tuple[str, bool] | None:

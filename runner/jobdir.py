@@ -3162,6 +3162,9 @@ class RepairReport:
     restored_inputs: list[str] = field(default_factory=list)  # written again from the input file (jobs.py)
     unrestorable: str | None = None  # why prompts.parquet / errors.jsonl, damaged, could not be written again
     foreign_records: list[str] = field(default_factory=list)  # state records of another job, set aside
+    # the newest record read, but under a retry generation older than the job's other records or its commits
+    # were written under (a retry's record deleted, or an older one copied over it): (what it said, recorded now)
+    lost_retry: tuple[int, int] | None = None
 
 
 # RepairReport.damaged_by of a newest record whose writer does not read at all (bytes that are no record, or no
@@ -3278,6 +3281,8 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     # never below what the records, the commits and the completion were written under (the newest record torn),
     # nor below the word set aside for it (a retry's)
     generation = max(generation, _last_generation(job), aside.generation if aside is not None else 0)
+    if read is not None and not report.state_was.startswith("broken") and generation > read.generation:
+        report.lost_retry = (read.generation, generation)
     ledger = read_ledger(job, seal=True, generation=generation, verifier=Verifier(job, afresh=True))
     for name, why in ledger.bad:
         quarantine(job, name, why, waiting=False)

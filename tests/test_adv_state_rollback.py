@@ -8,13 +8,15 @@ an old backup): the job reads the older state. What that can do to its rows, fou
   generation to the lost one's, under which the row errors committed by the lost retry's run counted again.
   It said "1 row's errors cleared" and `runner work` then computed nothing: the row the user had retried
   after fixing its cause stayed failed for good. A retry now goes past every generation rows were committed
-  under.
+  under; `runner status` says a retry's record is missing where commits name a newer generation than the
+  state, and `runner repair` records that generation again and says so.
 """
 
 import pytest
 from helpers import (
     commit_row_error,
     completed_with_a_row_error,
+    invoke,
     newest_state_record,
     run_until_done,
     write_jsonl,
@@ -70,6 +72,27 @@ def test_a_retry_after_a_lost_retry_runs_the_rows_it_re_queues(
     run_until_done(job, gpt2_engine)
     status = runner.status(job.dir)
     assert (status.state, status.done, status.errors) == ("completed", 8, 0), status
+
+
+def test_status_says_a_retrys_record_is_missing_and_repair_records_its_generation_again(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    _completed_with_an_error(job, gpt2_engine, monkeypatch)
+    older = _retried_and_failed_again(job, gpt2_engine, monkeypatch)
+    newest_state_record(job.dir).write_bytes(older)
+    status = runner.status(job.dir)
+    assert status.state == "completed" and status.errors == 1
+    assert (
+        "rows were committed under retry generation 1, but its state says 0 (newest state record: "
+        "state/00000003.json): the record of a `runner retry` is missing" in status.message
+    ), status.message
+    result = invoke("--home", runner_home, "repair", job.id)
+    assert result.exit_code == 0, result.output
+    assert "its newest state record said retry generation 0, but the job's files were written under 1" in (
+        result.output
+    )
+    assert read_state(job.dir).generation == 1 and runner.status(job.dir).message is None
 
 
 @pytest.mark.parametrize("how", ["deleted", "older copy"])
