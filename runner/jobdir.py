@@ -1086,11 +1086,14 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
 def _made_at(path: Path) -> float:
     """When a file was made, as its mtime says, never later than now or than this process first saw it (another
     machine's clock may run ahead: a record dated in the future counted as new at every look, and never waited
-    out; pass 67). Dated past now + STATE_PATIENCE_SECONDS, its date is not believed: as old as the patience."""
+    out; pass 67). Dated past now + STATE_PATIENCE_SECONDS, its date is not believed: as old as the patience.
+    A transient error in that look is retried, then raises: read as "made now", a record a command killed half
+    way long ago passed for one being written (adversarial pass 198: `runner cancel` said to try again in a
+    moment, `runner status` and an export read the state below it as standing, not the job broken)."""
     now = time.time()
-    try:
-        st = os.stat(path)
-    except OSError:
+    st = _lstat_or_none(path)
+    # (gone since it was read)
+    if st is None:
         return now
     if st.st_mtime > now + STATE_PATIENCE_SECONDS:
         return now - STATE_PATIENCE_SECONDS - 1
