@@ -225,9 +225,9 @@ def finish(home, job_dir):
 
 # a kill per kind, at a visit past the first (the job is part done); pass 199 ran every kind at each of
 # after_generate:2, after_shard:2, mid_write:2, before_replace:3 and before_create:2 (all held)
+# (kept to four kinds, one job prepared each, to keep the suite's time: the rest held in the pass)
 KILLS = [("score", "after_shard:2"), ("embed", "before_replace:3"), ("rows", "mid_write:2"),
-         ("rows-csv", "before_create:2"), ("rows-parquet", "after_shard:2"), ("rows-refill", "after_generate:2"),
-         ("batch", "before_create:2"), ("batch-embed", "after_shard:2")]  # fmt: skip
+         ("batch", "before_create:2")]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -244,7 +244,7 @@ def test_a_worker_killed_at_a_point_then_resumed(tmp_path, prepared, kind, fault
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["score", "rows", "batch"])
+@pytest.mark.parametrize("kind", ["batch"])
 def test_two_workers_through_transient_eio(tmp_path, prepared, kind):
     import fsfaults
 
@@ -266,8 +266,7 @@ def test_two_workers_through_transient_eio(tmp_path, prepared, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "fault"), [("embed", "after_generate:2:SIGSTOP"), ("rows-refill", "after_shard:2:SIGSTOP"),
-                                             ("batch", "before_create:2:SIGSTOP")])  # fmt: skip
+@pytest.mark.parametrize(("kind", "fault"), [("embed", "after_generate:2:SIGSTOP")])
 def test_a_worker_frozen_past_its_lease_while_another_finishes_then_thawed(tmp_path, prepared, kind, fault):
     p = prepared(kind)
     home, job_dir = copy_job(tmp_path, p.template)
@@ -350,9 +349,7 @@ def recover(home, job_dir, batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "damage"), [("score", "job"), ("embed", "shard"), ("rows-csv", "prompts"),
-                                              ("rows-parquet", "marker"), ("batch", "errors"), ("batch-embed", "state"),
-                                              ("batch", "prompts")])  # fmt: skip
+@pytest.mark.parametrize(("kind", "damage"), [("score", "job"), ("rows", "marker"), ("batch", "errors")])
 def test_damage_then_repair_and_work(tmp_path, prepared, kind, damage):
     p = prepared(kind)
     home, job_dir = copy_job(tmp_path, p.template)
@@ -408,8 +405,7 @@ def command_run(kind, p, model, root, fault=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "fault"), [("score", "before_create:2"), ("embed", "after_shard:1"),
-                                             ("batch", "mid_write:1"), ("batch-embed", "before_replace:6")])  # fmt: skip
+@pytest.mark.parametrize(("kind", "fault"), [("batch", "mid_write:1")])
 def test_the_kinds_command_killed_at_a_point_then_run_again(tmp_path, prepared, tiny_llama, kind, fault):
     p = prepared(kind)
     if p.command_ref is None:
@@ -441,8 +437,7 @@ POISON = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "fault"), [("score", "after_generate:1"), ("rows", "before_create:1"),
-                                             ("batch", "after_shard:1"), ("batch-embed", "before_replace:1")])  # fmt: skip
+@pytest.mark.parametrize(("kind", "fault"), [("rows", "before_create:1")])
 def test_a_row_error_retried_through_kills_is_answered_once(tmp_path, prepared, kind, fault):
     """A row that broke the device (a row error, committed), then `runner retry` and `runner work` each killed
     once at the point: the row is computed again, as the reference computed it, and listed once, no longer as an
@@ -471,7 +466,7 @@ def test_a_row_error_retried_through_kills_is_answered_once(tmp_path, prepared, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "shards"), [("batch", 2), ("batch", 4), ("batch-embed", 1)])
+@pytest.mark.parametrize(("kind", "shards"), [("batch", 2)])
 def test_a_batch_job_cancelled_part_done_exports_each_request_once_whole_or_as_an_error(
     tmp_path, prepared, kind, shards
 ):
@@ -506,7 +501,7 @@ def faulty(job_dir, seed, rate=0.1):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "damage", "seed"), [("batch", "prompts", 1), ("rows", "shard", 2)])
+@pytest.mark.parametrize(("kind", "damage", "seed"), [("rows", "shard", 2)])
 def test_repair_through_transient_eio(tmp_path, prepared, kind, damage, seed):
     p = prepared(kind)
     home, job_dir = copy_job(tmp_path, p.template)
@@ -544,7 +539,7 @@ def exported(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "suffix"), [("score", ".parquet"), ("embed", ".json"), ("batch", ".jsonl")])
+@pytest.mark.parametrize(("kind", "suffix"), [("score", ".parquet")])
 def test_an_export_while_a_worker_is_frozen_part_done_has_each_finished_row_once(
     tmp_path, prepared, kind, suffix
 ):
