@@ -188,18 +188,26 @@ def _missing_rows(job: Job, progress: Any, missing: int) -> str:
 
 
 def _inputs_damaged(job: Job, verifier: jobdir.Verifier) -> str | None:
-    """A completed job's prompts.parquet gone unlike its checksum, said: its results stand whole, but an OpenAI
-    Batch export and a `runner retry` read it (hashed once per change, as for a queued job)."""
-    try:
-        why = jobdir.prompts_problem(job, verifier)
-    except StorageError as e:  # (a folder where the file belongs, say: the job still shows, and says why)
-        if not e.damaged:
-            raise
-        why = f"prompts.parquet of job {job.id} is damaged ({e}): `runner repair {shlex.quote(str(job.dir))}`"
-    if why is None:
+    """A completed job's prompts.parquet or errors.jsonl (its input lines refused at submit) gone unlike its
+    checksum, said: its results stand whole, but an OpenAI Batch export and a `runner retry` read them (each
+    hashed once per change, as for a queued job). (A damaged errors.jsonl showed only at the export.)"""
+    whys = []
+    for name, problem in ((jobdir.PROMPTS, jobdir.prompts_problem), (jobdir.INVALID, jobdir.invalid_problem)):
+        if name == jobdir.INVALID and not job.meta["input"].get("invalid"):
+            continue
+        try:
+            whys.append(problem(job, verifier))
+        except StorageError as e:  # (a folder where the file belongs, say: the job still shows, and says why)
+            if not e.damaged:
+                raise
+            whys.append(
+                f"{name} of job {job.id} is damaged ({e}): `runner repair {shlex.quote(str(job.dir))}`"
+            )
+    whys = [w for w in whys if w]
+    if not whys:
         verifier.save()
         return None
-    return f"its results are whole, but {why}"
+    return f"its results are whole, but {'; and '.join(whys)}"
 
 
 def _state(job: Job) -> tuple[jobdir.StateRecord, str | None]:

@@ -2522,13 +2522,23 @@ _HASHED: dict[str, list[Any]] = {}
 _BLOCKS: dict[str, list[bytes]] = {}
 
 
-def invalid_problem(job: Job) -> str | None:
+def invalid_problem(job: Job, verifier: Verifier | None = None) -> str | None:
     """Why errors.jsonl is not the file submit wrote, else None: its sha256 is in job.json (a job stored before
     the checksum was: each line must be a JSON object, as many as job.json counts). `runner repair` writes it
-    again from the input file when that is unchanged (jobs.restore_inputs)."""
+    again from the input file when that is unchanged (jobs.restore_inputs). With a `verifier` (`runner
+    status`), a file whose size and times are as its cache recorded is not read again, as prompts.parquet."""
+    path = job.dir / INVALID
+    st = _lstat_or_none(path) if verifier is not None else None
+    stamp = st and _stamp(st, job.meta["input"].get("invalid_sha256"))
+    if stamp and verifier.cache.get(INVALID) == stamp:
+        return None
     why = _invalid_mismatch(job)
     if why is None:
+        if stamp:
+            verifier.cache[INVALID], verifier.dirty = stamp, True
         return None
+    if verifier is not None:
+        verifier.cache.pop(INVALID, None)
     return (f"errors.jsonl of job {job.id} is damaged ({why}): the input lines refused at submit cannot be listed; "
             f"`runner repair {shlex.quote(str(job.dir))}` writes it again from the input file if that is unchanged; "
             f"else submit the file again (its results are in their shards: `runner results {shlex.quote(str(job.dir))} "

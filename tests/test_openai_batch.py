@@ -844,6 +844,31 @@ def test_a_damaged_errors_jsonl_is_named_not_exported_short(tmp_path, tiny_gpt2,
     assert export(old, tmp_path / "out.jsonl") == (2, 2)
 
 
+def test_status_of_a_completed_job_names_its_damaged_errors_jsonl(tmp_path, tiny_gpt2, gpt2_engine):
+    """A completed Batch job whose errors.jsonl was damaged since showed as completed with nothing said (only
+    the Batch export refused, naming `runner repair`); status says it, as of a damaged prompts.parquet, and once
+    repaired says nothing. A sound file is hashed once per change (its stamp in verified.json)."""
+    from runner import jobdir
+    from runner.job_status import job_status
+
+    job = refused_job(tmp_path, tiny_gpt2, gpt2_engine)
+    path = job.dir / "errors.jsonl"
+    assert job_status(job).message is None and job_status(job).state == "completed"
+    assert "errors.jsonl" in json.loads((job.dir / "verified.json").read_text())
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"id": "d"', b'"id": "e"'))
+    s = job_status(job)
+    assert s.state == "completed" and s.message == (
+        f"its results are whole, but errors.jsonl of job {job.id} is damaged (it does not match its checksum): the "
+        f"input lines refused at submit cannot be listed; `runner repair {job.dir}` writes it again from the input "
+        f"file if that is unchanged; else submit the file again (its results are in their shards: `runner results "
+        f"{job.dir} --to FILE.jsonl` still exports them)"
+    )
+    assert invoke("repair", job.dir).exit_code == 0
+    assert path.read_bytes() == data and job_status(Job.open(job.dir)).message is None
+    assert jobdir.invalid_problem(job) is None
+
+
 @pytest.mark.parametrize("where", ["errors.jsonl", "prompts.parquet"])
 def test_a_transient_error_reading_requests_is_retried(tmp_path, tiny_gpt2, gpt2_engine, monkeypatch, where):
     """A transient EIO / ENOTCONN on the job's errors.jsonl (every other read of each file in the job folder
