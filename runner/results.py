@@ -745,7 +745,8 @@ def export_results(
     Batch output line per request, and the requests that could not be done to `errors_to` (default beside it,
     FILE.errors.jsonl). As a table, `errors_to` gets `read_errors` (id, line, row, sample, stage, field, error,
     message; its type by suffix, as `to`); `to` None writes that errors file alone (`runner results JOB
-    --errors-to FILE`). Returns how many rows (or lines) and error lines it wrote."""
+    --errors-to FILE`). Returns how many rows (or lines) and error lines it wrote; where rows the job had are
+    missing (`Exported.lost`), a file already at `to` (or `errors_to`) is left as it was: RunnerError."""
     from . import jobdir
 
     if to is None and (format == "openai" or errors_to is None):
