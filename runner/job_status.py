@@ -143,17 +143,25 @@ def _retry_lost(job: Job, state: jobdir.StateRecord, ledger: jobdir.Ledger) -> s
     up, so the record of the `runner retry` that raised it is missing (deleted, or an older record copied over
     it: a sync conflict, a restore from an old backup), and the job reads as it stood before that retry, its
     row errors counted again (else None). Said once the state, read again, still says so: a retry landing
-    between the two reads is no loss."""
+    between the two reads is no loss. Not while the newest record is being written (that retry's may be it:
+    put back by an adopter, no hard links); and where those commits were made lately on another machine, as
+    a record that may not be here yet (a folder synced from another VM shows files late, not in order)."""
     made = ledger.newest_generation()
     if made <= state.generation:
         return None
-    now = jobdir.state_as_read(job)[0]
-    if made <= now.generation:
+    now, since = jobdir.state_as_read(job)
+    if made <= now.generation or since is not None:
         return None
     newest = f"{jobdir.STATES}/{jobdir.record_name(now.seq)}" if now.seq else "none"
-    return (f"rows were committed under retry generation {made}, but its state says {now.generation} (newest "
-            f"state record: {newest}): the record of a `runner retry` is missing (deleted, or an older record "
-            f"copied over it); `runner repair {shlex.quote(str(job.dir))}` records that generation again")  # fmt: skip
+    said = (f"rows were committed under retry generation {made}, but its state says {now.generation} (newest "
+            f"state record: {newest}): ")  # fmt: skip
+    repair = f"`runner repair {shlex.quote(str(job.dir))}` records that generation again"
+    if jobdir.made_elsewhere_lately(job, ledger.newer_than(now.generation)):
+        return (f"{said}those rows were committed on another machine minutes ago, and the record of the `runner "
+                "retry` they were made under may not be here yet (a folder synced from another machine can show "
+                f"files late). Look again in a few minutes; if it does not come, it is missing: {repair}")  # fmt: skip
+    return (f"{said}the record of a `runner retry` is missing (deleted, or an older record copied over it); "
+            f"{repair}")  # fmt: skip
 
 
 def _cannot_run(job: Job, verifier: jobdir.Verifier) -> tuple[str, bool] | None:

@@ -2729,6 +2729,10 @@ class Ledger:
         gens = (c.marker.get("generation", 0) for c in self.commits)
         return max((g for g in gens if type(g) is int and g >= 0), default=0)
 
+    def newer_than(self, generation: int) -> list[Commit]:
+        """The counted commits made under a newer retry generation than `generation` (`newest_generation`)."""
+        return [c for c in self.commits if type(g := c.marker.get("generation", 0)) is int and g > generation]
+
     def failed_mask(self) -> Any:
         import numpy as np
 
@@ -3014,6 +3018,16 @@ def shards_in_transit(job: Job, bad: list[tuple[str, str]]) -> bool:
     return bool(bad) and all(
         why == SHARD_MISSING and _in_transit_from_elsewhere(job.dir / MARKERS / f"{name}.json")
         for name, why in bad
+    )
+
+
+def made_elsewhere_lately(job: Job, commits: list[Commit]) -> bool:
+    """Whether every commit of `commits` (one at least) was made by a worker on another host, its marker younger
+    than SHARD_ARRIVAL_SECONDS (as `shards_in_transit` tells): a mount that shows another machine's files late
+    (Drive between two VMs) may show such a commit before a file written there before it (the state record of the
+    `runner retry` it was made under)."""
+    return bool(commits) and all(
+        _in_transit_from_elsewhere(job.dir / MARKERS / f"{c.name}.json") for c in commits
     )
 
 

@@ -12,6 +12,10 @@ an old backup): the job reads the older state. What that can do to its rows, fou
   state, and `runner repair` records that generation again and says so.
 """
 
+import errno
+import os
+import time
+
 import pytest
 from helpers import (
     commit_row_error,
@@ -23,7 +27,7 @@ from helpers import (
 )
 
 import runner
-from runner import EngineOptions, GenerationParams
+from runner import EngineOptions, GenerationParams, jobdir
 from runner.jobdir import JobState, read_state
 from runner.jobs import create_job
 from runner.worker import run_job
@@ -31,6 +35,16 @@ from runner.worker import run_job
 PARAMS = GenerationParams(max_new_tokens=3, seed=1)
 OPTIONS = EngineOptions(batch_size=2)
 ROWS = [{"id": f"r{i}", "prompt": "the old man said that " * (1 + i % 3)} for i in range(8)]
+
+
+def no_links(monkeypatch) -> None:
+    """This process on a file system without hard links (as Colab's Drive mount)."""
+
+    def link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(jobdir, "_LINKS", {})
+    monkeypatch.setattr(os, "link", link)
 
 
 def _job(tmp_path, model, home):
@@ -115,3 +129,63 @@ def test_a_lost_cancel_only_undoes_the_cancel(how, tmp_path, tiny_gpt2, gpt2_eng
     assert run_job(job, gpt2_engine, echo=None).finished
     ids = runner.load_results(job.dir)["id"].tolist()
     assert sorted(ids) == sorted(r["id"] for r in ROWS)
+
+
+def _retried_row_error_committed(job, engine, monkeypatch) -> None:
+    """The job completed with row r1's error, `runner retry`, then r1 failing again under generation 1 (its
+    error committed; the job queued)."""
+    _completed_with_an_error(job, engine, monkeypatch)
+    runner.retry(job.dir)
+    monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
+    commit_row_error(job, engine)
+    monkeypatch.delenv("RUNNER_FAULT")
+
+
+def test_on_another_vm_a_retrys_record_not_here_yet_is_not_said_missing(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """Two VMs on one Drive folder: the retry and its worker's commits on one, `runner status` on the other,
+    whose mount shows the commits before the retry's record (files arrive late, and not in the order they were
+    made). It said the record "is missing" and sent the user to `runner repair`, which then wrote its record at
+    the place the retry's was on its way to. Commits made lately on another machine are said as such: look again
+    first; an old one under a newer generation is a missing record as before (adversarial pass 201)."""
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    _retried_row_error_committed(job, gpt2_engine, monkeypatch)
+    monkeypatch.setattr(jobdir, "host_tag", lambda: "another-vm")  # where what follows runs
+    record = newest_state_record(job.dir)
+    on_its_way = job.dir.parent / "on-its-way.json"
+    os.replace(record, on_its_way)  # this VM's mount does not show it yet
+    message = runner.status(job.dir).message
+    assert "may not be here yet" in message and "Look again in a few minutes; if it does not come" in message
+    assert "is missing (deleted" not in message, message
+    os.replace(on_its_way, record)  # it arrives
+    status = runner.status(job.dir)
+    assert status.generation == 1 and status.message.startswith("every row's result (or error) is saved"), (
+        status
+    )
+    record.unlink()  # lost for good, and the commits are old
+    old = time.time() - jobdir.SHARD_ARRIVAL_SECONDS - 60
+    for marker in (job.dir / jobdir.MARKERS).glob("*.json"):
+        os.utime(marker, (old, old))
+    message = runner.status(job.dir).message
+    assert "the record of a `runner retry` is missing" in message and "not here yet" not in message, message
+
+
+def test_a_retrys_record_being_put_back_is_not_said_missing(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """Without hard links, an adopter that took the retry's record aside (found empty through its pauses, filled
+    just before its rename: `jobdir._adopt_unfilled`) puts it back by a create, then a fill. Between the two,
+    `runner status` reads the state before it, as for any record being written, but also said that the record
+    of a `runner retry` is missing, and to `runner repair`: the rows committed under it were made before the
+    adopter's rename (adversarial pass 201). A record being written may be that retry's: nothing is said lost."""
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    _retried_row_error_committed(job, gpt2_engine, monkeypatch)
+    no_links(monkeypatch)
+    record = newest_state_record(job.dir)
+    os.rename(record, jobdir._aside_name(record))
+    record.write_bytes(b"")  # the put-back's create, its fill not yet
+    status = runner.status(job.dir)
+    assert status.message.startswith("a change of state is being written (") and ";" not in status.message, (
+        status.message
+    )
