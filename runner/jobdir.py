@@ -3308,8 +3308,9 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     # never below what the records, the commits and the completion were written under (the newest record torn),
     # nor below the word set aside for it (a retry's)
     generation = max(generation, _last_generation(job), aside.generation if aside is not None else 0)
-    if read is not None and not report.state_was.startswith("broken") and generation > read.generation:
-        report.lost_retry = (read.generation, generation)
+    read_generation = (
+        read.generation if read is not None and not report.state_was.startswith("broken") else generation
+    )
     ledger = read_ledger(job, seal=True, generation=generation, verifier=Verifier(job, afresh=True))
     for name, why in ledger.bad:
         quarantine(job, name, why, waiting=False)
@@ -3330,6 +3331,10 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
         report.state_was.startswith("broken") or bool(report.quarantined) or bool(read and read.transit)
     )
     now = _settle_state(job, wanted, read or over, must_write, broken_top=read is None)
+    # a lost retry's generation said once recorded again by this repair: not where a `runner retry` that landed
+    # after the state was read (its record read with the others above) stands instead (pass 201)
+    if read_generation < generation and now.by == "repair" and now.generation >= generation:
+        report.lost_retry = (read_generation, generation)
     if report.damaged_by == "" and _reads(job.dir, over.seq, aside=True):
         report.damaged_by = None  # filled since by its slow writer: its word stood
         if aside is not None and aside.state is now.state and not _reads(job.dir, over.seq):

@@ -189,3 +189,25 @@ def test_a_retrys_record_being_put_back_is_not_said_missing(
     assert status.message.startswith("a change of state is being written (") and ";" not in status.message, (
         status.message
     )
+
+
+def test_a_retry_landing_while_repair_reads_is_not_said_lost(tmp_path, tiny_gpt2, runner_home, monkeypatch):
+    """`runner retry` of a cancelled job landing while `runner repair` read it (after its read of the state,
+    before its look at the generations of the other records and commits): repair let the retry stand, but said
+    "the record of a `runner retry` was missing ... generation 1 is recorded again; what was recorded after that
+    retry is lost: if you ran a command on this job since, run it again" (adversarial pass 201). Only a
+    generation repair records again is said."""
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    runner.cancel(job.dir)
+    real = jobdir._last_generation
+
+    def retry_lands(j):
+        runner.retry(job.dir)
+        monkeypatch.setattr(jobdir, "_last_generation", real)
+        return real(j)
+
+    monkeypatch.setattr(jobdir, "_last_generation", retry_lands)
+    result = invoke("--home", runner_home, "repair", job.id)
+    assert result.exit_code == 0 and "state cancelled -> queued" in result.output, result.output
+    assert "retry generation" not in result.output and "run it again" not in result.output, result.output
+    assert (read_state(job.dir).state, read_state(job.dir).generation) == (JobState.QUEUED, 1)
