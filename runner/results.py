@@ -798,13 +798,14 @@ def export_results(
 
 
 def _keep_the_file_there(lost: str, *targets: Path) -> None:
-    """An export missing rows the job had (`lost`: a commit damaged since, a mount showing files late) is not
-    written over a file already there, which may be a whole export of before: a RunnerError says so and the
-    file is left as it was. (It overwrote it, exit 1 after: the one good copy replaced by a partial one.)"""
+    """An export that may lack rows the job had (`lost`: a commit damaged since, a mount showing files late, a job
+    broken) is not written over a file already there, which may be a whole export of before: a RunnerError says
+    so and the file is left as it was. (It overwrote it, exit 1 after: the one good copy replaced by a partial
+    one.)"""
     there = [str(t) for t in targets if lost and os.path.lexists(t)]
     if there:
         raise RunnerError(f"{' and '.join(there)} left as {'they were' if len(there) > 1 else 'it was'}, not "
-                          f"written: the job's results are missing rows it had ({lost}); to save the rows that "
+                          f"written: the rows read may lack some the job had ({lost}); to save the rows that "
                           "can be read, give a new file")  # fmt: skip
 
 
