@@ -120,6 +120,7 @@ def generate(
 
     # one string is one prompt, as vLLM's LLM.generate takes it (it was a prompt per character), and any iterable
     # is read once (a generator was used up by the checks, then had no len())
+    _refuse_a_table(prompts)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_prompts(prompts)  # before the model loads
     check_truncate(truncate)
@@ -207,6 +208,24 @@ def logprobs_lines(c: Any, show_logprobs: bool) -> list[str]:
     elif show_logprobs:
         lines.append(" ".join(shown))
     return ["    " + line for line in lines]
+
+
+def _refuse_a_table(prompts: Any) -> None:
+    """A DataFrame or a dict of rows is refused, naming what to pass: iterated, each gives its column names or
+    keys, and `runner.generate(df, ...)` generated for the word "prompt" as if it were the prompt."""
+    from collections.abc import Mapping
+
+    pandas = type(prompts).__module__.split(".")[0] == "pandas"
+    if isinstance(prompts, Mapping) or (pandas and hasattr(prompts, "columns")):
+        if pandas:
+            what, fix = "a DataFrame (read as a list, it gives its column names)", "df['prompt'].tolist()"
+            job = "runner.run(df, ...)"
+        else:
+            what, fix = f"a {type(prompts).__name__} (read as a list, it gives its keys)", "a list of prompts"
+            job = "runner.run([row, ...], ...)"
+        raise RunnerError(
+            f"runner.generate takes prompt strings, not {what}: pass {fix}, or run the rows as a job with {job}"
+        )
 
 
 def _check_prompts(prompts: list[str]) -> None:

@@ -1,0 +1,34 @@
+"""Adversarial pass 203, a new user's notebook walkthrough of the Python API: what a transformers and pandas user
+typed into a cell that the other tests did not try."""
+
+import pytest
+
+import runner
+from runner import GenerationParams
+from runner.errors import RunnerError
+
+
+@pytest.mark.parametrize("table", ["dataframe", "dict"])
+def test_generate_of_a_dataframe_or_a_dict_is_refused_not_run_on_its_column_names(
+    tiny_gpt2, gpt2_engine, table
+):
+    """`runner.generate(df, model)` (runner.run takes a DataFrame) generated for the word "prompt", the column's
+    name, as if it were the prompt, without a word; a dict of rows likewise for its keys."""
+    pd = pytest.importorskip("pandas")
+    rows = (
+        pd.DataFrame({"prompt": ["吾輩は猫である", "名前はまだ無い"]})
+        if table == "dataframe"
+        else {"prompt": "猫"}
+    )
+    with pytest.raises(RunnerError, match=r"takes prompt strings, not a (DataFrame|dict)") as e:
+        runner.generate(rows, tiny_gpt2, GenerationParams(max_new_tokens=2), engine=gpt2_engine)
+    fix = "df['prompt'].tolist(), or run the rows as a job with runner.run(df, ...)"
+    assert fix in str(e.value) if table == "dataframe" else "runner.run([row, ...]" in str(e.value), str(
+        e.value
+    )
+    # (a Series gives its values: its prompts)
+    series = pd.Series(["吾輩は猫である"], name="prompt")
+    params = GenerationParams(max_new_tokens=2)
+    assert runner.generate(series, tiny_gpt2, params, engine=gpt2_engine) == runner.generate(
+        ["吾輩は猫である"], tiny_gpt2, params, engine=gpt2_engine
+    )
