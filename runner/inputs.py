@@ -668,13 +668,14 @@ def _csv_batches(path: Path) -> Any:
 
 
 @contextlib.contextmanager
-def input_file(source: Any) -> Iterator[Path]:
+def input_file(source: Any, field: str = "prompt", kind: str = "generate") -> Iterator[Path]:
     """The prompt file `source` stands for, as a path, for the time of a submit. A path is itself; `-` is
     standard input, one prompt (or text) per line, copied to a temporary .txt file. A Hugging
     Face `datasets.Dataset`, a dataset folder written by `save_to_disk`, or `hf:NAME[:CONFIG][@SPLIT]` (a
     dataset on the Hub, through `datasets.load_dataset`) is written to a temporary Parquet file, batch by
     batch (`Dataset.to_parquet`), and read from there like any Parquet file; the job keeps its own validated
-    copy, so the temporary file goes when the submit ends."""
+    copy, so the temporary file goes when the submit ends. A list of strings is refused, showing the rows a
+    `kind` job reads them as, its text in `field`."""
     if isinstance(source, str) and source == "-":  # standard input: one prompt (or text) per line
         with tempfile.TemporaryDirectory(prefix="runner-input-") as tmp:
             path = Path(tmp) / "stdin.txt"
@@ -685,7 +686,7 @@ def input_file(source: Any) -> Iterator[Path]:
             except InputError as e:  # named as the user gave it, not as the temporary file
                 raise e.naming(str(path), "standard input") from None
         return
-    dataset, as_text = _as_dataset(source)
+    dataset, as_text = _as_dataset(source, field, kind)
     if dataset is None:
         yield Path(source)
         return
@@ -855,9 +856,9 @@ def _source_name(source: Any) -> str:
     return "the DataFrame" if type(source).__module__.split(".")[0] == "pandas" else "the dataset"
 
 
-def _as_dataset(source: Any) -> Any:
+def _as_dataset(source: Any, field: str = "prompt", kind: str = "generate") -> Any:
     """`source` as a datasets.Dataset (None when it is a plain file path), and the object setting columns it
-    holds as JSON text (OBJECT_SETTINGS)."""
+    holds as JSON text (OBJECT_SETTINGS). A list of strings is refused, naming the rows a `kind` job takes."""
     if type(source).__module__.split(".")[0] == "datasets":
         return _one_split(source, None, repr(source)[:60]), []
     if type(source).__module__.split(".")[0] == "pandas" and hasattr(source, "columns"):  # a DataFrame
@@ -868,7 +869,13 @@ def _as_dataset(source: Any) -> Any:
     if text is None:
         hint = ""
         if isinstance(source, list) and source and all(isinstance(r, str) for r in source):
-            hint = " (for a list of prompts: [{'prompt': p} for p in prompts]; runner.generate prints a few at once)"
+            # (a score or embed job reads `text`: the hint said 'prompt', refused again as "text: missing")
+            hint = f" (for a list of texts: [{{{field!r}: t}} for t in texts])"
+            if kind == "generate":
+                hint = (
+                    f" (for a list of prompts: [{{{field!r}: p}} for p in prompts]; runner.generate prints a few "
+                    "at once)"
+                )
         raise ParamError(
             "input",
             f"input must be a file path, a pandas DataFrame, a list of row dicts or a datasets.Dataset, not "

@@ -201,8 +201,8 @@ def create_job(
     job_dir = None if job_dir is None else jobdir.named_folder(Path(job_dir))
     unit_rows = jobdir.UNIT_ROWS if unit_rows is None else unit_rows
     source = input_path
-    with input_file(source) as input_path:
-        prompt_field = prompt_field or ("prompt" if kind == "generate" else "text")
+    prompt_field = prompt_field or ("prompt" if kind == "generate" else "text")
+    with input_file(source, prompt_field, kind) as input_path:
         # the names Batch lines may give the model
         models = tuple(dict.fromkeys((model, Path(model).name, *served_model_names)))
         model = stored_spec(model)

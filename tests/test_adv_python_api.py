@@ -32,3 +32,27 @@ def test_generate_of_a_dataframe_or_a_dict_is_refused_not_run_on_its_column_name
     assert runner.generate(series, tiny_gpt2, params, engine=gpt2_engine) == runner.generate(
         ["吾輩は猫である"], tiny_gpt2, params, engine=gpt2_engine
     )
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "hint"),
+    [
+        (runner.ScoreParams(), None, "(for a list of texts: [{'text': t} for t in texts])"),
+        (runner.EmbedParams(), None, "(for a list of texts: [{'text': t} for t in texts])"),
+        (None, "question", "(for a list of prompts: [{'question': p} for p in prompts]; runner.generate"),
+    ],
+)
+def test_a_list_of_strings_is_refused_naming_the_rows_this_kind_of_job_reads(
+    tiny_gpt2, runner_home, params, field, hint
+):
+    """`runner.run(["現在も行方不明のまま。", ...], model, runner.ScoreParams())` said to pass
+    `[{'prompt': p} for p in prompts]`, which a score job refuses in turn ("text: missing")."""
+    texts = ["現在も行方不明のまま。", "現在も行方不明のママ。"]
+    with pytest.raises(runner.ParamError) as e:
+        runner.submit(texts, tiny_gpt2, params, prompt_field=field)
+    assert hint in str(e.value), str(e.value)
+    # and the rows it shows are taken
+    rows = [{field or "text": t} for t in texts]
+    assert runner.submit(rows, tiny_gpt2, params, prompt_field=field).kind == (
+        "generate" if field else type(params).__name__[:-6].lower()
+    )
