@@ -87,7 +87,44 @@ def _named_settings(cls: type) -> type:
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__
+    cls.__doc__ = _FieldDocs(cls.__doc__ or "")
     return cls
+
+
+class _FieldDocs:
+    """A settings class's docstring with each field's own under it, so that `help(runner.GenerationParams)`
+    says what each setting means and takes (Python keeps no docstring of a field: help showed the class's one
+    line and the signature). Read from this file when first asked for, not at `import runner`."""
+
+    def __init__(self, head: str) -> None:
+        self.head, self.text = head, None
+
+    def __get__(self, obj: Any, owner: type) -> str:
+        if self.text is None:
+            self.text = self.head + _fields_section(owner)
+        return self.text
+
+
+def _fields_section(cls: type) -> str:
+    """Each field of `cls` as `name: type = default` over its docstring, indented as a docstring's lines are
+    (so that inspect.cleandoc dedents them with it); "" when this file's source cannot be read."""
+    import ast
+    import inspect
+
+    try:
+        with open(__file__, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__), [])
+    lines = []
+    for node, after in zip(body, body[1:], strict=False):
+        said = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and said:
+            default = "" if node.value is None else f" = {ast.unparse(node.value)}"
+            lines.append(f"    {node.target.id}: {ast.unparse(node.annotation)}{default}")
+            lines += [f"        {line}".rstrip() for line in inspect.cleandoc(after.value.value).splitlines()]
+    return "\n\n    Settings:\n\n" + "\n".join(lines) if lines else ""
 
 
 # vLLM's: a temperature below it decodes greedily (dividing by it overflows float32 logits)

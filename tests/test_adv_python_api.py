@@ -56,3 +56,25 @@ def test_a_list_of_strings_is_refused_naming_the_rows_this_kind_of_job_reads(
     assert runner.submit(rows, tiny_gpt2, params, prompt_field=field).kind == (
         "generate" if field else type(params).__name__[:-6].lower()
     )
+
+
+@pytest.mark.parametrize(
+    ("cls", "said"),
+    [
+        (
+            runner.GenerationParams,
+            ["top_p: float = 1.0", "Nucleus sampling mass, in [0, 1]", "top_k: int = 0"],
+        ),
+        (runner.EngineOptions, ["batch_size: int | None = None", "Most sequences decoded together, >= 1"]),
+        (runner.ScoreParams, ["add_eos: bool = False", "Append EOS and score it too"]),
+        (runner.EmbedParams, ["pooling: str = 'mean'", "last: the last real token's state"]),
+    ],
+)
+def test_help_of_a_settings_class_says_what_each_setting_means_and_takes(cls, said):
+    """`help(runner.GenerationParams)` showed one line ("How to generate. Every field is checked on
+    construction.") and the signature: each field's docstring, its meaning and range, is in the source only."""
+    import pydoc
+
+    shown = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+    assert all(s in shown for s in said), shown
+    assert " |  Settings:\n |  \n |  " in shown and cls().__doc__ == cls.__doc__, shown
