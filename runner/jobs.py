@@ -58,6 +58,7 @@ from .params import (
     GenerationParams,
     ScoreParams,
     check_truncate,
+    settings_apart,
 )
 from .passthrough import Passthrough, rewrite_passthrough
 from .progress import counted
@@ -147,6 +148,7 @@ def _default_params(source: Any, model: str, options: EngineOptions | None) -> G
     return GenerationParams()
 
 
+@settings_apart("submit")
 def create_job(
     input_path: str | os.PathLike,
     model: str,

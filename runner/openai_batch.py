@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RunnerError
-from .params import cited_as
+from .params import EngineOptions, GenerationParams, cited_as, settings_apart
 from .progress import counted
 from .storage import NAME_MAX
 from .tokens import REPLACEMENT, unfinished
@@ -919,6 +919,7 @@ def default_max_tokens(model: str, trust_remote_code: bool = False) -> int:
     return min(256, window // 2) if window else 256
 
 
+@settings_apart("run_batch", (GenerationParams, EngineOptions))
 def run_batch(input_path: Any, output_path: Any, model: str, params: Any, options: Any, *, job_dir: Any = None,
               served_model_names: tuple[str, ...] = (), echo: Any = print, stop: Any = None,
               skip_invalid: bool = False, chat_template: str | None = None,

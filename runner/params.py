@@ -662,3 +662,49 @@ def row_params(
         elif sample_auto:
             values["do_sample"] = None
     return GenerationParams(**values)
+
+
+def refuse_loose_settings(fn: str, params: Any, given: dict[str, Any], kinds: tuple[type, ...] = ()) -> None:
+    """`runner.<fn>(..., max_new_tokens=64, do_sample=True)`, as `model.generate(...)` and transformers'
+    pipeline take them: a TypeError naming the settings object they go in (`kinds`, default every kind, the
+    kind of `params` first), with them inside it; any other keyword in `given` is Python's TypeError, said of
+    `fn`, the name the user called (`runner.submit` said "create_job() got an unexpected keyword argument")."""
+    kind = type(params) if dataclasses.is_dataclass(params) else GenerationParams
+    kinds = kinds or (kind, GenerationParams, EngineOptions, ScoreParams, EmbedParams)
+    for name in given:
+        cls = next((c for c in kinds if name in {f.name for f in dataclasses.fields(c)}), None)
+        ours, why = _SAID_ELSEWHERE.get(name, (None, ""))
+        if cls is None and GenerationParams in kinds and ours:
+            raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}: the setting is {ours} ({why}), "
+                            f"runner.{fn}(..., params=runner.GenerationParams({ours}=...))")  # fmt: skip
+        if cls is None:
+            raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        inside = ", ".join(f"{k}={v!r}" for k, v in given.items() if k in fields)
+        arg = "options" if cls is EngineOptions else "params"
+        raise TypeError(
+            f"{fn}() takes {name} in its settings, not as a keyword of its own: "
+            f"runner.{fn}(..., {arg}=runner.{cls.__name__}({inside}))"
+        )
+
+
+def settings_apart(fn: str, kinds: tuple[type, ...] = ()) -> Any:
+    """Decorates the function behind `runner.<fn>` so that a setting given as a keyword of its own is refused
+    by `refuse_loose_settings` (before anything runs), the function's signature and docstring kept for help()."""
+
+    def decorate(f: Any) -> Any:
+        @functools.wraps(f)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            import inspect
+
+            signature = inspect.signature(f)
+            loose = {k: v for k, v in kwargs.items() if k not in signature.parameters}
+            if loose:
+                known = {k: v for k, v in kwargs.items() if k not in loose}
+                params = signature.bind_partial(*args, **known).arguments.get("params")
+                refuse_loose_settings(fn, params, loose, kinds)
+            return f(*args, **kwargs)
+
+        return call
+
+    return decorate

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import RunnerError
 from .inputs import SUFFIXES, input_file, not_utf8_text, read_text_lines
-from .params import EngineOptions, GenerationParams, check_truncate, unescape
+from .params import EngineOptions, GenerationParams, check_truncate, settings_apart, unescape
 from .tokens import REPLACEMENT, text_alone
 
 FILE_SUFFIXES = tuple(SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
@@ -87,6 +87,7 @@ def _txt_file(item: str) -> Path:
     return path
 
 
+@settings_apart("generate", (GenerationParams, EngineOptions))
 def generate(
     prompts: str | Iterable[str],
     model: str,

@@ -94,7 +94,7 @@ def _settings_go_in_params(params: Any, job_kwargs: dict[str, Any], engine: Any 
     import inspect
 
     from .jobs import create_job
-    from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+    from .params import EngineOptions, refuse_loose_settings
 
     if dataclasses.is_dataclass(engine):
         arg = "options" if isinstance(engine, EngineOptions) else "params"
@@ -102,15 +102,8 @@ def _settings_go_in_params(params: Any, job_kwargs: dict[str, Any], engine: Any 
                         f"runner.run(..., {arg}=runner.{type(engine).__name__}(...))")  # fmt: skip
 
     # (not a settings object, a dict: create_job refuses it, naming the types)
-    kind = type(params) if dataclasses.is_dataclass(params) else GenerationParams
-    for name, value in job_kwargs.items():
-        for cls, arg in ((kind, "params"), (GenerationParams, "params"), (EngineOptions, "options"),
-                         (ScoreParams, "params"), (EmbedParams, "params")):  # fmt: skip
-            if name in {f.name for f in dataclasses.fields(cls)}:
-                raise TypeError(f"run() takes {name} in its settings, not as a keyword of its own: "
-                                f"runner.run(..., {arg}=runner.{cls.__name__}({name}={value!r}))")  # fmt: skip
-        if name not in inspect.signature(create_job).parameters:
-            raise TypeError(f"run() got an unexpected keyword argument {name!r}")
+    accepted = inspect.signature(create_job).parameters
+    refuse_loose_settings("run", params, {k: v for k, v in job_kwargs.items() if k not in accepted})
 
 
 def _kept_options(job: Job, options: Any) -> str:

@@ -78,3 +78,47 @@ def test_help_of_a_settings_class_says_what_each_setting_means_and_takes(cls, sa
     shown = pydoc.render_doc(cls, renderer=pydoc.plaintext)
     assert all(s in shown for s in said), shown
     assert " |  Settings:\n |  \n |  " in shown and cls().__doc__ == cls.__doc__, shown
+
+
+@pytest.mark.parametrize(
+    ("call", "said"),
+    [
+        (
+            lambda m: runner.generate("吾輩は", m, max_new_tokens=20, do_sample=True, top_k=50),
+            "generate() takes max_new_tokens in its settings, not as a keyword of its own: "
+            "runner.generate(..., params=runner.GenerationParams(max_new_tokens=20, do_sample=True, top_k=50))",
+        ),
+        (
+            lambda m: runner.generate("吾輩は", m, max_length=50),
+            "generate() got an unexpected keyword argument 'max_length': the setting is max_new_tokens",
+        ),
+        (
+            lambda m: runner.submit([{"prompt": "吾輩は"}], m, temperature=0.8),
+            "submit() takes temperature in its settings, not as a keyword of its own: "
+            "runner.submit(..., params=runner.GenerationParams(temperature=0.8))",
+        ),
+        (
+            lambda m: runner.submit([{"text": "吾輩は"}], m, runner.ScoreParams(), add_eos=True),
+            "runner.submit(..., params=runner.ScoreParams(add_eos=True))",
+        ),
+        (
+            lambda m: runner.submit([{"prompt": "吾輩は"}], m, colour="red"),
+            "submit() got an unexpected keyword",
+        ),
+        (
+            lambda m: runner.run_batch("in.jsonl", "out.jsonl", m, None, None, batch_size=8),
+            "runner.run_batch(..., options=runner.EngineOptions(batch_size=8))",
+        ),
+    ],
+)
+def test_a_setting_given_as_a_keyword_is_named_with_the_settings_object_it_goes_in(
+    tiny_gpt2, runner_home, call, said
+):
+    """`runner.generate(prompts, "gpt2", max_new_tokens=20, do_sample=True, top_k=50)`, as transformers'
+    pipeline takes them, was Python's bare "unexpected keyword argument"; `runner.submit(..., temperature=0.8)`
+    said "create_job() got an unexpected keyword argument", a function the user never called (runner.run said
+    where the setting goes since pass 195). Nothing is made."""
+    with pytest.raises(TypeError) as e:
+        call(tiny_gpt2)
+    assert said in str(e.value) and "create_job" not in str(e.value), str(e.value)
+    assert not runner_home.exists() or not any(runner_home.iterdir())
