@@ -45,7 +45,13 @@ def run(
 ) -> tuple[Job, RunSummary]:
     """Submit `input_path` as a job (in `output` if given, else in the job home) and work on it to the end,
     or until `stop()` is true (checked between batches). Running it again resumes where it stopped: the job in
-    `output`, or the home's job of the same inputs and settings (create_job's `same_in_home`)."""
+    `output`, or the home's job of the same inputs and settings (create_job's `same_in_home`).
+
+    `input_path`: a prompt file (JSONL, CSV, Parquet, .txt), a pandas DataFrame, a list of row dicts or a
+    datasets.Dataset, as `runner.submit` takes it; `params` a GenerationParams (ScoreParams, EmbedParams for a
+    score or embed job), `options` an EngineOptions. `job_kwargs` are `runner.submit`'s (`name`, `home`,
+    `prompt_field`, `template`, `skip_invalid`, `truncate`, `chat`, `chat_template` ...). Returns the job and
+    a RunSummary; progress lines go to `echo` (None: silent), every `progress_every` seconds."""
     from .jobs import create_job, submit_warnings
 
     _settings_go_in_params(params, job_kwargs, engine)

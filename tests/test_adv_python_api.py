@@ -122,3 +122,11 @@ def test_a_setting_given_as_a_keyword_is_named_with_the_settings_object_it_goes_
         call(tiny_gpt2)
     assert said in str(e.value) and "create_job" not in str(e.value), str(e.value)
     assert not runner_home.exists() or not any(runner_home.iterdir())
+
+
+def test_help_of_run_says_what_it_takes_beyond_its_signature():
+    """help(runner.run) showed `input_path: Any` and `**job_kwargs: Any` and a docstring naming neither: nothing
+    said a DataFrame or a list of rows is an input, nor that `name=`, `home=`, `skip_invalid=` ... are taken."""
+    doc = " ".join(runner.run.__doc__.split())
+    assert "a pandas DataFrame, a list of row dicts or a datasets.Dataset" in doc, doc
+    assert "`job_kwargs` are `runner.submit`'s (`name`, `home`," in doc and "`skip_invalid`" in doc, doc
