@@ -181,6 +181,32 @@ class JobReplaced(RunnerError):
     `runner run -o DIR` does): this worker's run of the job it opened ends, writing nothing more there."""
 
 
+class JobGone(RunnerError):
+    """The job's folder is gone from where the worker opened it (the user moved or deleted it as it ran): this
+    worker's run of it ends, writing nothing more there; the other jobs of the home run on."""
+
+
+def check_folder_still_there(job: Job, e: Exception | None = None) -> None:
+    """Raise JobGone when `job`'s folder (or its job.json) is no longer there, the failure `e` of a write or a
+    read in it (None: any sign, a claim found lost) being that. A folder moved or deleted while a worker ran it
+    stopped the worker of the whole home with "the job home cannot be written (... No such file or directory);
+    job ... resumes with the next `runner work`", its other jobs left undone, the job pointed at a place where
+    it no longer is, and its claims, gone with it, said "taken over by another worker" (adversarial pass 202).
+    A look that fails through the retries (the mount is gone, not the folder) raises nothing."""
+    if e is not None and getattr(e, "errno", None) not in (errno.ENOENT, errno.ENOTDIR):
+        return
+    try:
+        gone = storage.kind(job.dir) != "dir" or storage.kind(job.dir / JOB_FILE) is None
+    except RunnerError:
+        return
+    if gone:
+        raise JobGone(
+            f"job {job.id}: its folder {job.dir} is gone (moved or deleted while this worker ran it): its rows "
+            "not saved yet are discarded and nothing more is written there; moved, it resumes where it is now "
+            "(`runner work --job NEW_FOLDER`, or `runner work` of the home it is in)"
+        ) from None
+
+
 def check_still_this_job(job: Job) -> None:
     """Raise JobReplaced when job.json now names another job than `job`. A worker of a job whose folder was
     deleted and submitted again under it wrote its commits over the new job's (same names), claimed its units

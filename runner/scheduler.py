@@ -23,7 +23,7 @@ from . import jobdir, storage
 from .crashes import DeviceError
 from .engine import Engine
 from .errors import NotOnThisMachine, RunnerError, first_line
-from .jobdir import BrokenJob, Job, JobReplaced, JobState, Owner
+from .jobdir import BrokenJob, Job, JobGone, JobReplaced, JobState, Owner
 from .models import ModelUnreadable, NoSuchDevice, job_resumes, missing_model_folder, reading_model
 from .progress import counted
 from .storage import StorageError
@@ -415,8 +415,8 @@ def work(
             continue
         try:
             summary = run_leased(cand, engines, stop, run_opts, echo)
-        # that job waits for its model to come back, or its folder holds another job now: the others run
-        except (ModelUnreadable, JobReplaced) as e:
+        # that job waits for its model to come back, or its folder holds another job now or is gone: the others run
+        except (ModelUnreadable, JobReplaced, JobGone) as e:
             failed.add(cand.job.id)
             if echo:
                 echo(str(e))
@@ -649,9 +649,10 @@ def run_leased(
             return engine
 
         summary = run_job(j, None, should_stop=stop, load_engine=load, **run_opts)
-    except (ModelUnreadable, JobReplaced):  # (not the failure of the job in the folder now)
+    except (ModelUnreadable, JobReplaced, JobGone):  # (not the failure of the job in the folder now)
         raise
     except (StorageError, OSError) as e:
+        jobdir.check_folder_still_there(j, e)
         # something of the wrong kind in this job's folder: this job is broken, not the home
         if _damaged(e, j):
             raise _said_broken(j, BrokenJob(f"its folder is damaged: {e}"), echo) from e

@@ -430,6 +430,7 @@ class JobRun:
         except ClaimLost:
             if self.progress is not None:  # the discarded rows are not done (they were "not saved yet")
                 self.progress.done = self.progress.saved
+            jobdir.check_folder_still_there(self.job)  # (its claims went with it: not taken over)
             self.say(f"the claim on unit {unit.index} of job {self.job.id} was taken over by another worker "
                      "(this one was thought dead); its uncommitted rows are discarded")  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C (a notebook's stop button): the batches already done are kept

@@ -1,0 +1,96 @@
+"""Adversarial pass 202: the Drive mount going away and coming back, the disk filling or turning read-only
+inside a commit, a job folder moved or deleted by the user while a worker runs the home, and the VM killed in
+the middle, with real `runner work` processes (tests/mountfaults.py)."""
+
+import shutil
+
+import mountfaults
+import pytest
+import workers
+from helpers import assert_exactly_once, prepared_job
+
+from runner import EngineOptions, GenerationParams
+from runner.jobdir import Job, read_state
+from runner.jobs import create_job
+
+PARAMS = GenerationParams(max_new_tokens=3, temperature=1.0, seed=5)
+OPTIONS = EngineOptions(batch_size=2)
+N = 6
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_gpt2):
+    """Two jobs of the same prompts (two ids), and the reference both must equal."""
+    root = tmp_path_factory.mktemp("drive")
+    rows = [{"id": f"r{i}", "prompt": f"The river said {i}"} for i in range(N)]
+    first, ref = prepared_job(root, tiny_gpt2, rows, PARAMS, OPTIONS, unit_rows=2)
+    second = create_job(root / "p.jsonl", tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "second", unit_rows=2)
+    return first, second.dir, ref
+
+
+@pytest.fixture
+def home(tmp_path, prepared):
+    home = tmp_path / "home"
+    home.mkdir()
+    # b is the job a worker of the home runs first (of two queued jobs, the one whose id sorts first)
+    first, second = sorted(prepared[:2], key=lambda d: Job.open(d).id)
+    shutil.copytree(first, home / "b")
+    shutil.copytree(second, home / "a")
+    return home
+
+
+def run(home, *extra, **faults):
+    if faults:
+        faults["log"] = str(home.parent / "fired.log")
+    prefix, env = mountfaults.command(home, **faults) if faults else ((), {})
+    env["RUNNER_LEASE_TTL"] = "3"
+    return workers.run_worker(home, *extra, prefix=prefix, env_extra=env, shard_rows=1, timeout=120)
+
+
+def finishes(home, ref, *dirs):
+    code, out = run(home)
+    assert code == 0 and "Traceback" not in out, out
+    for d in dirs:
+        assert read_state(d).state == "completed", out
+        assert_exactly_once(d, ref)
+    return out
+
+
+def fired(home) -> str:
+    return (home.parent / "fired.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("trigger", "where"),
+    [
+        ("wrote:done:1", "inside"),  # its first marker just written, moved within the home
+        ("after_shard:1", "delete"),  # a shard in place, its marker not yet: deleted
+        ("after_generate:1", "outside"),  # a batch computed, nothing written yet: moved out of the home
+    ],
+)
+def test_a_job_folder_moved_or_deleted_as_it_runs_leaves_the_other_job_and_itself_exactly_once(
+    home, prepared, trigger, where
+):
+    """A job's folder moved or deleted by the user while `runner work` of the home runs it: the worker stopped
+    with "the job home cannot be written (... No such file or directory); job ... resumes with the next `runner
+    work`", the home's other job left undone, and a folder gone after a shard said its claim "was taken over by
+    another worker". Now it says the folder is gone, writes nothing more there and runs the other job; the
+    moved job, run again where it is now, ends exactly once (adversarial pass 202)."""
+    dest = {"inside": home / "b2", "outside": home.parent / "elsewhere" / "b", "delete": None}[where]
+    if dest is not None:
+        dest.parent.mkdir(exist_ok=True)
+    code, out = run(home, trigger=trigger, what=f"move:{dest}" if dest else "delete", job="b")
+    assert fired(home).startswith(f"fired {'move' if dest else 'delete'}"), out
+    assert code == 0 and "Traceback" not in out, out
+    assert f"{home / 'b'} is gone (moved or deleted while this worker ran it)" in out
+    assert "cannot be written" not in out and "taken over by another worker" not in out, out
+    assert read_state(home / "a").state == "completed", out
+    assert_exactly_once(home / "a", prepared[2])
+    assert not (home / "b").exists()
+    if dest is not None:
+        assert_exactly_once(dest, prepared[2], complete=False)
+        code, out = run(home, "--job", str(dest))
+        assert code == 0 and "Traceback" not in out, out
+        assert read_state(dest).state == "completed", out
+        assert_exactly_once(dest, prepared[2])
