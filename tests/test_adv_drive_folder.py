@@ -3,6 +3,7 @@ inside a commit, a job folder moved or deleted by the user while a worker runs t
 the middle, with real `runner work` processes (tests/mountfaults.py)."""
 
 import shutil
+import signal
 
 import mountfaults
 import pytest
@@ -94,3 +95,33 @@ def test_a_job_folder_moved_or_deleted_as_it_runs_leaves_the_other_job_and_itsel
         assert code == 0 and "Traceback" not in out, out
         assert read_state(dest).state == "completed", out
         assert_exactly_once(dest, prepared[2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("trigger", "what", "calls"),
+    [
+        ("after_shard:1", "ENOTCONN", 5),  # the mount gone a moment, with a commit in flight: it carries on
+        ("wrote:done:1", "ENOSPC", -1),  # the disk full after a marker (verified.json not yet): a clean stop
+    ],
+)
+def test_a_mount_gone_or_full_inside_a_commit_then_back_ends_exactly_once(
+    home, prepared, trigger, what, calls
+):
+    """Held in adversarial pass 202 (with EDQUOT, EROFS, other moments and outages for good): a sample."""
+    code, out = run(home, trigger=trigger, what=what, calls=calls, reads=what == "ENOTCONN")
+    assert fired(home).startswith(f"fired {what}"), out
+    assert "Traceback" not in out, out
+    assert code == (0 if calls >= 0 else 1), out
+    for d in (home / "a", home / "b"):
+        assert_exactly_once(d, prepared[2], complete=calls >= 0)
+    finishes(home, prepared[2], home / "a", home / "b")
+
+
+@pytest.mark.slow
+def test_a_job_folder_moved_then_the_vm_killed_resumes_exactly_once_from_its_new_place(home, prepared):
+    """Held in adversarial pass 202: the folder moved within the home with a shard in place and its marker not
+    yet, and every process killed right then (Colab's VM gone); a fresh `runner work` of the home ends both."""
+    code, out = run(home, trigger="after_shard:1", what=f"move:{home / 'b2'}", job="b", kill=True)
+    assert code == -signal.SIGKILL and fired(home).startswith("fired move"), out
+    finishes(home, prepared[2], home / "a", home / "b2")
