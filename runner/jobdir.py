@@ -195,11 +195,16 @@ def check_folder_still_there(job: Job, e: Exception | None = None) -> None:
     A look that fails through the retries (the mount is gone, not the folder) raises nothing."""
     if e is not None and getattr(e, "errno", None) not in (errno.ENOENT, errno.ENOTDIR):
         return
+
+    def gone() -> bool:
+        return storage.kind(job.dir) != "dir" or storage.kind(job.dir / JOB_FILE) is None
+
     try:
-        gone = storage.kind(job.dir) != "dir" or storage.kind(job.dir / JOB_FILE) is None
+        # (looked for twice: one "no such file" of a mount's flake must not end the worker's run of a job there)
+        missing = gone() and gone()
     except RunnerError:
         return
-    if gone:
+    if missing:
         raise JobGone(
             f"job {job.id}: its folder {job.dir} is gone (moved or deleted while this worker ran it): its rows "
             "not saved yet are discarded and nothing more is written there; moved, it resumes where it is now "

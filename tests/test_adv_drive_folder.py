@@ -8,7 +8,7 @@ import signal
 import mountfaults
 import pytest
 import workers
-from helpers import assert_exactly_once, prepared_job
+from helpers import assert_exactly_once, prepared_job, write_jsonl
 
 from runner import EngineOptions, GenerationParams
 from runner.jobdir import Job, read_state
@@ -125,3 +125,29 @@ def test_a_job_folder_moved_then_the_vm_killed_resumes_exactly_once_from_its_new
     code, out = run(home, trigger="after_shard:1", what=f"move:{home / 'b2'}", job="b", kill=True)
     assert code == -signal.SIGKILL and fired(home).startswith("fired move"), out
     finishes(home, prepared[2], home / "a", home / "b2")
+
+
+def test_a_folder_missing_at_one_look_is_not_taken_for_gone(tmp_path, tiny_gpt2, monkeypatch):
+    """A mount's flake answering "no such file" once for the job's folder must not end the worker's run of the job
+    (JobGone): the folder is looked for twice; gone at both looks (moved away), it is JobGone."""
+    import errno
+
+    from runner import jobdir, storage
+
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}]), tiny_gpt2, PARAMS, OPTIONS,
+                     job_dir=tmp_path / "job")  # fmt: skip
+    real, flakes = storage.kind, []
+
+    def kind(path):
+        if path == job.dir and not flakes:
+            flakes.append(path)
+            return None
+        return real(path)
+
+    monkeypatch.setattr(storage, "kind", kind)
+    lost = FileNotFoundError(errno.ENOENT, "No such file or directory")
+    jobdir.check_folder_still_there(job, lost)
+    assert flakes == [job.dir]
+    job.dir.rename(tmp_path / "moved")
+    with pytest.raises(jobdir.JobGone, match="is gone"):
+        jobdir.check_folder_still_there(job, lost)
