@@ -26,6 +26,10 @@ from runner import EngineOptions, GenerationParams, jobdir
 from runner.jobs import create_job
 from runner.worker import run_job
 
+# damage sweeps of the adversarial passes (~25 s of test time together): `make test` and CI run them, the
+# edit loop (`make test-fast`, < 2 min) not
+pytestmark = pytest.mark.slow
+
 PARAMS = GenerationParams(max_new_tokens=2, temperature=1.0, seed=11)
 OPTIONS = EngineOptions(batch_size=2)
 ROWS = [{"id": f"r{i}", "prompt": f"Every student reads {i} books"} for i in range(4)]

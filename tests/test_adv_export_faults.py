@@ -17,6 +17,10 @@ from helpers import completed_with_a_row_error, invoke, write_jsonl
 from runner import EngineOptions, GenerationParams, jobdir, results, storage
 from runner.jobs import create_job
 
+# damage sweeps of the adversarial passes (~25 s of test time together): `make test` and CI run them, the
+# edit loop (`make test-fast`, < 2 min) not
+pytestmark = pytest.mark.slow
+
 PARAMS = GenerationParams(max_new_tokens=3, seed=1)
 OPTIONS = EngineOptions(batch_size=2)
 ROWS = [{"id": f"r{i}", "prompt": "the old man said that " * (1 + i % 3)} for i in range(8)]

@@ -14,6 +14,10 @@ from runner import EngineOptions, GenerationParams
 from runner.jobs import create_job
 from runner.worker import run_job
 
+# damage sweeps of the adversarial passes (~25 s of test time together): `make test` and CI run them, the
+# edit loop (`make test-fast`, < 2 min) not
+pytestmark = pytest.mark.slow
+
 ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(6)]
 PARAMS = GenerationParams(max_new_tokens=3, temperature=0.8, num_return_sequences=2, seed=7)
 OPTIONS = EngineOptions(batch_size=2)
