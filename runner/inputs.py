@@ -867,19 +867,10 @@ def _as_dataset(source: Any, field: str = "prompt", kind: str = "generate") -> A
         return _from_list(source)
     text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
     if text is None:
-        hint = ""
-        if isinstance(source, list) and source and all(isinstance(r, str) for r in source):
-            # (a score or embed job reads `text`: the hint said 'prompt', refused again as "text: missing")
-            hint = f" (for a list of texts: [{{{field!r}: t}} for t in texts])"
-            if kind == "generate":
-                hint = (
-                    f" (for a list of prompts: [{{{field!r}: p}} for p in prompts]; runner.generate prints a few "
-                    "at once)"
-                )
         raise ParamError(
             "input",
             f"input must be a file path, a pandas DataFrame, a list of row dicts or a datasets.Dataset, not "
-            f"{type(source).__name__}{hint}",
+            f"{type(source).__name__}{_rows_hint(source, kind, field)}",
         )
     if text.startswith("hf:"):
         return _hub_dataset(text), []
@@ -915,6 +906,19 @@ def _hub_dataset(spec: str) -> Any:
         raise InputError([Problem(spec, 0, None, f"cannot load the dataset: {str(e).splitlines()[0]}")],
                          header="cannot read the prompt dataset") from e  # fmt: skip
     return _one_split(loaded, split, spec)
+
+
+def _rows_hint(source: Any, kind: str, field: str) -> str:
+    """How to give a list of strings or a pandas Series as the rows a `kind` job reads (its `field`), or ""."""
+    what = "prompts" if kind == "generate" else "texts"
+    if type(source).__module__.split(".")[0] == "pandas" and hasattr(source, "to_frame"):
+        return f" (for a Series of {what}: series.to_frame({field!r}))"
+    if not (isinstance(source, list) and source and all(isinstance(r, str) for r in source)):
+        return ""
+    # (a score or embed job reads `text`: the hint said 'prompt', refused again as "text: missing")
+    if kind == "generate":
+        return f" (for a list of prompts: [{{{field!r}: p}} for p in prompts]; runner.generate prints a few at once)"
+    return f" (for a list of texts: [{{{field!r}: t}} for t in texts])"
 
 
 def _one_split(loaded: Any, split: str | None, name: str) -> Any:

@@ -130,3 +130,16 @@ def test_help_of_run_says_what_it_takes_beyond_its_signature():
     doc = " ".join(runner.run.__doc__.split())
     assert "a pandas DataFrame, a list of row dicts or a datasets.Dataset" in doc, doc
     assert "`job_kwargs` are `runner.submit`'s (`name`, `home`," in doc and "`skip_invalid`" in doc, doc
+
+
+@pytest.mark.parametrize(("params", "column"), [(None, "prompt"), (runner.ScoreParams(), "text")])
+def test_a_series_is_refused_naming_the_frame_this_kind_of_job_reads(tiny_gpt2, runner_home, params, column):
+    """`runner.run(df["prompt"], ...)` (a Series, as `runner.generate` takes) was refused as "not Series" with
+    nothing said of what to pass: it names `series.to_frame(...)` with the column that kind of job reads."""
+    import pandas as pd
+
+    series = pd.Series(["吾輩は猫である", "名前はまだ無い"])
+    with pytest.raises(runner.ParamError) as e:
+        runner.submit(series, tiny_gpt2, params)
+    assert "not Series (for a Series of " in str(e.value) and f"series.to_frame('{column}'))" in str(e.value)
+    assert runner.submit(series.to_frame(column), tiny_gpt2, params).meta["input"]["rows"] == 2
