@@ -735,7 +735,7 @@ class Exported(_Counts):
 
 def export_results(
     source: str | os.PathLike,
-    to: str | os.PathLike | None,
+    to: str | os.PathLike | None = None,
     home: str | os.PathLike | None = None,
     format: str = "table",
     errors_to: str | os.PathLike | None = None,

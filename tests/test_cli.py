@@ -481,10 +481,11 @@ def test_results_errors_to_alone_writes_the_errors_file(tmp_path, tiny_gpt2, run
         "in.jsonl",
         "o",
     ]  # no rows file beside it
-    assert runner.export_results(tmp_path / "o", None, errors_to=tmp_path / "e.csv") == (0, 1)
+    # (`to` may be left out for the errors alone: it is None by default)
+    assert runner.export_results(tmp_path / "o", errors_to=tmp_path / "e.csv") == (0, 1)
     assert pd.read_csv(tmp_path / "e.csv")["id"].tolist() == ["b"]
     with pytest.raises(ValueError, match="needs `to` or `errors_to`"):
-        runner.export_results(tmp_path / "o", None)
+        runner.export_results(tmp_path / "o")
     bad = invoke("results", tmp_path / "o", "--errors-to", tmp_path / "e.txt")
     assert bad.exit_code == 2 and "--errors-to" in bad.output and "unknown type '.txt'" in bad.output
 
