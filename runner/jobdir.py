@@ -192,24 +192,39 @@ def check_folder_still_there(job: Job, e: Exception | None = None) -> None:
     stopped the worker of the whole home with "the job home cannot be written (... No such file or directory);
     job ... resumes with the next `runner work`", its other jobs left undone, the job pointed at a place where
     it no longer is, and its claims, gone with it, said "taken over by another worker" (adversarial pass 202).
-    A look that fails through the retries (the mount is gone, not the folder) raises nothing."""
+    Deleted and submitted again under it by the time it is looked at: JobReplaced (it too stopped the worker of
+    the whole home). A look that fails through the retries (the mount is gone, not the folder) raises nothing."""
     if e is not None and getattr(e, "errno", None) not in (errno.ENOENT, errno.ENOTDIR):
         return
-
-    def gone() -> bool:
-        return storage.kind(job.dir) != "dir" or storage.kind(job.dir / JOB_FILE) is None
-
     try:
-        # (looked for twice: one "no such file" of a mount's flake must not end the worker's run of a job there)
-        missing = gone() and gone()
+        missing = _missing_at_every_look(job)
     except RunnerError:
         return
-    if missing:
-        raise JobGone(
-            f"job {job.id}: its folder {job.dir} is gone (moved or deleted while this worker ran it): its rows "
-            "not saved yet are discarded and nothing more is written there; moved, it resumes where it is now "
-            "(`runner work --job NEW_FOLDER`, or `runner work` of the home it is in)"
-        ) from None
+    if not missing:
+        # (a failing mount here says nothing: the failure `e` is said as it was)
+        with contextlib.suppress(storage.StorageError):
+            check_still_this_job(job)
+        return
+    raise JobGone(
+        f"job {job.id}: its folder {job.dir} is gone (moved or deleted while this worker ran it): its rows "
+        "not saved yet are discarded and nothing more is written there; moved, it resumes where it is now "
+        "(`runner work --job NEW_FOLDER`, or `runner work` of the home it is in)"
+    ) from None
+
+
+GONE_LOOKS = 3  # looks again after the first, at the first retry delays apart (about 2 s in all)
+
+
+def _missing_at_every_look(job: Job) -> bool:
+    """Whether `job`'s folder (or its job.json) is missing at each of 1 + GONE_LOOKS looks spread over a second
+    or two: one "no such file" of a mount's flake must not end the worker's run of a job still there, and a
+    second look at once is no look (a FUSE mount answers it from the "no such file" it just cached)."""
+    for delay in (*storage.RETRY_DELAYS[:GONE_LOOKS], None):
+        if storage.kind(job.dir) == "dir" and storage.kind(job.dir / JOB_FILE) is not None:
+            return False
+        if delay is not None:
+            time.sleep(delay)
+    return True
 
 
 def check_still_this_job(job: Job) -> None:

@@ -2,6 +2,7 @@
 inside a commit, a job folder moved or deleted by the user while a worker runs the home, and the VM killed in
 the middle, with real `runner work` processes (tests/mountfaults.py)."""
 
+import errno
 import shutil
 import signal
 
@@ -10,7 +11,7 @@ import pytest
 import workers
 from helpers import assert_exactly_once, prepared_job, write_jsonl
 
-from runner import EngineOptions, GenerationParams
+from runner import EngineOptions, GenerationParams, jobdir, storage
 from runner.jobdir import Job, read_state
 from runner.jobs import create_job
 
@@ -129,25 +130,62 @@ def test_a_job_folder_moved_then_the_vm_killed_resumes_exactly_once_from_its_new
 
 def test_a_folder_missing_at_one_look_is_not_taken_for_gone(tmp_path, tiny_gpt2, monkeypatch):
     """A mount's flake answering "no such file" once for the job's folder must not end the worker's run of the job
-    (JobGone): the folder is looked for twice; gone at both looks (moved away), it is JobGone."""
-    import errno
+    (JobGone): the folder is looked for again; gone at every look (moved away), it is JobGone."""
+    job = _job(tmp_path, tiny_gpt2, "job")
+    flakes = _flaky_kind(monkeypatch, job.dir, 1)
+    jobdir.check_folder_still_there(job, LOST)
+    assert flakes == [job.dir]
+    job.dir.rename(tmp_path / "moved")
+    with pytest.raises(jobdir.JobGone, match="is gone"):
+        jobdir.check_folder_still_there(job, LOST)
 
-    from runner import jobdir, storage
 
-    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}]), tiny_gpt2, PARAMS, OPTIONS,
-                     job_dir=tmp_path / "job")  # fmt: skip
+def test_a_folder_missing_at_two_looks_in_a_row_is_not_taken_for_gone(tmp_path, tiny_gpt2, monkeypatch):
+    """The folder looked for twice at once, a flake of a mount that answered both looks alike (FUSE caches a "no
+    such file" it just said) ended the worker's run of a job still there: the looks are now some time apart."""
+    job = _job(tmp_path, tiny_gpt2, "job")
+    flakes = _flaky_kind(monkeypatch, job.dir, 2)
+    jobdir.check_folder_still_there(job, LOST)
+    assert flakes == [job.dir, job.dir]
+
+
+def test_a_folder_deleted_and_submitted_again_is_job_replaced_not_a_failing_home(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """A write of the worker failing with "no such file" as the user deleted the job's folder, another job
+    submitted to it by the time the folder is looked at: there, it was taken for a failing home (the whole
+    worker stopped, "the job home cannot be written"); it is JobReplaced, as at the worker's next claim."""
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    job, other = _job(tmp_path, tiny_gpt2, "job"), _job(tmp_path, tiny_gpt2, "other")
+    shutil.rmtree(job.dir)
+    other.dir.rename(job.dir)
+    with pytest.raises(jobdir.JobReplaced, match=f"now holds job {other.id}, not job {job.id}"):
+        jobdir.check_folder_still_there(job, LOST)
+    with pytest.raises(jobdir.JobReplaced):
+        jobdir.check_folder_still_there(job)
+
+
+LOST = FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+
+def _job(tmp_path, model, name):
+    prompts = tmp_path / "p.jsonl"
+    if not prompts.exists():
+        write_jsonl(prompts, [{"prompt": "hi"}])
+    return create_job(prompts, model, PARAMS, OPTIONS, job_dir=tmp_path / name)
+
+
+def _flaky_kind(monkeypatch, folder, times):
+    """storage.kind saying "nothing there" of `folder` at its first `times` looks (retry delays made 0); the
+    looks so answered."""
     real, flakes = storage.kind, []
 
     def kind(path):
-        if path == job.dir and not flakes:
+        if path == folder and len(flakes) < times:
             flakes.append(path)
             return None
         return real(path)
 
     monkeypatch.setattr(storage, "kind", kind)
-    lost = FileNotFoundError(errno.ENOENT, "No such file or directory")
-    jobdir.check_folder_still_there(job, lost)
-    assert flakes == [job.dir]
-    job.dir.rename(tmp_path / "moved")
-    with pytest.raises(jobdir.JobGone, match="is gone"):
-        jobdir.check_folder_still_there(job, lost)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    return flakes
