@@ -669,7 +669,12 @@ def refuse_loose_settings(fn: str, params: Any, given: dict[str, Any], kinds: tu
     pipeline take them: a TypeError naming the settings object they go in (`kinds`, default every kind, the
     kind of `params` first), with them inside it; any other keyword in `given` is Python's TypeError, said of
     `fn`, the name the user called (`runner.submit` said "create_job() got an unexpected keyword argument")."""
-    kind = type(params) if dataclasses.is_dataclass(params) else GenerationParams
+    # (a settings class given for its object is a dataclass too, with no fields of its kind)
+    kind = (
+        type(params)
+        if dataclasses.is_dataclass(params) and not isinstance(params, type)
+        else GenerationParams
+    )
     kinds = kinds or (kind, GenerationParams, EngineOptions, ScoreParams, EmbedParams)
     for name in given:
         cls = next((c for c in kinds if name in {f.name for f in dataclasses.fields(c)}), None)
@@ -690,18 +695,25 @@ def refuse_loose_settings(fn: str, params: Any, given: dict[str, Any], kinds: tu
 
 def settings_apart(fn: str, kinds: tuple[type, ...] = ()) -> Any:
     """Decorates the function behind `runner.<fn>` so that a setting given as a keyword of its own is refused
-    by `refuse_loose_settings` (before anything runs), the function's signature and docstring kept for help()."""
+    by `refuse_loose_settings` (before anything runs), the function's signature and docstring kept for help().
+    A function taking **kwargs takes every keyword: none is refused for it."""
+    import inspect
 
     def decorate(f: Any) -> Any:
+        # (read once, not at each call)
+        signature = inspect.signature(f)
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+
         @functools.wraps(f)
         def call(*args: Any, **kwargs: Any) -> Any:
-            import inspect
-
-            signature = inspect.signature(f)
-            loose = {k: v for k, v in kwargs.items() if k not in signature.parameters}
+            loose = {} if takes_any else {k: v for k, v in kwargs.items() if k not in signature.parameters}
             if loose:
                 known = {k: v for k, v in kwargs.items() if k not in loose}
-                params = signature.bind_partial(*args, **known).arguments.get("params")
+                try:
+                    params = signature.bind_partial(*args, **known).arguments.get("params")
+                # (too many positional arguments: Python says so once the setting is where it goes)
+                except TypeError:
+                    params = None
                 refuse_loose_settings(fn, params, loose, kinds)
             return f(*args, **kwargs)
 

@@ -109,6 +109,16 @@ def test_help_of_a_settings_class_says_what_each_setting_means_and_takes(cls, sa
             lambda m: runner.run_batch("in.jsonl", "out.jsonl", m, None, None, batch_size=8),
             "runner.run_batch(..., options=runner.EngineOptions(batch_size=8))",
         ),
+        # (said "too many positional arguments", of no function, the setting unsaid)
+        (
+            lambda m: runner.submit([{"prompt": "吾輩は"}], m, None, None, "jobs", temperature=0.8),
+            "runner.submit(..., params=runner.GenerationParams(temperature=0.8))",
+        ),
+        # (the class for its object: said "must be called with a dataclass type or instance")
+        (
+            lambda m: runner.submit([{"prompt": "吾輩は"}], m, runner.GenerationParams, temperature=0.8),
+            "runner.submit(..., params=runner.GenerationParams(temperature=0.8))",
+        ),
     ],
 )
 def test_a_setting_given_as_a_keyword_is_named_with_the_settings_object_it_goes_in(
@@ -143,3 +153,14 @@ def test_a_series_is_refused_naming_the_frame_this_kind_of_job_reads(tiny_gpt2, 
         runner.submit(series, tiny_gpt2, params)
     assert "not Series (for a Series of " in str(e.value) and f"series.to_frame('{column}'))" in str(e.value)
     assert runner.submit(series.to_frame(column), tiny_gpt2, params).meta["input"]["rows"] == 2
+
+
+def test_a_function_taking_any_keyword_has_none_refused_as_a_loose_setting():
+    """params.settings_apart refused every keyword a function's **kwargs takes, as not in its signature."""
+    from runner.params import settings_apart
+
+    @settings_apart("f")
+    def f(a, params=None, **extra):
+        return extra
+
+    assert f(1, temperature=0.8, colour="red") == {"temperature": 0.8, "colour": "red"}
