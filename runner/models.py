@@ -467,8 +467,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 RUN_TIME_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                   "vocab.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model",
                   "sentencepiece.bpe.model", "generation_config.json")  # fmt: skip
+# The chat template where transformers 5 saves it, beside tokenizer_config.json (version 7): prompts are rendered
+# with it at submit, so an edited one is another job for the same file, as one edited in tokenizer_config.json is
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
-FINGERPRINT_VERSION = "6"
+FINGERPRINT_VERSION = "7"
 SETTLED_NS = 2 * 10**9  # a GGUF file's tensor table is kept (process, cache) once unchanged this long
 TENSOR_SAMPLE = 64  # bytes read at the start, middle and end of each tensor of a safetensors file (version 5)
 
@@ -487,7 +490,8 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     middle and end (`_tensor_samples`). Version 6 finds those files in transformers' own order (a single
     model.safetensors before a stale sharded index beside it, config.json's `transformers_weights` first) and
     samples each tensor of a GGUF file too (`_gguf_tensor_samples`), and counts the model's own code
-    (`_remote_code`)."""
+    (`_remote_code`). Version 7 names a hub model's snapshot (`_hub_commit`) and reads a folder's
+    CHAT_TEMPLATE_FILES."""
     if int(version) >= 4:
         return f"{version}:{_fingerprint_v4(spec, config, int(version))}"
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
@@ -522,7 +526,8 @@ def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
         return h.hexdigest()[:16]
     path = Path(spec).expanduser()
     if not path.is_dir():  # a hub id: its commit
-        h.update(str(getattr(config, "_commit_hash", "") or spec).encode())
+        commit = _hub_commit(spec) if version >= 7 else None
+        h.update(str(commit or getattr(config, "_commit_hash", "") or spec).encode())
         return h.hexdigest()[:16]
     weights = loaded_weight_files(path, version) if version >= 5 else None
     files = sorted(p for p in path.iterdir() if p.is_file())
@@ -537,9 +542,21 @@ def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
                 h.update(_tensor_samples(f))
         elif name == "config.json" or name in RUN_TIME_FILES or (weights is not None and name in weights):
             h.update(f"{name}:{_saved_content(f)}".encode())
+        elif version >= 7 and name in CHAT_TEMPLATE_FILES:
+            h.update(f"{name}:{_saved_content(f)}".encode())
         elif name in code:
             h.update(f"{name}:{file_sha256(f)}".encode())
     return h.hexdigest()[:16]
+
+
+def _hub_commit(spec: str) -> str | None:
+    """The commit of hub model `spec` whose files load: the snapshot its config.json resolves to (from the cache
+    offline; the hub's newest online, as the load takes it). transformers 5 keeps no `_commit_hash` on a config,
+    so versions 4-6 hashed the id alone: a job resumed on another snapshot (an update pushed, a cache's
+    refs/main moved) without a word, its rows from two models (pass 204). None where none is named."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    return extract_commit_hash(cached_file(spec, "config.json"), None)
 
 
 def _remote_code(path: Path) -> set[str]:

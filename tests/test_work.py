@@ -625,7 +625,7 @@ def test_files_read_at_run_time_count_and_a_backup_copy_does_not(prompts_file, t
     assert state.state == "failed" and "is not the one job" in state.error
 
 
-@pytest.mark.parametrize("version", ["1", "2", "3", "4", "5"])
+@pytest.mark.parametrize("version", ["1", "2", "3", "4", "5", "6"])
 def test_a_job_fingerprinted_by_an_older_version_still_resumes(prompts_file, tmp_path, runner_home, version):
     """Jobs submitted under an older model fingerprint (1: weight names and sizes, no prefix; 2: and samples of
     their bytes, no tokenizer; 3: and the tokenizer's files) are checked the way they were fingerprinted, not
@@ -638,7 +638,7 @@ def test_a_job_fingerprinted_by_an_older_version_still_resumes(prompts_file, tmp
 
     model = build_tiny_gpt2(tmp_path / "model")
     job = submit(prompts_file, str(model))
-    assert job.meta["model_fingerprint"].startswith("6:")
+    assert job.meta["model_fingerprint"].startswith("7:")
     meta = {**job.meta, "model_fingerprint": model_fingerprint(str(model), load_config(str(model)), version)}
     assert (":" not in meta["model_fingerprint"]) == (version == "1")
     meta["spec_sha256"] = spec_checksum(meta)
