@@ -55,6 +55,9 @@ def run(
     from .jobs import create_job, submit_warnings
 
     _settings_go_in_params(params, job_kwargs, engine)
+    if stop is not None and not callable(stop):  # (vLLM's and OpenAI's stop=["\n"]: taken for the callback)
+        raise TypeError("stop= is the function saying when to stop the work (checked between batches); stop "
+                        f"strings go in params=runner.GenerationParams(stop={stop!r})")  # fmt: skip
     job = create_job(input_path, model, params, options, job_dir=output, same_in_home=True, **job_kwargs)
     for line in submit_warnings(job) if echo else ():
         echo(line)

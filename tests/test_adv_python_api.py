@@ -164,3 +164,15 @@ def test_a_function_taking_any_keyword_has_none_refused_as_a_loose_setting():
         return extra
 
     assert f(1, temperature=0.8, colour="red") == {"temperature": 0.8, "colour": "red"}
+
+
+def test_stop_strings_given_as_runs_stop_callback_say_where_they_go(tmp_path, tiny_gpt2, runner_home):
+    """`runner.run(..., stop=["\\n"])` (vLLM's and the OpenAI API's stop strings) was taken for run's `stop`
+    callback, and failed after the model loaded ("'list' object is not callable"); run_batch the same. Now
+    refused at once, naming GenerationParams(stop=...); nothing is submitted."""
+    rows = [{"prompt": "吾輩は猫である"}]
+    with pytest.raises(
+        TypeError, match=r"stop strings go in params=runner.GenerationParams\(stop=\['\\n'\]\)"
+    ):
+        runner.run(rows, tiny_gpt2, stop=["\n"], echo=None)
+    assert runner.status(home=runner_home) == []
