@@ -683,7 +683,9 @@ def refuse_loose_settings(fn: str, params: Any, given: dict[str, Any], kinds: tu
             raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}: the setting is {ours} ({why}), "
                             f"runner.{fn}(..., params=runner.GenerationParams({ours}=...))")  # fmt: skip
         if cls is None:
-            raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}")
+            raise TypeError(
+                f"{fn}() got an unexpected keyword argument {name!r}{_near_setting(fn, name, kinds)}"
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         inside = ", ".join(f"{k}={v!r}" for k, v in given.items() if k in fields)
         arg = "options" if cls is EngineOptions else "params"
@@ -691,6 +693,16 @@ def refuse_loose_settings(fn: str, params: Any, given: dict[str, Any], kinds: tu
             f"{fn}() takes {name} in its settings, not as a keyword of its own: "
             f"runner.{fn}(..., {arg}=runner.{cls.__name__}({inside}))"
         )
+
+
+def _near_setting(fn: str, name: str, kinds: tuple[type, ...]) -> str:
+    """ ": did you mean ..." for a keyword spelled near a setting of one of `kinds` (`temprature`), else ""."""
+    for cls in kinds:
+        near = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(cls)], n=1)
+        if near:
+            arg = "options" if cls is EngineOptions else "params"
+            return f": did you mean {near[0]}, runner.{fn}(..., {arg}=runner.{cls.__name__}({near[0]}=...))?"
+    return ""
 
 
 def settings_apart(fn: str, kinds: tuple[type, ...] = ()) -> Any:

@@ -176,3 +176,15 @@ def test_stop_strings_given_as_runs_stop_callback_say_where_they_go(tmp_path, ti
     ):
         runner.run(rows, tiny_gpt2, stop=["\n"], echo=None)
     assert runner.status(home=runner_home) == []
+
+
+def test_a_misspelled_setting_given_as_a_keyword_names_the_setting_it_is_near(tiny_gpt2, runner_home):
+    """`runner.submit(..., temprature=0.8)` said only "unexpected keyword argument" where
+    GenerationParams(temprature=0.8) says "did you mean 'temperature'": the keyword names the setting too."""
+    rows = [{"prompt": "吾輩は猫である"}]
+    with pytest.raises(TypeError, match=r"did you mean temperature, runner.submit\(\.\.\., params=runner"):
+        runner.submit(rows, tiny_gpt2, temprature=0.8)
+    with pytest.raises(TypeError, match=r"did you mean batch_size, runner.submit\(\.\.\., options=runner"):
+        runner.submit(rows, tiny_gpt2, batchsize=8)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'zzz'$"):
+        runner.submit(rows, tiny_gpt2, zzz=1)
