@@ -205,6 +205,14 @@ def check_folder_still_there(job: Job, e: Exception | None = None) -> None:
         with contextlib.suppress(storage.StorageError):
             check_still_this_job(job)
         return
+    try:
+        folder_there = storage.kind(job.dir) == "dir"
+    except RunnerError:
+        folder_there = False
+    if folder_there:  # (its job.json deleted, not the folder moved)
+        raise JobGone(f"job {job.id}: its job.json is gone from {job.dir} (deleted while this worker ran it?): "
+                      f"its rows not saved yet are discarded; `runner repair {shlex.quote(str(job.dir))}` "
+                      "restores it from job.backup.json")  # fmt: skip
     raise JobGone(
         f"job {job.id}: its folder {job.dir} is gone (moved or deleted while this worker ran it): its rows "
         "not saved yet are discarded and nothing more is written there; moved, it resumes where it is now "

@@ -165,6 +165,23 @@ def test_a_folder_deleted_and_submitted_again_is_job_replaced_not_a_failing_home
         jobdir.check_folder_still_there(job)
 
 
+def test_a_job_json_deleted_under_the_worker_is_said_so_with_repair_not_as_a_folder_moved(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """The folder still there, its job.json deleted (job.backup.json kept) as the worker ran it: it said the
+    folder was "gone (moved or deleted)" and to run it where it is now; it says job.json is gone and that
+    `runner repair` restores it from the backup (which it does)."""
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    job = _job(tmp_path, tiny_gpt2, "job")
+    (job.dir / "job.json").unlink()
+    with pytest.raises(
+        jobdir.JobGone, match=r"its job.json is gone from .*`runner repair .*` restores it from job"
+    ):
+        jobdir.check_folder_still_there(job, LOST)
+    jobdir.repair(job.dir)
+    assert (job.dir / "job.json").exists()
+
+
 LOST = FileNotFoundError(errno.ENOENT, "No such file or directory")
 
 
