@@ -54,6 +54,7 @@ def test_a_hub_model_whose_cache_moved_to_another_snapshot_is_refused_on_resume(
     assert work(runner_home, echo=None) == []
     state = read_state(job.dir)
     assert state.state == "failed" and f"the model {HUB_ID!r} is not the one job {job.id}" in state.error
+    assert "(its files or config changed (a hub model: a commit was pushed to it since));" in state.error
     main.write_text(min(SNAPSHOTS))
     runner.retry(job.dir)
     assert work(runner_home, echo=None)[0].finished and read_state(job.dir).state == "completed"
