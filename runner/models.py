@@ -525,7 +525,7 @@ def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
         h.update(_gguf_content(gguf, version))
         return h.hexdigest()[:16]
     path = Path(spec).expanduser()
-    if not path.is_dir():  # a hub id: its commit
+    if is_hub_model(spec):  # its commit
         commit = _hub_commit(spec) if version >= 7 else None
         h.update(str(commit or getattr(config, "_commit_hash", "") or spec).encode())
         return h.hexdigest()[:16]
@@ -547,6 +547,15 @@ def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
         elif name in code:
             h.update(f"{name}:{file_sha256(f)}".encode())
     return h.hexdigest()[:16]
+
+
+def is_hub_model(spec: str) -> bool:
+    """Whether a job's model `spec` names a model of the Hugging Face hub, fingerprinted by its snapshot: not the
+    demo alias, not a .gguf file or a folder here."""
+    if spec.strip().lower() == DEMO_MODEL:
+        return False
+    path = Path(spec).expanduser()
+    return not path.is_dir() and not (spec.lower().endswith(".gguf") and path.is_file())
 
 
 def _hub_commit(spec: str) -> str | None:

@@ -722,14 +722,10 @@ def _check_model(j: Job) -> None:
     except OSError as e:
         raise RunnerError(f"cannot read the model {j.spec.model!r} of job {j.id}: {e}") from e
     if not same:
-        from pathlib import Path
+        from .models import is_hub_model
 
-        # (a hub id: its repository's newest commit is another snapshot than the job's; fingerprint version 7)
-        hub = (
-            ""
-            if Path(j.spec.model).expanduser().exists()
-            else " (a hub model: a commit was pushed to it since)"
-        )
+        # (its repository's newest commit is another snapshot than the job's: fingerprint version 7)
+        hub = " (a hub model: a commit was pushed to it since)" if is_hub_model(j.spec.model) else ""
         raise RunnerError(
             f"the model {j.spec.model!r} is not the one job {j.id} was submitted with (its files or config "
             f"changed{hub}); {MODEL_CHANGED}: put that model back, then `runner retry {j.id}`, or submit the file "

@@ -103,3 +103,14 @@ def test_a_chat_template_file_edited_in_the_model_folder_counts_as_its_tokenizer
     assert [s.job_id for s in work(echo=None)] == []
     state = read_state(queued.dir)
     assert state.state == "failed" and "is not the one job" in state.error
+
+
+def test_only_a_hub_id_is_said_to_be_a_hub_model(tmp_path, tiny_gpt2):
+    """A refused resume says "(a hub model: a commit was pushed to it since)" of a hub id only: it said so of the
+    demo alias too (no folder of that name here), whose fingerprint is its GGUF file's, not a snapshot's."""
+    from runner.models import DEMO_MODEL, is_hub_model
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert is_hub_model("gpt2") and is_hub_model(HUB_ID)
+    assert not any(is_hub_model(s) for s in (DEMO_MODEL, "SmolLM2-135M-Instruct", str(tiny_gpt2), str(gguf)))
