@@ -2695,6 +2695,12 @@ def read_parquet(source: Any, columns: list[str] | None = None) -> Any:
     return pq.ParquetFile(storage.arrow_file(source)).read(columns=columns)
 
 
+def _made_under(commit: Commit) -> int:
+    """The retry generation a commit's marker says it was made under; -1 where that is no generation (a bool)."""
+    g = commit.marker.get("generation", 0)
+    return g if type(g) is int and g >= 0 else -1
+
+
 @dataclass
 class Ledger:
     """What a job has done, from its commits: the accepted, verified commits; which keys are done; which
@@ -2780,12 +2786,11 @@ class Ledger:
         """The newest retry generation a counted commit was made under. Never above the state's, whose records
         only go up: a higher one is proof that the record of the `runner retry` that raised it is missing
         (deleted, or an older record copied over it: a sync conflict, a restore from an old backup)."""
-        gens = (c.marker.get("generation", 0) for c in self.commits)
-        return max((g for g in gens if type(g) is int and g >= 0), default=0)
+        return max([0, *(_made_under(c) for c in self.commits)])
 
     def newer_than(self, generation: int) -> list[Commit]:
         """The counted commits made under a newer retry generation than `generation` (`newest_generation`)."""
-        return [c for c in self.commits if type(g := c.marker.get("generation", 0)) is int and g > generation]
+        return [c for c in self.commits if _made_under(c) > generation]
 
     def failed_mask(self) -> Any:
         import numpy as np
@@ -3570,7 +3575,7 @@ def _last_generation(job: Job) -> int:
     tell: the newest one its older records, its commits and an older version's files were written under. A
     record that fails its checksum counts for nothing: a flipped digit there would retry rows nobody retried
     (or drop a retry: repair then says which command the record claims to be, to run again)."""
-    gens = [c.marker.get("generation", 0) for c in read_ledger(job, generation=0).commits]
+    gens = [read_ledger(job, generation=0).newest_generation()]
     records = [f"{STATES}/{record_name(seq)}" for seq in _record_seqs(job.dir)]
     for name in [*records, STATE_FILE, COMPLETED_FILE]:
         record = _read_json_or_none(job.dir / name) if storage.kind(job.dir / name) == "file" else None
