@@ -69,8 +69,19 @@ def unknown_setting(cls: type, name: str) -> str:
     ours, why = _SAID_ELSEWHERE.get(name, (None, ""))
     if ours in fields:
         return f"{cls.__name__} has no setting {name!r}: use {ours} ({why})."
-    near = difflib.get_close_matches(name, fields, n=1)
-    return f"{cls.__name__} has no setting {name!r}" + (f": did you mean {near[0]!r}?" if near else ".")
+    near = _nearest(cls, name)
+    return f"{cls.__name__} has no setting {name!r}" + (f": did you mean {near!r}?" if near else ".")
+
+
+def _nearest(cls: type, name: str) -> str | None:
+    """The setting of `cls` spelled nearest `name` (`temprature`: temperature), if one is near."""
+    near = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(cls)], n=1)
+    return near[0] if near else None
+
+
+def settings_arg(cls: type) -> str:
+    """The argument of runner.run / submit ... a settings object of `cls` is given as: options or params."""
+    return "options" if cls is EngineOptions else "params"
 
 
 def _named_settings(cls: type) -> type:
@@ -688,7 +699,7 @@ def refuse_loose_settings(fn: str, params: Any, given: dict[str, Any], kinds: tu
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         inside = ", ".join(f"{k}={v!r}" for k, v in given.items() if k in fields)
-        arg = "options" if cls is EngineOptions else "params"
+        arg = settings_arg(cls)
         raise TypeError(
             f"{fn}() takes {name} in its settings, not as a keyword of its own: "
             f"runner.{fn}(..., {arg}=runner.{cls.__name__}({inside}))"
@@ -698,10 +709,8 @@ def refuse_loose_settings(fn: str, params: Any, given: dict[str, Any], kinds: tu
 def _near_setting(fn: str, name: str, kinds: tuple[type, ...]) -> str:
     """ ": did you mean ..." for a keyword spelled near a setting of one of `kinds` (`temprature`), else ""."""
     for cls in kinds:
-        near = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(cls)], n=1)
-        if near:
-            arg = "options" if cls is EngineOptions else "params"
-            return f": did you mean {near[0]}, runner.{fn}(..., {arg}=runner.{cls.__name__}({near[0]}=...))?"
+        if near := _nearest(cls, name):
+            return f": did you mean {near}, runner.{fn}(..., {settings_arg(cls)}=runner.{cls.__name__}({near}=...))?"
     return ""
 
 

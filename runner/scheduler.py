@@ -103,10 +103,10 @@ def _settings_go_in_params(params: Any, job_kwargs: dict[str, Any], engine: Any 
     import inspect
 
     from .jobs import create_job
-    from .params import EngineOptions, refuse_loose_settings
+    from .params import refuse_loose_settings, settings_arg
 
     if dataclasses.is_dataclass(engine):
-        arg = "options" if isinstance(engine, EngineOptions) else "params"
+        arg = settings_arg(type(engine))
         raise TypeError(f"run()'s engine= takes a loaded engine; settings go in {arg}=: "
                         f"runner.run(..., {arg}=runner.{type(engine).__name__}(...))")  # fmt: skip
 
