@@ -982,7 +982,6 @@ def _float32_shortest(table: pa.Table) -> pa.Table:
 def _json_text(value: Any) -> str:
     """`value` (Python objects, as Arrow's to_pylist gives them) as JSON, as every export writes it: every float
     digit, NaN and infinities (which JSON cannot hold) as null, dates in ISO form, bytes as byte lists."""
-
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False, default=_json_default)
     except ValueError:  # a NaN or an infinity somewhere in it
