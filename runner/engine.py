@@ -348,10 +348,8 @@ def peak_memory_bytes(device: Any) -> int:
 
         return int(torch.cuda.max_memory_allocated(device))
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
-    except (OSError, ValueError, IndexError):
+        return _proc_status_kib("VmHWM")["VmHWM"] * 1024
+    except (OSError, ValueError, IndexError, KeyError):
         pass
     import resource
 
@@ -359,24 +357,34 @@ def peak_memory_bytes(device: Any) -> int:
     return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
 
 
-def reset_peak_memory(device: Any) -> None:
+def reset_peak_memory(device: Any) -> bool:
     """Start a new peak for `peak_memory_bytes` (at a job run's start, so that a job does not report an earlier
     job's peak in the same process): the CUDA allocator's peak, or on Linux the resident set's high-water mark
     (writing 5 to /proc/self/clear_refs). `device` None: the engine is not loaded yet, so every CUDA device an
-    earlier engine of this process used starts anew too. Does nothing where neither is possible."""
+    earlier engine of this process used starts anew too. True when the peak did start anew; False where neither
+    is possible (no /proc, or a kernel or sandbox that takes the write and keeps the old high-water mark)."""
     if getattr(device, "type", "cpu") == "cuda":
         import torch
 
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return True
     torch = sys.modules.get("torch")
     if device is None and torch is not None and torch.cuda.is_initialized():
         for index in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(index)
     try:
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+        status = _proc_status_kib("VmHWM", "VmRSS")
+    except (OSError, ValueError, IndexError, KeyError):
+        return False
+    return status["VmHWM"] <= status["VmRSS"] + 16 * 1024  # (the resident set moves between the two reads)
+
+
+def _proc_status_kib(*fields: str) -> dict[str, int]:
+    """The named "Vm...:  123 kB" lines of /proc/self/status, in KiB."""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    found = {line.split(":")[0]: int(line.split()[1]) for line in lines if line.split(":")[0] in fields}
+    return {field: found[field] for field in fields}
 
 
 class Engine:
