@@ -1269,7 +1269,7 @@ def _detail(s: Any) -> list[str]:
         f"speed:    {f'{s.tokens_per_second:,.1f}' if s.tokens_per_second else '-'} tok/s, ETA {s.eta}",
         f"workers:  {'; '.join(workers) if workers else '-'}",
         f"memory:   peak {_gib(s.peak_memory_bytes)} (GPU memory on CUDA, resident memory on CPU)",
-        f"model:    {s.model}",
+        f"model:    {s.model}" + (f" (snapshot {s.model_revision})" if s.model_revision else ""),
         f"input:    {job.meta['input'].get('path', '?')} ({job.spec.rows:,} prompt{'' if job.spec.rows == 1 else 's'})",
         f"settings: {_settings_line(job)}",
         f"folder:   {job.dir}",

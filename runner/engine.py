@@ -390,17 +390,18 @@ def _proc_status_kib(*fields: str) -> dict[str, int]:
 class Engine:
     """A loaded model + tokenizer on one device, ready to generate batches."""
 
-    def __init__(self, model: str, options: EngineOptions | None = None):
+    def __init__(self, model: str, options: EngineOptions | None = None, revision: str | None = None):
+        """`revision`: a hub model's snapshot (the commit a job was pinned to at submit), else its newest."""
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a bar per weight file garbles Colab cells and log files
-        self.spec = model
+        self.spec, self.revision = model, revision
         self.options = options or EngineOptions()
         self.device = pick_device(self.options.device)
         self.dtype = pick_dtype(self.options.dtype, self.device)
-        self.tokenizer = load_tokenizer(model, self.options.trust_remote_code)
+        self.tokenizer = load_tokenizer(model, self.options.trust_remote_code, revision)
         t0 = time.perf_counter()
-        self.model = load_model(model, self.options, self.device, self.dtype)
+        self.model = load_model(model, self.options, self.device, self.dtype, revision)
         # weights left mapped from their files (too large to copy): their folder and files as loaded
         mapped = getattr(self.model, "runner_weights_mapped", False)
         self.mapped_folder = resolve_model(model, progress=None) if mapped else None

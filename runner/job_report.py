@@ -370,7 +370,7 @@ def _summary(data: ReportData) -> str:
     rows = [
         ["job", job.id + (f" ({job.name})" if job.name else "")],
         ["kind", job.kind],
-        ["model", job.spec.model],
+        ["model", job.spec.model + (f" (snapshot {job.spec.revision})" if job.spec.revision else "")],
         ["state", s.state + (f" - {s.message}" if s.message else "")],
         ["results", f"{s.done:,} of {s.total:,} done ({100 * s.done / s.total if s.total else 0:.1f}%)"],
         ["errors", f"{s.errors:,} row errors, {s.invalid:,} invalid input rows"],

@@ -42,6 +42,8 @@ class JobStatus:
     # A completed job's result rows that are missing or fail verification since (a shard lost or damaged):
     # it shows as broken until `runner repair` re-queues them.
     missing: int = 0
+    # The hub snapshot (commit) the job runs on, pinned at submit; None for a folder, a GGUF file, the demo.
+    model_revision: str | None = None
     # Result rows live workers have computed but not yet saved in the job folder (every --shard-rows rows or
     # --shard-minutes): counted in the ETA; a worker killed now would compute them again.
     unsaved: int = 0
@@ -86,8 +88,8 @@ def _shown_spec(path: Path, job: Job | None) -> dict[str, Any]:
     return backup if held else meta
 
 
-def job_status(job: Job, looks: dict[str, str | None] | None = None) -> JobStatus:
-    """The job's summary. `looks`: what was found of each model's folder so far in this `runner status` (by spec;
+def job_status(job: Job, looks: dict[tuple[str, str | None], str | None] | None = None) -> JobStatus:
+    """The job's summary. `looks`: what was found of each model's folder so far in this `runner status` (by spec and pinned snapshot;
     `_waiting_for`), filled as it goes."""
     if (other := jobdir.other_job_named(job)) is not None:
         return _foreign_spec(job, other)
@@ -134,6 +136,7 @@ def job_status(job: Job, looks: dict[str, str | None] | None = None) -> JobStatu
         invalid=int(job.meta.get("input", {}).get("invalid", 0) or 0), tokens_per_second=tps, eta_seconds=eta,
         model=job.spec.model, created=job.spec.created, worker=workers[0]["worker"] if workers else None,
         message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak, missing=missing,
+        model_revision=job.spec.revision,
         unsaved=unsaved, generation=state.generation,
     )  # fmt: skip
 
@@ -228,17 +231,18 @@ def _state(job: Job) -> tuple[jobdir.StateRecord, str | None]:
     )
 
 
-def _waiting_for(job: Job, looks: dict[str, str | None] | None = None) -> str | None:
+def _waiting_for(job: Job, looks: dict[tuple[str, str | None], str | None] | None = None) -> str | None:
     """Why `runner work` on this machine leaves a queued job as it is (its model folder not here: a Drive not
     mounted yet; or not readable for now), else None. Each model is looked at once per `runner status`
     (`looks`): a model on a Drive mount that stopped answering took a minute of retries for each of its jobs."""
     looks = {} if looks is None else looks
-    if job.spec.model not in looks:
-        looks[job.spec.model] = _model_wait(job.spec.model)
-    return looks[job.spec.model]
+    model = (job.spec.model, job.spec.revision)
+    if model not in looks:
+        looks[model] = _model_wait(*model)
+    return looks[model]
 
 
-def _model_wait(spec: str) -> str | None:
+def _model_wait(spec: str, revision: str | None = None) -> str | None:
     """What a queued job of the model `spec` waits for on this machine, else None. A model that does not read
     (through the retries) is said as such: the job's own folder reads, so the job shows queued with its
     progress, not `unreadable` (nor `broken` where its folder is denied), and status, report and load_results go
@@ -246,7 +250,7 @@ def _model_wait(spec: str) -> str | None:
     from .models import ModelUnreadable, missing_model_folder
 
     try:
-        missing = missing_model_folder(spec)
+        missing = missing_model_folder(spec, revision=revision)
     except ModelUnreadable as e:
         return f"{e}; `runner work` runs it once it reads"
     return f"{missing} ({missing.hint}); `runner work` runs it once it is there" if missing else None
@@ -289,7 +293,9 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
         except RunnerError as e:
             out.append(broken_status(path, str(e), repairable=getattr(e, "repairable", True)))
     copies = jobdir.copies_in_home(jobs, folders)
-    looks: dict[str, str | None] = {}  # each model's folder looked at once (`_waiting_for`)
+    looks: dict[
+        tuple[str, str | None], str | None
+    ] = {}  # each model's folder looked at once (`_waiting_for`)
     out = [_of_home_job(it, copies, looks) if isinstance(it, Job) else it for it in out]
     for name in jobdir.linked_entries(root):
         out.append(

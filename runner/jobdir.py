@@ -732,6 +732,12 @@ class JobSpec:
         return int(self.meta.get("results") or self.rows * self.samples)
 
     @property
+    def revision(self) -> str | None:
+        """The hub snapshot (commit) the job was submitted on and runs on: None for a folder, a GGUF file, the
+        demo model, and jobs submitted before 2026-12-07 (then the model's newest, checked by its fingerprint)."""
+        return self.meta.get("model_revision")
+
+    @property
     def count_noun(self) -> str:
         """What progress counts: "rows", or "results" where rows have several samples (`-n`), one result each."""
         return "rows" if self.total == self.rows else "results"
@@ -771,6 +777,7 @@ class JobSpec:
             if rows < 1 or unit_rows < 1:
                 raise BrokenJob("job.json: rows and unit_rows must be >= 1")
             check_name(str(meta["id"]))
+            _check_revision(meta.get("model_revision"))
             return cls(
                 id=str(meta["id"]), name=meta.get("name"), kind=kind, model=str(meta["model"]), params=params,
                 options=options, seed=int(meta["seed"]), rows=rows, samples=samples, unit_rows=unit_rows,
@@ -781,6 +788,12 @@ class JobSpec:
             raise
         except (KeyError, TypeError, ValueError, RunnerError) as e:
             raise BrokenJob(f"job.json is invalid ({_said(e)})") from None
+
+
+def _check_revision(revision: Any) -> None:
+    """A pinned hub snapshot is a commit id: 40 hexadecimal digits (or none)."""
+    if revision is not None and not (isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision)):
+        raise BrokenJob(f"job.json: model_revision must be a commit id (40 hex digits), not {revision!r}")
 
 
 def _said(e: Exception) -> str:

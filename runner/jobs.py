@@ -39,13 +39,17 @@ from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
 from .models import (
     ModelUnreadable,
+    at,
     check_causal_lm,
     check_weights,
     context_window,
+    hub_snapshot,
+    is_hub_model,
     load_config,
     load_tokenizer,
     model_fingerprint,
     reading_model,
+    resolve_model,
     stored_spec,
     text_config,
 )
@@ -222,16 +226,15 @@ def create_job(
             return existing
         _refuse_a_name_like_an_id(job_dir)
         # (the model's files read again after a transient error, a model on a Drive mount: `reading_model`)
-        config, tokenizer, window = reading_model(
-            lambda: _model_facts(model, options, kind, params, chat_template), model
+        pinned, (config, tokenizer, window) = reading_model(
+            lambda: _pinned_facts(model, options, kind, params, chat_template), model
         )
         if chat:
             check_chat_option(tokenizer, model)
         target = Path(job_dir) if job_dir is not None else root / new_job_id()
         meta = {
             "id": target.name if job_dir is None else new_job_id(), "name": name, "kind": kind,
-            "priority": priority, "model": model,
-            "model_fingerprint": reading_model(lambda: model_fingerprint(model, config), model),
+            "priority": priority, "model": model, **pinned,
             "context_window": window, "embedding_dim": _hidden_size(config) if kind == "embed" else None,
             "params": params.to_dict(), "engine": options.to_dict(), "unit_rows": unit_rows,
             "fingerprint": fingerprint, "input": _input_meta(source, input_path, identity),
@@ -352,7 +355,9 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
     # (after the reader is made: a change from here on is refused when it has read the file)
     if storage.file_sha256(path) != inp["sha256"]:
         raise RunnerError(f"its input file {path} has changed since it was submitted")
-    config, tokenizer, window = _model_facts(model, job.options, kind, params, inp.get("chat_template"))
+    config, tokenizer, window = _model_facts(
+        model, job.options, kind, params, inp.get("chat_template"), job.spec.revision
+    )
     prep = _Preparer(kind, tokenizer, params, window, inp.get("truncate", "none"), inp["prompt_field"],
                      kind == "generate" and _sample_auto(params), _vocab_size(config),
                      # (a job of before, read as its submit read it: no endpoint per row, as its checksum says)
@@ -546,27 +551,29 @@ def _same_model(job: Job) -> bool:
     read errors are retried (`reading_model`), then ModelUnreadable."""
     then = f"; run the same command again once it can be read (it carries on job {job.id})"
     try:
-        return reading_model(lambda: model_unchanged(job), job.spec.model, then)
+        return reading_model(lambda: model_unchanged(job, pinned=False), job.spec.model, then)
     except ModelUnreadable:
         raise
     except (OSError, RunnerError):
         return False
 
 
-def model_unchanged(job: Job) -> bool:
+def model_unchanged(job: Job, pinned: bool = True) -> bool:
     """The job's model folder still holds the model it was submitted with: its fingerprint, computed the way
-    the job's was (fingerprint_version). OSError when the model cannot be read. A fingerprint that differs is
+    the job's was (fingerprint_version), a hub model's at the snapshot the job pinned (`pinned`: what its
+    workers load; else at the newest, as a new submit would take it: `runner run` of the same file makes a new
+    job when the hub model moved on). OSError when the model cannot be read. A fingerprint that differs is
     computed once more, from no kept GGUF table, before the model is taken for another: one torn read of a
     model file on a network mount failed the job for good as "not the one it was submitted with", and made
     `runner run` start a new job beside the one it should carry on."""
     # (looked up now: tests stand in)
     from .models import fingerprint_version, forget_gguf_tables, load_config, model_fingerprint
 
-    stored = job.meta.get("model_fingerprint")
+    stored, revision = job.meta.get("model_fingerprint"), job.spec.revision if pinned else None
 
     def fingerprint() -> str:
-        config = load_config(job.spec.model, job.options.trust_remote_code)
-        return model_fingerprint(job.spec.model, config, fingerprint_version(stored))
+        config = load_config(job.spec.model, job.options.trust_remote_code, revision=revision)
+        return model_fingerprint(job.spec.model, config, fingerprint_version(stored), revision=revision)
 
     if fingerprint() == stored:
         return True
@@ -574,17 +581,38 @@ def model_unchanged(job: Job) -> bool:
     return fingerprint() == stored
 
 
+def _pinned_facts(
+    model: str, options: EngineOptions, kind: str, params: Any, chat_template: str | None
+) -> tuple[dict[str, str], tuple[Any, Any, int | None]]:
+    """job.json's model_fingerprint and, for a hub model, the commit its job is pinned to ("model_revision"),
+    with the `_model_facts` of that snapshot. The commit is the snapshot the model's files load from now, read
+    before the tokenizer that tokenizes the prompts loads it, as its workers will: an update pushed while the
+    job runs (a README edit is a commit too) neither mixes two models' rows nor fails the job."""
+    resolve_model(model)  # (a folder or file that is not there is said as such, not taken for a hub id)
+    revision = hub_snapshot(model) if is_hub_model(model) else None
+    facts = _model_facts(model, options, kind, params, chat_template, revision)
+    pinned = {"model_fingerprint": model_fingerprint(model, facts[0], revision=revision)}
+    return {**pinned, "model_revision": revision} if revision else pinned, facts
+
+
 def _model_facts(
-    model: str, options: EngineOptions, kind: str, params: Any, chat_template: str | None = None
+    model: str,
+    options: EngineOptions,
+    kind: str,
+    params: Any,
+    chat_template: str | None = None,
+    revision: str | None = None,
 ) -> tuple[Any, Any, int | None]:
-    """(config, tokenizer, context window) of a causal LM, refusing a generation that leaves no room for a
-    prompt in the window. The tokenizer renders chats with `chat_template` when one is given."""
+    """(config, tokenizer, context window) of a causal LM (a hub model's at snapshot `revision`), refusing a
+    generation that leaves no room for a prompt in the window. The tokenizer renders chats with
+    `chat_template` when one is given."""
     from .batching import use_chat_template
 
-    config = load_config(model, options.trust_remote_code)  # refuses remote code unless --trust-remote-code
+    # (refuses remote code unless --trust-remote-code)
+    config = load_config(model, options.trust_remote_code, revision)
     check_causal_lm(model, config)
     check_weights(model, options.allow_pickle)
-    tokenizer = load_tokenizer(model, options.trust_remote_code)
+    tokenizer = load_tokenizer(model, options.trust_remote_code, revision)
     if chat_template is not None:
         use_chat_template(tokenizer, chat_template)
     window = context_window(config, tokenizer)
@@ -1408,7 +1436,7 @@ def _unused_model_defaults(job: Job) -> dict[str, Any]:
     try:
         from transformers import GenerationConfig
 
-        gen = GenerationConfig.from_pretrained(job.spec.model, local_files_only=True)
+        gen = GenerationConfig.from_pretrained(job.spec.model, local_files_only=True, **at(job.spec.revision))
     except Exception:  # no generation_config.json (or a .gguf file): nothing to say
         return {}
     given, default = job.params, GenerationParams()

@@ -216,17 +216,37 @@ class NoSuchDevice(NotOnThisMachine):
     """The device asked for is not on this machine (a Colab VM given no GPU this time)."""
 
 
-def missing_model_folder(spec: str, then: str = "") -> NotOnThisMachine | None:
+def missing_model_folder(spec: str, then: str = "", revision: str | None = None) -> NotOnThisMachine | None:
     """The error for a job whose model is a local folder or file that is not here (a Drive not mounted yet, a
     folder moved), else None: said as such, and the job waits, where loading it failed the job with the hub's
     "Repo id must be in the form ..." (adversarial pass 19). ModelUnreadable (ending with `then`) when the look
-    fails for a minute (`_model_there`)."""
+    fails for a minute (`_model_there`). A hub model's pinned snapshot (`revision`) missing from an offline
+    cache is not here either (`_missing_snapshot`)."""
+    if revision and is_hub_model(spec):
+        return _missing_snapshot(spec, revision)
     path = Path(spec).expanduser()
     if spec.strip().lower() == DEMO_MODEL or not (path.is_absolute() or spec.lower().endswith(".gguf")):
         return None
     if _model_there(path, spec, then):
         return None
     return NotOnThisMachine(f"its model {spec} is not on this machine", "is its drive mounted?")
+
+
+def _missing_snapshot(spec: str, revision: str) -> NotOnThisMachine | None:
+    """A job pinned to a hub snapshot that this machine's cache lacks, with the hub out of reach (HF_HUB_OFFLINE):
+    the job waits for a machine that has it (another worker of a shared home, this one after a download),
+    where loading failed it for every machine. Online, the load downloads that commit."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE or isinstance(
+        try_to_load_from_cache(spec, "config.json", revision=revision), str
+    ):
+        return None
+    return NotOnThisMachine(
+        f"its model {spec} at commit {revision}, the snapshot it was submitted with, is not in this machine's "
+        "Hugging Face cache (HF_HUB_OFFLINE is set)",
+        f"download it: hf download {spec} --revision {revision}",
+    )
 
 
 def _model_there(path: Path, spec: str, then: str) -> bool:
@@ -274,9 +294,10 @@ def pick_dtype(option: str, device: Any) -> Any:
     return torch.float32
 
 
-def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer. Every submit and every Engine starts here, so this is where a transformers
-    version outside the tested range is refused (versions.py)."""
+def load_tokenizer(spec: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The model's tokenizer (a hub model's at snapshot `revision`, where a job pinned one). Every submit and
+    every Engine starts here, so this is where a transformers version outside the tested range is refused
+    (versions.py)."""
     from transformers import AutoTokenizer
 
     from .versions import check_transformers
@@ -284,10 +305,10 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
     check_transformers()
     path = resolve_model(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **at(revision))
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(
-            f"cannot load the tokenizer of model {spec!r}: {first_line(e)}{_hub_hint(e)}"
+            f"cannot load the tokenizer of model {spec!r}: {first_line(e)}{_hub_hint(e, spec, revision)}"
         ) from e
     # transformers warns once of a text longer than the tokenizer's model_max_length ("... will result in indexing
     # errors"), above runner's own message naming the row and what to do (`--truncate left`): said once, by runner
@@ -303,9 +324,14 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def _hub_hint(e: BaseException) -> str:
+def _hub_hint(e: BaseException, spec: str = "", revision: str | None = None) -> str:
     """What to do when the Hub could not be reached (a machine without network: the hub's client retries for
-    half a minute first)."""
+    half a minute first), or a job's pinned snapshot is not in this machine's cache."""
+    if revision:
+        return (
+            f" (the job runs on the snapshot it was submitted with, commit {revision}: with no network, "
+            f"download it first: hf download {spec} --revision {revision})"
+        )
     if "huggingface.co" not in str(e) or os.environ.get("HF_HUB_OFFLINE"):
         return ""
     return (
@@ -313,13 +339,22 @@ def _hub_hint(e: BaseException) -> str:
     )
 
 
-def load_config(spec: str, trust_remote_code: bool = False) -> Any:
+def at(revision: str | None) -> dict[str, str]:
+    """from_pretrained's keyword for a hub model's pinned snapshot: none where no job pinned one."""
+    return {"revision": revision} if revision else {}
+
+
+def load_config(spec: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(
+            resolve_model(spec), trust_remote_code=trust_remote_code, **at(revision)
+        )
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}{_hub_hint(e)}") from e
+        raise ModelLoadError(
+            f"cannot load model {spec!r}: {first_line(e)}{_hub_hint(e, spec, revision)}"
+        ) from e
 
 
 def check_causal_lm(spec: str, config: Any) -> None:
@@ -378,15 +413,18 @@ def check_weights(spec: str, allow_pickle: bool) -> None:
         )
 
 
-def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> Any:
-    """The model, in eval mode on `device` (or placed by accelerate with options.device_map), with sdpa
-    attention where the architecture has it. Only safetensors weights unless options.allow_pickle."""
+def load_model(
+    spec: str, options: EngineOptions, device: Any, dtype: Any, revision: str | None = None
+) -> Any:
+    """The model (a hub model's at snapshot `revision`), in eval mode on `device` (or placed by accelerate with
+    options.device_map), with sdpa attention where the architecture has it. Only safetensors weights unless
+    options.allow_pickle."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec)
     check_weights(spec, options.allow_pickle)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": options.trust_remote_code, **at(revision)}
     if not options.allow_pickle:
         kwargs["use_safetensors"] = True
     if options.device_map:  # accelerate places the layers; the engine feeds inputs where the embeddings are
@@ -404,6 +442,7 @@ def load_model(spec: str, options: EngineOptions, device: Any, dtype: Any) -> An
             hint = ""
             if not options.allow_pickle and "safetensors" in str(e).lower():
                 hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
+            hint = hint or _hub_hint(e, spec, revision)
             raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}{hint}") from e
     model = model.eval() if options.device_map else model.to(device).eval()
     return _own_memory(model)
@@ -476,7 +515,9 @@ SETTLED_NS = 2 * 10**9  # a GGUF file's tensor table is kept (process, cache) on
 TENSOR_SAMPLE = 64  # bytes read at the start, middle and end of each tensor of a safetensors file (version 5)
 
 
-def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION) -> str:
+def model_fingerprint(
+    spec: str, config: Any, version: str = FINGERPRINT_VERSION, revision: str | None = None
+) -> str:
     """Identifies the model's weights well enough to refuse resuming a job on a different model: the config
     plus, for a local folder, each weight file's name, size and (version 2) SAMPLES_PER_FILE pieces of its
     bytes spread over the file, so that another checkpoint of the same architecture saved over the folder (a
@@ -490,10 +531,10 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     middle and end (`_tensor_samples`). Version 6 finds those files in transformers' own order (a single
     model.safetensors before a stale sharded index beside it, config.json's `transformers_weights` first) and
     samples each tensor of a GGUF file too (`_gguf_tensor_samples`), and counts the model's own code
-    (`_remote_code`). Version 7 names a hub model's snapshot (`_hub_commit`) and reads a folder's
-    CHAT_TEMPLATE_FILES."""
+    (`_remote_code`). Version 7 names a hub model's snapshot (`hub_snapshot`) and reads a folder's
+    CHAT_TEMPLATE_FILES. `revision`: the snapshot a job pinned (a hub model's, `hub_snapshot`), not the newest."""
     if int(version) >= 4:
-        return f"{version}:{_fingerprint_v4(spec, config, int(version))}"
+        return f"{version}:{_fingerprint_v4(spec, config, int(version), revision)}"
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
     path = Path(resolve_model(spec))
     v = int(version)
@@ -510,7 +551,7 @@ def model_fingerprint(spec: str, config: Any, version: str = FINGERPRINT_VERSION
     return h.hexdigest()[:16] if v == 1 else f"{version}:{h.hexdigest()[:16]}"
 
 
-def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
+def _fingerprint_v4(spec: str, config: Any, version: int = 4, revision: str | None = None) -> str:
     """Versions 1-3 hashed the config as the running transformers serialises it, which names that version and
     its defaults: a Colab VM with another transformers failed every job as "another model". Version 4 hashes
     config.json and the run-time JSON files as saved, without the "transformers_version" that saved them; for a
@@ -526,7 +567,7 @@ def _fingerprint_v4(spec: str, config: Any, version: int = 4) -> str:
         return h.hexdigest()[:16]
     path = Path(spec).expanduser()
     if is_hub_model(spec):  # its commit
-        commit = _hub_commit(spec) if version >= 7 else None
+        commit = hub_snapshot(spec, revision) if version >= 7 else None
         h.update(str(commit or getattr(config, "_commit_hash", "") or spec).encode())
         return h.hexdigest()[:16]
     weights = loaded_weight_files(path, version) if version >= 5 else None
@@ -558,14 +599,21 @@ def is_hub_model(spec: str) -> bool:
     return not path.is_dir() and not (spec.lower().endswith(".gguf") and path.is_file())
 
 
-def _hub_commit(spec: str) -> str | None:
+def hub_snapshot(spec: str, revision: str | None = None) -> str | None:
     """The commit of hub model `spec` whose files load: the snapshot its config.json resolves to (from the cache
-    offline; the hub's newest online, as the load takes it). transformers 5 keeps no `_commit_hash` on a config,
+    offline; the hub's newest online, as the load takes it), or at `revision` (a branch, tag or commit). Submit
+    pins a hub model's job to it (job.json "model_revision"): its rows all come from that snapshot, however the
+    hub or the cache's refs/main move while it runs. transformers 5 keeps no `_commit_hash` on a config,
     so versions 4-6 hashed the id alone: a job resumed on another snapshot (an update pushed, a cache's
     refs/main moved) without a word, its rows from two models (pass 204). None where none is named."""
     from transformers.utils.hub import cached_file, extract_commit_hash
 
-    return extract_commit_hash(cached_file(spec, "config.json"), None)
+    try:
+        return extract_commit_hash(cached_file(spec, "config.json", **at(revision)), None)
+    except (OSError, ValueError) as e:
+        if _transient(e):
+            raise  # (for `reading_model` to read again)
+        raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}{_hub_hint(e)}") from e
 
 
 def _remote_code(path: Path) -> set[str]:

@@ -506,7 +506,7 @@ def _token_text(job: Any) -> Any:
     from .models import load_tokenizer
     from .tokens import TokenText
 
-    return TokenText(load_tokenizer(job.spec.model, job.options.trust_remote_code))
+    return TokenText(load_tokenizer(job.spec.model, job.options.trust_remote_code, job.spec.revision))
 
 
 def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | None, int]]:

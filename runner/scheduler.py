@@ -342,14 +342,15 @@ class Engines:
         # earlier job of it is loaded again, not taken from memory (pass 50)
         weights = job.meta.get("model_fingerprint")
         # (cuda_graphs: the engine decides its decode path when it loads)
-        key = (job.spec.model, weights, o.device, o.dtype, o.trust_remote_code, o.allow_pickle, o.cuda_graphs)
+        key = (job.spec.model, job.spec.revision, weights, o.device, o.dtype, o.trust_remote_code, o.allow_pickle,
+               o.cuda_graphs)  # fmt: skip
         if key not in self.loaded:
             if self.loaded:
                 self.loaded.clear()
                 _release_memory()  # before the next engine reads the GPU's free memory for its token budget
             # (a job of its own --device cuda:N, or runner.work(device=...) from Python)
             make_current(o.device)
-            self.loaded[key] = Engine(job.spec.model, o)
+            self.loaded[key] = Engine(job.spec.model, o, job.spec.revision)
         return self.loaded[key]
 
 
@@ -643,7 +644,7 @@ def run_leased(
     try:
         # what a failure found from here on is recorded over (never over a newer word)
         read = jobdir.settled_state(j, halted, lambda: echo and echo(_waiting_line(j.id)))
-        if (missing := missing_model_folder(j.spec.model, job_resumes(j.id))) is not None:
+        if (missing := missing_model_folder(j.spec.model, job_resumes(j.id), j.spec.revision)) is not None:
             raise missing
 
         def load() -> Engine:  # by run_job once there is work, under its heartbeat

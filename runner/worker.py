@@ -279,7 +279,7 @@ class JobRun:
             self.engine = self.loader()
         elif self.engine is None:
             self.say(f"loading model {self.job.spec.model} ...")
-            self.engine = Engine(self.job.spec.model, self.job.options)
+            self.engine = Engine(self.job.spec.model, self.job.options, self.job.spec.revision)
 
     def note_precision(self, ledger: jobdir.Ledger) -> None:
         """Say so when the job's newest rows were computed in another precision or on another kind of device

@@ -5,12 +5,14 @@ import json
 import shutil
 
 import pytest
+from click.testing import CliRunner
 from helpers import write_jsonl
 from workers import run_worker
 
 import runner
-from runner import GenerationParams
-from runner.jobdir import read_state
+from runner import GenerationParams, storage
+from runner.cli import cli
+from runner.jobdir import BrokenJob, Job, read_state, spec_checksum
 from runner.jobs import create_job
 from runner.scheduler import work
 
@@ -41,15 +43,56 @@ def _hub_cache(root, tiny_gpt2, monkeypatch):
     return repo / "refs" / "main"
 
 
-def test_a_hub_model_whose_cache_moved_to_another_snapshot_is_refused_on_resume(
+def _answers(job_dir) -> list[str]:
+    return runner.load_results(job_dir).sort_values("id")["text"].tolist()
+
+
+def _snapshot_answers(tmp_path, main, commit: str) -> list[str]:
+    """What a job of HUB_ID computes with the cache's refs/main at `commit` (a job of its own, no pin asked)."""
+    main.write_text(commit)
+    path = write_jsonl(tmp_path / f"ref-{commit[0]}.jsonl", ROWS)
+    job, summary = runner.run(path, HUB_ID, GenerationParams(max_new_tokens=2), echo=None)
+    assert summary.finished and job.meta["model_revision"] == commit
+    return _answers(job.dir)
+
+
+def _unpinned(job) -> None:
+    """`job` as a hub model's job submitted before 2026-12-07 holds it: no model_revision in job.json."""
+    meta = {k: v for k, v in job.meta.items() if k != "model_revision"}
+    meta["spec_sha256"] = spec_checksum(meta)
+    for name in ("job.json", "job.backup.json"):
+        storage.write_json(job.dir / name, meta)
+
+
+def test_a_hub_model_job_runs_on_its_snapshot_wherever_the_cache_moves(
     tmp_path, tiny_gpt2, runner_home, monkeypatch
 ):
     """transformers 5 keeps no `_commit_hash` on a config: a hub model's fingerprint was its id alone, and a job
-    resumed on whatever snapshot the cache (or the hub) held next, an update pushed since, without a word. The
-    fingerprint names the snapshot the config resolves to; the same snapshot resumes as before."""
+    resumed on whatever snapshot the cache (or the hub) held next, an update pushed since, without a word. Then
+    (fingerprint 7) such a job was refused, even for a README commit. Submit now pins the snapshot: the job
+    runs on it whatever refs/main names when its worker starts."""
     main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
-    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
-    job = create_job(path, HUB_ID, GenerationParams(max_new_tokens=2))
+    first, second = sorted(SNAPSHOTS)
+    expected, other = _snapshot_answers(tmp_path, main, first), _snapshot_answers(tmp_path, main, second)
+    assert expected != other  # (the two snapshots' weights answer apart)
+    main.write_text(first)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), HUB_ID, GenerationParams(max_new_tokens=2))
+    assert job.spec.revision == first
+    main.write_text(second)
+    assert work(runner_home, echo=None)[0].finished and read_state(job.dir).state == "completed"
+    assert _answers(job.dir) == expected
+    shown = CliRunner().invoke(cli, ["status", str(job.dir)])
+    assert f"model:    {HUB_ID} (snapshot {first})" in shown.output, shown.output
+
+
+def test_a_hub_job_of_before_pinning_is_refused_on_another_snapshot(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """A job submitted before pins (no model_revision) runs on the newest snapshot: one other than its own is
+    refused, saying why, and the same one resumes after `runner retry`."""
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), HUB_ID, GenerationParams(max_new_tokens=2))
+    _unpinned(job)
     main.write_text(max(SNAPSHOTS))
     assert work(runner_home, echo=None) == []
     state = read_state(job.dir)
@@ -60,27 +103,70 @@ def test_a_hub_model_whose_cache_moved_to_another_snapshot_is_refused_on_resume(
     assert work(runner_home, echo=None)[0].finished and read_state(job.dir).state == "completed"
 
 
+def test_a_pinned_snapshot_missing_here_waits_and_says_how_to_get_it(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """The job's snapshot is not in this machine's offline cache (a new VM, the cache pruned): the job waits for
+    a machine that has it, as a job whose model folder is not mounted does (it was failed for every machine);
+    status and the worker say which commit and the command that downloads it; no other snapshot is taken."""
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), HUB_ID, GenerationParams(max_new_tokens=2))
+    main.write_text(max(SNAPSHOTS))
+    snapshot = main.parent.parent / "snapshots" / min(SNAPSHOTS)
+    shutil.move(snapshot, tmp_path / "away")
+    lines: list[str] = []
+    assert work(runner_home, echo=lines.append) == []
+    download = f"hf download {HUB_ID} --revision {min(SNAPSHOTS)}"
+    assert any(download in line for line in lines), lines
+    status = runner.status(job.dir)
+    assert status.state == "queued" and download in status.message, status
+    shutil.move(tmp_path / "away", snapshot)
+    assert work(runner_home, echo=None)[0].finished and read_state(job.dir).state == "completed"
+
+
+def test_runner_run_again_after_a_push_makes_a_job_of_the_new_snapshot(tmp_path, tiny_gpt2, monkeypatch):
+    """`runner run FILE` again carries its job on while the hub model is as it was; once a commit was pushed it
+    makes a new job, pinned to the new snapshot, as a first submit would (the old one keeps its own)."""
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    path, params = write_jsonl(tmp_path / "p.jsonl", ROWS), GenerationParams(max_new_tokens=2)
+    old, _ = runner.run(path, HUB_ID, params, echo=None)
+    assert runner.run(path, HUB_ID, params, echo=None)[0].id == old.id
+    main.write_text(max(SNAPSHOTS))
+    new, summary = runner.run(path, HUB_ID, params, echo=None)
+    assert new.id != old.id and summary.finished and new.spec.revision == max(SNAPSHOTS)
+    assert old.spec.revision == min(SNAPSHOTS) and _answers(new.dir) != _answers(old.dir)
+
+
+def test_a_revision_in_job_json_that_is_not_a_commit_breaks_only_that_job(tmp_path, tiny_gpt2, monkeypatch):
+    _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), HUB_ID, GenerationParams(max_new_tokens=2))
+    meta = {**job.meta, "model_revision": "main"}
+    meta["spec_sha256"] = spec_checksum(meta)
+    storage.write_json(job.dir / "job.json", meta)
+    with pytest.raises(BrokenJob, match="model_revision must be a commit id"):
+        Job.open(job.dir)
+
+
 @pytest.mark.slow
 def test_a_worker_killed_part_done_then_another_hub_snapshot_mixes_no_rows(
     tmp_path, tiny_gpt2, runner_home, monkeypatch
 ):
     """The first `runner work` is killed after its first shard; the cache's refs/main then names another
-    snapshot (`huggingface-cli download` of an update). The next `runner work` refuses the job: its saved rows
-    are the first model's alone."""
+    snapshot (`huggingface-cli download` of an update). The next `runner work` carries the job on with its own
+    snapshot: every row is the first model's."""
     main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    expected = _snapshot_answers(tmp_path, main, min(SNAPSHOTS))
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
-    job = create_job(path, HUB_ID, GenerationParams(max_new_tokens=2), runner.EngineOptions(batch_size=2))
+    job = create_job(path, HUB_ID, GenerationParams(max_new_tokens=2), runner.EngineOptions(batch_size=2),
+                     name="killed")  # fmt: skip
     code, out = run_worker(runner_home, env_extra={"RUNNER_FAULT": "after_shard:2"})
     assert code == -9, out
     with pytest.warns(UserWarning, match="queued"):
-        first = runner.load_results(job.dir)
-    assert 0 < len(first) < len(ROWS)
+        assert 0 < len(runner.load_results(job.dir)) < len(ROWS)
     main.write_text(max(SNAPSHOTS))
     code, out = run_worker(runner_home)
-    assert "is not the one job" in out and "runner retry" in out, out
-    assert read_state(job.dir).state == "failed"
-    with pytest.warns(UserWarning, match="is failed"):
-        assert runner.load_results(job.dir).to_json() == first.to_json()
+    assert code == 0 and read_state(job.dir).state == "completed", out
+    assert _answers(job.dir) == expected
 
 
 def test_a_chat_template_file_edited_in_the_model_folder_counts_as_its_tokenizer(tmp_path, tiny_llama):

@@ -252,10 +252,10 @@ def test_run_in_the_home_again_through_a_transient_model_read_error_carries_on_i
     first, _ = runner.run(prompts_file, tiny_gpt2, params, echo=None)
     real, failures = runner.models.model_fingerprint, [1]
 
-    def fingerprint(*args):
+    def fingerprint(*args, **kwargs):
         if failures and failures.pop():
             raise OSError(errno.EIO, "Input/output error", "model.safetensors")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
     monkeypatch.setattr(runner.models, "model_fingerprint", fingerprint)

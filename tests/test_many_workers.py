@@ -337,7 +337,7 @@ def test_a_worker_switching_models_frees_the_first_before_loading_the_next(monke
     dropped = []
 
     class FakeEngine:
-        def __init__(self, model, options):
+        def __init__(self, model, options, revision=None):
             assert all(ref() is None for ref in dropped), "the previous engine is still in memory"
             self.cycle = self  # as a loaded model's modules and hooks refer to each other
             dropped.append(weakref.ref(self))
@@ -348,7 +348,9 @@ def test_a_worker_switching_models_frees_the_first_before_loading_the_next(monke
     engines = scheduler.Engines(None, None)
     options = runner.EngineOptions(device="cuda:1")  # a job submitted for a GPU: made current before it loads
     for model in ("a", "b", "a"):
-        job = types.SimpleNamespace(options=options, spec=types.SimpleNamespace(model=model), meta={})
+        job = types.SimpleNamespace(
+            options=options, spec=types.SimpleNamespace(model=model, revision=None), meta={}
+        )
         assert isinstance(engines.get(job), FakeEngine)
     assert len(dropped) == 3 and current == ["cuda:1"] * 3
 
@@ -362,12 +364,12 @@ def test_a_job_of_other_weights_in_the_same_folder_loads_them_again(monkeypatch)
     import runner.scheduler as scheduler
 
     loads = []
-    monkeypatch.setattr(scheduler, "Engine", lambda model, options: loads.append(model) or object())
+    monkeypatch.setattr(scheduler, "Engine", lambda model, options, revision: loads.append(model) or object())
     monkeypatch.setattr(scheduler, "make_current", lambda device: None)
     engines = scheduler.Engines(None, None)
 
     def job(fingerprint):
-        return types.SimpleNamespace(options=runner.EngineOptions(), spec=types.SimpleNamespace(model="ckpt"),
+        return types.SimpleNamespace(options=runner.EngineOptions(), spec=types.SimpleNamespace(model="ckpt", revision=None),
                                      meta={"model_fingerprint": fingerprint})  # fmt: skip
 
     first = engines.get(job("6:aaaa"))

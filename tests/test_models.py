@@ -606,11 +606,12 @@ def test_a_gguf_table_parsed_from_a_torn_read_is_parsed_again_once_forgotten(
 def test_a_model_fingerprint_that_differs_once_is_computed_again_from_no_kept_table(tmp_path, monkeypatch):
     from runner import jobs, models
 
-    job = type("J", (), {"meta": {"model_fingerprint": "6:good"}, "spec": type("S", (), {"model": "m"}),
+    job = type("J", (), {"meta": {"model_fingerprint": "6:good"},
+                         "spec": type("S", (), {"model": "m", "revision": None}),
                          "options": type("O", (), {"trust_remote_code": False})})  # fmt: skip
     answers, forgotten = ["6:torn", "6:good"], []
-    monkeypatch.setattr(models, "load_config", lambda *a: None)
-    monkeypatch.setattr(models, "model_fingerprint", lambda *a: answers.pop(0))
+    monkeypatch.setattr(models, "load_config", lambda *a, **k: None)
+    monkeypatch.setattr(models, "model_fingerprint", lambda *a, **k: answers.pop(0))
     monkeypatch.setattr(models, "forget_gguf_tables", lambda: forgotten.append(len(answers)))
     assert jobs.model_unchanged(job) and forgotten == [1]
 

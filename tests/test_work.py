@@ -305,11 +305,11 @@ def test_a_transient_read_error_on_the_model_is_retried_not_a_failed_job(
 
     real, calls = runner.models.model_fingerprint, []
 
-    def fingerprint(*args, failing=1):
+    def fingerprint(*args, failing=1, **kwargs):
         calls.append(1)
         if len(calls) <= failing:
             raise OSError(errno.EIO, "Input/output error", "model.safetensors")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
     monkeypatch.setattr(runner.models, "model_fingerprint", fingerprint)
