@@ -137,6 +137,11 @@ model_option = click.option(
     "-m", "--model", required=True,
     help="Hub id (gpt2), local model folder, .gguf file, or the offline demo smollm2-135m-instruct.",
 )  # fmt: skip
+revision_option = click.option(
+    "--revision",
+    help="A hub model's branch, tag or commit to run on [default: main]. A hub model's job runs to the end on the "
+    "commit this names at submit, whatever is pushed since.",
+)
 served_names_option = click.option(
     "--served-model-name", "served_model_names", multiple=True,
     help="A model name to answer to (besides --model), repeatable: an OpenAI Batch body.model may give it, and "
@@ -146,6 +151,7 @@ served_names_option = click.option(
 input_options = _apply([
     click.argument("input_path", metavar="INPUT", type=_Path(folder=None)),
     model_option,
+    revision_option,
     click.option("--prompt-field", "--text-field", "prompt_field",
                  help="Column holding the prompt (generate) or the text (score, embed) [default: prompt / text]."),
     click.option("--template", help='Template filled from columns: the prompt (or the text to score / embed), e.g. '
@@ -508,7 +514,7 @@ def _run_kind(
             prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
             truncate=kw["truncate"], home=ctx.obj["home"], served_model_names=kw.get("served_model_names", ()),
             chat=kw.get("chat", False), chat_template=_chat_template(kw.get("chat_template")),
-            progress_every=kw.get("progress_every"),
+            progress_every=kw.get("progress_every"), revision=kw["revision"],
         )  # fmt: skip
     invalid = job.meta["input"]["invalid"]
     if invalid:
@@ -708,6 +714,7 @@ def submit(
         prompt_field=kw["prompt_field"], template=_template(kw["template"]), skip_invalid=kw["skip_invalid"],
         truncate=kw["truncate"], home=ctx.obj["home"], name=name, priority=priority,
         served_model_names=kw["served_model_names"], chat=kw["chat"], chat_template=_chat_template(kw["chat_template"]),
+        revision=kw["revision"],
     )  # fmt: skip
     from .jobs import submit_warnings
 
@@ -1588,6 +1595,7 @@ def generate(
     help="Batch output file, written (atomically) once every request is done.",
 )
 @model_option
+@revision_option
 @served_names_option
 @click.option(
     "--max-new-tokens",
@@ -1626,7 +1634,7 @@ def run_batch(ctx: click.Context, input_path: str, output_path: str, model: str,
                                               served_model_names=served_model_names, echo=_echo, stop=stop,
                                               skip_invalid=kw["skip_invalid"], truncate=kw["truncate"],
                                               chat_template=_chat_template(kw["chat_template"]),
-                                              progress_every=kw["progress_every"])  # fmt: skip
+                                              progress_every=kw["progress_every"], revision=kw["revision"])  # fmt: skip
     if not summary.finished:
         # (a request asking n > 1 has n results)
         noun = "requests" if job.spec.count_noun == "rows" else "results"

@@ -108,14 +108,17 @@ def _identity(
     served: tuple[str, ...],
     chat: bool,
     chat_template: str | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
-    """What makes two submits the same job: the input's bytes, how it is read, the model and the settings."""
+    """What makes two submits the same job: the input's bytes, how it is read, the model (and the `revision`
+    asked of it) and the settings."""
     return {
         "input_sha256": storage.retry(lambda: storage.file_sha256(input_path), f"read {input_path}"),
         "prompt_field": prompt_field, "template": template,
         "skip_invalid": skip_invalid, "truncate": truncate, "model": model, "params": params.to_dict(),
         "served_model_names": list(served), **({"chat": True} if chat else {}),
         **({"chat_template": chat_template} if chat_template is not None else {}), **_schema_order(params),
+        **({"revision": revision} if revision else {}),
     }  # fmt: skip
 
 
@@ -171,6 +174,7 @@ def create_job(
     served_model_names: tuple[str, ...] = (),
     chat: bool = False,
     chat_template: str | os.PathLike | None = None,
+    revision: str | None = None,
     same_in_home: bool = False,
 ) -> Job:
     """Validate everything and store a queued job. Nothing invalid is ever stored.
@@ -192,6 +196,9 @@ def create_job(
     `chat_template`, or a Path to a file of it) renders `messages` rows (and `chat` prompts) instead of the
     model's own, or for a model that has none (a GPT-2 fine-tuned on your own chat format); the job records it.
 
+    `revision`: a hub model's branch, tag or commit (from_pretrained's `revision`). A hub model's job is pinned
+    to the commit that names at submit (without `revision`, the newest: main), and runs on it to the end.
+
     `unit_rows` is the number of prompts a worker claims at a time (several workers share a job by units).
 
     A generation row may carry its own settings (params.ROW_SETTINGS: `temperature`, `max_tokens`, `n`, ...);
@@ -211,11 +218,11 @@ def create_job(
     with input_file(source, prompt_field, kind) as input_path:
         # the names Batch lines may give the model
         models = tuple(dict.fromkeys((model, Path(model).name, *served_model_names)))
-        model = stored_spec(model)
+        model, revision = stored_spec(model), _asked_revision(model, revision)
         reader = _reader(input_path, kind, prompt_field, template, models, chat, params)
         identity = _identity(input_path, model, params, prompt_field=prompt_field, template=template,
                              skip_invalid=skip_invalid, truncate=truncate, served=served_model_names,
-                             chat=chat, chat_template=chat_template)  # fmt: skip
+                             chat=chat, chat_template=chat_template, revision=revision)  # fmt: skip
         root = _home_checked(home, job_dir)
         fingerprint = _fingerprint(identity)
         rerun = same_in_home and job_dir is None and name is None  # `runner run FILE` without -o or --name
@@ -227,7 +234,7 @@ def create_job(
         _refuse_a_name_like_an_id(job_dir)
         # (the model's files read again after a transient error, a model on a Drive mount: `reading_model`)
         pinned, (config, tokenizer, window) = reading_model(
-            lambda: _pinned_facts(model, options, kind, params, chat_template), model
+            lambda: _pinned_facts(model, options, kind, params, chat_template, revision), model
         )
         if chat:
             check_chat_option(tokenizer, model)
@@ -251,15 +258,9 @@ def create_job(
         # another submit of the same name, -o folder, or file and settings got there first, while this one was
         # being written
         if holder is not None:
-            existing = Job.open(root / holder) if rerun else _already_submitted(job_dir, root, name, identity)
-            if existing is None:
-                held = (
-                    f"the job name {name!r} is held by job {holder}"
-                    if job_dir is None
-                    else f"{target} is taken"
-                )
-                raise RunnerError(f"{held}, which cannot be opened")
-            return existing
+            return (
+                Job.open(root / holder) if rerun else _held_by(holder, job_dir, root, name, identity, target)
+            )
         job = Job.open(target)
         job.created = True
         _log_created(job, kind, model)
@@ -561,15 +562,16 @@ def _same_model(job: Job) -> bool:
 def model_unchanged(job: Job, pinned: bool = True) -> bool:
     """The job's model folder still holds the model it was submitted with: its fingerprint, computed the way
     the job's was (fingerprint_version), a hub model's at the snapshot the job pinned (`pinned`: what its
-    workers load; else at the newest, as a new submit would take it: `runner run` of the same file makes a new
-    job when the hub model moved on). OSError when the model cannot be read. A fingerprint that differs is
+    workers load; else at the newest, or the branch or tag the job asked for, as a new submit would take it:
+    `runner run` of the same file makes a new job when the hub model moved on). OSError when the model cannot be read. A fingerprint that differs is
     computed once more, from no kept GGUF table, before the model is taken for another: one torn read of a
     model file on a network mount failed the job for good as "not the one it was submitted with", and made
     `runner run` start a new job beside the one it should carry on."""
     # (looked up now: tests stand in)
     from .models import fingerprint_version, forget_gguf_tables, load_config, model_fingerprint
 
-    stored, revision = job.meta.get("model_fingerprint"), job.spec.revision if pinned else None
+    stored = job.meta.get("model_fingerprint")
+    revision = job.spec.revision if pinned else job.meta.get("model_revision_asked")
 
     def fingerprint() -> str:
         config = load_config(job.spec.model, job.options.trust_remote_code, revision=revision)
@@ -582,17 +584,45 @@ def model_unchanged(job: Job, pinned: bool = True) -> bool:
 
 
 def _pinned_facts(
-    model: str, options: EngineOptions, kind: str, params: Any, chat_template: str | None
+    model: str, options: EngineOptions, kind: str, params: Any, chat_template: str | None, asked: str | None
 ) -> tuple[dict[str, str], tuple[Any, Any, int | None]]:
-    """job.json's model_fingerprint and, for a hub model, the commit its job is pinned to ("model_revision"),
-    with the `_model_facts` of that snapshot. The commit is the snapshot the model's files load from now, read
-    before the tokenizer that tokenizes the prompts loads it, as its workers will: an update pushed while the
-    job runs (a README edit is a commit too) neither mixes two models' rows nor fails the job."""
+    """job.json's model_fingerprint and, for a hub model, the commit its job is pinned to ("model_revision":
+    the one branch, tag or commit `asked` names now, else the newest), with the `_model_facts` of that
+    snapshot. The commit is the snapshot the model's files load from now, read before the tokenizer that
+    tokenizes the prompts loads it, as its workers will: an update pushed while the job runs (a README edit is a
+    commit too) neither mixes two models' rows nor fails the job."""
     resolve_model(model)  # (a folder or file that is not there is said as such, not taken for a hub id)
-    revision = hub_snapshot(model) if is_hub_model(model) else None
+    revision = hub_snapshot(model, asked) if is_hub_model(model) else None
     facts = _model_facts(model, options, kind, params, chat_template, revision)
     pinned = {"model_fingerprint": model_fingerprint(model, facts[0], revision=revision)}
-    return {**pinned, "model_revision": revision} if revision else pinned, facts
+    if revision:
+        pinned.update(model_revision=revision, **({"model_revision_asked": asked} if asked else {}))
+    return pinned, facts
+
+
+def _asked_revision(model: str, revision: Any) -> str | None:
+    """`revision` as given (None: the newest), once it is one: text, for a model of the hub."""
+    if revision is None:
+        return None
+    if not isinstance(revision, str) or not revision.strip():
+        raise ParamError(
+            "revision", f"revision must be a branch, tag or commit of the model, got {revision!r}."
+        )
+    if not is_hub_model(model):
+        raise ParamError("revision", f"revision names a snapshot of a Hugging Face hub model; {model!r} is not "
+                         "one (a folder or a .gguf file here is its own version)")  # fmt: skip
+    return revision.strip()
+
+
+def _held_by(
+    holder: str, job_dir: Any, root: Path, name: str | None, identity: dict[str, Any], target: Path
+) -> Job:
+    """The job another submit of the same name or -o folder stored while this one was being written."""
+    existing = _already_submitted(job_dir, root, name, identity)
+    if existing is None:
+        held = f"the job name {name!r} is held by job {holder}" if job_dir is None else f"{target} is taken"
+        raise RunnerError(f"{held}, which cannot be opened")
+    return existing
 
 
 def _model_facts(

@@ -613,7 +613,8 @@ def hub_snapshot(spec: str, revision: str | None = None) -> str | None:
     except (OSError, ValueError) as e:
         if _transient(e):
             raise  # (for `reading_model` to read again)
-        raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}{_hub_hint(e)}") from e
+        where = f" at revision {revision!r} (--revision)" if revision else ""
+        raise ModelLoadError(f"cannot load model {spec!r}{where}: {first_line(e)}{_hub_hint(e)}") from e
 
 
 def _remote_code(path: Path) -> set[str]:

@@ -923,13 +923,14 @@ def default_max_tokens(model: str, trust_remote_code: bool = False) -> int:
 def run_batch(input_path: Any, output_path: Any, model: str, params: Any, options: Any, *, job_dir: Any = None,
               served_model_names: tuple[str, ...] = (), echo: Any = print, stop: Any = None,
               skip_invalid: bool = False, chat_template: str | None = None,
-              truncate: str = "none", progress_every: float | None = None) -> tuple[Any, Any]:  # fmt: skip
+              truncate: str = "none", progress_every: float | None = None,
+              revision: str | None = None) -> tuple[Any, Any]:  # fmt: skip
     """`runner run-batch`: submit the file as a job in `job_dir` (default OUTPUT.job), work on it, and write
     the output file (and OUTPUT.errors.jsonl) once every request is done. Run again, it resumes.
     `skip_invalid`: answer the valid requests; each line refused at submit is a 400 line of the error file.
     `chat_template`: Jinja text rendering the chat requests instead of the model's own (create_job).
     `truncate` "left": a prompt over the context window keeps its end (create_job). `progress_every`: seconds
-    between progress lines (scheduler.work)."""
+    between progress lines (scheduler.work). `revision`: a hub model's branch, tag or commit (create_job)."""
 
     from .scheduler import run
     from .storage import file_sha256
@@ -951,7 +952,8 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
         params = params.replaced(seed=int(file_sha256(input_path)[:15], 16))
     job, summary = run(input_path, model, params, options, output=folder, echo=echo, stop=stop,
                        served_model_names=tuple(served_model_names), skip_invalid=skip_invalid,
-                       chat_template=chat_template, truncate=truncate, progress_every=progress_every)  # fmt: skip
+                       chat_template=chat_template, truncate=truncate, progress_every=progress_every,
+                       revision=revision)  # fmt: skip
     if summary.finished:
         lines, errors = export(job, out)
         if echo:

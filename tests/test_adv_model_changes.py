@@ -137,6 +137,45 @@ def test_runner_run_again_after_a_push_makes_a_job_of_the_new_snapshot(tmp_path,
     assert old.spec.revision == min(SNAPSHOTS) and _answers(new.dir) != _answers(old.dir)
 
 
+def test_a_revision_asked_pins_the_job_to_the_commit_it_names(tmp_path, tiny_gpt2, runner_home, monkeypatch):
+    """--revision TAG (from_pretrained's revision=): the job runs on the commit the tag names at submit, main being
+    elsewhere; the job's status shows it. `runner run` again is the same job while the tag stays, a new one once
+    it moved. A revision the hub does not have, or one for a local folder, is refused naming the option."""
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    first, second = sorted(SNAPSHOTS)
+    expected = _snapshot_answers(tmp_path, main, first)
+    tag = main.parent / "v1"
+    tag.write_text(first)
+    main.write_text(second)
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    args = ["run", str(path), "-m", HUB_ID, "--revision", "v1", "--max-new-tokens", "2"]
+    ran = CliRunner().invoke(cli, args)
+    assert ran.exit_code == 0, ran.output
+    job = Job.open(ran.output.strip().splitlines()[-1])
+    assert job.spec.revision == first and _answers(job.dir) == expected
+    shown = CliRunner().invoke(cli, ["status", str(job.dir)])
+    assert f"(snapshot {first})" in shown.output, shown.output
+    params = GenerationParams(max_new_tokens=2)
+    assert runner.run(path, HUB_ID, params, revision="v1", echo=None)[0].id == job.id
+    tag.write_text(second)
+    moved, _ = runner.run(path, HUB_ID, params, revision="v1", echo=None)
+    assert moved.id != job.id and moved.spec.revision == second
+    assert create_job(path, HUB_ID, params, revision=first, name="by-commit").spec.revision == first
+    requests = [{"custom_id": r["id"], "method": "POST", "url": "/v1/completions",
+                 "body": {"model": HUB_ID, "prompt": r["prompt"], "max_tokens": 2}} for r in ROWS]  # fmt: skip
+    batch = write_jsonl(tmp_path / "batch.jsonl", requests)
+    ran = CliRunner().invoke(cli, ["run-batch", "-i", str(batch), "-o", str(tmp_path / "out.jsonl"), "-m", HUB_ID,
+                                   "--revision", first])  # fmt: skip
+    assert ran.exit_code == 0 and Job.open(tmp_path / "out.jsonl.job").spec.revision == first, ran.output
+    refused = CliRunner().invoke(cli, ["submit", str(path), "-m", HUB_ID, "--revision", "v9"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output and "v9" in refused.output, (
+        refused.output
+    )
+    with pytest.raises(runner.ParamError, match="revision names a snapshot of a Hugging Face hub model") as e:
+        create_job(path, str(tiny_gpt2), params, revision="v1")
+    assert e.value.param == "revision"
+
+
 def test_a_revision_in_job_json_that_is_not_a_commit_breaks_only_that_job(tmp_path, tiny_gpt2, monkeypatch):
     _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), HUB_ID, GenerationParams(max_new_tokens=2))
