@@ -1531,6 +1531,7 @@ def _lost_retry_line(lost: tuple[int, int], now: str | None) -> str:
 @cli.command()
 @click.argument("prompts", nargs=-1, required=True)
 @model_option
+@revision_option
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message through the chat template.")
 @_chat_template_option("that --chat sends the prompts through")
 @click.option("--show-logprobs", is_flag=True, help="Also print each token with its log-prob.")
@@ -1550,6 +1551,7 @@ def generate(
     chat_template: str | None,
     show_logprobs: bool,
     truncate: str,
+    revision: str | None,
     **kw: Any,
 ) -> None:
     """Generate for PROMPTS at once and print the text: a quick try of settings before a night's job. A
@@ -1568,7 +1570,7 @@ def generate(
     ids, texts = zip(*quick.read_prompts_with_ids(prompts), strict=True)
     template = _chat_template(chat_template)
     answers = quick.generate(list(texts), model, params, options, chat=chat, chat_template=template,
-                             truncate=truncate, row_ids=list(ids))  # fmt: skip
+                             truncate=truncate, revision=revision, row_ids=list(ids))  # fmt: skip
     for text, samples in zip(texts, answers, strict=True):
         for s, c in enumerate(samples):
             head = f"[{one_line(text[:40])}]" + (f" #{s}" if len(samples) > 1 else "")  # one line, as typed

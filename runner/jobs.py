@@ -39,6 +39,7 @@ from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
 from .models import (
     ModelUnreadable,
+    asked_revision,
     at,
     check_causal_lm,
     check_weights,
@@ -218,7 +219,7 @@ def create_job(
     with input_file(source, prompt_field, kind) as input_path:
         # the names Batch lines may give the model
         models = tuple(dict.fromkeys((model, Path(model).name, *served_model_names)))
-        model, revision = stored_spec(model), _asked_revision(model, revision)
+        model, revision = stored_spec(model), asked_revision(model, revision)
         reader = _reader(input_path, kind, prompt_field, template, models, chat, params)
         identity = _identity(input_path, model, params, prompt_field=prompt_field, template=template,
                              skip_invalid=skip_invalid, truncate=truncate, served=served_model_names,
@@ -598,20 +599,6 @@ def _pinned_facts(
     if revision:
         pinned.update(model_revision=revision, **({"model_revision_asked": asked} if asked else {}))
     return pinned, facts
-
-
-def _asked_revision(model: str, revision: Any) -> str | None:
-    """`revision` as given (None: the newest), once it is one: text, for a model of the hub."""
-    if revision is None:
-        return None
-    if not isinstance(revision, str) or not revision.strip():
-        raise ParamError(
-            "revision", f"revision must be a branch, tag or commit of the model, got {revision!r}."
-        )
-    if not is_hub_model(model):
-        raise ParamError("revision", f"revision names a snapshot of a Hugging Face hub model; {model!r} is not "
-                         "one (a folder or a .gguf file here is its own version)")  # fmt: skip
-    return revision.strip()
 
 
 def _held_by(

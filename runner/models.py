@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import storage
-from .errors import ModelLoadError, NotOnThisMachine, RunnerError, first_line
+from .errors import ModelLoadError, NotOnThisMachine, ParamError, RunnerError, first_line
 from .progress import counted
 from .storage import file_sha256
 
@@ -597,6 +597,20 @@ def is_hub_model(spec: str) -> bool:
         return False
     path = Path(spec).expanduser()
     return not path.is_dir() and not (spec.lower().endswith(".gguf") and path.is_file())
+
+
+def asked_revision(model: str, revision: Any) -> str | None:
+    """`revision` as given (None: the newest), once it is one: text, for a model of the hub."""
+    if revision is None:
+        return None
+    if not isinstance(revision, str) or not revision.strip():
+        raise ParamError(
+            "revision", f"revision must be a branch, tag or commit of the model, got {revision!r}."
+        )
+    if not is_hub_model(model):
+        raise ParamError("revision", f"revision names a snapshot of a Hugging Face hub model; {model!r} is not "
+                         "one (a folder or a .gguf file here is its own version)")  # fmt: skip
+    return revision.strip()
 
 
 def hub_snapshot(spec: str, revision: str | None = None) -> str | None:

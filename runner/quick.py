@@ -97,6 +97,7 @@ def generate(
     chat: bool = False,
     chat_template: str | os.PathLike | None = None,
     truncate: str = "none",
+    revision: str | None = None,
     engine: Any = None,
     row_ids: list[str] | None = None,
 ) -> list[list[Any]]:
@@ -105,6 +106,7 @@ def generate(
     template, or through `chat_template` (Jinja text, given with `chat`, as a job takes it: without, a job
     would not use it, so a try refuses it), which the engine's tokenizer keeps.
     `truncate` "left": a prompt over the context window keeps its end, as a job's does (else it is refused).
+    `revision`: a hub model's branch, tag or commit, as a job's (else its newest).
     Seeds are per (row id, sample) from `params.seed` (0 when none), as a job's are, so a try is repeatable:
     `row_ids` are the prompts' row ids (default: their numbers from 1, a job's ids for the lines of a .txt or JSONL
     file without blank lines or ids of its own)."""
@@ -117,6 +119,7 @@ def generate(
         use_chat_template,
     )
     from .engine import Engine
+    from .models import asked_revision
     from .tasks import generate_keys, sample_seed
 
     # one string is one prompt, as vLLM's LLM.generate takes it (it was a prompt per character), and any iterable
@@ -131,7 +134,7 @@ def generate(
                           "plain prompts without --chat does not use the template, so this try would not be the "
                           "job's)")  # fmt: skip
     params = params or GenerationParams()
-    engine = engine or Engine(model, options or EngineOptions())
+    engine = engine or Engine(model, options or EngineOptions(), asked_revision(model, revision))
     if chat_template is not None:
         use_chat_template(engine.tokenizer, chat_template_text(chat_template))
     if chat:

@@ -174,6 +174,9 @@ def test_a_revision_asked_pins_the_job_to_the_commit_it_names(tmp_path, tiny_gpt
     with pytest.raises(runner.ParamError, match="revision names a snapshot of a Hugging Face hub model") as e:
         create_job(path, str(tiny_gpt2), params, revision="v1")
     assert e.value.param == "revision"
+    tried = CliRunner().invoke(cli, ["generate", "The old man number 0", "-m", HUB_ID, "--revision", first,
+                                     "--max-new-tokens", "2"])  # fmt: skip
+    assert tried.exit_code == 0 and tried.output.split("] ", 1)[1].rstrip("\n") == expected[0], tried.output
 
 
 def test_a_revision_in_job_json_that_is_not_a_commit_breaks_only_that_job(tmp_path, tiny_gpt2, monkeypatch):
