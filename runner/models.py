@@ -235,18 +235,38 @@ def missing_model_folder(spec: str, then: str = "", revision: str | None = None)
 def _missing_snapshot(spec: str, revision: str) -> NotOnThisMachine | None:
     """A job pinned to a hub snapshot that this machine's cache lacks, with the hub out of reach (HF_HUB_OFFLINE):
     the job waits for a machine that has it (another worker of a shared home, this one after a download),
-    where loading failed it for every machine. Online, the load downloads that commit."""
+    where loading failed it for every machine. Online, the load downloads that commit. A snapshot holding its
+    config.json but not its weights or tokenizer (an interrupted download, a cache that AutoConfig alone filled)
+    lacks it too: the load failed the job for every worker of the home (`_snapshot_lacks`)."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if not constants.HF_HUB_OFFLINE or isinstance(
-        try_to_load_from_cache(spec, "config.json", revision=revision), str
-    ):
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    config = try_to_load_from_cache(spec, "config.json", revision=revision)
+    lacks = _snapshot_lacks(spec, revision, Path(config)) if isinstance(config, str) else "is not"
+    if lacks is None:
         return None
     return NotOnThisMachine(
-        f"its model {spec} at commit {revision}, the snapshot it was submitted with, is not in this machine's "
+        f"its model {spec} at commit {revision}, the snapshot it was submitted with, {lacks} in this machine's "
         "Hugging Face cache (HF_HUB_OFFLINE is set)",
         f"download it: hf download {spec} --revision {revision}",
     )
+
+
+def _snapshot_lacks(spec: str, revision: str, config: Path) -> str | None:
+    """What a cached snapshot (its config.json at `config`) lacks of what a worker loads: the weight files
+    transformers picks (a sharded save's every shard), or any tokenizer file (tokenizer_config.json nor
+    tokenizer.json, where the hub's cache does not know them absent); None when it has them."""
+    from huggingface_hub import try_to_load_from_cache
+
+    folder = config.parent
+    weights = loaded_weight_files(folder)
+    if not weights or not all((folder / name).is_file() for name in weights):
+        return "is there without its weights"
+    known = [try_to_load_from_cache(spec, name, revision=revision) for name in TOKENIZER_FILES]
+    if all(found is None for found in known):
+        return "is there without its tokenizer"
+    return None
 
 
 def _model_there(path: Path, spec: str, then: str) -> bool:
@@ -509,6 +529,8 @@ RUN_TIME_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", 
 # The chat template where transformers 5 saves it, beside tokenizer_config.json (version 7): prompts are rendered
 # with it at submit, so an edited one is another job for the same file, as one edited in tokenizer_config.json is
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# (one of them at least in a hub snapshot whose tokenizer loads: `_snapshot_lacks`)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
 FINGERPRINT_VERSION = "7"
 SETTLED_NS = 2 * 10**9  # a GGUF file's tensor table is kept (process, cache) once unchanged this long
