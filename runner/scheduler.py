@@ -539,7 +539,9 @@ def _where_it_runs(job: Job, e: NotOnThisMachine, home: Any) -> str:
         return (
             f"run it on a machine that has that device, or here with `runner work --job {ref} --device cpu`"
         )
-    return f"{e.hint} `runner work` runs it once it is there"
+    # (a hint that is a command, `hf download ORG/NAME --revision COMMIT`, ran on into these words)
+    end = "" if e.hint.endswith(("?", ".", ";", ":")) else ";"
+    return f"{e.hint}{end} `runner work` runs it once it is there"
 
 
 def _state_now(job: Job) -> JobState | None:
