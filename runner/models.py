@@ -255,8 +255,9 @@ def _missing_snapshot(spec: str, revision: str) -> NotOnThisMachine | None:
 
 def _snapshot_lacks(spec: str, revision: str, config: Path) -> str | None:
     """What a cached snapshot (its config.json at `config`) lacks of what a worker loads: the weight files
-    transformers picks (a sharded save's every shard), or any tokenizer file (tokenizer_config.json nor
-    tokenizer.json, where the hub's cache does not know them absent); None when it has them."""
+    transformers picks (a sharded save's every shard), or every tokenizer file (TOKENIZER_FILES, none known
+    absent by the hub's cache either: a repository without tokenizer_config.json is not waited on for it);
+    None when it has them."""
     from huggingface_hub import try_to_load_from_cache
 
     folder = config.parent
@@ -529,8 +530,8 @@ RUN_TIME_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", 
 # The chat template where transformers 5 saves it, beside tokenizer_config.json (version 7): prompts are rendered
 # with it at submit, so an edited one is another job for the same file, as one edited in tokenizer_config.json is
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
-# (one of them at least in a hub snapshot whose tokenizer loads: `_snapshot_lacks`)
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+# A tokenizer's files: one of them at least in a hub snapshot whose tokenizer loads (`_snapshot_lacks`)
+TOKENIZER_FILES = tuple(name for name in RUN_TIME_FILES if name != "generation_config.json")
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 64 * 1024  # content read per weight file: 1 MiB, spread over the file
 FINGERPRINT_VERSION = "7"
 SETTLED_NS = 2 * 10**9  # a GGUF file's tensor table is kept (process, cache) once unchanged this long

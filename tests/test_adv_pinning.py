@@ -207,3 +207,21 @@ def test_workers_of_one_home_one_without_the_snapshot_finish_the_job_once(
     assert code == 0 and read_state(job.dir).state == "completed", out
     results = runner.load_results(job.dir)
     assert sorted(results["id"]) == sorted(r["id"] for r in ROWS) and _answers(job.dir) == expected
+
+
+def test_a_snapshot_whose_tokenizer_is_vocab_and_merges_alone_is_not_waited_on(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """A repository whose tokenizer is vocab.json and merges.txt (no tokenizer_config.json, no tokenizer.json),
+    downloaded whole offline: its snapshot lacks nothing, and the job runs, not left waiting for a download."""
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    snapshot = main.parent.parent / "snapshots" / min(SNAPSHOTS)
+    model = json.loads((snapshot / "tokenizer.json").read_text())["model"]
+    (snapshot / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (snapshot / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (snapshot / name).unlink()
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), HUB_ID, GenerationParams(max_new_tokens=2))
+    assert runner.status(job.dir).message is None
+    assert work(runner_home, echo=None)[0].finished and read_state(job.dir).state == "completed"
