@@ -44,6 +44,7 @@ from .models import (
     check_causal_lm,
     check_weights,
     context_window,
+    hub_newest_here,
     hub_snapshot,
     is_hub_model,
     load_config,
@@ -550,10 +551,15 @@ def _carries_on(job: Job, fingerprint: str) -> bool:
 def _same_model(job: Job) -> bool:
     """`model_unchanged`, a model that cannot be read counting as changed: a model retrained in place, or
     another ./model from another folder, makes a new job rather than return the old one's results. Transient
-    read errors are retried (`reading_model`), then ModelUnreadable."""
+    read errors are retried (`reading_model`), then ModelUnreadable. A hub model's job is compared with the
+    hub's newest snapshot (an update pushed makes a new job), unless that is not here whole, offline
+    (`hub_newest_here`): then with its own, as `runner work` runs it (a new machine whose cache the hint's `hf
+    download --revision COMMIT` filled, an update half downloaded), where a new submit failed or made a job that
+    cannot run here."""
     then = f"; run the same command again once it can be read (it carries on job {job.id})"
+    pinned = job.spec.revision is not None and not hub_newest_here(job.spec.model)
     try:
-        return reading_model(lambda: model_unchanged(job, pinned=False), job.spec.model, then)
+        return reading_model(lambda: model_unchanged(job, pinned=pinned), job.spec.model, then)
     except ModelUnreadable:
         raise
     except (OSError, RunnerError):

@@ -253,7 +253,18 @@ def _missing_snapshot(spec: str, revision: str) -> NotOnThisMachine | None:
     )
 
 
-def _snapshot_lacks(spec: str, revision: str, config: Path) -> str | None:
+def hub_newest_here(spec: str) -> bool:
+    """Whether hub model `spec`'s newest snapshot can be loaded here: online (the hub says which it is), or
+    offline where the cache's refs/main names a snapshot it holds whole (`_snapshot_lacks`)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return True
+    config = try_to_load_from_cache(spec, "config.json")
+    return isinstance(config, str) and _snapshot_lacks(spec, None, Path(config)) is None
+
+
+def _snapshot_lacks(spec: str, revision: str | None, config: Path) -> str | None:
     """What a cached snapshot (its config.json at `config`) lacks of what a worker loads: the weight files
     transformers picks (a sharded save's every shard), or every tokenizer file (TOKENIZER_FILES, none known
     absent by the hub's cache either: a repository without tokenizer_config.json is not waited on for it);

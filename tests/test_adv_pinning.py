@@ -225,3 +225,41 @@ def test_a_snapshot_whose_tokenizer_is_vocab_and_merges_alone_is_not_waited_on(
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), HUB_ID, GenerationParams(max_new_tokens=2))
     assert runner.status(job.dir).message is None
     assert work(runner_home, echo=None)[0].finished and read_state(job.dir).state == "completed"
+
+
+def test_a_cache_filled_by_the_hinted_download_alone_runs_the_job(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """`hf download ORG/NAME --revision COMMIT` (the hint's command) fills a cache with that snapshot and no
+    refs/main: offline, the pinned job runs from it, nothing asking for the newest."""
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    expected = _answers(runner.run(write_jsonl(tmp_path / "ref.jsonl", ROWS), HUB_ID,
+                                   GenerationParams(max_new_tokens=2), echo=None)[0].dir)  # fmt: skip
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), HUB_ID, GenerationParams(max_new_tokens=2))
+    shutil.rmtree(main.parent)
+    shutil.rmtree(main.parent.parent / "snapshots" / max(SNAPSHOTS))
+    assert runner.status(job.dir).message is None
+    assert work(runner_home, echo=None)[0].finished and read_state(job.dir).state == "completed"
+    assert _answers(job.dir) == expected
+
+
+@pytest.mark.parametrize("cache", ["hinted download", "update half downloaded"])
+def test_runner_run_again_offline_carries_its_job_on_where_the_newest_is_not_here(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch, cache
+):
+    """Offline, the hub's newest is not here whole: a new machine's cache that the hint's `hf download ORG/NAME
+    --revision COMMIT` filled (no refs/main), or an update whose download stopped after refs/main moved (its
+    weights not there). `runner run FILE` again carries the job on, as `runner work` does, where it took the
+    job for one of another model and failed to submit a new one, or made one that cannot run here."""
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    path, params = write_jsonl(tmp_path / "p.jsonl", ROWS), GenerationParams(max_new_tokens=2)
+    job = create_job(path, HUB_ID, params)
+    newest = main.parent.parent / "snapshots" / max(SNAPSHOTS)
+    if cache == "hinted download":
+        shutil.rmtree(main.parent)
+        shutil.rmtree(newest)
+    else:
+        main.write_text(max(SNAPSHOTS))
+        (newest / "model.safetensors").unlink()
+    again, summary = runner.run(path, HUB_ID, params, echo=None)
+    assert again.id == job.id and summary.finished and read_state(job.dir).state == "completed"
