@@ -557,7 +557,8 @@ def _same_model(job: Job) -> bool:
     download --revision COMMIT` filled, an update half downloaded), where a new submit failed or made a job that
     cannot run here."""
     then = f"; run the same command again once it can be read (it carries on job {job.id})"
-    pinned = job.spec.revision is not None and not hub_newest_here(job.spec.model)
+    asked = job.meta.get("model_revision_asked")
+    pinned = job.spec.revision is not None and not hub_newest_here(job.spec.model, asked)
     try:
         return reading_model(lambda: model_unchanged(job, pinned=pinned), job.spec.model, then)
     except ModelUnreadable:
@@ -570,10 +571,10 @@ def model_unchanged(job: Job, pinned: bool = True) -> bool:
     """The job's model folder still holds the model it was submitted with: its fingerprint, computed the way
     the job's was (fingerprint_version), a hub model's at the snapshot the job pinned (`pinned`: what its
     workers load; else at the newest, or the branch or tag the job asked for, as a new submit would take it:
-    `runner run` of the same file makes a new job when the hub model moved on). OSError when the model cannot be read. A fingerprint that differs is
-    computed once more, from no kept GGUF table, before the model is taken for another: one torn read of a
-    model file on a network mount failed the job for good as "not the one it was submitted with", and made
-    `runner run` start a new job beside the one it should carry on."""
+    `runner run` of the same file makes a new job when the hub model moved on). OSError when the model cannot
+    be read. A fingerprint that differs is computed once more, from no kept GGUF table, before the model is
+    taken for another: one torn read of a model file on a network mount failed the job for good as "not the
+    one it was submitted with", and made `runner run` start a new job beside the one it should carry on."""
     # (looked up now: tests stand in)
     from .models import fingerprint_version, forget_gguf_tables, load_config, model_fingerprint
 

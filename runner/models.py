@@ -253,15 +253,16 @@ def _missing_snapshot(spec: str, revision: str) -> NotOnThisMachine | None:
     )
 
 
-def hub_newest_here(spec: str) -> bool:
-    """Whether hub model `spec`'s newest snapshot can be loaded here: online (the hub says which it is), or
-    offline where the cache's refs/main names a snapshot it holds whole (`_snapshot_lacks`)."""
+def hub_newest_here(spec: str, revision: str | None = None) -> bool:
+    """Whether hub model `spec`'s newest snapshot (of branch or tag `revision`, else main) can be loaded here:
+    online (the hub says which it is), or offline where the cache's ref names a snapshot it holds whole
+    (`_snapshot_lacks`)."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     if not constants.HF_HUB_OFFLINE:
         return True
-    config = try_to_load_from_cache(spec, "config.json")
-    return isinstance(config, str) and _snapshot_lacks(spec, None, Path(config)) is None
+    config = try_to_load_from_cache(spec, "config.json", **at(revision))
+    return isinstance(config, str) and _snapshot_lacks(spec, revision, Path(config)) is None
 
 
 def _snapshot_lacks(spec: str, revision: str | None, config: Path) -> str | None:
