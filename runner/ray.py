@@ -82,6 +82,7 @@ class _Stage:
         chat: bool = False,
         id_field: str = "id",
         outputs: Iterable[str] = (),
+        revision: str | None = None,
     ):
         from .engine import Engine
         from .inputs import RowChecker
@@ -98,7 +99,8 @@ class _Stage:
             row_settings=generate, chat=chat,
         )  # fmt: skip
         self.checker.settings_from_arrow = True  # rows come in as Arrow batches (null-filled struct keys)
-        self.engine = Engine(model, actor_device(options or EngineOptions()))
+        # (`apply` gives every actor the commit it pinned: actors started after an update load what the first did)
+        self.engine = Engine(model, actor_device(options or EngineOptions()), revision)
         auto = generate and _sample_auto(self.params)
         seed = getattr(self.params, "seed", None)
         meta = {
@@ -404,15 +406,19 @@ def apply(
     `num_gpus` GPUs (1: one model per GPU; 0: CPU) and `num_cpus` CPUs, `batch_size` rows per call. Everything
     that can be checked without the weights is checked here first (settings, the model's config and tokenizer,
     max_new_tokens against the context window), so a mistake is an error now, not in every actor later.
-    `map_kwargs` go to `map_batches` as they are."""
+    A hub model is pinned here to one commit (of `revision`, a branch, tag or commit, else of main) that every
+    actor loads, as a job is. `map_kwargs` go to `map_batches` as they are."""
     from .inputs import Template
-    from .jobs import _model_facts
+    from .jobs import _pinned_facts
+    from .models import asked_revision
 
     params, _ = _check(stage.kind, params, stage_kwargs.get("truncate", "none"), stage_kwargs.get("chat", False),
                        stage_kwargs.get("outputs", ()))  # fmt: skip
     if stage_kwargs.get("template") is not None:
         Template(stage_kwargs["template"])
-    _model_facts(model, options or EngineOptions(), stage.kind, params)
+    asked = asked_revision(model, stage_kwargs.pop("revision", None))
+    pinned, _ = _pinned_facts(model, options or EngineOptions(), stage.kind, params, None, asked)
+    stage_kwargs["revision"] = pinned.get("model_revision")
     extra = dict(map_kwargs or {})
     if num_cpus is not None:
         extra["num_cpus"] = num_cpus

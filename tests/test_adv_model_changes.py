@@ -242,3 +242,28 @@ def test_only_a_hub_id_is_said_to_be_a_hub_model(tmp_path, tiny_gpt2):
     gguf.write_bytes(b"GGUF")
     assert is_hub_model("gpt2") and is_hub_model(HUB_ID)
     assert not any(is_hub_model(s) for s in (DEMO_MODEL, "SmolLM2-135M-Instruct", str(tiny_gpt2), str(gguf)))
+
+
+def test_a_ray_pipeline_pins_one_snapshot_for_all_its_actors(tmp_path, tiny_gpt2, monkeypatch):
+    """runner.ray.generate pins the hub model's commit in the driver: an actor started after refs/main moved (an
+    autoscaled one, one restarted after a node died) loads the pinned snapshot, not the newest, so a pipeline's
+    rows come from one model; `revision=` picks a branch or tag, as a job's."""
+    import pyarrow as pa
+
+    from runner import ray as runner_ray
+
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    first, second = sorted(SNAPSHOTS)
+    expected = _snapshot_answers(tmp_path, main, first)
+    planned = []
+    pipeline = type("Dataset", (), {"map_batches": lambda self, stage, **kw: planned.append((stage, kw))})()
+    runner_ray.generate(pipeline, HUB_ID, GenerationParams(max_new_tokens=2), map_kwargs={"compute": "given"})
+    ((stage, kw),) = planned
+    assert kw["fn_constructor_kwargs"]["revision"] == first
+    main.write_text(second)  # an actor starting from here
+    actor = stage(*kw["fn_constructor_args"], **kw["fn_constructor_kwargs"])
+    out = actor(pa.Table.from_pylist(ROWS)).to_pandas().sort_values("id")
+    assert out["text"].tolist() == expected
+    runner_ray.generate(pipeline, HUB_ID, GenerationParams(max_new_tokens=2), revision=first,
+                        map_kwargs={"compute": "given"})  # fmt: skip
+    assert planned[-1][1]["fn_constructor_kwargs"]["revision"] == first
