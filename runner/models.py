@@ -340,9 +340,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False, revision: str | N
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **at(revision))
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(
-            f"cannot load the tokenizer of model {spec!r}: {first_line(e)}{_hub_hint(e, spec, revision)}"
-        ) from e
+        raise _load_failed(e, "the tokenizer of model", spec, revision) from e
     # transformers warns once of a text longer than the tokenizer's model_max_length ("... will result in indexing
     # errors"), above runner's own message naming the row and what to do (`--truncate left`): said once, by runner
     warned = getattr(tok, "deprecation_warnings", None)
@@ -355,6 +353,33 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False, revision: str | N
             "save them with tokenizer.save_pretrained next to the model)"
         )
     return tok
+
+
+def _load_failed(e: BaseException, what: str, spec: str, revision: str | None) -> RunnerError:
+    """The error for a model (or its tokenizer, `what`) that did not load: a job's pinned snapshot that is
+    neither in this machine's cache nor downloadable now (no network: huggingface_hub's
+    LocalEntryNotFoundError behind it) is this machine's lack, and the job waits for one that has it, as
+    offline (`_missing_snapshot`); anything else fails the job, saying what to do."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if revision and _caused_by(e, LocalEntryNotFoundError):
+        return NotOnThisMachine(
+            f"its model {spec} at commit {revision}, the snapshot it was submitted with, is not in this machine's "
+            f"Hugging Face cache, and the hub cannot be reached ({first_line(e)})",
+            f"download it: hf download {spec} --revision {revision}",
+        )
+    return ModelLoadError(f"cannot load {what} {spec!r}: {first_line(e)}{_hub_hint(e, spec, revision)}")
+
+
+def _caused_by(e: BaseException | None, kind: type) -> bool:
+    """Whether `e` or an exception it was raised from (or during) is a `kind`."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _hub_hint(e: BaseException, spec: str = "", revision: str | None = None) -> str:
@@ -385,9 +410,7 @@ def load_config(spec: str, trust_remote_code: bool = False, revision: str | None
             resolve_model(spec), trust_remote_code=trust_remote_code, **at(revision)
         )
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(
-            f"cannot load model {spec!r}: {first_line(e)}{_hub_hint(e, spec, revision)}"
-        ) from e
+        raise _load_failed(e, "model", spec, revision) from e
 
 
 def check_causal_lm(spec: str, config: Any) -> None:
@@ -475,8 +498,11 @@ def load_model(
             hint = ""
             if not options.allow_pickle and "safetensors" in str(e).lower():
                 hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
-            hint = hint or _hub_hint(e, spec, revision)
-            raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}{hint}") from e
+            if hint or not revision:
+                raise ModelLoadError(
+                    f"cannot load model {spec!r}: {first_line(e)}{hint or _hub_hint(e)}"
+                ) from e
+            raise _load_failed(e, "model", spec, revision) from e
     model = model.eval() if options.device_map else model.to(device).eval()
     return _own_memory(model)
 

@@ -267,3 +267,26 @@ def test_a_ray_pipeline_pins_one_snapshot_for_all_its_actors(tmp_path, tiny_gpt2
     runner_ray.generate(pipeline, HUB_ID, GenerationParams(max_new_tokens=2), revision=first,
                         map_kwargs={"compute": "given"})  # fmt: skip
     assert planned[-1][1]["fn_constructor_kwargs"]["revision"] == first
+
+
+def test_a_pinned_snapshot_the_hub_cannot_send_now_leaves_the_job_waiting(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """Online (no HF_HUB_OFFLINE) with the network down, the pinned commit that is not in the cache cannot be
+    downloaded: that is this machine's lack, like a snapshot missing offline, and the job waits for a machine
+    that has it instead of failing for every worker of the home. (The download is refused here by the hub
+    client's own offline mode, behind runner's look: the same LocalEntryNotFoundError a dead network gives.)"""
+    from runner import models
+
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), HUB_ID, GenerationParams(max_new_tokens=2))
+    main.write_text(max(SNAPSHOTS))
+    snapshot = main.parent.parent / "snapshots" / min(SNAPSHOTS)
+    shutil.move(snapshot, tmp_path / "away")
+    monkeypatch.setattr(models, "_missing_snapshot", lambda *a: None)  # as online: the load is tried
+    lines: list[str] = []
+    assert work(runner_home, echo=lines.append) == []
+    assert read_state(job.dir).state == "queued"
+    assert any(f"hf download {HUB_ID} --revision {min(SNAPSHOTS)}" in line for line in lines), lines
+    shutil.move(tmp_path / "away", snapshot)
+    assert work(runner_home, echo=None)[0].finished and read_state(job.dir).state == "completed"
