@@ -558,9 +558,11 @@ def _same_model(job: Job) -> bool:
     cannot run here."""
     then = f"; run the same command again once it can be read (it carries on job {job.id})"
     asked = job.meta.get("model_revision_asked")
-    pinned = job.spec.revision is not None and not hub_newest_here(job.spec.model, asked)
     try:
-        return reading_model(lambda: model_unchanged(job, pinned=pinned), job.spec.model, then)
+        newest = job.spec.revision is None or reading_model(
+            lambda: hub_newest_here(job.spec.model, asked), job.spec.model, then
+        )
+        return reading_model(lambda: model_unchanged(job, pinned=not newest), job.spec.model, then)
     except ModelUnreadable:
         raise
     except (OSError, RunnerError):

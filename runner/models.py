@@ -223,7 +223,8 @@ def missing_model_folder(spec: str, then: str = "", revision: str | None = None)
     fails for a minute (`_model_there`). A hub model's pinned snapshot (`revision`) missing from an offline
     cache is not here either (`_missing_snapshot`)."""
     if revision and is_hub_model(spec):
-        return _missing_snapshot(spec, revision)
+        # (a cache on a Drive mount, HF_HOME there to keep downloads: a passing EIO is read again)
+        return reading_model(lambda: _missing_snapshot(spec, revision), spec, then)
     path = Path(spec).expanduser()
     if spec.strip().lower() == DEMO_MODEL or not (path.is_absolute() or spec.lower().endswith(".gguf")):
         return None

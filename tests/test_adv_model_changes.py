@@ -290,3 +290,35 @@ def test_a_pinned_snapshot_the_hub_cannot_send_now_leaves_the_job_waiting(
     assert any(f"hf download {HUB_ID} --revision {min(SNAPSHOTS)}" in line for line in lines), lines
     shutil.move(tmp_path / "away", snapshot)
     assert work(runner_home, echo=None)[0].finished and read_state(job.dir).state == "completed"
+
+
+def test_a_passing_read_error_in_the_hub_cache_is_read_again(tmp_path, tiny_gpt2, runner_home, monkeypatch):
+    """HF_HOME on a Drive mount (to keep downloads across Colab VMs): one EIO while the worker looks for the
+    pinned snapshot in the cache is read again, not the end of the worker, nor the job's."""
+    import errno
+
+    from runner import jobs, models
+
+    _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), HUB_ID, GenerationParams(max_new_tokens=2))
+    real, failures = models._snapshot_lacks, [1]
+
+    def flaky(*args):
+        if failures and failures.pop():
+            raise OSError(errno.EIO, "Input/output error", "config.json")
+        return real(*args)
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(models, "_snapshot_lacks", flaky)
+    assert work(runner_home, echo=None)[0].finished and not failures
+    assert read_state(job.dir).state == "completed"
+    real_newest, failures = jobs.hub_newest_here, [1]
+
+    def flaky_newest(*args):
+        if failures and failures.pop():
+            raise OSError(errno.EIO, "Input/output error", "refs/main")
+        return real_newest(*args)
+
+    monkeypatch.setattr(jobs, "hub_newest_here", flaky_newest)  # `runner run` of the file again: the same job
+    again, _ = runner.run(tmp_path / "p.jsonl", HUB_ID, GenerationParams(max_new_tokens=2), echo=None)
+    assert again.id == job.id and not failures
