@@ -7,7 +7,6 @@ import shutil
 import pytest
 from click.testing import CliRunner
 from helpers import write_jsonl
-from workers import run_worker
 
 import runner
 from runner import GenerationParams, storage
@@ -187,28 +186,6 @@ def test_a_revision_in_job_json_that_is_not_a_commit_breaks_only_that_job(tmp_pa
     storage.write_json(job.dir / "job.json", meta)
     with pytest.raises(BrokenJob, match="model_revision must be a commit id"):
         Job.open(job.dir)
-
-
-@pytest.mark.slow
-def test_a_worker_killed_part_done_then_another_hub_snapshot_mixes_no_rows(
-    tmp_path, tiny_gpt2, runner_home, monkeypatch
-):
-    """The first `runner work` is killed after its first shard; the cache's refs/main then names another
-    snapshot (`huggingface-cli download` of an update). The next `runner work` carries the job on with its own
-    snapshot: every row is the first model's."""
-    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
-    expected = _snapshot_answers(tmp_path, main, min(SNAPSHOTS))
-    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
-    job = create_job(path, HUB_ID, GenerationParams(max_new_tokens=2), runner.EngineOptions(batch_size=2),
-                     name="killed")  # fmt: skip
-    code, out = run_worker(runner_home, env_extra={"RUNNER_FAULT": "after_shard:2"})
-    assert code == -9, out
-    with pytest.warns(UserWarning, match="queued"):
-        assert 0 < len(runner.load_results(job.dir)) < len(ROWS)
-    main.write_text(max(SNAPSHOTS))
-    code, out = run_worker(runner_home)
-    assert code == 0 and read_state(job.dir).state == "completed", out
-    assert _answers(job.dir) == expected
 
 
 def test_a_chat_template_file_edited_in_the_model_folder_counts_as_its_tokenizer(tmp_path, tiny_llama):
