@@ -204,9 +204,15 @@ def job_resumes(job_id: str) -> str:
 
 
 def _transient(e: BaseException | None) -> bool:
+    return _in_chain(e, lambda x: isinstance(x, OSError) and x.errno in storage.TRANSIENT)
+
+
+def _in_chain(e: BaseException | None, test: Callable[[BaseException], bool]) -> bool:
+    """Whether `e` or an exception it was raised from (or while handling), wherever the loading code wrapped
+    it, passes `test`."""
     seen = 0
     while e is not None and seen < 20:
-        if isinstance(e, OSError) and e.errno in storage.TRANSIENT:
+        if test(e):
             return True
         e, seen = e.__cause__ or e.__context__, seen + 1
     return False
@@ -363,24 +369,13 @@ def _load_failed(e: BaseException, what: str, spec: str, revision: str | None) -
     offline (`_missing_snapshot`); anything else fails the job, saying what to do."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    if revision and _caused_by(e, LocalEntryNotFoundError):
+    if revision and _in_chain(e, lambda x: isinstance(x, LocalEntryNotFoundError)):
         return NotOnThisMachine(
             f"its model {spec} at commit {revision}, the snapshot it was submitted with, is not in this machine's "
             f"Hugging Face cache, and the hub cannot be reached ({first_line(e)})",
             f"download it: hf download {spec} --revision {revision}",
         )
     return ModelLoadError(f"cannot load {what} {spec!r}: {first_line(e)}{_hub_hint(e, spec, revision)}")
-
-
-def _caused_by(e: BaseException | None, kind: type) -> bool:
-    """Whether `e` or an exception it was raised from (or during) is a `kind`."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, kind):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _hub_hint(e: BaseException, spec: str = "", revision: str | None = None) -> str:
