@@ -489,9 +489,9 @@ def _differences(job: Job, identity: dict[str, Any]) -> str:
     """What differs between a stored job and this submit, as far as job.json says: " (seed 0, now 42; ...)"."""
     read, reading = job.meta["input"], ("prompt_field", "template", "truncate")
     stored = {"model": job.meta.get("model"), **{k: read.get(k) for k in reading}, "chat": read.get("chat", False),
-              **(job.meta.get("params") or {})}  # fmt: skip
+              "revision": job.meta.get("model_revision_asked"), **(job.meta.get("params") or {})}  # fmt: skip
     asked = {"model": identity["model"], **{k: identity[k] for k in reading}, "chat": identity.get("chat", False),
-             **identity["params"]}  # fmt: skip
+             "revision": identity.get("revision"), **identity["params"]}  # fmt: skip
     # (a DataFrame, Dataset or list of rows has no file: job.json describes it, "DataFrame (3 rows)")
     what = "the input file's content" if os.path.isabs(str(read.get("path", ""))) else "the input's content"
     said = [what] if read.get("sha256") != identity["input_sha256"] else []

@@ -160,6 +160,8 @@ def test_a_revision_asked_pins_the_job_to_the_commit_it_names(tmp_path, tiny_gpt
     moved, _ = runner.run(path, HUB_ID, params, revision="v1", echo=None)
     assert moved.id != job.id and moved.spec.revision == second
     assert create_job(path, HUB_ID, params, revision=first, name="by-commit").spec.revision == first
+    with pytest.raises(runner.RunnerError, match=f"revision {first!r}, now 'v1'"):
+        create_job(path, HUB_ID, params, revision="v1", name="by-commit")
     requests = [{"custom_id": r["id"], "method": "POST", "url": "/v1/completions",
                  "body": {"model": HUB_ID, "prompt": r["prompt"], "max_tokens": 2}} for r in ROWS]  # fmt: skip
     batch = write_jsonl(tmp_path / "batch.jsonl", requests)
