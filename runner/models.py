@@ -656,6 +656,34 @@ def is_hub_model(spec: str) -> bool:
     return not path.is_dir() and not (spec.lower().endswith(".gguf") and path.is_file())
 
 
+def check_engine_model(engine: Any, job: Any) -> None:
+    """Refuse an engine given by the caller (`runner.run(..., engine=)`, `run_job(job, engine)`) that holds
+    another model than the job's, or another snapshot than its pinned one: its rows would be that model's,
+    recorded as the job's. ValueError: the caller's mistake, not the job's (which stays as it was)."""
+    spec = getattr(engine, "spec", None)
+    if not isinstance(spec, str):
+        return  # (a stand-in engine of a test)
+    pinned, held = job.spec.revision, getattr(engine, "revision", None)
+    if _same_spec(spec, job.spec.model) and not (pinned and held and held != pinned):
+        return
+    held_text = f"{spec!r}" + (f" at {held}" if held else "")
+    raise ValueError(f"the engine given holds model {held_text}; job {job.id} is of model {job.spec.model!r}"
+                     + (f" at {pinned}" if pinned else "") + ": pass an engine of that model, or none")  # fmt: skip
+
+
+def _same_spec(a: str, b: str) -> bool:
+    """Whether two model specs name the same model: the demo alias in any case, a folder or file by its real
+    path (relative, through a link), a hub id as written."""
+
+    def named(spec: str) -> str:
+        if spec.strip().lower() == DEMO_MODEL:
+            return DEMO_MODEL
+        path = Path(spec).expanduser()
+        return os.path.realpath(path) if path.exists() else spec
+
+    return named(a) == named(b)
+
+
 def asked_revision(model: str, revision: Any) -> str | None:
     """`revision` as given (None: the newest), once it is one: text, for a model of the hub."""
     if revision is None:

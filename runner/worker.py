@@ -38,7 +38,7 @@ from .engine import Engine, NumericalError, Stopped, peak_memory_bytes, reset_pe
 from .errors import RunnerError
 from .faults import fault_point, row_fault
 from .jobdir import BrokenJob, ClaimLost, Heartbeat, Job, JobState, Owner, StateRecord
-from .models import job_resumes, reading_model
+from .models import check_engine_model, job_resumes, reading_model
 from .progress import Progress, counted
 from .results import GeneratedRow, write_local_shard
 from .tasks import (
@@ -280,6 +280,7 @@ class JobRun:
         elif self.engine is None:
             self.say(f"loading model {self.job.spec.model} ...")
             self.engine = Engine(self.job.spec.model, self.job.options, self.job.spec.revision)
+        check_engine_model(self.engine, self.job)
 
     def note_precision(self, ledger: jobdir.Ledger) -> None:
         """Say so when the job's newest rows were computed in another precision or on another kind of device

@@ -301,3 +301,28 @@ def test_a_passing_read_error_in_the_hub_cache_is_read_again(tmp_path, tiny_gpt2
     monkeypatch.setattr(jobs, "hub_newest_here", flaky_newest)  # `runner run` of the file again: the same job
     again, _ = runner.run(tmp_path / "p.jsonl", HUB_ID, GenerationParams(max_new_tokens=2), echo=None)
     assert again.id == job.id and not failures
+
+
+def test_an_engine_given_of_another_model_or_snapshot_is_refused_and_the_job_left_as_it_was(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    """`runner.run(..., engine=E)` and `run_job(job, E)` computed every row with E's model, whatever the job's
+    was, and recorded them as the job's. An engine of another model (or of another snapshot than the job's
+    pinned one) is the caller's mistake: ValueError, and the job stays queued with no row computed."""
+    from runner.engine import Engine
+    from runner.worker import run_job
+
+    other = shutil.copytree(tiny_gpt2, tmp_path / "other")
+    path, params = write_jsonl(tmp_path / "p.jsonl", ROWS), GenerationParams(max_new_tokens=2)
+    job = create_job(path, str(other), params, name="other")
+    with pytest.raises(ValueError, match=f"the engine given holds model {str(tiny_gpt2)!r}; job {job.id}"):
+        run_job(job, gpt2_engine, echo=None)
+    assert read_state(job.dir).state == "queued" and runner.status(job.dir).done == 0
+    assert run_job(job, Engine(str(other)), echo=None).finished  # (its own model: runs)
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    pinned = create_job(path, HUB_ID, params, name="pinned")
+    main.write_text(max(SNAPSHOTS))
+    newer = Engine(HUB_ID, revision=max(SNAPSHOTS))
+    with pytest.raises(ValueError, match=f"at {max(SNAPSHOTS)}; job {pinned.id} is of model 'acme/tiny' at "):
+        runner.run(path, HUB_ID, params, engine=newer, echo=None, name="pinned")
+    assert runner.status(pinned.dir).done == 0
