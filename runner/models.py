@@ -658,17 +658,32 @@ def is_hub_model(spec: str) -> bool:
 
 def check_engine_model(engine: Any, job: Any) -> None:
     """Refuse an engine given by the caller (`runner.run(..., engine=)`, `run_job(job, engine)`) that holds
-    another model than the job's, or another snapshot than its pinned one: its rows would be that model's,
-    recorded as the job's. ValueError: the caller's mistake, not the job's (which stays as it was)."""
+    another model than the job's (by name, else by weights: a copy of its folder is the same model), or
+    another snapshot than its pinned one: its rows would be that model's, recorded as the job's. ValueError:
+    the caller's mistake, not the job's (which stays as it was)."""
     spec = getattr(engine, "spec", None)
     if not isinstance(spec, str):
         return  # (a stand-in engine of a test)
     pinned, held = job.spec.revision, getattr(engine, "revision", None)
-    if _same_spec(spec, job.spec.model) and not (pinned and held and held != pinned):
+    if pinned and held and held != pinned:
+        pass
+    elif _same_spec(spec, job.spec.model) or _same_weights(engine, job):
         return
     held_text = f"{spec!r}" + (f" at {held}" if held else "")
     raise ValueError(f"the engine given holds model {held_text}; job {job.id} is of model {job.spec.model!r}"
                      + (f" at {pinned}" if pinned else "") + ": pass an engine of that model, or none")  # fmt: skip
+
+
+def _same_weights(engine: Any, job: Any) -> bool:
+    """Whether the engine's model has the job's model fingerprint (a copy of the job's model folder
+    elsewhere), computed the way the job's was; kept on the engine, by version."""
+    stored = job.meta.get("model_fingerprint")
+    version = fingerprint_version(stored)
+    known = engine.__dict__.setdefault("_fingerprints", {})
+    if version not in known:
+        config = load_config(engine.spec, engine.options.trust_remote_code, engine.revision)
+        known[version] = model_fingerprint(engine.spec, config, version, revision=engine.revision)
+    return known[version] == stored
 
 
 def _same_spec(a: str, b: str) -> bool:

@@ -307,17 +307,22 @@ def test_an_engine_given_of_another_model_or_snapshot_is_refused_and_the_job_lef
     tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
 ):
     """`runner.run(..., engine=E)` and `run_job(job, E)` computed every row with E's model, whatever the job's
-    was, and recorded them as the job's. An engine of another model (or of another snapshot than the job's
-    pinned one) is the caller's mistake: ValueError, and the job stays queued with no row computed."""
+    was, and recorded them as the job's. An engine of another model (other weights, or another snapshot than
+    the job's pinned one) is the caller's mistake: ValueError, and the job stays queued with no row computed. A
+    copy of the job's model folder is the same model."""
+    from tiny_models import build_tiny_gpt2
+
     from runner.engine import Engine
     from runner.worker import run_job
 
-    other = shutil.copytree(tiny_gpt2, tmp_path / "other")
+    other = build_tiny_gpt2(tmp_path / "other", seed=1)
     path, params = write_jsonl(tmp_path / "p.jsonl", ROWS), GenerationParams(max_new_tokens=2)
     job = create_job(path, str(other), params, name="other")
     with pytest.raises(ValueError, match=f"the engine given holds model {str(tiny_gpt2)!r}; job {job.id}"):
         run_job(job, gpt2_engine, echo=None)
     assert read_state(job.dir).state == "queued" and runner.status(job.dir).done == 0
+    copy = create_job(path, str(shutil.copytree(tiny_gpt2, tmp_path / "copy")), params, name="copy")
+    assert run_job(copy, gpt2_engine, echo=None).finished  # (a copy of the engine's folder: the same weights)
     assert run_job(job, Engine(str(other)), echo=None).finished  # (its own model: runs)
     main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
     pinned = create_job(path, HUB_ID, params, name="pinned")

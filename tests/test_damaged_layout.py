@@ -147,9 +147,7 @@ def test_a_folder_named_like_a_weight_file_in_the_model_folder_is_no_damage_to_t
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), str(model), home=runner_home)
     (model / "checkpoint.pt").mkdir()
     said: list[str] = []
-    work(
-        runner_home, echo=said.append, stop=_stop_after(500)
-    )  # (its own engine: gpt2_engine is another folder's)
+    work(runner_home, engine=gpt2_engine, echo=said.append, stop=_stop_after(500))
     assert runner.status(job.dir).state == "completed", said
 
 
