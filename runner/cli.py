@@ -327,7 +327,9 @@ def batch_max_tokens(kw: dict[str, Any], kind: str, input_path: str, model: str)
         return kw
     return {
         **kw,
-        "max_new_tokens": openai_batch.default_max_tokens(model, kw.get("trust_remote_code") or False),
+        "max_new_tokens": openai_batch.default_max_tokens(
+            model, kw.get("trust_remote_code") or False, kw.get("revision")
+        ),
     }
 
 

@@ -145,7 +145,9 @@ def _input_meta(source: Any, input_path: Path, identity: dict[str, Any]) -> dict
             **({"chat_template": identity["chat_template"]} if "chat_template" in identity else {})}  # fmt: skip
 
 
-def _default_params(source: Any, model: str, options: EngineOptions | None) -> GenerationParams:
+def _default_params(
+    source: Any, model: str, options: EngineOptions | None, revision: str | None = None
+) -> GenerationParams:
     """The settings of a job given none: GenerationParams(), but for an OpenAI Batch file the Batch default for
     max_tokens (256, or half the context window) as the CLI gives it (`cli.batch_max_tokens`): from Python,
     `runner.submit`, `runner.run` and `runner.run_batch` of requests without max_tokens answered in 64 tokens."""
@@ -153,7 +155,7 @@ def _default_params(source: Any, model: str, options: EngineOptions | None) -> G
 
     if isinstance(source, (str, os.PathLike)) and openai_batch.is_batch_file(source):
         trust = options is not None and options.trust_remote_code
-        return GenerationParams(max_new_tokens=openai_batch.default_max_tokens(model, trust))
+        return GenerationParams(max_new_tokens=openai_batch.default_max_tokens(model, trust, revision))
     return GenerationParams()
 
 
@@ -210,7 +212,10 @@ def create_job(
     The file is read, checked, tokenized and written `ROW_GROUP_ROWS` rows at a time, so memory is bounded by
     that chunk whatever the file's size (plus 24 bytes a row to find duplicate ids: inputs.SeenIds).
     """
-    params, options = params or _default_params(input_path, model, options), options or EngineOptions()
+    params, options = (
+        params or _default_params(input_path, model, options, revision),
+        options or EngineOptions(),
+    )
     kind = _check_args(params, truncate, name, unit_rows, priority, chat, chat_template)
     chat_template = None if chat_template is None else chat_template_text(chat_template)
     job_dir = None if job_dir is None else jobdir.named_folder(Path(job_dir))

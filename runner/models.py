@@ -713,6 +713,13 @@ def asked_revision(model: str, revision: Any) -> str | None:
     return revision.strip()
 
 
+def asked_snapshot(model: str, revision: Any) -> str | None:
+    """The commit `revision` (a branch, tag or commit: `asked_revision`) names now, None without one: what a job
+    of it would be pinned to, for a quick try or a Batch file's default max_tokens to read that snapshot."""
+    asked = asked_revision(model, revision)
+    return hub_snapshot(model, asked) if asked else None
+
+
 def hub_snapshot(spec: str, revision: str | None = None) -> str | None:
     """The commit of hub model `spec` whose files load: the snapshot its config.json resolves to (from the cache
     offline; the hub's newest online, as the load takes it), or at `revision` (a branch, tag or commit). Submit

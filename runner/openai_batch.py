@@ -911,11 +911,12 @@ def is_batch_file(path: str | os.PathLike) -> bool:
     return isinstance(first, dict) and is_request(first)
 
 
-def default_max_tokens(model: str, trust_remote_code: bool = False) -> int:
-    """max_tokens for requests that set none: 256, or half the model's context window if that is smaller."""
-    from .models import context_window, load_config
+def default_max_tokens(model: str, trust_remote_code: bool = False, revision: str | None = None) -> int:
+    """max_tokens for requests that set none: 256, or half the model's context window if that is smaller (a hub
+    model's at `revision`, a branch, tag or commit, as its job's)."""
+    from .models import asked_snapshot, context_window, load_config
 
-    window = context_window(load_config(model, trust_remote_code))
+    window = context_window(load_config(model, trust_remote_code, asked_snapshot(model, revision)))
     return min(256, window // 2) if window else 256
 
 
@@ -945,7 +946,7 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
         from .params import GenerationParams
 
         trust = getattr(options, "trust_remote_code", False)
-        params = GenerationParams(max_new_tokens=default_max_tokens(model, trust))
+        params = GenerationParams(max_new_tokens=default_max_tokens(model, trust, revision))
     if (
         getattr(params, "seed", 0) is None
     ):  # requests without a seed: one from the file, so a rerun is identical

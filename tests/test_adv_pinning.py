@@ -6,12 +6,14 @@ import shutil
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from helpers import write_jsonl
 from test_adv_model_changes import HUB_ID, ROWS, SNAPSHOTS, _answers, _hub_cache
 from workers import run_worker
 
 import runner
 from runner import GenerationParams
+from runner.cli import cli
 from runner.jobdir import PROMPTS, BrokenJob, Job, read_state
 from runner.jobs import create_job
 from runner.params import EmbedParams, ScoreParams
@@ -263,3 +265,32 @@ def test_runner_run_again_offline_carries_its_job_on_where_the_newest_is_not_her
         (newest / "model.safetensors").unlink()
     again, summary = runner.run(path, HUB_ID, params, echo=None)
     assert again.id == job.id and summary.finished and read_state(job.dir).state == "completed"
+
+
+def _requests(model: str) -> list[dict]:
+    """ROWS as OpenAI Batch completion requests that give no max_tokens (the Batch default then)."""
+    return [{"custom_id": r["id"], "method": "POST", "url": "/v1/completions",
+             "body": {"model": model, "prompt": r["prompt"]}} for r in ROWS]  # fmt: skip
+
+
+def test_a_batch_file_of_a_revision_takes_its_default_max_tokens_from_that_snapshot(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """A Batch file without max_tokens gets 256 or half the context window: that window was read from main's
+    snapshot whatever --revision asked, so offline with a cache of the asked snapshot alone (no refs/main)
+    `runner run-batch --revision COMMIT` failed ("cannot load model 'acme/tiny'"), and `runner.submit` with it;
+    the window is now the asked snapshot's, as the job's."""
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    first = min(SNAPSHOTS)
+    shutil.rmtree(main.parent)
+    batch = write_jsonl(tmp_path / "b.jsonl", _requests(HUB_ID))
+    out = tmp_path / "out.jsonl"
+    ran = CliRunner().invoke(
+        cli, ["run-batch", "-i", str(batch), "-o", str(out), "-m", HUB_ID, "--revision", first]
+    )
+    assert ran.exit_code == 0, ran.output
+    job = Job.open(tmp_path / "out.jsonl.job")
+    assert job.spec.revision == first and job.params.max_new_tokens == 128
+    again = create_job(batch, HUB_ID, None, revision=first, name="from-python")
+    assert again.params.max_new_tokens == 128 and again.spec.revision == first
+
