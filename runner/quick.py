@@ -119,7 +119,7 @@ def generate(
         use_chat_template,
     )
     from .engine import Engine
-    from .models import asked_revision
+    from .models import asked_snapshot
     from .tasks import generate_keys, sample_seed
 
     # one string is one prompt, as vLLM's LLM.generate takes it (it was a prompt per character), and any iterable
@@ -134,7 +134,7 @@ def generate(
                           "plain prompts without --chat does not use the template, so this try would not be the "
                           "job's)")  # fmt: skip
     params = params or GenerationParams()
-    engine = engine or Engine(model, options or EngineOptions(), asked_revision(model, revision))
+    engine = engine or Engine(model, options or EngineOptions(), asked_snapshot(model, revision))
     if chat_template is not None:
         use_chat_template(engine.tokenizer, chat_template_text(chat_template))
     if chat:

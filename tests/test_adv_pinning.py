@@ -294,3 +294,14 @@ def test_a_batch_file_of_a_revision_takes_its_default_max_tokens_from_that_snaps
     again = create_job(batch, HUB_ID, None, revision=first, name="from-python")
     assert again.params.max_new_tokens == 128 and again.spec.revision == first
 
+
+def test_a_quick_try_of_a_revision_the_cache_lacks_says_so_as_the_option_not_as_a_job(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """`runner generate --revision v9` offline, the cache without v9: it said "its model acme/tiny at commit v9,
+    the snapshot it was submitted with, is not in this machine's Hugging Face cache", of a job there is not
+    and a branch name taken for a commit; it now says the revision the option asked, as submit does."""
+    _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    tried = CliRunner().invoke(cli, ["generate", "The old man", "-m", HUB_ID, "--revision", "v9"])
+    assert tried.exit_code == 1 and "Traceback" not in tried.output, tried.output
+    assert "at revision 'v9' (--revision)" in tried.output and "submitted" not in tried.output, tried.output
