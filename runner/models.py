@@ -380,13 +380,16 @@ def _load_failed(e: BaseException, what: str, spec: str, revision: str | None) -
 
 def _hub_hint(e: BaseException, spec: str = "", revision: str | None = None) -> str:
     """What to do when the Hub could not be reached (a machine without network: the hub's client retries for
-    half a minute first), or a job's pinned snapshot is not in this machine's cache."""
+    half a minute first), or could not send a job's pinned snapshot; nothing for an error of another kind (a
+    model's own code refused without --trust-remote-code: its snapshot is here, downloading it changes nothing)."""
+    if "huggingface.co" not in str(e):
+        return ""
     if revision:
         return (
             f" (the job runs on the snapshot it was submitted with, commit {revision}: with no network, "
             f"download it first: hf download {spec} --revision {revision})"
         )
-    if "huggingface.co" not in str(e) or os.environ.get("HF_HUB_OFFLINE"):
+    if os.environ.get("HF_HUB_OFFLINE"):
         return ""
     return (
         " (no network here? give the model's local folder, or set HF_HUB_OFFLINE=1 to use the cache at once)"

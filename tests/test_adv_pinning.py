@@ -305,3 +305,25 @@ def test_a_quick_try_of_a_revision_the_cache_lacks_says_so_as_the_option_not_as_
     tried = CliRunner().invoke(cli, ["generate", "The old man", "-m", HUB_ID, "--revision", "v9"])
     assert tried.exit_code == 1 and "Traceback" not in tried.output, tried.output
     assert "at revision 'v9' (--revision)" in tried.output and "submitted" not in tried.output, tried.output
+
+
+def test_a_hub_model_that_fails_to_load_for_another_reason_is_not_told_to_download_its_snapshot(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """Every hub model's job is pinned now, and any load error of a pinned snapshot ended in "(the job runs on
+    the snapshot it was submitted with, commit C: with no network, download it first: hf download ...)": a
+    submit (no job yet) of a snapshot that is here whole, refused for its own code without --trust-remote-code,
+    was told to download it. The hint is for a hub that could not be reached."""
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    config = main.parent.parent / "snapshots" / min(SNAPSHOTS) / "config.json"
+    own = {
+        **json.loads(config.read_text()),
+        "model_type": "acme",
+        "auto_map": {"AutoConfig": "acme.AcmeConfig"},
+    }
+    config.write_text(json.dumps(own))
+    (config.parent / "acme.py").write_text("from transformers import GPT2Config\n\n\nclass AcmeConfig(GPT2Config):\n"
+                                          "    model_type = 'acme'\n")  # fmt: skip
+    refused = CliRunner().invoke(cli, ["submit", str(write_jsonl(tmp_path / "p.jsonl", ROWS)), "-m", HUB_ID])
+    assert refused.exit_code == 1 and "custom code" in refused.output, refused.output
+    assert "hf download" not in refused.output and "submitted with" not in refused.output, refused.output
