@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .errors import ParamError, RunnerError, command
+from .errors import NotOnThisMachine, ParamError, RunnerError, command
 from .faults import fault_point
 from .params import DTYPE_ALIASES, DTYPES, unescape
 from .progress import counted
@@ -78,6 +78,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except ParamError as e:
             raise click.ClickException(f"{e.option}: {e}") from e
+        except NotOnThisMachine as e:  # (with what to do: the hf download of a pinned snapshot)
+            raise click.ClickException(e.said()) from e
         except RunnerError as e:
             raise click.ClickException(str(e)) from e
         # not click's "Aborted!" (exit 1): say what is kept, exit 130 (143, 129)

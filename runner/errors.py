@@ -24,6 +24,10 @@ class NotOnThisMachine(RunnerError):
         super().__init__(message)
         self.hint = hint
 
+    def said(self) -> str:
+        """The message with what to do, for where it is said at once: "... (download it: hf download ...)"."""
+        return f"{self} ({self.hint})" if self.hint else str(self)
+
 
 class ParamError(RunnerError, ValueError):
     """A generation or engine setting is out of range. `param` names the field (``top_p``)."""

@@ -253,7 +253,7 @@ def _model_wait(spec: str, revision: str | None = None) -> str | None:
         missing = missing_model_folder(spec, revision=revision)
     except ModelUnreadable as e:
         return f"{e}; `runner work` runs it once it reads"
-    return f"{missing} ({missing.hint}); `runner work` runs it once it is there" if missing else None
+    return f"{missing.said()}; `runner work` runs it once it is there" if missing else None
 
 
 def _all_saved(job: Job, progress: Any) -> str | None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from . import __version__, jobdir, openai_batch, storage
 from .batching import chat_template_text, check_chat_option, keep_end
-from .errors import InputError, ParamError, Problem, RunnerError, command, first_line
+from .errors import InputError, NotOnThisMachine, ParamError, Problem, RunnerError, command, first_line
 from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
 from .models import (
@@ -327,6 +327,8 @@ def restore_inputs(job: Job) -> tuple[list[str], str | None]:
             if e.unreadable_for_now:
                 raise
             return [], first_line(e)
+        except NotOnThisMachine as e:  # (a pinned snapshot not in this machine's cache: which to download)
+            return [], e.said()
         except RunnerError as e:
             return [], first_line(e)
         for name in damaged:

@@ -327,3 +327,27 @@ def test_a_hub_model_that_fails_to_load_for_another_reason_is_not_told_to_downlo
     refused = CliRunner().invoke(cli, ["submit", str(write_jsonl(tmp_path / "p.jsonl", ROWS)), "-m", HUB_ID])
     assert refused.exit_code == 1 and "custom code" in refused.output, refused.output
     assert "hf download" not in refused.output and "submitted with" not in refused.output, refused.output
+
+
+@pytest.mark.parametrize("command", ["results", "repair"])
+def test_a_command_that_needs_the_pinned_snapshot_says_which_to_download(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch, command
+):
+    """The OpenAI export (token texts) and a repair writing lost prompts again read the pinned snapshot's
+    tokenizer: offline without it, they said it is not here but not the `hf download ORG/NAME --revision COMMIT`
+    that brings it (the hint `runner work` and `runner status` give); they give it now."""
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    job = create_job(
+        write_jsonl(tmp_path / "b.jsonl", _requests(HUB_ID)), HUB_ID, GenerationParams(max_new_tokens=2)
+    )
+    assert work(runner_home, echo=None)[0].finished
+    if command == "repair":
+        (job.dir / PROMPTS).unlink()
+    shutil.move(main.parent.parent / "snapshots" / min(SNAPSHOTS), tmp_path / "away")
+    args = {"results": ["--format", "openai", "--to", str(tmp_path / "out.jsonl")], "repair": []}[command]
+    said = CliRunner().invoke(cli, [command, str(job.dir), *args])
+    assert said.exit_code == 1 and "Traceback" not in said.output, said.output
+    assert f"hf download {HUB_ID} --revision {min(SNAPSHOTS)}" in said.output, said.output
+    shutil.move(tmp_path / "away", main.parent.parent / "snapshots" / min(SNAPSHOTS))
+    again = CliRunner().invoke(cli, [command, str(job.dir), *args])
+    assert again.exit_code == 0 and read_state(job.dir).state == "completed", again.output
