@@ -19,6 +19,9 @@ from .jobdir import BrokenJob, Job, JobState
 from .progress import counted, fmt_duration
 from .storage import StorageError
 
+# What a queued job waits for here, by (model, pinned snapshot): each looked at once per `runner status`
+Looks = dict[tuple[str, str | None], str | None]
+
 
 @dataclass
 class JobStatus:
@@ -88,9 +91,9 @@ def _shown_spec(path: Path, job: Job | None) -> dict[str, Any]:
     return backup if held else meta
 
 
-def job_status(job: Job, looks: dict[tuple[str, str | None], str | None] | None = None) -> JobStatus:
-    """The job's summary. `looks`: what was found of each model's folder so far in this `runner status` (by spec and pinned snapshot;
-    `_waiting_for`), filled as it goes."""
+def job_status(job: Job, looks: Looks | None = None) -> JobStatus:
+    """The job's summary. `looks`: what was found of each model's folder so far in this `runner status` (by
+    spec and pinned snapshot; `_waiting_for`), filled as it goes."""
     if (other := jobdir.other_job_named(job)) is not None:
         return _foreign_spec(job, other)
     try:
@@ -231,7 +234,7 @@ def _state(job: Job) -> tuple[jobdir.StateRecord, str | None]:
     )
 
 
-def _waiting_for(job: Job, looks: dict[tuple[str, str | None], str | None] | None = None) -> str | None:
+def _waiting_for(job: Job, looks: Looks | None = None) -> str | None:
     """Why `runner work` on this machine leaves a queued job as it is (its model folder not here: a Drive not
     mounted yet; or not readable for now), else None. Each model is looked at once per `runner status`
     (`looks`): a model on a Drive mount that stopped answering took a minute of retries for each of its jobs."""
@@ -293,9 +296,8 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
         except RunnerError as e:
             out.append(broken_status(path, str(e), repairable=getattr(e, "repairable", True)))
     copies = jobdir.copies_in_home(jobs, folders)
-    looks: dict[
-        tuple[str, str | None], str | None
-    ] = {}  # each model's folder looked at once (`_waiting_for`)
+    # each model's folder looked at once (`_waiting_for`)
+    looks: Looks = {}
     out = [_of_home_job(it, copies, looks) if isinstance(it, Job) else it for it in out]
     for name in jobdir.linked_entries(root):
         out.append(
@@ -314,7 +316,7 @@ def _foreign_spec(job: Job, why: str) -> JobStatus:
     return replace(shown, id=job.dir.name, name=own.get("name"), model=str(own.get("model") or "-"))
 
 
-def _of_home_job(job: Job, copies: dict[Path, str], looks: dict[str, str | None]) -> JobStatus:
+def _of_home_job(job: Job, copies: dict[Path, str], looks: Looks) -> JobStatus:
     if job.dir in copies:
         return _foreign_spec(job, copies[job.dir])
     try:

@@ -381,7 +381,7 @@ def _load_failed(e: BaseException, what: str, spec: str, revision: str | None) -
 def _hub_hint(e: BaseException, spec: str = "", revision: str | None = None) -> str:
     """What to do when the Hub could not be reached (a machine without network: the hub's client retries for
     half a minute first), or could not send a job's pinned snapshot; nothing for an error of another kind (a
-    model's own code refused without --trust-remote-code: its snapshot is here, downloading it changes nothing)."""
+    model's own code refused without --trust-remote-code: its snapshot is here, a download changes nothing)."""
     if "huggingface.co" not in str(e):
         return ""
     if revision:
