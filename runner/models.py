@@ -251,11 +251,15 @@ def _missing_snapshot(spec: str, revision: str) -> NotOnThisMachine | None:
         return None
     config = try_to_load_from_cache(spec, "config.json", revision=revision)
     lacks = _snapshot_lacks(spec, revision, Path(config)) if isinstance(config, str) else "is not"
-    if lacks is None:
-        return None
+    return None if lacks is None else _snapshot_not_here(spec, revision, lacks, " (HF_HUB_OFFLINE is set)")
+
+
+def _snapshot_not_here(spec: str, revision: str, lacks: str, why: str) -> NotOnThisMachine:
+    """A job's pinned snapshot that this machine cannot load (`lacks`: "is not", "is there without its
+    weights"; `why`: the hub out of reach): the job waits for a machine that has it, saying the download."""
     return NotOnThisMachine(
         f"its model {spec} at commit {revision}, the snapshot it was submitted with, {lacks} in this machine's "
-        "Hugging Face cache (HF_HUB_OFFLINE is set)",
+        f"Hugging Face cache{why}",
         f"download it: hf download {spec} --revision {revision}",
     )
 
@@ -370,10 +374,8 @@ def _load_failed(e: BaseException, what: str, spec: str, revision: str | None) -
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     if revision and _in_chain(e, lambda x: isinstance(x, LocalEntryNotFoundError)):
-        return NotOnThisMachine(
-            f"its model {spec} at commit {revision}, the snapshot it was submitted with, is not in this machine's "
-            f"Hugging Face cache, and the hub cannot be reached ({first_line(e)})",
-            f"download it: hf download {spec} --revision {revision}",
+        return _snapshot_not_here(
+            spec, revision, "is not", f", and the hub cannot be reached ({first_line(e)})"
         )
     return ModelLoadError(f"cannot load {what} {spec!r}: {first_line(e)}{_hub_hint(e, spec, revision)}")
 
