@@ -740,7 +740,20 @@ def hub_snapshot(spec: str, revision: str | None = None) -> str | None:
         if _transient(e):
             raise  # (for `reading_model` to read again)
         where = f" at revision {revision!r} (--revision)" if revision else ""
-        raise ModelLoadError(f"cannot load model {spec!r}{where}: {first_line(e)}{_hub_hint(e)}") from e
+        hint = _download_hint(e, spec, revision) or _hub_hint(e)
+        raise ModelLoadError(f"cannot load model {spec!r}{where}: {first_line(e)}{hint}") from e
+
+
+def _download_hint(e: BaseException, spec: str, revision: str | None) -> str:
+    """What brings a hub model (at `revision`) that is neither in this machine's cache nor downloadable now
+    (huggingface_hub's LocalEntryNotFoundError behind `e`: offline, or no network): the `hf download` command."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if not _in_chain(e, lambda x: isinstance(x, LocalEntryNotFoundError)):
+        return ""
+    return f" (not in this machine's cache: hf download {spec}" + (
+        f" --revision {revision})" if revision else ")"
+    )
 
 
 def _remote_code(path: Path) -> set[str]:

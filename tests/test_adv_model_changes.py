@@ -169,7 +169,9 @@ def test_a_revision_asked_pins_the_job_to_the_commit_it_names(tmp_path, tiny_gpt
                                    "--revision", first])  # fmt: skip
     assert ran.exit_code == 0 and Job.open(tmp_path / "out.jsonl.job").spec.revision == first, ran.output
     refused = CliRunner().invoke(cli, ["submit", str(path), "-m", HUB_ID, "--revision", "v9"])
-    assert refused.exit_code == 1 and "Traceback" not in refused.output and "v9" in refused.output, (
+    assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
+    assert "at revision 'v9' (--revision)" in refused.output, refused.output
+    assert f"(not in this machine's cache: hf download {HUB_ID} --revision v9)" in refused.output, (
         refused.output
     )
     with pytest.raises(runner.ParamError, match="revision names a snapshot of a Hugging Face hub model") as e:
