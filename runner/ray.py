@@ -87,6 +87,7 @@ class _Stage:
         from .engine import Engine
         from .inputs import RowChecker
         from .jobs import _Preparer, _sample_auto
+        from .models import asked_revision
 
         self.params, self.outputs = _check(self.kind, params, truncate, chat, outputs)
         self.prompt_field = prompt_field or ("prompt" if self.kind == "generate" else "text")
@@ -100,7 +101,7 @@ class _Stage:
         )  # fmt: skip
         self.checker.settings_from_arrow = True  # rows come in as Arrow batches (null-filled struct keys)
         # (`apply` gives every actor the commit it pinned: actors started after an update load what the first did)
-        self.engine = Engine(model, actor_device(options or EngineOptions()), revision)
+        self.engine = Engine(model, actor_device(options or EngineOptions()), asked_revision(model, revision))
         auto = generate and _sample_auto(self.params)
         seed = getattr(self.params, "seed", None)
         meta = {
