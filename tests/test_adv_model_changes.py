@@ -333,3 +333,15 @@ def test_an_engine_given_of_another_model_or_snapshot_is_refused_and_the_job_lef
     with pytest.raises(ValueError, match=f"at {max(SNAPSHOTS)}; job {pinned.id} is of model 'acme/tiny' at "):
         runner.run(path, HUB_ID, params, engine=newer, echo=None, name="pinned")
     assert runner.status(pinned.dir).done == 0
+
+
+def test_a_stage_of_your_own_checks_its_revision_as_a_job_does(tmp_path, tiny_gpt2):
+    """`ds.map_batches(runner.ray.Generate, fn_constructor_kwargs={"revision": ...})`: an empty revision, or one
+    for a local folder, is refused naming it, as `runner submit --revision` refuses it (an empty one loaded the
+    newest snapshot without a word)."""
+    from runner.ray import Generate
+
+    for model, revision in ((HUB_ID, ""), (str(tiny_gpt2), "v1")):
+        with pytest.raises(runner.ParamError) as e:
+            Generate(model, GenerationParams(max_new_tokens=2), revision=revision)
+        assert e.value.param == "revision"
