@@ -245,12 +245,11 @@ def _missing_snapshot(spec: str, revision: str) -> NotOnThisMachine | None:
     where loading failed it for every machine. Online, the load downloads that commit. A snapshot holding its
     config.json but not its weights or tokenizer (an interrupted download, a cache that AutoConfig alone filled)
     lacks it too: the load failed the job for every worker of the home (`_snapshot_lacks`)."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE:
         return None
-    config = try_to_load_from_cache(spec, "config.json", revision=revision)
-    lacks = _snapshot_lacks(spec, revision, Path(config)) if isinstance(config, str) else "is not"
+    lacks = _cache_lacks(spec, revision)
     return None if lacks is None else _snapshot_not_here(spec, revision, lacks, " (HF_HUB_OFFLINE is set)")
 
 
@@ -260,20 +259,31 @@ def _snapshot_not_here(spec: str, revision: str, lacks: str, why: str) -> NotOnT
     return NotOnThisMachine(
         f"its model {spec} at commit {revision}, the snapshot it was submitted with, {lacks} in this machine's "
         f"Hugging Face cache{why}",
-        f"download it: hf download {spec} --revision {revision}",
+        f"download it: {_hf_download(spec, revision)}",
     )
+
+
+def _hf_download(spec: str, revision: str | None) -> str:
+    """The command that brings hub model `spec` (at `revision`) into this machine's cache."""
+    return f"hf download {spec}" + (f" --revision {revision}" if revision else "")
 
 
 def hub_newest_here(spec: str, revision: str | None = None) -> bool:
     """Whether hub model `spec`'s newest snapshot (of branch or tag `revision`, else main) can be loaded here:
     online (the hub says which it is), or offline where the cache's ref names a snapshot it holds whole
     (`_snapshot_lacks`)."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
 
-    if not constants.HF_HUB_OFFLINE:
-        return True
+    return not constants.HF_HUB_OFFLINE or _cache_lacks(spec, revision) is None
+
+
+def _cache_lacks(spec: str, revision: str | None) -> str | None:
+    """What this machine's Hugging Face cache lacks of hub model `spec` at `revision` (a commit, branch or tag;
+    None: main): "is not" there at all, or what `_snapshot_lacks`; None when it holds the snapshot whole."""
+    from huggingface_hub import try_to_load_from_cache
+
     config = try_to_load_from_cache(spec, "config.json", **at(revision))
-    return isinstance(config, str) and _snapshot_lacks(spec, revision, Path(config)) is None
+    return _snapshot_lacks(spec, revision, Path(config)) if isinstance(config, str) else "is not"
 
 
 def _snapshot_lacks(spec: str, revision: str | None, config: Path) -> str | None:
@@ -389,7 +399,7 @@ def _hub_hint(e: BaseException, spec: str = "", revision: str | None = None) -> 
     if revision:
         return (
             f" (the job runs on the snapshot it was submitted with, commit {revision}: with no network, "
-            f"download it first: hf download {spec} --revision {revision})"
+            f"download it first: {_hf_download(spec, revision)})"
         )
     if os.environ.get("HF_HUB_OFFLINE"):
         return ""
@@ -499,10 +509,8 @@ def load_model(
             hint = ""
             if not options.allow_pickle and "safetensors" in str(e).lower():
                 hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
-            if hint or not revision:
-                raise ModelLoadError(
-                    f"cannot load model {spec!r}: {first_line(e)}{hint or _hub_hint(e)}"
-                ) from e
+            if hint:
+                raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}{hint}") from e
             raise _load_failed(e, "model", spec, revision) from e
     model = model.eval() if options.device_map else model.to(device).eval()
     return _own_memory(model)
@@ -751,9 +759,7 @@ def _download_hint(e: BaseException, spec: str, revision: str | None) -> str:
 
     if not _in_chain(e, lambda x: isinstance(x, LocalEntryNotFoundError)):
         return ""
-    return f" (not in this machine's cache: hf download {spec}" + (
-        f" --revision {revision})" if revision else ")"
-    )
+    return f" (not in this machine's cache: {_hf_download(spec, revision)})"
 
 
 def _remote_code(path: Path) -> set[str]:
