@@ -545,9 +545,10 @@ def _where_it_runs(job: Job, e: NotOnThisMachine, home: Any) -> str:
 
 
 def _state_now(job: Job) -> JobState | None:
-    """The job's state now; None for a broken job (that is said when the queue is looked at again)."""
+    """The job's state now (while a change of it is being written, the state before it: `state_as_read`); None
+    for a broken job (that is said when the queue is looked at again)."""
     try:
-        return job.state().state
+        return jobdir.state_as_read(job)[0].state
     except RunnerError:
         return None
 
@@ -754,8 +755,11 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: _Halted) -> RunSumma
         record = jobdir.settled_state(j, halted, lambda: echo and echo(_waiting_line(j.id)))
         state = record.state
     except BrokenJob as e:  # damaged since, or a change's record never filled (no hard links)
+        line = _being_written_line(j, summary) if e.unfilled and not e.waited_out() else None
+        if line is not None:
+            _log(j, line)
         if echo:
-            echo(_broken_line(j.id, j.dir, e, e.repairable))
+            echo(line or _broken_line(j.id, j.dir, e, e.repairable))
         return summary
     done = f"{summary.done:,}/{summary.total:,} {j.spec.count_noun}"
     if state is JobState.CANCELLED and summary.finished:  # (the cancel landed as the last rows were done)
@@ -780,6 +784,16 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: _Halted) -> RunSumma
         if echo:
             echo(line)
     return summary
+
+
+def _being_written_line(j: Job, summary: RunSummary) -> str:
+    """What a run stopped (Ctrl-C, a signal, its deadline: the wait for the state gives way) says where the job's
+    newest state record is still empty for less than the patience, no hard links there: a `runner cancel` or
+    `runner retry` being written, not a broken job (it was said broken, `runner repair` its cure, and `runner
+    work` ended with an error; adversarial pass 209)."""
+    return (f"job {j.id}: {summary.done:,}/{summary.total:,} {j.spec.count_noun} saved; a change of its state is "
+            "being written (a `runner cancel` or `runner retry`: its state record is still empty); `runner status "
+            f"{shlex.quote(str(j.dir))}` says what it became")  # fmt: skip
 
 
 def _changed_as_it_ended(record: jobdir.StateRecord) -> str:
