@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import os
 import shlex
@@ -415,10 +416,16 @@ class _ResultsFormat(click.Choice):
         return super().convert(value, param, ctx)
 
 
+# Words a switch's value is written as (click's own for a boolean, GenerationConfig's do_sample=False habit): one
+# right after a switch (`--do-sample false`) is refused, not read as an argument
+SWITCH_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
 class _Command(click.Command):
     """A command that refuses both sides of an on/off flag given together (`--do-sample --greedy`,
     `--add-eos --exclude-end`): click kept the last one typed and said nothing, where runner refuses settings
-    that cannot all hold (`--greedy --temperature 0.8`). A mistyped option's "Did you mean" names shown
+    that cannot all hold (`--greedy --temperature 0.8`), and a switch given a value (`--do-sample false`: click
+    read 'false' as a second prompt and sampled). A mistyped option's "Did you mean" names shown
     options only: the hidden ones are other tools' names, refused when typed (`--max-new-token` was offered
     `--max-tokens`, `--num-return-sequence` `--stop-sequences`)."""
 
@@ -443,6 +450,12 @@ class _Command(click.Command):
             if not skip:
                 given.append(arg)
             skip = not skip and arg in takes_value
+        # (`given` holds no option's value: a word right after a switch in it is an argument there)
+        switches = {o: p for p in self.params if isinstance(p, click.Option) and p.is_flag and not p.is_eager
+                    for o in p.opts + p.secondary_opts}  # fmt: skip
+        for opt, word in itertools.pairwise(given):
+            if opt in switches and word.lower() in SWITCH_WORDS:
+                raise click.UsageError(self._switch_given_a_value(switches[opt], opt, word), ctx)
         for param in self.params:
             if isinstance(param, click.Option) and param.is_flag and param.secondary_opts:
                 on = [o for o in given if o in param.opts]
@@ -451,6 +464,19 @@ class _Command(click.Command):
                     first, then = sorted((on[0], off[0]), key=given.index)
                     raise click.UsageError(f"{first} and {then} say opposite things: give one of them", ctx)
         return super().parse_args(ctx, args)
+
+    def _switch_given_a_value(self, param: click.Option, opt: str, word: str) -> str:
+        """What to type instead of `opt word` (`--do-sample false`): a switch takes no value, and click read the
+        word as an argument (a second prompt of `runner generate`), the switch on whatever it said."""
+        many = [p for p in self.params if isinstance(p, click.Argument) and p.nargs == -1]
+        what = many[0].human_readable_name if many else "an extra argument"
+        if param.secondary_opts:
+            on, off = max(param.opts, key=len), " or ".join(param.secondary_opts)
+            sides = f"{on} turns it on, {off} turns it off"
+        else:
+            sides = f"give {opt} to turn it on, leave it out for off"
+        return (f"{opt} is a switch and takes no value, so {word!r} would be read as {what}: {sides} (to mean "
+                f"the text {word!r}, give it before {opt} or after --)")  # fmt: skip
 
 
 class _Commands(click.Group):

@@ -1381,6 +1381,55 @@ def test_both_sides_of_an_on_off_flag_are_refused_not_settled_by_the_last(
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.parametrize(
+    "command, typed, said",
+    [
+        ("generate", ["--do-sample", "false"], "--do-sample turns it on, --greedy turns it off"),
+        ("generate", ["--greedy", "True"], "--do-sample turns it on, --greedy turns it off"),
+        ("generate", ["--chat", "yes"], "give --chat to turn it on, leave it out for off"),
+        ("generate", ["--show-logprobs", "0"], "give --show-logprobs to turn it on"),
+        ("submit", ["--add-eos", "no"], "--add-eos turns it on, --no-add-eos or --exclude-end turns it off"),
+        ("submit", ["--skip-invalid", "1"], "give --skip-invalid to turn it on"),
+        ("run", ["--cuda-graphs", "off"], "--cuda-graphs turns it on, --no-cuda-graphs turns it off"),
+    ],
+)
+def test_a_value_after_an_on_off_switch_is_refused_not_taken_as_an_argument(
+    prompts, tiny_gpt2, monkeypatch, command, typed, said
+):
+    """`runner generate "Hi" --do-sample false` (GenerationConfig's do_sample=False habit) sampled, with 'false'
+    as a second prompt: a switch takes no value. A true/false/yes/no/on/off/0/1 word right after one is refused
+    before the model loads, naming both sides of the switch and how to give that word as an argument."""
+    monkeypatch.setattr("runner.engine.Engine", None)  # loading the model would fail the test
+    first = "Hi" if command == "generate" else str(prompts)
+    result = invoke(command, first, "-m", tiny_gpt2, *typed, "--max-new-tokens", 2)
+    assert result.exit_code == 2, result.output
+    what = "PROMPTS" if command == "generate" else "an extra argument"
+    assert (f"{typed[0]} is a switch and takes no value, so {typed[1]!r} would be read as {what}: {said}"
+            in result.output)  # fmt: skip
+    assert f"to mean the text {typed[1]!r}, give it before {typed[0]} or after --" in result.output
+
+
+def test_the_word_of_a_switch_value_is_still_a_prompt_before_the_switch_after_dashes_or_as_a_value(
+    tiny_gpt2, monkeypatch
+):
+    """What the refusal above says to do works: the word before the switch, or after `--`, is a prompt; the value
+    of an option that takes one (`--stop false`) is that option's."""
+    from runner import quick
+
+    asked = []
+    monkeypatch.setattr(
+        quick, "generate", lambda texts, *a, **kw: asked.append(list(texts)) or [[]] * len(texts)
+    )
+    for typed in (
+        ["false", "--do-sample"],
+        ["--do-sample", "--", "false"],
+        ["Hi", "--stop", "false", "--chat"],
+    ):
+        result = invoke("generate", "-m", tiny_gpt2, *typed)
+        assert result.exit_code == 0, result.output
+    assert asked == [["false"], ["false"], ["Hi"]]
+
+
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet", "JSON"])
 def test_results_format_given_a_file_type_says_that_to_writes_it(fmt):
     """`runner results JOB --format csv`, as pandas users ask for a file type, was only told "'csv' is not one
