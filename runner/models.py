@@ -687,6 +687,25 @@ def check_engine_model(engine: Any, job: Any) -> None:
                      + (f" at {pinned}" if pinned else "") + ": pass an engine of that model, or none")  # fmt: skip
 
 
+def check_engine_revision(engine: Any, model: str, revision: str, commit: str | None) -> None:
+    """Refuse an engine given with `revision` (`runner.generate(..., engine=E, revision=R)`) that does not hold
+    hub model `model` at `commit`, the one R names now: its answers would be another snapshot's, said to be R's.
+    An engine loaded at that commit, or at R as written, holds it; one loaded without a revision held the
+    newest of then, which cannot be told now. ValueError naming both, as `check_engine_model`'s."""
+    spec = getattr(engine, "spec", None)
+    if not isinstance(spec, str):
+        return  # (a stand-in engine of a test)
+    held = getattr(engine, "revision", None)
+    if _same_spec(spec, model) and held is not None and held in (revision, commit):
+        return
+    at = f" at {held}" if held else ""
+    if not held and is_hub_model(spec):
+        at = " as loaded without a revision (the newest snapshot then)"
+    raise ValueError(f"the engine given holds model {spec!r}{at}; revision={revision!r} names {model!r} at "
+                     f"{commit}: pass an engine loaded at it ({type(engine).__name__}({model!r}, "
+                     f"revision={commit!r})), or none")  # fmt: skip
+
+
 def _same_weights(engine: Any, job: Any) -> bool:
     """Whether the engine's model has the job's model fingerprint (a copy of the job's model folder
     elsewhere), computed the way the job's was; kept on the engine, by version."""

@@ -106,7 +106,8 @@ def generate(
     template, or through `chat_template` (Jinja text, given with `chat`, as a job takes it: without, a job
     would not use it, so a try refuses it), which the engine's tokenizer keeps.
     `truncate` "left": a prompt over the context window keeps its end, as a job's does (else it is refused).
-    `revision`: a hub model's branch, tag or commit, as a job's (else its newest).
+    `revision`: a hub model's branch, tag or commit, as a job's (else its newest); an `engine` given with it must
+    hold that snapshot (ValueError).
     Seeds are per (row id, sample) from `params.seed` (0 when none), as a job's are, so a try is repeatable:
     `row_ids` are the prompts' row ids (default: their numbers from 1, a job's ids for the lines of a .txt or JSONL
     file without blank lines or ids of its own)."""
@@ -119,7 +120,7 @@ def generate(
         use_chat_template,
     )
     from .engine import Engine
-    from .models import asked_snapshot
+    from .models import asked_snapshot, check_engine_revision
     from .tasks import generate_keys, sample_seed
 
     # one string is one prompt, as vLLM's LLM.generate takes it (it was a prompt per character), and any iterable
@@ -134,7 +135,10 @@ def generate(
                           "plain prompts without --chat does not use the template, so this try would not be the "
                           "job's)")  # fmt: skip
     params = params or GenerationParams()
-    engine = engine or Engine(model, options or EngineOptions(), asked_snapshot(model, revision))
+    if engine is None:
+        engine = Engine(model, options or EngineOptions(), asked_snapshot(model, revision))
+    elif revision is not None:
+        check_engine_revision(engine, model, revision, asked_snapshot(model, revision))
     if chat_template is not None:
         use_chat_template(engine.tokenizer, chat_template_text(chat_template))
     if chat:

@@ -2,6 +2,7 @@
 and after must come from the same model, or the job is refused, saying what changed and what to do."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -345,3 +346,39 @@ def test_a_stage_of_your_own_checks_its_revision_as_a_job_does(tmp_path, tiny_gp
         with pytest.raises(runner.ParamError) as e:
             Generate(model, GenerationParams(max_new_tokens=2), revision=revision)
         assert e.value.param == "revision"
+
+
+def test_a_quick_try_with_an_engine_and_a_revision_checks_the_engine_holds_that_snapshot(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """`runner.generate(..., engine=E, revision=R)` answered with E whatever R named: E's snapshot, said to be
+    R's. An engine of another snapshot (or loaded without a revision: the newest of then, unknown now), or of
+    another model, is refused naming both; one loaded at R's commit, or at R as written, answers."""
+    from runner.engine import Engine
+
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    first, second = sorted(SNAPSHOTS)
+    params = GenerationParams(max_new_tokens=2)
+    at_first, newest = Engine(HUB_ID, revision=first), Engine(HUB_ID)
+    refused = [
+        (
+            at_first,
+            second,
+            f"holds model 'acme/tiny' at {first}; revision='{second}' names 'acme/tiny' at {second}",
+        ),
+        (newest, first, "as loaded without a revision (the newest snapshot then); revision="),
+        (
+            Engine(str(tiny_gpt2)),
+            first,
+            f"holds model {str(tiny_gpt2)!r}; revision='{first}' names 'acme/tiny'",
+        ),
+    ]
+    for engine, revision, said in refused:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            runner.generate("The old man", HUB_ID, params, engine=engine, revision=revision)
+    expected = runner.generate("The old man", HUB_ID, params, revision=first)
+    for revision in (first, "main"):  # (refs/main names the first)
+        assert runner.generate("The old man", HUB_ID, params, engine=at_first, revision=revision) == expected
+    main.write_text(second)
+    with pytest.raises(ValueError, match=f"at {first}; revision='main' names 'acme/tiny' at {second}"):
+        runner.generate("The old man", HUB_ID, params, engine=at_first, revision="main")
