@@ -22,16 +22,19 @@ Differences from a file, because a stage sees one batch and never the whole data
   asking for one that is off is an error row, never dropped silently.
 
 Resuming after a cluster job dies is Ray Data's own checkpointing keyed on the id column (README, "Bigger than
-one machine"): the ids already written are filtered out at read, so finished rows are not computed again.
+one machine"): the ids already written are filtered out at read, so finished rows are not computed again, and a
+hub model's commit is kept beside the checkpoint (`_Pins`), so the rows left come from the same weights.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import ParamError, Problem
+from .errors import ParamError, Problem, RunnerError
 from .jobdir import WHOLE_LAST_WINDOW
 from .params import ROW_SAMPLING, EmbedParams, EngineOptions, GenerationParams, ScoreParams
 
@@ -408,9 +411,9 @@ def apply(
     that can be checked without the weights is checked here first (settings, the model's config and tokenizer,
     max_new_tokens against the context window), so a mistake is an error now, not in every actor later.
     A hub model is pinned here to one commit (of `revision`, a branch, tag or commit, else of main) that every
-    actor loads, as a job is. `map_kwargs` go to `map_batches` as they are."""
+    actor loads, as a job is; with a checkpoint (`checkpoint_config`, set before `ds` was made), to the commit
+    the checkpoint was started on (`_pin`). `map_kwargs` go to `map_batches` as they are."""
     from .inputs import Template
-    from .jobs import _pinned_facts
     from .models import asked_revision
 
     params, _ = _check(stage.kind, params, stage_kwargs.get("truncate", "none"), stage_kwargs.get("chat", False),
@@ -418,8 +421,7 @@ def apply(
     if stage_kwargs.get("template") is not None:
         Template(stage_kwargs["template"])
     asked = asked_revision(model, stage_kwargs.pop("revision", None))
-    pinned, _ = _pinned_facts(model, options or EngineOptions(), stage.kind, params, None, asked)
-    stage_kwargs["revision"] = pinned.get("model_revision")
+    stage_kwargs["revision"] = _pin(ds, model, options or EngineOptions(), stage.kind, params, asked)
     extra = dict(map_kwargs or {})
     if num_cpus is not None:
         extra["num_cpus"] = num_cpus
@@ -432,6 +434,101 @@ def apply(
         stage, fn_constructor_args=(model, params, options), fn_constructor_kwargs=stage_kwargs,
         batch_format="pyarrow", batch_size=batch_size, num_gpus=num_gpus, **extra,
     )  # fmt: skip
+
+
+def _pin(
+    ds: Any, model: str, options: EngineOptions, kind: str, params: Any, asked: str | None
+) -> str | None:
+    """The commit of hub model `model` every actor loads (None for a folder or the demo): that of `asked`, else
+    the newest; where `ds` is checkpointed, the one its checkpoint was started on, kept beside it (`_Pins`), so
+    that a pipeline run again after an update of the model continues on the commit its rows so far came from
+    (it pinned the new one: rows before and after the restart from two models, without a word). A `revision`
+    naming another commit than the checkpoint's is refused, naming both."""
+    from .jobs import _pinned_facts
+    from .models import hub_snapshot, is_hub_model
+
+    pins = _Pins.of(ds) if is_hub_model(model) else None
+    earlier = pins.commits.get(model) if pins is not None else None
+    now = hub_snapshot(model, asked) if earlier and asked else earlier
+    if now != earlier:
+        raise ParamError("revision", f"revision={asked!r} names {model!r} at {now}, but "
+                         f"the checkpoint at {pins.where} was started on {earlier} (its rows so far are of that "
+                         f"commit: {pins.shown}): pass revision={earlier!r}, or none, to finish it on that "
+                         "commit, or give another checkpoint path to start over")  # fmt: skip
+    pinned, _ = _pinned_facts(model, options, kind, params, None, earlier or asked)
+    commit = pinned.get("model_revision")
+    if pins is not None and commit and not earlier:
+        pins.add(model, commit)
+    return commit
+
+
+class _Pins:
+    """The commit each hub model of a checkpointed pipeline was pinned to when its checkpoint started:
+    `_runner/pins.json` under the checkpoint path, {"commits": {model: commit}, "check": its checksum}. Ray's
+    look at its checkpoint lists the files at the top and reads Parquet, skipping names that start with "_";
+    it deletes the whole folder once the run succeeds, so the next run pins anew."""
+
+    NAME = "_runner/pins.json"
+
+    def __init__(self, config: Any):
+        import pyarrow.fs as pafs
+        from ray.data.datasource.path_util import _unwrap_protocol
+
+        self.where, self.fs = config.checkpoint_path, config.filesystem
+        self.path = f"{_unwrap_protocol(self.where).rstrip('/')}/{self.NAME}"
+        self.shown = f"{self.where.rstrip('/')}/{self.NAME}"
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.commits = self._read()
+
+    @classmethod
+    def of(cls, ds: Any) -> _Pins | None:
+        """The pins of `ds`'s checkpoint (Ray checkpoints a dataset by the DataContext it was made in), None
+        where it has none."""
+        config = getattr(getattr(ds, "context", None), "checkpoint_config", None)
+        return cls(config) if getattr(config, "checkpoint_path", None) else None
+
+    def _read(self) -> dict[str, str]:
+        import pyarrow.fs as pafs
+
+        from .storage import fails_its_check, json_of_bytes, read_bytes
+
+        if self.local:
+            data = read_bytes(self.path) if os.path.lexists(self.path) else None
+        elif self.fs.get_file_info(self.path).type != pafs.FileType.NotFound:
+            with self.fs.open_input_stream(self.path) as f:
+                data = f.read()
+        else:
+            data = None
+        if data is None:
+            return {}
+        try:
+            record = json_of_bytes(data)
+            commits = record.get("commits") if isinstance(record, dict) else None
+            if not isinstance(commits, dict) or "check" not in record:
+                raise ValueError("not a record of commits")
+            if fails_its_check(record):
+                raise ValueError("its checksum does not match")
+        except ValueError as e:
+            raise RunnerError(f"{self.shown} is damaged ({e}): it says which commit of each hub model the "
+                              "checkpoint's rows so far came from. Delete it and pass revision=COMMIT (that "
+                              "commit), or give another checkpoint path to start over") from None  # fmt: skip
+        return commits
+
+    def add(self, model: str, commit: str) -> None:
+        """Keep `commit` for `model`, written whole or not at all (a temp file renamed; an object store's put)."""
+        from .storage import json_checksum, retry, write_json
+
+        self.commits[model] = commit
+        record = {"commits": self.commits}
+        record["check"] = json_checksum(record)
+        if self.local:
+            folder = os.path.dirname(self.path)
+            retry(lambda: os.makedirs(folder, exist_ok=True), f"create {folder}")
+            write_json(self.path, record)
+            return
+        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(json.dumps(record, indent=2).encode())
 
 
 def checkpoint_config(path: str, id_field: str = "id", **kwargs: Any) -> Any:

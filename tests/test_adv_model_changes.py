@@ -1,9 +1,11 @@
 """A job's model changing between a first `runner work` and the next (adversarial pass 204): rows computed before
 and after must come from the same model, or the job is refused, saying what changed and what to do."""
 
+import functools
 import json
 import re
 import shutil
+import types
 
 import pytest
 from click.testing import CliRunner
@@ -382,3 +384,75 @@ def test_a_quick_try_with_an_engine_and_a_revision_checks_the_engine_holds_that_
     main.write_text(second)
     with pytest.raises(ValueError, match=f"at {first}; revision='main' names 'acme/tiny' at {second}"):
         runner.generate("The old man", HUB_ID, params, engine=at_first, revision="main")
+
+
+def _checkpointed(config, planned: list):
+    """A stand-in for a ray.data.Dataset made while `config` was the DataContext's checkpoint_config: what
+    `map_batches` was given lands in `planned`."""
+    context = types.SimpleNamespace(checkpoint_config=config)
+    return type(
+        "Dataset", (), {"context": context, "map_batches": lambda self, stage, **kw: planned.append(kw)}
+    )()
+
+
+@pytest.mark.parametrize("store", ["folder", "object store"])
+def test_a_checkpointed_ray_pipeline_run_again_after_an_update_keeps_its_first_commit(
+    tmp_path, tiny_gpt2, monkeypatch, store
+):
+    """A checkpointed pipeline pinned the newest commit each time its script started: run again after an update
+    of the model was pushed (its driver died), the rows left came from the new weights, those written before
+    from the old, without a word. The commit is now kept beside the checkpoint (written whole) and used again;
+    a revision naming another commit is refused naming both; without a checkpoint, or once Ray deleted it (a
+    run that succeeded), the newest is pinned. The same through a pyarrow file system (an object store's)."""
+    pytest.importorskip("ray.data")
+    import pyarrow.fs as pafs
+
+    from runner import ray as runner_ray
+
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    first, second = sorted(SNAPSHOTS)
+    if store == "folder":
+        config, ckpt = runner_ray.checkpoint_config(str(tmp_path / "ckpt")), tmp_path / "ckpt"
+    else:
+        (tmp_path / "bucket").mkdir()
+        fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
+        config, ckpt = (
+            runner_ray.checkpoint_config("ckpt", override_filesystem=fs),
+            tmp_path / "bucket" / "ckpt",
+        )
+    planned, params = [], GenerationParams(max_new_tokens=2)
+    run = functools.partial(runner_ray.generate, _checkpointed(config, planned), HUB_ID, params,
+                            map_kwargs={"compute": "given"})  # fmt: skip
+    run()
+    main.write_text(second)  # an update lands, the driver dies, the script runs again
+    run()
+    run(revision=first)
+    assert [kw["fn_constructor_kwargs"]["revision"] for kw in planned] == [first] * 3
+    for revision in (second, "main"):
+        with pytest.raises(runner.ParamError, match=f"revision='{revision}' names 'acme/tiny' at {second}, but the "
+                           f"checkpoint at .*ckpt was started on {first}"):  # fmt: skip
+            run(revision=revision)
+    runner_ray.generate(_checkpointed(None, planned), HUB_ID, params, map_kwargs={"compute": "given"})
+    assert planned[-1]["fn_constructor_kwargs"]["revision"] == second
+    assert [p.name for p in ckpt.iterdir()] == ["_runner"]  # (Ray's look at its checkpoint skips it)
+    shutil.rmtree(ckpt)  # as Ray deletes a checkpoint once its run succeeded
+    run()
+    assert planned[-1]["fn_constructor_kwargs"]["revision"] == second
+
+
+def test_a_damaged_pin_beside_a_ray_checkpoint_is_refused_not_obeyed(tmp_path, tiny_gpt2, monkeypatch):
+    """The kept commit with a byte changed (another commit, still 40 hex digits) is not loaded: the pipeline is
+    refused, naming the file and what to do."""
+    pytest.importorskip("ray.data")
+    from runner import ray as runner_ray
+
+    _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    config, planned = runner_ray.checkpoint_config(str(tmp_path / "ckpt")), []
+    runner_ray.generate(_checkpointed(config, planned), HUB_ID, map_kwargs={"compute": "given"})
+    pins = tmp_path / "ckpt" / "_runner" / "pins.json"
+    pins.write_text(pins.read_text().replace(min(SNAPSHOTS), max(SNAPSHOTS)))
+    with pytest.raises(
+        runner.RunnerError, match=f"{re.escape(str(pins))} is damaged .*Delete it and pass revision="
+    ):
+        runner_ray.generate(_checkpointed(config, planned), HUB_ID, map_kwargs={"compute": "given"})
+    assert len(planned) == 1

@@ -468,3 +468,54 @@ def test_integer_ids_and_a_row_without_id_resume_from_a_checkpoint(ray_local, tm
         ctx.checkpoint_config = None
     assert written == [sorted(["None", *(str(i) for i in range(6) if i != 2)]),
                        sorted(["None", *(str(i) for i in range(6, 12))])]  # fmt: skip
+
+
+@slow
+def test_a_checkpointed_pipeline_of_a_hub_model_finishes_on_the_commit_it_started_on(
+    ray_local, tmp_path, tiny_gpt2, monkeypatch
+):
+    """A checkpointed pipeline of a hub model stops part done (its checkpoint kept); an update of the model is
+    pushed; the script runs again: the rows left come from the commit the first rows came from (they came from
+    the new one), the checkpoint (with the commit kept in it) read by Ray as before, and deleted with it once
+    the run succeeds."""
+    import pyarrow.parquet as pq
+    from test_adv_model_changes import HUB_ID, SNAPSHOTS, _hub_cache
+
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    rows, params = rows_of(12), runner.GenerationParams(max_new_tokens=4)
+    answers = {}
+    for commit in sorted(SNAPSHOTS, reverse=True):  # (refs/main left at the first)
+        main.write_text(commit)
+        job, _ = runner.run(write_jsonl(tmp_path / f"ref-{commit[0]}.jsonl", rows), HUB_ID, params, echo=None)
+        answers[commit] = runner.load_results(job.dir).set_index("id")["text"].to_dict()
+    assert answers[min(SNAPSHOTS)] != answers[max(SNAPSHOTS)]
+    hub = {
+        "HF_HUB_CACHE": os.environ["HF_HUB_CACHE"],
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RUNNER_CACHE": os.environ["RUNNER_CACHE"],
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    }
+    ctx = ray_local.data.DataContext.get_current()
+    (tmp_path / "in").mkdir()
+    out, written = tmp_path / "out", []
+    try:
+        for k in range(2):  # the first half, kept in the checkpoint; then both after the update
+            write_jsonl(tmp_path / "in" / f"part-{k}.jsonl", rows[6 * k : 6 * k + 6])
+            ctx.checkpoint_config = runner.ray.checkpoint_config(
+                str(tmp_path / "ckpt"), delete_checkpoint_on_success=k == 1
+            )
+            ctx.checkpoint_config.checkpoint_actor_pool_max_size = 1
+            before = set(out.glob("*.parquet"))
+            ds = ray_local.data.read_json(str(tmp_path / "in"), ray_remote_args={"num_cpus": 0.25})
+            runner.ray.generate(ds, HUB_ID, params, num_cpus=ACTOR_CPUS,
+                                map_kwargs={"runtime_env": {"env_vars": hub}}).write_parquet(
+                str(out), ray_remote_args={"num_cpus": 0.25})  # fmt: skip
+            written.append(pq.read_table(sorted(set(out.glob("*.parquet")) - before)).to_pandas())
+            main.write_text(max(SNAPSHOTS))
+    finally:
+        ctx.checkpoint_config = None
+    assert [sorted(w["id"]) for w in written] == [[r["id"] for r in rows[:6]], [r["id"] for r in rows[6:]]]
+    got = {i: t for w in written for i, t in zip(w["id"], w["text"], strict=True)}
+    assert got == answers[min(SNAPSHOTS)]
+    assert not (tmp_path / "ckpt").exists()
