@@ -47,6 +47,7 @@ from .models import (
     context_window,
     eos_token_ids,
     load_model,
+    load_revision,
     load_tokenizer,
     pick_device,
     pick_dtype,
@@ -391,11 +392,13 @@ class Engine:
     """A loaded model + tokenizer on one device, ready to generate batches."""
 
     def __init__(self, model: str, options: EngineOptions | None = None, revision: str | None = None):
-        """`revision`: a hub model's snapshot (the commit a job was pinned to at submit), else its newest."""
+        """`revision`: a hub model's snapshot (the commit a job was pinned to at submit), else its newest, read
+        once (`models.load_revision`): `self.revision` is the commit loaded."""
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a bar per weight file garbles Colab cells and log files
-        self.spec, self.revision = model, revision
+        self.spec, self.revision = model, load_revision(model, revision)
+        revision = self.revision
         self.options = options or EngineOptions()
         self.device = pick_device(self.options.device)
         self.dtype = pick_dtype(self.options.dtype, self.device)

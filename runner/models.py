@@ -690,8 +690,8 @@ def check_engine_model(engine: Any, job: Any) -> None:
 def check_engine_revision(engine: Any, model: str, revision: str, commit: str | None) -> None:
     """Refuse an engine given with `revision` (`runner.generate(..., engine=E, revision=R)`) that does not hold
     hub model `model` at `commit`, the one R names now: its answers would be another snapshot's, said to be R's.
-    An engine loaded at that commit, or at R as written, holds it; one loaded without a revision held the
-    newest of then, which cannot be told now. ValueError naming both, as `check_engine_model`'s."""
+    An engine loaded at that commit (named, or the newest then: `load_revision`), or at R as written, holds it.
+    ValueError naming both, as `check_engine_model`'s."""
     spec = getattr(engine, "spec", None)
     if not isinstance(spec, str):
         return  # (a stand-in engine of a test)
@@ -699,8 +699,6 @@ def check_engine_revision(engine: Any, model: str, revision: str, commit: str | 
     if _same_spec(spec, model) and held is not None and held in (revision, commit):
         return
     at = f" at {held}" if held else ""
-    if not held and is_hub_model(spec):
-        at = " as loaded without a revision (the newest snapshot then)"
     raise ValueError(f"the engine given holds model {spec!r}{at}; revision={revision!r} names {model!r} at "
                      f"{commit}: pass an engine loaded at it ({type(engine).__name__}({model!r}, "
                      f"revision={commit!r})), or none")  # fmt: skip
@@ -743,6 +741,18 @@ def asked_revision(model: str, revision: Any) -> str | None:
         raise ParamError("revision", f"revision names a snapshot of a Hugging Face hub model; {model!r} is not "
                          "one (a folder or a .gguf file here is its own version)")  # fmt: skip
     return revision.strip()
+
+
+def load_revision(model: str, revision: str | None) -> str | None:
+    """The revision an Engine loads `model` at: the one given, else for a hub model the commit of its newest
+    snapshot now, read once, so that its tokenizer and weights come from one snapshot (an update pushed
+    between the two loads mixed them) and the commit it holds is known: an engine loaded without a revision
+    was taken for any snapshot of its model (`check_engine_model`: a pinned job's rows from an update, pass
+    210). None for the demo model, a .gguf file or a folder, whose files are fingerprinted instead."""
+    if revision or not is_hub_model(model):
+        return revision
+    resolve_model(model)  # (a folder that is not there is said as such, not taken for a hub id)
+    return reading_model(lambda: hub_snapshot(model), model)
 
 
 def asked_snapshot(model: str, revision: Any) -> str | None:

@@ -335,7 +335,12 @@ def test_an_engine_given_of_another_model_or_snapshot_is_refused_and_the_job_lef
     newer = Engine(HUB_ID, revision=max(SNAPSHOTS))
     with pytest.raises(ValueError, match=f"at {max(SNAPSHOTS)}; job {pinned.id} is of model 'acme/tiny' at "):
         runner.run(path, HUB_ID, params, engine=newer, echo=None, name="pinned")
+    # loaded without a revision after refs/main moved: the newest snapshot, not the job's (it was taken for any)
+    with pytest.raises(ValueError, match=f"at {max(SNAPSHOTS)}; job {pinned.id} is of model 'acme/tiny' at "):
+        run_job(pinned, Engine(HUB_ID), echo=None)
     assert runner.status(pinned.dir).done == 0
+    main.write_text(min(SNAPSHOTS))  # (loaded at the job's snapshot, named or the newest: runs)
+    assert run_job(pinned, Engine(HUB_ID), echo=None).finished
 
 
 def test_a_stage_of_your_own_checks_its_revision_as_a_job_does(tmp_path, tiny_gpt2):
@@ -354,8 +359,8 @@ def test_a_quick_try_with_an_engine_and_a_revision_checks_the_engine_holds_that_
     tmp_path, tiny_gpt2, monkeypatch
 ):
     """`runner.generate(..., engine=E, revision=R)` answered with E whatever R named: E's snapshot, said to be
-    R's. An engine of another snapshot (or loaded without a revision: the newest of then, unknown now), or of
-    another model, is refused naming both; one loaded at R's commit, or at R as written, answers."""
+    R's. An engine of another snapshot (named, or the newest when it was loaded without one), or of another
+    model, is refused naming both; one loaded at R's commit, or at R as written, answers."""
     from runner.engine import Engine
 
     main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
@@ -368,7 +373,7 @@ def test_a_quick_try_with_an_engine_and_a_revision_checks_the_engine_holds_that_
             second,
             f"holds model 'acme/tiny' at {first}; revision='{second}' names 'acme/tiny' at {second}",
         ),
-        (newest, first, "as loaded without a revision (the newest snapshot then); revision="),
+        (newest, second, f"holds model 'acme/tiny' at {first}; revision='{second}' names 'acme/tiny' at "),
         (
             Engine(str(tiny_gpt2)),
             first,
