@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ParamError, RunnerError, first_line
+from .errors import ParamError, RunnerError, first_line, option
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +32,8 @@ def render_prompt(prompt: str | None, messages: list[dict[str, str]] | None, tok
     if not getattr(tokenizer, "chat_template", None):
         raise RunnerError(
             "this row has 'messages' but the model's tokenizer has no chat template; give one with "
-            "--chat-template (your fine-tune's format), a plain 'prompt' (or --template), or use a chat model"
+            f"{option('chat_template', None)} (your fine-tune's format), a plain 'prompt' (or "
+            f"{option('template', None)}), or use a chat model"
         )
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -122,8 +123,8 @@ def check_chat_option(tokenizer: Any, model: str) -> None:
     model has none and none is given (each row said "this row has 'messages'" of a file of plain prompts)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ParamError("chat", f"each prompt goes as a user message through the model's chat template, and "
-                                 f"{model} has none: give one with --chat-template (your fine-tune's format), or "
-                                 "drop --chat")  # fmt: skip
+                                 f"{model} has none: give one with {option('chat_template', None)} (your "
+                                 f"fine-tune's format), or drop {option('chat')}")  # fmt: skip
 
 
 def use_chat_template(tokenizer: Any, template: str) -> None:

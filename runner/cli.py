@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .errors import NotOnThisMachine, ParamError, RunnerError, command
+from .errors import NotOnThisMachine, ParamError, RunnerError, command, said_on_the_command_line
 from .faults import fault_point
 from .params import DTYPE_ALIASES, DTYPES, unescape
 from .progress import counted
@@ -505,6 +505,8 @@ def cli(ctx: click.Context, home: str | None) -> None:
     """Batch text generation for Hugging Face causal LMs: validate a prompt file, generate in left-padded
     batches with log-probs, write Parquet, resume after any interruption."""
     ctx.ensure_object(dict).setdefault("home", home)
+    # the library's messages name options here (`--skip-invalid`), Python arguments in a notebook's call
+    ctx.with_resource(said_on_the_command_line())
     import warnings
 
     warnings.showwarning = _show_warning

@@ -6,7 +6,9 @@ Every module raises these instead of bare exceptions so that `runner/cli.py` can
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .progress import counted
@@ -43,7 +45,50 @@ class ParamError(RunnerError, ValueError):
 
 
 # Settings whose option is not their name with dashes.
-_SPELLED = {"json_object": "--json", "choices": "--choice", "input": "INPUT"}
+_SPELLED = {
+    "json_object": "--json",
+    "choices": "--choice",
+    "input": "INPUT",
+    "allow_pickle": "--allow-pickle-weights",
+    "served_model_names": "--served-model-name",
+    "output": "-o",
+}
+
+# Whether messages are said on the command line (the `runner` command sets it while a command runs) or to a
+# Python caller: a hint names the setting as the reader gives it (`option`).
+_CLI = False
+
+
+@contextlib.contextmanager
+def said_on_the_command_line() -> Iterator[None]:
+    """Messages made inside name settings as options (`--truncate left`), not Python arguments: the `runner`
+    command's whole run, and what is stored for either (errors.jsonl is the same bytes whoever submitted)."""
+    global _CLI
+    before, _CLI = _CLI, True
+    try:
+        yield
+    finally:
+        _CLI = before
+
+
+def on_the_command_line() -> bool:
+    """Whether a message made now is said on the command line (`said_on_the_command_line`)."""
+    return _CLI
+
+
+def option(name: str, value: object = True, owner: str = "") -> str:
+    """A setting a message tells its reader to give, as they give it: `--truncate left` on the command line,
+    `truncate='left'` to a Python caller. `value` True: a flag (`--skip-invalid`, `skip_invalid=True`); None:
+    the setting alone (`--max-new-tokens`, `max_new_tokens`); `...`: a value of the reader's (`--name`,
+    `name=...`). `owner`: the settings object it goes in, in Python (`EngineOptions(allow_pickle=True)`)."""
+    if _CLI:
+        flag = _SPELLED.get(name) or "--" + name.replace("_", "-")
+        if value is True or value is None or value is ...:
+            return flag
+        # (a repeatable option: each value after its own flag)
+        return " ".join(f"{flag} {v}" for v in (value if isinstance(value, (tuple, list)) else [value]))
+    said = name if value is None else f"{name}={'...' if value is ... else repr(value)}"
+    return f"{owner}({said})" if owner else said
 
 
 @dataclass(frozen=True)
@@ -78,7 +123,7 @@ class InputError(RunnerError):
         if header is None:
             head, tail = (
                 f"{counted(self.total, 'invalid rows')}; nothing was run",
-                "\n(use --skip-invalid to run the valid rows)",
+                f"\n(use {option('skip_invalid')} to run the valid rows)",
             )
         else:
             head, tail = header, ""

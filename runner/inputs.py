@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import openai_batch, storage
-from .errors import InputError, ParamError, Problem, RunnerError, first_line
+from .errors import InputError, ParamError, Problem, RunnerError, first_line, on_the_command_line, option
 from .params import ROW_SETTINGS, row_overrides, setting_from_text
 
 T = TypeVar("T")
@@ -109,10 +109,18 @@ class Template:
             if name is None:
                 continue
             if name not in row or row[name] is None:
-                return None, name, f"missing field {name!r} used by --template;{_fields_it_has(row)}"
+                return (
+                    None,
+                    name,
+                    f"missing field {name!r} used by {option('template', None)};{_fields_it_has(row)}",
+                )
             value = row[name]
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                return None, name, f"must be a string or number to fill --template, got {_kind(value)}"
+                return (
+                    None,
+                    name,
+                    f"must be a string or number to fill {option('template', None)}, got {_kind(value)}",
+                )
             out.append(str(value))
         return "".join(out), None, None
 
@@ -1109,8 +1117,8 @@ class RowChecker:
         """A Batch request says itself what the model reads: its messages (/v1/chat/completions) or its raw
         prompt (/v1/completions, which `--chat` turned into a chat without a word), and where (`--template`
         and `--prompt-field` gave errors about fields the line does not have; adversarial pass 121)."""
-        given = [o for o, on in (("--chat", self.chat), ("--template", self.template is not None),
-                                 ("--prompt-field", self.prompt_field not in ("prompt", "text"))) if on]  # fmt: skip
+        given = [option(o, None) for o, on in (("chat", self.chat), ("template", self.template is not None),
+                                               ("prompt_field", self.prompt_field not in ("prompt", "text"))) if on]  # fmt: skip
         if self._requests and given:
             raise RunnerError(f"{self.name} is an OpenAI Batch file (line {lineno}): {' and '.join(given)} does not "
                               "apply to it, as each request says what the model reads (messages for "
@@ -1397,7 +1405,7 @@ def _prompt_or_messages(
     if tmpl is not None:
         prompt, fld, reason = tmpl.render(obj)
         if prompt is None:
-            raise _Bad(fld, reason or "cannot fill --template")
+            raise _Bad(fld, reason or f"cannot fill {option('template', None)}")
         return _not_empty(prompt, "template", messages_field), None
     if obj.get(prompt_field) is not None:
         value = obj[prompt_field]
@@ -1419,8 +1427,15 @@ def _prompt_or_messages(
     # (a null prompt is there: "missing ... the row has 'id'" was untrue of it)
     what = "must be a string, got null" if prompt_field in obj else "missing"
     raise _Bad(prompt_field, what + " (each row needs " + " or ".join(repr(w) for w in wanted) + ";"
-               + _fields_it_has(obj) + f"; --{'text' if prompt_field == 'text' else 'prompt'}-field or --template names "
-               "the one to use)")  # fmt: skip
+               + _fields_it_has(obj) + f"; {_field_option(prompt_field)} or {option('template', None)} names the one "
+               "to use)")  # fmt: skip
+
+
+def _field_option(prompt_field: str) -> str:
+    """The option naming the field to read, as the reader gives it: a score or embed job's `--text-field`."""
+    if on_the_command_line():
+        return "--text-field" if prompt_field == "text" else "--prompt-field"
+    return "prompt_field"
 
 
 def _fields_it_has(row: dict[str, Any]) -> str:

@@ -34,7 +34,18 @@ from typing import Any
 
 from . import __version__, jobdir, openai_batch, storage
 from .batching import chat_template_text, check_chat_option, keep_end
-from .errors import InputError, NotOnThisMachine, ParamError, Problem, RunnerError, command, first_line
+from .errors import (
+    InputError,
+    NotOnThisMachine,
+    ParamError,
+    Problem,
+    RunnerError,
+    command,
+    first_line,
+    on_the_command_line,
+    option,
+    said_on_the_command_line,
+)
 from .inputs import PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
 from .models import (
@@ -454,6 +465,13 @@ def _as_it_was(existing: Job, job_dir: Path) -> str:
     return f"or run `runner work --job {where}` to finish it as it was"
 
 
+def _folder_options() -> str:
+    """Where a job's own folder is given, as the reader gives it."""
+    if on_the_command_line():
+        return "-o, or --job-dir for run-batch"
+    return "output= of runner.run, job_dir= of runner.submit and runner.run_batch"
+
+
 def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dict[str, Any]) -> Job | None:
     """The job this submit repeats (same folder or same name, same inputs and settings), to be resumed; a
     different job in that folder or under that name is refused, saying what differs."""
@@ -462,7 +480,7 @@ def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dic
         if existing is not None and not _same_job(existing, identity):
             raise RunnerError(
                 f"{job_dir} holds a job with other inputs or settings{_differences(existing, identity)}; resuming "
-                f"it with these is refused (use another job folder: -o, or --job-dir for run-batch; "
+                f"it with these is refused (use another job folder: {_folder_options()}; "
                 f"{_as_it_was(existing, Path(job_dir))})"
             )
         return existing
@@ -472,7 +490,7 @@ def _already_submitted(job_dir: Any, root: Path, name: str | None, identity: dic
     if existing is not None and not _same_job(existing, identity):
         raise RunnerError(
             f"the name {name!r} is taken by job {existing.id}, submitted with other inputs or settings"
-            f"{_differences(existing, identity)}; choose another --name"
+            f"{_differences(existing, identity)}; choose another {option('name', None)}"
         )
     return existing
 
@@ -1015,6 +1033,14 @@ class _Problems:
 
 
 def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_invalid: bool) -> _Written:
+    """`_write_rows`. Under `skip_invalid` the invalid rows go to errors.jsonl, whose bytes must not depend on
+    who submitted (a repair writes it again and compares, a notebook's job repaired by `runner repair` too):
+    their messages name settings as options (`--truncate left`) from Python as well."""
+    with said_on_the_command_line() if skip_invalid else contextlib.nullcontext():
+        return _write_rows(reader, prep, folder, skip_invalid)
+
+
+def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invalid: bool) -> _Written:
     """Read, check and tokenize the input a chunk at a time and write prompts.parquet into `folder` one row
     group per chunk. Raises InputError (after reading the whole file, so that every problem is listed) when
     a row is invalid and not `skip_invalid`, or when no row is valid.
@@ -1261,9 +1287,12 @@ class _Preparer:
                 "the prompt",
             )
         else:
-            need, fix = f"; with max_new_tokens={params.max_new_tokens} it", ", lower --max-new-tokens"
+            need, fix = (
+                f"; with max_new_tokens={params.max_new_tokens} it",
+                f", lower {option('max_new_tokens', None)}",
+            )
         return _RowProblem(f"prompt is {tokens} tokens{need} exceeds the model's context window of {window} tokens "
-                           f"(shorten {it}{fix}, or pass --truncate left)", field)  # fmt: skip
+                           f"(shorten {it}{fix}, or pass {option('truncate', 'left')})", field)  # fmt: skip
 
     def _prepare_score(self, rows: list[PromptRow]) -> list[tuple[str, list[int], int] | _RowProblem]:
         from .scoring import fit_context, split_contexts, tokenize_texts
@@ -1341,15 +1370,15 @@ def submit_warnings(job: Job) -> list[str]:
     out = []
     if job.meta.get("input", {}).get("raw_prompts_to_chat_model") and job.meta["input"].get("chat_template"):
         out.append(
-            "WARNING: --chat-template renders 'messages' rows (chat requests) and --chat prompts, but every row is "
-            "a plain prompt: the template is not used. Pass --chat to send each prompt as a user message through "
-            "it (run, submit)."
+            f"WARNING: {option('chat_template', None)} renders 'messages' rows (chat requests) and "
+            f"{option('chat')} prompts, but every row is a plain prompt: the template is not used. Pass "
+            f"{option('chat')} to send each prompt as a user message through it (run, submit)."
         )
     elif job.meta.get("input", {}).get("raw_prompts_to_chat_model"):
         out.append(
             "WARNING: the model has a chat template (an instruct/chat model) but every row is a raw prompt; such "
-            "models often answer raw text with nothing useful. Pass --chat to send each prompt as a user message "
-            "(or give `messages` rows)."
+            f"models often answer raw text with nothing useful. Pass {option('chat')} to send each prompt as a "
+            "user message (or give `messages` rows)."
         )
     data = _length_columns(job)
     if data:
@@ -1376,11 +1405,12 @@ def submit_warnings(job: Job) -> list[str]:
         out.append(
             f"WARNING: job {twin.id} (queued, submitted {twin.spec.created}) has the same file "
             "and settings: this is a second job, and `runner work` computes both. Running a notebook's cells again? "
-            f"Give --name, so that a rerun returns its job; `{cancel}` drops this one."
+            f"Give {option('name', ...)}, so that a rerun returns its job; `{cancel}` drops this one."
         )
     unused = _unused_model_defaults(job)
     if unused:
-        options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in unused.items())
+        given = [option(k, v) for k, v in unused.items()]
+        options = " ".join(given) if on_the_command_line() else f"GenerationParams({', '.join(given)})"
         out.append(
             f"note: the model's generation_config.json asks for {', '.join(f'{k}={v}' for k, v in unused.items())}"
             f"{' (sampling)' if 'temperature' in unused or 'top_k' in unused else ''}, which this job does not use: "

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import storage
-from .errors import ModelLoadError, NotOnThisMachine, ParamError, RunnerError, first_line
+from .errors import ModelLoadError, NotOnThisMachine, ParamError, RunnerError, first_line, option
 from .progress import counted
 from .storage import file_sha256
 
@@ -476,7 +476,8 @@ def check_weights(spec: str, allow_pickle: bool) -> None:
     if not allow_pickle and path.is_dir() and only_pickle_weights(path):
         raise ModelLoadError(
             f"model {spec!r} has only pickle-based weights (pytorch_model.bin), which can run code when "
-            "loaded; convert them to safetensors, or pass --allow-pickle-weights if you trust the source"
+            f"loaded; convert them to safetensors, or pass {option('allow_pickle', owner='EngineOptions')} if you "
+            "trust the source"
         )
 
 
@@ -508,7 +509,7 @@ def load_model(
         except (OSError, ValueError, KeyError, SafetensorError) as e:  # a weights file that is not one, too
             hint = ""
             if not options.allow_pickle and "safetensors" in str(e).lower():
-                hint = " (only safetensors weights are loaded unless you pass --allow-pickle-weights)"
+                hint = f" (only safetensors weights are loaded unless you pass {option('allow_pickle', owner='EngineOptions')})"
             if hint:
                 raise ModelLoadError(f"cannot load model {spec!r}: {first_line(e)}{hint}") from e
             raise _load_failed(e, "model", spec, revision) from e
@@ -776,7 +777,7 @@ def hub_snapshot(spec: str, revision: str | None = None) -> str | None:
     except (OSError, ValueError) as e:
         if _transient(e):
             raise  # (for `reading_model` to read again)
-        where = f" at revision {revision!r} (--revision)" if revision else ""
+        where = f" at revision {revision!r} ({option('revision', None)})" if revision else ""
         hint = _download_hint(e, spec, revision) or _hub_hint(e)
         raise ModelLoadError(f"cannot load model {spec!r}{where}: {first_line(e)}{hint}") from e
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import RunnerError
+from .errors import RunnerError, option
 from .params import EngineOptions, GenerationParams, cited_as, settings_apart
 from .progress import counted
 from .storage import NAME_MAX
@@ -128,7 +128,7 @@ def _body_row(
     if not isinstance(model, str) or model not in models:
         names = " or ".join(repr(m) for m in models)
         return None, "body.model", (f"{model!r} is not the model this job runs ({names}); pass "
-                                    f"--served-model-name {model} to answer to that name") if isinstance(model, str) else "is missing"  # fmt: skip
+                                    f"{option('served_model_names', (model,))} to answer to that name") if isinstance(model, str) else "is missing"  # fmt: skip
     if body.get("stream") not in (None, False):
         return None, "body.stream", "streaming is not available in a batch"
     allowed = FIELDS[url]

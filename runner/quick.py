@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import RunnerError
+from .errors import RunnerError, option
 from .inputs import SUFFIXES, input_file, not_utf8_text, read_text_lines
 from .params import EngineOptions, GenerationParams, check_truncate, settings_apart, unescape
 from .tokens import REPLACEMENT, text_alone
@@ -131,9 +131,9 @@ def generate(
     check_truncate(truncate)
     # a job of these prompts would not use it: the try would differ
     if chat_template is not None and not chat:
-        raise RunnerError("--chat-template renders prompts sent as user messages: pass --chat too (a job of "
-                          "plain prompts without --chat does not use the template, so this try would not be the "
-                          "job's)")  # fmt: skip
+        raise RunnerError(f"{option('chat_template', None)} renders prompts sent as user messages: pass "
+                          f"{option('chat')} too (a job of plain prompts without it does not use the template, so "
+                          "this try would not be the job's)")  # fmt: skip
     params = params or GenerationParams()
     if engine is None:
         engine = Engine(model, options or EngineOptions(), asked_snapshot(model, revision))
@@ -256,6 +256,6 @@ def _check_window(ids: list[list[int]], params: GenerationParams, window: int | 
         if budget is not None and len(prompt) > budget:
             raise RunnerError(
                 f"prompt {number} is {len(prompt)} tokens; with max_new_tokens={params.max_new_tokens} it exceeds "
-                f"the model's context window of {window} tokens (shorten it, lower --max-new-tokens, or pass "
-                "--truncate left)"
+                f"the model's context window of {window} tokens (shorten it, lower {option('max_new_tokens', None)}, "
+                f"or pass {option('truncate', 'left')})"
             )

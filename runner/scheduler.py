@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeGuard
 from . import jobdir, storage
 from .crashes import DeviceError
 from .engine import Engine
-from .errors import NotOnThisMachine, RunnerError, first_line
+from .errors import NotOnThisMachine, RunnerError, first_line, option
 from .jobdir import BrokenJob, Job, JobGone, JobReplaced, JobState, Owner
 from .models import ModelUnreadable, NoSuchDevice, job_resumes, missing_model_folder, reading_model
 from .progress import counted
@@ -63,8 +63,8 @@ def run(
         echo(line)
     kept = _kept_options(job, options)
     if kept and echo:
-        echo(f"job {job.id} keeps the engine options it was submitted with: {kept}; a new -o folder (or --name) "
-             "runs with the new ones")  # fmt: skip
+        echo(f"job {job.id} keeps the engine options it was submitted with: {kept}; a new {option('output', None)} "
+             f"folder (or {option('name', None)}) runs with the new ones")  # fmt: skip
     done_before = _heal(job, echo)
     # As `runner work --job`: units another live worker holds (a second VM on the job) are waited for, and
     # taken over if it dies, so the run ends when the job does (or at `stop()`), not when nothing is left to claim.

@@ -24,7 +24,7 @@ RENDERED = "<|user|>こんにちは\n<|assistant|>Hi\n<|user|>How are you?\n<|as
 def test_a_model_without_a_chat_template_answers_chats_through_one_given(tmp_path, tiny_gpt2, gpt2_engine):
     rows = [{"id": "c", "messages": CHAT}, {"id": "p", "prompt": "The old man"}]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
-    with pytest.raises(runner.InputError, match="no chat template; give one with --chat-template"):
+    with pytest.raises(runner.InputError, match="no chat template; give one with chat_template"):
         create_job(path, tiny_gpt2)
     job = create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=3, seed=1), chat_template=TEMPLATE,
                      job_dir=tmp_path / "out")  # fmt: skip
@@ -134,12 +134,12 @@ def test_chat_on_a_model_without_a_chat_template_is_refused_once_up_front(tmp_pa
     plain prompts (10,000 lines for 10,000 prompts; adversarial pass 27). It is refused once, naming --chat and
     what to do; `runner generate --chat` the same."""
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Hello {i}"} for i in range(50)])
-    with pytest.raises(ParamError, match=r"has none: give one with --chat-template .*or drop --chat") as e:
+    with pytest.raises(ParamError, match=r"has none: give one with chat_template .*or drop chat=True") as e:
         create_job(path, tiny_gpt2, chat=True)
     assert e.value.option == "--chat" and "row" not in str(e.value)
     out = invoke("run", path, "-m", tiny_gpt2, "--chat", "--max-new-tokens", "2").output
     assert out.count("drop --chat") == 1 and "p.jsonl:" not in out, out
-    with pytest.raises(ParamError, match="drop --chat"):
+    with pytest.raises(ParamError, match="drop chat=True"):
         runner.generate(["Hello"], tiny_gpt2, chat=True, engine=gpt2_engine)
     assert create_job(path, tiny_gpt2, chat=True, chat_template=TEMPLATE)  # with one given: fine
 

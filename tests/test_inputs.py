@@ -8,6 +8,7 @@ import pytest
 from helpers import write_jsonl
 
 from runner import InputError, ParamError
+from runner.errors import said_on_the_command_line
 from runner.inputs import PromptReader, SeenIds, Template, read_prompts
 
 
@@ -43,9 +44,9 @@ BAD_LINES = [
     ('{"prompt": 42}', "p.jsonl:1: prompt: must be a string, got number"),
     ('{"prompt": "   "}', "p.jsonl:1: prompt: prompt is only whitespace ('   ')"),
     ('{"text": "no prompt here"}', "p.jsonl:1: prompt: missing (each row needs 'prompt' or 'messages'; the row "
-     "has 'text'; --prompt-field or --template names the one to use)"),
+     "has 'text'; prompt_field or template names the one to use)"),
     ('{"id": "a", "prompt": null}', "p.jsonl:1: prompt: must be a string, got null (each row needs 'prompt' or "
-     "'messages'; the row has 'id'; --prompt-field or --template names the one to use)"),  # was "missing"
+     "'messages'; the row has 'id'; prompt_field or template names the one to use)"),  # was "missing"
     ('{"id": 1.5, "prompt": "x"}', "p.jsonl:1: id: must be a string or an integer, got number"),
     ('{"id": "", "prompt": "x"}', "p.jsonl:1: id: must be a non-empty string"),
     ('{"prompt": "\\ud800"}', "p.jsonl:1: contains a lone surrogate escape (such as \\ud800), not valid Unicode"),
@@ -103,7 +104,7 @@ def test_every_problem_is_reported_and_capped(tmp_path):
     problems, message = problems_of(f)
     assert len(problems) == 31
     assert problems[-1].endswith("p.jsonl:33: id: duplicate id 'x' (first on line 32)")
-    assert "... and 11 more problems" in message and "--skip-invalid" in message
+    assert "... and 11 more problems" in message and "skip_invalid=True" in message
 
 
 def test_skip_invalid_is_suggested_only_when_some_row_is_valid(tmp_path, tiny_gpt2):
@@ -127,7 +128,7 @@ def test_skip_invalid_is_suggested_only_when_some_row_is_valid(tmp_path, tiny_gp
     assert said["bad"] == {"no valid rows in bad.jsonl:\nbad.jsonl:1: prompt: must be a string, got number\n"
                            "bad.jsonl:2: prompt: must be a string, got number"}  # fmt: skip
     assert said["half"] == {"1 invalid row; nothing was run:\nhalf.jsonl:1: prompt: must be a string, got "
-                            "number\n(use --skip-invalid to run the valid rows)"}  # fmt: skip
+                            "number\n(use skip_invalid=True to run the valid rows)"}  # fmt: skip
     assert said["empty"] == {"nothing to run: empty.jsonl: the file has no rows"}
 
 
@@ -157,8 +158,8 @@ def test_template_fills_columns_and_names_missing_ones(tmp_path):
     assert ps.rows[0].prompt == "Context: Paris is in France.\nQuestion: Where is Paris?\nAnswer:"
     assert ps.rows[0].extra == {"context": "Paris is in France.", "question": "Where is Paris?"}
     assert [str(p).split("qa.jsonl:")[1] for p in ps.problems] == [
-        "2: question: missing field 'question' used by --template; the row has 'context'",
-        "3: question: must be a string or number to fill --template, got array",
+        "2: question: missing field 'question' used by template; the row has 'context'",
+        "3: question: must be a string or number to fill template, got array",
     ]
 
 
@@ -525,6 +526,9 @@ def test_chunks_report_duplicates_across_chunks_in_line_order(tmp_path):
 def test_a_score_file_without_its_text_field_names_the_option_score_takes(tmp_path):
     f = write_jsonl(tmp_path / "s.jsonl", ['{"sentence": "吾輩は猫である。"}'])
     problems, _ = problems_of(f, prompt_field="text", messages_field=None)
+    assert problems[0].endswith("the row has 'sentence'; prompt_field or template names the one to use)")
+    with said_on_the_command_line():  # (`runner score`'s option)
+        problems, _ = problems_of(f, prompt_field="text", messages_field=None)
     assert problems[0].endswith("the row has 'sentence'; --text-field or --template names the one to use)")
 
 

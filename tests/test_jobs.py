@@ -155,7 +155,8 @@ def test_rerun_with_same_output_resumes_and_other_settings_are_refused(
         )
     # settings the refusal did not name (new-user walkthrough: a run-batch rerun without --served-model-name)
     with pytest.raises(
-        RunnerError, match=r"settings \(skip_invalid False, now True\); .* --job-dir for run-batch"
+        RunnerError,
+        match=r"settings \(skip_invalid False, now True\); .* job_dir= of runner.submit and runner.run_batch",
     ):
         runner.run(prompts_file, tiny_gpt2, params, output=tmp_path / "out", skip_invalid=True, echo=None)
     with pytest.raises(RunnerError, match=r"settings \(served_model_names \[\], now \['tiny'\]\)"):
@@ -380,7 +381,7 @@ def test_a_row_whose_own_max_tokens_leaves_no_room_is_told_to_lower_that(tmp_pat
         assert f"p.jsonl:1: {spelled}: prompt is " in str(err.value)
         assert str(err.value).endswith(
             f"tokens; with its {spelled}=250 it exceeds the model's context window of 256 "
-            f"tokens (shorten the prompt, lower its {spelled}, or pass --truncate left)"
+            f"tokens (shorten the prompt, lower its {spelled}, or pass truncate='left')"
         )
 
 

@@ -282,7 +282,7 @@ def test_a_csvs_setting_cells_are_read_one_by_one_as_a_json_line_would_give_them
         create_job(tmp_path / "big.csv", tiny_gpt2)
     assert str(err.value).splitlines()[1:] == [
         f"{tmp_path / 'big.csv'}:791: temperature: temperature must be a number, got 'O.7'.",
-        "(use --skip-invalid to run the valid rows)",
+        "(use skip_invalid=True to run the valid rows)",
     ]
     (tmp_path / "few.csv").write_text(
         'id,prompt,temperature,max_tokens,stop,n\na,Hello,0.5,3,"[""a"", ""b""]",\nb,World,,,7,2\nc,Hi,,,\\n,\n'
@@ -1014,7 +1014,7 @@ def test_a_request_over_the_context_window_is_told_what_run_batch_can_do(tmp_pat
     assert (
         "exceeds the model's context window of 256 tokens (shorten the prompt, lower its max_tokens" in text
     ), text
-    assert text.endswith("or pass --truncate left)"), text
+    assert text.endswith("or pass truncate='left')"), text
     out = tmp_path / "out.jsonl"  # and run-batch takes --truncate left, as runner run does
     result = invoke("run-batch", "-i", path, "-o", out, "-m", tiny_gpt2, "--served-model-name", "tiny",
                     "--truncate", "left")  # fmt: skip
