@@ -207,12 +207,16 @@ class JobRun:
         with Heartbeat(self.job, self.owner, self.ttl) as self.beat:
             self.load_engine()  # before any claim: a model that cannot load here leaves the job as it was
             self.beat.info["device"] = str(self.engine.device)
-            while not self.stopped and (unit := self.next_unit()) is not None:
-                if not noted:
-                    noted = True
-                    self.note_precision(ledger)
-                    self.progress.computing()
-                self.run_unit(unit)
+            try:
+                while not self.stopped and (unit := self.next_unit()) is not None:
+                    if not noted:
+                        noted = True
+                        self.note_precision(ledger)
+                        self.progress.computing()
+                    self.run_unit(unit)
+            except KeyboardInterrupt:  # stopped at once: its finished batches are written, and so is its line
+                self.stats_on_interrupt()
+                raise
             if self.beat.error is not None:
                 raise self.beat.error
             if self.state_error is not None:
@@ -877,6 +881,15 @@ class JobRun:
         """Seconds since this run began computing (the model loaded), as the progress line's rates count: the
         summary's and stats.json's tok/s say the same as the last progress line."""
         return self.progress.computing_seconds if self.progress is not None else time.perf_counter() - self.t0
+
+    def stats_on_interrupt(self) -> None:
+        """A run stopped at once (a notebook's stop button, a second Ctrl-C, SIGTERM) that wrote rows has its
+        line in stats.json as a finished run has: `runner status` showed no tok/s or peak memory for a job whose
+        rows it computed, and the report left the run out. Only informative: a failure to write it is not said
+        over the interruption."""
+        if self.generated:
+            with contextlib.suppress(RunnerError, OSError):
+                self.record_stats()
 
     def record_stats(self, poisoned: bool = False) -> None:
         """Append this run to stats.json. After a device error (`poisoned`) the device is not asked for its

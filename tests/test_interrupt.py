@@ -5,7 +5,7 @@ equal to an uninterrupted run."""
 import dataclasses
 
 import pytest
-from helpers import assert_exactly_once, reference_run
+from helpers import assert_exactly_once, invoke, reference_run
 
 import runner
 from runner import EngineOptions, GenerationParams, worker
@@ -254,3 +254,27 @@ def test_a_run_stopped_at_once_says_so_in_its_log(tmp_path, reference, tiny_gpt2
                        echo=None)  # fmt: skip
         last = (tmp_path / "job" / "log.txt").read_text().splitlines()[-1]
         assert f"stopped at once: {said}; its finished batches are kept" in last, last
+
+
+def test_a_run_stopped_at_once_keeps_its_line_in_stats(
+    tmp_path, reference, tiny_gpt2, gpt2_engine, monkeypatch
+):
+    """A notebook's stop button on `runner.run` (a second Ctrl-C, SIGTERM) wrote the finished batches but not the
+    run's line in stats.json: `runner status` of the job, 4 of 12 rows done, said "speed: - tok/s" and "peak -",
+    and the report left the run out; a run stopped before it computed anything still adds no line."""
+    job = create_job(reference[0], tiny_gpt2, PARAMS, OPTIONS, job_dir=tmp_path / "job")
+    with monkeypatch.context() as m:
+        _interrupt_on(m, "generate", 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_job(job, gpt2_engine, echo=None)
+    assert job.read_stats()["runs"] == []
+    with monkeypatch.context() as m:
+        _interrupt_on(m, "generate", 3)
+        with pytest.raises(KeyboardInterrupt):
+            run_job(job, gpt2_engine, echo=None)
+    (run,) = job.read_stats()["runs"]
+    assert run["rows"] == 4 and run["tokens"] > 0, run
+    status = runner.status(job.dir)
+    assert status.done == 4 and status.tokens_per_second and status.peak_memory_bytes, status
+    shown = invoke("status", job.dir).output
+    assert "speed:    - tok/s" not in shown and "peak -" not in shown, shown
