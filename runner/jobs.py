@@ -425,7 +425,7 @@ def _check_args(
     check_truncate(truncate)
     if kind == "score" and truncate != "none":
         raise ParamError("truncate", "not used by score jobs: a text over the context window is scored whole, in "
-                         "windows (--stride), and a pair's context keeps its end to fit.")  # fmt: skip
+                         f"windows ({option('stride', None)}), and a pair's context keeps its end to fit.")  # fmt: skip
     if name is not None:
         check_name(name, "job name")
     if unit_rows is not None and (

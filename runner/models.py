@@ -115,7 +115,7 @@ def _refuse_empty(spec: str) -> None:
     current directory, which was loaded as the model: "Unrecognized model in /content" said nothing of why."""
     if not spec.strip():
         raise ModelNotFoundError(
-            f"--model is empty: give a Hugging Face model id (gpt2), a model folder, a .gguf file or the demo "
+            f"{option('model', None)} is empty: give a Hugging Face model id (gpt2), a model folder, a .gguf file or the demo "
             f"{DEMO_MODEL}"
         )
 
@@ -313,17 +313,19 @@ def _model_there(path: Path, spec: str, then: str) -> bool:
         raise ModelUnreadable(f"cannot read the model {spec!r} ({first_line(e)}){then}", e.errno) from e
 
 
-def pick_device(option: str) -> Any:
+def pick_device(asked: str) -> Any:
     import torch
 
-    if option == "auto":
+    if asked == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(option)
+    device = torch.device(asked)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise NoSuchDevice(f"--device {option}: CUDA is not available on this machine")
+        raise NoSuchDevice(
+            f"{option('device', asked, owner='EngineOptions')}: CUDA is not available on this machine"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise NoSuchDevice(
-            f"--device {option}: this machine has {counted(torch.cuda.device_count(), 'CUDA GPUs')}"
+            f"{option('device', asked, owner='EngineOptions')}: this machine has {counted(torch.cuda.device_count(), 'CUDA GPUs')}"
         )
     return device
 

@@ -35,7 +35,7 @@ from .crashes import (
     split_words,
 )
 from .engine import Engine, NumericalError, Stopped, peak_memory_bytes, reset_peak_memory
-from .errors import RunnerError
+from .errors import RunnerError, option
 from .faults import fault_point, row_fault
 from .jobdir import BrokenJob, ClaimLost, Heartbeat, Job, JobState, Owner, StateRecord
 from .models import check_engine_model, job_resumes, reading_model
@@ -301,7 +301,8 @@ class JobRun:
             "versions": library_versions(),
         }
         if before["dtype"] and (before["dtype"], before["device"]) != (now["dtype"], now["device"]):
-            advice = "; submit with --dtype to keep one precision" if before["dtype"] != now["dtype"] else ""
+            keep = option("dtype", ..., owner="EngineOptions")
+            advice = f"; submit with {keep} to keep one precision" if before["dtype"] != now["dtype"] else ""
             self.say(f"job {self.job.id}: its newest rows were computed in {before['dtype']} on {before['device']}; "
                      f"this worker computes in {now['dtype']} on {now['device']}, so its results will mix the two "
                      "(the same model, other rounding: an answer can differ where two tokens are nearly tied"

@@ -113,3 +113,19 @@ def test_the_errors_file_says_the_same_whoever_submitted(tmp_path, tiny_gpt2):
     # and the spelling of the command line ends with the command: Python's calls are told Python's again
     with pytest.raises(RunnerError, match=r"use skip_invalid=True"):
         runner.submit(path, tiny_gpt2, GenerationParams(max_new_tokens=4))
+
+
+def test_a_model_or_device_a_notebook_cannot_use_is_named_as_its_call_gives_it(tiny_gpt2, monkeypatch):
+    """A Colab CPU runtime (no GPU chosen) told `runner.generate(..., options=EngineOptions(device="cuda"))`
+    "--device cuda: CUDA is not available", and an empty model "--model is empty"."""
+    import torch
+
+    params = GenerationParams(max_new_tokens=2)
+    with pytest.raises(RunnerError, match=r"^model is empty: give a Hugging Face model id"):
+        runner.generate("hi", "", params)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cuda = runner.EngineOptions(device="cuda")
+    with pytest.raises(RunnerError, match=r"^EngineOptions\(device='cuda'\): CUDA is not available"):
+        runner.generate("hi", tiny_gpt2, params, cuda)
+    said = invoke("generate", "hi", "-m", tiny_gpt2, "--device", "cuda").output
+    assert said.startswith("Error: --device cuda: CUDA is not available"), said

@@ -191,7 +191,7 @@ def test_a_job_carried_on_in_another_precision_says_so(tmp_path, tiny_gpt2, gpt2
     assert on("Tesla T4", "float16") == [
         f"job {job.id}: its newest rows were computed in bfloat16 on NVIDIA A100-SXM4-40GB; this worker computes "
         "in float16 on Tesla T4, so its results will mix the two (the same model, other rounding: an answer can "
-        "differ where two tokens are nearly tied; submit with --dtype to keep one precision)"
+        "differ where two tokens are nearly tied; submit with EngineOptions(dtype=...) to keep one precision)"
     ]
     assert runner.status(job.dir).state == "completed"
 
