@@ -262,8 +262,8 @@ def test_tiny_model_on_two_actors_equals_a_local_run_and_invalid_rows_are_error_
         1: "prompt: prompt is only whitespace ('   ')",
         2: "temperature: temperature must be >= 0, got -1.0.",
         3: "id: missing: rows on Ray Data need their own id (results and checkpoints are keyed on it)",
-        4: "prompt: missing (each row needs 'prompt' or 'messages'; the row has 'id', 'topic'; --prompt-field or "
-        "--template names the one to use)",
+        4: "prompt: missing (each row needs 'prompt' or 'messages'; the row has 'id', 'topic'; prompt_field or "
+        "template names the one to use)",
     }
     assert out.columns.tolist() == [*ref.columns[:-1], "settings", "error", "topic"]
 
