@@ -1117,8 +1117,8 @@ class RowChecker:
         """A Batch request says itself what the model reads: its messages (/v1/chat/completions) or its raw
         prompt (/v1/completions, which `--chat` turned into a chat without a word), and where (`--template`
         and `--prompt-field` gave errors about fields the line does not have; adversarial pass 121)."""
-        given = [option(o, None) for o, on in (("chat", self.chat), ("template", self.template is not None),
-                                               ("prompt_field", self.prompt_field not in ("prompt", "text"))) if on]  # fmt: skip
+        given = [option(o, v) for o, v, on in (("chat", True, self.chat), ("template", None, self.template is not None),
+                                               ("prompt_field", None, self.prompt_field not in ("prompt", "text"))) if on]  # fmt: skip
         if self._requests and given:
             raise RunnerError(f"{self.name} is an OpenAI Batch file (line {lineno}): {' and '.join(given)} does not "
                               "apply to it, as each request says what the model reads (messages for "

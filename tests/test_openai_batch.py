@@ -1272,13 +1272,17 @@ def test_options_that_say_what_the_model_reads_are_refused_for_a_batch_file(tmp_
         tmp_path / "b.jsonl", [request("a", "/v1/completions", {"model": "tiny", "prompt": "Hi"})]
     )
     given = {"chat": True, "template": "{prompt}!", "prompt_field": "text2"}[option]
-    flag = "--" + option.replace("_", "-")
+    said = {"chat": "chat=True", "template": "template", "prompt_field": "prompt_field"}[option]  # (Python's)
     with pytest.raises(
-        RunnerError, match=rf"b\.jsonl is an OpenAI Batch file \(line 1\): {flag} does not apply"
+        RunnerError, match=rf"b\.jsonl is an OpenAI Batch file \(line 1\): {said} does not apply"
     ):
         create_job(path, tiny_llama, GenerationParams(max_new_tokens=2), served_model_names=("tiny",),
                    job_dir=tmp_path / "job", **{option: given})  # fmt: skip
     assert not (tmp_path / "job").exists()
+    flag = "--" + option.replace("_", "-")  # and the command line's option on the command line
+    typed = invoke("submit", path, "-m", tiny_llama, "--served-model-name", "tiny", flag,
+                   *([] if given is True else [given]))  # fmt: skip
+    assert f"OpenAI Batch file (line 1): {flag} does not apply" in typed.output, typed.output
 
 
 def _token_bytes(name):
