@@ -596,7 +596,7 @@ def _memory_section(data: ReportData) -> str:
     head = f"Highest: {_bytes(peak)} on {device or '?'}."
     table = _table(["run finished", "worker", "device", "dtype", "rows", "tokens / s", "peak memory"], rows,
                    ["", "", "", "", "num", "num", "num"])  # fmt: skip
-    note = _note("From stats.json (each finished run) and the workers' heartbeats (running now, peak so far): "
+    note = _note("From stats.json (each run that ended, a stopped one too) and the workers' heartbeats (running now, peak so far): "
                  "on CUDA the most memory torch allocated on the GPU; on CPU the worker process's peak resident "
                  "memory.")  # fmt: skip
     return _section("memory", "Peak memory", f"<p>{_e(head)}</p>\n{table}\n{note}")
