@@ -652,7 +652,8 @@ class Owner:
 
     def provably_dead(self) -> bool:
         """True only when the owner shares this machine's boot and PID namespace and its process is gone
-        (or its pid now belongs to a later process). Anywhere else only the heartbeat can tell."""
+        (or its pid now belongs to a later process, or it ended and waits for its parent to reap it: a zombie).
+        Anywhere else only the heartbeat can tell."""
         if not self._on_this_machine():
             return False
         try:
@@ -661,7 +662,21 @@ class Owner:
             return True
         except OSError:
             pass  # exists, not ours to signal
-        return self.start is not None and _pid_start(self.pid) not in (None, self.start)
+        if self.start is not None and _pid_start(self.pid) not in (None, self.start):
+            return True
+        return self._ended_here()
+
+    def _ended_here(self) -> bool:
+        """The owner's process on this machine ended and is not reaped yet (a zombie: a worker killed -9 whose
+        parent, `runner work --workers N` or a notebook, has not waited for it; its lease held its units and it
+        showed as running until the lease ran out). Not where only its main thread ended, others running on
+        (the group's leader is a zombie then too, with other tasks)."""
+        if self._state_here() not in ("Z", "X", "x"):
+            return False
+        try:
+            return os.listdir(f"/proc/{self.pid}/task") in ([], [str(self.pid)])
+        except OSError:
+            return True  # reaped meanwhile
 
     def is_this_process(self) -> bool:
         """This very process (same machine, pid and start time): a notebook kernel that ran an earlier call."""
