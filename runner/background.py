@@ -151,11 +151,13 @@ def watch(
 def status_line(s: Any) -> str:
     """One line of a job's status, for a log or a notebook cell."""
     tps = f"{s.tokens_per_second:,.1f} tok/s" if s.tokens_per_second else "- tok/s"
-    workers = f" | {counted(len(s.workers), 'workers')}" if s.workers else ""
+    # (workers stopped on this machine are counted apart: "2 workers (1 stopped)")
+    stopped = sum(w.get("state") == "stopped" for w in s.workers)
+    workers = f" | {counted(len(s.workers), 'workers')}" + (f" ({stopped} stopped)" if stopped else "")
     errors = f" | {counted(s.errors, 'errors')}" if s.errors else ""
     why = f" | {s.message}" if s.state in FINAL and s.message else ""  # why it failed, once it has ended
     return (f"{time.strftime('%H:%M:%S')} {s.id} {s.state}: {s.done_text()} | {tps} | ETA {s.eta}"
-            f"{errors}{workers}{why}")  # fmt: skip
+            f"{errors}{workers if s.workers else ''}{why}")  # fmt: skip
 
 
 def _alive(pid: int, started: str | None = None) -> bool:

@@ -1237,9 +1237,12 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
         else:
             click.echo(status_table(statuses) if statuses else f"no jobs in {_home_said(ctx.obj['home'])}")
             # what needs the user: a broken job and how to bring it back, a failure's reason, what a queued job
-            # waits for
+            # waits for, a worker stopped on this machine (what goes on with it)
             for st in statuses:
-                if st.message and (st.state in ("broken", "failed") or st.state.startswith("queued")):
+                stopped = any(w.get("state") == "stopped" for w in st.workers)
+                if st.message and (
+                    st.state in ("broken", "failed") or st.state.startswith("queued") or stopped
+                ):
                     click.echo(f"{st.id}: {st.message}")
         return
     s = api.status(job_ref, ctx.obj["home"])
@@ -1294,13 +1297,7 @@ def _detail(s: Any) -> list[str]:
     if s.state == "broken" and not s.total:
         return lines + [f"folder:   {s.folder}"]
     job = Job.open(s.folder)
-    # a worker names its device once its model is loaded: before that it said "on ?: 0.0 tok/s"
-    workers = [
-        f"{w['worker']} on {w['device']}: {w['tokens_per_second'] or 0:,.1f} tok/s"
-        if w["device"]
-        else f"{w['worker']}: loading the model"
-        for w in s.workers
-    ]
+    workers = [_worker_said(w) for w in s.workers]
     return lines + [
         f"progress: {s.done:,}/{s.total:,} {job.spec.count_noun}, {counted(s.errors, 'row errors')}, "
         f"{counted(s.invalid, 'invalid input rows')}"
@@ -1313,6 +1310,19 @@ def _detail(s: Any) -> list[str]:
         f"settings: {_settings_line(job)}",
         f"folder:   {job.dir}",
     ]  # fmt: skip
+
+
+def _worker_said(w: dict[str, Any]) -> str:
+    """A live worker in `runner status JOB`: its device and speed; "loading the model" before it names its
+    device (it said "on ?: 0.0 tok/s"); "stopped" where it is stopped on this machine (its speed is of before)."""
+    where = f" on {w['device']}" if w["device"] else ""
+    if w.get("state") == "stopped":
+        return f"{w['worker']}{where}: stopped"
+    return (
+        f"{w['worker']}{where}: {w['tokens_per_second'] or 0:,.1f} tok/s"
+        if where
+        else f"{w['worker']}: loading the model"
+    )
 
 
 def _settings_line(job: Any) -> str:

@@ -583,7 +583,10 @@ def _memory_section(data: ReportData) -> str:
         peaks.append((peak, r.get("device")))
     for worker, hb in sorted(data.live.items()):
         peak = _count(hb.get("peak_memory_bytes"))
-        rows.append(["running now", worker, hb.get("device") or "", "", f"{_count(hb.get('rows')) or 0:,.0f}",
+        # (a worker frozen on this machine, SIGSTOP or Ctrl-Z, is not running: its figures are of before)
+        owner = jobdir.Owner.from_dict(hb)
+        now = "stopped now" if owner is not None and owner.provably_stopped() else "running now"
+        rows.append([now, worker, hb.get("device") or "", "", f"{_count(hb.get('rows')) or 0:,.0f}",
                      f"{_count(hb.get('tokens_per_second')) or 0:,.1f}", _bytes(peak)])  # fmt: skip
         peaks.append((peak, hb.get("device")))
     known = [(p, d) for p, d in peaks if p is not None]

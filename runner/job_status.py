@@ -62,6 +62,11 @@ class JobStatus:
         more = f"+{self.unsaved:,}" if self.unsaved else ""
         return f"{self.done:,}{more}/{self.total:,}"
 
+    def workers_text(self) -> str:
+        """How many workers are on it: '2', or '2 (1 stopped)' where some are stopped on this machine."""
+        stopped = sum(w.get("state") == STOPPED for w in self.workers)
+        return f"{len(self.workers)}" + (f" ({stopped} stopped)" if stopped else "")
+
     @property
     def eta(self) -> str:
         return fmt_duration(self.eta_seconds) if self.eta_seconds is not None else "-"
@@ -122,13 +127,13 @@ def job_status(job: Job, looks: Looks | None = None) -> JobStatus:
                    "(`runner repair` quarantines them now)")  # fmt: skip
     elif state.state is JobState.COMPLETED:
         message = _inputs_damaged(job, verifier)
+    workers, tps, eta, unsaved = _live_figures(progress)
+    # a queued job whose live workers are all stopped on this machine makes no progress (it showed "running",
+    # with their speed and an ETA, for as long as their lease)
+    if state.state is JobState.QUEUED and (stopped := [w for w in workers if w["state"] == STOPPED]):
+        name = STOPPED if len(stopped) == len(workers) else name
+        message = "; ".join(filter(None, [message, _stopped_said(stopped, progress.live)]))
     message = "; ".join(filter(None, [changing, message, lost])) or None
-    workers = [_worker_row(w, hb) for w, hb in sorted(progress.live.items())]
-    tps = sum(w["tokens_per_second"] or 0 for w in workers) or None
-    rate = sum(_number(hb, "rows_per_second") or 0 for hb in progress.live.values())
-    left = progress.total - progress.done - progress.failed
-    unsaved = min(left, int(sum(_number(hb, "unsaved") or 0 for hb in progress.live.values())))
-    eta = (left - unsaved) / rate if rate > 0 else None
     runs = job.read_stats()["runs"]
     if not workers:
         tps = _number(runs[-1], "tokens_per_second") if runs else None
@@ -142,6 +147,18 @@ def job_status(job: Job, looks: Looks | None = None) -> JobStatus:
         model_revision=job.spec.revision,
         unsaved=unsaved, generation=state.generation,
     )  # fmt: skip
+
+
+def _live_figures(progress: Any) -> tuple[list[dict[str, Any]], float | None, float | None, int]:
+    """(the live workers' rows, their tok/s, the ETA in seconds, result rows computed and not saved yet). A
+    worker stopped on this machine adds no speed: its figures are of before it stopped."""
+    workers = [_worker_row(w, hb) for w, hb in sorted(progress.live.items())]
+    stopped = {w["worker"] for w in workers if w["state"] == STOPPED}
+    tps = sum(w["tokens_per_second"] or 0 for w in workers) or None
+    rate = sum(_number(hb, "rows_per_second") or 0 for w, hb in progress.live.items() if w not in stopped)
+    left = progress.total - progress.done - progress.failed
+    unsaved = min(left, int(sum(_number(hb, "unsaved") or 0 for hb in progress.live.values())))
+    return workers, tps, (left - unsaved) / rate if rate > 0 else None, unsaved
 
 
 def _retry_lost(job: Job, state: jobdir.StateRecord, ledger: jobdir.Ledger) -> str | None:
@@ -277,10 +294,35 @@ def _number(record: dict[str, Any], key: str) -> float | None:
     return value if 0 <= value < float("inf") else None
 
 
+# A live worker's (and a job's) state where its process is stopped by a signal on this machine
+STOPPED = "stopped"
+
+
 def _worker_row(worker: str, hb: dict[str, Any]) -> dict[str, Any]:
+    """A live worker as status shows it: "state" is "stopped" where its process provably is, on this machine
+    (SIGSTOP, Ctrl-Z: frozen until continued; `Owner.provably_stopped`), its speed then None (its heartbeat's
+    is of before); elsewhere "running", as its heartbeat is all there is to tell (another machine's)."""
     text = {k: hb.get(k) if isinstance(hb.get(k), str) else None for k in ("host", "device")}
-    return {"worker": worker, **text, "tokens_per_second": _number(hb, "tokens_per_second"),
+    owner = jobdir.Owner.from_dict(hb)
+    stopped = owner is not None and owner.provably_stopped()
+    return {"worker": worker, **text, "state": STOPPED if stopped else "running",
+            "pid": owner.pid if owner is not None else None,
+            "tokens_per_second": None if stopped else _number(hb, "tokens_per_second"),
             "rows": _number(hb, "rows")}  # fmt: skip
+
+
+def _stopped_said(stopped: list[dict[str, Any]], live: dict[str, dict[str, Any]]) -> str:
+    """What workers stopped on this machine mean, and how to go on: each holds its units until it is continued
+    or its lease ends ("expires": when, as `jobdir.live_workers` judges it; the soonest is said)."""
+    who = ", ".join(f"{w['worker']} (pid {w['pid']})" for w in stopped)
+    pids = " ".join(str(w["pid"]) for w in stopped)
+    ends = fmt_duration(min((_number(live[w["worker"]], "expires") or 0) for w in stopped) - time.time())
+    if len(stopped) == 1:
+        return (f"worker {who} is stopped on this machine (SIGSTOP, or Ctrl-Z in a terminal): `kill -CONT {pids}` "
+                f"continues it; else its units are free for other workers when its lease ends, in {ends}")  # fmt: skip
+    return (f"workers {who} are stopped on this machine (SIGSTOP, or Ctrl-Z in a terminal): `kill -CONT {pids}` "
+            f"continues them; else their units are free for other workers when their leases end (the first, in "
+            f"{ends})")  # fmt: skip
 
 
 def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
@@ -347,7 +389,7 @@ def status_table(statuses: list[JobStatus]) -> str:
         rows.append((
             s.id, s.name or "-", s.state, s.done_text(),
             f"{s.tokens_per_second:,.1f}" if s.tokens_per_second else "-", s.eta, str(s.errors),
-            str(len(s.workers)), s.model,
+            s.workers_text(), s.model,
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

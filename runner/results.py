@@ -632,7 +632,7 @@ def _warn_if_partial(job: Any, rows: int, completed: int | None = None, failed: 
             warnings.warn(f"job {s.id} completed while its results were being read: these are {rows:,} of its "
                           f"{s.done:,} results; load them again for all", stacklevel=4)  # fmt: skip
     else:
-        rest = ("the rest are not computed yet" if s.state.startswith(("queued", "running")) else
+        rest = ("the rest are not computed yet" if s.state.startswith(("queued", "running", "stopped")) else
                 f"the rest are computed only after `runner retry {shlex.quote(str(job.dir))}`")  # fmt: skip
         warnings.warn(f"job {s.id} is {s.state}: these are {rows:,} of its {s.total:,} results ({rest})",
                       stacklevel=4)  # fmt: skip

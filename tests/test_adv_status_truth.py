@@ -14,9 +14,12 @@ import sys
 import time
 
 import pytest
+from helpers import invoke
 
 import runner
 from runner import EngineOptions, GenerationParams, jobdir, storage
+from runner.background import status_line
+from runner.job_status import home_status, status_table
 from runner.jobdir import Heartbeat, Owner
 from runner.jobs import create_job
 
@@ -85,6 +88,51 @@ def beat(job, owner, rows_per_second=2.0, tokens_per_second=40.0, **info):
 
 
 @pytest.mark.slow
+def test_a_worker_stopped_on_this_machine_is_said_stopped_its_speed_and_eta_not_live(job):
+    with child() as proc:
+        beat(job, owner_of(proc, "w-frozen"))
+        st = runner.status(job.dir)
+        assert st.state == "running" and st.tokens_per_second == 40.0 and st.eta_seconds is not None
+        stop(proc)
+        st = runner.status(job.dir)
+        assert st.state == "stopped", st
+        assert st.tokens_per_second is None and st.eta_seconds is None and st.eta == "-"
+        assert [w["state"] for w in st.workers] == ["stopped"]
+        assert st.workers[0]["tokens_per_second"] is None
+        assert f"kill -CONT {proc.pid}" in st.message and "w-frozen" in st.message
+        table = status_table([st])
+        assert "stopped" in table and "40.0" not in table
+        assert "stopped: 0/8 | - tok/s | ETA - | 1 worker (1 stopped)" in status_line(st)
+        # (of a job that still runs, the rows so far; not "computed only after `runner retry`")
+        with pytest.warns(UserWarning, match="is stopped: .*the rest are not computed yet"):
+            runner.load_results(job.dir)
+        r = invoke("status")
+        assert r.exit_code == 0 and f"{st.id}: {st.message}" in r.output, r.output
+        r = invoke("status", str(job.dir))
+        out = r.output
+        assert r.exit_code == 0 and "ETA -" in out and "40.0" not in out and "stopped" in out, out
+        proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: proc_state(proc.pid) not in ("T", "t"), "the child to go on")
+        st = runner.status(job.dir)
+        assert st.state == "running" and st.tokens_per_second == 40.0 and st.workers[0]["state"] == "running"
+
+
+@pytest.mark.slow
+def test_two_workers_one_stopped_the_speed_and_eta_are_the_running_ones(job):
+    with child() as a, child() as b:
+        beat(job, owner_of(a, "w-a"), rows_per_second=1.0, tokens_per_second=10.0)
+        beat(job, owner_of(b, "w-b"), rows_per_second=3.0, tokens_per_second=30.0)
+        stop(a)
+        st = runner.status(job.dir)
+        assert st.state == "running"
+        assert st.tokens_per_second == 30.0
+        assert st.eta_seconds == pytest.approx(ROWS / 3.0)
+        assert {w["worker"]: w["state"] for w in st.workers} == {"w-a": "stopped", "w-b": "running"}
+        assert "w-a" in st.message and f"kill -CONT {a.pid}" in st.message
+        assert "2 (1 stopped)" in status_table([st])
+
+
+@pytest.mark.slow
 def test_a_worker_killed_and_not_reaped_yet_is_no_live_worker(job):
     """A worker killed -9 whose parent has not waited for it yet (a zombie: `runner work --workers N` between two
     looks, a notebook's Popen never polled) holds no live lease, as one reaped does."""
@@ -133,3 +181,52 @@ def test_a_heartbeat_whose_pid_now_belongs_to_another_process_is_no_worker(job):
         stop(proc)
         st = runner.status(job.dir)
         assert st.state == "queued" and not st.workers, st
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_of_another_machine_cannot_be_told_and_shows_as_running(job):
+    with child() as proc:
+        stop(proc)
+        beat(job, owner_of(proc, "w-far", boot="another-boot"))
+        st = runner.status(job.dir)
+        assert st.state == "running" and st.workers[0]["state"] == "running" and st.tokens_per_second == 40.0
+
+
+@pytest.mark.slow
+def test_a_frozen_job_beside_a_running_one_in_the_home(job, prompts, tiny_gpt2, runner_home):
+    other = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=3), OPTIONS, home=runner_home,
+                       unit_rows=2, name="day")  # fmt: skip
+    with child() as a, child() as b:
+        beat(job, owner_of(a, "w-frozen"))
+        beat(other, owner_of(b, "w-busy"), rows_per_second=4.0, tokens_per_second=80.0)
+        stop(a)
+        by_name = {s.name: s for s in home_status(runner_home)}
+        assert by_name["night"].state == "stopped" and by_name["night"].eta_seconds is None
+        assert by_name["day"].state == "running" and by_name["day"].tokens_per_second == 80.0
+        assert by_name["day"].eta_seconds == pytest.approx(ROWS / 4.0) and by_name["day"].message is None
+
+
+@pytest.mark.slow
+def test_a_running_worker_at_a_rate_of_zero_has_no_eta(job):
+    with child() as proc:
+        beat(job, owner_of(proc, "w-slow"), rows_per_second=0.0, tokens_per_second=0.0)
+        st = runner.status(job.dir)
+        assert (
+            st.state == "running"
+            and st.eta_seconds is None
+            and st.eta == "-"
+            and st.tokens_per_second is None
+        )
+
+
+@pytest.mark.slow
+def test_the_report_says_a_stopped_worker_is_stopped_not_running_now(job, tmp_path):
+    from runner.job_report import write_report
+
+    with child() as proc:
+        beat(job, owner_of(proc, "w-frozen"))
+        stop(proc)
+        out = tmp_path / "r.html"
+        write_report(job, out)
+        html = out.read_text()
+        assert "<td>running now</td>" not in html and "<td>stopped now</td><td>w-frozen</td>" in html
