@@ -14,7 +14,8 @@ import sys
 import time
 
 import pytest
-from helpers import invoke
+import workers
+from helpers import assert_exactly_once, fresh_copy, invoke, prepared_job
 
 import runner
 from runner import EngineOptions, GenerationParams, jobdir, storage
@@ -230,3 +231,38 @@ def test_the_report_says_a_stopped_worker_is_stopped_not_running_now(job, tmp_pa
         write_report(job, out)
         html = out.read_text()
         assert "<td>running now</td>" not in html and "<td>stopped now</td><td>w-frozen</td>" in html
+
+
+@pytest.mark.slow
+def test_a_real_worker_stopped_at_its_second_shard_shows_stopped_then_finishes_once(tmp_path, tiny_gpt2):
+    """`runner work` stopping itself (SIGSTOP) after its second shard (and each one after), looked at by `runner
+    status` in another process: stopped, its pid named, no speed, ETA -; continued, it finishes the job exactly
+    once."""
+    rows = [{"id": f"a{i:02d}", "prompt": f"The old man said {i}"} for i in range(ROWS)]
+    template, ref = prepared_job(tmp_path, tiny_gpt2, rows, PARAMS, OPTIONS, unit_rows=2)
+    home, job_dir = fresh_copy(tmp_path, template)
+    proc = workers.start_worker(home, shard_rows=1, env_extra={"RUNNER_FAULT": "after_shard:2:SIGSTOP"})
+    try:
+        wait_until(
+            lambda: proc_state(proc.pid) in ("T", "t") or proc.poll() is not None, "the worker to stop", 300
+        )
+        assert proc.poll() is None, proc.communicate()[0]
+        code, out = workers.run_runner("--home", home, "status")
+        assert code == 0 and "Traceback" not in out, out
+        assert f"`kill -CONT {proc.pid}` continues it" in out, out
+        table = out.splitlines()[1].split()
+        assert table[2] == "stopped" and table[4:6] == ["-", "-"] and table[7:9] == ["1", "(1"], out
+        st = runner.status(job_dir)
+        assert st.state == "stopped" and st.workers[0]["pid"] == proc.pid and 0 < st.done < st.total, st
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    # (the fault stops it again at each shard from its second on: continued each time)
+    while proc.poll() is None:
+        wait_until(lambda: proc_state(proc.pid) in ("T", "t", "Z", None), "the worker to stop or end", 300)
+        proc.send_signal(signal.SIGCONT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.5)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    assert runner.status(job_dir).state == "completed"
+    assert_exactly_once(job_dir, ref)
