@@ -263,8 +263,17 @@ def _held_elsewhere(home: Any, only: str | Job | None, me: str) -> list[tuple[Jo
             )
         elif others:  # (units left all held by them, as a job with one free is a candidate; or none left)
             who, hb = min(others.items(), key=lambda kv: float(kv[1].get("expires", 0)))
-            out.append((job, float(hb.get("expires", 0)), who, progress.complete))
+            out.append((job, float(hb.get("expires", 0)), _holder_said(who, hb), progress.complete))
     return out
+
+
+def _holder_said(who: str, hb: dict[str, Any]) -> str:
+    """A worker that holds what is left, as the wait names it: one stopped on this machine (SIGSTOP, Ctrl-Z) is
+    said so, with how to continue it (the wait said "waiting for it to finish" of a process that could not)."""
+    owner = Owner.from_dict(hb)
+    if owner is None or not owner.provably_stopped():
+        return who
+    return f"{who}, stopped on this machine (SIGSTOP or Ctrl-Z: `kill -CONT {owner.pid}` continues it)"
 
 
 def _stopped(e: StorageError, job: Job) -> StorageError:

@@ -266,3 +266,24 @@ def test_a_real_worker_stopped_at_its_second_shard_shows_stopped_then_finishes_o
     assert proc.returncode == 0 and "Traceback" not in out, out
     assert runner.status(job_dir).state == "completed"
     assert_exactly_once(job_dir, ref)
+
+
+@pytest.mark.slow
+def test_a_worker_waiting_for_units_held_by_a_stopped_worker_says_it_is_stopped(job):
+    """`runner work` with nothing free but units a worker stopped on this machine holds said it waited "for it
+    to finish": it says that worker is stopped, and how to continue it."""
+    from runner import scheduler
+
+    with child() as proc:
+        owner = owner_of(proc, "w-frozen")
+        beat(job, owner)
+        for unit in range(job.spec.units):
+            assert jobdir.take_unit(job, unit, owner, -1) == 0
+        stop(proc)
+        held = scheduler._held_elsewhere(job.dir.parent, job, "me")
+        assert [h[2] for h in held] == [
+            f"w-frozen, stopped on this machine (SIGSTOP or Ctrl-Z: `kill -CONT {proc.pid}` continues it)"
+        ]
+        proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: proc_state(proc.pid) not in ("T", "t"), "the child to go on")
+        assert [h[2] for h in scheduler._held_elsewhere(job.dir.parent, job, "me")] == ["w-frozen"]
