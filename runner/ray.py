@@ -23,7 +23,8 @@ Differences from a file, because a stage sees one batch and never the whole data
 
 Resuming after a cluster job dies is Ray Data's own checkpointing keyed on the id column (README, "Bigger than
 one machine"): the ids already written are filtered out at read, so finished rows are not computed again, and a
-hub model's commit is kept beside the checkpoint (`_Pins`), so the rows left come from the same weights.
+hub model's commit is kept beside the checkpoint (`_Pins`), so the rows left come from the same weights; a
+model folder's (or .gguf file's) fingerprint is kept there too, and a restart on other files is refused.
 """
 
 from __future__ import annotations
@@ -412,7 +413,8 @@ def apply(
     max_new_tokens against the context window), so a mistake is an error now, not in every actor later.
     A hub model is pinned here to one commit (of `revision`, a branch, tag or commit, else of main) that every
     actor loads, as a job is; with a checkpoint (`checkpoint_config`, set before `ds` was made), to the commit
-    the checkpoint was started on (`_pin`). `map_kwargs` go to `map_batches` as they are."""
+    the checkpoint was started on (`_pin`), and a model folder's changing since is refused. `map_kwargs` go to
+    `map_batches` as they are."""
     from .inputs import Template
     from .models import asked_revision
 
@@ -439,34 +441,111 @@ def apply(
 def _pin(
     ds: Any, model: str, options: EngineOptions, kind: str, params: Any, asked: str | None
 ) -> str | None:
-    """The commit of hub model `model` every actor loads (None for a folder or the demo): that of `asked`, else
-    the newest; where `ds` is checkpointed, the one its checkpoint was started on, kept beside it (`_Pins`), so
-    that a pipeline run again after an update of the model continues on the commit its rows so far came from
-    (it pinned the new one: rows before and after the restart from two models, without a word). A `revision`
-    naming another commit than the checkpoint's is refused, naming both."""
+    """The commit of hub model `model` every actor loads (None for a folder, a .gguf file or the demo): that of
+    `asked`, else the newest; where `ds` is checkpointed, the one this stage's checkpoint was started on, kept
+    beside it (`_Pins`), so that a pipeline run again after an update of the model continues on the commit its
+    rows so far came from (it pinned the new one: rows before and after the restart from two models, without a
+    word). A `revision` naming another commit than the checkpoint's is refused, naming both. A model here has
+    no commit: its fingerprint (job.json's) is kept instead, and a restart on other files is refused
+    (`_same_files`)."""
     from .jobs import _pinned_facts
-    from .models import hub_snapshot, is_hub_model
+    from .models import is_hub_model
 
-    pins = _Pins.of(ds) if is_hub_model(model) else None
-    earlier = pins.commits.get(model) if pins is not None else None
-    now = hub_snapshot(model, asked) if earlier and asked else earlier
-    if now != earlier:
-        raise ParamError("revision", f"revision={asked!r} names {model!r} at {now}, but "
-                         f"the checkpoint at {pins.where} was started on {earlier} (its rows so far are of that "
-                         f"commit: {pins.shown}): pass revision={earlier!r}, or none, to finish it on that "
-                         "commit, or give another checkpoint path to start over")  # fmt: skip
-    pinned, _ = _pinned_facts(model, options, kind, params, None, earlier or asked)
+    pins = _Pins.of(ds)
+    key = _stage_key(ds, model) if pins is not None else model
+    hub = is_hub_model(model)
+    earlier = pins.commits.get(key) if pins is not None and hub else None
+    if earlier and asked:
+        _same_commit(pins, key, model, asked, earlier)
+    pinned, facts = _pinned_facts(model, options, kind, params, None, earlier or asked)
     commit = pinned.get("model_revision")
-    if pins is not None and commit and not earlier:
-        pins.add(model, commit)
+    if pins is None:
+        return commit
+    if not hub:
+        _same_files(pins, key, model, facts[0], pinned["model_fingerprint"])
+    elif commit and not earlier:
+        pins.add("commits", key, commit)
     return commit
 
 
+def _stage_key(ds: Any, model: str) -> str:
+    """What this stage's pins are kept under: `model`, or for the n-th stage of `model` in one pipeline
+    "`model`#n" (n from 2), n counted from the stages of runner of that model upstream of it in `ds`'s logical
+    plan (Ray's: operators with `fn`, `fn_constructor_args`, `input_dependencies`). Kept by model alone, two
+    stages of one model at two commits (generate at one, score at another) were refused on their first run:
+    the second found the first's. A plan that cannot be read counts none (two such stages are refused)."""
+    found, seen = 0, set()
+    ops = [getattr(getattr(ds, "_logical_plan", None), "dag", None)]
+    while ops:
+        op = ops.pop()
+        if op is None or id(op) in seen:
+            continue
+        seen.add(id(op))
+        fn, args = getattr(op, "fn", None), tuple(getattr(op, "fn_constructor_args", None) or ())
+        if isinstance(fn, type) and issubclass(fn, _Stage) and args[:1] == (model,):
+            found += 1
+        ops.extend(getattr(op, "input_dependencies", None) or ())
+    return model if not found else f"{model}#{found + 1}"
+
+
+def _stage_named(key: str, model: str) -> str:
+    """How a refusal names the stage kept under `key`: the checkpoint, or its n-th stage of `model` in it."""
+    return (
+        "the checkpoint"
+        if key == model
+        else f"its stage {key.rsplit('#', 1)[1]} of {model!r} in the checkpoint"
+    )
+
+
+def _same_commit(pins: _Pins, key: str, model: str, asked: str, earlier: str) -> None:
+    """Refuse `asked`, a revision of hub model `model` naming another commit than `earlier`, the one the
+    checkpoint's stage (`key`) was started on."""
+    from .models import hub_snapshot
+
+    now = hub_snapshot(model, asked)
+    if now != earlier:
+        raise ParamError("revision", f"revision={asked!r} names {model!r} at {now}, but "
+                         f"{_stage_named(key, model)} at {pins.where} was started on {earlier} (its rows so far "
+                         f"are of that commit: {pins.shown}): pass revision={earlier!r}, or none, to finish it on "
+                         "that commit, or give another checkpoint path to start over")  # fmt: skip
+
+
+def _same_files(pins: _Pins, key: str, model: str, config: Any, now: str) -> None:
+    """Keep `now`, the fingerprint of model `model` (a folder, a .gguf file, the demo) as job.json's (sampled
+    weights, config, tokenizer files: never whole weight files), for the checkpoint's stage `key`; or refuse a
+    restart on other files than its first run's: a fine-tune saved over the folder (a Colab notebook saving to
+    the same Drive folder) made the rows left the new weights' and those before the old's, without a word. As
+    `jobs.model_unchanged`, a fingerprint kept by an earlier runner is computed again its way (its version), and
+    one that differs once more (a torn read of a network mount) before the files are taken for others."""
+    from .models import fingerprint_version, forget_gguf_tables, model_fingerprint
+
+    earlier = pins.fingerprints.get(key)
+    if earlier is None:
+        pins.add("fingerprints", key, now)
+        return
+    version = fingerprint_version(earlier)
+    if now != earlier and fingerprint_version(now) != version:
+        now = model_fingerprint(model, config, version)
+    if now != earlier:
+        # (a GGUF's tensor table parsed from a torn read is kept by the file's times)
+        forget_gguf_tables()
+        now = model_fingerprint(model, config, version)
+    if now == earlier:
+        return
+    raise RunnerError(f"the model {model!r} is not the one {_stage_named(key, model)} at {pins.where} was "
+                      "started with: its weights, config or tokenizer files changed since (a fine-tune saved over "
+                      f"it?), and the rows so far came from them as they were (their fingerprint is kept in "
+                      f"{pins.shown}). To finish it, put back the model's files as they were; or give another "
+                      "checkpoint path to start over on the model as it is now")  # fmt: skip
+
+
 class _Pins:
-    """The commit each hub model of a checkpointed pipeline was pinned to when its checkpoint started:
-    `_runner/pins.json` under the checkpoint path, {"commits": {model: commit}, "check": its checksum}. Ray's
-    look at its checkpoint lists the files at the top and reads Parquet, skipping names that start with "_";
-    it deletes the whole folder once the run succeeds, so the next run pins anew."""
+    """What each stage of a checkpointed pipeline was pinned to when its checkpoint started:
+    `_runner/pins.json` under the checkpoint path, {"commits": {stage: commit} of hub models, "fingerprints":
+    {stage: fingerprint} of the others, "check": its checksum}, a stage keyed as `_stage_key` says (a file
+    written before fingerprints were kept has none: they are kept from the next run). Ray's look at its
+    checkpoint lists the files at the top and reads Parquet, skipping names that start with "_"; it deletes the
+    whole folder once the run succeeds, so the next run pins anew."""
 
     NAME = "_runner/pins.json"
 
@@ -478,7 +557,9 @@ class _Pins:
         self.path = f"{_unwrap_protocol(self.where).rstrip('/')}/{self.NAME}"
         self.shown = f"{self.where.rstrip('/')}/{self.NAME}"
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
-        self.commits = self._read()
+        record = self._read()
+        self.commits: dict[str, str] = record.get("commits", {})
+        self.fingerprints: dict[str, str] = record.get("fingerprints", {})
 
     @classmethod
     def of(cls, ds: Any) -> _Pins | None:
@@ -487,7 +568,7 @@ class _Pins:
         config = getattr(getattr(ds, "context", None), "checkpoint_config", None)
         return cls(config) if getattr(config, "checkpoint_path", None) else None
 
-    def _read(self) -> dict[str, str]:
+    def _read(self) -> dict[str, Any]:
         import pyarrow.fs as pafs
 
         from .storage import fails_its_check, json_of_bytes, read_bytes
@@ -503,23 +584,27 @@ class _Pins:
             return {}
         try:
             record = json_of_bytes(data)
-            commits = record.get("commits") if isinstance(record, dict) else None
-            if not isinstance(commits, dict) or "check" not in record:
+            kept = (
+                [record.get(k, {}) for k in ("commits", "fingerprints")] if isinstance(record, dict) else [0]
+            )
+            if not all(isinstance(k, dict) for k in kept) or "commits" not in record or "check" not in record:
                 raise ValueError("not a record of commits")
             if fails_its_check(record):
                 raise ValueError("its checksum does not match")
         except ValueError as e:
-            raise RunnerError(f"{self.shown} is damaged ({e}): it says which commit of each hub model the "
-                              "checkpoint's rows so far came from. Delete it and pass revision=COMMIT (that "
-                              "commit), or give another checkpoint path to start over") from None  # fmt: skip
-        return commits
+            raise RunnerError(f"{self.shown} is damaged ({e}): it says which commit of each hub model, and "
+                              "which files of each other model, the checkpoint's rows so far came from. Delete "
+                              "it and pass revision=COMMIT (that commit) to a hub model's stage, or give "
+                              "another checkpoint path to start over") from None  # fmt: skip
+        return record
 
-    def add(self, model: str, commit: str) -> None:
-        """Keep `commit` for `model`, written whole or not at all (a temp file renamed; an object store's put)."""
+    def add(self, field: str, key: str, value: str) -> None:
+        """Keep `value` (one of "commits" or "fingerprints", `field`) for stage `key`, written whole or not at
+        all (a temp file renamed; an object store's put)."""
         from .storage import json_checksum, retry, write_json
 
-        self.commits[model] = commit
-        record = {"commits": self.commits}
+        getattr(self, field)[key] = value
+        record: dict[str, Any] = {"commits": self.commits, "fingerprints": self.fingerprints}
         record["check"] = json_checksum(record)
         if self.local:
             folder = os.path.dirname(self.path)

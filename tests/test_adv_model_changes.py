@@ -391,13 +391,20 @@ def test_a_quick_try_with_an_engine_and_a_revision_checks_the_engine_holds_that_
         runner.generate("The old man", HUB_ID, params, engine=at_first, revision="main")
 
 
-def _checkpointed(config, planned: list):
+def _checkpointed(config, planned: list, dag=None):
     """A stand-in for a ray.data.Dataset made while `config` was the DataContext's checkpoint_config: what
-    `map_batches` was given lands in `planned`."""
+    `map_batches` was given lands in `planned`; the Dataset it gives holds that stage on top of its logical
+    plan, as Ray's does (an operator's `fn`, `fn_constructor_args` and `input_dependencies`)."""
     context = types.SimpleNamespace(checkpoint_config=config)
-    return type(
-        "Dataset", (), {"context": context, "map_batches": lambda self, stage, **kw: planned.append(kw)}
-    )()
+    plan = types.SimpleNamespace(dag=dag or types.SimpleNamespace(input_dependencies=[]))
+
+    def map_batches(self, stage, **kw):
+        planned.append(kw)
+        args = kw["fn_constructor_args"]
+        return _checkpointed(config, planned, types.SimpleNamespace(
+            fn=stage, fn_constructor_args=args, input_dependencies=[plan.dag]))  # fmt: skip
+
+    return type("Dataset", (), {"context": context, "_logical_plan": plan, "map_batches": map_batches})()
 
 
 @pytest.mark.parametrize("store", ["folder", "object store"])
@@ -461,3 +468,119 @@ def test_a_damaged_pin_beside_a_ray_checkpoint_is_refused_not_obeyed(tmp_path, t
     ):
         runner_ray.generate(_checkpointed(config, planned), HUB_ID, map_kwargs={"compute": "given"})
     assert len(planned) == 1
+
+
+def _saved_over(folder, root):
+    """A fine-tune of the model in `folder` saved over it: other weights, same names and sizes."""
+    from tiny_models import build_tiny_gpt2
+
+    shutil.copy(build_tiny_gpt2(root / "tuned", seed=1) / "model.safetensors", folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("store", ["folder", "object store"])
+def test_a_checkpointed_ray_pipeline_of_a_model_folder_saved_over_is_refused_on_restart(
+    tmp_path, tiny_gpt2, store
+):
+    """A checkpointed pipeline of a model folder (no commit to pin), a fine-tune saved over the folder between
+    its first run and its restart (a Colab notebook saving checkpoints to the same Drive folder): the rows left
+    came from the new weights, those written before from the old, without a word. The model's fingerprint (a
+    job's, computed as submit computes it) is now kept beside the checkpoint; the restart is refused naming the
+    model, what changed and the two ways out; with the weights put back it goes on; without a checkpoint, or
+    once Ray deleted it, the folder is taken as it is."""
+    pytest.importorskip("ray.data")
+    import pyarrow.fs as pafs
+
+    from runner import ray as runner_ray
+
+    folder = shutil.copytree(tiny_gpt2, tmp_path / "model")
+    if store == "folder":
+        config, ckpt = runner_ray.checkpoint_config(str(tmp_path / "ckpt")), tmp_path / "ckpt"
+    else:
+        (tmp_path / "bucket").mkdir()
+        fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
+        config = runner_ray.checkpoint_config("ckpt", override_filesystem=fs)
+        ckpt = tmp_path / "bucket" / "ckpt"
+    planned, params = [], GenerationParams(max_new_tokens=2)
+    run = functools.partial(runner_ray.generate, _checkpointed(config, planned), str(folder), params,
+                            map_kwargs={"compute": "given"})  # fmt: skip
+    run()
+    run()  # (the same weights: goes on)
+    shutil.copytree(folder, tmp_path / "kept")
+    _saved_over(folder, tmp_path)
+    with pytest.raises(runner.RunnerError) as refused:
+        run()
+    said = str(refused.value)
+    assert (
+        f"the model {str(folder)!r} is not the one the checkpoint at " in said and "ckpt was started" in said
+    )
+    assert "its weights, config or tokenizer files changed" in said
+    assert "put back the model's files as they were" in said and "or give another checkpoint path" in said
+    assert len(planned) == 2
+    runner_ray.generate(_checkpointed(None, planned), str(folder), params, map_kwargs={"compute": "given"})
+    shutil.copy(tmp_path / "kept" / "model.safetensors", folder / "model.safetensors")  # (put back)
+    run()
+    assert len(planned) == 4
+    _saved_over(folder, tmp_path)
+    shutil.rmtree(ckpt)  # as Ray deletes a checkpoint once its run succeeded
+    run()
+    run()
+    assert len(planned) == 6
+
+
+def test_a_model_folders_fingerprint_kept_by_an_earlier_runner_is_compared_as_it_was_computed(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """The fingerprint kept beside a checkpoint is computed again the way it was (its version: a runner updated
+    between the first run and the restart computes another version, for the same weights), and once more
+    before the folder is taken for another (one torn read of a weight file on a network mount); a pins file of
+    a runner that kept commits only is taken, the folder's fingerprint kept from now."""
+    pytest.importorskip("ray.data")
+    from runner import models
+    from runner import ray as runner_ray
+
+    config, planned = runner_ray.checkpoint_config(str(tmp_path / "ckpt")), []
+    run = functools.partial(runner_ray.generate, _checkpointed(config, planned), tiny_gpt2,
+                            map_kwargs={"compute": "given"})  # fmt: skip
+    pins = tmp_path / "ckpt" / "_runner" / "pins.json"
+    pins.parent.mkdir(parents=True)
+    record = {"commits": {}}
+    storage.write_json(pins, {**record, "check": storage.json_checksum(record)})
+    run()
+    (kept,) = json.loads(pins.read_text())["fingerprints"].values()
+    assert kept == models.model_fingerprint(tiny_gpt2, models.load_config(tiny_gpt2))
+    real, torn = models._tensor_samples, [1]
+    monkeypatch.setattr(models, "_tensor_samples", lambda f: b"torn" if torn and torn.pop() else real(f))
+    run()
+    assert not torn
+    older = models.model_fingerprint(tiny_gpt2, models.load_config(tiny_gpt2), "6")
+    record = {"commits": {}, "fingerprints": {tiny_gpt2: older}}
+    storage.write_json(pins, {**record, "check": storage.json_checksum(record)})
+    run()
+    assert len(planned) == 3 and json.loads(pins.read_text())["fingerprints"] == {tiny_gpt2: older}
+
+
+def test_two_stages_of_one_hub_model_at_two_revisions_keep_a_commit_each(tmp_path, tiny_gpt2, monkeypatch):
+    """A checkpointed pipeline with two stages of the same hub model at two commits (generate at one, score the
+    answers at the other) was refused on its first run: the commits were kept by model, and the second stage
+    found the first's. They are kept by stage (the stages of that model upstream of it, in the dataset's plan):
+    each loads its own, on the first run and on the restart; a restart naming another commit for the second
+    stage is refused, naming it."""
+    pytest.importorskip("ray.data")
+    from runner import ray as runner_ray
+
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    first, second = sorted(SNAPSHOTS)
+    config, planned = runner_ray.checkpoint_config(str(tmp_path / "ckpt")), []
+
+    def run(later=second):
+        ds = runner_ray.generate(_checkpointed(config, planned), HUB_ID, revision=first,
+                                 map_kwargs={"compute": "given"})  # fmt: skip
+        return runner_ray.score(ds, HUB_ID, revision=later, map_kwargs={"compute": "given"})
+
+    run()
+    main.write_text(second)
+    run(later=None)
+    assert [kw["fn_constructor_kwargs"]["revision"] for kw in planned] == [first, second] * 2
+    with pytest.raises(runner.ParamError, match=f"revision='{first}' names 'acme/tiny' at {first}, but its stage 2 "
+                       f"of 'acme/tiny' in the checkpoint at .*ckpt was started on {second}"):  # fmt: skip
+        run(later=first)

@@ -519,3 +519,40 @@ def test_a_checkpointed_pipeline_of_a_hub_model_finishes_on_the_commit_it_starte
     got = {i: t for w in written for i, t in zip(w["id"], w["text"], strict=True)}
     assert got == answers[min(SNAPSHOTS)]
     assert not (tmp_path / "ckpt").exists()
+
+
+@slow
+def test_the_stages_of_a_real_pipeline_keep_their_pins_apart(ray_local, tmp_path, tiny_gpt2, monkeypatch):
+    """Ray's own logical plan (the other tests stand in for it) says which stages of runner are upstream: a
+    checkpointed pipeline generating with a hub model at one commit, scoring with it at another, then with a
+    model folder keeps a commit for each hub stage and the folder's fingerprint, and built again after an update
+    of the hub model (its restart) gives each actor the same commit (built only: nothing runs)."""
+    from test_adv_model_changes import HUB_ID, SNAPSHOTS, _hub_cache
+
+    from runner import models
+
+    main = _hub_cache(tmp_path, tiny_gpt2, monkeypatch)
+    first, second = sorted(SNAPSHOTS)
+    ctx = ray_local.data.DataContext.get_current()
+    revisions = []
+    try:
+        for _ in range(2):
+            ctx.checkpoint_config = runner.ray.checkpoint_config(str(tmp_path / "ckpt"))
+            ds = ray_local.data.from_items(rows_of(2))
+            ds = runner.ray.generate(ds, HUB_ID, revision=first)
+            ds = runner.ray.score(ds.rename_columns({"text": "answer"}), HUB_ID, revision=second)
+            ds = runner.ray.score(ds, tiny_gpt2)
+            op, found = ds._logical_plan.dag, []
+            while op.input_dependencies:
+                found.append((getattr(op, "fn_constructor_kwargs", None) or {}).get("revision", "-"))
+                op = op.input_dependencies[0]
+            revisions.append(found)
+            main.write_text(second)
+    finally:
+        ctx.checkpoint_config = None
+    assert revisions == [[None, second, "-", first]] * 2
+    kept = json.loads((tmp_path / "ckpt" / "_runner" / "pins.json").read_text())
+    assert kept["commits"] == {HUB_ID: first, f"{HUB_ID}#2": second}
+    assert kept["fingerprints"] == {
+        tiny_gpt2: models.model_fingerprint(tiny_gpt2, models.load_config(tiny_gpt2))
+    }
