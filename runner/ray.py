@@ -87,6 +87,7 @@ class _Stage:
         id_field: str = "id",
         outputs: Iterable[str] = (),
         revision: str | None = None,
+        fingerprint: str | None = None,
     ):
         from .engine import Engine
         from .inputs import RowChecker
@@ -106,6 +107,9 @@ class _Stage:
         self.checker.settings_from_arrow = True  # rows come in as Arrow batches (null-filled struct keys)
         # (`apply` gives every actor the commit it pinned: actors started after an update load what the first did)
         self.engine = Engine(model, actor_device(options or EngineOptions()), asked_revision(model, revision))
+        # (`apply` gives every actor the fingerprint of the files it pinned: actors started after a fine-tune was
+        # saved over the folder refuse to load what the first did not)
+        _loaded_pinned(self.engine, fingerprint)
         auto = generate and _sample_auto(self.params)
         seed = getattr(self.params, "seed", None)
         meta = {
@@ -309,6 +313,40 @@ class _Stage:
         return list(out.items())
 
 
+def _loaded_pinned(engine: Any, fingerprint: str | None) -> None:
+    """Refuse an actor whose model (a folder, a .gguf file, the demo) is not the one `apply` pinned when the
+    pipeline was built (`fingerprint`, job.json's; None: a stage made without `apply`, or a hub model, whose
+    commit is pinned instead): an actor started later (autoscaled, or restarted after a crash) loaded the folder
+    as it is then, so a fine-tune saved over it mid-run made its rows the new weights' and the others' the old,
+    without a word. Checked after loading, as a job's worker checks (`jobs.model_unchanged`): files changed
+    while it loaded differ here too. Sampled, never whole weight files; a fingerprint that differs is computed
+    once more, from no kept GGUF table (a torn read of a network mount), before the model is taken for another.
+    The actor raising, Ray Data replaces it and fails the run once replacements fail as well: the rows so far
+    stay the pinned model's, and none of the new one's is written."""
+    from .models import fingerprint_version, forget_gguf_tables, load_config, model_fingerprint, reading_model
+
+    if fingerprint is None:
+        return
+    version = fingerprint_version(fingerprint)
+
+    def now() -> str:
+        config = load_config(engine.spec, engine.options.trust_remote_code, engine.revision)
+        return model_fingerprint(engine.spec, config, version, revision=engine.revision)
+
+    if reading_model(now, engine.spec) == fingerprint:
+        return
+    # (a GGUF's tensor table parsed from a torn read is kept by the file's times)
+    forget_gguf_tables()
+    if reading_model(now, engine.spec) == fingerprint:
+        return
+    raise RunnerError(f"the model {engine.spec!r} is not the one this pipeline was started with: its weights, "
+                      "config or tokenizer files changed since it was built (a fine-tune saved over it?), and "
+                      "this actor, started later, would compute its rows from other weights than the rows so "
+                      "far. To finish the pipeline, put back the model's files as they were; or run it again to "
+                      "start over on the model as it is now (with a checkpoint, give another checkpoint "
+                      "path)")  # fmt: skip
+
+
 class Generate(_Stage):
     """`ds.map_batches(Generate, fn_constructor_args=(model, GenerationParams(...)), batch_format="pyarrow",
     concurrency=N, num_gpus=1)`: one result row per (prompt, sample), as `runner run`."""
@@ -423,7 +461,9 @@ def apply(
     if stage_kwargs.get("template") is not None:
         Template(stage_kwargs["template"])
     asked = asked_revision(model, stage_kwargs.pop("revision", None))
-    stage_kwargs["revision"] = _pin(ds, model, options or EngineOptions(), stage.kind, params, asked)
+    stage_kwargs["revision"], stage_kwargs["fingerprint"] = _pin(
+        ds, model, options or EngineOptions(), stage.kind, params, asked
+    )
     extra = dict(map_kwargs or {})
     if num_cpus is not None:
         extra["num_cpus"] = num_cpus
@@ -440,14 +480,15 @@ def apply(
 
 def _pin(
     ds: Any, model: str, options: EngineOptions, kind: str, params: Any, asked: str | None
-) -> str | None:
-    """The commit of hub model `model` every actor loads (None for a folder, a .gguf file or the demo): that of
-    `asked`, else the newest; where `ds` is checkpointed, the one this stage's checkpoint was started on, kept
-    beside it (`_Pins`), so that a pipeline run again after an update of the model continues on the commit its
-    rows so far came from (it pinned the new one: rows before and after the restart from two models, without a
-    word). A `revision` naming another commit than the checkpoint's is refused, naming both. A model here has
-    no commit: its fingerprint (job.json's) is kept instead, and a restart on other files is refused
-    (`_same_files`)."""
+) -> tuple[str | None, str | None]:
+    """(commit, fingerprint) every actor loads and checks. The commit of hub model `model` (None for a folder,
+    a .gguf file or the demo): that of `asked`, else the newest; where `ds` is checkpointed, the one this
+    stage's checkpoint was started on, kept beside it (`_Pins`), so that a pipeline run again after an update
+    of the model continues on the commit its rows so far came from (it pinned the new one: rows before and
+    after the restart from two models, without a word). A `revision` naming another commit than the
+    checkpoint's is refused, naming both. A model here has no commit: its fingerprint (job.json's) is pinned
+    instead (None for a hub model), the checkpoint's, kept there, and a restart on other files is refused
+    (`_same_files`); each actor checks the files it loaded against it (`_loaded_pinned`)."""
     from .jobs import _pinned_facts
     from .models import is_hub_model
 
@@ -459,13 +500,14 @@ def _pin(
         _same_commit(pins, key, model, asked, earlier)
     pinned, facts = _pinned_facts(model, options, kind, params, None, earlier or asked)
     commit = pinned.get("model_revision")
+    fingerprint = None if hub else pinned["model_fingerprint"]
     if pins is None:
-        return commit
+        return commit, fingerprint
     if not hub:
-        _same_files(pins, key, model, facts[0], pinned["model_fingerprint"])
+        fingerprint = _same_files(pins, key, model, facts[0], fingerprint)
     elif commit and not earlier:
         pins.add("commits", key, commit)
-    return commit
+    return commit, fingerprint
 
 
 def _stage_key(ds: Any, model: str) -> str:
@@ -510,19 +552,20 @@ def _same_commit(pins: _Pins, key: str, model: str, asked: str, earlier: str) ->
                          "that commit, or give another checkpoint path to start over")  # fmt: skip
 
 
-def _same_files(pins: _Pins, key: str, model: str, config: Any, now: str) -> None:
+def _same_files(pins: _Pins, key: str, model: str, config: Any, now: str) -> str:
     """Keep `now`, the fingerprint of model `model` (a folder, a .gguf file, the demo) as job.json's (sampled
     weights, config, tokenizer files: never whole weight files), for the checkpoint's stage `key`; or refuse a
     restart on other files than its first run's: a fine-tune saved over the folder (a Colab notebook saving to
     the same Drive folder) made the rows left the new weights' and those before the old's, without a word. As
     `jobs.model_unchanged`, a fingerprint kept by an earlier runner is computed again its way (its version), and
-    one that differs once more (a torn read of a network mount) before the files are taken for others."""
+    one that differs once more (a torn read of a network mount) before the files are taken for others. The
+    fingerprint kept: what the stage's actors check theirs against."""
     from .models import fingerprint_version, forget_gguf_tables, model_fingerprint
 
     earlier = pins.fingerprints.get(key)
     if earlier is None:
         pins.add("fingerprints", key, now)
-        return
+        return now
     version = fingerprint_version(earlier)
     if now != earlier and fingerprint_version(now) != version:
         now = model_fingerprint(model, config, version)
@@ -531,7 +574,7 @@ def _same_files(pins: _Pins, key: str, model: str, config: Any, now: str) -> Non
         forget_gguf_tables()
         now = model_fingerprint(model, config, version)
     if now == earlier:
-        return
+        return earlier
     raise RunnerError(f"the model {model!r} is not the one {_stage_named(key, model)} at {pins.where} was "
                       "started with: its weights, config or tokenizer files changed since (a fine-tune saved over "
                       f"it?), and the rows so far came from them as they were (their fingerprint is kept in "

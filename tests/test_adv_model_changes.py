@@ -244,6 +244,7 @@ def test_a_ray_pipeline_pins_one_snapshot_for_all_its_actors(tmp_path, tiny_gpt2
     runner_ray.generate(pipeline, HUB_ID, GenerationParams(max_new_tokens=2), map_kwargs={"compute": "given"})
     ((stage, kw),) = planned
     assert kw["fn_constructor_kwargs"]["revision"] == first
+    assert kw["fn_constructor_kwargs"]["fingerprint"] is None  # (its commit is what is pinned)
     main.write_text(second)  # an actor starting from here
     actor = stage(*kw["fn_constructor_args"], **kw["fn_constructor_kwargs"])
     out = actor(pa.Table.from_pylist(ROWS)).to_pandas().sort_values("id")
@@ -584,3 +585,56 @@ def test_two_stages_of_one_hub_model_at_two_revisions_keep_a_commit_each(tmp_pat
     with pytest.raises(runner.ParamError, match=f"revision='{first}' names 'acme/tiny' at {first}, but its stage 2 "
                        f"of 'acme/tiny' in the checkpoint at .*ckpt was started on {second}"):  # fmt: skip
         run(later=first)
+
+
+def test_a_ray_actor_started_after_a_fine_tune_was_saved_over_the_folder_refuses_to_start(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """The model folder is checked on the driver when the pipeline is built; an actor started later in the
+    same run (autoscaled, or restarted after a crash) loaded the folder as it was then: a fine-tune saved over
+    it mid-run made that actor's rows the new weights' and the others' the old, without a word. Each stage now
+    gets the fingerprint pinned on the driver and its actor checks what it loaded against it: refused, naming
+    the model and the ways out; the files put back, it starts; one torn read of a weight file is read again,
+    not taken for another model."""
+    import pyarrow as pa
+
+    from runner import models
+    from runner import ray as runner_ray
+
+    folder = shutil.copytree(tiny_gpt2, tmp_path / "model")
+    planned, params = [], GenerationParams(max_new_tokens=2)
+    runner_ray.generate(_checkpointed(None, planned), str(folder), params, map_kwargs={"compute": "given"})
+    (kw,) = planned
+    assert kw["fn_constructor_kwargs"]["fingerprint"] == models.model_fingerprint(
+        str(folder), models.load_config(str(folder))
+    )
+    start = functools.partial(runner_ray.Generate, *kw["fn_constructor_args"], **kw["fn_constructor_kwargs"])
+    expected = start()(pa.Table.from_pylist(ROWS)).to_pandas()["text"].tolist()
+    shutil.copytree(folder, tmp_path / "kept")
+    _saved_over(folder, tmp_path)
+    with pytest.raises(runner.RunnerError) as refused:
+        start()
+    said = str(refused.value)
+    assert f"the model {str(folder)!r} is not the one this pipeline was started with" in said
+    assert "put back the model's files as they were" in said and "run it again to start over" in said
+    shutil.copy(tmp_path / "kept" / "model.safetensors", folder / "model.safetensors")  # (put back)
+    real, torn = models._tensor_samples, [1]
+    monkeypatch.setattr(models, "_tensor_samples", lambda f: b"torn" if torn and torn.pop() else real(f))
+    assert start()(pa.Table.from_pylist(ROWS)).to_pandas()["text"].tolist() == expected
+    assert not torn
+
+
+def test_a_ray_actor_of_a_checkpointed_pipeline_checks_against_the_checkpoints_fingerprint(
+    tmp_path, tiny_gpt2
+):
+    """With a checkpoint, the fingerprint an actor checks is the one kept beside it (that of the rows so far),
+    not one computed anew."""
+    pytest.importorskip("ray.data")
+    from runner import ray as runner_ray
+
+    folder = shutil.copytree(tiny_gpt2, tmp_path / "model")
+    config, planned = runner_ray.checkpoint_config(str(tmp_path / "ckpt")), []
+    runner_ray.generate(_checkpointed(config, planned), str(folder), map_kwargs={"compute": "given"})
+    runner_ray.generate(_checkpointed(config, planned), str(folder), map_kwargs={"compute": "given"})
+    (kept,) = json.loads((tmp_path / "ckpt" / "_runner" / "pins.json").read_text())["fingerprints"].values()
+    assert [kw["fn_constructor_kwargs"]["fingerprint"] for kw in planned] == [kept, kept]
