@@ -100,9 +100,16 @@ class Problem:
     field: str | None
     message: str
     id: str | None = None
+    # how a row of an input given from Python is named, "{}" its 0-based position ("rows[{}]"): its problems
+    # read "rows[1]: prompt: ...", as a file's read "file.jsonl:2: prompt: ..." (else "the rows:2: ...")
+    row: str | None = None
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file  # line 0: the file as a whole
+        # (line 0: the file as a whole)
+        if self.line and self.row:
+            where = self.row.format(self.line - 1)
+        else:
+            where = f"{self.file}:{self.line}" if self.line else self.file
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
@@ -130,9 +137,10 @@ class InputError(RunnerError):
         sep = ": " if header is not None and len(lines) == 1 else ":\n"
         super().__init__(head + sep + "\n".join(lines) + tail)
 
-    def naming(self, old: str, new: str) -> InputError:
-        """The same error with the file `old` called `new` (standard input, read through a temporary file)."""
-        problems = [dataclasses.replace(p, file=new) if p.file == old else p for p in self.problems]
+    def naming(self, old: str, new: str, row: str | None = None) -> InputError:
+        """The same error with the file `old` called `new` (standard input, read through a temporary file), and
+        its rows named as `row` says (`Problem.row`: an input given from Python, by position)."""
+        problems = [dataclasses.replace(p, file=new, row=row) if p.file == old else p for p in self.problems]
         header = None if self.header is None else self.header.replace(old, new)
         return InputError(problems, self.shown, header, self.total)
 

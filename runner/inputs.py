@@ -711,7 +711,7 @@ def input_file(source: Any, field: str = "prompt", kind: str = "generate") -> It
             try:
                 yield path
             except InputError as e:  # named as the user gave it, not as the temporary file
-                raise e.naming(str(path), _source_name(source)) from None
+                raise e.naming(str(path), *_source_name(source)) from None
     finally:
         if not quiet:
             datasets.enable_progress_bars()
@@ -857,11 +857,15 @@ def _mixed(rows: list[dict[str, Any]], key: str) -> bool:
     return len(kinds) > 1
 
 
-def _source_name(source: Any) -> str:
-    """What an error calls an input that is not a file: the rows, the DataFrame, the dataset."""
+def _source_name(source: Any) -> tuple[str, str]:
+    """What an error calls an input that is not a file (the rows, the DataFrame, the dataset), and one of its
+    rows (`Problem.row`): by its position, as the caller would index it (rows[1], df.iloc[1], dataset[1]);
+    "the rows:2" read as a file of that name's line 2."""
     if isinstance(source, list):
-        return "the rows"
-    return "the DataFrame" if type(source).__module__.split(".")[0] == "pandas" else "the dataset"
+        return "the rows", "rows[{}]"
+    if type(source).__module__.split(".")[0] == "pandas":
+        return "the DataFrame", "df.iloc[{}]"
+    return "the dataset", "dataset[{}]"
 
 
 def _as_dataset(source: Any, field: str = "prompt", kind: str = "generate") -> Any:

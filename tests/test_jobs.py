@@ -682,8 +682,34 @@ def test_rows_settings_of_other_shapes_in_a_list_a_dataframe_or_parquet(tmp_path
         create_job(
             [{"id": "a", "prompt": "x", "temperature": -1}], tiny_gpt2, params, job_dir=tmp_path / "bad"
         )
-    assert "the rows:1: temperature: temperature must be >= 0" in str(e.value)
+    assert "rows[0]: temperature: temperature must be >= 0" in str(e.value)
     assert "runner-input-" not in str(e.value)
+
+
+def test_a_bad_row_given_from_python_is_named_as_the_caller_indexes_it(tmp_path, tiny_gpt2):
+    """A list of row dicts (or a DataFrame, a datasets.Dataset) with a bad row said "the rows:2: prompt: ...",
+    as if "the rows" were a file and 2 its line: the row is now named by its position, as the caller indexes
+    it (rows[1], df.iloc[1], dataset[1]); the problem keeps its line, and a problem of the input as a whole
+    still names it."""
+    import datasets
+    import pandas as pd
+
+    rows = [
+        {"id": i, "prompt": p, "temperature": t}
+        for i, p, t in [("a", "x", 0.5), ("b", "", 0.5), ("c", "y", -1)]
+    ]
+    given = {"rows": rows, "df": pd.DataFrame(rows), "dataset": datasets.Dataset.from_list(rows)}
+    for name, source in given.items():
+        with pytest.raises(InputError) as e:
+            create_job(source, tiny_gpt2, GenerationParams(max_new_tokens=2), job_dir=tmp_path / name)
+        said = str(e.value).splitlines()
+        label = "df.iloc" if name == "df" else name
+        assert said[1:3] == [f"{label}[1]: prompt: prompt is empty",
+                             f"{label}[2]: temperature: temperature must be >= 0, got -1.0."], said  # fmt: skip
+        assert [p.line for p in e.value.problems] == [2, 3]
+    with pytest.raises(InputError, match=r"the rows: seed: its key 'seed' has values of different types"):
+        create_job([{"prompt": "x", "seed": 1}, {"prompt": "y", "seed": "one"}], tiny_gpt2,
+                   GenerationParams(max_new_tokens=2), job_dir=tmp_path / "mixed")  # fmt: skip
 
 
 def test_results_as_arrow_and_as_a_dataset(tmp_path, tiny_gpt2):
