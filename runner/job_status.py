@@ -142,7 +142,7 @@ def job_status(job: Job, looks: Looks | None = None) -> JobStatus:
     return JobStatus(
         id=job.id, name=job.name, state=name, done=progress.done, total=progress.total, errors=progress.failed,
         invalid=int(job.meta.get("input", {}).get("invalid", 0) or 0), tokens_per_second=tps, eta_seconds=eta,
-        model=job.spec.model, created=job.spec.created, worker=workers[0]["worker"] if workers else None,
+        model=job.spec.model, created=job.spec.created, worker=_named_worker(workers),
         message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak, missing=missing,
         model_revision=job.spec.revision,
         unsaved=unsaved, generation=state.generation,
@@ -296,6 +296,13 @@ def _number(record: dict[str, Any], key: str) -> float | None:
 
 # A live worker's (and a job's) state where its process is stopped by a signal on this machine
 STOPPED = "stopped"
+
+
+def _named_worker(workers: list[dict[str, Any]]) -> str | None:
+    """The live worker a status names (`JobStatus.worker`): a running one where there is one (the first by name
+    was named, stopped on this machine, beside another running the job), else the first stopped one."""
+    running = [w for w in workers if w["state"] != STOPPED]
+    return (running or workers)[0]["worker"] if workers else None
 
 
 def _worker_row(worker: str, hb: dict[str, Any]) -> dict[str, Any]:

@@ -129,6 +129,7 @@ def test_two_workers_one_stopped_the_speed_and_eta_are_the_running_ones(job):
         assert st.tokens_per_second == 30.0
         assert st.eta_seconds == pytest.approx(ROWS / 3.0)
         assert {w["worker"]: w["state"] for w in st.workers} == {"w-a": "stopped", "w-b": "running"}
+        assert st.worker == "w-b"  # (the running one: w-a, first by name, was named)
         assert "w-a" in st.message and f"kill -CONT {a.pid}" in st.message
         assert "2 (1 stopped)" in status_table([st])
 
