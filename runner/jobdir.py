@@ -675,8 +675,11 @@ class Owner:
             return False
         try:
             return os.listdir(f"/proc/{self.pid}/task") in ([], [str(self.pid)])
-        except OSError:
+        except (FileNotFoundError, ProcessLookupError):
             return True  # reaped meanwhile
+        except OSError:
+            # (EIO, EACCES: its threads unknown, a writer thread may be mid-shard; it was taken as reaped)
+            return False
 
     def is_this_process(self) -> bool:
         """This very process (same machine, pid and start time): a notebook kernel that ran an earlier call."""

@@ -7,6 +7,8 @@ The workers here are heartbeats written as a worker writes them, naming a real c
 /proc says what that process is): a child that blocks on its stdin, stopped, killed or left running."""
 
 import contextlib
+import errno
+import os
 import signal
 import socket
 import subprocess
@@ -161,6 +163,34 @@ def test_a_worker_whose_main_thread_alone_ended_is_still_a_live_worker(job):
         wait_until(lambda: proc_state(proc.pid) == "Z", "its main thread to end")
         owner = owner_of(proc, "w-threads")
         beat(job, owner)
+        assert not owner.provably_dead()
+        st = runner.status(job.dir)
+        assert st.state == "running" and [w["worker"] for w in st.workers] == ["w-threads"], st
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_a_worker_whose_main_thread_ended_is_alive_when_its_threads_cannot_be_listed(job, monkeypatch):
+    """Its /proc task list failing to read (EIO, as /proc gives while a task is torn down elsewhere, or a FUSE
+    /proc in a sandbox) proves nothing: the list was taken as "reaped meanwhile", and a process whose writer
+    thread was mid-shard lost its units to another worker while it went on."""
+    code = ("import ctypes, sys, threading; threading.Thread(target=sys.stdin.read).start(); "
+            "ctypes.CDLL(None).pthread_exit(None)")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    real = os.listdir
+
+    def listdir(path="."):
+        if str(path) == f"/proc/{proc.pid}/task":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+
+    try:
+        wait_until(lambda: proc_state(proc.pid) == "Z", "its main thread to end")
+        owner = owner_of(proc, "w-threads")
+        beat(job, owner)
+        monkeypatch.setattr(os, "listdir", listdir)
         assert not owner.provably_dead()
         st = runner.status(job.dir)
         assert st.state == "running" and [w["worker"] for w in st.workers] == ["w-threads"], st
