@@ -564,11 +564,24 @@ def scan(folder: Path, dirs: bool = False) -> list[str]:
 
 
 def _pid_start(pid: int) -> str | None:
-    """The start time of process `pid` (clock ticks since boot), to tell it from a later one with its pid."""
+    """The start time of process `pid` (clock ticks since boot), to tell it from a later one with its pid; None
+    where /proc does not tell (no such process, or a /proc of another PID namespace: `_proc_is_ours`)."""
+    if not _proc_is_ours():
+        return None
     try:
         return _stat_start(Path(f"/proc/{pid}/stat").read_text())
     except OSError:
         return None
+
+
+def _proc_is_ours() -> bool:
+    """/proc shows this process's PID namespace: /proc/self is its own pid. Under `unshare --pid --fork` without
+    --mount-proc (or a /proc of another namespace mounted in) /proc/PID is another process than pid PID is to
+    kill(): a live worker whose pid there was a zombie (or a later process) was provably dead."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
 
 
 def process_state(pid: int) -> str | None:
@@ -704,7 +717,7 @@ class Owner:
     def _state_here(self) -> str | None:
         """The state letter of the owner's process (/proc/PID/stat) when it is on this machine now: the same
         boot, PID namespace, pid and start time; None anywhere else."""
-        if not self._on_this_machine() or self.start is None:
+        if not self._on_this_machine() or self.start is None or not _proc_is_ours():
             return None
         try:
             text = Path(f"/proc/{self.pid}/stat").read_text()

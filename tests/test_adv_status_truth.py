@@ -8,6 +8,7 @@ The workers here are heartbeats written as a worker writes them, naming a real c
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import socket
@@ -197,6 +198,49 @@ def test_a_worker_whose_main_thread_ended_is_alive_when_its_threads_cannot_be_li
     finally:
         proc.kill()
         proc.wait()
+
+
+# In a PID namespace of its own whose /proc is still the parent's (`unshare --pid --fork` without --mount-proc):
+# the next pid made `pid` (ns_last_pid), a worker started there writes its heartbeat, and a reader there judges it
+IN_NAMESPACE = """
+import json, subprocess, sys
+import runner
+from runner.jobdir import Heartbeat, Job, Owner
+pid, job = int(sys.argv[1]), Job.open(sys.argv[2])
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(pid - 1))
+code = "import json, sys; from runner.jobdir import Owner; print(json.dumps(Owner.me('w-ns').as_dict()), flush=True); sys.stdin.read()"
+w = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+owner = Owner.from_dict(json.loads(w.stdout.readline()))
+Heartbeat(job, owner, ttl=120, info={"device": "cpu", "rows": 0}).beat()
+seen = {"pid": w.pid, "dead": owner.provably_dead(), "stopped": owner.provably_stopped(),
+        "workers": [x["worker"] for x in runner.status(job.dir).workers]}
+print(json.dumps(seen), flush=True)
+w.stdin.close(); w.wait()
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_in_a_pid_namespace_whose_proc_is_the_parents_is_not_judged_by_another_process(job):
+    """Under `unshare --pid --fork` without --mount-proc, /proc/PID is the parent namespace's process PID, not
+    this namespace's: a live worker there whose pid was, in the parent namespace, a zombie was provably dead (and
+    one whose pid there was stopped, stopped), and its units were taken over while it computed them."""
+    with child() as zombie:
+        zombie.send_signal(signal.SIGKILL)
+        wait_until(lambda: proc_state(zombie.pid) == "Z", "the child to be a zombie")
+        user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+        try:
+            done = subprocess.run(["unshare", *user, "--pid", "--fork", sys.executable, "-c", IN_NAMESPACE,
+                                   str(zombie.pid), str(job.dir)], capture_output=True, text=True,
+                                  env=workers.worker_env(), timeout=120)  # fmt: skip
+        except FileNotFoundError:
+            pytest.skip("no unshare")
+        if done.returncode != 0 and "Operation not permitted" in done.stderr:
+            pytest.skip("no PID namespaces here")
+        assert done.returncode == 0, done.stderr
+        seen = json.loads(done.stdout)
+        assert seen["pid"] == zombie.pid, seen
+        assert not seen["dead"] and not seen["stopped"] and seen["workers"] == ["w-ns"], seen
 
 
 @pytest.mark.slow
