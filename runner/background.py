@@ -22,7 +22,16 @@ from typing import Any
 
 from . import storage
 from .errors import command
-from .jobdir import JobState, _pid_start, _stat_start, default_home
+from .jobdir import (
+    ENDED,
+    JobState,
+    _pid_start,
+    _proc_is_ours,
+    _stat_start,
+    _stat_state,
+    _threads_ended,
+    default_home,
+)
 from .progress import counted
 
 LOGS = "logs"
@@ -161,9 +170,11 @@ def status_line(s: Any) -> str:
 
 
 def _alive(pid: int, started: str | None = None) -> bool:
-    """Whether `pid` is still the worker that was started. With /proc (Linux) the process must not be a zombie
-    and must have the recorded start time; a pid file without one (an older runner's) must name a `runner work`
-    process. Without /proc, kill(pid, 0) is all there is."""
+    """Whether `pid` is still the worker that was started. Where /proc is this process's (jobdir._proc_is_ours)
+    the process must not have ended (a zombie whose threads all ended, as jobdir's owners are judged) and must have
+    the recorded start time; a pid file without one (an older runner's) must name a `runner work` process.
+    Elsewhere (no /proc, or another PID namespace's, whose /proc/PID is another process) kill(pid, 0) is all
+    there is."""
     for proc in _CHILDREN:
         if proc.pid == pid:
             return proc.poll() is None
@@ -173,11 +184,14 @@ def _alive(pid: int, started: str | None = None) -> bool:
         return False
     except PermissionError:
         pass  # alive, someone else's: /proc still tells whether it is our worker
+    if not _proc_is_ours():
+        return True
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no /proc: trust kill(pid, 0); with /proc, the process went away meanwhile
-        return not Path("/proc/self").exists()
-    if stat.rsplit(") ", 1)[-1][:1] == "Z":  # a zombie answers kill(0) but is finished
+    except OSError:  # the process went away meanwhile
+        return False
+    # a zombie answers kill(0) but is finished; not one whose other threads run on
+    if _stat_state(stat) in ENDED and _threads_ended(pid):
         return False
     if started is not None:
         return _stat_start(stat) == started

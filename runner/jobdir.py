@@ -586,11 +586,29 @@ def _proc_is_ours() -> bool:
 
 def process_state(pid: int) -> str | None:
     """The state letter of process `pid` on this machine (/proc/PID/stat: "R", "S", "T" stopped...); None where
-    /proc does not tell (no such process, or no /proc)."""
+    /proc does not tell (no such process, no /proc, or a /proc of another PID namespace: `_proc_is_ours`)."""
+    if not _proc_is_ours():
+        return None
     try:
         return _stat_state(Path(f"/proc/{pid}/stat").read_text())
     except OSError:
         return None
+
+
+# the /proc states of a process that has ended: a zombie (its parent has not waited for it yet), dead
+ENDED = ("Z", "X", "x")
+
+
+def _threads_ended(pid: int) -> bool:
+    """Whether process `pid` of this machine, its group leader (main thread) ended (`ENDED`), ended as a whole:
+    not where only its main thread ended, others running on (the leader is a zombie then too, with other tasks)."""
+    try:
+        return os.listdir(f"/proc/{pid}/task") in ([], [str(pid)])
+    except (FileNotFoundError, ProcessLookupError):
+        return True  # reaped meanwhile
+    except OSError:
+        # (EIO, EACCES: its threads unknown, a writer thread may be mid-shard; it was taken as reaped)
+        return False
 
 
 def _stat_state(stat: str) -> str | None:
@@ -684,15 +702,7 @@ class Owner:
         parent, `runner work --workers N` or a notebook, has not waited for it; its lease held its units and it
         showed as running until the lease ran out). Not where only its main thread ended, others running on
         (the group's leader is a zombie then too, with other tasks)."""
-        if self._state_here() not in ("Z", "X", "x"):
-            return False
-        try:
-            return os.listdir(f"/proc/{self.pid}/task") in ([], [str(self.pid)])
-        except (FileNotFoundError, ProcessLookupError):
-            return True  # reaped meanwhile
-        except OSError:
-            # (EIO, EACCES: its threads unknown, a writer thread may be mid-shard; it was taken as reaped)
-            return False
+        return self._state_here() in ENDED and _threads_ended(self.pid)
 
     def is_this_process(self) -> bool:
         """This very process (same machine, pid and start time): a notebook kernel that ran an earlier call."""

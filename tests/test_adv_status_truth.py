@@ -367,3 +367,61 @@ def test_a_worker_waiting_for_units_held_by_a_stopped_worker_says_it_is_stopped(
         proc.send_signal(signal.SIGCONT)
         wait_until(lambda: proc_state(proc.pid) not in ("T", "t"), "the child to go on")
         assert [h[2] for h in scheduler._held_elsewhere(job.dir.parent, job, "me")] == ["w-frozen"]
+
+
+@pytest.mark.slow
+def test_a_background_worker_whose_main_thread_alone_ended_is_still_running(tmp_path):
+    """`running` (what `runner watch` looks at) took any zombie for a finished worker, without the look at its
+    other threads the job's workers get: a worker whose main thread ended while a thread of it computed on lost
+    its pid file, and `watch` said no worker ran the job."""
+    from runner import background
+
+    code = ("import ctypes, sys, threading; threading.Thread(target=sys.stdin.read).start(); "
+            "ctypes.CDLL(None).pthread_exit(None)")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    (tmp_path / "logs").mkdir()
+    pid_file = tmp_path / "logs" / "work-20260101-000000-aaaaaa.pid"
+    try:
+        wait_until(lambda: proc_state(proc.pid) == "Z", "its main thread to end")
+        pid_file.write_text(f"{proc.pid} {jobdir._pid_start(proc.pid)} {storage.namespace_tag()}")
+        assert [w.pid for w in background.running(tmp_path)] == [proc.pid] and pid_file.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert background.running(tmp_path) == [] and not pid_file.exists()
+
+
+def foreign_proc(monkeypatch, pid, state):
+    """/proc is another PID namespace's (`unshare --pid` without --mount-proc): /proc/self is not this process
+    and /proc/`pid` another process, in `state`."""
+    import pathlib
+
+    real_readlink, real_read_text = os.readlink, pathlib.Path.read_text
+    stat = f"{pid} (other) {state} " + " ".join(["1"] * 49)
+
+    def readlink(path, *args, **kwargs):
+        return "1" if os.fspath(path) == "/proc/self" else real_readlink(path, *args, **kwargs)
+
+    def read_text(self, *args, **kwargs):
+        return stat if str(self) == f"/proc/{pid}/stat" else real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "readlink", readlink)
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+
+
+def test_a_proc_of_another_namespace_says_nothing_of_a_background_worker_or_a_stopped_child(
+    tmp_path, monkeypatch
+):
+    """Where /proc/PID is another namespace's process, `running` took a live background worker whose pid was a
+    zombie there for finished (and deleted its pid file), and `runner work --workers N` took a child reported
+    stopped for continued where that other process ran (and never let it go): only kill() and the reports
+    tell there."""
+    from runner import background, cli
+
+    (tmp_path / "logs").mkdir()
+    pid_file = tmp_path / "logs" / "work-20260101-000000-aaaaaa.pid"
+    pid_file.write_text(f"{os.getpid()} - {storage.namespace_tag()}")
+    foreign_proc(monkeypatch, os.getpid(), "Z")
+    assert [w.pid for w in background.running(tmp_path)] == [os.getpid()] and pid_file.exists()
+    foreign_proc(monkeypatch, os.getpid(), "S")
+    assert jobdir.process_state(os.getpid()) is None and cli._still_stopped(os.getpid())
