@@ -101,13 +101,16 @@ class Problem:
     message: str
     id: str | None = None
     # how a row of an input given from Python is named, "{}" its 0-based position ("rows[{}]"): its problems
-    # read "rows[1]: prompt: ...", as a file's read "file.jsonl:2: prompt: ..." (else "the rows:2: ...")
+    # read "rows[1]: prompt: ...", as a file's read "file.jsonl:2: prompt: ..." (else "the list:2: ...")
     row: str | None = None
 
     def __str__(self) -> str:
         # (line 0: the file as a whole)
         if self.line and self.row:
             where = self.row.format(self.line - 1)
+        elif self.row and not self.field and self.message.startswith("the file "):
+            # an input given from Python is no file: "the list has no rows", not "the list: the file has no rows"
+            return f"{self.file} {self.message.removeprefix('the file ')}"
         else:
             where = f"{self.file}:{self.line}" if self.line else self.file
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"

@@ -748,6 +748,10 @@ def _from_pandas(df: Any) -> Any:
                          header="cannot read the input") from None  # fmt: skip
 
 
+# What an error calls a list of rows given from Python ("no valid rows in the list", "the list has no rows").
+_LIST = "the list"
+
+
 def _from_list(rows: list[dict[str, Any]]) -> Any:
     """Row dicts as a datasets.Dataset, every key of every row a column (from_list takes the first row's keys
     only); a key whose values share no Arrow type is an error naming it."""
@@ -757,7 +761,7 @@ def _from_list(rows: list[dict[str, Any]]) -> Any:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     rows = [r if len(r) == len(keys) else {k: r.get(k) for k in keys} for r in rows]
     changed, as_text = _settings_for_arrow(
-        {k: [r[k] for r in rows] for k in ARROW_MISREADS if k in keys}, "the rows"
+        {k: [r[k] for r in rows] for k in ARROW_MISREADS if k in keys}, _LIST
     )
     if changed:
         rows = [{**r, **{k: values[i] for k, values in changed.items()}} for i, r in enumerate(rows)]
@@ -771,7 +775,7 @@ def _from_list(rows: list[dict[str, Any]]) -> Any:
             if column
             else "a key has values of different types"
         )
-        raise InputError([Problem("the rows", 0, column, f"{what} ({said}); give it one type in every row")],
+        raise InputError([Problem(_LIST, 0, column, f"{what} ({said}); give it one type in every row")],
                          header="cannot read the input") from None  # fmt: skip
 
 
@@ -858,11 +862,12 @@ def _mixed(rows: list[dict[str, Any]], key: str) -> bool:
 
 
 def _source_name(source: Any) -> tuple[str, str]:
-    """What an error calls an input that is not a file (the rows, the DataFrame, the dataset), and one of its
+    """What an error calls an input that is not a file (the list, the DataFrame, the dataset), and one of its
     rows (`Problem.row`): by its position, as the caller would index it (rows[1], df.iloc[1], dataset[1]);
-    "the rows:2" read as a file of that name's line 2."""
+    "the rows:2" read as a file of that name's line 2. Its problems as a whole read "the list has no rows" and
+    "no valid rows in the list" ("the rows: the file has no rows", "no valid rows in the rows")."""
     if isinstance(source, list):
-        return "the rows", "rows[{}]"
+        return _LIST, "rows[{}]"
     if type(source).__module__.split(".")[0] == "pandas":
         return "the DataFrame", "df.iloc[{}]"
     return "the dataset", "dataset[{}]"

@@ -707,9 +707,34 @@ def test_a_bad_row_given_from_python_is_named_as_the_caller_indexes_it(tmp_path,
         assert said[1:3] == [f"{label}[1]: prompt: prompt is empty",
                              f"{label}[2]: temperature: temperature must be >= 0, got -1.0."], said  # fmt: skip
         assert [p.line for p in e.value.problems] == [2, 3]
-    with pytest.raises(InputError, match=r"the rows: seed: its key 'seed' has values of different types"):
+    with pytest.raises(InputError, match=r"the list: seed: its key 'seed' has values of different types"):
         create_job([{"prompt": "x", "seed": 1}, {"prompt": "y", "seed": "one"}], tiny_gpt2,
                    GenerationParams(max_new_tokens=2), job_dir=tmp_path / "mixed")  # fmt: skip
+
+
+def test_an_input_from_python_as_a_whole_is_named_as_what_it_is(tmp_path, tiny_gpt2):
+    """An empty list, DataFrame or dataset read "nothing to run: the rows: the file has no rows", and one with no
+    valid row "no valid rows in the rows": a list is no file, and "the rows" named the whole list."""
+    import datasets
+    import pandas as pd
+
+    params = GenerationParams(max_new_tokens=2)
+    given = {
+        "the list": lambda rows: rows,
+        "the DataFrame": lambda rows: pd.DataFrame(rows, columns=["prompt"]),
+        "the dataset": lambda rows: datasets.Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}),
+    }
+    for name, make in given.items():
+        with pytest.raises(InputError) as e:
+            create_job(make([]), tiny_gpt2, params, job_dir=tmp_path / f"{name}-empty")
+        assert str(e.value) == f"nothing to run: {name} has no rows"
+        with pytest.raises(InputError) as e:
+            create_job(make([{"prompt": ""}]), tiny_gpt2, params, job_dir=tmp_path / f"{name}-invalid")
+        assert str(e.value).startswith(f"no valid rows in {name}: "), str(e.value)
+    # a file's are as they were
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match=r"^nothing to run: .*empty\.jsonl: the file has no rows$"):
+        create_job(tmp_path / "empty.jsonl", tiny_gpt2, params, job_dir=tmp_path / "file")
 
 
 def test_results_as_arrow_and_as_a_dataset(tmp_path, tiny_gpt2):
