@@ -320,16 +320,32 @@ def _worker_row(worker: str, hb: dict[str, Any]) -> dict[str, Any]:
 
 def _stopped_said(stopped: list[dict[str, Any]], live: dict[str, dict[str, Any]]) -> str:
     """What workers stopped on this machine mean, and how to go on: each holds its units until it is continued
-    or its lease ends ("expires": when, as `jobdir.live_workers` judges it; the soonest is said)."""
+    or its lease ends ("expires": when, as `jobdir.live_workers` judges it; the soonest is said). One stopped by
+    a debugger or tracer (strace, gdb) is said so: `kill -CONT`, which it was told too, does nothing for it."""
+    traced = [
+        w for w in stopped if (o := jobdir.Owner.from_dict(live[w["worker"]])) is not None and o.traced()
+    ]
+    signalled = [w for w in stopped if w not in traced]
+    return "; ".join(
+        _frozen_said(group, live, kind) for group, kind in ((signalled, False), (traced, True)) if group
+    )
+
+
+def _frozen_said(stopped: list[dict[str, Any]], live: dict[str, dict[str, Any]], traced: bool) -> str:
     who = ", ".join(f"{w['worker']} (pid {w['pid']})" for w in stopped)
     pids = " ".join(str(w["pid"]) for w in stopped)
     ends = fmt_duration(min((_number(live[w["worker"]], "expires") or 0) for w in stopped) - time.time())
-    if len(stopped) == 1:
-        return (f"worker {who} is stopped on this machine (SIGSTOP, or Ctrl-Z in a terminal): `kill -CONT {pids}` "
-                f"continues it; else its units are free for other workers when its lease ends, in {ends}")  # fmt: skip
-    return (f"workers {who} are stopped on this machine (SIGSTOP, or Ctrl-Z in a terminal): `kill -CONT {pids}` "
-            f"continues them; else their units are free for other workers when their leases end (the first, in "
-            f"{ends})")  # fmt: skip
+    one = len(stopped) == 1
+    if traced:
+        how = (f"by a debugger or tracer (strace, gdb; `kill -CONT` does nothing for {'it' if one else 'them'}): "
+               f"{'it goes' if one else 'they go'} on when the tracer continues {'it' if one else 'them'} or detaches")  # fmt: skip
+    else:
+        how = f"(SIGSTOP, or Ctrl-Z in a terminal): `kill -CONT {pids}` continues {'it' if one else 'them'}"
+    if one:
+        return (f"worker {who} is stopped on this machine {how}; else its units are free for other workers when its "
+                f"lease ends, in {ends}")  # fmt: skip
+    return (f"workers {who} are stopped on this machine {how}; else their units are free for other workers when "
+            f"their leases end (the first, in {ends})")  # fmt: skip
 
 
 def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:

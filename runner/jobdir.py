@@ -715,9 +715,15 @@ class Owner:
 
     def provably_stopped(self) -> bool:
         """True only when the owner's process is on this machine now and stopped by a signal (SIGSTOP, SIGTSTP:
-        frozen, it goes on once continued). A process that runs but whose heartbeat ended (hung) is not.
-        Anywhere else only the heartbeat can tell."""
+        frozen, it goes on once continued), or by its tracer (`traced`). A process that runs but whose heartbeat
+        ended (hung) is not. Anywhere else only the heartbeat can tell."""
         return self._state_here() in ("T", "t")
+
+    def traced(self) -> bool:
+        """True only when the owner's process is on this machine now and stopped by the debugger or tracer
+        attached to it (strace, gdb: /proc's "t"): it goes on when that continues it or lets it go; a SIGCONT
+        of anyone else's does nothing for it."""
+        return self._state_here() == "t"
 
     def provably_running(self) -> bool:
         """True only when the owner's process is on this machine now, neither stopped nor ended: it runs, or

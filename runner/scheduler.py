@@ -273,6 +273,9 @@ def _holder_said(who: str, hb: dict[str, Any]) -> str:
     owner = Owner.from_dict(hb)
     if owner is None or not owner.provably_stopped():
         return who
+    if owner.traced():  # (kill -CONT does nothing for it)
+        return (f"{who}, stopped on this machine by a debugger or tracer (strace, gdb: pid {owner.pid}; it goes on "
+                "when the tracer continues it or detaches)")  # fmt: skip
     return f"{who}, stopped on this machine (SIGSTOP or Ctrl-Z: `kill -CONT {owner.pid}` continues it)"
 
 

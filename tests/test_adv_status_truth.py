@@ -425,3 +425,55 @@ def test_a_proc_of_another_namespace_says_nothing_of_a_background_worker_or_a_st
     assert [w.pid for w in background.running(tmp_path)] == [os.getpid()] and pid_file.exists()
     foreign_proc(monkeypatch, os.getpid(), "S")
     assert jobdir.process_state(os.getpid()) is None and cli._still_stopped(os.getpid())
+
+
+@contextlib.contextmanager
+def traced_child():
+    """A process of this machine stopped by its tracer (this test: it asked to be traced, then stopped itself),
+    as under strace or gdb: /proc says "t", and a SIGCONT of anyone else's leaves it stopped. None where this
+    machine allows no tracing."""
+    code = ("import ctypes, os, signal, sys\n"
+            "if ctypes.CDLL(None, use_errno=True).ptrace(0, 0, 0, 0) != 0: sys.exit(3)\n"
+            "os.kill(os.getpid(), signal.SIGSTOP); sys.stdin.read()")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        # (not proc.poll(): the tracer's wait hears the stop, which Popen takes for the end)
+        wait_until(lambda: proc_state(proc.pid) in ("t", "Z", None), "the child to be traced")
+        yield proc if proc_state(proc.pid) == "t" else None
+    finally:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        # (a tracer hears its tracee's stops as well as its end: waited for until it ends)
+        while proc.returncode is None:
+            with contextlib.suppress(ChildProcessError):
+                _, status = os.waitpid(proc.pid, 0)
+                if os.WIFSTOPPED(status):
+                    continue
+            proc.returncode = -9
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_by_a_tracer_is_not_told_to_be_continued_with_kill_cont(job):
+    """A worker stopped under strace or gdb (/proc "t") was counted stopped, rightly, and status said `kill -CONT
+    PID` continues it, which does nothing for a traced process: it says a debugger or tracer stopped it."""
+    from runner import scheduler
+
+    with traced_child() as proc:
+        if proc is None:
+            pytest.skip("this machine allows no tracing")
+        owner = owner_of(proc, "w-traced")
+        beat(job, owner)
+        for unit in range(job.spec.units):
+            assert jobdir.take_unit(job, unit, owner, -1) == 0
+        proc.send_signal(signal.SIGCONT)  # (nothing for it: still stopped)
+        st = runner.status(job.dir)
+        assert st.state == "stopped" and st.workers[0]["state"] == "stopped", st
+        assert "kill -CONT " + str(proc.pid) not in st.message, st.message
+        assert (
+            f"worker w-traced (pid {proc.pid}) is stopped on this machine by a debugger or tracer"
+            in st.message
+        )
+        assert "goes on when the tracer continues it or detaches" in st.message
+        held = scheduler._held_elsewhere(job.dir.parent, job, "me")
+        assert [h[2] for h in held] == [f"w-traced, stopped on this machine by a debugger or tracer (strace, gdb: pid "
+                                        f"{proc.pid}; it goes on when the tracer continues it or detaches)"]  # fmt: skip
