@@ -96,7 +96,7 @@ def test_an_empty_list_of_rows_is_nothing_to_run_not_a_wrong_type(tiny_gpt2, run
 
     with pytest.raises(InputError) as e:
         runner.submit([], tiny_gpt2)
-    assert str(e.value).startswith("nothing to run: the rows"), str(e.value)
+    assert str(e.value) == "nothing to run: the list has no rows", str(e.value)
 
 
 def test_results_of_a_job_with_no_result_yet_prints_no_empty_pandas_frame(tmp_path, tiny_gpt2, runner_home):
