@@ -1708,7 +1708,7 @@ class Job:
                 raise  # the file system failed, not the file
             why = (  # (hashed again whatever its stamp: bytes that changed under unchanged times no longer parse)
                 prompts_problem(self, afresh=True)
-                or f"prompts.parquet is damaged ({first_line(e)}); submit the file again"
+                or f"prompts.parquet of job {self.id} is damaged ({first_line(e)}); submit the file again"
             )
             raise BrokenJob(why, repairable=False) from None
 
@@ -1717,13 +1717,18 @@ class Job:
         pyarrow cannot parse is BrokenJob, as `read_prompts` says (bytes changed under unchanged times after the
         worker hashed it at its start: pyarrow's error went up through `runner work` as a traceback). Where this
         process hashed the file (a worker, at its start), the bytes read are checked against that hash's blocks
-        (storage.CheckedFile): bytes changed under unchanged times that still parse (bit rot in a page, another
-        file put in its place with its times) were computed from, silently. Such a change is hashed whole again:
+        (storage.CheckedFile, `read_checked`): bytes changed under unchanged times that still parse (bit rot in a
+        page, another file put in its place with its times) were computed from, silently."""
+        return self.read_checked(lambda source: _rows_of(source, start, stop))
+
+    def read_checked(self, op: Callable[[Any], T]) -> T:
+        """`op(prompts.parquet)` as `read_prompts` does it, the bytes read checked against the blocks of this
+        process's hash of the file (`prompts_problem`; none: as they are). A change found is hashed whole again:
         damage is BrokenJob naming it; a sound file (a torn read, the file put back) is read once more."""
         path = self.dir / PROMPTS
         for last in (False, True):
             try:
-                return self.read_prompts(lambda source: _rows_of(_checked(path, source), start, stop))
+                return self.read_prompts(lambda source: op(_checked(path, source)))
             except storage.ChangedUnderfoot as e:
                 # (blocks of another file once at this path: a job without a checksum keeps none of its own)
                 _BLOCKS.pop(str(path), None)

@@ -488,10 +488,13 @@ def _lost(job: Any, commit: str, why: str) -> tuple[str, str]:
 
 def _check_prompts(job: Any) -> None:
     """The requests come from prompts.parquet (the results hold no url, model or echo): it must be the file
-    submit wrote, or the output would answer other requests, or none."""
+    submit wrote, or the output would answer other requests, or none. It is hashed unless this process hashed
+    it (a worker of `run-batch`), and read against that hash (`_prompt_groups`): verified.json's stamp was
+    trusted, and a file changed under unchanged times (bit rot, another job's put in its place) answered its
+    requests, another `model` and other log-probs, with exit 0 (adversarial pass 208)."""
     from . import jobdir
 
-    why = jobdir.prompts_problem(job, jobdir.Verifier(job))  # verified.json spares re-reading a big one
+    why = jobdir.prompts_problem(job)
     if why:
         raise jobdir.BrokenJob(_prompts_hint(job, why), repairable=False)
 
@@ -535,6 +538,8 @@ def _requests(job: Any) -> Iterator[tuple[str, dict[str, Any], list[int], int | 
     except (pa.ArrowException, KeyError, ValueError) as e:  # a job stored before prompts had a checksum
         why = f"prompts.parquet of job {job.id} is damaged ({first_line(e)})"
         raise BrokenJob(_prompts_hint(job, why), repairable=False) from None
+    except BrokenJob as e:  # (read_checked: a file pyarrow cannot parse, or one changed while read)
+        raise BrokenJob(_prompts_hint(job, str(e)), repairable=False) from None
 
 
 def plain_request(url: str, model: str, served: Any = ()) -> dict[str, Any]:
@@ -557,23 +562,20 @@ def _plain_url(job: Any) -> str:
 
 def _prompt_groups(job: Any, columns: list[str], optional: list[str]) -> Iterator[Any]:
     """prompts.parquet's `columns` and those of `optional` it has, a row group at a time, each read retried (a
-    retry opens the file again): a transient error never ends the requests early, nor raises a raw OSError."""
+    retry opens the file again): a transient error never ends the requests early, nor raises a raw OSError.
+    Its bytes are checked against the hash `_check_prompts` made (Job.read_checked)."""
     import pyarrow.parquet as pq
 
-    from . import storage
-    from .jobdir import PROMPTS
-
-    path, what = job.dir / PROMPTS, f"read {job.dir / PROMPTS}"
-    meta = storage.retry(lambda: pq.read_metadata(storage.arrow_file(path)), what)
+    meta = job.read_checked(pq.read_metadata)
     names = meta.schema.to_arrow_schema().names
     columns = columns + [c for c in optional if c in names]
 
-    def group(i: int) -> Any:
-        with pq.ParquetFile(storage.arrow_file(path), metadata=meta) as pf:
+    def group(source: Any, i: int) -> Any:
+        with pq.ParquetFile(source, metadata=meta) as pf:
             return pf.read_row_group(i, columns=columns)
 
     for i in range(meta.num_row_groups):
-        yield storage.retry(lambda i=i: group(i), what)
+        yield job.read_checked(lambda source, i=i: group(source, i))
 
 
 def _created(job: Any) -> int:

@@ -1,0 +1,111 @@
+"""OpenAI Batch runs and their output files under faults (adversarial pass 208): `run-batch` killed at every
+progress event and run again, its job's files damaged between runs, two of them at once. What was found:
+
+* prompts.parquet (where the Batch export reads each request's `model`, endpoint and log-probs asked) changed
+  under unchanged times (bit rot, another job's file put in its place with its times), or changed after the
+  export checked it: verified.json's stamp was trusted and the file read as it then was, so the export wrote
+  the other requests' `model` and log-probs over this job's answers, with exit 0. It is hashed by the export
+  (unless this process hashed it: a `run-batch` worker) and read against that hash.
+"""
+
+import json
+
+import pytest
+from helpers import write_jsonl
+
+import runner
+from runner import GenerationParams, jobdir, storage
+from runner.jobdir import BrokenJob, Job
+from runner.jobs import create_job
+from runner.openai_batch import export
+from runner.worker import run_job
+
+OPTIONS = runner.EngineOptions(batch_size=2)
+
+
+def requests(model, k):
+    """4 completions requests answering to `model` with `k` log-prob alternatives."""
+    body = {"model": model, "max_tokens": 3, "temperature": 0, "logprobs": k}
+    return [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+             "body": {**body, "prompt": f"The old man {i}"}} for i in range(4)]  # fmt: skip
+
+
+@pytest.fixture
+def two_jobs(tmp_path, tiny_gpt2, gpt2_engine):
+    """A completed Batch job (answering as "tiny", 3 alternatives) exported to ref.jsonl by a fresh process's
+    look, and the prompts.parquet of a job of the same custom_ids answering as "other" with 1: valid for the
+    first, and wrong."""
+    mine, theirs = (
+        create_job(write_jsonl(tmp_path / f"{name}.jsonl", requests(name, k)), tiny_gpt2,
+                   GenerationParams(max_new_tokens=3, seed=1), OPTIONS, job_dir=tmp_path / name,
+                   served_model_names=(name,))
+        for name, k in (("tiny", 3), ("other", 1))
+    )  # fmt: skip
+    assert run_job(mine, gpt2_engine, echo=None).finished
+    fresh()
+    export(Job.open(mine.dir), tmp_path / "ref.jsonl")
+    fresh()
+    return mine, (theirs.dir / jobdir.PROMPTS).read_bytes()
+
+
+def fresh():
+    """As a new process: nothing hashed by this one (`runner results --format openai` after the run)."""
+    jobdir._HASHED.clear()
+    jobdir._BLOCKS.clear()
+
+
+def put_in_place_with_its_stamp(job, data):
+    """prompts.parquet's bytes replaced, verified.json stamping the file as it is now (as if nothing had changed:
+    bit rot, or a sync tool that keeps times)."""
+    path = job.dir / jobdir.PROMPTS
+    path.write_bytes(data)
+    cache = json.loads((job.dir / "verified.json").read_text())
+    st = path.stat()
+    cache[jobdir.PROMPTS][:3] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    (job.dir / "verified.json").write_text(json.dumps(cache))
+
+
+def test_prompts_changed_under_their_stamp_are_not_answered_from(two_jobs, tmp_path):
+    job, other = two_jobs
+    put_in_place_with_its_stamp(job, other)
+    with pytest.raises(BrokenJob, match=f"prompts.parquet of job {job.id} is damaged"):
+        export(Job.open(job.dir), tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_prompts_changed_after_the_export_checked_them_are_not_answered_from(two_jobs, tmp_path, monkeypatch):
+    job, other = two_jobs
+    path, real, swapped = job.dir / jobdir.PROMPTS, jobdir.prompts_problem, []
+
+    def checked_then_swapped(*args, **kwargs):
+        why = real(*args, **kwargs)
+        if not swapped:
+            swapped.append(path.read_bytes())
+            put_in_place_with_its_stamp(job, other)
+        return why
+
+    monkeypatch.setattr(jobdir, "prompts_problem", checked_then_swapped)
+    with pytest.raises(BrokenJob, match=f"prompts.parquet of job {job.id} is damaged"):
+        export(Job.open(job.dir), tmp_path / "out.jsonl")
+    assert swapped and not (tmp_path / "out.jsonl").exists()
+    monkeypatch.undo()
+    path.write_bytes(swapped[0])  # (as `runner repair` writes it again)
+    fresh()
+    assert export(Job.open(job.dir), tmp_path / "out.jsonl") == (4, 0)
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+
+
+def test_a_torn_read_of_the_requests_is_read_again(two_jobs, tmp_path, monkeypatch):
+    """A block of prompts.parquet read back other than it hashed, once (a mount's torn read), the file sound."""
+    job, _ = two_jobs
+    real, torn = storage.CheckedFile._block, []
+
+    def block(self, i):
+        if not torn:
+            torn.append(i)
+            raise storage.ChangedUnderfoot("torn")
+        return real(self, i)
+
+    monkeypatch.setattr(storage.CheckedFile, "_block", block)
+    assert export(Job.open(job.dir), tmp_path / "out.jsonl") == (4, 0)
+    assert torn and (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
