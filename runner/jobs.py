@@ -191,6 +191,7 @@ def create_job(
     chat_template: str | os.PathLike | None = None,
     revision: str | None = None,
     same_in_home: bool = False,
+    seed_from_input: bool = False,
 ) -> Job:
     """Validate everything and store a queued job. Nothing invalid is ever stored.
 
@@ -215,6 +216,8 @@ def create_job(
     to the commit that names at submit (without `revision`, the newest: main), and runs on it to the end.
 
     `unit_rows` is the number of prompts a worker claims at a time (several workers share a job by units).
+    `seed_from_input`: `params` without a seed take one from the input's sha256 (`runner.run_batch`: the same
+    file gives the same output on every run).
 
     A generation row may carry its own settings (params.ROW_SETTINGS: `temperature`, `max_tokens`, `n`, ...);
     OpenAI Batch request lines are read as rows (openai_batch.py), their `body.model` being `model`, its folder
@@ -241,6 +244,10 @@ def create_job(
         identity = _identity(input_path, model, params, prompt_field=prompt_field, template=template,
                              skip_invalid=skip_invalid, truncate=truncate, served=served_model_names,
                              chat=chat, chat_template=chat_template, revision=revision)  # fmt: skip
+        if seed_from_input and getattr(params, "seed", 0) is None:
+            # (from the hash of the bytes read: one of its own, made before, named the file as it was then)
+            params = params.replaced(seed=openai_batch.input_seed(identity["input_sha256"]))
+            identity["params"] = params.to_dict()
         root = _home_checked(home, job_dir)
         fingerprint = _fingerprint(identity)
         rerun = same_in_home and job_dir is None and name is None  # `runner run FILE` without -o or --name

@@ -913,6 +913,14 @@ def is_batch_file(path: str | os.PathLike) -> bool:
     return isinstance(first, dict) and is_request(first)
 
 
+def input_seed(sha256: str) -> int:
+    """The seed `run-batch` gives a job whose settings give none: from its input file's sha256, as create_job
+    hashed the bytes it read (hashed before by run_batch, a file written meanwhile gave the job the seed of the
+    file as it was: the same command, run again, was refused "seed A, now B", and a clean run of the file wrote
+    other bytes; adversarial pass 208)."""
+    return int(sha256[:15], 16)
+
+
 def default_max_tokens(model: str, trust_remote_code: bool = False, revision: str | None = None) -> int:
     """max_tokens for requests that set none: 256, or half the model's context window if that is smaller (a hub
     model's at `revision`, a branch, tag or commit, as its job's)."""
@@ -936,27 +944,22 @@ def run_batch(input_path: Any, output_path: Any, model: str, params: Any, option
     between progress lines (scheduler.work). `revision`: a hub model's branch, tag or commit (create_job)."""
 
     from .scheduler import run
-    from .storage import file_sha256
 
     file_kind(input_path)  # a Batch file, or refused
     out = Path(output_path)
     folder = Path(job_dir) if job_dir else out.with_name(out.name + ".job")
     _spared_targets(out, None, folder, input_path)  # refused before the run, not after it
-    if (
-        params is None
-    ):  # (from Python) the CLI's: the Batch default for max_tokens, a seed from the file below
+    # (from Python) the CLI's: the Batch default for max_tokens, and a seed from the file (`input_seed`)
+    if params is None:
         from .params import GenerationParams
 
         trust = getattr(options, "trust_remote_code", False)
         params = GenerationParams(max_new_tokens=default_max_tokens(model, trust, revision))
-    if (
-        getattr(params, "seed", 0) is None
-    ):  # requests without a seed: one from the file, so a rerun is identical
-        params = params.replaced(seed=int(file_sha256(input_path)[:15], 16))
+    # requests without a seed: one from the file (`input_seed`), so a rerun is identical
     job, summary = run(input_path, model, params, options, output=folder, echo=echo, stop=stop,
                        served_model_names=tuple(served_model_names), skip_invalid=skip_invalid,
                        chat_template=chat_template, truncate=truncate, progress_every=progress_every,
-                       revision=revision)  # fmt: skip
+                       revision=revision, seed_from_input=True)  # fmt: skip
     if summary.finished:
         lines, errors = export(job, out)
         if echo:

@@ -8,6 +8,7 @@ progress event and run again, its job's files damaged between runs, two of them 
   (unless this process hashed it: a `run-batch` worker) and read against that hash.
 """
 
+import functools
 import json
 
 import pytest
@@ -109,3 +110,33 @@ def test_a_torn_read_of_the_requests_is_read_again(two_jobs, tmp_path, monkeypat
     monkeypatch.setattr(storage.CheckedFile, "_block", block)
     assert export(Job.open(job.dir), tmp_path / "out.jsonl") == (4, 0)
     assert torn and (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+
+
+def test_a_file_written_as_run_batch_starts_gets_the_seed_of_what_was_read(tmp_path, tiny_gpt2, monkeypatch):
+    """Requests without a seed take one from the file's sha256 under run-batch. run_batch hashed the file itself,
+    before the submit read it: written in between (a notebook cell saving it as another starts the run), the
+    job held the new requests under the old file's seed; the same command run again was refused ("holds a job
+    with other inputs or settings (seed A, now B)"), and a run of the file in a clean folder wrote other bytes."""
+    from runner import jobs
+    from runner.openai_batch import run_batch
+
+    inp = write_jsonl(tmp_path / "in.jsonl", requests("tiny", None))
+    later = [{**r, "body": {**r["body"], "temperature": 1.0}} for r in requests("tiny", None)]
+    real = jobs.create_job
+
+    @functools.wraps(real)  # (run() checks its keywords against create_job's)
+    def written_first(*args, **kwargs):
+        write_jsonl(inp, later)
+        return real(*args, **kwargs)
+
+    def batch(out):
+        return run_batch(inp, out, tiny_gpt2, GenerationParams(max_new_tokens=3), OPTIONS,
+                         served_model_names=("tiny",), echo=None)  # fmt: skip
+
+    with monkeypatch.context() as m:
+        m.setattr(jobs, "create_job", written_first)
+        assert batch(tmp_path / "out.jsonl")[1].finished
+    job, summary = batch(tmp_path / "out.jsonl")  # the same command again: the job as it was, nothing to do
+    assert summary.finished and summary.generated == 0
+    assert batch(tmp_path / "clean.jsonl")[1].finished
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "clean.jsonl").read_bytes()
