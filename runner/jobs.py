@@ -766,8 +766,9 @@ def _write_job(
         raise
     finally:
         _ENDED.add(tmp.name)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        # (gone once moved into place; no look first: one failing for a moment raised its OSError over a job
+        # stored, pass 208. What cannot be removed now, remove_dead_submits tidies later)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # The temp folders of the submits of this process that have ended: a claim of this process naming one is what an

@@ -6,6 +6,11 @@ progress event and run again, its job's files damaged between runs, two of them 
   export checked it: verified.json's stamp was trusted and the file read as it then was, so the export wrote
   the other requests' `model` and log-probs over this job's answers, with exit 0. It is hashed by the export
   (unless this process hashed it: a `run-batch` worker) and read against that hash.
+* a request file written as run-batch started (after run_batch hashed it for the seed of requests without
+  one, before the submit read it): the job held the new requests under the old file's seed, and the same
+  command run again was refused.
+* a submit (run-batch's first step) into a folder whose entries fail a look for a moment (a mount): the job
+  was stored, then the check that its temp folder was gone raised the mount's raw OSError, a traceback.
 """
 
 import functools
@@ -140,3 +145,23 @@ def test_a_file_written_as_run_batch_starts_gets_the_seed_of_what_was_read(tmp_p
     assert summary.finished and summary.generated == 0
     assert batch(tmp_path / "clean.jsonl")[1].finished
     assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "clean.jsonl").read_bytes()
+
+
+def test_a_submit_into_a_flaky_folder_stores_its_job_and_says_so(tmp_path, tiny_gpt2, monkeypatch):
+    """Every first look at each entry of the folder the job goes in fails once (EIO / ENOTCONN), as a Drive
+    mount's do: the submit stores the job, returns it, and leaves nothing else there."""
+    from fsfaults import FsFaults
+
+    inp = write_jsonl(tmp_path / "in.jsonl", requests("tiny", None))
+    home = tmp_path / "home"
+    home.mkdir()
+    with monkeypatch.context() as m:
+        faults = FsFaults(home, eio=1.0, eio_dirs=(".",), retry_delays=[0.0] * 4)
+        faults.install(m)
+        job = create_job(inp, tiny_gpt2, GenerationParams(max_new_tokens=3), OPTIONS, job_dir=home / "job",
+                         served_model_names=("tiny",))  # fmt: skip
+    assert job.created and faults.eio_count
+    assert [p.name for p in home.iterdir()] == ["job"]
+    again = create_job(inp, tiny_gpt2, GenerationParams(max_new_tokens=3), OPTIONS, job_dir=home / "job",
+                       served_model_names=("tiny",))  # fmt: skip
+    assert again.id == job.id and not again.created
