@@ -153,51 +153,42 @@ def test_a_worker_killed_and_not_reaped_yet_is_no_live_worker(job):
         assert st.state == "queued" and not st.workers, st
 
 
+@contextlib.contextmanager
+def main_thread_ended():
+    """A process whose main thread ended while another of its threads runs on (its group leader a zombie)."""
+    code = ("import ctypes, sys, threading; threading.Thread(target=sys.stdin.read).start(); "
+            "ctypes.CDLL(None).pthread_exit(None)")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        wait_until(lambda: proc_state(proc.pid) == "Z", "its main thread to end")
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
-def test_a_worker_whose_main_thread_alone_ended_is_still_a_live_worker(job):
+@pytest.mark.parametrize("tasks", ["listed", "unreadable"])
+def test_a_worker_whose_main_thread_alone_ended_is_still_a_live_worker(job, monkeypatch, tasks):
     """The group leader of a process whose main thread ended while its other threads run on shows as a zombie in
-    /proc too: that process lives, and holds its lease."""
-    code = ("import ctypes, sys, threading; threading.Thread(target=sys.stdin.read).start(); "
-            "ctypes.CDLL(None).pthread_exit(None)")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
-    try:
-        wait_until(lambda: proc_state(proc.pid) == "Z", "its main thread to end")
-        owner = owner_of(proc, "w-threads")
-        beat(job, owner)
-        assert not owner.provably_dead()
-        st = runner.status(job.dir)
-        assert st.state == "running" and [w["worker"] for w in st.workers] == ["w-threads"], st
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.mark.slow
-def test_a_worker_whose_main_thread_ended_is_alive_when_its_threads_cannot_be_listed(job, monkeypatch):
-    """Its /proc task list failing to read (EIO, as /proc gives while a task is torn down elsewhere, or a FUSE
-    /proc in a sandbox) proves nothing: the list was taken as "reaped meanwhile", and a process whose writer
-    thread was mid-shard lost its units to another worker while it went on."""
-    code = ("import ctypes, sys, threading; threading.Thread(target=sys.stdin.read).start(); "
-            "ctypes.CDLL(None).pthread_exit(None)")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    /proc too: that process lives, and holds its lease. Its /proc task list failing to read (EIO, as /proc gives
+    while a task is torn down elsewhere, or a FUSE /proc in a sandbox) proves nothing either: the list was taken
+    as "reaped meanwhile", and a process whose writer thread was mid-shard lost its units to another worker."""
     real = os.listdir
+    with main_thread_ended() as proc:
 
-    def listdir(path="."):
-        if str(path) == f"/proc/{proc.pid}/task":
-            raise OSError(errno.EIO, "Input/output error", str(path))
-        return real(path)
+        def listdir(path="."):
+            if str(path) == f"/proc/{proc.pid}/task":
+                raise OSError(errno.EIO, "Input/output error", str(path))
+            return real(path)
 
-    try:
-        wait_until(lambda: proc_state(proc.pid) == "Z", "its main thread to end")
         owner = owner_of(proc, "w-threads")
         beat(job, owner)
-        monkeypatch.setattr(os, "listdir", listdir)
+        if tasks == "unreadable":
+            monkeypatch.setattr(os, "listdir", listdir)
         assert not owner.provably_dead()
         st = runner.status(job.dir)
         assert st.state == "running" and [w["worker"] for w in st.workers] == ["w-threads"], st
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 # In a PID namespace of its own whose /proc is still the parent's (`unshare --pid --fork` without --mount-proc):
@@ -376,18 +367,11 @@ def test_a_background_worker_whose_main_thread_alone_ended_is_still_running(tmp_
     its pid file, and `watch` said no worker ran the job."""
     from runner import background
 
-    code = ("import ctypes, sys, threading; threading.Thread(target=sys.stdin.read).start(); "
-            "ctypes.CDLL(None).pthread_exit(None)")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
     (tmp_path / "logs").mkdir()
     pid_file = tmp_path / "logs" / "work-20260101-000000-aaaaaa.pid"
-    try:
-        wait_until(lambda: proc_state(proc.pid) == "Z", "its main thread to end")
+    with main_thread_ended() as proc:
         pid_file.write_text(f"{proc.pid} {jobdir._pid_start(proc.pid)} {storage.namespace_tag()}")
         assert [w.pid for w in background.running(tmp_path)] == [proc.pid] and pid_file.exists()
-    finally:
-        proc.kill()
-        proc.wait()
     assert background.running(tmp_path) == [] and not pid_file.exists()
 
 
