@@ -1710,15 +1710,25 @@ def main() -> None:
     pyarrow's and torch's native thread pools can abort the interpreter's own teardown ("terminate called
     without an active exception", exit -6, apache/arrow#34314) after everything succeeded."""
     try:
-        cli(prog_name="runner")
-        code: Any = 0
+        # (not click's standalone mode: a Ctrl-C landing after a command's own handling, its work done and the
+        # process ending, was click's "Aborted!" and exit 1, where a Ctrl-C is exit 130 everywhere else)
+        done = cli.main(prog_name="runner", standalone_mode=False)
+        code: Any = done if isinstance(done, int) else 0  # (an int: the code of a click Exit, --help's)
     except SystemExit as e:
         code = e.code
-    except KeyboardInterrupt:
-        click.echo(
-            "[runner] interrupted; finished shards are kept: run the same command again to carry on", err=True
-        )
-        code = 130
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except (KeyboardInterrupt, click.Abort) as e:
+        if isinstance(e, click.Abort) and not isinstance(e.__cause__, KeyboardInterrupt):
+            click.echo("Aborted!", err=True)
+            code = 1
+        else:
+            click.echo(
+                "[runner] interrupted; finished shards are kept: run the same command again to carry on",
+                err=True,
+            )
+            code = 130
     _exit_now(code)
 
 

@@ -131,6 +131,45 @@ main()"""
     assert (done.returncode, done.stderr) == (130, "[runner] interrupted\n")
 
 
+@pytest.mark.parametrize("where", ["after the command", "parsing"])
+def test_a_ctrl_c_after_the_command_handled_its_own_is_exit_130_not_clicks_aborted(
+    monkeypatch, capsys, runner_home, where
+):
+    """A Ctrl-C landing once a command's own handling is over (`runner work` had completed the job and was
+    ending; the adversarial test of stops and signals met it) was click's "Aborted!" and exit 1, which scripts
+    read as a failure; it is exit 130 and one line, as a Ctrl-C anywhere else. Another Abort stays exit 1."""
+    import click
+
+    from runner import cli
+
+    real_invoke = cli._Commands.invoke
+
+    def invoke_then_ctrl_c(self, ctx):
+        if where == "parsing":
+            raise KeyboardInterrupt
+        real_invoke(self, ctx)
+        raise KeyboardInterrupt
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli, "_exit_now", exit_now)
+    monkeypatch.setattr(cli._Commands, "invoke", invoke_then_ctrl_c)
+    monkeypatch.setattr("sys.argv", ["runner", "status"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Aborted!" not in err and "[runner] interrupted" in err, err
+
+    def aborted(self, ctx):
+        raise click.Abort
+
+    monkeypatch.setattr(cli._Commands, "invoke", aborted)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 1 and "Aborted!" in capsys.readouterr().err
+
+
 def test_a_submit_stopped_in_a_notebook_does_not_block_the_same_cell_run_again(
     tmp_path, tiny_gpt2, runner_home, monkeypatch
 ):
