@@ -609,20 +609,11 @@ def model_unchanged(job: Job, pinned: bool = True) -> bool:
     be read. A fingerprint that differs is computed once more, from no kept GGUF table, before the model is
     taken for another: one torn read of a model file on a network mount failed the job for good as "not the
     one it was submitted with", and made `runner run` start a new job beside the one it should carry on."""
-    # (looked up now: tests stand in)
-    from .models import fingerprint_version, forget_gguf_tables, load_config, model_fingerprint
+    from .models import has_fingerprint
 
-    stored = job.meta.get("model_fingerprint")
     revision = job.spec.revision if pinned else job.meta.get("model_revision_asked")
-
-    def fingerprint() -> str:
-        config = load_config(job.spec.model, job.options.trust_remote_code, revision=revision)
-        return model_fingerprint(job.spec.model, config, fingerprint_version(stored), revision=revision)
-
-    if fingerprint() == stored:
-        return True
-    forget_gguf_tables()  # (a GGUF's tensor table parsed from the torn read is kept by the file's times)
-    return fingerprint() == stored
+    stored = job.meta.get("model_fingerprint")
+    return has_fingerprint(job.spec.model, stored, job.options.trust_remote_code, revision)
 
 
 def _pinned_facts(

@@ -922,7 +922,7 @@ def _gguf_tensor_table(f: Path) -> list | None:
 def forget_gguf_tables() -> None:
     """Drop every GGUF tensor table kept (in this process and in the cache): a table parsed from a torn read (a
     network mount serving a page dropped, once) is kept by the file's times, so a fingerprint computed again
-    from it would differ again (`jobs.model_unchanged` computes it twice before it takes the model for another).
+    from it would differ again (`has_fingerprint` computes it twice before it takes the model for another).
     Each is parsed again when next needed."""
     _read_gguf_table.cache_clear()
     shutil.rmtree(cache_root() / "gguf-tables", ignore_errors=True)
@@ -1007,6 +1007,24 @@ def _saved_content(f: Path) -> str:
         del data["transformers_version"]
         raw = json.dumps(data, sort_keys=True, ensure_ascii=False).encode()
     return hashlib.sha256(raw).hexdigest()
+
+
+def has_fingerprint(
+    spec: str, stored: str | None, trust_remote_code: bool, revision: str | None = None
+) -> bool:
+    """Whether model `spec` (a hub model's at `revision`) still has fingerprint `stored`, computed the way it was
+    (fingerprint_version). One that differs is computed once more, from no kept GGUF table, before the model is
+    taken for another: one torn read of a model file on a network mount made a job fail for good as "not the
+    one it was submitted with" (jobs.model_unchanged), or a pipeline refuse its model (ray)."""
+
+    def now() -> str:
+        config = load_config(spec, trust_remote_code, revision=revision)
+        return model_fingerprint(spec, config, fingerprint_version(stored), revision=revision)
+
+    if now() == stored:
+        return True
+    forget_gguf_tables()  # (a GGUF's tensor table parsed from the torn read is kept by the file's times)
+    return now() == stored
 
 
 def fingerprint_version(fingerprint: str | None) -> str:

@@ -323,21 +323,12 @@ def _loaded_pinned(engine: Any, fingerprint: str | None) -> None:
     once more, from no kept GGUF table (a torn read of a network mount), before the model is taken for another.
     The actor raising, Ray Data replaces it and fails the run once replacements fail as well: the rows so far
     stay the pinned model's, and none of the new one's is written."""
-    from .models import fingerprint_version, forget_gguf_tables, load_config, model_fingerprint, reading_model
+    from .models import has_fingerprint, reading_model
 
-    if fingerprint is None:
-        return
-    version = fingerprint_version(fingerprint)
-
-    def now() -> str:
-        config = load_config(engine.spec, engine.options.trust_remote_code, engine.revision)
-        return model_fingerprint(engine.spec, config, version, revision=engine.revision)
-
-    if reading_model(now, engine.spec) == fingerprint:
-        return
-    # (a GGUF's tensor table parsed from a torn read is kept by the file's times)
-    forget_gguf_tables()
-    if reading_model(now, engine.spec) == fingerprint:
+    trusted = engine.options.trust_remote_code
+    if fingerprint is None or reading_model(
+        lambda: has_fingerprint(engine.spec, fingerprint, trusted, engine.revision), engine.spec
+    ):
         return
     raise RunnerError(f"the model {engine.spec!r} is not the one this pipeline was started with: its weights, "
                       "config or tokenizer files changed since it was built (a fine-tune saved over it?), and "
@@ -498,13 +489,13 @@ def _pin(
     earlier = pins.commits.get(key) if pins is not None and hub else None
     if earlier and asked:
         _same_commit(pins, key, model, asked, earlier)
-    pinned, facts = _pinned_facts(model, options, kind, params, None, earlier or asked)
+    pinned, _ = _pinned_facts(model, options, kind, params, None, earlier or asked)
     commit = pinned.get("model_revision")
     fingerprint = None if hub else pinned["model_fingerprint"]
     if pins is None:
         return commit, fingerprint
     if not hub:
-        fingerprint = _same_files(pins, key, model, facts[0], fingerprint)
+        fingerprint = _same_files(pins, key, model, options, fingerprint)
     elif commit and not earlier:
         pins.add("commits", key, commit)
     return commit, fingerprint
@@ -552,28 +543,21 @@ def _same_commit(pins: _Pins, key: str, model: str, asked: str, earlier: str) ->
                          "that commit, or give another checkpoint path to start over")  # fmt: skip
 
 
-def _same_files(pins: _Pins, key: str, model: str, config: Any, now: str) -> str:
+def _same_files(pins: _Pins, key: str, model: str, options: EngineOptions, now: str) -> str:
     """Keep `now`, the fingerprint of model `model` (a folder, a .gguf file, the demo) as job.json's (sampled
     weights, config, tokenizer files: never whole weight files), for the checkpoint's stage `key`; or refuse a
     restart on other files than its first run's: a fine-tune saved over the folder (a Colab notebook saving to
-    the same Drive folder) made the rows left the new weights' and those before the old's, without a word. As
-    `jobs.model_unchanged`, a fingerprint kept by an earlier runner is computed again its way (its version), and
-    one that differs once more (a torn read of a network mount) before the files are taken for others. The
-    fingerprint kept: what the stage's actors check theirs against."""
-    from .models import fingerprint_version, forget_gguf_tables, model_fingerprint
+    the same Drive folder) made the rows left the new weights' and those before the old's, without a word. As a
+    job's (`models.has_fingerprint`), a fingerprint kept by an earlier runner is computed again its way (its
+    version), and one that differs once more (a torn read of a network mount) before the files are taken for
+    others. The fingerprint kept: what the stage's actors check theirs against."""
+    from .models import has_fingerprint
 
     earlier = pins.fingerprints.get(key)
     if earlier is None:
         pins.add("fingerprints", key, now)
         return now
-    version = fingerprint_version(earlier)
-    if now != earlier and fingerprint_version(now) != version:
-        now = model_fingerprint(model, config, version)
-    if now != earlier:
-        # (a GGUF's tensor table parsed from a torn read is kept by the file's times)
-        forget_gguf_tables()
-        now = model_fingerprint(model, config, version)
-    if now == earlier:
+    if now == earlier or has_fingerprint(model, earlier, options.trust_remote_code):
         return earlier
     raise RunnerError(f"the model {model!r} is not the one {_stage_named(key, model)} at {pins.where} was "
                       "started with: its weights, config or tokenizer files changed since (a fine-tune saved over "
