@@ -161,7 +161,7 @@ def status_line(s: Any) -> str:
     """One line of a job's status, for a log or a notebook cell."""
     tps = f"{s.tokens_per_second:,.1f} tok/s" if s.tokens_per_second else "- tok/s"
     # (workers stopped on this machine are counted apart: "2 workers (1 stopped)")
-    stopped = sum(w.get("state") == "stopped" for w in s.workers)
+    stopped = s.workers_stopped
     workers = f" | {counted(len(s.workers), 'workers')}" + (f" ({stopped} stopped)" if stopped else "")
     errors = f" | {counted(s.errors, 'errors')}" if s.errors else ""
     why = f" | {s.message}" if s.state in FINAL and s.message else ""  # why it failed, once it has ended

@@ -1239,9 +1239,8 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
             # what needs the user: a broken job and how to bring it back, a failure's reason, what a queued job
             # waits for, a worker stopped on this machine (what goes on with it)
             for st in statuses:
-                stopped = any(w.get("state") == "stopped" for w in st.workers)
                 if st.message and (
-                    st.state in ("broken", "failed") or st.state.startswith("queued") or stopped
+                    st.state in ("broken", "failed") or st.state.startswith("queued") or st.workers_stopped
                 ):
                     click.echo(f"{st.id}: {st.message}")
         return

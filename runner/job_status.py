@@ -62,9 +62,14 @@ class JobStatus:
         more = f"+{self.unsaved:,}" if self.unsaved else ""
         return f"{self.done:,}{more}/{self.total:,}"
 
+    @property
+    def workers_stopped(self) -> int:
+        """How many of its live workers are stopped on this machine (SIGSTOP, Ctrl-Z, a tracer)."""
+        return sum(w.get("state") == STOPPED for w in self.workers)
+
     def workers_text(self) -> str:
         """How many workers are on it: '2', or '2 (1 stopped)' where some are stopped on this machine."""
-        stopped = sum(w.get("state") == STOPPED for w in self.workers)
+        stopped = self.workers_stopped
         return f"{len(self.workers)}" + (f" ({stopped} stopped)" if stopped else "")
 
     @property
