@@ -1379,20 +1379,7 @@ def submit_warnings(job: Job) -> list[str]:
             f"models often answer raw text with nothing useful. Pass {option('chat')} to send each prompt as a "
             "user message (or give `messages` rows)."
         )
-    data = _length_columns(job)
-    if data:
-        out.append(
-            f"note: {' and '.join(repr(c) for c in data)} is kept as data, not a setting: a row's own limits are "
-            "max_new_tokens (or max_tokens) and min_new_tokens, which count new tokens only (transformers' "
-            "max_length and min_length count the prompt too)"
-        )
-    near = _near_setting_columns(job)
-    if near:
-        one = len(near) == 1
-        out.append(
-            f"note: {' and '.join(near)} {'is' if one else 'are'} kept as data, not {'a setting' if one else 'settings'}"
-            ': a row\'s settings have these exact names (README, "Settings per row")'
-        )
+    out.extend(_data_notes(job))
     twin = _twin(job)
     if twin is not None:
         home = (
@@ -1419,6 +1406,34 @@ def submit_warnings(job: Job) -> list[str]:
     return out
 
 
+def _data_notes(job: Job) -> list[str]:
+    """`submit_warnings`' notes on input columns named like settings that a generate job keeps as data."""
+    out = []
+    data = _length_columns(job)
+    if data:
+        out.append(
+            f"note: {' and '.join(repr(c) for c in data)} is kept as data, not a setting: a row's own limits are "
+            "max_new_tokens (or max_tokens) and min_new_tokens, which count new tokens only (transformers' "
+            "max_length and min_length count the prompt too)"
+        )
+    near = _near_setting_columns(job)
+    if near:
+        one = len(near) == 1
+        out.append(
+            f"note: {' and '.join(near)} {'is' if one else 'are'} kept as data, not {'a setting' if one else 'settings'}"
+            ': a row\'s settings have these exact names (README, "Settings per row")'
+        )
+    request = _request_only_columns(job)
+    if request:
+        one = len(request) == 1
+        out.append(
+            f"note: {' and '.join(repr(c) for c in request)} {'is' if one else 'are'} kept as data, not "
+            f"{'a setting' if one else 'settings'}: a plain row is no OpenAI request"
+            + "".join(f"; {REQUEST_ONLY_COLUMNS[c]}" for c in request)
+        )
+    return out
+
+
 def _length_columns(job: Job) -> list[str]:
     """The input's max_length / min_length columns (model.generate()'s habit, the tutorials'), which a generate
     job keeps as data: no row setting has those names."""
@@ -1428,6 +1443,26 @@ def _length_columns(job: Job) -> list[str]:
 
     names = job.read_prompts(pq.read_schema).names
     return [c for c in ("max_length", "min_length") if c in names]
+
+
+# Fields of an OpenAI /v1/completions request that no row setting has: a plain row's such column is its data
+# (an OpenAI Batch file's request takes them from its body), and submit says what each would have asked for
+REQUEST_ONLY_COLUMNS = {
+    "best_of": "runner has no best_of: -n N (or a row's n) returns all N samples, each with its cumulative_logprob "
+    "to choose by",
+    "echo": "a plain row's `--format openai` answer never repeats its prompt (the results keep it in `prompt`, a "
+    "row's prompt_logprobs its log-probs); an OpenAI Batch file's /v1/completions request takes echo",
+}
+
+
+def _request_only_columns(job: Job) -> list[str]:
+    """The input's REQUEST_ONLY_COLUMNS, which a generate job keeps as data."""
+    if job.spec.kind != "generate":
+        return []
+    import pyarrow.parquet as pq
+
+    names = passthrough_columns(job.read_prompts(pq.read_schema))
+    return [c for c in REQUEST_ONLY_COLUMNS if c in names]
 
 
 def _near_setting_columns(job: Job) -> list[str]:

@@ -770,6 +770,24 @@ def test_a_max_length_column_is_said_to_be_data(tmp_path, tiny_gpt2, runner_home
     assert "kept as data" not in invoke("submit", plain, "-m", tiny_gpt2).stderr
 
 
+def test_best_of_and_echo_columns_are_said_to_be_data(tmp_path, tiny_gpt2, runner_home):
+    """A plain row giving best_of or echo, as an OpenAI /v1/completions request does (and a Batch file's request
+    takes them), was passed through as data without a word: each row one sample, its `--format openai` answer
+    without its prompt. They stay data, as every column no row setting names does, and submit says so."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello", "best_of": 3, "echo": True}])
+    said = invoke("submit", path, "-m", tiny_gpt2, "--max-new-tokens", "2")
+    assert said.exit_code == 0, said.output
+    assert (
+        "note: 'best_of' and 'echo' are kept as data, not settings: a plain row is no OpenAI request; runner has "
+        "no best_of: -n N (or a row's n) returns all N samples" in said.stderr
+    ), said.stderr
+    assert "an OpenAI Batch file's /v1/completions request takes echo" in said.stderr
+    echo = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Hello", "echo": False}])
+    assert "note: 'echo' is kept as data, not a setting" in invoke("submit", echo, "-m", tiny_gpt2).stderr
+    plain = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hello", "n": 2, "temperature": 1.0}])
+    assert "kept as data" not in invoke("submit", plain, "-m", tiny_gpt2).stderr
+
+
 def test_a_column_named_almost_like_a_row_setting_is_said_to_be_data(tmp_path, tiny_gpt2, runner_home):
     """A CSV from Excel with a `Temperature` or `max_new_token` column (a capital, a letter short) was passed
     through as data without a word, every row generated with the job's settings (adversarial pass 143)."""
