@@ -169,3 +169,35 @@ def test_a_killed_exports_temp_file_goes_at_the_next_export_of_that_file(fmt, po
     runner.export_results(job.dir, out, format=fmt)
     assert sorted(p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")) == [live.name]
     assert len(out.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("fmt", ["table", "openai"])
+def test_an_export_killed_in_a_copy_then_delete_rename_leaves_its_whole_copy_beside_and_the_next_export_mends_it(
+    fmt, tmp_path, tiny_gpt2, gpt2_engine
+):
+    """A mount whose rename copies the bytes, then deletes the source (some FUSE mounts): the rename into the
+    file's name is the one step no writer can make atomic there, and a kill during its copy leaves the file cut
+    short under its name (which, cut at a line's end, reads as a whole JSONL or CSV file). What a reader is told
+    (README): the export exits killed, not 0, and the whole copy, the temp file, stands beside it; the next
+    export of that file removes the temp and writes the file whole."""
+    from fsfaults import FsFaults, command
+
+    import runner
+
+    job, out = _finished_job_and_target(tmp_path, tiny_gpt2, gpt2_engine)
+    # (openai: the errors file is renamed first, the output last)
+    faults = FsFaults(
+        out.parent, copy_rename=True, kill={"dir": "out", "nth": 1 + (fmt == "openai"), "at": "mid_copy"}
+    )
+    prefix, env = command(faults)
+    cmd = [sys.executable, *prefix, "results", str(job.dir), "--to", str(out), "--format", fmt]
+    killed = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(env), cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (whole,) = [
+        p for p in out.parent.iterdir() if p.name.startswith(".answers.jsonl.") and p.name.endswith(".tmp")
+    ]
+    cut, kept = out.read_bytes(), whole.read_bytes()
+    assert 0 < len(cut) < len(kept) and kept.startswith(cut)
+    runner.export_results(job.dir, out, format=fmt)
+    assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
+    assert out.read_bytes() == kept and len(kept.splitlines()) == 3
