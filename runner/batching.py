@@ -24,23 +24,65 @@ if TYPE_CHECKING:
     import torch
 
 
-def render_prompt(prompt: str | None, messages: list[dict[str, str]] | None, tokenizer: Any) -> str:
-    """The exact text sent to the model: the prompt itself, or the messages through the chat template."""
+def render_prompt(
+    prompt: str | None, messages: list[dict[str, str]] | None, tokenizer: Any, faithful: bool = True
+) -> str:
+    """The exact text sent to the model: the prompt itself, or the messages through the chat template.
+    `faithful` (jobs read since reading 5, inputs.READING): a `developer` message is a system message for a
+    template without that role (`_as_template_roles`), and a message whose text the template leaves out is
+    refused (`_refuse_left_out`); a job read before renders as its submit did (`runner repair`)."""
     if messages is None:
         assert prompt is not None
         return prompt
-    if not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise RunnerError(
             "this row has 'messages' but the model's tokenizer has no chat template; give one with "
             f"{option('chat_template', None)} (your fine-tune's format), a plain 'prompt' (or "
             f"{option('template', None)}), or use a chat model"
         )
+    given = messages
+    if faithful:
+        messages = _as_template_roles(messages, template)
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:
         if not _refused_by_template(e):
             raise
         raise RunnerError(f"the chat template cannot render this row's messages: {first_line(e)}") from None
+    if faithful:
+        _refuse_left_out(given, text)
+    return text
+
+
+# the roles whose text a chat template that renders every message shows as given (up to white space at its ends):
+# an assistant turn's may lose its reasoning (DeepSeek-R1, Qwen3), a tool result may be rendered as JSON
+SHOWN_ROLES = ("system", "developer", "user")
+
+
+def _as_template_roles(messages: list[dict[str, Any]], template: Any) -> list[dict[str, Any]]:
+    """`messages` with each `developer` message a system message where the chat template has no such role (its
+    text never says "developer"): OpenAI's developer messages are the system messages of the models without
+    one, and most templates (Qwen's: any role they do not know renders as nothing) dropped them without a word,
+    or showed the model a role it was never trained on. `template`: the tokenizer's (a dict of named ones too)."""
+    if "developer" in str(template) or not any(m.get("role") == "developer" for m in messages):
+        return messages
+    return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+
+
+def _refuse_left_out(messages: list[dict[str, Any]], text: str) -> None:
+    """A RunnerError naming the first system, developer or user message whose text is not in `text`, the prompt
+    the chat template rendered: a template that takes no system message, or only a first one, renders the
+    others as nothing, and the row was answered as if it had not said them."""
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        said = content.strip() if isinstance(content, str) else ""
+        if m.get("role") in SHOWN_ROLES and said and said not in text:
+            raise RunnerError(
+                f"the chat template leaves out item {i} (a {m['role']} message): its text is not in the prompt "
+                "it renders, and the row would be answered without it (merge it into a message the template "
+                f"shows, such as a first system message or the user's, or give {option('chat_template', None)})"
+            )
 
 
 def _refused_by_template(e: Exception) -> bool:

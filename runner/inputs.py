@@ -239,13 +239,15 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 4 (2026-12-06, evening), a Parquet file's named RangeIndex
+# How a file is read (job.json's input "reading"): 5 (adversarial pass 222), a chat row's developer message is a
+# system message for a template without that role, and a message the template leaves out is refused
+# (batching.render_prompt); 4 (2026-12-06, evening), a Parquet file's named RangeIndex
 # (pandas' `set_index("番号")` of 1, 2, 3 ..., kept in its metadata only) is a column; 3 (2026-12-06, later), an
 # embedding request may ask for
 # base64; 2 (2026-12-06), a Parquet column keeps its Arrow type and a .txt line of Unicode spaces is blank; 1, a
 # job without it: `runner repair` rebuilds its prompts.parquet and errors.jsonl as its submit wrote them, or
 # their checksums differ and it cannot
-READING = 4
+READING = 5
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:

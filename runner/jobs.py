@@ -390,6 +390,7 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
                      kind == "generate" and _sample_auto(params), _vocab_size(config),
                      # (a job of before, read as its submit read it: no endpoint per row, as its checksum says)
                      (model, inp.get("served_model_names") or ()) if reader.reading >= 2 else None)  # fmt: skip
+    prep.faithful = reader.reading >= 5
     _write_prompts(reader, prep, folder, bool(inp.get("skip_invalid")))
 
 
@@ -1122,6 +1123,9 @@ class _Preparer:
         self.answers_as = answers_as
         self.window, self.truncate, self.field = window, truncate, field
         self.sample_auto, self.vocab = sample_auto, vocab
+        # messages rendered as since reading 5 (batching.render_prompt): `runner repair` of a job read before
+        # renders them as its submit did
+        self.faithful = True
         self.sampling_rows = False  # some row gives temperature / top_p / top_k (jobdir.ROW_SAMPLING_FORMAT)
         self.windowed = False  # some text is scored in rolling windows (jobdir.WHOLE_WINDOW_FORMAT)
         # Input columns are renamed away from every prompts.parquet column name, not only this kind's: a
@@ -1239,7 +1243,7 @@ class _Preparer:
         texts: list[str | _RowProblem] = []
         for row in rows:
             try:
-                texts.append(render_prompt(row.prompt, row.messages, self.tokenizer))
+                texts.append(render_prompt(row.prompt, row.messages, self.tokenizer, self.faithful))
             except RunnerError as e:
                 texts.append(_RowProblem(str(e), "messages"))
         encoded: dict[int, list[int]] = {}

@@ -5,7 +5,7 @@ import json
 import pytest
 from helpers import invoke, write_jsonl
 
-from runner import GenerationParams, ScoreParams
+from runner import GenerationParams, InputError, ScoreParams
 from runner.jobdir import Job, find_job
 from runner.jobs import create_job
 
@@ -235,3 +235,83 @@ def test_plain_rows_answer_with_the_served_model_name(tmp_path, tiny_gpt2, gpt2_
     assert run_job(job, gpt2_engine, echo=None).finished
     export(job, tmp_path / "out.jsonl")
     assert json.loads((tmp_path / "out.jsonl").read_text())["response"]["body"]["model"] == "my-gpt"
+
+
+# Qwen2.5's chat template, as its tokenizer_config.json holds it (without its tools part): a first system message,
+# else its own default one; later system, user, assistant and tool messages; any other role renders as nothing
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if (message.role == 'user') or (message.role == 'system' and not loop.first)"
+    " or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_developer_message_is_the_system_message_of_a_template_without_that_role(tmp_path, tiny_llama):
+    """OpenAI's `developer` role is the system message of the models that have no role of that name (its
+    reference: "developer messages replace the previous system messages"). Qwen's template renders any other
+    role as nothing: the request's instructions were dropped without a word, and its own default system prompt
+    put in their place (adversarial pass 222)."""
+    chat = "/v1/chat/completions"
+    body = lambda role: {"model": "tiny", "messages": [{"role": role, "content": "Answer in French."},  # noqa: E731
+                                                       {"role": "user", "content": "Hi"}]}  # fmt: skip
+    lines = [
+        {"custom_id": r, "method": "POST", "url": chat, "body": body(r)} for r in ("developer", "system")
+    ]
+    path = write_jsonl(tmp_path / "b.jsonl", lines)
+    job = create_job(path, tiny_llama, served_model_names=("tiny",), chat_template=QWEN_TEMPLATE,
+                     home=tmp_path / "home")  # fmt: skip
+    developer, system = job.prompts().column("prompt").to_pylist()
+    assert "Answer in French." in developer and developer == system
+    # a template that knows the role keeps it (gpt-oss renders its developer messages as their own section)
+    knows = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{# developer #}"
+    job = create_job(write_jsonl(tmp_path / "k.jsonl", lines[:1]), tiny_llama, served_model_names=("tiny",),
+                     chat_template=knows, home=tmp_path / "home2")  # fmt: skip
+    assert job.prompts().column("prompt").to_pylist() == ["developer: Answer in French.\nuser: Hi\n"]
+
+
+def test_a_message_the_chat_template_leaves_out_is_refused_naming_it(tmp_path, tiny_llama):
+    """A system message under a template that takes only user and assistant turns renders as nothing, and the
+    row was answered without it (a Batch request's messages alike): it is refused, naming the line, the field
+    and the message. Under Qwen's template it is rendered, and taken."""
+    user_only = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] | trim + '\\n' }}"
+                 "{% elif m['role'] == 'assistant' %}{{ 'A: ' + m['content'] + '\\n' }}{% endif %}{% endfor %}A:")  # fmt: skip
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi  "}]
+    rows = [{"id": "kept", "messages": messages[1:]}, {"id": "dropped", "messages": messages}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(InputError) as err:
+        create_job(path, tiny_llama, chat_template=user_only, home=tmp_path / "home")
+    assert (
+        "p.jsonl:2: messages: the chat template leaves out item 0 (a system message): its text is not in "
+        "the prompt it renders" in str(err.value)
+    ), str(err.value)
+    assert "p.jsonl:1" not in str(err.value)  # (trimmed by the template, the user's text is still there)
+    job = create_job(path, tiny_llama, chat_template=QWEN_TEMPLATE, home=tmp_path / "home2")
+    assert "Be brief." in job.prompts().column("prompt").to_pylist()[1]
+
+
+def test_repair_renders_a_job_of_before_as_its_submit_did(tmp_path, tiny_llama):
+    """A job read before reading 5 rendered a developer message as its template did and took a message the
+    template left out: `runner repair` rebuilds its prompts.parquet so, or its checksum would never match again."""
+    import dataclasses
+
+    from runner import storage
+    from runner.jobs import _rewrite_inputs
+
+    messages = [{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "Hi"}]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "messages": messages}])
+    job = create_job(path, tiny_llama, chat_template=QWEN_TEMPLATE, job_dir=tmp_path / "job")
+    out = tmp_path / "now"
+    out.mkdir()
+    _rewrite_inputs(job, out)
+    assert storage.file_sha256(out / "prompts.parquet") == job.meta["prompts_sha256"]
+    meta = {**job.meta, "input": {**job.meta["input"], "reading": 4}}
+    out = tmp_path / "before"
+    out.mkdir()
+    _rewrite_inputs(Job(job.dir, dataclasses.replace(job.spec, meta=meta)), out)
+    import pyarrow.parquet as pq
+
+    assert "French" not in pq.read_table(out / "prompts.parquet").column("prompt").to_pylist()[0]
