@@ -143,6 +143,10 @@ def _body_row(
         if key in body and body[key] is not None:
             row[field] = body[key]
     seed = row.get("seed")
+    if (
+        isinstance(seed, float) and seed.is_integer()
+    ):  # -1.0, as a writer holding numbers as doubles writes -1
+        seed = int(seed)
     if isinstance(seed, int) and not isinstance(seed, bool):  # vLLM takes any int64, negative ones too
         if not -(2**63) <= seed < 2**63:
             return None, "body.seed", f"must be a 64-bit integer, in [{-(2**63)}, {2**63 - 1}], got {seed}"

@@ -1417,3 +1417,18 @@ def test_a_negative_batch_seed_is_no_other_requests_seed(tmp_path, tiny_gpt2, gp
             match=r"big.jsonl:1: body.seed: must be a 64-bit integer, in \[-9223372036854775808, 9223372036854775807\]",
         ):
             create_job(path, tiny_gpt2, served_model_names=("tiny",), job_dir=tmp_path / "big")
+
+
+def test_a_batch_seed_written_as_a_whole_float_is_that_integer(tmp_path, tiny_gpt2):
+    """JSON writers that hold numbers as doubles write a seed as -1.0 (vLLM's pydantic takes it as -1): it was
+    refused with the range of the non-negative seeds, "seed must be in [0, 18446744073709551615], got -1." (which
+    said -1 was refused, where -1 is taken), and 2.0**63 was taken where the integer 2**63 is refused."""
+    body = {"model": "tiny", "prompt": "The old man", "max_tokens": 2}
+    lines = [request(f"s{i}", "/v1/completions", {**body, "seed": s}) for i, s in enumerate((-1.0, -1, 7.0))]
+    job = create_job(write_jsonl(tmp_path / "f.jsonl", lines), tiny_gpt2, served_model_names=("tiny",),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    seeds = [_row_params(job, job.prompts())(i).seed for i in range(3)]
+    assert seeds == [2**64 - 1, 2**64 - 1, 7]
+    path = write_jsonl(tmp_path / "big.jsonl", [request("a", "/v1/completions", {**body, "seed": 2.0**63})])
+    with pytest.raises(InputError, match=r"big.jsonl:1: body.seed: must be a 64-bit integer"):
+        create_job(path, tiny_gpt2, served_model_names=("tiny",), job_dir=tmp_path / "big")
