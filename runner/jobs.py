@@ -1351,6 +1351,8 @@ def _row_field(row: PromptRow, param: str, message: str) -> tuple[str, str]:
     given = {k for k, v in (row.raw_settings or {}).items() if v is not None}
     message = cited_as(message, {ROW_SETTINGS[k]: k for k in given if ROW_SETTINGS.get(k, k) != k})
     spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in given]
+    if isinstance((row.raw_settings or {}).get("logprobs"), bool) and "top_logprobs" in spelled:
+        spelled.remove("logprobs")  # OpenAI chat's pair: logprobs true, and the count in top_logprobs
     if not spelled:  # the job's setting clashing with one the row gave ("regex ... num_beams > 1"): the row's
         named = [
             k for k in sorted(given) if k in ROW_SETTINGS and re.search(rf"\b{ROW_SETTINGS[k]}\b", message)

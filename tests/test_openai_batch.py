@@ -1432,3 +1432,19 @@ def test_a_batch_seed_written_as_a_whole_float_is_that_integer(tmp_path, tiny_gp
     path = write_jsonl(tmp_path / "big.jsonl", [request("a", "/v1/completions", {**body, "seed": 2.0**63})])
     with pytest.raises(InputError, match=r"big.jsonl:1: body.seed: must be a 64-bit integer"):
         create_job(path, tiny_gpt2, served_model_names=("tiny",), job_dir=tmp_path / "big")
+
+
+def test_a_plain_rows_chat_logprobs_pair_names_top_logprobs_when_its_count_is_out_of_range(
+    tmp_path, tiny_gpt2
+):
+    """A plain row of OpenAI chat's pair, logprobs true + top_logprobs 25, was refused as "logprobs: logprobs must
+    be in [0, 20], got 25." (its logprobs is true; a Batch body's names top_logprobs). The count's field is named."""
+    rows = [{"id": "a", "prompt": "Hi", "logprobs": True, "top_logprobs": 25},
+            {"id": "b", "prompt": "Hi", "top_logprobs": 25, "logprobs": True},
+            {"id": "c", "prompt": "Hi", "logprobs": 25}]  # fmt: skip
+    with pytest.raises(InputError) as err:
+        create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, home=tmp_path / "home")
+    text = str(err.value)
+    for line in (1, 2):
+        assert f"p.jsonl:{line}: top_logprobs: top_logprobs must be in [0, 20], got 25." in text, text
+    assert "p.jsonl:3: logprobs: logprobs must be in [0, 20], got 25." in text, text
