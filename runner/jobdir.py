@@ -3610,8 +3610,9 @@ def _wrong_kind(job: Job) -> list[str]:
 def move_aside(job_dir: Path, name: str) -> None:
     """Move what stands at the job's path `name` (`_wrong_kind`, a linked folder) into quarantine/."""
     src = job_dir / name
-    dest = _quarantine_name(job_dir, name)
-    storage.retry(lambda: os.replace(src, dest), f"move {src}")
+    # (storage.replace: a move that a mount did, then answered with an error, is done; retried as a rename, its
+    # source gone, it failed `runner repair`)
+    storage.replace(src, _quarantine_name(job_dir, name))
 
 
 def replace_keeping_old(job_dir: Path, name: str, new: Path) -> None:
@@ -3630,7 +3631,7 @@ def _quarantine_name(job_dir: Path, name: str) -> Path:
     q = job_dir / QUARANTINE
     if storage.kind(q) not in (None, "dir"):  # not a folder itself: it moves aside first, under another name
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        storage.retry(lambda: os.replace(q, job_dir / f"{QUARANTINE}-{stamp}-not-a-folder"), f"move {q}")
+        storage.replace(q, job_dir / f"{QUARANTINE}-{stamp}-not-a-folder")
     storage.ensure_dir(q)
     return q / f"{time.strftime('%Y%m%d-%H%M%S')}-{name.replace('/', '-')}"
 
