@@ -3280,9 +3280,15 @@ def retry(job: Job) -> int:
         ledger = read_ledger(job, generation=old.generation)
         cleared.append(len({e["row"] for e in ledger.errors()}))
         if old.state not in (JobState.FAILED, JobState.CANCELLED) and not cleared[-1]:
+            # (a completed job whose files were damaged is repair's: retry said nothing of it)
+            mend = (
+                f" (damaged or missing files are mended by `runner repair {job.id}`)"
+                if old.state == JobState.COMPLETED
+                else ""
+            )
             raise RunnerError(
                 f"job {job.id} is {old.state}; only failed or cancelled jobs, or jobs with row errors, can be "
-                "retried"
+                f"retried{mend}"
             )
         # past every generation rows were committed under: where an earlier retry's record is missing (deleted,
         # or an older one copied over it), its generation again counted the row errors committed under it, and

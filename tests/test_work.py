@@ -217,7 +217,7 @@ def test_cancel_then_retry_keeps_finished_rows(prompts_file, tiny_gpt2, gpt2_eng
     assert summaries[0].generated == 4  # only the rows that were not finished
     after = runner.load_results(job.dir)
     assert after.iloc[:2][["id", "text"]].to_json() == kept[["id", "text"]].to_json()
-    with pytest.raises(RunnerError, match="only failed or cancelled jobs"):
+    with pytest.raises(RunnerError, match=r"only failed or cancelled jobs.* mended by `runner repair "):
         retry_job(job.dir)
 
 
