@@ -203,14 +203,15 @@ class Constraints:
             refused = torch.cat([refused, refused.new_ones(len(rows), vocab - refused.shape[1])], dim=1)
         return refused[:, :vocab]
 
-    def advance(self, rows: list[int], tokens: list[int], eos: list[bool]) -> list[bool]:
-        """Feed each slot's picked token to its row's matcher (EOS is not fed: it ends the row). Returns per
-        slot whether the row's constraint is over: nothing but EOS may follow, or (never expected, as the mask
-        allowed the token) the matcher refused it."""
+    def advance(self, rows: list[int], tokens: list[int]) -> list[bool]:
+        """Feed each slot's picked token to its row's matcher, EOS too (it ends the row): a grammar may name the
+        EOS token (`start: "yes" <|im_end|>`), and is satisfied only once it is fed. Returns per slot whether
+        the row's constraint is over: nothing but EOS may follow, or (never expected, as the mask allowed the
+        token) the matcher refused it."""
         done = [False] * len(rows)
         for s, (r, t) in enumerate(zip(rows, tokens, strict=True)):
             m = self.matchers[r]
-            if m is None or eos[s]:
+            if m is None:
                 continue
             ok = m.consume_token(t)
             self.accepting[r].append(ok and m.is_accepting())
@@ -218,8 +219,8 @@ class Constraints:
         return done
 
     def complete(self, row: int, tokens: int) -> bool | None:
-        """Whether the row's first `tokens` generated tokens (EOS not counted) satisfy its constraint; None for
-        a row without one."""
+        """Whether the row's first `tokens` generated tokens (a final EOS counted) satisfy its constraint; None
+        for a row without one."""
         if self.matchers[row] is None:
             return None
         return self.accepting[row][tokens]

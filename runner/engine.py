@@ -712,7 +712,7 @@ class Engine:
 
         tok_list, lp_list, is_eos = st.step
         # a constrained row whose text is complete and can only end (a closed JSON object, a choice) ends now
-        over = st.constraints.advance(st.rows, tok_list, is_eos) if st.constraints else [False] * len(st.rows)
+        over = st.constraints.advance(st.rows, tok_list) if st.constraints else [False] * len(st.rows)
         ks = [st.params[r].logprobs for r in st.rows]
         if any(k is not None for k in ks):
             self._collect_top(logprobs, chosen, st.step, ks, st.rows, st.tops)
@@ -901,7 +901,7 @@ class Engine:
 
     def _constraint_complete(self, st: _Decode, r: int, text: str) -> bool | None:
         """Whether the row's returned `text` satisfies its constraint: the matcher's verdict after the tokens
-        that make up `text` (all but a final EOS). Where `text` ends inside a token (a stop string cut there, a
+        that make up `text` and a final EOS (a grammar may name it: `start: "yes" <|im_end|>`). Where `text` ends inside a token (a stop string cut there, a
         character cut by max_new_tokens held back), after the whole tokens before that point and then the rest
         of `text` (Constraints.complete_with)."""
         if st.constraints.matchers[r] is None:
@@ -909,7 +909,7 @@ class Engine:
         ids, prefix = st.out_ids[r], st.prefixes[r]
         n = len(ids) - (1 if ids and ids[-1] in self.eos_ids else 0)
         if self._detok(prefix, ids[:n]) == text:
-            return st.constraints.complete(r, n)
+            return st.constraints.complete(r, len(ids))
         k = next(k for k in range(n, -1, -1) if text.startswith(self._detok(prefix, ids[:k])))
         return st.constraints.complete_with(r, k, text[len(self._detok(prefix, ids[:k])) :])
 

@@ -207,6 +207,17 @@ def test_stop_strings_and_eos_inside_a_constraint(gpt2_engine):
         assert ";" not in c.text and (c.constraint_complete is (re.fullmatch("[a-z]+", c.text) is not None))
 
 
+def test_a_grammar_naming_the_eos_token_is_complete_once_the_model_writes_it(gpt2_engine):
+    """A grammar may name the model's EOS token (`start: "yes" <|im_end|>` for a chat model whose EOS it is): the
+    sample that wrote it ended `stop` with exactly the grammar's tokens, yet read constraint_complete false, as
+    the EOS was never fed to the matcher. A grammar that goes on after the EOS is not satisfied where it ends."""
+    ids = ids_of(gpt2_engine, PROMPTS[:2])
+    for grammar, complete in (('start: "a" <|endoftext|>', True), ('start: "a" <|endoftext|> "b"', False)):
+        for c in gpt2_engine.generate(ids, GenerationParams(max_new_tokens=6, grammar=grammar)):
+            assert (c.text, c.finish_reason, c.token_ids[-1]) == ("a", "stop", gpt2_engine.eos_ids[0])
+            assert c.constraint_complete is complete, grammar
+
+
 def test_a_constraint_that_allows_nothing_more_ends_the_sample_before_min_new_tokens(gpt2_engine):
     """min_new_tokens holds EOS back, but a whole choice can take nothing more: the constraint wins, and the
     sample ends with a text that satisfies it (not EOS-less filler, not an arbitrary token)."""
