@@ -615,6 +615,8 @@ def response_format(value: Any) -> dict[str, Any]:
     from .constraints import FIELDS
 
     kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("text", "json_object", "json_schema"):
+        _refuse_unread_keys(value, {"type", "json_schema"} if kind == "json_schema" else {"type"}, kind)
     if kind == "text":
         return {f: False if f == "json_object" else None for f in FIELDS}
     if kind == "json_object":
@@ -625,11 +627,27 @@ def response_format(value: Any) -> dict[str, Any]:
             raise ParamError(
                 "response_format", 'response_format json_schema needs {"json_schema": {"schema": {...}}}.'
             )
+        _refuse_unread_keys(spec, {"name", "description", "schema", "strict"}, "json_schema", "json_schema.")
+        if spec.get("strict") not in (None, True, False):
+            raise ParamError("response_format", f"response_format json_schema.strict must be true or false, "
+                             f"got {spec['strict']!r}.")  # fmt: skip
         return {"json_schema": spec["schema"]}
     raise ParamError(
         "response_format",
         f'response_format must be {{"type": "json_schema" | "json_object" | "text", ...}}, got {value!r}.',
     )
+
+
+def _refuse_unread_keys(value: dict[str, Any], known: set[str], kind: str, within: str = "") -> None:
+    """ParamError naming a key of `response_format` (or of its `json_schema`, `within`) that nothing reads: it
+    would be dropped silently (`{"type": "json_object", "schema": {...}}`, as some servers take a schema, gave
+    any object). A null one asks for nothing (the openai SDK's `model_dump()` writes them)."""
+    unread = sorted(k for k, v in value.items() if k not in known and v is not None)
+    if not unread:
+        return
+    hint = ': give {"type": "json_schema", "json_schema": {"schema": {...}}}' if unread[0] == "schema" else ""
+    raise ParamError("response_format", f"response_format {kind} takes no {within}{unread[0]!r} (it would be "
+                     f"ignored; it takes {', '.join(within + k for k in sorted(known))}){hint}.")  # fmt: skip
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")

@@ -150,6 +150,45 @@ def test_settings_normalise_and_rows_replace_the_jobs_constraint():
         row_overrides({"response_format": fmt, "json_schema": SMALL})
 
 
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        # some servers take a schema here: it was dropped, and the row's answer was any object
+        (
+            {"type": "json_object", "schema": SMALL},
+            "response_format json_object takes no 'schema' .*json_schema",
+        ),
+        ({"type": "text", "regex": "[0-9]+"}, "response_format text takes no 'regex' \\(it would be ignored"),
+        ({"type": "json_schema", "json_schema": {"schema": SMALL}, "strict": True}, "takes no 'strict'"),
+        (
+            {"type": "json_schema", "json_schema": {"schema": SMALL, "pattern": "x"}},
+            "response_format json_schema takes no json_schema.'pattern'",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"schema": SMALL, "strict": "yes"}},
+            "strict must be true or",
+        ),
+    ],
+)
+def test_a_response_format_key_nothing_reads_is_refused(fmt, message):
+    with pytest.raises(ParamError, match=message) as e:
+        row_overrides({"response_format": fmt})
+    assert e.value.param == "response_format"
+
+
+def test_a_response_format_keeps_what_the_openai_sdk_writes():
+    spec = {"name": "s", "description": None, "schema": SMALL, "strict": None}
+    fmt = {"type": "json_schema", "json_schema": spec}
+    assert row_overrides({"response_format": fmt}) == {"json_schema": SMALL}
+    spec = {"name": "s", "description": "a person", "schema": SMALL, "strict": True}
+    assert row_overrides({"response_format": {"type": "json_schema", "json_schema": spec}}) == {
+        "json_schema": SMALL
+    }
+    assert row_overrides({"response_format": {"type": "json_object", "json_schema": None}}) == {
+        "json_object": True
+    }
+
+
 # --- the engine, on tiny random models ----------------------------------------------------------------------
 
 PROMPTS = ["The quick brown fox", "Hello", "A language model reads", "My friend", "Our team", "The robot"]
@@ -295,6 +334,7 @@ def test_a_bad_row_constraint_is_refused_at_submit_naming_the_row(tmp_path, tiny
         {"id": "bad2", "prompt": "Hello", "regex": "(unclosed"},
         {"id": "bad3", "prompt": "Hello", "choices": "yes"},
         {"id": "bad4", "prompt": "Hello", "regex": "[a&&b]"},
+        {"id": "bad5", "prompt": "Hello", "response_format": {"type": "json_object", "schema": SMALL}},
     ]  # fmt: skip
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     with pytest.raises(InputError) as e:
@@ -307,6 +347,10 @@ def test_a_bad_row_constraint_is_refused_at_submit_naming_the_row(tmp_path, tiny
         in text
     )
     assert f"{path}:5: regex: regex matches no text at all: no answer could satisfy it" in text
+    assert (
+        f"{path}:6: response_format: response_format json_object takes no 'schema' (it would be ignored"
+        in text
+    )
     assert not (tmp_path / "job").exists()
 
 
