@@ -217,11 +217,15 @@ def _generation_options(job: bool) -> Callable[..., Any]:
             "runner has no best_of: -n N returns all N samples, each with its cumulative_logprob to choose by")),
         click.option("--min-new-tokens", type=int, help="Suppress EOS/stop strings until this many tokens."),
         click.option("--do-sample/--greedy", default=None,
-                     help="Sample or decode greedily [default: sample iff --temperature/--top-p/--top-k/-n ask]."),
+                     help="Sample or decode greedily [default: sample iff --temperature/--top-p/--top-k/--min-p/-n "
+                          "ask]."),
         click.option("--temperature", type=float, help="Sampling temperature; 0 = greedy [default: 1.0]."),
         click.option("--top-p", type=float, help="Nucleus sampling mass in [0, 1] [default: 1.0]."),
         click.option("--top-k", type=int, callback=lambda ctx, param, v: 0 if v == -1 else v,
                      help="Sample from the k most likely tokens; 0 (or vLLM's -1) = off [default: 0]."),
+        click.option("--min-p", type=float,
+                     help="Min-p in [0, 1]: drop tokens under min-p x the top token's probability; 0 = off "
+                          "[default: 0]."),
         click.option("--repetition-penalty", type=float, help="Penalty > 0 for repeated tokens [default: 1.0]."),
         click.option("--presence-penalty", type=float, help="OpenAI presence penalty in [-2, 2] [default: 0]."),
         click.option("--frequency-penalty", type=float, help="OpenAI frequency penalty in [-2, 2] [default: 0]."),
@@ -339,14 +343,14 @@ def batch_max_tokens(kw: dict[str, Any], kind: str, input_path: str, model: str)
 def build_settings(kw: dict[str, Any], kind: str = "generate") -> tuple[Any, Any]:
     """The kind's settings object and the engine options from the given options; options that belong to
     another kind of job are refused rather than silently ignored."""
-    from .params import EmbedParams, EngineOptions, GenerationParams, ScoreParams
+    from .params import SAMPLING_FIELDS, EmbedParams, EngineOptions, GenerationParams, ScoreParams
 
     given = {k for fields in KIND_FIELDS.values() for k in fields if kw.get(k) not in (None, ())}
     stray = sorted(given - set(KIND_FIELDS[kind]))
     if stray:
         raise ParamError(stray[0], f"not used by {kind} jobs.")
     values = {k: kw[k] for k in KIND_FIELDS[kind] if kw.get(k) not in (None, ())}
-    sampling = [k for k in ("temperature", "top_p", "top_k") if k in values]
+    sampling = [k for k in SAMPLING_FIELDS if k in values]
     if (
         values.get("do_sample") is False and sampling
     ):  # greedy takes the likeliest token: they would do nothing

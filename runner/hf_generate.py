@@ -52,7 +52,8 @@ def _config(engine: Any, params: GenerationParams) -> Any:
     return GenerationConfig(
         max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens, do_sample=sample,
         temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-        top_k=params.top_k if sample else None, repetition_penalty=params.repetition_penalty,
+        top_k=params.top_k if sample else None, min_p=params.min_p if sample and params.min_p else None,
+        repetition_penalty=params.repetition_penalty,
         num_beams=params.num_beams, num_return_sequences=params.num_return_sequences if beams else 1,
         **({"length_penalty": params.length_penalty, "early_stopping": params.early_stopping} if beams else {}),
         no_repeat_ngram_size=params.no_repeat_ngram_size or None, eos_token_id=engine.eos_ids,

@@ -67,6 +67,7 @@ from .models import (
     text_config,
 )
 from .params import (
+    OFF_UNSAID,
     ROW_SAMPLING,
     ROW_SETTINGS,
     SAMPLING_FIELDS,
@@ -521,10 +522,12 @@ def _same_job(job: Job, identity: dict[str, Any]) -> bool:
 def _differences(job: Job, identity: dict[str, Any]) -> str:
     """What differs between a stored job and this submit, as far as job.json says: " (seed 0, now 42; ...)"."""
     read, reading = job.meta["input"], ("prompt_field", "template", "truncate")
+    # (a setting to_dict leaves out when off is said at its value: "min_p 0.0, now 0.05", not None)
+    params = {**OFF_UNSAID, **(job.meta.get("params") or {})}
     stored = {"model": job.meta.get("model"), **{k: read.get(k) for k in reading}, "chat": read.get("chat", False),
-              "revision": job.meta.get("model_revision_asked"), **(job.meta.get("params") or {})}  # fmt: skip
+              "revision": job.meta.get("model_revision_asked"), **params}  # fmt: skip
     asked = {"model": identity["model"], **{k: identity[k] for k in reading}, "chat": identity.get("chat", False),
-             "revision": identity.get("revision"), **identity["params"]}  # fmt: skip
+             "revision": identity.get("revision"), **OFF_UNSAID, **identity["params"]}  # fmt: skip
     # (a DataFrame, Dataset or list of rows has no file: job.json describes it, "DataFrame (3 rows)")
     what = "the input file's content" if os.path.isabs(str(read.get("path", ""))) else "the input's content"
     said = [what] if read.get("sha256") != identity["input_sha256"] else []
@@ -1126,7 +1129,8 @@ class _Preparer:
         # messages rendered as since reading 5 (batching.render_prompt): `runner repair` of a job read before
         # renders them as its submit did
         self.faithful = True
-        self.sampling_rows = False  # some row gives temperature / top_p / top_k (jobdir.ROW_SAMPLING_FORMAT)
+        # some row gives temperature / top_p / top_k / min_p (jobdir.ROW_SAMPLING_FORMAT)
+        self.sampling_rows = False
         self.windowed = False  # some text is scored in rolling windows (jobdir.WHOLE_WINDOW_FORMAT)
         # Input columns are renamed away from every prompts.parquet column name, not only this kind's: a
         # `continuation` column of a generation job is passed through as `input_continuation`.
@@ -1527,7 +1531,7 @@ _READING = ("sha256", "prompt_field", "template", "truncate", "chat", "chat_temp
             "served_model_names")  # fmt: skip
 
 
-MODEL_SAMPLING = ("temperature", "top_k", "top_p")  # what model.generate() applies when it samples
+MODEL_SAMPLING = ("temperature", "top_k", "top_p", "min_p")  # what model.generate() applies when it samples
 MODEL_PENALTIES = ("repetition_penalty", "no_repeat_ngram_size")  # what it applies either way
 
 

@@ -37,7 +37,8 @@ _SAMPLING = {
     "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "stop",
     "seed": "seed", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
     # vLLM's extra sampling parameters, as `vllm run-batch` accepts them
-    "top_k": "top_k", "repetition_penalty": "repetition_penalty", "min_tokens": "min_new_tokens",
+    "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+    "min_tokens": "min_new_tokens",
     # structured output (constraints.py): OpenAI's response_format, and vLLM's guided_* fields
     "response_format": "response_format", "guided_json": "guided_json", "guided_regex": "guided_regex",
     "guided_choice": "guided_choice", "guided_grammar": "guided_grammar",

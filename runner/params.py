@@ -138,6 +138,10 @@ def _fields_section(cls: type) -> str:
     return "\n\n    Settings:\n\n" + "\n".join(lines) if lines else ""
 
 
+# GenerationParams fields to_dict leaves out at these values (off), as job.json's params of jobs made before them
+# lack them: a job made before min_p keeps its fingerprint
+OFF_UNSAID = {"min_p": 0.0}
+
 # vLLM's: a temperature below it decodes greedily (dividing by it overflows float32 logits)
 SAMPLING_EPS = 1e-5
 
@@ -152,14 +156,19 @@ class GenerationParams:
     min_new_tokens: int = 0
     """EOS and stop strings are suppressed until this many tokens exist, in [0, max_new_tokens]."""
     do_sample: bool | None = None
-    """Sample (True) or greedy (False). None: sample iff temperature != 1 (but 0), top_p != 1, top_k != 0 or
-    n > 1. (A row's own temperature, top_p or top_k samples whatever its value but temperature 0: row_params.)"""
+    """Sample (True) or greedy (False). None: sample iff temperature != 1 (but 0), top_p != 1, top_k != 0,
+    min_p != 0 or n > 1. (A row's own temperature, top_p, top_k or min_p samples whatever its value but
+    temperature 0: row_params.)"""
     temperature: float = 1.0
     """Softmax temperature, >= 0; 0 means greedy (as in vLLM and the OpenAI API)."""
     top_p: float = 1.0
     """Nucleus sampling mass, in [0, 1]; 1 disables it, 0 keeps only the most likely token (as OpenAI's top_p)."""
     top_k: int = 0
     """Keep only the k most likely tokens, >= 0; 0 disables it."""
+    min_p: float = 0.0
+    """Min-p sampling, in [0, 1]: drop the tokens less likely than min_p x the most likely token's probability
+    (transformers' MinPLogitsWarper, after temperature, top_k and top_p, as transformers orders them; vLLM's
+    and llama.cpp's min_p); 0 disables it."""
     repetition_penalty: float = 1.0
     """CTRL-style penalty on tokens already in prompt or generation, > 0; 1 disables it."""
     presence_penalty: float = 0.0
@@ -243,6 +252,8 @@ class GenerationParams:
         self.top_p = _check_float("top_p", self.top_p)
         _check_range("top_p", self.top_p, 0 <= self.top_p <= 1, "in [0, 1]")
         _check_int("top_k", self.top_k, 0)
+        self.min_p = _check_float("min_p", self.min_p)
+        _check_range("min_p", self.min_p, 0 <= self.min_p <= 1, "in [0, 1]")
         self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
         _check_range("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -274,12 +285,12 @@ class GenerationParams:
         return dataclasses.replace(self, **{"do_sample": self._do_sample_given, **changes})
 
     def _decide_sampling(self) -> None:
-        """do_sample None: sample iff temperature / top_p / top_k or n > 1 (without beams) ask for it."""
+        """do_sample None: sample iff temperature / top_p / top_k / min_p or n > 1 (without beams) ask for it."""
         self._do_sample_given = (
             self.do_sample
         )  # None: decided here from the other settings (row_params redoes it)
         if self.do_sample is None:
-            asked = self.temperature != 1.0 or self.top_p != 1.0 or self.top_k != 0
+            asked = self.temperature != 1.0 or self.top_p != 1.0 or self.top_k != 0 or self.min_p != 0
             more = self.num_return_sequences > 1 and self.num_beams == 1  # n beams are not n samples
             self.do_sample = (asked or more) and self.temperature != 0
         elif not isinstance(self.do_sample, bool):
@@ -337,7 +348,7 @@ class GenerationParams:
             return
         if self.do_sample:
             raise ParamError("num_beams", f"num_beams={self.num_beams} is beam search, which does not sample: "
-                             "drop the sampling settings (temperature, top_p, top_k, do_sample), or use num_beams=1.")  # fmt: skip
+                             "drop the sampling settings (temperature, top_p, top_k, min_p, do_sample), or use num_beams=1.")  # fmt: skip
         if self.num_return_sequences > self.num_beams:
             raise ParamError("num_return_sequences", f"num_return_sequences must be <= num_beams={self.num_beams}"
                              f" (the n best beams), got {self.num_return_sequences}.")  # fmt: skip
@@ -373,12 +384,16 @@ class GenerationParams:
         return window - self.max_new_tokens
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as plain data. Structured-output fields are left out when unset, so that a job made
-        before they existed keeps its fingerprint (and is resumed, not refused as other settings)."""
+        """The settings as plain data. Structured-output fields and min_p are left out when unset (OFF_UNSAID),
+        so that a job made before they existed keeps its fingerprint (and is resumed, not refused as other
+        settings)."""
         from .constraints import FIELDS
 
         out = dataclasses.asdict(self)
-        return {k: v for k, v in out.items() if k not in FIELDS or v not in (None, False)}
+        return {
+            k: v for k, v in out.items()
+            if (k not in FIELDS or v not in (None, False)) and (k not in OFF_UNSAID or v != OFF_UNSAID[k])
+        }  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
@@ -501,7 +516,7 @@ class EmbedParams:
 ROW_SETTINGS = {
     "max_new_tokens": "max_new_tokens", "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
     "min_new_tokens": "min_new_tokens", "min_tokens": "min_new_tokens", "temperature": "temperature",
-    "top_p": "top_p", "top_k": "top_k",
+    "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
     "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty", "n": "num_return_sequences",
     "num_return_sequences": "num_return_sequences", "seed": "seed", "stop": "stop", "logprobs": "logprobs",
@@ -650,7 +665,7 @@ def _refuse_unread_keys(value: dict[str, Any], known: set[str], kind: str, withi
                      f"ignored; it takes {', '.join(within + k for k in sorted(known))}){hint}.")  # fmt: skip
 
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p")
 
 
 def _is_zero(value: Any) -> bool:
@@ -668,7 +683,7 @@ def row_params(
     checked; errors name the field.
 
     Sampling, `by_fields` (jobs since 2026-12-02, job.json's "row_sampling"): a row that gives a temperature,
-    top_p or top_k samples, whatever the job does (as each request of the OpenAI API), but greedy at temperature
+    top_p, top_k or min_p samples, whatever the job does (as each request of the OpenAI API), but greedy at temperature
     0 (the row's, or the job's when the row gives none); a row that gives none of them samples as the job does,
     decided again for the row when the job left it to the settings (`sample_auto`: a row's n > 1 samples). A
     row giving do_sample false beside one of them is refused. Earlier jobs: sampling is decided again from the row's values when the job left it to the

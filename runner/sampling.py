@@ -5,10 +5,10 @@ engine.py's decode loop -> `RowSettings.of(params per row)` -> each step: `proce
 Every row of a batch may carry its own settings (an OpenAI Batch file mixes temperatures, top-p, penalties
 and greedy rows), so each processor takes a [batch, 1] tensor of its parameter instead of one number. Each is
 written to compute exactly what transformers' processor of the same name computes for that row alone, and a
-row whose setting is "off" (temperature 1, top-k 0, top-p 1, penalty 1 or 0) is left bit for bit unchanged,
-so a row's tokens never depend on the other rows of its batch. The order is transformers' (repetition penalty,
-then temperature, top-k, top-p), with the OpenAI presence/frequency penalties next to the repetition penalty,
-as vLLM applies them: on the tokens generated so far.
+row whose setting is "off" (temperature 1, top-k 0, top-p 1, min-p 0, penalty 1 or 0) is left bit for bit
+unchanged, so a row's tokens never depend on the other rows of its batch. The order is transformers' (repetition
+penalty, then temperature, top-k, top-p, min-p: generation/utils.py's _get_logits_processor), with the OpenAI
+presence/frequency penalties next to the repetition penalty, as vLLM applies them: on the tokens generated so far.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-TENSORS = ("sample", "temperature", "top_k", "top_p", "repetition", "presence", "frequency")
+TENSORS = ("sample", "temperature", "top_k", "top_p", "min_p", "repetition", "presence", "frequency")
 
 
 @dataclass
@@ -30,6 +30,7 @@ class RowSettings:
     temperature: Any  # [batch, 1] float: 1 where off or greedy
     top_k: Any  # [batch] long: 0 where off or greedy
     top_p: Any  # [batch, 1] float64: 1 where off or greedy
+    min_p: Any  # [batch, 1] float: 0 where off or greedy
     repetition: Any  # [batch, 1] float: 1 where off
     presence: Any  # [batch, 1] float: 0 where off
     frequency: Any  # [batch, 1] float: 0 where off
@@ -40,7 +41,8 @@ class RowSettings:
         import torch
 
         host = [
-            (True, p.temperature, p.top_k, p.top_p) if p.sampled else (False, 1.0, 0, 1.0) for p in params
+            (True, p.temperature, p.top_k, p.top_p, p.min_p) if p.sampled else (False, 1.0, 0, 1.0, 0.0)
+            for p in params
         ]
         host = [
             (*h, p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
@@ -57,9 +59,11 @@ class RowSettings:
             top_k=torch.tensor(cols[2], device=device),
             # float64, as transformers' 1 - top_p is a Python float before it meets the float32 sums
             top_p=col(cols[3], torch.float64),
-            repetition=col(cols[4]),
-            presence=col(cols[5]),
-            frequency=col(cols[6]),
+            # float32, as transformers' min_p (a Python float) is when it scales the float32 top probability
+            min_p=col(cols[4]),
+            repetition=col(cols[5]),
+            presence=col(cols[6]),
+            frequency=col(cols[7]),
             host=host,
         )
 
@@ -112,6 +116,8 @@ def process(logits: Any, history: Any, counts: Any, s: RowSettings) -> Any:
         scores = _top_k(scores, s.top_k, max(h[2] for h in s.host))
     if s.any("top_p", 1.0):
         scores = _top_p(scores, s.top_p)
+    if s.any("min_p", 0.0):
+        scores = _min_p(scores, s.min_p)
     return scores
 
 
@@ -122,6 +128,18 @@ def _top_k(scores: Any, k: Any, largest: int) -> Any:
     kmax = min(largest, scores.shape[-1])
     kth = torch.topk(scores, kmax, dim=-1).values.gather(1, (k.clamp(min=1, max=kmax) - 1).unsqueeze(-1))
     remove = (scores < kth) & (k > 0).unsqueeze(-1)
+    return scores.masked_fill(remove, -math.inf)
+
+
+def _min_p(scores: Any, min_p: Any) -> Any:
+    """transformers' MinPLogitsWarper per row (`min_p`: [batch, 1] float32, 0: off): drop the tokens whose
+    probability is under min_p x the most likely token's, always keeping the most likely one (its
+    min_tokens_to_keep is 1 without beams, which our loop never has). A row at 0 removes nothing."""
+    import torch
+
+    probs = torch.softmax(scores, dim=-1)
+    remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)
     return scores.masked_fill(remove, -math.inf)
 
 

@@ -29,7 +29,7 @@ def ids_of(engine):
 
 
 def row_params(i, **over):
-    """Row i's own settings: sampled or greedy, penalties, alternatives, prompt log-probs, held EOS, mixed."""
+    """Row i's own settings: sampled or greedy, min_p, penalties, alternatives, prompt log-probs, held EOS, mixed."""
     sampled = i % 3 != 1
     return GenerationParams(
         max_new_tokens=NEW_TOKENS[i],
@@ -38,6 +38,7 @@ def row_params(i, **over):
         temperature=(0.7, 1.0, 1.4)[i % 3] if sampled else 1.0,
         top_p=0.9 if i % 4 == 0 else 1.0,
         top_k=20 if i % 4 == 2 else 0,
+        min_p=0.2 if sampled and i % 2 == 0 else 0.0,  # sampled rows with and without min_p
         repetition_penalty=1.3 if i % 4 == 1 else 1.0,
         presence_penalty=0.5 if i % 3 == 2 else 0.0,
         frequency_penalty=0.7 if i % 5 == 1 else 0.0,
