@@ -86,15 +86,18 @@ T = TypeVar("T")
 
 # job folder layout version (3: state records; an older runner refuses such a job, never misreads it)
 FORMAT = 3
-# 4: a job some of whose rows give temperature / top_p / top_k, which sample by the rules of params.row_params
+# 4: a job some of whose rows give temperature / top_p / top_k (/ min_p: 6), which sample by the rules of params.row_params
 # (job.json's "row_sampling"): a runner from before them would decide those rows otherwise, so it refuses the job
 ROW_SAMPLING_FORMAT = 4
 # 5: a score job some of whose texts are longer than the model's window, scored in rolling windows whose last
 # one is a whole window (job.json's WHOLE_LAST_WINDOW): a runner from before would start that one elsewhere
 WHOLE_WINDOW_FORMAT = 5
 WHOLE_LAST_WINDOW = "whole_last_window"
+# 6: a generate job whose settings or some of whose rows give min_p (row rules as 4's): a runner from before min_p
+# would call its job.json invalid (a setting it does not know) or fail those rows, so it refuses the job
+MIN_P_FORMAT = 6
 # 2: state.json, completed.json and failed.json until the job's first state record
-READABLE_FORMATS = (2, 3, ROW_SAMPLING_FORMAT, WHOLE_WINDOW_FORMAT)
+READABLE_FORMATS = (2, 3, ROW_SAMPLING_FORMAT, WHOLE_WINDOW_FORMAT, MIN_P_FORMAT)
 JOB_FILE, JOB_BACKUP, PROMPTS, INVALID = "job.json", "job.backup.json", "prompts.parquet", "errors.jsonl"
 STATE_FILE, STATS_FILE, LOG_FILE, VERIFIED = "state.json", "stats.json", "log.txt", "verified.json"
 COMPLETED_FILE, FAILED_FILE = "completed.json", "failed.json"  # outcomes of older versions' jobs, read only

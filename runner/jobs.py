@@ -1131,6 +1131,8 @@ class _Preparer:
         self.faithful = True
         # some row gives temperature / top_p / top_k / min_p (jobdir.ROW_SAMPLING_FORMAT)
         self.sampling_rows = False
+        # the job or some row gives min_p (jobdir.MIN_P_FORMAT)
+        self.min_p = bool(getattr(params, "min_p", 0))
         self.windowed = False  # some text is scored in rolling windows (jobdir.WHOLE_WINDOW_FORMAT)
         # Input columns are renamed away from every prompts.parquet column name, not only this kind's: a
         # `continuation` column of a generation job is passed through as `input_continuation`.
@@ -1148,6 +1150,8 @@ class _Preparer:
         refuses the job instead of misreading it."""
         if self.windowed:
             return jobdir.WHOLE_WINDOW_FORMAT
+        if self.min_p:
+            return jobdir.MIN_P_FORMAT
         return jobdir.ROW_SAMPLING_FORMAT if self.sampling_rows else default
 
     def row_params(self, row: PromptRow) -> Any:
@@ -1157,6 +1161,7 @@ class _Preparer:
         if not row.settings:
             return self.params
         self.sampling_rows = self.sampling_rows or any(f in row.settings for f in SAMPLING_FIELDS)
+        self.min_p = self.min_p or "min_p" in row.settings
         return row_params(self.params, self.sample_auto, row.settings)
 
     def prepare(self, name: str, rows: list[PromptRow]) -> tuple[list[_Prepared], list[Problem]]:

@@ -791,6 +791,7 @@ def test_a_file_where_the_state_folder_belongs_breaks_the_job_until_repaired(job
         (2, None),
         (4, None),
         (5, None),
+        (jobdir.MIN_P_FORMAT, None),
         (jobdir.READABLE_FORMATS[-1] + 1, "newer than this runner reads"),
         (1, "submit the file"),
     ],  # fmt: skip

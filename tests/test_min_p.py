@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 import runner
-from runner import GenerationParams, ParamError
+from runner import GenerationParams, ParamError, jobdir
 from runner.jobs import create_job
 from runner.sampling import RowSettings, process
 from runner.worker import run_job
@@ -227,19 +227,24 @@ def test_a_no_repeat_ngram_row_passes_min_p_to_transformers_generate(gpt2_engine
 
 def test_a_rows_own_min_p_overrides_the_jobs(tmp_path, tiny_gpt2, gpt2_engine):
     """In a sampling job (temperature 2), the row giving min_p 1 gets the greedy answer, the row beside it with
-    the same prompt (a null min_p in a DataFrame: the job's) samples; the row's setting is in its results."""
+    the same prompt (a null min_p in a DataFrame: the job's) samples; the row's setting is in its results; and
+    the job's layout version keeps a runner from before min_p off it."""
     import pandas as pd
 
     df = pd.DataFrame({"id": ["top", "free"], "prompt": [PROMPTS[0]] * 2, "min_p": [1.0, None]})
     job = create_job(df, tiny_gpt2, GenerationParams(max_new_tokens=10, temperature=2.0, seed=5),
                      job_dir=tmp_path / "job")  # fmt: skip
-    assert "min_p" not in job.meta["params"]
+    assert job.meta["format"] == jobdir.MIN_P_FORMAT and "min_p" not in job.meta["params"]
     assert run_job(job, gpt2_engine, echo=None).finished
     got = runner.load_results(job.dir).set_index("id")
     greedy = gpt2_engine.generate(ids_of(gpt2_engine, PROMPTS[:1]), GenerationParams(max_new_tokens=10))[0]
     assert list(got.loc["top", "token_ids"]) == greedy.token_ids
     assert list(got.loc["free", "token_ids"]) != greedy.token_ids
     assert json.loads(got.loc["top", "settings"]) == {"min_p": 1.0}
+    plain = create_job(df[["id", "prompt"]], tiny_gpt2, job_dir=tmp_path / "plain")
+    assert plain.meta["format"] == jobdir.FORMAT  # a job without min_p stays readable by an older runner
+    assert create_job(df[["id", "prompt"]], tiny_gpt2, GenerationParams(min_p=0.1),
+                      job_dir=tmp_path / "jobs_own").meta["format"] == jobdir.MIN_P_FORMAT  # fmt: skip
 
 
 def test_a_batch_requests_min_p_is_taken_as_vllm_takes_it(tmp_path, tiny_gpt2, gpt2_engine):
