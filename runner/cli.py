@@ -208,6 +208,11 @@ def _generation_options(job: bool) -> Callable[..., Any]:
             "transformers' max_length counts the prompt too; runner's limit is --max-new-tokens (new tokens only)")),
         click.option("--min-length", hidden=True, expose_value=False, callback=_elsewhere(
             "transformers' min_length counts the prompt too; runner's is --min-new-tokens (new tokens only)")),
+        # gpt2-generate.py's spellings (`--min_length 512 --max_length 1024`), which click offered nothing for
+        *[click.option(typed, f"gpt2_{typed[2:]}", hidden=True, expose_value=False, callback=_elsewhere(
+              f"runner's {word} is {ours}, in new tokens (transformers' {typed[2:]} counts the prompt too)"))
+          for typed, word, ours in (("--max_length", "limit", "--max-new-tokens"),
+                                    ("--min_length", "minimum", "--min-new-tokens"))],
         # vLLM's and OpenAI's names (pass 48: click's close match sent --n to --json, --stop-sequences to -n)
         *[click.option(name, hidden=True, expose_value=False, callback=_elsewhere(f"runner's name is {ours}"))
           for name, ours in (("--n", "-n (--num-return-sequences)"), ("--max-tokens", "--max-new-tokens"),

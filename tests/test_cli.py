@@ -1539,3 +1539,14 @@ def test_a_worker_names_its_device_in_its_heartbeat_once_its_model_is_loaded(
     monkeypatch.setattr(worker.JobRun, "next_unit", looking)
     worker.run_job(runner.open_job(job_id), gpt2_engine, echo=None)
     assert seen and seen[0] == str(gpt2_engine.device)
+
+
+def test_gpt2_generates_length_options_point_to_runners_own(tiny_gpt2, prompts):
+    """The gpt2-japanese README's `gpt2-generate.py --min_length 512 --max_length 1024` got click's bare "No such
+    option '--max_length'" (the hidden --max-length that answers it is spelled with a hyphen, and click offered
+    no near name): both say runner's option, on generate, run and submit."""
+    for command, where in (("generate", "Hello"), ("run", prompts), ("submit", prompts)):
+        for typed, ours in (("--max_length", "--max-new-tokens"), ("--min_length", "--min-new-tokens")):
+            said = invoke(command, where, "-m", tiny_gpt2, typed, 50)
+            assert said.exit_code == 2, said.output
+            assert f"Error: {typed}: runner's" in said.output and f"is {ours}, in new tokens" in said.output
