@@ -597,8 +597,8 @@ def run(ctx: click.Context, input_path: str, model: str, output: str | None, **k
 
     \b
     Example:
-      runner run examples/prompts.jsonl --model smollm2-135m-instruct --max-new-tokens 64 -o out/
-      python -c "import runner; print(runner.load_results('out/').head())"
+      runner run examples/prompts.jsonl --model smollm2-135m-instruct --max-new-tokens 64 -o out/demo
+      python -c "import runner; print(runner.load_results('out/demo').head())"
     """
     click.echo(str(_run_kind(ctx, "generate", input_path, model, output, kw).dir))
 

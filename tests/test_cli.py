@@ -1550,3 +1550,25 @@ def test_gpt2_generates_length_options_point_to_runners_own(tiny_gpt2, prompts):
             said = invoke(command, where, "-m", tiny_gpt2, typed, 50)
             assert said.exit_code == 2, said.output
             assert f"Error: {typed}: runner's" in said.output and f"is {ours}, in new tokens" in said.output
+
+
+def test_the_help_examples_write_where_the_readmes_do():
+    """`runner run --help`'s example wrote to `-o out/`, the folder that holds the README's out/demo, out/qa
+    ...: after the README, it was refused ("out exists and is not a runner job folder"). Each job-folder example
+    of a command's help uses the folder the README's command of the same file uses."""
+    import shlex
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+
+    def folders(lines):
+        out = {}
+        for line in lines:
+            words = shlex.split(line.split("  #")[0]) if line.startswith("runner ") else []
+            if "-o" in words and words[1] in ("run", "score", "embed"):
+                out.setdefault((words[1], words[2]), set()).add(words[words.index("-o") + 1])
+        return out
+
+    readme_folders = folders(ln.strip() for ln in readme.splitlines())
+    for command in ("run", "score", "embed"):
+        shown = folders(ln.strip() for ln in invoke(command, "--help").output.splitlines())
+        assert shown and all(folder <= readme_folders.get(key, set()) for key, folder in shown.items()), shown
