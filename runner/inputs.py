@@ -1124,6 +1124,11 @@ class RowChecker:
             problem = dataclasses.replace(problem, field=fld, message=message)
         return row if row is not None else problem  # type: ignore[return-value]
 
+    @property
+    def batch_file(self) -> bool:
+        """Whether the rows are OpenAI Batch requests, each saying itself what the model reads."""
+        return bool(self._requests)
+
     def _refuse_options_a_batch_file_sets(self, lineno: int) -> None:
         """A Batch request says itself what the model reads: its messages (/v1/chat/completions) or its raw
         prompt (/v1/completions, which `--chat` turned into a chat without a word), and where (`--template`

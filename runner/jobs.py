@@ -719,8 +719,9 @@ def _write_job(
             "json_columns": written.json_columns, "reading": reader.reading,
             "renamed_columns": written.renamed,
             "messages": reader.saw_messages,  # a row went through the chat template (jobs before per-row `request`)
+            # (not said of a Batch file: its /v1/completions requests ask for raw prompts, and --chat is refused)
             "raw_prompts_to_chat_model": bool(meta["kind"] == "generate" and not reader.saw_messages
-                                              and getattr(tokenizer, "chat_template", None)),
+                                              and not reader.batch_file and getattr(tokenizer, "chat_template", None)),
         })  # fmt: skip
         meta.update({
             "sample_auto": prep.sample_auto, "row_sampling": ROW_SAMPLING,

@@ -1448,3 +1448,22 @@ def test_a_plain_rows_chat_logprobs_pair_names_top_logprobs_when_its_count_is_ou
     for line in (1, 2):
         assert f"p.jsonl:{line}: top_logprobs: top_logprobs must be in [0, 20], got 25." in text, text
     assert "p.jsonl:3: logprobs: logprobs must be in [0, 20], got 25." in text, text
+
+
+def test_a_batch_file_of_completions_is_not_told_to_pass_chat(tmp_path, tiny_llama):
+    """`runner run-batch` of /v1/completions requests on a chat model warned "every row is a raw prompt ... Pass
+    --chat to send each prompt as a user message": run-batch has no --chat, and submit refuses it for a Batch
+    file (each request says what the model reads). A plain file of prompts is still told."""
+    body = {"model": "tiny", "prompt": "The old man", "max_tokens": 2}
+    path = write_jsonl(tmp_path / "b.jsonl", [request("a", "/v1/completions", body)])
+    result = invoke("run-batch", "-i", path, "-o", tmp_path / "out.jsonl", "-m", tiny_llama, "--served-model-name",
+                    "tiny")  # fmt: skip
+    assert result.exit_code == 0 and (tmp_path / "out.jsonl").is_file(), result.output
+    assert "WARNING" not in result.output and "--chat" not in result.output, result.output
+    submitted = invoke(
+        "submit", path, "-m", tiny_llama, "--served-model-name", "tiny", "--home", tmp_path / "h"
+    )
+    assert submitted.exit_code == 0 and "--chat" not in submitted.output, submitted.output
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "The old man"}])
+    told = invoke("submit", plain, "-m", tiny_llama, "--home", tmp_path / "h")
+    assert "Pass --chat to send each prompt as a user message" in told.output, told.output
