@@ -1392,7 +1392,12 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
             head = head.assign(prompt=head["prompt"].map(_shortened))
         # a column no row of the preview fills (context / continuation of plain texts) says nothing
         if len(head):  # (none yet: pandas' "Empty DataFrame / Columns: [] / Index: []" said nothing)
-            click.echo(head.dropna(axis="columns", how="all").to_string(max_colwidth=60))
+            import pandas as pd
+
+            # (a Japanese character fills two columns of a terminal or a Colab cell: counted as one, its row's
+            # columns stood apart from the others')
+            with pd.option_context("display.unicode.east_asian_width", True):
+                click.echo(head.dropna(axis="columns", how="all").to_string(max_colwidth=60))
         click.echo(f"({counted(len(df), 'rows')}; --to FILE to export)")
         return
     for hint, path in (("--to", to_path), ("--errors-to", errors_to)):

@@ -1572,3 +1572,24 @@ def test_the_help_examples_write_where_the_readmes_do():
     for command in ("run", "score", "embed"):
         shown = folders(ln.strip() for ln in invoke(command, "--help").output.splitlines())
         assert shown and all(folder <= readme_folders.get(key, set()) for key, folder in shown.items()), shown
+
+
+def test_the_results_preview_lines_up_japanese_rows(tmp_path, tiny_gpt2):
+    """`runner results JOB` counted a Japanese character as one column, where a terminal and a Colab cell show
+    it two wide: each Japanese row's later columns stood to the right of the others' (finish_reason, the text)."""
+    import unicodedata
+
+    def shown_width(line):
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
+
+    rows = [
+        {"id": "ja", "prompt": "吾輩は猫である。名前はまだ無い。"},
+        {"id": "en", "prompt": "The old man said"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    done = invoke("run", path, "-m", tiny_gpt2, "--max-new-tokens", 3, "-o", tmp_path / "j")
+    assert done.exit_code == 0, done.output
+    table = invoke("results", tmp_path / "j").stdout.splitlines()[:-1]
+    assert len(table) == 3 and "吾輩は猫" in table[1], table
+    # the text column is the last and right-aligned: lined up, every line ends at the same column
+    assert len({shown_width(line) for line in table}) == 1, table
