@@ -68,9 +68,11 @@ from .models import (
 )
 from .params import (
     OFF_UNSAID,
+    RENAMED_ROW_SETTINGS,
     ROW_SAMPLING,
     ROW_SETTINGS,
     SAMPLING_FIELDS,
+    SETTINGS_RUNNER_LACKS,
     EmbedParams,
     EngineOptions,
     GenerationParams,
@@ -1447,6 +1449,15 @@ def _data_notes(job: Job) -> list[str]:
             f"{'a setting' if one else 'settings'}: a plain row is no OpenAI request"
             + "".join(f"; {REQUEST_ONLY_COLUMNS[c]}" for c in request)
         )
+    lacking = _columns_runner_has_no_setting_for(job)
+    if lacking:
+        one, names = len(lacking) == 1, [repr(c) for c in lacking]
+        listed = names[0] if one else f"{', '.join(names[:-1])} and {names[-1]}"
+        out.append(
+            f"note: {listed} {'is' if one else 'are'} kept as data, not {'a setting' if one else 'settings'}: "
+            f"runner has {'no such setting' if one else 'none of them'} (other tools' names; a row's settings are "
+            'those of README, "Settings per row")'
+        )
     return out
 
 
@@ -1495,12 +1506,33 @@ def _near_setting_columns(job: Job) -> list[str]:
     for column in passthrough_columns(job.read_prompts(pq.read_schema)):
         key = column.strip().lower().replace("-", "_").replace(" ", "_")
         # (a letter off a word of 3 is another word: a 'top' column was asked "did you mean 'stop'?")
-        near = [key] if key in ROW_SETTINGS else []
+        near = (
+            [key]
+            if key in ROW_SETTINGS
+            else [RENAMED_ROW_SETTINGS[key]]
+            if key in RENAMED_ROW_SETTINGS
+            else []
+        )
         if not near and len(key) > 3:
             near = difflib.get_close_matches(key, ROW_SETTINGS, n=1, cutoff=0.85)
-        if near and column not in ROW_SETTINGS and column not in ("max_length", "min_length"):
+        if (
+            near
+            and column not in ROW_SETTINGS
+            and column not in ("max_length", "min_length", *SETTINGS_RUNNER_LACKS)
+        ):
             out.append(f"{column!r} (did you mean {near[0]!r}?)")
     return out
+
+
+def _columns_runner_has_no_setting_for(job: Job) -> list[str]:
+    """Columns of a generate job named as another tool's setting runner lacks (vLLM's `ignore_eos`, `stop_token_ids`,
+    GenerationConfig's `eos_token_id`): kept as data, so each row ran without it, and nothing said so (a Batch
+    body giving one is refused)."""
+    if job.spec.kind != "generate":
+        return []
+    import pyarrow.parquet as pq
+
+    return [c for c in passthrough_columns(job.read_prompts(pq.read_schema)) if c in SETTINGS_RUNNER_LACKS]
 
 
 def _twin(job: Job) -> Job | None:

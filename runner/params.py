@@ -530,6 +530,20 @@ ROW_SETTINGS = {
 }  # fmt: skip
 
 
+# Other tools' per-request settings that runner has no counterpart for (transformers' GenerationConfig, vLLM's
+# SamplingParams, OpenAI's API): a plain row's column of such a name is data, and submit says so (a Batch body
+# that gives one is refused instead); `stop_strings` (GenerationConfig's) is runner's `stop`
+SETTINGS_RUNNER_LACKS = frozenset({
+    "typical_p", "epsilon_cutoff", "eta_cutoff", "penalty_alpha", "diversity_penalty", "num_beam_groups",
+    "encoder_repetition_penalty", "exponential_decay_length_penalty", "renormalize_logits", "guidance_scale",
+    "eos_token_id", "pad_token_id", "bos_token_id", "forced_bos_token_id", "forced_eos_token_id",
+    "bad_words_ids", "force_words_ids", "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "max_time",
+    "ignore_eos", "stop_token_ids", "bad_words", "allowed_token_ids", "include_stop_str_in_output",
+    "skip_special_tokens", "truncate_prompt_tokens", "use_beam_search", "logit_bias",
+})  # fmt: skip
+RENAMED_ROW_SETTINGS = {"stop_strings": "stop", "stop_sequences": "stop"}
+
+
 # GenerationParams fields whose row values are whole numbers: 8.0 (pandas writes an integer column with gaps as
 # floats) is 8; 16.5 is refused by the field's own check.
 INT_SETTINGS = {"max_new_tokens", "min_new_tokens", "top_k", "num_return_sequences", "seed", "logprobs",

@@ -1593,3 +1593,23 @@ def test_the_results_preview_lines_up_japanese_rows(tmp_path, tiny_gpt2):
     assert len(table) == 3 and "吾輩は猫" in table[1], table
     # the text column is the last and right-aligned: lined up, every line ends at the same column
     assert len({shown_width(line) for line in table}) == 1, table
+
+
+def test_a_column_named_as_a_setting_runner_lacks_is_said_to_be_data(tmp_path, tiny_gpt2, runner_home):
+    """A row giving vLLM's `ignore_eos` or `stop_token_ids`, or GenerationConfig's `eos_token_id` (the tutorials'
+    `eos_token_id=tokenizer.encode('\\n')[0]`), was kept as data without a word, the row generated without it,
+    where a Batch body giving one is refused; GenerationConfig's `stop_strings` is runner's `stop`."""
+    rows = [
+        {"prompt": "Hello", "stop_token_ids": [0], "ignore_eos": True, "eos_token_id": 198, "topic": "cats"}
+    ]
+    said = invoke("submit", write_jsonl(tmp_path / "p.jsonl", rows), "-m", tiny_gpt2).stderr
+    assert (
+        "note: 'stop_token_ids', 'ignore_eos' and 'eos_token_id' are kept as data, not settings: runner has none of them"
+        in said
+    ), said
+    assert "'topic'" not in said
+    renamed = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hello", "stop_strings": ["\n"]}])
+    said = invoke("submit", renamed, "-m", tiny_gpt2).stderr
+    assert "note: 'stop_strings' (did you mean 'stop'?) is kept as data, not a setting" in said, said
+    plain = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Hello", "stop": ["\n"], "topic": "cats"}])
+    assert "kept as data" not in invoke("submit", plain, "-m", tiny_gpt2).stderr
