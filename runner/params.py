@@ -59,6 +59,7 @@ _SAID_ELSEWHERE = {
         "transformers' min_length counts the prompt too; it counts new tokens only",
     ),
     "max_tokens": ("max_new_tokens", "OpenAI's max_tokens"),
+    "stop_strings": ("stop", "transformers' GenerationConfig.stop_strings: a string or a list of them"),
     "n": ("num_return_sequences", "OpenAI's n"),
 }
 

@@ -76,6 +76,7 @@ def test_round_trip_through_dict():
         (lambda: GenerationParams(min_length=5), "no setting 'min_length': use min_new_tokens"),
         (lambda: GenerationParams(max_tokens=16), "no setting 'max_tokens': use max_new_tokens"),
         (lambda: GenerationParams(n=4), "no setting 'n': use num_return_sequences"),
+        (lambda: GenerationParams(stop_strings=["\n"]), "no setting 'stop_strings': use stop "),
         (lambda: GenerationParams(temprature=0.7), "no setting 'temprature': did you mean 'temperature'"),
         (
             lambda: EngineOptions(batchsize=8),
