@@ -271,8 +271,12 @@ class GenerationParams:
         self.length_penalty = _check_float("length_penalty", self.length_penalty)
         _check_range("length_penalty", self.length_penalty, -10 <= self.length_penalty <= 10, "in [-10, 10]")
         for name in ("prompt_logprobs", "early_stopping"):
-            if not isinstance(getattr(self, name), bool):
-                raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}.")
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                # (vLLM's prompt_logprobs is a count of alternatives per prompt token, 0 for none)
+                vllm = " (vLLM's count of alternatives: runner keeps each prompt token's own log-prob, no alternatives)"
+                said = vllm if name == "prompt_logprobs" and isinstance(value, int) else ""
+                raise ParamError(name, f"{name} must be true or false, got {value!r}{said}.")
 
     @property
     def sampled(self) -> bool:

@@ -26,6 +26,13 @@ from runner.params import ScoreParams
         ("stop", [""], r"stop strings must be non-empty strings, got ''\."),
         ("stop", 5, r"stop must be a string or a list of strings, got 5\."),
         ("do_sample", "yes", r"do_sample must be true or false, got 'yes'\."),
+        # vLLM's prompt_logprobs is a count of alternatives (0: the tokens' own), here an on/off switch
+        (
+            "prompt_logprobs",
+            0,
+            r"got 0 \(vLLM's count of alternatives: runner keeps each prompt token's own log-prob",
+        ),
+        ("prompt_logprobs", "yes", r"prompt_logprobs must be true or false, got 'yes'\.$"),
     ],
 )
 def test_each_field_is_checked(field, value, message):
