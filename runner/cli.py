@@ -851,20 +851,34 @@ def work(
     args += ["--until", until] if until else (["--hours", str(hours)] if hours else [])
     args += ["--progress-every", str(progress_every)] if progress_every else []
     if background:
-        from .api import work_in_background
-
         extra = (["--device", device] if device else []) + (["--gpus", gpus] if gpus else [])
         extra += ["--workers", str(n_workers)] if n_workers else []
-        worker = work_in_background(args + extra, ctx.obj["home"])
-        _echo(f"working in the background (pid {worker.pid}); its output: {worker.log}")
-        job = job_ref or "JOB"
-        _echo(f"follow it with `{command(ctx.obj['home'], 'watch', job)}` or `{command(ctx.obj['home'], 'status')}`; "
-              f"stop it with `{command(ctx.obj['home'], 'cancel', job)}` or kill {worker.pid}")  # fmt: skip
+        _work_in_background(ctx.obj["home"], args + extra, job_ref)
         return
     if gpus is not None or n_workers is not None:
         devices = _worker_devices(gpus, n_workers, device)
         raise SystemExit(_run_processes(ctx.obj["home"], args, devices))
     _work_here(ctx.obj["home"], job_ref, deadline, once, shard_rows, shard_minutes, device, progress_every)
+
+
+def _work_in_background(home: str | None, args: list[str], job_ref: str | None) -> None:
+    """`runner work --background`: start the worker and say how to follow it, and that one started before on this
+    machine still runs (a notebook's cells run again after a disconnect that left the VM alive): the new one is a
+    second, with its own copy of the model, which the user may not want on one GPU."""
+    from .api import work_in_background
+    from .background import running
+
+    before = running(home)
+    worker = work_in_background(args, home)
+    _echo(f"working in the background (pid {worker.pid}); its output: {worker.log}")
+    if before:
+        pids = ", ".join(str(w.pid) for w in before)
+        _echo(f"note: {counted(len(before), 'background workers')} of this job home "
+              f"{'is' if len(before) == 1 else 'are'} already running on this machine (pid {pids}): this one is another, with its own copy of the model (they share the jobs; no "
+              f"row is computed twice); kill {worker.pid} if one is enough")  # fmt: skip
+    job = job_ref or "JOB"
+    _echo(f"follow it with `{command(home, 'watch', job)}` or `{command(home, 'status')}`; "
+          f"stop it with `{command(home, 'cancel', job)}` or kill {worker.pid}")  # fmt: skip
 
 
 class Terminated(KeyboardInterrupt):

@@ -262,3 +262,23 @@ def test_watch_help_says_a_line_comes_when_the_status_changed_not_every_few_seco
     said = " ".join(invoke("watch", "--help").output.split())
     assert "Seconds between status lines" not in said
     assert "Seconds between looks at the job: a line when its status changed" in said
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="start times come from /proc")
+def test_a_second_background_worker_on_this_machine_is_said_to_be_one_more(tmp_path, monkeypatch):
+    """A notebook's cells run again after a disconnect that left the VM alive: `runner work --background`
+    started a second worker beside the first without a word, a second copy of the model on the one GPU. It
+    says so, naming the first; the first start says nothing of the kind."""
+    pids = iter([os.getpid(), os.getppid()])  # (live processes: the first start's pid file counts as running)
+    monkeypatch.setattr(background.subprocess, "Popen", lambda *a, **kw: _FakeProc(next(pids)))
+    monkeypatch.setattr(background, "_CHILDREN", [])
+    home = tmp_path / "home"
+    first = invoke("--home", home, "work", "--background")
+    assert first.exit_code == 0 and "already running" not in first.output, first.output
+    second = invoke("--home", home, "work", "--background")
+    assert second.exit_code == 0, second.output
+    assert (
+        f"note: 1 background worker of this job home is already running on this machine (pid {os.getpid()}): "
+        f"this one is another, with its own copy of the model" in " ".join(second.output.split())
+    ), second.output
+    assert f"kill {os.getppid()} if one is enough" in " ".join(second.output.split())
