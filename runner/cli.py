@@ -140,15 +140,23 @@ model_option = click.option(
     "-m", "--model", required=True,
     help="Hub id (gpt2), local model folder, .gguf file, or the offline demo smollm2-135m-instruct.",
 )  # fmt: skip
+_REVISION = "A hub model's branch, tag or commit to run on [default: main]."
 revision_option = click.option(
     "--revision",
-    help="A hub model's branch, tag or commit to run on [default: main]. A hub model's job runs to the end on the "
-    "commit this names at submit, whatever is pushed since.",
+    help=f"{_REVISION} A hub model's job runs to the end on the commit this names at submit, whatever is pushed "
+    "since.",
 )
+# (runner generate makes no job to pin)
+try_revision_option = click.option("--revision", help=_REVISION)
+_SERVED = "A model name to answer to (besides --model), repeatable: an OpenAI Batch body.model may give it"
 served_names_option = click.option(
     "--served-model-name", "served_model_names", multiple=True,
-    help="A model name to answer to (besides --model), repeatable: an OpenAI Batch body.model may give it, and "
-    "--format openai answers with the first.",
+    help=f"{_SERVED}, and --format openai answers with the first.",
+)  # fmt: skip
+# (run-batch has no --format: each answer names the model its request named)
+batch_served_names_option = click.option(
+    "--served-model-name", "served_model_names", multiple=True,
+    help=f"{_SERVED} (each answer names the model its request named).",
 )  # fmt: skip
 
 input_options = _apply([
@@ -1600,7 +1608,7 @@ def _lost_retry_line(lost: tuple[int, int], now: str | None) -> str:
 @cli.command()
 @click.argument("prompts", nargs=-1, required=True)
 @model_option
-@revision_option
+@try_revision_option
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message through the chat template.")
 @_chat_template_option("that --chat sends the prompts through")
 @click.option("--show-logprobs", is_flag=True, help="Also print each token with its log-prob.")
@@ -1667,7 +1675,7 @@ def generate(
 )
 @model_option
 @revision_option
-@served_names_option
+@batch_served_names_option
 @click.option(
     "--max-new-tokens",
     type=int,

@@ -1613,3 +1613,20 @@ def test_a_column_named_as_a_setting_runner_lacks_is_said_to_be_data(tmp_path, t
     assert "note: 'stop_strings' (did you mean 'stop'?) is kept as data, not a setting" in said, said
     plain = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Hello", "stop": ["\n"], "topic": "cats"}])
     assert "kept as data" not in invoke("submit", plain, "-m", tiny_gpt2).stderr
+
+
+def test_help_speaks_of_what_each_command_does_with_revision_and_served_names():
+    """`runner generate --help` said of --revision that "a hub model's job runs to the end on the commit this
+    names at submit" (a try makes no job), and `runner run-batch --help` of --served-model-name that "--format
+    openai answers with the first" (run-batch has no --format; each answer names its request's model)."""
+
+    def option_help(command, option):
+        (param,) = [p for p in cli.commands[command].params if option in p.opts]
+        return param.help
+
+    assert "job" not in option_help("generate", "--revision")
+    assert "job runs to the end" in option_help("run", "--revision")
+    assert "--format" not in option_help("run-batch", "--served-model-name")
+    assert "the model its request named" in option_help("run-batch", "--served-model-name")
+    assert "--format openai answers with the first" in option_help("submit", "--served-model-name")
+    assert "revision" in invoke("generate", "--help").output  # (shown, as click shows it)
