@@ -342,7 +342,15 @@ def not_utf8_text(raw: bytes) -> str:
 
 
 def _not_utf8(what: str, guess: str | None, fix: str) -> str:
+    if guess in PACKED.values():  # (a gzip file named .jsonl was "not UTF-8 ...; save it as UTF-8")
+        fix = "unpack it (gunzip, unzip ...) and give the text inside" if "Excel" not in guess else (
+            'save the sheet as "CSV UTF-8 (Comma delimited)"')  # fmt: skip
     return f"{what} is not UTF-8" + (f" (it looks like {guess})" if guess else "") + f"; {fix}"
+
+
+# The first bytes of the packed files of PACKED (an .xlsx is a zip archive: said as the workbook it most likely is)
+MAGIC = ((b"\x1f\x8b", ".gz"), (b"BZh", ".bz2"), (b"\xfd7zXZ\x00", ".xz"), (b"\x28\xb5\x2f\xfd", ".zst"),
+         (b"PK\x03\x04", ".zip"), (b"\xd0\xcf\x11\xe0", ".xls"))  # fmt: skip
 
 
 def _guess_encoding(head: bytes) -> str | None:
@@ -350,6 +358,9 @@ def _guess_encoding(head: bytes) -> str | None:
     and holds kana: text that only happens to decode is kanji soup, a Latin code page more likely), or None."""
     import codecs
 
+    packed = next((PACKED[suffix] for magic, suffix in MAGIC if head.startswith(magic)), None)
+    if packed is not None:
+        return packed
     nuls = max(head[0::2].count(0), head[1::2].count(0))
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or nuls > len(head) // 4:
         return "UTF-16"
@@ -961,6 +972,24 @@ def _dataset_label(source: Any) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[-80:] or "dataset"
 
 
+# Packed files a user may give for a prompt file (a .jsonl.gz as datasets reads it, an Excel workbook): what
+# each is and what to do, where "unknown file type '.gz'" said neither
+PACKED = {".gz": "a gzip-compressed file", ".bz2": "a bzip2-compressed file", ".xz": "an xz-compressed file",
+          ".zst": "a zstd-compressed file", ".zip": "a zip archive", ".xlsx": "an Excel workbook",
+          ".xls": "an Excel workbook"}  # fmt: skip
+_UNPACK = {".gz": "gunzip -k", ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".zst": "unzstd", ".zip": "unzip"}
+
+
+def _unpack_hint(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if p.suffix.lower() in (".xlsx", ".xls"):
+        return 'save the sheet as "CSV UTF-8 (Comma delimited)" and give the .csv'
+    inner = p.with_suffix("")
+    if p.suffix.lower() == ".zip" or inner.suffix.lower() not in SUFFIXES:
+        return f"unpack it ({_UNPACK[p.suffix.lower()]} {p.name}) and give the prompt file inside"
+    return f"unpack it first ({_UNPACK[p.suffix.lower()]} {p.name} writes {inner.name}) and give {inner.name}"
+
+
 def input_format(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES and not os.path.lexists(path):  # (`runner score "a text"`, gpt2-score's habit)
@@ -971,6 +1000,10 @@ def input_format(path: str | os.PathLike) -> str:
         raise ParamError("input", f"{os.fspath(path)} is a folder: name a prompt file in it (.jsonl, .parquet, .csv, "
                                   ".txt), or a dataset folder written by save_to_disk (this one has no state.json "
                                   "or dataset_dict.json)")  # fmt: skip
+    if suffix in PACKED:
+        raise ParamError(
+            "input", f"{path}: {PACKED[suffix]}, which runner does not read: {_unpack_hint(path)}"
+        )
     if suffix not in SUFFIXES:
         raise ParamError(
             "input",

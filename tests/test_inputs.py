@@ -249,6 +249,41 @@ def test_a_latin1_csv_is_not_utf8_with_no_guess(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("p.jsonl.gz", "a gzip-compressed file, which runner does not read: unpack it first (gunzip -k p.jsonl.gz "
+                       "writes p.jsonl) and give p.jsonl"),
+        ("p.zip", "a zip archive, which runner does not read: unpack it (unzip p.zip) and give the prompt file "
+                  "inside"),
+        ("p.xlsx", 'an Excel workbook, which runner does not read: save the sheet as "CSV UTF-8 (Comma delimited)" '
+                   "and give the .csv"),
+    ],
+)  # fmt: skip
+def test_a_packed_prompt_file_is_said_to_be_one(tmp_path, name, said):
+    """A prompts.jsonl.gz (datasets reads those), a zip or an Excel workbook was "unknown file type '.gz'", saying
+    neither what it is nor what to do."""
+    import gzip
+
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b'{"prompt": "Hi"}\n'))
+    with pytest.raises(ParamError) as err:
+        read_prompts(path)
+    assert str(err.value).endswith(f"{path}: {said}"), str(err.value)
+
+
+def test_a_gzip_file_named_as_text_is_said_to_be_packed(tmp_path):
+    """A gzip file under a .jsonl name was "not UTF-8 ...; save it as UTF-8": it is said to be gzip, to unpack."""
+    import gzip
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(gzip.compress(b'{"prompt": "Hi"}\n'))
+    assert problems_of(path)[1].endswith(
+        "the file is not UTF-8 (it looks like a gzip-compressed file); unpack it (gunzip, unzip ...) and give the "
+        "text inside"
+    )
+
+
 @pytest.mark.parametrize(("sep", "said"), [(";", "semicolons (;)"), ("\t", "tabs")], ids=["semicolon", "tab"])
 def test_a_csv_separated_by_semicolons_or_tabs_is_said_so(tmp_path, sep, said):
     """Excel in a European or Japanese locale saves "CSV" with ';' (a TSV renamed .csv has tabs): every row was
