@@ -53,6 +53,9 @@ class JobStatus:
     # The retry generation its counts are of (`runner retry` starts the next): a reader that reads the ledger
     # again (the report) reads it at the same one, so that its errors agree with these counts
     generation: int = 0
+    # What the job does: generate, score or embed (None: a broken job whose job.json does not say); the table's
+    # rows of a score job and a generate job of one file looked alike
+    kind: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +90,8 @@ def broken_status(path: Path, reason: str, job: Job | None = None, repairable: b
     return JobStatus(id=job_id, name=name, state=JobState.BROKEN.value, done=0, total=0,
                      errors=0, invalid=0, tokens_per_second=None, eta_seconds=None,
                      model=str(meta.get("model") or "-"), created=str(meta.get("created") or ""), worker=None,
-                     message=reason + hint, folder=str(path))  # fmt: skip
+                     message=reason + hint, folder=str(path),
+                     kind=meta["kind"] if meta.get("kind") in jobdir.KINDS else None)  # fmt: skip
 
 
 def _shown_spec(path: Path, job: Job | None) -> dict[str, Any]:
@@ -150,7 +154,7 @@ def job_status(job: Job, looks: Looks | None = None) -> JobStatus:
         model=job.spec.model, created=job.spec.created, worker=_named_worker(workers),
         message=message, workers=workers, folder=str(job.dir), peak_memory_bytes=peak, missing=missing,
         model_revision=job.spec.revision,
-        unsaved=unsaved, generation=state.generation,
+        unsaved=unsaved, generation=state.generation, kind=job.spec.kind,
     )  # fmt: skip
 
 
@@ -411,11 +415,11 @@ def _unreadable_or_broken(path: Path, e: StorageError) -> JobStatus:
 
 def status_table(statuses: list[JobStatus]) -> str:
     """A fixed-width table that reads the same in a terminal, a Colab cell and a log file."""
-    head = ("JOB", "NAME", "STATE", "DONE/TOTAL", "TOK/S", "ETA", "ERRORS", "WORKERS", "MODEL")
+    head = ("JOB", "NAME", "KIND", "STATE", "DONE/TOTAL", "TOK/S", "ETA", "ERRORS", "WORKERS", "MODEL")
     rows = [head]
     for s in statuses:
         rows.append((
-            s.id, s.name or "-", s.state, s.done_text(),
+            s.id, s.name or "-", s.kind or "-", s.state, s.done_text(),
             f"{s.tokens_per_second:,.1f}" if s.tokens_per_second else "-", s.eta, str(s.errors),
             s.workers_text(), s.model,
         ))  # fmt: skip

@@ -231,6 +231,7 @@ def test_status_counts_and_table(prompts_file, tiny_gpt2, gpt2_engine, runner_ho
     assert table.splitlines()[0].split() == [
         "JOB",
         "NAME",
+        "KIND",
         "STATE",
         "DONE/TOTAL",
         "TOK/S",
@@ -240,6 +241,7 @@ def test_status_counts_and_table(prompts_file, tiny_gpt2, gpt2_engine, runner_ho
         "MODEL",
     ]
     assert "nightly" in table and "4/6" in table
+    assert table.splitlines()[1].split()[1:3] == ["nightly", "generate"] and s.as_dict()["kind"] == "generate"
     stats = Job.open(job.dir).read_stats()["runs"]
     assert s.peak_memory_bytes == stats[-1]["peak_memory_bytes"] > 0  # what the run recorded
     result = invoke("--home", runner_home, "status", "nightly")
