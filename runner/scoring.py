@@ -104,7 +104,7 @@ def split_context(tokenizer: Any, context: str, continuation: str) -> tuple[list
     context moves to the start of the continuation, the pair is encoded together, and the continuation is
     whatever follows the length of the context's own encoding, where the pair's encoding starts with it (else
     `_continuation_ids`: the continuation's own, or [] where that does not spell it). An empty context
-    becomes [BOS] (EOS)."""
+    becomes [BOS] (EOS), and so does one that encodes to no tokens (a normalizer deletes its characters)."""
     return split_contexts(tokenizer, [(context, continuation)])[0]
 
 
@@ -127,7 +127,10 @@ def split_contexts(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tup
             out.append(([prefix_token_id(tokenizer)], next(encoded)))
         else:
             ctx, whole = next(encoded), next(encoded)
-            out.append((ctx, _continuation_ids(tokenizer, ctx, whole, continuation)))
+            # a context normalised away is the empty one: scored after the BOS, never from token 0
+            out.append(
+                (ctx or [prefix_token_id(tokenizer)], _continuation_ids(tokenizer, ctx, whole, continuation))
+            )
     return out
 
 

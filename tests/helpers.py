@@ -296,3 +296,17 @@ def ends_exactly_once(job_dir, engine, ref) -> None:
         run_job(Job.open(job_dir), engine, echo=None, owner=Owner.me("D"), shard_rows=2)
     assert read_state(job_dir).state == "completed"
     assert_exactly_once(job_dir, ref)
+
+
+def normalising_copy(model: str, dest: Path, dropped: str) -> Path:
+    """A copy of the tiny Llama at `model` whose tokenizer's normalizer deletes `dropped` (as sentencepiece's
+    nmt_nfkc deletes control and zero-width characters): a text of only those encodes to no tokens. Loaded as
+    a plain fast tokenizer, which keeps tokenizer.json's normalizer (LlamaTokenizer builds its own)."""
+    shutil.copytree(model, dest)
+    spec = json.loads((dest / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "Replace", "pattern": {"String": dropped}, "content": ""}
+    (dest / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config = json.loads((dest / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (dest / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return dest

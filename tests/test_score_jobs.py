@@ -489,3 +489,22 @@ def test_a_txt_line_of_information_separators_is_not_blank(tmp_path):
     (tmp_path / "t.txt").write_text("a\n\x1e\n\u3000\nb\n", encoding="utf-8")
     assert [n for n, _, _ in iter_text(tmp_path / "t.txt", "text")] == [1, 2, 4]
     assert read_text_lines(tmp_path / "t.txt") == ["a", "\x1e", "b"]
+
+
+def test_a_pair_whose_context_encodes_to_no_tokens_is_scored_not_a_crash(tmp_path, tiny_llama):
+    """A pair whose context a tokenizer normalises away was submitted beginning its score at token 0, and each
+    run of the job died on score_batch's ValueError, the other rows of its batch never scored (adversarial pass
+    225). Its context is the empty one: the BOS."""
+    from helpers import normalising_copy
+
+    path = normalising_copy(tiny_llama, tmp_path / "llama", "\u200b")
+    rows = [{"id": "zw", "context": "\u200b", "continuation": " Hello"},
+            {"id": "empty", "context": "", "continuation": " Hello"},
+            {"id": "ok", "context": "Hi", "continuation": " there"}]  # fmt: skip
+    job, summary = runner.run(write_jsonl(tmp_path / "p.jsonl", rows), str(path), ScoreParams(),
+                              output=tmp_path / "s", echo=None)  # fmt: skip
+    assert summary.finished and runner.read_errors(job.dir) == []
+    df = runner.load_results(job.dir).set_index("id")
+    assert list(df.index) == ["zw", "empty", "ok"] and df.loc["zw", "context"] == "\u200b"
+    assert list(df.loc["zw", "token_ids"]) == list(df.loc["empty", "token_ids"])
+    assert df.loc["zw", "logprob"] == pytest.approx(df.loc["empty", "logprob"], abs=1e-4)

@@ -453,3 +453,31 @@ def test_embed_texts_names_the_text_that_encodes_to_no_tokens(gpt2_engine):
     batch, naming no text (adversarial pass 157); it names the text, as score_texts does."""
     with pytest.raises(RunnerError, match=r"texts\[1\] encodes to no tokens"):
         embed_texts(gpt2_engine, ["Hello", ""])
+
+
+def test_a_context_that_encodes_to_no_tokens_is_an_empty_context(tmp_path, tiny_llama):
+    """A context the tokenizer normalises away ("\\u200b" under a normalizer that deletes it, as sentencepiece's
+    nmt_nfkc deletes control characters) encoded to no tokens: the pair began scoring at token 0, and
+    score_batch refused it with "score_from must be in [1, len(seq)], got [0]" (adversarial pass 225). It is
+    the empty context it spells: the BOS, as lm-eval scores an empty context, then the continuation."""
+    from helpers import normalising_copy
+
+    from runner.engine import Engine
+    from runner.params import EngineOptions
+
+    path = normalising_copy(tiny_llama, tmp_path / "llama", "\u200b")
+    engine = Engine(str(path), EngineOptions(device="cpu"))
+    tok = engine.tokenizer
+    assert tok("\u200b", add_special_tokens=False)["input_ids"] == []
+    hello = tok(" Hello", add_special_tokens=False)["input_ids"]
+    assert (
+        split_context(tok, "\u200b", " Hello")
+        == split_context(tok, "", " Hello")
+        == ([tok.bos_token_id], hello)
+    )
+    assert split_context(tok, "\u200b\u200b ", "Hello") == ([tok.bos_token_id], hello)
+    got, empty = score_continuations(engine, [("\u200b", " Hello"), ("", " Hello")])
+    assert got.token_ids == hello and got.token_logprobs == pytest.approx(empty.token_logprobs, abs=1e-5)
+    assert got.token_logprobs == pytest.approx(
+        plain_logprobs(engine, [tok.bos_token_id, *hello])[0], abs=1e-4
+    )
