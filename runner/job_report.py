@@ -525,17 +525,23 @@ def _logprob_section(data: ReportData) -> str:
                                        range=(float(logppl.min()), float(logppl.min()) + span))  # fmt: skip
         mids = ((edges[:-1] + edges[1:]) / 2).tolist()
         ppl.add_trace(go.Bar(x=mids, y=counts_r.tolist(), width=float(edges[1] - edges[0]) * 0.95,
-                             customdata=[10**m for m in mids],
+                             customdata=[_power10(m) for m in mids],
                              hovertemplate="perplexity ~ %{customdata:.3g}<br>%{y} rows<extra></extra>"))  # fmt: skip
         ticks = _log_ticks(float(edges[0]), float(edges[-1]))
-        median = float(np.median(np.exp(-scores.astype(np.float64))))
+        with np.errstate(over="ignore"):  # a perplexity past float64 is inf
+            median = float(np.median(np.exp(-scores.astype(np.float64))))
         ppl.update_layout(title=f"perplexity of each result (median {_num(median)})",
                           xaxis={"title": "perplexity = exp(-mean log-prob per token), log scale",
-                                 "tickvals": ticks, "ticktext": [_num(10**t) for t in ticks]},
+                                 "tickvals": ticks, "ticktext": [_num(_power10(t)) for t in ticks]},
                           yaxis_title="result rows")  # fmt: skip
     note = _note(f"Token log-probs below {LP_LOW:g} are counted in the lowest bar.") if counts[0] else ""
     body = f'<div class="grid">{_figure(tokens, "token-logprobs")}{_figure(ppl, "perplexity")}</div>\n{note}'
     return _section("logprobs", title, body)
+
+
+def _power10(x: float) -> float:
+    """10 ** x; inf past float64 (a perplexity of a mean log-prob below -709.78: Python's power raises there)."""
+    return 10.0**x if x < 308.25 else math.inf
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
@@ -644,6 +650,8 @@ def _plain(v: Any) -> str:
 
 
 def _samples_section(data: ReportData) -> str:
+    from .scoring import perplexity
+
     if not data.rows_read:
         return _section("samples", "Sample outputs", _note("No results yet."))
     kind = data.job.kind
@@ -664,7 +672,7 @@ def _samples_section(data: ReportData) -> str:
         head, classes = head + ["context"] * context + ["text"], classes + ["text"] * (1 + context)
     rows = []
     for label, s in shown:
-        row = [label, s.id, s.sample, s.tokens, f"{s.score:.3f}", _num(math.exp(-s.score))]
+        row = [label, s.id, s.sample, s.tokens, f"{s.score:.3f}", _num(perplexity(s.score))]
         if kind == "generate":
             row += [s.finish or "", _tail(s.prompt or "")]
         elif context:

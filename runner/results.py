@@ -251,9 +251,9 @@ def _top_entries(c: Any, prompt_ids: list[int], texts: TokenText | None) -> list
 def score_table(prompts: pa.Table, scored: list[GeneratedRow], texts: TokenText) -> pa.Table:
     """One row per scored text: `completion` of each GeneratedRow is a scoring.TextScore; `tokens` read in
     place (after the unscored tokens before them) and `token_bytes` are each token's exact UTF-8 bytes."""
-    import math
-
     import pyarrow as pa
+
+    from .scoring import perplexity
 
     base = prompts.take(pa.array([g.row for g in scored], pa.int64()))
     conts = base.column("continuation").to_pylist()
@@ -267,7 +267,7 @@ def score_table(prompts: pa.Table, scored: list[GeneratedRow], texts: TokenText)
         "continuation": conts,
         "logprob": [r.logprob for r in res],
         "mean_logprob": [r.logprob / len(r.token_logprobs) for r in res],
-        "perplexity": [math.exp(-r.logprob / len(r.token_logprobs)) for r in res],
+        "perplexity": [perplexity(r.logprob / len(r.token_logprobs)) for r in res],
         "num_tokens": [len(r.token_ids) for r in res],
         "is_greedy": [r.is_greedy for r in res],
         "token_ids": [r.token_ids for r in res],

@@ -56,7 +56,7 @@ class TextScore:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(-self.mean_logprob) if self.num_tokens else math.nan
+        return perplexity(self.mean_logprob) if self.num_tokens else math.nan
 
     @classmethod
     def concat(cls, parts: Sequence[TextScore]) -> TextScore:
@@ -69,6 +69,14 @@ class TextScore:
 
 
 ScoredTokens = TextScore
+
+
+def perplexity(mean_logprob: float) -> float:
+    """exp(-mean log-prob per token); inf past float64 (a mean below -709.78: math.exp raises there)."""
+    try:
+        return math.exp(-mean_logprob)
+    except OverflowError:
+        return math.inf
 
 
 # --- tokenizing -------------------------------------------------------------------------------------------

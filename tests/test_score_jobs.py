@@ -508,3 +508,30 @@ def test_a_pair_whose_context_encodes_to_no_tokens_is_scored_not_a_crash(tmp_pat
     assert list(df.index) == ["zw", "empty", "ok"] and df.loc["zw", "context"] == "\u200b"
     assert list(df.loc["zw", "token_ids"]) == list(df.loc["empty", "token_ids"])
     assert df.loc["zw", "logprob"] == pytest.approx(df.loc["empty", "logprob"], abs=1e-4)
+
+
+def test_a_perplexity_past_the_float_range_is_written_as_inf(tmp_path, tiny_gpt2, test_device):
+    """A text whose mean log-prob is below -709.78 (a model of large logits: here its final norm scaled up)
+    has a perplexity past float64: math.exp raised OverflowError as the shard was written, and the job died at
+    each commit, every row of the unit lost (adversarial pass 225). It is inf; log-probs stay finite."""
+    import torch
+
+    from runner.engine import Engine
+
+    engine = Engine(tiny_gpt2, EngineOptions(device=test_device))
+    with torch.no_grad():
+        engine.model.transformer.ln_f.weight.mul_(3000.0)
+    rows = [{"id": "hot", "text": "Hello world"}, {"id": "fox", "text": "The quick brown fox"}]
+    job, summary = runner.run(write_jsonl(tmp_path / "t.jsonl", rows), tiny_gpt2, ScoreParams(),
+                              output=tmp_path / "s", engine=engine, echo=None)  # fmt: skip
+    assert summary.finished and summary.done == 2
+    df = runner.load_results(job.dir)
+    assert all(math.isfinite(lp) for lps in df["token_logprobs"] for lp in lps)
+    assert (df["mean_logprob"] < -710).any() and (df["perplexity"] == math.inf).any()
+    for row in df.itertuples():
+        assert row.perplexity == (
+            math.inf if row.mean_logprob < -710 else pytest.approx(math.exp(-row.mean_logprob))
+        )
+    assert invoke("results", job.dir, "--to", tmp_path / "out.csv").exit_code == 0
+    assert invoke("results", job.dir, "--to", tmp_path / "out.jsonl").exit_code == 0
+    assert invoke("report", job.dir, "-o", tmp_path / "r.html").exit_code == 0

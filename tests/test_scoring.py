@@ -481,3 +481,11 @@ def test_a_context_that_encodes_to_no_tokens_is_an_empty_context(tmp_path, tiny_
     assert got.token_logprobs == pytest.approx(
         plain_logprobs(engine, [tok.bos_token_id, *hello])[0], abs=1e-4
     )
+
+
+def test_a_perplexity_past_the_float_range_is_inf(gpt2_engine):
+    """exp(-mean log-prob) of a mean below -709.78 is past float64: math.exp raised OverflowError (adversarial
+    pass 225); such a perplexity is inf, as numpy's exp says."""
+    score = TextScore([5], [-800.0], [False])
+    assert score.logprob == -800.0 and score.perplexity == math.inf
+    assert TextScore([5, 6], [-700.0, -700.0], [False, False]).perplexity == pytest.approx(math.exp(700))
