@@ -239,7 +239,9 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 5 (adversarial pass 222), a chat row's developer message is a
+# How a file is read (job.json's input "reading"): 6 (adversarial pass 225), a score pair's context that encodes to
+# no tokens is the empty context, BOS (scoring.split_contexts), and a continuation or text that encodes to none is
+# refused as such; 5 (adversarial pass 222), a chat row's developer message is a
 # system message for a template without that role, and a message the template leaves out is refused
 # (batching.render_prompt); 4 (2026-12-06, evening), a Parquet file's named RangeIndex
 # (pandas' `set_index("番号")` of 1, 2, 3 ..., kept in its metadata only) is a column; 3 (2026-12-06, later), an
@@ -247,7 +249,7 @@ def iter_text(
 # base64; 2 (2026-12-06), a Parquet column keeps its Arrow type and a .txt line of Unicode spaces is blank; 1, a
 # job without it: `runner repair` rebuilds its prompts.parquet and errors.jsonl as its submit wrote them, or
 # their checksums differ and it cannot
-READING = 5
+READING = 6
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:

@@ -46,7 +46,7 @@ from .errors import (
     option,
     said_on_the_command_line,
 )
-from .inputs import PromptReader, PromptRow, input_file
+from .inputs import READING, PromptReader, PromptRow, input_file
 from .jobdir import JOB_BACKUP, JOB_FILE, ORDER, PROMPTS, Job, JobState, check_name, default_home, new_job_id
 from .models import (
     ModelUnreadable,
@@ -393,7 +393,7 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
                      kind == "generate" and _sample_auto(params), _vocab_size(config),
                      # (a job of before, read as its submit read it: no endpoint per row, as its checksum says)
                      (model, inp.get("served_model_names") or ()) if reader.reading >= 2 else None)  # fmt: skip
-    prep.faithful = reader.reading >= 5
+    prep.faithful, prep.reading = reader.reading >= 5, reader.reading
     _write_prompts(reader, prep, folder, bool(inp.get("skip_invalid")))
 
 
@@ -1132,6 +1132,9 @@ class _Preparer:
         # messages rendered as since reading 5 (batching.render_prompt): `runner repair` of a job read before
         # renders them as its submit did
         self.faithful = True
+        # how its rows are prepared (inputs.READING): `runner repair` of a job read before prepares them as its
+        # submit did (before 6, a score pair's context of no tokens stayed [])
+        self.reading = READING
         # some row gives temperature / top_p / top_k / min_p (jobdir.ROW_SAMPLING_FORMAT)
         self.sampling_rows = False
         # the job or some row gives min_p (jobdir.MIN_P_FORMAT)
@@ -1310,11 +1313,14 @@ class _Preparer:
                            f"(shorten {it}{fix}, or pass {option('truncate', 'left')})", field)  # fmt: skip
 
     def _prepare_score(self, rows: list[PromptRow]) -> list[tuple[str, list[int], int] | _RowProblem]:
-        from .scoring import fit_context, split_contexts, tokenize_texts
+        from .scoring import fit_context, no_continuation, split_contexts, tokenize_texts
 
         pairs = [r for r in rows if r.continuation is not None]
         texts = [r for r in rows if r.continuation is None]
-        split = iter(split_contexts(self.tokenizer, [(r.prompt or "", r.continuation or "") for r in pairs]))
+        now = self.reading >= 6  # (a job read before: its rows prepared and refused as its submit did)
+        split = iter(
+            split_contexts(self.tokenizer, [(r.prompt or "", r.continuation or "") for r in pairs], now)
+        )
         plain = iter(tokenize_texts(self.tokenizer, [r.prompt or "" for r in texts],
                                     add_bos=self.params.add_bos, add_eos=self.params.add_eos))  # fmt: skip
         window = self.window
@@ -1326,12 +1332,16 @@ class _Preparer:
                 try:
                     ctx = fit_context(ctx, cont, window)  # as lm-eval: keep the end of the context
                 except RunnerError as e:
-                    out.append(_RowProblem(str(e), "continuation"))
+                    why = no_continuation(self.tokenizer, row.continuation) if now and not cont else str(e)
+                    out.append(_RowProblem(why, "continuation"))
                     continue
                 out.append((row.prompt, ctx + cont, len(ctx)))
                 continue
             ids = next(plain)
-            if len(ids) < 2:
+            # nothing but the BOS / EOS added: the text's characters are deleted by the tokenizer's normalizer
+            if now and len(ids) < 2 and len(ids) == self.params.add_bos + self.params.add_eos:
+                out.append(_RowProblem("text encodes to no tokens (the tokenizer deletes its characters)"))
+            elif len(ids) < 2:
                 out.append(_RowProblem("text has no token to score (it needs a context token before it)"))
             else:  # a text longer than the window is scored in strided windows at work time
                 self.windowed = self.windowed or (self.window is not None and len(ids) > self.window + 1)

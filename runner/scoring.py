@@ -116,8 +116,11 @@ def split_context(tokenizer: Any, context: str, continuation: str) -> tuple[list
     return split_contexts(tokenizer, [(context, continuation)])[0]
 
 
-def split_contexts(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """`split_context` of each (context, continuation) pair, with all the encoding in one tokenizer call."""
+def split_contexts(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], empty_is_bos: bool = True
+) -> list[tuple[list[int], list[int]]]:
+    """`split_context` of each (context, continuation) pair, with all the encoding in one tokenizer call
+    (`empty_is_bos` False: a context of no tokens stays [], as jobs read before 6 prepared it)."""
     texts: list[str] = []
     moved: list[str] = []  # each continuation with the context's trailing whitespace
     for context, continuation in pairs:
@@ -136,9 +139,8 @@ def split_contexts(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tup
         else:
             ctx, whole = next(encoded), next(encoded)
             # a context normalised away is the empty one: scored after the BOS, never from token 0
-            out.append(
-                (ctx or [prefix_token_id(tokenizer)], _continuation_ids(tokenizer, ctx, whole, continuation))
-            )
+            bos = [prefix_token_id(tokenizer)] if empty_is_bos else []
+            out.append((ctx or bos, _continuation_ids(tokenizer, ctx, whole, continuation)))
     return out
 
 
@@ -158,6 +160,16 @@ SEAM_IN_A_TOKEN = (
     "the pair's encoding has a token across the seam of context and continuation, and the continuation "
     "alone does not encode to exactly its own text: split the pair where a token ends (at a space or a word)"
 )
+
+
+def no_continuation(tokenizer: Any, continuation: str) -> str:
+    """Why a pair has no continuation token to score: it is empty, it encodes to none at all (a normalizer
+    deletes its characters), or a token spans the seam (SEAM_IN_A_TOKEN)."""
+    if not continuation:
+        return "continuation is empty"
+    if not encode_texts(tokenizer, [continuation], add_special_tokens=False)[0]:
+        return "continuation encodes to no tokens (the tokenizer deletes its characters)"
+    return SEAM_IN_A_TOKEN
 
 
 def fit_context(context: list[int], continuation: list[int], window: int | None) -> list[int]:
@@ -519,7 +531,9 @@ def score_continuations(
         try:
             ctx = fit_context(ctx, cont, engine.context_window)
         except RunnerError as e:
-            raise RunnerError(f"pairs[{i}]: {'continuation is empty' if not pairs[i][1] else e}") from None
+            raise RunnerError(
+                f"pairs[{i}]: {e if cont else no_continuation(engine.tokenizer, pairs[i][1])}"
+            ) from None
         seqs.append(ctx + cont)
         froms.append(len(ctx))
     return in_batches(

@@ -535,3 +535,52 @@ def test_a_perplexity_past_the_float_range_is_written_as_inf(tmp_path, tiny_gpt2
     assert invoke("results", job.dir, "--to", tmp_path / "out.csv").exit_code == 0
     assert invoke("results", job.dir, "--to", tmp_path / "out.jsonl").exit_code == 0
     assert invoke("report", job.dir, "-o", tmp_path / "r.html").exit_code == 0
+
+
+def test_a_continuation_or_text_that_encodes_to_no_tokens_is_refused_as_such(tmp_path, tiny_llama):
+    """A continuation the tokenizer deletes whole was refused as a token across the seam, "split the pair where
+    a token ends", and such a text as needing "a context token before it" (adversarial pass 225): each is
+    refused for what it is, encoding to no tokens."""
+    from helpers import normalising_copy
+
+    from runner.engine import Engine
+    from runner.scoring import score_continuations
+
+    path = normalising_copy(tiny_llama, tmp_path / "llama", "\u200b")
+    rows = [{"id": "cont", "context": "Hi", "continuation": "\u200b"},
+            {"id": "alone", "context": "", "continuation": "\u200b\u200b"},
+            {"id": "text", "text": "\u200b"}, {"id": "ok", "text": "Hello"}]  # fmt: skip
+    job, summary = runner.run(write_jsonl(tmp_path / "p.jsonl", rows), str(path), ScoreParams(),
+                              output=tmp_path / "s", echo=None, skip_invalid=True)  # fmt: skip
+    assert summary.finished and list(runner.load_results(job.dir)["id"]) == ["ok"]
+    got = {e["id"]: (e["field"], e["message"]) for e in runner.read_errors(job.dir)}
+    assert got == {"cont": ("continuation", "continuation encodes to no tokens (the tokenizer deletes its characters)"),
+                   "alone": ("continuation", "continuation encodes to no tokens (the tokenizer deletes its characters)"),
+                   "text": ("text", "text encodes to no tokens (the tokenizer deletes its characters)")}  # fmt: skip
+    engine = Engine(str(path), EngineOptions(device="cpu"))
+    with pytest.raises(runner.RunnerError, match=r"^pairs\[0\]: continuation encodes to no tokens"):
+        score_continuations(engine, [("Hi", "\u200b")])
+
+
+def test_repair_prepares_a_score_job_read_before_6_as_its_submit_did(tmp_path, tiny_llama):
+    """Since reading 6 a pair whose context encodes to no tokens is scored after the BOS and a continuation of
+    no tokens is refused as such: `runner repair` of a job read before rebuilds its prompts.parquet and
+    errors.jsonl as its submit wrote them (context [], the seam message), or their checksums never match."""
+    import dataclasses
+
+    from helpers import normalising_copy
+
+    from runner.jobs import _rewrite_inputs
+
+    path = normalising_copy(tiny_llama, tmp_path / "llama", "\u200b")
+    rows = [{"id": "zw", "context": "\u200b", "continuation": " Hello"},
+            {"id": "cont", "context": "Hi", "continuation": "\u200b"}]  # fmt: skip
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), str(path), ScoreParams(), skip_invalid=True)
+    for reading, score_from, message in ((READING, 1, "encodes to no tokens"), (5, 0, "across the seam")):
+        meta = {**job.meta, "input": {**job.meta["input"], "reading": reading}}
+        out = tmp_path / f"re-{reading}"
+        out.mkdir()
+        _rewrite_inputs(Job(job.dir, dataclasses.replace(job.spec, meta=meta)), out)
+        assert pq.read_table(out / "prompts.parquet").column("score_from").to_pylist() == [score_from]
+        (error,) = [json.loads(e) for e in (out / jobdir.INVALID).read_text().splitlines()]
+        assert error["id"] == "cont" and message in error["message"]
