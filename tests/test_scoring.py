@@ -489,3 +489,31 @@ def test_a_perplexity_past_the_float_range_is_inf(gpt2_engine):
     score = TextScore([5], [-800.0], [False])
     assert score.logprob == -800.0 and score.perplexity == math.inf
     assert TextScore([5, 6], [-700.0, -700.0], [False, False]).perplexity == pytest.approx(math.exp(700))
+
+
+def _lm_eval_rolling(engine, tokens: list[int], prefix: int, max_len: int) -> list[float]:
+    """lm-eval's loglikelihood_rolling, written out: get_rolling_token_windows(context_len=1), each window made
+    disjoint (make_disjoint_window), scored by a plain forward pass."""
+    windows = [([prefix, *tokens[: max_len - 1]], tokens[:max_len])]
+    predicted = len(windows[0][1])
+    while predicted < len(tokens):
+        n = min(len(tokens) - predicted, max_len)
+        end = predicted + n
+        windows.append((tokens[end - max_len - 1 : end - 1], tokens[end - n : end]))
+        predicted += n
+    out = []
+    for context, continuation in windows:
+        context = context[: len(context) - len(continuation) + 1]
+        out += plain_logprobs(engine, context + continuation)[0][len(context) - 1 :]
+    return out
+
+
+@pytest.mark.parametrize("extra", [1, 200, 300])
+def test_a_stride_of_the_whole_window_is_lm_evals_rolling_loglikelihood(gpt2_engine, extra):
+    """README: `--stride` equal to the context window gives lm-eval's loglikelihood_rolling token for token."""
+    engine = gpt2_engine
+    window = engine.context_window
+    ids = long_ids(engine, 2 * window + extra)[: 2 * window + extra]
+    expected = _lm_eval_rolling(engine, ids[1:], ids[0], window)
+    got = score_rows(engine, [ids], [1], stride=window, max_batch_tokens=600)[0]
+    assert got.token_ids == ids[1:] and got.token_logprobs == pytest.approx(expected, abs=1e-4)
