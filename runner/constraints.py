@@ -218,6 +218,16 @@ class Constraints:
             done[s] = not ok or m.is_stopped()
         return done
 
+    def failure(self, row: int) -> str | None:
+        """Why the row's matcher gave up mid-sample, on one line (llguidance's message without its dump of the
+        parser's state), or None while it works. A matcher that hits one of llguidance's parser limits (`Current
+        row has 2001 items; max is 2000`: a right-recursive grammar nests once per character) stays in error and
+        then allows nothing but EOS: its sample would read as one the model stopped."""
+        m = self.matchers[row]
+        if m is None or not m.is_error():
+            return None
+        return _check_message(m.get_error().split("<state>")[0]) or "its matcher failed"
+
     def complete(self, row: int, tokens: int) -> bool | None:
         """Whether the row's first `tokens` generated tokens (a final EOS counted) satisfy its constraint; None
         for a row without one."""
@@ -241,6 +251,16 @@ class Constraints:
         ):
             return False
         return m.try_consume_tokens(more) == len(more) and m.is_accepting()
+
+
+def failure_message(params: Any, tokens: int, failure: str) -> str:
+    """A row error's message for a row whose matcher gave up at its `tokens`-th generated token (`failure`:
+    `Constraints.failure`), naming the constraint's field; for a right-recursive grammar, the way out."""
+    message = f"{kind_of(params)}: llguidance's parser gave up at token {tokens:,}: {failure}"
+    if "left-recursive" in failure:
+        message += (" (where a rule calls itself last, as GBNF's `root ::= [a-z] root | [a-z]`, it nests one level "
+                    "per character: write it `root ::= [a-z]+`, or left-recursive, `root ::= root [a-z] | [a-z]`)")  # fmt: skip
+    return message
 
 
 def unpack_refused(bits: Any, device: Any) -> Any:

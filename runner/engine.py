@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import graphs, kernels, kvcache
+from . import constraints, graphs, kernels, kvcache
 from .batching import left_pad
 from .errors import ModelLoadError, RunnerError, first_line
 from .models import (
@@ -145,6 +145,19 @@ class NumericalError(RunnerError):
         self.rows = rows
 
 
+class ConstraintError(RunnerError):
+    """Rows whose structured-output matcher gave up mid-sample (one of llguidance's parser limits): `failed`,
+    row -> the row error's message (constraints.failure_message). They left the batch where it happened; the
+    others ran to their end as they do alone, and `done` holds every row's completion, None for those that
+    failed. (A matcher in error allows only EOS: its sample would otherwise read as one the model stopped.)"""
+
+    def __init__(self, failed: dict[int, str], done: list[Completion | None]):
+        super().__init__(
+            f"the constraint of {len(failed)} of the batch's rows failed: {next(iter(failed.values()))}"
+        )
+        self.failed, self.done = failed, done
+
+
 @dataclass
 class _Decode:
     """The state of one `generate` call's decode loop. Per row (input order): prompt, settings, generator,
@@ -185,6 +198,8 @@ class _Decode:
         # where stop strings count from (the text of the min_new_tokens-th token on)
         self.stops_from = [0] * n
         self.tops: list[list[list[tuple[int, float, int]]]] = [[] for _ in range(n)]
+        # rows whose matcher gave up (ConstraintError): the row error's message
+        self.failed: dict[int, str] = {}
 
     def keep_slots(self, idx: Any) -> None:
         """Keep the slots `st.keep` (`idx`: the same as a tensor) of everything but the cache and the logits
@@ -544,6 +559,9 @@ class Engine:
                     outs = self._generate(prompts, params, seeds, stop, max_active, on_finish, on_step)
         except NumericalError as e:  # (its rows are the firsts': the caller splits its own rows)
             raise NumericalError([t for r in e.rows for t in twins[firsts[r]]]) from None
+        except ConstraintError as e:
+            failed = {t: message for r, message in e.failed.items() for t in twins[firsts[r]]}
+            raise ConstraintError(dict(sorted(failed.items())), _copied_to_twins(twins, e.done)) from None
         return _copied_to_twins(twins, outs)
 
     def transformers_generate(
@@ -600,7 +618,10 @@ class Engine:
             if on_step is not None:
                 on_step(len(tok))
             self._advance(st, tok)
-        return self._completions(st)
+        outs = self._completions(st)
+        if st.failed:
+            raise ConstraintError(st.failed, outs)
+        return outs
 
     def _start(self, prompts, params, seeds, max_active, on_finish) -> _Decode:
         """The per-row decode state, with the first rows admitted. Rows wait most new tokens first (the long
@@ -649,8 +670,6 @@ class Engine:
 
     def _constraints(self, params: list[GenerationParams]) -> Any:
         """The matchers of the rows that have a structured-output constraint (constraints.py), or None."""
-        from . import constraints
-
         made: dict[int, str | None] = {}  # rows share settings objects: one grammar each
         for p in params:
             if id(p) not in made:
@@ -732,6 +751,11 @@ class Engine:
         st.keep = []
         for slot, r in enumerate(st.rows):
             p = st.params[r]
+            # a matcher that gave up (it then allows only EOS) fails its row, whatever token ended it
+            failure = st.constraints.failure(r) if over[slot] else None
+            if failure is not None:
+                st.finish[r] = ("error", None)
+                st.failed[r] = constraints.failure_message(p, len(st.out_ids[r]), failure)
             if st.finish[r] is None and over[slot]:
                 st.finish[r] = ("stop", None)
             if st.finish[r] is None and len(st.out_ids[r]) >= p.max_new_tokens:
@@ -883,9 +907,13 @@ class Engine:
         first_real = ids.gather(1, mask.argmax(-1, keepdim=True))
         return torch.where(mask.bool(), ids, first_real)
 
-    def _completions(self, st: _Decode) -> list[Completion]:
-        results = []
+    def _completions(self, st: _Decode) -> list[Completion | None]:
+        """Each row's completion; None for a row whose matcher gave up (`st.failed`)."""
+        results: list[Completion | None] = []
         for r, text in enumerate(self._texts(st.prefixes, st.out_ids)):
+            if r in st.failed:
+                results.append(None)
+                continue
             if st.stop_pos[r] is not None:
                 text = text[: st.stop_pos[r]]
             reason, stop = st.finish[r] or ("length", None)

@@ -121,7 +121,7 @@ def generate(
     )
     from .engine import Engine
     from .models import asked_snapshot, check_engine_revision
-    from .tasks import generate_keys, sample_seed
+    from .tasks import RowError, generate_keys, sample_seed
 
     # one string is one prompt, as vLLM's LLM.generate takes it (it was a prompt per character), and any iterable
     # is read once (a generator was used up by the checks, then had no len())
@@ -159,6 +159,9 @@ def generate(
         raise RunnerError(f"row_ids: {len(row_ids)} given for {len(prompts)} prompts")
     seeds = [sample_seed(seed, row_ids[i], s) for i, s in keys]
     done = generate_keys(engine, keys, [params] * len(keys), seeds, [ids[i] for i, _ in keys])
+    failed = [(i, c) for (i, _), c in zip(keys, done, strict=True) if isinstance(c, RowError)]
+    if failed:  # (a constraint whose matcher gave up mid-sample: no answer, not one the model stopped)
+        raise RunnerError(f"prompt {failed[0][0] + 1}: {failed[0][1].message}")
     for (i, _), c in zip(keys, done, strict=True):
         _token_texts(engine.texts, c, ids[i])
     return [done[i * n : (i + 1) * n] for i in range(len(prompts))]

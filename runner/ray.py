@@ -238,7 +238,10 @@ class _Stage:
 
         def checked(ks: list[tuple[int, int]]) -> list[Any]:
             outcomes = list(task.compute(ks))
-            bad = [i for i, out in enumerate(outcomes) if not task.finite(out)]  # no NaN is ever written
+            # no NaN is ever written (a row error, a constraint that failed, has no numbers)
+            bad = [
+                i for i, out in enumerate(outcomes) if not isinstance(out, RowError) and not task.finite(out)
+            ]
             if bad:
                 raise NumericalError(bad)
             return outcomes

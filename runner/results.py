@@ -1037,9 +1037,9 @@ def read_errors(
     source: str | os.PathLike, home: str | os.PathLike | None = None, *, missed: list[str] | None = None
 ) -> list[dict[str, Any]]:
     """Rows of a job that could not be done: invalid input rows (stage `validate`), then rows that failed at
-    run time (out of memory alone, NaN/inf even in float32, a row that crashes workers), each with id, line,
-    row, sample, stage, error and message. Why some may be missing (`_errors_and_loss`) is appended to `missed`
-    (an export's), else warned."""
+    run time (out of memory alone, NaN/inf even in float32, a row that crashes workers, a constraint whose parser
+    gave up mid-sample), each with id, line, row, sample, stage, error and message. Why some may be missing
+    (`_errors_and_loss`) is appended to `missed` (an export's), else warned."""
     from . import jobdir
 
     with jobdir.opened_job(source, home) as job:

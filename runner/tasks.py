@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .batching import default_batch_size, default_batch_tokens
-from .engine import Engine, NumericalError
+from .engine import ConstraintError, Engine, NumericalError
 
 if TYPE_CHECKING:
     from .jobdir import Job
@@ -185,7 +185,8 @@ def generate_keys(engine: Engine, keys: list[tuple[int, int]], rows: list[Any], 
                   batch: list[list[int]], stop: Any = None, finished: Any = None, stepped: Any = None,
                   slots: Callable[[list[list[int]]], int] | None = None) -> list[Any]:  # fmt: skip
     """One completion per (row, sample) key: our decode loop for most rows (`slots(prompts)`: how many decode at
-    once), transformers' generate for beam search / no_repeat_ngram_size rows (`_through_transformers`)."""
+    once), transformers' generate for beam search / no_repeat_ngram_size rows (`_through_transformers`). A key
+    whose constraint's matcher gave up mid-sample (engine.ConstraintError) is a `constraint_error` RowError."""
     out = _through_transformers(engine, keys, rows, seeds, batch, stop, finished, stepped)
     mine = [i for i in range(len(keys)) if i not in out]
     if mine:
@@ -197,6 +198,10 @@ def generate_keys(engine: Engine, keys: list[tuple[int, int]], rows: list[Any], 
                                    on_step=stepped)  # fmt: skip
         except NumericalError as e:  # (its rows are positions in `mine`: the caller splits `keys`)
             raise NumericalError([mine[j] for j in e.rows]) from None
+        except ConstraintError as e:  # (the others ran to their end, as alone)
+            done = [
+                RowError("constraint_error", e.failed[j]) if c is None else c for j, c in enumerate(e.done)
+            ]
         out.update(zip(mine, done, strict=True))
     return [out[i] for i in range(len(keys))]
 

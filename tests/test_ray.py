@@ -422,6 +422,21 @@ def test_a_stage_has_the_structured_output_and_beam_columns_of_a_local_job(tmp_p
     assert out["error"].isna().all(), out["error"].tolist()
 
 
+def test_a_row_whose_parser_gives_up_is_an_error_row_of_the_stage(tmp_path, tiny_gpt2):
+    """A row whose grammar's matcher gives up mid-sample (a parser limit of llguidance's) is an error row with
+    llguidance's word, not a row the model stopped; the row beside it is its local run's."""
+    import pyarrow as pa
+    from test_structured import WIDE
+
+    params = runner.GenerationParams(max_new_tokens=40, seed=1, regex="[ab]{1,3}")
+    rows = [{"id": "w", "prompt": "Hello", "grammar": WIDE}, {"id": "p", "prompt": "Hi", "grammar": None}]
+    out = Generate(tiny_gpt2, params)(pa.Table.from_pylist(rows)).to_pandas().set_index("id")
+    assert out.loc["w", "error"].startswith("constraint_error: grammar: llguidance's parser gave up at token")
+    assert "Current row has 21" in out.loc["w", "error"] and pd_isna(out.loc["w", "text"])
+    _, ref = reference_run(tmp_path, tiny_gpt2, rows[1:], params, runner.EngineOptions())
+    assert pd_isna(out.loc["p", "error"]) and out.loc["p", "text"] == ref["text"][0]
+
+
 def test_checkpoint_config_is_keyed_on_the_stage_id_field_not_an_output_column():
     """The results name the ids `id` whatever input column they came from: Ray's `id_column` (one name for the
     input and the results) is refused with the option to use."""

@@ -580,3 +580,108 @@ def test_constraint_complete_judges_the_text_returned(tiny_llama, llama_engine):
     assert cut and all(c.constraint_complete == bool(re.fullmatch("[a-z]{1,30}", c.text)) for c in cut)
     params = GenerationParams(max_new_tokens=3, regex="(ab){30}")  # cut short: not complete
     assert runner.generate(["Hi"], tiny_llama, params, engine=llama_engine)[0][0].constraint_complete is False
+
+
+# --- a matcher that fails mid-sample -------------------------------------------------------------------------
+
+# GBNF's habit for "one or more": right recursion, one level of nesting per character. llguidance's Earley rows
+# then grow by one item per character, and at ~2,000 bytes (`max_items_in_row`) its matcher gives up.
+RIGHT_RECURSIVE = "root ::= [a-z] root | [a-z]"
+# A parser limit reached after a dozen characters: a row of 2,100 items (each alternative a rule of its own).
+WIDE = (
+    "start: /[a-z]{12}/ wide\nwide: "
+    + " | ".join(f"c{i}" for i in range(2100))
+    + "\n"
+    + "".join(f'c{i}: "x" d{i}\nd{i}: "{i}"\n' for i in range(2100))
+)
+
+
+def _lone(engine, ids, params, seeds):
+    return [engine.generate([i], [p], [s])[0] for i, p, s in zip(ids, params, seeds, strict=True)]
+
+
+def test_a_right_recursive_grammar_the_parser_gives_up_on_is_a_row_error_not_a_stop(llama_engine):
+    """`root ::= [a-z] root | [a-z]` with min_new_tokens=1500 stopped after ~1,276 tokens with finish_reason
+    `stop`, no EOS written and constraint_complete false, although the text matches [a-z]+: llguidance's matcher
+    had hit its row limit and the sample pretended the model stopped. The row fails now, with llguidance's word
+    and a hint; the rows beside it get what they get alone."""
+    from runner.engine import ConstraintError
+
+    ids = ids_of(llama_engine, PROMPTS[:3])
+    params = [GenerationParams(max_new_tokens=1500, min_new_tokens=1500, grammar=RIGHT_RECURSIVE),
+              GenerationParams(max_new_tokens=8), GenerationParams(max_new_tokens=24, json_schema=SMALL)]  # fmt: skip
+    with pytest.raises(ConstraintError) as e:
+        llama_engine.generate(ids, params, [1, 2, 3])
+    assert list(e.value.failed) == [0] and e.value.done[0] is None
+    message = e.value.failed[0]
+    assert re.match(
+        r"grammar: llguidance's parser gave up at token 1,\d{3}: .*Current row has 20\d\d items", message
+    )
+    assert "<state>" not in message and "\n" not in message
+    assert "root ::= [a-z]+" in message  # the way out, for the GBNF habit
+    assert_same_completions(e.value.done[1:], _lone(llama_engine, ids[1:], params[1:], [2, 3]))
+
+
+def test_a_row_whose_parser_gives_up_leaves_its_batch_as_it_is_alone(llama_engine):
+    """The failing row (and its greedy twin) leave the batch; the others, constrained or not, sampled or
+    greedy, decoded all at once or a few at a time with rows joining, get exactly their lone results."""
+    from runner.engine import ConstraintError
+
+    ids = ids_of(llama_engine, PROMPTS)
+    wide = GenerationParams(max_new_tokens=40, grammar=WIDE)
+    params = [MIXED[0], wide, MIXED[1], MIXED[3], wide, MIXED[5]]
+    batch_ids = ids[:4] + [ids[1]] + ids[5:]  # row 4: row 1's twin
+    seeds = list(range(11, 17))
+    alone = _lone(llama_engine, [batch_ids[i] for i in (0, 2, 3, 5)], [params[i] for i in (0, 2, 3, 5)],
+                  [seeds[i] for i in (0, 2, 3, 5)])  # fmt: skip
+    for max_active in (None, 2):
+        with pytest.raises(ConstraintError) as e:
+            llama_engine.generate(batch_ids, params, seeds, max_active=max_active)
+        assert sorted(e.value.failed) == [1, 4] and e.value.done[1] is e.value.done[4] is None
+        assert "Current row has 21" in e.value.failed[1]
+        assert_same_completions([e.value.done[i] for i in (0, 2, 3, 5)], alone)
+        assert [e.value.done[i].constraint_complete for i in (0, 2, 3, 5)] == [
+            c.constraint_complete for c in alone
+        ]
+
+
+def test_a_row_whose_parser_gives_up_is_a_row_error_of_its_job_through_resume_and_retry(
+    tmp_path, tiny_llama, llama_engine
+):
+    """In a job the row is a `constraint_error` row error with llguidance's message, never a result; a job
+    stopped and resumed, and a retry that computes the row again, keep it so; the other rows are the results."""
+    from runner.jobdir import Job
+
+    rows = [
+        {"id": f"r{i}", "prompt": p, **({"grammar": WIDE} if i == 2 else {})} for i, p in enumerate(PROMPTS)
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    params = GenerationParams(max_new_tokens=12, regex="[a-z]+( [a-z]+)*", seed=5)
+    job = create_job(path, tiny_llama, params, runner.EngineOptions(batch_size=2), job_dir=tmp_path / "job")
+    calls = []
+    summary = run_job(job, llama_engine, echo=None, shard_rows=1,
+                      should_stop=lambda: calls.append(1) or len(calls) > 2)  # fmt: skip
+    assert not summary.finished
+    assert run_job(Job.open(job.dir), llama_engine, echo=None).finished
+
+    def check():
+        errors = [e for e in runner.read_errors(job.dir) if e["stage"] == "generate"]
+        assert [(e["id"], e["error"]) for e in errors] == [("r2", "constraint_error")]
+        assert "grammar: llguidance's parser gave up at token" in errors[0]["message"]
+        assert "Current row has 21" in errors[0]["message"]
+        df = runner.load_results(job.dir)
+        assert sorted(df["id"]) == ["r0", "r1", "r3", "r4", "r5"]
+        assert set(df["finish_reason"]) <= {"stop", "length"}
+        return df
+
+    before = check()
+    assert runner.retry(job.dir) == 1
+    assert run_job(Job.open(job.dir), llama_engine, echo=None).finished
+    assert check().to_json() == before.to_json()
+
+
+def test_a_try_of_a_prompt_whose_parser_gives_up_says_so(tiny_llama, llama_engine):
+    """`runner.generate` (a try, no job): the prompt's failure is an error naming it, not a `stop`."""
+    with pytest.raises(runner.RunnerError, match="prompt 1: grammar: llguidance's parser gave up at token"):
+        runner.generate(["Hello", "Hi"], tiny_llama, GenerationParams(max_new_tokens=40, grammar=WIDE),
+                        engine=llama_engine)  # fmt: skip
