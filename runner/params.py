@@ -64,12 +64,24 @@ _SAID_ELSEWHERE = {
 }
 
 
+# generate()'s token-id settings (the tutorials' `pad_token_id=tokenizer.eos_token_id`), which runner takes from
+# the model and its tokenizer: what to do instead of each
+_TAKEN_FROM_THE_MODEL = {
+    "pad_token_id": "runner pads each batch itself (left padding with an attention mask): leave it out",
+    "eos_token_id": "runner stops at the model's own EOS tokens (its generation_config.json's eos_token_id)",
+    "bos_token_id": "runner takes the model's BOS from its tokenizer: leave it out",
+}
+
+
 def unknown_setting(cls: type, name: str) -> str:
     """What to say of a setting `cls` does not have: its name here, or the nearest one it has."""
     fields = [f.name for f in dataclasses.fields(cls)]
     ours, why = _SAID_ELSEWHERE.get(name, (None, ""))
     if ours in fields:
         return f"{cls.__name__} has no setting {name!r}: use {ours} ({why})."
+    if name in _TAKEN_FROM_THE_MODEL:  # (it said only "has no setting 'pad_token_id'.")
+        more = "; to end at some text, give stop" if name == "eos_token_id" and "stop" in fields else ""
+        return f"{cls.__name__} has no setting {name!r}: {_TAKEN_FROM_THE_MODEL[name]}{more}."
     near = _nearest(cls, name)
     return f"{cls.__name__} has no setting {name!r}" + (f": did you mean {near!r}?" if near else ".")
 

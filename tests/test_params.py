@@ -84,6 +84,16 @@ def test_round_trip_through_dict():
         (lambda: GenerationParams(max_tokens=16), "no setting 'max_tokens': use max_new_tokens"),
         (lambda: GenerationParams(n=4), "no setting 'n': use num_return_sequences"),
         (lambda: GenerationParams(stop_strings=["\n"]), "no setting 'stop_strings': use stop "),
+        # the tutorials' model.generate(..., pad_token_id=tokenizer.eos_token_id): said, not a bare "no setting"
+        (
+            lambda: GenerationParams(pad_token_id=50256),
+            "no setting 'pad_token_id': runner pads each batch itself",
+        ),
+        (lambda: GenerationParams(eos_token_id=198), "own EOS tokens .*; to end at some text, give stop"),
+        (
+            lambda: ScoreParams(eos_token_id=198),
+            r"own EOS tokens \(its generation_config.json's eos_token_id\)\.$",
+        ),
         (lambda: GenerationParams(temprature=0.7), "no setting 'temprature': did you mean 'temperature'"),
         (
             lambda: EngineOptions(batchsize=8),
