@@ -89,10 +89,13 @@ def test_round_trip_through_dict():
             lambda: GenerationParams(pad_token_id=50256),
             "no setting 'pad_token_id': runner pads each batch itself",
         ),
-        (lambda: GenerationParams(eos_token_id=198), "own EOS tokens .*; to end at some text, give stop"),
+        (
+            lambda: GenerationParams(eos_token_id=198),
+            "no setting 'eos_token_id': runner stops at .*; to end at some text, give stop",
+        ),
         (
             lambda: ScoreParams(eos_token_id=198),
-            r"own EOS tokens \(its generation_config.json's eos_token_id\)\.$",
+            r"no setting 'eos_token_id': runner stops at the model's own EOS tokens \([^;]*\)\.$",
         ),
         (lambda: GenerationParams(temprature=0.7), "no setting 'temprature': did you mean 'temperature'"),
         (
