@@ -239,10 +239,13 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 6 (adversarial pass 225), a score pair's context that encodes to
-# no tokens is the empty context, BOS (scoring.split_contexts), and a continuation or text that encodes to none is
-# refused as such; 5 (adversarial pass 222), a chat row's developer message is a
-# system message for a template without that role, and a message the template leaves out is refused
+# How a file is read (job.json's input "reading"): 6 (2026-12-07: adversarial passes 222-227), a score pair's
+# context that encodes to no tokens is the empty context, BOS (scoring.split_contexts), and a continuation or text
+# that encodes to none is refused as such; a row's min_p is a setting (a plain row's column was data, a Batch
+# body's refused), a Batch body's whole float seed (-1.0) is its integer (was refused), a response_format key
+# nothing reads is refused (was dropped), and a left-out message is found by counting its text's occurrences;
+# 5 (adversarial pass 222), a chat row's developer message is a system message for a template without that
+# role, and a message the template leaves out is refused
 # (batching.render_prompt); 4 (2026-12-06, evening), a Parquet file's named RangeIndex
 # (pandas' `set_index("番号")` of 1, 2, 3 ..., kept in its metadata only) is a column; 3 (2026-12-06, later), an
 # embedding request may ask for
@@ -1135,7 +1138,9 @@ class RowChecker:
             self._refuse_options_a_batch_file_sets(lineno)
         if self._requests:
             cid = obj.get("custom_id")  # where a refused line has one, it names it in the Batch error file
-            obj, fld, why = openai_batch.request_row(obj, *self.batch, base64=self.reading >= 3)
+            obj, fld, why = openai_batch.request_row(
+                obj, *self.batch, base64=self.reading >= 3, since_6=self.reading >= 6
+            )
             if obj is None:
                 return Problem(self.name, lineno, fld, why, cid if isinstance(cid, str) and cid else None)
             request = obj.pop("_request")
@@ -1181,14 +1186,20 @@ class RowChecker:
         if not self.row_settings:
             return row, None
         data = set(self.template.fields) if self.template else set()
-        raw = {k: row.extra.pop(k) for k in list(row.extra) if k in ROW_SETTINGS and k not in data}
+        # (min_p is a setting since reading 6: a job read before kept its column as data)
+        keys = [
+            k
+            for k in row.extra
+            if k in ROW_SETTINGS and k not in data and (k != "min_p" or self.reading >= 6)
+        ]
+        raw = {k: row.extra.pop(k) for k in keys}
         if self.settings_as_text:  # a CSV's cells
             raw = {k: setting_from_text(k, v) for k, v in raw.items()}
         elif self.settings_from_arrow:  # Arrow gives an object every key of its column's: drop the nulls
             raw = {k: _from_arrow(v, k in self.settings_as_json) for k, v in raw.items()}
         row.raw_settings = raw or None
         try:
-            row.settings = row_overrides(raw) or None
+            row.settings = row_overrides(raw, self.reading >= 6) or None
         except ParamError as e:
             return None, Problem(self.name, row.line, e.param, str(e), row.id)
         return row, None

@@ -84,12 +84,15 @@ def request_row(
     greedy: bool = False,
     logprobs: bool = False,
     base64: bool = True,
+    since_6: bool = True,
 ) -> tuple[dict[str, Any] | None, str | None, str]:
     """The input row a Batch request line stands for, or (None, field, problem). `models`: the names
     `body.model` may take (the model given with --model, its folder name, and --served-model-name); `greedy`:
     the job says greedy (`says_greedy`); `logprobs`: the job keeps log-probs (--logprobs), which a request that
     asks none gets; `base64`: an embedding may be asked as base64 (False: refused, as a job read before
-    2026-12-06's reading 3 refused it)."""
+    2026-12-06's reading 3 refused it); `since_6`: a body's min_p is taken and a whole float seed (-1.0) is its
+    integer (False: min_p refused as unsupported and seed -1.0 as out of range, as a job read before reading 6
+    read them)."""
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
         return None, "custom_id", "must be a non-empty string (every Batch request has one)"
@@ -113,7 +116,7 @@ def request_row(
     body = obj.get("body")
     if not isinstance(body, dict):
         return None, "body", "must be a JSON object"
-    return _body_row(cid, url, body, models, greedy, logprobs, base64)
+    return _body_row(cid, url, body, models, greedy, logprobs, base64, since_6)
 
 
 def _body_row(
@@ -124,6 +127,7 @@ def _body_row(
     greedy: bool,
     logprobs: bool,
     base64: bool,
+    since_6: bool,
 ) -> tuple[Any, str | None, str]:
     model = body.get("model")
     if not isinstance(model, str) or model not in models:
@@ -132,7 +136,7 @@ def _body_row(
                                     f"{option('served_model_names', (model,))} to answer to that name") if isinstance(model, str) else "is missing"  # fmt: skip
     if body.get("stream") not in (None, False):
         return None, "body.stream", "streaming is not available in a batch"
-    allowed = FIELDS[url]
+    allowed = FIELDS[url] if since_6 else {k: v for k, v in FIELDS[url].items() if k != "min_p"}
     special = {"logprobs", "top_logprobs", "echo", "encoding_format", "best_of"}
     for key in body:  # (a null one asks for nothing: the SDK's model_dump() writes every field it has)
         if key in allowed or key in HARMLESS or key in special or body[key] is None:
@@ -145,7 +149,7 @@ def _body_row(
             row[field] = body[key]
     seed = row.get("seed")
     if (
-        isinstance(seed, float) and seed.is_integer()
+        since_6 and isinstance(seed, float) and seed.is_integer()
     ):  # -1.0, as a writer holding numbers as doubles writes -1
         seed = int(seed)
     if isinstance(seed, int) and not isinstance(seed, bool):  # vLLM takes any int64, negative ones too

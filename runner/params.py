@@ -613,9 +613,10 @@ def setting_from_text(name: str, text: str | None) -> Any:
         return text
 
 
-def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
+def row_overrides(raw: dict[str, Any], unread_refused: bool = True) -> dict[str, Any]:
     """An input row's setting fields as GenerationParams fields. Raises ParamError naming the row's own field
-    when two spellings of one setting are given or a value has the wrong shape."""
+    when two spellings of one setting are given or a value has the wrong shape. `unread_refused`: a
+    response_format key nothing reads is refused (False: dropped, as a job read before reading 6 took it)."""
 
     from .constraints import FIELDS
 
@@ -645,7 +646,7 @@ def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
             if target in out:
                 continue
         if name == "response_format":
-            out.update(response_format(value))
+            out.update(response_format(value, unread_refused))
             continue
         if target in INT_SETTINGS and isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -655,13 +656,14 @@ def row_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def response_format(value: Any) -> dict[str, Any]:
+def response_format(value: Any, unread_refused: bool = True) -> dict[str, Any]:
     """OpenAI's `response_format` as GenerationParams fields: {"type": "json_schema", "json_schema": {"name":
-    ..., "schema": {...}}}, {"type": "json_object"}, or {"type": "text"} (no constraint, even if the job has one)."""
+    ..., "schema": {...}}}, {"type": "json_object"}, or {"type": "text"} (no constraint, even if the job has one).
+    `unread_refused` False: a key nothing reads is dropped, as a job read before reading 6 took it."""
     from .constraints import FIELDS
 
     kind = value.get("type") if isinstance(value, dict) else None
-    if kind in ("text", "json_object", "json_schema"):
+    if unread_refused and kind in ("text", "json_object", "json_schema"):
         _refuse_unread_keys(value, {"type", "json_schema"} if kind == "json_schema" else {"type"}, kind)
     if kind == "text":
         return {f: False if f == "json_object" else None for f in FIELDS}
@@ -673,8 +675,11 @@ def response_format(value: Any) -> dict[str, Any]:
             raise ParamError(
                 "response_format", 'response_format json_schema needs {"json_schema": {"schema": {...}}}.'
             )
-        _refuse_unread_keys(spec, {"name", "description", "schema", "strict"}, "json_schema", "json_schema.")
-        if spec.get("strict") not in (None, True, False):
+        if unread_refused:
+            _refuse_unread_keys(
+                spec, {"name", "description", "schema", "strict"}, "json_schema", "json_schema."
+            )
+        if unread_refused and spec.get("strict") not in (None, True, False):
             raise ParamError("response_format", f"response_format json_schema.strict must be true or false, "
                              f"got {spec['strict']!r}.")  # fmt: skip
         return {"json_schema": spec["schema"]}

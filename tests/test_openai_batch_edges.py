@@ -315,3 +315,57 @@ def test_repair_renders_a_job_of_before_as_its_submit_did(tmp_path, tiny_llama):
     import pyarrow.parquet as pq
 
     assert "French" not in pq.read_table(out / "prompts.parquet").column("prompt").to_pylist()[0]
+
+
+def _rewritten_as_read(job: Job, reading: int, out):
+    """prompts.parquet's rows and errors.jsonl's ids as `runner repair` writes them again for `job` had job.json
+    said its file was read with `reading`."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from runner.jobs import _rewrite_inputs
+
+    out.mkdir()
+    meta = {**job.meta, "input": {**job.meta["input"], "reading": reading}}
+    _rewrite_inputs(Job(job.dir, dataclasses.replace(job.spec, meta=meta)), out)
+    errors = out / "errors.jsonl"
+    lines = errors.read_text().splitlines() if errors.exists() else []
+    return pq.read_table(out / "prompts.parquet").to_pylist(), [json.loads(line)["id"] for line in lines]
+
+
+def test_repair_reads_a_job_of_before_reading_6_as_its_submit_did(tmp_path, tiny_gpt2):
+    """A job read before reading 6 (today's min_p, whole float seeds, response_format keys nothing reads) kept a
+    plain row's min_p column as data, refused a Batch body's min_p and seed -1.0, and took a response_format key
+    nothing reads: `runner repair` rebuilds its prompts.parquet and errors.jsonl so. It read them as today's
+    submit does, and repair of such a job failed ('prompts.parquet written again from the input file is not the
+    one submit wrote'), a job with a min_p column even without --skip-invalid."""
+    from runner import storage
+
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello", "min_p": 0.1}])
+    job = create_job(plain, tiny_gpt2, job_dir=tmp_path / "plain")
+    now, _ = _rewritten_as_read(job, job.meta["input"]["reading"], tmp_path / "plain-now")
+    assert now[0]["settings"] is not None and "min_p" not in now[0]
+    assert storage.file_sha256(tmp_path / "plain-now" / "prompts.parquet") == job.meta["prompts_sha256"]
+    before, _ = _rewritten_as_read(job, 5, tmp_path / "plain-before")
+    assert (
+        before[0]["settings"] is None and before[0]["min_p"] == 0.1
+    )  # data, as the runner of before kept it
+
+    def line(cid, **body):
+        return {"custom_id": cid, "method": "POST", "url": "/v1/completions",
+                "body": {"model": "tiny", "prompt": "Hello", "max_tokens": 3, **body}}  # fmt: skip
+
+    schema = {"type": "json_schema", "json_schema": {"schema": {"type": "object"}, "strict": "yes"}}
+    lines = [line("a"), line("seed", seed=-1.0), line("min_p", min_p=0.1),
+             line("schema", response_format={"type": "json_object", "schema": {"type": "object"}}),
+             line("strict", response_format=schema)]  # fmt: skip
+    batch = write_jsonl(tmp_path / "b.jsonl", lines)
+    job = create_job(
+        batch, tiny_gpt2, served_model_names=("tiny",), skip_invalid=True, job_dir=tmp_path / "batch"
+    )
+    rows, errors = _rewritten_as_read(job, job.meta["input"]["reading"], tmp_path / "batch-now")
+    assert [r["id"] for r in rows] == ["a", "seed", "min_p"] and errors == ["schema", "strict"]
+    rows, errors = _rewritten_as_read(job, 5, tmp_path / "batch-before")
+    assert [r["id"] for r in rows] == ["a", "schema", "strict"] and errors == ["seed", "min_p"]
+    assert '"json_object": true' in rows[1]["settings"]
