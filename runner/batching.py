@@ -25,12 +25,17 @@ if TYPE_CHECKING:
 
 
 def render_prompt(
-    prompt: str | None, messages: list[dict[str, str]] | None, tokenizer: Any, faithful: bool = True
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+    tokenizer: Any,
+    faithful: bool = True,
+    counted: bool = True,
 ) -> str:
     """The exact text sent to the model: the prompt itself, or the messages through the chat template.
     `faithful` (jobs read since reading 5, inputs.READING): a `developer` message is a system message for a
     template without that role (`_as_template_roles`), and a message whose text the template leaves out is
-    refused (`_refuse_left_out`); a job read before renders as its submit did (`runner repair`)."""
+    refused (`_refuse_left_out`; `counted`, since reading 6: its text also in another message is no proof);
+    a job read before renders as its submit did (`runner repair`)."""
     if messages is None:
         assert prompt is not None
         return prompt
@@ -51,7 +56,7 @@ def render_prompt(
             raise
         raise RunnerError(f"the chat template cannot render this row's messages: {first_line(e)}") from None
     if faithful:
-        _refuse_left_out(given, text)
+        _refuse_left_out(given, text, counted)
     return text
 
 
@@ -70,14 +75,19 @@ def _as_template_roles(messages: list[dict[str, Any]], template: Any) -> list[di
     return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
 
 
-def _refuse_left_out(messages: list[dict[str, Any]], text: str) -> None:
+def _refuse_left_out(messages: list[dict[str, Any]], text: str, counted: bool = True) -> None:
     """A RunnerError naming the first system, developer or user message whose text is not in `text`, the prompt
     the chat template rendered: a template that takes no system message, or only a first one, renders the
-    others as nothing, and the row was answered as if it had not said them."""
+    others as nothing, and the row was answered as if it had not said them. `counted`: the text is in `text` as
+    many times as these messages say it, so that a left-out system message whose words the user's message
+    quotes ("Answer in French." beside "Translate 'Answer in French.'") is not taken for rendered."""
+    said = [m.get("content").strip() if isinstance(m.get("content"), str) else "" for m in messages]
+    shown = [t for m, t in zip(messages, said, strict=True) if m.get("role") in SHOWN_ROLES]
     for i, m in enumerate(messages):
-        content = m.get("content")
-        said = content.strip() if isinstance(content, str) else ""
-        if m.get("role") in SHOWN_ROLES and said and said not in text:
+        if m.get("role") not in SHOWN_ROLES or not said[i]:
+            continue
+        times = sum(t.count(said[i]) for t in shown) if counted else 1
+        if text.count(said[i]) < times:
             raise RunnerError(
                 f"the chat template leaves out item {i} (a {m['role']} message): its text is not in the prompt "
                 "it renders, and the row would be answered without it (merge it into a message the template "

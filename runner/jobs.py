@@ -394,6 +394,7 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
                      # (a job of before, read as its submit read it: no endpoint per row, as its checksum says)
                      (model, inp.get("served_model_names") or ()) if reader.reading >= 2 else None)  # fmt: skip
     prep.faithful, prep.reading = reader.reading >= 5, reader.reading
+    prep.counted = reader.reading >= 6
     _write_prompts(reader, prep, folder, bool(inp.get("skip_invalid")))
 
 
@@ -1135,6 +1136,8 @@ class _Preparer:
         # how its rows are prepared (inputs.READING): `runner repair` of a job read before prepares them as its
         # submit did (before 6, a score pair's context of no tokens stayed [])
         self.reading = READING
+        # ... and a message's text counted (since reading 6: also in another message it is no proof of being shown)
+        self.counted = True
         # some row gives temperature / top_p / top_k / min_p (jobdir.ROW_SAMPLING_FORMAT)
         self.sampling_rows = False
         # the job or some row gives min_p (jobdir.MIN_P_FORMAT)
@@ -1258,7 +1261,9 @@ class _Preparer:
         texts: list[str | _RowProblem] = []
         for row in rows:
             try:
-                texts.append(render_prompt(row.prompt, row.messages, self.tokenizer, self.faithful))
+                texts.append(
+                    render_prompt(row.prompt, row.messages, self.tokenizer, self.faithful, self.counted)
+                )
             except RunnerError as e:
                 texts.append(_RowProblem(str(e), "messages"))
         encoded: dict[int, list[int]] = {}

@@ -369,3 +369,42 @@ def test_repair_reads_a_job_of_before_reading_6_as_its_submit_did(tmp_path, tiny
     rows, errors = _rewritten_as_read(job, 5, tmp_path / "batch-before")
     assert [r["id"] for r in rows] == ["a", "schema", "strict"] and errors == ["seed", "min_p"]
     assert '"json_object": true' in rows[1]["settings"]
+
+
+def test_a_left_out_message_quoted_by_another_is_still_refused(tmp_path, tiny_llama):
+    """A system message under a template that takes only user and assistant turns (Phi-3's first template) whose
+    words the user's message also says ("Translate 'Answer in French.'"): its text was found in the prompt (the
+    user's copy), and the row was taken and answered without its instructions. Each text must be there as many
+    times as the messages say it; a template showing both takes the row, and a job read before reading 6 is read
+    again as its submit read it."""
+    from runner.batching import render_prompt
+
+    user_only = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] | trim + '\\n' }}"
+                 "{% elif m['role'] == 'assistant' %}{{ 'A: ' + m['content'] + '\\n' }}{% endif %}{% endfor %}A:")  # fmt: skip
+    system = {"role": "system", "content": "Answer in French."}
+    user = {"role": "user", "content": "Translate 'Answer in French.' into Japanese."}
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "quoted", "messages": [system, user]}])
+    with pytest.raises(InputError) as err:
+        create_job(path, tiny_llama, chat_template=user_only, home=tmp_path / "home")
+    assert "p.jsonl:1: messages: the chat template leaves out item 0 (a system message)" in str(err.value)
+    job = create_job(path, tiny_llama, chat_template=QWEN_TEMPLATE, home=tmp_path / "home2")
+    assert job.prompts().column("prompt").to_pylist()[0].count("Answer in French.") == 2
+    # the same words twice in one conversation, each shown: taken
+    again = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Hi"},
+    ]
+    tokenizer = job_tokenizer(tiny_llama, user_only)
+    assert render_prompt(None, again, tokenizer).count("Q: Hi") == 2
+    assert "Translate" in render_prompt(
+        None, [system, user], tokenizer, counted=False
+    )  # (as a job of before)
+
+
+def job_tokenizer(model: str, template: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = template
+    return tokenizer
