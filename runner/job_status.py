@@ -87,11 +87,13 @@ def broken_status(path: Path, reason: str, job: Job | None = None, repairable: b
     name = meta.get("name") if isinstance(meta.get("name"), str) else None
     # a job in its own folder (-o myscores) is named by its id, not the folder's name (pass 51)
     job_id = meta.get("id") if isinstance(meta.get("id"), str) and meta.get("id") else path.name
+    # (a damaged kind may be a list or an object, which `in` a dict cannot look up: status crashed)
+    kind = meta.get("kind")
     return JobStatus(id=job_id, name=name, state=JobState.BROKEN.value, done=0, total=0,
                      errors=0, invalid=0, tokens_per_second=None, eta_seconds=None,
                      model=str(meta.get("model") or "-"), created=str(meta.get("created") or ""), worker=None,
                      message=reason + hint, folder=str(path),
-                     kind=meta["kind"] if meta.get("kind") in jobdir.KINDS else None)  # fmt: skip
+                     kind=kind if isinstance(kind, str) and kind in jobdir.KINDS else None)  # fmt: skip
 
 
 def _shown_spec(path: Path, job: Job | None) -> dict[str, Any]:

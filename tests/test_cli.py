@@ -1094,6 +1094,23 @@ def test_status_settings_of_a_score_or_embed_job_name_no_seed(prompts, tiny_gpt2
     assert settings.startswith("max_new_tokens=2, ") and ", seed=" in settings, settings  # generation samples
 
 
+@pytest.mark.parametrize("kind", [["generate"], {"generate": 1}, 3, "sample"])
+def test_status_lists_a_job_json_whose_kind_is_no_kind_as_broken(tmp_path, tiny_gpt2, runner_home, kind):
+    """job.json's kind damaged into a list or an object (its backup damaged too): `runner status` crashed with
+    "TypeError: unhashable type: 'list'" (the KIND column looked the value up in a dict), where the runner before
+    it listed the job broken. It is listed broken, its kind shown as '-'."""
+    from runner.jobs import create_job
+
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}]), tiny_gpt2, home=runner_home)
+    meta = json.loads((job.dir / "job.json").read_text())
+    (job.dir / "job.json").write_text(json.dumps({**meta, "kind": kind}))
+    (job.dir / "job.backup.json").write_text('{"torn')
+    (listed,) = runner.status(home=runner_home)
+    assert (listed.id, listed.state, listed.kind) == (job.id, "broken", None), listed
+    table = invoke("status")
+    assert table.exit_code == 0 and f"{job.id}  -     -     broken" in table.stdout, table.output
+
+
 def test_work_until_says_whether_it_means_today_or_tomorrow(runner_home):
     """`--until 9:00` given at 9:20 means tomorrow 9:00: said, not assumed silently (new-user walkthrough)."""
     import datetime as dt
