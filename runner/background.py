@@ -178,12 +178,9 @@ def _alive(pid: int, started: str | None = None) -> bool:
     for proc in _CHILDREN:
         if proc.pid == pid:
             return proc.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    # (alive where it exists, someone else's too: /proc still tells whether it is our worker)
+    if not storage.pid_exists(pid):
         return False
-    except PermissionError:
-        pass  # alive, someone else's: /proc still tells whether it is our worker
     if not _proc_is_ours():
         return True
     try:

@@ -690,12 +690,8 @@ class Owner:
         Anywhere else only the heartbeat can tell."""
         if not self._on_this_machine():
             return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+        if not storage.pid_exists(self.pid):
             return True
-        except OSError:
-            pass  # exists, not ours to signal
         if self.start is not None and _pid_start(self.pid) not in (None, self.start):
             return True
         return self._ended_here()

@@ -325,7 +325,16 @@ def namespace_tag() -> str:
     return hashlib.sha256(f"{boot}\0{pidns}".encode()).hexdigest()[:8]
 
 
+# os.kill(pid, 0) on Windows is TerminateProcess (pid_exists)
+WINDOWS = os.name == "nt"
+
+
 def pid_exists(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine (one of another user's too). Where that cannot be asked
+    without harm, True (only the leases' heartbeats judge then): on Windows os.kill(pid, 0) is TerminateProcess,
+    which would end the process it asks about."""
+    if WINDOWS:
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -344,3 +344,27 @@ def test_a_checked_file_reads_as_the_file_and_refuses_a_changed_block_it_touches
     )  # (a size within the last block: that block differs, when read)
     with pytest.raises(storage.ChangedUnderfoot, match="not as it was hashed"):
         storage.CheckedFile(path, blocks)
+
+
+def test_no_liveness_check_signals_a_process_on_windows(monkeypatch):
+    """os.kill(pid, 0) is TerminateProcess on Windows: `runner status` judging a worker alive would have ended it.
+    There no check signals anything, and a pid counts as alive (the leases' heartbeats judge)."""
+    import subprocess
+    import sys
+
+    from runner import background, jobdir
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        signalled = []
+        monkeypatch.setattr(os, "kill", lambda pid, sig: signalled.append((pid, sig)))
+        monkeypatch.setattr(storage, "WINDOWS", True)
+        owner = jobdir.Owner.me()
+        assert storage.pid_exists(child.pid) and storage.pid_exists(2**22 + 12345)
+        assert not jobdir.Owner("w", owner.host, child.pid, owner.boot, owner.pidns, None).provably_dead()
+        background._alive(child.pid)
+        assert signalled == []
+    finally:
+        monkeypatch.undo()
+        child.kill()
+        child.wait()
