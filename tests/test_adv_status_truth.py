@@ -322,7 +322,7 @@ def test_a_real_worker_stopped_at_its_second_shard_shows_stopped_then_finishes_o
         assert code == 0 and "Traceback" not in out, out
         assert f"`kill -CONT {proc.pid}` continues it" in out, out
         table = out.splitlines()[1].split()
-        assert table[2] == "stopped" and table[4:6] == ["-", "-"] and table[7:9] == ["1", "(1"], out
+        assert table[3] == "stopped" and table[5:7] == ["-", "-"] and table[8:10] == ["1", "(1"], out
         st = runner.status(job_dir)
         assert st.state == "stopped" and st.workers[0]["pid"] == proc.pid and 0 < st.done < st.total, st
     finally:
