@@ -78,6 +78,7 @@ from .params import (
     GenerationParams,
     ScoreParams,
     check_truncate,
+    said_before_6,
     settings_apart,
 )
 from .passthrough import Passthrough, rewrite_passthrough
@@ -1284,7 +1285,10 @@ class _Preparer:
                 if params is not self.params:  # (the job's own was judged with the model: `_model_facts`)
                     _check_constraint_tokens(params, self.tokenizer)
             except ParamError as e:
-                fld, message = openai_batch.body_named(row.body_names, *_row_field(row, e.param, str(e)))
+                # (a job read before 6: refused in its submit's words, as its errors.jsonl has them)
+                now = self.reading >= 6
+                said = _row_field(row, e.param, str(e) if now else said_before_6(str(e)), now)
+                fld, message = openai_batch.body_named(row.body_names, *said)
                 out.append(_RowProblem(message, fld))
                 continue
             ids = encoded[i]
@@ -1369,16 +1373,17 @@ def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 
 
-def _row_field(row: PromptRow, param: str, message: str) -> tuple[str, str]:
+def _row_field(row: PromptRow, param: str, message: str, paired: bool = True) -> tuple[str, str]:
     """The field of the input row a setting came from (its own spelling: `n`, not num_return_sequences), and
-    the setting's message spelled so ("n must be in [1, 1024], got 0.")."""
+    the setting's message spelled so ("n must be in [1, 1024], got 0."). `paired` (since reading 6): OpenAI chat's
+    logprobs true beside top_logprobs names top_logprobs (a job read before named logprobs)."""
     from .params import ROW_SETTINGS, cited_as
 
     # (a spelling given as null, or an empty cell of its column, is not the one at fault)
     given = {k for k, v in (row.raw_settings or {}).items() if v is not None}
     message = cited_as(message, {ROW_SETTINGS[k]: k for k in given if ROW_SETTINGS.get(k, k) != k})
     spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in given]
-    if isinstance((row.raw_settings or {}).get("logprobs"), bool) and "top_logprobs" in spelled:
+    if paired and isinstance((row.raw_settings or {}).get("logprobs"), bool) and "top_logprobs" in spelled:
         spelled.remove("logprobs")  # OpenAI chat's pair: logprobs true, and the count in top_logprobs
     if not spelled:  # the job's setting clashing with one the row gave ("regex ... num_beams > 1"): the row's
         named = [

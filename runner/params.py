@@ -155,6 +155,24 @@ def _fields_section(cls: type) -> str:
 # lack them: a job made before min_p keeps its fingerprint
 OFF_UNSAID = {"min_p": 0.0}
 
+# vLLM's prompt_logprobs is a count of alternatives per prompt token, 0 for none (said of a number given)
+VLLM_PROMPT_LOGPROBS = (
+    " (vLLM's count of alternatives: runner keeps each prompt token's own log-prob, no alternatives)"
+)
+
+# Words today's refusals add to what a job read before reading 6 (inputs.READING) wrote in its errors.jsonl, with
+# what it wrote instead: `runner repair` rebuilds that file in its submit's words (`said_before_6`), or its
+# checksum never matches
+_SAID_SINCE_6 = ((VLLM_PROMPT_LOGPROBS, ""), ("top_k, min_p, do_sample", "top_k, do_sample"))
+
+
+def said_before_6(message: str) -> str:
+    """A refusal's message as a runner before reading 6 worded it (`_SAID_SINCE_6`)."""
+    for now, then in _SAID_SINCE_6:
+        message = message.replace(now, then)
+    return message
+
+
 # vLLM's: a temperature below it decodes greedily (dividing by it overflows float32 logits)
 SAMPLING_EPS = 1e-5
 
@@ -285,9 +303,7 @@ class GenerationParams:
         for name in ("prompt_logprobs", "early_stopping"):
             value = getattr(self, name)
             if not isinstance(value, bool):
-                # (vLLM's prompt_logprobs is a count of alternatives per prompt token, 0 for none)
-                vllm = " (vLLM's count of alternatives: runner keeps each prompt token's own log-prob, no alternatives)"
-                said = vllm if name == "prompt_logprobs" and isinstance(value, int) else ""
+                said = VLLM_PROMPT_LOGPROBS if name == "prompt_logprobs" and isinstance(value, int) else ""
                 raise ParamError(name, f"{name} must be true or false, got {value!r}{said}.")
 
     @property

@@ -371,6 +371,34 @@ def test_repair_reads_a_job_of_before_reading_6_as_its_submit_did(tmp_path, tiny
     assert '"json_object": true' in rows[1]["settings"]
 
 
+def test_repair_words_the_refusals_of_a_job_of_before_reading_6_as_its_submit_did(tmp_path, tiny_gpt2):
+    """Three of today's refusals say more than a job read before reading 6 wrote in its errors.jsonl: prompt_logprobs
+    0's vLLM note, min_p among the sampling settings beam search drops, and a plain row's logprobs true beside a
+    top_logprobs out of range names top_logprobs. Rebuilt in today's words, such a job's errors.jsonl never matched
+    its checksum, and `runner repair` could not restore it ('errors.jsonl written again from the input file is not
+    the one submit wrote'). The words expected are those e2c89f3's submit (reading 4) and cb285fb's (5) wrote."""
+    from runner import storage
+
+    rows = [{"id": "ok", "prompt": "Hi"}, {"id": "plp", "prompt": "Hi", "prompt_logprobs": 0},
+            {"id": "top", "prompt": "Hi", "logprobs": True, "top_logprobs": 50},
+            {"id": "beams", "prompt": "Hi", "num_beams": 2, "temperature": 0.7}]  # fmt: skip
+    job = create_job(
+        write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, skip_invalid=True, job_dir=tmp_path / "j"
+    )
+    _rewritten_as_read(job, job.meta["input"]["reading"], tmp_path / "now")
+    assert storage.file_sha256(tmp_path / "now" / "errors.jsonl") == job.meta["input"]["invalid_sha256"]
+    before = (
+        ("plp", "prompt_logprobs", "prompt_logprobs must be true or false, got 0."),
+        ("top", "logprobs", "logprobs must be in [0, 20], got 50."),
+        ("beams", "num_beams", "num_beams=2 is beam search, which does not sample: drop the sampling settings "
+                               "(temperature, top_p, top_k, do_sample), or use num_beams=1."),
+    )  # fmt: skip
+    for reading in (4, 5):
+        _rewritten_as_read(job, reading, tmp_path / f"before-{reading}")
+        lines = (tmp_path / f"before-{reading}" / "errors.jsonl").read_text().splitlines()
+        assert [(e["id"], e["field"], e["message"]) for e in map(json.loads, lines)] == list(before)
+
+
 def test_a_left_out_message_quoted_by_another_is_still_refused(tmp_path, tiny_llama):
     """A system message under a template that takes only user and assistant turns (Phi-3's first template) whose
     words the user's message also says ("Translate 'Answer in French.'"): its text was found in the prompt (the
