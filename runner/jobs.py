@@ -1449,36 +1449,31 @@ def _data_notes(job: Job) -> list[str]:
     out = []
     data = _length_columns(job)
     if data:
-        out.append(
-            f"note: {' and '.join(repr(c) for c in data)} is kept as data, not a setting: a row's own limits are "
-            "max_new_tokens (or max_tokens) and min_new_tokens, which count new tokens only (transformers' "
-            "max_length and min_length count the prompt too)"
-        )
+        why = ("a row's own limits are max_new_tokens (or max_tokens) and min_new_tokens, which count new tokens only "
+               "(transformers' max_length and min_length count the prompt too)")  # fmt: skip
+        out.append(_kept_as_data([repr(c) for c in data], why))
     near = _near_setting_columns(job)
     if near:
-        one = len(near) == 1
         out.append(
-            f"note: {' and '.join(near)} {'is' if one else 'are'} kept as data, not {'a setting' if one else 'settings'}"
-            ': a row\'s settings have these exact names (README, "Settings per row")'
+            _kept_as_data(near, 'a row\'s settings have these exact names (README, "Settings per row")')
         )
     request = _request_only_columns(job)
     if request:
-        one = len(request) == 1
-        out.append(
-            f"note: {' and '.join(repr(c) for c in request)} {'is' if one else 'are'} kept as data, not "
-            f"{'a setting' if one else 'settings'}: a plain row is no OpenAI request"
-            + "".join(f"; {REQUEST_ONLY_COLUMNS[c]}" for c in request)
-        )
+        why = "a plain row is no OpenAI request" + "".join(f"; {REQUEST_ONLY_COLUMNS[c]}" for c in request)
+        out.append(_kept_as_data([repr(c) for c in request], why))
     lacking = _columns_runner_has_no_setting_for(job)
     if lacking:
-        one, names = len(lacking) == 1, [repr(c) for c in lacking]
-        listed = names[0] if one else f"{', '.join(names[:-1])} and {names[-1]}"
-        out.append(
-            f"note: {listed} {'is' if one else 'are'} kept as data, not {'a setting' if one else 'settings'}: "
-            f"runner has {'no such setting' if one else 'none of them'} (other tools' names; a row's settings are "
-            'those of README, "Settings per row")'
-        )
+        none = "no such setting" if len(lacking) == 1 else "none of them"
+        why = f"runner has {none} (other tools' names; a row's settings are those of README, \"Settings per row\")"
+        out.append(_kept_as_data([repr(c) for c in lacking], why))
     return out
+
+
+def _kept_as_data(names: list[str], why: str) -> str:
+    """submit's note that the columns `names` (as shown) are kept as data, not settings, and why."""
+    one = len(names) == 1
+    listed = names[0] if one else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"note: {listed} {'is' if one else 'are'} kept as data, not {'a setting' if one else 'settings'}: {why}"
 
 
 def _length_columns(job: Job) -> list[str]:
