@@ -45,7 +45,7 @@ test-compat:
 	$(COMPAT)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_engine.py \
 		tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py \
-		tests/test_sampling.py tests/test_graphs.py
+		tests/test_sampling.py tests/test_graphs.py tests/test_min_p.py
 
 # The fault campaign and the state-record races on a file system without hard links (tests/linkless: every
 # process's os.link fails, as on a Drive-like mount), a few minutes; CAMPAIGN_SEED=N picks another campaign.

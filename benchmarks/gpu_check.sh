@@ -117,7 +117,7 @@ EOF
 echo "== [${SECONDS}s] tests on $DEVICE"
 TESTS="tests/test_engine.py tests/test_decode_levers.py tests/test_scoring.py tests/test_dtypes.py tests/test_faults.py
       tests/test_tokens.py tests/test_beams.py tests/test_sampling.py tests/test_structured.py tests/test_refill.py
-      tests/test_graphs.py"
+      tests/test_graphs.py tests/test_min_p.py"
 SELECT=(-m "not slow")
 [ "$QUICK" = 1 ] && SELECT=(-m "not slow" -k "half_precision or output_layer")
 # four test processes share the GPU when pytest-xdist is there (a carried wheel; 103 s in one process on an H200)
