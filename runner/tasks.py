@@ -316,7 +316,9 @@ def _retry_in_float32(
     if not fits:
         return RowError("numerical_error", f"NaN/inf logits in {dtype}, and the model does not fit in memory "
                                            "in float32 to retry (try --dtype float32 on a larger device)")  # fmt: skip
-    iso.float32_retried.extend(keys)
+    # (a row that came back a row error, as its constraint's failure, was not recomputed: no float32 note of it)
+    if not isinstance(out, RowError):
+        iso.float32_retried.extend(keys)
     return out
 
 

@@ -390,6 +390,32 @@ def test_a_failed_batch_is_released_before_its_rows_are_computed_again(failure):
     assert got == [("row", 0, 0), ("row", 1, 0), ("row", 2, 0)]
 
 
+def test_a_float32_retry_that_ends_in_a_row_error_is_not_noted_as_recomputed():
+    """A row whose float16 logits were NaN, then whose float32 retry came back a row error (its constraint's
+    matcher gave up): the worker logged "non-finite logits in float16; recomputed in float32" for a row that
+    ended an error (adversarial pass 229). Only keys really recomputed are noted."""
+    import contextlib
+
+    from runner.tasks import Isolation, RowError, isolating
+
+    def compute(keys):
+        if engine.dtype == torch.float16:
+            raise NumericalError([0])
+        return [RowError("constraint_error", "gave up") if keys[0][0] == 1 else ("row", *keys[0])]
+
+    @contextlib.contextmanager
+    def in_float32():
+        engine.dtype = torch.float32
+        yield
+        engine.dtype = torch.float16
+
+    engine = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float16, in_float32=in_float32)
+    iso = Isolation()
+    got = [isolating(engine, compute, [key], iso)[0] for key in ((0, 0), (1, 0))]
+    assert got[0] == ("row", 0, 0) and isinstance(got[1], RowError)
+    assert iso.float32_retried == [(0, 0)]
+
+
 def test_a_numerical_error_names_the_callers_rows(tiny_gpt2, monkeypatch):
     """The engine computes greedy twins once, and a batch's beam rows go through transformers: the rows a
     NumericalError names are still positions in the caller's own keys (it named a twin of the bad row, or the
