@@ -107,14 +107,15 @@ def _shown_spec(path: Path, job: Job | None) -> dict[str, Any]:
     return backup if held else meta
 
 
-def job_status(job: Job, looks: Looks | None = None) -> JobStatus:
+def job_status(job: Job, looks: Looks | None = None, verifier: jobdir.Verifier | None = None) -> JobStatus:
     """The job's summary. `looks`: what was found of each model's folder so far in this `runner status` (by
-    spec and pinned snapshot; `_waiting_for`), filled as it goes."""
+    spec and pinned snapshot; `_waiting_for`), filled as it goes. `verifier`: the shards' checks, shared with a
+    caller that reads the ledger again (the report), so that both judge each commit alike, each shard read once."""
     if (other := jobdir.other_job_named(job)) is not None:
         return _foreign_spec(job, other)
     try:
         state, changing = _state(job)
-        verifier = jobdir.Verifier(job)
+        verifier = verifier or jobdir.Verifier(job)
         if state.state is JobState.QUEUED and (cannot := _cannot_run(job, verifier)) is not None:
             return broken_status(job.dir, cannot[0], job, repairable=cannot[1])
         ledger = jobdir.read_ledger(job, generation=state.generation, verifier=verifier)

@@ -154,6 +154,26 @@ def test_the_report_shows_each_section_with_the_results_own_numbers(generate_job
     assert len(samples) == 10 and len({(r[1], r[2]) for r in samples}) == 10
 
 
+def test_the_errors_section_counts_what_the_status_counts_while_a_shard_fails_its_checksum(
+    generate_job, tmp_path
+):
+    """A commit whose shard fails its checksum (not quarantined yet) does not count: the status left its row
+    errors out, and the errors section, read unverified, counted them (adversarial pass 229)."""
+    from runner import jobdir
+
+    copy = tmp_path / "job"
+    shutil.copytree(generate_job.dir, copy)
+    job = jobdir.Job.open(copy)
+    erring = next(c for c in jobdir.read_ledger(job).commits if c.marker.get("errors") and c.shard)
+    shard = copy / jobdir.SHARDS / erring.shard
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = collect(job)
+    run_time = sum(n for (stage, _), n in report.errors.items() if stage != "validate")
+    assert report.status.errors == run_time == 0, (report.status, report.errors)
+
+
 def test_runner_report_is_the_function_even_after_its_module_is_imported():
     import runner.job_report  # noqa: F401  (a submodule named `report` would replace the function here)
 
