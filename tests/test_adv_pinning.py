@@ -161,7 +161,8 @@ def test_a_byte_flipped_in_model_revision_breaks_the_job_and_repair_brings_the_p
     assert work(runner_home, echo=None)[0].finished and read_state(job.dir).state == "completed"
 
 
-@pytest.mark.parametrize("given", ["folder", "relative", "demo"])
+# (the demo reads its GGUF: ~28 s where the converted model is not cached, so not in the edit loop)
+@pytest.mark.parametrize("given", ["folder", "relative", pytest.param("demo", marks=pytest.mark.slow)])
 def test_a_local_folder_or_the_demo_is_never_pinned_nor_looked_up_on_the_hub(
     tmp_path, tiny_gpt2, runner_home, monkeypatch, given
 ):
