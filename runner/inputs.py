@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import string
@@ -329,7 +330,8 @@ def _looks_like(path: Path, bad: bytes = b"") -> str | None:
 
 
 def _guessed(head: bytes, bad: bytes) -> str | None:
-    return _guess_encoding(head) or _guess_encoding(bad[:HEAD_BYTES])
+    # (a packed file is known by its first bytes only: a stray line further on was said to be a zip archive)
+    return _packed(head) or _guess_encoding(head) or _guess_encoding(bad[:HEAD_BYTES])
 
 
 def _head(path: Path) -> bytes:
@@ -343,7 +345,7 @@ def _head(path: Path) -> bytes:
 
 def not_utf8_text(raw: bytes) -> str:
     """`not_utf8` for bytes that are not in a file (standard input, an argument)."""
-    return _not_utf8("the text", _guess_encoding(raw[:HEAD_BYTES]), "send it as UTF-8")
+    return _not_utf8("the text", _packed(raw) or _guess_encoding(raw[:HEAD_BYTES]), "send it as UTF-8")
 
 
 def _not_utf8(what: str, guess: str | None, fix: str) -> str:
@@ -353,9 +355,17 @@ def _not_utf8(what: str, guess: str | None, fix: str) -> str:
     return f"{what} is not UTF-8" + (f" (it looks like {guess})" if guess else "") + f"; {fix}"
 
 
-# The first bytes of the packed files of PACKED (an .xlsx is a zip archive: said as the workbook it most likely is)
-MAGIC = ((b"\x1f\x8b", ".gz"), (b"BZh", ".bz2"), (b"\xfd7zXZ\x00", ".xz"), (b"\x28\xb5\x2f\xfd", ".zst"),
-         (b"PK\x03\x04", ".zip"), (b"\xd0\xcf\x11\xe0", ".xls"))  # fmt: skip
+# The first bytes of the packed files of PACKED (an .xls is an OLE file: said as the workbook it most likely is);
+# bzip2's "BZh" is followed by a block size digit and a block's magic (or the end of stream's): a Latin-1 text
+# starting "BZhang" was said to be bzip2
+MAGIC = ((re.compile(rb"\x1f\x8b\x08"), ".gz"), (re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"), ".bz2"),
+         (re.compile(rb"\xfd7zXZ\x00"), ".xz"), (re.compile(rb"\x28\xb5\x2f\xfd"), ".zst"),
+         (re.compile(rb"PK\x03\x04"), ".zip"), (re.compile(rb"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"), ".xls"))  # fmt: skip
+
+
+def _packed(head: bytes) -> str | None:
+    """What packed file (PACKED) `head`, a file's first bytes, starts as, or None."""
+    return next((PACKED[suffix] for magic, suffix in MAGIC if magic.match(head)), None)
 
 
 def _guess_encoding(head: bytes) -> str | None:
@@ -363,9 +373,6 @@ def _guess_encoding(head: bytes) -> str | None:
     and holds kana: text that only happens to decode is kanji soup, a Latin code page more likely), or None."""
     import codecs
 
-    packed = next((PACKED[suffix] for magic, suffix in MAGIC if head.startswith(magic)), None)
-    if packed is not None:
-        return packed
     nuls = max(head[0::2].count(0), head[1::2].count(0))
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or nuls > len(head) // 4:
         return "UTF-16"

@@ -637,3 +637,21 @@ def test_default_ids_are_what_the_readme_says_a_csv_its_line_numbers(tmp_path):
     assert (
         "in a CSV the line its row starts on, the header being line 1" in row and "row number from 1" in row
     )
+
+
+def test_latin1_text_starting_like_bzip2_is_not_said_to_be_packed(tmp_path):
+    """A Latin-1 .txt whose first line starts "BZh" (a word, no bzip2 stream: that is "BZh" + a block size digit +
+    its block magic) was said to look like a bzip2-compressed file, to unpack."""
+    path = tmp_path / "p.txt"
+    path.write_bytes("BZhang café\n".encode("latin-1"))
+    assert "bzip2" not in problems_of(path)[1]
+
+
+def test_a_stray_line_starting_like_a_zip_is_that_lines_problem(tmp_path):
+    """A packed file is known by its first bytes, not by a line further on: a UTF-8 file with one stray Latin-1
+    line starting "PK\\x03\\x04" had that line said to look like a zip archive, to unpack."""
+    path = tmp_path / "p.txt"
+    path.write_bytes("Grüße\n".encode() + b"PK\x03\x04 caf\xe9\n" + b"hello\n")
+    rows = read_prompts(path, skip_invalid=True)
+    assert [r.prompt for r in rows.rows] == ["Grüße", "hello"]
+    assert [p.line for p in rows.problems] == [2] and "zip" not in str(rows.problems[0])
