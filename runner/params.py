@@ -778,6 +778,11 @@ def refuse_loose_settings(fn: str, params: Any, given: dict[str, Any], kinds: tu
         if cls is None and GenerationParams in kinds and ours:
             raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}: the setting is {ours} ({why}), "
                             f"runner.{fn}(..., params=runner.GenerationParams({ours}=...))")  # fmt: skip
+        # (model.generate(..., pad_token_id=...) as the tutorials write it: said bare "unexpected keyword")
+        if cls is None and name in _TAKEN_FROM_THE_MODEL:
+            raise TypeError(
+                f"{fn}() got an unexpected keyword argument {name!r}: {_TAKEN_FROM_THE_MODEL[name]}"
+            )
         if cls is None:
             raise TypeError(
                 f"{fn}() got an unexpected keyword argument {name!r}{_near_setting(fn, name, kinds)}"

@@ -92,6 +92,12 @@ def test_help_of_a_settings_class_says_what_each_setting_means_and_takes(cls, sa
             lambda m: runner.generate("吾輩は", m, max_length=50),
             "generate() got an unexpected keyword argument 'max_length': the setting is max_new_tokens",
         ),
+        # (the tutorials' model.generate(..., pad_token_id=tokenizer.eos_token_id), kept as a loose keyword: said
+        # bare "unexpected keyword argument 'pad_token_id'", where GenerationParams(pad_token_id=...) said why)
+        (
+            lambda m: runner.generate("吾輩は", m, pad_token_id=50256),
+            "generate() got an unexpected keyword argument 'pad_token_id': runner pads each batch itself",
+        ),
         (
             lambda m: runner.submit([{"prompt": "吾輩は"}], m, temperature=0.8),
             "submit() takes temperature in its settings, not as a keyword of its own: "
