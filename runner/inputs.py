@@ -999,6 +999,11 @@ def _unpack_hint(path: str | os.PathLike) -> str:
     inner = p.with_suffix("")
     if p.suffix.lower() == ".zip" or inner.suffix.lower() not in SUFFIXES:
         return f"unpack it ({_UNPACK[p.suffix.lower()]} {p.name}) and give the prompt file inside"
+    # (gunzip -k refuses to write over a file: "gunzip -k p.jsonl.gz writes p.jsonl" where p.jsonl stood)
+    if os.path.lexists(inner):
+        unpack = _UNPACK[p.suffix.lower()].replace(" -k", " -kf") if " -k" in _UNPACK[p.suffix.lower()] else (
+            f"{_UNPACK[p.suffix.lower()]} -f")  # fmt: skip
+        return f"{inner.name} is beside it already: give {inner.name}, or unpack this one over it ({unpack} {p.name})"
     return f"unpack it first ({_UNPACK[p.suffix.lower()]} {p.name} writes {inner.name}) and give {inner.name}"
 
 

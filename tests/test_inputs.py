@@ -655,3 +655,18 @@ def test_a_stray_line_starting_like_a_zip_is_that_lines_problem(tmp_path):
     rows = read_prompts(path, skip_invalid=True)
     assert [r.prompt for r in rows.rows] == ["Grüße", "hello"]
     assert [p.line for p in rows.problems] == [2] and "zip" not in str(rows.problems[0])
+
+
+def test_a_packed_file_whose_text_is_beside_it_says_so(tmp_path):
+    """p.jsonl.gz beside its p.jsonl was told "gunzip -k p.jsonl.gz writes p.jsonl", which gunzip refuses
+    (p.jsonl already exists): said to give the p.jsonl there, or unpack over it."""
+    import gzip
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Hi"}\n')
+    path = tmp_path / "p.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"prompt": "Hi"}\n'))
+    with pytest.raises(ParamError) as err:
+        read_prompts(path)
+    assert str(err.value).endswith(
+        "p.jsonl is beside it already: give p.jsonl, or unpack this one over it (gunzip -kf p.jsonl.gz)"
+    ), str(err.value)
