@@ -1463,7 +1463,7 @@ def _data_notes(job: Job) -> list[str]:
         out.append(_kept_as_data([repr(c) for c in request], why))
     lacking = _columns_runner_has_no_setting_for(job)
     if lacking:
-        none = "no such setting" if len(lacking) == 1 else "none of them"
+        none = {1: "no such setting", 2: "neither"}.get(len(lacking), "none of them")
         why = f"runner has {none} (other tools' names; a row's settings are those of README, \"Settings per row\")"
         out.append(_kept_as_data([repr(c) for c in lacking], why))
     return out

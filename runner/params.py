@@ -80,8 +80,14 @@ def unknown_setting(cls: type, name: str) -> str:
     if ours in fields:
         return f"{cls.__name__} has no setting {name!r}: use {ours} ({why})."
     if name in _TAKEN_FROM_THE_MODEL:  # (it said only "has no setting 'pad_token_id'.")
-        more = "; to end at some text, give stop" if name == "eos_token_id" and "stop" in fields else ""
-        return f"{cls.__name__} has no setting {name!r}: {_TAKEN_FROM_THE_MODEL[name]}{more}."
+        said = _TAKEN_FROM_THE_MODEL[name]
+        if name == "eos_token_id":  # (a score or embed job generates nothing: it stops nowhere)
+            said = (
+                said + "; to end at some text, give stop"
+                if "stop" in fields
+                else "runner takes it from the model"
+            )
+        return f"{cls.__name__} has no setting {name!r}: {said}."
     near = _nearest(cls, name)
     return f"{cls.__name__} has no setting {name!r}" + (f": did you mean {near!r}?" if near else ".")
 

@@ -1625,6 +1625,11 @@ def test_a_column_named_as_a_setting_runner_lacks_is_said_to_be_data(tmp_path, t
         in said
     ), said
     assert "'topic'" not in said
+    two = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Hello", "ignore_eos": True, "pad_token_id": 0}])
+    said = invoke("submit", two, "-m", tiny_gpt2).stderr
+    assert (
+        "note: 'ignore_eos' and 'pad_token_id' are kept as data, not settings: runner has neither" in said
+    ), said
     renamed = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hello", "stop_strings": ["\n"]}])
     said = invoke("submit", renamed, "-m", tiny_gpt2).stderr
     assert "note: 'stop_strings' (did you mean 'stop'?) is kept as data, not a setting" in said, said
