@@ -337,7 +337,7 @@ def pid_exists(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (a pid past a C long, as a damaged temp name's: none such)
         return False
     except OSError:
         pass

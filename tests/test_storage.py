@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import time
 from pathlib import Path
 
@@ -368,3 +369,13 @@ def test_no_liveness_check_signals_a_process_on_windows(monkeypatch):
         monkeypatch.undo()
         child.kill()
         child.wait()
+
+
+def test_a_temp_name_of_a_pid_past_any_process_is_a_gone_writer(tmp_path):
+    """A temp file's name holding a pid past a C long (damaged, or another system's) raised OverflowError from
+    os.kill in whatever swept the folder; no process has such a pid: its writer is gone."""
+    name = os.path.basename(storage.owned_temp_name(tmp_path / "x.json"))
+    huge = re.sub(r"\.(\d+)-", f".{2**70}-", name, count=1)
+    owned = storage.OWNED_TEMP.fullmatch(huge)
+    assert owned is not None and int(owned.group(2)) == 2**70, huge
+    assert storage.writer_gone(owned) and not storage.pid_exists(2**70)
