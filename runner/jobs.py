@@ -1446,22 +1446,28 @@ def submit_warnings(job: Job) -> list[str]:
 
 def _data_notes(job: Job) -> list[str]:
     """`submit_warnings`' notes on input columns named like settings that a generate job keeps as data."""
+    if job.spec.kind != "generate":
+        return []
+    import pyarrow.parquet as pq
+
+    # (read once: each note's helper read prompts.parquet's schema again)
+    columns = passthrough_columns(job.read_prompts(pq.read_schema))
     out = []
-    data = _length_columns(job)
+    data = _length_columns(columns)
     if data:
         why = ("a row's own limits are max_new_tokens (or max_tokens) and min_new_tokens, which count new tokens only "
                "(transformers' max_length and min_length count the prompt too)")  # fmt: skip
         out.append(_kept_as_data([repr(c) for c in data], why))
-    near = _near_setting_columns(job)
+    near = _near_setting_columns(columns)
     if near:
         out.append(
             _kept_as_data(near, 'a row\'s settings have these exact names (README, "Settings per row")')
         )
-    request = _request_only_columns(job)
+    request = _request_only_columns(columns)
     if request:
         why = "a plain row is no OpenAI request" + "".join(f"; {REQUEST_ONLY_COLUMNS[c]}" for c in request)
         out.append(_kept_as_data([repr(c) for c in request], why))
-    lacking = _columns_runner_has_no_setting_for(job)
+    lacking = _columns_runner_has_no_setting_for(columns)
     if lacking:
         none = {1: "no such setting", 2: "neither"}.get(len(lacking), "none of them")
         why = f"runner has {none} (other tools' names; a row's settings are those of README, \"Settings per row\")"
@@ -1476,15 +1482,10 @@ def _kept_as_data(names: list[str], why: str) -> str:
     return f"note: {listed} {'is' if one else 'are'} kept as data, not {'a setting' if one else 'settings'}: {why}"
 
 
-def _length_columns(job: Job) -> list[str]:
-    """The input's max_length / min_length columns (model.generate()'s habit, the tutorials'), which a generate
-    job keeps as data: no row setting has those names."""
-    if job.spec.kind != "generate":
-        return []
-    import pyarrow.parquet as pq
-
-    names = job.read_prompts(pq.read_schema).names
-    return [c for c in ("max_length", "min_length") if c in names]
+def _length_columns(columns: list[str]) -> list[str]:
+    """Of a generate job's input `columns`, max_length / min_length (model.generate()'s habit, the tutorials'),
+    which it keeps as data: no row setting has those names."""
+    return [c for c in ("max_length", "min_length") if c in columns]
 
 
 # Fields of an OpenAI /v1/completions request that no row setting has: a plain row's such column is its data
@@ -1497,28 +1498,19 @@ REQUEST_ONLY_COLUMNS = {
 }
 
 
-def _request_only_columns(job: Job) -> list[str]:
-    """The input's REQUEST_ONLY_COLUMNS, which a generate job keeps as data."""
-    if job.spec.kind != "generate":
-        return []
-    import pyarrow.parquet as pq
-
-    names = passthrough_columns(job.read_prompts(pq.read_schema))
-    return [c for c in REQUEST_ONLY_COLUMNS if c in names]
+def _request_only_columns(columns: list[str]) -> list[str]:
+    """Of a generate job's input `columns`, the REQUEST_ONLY_COLUMNS, which it keeps as data."""
+    return [c for c in REQUEST_ONLY_COLUMNS if c in columns]
 
 
-def _near_setting_columns(job: Job) -> list[str]:
-    """Columns of a generate job named almost like a row setting (`Temperature`, `max_new_token`, `top-p`, as
-    an Excel sheet has them), each with the setting it looks like: kept as data, so every row ran with the job's
-    settings and nothing said why."""
-    if job.spec.kind != "generate":
-        return []
+def _near_setting_columns(columns: list[str]) -> list[str]:
+    """Of a generate job's input `columns`, those named almost like a row setting (`Temperature`,
+    `max_new_token`, `top-p`, as an Excel sheet has them), each with the setting it looks like: kept as data, so
+    every row ran with the job's settings and nothing said why."""
     import difflib
 
-    import pyarrow.parquet as pq
-
     out = []
-    for column in passthrough_columns(job.read_prompts(pq.read_schema)):
+    for column in columns:
         key = column.strip().lower().replace("-", "_").replace(" ", "_")
         # (a letter off a word of 3 is another word: a 'top' column was asked "did you mean 'stop'?")
         near = (
@@ -1539,15 +1531,11 @@ def _near_setting_columns(job: Job) -> list[str]:
     return out
 
 
-def _columns_runner_has_no_setting_for(job: Job) -> list[str]:
-    """Columns of a generate job named as another tool's setting runner lacks (vLLM's `ignore_eos`, `stop_token_ids`,
-    GenerationConfig's `eos_token_id`): kept as data, so each row ran without it, and nothing said so (a Batch
-    body giving one is refused)."""
-    if job.spec.kind != "generate":
-        return []
-    import pyarrow.parquet as pq
-
-    return [c for c in passthrough_columns(job.read_prompts(pq.read_schema)) if c in SETTINGS_RUNNER_LACKS]
+def _columns_runner_has_no_setting_for(columns: list[str]) -> list[str]:
+    """Of a generate job's input `columns`, those named as another tool's setting runner lacks (vLLM's
+    `ignore_eos`, `stop_token_ids`, GenerationConfig's `eos_token_id`): kept as data, so each row ran without it,
+    and nothing said so (a Batch body giving one is refused)."""
+    return [c for c in columns if c in SETTINGS_RUNNER_LACKS]
 
 
 def _twin(job: Job) -> Job | None:
