@@ -70,7 +70,7 @@ def _as_template_roles(messages: list[dict[str, Any]], template: Any) -> list[di
     text never says "developer"): OpenAI's developer messages are the system messages of the models without
     one, and most templates (Qwen's: any role they do not know renders as nothing) dropped them without a word,
     or showed the model a role it was never trained on. `template`: the tokenizer's (a dict of named ones too)."""
-    if "developer" in str(template) or not any(m.get("role") == "developer" for m in messages):
+    if not any(m.get("role") == "developer" for m in messages) or "developer" in str(template):
         return messages
     return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
 

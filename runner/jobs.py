@@ -394,8 +394,7 @@ def _rewrite_inputs(job: Job, folder: Path) -> None:
                      kind == "generate" and _sample_auto(params), _vocab_size(config),
                      # (a job of before, read as its submit read it: no endpoint per row, as its checksum says)
                      (model, inp.get("served_model_names") or ()) if reader.reading >= 2 else None)  # fmt: skip
-    prep.faithful, prep.reading = reader.reading >= 5, reader.reading
-    prep.counted = reader.reading >= 6
+    prep.reading = reader.reading
     _write_prompts(reader, prep, folder, bool(inp.get("skip_invalid")))
 
 
@@ -1131,14 +1130,10 @@ class _Preparer:
         self.answers_as = answers_as
         self.window, self.truncate, self.field = window, truncate, field
         self.sample_auto, self.vocab = sample_auto, vocab
-        # messages rendered as since reading 5 (batching.render_prompt): `runner repair` of a job read before
-        # renders them as its submit did
-        self.faithful = True
         # how its rows are prepared (inputs.READING): `runner repair` of a job read before prepares them as its
-        # submit did (before 6, a score pair's context of no tokens stayed [])
+        # submit did (before 6, a score pair's context of no tokens stayed []; before 5 and 6, messages rendered
+        # otherwise: batching.render_prompt)
         self.reading = READING
-        # ... and a message's text counted (since reading 6: also in another message it is no proof of being shown)
-        self.counted = True
         # some row gives temperature / top_p / top_k / min_p (jobdir.ROW_SAMPLING_FORMAT)
         self.sampling_rows = False
         # the job or some row gives min_p (jobdir.MIN_P_FORMAT)
@@ -1262,9 +1257,8 @@ class _Preparer:
         texts: list[str | _RowProblem] = []
         for row in rows:
             try:
-                texts.append(
-                    render_prompt(row.prompt, row.messages, self.tokenizer, self.faithful, self.counted)
-                )
+                texts.append(render_prompt(row.prompt, row.messages, self.tokenizer, self.reading >= 5,
+                                           self.reading >= 6))  # fmt: skip
             except RunnerError as e:
                 texts.append(_RowProblem(str(e), "messages"))
         encoded: dict[int, list[int]] = {}
