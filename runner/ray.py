@@ -238,10 +238,7 @@ class _Stage:
 
         def checked(ks: list[tuple[int, int]]) -> list[Any]:
             outcomes = list(task.compute(ks))
-            # no NaN is ever written (a row error, a constraint that failed, has no numbers)
-            bad = [
-                i for i, out in enumerate(outcomes) if not isinstance(out, RowError) and not task.finite(out)
-            ]
+            bad = [i for i, out in enumerate(outcomes) if not task.finite(out)]  # no NaN is ever written
             if bad:
                 raise NumericalError(bad)
             return outcomes

@@ -72,6 +72,9 @@ def _all_finite(values: Iterable[float | None]) -> bool:
 
 
 def _completion_finite(c: Any) -> bool:
+    """A completion's numbers are finite; a row error in its place (a constraint that failed) has none."""
+    if isinstance(c, RowError):
+        return True
     return (
         _all_finite(c.token_logprobs)
         and _all_finite(c.prompt_logprobs or ())
@@ -316,7 +319,7 @@ def _retry_in_float32(
     if not fits:
         return RowError("numerical_error", f"NaN/inf logits in {dtype}, and the model does not fit in memory "
                                            "in float32 to retry (try --dtype float32 on a larger device)")  # fmt: skip
-    # (a row that came back a row error, as its constraint's failure, was not recomputed: no float32 note of it)
+    # (a row whose float32 recompute came back a row error, its constraint's failure, gets no float32 note)
     if not isinstance(out, RowError):
         iso.float32_retried.extend(keys)
     return out

@@ -620,11 +620,7 @@ class JobRun:
             outcomes = list(unit.task.compute(keys))
             # The engine checks the log-probs it samples from; this checks everything that would be written
             # (prompt log-probs, alternatives, scores, vectors), so no NaN ever reaches a shard.
-            bad = [
-                i
-                for i, out in enumerate(outcomes)
-                if not isinstance(out, RowError) and not unit.task.finite(out)
-            ]
+            bad = [i for i, out in enumerate(outcomes) if not unit.task.finite(out)]
             if bad:
                 raise NumericalError(bad)
             return outcomes
