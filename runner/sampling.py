@@ -133,13 +133,13 @@ def _top_k(scores: Any, k: Any, largest: int) -> Any:
 
 def _min_p(scores: Any, min_p: Any) -> Any:
     """transformers' MinPLogitsWarper per row (`min_p`: [batch, 1] float32, 0: off): drop the tokens whose
-    probability is under min_p x the most likely token's, always keeping the most likely one (its
-    min_tokens_to_keep is 1 without beams, which our loop never has). A row at 0 removes nothing."""
+    probability is under min_p x the most likely token's. The most likely one is never dropped, as its
+    min_tokens_to_keep of 1 asks (min_p <= 1: its threshold is at most that token's own probability), so no
+    second pass finds it. A row at 0 removes nothing."""
     import torch
 
     probs = torch.softmax(scores, dim=-1)
     remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
-    remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)
     return scores.masked_fill(remove, -math.inf)
 
 
