@@ -345,13 +345,18 @@ def _head(path: Path) -> bytes:
 
 def not_utf8_text(raw: bytes) -> str:
     """`not_utf8` for bytes that are not in a file (standard input, an argument)."""
-    return _not_utf8("the text", _packed(raw) or _guess_encoding(raw[:HEAD_BYTES]), "send it as UTF-8")
+    return _not_utf8("the text", _guessed(raw[:HEAD_BYTES], b""), "send it as UTF-8")
+
+
+# what to do with an Excel workbook given for a prompt file
+SAVE_AS_CSV = 'save the sheet as "CSV UTF-8 (Comma delimited)"'
 
 
 def _not_utf8(what: str, guess: str | None, fix: str) -> str:
     if guess in PACKED.values():  # (a gzip file named .jsonl was "not UTF-8 ...; save it as UTF-8")
-        fix = "unpack it (gunzip, unzip ...) and give the text inside" if "Excel" not in guess else (
-            'save the sheet as "CSV UTF-8 (Comma delimited)"')  # fmt: skip
+        fix = (
+            "unpack it (gunzip, unzip ...) and give the text inside" if "Excel" not in guess else SAVE_AS_CSV
+        )
     return f"{what} is not UTF-8" + (f" (it looks like {guess})" if guess else "") + f"; {fix}"
 
 
@@ -995,7 +1000,7 @@ _UNPACK = {".gz": "gunzip -k", ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".zst": "
 def _unpack_hint(path: str | os.PathLike) -> str:
     p = Path(path)
     if p.suffix.lower() in (".xlsx", ".xls"):
-        return 'save the sheet as "CSV UTF-8 (Comma delimited)" and give the .csv'
+        return f"{SAVE_AS_CSV} and give the .csv"
     inner = p.with_suffix("")
     if p.suffix.lower() == ".zip" or inner.suffix.lower() not in SUFFIXES:
         return f"unpack it ({_UNPACK[p.suffix.lower()]} {p.name}) and give the prompt file inside"
