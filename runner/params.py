@@ -632,7 +632,9 @@ def setting_from_text(name: str, text: str | None) -> Any:
     try:
         return json.loads(text)
     except (ValueError, RecursionError):  # (nested too deeply: pass 67) the setting's check names it
-        return text
+        # a `stop` cell that only starts like a JSON list ("[END]\n", "[/INST]") is plain text, its typed `\n`
+        # a line break as in any other (it stayed a backslash and an n: adversarial pass 234)
+        return unescape(text) if target == "stop" else text
 
 
 def row_overrides(raw: dict[str, Any], unread_refused: bool = True) -> dict[str, Any]:

@@ -302,6 +302,20 @@ def test_a_csvs_setting_cells_are_read_one_by_one_as_a_json_line_would_give_them
     assert [setting_from_text("stop", t) for t in typed] == [*typed[:4], "日本語\n", r"\n"]
 
 
+def test_a_csv_stop_cell_that_only_starts_like_a_json_list_is_text_with_its_typed_line_break(
+    tmp_path, tiny_gpt2
+):
+    """A stop cell `[END]\\n` (a chat format's marker and a line break typed as Excel holds it) is no JSON list: it
+    was kept as typed, a backslash and an n, where `END\\n` is a line break, so the row never stopped at its marker
+    (adversarial pass 234)."""
+    (tmp_path / "p.csv").write_text(
+        'prompt,stop\nHello,[END]\\n\nWorld,END\\n\nHi,"[""a"", ""b""]"\nYo,[/INST]\n'
+    )
+    job = create_job(tmp_path / "p.csv", tiny_gpt2, GenerationParams(max_new_tokens=5))
+    stops = [json.loads(s)["stop"] for s in job.prompts().column("settings").to_pylist()]
+    assert stops == ["[END]\n", "END\n", ["a", "b"], "[/INST]"]
+
+
 def test_embeddings_batch(tmp_path, tiny_gpt2):
     from runner.openai_batch import export
     from runner.params import EmbedParams
