@@ -2201,7 +2201,9 @@ class Heartbeat:
         with self._writing:
             self.info.update(info)
             now = time.time()
-            record = {**self.owner.as_dict(), "heartbeat": now, "expires": now + self.ttl, **self.info}
+            # with this boot's steady clock: a worker sharing it judges the lease by that (`_steady_left`)
+            record = {**self.owner.as_dict(), "heartbeat": now, "expires": now + self.ttl,
+                      "monotonic": time.monotonic(), "timens": storage.time_namespace(), **self.info}  # fmt: skip
             # a changed byte is damage, not a lease (live_workers)
             record["check"] = storage.json_checksum(record)
             storage.write_json(self.path, record, durable=False)
@@ -2323,7 +2325,7 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
         owner = _heartbeat_owner(hb, name)
         if owner is None:
             continue
-        left, lease = _lease_left(job.dir / WORKERS / name, hb, now)
+        left, lease = _lease_left(job.dir / WORKERS / name, hb, now, owner)
         if owner.worker in _ENDED and owner.is_this_process():
             continue  # an earlier call of this process, interrupted: it works no more
         if left > 0 and not owner.provably_dead():
@@ -2345,12 +2347,13 @@ SKEW_SLACK = 60.0
 _sighted: dict[str, tuple[float, float]] = {}  # heartbeat file -> (its "heartbeat" time, when first seen)
 
 
-def _lease_left(path: Path, hb: dict[str, Any], now: float) -> tuple[float, float]:
+def _lease_left(path: Path, hb: dict[str, Any], now: float, owner: Owner) -> tuple[float, float]:
     """(seconds the heartbeat's lease has left by this machine's clock (<= 0: stale; damage is stale), the lease
-    it declares). Its times are its writer's clock: a writer whose clock runs ahead (a heartbeat written in our
-    future) would hold its lease that much longer, hours after it died, so its lease (expires - heartbeat, at
-    most MAX_LEASE) is then counted from when this process first saw that heartbeat, and a beat that changes
-    renews it."""
+    it declares). A writer sharing this process's CLOCK_MONOTONIC (`_steady_left`) is judged by that. Else its
+    times are its writer's wall clock: a writer whose clock runs ahead (a heartbeat written in our future)
+    would hold its lease that much longer, hours after it died, so its lease (expires - heartbeat, at most
+    MAX_LEASE) is then counted from when this process first saw that heartbeat, and a beat that changes renews
+    it."""
     try:
         expires, beat = float(hb["expires"]), float(hb["heartbeat"])
     except (KeyError, TypeError, ValueError):
@@ -2360,6 +2363,10 @@ def _lease_left(path: Path, hb: dict[str, Any], now: float) -> tuple[float, floa
     # MAX_LEASE, was taken for damage, so a live worker's units for free; adversarial pass 111)
     if not 0 < lease <= MAX_LEASE:
         return 0.0, 0.0
+    steady = _steady_left(hb, owner, lease)
+    if steady is not None:
+        _sighted.pop(str(path), None)
+        return steady, lease
     if beat <= now + SKEW_SLACK:
         _sighted.pop(str(path), None)
         return expires - now, lease
@@ -2367,6 +2374,33 @@ def _lease_left(path: Path, hb: dict[str, Any], now: float) -> tuple[float, floa
     if seen is None or seen[0] != beat:
         seen = _sighted[str(path)] = (beat, time.monotonic())
     return lease - (time.monotonic() - seen[1]), lease
+
+
+# seconds a heartbeat's monotonic reading may be ahead of this process's own and still be of the same clock
+MONOTONIC_SLACK = 1.0
+
+
+def _steady_left(hb: dict[str, Any], owner: Owner, lease: float) -> float | None:
+    """Seconds left of a heartbeat's lease by CLOCK_MONOTONIC (time.monotonic()), where its writer's is this
+    process's: the same boot, PID and time namespaces. The wall clock stepped forward (NTP, a VM resumed, a
+    Colab host moved) made every live worker of the machine look stale to the others until its next beat, and
+    each took the others' units over, their work thrown away (adversarial pass 233); stepped back by more than
+    SKEW_SLACK, a frozen one's beat was in our future, and its lease began again from when it was seen so. A
+    frozen worker's reading stays old as this clock runs on (it runs while the worker is stopped): its lease
+    ends.
+    None where it cannot be told: another machine or container, a heartbeat without a reading (an earlier
+    runner's), or one not of this clock (ahead of it): the wall clock judges."""
+    if not owner._on_this_machine() or hb.get("timens") != storage.time_namespace():
+        return None
+    try:
+        reading = float(hb["monotonic"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    steady = time.monotonic()
+    # (NaN fails too)
+    if not 0 <= reading <= steady + MONOTONIC_SLACK:
+        return None
+    return reading + lease - steady
 
 
 @dataclass

@@ -286,6 +286,16 @@ def _read_pid_namespace() -> str | None:
         return None
 
 
+def time_namespace() -> str | None:
+    """This process's time namespace (Linux's /proc/self/ns/time, since 5.6): processes of one boot in one time
+    namespace read the same CLOCK_MONOTONIC (another one's is offset). None where there is none to read (macOS,
+    the BSDs, an older Linux: one CLOCK_MONOTONIC per boot there)."""
+    try:
+        return os.readlink("/proc/self/ns/time")
+    except OSError:
+        return None
+
+
 @functools.cache
 def _sysctl(name: str) -> bytes | None:
     """The value of sysctl `name` as bytes (sysctlbyname(3): macOS, the BSDs); None where it cannot be read."""

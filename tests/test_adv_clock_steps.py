@@ -1,0 +1,154 @@
+"""Wall-clock steps and the leases of workers on one machine (adversarial pass 233).
+
+`runner work --workers N` (or several `runner work`) on one machine: a heartbeat's lease was judged by the wall
+clock alone, so a step of it forward (NTP, a VM resumed, a Colab host moved) made every live worker's heartbeat
+look stale to the others until its next beat, and each took the others' units over (the epochs fenced the
+losers, but their work was thrown away and done again). A heartbeat now also carries the writer's
+CLOCK_MONOTONIC reading; a reader of the same boot, PID and time namespaces judges the lease by that. Other
+machines, and heartbeats without a reading (an earlier runner's) or with one not of this clock, are judged by
+the wall clock as before. Deterministic: the clocks are monkeypatched, nothing sleeps.
+"""
+
+import json
+import time
+
+import pytest
+from helpers import write_jsonl
+
+import runner
+from runner import GenerationParams, jobdir, storage
+from runner.jobdir import Heartbeat, Owner, take_unit
+from runner.jobs import create_job
+from runner.scheduler import work
+
+HOUR = 3600.0
+TTL = 60.0
+
+
+@pytest.fixture
+def job(tmp_path, tiny_gpt2, runner_home):
+    lines = ({"id": f"r{i}", "prompt": f"The old man said {i}"} for i in range(4))
+    return create_job(write_jsonl(tmp_path / "p.jsonl", lines), tiny_gpt2, GenerationParams(max_new_tokens=3),
+                      runner.EngineOptions(batch_size=2), home=runner_home)  # fmt: skip
+
+
+def holding(job, owner: Owner) -> Heartbeat:
+    """`owner` beats (a lease of TTL) and holds the job's only unit."""
+    beat = Heartbeat(job, owner, ttl=TTL)
+    beat.beat()
+    assert take_unit(job, 0, owner, -1) == 0
+    return beat
+
+
+def wall_stepped(monkeypatch, step: float) -> None:
+    """From here on this process's wall clock reads `step` seconds on from the real one (the heartbeat was
+    written before the step)."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + step)
+
+
+def steady_on(monkeypatch, seconds: float) -> None:
+    """From here on this process's CLOCK_MONOTONIC reads `seconds` on from the real one (time passed)."""
+    real = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real() + seconds)
+
+
+def rewritten(beat: Heartbeat, **changes) -> None:
+    """The heartbeat's record with `changes` (None: the field left out), checksummed as its writer does."""
+    hb = json.loads(beat.path.read_text())
+    del hb["check"]
+    for key, value in changes.items():
+        if value is None:
+            hb.pop(key, None)
+        else:
+            hb[key] = value
+    hb["check"] = storage.json_checksum(hb)
+    beat.path.write_text(json.dumps(hb))
+
+
+def held_by(job, worker: str) -> bool:
+    progress = jobdir.job_progress(job)
+    return worker in progress.live and 0 not in progress.claimable
+
+
+@pytest.mark.parametrize("step", [HOUR, 10 * 86400])
+def test_a_live_worker_of_this_machine_keeps_its_unit_when_the_wall_clock_steps_forward(
+    job, monkeypatch, step
+):
+    near = Owner.me("near")
+    holding(job, near)
+    wall_stepped(monkeypatch, step)
+    assert held_by(job, "near")
+    # what `runner status` says of its lease is the same judgement: TTL from its beat, on the stepped clock
+    assert 0 < jobdir.live_workers(job)["near"]["expires"] - time.time() <= TTL
+    status = runner.status(job.dir)
+    assert status.state == "running" and [w["worker"] for w in status.workers] == ["near"], status
+
+
+def test_work_takes_no_unit_from_a_live_worker_of_this_machine_after_a_forward_step(job, gpt2_engine,
+                                                                                    runner_home, monkeypatch):  # fmt: skip
+    """`runner work` beside a live worker of the same machine whose last beat was just before the step: it
+    waits (stopped once it says so), as without the step. It computed the unit again, and that worker's work
+    was thrown away."""
+    holding(job, Owner.me("other-worker"))
+    wall_stepped(monkeypatch, HOUR)
+    said = []
+    assert work(runner_home, engine=gpt2_engine, echo=said.append, stop=lambda: bool(said), poll=0.2) == []
+    assert "the rest is held by worker other-worker" in said[0], said
+    assert not list((job.dir / "shards").glob("*.parquet"))
+
+
+@pytest.mark.parametrize(
+    "where",
+    [{"boot": "another-boot"}, {"pidns": "pid:[1]"}, {"timens": "time:[1]"}],
+    ids=["another-boot", "another-container", "another-time-namespace"],
+)
+def test_a_heartbeat_of_another_machine_is_judged_by_the_wall_clock(job, monkeypatch, where):
+    """A heartbeat of another boot, PID namespace or time namespace carries a monotonic reading that is not of
+    this clock (here it is fresh by this clock's count, all the same): its lease is the wall clock's."""
+    me = Owner.me("far")
+    far = Owner(
+        me.worker, "other-vm", me.pid, where.get("boot", me.boot), where.get("pidns", me.pidns), me.start
+    )
+    beat = holding(job, far)
+    if "timens" in where:
+        rewritten(beat, timens=where["timens"])
+    assert held_by(job, "far")
+    wall_stepped(monkeypatch, TTL + 1)
+    assert not held_by(job, "far")
+
+
+def test_a_frozen_worker_of_this_machine_is_taken_over_once_its_monotonic_lease_is_over(job, monkeypatch):
+    """A worker stopped (SIGSTOP) past its lease: its reading stays old while the clock runs on, and its unit is
+    free, even with the wall clock stepped back an hour meanwhile (its beat then in our future: it got a lease
+    more from when that was seen)."""
+    holding(job, Owner.me("frozen"))
+    steady_on(monkeypatch, TTL - 1)
+    assert held_by(job, "frozen")
+    monkeypatch.undo()
+    steady_on(monkeypatch, TTL + 1)
+    wall_stepped(monkeypatch, -HOUR)
+    assert not held_by(job, "frozen")
+    monkeypatch.undo()
+    steady_on(monkeypatch, TTL + 1)
+    assert not held_by(job, "frozen")
+
+
+def test_a_heartbeat_without_a_monotonic_reading_is_judged_by_the_wall_clock(job, monkeypatch):
+    """An earlier runner's heartbeat (no reading) of this machine, still checksummed: as before this pass."""
+    beat = holding(job, Owner.me("old"))
+    rewritten(beat, monotonic=None, timens=None)
+    assert held_by(job, "old")
+    wall_stepped(monkeypatch, TTL + 1)
+    assert not held_by(job, "old")
+
+
+@pytest.mark.parametrize("reading", [1e18, -5.0, "soon", float("nan")])
+def test_a_monotonic_reading_not_of_this_clock_leaves_the_wall_clock_to_judge(job, monkeypatch, reading):
+    """A reading ahead of this clock (or not a reading) is not this clock's: it neither holds a lease for ever
+    nor ends a fresh one; the wall clock judges."""
+    beat = holding(job, Owner.me("odd"))
+    rewritten(beat, monotonic=reading)
+    assert held_by(job, "odd")
+    wall_stepped(monkeypatch, TTL + 1)
+    assert not held_by(job, "odd")
