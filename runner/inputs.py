@@ -240,7 +240,9 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 6 (2026-12-07: adversarial passes 222-227), a score pair's
+# How a file is read (job.json's input "reading"): 7 (adversarial pass 234), a CSV `stop` cell that only starts
+# like a JSON list ("[END]\n") has its typed `\n` read as a line break (it kept a backslash and an n); 6
+# (2026-12-07: adversarial passes 222-227), a score pair's
 # context that encodes to no tokens is the empty context, BOS (scoring.split_contexts), and a continuation or text
 # that encodes to none is refused as such; a row's min_p is a setting (a plain row's column was data, a Batch
 # body's refused), a Batch body's whole float seed (-1.0) is its integer (was refused), a response_format key
@@ -253,7 +255,7 @@ def iter_text(
 # base64; 2 (2026-12-06), a Parquet column keeps its Arrow type and a .txt line of Unicode spaces is blank; 1, a
 # job without it: `runner repair` rebuilds its prompts.parquet and errors.jsonl as its submit wrote them, or
 # their checksums differ and it cannot
-READING = 6
+READING = 7
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -1211,7 +1213,7 @@ class RowChecker:
         ]
         raw = {k: row.extra.pop(k) for k in keys}
         if self.settings_as_text:  # a CSV's cells
-            raw = {k: setting_from_text(k, v) for k, v in raw.items()}
+            raw = {k: setting_from_text(k, v, self.reading >= 7) for k, v in raw.items()}
         elif self.settings_from_arrow:  # Arrow gives an object every key of its column's: drop the nulls
             raw = {k: _from_arrow(v, k in self.settings_as_json) for k, v in raw.items()}
         row.raw_settings = raw or None

@@ -616,12 +616,13 @@ def unescape(s: str) -> str:
     return _TYPED_ESCAPES.sub(lambda m: {"n": "\n", "t": "\t", "r": "\r"}.get(m.group(1), "\\"), s)
 
 
-def setting_from_text(name: str, text: str | None) -> Any:
+def setting_from_text(name: str, text: str | None, since_7: bool = True) -> Any:
     """A CSV cell of a setting column as a JSON line would give it: empty is no setting (the job's), then
     true/false in any case, numbers, JSON lists and objects; text settings (stop, regex, grammar, choices) as
     written unless a JSON list of `stop` or `choices` (a `stop` cell's typed `\\n`, `\\t`, `\\r` read as on the
     command line: `unescape`). What reads as none of these stays text, for the field's check to name
-    ("temperature must be a number, got 'O.7'")."""
+    ("temperature must be a number, got 'O.7'"). `since_7` False: a `stop` cell that only starts like a JSON
+    list keeps its typed escapes, as a job read before reading 7 (inputs.READING) took it."""
     target = ROW_SETTINGS[name]
     if text is None or text == "" or (target not in TEXT_SETTINGS and not text.strip()):
         return None
@@ -634,7 +635,7 @@ def setting_from_text(name: str, text: str | None) -> Any:
     except (ValueError, RecursionError):  # (nested too deeply: pass 67) the setting's check names it
         # a `stop` cell that only starts like a JSON list ("[END]\n", "[/INST]") is plain text, its typed `\n`
         # a line break as in any other (it stayed a backslash and an n: adversarial pass 234)
-        return unescape(text) if target == "stop" else text
+        return unescape(text) if target == "stop" and since_7 else text
 
 
 def row_overrides(raw: dict[str, Any], unread_refused: bool = True) -> dict[str, Any]:

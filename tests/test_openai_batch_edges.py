@@ -371,6 +371,21 @@ def test_repair_reads_a_job_of_before_reading_6_as_its_submit_did(tmp_path, tiny
     assert '"json_object": true' in rows[1]["settings"]
 
 
+def test_repair_reads_a_csv_stop_cell_of_before_reading_7_as_its_submit_did(tmp_path, tiny_gpt2):
+    """Since reading 7 a CSV stop cell that only starts like a JSON list (`[END]\\n`) has its typed `\\n` read as a
+    line break; a job read before kept the backslash and the n, and `runner repair` rebuilds its prompts.parquet
+    so (as read today, its checksum would differ and repair could not)."""
+    from runner import storage
+
+    (tmp_path / "p.csv").write_text("prompt,stop\nHello,[END]\\n\n")
+    job = create_job(tmp_path / "p.csv", tiny_gpt2, job_dir=tmp_path / "csv")
+    now, _ = _rewritten_as_read(job, job.meta["input"]["reading"], tmp_path / "csv-now")
+    assert json.loads(now[0]["settings"])["stop"] == "[END]\n"
+    assert storage.file_sha256(tmp_path / "csv-now" / "prompts.parquet") == job.meta["prompts_sha256"]
+    before, _ = _rewritten_as_read(job, 6, tmp_path / "csv-before")
+    assert json.loads(before[0]["settings"])["stop"] == "[END]\\n"
+
+
 def test_repair_words_the_refusals_of_a_job_of_before_reading_6_as_its_submit_did(tmp_path, tiny_gpt2):
     """Three of today's refusals say more than a job read before reading 6 wrote in its errors.jsonl: prompt_logprobs
     0's vLLM note, min_p among the sampling settings beam search drops, and a plain row's logprobs true beside a
