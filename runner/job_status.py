@@ -201,10 +201,11 @@ def _retry_lost(job: Job, state: jobdir.StateRecord, ledger: jobdir.Ledger) -> s
 
 def _cannot_run(job: Job, verifier: jobdir.Verifier) -> tuple[str, bool] | None:
     """(why, repairable) when no worker can run the queued job, as `runner work` would find: something of the
-    wrong kind where a worker writes (a folder at log.txt), or prompts.parquet is not the file submit wrote (pass
-    71: status showed "queued (interrupted)" until a worker failed the job). The file is hashed once per change
-    (its stamp is kept in verified.json, as workers keep it)."""
-    if (why := job.layout_problem()) is not None:
+    wrong kind where a worker writes (a folder at log.txt), a job.backup.json of another job (pass 236: shown
+    queued for ever while every worker skipped the job as broken), or prompts.parquet is not the file submit
+    wrote (pass 71: status showed "queued (interrupted)" until a worker failed the job). The file is hashed once
+    per change (its stamp is kept in verified.json, as workers keep it)."""
+    if (why := job.layout_problem() or jobdir.backup_problem(job)) is not None:
         return why, True
     if (why := jobdir.prompts_problem(job, verifier)) is not None:
         return why, False

@@ -3783,20 +3783,17 @@ def same_job_as_backup(job: Job) -> bool:
     """Refuse (BrokenJob) a job.json of another job than its backup's: a whole, checksummed job.json copied in
     from another job folder would run this folder's rows with that job's settings. `repair` keeps the one
     the results were written for (`_restore_spec`). Checked by a worker before it runs the job (not by
-    `Job.open`: `runner status` opens every job of a home, and on Drive each read is a round trip).
-    A backup that is damaged or missing (job.json being this folder's) is written again from job.json, said
-    in the job's log: True. Left so, the next damage to job.json would lose the job (pass 57)."""
-
-    def read() -> Any:
-        return _read_json_or_none(job.dir / JOB_BACKUP) if _lexists(job.dir / JOB_BACKUP) else None
+    `Job.open`: `runner status` opens every job of a home, and on Drive each read is a round trip; it reads a
+    queued job's backup alone, `backup_problem`). A backup that is damaged or missing (job.json being this
+    folder's) is written again from job.json, said in the job's log: True. Left so, the next damage to job.json
+    would lose the job (pass 57)."""
 
     try:  # (read once more before it is taken for damage and written again)
-        backup = read_again_if_damaged(read, lambda b: not _valid_spec(b))
+        backup = _read_backup(job)
     except storage.StorageError:  # unreadable: `repair` is the one that needs it
         return False
-    if _valid_spec(backup) and backup["id"] != job.id:
-        raise BrokenJob(f"job.json is job {job.id}'s, but job.backup.json is job {backup['id']}'s (one of them "
-                        "was copied in from another job folder)")  # fmt: skip
+    if (why := _backup_of_another_job(job, backup)) is not None:
+        raise BrokenJob(why)
     other = _other_job_here(job.dir, job.id, _shards_job_ids(job.dir, enough=job.id))
     if other is not None:
         raise BrokenJob(f"{other}, but job.json is job {job.id}'s: one of them was copied in from another job folder "
@@ -3806,6 +3803,32 @@ def same_job_as_backup(job: Job) -> bool:
     if _valid_spec(backup):
         return False
     return _mend_backup(job, "damaged" if backup is not None else "missing or damaged")
+
+
+def _read_backup(job: Job) -> Any:
+    """job.backup.json as read (read once more where it is no spec), None where it is missing."""
+
+    def read() -> Any:
+        return _read_json_or_none(job.dir / JOB_BACKUP) if _lexists(job.dir / JOB_BACKUP) else None
+
+    return read_again_if_damaged(read, lambda b: not _valid_spec(b))
+
+
+def _backup_of_another_job(job: Job, backup: Any) -> str | None:
+    if _valid_spec(backup) and backup["id"] != job.id:
+        return (f"job.json is job {job.id}'s, but job.backup.json is job {backup['id']}'s (one of them was copied "
+                "in from another job folder)")  # fmt: skip
+    return None
+
+
+def backup_problem(job: Job) -> str | None:
+    """Why a worker would refuse the job for its job.backup.json (another job's spec), else None; read only,
+    for `runner status` of a queued job (`same_job_as_backup` refuses the same and mends a damaged backup). A
+    backup that does not read for now says nothing: the worker does not refuse it either."""
+    try:
+        return _backup_of_another_job(job, _read_backup(job))
+    except storage.StorageError:
+        return None
 
 
 def _mend_backup(job: Job, was: str) -> bool:
