@@ -133,7 +133,7 @@ def job_status(job: Job, looks: Looks | None = None, verifier: jobdir.Verifier |
         message = None if progress.live else _waiting_for(job, looks) or _all_saved(job, progress)
     if state.state is JobState.COMPLETED and not progress.complete:
         missing = progress.total - progress.done - progress.failed
-        name, message = JobState.BROKEN.value, _missing_rows(job, progress, missing)
+        name, message = JobState.BROKEN.value, missing_rows(job, progress, missing)
     elif progress.bad:
         message = (f"{counted(len(progress.bad), 'commits')} failed verification; their rows are computed again "
                    "(`runner repair` quarantines them now)")  # fmt: skip
@@ -213,21 +213,28 @@ def _cannot_run(job: Job, verifier: jobdir.Verifier) -> tuple[str, bool] | None:
     return None
 
 
-def _missing_rows(job: Job, progress: Any, missing: int) -> str:
-    """Why a completed job reads as short of `missing` result rows, and what brings them back. Commits whose
+def missing_rows(job: Job, progress: Any, missing: int) -> str:
+    """Why a completed job reads as short of `missing` result rows, and what brings them back, naming the first
+    commit that failed verification, else the units done/ holds no commit of (`runner status`, and the OpenAI
+    Batch export's refusal). Commits whose
     markers are young and whose shards are not here yet are said as such: a folder synced from another machine
     (Drive between two VMs) can show a commit's marker before its shard, and a `runner repair` then re-queued a
     sound job and set its commit aside (adversarial pass 134)."""
     repair = f"`runner repair {shlex.quote(str(job.dir))}`"
     if jobdir.shards_in_transit(job, progress.bad):
+        names = ", ".join(name for name, _ in progress.bad[:3]) + (", ..." if len(progress.bad) > 3 else "")
         return (f"completed, but {counted(missing, 'result rows', 'are')} missing: the shards of "
-                f"{counted(len(progress.bad), 'commits')} are not here yet, their markers written minutes ago (a "
-                "folder synced from another machine can show a marker before its shard). Look again in a few "
+                f"{counted(len(progress.bad), 'commits')} ({names}) are not here yet, their markers written minutes "
+                "ago (a folder synced from another machine can show a marker before its shard). Look again in a few "
                 f"minutes; if they do not come, {repair} re-queues the rows")  # fmt: skip
     message = (f"completed, but {counted(missing, 'result rows', 'are')} missing or failed verification ({repair} "
                "re-queues them)")  # fmt: skip
     if progress.bad:  # (what failed says more than a count: another job's results, say)
         message += f"; commit {progress.bad[0][0]}: {progress.bad[0][1]}"
+    elif progress.units_left:  # no commit failed: a marker is gone (pass 236: nothing was named)
+        units = [f"done/{u:05d}-*.json" for u in progress.units_left[:3]]
+        more = ", ..." if len(progress.units_left) > 3 else ""
+        message += f"; no commit of their units is in done/ ({', '.join(units)}{more}: deleted?)"
     return message
 
 

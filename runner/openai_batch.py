@@ -455,11 +455,11 @@ def _ending(job: Any, progress: Any, state: Any) -> tuple[str, str] | None:
         why = f" ({state.error.splitlines()[0]})" if state.error else ""
         return "batch_failed", f"This request was not executed because job {job.id} failed{why}"
     if state.state is JobState.COMPLETED:
-        missing = progress.total - progress.done - progress.failed
-        raise RunnerError(
-            f"job {job.id} is completed, but {counted(missing, 'result rows', 'are')} missing or failed verification; "
-            f"`runner repair {ref}` re-queues them, then `runner work --job {ref}` computes them"
-        )
+        from .job_status import missing_rows
+
+        # (naming the commit that failed, or the unit done/ lacks a commit of: "rows are missing" named no file)
+        why = missing_rows(job, progress, progress.total - progress.done - progress.failed)
+        raise RunnerError(f"job {job.id} is {why}; then `runner work --job {ref}` computes them")
     raise RunnerError(
         f"job {job.id} is not finished ({progress.done:,}/{progress.total:,} rows); its OpenAI Batch output would "
         f"leave requests out: finish it with `runner work --job {ref}`, or `runner results {ref} --to FILE.jsonl` "

@@ -36,8 +36,8 @@ from runner.worker import run_job
 OPTIONS = EngineOptions(batch_size=2)
 BAD_LINE = '{"custom_id": "bad", "method": "POST"}'  # refused at submit: errors.jsonl has a line
 DAMAGES = ["empty", "half", "flip middle", "flip end", "another job's", "older copy", "deleted"]
-# what names a file in a message: a name with its suffix, or a commit (its done/NAME.json and shards/NAME.parquet)
-NAMES_A_FILE = re.compile(r"[\w.*-]+\.(json|jsonl|parquet|txt|tmp)\b|\bcommit \d{5}-\d{8}-\d{4}\b")
+# what names a file in a message: a name with its suffix, or a commit's (its done/NAME.json and shards/NAME.parquet)
+NAMES_A_FILE = re.compile(r"[\w.*-]+\.(json|jsonl|parquet|txt|tmp)\b|\b\d{5}-\d{8}-\d{4}\b")
 
 
 def requests(words: str) -> list[str]:
@@ -271,6 +271,17 @@ def sweep(tmp_path, scenarios, engine, stage: str, damage: str) -> dict[str, str
     return outcomes
 
 
+# the sweep (~100 s): `make test` and CI run it, the edit loop (`make test-fast`) not
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("stage", ["completed", "stopped"])
+def test_every_file_damaged_every_way_is_repaired_or_refused_naming_it(
+    tmp_path, scenarios, gpt2_engine, stage, damage
+):
+    outcomes = sweep(tmp_path, scenarios, gpt2_engine, stage, damage)
+    assert outcomes
+
+
 ROWS = [{"id": f"r{i}", "prompt": f"Every student reads {i} books"} for i in range(4)]
 
 
@@ -296,3 +307,45 @@ def test_a_queued_jobs_backup_of_another_job_shows_broken_as_work_finds_it(tmp_p
     assert runner.status(ours.dir).state == "queued"
     assert work(tmp_path / "home", engine=gpt2_engine, echo=None)[0].finished
     assert runner.status(ours.dir).state == "completed"
+
+
+@pytest.fixture(scope="module")
+def completed_batch(tmp_path_factory, tiny_gpt2, gpt2_engine):
+    """A completed Batch job of 4 requests (units of 2, commits of 2 results): its folder, as a template."""
+    root = tmp_path_factory.mktemp("batch")
+    model = root / "m"
+    shutil.copytree(tiny_gpt2, model)
+    job = create_job(write_jsonl(root / "requests.jsonl", requests("Every student reads")), str(model),
+                     GenerationParams(max_new_tokens=2, seed=5), OPTIONS, job_dir=root / "job", unit_rows=2,
+                     skip_invalid=True)  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None, shard_rows=2).finished
+    return job.dir
+
+
+@pytest.mark.parametrize("damage", ["shard flipped", "marker deleted", "shard deleted, marker young"])
+def test_the_batch_export_of_a_completed_job_that_lost_a_commit_names_it(
+    tmp_path, completed_batch, damage, monkeypatch
+):
+    """A completed job's commit damaged (or its marker deleted) since: `runner results --format openai` refused
+    ("2 result rows are missing or failed verification") without a word of which file, where `runner status`
+    names the commit. It names it now, and where a marker is gone, the unit whose commit done/ lacks; a shard
+    said not here yet (its marker young, from another machine) is named too, in both."""
+    folder = shutil.copytree(completed_batch, tmp_path / "job")
+    shard = sorted((folder / "shards").glob("*.parquet"))[1]
+    if damage == "shard deleted, marker young":
+        monkeypatch.setattr(jobdir, "host_tag", lambda: "another-vm")  # where what follows runs
+        shard.unlink()
+        named = shard.stem
+    elif damage == "shard flipped":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 1
+        shard.write_bytes(bytes(data))
+        named = f"commit {shard.stem}"
+    else:
+        (folder / "done" / f"{shard.stem}.json").unlink()
+        named = f"done/{shard.stem[:5]}-*.json"
+    with pytest.raises(RunnerError, match="result rows are missing") as e:
+        export_results(folder, tmp_path / "out.jsonl", format="openai")
+    assert named in str(e.value) and "runner repair" in str(e.value), str(e.value)
+    assert named in runner.status(folder).message
+    assert not (tmp_path / "out.jsonl").exists()

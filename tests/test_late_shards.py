@@ -117,7 +117,7 @@ def test_status_says_a_young_shard_is_not_here_yet_before_sending_to_repair(
     )
     s = runner.status(job.dir)
     assert s.state == "broken" and s.message.startswith(
-        "completed, but 2 result rows are missing: the shards of 1 commit are not here yet"
+        f"completed, but 2 result rows are missing: the shards of 1 commit ({victim.name}) are not here yet"
     ), s
     assert "Look again in a few minutes; if they do not come, `runner repair" in s.message
     # a marker dated ahead by another VM's clock is not young for as long as that clock is ahead
