@@ -2382,15 +2382,14 @@ MONOTONIC_SLACK = 1.0
 
 def _steady_left(hb: dict[str, Any], owner: Owner, lease: float) -> float | None:
     """Seconds left of a heartbeat's lease by CLOCK_MONOTONIC (time.monotonic()), where its writer's is this
-    process's: the same boot, PID and time namespaces. The wall clock stepped forward (NTP, a VM resumed, a
-    Colab host moved) made every live worker of the machine look stale to the others until its next beat, and
-    each took the others' units over, their work thrown away (adversarial pass 233); stepped back by more than
-    SKEW_SLACK, a frozen one's beat was in our future, and its lease began again from when it was seen so. A
-    frozen worker's reading stays old as this clock runs on (it runs while the worker is stopped): its lease
-    ends.
-    None where it cannot be told: another machine or container, a heartbeat without a reading (an earlier
-    runner's), or one not of this clock (ahead of it): the wall clock judges."""
-    if not owner._on_this_machine() or hb.get("timens") != storage.time_namespace():
+    process's (`_shares_my_clock`). The wall clock stepped forward (NTP, a VM resumed, a Colab host moved) made
+    every live worker of the machine look stale to the others until its next beat, and each took the others'
+    units over, their work thrown away (adversarial pass 233); stepped back by more than SKEW_SLACK, a frozen
+    one's beat was in our future, and its lease began again from when it was seen so. A frozen worker's
+    reading stays old as this clock runs on (it runs while the worker is stopped): its lease ends.
+    None where it cannot be told: another machine, a heartbeat without a reading (an earlier runner's), or one
+    not of this clock (ahead of it): the wall clock judges."""
+    if not _shares_my_clock(owner, hb.get("timens")):
         return None
     try:
         reading = float(hb["monotonic"])
@@ -2401,6 +2400,20 @@ def _steady_left(hb: dict[str, Any], owner: Owner, lease: float) -> float | None
     if not 0 <= reading <= steady + MONOTONIC_SLACK:
         return None
     return reading + lease - steady
+
+
+def _shares_my_clock(owner: Owner, timens: Any) -> bool:
+    """Whether a record's writer (`owner`, of the time namespace `timens` it recorded) reads this process's
+    CLOCK_MONOTONIC: the same boot (one clock per boot, never set or stepped: NTP only slews its rate) and the
+    same time namespace (time_namespaces(7): the only thing that offsets it, per namespace). A container of
+    this machine (another PID namespace: Docker's, a Kubernetes pod's, with the host's boot_id and, unless made
+    with a time namespace of its own, the host's time namespace) shares it: its live workers' leases were
+    ended by a forward step of the wall clock as before (adversarial pass 237). Where the time namespace
+    cannot be read (a sandbox's /proc, gVisor, a Linux before 5.6, macOS) only a writer of this PID namespace
+    too is taken for one of this clock, as before: two containers that cannot name theirs may read two."""
+    if not owner.boot or owner.boot != storage.boot_id() or timens != storage.time_namespace():
+        return False
+    return timens is not None or owner._on_this_machine()
 
 
 @dataclass

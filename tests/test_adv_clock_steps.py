@@ -100,12 +100,13 @@ def test_work_takes_no_unit_from_a_live_worker_of_this_machine_after_a_forward_s
 
 @pytest.mark.parametrize(
     "where",
-    [{"boot": "another-boot"}, {"pidns": "pid:[1]"}, {"timens": "time:[1]"}],
-    ids=["another-boot", "another-container", "another-time-namespace"],
+    [{"boot": "another-boot"}, {"timens": "time:[1]"}, {"pidns": "pid:[1]", "timens": None}],
+    ids=["another-boot", "another-time-namespace", "another-container-unknown-time-namespace"],
 )
 def test_a_heartbeat_of_another_machine_is_judged_by_the_wall_clock(job, monkeypatch, where):
-    """A heartbeat of another boot, PID namespace or time namespace carries a monotonic reading that is not of
-    this clock (here it is fresh by this clock's count, all the same): its lease is the wall clock's."""
+    """A heartbeat of another boot or time namespace carries a monotonic reading that is not of this clock
+    (here it is fresh by this clock's count, all the same): its lease is the wall clock's. So is one of another
+    PID namespace where the time namespaces cannot be read (both None: a sandbox's /proc)."""
     me = Owner.me("far")
     far = Owner(
         me.worker, "other-vm", me.pid, where.get("boot", me.boot), where.get("pidns", me.pidns), me.start
@@ -113,9 +114,29 @@ def test_a_heartbeat_of_another_machine_is_judged_by_the_wall_clock(job, monkeyp
     beat = holding(job, far)
     if "timens" in where:
         rewritten(beat, timens=where["timens"])
+    if where.get("timens", "") is None:
+        monkeypatch.setattr(storage, "time_namespace", lambda: None)
     assert held_by(job, "far")
     wall_stepped(monkeypatch, TTL + 1)
     assert not held_by(job, "far")
+
+
+def test_a_live_worker_in_a_container_of_this_machine_keeps_its_unit_when_the_wall_clock_steps_forward(
+    job, monkeypatch
+):
+    """A worker in another container of this host (another PID namespace; the host's boot_id and time
+    namespace, as Docker gives by default) reads the same CLOCK_MONOTONIC: its lease is judged by it, and a
+    forward step no longer ends it (it did: its unit taken over, its work thrown away; pass 237). Its pid means
+    nothing here: never taken for provably dead, even with the pid free."""
+    if storage.time_namespace() is None:
+        pytest.skip("no time namespace to read here")
+    me = Owner.me("boxed")
+    holding(job, Owner(me.worker, "container-7", 2**22 - 3, me.boot, "pid:[4026532999]", "1"))
+    wall_stepped(monkeypatch, HOUR)
+    assert held_by(job, "boxed")
+    monkeypatch.undo()
+    steady_on(monkeypatch, TTL + 1)
+    assert not held_by(job, "boxed")  # frozen (or gone) past its lease, by that clock
 
 
 def test_a_frozen_worker_of_this_machine_is_taken_over_once_its_monotonic_lease_is_over(job, monkeypatch):
