@@ -203,7 +203,8 @@ class Broken(NamedTuple):
 
     why: str
     repairable: bool
-    # its newest state record is empty (no links): when that record was made (`_on_its_way`)
+    # its newest state record is empty (no links): when that record was made, on this process's
+    # CLOCK_MONOTONIC (`jobdir._made_at`, `_on_its_way`)
     made: float | None
     job_id: str
     # not broken: its folder could not be read through the retries (`_unreadable`); looked at again each round
@@ -415,7 +416,8 @@ def work(
     summaries: list[RunSummary] = []
     failed: set[str] = set()
     broken: dict[str, Broken] = {}  # folder -> a broken job met: said once per worker
-    unfilled: dict[str, float] = {}  # folder -> when its empty newest state record was made (no links)
+    # folder -> when its empty newest state record was made (no links; on time.monotonic())
+    unfilled: dict[str, float] = {}
     waits_said: set[tuple[str, str]] = set()  # (job, worker holding the rest) waits said
     waited: dict[str, Job] = {}  # jobs waited for, by id: how each ended is said at the end
     if job is None:
@@ -531,7 +533,7 @@ def _on_its_way(folder: str, broken: dict[str, Broken], unfilled: dict[str, floa
         unfilled[folder] = made
         if echo:
             echo(_waiting_line(broken[folder].job_id))
-    if time.time() - made > jobdir.STATE_PATIENCE_SECONDS:
+    if time.monotonic() - made > jobdir.STATE_PATIENCE_SECONDS:
         del unfilled[folder]
         return False
     del broken[folder]

@@ -212,6 +212,8 @@ def remove_stale_temps_of(target: str | os.PathLike, max_age: float = 600.0) -> 
     `max_age` seconds (a live writer's temp file changes as it writes). Best effort: what cannot be listed or
     removed stays."""
     folder, name = os.path.split(os.path.abspath(os.fspath(target)))
+    # (on the wall clock: a temp file's mtime is all there is, maybe another machine's; a step forward that
+    # takes a live writer's costs that writer its rename, which writes it again: `write_atomic`)
     removed, now = 0, time.time()
     try:
         with os.scandir(folder) as entries:

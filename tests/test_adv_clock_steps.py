@@ -6,10 +6,16 @@ look stale to the others until its next beat, and each took the others' units ov
 losers, but their work was thrown away and done again). A heartbeat now also carries the writer's
 CLOCK_MONOTONIC reading; a reader of the same boot, PID and time namespaces judges the lease by that. Other
 machines, and heartbeats without a reading (an earlier runner's) or with one not of this clock, are judged by
-the wall clock as before. Deterministic: the clocks are monkeypatched, nothing sleeps.
+the wall clock as before. Pass 237: so are workers in containers of one host (another PID namespace, the
+same boot and time namespace); and the ages of files that carry no steady reading (an empty claim being
+filled, an empty state record being written, another machine's young marker) count from this process's first
+sight of them on its CLOCK_MONOTONIC: a step of the wall clock took a claim being filled over, said a job whose
+`cancel` was being written broken, and set a marker aside before its shard arrived. Deterministic: the clocks
+are monkeypatched, nothing sleeps.
 """
 
 import json
+import os
 import time
 
 import pytest
@@ -173,3 +179,95 @@ def test_a_monotonic_reading_not_of_this_clock_leaves_the_wall_clock_to_judge(jo
     assert held_by(job, "odd")
     wall_stepped(monkeypatch, TTL + 1)
     assert not held_by(job, "odd")
+
+
+# Pass 237: the other ages judged on the wall clock, of files that carry no steady reading (an empty claim or
+# state record, another machine's commit marker): their age at this process's first sight is their mtime's,
+# and from there this process's CLOCK_MONOTONIC counts.
+
+
+def empty_claim(job) -> None:
+    """A claim created and not filled yet (no hard links: a worker's create, then its fill)."""
+    storage.ensure_dir(job.dir / "claims")
+    (job.dir / "claims" / "00000-00000000.json").write_bytes(b"")
+
+
+def claimable(job) -> bool:
+    return 0 in jobdir.job_progress(job).claimable
+
+
+@pytest.mark.parametrize("step", [HOUR, -HOUR, -TTL], ids=["forward", "back-far", "back-near"])
+def test_a_claim_being_filled_is_held_for_its_fill_time_whatever_the_wall_clock_does(job, monkeypatch, step):
+    """Seen empty (being filled), then the wall clock steps: forward, the claim looked an hour old and its unit
+    was taken over while its writer filled it (the epochs fenced that worker; its unit was computed again);
+    back by more than STATE_PATIENCE_SECONDS, dated ahead past belief, the same; back by less, a claim left
+    empty by a killed writer counted as made now until the wall clock came back to its date. Now it is held
+    for CLAIM_FILL_SECONDS by this process's steady clock from when it was seen, then free."""
+    empty_claim(job)
+    assert not claimable(job)
+    wall_stepped(monkeypatch, step)
+    assert not claimable(job)
+    steady_on(monkeypatch, jobdir.CLAIM_FILL_SECONDS + 1)
+    assert claimable(job)
+
+
+def test_a_claim_left_empty_long_ago_is_free_at_first_sight(job, monkeypatch):
+    """Its mtime still tells its age when first seen: a writer killed between its create and its fill an hour
+    ago holds nothing (no wait of CLAIM_FILL_SECONDS per process that looks)."""
+    empty_claim(job)
+    old = time.time() - HOUR
+    os.utime(job.dir / "claims" / "00000-00000000.json", (old, old))
+    assert claimable(job)
+
+
+def empty_record(job, monkeypatch) -> None:
+    """The job's next state record created and not filled yet: a `runner cancel` on its way, no hard links."""
+    monkeypatch.setattr(jobdir, "links_supported", lambda folder: False)
+    place = job.dir / jobdir.STATES / jobdir.record_name(jobdir.read_state(job.dir).seq + 1)
+    place.parent.mkdir(exist_ok=True)
+    place.write_bytes(b"")
+
+
+@pytest.mark.parametrize("step", [HOUR, -HOUR], ids=["forward", "back"])
+def test_a_state_record_being_written_is_waited_for_its_patience_whatever_the_wall_clock_does(
+    job, monkeypatch, step
+):
+    """Seen empty (a `cancel` being written), then the wall clock steps an hour: `runner status` said the job
+    broken (`runner repair`), and a worker gave it up, while the cancel was on its way. Now it is waited for
+    STATE_PATIENCE_SECONDS by this process's steady clock from when it was seen, then broken."""
+    empty_record(job, monkeypatch)
+    assert runner.status(job.dir).state == "queued"  # (the state below it, while it is written)
+    wall_stepped(monkeypatch, step)
+    assert runner.status(job.dir).state == "queued"
+    with pytest.raises(jobdir.BrokenJob) as e:
+        job.state()
+    assert e.value.unfilled and not e.value.waited_out()
+    steady_on(monkeypatch, jobdir.STATE_PATIENCE_SECONDS + 1)
+    assert e.value.waited_out()
+    assert runner.status(job.dir).state == "broken"
+
+
+@pytest.mark.parametrize("step", [HOUR, -HOUR], ids=["forward", "back"])
+def test_another_machines_young_marker_stays_young_whatever_this_wall_clock_does(tmp_path, monkeypatch, step):
+    """A marker just seen (another VM's commit, its shard on its way through the mount) is young for
+    SHARD_ARRIVAL_SECONDS by this process's steady clock: the wall clock stepped forward an hour made it old,
+    and a worker set it aside before its shard arrived (its rows computed again)."""
+    marker = tmp_path / "00000-00000000-0000.json"
+    marker.write_text("{}")
+    assert jobdir._younger_than(marker, jobdir.SHARD_ARRIVAL_SECONDS)
+    wall_stepped(monkeypatch, step)
+    assert jobdir._younger_than(marker, jobdir.SHARD_ARRIVAL_SECONDS)
+    steady_on(monkeypatch, jobdir.SHARD_ARRIVAL_SECONDS + 1)
+    assert not jobdir._younger_than(marker, jobdir.SHARD_ARRIVAL_SECONDS)
+
+
+def test_work_waits_for_a_state_record_being_written_after_a_forward_step(job, gpt2_engine, runner_home,
+                                                                          monkeypatch):  # fmt: skip
+    """`runner work` meets the job's newest state record empty (a `cancel` being written, no hard links) after
+    the wall clock stepped forward: it waits for it, as without the step. It said the job broken."""
+    empty_record(job, monkeypatch)
+    assert runner.status(job.dir).state == "queued"  # (seen before the step)
+    wall_stepped(monkeypatch, HOUR)
+    said = []
+    assert work(runner_home, engine=gpt2_engine, echo=said.append, stop=lambda: bool(said), poll=0.2) == []
+    assert "waiting up to" in said[0] and not any("broken" in line for line in said), said
