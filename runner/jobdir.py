@@ -4035,6 +4035,22 @@ def remove_dead_submits(root: str | os.PathLike) -> int:
         else:
             gone = storage.writer_gone(m)
         if gone or age > 86400:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed += 1
+            removed += _remove_aside(folder)
     return removed
+
+
+def _remove_aside(folder: Path) -> int:
+    """Remove a dead submit's temp folder: set aside by a rename first (`TAKEN_OVER`: swept as such if the
+    removal fails), so that it and its submit's move into the home are one or the other. Its age is the wall
+    clock's (its mtime, maybe another machine's), so a step of a day forward takes a live submit's: an rmtree
+    at its name that opened it just before that submit renamed it into the home went on deleting inside the
+    job stored there (adversarial pass 237). Now that submit finds its folder gone (no job stored: it is run
+    again), as after a takeover's fence. 1 when it was removed, 0 when it went meanwhile or stays."""
+    aside = folder.with_name(folder.name + TAKEN_OVER)
+    try:
+        storage.retry(lambda: os.rename(folder, aside), f"set aside {folder}")
+    # (gone meanwhile: moved in; or it cannot be renamed now: best effort, as the removal always was)
+    except (storage.StorageError, OSError):
+        return 0
+    shutil.rmtree(aside, ignore_errors=True)
+    return 1

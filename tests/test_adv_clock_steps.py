@@ -271,3 +271,29 @@ def test_work_waits_for_a_state_record_being_written_after_a_forward_step(job, g
     said = []
     assert work(runner_home, engine=gpt2_engine, echo=said.append, stop=lambda: bool(said), poll=0.2) == []
     assert "waiting up to" in said[0] and not any("broken" in line for line in said), said
+
+
+def test_a_sweep_after_a_step_of_days_never_empties_a_job_a_live_submit_moves_in(tmp_path, monkeypatch):
+    """The wall clock stepped two days forward while a submit of this machine moves its finished job into the
+    home: its temp folder (its .owner.json already gone) looks a day old to remove_dead_submits, whose rmtree
+    opened the folder just before the submit's rename and went on deleting inside the job now in the home: a
+    job stored without its files. The folder is set aside by a rename first (the submit's move-in or that one
+    wins), then removed: the submit then finds its folder gone, and no job is stored half."""
+    temp = tmp_path / jobdir.submit_temp_name("20260101-000000-abcdef")
+    temp.mkdir()
+    for name in ("job.json", "prompts.parquet"):
+        (temp / name).write_text("whole")
+    stored = tmp_path / "20260101-000000-abcdef"
+    real_scandir = os.scandir
+
+    def scandir(path=".", *args):
+        if isinstance(path, int) and temp.exists():  # (rmtree, listing the folder it opened)
+            os.replace(temp, stored)  # the submit's move into the home, at that moment
+        return real_scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    wall_stepped(monkeypatch, 2 * 86400)
+    jobdir.remove_dead_submits(tmp_path)
+    monkeypatch.undo()
+    assert not stored.exists() or sorted(p.name for p in stored.iterdir()) == ["job.json", "prompts.parquet"]
+    assert not temp.exists() and not list(tmp_path.glob("*taken-over"))
