@@ -438,6 +438,21 @@ class _ResultsFormat(click.Choice):
 SWITCH_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 
+# Other tools' names for options runner spells otherwise (gpt-2's scripts: --length, --nsamples; transformers'
+# run_generation.py: --length, --num_return_sequences, --fp16, --model_name_or_path): runner's, where a command has it
+OTHER_TOOLS_NAMES = {
+    "--length": "--max-new-tokens",
+    "--nsamples": "--num-return-sequences",
+    "--num_samples": "--num-return-sequences",
+    "--num-samples": "--num-return-sequences",
+    "--fp16": "--dtype fp16",
+    "--bf16": "--dtype bf16",
+    "--model_name_or_path": "--model",
+    "--model_name": "--model",
+    "--model_path": "--model",
+}
+
+
 class _Command(click.Command):
     """A command that refuses both sides of an on/off flag given together (`--do-sample --greedy`,
     `--add-eos --exclude-end`): click kept the last one typed and said nothing, where runner refuses settings
@@ -450,13 +465,32 @@ class _Command(click.Command):
         try:
             return self._parse_args(ctx, args)
         except click.NoSuchOption as e:
-            if e.possibilities:
+            shown = [o for p in self.get_params(ctx) if isinstance(p, click.Option) and not p.hidden
+                     for o in p.opts + p.secondary_opts if o.startswith("--")]  # fmt: skip
+            theirs = self._other_tools_name(e.option_name, shown)
+            if theirs:
+                raise click.UsageError(f"No such option '{e.option_name}': {theirs}", ctx) from None
+            dashed = e.option_name.replace("_", "-")
+            if dashed in shown:
+                e.possibilities = [dashed]
+            elif e.possibilities:
                 from difflib import get_close_matches
 
-                shown = [o for p in self.get_params(ctx) if isinstance(p, click.Option) and not p.hidden
-                         for o in p.opts + p.secondary_opts if o.startswith("--")]  # fmt: skip
                 e.possibilities = get_close_matches(e.option_name, shown) or None
             raise
+
+    def _other_tools_name(self, typed: str, shown: list[str]) -> str | None:
+        """What runner calls an option of gpt-2's scripts, transformers' run_generation.py or a tutorial's
+        `generate_text(length=50)` that this command has under another name, where click's close match offered
+        a wrong one (`--length` -> `--length-penalty`, `--nsamples` -> `--do-sample`) or none (`--fp16`)."""
+        if typed == "--prompt" and any(p.name == "prompts" for p in self.params):
+            return 'the prompt is the argument: runner generate "TEXT" -m MODEL'
+        ours = OTHER_TOOLS_NAMES.get(typed, "")
+        name, _, value = ours.partition(" ")
+        if name not in shown:
+            return None
+        short = [o for p in self.params if name in p.opts for o in p.opts if not o.startswith("--")]
+        return f"runner's is {short[0]} ({ours})" if short and not value else f"runner's is {ours}"
 
     def _parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         given, takes_value, skip = [], {o for p in self.params if isinstance(p, click.Option) and not p.is_flag

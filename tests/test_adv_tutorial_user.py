@@ -1,0 +1,39 @@
+"""Adversarial pass 235, a new user from the Japanese Colab / GPT-2 tutorials: the option spellings, files and
+habits they bring."""
+
+import pytest
+from helpers import invoke
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # gpt-2's scripts, transformers' run_generation.py, the tutorial's generate_text(length=50): new tokens
+        (["generate", "hi", "--length", "20"], "No such option '--length': runner's is --max-new-tokens"),
+        (["run", "p.jsonl", "--length=20"], "No such option '--length': runner's is --max-new-tokens"),
+        (["generate", "hi", "--nsamples", "2"], "runner's is -n (--num-return-sequences)"),
+        (["submit", "p.jsonl", "--num_samples", "2"], "runner's is -n (--num-return-sequences)"),
+        (["generate", "hi", "--num-samples", "2"], "runner's is -n (--num-return-sequences)"),
+        (["generate", "hi", "--fp16"], "runner's is --dtype fp16"),
+        (["score", "p.txt", "--bf16"], "runner's is --dtype bf16"),
+        (["run", "p.jsonl", "--model_name_or_path", "gpt2"], "runner's is -m (--model)"),
+        (["generate", "hi", "--prompt", "hi"], 'the prompt is the argument: runner generate "TEXT" -m MODEL'),
+        # an underscore spelling of runner's own option: that option alone, not three close ones
+        (["generate", "hi", "--top_k", "40"], "No such option '--top_k'. Did you mean '--top-k'?"),
+        (["run", "p.jsonl", "--top_p=0.9"], "No such option '--top_p'. Did you mean '--top-p'?"),
+        (["score", "p.txt", "--add_bos"], "No such option '--add_bos'. Did you mean '--add-bos'?"),
+        (
+            ["run", "p.jsonl", "--prompt_field", "q"],
+            "No such option '--prompt_field'. Did you mean '--prompt-field'?",
+        ),
+    ],
+)
+def test_the_tutorials_option_spellings_are_answered_with_runners_own(args, said):
+    """`--length 20` (gpt-2's, run_generation.py's and the tutorial's `length=50`: new tokens) was offered
+    `--length-penalty`, a beam-search setting; `--nsamples` and `--num_samples` `--do-sample`; `--fp16` and
+    `--model_name_or_path` nothing at all; `runner generate --prompt "..."` `--prompt-logprobs`; `--top_k`
+    three close names, `--stop` first, beside the one meant."""
+    result = invoke(*args, "-m", "gpt2") if "--model_name_or_path" not in args else invoke(*args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert said in result.output, result.output
+    assert "--length-penalty" not in result.output and "--do-sample" not in result.output, result.output
