@@ -127,17 +127,47 @@ def _refuse_a_folder_without_a_model(folder: Path) -> None:
     # (storage.is_there: a transient error raises, for `reading_model` to retry, never "no config.json")
     if not storage.is_there(folder, stat.S_ISDIR) or storage.is_there(folder / "config.json"):
         return
+    inner = _model_folders_in(folder)
+    raise ModelNotFoundError(
+        f"no config.json in {folder}: not a model folder (a model saved with save_pretrained has one)"
+        + (f"; the folders {_listed(inner)} in it hold models: give one of them" if inner else "")
+    )
+
+
+def _model_folders_in(folder: Path) -> list[str]:
+    """The names of `folder`'s subfolders that hold a model (a config.json), sorted; [] if it cannot be listed."""
     try:
-        inner = sorted(
+        return sorted(
             sub.name for sub in folder.iterdir() if storage.is_there(sub / "config.json", stat.S_ISREG)
         )
     except OSError:
-        inner = []
-    shown = ", ".join(inner[:5]) + (f" and {len(inner) - 5} more" if len(inner) > 5 else "")
-    raise ModelNotFoundError(
-        f"no config.json in {folder}: not a model folder (a model saved with save_pretrained has one)"
-        + (f"; the folders {shown} in it hold models: give one of them" if inner else "")
-    )
+        return []
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _local_folder_hint(spec: str) -> str:
+    """For a name that did not load as a hub id: `-m results/checkpoint-500` (a Trainer's checkpoint-5000
+    mistyped, its results/ folder here) was told, after the hub's half a minute of retries, "hf download
+    results/checkpoint-500" (pass 235). An owner/name that is not there, whose owner is a folder here holding
+    model folders, is said as a path into that folder (not refused before the hub is asked: a fine-tune saved as
+    rinna/japanese-gpt2-medium-ft here leaves the hub's rinna/japanese-gpt2-medium its own)."""
+    path = Path(spec)
+    try:
+        if spec.count("/") != 1 or storage.is_there(path) or not storage.is_there(path.parent, stat.S_ISDIR):
+            return ""
+    except OSError:
+        return ""
+    inner = _model_folders_in(path.parent)
+    if not inner:
+        return ""
+    import difflib
+
+    near = difflib.get_close_matches(path.name, inner, n=1)
+    return (f" (no folder {spec} here, so it was looked up as a hub id: the folder {path.parent} here holds the "
+            f"models {_listed(inner)}{f'; did you mean {path.parent / near[0]}?' if near else ''})")  # fmt: skip
 
 
 def _near_demo(spec: str) -> bool:
@@ -389,7 +419,8 @@ def _load_failed(e: BaseException, what: str, spec: str, revision: str | None) -
         return _snapshot_not_here(
             spec, revision, "is not", f", and the hub cannot be reached ({first_line(e)})"
         )
-    return ModelLoadError(f"cannot load {what} {spec!r}: {first_line(e)}{_hub_hint(e, spec, revision)}")
+    hint = _local_folder_hint(spec) or _hub_hint(e, spec, revision)
+    return ModelLoadError(f"cannot load {what} {spec!r}: {first_line(e)}{hint}")
 
 
 def _hub_hint(e: BaseException, spec: str = "", revision: str | None = None) -> str:
@@ -780,7 +811,7 @@ def hub_snapshot(spec: str, revision: str | None = None) -> str | None:
         if _transient(e):
             raise  # (for `reading_model` to read again)
         where = f" at revision {revision!r} ({option('revision', None)})" if revision else ""
-        hint = _download_hint(e, spec, revision) or _hub_hint(e)
+        hint = _local_folder_hint(spec) or _download_hint(e, spec, revision) or _hub_hint(e)
         raise ModelLoadError(f"cannot load model {spec!r}{where}: {first_line(e)}{hint}") from e
 
 

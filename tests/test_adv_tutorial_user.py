@@ -37,3 +37,32 @@ def test_the_tutorials_option_spellings_are_answered_with_runners_own(args, said
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert said in result.output, result.output
     assert "--length-penalty" not in result.output and "--do-sample" not in result.output, result.output
+
+
+def test_a_mistyped_checkpoint_folder_is_said_as_a_folder_here_not_only_as_a_hub_id(
+    tmp_path, tiny_gpt2, monkeypatch
+):
+    """A Trainer user's `-m results/checkpoint-500` (their results/ holds checkpoint-5000) was taken for the hub
+    id of an owner "results": half a minute of network retries, then "cannot load model ...: We couldn't connect
+    to 'https://huggingface.co' ... (not in this machine's cache: hf download results/checkpoint-500)"."""
+    import shutil
+
+    from transformers.utils import hub
+
+    for step in ("5000", "10000"):
+        shutil.copytree(tiny_gpt2, tmp_path / "results" / f"checkpoint-{step}")
+    (tmp_path / "results" / "runs").mkdir()  # (TensorBoard's, no model)
+    monkeypatch.chdir(tmp_path)
+
+    def no_network(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(hub, "cached_file", no_network)
+    result = invoke("generate", "hi", "-m", "results/checkpoint-500", "--max-new-tokens", "2")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert (
+        "(no folder results/checkpoint-500 here, so it was looked up as a hub id: the folder results here holds "
+        "the models checkpoint-10000, checkpoint-5000; did you mean results/checkpoint-5000?)"
+        in result.output
+    ), result.output
+    assert "hf download" not in result.output, result.output
