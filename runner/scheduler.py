@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeGuard
 from . import jobdir, storage
 from .crashes import DeviceError
 from .engine import Engine
-from .errors import NotOnThisMachine, RunnerError, first_line, option
+from .errors import NotOnThisMachine, RunnerError, first_line, on_the_command_line, option
 from .jobdir import BrokenJob, Job, JobGone, JobReplaced, JobState, Owner
 from .models import ModelUnreadable, NoSuchDevice, job_resumes, missing_model_folder, reading_model
 from .progress import counted
@@ -140,6 +140,10 @@ def _heal(job: Job, echo: Callable[[str], None] | None) -> bool:
         progress = jobdir.job_progress(job) if job.state().state is JobState.COMPLETED else None
     except BrokenJob:
         return False  # `runner status` says what is wrong; work skips it
+    if progress is not None and progress.complete and echo and not on_the_command_line():
+        # (a notebook's cell run again printed nothing at all; the command line's closing line says it)
+        echo(f"job {job.id} was completed before ({progress.done:,}/{progress.total:,} {job.spec.count_noun}): nothing "
+             f"computed; runner.load_results({str(job.dir)!r}) reads its results")  # fmt: skip
     if progress is None or progress.complete:
         return progress is not None
     report = jobdir.repair(job.dir)

@@ -2,7 +2,7 @@
 habits they bring."""
 
 import pytest
-from helpers import invoke
+from helpers import invoke, write_jsonl
 
 
 @pytest.mark.parametrize(
@@ -66,3 +66,20 @@ def test_a_mistyped_checkpoint_folder_is_said_as_a_folder_here_not_only_as_a_hub
         in result.output
     ), result.output
     assert "hf download" not in result.output, result.output
+
+
+def test_a_notebook_cell_run_again_on_a_finished_job_says_nothing_was_computed(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    """A notebook's `runner.run(...)` cell run again, its job long completed, printed nothing at all (the
+    command line's closing line says "already done before: nothing computed"): it looked as if it had not run."""
+    import runner
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "私は今日も"}, {"prompt": "昔々"}])
+    params = runner.GenerationParams(max_new_tokens=2, seed=1)
+    first, second = [], []
+    job, _ = runner.run(path, tiny_gpt2, params, engine=gpt2_engine, echo=first.append)
+    again, summary = runner.run(path, tiny_gpt2, params, engine=gpt2_engine, echo=second.append)
+    assert again.dir == job.dir and summary.done_before and summary.generated == 0
+    assert second == [f"job {job.id} was completed before (2/2 rows): nothing computed; runner.load_results("
+                      f"{str(job.dir)!r}) reads its results"], second  # fmt: skip
