@@ -838,7 +838,7 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
     return None
 
 
-@cli.command()
+@cli.command(context_settings={"allow_extra_args": True})
 @click.option(
     "--hours",
     type=_Finite(min=0, min_open=True, max=1e6),  # (a larger one overflowed the deadline to inf)
@@ -880,6 +880,7 @@ def work(
     deadline. Several workers (processes, GPUs, machines sharing the folder) share a job by units.
     Ctrl-C (or the deadline) finishes and writes the current batch, then stops; run it again to carry on.
     Under `torchrun` / `accelerate launch` each process works on its own GPU (LOCAL_RANK)."""
+    _refuse_work_arguments(ctx)
     deadline = _deadline(hours, until)
     if until is not None and not background:  # 9:00 given at 9:20 is tomorrow's: said, not assumed silently
         import datetime as dt
@@ -901,6 +902,29 @@ def work(
         devices = _worker_devices(gpus, n_workers, device)
         raise SystemExit(_run_processes(ctx.obj["home"], args, devices))
     _work_here(ctx.obj["home"], job_ref, deadline, once, shard_rows, shard_minutes, device, progress_every)
+
+
+def _refuse_work_arguments(ctx: click.Context) -> None:
+    """`runner work prompts.csv` (as `runner run prompts.csv`) and `runner work night1` were told only "Got
+    unexpected extra argument": said what a file needs first (a submit) and how one job is given (`--job`)."""
+    if not ctx.args:
+        return
+    from .jobdir import open_job
+
+    given = ctx.args[0]
+    try:
+        open_job(given, ctx.obj["home"])
+    except (RunnerError, OSError):
+        pass
+    else:
+        raise click.UsageError(f"runner work --job {shlex.quote(given)} works on that job alone (runner work "
+                               "takes no argument: without --job it works on every queued job)", ctx)  # fmt: skip
+    if os.path.isfile(given) or given == "-":
+        file = shlex.quote(given)
+        raise click.UsageError(f"runner work takes no file: it works on the jobs submitted to the home; `runner "
+                               f"submit {file} -m MODEL` submits it (then `runner work`), or `runner run {file} -m "
+                               "MODEL` does both", ctx)  # fmt: skip
+    raise click.UsageError(f"Got unexpected extra argument ({' '.join(ctx.args)})", ctx)
 
 
 def _work_in_background(home: str | None, args: list[str], job_ref: str | None) -> None:

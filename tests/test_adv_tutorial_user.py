@@ -83,3 +83,23 @@ def test_a_notebook_cell_run_again_on_a_finished_job_says_nothing_was_computed(
     assert again.dir == job.dir and summary.done_before and summary.generated == 0
     assert second == [f"job {job.id} was completed before (2/2 rows): nothing computed; runner.load_results("
                       f"{str(job.dir)!r}) reads its results"], second  # fmt: skip
+
+
+def test_runner_work_given_a_file_or_a_job_says_what_to_type(tmp_path, tiny_gpt2, runner_home, monkeypatch):
+    """`runner work prompts.csv` (as `runner run prompts.csv`) and `runner work night1` said only "Got unexpected
+    extra argument (prompts.csv)": not that a file is submitted first, nor that one job is `--job night1`."""
+    from runner.jobs import create_job
+
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "私は今日も"}])
+    create_job(path, tiny_gpt2, home=runner_home, name="night1")
+    file = invoke("work", "prompts.jsonl")
+    assert file.exit_code == 2 and "Traceback" not in file.output, file.output
+    assert (
+        "runner work takes no file: it works on the jobs submitted to the home; `runner submit prompts.jsonl "
+        "-m MODEL` submits it (then `runner work`), or `runner run prompts.jsonl -m MODEL` does both"
+    ) in " ".join(file.output.split()), file.output
+    job = invoke("work", "night1", "--hours", "1")
+    assert job.exit_code == 2 and "runner work --job night1 works on that job alone" in job.output, job.output
+    other = invoke("work", "tonight")
+    assert other.exit_code == 2 and "Got unexpected extra argument (tonight)" in other.output, other.output
