@@ -312,7 +312,7 @@ def find_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> P
     bare = os.sep not in text and "/" not in text
     if _lexists(path / JOB_FILE) or _lexists(path / JOB_BACKUP) or not bare:
         if storage.kind(path) not in ("dir", "link"):
-            raise RunnerError(f"no job folder {text}{batch_job_hint(path)}")
+            raise RunnerError(f"no job folder {text}{batch_job_hint(path) or input_file_hint(path, home)}")
         if bare:
             _refuse_if_also_in_home(text, path, home)
         return named_folder(path)
@@ -358,7 +358,28 @@ def _in_home(text: str, root: Path) -> Path:
         raise RunnerError(f"several jobs are named {text!r}; use the job id ({ids})")
     if missing := missing_home(root):
         raise RunnerError(f"no job {text!r} in {root}: {missing} (a mistyped --home or $RUNNER_HOME?)")
-    raise RunnerError(f"no job {text!r} in {root}{_did_you_mean(text, jobs)}")
+    raise RunnerError(
+        f"no job {text!r} in {root}{input_file_hint(Path(text), root) or _did_you_mean(text, jobs)}"
+    )
+
+
+def input_file_hint(path: Path, home: str | os.PathLike | None = None) -> str:
+    """ ": prompts.csv is the input file of job ID (NAME): give the job's id or name" for a command given the
+    file a job was submitted from (`runner status prompts.csv`, as `runner run prompts.csv` took it), which said
+    "no job 'prompts.csv'" or, from `runner results`, that it is no Parquet file (pass 235)."""
+    if storage.kind(path) != "file":
+        return ""
+    target = path.resolve()
+    root = Path(home) if home is not None else default_home()
+    jobs = [(p, spec) for p, spec in _named(root) if isinstance(spec.get("input"), dict)
+            and isinstance(spec["input"].get("path"), str) and Path(spec["input"]["path"]).resolve() == target]  # fmt: skip
+    if not jobs:
+        return ""
+    shown = ", ".join(p.name + (f" ({spec['name']})" if isinstance(spec.get("name"), str) else "")
+                      for p, spec in jobs[:3]) + (f" and {len(jobs) - 3} more" if len(jobs) > 3 else "")  # fmt: skip
+    return (
+        f": {path} is the input file of job {shown}: give the job's id or name (`runner status` lists them)"
+    )
 
 
 def _did_you_mean(text: str, jobs: list[tuple[Path, dict[str, Any]]]) -> str:

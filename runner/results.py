@@ -522,7 +522,7 @@ def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None)
 
     path, is_file = resolve_source(source, home)
     if is_file:  # (an exported results file on a Drive mount: a transient error is read again)
-        table, lost = storage.retry(lambda: _read_results_file(path, read_parquet), f"read {path}"), ""
+        table, lost = storage.retry(lambda: _read_results_file(path, read_parquet, home), f"read {path}"), ""
     else:
         with naming_broken(path):
             job = Job.open(path)
@@ -535,17 +535,17 @@ def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None)
     return (table.drop([ORDER]) if ORDER in table.column_names else table), lost
 
 
-def _read_results_file(path: Path, read_parquet: Callable[[Path], pa.Table]) -> pa.Table:
+def _read_results_file(path: Path, read_parquet: Callable[[Path], pa.Table], home: Any = None) -> pa.Table:
     """A results file's table; a file that is no Parquet (an export to .jsonl or .csv, the job's input file) is
     said so, naming it, not pyarrow's traceback ("Parquet magic bytes not found in footer")."""
     import pyarrow as pa
 
-    from .jobdir import batch_job_hint
+    from .jobdir import batch_job_hint, input_file_hint
 
     try:
         return read_parquet(path)
     except pa.ArrowInvalid as e:
-        if hint := batch_job_hint(path):
+        if hint := batch_job_hint(path) or input_file_hint(path, home):
             raise RunnerError(f"{path} is not a Parquet file of results{hint}") from None
         raise RunnerError(f"{path} is not a Parquet file of results ({first_line(e)}): give a job id, name or "
                           "folder, or a results .parquet file (read an export to .jsonl, .json or .csv with "

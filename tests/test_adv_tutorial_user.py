@@ -103,3 +103,25 @@ def test_runner_work_given_a_file_or_a_job_says_what_to_type(tmp_path, tiny_gpt2
     assert job.exit_code == 2 and "runner work --job night1 works on that job alone" in job.output, job.output
     other = invoke("work", "tonight")
     assert other.exit_code == 2 and "Got unexpected extra argument (tonight)" in other.output, other.output
+
+
+@pytest.mark.parametrize("command", ["status", "results", "cancel", "report"])
+@pytest.mark.parametrize("typed", ["prompts.jsonl", "./prompts.jsonl"])
+def test_a_jobs_input_file_named_for_the_job_points_to_the_job(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch, command, typed
+):
+    """`runner status prompts.jsonl` (the file the user knows, as `runner run prompts.jsonl` took it) said "no job
+    'prompts.jsonl' in HOME (`runner status` lists its jobs)", and `runner results prompts.jsonl` that it "is not
+    a Parquet file of results (Parquet magic bytes not found in footer ...)": not which job it is the input of."""
+    from runner.jobs import create_job
+
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "私は今日も"}])
+    job = create_job(path, tiny_gpt2, home=runner_home, name="night1")
+    result = invoke(command, typed)
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    said = " ".join(result.output.split())
+    assert f"prompts.jsonl is the input file of job {job.id} (night1): give the job's id or name" in said, (
+        said
+    )
+    assert "magic bytes" not in said, said
