@@ -712,7 +712,12 @@ def export_type_problem(to: str | os.PathLike) -> str | None:
         return None
     if os.fspath(to) == "-":  # (the shell's "standard output": the preview is what prints there)
         return "exports go to a file, not to standard output; name one (.jsonl, .json, .csv or .parquet)"
-    return f"unknown type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .parquet"
+    excel = suffix in (".xlsx", ".xls", ".xlsm")  # (a Japanese Excel user's first try)
+    return f"unknown type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .parquet" + (
+        " (a .csv opens in Excel: it is written as UTF-8 with a BOM, so Excel reads its Japanese text right)"
+        if excel
+        else ""
+    )
 
 
 class _Counts(NamedTuple):

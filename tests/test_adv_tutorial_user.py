@@ -125,3 +125,16 @@ def test_a_jobs_input_file_named_for_the_job_points_to_the_job(
         said
     )
     assert "magic bytes" not in said, said
+
+
+@pytest.mark.parametrize("to", ["結果.xlsx", "out.XLS"])
+def test_an_excel_export_is_pointed_to_the_csv_excel_opens(tmp_path, to):
+    """`runner results night1 --to 結果.xlsx` said only "unknown type '.xlsx'; use .jsonl, .json, .csv or
+    .parquet", not that the .csv is the one Excel opens, its Japanese text read right (UTF-8 with a BOM)."""
+    result = invoke("results", "night1", "--to", tmp_path / to)
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert (
+        "use .jsonl, .json, .csv or .parquet (a .csv opens in Excel: it is written as UTF-8 with a BOM, "
+        in said
+    )
