@@ -1014,6 +1014,15 @@ def _unpack_hint(path: str | os.PathLike) -> str:
     return f"unpack it first ({_UNPACK[p.suffix.lower()]} {p.name} writes {inner.name}) and give {inner.name}"
 
 
+def _free_csv_name(path: Path) -> Path:
+    """The .csv a file converted to CSV goes to: beside it, never over a .csv already there."""
+    for tail in ("", "-from-tsv", "-from-tsv-2"):
+        csv = path.with_name(f"{path.stem}{tail}.csv")
+        if not os.path.lexists(csv):
+            return csv
+    return path.with_name(f"{path.stem}-from-tsv-3.csv")
+
+
 def input_format(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES and not os.path.lexists(path):  # (`runner score "a text"`, gpt2-score's habit)
@@ -1028,6 +1037,11 @@ def input_format(path: str | os.PathLike) -> str:
         raise ParamError(
             "input", f"{path}: {PACKED[suffix]}, which runner does not read: {_unpack_hint(path)}"
         )
+    if suffix in (".tsv", ".tab"):  # (Japanese corpora's habit, and pandas' to_csv(sep="\t"))
+        csv = repr(os.fspath(_free_csv_name(Path(path))))
+        raise ParamError("input", f"{path}: a tab-separated file, which runner does not read: save it as a CSV, with "
+                                  f"pandas: pd.read_csv({os.fspath(path)!r}, sep='\\t', dtype=str, "
+                                  f"keep_default_na=False).to_csv({csv}, index=False)")  # fmt: skip
     if suffix not in SUFFIXES:
         raise ParamError(
             "input",

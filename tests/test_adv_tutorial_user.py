@@ -138,3 +138,29 @@ def test_an_excel_export_is_pointed_to_the_csv_excel_opens(tmp_path, to):
         "use .jsonl, .json, .csv or .parquet (a .csv opens in Excel: it is written as UTF-8 with a BOM, "
         in said
     )
+
+
+def test_a_tsv_prompt_file_says_how_to_make_it_a_csv(tmp_path, monkeypatch):
+    """A .tsv of prompts (Japanese corpora, `df.to_csv("x.tsv", sep="\\t")`) said "unknown file type '.tsv'; use
+    .jsonl, .parquet, .csv ...": not that it is tab-separated text, which one line of pandas makes a CSV of
+    (its cells kept as written: dtype=str, keep_default_na=False)."""
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "質問.tsv").write_text("id\tprompt\n007\t私は今日も\n008\tNA\n", encoding="utf-8")
+    result = invoke("submit", "質問.tsv", "-m", "gpt2")
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    said = " ".join(result.output.split())
+    fix = (
+        "pd.read_csv('質問.tsv', sep='\\t', dtype=str, keep_default_na=False).to_csv('質問.csv', index=False)"
+    )
+    assert (
+        f"質問.tsv: a tab-separated file, which runner does not read: save it as a CSV, with pandas: {fix}"
+        in said
+    )
+    exec(f"{fix}", {"pd": pd})  # the line as printed makes the CSV, cells as written
+    assert (tmp_path / "質問.csv").read_text(encoding="utf-8") == "id,prompt\n007,私は今日も\n008,NA\n"
+    again = " ".join(
+        invoke("submit", "質問.tsv", "-m", "gpt2").output.split()
+    )  # (not over the CSV beside it)
+    assert ".to_csv('質問-from-tsv.csv', index=False)" in again, again
