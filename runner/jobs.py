@@ -1428,6 +1428,7 @@ def submit_warnings(job: Job) -> list[str]:
             "and settings: this is a second job, and `runner work` computes both. Running a notebook's cells again? "
             f"Give {option('name', ...)}, so that a rerun returns its job; `{cancel}` drops this one."
         )
+    out.extend(_interrupted_siblings(job))
     unused = _unused_model_defaults(job)
     if unused:
         given = [option(k, v) for k, v in unused.items()]
@@ -1555,6 +1556,48 @@ def _twin(job: Job) -> Job | None:
         except RunnerError:
             continue
     return None
+
+
+def _interrupted_siblings(job: Job) -> list[str]:
+    """A note on each job beside this unnamed one in its home that was interrupted on the same file (queued with
+    rows done) under other settings: a cell run again after Ctrl-C with one setting changed said only "starting
+    job B", not that A, the job it was meant to carry on, was not (its rows done are not B's) and stays queued
+    for `runner work` to compute beside B (pass 235)."""
+    if job.name is not None or not jobdir.JOB_ID.fullmatch(job.dir.name):
+        return []
+    read = job.meta.get("input") or {}
+    out = []
+    for path in sorted(jobdir.job_folders(job.dir.parent)):
+        try:
+            other = Job.open(path)
+            theirs = other.meta.get("input") or {}
+            if (path == job.dir or other.name is not None or jobdir.is_copy_in_home(other)
+                    or other.meta.get("kind") != job.meta.get("kind") or theirs.get("sha256") != read.get("sha256")
+                    or _same_work(other.meta) == _same_work(job.meta)
+                    or other.state().state is not JobState.QUEUED):  # fmt: skip
+                continue
+            done = jobdir.job_progress(other)
+        except RunnerError:
+            continue
+        home = None if job.dir.parent.resolve() == jobdir.default_home().resolve() else job.dir.parent
+        if done.done:
+            out.append(f"note: job {other.id} (interrupted, {done.done:,}/{done.total:,} {other.spec.count_noun} "
+                       f"done) is of the same file with other settings ({_settings_apart(other.meta, job.meta)}), so "
+                       f"this job does not carry it on; it stays queued, and `runner work` computes it too: "
+                       f"`{command(home, 'cancel', other.id)}` drops it")  # fmt: skip
+    return out
+
+
+def _settings_apart(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """ "max_new_tokens 2, now 3; ...": the settings (and model, and how the file is read) two jobs differ in."""
+    theirs, mine = dict(old.get("params") or {}), dict(new.get("params") or {})
+    theirs["model"], mine["model"] = old.get("model"), new.get("model")
+    for k in _READING:
+        theirs[k], mine[k] = (old.get("input") or {}).get(k), (new.get("input") or {}).get(k)
+    apart = [
+        f"{k} {theirs.get(k)}, now {mine.get(k)}" for k in {**theirs, **mine} if theirs.get(k) != mine.get(k)
+    ]
+    return "; ".join(apart[:3]) + ("; ..." if len(apart) > 3 else "")
 
 
 def _same_work(meta: dict[str, Any]) -> str:

@@ -164,3 +164,39 @@ def test_a_tsv_prompt_file_says_how_to_make_it_a_csv(tmp_path, monkeypatch):
         invoke("submit", "質問.tsv", "-m", "gpt2").output.split()
     )  # (not over the CSV beside it)
     assert ".to_csv('質問-from-tsv.csv', index=False)" in again, again
+
+
+def test_a_rerun_with_other_settings_after_ctrl_c_names_the_interrupted_job_it_does_not_resume(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home
+):
+    """After Ctrl-C, the cell run again with one setting changed (`--max-new-tokens 3` for 2, `-n` forgotten)
+    said only "starting job B": not that job A, the interrupted one of the same file, was not carried on (its rows
+    done are not B's) and stays queued, for `runner work` to compute beside B."""
+    import runner
+    from runner.jobs import create_job
+    from runner.worker import run_job
+
+    rows = [{"prompt": f"私は今日も {i}"} for i in range(4)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    options = runner.EngineOptions(batch_size=1)
+    first = create_job(
+        path, tiny_gpt2, runner.GenerationParams(max_new_tokens=2, seed=1), options, home=runner_home
+    )
+    run_job(
+        first, gpt2_engine, echo=None, shard_rows=1, should_stop=lambda: any((first.dir / "done").glob("*"))
+    )
+    assert 0 < runner.status(first.dir).done < 4
+    said = []
+    again, _ = runner.run(path, tiny_gpt2, runner.GenerationParams(max_new_tokens=3, seed=1), options,
+                          engine=gpt2_engine, echo=said.append)  # fmt: skip
+    assert again.dir != first.dir
+    note = [line for line in said if first.id in line]
+    assert note and note[0].startswith(
+        f"note: job {first.id} (interrupted, {runner.status(first.dir).done}/4 rows done) is of the same file with "
+        "other settings (max_new_tokens 2, now 3), so this job does not carry it on"
+    ), said
+    # the same settings again: that job is carried on, and nothing is said of it
+    said.clear()
+    same, _ = runner.run(path, tiny_gpt2, runner.GenerationParams(max_new_tokens=2, seed=1), options,
+                         engine=gpt2_engine, echo=said.append)  # fmt: skip
+    assert same.dir == first.dir and not [line for line in said if "is of the same file" in line], said
