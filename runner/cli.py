@@ -514,7 +514,13 @@ class _Command(click.Command):
                 if on and off:
                     first, then = sorted((on[0], off[0]), key=given.index)
                     raise click.UsageError(f"{first} and {then} say opposite things: give one of them", ctx)
-        return super().parse_args(ctx, args)
+        typed = list(args)  # (click's parser takes the words off the list)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if "unexpected extra argument" in e.message:
+                e.message += _a_path_with_a_space(typed, e.message)
+            raise
 
     def _switch_given_a_value(self, param: click.Option, opt: str, word: str) -> str:
         """What to type instead of `opt word` (`--do-sample false`): a switch takes no value, and click read the
@@ -528,6 +534,24 @@ class _Command(click.Command):
             sides = f"give {opt} to turn it on, leave it out for off"
         return (f"{opt} is a switch and takes no value, so {word!r} would be read as {what}: {sides} (to mean "
                 f"the text {word!r}, give it before {opt} or after --)")  # fmt: skip
+
+
+def _a_path_with_a_space(args: list[str], message: str) -> str:
+    """ ": 'Colab' and 'Notebooks/p.csv' look like one path ..." where click's "Got unexpected extra argument
+    (Notebooks/p.csv)" came from a Drive path with a space left unquoted in a cell (`!runner run
+    /content/drive/MyDrive/Colab Notebooks/p.csv`): the word before it and it name a path there, or one in a
+    folder there whose name has the space (`-o My Drive/out`); "" otherwise."""
+    extra = message.rpartition("(")[2].rstrip(")").split(" ")
+    for i in range(1, len(args)):
+        joined = args[i - 1 : i + len(extra)]
+        if args[i : i + len(extra)] != extra or args[i - 1].startswith("-"):
+            continue
+        path = " ".join(joined)
+        folder = os.path.dirname(path)
+        if os.path.lexists(path) or (" " in folder and os.path.isdir(folder)):
+            words = " and ".join(repr(w) for w in joined)
+            return f': {words} look like one path with a space in it: quote it, "{path}"'
+    return ""
 
 
 class _Commands(click.Group):

@@ -200,3 +200,32 @@ def test_a_rerun_with_other_settings_after_ctrl_c_names_the_interrupted_job_it_d
     same, _ = runner.run(path, tiny_gpt2, runner.GenerationParams(max_new_tokens=2, seed=1), options,
                          engine=gpt2_engine, echo=said.append)  # fmt: skip
     assert same.dir == first.dir and not [line for line in said if "is of the same file" in line], said
+
+
+@pytest.mark.parametrize(
+    ("args", "path"),
+    [
+        (["run", "Colab", "Notebooks/prompts.csv", "-m", "gpt2"], "Colab Notebooks/prompts.csv"),
+        (["score", "Colab", "Notebooks/prompts.csv", "-m", "gpt2"], "Colab Notebooks/prompts.csv"),
+        (["run", "Colab Notebooks/prompts.csv", "-m", "gpt2", "-o", "My", "Drive/out"], "My Drive/out"),
+        (["results", "night1", "--to", "My", "Drive/結果.csv"], "My Drive/結果.csv"),
+    ],
+)
+def test_a_drive_path_with_a_space_left_unquoted_is_said_so(tmp_path, monkeypatch, args, path):
+    """`!runner run /content/drive/MyDrive/Colab Notebooks/prompts.csv -m gpt2` (Drive's "Colab Notebooks"
+    folder, unquoted in a cell) said only "Got unexpected extra argument (Notebooks/prompts.csv)"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Colab Notebooks").mkdir()
+    (tmp_path / "Colab Notebooks" / "prompts.csv").write_text("prompt\n私は今日も\n", encoding="utf-8")
+    (tmp_path / "My Drive").mkdir()
+    result = invoke(*args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    said = " ".join(result.output.split())
+    assert f'look like one path with a space in it: quote it, "{path}"' in said, said
+
+
+def test_an_extra_argument_that_is_no_path_with_a_space_is_said_as_click_says_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("status", "night1", "night2")
+    assert result.exit_code == 2 and "Got unexpected extra argument (night2)" in result.output, result.output
+    assert "quote it" not in result.output
