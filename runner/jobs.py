@@ -1415,7 +1415,9 @@ def submit_warnings(job: Job) -> list[str]:
             "user message (or give `messages` rows)."
         )
     out.extend(_data_notes(job))
-    twin = _twin(job)
+    beside = _beside(job)
+    out.extend(_interrupted_siblings(job, beside))
+    twin = _twin(job, beside)
     if twin is not None:
         home = (
             job.dir.parent
@@ -1428,7 +1430,7 @@ def submit_warnings(job: Job) -> list[str]:
             "and settings: this is a second job, and `runner work` computes both. Running a notebook's cells again? "
             f"Give {option('name', ...)}, so that a rerun returns its job; `{cancel}` drops this one."
         )
-    out.extend(_interrupted_siblings(job))
+
     unused = _unused_model_defaults(job)
     if unused:
         given = [option(k, v) for k, v in unused.items()]
@@ -1536,21 +1538,36 @@ def _columns_runner_has_no_setting_for(columns: list[str]) -> list[str]:
     return [c for c in columns if c in SETTINGS_RUNNER_LACKS]
 
 
-def _twin(job: Job) -> Job | None:
-    """Another job beside this unnamed one in its job home, queued or running, of the same file, model and
-    settings (an unseeded one the same though each picks its own seed): a notebook's cells run again after a
-    VM's death. Not for a job in a folder of its own (`-o DIR`): `runner work` runs no such job, and folders
-    beside it are the user's own choice (pass 44)."""
+def _beside(job: Job) -> list[Job]:
+    """The other jobs in this unnamed job's home of the same file and kind, newest first, read once for the notes
+    on them (`_twin`, `_interrupted_siblings`). None for a named job (a named submit returns its job instead) or
+    one in a folder of its own (`-o DIR`: `runner work` runs no such job, and folders beside it are the user's own
+    choice, pass 44)."""
     if job.name is not None or not jobdir.JOB_ID.fullmatch(job.dir.name):
-        return None  # a named submit returns its job instead
-    mine = _same_work(job.meta)
+        return []
+    mine = (job.meta.get("kind"), (job.meta.get("input") or {}).get("sha256"))
+    out = []
     for path in sorted(jobdir.job_folders(job.dir.parent), reverse=True):
         if path == job.dir:
             continue
         try:
             other = Job.open(path)
-            if jobdir.is_copy_in_home(other):
-                continue
+            if (other.meta.get("kind"), (other.meta.get("input") or {}).get("sha256")) == mine and not (
+                jobdir.is_copy_in_home(other)
+            ):
+                out.append(other)
+        except RunnerError:
+            continue
+    return out
+
+
+def _twin(job: Job, beside: list[Job]) -> Job | None:
+    """Another job beside this unnamed one in its job home, queued or running, of the same file, model and
+    settings (an unseeded one the same though each picks its own seed): a notebook's cells run again after a
+    VM's death."""
+    mine = _same_work(job.meta)
+    for other in beside:
+        try:
             if _same_work(other.meta) == mine and other.state().state is JobState.QUEUED:
                 return other
         except RunnerError:
@@ -1558,28 +1575,21 @@ def _twin(job: Job) -> Job | None:
     return None
 
 
-def _interrupted_siblings(job: Job) -> list[str]:
+def _interrupted_siblings(job: Job, beside: list[Job]) -> list[str]:
     """A note on each job beside this unnamed one in its home that was interrupted on the same file (queued with
     rows done) under other settings: a cell run again after Ctrl-C with one setting changed said only "starting
     job B", not that A, the job it was meant to carry on, was not (its rows done are not B's) and stays queued
     for `runner work` to compute beside B (pass 235)."""
-    if job.name is not None or not jobdir.JOB_ID.fullmatch(job.dir.name):
-        return []
-    read = job.meta.get("input") or {}
     out = []
-    for path in sorted(jobdir.job_folders(job.dir.parent)):
+    home = None if job.dir.parent.resolve() == jobdir.default_home().resolve() else job.dir.parent
+    for other in reversed(beside):
         try:
-            other = Job.open(path)
-            theirs = other.meta.get("input") or {}
-            if (path == job.dir or other.name is not None or jobdir.is_copy_in_home(other)
-                    or other.meta.get("kind") != job.meta.get("kind") or theirs.get("sha256") != read.get("sha256")
-                    or _same_work(other.meta) == _same_work(job.meta)
+            if (other.name is not None or _same_work(other.meta) == _same_work(job.meta)
                     or other.state().state is not JobState.QUEUED):  # fmt: skip
                 continue
             done = jobdir.job_progress(other)
         except RunnerError:
             continue
-        home = None if job.dir.parent.resolve() == jobdir.default_home().resolve() else job.dir.parent
         if done.done:
             out.append(f"note: job {other.id} (interrupted, {done.done:,}/{done.total:,} {other.spec.count_noun} "
                        f"done) is of the same file with other settings ({_settings_apart(other.meta, job.meta)}), so "
