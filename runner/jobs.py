@@ -721,6 +721,7 @@ def _write_job(
             "invalid_sha256": storage.file_sha256(tmp / jobdir.INVALID) if written.invalid else None,
             "json_columns": written.json_columns, "reading": reader.reading,
             "renamed_columns": written.renamed,
+            "setting_columns": {k: n for k, n in reader.setting_columns.items() if n},
             "messages": reader.saw_messages,  # a row went through the chat template (jobs before per-row `request`)
             # (not said of a Batch file: its /v1/completions requests ask for raw prompts, and --chat is refused)
             "raw_prompts_to_chat_model": bool(meta["kind"] == "generate" and not reader.saw_messages
@@ -1415,6 +1416,7 @@ def submit_warnings(job: Job) -> list[str]:
             "user message (or give `messages` rows)."
         )
     out.extend(_data_notes(job))
+    out.extend(_setting_columns_note(job))
     beside = _beside(job)
     out.extend(_interrupted_siblings(job, beside))
     twin = _twin(job, beside)
@@ -1473,6 +1475,22 @@ def _data_notes(job: Job) -> list[str]:
         why = f"runner has {none} (other tools' names; a row's settings are those of README, \"Settings per row\")"
         out.append(_kept_as_data([repr(c) for c in lacking], why))
     return out
+
+
+def _setting_columns_note(job: Job) -> list[str]:
+    """submit's note naming the columns of a plain file read as each row's settings, and in how many rows: a
+    data column that happens to be called `n`, `seed` or `temperature` (a question's number, a data set's
+    seed) changes what those rows compute, said nowhere but the README (adversarial pass 235)."""
+    given = job.meta.get("input", {}).get("setting_columns") or {}
+    if not given:
+        return []
+    total = job.meta["input"].get("rows", 0)
+    said = ", ".join(f"{name!r} ({counted(n, 'row')}{'' if n == total else f' of {total:,}'})"
+                     for name, n in given.items())  # fmt: skip
+    return [
+        f'note: read as each row\'s own settings: {said} (README, "Settings per row"); a column of these names '
+        "that is your data, not a setting, needs another name"
+    ]
 
 
 def _kept_as_data(names: list[str], why: str) -> str:

@@ -229,3 +229,25 @@ def test_an_extra_argument_that_is_no_path_with_a_space_is_said_as_click_says_it
     result = invoke("status", "night1", "night2")
     assert result.exit_code == 2 and "Got unexpected extra argument (night2)" in result.output, result.output
     assert "quote it" not in result.output
+
+
+def test_submit_names_the_columns_read_as_each_rows_settings(tmp_path, tiny_gpt2):
+    """A data column that happens to be called `n` or `temperature` (a question's number) gives those rows
+    samples or a temperature of their own, said only in the README: submit now names the columns it read as
+    settings and in how many rows; a Batch file's bodies (settings by nature) and a file without such columns
+    get no such note (adversarial pass 235's noticed)."""
+    (tmp_path / "p.csv").write_text("id,prompt,n,temperature\n1,a,,0.5\n2,b,3,\n3,c,,\n")
+    result = invoke("--home", str(tmp_path / "home"), "submit", str(tmp_path / "p.csv"), "-m", tiny_gpt2)
+    assert result.exit_code == 0, result.output
+    assert "read as each row's own settings: 'n' (1 row of 3), 'temperature' (1 row of 3)" in result.output
+
+    write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "hi", "topic": "x"}])
+    result = invoke("--home", str(tmp_path / "home"), "submit", str(tmp_path / "q.jsonl"), "-m", tiny_gpt2)
+    assert result.exit_code == 0 and "own settings" not in result.output, result.output
+
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": 0.5}}  # fmt: skip
+    write_jsonl(tmp_path / "b.jsonl", [line])
+    args = ("--home", str(tmp_path / "home"), "submit", str(tmp_path / "b.jsonl"), "-m", tiny_gpt2)
+    result = invoke(*args, "--served-model-name", "tiny")
+    assert result.exit_code == 0 and "own settings" not in result.output, result.output
