@@ -98,8 +98,9 @@ class Undamaged:
 
 def dead_owner() -> jobdir.Owner:
     """A worker of this machine whose process is provably gone (this pid, another start time): its claim and
-    heartbeat in a snapshot are a killed worker's."""
-    me = jobdir.Owner.me("w-killed")
+    heartbeat in a snapshot are a killed worker's. Named as worker ids are (HOST-PID-...): a name without this
+    host's tag first reads as a worker of another machine (its young commits "maybe not here yet")."""
+    me = jobdir.Owner.me(f"{jobdir.host_tag()}-{os.getpid()}-killed")
     return jobdir.Owner(me.worker, socket.gethostname(), os.getpid(), me.boot, me.pidns, "0")
 
 
