@@ -442,7 +442,8 @@ def apply(
     max_new_tokens against the context window), so a mistake is an error now, not in every actor later.
     A hub model is pinned here to one commit (of `revision`, a branch, tag or commit, else of main) that every
     actor loads, as a job is; with a checkpoint (`checkpoint_config`, set before `ds` was made), to the commit
-    the checkpoint was started on (`_pin`), and a model folder's changing since is refused. `map_kwargs` go to
+    the checkpoint was started on (`_pin`), and a model folder's changing since is refused, as are other
+    settings or another model than the checkpoint's (`_same_settings`). `map_kwargs` go to
     `map_batches` as they are."""
     from .inputs import Template
     from .models import asked_revision
@@ -452,6 +453,7 @@ def apply(
     if stage_kwargs.get("template") is not None:
         Template(stage_kwargs["template"])
     asked = asked_revision(model, stage_kwargs.pop("revision", None))
+    _same_settings(ds, _settings(stage.kind, model, params, stage_kwargs))
     stage_kwargs["revision"], stage_kwargs["fingerprint"] = _pin(
         ds, model, options or EngineOptions(), stage.kind, params, asked
     )
@@ -501,13 +503,52 @@ def _pin(
     return commit, fingerprint
 
 
-def _stage_key(ds: Any, model: str) -> str:
-    """What this stage's pins are kept under: `model`, or for the n-th stage of `model` in one pipeline
-    "`model`#n" (n from 2), n counted from the stages of runner of that model upstream of it in `ds`'s logical
-    plan (Ray's: operators with `fn`, `fn_constructor_args`, `input_dependencies`). Kept by model alone, two
-    stages of one model at two commits (generate at one, score at another) were refused on their first run:
-    the second found the first's. A plan that cannot be read counts none (two such stages are refused)."""
-    found, seen = 0, set()
+def _settings(kind: str, model: str, params: Any, stage_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a stage computes its rows with, as a job's identity has it (jobs._identity): the model, the kind,
+    the settings (a seed of None as the 0 it computes with) and how rows are read; not where or how fast (actors,
+    GPUs, batch sizes, the commit: `_pin` keeps that)."""
+    from .params import OFF_UNSAID
+
+    said = {**OFF_UNSAID, **params.to_dict()}
+    if kind == "generate" and said.get("seed") is None:
+        said["seed"] = 0
+    _, outputs = _check(kind, params, stage_kwargs.get("truncate", "none"), stage_kwargs.get("chat", False),
+                        stage_kwargs.get("outputs", ()))  # fmt: skip
+    return {
+        "model": model, "kind": kind, **said,
+        "prompt_field": stage_kwargs.get("prompt_field") or ("prompt" if kind == "generate" else "text"),
+        "template": stage_kwargs.get("template"), "truncate": stage_kwargs.get("truncate", "none"),
+        "chat": bool(stage_kwargs.get("chat", False)), "id_field": stage_kwargs.get("id_field", "id"),
+        "outputs": sorted(o for o, on in outputs.items() if on),
+    }  # fmt: skip
+
+
+def _same_settings(ds: Any, settings: dict[str, Any]) -> None:
+    """Keep the settings of this stage (`_settings`) beside `ds`'s checkpoint, under its place in the pipeline
+    (the n-th stage of runner); or refuse a restart with others: a script run again with a setting edited (a
+    seed, max_new_tokens, a template) or another model computed the rows left with those, and the output
+    mixed them with the rows so far, without a word (a job resumed with other settings is refused too)."""
+    pins = _Pins.of(ds)
+    if pins is None:
+        return
+    key = str(len(_upstream_stages(ds)) + 1)
+    earlier = pins.stages.get(key)
+    if earlier is None:
+        pins.add("stages", key, settings)
+        return
+    differs = [f"{k} {earlier.get(k)!r}, now {settings.get(k)!r}" for k in sorted(earlier.keys() | settings.keys())
+               if earlier.get(k) != settings.get(k)]  # fmt: skip
+    if differs:
+        where = "the checkpoint" if key == "1" else f"its stage {key} (of runner) in the checkpoint"
+        raise RunnerError(f"{where} at {pins.where} was started with other settings ({'; '.join(differs)}), and "
+                          f"its rows so far were computed with them (kept in {pins.shown}): to finish it, run the "
+                          "pipeline with those; or give another checkpoint path to start over")  # fmt: skip
+
+
+def _upstream_stages(ds: Any) -> list[tuple[Any, tuple[Any, ...]]]:
+    """(stage class, constructor args) of every stage of runner upstream of `ds` in its logical plan (Ray's:
+    operators with `fn`, `fn_constructor_args`, `input_dependencies`); none where it cannot be read."""
+    found, seen = [], set()
     ops = [getattr(getattr(ds, "_logical_plan", None), "dag", None)]
     while ops:
         op = ops.pop()
@@ -515,9 +556,19 @@ def _stage_key(ds: Any, model: str) -> str:
             continue
         seen.add(id(op))
         fn, args = getattr(op, "fn", None), tuple(getattr(op, "fn_constructor_args", None) or ())
-        if isinstance(fn, type) and issubclass(fn, _Stage) and args[:1] == (model,):
-            found += 1
+        if isinstance(fn, type) and issubclass(fn, _Stage):
+            found.append((fn, args))
         ops.extend(getattr(op, "input_dependencies", None) or ())
+    return found
+
+
+def _stage_key(ds: Any, model: str) -> str:
+    """What this stage's pins are kept under: `model`, or for the n-th stage of `model` in one pipeline
+    "`model`#n" (n from 2), n counted from the stages of runner of that model upstream of it in `ds`'s logical
+    plan (Ray's: operators with `fn`, `fn_constructor_args`, `input_dependencies`). Kept by model alone, two
+    stages of one model at two commits (generate at one, score at another) were refused on their first run:
+    the second found the first's. A plan that cannot be read counts none (two such stages are refused)."""
+    found = sum(1 for _, args in _upstream_stages(ds) if args[:1] == (model,))
     return model if not found else f"{model}#{found + 1}"
 
 
@@ -569,8 +620,9 @@ def _same_files(pins: _Pins, key: str, model: str, options: EngineOptions, now: 
 class _Pins:
     """What each stage of a checkpointed pipeline was pinned to when its checkpoint started:
     `_runner/pins.json` under the checkpoint path, {"commits": {stage: commit} of hub models, "fingerprints":
-    {stage: fingerprint} of the others, "check": its checksum}, a stage keyed as `_stage_key` says (a file
-    written before fingerprints were kept has none: they are kept from the next run). Ray's look at its
+    {stage: fingerprint} of the others, "stages": {n: settings} of the n-th stage, "check": its checksum}, a
+    stage keyed as `_stage_key` says (a file written before fingerprints or settings were kept has none: they
+    are kept from the next run). Ray's look at its
     checkpoint lists the files at the top and reads Parquet, skipping names that start with "_"; it deletes the
     whole folder once the run succeeds, so the next run pins anew."""
 
@@ -587,6 +639,7 @@ class _Pins:
         record = self._read()
         self.commits: dict[str, str] = record.get("commits", {})
         self.fingerprints: dict[str, str] = record.get("fingerprints", {})
+        self.stages: dict[str, dict[str, Any]] = record.get("stages", {})
 
     @classmethod
     def of(cls, ds: Any) -> _Pins | None:
@@ -612,26 +665,32 @@ class _Pins:
         try:
             record = json_of_bytes(data)
             kept = (
-                [record.get(k, {}) for k in ("commits", "fingerprints")] if isinstance(record, dict) else [0]
+                [record.get(k, {}) for k in ("commits", "fingerprints", "stages")]
+                if isinstance(record, dict)
+                else [0]
             )
             if not all(isinstance(k, dict) for k in kept) or "commits" not in record or "check" not in record:
                 raise ValueError("not a record of commits")
             if fails_its_check(record):
                 raise ValueError("its checksum does not match")
         except ValueError as e:
-            raise RunnerError(f"{self.shown} is damaged ({e}): it says which commit of each hub model, and "
-                              "which files of each other model, the checkpoint's rows so far came from. Delete "
-                              "it and pass revision=COMMIT (that commit) to a hub model's stage, or give "
-                              "another checkpoint path to start over") from None  # fmt: skip
+            raise RunnerError(f"{self.shown} is damaged ({e}): it says which commit of each hub model, "
+                              "which files of each other model and which settings the checkpoint's rows so far "
+                              "came from. Delete it and pass revision=COMMIT (that commit) to a hub model's "
+                              "stage, or give another checkpoint path to start over") from None  # fmt: skip
         return record
 
-    def add(self, field: str, key: str, value: str) -> None:
-        """Keep `value` (one of "commits" or "fingerprints", `field`) for stage `key`, written whole or not at
-        all (a temp file renamed; an object store's put)."""
+    def add(self, field: str, key: str, value: Any) -> None:
+        """Keep `value` (one of "commits", "fingerprints" or "stages", `field`) for stage `key`, written whole or
+        not at all (a temp file renamed; an object store's put)."""
         from .storage import json_checksum, retry, write_json
 
         getattr(self, field)[key] = value
-        record: dict[str, Any] = {"commits": self.commits, "fingerprints": self.fingerprints}
+        record: dict[str, Any] = {
+            "commits": self.commits,
+            "fingerprints": self.fingerprints,
+            "stages": self.stages,
+        }
         record["check"] = json_checksum(record)
         if self.local:
             folder = os.path.dirname(self.path)

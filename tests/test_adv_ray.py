@@ -1,0 +1,68 @@
+"""Ray Data stages as a user who already runs Ray meets them (adversarial pass 239): a checkpoint of one model and
+settings finished by a script run again with others; OpenAI Batch rows. Fast: the pipelines are only built,
+on the stand-in Dataset of tests/test_adv_model_changes.py (Ray's own plan is in tests/test_ray.py)."""
+
+import functools
+import shutil
+
+import pytest
+from test_adv_model_changes import _checkpointed
+
+import runner
+from runner import GenerationParams
+
+
+def test_a_checkpoint_run_again_with_other_settings_or_another_model_is_refused(
+    tmp_path, tiny_gpt2, tiny_llama
+):
+    """A checkpointed pipeline died part done; its script is run again with a setting edited (seed 3 -> 4, a
+    template, other outputs) or another model in the stage: the rows left were computed with those, the rows
+    so far with the first, and the output mixed both without a word (a job resumed with other settings is
+    refused). The restart is refused naming what differs and the ways out; the same settings go on (a seed of
+    None is seed 0, as it computes); stages are told apart by position; without a checkpoint, or once Ray
+    deleted it (a run that succeeded), anything goes."""
+    pytest.importorskip("ray.data")
+    from runner import ray as runner_ray
+
+    config, planned = runner_ray.checkpoint_config(str(tmp_path / "ckpt")), []
+    run = functools.partial(
+        runner_ray.generate, _checkpointed(config, planned), map_kwargs={"compute": "given"}
+    )
+    params = GenerationParams(max_new_tokens=4, temperature=0.8, seed=3)
+    run(model=tiny_gpt2, params=params)
+    run(model=tiny_gpt2, params=params)
+    refused = [
+        ({"params": params.replaced(seed=4)}, "seed 3, now 4"),
+        ({"params": params.replaced(max_new_tokens=5)}, "max_new_tokens 4, now 5"),
+        ({"template": "Q: {prompt}"}, "template None, now 'Q: {prompt}'"),
+        ({"outputs": ("top_logprobs",)}, "outputs"),
+        ({"model": tiny_llama}, f"model {tiny_gpt2!r}, now {tiny_llama!r}"),
+    ]
+    for change, said in refused:
+        with pytest.raises(runner.RunnerError) as e:
+            run(**{"model": tiny_gpt2, "params": params, **change})
+        assert said in str(e.value) and "was started with other settings" in str(e.value), str(e.value)
+        assert "give another checkpoint path to start over" in str(e.value)
+    assert len(planned) == 2
+    # (seed None computes as seed 0: the same pipeline)
+    unseeded = GenerationParams(max_new_tokens=4, temperature=0.8)
+    shutil.rmtree(tmp_path / "ckpt")
+    run(model=tiny_gpt2, params=unseeded)
+    run(model=tiny_gpt2, params=unseeded.replaced(seed=0))
+    # (a second stage is its own: score after generate, each kept at its place in the pipeline)
+    shutil.rmtree(tmp_path / "ckpt")
+    for _ in range(2):
+        ds = runner_ray.generate(
+            _checkpointed(config, planned), tiny_gpt2, params, map_kwargs={"compute": "given"}
+        )
+        runner_ray.score(ds, tiny_llama, map_kwargs={"compute": "given"})
+    ds = runner_ray.generate(
+        _checkpointed(config, planned), tiny_gpt2, params, map_kwargs={"compute": "given"}
+    )
+    with pytest.raises(runner.RunnerError, match=f"model {tiny_llama!r}, now {tiny_gpt2!r}"):
+        runner_ray.score(ds, tiny_gpt2, map_kwargs={"compute": "given"})
+    # without a checkpoint, or once it is gone, the settings of now are taken
+    runner_ray.generate(_checkpointed(None, planned), tiny_llama, params, map_kwargs={"compute": "given"})
+    shutil.rmtree(tmp_path / "ckpt")
+    run(model=tiny_llama, params=params.replaced(seed=9))
+    assert len(planned) == 11
