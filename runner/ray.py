@@ -166,9 +166,10 @@ class _Stage:
         first: dict[str, int] = {}
         for i, obj in enumerate(batch.to_pylist()):
             obj = {k: v for k, v in obj.items() if v is not None}  # a null is an absent field
-            if obj.get(self.id_field) is None:
-                problems.append(Problem(NAME, i + 1, self.id_field, "missing: rows on Ray Data need their own "
-                                        "id (results and checkpoints are keyed on it)"))  # fmt: skip
+            request = self._batch_request(i + 1, obj)
+            if request is not None or obj.get(self.id_field) is None:
+                problems.append(request or Problem(NAME, i + 1, self.id_field, "missing: rows on Ray Data need "
+                                                   "their own id (results and checkpoints are keyed on it)"))  # fmt: skip
                 continue
             item = self.checker.check(i + 1, obj)
             if isinstance(item, Problem):
@@ -181,6 +182,17 @@ class _Stage:
                 first[item.id] = i + 1
                 rows.append(item)
         return rows, problems
+
+    def _batch_request(self, line: int, obj: dict[str, Any]) -> Problem | None:
+        """The problem of a row that is an OpenAI Batch request (an endpoint's url, a body object, no prompt or
+        messages of its own), keyed by its custom_id: a stage reads plain rows, and such a row was an error row
+        saying it had no id, or no prompt, when it has both in its body."""
+        url = obj.get("url")
+        fields = {self.prompt_field, "messages", "context", "continuation"}
+        if fields & set(obj) or not isinstance(obj.get("body"), dict) or not str(url).startswith("/v1/"):
+            return None
+        cid = obj.get("custom_id")
+        return Problem(NAME, line, "body", BATCH_REQUEST, cid if isinstance(cid, str) and cid else None)
 
     def _asks_known_outputs(self, prepared: list[Any]) -> tuple[list[Any], list[Problem]]:
         """Rows asking for an optional output column this stage does not have become problems."""
@@ -376,6 +388,12 @@ def _check(
     on = asked_outputs(params) if kind == "generate" else dict.fromkeys(OPTIONAL_OUTPUTS, False)
     return params, {o: on[o] or o in outputs for o in OPTIONAL_OUTPUTS}
 
+
+BATCH_REQUEST = (
+    "an OpenAI Batch request (custom_id, method, url, body): a Ray stage reads plain rows (an id, the prompt or "
+    "messages, settings as fields); run a Batch file with `runner run-batch` or `runner submit`, or turn each "
+    "request's body into such a row first"
+)
 
 _FIELD_OF = {"top_logprobs": "logprobs", "prompt_logprobs": "prompt_logprobs", "constraint": "response_format",
              "beam_score": "num_beams"}  # fmt: skip

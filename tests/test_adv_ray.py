@@ -66,3 +66,33 @@ def test_a_checkpoint_run_again_with_other_settings_or_another_model_is_refused(
     shutil.rmtree(tmp_path / "ckpt")
     run(model=tiny_llama, params=params.replaced(seed=9))
     assert len(planned) == 11
+
+
+def test_openai_batch_request_rows_are_error_rows_saying_so(tiny_gpt2):
+    """Rows of an OpenAI Batch file (custom_id, method, url, body) read into Ray: each was an error row saying it
+    had no id (it has a custom_id) or, with id_field="custom_id", no prompt. Each is now an error row keyed by
+    its custom_id saying it is a Batch request and what takes those; a plain row beside them is computed."""
+    import pyarrow as pa
+
+    from runner.ray import Embed, Generate
+
+    chat = {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}}  # fmt: skip
+    said = ("body: an OpenAI Batch request (custom_id, method, url, body): a Ray stage reads plain rows (an id, "
+            "the prompt or messages, settings as fields); run a Batch file with `runner run-batch` or `runner "
+            "submit`, or turn each request's body into such a row first")  # fmt: skip
+    for id_field in ("id", "custom_id"):
+        stage = Generate(tiny_gpt2, GenerationParams(max_new_tokens=2, seed=1), id_field=id_field)
+        out = stage(pa.Table.from_pylist([chat])).to_pylist()
+        assert [(r["id"], r["error"]) for r in out] == [("req-1", said)]
+    plain = {"id": "p", "prompt": "Hello", "url": "/v1/x", "body": {"a": 1}}
+    out = Generate(tiny_gpt2, GenerationParams(max_new_tokens=2, seed=1))(pa.Table.from_pylist([plain]))
+    assert out.column("error").to_pylist() == [None]
+    embeddings = {
+        "custom_id": "e-1",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "m", "input": "Hi"},
+    }
+    out = Embed(tiny_gpt2)(pa.Table.from_pylist([embeddings])).to_pylist()
+    assert [(r["id"], r["error"]) for r in out] == [("e-1", said)]
