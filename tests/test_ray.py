@@ -108,16 +108,22 @@ class Counting(Generate):
     the calls spread over the actors: a call waits (up to 2 minutes) until the other actor of the pool has
     started one too. With `fail_at=K`, the K-th call of the run waits until a block is checkpointed under
     `checkpoint`, then says so (`kill-now` in `log`) and waits for the test to kill the pipeline's driver:
-    it dies with some blocks written and checkpointed, others not."""
+    it dies with some blocks written and checkpointed, others not. With `raise_at=K`, that call raises
+    instead (the pipeline fails in its driver, which lives on)."""
 
     def __init__(self, *args, log: str, actors: int = 2, fail_at: int | None = None, checkpoint: str = "",
-                 **kwargs):  # fmt: skip
+                 raise_at: int | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.log, self.actors, self.fail_at, self.checkpoint = Path(log), actors, fail_at, Path(checkpoint)
+        self.raise_at = raise_at
 
     def __call__(self, batch):
         call = self._claim_call()
         _wait_for(lambda: len({p.name.split("-")[0] for p in self.log.glob("*-started")}) >= self.actors)
+        # (`raise_at=K`: the K-th call fails, once a block is checkpointed: the pipeline stops with an error)
+        if call == self.raise_at:
+            _wait_for(lambda: bool(committed_ids(self.checkpoint)))
+            raise RuntimeError(f"injected: call {call} of the stage fails")
         if call == self.fail_at:  # the driver is killed (SIGKILL) while this call waits
             _wait_for(lambda: bool(committed_ids(self.checkpoint)))
             (self.log / "kill-now").touch()
@@ -185,7 +191,9 @@ def kill_ray_of(pgid: int) -> None:
     has read the checkpoint, and the output would hold that block twice (CI, 2026-12-05: 12 rows)."""
     pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
     raylets = {str(p) for p in pids if b"raylet" in _proc(p, "cmdline") and _pgid(p) == pgid}
-    os.killpg(pgid, signal.SIGKILL)
+    # (a driver that ended has taken its group along, or most of it)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
     marks = {f"RAY_RAYLET_PID={r}".encode() for r in raylets}
     workers = [p for p in pids if marks & set(_proc(p, "environ").split(b"\0"))]
     for p in workers:
@@ -310,6 +318,19 @@ def dying_driver(root: str, model: str) -> None:
 
 
 CHECKPOINT_PARAMS = {"max_new_tokens": 6, "seed": 5}
+RAISING_PARAMS = {"max_new_tokens": 5, "seed": 4, "temperature": 0.9}
+
+
+def raising_driver(root: str, model: str) -> None:
+    """A script's driver, in a process of its own (with a Ray instance of its own): the checkpointed pipeline,
+    whose stage raises on its 3rd call; the script ends with that error, as a user's does."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=256 * 1024**2)  # fmt: skip
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    params = runner.GenerationParams(**RAISING_PARAMS)
+    checkpointed_pipeline(ray, Path(root), model, params, Path(root) / "run1", raise_at=3)
 
 
 @slow
@@ -571,3 +592,46 @@ def test_the_stages_of_a_real_pipeline_keep_their_pins_apart(ray_local, tmp_path
     assert kept["fingerprints"] == {
         tiny_gpt2: models.model_fingerprint(tiny_gpt2, models.load_config(tiny_gpt2))
     }
+
+
+@slow
+def test_a_pipeline_whose_stage_raised_mid_run_resumes_with_row_settings_and_error_rows_once(
+    ray_local, tmp_path, tiny_gpt2
+):
+    """A checkpointed pipeline whose stage raises on its 3rd batch (some blocks written and checkpointed) fails
+    in its driver; the same pipeline run again in that driver finishes: rows with their own settings (a
+    temperature, n, max_tokens, stop, seed) and integer ids equal an uninterrupted local run, error rows of
+    rows with ids are written once, no row is computed twice or lost."""
+    import pyarrow.parquet as pq
+
+    settings = [{"temperature": 0.5, "n": 2}, {"max_tokens": 2, "seed": 9}, {"stop": ["e"], "top_k": 4}, {}]
+    rows = [{**r, **settings[i % 4]} for i, r in enumerate(rows_of(22))]
+    for r in rows[
+        16:
+    ]:  # (the last file's ids are integers, text in the results; Arrow reads no file of both)
+        r["id"] = int(r["id"][1:])
+    params = runner.GenerationParams(**RAISING_PARAMS)
+    _, ref = reference_run(tmp_path, tiny_gpt2, rows, params, runner.EngineOptions())
+    bad = [{"id": "cold", "prompt": "x", "temperature": -1.0, "topic": 100},
+           {"id": "blank", "prompt": " ", "topic": 101}]  # fmt: skip
+    every = rows[:11] + bad + rows[11:]
+    (tmp_path / "in").mkdir()
+    for k in range(4):  # four files: four blocks, each read (and filtered) on its own
+        write_jsonl(tmp_path / "in" / f"part-{k}.jsonl", every[6 * k : 6 * k + 6])
+    code = f"import test_ray; test_ray.raising_driver({str(tmp_path)!r}, {tiny_gpt2!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    driver = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        said = driver.communicate(timeout=300)[1].decode(errors="replace")
+    finally:
+        kill_ray_of(driver.pid)  # (what its Ray left running, every one gone)
+    assert driver.returncode != 0 and "injected: call 3 of the stage fails" in said, said[-3000:]
+    committed = committed_ids(tmp_path / "ckpt")
+    assert 0 < len(committed) < len(every)
+    checkpointed_pipeline(ray_local, tmp_path, tiny_gpt2, params, tmp_path / "run2")
+    again, _ = computed(tmp_path / "run2")
+    assert not committed & set(again) and len(again) == len(set(again))
+    got = pq.read_table(tmp_path / "out").to_pandas()
+    assert sorted(got.loc[got["error"].notna(), "id"]) == ["blank", "cold"]
+    assert_same_as(got[got["error"].isna()], ref)
