@@ -1151,9 +1151,6 @@ class RowChecker:
         self._requests: bool | None = None  # an OpenAI Batch file (decided by its first row)
         self.chat = chat
         self.saw_messages = False
-        # a plain file's columns read as settings -> the rows giving one (submit names them: a data column
-        # called `n` or `seed` gives rows samples or seeds of their own, adversarial pass 235)
-        self.setting_columns: dict[str, int] = {}
         # the file's setting columns are text (CSV): each cell is read as JSON would give it
         self.settings_as_text = False
         # ... or Arrow's (Parquet, and rows, DataFrames, datasets through it): an object holds every key any row's
@@ -1234,9 +1231,6 @@ class RowChecker:
         elif self.settings_from_arrow:  # Arrow gives an object every key of its column's: drop the nulls
             raw = {k: _from_arrow(v, k in self.settings_as_json) for k, v in raw.items()}
         row.raw_settings = raw or None
-        if not self._requests:
-            for k, v in raw.items():
-                self.setting_columns[k] = self.setting_columns.get(k, 0) + (v is not None)
         try:
             row.settings = row_overrides(raw, self.reading >= 6) or None
         except ParamError as e:

@@ -721,7 +721,7 @@ def _write_job(
             "invalid_sha256": storage.file_sha256(tmp / jobdir.INVALID) if written.invalid else None,
             "json_columns": written.json_columns, "reading": reader.reading,
             "renamed_columns": written.renamed,
-            "setting_columns": {k: n for k, n in reader.setting_columns.items() if n},
+            "setting_columns": {} if reader.batch_file else written.setting_columns,
             "messages": reader.saw_messages,  # a row went through the chat template (jobs before per-row `request`)
             # (not said of a Batch file: its /v1/completions requests ask for raw prompts, and --chat is refused)
             "raw_prompts_to_chat_model": bool(meta["kind"] == "generate" and not reader.saw_messages
@@ -1013,6 +1013,10 @@ class _Written:
     results: int = 0  # result rows when done: sum of each row's samples
     per_row_n: bool = False  # some row asks for its own number of samples
     outputs: dict[str, bool] = field(default_factory=dict)  # optional result columns some row asks for
+    # a plain file's columns read as settings -> the rows of the job giving one (submit names them: a data
+    # column called `n` or `seed` gives rows samples or seeds of their own, adversarial pass 235); counted of
+    # the rows written, not of those read (pass 240: a row --skip-invalid left out was counted)
+    setting_columns: dict[str, int] = field(default_factory=dict)
 
 
 def _sample_auto(params: Any) -> bool:
@@ -1066,6 +1070,7 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
     columns = Passthrough(prep.kind, prep.fixed_names, reader.column_types())
     writer: pq.ParquetWriter | None = None
     rows = valid = 0  # rows written; rows found valid (written or not)
+    settings: dict[str, int] = {}  # setting -> rows written that give it (`_Written.setting_columns`)
     try:
         for chunk in reader.chunks(ROW_GROUP_ROWS):
             columns.register(chunk.columns)
@@ -1092,6 +1097,7 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
             with _writing(folder / PROMPTS):
                 writer.write_table(table, row_group_size=len(prepared))
             rows += len(prepared)
+            _count_settings(settings, prepared)
     finally:
         if writer is not None:
             with _writing(folder / PROMPTS):
@@ -1104,7 +1110,22 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
         raise InputError(problems.kept, header=header, total=problems.count)
     if columns.rewrite:
         rewrite_passthrough(reader, folder / PROMPTS, columns)
-    return _Written(rows, problems.count, columns.json_columns(), columns.renamed(), **written_extra())
+    return _Written(
+        rows,
+        problems.count,
+        columns.json_columns(),
+        columns.renamed(),
+        **written_extra(),
+        setting_columns={k: n for k, n in settings.items() if n},
+    )
+
+
+def _count_settings(counts: dict[str, int], prepared: list[Any]) -> None:
+    """Add to `counts` (setting -> rows, in the file's column order) the settings each row of `prepared` gives
+    itself."""
+    for row, *_ in prepared:
+        for k, v in (row.raw_settings or {}).items():
+            counts[k] = counts.get(k, 0) + (v is not None)
 
 
 @contextlib.contextmanager
@@ -1485,7 +1506,7 @@ def _setting_columns_note(job: Job) -> list[str]:
     if not given:
         return []
     total = job.meta["input"].get("rows", 0)
-    said = ", ".join(f"{name!r} ({counted(n, 'row')}{'' if n == total else f' of {total:,}'})"
+    said = ", ".join(f"{name!r} ({counted(n, 'rows')}{'' if n == total else f' of {total:,}'})"
                      for name, n in given.items())  # fmt: skip
     return [
         f'note: read as each row\'s own settings: {said} (README, "Settings per row"); a column of these names '
