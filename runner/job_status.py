@@ -267,9 +267,7 @@ def _state(job: Job) -> tuple[jobdir.StateRecord, str | None]:
     state, since = jobdir.state_as_read(job)
     return (
         state,
-        None
-        if since is None
-        else f"a change of state is being written ({time.monotonic() - since:.0f} s ago)",
+        None if since is None else f"a change of state is being written ({time.time() - since:.0f} s ago)",
     )
 
 

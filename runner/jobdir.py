@@ -131,8 +131,7 @@ class BrokenJob(RunnerError):
         super().__init__(message)
         self.repairable = repairable
         self.named = named
-        # `unfilled`: when the empty record was made, on this process's CLOCK_MONOTONIC (`_made_at`)
-        self.since = since
+        self.since = since  # `unfilled`: when the empty record was made (its mtime, never later than now)
 
     @property
     def unfilled(self) -> bool:
@@ -141,7 +140,7 @@ class BrokenJob(RunnerError):
     def waited_out(self) -> bool:
         """An empty record (`unfilled`) older than STATE_PATIENCE_SECONDS: no change is on its way, its writer
         was killed half way. Every waiter counts from the record's making, so nobody waits twice as long."""
-        return self.since is None or time.monotonic() - self.since > STATE_PATIENCE_SECONDS
+        return self.since is None or time.time() - self.since > STATE_PATIENCE_SECONDS
 
 
 @contextlib.contextmanager
@@ -157,7 +156,7 @@ def naming_broken(folder: Path) -> Iterator[None]:
             assert e.since is not None
             raise BrokenJob(
                 f"job {_job_id(Path(folder))}: a change of state is being written (its newest state record is "
-                f"still empty, made {time.monotonic() - e.since:.0f} s ago); try again in a moment (`runner repair` only "
+                f"still empty, made {time.time() - e.since:.0f} s ago); try again in a moment (`runner repair` only "
                 f"if it is still empty after {STATE_PATIENCE_SECONDS:.0f} s)", named=True, since=e.since,
             ) from e  # fmt: skip
         hint = f"`runner repair {shlex.quote(str(folder))}` brings it back"
@@ -1219,45 +1218,25 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
 
 
 def _made_at(path: Path) -> float:
-    """When a file was made, on this process's CLOCK_MONOTONIC (time.monotonic(): what `BrokenJob.since` and
-    `Claim.empty_since` are counted from): as old as its mtime said when this process first saw it
-    (`_sighted_age`), older since by this process's steady count. Another process's file carries no steady
-    reading, so only its mtime, another machine's wall clock maybe, tells its age at first sight; counted on
-    the wall clock at every look, a step of this machine's (NTP, a VM resumed, a Colab host moved) aged a live
-    writer's record or claim by the step: forward, a `cancel` being written made the job broken, a claim being
-    filled was taken over (its unit computed again; the epochs fence the late writer, so only work is wasted);
-    back by less than the patience, an empty claim or record of a killed writer counted as made now until the
-    wall clock came back to its date (adversarial pass 237). Dated ahead at first sight (another machine's clock
-    may run ahead: a record dated in the future counted as new at every look, and never waited out; pass 67)
-    it counts from that sight; dated past the patience ahead, it is not believed: as old as the patience.
+    """When a file was made, as its mtime says, never later than now or than this process first saw it (another
+    machine's clock may run ahead: a record dated in the future counted as new at every look, and never waited
+    out; pass 67). Dated past now + STATE_PATIENCE_SECONDS, its date is not believed: as old as the patience.
     A transient error in that look is retried, then raises: read as "made now", a record a command killed half
     way long ago passed for one being written (adversarial pass 198: `runner cancel` said to try again in a
     moment, `runner status` and an export read the state below it as standing, not the job broken)."""
+    now = time.time()
     st = _lstat_or_none(path)
-    now = time.monotonic()
     # (gone since it was read)
     if st is None:
         return now
-    at_sight, since = _sighted_age(path, st)
-    if at_sight < -STATE_PATIENCE_SECONDS:
+    if st.st_mtime > now + STATE_PATIENCE_SECONDS:
         return now - STATE_PATIENCE_SECONDS - 1
-    return now - since - max(at_sight, 0.0)
+    first = _FIRST_SEEN.setdefault((os.fspath(path), st.st_ino, st.st_mtime_ns), now)
+    return min(now, st.st_mtime, first)
 
 
-def _sighted_age(path: Path, st: os.stat_result) -> tuple[float, float]:
-    """(How old the file at `path` (as `st` shows it) was when this process first saw it, by the wall clock
-    (its mtime; negative when dated ahead), the seconds since, by this process's CLOCK_MONOTONIC, which no
-    step of the wall clock moves). A file changed since (another mtime) or made anew (another inode) is
-    another sighting."""
-    key = (os.fspath(path), st.st_ino, st.st_mtime_ns)
-    if key not in _FIRST_SEEN:
-        _FIRST_SEEN[key] = (time.time() - st.st_mtime, time.monotonic())
-    at_sight, then = _FIRST_SEEN[key]
-    return at_sight, time.monotonic() - then
-
-
-# (file, inode, mtime) -> (its age by the wall clock when this process first saw it, time.monotonic() then)
-_FIRST_SEEN: dict[tuple[str, int, int], tuple[float, float]] = {}
+# (record, inode, mtime) -> when this process first saw it
+_FIRST_SEEN: dict[tuple[str, int, int], float] = {}
 
 
 # every field a state record has; `check` (its checksum) is absent from the records of an earlier runner
@@ -2243,9 +2222,7 @@ class Heartbeat:
         with self._writing:
             self.info.update(info)
             now = time.time()
-            # with this boot's steady clock: a worker sharing it judges the lease by that (`_steady_left`)
-            record = {**self.owner.as_dict(), "heartbeat": now, "expires": now + self.ttl,
-                      "monotonic": time.monotonic(), "timens": storage.time_namespace(), **self.info}  # fmt: skip
+            record = {**self.owner.as_dict(), "heartbeat": now, "expires": now + self.ttl, **self.info}
             # a changed byte is damage, not a lease (live_workers)
             record["check"] = storage.json_checksum(record)
             storage.write_json(self.path, record, durable=False)
@@ -2367,7 +2344,7 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
         owner = _heartbeat_owner(hb, name)
         if owner is None:
             continue
-        left, lease = _lease_left(job.dir / WORKERS / name, hb, now, owner)
+        left, lease = _lease_left(job.dir / WORKERS / name, hb, now)
         if owner.worker in _ENDED and owner.is_this_process():
             continue  # an earlier call of this process, interrupted: it works no more
         if left > 0 and not owner.provably_dead():
@@ -2389,13 +2366,12 @@ SKEW_SLACK = 60.0
 _sighted: dict[str, tuple[float, float]] = {}  # heartbeat file -> (its "heartbeat" time, when first seen)
 
 
-def _lease_left(path: Path, hb: dict[str, Any], now: float, owner: Owner) -> tuple[float, float]:
+def _lease_left(path: Path, hb: dict[str, Any], now: float) -> tuple[float, float]:
     """(seconds the heartbeat's lease has left by this machine's clock (<= 0: stale; damage is stale), the lease
-    it declares). A writer sharing this process's CLOCK_MONOTONIC (`_steady_left`) is judged by that. Else its
-    times are its writer's wall clock: a writer whose clock runs ahead (a heartbeat written in our future)
-    would hold its lease that much longer, hours after it died, so its lease (expires - heartbeat, at most
-    MAX_LEASE) is then counted from when this process first saw that heartbeat, and a beat that changes renews
-    it."""
+    it declares). Its times are its writer's clock: a writer whose clock runs ahead (a heartbeat written in our
+    future) would hold its lease that much longer, hours after it died, so its lease (expires - heartbeat, at
+    most MAX_LEASE) is then counted from when this process first saw that heartbeat, and a beat that changes
+    renews it."""
     try:
         expires, beat = float(hb["expires"]), float(hb["heartbeat"])
     except (KeyError, TypeError, ValueError):
@@ -2405,10 +2381,6 @@ def _lease_left(path: Path, hb: dict[str, Any], now: float, owner: Owner) -> tup
     # MAX_LEASE, was taken for damage, so a live worker's units for free; adversarial pass 111)
     if not 0 < lease <= MAX_LEASE:
         return 0.0, 0.0
-    steady = _steady_left(hb, owner, lease)
-    if steady is not None:
-        _sighted.pop(str(path), None)
-        return steady, lease
     if beat <= now + SKEW_SLACK:
         _sighted.pop(str(path), None)
         return expires - now, lease
@@ -2418,54 +2390,13 @@ def _lease_left(path: Path, hb: dict[str, Any], now: float, owner: Owner) -> tup
     return lease - (time.monotonic() - seen[1]), lease
 
 
-# seconds a heartbeat's monotonic reading may be ahead of this process's own and still be of the same clock
-MONOTONIC_SLACK = 1.0
-
-
-def _steady_left(hb: dict[str, Any], owner: Owner, lease: float) -> float | None:
-    """Seconds left of a heartbeat's lease by CLOCK_MONOTONIC (time.monotonic()), where its writer's is this
-    process's (`_shares_my_clock`). The wall clock stepped forward (NTP, a VM resumed, a Colab host moved) made
-    every live worker of the machine look stale to the others until its next beat, and each took the others'
-    units over, their work thrown away (adversarial pass 233); stepped back by more than SKEW_SLACK, a frozen
-    one's beat was in our future, and its lease began again from when it was seen so. A frozen worker's
-    reading stays old as this clock runs on (it runs while the worker is stopped): its lease ends.
-    None where it cannot be told: another machine, a heartbeat without a reading (an earlier runner's), or one
-    not of this clock (ahead of it): the wall clock judges."""
-    if not _shares_my_clock(owner, hb.get("timens")):
-        return None
-    try:
-        reading = float(hb["monotonic"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    steady = time.monotonic()
-    # (NaN fails too)
-    if not 0 <= reading <= steady + MONOTONIC_SLACK:
-        return None
-    return reading + lease - steady
-
-
-def _shares_my_clock(owner: Owner, timens: Any) -> bool:
-    """Whether a record's writer (`owner`, of the time namespace `timens` it recorded) reads this process's
-    CLOCK_MONOTONIC: the same boot (one clock per boot, never set or stepped: NTP only slews its rate) and the
-    same time namespace (time_namespaces(7): the only thing that offsets it, per namespace). A container of
-    this machine (another PID namespace: Docker's, a Kubernetes pod's, with the host's boot_id and, unless made
-    with a time namespace of its own, the host's time namespace) shares it: its live workers' leases were
-    ended by a forward step of the wall clock as before (adversarial pass 237). Where the time namespace
-    cannot be read (a sandbox's /proc, gVisor, a Linux before 5.6, macOS) only a writer of this PID namespace
-    too is taken for one of this clock, as before: two containers that cannot name theirs may read two."""
-    if not owner.boot or owner.boot != storage.boot_id() or timens != storage.time_namespace():
-        return False
-    return timens is not None or owner._on_this_machine()
-
-
 @dataclass
 class Claim:
     unit: int
     epoch: int
     owner: Owner | None  # None: the claim file is damaged (its owner is unknown, so it counts as gone)
-    # empty: when it was made (`_made_at`, on time.monotonic()). Where links are not supported a claim is
-    # created, then filled: empty for CLAIM_FILL_SECONDS, it is a live worker's on its way (pass 102: taken
-    # over, a unit computed twice)
+    # empty: when it was made (`_made_at`). Where links are not supported a claim is created, then filled: empty
+    # for CLAIM_FILL_SECONDS, it is a live worker's on its way (pass 102: taken over, a unit computed twice)
     empty_since: float | None = None
 
 
@@ -3122,7 +3053,7 @@ def claim_is_live(claim: Claim | None, live: dict[str, dict[str, Any]]) -> bool:
     if claim is None:
         return False
     if claim.owner is None:
-        return claim.empty_since is not None and time.monotonic() - claim.empty_since < CLAIM_FILL_SECONDS
+        return claim.empty_since is not None and time.time() - claim.empty_since < CLAIM_FILL_SECONDS
     return claim.owner.worker in live
 
 
@@ -3275,21 +3206,17 @@ def _claimed_on_another_machine(marker: Path, worker: str) -> bool:
 
 
 def _younger_than(path: Path, seconds: float) -> bool:
-    """The file at `path` was modified less than `seconds` ago: its age by its mtime when this process first saw
-    it, then by this process's CLOCK_MONOTONIC (`_sighted_age`: a step of this machine's wall clock, forward,
-    aged another machine's marker by the step, and a worker set it aside before its shard arrived, its rows
-    computed again; adversarial pass 237). False when it is gone. One dated ahead by more than SKEW_SLACK (its
-    writer's clock runs ahead of this one's) is as old as the time since this process first saw it: taken for
-    old at once, a marker just written on a VM whose clock ran two minutes ahead was set aside before its shard
-    arrived, and the job was left with those rows missing (adversarial pass 141). Dated ahead by more than
-    `seconds` it is not believed (a clock days ahead would keep it young for days)."""
-    st = _lstat_or_none(path)
-    if st is None:
+    """The file at `path` was modified less than `seconds` ago; False when it is gone. One dated ahead by more
+    than SKEW_SLACK (its writer's clock runs ahead of this one's) is as old as the time since this process
+    first saw it: taken for old at once, a marker just written on a VM whose clock ran two minutes ahead was
+    set aside before its shard arrived, and the job was left with those rows missing (adversarial pass 141).
+    Dated ahead by more than `seconds` it is not believed (a clock days ahead would keep it young for days)."""
+    st, now = _lstat_or_none(path), time.time()
+    if st is None or st.st_mtime > now + seconds:
         return False
-    at_sight, since = _sighted_age(path, st)
-    if at_sight < -seconds:
-        return False
-    return (0.0 if at_sight < -SKEW_SLACK else at_sight) + since < seconds
+    if st.st_mtime <= now + SKEW_SLACK:
+        return now - seconds < st.st_mtime
+    return now - _FIRST_SEEN.setdefault((os.fspath(path), st.st_ino, st.st_mtime_ns), now) < seconds
 
 
 def _lstat_or_none(path: Path) -> os.stat_result | None:
@@ -4007,10 +3934,7 @@ def remove_old_temps(folder: Path, max_age: float = TEMP_MAX_AGE, now: float | N
 
 
 def _age(path: Path, now: float) -> float | None:
-    """Seconds since `path` (not followed if a link) last changed, transient errors retried; None when gone.
-    On the wall clock: a temp file carries no steady reading, and its writer may be another machine's. A step
-    of it forward can take a live writer's temp file for left behind: that writer finds it gone at its rename
-    and writes it again (storage.write_atomic), so a step wastes a write, never a commit (pass 237)."""
+    """Seconds since `path` (not followed if a link) last changed, transient errors retried; None when gone."""
     try:
         return now - storage.retry(lambda: os.lstat(path), f"read {path}").st_mtime
     except storage.StorageError as e:

@@ -959,10 +959,7 @@ def _stale_claim(path: Path, held: Any) -> bool:
     if owner is not None and isinstance(temp, str) and temp in _ENDED and owner.is_this_process():
         return True  # an earlier call of this process, interrupted (a notebook cell stopped and run again)
     # (dated ahead by more than the wait itself, its date is not believed: a submit killed on a VM whose clock ran
-    # days ahead kept its name claimed for days, while the message said ten minutes). On the wall clock, the
-    # claim's writer maybe another machine: a step of it by more than the wait lets a second submit of the name
-    # take a live one's claim over, which `_fence_stale_submit` stops (its temp folder set aside: it fails, to
-    # be run again), so a step costs that submit, never a second job of the name (pass 237)
+    # days ahead kept its name claimed for days, while the message said ten minutes)
     return (owner is not None and owner.provably_dead()) or abs(age) > STALE_CLAIM_SECONDS
 
 

@@ -207,8 +207,7 @@ class Broken(NamedTuple):
 
     why: str
     repairable: bool
-    # its newest state record is empty (no links): when that record was made, on this process's
-    # CLOCK_MONOTONIC (`jobdir._made_at`, `_on_its_way`)
+    # its newest state record is empty (no links): when that record was made (`_on_its_way`)
     made: float | None
     job_id: str
     # not broken: its folder could not be read through the retries (`_unreadable`); looked at again each round
@@ -420,8 +419,7 @@ def work(
     summaries: list[RunSummary] = []
     failed: set[str] = set()
     broken: dict[str, Broken] = {}  # folder -> a broken job met: said once per worker
-    # folder -> when its empty newest state record was made (no links; on time.monotonic())
-    unfilled: dict[str, float] = {}
+    unfilled: dict[str, float] = {}  # folder -> when its empty newest state record was made (no links)
     waits_said: set[tuple[str, str]] = set()  # (job, worker holding the rest) waits said
     waited: dict[str, Job] = {}  # jobs waited for, by id: how each ended is said at the end
     if job is None:
@@ -537,7 +535,7 @@ def _on_its_way(folder: str, broken: dict[str, Broken], unfilled: dict[str, floa
         unfilled[folder] = made
         if echo:
             echo(_waiting_line(broken[folder].job_id))
-    if time.monotonic() - made > jobdir.STATE_PATIENCE_SECONDS:
+    if time.time() - made > jobdir.STATE_PATIENCE_SECONDS:
         del unfilled[folder]
         return False
     del broken[folder]

@@ -212,8 +212,6 @@ def remove_stale_temps_of(target: str | os.PathLike, max_age: float = 600.0) -> 
     `max_age` seconds (a live writer's temp file changes as it writes). Best effort: what cannot be listed or
     removed stays."""
     folder, name = os.path.split(os.path.abspath(os.fspath(target)))
-    # (on the wall clock: a temp file's mtime is all there is, maybe another machine's; a step forward that
-    # takes a live writer's costs that writer its rename, which writes it again: `write_atomic`)
     removed, now = 0, time.time()
     try:
         with os.scandir(folder) as entries:
@@ -284,16 +282,6 @@ def pid_namespace() -> str | None:
 def _read_pid_namespace() -> str | None:
     try:
         return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
-def time_namespace() -> str | None:
-    """This process's time namespace (Linux's /proc/self/ns/time, since 5.6): processes of one boot in one time
-    namespace read the same CLOCK_MONOTONIC (another one's is offset). None where there is none to read (macOS,
-    the BSDs, an older Linux: one CLOCK_MONOTONIC per boot there)."""
-    try:
-        return os.readlink("/proc/self/ns/time")
     except OSError:
         return None
 

@@ -177,13 +177,11 @@ class Freezer:
 
 
 def lease_ran_out(job_dir, name: str) -> None:
-    """Worker NAME's heartbeat as a frozen worker's is once its lease has run out (dated back 1,000 s, on both
-    clocks)."""
+    """Worker NAME's heartbeat as a frozen worker's is once its lease has run out (dated back 1,000 s)."""
     path = job_dir / jobdir.WORKERS / f"{name}.json"
     hb = json.loads(path.read_text())
     hb["heartbeat"] -= 1000
     hb["expires"] -= 1000
-    hb["monotonic"] -= 1000
     del hb["check"]
     hb["check"] = storage.json_checksum(hb)
     path.write_text(json.dumps(hb))

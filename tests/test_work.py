@@ -1007,9 +1007,7 @@ def test_an_empty_record_dated_far_in_the_future_is_not_a_change_on_its_way_for_
     assert job_status(job).state == "broken"
     os.utime(place, (time.time() + 60,) * 2)
     assert job_status(job).state == "cancelled"  # first seen now: on its way
-    sighted = {
-        k: (age, then - jobdir.STATE_PATIENCE_SECONDS - 1) for k, (age, then) in jobdir._FIRST_SEEN.items()
-    }
+    sighted = {k: v - jobdir.STATE_PATIENCE_SECONDS - 1 for k, v in jobdir._FIRST_SEEN.items()}
     monkeypatch.setattr(jobdir, "_FIRST_SEEN", sighted)  # as if first seen longer ago than the patience
     assert job_status(job).state == "broken"  # waited out, counted from its first sighting
 
