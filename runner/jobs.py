@@ -1435,9 +1435,13 @@ def submit_warnings(job: Job) -> list[str]:
         )
     out.extend(_data_notes(job))
     out.extend(_setting_columns_note(job))
-    beside = _beside(job)
-    out.extend(_interrupted_siblings(job, beside))
-    twin = _twin(job, beside)
+    try:  # (the job is stored: a home that fails through the retries now costs the notes, not the submit's exit)
+        beside = _beside(job)
+        out.extend(_interrupted_siblings(job, beside))
+        twin = _twin(job, beside)
+    except RunnerError as e:
+        out.append(f"note: the other jobs of {job.dir.parent} could not be read for the notes on them ({e})")
+        twin = None
     if twin is not None:
         home = (
             job.dir.parent

@@ -251,3 +251,25 @@ def test_submit_names_the_columns_read_as_each_rows_settings(tmp_path, tiny_gpt2
     args = ("--home", str(tmp_path / "home"), "submit", str(tmp_path / "b.jsonl"), "-m", tiny_gpt2)
     result = invoke(*args, "--served-model-name", "tiny")
     assert result.exit_code == 0 and "own settings" not in result.output, result.output
+
+
+def test_a_home_that_fails_to_list_costs_the_notes_not_the_submit(tmp_path, tiny_gpt2, monkeypatch):
+    """The notes on the other jobs of the home (the same file's twin, the interrupted one) are read after the job
+    is stored: a home listing that failed through the retries ended submit with an error (exit 1) though its
+    job was stored, and a user running it again made a second job (adversarial pass 240's noticed)."""
+    from runner import jobdir, storage
+
+    write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "hi"}])
+    real = jobdir.job_folders
+
+    def failing(home, *args, **kwargs):
+        if any(p.name.startswith("2") for p in real(home, *args, **kwargs)):
+            raise storage.StorageError(f"cannot list {home}: Input/output error", 5)
+        return real(home, *args, **kwargs)
+
+    monkeypatch.setattr(jobdir, "job_folders", failing)
+    result = invoke("--home", str(tmp_path / "home"), "submit", str(tmp_path / "q.jsonl"), "-m", tiny_gpt2)
+    assert result.exit_code == 0, result.output
+    assert "could not be read for the notes on them (cannot list" in result.output
+    monkeypatch.undo()
+    assert len(real(tmp_path / "home")) == 1
