@@ -174,25 +174,35 @@ def _live_figures(progress: Any) -> tuple[list[dict[str, Any]], float | None, fl
 
 
 def _retry_lost(job: Job, state: jobdir.StateRecord, ledger: jobdir.Ledger) -> str | None:
-    """Where rows were committed under a newer retry generation than the job's state says: its records only go
-    up, so the record of the `runner retry` that raised it is missing (deleted, or an older record copied over
-    it: a sync conflict, a restore from an old backup), and the job reads as it stood before that retry, its
-    row errors counted again (else None). Said once the state, read again, still says so: a retry landing
-    between the two reads is no loss. Not while the newest record is being written (that retry's may be it:
-    put back by an adopter, no hard links); and where those commits were made lately on another machine, as
-    a record that may not be here yet (a folder synced from another VM shows files late, not in order)."""
-    made = ledger.newest_generation()
+    """Where rows were committed, or computed (an in-flight record: `jobdir.flight_generations`), under a newer
+    retry generation than the job's state says: its records only go up, so the record of the `runner retry` that
+    raised it is missing (deleted, or an older record copied over it: a sync conflict, a restore from an old
+    backup), and the job reads as it stood before that retry, its row errors counted again (else None). Said
+    once the state, read again, still says so: a retry landing between the two reads is no loss. Not while the
+    newest record is being written (that retry's may be it: put back by an adopter, no hard links); and where
+    that evidence was written lately on another machine, as a record that may not be here yet (a folder synced
+    from another VM shows files late, not in order)."""
+    flights = jobdir.flight_generations(job)
+    made = max([ledger.newest_generation(), *flights.values()])
     if made <= state.generation:
         return None
     now, since = jobdir.state_as_read(job)
     if made <= now.generation or since is not None:
         return None
     newest = f"{jobdir.STATES}/{jobdir.record_name(now.seq)}" if now.seq else "none"
-    said = (f"rows were committed under retry generation {made}, but its state says {now.generation} (newest "
-            f"state record: {newest}): ")  # fmt: skip
+    flown = [name for name, gen in flights.items() if gen > now.generation]
+    # (commits are said first, as before: the in-flight record is named only where it alone tells)
+    committed = ledger.newest_generation() == made
+    what = "rows were committed" if committed else "a worker computed rows"
+    where = "" if committed else f" ({flown[0]})"
+    said = (f"{what} under retry generation {made}{where}, but its state says {now.generation} (newest state "
+            f"record: {newest}): ")  # fmt: skip
     repair = f"`runner repair {shlex.quote(str(job.dir))}` records that generation again"
-    if jobdir.made_elsewhere_lately(job, ledger.newer_than(now.generation)):
-        return (f"{said}those rows were committed on another machine minutes ago, and the record of the `runner "
+    commits = ledger.newer_than(now.generation)
+    if (not commits or jobdir.made_elsewhere_lately(job, commits)) and (
+        not flown or jobdir.flown_elsewhere_lately(job, flown)
+    ):
+        return (f"{said}those rows were {'committed' if committed else 'computed'} on another machine minutes ago, and the record of the `runner "
                 "retry` they were made under may not be here yet (a folder synced from another machine can show "
                 f"files late). Look again in a few minutes; if it does not come, it is missing: {repair}")  # fmt: skip
     return (f"{said}the record of a `runner retry` is missing (deleted, or an older record copied over it); "

@@ -3175,6 +3175,47 @@ def made_elsewhere_lately(job: Job, commits: list[Commit]) -> bool:
     )
 
 
+def flight_generations(job: Job) -> dict[str, int]:
+    """{inflight/UUUUU.json: the retry generation it was written under} of the job's in-flight records that read
+    whole (their checksum holds) and name this job. A worker writes one only under the generation of the state
+    record it read (`InFlight`, after that record was created and filled), so one newer than the state's is proof,
+    as a commit is, that the record of the `runner retry` that raised it is missing. Claims and heartbeats name
+    no generation, and log.txt has no checksum: neither is such proof."""
+    folder, out = job.dir / INFLIGHT, {}
+    for name, what in sorted(storage.kinds(folder).items()):
+        rec = _read_json_or_none(folder / name) if what == "file" and INFLIGHT_RE.fullmatch(name) else None
+        # (one of an older runner names no job and has no check: no proof)
+        if (
+            not isinstance(rec, dict)
+            or "check" not in rec
+            or storage.fails_its_check(rec)
+            or rec.get("job") != job.id
+        ):
+            continue
+        gen = rec.get("generation", 0)
+        if type(gen) is int and gen >= 0:
+            out[f"{INFLIGHT}/{name}"] = gen
+    return out
+
+
+def flown_elsewhere_lately(job: Job, names: list[str]) -> bool:
+    """Whether every in-flight record of `names` (one at least) was written by a worker on another host (or
+    another boot) less than SHARD_ARRIVAL_SECONDS ago: a mount that shows another machine's files late may show
+    it before the state record its worker read there (`made_elsewhere_lately`)."""
+    return bool(names) and all(_flown_from_elsewhere(job.dir / name) for name in names)
+
+
+def _flown_from_elsewhere(path: Path) -> bool:
+    rec = _read_json_or_none(path)
+    worker = rec.get("worker") if isinstance(rec, dict) else None
+    if not isinstance(worker, str):
+        return False
+    owner = rec.get("owner")
+    boot = owner.get("boot") if isinstance(owner, dict) else None
+    elsewhere = worker.rsplit("-", 2)[0] != host_tag() or (bool(boot) and boot != storage.boot_id())
+    return elsewhere and _younger_than(path, SHARD_ARRIVAL_SECONDS)
+
+
 def _in_transit_from_elsewhere(marker: Path) -> bool:
     raw = _read_json_or_none(marker)
     worker = raw.get("worker") if isinstance(raw, dict) else None
@@ -3313,7 +3354,10 @@ def retry(job: Job) -> int:
         # past every generation rows were committed under: where an earlier retry's record is missing (deleted,
         # or an older one copied over it), its generation again counted the row errors committed under it, and
         # this retry re-queued rows it then never ran ("1 row's errors cleared", then nothing computed)
-        return StateRecord(JobState.QUEUED, max(old.generation, ledger.newest_generation()) + 1)
+        # (and past the generation a worker's in-flight record names: taken again, its killed batch would count as a
+        # crash of this retry's rows)
+        made = max([ledger.newest_generation(), *flight_generations(job).values()])
+        return StateRecord(JobState.QUEUED, max(old.generation, made) + 1)
 
     change_state(job, decide, "retry")
     return cleared[-1]
@@ -3664,10 +3708,11 @@ def _quarantine_name(job_dir: Path, name: str) -> Path:
 
 def _last_generation(job: Job) -> int:
     """The retry generation of a job whose newest state record is damaged, as far as its other files still
-    tell: the newest one its older records, its commits and an older version's files were written under. A
+    tell: the newest one its older records, its commits, its in-flight records (`flight_generations`) and an
+    older version's files were written under. A
     record that fails its checksum counts for nothing: a flipped digit there would retry rows nobody retried
     (or drop a retry: repair then says which command the record claims to be, to run again)."""
-    gens = [read_ledger(job, generation=0).newest_generation()]
+    gens = [read_ledger(job, generation=0).newest_generation(), *flight_generations(job).values()]
     records = [f"{STATES}/{record_name(seq)}" for seq in _record_seqs(job.dir)]
     for name in [*records, STATE_FILE, COMPLETED_FILE]:
         record = _read_json_or_none(job.dir / name) if storage.kind(job.dir / name) == "file" else None

@@ -13,6 +13,7 @@ an old backup): the job reads the older state. What that can do to its rows, fou
 """
 
 import errno
+import json
 import os
 import time
 
@@ -27,7 +28,8 @@ from helpers import (
 )
 
 import runner
-from runner import EngineOptions, GenerationParams, jobdir
+from runner import EngineOptions, GenerationParams, jobdir, storage
+from runner.crashes import InFlight
 from runner.jobdir import JobState, read_state
 from runner.jobs import create_job
 from runner.worker import run_job
@@ -211,3 +213,96 @@ def test_a_retry_landing_while_repair_reads_is_not_said_lost(tmp_path, tiny_gpt2
     assert result.exit_code == 0 and "state cancelled -> queued" in result.output, result.output
     assert "retry generation" not in result.output and "run it again" not in result.output, result.output
     assert (read_state(job.dir).state, read_state(job.dir).generation) == (JobState.QUEUED, 1)
+
+
+def _in_flight(job, generation: int, worker: str | None = None):
+    """The in-flight record a worker left in unit 0 under retry `generation`, killed inside its batch (written as
+    a worker writes it, `InFlight.running`); the worker is this machine's unless named."""
+    worker = worker or f"{jobdir.host_tag()}-{os.getpid()}-killed"
+    path = job.dir / jobdir.INFLIGHT / "00000.json"
+    InFlight(path, worker, generation=generation, job=job.id).running([(0, 0)], [])
+    return path
+
+
+def _retried_then_killed_in_a_batch(job, how: str) -> None:
+    """A cancelled job retried (generation 1), its worker killed inside its first batch before any commit, then the
+    retry's record deleted, or the record before it (the cancel) copied over it."""
+    runner.cancel(job.dir)
+    cancel = newest_state_record(job.dir).read_bytes()
+    runner.retry(job.dir)
+    _in_flight(job, 1)
+    retry = newest_state_record(job.dir)
+    retry.unlink() if how == "deleted" else retry.write_bytes(cancel)
+
+
+@pytest.mark.parametrize("how", ["deleted", "older copy"])
+def test_a_lost_retry_whose_worker_left_an_in_flight_record_is_said_and_recorded_again(
+    how, tmp_path, tiny_gpt2, runner_home
+):
+    """The record of a `runner retry` lost before anything was committed under its generation: the job read as
+    cancelled again without a word, though its worker's in-flight record (checksummed, naming the job) says it
+    computed rows under that generation, which no worker can know but from that record (adversarial pass 241).
+    Said as commits under it are said; `runner repair` records that generation again."""
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    _retried_then_killed_in_a_batch(job, how)
+    status = runner.status(job.dir)
+    assert status.state == "cancelled" and status.generation == 0, status
+    newest = "state/00000001.json" if how == "deleted" else "state/00000002.json"
+    assert (
+        "a worker computed rows under retry generation 1 (inflight/00000.json), but its state says 0 (newest state "
+        f"record: {newest}): the record of a `runner retry` is missing" in (status.message or "")
+    ), status.message
+    result = invoke("--home", runner_home, "repair", job.id)
+    assert result.exit_code == 0, result.output
+    assert "its newest state record said retry generation 0, but the job's files were written under 1" in (
+        result.output
+    ), result.output
+    assert (read_state(job.dir).state, read_state(job.dir).generation) == (JobState.CANCELLED, 1)
+    assert runner.status(job.dir).message is None
+
+
+def test_a_retry_after_a_lost_retry_goes_past_its_in_flight_generation(tmp_path, tiny_gpt2, runner_home):
+    """A retry run again after its record was lost goes past the generation its worker's in-flight record names:
+    taken again, that record of a killed batch counted as a crash of the new retry's rows."""
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    _retried_then_killed_in_a_batch(job, "deleted")
+    runner.retry(job.dir)
+    assert (read_state(job.dir).state, read_state(job.dir).generation) == (JobState.QUEUED, 2)
+
+
+@pytest.mark.parametrize("which", ["flipped", "another job's", "older generation"])
+def test_an_in_flight_record_that_proves_nothing_says_no_retry_lost(which, tmp_path, tiny_gpt2, runner_home):
+    """An in-flight record that fails its checksum, names another job, or was written under the state's own
+    generation is no evidence of a lost retry: nothing said, repair records no generation."""
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    runner.cancel(job.dir)
+    path = _in_flight(job, 0 if which == "older generation" else 1)
+    record = json.loads(path.read_bytes())
+    if which == "flipped":
+        record["generation"] = 2
+    elif which == "another job's":
+        record["job"] = "someone-else"
+        record["check"] = storage.json_checksum(record)
+    path.write_text(json.dumps(record))
+    status = runner.status(job.dir)
+    assert status.state == "cancelled" and "retry" not in (status.message or ""), status.message
+    result = invoke("--home", runner_home, "repair", job.id)
+    assert result.exit_code == 0 and "retry generation" not in result.output, result.output
+    assert read_state(job.dir).generation == 0
+
+
+def test_a_young_in_flight_record_of_another_machine_may_be_ahead_of_its_retrys_record(
+    tmp_path, tiny_gpt2, runner_home
+):
+    """A worker on another VM of the same Drive folder, inside its first batch after a retry there: this mount may
+    show its in-flight record before the retry's record. Said as such (look again), as young commits are; an old
+    one is a missing record."""
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    runner.cancel(job.dir)
+    path = _in_flight(job, 1, worker="another-vm-4242-abcdef")
+    message = runner.status(job.dir).message or ""
+    assert "may not be here yet" in message and "is missing (deleted" not in message, message
+    old = time.time() - jobdir.SHARD_ARRIVAL_SECONDS - 60
+    os.utime(path, (old, old))
+    message = runner.status(job.dir).message or ""
+    assert "the record of a `runner retry` is missing" in message and "not here yet" not in message, message
