@@ -240,8 +240,9 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 7 (adversarial pass 234), a CSV `stop` cell that only starts
-# like a JSON list ("[END]\n") has its typed `\n` read as a line break (it kept a backslash and an n); 6
+# How a file is read (job.json's input "reading"): 7 (adversarial passes 234-235), a CSV `stop` cell that only
+# starts like a JSON list ("[END]\n") has its typed `\n` read as a line break (it kept a backslash and an n), and
+# a float id's refusal names its value and what made it (`_float_id_said`; it said "got number"); 6
 # (2026-12-07: adversarial passes 222-227), a score pair's
 # context that encodes to no tokens is the empty context, BOS (scoring.split_contexts), and a continuation or text
 # that encodes to none is refused as such; a row's min_p is a setting (a plain row's column was data, a Batch
@@ -1192,6 +1193,8 @@ class RowChecker:
                 row.messages, row.prompt = [{"role": "user", "content": row.prompt}], None
             self.saw_messages = self.saw_messages or row.messages is not None
             row, problem = self._settings(row)
+        if problem is not None and self.reading >= 7 and problem.field == self.id_field:
+            problem = _float_id_said(problem, obj.get(self.id_field))
         if problem is not None and names:
             fld, message = openai_batch.body_named(names, problem.field, problem.message)
             problem = dataclasses.replace(problem, field=fld, message=message)
@@ -1473,6 +1476,21 @@ def _row_id(obj: dict[str, Any], id_field: str, lineno: int) -> str:
     if isinstance(raw_id, int) and not isinstance(raw_id, bool):
         return str(raw_id)
     raise _Bad(id_field, f"must be a string or an integer, got {_kind(raw_id)}")
+
+
+def _float_id_said(problem: Problem, raw_id: Any) -> Problem:
+    """A float id's refusal with its value and what made it (since reading 7; it said only "got number"): pandas
+    turns an integer column with a missing cell into floats (1.0, 2.0, NaN), and the fix is one line."""
+    if not isinstance(raw_id, float):
+        return problem
+    if math.isnan(raw_id):
+        why = "got NaN, a missing id as pandas writes one in a column of numbers: give each row an id"
+    elif raw_id.is_integer():
+        why = (f"got {raw_id!r}, a whole number stored as a float (pandas makes an integer column with a missing "
+               "cell floats): df['id'] = df['id'].astype('Int64') keeps it whole")  # fmt: skip
+    else:
+        why = f"got {raw_id!r}"
+    return dataclasses.replace(problem, message=f"must be a string or an integer, {why}")
 
 
 def _pair(obj: dict[str, Any], pair_fields: tuple[str, str]) -> tuple[str, str]:

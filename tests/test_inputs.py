@@ -47,7 +47,7 @@ BAD_LINES = [
      "has 'text'; prompt_field or template names the one to use)"),
     ('{"id": "a", "prompt": null}', "p.jsonl:1: prompt: must be a string, got null (each row needs 'prompt' or "
      "'messages'; the row has 'id'; prompt_field or template names the one to use)"),  # was "missing"
-    ('{"id": 1.5, "prompt": "x"}', "p.jsonl:1: id: must be a string or an integer, got number"),
+    ('{"id": 1.5, "prompt": "x"}', "p.jsonl:1: id: must be a string or an integer, got 1.5"),
     ('{"id": "", "prompt": "x"}', "p.jsonl:1: id: must be a non-empty string"),
     ('{"prompt": "\\ud800"}', "p.jsonl:1: contains a lone surrogate escape (such as \\ud800), not valid Unicode"),
     ('{"messages": [{"role": "wizard", "content": "hi"}]}',

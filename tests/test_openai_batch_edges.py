@@ -386,6 +386,31 @@ def test_repair_reads_a_csv_stop_cell_of_before_reading_7_as_its_submit_did(tmp_
     assert json.loads(before[0]["settings"])["stop"] == "[END]\\n"
 
 
+def test_a_float_id_is_refused_naming_its_value_and_a_job_of_before_reading_7_as_its_submit_did(
+    tmp_path, tiny_gpt2
+):
+    """pandas makes an integer id column with a missing cell floats (1.0): the refusal said only "got number";
+    since reading 7 it names the value and the astype('Int64') that keeps it whole. A job read before wrote the
+    old words in its errors.jsonl, and `runner repair` rebuilds that file so."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [1.0, 2.5], "prompt": ["a", "b"]}), tmp_path / "p.parquet")
+    with pytest.raises(InputError) as e:
+        create_job(tmp_path / "p.parquet", tiny_gpt2, job_dir=tmp_path / "refused")
+    assert "id: must be a string or an integer, got 1.0, a whole number stored as a float" in str(e.value)
+    assert "df['id'] = df['id'].astype('Int64')" in str(e.value) and "an integer, got 2.5" in str(e.value)
+    pq.write_table(pa.table({"id": [1.0, None], "prompt": ["a", "b"]}), tmp_path / "q.parquet")
+    job = create_job(tmp_path / "q.parquet", tiny_gpt2, skip_invalid=True, job_dir=tmp_path / "job")
+    said = [json.loads(line)["message"] for line in (job.dir / "errors.jsonl").read_text().splitlines()]
+    assert "astype('Int64')" in json.dumps(said)
+    _rewritten_as_read(job, job.meta["input"]["reading"], tmp_path / "now")
+    assert (tmp_path / "now" / "errors.jsonl").read_bytes() == (job.dir / "errors.jsonl").read_bytes()
+    _rewritten_as_read(job, 6, tmp_path / "before")
+    before = (tmp_path / "before" / "errors.jsonl").read_text()
+    assert "got number" in before and "Int64" not in before
+
+
 def test_repair_words_the_refusals_of_a_job_of_before_reading_6_as_its_submit_did(tmp_path, tiny_gpt2):
     """Three of today's refusals say more than a job read before reading 6 wrote in its errors.jsonl: prompt_logprobs
     0's vLLM note, min_p among the sampling settings beam search drops, and a plain row's logprobs true beside a
