@@ -202,7 +202,8 @@ def _retry_lost(job: Job, state: jobdir.StateRecord, ledger: jobdir.Ledger) -> s
     if (not commits or jobdir.made_elsewhere_lately(job, commits)) and (
         not flown or jobdir.flown_elsewhere_lately(job, flown)
     ):
-        return (f"{said}those rows were {'committed' if committed else 'computed'} on another machine minutes ago, and the record of the `runner "
+        done = "committed" if committed else "computed"
+        return (f"{said}those rows were {done} on another machine minutes ago, and the record of the `runner "
                 "retry` they were made under may not be here yet (a folder synced from another machine can show "
                 f"files late). Look again in a few minutes; if it does not come, it is missing: {repair}")  # fmt: skip
     return (f"{said}the record of a `runner retry` is missing (deleted, or an older record copied over it); "

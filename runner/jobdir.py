@@ -362,6 +362,13 @@ def _in_home(text: str, root: Path) -> Path:
     )
 
 
+def _input_path(spec: dict[str, Any]) -> Path | None:
+    """The input file a job's spec names, resolved; None where it names none."""
+    given = spec.get("input")
+    path = given.get("path") if isinstance(given, dict) else None
+    return Path(path).resolve() if isinstance(path, str) else None
+
+
 def input_file_hint(path: Path, home: str | os.PathLike | None = None) -> str:
     """ ": prompts.csv is the input file of job ID (NAME): give the job's id or name" for a command given the
     file a job was submitted from (`runner status prompts.csv`, as `runner run prompts.csv` took it), which said
@@ -370,8 +377,7 @@ def input_file_hint(path: Path, home: str | os.PathLike | None = None) -> str:
         return ""
     target = path.resolve()
     root = Path(home) if home is not None else default_home()
-    jobs = [(p, spec) for p, spec in _named(root) if isinstance(spec.get("input"), dict)
-            and isinstance(spec["input"].get("path"), str) and Path(spec["input"]["path"]).resolve() == target]  # fmt: skip
+    jobs = [(p, spec) for p, spec in _named(root) if _input_path(spec) == target]
     if not jobs:
         return ""
     shown = ", ".join(p.name + (f" ({spec['name']})" if isinstance(spec.get("name"), str) else "")

@@ -168,8 +168,10 @@ class _Stage:
             obj = {k: v for k, v in obj.items() if v is not None}  # a null is an absent field
             request = self._batch_request(i + 1, obj)
             if request is not None or obj.get(self.id_field) is None:
-                problems.append(request or Problem(NAME, i + 1, self.id_field, "missing: rows on Ray Data need "
-                                                   "their own id (results and checkpoints are keyed on it)"))  # fmt: skip
+                missing = (
+                    "missing: rows on Ray Data need their own id (results and checkpoints are keyed on it)"
+                )
+                problems.append(request or Problem(NAME, i + 1, self.id_field, missing))
                 continue
             item = self.checker.check(i + 1, obj)
             if isinstance(item, Problem):
