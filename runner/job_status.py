@@ -191,10 +191,11 @@ def _retry_lost(job: Job, state: jobdir.StateRecord, ledger: jobdir.Ledger) -> s
         return None
     newest = f"{jobdir.STATES}/{jobdir.record_name(now.seq)}" if now.seq else "none"
     flown = [name for name, gen in flights.items() if gen > now.generation]
-    # (commits are said first, as before: the in-flight record is named only where it alone tells)
+    # (commits are said first, as before: the in-flight record is named only where it alone tells, and the one
+    # named is of the generation said, not merely newer than the state's)
     committed = ledger.newest_generation() == made
     what = "rows were committed" if committed else "a worker computed rows"
-    where = "" if committed else f" ({flown[0]})"
+    where = "" if committed else f" ({next(name for name, gen in flights.items() if gen == made)})"
     said = (f"{what} under retry generation {made}{where}, but its state says {now.generation} (newest state "
             f"record: {newest}): ")  # fmt: skip
     repair = f"`runner repair {shlex.quote(str(job.dir))}` records that generation again"

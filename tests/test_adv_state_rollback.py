@@ -306,3 +306,15 @@ def test_a_young_in_flight_record_of_another_machine_may_be_ahead_of_its_retrys_
     os.utime(path, (old, old))
     message = runner.status(job.dir).message or ""
     assert "the record of a `runner retry` is missing" in message and "not here yet" not in message, message
+
+
+def test_the_in_flight_record_said_is_one_of_the_generation_said(tmp_path, tiny_gpt2, runner_home):
+    """Two in-flight records newer than the state (two lost retries, a worker killed in each): status named the
+    first record listed with the newest generation, though that record says an older one (adversarial pass 242)."""
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    runner.cancel(job.dir)
+    _in_flight(job, 1)
+    worker = f"{jobdir.host_tag()}-{os.getpid()}-killed-too"
+    InFlight(job.dir / jobdir.INFLIGHT / "00001.json", worker, generation=2, job=job.id).running([(2, 0)], [])
+    message = runner.status(job.dir).message or ""
+    assert "a worker computed rows under retry generation 2 (inflight/00001.json)" in message, message
