@@ -305,6 +305,18 @@ def checkpointed_pipeline(ray, root: Path, model: str, params, log: Path, **kw) 
         ctx.checkpoint_config = None
 
 
+def _driver(name: str, tmp_path, model: str, rows: list) -> subprocess.Popen:
+    """test_ray.NAME(tmp_path, model) in a process of its own (its Ray its own), over `rows` written to in/ as
+    files of six rows each: one block each, read (and filtered) on its own."""
+    (tmp_path / "in").mkdir()
+    for k in range(0, len(rows), 6):
+        write_jsonl(tmp_path / "in" / f"part-{k // 6}.jsonl", rows[k : k + 6])
+    code = f"import test_ray; test_ray.{name}({str(tmp_path)!r}, {model!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+
 def dying_driver(root: str, model: str) -> None:
     """A cluster job's driver, in a process of its own (with a Ray instance of its own): the checkpointed
     pipeline, which stops at its 4th call for the test to kill this process and its Ray."""
@@ -342,13 +354,7 @@ def test_checkpointed_pipeline_whose_driver_was_killed_resumes_without_recomputi
     rows = rows_of(48)
     params = runner.GenerationParams(**CHECKPOINT_PARAMS)
     _, ref = reference_run(tmp_path, tiny_gpt2, rows, params, runner.EngineOptions())
-    (tmp_path / "in").mkdir()
-    for k in range(8):  # eight files: eight blocks, each read (and filtered) on its own
-        write_jsonl(tmp_path / "in" / f"part-{k}.jsonl", rows[6 * k : 6 * k + 6])
-    code = f"import test_ray; test_ray.dying_driver({str(tmp_path)!r}, {tiny_gpt2!r})"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    driver = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    driver = _driver("dying_driver", tmp_path, tiny_gpt2, rows)  # eight files of six rows: eight blocks
     try:
         _wait_for(lambda: (tmp_path / "run1" / "kill-now").exists() or driver.poll() is not None, timeout=300)
         assert (tmp_path / "run1" / "kill-now").exists(), driver.communicate()[1][-3000:]
@@ -615,13 +621,7 @@ def test_a_pipeline_whose_stage_raised_mid_run_resumes_with_row_settings_and_err
     bad = [{"id": "cold", "prompt": "x", "temperature": -1.0, "topic": 100},
            {"id": "blank", "prompt": " ", "topic": 101}]  # fmt: skip
     every = rows[:11] + bad + rows[11:]
-    (tmp_path / "in").mkdir()
-    for k in range(4):  # four files: four blocks, each read (and filtered) on its own
-        write_jsonl(tmp_path / "in" / f"part-{k}.jsonl", every[6 * k : 6 * k + 6])
-    code = f"import test_ray; test_ray.raising_driver({str(tmp_path)!r}, {tiny_gpt2!r})"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    driver = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    driver = _driver("raising_driver", tmp_path, tiny_gpt2, every)  # four files of six rows: four blocks
     try:
         said = driver.communicate(timeout=300)[1].decode(errors="replace")
     finally:
