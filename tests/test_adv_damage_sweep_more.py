@@ -54,6 +54,9 @@ from runner.crashes import DeviceError
 from runner.jobs import create_job
 from runner.worker import JobRun, run_job
 
+# the whole module: `make test-deep` (CI runs it after `make test`, which leaves it out to stay under 15 minutes)
+pytestmark = pytest.mark.deep
+
 WHOLE = ("job/state/", "job/inflight/")  # every damage of these
 MORE = [*DAMAGES, SIBLING]
 

@@ -601,6 +601,7 @@ def test_the_stages_of_a_real_pipeline_keep_their_pins_apart(ray_local, tmp_path
 
 
 @slow
+@pytest.mark.deep
 def test_a_pipeline_whose_stage_raised_mid_run_resumes_with_row_settings_and_error_rows_once(
     ray_local, tmp_path, tiny_gpt2
 ):
