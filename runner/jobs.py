@@ -534,8 +534,7 @@ def _differences(job: Job, identity: dict[str, Any]) -> str:
     # (a DataFrame, Dataset or list of rows has no file: job.json describes it, "DataFrame (3 rows)")
     what = "the input file's content" if os.path.isabs(str(read.get("path", ""))) else "the input's content"
     said = [what] if read.get("sha256") != identity["input_sha256"] else []
-    said += [f"{k} {stored.get(k)!r}, now {asked.get(k)!r}" for k in sorted(stored.keys() | asked.keys())
-             if stored.get(k) != asked.get(k)]  # fmt: skip
+    said += settings_apart(stored, asked)
     said += [
         f"{k} {read[k]!r}, now {identity[k]!r}"
         for k in ("skip_invalid", "served_model_names")
@@ -551,6 +550,13 @@ def _differences(job: Job, identity: dict[str, Any]) -> str:
             else "chat_template " + ("given, now none" if read.get("chat_template") else "none, now given")
         )
     return f" ({'; '.join(said)})" if said else ""
+
+
+def settings_apart(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """ "seed 0, now 42" for each key the two differ in, in key order: what a refusal or note of other settings
+    names (a submit of a job already stored, an interrupted job beside a new one, a Ray checkpoint's stage)."""
+    return [f"{k} {earlier.get(k)!r}, now {now.get(k)!r}" for k in sorted(earlier.keys() | now.keys())
+            if earlier.get(k) != now.get(k)]  # fmt: skip
 
 
 def _same_job_in_home(root: Path, fingerprint: str) -> Job | None:
@@ -1443,12 +1449,7 @@ def submit_warnings(job: Job) -> list[str]:
         out.append(f"note: the other jobs of {job.dir.parent} could not be read for the notes on them ({e})")
         twin = None
     if twin is not None:
-        home = (
-            job.dir.parent
-        )  # (a twin is in a job home: named with --home unless it is the one found without)
-        cancel = command(
-            None if home.resolve() == jobdir.default_home().resolve() else home, "cancel", job.id
-        )
+        cancel = command(_home_option(job), "cancel", job.id)
         out.append(
             f"WARNING: job {twin.id} (queued, submitted {twin.spec.created}) has the same file "
             "and settings: this is a second job, and `runner work` computes both. Running a notebook's cells again? "
@@ -1601,6 +1602,12 @@ def _beside(job: Job) -> list[Job]:
     return out
 
 
+def _home_option(job: Job) -> Path | None:
+    """The --home a command on a job beside this one needs: its job home, None for the one found without."""
+    home = job.dir.parent
+    return None if home.resolve() == jobdir.default_home().resolve() else home
+
+
 def _twin(job: Job, beside: list[Job]) -> Job | None:
     """Another job beside this unnamed one in its job home, queued or running, of the same file, model and
     settings (an unseeded one the same though each picks its own seed): a notebook's cells run again after a
@@ -1621,7 +1628,7 @@ def _interrupted_siblings(job: Job, beside: list[Job]) -> list[str]:
     job B", not that A, the job it was meant to carry on, was not (its rows done are not B's) and stays queued
     for `runner work` to compute beside B (pass 235)."""
     out = []
-    home = None if job.dir.parent.resolve() == jobdir.default_home().resolve() else job.dir.parent
+    home = _home_option(job)
     for other in reversed(beside):
         try:
             if (other.name is not None or _same_work(other.meta) == _same_work(job.meta)
@@ -1644,9 +1651,7 @@ def _settings_apart(old: dict[str, Any], new: dict[str, Any]) -> str:
     theirs["model"], mine["model"] = old.get("model"), new.get("model")
     for k in _READING:
         theirs[k], mine[k] = (old.get("input") or {}).get(k), (new.get("input") or {}).get(k)
-    apart = [
-        f"{k} {theirs.get(k)}, now {mine.get(k)}" for k in {**theirs, **mine} if theirs.get(k) != mine.get(k)
-    ]
+    apart = settings_apart(theirs, mine)
     return "; ".join(apart[:3]) + ("; ..." if len(apart) > 3 else "")
 
 

@@ -556,8 +556,9 @@ def _same_settings(ds: Any, settings: dict[str, Any]) -> None:
     if earlier is None:
         pins.add("stages", key, settings)
         return
-    differs = [f"{k} {earlier.get(k)!r}, now {settings.get(k)!r}" for k in sorted(earlier.keys() | settings.keys())
-               if earlier.get(k) != settings.get(k)]  # fmt: skip
+    from .jobs import settings_apart
+
+    differs = settings_apart(earlier, settings)
     if differs:
         where = "the checkpoint" if key == "1" else f"its stage {key} (of runner) in the checkpoint"
         raise RunnerError(f"{where} at {pins.where} was started with other settings ({'; '.join(differs)}), and "
