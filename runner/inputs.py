@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import stat
 import string
@@ -240,12 +241,16 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 7 (adversarial passes 234-235), a CSV `stop` cell that only
-# starts like a JSON list ("[END]\n") has its typed `\n` read as a line break (it kept a backslash and an n), and
-# a float id's refusal names its value and what made it (`_float_id_said`; it said "got number"); 6
-# (2026-12-07: adversarial passes 222-227), a score pair's
-# context that encodes to no tokens is the empty context, BOS (scoring.split_contexts), and a continuation or text
-# that encodes to none is refused as such; a row's min_p is a setting (a plain row's column was data, a Batch
+# How a file is read (job.json's input "reading"): 8 (adversarial pass 244), a CSV's columns with no name and no
+# value in any row are left out (one was a column named "" of empty cells; two or more refused the file), a CSV
+# row repeating the header is refused (it was a row, its prompt the column's name), a JSON Lines file whose first
+# line is "{" alone is refused as JSON over many lines (each line was refused, or --skip-invalid ran the few
+# that parse), and a row without its prompt field says what reads it (`_what_reads_it`); 7 (adversarial passes
+# 234-235), a CSV `stop` cell that only starts like a JSON list ("[END]\n") has its typed `\n` read as a line
+# break (it kept a backslash and an n), and a float id's refusal names its value and what made it
+# (`_float_id_said`; it said "got number"); 6 (2026-12-07: adversarial passes 222-227), a score pair's context
+# that encodes to no tokens is the empty context, BOS (scoring.split_contexts), and a continuation or text that
+# encodes to none is refused as such; a row's min_p is a setting (a plain row's column was data, a Batch
 # body's refused), a Batch body's whole float seed (-1.0) is its integer (was refused), a response_format key
 # nothing reads is refused (was dropped), and a left-out message is found by counting its text's occurrences;
 # 5 (adversarial pass 222), a chat row's developer message is a system message for a template without that
@@ -256,11 +261,12 @@ def iter_text(
 # base64; 2 (2026-12-06), a Parquet column keeps its Arrow type and a .txt line of Unicode spaces is blank; 1, a
 # job without it: `runner repair` rebuilds its prompts.parquet and errors.jsonl as its submit wrote them, or
 # their checksums differ and it cannot
-READING = 7
+READING = 8
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    """Yield (line number, object, None) or (line number, None, reason); blank lines are skipped."""
+def iter_jsonl(path: Path, reading: int = READING) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """Yield (line number, object, None) or (line number, None, reason); blank lines are skipped. A file of
+    JSON written over many lines is refused as such (`reading`: a job's, since 8 objects as well as arrays)."""
     for lineno, text, reason in _text_lines(path):
         if text is None:
             yield lineno, None, reason
@@ -271,6 +277,8 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
             # a pretty-printed JSON array opens with "[" alone (a broken first row is that row's problem)
             if lineno == 1 and text.strip() == "[":
                 raise _json_array_error(path) from None
+            if lineno == 1 and text.strip() == "{" and reading >= 8 and not _a_row_follows(path):
+                raise _json_objects_error(path) from None
             yield lineno, None, f"invalid JSON ({_json_problem(text, e)})"
             continue
         except RecursionError:  # thousands of [ or {: the parser's recursion limit (pass 64)
@@ -291,10 +299,59 @@ def _json_array_error(path: Path) -> InputError:
     """A file whose first line opens a JSON array it does not close: one array of rows over many lines
     (`json.dump(rows, f, indent=2)`), which was refused line by line as "invalid JSON", never said as such."""
     why = (
-        "the file is one JSON array over many lines, not JSON Lines (one object per line): write each row with "
-        "json.dumps(row, ensure_ascii=False) and a line break (pandas: to_json(orient='records', lines=True))"
+        "the file is one JSON array over many lines, not JSON Lines (one object per line): jq -c '.[]' "
+        f"{_as_lines(path)} writes it so; in Python write each row with json.dumps(row, ensure_ascii=False) and a "
+        "line break (pandas: to_json(orient='records', lines=True))"
     )
     return InputError([Problem(str(path), 1, None, why)], header="cannot read the prompt file")
+
+
+def _json_objects_error(path: Path) -> InputError:
+    """A file whose first line is "{" alone: JSON objects written over many lines (`jq` without -c, or
+    `json.dump(row, f, indent=2)`), or one object holding the rows in a list (`{"data": [...]}`). Each of its
+    lines was refused as "invalid JSON", never saying why."""
+    key = _rows_key(path)
+    if key is None:
+        why = ("the file's JSON objects are written over many lines (as jq without -c, or json.dump(..., "
+               f"indent=2), writes them), not one per line as JSON Lines: jq -c . {_as_lines(path)} writes each "
+               "on one line")  # fmt: skip
+    else:
+        step = f".{key}" if key.isidentifier() else f".[{json.dumps(key)}]"
+        why = (f"the file is one JSON object over many lines, its rows in the list {key!r}, not JSON Lines (one "
+               f"object per line): jq -c '{step}[]' {_as_lines(path)} writes them so")  # fmt: skip
+    return InputError([Problem(str(path), 1, None, why)], header="cannot read the prompt file")
+
+
+def _a_row_follows(path: Path) -> bool:
+    """Whether the file's second line that is not blank is a JSON object: a JSON Lines file whose first row is
+    broken ("{" alone), which is that row's problem, not a file of objects over many lines."""
+    lines = [line for line in _head(path).split(b"\n")[1:] if line.strip()]
+    try:
+        return bool(lines) and isinstance(_loads(lines[0].decode("utf-8")), dict)
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        return False
+
+
+def _as_lines(path: Path) -> str:
+    """`FILE > OTHER.jsonl` of a command converting the file into JSON Lines beside it (never into itself)."""
+    out = path.with_name(f"{path.stem}-lines.jsonl")
+    return f"{shlex.quote(str(path))} > {shlex.quote(str(out))}"
+
+
+def _rows_key(path: Path) -> str | None:
+    """The key of the list of row objects the file holds, where it is one JSON object ({"data": [{...}, ...]}),
+    read whole (up to MAX_LINE_BYTES); None where it is not, or cannot be read."""
+    try:
+        if os.path.getsize(path) > MAX_LINE_BYTES:
+            return None
+        with open(path, encoding="utf-8-sig") as f:
+            whole = _loads(f.read())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(whole, dict):
+        return None
+    lists = [k for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
+    return lists[0] if lists else None
 
 
 # --- files that are not UTF-8 -------------------------------------------------------------------------------
@@ -420,10 +477,11 @@ def read_text_lines(path: Path, numbered: bool = False) -> list[Any]:
 
 
 def _iter_arrow(
-    path: Path, fmt: str, range_index: bool = True
+    path: Path, fmt: str, reading: int = READING
 ) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    """The rows of a Parquet or CSV file; `range_index`: a Parquet file's named RangeIndex is a column, first
-    (`_named_range_index`; a job read with `reading` < 4 read its file without it)."""
+    """The rows of a Parquet or CSV file, read as a job of `reading` (its job.json's) read them: since 4 a
+    Parquet file's named RangeIndex is a column, first (`_named_range_index`); since 8 a CSV's unnamed columns
+    holding nothing are left out (`_csv_batches`) and a CSV row repeating the header is refused."""
     import pyarrow as pa
 
     try:
@@ -433,11 +491,11 @@ def _iter_arrow(
 
             pf = _opened(lambda: pq.ParquetFile(storage.arrow_file(path)), path)
             columns = _data_columns(pf.schema_arrow)
-            index = _named_range_index(pf, columns) if range_index else None
+            index = _named_range_index(pf, columns) if reading >= 4 else None
             _refuse_names_twice(path, columns, 0, "the file")
             batches = pf.iter_batches(batch_size=4096, columns=columns)
         else:
-            batches = _csv_batches(path)
+            batches = _csv_batches(path, reading >= 8)
         # CSV rows are named by the file line they start on (the header is line 1), Parquet rows from 1
         lines = _csv_lines(path) if fmt == "csv" else itertools.count(1)
         for batch in batches:
@@ -446,7 +504,11 @@ def _iter_arrow(
                 if index is not None:
                     obj = {index[0]: index[1] + (line - 1) * index[2], **obj}
                 blank_row = fmt == "csv" and not any(obj.values())  # a spreadsheet's ",,": as a blank line
-                if not blank_row:
+                if blank_row:
+                    continue
+                if fmt == "csv" and reading >= 8 and _repeats_header(obj):
+                    yield line, None, REPEATED_HEADER
+                else:
                     yield line, obj, None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         if isinstance(e, OSError) and e.errno in storage.TRANSIENT:  # the file system's error, not the file's
@@ -462,6 +524,19 @@ def _iter_arrow(
             [Problem(str(path), 0, None, f"not a readable {what} file ({e})")],
             header="cannot read the prompt file",
         ) from e
+
+
+# A CSV row that repeats the header: CSV exports joined together (`cat a.csv b.csv`, a sheet pasted under another
+# with its headings), each with its header. It was a row like any other, its prompt the column's name.
+REPEATED_HEADER = (
+    "this row repeats the header (CSV files joined together, each with its own header?): delete it"
+)
+
+
+def _repeats_header(obj: dict[str, Any]) -> bool:
+    """Whether a CSV row holds its columns' names, each in its own column (at least two named columns: a file of
+    one column may well hold a prompt that is its name)."""
+    return sum(1 for k in obj if k) >= 2 and all(v == k for k, v in obj.items())
 
 
 def _ragged_csv_row(path: Path) -> Problem | None:
@@ -677,14 +752,15 @@ def _first_record(path: Path, sep: str) -> list[str]:
         return next((cells for cells in csv.reader(f, delimiter=sep) if cells), [])  # (as `_csv_header`)
 
 
-def _csv_batches(path: Path) -> Any:
+def _csv_batches(path: Path, leave_out_empty: bool = True) -> Any:
     """The CSV file's record batches, every column as the text the file holds: a CSV cell is text, and a type
     guessed from the first block would change values (an id or a key 007 read as 7, 0x1F as 31, a 20-digit key
     rounded to a float) or refuse the file at a later cell that does not fit it ("A12" after a megabyte of
     numbers). The setting columns read each cell as JSON would give it (RowChecker). A quoted cell may hold
     line breaks. A first column with no name is the index `df.to_csv()` writes, not data (as
-    `__index_level_0__` in Parquet). A file that is not UTF-8, or whose header names a column twice, is
-    refused here."""
+    `__index_level_0__` in Parquet). `leave_out_empty` (reading 8): a column with no name and no value in any
+    row is left out first (`_unnamed_kept`). A file that is not UTF-8, or whose header names a column twice,
+    is refused here."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -692,17 +768,72 @@ def _csv_batches(path: Path) -> Any:
         header = _first_record(path, ",")
     except UnicodeDecodeError as e:
         raise _not_utf8_error(path) from e
-    index = header[:1] == [""] and "" not in header[1:]  # the unnamed first column df.to_csv() writes
-    _refuse_names_twice(path, header, 1, "the header")
+    keep = _unnamed_kept(path, header) if leave_out_empty else list(range(len(header)))
+    names = [header[i] for i in keep]
+    # the unnamed first column df.to_csv() writes
+    if names[:1] == [""] and keep[0] == 0 and "" not in names[1:]:
+        keep, names = keep[1:], names[1:]
+    _refuse_names_twice(path, names, 1, "the header")
     _refuse_other_separator(path, header)
     types = {c: pa.string() for c in header}
-    data = header[1:] if index else []  # [] reads every column
+    # the columns left out, by name where the name is not one kept too ([] reads every column)
+    dropped = len(keep) < len(header)
+    data = names if dropped and "" not in names else []
     options = pcsv.ConvertOptions(column_types=types, include_columns=data, strings_can_be_null=False)
     reader = _opened(lambda: pcsv.open_csv(storage.arrow_file(path), convert_options=options,
                                            parse_options=pcsv.ParseOptions(newlines_in_values=True)), path)  # fmt: skip
     if any(pa.types.is_binary(f.type) for f in reader.schema):
         raise _not_utf8_error(path)
-    return reader
+    if data or not dropped:
+        return reader
+    return (batch.select(keep) for batch in reader)
+
+
+def _unnamed_kept(path: Path, header: list[str]) -> list[int]:
+    """The header's columns to read, by position: those with a name, and those without one that hold a value in
+    some row. A column with neither carries nothing: Excel and Google Sheets save the empty columns right of
+    a sheet's data so (`id,prompt,,`), each row ending in commas, and such a file was refused ("the header
+    leaves more than one column unnamed"), or kept an empty column named "" in every row of the results. Two
+    or more unnamed columns holding values are refused, named as a spreadsheet names them."""
+    unnamed = [i for i, name in enumerate(header) if name == ""]
+    filled = _filled_columns(path, unnamed) if unnamed else []
+    if len(filled) > 1:
+        shown = " and ".join(f"{i + 1} ({_sheet_column(i)})" for i in filled[:3])
+        why = (f"the header leaves columns {shown} unnamed, and they hold values (a row would keep only one of "
+               "their cells): name each column in the header's line")  # fmt: skip
+        raise InputError([Problem(str(path), 1, None, why)], header="cannot read the prompt file")
+    return [i for i, name in enumerate(header) if name != "" or i in filled]
+
+
+def _sheet_column(i: int) -> str:
+    """A spreadsheet's name of column `i` (from 0): A ... Z, AA ..."""
+    name = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        name = chr(ord("A") + r) + name
+    return name
+
+
+def _filled_columns(path: Path, columns: list[int]) -> list[int]:
+    """Which of the CSV file's `columns` (positions) hold a cell that is not empty in some record below the
+    header, read as `_csv_lines` reads them (the file's reading names a file that cannot be read)."""
+    import csv
+
+    filled: set[int] = set()
+    with _opened(lambda: open(path, encoding="utf-8-sig", newline=""), path) as f:
+        records = _csv_records(f)
+        try:
+            _csv_header(records)
+            for cells, _ in records:
+                filled.update(i for i in columns if i < len(cells) and cells[i])
+                if len(filled) == len(columns):
+                    break
+        except UnicodeDecodeError as e:  # (a column left out unread would not be said not UTF-8)
+            raise _not_utf8_error(path) from e
+        except (csv.Error, ValueError, _UnclosedQuote):
+            pass
+    return sorted(filled)
 
 
 # --- Hugging Face datasets as input ------------------------------------------------------------------------
@@ -1152,6 +1283,7 @@ class RowChecker:
         self._requests: bool | None = None  # an OpenAI Batch file (decided by its first row)
         self.chat = chat
         self.saw_messages = False
+        self.json_lines = False  # the rows are a JSON Lines file's (`PromptReader`)
         # the file's setting columns are text (CSV): each cell is read as JSON would give it
         self.settings_as_text = False
         # ... or Arrow's (Parquet, and rows, DataFrames, datasets through it): an object holds every key any row's
@@ -1195,6 +1327,8 @@ class RowChecker:
             row, problem = self._settings(row)
         if problem is not None and self.reading >= 7 and problem.field == self.id_field:
             problem = _float_id_said(problem, obj.get(self.id_field))
+        if problem is not None and self.reading >= 8 and not self._requests:
+            problem = _what_reads_it(problem, obj, self)
         if problem is not None and names:
             fld, message = openai_batch.body_named(names, problem.field, problem.message)
             problem = dataclasses.replace(problem, field=fld, message=message)
@@ -1318,16 +1452,17 @@ class PromptReader(RowChecker):
         super().__init__(str(self.path), **checks)
         self.state = _file_state(self.path)  # before the submit hashes it (the job's identity)
         self.settings_as_text = self.format == "csv"
+        self.json_lines = self.format == "jsonl"
         self.reading = READING  # (`runner repair` reads a job of before as it was: job.json says)
         self.settings_from_arrow = self.format == "parquet"
         self.settings_as_json = _settings_as_json(self.path) if self.format == "parquet" else set()
 
     def _source(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         if self.format == "jsonl":
-            return iter_jsonl(self.path)
+            return iter_jsonl(self.path, self.reading)
         if self.format == "text":
             return iter_text(self.path, self.prompt_field, self.reading >= 2)
-        return _iter_arrow(self.path, self.format, self.reading >= 4)
+        return _iter_arrow(self.path, self.format, self.reading)
 
     def column_types(self) -> dict[str, Any]:
         """The Arrow type of each column of a Parquet file (its passthrough columns keep them: `Passthrough`);
@@ -1491,6 +1626,91 @@ def _float_id_said(problem: Problem, raw_id: Any) -> Problem:
     else:
         why = f"got {raw_id!r}"
     return dataclasses.replace(problem, message=f"must be a string or an integer, {why}")
+
+
+def _what_reads_it(problem: Problem, obj: dict[str, Any], checker: RowChecker) -> Problem:
+    """A row's refusal saying what reads the row (since reading 8), where it is a shape another tool writes: a
+    line of whole columns (pandas' `to_json()`), or a row without the prompt field that holds it under another
+    name or in another shape (`_field_hint`); it said only "--prompt-field or --template names the one to use",
+    and --prompt-field could not reach into an object."""
+    if checker.json_lines and _holds_columns(obj.get(checker.prompt_field), obj):
+        why = ("this line holds whole columns, as pandas' to_json() writes by default: write one row per line, "
+               "df.to_json(PATH, orient='records', lines=True, force_ascii=False)")  # fmt: skip
+        return dataclasses.replace(problem, message=f"{problem.message}; {why}")
+    if problem.field != checker.prompt_field or not problem.message.startswith("missing ("):
+        return problem
+    hint = _field_hint(obj, checker, problem.file)
+    if hint is None:
+        return problem
+    return dataclasses.replace(problem, message=problem.message.rsplit("; ", 1)[0] + f"; {hint})")
+
+
+def _holds_columns(value: Any, obj: dict[str, Any]) -> bool:
+    """Whether a row whose prompt is `value` is whole columns: each field an object of one set of row numbers
+    ("0", "1" ...), as pandas' `to_json()` writes, or a list of one length (`json.dump(dict_of_lists)`)."""
+    if isinstance(value, dict):
+        keys = set(value)
+        return (
+            bool(keys)
+            and all(k.isdigit() for k in keys)
+            and all(isinstance(v, dict) and set(v) == keys for v in obj.values())
+        )
+    if isinstance(value, list):  # (a list prompt alone is a prompt given as a list, not a column)
+        return len(obj) > 1 and all(isinstance(v, list) and len(v) == len(value) for v in obj.values())
+    return False
+
+
+# The flags and commands `_field_hint` gives: Alpaca's columns into one prompt, ShareGPT's turns into messages
+ALPACA_TEMPLATE = "{instruction}\n\n{input}"
+SHAREGPT_JQ = ('.messages = [.conversations[] | {role: {"human": "user", "gpt": "assistant", "system": "system"}'
+               '[.from], content: .value}] | del(.conversations)')  # fmt: skip
+
+
+def _field_hint(obj: dict[str, Any], checker: RowChecker, file: str) -> str | None:
+    """What reads a row without its prompt field (`checker.prompt_field`), or None: the field spelt otherwise
+    (`Prompt`, ` prompt` as `id, prompt` makes it), Alpaca's instruction and input, ShareGPT's conversations,
+    the field inside an object (`{"data": {"prompt": ...}}`), or the row's one text field (`text`)."""
+    field, chat = checker.prompt_field, checker.messages_field is not None
+    texts = [k for k, v in obj.items() if isinstance(v, str) and v.strip() and k != checker.id_field]
+    near = [k for k in texts if k.strip().casefold() == field.casefold()]
+    if near:
+        said = f"{_reading_field(field, near[0])} reads it"
+        if near[0] != near[0].strip() and checker.settings_as_text:
+            said += (f" (its cells keep their spaces too; pandas.read_csv({file!r}, skipinitialspace=True, "
+                     f"dtype=str, keep_default_na=False).to_csv({_beside(file, 'trimmed', '.csv')!r}, index=False) "
+                     "writes the file without the spaces after its commas)")  # fmt: skip
+        return said
+    if chat and isinstance(obj.get("instruction"), str) and isinstance(obj.get("input", ""), str):
+        template = ALPACA_TEMPLATE if "input" in obj else "{instruction}"
+        typed = shlex.quote(template.replace("\n", "\\n")) if on_the_command_line() else template
+        return f"{option('template', typed)} makes Alpaca's instruction and input one prompt"
+    turns = obj.get("conversations")
+    if chat and isinstance(turns, list) and turns and all(isinstance(t, dict) and "from" in t for t in turns):
+        return (f"runner reads chats as OpenAI 'messages', not ShareGPT's: jq -c '{SHAREGPT_JQ}' "
+                f"{shlex.quote(file)} > {shlex.quote(_beside(file, 'chat'))}")  # fmt: skip
+    inside = [k for k, v in obj.items() if isinstance(v, dict) and isinstance(v.get(field), str)]
+    if inside:
+        step = lambda k: f".{k}" if k.isidentifier() else f".[{json.dumps(k)}]"  # noqa: E731 (a jq path's step)
+        lift = f"{step(field)} = {step(inside[0])}{step(field)}"
+        return (f"{_field_option(field)} cannot reach into {inside[0]!r}, which holds it: lift it out, jq -c "
+                f"'{lift}' {shlex.quote(file)} > {shlex.quote(_beside(file, 'flat'))}")  # fmt: skip
+    if len(texts) == 1:
+        return f"{_reading_field(field, texts[0])} reads it"
+    return None
+
+
+def _beside(file: str, tag: str, suffix: str = ".jsonl") -> str:
+    """The name of a file to write `file` converted into, beside it (never `file` itself: a command's `> FILE`
+    empties its input before it is read)."""
+    path = Path(file)
+    return str(path.with_name(f"{path.stem}-{tag}{suffix}"))
+
+
+def _reading_field(field: str, key: str) -> str:
+    """The option reading the prompt (or text) from column `key`, as the reader gives it."""
+    if on_the_command_line():
+        return f"{_field_option(field)} {shlex.quote(key)}"
+    return f"prompt_field={key!r}"
 
 
 def _pair(obj: dict[str, Any], pair_fields: tuple[str, str]) -> tuple[str, str]:

@@ -52,6 +52,13 @@ def _python_and_cli_errors(tmp_path, model, rows, *args, **kwargs):
             [{"question": "why?"}],
             {},
             (),
+            "prompt_field='question' reads it",
+            "--prompt-field question reads it",
+        ),
+        (
+            [{"question": "why?", "answer": "because"}],
+            {},
+            (),
             "prompt_field or template names the one to use",
             "--prompt-field or --template names the one to use",
         ),

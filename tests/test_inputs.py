@@ -44,7 +44,7 @@ BAD_LINES = [
     ('{"prompt": 42}', "p.jsonl:1: prompt: must be a string, got number"),
     ('{"prompt": "   "}', "p.jsonl:1: prompt: prompt is only whitespace ('   ')"),
     ('{"text": "no prompt here"}', "p.jsonl:1: prompt: missing (each row needs 'prompt' or 'messages'; the row "
-     "has 'text'; prompt_field or template names the one to use)"),
+     "has 'text'; prompt_field='text' reads it)"),
     ('{"id": "a", "prompt": null}', "p.jsonl:1: prompt: must be a string, got null (each row needs 'prompt' or "
      "'messages'; the row has 'id'; prompt_field or template names the one to use)"),  # was "missing"
     ('{"id": 1.5, "prompt": "x"}', "p.jsonl:1: id: must be a string or an integer, got 1.5"),
@@ -452,7 +452,9 @@ def test_a_csvs_cells_come_back_as_the_text_the_file_holds(tmp_path):
     (tmp_path / "notes.csv").write_text(
         "prompt,,\nhi,note A,note B\n", encoding="utf-8"
     )  # Excel: no headings
-    with pytest.raises(InputError, match=r"notes.csv:1: the header leaves more than one column unnamed"):
+    with pytest.raises(
+        InputError, match=r"notes.csv:1: the header leaves columns 2 \(B\) and 3 \(C\) unnamed, and"
+    ):
         read_prompts(tmp_path / "notes.csv")
 
 
@@ -561,10 +563,15 @@ def test_chunks_report_duplicates_across_chunks_in_line_order(tmp_path):
 def test_a_score_file_without_its_text_field_names_the_option_score_takes(tmp_path):
     f = write_jsonl(tmp_path / "s.jsonl", ['{"sentence": "吾輩は猫である。"}'])
     problems, _ = problems_of(f, prompt_field="text", messages_field=None)
-    assert problems[0].endswith("the row has 'sentence'; prompt_field or template names the one to use)")
+    assert problems[0].endswith("the row has 'sentence'; prompt_field='sentence' reads it)")
     with said_on_the_command_line():  # (`runner score`'s option)
         problems, _ = problems_of(f, prompt_field="text", messages_field=None)
-    assert problems[0].endswith("the row has 'sentence'; --text-field or --template names the one to use)")
+    assert problems[0].endswith("the row has 'sentence'; --text-field sentence reads it)")
+    f = write_jsonl(tmp_path / "s.jsonl", ['{"sentence": "吾輩は猫である。", "note": "x"}'])
+    problems, _ = problems_of(f, prompt_field="text", messages_field=None)
+    assert problems[0].endswith(
+        "the row has 'sentence', 'note'; prompt_field or template names the one to use)"
+    )
 
 
 def test_an_empty_text_to_score_or_embed_is_said_as_a_text_not_a_prompt(tmp_path):
