@@ -457,7 +457,25 @@ def not_utf8_problem(path: Path) -> Problem:
                 raw.decode("utf-8-sig" if line == 1 else "utf-8")
             except UnicodeDecodeError:
                 break
-    return Problem(str(path), line, None, not_utf8(path, raw))
+    return Problem(str(path), line, None, not_utf8(path, raw) + _how_to_convert(path, _looks_like(path, raw)))
+
+
+# iconv's names of the encodings `_guess_encoding` tells
+ICONV = {"Shift-JIS/CP932": "CP932", "UTF-16": "UTF-16"}
+
+
+def _how_to_convert(path: Path, guess: str | None) -> str:
+    """How to make a file in the encoding `guess` UTF-8 (said of a whole file): Excel's "CSV (comma delimited)"
+    in Japan writes CP932, and the UTF-8 one is another item of the Save As list; iconv converts any file."""
+    if guess not in ICONV:
+        return ""
+    if path.name == STDIN_COPY and path.parent.name.startswith(
+        TEMPORARY
+    ):  # (standard input: no file to name)
+        return f" (iconv -f {ICONV[guess]} -t UTF-8 converts it on its way in)"
+    excel = 'in Excel, Save As "CSV UTF-8 (Comma delimited)"; or ' if path.suffix.lower() == ".csv" else ""
+    out = path.with_name(f"{path.stem}-utf8{path.suffix}")
+    return f" ({excel}iconv -f {ICONV[guess]} -t UTF-8 {shlex.quote(str(path))} > {shlex.quote(str(out))})"
 
 
 def _not_utf8_error(path: Path) -> InputError:
@@ -839,6 +857,10 @@ def _filled_columns(path: Path, columns: list[int]) -> list[int]:
 # --- Hugging Face datasets as input ------------------------------------------------------------------------
 
 
+# The temporary folder an input that is not a file is written to, and the name of standard input's copy there
+TEMPORARY, STDIN_COPY = "runner-input-", "stdin.txt"
+
+
 @contextlib.contextmanager
 def input_file(source: Any, field: str = "prompt", kind: str = "generate") -> Iterator[Path]:
     """The prompt file `source` stands for, as a path, for the time of a submit. A path is itself; `-` is
@@ -849,8 +871,8 @@ def input_file(source: Any, field: str = "prompt", kind: str = "generate") -> It
     copy, so the temporary file goes when the submit ends. A list of strings is refused, showing the rows a
     `kind` job reads them as, its text in `field`."""
     if isinstance(source, str) and source == "-":  # standard input: one prompt (or text) per line
-        with tempfile.TemporaryDirectory(prefix="runner-input-") as tmp:
-            path = Path(tmp) / "stdin.txt"
+        with tempfile.TemporaryDirectory(prefix=TEMPORARY) as tmp:
+            path = Path(tmp) / STDIN_COPY
             with open(path, "wb") as f:
                 shutil.copyfileobj(sys.stdin.buffer, f)
             try:
@@ -867,7 +889,7 @@ def input_file(source: Any, field: str = "prompt", kind: str = "generate") -> It
     quiet = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # one bar per write garbles a Colab cell; runner prints its own progress
     try:
-        with tempfile.TemporaryDirectory(prefix="runner-input-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=TEMPORARY) as tmp:
             path = Path(tmp) / f"{_dataset_label(source)}.parquet"
             dataset.to_parquet(str(path))
             if as_text:

@@ -237,7 +237,11 @@ def test_a_csv_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, text, encod
     path = tmp_path / "p.csv"
     path.write_bytes(text.encode(encoding))
     problems, message = problems_of(path)
-    assert message == f"cannot read the prompt file: {path}:{line}: " + NOT_UTF8.format(guess)
+    converted = path.with_name("p-utf8.csv")
+    iconv = f"iconv -f {'CP932' if encoding == 'cp932' else 'UTF-16'} -t UTF-8 {path} > {converted}"
+    assert message == f"cannot read the prompt file: {path}:{line}: " + NOT_UTF8.format(guess) + (
+        f' (in Excel, Save As "CSV UTF-8 (Comma delimited)"; or {iconv})'
+    )
 
 
 def test_a_latin1_csv_is_not_utf8_with_no_guess(tmp_path):
@@ -384,7 +388,12 @@ def test_a_jsonl_or_text_file_in_another_encoding_is_refused_as_a_whole(tmp_path
     path.write_bytes(text.encode("cp932"))
     for skip in (False, True):
         problems, message = problems_of(path, skip_invalid=skip)
-        assert message == f"cannot read the prompt file: {path}:2: " + NOT_UTF8.format("Shift-JIS/CP932")
+        assert message.startswith(
+            f"cannot read the prompt file: {path}:2: " + NOT_UTF8.format("Shift-JIS/CP932")
+        )
+        assert message.endswith(
+            f" (iconv -f CP932 -t UTF-8 {path} > {path.with_name('p-utf8' + path.suffix)})"
+        )
     # one Shift-JIS line pasted into a UTF-8 file: that line's problem (adversarial pass 34)
     good = "".join(text.splitlines(keepends=True)[1:]).encode("utf-8")
     pasted = "名前はまだ無い\n" if name == "p.txt" else '{"prompt": "名前はまだ無い"}\n'

@@ -205,6 +205,8 @@ def test_a_problem_in_standard_input_is_named_so_not_as_a_temporary_file(tiny_gp
     result = invoke("score", "-", "-m", tiny_gpt2, input=b"hello\n\x82\xa0\x82\xa2\n")
     assert result.exit_code == 1 and "standard input:2: the file is not UTF-8" in result.output
     assert "runner-input-" not in result.output and "stdin.txt" not in result.output
+    # (no file to convert: iconv on the way in, not one naming the temporary copy)
+    assert result.output.rstrip().endswith("(iconv -f CP932 -t UTF-8 converts it on its way in)")
 
 
 def test_score_reads_a_txt_file_or_standard_input_one_text_per_line(tmp_path, tiny_gpt2, runner_home):
