@@ -1706,10 +1706,9 @@ def _field_hint(obj: dict[str, Any], checker: RowChecker, file: str) -> str | No
         template = ALPACA_TEMPLATE if "input" in obj else "{instruction}"
         typed = shlex.quote(template.replace("\n", "\\n")) if on_the_command_line() else template
         return f"{option('template', typed)} makes Alpaca's instruction and input one prompt"
-    turns = obj.get("conversations")
-    if chat and isinstance(turns, list) and turns and all(isinstance(t, dict) and "from" in t for t in turns):
-        return (f"runner reads chats as OpenAI 'messages', not ShareGPT's: jq -c '{SHAREGPT_JQ}' "
-                f"{shlex.quote(file)} > {shlex.quote(_beside(file, 'chat'))}")  # fmt: skip
+    said = _chat_hint(obj, checker.messages_field, file) if chat else None
+    if said is not None:
+        return said
     inside = [k for k, v in obj.items() if isinstance(v, dict) and isinstance(v.get(field), str)]
     if inside:
         step = lambda k: f".{k}" if k.isidentifier() else f".[{json.dumps(k)}]"  # noqa: E731 (a jq path's step)
@@ -1718,6 +1717,23 @@ def _field_hint(obj: dict[str, Any], checker: RowChecker, file: str) -> str | No
                 f"'{lift}' {shlex.quote(file)} > {shlex.quote(_beside(file, 'flat'))}")  # fmt: skip
     if len(texts) == 1:
         return f"{_reading_field(field, texts[0])} reads it"
+    return None
+
+
+def _chat_hint(obj: dict[str, Any], messages_field: str, file: str) -> str | None:
+    """The jq that makes a row's chat its `messages_field`, where it is under another name: ShareGPT's
+    `conversations` of {from, value} turns, or a list of {role, content} messages named otherwise
+    (`conversations`, `dialog`); or None."""
+    out = f"{shlex.quote(file)} > {shlex.quote(_beside(file, 'chat'))}"
+    turns = obj.get("conversations")
+    if isinstance(turns, list) and turns and all(isinstance(t, dict) and "from" in t for t in turns):
+        return f"runner reads chats as OpenAI {messages_field!r}, not ShareGPT's: jq -c '{SHAREGPT_JQ}' {out}"
+    for key, value in obj.items():
+        if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+            step = f".{key}" if key.isidentifier() else f".[{json.dumps(key)}]"
+            return (
+                f"runner reads a chat from {messages_field!r}: jq -c '.messages = {step} | del({step})' {out}"
+            )
     return None
 
 

@@ -172,8 +172,14 @@ MISSING = "missing (each row needs 'prompt' or 'messages'; the row has "
             "{dir}/p.jsonl > {dir}/p-flat.jsonl)",
             "--prompt-field cannot reach into 'data'",
         ),
+        (
+            {"id": "a", "conversations": [{"role": "user", "content": "hi"}]},
+            "runner reads a chat from 'messages': jq -c '.messages = .conversations | del(.conversations)' "
+            "{dir}/p.jsonl > {dir}/p-chat.jsonl)",
+            "> {dir}/p-chat.jsonl)",
+        ),
     ],
-    ids=["text", "capitalised", "alpaca", "sharegpt", "nested"],
+    ids=["text", "capitalised", "alpaca", "sharegpt", "nested", "chat-named-otherwise"],
 )
 def test_a_row_of_another_tools_shape_is_told_what_reads_it(tmp_path, row, python, command_line):
     """Such rows were told "--prompt-field or --template names the one to use": --prompt-field cannot reach into
