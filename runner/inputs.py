@@ -1693,7 +1693,9 @@ def _field_hint(obj: dict[str, Any], checker: RowChecker, file: str) -> str | No
     (`Prompt`, ` prompt` as `id, prompt` makes it), Alpaca's instruction and input, ShareGPT's conversations,
     the field inside an object (`{"data": {"prompt": ...}}`), or the row's one text field (`text`)."""
     field, chat = checker.prompt_field, checker.messages_field is not None
-    texts = [k for k, v in obj.items() if isinstance(v, str) and v.strip() and k != checker.id_field]
+    # (the row's text fields: its id and its settings, `stop`, read as they are)
+    read = {checker.id_field, *(ROW_SETTINGS if checker.row_settings else ())}
+    texts = [k for k, v in obj.items() if isinstance(v, str) and v.strip() and k not in read]
     near = [k for k in texts if k.strip().casefold() == field.casefold()]
     if near:
         said = f"{_reading_field(field, near[0])} reads it"

@@ -194,6 +194,14 @@ def test_a_row_of_another_tools_shape_is_told_what_reads_it(tmp_path, row, pytho
     assert before.endswith("; prompt_field or template names the one to use)"), before
 
 
+def test_a_rows_settings_are_not_the_text_a_hint_names(tmp_path):
+    """A generate row's `stop` is a setting, not a second text field that would leave `text` unnamed."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "hello", "stop": "END"}])
+    assert _read(path, row_settings=True)[0][1].endswith(
+        "the row has 'text', 'stop'; prompt_field='text' reads it)"
+    )
+
+
 def test_what_a_hint_says_reads_the_file(tmp_path, tiny_gpt2):
     """The hints' options give the rows they name."""
     alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi", "input": "to Ken", "output": "Hi"}])
