@@ -10,8 +10,10 @@ asks it.
     errors.jsonl      input rows found invalid at submit (--skip-invalid; its sha256 is in job.json); never changed
     state/SSSSSSSS.json  the job's state records, each created exclusively over the one before (see below): queued,
                       cancelled, completed, failed, the retry generation, who recorded it, its own checksum
-                      (`check`: a changed byte is noticed, not obeyed) and the job it was written for (in
-                      its writer token: one copied in from another job's folder is not obeyed). The newest counts.
+                      (`check`: a changed byte is noticed, not obeyed), its writer's token (`writer`, new for
+                      each record) with the job it was written for (one copied in from another job's folder is
+                      not obeyed) and the token of the record it was decided over (`over`: a copy of another of
+                      the job's records, as a sync conflict leaves one, is noticed, not obeyed). The newest counts.
                       Workers never record "running": running is a fact about live workers. (Jobs of older
                       versions, before their first record: state.json, completed.json, failed.json.)
     claims/UUUUU-EEEEEEEE.json       the claim of epoch E on unit U (created exclusively: one owner per epoch)
@@ -48,7 +50,10 @@ The ownership and integrity model, so that exactly-once holds by construction:
     first, the state moved on: a command reads again and decides again, a worker's outcome is dropped. So no
     writer that read an older state, however long it slept, ever writes over a newer one. (Where links are not
     supported a record is created empty and then filled: a writer killed in between leaves the job broken
-    until `runner repair`, which records the state anew.)
+    until `runner repair`, which records the state anew.) A record is read only as its writer wrote it: one
+    damaged, or a copy of another record (its token is a record below's, or it names another record than
+    the one below as the one it was decided over), leaves the job broken until `runner repair` records the
+    state anew from the records that still read; it is never read as the older state it copies.
   * Nothing follows a symbolic link: listings skip links, and a job whose folders are links is broken.
 """
 
@@ -1212,7 +1217,7 @@ def _read_record(job_dir: Path, seq: int, wait: bool = True) -> StateRecord:
             if not data:
                 raise ValueError("it is empty: a change killed half way, or damage")
             d = storage.json_of_bytes(data)
-            if (why := _record_damage(d)) is not None:
+            if (why := _record_damage(d) or _copy_damage(job_dir, seq, d)) is not None:
                 raise BrokenJob(f"{name} is damaged ({why})")
             return _parse_state(d, name, seq)
         except ValueError as e:  # not BrokenJob (content of the wrong shape): that is never read again
@@ -1259,6 +1264,55 @@ def _record_damage(d: Any) -> str | None:
     if storage.fails_its_check(d):
         return "it does not match its checksum"
     return None
+
+
+def _copy_damage(job_dir: Path, seq: int, d: Any) -> str | None:
+    """Why a state record's JSON (whole, passing its check) is not what a writer recorded at `seq`, else None: a
+    copy of another of the job's records (a sync conflict, a restore from an old backup, a `cp`), which read as
+    the state it copies, a `cancel` undone without a word (adversarial pass 245). A writer's token is new for each
+    record, and each record names the one below it (`over`): a copy has the token of the nearest record below
+    that reads whole, or of the one that record was decided over, or names another record than the one right
+    below it, which itself reads sound (one replaced below a sound record is the damaged one). Nothing is said
+    where no record below reads whole, or the nearest is another job's (`record_job`) or an earlier runner's."""
+    if not isinstance(d, dict) or "over" not in d or not isinstance(writer := d.get("writer"), str):
+        return None
+    at, below = _whole_below(job_dir, seq)
+    theirs = below.get("writer") if below is not None else None
+    # (one of another job's, or of an earlier runner's: `_own_record` says the first, the second names none)
+    if not isinstance(theirs, str) or writer.rpartition(":")[0] != theirs.rpartition(":")[0]:
+        return None
+    under = f"{STATES}/{record_name(at)}"
+    if writer == theirs:
+        why = f"a copy of {under}, whose writer token it has"
+    elif writer == below.get("over"):
+        why = f"a copy of an older record: its writer wrote the record {under} was decided over"
+    # (decided over another record than the one right below, itself sound: one replaced below is the damaged one)
+    elif (
+        at == seq - 1 and d["over"] != theirs and not _blind(d, seq) and not _copy_damage(job_dir, at, below)
+    ):
+        why = f"it was not decided over {under}, the record below it, as if copied from an older one"
+    else:
+        return None
+    return f"{why}; a sync conflict, or an old backup restored?"
+
+
+def _whole_below(job_dir: Path, seq: int) -> tuple[int, dict[str, Any] | None]:
+    """The nearest state record below `seq` that reads whole (`_whole_at`): (its place, its JSON); (0, None) where
+    none does. The one right below is looked at first; the others only where it does not, from a listing."""
+    if seq > 1 and (d := _whole_at(job_dir, seq - 1)) is not None:
+        return seq - 1, d
+    for at in reversed(_record_seqs(job_dir) if seq > 2 else []):
+        if at < seq - 1 and (d := _whole_at(job_dir, at)) is not None:
+            return at, d
+    return 0, None
+
+
+def _whole_at(job_dir: Path, seq: int) -> dict[str, Any] | None:
+    """The JSON of the state record at `seq` where it is a file that reads whole and passes its check; else None
+    (missing, not a file, empty, torn, damaged). Transient errors are retried, then raise."""
+    path = job_dir / STATES / record_name(seq)
+    d = _read_json_or_none(path) if storage.kind(path) == "file" else None
+    return d if isinstance(d, dict) and _record_damage(d) is None else None
 
 
 def _parse_state(d: Any, name: str, seq: int) -> StateRecord:
@@ -3421,6 +3475,9 @@ def _claimed_writer(job_dir: Path, seq: int) -> str | None:
     try:
         d = json.loads(data)
         by = d.get("by") if isinstance(d, dict) else None
+        # a copy of another record says that record's writer: what its own said is lost
+        if _record_damage(d) is None and _copy_damage(job_dir, seq, d) is not None:
+            return UNKNOWN_WRITER
     except ValueError:  # not JSON
         found = _WRITER_BYTES.search(data)
         by = found.group(1).decode() if found else None

@@ -20,10 +20,10 @@ record), and two of the eight damages of every other file, picked by the file's 
 (rotating, so that each damage lands on some commit, claim and metadata file of each stage; `sampled`).
 
 A job that ends not completed passes only where a state record was lost (`checked`): where the newest record,
-a `runner retry`'s, is deleted or the one below copied over it before anything was committed under its
-generation, nothing in the folder says it was ever there, and the job reads as it stood before (cancelled, or
-completed with its row errors), without a word; what it kept must be the undamaged job's. Where that record is
-damaged instead, status names it and `runner repair` says to run the retry again."""
+a `runner retry`'s, is deleted before anything was committed under its generation, nothing in the folder says
+it was ever there, and the job reads as it stood before (cancelled, or completed with its row errors), without a
+word; what it kept must be the undamaged job's. Where that record is damaged instead, or the one below copied
+over it (pass 245), status names it and `runner repair` says to run the retry again."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""A job's newest state record deleted, or an older record copied over it (a Drive sync conflict, a restore from
-an old backup): the job reads the older state. What that can do to its rows, found by test:
+"""A job's newest state records deleted (a Drive sync conflict, a restore from an old backup that deletes what
+it does not hold): the job reads the older state. What that can do to its rows, found by test:
 
 * a rollback undoes the commands recorded after the record it rolls back to (a `cancel`: the job runs again;
   a `retry`: its row errors count again; a `repair`'s record) and nothing more: the done rows are keys, kept
@@ -10,6 +10,9 @@ an old backup): the job reads the older state. What that can do to its rows, fou
   after fixing its cause stayed failed for good. A retry now goes past every generation rows were committed
   under; `runner status` says a retry's record is missing where commits name a newer generation than the
   state, and `runner repair` records that generation again and says so.
+
+(An older record copied over the newest is told, not read: the job is broken until `runner repair`, as for any
+damaged record; tests/test_adv_copied_records.py.)
 """
 
 import errno
@@ -61,10 +64,10 @@ def _cancelled(job, engine, monkeypatch) -> None:
     runner.cancel(job.dir)
 
 
-def _retried_and_failed_again(job, engine, monkeypatch) -> bytes:
+def _retried_and_failed_again(job, engine, monkeypatch) -> int:
     """`runner retry` of the job, then `runner work` with row r1 failing again (its cause not fixed yet): the
-    job completed under generation 1 with r1's error. The newest record before the retry, as a backup holds it."""
-    before = newest_state_record(job.dir).read_bytes()
+    job completed under generation 1 with r1's error. The place of the newest record before the retry."""
+    before = jobdir.newest_state_seq(job.dir)
     runner.retry(job.dir)
     monkeypatch.setenv("RUNNER_FAULT", "poison_row:r1")
     commit_row_error(job, engine)
@@ -74,14 +77,20 @@ def _retried_and_failed_again(job, engine, monkeypatch) -> bytes:
     return before
 
 
+def _restored(job, seq: int) -> None:
+    """The job's state records as a backup taken when `seq` was the newest holds them, restored over the folder:
+    the newer records deleted."""
+    for path in sorted((job.dir / jobdir.STATES).glob("*.json"))[seq:]:
+        path.unlink()
+
+
 @pytest.mark.parametrize("before", [_completed_with_an_error, _cancelled], ids=["row errors", "cancelled"])
 def test_a_retry_after_a_lost_retry_runs_the_rows_it_re_queues(
     before, tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
 ):
     job = _job(tmp_path, tiny_gpt2, runner_home)
     before(job, gpt2_engine, monkeypatch)
-    older = _retried_and_failed_again(job, gpt2_engine, monkeypatch)
-    newest_state_record(job.dir).write_bytes(older)  # the record before the retry, restored over the newest
+    _restored(job, _retried_and_failed_again(job, gpt2_engine, monkeypatch))
     assert read_state(job.dir).generation == 0
     # the cause fixed, the user retries the job: r1 is computed, and done
     assert runner.retry(job.dir) == (1 if before is _completed_with_an_error else 0)
@@ -95,13 +104,12 @@ def test_status_says_a_retrys_record_is_missing_and_repair_records_its_generatio
 ):
     job = _job(tmp_path, tiny_gpt2, runner_home)
     _completed_with_an_error(job, gpt2_engine, monkeypatch)
-    older = _retried_and_failed_again(job, gpt2_engine, monkeypatch)
-    newest_state_record(job.dir).write_bytes(older)
+    _restored(job, _retried_and_failed_again(job, gpt2_engine, monkeypatch))
     status = runner.status(job.dir)
     assert status.state == "completed" and status.errors == 1
     assert (
         "rows were committed under retry generation 1, but its state says 0 (newest state record: "
-        "state/00000003.json): the record of a `runner retry` is missing" in status.message
+        "state/00000001.json): the record of a `runner retry` is missing" in status.message
     ), status.message
     result = invoke("--home", runner_home, "repair", job.id)
     assert result.exit_code == 0, result.output
@@ -111,21 +119,18 @@ def test_status_says_a_retrys_record_is_missing_and_repair_records_its_generatio
     assert read_state(job.dir).generation == 1 and runner.status(job.dir).message is None
 
 
-@pytest.mark.parametrize("how", ["deleted", "older copy"])
-def test_a_lost_cancel_only_undoes_the_cancel(how, tmp_path, tiny_gpt2, gpt2_engine, runner_home):
-    """What cannot be told: a cancel's record deleted (or the record before it copied over it) leaves no trace
-    (no worker writes after a cancel), and the next `runner work` runs the job again; but each row once, the
-    rows done before the cancel kept."""
+def test_a_lost_cancel_only_undoes_the_cancel(tmp_path, tiny_gpt2, gpt2_engine, runner_home):
+    """What cannot be told: a cancel's record deleted leaves no trace (no worker writes after a cancel), and the
+    next `runner work` runs the job again; but each row once, the rows done before the cancel kept. (The record
+    before it copied over it is told: tests/test_adv_copied_records.py.)"""
     job = _job(tmp_path, tiny_gpt2, runner_home)
     runner.cancel(job.dir)
     runner.retry(job.dir)
-    retry = newest_state_record(job.dir).read_bytes()
     asked: list[int] = []
     run_job(job, gpt2_engine, echo=None, shard_rows=2, should_stop=lambda: asked.append(1) or len(asked) > 1)
     assert 0 < runner.status(job.dir).done < len(ROWS)
     runner.cancel(job.dir)
-    cancel = newest_state_record(job.dir)
-    cancel.unlink() if how == "deleted" else cancel.write_bytes(retry)
+    newest_state_record(job.dir).unlink()
     status = runner.status(job.dir)
     assert (status.state, status.message) == ("queued (interrupted)", None), status
     assert run_job(job, gpt2_engine, echo=None).finished
@@ -242,21 +247,32 @@ def test_a_lost_retry_whose_worker_left_an_in_flight_record_is_said_and_recorded
     """The record of a `runner retry` lost before anything was committed under its generation: the job read as
     cancelled again without a word, though its worker's in-flight record (checksummed, naming the job) says it
     computed rows under that generation, which no worker can know but from that record (adversarial pass 241).
-    Said as commits under it are said; `runner repair` records that generation again."""
+    Said as commits under it are said; `runner repair` records that generation again. (The cancel's record
+    copied over it: a damaged record, the job broken until `runner repair`, which records that generation too;
+    pass 245.)"""
     job = _job(tmp_path, tiny_gpt2, runner_home)
     _retried_then_killed_in_a_batch(job, how)
     status = runner.status(job.dir)
-    assert status.state == "cancelled" and status.generation == 0, status
-    newest = "state/00000001.json" if how == "deleted" else "state/00000002.json"
-    assert (
-        "a worker computed rows under retry generation 1 (inflight/00000.json), but its state says 0 (newest state "
-        f"record: {newest}): the record of a `runner retry` is missing" in (status.message or "")
-    ), status.message
+    if how == "deleted":
+        assert status.state == "cancelled" and status.generation == 0, status
+        assert (
+            "a worker computed rows under retry generation 1 (inflight/00000.json), but its state says 0 (newest "
+            "state record: state/00000001.json): the record of a `runner retry` is missing"
+            in (status.message or "")
+        ), status.message
+    else:
+        assert (
+            status.state == "broken"
+            and "state/00000002.json is damaged (a copy of state/00000001.json" in (status.message or "")
+        ), status
     result = invoke("--home", runner_home, "repair", job.id)
     assert result.exit_code == 0, result.output
-    assert "its newest state record said retry generation 0, but the job's files were written under 1" in (
-        result.output
-    ), result.output
+    said = (
+        "its newest state record said retry generation 0, but the job's files were written under 1"
+        if how == "deleted"
+        else "its newest state record was damaged past reading which command wrote it"
+    )
+    assert said in result.output, result.output
     assert (read_state(job.dir).state, read_state(job.dir).generation) == (JobState.CANCELLED, 1)
     assert runner.status(job.dir).message is None
 
