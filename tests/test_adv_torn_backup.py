@@ -346,11 +346,11 @@ STEPS = {"resumed": resumed, "retried": retried, "cancelled": cancelled, "two at
 def test_every_moment_every_order_every_restore(
     tmp_path, undamaged, gpt2_engine, monkeypatch, steps, restore
 ):
-    """Copies from every 9th event of each job's life (every 4th held too, in pass 243: ~12 minutes), each
+    """Copies from every 18th event of each job's life (every 4th held too, in pass 243: ~12 minutes), each
     order, 1 and 4 files an event, restored each way. A copy from before a `runner retry` or after a `runner cancel` may end as that stage was (its row error, or
     cancelled): `ordeal` then checks that what it holds is the undamaged job's."""
     template, want = undamaged
-    left, copies = copied_while(tmp_path, template, STEPS[steps], gpt2_engine, monkeypatch, range(2, 150, 9))
+    left, copies = copied_while(tmp_path, template, STEPS[steps], gpt2_engine, monkeypatch, range(2, 150, 18))
     over = left if restore.startswith("over") else None
     around = on_another_vm if restore.endswith("another VM") else None
     outcomes = each_restored(tmp_path, copies, over, want, gpt2_engine, restore.endswith("times"), around)
