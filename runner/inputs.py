@@ -1305,6 +1305,8 @@ class RowChecker:
         self._requests: bool | None = None  # an OpenAI Batch file (decided by its first row)
         self.chat = chat
         self.saw_messages = False
+        # a row gave its own id (else every id is the row's number: submit's note on an `ID` column)
+        self.saw_ids = False
         self.json_lines = False  # the rows are a JSON Lines file's (`PromptReader`)
         # the file's setting columns are text (CSV): each cell is read as JSON would give it
         self.settings_as_text = False
@@ -1341,6 +1343,7 @@ class RowChecker:
             self.name, lineno, obj, self.prompt_field, self.template, self.id_field,
             self.messages_field, self.pair_fields,
         )  # fmt: skip
+        self.saw_ids = self.saw_ids or obj.get(self.id_field) is not None
         if row is not None:
             row.request, row.body_names = request, names
             if self.chat and row.messages is None and row.prompt is not None:

@@ -727,7 +727,7 @@ def _write_job(
             "invalid_sha256": storage.file_sha256(tmp / jobdir.INVALID) if written.invalid else None,
             "json_columns": written.json_columns, "reading": reader.reading,
             "renamed_columns": written.renamed,
-            "setting_columns": {} if reader.batch_file else written.setting_columns,
+            **_noted(written, reader.batch_file, meta["kind"]),
             "messages": reader.saw_messages,  # a row went through the chat template (jobs before per-row `request`)
             # (not said of a Batch file: its /v1/completions requests ask for raw prompts, and --chat is refused)
             "raw_prompts_to_chat_model": bool(meta["kind"] == "generate" and not reader.saw_messages
@@ -1020,6 +1020,21 @@ class _Written:
     # column called `n` or `seed` gives rows samples or seeds of their own, adversarial pass 235); counted of
     # the rows written, not of those read (pass 240: a row --skip-invalid left out was counted)
     setting_columns: dict[str, int] = field(default_factory=dict)
+    # rows whose messages end with an assistant message (fine-tuning data, its answer given): the model writes
+    # the turn after it (submit says so, adversarial pass 247)
+    assistant_last: int = 0
+    # the passthrough columns named like `id` but not it (`ID`, `id `), when no row gave an id (pass 247)
+    id_like: list[str] = field(default_factory=list)
+
+
+def _noted(written: _Written, batch_file: bool, kind: str) -> dict[str, Any]:
+    """meta["input"]'s facts for submit's notes on the file's shape (`_setting_columns_note`, `_assistant_last_note`,
+    `_id_like_note`); none of a Batch file, whose requests say themselves what they ask for."""
+    return {
+        "setting_columns": {} if batch_file else written.setting_columns,
+        "assistant_last": 0 if batch_file or kind != "generate" else written.assistant_last,
+        "id_like_columns": [] if batch_file else written.id_like,
+    }
 
 
 def _sample_auto(params: Any) -> bool:
@@ -1074,6 +1089,8 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
     writer: pq.ParquetWriter | None = None
     rows = valid = 0  # rows written; rows found valid (written or not)
     settings: dict[str, int] = {}  # setting -> rows written that give it (`_Written.setting_columns`)
+    # rows written whose messages end with an assistant message (`_Written.assistant_last`)
+    answered = 0
     try:
         for chunk in reader.chunks(ROW_GROUP_ROWS):
             columns.register(chunk.columns)
@@ -1101,6 +1118,7 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
                 writer.write_table(table, row_group_size=len(prepared))
             rows += len(prepared)
             _count_settings(settings, prepared)
+            answered += sum(_ends_with_assistant(row) for row, *_ in prepared)
     finally:
         if writer is not None:
             with _writing(folder / PROMPTS):
@@ -1120,6 +1138,8 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
         columns.renamed(),
         **written_extra(),
         setting_columns={k: n for k, n in settings.items() if n},
+        assistant_last=answered,
+        id_like=[] if reader.saw_ids else _id_like(list(columns.types)),
     )
 
 
@@ -1129,6 +1149,21 @@ def _count_settings(counts: dict[str, int], prepared: list[Any]) -> None:
     for row, *_ in prepared:
         for k, v in (row.raw_settings or {}).items():
             counts[k] = counts.get(k, 0) + (v is not None)
+
+
+def _id_like(columns: list[str]) -> list[str]:
+    """Of the input `columns` (a file where no row gave an id), those spelled like `id` but not it: `ID`, `Id`,
+    `id ` (a spreadsheet's header), which runner keeps as data."""
+    return [c for c in columns if c != "id" and c.strip().lower() == "id"]
+
+
+def _ends_with_assistant(row: PromptRow) -> bool:
+    """The row's messages end with an assistant message (its answer given, as fine-tuning data has it)."""
+    return (
+        bool(row.messages)
+        and isinstance(row.messages[-1], dict)
+        and row.messages[-1].get("role") == "assistant"
+    )
 
 
 @contextlib.contextmanager
@@ -1441,6 +1476,8 @@ def submit_warnings(job: Job) -> list[str]:
         )
     out.extend(_data_notes(job))
     out.extend(_setting_columns_note(job))
+    out.extend(_assistant_last_note(job))
+    out.extend(_id_like_note(job))
     try:  # (the job is stored: a home that fails through the retries now costs the notes, not the submit's exit)
         beside = _beside(job)
         out.extend(_interrupted_siblings(job, beside))
@@ -1513,6 +1550,46 @@ def _setting_columns_note(job: Job) -> list[str]:
     return [
         f'note: read as each row\'s own settings: {said} (README, "Settings per row"); a column of these names '
         "that is your data, not a setting, needs another name"
+    ]
+
+
+def _assistant_last_note(job: Job) -> list[str]:
+    """submit's note on the chat rows whose last message is the assistant's (fine-tuning data, its answer given):
+    the chat template renders it as a finished turn and the model writes the turn after it, as vLLM and the
+    OpenAI API do; one who meant the answer written again learned it from the results (adversarial pass 247)."""
+    n, total = job.meta.get("input", {}).get("assistant_last") or 0, job.meta["input"].get("rows", 0)
+    if not n:
+        return []
+    if n == total:
+        said, jq, pandas = f"every row ({total:,})", ".messages |= .[:-1]", "m[:-1]"
+    else:
+        said = f"{counted(n, 'rows')} of {total:,}"
+        jq = '.messages |= (if .[-1].role == "assistant" then .[:-1] else . end)'
+        pandas = "m[:-1] if m[-1]['role'] == 'assistant' else m"
+    return [
+        f"note: {said} end{'s' if n in (1, total) else ''} with an assistant message (an answer given, as in fine-tuning "
+        "data): the model writes the turn after it, as vLLM and the OpenAI API do, not that answer again (nor "
+        "does runner continue it, as transformers' continue_final_message would). To have the answer written "
+        f"instead, drop that last message: jq -c '{jq}' IN.jsonl > OUT.jsonl, or in pandas "
+        f"df['messages'] = df['messages'].map(lambda m: {pandas})"
+    ]
+
+
+def _id_like_note(job: Job) -> list[str]:
+    """submit's note on a column named like the id but not `id` (`ID`, `Id`, `id `: Excel's and pandas'
+    headers) in a file where no row gave an id: runner reads only `id`, so each id is the row's number and the
+    column is kept as data, said nowhere (adversarial pass 247)."""
+    names = job.meta.get("input", {}).get("id_like_columns") or []
+    if not names:
+        return []
+    one, first = len(names) == 1, names[0]
+    listed = repr(first) if one else f"{', '.join(map(repr, names[:-1]))} and {names[-1]!r}"
+    return [
+        f"note: {listed} look{'s' if one else ''} like the id column, but runner reads ids from a column named "
+        "exactly 'id': each row's id is its number (its line in the file, its row in a Parquet file or a "
+        f"DataFrame) and {listed} {'is' if one else 'are'} kept as data. To use it as the ids, rename it: "
+        f"df = df.rename(columns={{{first!r}: 'id'}}) in pandas, or jq -c '.id = .[{json.dumps(first)}] | "
+        f"del(.[{json.dumps(first)}])' IN.jsonl > OUT.jsonl"
     ]
 
 
