@@ -184,9 +184,10 @@ def test_a_txt_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, tiny_gpt2, 
     path = tmp_path / "p.txt"
     path.write_bytes("吾輩は猫である\nこんにちは\n".encode(encoding))
     result = invoke("generate", path, "-m", tiny_gpt2, "--max-new-tokens", 2)
+    iconv = {"cp932": "CP932", "utf-16": "UTF-16"}[encoding]
     assert result.exit_code == 1 and result.output == (
         f"Error: cannot read the prompt file: {path}:1: the file is not UTF-8 (it looks like {guess}); save it as "
-        "UTF-8\n"
+        f"UTF-8 (iconv -f {iconv} -t UTF-8 {path} > {tmp_path / 'p-utf8.txt'})\n"
     )
 
 
