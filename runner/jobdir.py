@@ -51,9 +51,12 @@ The ownership and integrity model, so that exactly-once holds by construction:
     writer that read an older state, however long it slept, ever writes over a newer one. (Where links are not
     supported a record is created empty and then filled: a writer killed in between leaves the job broken
     until `runner repair`, which records the state anew.) A record is read only as its writer wrote it: one
-    damaged, or a copy of another record (its token is a record below's, or it names another record than
-    the one below as the one it was decided over), leaves the job broken until `runner repair` records the
-    state anew from the records that still read; it is never read as the older state it copies.
+    damaged, or a copy of another record (its token is a record below's, or it names an older record of the
+    job, or none, rather than the one below as the one it was decided over), leaves the job broken until
+    `runner repair` records the state anew from the records that still read; it is never read as the older
+    state it copies. (One decided over a record its writer took back after it read whole, its fill's flush
+    failing for good, names a record no other names: it reads, the record that came to the freed name below
+    it passed over.)
   * Nothing follows a symbolic link: listings skip links, and a job whose folders are links is broken.
 """
 
@@ -1286,14 +1289,40 @@ def _copy_damage(job_dir: Path, seq: int, d: Any) -> str | None:
         why = f"a copy of {under}, whose writer token it has"
     elif writer == below.get("over"):
         why = f"a copy of an older record: its writer wrote the record {under} was decided over"
-    # (decided over another record than the one right below, itself sound: one replaced below is the damaged one)
+    # (decided over another record than the one right below, itself sound: one replaced below is the damaged one;
+    # and over an older one of the job's, or none: a copy of one of those, `_names_older`)
     elif (
-        at == seq - 1 and d["over"] != theirs and not _blind(d, seq) and not _copy_damage(job_dir, at, below)
+        at == seq - 1
+        and d["over"] != theirs
+        and not _blind(d, seq)
+        and not _copy_damage(job_dir, at, below)
+        and _names_older(job_dir, at, d["over"], writer)
     ):
         why = f"it was not decided over {under}, the record below it, as if copied from an older one"
     else:
         return None
     return f"{why}; a sync conflict, or an old backup restored?"
+
+
+def _names_older(job_dir: Path, at: int, over: str | None, writer: str) -> bool:
+    """Whether a record above `at` not decided over it was decided over none, or over a record of the job below
+    `at` (one has `over` as its writer, or was decided over it too): a copy of an older record. Over a token no
+    record has, it was decided over a record taken back from `at` after it read whole there (a fill whose flush
+    failed for good, `_withdraw`; a mount that lost the file), and the record now at `at` came later to the freed
+    name, passed over: its writer decided again (adversarial pass 246: a `retry` recorded over a `cancel` whose
+    flush then failed made the job broken, its workers stopped). Records are written once: the answer is kept
+    for the process."""
+    if over is None:
+        return True
+    key = (os.fspath(job_dir), at, over, writer)
+    if key not in _NAMED_BELOW:
+        older = (_whole_at(job_dir, n) for n in reversed(_record_seqs(job_dir)) if n <= at)
+        _NAMED_BELOW[key] = any(d is not None and over in (d.get("over"), d.get("writer")) for d in older)
+    return _NAMED_BELOW[key]
+
+
+# (job folder, place, token named, writer token) -> whether a record at or below that place names it (`_names_older`)
+_NAMED_BELOW: dict[tuple[str, int, str, str], bool] = {}
 
 
 def _whole_below(job_dir: Path, seq: int) -> tuple[int, dict[str, Any] | None]:
