@@ -41,8 +41,9 @@ def scenarios(tmp_path_factory, tiny_gpt2, gpt2_engine):
     return Undamaged.of(ours, theirs)
 
 
-# the sweep (~100 s): `make test` and CI run it, the edit loop (`make test-fast`) not
+# the sweep (~100 s of one core): `make test-deep` and CI run it; `make test` keeps the two cases below
 @pytest.mark.slow
+@pytest.mark.deep
 @pytest.mark.parametrize("damage", DAMAGES)
 @pytest.mark.parametrize("stage", ["completed", "stopped"])
 def test_every_file_damaged_every_way_is_repaired_or_refused_naming_it(

@@ -200,7 +200,7 @@ def test_a_backup_taken_as_workers_commit_restored_into_a_fresh_home_ends_exactl
     assert torn(outcomes), "no copy was torn: the sweep asked nothing"
 
 
-@pytest.mark.parametrize("keep_times", [False, True])
+@pytest.mark.parametrize("keep_times", [False, pytest.param(True, marks=pytest.mark.deep)])
 def test_a_backup_restored_over_the_stopped_job_ends_exactly_once(
     tmp_path, undamaged, gpt2_engine, monkeypatch, keep_times
 ):
@@ -247,7 +247,9 @@ def test_a_backup_cut_short_is_run_exactly_once_or_refused_naming_a_file(
     assert any("runner repair" in o and o.endswith("exact") for o in outcomes.values()), outcomes
 
 
-@pytest.mark.parametrize("leftover", ["rsync", "temp", "tilde", "drive copy"])
+# (one in `make test`, the others in `make test-deep`)
+@pytest.mark.parametrize("leftover", [*(pytest.param(k, marks=pytest.mark.deep) for k in ("rsync", "temp", "tilde")),
+                                      "drive copy"])  # fmt: skip
 def test_what_copying_tools_leave_beside_each_file_changes_nothing(
     tmp_path, undamaged, gpt2_engine, leftover
 ):

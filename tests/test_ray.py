@@ -476,7 +476,7 @@ def test_checkpoint_config_is_keyed_on_the_stage_id_field_not_an_output_column()
 
 @slow
 # (integer ids in the default `id` column take the same path as in `key`: not run a third time, ~60 s of Ray)
-@pytest.mark.parametrize("text, key", [(True, "id"), (False, "key")])
+@pytest.mark.parametrize("text, key", [(True, "id"), pytest.param(False, "key", marks=pytest.mark.deep)])
 def test_integer_ids_and_a_row_without_id_resume_from_a_checkpoint(ray_local, tmp_path, tiny_gpt2, text, key):
     """A stage takes integer ids (text in its results, as in a local job), but Ray's checkpoint filter compared
     the input's integers with the text ids written: every run after the first stopped with a TypeError in
