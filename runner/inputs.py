@@ -316,9 +316,8 @@ def _json_objects_error(path: Path) -> InputError:
                f"indent=2), writes them), not one per line as JSON Lines: jq -c . {_as_lines(path)} writes each "
                "on one line")  # fmt: skip
     else:
-        step = f".{key}" if key.isidentifier() else f".[{json.dumps(key)}]"
         why = (f"the file is one JSON object over many lines, its rows in the list {key!r}, not JSON Lines (one "
-               f"object per line): jq -c '{step}[]' {_as_lines(path)} writes them so")  # fmt: skip
+               f"object per line): jq -c '{_jq_step(key)}[]' {_as_lines(path)} writes them so")  # fmt: skip
     return InputError([Problem(str(path), 1, None, why)], header="cannot read the prompt file")
 
 
@@ -333,9 +332,8 @@ def _a_row_follows(path: Path) -> bool:
 
 
 def _as_lines(path: Path) -> str:
-    """`FILE > OTHER.jsonl` of a command converting the file into JSON Lines beside it (never into itself)."""
-    out = path.with_name(f"{path.stem}-lines.jsonl")
-    return f"{shlex.quote(str(path))} > {shlex.quote(str(out))}"
+    """`FILE > FILE-lines.jsonl` of a command converting the file into JSON Lines beside it."""
+    return _into_beside(str(path), "lines")
 
 
 def _rows_key(path: Path) -> str | None:
@@ -474,8 +472,7 @@ def _how_to_convert(path: Path, guess: str | None) -> str:
     ):  # (standard input: no file to name)
         return f" (iconv -f {ICONV[guess]} -t UTF-8 converts it on its way in)"
     excel = 'in Excel, Save As "CSV UTF-8 (Comma delimited)"; or ' if path.suffix.lower() == ".csv" else ""
-    out = path.with_name(f"{path.stem}-utf8{path.suffix}")
-    return f" ({excel}iconv -f {ICONV[guess]} -t UTF-8 {shlex.quote(str(path))} > {shlex.quote(str(out))})"
+    return f" ({excel}iconv -f {ICONV[guess]} -t UTF-8 {_into_beside(str(path), 'utf8', path.suffix)})"
 
 
 def _not_utf8_error(path: Path) -> InputError:
@@ -1716,10 +1713,9 @@ def _field_hint(obj: dict[str, Any], checker: RowChecker, file: str) -> str | No
         return said
     inside = [k for k, v in obj.items() if isinstance(v, dict) and isinstance(v.get(field), str)]
     if inside:
-        step = lambda k: f".{k}" if k.isidentifier() else f".[{json.dumps(k)}]"  # noqa: E731 (a jq path's step)
-        lift = f"{step(field)} = {step(inside[0])}{step(field)}"
+        lift = f"{_jq_step(field)} = {_jq_step(inside[0])}{_jq_step(field)}"
         return (f"{_field_option(field)} cannot reach into {inside[0]!r}, which holds it: lift it out, jq -c "
-                f"'{lift}' {shlex.quote(file)} > {shlex.quote(_beside(file, 'flat'))}")  # fmt: skip
+                f"'{lift}' {_into_beside(file, 'flat')}")  # fmt: skip
     if len(texts) == 1:
         return f"{_reading_field(field, texts[0])} reads it"
     return None
@@ -1729,17 +1725,27 @@ def _chat_hint(obj: dict[str, Any], messages_field: str, file: str) -> str | Non
     """The jq that makes a row's chat its `messages_field`, where it is under another name: ShareGPT's
     `conversations` of {from, value} turns, or a list of {role, content} messages named otherwise
     (`conversations`, `dialog`); or None."""
-    out = f"{shlex.quote(file)} > {shlex.quote(_beside(file, 'chat'))}"
+    out = _into_beside(file, "chat")
     turns = obj.get("conversations")
     if isinstance(turns, list) and turns and all(isinstance(t, dict) and "from" in t for t in turns):
         return f"runner reads chats as OpenAI {messages_field!r}, not ShareGPT's: jq -c '{SHAREGPT_JQ}' {out}"
     for key, value in obj.items():
         if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
-            step = f".{key}" if key.isidentifier() else f".[{json.dumps(key)}]"
+            step = _jq_step(key)
             return (
                 f"runner reads a chat from {messages_field!r}: jq -c '.messages = {step} | del({step})' {out}"
             )
     return None
+
+
+def _into_beside(file: str, tag: str, suffix: str = ".jsonl") -> str:
+    """`FILE > FILE-TAG.jsonl`, quoted for a shell: where a command's converted output goes (`_beside`)."""
+    return f"{shlex.quote(file)} > {shlex.quote(_beside(file, tag, suffix))}"
+
+
+def _jq_step(key: str) -> str:
+    """A jq path's step to `key`: `.key`, or `.["a key"]` where it is not a plain name."""
+    return f".{key}" if key.isidentifier() else f".[{json.dumps(key)}]"
 
 
 def _beside(file: str, tag: str, suffix: str = ".jsonl") -> str:
