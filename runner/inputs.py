@@ -323,8 +323,12 @@ def _json_objects_error(path: Path) -> InputError:
 
 def _a_row_follows(path: Path) -> bool:
     """Whether the file's second line that is not blank is a JSON object: a JSON Lines file whose first row is
-    broken ("{" alone), which is that row's problem, not a file of objects over many lines."""
-    lines = [line for line in _head(path).split(b"\n")[1:] if line.strip()]
+    broken ("{" alone), which is that row's problem, not a file of objects over many lines. Opened through the
+    retries, as the lines were (`_head` reads none where the open fails: a passing EIO refused such a file as a
+    whole, saying its objects were written over many lines)."""
+    with _opened(lambda: open(path, "rb"), path) as f:
+        head = f.read(HEAD_BYTES)
+    lines = [line for line in head.split(b"\n")[1:] if line.strip()]
     try:
         return bool(lines) and isinstance(_loads(lines[0].decode("utf-8")), dict)
     except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)

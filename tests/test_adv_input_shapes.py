@@ -4,6 +4,7 @@ them, or is refused naming the file, the line and the field, saying what reads i
 (inputs.READING) is read, and its refusals worded, as its submit did (`runner repair`)."""
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -295,3 +296,29 @@ def test_a_json_array_over_many_lines_says_the_jq_that_makes_lines(tmp_path):
         InputError, match=rf"jq -c '\.\[\]' {path} > {tmp_path}/rows-lines.jsonl writes it so"
     ):
         read_prompts(path)
+
+
+def test_a_broken_first_row_stays_that_rows_problem_through_a_passing_read_error(tmp_path, monkeypatch):
+    """Telling a broken first row ("{" alone) from objects over many lines opens the file a second time: a
+    passing EIO there (a Drive mount dropping a request) read as no second line, and the file was refused as a
+    whole, said written over many lines. That open is retried, as the lines' is."""
+    import builtins
+    import errno
+
+    import runner.storage
+
+    broken = tmp_path / "b.jsonl"
+    broken.write_text('{\n{"prompt": "a"}\n')
+    real_open, opens = builtins.open, []
+
+    def flaky_open(file, mode="r", *args, **kwargs):
+        if os.fspath(file) == str(broken) and "b" in mode:
+            opens.append(mode)
+            if len(opens) == 2:  # the second look, after the first line was read
+                raise OSError(errno.EIO, "Input/output error", str(broken))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(runner.storage, "RETRY_DELAYS", (0.0,))
+    monkeypatch.setattr(builtins, "open", flaky_open)
+    ps = read_prompts(broken, skip_invalid=True)
+    assert len(opens) >= 3 and [r.prompt for r in ps.rows] == ["a"] and [p.line for p in ps.problems] == [1]
