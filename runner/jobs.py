@@ -1153,8 +1153,9 @@ def _count_settings(counts: dict[str, int], prepared: list[Any]) -> None:
 
 def _id_like(columns: list[str]) -> list[str]:
     """Of the input `columns` (a file where no row gave an id), those spelled like `id` but not it: `ID`, `Id`,
-    `id ` (a spreadsheet's header), which runner keeps as data."""
-    return [c for c in columns if c != "id" and c.strip().lower() == "id"]
+    `id ` (a spreadsheet's header), and `custom_id` (an OpenAI Batch line's id, in a plain file of prompts),
+    which runner keeps as data."""
+    return [c for c in columns if c != "id" and c.strip().lower() in ("id", "custom_id")]
 
 
 def _ends_with_assistant(row: PromptRow) -> bool:

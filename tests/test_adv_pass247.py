@@ -64,10 +64,11 @@ def test_no_assistant_note_for_chats_asking_or_an_assistant_turn_inside(tmp_path
     assert "assistant message" not in said and job.meta["input"]["assistant_last"] == 0, said
 
 
-@pytest.mark.parametrize("name", ["ID", "Id", "id ", " id"])
+@pytest.mark.parametrize("name", ["ID", "Id", "id ", " id", "custom_id"])
 def test_submit_names_a_column_spelled_like_the_id(tmp_path, tiny_gpt2, name):
-    """An Excel sheet's `ID` (or `id ` with its stray space): runner reads only `id`, so the ids were the line
-    numbers and the column went through to the results as data, said nowhere."""
+    """An Excel sheet's `ID` (or `id ` with its stray space), or an OpenAI Batch habit's `custom_id` in a plain
+    file of prompts: runner reads only `id`, so the ids were the line numbers and the column went through to the
+    results as data, said nowhere."""
     (tmp_path / "p.csv").write_text(f"{name},prompt\nq1,a\nq2,b\n")
     said, job = submit(tmp_path, tmp_path / "p.csv", tiny_gpt2)
     assert (
