@@ -17,7 +17,7 @@ import os
 import shlex
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -284,7 +284,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     # in input order among the others. Only a row error of the run fails a request by its id.
     everything = jobdir.read_errors(job, ledger)
     refused = sorted((e for e in everything if e.get("stage") == "validate"), key=_line_number)
-    failed = {e["id"]: e for e in everything if e.get("stage") != "validate"}
+    failed = _by_request(e for e in everything if e.get("stage") != "validate")
     texts = _token_text(job) if job.kind == "generate" else None
     at, written = 0, 0
     sweep_killed_local_temps(LOCAL_EXPORT_PREFIX)  # (a SIGKILL skips the cleanup: a copy of a whole output)
@@ -643,14 +643,27 @@ def _ids(job: Any, cid: str | None, line: int | None = None) -> tuple[str, str]:
     return f"batch_req_{_digest(*parts, 'line')}", _digest(*parts, "request")
 
 
-def _error_line(job: Any, cid: str, error: dict[str, Any], done: int = 0) -> dict[str, Any]:
-    """The Batch error line of a request a run-time row error failed (500; a line refused at submit is
-    `_refused_line`); `done`: how many of its other samples were generated (left out)."""
-    message = str(error.get("message", ""))
+def _by_request(errors: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Row errors by request (custom_id): one per failed sample."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for e in errors:
+        out.setdefault(e["id"], []).append(e)
+    return out
+
+
+def _error_line(job: Any, cid: str, errors: list[dict[str, Any]], done: int = 0) -> dict[str, Any]:
+    """The Batch error line of a request that run-time row errors failed (500; a line refused at submit is
+    `_refused_line`): `errors`, one per failed sample; `done`: how many of its other samples were generated
+    (left out). Each failed sample is named; the message is the first one's."""
+    errors = sorted(errors, key=lambda e: e.get("sample") or 0)
+    message = str(errors[0].get("message", ""))
     if done:
-        message = f"sample {error.get('sample', 0) + 1} failed: {message} ({counted(done, 'other samples', 'were')} generated)"
-    body = {"error": {"message": message, "type": "server_error", "param": error.get("field"),
-                      "code": str(error.get("error", "error"))}}  # fmt: skip
+        numbers = [str((e.get("sample") or 0) + 1) for e in errors]
+        named = numbers[0] if len(numbers) == 1 else f"{', '.join(numbers[:-1])} and {numbers[-1]}"
+        message = (f"sample{'s' if len(numbers) > 1 else ''} {named} failed: {message} "
+                   f"({counted(done, 'other samples', 'were')} generated)")  # fmt: skip
+    body = {"error": {"message": message, "type": "server_error", "param": errors[0].get("field"),
+                      "code": str(errors[0].get("error", "error"))}}  # fmt: skip
     line_id, request_id = _ids(job, cid)
     return {
         "id": line_id,
