@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 
 import pytest
-from helpers import write_jsonl
+import workers
+from helpers import assert_exactly_once, fresh_copy, prepared_job, write_jsonl
 
 import runner
-from runner import GenerationParams
+from runner import EngineOptions, GenerationParams
+from runner.jobdir import read_state
 from runner.jobs import create_job
 from runner.openai_batch import export
 from runner.worker import run_job
@@ -89,3 +92,80 @@ def test_a_request_whose_matchers_gave_up_in_some_samples_names_each_failed_samp
                                              f"{'were' if have[cid] > 1 else 'was'} generated)")  # fmt: skip
         else:  # every sample failed: the message is the failure's own
             assert error["message"].startswith("grammar: llguidance's parser gave up at token")
+
+
+# --- a constrained, seeded job killed at its progress events --------------------------------------------------
+
+PERSON = {
+    "$defs": {"age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "type": "object",
+    "properties": {
+        "名前": {"enum": ["太郎", "花子", "Zoë"]},
+        "age": {"$ref": "#/$defs/age"},
+        "kind": {"const": "人"},
+        "tag": {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^[a-z]{1,4}$"}]},
+    },
+    "required": ["名前", "age", "kind", "tag"],
+    "additionalProperties": False,
+}
+DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+KILL_ROWS = [
+    {"id": "k0", "prompt": "Write a person", "json_schema": PERSON},
+    {"id": "k1", "prompt": "The date is", "regex": DATE},
+    {"id": "k2", "prompt": "答え:", "choices": ["はい", "いいえ", "😀"]},
+    {"id": "k3", "prompt": "Spell it", "grammar": "start: /[a-z]{12}/ wide\n" + WIDE},  # always gives up
+    {"id": "k4", "prompt": "An object", "response_format": {"type": "json_object"}},
+    {"id": "k5", "prompt": "Plain words"},
+    {"id": "k6", "prompt": "Someone", "response_format": {"type": "json_schema",
+                                                         "json_schema": {"name": "p", "schema": PERSON, "strict": True}}},
+    {"id": "k7", "prompt": "Words", "regex": "[a-z]+( [a-z]+)*", "stop": [" "]},
+]  # fmt: skip
+KILL_PARAMS = GenerationParams(max_new_tokens=24, temperature=1.0, num_return_sequences=2, seed=1234)
+
+
+@pytest.fixture(scope="module")
+def constrained(tmp_path_factory, tiny_gpt2):
+    """A constrained, seeded, sampled job not run yet, and its uninterrupted results."""
+    return prepared_job(tmp_path_factory.mktemp("adv248"), tiny_gpt2, KILL_ROWS, KILL_PARAMS,
+                        EngineOptions(batch_size=2))  # fmt: skip
+
+
+def _check_constrained(job_dir, ref) -> None:
+    """Exactly once and equal to the reference, constraint_complete too; k3 is one constraint_error per sample,
+    never a result; every `stop` sample of a JSON row validates against its schema."""
+    assert_exactly_once(job_dir, ref)
+    df = runner.load_results(job_dir)
+    cols = ["id", "sample", "text", "finish_reason", "constraint_complete"]
+    assert df[cols].to_json() == ref[cols].to_json()
+    errors = [(e["id"], e["sample"], e["error"]) for e in runner.read_errors(job_dir)]
+    assert errors == [("k3", 0, "constraint_error"), ("k3", 1, "constraint_error")]
+    for _, r in df[df["id"].isin(["k0", "k6"])].iterrows():
+        if r["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(r["text"]), PERSON)
+        assert r["constraint_complete"] is (r["finish_reason"] == "stop"), r["text"]
+
+
+@pytest.mark.slow  # real worker processes
+@pytest.mark.parametrize("point", ["after_generate:2", "mid_write:2", "after_shard:3"])
+def test_a_constrained_job_killed_at_its_progress_events_resumes_exactly_once(tmp_path, constrained, point):
+    """SIGKILL inside a `runner work` of a constrained job (JSON schemas with Japanese enums, $ref, const,
+    anyOf; a regex; Japanese and emoji choices; a grammar whose matcher gives up; a stop string inside a
+    regex) at a named progress event, then `runner work` again: the results are the uninterrupted run's,
+    token for token, each (row, sample) once, the failed row's samples errors once each. A `runner retry`
+    computes them again, to the same errors, and changes no result."""
+    template, ref = constrained
+    assert set(ref["id"]) == {f"k{i}" for i in range(8)} - {"k3"}
+    home, job_dir = fresh_copy(tmp_path, template)
+    code, out = workers.run_worker(home, env_extra={"RUNNER_FAULT": point})
+    assert code == -signal.SIGKILL, out
+    assert_exactly_once(job_dir, ref, complete=False)
+    code, out = workers.run_worker(home)
+    assert code == 0 and read_state(job_dir).state == "completed", out
+    _check_constrained(job_dir, ref)
+    code, out = workers.run_runner("--home", home, "retry", "job")
+    assert code == 0 and "1 failed row will be tried again" in out, out
+    code, out = workers.run_worker(home, env_extra={"RUNNER_FAULT": "after_generate:1"})
+    assert code == -signal.SIGKILL, out
+    code, out = workers.run_worker(home)
+    assert code == 0 and read_state(job_dir).state == "completed", out
+    _check_constrained(job_dir, ref)
