@@ -1530,6 +1530,8 @@ def _data_notes(job: Job) -> list[str]:
     if request:
         why = "a plain row is no OpenAI request" + "".join(f"; {REQUEST_ONLY_COLUMNS[c]}" for c in request)
         out.append(_kept_as_data([repr(c) for c in request], why))
+    for column in (c for c in NOT_ROW_SETTINGS if c in columns):
+        out.append(_kept_as_data([repr(column)], NOT_ROW_SETTINGS[column]))
     lacking = _columns_runner_has_no_setting_for(columns)
     if lacking:
         none = {1: "no such setting", 2: "neither"}.get(len(lacking), "none of them")
@@ -1614,6 +1616,12 @@ REQUEST_ONLY_COLUMNS = {
     "to choose by",
     "echo": "a plain row's `--format openai` answer never repeats its prompt (the results keep it in `prompt`, a "
     "row's prompt_logprobs its log-probs); an OpenAI Batch file's /v1/completions request takes echo",
+}
+# GenerationParams fields that are no row setting under their own name: a row's column of one is its data, and
+# submit says how a row asks for it (a row's `"json_object": true` ran unconstrained, said nowhere)
+NOT_ROW_SETTINGS = {
+    "json_object": 'a row asks for a JSON object with response_format {"type": "json_object"} (json_object is '
+    "GenerationParams' name, --json the command line's)",
 }
 
 

@@ -579,6 +579,8 @@ SETTINGS_RUNNER_LACKS = frozenset({
     "bad_words_ids", "force_words_ids", "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "max_time",
     "ignore_eos", "stop_token_ids", "bad_words", "allowed_token_ids", "include_stop_str_in_output",
     "skip_special_tokens", "truncate_prompt_tokens", "use_beam_search", "logit_bias",
+    # vLLM's structured-output fields beside guided_json/regex/choice/grammar (runner reads those)
+    "structured_outputs", "structural_tag", "guided_whitespace_pattern", "guided_decoding_backend",
 })  # fmt: skip
 RENAMED_ROW_SETTINGS = {"stop_strings": "stop", "stop_sequences": "stop"}
 

@@ -169,3 +169,25 @@ def test_a_constrained_job_killed_at_its_progress_events_resumes_exactly_once(tm
     code, out = workers.run_worker(home)
     assert code == 0 and read_state(job_dir).state == "completed", out
     _check_constrained(job_dir, ref)
+
+
+def test_a_constraint_column_that_is_no_row_setting_is_said_to_be_data(tmp_path, tiny_gpt2, runner_home):
+    """A row's `"json_object": true` (GenerationParams' own name for `--json`) and vLLM's other structured-output
+    fields (`structured_outputs`, `guided_whitespace_pattern`, `guided_decoding_backend`) were kept as data
+    without a word: every such row ran unconstrained, where a Batch body giving one is refused."""
+    from helpers import invoke
+
+    rows = [{"prompt": "Hello", "json_object": True, "topic": "cats"}]
+    said = invoke("submit", write_jsonl(tmp_path / "p.jsonl", rows), "-m", tiny_gpt2).stderr
+    assert (
+        "note: 'json_object' is kept as data, not a setting: a row asks for a JSON object with "
+        'response_format {"type": "json_object"}' in said
+    ), said
+    assert "'topic'" not in said
+    rows = [{"prompt": "Hello", "structured_outputs": {"regex": "[0-9]+"}, "guided_whitespace_pattern": " ",
+             "guided_decoding_backend": "xgrammar"}]  # fmt: skip
+    said = invoke("submit", write_jsonl(tmp_path / "q.jsonl", rows), "-m", tiny_gpt2).stderr
+    assert (
+        "note: 'structured_outputs', 'guided_whitespace_pattern' and 'guided_decoding_backend' are kept as data, "
+        "not settings: runner has none of them" in said
+    ), said
