@@ -257,6 +257,9 @@ def failure_message(params: Any, tokens: int, failure: str) -> str:
     """A row error's message for a row whose matcher gave up at its `tokens`-th generated token (`failure`:
     `Constraints.failure`), naming the constraint's field; for a right-recursive grammar, the way out."""
     message = f"{kind_of(params)}: llguidance's parser gave up at token {tokens:,}: {failure}"
+    if "NoExtensionBias" in failure:  # (llguidance's name for a mask that allows no token at all)
+        message += (" (no token may follow the text so far, not even its end: the grammar has a dead end there, "
+                    "such as rules that only call each other or a terminal that no text matches)")  # fmt: skip
     if "left-recursive" in failure:
         message += (" (where a rule calls itself last, as GBNF's `root ::= [a-z] root | [a-z]`, it nests one level "
                     "per character: write it `root ::= [a-z]+`, or left-recursive, `root ::= root [a-z] | [a-z]`)")  # fmt: skip

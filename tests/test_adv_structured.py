@@ -191,3 +191,33 @@ def test_a_constraint_column_that_is_no_row_setting_is_said_to_be_data(tmp_path,
         "note: 'structured_outputs', 'guided_whitespace_pattern' and 'guided_decoding_backend' are kept as data, "
         "not settings: runner has none of them" in said
     ), said
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        'start: "a" b\nb: c\nc: b',  # b and c only call each other: no sentence goes past "a"
+        'start: /a+/ "b" /[^\\s\\S]/',  # a terminal no text matches, after text that some does
+    ],
+)
+def test_a_grammar_with_a_dead_end_is_a_row_error_that_says_so(llama_engine, grammar):
+    """A grammar whose first text is possible but leads nowhere passes submit's check (it looks at the first
+    byte) and fails its row mid-sample; only that row: the one beside it is what it is alone. The row error read
+    "grammar: llguidance's parser gave up at token 2: NoExtensionBias", llguidance's name for a mask that allows
+    no token, which says nothing to a user: it now says the grammar has a dead end there."""
+    from helpers import ids_of
+
+    from runner.engine import ConstraintError
+
+    ids = ids_of(llama_engine, ["Hello", "Hi"])
+    plain = GenerationParams(max_new_tokens=3)
+    with pytest.raises(ConstraintError) as e:
+        llama_engine.generate(ids, [GenerationParams(max_new_tokens=8, grammar=grammar), plain], [1, 2])
+    assert list(e.value.failed) == [0] and e.value.done[0] is None
+    message = e.value.failed[0]
+    assert message.startswith("grammar: llguidance's parser gave up at token "), message
+    assert (
+        "no token may follow the text so far, not even its end: the grammar has a dead end there" in message
+    )
+    (alone,) = llama_engine.generate([ids[1]], [plain], [2])
+    assert e.value.done[1].token_ids == alone.token_ids
