@@ -23,7 +23,7 @@ import signal
 
 import pytest
 import workers
-from helpers import assert_exactly_once, fresh_copy, prepared_job, write_jsonl
+from helpers import assert_exactly_once, fresh_copy, ids_of, invoke, prepared_job, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams
@@ -175,8 +175,6 @@ def test_a_constraint_column_that_is_no_row_setting_is_said_to_be_data(tmp_path,
     """A row's `"json_object": true` (GenerationParams' own name for `--json`) and vLLM's other structured-output
     fields (`structured_outputs`, `guided_whitespace_pattern`, `guided_decoding_backend`) were kept as data
     without a word: every such row ran unconstrained, where a Batch body giving one is refused."""
-    from helpers import invoke
-
     rows = [{"prompt": "Hello", "json_object": True, "topic": "cats"}]
     said = invoke("submit", write_jsonl(tmp_path / "p.jsonl", rows), "-m", tiny_gpt2).stderr
     assert (
@@ -205,8 +203,6 @@ def test_a_grammar_with_a_dead_end_is_a_row_error_that_says_so(llama_engine, gra
     byte) and fails its row mid-sample; only that row: the one beside it is what it is alone. The row error read
     "grammar: llguidance's parser gave up at token 2: NoExtensionBias", llguidance's name for a mask that allows
     no token, which says nothing to a user: it now says the grammar has a dead end there."""
-    from helpers import ids_of
-
     from runner.engine import ConstraintError
 
     ids = ids_of(llama_engine, ["Hello", "Hi"])
@@ -221,3 +217,122 @@ def test_a_grammar_with_a_dead_end_is_a_row_error_that_says_so(llama_engine, gra
     )
     (alone,) = llama_engine.generate([ids[1]], [plain], [2])
     assert e.value.done[1].token_ids == alone.token_ids
+
+
+# --- OpenAI Batch files ----------------------------------------------------------------------------------------
+
+
+def test_a_batch_files_response_formats_and_refusals_read_as_openai_objects(tmp_path, tiny_llama):
+    """run-batch --skip-invalid of chat requests with response_format json_schema (strict, n = 3, sampled), one
+    with max_tokens too small to close the object, json_object, guided_choice with Japanese and emoji, a schema
+    llguidance cannot compile and logit_bias (runner has none) in its forms: each answered line is an openai
+    ChatCompletion whose `stop` contents validate against the schema and whose `length` ones do not parse;
+    each refused line is a 400 naming its line and field, in input order among the others, its `error` an
+    openai ErrorObject; logit_bias {} and null are taken."""
+    from test_openai_batch import check_output_line
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    lines = [
+        chat("s", "人を一人", response_format=fmt, max_tokens=60, n=3, temperature=1.0, seed=4),
+        chat("short", "人", response_format=fmt, max_tokens=3),
+        chat("obj", "An object", response_format={"type": "json_object"}, max_tokens=30),
+        chat("pick", "はい?", guided_choice=["はい", "いいえ", "😀"], n=2, temperature=1.0),
+        chat("bad", "x", response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": {"not": {}}}}),
+        chat("lb1", "x", logit_bias={"15": 100}),
+        chat("lb2", "x", logit_bias={"abc": -100}),
+        chat("lb3", "x", logit_bias={"15": 200}),
+        chat("lb4", "x", logit_bias={}),
+        chat("lb5", "x", logit_bias=None, max_tokens=2),
+    ]  # fmt: skip
+    inp, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    result = invoke("run-batch", "-i", inp, "-o", out, "-m", tiny_llama, "--served-model-name", "tiny",
+                    "--skip-invalid", "--max-new-tokens", "8")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    answered = {x["custom_id"]: check_output_line(x) for x in map(json.loads, out.read_text().splitlines())}
+    assert list(answered) == ["s", "short", "obj", "pick", "lb4", "lb5"]
+    assert len(answered["s"].choices) == 3 and len(answered["pick"].choices) == 2
+    for choice in answered["s"].choices + answered["short"].choices:
+        if choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content), PERSON)
+        else:
+            assert choice.finish_reason == "length"
+            with pytest.raises(ValueError):
+                json.loads(choice.message.content)
+    (short,) = answered["short"].choices
+    assert short.finish_reason == "length" and answered["short"].usage.completion_tokens == 3
+    for choice in answered["obj"].choices:
+        assert choice.finish_reason == "length" or isinstance(json.loads(choice.message.content), dict)
+    assert {c.message.content for c in answered["pick"].choices} <= {"はい", "いいえ", "😀"}
+    refused = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in refused] == ["bad", "lb1", "lb2", "lb3"]
+    for x, line, field in zip(
+        refused, (5, 6, 7, 8), ["response_format"] + ["body.logit_bias"] * 3, strict=True
+    ):
+        assert check_output_line(x) is None and x["response"]["status_code"] == 400
+        error = x["response"]["body"]["error"]
+        assert error["message"].startswith(f"line {line}: {field}: ") and error["param"] == field, error
+    assert (
+        'json_schema cannot be compiled: Unimplemented keys: ["not"]'
+        in refused[0]["response"]["body"]["error"]["message"]
+    )
+
+
+def test_a_constrained_sample_cut_by_max_tokens_never_claims_its_constraint(tiny_llama, llama_engine):
+    """max_new_tokens too small to finish: `length`, constraint_complete false, text not what the constraint
+    allows; just enough: `stop` and complete; more: the same text (the constraint, not max_new_tokens, ended
+    it). In one batch, greedy."""
+    ids = ids_of(llama_engine, ["Hello"])
+    for kw, whole in (({"choices": ["abcdef"]}, lambda t: t == "abcdef"),
+                      ({"json_schema": {"enum": [12345, "はい"]}}, lambda t: t in ("12345", '"はい"')),
+                      ({"regex": "[0-9]{4}"}, lambda t: re.fullmatch("[0-9]{4}", t))):  # fmt: skip
+        params = [GenerationParams(max_new_tokens=k, **kw) for k in range(1, 9)]
+        outs = llama_engine.generate(ids * len(params), params)
+        ended = next(i for i, c in enumerate(outs) if c.finish_reason == "stop")
+        for c in outs[:ended]:
+            assert (c.finish_reason, c.constraint_complete) == ("length", False) and not whole(c.text), (
+                kw,
+                c,
+            )
+        for c in outs[ended:]:
+            assert (c.finish_reason, c.constraint_complete, c.text) == ("stop", True, outs[ended].text), (
+                kw,
+                c,
+            )
+            assert whole(c.text) and len(c.token_ids) == ended + 1
+
+
+# --- schemas ---------------------------------------------------------------------------------------------------
+
+SCHEMAS = {
+    "person": PERSON,
+    "anyOf": {"anyOf": [{"type": "integer", "minimum": 10}, {"type": "string", "maxLength": 3}]},
+    "allOf": {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                        {"properties": {"a": {"maximum": 3}}}]},
+    "multipleOf": {"type": "integer", "multipleOf": 7},
+    "patternProperties": {"type": "object", "patternProperties": {"^x": {"type": "integer"}},
+                          "additionalProperties": False, "maxProperties": 2},
+    "prefixItems": {"type": "array", "prefixItems": [{"type": "integer"}, {"enum": ["日本", "x"]}], "items": False},
+    "recursive": {"$defs": {"t": {"type": "object", "properties": {"k": {"type": "array", "items": {"$ref": "#/$defs/t"},
+                  "maxItems": 2}}, "required": ["k"], "additionalProperties": False}}, "$ref": "#/$defs/t"},
+    "bounds": {"type": "number", "exclusiveMinimum": -1.5, "maximum": 2.25},
+    "const": {"const": {"a": [1, "二"], "b": None}},
+    "pattern": {"type": "string", "pattern": "^[ぁ-ん]{2,3}$"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_every_stop_sample_validates_against_its_schema(llama_engine, name):
+    """Sampled at temperature 1.5 (a random model goes everywhere the mask lets it): every sample that ends
+    `stop` parses and validates against the schema (jsonschema, draft 2020-12) and says so; a `length` one is
+    complete only if it does."""
+    schema = SCHEMAS[name]
+    params = GenerationParams(max_new_tokens=80, json_schema=schema, temperature=1.5, do_sample=True)
+    outs = llama_engine.generate(ids_of(llama_engine, ["Hello"]) * 12, params, list(range(12)))
+    validator = jsonschema.Draft202012Validator(schema)
+    assert any(c.finish_reason == "stop" for c in outs), name
+    for c in outs:
+        try:
+            valid = validator.is_valid(json.loads(c.text))
+        except ValueError:
+            valid = False
+        assert c.constraint_complete is valid and (valid or c.finish_reason == "length"), (name, c.text)
