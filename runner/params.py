@@ -354,6 +354,7 @@ class GenerationParams:
             raise ParamError(
                 "json_schema", f"json_schema must be a JSON schema object, got {self.json_schema!r}."
             )
+        _check_json_values(self.json_schema)
         if not isinstance(self.json_object, bool):
             raise ParamError("json_object", f"json_object must be true or false, got {self.json_object!r}.")
         for name in ("regex", "grammar"):
@@ -591,6 +592,18 @@ INT_SETTINGS = {"max_new_tokens", "min_new_tokens", "top_k", "num_return_sequenc
                 "prompt_logprobs", "num_beams", "no_repeat_ngram_size"}  # fmt: skip
 # ... and those whose CSV cell is text as written (a JSON list only for `stop` and `choices`)
 TEXT_SETTINGS = {"stop", "regex", "grammar", "choices"}
+
+
+def _check_json_values(schema: dict[str, Any] | None) -> None:
+    """A schema dict from Python holds only what JSON has: a numpy integer (`df["age"].max()`) or a set raised
+    json's TypeError naming no field, and a NaN reached llguidance as `NaN`, "expected value at line 1"."""
+    try:
+        json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ParamError("json_schema", "json_schema must hold JSON values only (dicts with string keys, lists, "
+                         f"strings, numbers, true, false, null): {e}.") from None  # fmt: skip
+    except RecursionError:  # (constraints.problem says "nested too deeply")
+        pass
 
 
 def cited_as(message: str, spellings: dict[str, str]) -> str:

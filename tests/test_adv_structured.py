@@ -336,3 +336,27 @@ def test_every_stop_sample_validates_against_its_schema(llama_engine, name):
         except ValueError:
             valid = False
         assert c.constraint_complete is valid and (valid or c.finish_reason == "length"), (name, c.text)
+
+
+@pytest.mark.parametrize(
+    ("schema", "why"),
+    [
+        ({"type": "integer", "maximum": "NUMPY"}, "Object of type int64 is not JSON serializable"),
+        ({"enum": {1, 2}}, "Object of type set is not JSON serializable"),
+        ({"const": float("nan")}, "Out of range float values are not JSON compliant"),
+    ],
+)
+def test_a_schema_dict_holding_what_json_has_not_is_a_param_error_naming_the_field(schema, why):
+    """GenerationParams(json_schema={"maximum": df["age"].max()}) from Python: a numpy integer (or a set) raised
+    json's own TypeError, naming no field; a NaN reached llguidance as `NaN` and read "cannot be compiled:
+    expected value at line 1 column 11"."""
+    import numpy as np
+
+    from runner.errors import ParamError
+
+    if schema.get("maximum") == "NUMPY":
+        schema = {**schema, "maximum": np.int64(5)}
+    with pytest.raises(ParamError, match=f"json_schema must hold JSON values only .*: {why}") as e:
+        GenerationParams(json_schema=schema)
+    assert e.value.param == "json_schema"
+    assert GenerationParams(json_schema={"enum": (1, 2)}).json_schema == {"enum": (1, 2)}  # a tuple is a list
