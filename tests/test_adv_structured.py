@@ -5,15 +5,20 @@ max_tokens or a stop string never claims to satisfy it; OpenAI Batch files' resp
 matcher gives up errors once, and only that sample; a constrained, seeded job killed at its progress events and
 resumed equals an uninterrupted one, token for token.
 
-Found: a request with n > 1 whose samples' matchers gave up in several but not all of its samples was exported as
-an error line naming only the last failed sample ("sample 4 failed: ... (2 other samples were generated)", sample
-2 failed too and was not named): the error line now names each failed sample.
+Found: a request with n > 1 whose matchers gave up in several but not all of its samples was exported as an
+error line naming only the last failed sample ("sample 4 failed: ... (2 other samples were generated)"; sample 2
+failed too); a plain row's `"json_object": true` (GenerationParams' name) and vLLM's `structured_outputs`,
+`guided_whitespace_pattern`, `guided_decoding_backend` were kept as data without a word (the row ran
+unconstrained); a grammar with a dead end past its first character failed its row with llguidance's bare
+"NoExtensionBias"; a json_schema dict from Python holding a numpy integer, a set or NaN raised json's TypeError
+(no field named) or reached llguidance as `NaN`.
 
 Held: the schema keywords llguidance enforces give only valid samples (those it cannot enforce, such as `not`,
 `uniqueItems` or an unknown format, are refused at submit naming file, line and field); a sample cut at
 max_tokens is `length` with constraint_complete false, and one whose constraint ends exactly at max_tokens is
-`stop` and complete; Batch `logit_bias` (runner has none) is refused at submit naming `body.logit_bias`, its
-empty and null forms taken."""
+`stop` and complete; kills at after_generate, mid_write and after_shard, and a retry killed once, leave a
+constrained job's results exactly once; Batch `logit_bias` (runner has none) is refused at submit naming
+`body.logit_bias`, its empty and null forms taken."""
 
 from __future__ import annotations
 
