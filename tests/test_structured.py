@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 from helpers import assert_same_completions, ids_of, invoke, plain_logprobs, write_jsonl
 
 import runner
@@ -219,6 +220,33 @@ def test_a_mixed_batch_obeys_and_equals_each_row_alone(engine_name, request):
     constrained = [(p, c) for p, c in zip(MIXED, batched, strict=True) if p is not MIXED[3]]
     assert_obeyed(*zip(*constrained, strict=True))
     assert batched[1].finish_reason == batched[2].finish_reason == "stop"  # bounded patterns always complete
+
+
+def test_rows_sharing_a_grammar_compile_it_once_and_each_decode_on_their_own(llama_engine, monkeypatch):
+    """A job's rows (and a row's samples) share their constraint: it is compiled once per `generate` and each
+    row gets its own copy of the compiled matcher, so one row's tokens never move another's parser."""
+    import llguidance
+
+    real, made = llguidance.LLMatcher, []
+
+    def counting(*args, **kwargs):
+        made.append(args[1])
+        return real(*args, **kwargs)
+
+    schema = constraints.grammar_of(GenerationParams(json_schema={"type": "object"}))
+    digits = constraints.grammar_of(GenerationParams(regex="[0-9]+"))
+    tok = constraints.tokenizer_of(llama_engine.tokenizer, llama_engine.eos_ids)
+    monkeypatch.setattr(llguidance, "LLMatcher", counting)
+    c = constraints.Constraints(tok, [schema, None, digits, schema, schema, digits])
+    assert sorted(made) == sorted([schema, digits])
+    vocab = len(llama_engine.tokenizer)
+    allowed = c.mask(torch.zeros(1, vocab), [0]).isfinite()[0]
+    first = int(allowed.nonzero()[0])
+    assert c.advance([0], [first]) == [False]
+    # (rows 3 and 4 have not moved: what row 0 may take next is not what they may take first)
+    assert len(c.accepting[0]) == 2 and len(c.accepting[3]) == len(c.accepting[4]) == 1
+    assert not torch.equal(c.mask(torch.zeros(1, vocab), [0]), c.mask(torch.zeros(1, vocab), [3]))
+    assert torch.equal(c.mask(torch.zeros(1, vocab), [3]).isfinite()[0], allowed)
 
 
 def test_log_probs_stay_raw_and_n_samples_differ(gpt2_engine):
