@@ -578,7 +578,32 @@ def to_pandas(table: pa.Table) -> pd.DataFrame:
     for name, column in zip(table.column_names, table.columns, strict=True):
         if column.type in nullable and column.null_count:
             df[name] = column.to_pandas(types_mapper=nullable.get)
+        elif _nested_integer_with_nulls(column):
+            df[name] = pd.Series(column.to_pylist(), index=df.index, dtype=object)
     return df
+
+
+def _nested_integer_with_nulls(column: pa.ChunkedArray) -> bool:
+    """Whether a list, struct or map column holds integers of which some are null (a null element of a list, or
+    a null struct, whose fields hold nulls there): pandas makes such integers floats (a list of ids
+    [2**60 + 1, None] read [1.152921504606847e+18, nan], a struct's {"k": 7} {"k": 7.0}), so `to_pandas`
+    gives that column as Python lists and dicts, every value as stored (adversarial pass 251)."""
+    import pyarrow as pa
+
+    def integers_with_nulls(array: pa.Array) -> bool:
+        t = array.type
+        if pa.types.is_integer(t):
+            return array.null_count > 0
+        if pa.types.is_struct(t):
+            return any(integers_with_nulls(array.field(i)) for i in range(t.num_fields))
+        if pa.types.is_map(t):
+            return integers_with_nulls(array.keys) or integers_with_nulls(array.items)
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return integers_with_nulls(array.values)
+        return False
+
+    nested = pa.types.is_nested(column.type)
+    return nested and any(integers_with_nulls(chunk) for chunk in column.chunks)
 
 
 def _warn_if_partial(job: Any, rows: int, completed: int | None = None, failed: int = 0) -> str:
