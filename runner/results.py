@@ -448,21 +448,49 @@ def read_results_table(job: Any, ledger: Any = None) -> pa.Table:
     table (with the `_row` column). Every shard is read once and checked against its marker's checksum and keys
     as it is read: a shard that fails is left out (with a warning naming it; `runner repair` quarantines it and
     `runner work` redoes its rows). Keys are unique: a key committed twice (identical by construction) is kept
-    once."""
+    once. Put in order a unit at a time (a unit's rows are a run of the input's), each unit's shards let go
+    once sorted: sorting the whole job at once held it three times over (the shards, the combined columns
+    and the sorted copy: 70 MB for 23 MB of results; adversarial pass 251)."""
+    import pyarrow as pa
+
+    parts: list[pa.Table] = []
+    unit, tables = None, []
+    for commit, table in shard_tables(job, ledger=ledger):
+        if commit.unit != unit and tables:
+            parts.append(_in_order(tables, job.samples))
+            tables = []
+        unit = commit.unit
+        tables.append(table)
+    if tables:
+        parts.append(_in_order(tables, job.samples))
+    del tables
+    if not parts:
+        return empty_results(job)
+    bounds = [(part.column(ORDER)[0].as_py(), part.column(ORDER)[-1].as_py()) for part in parts]
+    table = pa.concat_tables(parts, promote_options="default")
+    del parts
+    # units in order, each sorted, their rows apart: in order as a whole (else a shard held rows of another
+    # unit's range, which no worker writes: sorted whole, as before)
+    if all(last < first for (_, last), (first, _) in zip(bounds, bounds[1:], strict=False)):
+        return table
+    return _in_order([table], job.samples)
+
+
+def _in_order(tables: list[pa.Table], samples: int) -> pa.Table:
+    """`tables` (shards, let go of here) as one table sorted by (row, sample), each key once."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    tables = [table for _, table in shard_tables(job, ledger=ledger)]
-    if not tables:
-        return empty_results(job)
     table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)
+    tables.clear()
     order = pc.sort_indices(table, sort_keys=[(ORDER, "ascending"), ("sample", "ascending")])
-    table = table.take(order)
-    flat = table.column(ORDER).to_numpy() * job.samples + table.column("sample").to_numpy()
+    flat = table.column(ORDER).to_numpy() * samples + table.column("sample").to_numpy()
+    flat = flat[order.to_numpy()]
     first = np.ones(len(flat), dtype=bool)
     first[1:] = flat[1:] != flat[:-1]
-    return table if first.all() else table.filter(pa.array(first))
+    keep = order if first.all() else order.filter(pa.array(first))
+    return table.take(keep)
 
 
 def resolve_source(source: str | os.PathLike, home: str | os.PathLike | None = None) -> tuple[Path, bool]:
