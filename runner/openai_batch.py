@@ -353,7 +353,7 @@ def _spared_targets(
     )
     if errors.suffix.lower() != ".jsonl":  # (--errors-to x.csv was JSON Lines too)
         raise RunnerError(f"{errors}: an OpenAI Batch error file is JSON Lines: give it a .jsonl name")
-    from .results import refuse_inside_job
+    from .results import _same_file, refuse_inside_job
 
     refuse_inside_job(job_dir, out, errors)
     for target in (out, errors):
@@ -365,15 +365,6 @@ def _spared_targets(
             raise RunnerError(f"{target} is the input file {requests}: writing it would destroy the requests; "
                               "give the output another name")  # fmt: skip
     return out, errors
-
-
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)  # (a hard link to it)
-    except OSError:  # either is not there (yet)
-        return False
 
 
 class _Groups:

@@ -121,3 +121,27 @@ def test_load_results_of_many_shards_holds_the_job_about_once(tmp_path, tiny_gpt
         pa.set_memory_pool(default)
     assert table.column("id").to_pylist() == [str(i) for i in range(120)]
     assert pool.max_memory() < 1.5 * table.nbytes, (pool.max_memory(), table.nbytes)
+
+
+@pytest.mark.parametrize("option", ["--to", "--errors-to"])
+def test_an_export_never_writes_over_the_jobs_input_file(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, option
+):
+    """`runner results night1 --to prompts.jsonl` (the name a user had typed a moment before, for submit) wrote
+    the results over the prompts the job was submitted from, without a word: the user's file gone, and `runner
+    repair` could no longer write prompts.parquet again from it. run-batch refused its requests file already."""
+    from helpers import invoke
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hi"}])
+    before = prompts.read_bytes()
+    job = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=2, seed=1), home=runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    result = invoke("results", job.id, option, str(prompts))
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"{prompts} is the input file of job {job.id}" in " ".join(result.output.split()), result.output
+    assert prompts.read_bytes() == before
+    # a link to it is the same file; another name is written
+    (tmp_path / "link.jsonl").symlink_to(prompts)
+    with pytest.raises(runner.RunnerError, match="is the input file of job"):
+        runner.export_results(job.id, tmp_path / "link.jsonl")
+    assert runner.export_results(job.id, tmp_path / "out.jsonl").rows == 1 and prompts.read_bytes() == before
