@@ -5,7 +5,15 @@ and as a notebook user reads a job folder they know (`pd.read_parquet("jobs/ID/s
 Found: a passthrough column of lists or objects holding integers with a null among them (a list `[2**60 + 1,
 None]`, an object missing from a row) came back from `load_results` (pandas) and in a CSV export as floats (7 as
 7.0, 2**60 + 1 rounded); the README said nothing of reading shards/ directly, where a shard a killed worker left
-before its marker (its rows computed again) or a superseded worker's late one shows each of its rows twice.
+before its marker (its rows computed again) or a superseded worker's late one shows each of its rows twice;
+sorting a job's rows held it three times over in Arrow's memory; `runner results J --to prompts.jsonl` wrote
+over the job's own input file.
+
+Held: temp files in shards/ (`.NAME.HEX.tmp`) are skipped by every reader tried; a retry leaves no shard twice
+(row errors live in markers); quarantine moves shards out of shards/; result columns and their types are the
+same in every shard (optional columns by the job, not the rows), for generate (n > 1, logprobs), score and
+embed; an export of a job still running says so and writes only the rows whose commits count; JSON, JSON Lines
+and Parquet exports round-trip nested, unicode, NaN and 2**60-sized values.
 """
 
 import csv
