@@ -466,7 +466,9 @@ def read_results_table(job: Any, ledger: Any = None) -> pa.Table:
     del tables
     if not parts:
         return empty_results(job)
-    bounds = [(part.column(ORDER)[0].as_py(), part.column(ORDER)[-1].as_py()) for part in parts]
+    bounds = [
+        (part.column(ORDER)[0].as_py(), part.column(ORDER)[-1].as_py()) for part in parts if part.num_rows
+    ]
     table = pa.concat_tables(parts, promote_options="default")
     del parts
     # units in order, each sorted, their rows apart: in order as a whole (else a shard held rows of another

@@ -153,3 +153,23 @@ def test_an_export_never_writes_over_the_jobs_input_file(
     with pytest.raises(runner.RunnerError, match="is the input file of job"):
         runner.export_results(job.id, tmp_path / "link.jsonl")
     assert runner.export_results(job.id, tmp_path / "out.jsonl").rows == 1 and prompts.read_bytes() == before
+
+
+def test_rows_come_in_input_order_whatever_order_units_come_in_and_an_empty_shard_among_them(
+    nested_job, monkeypatch
+):
+    """Units are sorted one at a time and joined: units read out of order (a ledger listing them so), and a
+    shard of no rows among them, still give every row once, in input order."""
+    from runner import results
+
+    real = results.shard_tables
+    pairs = list(real(nested_job))
+    assert len(pairs) == 3
+
+    def shuffled(job, columns=None, ledger=None):
+        (c0, t0), (c1, t1), (c2, t2) = pairs
+        yield from [(c2, t2), (c1, t1.slice(0, 0)), (c0, t0), (c1, t1)]
+
+    monkeypatch.setattr(results, "shard_tables", shuffled)
+    ids = runner.load_results(nested_job.dir, format="arrow").column("id").to_pylist()
+    assert ids == ["a", "b", "c"]
