@@ -104,6 +104,12 @@ WHOLE_LAST_WINDOW = "whole_last_window"
 # 6: a generate job whose settings or some of whose rows give min_p (row rules as 4's): a runner from before min_p
 # would call its job.json invalid (a setting it does not know) or fail those rows, so it refuses the job
 MIN_P_FORMAT = 6
+# 6 too: a job whose model fingerprint is version 7 or later (models.FINGERPRINT_VERSION since 2026-12-06, so every
+# job submitted since): a runner from before version 7 computed "7:..." its own way, found another model and recorded
+# the job failed, "not the one it was submitted with", under the workers of now sharing the home (adversarial pass
+# 250, c2f3724); every runner that reads 6 knows version 7, so such a job is refused by the others
+FINGERPRINT_FORMAT = MIN_P_FORMAT
+FINGERPRINT_FORMAT_FROM = 7
 # 2: state.json, completed.json and failed.json until the job's first state record
 READABLE_FORMATS = (2, 3, ROW_SAMPLING_FORMAT, WHOLE_WINDOW_FORMAT, MIN_P_FORMAT)
 JOB_FILE, JOB_BACKUP, PROMPTS, INVALID = "job.json", "job.backup.json", "prompts.parquet", "errors.jsonl"

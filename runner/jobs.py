@@ -55,6 +55,7 @@ from .models import (
     check_causal_lm,
     check_weights,
     context_window,
+    fingerprint_version,
     hub_newest_here,
     hub_snapshot,
     is_hub_model,
@@ -646,6 +647,16 @@ def _pinned_facts(
     return pinned, facts
 
 
+def _layout(prep: _Preparer, meta: dict[str, Any]) -> int:
+    """The job folder format of a job stored now: what its rows need (`_Preparer.job_format`), and at least
+    jobdir.FINGERPRINT_FORMAT where its model fingerprint is of a version a runner from before would compute
+    otherwise (it failed the job as another model's, under the workers of now)."""
+    needed = prep.job_format(meta["format"])
+    if int(fingerprint_version(meta.get("model_fingerprint"))) >= jobdir.FINGERPRINT_FORMAT_FROM:
+        return max(needed, jobdir.FINGERPRINT_FORMAT)
+    return needed
+
+
 def _held_by(
     holder: str, job_dir: Any, root: Path, name: str | None, identity: dict[str, Any], target: Path
 ) -> Job:
@@ -735,7 +746,7 @@ def _write_job(
         })  # fmt: skip
         meta.update({
             "sample_auto": prep.sample_auto, "row_sampling": ROW_SAMPLING,
-            "format": prep.job_format(meta["format"]), jobdir.WHOLE_LAST_WINDOW: meta["kind"] == "score",
+            "format": _layout(prep, meta), jobdir.WHOLE_LAST_WINDOW: meta["kind"] == "score",
             "samples": written.samples or getattr(params, "num_return_sequences", 1),
             "results": written.results, "per_row_n": written.per_row_n, "outputs": written.outputs,
             "seed": seed if seed is not None else secrets.randbits(63),

@@ -801,7 +801,7 @@ def test_the_layout_version_of_a_job_is_read_or_refused_with_what_to_do(job, fmt
     install) is refused, saying to install it here too, rather than misread (an older runner ignores state
     records: a cancelled job would run again)."""
     meta = json.loads((job.dir / "job.json").read_text())
-    assert meta["format"] == jobdir.FORMAT == 3
+    assert meta["format"] == jobdir.FINGERPRINT_FORMAT and jobdir.FORMAT == 3
     meta["format"] = fmt
     meta["spec_sha256"] = jobdir.spec_checksum(meta)
     (job.dir / "job.json").write_text(json.dumps(meta))

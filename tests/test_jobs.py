@@ -1081,10 +1081,10 @@ def test_a_row_giving_temperature_one_samples_and_an_older_job_keeps_its_rules(
                      job_dir=tmp_path / "job")  # fmt: skip
     assert job.meta["row_sampling"] == "given"
     # a runner from before these rules would decide row s otherwise: the job's layout version keeps it off it
-    assert job.meta["format"] == jobdir.ROW_SAMPLING_FORMAT > jobdir.FORMAT
+    assert job.meta["format"] >= jobdir.ROW_SAMPLING_FORMAT > jobdir.FORMAT
     plain = create_job(write_jsonl(tmp_path / "q.jsonl", rows[:1]), tiny_gpt2, GenerationParams(max_new_tokens=12),
                        job_dir=tmp_path / "plain")  # fmt: skip
-    assert plain.meta["format"] == jobdir.FORMAT
+    assert plain.meta["format"] == jobdir.FINGERPRINT_FORMAT  # (its model fingerprint's: pass 250)
     assert run_job(job, gpt2_engine, echo=None).finished
     df = runner.load_results(job.dir).set_index("id")
     assert list(df.loc["s", "token_ids"]) != list(df.loc["g", "token_ids"])  # sampled, not the greedy answer
