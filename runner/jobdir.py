@@ -845,6 +845,9 @@ class JobSpec:
     def parse(cls, meta: Any) -> JobSpec:
         if not isinstance(meta, dict):
             raise BrokenJob("job.json is not a JSON object")
+        if _unchecked_early(meta):
+            raise BrokenJob("job.json has no checksum: a runner of 2026-11-30 wrote it, before job.json had one; "
+                            "`runner repair` adds it where job.backup.json holds the same")  # fmt: skip
         if meta.get("spec_sha256") != spec_checksum(meta):
             raise BrokenJob("job.json does not match its checksum (damaged or edited); `runner repair` restores it "
                             "from job.backup.json")  # fmt: skip
@@ -908,6 +911,13 @@ def _unreadable_format(fmt: Any) -> BrokenJob:
                          "the newer runner here too", repairable=False)  # fmt: skip
     return BrokenJob(f"job.json has layout version {fmt!r}; this runner reads {versions} (submit the file again)",
                      repairable=False)  # fmt: skip
+
+
+def _unchecked_early(meta: dict[str, Any]) -> bool:
+    """Whether job.json is one of the first runner's (layout 2, 2026-11-30, before ece6cf9): no checksum at all.
+    Its results read as any job's once `runner repair` adds the checksum (`_checked_early_spec`); they were out
+    of reach, the job shown broken as damaged (adversarial pass 250, a real ba61c53 job)."""
+    return meta.get("format") == 2 and "spec_sha256" not in meta
 
 
 def spec_checksum(meta: dict[str, Any]) -> str:
@@ -3846,7 +3856,8 @@ def _restore_spec(path: Path) -> Job:
     (not repairable) when neither is, or nothing tells which is."""
     current = _read_json_or_none(path / JOB_FILE) if _lexists(path / JOB_FILE) else None
     raw = _read_json_or_none(path / JOB_BACKUP) if _lexists(path / JOB_BACKUP) else None
-    specs = [s for s in (current, raw) if _valid_spec(s)]
+    early = _checked_early_spec(current, raw)
+    specs = [s for s in ([early] if early is not None else [current, raw]) if _valid_spec(s)]
     if not specs:
         raise BrokenJob(f"{path}: job.json is damaged and its backup is missing or damaged too; submit the "
                         "file again", repairable=False)  # fmt: skip
@@ -3865,7 +3876,19 @@ def _restore_spec(path: Path) -> Job:
     for name, spec in ((JOB_FILE, current), (JOB_BACKUP, raw)):
         if not _same_json(spec, own):
             storage.write_json(path / name, own)
-    return Job.open(path, inputs=False)
+    job = Job.open(path, inputs=False)
+    if own is early:
+        job.log("repair: job.json and its backup, as a runner of 2026-11-30 wrote them, got their checksum")
+    return job
+
+
+def _checked_early_spec(current: Any, backup: Any) -> dict[str, Any] | None:
+    """The first runner's job.json (`_unchecked_early`) with its checksum added, where its backup holds the same
+    JSON (the two written apart: a changed byte in one shows as a difference), else None. `_restore_spec` writes
+    it to both."""
+    if not (isinstance(current, dict) and _unchecked_early(current) and _same_json(current, backup)):
+        return None
+    return {**current, "spec_sha256": spec_checksum(current)}
 
 
 def _same_json(a: Any, b: Any) -> bool:

@@ -70,3 +70,68 @@ def test_a_job_of_now_is_refused_by_a_runner_that_would_compute_its_model_finger
         assert meta["format"] not in old["readable_formats"], (commit, job.dir.name, meta["format"])
         assert meta["format"] in jobdir.READABLE_FORMATS
         assert jobdir.Job.open(job.dir).state().state is jobdir.JobState.QUEUED
+
+
+EARLY = FIXTURES / "ba61c53-completed"
+EARLY_ID = "20261207-163655-b3cfcf"
+
+
+def _early_job_in(tmp_path: Path) -> Path:
+    """A copy of a job that the runner of 2026-11-30 (ba61c53) submitted and completed: layout 2, job.json and
+    job.backup.json without a checksum (they had none yet), state.json, one commit of its 3 rows."""
+    import shutil
+
+    home = tmp_path / "jobs"
+    shutil.copytree(EARLY, home)
+    return home
+
+
+def test_a_job_of_the_first_runner_is_said_so_and_repair_gives_its_results_back(tmp_path):
+    """Every job of the first runner read as broken, "job.json does not match its checksum (damaged or edited)",
+    and `runner repair` then said its backup was damaged too, to submit again: its results out of reach. Now
+    status says what it is, and repair adds the checksum where job.json and its backup hold the same."""
+    from helpers import invoke
+
+    import runner
+
+    home = _early_job_in(tmp_path)
+    said = invoke("--home", home, "status").output
+    assert "job.json has no checksum: a runner of 2026-11-30 wrote it" in said and "runner repair" in said, (
+        said
+    )
+    out = invoke("--home", home, "repair", EARLY_ID)
+    assert out.exit_code == 0, out.output
+    meta = json.loads((home / EARLY_ID / jobdir.JOB_FILE).read_text())
+    assert meta["spec_sha256"] == jobdir.spec_checksum(meta)
+    assert (home / EARLY_ID / jobdir.JOB_BACKUP).read_text() == (
+        home / EARLY_ID / jobdir.JOB_FILE
+    ).read_text()
+    assert "got their checksum" in (home / EARLY_ID / "log.txt").read_text()
+    said = invoke("--home", home, "status").output
+    assert "completed" in said and "3/3" in said, said
+    df = runner.load_results(home / EARLY_ID)
+    assert list(df["id"]) == ["a", "b", "c"] and list(df["finish_reason"]) == ["length"] * 3
+    assert list(df["text"]) == [" fewer fewer fewer fewer", "ecdecdecdecd", "intonintonintoninton"]
+
+
+@pytest.mark.parametrize("change", ["backup differs", "backup missing", "layout 3"])
+def test_a_checksumless_job_json_is_not_taken_as_the_first_runners_without_its_twin(tmp_path, change):
+    """The checksum is added only to the first runner's layout 2 where job.backup.json holds the same JSON: a
+    changed byte in either (they were written apart), a lone job.json, or a later layout without its checksum
+    (damage) is not vouched for, and repair says to submit again."""
+    from helpers import invoke
+
+    home = _early_job_in(tmp_path)
+    spec, backup = home / EARLY_ID / jobdir.JOB_FILE, home / EARLY_ID / jobdir.JOB_BACKUP
+    meta = json.loads(spec.read_text())
+    if change == "backup differs":
+        backup.write_text(json.dumps({**meta, "seed": meta["seed"] + 1}))
+    elif change == "backup missing":
+        backup.unlink()
+    else:
+        meta["format"] = 3
+        spec.write_text(json.dumps(meta))
+        backup.write_text(json.dumps(meta))
+    out = invoke("--home", home, "repair", EARLY_ID)
+    assert out.exit_code != 0 and "submit the file again" in out.output, out.output
+    assert "spec_sha256" not in json.loads(spec.read_text())
