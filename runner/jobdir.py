@@ -3835,6 +3835,10 @@ def _damaged_spec(path: Path, why: str) -> BrokenJob:
     "missing or damaged too; submit the file again", where a repair restores the job once the mount is back."""
     try:
         raw = _read_json_or_none(path / JOB_BACKUP) if _lexists(path / JOB_BACKUP) else None
+        if _vouched_early_spec(path, None, raw) is not None:  # (a repair of the first runner's job, killed)
+            return BrokenJob(
+                f"{why}; its backup job.backup.json, as the first runner wrote it, can restore it"
+            )
         JobSpec.parse(raw if isinstance(raw, dict) else {})
     except storage.StorageError as e:
         if e.unreadable_for_now:
@@ -3858,6 +3862,8 @@ def _restore_spec(path: Path) -> Job:
     raw = _read_json_or_none(path / JOB_BACKUP) if _lexists(path / JOB_BACKUP) else None
     early = _checked_early_spec(current, raw)
     specs = [s for s in ([early] if early is not None else [current, raw]) if _valid_spec(s)]
+    if not specs and (early := _vouched_early_spec(path, current, raw)) is not None:
+        specs = [early] if _valid_spec(early) else []
     if not specs:
         raise BrokenJob(f"{path}: job.json is damaged and its backup is missing or damaged too; submit the "
                         "file again", repairable=False)  # fmt: skip
@@ -3873,6 +3879,8 @@ def _restore_spec(path: Path) -> Job:
                         f"put that job's job.json back (a copy from its folder); or, if this folder is job "
                         f"{own['id']}'s and those results were copied in, {_FOREIGN_OUT}; or submit the file again",
                         repairable=False)  # fmt: skip
+    if own is early:
+        _vouch_for_early(path, own)
     for name, spec in ((JOB_FILE, current), (JOB_BACKUP, raw)):
         if not _same_json(spec, own):
             storage.write_json(path / name, own)
@@ -3889,6 +3897,42 @@ def _checked_early_spec(current: Any, backup: Any) -> dict[str, Any] | None:
     if not (isinstance(current, dict) and _unchecked_early(current) and _same_json(current, backup)):
         return None
     return {**current, "spec_sha256": spec_checksum(current)}
+
+
+# log.txt's line, before repair writes the first runner's job.json and backup with their checksum, that it found
+# both the same: its checksum then vouches for the one left whole where a kill cut the other short
+EARLY_VOUCHED = (
+    "repair: job.json and its backup, as a runner of 2026-11-30 wrote them, hold the same; checksum "
+)
+
+
+def _vouch_for_early(path: Path, checked: dict[str, Any]) -> None:
+    """Say in log.txt, before either file is written, that job.json and its backup held the same (`checked`:
+    that spec with its checksum). Where the log cannot be written, repair goes on all the same."""
+    try:
+        line = time.strftime("%Y-%m-%d %H:%M:%S ") + EARLY_VOUCHED + checked["spec_sha256"]
+        storage.append_line(path / LOG_FILE, line)
+    except RunnerError:
+        pass
+
+
+def _vouched_early_spec(path: Path, current: Any, backup: Any) -> dict[str, Any] | None:
+    """The first runner's job.json or backup (`_unchecked_early`) with its checksum added, where a repair said in
+    log.txt that both held that very JSON (`_vouch_for_early`) and was killed as it wrote one of them (cut short
+    on a mount whose rename copies: every repair after said to submit the file again); else None. A byte
+    changed since changes its checksum: not vouched for."""
+    left = [s for s in (current, backup) if isinstance(s, dict) and _unchecked_early(s)]
+    if not left or storage.kind(path / LOG_FILE) != "file":
+        return None
+    try:
+        lines = storage.read_bytes(path / LOG_FILE).decode("utf-8", "replace").splitlines()
+    except RunnerError:
+        return None
+    said = {line.rsplit(" ", 1)[-1] for line in lines if EARLY_VOUCHED in line}
+    for spec in left:
+        if spec_checksum(spec) in said:
+            return {**spec, "spec_sha256": spec_checksum(spec)}
+    return None
 
 
 def _same_json(a: Any, b: Any) -> bool:

@@ -1,0 +1,77 @@
+"""Adversarial pass 252: a second reader of the changes of 2026-12-07 (passes 248-251), as a demanding user and as
+the fault campaign would attack them.
+
+Found, and kept fixed below:
+  * `runner repair` of a job of the first runner (job.json and its backup without a checksum) killed while it
+    wrote the first of the two, on a mount whose rename copies the bytes: job.json was left cut short beside the
+    backup as the first runner wrote it, and every repair after said "submit the file again", its results out of
+    reach for good.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from workers import ROOT, worker_env
+
+from runner import jobdir
+
+EARLY = Path(__file__).parent / "fixtures" / "old_jobs" / "ba61c53-completed"
+EARLY_ID = "20261207-163655-b3cfcf"
+
+
+def _killed_repair_of_the_first_runners_job(tmp_path: Path) -> Path:
+    """A copy of the first runner's job (tests/fixtures/old_jobs), after a `runner repair` SIGKILLed half way
+    through the copy of the first file it writes (a mount whose rename copies, then deletes)."""
+    from fsfaults import FsFaults, command
+
+    home = tmp_path / "jobs"
+    shutil.copytree(EARLY, home)
+    faults = FsFaults(home, copy_rename=True, kill={"dir": EARLY_ID, "nth": 1, "at": "mid_copy"})
+    prefix, env = command(faults)
+    cmd = [sys.executable, *prefix, "--home", str(home), "repair", EARLY_ID]
+    killed = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(env), cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return home
+
+
+@pytest.mark.slow
+def test_a_repair_of_the_first_runners_job_killed_between_its_two_writes_is_finished_by_the_next(tmp_path):
+    from helpers import invoke
+
+    import runner
+
+    home = _killed_repair_of_the_first_runners_job(tmp_path)
+    folder = home / EARLY_ID
+    torn = [n for n in (jobdir.JOB_FILE, jobdir.JOB_BACKUP) if jobdir._read_json_or_none(folder / n) is None]
+    assert torn, "the kill left both files whole: the test no longer tears one"
+    said = " ".join(invoke("--home", home, "status").output.split())
+    assert "submit the file again" not in said and "can restore it" in said, said
+    out = invoke("--home", home, "repair", EARLY_ID)
+    assert out.exit_code == 0, out.output
+    for name in (jobdir.JOB_FILE, jobdir.JOB_BACKUP):
+        meta = json.loads((folder / name).read_text())
+        assert meta["spec_sha256"] == jobdir.spec_checksum(meta) and meta["format"] == 2
+    assert list(runner.load_results(folder)["id"]) == ["a", "b", "c"]
+
+
+@pytest.mark.slow
+def test_after_a_killed_repair_a_changed_byte_in_the_first_runners_file_left_is_not_vouched_for(tmp_path):
+    """What vouches for the one file left whole is repair's own word that both were the same, for that content:
+    a byte changed in it since is damage, not the first runner's job."""
+    from helpers import invoke
+
+    home = _killed_repair_of_the_first_runners_job(tmp_path)
+    folder = home / EARLY_ID
+    (left,) = [n for n in (jobdir.JOB_FILE, jobdir.JOB_BACKUP) if jobdir._read_json_or_none(folder / n)]
+    meta = json.loads((folder / left).read_text())
+    (folder / left).write_text(json.dumps({**meta, "seed": meta["seed"] + 1}))
+    out = invoke("--home", home, "repair", EARLY_ID)
+    assert out.exit_code != 0 and "submit the file again" in out.output, out.output
+    assert "spec_sha256" not in json.loads((folder / left).read_text())
