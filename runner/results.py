@@ -888,10 +888,21 @@ def refuse_inside_job(job_dir: str | os.PathLike, *paths: str | os.PathLike | No
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether `a` and `b` name one file there now (a link to it, a hard link), not only one path."""
+    """Whether `a` and `b` name one file: one path (through links), or one file there now (a hard link). A stat
+    that fails for now (a Drive mount dropping a request) is tried again: taken for "not there", the export wrote
+    over the job's input file."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+
+    def same() -> bool:
+        try:
+            return os.path.samefile(a, b)
+        except (FileNotFoundError, NotADirectoryError):  # either is not there (yet): nothing of it to destroy
+            return False
+
     try:
-        return os.path.samefile(a, b)
-    except OSError:  # either is not there (yet): nothing of it to destroy
+        return storage.retry(same, f"compare {a} with {b}")
+    except storage.StorageError:  # (unreadable for good: then no export writes it either)
         return False
 
 

@@ -6,6 +6,9 @@ Found, and kept fixed below:
     wrote the first of the two, on a mount whose rename copies the bytes: job.json was left cut short beside the
     backup as the first runner wrote it, and every repair after said "submit the file again", its results out of
     reach for good.
+  * `runner results J --to FILE` (and run-batch's export) took FILE for another file than the job's input where
+    a stat of either failed once (a Drive mount dropping a request): it wrote the results over the prompts. The
+    test of one file, moved to results.py that day, had lost run-batch's check of the path itself.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import write_jsonl
 from workers import ROOT, worker_env
 
-from runner import jobdir
+import runner
+from runner import GenerationParams, jobdir
+from runner.jobs import create_job
+from runner.worker import run_job
 
 EARLY = Path(__file__).parent / "fixtures" / "old_jobs" / "ba61c53-completed"
 EARLY_ID = "20261207-163655-b3cfcf"
@@ -75,3 +82,26 @@ def test_after_a_killed_repair_a_changed_byte_in_the_first_runners_file_left_is_
     out = invoke("--home", home, "repair", EARLY_ID)
     assert out.exit_code != 0 and "submit the file again" in out.output, out.output
     assert "spec_sha256" not in json.loads((folder / left).read_text())
+
+
+@pytest.mark.parametrize("target", ["itself", "a hard link"])
+def test_an_export_onto_the_jobs_input_file_is_refused_when_a_stat_of_it_fails_once(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch, target
+):
+    from fsfaults import FsFaults
+
+    (tmp_path / "in").mkdir()
+    prompts = write_jsonl(tmp_path / "in" / "p.jsonl", [{"id": "a", "prompt": "hi"}])
+    before = prompts.read_bytes()
+    job = create_job(prompts, tiny_gpt2, GenerationParams(max_new_tokens=2, seed=1), home=runner_home)
+    assert run_job(job, gpt2_engine, echo=None).finished
+    to = prompts
+    if target == "a hard link":
+        to = tmp_path / "in" / "same.jsonl"
+        to.hardlink_to(prompts)
+    # every first stat (read, listing) of a file in the input's folder fails, as a Drive mount's may
+    FsFaults(tmp_path / "in", eio=1.0, eio_dirs=(".",), retry_delays=[0.0] * 8).install(monkeypatch)
+    with pytest.raises(runner.RunnerError, match="is the input file of job"):
+        runner.export_results(job.id, to)
+    monkeypatch.undo()
+    assert prompts.read_bytes() == before
