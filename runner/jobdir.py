@@ -377,10 +377,12 @@ def _in_home(text: str, root: Path) -> Path:
 
 
 def _input_path(spec: dict[str, Any]) -> Path | None:
-    """The input file a job's spec names, resolved; None where it names none."""
+    """The input file a job's spec names, resolved; None where it names none: a file's is its absolute path, and
+    "DataFrame (N rows)", "standard input" or "hf:NAME" (`jobs._describe`) are no file of the folder a command
+    runs in (an export named so was refused as "the input file of job ...")."""
     given = spec.get("input")
     path = given.get("path") if isinstance(given, dict) else None
-    return Path(path).resolve() if isinstance(path, str) else None
+    return Path(path).resolve() if isinstance(path, str) and os.path.isabs(path) else None
 
 
 def input_file_hint(path: Path, home: str | os.PathLike | None = None) -> str:

@@ -8,7 +8,9 @@ Found, and kept fixed below:
     reach for good.
   * `runner results J --to FILE` (and run-batch's export) took FILE for another file than the job's input where
     a stat of either failed once (a Drive mount dropping a request): it wrote the results over the prompts. The
-    test of one file, moved to results.py that day, had lost run-batch's check of the path itself.
+    test of one file, moved to results.py that day, had lost run-batch's check of the path itself;
+  * a DataFrame's job (job.json's input "DataFrame (N rows)", not a path) refused an export of that name as "the
+    input file of job ...", the description taken for a file of the folder the command ran in.
 """
 
 from __future__ import annotations
@@ -105,3 +107,22 @@ def test_an_export_onto_the_jobs_input_file_is_refused_when_a_stat_of_it_fails_o
         runner.export_results(job.id, to)
     monkeypatch.undo()
     assert prompts.read_bytes() == before
+
+
+def test_a_dataframe_jobs_description_is_no_input_file_an_export_could_destroy(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    """job.json of a DataFrame's job says "DataFrame (N rows)" where a file's job has its absolute path: that
+    text, taken for a path in the folder the command ran in, made an export named so "the input file of job"."""
+    import pandas as pd
+
+    job = create_job(
+        pd.DataFrame({"prompt": ["hi"]}), tiny_gpt2, GenerationParams(max_new_tokens=2), home=runner_home
+    )
+    described = job.meta["input"]["path"]
+    assert described.startswith("DataFrame (")
+    monkeypatch.chdir(tmp_path)
+    Path(described).write_text("the user's own file\n")
+    with pytest.raises((runner.RunnerError, ValueError)) as refused:
+        runner.export_results(job.id, described)
+    assert "is the input file" not in str(refused.value), refused.value
