@@ -151,7 +151,14 @@ def _check_constrained(job_dir, ref) -> None:
 
 
 @pytest.mark.slow  # real worker processes
-@pytest.mark.parametrize("point", ["after_generate:2", "mid_write:2", "after_shard:3"])
+@pytest.mark.parametrize(
+    "point",
+    # (one point in make test; the others in make test-deep, which CI runs too: make test nears its 15 minutes)
+    [
+        "after_generate:2",
+        *(pytest.param(p, marks=pytest.mark.deep) for p in ("mid_write:2", "after_shard:3")),
+    ],
+)
 def test_a_constrained_job_killed_at_its_progress_events_resumes_exactly_once(tmp_path, constrained, point):
     """SIGKILL inside a `runner work` of a constrained job (JSON schemas with Japanese enums, $ref, const,
     anyOf; a regex; Japanese and emoji choices; a grammar whose matcher gives up; a stop string inside a
