@@ -83,7 +83,7 @@ from .params import (
     settings_apart,
 )
 from .passthrough import Passthrough, rewrite_passthrough
-from .progress import counted
+from .progress import counted, in_words
 from .results import LOCAL_SHARD_PREFIX, PROMPT_COLUMNS, passthrough_columns
 
 ROW_GROUP_ROWS = 10_000  # rows read, checked, tokenized and written at a time; a row group of prompts.parquet
@@ -1597,7 +1597,7 @@ def _id_like_note(job: Job) -> list[str]:
     if not names:
         return []
     one, first = len(names) == 1, names[0]
-    listed = repr(first) if one else f"{', '.join(map(repr, names[:-1]))} and {names[-1]!r}"
+    listed = in_words([repr(n) for n in names])
     return [
         f"note: {listed} look{'s' if one else ''} like the id column, but runner reads ids from a column named "
         "exactly 'id': each row's id is its number (its line in the file, its row in a Parquet file or a "
@@ -1610,7 +1610,7 @@ def _id_like_note(job: Job) -> list[str]:
 def _kept_as_data(names: list[str], why: str) -> str:
     """submit's note that the columns `names` (as shown) are kept as data, not settings, and why."""
     one = len(names) == 1
-    listed = names[0] if one else f"{', '.join(names[:-1])} and {names[-1]}"
+    listed = in_words(names)
     return f"note: {listed} {'is' if one else 'are'} kept as data, not {'a setting' if one else 'settings'}: {why}"
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import RunnerError, option
 from .params import EngineOptions, GenerationParams, cited_as, settings_apart
-from .progress import counted
+from .progress import counted, in_words
 from .storage import NAME_MAX
 from .tokens import REPLACEMENT, unfinished
 
@@ -650,7 +650,7 @@ def _error_line(job: Any, cid: str, errors: list[dict[str, Any]], done: int = 0)
     message = str(errors[0].get("message", ""))
     if done:
         numbers = [str((e.get("sample") or 0) + 1) for e in errors]
-        named = numbers[0] if len(numbers) == 1 else f"{', '.join(numbers[:-1])} and {numbers[-1]}"
+        named = in_words(numbers)
         message = (f"sample{'s' if len(numbers) > 1 else ''} {named} failed: {message} "
                    f"({counted(done, 'other samples', 'were')} generated)")  # fmt: skip
     body = {"error": {"message": message, "type": "server_error", "param": errors[0].get("field"),

@@ -26,6 +26,11 @@ def counted(n: int, noun: str, verb: str = "") -> str:
     return f"{text} {_SINGULAR.get(verb, verb) if n == 1 else verb}" if verb else text
 
 
+def in_words(items: list[str]) -> str:
+    """`items` as a sentence lists them: "a", "a and b", "a, b and c"."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
