@@ -310,3 +310,13 @@ def normalising_copy(model: str, dest: Path, dropped: str) -> Path:
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     (dest / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return dest
+
+
+# A Lark rule `wide` whose matcher gives up a dozen letters in (llguidance's Earley row limit, 2,000 items): a row
+# of 2,100 alternatives, each a rule of its own. A grammar uses it after what it matches first.
+WIDE_RULES = (
+    "wide: "
+    + " | ".join(f"c{i}" for i in range(2100))
+    + "\n"
+    + "".join(f'c{i}: "x" d{i}\nd{i}: "{i}"\n' for i in range(2100))
+)

@@ -28,7 +28,7 @@ import signal
 
 import pytest
 import workers
-from helpers import assert_exactly_once, fresh_copy, ids_of, invoke, prepared_job, write_jsonl
+from helpers import WIDE_RULES, assert_exactly_once, fresh_copy, ids_of, invoke, prepared_job, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams
@@ -41,15 +41,9 @@ jsonschema = pytest.importorskip("jsonschema")
 openai = pytest.importorskip("openai")
 
 CHAT = "/v1/chat/completions"
-# A grammar whose matcher gives up (llguidance's Earley row limit, 2,000 items) a dozen letters in: a sample
-# whose first character is a letter fails, one that starts with a digit is the digit alone.
-WIDE = (
-    "wide: "
-    + " | ".join(f"c{i}" for i in range(2100))
-    + "\n"
-    + "".join(f'c{i}: "x" d{i}\nd{i}: "{i}"\n' for i in range(2100))
-)
-SOMETIMES = "start: /[0-9]/ | /[a-z]{12}/ wide\n" + WIDE
+# A grammar whose matcher gives up a dozen letters in (helpers.WIDE_RULES): a sample whose first character is a
+# letter fails, one that starts with a digit is the digit alone.
+SOMETIMES = "start: /[0-9]/ | /[a-z]{12}/ wide\n" + WIDE_RULES
 
 
 def chat(cid: str, content: str, **body) -> dict:
@@ -118,7 +112,7 @@ KILL_ROWS = [
     {"id": "k0", "prompt": "Write a person", "json_schema": PERSON},
     {"id": "k1", "prompt": "The date is", "regex": DATE},
     {"id": "k2", "prompt": "答え:", "choices": ["はい", "いいえ", "😀"]},
-    {"id": "k3", "prompt": "Spell it", "grammar": "start: /[a-z]{12}/ wide\n" + WIDE},  # always gives up
+    {"id": "k3", "prompt": "Spell it", "grammar": "start: /[a-z]{12}/ wide\n" + WIDE_RULES},  # always gives up
     {"id": "k4", "prompt": "An object", "response_format": {"type": "json_object"}},
     {"id": "k5", "prompt": "Plain words"},
     {"id": "k6", "prompt": "Someone", "response_format": {"type": "json_schema",

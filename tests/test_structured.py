@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from helpers import assert_same_completions, ids_of, invoke, plain_logprobs, write_jsonl
+from helpers import WIDE_RULES, assert_same_completions, ids_of, invoke, plain_logprobs, write_jsonl
 
 import runner
 from runner import GenerationParams, InputError, constraints
@@ -616,12 +616,7 @@ def test_constraint_complete_judges_the_text_returned(tiny_llama, llama_engine):
 # then grow by one item per character, and at ~2,000 bytes (`max_items_in_row`) its matcher gives up.
 RIGHT_RECURSIVE = "root ::= [a-z] root | [a-z]"
 # A parser limit reached after a dozen characters: a row of 2,100 items (each alternative a rule of its own).
-WIDE = (
-    "start: /[a-z]{12}/ wide\nwide: "
-    + " | ".join(f"c{i}" for i in range(2100))
-    + "\n"
-    + "".join(f'c{i}: "x" d{i}\nd{i}: "{i}"\n' for i in range(2100))
-)
+WIDE = "start: /[a-z]{12}/ wide\n" + WIDE_RULES
 
 
 def _lone(engine, ids, params, seeds):
