@@ -376,7 +376,7 @@ def _in_home(text: str, root: Path) -> Path:
     )
 
 
-def _input_path(spec: dict[str, Any]) -> Path | None:
+def input_path(spec: dict[str, Any]) -> Path | None:
     """The input file a job's spec names, resolved; None where it names none: a file's is its absolute path, and
     "DataFrame (N rows)", "standard input" or "hf:NAME" (`jobs._describe`) are no file of the folder a command
     runs in (an export named so was refused as "the input file of job ...")."""
@@ -393,7 +393,7 @@ def input_file_hint(path: Path, home: str | os.PathLike | None = None) -> str:
         return ""
     target = path.resolve()
     root = Path(home) if home is not None else default_home()
-    jobs = [(p, spec) for p, spec in _named(root) if _input_path(spec) == target]
+    jobs = [(p, spec) for p, spec in _named(root) if input_path(spec) == target]
     if not jobs:
         return ""
     shown = ", ".join(p.name + (f" ({spec['name']})" if isinstance(spec.get("name"), str) else "")

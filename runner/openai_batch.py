@@ -353,7 +353,7 @@ def _spared_targets(
     )
     if errors.suffix.lower() != ".jsonl":  # (--errors-to x.csv was JSON Lines too)
         raise RunnerError(f"{errors}: an OpenAI Batch error file is JSON Lines: give it a .jsonl name")
-    from .results import _same_file, refuse_inside_job
+    from .results import refuse_inside_job, same_file
 
     refuse_inside_job(job_dir, out, errors)
     for target in (out, errors):
@@ -361,7 +361,7 @@ def _spared_targets(
         if len(os.fsencode(target.name)) > NAME_MAX:
             raise RunnerError(f"{target}: its name is over the {NAME_MAX} bytes a file name may have; give the "
                               "output a shorter name")  # fmt: skip
-        if requests is not None and _same_file(target, requests):
+        if requests is not None and same_file(target, requests):
             raise RunnerError(f"{target} is the input file {requests}: writing it would destroy the requests; "
                               "give the output another name")  # fmt: skip
     return out, errors

@@ -873,21 +873,21 @@ def refuse_inside_job(job_dir: str | os.PathLike, *paths: str | os.PathLike | No
     """Refuse an export target inside the job's folder, whose files are runner's own (a link to it counts), and
     the file the job was submitted from: `runner results J --to prompts.jsonl` wrote over the user's prompts
     without a word, and `runner repair` could no longer write prompts.parquet again from them (pass 251)."""
-    from .jobdir import _input_path, spec_or_backup
+    from .jobdir import input_path, spec_or_backup
 
     folder = Path(os.path.realpath(job_dir))
     spec = spec_or_backup(Path(job_dir)) or {}
-    given = _input_path(spec)
+    given = input_path(spec)
     for path in paths:
         if path is not None and Path(os.path.realpath(path)).is_relative_to(folder):
             raise RunnerError(f"{path} is inside the job's folder {folder}, whose files are runner's own: "
                               "export somewhere else")  # fmt: skip
-        if path is not None and given is not None and _same_file(path, given):
+        if path is not None and given is not None and same_file(path, given):
             raise RunnerError(f"{path} is the input file of job {spec.get('id') or folder.name}: writing it would "
                               "destroy the prompts it was submitted from; give the export another name")  # fmt: skip
 
 
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether `a` and `b` name one file: one path (through links), or one file there now (a hard link). A stat
     that fails for now (a Drive mount dropping a request) is tried again: taken for "not there", the export wrote
     over the job's input file."""
