@@ -2164,10 +2164,15 @@ def _withdraw(path: Path, fd: int) -> None:
     """Our create's file at `path` (`fd`), whose fill failed for good (a full disk or Drive quota, a mount turned
     read-only): taken away, so that the name reads as it did, not as a change being written and then as damage (a
     `cancel` on a full Drive left its record empty: the job broken until `runner repair`; a `submit --name`,
-    its name claimed for ten minutes). Set aside first (one taker wins it): another's file found there instead
-    (an adopter's, `_adopt_unfilled`, while this one waited on the mount) is put back. Best effort."""
+    its name claimed for ten minutes). Another's file found there (an adopter's, `_adopt_unfilled`, while this one
+    waited on the mount) is left as it is: its writer may have read it back and said done, and once set aside, a
+    third writer could create at the name freed, and the put-back then fail (pass 253: a reported cancel lost).
+    Ours, it is set aside (one taker wins it) and looked at again there: another's that came in between is put
+    back. Best effort."""
     aside = _aside_name(path)
     try:
+        if not os.path.samestat(os.fstat(fd), os.lstat(path)):
+            return
         os.rename(path, aside)
         ours = os.path.samestat(os.fstat(fd), os.lstat(aside))
         theirs = b"" if ours else storage.read_bytes(aside)

@@ -1,0 +1,129 @@
+"""Adversarial pass 253: a second reader of the write protocol without hard links (`jobdir._create_then_fill` and
+the adopter's, the withdrawer's and the readers' steps around it), three writers interleaved at one name.
+
+Found, and kept fixed below:
+  * a `runner cancel` that had said "cancelled" was lost, and the job ran on (or read completed). Three writers
+    decided over the same state record: the first created its record and then waited on the mount through its
+    fill; the second, its own create's reply lost, found that file empty for long, adopted the name, recorded
+    the cancel there and read it back whole (done). The first's fill then failed for good (a full Drive), and it
+    took back its create (`_withdraw`) by renaming whatever stood at the name aside, and only then looked whether
+    it was its own: the cancel, moved away. A third writer past its look for records in transit (a worker's
+    outcome) created its record at the name freed meanwhile; the put-back of the cancel then found the name
+    taken, and the cancel was deleted. (So too a claim, `take_unit`: the adopter's claim deleted under its
+    worker, the epoch claimed by a third.) A withdrawer now looks first, and leaves a file that is not its own
+    where it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import pytest
+from helpers import write_jsonl
+
+from runner import EngineOptions, GenerationParams, jobdir, storage
+from runner.jobdir import JobState, StateRecord, read_state
+from runner.jobs import create_job
+
+ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(2)]
+
+
+@pytest.fixture
+def job(tmp_path, tiny_gpt2, runner_home):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    return create_job(
+        prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(), home=runner_home
+    )
+
+
+class Gate:
+    """A thread stopped at a step until the test lets it go on (events, never sleeps)."""
+
+    def __init__(self) -> None:
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def stop_here(self) -> None:
+        self.reached.set()
+        assert self.go.wait(30), "the test never let this step go on"
+
+
+def _run(name: str, target, results: dict, ended: threading.Event) -> threading.Thread:
+    def body() -> None:
+        try:
+            results[name] = target()
+        except BaseException as e:  # noqa: BLE001 (the test reads what each writer ended with)
+            results[name] = e
+        finally:
+            ended.set()
+
+    t = threading.Thread(target=body, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_withdrawn_create_never_takes_away_the_record_an_adopter_reported(job, monkeypatch):
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", ())  # (the adopter's ~13 s of looks at an empty file, done)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0,))
+    runner_read = read_state(job.dir)  # all three decide over this state (queued, no record yet)
+    path = os.fspath(job.dir / "state" / jobdir.record_name(1))
+    w_fill, w_renamed, c_create, w_created = Gate(), Gate(), Gate(), threading.Event()
+    a_tries: list[int] = []
+    real_open, real_pwrite, real_rename = os.open, os.pwrite, os.rename
+
+    def open_(file, flags, *a, **k):
+        me = threading.current_thread().name
+        if os.fspath(file) == path and flags & os.O_EXCL and me == "adopter" and not a_tries:
+            a_tries.append(1)
+            assert w_created.wait(30)
+            raise OSError(
+                errno.EIO, "the mount dropped the request"
+            )  # (it did not land: the withdrawer's did)
+        fd = real_open(file, flags, *a, **k)
+        if os.fspath(file) == path and me == "withdrawer":
+            w_created.set()
+        return fd
+
+    def pwrite(fd, data, at):
+        if threading.current_thread().name == "withdrawer":
+            w_fill.stop_here()  # waiting on the mount through the adopter's pauses
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, at)
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        if threading.current_thread().name == "withdrawer" and os.fspath(src) == path:
+            w_renamed.stop_here()
+
+    def fault_point(name):
+        if name == "before_create" and threading.current_thread().name == "third":
+            c_create.stop_here()  # past its look for a record in transit, before its create
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(jobdir, "fault_point", fault_point)
+
+    def record(state: JobState, by: str):
+        return lambda: jobdir.record_state(job.dir, runner_read, StateRecord(state), by)
+
+    results: dict = {}
+    withdrawer = _run("withdrawer", record(JobState.QUEUED, "retry"), results, w_renamed.reached)
+    assert w_fill.reached.wait(30)
+    _run("adopter", record(JobState.CANCELLED, "cancel"), results, threading.Event()).join(30)
+    cancel = results["adopter"]
+    assert isinstance(cancel, StateRecord) and cancel.state is JobState.CANCELLED  # said "cancelled"
+    third = _run("third", record(JobState.FAILED, "failed"), results, threading.Event())
+    assert c_create.reached.wait(30)
+    w_fill.go.set()  # the fill fails for good: the create is taken back
+    assert w_renamed.reached.wait(30)  # (the cancel set aside, or left where it is: the withdrawer's end)
+    c_create.go.set()
+    third.join(30)
+    w_renamed.go.set()
+    withdrawer.join(30)
+    assert isinstance(results["withdrawer"], storage.StorageError)  # the full disk, said
+    state = read_state(job.dir)
+    assert state.state is JobState.CANCELLED and state.writer == cancel.writer, (state, results)
+    assert results["third"] is None  # its place taken: it reads the state again and decides again
