@@ -2256,15 +2256,16 @@ def _put_back_killed(path: Path, data: bytes) -> bool:
     """Whether a whole record decided over the same one as ours (`data`) sits aside for the state record `path`
     (`_set_aside`): the empty file at the name is then its put-back, killed before its fill (`_filled_or_aside`),
     not our landed create. Adopted, it was removed and ours created there, and the reported cancel aside was lost
-    (pass 92)."""
+    (pass 92). One that is `data` itself is not: we are putting it back, and our create's reply was lost (left
+    empty at its name, the job read as broken until `runner repair`; pass 253)."""
     record = _RECORD.match(path.name)
     if record is None or path.parent.name != STATES:
         return False  # (not a state record)
     over = json.loads(data).get("over")
     try:
         return any(
-            d["over"] == over
-            for _, d in _set_aside(path.parent.parent, int(record.group(1)), under_empty=True)
+            d["over"] == over and aside != data
+            for aside, d in _set_aside(path.parent.parent, int(record.group(1)), under_empty=True)
         )
     except BrokenJob:  # a damaged one: no whole record of that place stands aside
         return False

@@ -12,6 +12,12 @@ Found, and kept fixed below:
     taken, and the cancel was deleted. (So too a claim, `take_unit`: the adopter's claim deleted under its
     worker, the epoch claimed by a third.) A withdrawer now looks first, and leaves a file that is not its own
     where it is.
+  * a state record in transit (set aside by an adopter killed before it put it back, pass 61: a reported
+    cancel) was left an empty file at its name by the next writer putting it back, the job broken until `runner
+    repair`: that put-back's create landed and reported an error, its retry found its own empty file at the
+    name with the record still aside, and took it for another writer's put-back killed before its fill
+    (`_put_back_killed`), so it neither filled it nor created again. A record aside that is the one being put
+    back no longer counts as another's.
 """
 
 from __future__ import annotations
@@ -127,3 +133,32 @@ def test_a_withdrawn_create_never_takes_away_the_record_an_adopter_reported(job,
     state = read_state(job.dir)
     assert state.state is JobState.CANCELLED and state.writer == cancel.writer, (state, results)
     assert results["third"] is None  # its place taken: it reads the state again and decides again
+
+
+def test_a_record_in_transit_put_back_through_a_lost_reply_is_put_back_whole(job, monkeypatch):
+    """The put-back's create landed and reported an error: its retry finds its own empty file at the name and
+    the record it puts back still aside, which is no other writer's put-back killed before its fill."""
+    from runner import cancel
+
+    assert cancel(job.dir) == "queued"
+    record = job.dir / "state" / jobdir.record_name(1)
+    data = record.read_bytes()
+    os.rename(record, jobdir._aside_name(record))  # an adopter killed after its rename (pass 61)
+    assert read_state(job.dir).state is JobState.CANCELLED  # in transit
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(jobdir, "ADOPT_PAUSES", ())
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0,))
+    real_open, lost = os.open, []
+
+    def open_(file, flags, *a, **k):
+        fd = real_open(file, flags, *a, **k)
+        if os.fspath(file) == os.fspath(record) and flags & os.O_EXCL and not lost:
+            lost.append(fd)
+            os.close(fd)
+            raise OSError(errno.EIO, "the reply was lost")  # (it landed)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_)
+    jobdir._put_back(job.dir, 1, data)  # (the next writer, or the temp files' sweep)
+    assert lost and record.read_bytes() == data  # not left empty: the job broken until `runner repair`
+    assert read_state(job.dir).state is JobState.CANCELLED
