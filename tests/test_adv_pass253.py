@@ -18,6 +18,10 @@ Found, and kept fixed below:
     name with the record still aside, and took it for another writer's put-back killed before its fill
     (`_put_back_killed`), so it neither filled it nor created again. A record aside that is the one being put
     back no longer counts as another's.
+  * a `runner cancel` that took effect said "Error: job ... is already cancelled" (exit 1): its record, filled
+    as an adopter's last look still found it empty, was set aside and put back by a create, then a fill, and
+    the cancel's read back fell between the two: an empty file, taken for another writer's record, so it decided
+    again, over its own. An empty read is now waited on as a missing one is.
 """
 
 from __future__ import annotations
@@ -161,4 +165,41 @@ def test_a_record_in_transit_put_back_through_a_lost_reply_is_put_back_whole(job
     monkeypatch.setattr(os, "open", open_)
     jobdir._put_back(job.dir, 1, data)  # (the next writer, or the temp files' sweep)
     assert lost and record.read_bytes() == data  # not left empty: the job broken until `runner repair`
+    assert read_state(job.dir).state is JobState.CANCELLED
+
+
+def test_a_writer_reading_its_record_back_while_an_adopter_puts_it_back_says_done(job, monkeypatch):
+    """Its record, filled just as an adopter's last look found it empty, is set aside and put back by a create,
+    then a fill: read back between the two, it read empty, taken for another's, and the cancel decided again
+    over its own record: "job ... is already cancelled", exit 1, for a cancel that took effect."""
+    import time
+
+    from runner import RunnerError, cancel
+
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    path = os.fspath(job.dir / "state" / jobdir.record_name(1))
+    aside = jobdir._aside_name(path)
+    real_read, step = storage.read_bytes, []
+
+    def read_bytes(p, *a, **k):
+        if os.fspath(p) == path and not step and os.path.getsize(path):  # the cancel's read back
+            step.append("aside")
+            os.rename(path, aside)  # the adopter's rename, then its put-back's create
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        return real_read(p, *a, **k)
+
+    def sleep(_):
+        if step == ["aside"]:  # the put-back's fill lands while the reader pauses
+            step.append("filled")
+            with open(path, "wb") as f:
+                f.write(real_read(aside))
+            os.unlink(aside)
+
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    monkeypatch.setattr(time, "sleep", sleep)
+    try:
+        said = cancel(job.dir)
+    except RunnerError as e:
+        said = str(e)
+    assert step == ["aside", "filled"] and said == "queued"
     assert read_state(job.dir).state is JobState.CANCELLED
