@@ -10,8 +10,8 @@ Found, and kept fixed below:
     it was its own: the cancel, moved away. A third writer past its look for records in transit (a worker's
     outcome) created its record at the name freed meanwhile; the put-back of the cancel then found the name
     taken, and the cancel was deleted. (So too a claim, `take_unit`: the adopter's claim deleted under its
-    worker, the epoch claimed by a third.) A withdrawer now looks first, and leaves a file that is not its own
-    where it is.
+    worker, and a third worker took the same epoch: two held the unit.) A withdrawer now looks first, and
+    leaves a file that is not its own where it is.
   * a state record in transit (set aside by an adopter killed before it put it back, pass 61: a reported
     cancel) was left an empty file at its name by the next writer putting it back, the job broken until `runner
     repair`: that put-back's create landed and reported an error, its retry found its own empty file at the
@@ -73,12 +73,15 @@ def _run(name: str, target, results: dict, ended: threading.Event) -> threading.
     return t
 
 
-def test_a_withdrawn_create_never_takes_away_the_record_an_adopter_reported(job, monkeypatch):
+def _withdrawer_adopter_third(monkeypatch, path: str, withdrawer, adopter, third) -> dict:
+    """Three writers of one name, without hard links: the withdrawer's create lands and its fill waits on the
+    mount; the adopter's create drops (EIO), its retry finds that file, empty through its pauses, adopts the
+    name and reports its own file written; the third writer is stopped right before its create; the
+    withdrawer's fill then fails for good (a full disk) and it takes its create back, stopped after a rename of
+    the name aside (if it makes one) while the third creates. What each writer's call ended with."""
     monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
     monkeypatch.setattr(jobdir, "ADOPT_PAUSES", ())  # (the adopter's ~13 s of looks at an empty file, done)
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0,))
-    runner_read = read_state(job.dir)  # all three decide over this state (queued, no record yet)
-    path = os.fspath(job.dir / "state" / jobdir.record_name(1))
     w_fill, w_renamed, c_create, w_created = Gate(), Gate(), Gate(), threading.Event()
     a_tries: list[int] = []
     real_open, real_pwrite, real_rename = os.open, os.pwrite, os.rename
@@ -90,7 +93,7 @@ def test_a_withdrawn_create_never_takes_away_the_record_an_adopter_reported(job,
             assert w_created.wait(30)
             raise OSError(
                 errno.EIO, "the mount dropped the request"
-            )  # (it did not land: the withdrawer's did)
+            )  # (it did not land; the withdrawer's did)
         fd = real_open(file, flags, *a, **k)
         if os.fspath(file) == path and me == "withdrawer":
             w_created.set()
@@ -115,28 +118,49 @@ def test_a_withdrawn_create_never_takes_away_the_record_an_adopter_reported(job,
     monkeypatch.setattr(os, "pwrite", pwrite)
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(jobdir, "fault_point", fault_point)
-
-    def record(state: JobState, by: str):
-        return lambda: jobdir.record_state(job.dir, runner_read, StateRecord(state), by)
-
     results: dict = {}
-    withdrawer = _run("withdrawer", record(JobState.QUEUED, "retry"), results, w_renamed.reached)
+    withdrawing = _run("withdrawer", withdrawer, results, w_renamed.reached)
     assert w_fill.reached.wait(30)
-    _run("adopter", record(JobState.CANCELLED, "cancel"), results, threading.Event()).join(30)
-    cancel = results["adopter"]
-    assert isinstance(cancel, StateRecord) and cancel.state is JobState.CANCELLED  # said "cancelled"
-    third = _run("third", record(JobState.FAILED, "failed"), results, threading.Event())
+    _run("adopter", adopter, results, threading.Event()).join(30)
+    creating = _run("third", third, results, threading.Event())
     assert c_create.reached.wait(30)
     w_fill.go.set()  # the fill fails for good: the create is taken back
-    assert w_renamed.reached.wait(30)  # (the cancel set aside, or left where it is: the withdrawer's end)
+    assert w_renamed.reached.wait(30)  # (the name set aside, or left as it is: the withdrawer's end)
     c_create.go.set()
-    third.join(30)
+    creating.join(30)
     w_renamed.go.set()
-    withdrawer.join(30)
+    withdrawing.join(30)
     assert isinstance(results["withdrawer"], storage.StorageError)  # the full disk, said
+    return results
+
+
+def test_a_withdrawn_create_never_takes_away_the_record_an_adopter_reported(job, monkeypatch):
+    read = read_state(job.dir)  # all three decide over this state (queued, no record yet)
+
+    def record(state: JobState, by: str):
+        return lambda: jobdir.record_state(job.dir, read, StateRecord(state), by)
+
+    path = os.fspath(job.dir / "state" / jobdir.record_name(1))
+    cancelled, failed = record(JobState.CANCELLED, "cancel"), record(JobState.FAILED, "failed")
+    results = _withdrawer_adopter_third(
+        monkeypatch, path, record(JobState.QUEUED, "retry"), cancelled, failed
+    )
+    cancel = results["adopter"]
+    assert isinstance(cancel, StateRecord) and cancel.state is JobState.CANCELLED  # said "cancelled"
     state = read_state(job.dir)
     assert state.state is JobState.CANCELLED and state.writer == cancel.writer, (state, results)
     assert results["third"] is None  # its place taken: it reads the state again and decides again
+
+
+def test_a_withdrawn_claim_never_takes_away_the_claim_an_adopter_holds(job, monkeypatch):
+    def claim(worker: str):
+        return lambda: jobdir.take_unit(job, 0, jobdir.Owner.me(worker), -1)
+
+    storage.ensure_dir(job.dir / jobdir.CLAIMS)
+    path = os.fspath(job.dir / jobdir.CLAIMS / jobdir.claim_name(0, 0))
+    results = _withdrawer_adopter_third(monkeypatch, path, claim("w"), claim("a"), claim("c"))
+    assert results["adopter"] == 0 and results["third"] is None, results  # one worker holds epoch 0, not two
+    assert jobdir.still_holds(job, 0, 0, "a")
 
 
 def test_a_record_in_transit_put_back_through_a_lost_reply_is_put_back_whole(job, monkeypatch):
