@@ -2277,12 +2277,22 @@ def _put_back_killed(path: Path, data: bytes) -> bool:
 
 def _aside_name(path: Path) -> str:
     """Where `_adopt_unfilled` sets a file aside: a temp name (`storage.is_temp_name`: swept as one) that says
-    so, `.NAME.asideNNN.tmp`, for `_in_transit` to find."""
+    so, `.NAME.asideXXX.tmp` (XXX: 3 of ASIDE_LETTERS), for `_in_transit` to find. One not taken when looked at:
+    a rename over another aside of the same name would end the record in transit there (3 digits gave 1 in 1,000
+    for two asides at once; pass 253)."""
     folder, name = os.path.split(os.fspath(path))
-    return os.path.join(folder, f".{name}.{ASIDE}{secrets.randbelow(1000):03d}.tmp")
+    for _ in range(8):
+        mark = "".join(secrets.choice(ASIDE_LETTERS) for _ in range(3))
+        aside = os.path.join(folder, f".{name}.{ASIDE}{mark}.tmp")
+        if not os.path.lexists(aside):
+            break
+    return aside
 
 
 ASIDE = "aside"
+ASIDE_LETTERS = (
+    "0123456789abcdefghijklmnopqrstuvwxyz"  # (the temp name's 8 characters: "aside" and 3 of these)
+)
 
 
 def read_again_if_damaged(read: Callable[[], T], damaged: Callable[[T], bool]) -> T:

@@ -22,6 +22,8 @@ Found, and kept fixed below:
     as an adopter's last look still found it empty, was set aside and put back by a create, then a fill, and
     the cancel's read back fell between the two: an empty file, taken for another writer's record, so it decided
     again, over its own. An empty read is now waited on as a missing one is.
+  * two asides of one record could share a name (3 random digits: 1 in 1,000), and the second rename ends the
+    record in transit at the first. The name is drawn from 46,656 now, and drawn again where taken.
 """
 
 from __future__ import annotations
@@ -227,3 +229,16 @@ def test_a_writer_reading_its_record_back_while_an_adopter_puts_it_back_says_don
         said = str(e)
     assert step == ["aside", "filled"] and said == "queued"
     assert read_state(job.dir).state is JobState.CANCELLED
+
+
+def test_an_aside_name_is_drawn_wide_and_not_over_one_there(tmp_path):
+    """Two asides of one record at once must not share a name (a rename over the first would end the record in
+    transit there): the name is drawn from 46,656 (3 digits gave 1,000), and one found taken is drawn again."""
+    record = tmp_path / "00000002.json"
+    names = {os.path.basename(jobdir._aside_name(record)) for _ in range(2000)}
+    assert len(names) > 1000  # (1,000 at most from 3 digits; ~1,960 expected from 46,656)
+    assert all(storage.is_temp_name(n) and n.startswith(f".00000002.json.{jobdir.ASIDE}") for n in names)
+    for n in names:
+        (tmp_path / n).touch()
+    drawn = [os.path.basename(jobdir._aside_name(record)) for _ in range(200)]
+    assert sum(d in names for d in drawn) <= 2  # (taken: 4% of the names; 8 draws each, all taken 1 in 10^11)
