@@ -1474,7 +1474,14 @@ def _stands_at_its_name(job_dir: Path, seq: int, writer: str | None, transit: bo
         if d["writer"] == writer:
             _put_back(job_dir, seq, data)
             break
-    there = _read_json_or_none(job_dir / STATES / record_name(seq))
+    try:  # (empty or missing, it is being put back by another: waited for, pass 253)
+        there = json.loads(_read_when_filled(job_dir / STATES / record_name(seq)) or b"null")
+    except ValueError:
+        return False
+    except storage.StorageError as e:
+        if isinstance(e.__cause__, IsADirectoryError):
+            return False
+        raise
     return isinstance(there, dict) and there.get("writer") == writer
 
 
@@ -2192,22 +2199,28 @@ def _fill(fd: int, data: bytes) -> None:
 
 
 def _reads_back(path: Path, data: bytes) -> bool:
-    """Whether `path` holds `data`. Missing for a moment, or empty, is an adopter looking at it aside
-    (`_adopt_unfilled`), which puts back a file filled meanwhile by a create, then a fill: read again, then it
-    counts as not ours. (Read between the two, a cancel's record was taken for another's, and the cancel decided
-    again over its own record: "already cancelled", exit 1; pass 253.)"""
-    for pause in (0.05, 0.2, 0.8, None):
+    """Whether `path` holds `data`, once filled (`_read_when_filled`): another's file there counts as not ours.
+    (Read while empty, between an adopter's put-back's create and its fill, a cancel's record was taken for
+    another's, and the cancel decided again over its own record: "already cancelled", exit 1; pass 253.)"""
+    return _read_when_filled(path) == data
+
+
+def _read_when_filled(path: Path) -> bytes | None:
+    """The bytes at `path`, waited for through ADOPT_PAUSES while it is missing (an adopter looking at it aside,
+    `_adopt_unfilled`) or empty (its put-back, a create, then a fill, as slow as any writer's); None when still
+    missing, b"" when still empty."""
+    for pause in (*ADOPT_PAUSES, None):
         try:
             there = storage.read_bytes(path)
             if there or pause is None:
-                return there == data
+                return there
         except storage.StorageError as e:
             if not isinstance(e.__cause__, FileNotFoundError):
                 raise
-        if pause is None:
-            return False
+            if pause is None:
+                return None
         time.sleep(pause)
-    return False
+    return None
 
 
 # How long an empty file found at our name after our own create reported an error is given to fill, should it

@@ -194,7 +194,8 @@ def test_a_record_in_transit_put_back_through_a_lost_reply_is_put_back_whole(job
     assert read_state(job.dir).state is JobState.CANCELLED
 
 
-def test_a_writer_reading_its_record_back_while_an_adopter_puts_it_back_says_done(job, monkeypatch):
+@pytest.mark.parametrize("fill_at", [1, 4, 10])
+def test_a_writer_reading_its_record_back_while_an_adopter_puts_it_back_says_done(job, monkeypatch, fill_at):
     """Its record, filled just as an adopter's last look found it empty, is set aside and put back by a create,
     then a fill: read back between the two, it read empty, taken for another's, and the cancel decided again
     over its own record: "job ... is already cancelled", exit 1, for a cancel that took effect."""
@@ -205,7 +206,7 @@ def test_a_writer_reading_its_record_back_while_an_adopter_puts_it_back_says_don
     monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
     path = os.fspath(job.dir / "state" / jobdir.record_name(1))
     aside = jobdir._aside_name(path)
-    real_read, step = storage.read_bytes, []
+    real_read, step, pauses = storage.read_bytes, [], []
 
     def read_bytes(p, *a, **k):
         if os.fspath(p) == path and not step and os.path.getsize(path):  # the cancel's read back
@@ -215,7 +216,8 @@ def test_a_writer_reading_its_record_back_while_an_adopter_puts_it_back_says_don
         return real_read(p, *a, **k)
 
     def sleep(_):
-        if step == ["aside"]:  # the put-back's fill lands while the reader pauses
+        pauses.append(1)
+        if step == ["aside"] and len(pauses) == fill_at:  # the put-back's fill lands while the reader pauses
             step.append("filled")
             with open(path, "wb") as f:
                 f.write(real_read(aside))
