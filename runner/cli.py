@@ -39,6 +39,7 @@ def _fields(cls_name: str) -> tuple[str, ...]:
 
 GEN_FIELDS = _fields("GenerationParams")
 ENGINE_FIELDS = _fields("EngineOptions")
+NEGATABLE = ("continuous_batching", "cuda_graphs")  # engine options given as --x/--no-x: False is asked
 
 
 # `runner work --workers N` names each worker process's lines ("[runner w2]"): their lines share one log
@@ -376,7 +377,10 @@ def build_settings(kw: dict[str, Any], kind: str = "generate") -> tuple[Any, Any
         values["json_schema"] = _read_option_file("json_schema", values["json_schema"])
     if "grammar" in values:
         values["grammar"] = _read_option_file("grammar", values["grammar"])
-    eng = {k: kw[k] for k in ENGINE_FIELDS if kw.get(k) is not None}
+    # (a plain flag's False is its absence, not asked: --trust-remote-code left out asks nothing of a rerun)
+    eng = {
+        k: kw[k] for k in ENGINE_FIELDS if kw.get(k) is not None and (kw[k] is not False or k in NEGATABLE)
+    }
     cls = {"generate": GenerationParams, "score": ScoreParams, "embed": EmbedParams}[kind]
     return cls(**values), EngineOptions(**eng)
 

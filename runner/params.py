@@ -105,9 +105,12 @@ def settings_arg(cls: type) -> str:
 
 def _named_settings(cls: type) -> type:
     """A dataclass whose constructor refuses an unknown keyword with a ParamError that names it and says what it
-    is called here (GenerationParams(max_length=50): max_new_tokens), not Python's bare TypeError."""
+    is called here (GenerationParams(max_length=50): max_new_tokens), not Python's bare TypeError. Each object
+    keeps the names of the settings given to it (`_given`), one asked at its default too: a rerun that resumes a job
+    says which engine options it does not apply (scheduler._kept_options), `--no-continuous-batching` included."""
     init = cls.__init__
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    known = set(fields)
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -115,6 +118,7 @@ def _named_settings(cls: type) -> type:
         if unknown:
             raise ParamError(unknown[0], unknown_setting(cls, unknown[0]))
         init(self, *args, **kwargs)
+        object.__setattr__(self, "_given", frozenset(fields[: len(args)]) | frozenset(kwargs))
 
     cls.__init__ = __init__
     cls.__doc__ = _FieldDocs(cls.__doc__ or "")

@@ -123,12 +123,14 @@ def _kept_options(job: Job, options: Any) -> str:
     if options is None:
         return ""
     given, default, stored = options.to_dict(), EngineOptions().to_dict(), job.meta.get("engine") or {}
+    # (one asked at its default counts: --no-continuous-batching for a job submitted with it was not said)
+    asked = getattr(options, "_given", frozenset())
 
     def shown(v: Any) -> str:
         return "the default" if v is None else repr(v)
 
     return ", ".join(f"{k} {shown(stored.get(k))} (asked: {shown(v)})" for k, v in given.items()
-                     if v != default.get(k) and k in stored and stored[k] != v)  # fmt: skip
+                     if (v != default.get(k) or k in asked) and k in stored and stored[k] != v)  # fmt: skip
 
 
 def _heal(job: Job, echo: Callable[[str], None] | None) -> bool:
