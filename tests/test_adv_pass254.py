@@ -24,12 +24,17 @@ after_shard:1, before_replace:1, before_create:2; a cancel at row end 3 or step 
 (n=2), e (stop), f (choices) and h (beams) in a window then retry; run-batch killed at row end 2/5 or step 6 then
 run again as it was, with --batch-size 3 --no-continuous-batching, or --batch-size 5; a row error of requests p3,
 c2 and c4 (json_schema, n=2) retried through a kill; score and embed killed at after_shard:1, mid_write:1 and
-after_generate:1, then run with --batch-size 5. Continuous batching and CPU CUDA graphs give static batches' rows.
+after_generate:1, then run with --batch-size 5; `runner work --workers 2` (continuous batching) with w2 killed at
+after_generate:1 or mid_write:2, w1 at after_shard:1; a window killed 2 or 3 times in a row (at row ends 2 then 1,
+steps 5, 3, 2; static CUDA graphs at step 4 twice); run-batch frozen at row end 3 or 6 or step 9, cancelled, killed,
+exported (each custom_id once, answered ones as the reference), retried and run again. Continuous batching and CPU
+CUDA graphs give static batches' rows.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 
 import pytest
 import workers
@@ -423,3 +428,73 @@ def test_a_rerun_names_an_engine_option_asked_at_its_default(tmp_path, tiny_llam
     runner.run(inp, tiny_llama, GenerationParams(max_new_tokens=3), EngineOptions(continuous_batching=False),
                output=tmp_path / "out", echo=lines.append)  # fmt: skip
     assert [line for line in lines if "continuous_batching True (asked: False)" in line], lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["after_shard:1:SIGKILL:w1"])
+def test_two_worker_processes_one_killed(tmp_path, ref, fault):
+    want = ref("refill").results
+    home, job_dir = copy_job(tmp_path, ref("refill").template)
+    code, out = workers.run_worker(
+        home, "--workers", "2", shard_rows=1, env_extra={**LEASE, "RUNNER_FAULT": fault}
+    )
+    assert "Traceback" not in out, out
+    if read_state(job_dir).state != "completed":
+        finish(home)
+    same_results(job_dir, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("shape", "ats"), [("refill", ("step:5", "step:3", "step:2"))])
+def test_a_window_killed_again_and_again(tmp_path, ref, shape, ats):
+    """Killed mid-window, then killed again in the batch run again first (its rows then run split, or alone):
+    each (row, sample) once, the reference's tokens (log-probs within float rounding)."""
+    want = ref(shape).results
+    home, job_dir = copy_job(tmp_path, ref(shape).template)
+    for at in ats:
+        code, out = workers.run_worker(home, shard_rows=1, env_extra={**LEASE, "P254_AT": at},
+                                       prefix=launcher(tmp_path), timeout=300)  # fmt: skip
+        assert "Traceback" not in out, out
+    finish(home)
+    same_results(job_dir, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", ["finish:6"])
+def test_run_batch_cancelled_mid_window_exports_each_request_once(tmp_path, batch_ref, tiny_llama, at):
+    import json
+
+    inp, want = batch_ref
+    args = ("--home", tmp_path / "home", "run-batch", "-i", inp, "-o", tmp_path / "o" / "out.jsonl", "-m", tiny_llama,
+            "--served-model-name", "tiny", "--skip-invalid", "--max-new-tokens", "8", "--batch-size", "2",
+            "--continuous-batching")  # fmt: skip
+    import subprocess
+
+    a = subprocess.Popen([sys.executable, *launcher(tmp_path), *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=workers.ROOT,
+                         env=workers.worker_env({**LEASE, "P254_AT": at, "P254_SIGNAL": "SIGSTOP"}))  # fmt: skip
+    wait_stopped(a)
+    job_dir = tmp_path / "o" / "out.jsonl.job"
+    code, out = workers.run_runner("--home", tmp_path / "home", "cancel", job_dir)
+    assert code == 0, out
+    a.kill()
+    a.communicate()
+    code, out = workers.run_runner("--home", tmp_path / "home", "results", job_dir, "--format", "openai", "--to",
+                                   tmp_path / "c.jsonl")  # fmt: skip
+    assert code == 0 and "Traceback" not in out, out
+    from test_adv_kinds import without_ids
+    from test_openai_batch import check_output_line
+
+    ref = {x["custom_id"]: x for x in want}
+    answered = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
+    failed = [json.loads(x) for x in (tmp_path / "c.errors.jsonl").read_text().splitlines()]
+    ids = [x["custom_id"] for x in answered + failed]
+    assert sorted(ids) == sorted(json.loads(x)["custom_id"] for x in inp.read_text().splitlines())
+    for line in answered:
+        check_output_line(line)
+        same_value(without_ids(json.dumps(line)), ref[line["custom_id"]], line["custom_id"])
+    code, out = workers.run_runner("--home", tmp_path / "home", "retry", job_dir)
+    assert code == 0, out
+    code, out = run_batch(tmp_path, tiny_llama, inp, "--batch-size", "2", "--continuous-batching")
+    assert code == 0 and "Traceback" not in out, out
+    assert batch_lines(tmp_path) == want
