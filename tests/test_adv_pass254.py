@@ -146,6 +146,7 @@ def finish(home):
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # (`make test` runs the mid-window kills; the rest with the widest sweeps)
 @pytest.mark.parametrize(("shape", "fault"), [("refill", "mid_write:3"), ("refill-graphs", "after_shard:2"),
                                               ("graphs", "before_create:3")])  # fmt: skip
 def test_killed_at_a_point_then_resumed(tmp_path, ref, shape, fault):
@@ -234,6 +235,7 @@ def batch_ref(tmp_path_factory, tiny_llama):
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # (`make test` runs the mid-window kills; the rest with the widest sweeps)
 @pytest.mark.parametrize(("at", "again"), [("finish:5", ("--batch-size", "3", "--no-continuous-batching"))])
 def test_run_batch_killed_mid_window_then_run_again(tmp_path, batch_ref, tiny_llama, at, again):
     import json
@@ -263,6 +265,7 @@ def wait_stopped(proc):
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # (`make test` runs the mid-window kills; the rest with the widest sweeps)
 @pytest.mark.parametrize(("shape", "at"), [("refill", "finish:3")])
 def test_cancelled_mid_window_then_retried(tmp_path, ref, shape, at):
     """A worker frozen mid-window, the job cancelled, the worker thawed (it stops within a step), `runner retry`,
@@ -285,6 +288,7 @@ def test_cancelled_mid_window_then_retried(tmp_path, ref, shape, at):
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # (`make test` runs the mid-window kills; the rest with the widest sweeps)
 @pytest.mark.parametrize(("shape", "poison"), [("refill", "a")])
 def test_a_row_error_in_a_window_retried(tmp_path, ref, shape, poison):
     """A row that breaks the device in a window (committed as a row error after it breaks alone), then `runner
@@ -307,6 +311,7 @@ def test_a_row_error_in_a_window_retried(tmp_path, ref, shape, poison):
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # (`make test` runs the mid-window kills; the rest with the widest sweeps)
 @pytest.mark.parametrize(("shape", "at", "fault"), [("refill", "finish:9", "mid_write:1")])
 def test_ctrl_c_mid_window_its_commit_killed(tmp_path, ref, shape, at, fault):
     """Ctrl-C in the second window of a unit (the first is buffered, not committed: shard rows 100): the finished
@@ -325,6 +330,7 @@ def test_ctrl_c_mid_window_its_commit_killed(tmp_path, ref, shape, at, fault):
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # (`make test` runs the mid-window kills; the rest with the widest sweeps)
 @pytest.mark.parametrize("poison", ["c4"])
 def test_run_batch_row_error_retried_then_run_again(tmp_path, batch_ref, tiny_llama, poison):
     """run-batch (continuous batching) whose request breaks the device: answered in the error file; `runner retry`
@@ -362,6 +368,7 @@ def test_run_batch_row_error_retried_then_run_again(tmp_path, batch_ref, tiny_ll
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # (`make test` runs the mid-window kills; the rest with the widest sweeps)
 @pytest.mark.parametrize(("kind", "fault"), [("score", "mid_write:1"), ("embed", "after_shard:1")])
 def test_score_and_embed_rerun_with_other_options(tmp_path, tiny_llama, kind, fault):
     from test_adv_kinds import TEXTS
@@ -387,6 +394,7 @@ def test_score_and_embed_rerun_with_other_options(tmp_path, tiny_llama, kind, fa
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # (`make test` runs the mid-window kills; the rest with the widest sweeps)
 @pytest.mark.parametrize("shape", ["refill", "graphs"])
 def test_an_engine_option_changes_no_row(ref, shape):
     """Continuous batching and CUDA graphs (decoded eagerly on CPU) give each row what static batches do."""
@@ -431,6 +439,7 @@ def test_a_rerun_names_an_engine_option_asked_at_its_default(tmp_path, tiny_llam
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # (`make test` runs the mid-window kills; the rest with the widest sweeps)
 @pytest.mark.parametrize("fault", ["after_shard:1:SIGKILL:w1"])
 def test_two_worker_processes_one_killed(tmp_path, ref, fault):
     want = ref("refill").results
@@ -445,6 +454,7 @@ def test_two_worker_processes_one_killed(tmp_path, ref, fault):
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # (`make test` runs the mid-window kills; the rest with the widest sweeps)
 @pytest.mark.parametrize(("shape", "ats"), [("refill", ("step:5", "step:3", "step:2"))])
 def test_a_window_killed_again_and_again(tmp_path, ref, shape, ats):
     """Killed mid-window, then killed again in the batch run again first (its rows then run split, or alone):
@@ -460,6 +470,7 @@ def test_a_window_killed_again_and_again(tmp_path, ref, shape, ats):
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # (`make test` runs the mid-window kills; the rest with the widest sweeps)
 @pytest.mark.parametrize("at", ["finish:6"])
 def test_run_batch_cancelled_mid_window_exports_each_request_once(tmp_path, batch_ref, tiny_llama, at):
     import json
