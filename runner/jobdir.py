@@ -2174,12 +2174,17 @@ def _withdraw(path: Path, fd: int) -> None:
     its name claimed for ten minutes). Another's file found there (an adopter's, `_adopt_unfilled`, while this one
     waited on the mount) is left as it is: its writer may have read it back and said done, and once set aside, a
     third writer could create at the name freed, and the put-back then fail (pass 253: a reported cancel lost).
-    Ours, it is set aside (one taker wins it) and looked at again there: another's that came in between is put
-    back. Best effort."""
+    Ours, it is emptied (bytes of a fill whose fsync failed, set aside whole, read as a record in transit: a
+    cancel said failed, then in effect) and set aside (one taker wins it), then looked at again there: another's
+    that came in between is put back. Best effort."""
     aside = _aside_name(path)
     try:
         if not os.path.samestat(os.fstat(fd), os.lstat(path)):
             return
+        with contextlib.suppress(
+            OSError
+        ):  # (bytes that landed, their fsync failed: aside, no record in transit)
+            os.ftruncate(fd, 0)
         os.rename(path, aside)
         ours = os.path.samestat(os.fstat(fd), os.lstat(aside))
         theirs = b"" if ours else storage.read_bytes(aside)

@@ -24,6 +24,9 @@ Found, and kept fixed below:
     again, over its own. An empty read is now waited on as a missing one is.
   * two asides of one record could share a name (3 random digits: 1 in 1,000), and the second rename ends the
     record in transit at the first. The name is drawn from 46,656 now, and drawn again where taken.
+  * a `runner cancel` whose fill landed but whose fsync failed for good (a mount turned read-only) said it
+    failed, and took effect: its withdrawal set the whole record aside, read as one in transit, and the next
+    writer put it back. A withdrawn file is emptied through its descriptor before it is set aside.
 """
 
 from __future__ import annotations
@@ -244,3 +247,33 @@ def test_an_aside_name_is_drawn_wide_and_not_over_one_there(tmp_path):
         (tmp_path / n).touch()
     drawn = [os.path.basename(jobdir._aside_name(record)) for _ in range(200)]
     assert sum(d in names for d in drawn) <= 2  # (taken: 4% of the names; 8 draws each, all taken 1 in 10^11)
+
+
+def test_a_withdrawn_create_whose_bytes_landed_is_never_a_record_in_transit(job, monkeypatch):
+    """A fill whose bytes landed but whose fsync failed for good (a mount turned read-only) is withdrawn: set
+    aside whole, the record read as one in transit (a cancel said failed, then in effect, and put back by the
+    next writer). It is emptied through its own descriptor first: aside, it is no record."""
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0,))
+    path = os.fspath(job.dir / "state" / jobdir.record_name(1))
+    real_rename, real_fsync, seen = os.rename, os.fsync, []
+
+    def fsync(fd):
+        if os.path.samestat(os.fstat(fd), os.stat(path)) if os.path.exists(path) else False:
+            raise OSError(errno.EROFS, "Read-only file system")  # (the record's fill: its bytes are there)
+        real_fsync(fd)
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        if os.fspath(src) == path:  # the withdrawer's rename aside: what a reader sees then
+            seen.append(read_state(job.dir).state)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    read = read_state(job.dir)
+    with pytest.raises(storage.StorageError):
+        jobdir.record_state(job.dir, read, StateRecord(JobState.CANCELLED), "cancel")
+    monkeypatch.undo()
+    assert seen == [JobState.QUEUED]
+    assert read_state(job.dir).state is JobState.QUEUED and not os.path.exists(path)
+    assert not [n for n in os.listdir(job.dir / "state") if jobdir.ASIDE in n]
