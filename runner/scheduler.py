@@ -359,9 +359,10 @@ class Engines:
         # the weights the job was submitted for: a model saved over the same folder while this worker ran an
         # earlier job of it is loaded again, not taken from memory (pass 50)
         weights = job.meta.get("model_fingerprint")
-        # (cuda_graphs: the engine decides its decode path when it loads)
+        # (cuda_graphs: the engine decides its decode path when it loads; device_map: where accelerate puts the
+        # layers, a job of a model too big for one GPU loaded whole on one without it; pass 254)
         key = (job.spec.model, job.spec.revision, weights, o.device, o.dtype, o.trust_remote_code, o.allow_pickle,
-               o.cuda_graphs)  # fmt: skip
+               o.cuda_graphs, o.device_map)  # fmt: skip
         if key not in self.loaded:
             if self.loaded:
                 self.loaded.clear()

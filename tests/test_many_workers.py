@@ -377,6 +377,30 @@ def test_a_job_of_other_weights_in_the_same_folder_loads_them_again(monkeypatch)
     assert engines.get(job("6:bbbb")) is not first and len(loads) == 2
 
 
+def test_a_job_of_another_device_map_loads_the_model_again(monkeypatch):
+    """A worker kept the model of its last job (one GPU) for the next job of the same model submitted with
+    `--device-map auto` (its layers over every GPU and the CPU): it ran loaded whole on one GPU. The device map is
+    part of the key (pass 254)."""
+    import types
+
+    import runner.scheduler as scheduler
+
+    loads = []
+    monkeypatch.setattr(
+        scheduler, "Engine", lambda model, options, revision: loads.append(options) or object()
+    )
+    monkeypatch.setattr(scheduler, "make_current", lambda device: None)
+    engines = scheduler.Engines(None, None)
+
+    def job(device_map):
+        return types.SimpleNamespace(options=runner.EngineOptions(device_map=device_map),
+                                     spec=types.SimpleNamespace(model="m", revision=None), meta={})  # fmt: skip
+
+    first = engines.get(job(None))
+    assert engines.get(job(None)) is first and len(loads) == 1
+    assert engines.get(job("auto")) is not first and [o.device_map for o in loads] == [None, "auto"]
+
+
 def test_a_worker_whose_job_folder_is_submitted_again_under_it_leaves_the_new_job_alone(
     tmp_path, prepared, tiny_gpt2, monkeypatch
 ):
