@@ -207,6 +207,11 @@ def _special_fields(
             return "body.logprobs", "must be true or false"
         if top is not None and not lp:
             return "body.top_logprobs", "needs logprobs: true"
+        if isinstance(top, bool):  # (true was top_logprobs 0, false no log-probs at all: pass 256)
+            return (
+                "body.top_logprobs",
+                f"must be a whole number of alternatives (0-20), got {json.dumps(top)}",
+            )
         if lp is not None:  # false: none, whatever the job's --logprobs says (as a plain row's false)
             row["logprobs"] = (top if top is not None else 0) if lp else False
         if body.get("echo") not in (None, False):

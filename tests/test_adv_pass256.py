@@ -1,0 +1,55 @@
+"""Adversarial pass 256: OpenAI Batch request fields and per-row settings against what they mean at OpenAI (and in
+vLLM's run-batch): each taken with its meaning, or refused at submit naming the line and the field; and the output
+lines as a user's OpenAI-parsing code reads them.
+
+Found, and kept fixed below:
+- A chat request's `"top_logprobs": true` (a count given as a boolean, which OpenAI refuses: it takes an integer in
+  0..20) was taken as top_logprobs 0 (no alternatives), and `"top_logprobs": false` beside `"logprobs": true` as
+  no log-probs at all: each request ran and nothing said why. The Batch reader copied top_logprobs into the row's
+  `logprobs`, where a boolean is chat's logprobs true/false.
+
+Held (pass 256): max_tokens and max_completion_tokens both given is refused naming the latter; 0 is refused naming
+the field; null is the job's; a chat `stop` of "" is refused, [] and more than 4 stop strings are taken (vLLM takes
+any number); `n` with a seed gives distinct samples; temperature 0 beside top_p is greedy; presence/frequency
+penalties are OpenAI's additive ones on generated tokens (sampling.py), applied when greedy too; suffix, reasoning_effort,
+audio, prediction, verbosity, web_search_options, stream_options beyond {}, tools, tool_choice "required", functions,
+modalities with audio, vLLM's add_generation_prompt/chat_template_kwargs/ignore_eos/skip_special_tokens, embeddings
+`dimensions`, a list `input`, a list or token-id `prompt` are refused naming body.FIELD; user, metadata, store,
+service_tier, parallel_tool_calls taken (they change no output); image and audio content parts refused, text parts
+taken; role "function" refused; booleans as numbers (seed, n, max_tokens, temperature, top_p, penalties) refused.
+Left as they are (documented): echo's prompt tokens carry no alternatives in `top_logprobs` ({}).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import write_jsonl
+
+from runner.errors import InputError
+from runner.jobs import create_job
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+MESSAGES = [{"role": "user", "content": "Tell me a story"}]
+
+
+def request(cid, url, body):
+    return {"custom_id": cid, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_a_chat_top_logprobs_given_as_a_boolean_is_refused_not_taken_as_0(tmp_path, tiny_llama, value):
+    lines = [request("a", CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": value})]
+    with pytest.raises(InputError) as e:
+        create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_llama, served_model_names=("tiny",),
+                   home=tmp_path / "home")  # fmt: skip
+    assert "b.jsonl:1: body.top_logprobs: must be a whole number of alternatives (0-20), got " in str(
+        e.value
+    ), str(e.value)
+    # the count as a number is taken, a whole float too (a writer holding numbers as doubles)
+    for k, top in enumerate((0, 3, 2.0)):
+        lines = [request("a", CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": top})]
+        job = create_job(write_jsonl(tmp_path / f"ok{k}.jsonl", lines), tiny_llama, served_model_names=("tiny",),
+                         home=tmp_path / f"home{k}")  # fmt: skip
+        assert json.loads(job.prompts().to_pylist()[0]["settings"])["logprobs"] == top
