@@ -1539,7 +1539,8 @@ def _data_notes(job: Job) -> list[str]:
         )
     request = _request_only_columns(columns)
     if request:
-        why = "a plain row is no OpenAI request" + "".join(f"; {REQUEST_ONLY_COLUMNS[c]}" for c in request)
+        whys = dict.fromkeys(REQUEST_ONLY_COLUMNS[c] for c in request)  # (tools and tool_choice: said once)
+        why = "a plain row is no OpenAI request" + "".join(f"; {w}" for w in whys)
         out.append(_kept_as_data([repr(c) for c in request], why))
     for column in (c for c in NOT_ROW_SETTINGS if c in columns):
         out.append(_kept_as_data([repr(column)], NOT_ROW_SETTINGS[column]))
@@ -1620,14 +1621,18 @@ def _length_columns(columns: list[str]) -> list[str]:
     return [c for c in ("max_length", "min_length") if c in columns]
 
 
-# Fields of an OpenAI /v1/completions request that no row setting has: a plain row's such column is its data
-# (an OpenAI Batch file's request takes them from its body), and submit says what each would have asked for
+# Fields of an OpenAI /v1/completions or /v1/chat/completions request that no row setting has: a plain row's such
+# column is its data (an OpenAI Batch file's request takes or refuses them from its body), and submit says what
+# each would have asked for (a row's suffix and tools went unsaid: adversarial pass 256)
+_NO_TOOLS = "runner gives the chat template no tool definitions and parses no tool calls"
 REQUEST_ONLY_COLUMNS = {
     "best_of": "runner has no best_of: -n N (or a row's n) returns all N samples, each with its cumulative_logprob "
     "to choose by",
     "echo": "a plain row's `--format openai` answer never repeats its prompt (the results keep it in `prompt`, a "
     "row's prompt_logprobs its log-probs); an OpenAI Batch file's /v1/completions request takes echo",
-}
+    "suffix": "runner inserts nothing before a suffix: the prompt is continued from its end",
+    "tools": _NO_TOOLS, "tool_choice": _NO_TOOLS, "functions": _NO_TOOLS, "function_call": _NO_TOOLS,
+}  # fmt: skip
 # GenerationParams fields that are no row setting under their own name: a row's column of one is its data, and
 # submit says how a row asks for it (a row's `"json_object": true` ran unconstrained, said nowhere)
 NOT_ROW_SETTINGS = {

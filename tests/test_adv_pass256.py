@@ -7,6 +7,10 @@ Found, and kept fixed below:
   0..20) was taken as top_logprobs 0 (no alternatives), and `"top_logprobs": false` beside `"logprobs": true` as
   no log-probs at all: each request ran and nothing said why. The Batch reader copied top_logprobs into the row's
   `logprobs`, where a boolean is chat's logprobs true/false.
+- A plain row's `suffix` (a /v1/completions field: text the completion must lead up to) and a chat row's `tools`,
+  `tool_choice`, `functions` and `function_call` were kept as data without a word: the row ran as if it had not
+  given them (no insertion, no tool definitions in the prompt), where a Batch body giving one is refused and a
+  plain row's `echo` and `best_of` get a note. Submit now says so for these too.
 
 Held (pass 256): max_tokens and max_completion_tokens both given is refused naming the latter; 0 is refused naming
 the field; null is the job's; a chat `stop` of "" is refused, [] and more than 4 stop strings are taken (vLLM takes
@@ -25,7 +29,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import write_jsonl
+from helpers import invoke, write_jsonl
 
 from runner.errors import InputError
 from runner.jobs import create_job
@@ -53,3 +57,23 @@ def test_a_chat_top_logprobs_given_as_a_boolean_is_refused_not_taken_as_0(tmp_pa
         job = create_job(write_jsonl(tmp_path / f"ok{k}.jsonl", lines), tiny_llama, served_model_names=("tiny",),
                          home=tmp_path / f"home{k}")  # fmt: skip
         assert json.loads(job.prompts().to_pylist()[0]["settings"])["logprobs"] == top
+
+
+@pytest.mark.parametrize(
+    ("row", "said"),
+    [
+        ({"prompt": "def f(x):", "suffix": "    return y\n"}, "'suffix' is kept as data"),
+        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"},
+         "'tools' and 'tool_choice' are kept as data"),
+        ({"messages": MESSAGES, "functions": [{"name": "f"}], "function_call": "auto"},
+         "'functions' and 'function_call' are kept as data"),
+    ],
+)  # fmt: skip
+def test_a_plain_rows_suffix_or_tools_are_said_to_be_data(tmp_path, tiny_llama, runner_home, row, said):
+    """A plain row ran without its `suffix` or its `tools` (never in the prompt), said nowhere; a Batch body giving
+    one is refused."""
+    out = invoke("submit", write_jsonl(tmp_path / "p.jsonl", [row]), "-m", tiny_llama).stderr
+    assert f"note: {said}, not settings: a plain row is no OpenAI request" in out.replace(
+        "is kept as data, not a setting", "is kept as data, not settings"
+    ), out
+    assert "'prompt'" not in out and "'messages'" not in out
