@@ -701,6 +701,8 @@ def _completion(job: Any, cid: str, req: dict[str, Any], rows: Any, created: int
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         },  # fmt: skip
+        # every OpenAI response has one (vLLM's run-batch writes null): code read it as body["system_fingerprint"]
+        "system_fingerprint": None,
     }
 
 

@@ -11,6 +11,9 @@ Found, and kept fixed below:
   `tool_choice`, `functions` and `function_call` were kept as data without a word: the row ran as if it had not
   given them (no insertion, no tool definitions in the prompt), where a Batch body giving one is refused and a
   plain row's `echo` and `best_of` get a note. Submit now says so for these too.
+- Chat and text completion bodies had no `system_fingerprint`, which every OpenAI response (and every line of
+  `vllm run-batch`'s output, null there) carries: code reading `body["system_fingerprint"]`, as it reads
+  `body["model"]`, failed with a KeyError. It is now null, as vLLM writes it.
 
 Held (pass 256): max_tokens and max_completion_tokens both given is refused naming the latter; 0 is refused naming
 the field; null is the job's; a chat `stop` of "" is refused, [] and more than 4 stop strings are taken (vLLM takes
@@ -31,6 +34,7 @@ import json
 import pytest
 from helpers import invoke, write_jsonl
 
+import runner
 from runner.errors import InputError
 from runner.jobs import create_job
 
@@ -77,3 +81,26 @@ def test_a_plain_rows_suffix_or_tools_are_said_to_be_data(tmp_path, tiny_llama, 
         "is kept as data, not a setting", "is kept as data, not settings"
     ), out
     assert "'prompt'" not in out and "'messages'" not in out
+
+
+def test_completion_bodies_carry_system_fingerprint_as_every_openai_response_does(tmp_path, tiny_llama):
+    from runner.engine import Engine
+    from runner.openai_batch import export
+    from runner.worker import run_job
+
+    lines = [request("c", CHAT, {"messages": MESSAGES, "max_tokens": 2}),
+             request("p", COMPLETIONS, {"prompt": "The old man", "max_tokens": 2})]  # fmt: skip
+    job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_llama, runner.GenerationParams(max_new_tokens=2),
+                     served_model_names=("tiny",), home=tmp_path / "home")  # fmt: skip
+    assert run_job(job, Engine(tiny_llama), echo=None).finished
+    assert export(job, tmp_path / "out.jsonl") == (2, 0)
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    for line, kind in zip(
+        (tmp_path / "out.jsonl").read_text().splitlines(), (ChatCompletion, Completion), strict=True
+    ):
+        body = json.loads(line)["response"]["body"]
+        # read as a dict, as code written against the API's JSON reads it
+        assert body["system_fingerprint"] is None and body["model"] == "tiny"
+        assert kind.model_validate(body).system_fingerprint is None
