@@ -1519,13 +1519,15 @@ def submit_warnings(job: Job) -> list[str]:
 
 
 def _data_notes(job: Job) -> list[str]:
-    """`submit_warnings`' notes on input columns named like settings that a generate job keeps as data."""
-    if job.spec.kind != "generate":
+    """`submit_warnings`' notes on input columns named like settings that a generate (or embed) job keeps as data."""
+    if job.spec.kind not in ("generate", "embed"):
         return []
     import pyarrow.parquet as pq
 
     # (read once: each note's helper read prompts.parquet's schema again)
     columns = passthrough_columns(job.read_prompts(pq.read_schema))
+    if job.spec.kind == "embed":
+        return _embed_request_notes(columns)
     out = []
     data = _length_columns(columns)
     if data:
@@ -1639,6 +1641,23 @@ NOT_ROW_SETTINGS = {
     "json_object": 'a row asks for a JSON object with response_format {"type": "json_object"} (json_object is '
     "GenerationParams' name, --json the command line's)",
 }
+
+
+# ... and of an OpenAI /v1/embeddings request, for an embed job's plain rows (adversarial pass 256)
+EMBED_REQUEST_ONLY_COLUMNS = {
+    "dimensions": "runner's vectors have the model's full hidden size (an OpenAI Batch file's dimensions is refused)",
+    "encoding_format": "a plain row's `--format openai` answer gives its vector as numbers; an OpenAI Batch file's "
+    "/v1/embeddings request takes encoding_format",
+}
+
+
+def _embed_request_notes(columns: list[str]) -> list[str]:
+    """An embed job's note on its EMBED_REQUEST_ONLY_COLUMNS, which it keeps as data."""
+    request = [c for c in EMBED_REQUEST_ONLY_COLUMNS if c in columns]
+    if not request:
+        return []
+    why = "a plain row is no OpenAI request" + "".join(f"; {EMBED_REQUEST_ONLY_COLUMNS[c]}" for c in request)
+    return [_kept_as_data([repr(c) for c in request], why)]
 
 
 def _request_only_columns(columns: list[str]) -> list[str]:

@@ -10,7 +10,8 @@ Found, and kept fixed below:
 - A plain row's `suffix` (a /v1/completions field: text the completion must lead up to) and a chat row's `tools`,
   `tool_choice`, `functions` and `function_call` were kept as data without a word: the row ran as if it had not
   given them (no insertion, no tool definitions in the prompt), where a Batch body giving one is refused and a
-  plain row's `echo` and `best_of` get a note. Submit now says so for these too.
+  plain row's `echo` and `best_of` get a note. Submit now says so for these too, and for an embed row's
+  `dimensions` (every vector had the model's full size) and `encoding_format` (its export gave numbers).
 - Chat and text completion bodies had no `system_fingerprint`, which every OpenAI response (and every line of
   `vllm run-batch`'s output, null there) carries: code reading `body["system_fingerprint"]`, as it reads
   `body["model"]`, failed with a KeyError. It is now null, as vLLM writes it.
@@ -104,3 +105,22 @@ def test_completion_bodies_carry_system_fingerprint_as_every_openai_response_doe
         # read as a dict, as code written against the API's JSON reads it
         assert body["system_fingerprint"] is None and body["model"] == "tiny"
         assert kind.model_validate(body).system_fingerprint is None
+
+
+def test_a_plain_embed_rows_dimensions_or_encoding_format_are_said_to_be_data(
+    tmp_path, tiny_gpt2, runner_home
+):
+    """A plain embed row's `dimensions` (an OpenAI /v1/embeddings field: a shorter vector) and `encoding_format`
+    were kept as data without a word: every vector had the model's full size, as numbers; a Batch body's
+    `dimensions` is refused and its `encoding_format` taken."""
+    rows = [{"text": "Hello", "dimensions": 8, "encoding_format": "base64"}]
+    out = invoke("submit", write_jsonl(tmp_path / "e.jsonl", rows), "-m", tiny_gpt2, "--kind", "embed").stderr
+    assert (
+        "note: 'dimensions' and 'encoding_format' are kept as data, not settings: a plain row is no OpenAI "
+        in out
+    )
+    assert "vectors have the model's full hidden size" in out and "request takes encoding_format" in out, out
+    said = invoke(
+        "submit", write_jsonl(tmp_path / "f.jsonl", [{"text": "Hello"}]), "-m", tiny_gpt2, "--kind", "embed"
+    )
+    assert "kept as data" not in said.stderr
