@@ -241,7 +241,8 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 8 (adversarial pass 244), a CSV's columns with no name and no
+# How a file is read (job.json's input "reading"): 9 (adversarial pass 256), a Batch chat body's `top_logprobs`
+# given as true or false is refused (true was top_logprobs 0, false no log-probs at all); 8 (adversarial pass 244), a CSV's columns with no name and no
 # value in any row are left out (one was a column named "" of empty cells; two or more refused the file), a CSV
 # row repeating the header is refused (it was a row, its prompt the column's name), a JSON Lines file whose first
 # line is "{" alone is refused as JSON over many lines (each line was refused, or --skip-invalid ran the few
@@ -261,7 +262,7 @@ def iter_text(
 # base64; 2 (2026-12-06), a Parquet column keeps its Arrow type and a .txt line of Unicode spaces is blank; 1, a
 # job without it: `runner repair` rebuilds its prompts.parquet and errors.jsonl as its submit wrote them, or
 # their checksums differ and it cannot
-READING = 8
+READING = 9
 
 
 def iter_jsonl(path: Path, reading: int = READING) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -1330,7 +1331,11 @@ class RowChecker:
         if self._requests:
             cid = obj.get("custom_id")  # where a refused line has one, it names it in the Batch error file
             obj, fld, why = openai_batch.request_row(
-                obj, *self.batch, base64=self.reading >= 3, since_6=self.reading >= 6
+                obj,
+                *self.batch,
+                base64=self.reading >= 3,
+                since_6=self.reading >= 6,
+                since_9=self.reading >= 9,
             )
             if obj is None:
                 return Problem(self.name, lineno, fld, why, cid if isinstance(cid, str) and cid else None)

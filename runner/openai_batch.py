@@ -85,6 +85,7 @@ def request_row(
     logprobs: bool = False,
     base64: bool = True,
     since_6: bool = True,
+    since_9: bool = True,
 ) -> tuple[dict[str, Any] | None, str | None, str]:
     """The input row a Batch request line stands for, or (None, field, problem). `models`: the names
     `body.model` may take (the model given with --model, its folder name, and --served-model-name); `greedy`:
@@ -92,7 +93,8 @@ def request_row(
     asks none gets; `base64`: an embedding may be asked as base64 (False: refused, as a job read before
     2026-12-06's reading 3 refused it); `since_6`: a body's min_p is taken and a whole float seed (-1.0) is its
     integer (False: min_p refused as unsupported and seed -1.0 as out of range, as a job read before reading 6
-    read them)."""
+    read them); `since_9`: a chat body's top_logprobs true or false is refused (False: taken as 0 and as no
+    log-probs, as a job read before reading 9 took them)."""
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
         return None, "custom_id", "must be a non-empty string (every Batch request has one)"
@@ -116,7 +118,7 @@ def request_row(
     body = obj.get("body")
     if not isinstance(body, dict):
         return None, "body", "must be a JSON object"
-    return _body_row(cid, url, body, models, greedy, logprobs, base64, since_6)
+    return _body_row(cid, url, body, models, greedy, logprobs, base64, since_6, since_9)
 
 
 def _body_row(
@@ -128,6 +130,7 @@ def _body_row(
     logprobs: bool,
     base64: bool,
     since_6: bool,
+    since_9: bool,
 ) -> tuple[Any, str | None, str]:
     model = body.get("model")
     if not isinstance(model, str) or model not in models:
@@ -161,7 +164,7 @@ def _body_row(
     # the API samples at temperature 1 unless told otherwise (a temperature given decides, in row_params)
     if url != EMBEDDINGS and body.get("temperature") is None and not greedy:
         row["do_sample"] = True
-    problem = _special_fields(url, body, row, logprobs, base64)
+    problem = _special_fields(url, body, row, logprobs, base64, since_9)
     if problem:
         return None, problem[0], problem[1]
     if url == COMPLETIONS and not isinstance(body.get("prompt"), str):
@@ -196,7 +199,7 @@ def _n(body: dict[str, Any]) -> Any:
 
 
 def _special_fields(
-    url: str, body: dict[str, Any], row: dict[str, Any], job_logprobs: bool, base64: bool
+    url: str, body: dict[str, Any], row: dict[str, Any], job_logprobs: bool, base64: bool, since_9: bool
 ) -> tuple[str, str] | None:
     """logprobs / top_logprobs / echo / best_of / encoding_format: each endpoint spells them its own way.
     `job_logprobs`: the job keeps log-probs, so echo's prompt log-probs are kept for a request that asks none
@@ -207,7 +210,9 @@ def _special_fields(
             return "body.logprobs", "must be true or false"
         if top is not None and not lp:
             return "body.top_logprobs", "needs logprobs: true"
-        if isinstance(top, bool):  # (true was top_logprobs 0, false no log-probs at all: pass 256)
+        if (
+            isinstance(top, bool) and since_9
+        ):  # (true was top_logprobs 0, false no log-probs at all: pass 256)
             return (
                 "body.top_logprobs",
                 f"must be a whole number of alternatives (0-20), got {json.dumps(top)}",

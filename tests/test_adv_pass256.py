@@ -6,7 +6,8 @@ Found, and kept fixed below:
 - A chat request's `"top_logprobs": true` (a count given as a boolean, which OpenAI refuses: it takes an integer in
   0..20) was taken as top_logprobs 0 (no alternatives), and `"top_logprobs": false` beside `"logprobs": true` as
   no log-probs at all: each request ran and nothing said why. The Batch reader copied top_logprobs into the row's
-  `logprobs`, where a boolean is chat's logprobs true/false.
+  `logprobs`, where a boolean is chat's logprobs true/false. (Reading 9: `runner repair` reads a job of before as
+  its submit did.)
 - A plain row's `suffix` (a /v1/completions field: text the completion must lead up to) and a chat row's `tools`,
   `tool_choice`, `functions` and `function_call` were kept as data without a word: the row ran as if it had not
   given them (no insertion, no tool definitions in the prompt), where a Batch body giving one is refused and a
@@ -124,3 +125,19 @@ def test_a_plain_embed_rows_dimensions_or_encoding_format_are_said_to_be_data(
         "submit", write_jsonl(tmp_path / "f.jsonl", [{"text": "Hello"}]), "-m", tiny_gpt2, "--kind", "embed"
     )
     assert "kept as data" not in said.stderr
+
+
+def test_repair_reads_a_job_of_before_reading_9_as_its_submit_did(tmp_path, tiny_llama):
+    """A job read before reading 9 took a chat body's `"top_logprobs": true` (as 0): `runner repair` rebuilds its
+    prompts.parquet so, where today's reading refuses the line."""
+    from test_openai_batch_edges import _rewritten_as_read
+
+    lines = [request("a", CHAT, {"messages": MESSAGES, "max_tokens": 2}),
+             request("t", CHAT, {"messages": MESSAGES, "max_tokens": 2, "logprobs": True, "top_logprobs": True})]  # fmt: skip
+    job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_llama, served_model_names=("tiny",),
+                     skip_invalid=True, job_dir=tmp_path / "job")  # fmt: skip
+    rows, errors = _rewritten_as_read(job, job.meta["input"]["reading"], tmp_path / "now")
+    assert [r["id"] for r in rows] == ["a"] and errors == ["t"]
+    rows, errors = _rewritten_as_read(job, 8, tmp_path / "before")
+    assert [r["id"] for r in rows] == ["a", "t"] and errors == []
+    assert json.loads(rows[1]["settings"])["logprobs"] == 0
