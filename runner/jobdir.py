@@ -2158,7 +2158,7 @@ def _create_then_fill(path: Path, data: bytes, adopt: int = 3) -> bool:
                 fault_point("after_create")  # the name is ours and still empty
                 storage.retry(lambda: _fill(fd, data), f"write {path}")
             except storage.StorageError:
-                _withdraw(path, fd)
+                _withdraw(path, fd, data)
                 raise
             finally:
                 os.close(fd)
@@ -2167,32 +2167,42 @@ def _create_then_fill(path: Path, data: bytes, adopt: int = 3) -> bool:
     return _reads_back(path, data)  # a writer that adopted the name meanwhile holds it: ours was set aside
 
 
-def _withdraw(path: Path, fd: int) -> None:
-    """Our create's file at `path` (`fd`), whose fill failed for good (a full disk or Drive quota, a mount turned
-    read-only): taken away, so that the name reads as it did, not as a change being written and then as damage (a
-    `cancel` on a full Drive left its record empty: the job broken until `runner repair`; a `submit --name`,
-    its name claimed for ten minutes). Another's file found there (an adopter's, `_adopt_unfilled`, while this one
-    waited on the mount) is left as it is: its writer may have read it back and said done, and once set aside, a
-    third writer could create at the name freed, and the put-back then fail (pass 253: a reported cancel lost).
-    Ours, it is emptied (bytes of a fill whose fsync failed, set aside whole, read as a record in transit: a
-    cancel said failed, then in effect) and set aside (one taker wins it), then looked at again there: another's
-    that came in between is put back. Best effort."""
+def _withdraw(path: Path, fd: int, data: bytes) -> None:
+    """Our create's file at `path` (`fd`), whose fill of `data` failed for good (a full disk or Drive quota, a mount
+    turned read-only): taken away, so that the name reads as it did, not as a change being written and then as damage
+    (a `cancel` on a full Drive left its record empty: the job broken until `runner repair`; a `submit --name`, its
+    name claimed for ten minutes). Another's file found there (an adopter's, `_adopt_unfilled`, while this one waited
+    on the mount) is left as it is: its writer may have read it back and said done, and once set aside, a third writer
+    could create at the name freed, and the put-back then fail (pass 253: a reported cancel lost). Ours, it is emptied
+    (bytes of a fill whose fsync failed, set aside whole, were read as a record in transit: a cancel said failed, then
+    in effect) and set aside (one taker wins it), then looked at again there: another's that came in between is put
+    back. Inode numbers are not trusted alone (pass 255: some mounts' are not steady from one look to the next, and
+    left our empty file at the name; others' are 0 for every file, and took the adopter's for ours): bytes that are no
+    beginning of `data` are another's, and a file not ours by its inode number that holds a beginning of `data`
+    (`_own_file`) is taken for ours (another's that holds no more is not yet filled, so not read back by its writer).
+    Best effort."""
     aside = _aside_name(path)
     try:
-        if not os.path.samestat(os.fstat(fd), os.lstat(path)):
+        if not _own_file(fd, path, storage.read_bytes(path), data):
             return
-        with contextlib.suppress(
-            OSError
-        ):  # (bytes that landed, their fsync failed: aside, no record in transit)
+        with contextlib.suppress(OSError):  # (bytes that landed, their fsync failed: no record in transit)
             os.ftruncate(fd, 0)
         os.rename(path, aside)
-        ours = os.path.samestat(os.fstat(fd), os.lstat(aside))
-        theirs = b"" if ours else storage.read_bytes(aside)
-        if theirs:
+        theirs = storage.read_bytes(aside)
+        if theirs and not _own_file(fd, aside, theirs, data):
             _create_then_fill(path, theirs, adopt=1)
         os.unlink(aside)
     except (OSError, RunnerError):
         pass  # (left where it is: an empty record is read as a change on its way, then as damage to repair)
+
+
+def _own_file(fd: int, path: str | os.PathLike, there: bytes, data: bytes) -> bool:
+    """Whether the file at `path`, holding `there`, is the one `fd` is open on, whose fill of `data` failed:
+    bytes that are no beginning of `data` are another's, whatever the inode numbers say; the same inode, or
+    less than all of `data` (another's of no more is not filled yet: read back by no one), is ours."""
+    if not data.startswith(there):
+        return False
+    return len(there) < len(data) or os.path.samestat(os.fstat(fd), os.lstat(path))
 
 
 def _fill(fd: int, data: bytes) -> None:
