@@ -425,15 +425,29 @@ def work(
     unfilled: dict[str, float] = {}  # folder -> when its empty newest state record was made (no links)
     waits_said: set[tuple[str, str]] = set()  # (job, worker holding the rest) waits said
     waited: dict[str, Job] = {}  # jobs waited for, by id: how each ended is said at the end
+    # jobs whose run met a file of their folder that did not read through the retries, by id: (the stop that
+    # says so, how many jobs had run then); the others run first (`_unread_again`)
+    unread: dict[str, tuple[StorageError, int]] = {}
     if job is None:
         jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
     while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
-        cand = _next_candidate(home, job, failed, broken, unfilled, echo)
+        try:
+            cand = _next_candidate(home, job, failed, broken, unfilled, echo)
+        except (
+            StorageError
+        ) as e:  # the home as a whole does not read now: the stop of the run it broke says so
+            if unread and _unreadable(e):
+                raise next(iter(unread.values()))[0] from e
+            raise
         if cand is None:
             if unfilled:
                 jobdir.wait_for_state()
             elif not _wait_for_others(home, job, owner.worker, poll, deadline, echo, waits_said, waited):
+                if _unread_again(unread, failed, len(summaries)):
+                    continue
                 _stop_if_unreadable(broken)  # nothing left to run or wait for but a folder that does not read
+                if unread:
+                    raise next(iter(unread.values()))[0]
                 break
             continue
         try:
@@ -443,6 +457,16 @@ def work(
             failed.add(cand.job.id)
             if echo:
                 echo(str(e))
+            continue
+        except StorageError as e:  # (said by run_leased as a stop: the job is consistent)
+            if not _unread_in_job(e):
+                raise
+            # one file of that job that does not read (Drive cannot serve it for hours) held every job of the home
+            failed.add(cand.job.id)
+            unread[cand.job.id] = (e, len(summaries))
+            if echo:
+                echo(f"job {cand.job.id} cannot be read for now ({e.__cause__ or e}); skipped, and looked at again "
+                     "once the other jobs have run")  # fmt: skip
             continue
         except NotOnThisMachine as e:  # that job waits for a machine that has what it needs; the others run
             failed.add(cand.job.id)
@@ -517,6 +541,28 @@ def _next_candidate(
             b = broken[folder]
             echo(_broken_line(b.job_id, folder, b.why, b.repairable, b.unreadable is not None))
     return cand
+
+
+def _unread_in_job(e: StorageError) -> bool:
+    """A run stopped by a read of the job home failing through the retries (not this machine's temp folder, not a
+    write): one file of that job may be what fails, and the other jobs may read. (Where the whole home fails, the
+    next look at the queue fails too and stops the worker.)"""
+    return (
+        _unreadable(e)
+        and not e.local
+        and isinstance(e.__cause__, StorageError)
+        and str(e.__cause__).startswith(("cannot read", "cannot list"))
+    )
+
+
+def _unread_again(unread: dict[str, tuple[StorageError, int]], failed: set[str], ran: int) -> bool:
+    """Jobs whose run met a file that did not read are tried once more when nothing else is left, if other jobs
+    ran since (the file may read now); whether any is."""
+    again = [job_id for job_id, (_, then) in unread.items() if then < ran]
+    for job_id in again:
+        del unread[job_id]
+        failed.discard(job_id)
+    return bool(again)
 
 
 def _stop_if_unreadable(broken: dict[str, Broken]) -> None:

@@ -1,0 +1,110 @@
+"""Adversarial pass 257: one file of a job folder that fails every read with EIO for hours (its copy on Google Drive
+unavailable or corrupted) while every other file reads: job.json, its backup, prompts.parquet, the newest state
+record and the one below, a claim, a shard and its marker, stats.json, verified.json, a heartbeat, errors.jsonl,
+the home's .names claims, and the listings of state/, shards/, done/, claims/ and the job folder itself.
+
+Found, and kept fixed below:
+  * `runner work` stopped the whole home ("stopped: the job home cannot be read (cannot read .../prompts.parquet
+    ...)") before a healthy job there ran, when one job's prompts.parquet (or the listing of its shards/) did not
+    read through the retries: the queue skips a folder that does not read and runs the others, but a read failing
+    inside a job's run was taken for the whole home failing. That job is now skipped, tried again once other jobs
+    have run, and the worker stops on it (the same message) only when nothing else is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from fsfaults import FsFaults
+from helpers import assert_exactly_once, invoke, reference_run, write_jsonl
+
+import runner
+from runner import EngineOptions, GenerationParams
+from runner.jobs import create_job
+from runner.scheduler import work
+from runner.storage import StorageError
+from runner.worker import run_job
+
+ROWS = [{"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(6)]
+PARAMS, OPTIONS = GenerationParams(max_new_tokens=3), EngineOptions(batch_size=2)
+
+
+class Unreadable(FsFaults):
+    """Every read, stat and listing of the paths in `bad` fails with EIO, retried or not (a file Drive cannot serve
+    for hours); the rest of the home reads as it is. `runner.storage.RETRY_DELAYS` is made short."""
+
+    def __init__(self, root, bad, kinds=("read", "stat", "list")):
+        super().__init__(root, eio=1.0, retry_delays=[0.0, 0.0])
+        self.bad, self.kinds = {os.path.realpath(p) for p in bad}, kinds
+        self.failed = 0
+
+    def _transient(self, path, kind):
+        if (
+            kind in self.kinds
+            and not isinstance(path, int)
+            and os.path.realpath(os.fsdecode(path)) in self.bad
+        ):
+            self.failed += 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fsdecode(path))
+
+
+@pytest.fixture
+def two_jobs(tmp_path, tiny_gpt2, gpt2_engine, runner_home):
+    """(sick, well, reference results of sick): sick has 4 of its 6 rows done, well is queued."""
+    prompts, ref = reference_run(tmp_path, tiny_gpt2, ROWS, PARAMS, OPTIONS)
+    sick = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, home=runner_home, name="sick", unit_rows=2)
+    stopped = iter([False, False, True])
+    run_job(sick, gpt2_engine, echo=None, should_stop=lambda: next(stopped, True), shard_rows=2)
+    well = create_job(write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "Hello"}]), tiny_gpt2,
+                      GenerationParams(max_new_tokens=2), home=runner_home, name="well")  # fmt: skip
+    return sick, well, ref
+
+
+@pytest.mark.parametrize("bad", ["prompts.parquet", "shards"])
+def test_a_job_whose_prompts_or_shards_do_not_read_for_good_leaves_the_others_to_run(
+    bad, two_jobs, gpt2_engine, runner_home, monkeypatch
+):
+    """`runner work` stopped the whole home ("stopped: the job home cannot be read") before the healthy job ran,
+    as its reads of the sick job's prompts (or the listing of its shards/) failed through the retries: a file Drive
+    cannot serve for hours held every job of the home for as long."""
+    sick, well, ref = two_jobs
+    Unreadable(runner_home, [sick.dir / bad]).install(monkeypatch)
+    said = []
+    with pytest.raises(StorageError) as stopped:
+        work(runner_home, engine=gpt2_engine, echo=said.append, poll=0.01)
+    assert runner.status(well.dir).state == "completed", said
+    assert str(sick.dir / bad) in str(stopped.value) and "Input/output error" in str(stopped.value)
+    assert "repair" not in str(stopped.value)
+    assert [line for line in said if f"job {sick.id} cannot be read for now" in line and bad in line], said
+    monkeypatch.undo()
+    work(runner_home, engine=gpt2_engine, echo=None)
+    assert runner.status(sick.dir).state == "completed"
+    assert_exactly_once(sick.dir, ref)
+
+
+def test_a_home_gone_as_a_whole_after_a_jobs_read_failed_stops_as_it_did(two_jobs, gpt2_engine, runner_home,
+                                                                         monkeypatch):  # fmt: skip
+    """The whole mount gone (ENOTCONN everywhere) from the sick job's read of its prompts on: the worker stops with
+    the stop that read said, naming the job that stays consistent, not a bare "cannot list HOME"."""
+    sick, well, _ = two_jobs
+
+    class Gone(Unreadable):
+        down = False
+
+        def _transient(self, path, kind):
+            if isinstance(path, int) or not self._ours(path):
+                return
+            self.down = self.down or os.path.realpath(os.fsdecode(path)) in self.bad
+            if self.down:
+                raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN), os.fsdecode(path))
+
+    Gone(runner_home, [sick.dir / "prompts.parquet"]).install(monkeypatch)
+    result = invoke("work")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: stopped: the job home cannot be read (cannot read {sick.dir / 'prompts.parquet'}: Transport "
+        f"endpoint is not connected (errno 107)); job {sick.id} is consistent and resumes with the next `runner "
+        "work` (or the same `runner run` again)"
+    ), result.output
