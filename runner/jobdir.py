@@ -2675,8 +2675,9 @@ class Verifier:
         try:
             raw = _read_json_or_none(job.dir / VERIFIED)
         except storage.StorageError as e:
-            # only a cache: whatever stands there (a link loop...), start afresh
-            if not e.damaged:
+            # only a cache: whatever stands there (a link loop...), or a file that does not read through the retries
+            # (one Drive cannot serve for hours held the whole job), start afresh: the shards are read instead
+            if not (e.damaged or e.unreadable_for_now):
                 raise
             raw = None
         # (another job's: a job.json copied in from another folder must not find this folder's shards vouched for)

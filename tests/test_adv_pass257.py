@@ -9,6 +9,9 @@ Found, and kept fixed below:
     read through the retries: the queue skips a folder that does not read and runs the others, but a read failing
     inside a job's run was taken for the whole home failing. That job is now skipped, tried again once other jobs
     have run, and the worker stops on it (the same message) only when nothing else is left.
+  * a verified.json that did not read through the retries held its whole job: `runner work` skipped it, `runner
+    status` showed it unreadable, `runner results` and `runner repair` failed, for as long as that one file did
+    not read. It is only a cache of shard checksums: the shards are verified afresh instead.
 """
 
 from __future__ import annotations
@@ -108,3 +111,47 @@ def test_a_home_gone_as_a_whole_after_a_jobs_read_failed_stops_as_it_did(two_job
         f"endpoint is not connected (errno 107)); job {sick.id} is consistent and resumes with the next `runner "
         "work` (or the same `runner run` again)"
     ), result.output
+
+
+def test_a_verified_json_that_does_not_read_for_good_is_a_cache_started_afresh(
+    two_jobs, gpt2_engine, runner_home, monkeypatch, tmp_path
+):
+    """verified.json is only a cache of shard checksums, but one Drive could not serve held its whole job: `runner
+    work` skipped it, `runner status` showed it unreadable, `runner results` and `runner repair` failed, for as
+    long as that one file did not read. The shards are verified afresh instead (a home that fails as a whole
+    fails on them)."""
+    sick, well, ref = two_jobs
+    Unreadable(runner_home, [sick.dir / "verified.json"]).install(monkeypatch)
+    assert runner.status(sick.dir).state == "queued (interrupted)"
+    with pytest.warns(UserWarning, match="these are 4 of its 6 results"):
+        assert len(runner.load_results(sick.dir)) == 4
+    work(runner_home, engine=gpt2_engine, echo=None)
+    assert [runner.status(j.dir).state for j in (sick, well)] == ["completed", "completed"]
+    result = invoke("results", str(sick.dir), "--to", str(tmp_path / "out.jsonl"))
+    assert result.exit_code == 0, result.output
+    monkeypatch.undo()
+    # (its contents only: where its stat fails too, `runner repair` stops on it, naming it)
+    Unreadable(runner_home, [sick.dir / "verified.json"], kinds=("read",)).install(monkeypatch)
+    assert runner.repair(sick.dir).state_now == "completed"
+    monkeypatch.undo()
+    assert_exactly_once(sick.dir, ref)
+
+
+def test_a_job_skipped_for_a_file_that_did_not_read_runs_once_the_others_have_if_it_reads_then(
+    two_jobs, gpt2_engine, runner_home, monkeypatch
+):
+    """The skipped job is tried again when nothing else is left: the file reads by then, and it completes in the
+    same `runner work`."""
+    sick, well, ref = two_jobs
+    faults = Unreadable(runner_home, [sick.dir / "prompts.parquet"]).install(monkeypatch)
+    said = []
+
+    def echo(line):
+        said.append(line)
+        if line.startswith(f"job {well.id} completed"):
+            faults.bad.clear()  # the mount serves it again
+
+    work(runner_home, engine=gpt2_engine, echo=echo, poll=0.01)
+    assert [runner.status(j.dir).state for j in (sick, well)] == ["completed", "completed"], said
+    monkeypatch.undo()
+    assert_exactly_once(sick.dir, ref)
