@@ -2491,10 +2491,18 @@ def live_workers(job: Job, now: float | None = None) -> dict[str, dict[str, Any]
             continue
         # (read once more before it is taken for damage: a torn read, as a mount whose renames are copies gives
         # while its worker renews it, took a live worker for dead, and its unit was taken from it; pass 193)
-        hb = read_again_if_damaged(
-            functools.partial(_read_json_or_none, job.dir / WORKERS / name),
-            lambda hb, name=name: _heartbeat_owner(hb, name) is None,
-        )
+        try:
+            hb = read_again_if_damaged(
+                functools.partial(_read_json_or_none, job.dir / WORKERS / name),
+                lambda hb, name=name: _heartbeat_owner(hb, name) is None,
+            )
+        except storage.StorageError as e:
+            # unreadable through the retries as the listing read (a file Drive cannot serve for hours): stale, as
+            # damage is. A live worker writes a new file at each beat; a killed one's held its job for as long.
+            # (Its units are fenced by their claims' epochs: a worker taken for dead wrongly commits nothing twice.)
+            if not e.unreadable_for_now:
+                raise
+            continue
         # damaged (a flipped digit of "expires" held a dead worker's units for hours): stale
         owner = _heartbeat_owner(hb, name)
         if owner is None:

@@ -12,6 +12,9 @@ Found, and kept fixed below:
   * a verified.json that did not read through the retries held its whole job: `runner work` skipped it, `runner
     status` showed it unreadable, `runner results` and `runner repair` failed, for as long as that one file did
     not read. It is only a cache of shard checksums: the shards are verified afresh instead.
+  * a heartbeat that did not read through the retries (left by a worker killed in the job, on a file Drive could
+    not serve) held its job: `runner work` skipped it, `runner status` showed it unreadable, `runner results`
+    exited 1 and `runner repair` failed, for as long. It is taken as a damaged heartbeat is: stale.
 """
 
 from __future__ import annotations
@@ -153,5 +156,34 @@ def test_a_job_skipped_for_a_file_that_did_not_read_runs_once_the_others_have_if
 
     work(runner_home, engine=gpt2_engine, echo=echo, poll=0.01)
     assert [runner.status(j.dir).state for j in (sick, well)] == ["completed", "completed"], said
+    monkeypatch.undo()
+    assert_exactly_once(sick.dir, ref)
+
+
+def test_a_dead_workers_heartbeat_that_does_not_read_for_good_holds_nothing(
+    two_jobs, gpt2_engine, runner_home, monkeypatch, tmp_path
+):
+    """A worker killed in a job leaves its heartbeat; one Drive could not serve held the job for as long: `runner
+    work` skipped it ("cannot be read for now"), `runner status` showed it unreadable, `runner results` exited 1
+    and `runner repair` failed on it. A heartbeat that does not read is taken as a damaged one is: stale (a live
+    worker renews its heartbeat with a new file each beat; the unit it held is fenced by its claim's epoch, so a
+    worker taken for dead wrongly commits nothing twice)."""
+    from runner.jobdir import Heartbeat, Owner, take_unit
+
+    sick, well, ref = two_jobs
+    # (on another machine: not provably dead, and its heartbeat, were it read, is fresh for 10 minutes)
+    dead = Owner(worker="dead-worker", host="another-vm", pid=4242, boot=None, pidns=None, start=None)
+    Heartbeat(sick, dead, ttl=600).beat()
+    assert take_unit(sick, 2, dead, 0) == 1  # the unit left (its epoch 0 the stopped run's), held by it
+    Unreadable(runner_home, [sick.dir / "workers" / "dead-worker.json"]).install(monkeypatch)
+    assert runner.status(sick.dir).state == "queued (interrupted)"
+    work(runner_home, engine=gpt2_engine, echo=None, poll=0.01)
+    assert [runner.status(j.dir).state for j in (sick, well)] == ["completed", "completed"]
+    result = invoke("results", str(sick.dir), "--to", str(tmp_path / "out.jsonl"))
+    assert result.exit_code == 0, result.output
+    monkeypatch.undo()
+    # (its contents only: where its stat fails too, `runner repair` stops on it, naming it)
+    Unreadable(runner_home, [sick.dir / "workers" / "dead-worker.json"], kinds=("read",)).install(monkeypatch)
+    assert runner.repair(sick.dir).state_now == "completed"
     monkeypatch.undo()
     assert_exactly_once(sick.dir, ref)
