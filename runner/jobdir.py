@@ -323,7 +323,8 @@ def find_job(ref: str | os.PathLike, home: str | os.PathLike | None = None) -> P
     text = os.fspath(ref)
     path = Path(text)
     bare = os.sep not in text and "/" not in text
-    if _lexists(path / JOB_FILE) or _lexists(path / JOB_BACKUP) or not bare:
+    # (a path first: a job.json whose stat fails for good stopped every command on its job, `runner repair` too)
+    if not bare or _lexists(path / JOB_FILE) or _lexists(path / JOB_BACKUP):
         if storage.kind(path) not in ("dir", "link"):
             raise RunnerError(f"no job folder {text}{batch_job_hint(path) or input_file_hint(path, home)}")
         if bare:
@@ -3634,12 +3635,37 @@ def _mended_folder(path: Path, report: RepairReport) -> Job:
     except BrokenJob:
         job = _restore_spec(path)
         report.restored_spec = True
+    except storage.StorageError as e:
+        if not _aside_unreadable_spec(path, e):
+            raise
+        job = _restore_spec(path)
+        report.restored_spec = True
+        job.log(f"repair: {JOB_FILE} did not read ({first_line(e)}); set aside in {QUARANTINE}/, restored from "
+                f"{JOB_BACKUP}")  # fmt: skip
     for name, kind in misplaced.items():
         what = "a symbolic link" if kind == "link" else "not a folder"
         job.log(f"repair: {name}/ was {what}; set aside in {QUARANTINE}/")
     if spec_aside:
         job.log(f"repair: {JOB_FILE} was not a file; set aside in {QUARANTINE}/, restored from {JOB_BACKUP}")
     return job
+
+
+def _aside_unreadable_spec(path: Path, e: storage.StorageError) -> bool:
+    """job.json did not read through the retries (`e`: a file Drive cannot serve for hours held its job for as long)
+    and its backup reads as this folder's job's spec: job.json is set aside in quarantine/, to be restored from the backup as a
+    missing one is (`_restore_spec`); whether it was. The backup is read first: where the whole folder fails, nothing
+    is moved."""
+    if not e.unreadable_for_now or not str(e).startswith(f"cannot read {path / JOB_FILE}:"):
+        return False
+    try:
+        backup = _read_json_or_none(path / JOB_BACKUP) if _lexists(path / JOB_BACKUP) else None
+    except storage.StorageError:
+        return False  # (job.json's error is said)
+    # (and the backup is this folder's job's, as far as its results tell: else job.json is left where it is)
+    if not _valid_spec(backup) or _other_job_here(path, backup["id"], _shards_job_ids(path)) is not None:
+        return False
+    move_aside(path, JOB_FILE)
+    return True
 
 
 def _repair_state(job: Job, report: RepairReport) -> RepairReport:

@@ -15,6 +15,10 @@ Found, and kept fixed below:
   * a heartbeat that did not read through the retries (left by a worker killed in the job, on a file Drive could
     not serve) held its job: `runner work` skipped it, `runner status` showed it unreadable, `runner results`
     exited 1 and `runner repair` failed, for as long. It is taken as a damaged heartbeat is: stale.
+  * a job.json that did not read through the retries held its job, and `runner repair`, which restores a damaged or
+    missing one from job.backup.json, failed on it ("cannot read .../job.json"); where its stat failed too, every
+    command given the job's folder failed before reading anything (`find_job` looked for job.json first). Repair
+    now sets it aside in quarantine/ and restores it from the backup, where that reads as this folder's job's spec.
 """
 
 from __future__ import annotations
@@ -39,12 +43,16 @@ PARAMS, OPTIONS = GenerationParams(max_new_tokens=3), EngineOptions(batch_size=2
 
 class Unreadable(FsFaults):
     """Every read, stat and listing of the paths in `bad` fails with EIO, retried or not (a file Drive cannot serve
-    for hours); the rest of the home reads as it is. `runner.storage.RETRY_DELAYS` is made short."""
+    for hours), until it is renamed away or another file is renamed over it; the rest of the home reads as it is. `runner.storage.RETRY_DELAYS` is made short."""
 
     def __init__(self, root, bad, kinds=("read", "stat", "list")):
         super().__init__(root, eio=1.0, retry_delays=[0.0, 0.0])
         self.bad, self.kinds = {os.path.realpath(p) for p in bad}, kinds
         self.failed = 0
+
+    def replace(self, src, dst, **kwargs):  # a file renamed away, or replaced by another: a new file reads
+        self.bad -= {os.path.abspath(src), os.path.abspath(dst)}
+        return super().replace(src, dst, **kwargs)
 
     def _transient(self, path, kind):
         if (
@@ -187,3 +195,43 @@ def test_a_dead_workers_heartbeat_that_does_not_read_for_good_holds_nothing(
     assert runner.repair(sick.dir).state_now == "completed"
     monkeypatch.undo()
     assert_exactly_once(sick.dir, ref)
+
+
+@pytest.mark.parametrize("stat_fails", [False, True])
+def test_repair_restores_a_job_json_that_does_not_read_for_good_from_its_backup(
+    stat_fails, two_jobs, gpt2_engine, runner_home, monkeypatch
+):
+    """A job.json Drive could not serve held its job for as long (status unreadable, results refused, work skipped
+    it), and `runner repair`, which restores a damaged or missing one from job.backup.json, failed on it ("cannot
+    read job.json"). It is set aside in quarantine/ and restored from the backup, as a missing one is."""
+    sick, well, ref = two_jobs
+    kinds = ("read", "stat", "list") if stat_fails else ("read",)
+    Unreadable(runner_home, [sick.dir / "job.json"], kinds=kinds).install(monkeypatch)
+    assert {s.name: s.state for s in runner.status(home=runner_home)}["sick"] == "unreadable"
+    report = runner.repair(sick.dir)
+    assert report.restored_spec and report.state_now == "queued", report
+    assert [p.name for p in (sick.dir / "quarantine").iterdir() if p.name.endswith("-job.json")]
+    assert "job.json did not read" in (sick.dir / "log.txt").read_text()
+    work(runner_home, engine=gpt2_engine, echo=None)
+    assert [runner.status(j.dir).state for j in (sick, well)] == ["completed", "completed"]
+    monkeypatch.undo()
+    assert_exactly_once(sick.dir, ref)
+
+
+@pytest.mark.parametrize("backup", ["unreadable", "another job's"])
+def test_repair_of_a_job_json_that_does_not_read_leaves_it_without_a_backup_of_its_own(
+    backup, two_jobs, runner_home, monkeypatch
+):
+    """The backup does not read either (the whole folder failing), or is another job's spec (copied in): nothing is
+    set aside, and repair says it cannot read job.json."""
+    sick, well, _ = two_jobs
+    bad = [sick.dir / "job.json"]
+    if backup == "unreadable":
+        bad.append(sick.dir / "job.backup.json")
+    else:
+        (sick.dir / "job.backup.json").write_bytes((well.dir / "job.json").read_bytes())
+    Unreadable(runner_home, bad).install(monkeypatch)
+    with pytest.raises(StorageError, match="cannot read .*/job.json: Input/output error"):
+        runner.repair(sick.dir)
+    monkeypatch.undo()
+    assert (sick.dir / "job.json").exists() and not list((sick.dir / "quarantine").iterdir())
