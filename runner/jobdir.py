@@ -3073,10 +3073,12 @@ def read_ledger(
     verifier: Verifier | None = None,
     verify: bool = True,
     generation: int | None = None,
+    unread_bad: bool = False,
 ) -> Ledger:
     """Read every commit of the job and keep those that count: markers of each unit's newest epoch and those
     listed in the seals of older epochs, whose shards verify. `seal`: fix the seal of each superseded
-    epoch that has none (workers do; readers only look). Transient errors raise StorageError."""
+    epoch that has none (workers do; readers only look). Transient errors raise StorageError; with `unread_bad`
+    (repair), a commit whose marker or shard does not read through the retries is bad (UNREAD)."""
     generation = job.state().generation if generation is None else generation
     # the markers listed before the seals are read: a seal written meanwhile still judges the markers listed (a
     # superseded worker's late marker, landing between the two reads, was counted as if its epoch had no seal,
@@ -3100,12 +3102,17 @@ def read_ledger(
                     accepted = seal_epoch(job, unit, epoch)
                 if accepted is not None and n not in accepted:
                     continue  # committed after its epoch was sealed: a stale worker's, never counted
-            marker, why = _read_marker(job, n, verifier)
-            if marker is None and storage.kind(job.dir / MARKERS / f"{n}.json") is None:
-                continue  # moved to quarantine by another worker since the listing
-            commit = Commit(n, unit, epoch, marker if isinstance(marker, dict) else {})
-            if why is None and verify:
-                why = verifier.check(commit)
+            try:
+                marker, why = _read_marker(job, n, verifier)
+                if marker is None and storage.kind(job.dir / MARKERS / f"{n}.json") is None:
+                    continue  # moved to quarantine by another worker since the listing
+                commit = Commit(n, unit, epoch, marker if isinstance(marker, dict) else {})
+                if why is None and verify:
+                    why = verifier.check(commit)
+            except storage.StorageError as e:
+                if not (unread_bad and e.unreadable_for_now):
+                    raise
+                why = f"{UNREAD} ({first_line(e)})"
             if why is None:
                 commits.append(commit)
             else:
@@ -3113,6 +3120,9 @@ def read_ledger(
     if seal:
         verifier.save()
     return Ledger(job, commits, bad, generation, current, claims, verifier)
+
+
+UNREAD = "it did not read through the retries"  # a commit's marker or shard (`read_ledger`'s `unread_bad`)
 
 
 def _read_marker(job: Job, name: str, verifier: Verifier) -> tuple[Any, str | None]:
@@ -3310,8 +3320,12 @@ def quarantine(job: Job, name: str, why: str, *, waiting: bool = True) -> bool:
     storage.ensure_dir(q)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for src in (job.dir / MARKERS / f"{name}.json", job.dir / SHARDS / f"{name}.parquet"):
-        if storage.kind(src) is None:
-            continue  # (a link is moved as a link: never followed)
+        try:
+            if storage.kind(src) is None:
+                continue  # (a link is moved as a link: never followed)
+        except storage.StorageError as e:
+            if not e.unreadable_for_now:
+                raise  # (one that does not stat through the retries, `UNREAD`, is moved all the same)
         try:
             storage.retry(lambda s=src: os.replace(s, q / f"{stamp}-{s.name}"), f"move {src}")
         except storage.StorageError:
@@ -3698,7 +3712,13 @@ def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     read_generation = (
         read.generation if read is not None and not report.state_was.startswith("broken") else generation
     )
-    ledger = read_ledger(job, seal=True, generation=generation, verifier=Verifier(job, afresh=True))
+    ledger = read_ledger(
+        job, seal=True, generation=generation, verifier=Verifier(job, afresh=True), unread_bad=True
+    )
+    if any(why.startswith(UNREAD) for _, why in ledger.bad):
+        # one file Drive cannot serve for hours is set aside and its rows computed again, never a home that does not
+        # read now: job.json must read (through the retries) for any commit to be taken for unreadable
+        storage.read_json(job.dir / JOB_FILE)
     for name, why in ledger.bad:
         quarantine(job, name, why, waiting=False)
         report.quarantined.append((name, why))
@@ -3905,7 +3925,11 @@ def _last_generation(job: Job) -> int:
     older version's files were written under. A
     record that fails its checksum counts for nothing: a flipped digit there would retry rows nobody retried
     (or drop a retry: repair then says which command the record claims to be, to run again)."""
-    gens = [read_ledger(job, generation=0).newest_generation(), *flight_generations(job).values()]
+    # (a commit that does not read tells no generation, as a damaged one does not: repair sets both aside)
+    gens = [
+        read_ledger(job, generation=0, unread_bad=True).newest_generation(),
+        *flight_generations(job).values(),
+    ]
     records = [f"{STATES}/{record_name(seq)}" for seq in _record_seqs(job.dir)]
     for name in [*records, STATE_FILE, COMPLETED_FILE]:
         record = _read_json_or_none(job.dir / name) if storage.kind(job.dir / name) == "file" else None

@@ -19,6 +19,10 @@ Found, and kept fixed below:
     missing one from job.backup.json, failed on it ("cannot read .../job.json"); where its stat failed too, every
     command given the job's folder failed before reading anything (`find_job` looked for job.json first). Repair
     now sets it aside in quarantine/ and restores it from the backup, where that reads as this folder's job's spec.
+  * a commit whose marker or shard did not read through the retries held its job (status unreadable, results
+    refused, work skipped it), and `runner repair`, which sets aside a commit that does not verify, failed on it.
+    Repair sets it aside in quarantine/ as one that does not verify (its stat failing too), and its rows are
+    computed again; only where job.json reads then, so that a home that does not read now is never taken apart.
 """
 
 from __future__ import annotations
@@ -235,3 +239,30 @@ def test_repair_of_a_job_json_that_does_not_read_leaves_it_without_a_backup_of_i
         runner.repair(sick.dir)
     monkeypatch.undo()
     assert (sick.dir / "job.json").exists() and not list((sick.dir / "quarantine").iterdir())
+
+
+@pytest.mark.parametrize("bad", ["done", "shards"])
+@pytest.mark.parametrize("stat_fails", [False, True])
+def test_repair_sets_aside_a_commit_that_does_not_read_for_good_and_its_rows_are_computed_again(
+    bad, stat_fails, two_jobs, gpt2_engine, runner_home, monkeypatch, tmp_path
+):
+    """A commit's marker (or shard) Drive could not serve held its job (status unreadable, results refused, work
+    skipped it), and `runner repair`, which sets aside a commit that does not verify, failed on it. It is set aside
+    in quarantine/ as one that does not verify is, and its rows are computed again: exactly once."""
+    sick, well, ref = two_jobs
+    name = "00000-00000000-0000"
+    path = sick.dir / bad / f"{name}.{'json' if bad == 'done' else 'parquet'}"
+    kinds = ("read", "stat", "list") if stat_fails else ("read",)
+    Unreadable(runner_home, [path], kinds=kinds).install(monkeypatch)
+    with pytest.raises(StorageError, match=f"cannot read {path}"):
+        runner.load_results(sick.dir)
+    report = runner.repair(sick.dir)
+    assert [n for n, _ in report.quarantined] == [name] and "did not read" in report.quarantined[0][1], report
+    assert report.state_now == "queued" and report.done == 2, report
+    work(runner_home, engine=gpt2_engine, echo=None)
+    assert [runner.status(j.dir).state for j in (sick, well)] == ["completed", "completed"]
+    assert_exactly_once(sick.dir, ref)
+    result = invoke("results", str(sick.dir), "--to", str(tmp_path / "out.jsonl"))
+    assert result.exit_code == 0, result.output
+    monkeypatch.undo()
+    assert_exactly_once(sick.dir, ref)
