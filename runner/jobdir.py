@@ -3881,13 +3881,26 @@ def _wrong_kind(job: Job) -> list[str]:
     a folder or a link where one of its files belongs, a file or a link where one of its folders belongs, a
     folder where a claim, an in-flight record or a heartbeat goes (it would block that name for ever)."""
     files = (LOG_FILE, STATE_FILE, STATS_FILE, VERIFIED, JOB_BACKUP, *_legacy_outcomes().values())
-    out = [n for n in files if storage.kind(job.dir / n) not in (None, "file")]
+    out = [n for n in files if _kind_as_read(job.dir / n, "file") not in (None, "file")]
     out += [n for n in FOLDERS if n != QUARANTINE and storage.kind(job.dir / n) not in (None, "dir")]
     for sub in (CLAIMS, INFLIGHT, WORKERS, STATES):
         if storage.kind(job.dir / sub) == "dir":
             names = storage.retry(lambda sub=sub: sorted(os.listdir(job.dir / sub)), f"list {job.dir / sub}")
-            out += [f"{sub}/{n}" for n in names if storage.kind(job.dir / sub / n) not in (None, "file")]
+            out += [
+                f"{sub}/{n}" for n in names if _kind_as_read(job.dir / sub / n, "file") not in (None, "file")
+            ]
     return out
+
+
+def _kind_as_read(path: Path, expected: str) -> str | None:
+    """storage.kind, or `expected` where it does not stat through the retries: a file Drive cannot serve for hours
+    (stats.json, a heartbeat) is left where it is, as whatever needs it finds (repair failed on it)."""
+    try:
+        return storage.kind(path)
+    except storage.StorageError as e:
+        if not e.unreadable_for_now:
+            raise
+        return expected
 
 
 def move_aside(job_dir: Path, name: str) -> None:

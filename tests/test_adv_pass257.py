@@ -23,6 +23,9 @@ Found, and kept fixed below:
     refused, work skipped it), and `runner repair`, which sets aside a commit that does not verify, failed on it.
     Repair sets it aside in quarantine/ as one that does not verify (its stat failing too), and its rows are
     computed again; only where job.json reads then, so that a home that does not read now is never taken apart.
+  * `runner repair` stopped on any file of the folder whose stat failed for good (stats.json, job.backup.json, a
+    claim, a heartbeat, verified.json: "cannot read .../stats.json") as it looked at each file's kind, where
+    nothing else it does needs that file. Such a file is left where it is.
 """
 
 from __future__ import annotations
@@ -193,9 +196,6 @@ def test_a_dead_workers_heartbeat_that_does_not_read_for_good_holds_nothing(
     assert [runner.status(j.dir).state for j in (sick, well)] == ["completed", "completed"]
     result = invoke("results", str(sick.dir), "--to", str(tmp_path / "out.jsonl"))
     assert result.exit_code == 0, result.output
-    monkeypatch.undo()
-    # (its contents only: where its stat fails too, `runner repair` stops on it, naming it)
-    Unreadable(runner_home, [sick.dir / "workers" / "dead-worker.json"], kinds=("read",)).install(monkeypatch)
     assert runner.repair(sick.dir).state_now == "completed"
     monkeypatch.undo()
     assert_exactly_once(sick.dir, ref)
@@ -264,5 +264,23 @@ def test_repair_sets_aside_a_commit_that_does_not_read_for_good_and_its_rows_are
     assert_exactly_once(sick.dir, ref)
     result = invoke("results", str(sick.dir), "--to", str(tmp_path / "out.jsonl"))
     assert result.exit_code == 0, result.output
+    monkeypatch.undo()
+    assert_exactly_once(sick.dir, ref)
+
+
+@pytest.mark.parametrize(
+    "name", ["stats.json", "job.backup.json", "claims/00000-00000000.json", "verified.json"]
+)
+def test_repair_of_a_job_with_a_file_it_does_not_need_that_does_not_read_or_stat_goes_on(
+    name, two_jobs, gpt2_engine, runner_home, monkeypatch
+):
+    """`runner repair` looks at the kind of each file of the folder (a folder where a file belongs is set aside) and
+    stopped on one whose stat failed for good ("cannot read .../stats.json"), where nothing else it does needs
+    that file: such a file is left where it is."""
+    sick, well, ref = two_jobs
+    work(runner_home, engine=gpt2_engine, echo=None)
+    Unreadable(runner_home, [sick.dir / name]).install(monkeypatch)
+    report = runner.repair(sick.dir)
+    assert report.state_now == "completed" and report.done == 6 and not report.quarantined, report
     monkeypatch.undo()
     assert_exactly_once(sick.dir, ref)
