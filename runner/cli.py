@@ -1672,6 +1672,9 @@ def repair(ctx: click.Context, job_ref: str) -> None:
               f"you ran {which} on this job lately, run it again")  # fmt: skip
     if r.lost_retry:
         _echo(_lost_retry_line(r.lost_retry, r.state_now))
+    for name in r.unread_records:
+        _echo(f"{name}, below the newest state record, did not read through the retries: set aside in quarantine/ "
+              "(its word was superseded by the newer records)")  # fmt: skip
     for name in r.foreign_records:
         _echo(f"{name} was another job's state record (copied in from its folder): set aside in quarantine/; what "
               "this job's own record at that name said, if it had one, is lost: if you ran `runner cancel` or "

@@ -1166,6 +1166,40 @@ def _quarantine_foreign_records(job: Job) -> list[str]:
     return moved
 
 
+def _quarantine_unread_records(job: Job) -> list[str]:
+    """`repair`: the state records below the newest that do not read through the retries (a file Drive cannot serve
+    for hours: each reader checks the newest against the one below, so the job did not read) moved into quarantine/,
+    said in the job's log; their names. Their word never counts (the newest's does), and a job whose records below
+    are gone reads as one whose records below are damaged does. The newest must read (else nothing is moved: the
+    home may not read now), and is never moved (the state would roll back to the record below it); nor is one whose
+    word may stand over the records above it (`_late_word_stands`): one right below a repair's blind record or a
+    worker's outcome, or one above it that does not read whole."""
+    seqs = _record_seqs(job.dir)
+    unread = []
+    for seq in seqs[:-1]:
+        try:
+            storage.read_bytes(job.dir / STATES / record_name(seq))
+        except storage.StorageError as e:
+            try:
+                above = _whole_at(job.dir, seq + 1)
+            except storage.StorageError:
+                above = None
+            if e.unreadable_for_now and above is not None and not _blind(above, seq + 1):
+                if above.get("by") not in ("completed", "failed"):
+                    unread.append((seq, first_line(e)))
+    if unread:
+        storage.read_bytes(job.dir / STATES / record_name(seqs[-1]))
+    moved = []
+    for seq, why in unread:
+        name = f"{STATES}/{record_name(seq)}"
+        move_aside(job.dir, name)
+        job.log(
+            f"repair: {name}, below the newest state record, did not read ({why}); set aside in {QUARANTINE}/"
+        )
+        moved.append(name)
+    return moved
+
+
 def _empty(path: Path) -> bool:
     try:
         return storage.kind(path) == "file" and not storage.read_bytes(path)
@@ -3562,6 +3596,9 @@ class RepairReport:
     restored_inputs: list[str] = field(default_factory=list)  # written again from the input file (jobs.py)
     unrestorable: str | None = None  # why prompts.parquet / errors.jsonl, damaged, could not be written again
     foreign_records: list[str] = field(default_factory=list)  # state records of another job, set aside
+    unread_records: list[str] = field(
+        default_factory=list
+    )  # records below the newest that did not read, set aside
     # the newest record read, but under a retry generation older than the job's other records or its commits
     # were written under (a retry's record deleted, or an older one copied over it): (what it said, recorded now)
     lost_retry: tuple[int, int] | None = None
@@ -3684,6 +3721,7 @@ def _aside_unreadable_spec(path: Path, e: storage.StorageError) -> bool:
 
 def _repair_state(job: Job, report: RepairReport) -> RepairReport:
     """The rest of `repair`, once the job opens: its state, its commits, what stands in the wrong place."""
+    report.unread_records = _quarantine_unread_records(job)
     report.damaged_aside = _quarantine_damaged_asides(job)
     report.foreign_records = _quarantine_foreign_records(job)
     try:  # the state repair decides over (a command may record another meanwhile)

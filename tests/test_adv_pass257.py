@@ -26,6 +26,12 @@ Found, and kept fixed below:
   * `runner repair` stopped on any file of the folder whose stat failed for good (stats.json, job.backup.json, a
     claim, a heartbeat, verified.json: "cannot read .../stats.json") as it looked at each file's kind, where
     nothing else it does needs that file. Such a file is left where it is.
+  * a state record below the newest that did not read through the retries held its job (each reader checks the
+    newest against the one below: status unreadable, results refused, work skipped it; "known and accepted"), and
+    `runner repair` failed on it. Its word never counts where the record above it reads whole and is neither a
+    repair's blind record nor a worker's outcome (`_late_word_stands`), and a job whose record below is gone reads:
+    repair sets such a record aside in quarantine/ and says so. The newest record, and one right below a blind
+    record or an outcome, are left (repair stops on them, naming the file): moving those could change the state.
 """
 
 from __future__ import annotations
@@ -284,3 +290,60 @@ def test_repair_of_a_job_with_a_file_it_does_not_need_that_does_not_read_or_stat
     assert report.state_now == "completed" and report.done == 6 and not report.quarantined, report
     monkeypatch.undo()
     assert_exactly_once(sick.dir, ref)
+
+
+def test_repair_sets_aside_a_state_record_below_the_newest_that_does_not_read_for_good(
+    two_jobs, gpt2_engine, runner_home, monkeypatch
+):
+    """A state record below the newest that Drive could not serve held its job (each reader checks the newest
+    against it: status unreadable, results refused, work skipped it), and `runner repair` failed on it. Its word
+    never counts (the newest's does), and a job whose record below is gone reads: repair sets it aside in
+    quarantine/, and the job goes on under the newest record."""
+    sick, well, ref = two_jobs
+    runner.cancel(sick.dir)
+    assert runner.retry(sick.dir) == 0  # records 1 (cancelled) and 2 (queued, retry generation 1)
+    below = sick.dir / "state" / "00000001.json"
+    Unreadable(runner_home, [below]).install(monkeypatch)
+    assert {s.name: s.state for s in runner.status(home=runner_home)}["sick"] == "unreadable"
+    result = invoke("repair", str(sick.dir))
+    assert result.exit_code == 0, result.output
+    assert "state/00000001.json, below the newest state record, did not read through the retries: set aside in " \
+           "quarantine/" in result.output, result.output  # fmt: skip
+    assert runner.status(sick.dir).state == "queued (interrupted)" and runner.status(sick.dir).generation == 1
+    report = runner.repair(sick.dir)  # (once is enough)
+    assert report.unread_records == [] and report.state_now == "queued", report
+    work(runner_home, engine=gpt2_engine, echo=None)
+    assert [runner.status(j.dir).state for j in (sick, well)] == ["completed", "completed"]
+    monkeypatch.undo()
+    assert_exactly_once(sick.dir, ref)
+
+
+def test_repair_leaves_a_newest_state_record_that_does_not_read_and_says_so(
+    two_jobs, runner_home, monkeypatch
+):
+    """The newest record is the job's state (a cancel there): never set aside for not reading, which would roll the
+    state back to the record below. Repair stops on it, naming it."""
+    sick, _, _ = two_jobs
+    runner.cancel(sick.dir)
+    newest = sick.dir / "state" / "00000001.json"
+    Unreadable(runner_home, [newest]).install(monkeypatch)
+    with pytest.raises(StorageError, match=f"cannot read {newest}: Input/output error"):
+        runner.repair(sick.dir)
+    monkeypatch.undo()
+    assert runner.status(sick.dir).state == "cancelled"
+
+
+def test_repair_leaves_a_record_below_a_workers_outcome_that_does_not_read(two_jobs, gpt2_engine, runner_home,
+                                                                          monkeypatch):  # fmt: skip
+    """Below a worker's completion (or failure) the record may be a repair's blind one whose late word stands over
+    it (`_outcome_over_blind`): one that does not read is not set aside, and repair says which file it cannot read."""
+    sick, _, _ = two_jobs
+    runner.cancel(sick.dir)
+    runner.retry(sick.dir)
+    work(runner_home, engine=gpt2_engine, echo=None)  # record 3: completed, by its worker
+    below = sick.dir / "state" / "00000002.json"
+    Unreadable(runner_home, [below]).install(monkeypatch)
+    with pytest.raises(StorageError, match=f"cannot read {below}: Input/output error"):
+        runner.repair(sick.dir)
+    monkeypatch.undo()
+    assert runner.status(sick.dir).state == "completed" and below.exists()
