@@ -3596,9 +3596,8 @@ class RepairReport:
     restored_inputs: list[str] = field(default_factory=list)  # written again from the input file (jobs.py)
     unrestorable: str | None = None  # why prompts.parquet / errors.jsonl, damaged, could not be written again
     foreign_records: list[str] = field(default_factory=list)  # state records of another job, set aside
-    unread_records: list[str] = field(
-        default_factory=list
-    )  # records below the newest that did not read, set aside
+    # state records below the newest that did not read through the retries, set aside (`_quarantine_unread_records`)
+    unread_records: list[str] = field(default_factory=list)
     # the newest record read, but under a retry generation older than the job's other records or its commits
     # were written under (a retry's record deleted, or an older one copied over it): (what it said, recorded now)
     lost_retry: tuple[int, int] | None = None
@@ -3703,9 +3702,9 @@ def _mended_folder(path: Path, report: RepairReport) -> Job:
 
 def _aside_unreadable_spec(path: Path, e: storage.StorageError) -> bool:
     """job.json did not read through the retries (`e`: a file Drive cannot serve for hours held its job for as long)
-    and its backup reads as this folder's job's spec: job.json is set aside in quarantine/, to be restored from the backup as a
-    missing one is (`_restore_spec`); whether it was. The backup is read first: where the whole folder fails, nothing
-    is moved."""
+    and its backup reads as this folder's job's spec: job.json is set aside in quarantine/, to be restored from the
+    backup as a missing one is (`_restore_spec`); whether it was. The backup is read first: where the whole folder
+    fails, nothing is moved."""
     if not e.unreadable_for_now or not str(e).startswith(f"cannot read {path / JOB_FILE}:"):
         return False
     try:

@@ -336,10 +336,29 @@ def restore_inputs(job: Job) -> tuple[list[str], str | None]:
     byte for byte as submit wrote it (its sha256 in job.json): the same rows, tokens and settings, or nothing.
     The damaged file is kept in quarantine/. Returns (the names written again, why they could not be, or None)."""
     expected = {PROMPTS: job.spec.prompts_sha256, jobdir.INVALID: job.meta["input"].get("invalid_sha256")}
-    damaged = [PROMPTS] if storage.kind(job.dir / PROMPTS) != "file" or jobdir.prompts_problem(job) else []
-    damaged += [jobdir.INVALID] if job.meta["input"].get("invalid") and jobdir.invalid_problem(job) else []
+    unread: set[str] = (
+        set()
+    )  # those that did not read through the retries (a file Drive cannot serve for hours)
+
+    def problem(name: str, why: Callable[[], Any]) -> Any:
+        try:
+            return why()
+        except storage.StorageError as e:
+            if not e.unreadable_for_now:
+                raise
+            unread.add(name)
+            return True
+
+    prompts = lambda: storage.kind(job.dir / PROMPTS) != "file" or jobdir.prompts_problem(job)  # noqa: E731
+    damaged = [PROMPTS] if problem(PROMPTS, prompts) else []
+    if job.meta["input"].get("invalid") and problem(jobdir.INVALID, lambda: jobdir.invalid_problem(job)):
+        damaged.append(jobdir.INVALID)
     if not damaged:
         return [], None
+    if (
+        unread
+    ):  # (never a home that does not read now: job.json must read for a file of it to be taken for lost)
+        storage.read_json(job.dir / jobdir.JOB_FILE)
     # (a killed repair's folder is swept as a killed worker's local shards are)
     with tempfile.TemporaryDirectory(prefix=LOCAL_SHARD_PREFIX + "restore-") as tmp:
         try:
@@ -359,9 +378,13 @@ def restore_inputs(job: Job) -> tuple[list[str], str | None]:
             if not rewritten.is_file() or storage.file_sha256(rewritten) != expected[name]:
                 return [], f"{name} written again from the input file is not the one submit wrote"
         for name in damaged:
-            jobdir.replace_keeping_old(job.dir, name, Path(tmp) / name)
+            if name in unread:  # (moved aside whole: it cannot be copied)
+                jobdir.move_aside(job.dir, name)
+                storage.publish(Path(tmp) / name, job.dir / name)
+            else:
+                jobdir.replace_keeping_old(job.dir, name, Path(tmp) / name)
     with contextlib.suppress(RunnerError):  # (a log.txt that cannot be written is repair's to set aside)
-        job.log(f"repair: {', '.join(damaged)} was missing or did not match its checksum; written again from the "
+        job.log(f"repair: {', '.join(damaged)} was missing, did not read or did not match its checksum; written again from the "
                 f"input file {job.meta['input']['path']} (as submitted, byte for byte; the damaged one is in "
                 "quarantine/)")  # fmt: skip
     return damaged, None

@@ -32,6 +32,10 @@ Found, and kept fixed below:
     repair's blind record nor a worker's outcome (`_late_word_stands`), and a job whose record below is gone reads:
     repair sets such a record aside in quarantine/ and says so. The newest record, and one right below a blind
     record or an outcome, are left (repair stops on them, naming the file): moving those could change the state.
+  * a prompts.parquet that did not read through the retries held its job, and `runner repair`, which writes a
+    damaged or missing one again from the input file when that is unchanged, failed on it ("cannot read
+    .../prompts.parquet"). It is set aside in quarantine/ (moved: it cannot be copied) and written again, byte for
+    byte as submit wrote it (its sha256), where job.json reads then; errors.jsonl likewise.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from fsfaults import FsFaults
 from helpers import assert_exactly_once, invoke, reference_run, write_jsonl
 
 import runner
-from runner import EngineOptions, GenerationParams
+from runner import EngineOptions, GenerationParams, jobdir
 from runner.jobs import create_job
 from runner.scheduler import work
 from runner.storage import StorageError
@@ -56,7 +60,8 @@ PARAMS, OPTIONS = GenerationParams(max_new_tokens=3), EngineOptions(batch_size=2
 
 class Unreadable(FsFaults):
     """Every read, stat and listing of the paths in `bad` fails with EIO, retried or not (a file Drive cannot serve
-    for hours), until it is renamed away or another file is renamed over it; the rest of the home reads as it is. `runner.storage.RETRY_DELAYS` is made short."""
+    for hours), until it is renamed away or another file is renamed over it; the rest of the home reads as it is.
+    `runner.storage.RETRY_DELAYS` is made short."""
 
     def __init__(self, root, bad, kinds=("read", "stat", "list")):
         super().__init__(root, eio=1.0, retry_delays=[0.0, 0.0])
@@ -347,3 +352,25 @@ def test_repair_leaves_a_record_below_a_workers_outcome_that_does_not_read(two_j
         runner.repair(sick.dir)
     monkeypatch.undo()
     assert runner.status(sick.dir).state == "completed" and below.exists()
+
+
+@pytest.mark.parametrize("stat_fails", [False, True])
+def test_repair_writes_prompts_that_do_not_read_for_good_again_from_the_input_file(
+    stat_fails, two_jobs, gpt2_engine, runner_home, monkeypatch
+):
+    """A prompts.parquet Drive could not serve held its job for as long (status unreadable, work skipped it), and
+    `runner repair`, which writes a damaged or missing one again from the input file when that is unchanged, failed
+    on it. It is set aside in quarantine/ and written again, byte for byte as submit wrote it."""
+    sick, well, ref = two_jobs
+    kinds = ("read", "stat", "list") if stat_fails else ("read",)
+    Unreadable(runner_home, [sick.dir / "prompts.parquet"], kinds=kinds).install(monkeypatch)
+    monkeypatch.setattr(
+        jobdir, "_HASHED", {}
+    )  # (a `runner repair` of its own: this process hashed it before)
+    report = runner.repair(sick.dir)
+    assert report.restored_inputs == ["prompts.parquet"] and report.state_now == "queued", report
+    assert [p.name for p in (sick.dir / "quarantine").iterdir() if p.name.endswith("-prompts.parquet")]
+    work(runner_home, engine=gpt2_engine, echo=None)
+    assert [runner.status(j.dir).state for j in (sick, well)] == ["completed", "completed"]
+    monkeypatch.undo()
+    assert_exactly_once(sick.dir, ref)
