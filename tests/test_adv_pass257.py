@@ -374,3 +374,18 @@ def test_repair_writes_prompts_that_do_not_read_for_good_again_from_the_input_fi
     assert [runner.status(j.dir).state for j in (sick, well)] == ["completed", "completed"]
     monkeypatch.undo()
     assert_exactly_once(sick.dir, ref)
+
+
+def test_repair_writes_an_errors_jsonl_that_does_not_read_for_good_again(tmp_path, tiny_gpt2, runner_home,
+                                                                        monkeypatch):  # fmt: skip
+    """errors.jsonl (the input rows found invalid at submit) Drive could not serve: `runner status` of a job whose
+    worker had checked it showed it unreadable for as long, and `runner repair` failed on it; it is written again
+    from the input file."""
+    rows = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello"}, "{not json"])
+    job = create_job(rows, tiny_gpt2, GenerationParams(max_new_tokens=2), home=runner_home, skip_invalid=True)
+    Unreadable(runner_home, [job.dir / "errors.jsonl"]).install(monkeypatch)
+    monkeypatch.setattr(jobdir, "_HASHED", {})
+    assert runner.repair(job.dir).restored_inputs == ["errors.jsonl"]
+    assert runner.status(job.dir).state == "queued" and runner.status(job.dir).invalid == 1
+    monkeypatch.undo()
+    assert [r["line"] for r in job.invalid_rows()] == [2]
