@@ -336,9 +336,8 @@ def restore_inputs(job: Job) -> tuple[list[str], str | None]:
     byte for byte as submit wrote it (its sha256 in job.json): the same rows, tokens and settings, or nothing.
     The damaged file is kept in quarantine/. Returns (the names written again, why they could not be, or None)."""
     expected = {PROMPTS: job.spec.prompts_sha256, jobdir.INVALID: job.meta["input"].get("invalid_sha256")}
-    unread: set[str] = (
-        set()
-    )  # those that did not read through the retries (a file Drive cannot serve for hours)
+    # those that did not read through the retries (a file Drive cannot serve for hours)
+    unread: set[str] = set()
 
     def problem(name: str, why: Callable[[], Any]) -> Any:
         try:
@@ -384,9 +383,9 @@ def restore_inputs(job: Job) -> tuple[list[str], str | None]:
             else:
                 jobdir.replace_keeping_old(job.dir, name, Path(tmp) / name)
     with contextlib.suppress(RunnerError):  # (a log.txt that cannot be written is repair's to set aside)
-        job.log(f"repair: {', '.join(damaged)} was missing, did not read or did not match its checksum; written again from the "
-                f"input file {job.meta['input']['path']} (as submitted, byte for byte; the damaged one is in "
-                "quarantine/)")  # fmt: skip
+        job.log(f"repair: {', '.join(damaged)} was missing, did not read or did not match its checksum; written "
+                f"again from the input file {job.meta['input']['path']} (as submitted, byte for byte; the damaged "
+                "one is in quarantine/)")  # fmt: skip
     return damaged, None
 
 

@@ -433,9 +433,8 @@ def work(
     while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
         try:
             cand = _next_candidate(home, job, failed, broken, unfilled, echo)
-        except (
-            StorageError
-        ) as e:  # the home as a whole does not read now: the stop of the run it broke says so
+        except StorageError as e:
+            # the home as a whole does not read now: the stop of the run it broke says so
             if unread and _unreadable(e):
                 raise next(iter(unread.values()))[0] from e
             raise
