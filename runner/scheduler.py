@@ -431,52 +431,20 @@ def work(
     if job is None:
         jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
     while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
-        try:
-            cand = _next_candidate(home, job, failed, broken, unfilled, echo)
-        except StorageError as e:
-            # the home as a whole does not read now: the stop of the run it broke says so
-            if unread and _unreadable(e):
-                raise next(iter(unread.values()))[0] from e
-            raise
+        cand = _next_or_unread(home, job, failed, broken, unfilled, echo, unread)
         if cand is None:
             if unfilled:
                 jobdir.wait_for_state()
             elif not _wait_for_others(home, job, owner.worker, poll, deadline, echo, waits_said, waited):
                 if _unread_again(unread, failed, len(summaries)):
                     continue
-                _stop_if_unreadable(broken)  # nothing left to run or wait for but a folder that does not read
-                if unread:
-                    raise next(iter(unread.values()))[0]
+                _stop_if_unreadable(broken, unread)  # nothing left to run or wait for but what does not read
                 break
             continue
         try:
             summary = run_leased(cand, engines, stop, run_opts, echo)
-        # that job waits for its model to come back, or its folder holds another job now or is gone: the others run
-        except (ModelUnreadable, JobReplaced, JobGone) as e:
-            failed.add(cand.job.id)
-            if echo:
-                echo(str(e))
-            continue
-        except StorageError as e:  # (said by run_leased as a stop: the job is consistent)
-            if not _unread_in_job(e):
-                raise
-            # one file of that job that does not read (Drive cannot serve it for hours) held every job of the home
-            failed.add(cand.job.id)
-            unread[cand.job.id] = (e, len(summaries))
-            if echo:
-                echo(f"job {cand.job.id} cannot be read for now ({e.__cause__ or e}); skipped, and looked at again "
-                     "once the other jobs have run")  # fmt: skip
-            continue
-        except NotOnThisMachine as e:  # that job waits for a machine that has what it needs; the others run
-            failed.add(cand.job.id)
-            if on_unrunnable is not None:
-                on_unrunnable(cand.job)
-            if echo:
-                echo(f"job {cand.job.id} stays queued: {e}; {_where_it_runs(cand.job, e, home)}")
-            continue
-        except BrokenJob as e:  # said by run_leased; skipped from now on, as those the queue finds broken
-            failed.add(cand.job.id)
-            broken.setdefault(str(cand.job.dir), Broken(str(e), e.repairable, None, cand.job.id))
+        except (ModelUnreadable, JobReplaced, JobGone, StorageError, NotOnThisMachine, BrokenJob) as e:
+            _skipped(e, cand, failed, broken, (unread, len(summaries)), (on_unrunnable, home), echo)
             continue
         now = _state_now(cand.job)
         if now is None:  # said broken by run_leased, after its wait for the state: not again
@@ -564,8 +532,66 @@ def _unread_again(unread: dict[str, tuple[StorageError, int]], failed: set[str],
     return bool(again)
 
 
-def _stop_if_unreadable(broken: dict[str, Broken]) -> None:
-    """Nothing else to do but a folder unreadable for now: the home is failing, or that folder is; stop."""
+def _next_or_unread(
+    home: Any,
+    job: Any,
+    failed: set[str],
+    broken: dict[str, Broken],
+    unfilled: dict[str, float],
+    echo: Any,
+    unread: dict[str, tuple[StorageError, int]],
+) -> Candidate | None:
+    """`_next_candidate`; where the home as a whole does not read now, the stop of the run it broke says so."""
+    try:
+        return _next_candidate(home, job, failed, broken, unfilled, echo)
+    except StorageError as e:
+        if unread and _unreadable(e):
+            raise next(iter(unread.values()))[0] from e
+        raise
+
+
+def _skipped(
+    e: Exception,
+    cand: Candidate,
+    failed: set[str],
+    broken: dict[str, Broken],
+    unread_ran: tuple[dict[str, tuple[StorageError, int]], int],
+    unrunnable: tuple[Any, Any],
+    echo: Any,
+) -> None:
+    """`cand`'s run stopped by `e` without a summary: that job is skipped and the others run (re-raised where `e`
+    stops the worker). `unread_ran`: the jobs that met a file that does not read, and how many jobs ran so far;
+    `unrunnable`: (work's on_unrunnable, the home)."""
+    if isinstance(e, (ModelUnreadable, JobReplaced, JobGone)):
+        # that job waits for its model to come back, or its folder holds another job now or is gone
+        failed.add(cand.job.id)
+        if echo:
+            echo(str(e))
+    elif isinstance(e, StorageError):  # (said by run_leased as a stop: the job is consistent)
+        if not _unread_in_job(e):
+            raise e
+        # one file of that job that does not read (Drive cannot serve it for hours) held every job of the home
+        failed.add(cand.job.id)
+        unread_ran[0][cand.job.id] = (e, unread_ran[1])
+        if echo:
+            echo(f"job {cand.job.id} cannot be read for now ({e.__cause__ or e}); skipped, and looked at again "
+                 "once the other jobs have run")  # fmt: skip
+    elif isinstance(e, NotOnThisMachine):  # that job waits for a machine that has what it needs
+        failed.add(cand.job.id)
+        if unrunnable[0] is not None:
+            unrunnable[0](cand.job)
+        if echo:
+            echo(f"job {cand.job.id} stays queued: {e}; {_where_it_runs(cand.job, e, unrunnable[1])}")
+    else:  # BrokenJob, said by run_leased; skipped from now on, as those the queue finds broken
+        failed.add(cand.job.id)
+        broken.setdefault(str(cand.job.dir), Broken(str(e), e.repairable, None, cand.job.id))
+
+
+def _stop_if_unreadable(broken: dict[str, Broken], unread: dict[str, tuple[StorageError, int]]) -> None:
+    """Nothing else to do but a folder unreadable for now: the home is failing, or that folder is; stop. Or a
+    job that met a file that does not read (`unread`): the stop of its run says so."""
+    if unread and not any(b.unreadable for b in broken.values()):
+        raise next(iter(unread.values()))[0]
     if e := next((b.unreadable for b in broken.values() if b.unreadable), None):
         raise StorageError(f"stopped: {e}; nothing in that job is damaged: it carries on with the next `runner "
                            "work` once its folder reads (`runner status` shows it unreadable meanwhile)", e.errno)  # fmt: skip
