@@ -29,6 +29,18 @@ simply not counted. Rounds go on until TARGET faults have been counted and every
 leaves ROUND/story.txt (what happened, with every command's output) under the test's tmp_path, and the
 summary goes to campaign-summary.txt there (and to stdout: run with -s). CAMPAIGN_TARGET=40 makes a quick
 smoke run for the edit loop.
+
+The job's shape comes from environment variables (the defaults are CI's campaign; another shape, another campaign):
+  CAMPAIGN_KIND=generate|score|embed  the job's kind (score and embed: one sample a row, results compared on
+                                      their own columns: token ids and log-probs, or the vector; floats within
+                                      1e-4 of the uninterrupted run, as batching changes their last bits)
+  CAMPAIGN_PROMPTS=16                 rows of the job
+  CAMPAIGN_SAMPLES=2                  samples a row (-n; generate only)
+  CAMPAIGN_UNIT_ROWS=4                rows a unit (4 units of 8 keys)
+  CAMPAIGN_SHARD_ROWS=2               the workers' --shard-rows (4 commits a unit)
+  CAMPAIGN_MAX_WORKERS=3              at most this many workers at once in a round (1-5)
+  CAMPAIGN_REFILL=1                   EngineOptions(continuous_batching=True) (generate)
+The progress events the faults wait for ("done" = commit markers) are scaled to the job's number of commits.
 """
 
 from __future__ import annotations
@@ -54,7 +66,7 @@ import workers
 from helpers import write_jsonl
 
 import runner
-from runner import EngineOptions, GenerationParams, jobdir
+from runner import EmbedParams, EngineOptions, GenerationParams, ScoreParams, jobdir
 from runner.jobdir import Job, read_state
 from runner.jobs import create_job
 from runner.worker import run_job
@@ -68,10 +80,31 @@ TARGET = int(os.environ.get("CAMPAIGN_TARGET", 200))  # faults counted before th
 MAX_ROUNDS = 40
 TIMEOUT = 120.0  # seconds for any one event to happen (the machine is shared and slow)
 POLL = 0.02
-N_PROMPTS, N_SAMPLES, UNIT_ROWS = 16, 2, 4  # 4 units of 8 keys; --shard-rows 2 commits 4 times per unit
-PARAMS = GenerationParams(max_new_tokens=6, temperature=1.0, num_return_sequences=N_SAMPLES, seed=4242)
+# the job's shape (module docstring): by default 4 units of 8 keys; --shard-rows 2 commits 4 times per unit
+KIND = os.environ.get("CAMPAIGN_KIND", "generate")
+N_PROMPTS = int(os.environ.get("CAMPAIGN_PROMPTS", 16))
+N_SAMPLES = int(os.environ.get("CAMPAIGN_SAMPLES", 2)) if KIND == "generate" else 1
+UNIT_ROWS = int(os.environ.get("CAMPAIGN_UNIT_ROWS", 4))
+SHARD_ROWS = int(os.environ.get("CAMPAIGN_SHARD_ROWS", 2))
+MAX_WORKERS = int(os.environ.get("CAMPAIGN_MAX_WORKERS", 3))
+REFILL = os.environ.get("CAMPAIGN_REFILL", "0") == "1"
+assert KIND in ("generate", "score", "embed") and 1 <= MAX_WORKERS <= 5, (KIND, MAX_WORKERS)
+N_UNITS = -(-N_PROMPTS // UNIT_ROWS)
+# commits of an uninterrupted run: the "done" events are drawn for the default's 16 and scaled to this
+COMMITS = sum(-(-min(UNIT_ROWS, N_PROMPTS - u * UNIT_ROWS) * N_SAMPLES // SHARD_ROWS) for u in range(N_UNITS))
+PARAMS = {
+    "generate": GenerationParams(
+        max_new_tokens=6, temperature=1.0, num_return_sequences=N_SAMPLES, seed=4242
+    ),
+    "score": ScoreParams(add_eos=True),
+    "embed": EmbedParams(),
+}[KIND]
+# the columns a result is compared on (besides id and sample), by kind
+VALUES = {"generate": ("token_ids", "text"), "score": ("token_ids", "logprob", "token_logprobs"),
+          "embed": ("num_tokens", "embedding")}  # fmt: skip
 BYSTANDER_PARAMS = GenerationParams(max_new_tokens=4, temperature=1.0, seed=77)
-OPTIONS = EngineOptions(batch_size=2)
+OPTIONS = EngineOptions(batch_size=2, continuous_batching=REFILL)
+BYSTANDER_OPTIONS = EngineOptions(batch_size=2)
 LEASE = {"RUNNER_LEASE_TTL": "2"}
 SLOW = 0.005  # seconds per write and listing in the job home (a Drive mount)
 # storage.RETRY_DELAYS in the test's processes: runner's, with short first steps (still a minute in all)
@@ -116,13 +149,17 @@ if cfg:
     cfg = json.loads(cfg)
     fsfaults.FsFaults(cfg.pop("root"), **cfg).install()
 import runner
+def plain(v):
+    return [plain(x) for x in v] if hasattr(v, "__len__") and not isinstance(v, str) else (
+        v.item() if hasattr(v, "item") else v)
 try:
     df = runner.load_results(sys.argv[1])
 except runner.RunnerError as e:
     out = {"refused": type(e).__name__, "message": str(e)}
 else:
-    out = {"rows": [[i, int(s), [int(t) for t in ids], text] for i, s, ids, text
-                    in zip(df["id"], df["sample"], df["token_ids"], df["text"])]}
+    cols = sys.argv[3].split(",")
+    out = {"rows": [[i, int(s), *(plain(v) for v in vals)] for i, s, *vals
+                    in zip(df["id"], df["sample"], *(df[c] for c in cols))]}
 with open(sys.argv[2], "w") as f:
     json.dump(out, f)
 """
@@ -134,6 +171,11 @@ KINDS = ("kill", "point", "stop", "eio", "torn", *SHARD_DAMAGE, "conflict", "sub
          "repair", "bystander")  # fmt: skip
 
 
+def done_at(n: int) -> int:
+    """A "done" event drawn for the default job's 16 commits, at the same share of this job's."""
+    return max(1, round(n * COMMITS / 16))
+
+
 # --- the prepared jobs and their reference results ----------------------------------------------------------
 
 
@@ -142,16 +184,37 @@ class Prepared:
     model: str
     job: Path  # the campaign job, submitted, nothing run (copied per round)
     bystander: Path
-    ref: dict  # (id, sample) -> (token_ids, text) of an uninterrupted run
+    ref: dict  # (id, sample) -> [its VALUES] of an uninterrupted run
     bystander_ref: dict
     small: Path  # prompts of the submits that get killed
 
 
-def results_by_key(df) -> dict:
-    return {
-        (i, int(s)): ([int(t) for t in ids], text)
-        for i, s, ids, text in zip(df["id"], df["sample"], df["token_ids"], df["text"], strict=True)
-    }
+def plain(v):
+    """A result's value as JSON gives it back: lists of Python ints, floats and strings."""
+    if hasattr(v, "__len__") and not isinstance(v, str):
+        return [plain(x) for x in v]
+    return v.item() if hasattr(v, "item") else v
+
+
+def same(a, b) -> bool:
+    """Equal values; floats (scores, vectors) within 1e-4 (batching changes their last bits)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return (
+            isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-4 * (1 + abs(b))
+        )
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def result_rows(df, cols: tuple[str, ...] = VALUES[KIND]) -> list:
+    """[id, sample, *values] of each row of a results table (`cols`: the values)."""
+    return [[i, int(s), *(plain(v) for v in vals)]
+            for i, s, *vals in zip(df["id"], df["sample"], *(df[c] for c in cols), strict=True)]  # fmt: skip
+
+
+def results_by_key(df, cols: tuple[str, ...] = VALUES[KIND]) -> dict:
+    return {(i, s): vals for i, s, *vals in result_rows(df, cols)}
 
 
 @pytest.fixture(scope="module")
@@ -159,21 +222,22 @@ def prepared(tmp_path_factory, tiny_gpt2, gpt2_engine):
     root = tmp_path_factory.mktemp("campaign")
     words = "the old man said that every student reads a language model slowly".split()
 
-    def prompts(name, n):
-        return write_jsonl(root / name, ({"id": f"{name[0]}{i:02d}", "prompt": " ".join(words[i % 5 : 2 + i % 11])}
+    def prompts(name, n, field="prompt"):
+        return write_jsonl(root / name, ({"id": f"{name[0]}{i:02d}", field: " ".join(words[i % 5 : 2 + i % 11])}
                                          for i in range(n)))  # fmt: skip
 
-    main, side, small = prompts("p.jsonl", N_PROMPTS), prompts("b.jsonl", 6), prompts("s.jsonl", 2)
+    main = prompts("p.jsonl", N_PROMPTS, "prompt" if KIND == "generate" else "text")
+    side, small = prompts("b.jsonl", 6), prompts("s.jsonl", 2)
     job = create_job(main, tiny_gpt2, PARAMS, OPTIONS, job_dir=root / "job", unit_rows=UNIT_ROWS)
-    bystander = create_job(side, tiny_gpt2, BYSTANDER_PARAMS, OPTIONS, job_dir=root / "bystander")
+    bystander = create_job(side, tiny_gpt2, BYSTANDER_PARAMS, BYSTANDER_OPTIONS, job_dir=root / "bystander")
     refs = []
-    for name, src, params, unit_rows in (
-        ("ref", main, PARAMS, UNIT_ROWS),
-        ("bref", side, BYSTANDER_PARAMS, None),
+    for name, src, params, options, unit_rows, cols in (
+        ("ref", main, PARAMS, OPTIONS, UNIT_ROWS, VALUES[KIND]),
+        ("bref", side, BYSTANDER_PARAMS, BYSTANDER_OPTIONS, None, VALUES["generate"]),
     ):
-        ref = create_job(src, tiny_gpt2, params, OPTIONS, job_dir=root / name, unit_rows=unit_rows)
+        ref = create_job(src, tiny_gpt2, params, options, job_dir=root / name, unit_rows=unit_rows)
         run_job(ref, gpt2_engine, echo=None)
-        refs.append(results_by_key(runner.load_results(ref.dir)))
+        refs.append(results_by_key(runner.load_results(ref.dir), cols))
     assert len(refs[0]) == N_PROMPTS * N_SAMPLES and len(refs[1]) == 6
     return Prepared(tiny_gpt2, job.dir, bystander.dir, refs[0], refs[1], small)
 
@@ -424,7 +488,7 @@ class Round:
         with open(out, "w") as f:
             proc = subprocess.Popen(
                 [sys.executable, str(fsfaults.HERE), "--home", str(self.home), "work",
-                 *(() if plain else ("--job", self.jid)), "--shard-rows", "2"],
+                 *(() if plain else ("--job", self.jid)), "--shard-rows", str(SHARD_ROWS)],
                 stdout=f, stderr=subprocess.STDOUT, env=workers.worker_env(env),
             )  # fmt: skip
         self.c.starts += 1
@@ -484,7 +548,7 @@ class Round:
         self.seen.update(n for n in listing(self.job / "done") if jobdir.COMMIT_RE.fullmatch(n[:-5]))
         with open(self.job / "log.txt", "rb") as f:
             f.seek(self.log_start)
-            units = f.read().count(b" to generate on ")
+            units = f.read().count(f" to {KIND} on ".encode())
         return {"done": len(self.seen), "unit": units}
 
     def ledger(self, verify: bool = False) -> jobdir.Ledger | None:
@@ -623,7 +687,7 @@ class Round:
 
     def fault_phase(self) -> None:
         rng = self.rng
-        n = rng.choice((1, 2, 3, 3))
+        n = rng.choice((*range(1, MAX_WORKERS + 1), MAX_WORKERS))
         # the first worker dies between a shard and its marker, or inside an atomic write, every other round
         first = ("after_shard", "before_replace")[self.index % 2]
         self.launch(f"{first}:{rng.randint(1, POINTS[first])}")
@@ -634,15 +698,17 @@ class Round:
         # a stop in every round (alone, a worker's unit is taken over by one that joins), a second at times
         triggers.append(Trigger("unit", rng.randint(1, 3), self.stop_one))
         if n > 1 and rng.random() < 0.5:
-            triggers.append(Trigger("done", rng.randint(4, 12), self.stop_one))
-        triggers += [Trigger("done", rng.randint(2, 15), self.damage_live) for _ in range(rng.randint(3, 6))]
-        triggers.append(Trigger("done", rng.randint(1, 15), self.status_live))
+            triggers.append(Trigger("done", done_at(rng.randint(4, 12)), self.stop_one))
+        triggers += [
+            Trigger("done", done_at(rng.randint(2, 15)), self.damage_live) for _ in range(rng.randint(3, 6))
+        ]
+        triggers.append(Trigger("done", done_at(rng.randint(1, 15)), self.status_live))
         if self.readers:
             triggers += [
-                Trigger("done", rng.randint(2, 14), self.read_live) for _ in range(rng.randint(1, 2))
+                Trigger("done", done_at(rng.randint(2, 14)), self.read_live) for _ in range(rng.randint(1, 2))
             ]
         if rng.random() < 0.15:
-            triggers.append(Trigger("done", rng.randint(4, 12), self.cancel_live))
+            triggers.append(Trigger("done", done_at(rng.randint(4, 12)), self.cancel_live))
         end = time.monotonic() + 4 * TIMEOUT
         while True:
             for w in self.reap():
@@ -684,7 +750,7 @@ class Round:
 
     def kill_trigger(self) -> Trigger:
         if self.rng.random() < 0.6:
-            return Trigger("done", self.rng.randint(2, 14), self.kill_one)
+            return Trigger("done", done_at(self.rng.randint(2, 14)), self.kill_one)
         return Trigger("unit", self.rng.randint(1, 4), self.kill_one)
 
     def kill_one(self, waited: float) -> None:
@@ -887,7 +953,8 @@ class Round:
         self.c.starts += 1
         self.note(f"load_results({jid}) {when}")
         try:
-            proc = subprocess.run([sys.executable, "-c", READER, jid, str(out)], env=self.reader_env(),
+            proc = subprocess.run([sys.executable, "-c", READER, jid, str(out), ",".join(self.values(jid))],
+                                  env=self.reader_env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   timeout=TIMEOUT)  # fmt: skip
         except subprocess.TimeoutExpired as e:
@@ -935,7 +1002,7 @@ class Round:
             records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         else:
             records = pq.read_table(path).to_pylist()
-        rows = [[r["id"], int(r["sample"]), [int(t) for t in r["token_ids"]], r["text"]] for r in records]
+        rows = [[r["id"], int(r["sample"]), *(plain(r[c]) for c in self.values(jid))] for r in records]
         self.check_rows(f"export {path.name} {when}", rows, complete, jid)
         if not complete and jid == self.jid:
             self.partial_export = (path, path.read_bytes())
@@ -967,12 +1034,16 @@ class Round:
         if left:
             self.anomaly(f"temp files of a killed export left beside it: {left}")
 
+    def values(self, jid: str) -> tuple[str, ...]:
+        """The columns the results of job `jid` are compared on."""
+        return VALUES[KIND] if jid == self.jid else VALUES["generate"]
+
     def check_rows(self, what: str, rows: list, complete: bool, jid: str) -> None:
         """Each (row, sample) at most once (exactly once when `complete`), every value the reference's."""
         ref = self.c.p.ref if jid == self.jid else self.c.p.bystander_ref
-        keys = [(i, s) for i, s, _, _ in rows]
+        keys = [(i, s) for i, s, *_ in rows]
         dup = len(keys) - len(set(keys))
-        bad = sum(1 for i, s, ids, text in rows if ref.get((i, s)) != (ids, text))
+        bad = sum(1 for i, s, *vals in rows if not same(vals, ref.get((i, s))))
         lost = len(set(ref) - set(keys)) if complete else 0
         self.c.notes["reads checked"] += 1
         if dup or bad or lost:
@@ -1165,10 +1236,17 @@ class Round:
                 # (the plain one beside a damaged bystander may fail that job, saying so: exit 1)
                 bystander_may_fail = not plain_work_done and bool(self.by_damaged)
                 if self.readers and main:
-                    self.work_while_reading("work", "--shard-rows", "2", *job, by_may_fail=bystander_may_fail)
+                    self.work_while_reading(
+                        "work", "--shard-rows", str(SHARD_ROWS), *job, by_may_fail=bystander_may_fail
+                    )
                 else:
                     self.expect_ok(
-                        "work", "--shard-rows", "2", *job, eio=True, by_may_fail=bystander_may_fail
+                        "work",
+                        "--shard-rows",
+                        str(SHARD_ROWS),
+                        *job,
+                        eio=True,
+                        by_may_fail=bystander_may_fail,
                     )
                 if not plain_work_done and self.by_damaged:
                     after = self.status()[jid]["state"]
@@ -1253,24 +1331,25 @@ class Round:
         completed; no traceback anywhere; no temp folder of a killed submit left."""
         found = self.c.found
         df = runner.load_results(self.job)
-        lost, dup, bad = compare(df, self.c.p.ref)
+        lost, dup, bad = compare(df, self.c.p.ref, VALUES[KIND])
         found.update(lost=lost, duplicated=dup, corrupted=bad)
-        self.check_commits(self.job, self.c.p.ref, self.torn_seals, "")
+        self.check_commits(self.job, self.c.p.ref, self.torn_seals, "", VALUES[KIND])
         if lost or dup or bad:
             self.anomaly(f"results: lost {lost}, duplicated {dup}, corrupted {bad}")
         by_df = runner.load_results(self.by)
-        by_lost, by_dup, by_bad = compare(by_df, self.c.p.bystander_ref)
+        by_lost, by_dup, by_bad = compare(by_df, self.c.p.bystander_ref, VALUES["generate"])
         if by_lost or by_dup or by_bad:
             found.update(lost=by_lost, duplicated=by_dup, corrupted=by_bad)
             self.anomaly(f"bystander results: lost {by_lost}, duplicated {by_dup}, corrupted {by_bad}")
         if self.by_damaged:
-            self.check_commits(self.by, self.c.p.bystander_ref, self.by_torn_seals, "bystander: ")
+            self.check_commits(
+                self.by, self.c.p.bystander_ref, self.by_torn_seals, "bystander: ", VALUES["generate"]
+            )
         if self.readers:  # once completed: every reader, exactly once, each the same rows as load_results
-            rows = [[i, int(s), [int(t) for t in ids], text]
-                    for i, s, ids, text in zip(df["id"], df["sample"], df["token_ids"], df["text"], strict=True)]  # fmt: skip
+            rows = result_rows(df)
             for read in (self.load_results_py, self.export_jsonl, self.export_parquet):
                 got = read("after completion", complete=True)
-                if got is not None and got != rows:
+                if got is not None and not same(got, rows):
                     self.anomaly(
                         f"{read.__name__} after completion differs from load_results (rows or order)"
                     )
@@ -1286,7 +1365,7 @@ class Round:
         for tmp in temp_dirs(self.home):
             self.anomaly(f"the temp folder of a killed submit was not deleted: {tmp.name}")
 
-    def check_commits(self, job: Path, ref: dict, torn_seals: set, tag: str) -> None:
+    def check_commits(self, job: Path, ref: dict, torn_seals: set, tag: str, cols: tuple[str, ...]) -> None:
         """Every counted shard equal to the reference; a key in two counted commits only where one of them is of
         an epoch whose seal was damaged (harness review, pass 110: any damaged seal in the round excused every
         unit's)."""
@@ -1297,14 +1376,12 @@ class Round:
         ledger = jobdir.read_ledger(Job.open(job))
         for commit in ledger.commits:
             if commit.shard:
-                t = pq.read_table(
-                    job / "shards" / commit.shard, columns=["id", "sample", "token_ids", "text"]
-                )
+                t = pq.read_table(job / "shards" / commit.shard, columns=["id", "sample", *cols])
                 df = t.to_pandas()
                 for key in zip(df["id"], df["sample"].astype(int), strict=True):
                     where.setdefault(key, []).append((commit.unit, commit.epoch))
-                rows = results_by_key(df)
-                corrupted = sum(1 for k, v in rows.items() if ref.get(k) != v)
+                rows = results_by_key(df, cols)
+                corrupted = sum(1 for k, v in rows.items() if not same(v, ref.get(k)))
                 if corrupted:
                     found["corrupted"] += corrupted
                     self.anomaly(
@@ -1321,11 +1398,11 @@ class Round:
             )
 
 
-def compare(df, ref: dict) -> tuple[int, int, int]:
+def compare(df, ref: dict, cols: tuple[str, ...]) -> tuple[int, int, int]:
     """(lost, duplicated, corrupted) of a results table against the reference."""
     keys = [(i, int(s)) for i, s in zip(df["id"], df["sample"], strict=True)]
-    got = results_by_key(df)
-    corrupted = sum(1 for k, v in got.items() if ref.get(k) != v)
+    got = results_by_key(df, cols)
+    corrupted = sum(1 for k, v in got.items() if not same(v, ref.get(k)))
     return len(set(ref) - set(keys)), len(keys) - len(set(keys)), corrupted
 
 
