@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **(extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    # the caller's entries made absolute: `PYTHONPATH=tests/linkless` (make test-linkless) was not in effect in
+    # `python -m runner` processes (their commands linked their records into place)
+    given = filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *(os.path.abspath(p) for p in given)])
     return env
 
 
