@@ -320,3 +320,16 @@ WIDE_RULES = (
     + "\n"
     + "".join(f'c{i}: "x" d{i}\nd{i}: "{i}"\n' for i in range(2100))
 )
+
+
+# OpenAI Batch request lines for the tiny test models, served as "tiny" (`run-batch --served-model-name tiny`)
+CHAT, COMP, EMB = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+
+
+def batch_request(cid: str, url: str, body: dict) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
+
+
+def msgs(text: str) -> list[dict]:
+    """A chat of one user message."""
+    return [{"role": "user", "content": text}]

@@ -27,7 +27,7 @@ import signal
 
 import pytest
 import workers
-from helpers import write_jsonl
+from helpers import CHAT, COMP, EMB, batch_request, msgs, write_jsonl
 from test_adv_workers import proc_state, wait_until
 from test_openai_batch import check_output_line
 
@@ -64,29 +64,20 @@ ROWS = [
     },
     {"id": "r9", "prompt": "The quick brown fox", "do_sample": False, "no_repeat_ngram_size": 2},
 ]
-CHAT, COMP, EMB = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
-
-
-def request(cid, url, body):
-    return {"custom_id": cid, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
-
-
-def msgs(text):
-    return [{"role": "user", "content": text}]
-
-
 REQUESTS = [
-    request("c1", CHAT, {"messages": msgs("Hello there"), "max_tokens": 5, "temperature": 0}),
-    request("c2", CHAT, {"messages": msgs("Tell me"), "max_tokens": 6, "temperature": 0.7, "n": 2,
+    batch_request("c1", CHAT, {"messages": msgs("Hello there"), "max_tokens": 5, "temperature": 0}),
+    batch_request("c2", CHAT, {"messages": msgs("Tell me"), "max_tokens": 6, "temperature": 0.7, "n": 2,
                          "logprobs": True, "top_logprobs": 2}),
-    request("p1", COMP, {"prompt": "The old man", "max_tokens": 5, "temperature": 1.3, "logprobs": 2,
+    batch_request("p1", COMP, {"prompt": "The old man", "max_tokens": 5, "temperature": 1.3, "logprobs": 2,
                          "frequency_penalty": 1.0}),
-    request("p2", COMP, {"prompt": "Every student", "max_tokens": 4, "echo": True, "logprobs": 0}),
-    request("bad", COMP, {"prompt": "x", "max_tokens": 4, "top_p": 7}),
-    request("p3", COMP, {"prompt": "A language model", "max_tokens": 6, "n": 3, "top_k": 5, "seed": 3}),
-    request("c3", CHAT, {"messages": msgs("Count"), "max_completion_tokens": 4, "seed": 3, "stop": ["e"]}),
+    batch_request("p2", COMP, {"prompt": "Every student", "max_tokens": 4, "echo": True, "logprobs": 0}),
+    batch_request("bad", COMP, {"prompt": "x", "max_tokens": 4, "top_p": 7}),
+    batch_request("p3", COMP, {"prompt": "A language model", "max_tokens": 6, "n": 3, "top_k": 5, "seed": 3}),
+    batch_request("c3", CHAT, {"messages": msgs("Count"), "max_completion_tokens": 4, "seed": 3, "stop": ["e"]}),
 ]  # fmt: skip
-EMBED_REQUESTS = [request(f"e{i}", EMB, {"input": t["text"]}) for i, t in enumerate(TEXTS) if "text" in t]
+EMBED_REQUESTS = [
+    batch_request(f"e{i}", EMB, {"input": t["text"]}) for i, t in enumerate(TEXTS) if "text" in t
+]
 ROW_PARAMS = GenerationParams(max_new_tokens=5, temperature=1.0, seed=4242)
 OPTIONS = EngineOptions(batch_size=2)
 # kind -> (input rows, settings, engine options, unit rows, whether it is a Batch file)

@@ -38,6 +38,7 @@ import sys
 
 import pytest
 import workers
+from helpers import CHAT, COMP, batch_request, msgs
 from test_adv_kinds import LEASE, copy_job, same_value, write_rows
 
 import runner
@@ -175,31 +176,20 @@ def test_killed_mid_window_then_resumed(tmp_path, ref, shape, at, sig):
     same_results(job_dir, want)
 
 
-CHAT, COMP = "/v1/chat/completions", "/v1/completions"
-
-
-def request(cid, url, body):
-    return {"custom_id": cid, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
-
-
-def msgs(text):
-    return [{"role": "user", "content": text}]
-
-
 REQUESTS = [
-    request("c1", CHAT, {"messages": msgs("Hello there"), "max_tokens": 9, "temperature": 0}),
-    request("c2", CHAT, {"messages": msgs("Tell me"), "max_tokens": 1, "temperature": 0.7, "n": 2,
+    batch_request("c1", CHAT, {"messages": msgs("Hello there"), "max_tokens": 9, "temperature": 0}),
+    batch_request("c2", CHAT, {"messages": msgs("Tell me"), "max_tokens": 1, "temperature": 0.7, "n": 2,
                          "logprobs": True, "top_logprobs": 2}),
-    request("p1", COMP, {"prompt": "The old man", "max_tokens": 7, "temperature": 1.3, "logprobs": 2,
+    batch_request("p1", COMP, {"prompt": "The old man", "max_tokens": 7, "temperature": 1.3, "logprobs": 2,
                          "frequency_penalty": 1.0}),
-    request("p2", COMP, {"prompt": "Every student", "max_tokens": 2, "echo": True, "logprobs": 0}),
-    request("bad", COMP, {"prompt": "x", "max_tokens": 4, "top_p": 7}),
-    request("p3", COMP, {"prompt": "A language model", "max_tokens": 6, "n": 3, "top_k": 5, "seed": 3}),
-    request("c3", CHAT, {"messages": msgs("Count"), "max_completion_tokens": 4, "seed": 3, "stop": ["e"]}),
-    request("c4", CHAT, {"messages": msgs("JSON please"), "max_tokens": 8, "n": 2,
+    batch_request("p2", COMP, {"prompt": "Every student", "max_tokens": 2, "echo": True, "logprobs": 0}),
+    batch_request("bad", COMP, {"prompt": "x", "max_tokens": 4, "top_p": 7}),
+    batch_request("p3", COMP, {"prompt": "A language model", "max_tokens": 6, "n": 3, "top_k": 5, "seed": 3}),
+    batch_request("c3", CHAT, {"messages": msgs("Count"), "max_completion_tokens": 4, "seed": 3, "stop": ["e"]}),
+    batch_request("c4", CHAT, {"messages": msgs("JSON please"), "max_tokens": 8, "n": 2,
                          "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
                              "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}}),
-    request("p4", COMP, {"prompt": "Once upon", "max_tokens": 3, "top_p": 0.5}),
+    batch_request("p4", COMP, {"prompt": "Once upon", "max_tokens": 3, "top_p": 0.5}),
 ]  # fmt: skip
 
 

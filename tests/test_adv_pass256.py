@@ -34,23 +34,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import invoke, write_jsonl
+from helpers import CHAT, COMP, batch_request, invoke, write_jsonl
 
 import runner
 from runner.errors import InputError
 from runner.jobs import create_job
 
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]
-
-
-def request(cid, url, body):
-    return {"custom_id": cid, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
 
 
 @pytest.mark.parametrize("value", [True, False])
 def test_a_chat_top_logprobs_given_as_a_boolean_is_refused_not_taken_as_0(tmp_path, tiny_llama, value):
-    lines = [request("a", CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": value})]
+    lines = [batch_request("a", CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": value})]
     with pytest.raises(InputError) as e:
         create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_llama, served_model_names=("tiny",),
                    home=tmp_path / "home")  # fmt: skip
@@ -59,7 +54,7 @@ def test_a_chat_top_logprobs_given_as_a_boolean_is_refused_not_taken_as_0(tmp_pa
     ), str(e.value)
     # the count as a number is taken, a whole float too (a writer holding numbers as doubles)
     for k, top in enumerate((0, 3, 2.0)):
-        lines = [request("a", CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": top})]
+        lines = [batch_request("a", CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": top})]
         job = create_job(write_jsonl(tmp_path / f"ok{k}.jsonl", lines), tiny_llama, served_model_names=("tiny",),
                          home=tmp_path / f"home{k}")  # fmt: skip
         assert json.loads(job.prompts().to_pylist()[0]["settings"])["logprobs"] == top
@@ -90,8 +85,8 @@ def test_completion_bodies_carry_system_fingerprint_as_every_openai_response_doe
     from runner.openai_batch import export
     from runner.worker import run_job
 
-    lines = [request("c", CHAT, {"messages": MESSAGES, "max_tokens": 2}),
-             request("p", COMPLETIONS, {"prompt": "The old man", "max_tokens": 2})]  # fmt: skip
+    lines = [batch_request("c", CHAT, {"messages": MESSAGES, "max_tokens": 2}),
+             batch_request("p", COMP, {"prompt": "The old man", "max_tokens": 2})]  # fmt: skip
     job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_llama, runner.GenerationParams(max_new_tokens=2),
                      served_model_names=("tiny",), home=tmp_path / "home")  # fmt: skip
     assert run_job(job, Engine(tiny_llama), echo=None).finished
@@ -132,8 +127,8 @@ def test_repair_reads_a_job_of_before_reading_9_as_its_submit_did(tmp_path, tiny
     prompts.parquet so, where today's reading refuses the line."""
     from test_openai_batch_edges import _rewritten_as_read
 
-    lines = [request("a", CHAT, {"messages": MESSAGES, "max_tokens": 2}),
-             request("t", CHAT, {"messages": MESSAGES, "max_tokens": 2, "logprobs": True, "top_logprobs": True})]  # fmt: skip
+    lines = [batch_request("a", CHAT, {"messages": MESSAGES, "max_tokens": 2}),
+             batch_request("t", CHAT, {"messages": MESSAGES, "max_tokens": 2, "logprobs": True, "top_logprobs": True})]  # fmt: skip
     job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_llama, served_model_names=("tiny",),
                      skip_invalid=True, job_dir=tmp_path / "job")  # fmt: skip
     rows, errors = _rewritten_as_read(job, job.meta["input"]["reading"], tmp_path / "now")
