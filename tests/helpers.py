@@ -333,3 +333,13 @@ def batch_request(cid: str, url: str, body: dict) -> dict:
 def msgs(text: str) -> list[dict]:
     """A chat of one user message."""
     return [{"role": "user", "content": text}]
+
+
+def two_row_job(tmp_path: Path, model: str, home: Path):
+    """A queued job of two short prompts, 2 new tokens each: what the state-record tests write records of."""
+    from runner import EngineOptions, GenerationParams
+    from runner.jobs import create_job
+
+    rows = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(2)]
+    return create_job(write_jsonl(tmp_path / "p.jsonl", rows), model, GenerationParams(max_new_tokens=2),
+                      EngineOptions(), home=home)  # fmt: skip

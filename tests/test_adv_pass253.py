@@ -36,21 +36,15 @@ import os
 import threading
 
 import pytest
-from helpers import write_jsonl
+from helpers import two_row_job
 
-from runner import EngineOptions, GenerationParams, jobdir, storage
+from runner import jobdir, storage
 from runner.jobdir import JobState, StateRecord, read_state
-from runner.jobs import create_job
-
-ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(2)]
 
 
 @pytest.fixture
 def job(tmp_path, tiny_gpt2, runner_home):
-    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS)
-    return create_job(
-        prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(), home=runner_home
-    )
+    return two_row_job(tmp_path, tiny_gpt2, runner_home)
 
 
 class Gate:

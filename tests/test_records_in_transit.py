@@ -12,22 +12,16 @@ import json
 import os
 
 import pytest
-from helpers import write_jsonl
+from helpers import two_row_job
 
 import runner
-from runner import EngineOptions, GenerationParams, jobdir
+from runner import jobdir
 from runner.jobdir import JobState
-from runner.jobs import create_job
-
-ROWS = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(2)]
 
 
 @pytest.fixture
 def job(tmp_path, tiny_gpt2, runner_home):
-    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS)
-    return create_job(
-        prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(), home=runner_home
-    )
+    return two_row_job(tmp_path, tiny_gpt2, runner_home)
 
 
 def _state(job) -> os.PathLike:
@@ -346,10 +340,7 @@ def test_a_retry_aside_under_an_empty_record_is_repaired_under_its_generation(
     record said completed (the row error still counting), put right only by the record after it."""
     from helpers import completed_with_a_row_error
 
-    prompts = write_jsonl(tmp_path / "q.jsonl", ROWS)
-    job = create_job(
-        prompts, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(), home=runner_home
-    )
+    job = two_row_job(tmp_path, tiny_gpt2, runner_home)
     completed_with_a_row_error(job, gpt2_engine, monkeypatch)
     assert job.state().state is JobState.COMPLETED
     runner.retry(job.dir)
