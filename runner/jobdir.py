@@ -1180,13 +1180,8 @@ def _quarantine_unread_records(job: Job) -> list[str]:
         try:
             storage.read_bytes(job.dir / STATES / record_name(seq))
         except storage.StorageError as e:
-            try:
-                above = _whole_at(job.dir, seq + 1)
-            except storage.StorageError:
-                above = None
-            if e.unreadable_for_now and above is not None and not _blind(above, seq + 1):
-                if above.get("by") not in ("completed", "failed"):
-                    unread.append((seq, first_line(e)))
+            if e.unreadable_for_now and _word_superseded(job.dir, seq):
+                unread.append((seq, first_line(e)))
     if unread:
         storage.read_bytes(job.dir / STATES / record_name(seqs[-1]))
     moved = []
@@ -1198,6 +1193,16 @@ def _quarantine_unread_records(job: Job) -> list[str]:
         )
         moved.append(name)
     return moved
+
+
+def _word_superseded(job_dir: Path, seq: int) -> bool:
+    """Whether the record at `seq + 1` reads whole and the word at `seq` cannot stand over it (`_late_word_stands`):
+    it is neither a repair's blind record nor a worker's outcome."""
+    try:
+        above = _whole_at(job_dir, seq + 1)
+    except storage.StorageError:
+        return False
+    return above is not None and not _blind(above, seq + 1) and above.get("by") not in ("completed", "failed")
 
 
 def _empty(path: Path) -> bool:
@@ -2353,9 +2358,8 @@ def _aside_name(path: Path) -> str:
 
 
 ASIDE = "aside"
-ASIDE_LETTERS = (
-    "0123456789abcdefghijklmnopqrstuvwxyz"  # (the temp name's 8 characters: "aside" and 3 of these)
-)
+# (the temp name's 8 characters: "aside" and 3 of these)
+ASIDE_LETTERS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 def read_again_if_damaged(read: Callable[[], T], damaged: Callable[[T], bool]) -> T:

@@ -444,7 +444,7 @@ def work(
         try:
             summary = run_leased(cand, engines, stop, run_opts, echo)
         except (ModelUnreadable, JobReplaced, JobGone, StorageError, NotOnThisMachine, BrokenJob) as e:
-            _skipped(e, cand, failed, broken, (unread, len(summaries)), (on_unrunnable, home), echo)
+            _skipped(e, cand, failed, broken, unread, len(summaries), on_unrunnable, home, echo)
             continue
         now = _state_now(cand.job)
         if now is None:  # said broken by run_leased, after its wait for the state: not again
@@ -555,35 +555,33 @@ def _skipped(
     cand: Candidate,
     failed: set[str],
     broken: dict[str, Broken],
-    unread_ran: tuple[dict[str, tuple[StorageError, int]], int],
-    unrunnable: tuple[Any, Any],
+    unread: dict[str, tuple[StorageError, int]],
+    ran: int,
+    on_unrunnable: Any,
+    home: Any,
     echo: Any,
 ) -> None:
     """`cand`'s run stopped by `e` without a summary: that job is skipped and the others run (re-raised where `e`
-    stops the worker). `unread_ran`: the jobs that met a file that does not read, and how many jobs ran so far;
-    `unrunnable`: (work's on_unrunnable, the home)."""
+    stops the worker). `unread`: the jobs that met a file that does not read; `ran`: how many jobs ran so far."""
+    if isinstance(e, StorageError) and not isinstance(e, ModelUnreadable) and not _unread_in_job(e):
+        raise e  # (said by run_leased as a stop: the job is consistent)
+    failed.add(cand.job.id)
     if isinstance(e, (ModelUnreadable, JobReplaced, JobGone)):
         # that job waits for its model to come back, or its folder holds another job now or is gone
-        failed.add(cand.job.id)
         if echo:
             echo(str(e))
-    elif isinstance(e, StorageError):  # (said by run_leased as a stop: the job is consistent)
-        if not _unread_in_job(e):
-            raise e
+    elif isinstance(e, StorageError):
         # one file of that job that does not read (Drive cannot serve it for hours) held every job of the home
-        failed.add(cand.job.id)
-        unread_ran[0][cand.job.id] = (e, unread_ran[1])
+        unread[cand.job.id] = (e, ran)
         if echo:
             echo(f"job {cand.job.id} cannot be read for now ({e.__cause__ or e}); skipped, and looked at again "
                  "once the other jobs have run")  # fmt: skip
     elif isinstance(e, NotOnThisMachine):  # that job waits for a machine that has what it needs
-        failed.add(cand.job.id)
-        if unrunnable[0] is not None:
-            unrunnable[0](cand.job)
+        if on_unrunnable is not None:
+            on_unrunnable(cand.job)
         if echo:
-            echo(f"job {cand.job.id} stays queued: {e}; {_where_it_runs(cand.job, e, unrunnable[1])}")
+            echo(f"job {cand.job.id} stays queued: {e}; {_where_it_runs(cand.job, e, home)}")
     else:  # BrokenJob, said by run_leased; skipped from now on, as those the queue finds broken
-        failed.add(cand.job.id)
         broken.setdefault(str(cand.job.dir), Broken(str(e), e.repairable, None, cand.job.id))
 
 
