@@ -354,9 +354,8 @@ def restore_inputs(job: Job) -> tuple[list[str], str | None]:
         damaged.append(jobdir.INVALID)
     if not damaged:
         return [], None
-    if (
-        unread
-    ):  # (never a home that does not read now: job.json must read for a file of it to be taken for lost)
+    # (never a home that does not read now: job.json must read for a file of it to be taken for lost)
+    if unread:
         storage.read_json(job.dir / jobdir.JOB_FILE)
     # (a killed repair's folder is swept as a killed worker's local shards are)
     with tempfile.TemporaryDirectory(prefix=LOCAL_SHARD_PREFIX + "restore-") as tmp:
@@ -1549,7 +1548,7 @@ def _data_notes(job: Job) -> list[str]:
     # (read once: each note's helper read prompts.parquet's schema again)
     columns = passthrough_columns(job.read_prompts(pq.read_schema))
     if job.spec.kind == "embed":
-        return _embed_request_notes(columns)
+        return _request_notes(columns, EMBED_REQUEST_ONLY_COLUMNS)
     out = []
     data = _length_columns(columns)
     if data:
@@ -1561,11 +1560,7 @@ def _data_notes(job: Job) -> list[str]:
         out.append(
             _kept_as_data(near, 'a row\'s settings have these exact names (README, "Settings per row")')
         )
-    request = _request_only_columns(columns)
-    if request:
-        whys = dict.fromkeys(REQUEST_ONLY_COLUMNS[c] for c in request)  # (tools and tool_choice: said once)
-        why = "a plain row is no OpenAI request" + "".join(f"; {w}" for w in whys)
-        out.append(_kept_as_data([repr(c) for c in request], why))
+    out += _request_notes(columns, REQUEST_ONLY_COLUMNS)
     for column in (c for c in NOT_ROW_SETTINGS if c in columns):
         out.append(_kept_as_data([repr(column)], NOT_ROW_SETTINGS[column]))
     lacking = _columns_runner_has_no_setting_for(columns)
@@ -1673,18 +1668,15 @@ EMBED_REQUEST_ONLY_COLUMNS = {
 }
 
 
-def _embed_request_notes(columns: list[str]) -> list[str]:
-    """An embed job's note on its EMBED_REQUEST_ONLY_COLUMNS, which it keeps as data."""
-    request = [c for c in EMBED_REQUEST_ONLY_COLUMNS if c in columns]
+def _request_notes(columns: list[str], fields: dict[str, str]) -> list[str]:
+    """The note on the input `columns` that are OpenAI request `fields` (REQUEST_ONLY_COLUMNS, or
+    EMBED_REQUEST_ONLY_COLUMNS for an embed job), which a plain row keeps as data: what each would have asked for."""
+    request = [c for c in fields if c in columns]
     if not request:
         return []
-    why = "a plain row is no OpenAI request" + "".join(f"; {EMBED_REQUEST_ONLY_COLUMNS[c]}" for c in request)
+    whys = dict.fromkeys(fields[c] for c in request)  # (tools and tool_choice: said once)
+    why = "a plain row is no OpenAI request" + "".join(f"; {w}" for w in whys)
     return [_kept_as_data([repr(c) for c in request], why)]
-
-
-def _request_only_columns(columns: list[str]) -> list[str]:
-    """Of a generate job's input `columns`, the REQUEST_ONLY_COLUMNS, which it keeps as data."""
-    return [c for c in REQUEST_ONLY_COLUMNS if c in columns]
 
 
 def _near_setting_columns(columns: list[str]) -> list[str]:
