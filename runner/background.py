@@ -22,6 +22,7 @@ from typing import Any
 
 from . import storage
 from .errors import command
+from .job_status import UNREADABLE
 from .jobdir import (
     ENDED,
     JobState,
@@ -164,7 +165,8 @@ def status_line(s: Any) -> str:
     stopped = s.workers_stopped
     workers = f" | {counted(len(s.workers), 'workers')}" + (f" ({stopped} stopped)" if stopped else "")
     errors = f" | {counted(s.errors, 'errors')}" if s.errors else ""
-    why = f" | {s.message}" if s.state in FINAL and s.message else ""  # why it failed, once it has ended
+    # why it failed, once it has ended; what did not read, while the job does not
+    why = f" | {s.message}" if (s.state in FINAL or s.state == UNREADABLE) and s.message else ""
     return (f"{time.strftime('%H:%M:%S')} {s.id} {s.state}: {s.done_text()} | {tps} | ETA {s.eta}"
             f"{errors}{workers if s.workers else ''}{why}")  # fmt: skip
 

@@ -1345,7 +1345,7 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
     import json
 
     from . import api
-    from .job_status import status_table
+    from .job_status import UNREADABLE, status_table
 
     if job_ref is None:
         statuses = api.status(home=ctx.obj["home"])
@@ -1365,7 +1365,8 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(s.as_dict(), indent=2, ensure_ascii=False))
         return
-    click.echo("\n".join(_detail(s) + ([] if s.state == "broken" else [_report_line(job_ref, s.folder)])))
+    shown = s.state in ("broken", UNREADABLE)  # (no report of a job that does not read)
+    click.echo("\n".join(_detail(s) + ([] if shown else [_report_line(job_ref, s.folder)])))
 
 
 def _report_line(job_ref: str, folder: str) -> str:
@@ -1404,13 +1405,14 @@ def _short(value: Any, most: int = 60) -> str:
 
 
 def _detail(s: Any) -> list[str]:
+    from .job_status import UNREADABLE
     from .jobdir import Job
 
     lines = [
         f"job:      {s.id}" + (f" ({s.name})" if s.name else ""),
         f"state:    {s.state}" + (f" - {s.message}" if s.message else ""),
     ]
-    if s.state == "broken" and not s.total:
+    if s.state in ("broken", UNREADABLE) and not s.total:
         return lines + [f"folder:   {s.folder}"]
     job = Job.open(s.folder)
     workers = [_worker_said(w) for w in s.workers]

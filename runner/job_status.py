@@ -328,6 +328,8 @@ def _number(record: dict[str, Any], key: str) -> float | None:
 
 # A live worker's (and a job's) state where its process is stopped by a signal on this machine
 STOPPED = "stopped"
+# A job's state where its folder did not read through the retries (a mount failing): shown, not raised
+UNREADABLE = "unreadable"
 
 
 def _named_worker(workers: list[dict[str, Any]]) -> str | None:
@@ -389,7 +391,7 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
             jobs.append(Job.open(path))
             out.append(jobs[-1])
         except StorageError as e:
-            out.append(_unreadable_or_broken(path, e))
+            out.append(unreadable_or_broken(path, e))
         except RunnerError as e:
             out.append(broken_status(path, str(e), repairable=getattr(e, "repairable", True)))
     copies = jobdir.copies_in_home(jobs, folders)
@@ -419,12 +421,12 @@ def _of_home_job(job: Job, copies: dict[Path, str], looks: Looks) -> JobStatus:
     try:
         return job_status(job, looks)
     except StorageError as e:
-        return _unreadable_or_broken(job.dir, e)
+        return unreadable_or_broken(job.dir, e)
     except RunnerError as e:
         return broken_status(job.dir, str(e), repairable=getattr(e, "repairable", True))
 
 
-def _unreadable_or_broken(path: Path, e: StorageError) -> JobStatus:
+def unreadable_or_broken(path: Path, e: StorageError) -> JobStatus:
     """A job whose folder could not be read through the retries (a mount failing for a minute: a transient
     error) is `unreadable` for now, not broken: nothing in it is damaged, and `runner repair` would not help
     (pass 65). A folder whose layout is damaged (a file where a folder belongs), or denied for good, is broken."""
@@ -432,7 +434,7 @@ def _unreadable_or_broken(path: Path, e: StorageError) -> JobStatus:
         return broken_status(path, f"its folder is damaged: {e}")
     if not e.unreadable_for_now:  # denied, or the like: no wait brings it back (pass 67)
         return broken_status(path, str(e), repairable=e.repairable)
-    return replace(broken_status(path, str(e), repairable=False), state="unreadable",
+    return replace(broken_status(path, str(e), repairable=False), state=UNREADABLE,
                    message=f"{e} (read again by the next `runner status`)")  # fmt: skip
 
 
