@@ -36,9 +36,9 @@ class Unreadable(FsFaults):
     for hours), until it is renamed away or another file is renamed over it; the rest of the home reads as it is.
     `runner.storage.RETRY_DELAYS` is made short."""
 
-    def __init__(self, root, bad):
+    def __init__(self, root, bad, err=errno.EIO):
         super().__init__(root, eio=1.0, retry_delays=[0.0, 0.0])
-        self.bad = {os.path.realpath(p) for p in bad}
+        self.bad, self.err = {os.path.realpath(p) for p in bad}, err
 
     def replace(self, src, dst, **kwargs):  # a file renamed away, or replaced by another: a new file reads
         self.bad -= {os.path.abspath(src), os.path.abspath(dst)}
@@ -46,7 +46,7 @@ class Unreadable(FsFaults):
 
     def _transient(self, path, kind):
         if not isinstance(path, int) and os.path.realpath(os.fsdecode(path)) in self.bad:
-            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fsdecode(path))
+            raise OSError(self.err, os.strerror(self.err), os.fsdecode(path))
 
 
 @pytest.fixture
@@ -86,6 +86,18 @@ def test_one_job_that_does_not_read_is_shown_unreadable_as_the_listing_shows_it(
     assert result.exit_code == 0 and json.loads(result.output)["state"] == "unreadable", result.output
     monkeypatch.undo()
     assert runner.status(sick.dir).state == "queued (interrupted)"
+
+
+def test_one_job_denied_to_this_user_is_shown_broken_as_the_listing_shows_it(sick, runner_home, monkeypatch):
+    """A state record this user may not read (another user's, umask 077): no wait brings it back, so the listing
+    shows the job broken with the permissions hint, not `unreadable`; `runner.status(JOB)` raised instead."""
+    newest = sick.dir / "state" / "00000002.json"
+    Unreadable(runner_home, [newest], errno.EACCES).install(monkeypatch)
+    listed = {s.name: s for s in runner.status(home=runner_home)}["sick"]
+    shown = runner.status(sick.dir)
+    assert (shown.state, shown.message) == (listed.state, listed.message) == ("broken", shown.message), shown
+    assert f"cannot read {newest}: Permission denied" in shown.message and "ls -ld" in shown.message, shown
+    assert "runner repair" not in shown.message  # (repair cannot help: the permissions must change first)
 
 
 def test_watch_goes_on_through_a_poll_that_does_not_read(sick, gpt2_engine, runner_home, monkeypatch):
