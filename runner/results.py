@@ -408,11 +408,23 @@ def empty_results(job: Any) -> pa.Table:
 
 
 def rows_ledger(job: Any) -> Any:
-    """The ledger the results are read from (`shard_tables`): its shards are checked as they are read."""
+    """The ledger the results are read from (`shard_tables`): its shards are checked as they are read. Where the
+    job's state does not read through the retries (a state record Drive cannot serve), it counts no row errors:
+    its rows count whatever the state says (a `runner retry` keeps them), and a reader missing rows says the state
+    could not be read (`_warn_if_partial`). `load_results` of a completed job failed for as long."""
     from .jobdir import read_ledger, state_as_read
 
     # (the generation only says which row errors count: while a `cancel` or `retry` is being written, the one before)
-    return read_ledger(job, verify=False, generation=state_as_read(job)[0].generation)
+    try:
+        generation = state_as_read(job)[0].generation
+    except storage.StorageError as e:
+        if not e.unreadable_for_now:
+            raise
+        generation = NO_GENERATION
+    return read_ledger(job, verify=False, generation=generation)
+
+
+NO_GENERATION = -1  # a ledger's retry generation where the state did not read: no commit's row errors count
 
 
 def shard_tables(

@@ -10,6 +10,12 @@ Found, and kept fixed below:
     status JOB --json` printed no JSON, `runner watch JOB` stopped watching, and `runner cancel JOB`, which looks
     at the status only to say what the job was, refused to cancel a job whose shard did not read (the cancel
     itself reads only the state). One job is now shown as the listing shows it: `unreadable`, naming the file.
+  * `runner.load_results` and `runner results --to` of a completed job failed ("cannot read .../state/00000003.json:
+    Input/output error") for as long as its newest state record (or the listing of state/) did not read, every
+    row of the job in its verified shards; a state that stopped reading just after the rows were read gave them,
+    with a warning. Its rows count whatever the state says (a `runner retry` keeps them; the state only says
+    which row errors count): they are read, whole without a word, or, rows missing, with the warning that
+    whether the rest are still to come could not be read (an export of them exits 1, as it did).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import warnings
 
 import pytest
 from fsfaults import FsFaults
@@ -128,3 +135,41 @@ def test_cancel_of_a_job_whose_shard_does_not_read_cancels_it(sick, runner_home,
     assert f"cancelled job {sick.dir} (was unreadable)" in result.output, result.output
     monkeypatch.undo()
     assert runner.status(sick.dir).state == "cancelled"
+
+
+@pytest.mark.parametrize("bad", ["state/00000003.json", "state"])
+def test_the_results_of_a_completed_job_whose_state_does_not_read_are_read_whole(
+    bad, sick, gpt2_engine, runner_home, monkeypatch, tmp_path
+):
+    """Every row of the job is in its verified shards, but its newest state record (or the listing of state/) did
+    not read through the retries: `load_results` and `runner results --to` failed ("cannot read .../state/..."),
+    for as long, where a state that stopped reading after the rows were read gave the rows with a warning. The
+    rows count whatever the state says (a retry keeps them): all there, they are the job's results."""
+    from runner.scheduler import work
+
+    work(runner_home, engine=gpt2_engine, echo=None)
+    whole = runner.load_results(sick.dir)
+    Unreadable(runner_home, [sick.dir / bad]).install(monkeypatch)
+    assert runner.status(sick.dir).state == "unreadable"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all its rows: nothing to say
+        assert runner.load_results(sick.dir).equals(whole)
+    result = invoke("results", sick.dir, "--to", tmp_path / "out.jsonl")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == list(
+        whole["id"]
+    )
+
+
+def test_the_results_of_a_partial_job_whose_state_does_not_read_are_said_to_be_partial(sick, runner_home,
+                                                                                      monkeypatch, tmp_path):  # fmt: skip
+    """4 of the 6 rows, the state not read: the rows are given with a warning that whether the rest are still to come
+    could not be read, and an export of them exits 1 (as where the state stopped reading after the rows)."""
+    newest = sick.dir / "state" / "00000002.json"
+    Unreadable(runner_home, [newest]).install(monkeypatch)
+    with pytest.warns(UserWarning, match=f"these are 4 of its 6 results, and whether the rest are still to come could "
+                                         f"not be read \\(cannot read {newest}"):  # fmt: skip
+        assert len(runner.load_results(sick.dir)) == 4
+    result = invoke("results", sick.dir, "--to", tmp_path / "out.jsonl")
+    assert result.exit_code == 1 and "its other 2 rows may be lost" in result.output, result.output
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
