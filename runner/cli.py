@@ -1354,10 +1354,13 @@ def status(ctx: click.Context, job_ref: str | None, as_json: bool) -> None:
         else:
             click.echo(status_table(statuses) if statuses else f"no jobs in {_home_said(ctx.obj['home'])}")
             # what needs the user: a broken job and how to bring it back, a failure's reason, what a queued job
-            # waits for, a worker stopped on this machine (what goes on with it)
+            # waits for, a worker stopped on this machine (what goes on with it), the file of a job that does not
+            # read (the table said `unreadable`, naming nothing)
             for st in statuses:
                 if st.message and (
-                    st.state in ("broken", "failed") or st.state.startswith("queued") or st.workers_stopped
+                    st.state in ("broken", "failed", UNREADABLE)
+                    or st.state.startswith("queued")
+                    or st.workers_stopped
                 ):
                     click.echo(f"{st.id}: {st.message}")
         return

@@ -10,6 +10,8 @@ Found, and kept fixed below:
     status JOB --json` printed no JSON, `runner watch JOB` stopped watching, and `runner cancel JOB`, which looks
     at the status only to say what the job was, refused to cancel a job whose shard did not read (the cancel
     itself reads only the state). One job is now shown as the listing shows it: `unreadable`, naming the file.
+  * `runner status` listed such a job `unreadable` in its table and said nothing more: which file did not read
+    was said for a broken, failed or queued job below the table, never for an unreadable one.
   * `runner.load_results` and `runner results --to` of a completed job failed ("cannot read .../state/00000003.json:
     Input/output error") for as long as its newest state record (or the listing of state/) did not read, every
     row of the job in its verified shards; a state that stopped reading just after the rows were read gave them,
@@ -85,6 +87,7 @@ def test_one_job_that_does_not_read_is_shown_unreadable_as_the_listing_shows_it(
     assert (shown.state, shown.message, shown.id) == (listed.state, listed.message, sick.id), shown
     assert f"cannot read {path}" in shown.message or f"cannot list {path}" in shown.message, shown
     assert "repair" not in shown.message
+    assert f"{sick.id}: {shown.message}" in invoke("status").output.splitlines()
     result = invoke("status", sick.dir)
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     assert result.output.splitlines()[1] == f"state:    unreadable - {shown.message}", result.output
