@@ -15,6 +15,7 @@ import difflib
 import functools
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,12 +118,48 @@ def _named_settings(cls: type) -> type:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ParamError(unknown[0], unknown_setting(cls, unknown[0]))
+        given = frozenset(fields[: len(args)]) | frozenset(kwargs)
+        old = _copied(cls, sys._getframe(1))
+        if old is not None:  # dataclasses.replace(old, ...): what its caller gave, and what old was given
+            given = old._given | _asked_of_copy(old, kwargs, fields)
+            if "do_sample" in kwargs and "do_sample" not in given:  # decided again, as it was for old
+                kwargs["do_sample"] = old._do_sample_given
         init(self, *args, **kwargs)
-        object.__setattr__(self, "_given", frozenset(fields[: len(args)]) | frozenset(kwargs))
+        object.__setattr__(self, "_given", given)
 
     cls.__init__ = __init__
     cls.__doc__ = _FieldDocs(cls.__doc__ or "")
     return cls
+
+
+def _copied(cls: type, caller: Any) -> Any:
+    """The settings object of `cls` that `dataclasses.replace` (`copy.replace`: `_replace`) is copying when it is
+    the `caller` of its constructor, else None. replace gives the constructor every field, those its caller left
+    out at the old object's values: taken as given, a copy's decided do_sample was given (`replace(params,
+    temperature=0.7)` of a greedy default ran greedy at 0.7, n=4 four greedy copies) and a rerun's note named
+    engine options no one asked for (adversarial pass 261)."""
+    if caller.f_globals.get("__name__") != "dataclasses" or caller.f_code.co_name not in (
+        "replace",
+        "_replace",
+    ):
+        return None
+    old = caller.f_locals.get("obj", caller.f_locals.get("self"))
+    return old if type(old) is cls and hasattr(old, "_given") else None
+
+
+def _asked_of_copy(old: Any, kwargs: dict[str, Any], fields: list[str]) -> frozenset[str]:
+    """Of the keywords replace gave a copy of `old`, those its caller gave: replace adds each one left out
+    after the caller's, in field order, as the very object `old` holds, so the run of such keywords at the end is
+    replace's own (one the caller gave so, in field order, at old's value, is read as left out: the same value)."""
+    names = list(kwargs)
+    at = len(names)
+    while (
+        at
+        and kwargs[names[at - 1]] is getattr(old, names[at - 1])
+        and (at == len(names) or fields.index(names[at - 1]) < fields.index(names[at]))
+    ):
+        at -= 1
+    return frozenset(names[:at])
 
 
 class _FieldDocs:

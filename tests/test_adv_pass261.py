@@ -1,0 +1,74 @@
+"""Adversarial pass 261: generation settings and per-row settings as a demanding user meets them through the Python
+API, the command line and OpenAI Batch files.
+
+Found, and kept fixed below:
+- `dataclasses.replace(params, temperature=0.7)` of a `GenerationParams(max_new_tokens=64)` ran greedy at
+  temperature 0.7 (and `replace(params, num_return_sequences=4)` gave four copies of the greedy answer), said
+  nowhere: replace hands the constructor every field, the do_sample the old object had decided (False) too, and it
+  was taken as given. A copy of an EngineOptions took every field as given the same way, so a rerun's note named
+  options no one had asked for ("continuous_batching True (asked: False)"). The constructor now tells replace's
+  keywords from its caller's: do_sample is decided again unless the caller gave it, and only what the caller (or
+  the old object's maker) gave counts as given.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+
+import pytest
+from helpers import write_jsonl
+
+from runner import EngineOptions, GenerationParams
+from runner.jobs import create_job
+from runner.scheduler import _kept_options
+
+
+@pytest.mark.parametrize(
+    ("changes", "sampled"),
+    [
+        ({"temperature": 0.7}, True),
+        ({"num_return_sequences": 4}, True),
+        ({"top_p": 0.9, "seed": 3}, True),
+        ({"max_new_tokens": 8}, False),
+        ({"do_sample": False, "num_return_sequences": 4}, False),  # (said: four greedy answers)
+        ({"temperature": 0.7, "do_sample": False}, False),
+        ({"temperature": 0}, False),
+    ],
+)
+def test_a_copy_made_by_dataclasses_replace_decides_sampling_as_a_new_object_would(changes, sampled):
+    base = GenerationParams(max_new_tokens=3)
+    copied = dataclasses.replace(base, **changes)
+    assert copied.do_sample is sampled
+    assert copied == GenerationParams(**{"max_new_tokens": 3, **changes})
+    assert copied._given == {"max_new_tokens", *changes}
+    if sys.version_info >= (3, 13):  # (copy.replace calls the dataclass's __replace__)
+        assert copy.replace(base, **changes) == copied
+
+
+def test_a_copy_of_a_copy_keeps_what_each_caller_gave():
+    sampled = GenerationParams(max_new_tokens=3, do_sample=True)
+    assert dataclasses.replace(sampled, top_k=5).do_sample is True  # (given by the first object's maker)
+    greedy = dataclasses.replace(GenerationParams(temperature=0.5), temperature=1.0)
+    assert greedy.do_sample is False and greedy._given == {"temperature"}
+    assert dataclasses.replace(greedy, num_return_sequences=2).do_sample is True  # (decided again, as asked)
+
+
+def test_a_rerun_with_a_copied_engine_options_names_only_the_options_asked_for(tmp_path, tiny_gpt2):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "The old man"}])
+    job = create_job(src, tiny_gpt2, GenerationParams(max_new_tokens=2), EngineOptions(continuous_batching=True),
+                     home=tmp_path / "home")  # fmt: skip
+    copied = dataclasses.replace(EngineOptions(), batch_size=4)
+    assert _kept_options(job, copied) == "batch_size the default (asked: 4)"
+    assert _kept_options(job, dataclasses.replace(copied, continuous_batching=False)) == (
+        "batch_size the default (asked: 4), continuous_batching True (asked: False)"
+    )
+
+
+def test_a_job_of_copied_params_samples_its_rows_as_one_of_the_params_asked_for(tmp_path, tiny_gpt2):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "The old man", "n": 3}])
+    params = dataclasses.replace(GenerationParams(max_new_tokens=2), seed=1)
+    job = create_job(src, tiny_gpt2, params, home=tmp_path / "home")
+    asked = create_job(src, tiny_gpt2, GenerationParams(max_new_tokens=2, seed=1), home=tmp_path / "other")
+    assert job.meta["sample_auto"] is True and job.meta["fingerprint"] == asked.meta["fingerprint"]
