@@ -241,7 +241,9 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 9 (adversarial pass 256), a Batch chat body's `top_logprobs`
+# How a file is read (job.json's input "reading"): 10 (adversarial pass 261), a Batch /v1/completions request with
+# echo and max_tokens 0 (scoring its prompt, as the OpenAI API does) is refused naming `runner score` (it was
+# refused as any max_tokens 0); 9 (adversarial pass 256), a Batch chat body's `top_logprobs`
 # given as true or false is refused (true was top_logprobs 0, false no log-probs at all); 8 (adversarial pass 244),
 # a CSV's columns with no name and no value in any row are left out (one was a column named "" of empty cells; two
 # or more refused the file), a CSV row repeating the header is refused (it was a row, its prompt the column's name),
@@ -260,7 +262,7 @@ def iter_text(
 # embedding request may ask for base64; 2 (2026-12-06), a Parquet column keeps its Arrow type and a .txt line of
 # Unicode spaces is blank; 1, a job without it: `runner repair` rebuilds its prompts.parquet and errors.jsonl as its
 # submit wrote them, or their checksums differ and it cannot
-READING = 9
+READING = 10
 
 
 def iter_jsonl(path: Path, reading: int = READING) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -1334,6 +1336,7 @@ class RowChecker:
                 base64=self.reading >= 3,
                 since_6=self.reading >= 6,
                 since_9=self.reading >= 9,
+                since_10=self.reading >= 10,
             )
             if obj is None:
                 return Problem(self.name, lineno, fld, why, cid if isinstance(cid, str) and cid else None)

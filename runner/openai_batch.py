@@ -86,6 +86,7 @@ def request_row(
     base64: bool = True,
     since_6: bool = True,
     since_9: bool = True,
+    since_10: bool = True,
 ) -> tuple[dict[str, Any] | None, str | None, str]:
     """The input row a Batch request line stands for, or (None, field, problem). `models`: the names
     `body.model` may take (the model given with --model, its folder name, and --served-model-name); `greedy`:
@@ -94,7 +95,8 @@ def request_row(
     2026-12-06's reading 3 refused it); `since_6`: a body's min_p is taken and a whole float seed (-1.0) is its
     integer (False: min_p refused as unsupported and seed -1.0 as out of range, as a job read before reading 6
     read them); `since_9`: a chat body's top_logprobs true or false is refused (False: taken as 0 and as no
-    log-probs, as a job read before reading 9 took them)."""
+    log-probs, as a job read before reading 9 took them); `since_10`: a /v1/completions body's echo with max_tokens
+    0 is refused naming `runner score` (False: as any max_tokens 0, as a job read before reading 10 refused it)."""
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
         return None, "custom_id", "must be a non-empty string (every Batch request has one)"
@@ -118,7 +120,31 @@ def request_row(
     body = obj.get("body")
     if not isinstance(body, dict):
         return None, "body", "must be a JSON object"
+    if (
+        since_10
+        and url == COMPLETIONS
+        and isinstance(body, dict)
+        and body.get("echo") is True
+        and _is_zero(body)
+    ):
+        return None, "body.max_tokens", SCORE_INSTEAD
     return _body_row(cid, url, body, models, greedy, logprobs, base64, since_6, since_9)
+
+
+# A /v1/completions request with echo and max_tokens 0 asks for its prompt's log-probs only, the OpenAI API's way
+# of scoring a text: refused as "max_tokens must be in [1, 1000000]", which said nothing of `runner score`
+SCORE_INSTEAD = (
+    "0 with echo asks for the prompt's log-probs only (scoring it), which is `runner score`'s work, not a generate "
+    "job's (it generates at least one token): score the prompts with jq -c '{id: .custom_id, text: .body.prompt}' "
+    "REQUESTS.jsonl > texts.jsonl, then runner score texts.jsonl -m MODEL (each text's logprob, and each token's in "
+    "token_logprobs); or give max_tokens >= 1"
+)
+
+
+def _is_zero(body: dict[str, Any]) -> bool:
+    """The body asks for no tokens: max_tokens 0 (or 0.0, as a writer holding numbers as doubles writes it)."""
+    n = body.get("max_tokens")
+    return isinstance(n, (int, float)) and not isinstance(n, bool) and n == 0
 
 
 def _body_row(

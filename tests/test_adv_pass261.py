@@ -9,18 +9,23 @@ Found, and kept fixed below:
   options no one had asked for ("continuous_batching True (asked: False)"). The constructor now tells replace's
   keywords from its caller's: do_sample is decided again unless the caller gave it, and only what the caller (or
   the old object's maker) gave counts as given.
+- A Batch /v1/completions request with `echo: true` and `max_tokens: 0` (the OpenAI API's way to score a prompt)
+  was refused as "max_tokens must be in [1, 1000000], got 0.", not saying that `runner score` does that. (Reading
+  10: `runner repair` reads a job of before as its submit did.)
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import sys
 
 import pytest
-from helpers import write_jsonl
+from helpers import batch_request, write_jsonl
 
 from runner import EngineOptions, GenerationParams
+from runner.errors import InputError
 from runner.jobs import create_job
 from runner.scheduler import _kept_options
 
@@ -72,3 +77,40 @@ def test_a_job_of_copied_params_samples_its_rows_as_one_of_the_params_asked_for(
     job = create_job(src, tiny_gpt2, params, home=tmp_path / "home")
     asked = create_job(src, tiny_gpt2, GenerationParams(max_new_tokens=2, seed=1), home=tmp_path / "other")
     assert job.meta["sample_auto"] is True and job.meta["fingerprint"] == asked.meta["fingerprint"]
+
+
+def test_a_batch_echo_request_of_no_tokens_is_pointed_at_runner_score(tmp_path, tiny_gpt2):
+    lines = [batch_request("a", "/v1/completions", {"prompt": "Hello there", "echo": True, "max_tokens": 0}),
+             batch_request("b", "/v1/completions", {"prompt": "Hello", "echo": True, "max_tokens": 0.0,
+                                                    "logprobs": 1}),
+             batch_request("c", "/v1/completions", {"prompt": "Hello", "max_tokens": 0})]  # fmt: skip
+    with pytest.raises(InputError) as err:
+        create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_gpt2, served_model_names=("tiny",),
+                   home=tmp_path / "home")  # fmt: skip
+    said = str(err.value)
+    for line in (1, 2):
+        assert f"b.jsonl:{line}: body.max_tokens: 0 with echo asks for the prompt's log-probs only" in said, (
+            said
+        )
+    assert "runner score texts.jsonl -m MODEL" in said
+    assert (
+        "b.jsonl:3: max_tokens: max_tokens must be in [1, 1000000], got 0." in said
+    )  # (no echo: no scoring)
+
+
+def test_repair_reads_a_job_of_before_reading_10_as_its_submit_did(tmp_path, tiny_gpt2):
+    from test_openai_batch_edges import _rewritten_as_read
+
+    lines = [batch_request("a", "/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
+             batch_request("z", "/v1/completions", {"prompt": "Hello", "echo": True, "max_tokens": 0})]  # fmt: skip
+    job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_gpt2, served_model_names=("tiny",),
+                     skip_invalid=True, job_dir=tmp_path / "job")  # fmt: skip
+    assert job.meta["input"]["reading"] == 10
+    (said,) = [json.loads(x) for x in (job.dir / "errors.jsonl").read_text().splitlines()]
+    assert said["field"] == "body.max_tokens" and "runner score" in said["message"]
+    rows, errors = _rewritten_as_read(job, 9, tmp_path / "before")
+    assert [r["id"] for r in rows] == ["a"] and errors == ["z"]
+    before = [json.loads(x) for x in (tmp_path / "before" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["field"], e["message"]) for e in before] == [
+        ("max_tokens", "max_tokens must be in [1, 1000000], got 0.")
+    ]
