@@ -1651,6 +1651,9 @@ REQUEST_ONLY_COLUMNS = {
     "row's prompt_logprobs its log-probs); an OpenAI Batch file's /v1/completions request takes echo",
     "suffix": "runner inserts nothing before a suffix: the prompt is continued from its end",
     "tools": _NO_TOOLS, "tool_choice": _NO_TOOLS, "functions": _NO_TOOLS, "function_call": _NO_TOOLS,
+    # (a chat row's went unsaid, where a Batch body's is refused: adversarial pass 261)
+    "reasoning_effort": "runner gives the chat template no reasoning effort (a template that reads one, as "
+    "gpt-oss's does, renders its own default)",
 }  # fmt: skip
 # GenerationParams fields that are no row setting under their own name: a row's column of one is its data, and
 # submit says how a row asks for it (a row's `"json_object": true` ran unconstrained, said nowhere)

@@ -12,6 +12,9 @@ Found, and kept fixed below:
 - A Batch /v1/completions request with `echo: true` and `max_tokens: 0` (the OpenAI API's way to score a prompt)
   was refused as "max_tokens must be in [1, 1000000], got 0.", not saying that `runner score` does that. (Reading
   10: `runner repair` reads a job of before as its submit did.)
+- A plain chat row's `reasoning_effort` (an OpenAI chat request's field) was kept as data without a word, the row
+  run with the template's own default, where a Batch body giving one is refused and the other OpenAI-only fields
+  of a plain row are named at submit.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import json
 import sys
 
 import pytest
-from helpers import batch_request, write_jsonl
+from helpers import batch_request, msgs, write_jsonl
 
 from runner import EngineOptions, GenerationParams
 from runner.errors import InputError
-from runner.jobs import create_job
+from runner.jobs import create_job, submit_warnings
 from runner.scheduler import _kept_options
 
 
@@ -114,3 +117,14 @@ def test_repair_reads_a_job_of_before_reading_10_as_its_submit_did(tmp_path, tin
     assert [(e["field"], e["message"]) for e in before] == [
         ("max_tokens", "max_tokens must be in [1, 1000000], got 0.")
     ]
+
+
+def test_a_plain_chat_rows_reasoning_effort_is_said_to_be_data(tmp_path, tiny_llama):
+    rows = [{"messages": msgs("Hi"), "reasoning_effort": "low"}]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_llama, GenerationParams(max_new_tokens=2),
+                     home=tmp_path / "home")  # fmt: skip
+    (note,) = [w for w in submit_warnings(job) if "reasoning_effort" in w]
+    assert note.startswith(
+        "note: 'reasoning_effort' is kept as data, not a setting: a plain row is no OpenAI request"
+    )
+    assert "no reasoning effort" in note
