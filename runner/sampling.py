@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+# A top_k beyond any vocabulary: keeps every token, as a larger one does
+ALL_TOKENS = 2**62
 TENSORS = ("sample", "temperature", "top_k", "top_p", "min_p", "repetition", "presence", "frequency")
 
 
@@ -40,8 +42,12 @@ class RowSettings:
     def of(cls, params: list[Any], device: Any) -> RowSettings:
         import torch
 
+        # (a top_k past int64, which keeps every token as any past the vocabulary does, failed the tensor below,
+        # "Overflow when unpacking long long", at every run of its job: adversarial pass 261)
         host = [
-            (True, p.temperature, p.top_k, p.top_p, p.min_p) if p.sampled else (False, 1.0, 0, 1.0, 0.0)
+            (True, p.temperature, min(p.top_k, ALL_TOKENS), p.top_p, p.min_p)
+            if p.sampled
+            else (False, 1.0, 0, 1.0, 0.0)
             for p in params
         ]
         host = [

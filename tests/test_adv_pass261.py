@@ -15,6 +15,10 @@ Found, and kept fixed below:
 - A plain chat row's `reasoning_effort` (an OpenAI chat request's field) was kept as data without a word, the row
   run with the template's own default, where a Batch body giving one is refused and the other OpenAI-only fields
   of a plain row are named at submit.
+- A `top_k` past int64 (`"top_k": 1e20`, a row's or `--top-k`'s: any k over the vocabulary keeps every token, as
+  vLLM takes it) was taken at submit, then failed every run of its job with a traceback ("Overflow when unpacking
+  long long", building the per-row top_k tensor), the job left queued for the next worker to fail on. It is
+  clamped there to a k past any vocabulary.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import sys
 import pytest
 from helpers import batch_request, msgs, write_jsonl
 
+import runner
 from runner import EngineOptions, GenerationParams
 from runner.errors import InputError
 from runner.jobs import create_job, submit_warnings
@@ -128,3 +133,16 @@ def test_a_plain_chat_rows_reasoning_effort_is_said_to_be_data(tmp_path, tiny_ll
         "note: 'reasoning_effort' is kept as data, not a setting: a plain row is no OpenAI request"
     )
     assert "no reasoning effort" in note
+
+
+def test_a_top_k_past_int64_keeps_every_token_as_any_past_the_vocabulary_does(
+    tmp_path, tiny_gpt2, gpt2_engine
+):
+    texts = []
+    for name, setting in (("huge", {"top_k": 10**20}), ("off", {"temperature": 1.0})):
+        src = write_jsonl(tmp_path / f"{name}.jsonl", [{"id": "a", "prompt": "The old man", **setting}])
+        job, summary = runner.run(src, tiny_gpt2, GenerationParams(max_new_tokens=4, seed=3), output=tmp_path / name,
+                                  engine=gpt2_engine, echo=None)  # fmt: skip
+        assert summary.done == 1 and summary.errors == 0
+        texts.append(runner.load_results(job.dir)["token_ids"].map(list).tolist())
+    assert texts[0] == texts[1]
