@@ -62,6 +62,20 @@ _SAID_ELSEWHERE = {
     "max_tokens": ("max_new_tokens", "OpenAI's max_tokens"),
     "stop_strings": ("stop", "transformers' GenerationConfig.stop_strings: a string or a list of them"),
     "n": ("num_return_sequences", "OpenAI's n"),
+    # (as an input row spells them, or other APIs: said bare, or near another setting, `stop_sequences` asked "did
+    # you mean 'num_return_sequences'?": adversarial pass 261)
+    "stop_sequences": ("stop", "Anthropic's and Gemini's stop_sequences: a string or a list of them"),
+    "max_completion_tokens": ("max_new_tokens", "OpenAI chat's max_completion_tokens"),
+    "min_tokens": ("min_new_tokens", "vLLM's min_tokens"),
+    "top_logprobs": ("logprobs", "OpenAI chat's top_logprobs: the K most likely alternatives of each token"),
+    "response_format": (
+        "json_schema",
+        'OpenAI\'s response_format: its json_schema\'s "schema"; {"type": "json_object"} is json_object=True',
+    ),
+    "guided_json": ("json_schema", "vLLM's guided_json"),
+    "guided_regex": ("regex", "vLLM's guided_regex"),
+    "guided_choice": ("choices", "vLLM's guided_choice"),
+    "guided_grammar": ("grammar", "vLLM's guided_grammar"),
 }
 
 
@@ -392,8 +406,15 @@ class GenerationParams:
                     "json_schema", f"json_schema must be a JSON schema, got invalid JSON ({why})."
                 ) from None
         if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            model = self.json_schema if isinstance(self.json_schema, type) else type(self.json_schema)
+            # (a pydantic model, as vLLM's guided_json and the openai SDK's parse() take one, was only "got <class>")
+            said = (
+                f": give its schema, {model.__name__}.model_json_schema()"
+                if hasattr(model, "model_json_schema")
+                else ""
+            )
             raise ParamError(
-                "json_schema", f"json_schema must be a JSON schema object, got {self.json_schema!r}."
+                "json_schema", f"json_schema must be a JSON schema object, got {self.json_schema!r}{said}."
             )
         _check_json_values(self.json_schema)
         if not isinstance(self.json_object, bool):

@@ -19,6 +19,10 @@ Found, and kept fixed below:
   vLLM takes it) was taken at submit, then failed every run of its job with a traceback ("Overflow when unpacking
   long long", building the per-row top_k tensor), the job left queued for the next worker to fail on. It is
   clamped there to a k past any vocabulary.
+- `GenerationParams(stop_sequences=[...])` (Anthropic's and Gemini's name for stop strings, which an input row
+  takes as `stop`) asked "did you mean 'num_return_sequences'?"; vLLM's guided_json / guided_regex, OpenAI's
+  response_format and max_completion_tokens, which a row takes, were "has no setting" with no word of what to use;
+  and a pydantic model given as json_schema (as vLLM and the openai SDK take one) was "got <class 'Person'>".
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from helpers import batch_request, msgs, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams
-from runner.errors import InputError
+from runner.errors import InputError, ParamError
 from runner.jobs import create_job, submit_warnings
 from runner.scheduler import _kept_options
 
@@ -146,3 +150,31 @@ def test_a_top_k_past_int64_keeps_every_token_as_any_past_the_vocabulary_does(
         assert summary.done == 1 and summary.errors == 0
         texts.append(runner.load_results(job.dir)["token_ids"].map(list).tolist())
     assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("stop_sequences", "use stop (Anthropic's and Gemini's stop_sequences"),
+        ("guided_json", "use json_schema (vLLM's guided_json)"),
+        ("guided_regex", "use regex (vLLM's guided_regex)"),
+        ("response_format", "use json_schema (OpenAI's response_format: its json_schema's \"schema\""),
+        ("max_completion_tokens", "use max_new_tokens (OpenAI chat's max_completion_tokens)"),
+    ],
+)
+def test_a_setting_an_input_row_or_another_api_spells_otherwise_says_what_to_use(name, said):
+    with pytest.raises(ParamError) as err:
+        GenerationParams(**{name: ["x"]})
+    assert str(err.value).startswith(f"GenerationParams has no setting {name!r}: {said}"), str(err.value)
+
+
+def test_a_pydantic_model_given_as_json_schema_is_told_how_to_give_its_schema():
+    pydantic = pytest.importorskip("pydantic")
+
+    class Person(pydantic.BaseModel):
+        name: str
+
+    for given in (Person, Person(name="x")):
+        with pytest.raises(ParamError, match=r"give its schema, Person\.model_json_schema\(\)\.$"):
+            GenerationParams(json_schema=given)
+    assert GenerationParams(json_schema=Person.model_json_schema()).json_schema["required"] == ["name"]
