@@ -141,7 +141,21 @@ def _named_settings(cls: type) -> type:
         init(self, *args, **kwargs)
         object.__setattr__(self, "_given", given)
 
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        """`params.temperature = 0.7` after construction: checked, and do_sample decided again, as by the
+        constructor (it was stored unchecked: a greedy default ran greedy at 0.7, and a top_p of 5 failed the job
+        just made as "job.json is invalid"). A refused value leaves the object as it was."""
+        if name not in known or "_given" not in self.__dict__:  # (the constructor's own assignments)
+            object.__setattr__(self, name, value)
+            return
+        values = {f: getattr(self, f) for f in fields}
+        if "do_sample" in known and "do_sample" not in self._given:
+            values["do_sample"] = self._do_sample_given
+        fresh = cls(**{**values, name: value})
+        self.__dict__.update({**fresh.__dict__, "_given": self._given | {name}})
+
     cls.__init__ = __init__
+    cls.__setattr__ = __setattr__
     cls.__doc__ = _FieldDocs(cls.__doc__ or "")
     return cls
 

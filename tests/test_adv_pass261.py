@@ -9,6 +9,10 @@ Found, and kept fixed below:
   options no one had asked for ("continuous_batching True (asked: False)"). The constructor now tells replace's
   keywords from its caller's: do_sample is decided again unless the caller gave it, and only what the caller (or
   the old object's maker) gave counts as given.
+- `params.temperature = 0.7` on a GenerationParams(max_new_tokens=64) (transformers' GenerationConfig is set so)
+  was stored unchecked and undecided: the job ran greedy at temperature 0.7, said nowhere; and `params.top_p = 5`
+  made a job, then failed it as "job.json is invalid (top_p must be in [0, 1], got 5.0.)", the broken job left in
+  its folder. An assignment is now checked and decides do_sample again, as the constructor does.
 - A Batch /v1/completions request with `echo: true` and `max_tokens: 0` (the OpenAI API's way to score a prompt)
   was refused as "max_tokens must be in [1, 1000000], got 0.", not saying that `runner score` does that. (Reading
   10: `runner repair` reads a job of before as its submit did.)
@@ -178,3 +182,24 @@ def test_a_pydantic_model_given_as_json_schema_is_told_how_to_give_its_schema():
         with pytest.raises(ParamError, match=r"give its schema, Person\.model_json_schema\(\)\.$"):
             GenerationParams(json_schema=given)
     assert GenerationParams(json_schema=Person.model_json_schema()).json_schema["required"] == ["name"]
+
+
+def test_a_setting_assigned_after_construction_is_checked_and_decides_sampling_again(tmp_path, tiny_gpt2):
+    params = GenerationParams(max_new_tokens=4)
+    params.temperature = 0.7
+    assert params.do_sample is True and params == GenerationParams(max_new_tokens=4, temperature=0.7)
+    with pytest.raises(ParamError, match=r"top_p must be in \[0, 1\], got 5.0"):
+        params.top_p = 5
+    assert params.top_p == 1.0  # (as it was)
+    params.stop = "\n"
+    assert params.stop == ["\n"] and params._given == {"max_new_tokens", "temperature", "stop"}
+    job = create_job(
+        write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}]), tiny_gpt2, params, job_dir=tmp_path / "j"
+    )
+    assert job.meta["params"]["do_sample"] is True and job.meta["params"]["stop"] == ["\n"]
+    greedy = GenerationParams(do_sample=False)
+    greedy.num_return_sequences = 2  # (do_sample given: kept)
+    assert greedy.do_sample is False
+    options = EngineOptions()
+    options.dtype = "fp16"
+    assert options.dtype == "float16" and options._given == {"dtype"}
