@@ -1654,6 +1654,7 @@ REQUEST_ONLY_COLUMNS = {
     # (a chat row's went unsaid, where a Batch body's is refused: adversarial pass 261)
     "reasoning_effort": "runner gives the chat template no reasoning effort (a template that reads one, as "
     "gpt-oss's does, renders its own default)",
+    "verbosity": "runner has no verbosity: max_new_tokens (a row's max_tokens) bounds an answer's length",
 }  # fmt: skip
 # GenerationParams fields that are no row setting under their own name: a row's column of one is its data, and
 # submit says how a row asks for it (a row's `"json_object": true` ran unconstrained, said nowhere)

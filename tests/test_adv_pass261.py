@@ -16,9 +16,9 @@ Found, and kept fixed below:
 - A Batch /v1/completions request with `echo: true` and `max_tokens: 0` (the OpenAI API's way to score a prompt)
   was refused as "max_tokens must be in [1, 1000000], got 0.", not saying that `runner score` does that. (Reading
   10: `runner repair` reads a job of before as its submit did.)
-- A plain chat row's `reasoning_effort` (an OpenAI chat request's field) was kept as data without a word, the row
-  run with the template's own default, where a Batch body giving one is refused and the other OpenAI-only fields
-  of a plain row are named at submit.
+- A plain chat row's `reasoning_effort` or `verbosity` (OpenAI chat request fields) was kept as data without a
+  word, the row run with the template's own default, where a Batch body giving one is refused and the other
+  OpenAI-only fields of a plain row are named at submit.
 - A `top_k` past int64 (`"top_k": 1e20`, a row's or `--top-k`'s: any k over the vocabulary keeps every token, as
   vLLM takes it) was taken at submit, then failed every run of its job with a traceback ("Overflow when unpacking
   long long", building the per-row top_k tensor), the job left queued for the next worker to fail on. It is
@@ -133,14 +133,14 @@ def test_repair_reads_a_job_of_before_reading_10_as_its_submit_did(tmp_path, tin
 
 
 def test_a_plain_chat_rows_reasoning_effort_is_said_to_be_data(tmp_path, tiny_llama):
-    rows = [{"messages": msgs("Hi"), "reasoning_effort": "low"}]
+    rows = [{"messages": msgs("Hi"), "reasoning_effort": "low", "verbosity": "low"}]
     job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_llama, GenerationParams(max_new_tokens=2),
                      home=tmp_path / "home")  # fmt: skip
     (note,) = [w for w in submit_warnings(job) if "reasoning_effort" in w]
     assert note.startswith(
-        "note: 'reasoning_effort' is kept as data, not a setting: a plain row is no OpenAI request"
+        "note: 'reasoning_effort' and 'verbosity' are kept as data, not settings: a plain row is no OpenAI request"
     )
-    assert "no reasoning effort" in note
+    assert "no reasoning effort" in note and "no verbosity" in note
 
 
 def test_a_top_k_past_int64_keeps_every_token_as_any_past_the_vocabulary_does(
