@@ -5,10 +5,11 @@ Found, and kept fixed below:
 - `dataclasses.replace(params, temperature=0.7)` of a `GenerationParams(max_new_tokens=64)` ran greedy at
   temperature 0.7 (and `replace(params, num_return_sequences=4)` gave four copies of the greedy answer), said
   nowhere: replace hands the constructor every field, the do_sample the old object had decided (False) too, and it
-  was taken as given. A copy of an EngineOptions took every field as given the same way, so a rerun's note named
-  options no one had asked for ("continuous_batching True (asked: False)"). The constructor now tells replace's
-  keywords from its caller's: do_sample is decided again unless the caller gave it, and only what the caller (or
-  the old object's maker) gave counts as given.
+  was taken as given. A Batch job of such a copy read it as --greedy and answered every request that gave no
+  temperature greedily (the API samples those at 1). A copy of an EngineOptions took every field as given the same
+  way, so a rerun's note named options no one had asked for ("continuous_batching True (asked: False)"). The
+  constructor now tells replace's keywords from its caller's: do_sample is decided again unless the caller gave
+  it, and only what the caller (or the old object's maker) gave counts as given.
 - `params.temperature = 0.7` on a GenerationParams(max_new_tokens=64) (transformers' GenerationConfig is set so)
   was stored unchecked and undecided: the job ran greedy at temperature 0.7, said nowhere; and `params.top_p = 5`
   made a job, then failed it as "job.json is invalid (top_p must be in [0, 1], got 5.0.)", the broken job left in
@@ -203,3 +204,14 @@ def test_a_setting_assigned_after_construction_is_checked_and_decides_sampling_a
     options = EngineOptions()
     options.dtype = "fp16"
     assert options.dtype == "float16" and options._given == {"dtype"}
+
+
+def test_a_batch_job_of_copied_params_samples_the_requests_that_give_no_temperature(tmp_path, tiny_gpt2):
+    """As the OpenAI API does (temperature 1): a copy's decided do_sample False read as --greedy answered every
+    such request greedily."""
+    lines = [batch_request("a", "/v1/completions", {"prompt": "Hello", "max_tokens": 2})]
+    params = dataclasses.replace(GenerationParams(), max_new_tokens=4)
+    job = create_job(write_jsonl(tmp_path / "b.jsonl", lines), tiny_gpt2, params, served_model_names=("tiny",),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    (settings,) = job.prompts().column("settings").to_pylist()
+    assert json.loads(settings)["do_sample"] is True
