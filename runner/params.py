@@ -133,6 +133,7 @@ def _named_settings(cls: type) -> type:
         if unknown:
             raise ParamError(unknown[0], unknown_setting(cls, unknown[0]))
         given = frozenset(fields[: len(args)]) | frozenset(kwargs)
+        args, kwargs = tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kwargs.items()}
         old = _copied(cls, sys._getframe(1))
         if old is not None:  # dataclasses.replace(old, ...): what its caller gave, and what old was given
             given = old._given | _asked_of_copy(old, kwargs, fields)
@@ -158,6 +159,13 @@ def _named_settings(cls: type) -> type:
     cls.__setattr__ = __setattr__
     cls.__doc__ = _FieldDocs(cls.__doc__ or "")
     return cls
+
+
+def _plain(value: Any) -> Any:
+    """A numpy value as the Python one it holds (`tolist`): np.int64 from np.arange or a DataFrame's column is an
+    int, a 1-d array (`df["label"].unique()` for choices) a list. They were refused as "seed must be an integer,
+    got np.int64(3)", which it is (adversarial pass 261)."""
+    return value.tolist() if type(value).__module__ == "numpy" and hasattr(value, "tolist") else value
 
 
 def _copied(cls: type, caller: Any) -> Any:

@@ -28,6 +28,9 @@ Found, and kept fixed below:
   takes as `stop`) asked "did you mean 'num_return_sequences'?"; vLLM's guided_json / guided_regex, OpenAI's
   response_format and max_completion_tokens, which a row takes, were "has no setting" with no word of what to use;
   and a pydantic model given as json_schema (as vLLM and the openai SDK take one) was "got <class 'Person'>".
+- A numpy number given to a settings object (`seed=np.int64(3)` from np.arange or a DataFrame's column,
+  `choices=df["label"].unique()`) was refused as "seed must be an integer, got np.int64(3)", which it is. A numpy
+  value is now taken as the Python one it holds.
 """
 
 from __future__ import annotations
@@ -215,3 +218,20 @@ def test_a_batch_job_of_copied_params_samples_the_requests_that_give_no_temperat
                      job_dir=tmp_path / "job")  # fmt: skip
     (settings,) = job.prompts().column("settings").to_pylist()
     assert json.loads(settings)["do_sample"] is True
+
+
+def test_numpy_values_are_taken_as_the_python_values_they_hold(tmp_path, tiny_gpt2):
+    np = pytest.importorskip("numpy")
+    params = GenerationParams(max_new_tokens=np.int32(3), seed=np.int64(7), top_k=np.int64(5),
+                              choices=np.array(["yes", "no"], dtype=object), do_sample=np.bool_(True))  # fmt: skip
+    assert params == GenerationParams(
+        max_new_tokens=3, seed=7, top_k=5, choices=["yes", "no"], do_sample=True
+    )
+    assert type(params.seed) is int and type(params.choices) is list
+    params.num_return_sequences = np.int64(2)
+    assert type(params.num_return_sequences) is int
+    assert EngineOptions(batch_size=np.int64(8)).batch_size == 8
+    job = create_job(
+        write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}]), tiny_gpt2, params, job_dir=tmp_path / "j"
+    )
+    assert job.meta["params"]["seed"] == 7 and job.meta["params"]["choices"] == ["yes", "no"]
