@@ -365,6 +365,8 @@ class GenerationParams:
         _check_range("temperature", self.temperature, self.temperature >= 0, ">= 0")
         self.top_p = _check_float("top_p", self.top_p)
         _check_range("top_p", self.top_p, 0 <= self.top_p <= 1, "in [0, 1]")
+        if self.top_k == -1 and not isinstance(self.top_k, bool):  # vLLM's off, as --top-k and a row take it
+            self.top_k = 0
         _check_int("top_k", self.top_k, 0)
         self.min_p = _check_float("min_p", self.min_p)
         _check_range("min_p", self.min_p, 0 <= self.min_p <= 1, "in [0, 1]")

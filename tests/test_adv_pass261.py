@@ -31,6 +31,8 @@ Found, and kept fixed below:
 - A numpy number given to a settings object (`seed=np.int64(3)` from np.arange or a DataFrame's column,
   `choices=df["label"].unique()`) was refused as "seed must be an integer, got np.int64(3)", which it is. A numpy
   value is now taken as the Python one it holds.
+- `GenerationParams(top_k=-1)` (vLLM's top-k off) was refused, where `--top-k -1` and a row's `"top_k": -1` (a
+  Batch body's too) are taken as off: one object, one rule.
 """
 
 from __future__ import annotations
@@ -235,3 +237,10 @@ def test_numpy_values_are_taken_as_the_python_values_they_hold(tmp_path, tiny_gp
         write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}]), tiny_gpt2, params, job_dir=tmp_path / "j"
     )
     assert job.meta["params"]["seed"] == 7 and job.meta["params"]["choices"] == ["yes", "no"]
+
+
+def test_top_k_minus_one_is_off_in_python_as_on_the_command_line_and_in_a_row():
+    assert GenerationParams(top_k=-1) == GenerationParams() and GenerationParams(top_k=-1).do_sample is False
+    assert GenerationParams(top_k=-1, temperature=0.7).top_k == 0
+    with pytest.raises(ParamError, match=r"top_k must be >= 0, got -2\."):
+        GenerationParams(top_k=-2)
