@@ -120,13 +120,7 @@ def request_row(
     body = obj.get("body")
     if not isinstance(body, dict):
         return None, "body", "must be a JSON object"
-    if (
-        since_10
-        and url == COMPLETIONS
-        and isinstance(body, dict)
-        and body.get("echo") is True
-        and _is_zero(body)
-    ):
+    if since_10 and url == COMPLETIONS and body.get("echo") is True and _asks_no_tokens(body):
         return None, "body.max_tokens", SCORE_INSTEAD
     return _body_row(cid, url, body, models, greedy, logprobs, base64, since_6, since_9)
 
@@ -141,7 +135,7 @@ SCORE_INSTEAD = (
 )
 
 
-def _is_zero(body: dict[str, Any]) -> bool:
+def _asks_no_tokens(body: dict[str, Any]) -> bool:
     """The body asks for no tokens: max_tokens 0 (or 0.0, as a writer holding numbers as doubles writes it)."""
     n = body.get("max_tokens")
     return isinstance(n, (int, float)) and not isinstance(n, bool) and n == 0
