@@ -78,6 +78,7 @@ from .params import (
     EngineOptions,
     GenerationParams,
     ScoreParams,
+    as_params_hint,
     check_truncate,
     said_before_6,
     settings_apart,
@@ -453,9 +454,8 @@ def _check_args(
     """The job kind `params` stands for, once every submit argument is checked (ParamError naming it)."""
     kind = KINDS.get(type(params))
     if kind is None:
-        raise TypeError(
-            f"params must be GenerationParams, ScoreParams or EmbedParams, not {type(params).__name__}"
-        )
+        raise TypeError(f"params must be GenerationParams, ScoreParams or EmbedParams, not {type(params).__name__}"
+                        f"{as_params_hint(params)}")  # fmt: skip
     check_truncate(truncate)
     if kind == "score" and truncate != "none":
         raise ParamError("truncate", "not used by score jobs: a text over the context window is scored whole, in "

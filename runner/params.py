@@ -107,6 +107,22 @@ def unknown_setting(cls: type, name: str) -> str:
     return f"{cls.__name__} has no setting {name!r}" + (f": did you mean {near!r}?" if near else ".")
 
 
+def as_params_hint(params: Any) -> str:
+    """What to give instead of `params`, an object no job takes as its settings: a dict of settings, transformers'
+    GenerationConfig (`model.generation_config`), engine options given in their place (each was only "params must
+    be GenerationParams, ScoreParams or EmbedParams, not GenerationConfig": adversarial pass 261); "" for others."""
+    if isinstance(params, EngineOptions):
+        return "; engine options go in options=runner.EngineOptions(...)"
+    if isinstance(params, dict):
+        return "; a dict of settings makes one: runner.GenerationParams(**settings)"
+    if type(params).__name__ != "GenerationConfig" or not hasattr(params, "to_diff_dict"):
+        return ""
+    ours = {f.name for f in dataclasses.fields(GenerationParams)}
+    said = {"stop" if k == "stop_strings" else k: v for k, v in params.to_diff_dict().items()}
+    given = ", ".join(f"{k}={v!r}" for k, v in said.items() if k in ours)
+    return f"; transformers' GenerationConfig is not read: give runner.GenerationParams({given})"
+
+
 def _nearest(cls: type, name: str) -> str | None:
     """The setting of `cls` spelled nearest `name` (`temprature`: temperature), if one is near."""
     near = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(cls)], n=1)

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import RunnerError, option
 from .inputs import SUFFIXES, input_file, not_utf8_text, read_text_lines
-from .params import EngineOptions, GenerationParams, check_truncate, settings_apart, unescape
+from .params import EngineOptions, GenerationParams, as_params_hint, check_truncate, settings_apart, unescape
 from .tokens import REPLACEMENT, text_alone
 
 FILE_SUFFIXES = tuple(SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
@@ -126,6 +126,11 @@ def generate(
     # one string is one prompt, as vLLM's LLM.generate takes it (it was a prompt per character), and any iterable
     # is read once (a generator was used up by the checks, then had no len())
     _refuse_a_table(prompts)
+    # (before the model loads: it failed after, "'GenerationConfig' object has no attribute 'prompt_budget'")
+    if params is not None and not isinstance(params, GenerationParams):
+        raise TypeError(
+            f"params must be GenerationParams, not {type(params).__name__}{as_params_hint(params)}"
+        )
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_prompts(prompts)  # before the model loads
     check_truncate(truncate)

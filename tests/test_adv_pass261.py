@@ -31,6 +31,10 @@ Found, and kept fixed below:
 - A numpy number given to a settings object (`seed=np.int64(3)` from np.arange or a DataFrame's column,
   `choices=df["label"].unique()`) was refused as "seed must be an integer, got np.int64(3)", which it is. A numpy
   value is now taken as the Python one it holds.
+- `params=model.generation_config` (transformers' GenerationConfig), a dict of settings, or engine options given as
+  params were refused as "params must be GenerationParams, ScoreParams or EmbedParams, not GenerationConfig",
+  saying nothing of what to give; `runner.generate` loaded the model, then failed with "'GenerationConfig' object
+  has no attribute 'prompt_budget'". Both now name what to give (a GenerationConfig's own settings written out).
 - `GenerationParams(top_k=-1)` (vLLM's top-k off) was refused, where `--top-k -1` and a row's `"top_k": -1` (a
   Batch body's too) are taken as off: one object, one rule.
 """
@@ -244,3 +248,22 @@ def test_top_k_minus_one_is_off_in_python_as_on_the_command_line_and_in_a_row():
     assert GenerationParams(top_k=-1, temperature=0.7).top_k == 0
     with pytest.raises(ParamError, match=r"top_k must be >= 0, got -2\."):
         GenerationParams(top_k=-2)
+
+
+def test_settings_of_another_kind_given_as_params_are_told_what_to_give(tmp_path, tiny_gpt2):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GenerationConfig(max_new_tokens=3, do_sample=True, temperature=0.7, stop_strings=["x"],
+                                           pad_token_id=0)  # fmt: skip
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
+    for params, said in [
+        (config, "not GenerationConfig; transformers' GenerationConfig is not read: give runner.GenerationParams("
+                 "max_new_tokens=3, stop=['x'], do_sample=True, temperature=0.7)"),
+        ({"max_new_tokens": 3}, "not dict; a dict of settings makes one: runner.GenerationParams(**settings)"),
+        (EngineOptions(), "not EngineOptions; engine options go in options=runner.EngineOptions(...)"),
+    ]:  # fmt: skip
+        with pytest.raises(TypeError) as err:
+            runner.submit(src, tiny_gpt2, params=params, home=tmp_path / "home")
+        assert str(err.value).endswith(said), str(err.value)
+        with pytest.raises(TypeError) as err:
+            runner.generate("Hi", tiny_gpt2, params)  # (refused before the model loads)
+        assert str(err.value) == f"params must be GenerationParams, {said}"
