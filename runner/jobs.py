@@ -79,6 +79,7 @@ from .params import (
     GenerationParams,
     ScoreParams,
     as_params_hint,
+    check_options,
     check_truncate,
     said_before_6,
     settings_apart,
@@ -232,6 +233,7 @@ def create_job(
     The file is read, checked, tokenized and written `ROW_GROUP_ROWS` rows at a time, so memory is bounded by
     that chunk whatever the file's size (plus 24 bytes a row to find duplicate ids: inputs.SeenIds).
     """
+    check_options(options)
     params, options = (
         params or _default_params(input_path, model, options, revision),
         options or EngineOptions(),

@@ -123,6 +123,22 @@ def as_params_hint(params: Any) -> str:
     return f"; transformers' GenerationConfig is not read: give runner.GenerationParams({given})"
 
 
+def check_options(options: Any) -> None:
+    """TypeError for `options` that are no EngineOptions (None: the defaults), saying what to give: generation
+    settings given there, or a dict, failed deep in the engine ("'GenerationParams' object has no attribute
+    'device'": adversarial pass 261)."""
+    if options is None or isinstance(options, EngineOptions):
+        return
+    kind = type(options).__name__
+    if isinstance(options, (GenerationParams, ScoreParams, EmbedParams)):
+        hint = f"; a {kind} goes in params=runner.{kind}(...)"
+    elif isinstance(options, dict):
+        hint = "; a dict of engine options makes one: runner.EngineOptions(**options)"
+    else:
+        hint = ""
+    raise TypeError(f"options must be EngineOptions, not {kind}{hint}")
+
+
 def _nearest(cls: type, name: str) -> str | None:
     """The setting of `cls` spelled nearest `name` (`temprature`: temperature), if one is near."""
     near = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(cls)], n=1)

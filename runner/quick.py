@@ -14,7 +14,15 @@ from typing import Any
 
 from .errors import RunnerError, option
 from .inputs import SUFFIXES, input_file, not_utf8_text, read_text_lines
-from .params import EngineOptions, GenerationParams, as_params_hint, check_truncate, settings_apart, unescape
+from .params import (
+    EngineOptions,
+    GenerationParams,
+    as_params_hint,
+    check_options,
+    check_truncate,
+    settings_apart,
+    unescape,
+)
 from .tokens import REPLACEMENT, text_alone
 
 FILE_SUFFIXES = tuple(SUFFIXES)  # a one-word argument ending so is a file name, never a prompt
@@ -131,6 +139,7 @@ def generate(
         raise TypeError(
             f"params must be GenerationParams, not {type(params).__name__}{as_params_hint(params)}"
         )
+    check_options(options)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_prompts(prompts)  # before the model loads
     check_truncate(truncate)

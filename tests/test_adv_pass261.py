@@ -35,6 +35,8 @@ Found, and kept fixed below:
   params were refused as "params must be GenerationParams, ScoreParams or EmbedParams, not GenerationConfig",
   saying nothing of what to give; `runner.generate` loaded the model, then failed with "'GenerationConfig' object
   has no attribute 'prompt_budget'". Both now name what to give (a GenerationConfig's own settings written out).
+  So for options: generation settings or a dict given as options= failed deep in the engine ("'GenerationParams'
+  object has no attribute 'device'", "... 'trust_remote_code'").
 - `GenerationParams(top_k=-1)` (vLLM's top-k off) was refused, where `--top-k -1` and a row's `"top_k": -1` (a
   Batch body's too) are taken as off: one object, one rule.
 """
@@ -267,3 +269,21 @@ def test_settings_of_another_kind_given_as_params_are_told_what_to_give(tmp_path
         with pytest.raises(TypeError) as err:
             runner.generate("Hi", tiny_gpt2, params)  # (refused before the model loads)
         assert str(err.value) == f"params must be GenerationParams, {said}"
+
+
+def test_settings_of_another_kind_given_as_options_are_told_what_to_give(tmp_path, tiny_gpt2):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
+    for options, said in [
+        (
+            GenerationParams(),
+            "not GenerationParams; a GenerationParams goes in params=runner.GenerationParams(...)",
+        ),
+        ({"device": "cpu"}, "not dict; a dict of engine options makes one: runner.EngineOptions(**options)"),
+    ]:
+        with pytest.raises(TypeError) as err:
+            runner.submit(src, tiny_gpt2, options=options, home=tmp_path / "home")
+        assert str(err.value) == f"options must be EngineOptions, {said}"
+        with pytest.raises(TypeError) as err:
+            runner.generate("Hi", tiny_gpt2, options=options)
+        assert str(err.value) == f"options must be EngineOptions, {said}"
+    assert not (tmp_path / "home").exists()
