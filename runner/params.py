@@ -165,7 +165,6 @@ def _named_settings(cls: type) -> type:
         if unknown:
             raise ParamError(unknown[0], unknown_setting(cls, unknown[0]))
         given = frozenset(fields[: len(args)]) | frozenset(kwargs)
-        args, kwargs = tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kwargs.items()}
         old = _copied(cls, sys._getframe(1))
         if old is not None:  # dataclasses.replace(old, ...): what its caller gave, and what old was given
             given = old._given | _asked_of_copy(old, kwargs, fields)
@@ -178,8 +177,12 @@ def _named_settings(cls: type) -> type:
         """`params.temperature = 0.7` after construction: checked, and do_sample decided again, as by the
         constructor (it was stored unchecked: a greedy default ran greedy at 0.7, and a top_p of 5 failed the job
         just made as "job.json is invalid"). A refused value leaves the object as it was."""
-        if name not in known or "_given" not in self.__dict__:  # (the constructor's own assignments)
-            object.__setattr__(self, name, value)
+        held = self.__dict__
+        if "_given" not in held or name not in known:  # (the constructor's own assignments)
+            # a numpy value as the Python one it holds: np.int64 from np.arange or a DataFrame is an int, a 1-d
+            # array (`df["label"].unique()` for choices) a list; "seed must be an integer, got np.int64(3)" said
+            # it was not (adversarial pass 261)
+            held[name] = value.tolist() if type(value).__module__ == "numpy" else value
             return
         values = {f: getattr(self, f) for f in fields}
         if "do_sample" in known and "do_sample" not in self._given:
@@ -191,13 +194,6 @@ def _named_settings(cls: type) -> type:
     cls.__setattr__ = __setattr__
     cls.__doc__ = _FieldDocs(cls.__doc__ or "")
     return cls
-
-
-def _plain(value: Any) -> Any:
-    """A numpy value as the Python one it holds (`tolist`): np.int64 from np.arange or a DataFrame's column is an
-    int, a 1-d array (`df["label"].unique()` for choices) a list. They were refused as "seed must be an integer,
-    got np.int64(3)", which it is (adversarial pass 261)."""
-    return value.tolist() if type(value).__module__ == "numpy" and hasattr(value, "tolist") else value
 
 
 def _copied(cls: type, caller: Any) -> Any:
