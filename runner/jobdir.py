@@ -2140,7 +2140,8 @@ def wait_for_state() -> None:
 def _signals_deferred() -> Iterator[None]:
     """Around the create and the fill of a file without links: a Ctrl-C or SIGTERM landing in between would
     leave it empty (the job broken until `runner repair`), so it is held until both are done, then delivered
-    to the handler it was meant for. (In the main thread only: signals are handled nowhere else.)"""
+    to the handler it was meant for, also when they failed (pass 259: a create failing through its retries
+    dropped the Ctrl-C pressed meanwhile). (In the main thread only: signals are handled nowhere else.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -2151,12 +2152,12 @@ def _signals_deferred() -> Iterator[None]:
         yield
     finally:
         _restore_handlers(previous)
-    for sig in dict.fromkeys(held):
-        handler = previous[sig]
-        if callable(handler):
-            handler(sig, None)
-        elif handler == signal.SIG_DFL:
-            signal.raise_signal(sig)
+        for sig in dict.fromkeys(held):
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(sig)
 
 
 def _restore_handlers(previous: dict[Any, Any]) -> None:
