@@ -9,9 +9,9 @@ Found, and kept fixed below:
   until both are done (jobdir._signals_deferred), then deliver them. When the create failed for good instead (a
   mount failing through its minute of retries, a full Drive), the held signals were dropped: the stop pressed
   during that minute was lost, and `runner.cancel` ended in "cannot create .../state/00000001.json" as if it had
-  never been pressed (`runner.work` in "stopped: the job home cannot be written"; a status poll, which takes
-  that error for "unreadable", went on). The delivery came after the `finally` that puts the handlers back, so
-  an exception out of the body skipped it; it is part of that `finally` now.
+  never been pressed (`runner.work`, its unit's claim failing so, in "stopped: the job home cannot be written").
+  The delivery came after the `finally` that puts the handlers back, so an exception out of the body skipped it;
+  it is part of that `finally` now.
 """
 
 from __future__ import annotations
@@ -63,6 +63,31 @@ def test_a_stop_pressed_while_a_records_create_fails_for_good_still_stops(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert runner.status(job.dir).state == "queued" and not list((job.dir / "state").iterdir())
     assert runner.cancel(job.dir) == "queued" and runner.status(job.dir).state == "cancelled"
+
+
+def test_a_stop_pressed_while_a_claim_fails_for_good_stops_the_work_and_the_cell_run_again_ends_it(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch
+):
+    job = two_row_job(tmp_path, tiny_gpt2, runner_home)
+    _no_links(monkeypatch)
+    real_open, tries = os.open, []
+
+    def open_(path, flags, *a, **k):
+        if os.sep + "claims" + os.sep in os.fspath(path) and flags & os.O_EXCL and not tries:
+            tries.append(1)
+            signal.raise_signal(signal.SIGINT)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, flags, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", open_)
+        with pytest.raises(KeyboardInterrupt):
+            runner.work(runner_home, engine=gpt2_engine, echo=None)
+    paused = []
+    with monkeypatch.context() as m:
+        m.setattr(time, "sleep", paused.append)
+        (summary,) = runner.work(runner_home, engine=gpt2_engine, echo=None)
+    assert summary.finished and runner.status(job.dir).state == "completed" and paused == []
 
 
 def test_a_record_made_with_the_stop_pressed_meanwhile_stops_once_it_is_whole(tmp_path, tiny_gpt2, runner_home,
