@@ -108,3 +108,77 @@ def test_a_record_made_with_the_stop_pressed_meanwhile_stops_once_it_is_whole(tm
         with pytest.raises(KeyboardInterrupt):
             runner.cancel(job.dir)
     assert runner.status(job.dir).state == "cancelled"
+
+
+# --- the sweep: the stop button at the n-th visit of each point, then the same call in the same process ----------
+
+SWEEP_ROWS = [{"id": f"r{i}", "prompt": "the old man said " * (1 + i % 3)} for i in range(6)]
+POINTS = ["after_generate", "after_shard", "before_replace", "before_create", "mid_write", "after_create"]
+CALLS = ["replace", "open", "unlink", "mkdir"]  # os.*, the stop landing as the call returns
+
+
+@pytest.mark.deep  # (each case runs the job up to ~25 times; `make test-deep`)
+@pytest.mark.parametrize("linkless", [False, True], ids=["links", "linkless"])
+@pytest.mark.parametrize("where", POINTS + [f"os.{c}" for c in CALLS])
+def test_a_stop_anywhere_in_runner_work_then_the_same_call_again(
+    tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch, where, linkless
+):
+    """Every visit of `where` in turn: the first call stops there (KeyboardInterrupt, as the stop button raises
+    it in the kernel; without hard links a real SIGINT, held where a record is being made), the second completes
+    the job at once (no lease of the first waited out: no pause), with every (row, sample) once and equal to an
+    uninterrupted run, and no thread left behind."""
+    import shutil
+    import threading
+
+    from helpers import assert_exactly_once, reference_run
+
+    from runner import EngineOptions, GenerationParams, results, storage, worker
+    from runner.jobs import create_job
+
+    params, options = (
+        GenerationParams(max_new_tokens=4, temperature=1.0, num_return_sequences=2, seed=7),
+        EngineOptions(batch_size=2),
+    )
+    prompts, ref = reference_run(tmp_path, tiny_gpt2, SWEEP_ROWS, params, options)
+    threads = threading.active_count()
+    for nth in range(1, 100):
+        job = create_job(prompts, tiny_gpt2, params, options, home=runner_home)
+        visits = []
+
+        def visit(name, _nth=nth, _visits=visits):
+            if name == where and threading.current_thread() is threading.main_thread():
+                _visits.append(name)
+                if len(_visits) == _nth:
+                    if linkless:
+                        signal.raise_signal(signal.SIGINT)
+                    else:
+                        raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            if linkless:
+                _no_links(m)
+            for module in (jobdir, worker, results, storage):
+                real_point = module.fault_point
+                m.setattr(module, "fault_point", lambda name, _r=real_point: (visit(name), _r(name))[1])
+            for call in CALLS:
+                real = getattr(os, call)
+                m.setattr(os, call, lambda *a, _r=real, _c=call, **k: (_r(*a, **k), visit(f"os.{_c}"))[0])
+            stopped = False
+            try:
+                runner.work(runner_home, engine=gpt2_engine, echo=None, shard_rows=2)
+            except KeyboardInterrupt:
+                stopped = True
+        if len(visits) < nth:
+            break  # every visit was stopped at once
+        assert stopped, f"the stop at visit {nth} was swallowed"
+        paused = []
+        with monkeypatch.context() as m:
+            if linkless:
+                _no_links(m)
+            m.setattr(time, "sleep", paused.append)
+            runner.work(runner_home, engine=gpt2_engine, echo=None, shard_rows=2)
+        assert runner.status(job.dir).state == "completed" and paused == [], (nth, paused)
+        assert_exactly_once(job.dir, ref)
+        assert threading.active_count() <= threads + 1  # (+1: a library's monitor thread started on its own)
+        shutil.rmtree(job.dir)
+    assert nth > 1 or where in ("after_create", "mid_write"), "never visited"
