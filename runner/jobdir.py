@@ -2141,7 +2141,8 @@ def _signals_deferred() -> Iterator[None]:
     """Around the create and the fill of a file without links: a Ctrl-C or SIGTERM landing in between would
     leave it empty (the job broken until `runner repair`), so it is held until both are done, then delivered
     to the handler it was meant for, also when they failed (pass 259: a create failing through its retries
-    dropped the Ctrl-C pressed meanwhile). (In the main thread only: signals are handled nowhere else.)"""
+    dropped the Ctrl-C pressed meanwhile), as often as each came (two Ctrl-Cs are `runner work`'s "stop at once",
+    one its "after the current batch"). (In the main thread only: signals are handled nowhere else.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -2152,7 +2153,7 @@ def _signals_deferred() -> Iterator[None]:
         yield
     finally:
         _restore_handlers(previous)
-        for sig in dict.fromkeys(held):
+        for sig in held:
             handler = previous[sig]
             if callable(handler):
                 handler(sig, None)

@@ -12,6 +12,8 @@ Found, and kept fixed below:
   never been pressed (`runner.work`, its unit's claim failing so, in "stopped: the job home cannot be written").
   The delivery came after the `finally` that puts the handlers back, so an exception out of the body skipped it;
   it is part of that `finally` now.
+- Two Ctrl-Cs held so were delivered as one: `runner work`'s "stop at once" (the second press) became "stop
+  after the current batch". Each press is delivered.
 """
 
 from __future__ import annotations
@@ -179,3 +181,19 @@ def test_a_stop_anywhere_in_runner_work_then_the_same_call_again(
         assert threading.active_count() <= threads + 1  # (+1: a library's monitor thread started on its own)
         shutil.rmtree(job.dir)
     assert nth > 1 or where in ("after_create", "mid_write"), "never visited"
+
+
+def test_two_presses_held_around_a_records_create_are_delivered_as_two():
+    """`runner work`'s first Ctrl-C stops after the current batch, the second at once. Both pressed while a
+    record was being created without links (held until it is filled) were delivered as one: the user's "at once"
+    became "after the current batch". Each held press reaches the handler."""
+    seen: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, _: seen.append(signum))
+    try:
+        with jobdir._signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            assert not seen  # held while the record is made
+        assert seen == [signal.SIGINT, signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, before)
