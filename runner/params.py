@@ -167,8 +167,10 @@ def _named_settings(cls: type) -> type:
         given = frozenset(fields[: len(args)]) | frozenset(kwargs)
         old = _copied(cls, sys._getframe(1))
         if old is not None:  # dataclasses.replace(old, ...): what its caller gave, and what old was given
-            given = old._given | _asked_of_copy(old, kwargs, fields)
-            if "do_sample" in kwargs and "do_sample" not in given:  # decided again, as it was for old
+            asked = _asked_of_copy(old, kwargs, fields)
+            given = old._given | asked
+            if "do_sample" in kwargs and "do_sample" not in asked:  # decided again, as it was for old
+                # (old's given do_sample, None too: GenerationParams(do_sample=None) is decided, not given)
                 kwargs["do_sample"] = old._do_sample_given
         init(self, *args, **kwargs)
         object.__setattr__(self, "_given", given)
@@ -185,7 +187,7 @@ def _named_settings(cls: type) -> type:
             held[name] = value.tolist() if type(value).__module__ == "numpy" else value
             return
         values = {f: getattr(self, f) for f in fields}
-        if "do_sample" in known and "do_sample" not in self._given:
+        if "do_sample" in known:  # as given (None: decided again), not as decided
             values["do_sample"] = self._do_sample_given
         fresh = cls(**{**values, name: value})
         self.__dict__.update({**fresh.__dict__, "_given": self._given | {name}})
