@@ -165,7 +165,7 @@ def _named_settings(cls: type) -> type:
         if unknown:
             raise ParamError(unknown[0], unknown_setting(cls, unknown[0]))
         given = frozenset(fields[: len(args)]) | frozenset(kwargs)
-        old = _copied(cls, sys._getframe(1))
+        old = _copied(type(self), sys._getframe(1))
         if old is not None:  # dataclasses.replace(old, ...): what its caller gave, and what old was given
             asked = _asked_of_copy(old, kwargs, fields)
             given = old._given | asked

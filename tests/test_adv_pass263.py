@@ -9,6 +9,10 @@ Found, and kept fixed below:
   greedy copies): the do_sample to decide again was taken from whether do_sample was among the names given, and
   None given is given, so the decided False was carried over as if asked for. So after `params.do_sample = None`.
   Both now decide again from the do_sample the object was given (`_do_sample_given`, None: decided).
+- `dataclasses.replace` of a subclass's object (`class MyParams(runner.GenerationParams): ...`, a method added)
+  was not recognised as a copy (the object's type was compared with the decorated class itself): every field
+  counted as given, and a greedy default copied at temperature 0.7 ran greedy. The copy is now recognised by the
+  object's own type.
 
 Held (no change): pickle, copy.copy and copy.deepcopy keep `_given` and `_do_sample_given`, and an assignment
 after them still decides again; functools.partial(dataclasses.replace, params) is a replace; a replace of a
@@ -53,6 +57,20 @@ def test_an_assignment_after_do_sample_none_decides_sampling_again(tmp_path, tin
 def test_a_copy_of_settings_given_do_sample_none_decides_sampling_again(changes, sampled):
     copied = dataclasses.replace(GenerationParams(max_new_tokens=3, do_sample=None), **changes)
     assert copied.do_sample is sampled and copied._do_sample_given is None
+
+
+def test_a_copy_of_a_subclass_object_decides_sampling_as_a_new_object_would():
+    class MyParams(GenerationParams):
+        def short(self) -> MyParams:
+            return dataclasses.replace(self, max_new_tokens=2)
+
+    copied = dataclasses.replace(MyParams(max_new_tokens=3), temperature=0.7)
+    assert (
+        type(copied) is MyParams
+        and copied.do_sample is True
+        and copied._given == {"max_new_tokens", "temperature"}
+    )
+    assert copied.short().do_sample is True
 
 
 def test_pickled_copied_and_partially_replaced_settings_still_decide_sampling_again():
