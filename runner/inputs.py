@@ -241,7 +241,9 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 10 (adversarial pass 261), a Batch /v1/completions request with
+# How a file is read (job.json's input "reading"): 11 (adversarial pass 262) changes no row, only where
+# submit's chunks (prompts.parquet's row groups) end: at a number of characters of text too (`PromptReader.chunks`);
+# 10 (adversarial pass 261), a Batch /v1/completions request with
 # echo and max_tokens 0 (scoring its prompt, as the OpenAI API does) is refused naming `runner score` (it was
 # refused as any max_tokens 0); 9 (adversarial pass 256), a Batch chat body's `top_logprobs`
 # given as true or false is refused (true was top_logprobs 0, false no log-probs at all); 8 (adversarial pass 244),
@@ -262,7 +264,7 @@ def iter_text(
 # embedding request may ask for base64; 2 (2026-12-06), a Parquet column keeps its Arrow type and a .txt line of
 # Unicode spaces is blank; 1, a job without it: `runner repair` rebuilds its prompts.parquet and errors.jsonl as its
 # submit wrote them, or their checksums differ and it cannot
-READING = 10
+READING = 11
 
 
 def iter_jsonl(path: Path, reading: int = READING) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -1533,16 +1535,20 @@ class PromptReader(RowChecker):
             raise RunnerError(f"the prompt file {self.path} changed while it was being read: run the command "
                               "again once it is written")  # fmt: skip
 
-    def chunks(self, size: int) -> Iterator[PromptChunk]:
+    def chunks(self, size: int, chars: int | None = None) -> Iterator[PromptChunk]:
         """The file in chunks of `size` rows (valid or not), in order, with duplicate ids reported on the
-        later row ("first on line N") across the whole file."""
+        later row ("first on line N") across the whole file. With `chars`, a chunk also ends once its rows'
+        texts reach that many characters: tokenizing a chunk takes ~50 bytes a character, so 10,000 documents
+        of 20,000 characters took 10 GB where 10,000 short prompts take 0.3."""
         seen = SeenIds()
         items: list[PromptRow | Problem] = []
+        held = 0  # characters of text in `items`
         for item in self.rows():
             items.append(item)
-            if len(items) >= size:
+            held += _text_chars(item) if chars is not None else 0
+            if len(items) >= size or (chars is not None and held >= chars):
                 yield self._chunk(items, seen)
-                items = []
+                items, held = [], 0
         if items:
             yield self._chunk(items, seen)
 
@@ -1565,6 +1571,14 @@ class PromptReader(RowChecker):
             rows.append(row)
         problems.sort(key=lambda p: p.line)
         return PromptChunk(rows, problems, list(columns))
+
+
+def _text_chars(item: PromptRow | Problem) -> int:
+    """Characters of text a row gives the tokenizer: its prompt (or context) and continuation, or its messages."""
+    if isinstance(item, Problem):
+        return 0
+    messages = sum(len(v) for m in item.messages or () for v in m.values() if isinstance(v, str))
+    return len(item.prompt or "") + len(item.continuation or "") + messages
 
 
 def read_prompts(

@@ -3,9 +3,9 @@
 input file -> inputs.PromptReader (chunks) -> `create_job` (render chat templates, tokenize once, check lengths
 against the context window, store settings + a validated copy of the prompts) -> job folder -> worker.py
 
-The input is streamed: each chunk of `ROW_GROUP_ROWS` rows is validated, tokenized (one tokenizer call) and
-written as one row group of prompts.parquet before the next is read, so a file of any size is submitted in
-memory bounded by a chunk.
+The input is streamed: each chunk of `ROW_GROUP_ROWS` rows (fewer where their texts reach `CHUNK_TEXT_CHARS`) is
+validated, tokenized (one tokenizer call) and written as one row group of prompts.parquet before the next is
+read, so a file of any size is submitted in memory bounded by a chunk.
 
 The job is built in a hidden temp folder (with an owner record, so that the temp folder of a killed submit is
 cleaned up by the next one) and renamed into place, so a kill during submit never leaves a half-made job that
@@ -89,6 +89,7 @@ from .progress import counted, in_words
 from .results import LOCAL_SHARD_PREFIX, PROMPT_COLUMNS, passthrough_columns
 
 ROW_GROUP_ROWS = 10_000  # rows read, checked, tokenized and written at a time; a row group of prompts.parquet
+CHUNK_TEXT_CHARS = 4 * 2**20  # ... or fewer, their texts this long: tokenizing takes ~50 bytes a character
 PROBLEMS_KEPT = 1000  # invalid rows held for the error message; all are counted, and listed in errors.jsonl
 KINDS = {GenerationParams: "generate", ScoreParams: "score", EmbedParams: "embed"}
 
@@ -230,8 +231,9 @@ def create_job(
     OpenAI Batch request lines are read as rows (openai_batch.py), their `body.model` being `model`, its folder
     name, or one of `served_model_names`.
 
-    The file is read, checked, tokenized and written `ROW_GROUP_ROWS` rows at a time, so memory is bounded by
-    that chunk whatever the file's size (plus 24 bytes a row to find duplicate ids: inputs.SeenIds).
+    The file is read, checked, tokenized and written `ROW_GROUP_ROWS` rows (or `CHUNK_TEXT_CHARS` characters of text)
+    at a time, so memory is bounded by that chunk whatever the file's size (plus 24 bytes a row to find duplicate
+    ids: inputs.SeenIds).
     """
     check_options(options)
     params, options = (
@@ -1126,7 +1128,8 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
     # rows written whose messages end with an assistant message (`_Written.assistant_last`)
     answered = 0
     try:
-        for chunk in reader.chunks(ROW_GROUP_ROWS):
+        # (a job read before 11: its row groups as its submit wrote them, `runner repair` writing them again)
+        for chunk in reader.chunks(ROW_GROUP_ROWS, CHUNK_TEXT_CHARS if reader.reading >= 11 else None):
             columns.register(chunk.columns)
             if problems.count and not skip_invalid:
                 problems.add(chunk.problems)

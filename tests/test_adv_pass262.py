@@ -1,0 +1,101 @@
+"""Adversarial pass 262: a big file (many rows, long texts) submitted, run, resumed and exported.
+
+Found, and kept fixed below:
+  * Submitting a file of long texts (documents to score, long chats) took memory in proportion to 10,000 of its
+    rows, however long each was: submit read, tokenized and held a chunk of `ROW_GROUP_ROWS` rows at a time, and
+    the tokenizer's output for a chunk costs ~50 bytes a character of text (its encodings, then the token ids as
+    Python ints). A 184 MB JSONL of 10,000 texts of 20,000 characters peaked at 9.8 GB at submit (a Colab has
+    12), where 10,000 prompts of 300 characters take 0.3 GB. A chunk now ends at `CHUNK_TEXT_CHARS` characters of
+    text as well (reading 11: a job read before keeps its row groups, which `runner repair` writes again).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import write_jsonl
+from workers import ROOT, worker_env
+
+import runner
+import runner.jobs as jobs
+from runner import GenerationParams
+from runner.jobdir import PROMPTS
+from runner.jobs import create_job
+
+WORDS = "the old man said that every student reads a language model slowly".split()
+
+
+def long_rows(n, chars=20_000):
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(chars // 5))[:chars]
+    return [{"id": f"d{i}", "prompt": f"{i} {text}"} for i in range(n)]
+
+
+def test_a_chunk_of_long_texts_ends_at_its_characters(tmp_path, tiny_gpt2, monkeypatch):
+    """Row groups of prompts.parquet (what submit tokenized at a time) hold `CHUNK_TEXT_CHARS` characters of
+    text and one row more at most, not 10,000 rows whatever their length; the rows are all there, in order."""
+    monkeypatch.setattr(jobs, "CHUNK_TEXT_CHARS", 100_000, raising=False)
+    path = write_jsonl(tmp_path / "docs.jsonl", long_rows(30))
+    job = create_job(
+        path, tiny_gpt2, GenerationParams(max_new_tokens=2), truncate="left", job_dir=tmp_path / "j"
+    )
+    meta = pq.read_metadata(job.dir / PROMPTS)
+    sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    assert sum(sizes) == 30 and max(sizes) <= 100_000 // 20_000 + 1, sizes
+    assert pq.read_table(job.dir / PROMPTS, columns=["id"])["id"].to_pylist() == [f"d{i}" for i in range(30)]
+    assert job.meta["input"]["reading"] >= 11
+
+
+def submit_peak(tmp: str, model: str, n: int) -> int:
+    """tracemalloc's peak (bytes) while submitting `n` texts of 20,000 characters (run in a fresh process)."""
+    import tracemalloc
+    from pathlib import Path
+
+    import torch
+
+    torch.set_num_threads(1)
+    Path(tmp).mkdir()
+    jobs.CHUNK_TEXT_CHARS = 200_000
+    params = GenerationParams(max_new_tokens=2)
+    warm = write_jsonl(Path(tmp) / "warm.jsonl", long_rows(2))
+    create_job(warm, model, params, truncate="left", job_dir=Path(tmp) / "warm")  # (first-time allocations)
+    path = write_jsonl(Path(tmp) / f"p{n}.jsonl", long_rows(n))
+    tracemalloc.start()
+    create_job(path, model, params, truncate="left", job_dir=Path(tmp) / f"j{n}")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_submit_memory_does_not_grow_with_long_texts(tmp_path, tiny_gpt2):
+    """Submit 12 and 120 texts of 20,000 characters: the peak must not grow with the file. Before, the whole file
+    was one chunk (under 10,000 rows), and its peak grew ~10 times."""
+    peaks = []
+    for n in (12, 120):
+        code = f"import test_adv_pass262 as t; print(t.submit_peak({str(tmp_path / str(n))!r}, {tiny_gpt2!r}, {n}))"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                              env=worker_env(), cwd=ROOT / "tests")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peaks.append(int(proc.stdout.strip().splitlines()[-1]))
+    assert peaks[1] < 2 * peaks[0], peaks
+
+
+@pytest.mark.parametrize("reading", [10, 11])
+def test_repair_writes_the_row_groups_again_as_its_submit_did(tmp_path, tiny_gpt2, monkeypatch, reading):
+    """A job read before 11 holds its long texts in one row group, one of 11 in row groups by characters:
+    `runner repair` of its damaged prompts.parquet writes it again byte for byte, either way."""
+    monkeypatch.setattr(jobs, "CHUNK_TEXT_CHARS", 50_000)
+    path = write_jsonl(tmp_path / "docs.jsonl", long_rows(6))
+    with monkeypatch.context() as m:
+        m.setattr(runner.inputs, "READING", reading)
+        job = create_job(
+            path, tiny_gpt2, GenerationParams(max_new_tokens=2), truncate="left", job_dir=tmp_path / "j"
+        )
+    groups = pq.read_metadata(job.dir / PROMPTS).num_row_groups
+    assert job.meta["input"]["reading"] == reading and groups == (1 if reading < 11 else 2)
+    data = (job.dir / PROMPTS).read_bytes()
+    (job.dir / PROMPTS).write_bytes(data[: len(data) // 2])
+    runner.repair(job.dir)
+    assert (job.dir / PROMPTS).read_bytes() == data
