@@ -511,7 +511,11 @@ def _iter_arrow(
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pf = _opened(lambda: pq.ParquetFile(storage.arrow_file(path)), path)
+            # (read a page at a time: by default a row group's column is read whole, and pandas writes a row group
+            # of up to a million rows, so a 2 GB file took 2 GB more to read)
+            pf = _opened(
+                lambda: pq.ParquetFile(storage.arrow_file(path), pre_buffer=False, buffer_size=1 << 20), path
+            )
             columns = _data_columns(pf.schema_arrow)
             index = _named_range_index(pf, columns) if reading >= 4 else None
             _refuse_names_twice(path, columns, 0, "the file")
