@@ -404,6 +404,22 @@ def input_file_hint(path: Path, home: str | os.PathLike | None = None) -> str:
     )
 
 
+def job_file_hint(path: Path) -> str:
+    """ ": it is a shard of job folder J ..." for a file inside a job's folder given as a results file (a shard, a
+    quarantined file, prompts.parquet): read as one, it gave some of the job's rows unverified, or its prompts."""
+    what = {SHARDS: "a shard (some of its rows, unverified)", QUARANTINE: "a quarantined file"}
+    inside: Path | None = None  # the folder of the job's folder the file is in (None: in it)
+    for folder in list(Path(os.path.abspath(path)).parents)[:4]:
+        said = (
+            what.get(inside.name, "") if inside else "its validated prompts" if path.name == PROMPTS else ""
+        )
+        if said and _is_job_folder(folder):
+            return (f": it is {said} of job folder {folder}: give the folder, or the job's id or name, for its "
+                    "results (every verified row, in input order)")  # fmt: skip
+        inside = folder
+    return ""
+
+
 def _did_you_mean(text: str, jobs: list[tuple[Path, dict[str, Any]]]) -> str:
     """ "; did you mean 'night1'?" for a mistyped job name or id (`runner status` lists them all)."""
     import difflib

@@ -560,9 +560,11 @@ def _extensions_as_storage(table: pa.Table) -> pa.Table:
 def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None) -> tuple[pa.Table, str]:
     """`load_results`' table, and why results the job had are missing from it ("" when none are: a job still
     running, cancelled or failed is only not done yet; its missing rows are warned of all the same)."""
-    from .jobdir import Job, naming_broken, read_parquet
+    from .jobdir import Job, job_file_hint, naming_broken, read_parquet
 
     path, is_file = resolve_source(source, home)
+    if is_file and (hint := job_file_hint(path)):
+        raise RunnerError(f"{path} is not a results file{hint}")
     if is_file:  # (an exported results file on a Drive mount: a transient error is read again)
         table, lost = storage.retry(lambda: _read_results_file(path, read_parquet, home), f"read {path}"), ""
     else:

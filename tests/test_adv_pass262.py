@@ -11,16 +11,21 @@ Found, and kept fixed below:
     whole before its first batch, and pandas' `to_parquet` writes one row group of up to a million rows, so a
     Parquet file of 40 MB of prompts took 34 MB more Arrow memory to read than one of 8 MB (a 2 GB file, 2 GB
     more). It is read a page at a time (`pre_buffer=False` with a read buffer).
+  * `runner.load_results("jobs/J/shards/00000-00000000-0000.parquet")` (and `runner results` of it) returned that
+    one shard's rows, unverified and only some of the job's, as the job's results, without a word; a quarantined
+    file, and the job's prompts.parquet (prompts and token ids), likewise. Such a file is refused, naming the job
+    folder to give instead, as a job's input file already was.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_jsonl
+from helpers import invoke, write_jsonl
 from workers import ROOT, worker_env
 
 import runner
@@ -28,6 +33,7 @@ import runner.jobs as jobs
 from runner import GenerationParams
 from runner.jobdir import PROMPTS
 from runner.jobs import create_job
+from runner.worker import run_job
 
 WORDS = "the old man said that every student reads a language model slowly".split()
 
@@ -135,3 +141,29 @@ def test_repair_writes_the_row_groups_again_as_its_submit_did(tmp_path, tiny_gpt
     (job.dir / PROMPTS).write_bytes(data[: len(data) // 2])
     runner.repair(job.dir)
     assert (job.dir / PROMPTS).read_bytes() == data
+
+
+def test_a_file_inside_a_job_folder_is_no_results_file(tmp_path, tiny_gpt2, gpt2_engine):
+    """`load_results("jobs/J/shards/00000-....parquet")` (or `runner results` of it) gave that shard's rows,
+    unverified and only some of the job's, as if they were its results, and `jobs/J/prompts.parquet` gave the
+    prompts, token ids and all, as results: the error names the job folder to give instead."""
+    rows = [{"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(5)]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                     job_dir=tmp_path / "job")  # fmt: skip
+    assert run_job(job, gpt2_engine, echo=None, shard_rows=2).finished
+    shard = sorted((job.dir / "shards").glob("*.parquet"))[0]
+    quarantined = job.dir / "quarantine" / "old" / shard.name
+    quarantined.parent.mkdir(parents=True)
+    quarantined.write_bytes(shard.read_bytes())
+    for path, what in (
+        (shard, "a shard"),
+        (quarantined, "a quarantined"),
+        (job.dir / PROMPTS, "its validated"),
+    ):
+        with pytest.raises(runner.RunnerError, match=f"is not a results file: it is {what}.* of job folder "
+                                                     f"{re.escape(str(job.dir))}"):  # fmt: skip
+            runner.load_results(path)
+        said = invoke("results", path, "--to", tmp_path / "out.jsonl")
+        assert said.exit_code == 1 and f"job folder {job.dir}" in said.output, said.output
+    runner.export_results(job.dir, tmp_path / "results.parquet")
+    assert len(runner.load_results(tmp_path / "results.parquet")) == 5 == len(runner.load_results(job.dir))
