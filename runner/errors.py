@@ -123,9 +123,16 @@ class InputError(RunnerError):
     one line, and --skip-invalid, which cannot help, is not suggested."""
 
     def __init__(
-        self, problems: list[Problem], shown: int = 20, header: str | None = None, total: int | None = None
+        self,
+        problems: list[Problem],
+        shown: int = 20,
+        header: str | None = None,
+        total: int | None = None,
+        unmeasured: str | None = None,
     ):
-        self.problems, self.shown, self.header = problems, shown, header
+        """`unmeasured`: where the rows begin that were read and checked but not tokenized (submit stops
+        tokenizing at the first problem), so that those too long for the model are not counted among them."""
+        self.problems, self.shown, self.header, self.unmeasured = problems, shown, header, unmeasured
         self.total = len(problems) if total is None else total
         lines = [str(p) for p in problems[:shown]]
         if self.total > len(lines):
@@ -135,6 +142,9 @@ class InputError(RunnerError):
                 f"{counted(self.total, 'invalid rows')}; nothing was run",
                 f"\n(use {option('skip_invalid')} to run the valid rows)",
             )
+            if unmeasured:
+                tail = (f"\n(the rows from {unmeasured} on were checked but not tokenized: those too long for the "
+                        f"model are not counted yet; use {option('skip_invalid')} to run the valid rows)")  # fmt: skip
         else:
             head, tail = header, ""
         sep = ": " if header is not None and len(lines) == 1 else ":\n"
@@ -145,7 +155,8 @@ class InputError(RunnerError):
         its rows named as `row` says (`Problem.row`: an input given from Python, by position)."""
         problems = [dataclasses.replace(p, file=new, row=row) if p.file == old else p for p in self.problems]
         header = None if self.header is None else self.header.replace(old, new)
-        return InputError(problems, self.shown, header, self.total)
+        unmeasured = None if self.unmeasured is None else self.unmeasured.replace(old, new, 1)
+        return InputError(problems, self.shown, header, self.total, unmeasured)
 
 
 class ModelLoadError(RunnerError):

@@ -11,6 +11,11 @@ Found, and kept fixed below:
     whole before its first batch, and pandas' `to_parquet` writes one row group of up to a million rows, so a
     Parquet file of 40 MB of prompts took 34 MB more Arrow memory to read than one of 8 MB (a 2 GB file, 2 GB
     more). It is read a page at a time (`pre_buffer=False` with a read buffer).
+  * A file refused at submit counted fewer invalid rows than it had, and said nothing of it: once a row was refused,
+    the later chunks were only read and checked, not tokenized (to refuse as fast as reading allows), so their
+    rows too long for the model were not counted, and "(use skip_invalid=True to run the valid rows)" was said of
+    a file none of whose rows fit ("229 invalid rows" for 1,000 documents too long, once the chunks of long texts
+    were smaller; 10,000 of 200,000 short prompts before). The message says where the unmeasured rows begin.
   * `runner.load_results("jobs/J/shards/00000-00000000-0000.parquet")` (and `runner results` of it) returned that
     one shard's rows, unverified and only some of the job's, as the job's results, without a word; a quarantined
     file, and the job's prompts.parquet (prompts and token ids), likewise. Such a file is refused, naming the job
@@ -167,3 +172,24 @@ def test_a_file_inside_a_job_folder_is_no_results_file(tmp_path, tiny_gpt2, gpt2
         assert said.exit_code == 1 and f"job folder {job.dir}" in said.output, said.output
     runner.export_results(job.dir, tmp_path / "results.parquet")
     assert len(runner.load_results(tmp_path / "results.parquet")) == 5 == len(runner.load_results(job.dir))
+
+
+def test_a_refusal_says_where_the_rows_it_did_not_tokenize_begin(tmp_path, tiny_gpt2, monkeypatch):
+    """Every row too long for the model: the first chunk's are counted, and the message says from which line on
+    the rows were not measured, rather than suggest skip_invalid for a file none of whose rows would run."""
+    monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 4)
+    path = write_jsonl(tmp_path / "p.jsonl", long_rows(10, chars=2_000))
+    with pytest.raises(runner.InputError) as info:
+        create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=2))
+    said = str(info.value)
+    assert said.startswith("4 invalid rows; nothing was run:"), said
+    assert said.endswith(f"(the rows from {path}:5 on were checked but not tokenized: those too long for the model "
+                         "are not counted yet; use skip_invalid=True to run the valid rows)"), said  # fmt: skip
+    said = invoke("submit", path, "-m", tiny_gpt2, "--home", tmp_path / "home").output
+    assert f"the rows from {path}:5 on were checked but not tokenized" in said and "--skip-invalid" in said, (
+        said
+    )
+    # all in one chunk: every row counted, and the file has no valid rows
+    monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 100)
+    with pytest.raises(runner.InputError, match=f"^no valid rows in {re.escape(str(path))}"):
+        create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=2))
