@@ -54,10 +54,25 @@ from .tasks import (
 )
 
 SHARD_ROWS = 1000  # a shard is committed at least every this many result rows...
+# ... or once its rows hold this many numbers (token ids, log-probs, alternatives: `_numbers`), 30-400 bytes each
+# as Python objects: 1,000 rows of 200 tokens with 20 alternatives each took 2 GB
+SHARD_VALUES = 1_000_000
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
 # Decode steps refresh the heartbeat's figures at most this often (the file itself is written every 30 s).
 HEARTBEAT_INFO_SECONDS = 1.0
 CANCEL_CHECK_SECONDS = 5.0  # how often the state is looked at for a cancel (reading it per batch is wasteful)
+
+
+def _numbers(result: Any) -> int:
+    """About how many numbers a result holds (a completion's or a score's token ids and log-probs, a completion's
+    alternatives and prompt log-probs), for `JobRun.due`."""
+    tokens = len(getattr(result, "token_ids", None) or ())
+    top = getattr(result, "top_logprobs", None) or ()
+    return (
+        2 * tokens
+        + 3 * len(top) * len(top[0] if top else ())
+        + len(getattr(result, "prompt_logprobs", None) or ())
+    )
 
 
 @dataclass
@@ -663,6 +678,7 @@ class JobRun:
         return (
             len(unit.results) + len(unit.errors) >= self.shard_rows
             or time.perf_counter() - self.last_commit >= self.shard_seconds
+            or sum(_numbers(g.completion) for g in unit.results) >= SHARD_VALUES
         )
 
     def commit(self, unit: Unit) -> None:

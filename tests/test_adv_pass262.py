@@ -16,6 +16,10 @@ Found, and kept fixed below:
     rows too long for the model were not counted, and "(use skip_invalid=True to run the valid rows)" was said of
     a file none of whose rows fit ("229 invalid rows" for 1,000 documents too long, once the chunks of long texts
     were smaller; 10,000 of 200,000 short prompts before). The message says where the unmeasured rows begin.
+  * A worker asked for log-probs with alternatives held 1,000 result rows before writing a shard, however much each
+    held: with `logprobs=20` and 200 new tokens, 2 GB (1.8 MB a row as Python objects; 250 MB with shards of
+    100 rows), so a real model's 1,024 tokens took ~10 GB. A shard is also written once its rows hold
+    `SHARD_VALUES` numbers (token ids, log-probs, alternatives).
   * `runner.load_results("jobs/J/shards/00000-00000000-0000.parquet")` (and `runner results` of it) returned that
     one shard's rows, unverified and only some of the job's, as the job's results, without a word; a quarantined
     file, and the job's prompts.parquet (prompts and token ids), likewise. Such a file is refused, naming the job
@@ -193,3 +197,48 @@ def test_a_refusal_says_where_the_rows_it_did_not_tokenize_begin(tmp_path, tiny_
     monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 100)
     with pytest.raises(runner.InputError, match=f"^no valid rows in {re.escape(str(path))}"):
         create_job(path, tiny_gpt2, GenerationParams(max_new_tokens=2))
+
+
+def worker_peak(tmp: str, model: str, n: int) -> tuple[int, int]:
+    """(tracemalloc's peak in the worker, shards written) for `n` rows asking 8 alternatives a token, 40 tokens
+    (run in a fresh process)."""
+    import tracemalloc
+    from pathlib import Path
+
+    import torch
+
+    import runner.worker as worker
+    from runner import EngineOptions
+    from runner.engine import Engine
+
+    torch.set_num_threads(1)
+    Path(tmp).mkdir()
+    worker.SHARD_VALUES = 20_000
+    options = EngineOptions(batch_size=10)
+    engine = Engine(model, options)
+    params = GenerationParams(max_new_tokens=40, min_new_tokens=40, logprobs=8)
+    rows = [{"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(n)]
+    for name in ("warm", "job"):  # (first-time allocations)
+        path = write_jsonl(Path(tmp) / f"{name}.jsonl", rows[:10] if name == "warm" else rows)
+        job = create_job(path, model, params, options, job_dir=Path(tmp) / name)
+        tracemalloc.start()
+        assert run_job(job, engine, echo=None, progress_interval=0.0).finished
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert len(runner.load_results(job.dir)) == n
+    return peak, len(list((job.dir / "shards").glob("*.parquet")))
+
+
+def test_a_worker_writes_a_shard_once_its_rows_hold_so_many_numbers(tmp_path, tiny_gpt2):
+    """30 and 150 rows of 40 tokens with 8 alternatives each (~1,200 numbers a row): shards are written every
+    ~20,000 numbers, so the worker's peak does not grow with the rows. Before, every row of a unit waited for
+    the 1,000th (shard_rows), and the peak grew ~5 times."""
+    out = []
+    for n in (30, 150):
+        code = f"import test_adv_pass262 as t; print(*t.worker_peak({str(tmp_path / str(n))!r}, {tiny_gpt2!r}, {n}))"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                              env=worker_env(), cwd=ROOT / "tests")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out.append(tuple(map(int, proc.stdout.strip().splitlines()[-1].split())))
+    (peak_30, _), (peak_150, shards_150) = out
+    assert shards_150 >= 5 and peak_150 < 2 * peak_30, out
