@@ -229,6 +229,7 @@ def worker_peak(tmp: str, model: str, n: int) -> tuple[int, int]:
     return peak, len(list((job.dir / "shards").glob("*.parquet")))
 
 
+@pytest.mark.slow
 def test_a_worker_writes_a_shard_once_its_rows_hold_so_many_numbers(tmp_path, tiny_gpt2):
     """30 and 150 rows of 40 tokens with 8 alternatives each (~1,200 numbers a row): shards are written every
     ~20,000 numbers, so the worker's peak does not grow with the rows. Before, every row of a unit waited for
