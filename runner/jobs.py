@@ -1245,6 +1245,9 @@ class _Preparer:
         # the job or some row gives min_p (jobdir.MIN_P_FORMAT)
         self.min_p = bool(getattr(params, "min_p", 0))
         self.windowed = False  # some text is scored in rolling windows (jobdir.WHOLE_WINDOW_FORMAT)
+        # the chunk's row settings made, by their JSON (`row_params`: a row's were made three times, for its prompt
+        # budget, its count and its `n` column, two thirds of a submit of rows giving their own)
+        self.made: dict[str | None, Any] = {}
         # Input columns are renamed away from every prompts.parquet column name, not only this kind's: a
         # `continuation` column of a generation job is passed through as `input_continuation`.
         self.fixed_names = PROMPT_COLUMNS
@@ -1273,12 +1276,16 @@ class _Preparer:
             return self.params
         self.sampling_rows = self.sampling_rows or any(f in row.settings for f in SAMPLING_FIELDS)
         self.min_p = self.min_p or "min_p" in row.settings
-        return row_params(self.params, self.sample_auto, row.settings)
+        key = _json(row.settings)
+        if key not in self.made:
+            self.made[key] = row_params(self.params, self.sample_auto, row.settings)
+        return self.made[key]
 
     def prepare(self, name: str, rows: list[PromptRow]) -> tuple[list[_Prepared], list[Problem]]:
         """The rows that can be done, as (row, text, token ids, first scored token), and the problems of
         the others."""
         out, problems = [], []
+        self.made.clear()  # (held for one chunk: its rows', which `table` writes next)
         for row, result in zip(rows, self._prepare(rows), strict=True):
             result = self._in_vocabulary(result)
             if isinstance(result, _RowProblem):

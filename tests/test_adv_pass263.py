@@ -83,3 +83,27 @@ def test_pickled_copied_and_partially_replaced_settings_still_decide_sampling_ag
         assert other.do_sample is True
     assert base.do_sample is False  # (the original untouched)
     assert functools.partial(dataclasses.replace, base)(temperature=0.7).do_sample is True
+
+
+def test_submit_makes_each_rows_settings_once(tmp_path, tiny_gpt2, monkeypatch):
+    """Submit made a row's own settings three times (for its prompt budget, its count and its `n` column): two
+    thirds of a submit of rows giving their own (a seed each), which pass 261's checked assignments made dearer.
+    Once a distinct setting now, and every row's `n` as it gave it."""
+    import runner.params
+
+    made, real = [], runner.params.row_params
+
+    def counted(*a, **k):
+        made.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner.params, "row_params", counted)
+    rows = [{"id": f"r{i}", "prompt": "a b", "seed": i % 3, "n": 1 + i % 2} for i in range(12)]
+    job = create_job(write_jsonl(tmp_path / "p.jsonl", rows), tiny_gpt2, GenerationParams(max_new_tokens=2),
+                     job_dir=tmp_path / "j")  # fmt: skip
+    assert len(made) == 6  # (seed, n): 6 distinct pairs
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(job.dir / "prompts.parquet", columns=["n"])["n"].to_pylist() == [
+        1 + i % 2 for i in range(12)
+    ]
