@@ -1124,9 +1124,8 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
     columns = Passthrough(prep.kind, prep.fixed_names, reader.column_types())
     writer: pq.ParquetWriter | None = None
     rows = valid = 0  # rows written; rows found valid (written or not)
-    unmeasured: str | None = (
-        None  # where the valid rows begin that were not tokenized (a refusal was certain)
-    )
+    # where the valid rows begin that were not tokenized (a refusal was certain)
+    unmeasured: str | None = None
     settings: dict[str, int] = {}  # setting -> rows written that give it (`_Written.setting_columns`)
     # rows written whose messages end with an assistant message (`_Written.assistant_last`)
     answered = 0
@@ -1137,8 +1136,7 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
             if problems.count and not skip_invalid:
                 problems.add(chunk.problems)
                 valid += len(chunk.rows)
-                if chunk.rows and unmeasured is None:
-                    unmeasured = f"{reader.name}:{chunk.rows[0].line}"
+                unmeasured = unmeasured or (f"{reader.name}:{chunk.rows[0].line}" if chunk.rows else None)
                 continue
             prepared, token_problems = prep.prepare(reader.name, chunk.rows)
             problems.add(sorted(chunk.problems + token_problems, key=lambda p: p.line))
