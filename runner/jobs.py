@@ -1274,7 +1274,10 @@ class _Preparer:
             return self.params
         self.sampling_rows = self.sampling_rows or any(f in row.settings for f in SAMPLING_FIELDS)
         self.min_p = self.min_p or "min_p" in row.settings
-        key = _json(row.settings)
+        try:
+            key = _json(row.settings)
+        except (TypeError, ValueError, RecursionError):  # (a Parquet decimal or bytes: its check names it)
+            return row_params(self.params, self.sample_auto, row.settings)
         if key not in self.made:
             self.made[key] = row_params(self.params, self.sample_auto, row.settings)
         return self.made[key]
