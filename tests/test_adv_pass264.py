@@ -8,6 +8,10 @@ Found, and kept fixed below:
   serializable") instead of its rows' problems ("temperature must be a number, got Decimal('0.70')", as before
   pass 263): the memo of a chunk's row settings is keyed by their JSON, made before the settings were checked.
   Settings with no JSON are now made (and refused) unmemoized.
+- Prompts given from Python (a list of rows, a DataFrame) refused at submit named their invalid rows by position
+  ("rows[0]: prompt: prompt is empty") but where the rows only checked begin by the temporary file's 1-based line,
+  under the source's name: "the rows from the list:3 on were checked but not tokenized" meant rows[2] (pass 262's
+  note, renamed as text where its problems are renamed by position). It is now named as they are ("rows[2]").
 
 Held (no change): units of 4 rows over row groups of 2, 3, 3, 4 and 2 rows, n=2 sampled with log-probs, killed at
 after_shard:2/4, mid_write:3 or before_replace:3 with shards of 1 row, resumed: every (id, sample) once, in order,
@@ -59,6 +63,20 @@ def test_a_setting_arrow_reads_as_no_json_value_is_the_rows_problem(
         )
     assert f"p.parquet:1: {name}: {name} {message}" in str(e.value)
     assert "p.parquet:2" not in str(e.value)
+
+
+@pytest.mark.parametrize("as_frame", [False, True])
+def test_where_the_unchecked_rows_begin_is_named_as_the_rows_are(tmp_path, tiny_gpt2, monkeypatch, as_frame):
+    import pandas as pd
+
+    monkeypatch.setattr(jobs, "ROW_GROUP_ROWS", 2)
+    rows = [{"prompt": ""}, {"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
+    with pytest.raises(InputError) as e:
+        create_job(pd.DataFrame(rows) if as_frame else rows, tiny_gpt2, GenerationParams(max_new_tokens=2),
+                   job_dir=tmp_path / "j")  # fmt: skip
+    name = "df.iloc[{}]" if as_frame else "rows[{}]"
+    assert name.format(0) + ": prompt: prompt is empty" in str(e.value)
+    assert f"the rows from {name.format(2)} on were checked but not tokenized" in str(e.value)
 
 
 WORDS = "the old man said that every student reads a language model slowly".split()
