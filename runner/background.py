@@ -147,7 +147,9 @@ def watch(
             quiet += 1
         if s.state in FINAL:
             return s
-        idle = 0 if (s.workers or running(home)) else idle + 1
+        # (a poll that did not read names no workers: it counts neither way, the job's workers may go on)
+        if s.state != UNREADABLE:
+            idle = 0 if (s.workers or running(home)) else idle + 1
         if idle >= IDLE_POLLS:
             if echo:
                 echo(

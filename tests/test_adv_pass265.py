@@ -1,0 +1,66 @@
+"""Adversarial pass 265: second reading of pass 259's signals held around a record's create (delivered in the
+`finally`, as often as they came) and pass 260's `unreadable` status of one job and results read without the state.
+
+Found, and kept fixed below:
+  * `runner watch JOB` (and `runner.watch`) said "no worker is running job J: start one with `runner work ...`"
+    and stopped, exit 1, after three polls in a row that could not read the job's folder (a Drive outage of half
+    a minute at the default 10 s): an `unreadable` status names no workers, so each such poll was counted as one
+    with no live worker, a claim it cannot know (the job's workers on another machine, or in another terminal,
+    went on). A poll that does not read now counts neither way; the watch goes on until the folder reads again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from fsfaults import FsFaults
+from helpers import reference_run
+
+from runner import EngineOptions, GenerationParams
+from runner.jobs import create_job
+
+ROWS = [{"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(4)]
+PARAMS, OPTIONS = GenerationParams(max_new_tokens=3), EngineOptions(batch_size=2)
+
+
+class Unreadable(FsFaults):
+    """Every read, stat and listing of the paths in `bad` fails with EIO through the retries (made short)."""
+
+    def __init__(self, root, bad):
+        super().__init__(root, eio=1.0, retry_delays=[0.0, 0.0])
+        self.bad = {os.path.realpath(p) for p in bad}
+
+    def _transient(self, path, kind):
+        if not isinstance(path, int) and os.path.realpath(os.fsdecode(path)) in self.bad:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fsdecode(path))
+
+
+@pytest.fixture
+def done_job(tmp_path, tiny_gpt2, gpt2_engine, runner_home):
+    from runner.scheduler import work
+
+    prompts, _ = reference_run(tmp_path, tiny_gpt2, ROWS, PARAMS, OPTIONS)
+    job = create_job(prompts, tiny_gpt2, PARAMS, OPTIONS, home=runner_home, unit_rows=2)
+    work(runner_home, engine=gpt2_engine, echo=None)
+    return job
+
+
+def test_watch_through_an_outage_of_several_polls_does_not_say_no_worker_runs_the_job(done_job, runner_home,
+                                                                                     monkeypatch):  # fmt: skip
+    from runner.background import IDLE_POLLS, watch
+
+    newest = sorted((done_job.dir / "state").glob("*.json"))[-1]
+    faults = Unreadable(runner_home, [newest]).install(monkeypatch)
+    lines, polls = [], []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        if len(polls) == IDLE_POLLS + 2:
+            faults.bad.clear()  # the mount serves it again
+
+    final = watch(done_job.dir, runner_home, every=10, echo=lines.append, sleep=sleep)
+    assert final.state == "completed", lines
+    assert not any("no worker is running" in line for line in lines), lines
+    assert len(polls) == IDLE_POLLS + 2
