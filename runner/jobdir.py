@@ -2163,9 +2163,10 @@ def _signals_deferred() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, lambda signum, _: held.append(signum)) for sig in sigs}
-    try:
+    previous: dict[Any, Any] = {}
+    try:  # (swapped inside: a handler raising as a later swap begins, Terminated, left the earlier ones held for good)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, lambda signum, _: held.append(signum))
         yield
     finally:
         _restore_handlers(previous)

@@ -7,12 +7,19 @@ Found, and kept fixed below:
     a minute at the default 10 s): an `unreadable` status names no workers, so each such poll was counted as one
     with no live worker, a claim it cannot know (the job's workers on another machine, or in another terminal,
     went on). A poll that does not read now counts neither way; the watch goes on until the folder reads again.
+  * A SIGTERM (or SIGHUP) reaching `runner work` just as a record's create without links began to hold signals
+    (its handler, raising Terminated, runs as `signal.signal` begins: between holding Ctrl-C and holding
+    SIGTERM) left Ctrl-C held for good: the setup was cut off before the `try` that puts handlers back, so a
+    Ctrl-C pressed while the finished batches were written (`commit_on_interrupt`: "a second Ctrl-C leaves the
+    job as a kill would") went to a list no one reads, as would every later one in a notebook. The handlers are
+    now swapped inside the `try`: whichever were, are put back, and what they held is delivered.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 
 import pytest
 from fsfaults import FsFaults
@@ -64,3 +71,27 @@ def test_watch_through_an_outage_of_several_polls_does_not_say_no_worker_runs_th
     assert final.state == "completed", lines
     assert not any("no worker is running" in line for line in lines), lines
     assert len(polls) == IDLE_POLLS + 2
+
+
+def test_a_sigterm_as_the_signals_begin_to_be_held_leaves_ctrl_c_to_its_handler(monkeypatch):
+    from runner import jobdir
+    from runner.cli import Terminated, _ctrl_c_stops
+
+    real = signal.signal
+
+    def arriving(sig, handler):  # the SIGTERM comes just as its handler is about to be swapped
+        if sig == signal.SIGTERM and getattr(handler, "__module__", None) == jobdir.__name__:
+            signal.raise_signal(signal.SIGTERM)
+        return real(sig, handler)
+
+    with _ctrl_c_stops() as stop:
+        ours = signal.getsignal(signal.SIGINT)
+        monkeypatch.setattr(jobdir.signal, "signal", arriving)
+        with pytest.raises(Terminated):
+            with jobdir._signals_deferred():
+                pytest.fail("the body runs with the stop already raised")
+        monkeypatch.setattr(jobdir.signal, "signal", real)
+        assert signal.getsignal(signal.SIGINT) is ours
+        assert stop()
+        with pytest.raises(KeyboardInterrupt):  # (the first stop was the SIGTERM: a Ctrl-C now stops at once)
+            signal.raise_signal(signal.SIGINT)
