@@ -2166,7 +2166,9 @@ def _signals_deferred() -> Iterator[None]:
     previous: dict[Any, Any] = {}
     try:  # (swapped inside: a handler raising as a later swap begins, Terminated, left the earlier ones held for good)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            previous[sig] = signal.signal(sig, lambda signum, _: held.append(signum))
+            # (not one whose handler the host set, Python embedded: it says None, which cannot be put back)
+            if signal.getsignal(sig) is not None:
+                previous[sig] = signal.signal(sig, lambda signum, _: held.append(signum))
         yield
     finally:
         _restore_handlers(previous)

@@ -13,6 +13,13 @@ Found, and kept fixed below:
     Ctrl-C pressed while the finished batches were written (`commit_on_interrupt`: "a second Ctrl-C leaves the
     job as a kill would") went to a list no one reads, as would every later one in a notebook. The handlers are
     now swapped inside the `try`: whichever were, are put back, and what they held is delivered.
+  * In a process whose host set its own (C) handler of SIGINT, SIGTERM or SIGHUP before Python started (Python
+    embedded: uWSGI's SIGHUP reload, an app with a scripting console), every record created without hard links
+    hung for good at full CPU: `signal.signal` gives None for such a handler, and putting None back raises
+    TypeError, which the put-back retried forever (it retries what a handler raising meanwhile throws); the host's
+    handler was lost besides, Python having no way to set a C handler again. Such a signal is not held now: its
+    handler is left as the host set it. (Checked with a 10-line C host: `runner` under it hung in the first
+    `_signals_deferred`.)
 """
 
 from __future__ import annotations
@@ -95,3 +102,38 @@ def test_a_sigterm_as_the_signals_begin_to_be_held_leaves_ctrl_c_to_its_handler(
         assert stop()
         with pytest.raises(KeyboardInterrupt):  # (the first stop was the SIGTERM: a Ctrl-C now stops at once)
             signal.raise_signal(signal.SIGINT)
+
+
+def test_a_signal_whose_handler_the_host_set_is_left_to_it(monkeypatch):
+    """As Python embedded sees it: SIGHUP's handler was not set from Python (`signal.signal` and `getsignal` say
+    None; `signal.signal(SIGHUP, None)` raises TypeError)."""
+    from runner import jobdir
+
+    real_signal, real_get = signal.signal, signal.getsignal
+    saved = real_get(signal.SIGHUP)
+    slot, put_none = {"handler": None}, []
+
+    def host_signal(sig, handler):
+        if sig != signal.SIGHUP:
+            return real_signal(sig, handler)
+        if handler is None:
+            put_none.append(1)
+            if len(put_none) < 100:  # (then let go: the put-back before the fix retried it forever)
+                real_signal(sig, handler)  # TypeError, as Python says it
+            return None
+        real_signal(sig, handler)
+        slot["handler"], old = handler, slot["handler"]
+        return old
+
+    monkeypatch.setattr(signal, "signal", host_signal)
+    monkeypatch.setattr(
+        signal, "getsignal", lambda sig: slot["handler"] if sig == signal.SIGHUP else real_get(sig)
+    )
+    try:
+        with jobdir._signals_deferred():
+            pass
+        assert not put_none
+        assert slot["handler"] is None  # the host's, never replaced
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGHUP, saved)
