@@ -342,6 +342,28 @@ class FsFaults:
         return self
 
 
+class Unreadable(FsFaults):
+    """Every read, stat and listing (`kinds`) of the paths in `bad` fails with `err` (EIO), retried or not (a file
+    Drive cannot serve for hours), until it is renamed away or another file is renamed over it; the rest of the
+    home reads as it is. `runner.storage.RETRY_DELAYS` is made short."""
+
+    def __init__(self, root, bad, kinds=("read", "stat", "list"), err=errno.EIO):
+        super().__init__(root, eio=1.0, retry_delays=[0.0, 0.0])
+        self.bad, self.kinds, self.err = {os.path.realpath(p) for p in bad}, kinds, err
+
+    def replace(self, src, dst, **kwargs):  # a file renamed away, or replaced by another: a new file reads
+        self.bad -= {os.path.abspath(src), os.path.abspath(dst)}
+        return super().replace(src, dst, **kwargs)
+
+    def _transient(self, path, kind):
+        if (
+            kind in self.kinds
+            and not isinstance(path, int)
+            and os.path.realpath(os.fsdecode(path)) in self.bad
+        ):
+            raise OSError(self.err, os.strerror(self.err), os.fsdecode(path))
+
+
 def command(faults: FsFaults) -> tuple[tuple[str, ...], dict[str, str]]:
     """(prefix, env) for workers.start_worker: run a worker process with these faults installed."""
     return (str(HERE),), {ENV: faults.settings()}

@@ -44,7 +44,7 @@ import errno
 import os
 
 import pytest
-from fsfaults import FsFaults
+from fsfaults import Unreadable
 from helpers import assert_exactly_once, invoke, reference_run, write_jsonl
 
 import runner
@@ -56,30 +56,6 @@ from runner.worker import run_job
 
 ROWS = [{"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(6)]
 PARAMS, OPTIONS = GenerationParams(max_new_tokens=3), EngineOptions(batch_size=2)
-
-
-class Unreadable(FsFaults):
-    """Every read, stat and listing of the paths in `bad` fails with EIO, retried or not (a file Drive cannot serve
-    for hours), until it is renamed away or another file is renamed over it; the rest of the home reads as it is.
-    `runner.storage.RETRY_DELAYS` is made short."""
-
-    def __init__(self, root, bad, kinds=("read", "stat", "list")):
-        super().__init__(root, eio=1.0, retry_delays=[0.0, 0.0])
-        self.bad, self.kinds = {os.path.realpath(p) for p in bad}, kinds
-        self.failed = 0
-
-    def replace(self, src, dst, **kwargs):  # a file renamed away, or replaced by another: a new file reads
-        self.bad -= {os.path.abspath(src), os.path.abspath(dst)}
-        return super().replace(src, dst, **kwargs)
-
-    def _transient(self, path, kind):
-        if (
-            kind in self.kinds
-            and not isinstance(path, int)
-            and os.path.realpath(os.fsdecode(path)) in self.bad
-        ):
-            self.failed += 1
-            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fsdecode(path))
 
 
 @pytest.fixture

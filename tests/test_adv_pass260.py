@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import warnings
 
 import pytest
-from fsfaults import FsFaults
+from fsfaults import Unreadable
 from helpers import invoke, reference_run, write_jsonl
 
 import runner
@@ -38,24 +37,6 @@ from runner.worker import run_job
 
 ROWS = [{"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(6)]
 PARAMS, OPTIONS = GenerationParams(max_new_tokens=3), EngineOptions(batch_size=2)
-
-
-class Unreadable(FsFaults):
-    """Every read, stat and listing of the paths in `bad` fails with EIO, retried or not (a file Drive cannot serve
-    for hours), until it is renamed away or another file is renamed over it; the rest of the home reads as it is.
-    `runner.storage.RETRY_DELAYS` is made short."""
-
-    def __init__(self, root, bad, err=errno.EIO):
-        super().__init__(root, eio=1.0, retry_delays=[0.0, 0.0])
-        self.bad, self.err = {os.path.realpath(p) for p in bad}, err
-
-    def replace(self, src, dst, **kwargs):  # a file renamed away, or replaced by another: a new file reads
-        self.bad -= {os.path.abspath(src), os.path.abspath(dst)}
-        return super().replace(src, dst, **kwargs)
-
-    def _transient(self, path, kind):
-        if not isinstance(path, int) and os.path.realpath(os.fsdecode(path)) in self.bad:
-            raise OSError(self.err, os.strerror(self.err), os.fsdecode(path))
 
 
 @pytest.fixture
@@ -102,7 +83,7 @@ def test_one_job_denied_to_this_user_is_shown_broken_as_the_listing_shows_it(sic
     """A state record this user may not read (another user's, umask 077): no wait brings it back, so the listing
     shows the job broken with the permissions hint, not `unreadable`; `runner.status(JOB)` raised instead."""
     newest = sick.dir / "state" / "00000002.json"
-    Unreadable(runner_home, [newest], errno.EACCES).install(monkeypatch)
+    Unreadable(runner_home, [newest], err=errno.EACCES).install(monkeypatch)
     listed = {s.name: s for s in runner.status(home=runner_home)}["sick"]
     shown = runner.status(sick.dir)
     assert (shown.state, shown.message) == (listed.state, listed.message) == ("broken", shown.message), shown

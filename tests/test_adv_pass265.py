@@ -24,12 +24,10 @@ Found, and kept fixed below:
 
 from __future__ import annotations
 
-import errno
-import os
 import signal
 
 import pytest
-from fsfaults import FsFaults
+from fsfaults import Unreadable
 from helpers import reference_run
 
 from runner import EngineOptions, GenerationParams
@@ -37,18 +35,6 @@ from runner.jobs import create_job
 
 ROWS = [{"id": f"r{i}", "prompt": f"Every student reads {i}"} for i in range(4)]
 PARAMS, OPTIONS = GenerationParams(max_new_tokens=3), EngineOptions(batch_size=2)
-
-
-class Unreadable(FsFaults):
-    """Every read, stat and listing of the paths in `bad` fails with EIO through the retries (made short)."""
-
-    def __init__(self, root, bad):
-        super().__init__(root, eio=1.0, retry_delays=[0.0, 0.0])
-        self.bad = {os.path.realpath(p) for p in bad}
-
-    def _transient(self, path, kind):
-        if not isinstance(path, int) and os.path.realpath(os.fsdecode(path)) in self.bad:
-            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fsdecode(path))
 
 
 @pytest.fixture
