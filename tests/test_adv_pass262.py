@@ -88,16 +88,22 @@ def submit_peak(tmp: str, model: str, n: int) -> int:
     return peak
 
 
+def in_fresh_process(call: str) -> list[str]:
+    """What `print(t.CALL)` prints, `t` this module, run in a fresh process (a peak of its own), split in words."""
+    code = f"import test_adv_pass262 as t; print({call})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=worker_env(), cwd=ROOT / "tests")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1].split()
+
+
 def test_submit_memory_does_not_grow_with_long_texts(tmp_path, tiny_gpt2):
     """Submit 12 and 120 texts of 20,000 characters: the peak must not grow with the file. Before, the whole file
     was one chunk (under 10,000 rows), and its peak grew ~10 times."""
     peaks = []
     for n in (12, 120):
-        code = f"import test_adv_pass262 as t; print(t.submit_peak({str(tmp_path / str(n))!r}, {tiny_gpt2!r}, {n}))"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                              env=worker_env(), cwd=ROOT / "tests")  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        peaks.append(int(proc.stdout.strip().splitlines()[-1]))
+        (peak,) = in_fresh_process(f"t.submit_peak({str(tmp_path / str(n))!r}, {tiny_gpt2!r}, {n})")
+        peaks.append(int(peak))
     assert peaks[1] < 2 * peaks[0], peaks
 
 
@@ -125,11 +131,8 @@ def test_a_parquet_file_of_one_row_group_is_read_in_bounded_memory(tmp_path):
         path = tmp_path / f"p{n}.parquet"
         pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "prompt": texts}), path)
         assert pq.read_metadata(path).num_row_groups == 1
-        code = f"import test_adv_pass262 as t; print(t.arrow_peak({str(path)!r}))"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                              env=worker_env(), cwd=ROOT / "tests")  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        peaks.append(int(proc.stdout.strip().splitlines()[-1]))
+        (peak,) = in_fresh_process(f"t.arrow_peak({str(path)!r})")
+        peaks.append(int(peak))
     assert peaks[1] - peaks[0] < 8 * 2**20, peaks
 
 
@@ -236,10 +239,10 @@ def test_a_worker_writes_a_shard_once_its_rows_hold_so_many_numbers(tmp_path, ti
     the 1,000th (shard_rows), and the peak grew ~5 times."""
     out = []
     for n in (30, 150):
-        code = f"import test_adv_pass262 as t; print(*t.worker_peak({str(tmp_path / str(n))!r}, {tiny_gpt2!r}, {n}))"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                              env=worker_env(), cwd=ROOT / "tests")  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out.append(tuple(map(int, proc.stdout.strip().splitlines()[-1].split())))
+        out.append(
+            tuple(
+                map(int, in_fresh_process(f"*t.worker_peak({str(tmp_path / str(n))!r}, {tiny_gpt2!r}, {n})"))
+            )
+        )
     (peak_30, _), (peak_150, shards_150) = out
     assert shards_150 >= 5 and peak_150 < 2 * peak_30, out
