@@ -155,10 +155,8 @@ class InputError(RunnerError):
         its rows named as `row` says (`Problem.row`: an input given from Python, by position)."""
         problems = [dataclasses.replace(p, file=new, row=row) if p.file == old else p for p in self.problems]
         header = None if self.header is None else self.header.replace(old, new)
-        unmeasured = self.unmeasured
-        if unmeasured is not None and unmeasured.startswith(
-            f"{old}:"
-        ):  # ("file:LINE", named as its problems)
+        unmeasured = self.unmeasured  # ("file:LINE", named as its problems)
+        if unmeasured is not None and unmeasured.startswith(f"{old}:"):
             line = unmeasured[len(old) + 1 :]
             unmeasured = row.format(int(line) - 1) if row and line.isdigit() else f"{new}:{line}"
         return InputError(problems, self.shown, header, self.total, unmeasured)

@@ -241,25 +241,24 @@ def iter_text(
         yield lineno, None if text is None else {field: text.rstrip("\r\n")}, reason
 
 
-# How a file is read (job.json's input "reading"): 11 (adversarial pass 262) changes no row, only where
-# submit's chunks (prompts.parquet's row groups) end: at a number of characters of text too (`PromptReader.chunks`);
-# 10 (adversarial pass 261), a Batch /v1/completions request with
-# echo and max_tokens 0 (scoring its prompt, as the OpenAI API does) is refused naming `runner score` (it was
-# refused as any max_tokens 0); 9 (adversarial pass 256), a Batch chat body's `top_logprobs`
-# given as true or false is refused (true was top_logprobs 0, false no log-probs at all); 8 (adversarial pass 244),
-# a CSV's columns with no name and no value in any row are left out (one was a column named "" of empty cells; two
-# or more refused the file), a CSV row repeating the header is refused (it was a row, its prompt the column's name),
-# a JSON Lines file whose first line is "{" alone is refused as JSON over many lines (each line was refused, or
-# --skip-invalid ran the few that parse), and a row without its prompt field says what reads it (`_what_reads_it`);
-# 7 (adversarial passes 234-235), a CSV `stop` cell that only starts like a JSON list ("[END]\n") has its typed `\n`
-# read as a line break (it kept a backslash and an n), and a float id's refusal names its value and what made it
-# (`_float_id_said`; it said "got number"); 6 (2026-12-07: adversarial passes 222-227), a score pair's context that
-# encodes to no tokens is the empty context, BOS (scoring.split_contexts), and a continuation or text that encodes
-# to none is refused as such; a row's min_p is a setting (a plain row's column was data, a Batch body's refused), a
-# Batch body's whole float seed (-1.0) is its integer (was refused), a response_format key nothing reads is refused
-# (was dropped), and a left-out message is found by counting its text's occurrences; 5 (adversarial pass 222), a
-# chat row's developer message is a system message for a template without that role, and a message the template
-# leaves out is refused (batching.render_prompt); 4 (2026-12-06, evening), a Parquet file's named RangeIndex
+# How a file is read (job.json's input "reading"): 11 (adversarial pass 262) changes no row, only where submit's
+# chunks (prompts.parquet's row groups) end: at a number of characters of text too (`PromptReader.chunks`); 10
+# (adversarial pass 261), a Batch /v1/completions request with echo and max_tokens 0 (scoring its prompt, as the
+# OpenAI API does) is refused naming `runner score` (it was refused as any max_tokens 0); 9 (adversarial pass 256), a
+# Batch chat body's `top_logprobs` given as true or false is refused (true was top_logprobs 0, false no log-probs at
+# all); 8 (adversarial pass 244), a CSV's columns with no name and no value in any row are left out (one was a column
+# named "" of empty cells; two or more refused the file), a CSV row repeating the header is refused (it was a row, its
+# prompt the column's name), a JSON Lines file whose first line is "{" alone is refused as JSON over many lines (each
+# line was refused, or --skip-invalid ran the few that parse), and a row without its prompt field says what reads it
+# (`_what_reads_it`); 7 (adversarial passes 234-235), a CSV `stop` cell that only starts like a JSON list ("[END]\n")
+# has its typed `\n` read as a line break (it kept a backslash and an n), and a float id's refusal names its value and
+# what made it (`_float_id_said`; it said "got number"); 6 (2026-12-07: adversarial passes 222-227), a score pair's
+# context that encodes to no tokens is the empty context, BOS (scoring.split_contexts), and a continuation or text
+# that encodes to none is refused as such; a row's min_p is a setting (a plain row's column was data, a Batch body's
+# refused), a Batch body's whole float seed (-1.0) is its integer (was refused), a response_format key nothing reads
+# is refused (was dropped), and a left-out message is found by counting its text's occurrences; 5 (adversarial pass
+# 222), a chat row's developer message is a system message for a template without that role, and a message the
+# template leaves out is refused (batching.render_prompt); 4 (2026-12-06, evening), a Parquet file's named RangeIndex
 # (pandas' `set_index("番号")` of 1, 2, 3 ..., kept in its metadata only) is a column; 3 (2026-12-06, later), an
 # embedding request may ask for base64; 2 (2026-12-06), a Parquet column keeps its Arrow type and a .txt line of
 # Unicode spaces is blank; 1, a job without it: `runner repair` rebuilds its prompts.parquet and errors.jsonl as its

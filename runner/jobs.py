@@ -1245,7 +1245,7 @@ class _Preparer:
         self.windowed = False  # some text is scored in rolling windows (jobdir.WHOLE_WINDOW_FORMAT)
         # the chunk's row settings made, by their JSON (`row_params`: a row's were made three times, for its prompt
         # budget, its count and its `n` column, two thirds of a submit of rows giving their own)
-        self.made: dict[str | None, Any] = {}
+        self.made: dict[str, Any] = {}
         # Input columns are renamed away from every prompts.parquet column name, not only this kind's: a
         # `continuation` column of a generation job is passed through as `input_continuation`.
         self.fixed_names = PROMPT_COLUMNS
