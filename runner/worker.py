@@ -54,8 +54,8 @@ from .tasks import (
 )
 
 SHARD_ROWS = 1000  # a shard is committed at least every this many result rows...
-# ... or once its rows hold this many numbers (token ids, log-probs, alternatives: `_numbers`), 30-400 bytes each
-# as Python objects: 1,000 rows of 200 tokens with 20 alternatives each took 2 GB
+# ... or once its rows hold this many numbers (token ids, log-probs, alternatives, vector floats: `_numbers`), 30-400
+# bytes each as Python objects: 1,000 rows of 200 tokens with 20 alternatives each took 2 GB
 SHARD_VALUES = 1_000_000
 SHARD_SECONDS = 300.0  # ...and every five minutes, so a kill loses at most a few minutes of work
 # Decode steps refresh the heartbeat's figures at most this often (the file itself is written every 30 s).
@@ -64,15 +64,14 @@ CANCEL_CHECK_SECONDS = 5.0  # how often the state is looked at for a cancel (rea
 
 
 def _numbers(result: Any) -> int:
-    """About how many numbers a result holds (a completion's or a score's token ids and log-probs, a completion's
-    alternatives and prompt log-probs), for `JobRun.due`."""
+    """About how many numbers a result holds (an embedding's vector; a completion's or a score's token ids and
+    log-probs, a completion's alternatives, every step's, and prompt log-probs), for `JobRun.due`."""
+    if isinstance(result, list):  # an embedding: hidden-size floats (4,096 a row for a 7B model)
+        return len(result)
     tokens = len(getattr(result, "token_ids", None) or ())
     top = getattr(result, "top_logprobs", None) or ()
-    return (
-        2 * tokens
-        + 3 * len(top) * len(top[0] if top else ())
-        + len(getattr(result, "prompt_logprobs", None) or ())
-    )
+    # (a step holds k alternatives, or k + 1 where the chosen token is not among them: each step counted)
+    return 2 * tokens + 3 * sum(map(len, top)) + len(getattr(result, "prompt_logprobs", None) or ())
 
 
 @dataclass
