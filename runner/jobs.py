@@ -277,7 +277,7 @@ def create_job(
         meta = {
             "id": target.name if job_dir is None else new_job_id(), "name": name, "kind": kind,
             "priority": priority, "model": model, **pinned,
-            "context_window": window, "embedding_dim": _hidden_size(config) if kind == "embed" else None,
+            "context_window": window, "embedding_dim": embedding_dim(config) if kind == "embed" else None,
             "params": params.to_dict(), "engine": options.to_dict(), "unit_rows": unit_rows,
             "fingerprint": fingerprint, "input": _input_meta(source, input_path, identity),
         }  # fmt: skip
@@ -1034,9 +1034,15 @@ def _vocab_size(config: Any) -> int | None:
     return size if isinstance(size, int) and size > 0 else None
 
 
-def _hidden_size(config: Any) -> int | None:
+def embedding_dim(config: Any) -> int | None:
+    """How many values an embed job's vectors hold (scoring.embed_batch: the base model's last hidden state): its
+    hidden size, but where a projection follows the last layer, that one's (OPT-350m: 512 of 1,024)."""
     cfg = text_config(config)
-    return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    return (
+        getattr(cfg, "word_embed_proj_dim", None)
+        or getattr(cfg, "hidden_size", None)
+        or getattr(cfg, "n_embd", None)
+    )
 
 
 # --- the prompts file, a chunk at a time -----------------------------------------------------------------

@@ -293,9 +293,9 @@ class _Stage:
                                      constraint=o["constraint"], beam_score=o["beam_score"])  # fmt: skip
         if self.kind == "score":
             return score_schema()
-        from .jobs import _hidden_size
+        from .jobs import embedding_dim
 
-        return embed_schema(int(_hidden_size(self.engine.model.config) or 0))
+        return embed_schema(int(embedding_dim(self.engine.model.config) or 0))
 
     def _schema(self, input_schema: Any) -> Any:
         """The output schema for a batch of `input_schema` (with `_row`, dropped at the end)."""

@@ -8,10 +8,15 @@ Found, and kept fixed below:
   * A generation's alternatives (`logprobs`) were counted as if every step held as many as its first: a step holds
     k, or k + 1 where the chosen token is not among them, so with logprobs=1 a row whose first token was the
     likeliest counted half its alternatives (a shard could hold twice `SHARD_VALUES`). Each step is counted.
+  * On a model whose last layer is projected out (OPT-350m: 1,024 hidden values, vectors of 512), the Ray embed
+    stage ended every batch in pyarrow's ArrowTypeError ("Size of FixedSizeList is not the same"), and an embed
+    job's results before its first shard said vectors of 1,024: both took the width from `hidden_size`.
+    `jobs.embedding_dim` reads `word_embed_proj_dim` first (a job submitted before keeps its recorded width).
 """
 
 from __future__ import annotations
 
+import pytest
 from helpers import write_jsonl
 
 import runner
@@ -35,6 +40,44 @@ def test_an_embed_job_writes_a_shard_once_its_vectors_hold_so_many_numbers(tmp_p
     sizes = [pq_rows(p) for p in valid_shards(job.dir)]
     assert sizes == [6, 6], sizes
     assert list(runner.load_results(job.dir)["id"]) == [r["id"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(tiny_gpt2, tmp_path_factory):
+    """A tiny OPT whose last layer is projected out to 32 of its 64 hidden values (as OPT-350m's 1,024 to 512:
+    `word_embed_proj_dim`), with tiny_gpt2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    path = tmp_path_factory.mktemp("opt") / "opt"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=64, word_embed_proj_dim=32, num_hidden_layers=2,
+                       ffn_dim=64, num_attention_heads=2, max_position_embeddings=128, bos_token_id=0,
+                       eos_token_id=0, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    OPTForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_an_embed_jobs_vectors_are_as_wide_as_its_results_say(tmp_path, tiny_opt):
+    """The width of an embed job's `embedding` column is its vectors', where a projection follows the last layer
+    too: the results of a job not run yet said 64 (hidden_size) where its rows then said 32, and the Ray stage
+    ended every batch in ArrowTypeError ("Size of FixedSizeList is not the same")."""
+    import pyarrow as pa
+
+    import runner.ray
+    from runner.engine import Engine
+
+    rows = [{"id": "a", "text": "The quick brown fox"}, {"id": "b", "text": "A cat"}]
+    job = create_job(write_jsonl(tmp_path / "t.jsonl", rows), tiny_opt, EmbedParams(), job_dir=tmp_path / "j")
+    with pytest.warns(UserWarning, match="0 of its 2 results"):
+        before = runner.load_results(job.dir, format="arrow").schema.field("embedding").type
+    assert run_job(job, Engine(tiny_opt, EngineOptions(device="cpu")), echo=None).finished
+    after = runner.load_results(job.dir, format="arrow")
+    assert before.list_size == after.schema.field("embedding").type.list_size == 32
+    out = runner.ray.Embed(tiny_opt, EmbedParams())(pa.Table.from_pylist(rows))
+    assert out.column("embedding").to_pylist() == after.column("embedding").to_pylist()
 
 
 def pq_rows(path) -> int:
