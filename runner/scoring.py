@@ -273,8 +273,11 @@ def _scored_logprobs(
     if getattr(engine, "_head_only", None) is not False:  # None: not known yet for this model
         hidden, last = _hidden_states(engine, ids, mask, pos, keep)  # [batch, keep, hidden], [batch, vocab]
         head = engine.model.get_output_embeddings()
-        engine._head_only = hidden is not None and _head_is_the_logits(head, hidden, last)
-        if engine._head_only:
+        head_only = hidden is not None and _head_is_the_logits(head, hidden, last)
+        if head_only is None:  # no row could tell: as known before (not known: the model's own logits, once)
+            head_only = getattr(engine, "_head_only", None)
+        engine._head_only = head_only
+        if head_only:
             return _head_in_chunks(head, hidden, targets, scored)
     kwargs = {"logits_to_keep": keep} if engine._keep_arg else {}
     out = engine.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
@@ -303,11 +306,17 @@ def _hidden_states(engine: Any, ids: Any, mask: Any, pos: Any, keep: int) -> tup
     return seen.get("hidden"), out.logits[:, -1, :]
 
 
-def _head_is_the_logits(head: Any, hidden: Any, last: Any) -> bool:
-    """Whether the output layer alone gives the model's logits (checked on the last column, bit for bit)."""
+def _head_is_the_logits(head: Any, hidden: Any, last: Any) -> bool | None:
+    """Whether the output layer alone gives the model's logits (checked on the last column, bit for bit), on
+    the rows without a NaN: a NaN (a float16 overflow) equals nothing, not even itself, and took the model for
+    one with a softcap for good (pass 267). None where every row has one. (An inf equals itself: a model whose
+    forward masks tokens with -inf is told apart at once.)"""
     import torch
 
-    return bool(torch.equal(head(hidden[:, -1:, :])[:, -1, :], last))
+    clean = ~torch.isnan(last).any(-1)  # [batch]
+    if not bool(clean.any()):
+        return None
+    return bool(torch.equal(head(hidden[:, -1:, :])[:, -1, :][clean], last[clean]))
 
 
 def _head_in_chunks(head: Any, hidden: Any, targets: Any, scored: Any) -> tuple[Any, Any]:

@@ -12,9 +12,16 @@ Found, and kept fixed below:
     stage ended every batch in pyarrow's ArrowTypeError ("Size of FixedSizeList is not the same"), and an embed
     job's results before its first shard said vectors of 1,024: both took the width from `hidden_size`.
     `jobs.embedding_dim` reads `word_embed_proj_dim` first (a job submitted before keeps its recorded width).
+  * Scoring (`runner score`, `score_texts`) whose first batch had a non-finite row (a float16 overflow, retried
+    in float32 later) computed every later batch of the process from [batch, positions, vocab] logits, not a
+    chunk of positions at a time: whether the output layer alone gives the model's logits is asked of the first
+    batch, bit for bit, and a NaN equals nothing, so the model was taken for one with a softcap, for good. It is
+    asked of the rows without a NaN only (none: left open, the model's own logits for that batch).
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 from helpers import write_jsonl
@@ -78,6 +85,51 @@ def test_an_embed_jobs_vectors_are_as_wide_as_its_results_say(tmp_path, tiny_opt
     assert before.list_size == after.schema.field("embedding").type.list_size == 32
     out = runner.ray.Embed(tiny_opt, EmbedParams())(pa.Table.from_pylist(rows))
     assert out.column("embedding").to_pylist() == after.column("embedding").to_pylist()
+
+
+def test_a_first_batch_with_a_non_finite_row_leaves_scoring_a_few_positions_at_a_time(
+    tiny_llama, monkeypatch
+):
+    """Whether the output layer alone gives a model's logits is asked of its first batch scored; a NaN there (a
+    float16 overflow) compared unequal to itself, so the engine took its model for one with a softcap and scored
+    every later batch from [batch, positions, vocab] logits, its memory bound gone for the rest of the process.
+    The question is asked of the rows without a NaN, and left open where there is none."""
+    import torch
+
+    from runner import scoring
+    from runner.engine import Engine
+    from runner.engine import NumericalError as Numerical
+
+    engine = Engine(tiny_llama, EngineOptions(device="cpu"))
+    texts = ["The robot looks at the old man", "A small bird talks to my friend"]
+    seqs = scoring.tokenize_texts(engine.tokenizer, texts)
+    poison = next(t for t in seqs[1] if t not in seqs[0])  # (a token only the second text has)
+    embeddings = engine.model.get_input_embeddings().weight
+    kept = embeddings[poison].clone()
+    with torch.no_grad():
+        embeddings[poison] = math.inf  # the second row's states from it on are NaN
+        with pytest.raises(Numerical) as e:
+            scoring.score_batch(engine, seqs, [1, 1])
+        assert e.value.rows == [1] and engine._head_only is True
+        embeddings[poison] = kept
+        engine._head_only = None
+        with pytest.raises(
+            Numerical
+        ):  # every row non-finite: nothing known, the model's own logits this once
+            with monkeypatch.context() as m:
+                m.setattr(scoring, "_head_in_chunks", lambda *a: pytest.fail("no row could tell"))
+                embeddings[poison] = math.inf
+                scoring.score_batch(engine, seqs[1:], [1])
+        assert engine._head_only is None
+        embeddings[poison] = kept
+    chunked = []
+    head_in_chunks = scoring._head_in_chunks
+    monkeypatch.setattr(scoring, "_head_in_chunks", lambda *a: chunked.append(1) or head_in_chunks(*a))
+    scored = scoring.score_batch(engine, seqs, [1, 1])
+    assert engine._head_only is True and chunked  # (one call a group of rows of similar length)
+    assert scored[1].token_logprobs == pytest.approx(
+        scoring.score_batch(engine, seqs[1:], [1])[0].token_logprobs
+    )
 
 
 def pq_rows(path) -> int:
