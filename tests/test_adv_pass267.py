@@ -17,6 +17,14 @@ Found, and kept fixed below:
     chunk of positions at a time: whether the output layer alone gives the model's logits is asked of the first
     batch, bit for bit, and a NaN equals nothing, so the model was taken for one with a softcap, for good. It is
     asked of the rows without a NaN only (none: left open, the model's own logits for that batch).
+
+Held (no change): score (strided long texts and a pair) and embed jobs on units of 5 in batches of 3, killed at
+after_generate:3 (mid-shard), after_shard:2 and after_generate:5, then resumed, load back as Arrow tables equal to
+an uninterrupted run's, schema and values bit for bit, in float32 and bfloat16; empty, whitespace-only and null
+texts and an empty continuation are refused naming line and field, texts over the window are scored in rolling
+windows (README) and embed names the row over the window; on CPU in float16, bfloat16 and float32 (tiny GPT-2 and
+Llama) scores are the same in batches of 1 and 8, with FLOAT_CHUNK of a few positions, and through the model's own
+logits; an empty results table's list types equal a shard's (`item` / `element` names aside).
 """
 
 from __future__ import annotations
