@@ -124,7 +124,12 @@ class _Stage:
 
     def __call__(self, batch: Any) -> Any:
         """Result rows of a batch of input rows (a pyarrow Table; pandas and dicts of arrays are taken too), in
-        input order: a row's samples, or its error row."""
+        input order: a row's samples, or its error row. In a Ray actor, as tables of one id each (`_by_id`)."""
+        out = self.results(batch)
+        return _by_id(out) if _in_ray_actor() else out
+
+    def results(self, batch: Any) -> Any:
+        """The result rows of `batch`, as one table."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -399,6 +404,41 @@ BATCH_REQUEST = (
 
 _FIELD_OF = {"top_logprobs": "logprobs", "prompt_logprobs": "prompt_logprobs", "constraint": "response_format",
              "beam_score": "num_beams"}  # fmt: skip
+
+
+def _in_ray_actor() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")  # (a stage called outside Ray never imports it)
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
+def _by_id(table: Any) -> Any:
+    """`table`'s rows, a table per id (its samples, or its error row), for Ray Data: it joins them into blocks and
+    cuts a block only where it is 1.5 times its `target_max_block_size`, so one id's rows under half that are
+    never cut apart. Cut, an id's samples were written in two blocks, checkpointed one by one: a run stopped
+    between the two, the id was in the checkpoint and its restart skipped the row, losing the samples of the
+    block not written. With a checkpoint, rows of one id too big to stay whole are refused, saying so."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    most = ctx.target_max_block_size if ctx.checkpoint_config is not None else None
+    ids = table.column("id").to_pylist()
+    if not ids:
+        yield table
+    start = 0
+    for end in range(1, len(ids) + 1):
+        if end < len(ids) and ids[end] is not None and ids[end] == ids[start]:
+            continue
+        rows = table.slice(start, end - start)
+        if most is not None and rows.nbytes * 2 >= most:
+            raise RunnerError(f"the {rows.num_rows} result rows of id {ids[start]!r} take {rows.nbytes} bytes, "
+                              f"half or more of Ray Data's target_max_block_size ({most}), so Ray would cut them "
+                              "into two blocks, written and checkpointed apart (a run stopped between the two "
+                              "resumes without the second's): raise ray.data.DataContext.get_current()."
+                              "target_max_block_size above twice that before building the pipeline")  # fmt: skip
+        yield rows
+        start = end
 
 
 def _as_table(batch: Any) -> Any:

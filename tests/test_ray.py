@@ -117,7 +117,7 @@ class Counting(Generate):
         self.log, self.actors, self.fail_at, self.checkpoint = Path(log), actors, fail_at, Path(checkpoint)
         self.raise_at = raise_at
 
-    def __call__(self, batch):
+    def results(self, batch):
         call = self._claim_call()
         _wait_for(lambda: len({p.name.split("-")[0] for p in self.log.glob("*-started")}) >= self.actors)
         # (`raise_at=K`: the K-th call fails, once a block is checkpointed: the pipeline stops with an error)
@@ -129,7 +129,7 @@ class Counting(Generate):
             (self.log / "kill-now").touch()
             _wait_for(lambda: False, timeout=600)
             raise RuntimeError("the test was to kill this pipeline's driver by now")
-        out = super().__call__(batch)
+        out = super().results(batch)
         ids = [i for i, e in zip(out.column("id").to_pylist(), out.column("error").to_pylist(), strict=True)
                if e is None]  # fmt: skip
         (self.log / f"{os.getpid()}-{call}.json").write_text(json.dumps(sorted(set(ids))))
