@@ -10,11 +10,17 @@ Found, and kept fixed below:
     2 gone). In a Ray actor a stage now gives its rows id by id, which Ray only joins, never cuts (one id's
     rows under half a block); one id's rows too big for that, with a checkpoint, fail the batch saying what to
     raise rather than be cut.
+
+Checked, and kept (no defect): an actor SIGKILLed mid-batch (its rows computed, not returned) is replaced by Ray,
+which runs the batch again: every (id, sample) once, the tokens of a stage called directly.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -117,3 +123,41 @@ def test_in_ray_a_stage_gives_its_rows_id_by_id_and_refuses_rows_of_one_id_too_b
             list(_by_id(table))
     finally:
         ctx.target_max_block_size, ctx.checkpoint_config = target, config
+
+
+class Killing(runner.ray.Generate):
+    """Generate whose first batch of the run (the first call to create `marker`) SIGKILLs its actor once computed:
+    the batch dies mid-way, in Ray's hands."""
+
+    def __init__(self, *args, marker: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.marker = Path(marker)
+
+    def results(self, batch):
+        out = super().results(batch)
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return out
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_an_actor_killed_mid_batch_is_replaced_and_its_batch_written_once(ray_local, tmp_path, tiny_gpt2):  # noqa: F811
+    rows = [{"id": f"r{i}", "prompt": f"Hello there {i}"} for i in range(8)]
+    (tmp_path / "in").mkdir()
+    for k in range(2):
+        write_jsonl(tmp_path / "in" / f"{k}.jsonl", rows[4 * k : 4 * k + 4])
+    params = runner.GenerationParams(max_new_tokens=4, temperature=0.8, num_return_sequences=2, seed=1)
+    ref = runner.ray.Generate(tiny_gpt2, params)(pa.Table.from_pylist(rows)).to_pandas()
+    ds = ray_local.data.read_json(str(tmp_path / "in"), ray_remote_args={"num_cpus": 0.25})
+    out = runner.ray.apply(
+        Killing, ds, tiny_gpt2, params, num_cpus=0.5, batch_size=4, marker=str(tmp_path / "k")
+    )
+    out.write_parquet(str(tmp_path / "out"), ray_remote_args={"num_cpus": 0.25})
+    assert (tmp_path / "k").exists()
+    key = ["id", "sample"]
+    got = pq.read_table(tmp_path / "out").to_pandas().sort_values(key).reset_index(drop=True)
+    assert list(zip(got["id"], got["sample"], strict=True)) == [(r["id"], s) for r in rows for s in range(2)]
+    ref = ref.sort_values(key).reset_index(drop=True)
+    assert got["token_ids"].map(list).tolist() == ref["token_ids"].map(list).tolist()
