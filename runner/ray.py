@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -129,7 +130,7 @@ class _Stage:
         return _by_id(out) if _in_ray_actor() else out
 
     def results(self, batch: Any) -> Any:
-        """The result rows of `batch`, as one table."""
+        """The result rows of `batch` (as `__call__` says), as one table."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -407,8 +408,7 @@ _FIELD_OF = {"top_logprobs": "logprobs", "prompt_logprobs": "prompt_logprobs", "
 
 
 def _in_ray_actor() -> bool:
-    import sys
-
+    """Whether this runs in a Ray actor (a stage of Ray Data's actor pool), not called directly."""
     ray = sys.modules.get("ray")  # (a stage called outside Ray never imports it)
     return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
