@@ -29,6 +29,8 @@ FIELDS = ("json_schema", "json_object", "regex", "choices", "grammar")
 # JSON as a model writes it on one line, `{"a": 1, "b": [2, 3]}`: free whitespace lets small models loop on
 # newlines until max_new_tokens. A schema's own "x-guidance" options override these.
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# how `tokenizer_of`'s refusal begins (submit says "<field> cannot be used with this model's tokenizer: " instead)
+UNUSABLE = "structured output cannot use this model's tokenizer: "
 
 
 def kind_of(params: Any) -> str | None:
@@ -83,14 +85,28 @@ def problem(params: Any) -> str | None:
 
 
 def tokenizer_problem(params: Any, tokenizer: Any) -> str | None:
-    """What is wrong with the row's grammar for the model's (Hugging Face) tokenizer, to follow its field's name
-    ("cannot be used with this model's tokenizer: " and llguidance's message), or None. Only a grammar names
-    tokens (`<|im_end|>`, `<[128000]>`): `problem` judges it on a tokenizer of bytes, which has none, so a
-    special token the model lacks would otherwise stop the whole run at the first batch holding the row."""
-    if kind_of(params) != "grammar":
+    """What is wrong with the row's constraint for the model's (Hugging Face) tokenizer, to follow its field's
+    name ("cannot be used with this model's tokenizer: " and why), or None; each would otherwise stop the whole
+    run at the first batch holding the row. Any constraint needs a tokenizer llguidance reads (not a WordPiece
+    one, as GPT-2 Chinese models have, nor a slow one). Only a grammar names tokens (`<|im_end|>`,
+    `<[128000]>`): `problem` judges it on a tokenizer of bytes, which has none."""
+    kind = kind_of(params)
+    if kind is None:
         return None
-    message = _check_with(grammar_of(params), tokenizer)
+    message = _unreadable(tokenizer)
+    if message is None and kind == "grammar":
+        message = _check_with(grammar_of(params), tokenizer)
     return message and f"cannot be used with this model's tokenizer: {message}"
+
+
+@functools.lru_cache(maxsize=1)
+def _unreadable(tokenizer: Any) -> str | None:
+    """Why llguidance cannot read the model's tokenizer, or None: once per tokenizer, not per row."""
+    try:
+        _tokenizer_of_model(tokenizer)
+    except RunnerError as e:
+        return str(e).removeprefix(UNUSABLE)
+    return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -302,10 +318,14 @@ def tokenizer_of(tokenizer: Any, eos_ids: list[int]) -> Any:
     (so a matcher whose text is complete allows each of them). ~0.3 s: the engine keeps it."""
     from llguidance.hf import from_tokenizer
 
+    if not getattr(tokenizer, "is_fast", False):
+        raise RunnerError(
+            f"{UNUSABLE}it is a slow one ({type(tokenizer).__name__}); llguidance reads fast (Rust) ones"
+        )
     try:
         return from_tokenizer(tokenizer, eos_token=list(eos_ids))
-    except ValueError as e:
-        raise RunnerError(f"structured output needs a fast (Rust) tokenizer: {e}") from e
+    except ValueError as e:  # (a WordPiece tokenizer: "can't determine decoder type: Some(WordPiece(...))")
+        raise RunnerError(f"{UNUSABLE}llguidance cannot read it ({e})") from e
 
 
 @functools.lru_cache(maxsize=1)

@@ -1496,7 +1496,11 @@ def _row_field(row: PromptRow, param: str, message: str, paired: bool = True) ->
     # (a spelling given as null, or an empty cell of its column, is not the one at fault)
     given = {k for k, v in (row.raw_settings or {}).items() if v is not None}
     message = cited_as(message, {ROW_SETTINGS[k]: k for k in given if ROW_SETTINGS.get(k, k) != k})
-    spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in given]
+    # (response_format gives json_object too: {"type": "json_object"})
+    spelled = [
+        k for k, v in ROW_SETTINGS.items()
+        if (v == param or (k, param) == ("response_format", "json_object")) and k in given
+    ]  # fmt: skip
     if paired and isinstance((row.raw_settings or {}).get("logprobs"), bool) and "top_logprobs" in spelled:
         spelled.remove("logprobs")  # OpenAI chat's pair: logprobs true, and the count in top_logprobs
     if not spelled:  # the job's setting clashing with one the row gave ("regex ... num_beams > 1"): the row's

@@ -1,0 +1,115 @@
+"""Adversarial pass 268: structured output (llguidance) with per-row settings, as a demanding user meets it through
+the command line, plain input rows and OpenAI Batch files.
+
+Found, and kept fixed below:
+- A job with a constraint (--json, --json-schema, --regex, --choice, a row's response_format) for a model whose
+  tokenizer llguidance cannot read (a WordPiece tokenizer, as GPT-2 Chinese models ship; a slow-only one, as
+  CTRL's or BioGPT's) was queued without a word, then every `runner work` failed the whole job at its first
+  batch, its unconstrained rows with it: submit judged a constraint with the model's tokenizer only for a
+  grammar (which may name its special tokens). The message said "structured output needs a fast (Rust)
+  tokenizer" of a fast one besides. Submit now refuses such a constraint, naming the option or the row's file,
+  line and field, and says what llguidance could not read.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+import pytest
+from helpers import batch_request, invoke, write_jsonl
+
+from runner import GenerationParams
+from runner.errors import InputError, ParamError
+from runner.jobs import create_job
+
+
+@pytest.fixture(scope="module")
+def wordpiece_gpt2(tmp_path_factory):
+    """A 1-layer GPT-2 whose tokenizer is WordPiece (BertTokenizerFast, as GPT-2 Chinese models have), which
+    runner generates with (tokens.py falls back to decoded text) and llguidance cannot read."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import BertTokenizerFast, GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("wordpiece-gpt2")
+    chars = list(string.ascii_lowercase + string.digits + '{}[]":,.!?')
+    vocab = {
+        t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *chars, *("##" + c for c in chars)])
+    }
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    tokenizer = BertTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                  cls_token="[CLS]", eos_token="[SEP]", model_max_length=128)  # fmt: skip
+    config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=1, n_head=2, bos_token_id=2,
+                        eos_token_id=3, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    model.generation_config.eos_token_id = 3
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+UNREADABLE = (
+    "cannot be used with this model's tokenizer: llguidance cannot read it (can't determine decoder type"
+)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("json_object", True),
+        ("json_schema", {"type": "integer"}),
+        ("regex", "[0-9]+"),
+        ("choices", ["a", "b"]),
+    ],
+)
+def test_a_constraint_for_a_tokenizer_llguidance_cannot_read_is_refused_at_submit(
+    tmp_path, wordpiece_gpt2, field, value
+):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
+    with pytest.raises(ParamError, match=f"^{field} {re.escape(UNREADABLE)}") as e:
+        create_job(
+            path, wordpiece_gpt2, GenerationParams(max_new_tokens=4, **{field: value}), job_dir=tmp_path / "j"
+        )
+    assert e.value.param == field and "fast (Rust)" not in str(e.value)
+    assert not (tmp_path / "j").exists()
+
+
+def test_a_rows_constraint_for_a_tokenizer_llguidance_cannot_read_names_its_line(tmp_path, wordpiece_gpt2):
+    rows = [{"id": f"r{i}", "prompt": "hello"} for i in range(6)]
+    rows[4]["response_format"] = {"type": "json_object"}
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(InputError) as e:
+        create_job(path, wordpiece_gpt2, GenerationParams(max_new_tokens=4), job_dir=tmp_path / "j")
+    assert f"{path}:5: response_format: json_object {UNREADABLE}" in str(e.value)
+    assert ":1:" not in str(e.value) and not (tmp_path / "j").exists()
+    # the job without the row runs: the tokenizer is fine for unconstrained rows
+    job = create_job(path, wordpiece_gpt2, GenerationParams(max_new_tokens=4), job_dir=tmp_path / "j",
+                     skip_invalid=True)  # fmt: skip
+    from runner.worker import run_job
+
+    assert run_job(job, echo=None).finished
+
+
+def test_the_command_line_names_the_option(tmp_path, wordpiece_gpt2):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}])
+    result = invoke("submit", path, "--model", wordpiece_gpt2, "--json")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: --json: json_object {UNREADABLE}"), result.output
+
+
+def test_a_batch_requests_response_format_for_a_tokenizer_llguidance_cannot_read_names_its_line(
+    tmp_path, wordpiece_gpt2
+):
+    body = {"model": "m", "prompt": "hello", "max_tokens": 4}
+    reqs = [batch_request(f"c{i}", "/v1/completions", dict(body)) for i in range(3)]
+    reqs[2]["body"]["response_format"] = {"type": "json_object"}
+    path = write_jsonl(tmp_path / "batch.jsonl", reqs)
+    with pytest.raises(InputError) as e:
+        create_job(path, wordpiece_gpt2, GenerationParams(max_new_tokens=4), job_dir=tmp_path / "j",
+                   served_model_names=("m",))  # fmt: skip
+    assert f"{path}:3: response_format: json_object {UNREADABLE}" in str(e.value)
