@@ -13,8 +13,10 @@ Found, and kept fixed below:
 
 from __future__ import annotations
 
+import json
 import re
 import string
+from pathlib import Path
 
 import pytest
 from helpers import batch_request, invoke, write_jsonl
@@ -113,3 +115,21 @@ def test_a_batch_requests_response_format_for_a_tokenizer_llguidance_cannot_read
         create_job(path, wordpiece_gpt2, GenerationParams(max_new_tokens=4), job_dir=tmp_path / "j",
                    served_model_names=("m",))  # fmt: skip
     assert f"{path}:3: response_format: json_object {UNREADABLE}" in str(e.value)
+
+
+def test_a_slow_tokenizer_is_said_to_be_one(tmp_path, tiny_gpt2):
+    """A model with only a slow (Python) tokenizer (CTRL's, BioGPT's): llguidance reads fast ones only."""
+    from transformers import CTRLTokenizer
+
+    from runner import constraints
+
+    spec = json.loads((Path(tiny_gpt2) / "tokenizer.json").read_text())["model"]
+    (tmp_path / "vocab.json").write_text(json.dumps(spec["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    slow = CTRLTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    assert not slow.is_fast
+    said = constraints.tokenizer_problem(GenerationParams(regex="[0-9]+"), slow)
+    assert said == ("cannot be used with this model's tokenizer: it is a slow one (CTRLTokenizer); llguidance "
+                    "reads fast (Rust) ones")  # fmt: skip
+    assert constraints.tokenizer_problem(GenerationParams(), slow) is None  # (no constraint: nothing to read)
