@@ -22,7 +22,7 @@ import math
 import re
 from typing import Any
 
-from .errors import RunnerError
+from .errors import ParamError, RunnerError
 
 # GenerationParams fields that constrain the output; at most one per row.
 FIELDS = ("json_schema", "json_object", "regex", "choices", "grammar")
@@ -97,6 +97,14 @@ def tokenizer_problem(params: Any, tokenizer: Any) -> str | None:
     if message is None and kind == "grammar":
         message = _check_with(grammar_of(params), tokenizer)
     return message and f"cannot be used with this model's tokenizer: {message}"
+
+
+def check_tokenizer(params: Any, tokenizer: Any) -> None:
+    """ParamError naming the constraint's field when it cannot be used with the model's tokenizer
+    (`tokenizer_problem`): a submit asks it of the job's settings and of each row's own, a try of its settings."""
+    problem = tokenizer_problem(params, tokenizer)
+    if problem:
+        raise ParamError(kind_of(params), f"{kind_of(params)} {problem}")
 
 
 @functools.lru_cache(maxsize=1)

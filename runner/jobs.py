@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, jobdir, openai_batch, storage
+from . import __version__, constraints, jobdir, openai_batch, storage
 from .batching import chat_template_text, check_chat_option, keep_end
 from .errors import (
     InputError,
@@ -716,17 +716,8 @@ def _model_facts(
     window = context_window(config, tokenizer)
     if kind == "generate":
         params.prompt_budget(window)
-        _check_constraint_tokens(params, tokenizer)
+        constraints.check_tokenizer(params, tokenizer)
     return config, tokenizer, window
-
-
-def _check_constraint_tokens(params: Any, tokenizer: Any) -> None:
-    """ParamError naming the constraint's field when its grammar names a token the model's tokenizer lacks."""
-    from .constraints import kind_of, tokenizer_problem
-
-    problem = tokenizer_problem(params, tokenizer)
-    if problem:
-        raise ParamError(kind_of(params), f"{kind_of(params)} {problem}")
 
 
 def _write_job(
@@ -1397,7 +1388,7 @@ class _Preparer:
                 params = self.row_params(row) if generate else self.params
                 budget = params.prompt_budget(window) if generate else window
                 if params is not self.params:  # (the job's own was judged with the model: `_model_facts`)
-                    _check_constraint_tokens(params, self.tokenizer)
+                    constraints.check_tokenizer(params, self.tokenizer)
             except ParamError as e:
                 # (a job read before 6: refused in its submit's words, as its errors.jsonl has them)
                 now = self.reading >= 6

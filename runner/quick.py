@@ -119,6 +119,7 @@ def generate(
     Seeds are per (row id, sample) from `params.seed` (0 when none), as a job's are, so a try is repeatable:
     `row_ids` are the prompts' row ids (default: their numbers from 1, a job's ids for the lines of a .txt or JSONL
     file without blank lines or ids of its own)."""
+    from . import constraints
     from .batching import (
         chat_template_text,
         check_chat_option,
@@ -157,6 +158,7 @@ def generate(
         use_chat_template(engine.tokenizer, chat_template_text(chat_template))
     if chat:
         check_chat_option(engine.tokenizer, model)
+    constraints.check_tokenizer(params, engine.tokenizer)  # (as a submit does: naming the option)
     ids = []
     for text in prompts:
         messages = [{"role": "user", "content": text}] if chat else None

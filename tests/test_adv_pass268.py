@@ -9,6 +9,11 @@ Found, and kept fixed below:
   grammar (which may name its special tokens). The message said "structured output needs a fast (Rust)
   tokenizer" of a fast one besides. Submit now refuses such a constraint, naming the option or the row's file,
   line and field, and says what llguidance could not read.
+- `runner generate` (a try) with a grammar naming a special token the model lacks, or any constraint for such a
+  tokenizer, loaded the model and then failed with "cannot compile a row's constraint for this tokenizer" and
+  llguidance's echo of the grammar over three lines (or "needs a fast (Rust) tokenizer" of a fast one), naming no
+  option: a try now judges its settings with the model's tokenizer as a submit does (one check,
+  `constraints.check_tokenizer`), "Error: --grammar: grammar cannot be used with this model's tokenizer: ...".
 """
 
 from __future__ import annotations
@@ -133,3 +138,17 @@ def test_a_slow_tokenizer_is_said_to_be_one(tmp_path, tiny_gpt2):
     assert said == ("cannot be used with this model's tokenizer: it is a slow one (CTRLTokenizer); llguidance "
                     "reads fast (Rust) ones")  # fmt: skip
     assert constraints.tokenizer_problem(GenerationParams(), slow) is None  # (no constraint: nothing to read)
+
+
+def test_a_try_names_the_option_whose_constraint_the_tokenizer_cannot_take(
+    tmp_path, tiny_gpt2, wordpiece_gpt2
+):
+    grammar = tmp_path / "end.lark"
+    grammar.write_text('start: "yes" <|im_end|>\n')
+    result = invoke("generate", "hello", "-m", tiny_gpt2, "--grammar", grammar, "--max-new-tokens", 4)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --grammar: grammar cannot be used with this model's tokenizer: ")
+    assert 'unknown special token: "<|im_end|>"' in result.output and "\n   1 |" not in result.output
+    result = invoke("generate", "hello", "-m", wordpiece_gpt2, "--json", "--max-new-tokens", 4)
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: --json: json_object {UNREADABLE}"), result.output
