@@ -291,6 +291,12 @@ def failure_message(params: Any, tokens: int, failure: str) -> str:
     if "NoExtensionBias" in failure:  # (llguidance's name for a mask that allows no token at all)
         message += (" (no token may follow the text so far, not even its end: the grammar has a dead end there, "
                     "such as rules that only call each other or a terminal that no text matches)")  # fmt: skip
+    if (
+        "ff_tokens" in failure
+    ):  # (llguidance's own advice, "try avoiding single-byte/short lexemes", misleads here)
+        message += (" (the text it forces from here on never ends: no finite text satisfies the constraint, such as "
+                    "a schema each of whose arrays or objects must hold another, or a rule that only calls itself, "
+                    '`start: "a" start`)')  # fmt: skip
     if "left-recursive" in failure:
         message += (" (where a rule calls itself last, as GBNF's `root ::= [a-z] root | [a-z]`, it nests one level "
                     "per character: write it `root ::= [a-z]+`, or left-recursive, `root ::= root [a-z] | [a-z]`)")  # fmt: skip

@@ -14,6 +14,12 @@ Found, and kept fixed below:
   llguidance's echo of the grammar over three lines (or "needs a fast (Rust) tokenizer" of a fast one), naming no
   option: a try now judges its settings with the model's tokenizer as a submit does (one check,
   `constraints.check_tokenizer`), "Error: --grammar: grammar cannot be used with this model's tokenizer: ...".
+- A constraint no finite text satisfies (a JSON schema each of whose arrays must hold another array, or whose
+  object must hold one like itself; a grammar `start: "a" start`) failed its row at its first token with
+  llguidance's "Too many items (limit 50000; ff_tokens); try avoiding single-byte/short lexemes", advice that
+  says nothing to a user of a JSON schema. The row error now says the text it forces never ends, with examples.
+  (Submit cannot tell it from a constraint forcing a long but finite text, which runs: on a tokenizer of bytes
+  llguidance's forced text stops at a limit for both, without an error.)
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import string
 from pathlib import Path
 
 import pytest
-from helpers import batch_request, invoke, write_jsonl
+from helpers import batch_request, ids_of, invoke, write_jsonl
 
 from runner import GenerationParams
 from runner.errors import InputError, ParamError
@@ -152,3 +158,26 @@ def test_a_try_names_the_option_whose_constraint_the_tokenizer_cannot_take(
     result = invoke("generate", "hello", "-m", wordpiece_gpt2, "--json", "--max-new-tokens", 4)
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: --json: json_object {UNREADABLE}"), result.output
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("json_schema", {"type": "array", "items": {"$ref": "#"}, "minItems": 1}),  # each array holds an array
+        ("json_schema", {"$ref": "#/$defs/n", "$defs": {"n": {"type": "object", "properties": {
+            "next": {"$ref": "#/$defs/n"}}, "required": ["next"]}}}),  # each object holds one: {"next": {"next": ...
+        ("grammar", 'start: "a" start'),
+    ],
+)  # fmt: skip
+def test_a_constraint_no_finite_text_satisfies_is_a_row_error_that_says_so(gpt2_engine, field, value):
+    """A constraint that forces text without end (EOS is never allowed) fails its row at its first token with
+    llguidance's "Too many items (limit 50000; ff_tokens); try avoiding single-byte/short lexemes", which says
+    nothing to a user of a JSON schema (there are no lexemes in it): it now says what the constraint does."""
+    from runner.engine import ConstraintError
+
+    ids = ids_of(gpt2_engine, ["Hello"])
+    with pytest.raises(ConstraintError) as e:
+        gpt2_engine.generate(ids, [GenerationParams(max_new_tokens=8, **{field: value})], [1])
+    message = e.value.failed[0]
+    assert message.startswith(f"{field}: llguidance's parser gave up at token 1: "), message
+    assert "the text it forces from here on never ends" in message, message
