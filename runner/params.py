@@ -852,7 +852,8 @@ def _refuse_unread_keys(value: dict[str, Any], known: set[str], kind: str, withi
     unread = sorted(k for k, v in value.items() if k not in known and v is not None)
     if not unread:
         return
-    hint = ': give {"type": "json_schema", "json_schema": {"schema": {...}}}' if unread[0] == "schema" else ""
+    # (a schema given flat, as some servers and OpenAI's Responses API take it: {"type": ..., "name", "schema"})
+    hint = ': give {"type": "json_schema", "json_schema": {"schema": {...}}}' if "schema" in unread else ""
     raise ParamError("response_format", f"response_format {kind} takes no {within}{unread[0]!r} (it would be "
                      f"ignored; it takes {', '.join(within + k for k in sorted(known))}){hint}.")  # fmt: skip
 

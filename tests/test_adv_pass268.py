@@ -20,6 +20,9 @@ Found, and kept fixed below:
   says nothing to a user of a JSON schema. The row error now says the text it forces never ends, with examples.
   (Submit cannot tell it from a constraint forcing a long but finite text, which runs: on a tokenizer of bytes
   llguidance's forced text stops at a limit for both, without an error.)
+- A Batch body's response_format in the flat shape of OpenAI's Responses API (`{"type": "json_schema", "name":
+  ..., "schema": ..., "strict": true}`) was refused as "takes no 'name'", without the word of where the schema
+  goes that a lone misplaced 'schema' got: the hint now follows whenever 'schema' is among the unread keys.
 """
 
 from __future__ import annotations
@@ -181,3 +184,18 @@ def test_a_constraint_no_finite_text_satisfies_is_a_row_error_that_says_so(gpt2_
     message = e.value.failed[0]
     assert message.startswith(f"{field}: llguidance's parser gave up at token 1: "), message
     assert "the text it forces from here on never ends" in message, message
+
+
+def test_a_response_format_in_the_responses_apis_flat_shape_is_told_where_the_schema_goes():
+    """OpenAI's Responses API (and the openai SDK's `text.format`) give a JSON schema flat: {"type": "json_schema",
+    "name": ..., "schema": ..., "strict": ...}; Chat Completions nest it under "json_schema". The flat shape was
+    refused as "takes no 'name'" with no word of where the schema goes (said only when 'schema' came first)."""
+    from runner.params import response_format
+
+    flat = {"type": "json_schema", "name": "person", "schema": {"type": "object"}, "strict": True}
+    with pytest.raises(ParamError) as e:
+        response_format(flat)
+    assert str(e.value) == (
+        "response_format json_schema takes no 'name' (it would be ignored; it takes json_schema, type): give "
+        '{"type": "json_schema", "json_schema": {"schema": {...}}}.'
+    )
