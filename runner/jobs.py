@@ -1487,17 +1487,15 @@ def _row_field(row: PromptRow, param: str, message: str, paired: bool = True) ->
     # (a spelling given as null, or an empty cell of its column, is not the one at fault)
     given = {k for k, v in (row.raw_settings or {}).items() if v is not None}
     message = cited_as(message, {ROW_SETTINGS[k]: k for k in given if ROW_SETTINGS.get(k, k) != k})
-    # (response_format gives json_object too: {"type": "json_object"})
-    spelled = [
-        k for k, v in ROW_SETTINGS.items()
-        if (v == param or (k, param) == ("response_format", "json_object")) and k in given
-    ]  # fmt: skip
+    spelled = [k for k, v in ROW_SETTINGS.items() if v == param and k in given]
     if paired and isinstance((row.raw_settings or {}).get("logprobs"), bool) and "top_logprobs" in spelled:
         spelled.remove("logprobs")  # OpenAI chat's pair: logprobs true, and the count in top_logprobs
     if not spelled:  # the job's setting clashing with one the row gave ("regex ... num_beams > 1"): the row's
         named = [
             k for k in sorted(given) if k in ROW_SETTINGS and re.search(rf"\b{ROW_SETTINGS[k]}\b", message)
         ]
+        if not named and param == "json_object" and "response_format" in given:
+            named = ["response_format"]  # ({"type": "json_object"}: the only way a row gives json_object)
         return (named[0] if named else param), message
     # (response_format's message names the json_schema in it, which is at fault)
     if spelled[0] == "response_format" or not re.match(rf"{param}[ =]", message):
