@@ -70,6 +70,9 @@ def lark_of(text: str) -> str:
 def problem(params: Any) -> str | None:
     """What is wrong with the row's constraint, to follow its field's name ("cannot be compiled: " and
     llguidance's message, or "matches no text ..."), or None when it can be used."""
+    below = _below_int64(params.json_schema) if kind_of(params) == "json_schema" else None
+    if below:
+        return f"cannot be compiled: {below}"
     try:
         grammar = grammar_of(params)
     except ValueError as e:
@@ -82,6 +85,49 @@ def problem(params: Any) -> str | None:
     if message is None and grammar is not None and _matches_nothing(grammar):
         return "matches no text at all: no answer could satisfy it"
     return message and f"cannot be compiled: {message}"
+
+
+INT64_MIN = -(2**63)
+
+
+def _below_int64(schema: Any) -> str | None:
+    """Where an integer (sub)schema's lower and upper bounds both lie at or below -2**63, as llguidance reads a
+    JSON number (a float, then a 64-bit integer): llguidance 1.9 compiling such a range crashes the process (a
+    segmentation fault, no message), so it is refused before. Other bounds are llguidance's to judge."""
+    todo = [schema]
+    while todo:  # (not recursive: a schema may nest deeper than Python's stack; `problem` says so then)
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+        if not isinstance(node, dict):
+            continue
+        todo.extend(node.values())
+        types = node.get("type")
+        if "integer" not in (types if isinstance(types, list) else [types]):
+            continue
+        lows = [k for k in ("minimum", "exclusiveMinimum") if _number(node.get(k)) is not None]
+        highs = [k for k in ("maximum", "exclusiveMaximum") if _number(node.get(k)) is not None]
+        # (the range is the tightest: its lower bound the greatest given, its upper the least)
+        if (
+            lows
+            and highs
+            and all(_number(node[k]) <= INT64_MIN for k in lows)
+            and any(_number(node[k]) <= INT64_MIN for k in highs)
+        ):
+            high = next(k for k in highs if _number(node[k]) <= INT64_MIN)
+            return (f"{lows[0]} {node[lows[0]]!r} and {high} {node[high]!r} lie at or below -2**63 "
+                    f"({INT64_MIN}), where llguidance's integers end")  # fmt: skip
+    return None
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number as llguidance reads it (a float; one past a float's range, as infinite), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # (an integer of hundreds of digits)
+        return math.inf if value > 0 else -math.inf
 
 
 def tokenizer_problem(params: Any, tokenizer: Any) -> str | None:

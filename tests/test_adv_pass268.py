@@ -23,6 +23,11 @@ Found, and kept fixed below:
 - A Batch body's response_format in the flat shape of OpenAI's Responses API (`{"type": "json_schema", "name":
   ..., "schema": ..., "strict": true}`) was refused as "takes no 'name'", without the word of where the schema
   goes that a lone misplaced 'schema' got: the hint now follows whenever 'schema' is among the unread keys.
+- `runner submit` of a file with a row whose JSON schema has an integer range below 64-bit integers
+  (`{"type": "integer", "minimum": -1e20, "maximum": -1e19}`, nested anywhere) died of a segmentation fault, no
+  word of file, line or field (a notebook's kernel died; so did `GenerationParams(json_schema=...)`): llguidance
+  1.9 reads both bounds as -2**63 and crashes compiling that range. Such a range is now refused before
+  llguidance sees it: "json_schema cannot be compiled: minimum -1e+20 and maximum -1e+19 lie at or below -2**63".
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ from __future__ import annotations
 import json
 import re
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import workers
 from helpers import batch_request, ids_of, invoke, write_jsonl
 
 from runner import GenerationParams
@@ -199,3 +207,42 @@ def test_a_response_format_in_the_responses_apis_flat_shape_is_told_where_the_sc
         "response_format json_schema takes no 'name' (it would be ignored; it takes json_schema, type): give "
         '{"type": "json_schema", "json_schema": {"schema": {...}}}.'
     )
+
+
+# Integer ranges both of whose bounds lie at or below -2**63 (as llguidance reads a JSON number: a float, then a
+# 64-bit integer): llguidance 1.9 compiling one crashes its process (SIGSEGV)
+BELOW_INT64 = [
+    {"type": "integer", "minimum": -1e20, "maximum": -1e19},
+    {"type": ["integer", "null"], "minimum": -9223372036854775808, "maximum": -9223372036854775807},
+    {"type": "object", "properties": {"a": {"type": "integer", "minimum": -1e30, "exclusiveMaximum": -1e29}}},
+    {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer", "exclusiveMinimum": -1e20,
+                                                                "maximum": -9223372036854775807}]}},
+]  # fmt: skip
+
+
+def test_an_integer_range_below_64_bits_is_refused_at_submit_not_a_crash(tmp_path, tiny_gpt2):
+    """`runner submit` of a file with such a schema on line 3 died of a segmentation fault (exit -11, no word:
+    a notebook's kernel died), as did `GenerationParams(json_schema=...)`: now refused, naming line and field."""
+    rows = [{"id": f"r{i}", "prompt": "hello"} for i in range(4)]
+    rows[2]["json_schema"] = BELOW_INT64[0]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    code, out = workers.run_runner("--home", tmp_path / "home", "submit", path, "--model", tiny_gpt2)
+    assert code == 1, (code, out)
+    assert (
+        f"{path}:3: json_schema: json_schema cannot be compiled: minimum -1e+20 and maximum -1e+19" in out
+    ), out
+    # each, nested or not, in a process of its own (a crash is its exit code, not this test process's end)
+    probe = [
+        "import json, sys\nfrom runner import GenerationParams\nfrom runner.errors import ParamError",
+        f"for s in json.loads({json.dumps(json.dumps(BELOW_INT64))}):",
+        "    try:\n        GenerationParams(json_schema=s)\n    except ParamError as e:\n        print(e)",
+    ]
+    proc = subprocess.run([sys.executable, "-c", "\n".join(probe)], capture_output=True, text=True, timeout=120,
+                          env=workers.worker_env())  # fmt: skip
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(BELOW_INT64), lines
+    assert all(
+        re.match(r"json_schema cannot be compiled: (minimum|exclusiveMinimum) ", line) for line in lines
+    )
+    assert all("lie at or below -2**63" in line for line in lines), lines
