@@ -70,7 +70,7 @@ def lark_of(text: str) -> str:
 def problem(params: Any) -> str | None:
     """What is wrong with the row's constraint, to follow its field's name ("cannot be compiled: " and
     llguidance's message, or "matches no text ..."), or None when it can be used."""
-    below = _below_int64(params.json_schema) if kind_of(params) == "json_schema" else None
+    below = _below_int64(_schemas_in(params))
     if below:
         return f"cannot be compiled: {below}"
     try:
@@ -91,9 +91,10 @@ INT64_MIN = -(2**63)
 
 
 def _below_int64(schema: Any) -> str | None:
-    """Where an integer (sub)schema's lower and upper bounds both lie at or below -2**63, as llguidance reads a
-    JSON number (a float, then a 64-bit integer): llguidance 1.9 compiling such a range crashes the process (a
-    segmentation fault, no message), so it is refused before. Other bounds are llguidance's to judge."""
+    """Where an integer (sub)schema allows only integers at or below -2**63, as llguidance reads a JSON number (a
+    float, then a 64-bit integer): a const or enum value there, or a range both of whose bounds are. llguidance
+    1.9 compiling such a range, [-2**63, -2**63], crashes the process (a segmentation fault, no message), so it
+    is refused before. Other bounds are llguidance's to judge."""
     todo = [schema]
     while todo:  # (not recursive: a schema may nest deeper than Python's stack; `problem` says so then)
         node = todo.pop()
@@ -102,21 +103,63 @@ def _below_int64(schema: Any) -> str | None:
         if not isinstance(node, dict):
             continue
         todo.extend(node.values())
-        types = node.get("type")
-        if "integer" not in (types if isinstance(types, list) else [types]):
+        said = _integers_below(_intersected(node))
+        if said:
+            return said
+    return None
+
+
+def _schemas_in(params: Any) -> list[Any]:
+    """The JSON schemas of the row's constraint: its json_schema, or those a Lark grammar embeds (`%json {...}`)."""
+    kind = kind_of(params)
+    if kind == "json_schema":
+        return [params.json_schema]
+    if kind != "grammar":
+        return []
+    found, decoder = [], json.JSONDecoder()
+    for at in re.finditer(r"%json\s*", params.grammar):
+        try:
+            found.append(decoder.raw_decode(params.grammar, at.end())[0])
+        except ValueError:  # (not JSON: llguidance's to say)
             continue
-        lows = [k for k in ("minimum", "exclusiveMinimum") if _number(node.get(k)) is not None]
-        highs = [k for k in ("maximum", "exclusiveMaximum") if _number(node.get(k)) is not None]
-        # (the range is the tightest: its lower bound the greatest given, its upper the least)
-        if (
-            lows
-            and highs
-            and all(_number(node[k]) <= INT64_MIN for k in lows)
-            and any(_number(node[k]) <= INT64_MIN for k in highs)
-        ):
-            high = next(k for k in highs if _number(node[k]) <= INT64_MIN)
-            return (f"{lows[0]} {node[lows[0]]!r} and {high} {node[high]!r} lie at or below -2**63 "
-                    f"({INT64_MIN}), where llguidance's integers end")  # fmt: skip
+    return found
+
+
+def _intersected(node: dict[str, Any]) -> list[dict[str, Any]]:
+    """`node` and the subschemas of its allOf / anyOf / oneOf, theirs too: llguidance intersects a subschema with
+    the keywords beside it (`{"type": "integer", "minimum": ..., "allOf": [{"maximum": ...}]}` is one range)."""
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        for key in ("allOf", "anyOf", "oneOf"):
+            if isinstance(n.get(key), list):
+                todo.extend(s for s in n[key] if isinstance(s, dict))
+    return out
+
+
+def _integers_below(group: list[dict[str, Any]]) -> str | None:
+    """`_below_int64` of one group of intersected subschemas."""
+    if not any("integer" in (t if isinstance(t := n.get("type"), list) else [t]) for n in group):
+        return None
+    for n in group:
+        values = [("const", n.get("const"))] + [
+            ("enum", v) for v in n.get("enum", []) if isinstance(n["enum"], list)
+        ]
+        for key, v in values:
+            if (x := _number(v)) is not None and x <= INT64_MIN:
+                return f"{key} value {v!r} lies at or below -2**63 ({INT64_MIN}), where llguidance's integers end"
+    lows = [
+        (k, n[k]) for n in group for k in ("minimum", "exclusiveMinimum") if _number(n.get(k)) is not None
+    ]
+    highs = [
+        (k, n[k]) for n in group for k in ("maximum", "exclusiveMaximum") if _number(n.get(k)) is not None
+    ]
+    below = [(k, v) for k, v in highs if _number(v) <= INT64_MIN]
+    # (the range is the tightest: its lower bound the greatest given, its upper the least)
+    if lows and below and all(_number(v) <= INT64_MIN for _, v in lows):
+        return (f"{lows[0][0]} {lows[0][1]!r} and {below[0][0]} {below[0][1]!r} lie at or below -2**63 "
+                f"({INT64_MIN}), where llguidance's integers end")  # fmt: skip
     return None
 
 

@@ -23,11 +23,13 @@ Found, and kept fixed below:
 - A Batch body's response_format in the flat shape of OpenAI's Responses API (`{"type": "json_schema", "name":
   ..., "schema": ..., "strict": true}`) was refused as "takes no 'name'", without the word of where the schema
   goes that a lone misplaced 'schema' got: the hint now follows whenever 'schema' is among the unread keys.
-- `runner submit` of a file with a row whose JSON schema has an integer range below 64-bit integers
-  (`{"type": "integer", "minimum": -1e20, "maximum": -1e19}`, nested anywhere) died of a segmentation fault, no
-  word of file, line or field (a notebook's kernel died; so did `GenerationParams(json_schema=...)`): llguidance
-  1.9 reads both bounds as -2**63 and crashes compiling that range. Such a range is now refused before
-  llguidance sees it: "json_schema cannot be compiled: minimum -1e+20 and maximum -1e+19 lie at or below -2**63".
+- `runner submit` of a file with a row whose JSON schema allows only integers below 64-bit ones (`{"type":
+  "integer", "minimum": -1e20, "maximum": -1e19}`, `{"type": "integer", "const": -9223372036854775808}`, Java's
+  Long.MIN_VALUE; an enum value so; nested anywhere, split over allOf, or in a Lark grammar's `%json {...}`) died
+  of a segmentation fault, no word of file, line or field (a notebook's kernel died; so did `GenerationParams`):
+  llguidance 1.9 reads such bounds as -2**63 and crashes compiling the range [-2**63, -2**63]. It is now refused
+  before llguidance sees it: "json_schema cannot be compiled: minimum -1e+20 and maximum -1e+19 lie at or below
+  -2**63 ...".
 """
 
 from __future__ import annotations
@@ -217,6 +219,9 @@ BELOW_INT64 = [
     {"type": "object", "properties": {"a": {"type": "integer", "minimum": -1e30, "exclusiveMaximum": -1e29}}},
     {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer", "exclusiveMinimum": -1e20,
                                                                 "maximum": -9223372036854775807}]}},
+    {"allOf": [{"type": "integer", "minimum": -1e30}, {"maximum": -1e29}]},  # one range, from two subschemas
+    {"type": "integer", "const": -9223372036854775808},  # (Java's Long.MIN_VALUE, as a sentinel)
+    {"type": "object", "properties": {"n": {"type": "integer", "enum": [5, -1e20]}}},
 ]  # fmt: skip
 
 
@@ -232,17 +237,19 @@ def test_an_integer_range_below_64_bits_is_refused_at_submit_not_a_crash(tmp_pat
         f"{path}:3: json_schema: json_schema cannot be compiled: minimum -1e+20 and maximum -1e+19" in out
     ), out
     # each, nested or not, in a process of its own (a crash is its exit code, not this test process's end)
+    # (a Lark grammar's own JSON schema too)
+    settings = [{"json_schema": s} for s in BELOW_INT64] + [
+        {"grammar": 'start: "n=" %json ' + json.dumps(BELOW_INT64[0])}
+    ]
     probe = [
         "import json, sys\nfrom runner import GenerationParams\nfrom runner.errors import ParamError",
-        f"for s in json.loads({json.dumps(json.dumps(BELOW_INT64))}):",
-        "    try:\n        GenerationParams(json_schema=s)\n    except ParamError as e:\n        print(e)",
+        f"for s in json.loads({json.dumps(json.dumps(settings))}):",
+        "    try:\n        GenerationParams(**s)\n    except ParamError as e:\n        print(e)",
     ]
     proc = subprocess.run([sys.executable, "-c", "\n".join(probe)], capture_output=True, text=True, timeout=120,
                           env=workers.worker_env())  # fmt: skip
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     lines = proc.stdout.splitlines()
-    assert len(lines) == len(BELOW_INT64), lines
-    assert all(
-        re.match(r"json_schema cannot be compiled: (minimum|exclusiveMinimum) ", line) for line in lines
-    )
-    assert all("lie at or below -2**63" in line for line in lines), lines
+    assert len(lines) == len(settings), lines
+    said = r"(json_schema|grammar) cannot be compiled: (minimum|exclusiveMinimum|const value|enum value) .* lies? at or below -2\*\*63"
+    assert all(re.match(said, line) for line in lines), lines
