@@ -103,9 +103,13 @@ def _below_int64(schema: Any) -> str | None:
         if not isinstance(node, dict):
             continue
         todo.extend(node.values())
-        said = _integers_below(_intersected(node))
-        if said:
-            return said
+        whole = _intersected(node)
+        # (each of its anyOf / oneOf subschemas is one more range: with `node`, not with the other choices)
+        choices = [s for n in whole for k in ("anyOf", "oneOf") if isinstance(n.get(k), list) for s in n[k]]
+        for group in [whole, *(whole + _intersected(c) for c in choices if isinstance(c, dict))]:
+            said = _integers_below(group)
+            if said:
+                return said
     return None
 
 
@@ -126,15 +130,14 @@ def _schemas_in(params: Any) -> list[Any]:
 
 
 def _intersected(node: dict[str, Any]) -> list[dict[str, Any]]:
-    """`node` and the subschemas of its allOf / anyOf / oneOf, theirs too: llguidance intersects a subschema with
-    the keywords beside it (`{"type": "integer", "minimum": ..., "allOf": [{"maximum": ...}]}` is one range)."""
+    """`node` and the subschemas of its allOf, theirs too: llguidance intersects them (`{"type": "integer",
+    "minimum": ..., "allOf": [{"maximum": ...}]}` is one range)."""
     out, todo = [], [node]
     while todo:
         n = todo.pop()
         out.append(n)
-        for key in ("allOf", "anyOf", "oneOf"):
-            if isinstance(n.get(key), list):
-                todo.extend(s for s in n[key] if isinstance(s, dict))
+        if isinstance(n.get("allOf"), list):
+            todo.extend(s for s in n["allOf"] if isinstance(s, dict))
     return out
 
 
@@ -380,9 +383,8 @@ def failure_message(params: Any, tokens: int, failure: str) -> str:
     if "NoExtensionBias" in failure:  # (llguidance's name for a mask that allows no token at all)
         message += (" (no token may follow the text so far, not even its end: the grammar has a dead end there, "
                     "such as rules that only call each other or a terminal that no text matches)")  # fmt: skip
-    if (
-        "ff_tokens" in failure
-    ):  # (llguidance's own advice, "try avoiding single-byte/short lexemes", misleads here)
+    # (llguidance's own advice there, "try avoiding single-byte/short lexemes", misleads)
+    if "ff_tokens" in failure:
         message += (" (the text it forces from here on never ends: no finite text satisfies the constraint, such as "
                     "a schema each of whose arrays or objects must hold another, or a rule that only calls itself, "
                     '`start: "a" start`)')  # fmt: skip

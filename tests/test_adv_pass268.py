@@ -222,7 +222,18 @@ BELOW_INT64 = [
     {"allOf": [{"type": "integer", "minimum": -1e30}, {"maximum": -1e29}]},  # one range, from two subschemas
     {"type": "integer", "const": -9223372036854775808},  # (Java's Long.MIN_VALUE, as a sentinel)
     {"type": "object", "properties": {"n": {"type": "integer", "enum": [5, -1e20]}}},
+    {"type": "integer", "anyOf": [{"const": 5}, {"const": -1e30}]},  # (each choice with the integer beside it)
 ]  # fmt: skip
+# ... and such numbers where no integer range reaches them, which llguidance compiles as it is
+NOT_BELOW_INT64 = [
+    {"anyOf": [{"type": "integer"}, {"const": -1e30}]},
+    {"type": "object", "properties": {"i": {"type": "integer", "minimum": -5}, "x": {"const": -1e30}}},
+]
+
+
+@pytest.mark.parametrize("schema", NOT_BELOW_INT64)
+def test_a_number_below_64_bits_where_no_integer_reaches_it_is_taken(schema):
+    assert GenerationParams(json_schema=schema).json_schema == schema
 
 
 def test_an_integer_range_below_64_bits_is_refused_at_submit_not_a_crash(tmp_path, tiny_gpt2):
