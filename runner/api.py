@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import jobdir
+from . import jobdir, storage
 from .job_status import JobStatus, home_status, job_status
 from .storage import StorageError
 
@@ -21,19 +21,20 @@ Ref = str | os.PathLike
 def status(job: Ref | None = None, home: Ref | None = None) -> JobStatus | list[JobStatus]:
     """One job's status, or every job's in the home (broken ones included, with their reason; one whose folder does
     not read through the retries, `unreadable`, with the file: as the home's listing shows it)."""
-    if job is None:
-        return home_status(home)
-    path = jobdir.find_job(job, home)
-    try:
-        return job_status(jobdir.Job.open(path))
-    except jobdir.BrokenJob as e:
-        from .job_status import broken_status
+    with storage.one_look():  # (a file that did not read through the retries is not waited for twice)
+        if job is None:
+            return home_status(home)
+        path = jobdir.find_job(job, home)
+        try:
+            return job_status(jobdir.Job.open(path))
+        except jobdir.BrokenJob as e:
+            from .job_status import broken_status
 
-        return broken_status(path, str(e), repairable=e.repairable)
-    except StorageError as e:
-        from .job_status import unreadable_or_broken
+            return broken_status(path, str(e), repairable=e.repairable)
+        except StorageError as e:
+            from .job_status import unreadable_or_broken
 
-        return unreadable_or_broken(path, e)
+            return unreadable_or_broken(path, e)
 
 
 def cancel(job: Ref, home: Ref | None = None) -> str:

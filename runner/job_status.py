@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import jobdir
+from . import jobdir, storage
 from .errors import RunnerError
 from .jobdir import BrokenJob, Job, JobState
 from .progress import counted, fmt_duration
@@ -434,7 +434,9 @@ def unreadable_or_broken(path: Path, e: StorageError) -> JobStatus:
         return broken_status(path, f"its folder is damaged: {e}")
     if not e.unreadable_for_now:  # denied, or the like: no wait brings it back (pass 67)
         return broken_status(path, str(e), repairable=e.repairable)
-    return replace(broken_status(path, str(e), repairable=False), state=UNREADABLE,
+    with storage.at_once():  # (its id, name and model as its files say at once: they were waited for already)
+        shown = broken_status(path, str(e), repairable=False)
+    return replace(shown, state=UNREADABLE,
                    message=f"{e} (read again by the next `runner status`)")  # fmt: skip
 
 

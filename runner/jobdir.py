@@ -358,8 +358,17 @@ def _in_home(text: str, root: Path) -> Path:
     """The folder of the job whose id or name is `text` in the home `root`."""
     if _is_job_folder(root / text):  # not any folder: HOME/logs of `runner work --background` is no job
         return root / text
-    jobs = list(_named(root))
+    unread: list[Path] = []
+    jobs = list(_named(root, unread))
     named = [p for p, spec in jobs if spec.get("name") == text]
+    # a folder that did not read at once may hold the name too: read through the retries unless the name's claim
+    # says which holds it (`runner status night1` waited minutes for a neighbour Drive could not serve, and a
+    # job that does not read was read 3 times through the retries: adversarial pass 269)
+    if unread and (holder := _name_holder(root, text)) not in named:
+        if not named and holder in unread:
+            return holder  # (its opener says it does not read)
+        jobs = sorted([*jobs, *_named(root, folders=unread)], key=lambda it: it[0].name)
+        named = [p for p, spec in jobs if spec.get("name") == text]
     if not named:  # its job.json damaged: the name's claim still says which job holds it
         named = [p for p in [_name_holder(root, text)] if p is not None]
     ids = {spec.get("id") for p, spec in jobs if p in named}
@@ -485,11 +494,26 @@ def _refuse_if_also_in_home(text: str, path: Path, home: str | os.PathLike | Non
         )
 
 
-def _named(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Each job folder of the home with its job.json, or its backup where job.json is damaged (the job still
-    holds its name: found by it, it is shown broken and repair mends it)."""
-    for path in job_folders(root):
-        meta = spec_or_backup(path)
+def _named(
+    root: Path, unread: list[Path] | None = None, folders: list[Path] | None = None
+) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Each job folder of the home (or of `folders`) with its job.json, or its backup where job.json is damaged
+    (the job still holds its name: found by it, it is shown broken and repair mends it). `unread` given: each
+    folder is read in one try, and one that failed for now (a mount's transient error) is put in `unread`
+    instead of being waited for through the retries."""
+    if folders is None:  # (read at once, each folder of the home: a job's has a spec that reads)
+        folders = (
+            job_folders(root) if unread is None else [root / n for n in scan(root, dirs=True) if n[0] != "."]
+        )
+    for path in folders:
+        if unread is None:
+            meta = spec_or_backup(path)
+        else:
+            with storage.at_once() as missed:
+                meta = spec_or_backup(path)
+            if missed:
+                unread.append(path)
+                continue
         if meta is not None:
             yield path, meta
 

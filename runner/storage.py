@@ -12,6 +12,7 @@ Temp files start with "." so folder listings that look for results never see the
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import hashlib
@@ -77,8 +78,12 @@ class StorageError(RunnerError):
 
 def retry(op: Callable[[], T], what: str, delays: tuple[float, ...] | None = None) -> T:
     """Run `op`, retrying transient OS errors with backoff (RETRY_DELAYS); raise StorageError naming `what`
-    otherwise. A wait that lasts is said on stderr (`_say_waiting`), so a command is not taken for hung."""
+    otherwise. A wait that lasts is said on stderr (`_say_waiting`), so a command is not taken for hung. Tried
+    once only inside `at_once`, and inside `one_look` where `what` already failed through the retries."""
     delays = RETRY_DELAYS if delays is None else delays
+    look, missed = _LOOK.get(), _AT_ONCE.get()
+    if missed is not None or (look is not None and what in look):
+        delays = ()
     for attempt in range(len(delays) + 1):
         try:
             return op()
@@ -88,9 +93,48 @@ def retry(op: Callable[[], T], what: str, delays: tuple[float, ...] | None = Non
                     _say_waiting(what, e, sum(delays[attempt:]))
                 time.sleep(delays[attempt])
                 continue
+            if e.errno in TRANSIENT and missed is not None:
+                missed.append(what)
+            elif e.errno in TRANSIENT and look is not None:
+                look.add(what)
             denied = f"; {DENIED_HINT}" if e.errno in DENIED else ""
             raise StorageError(f"cannot {what}: {e.strerror or e} (errno {e.errno}){denied}", e.errno) from e
     raise AssertionError("unreachable")
+
+
+# What `retry` calls the reads that failed through the retries in this look at the jobs (`one_look`), and those
+# that failed in their one try (`at_once`); None outside one.
+_LOOK: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("runner_look", default=None)
+_AT_ONCE: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("runner_at_once", default=None)
+
+
+@contextlib.contextmanager
+def one_look() -> Iterator[set[str]]:
+    """Around a read-only look at jobs (`runner status`, a poll of `runner watch`): what failed through the
+    retries once is tried once more at most, not waited for again, when the look reads it again. A job.json
+    Drive could not serve was waited for 2 to 3 times a minute, read again for the broken job's id, name and
+    model (adversarial pass 269). Inside another look: that one's."""
+    if (look := _LOOK.get()) is not None:
+        yield look
+        return
+    look = set()
+    token = _LOOK.set(look)
+    try:
+        yield look
+    finally:
+        _LOOK.reset(token)
+
+
+@contextlib.contextmanager
+def at_once() -> Iterator[list[str]]:
+    """Inside it, each read is tried once, not retried: what failed for now (a transient error) is listed in
+    what it yields, for the caller to read again through the retries only where it needs it."""
+    missed: list[str] = []
+    token = _AT_ONCE.set(missed)
+    try:
+        yield missed
+    finally:
+        _AT_ONCE.reset(token)
 
 
 SAY_WAITING_AFTER = 3.0  # seconds of retrying one operation before the wait is said (a blip is not)

@@ -1,0 +1,85 @@
+"""Adversarial pass 269: `runner status`, `runner watch` and `runner.status(JOB)` on a job home kept on a flaky
+mount (Google Drive from Colab: transient EIO, stale handles, slow reads). Retries are counted in attempts (the
+faults' own count, retry delays of 0 s), never timed.
+
+Found, and kept fixed below:
+  * `runner status night1` (a job found by its name) waited through the retries (about a minute a file, twice:
+    job.json, then its backup) for every other job of the home whose job.json Drive could not serve: finding the
+    name read every job's spec through the retries. Each is now read in one try; one that did not read is waited
+    for only where the job sought may be it (no job that read holds the name, or the name's claim in .names does
+    not say which does).
+  * A job whose job.json does not read was waited for through the retries 2 to 3 times by one `runner status`
+    (found by name: 3 times, and its backup 3 times: six minutes of "the file system is not answering"), each
+    read of it starting the retries afresh (to find it, to open it, to show its id, name and model). Within one
+    look (`runner.status`, each poll of `runner watch`) a file that failed through the retries is tried once more
+    at most, and the unreadable job's row shows what its files say at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from fsfaults import Unreadable
+from helpers import write_jsonl
+
+import runner
+from runner import EngineOptions, GenerationParams
+from runner.jobs import create_job
+
+DELAYS = (0.0,) * 5  # one read through the retries: 6 attempts
+
+
+class Counted(Unreadable):
+    """Unreadable, with each failed attempt counted by (kind, file name)."""
+
+    def __init__(self, root, bad, kinds=("read", "stat", "list")):
+        super().__init__(root, bad, kinds)
+        self.retry_delays = list(DELAYS)
+        self.failed: dict[tuple[str, str], int] = {}
+
+    def _transient(self, path, kind):
+        try:
+            super()._transient(path, kind)
+        except OSError:
+            key = (kind, os.path.basename(os.fsdecode(path)))
+            self.failed[key] = self.failed.get(key, 0) + 1
+            raise
+
+
+def _job(tmp_path, model, home, name):
+    rows = [{"id": f"r{i}", "prompt": f"The old man said {i} times"} for i in range(2)]
+    return create_job(write_jsonl(tmp_path / f"{name}.jsonl", rows), model, GenerationParams(max_new_tokens=2),
+                      EngineOptions(), home=home, name=name)  # fmt: skip
+
+
+@pytest.fixture
+def two_jobs(tmp_path, tiny_gpt2, runner_home):
+    """A readable job `alpha` and a job `beta` whose job.json and backup Drive cannot serve (reads fail)."""
+    alpha, beta = (_job(tmp_path, tiny_gpt2, runner_home, n) for n in ("alpha", "beta"))
+    return alpha, beta, [beta.dir / "job.json", beta.dir / "job.backup.json"]
+
+
+def test_a_job_found_by_name_does_not_wait_for_a_neighbour_that_does_not_read(two_jobs, runner_home,
+                                                                              monkeypatch):  # fmt: skip
+    alpha, _, bad = two_jobs
+    faults = Counted(runner_home, bad, kinds=("read",)).install(monkeypatch)
+    assert runner.status("alpha").state == "queued"
+    # each of beta's files tried once, not through the retries (6 attempts each: a minute apiece on Drive)
+    assert faults.failed == {("read", "job.json"): 1, ("read", "job.backup.json"): 1}
+    faults.kinds, faults.failed = ("read", "stat"), {}  # (their stats failing too: the same)
+    assert runner.status("alpha").id == alpha.id
+    assert max(faults.failed.values()) == 1, faults.failed
+
+
+@pytest.mark.parametrize("ref", ["beta", "id", None])
+def test_a_job_that_does_not_read_is_waited_for_once_by_one_status(two_jobs, runner_home, monkeypatch, ref):
+    _, beta, bad = two_jobs
+    faults = Counted(runner_home, bad, kinds=("read",)).install(monkeypatch)
+    got = runner.status(beta.id if ref == "id" else ref)
+    s = got if ref is not None else next(s for s in got if s.folder == str(beta.dir))
+    assert s.state == "unreadable" and "job.json" in s.message
+    # job.json through the retries once (6 attempts) and a try or two besides; its backup never waited for
+    # (it was: 3 times each, found by name)
+    assert faults.failed[("read", "job.json")] <= len(DELAYS) + 1 + 2, faults.failed
+    assert faults.failed[("read", "job.backup.json")] <= 3, faults.failed
