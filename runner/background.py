@@ -10,6 +10,7 @@ cell shows while the worker runs. Both read and write only the home, so they wor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -78,7 +79,8 @@ def running(home: str | os.PathLike | None = None) -> list[BackgroundWorker]:
     their pid means nothing here (adversarial pass 111)."""
     root = Path(home) if home is not None else default_home()
     found, here = [], storage.namespace_tag()
-    for pid_file in sorted((root / LOGS).glob("*.pid")):
+    # (a listing that fails through the retries raises StorageError, not the OSError that ended `runner watch`)
+    for pid_file in [root / LOGS / n for n in storage.listdir(root / LOGS) if n.endswith(".pid")]:
         try:  # (a passing error is read again: skipped, a live worker's job would read as run by no one)
             fields = storage.retry(pid_file.read_text, f"read {pid_file}").split()
             pid, started = int(fields[0]), (fields[1] if len(fields) > 1 and fields[1] != "-" else None)
@@ -87,14 +89,21 @@ def running(home: str | os.PathLike | None = None) -> list[BackgroundWorker]:
         # another machine's, or this one's before a reboot (a new VM)
         if len(fields) > 2 and fields[2] != here:
             if _quiet_for(pid_file.with_suffix(".log"), FOREIGN_PID_FILE_DAYS * 86400):
-                pid_file.unlink(missing_ok=True)  # its worker has written nothing for days: gone
+                _forget(pid_file)  # its worker has written nothing for days: gone
             continue
         worker = BackgroundWorker(pid, pid_file.with_suffix(".log"), started)
         if worker.alive:
             found.append(worker)
         else:
-            pid_file.unlink(missing_ok=True)  # the log stays: it is what the worker said
+            _forget(pid_file)  # the log stays: it is what the worker said
     return found
+
+
+def _forget(pid_file: Path) -> None:
+    """Delete the pid file of a worker that is gone, where it can be: tidying only, so a home on a read-only
+    mount, or a failing one, leaves it there (`runner watch` ended with a traceback on the OSError)."""
+    with contextlib.suppress(OSError):
+        pid_file.unlink(missing_ok=True)
 
 
 def _quiet_for(log: Path, seconds: float) -> bool:
@@ -149,7 +158,7 @@ def watch(
             return s
         # (a poll that did not read names no workers: it counts neither way, the job's workers may go on)
         if s.state != UNREADABLE:
-            idle = 0 if (s.workers or running(home)) else idle + 1
+            idle = 0 if s.workers else _idle_polls(idle, home)
         if idle >= IDLE_POLLS:
             if echo:
                 echo(
@@ -158,6 +167,16 @@ def watch(
                 )
             return s
         sleep(every)
+
+
+def _idle_polls(idle: int, home: str | os.PathLike | None) -> int:
+    """Polls in a row with no live worker, after one whose status names none: `idle` where the home's logs/
+    does not list through the retries (whether a background worker runs is not known: it counts neither way;
+    it ended `runner watch` with a traceback of the OSError)."""
+    try:
+        return 0 if running(home) else idle + 1
+    except storage.StorageError:
+        return idle
 
 
 def status_line(s: Any) -> str:

@@ -13,6 +13,11 @@ Found, and kept fixed below:
     read of it starting the retries afresh (to find it, to open it, to show its id, name and model). Within one
     look (`runner.status`, each poll of `runner watch`) a file that failed through the retries is tried once more
     at most, and the unreadable job's row shows what its files say at once.
+  * `runner watch JOB` ended with a traceback (OSError: Input/output error) when the home's logs/ folder, where
+    it looks for background workers, did not list; on a read-only home (a Drive shared read-only, another user's
+    home) it did the same with EROFS as it deleted a gone worker's pid file. The listing goes through the
+    retries, a poll where it still fails counts neither way (as a poll whose job does not read), and a pid file
+    it cannot delete is left.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ from __future__ import annotations
 import os
 
 import pytest
-from fsfaults import Unreadable
+from fsfaults import FsFaults, Unreadable
 from helpers import write_jsonl
 
 import runner
-from runner import EngineOptions, GenerationParams
+from runner import EngineOptions, GenerationParams, storage
 from runner.jobs import create_job
 
 DELAYS = (0.0,) * 5  # one read through the retries: 6 attempts
@@ -83,3 +88,37 @@ def test_a_job_that_does_not_read_is_waited_for_once_by_one_status(two_jobs, run
     # (it was: 3 times each, found by name)
     assert faults.failed[("read", "job.json")] <= len(DELAYS) + 1 + 2, faults.failed
     assert faults.failed[("read", "job.backup.json")] <= 3, faults.failed
+
+
+def test_watch_goes_on_while_the_homes_logs_do_not_list(two_jobs, runner_home, monkeypatch):
+    from runner.background import IDLE_POLLS, watch
+
+    alpha = two_jobs[0]
+    (runner_home / "logs").mkdir()
+    faults = Unreadable(runner_home, [runner_home / "logs"], kinds=("list",)).install(monkeypatch)
+    polls, lines = [], []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        if len(polls) == IDLE_POLLS + 2:
+            faults.bad.clear()  # the mount lists it again
+
+    final = watch("alpha", runner_home, every=10, echo=lines.append, sleep=sleep)
+    # the polls of the outage counted neither way: "no worker" is said after IDLE_POLLS that looked
+    assert final.id == alpha.id and "no worker is running" in lines[-1]
+    assert len(polls) == IDLE_POLLS + 2 + IDLE_POLLS - 1
+
+
+def test_watch_of_a_job_in_a_read_only_home_leaves_a_gone_workers_pid_file(
+    two_jobs, runner_home, monkeypatch
+):
+    from runner.background import watch
+
+    pid_file = runner_home / "logs" / "work-20261208-000000-aaaaaa.pid"
+    pid_file.parent.mkdir()
+    pid_file.write_text(f"999999999 - {storage.namespace_tag()}")  # a worker of this machine, gone
+    FsFaults(runner_home, fail="EROFS").install(monkeypatch)
+    lines = []
+    final = watch("alpha", runner_home, every=10, echo=lines.append, sleep=lambda s: None)
+    assert final.state == "queued" and "no worker is running" in lines[-1]
+    assert pid_file.exists()
