@@ -80,10 +80,17 @@ class JobStatus:
         return fmt_duration(self.eta_seconds) if self.eta_seconds is not None else "-"
 
 
-def broken_status(path: Path, reason: str, job: Job | None = None, repairable: bool = True) -> JobStatus:
-    """A job that cannot be read; what job.json (or its backup, when it did not open) still says of it."""
+def broken_status(
+    path: Path,
+    reason: str,
+    job: Job | None = None,
+    repairable: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> JobStatus:
+    """A job that cannot be read; what job.json (or its backup, when it did not open) still says of it, or
+    `meta` where given (nothing read)."""
     hint = f" (`runner repair {shlex.quote(str(path))}`)" if repairable else ""
-    meta = _shown_spec(path, job)
+    meta = _shown_spec(path, job) if meta is None else meta
     name = meta.get("name") if isinstance(meta.get("name"), str) else None
     # a job in its own folder (-o myscores) is named by its id, not the folder's name (pass 51)
     job_id = meta.get("id") if isinstance(meta.get("id"), str) and meta.get("id") else path.name
@@ -398,11 +405,21 @@ def home_status(home: str | os.PathLike | None = None) -> list[JobStatus]:
     # each model's folder looked at once (`_waiting_for`)
     looks: Looks = {}
     out = [_of_home_job(it, copies, looks) if isinstance(it, Job) else it for it in out]
-    for name in jobdir.linked_entries(root):
-        out.append(
-            broken_status(root / name, "a symbolic link in the job home; runner does not follow links")
-        )
+    out += [_link_row(root / name) for name in jobdir.linked_entries(root)]
     return out
+
+
+def _link_row(path: Path) -> JobStatus:
+    """A symbolic link in the home, shown under its own name with nothing read through it: it showed the id of
+    the job it points to (listed twice, one row broken), and said `runner repair LINK`, which mends the folder
+    it points to and leaves the link (a dangling one: "no such folder")."""
+    try:
+        to = f" to {os.readlink(path)}"
+    except OSError:
+        to = ""
+    why = (f"a symbolic link in the job home{to}; runner does not follow links: move the job's folder itself "
+           "into the home, or delete the link (`runner work --job FOLDER` runs a job where it is)")  # fmt: skip
+    return broken_status(path, why, repairable=False, meta={})
 
 
 def _foreign_spec(job: Job, why: str) -> JobStatus:

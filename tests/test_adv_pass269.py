@@ -18,6 +18,10 @@ Found, and kept fixed below:
     home) it did the same with EROFS as it deleted a gone worker's pid file. The listing goes through the
     retries, a poll where it still fails counts neither way (as a poll whose job does not read), and a pid file
     it cannot delete is left.
+  * A symbolic link in the home (`ln -s` of a job folder from elsewhere on Drive) was listed with the id, name
+    and model of the job it points to, read through the link that "runner does not follow": that job showed
+    twice, once broken; and its line said `runner repair LINK`, which mends the folder it points to and leaves
+    the link (a dangling one: "no such folder"). It is listed under its own name, with what to do instead.
 """
 
 from __future__ import annotations
@@ -122,3 +126,18 @@ def test_watch_of_a_job_in_a_read_only_home_leaves_a_gone_workers_pid_file(
     final = watch("alpha", runner_home, every=10, echo=lines.append, sleep=lambda s: None)
     assert final.state == "queued" and "no worker is running" in lines[-1]
     assert pid_file.exists()
+
+
+def test_a_link_in_the_home_is_listed_under_its_own_name_without_repair(two_jobs, runner_home, tmp_path):
+    alpha = two_jobs[0]
+    (runner_home / "20261208-000000-aaaaaa").symlink_to(tmp_path / "nowhere")  # dangling
+    (runner_home / "20261208-000002-cccccc").symlink_to(alpha.dir)
+    (runner_home / "20261208-000001-bbbbbb").write_text("x")  # a file: no job, not listed
+    rows = {s.id: s for s in runner.status()}
+    assert sorted(rows) == sorted(
+        [alpha.id, two_jobs[1].id, "20261208-000000-aaaaaa", "20261208-000002-cccccc"]
+    )
+    for name in ("20261208-000000-aaaaaa", "20261208-000002-cccccc"):
+        assert rows[name].state == "broken" and rows[name].name is None and rows[name].model == "-"
+        assert "symbolic link" in rows[name].message and "runner repair" not in rows[name].message
+    assert rows[alpha.id].state == "queued"
