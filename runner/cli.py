@@ -835,7 +835,7 @@ def submit(
     if not job.created:  # the same name (or folder), file and settings were submitted before: that job
         now = runner_status(job.dir)
         _echo(f"job {job.id} (the same file and settings) is already there: {now.state}, "
-              f"{now.done:,}/{now.total:,} {job.spec.count_noun}")  # fmt: skip
+              f"{now.done_text()} {job.spec.count_noun}")  # fmt: skip
     else:
         _echo(
             f"queued {kind} job {job.id}: {counted(rows, 'rows')}"
@@ -1408,14 +1408,13 @@ def _short(value: Any, most: int = 60) -> str:
 
 
 def _detail(s: Any) -> list[str]:
-    from .job_status import UNREADABLE
     from .jobdir import Job
 
     lines = [
         f"job:      {s.id}" + (f" ({s.name})" if s.name else ""),
         f"state:    {s.state}" + (f" - {s.message}" if s.message else ""),
     ]
-    if s.state in ("broken", UNREADABLE) and not s.total:
+    if s.total is None:  # (broken or unreadable: not counted)
         return lines + [f"folder:   {s.folder}"]
     job = Job.open(s.folder)
     workers = [_worker_said(w) for w in s.workers]

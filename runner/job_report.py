@@ -367,6 +367,13 @@ def _table(head: list[str] | None, rows: list[list[Any]], classes: list[str] | N
     return "\n".join(out)
 
 
+def _results_said(s: Any) -> str:
+    """ "128 of 400 done (32.0%)", or that they are not counted (a broken job: its commits were not read)."""
+    if s.done is None or s.total is None:
+        return "not counted (the job is broken: see its state)"
+    return f"{s.done:,} of {s.total:,} done ({100 * s.done / s.total if s.total else 0:.1f}%)"
+
+
 def _summary(data: ReportData) -> str:
     s, job = data.status, data.job
     rows = [
@@ -374,7 +381,7 @@ def _summary(data: ReportData) -> str:
         ["kind", job.kind],
         ["model", job.spec.model + (f" (snapshot {job.spec.revision})" if job.spec.revision else "")],
         ["state", s.state + (f" - {s.message}" if s.message else "")],
-        ["results", f"{s.done:,} of {s.total:,} done ({100 * s.done / s.total if s.total else 0:.1f}%)"],
+        ["results", _results_said(s)],
         ["errors", f"{s.errors:,} row errors, {s.invalid:,} invalid input rows"],
         ["tokens / s", f"{s.tokens_per_second:,.1f}" if s.tokens_per_second else "-"],
         ["created", job.spec.created],
@@ -401,7 +408,8 @@ def _throughput(data: ReportData) -> str:
                        showlegend=len(workers) > 1)  # fmt: skip
     xs, ys = _progress(data.batches)
     done = go.Figure(go.Scatter(x=xs, y=ys, mode="lines", line_shape="hv", fill="tozeroy", name="results"))
-    done.update_layout(title=f"results done (of {data.status.total:,})", xaxis_title="time",
+    of = f" (of {data.status.total:,})" if data.status.total is not None else ""  # (None: a broken job's)
+    done.update_layout(title=f"results done{of}", xaxis_title="time",
                        yaxis={"title": "result rows", "rangemode": "tozero"})  # fmt: skip
     note = _note(f"Each point is a batch: its {unit} over the seconds it took. Times are when each batch "
                  "ended (this machine's local time).")  # fmt: skip

@@ -28,8 +28,10 @@ class JobStatus:
     id: str
     name: str | None
     state: str
-    done: int
-    total: int
+    # None: not counted (a job broken before its commits were read, or whose folder does not read): 0/0 said
+    # the job had no rows, and a broken job's last counts are not kept anywhere to show instead
+    done: int | None
+    total: int | None
     errors: int
     invalid: int
     tokens_per_second: float | None
@@ -61,7 +63,9 @@ class JobStatus:
         return asdict(self)
 
     def done_text(self) -> str:
-        """'128/400', or '128+256/400' while 256 more are computed and not saved yet."""
+        """'128/400', or '128+256/400' while 256 more are computed and not saved yet; '?' where not counted."""
+        if self.done is None or self.total is None:
+            return "?"
         more = f"+{self.unsaved:,}" if self.unsaved else ""
         return f"{self.done:,}{more}/{self.total:,}"
 
@@ -96,7 +100,7 @@ def broken_status(
     job_id = meta.get("id") if isinstance(meta.get("id"), str) and meta.get("id") else path.name
     # (a damaged kind may be a list or an object, which `in` a dict cannot look up: status crashed)
     kind = meta.get("kind")
-    return JobStatus(id=job_id, name=name, state=JobState.BROKEN.value, done=0, total=0,
+    return JobStatus(id=job_id, name=name, state=JobState.BROKEN.value, done=None, total=None,
                      errors=0, invalid=0, tokens_per_second=None, eta_seconds=None,
                      model=str(meta.get("model") or "-"), created=str(meta.get("created") or ""), worker=None,
                      message=reason + hint, folder=str(path),

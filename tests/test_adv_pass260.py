@@ -105,9 +105,7 @@ def test_watch_goes_on_through_a_poll_that_does_not_read(sick, gpt2_engine, runn
 
     final = watch(sick.dir, runner_home, every=5, echo=lines.append, sleep=sleep)
     assert final.state == "completed", lines
-    assert (
-        f"unreadable: 0/0 | - tok/s | ETA - | cannot read {sick.dir / 'state' / '00000003.json'}" in lines[0]
-    )
+    assert f"unreadable: ? | - tok/s | ETA - | cannot read {sick.dir / 'state' / '00000003.json'}" in lines[0]
 
 
 def test_cancel_of_a_job_whose_shard_does_not_read_cancels_it(sick, runner_home, monkeypatch):

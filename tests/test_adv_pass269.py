@@ -22,15 +22,20 @@ Found, and kept fixed below:
     and model of the job it points to, read through the link that "runner does not follow": that job showed
     twice, once broken; and its line said `runner repair LINK`, which mends the folder it points to and leaves
     the link (a dangling one: "no such folder"). It is listed under its own name, with what to do instead.
+  * A job whose folder does not read (`unreadable`), or that is broken before its commits are read (no worker
+    can run it, a spec copied in), showed DONE/TOTAL 0/0 in the table, `watch` and `runner status --json`
+    ("done": 0, "total": 0), and its report said "0 of 0 done": a job with no rows, none done, where nothing was
+    counted. Its counts are None now ("?" in the table and the line, null in JSON, "not counted" in the report).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 from fsfaults import FsFaults, Unreadable
-from helpers import write_jsonl
+from helpers import invoke, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, storage
@@ -141,3 +146,21 @@ def test_a_link_in_the_home_is_listed_under_its_own_name_without_repair(two_jobs
         assert rows[name].state == "broken" and rows[name].name is None and rows[name].model == "-"
         assert "symbolic link" in rows[name].message and "runner repair" not in rows[name].message
     assert rows[alpha.id].state == "queued"
+
+
+def test_a_job_whose_rows_were_not_counted_says_so_not_0_of_0(two_jobs, runner_home, monkeypatch, tmp_path):
+    alpha, beta, bad = two_jobs
+    (alpha.dir / "log.txt").unlink(missing_ok=True)
+    (alpha.dir / "log.txt").mkdir()  # broken before its commits are read: no worker can run it
+    Unreadable(runner_home, bad, kinds=("read",)).install(monkeypatch)
+    for job, state in ((alpha, "broken"), (beta, "unreadable")):
+        s = runner.status(job.id)
+        assert (s.state, s.done, s.total, s.done_text()) == (state, None, None, "?")
+    table = invoke("status")
+    assert table.exit_code == 0 and "0/0" not in table.output, table.output
+    assert {(r["state"], r["done"], r["total"]) for r in json.loads(invoke("status", "--json").output)} == {
+        ("broken", None, None),
+        ("unreadable", None, None),
+    }
+    page = runner.report(alpha.id, tmp_path / "r.html").read_text()
+    assert "not counted" in page and "0 of 0" not in page
