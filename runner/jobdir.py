@@ -356,7 +356,7 @@ def named_folder(path: Path) -> Path:
 
 def _in_home(text: str, root: Path) -> Path:
     """The folder of the job whose id or name is `text` in the home `root`."""
-    if _is_job_folder(root / text):  # not any folder: HOME/logs of `runner work --background` is no job
+    if _job_folder_for_now(root / text):  # not any folder: HOME/logs of `runner work --background` is no job
         return root / text
     unread: list[Path] = []
     jobs = list(_named(root, unread))
@@ -465,9 +465,24 @@ def _name_holder(root: Path, name: str) -> Path | None:
     path = folder / f"{name}.{newest}.json"
     held = _read_json_or_none(path) if newest is not None and storage.kind(path) == "file" else None
     holder = held.get("job") if isinstance(held, dict) else None
-    if not isinstance(holder, str) or not NAME_RE.fullmatch(holder) or not _is_job_folder(root / holder):
+    if not isinstance(holder, str) or not NAME_RE.fullmatch(holder) or not _job_folder_for_now(root / holder):
         return None
     return root / holder
+
+
+def _job_folder_for_now(p: Path) -> bool:
+    """`_is_job_folder`, or a folder whose job.json and backup do not say what they are through the retries (a
+    mount failing for now): a job named by its id or name is then found, for its opener to say it does not read,
+    as the home's listing shows it (`job_folders`). `runner status ID` failed with "cannot read", and `runner
+    watch ID` ended at its first poll, where `runner status` listed the job `unreadable` (pass 269). Looked at
+    in one try: the opener reads them through the retries (both waiting, `runner cancel ID` waited twice)."""
+    with storage.at_once() as missed:
+        try:
+            return _is_job_folder(p)
+        except storage.StorageError:
+            if not missed:  # (denied, damaged: as it is)
+                raise
+    return storage.kind(p) == "dir"
 
 
 def _is_job_folder(p: Path) -> bool:
