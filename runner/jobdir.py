@@ -364,7 +364,7 @@ def _in_home(text: str, root: Path) -> Path:
     # a folder that did not read at once may hold the name too: read through the retries unless the name's claim
     # says which holds it (`runner status night1` waited minutes for a neighbour Drive could not serve, and a
     # job that does not read was read 3 times through the retries: adversarial pass 269)
-    if unread and (holder := _name_holder(root, text)) not in named:
+    if unread and (holder := _claim_says(root, text)) not in named:
         if not named and holder in unread:
             return holder  # (its opener says it does not read)
         jobs = sorted([*jobs, *_named(root, folders=unread)], key=lambda it: it[0].name)
@@ -483,6 +483,15 @@ def _job_folder_for_now(p: Path) -> bool:
             if not missed:  # (denied, damaged: as it is)
                 raise
     return storage.kind(p) == "dir"
+
+
+def _claim_says(root: Path, name: str) -> Path | None:
+    """`_name_holder`, or None where the claims do not read (.names failing too: the lookup reads the folders
+    that did not read at once, as before, instead of failing)."""
+    try:
+        return _name_holder(root, name)
+    except storage.StorageError:
+        return None
 
 
 def _is_job_folder(p: Path) -> bool:

@@ -192,3 +192,13 @@ def test_a_job_whose_rows_were_not_counted_says_so_not_0_of_0(two_jobs, runner_h
     }
     page = runner.report(alpha.id, tmp_path / "r.html").read_text()
     assert "not counted" in page and "0 of 0" not in page
+
+
+def test_a_job_found_by_name_with_a_neighbour_and_the_names_claims_not_reading(
+    two_jobs, runner_home, monkeypatch
+):
+    alpha, _, bad = two_jobs
+    Counted(runner_home, [*bad, runner_home / ".names"]).install(monkeypatch)
+    assert (
+        runner.status("alpha").id == alpha.id
+    )  # (as before this pass: the neighbour read through the retries)
