@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +141,9 @@ def watch(
     """Look at the job's status every `every` seconds, printing a line when it changed (and once a minute
     otherwise), until it is completed, failed or cancelled, or no worker has run it for a few polls (then says
     how to start one). Returns the last JobStatus."""
-    from .api import status
-
     idle, said, quiet = 0, None, 0
     while True:
-        s = status(job, home)
+        s = _poll(job, home)
         line = status_line(s)
         # a line only when it says something new (workers beat every lease/4: a 10 s poll read the same figures
         # three times, its ETA frozen; pass 85), else once a minute to show it is still watching
@@ -167,6 +165,24 @@ def watch(
                 )
             return s
         sleep(every)
+
+
+def _poll(job: str | os.PathLike, home: str | os.PathLike | None) -> Any:
+    """The job's status; `unreadable` where the job cannot even be found for now (the home's listing, or its
+    folder's stat, failing through the retries): it ended the watch with "Error: cannot list HOME", though a poll
+    that does not read counts neither way (pass 265). Its row names the job as given, nothing read for it."""
+    from .api import status
+    from .job_status import broken_status
+
+    try:
+        return status(job, home)
+    except storage.StorageError as e:
+        if not e.unreadable_for_now:
+            raise
+        shown = broken_status(
+            Path(os.fspath(job)), f"{e} (read again at the next poll)", repairable=False, meta={}
+        )
+        return replace(shown, state=UNREADABLE)
 
 
 def _idle_polls(idle: int, home: str | os.PathLike | None) -> int:

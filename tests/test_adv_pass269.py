@@ -18,6 +18,8 @@ Found, and kept fixed below:
     `runner watch ID` ended so at its first poll, though a poll that does not read is meant to count neither way.
     A folder named by the id, or by the name's claim, whose job.json does not say what it is for now is the job
     now, for its opener to say `unreadable`, as the home's listing does.
+  * `runner watch NAME` ended, exit 1, "Error: cannot list HOME" at a poll where the home's listing failed through
+    the retries (finding the job by its name lists the home): now an `unreadable` poll, counting neither way.
   * `runner watch JOB` ended with a traceback (OSError: Input/output error) when the home's logs/ folder, where
     it looks for background workers, did not list; on a read-only home (a Drive shared read-only, another user's
     home) it did the same with EROFS as it deleted a gone worker's pid file. The listing goes through the
@@ -202,3 +204,20 @@ def test_a_job_found_by_name_with_a_neighbour_and_the_names_claims_not_reading(
     assert (
         runner.status("alpha").id == alpha.id
     )  # (as before this pass: the neighbour read through the retries)
+
+
+def test_watch_goes_on_while_the_home_does_not_list(two_jobs, runner_home, monkeypatch):
+    from runner.background import watch
+
+    alpha = two_jobs[0]
+    faults = Unreadable(runner_home, [runner_home], kinds=("list",)).install(monkeypatch)
+    polls, lines = [], []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        if len(polls) == 2:
+            faults.bad.clear()  # the mount lists the home again
+
+    final = watch("alpha", runner_home, every=10, echo=lines.append, sleep=sleep)
+    assert " alpha unreadable: ? " in lines[0] and "cannot list" in lines[0], lines
+    assert final.id == alpha.id and "no worker is running" in lines[-1], lines
