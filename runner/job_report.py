@@ -382,7 +382,11 @@ def _summary(data: ReportData) -> str:
         ["model", job.spec.model + (f" (snapshot {job.spec.revision})" if job.spec.revision else "")],
         ["state", s.state + (f" - {s.message}" if s.message else "")],
         ["results", _results_said(s)],
-        ["errors", f"{s.errors:,} row errors, {s.invalid:,} invalid input rows"],
+        [
+            "errors",
+            ("row errors not counted" if s.errors is None else f"{s.errors:,} row errors")
+            + f", {s.invalid:,} invalid input rows",
+        ],
         ["tokens / s", f"{s.tokens_per_second:,.1f}" if s.tokens_per_second else "-"],
         ["created", job.spec.created],
         ["folder", str(job.dir)],

@@ -32,7 +32,7 @@ class JobStatus:
     # the job had no rows, and a broken job's last counts are not kept anywhere to show instead
     done: int | None
     total: int | None
-    errors: int
+    errors: int | None  # (None too: not counted)
     invalid: int
     tokens_per_second: float | None
     eta_seconds: float | None
@@ -101,7 +101,7 @@ def broken_status(
     # (a damaged kind may be a list or an object, which `in` a dict cannot look up: status crashed)
     kind = meta.get("kind")
     return JobStatus(id=job_id, name=name, state=JobState.BROKEN.value, done=None, total=None,
-                     errors=0, invalid=0, tokens_per_second=None, eta_seconds=None,
+                     errors=None, invalid=0, tokens_per_second=None, eta_seconds=None,
                      model=str(meta.get("model") or "-"), created=str(meta.get("created") or ""), worker=None,
                      message=reason + hint, folder=str(path),
                      kind=kind if isinstance(kind, str) and kind in jobdir.KINDS else None)  # fmt: skip
@@ -468,7 +468,7 @@ def status_table(statuses: list[JobStatus]) -> str:
     for s in statuses:
         rows.append((
             s.id, s.name or "-", s.kind or "-", s.state, s.done_text(),
-            f"{s.tokens_per_second:,.1f}" if s.tokens_per_second else "-", s.eta, str(s.errors),
+            f"{s.tokens_per_second:,.1f}" if s.tokens_per_second else "-", s.eta, "-" if s.errors is None else str(s.errors),
             s.workers_text(), s.model,
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

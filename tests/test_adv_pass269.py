@@ -31,8 +31,9 @@ Found, and kept fixed below:
     the link (a dangling one: "no such folder"). It is listed under its own name, with what to do instead.
   * A job whose folder does not read (`unreadable`), or that is broken before its commits are read (no worker
     can run it, a spec copied in), showed DONE/TOTAL 0/0 in the table, `watch` and `runner status --json`
-    ("done": 0, "total": 0), and its report said "0 of 0 done": a job with no rows, none done, where nothing was
-    counted. Its counts are None now ("?" in the table and the line, null in JSON, "not counted" in the report).
+    ("done": 0, "total": 0, "errors": 0), and its report said "0 of 0 done", "0 row errors": a job with no rows,
+    none done, no errors, where nothing was counted. Its counts are None now ("?" and "-" in the table, "?" in
+    the watch line, null in JSON, "not counted" in the report).
 """
 
 from __future__ import annotations
@@ -185,15 +186,16 @@ def test_a_job_whose_rows_were_not_counted_says_so_not_0_of_0(two_jobs, runner_h
     Unreadable(runner_home, bad, kinds=("read",)).install(monkeypatch)
     for job, state in ((alpha, "broken"), (beta, "unreadable")):
         s = runner.status(job.id)
-        assert (s.state, s.done, s.total, s.done_text()) == (state, None, None, "?")
+        assert (s.state, s.done, s.total, s.errors, s.done_text()) == (state, None, None, None, "?")
     table = invoke("status")
     assert table.exit_code == 0 and "0/0" not in table.output, table.output
-    assert {(r["state"], r["done"], r["total"]) for r in json.loads(invoke("status", "--json").output)} == {
-        ("broken", None, None),
-        ("unreadable", None, None),
+    rows = json.loads(invoke("status", "--json").output)
+    assert {(r["state"], r["done"], r["total"], r["errors"]) for r in rows} == {
+        ("broken", None, None, None),
+        ("unreadable", None, None, None),
     }
     page = runner.report(alpha.id, tmp_path / "r.html").read_text()
-    assert "not counted" in page and "0 of 0" not in page
+    assert "not counted" in page and "0 of 0" not in page and "0 row errors" not in page
 
 
 def test_a_job_found_by_name_with_a_neighbour_and_the_names_claims_not_reading(
