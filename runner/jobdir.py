@@ -381,6 +381,11 @@ def _in_home(text: str, root: Path) -> Path:
         raise RunnerError(f"several jobs are named {text!r}; use the job id ({ids})")
     if missing := missing_home(root):
         raise RunnerError(f"no job {text!r} in {root}: {missing} (a mistyped --home or $RUNNER_HOME?)")
+    if (
+        storage.kind(root / text) == "link"
+    ):  # (`runner status` lists it, broken: "no job" said it was not there)
+        raise RunnerError(f"{root / text} is a symbolic link; runner does not follow links in the job home: give "
+                          "the folder it points to, or move that folder into the home")  # fmt: skip
     raise RunnerError(
         f"no job {text!r} in {root}{input_file_hint(Path(text), root) or _did_you_mean(text, jobs)}"
     )

@@ -28,7 +28,8 @@ Found, and kept fixed below:
   * A symbolic link in the home (`ln -s` of a job folder from elsewhere on Drive) was listed with the id, name
     and model of the job it points to, read through the link that "runner does not follow": that job showed
     twice, once broken; and its line said `runner repair LINK`, which mends the folder it points to and leaves
-    the link (a dangling one: "no such folder"). It is listed under its own name, with what to do instead.
+    the link (a dangling one: "no such folder"); `runner status LINK` said "no job LINK". It is listed under
+    its own name, with what to do instead, and named so when looked up.
   * A job whose folder does not read (`unreadable`), or that is broken before its commits are read (no worker
     can run it, a spec copied in), showed DONE/TOTAL 0/0 in the table, `watch` and `runner status --json`
     ("done": 0, "total": 0, "errors": 0), and its report said "0 of 0 done", "0 row errors": a job with no rows,
@@ -47,6 +48,7 @@ from helpers import invoke, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, storage
+from runner.errors import RunnerError
 from runner.jobs import create_job
 
 DELAYS = (0.0,) * 5  # one read through the retries: 6 attempts
@@ -177,6 +179,11 @@ def test_a_link_in_the_home_is_listed_under_its_own_name_without_repair(two_jobs
         assert rows[name].state == "broken" and rows[name].name is None and rows[name].model == "-"
         assert "symbolic link" in rows[name].message and "runner repair" not in rows[name].message
     assert rows[alpha.id].state == "queued"
+    # named as the table shows it: it said "no job '20261208-000000-aaaaaa'", as of a folder that is not there
+    with pytest.raises(
+        RunnerError, match="20261208-000000-aaaaaa is a symbolic link; runner does not follow"
+    ):
+        runner.status("20261208-000000-aaaaaa")
 
 
 def test_a_job_whose_rows_were_not_counted_says_so_not_0_of_0(two_jobs, runner_home, monkeypatch, tmp_path):
