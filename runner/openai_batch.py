@@ -287,14 +287,8 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
     """Write the job's results as Batch output lines (one per request, in input order) to `out`, and the
     requests that could not be done as Batch error lines to `errors_out` (default: beside `out`, `.errors`
     inserted before the suffix). Both files are written whole or not at all. Returns how many of each."""
-    from . import jobdir, storage
-    from .results import (
-        LOCAL_EXPORT_PREFIX,
-        Exported,
-        load_results,
-        local_temp_prefix,
-        sweep_killed_local_temps,
-    )
+    from . import storage
+    from .results import Unstreamable, load_results, results_streamed
 
     if job.kind not in ("generate", "embed"):
         raise RunnerError(
@@ -307,7 +301,21 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
         storage.remove_stale_temps_of(target)
     ledger, ending = _ledger_and_ending(job)
     lost = ledger.lost_rows() if ending else {}  # (a complete job with rows lost is refused: _ending)
-    groups = _Groups(load_results(job.dir, format="arrow"))
+    try:
+        return _export(
+            job, out, errors_out, ledger, ending, lost, _Groups(results_streamed(job.dir, None, []))
+        )
+    except Unstreamable:  # (shards no worker writes: the rows read whole, as before they were streamed)
+        whole = load_results(job.dir, format="arrow")
+        return _export(job, out, errors_out, ledger, ending, lost, _Groups([whole]))
+
+
+def _export(job: Any, out: Path, errors_out: Path, ledger: Any, ending: Any, lost: Any, groups: _Groups
+            ) -> Exported:  # fmt: skip
+    """`export` once its targets and the job's ledger are read: the two files written from `groups`."""
+    from . import jobdir, storage
+    from .results import LOCAL_EXPORT_PREFIX, Exported, local_temp_prefix, sweep_killed_local_temps
+
     created = _created(job)
     errors: list[dict[str, Any]] = []
     # Lines refused at submit (--skip-invalid) are not requests of the job: each is an error line of its own,
@@ -328,7 +336,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
                 # a request answers whole or not at all (one response per request): one failed sample fails
                 # it, and one not done (a cancelled or failed job) leaves it unanswered. All its samples in the
                 # results (read after the errors) answer it: a retry computed them since its error was read
-                have = groups.counts.get(cid, 0)
+                have = groups.count(cid, row)
                 if have >= n:
                     answer = _line(job, cid, req, groups.take(cid), created, texts, prompt_ids)
                     lines.write(json.dumps(answer, ensure_ascii=False) + "\n")
@@ -344,6 +352,7 @@ def export(job: Any, out: str | os.PathLike, errors_out: str | os.PathLike | Non
                         f"{shlex.quote(str(job.dir))}`"
                     )
         errors.extend(_refused_line(job, e) for e in refused[at:])
+        groups.finish()
         errors_file = Path(tmp) / "errors.jsonl"
         errors_file.write_text(
             "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in errors), encoding="utf-8"
@@ -398,17 +407,47 @@ def _spared_targets(
 
 
 class _Groups:
-    """The results' rows of each request id, as small DataFrames, read a few thousand rows at a time in the
-    order the requests are read (input order): the export holds a chunk in pandas, not the whole job (which
-    took 20x the output file's size: pass 46). `counts`: rows per id."""
+    """The results' rows of each request id, as small DataFrames, read a unit of the job at a time
+    (`results.results_streamed`, `_row` kept) and turned into pandas a few thousand rows at a time, in the order
+    the requests are read (input order): the export holds a unit and a chunk, not the whole job (which took 20x
+    the output file's size in pandas: pass 46; and the whole table in Arrow, ~0.7 KB a row: pass 266)."""
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, parts: Any) -> None:
         from collections import Counter
 
-        self.counts = Counter(table.column("id").to_pylist())
-        self._batches = iter(table.to_batches(max_chunksize=4096))
+        self.counts: Counter[str] = Counter()
+        self._parts = iter(parts)
+        self._last = -1  # the last row of the parts read (-1: none yet)
+        self._pending: list[Any] = []  # batches of the parts read, not yet in pandas
         self._ready: dict[str, Any] = {}
         self._carry: Any = None  # the rows of a chunk's last id, which may go on in the next chunk
+        self._ended = False
+
+    def count(self, cid: str, row: int) -> int:
+        """How many rows request `cid` (row `row` of the prompts) has: the parts read up to a row after it (a
+        unit's part holds all its rows) or to the end."""
+        while self._last < row and self._read_part():
+            pass
+        return self.counts.get(cid, 0)
+
+    def finish(self) -> None:
+        """Read the parts to their end (then `results_streamed` says whether rows are missing)."""
+        while self._read_part():
+            pass
+
+    def _read_part(self) -> bool:
+        from .jobdir import ORDER
+
+        part = next(self._parts, None)
+        if part is None:
+            self._ended = True
+            return False
+        if part.num_rows and ORDER in part.column_names:
+            self._last = part.column(ORDER)[-1].as_py()
+        part = part.drop([ORDER]) if ORDER in part.column_names else part
+        self.counts.update(part.column("id").to_pylist())
+        self._pending.extend(part.to_batches(max_chunksize=4096))
+        return True
 
     def take(self, cid: str) -> Any:
         while cid not in self._ready and self._more():
@@ -421,14 +460,15 @@ class _Groups:
 
         from .results import to_pandas
 
-        batch = next(self._batches, None)
-        if batch is None:
+        while not self._pending and not self._ended and self._read_part():
+            pass
+        if not self._pending:
             if self._carry is None:
                 return False
             self._add(self._carry)
             self._carry = None
             return True
-        df = to_pandas(pa.Table.from_batches([batch]))
+        df = to_pandas(pa.Table.from_batches([self._pending.pop(0)]))
         df = pd.concat([self._carry, df], ignore_index=True) if self._carry is not None else df
         last = df["id"].iloc[-1]
         self._carry = df[df["id"] == last].reset_index(drop=True)

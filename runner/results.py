@@ -18,7 +18,7 @@ import shlex
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -457,25 +457,12 @@ def shard_tables(
 
 def read_results_table(job: Any, ledger: Any = None) -> pa.Table:
     """All counted rows of a job (jobdir.Job; of `ledger`, else `rows_ledger`), in input order, as one Arrow
-    table (with the `_row` column). Every shard is read once and checked against its marker's checksum and keys
-    as it is read: a shard that fails is left out (with a warning naming it; `runner repair` quarantines it and
-    `runner work` redoes its rows). Keys are unique: a key committed twice (identical by construction) is kept
-    once. Put in order a unit at a time (a unit's rows are a run of the input's), each unit's shards let go
-    once sorted: sorting the whole job at once held it three times over (the shards, the combined columns
-    and the sorted copy: 70 MB for 23 MB of results; adversarial pass 251)."""
+    table (with the `_row` column): `result_parts` joined. A shard that fails its check is left out (with a
+    warning naming it; `runner repair` quarantines it and `runner work` redoes its rows). Keys are unique: a
+    key committed twice (identical by construction) is kept once."""
     import pyarrow as pa
 
-    parts: list[pa.Table] = []
-    unit, tables = None, []
-    for commit, table in shard_tables(job, ledger=ledger):
-        if commit.unit != unit and tables:
-            parts.append(_in_order(tables, job.samples))
-            tables = []
-        unit = commit.unit
-        tables.append(table)
-    if tables:
-        parts.append(_in_order(tables, job.samples))
-    del tables
+    parts = list(result_parts(job, ledger))
     if not parts:
         return empty_results(job)
     bounds = [
@@ -488,6 +475,22 @@ def read_results_table(job: Any, ledger: Any = None) -> pa.Table:
     if all(last < first for (_, last), (first, _) in zip(bounds, bounds[1:], strict=False)):
         return table
     return _in_order([table], job.samples)
+
+
+def result_parts(job: Any, ledger: Any = None) -> Iterator[pa.Table]:
+    """The counted rows of a job (as `read_results_table`, with `_row`) a unit at a time: each unit's shards read
+    (`shard_tables`: each checked as it is read), sorted by (row, sample) with each key once, and let go of
+    before the next unit's are read. Sorting the whole job at once held it three times over (the shards, the
+    combined columns and the sorted copy: 70 MB for 23 MB of results; adversarial pass 251); an export held it
+    whole once (~0.7 KB a row: 0.7 GB for a million; pass 266)."""
+    unit, tables = None, []
+    for commit, table in shard_tables(job, ledger=ledger):
+        if commit.unit != unit and tables:
+            yield _in_order(tables, job.samples)  # (which lets go of the unit's shards)
+        unit = commit.unit
+        tables.append(table)
+    if tables:
+        yield _in_order(tables, job.samples)
 
 
 def _in_order(tables: list[pa.Table], samples: int) -> pa.Table:
@@ -577,6 +580,51 @@ def _results_and_loss(source: str | os.PathLike, home: str | os.PathLike | None)
         failed = int(ledger.failed_mask().sum())
         lost = _warn_if_partial(job, table.num_rows, completed, failed)
     return (table.drop([ORDER]) if ORDER in table.column_names else table), lost
+
+
+class Unstreamable(Exception):
+    """A part of the results that cannot follow the ones before it in a file written a part at a time
+    (`results_streamed`): other columns than theirs, or rows before theirs. No worker writes such shards; the
+    export is written from the whole table instead, as before it was streamed."""
+
+
+def results_streamed(
+    source: str | os.PathLike, home: str | os.PathLike | None, lost: list[str]
+) -> Iterator[pa.Table]:
+    """`_results_and_loss` a unit at a time (`result_parts`; a results file whole), each with `_row` and the
+    columns of the first, in input order after the one before (else `Unstreamable`); with no rows, an empty
+    table of the results' columns. Once the last is taken, `lost` holds why rows the job had are missing ("" when
+    none are), as `_results_and_loss` says it."""
+    from .jobdir import Job, naming_broken
+
+    path, is_file = resolve_source(source, home)
+    if is_file:
+        table, why = _results_and_loss(path, home)
+        yield table
+        lost.append(why)
+        return
+    with naming_broken(path):
+        job = Job.open(path)
+        completed = _completed_now(job)  # (before its rows are read)
+        ledger = rows_ledger(job)
+        parts = result_parts(job, ledger)
+        rows, schema, last = 0, None, -1
+        for part in parts:
+            if schema is None:
+                schema = part.schema
+            elif not part.schema.equals(schema):
+                raise Unstreamable("a part has other columns than the first")
+            if part.num_rows:
+                if part.column(ORDER)[0].as_py() <= last:
+                    raise Unstreamable("a part holds rows before the last part's")
+                last = part.column(ORDER)[-1].as_py()
+            rows += part.num_rows
+            yield part
+            del part
+        if schema is None:
+            yield empty_results(job)
+    failed = int(ledger.failed_mask().sum())
+    lost.append(_warn_if_partial(job, rows, completed, failed))
 
 
 def _read_results_file(path: Path, read_parquet: Callable[[Path], pa.Table], home: Any = None) -> pa.Table:
@@ -841,10 +889,10 @@ def export_results(
             raise ValueError(f"{path}: {problem}")
     if errors_to is None:  # the target checked before the rows are read (pyarrow named its temp file)
         check_export_target(Path(to))
-        table, lost = _results_and_loss(source, home)
-        _keep_the_file_there(lost, Path(to))
-        _write_whole(table, Path(to))
-        return Exported(table.num_rows, 0).losing(lost)
+        with _staged_results(source, home, Path(to)) as (place, rows, lost):
+            _keep_the_file_there(lost, Path(to))
+            place()
+        return Exported(rows, 0).losing(lost)
     if to is None:  # the errors alone: the refused input lines and the row errors, as beside an export
         check_export_target(Path(errors_to))
         missed: list[str] = []
@@ -858,17 +906,18 @@ def export_results(
     # a row the retry's worker computed meanwhile is a row, its error gone (pass 94: it was both)
     missed: list[str] = []
     errors = read_errors(source, home, missed=missed)
-    table, lost = _results_and_loss(source, home)
-    errors = _errors_table(_not_answered_since(errors, table))
-    lost = lost or "".join(missed)
-    _keep_the_file_there(lost, Path(to), Path(errors_to))
+    answered = _Answered(errors)
     # both staged whole first (a full disk leaves the older pair as it was); then a kill between the two renames
     # leaves no errors file, never an older one beside new rows
-    with _staged(table, Path(to)) as place_rows, _staged(errors, Path(errors_to)) as place_errors:
-        storage.remove(errors_to)
-        place_rows()
-        place_errors()
-    return Exported(table.num_rows, errors.num_rows).losing(lost)
+    with _staged_results(source, home, Path(to), answered.see) as (place_rows, rows, lost):
+        errors_table = _errors_table(answered.not_since(errors))
+        lost = lost or "".join(missed)
+        _keep_the_file_there(lost, Path(to), Path(errors_to))
+        with _staged([errors_table], Path(errors_to)) as place_errors:
+            storage.remove(errors_to)
+            place_rows()
+            place_errors()
+    return Exported(rows, errors_table.num_rows).losing(lost)
 
 
 def _keep_the_file_there(lost: str, *targets: Path) -> None:
@@ -920,17 +969,27 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def _not_answered_since(errors: list[dict[str, Any]], table: pa.Table) -> list[dict[str, Any]]:
-    """`errors` less the row errors whose (id, sample) is among the results in `table`, read after them. Lines
-    refused at submit (stage "validate") stay: a refused duplicate shares its id with a row."""
-    if all(e.get("stage") == "validate" for e in errors) or "id" not in table.column_names:
-        return errors
-    ids = table.column("id").to_pylist()
-    samples = table.column("sample").to_pylist() if "sample" in table.column_names else [0] * len(ids)
-    done = set(zip(ids, samples, strict=True))
-    return [
-        e for e in errors if e.get("stage") == "validate" or (e.get("id"), e.get("sample") or 0) not in done
-    ]
+class _Answered:
+    """Which row errors (`read_errors`, read before the rows) are of an (id, sample) among the results read after
+    them (`see`, each part as it is written): `not_since` leaves those out. Lines refused at submit (stage
+    "validate") stay: a refused duplicate shares its id with a row."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.keys = {(e.get("id"), e.get("sample") or 0) for e in errors if e.get("stage") != "validate"}
+        self.done: set[Any] = set()
+
+    def see(self, table: pa.Table) -> None:
+        if not self.keys or "id" not in table.column_names:
+            return
+        ids = table.column("id").to_pylist()
+        samples = table.column("sample").to_pylist() if "sample" in table.column_names else [0] * len(ids)
+        self.done.update(k for k in zip(ids, samples, strict=True) if k in self.keys)
+
+    def not_since(self, errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            e for e in errors
+            if e.get("stage") == "validate" or (e.get("id"), e.get("sample") or 0) not in self.done
+        ]  # fmt: skip
 
 
 def check_export_pair(out: Path, errors: Path) -> None:
@@ -975,28 +1034,78 @@ def _write_whole(table: pa.Table, to: Path) -> None:
     """`table` to `to` by its suffix, every value as stored (no float rounded, no integer made a float), through
     a temp file renamed into place: a full disk, a kill or Ctrl-C leaves the old file (or none), never a torn
     one."""
-    with _staged(table, to) as place:
+    with _staged([table], to) as place:
         place()
 
 
 @contextlib.contextmanager
-def _staged(table: pa.Table, to: Path) -> Iterator[Callable[[], None]]:
-    """`table` written whole to a temp file beside `to`, flushed to the disk; yields the call that renames it
-    into place (a pair of exports is staged whole before either takes its name). The temp file goes on exit."""
-    import pyarrow.parquet as pq
+def _staged_results(
+    source: str | os.PathLike,
+    home: str | os.PathLike | None,
+    to: Path,
+    see: Callable[[pa.Table], None] | None = None,
+) -> Iterator[tuple[Callable[[], None], int, str]]:
+    """`_staged` of a job's results (`results_streamed`: a unit at a time, each shown to `see` as it is written);
+    yields (the call that renames it into place, its rows, why rows the job had are missing: "" none). Where the
+    parts cannot follow one another (`Unstreamable`), the whole table is written instead."""
+    lost: list[str] = []
+    counted: list[int] = []
 
+    def parts() -> Iterator[pa.Table]:
+        read = results_streamed(source, home, lost)
+        while True:
+            try:
+                part = next(read, None)
+            except (OSError, storage.StorageError) as e:  # (a read of the job, not a write of the export)
+                raise _ReadFailed(e) from e
+            if part is None:
+                return
+            part = part.drop([ORDER]) if ORDER in part.column_names else part
+            counted.append(part.num_rows)
+            if see is not None:
+                see(part)
+            yield part
+
+    try:
+        with _staged(parts(), to) as place:
+            yield place, sum(counted), "".join(lost)
+            return
+    except Unstreamable:
+        pass
+    except _ReadFailed as e:  # said as it was, not "cannot write" the export
+        raise e.error from e.error.__cause__
+    table, why = _results_and_loss(source, home)
+    if see is not None:
+        see(table)
+    with _staged([table], to) as place:
+        yield place, table.num_rows, why
+
+
+class _ReadFailed(Exception):
+    """A job's rows failing to read while an export is written (`_staged_results`), carrying the `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@contextlib.contextmanager
+def _staged(parts: Iterable[pa.Table], to: Path) -> Iterator[Callable[[], None]]:
+    """The tables of `parts` (one table's columns each), written one after the other to a temp file beside `to`
+    (a part at a time: never the whole in memory), flushed to the disk; yields the call that renames it into
+    place (a pair of exports is staged whole before either takes its name). The temp file goes on exit."""
     storage.remove_stale_temps_of(to)  # an earlier export of this file killed mid-way
     tmp = storage.owned_temp_name(to)
     suffix = to.suffix.lower()
     try:
         try:
             if suffix == ".parquet":
-                pq.write_table(table, storage.arrow_file(tmp, "wb"))
+                _write_parquet(parts, tmp)
             elif suffix in (".jsonl", ".json"):  # .json: one array, as the name says
                 with open(tmp, "w", encoding="utf-8") as f:
-                    f.writelines(_json_lines(table, array=suffix == ".json"))
+                    f.writelines(_json_lines(parts, array=suffix == ".json"))
             else:
-                _write_csv(table, tmp)
+                _write_csv(parts, tmp)
             # whole on the disk before it takes the name: a machine crash leaves the old file
             storage.fsync_file(tmp)
             fault_point("before_replace")
@@ -1007,6 +1116,21 @@ def _staged(table: pa.Table, to: Path) -> Iterator[Callable[[], None]]:
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def _write_parquet(parts: Iterable[pa.Table], path: str) -> None:
+    """The parts as one Parquet file, each its own row groups (one table: as `pq.write_table` writes it)."""
+    import pyarrow.parquet as pq
+
+    writer = None
+    try:
+        for part in parts:
+            if writer is None:
+                writer = pq.ParquetWriter(storage.arrow_file(path, "wb"), part.schema)
+            writer.write_table(part)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _place(tmp: str, to: Path) -> None:
@@ -1025,7 +1149,7 @@ def _cannot_write(to: Path, e: Exception) -> RunnerError:
 EXPORT_CHUNK_ROWS = 4096  # rows converted at a time by a CSV or JSON export
 
 
-def _write_csv(table: pa.Table, path: str) -> None:
+def _write_csv(parts: Iterable[pa.Table], path: str) -> None:
     """The rows as CSV, a few thousand at a time (a whole job's table in pandas took 7x the file's size: pass
     46). With a UTF-8 byte-order mark: Excel (a Japanese Windows above all) reads it as UTF-8, not mojibake.
     Lines end in CRLF, as RFC 4180 has it: a cell holding a lone carriage return is then quoted too (with
@@ -1033,15 +1157,18 @@ def _write_csv(table: pa.Table, path: str) -> None:
     import pyarrow as pa
 
     with open(path, "w", encoding="utf-8-sig", newline="") as f:
-        for i, batch in enumerate(
-            table.to_batches(max_chunksize=EXPORT_CHUNK_ROWS) or [table.schema.empty_table()]
-        ):
-            part = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-            _as_json_text(to_pandas(_float32_shortest(part))).to_csv(f, index=False, header=i == 0,
-                                                                     lineterminator="\r\n")  # fmt: skip
+        header = True
+        for table in parts:
+            for batch in table.to_batches(max_chunksize=EXPORT_CHUNK_ROWS) or [table.schema.empty_table()]:
+                if not header and not batch.num_rows:
+                    continue
+                part = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+                _as_json_text(to_pandas(_float32_shortest(part))).to_csv(f, index=False, header=header,
+                                                                         lineterminator="\r\n")  # fmt: skip
+                header = False
 
 
-def _json_lines(table: pa.Table, array: bool) -> Iterator[str]:
+def _json_lines(parts: Iterable[pa.Table], array: bool) -> Iterator[str]:
     """The rows as JSON, a few thousand at a time: each float with every digit (pandas' `to_json` kept 10),
     integers as integers, NaN and infinities (which JSON cannot hold) as null, dates in ISO form. As JSON Lines,
     or (`array`) as the lines of one JSON array."""
@@ -1050,7 +1177,7 @@ def _json_lines(table: pa.Table, array: bool) -> Iterator[str]:
 
     first = True
     yield "[" if array else ""
-    for batch in table.to_batches(max_chunksize=EXPORT_CHUNK_ROWS):
+    for batch in (b for table in parts for b in table.to_batches(max_chunksize=EXPORT_CHUNK_ROWS)):
         for row in _float32_shortest(pa.Table.from_batches([batch])).to_pylist():
             text = _json_text(row)
             yield (("" if first else ",") + "\n" + text) if array else text + "\n"

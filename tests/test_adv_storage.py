@@ -372,15 +372,16 @@ def test_an_export_of_a_job_retried_and_completed_again_while_read_exits_0(
     job = create_job(write_jsonl(tmp_path / "p.jsonl", ROWS), tiny_gpt2, PARAMS, OPTIONS, home=runner_home,
                      unit_rows=2)  # fmt: skip
     completed_with_a_row_error(job, gpt2_engine, monkeypatch)
-    real = results.read_results_table
+    real = results.result_parts
 
-    def read_then_retried(job_, *ledger):
-        table = real(job_, *ledger)
+    def read_then_retried(
+        job_, *ledger
+    ):  # (an export reads the rows a unit at a time: the retry after the last)
+        yield from real(job_, *ledger)
         jobdir.retry(job)  # meanwhile: `runner retry`, then `runner work` computes r1
         run_until_done(job, gpt2_engine)
-        return table
 
-    monkeypatch.setattr(results, "read_results_table", read_then_retried)
+    monkeypatch.setattr(results, "result_parts", read_then_retried)
     result = invoke("--home", runner_home, "results", job.id, "--to", tmp_path / "out.jsonl")
     assert result.exit_code == 0 and "completed while its results were being read" in result.output, (
         result.output

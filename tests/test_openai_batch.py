@@ -705,14 +705,16 @@ def test_a_request_retried_and_answered_while_exported_is_an_answer_not_its_old_
         run_job(job, gpt2_engine, echo=None)
     assert run_job(job, gpt2_engine, echo=None).errors == 1
     monkeypatch.delenv("RUNNER_FAULT")
-    real = runner.results.load_results
+    real = runner.results.results_streamed
 
-    def retried_meanwhile(*args, **kwargs):
+    def retried_meanwhile(
+        *args, **kwargs
+    ):  # (the results are read a unit at a time: the retry before the first)
         jobdir.retry(job)
         assert run_job(job, gpt2_engine, echo=None).finished
-        return real(*args, **kwargs)
+        yield from real(*args, **kwargs)
 
-    monkeypatch.setattr(runner.results, "load_results", retried_meanwhile)
+    monkeypatch.setattr(runner.results, "results_streamed", retried_meanwhile)
     assert export(job, tmp_path / "out.jsonl") == (1, 0)
     (line,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert line["custom_id"] == "p1" and line["response"]["status_code"] == 200
