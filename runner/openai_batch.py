@@ -357,13 +357,15 @@ def _export(job: Any, out: Path, errors_out: Path, ledger: Any, ending: Any, los
         errors_file.write_text(
             "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in errors), encoding="utf-8"
         )
-        # Both files are whole before either is replaced; the old pair goes first and the new output comes
-        # last, so a kill in between leaves no output (run it again), never a file of this export beside one of
-        # an older (pass 47)
-        storage.remove(out)
-        storage.remove(errors_out)
-        storage.publish(errors_file, errors_out, owned=True)
-        storage.publish(lines_file, out, owned=True)
+        # Both files are whole beside their names before either older one is touched (a full disk leaves the
+        # older pair as it was); the old pair goes first and the new output comes last, so a kill in between
+        # leaves no output (run it again), never a file of this export beside one of an older (pass 47)
+        with storage.staged_publish(errors_file, errors_out) as place_errors:
+            with storage.staged_publish(lines_file, out) as place_lines:
+                storage.remove(out)
+                storage.remove(errors_out)
+                place_errors()
+                place_lines()
     return Exported(written, len(errors))
 
 

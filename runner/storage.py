@@ -537,6 +537,38 @@ def publish(
     )
 
 
+@contextlib.contextmanager
+def staged_publish(local: str | os.PathLike, target: str | os.PathLike) -> Iterator[Callable[[], None]]:
+    """`publish` (`owned`) in two steps: `local` copied whole to a temp name beside `target` and flushed to the
+    disk, then the call yielded renames it into place; the temp file goes on exit. The two files of an export are
+    both staged so before either older one is removed (`openai_batch.export`): a full disk or a read-only folder
+    fails before anything of the older pair is touched (they were removed first, then the copy failed: the older
+    export gone and no new one; adversarial pass 266)."""
+    target = Path(target)
+    tmp = owned_temp_name(target)
+
+    def copy() -> None:
+        with open(local, "rb") as src, open(tmp, "wb") as dst:
+            dst.write(src.read(os.path.getsize(local) // 2))
+            dst.flush()
+            fault_point("mid_write")  # half the bytes are beside the target under the temp name
+            shutil.copyfileobj(src, dst, 1024 * 1024)
+            dst.flush()
+            os.fsync(dst.fileno())
+        fault_point("before_replace")  # the new bytes are whole under the temp name; the old file stands
+
+    def place() -> None:
+        replace(tmp, target)
+        fsync_dir(target.parent)
+
+    try:
+        retry(copy, f"write {target}")
+        yield place
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
 LOCK_TRIES = 200  # x LOCK_WAIT seconds: the longest `folder_lock` waits for another holder before going on
 LOCK_WAIT = 0.05
 

@@ -1257,15 +1257,15 @@ def test_an_openai_export_replaces_its_pair_whole_or_says_why_not(mixed_job, tmp
     with pytest.raises(runner.RunnerError, match="no folder"):
         export(job, out, tmp_path / "missing" / "e.jsonl")
     assert out.read_text() == "OLD EXPORT\n" and errors.read_text() == "OLD ERRORS\n"  # refused: left whole
-    real, seen = storage.publish, []
+    real, seen = storage.replace, []
 
-    def publish(local, target, **kw):  # killed after the errors file landed, before the output did
+    def replace(src, target):  # killed after the errors file landed, before the output did
         if Path(target) == out:
             seen.append(errors.read_text())
             raise KeyboardInterrupt
-        return real(local, target, **kw)
+        return real(src, target)
 
-    monkeypatch.setattr(storage, "publish", publish)
+    monkeypatch.setattr(storage, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         export(job, out)
     assert not out.exists() and seen and "OLD ERRORS" not in seen[0]  # no output: never a mixed pair
