@@ -1491,12 +1491,12 @@ def _settings_line(job: Any) -> str:
 @handle_errors
 def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, errors_to: str | None) -> None:
     """Export a job's results (in input order) to a file, or preview them."""
-    from .results import export_results, export_type_problem, load_results
+    from .results import export_results, export_type_problem, preview_results
 
     if fmt == "openai" and to_path is None:
         raise click.UsageError("--format openai needs --to FILE.jsonl")
     if to_path is None and errors_to is None:
-        df = load_results(job_ref, ctx.obj["home"])
+        df, total = preview_results(job_ref, ctx.obj["home"])
         preview = ["id", "sample", "prompt", "finish_reason", "completion_tokens", "logprob", "perplexity",
                    "num_tokens", "context", "continuation", "text"]  # fmt: skip
         head = df[[c for c in preview if c in df.columns]].head(20)
@@ -1510,7 +1510,7 @@ def results(ctx: click.Context, job_ref: str, to_path: str | None, fmt: str, err
             # columns stood apart from the others')
             with pd.option_context("display.unicode.east_asian_width", True):
                 click.echo(head.dropna(axis="columns", how="all").to_string(max_colwidth=60))
-        click.echo(f"({counted(len(df), 'rows')}; --to FILE to export)")
+        click.echo(f"({counted(total, 'rows')}; --to FILE to export)")
         return
     for hint, path in (("--to", to_path), ("--errors-to", errors_to)):
         problem = export_type_problem(path) if fmt == "table" and path else None

@@ -547,6 +547,30 @@ def load_results(
     return to_pandas(table)
 
 
+def preview_results(
+    source: str | os.PathLike, home: str | os.PathLike | None = None, rows: int = 20
+) -> tuple[pd.DataFrame, int]:
+    """(the first `rows` results as `load_results` gives them, how many results there are): `runner results J`'s
+    preview, read a unit at a time (`results_streamed`): it loaded the whole job into pandas to show 20 rows and
+    a count (a million rows: gigabytes; pass 266). Where rows are missing, `load_results`' warnings say so."""
+    import pyarrow as pa
+
+    head: list[pa.Table] = []
+    total, kept = 0, 0
+    try:
+        for part in results_streamed(source, home, []):
+            total += part.num_rows
+            if kept < rows:
+                head.append(part.slice(0, rows - kept))
+                kept += head[-1].num_rows
+            del part
+    except Unstreamable:  # (shards no worker writes: read whole, as `load_results` reads them)
+        table, _ = _results_and_loss(source, home)
+        head, total = [table.slice(0, rows)], table.num_rows
+    table = pa.concat_tables(head, promote_options="default")
+    return to_pandas(table.drop([ORDER]) if ORDER in table.column_names else table), total
+
+
 def _extensions_as_storage(table: pa.Table) -> pa.Table:
     """`table` with each Arrow extension column (a passthrough `pa.uuid()`) as its storage (16-byte binary):
     datasets has no type for one, and `load_results(..., format="datasets")` raised its ValueError."""

@@ -7,6 +7,9 @@ Found, and kept fixed below:
     export needed, on a Colab of 12. The rows are read, sorted and written a unit at a time
     (`results.result_parts`); the files are the same bytes (a Parquet export: the same table, a row group a
     unit). Measured on a synthetic job of 200,000 rows (pyarrow's peak): 28 MB before, 4 MB after, and flat.
+  * `runner results J` (the preview: 20 rows and a count) loaded the whole job into pandas to show them (a
+    million rows: gigabytes, more than the export). It reads a unit at a time (`results.preview_results`); the
+    same lines print.
   * `--format openai` took ~2 ms a request beyond the answer itself: each request's rows were a pandas DataFrame
     (split out of a chunk with groupby, then read with iterrows): 200,000 requests took 300 s (a million, ~25
     minutes), where the table export takes 5 s. They are Python dicts from Arrow: 22 s, the same bytes.
@@ -263,3 +266,22 @@ def test_the_openai_export_calls_into_pandas_no_more_for_more_requests(big_job, 
         finally:
             sys.setprofile(None)
     assert calls[0] < 8 * UNIT * 10, calls[0]
+
+
+def test_the_preview_of_results_reads_a_unit_at_a_time(big_job, rows_held, runner_home):
+    """`runner results J` (no --to) shows the first 20 rows and the count of all, holding a unit or two of rows,
+    not the whole job in pandas (before: all 64 rows, ~5x their Arrow size)."""
+    result = invoke("--home", runner_home, "results", big_job.dir)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[-1] == "(64 rows; --to FILE to export)" and len(lines) == 1 + 20 + 1, result.output
+    assert " r19 " in lines[-2] and "r20" not in result.output
+    assert 0 < rows_held[0] <= 2 * UNIT, rows_held[0]
+
+
+def test_the_preview_of_a_job_half_done_says_the_rest_are_to_come(tmp_path, tiny_gpt2, runner_home):
+    job = synthetic_job(tmp_path / "half", tiny_gpt2, 4 * UNIT, units={0, 2})
+    result = invoke("--home", runner_home, "results", job.dir)
+    assert result.exit_code == 0, result.output
+    assert "these are 16 of its 32 results (the rest are not computed yet)" in result.output, result.output
+    assert result.output.splitlines()[-1] == "(16 rows; --to FILE to export)"
