@@ -477,14 +477,17 @@ def read_results_table(job: Any, ledger: Any = None) -> pa.Table:
     return _in_order([table], job.samples)
 
 
-def result_parts(job: Any, ledger: Any = None) -> Iterator[pa.Table]:
+def result_parts(job: Any, ledger: Any = None, in_order: bool = False) -> Iterator[pa.Table]:
     """The counted rows of a job (as `read_results_table`, with `_row`) a unit at a time: each unit's shards read
     (`shard_tables`: each checked as it is read), sorted by (row, sample) with each key once, and let go of
     before the next unit's are read. Sorting the whole job at once held it three times over (the shards, the
     combined columns and the sorted copy: 70 MB for 23 MB of results; adversarial pass 251); an export held it
-    whole once (~0.7 KB a row: 0.7 GB for a million; pass 266)."""
+    whole once (~0.7 KB a row: 0.7 GB for a million; pass 266). `in_order`: a unit listed after a later one
+    (which no ledger lists) is `Unstreamable`, raised before the later one is given."""
     unit, tables = None, []
     for commit, table in shard_tables(job, ledger=ledger):
+        if in_order and unit is not None and commit.unit < unit:
+            raise Unstreamable(f"unit {commit.unit} is listed after unit {unit}")
         if commit.unit != unit and tables:
             yield _in_order(tables, job.samples)  # (which lets go of the unit's shards)
         unit = commit.unit
@@ -631,7 +634,7 @@ def results_streamed(
         job = Job.open(path)
         completed = _completed_now(job)  # (before its rows are read)
         ledger = rows_ledger(job)
-        parts = result_parts(job, ledger)
+        parts = result_parts(job, ledger, in_order=True)
         rows, schema, last = 0, None, -1
         for part in parts:
             if schema is None:

@@ -59,8 +59,10 @@ def test_a_whole_export_of_a_completed_job_is_not_said_to_lack_rows_by_a_later_l
     job = _completed_with_r1_failed(tmp_path, tiny_gpt2, gpt2_engine, runner_home, monkeypatch)
     real, hit = results.result_parts, []
 
-    def read_then_fault(j, *ledger):  # (an export reads the rows a unit at a time: the fault after the last)
-        yield from real(j, *ledger)
+    def read_then_fault(
+        j, *ledger, **kw
+    ):  # (an export reads the rows a unit at a time: the fault after the last)
+        yield from real(j, *ledger, **kw)
         hit.append(after(job, monkeypatch))
 
     monkeypatch.setattr(results, "result_parts", read_then_fault)

@@ -144,18 +144,22 @@ def test_a_streamed_export_is_the_whole_tables_export(big_job, tmp_path, suffix)
         assert streamed.read_bytes() == whole.read_bytes()
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet", "openai"])
 def test_units_read_out_of_order_are_exported_whole_in_input_order(big_job, tmp_path, monkeypatch, suffix):
     """A ledger listing units out of order (no worker writes one; a copied folder might): the rows cannot be
     written a unit at a time in input order, and are written from the whole table, as before."""
-    _whole(big_job, tmp_path / f"whole{suffix}")
+    fmt, suffix = ("openai", ".jsonl") if suffix == "openai" else ("table", suffix)
+    if fmt == "openai":
+        runner.export_results(big_job.dir, tmp_path / f"whole{suffix}", format=fmt)
+    else:
+        _whole(big_job, tmp_path / f"whole{suffix}")
     real = results.shard_tables
 
     def backwards(job, columns=None, ledger=None):
         yield from sorted(real(job, columns, ledger), key=lambda pair: -pair[0].unit)
 
     monkeypatch.setattr(results, "shard_tables", backwards)
-    assert runner.export_results(big_job.dir, tmp_path / f"out{suffix}").rows == 8 * UNIT
+    assert runner.export_results(big_job.dir, tmp_path / f"out{suffix}", format=fmt).rows == 8 * UNIT
     if suffix == ".parquet":
         assert pq.read_table(tmp_path / f"out{suffix}").equals(pq.read_table(tmp_path / f"whole{suffix}"))
     else:
@@ -166,8 +170,8 @@ def _interrupted_after(monkeypatch, parts: int, error: BaseException) -> None:
     """The job's rows read, then `error` once `parts` units were (a Ctrl-C, a mount failing mid-way)."""
     real = results.result_parts
 
-    def then_fail(job, ledger=None):
-        for i, part in enumerate(real(job, ledger)):
+    def then_fail(job, ledger=None, **kw):
+        for i, part in enumerate(real(job, ledger, **kw)):
             if i == parts:
                 raise error
             yield part

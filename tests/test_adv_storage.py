@@ -375,9 +375,9 @@ def test_an_export_of_a_job_retried_and_completed_again_while_read_exits_0(
     real = results.result_parts
 
     def read_then_retried(
-        job_, *ledger
+        job_, *ledger, **kw
     ):  # (an export reads the rows a unit at a time: the retry after the last)
-        yield from real(job_, *ledger)
+        yield from real(job_, *ledger, **kw)
         jobdir.retry(job)  # meanwhile: `runner retry`, then `runner work` computes r1
         run_until_done(job, gpt2_engine)
 
