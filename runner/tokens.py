@@ -193,7 +193,17 @@ class TokenText:
         """Each token's exact UTF-8 bytes (a special token's: its name)."""
         ll = self._byte_table()
         if ll is None:  # no byte-level view of this tokenizer: the bytes of each token's own text
-            return [self.tokenizer.decode([int(i)]).encode() for i in ids]
+            ids = [int(i) for i in ids]
+            texts = [self.tokenizer.decode([i]) for i in ids]
+            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            special = set(self.tokenizer.all_special_ids)
+            # decoding one id drops SentencePiece's space in front ("▁今日" -> "今日", "▁" -> ""; rinna's
+            # Unigram T5Tokenizer): put it back, as llguidance's table has it for byte-fallback vocabularies
+            return [
+                (" " + text if isinstance(p, str) and p.startswith(SPACE_MARK) and t not in special
+                 and not text.startswith(" ") else text).encode()
+                for t, p, text in zip(ids, pieces, texts, strict=True)
+            ]  # fmt: skip
         return [ll.decode_bytes([int(i)]) for i in ids]
 
     def held_before(self, ids: Sequence[int], prefix: Sequence[int] = ()) -> list[bytes]:

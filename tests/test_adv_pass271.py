@@ -1,0 +1,78 @@
+"""Adversarial pass 271: the user's side, as the Japanese Colab/GPT-2 tutorials' readers use runner (rinna's
+T5Tokenizer GPT-2s, `runner score` in place of gpt2-japanese's gpt2-score, Excel CSVs, notebook reruns).
+
+Found, and kept fixed below:
+  * A SentencePiece Unigram tokenizer (rinna's japanese-gpt2s: T5Tokenizer, a Metaspace decoder that llguidance
+    cannot read) gave its "▁" token empty `token_bytes`, and "▁今日" the bytes of "今日": decoding one id alone
+    drops the space SentencePiece puts in front. Joining a row's `token_bytes` lost every space of the text
+    ("今日は 良い天気" gave "今日は良い天気"), and `runner score --tokens --print` printed the "▁" in front of a
+    text as a blank (`runner generate --prompt-logprobs` as ''), where the README (and a byte-fallback tokenizer)
+    shows "▁". A token whose piece starts with "▁" has the space in its bytes now, as llguidance's table gives
+    it for Llama's tokenizers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from helpers import invoke
+
+import runner
+
+
+def _train_unigram() -> bytes:
+    import sentencepiece as spm
+    from tiny_models import tiny_corpus
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_corpus()), model_writer=buf, model_type="unigram", vocab_size=400,
+        character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=True, unk_id=1, bos_id=-1,
+        eos_id=2, pad_id=0, unk_piece="<unk>", eos_piece="</s>", pad_piece="[PAD]", hard_vocab_limit=False,
+        num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def rinna_like(tmp_path_factory):
+    """A tiny GPT-2 with a rinna-style tokenizer: a SentencePiece Unigram `spiece.model` read by T5Tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("rinna-like")
+    (path / "spiece.model").write_bytes(_train_unigram())
+    config = {"tokenizer_class": "T5Tokenizer", "unk_token": "<unk>", "eos_token": "</s>", "pad_token": "[PAD]",
+              "bos_token": "</s>", "extra_ids": 0}  # fmt: skip
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    gpt2 = GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16, n_positions=64,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    GPT2LMHeadModel(gpt2).save_pretrained(path)
+    return str(path)
+
+
+def test_rinna_style_token_bytes_keep_sentencepieces_spaces(rinna_like, runner_home):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rinna_like)
+    text = "今日は 良い天気ですね。 The cat"
+    pieces = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+    assert (
+        tok.eos_token_id not in tok(text, add_special_tokens=False)["input_ids"]
+    )  # (no unknown piece: </s>)
+    assert pieces[0].startswith("\u2581") and sum(p.startswith("\u2581") for p in pieces) >= 3, pieces
+    result = invoke("score", "-", "-m", rinna_like, "--tokens", "--print", input=text + "\n")
+    assert result.exit_code == 0, result.output
+    row = runner.load_results(result.stderr.strip().splitlines()[-1].split("results in ")[-1]).iloc[0]
+    assert "".join(row["tokens"]) == text
+    assert (
+        b"".join(bytes(b) for b in row["token_bytes"]).decode() == " " + text
+    )  # SentencePiece's own "▁" too
+    first = result.stdout.splitlines()[1].split("\t")[0]
+    assert first.startswith("\u2581"), result.stdout
+    shown = invoke("generate", text, "-m", rinna_like, "--max-new-tokens", 1, "--prompt-logprobs").output
+    assert "prompt: '\u2581':" in shown, shown
