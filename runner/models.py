@@ -99,8 +99,11 @@ def resolve_model(
         # than the load we are trying to save, and a replaced file changes size or mtime.
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         return str(_converted(path, f"{path.stem}-{key}", cache_dir, progress, by_name=True))
+    _refuse_a_file_of_a_model(spec)
     if not Path(spec).expanduser().exists() and not _HUB_ID.fullmatch(spec):
-        raise ModelNotFoundError(f"no model folder at {spec} (and it is not a Hugging Face model id)")
+        raise ModelNotFoundError(
+            f"no model folder at {spec} (and it is not a Hugging Face model id){_why(spec)}"
+        )
     _refuse_a_folder_without_a_model(Path(spec).expanduser())
     if not Path(spec).expanduser().exists() and _near_demo(spec):
         raise ModelNotFoundError(
@@ -108,6 +111,32 @@ def resolve_model(
             "Hugging Face hub is named with its owner: HuggingFaceTB/SmolLM2-360M-Instruct)"
         )
     return spec
+
+
+def _refuse_a_file_of_a_model(spec: str) -> None:
+    """A file of a model folder given as the model (its `model.safetensors`, `config.json`, a Trainer's
+    `pytorch_model.bin`) was taken for a hub id: "hf download my-model/model.safetensors", or the hub's own
+    "Repo id must use alphanumeric chars" for a folder named in Japanese. Said as such, with the folder."""
+    path = Path(spec).expanduser()
+    if not storage.is_there(path, stat.S_ISREG):
+        return
+    folder = path.parent
+    hint = (
+        f": give the folder it is in, {folder}" if storage.is_there(folder / "config.json") else
+        " (a model is a folder that save_pretrained wrote, with its config.json, or a .gguf file)"
+    )  # fmt: skip
+    raise ModelNotFoundError(f"{spec} is a file, not a model folder{hint}")
+
+
+def _why(spec: str) -> str:
+    """What makes `spec`, found neither as a folder nor as a hub id, no hub id: a web address copied from the
+    hub's page, or spaces around the name (a notebook's copy and paste)."""
+    page = re.match(r"https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([^/?#\s]+/[^/?#\s]+)", spec.strip())
+    if page:
+        return f"; give the model's id, {page.group(1)}, not its web address"
+    if spec != spec.strip() and (Path(spec.strip()).expanduser().exists() or _HUB_ID.fullmatch(spec.strip())):
+        return f"; the name has spaces around it: {spec.strip()!r}"
+    return ""
 
 
 def _refuse_empty(spec: str) -> None:

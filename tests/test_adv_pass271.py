@@ -9,6 +9,13 @@ Found, and kept fixed below:
     text as a blank (`runner generate --prompt-logprobs` as ''), where the README (and a byte-fallback tokenizer)
     shows "▁". A token whose piece starts with "▁" has the space in its bytes now, as llguidance's table gives
     it for Llama's tokenizers.
+  * `-m "my gpt2 モデル/model.safetensors"` (or its config.json: the file the tutorial's save_pretrained wrote,
+    not its folder) said "hf download my gpt2 モデル/model.safetensors", or the hub's "Repo id must use
+    alphanumeric chars ... 'my gpt2 モデル/model.safetensors'": an existing file was taken for a hub id. It says
+    the file is no model folder, naming the folder to give.
+  * `-m https://huggingface.co/rinna/japanese-gpt2-medium` (the tutorials' link) and a name pasted with a
+    space after it said only "no model folder at ... (and it is not a Hugging Face model id)"; they name the
+    id to give, and the spaces.
 """
 
 from __future__ import annotations
@@ -76,3 +83,44 @@ def test_rinna_style_token_bytes_keep_sentencepieces_spaces(rinna_like, runner_h
     assert first.startswith("\u2581"), result.stdout
     shown = invoke("generate", text, "-m", rinna_like, "--max-new-tokens", 1, "--prompt-logprobs").output
     assert "prompt: '\u2581':" in shown, shown
+
+
+@pytest.mark.parametrize("inside", ["model.safetensors", "config.json"])
+def test_a_file_of_a_model_folder_given_as_the_model_says_to_give_the_folder(tmp_path, tiny_gpt2, inside):
+    """`-m "my gpt2 モデル/model.safetensors"` (the weights file of a tutorial's save_pretrained folder) was taken
+    for a hub id: "hf download ..." of a file on this machine, or the hub's "Repo id must use alphanumeric
+    chars" for a folder named in Japanese."""
+    import shutil
+
+    folder = tmp_path / "my gpt2 モデル"
+    shutil.copytree(tiny_gpt2, folder)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("こんにちは\n", encoding="utf-8")
+    for command in (["generate", "こんにちは"], ["submit", prompts]):
+        result = invoke(*command, "-m", folder / inside, "--max-new-tokens", 2)
+        assert result.exit_code == 1, result.output
+        assert f"{folder / inside} is a file, not a model folder: give the folder it is in, {folder}" in (
+            result.output
+        ), result.output
+        assert "hf download" not in result.output and "Repo id" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("model", "hint"),
+    [
+        (
+            "https://huggingface.co/rinna/japanese-gpt2-medium",
+            "give the model's id, rinna/japanese-gpt2-medium, ",
+        ),
+        (
+            "https://huggingface.co/rinna/japanese-gpt2-medium/tree/main",
+            "rinna/japanese-gpt2-medium, not its web",
+        ),
+        ("rinna/japanese-gpt2-medium ", "the name has spaces around it: 'rinna/japanese-gpt2-medium'"),
+    ],
+)
+def test_a_model_copied_from_the_hubs_page_says_what_is_wrong_with_it(model, hint):
+    """The address of a hub page (the tutorials link rinna/japanese-gpt2-medium so) or a name pasted with a space
+    after it said "no model folder at ... (and it is not a Hugging Face model id)", and no more."""
+    result = invoke("generate", "こんにちは", "-m", model, "--max-new-tokens", 2)
+    assert result.exit_code == 1 and hint in result.output, result.output
