@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .errors import NotOnThisMachine, ParamError, RunnerError, command, said_on_the_command_line
+from .errors import (
+    TEXT_ON_STDIN,
+    NotOnThisMachine,
+    ParamError,
+    RunnerError,
+    command,
+    said_on_the_command_line,
+)
 from .faults import fault_point
 from .params import DTYPE_ALIASES, DTYPES, unescape
 from .progress import counted
@@ -79,7 +86,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ParamError as e:
-            raise click.ClickException(f"{e.option}: {e}") from e
+            said = str(e)
+            if TEXT_ON_STDIN in said and fn.__name__ in ("run", "score", "embed", "submit"):
+                # (`runner embed "江戸時代の..."` was told to pipe it into `runner score`)
+                own = f"echo 'TEXT' | runner {fn.__name__} - -m MODEL"
+                said = said.replace(TEXT_ON_STDIN, own + (" (a quick try: runner generate 'TEXT' -m MODEL)"
+                                                          if fn.__name__ == "run" else ""))  # fmt: skip
+            raise click.ClickException(f"{e.option}: {said}") from e
         except NotOnThisMachine as e:  # (with what to do: the hf download of a pinned snapshot)
             raise click.ClickException(e.said()) from e
         except RunnerError as e:

@@ -180,3 +180,7 @@ def command(home: object, *words: str) -> str:
 
     given = home is not None and os.environ.get("RUNNER_HOME") != os.fspath(home)  # type: ignore[arg-type]
     return shlex.join(["runner", *(["--home", os.fspath(home)] if given else []), *words])  # type: ignore[arg-type]
+
+
+# How a text, not a file, is given (the CLI names the command the user ran in place of this: cli.handle_errors)
+TEXT_ON_STDIN = "echo 'TEXT' | runner score - -m MODEL (embed, run alike)"

@@ -32,7 +32,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import openai_batch, storage
-from .errors import InputError, ParamError, Problem, RunnerError, first_line, on_the_command_line, option
+from .errors import (
+    TEXT_ON_STDIN,
+    InputError,
+    ParamError,
+    Problem,
+    RunnerError,
+    first_line,
+    on_the_command_line,
+    option,
+)
 from .params import ROW_SETTINGS, row_overrides, setting_from_text
 
 T = TypeVar("T")
@@ -1188,7 +1197,7 @@ def input_format(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES and not os.path.lexists(path):  # (`runner score "a text"`, gpt2-score's habit)
         raise ParamError("input", f"{os.fspath(path)}: no such file; a text itself goes in on standard input: "
-                                  "echo 'TEXT' | runner score - -m MODEL (embed, run alike)")  # fmt: skip
+                                  f"{TEXT_ON_STDIN}")  # fmt: skip
     # a folder that is no save_to_disk dataset (those were read before): it said "unknown file type '(none)'"
     if suffix not in SUFFIXES and _looked_at(Path(path), stat.S_ISDIR):
         raise ParamError("input", f"{os.fspath(path)} is a folder: name a prompt file in it (.jsonl, .parquet, .csv, "

@@ -16,6 +16,9 @@ Found, and kept fixed below:
   * `-m https://huggingface.co/rinna/japanese-gpt2-medium` (the tutorials' link) and a name pasted with a
     space after it said only "no model folder at ... (and it is not a Hugging Face model id)"; they name the
     id to give, and the spaces.
+  * `runner embed "江戸時代のインターネット回線"` (gpt2-transform's habit: the text as the argument) was told
+    "echo 'TEXT' | runner score - -m MODEL (embed, run alike)": another command than the one run, and submit's
+    not at all. Each of run, score, embed and submit names itself (run adds `runner generate` for a quick try).
 """
 
 from __future__ import annotations
@@ -124,3 +127,13 @@ def test_a_model_copied_from_the_hubs_page_says_what_is_wrong_with_it(model, hin
     after it said "no model folder at ... (and it is not a Hugging Face model id)", and no more."""
     result = invoke("generate", "こんにちは", "-m", model, "--max-new-tokens", 2)
     assert result.exit_code == 1 and hint in result.output, result.output
+
+
+@pytest.mark.parametrize("command", ["embed", "score", "run", "submit"])
+def test_a_text_given_as_the_input_is_told_to_go_in_on_stdin_of_the_command_run(command, tiny_gpt2):
+    """`runner embed "江戸時代のインターネット回線"` (gpt2-transform's --context habit) said "echo 'TEXT' | runner
+    score - -m MODEL (embed, run alike)": the command named was another one (and submit's not at all)."""
+    result = invoke(command, "江戸時代のインターネット回線", "-m", tiny_gpt2)
+    assert result.exit_code == 1, result.output
+    assert f"echo 'TEXT' | runner {command} - -m MODEL" in result.output, result.output
+    assert "alike" not in result.output
