@@ -1735,7 +1735,9 @@ def _field_hint(obj: dict[str, Any], checker: RowChecker, file: str) -> str | No
     near = [k for k in texts if k.strip().casefold() == field.casefold()]
     if near:
         said = f"{_reading_field(field, near[0])} reads it"
-        if near[0] != near[0].strip() and checker.settings_as_text:
+        # (spaces after the commas, `id, prompt`: not a name typed with a space after it, `prompt `, `入力　`,
+        # whose cells have none and whose header skipinitialspace keeps)
+        if near[0].startswith(" ") and near[0] == near[0].rstrip() and checker.settings_as_text:
             said += (f" (its cells keep their spaces too; pandas.read_csv({file!r}, skipinitialspace=True, "
                      f"dtype=str, keep_default_na=False).to_csv({_beside(file, 'trimmed', '.csv')!r}, index=False) "
                      "writes the file without the spaces after its commas)")  # fmt: skip

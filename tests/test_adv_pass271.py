@@ -19,6 +19,10 @@ Found, and kept fixed below:
   * `runner embed "江戸時代のインターネット回線"` (gpt2-transform's habit: the text as the argument) was told
     "echo 'TEXT' | runner score - -m MODEL (embed, run alike)": another command than the one run, and submit's
     not at all. Each of run, score, embed and submit names itself (run adds `runner generate` for a quick try).
+  * A CSV header typed with a space after its name (`prompt `, the IME's full-width `入力　`) was told "its cells
+    keep their spaces too" and a pandas.read_csv(skipinitialspace=True) that writes the file "without the spaces
+    after its commas": there are none, and that call keeps the header's trailing space (the file it writes is
+    refused alike). That hint is for spaces after the commas (`id, prompt`) only.
 """
 
 from __future__ import annotations
@@ -137,3 +141,20 @@ def test_a_text_given_as_the_input_is_told_to_go_in_on_stdin_of_the_command_run(
     assert result.exit_code == 1, result.output
     assert f"echo 'TEXT' | runner {command} - -m MODEL" in result.output, result.output
     assert "alike" not in result.output
+
+
+@pytest.mark.parametrize("header", ["prompt ", "入力\u3000"])
+def test_a_header_with_a_space_after_its_name_is_not_told_to_strip_the_cells(tmp_path, tiny_gpt2, header):
+    """An Excel header typed with a space after the name (`prompt `, or the IME's full-width `入力　`) was told
+    "its cells keep their spaces too; pandas.read_csv(..., skipinitialspace=True)... writes the file without the
+    spaces after its commas": its cells have none, and that pandas call keeps the header's trailing space, so
+    the file it writes is refused the same way. The --prompt-field that reads it is what is said."""
+    path = tmp_path / "p.csv"
+    path.write_bytes(f"\ufeffid,{header}\r\nq1,こんにちは\r\n".encode())
+    field = header.strip()
+    result = invoke(
+        "submit", path, "-m", tiny_gpt2, *(["--prompt-field", field] if field != "prompt" else [])
+    )
+    assert result.exit_code == 1, result.output
+    assert "--prompt-field" in result.output and "reads it" in result.output, result.output
+    assert "skipinitialspace" not in result.output and "keep their spaces" not in result.output, result.output
