@@ -851,7 +851,26 @@ def _download_hint(e: BaseException, spec: str, revision: str | None) -> str:
 
     if not _in_chain(e, lambda x: isinstance(x, LocalEntryNotFoundError)):
         return ""
+    near = _cached_near(spec)
+    if near:  # (a typo's `hf download` fetches nothing: the hub has no such model)
+        return f" (not in this machine's cache: did you mean {near}, which it holds? Else {_hf_download(spec, revision)})"
     return f" (not in this machine's cache: {_hf_download(spec, revision)})"
+
+
+def _cached_near(spec: str) -> str | None:
+    """The hub model of this machine's cache whose id is a letter or two from `spec`
+    (`rinna/japanese-gpt2-meduim`: rinna/japanese-gpt2-medium), or None."""
+    import difflib
+
+    from huggingface_hub import constants
+
+    try:
+        names = os.listdir(constants.HF_HUB_CACHE)
+    except OSError:
+        return None
+    ids = [n[len("models--") :].replace("--", "/") for n in names if n.startswith("models--")]
+    near = difflib.get_close_matches(spec, [i for i in ids if i != spec], n=1, cutoff=0.85)
+    return near[0] if near else None
 
 
 def _remote_code(path: Path) -> set[str]:

@@ -23,6 +23,9 @@ Found, and kept fixed below:
     keep their spaces too" and a pandas.read_csv(skipinitialspace=True) that writes the file "without the spaces
     after its commas": there are none, and that call keeps the header's trailing space (the file it writes is
     refused alike). That hint is for spaces after the commas (`id, prompt`) only.
+  * `-m rinna/japanese-gpt2-meduim` offline said "not in this machine's cache: hf download
+    rinna/japanese-gpt2-meduim", a download of a model that does not exist, though the cache held
+    rinna/japanese-gpt2-medium. It asks "did you mean" the cached id a letter or two from it.
 """
 
 from __future__ import annotations
@@ -158,3 +161,27 @@ def test_a_header_with_a_space_after_its_name_is_not_told_to_strip_the_cells(tmp
     assert result.exit_code == 1, result.output
     assert "--prompt-field" in result.output and "reads it" in result.output, result.output
     assert "skipinitialspace" not in result.output and "keep their spaces" not in result.output, result.output
+
+
+def test_a_mistyped_hub_id_offline_names_the_cached_model_it_is_near(tmp_path, tiny_gpt2, monkeypatch):
+    """`-m rinna/japanese-gpt2-meduim` offline, with rinna/japanese-gpt2-medium in the cache, said only "not in
+    this machine's cache: hf download rinna/japanese-gpt2-meduim", a download of a model that does not exist."""
+    import shutil
+
+    import huggingface_hub.constants as constants
+
+    repo = tmp_path / "hub" / "models--rinna--japanese-gpt2-medium"
+    shutil.copytree(tiny_gpt2, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("generate", "こんにちは", "-m", "rinna/japanese-gpt2-meduim", "--max-new-tokens", 2)
+    assert result.exit_code == 1, result.output
+    assert "did you mean rinna/japanese-gpt2-medium" in result.output, result.output
+    assert (
+        invoke("generate", "こんにちは", "-m", "rinna/japanese-gpt2-medium", "--max-new-tokens", 2).exit_code
+        == 0
+    )
