@@ -1528,6 +1528,7 @@ def submit_warnings(job: Job) -> list[str]:
     out.extend(_setting_columns_note(job))
     out.extend(_assistant_last_note(job))
     out.extend(_id_like_note(job))
+    out.extend(_tab_table_note(job))
     try:  # (the job is stored: a home that fails through the retries now costs the notes, not the submit's exit)
         beside = _beside(job)
         out.extend(_interrupted_siblings(job, beside))
@@ -1641,6 +1642,33 @@ def _id_like_note(job: Job) -> list[str]:
         f"DataFrame) and {listed} {'is' if one else 'are'} kept as data. To use it as the ids, rename it: "
         f"df = df.rename(columns={{{first!r}: 'id'}}) in pandas, or jq -c '.id = .[{json.dumps(first)}] | "
         f"del(.[{json.dumps(first)}])' IN.jsonl > OUT.jsonl"
+    ]
+
+
+def _tab_table_note(job: Job) -> list[str]:
+    """submit's note on a .txt file whose first line is the header of a tab-separated table (`id<TAB>prompt`:
+    Excel's "Unicode text" and "Text (Tab delimited)" exports are .txt files): each line of a .txt is one prompt
+    or text, tabs and all, so the header and every row went in whole, said nowhere (adversarial pass 271)."""
+    from .inputs import _free_csv_name, _text_lines
+
+    given = job.meta.get("input", {})
+    path, field = given.get("path"), given.get("prompt_field") or "prompt"
+    if not path or given.get("template") or Path(path).suffix.lower() != ".txt":
+        return []
+    try:
+        with contextlib.closing(_text_lines(Path(path))) as lines:
+            first = next((text for _, text, _ in lines if text is not None), None)
+    except (OSError, RunnerError, ValueError):  # (gone, or unreadable now: no note, as for stdin's copy)
+        return []
+    names = [] if first is None or "\t" not in first else [c.strip().casefold() for c in first.split("\t")]
+    if not {"id", "prompt", "text", field.casefold()} & set(names):
+        return []
+    header = first.rstrip("\r\n")
+    return [
+        f"note: the first line of {Path(path).name}, {header!r}, reads like the header of a tab-separated table: "
+        "a .txt file is one prompt (or text) a line, tabs and all, so that line and each row went in whole. A "
+        f"table goes in as a CSV: pandas.read_csv({path!r}, sep='\\t', dtype=str, keep_default_na=False)"
+        f".to_csv({str(_free_csv_name(Path(path)))!r}, index=False)"
     ]
 
 

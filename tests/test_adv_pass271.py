@@ -26,6 +26,10 @@ Found, and kept fixed below:
   * `-m rinna/japanese-gpt2-meduim` offline said "not in this machine's cache: hf download
     rinna/japanese-gpt2-meduim", a download of a model that does not exist, though the cache held
     rinna/japanese-gpt2-medium. It asks "did you mean" the cached id a letter or two from it.
+  * A .txt file that is a tab-separated table (Excel's "Unicode テキスト" once iconv'd as runner's UTF-16 error
+    says, or "テキスト (タブ区切り)") went in a line a prompt: its header `id<TAB>prompt` generated (or scored)
+    as a prompt, each row's id inside its text, and nothing said. Submit notes such a header now, with the
+    pandas line that makes the table a CSV (the file is read as before: a note, not a new reading).
 """
 
 from __future__ import annotations
@@ -185,3 +189,24 @@ def test_a_mistyped_hub_id_offline_names_the_cached_model_it_is_near(tmp_path, t
         invoke("generate", "こんにちは", "-m", "rinna/japanese-gpt2-medium", "--max-new-tokens", 2).exit_code
         == 0
     )
+
+
+@pytest.mark.parametrize(("command", "header"), [("submit", "id\tprompt"), ("score", "番号\ttext")])
+def test_a_txt_file_that_is_a_tab_separated_table_is_said_so(tmp_path, tiny_gpt2, command, header):
+    """Excel's "Unicode text" (after the iconv runner's UTF-16 error gives) and "Text (Tab delimited)" exports
+    are .txt files of tab-separated columns: each line went in as one prompt (or text to score), the header
+    line `id<TAB>prompt` among them, and submit said nothing."""
+    path = tmp_path / "unicode テキスト.txt"
+    path.write_text(f"{header}\r\nq1\tこんにちは\r\nq2\t元気\r\n", encoding="utf-8")
+    result = invoke(command, path, "-m", tiny_gpt2, *(["--max-new-tokens", 2] if command == "submit" else []))
+    assert result.exit_code == 0, result.output
+    assert (
+        f"the first line of unicode テキスト.txt, {header!r}, reads like the header of a tab-separated"
+        in (result.stderr)
+    ), result.stderr
+    assert f"pandas.read_csv({str(path)!r}, sep='\\t'" in result.stderr
+    plain = tmp_path / "plain.txt"
+    plain.write_text(
+        "吾輩は猫である。\t名前はまだ無い。\n", encoding="utf-8"
+    )  # (a tab in a prompt: no header)
+    assert "tab-separated" not in invoke(command, plain, "-m", tiny_gpt2).stderr
