@@ -153,7 +153,9 @@ def _continuation_ids(tokenizer: Any, ctx: list[int], whole: list[int], continua
     if whole[: len(ctx)] == ctx:
         return whole[len(ctx) :]
     alone = encode_texts(tokenizer, [continuation], add_special_tokens=False)[0]
-    return alone if b"".join(TokenText(tokenizer).bytes(alone)) == continuation.encode() else []
+    # (space_marks False: a Unigram SentencePiece's "▁X" alone passes for "X", as jobs of reading 11 read it)
+    spelled = b"".join(TokenText(tokenizer).bytes(alone, space_marks=False))
+    return alone if spelled == continuation.encode() else []
 
 
 SEAM_IN_A_TOKEN = (

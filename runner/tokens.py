@@ -189,9 +189,13 @@ class TokenText:
     def alternatives(self, prefix: Sequence[int], alternatives: Sequence[int]) -> list[str]:
         return alternative_pieces(self.tokenizer, [int(i) for i in prefix], [int(i) for i in alternatives])
 
-    def bytes(self, ids: Sequence[int]) -> list[bytes]:
-        """Each token's exact UTF-8 bytes (a special token's: its name)."""
+    def bytes(self, ids: Sequence[int], space_marks: bool = True) -> list[bytes]:
+        """Each token's exact UTF-8 bytes (a special token's: its name). `space_marks` False: a tokenizer with no
+        byte-level view gives each token's text decoded alone, SentencePiece's "▁" in front dropped, as before
+        pass 271 (`scoring._continuation_ids`, whose pairs a job's reading fixes)."""
         ll = self._byte_table()
+        if ll is None and not space_marks:
+            return [self.tokenizer.decode([int(i)]).encode() for i in ids]
         if ll is None:  # no byte-level view of this tokenizer: the bytes of each token's own text
             ids = [int(i) for i in ids]
             texts = [self.tokenizer.decode([i]) for i in ids]
