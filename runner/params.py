@@ -16,6 +16,8 @@ import functools
 import json
 import re
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -445,6 +447,12 @@ class GenerationParams:
             raise ParamError("do_sample", f"do_sample must be true or false, got {self.do_sample!r}.")
         if self.do_sample and self.temperature == 0:
             raise ParamError("temperature", "temperature must be > 0 when sampling (do_sample), got 0.0.")
+        # (as the CLI refuses --greedy --temperature 0.7: a greedy job "at 0.7" ran at no temperature, said
+        # nowhere; job.json and a row's settings are read as recorded, `_as_recorded`)
+        unused = [f for f in SAMPLING_FIELDS if getattr(self, f) != SAMPLING_OFF[f]]
+        if self._do_sample_given is False and self.temperature != 0 and unused and not _AS_RECORDED.get():
+            raise ParamError(unused[0], f"{unused[0]} has no effect with do_sample false, which takes the most "
+                             f"likely token: give one of do_sample and {unused[0]}.")  # fmt: skip
 
     def _check_constraint(self) -> None:
         """Normalise the structured-output fields (schema text -> dict, a tuple of choices -> list), then check
@@ -553,8 +561,10 @@ class GenerationParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
-        """The settings from `to_dict`'s plain data (an unknown key is refused, naming it: _named_settings)."""
-        return cls(**data)
+        """The settings from `to_dict`'s plain data (an unknown key is refused, naming it: _named_settings), as
+        recorded: a job made before do_sample false beside a temperature was refused resumes (`_as_recorded`)."""
+        with _as_recorded():
+            return cls(**data)
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -859,6 +869,20 @@ def _refuse_unread_keys(value: dict[str, Any], known: set[str], kind: str, withi
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p")
+SAMPLING_OFF = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+# Settings read as recorded (job.json, a row's own over its job's): do_sample false beside a sampling setting is
+# the recorded greedy, not a new request to refuse (a row's do_sample false in a job at temperature 0.7; a job
+# made in Python before GenerationParams refused the pair)
+_AS_RECORDED: ContextVar[bool] = ContextVar("runner_settings_as_recorded", default=False)
+
+
+@contextmanager
+def _as_recorded() -> Any:
+    token = _AS_RECORDED.set(True)
+    try:
+        yield
+    finally:
+        _AS_RECORDED.reset(token)
 
 
 def _is_zero(value: Any) -> bool:
@@ -898,7 +922,8 @@ def row_params(
             values["do_sample"] = not _is_zero(values["temperature"])
         elif sample_auto:
             values["do_sample"] = None
-    return GenerationParams(**values)
+    with _as_recorded():  # (a row's do_sample false in a job at temperature 0.7: that row is greedy)
+        return GenerationParams(**values)
 
 
 def refuse_loose_settings(fn: str, params: Any, given: dict[str, Any], kinds: tuple[type, ...] = ()) -> None:
