@@ -129,10 +129,14 @@ class InputError(RunnerError):
         header: str | None = None,
         total: int | None = None,
         unmeasured: str | None = None,
+        note: str | None = None,
     ):
         """`unmeasured`: where the rows begin that were read and checked but not tokenized (submit stops
-        tokenizing at the first problem), so that those too long for the model are not counted among them."""
+        tokenizing at the first problem), so that those too long for the model are not counted among them.
+        `note`: a last line on what the problems ask for (kept out of the problems' own messages, which
+        errors.jsonl holds as a job's submit wrote them)."""
         self.problems, self.shown, self.header, self.unmeasured = problems, shown, header, unmeasured
+        self.note = note
         self.total = len(problems) if total is None else total
         lines = [str(p) for p in problems[:shown]]
         if self.total > len(lines):
@@ -148,7 +152,7 @@ class InputError(RunnerError):
         else:
             head, tail = header, ""
         sep = ": " if header is not None and len(lines) == 1 else ":\n"
-        super().__init__(head + sep + "\n".join(lines) + tail)
+        super().__init__(head + sep + "\n".join(lines) + tail + (f"\n{note}" if note else ""))
 
     def naming(self, old: str, new: str, row: str | None = None) -> InputError:
         """The same error with the file `old` called `new` (standard input, read through a temporary file), and
@@ -159,7 +163,8 @@ class InputError(RunnerError):
         if unmeasured is not None and unmeasured.startswith(f"{old}:"):
             line = unmeasured[len(old) + 1 :]
             unmeasured = row.format(int(line) - 1) if row and line.isdigit() else f"{new}:{line}"
-        return InputError(problems, self.shown, header, self.total, unmeasured)
+        note = None if self.note is None else self.note.replace(old, new)
+        return InputError(problems, self.shown, header, self.total, unmeasured, note)
 
 
 class ModelLoadError(RunnerError):

@@ -1165,7 +1165,8 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
         raise InputError([Problem(reader.name, 0, None, "the file has no rows")], header="nothing to run")
     if problems.count and (not skip_invalid or not rows):
         header = None if valid else f"no valid rows in {reader.name}"  # (then --skip-invalid cannot help)
-        raise InputError(problems.kept, header=header, total=problems.count, unmeasured=unmeasured)
+        raise InputError(problems.kept, header=header, total=problems.count, unmeasured=unmeasured,
+                         note=_no_tokens_note(reader, problems.kept))  # fmt: skip
     if columns.rewrite:
         rewrite_passthrough(reader, folder / PROMPTS, columns)
     return _Written(
@@ -1178,6 +1179,24 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
         assistant_last=answered,
         id_like=[] if reader.saw_ids else _id_like(list(columns.types)),
     )
+
+
+MAX_TOKENS_FIELDS = ("max_tokens", "max_new_tokens", "max_completion_tokens")
+
+
+def _no_tokens_note(reader: PromptReader, problems: list[Problem]) -> str | None:
+    """Where a plain row asks for 0 new tokens (its prompt's log-probs alone, as lm-eval's loglikelihood and the
+    OpenAI API's echo with max_tokens 0 ask): `runner score` does that. A Batch request with echo is pointed there
+    by its own message (openai_batch.SCORE_INSTEAD); a plain row's said only "must be in [1, 1000000], got 0"."""
+    if reader.batch_file or not any(
+        p.field in MAX_TOKENS_FIELDS and p.message.endswith(", got 0.") for p in problems
+    ):
+        return None
+    text = f" --text-field {shlex.quote(reader.prompt_field)}" if reader.prompt_field != "text" else ""
+    return (f"(a row asking for 0 new tokens asks for its prompt's log-probs alone: that is `runner score`'s "
+            f"work, not a generate job's, which generates at least one token: runner score "
+            f"{shlex.quote(reader.name)} -m MODEL{text} gives each text's logprob, and each token's in "
+            "token_logprobs)")  # fmt: skip
 
 
 def _count_settings(counts: dict[str, int], prepared: list[Any]) -> None:

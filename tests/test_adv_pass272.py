@@ -8,6 +8,10 @@ Found, and kept fixed below:
   It is refused now, naming the setting, in the CLI's and the row's words; temperature 0 beside them stays greedy
   (as `--temperature 0 --top-p 0.9` records it). Settings read as recorded (job.json, a row's do_sample false
   over its job's temperature) are taken as before, so a job made so in Python before resumes.
+- A plain row asking for 0 new tokens (`max_tokens: 0`, lm-eval's and the OpenAI API's way of asking a prompt's
+  log-probs alone) was refused "max_tokens must be in [1, 1000000], got 0." and no more, where a Batch request
+  with echo and max_tokens 0 is pointed at `runner score`. The refusal now ends with a note naming `runner score`
+  and the command for the file (the row's own message, which errors.jsonl keeps as submit wrote it, unchanged).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 import json
 
 import pytest
-from helpers import write_jsonl
+from helpers import COMP, batch_request, invoke, write_jsonl
 
 import runner
 from runner import GenerationParams
@@ -85,3 +89,32 @@ def test_a_job_made_before_with_do_sample_false_beside_a_temperature_resumes(tmp
     cols = ["id", "text", "token_ids"]
     assert runner.load_results(job.dir)[cols].equals(runner.load_results(greedy.dir)[cols])
     assert json.loads(job.prompts().to_pylist()[1]["settings"]) == {"max_new_tokens": 2}
+
+
+SCORE_NOTE = ("(a row asking for 0 new tokens asks for its prompt's log-probs alone: that is `runner score`'s work, "
+              "not a generate job's, which generates at least one token: runner score {} -m MODEL --text-field "
+              "{} gives each text's logprob, and each token's in token_logprobs)")  # fmt: skip
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_new_tokens", "max_completion_tokens"])
+def test_a_plain_row_asking_for_no_tokens_is_pointed_at_runner_score(tmp_path, tiny_gpt2, runner_home, field):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}, {"question": "The old man", field: 0.0}])
+    out = invoke("submit", path, "-m", tiny_gpt2, "--prompt-field", "question")
+    assert out.exit_code == 1
+    assert out.stderr.splitlines()[-1] == SCORE_NOTE.format(path, "question"), out.stderr
+    assert "p.jsonl:1: " in out.stderr  # (the other row's own problem, listed as ever)
+    # under --skip-invalid its line in errors.jsonl is as submit wrote it before (runner repair compares them)
+    path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hello"}, {"prompt": "The old man", field: 0}])
+    job = create_job(path, tiny_gpt2, skip_invalid=True, job_dir=tmp_path / "job")
+    line = json.loads((job.dir / "errors.jsonl").read_text())
+    assert line["message"] == f"{field} must be in [1, 1000000], got 0." and line["field"] == field
+
+
+def test_no_score_note_for_other_problems_nor_for_a_batch_request(tmp_path, tiny_gpt2, runner_home):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello", "max_tokens": -1}, {"prompt": "x", "n": 0}])
+    assert "runner score" not in invoke("submit", path, "-m", tiny_gpt2).stderr
+    lines = [batch_request("a", COMP, {"prompt": "Hi", "max_tokens": 0})]
+    out = invoke(
+        "submit", write_jsonl(tmp_path / "b.jsonl", lines), "-m", tiny_gpt2, "--served-model-name", "tiny"
+    )
+    assert "max_tokens must be in [1, 1000000], got 0." in out.stderr and "runner score" not in out.stderr
