@@ -163,8 +163,7 @@ class InputError(RunnerError):
         if unmeasured is not None and unmeasured.startswith(f"{old}:"):
             line = unmeasured[len(old) + 1 :]
             unmeasured = row.format(int(line) - 1) if row and line.isdigit() else f"{new}:{line}"
-        note = None if self.note is None else self.note.replace(old, new)
-        return InputError(problems, self.shown, header, self.total, unmeasured, note)
+        return InputError(problems, self.shown, header, self.total, unmeasured, self.note)
 
 
 class ModelLoadError(RunnerError):

@@ -1192,11 +1192,18 @@ def _no_tokens_note(reader: PromptReader, problems: list[Problem]) -> str | None
         p.field in MAX_TOKENS_FIELDS and p.message.endswith(", got 0.") for p in problems
     ):
         return None
-    text = f" --text-field {shlex.quote(reader.prompt_field)}" if reader.prompt_field != "text" else ""
+    field = reader.prompt_field
+    if on_the_command_line():
+        how = "runner score INPUT -m MODEL" + (
+            f" --text-field {shlex.quote(field)}" if field != "text" else ""
+        )
+    else:
+        how = "runner.submit(INPUT, MODEL, runner.ScoreParams()" + (
+            f", prompt_field={field!r})" if field != "text" else ")"
+        )
     return (f"(a row asking for 0 new tokens asks for its prompt's log-probs alone: that is `runner score`'s "
-            f"work, not a generate job's, which generates at least one token: runner score "
-            f"{shlex.quote(reader.name)} -m MODEL{text} gives each text's logprob, and each token's in "
-            "token_logprobs)")  # fmt: skip
+            f"work, not a generate job's, which generates at least one token: {how} gives each text's logprob, "
+            "and each token's in token_logprobs)")  # fmt: skip
 
 
 def _count_settings(counts: dict[str, int], prepared: list[Any]) -> None:

@@ -92,8 +92,8 @@ def test_a_job_made_before_with_do_sample_false_beside_a_temperature_resumes(tmp
 
 
 SCORE_NOTE = ("(a row asking for 0 new tokens asks for its prompt's log-probs alone: that is `runner score`'s work, "
-              "not a generate job's, which generates at least one token: runner score {} -m MODEL --text-field "
-              "{} gives each text's logprob, and each token's in token_logprobs)")  # fmt: skip
+              "not a generate job's, which generates at least one token: {} gives each text's logprob, and each "
+              "token's in token_logprobs)")  # fmt: skip
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_new_tokens", "max_completion_tokens"])
@@ -101,13 +101,19 @@ def test_a_plain_row_asking_for_no_tokens_is_pointed_at_runner_score(tmp_path, t
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}, {"question": "The old man", field: 0.0}])
     out = invoke("submit", path, "-m", tiny_gpt2, "--prompt-field", "question")
     assert out.exit_code == 1
-    assert out.stderr.splitlines()[-1] == SCORE_NOTE.format(path, "question"), out.stderr
+    how = "runner score INPUT -m MODEL --text-field question"
+    assert out.stderr.splitlines()[-1] == SCORE_NOTE.format(how), out.stderr
     assert "p.jsonl:1: " in out.stderr  # (the other row's own problem, listed as ever)
     # under --skip-invalid its line in errors.jsonl is as submit wrote it before (runner repair compares them)
     path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hello"}, {"prompt": "The old man", field: 0}])
     job = create_job(path, tiny_gpt2, skip_invalid=True, job_dir=tmp_path / "job")
     line = json.loads((job.dir / "errors.jsonl").read_text())
     assert line["message"] == f"{field} must be in [1, 1000000], got 0." and line["field"] == field
+    # from Python, in Python's words
+    with pytest.raises(runner.InputError) as e:
+        runner.submit([{"prompt": "Hello", field: 0}], tiny_gpt2, home=tmp_path / "home")
+    how = "runner.submit(INPUT, MODEL, runner.ScoreParams(), prompt_field='prompt')"
+    assert str(e.value).splitlines()[-1] == SCORE_NOTE.format(how), str(e.value)
 
 
 def test_no_score_note_for_other_problems_nor_for_a_batch_request(tmp_path, tiny_gpt2, runner_home):
