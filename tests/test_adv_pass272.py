@@ -12,6 +12,12 @@ Found, and kept fixed below:
   log-probs alone) was refused "max_tokens must be in [1, 1000000], got 0." and no more, where a Batch request
   with echo and max_tokens 0 is pointed at `runner score`. The refusal now ends with a note naming `runner score`
   and the command for the file (the row's own message, which errors.jsonl keeps as submit wrote it, unchanged).
+
+Checked, and kept (no defect): a batch mixing greedy and sampled requests, stop strings, min_tokens, penalties,
+top_k / top_p / min_p, both log-prob spellings, echo, a JSON constraint and max_tokens 1..12 gives every sample
+what its row gets alone, with continuous batching and without (the same output bytes); every output and error
+line validates as an openai 3.63 object; non-object JSON lines, duplicate custom_ids, another model, logit_bias,
+echo with max_tokens 0 and broken JSON become 400 lines of the error file under --skip-invalid, in input order.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import dataclasses
 import json
 
 import pytest
-from helpers import COMP, batch_request, invoke, write_jsonl
+from helpers import CHAT, COMP, batch_request, invoke, write_jsonl
 
 import runner
 from runner import GenerationParams
@@ -124,3 +130,71 @@ def test_no_score_note_for_other_problems_nor_for_a_batch_request(tmp_path, tiny
         "submit", write_jsonl(tmp_path / "b.jsonl", lines), "-m", tiny_gpt2, "--served-model-name", "tiny"
     )
     assert "max_tokens must be in [1, 1000000], got 0." in out.stderr and "runner score" not in out.stderr
+
+
+def _mixed_requests():
+    """Requests whose own settings differ in every way a batch can mix them: greedy beside sampled rows, stop
+    strings, min_tokens, penalties on greedy rows, top_k / top_p / min_p, log-probs of both spellings, echo, a
+    JSON constraint and max_tokens from 1 to 12."""
+    chat = lambda t: [{"role": "user", "content": t}]  # noqa: E731
+    return [
+        batch_request("g1", COMP, {"prompt": "The old man", "max_tokens": 12, "temperature": 0, "stop": ["e", "a"]}),
+        batch_request("g2", COMP, {"prompt": "Every student", "max_tokens": 9, "temperature": 0,
+                                   "presence_penalty": 1.5, "frequency_penalty": -1}),
+        batch_request("s1", COMP, {"prompt": "A language model", "max_tokens": 7, "n": 3, "seed": 5, "top_k": 4}),
+        batch_request("s2", CHAT, {"messages": chat("Tell me"), "max_tokens": 10, "min_tokens": 6,
+                                   "temperature": 0.8, "stop": "\n"}),
+        batch_request("s3", COMP, {"prompt": "The old man", "max_tokens": 11, "min_p": 0.2,
+                                   "repetition_penalty": 1.4, "logprobs": 5}),
+        batch_request("g3", CHAT, {"messages": chat("Hello there"), "max_completion_tokens": 5, "temperature": 0,
+                                   "logprobs": True, "top_logprobs": 3}),
+        batch_request("e1", COMP, {"prompt": "Every student", "max_tokens": 3, "echo": True, "logprobs": 1,
+                                   "temperature": 0}),
+        batch_request("j1", CHAT, {"messages": chat("Give JSON"), "max_tokens": 12, "seed": 9,
+                                   "response_format": {"type": "json_object"}}),
+        batch_request("t1", COMP, {"prompt": "The old man", "max_tokens": 8, "top_p": 0.5, "seed": 3}),
+        batch_request("z1", COMP, {"prompt": "The", "max_tokens": 1, "temperature": 0}),
+    ]  # fmt: skip
+
+
+def test_a_batch_mixing_every_kind_of_row_setting_gives_each_row_what_it_gets_alone(tmp_path, tiny_llama):
+    """Checked, and kept: with continuous batching and without, each sample equals its row generated alone
+    with its own settings and seed, and both runs export the same bytes, every line an openai object."""
+    from test_openai_batch import check_output_line
+
+    from runner.engine import Engine
+    from runner.openai_batch import export
+    from runner.tasks import _row_params, sample_seed
+    from runner.worker import run_job
+
+    path = write_jsonl(tmp_path / "r.jsonl", _mixed_requests())
+    engine = Engine(tiny_llama)
+    outs = []
+    for continuous in (True, False):
+        job = create_job(path, tiny_llama, GenerationParams(max_new_tokens=16, seed=7),
+                         runner.EngineOptions(batch_size=64, continuous_batching=continuous),
+                         job_dir=tmp_path / f"job{continuous}", served_model_names=("tiny",))  # fmt: skip
+        assert run_job(job, engine, echo=None).finished
+        df = runner.load_results(job.dir)
+        assert len(df) == 12
+        prompts = job.prompts()
+        per_row = _row_params(job, prompts)
+        ids, input_ids = prompts.column("id").to_pylist(), prompts.column("input_ids").to_pylist()
+        for _, r in df.iterrows():
+            i = ids.index(r["id"])
+            p = per_row(i)
+            seed = sample_seed(job.seed if p.seed is None else p.seed, r["id"], int(r["sample"]))
+            alone = engine.generate([input_ids[i]], [p], [seed])[0]
+            assert list(r["token_ids"]) == alone.token_ids, (continuous, r["id"], r["sample"])
+            assert r["text"] == alone.text and r["finish_reason"] == alone.finish_reason
+        out = tmp_path / f"out{continuous}.jsonl"
+        assert export(job, out) == (10, 0)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    parsed = {x["custom_id"]: check_output_line(x) for x in map(json.loads, outs[0].decode().splitlines())}
+    # usage: the prompt once, every sample's tokens (n = 3), as the API counts them
+    s1 = df[df["id"] == "s1"]
+    assert len(parsed["s1"].choices) == 3 and parsed["s1"].usage.prompt_tokens == int(
+        s1["prompt_tokens"].iloc[0]
+    )
+    assert parsed["s1"].usage.completion_tokens == int(s1["completion_tokens"].sum())
