@@ -304,7 +304,9 @@ class GenerationParams:
     do_sample: bool | None = None
     """Sample (True) or greedy (False). None: sample iff temperature != 1 (but 0), top_p != 1, top_k != 0,
     min_p != 0 or n > 1. (A row's own temperature, top_p, top_k or min_p samples whatever its value but
-    temperature 0: row_params.)"""
+    temperature 0: row_params.) False beside a temperature other than 0 and 1, or a top_p, top_k or min_p that is
+    not off, is refused: greedy takes the most likely token, and they would do nothing (as `--greedy --temperature
+    0.7` is refused)."""
     temperature: float = 1.0
     """Softmax temperature, >= 0; 0 means greedy (as in vLLM and the OpenAI API)."""
     top_p: float = 1.0
