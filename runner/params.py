@@ -960,8 +960,20 @@ def refuse_loose_settings(fn: str, params: Any, given: dict[str, Any], kinds: tu
         arg = settings_arg(cls)
         raise TypeError(
             f"{fn}() takes {name} in its settings, not as a keyword of its own: "
-            f"runner.{fn}(..., {arg}=runner.{cls.__name__}({inside}))"
+            f"runner.{fn}(..., {arg}=runner.{cls.__name__}({inside})){_refused_as_given(cls, given, fields)}"
         )
+
+
+def _refused_as_given(cls: type, given: dict[str, Any], fields: set[str]) -> str:
+    """What the settings object shown would refuse of the values given (do_sample=False beside temperature=0.7:
+    the way shown raised next), else ""."""
+    try:
+        cls(**{k: v for k, v in given.items() if k in fields})
+    except ParamError as e:
+        return f", where they are refused: {e}"
+    except (TypeError, ValueError):  # (a value no check names: the object says it when made)
+        return ""
+    return ""
 
 
 def _near_setting(fn: str, name: str, kinds: tuple[type, ...]) -> str:

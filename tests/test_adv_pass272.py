@@ -7,7 +7,9 @@ Found, and kept fixed below:
   and a row giving do_sample false beside its own temperature is refused: the one setting silently did nothing.
   It is refused now, naming the setting, in the CLI's and the row's words; temperature 0 beside them stays greedy
   (as `--temperature 0 --top-p 0.9` records it). Settings read as recorded (job.json, a row's do_sample false
-  over its job's temperature) are taken as before, so a job made so in Python before resumes.
+  over its job's temperature) are taken as before, so a job made so in Python before resumes. Given loose to
+  `runner.generate(..., do_sample=False, temperature=0.7)`, the TypeError showing them inside GenerationParams says
+  that object refuses them (it showed a call that raised next; `top_p=5` alike).
 - A plain row asking for 0 new tokens (`max_tokens: 0`, lm-eval's and the OpenAI API's way of asking a prompt's
   log-probs alone) was refused "max_tokens must be in [1, 1000000], got 0." and no more, where a Batch request
   with echo and max_tokens 0 is pointed at `runner score`. The refusal now ends with a note naming `runner score`
@@ -53,6 +55,14 @@ def test_do_sample_false_beside_a_sampling_setting_is_refused_naming_it(given, f
     assert params.do_sample is False and getattr(params, field) == getattr(GenerationParams(), field)
     with pytest.raises(ParamError, match=f"^{field} has no effect"):
         dataclasses.replace(GenerationParams(max_new_tokens=3), do_sample=False, **given)
+
+    # a setting given loose to runner.generate is shown inside the object, which says it refuses them
+    with pytest.raises(TypeError) as e:
+        runner.generate(["Hi"], "unused", do_sample=False, **given)
+    said = str(e.value)
+    assert said.startswith("generate() takes do_sample in its settings, not as a keyword of its own: ")
+    assert said.endswith(f", where they are refused: {field} has no effect with do_sample false, which takes the "
+                         f"most likely token: give one of do_sample and {field}."), said  # fmt: skip
 
 
 @pytest.mark.parametrize(
