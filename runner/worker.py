@@ -244,7 +244,13 @@ class JobRun:
     def say(self, line: str) -> None:
         if self.echo:
             self.echo(line)
-        self.job.log(line)
+        self.log(line)
+
+    def log(self, line: str) -> None:
+        """A line of the job's log.txt: only a record, so a write failing through the retries (Drive full, or not
+        answering for a minute) stops nothing; the rows are what the shards say (scheduler._log)."""
+        with contextlib.suppress(RunnerError):
+            self.job.log(line)
 
     def ledger(self, seal: bool = False, generation: int | None = None) -> jobdir.Ledger:
         generation = self.state().generation if generation is None else generation
@@ -290,7 +296,7 @@ class JobRun:
         for name, why in progress.bad:
             jobdir.quarantine(self.job, name, why)
         if jobdir.remove_stale_temps(self.job):
-            self.job.log("removed temp files left by killed workers")
+            self.log("removed temp files left by killed workers")
 
     def load_engine(self) -> None:
         if self.engine is None and self.loader is not None:
@@ -854,7 +860,7 @@ class JobRun:
                 self.flight.settle(self.suspected)
         except ClaimLost:
             pass
-        self.job.log(message)
+        self.log(message)
         try:
             self.record_stats(poisoned=True)
         except RunnerError:
@@ -920,15 +926,17 @@ class JobRun:
                 stats = {jobdir.STATS_FOR: self.job.id, "runs": self.job.read_stats(for_update=True)["runs"]}
             # (only informative: this run's line is left out, the history kept)
             except storage.StorageError as e:
-                with contextlib.suppress(RunnerError):
-                    self.job.log(f"stats.json not updated: {first_line(e)}")
+                self.log(f"stats.json not updated: {first_line(e)}")
                 return
             stats["runs"].append(line)
             stats["tokens"] = sum(int(r.get("tokens") or 0) for r in stats["runs"])
             stats["seconds"] = round(sum(float(r.get("seconds") or 0) for r in stats["runs"]), 3)
             # a changed digit is noticed, not shown (read_stats)
             stats["check"] = storage.json_checksum(stats)
-            storage.write_json(self.job.dir / jobdir.STATS_FILE, stats)
+            try:  # its write failing through the retries kept a job whose rows were all done from completing
+                storage.write_json(self.job.dir / jobdir.STATS_FILE, stats)
+            except storage.StorageError as e:
+                self.log(f"stats.json not updated: {first_line(e)}")
 
     def _stats_line(self, poisoned: bool) -> dict[str, Any]:
         engine = self.engine
