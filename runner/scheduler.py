@@ -831,7 +831,9 @@ def _settle_failure(j: Job, read: jobdir.StateRecord, e: RunnerError, echo: Any)
     user fixed the cause is not undone by what this worker saw before)."""
     if read.state is not JobState.QUEUED or jobdir.write_failed(j.dir, read, str(e)) is None:
         return
-    j.log(f"failed: {e}")
+    _log(
+        j, f"failed: {e}"
+    )  # (its log.txt failing to take the line: the failure is recorded, the next job runs)
     if echo:
         echo(f"job {j.id} failed: {e}")
 

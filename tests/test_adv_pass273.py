@@ -9,11 +9,16 @@ Found, and kept fixed below:
   * stats.json failing to write as the job's last rows were done (its read was guarded, "only informative", its
     write not) left the job queued with every row done and stopped `runner work` with "the job home cannot be
     written", the jobs queued after it not run. The run's line is left out (said in log.txt) and the job completes.
+  * A job failed by `runner work` (its model changed since submit, say) whose log.txt then did not take the line
+    "failed: ..." ended `runner work` with "Error: cannot append to .../log.txt" before it said "job ... failed"
+    and before the jobs queued after it ran (`_settle_failure` wrote the line unguarded, as no other line of the
+    scheduler is): the failure is said and the next job runs.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 
 from helpers import write_jsonl
 
@@ -72,3 +77,25 @@ def test_stats_json_failing_to_write_at_the_end_still_completes_the_job(
     _completed_once(job)
     monkeypatch.undo()
     assert "stats.json not updated: cannot write" in (job.dir / "log.txt").read_text()
+
+
+def test_a_job_failed_whose_log_txt_cannot_be_appended_to_lets_the_next_job_run(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    from tiny_models import build_tiny_gpt2
+
+    model = build_tiny_gpt2(tmp_path / "model")
+    rows = [{"id": "r0", "prompt": "hello"}]
+    changed = create_job(write_jsonl(tmp_path / "q.jsonl", rows), str(model), GenerationParams(max_new_tokens=2),
+                         EngineOptions(), home=runner_home, name="changed")  # fmt: skip
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["n_layer"] = 1  # the user saved another model into its folder
+    (model / "config.json").write_text(json.dumps(cfg))
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    _failing(monkeypatch, f"{changed.id}/log.txt", "append_line", errno.ENOSPC)
+    said: list[str] = []
+    summaries = work(runner_home, echo=said.append, shard_rows=2)
+    assert read_state(changed.dir).state == "failed"
+    assert any(f"job {changed.id} failed: the model" in line for line in said)
+    assert [s.job_id for s in summaries] == [job.id]
+    _completed_once(job)
