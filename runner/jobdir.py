@@ -3442,7 +3442,9 @@ def quarantine(job: Job, name: str, why: str, *, waiting: bool = True) -> bool:
             storage.retry(lambda s=src: os.replace(s, q / f"{stamp}-{s.name}"), f"move {src}")
         except storage.StorageError:
             pass  # it stays ignored where it is
-    job.log(f"quarantined commit {name}: {why}; its rows are computed again")
+    # (only a record: a line that does not land stopped the worker that found the commit with "cannot be written")
+    with contextlib.suppress(RunnerError):
+        job.log(f"quarantined commit {name}: {why}; its rows are computed again")
     return True
 
 

@@ -13,6 +13,9 @@ Found, and kept fixed below:
     "failed: ..." ended `runner work` with "Error: cannot append to .../log.txt" before it said "job ... failed"
     and before the jobs queued after it ran (`_settle_failure` wrote the line unguarded, as no other line of the
     scheduler is): the failure is said and the next job runs.
+  * A worker that found a commit damaged (a shard Drive served changed) moved it to quarantine/, then stopped with
+    "Error: stopped: the job home cannot be written (... log.txt ...)" where its line "quarantined commit ..." did
+    not land: `jobdir.quarantine` wrote it unguarded. The commit is aside, its rows computed again, the job runs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from runner import EngineOptions, GenerationParams, storage
 from runner.jobdir import read_state
 from runner.jobs import create_job
 from runner.scheduler import work
+from runner.worker import run_job
 
 N = 6
 
@@ -99,3 +103,20 @@ def test_a_job_failed_whose_log_txt_cannot_be_appended_to_lets_the_next_job_run(
     assert any(f"job {changed.id} failed: the model" in line for line in said)
     assert [s.job_id for s in summaries] == [job.id]
     _completed_once(job)
+
+
+def test_a_commit_quarantined_whose_log_line_does_not_land_stops_nothing(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    job = _job(tmp_path, tiny_gpt2, runner_home)
+    first = run_job(job, echo=None, shard_rows=2, should_stop=lambda: any((job.dir / "done").glob("*.json")))
+    assert not first.finished and first.done == 2
+    (shard,) = (job.dir / "shards").glob("*.parquet")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # Drive served the shard changed (a sync conflict's copy written over it)
+    shard.write_bytes(bytes(data))
+    _failing(monkeypatch, "log.txt", "append_line", errno.EIO)
+    (summary,) = work(runner_home, echo=None, shard_rows=2)
+    assert summary.finished
+    _completed_once(job)
+    assert list((job.dir / "quarantine").iterdir())
