@@ -210,7 +210,8 @@ def check_folder_still_there(job: Job, e: Exception | None = None) -> None:
     job ... resumes with the next `runner work`", its other jobs left undone, the job pointed at a place where
     it no longer is, and its claims, gone with it, said "taken over by another worker" (adversarial pass 202).
     Deleted and submitted again under it by the time it is looked at: JobReplaced (it too stopped the worker of
-    the whole home). A look that fails through the retries (the mount is gone, not the folder) raises nothing."""
+    the whole home). A look that fails through the retries (the mount is gone, not the folder) raises nothing; the
+    folder holding the job gone too (Drive unmounted) raises StorageError: the worker stops, the job resumes."""
     if e is not None and getattr(e, "errno", None) not in (errno.ENOENT, errno.ENOTDIR):
         return
     try:
@@ -224,8 +225,14 @@ def check_folder_still_there(job: Job, e: Exception | None = None) -> None:
         return
     try:
         folder_there = storage.kind(job.dir) == "dir"
+        # the folder holding it gone too: Drive unmounted under the worker (or the home moved away), not one job
+        # moved; it was said "moved or deleted", then "nothing to do" with exit 0, the other jobs never run
+        home_there = folder_there or storage.kind(job.dir.parent) is not None
     except RunnerError:
-        folder_there = False
+        folder_there, home_there = False, True
+    if not home_there:
+        raise storage.StorageError(f"its folder {job.dir.parent} is gone (Google Drive unmounted? or the folder "
+                                   "moved or deleted)", errno.ENOENT)  # fmt: skip
     if folder_there:  # (its job.json deleted, not the folder moved)
         raise JobGone(f"job {job.id}: its job.json is gone from {job.dir} (deleted while this worker ran it?): "
                       f"its rows not saved yet are discarded; `runner repair {shlex.quote(str(job.dir))}` "

@@ -747,7 +747,10 @@ def run_leased(
     except (ModelUnreadable, JobReplaced, JobGone):  # (not the failure of the job in the folder now)
         raise
     except (StorageError, OSError) as e:
-        jobdir.check_folder_still_there(j, e)
+        try:
+            jobdir.check_folder_still_there(j, e)
+        except StorageError as gone:  # the job home itself is gone (Drive unmounted): the worker stops
+            raise _stopped(gone, j) from e
         # something of the wrong kind in this job's folder: this job is broken, not the home
         if _damaged(e, j):
             raise _said_broken(j, BrokenJob(f"its folder is damaged: {e}"), echo) from e

@@ -16,14 +16,20 @@ Found, and kept fixed below:
   * A worker that found a commit damaged (a shard Drive served changed) moved it to quarantine/, then stopped with
     "Error: stopped: the job home cannot be written (... log.txt ...)" where its line "quarantined commit ..." did
     not land: `jobdir.quarantine` wrote it unguarded. The commit is aside, its rows computed again, the job runs.
+  * Google Drive unmounted under `runner work` (the whole home gone, not one job's folder): the worker said the
+    job's folder was "gone (moved or deleted while this worker ran it)", then "nothing to do: no queued or
+    interrupted jobs", and exited 0, so `runner work && next-step` went on with the jobs half done or not begun.
+    A job folder missing with the folder holding it is the home gone: the worker stops, exit 1, "Error: stopped:
+    the job home cannot be written (its folder HOME is gone (Google Drive unmounted? ...)); job ... resumes".
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 
-from helpers import write_jsonl
+from helpers import invoke, write_jsonl
 
 import runner
 from runner import EngineOptions, GenerationParams, storage
@@ -120,3 +126,32 @@ def test_a_commit_quarantined_whose_log_line_does_not_land_stops_nothing(
     assert summary.finished
     _completed_once(job)
     assert list((job.dir / "quarantine").iterdir())
+
+
+def test_a_job_home_gone_mid_run_stops_the_worker_with_exit_1_not_nothing_to_do(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    from runner import jobdir
+
+    jobs = [_job(tmp_path, tiny_gpt2, runner_home) for _ in range(2)]
+    real, away = jobdir.write_marker, tmp_path / "away"
+
+    def unmounted_after(job, *a, **k):  # Drive unmounted right after the first commit's marker
+        real(job, *a, **k)
+        monkeypatch.setattr(jobdir, "write_marker", real)
+        os.rename(runner_home, away)
+
+    monkeypatch.setattr(jobdir, "write_marker", unmounted_after)
+    r = invoke("--home", str(runner_home), "work", "--shard-rows", "2")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "nothing to do" not in r.output and "(moved or deleted while this worker ran it)" not in r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(
+        f"Error: stopped: the job home cannot be written (its folder {runner_home} is gone "
+    ), last
+    assert "Google Drive unmounted?" in last and "resumes with the next `runner work`" in last, last
+    monkeypatch.undo()
+    os.rename(away, runner_home)  # mounted again
+    assert len(work(runner_home, echo=None, shard_rows=2)) == 2
+    for job in jobs:
+        _completed_once(job)
