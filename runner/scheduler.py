@@ -9,6 +9,7 @@ Everything here is about *which* job runs; how a job runs, unit by unit and fenc
 
 from __future__ import annotations
 
+import errno
 import math
 import numbers
 import os
@@ -428,8 +429,10 @@ def work(
     # jobs whose run met a file of their folder that did not read through the retries, by id: (the stop that
     # says so, how many jobs had run then); the others run first (`_unread_again`)
     unread: dict[str, tuple[StorageError, int]] = {}
+    root = Path(home) if home is not None else jobdir.default_home()
+    home_there = job is None and _home_is_there(root)  # (gone later: unmounted, `_check_home_still_there`)
     if job is None:
-        jobdir.remove_dead_submits(home if home is not None else jobdir.default_home())
+        jobdir.remove_dead_submits(root)
     while not ((stop and stop()) or (deadline is not None and time.time() >= deadline)):
         cand = _next_or_unread(home, job, failed, broken, unfilled, echo, unread)
         if cand is None:
@@ -439,6 +442,8 @@ def work(
                 if _unread_again(unread, failed, len(summaries)):
                     continue
                 _stop_if_unreadable(broken, unread)  # nothing left to run or wait for but what does not read
+                if home_there:
+                    _check_home_still_there(root)
                 break
             continue
         try:
@@ -583,6 +588,23 @@ def _skipped(
             echo(f"job {cand.job.id} stays queued: {e}; {_where_it_runs(cand.job, e, home)}")
     else:  # BrokenJob, said by run_leased; skipped from now on, as those the queue finds broken
         broken.setdefault(str(cand.job.dir), Broken(str(e), e.repairable, None, cand.job.id))
+
+
+def _check_home_still_there(root: Path) -> None:
+    """The home, there when the worker began, is gone now that its queue reads as empty: Google Drive unmounted
+    under the worker. The jobs not run yet read as none, and `runner work` ended with exit 0, its last job's end
+    the last word, though the next ones were never begun: a stop, said."""
+    if not _home_is_there(root, failing=True):
+        raise StorageError(f"stopped: the job home {root} is gone (Google Drive unmounted? or the folder moved or "
+                           "deleted); its jobs resume with the next `runner work` once it is back", errno.ENOENT)  # fmt: skip
+
+
+def _home_is_there(root: Path, failing: bool = False) -> bool:
+    """Whether the home is a folder; `failing` where its look fails through the retries (not known: not gone)."""
+    try:
+        return storage.kind(root) == "dir"
+    except StorageError:
+        return failing
 
 
 def _stop_if_unreadable(broken: dict[str, Broken], unread: dict[str, tuple[StorageError, int]]) -> None:

@@ -155,3 +155,32 @@ def test_a_job_home_gone_mid_run_stops_the_worker_with_exit_1_not_nothing_to_do(
     assert len(work(runner_home, echo=None, shard_rows=2)) == 2
     for job in jobs:
         _completed_once(job)
+
+
+def test_a_job_home_gone_between_two_jobs_stops_the_worker_with_exit_1(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    from runner import scheduler
+
+    jobs = [_job(tmp_path, tiny_gpt2, runner_home) for _ in range(2)]
+    real, away = scheduler._settle, tmp_path / "away"
+
+    def unmounted_after(*a, **k):  # Drive unmounted once the first job's end is said
+        out = real(*a, **k)
+        monkeypatch.setattr(scheduler, "_settle", real)
+        os.rename(runner_home, away)
+        return out
+
+    monkeypatch.setattr(scheduler, "_settle", unmounted_after)
+    r = invoke("--home", str(runner_home), "work", "--shard-rows", "2")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    first = sorted(job.id for job in jobs)[0]  # (the worker takes the jobs in the order of their ids)
+    assert f"job {first} completed: 6/6 rows" in r.output and r.output.count("starting job") == 1
+    last = r.output.strip().splitlines()[-1]
+    assert last == (f"Error: stopped: the job home {runner_home} is gone (Google Drive unmounted? or the folder moved "
+                    "or deleted); its jobs resume with the next `runner work` once it is back"), last  # fmt: skip
+    monkeypatch.undo()
+    os.rename(away, runner_home)  # mounted again
+    work(runner_home, echo=None, shard_rows=2)
+    for job in jobs:
+        _completed_once(job)
