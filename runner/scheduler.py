@@ -884,6 +884,9 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: _Halted) -> RunSumma
         line = f"job {j.id} was cancelled; its finished rows are kept (`runner retry {again}` resumes it)"
     elif summary.finished and state is JobState.COMPLETED:
         line = f"job {j.id} completed: {done}, {counted(summary.errors, 'errors')}"
+    elif summary.finished and _folder_gone(j):  # (a folder gone reads as queued: not a `retry`)
+        line = (f"job {j.id}: {done}, {counted(summary.errors, 'errors')} saved; its folder is gone now (Google "
+                "Drive unmounted? moved or deleted?), so whether it was recorded completed is not known")  # fmt: skip
     elif summary.finished:  # its completion refused: the state changed as the run ended
         line = (
             f"job {j.id}: {done}, {counted(summary.errors, 'errors')}; not completed: "
@@ -899,6 +902,14 @@ def _settle(j: Job, summary: RunSummary, echo: Any, halted: _Halted) -> RunSumma
         if echo:
             echo(line)
     return summary
+
+
+def _folder_gone(j: Job) -> bool:
+    """Whether the job's folder is not there now (a look that fails through the retries: not known, not gone)."""
+    try:
+        return storage.kind(j.dir) is None
+    except StorageError:
+        return False
 
 
 def _being_written_line(j: Job, summary: RunSummary) -> str:

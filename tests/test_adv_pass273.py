@@ -21,6 +21,12 @@ Found, and kept fixed below:
     interrupted jobs", and exited 0, so `runner work && next-step` went on with the jobs half done or not begun.
     A job folder missing with the folder holding it is the home gone: the worker stops, exit 1, "Error: stopped:
     the job home cannot be written (its folder HOME is gone (Google Drive unmounted? ...)); job ... resumes".
+  * Drive unmounted between two jobs (the first one's end said): the queue read as empty, and `runner work` ended
+    with exit 0, its last word "job ... completed", the next jobs never begun. The home there at the start and
+    gone once the queue reads empty is a stop: exit 1, "Error: stopped: the job home HOME is gone (...)".
+  * Drive unmounted as a job completed: its end was said "6/6 rows, 0 errors; not completed: it became queued as
+    this run ended (a `runner retry` or `runner repair`)", a missing folder's state reading as queued. It says
+    the rows are saved and its folder is gone now.
 """
 
 from __future__ import annotations
@@ -181,6 +187,34 @@ def test_a_job_home_gone_between_two_jobs_stops_the_worker_with_exit_1(
                     "or deleted); its jobs resume with the next `runner work` once it is back"), last  # fmt: skip
     monkeypatch.undo()
     os.rename(away, runner_home)  # mounted again
+    work(runner_home, echo=None, shard_rows=2)
+    for job in jobs:
+        _completed_once(job)
+
+
+def test_a_job_home_gone_as_a_job_completes_is_not_said_queued_by_a_retry(
+    tmp_path, tiny_gpt2, runner_home, monkeypatch
+):
+    from runner import jobdir
+
+    jobs = [_job(tmp_path, tiny_gpt2, runner_home) for _ in range(2)]
+    real, away = jobdir.write_completed, tmp_path / "away"
+
+    def unmounted_after(*a, **k):  # Drive unmounted as the first job completed, before its end is said
+        out = real(*a, **k)
+        monkeypatch.setattr(jobdir, "write_completed", real)
+        os.rename(runner_home, away)
+        return out
+
+    monkeypatch.setattr(jobdir, "write_completed", unmounted_after)
+    r = invoke("--home", str(runner_home), "work", "--shard-rows", "2")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "became queued" not in r.output and "runner retry" not in r.output, r.output
+    first = sorted(job.id for job in jobs)[0]
+    assert f"job {first}: 6/6 rows, 0 errors saved; its folder is gone now" in r.output, r.output
+    assert r.output.strip().splitlines()[-1].startswith(f"Error: stopped: the job home {runner_home} is gone")
+    monkeypatch.undo()
+    os.rename(away, runner_home)
     work(runner_home, echo=None, shard_rows=2)
     for job in jobs:
         _completed_once(job)
