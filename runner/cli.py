@@ -12,6 +12,7 @@ import itertools
 import math
 import os
 import shlex
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -59,9 +60,19 @@ def _echo(line: str) -> None:
     label = os.environ.get(WORKER_LABEL, "")
     try:
         click.echo(f"[runner{' ' + label if label else ''}] {line}", err=True)
-    # its reader went away (`runner run ... 2>&1 | head`; a closed terminal: EIO): the work goes on (log.txt)
+    # its reader went away (`runner run ... 2>&1 | head`; a closed terminal: EIO): the work goes on (log.txt).
+    # A file (`runner work --background`'s log, on Drive) that failed one write is no reader gone: the line is
+    # dropped, the next ones land (it went silent for the rest of the run, its last word, an error, unsaid)
     except OSError:
-        _to_devnull(sys.stderr)
+        if not _is_file(sys.stderr):
+            _to_devnull(sys.stderr)
+
+
+def _is_file(stream: Any) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # (closed, or no file descriptor: a notebook's stream)
+        return False
 
 
 def _to_devnull(stream: Any) -> None:

@@ -27,6 +27,10 @@ Found, and kept fixed below:
   * Drive unmounted as a job completed: its end was said "6/6 rows, 0 errors; not completed: it became queued as
     this run ended (a `runner retry` or `runner repair`)", a missing folder's state reading as queued. It says
     the rows are saved and its folder is gone now.
+  * `runner work --background`'s log file (in the home's logs/, on Drive) failing one write (a passing EIO) went
+    silent for the rest of the run: the failed write was taken for its reader gone (a closed terminal) and stderr
+    pointed at /dev/null, so the worker's later lines and its last word (an error) never reached the log. A file
+    keeps its stream: the one line is dropped.
 """
 
 from __future__ import annotations
@@ -218,3 +222,27 @@ def test_a_job_home_gone_as_a_job_completes_is_not_said_queued_by_a_retry(
     work(runner_home, echo=None, shard_rows=2)
     for job in jobs:
         _completed_once(job)
+
+
+def test_a_background_workers_log_file_failing_one_write_keeps_the_lines_after(tmp_path, monkeypatch):
+    import click
+
+    from runner import cli
+
+    log = open(
+        tmp_path / "work.log", "w", buffering=1
+    )  # what `runner work --background` writes to (on Drive)
+    monkeypatch.setattr("sys.stderr", log)
+    real, calls = click.echo, []
+
+    def echo(message, err=False, **kw):
+        calls.append(message)
+        if len(calls) == 1:  # Drive drops one write of the log
+            raise OSError(errno.EIO, "Input/output error")
+        return real(message, err=err, **kw)
+
+    monkeypatch.setattr(click, "echo", echo)
+    cli._echo("a line Drive dropped")
+    cli._echo("job J completed: 6/6 rows, 0 errors")
+    log.close()
+    assert (tmp_path / "work.log").read_text() == "[runner] job J completed: 6/6 rows, 0 errors\n"
