@@ -72,9 +72,19 @@ def _failing(monkeypatch, name: str, call: str, errno_: int):
 
 
 def _completed_once(job) -> None:
+    """Completed, each row in exactly one counted shard (load_results would hide a duplicate)."""
+    import pyarrow.parquet as pq
+
+    from runner.results import ORDER, valid_shards
+
     assert read_state(job.dir).state == "completed"
-    df = runner.load_results(job.dir)
-    assert sorted(df["id"]) == sorted(f"r{i}" for i in range(N))
+    rows = [
+        r
+        for shard in valid_shards(job.dir)
+        for r in pq.read_table(shard, columns=[ORDER]).column(0).to_pylist()
+    ]
+    assert sorted(rows) == list(range(N))
+    assert sorted(runner.load_results(job.dir)["id"]) == sorted(f"r{i}" for i in range(N))
 
 
 def test_a_log_txt_that_cannot_be_appended_to_stops_nothing(tmp_path, tiny_gpt2, runner_home, monkeypatch):
