@@ -227,7 +227,9 @@ def check_folder_still_there(job: Job, e: Exception | None = None) -> None:
         folder_there = storage.kind(job.dir) == "dir"
         # the folder holding it gone too: Drive unmounted under the worker (or the home moved away), not one job
         # moved; it was said "moved or deleted", then "nothing to do" with exit 0, the other jobs never run
-        home_there = folder_there or storage.kind(job.dir.parent) is not None
+        home_there = folder_there or storage.retry(
+            lambda: storage.is_there(job.dir.parent), f"read {job.dir.parent}"
+        )
     except RunnerError:
         folder_there, home_there = False, True
     if not home_there:

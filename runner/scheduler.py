@@ -601,8 +601,10 @@ def _check_home_still_there(root: Path) -> None:
 
 def _home_is_there(root: Path, failing: bool = False) -> bool:
     """Whether the home is a folder; `failing` where its look fails through the retries (not known: not gone)."""
-    try:
-        return storage.kind(root) == "dir"
+    import stat
+
+    try:  # (a link followed: a home linked to Drive, `ln -s /content/drive/MyDrive/jobs jobs`, dangles once unmounted)
+        return storage.retry(lambda: storage.is_there(root, stat.S_ISDIR), f"read {root}")
     except StorageError:
         return failing
 

@@ -23,7 +23,8 @@ Found, and kept fixed below:
     the job home cannot be written (its folder HOME is gone (Google Drive unmounted? ...)); job ... resumes".
   * Drive unmounted between two jobs (the first one's end said): the queue read as empty, and `runner work` ended
     with exit 0, its last word "job ... completed", the next jobs never begun. The home there at the start and
-    gone once the queue reads empty is a stop: exit 1, "Error: stopped: the job home HOME is gone (...)".
+    gone once the queue reads empty is a stop: exit 1, "Error: stopped: the job home HOME is gone (...)" (a home
+    that is a link to Drive too: the link stays, dangling, so links are followed for this look).
   * Drive unmounted as a job completed: its end was said "6/6 rows, 0 errors; not completed: it became queued as
     this run ended (a `runner retry` or `runner repair`)", a missing folder's state reading as queued. It says
     the rows are saved and its folder is gone now.
@@ -39,6 +40,7 @@ import errno
 import json
 import os
 
+import pytest
 from helpers import invoke, write_jsonl
 
 import runner
@@ -177,12 +179,17 @@ def test_a_job_home_gone_mid_run_stops_the_worker_with_exit_1_not_nothing_to_do(
         _completed_once(job)
 
 
+@pytest.mark.parametrize("linked", [False, True])  # (True: the home a link to Drive, dangling once unmounted)
 def test_a_job_home_gone_between_two_jobs_stops_the_worker_with_exit_1(
-    tmp_path, tiny_gpt2, runner_home, monkeypatch
+    tmp_path, tiny_gpt2, runner_home, monkeypatch, linked
 ):
     from runner import scheduler
 
     jobs = [_job(tmp_path, tiny_gpt2, runner_home) for _ in range(2)]
+    home = runner_home
+    if linked:
+        home = tmp_path / "jobs"
+        home.symlink_to(runner_home)
     real, away = scheduler._settle, tmp_path / "away"
 
     def unmounted_after(*a, **k):  # Drive unmounted once the first job's end is said
@@ -192,16 +199,16 @@ def test_a_job_home_gone_between_two_jobs_stops_the_worker_with_exit_1(
         return out
 
     monkeypatch.setattr(scheduler, "_settle", unmounted_after)
-    r = invoke("--home", str(runner_home), "work", "--shard-rows", "2")
+    r = invoke("--home", str(home), "work", "--shard-rows", "2")
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     first = sorted(job.id for job in jobs)[0]  # (the worker takes the jobs in the order of their ids)
     assert f"job {first} completed: 6/6 rows" in r.output and r.output.count("starting job") == 1
     last = r.output.strip().splitlines()[-1]
-    assert last == (f"Error: stopped: the job home {runner_home} is gone (Google Drive unmounted? or the folder moved "
+    assert last == (f"Error: stopped: the job home {home} is gone (Google Drive unmounted? or the folder moved "
                     "or deleted); its jobs resume with the next `runner work` once it is back"), last  # fmt: skip
     monkeypatch.undo()
     os.rename(away, runner_home)  # mounted again
-    work(runner_home, echo=None, shard_rows=2)
+    work(home, echo=None, shard_rows=2)
     for job in jobs:
         _completed_once(job)
 
