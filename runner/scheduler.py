@@ -858,9 +858,7 @@ def _settle_failure(j: Job, read: jobdir.StateRecord, e: RunnerError, echo: Any)
     user fixed the cause is not undone by what this worker saw before)."""
     if read.state is not JobState.QUEUED or jobdir.write_failed(j.dir, read, str(e)) is None:
         return
-    _log(
-        j, f"failed: {e}"
-    )  # (its log.txt failing to take the line: the failure is recorded, the next job runs)
+    _log(j, f"failed: {e}")  # (its log.txt not taking the line: the failure is recorded, the next job runs)
     if echo:
         echo(f"job {j.id} failed: {e}")
 
