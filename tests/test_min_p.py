@@ -56,9 +56,8 @@ def test_each_rows_distribution_is_min_p_warpers_in_transformers_order(half, tes
     are, bit for bit, what transformers' warpers give that row alone; greedy and min_p-less rows are untouched
     by it. `half`: bfloat16-rounded scores, where ties in probability are common."""
     scores = lm_like_scores(len(MIXED), seed=11, half=half).to(test_device)
-    with (
-        _as_recorded()
-    ):  # (the greedy row's min_p: a row's do_sample false in a job at min_p, as row_params makes it)
+    # (the greedy row's min_p: a row's do_sample false in a job at min_p, as row_params makes it)
+    with _as_recorded():
         params = [GenerationParams(max_new_tokens=4, **m) for m in MIXED]
     s = RowSettings.of(params, test_device)
     assert s.min_p.dtype == s.temperature.dtype and s.min_p.device == s.temperature.device

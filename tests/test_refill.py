@@ -12,6 +12,7 @@ from runner import EngineOptions, GenerationParams
 from runner import engine as engine_mod
 from runner.batching import encode
 from runner.jobs import Job, create_job
+from runner.params import _as_recorded
 from runner.worker import run_job
 
 PROMPTS = [
@@ -31,21 +32,23 @@ def ids_of(engine):
 def row_params(i, **over):
     """Row i's own settings: sampled or greedy, min_p, penalties, alternatives, prompt log-probs, held EOS, mixed."""
     sampled = i % 3 != 1
-    return GenerationParams(
-        max_new_tokens=NEW_TOKENS[i],
-        min_new_tokens=2 if i % 5 == 3 else 0,
-        do_sample=sampled,
-        temperature=(0.7, 1.0, 1.4)[i % 3] if sampled else 1.0,
-        top_p=0.9 if i % 4 == 0 else 1.0,
-        top_k=20 if i % 4 == 2 else 0,
-        min_p=0.2 if sampled and i % 2 == 0 else 0.0,  # sampled rows with and without min_p
-        repetition_penalty=1.3 if i % 4 == 1 else 1.0,
-        presence_penalty=0.5 if i % 3 == 2 else 0.0,
-        frequency_penalty=0.7 if i % 5 == 1 else 0.0,
-        logprobs=(None, 2, 0)[i % 3],
-        prompt_logprobs=i % 4 == 3,
-        **over,
-    )
+    # (a greedy row's top_p / top_k: a row's do_sample false in a job at them, as runner's row_params makes it)
+    with _as_recorded():
+        return GenerationParams(
+            max_new_tokens=NEW_TOKENS[i],
+            min_new_tokens=2 if i % 5 == 3 else 0,
+            do_sample=sampled,
+            temperature=(0.7, 1.0, 1.4)[i % 3] if sampled else 1.0,
+            top_p=0.9 if i % 4 == 0 else 1.0,
+            top_k=20 if i % 4 == 2 else 0,
+            min_p=0.2 if sampled and i % 2 == 0 else 0.0,  # sampled rows with and without min_p
+            repetition_penalty=1.3 if i % 4 == 1 else 1.0,
+            presence_penalty=0.5 if i % 3 == 2 else 0.0,
+            frequency_penalty=0.7 if i % 5 == 1 else 0.0,
+            logprobs=(None, 2, 0)[i % 3],
+            prompt_logprobs=i % 4 == 3,
+            **over,
+        )
 
 
 def assert_same(got, alone, tol=1e-4):
