@@ -1106,6 +1106,14 @@ def _write_prompts(reader: PromptReader, prep: _Preparer, folder: Path, skip_inv
         return _write_rows(reader, prep, folder, skip_invalid)
 
 
+def _prompts_writer(folder: Path, schema: Any) -> Any:
+    """The ParquetWriter of the job's prompts.parquet (zstd), opened with `schema`."""
+    import pyarrow.parquet as pq
+
+    with _writing(folder / PROMPTS):
+        return pq.ParquetWriter(storage.arrow_file(folder / PROMPTS, "wb"), schema, compression="zstd")
+
+
 def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invalid: bool) -> _Written:
     """Read, check and tokenize the input a chunk at a time and write prompts.parquet into `folder` one row
     group per chunk. Raises InputError (after reading the whole file, so that every problem is listed) when
@@ -1144,11 +1152,7 @@ def _write_rows(reader: PromptReader, prep: _Preparer, folder: Path, skip_invali
             extra = columns.arrays([row for row, *_ in prepared])
             if writer is None:
                 columns.freeze()
-                schema = pa.schema([*table.schema, *columns.fields()])
-                with _writing(folder / PROMPTS):
-                    writer = pq.ParquetWriter(
-                        storage.arrow_file(folder / PROMPTS, "wb"), schema, compression="zstd"
-                    )
+                writer = _prompts_writer(folder, pa.schema([*table.schema, *columns.fields()]))
             for f, arr in zip(columns.fields(), columns.written_arrays(extra, len(prepared)), strict=True):
                 table = table.append_column(f, arr)
             with _writing(folder / PROMPTS):

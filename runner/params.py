@@ -438,9 +438,8 @@ class GenerationParams:
 
     def _decide_sampling(self) -> None:
         """do_sample None: sample iff temperature / top_p / top_k / min_p or n > 1 (without beams) ask for it."""
-        self._do_sample_given = (
-            self.do_sample
-        )  # None: decided here from the other settings (row_params redoes it)
+        # (None: decided here from the other settings; row_params redoes it)
+        self._do_sample_given = self.do_sample
         if self.do_sample is None:
             asked = self.temperature != 1.0 or self.top_p != 1.0 or self.top_k != 0 or self.min_p != 0
             more = self.num_return_sequences > 1 and self.num_beams == 1  # n beams are not n samples
