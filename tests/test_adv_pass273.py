@@ -190,15 +190,8 @@ def test_a_job_home_gone_between_two_jobs_stops_the_worker_with_exit_1(
     if linked:
         home = tmp_path / "jobs"
         home.symlink_to(runner_home)
-    real, away = scheduler._settle, tmp_path / "away"
-
-    def unmounted_after(*a, **k):  # Drive unmounted once the first job's end is said
-        out = real(*a, **k)
-        monkeypatch.setattr(scheduler, "_settle", real)
-        os.rename(runner_home, away)
-        return out
-
-    monkeypatch.setattr(scheduler, "_settle", unmounted_after)
+    away = tmp_path / "away"
+    _unmounted_after(monkeypatch, scheduler, "_settle", runner_home, away)  # once the first job's end is said
     r = invoke("--home", str(home), "work", "--shard-rows", "2")
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     first = sorted(job.id for job in jobs)[0]  # (the worker takes the jobs in the order of their ids)
@@ -213,21 +206,28 @@ def test_a_job_home_gone_between_two_jobs_stops_the_worker_with_exit_1(
         _completed_once(job)
 
 
+def _unmounted_after(monkeypatch, module, name: str, home, away) -> None:
+    """Drive unmounted (the home moved to `away`) right after the first call of `module.name`."""
+    real = getattr(module, name)
+
+    def unmounted_after(*a, **k):
+        out = real(*a, **k)
+        monkeypatch.setattr(module, name, real)
+        os.rename(home, away)
+        return out
+
+    monkeypatch.setattr(module, name, unmounted_after)
+
+
 def test_a_job_home_gone_as_a_job_completes_is_not_said_queued_by_a_retry(
     tmp_path, tiny_gpt2, runner_home, monkeypatch
 ):
     from runner import jobdir
 
     jobs = [_job(tmp_path, tiny_gpt2, runner_home) for _ in range(2)]
-    real, away = jobdir.write_completed, tmp_path / "away"
-
-    def unmounted_after(*a, **k):  # Drive unmounted as the first job completed, before its end is said
-        out = real(*a, **k)
-        monkeypatch.setattr(jobdir, "write_completed", real)
-        os.rename(runner_home, away)
-        return out
-
-    monkeypatch.setattr(jobdir, "write_completed", unmounted_after)
+    away = tmp_path / "away"
+    # (as the first job completed, before its end is said)
+    _unmounted_after(monkeypatch, jobdir, "write_completed", runner_home, away)
     r = invoke("--home", str(runner_home), "work", "--shard-rows", "2")
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert "became queued" not in r.output and "runner retry" not in r.output, r.output
